@@ -1,0 +1,1 @@
+"""Reading, writing, detecting and converting checkpoint files. Imports `families`, `models`, `utils`."""

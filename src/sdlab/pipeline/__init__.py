@@ -1,0 +1,1 @@
+"""Prompt -> conditioning, the generate loop, image conversion. Imports `checkpoints`, `families`, `diffusion`, `models`, `utils`."""

@@ -1,0 +1,1 @@
+"""Training loops, data, EMA, run checkpoints. May import every layer below `api`."""
