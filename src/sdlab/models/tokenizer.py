@@ -1,0 +1,196 @@
+"""CLIP's byte-level BPE tokenizer, written from the published recipe (Radford et al. 2021, openai/CLIP).
+
+The pipeline for one prompt, in order:
+
+1. clean: ``ftfy.fix_text`` (mojibake, NFC), ``html.unescape`` twice (``&amp;lt;`` -> ``<``), collapse
+   every run of whitespace to one space, strip, lower-case;
+2. pre-tokenize with CLIP's regex: English contractions, runs of letters, single digits, runs of other
+   non-space symbols (so ``1024`` is four tokens and ``!!!`` is one piece);
+3. map each piece's UTF-8 bytes to printable characters (``bytes_to_unicode``), mark the end of the piece
+   with ``</w>`` and apply the BPE merges in rank order;
+4. look the resulting symbols up in the 49,408-entry vocabulary: 256 byte symbols, the same 256 with
+   ``</w>``, 48,894 merges, then ``<|startoftext|>`` (49406) and ``<|endoftext|>`` (49407).
+
+A model input is ``[49406] + ids[:75] + [49407]`` padded to 77 positions. SD1 (CLIP ViT-L/14 through
+Hugging Face) pads with the end token 49407; OpenCLIP towers (SD2, SDXL's bigG) pad with 0.
+
+The vocabulary ``data/bpe_simple_vocab_16e6.txt.gz`` is OpenAI's, MIT licence (``data/LICENSE-clip-vocab.txt``).
+Nothing is read at import time; :func:`default_tokenizer` loads it on first use.
+"""
+
+from __future__ import annotations
+
+import gzip
+import html
+import logging
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import ftfy
+import regex
+import torch
+
+logger = logging.getLogger(__name__)
+
+VOCAB_SIZE = 49408
+BOS_TOKEN_ID = 49406               # <|startoftext|>
+EOS_TOKEN_ID = 49407               # <|endoftext|>
+CONTEXT_LENGTH = 77                # positions seen by the text encoder, begin and end tokens included
+
+_BOS_TOKEN = "<|startoftext|>"
+_EOS_TOKEN = "<|endoftext|>"
+_NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2          # 48,894 merges are used out of the 262,144 in the file
+_END_OF_WORD = "</w>"
+_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
+
+# CLIP's pre-tokenizer (openai/CLIP simple_tokenizer.py). The special tokens come first so that a literal
+# "<|endoftext|>" in a prompt stays one token, as in openai/CLIP and Hugging Face.
+_PRETOKENIZE = regex.compile(
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    regex.IGNORECASE,
+)
+
+
+@lru_cache(maxsize=1)
+def bytes_to_unicode() -> dict[int, str]:
+    """Map each byte 0..255 to a printable character, so that BPE works on strings without control chars.
+
+    Printable Latin-1 bytes map to themselves; the 68 others (controls, space, soft hyphen...) map in order
+    to U+0100 onwards. This is GPT-2's table, reused by CLIP. The dict's order (printable bytes first,
+    then the others) is the order of the first 256 vocabulary entries.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    next_code = 256
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(next_code)
+            next_code += 1
+    return table
+
+
+def clean_text(text: str) -> str:
+    """CLIP's text cleaning: ftfy, double HTML unescape, whitespace collapse, lower case."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).lower()       # str.split() splits on every Unicode whitespace run
+
+
+@lru_cache(maxsize=4)
+def _load_tables(vocab_path: str) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+    """Read the merges file and build (symbol -> id, merge pair -> rank)."""
+    with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 1 + _NUM_MERGES]]   # line 0 is the "#version" header
+    byte_symbols = list(bytes_to_unicode().values())
+    symbols = byte_symbols + [s + _END_OF_WORD for s in byte_symbols] + ["".join(m) for m in merges]
+    symbols += [_BOS_TOKEN, _EOS_TOKEN]
+    if len(symbols) != VOCAB_SIZE or len(set(symbols)) != VOCAB_SIZE:
+        raise ValueError(f"{vocab_path}: expected {VOCAB_SIZE} distinct symbols, got {len(set(symbols))}")
+    logger.debug("loaded CLIP BPE vocabulary from %s", vocab_path)
+    return {s: i for i, s in enumerate(symbols)}, {m: r for r, m in enumerate(merges)}
+
+
+def _default_vocab_path() -> Path:
+    return Path(str(resources.files("sdlab.models").joinpath("data", _VOCAB_FILE)))
+
+
+class CLIPTokenizer:
+    """CLIP BPE tokenizer.
+
+    ``encode`` gives the raw ids of a prompt (no begin/end, no truncation); calling the tokenizer gives the
+    (B, 77) model input. ``pad_token_id`` is 49407 for SD1 / CLIP-L and 0 for OpenCLIP towers.
+    """
+
+    bos_token_id = BOS_TOKEN_ID
+    eos_token_id = EOS_TOKEN_ID
+    vocab_size = VOCAB_SIZE
+
+    def __init__(
+        self,
+        vocab_path: str | Path | None = None,
+        *,
+        pad_token_id: int = EOS_TOKEN_ID,
+        max_length: int = CONTEXT_LENGTH,
+        cache_size: int = 100_000,
+    ):
+        path = str(vocab_path if vocab_path is not None else _default_vocab_path())
+        self.encoder, self.merge_ranks = _load_tables(path)
+        self.decoder = {i: s for s, i in self.encoder.items()}
+        self.pad_token_id = pad_token_id
+        self.max_length = max_length
+        self._byte_to_char = bytes_to_unicode()
+        self._char_to_byte = {c: b for b, c in self._byte_to_char.items()}
+        self._cache_size = cache_size
+        self._word_cache: dict[str, tuple[int, ...]] = {_BOS_TOKEN: (BOS_TOKEN_ID,), _EOS_TOKEN: (EOS_TOKEN_ID,)}
+
+    def _bpe(self, word: str) -> list[str]:
+        """Merge the characters of one byte-mapped word, lowest-ranked pair first, until no pair is a merge."""
+        symbols = [*word[:-1], word[-1] + _END_OF_WORD]
+        ranks = self.merge_ranks
+        while len(symbols) > 1:
+            pairs = zip(symbols[:-1], symbols[1:])
+            best = min(pairs, key=lambda p: ranks.get(p, _NUM_MERGES))
+            if best not in ranks:
+                break
+            first, second = best
+            merged: list[str] = []
+            i = 0
+            while i < len(symbols):                      # merge every occurrence, left to right
+                if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
+                    merged.append(first + second)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def _word_ids(self, piece: str) -> tuple[int, ...]:
+        ids = self._word_cache.get(piece)
+        if ids is None:
+            chars = "".join(self._byte_to_char[b] for b in piece.encode("utf-8"))
+            ids = tuple(self.encoder[s] for s in self._bpe(chars))
+            if len(self._word_cache) >= self._cache_size:
+                self._word_cache.clear()
+                self._word_cache.update({_BOS_TOKEN: (BOS_TOKEN_ID,), _EOS_TOKEN: (EOS_TOKEN_ID,)})
+            self._word_cache[piece] = ids
+        return ids
+
+    def encode(self, text: str) -> list[int]:
+        """BPE ids of ``text``: no begin/end tokens, no truncation."""
+        ids: list[int] = []
+        for piece in _PRETOKENIZE.findall(clean_text(text)):
+            ids.extend(self._word_ids(piece))
+        return ids
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        """Text of ``ids`` (cleaned and lower-cased, as the model saw it); word ends become spaces."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        chars = "".join(self.decoder[i] for i in ids)
+        data = bytes(self._char_to_byte.get(c, 32) for c in chars.replace(_END_OF_WORD, " "))
+        text = data.decode("utf-8", errors="replace")
+        for special in (_BOS_TOKEN, _EOS_TOKEN):                 # specials are not byte symbols
+            text = text.replace(special, "")
+        return text.strip()
+
+    def pad(self, ids: list[int]) -> list[int]:
+        """``[begin] + ids[:max_length-2] + [end]`` padded with ``pad_token_id`` to ``max_length``."""
+        body = ids[: self.max_length - 2]
+        row = [self.bos_token_id, *body, self.eos_token_id]
+        return row + [self.pad_token_id] * (self.max_length - len(row))
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """Model input ids, (B, max_length) int64: begin + ids truncated to max_length-2 + end + padding."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [self.pad(self.encode(t)) for t in texts]
+        return torch.tensor(rows, dtype=torch.long).reshape(len(rows), self.max_length)  # (B, 77)
+
+
+@lru_cache(maxsize=4)
+def default_tokenizer(pad_token_id: int = EOS_TOKEN_ID) -> CLIPTokenizer:
+    """The shipped CLIP tokenizer, built once per ``pad_token_id`` (49407: SD1 / CLIP-L, 0: OpenCLIP)."""
+    return CLIPTokenizer(pad_token_id=pad_token_id)
