@@ -1,0 +1,413 @@
+"""Discretizations: which noise levels a sampler visits, chosen independently of the sampler.
+
+Every function here has the signature ``fn(schedule, steps, *, final="zero", **options) -> sigmas``
+and returns a descending float32 tensor of length ``steps + 1`` (one exception: ``ddim_uniform``,
+see there). A sampler takes ``steps`` steps ``sigmas[i] -> sigmas[i+1]``; the last entry is the
+"final sigma":
+
+- ``final="zero"`` (default): 0, the clean sample (k-diffusion, ComfyUI, A1111, diffusers Euler/DPM).
+- ``final="first_alpha"``: sigma(t=0) = sqrt((1 - ac[0]) / ac[0]), the convention of the original
+  DDIM/PLMS/DDPM code and diffusers' DDIM with ``set_alpha_to_one=False`` (SD's config) or
+  ``final_sigmas_type="sigma_min"``.
+
+Families (all sigmas are VE: ``x = x0 + sigma * eps``):
+
+diffusers timestep spacings (Lin et al. 2023, Table 2), T = num_train_timesteps:
+  ``leading``   t_i = round(i * (T // steps)) + steps_offset, descending (SD1/SD2/SDXL: offset 1)
+  ``trailing``  t_i = round(T - i * T / steps) - 1
+  ``linspace``  t_i = linspace(0, T - 1, steps), descending (fractional for Euler)
+  The plain names give ``EulerDiscreteScheduler``'s sigmas: sigma linearly interpolated at the
+  (possibly fractional) timesteps, ``np.interp(timesteps, arange(T), sigmas)``. The ``ddim_*`` names
+  give ``DDIMScheduler``'s timesteps (integer: its ``linspace`` rounds) and sigma = sigmas[t].
+``diffusers_karras`` / ``diffusers_exponential``
+  Euler's ``use_karras_sigmas`` / ``use_exponential_sigmas``: the Karras/exponential ramp between the
+  first and last sigma of the *spacing* above (for SD's leading spacing, sigma(t=1) .. sigma(t=981)
+  at 50 steps), not the model's full range. (DPMSolverMultistep's karras option uses the full range
+  and equals ``karras`` below.)
+k-diffusion / ComfyUI (``comfy/samplers.py``) / A1111 (``modules/sd_schedulers.py``):
+  ``karras``        (s_max^(1/rho) + i/(n-1) * (s_min^(1/rho) - s_max^(1/rho)))^rho, rho = 7
+                    (Karras et al. 2022 eq. 5; k-diffusion ``get_sigmas_karras``), s_min/s_max of the model
+  ``exponential``   exp(linspace(log s_max, log s_min, n)) (k-diffusion ``get_sigmas_exponential``)
+  ``normal``        sigma(t) at t = linspace(T-1, 0, n), log-sigma interpolation (ComfyUI ``normal``,
+                    A1111 ``uniform``/``normal``, k-diffusion ``DiscreteSchedule.get_sigmas``)
+  ``sgm_uniform``   the same at t = linspace(T-1, 0, n+1)[:-1] (Stability's generative-models)
+  ``simple``        sigmas[T - 1 - int(i * T / n)] for i < n (ComfyUI ``simple``)
+  ``ddim_uniform``  sigmas[1 + k * max(T // n, 1)] for every such index < T, descending (ComfyUI)
+
+Two exceptions in ComfyUI (``normal`` and ``ddim_uniform`` change the step count when the model's
+sigma(t=0) is ~0) cannot trigger here: ``NoiseSchedule`` guarantees sigma_min > 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdlab.diffusion.schedules import NoiseSchedule
+
+__all__ = [
+    "DISCRETIZATIONS",
+    "FINAL_SIGMAS",
+    "IMG2IMG_CONVENTIONS",
+    "INIT_NOISE_CONVENTIONS",
+    "Discretization",
+    "ddim_timesteps",
+    "ddim_uniform_sigmas",
+    "diffusers_ddim_sigmas",
+    "diffusers_euler_sigmas",
+    "diffusers_exponential_sigmas",
+    "diffusers_karras_sigmas",
+    "euler_timesteps",
+    "exponential_sigmas",
+    "get_discretization",
+    "img2img_sigmas",
+    "initial_noise_sigma",
+    "karras_sigmas",
+    "normal_sigmas",
+    "partial_sigmas",
+    "sgm_uniform_sigmas",
+    "simple_sigmas",
+    "steps_run",
+]
+
+Discretization = Callable[..., Tensor]
+FINAL_SIGMAS = ("zero", "first_alpha")
+SPACINGS = ("leading", "trailing", "linspace")
+KARRAS_RHO = 7.0
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _check_steps(steps: int) -> int:
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return int(steps)
+
+
+def _final_sigma(schedule: NoiseSchedule, final: str) -> float:
+    if final == "zero":
+        return 0.0
+    if final == "first_alpha":
+        return schedule.sigma_min
+    raise ValueError(f"unknown final sigma {final!r}; expected one of {', '.join(FINAL_SIGMAS)}")
+
+
+def _finish(sigmas: Tensor, schedule: NoiseSchedule, final: str) -> Tensor:
+    """Append the final sigma and return float32 (steps+1,) on the CPU."""
+    last = torch.tensor([_final_sigma(schedule, final)], dtype=torch.float64)
+    return torch.cat([sigmas.to(torch.float64).cpu(), last]).to(torch.float32)
+
+
+def _interp_sigmas(schedule: NoiseSchedule, timesteps: Tensor) -> Tensor:
+    """Sigma linearly interpolated at fractional timesteps, clamped to [0, T-1] (``np.interp``)."""
+    table = schedule.sigmas.to(torch.float64).cpu()  # (T,)
+    t = timesteps.to(torch.float64).clamp(0, schedule.num_timesteps - 1)
+    low = t.floor().long().clamp(max=schedule.num_timesteps - 2)
+    w = t - low.to(torch.float64)
+    return (table[low + 1] - table[low]) * w + table[low]
+
+
+def _linspace64(start: float, stop: float, num: int) -> Tensor:
+    """``numpy.linspace`` in float64 (start + i * step, last entry exactly ``stop``)."""
+    if num == 1:
+        return torch.tensor([float(start)], dtype=torch.float64)
+    step = (stop - start) / (num - 1)
+    out = torch.arange(num, dtype=torch.float64) * step + start
+    out[-1] = stop
+    return out
+
+
+# -- diffusers timestep spacings --------------------------------------------------------------
+def _leading(steps: int, num_train_timesteps: int, steps_offset: int) -> Tensor:
+    ratio = num_train_timesteps // steps
+    return (torch.arange(steps, dtype=torch.float64) * ratio).round().flip(0) + steps_offset
+
+
+def _trailing(steps: int, num_train_timesteps: int) -> Tensor:
+    # diffusers computes np.arange(T, 0, -T/steps); for some step counts (61, 103, ...) float error
+    # makes that arange one longer, ending in timestep -1. We always return exactly `steps` entries.
+    ratio = num_train_timesteps / steps
+    return (num_train_timesteps + torch.arange(steps, dtype=torch.float64) * -ratio).round() - 1
+
+
+def euler_timesteps(
+    steps: int, spacing: str = "leading", *, steps_offset: int = 1, num_train_timesteps: int = 1000
+) -> Tensor:
+    """Timesteps of diffusers' ``EulerDiscreteScheduler.set_timesteps`` (float64, descending).
+
+    ``linspace`` keeps fractional timesteps (computed in float32 as diffusers does). ``steps_offset``
+    applies to ``leading`` only.
+    """
+    steps = _check_steps(steps)
+    if spacing == "leading":
+        return _leading(steps, num_train_timesteps, steps_offset)
+    if spacing == "trailing":
+        return _trailing(steps, num_train_timesteps)
+    if spacing == "linspace":
+        return _linspace64(0, num_train_timesteps - 1, steps).to(torch.float32).to(torch.float64).flip(0)
+    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+
+
+def ddim_timesteps(
+    steps: int, spacing: str = "leading", *, steps_offset: int = 1, num_train_timesteps: int = 1000
+) -> Tensor:
+    """Timesteps of diffusers' ``DDIMScheduler.set_timesteps`` (int64, descending).
+
+    Differs from Euler's only for ``linspace``, which DDIM rounds to integers. Note that diffusers'
+    DDIM steps from t to ``t - T // steps``, which is the next listed timestep only for ``leading``
+    spacing; the sigma list of ``diffusers_ddim_sigmas`` always steps to the next listed timestep.
+    """
+    steps = _check_steps(steps)
+    if steps > num_train_timesteps:
+        raise ValueError(f"DDIM cannot take {steps} steps on a {num_train_timesteps}-step schedule")
+    if spacing == "linspace":
+        return _linspace64(0, num_train_timesteps - 1, steps).round().flip(0).long()
+    if spacing in ("leading", "trailing"):
+        t = euler_timesteps(steps, spacing, steps_offset=steps_offset, num_train_timesteps=num_train_timesteps)
+        return t.long()
+    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+
+
+def _euler_spacing_sigmas(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int) -> Tensor:
+    t = euler_timesteps(steps, spacing, steps_offset=steps_offset, num_train_timesteps=schedule.num_timesteps)
+    return _interp_sigmas(schedule, t)  # (steps,) float64
+
+
+def diffusers_euler_sigmas(
+    schedule: NoiseSchedule, steps: int, *, spacing: str = "leading", steps_offset: int = 1, final: str = "zero"
+) -> Tensor:
+    """``EulerDiscreteScheduler.sigmas``: sigma interpolated linearly at ``euler_timesteps``.
+
+    A timestep past T-1 (``leading`` with 1000 steps and offset 1 gives t=1000) clamps to sigma_max,
+    as ``np.interp`` does.
+    """
+    return _finish(_euler_spacing_sigmas(schedule, steps, spacing, steps_offset), schedule, final)
+
+
+def diffusers_ddim_sigmas(
+    schedule: NoiseSchedule, steps: int, *, spacing: str = "leading", steps_offset: int = 1, final: str = "zero"
+) -> Tensor:
+    """Sigmas at ``DDIMScheduler.timesteps``: sigmas[t], with t clamped to T-1.
+
+    Use ``final="first_alpha"`` for SD's DDIM config (``set_alpha_to_one=False``), ``"zero"`` for
+    ``set_alpha_to_one=True``.
+    """
+    t = ddim_timesteps(steps, spacing, steps_offset=steps_offset, num_train_timesteps=schedule.num_timesteps)
+    return _finish(_interp_sigmas(schedule, t.to(torch.float64)), schedule, final)
+
+
+def _karras_ramp(steps: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    ramp = _linspace64(0, 1, steps)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv + ramp * (min_inv - max_inv)) ** rho
+
+
+def _exponential_ramp(steps: int, sigma_min: float, sigma_max: float) -> Tensor:
+    return _linspace64(math.log(sigma_max), math.log(sigma_min), steps).exp()
+
+
+def diffusers_karras_sigmas(
+    schedule: NoiseSchedule, steps: int, *, spacing: str = "leading", steps_offset: int = 1, final: str = "zero"
+) -> Tensor:
+    """``EulerDiscreteScheduler(use_karras_sigmas=True)``: Karras ramp between the spacing's end sigmas."""
+    steps = _check_steps(steps)
+    inner = _euler_spacing_sigmas(schedule, steps, spacing, steps_offset)
+    return _finish(_karras_ramp(steps, float(inner[-1]), float(inner[0]), KARRAS_RHO), schedule, final)
+
+
+def diffusers_exponential_sigmas(
+    schedule: NoiseSchedule, steps: int, *, spacing: str = "leading", steps_offset: int = 1, final: str = "zero"
+) -> Tensor:
+    """``EulerDiscreteScheduler(use_exponential_sigmas=True)``: log-uniform between the spacing's end sigmas."""
+    steps = _check_steps(steps)
+    inner = _euler_spacing_sigmas(schedule, steps, spacing, steps_offset)
+    return _finish(_exponential_ramp(steps, float(inner[-1]), float(inner[0])), schedule, final)
+
+
+# -- k-diffusion / ComfyUI / A1111 schedule types ---------------------------------------------
+def karras_sigmas(
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    rho: float = KARRAS_RHO,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    final: str = "zero",
+) -> Tensor:
+    """Karras et al. 2022 eq. 5 between the model's sigma_min and sigma_max (overridable)."""
+    steps = _check_steps(steps)
+    lo = schedule.sigma_min if sigma_min is None else sigma_min
+    hi = schedule.sigma_max if sigma_max is None else sigma_max
+    return _finish(_karras_ramp(steps, lo, hi, rho), schedule, final)
+
+
+def exponential_sigmas(
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    final: str = "zero",
+) -> Tensor:
+    """Uniform in log sigma between the model's sigma_max and sigma_min (overridable)."""
+    steps = _check_steps(steps)
+    lo = schedule.sigma_min if sigma_min is None else sigma_min
+    hi = schedule.sigma_max if sigma_max is None else sigma_max
+    return _finish(_exponential_ramp(steps, lo, hi), schedule, final)
+
+
+def normal_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
+    """sigma(t) at ``steps`` timesteps evenly spaced from T-1 down to 0 (log-sigma interpolation)."""
+    steps = _check_steps(steps)
+    t = _linspace64(schedule.num_timesteps - 1, 0, steps)
+    return _finish(schedule.t_to_sigma(t), schedule, final)
+
+
+def sgm_uniform_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
+    """sigma(t) at ``linspace(T-1, 0, steps+1)[:-1]``: never visits t=0 before the final step."""
+    steps = _check_steps(steps)
+    t = _linspace64(schedule.num_timesteps - 1, 0, steps + 1)[:-1]
+    return _finish(schedule.t_to_sigma(t), schedule, final)
+
+
+def simple_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
+    """Every (T/steps)-th training sigma from the top: ``sigmas[T - 1 - int(i * T / steps)]``."""
+    steps = _check_steps(steps)
+    stride = schedule.num_timesteps / steps
+    index = torch.tensor([schedule.num_timesteps - 1 - int(i * stride) for i in range(steps)])
+    return _finish(schedule.sigmas[index], schedule, final)
+
+
+def ddim_uniform_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
+    """Training sigmas at t = 1, 1 + k, 1 + 2k, ... < T with k = max(T // steps, 1), descending.
+
+    As in ComfyUI (and the original ``make_ddim_timesteps(..., "uniform")``) this gives MORE than
+    ``steps`` steps when T is not a multiple of ``steps`` (7 steps -> 8: t = 1, 143, ..., 995).
+    """
+    steps = _check_steps(steps)
+    stride = max(schedule.num_timesteps // steps, 1)
+    index = torch.arange(1, schedule.num_timesteps, stride).flip(0)
+    return _finish(schedule.sigmas[index], schedule, final)
+
+
+# -- registry ---------------------------------------------------------------------------------
+def _with_spacing(fn: Discretization, spacing: str) -> Discretization:
+    def discretize(schedule: NoiseSchedule, steps: int, **options: Any) -> Tensor:
+        return fn(schedule, steps, spacing=spacing, **options)
+
+    discretize.__name__ = f"{fn.__name__}[{spacing}]"
+    discretize.__doc__ = f"{fn.__name__} with spacing={spacing!r}."
+    return discretize
+
+
+DISCRETIZATIONS: dict[str, Discretization] = {
+    "leading": _with_spacing(diffusers_euler_sigmas, "leading"),
+    "trailing": _with_spacing(diffusers_euler_sigmas, "trailing"),
+    "linspace": _with_spacing(diffusers_euler_sigmas, "linspace"),
+    "ddim_leading": _with_spacing(diffusers_ddim_sigmas, "leading"),
+    "ddim_trailing": _with_spacing(diffusers_ddim_sigmas, "trailing"),
+    "ddim_linspace": _with_spacing(diffusers_ddim_sigmas, "linspace"),
+    "diffusers_karras": diffusers_karras_sigmas,
+    "diffusers_exponential": diffusers_exponential_sigmas,
+    "karras": karras_sigmas,
+    "exponential": exponential_sigmas,
+    "normal": normal_sigmas,
+    "uniform": normal_sigmas,  # A1111's name for k-diffusion's DiscreteSchedule.get_sigmas
+    "sgm_uniform": sgm_uniform_sigmas,
+    "simple": simple_sigmas,
+    "ddim_uniform": ddim_uniform_sigmas,
+}
+
+
+def get_discretization(name: str) -> Discretization:
+    """Look up a discretization by name, case-insensitively."""
+    found = DISCRETIZATIONS.get(name.strip().lower())
+    if found is None:
+        raise ValueError(f"unknown discretization {name!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
+    return found
+
+
+# -- starting part-way (img2img) --------------------------------------------------------------
+IMG2IMG_CONVENTIONS = ("diffusers", "a1111", "comfyui")
+
+
+def _check_strength(strength: float) -> float:
+    if not (0.0 < strength <= 1.0):
+        raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+    return float(strength)
+
+
+def steps_run(steps: int, strength: float, convention: str = "diffusers") -> tuple[int, int]:
+    """``(total, run)``: length of the full schedule to build and how many of its last steps run.
+
+    - ``diffusers`` (img2img pipelines): total = steps, run = min(int(steps * strength), steps)
+      (``init_timestep``; the first ``steps - run`` steps are skipped).
+    - ``a1111`` (default settings): total = steps, run = int(min(strength, 0.999) * steps) + 1
+      (``sigmas[steps - t_enc - 1:]``, capped at ``steps``).
+    - ``comfyui`` (``denoise``; also A1111 with "img2img_fix_steps"): total = int(steps / strength),
+      run = steps: the requested steps all run, on a stretched schedule.
+    """
+    steps = _check_steps(steps)
+    strength = _check_strength(strength)
+    if convention == "diffusers":
+        run = min(int(steps * strength), steps)
+        total = steps
+    elif convention == "a1111":
+        run = min(int(min(strength, 0.999) * steps) + 1, steps)
+        total = steps
+    elif convention == "comfyui":
+        total = int(steps / strength) if strength < 1.0 else steps
+        run = steps
+    else:
+        raise ValueError(f"unknown img2img convention {convention!r}; expected one of {', '.join(IMG2IMG_CONVENTIONS)}")
+    if run < 1:
+        raise ValueError(f"strength {strength} with {steps} steps runs no step under the {convention} convention")
+    return total, run
+
+
+def partial_sigmas(sigmas: Tensor, strength: float, convention: str = "diffusers") -> Tensor:
+    """The tail of a full ``sigmas`` list (steps+1 entries) that an img2img run at ``strength`` visits.
+
+    Returns ``sigmas[steps - run:]`` with ``run`` from ``steps_run`` (``diffusers`` or ``a1111``;
+    ``comfyui`` needs a longer schedule: use ``img2img_sigmas``). Diffusers' ``timesteps[t_start *
+    order:]`` is the same cut for a sigma list: sdlab samplers count steps, not model calls.
+    """
+    if convention == "comfyui":
+        raise ValueError("the comfyui convention stretches the schedule; use img2img_sigmas")
+    steps = sigmas.shape[0] - 1
+    _, run = steps_run(steps, strength, convention)
+    return sigmas[steps - run :]
+
+
+def img2img_sigmas(
+    name: str, schedule: NoiseSchedule, steps: int, strength: float, convention: str = "diffusers", **options: Any
+) -> Tensor:
+    """Build discretization ``name`` for an img2img run; ``result[0]`` is the sigma to noise the image to."""
+    total, run = steps_run(steps, strength, convention)
+    sigmas = get_discretization(name)(schedule, total, **options)
+    return sigmas[-(run + 1) :]
+
+
+# -- initial noise scale ----------------------------------------------------------------------
+INIT_NOISE_CONVENTIONS = ("sigma_max", "vp", "diffusers_leading")
+
+
+def initial_noise_sigma(sigmas: Tensor, convention: str = "sigma_max") -> float:
+    """Factor for unit noise to give x at ``sigmas[0]`` in VE scaling: ``x_T = noise * factor``.
+
+    - ``sigma_max`` (sdlab's default; k-diffusion, A1111, ComfyUI, diffusers Euler with ``linspace``/
+      ``trailing`` spacing): ``sigmas[0]``.
+    - ``vp``: ``sqrt(sigmas[0]^2 + 1)``. DDIM/DDPM/PLMS start from x_T = noise in VP scaling, whose VE
+      equivalent is noise * sqrt(1 + sigma_max^2). diffusers' Euler-family schedulers use this for
+      ``leading`` spacing (``init_noise_sigma``); ``diffusers_leading`` is an alias.
+    """
+    top = float(sigmas[0])
+    if convention == "sigma_max":
+        return top
+    if convention in ("vp", "diffusers_leading"):
+        return math.sqrt(top * top + 1.0)
+    valid = ", ".join(INIT_NOISE_CONVENTIONS)
+    raise ValueError(f"unknown initial-noise convention {convention!r}; expected one of {valid}")

@@ -1,0 +1,144 @@
+"""Guidance: wrappers that turn a conditional denoiser into the ``DenoiseFn`` a sampler runs.
+
+``cfg`` is classifier-free guidance (Ho & Salimans 2022) with optional guidance rescale (Lin et al.
+2023, sec. 3.4); ``masked`` keeps the known region of an image while a 4-channel model inpaints the rest.
+Both only see ``denoise(x, sigma, **cond) -> x0``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
+
+__all__ = ["blend_known", "cfg", "masked", "rescale_guidance"]
+
+
+def _batch_view(values: Tensor, like: Tensor) -> Tensor:
+    return values.reshape(-1, *([1] * (like.ndim - 1)))  # (B, 1, 1, 1)
+
+
+def rescale_guidance(guided: Tensor, positive: Tensor, rescale: float) -> Tensor:
+    """Lin et al. 2023 eq. 15-16 (diffusers ``rescale_noise_cfg``), per image.
+
+    ``guided * (phi * std(positive) / std(guided) + 1 - phi)``, std over every dim but the batch
+    (unbiased, as ``torch.std``).
+    """
+    dims = list(range(1, guided.ndim))
+    ratio = positive.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)  # (B, 1, 1, 1)
+    return guided * (rescale * ratio + (1.0 - rescale))
+
+
+def _cat_conds(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Batch two condition dicts as [uncond, cond]; None when they cannot share one forward pass."""
+    if uncond.keys() != cond.keys():
+        raise ValueError(f"cond and uncond must hold the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    merged: dict[str, Any] = {}
+    for key, c in cond.items():
+        u = uncond[key]
+        if isinstance(c, Tensor) and isinstance(u, Tensor):
+            if c.shape[1:] != u.shape[1:]:
+                return None  # e.g. prompts of different token lengths
+            merged[key] = torch.cat([u, c])
+        elif c is None and u is None:
+            merged[key] = None
+        elif not isinstance(c, Tensor) and not isinstance(u, Tensor) and c == u:
+            merged[key] = c  # a shared non-tensor option
+        else:
+            kinds = f"{type(u).__name__} vs {type(c).__name__}"
+            raise ValueError(f"cond[{key!r}] and uncond[{key!r}] cannot be batched: {kinds}")
+    return merged
+
+
+def cfg(
+    denoiser: DenoiseFn,
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any] | None,
+    scale: float,
+    rescale: float = 0.0,
+    *,
+    rescale_space: Prediction | str | None = None,
+) -> DenoiseFn:
+    """Classifier-free guidance: ``x0 = x0_u + scale * (x0_c - x0_u)``.
+
+    Guidance is affine in the network output, so combining x0 equals combining eps or v (what
+    diffusers does). Cond and uncond run in ONE forward pass, concatenated along the batch as
+    [uncond, cond] (every tensor in the dicts: ``context``, ``y``, ``concat``...); when a pair of tensors
+    cannot be concatenated (different token lengths) they run as two passes. With ``scale == 1`` or
+    ``uncond is None`` only the conditional pass runs.
+
+    ``rescale`` (phi) applies guidance rescale in the space of ``rescale_space``: default the wrapped
+    denoiser's ``prediction`` attribute (eps when it has none), i.e. on the network's own output as
+    diffusers' ``rescale_noise_cfg`` does. The std ratio is not affine-invariant, so the space matters:
+    in the space where the network output is y, x0 = c_skip * x + c_out * y, so with d = x0 - c_skip * x
+    the rescale multiplies d by ``phi * std(d_c) / std(d_cfg) + 1 - phi`` (c_out cancels in the ratio).
+    """
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be finite, got {scale}")
+    if not (math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
+        raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
+    if rescale_space is None:
+        rescale_space = getattr(denoiser, "prediction", Prediction.EPS)
+    space = Prediction.parse(rescale_space)
+    cond = dict(cond)
+    run_uncond = uncond is not None and scale != 1.0
+    batched = _cat_conds(uncond, cond) if run_uncond else None
+
+    def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        if not run_uncond:
+            return denoiser(x, sigma, **cond, **extra)
+        sigma_b = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
+        if batched is not None:
+            both = denoiser(torch.cat([x, x]), torch.cat([sigma_b, sigma_b]), **batched, **extra)  # (2B, C, h, w)
+            x0_u, x0_c = both.chunk(2)
+        else:
+            x0_u = denoiser(x, sigma_b, **uncond, **extra)
+            x0_c = denoiser(x, sigma_b, **cond, **extra)
+        x0 = x0_u + scale * (x0_c - x0_u)  # (B, C, h, w)
+        if rescale == 0.0:
+            return x0
+        c_skip = _batch_view(prediction_scalings(space, sigma_b.to(torch.float32))[0], x)  # (B, 1, 1, 1)
+        base = (c_skip * x.to(torch.float32)).to(x0.dtype)
+        return base + rescale_guidance(x0 - base, x0_c - base, rescale)
+
+    return guided
+
+
+def blend_known(x: Tensor, sigma: Tensor | float, x0_known: Tensor, mask: Tensor, noise: Tensor) -> Tensor:
+    """Replace the known region of x by the known image noised to ``sigma`` (VE: x0 + sigma * noise).
+
+    ``mask`` is 1 where the model generates and 0 where ``x0_known`` is kept (diffusers' and ComfyUI's
+    convention), broadcastable to x. This is diffusers' ``(1 - mask) * add_noise(init, noise, t) +
+    mask * latents`` written in VE scaling.
+    """
+    sigma_v = _batch_view(torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1), x)
+    noised = x0_known + noise * sigma_v  # (B, C, h, w)
+    return mask * x + (1 - mask) * noised
+
+
+def masked(inner: DenoiseFn, x0_known: Tensor, mask: Tensor, noise: Tensor) -> DenoiseFn:
+    """Inpainting with an ordinary 4-channel model (latent blend), as a denoiser wrapper.
+
+    Before every model call the known region of x is replaced by ``x0_known`` noised to the current
+    sigma with the fixed ``noise`` (the noise that made the initial x), and the known region of the
+    returned x0 is ``x0_known``. Blending inside the denoiser, not after the sampler step, keeps the
+    generate loop sampler-agnostic and blends at every model call (Heun's and DPM++ 2S's inner calls too).
+    This is ComfyUI's ``KSamplerX0Inpaint``. Relation to diffusers' StableDiffusionInpaintPipeline,
+    which blends the sample after each step at the next sigma: the model sees the same input from the
+    second call on (the blended sample), pixels outside the known region are updated identically by
+    any per-pixel sampler, and with the known x0 pasted, a first-order or multistep step leaves the
+    known region at x0_known + noise * sigma_next, which is diffusers' blend. The one difference is
+    the first call: diffusers feeds its initial latents unblended; ``masked`` blends them.
+    """
+
+    def inpaint(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        x0 = inner(blend_known(x, sigma, x0_known, mask, noise), sigma, **cond)  # (B, C, h, w)
+        return mask * x0 + (1 - mask) * x0_known
+
+    return inpaint

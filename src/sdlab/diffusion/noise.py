@@ -1,0 +1,86 @@
+"""Explicit, batch-reproducible noise: every random draw comes from a per-image CPU generator.
+
+Image i of a batch always gets the same noise for the same seed, whatever the batch size or the
+device: draws are made on the CPU from image i's own ``torch.Generator`` and then moved. This is
+diffusers' ``randn_tensor`` with a list of CPU generators (image i drawn as a ``(1, C, h, w)`` tensor
+from generator i).
+
+Draw dtype: sdlab draws in float32 and casts (A1111 and ComfyUI do the same). diffusers draws directly
+in the pipeline dtype; on the CPU a float16/bfloat16 draw equals the cast float32 draw only when the
+tensor has fewer than 16 elements or a multiple of 16 (true for SD latents whose h*w is a multiple of 4,
+e.g. 64x64). Pass ``draw_dtype=torch.float16`` to reproduce diffusers' half-precision draws in general.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+__all__ = ["NoiseSource", "generators_for", "initial_noise", "per_image_noise"]
+
+
+class NoiseSource(Protocol):
+    """Fresh standard-normal noise shaped like the sample, for the step ``sigma -> sigma_next``.
+
+    Plain Gaussian sources ignore the sigmas; a Brownian tree (SDE samplers) uses them.
+    """
+
+    def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor: ...
+
+
+def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One seeded CPU generator per image."""
+    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+
+
+def _draw(generators: Sequence[torch.Generator], image_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Image i from generator i, each ``(1, *image_shape)`` in ``dtype`` on the CPU, concatenated."""
+    return torch.cat([torch.randn((1, *image_shape), generator=g, dtype=dtype) for g in generators])
+
+
+def initial_noise(
+    shape: tuple[int, ...],
+    seeds: Sequence[int],
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    draw_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Unit Gaussian noise of ``shape`` (B, C, h, w); image i seeded by ``seeds[i]``.
+
+    Equals diffusers' ``randn_tensor(shape, generator=[Generator('cpu').manual_seed(s) for s in seeds])``.
+    """
+    if len(seeds) != shape[0]:
+        raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}")
+    return _draw(generators_for(seeds), tuple(shape[1:]), draw_dtype).to(device=device, dtype=dtype)  # (B, C, h, w)
+
+
+class _PerImageNoise:
+    """A ``NoiseSource`` drawing each image's step noise from its own generator, in call order."""
+
+    def __init__(self, generators: Sequence[torch.Generator], like: Tensor, draw_dtype: torch.dtype) -> None:
+        if len(generators) != like.shape[0]:
+            raise ValueError(f"got {len(generators)} generators for a batch of {like.shape[0]}")
+        self.generators = list(generators)
+        self.image_shape = tuple(like.shape[1:])
+        self.device = like.device
+        self.dtype = like.dtype
+        self.draw_dtype = draw_dtype
+
+    def __call__(self, sigma: Tensor | None = None, sigma_next: Tensor | None = None) -> Tensor:
+        noise = _draw(self.generators, self.image_shape, self.draw_dtype)  # (B, C, h, w)
+        return noise.to(device=self.device, dtype=self.dtype)
+
+
+def per_image_noise(
+    generators: Sequence[torch.Generator], like: Tensor, *, draw_dtype: torch.dtype = torch.float32
+) -> NoiseSource:
+    """Noise source for ancestral/SDE steps: image i's noise comes from ``generators[i]``.
+
+    Pass the same generators that drew the initial noise to continue their streams, as diffusers'
+    pipelines do (the generator list reaches both ``prepare_latents`` and ``scheduler.step``).
+    """
+    return _PerImageNoise(generators, like, draw_dtype)
