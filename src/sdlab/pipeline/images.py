@@ -1,0 +1,160 @@
+"""Pictures in and out of the model: PIL <-> tensors, sizes, inpainting masks, outpainting canvases.
+
+Value ranges: PIL images hold 0..255; the VAE works on [-1, 1] (``x = 2 * pixel / 255 - 1``). The
+conversions follow diffusers' ``VaeImageProcessor`` to the bit, so that pictures can be compared with
+diffusers' at 1/255:
+
+- in: ``np.array(image, float32) / 255`` then ``2x - 1`` (``pil_to_numpy`` + ``normalize``);
+- out: ``(x / 2 + 0.5).clamp(0, 1)`` in the tensor's dtype, then float32, ``* 255``, rounded half to even,
+  to uint8 (``denormalize`` + ``pt_to_numpy`` + ``numpy_to_pil``).
+
+Masks: white (1) = repaint, black (0) = keep, as in diffusers and A1111. ``prepare_mask`` does what
+diffusers' inpaint pipeline does to a mask (resize with Lanczos, grayscale, / 255, binarize at 0.5);
+``latent_mask`` shrinks it to the latent grid with nearest-neighbour ``interpolate``, as
+``StableDiffusionInpaintPipeline.prepare_mask_latents`` does; ``masked_image`` is
+``image * (mask < 0.5)``, the input of the masked-image latent of 9-channel inpainting U-Nets.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+logger = logging.getLogger(__name__)
+
+Colour = tuple[int, int, int] | str
+
+
+def snap_size(width: int, height: int, multiple: int = 8) -> tuple[int, int]:
+    """Round ``width`` and ``height`` down to multiples of ``multiple`` (the VAE factor), warning if changed.
+
+    Rounding down (not to nearest) is diffusers' and A1111's choice: the picture never grows past what
+    was asked for, and a size already on the grid is kept as it is.
+    """
+    snapped = (width - width % multiple, height - height % multiple)
+    if min(snapped) <= 0:
+        raise ValueError(f"size {width}x{height} is smaller than one {multiple}-pixel cell")
+    if snapped != (width, height):
+        logger.warning("size %dx%d is not a multiple of %d; using %dx%d", width, height, multiple, *snapped)
+    return snapped
+
+
+def _as_list(images: Image.Image | Sequence[Image.Image]) -> list[Image.Image]:
+    return [images] if isinstance(images, Image.Image) else list(images)
+
+
+def pil_to_tensor(
+    images: Image.Image | Sequence[Image.Image],
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Images -> float32 (B, 3, H, W) in [-1, 1]. All images must share one size, or give ``size=(W, H)``.
+
+    With ``size``, images of another size are resized with Lanczos (diffusers' default resample).
+    Non-RGB images (RGBA, L, P) are converted to RGB first.
+    """
+    batch = []
+    for image in _as_list(images):
+        if size is not None and image.size != tuple(size):
+            image = image.resize(tuple(size), resample=Image.Resampling.LANCZOS)
+        batch.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)   # (H, W, 3)
+    if len({a.shape for a in batch}) != 1:
+        raise ValueError(f"images have different sizes {[a.shape[1::-1] for a in batch]}; pass size=(W, H)")
+    pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)                   # (B, 3, H, W) in [0, 1]
+    return 2.0 * pixels - 1.0
+
+
+def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) or (B, 1, H, W) in [-1, 1] -> PIL images, rounded exactly as diffusers rounds."""
+    if x.ndim != 4:
+        raise ValueError(f"expected (B, C, H, W), got {tuple(x.shape)}")
+    unit = (x * 0.5 + 0.5).clamp(0, 1)                                  # (B, C, H, W) in [0, 1], x's dtype
+    pixels = unit.detach().cpu().permute(0, 2, 3, 1).float().numpy()    # (B, H, W, C) float32
+    pixels = (pixels * 255).round().astype(np.uint8)                     # numpy rounds half to even
+    if pixels.shape[-1] == 1:
+        return [Image.fromarray(p[..., 0]) for p in pixels]                    # uint8 (H, W): mode "L"
+    return [Image.fromarray(p) for p in pixels]
+
+
+def prepare_mask(
+    mask_image: Image.Image,
+    size: tuple[int, int],
+    blur_radius: float = 0,
+    binarize: bool = True,
+) -> torch.Tensor:
+    """Mask image -> float32 (1, 1, H, W) in [0, 1] at ``size=(W, H)``; 1 = repaint.
+
+    Steps, in diffusers' order: optional Gaussian blur (PIL ``GaussianBlur(blur_radius)``, what
+    ``VaeImageProcessor.blur`` does), resize to ``size`` with Lanczos, grayscale, / 255, and with
+    ``binarize`` (diffusers' inpaint default) values >= 0.5 become 1 and the rest 0. With ``binarize``
+    the blur only rounds the mask's outline; ``binarize=False`` keeps a soft mask (for blending the
+    result back onto the original picture, as A1111's mask blur does).
+    """
+    if blur_radius > 0:
+        mask_image = mask_image.filter(ImageFilter.GaussianBlur(blur_radius))
+    if mask_image.size != tuple(size):
+        mask_image = mask_image.resize(tuple(size), resample=Image.Resampling.LANCZOS)
+    mask = torch.from_numpy(np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0)  # (H, W)
+    if binarize:
+        mask = (mask >= 0.5).to(torch.float32)
+    return mask[None, None]                                                                  # (1, 1, H, W)
+
+
+def latent_mask(mask: torch.Tensor, factor: int = 8) -> torch.Tensor:
+    """Pixel mask (B, 1, H, W) -> latent mask (B, 1, H // factor, W // factor), nearest neighbour."""
+    height, width = mask.shape[-2:]
+    return F.interpolate(mask, size=(height // factor, width // factor))   # default mode: nearest
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The picture with the repainted area set to 0 (mid-grey): ``image * (mask < 0.5)``, (B, 3, H, W)."""
+    return image * (mask < 0.5)
+
+
+def pad_for_outpaint(
+    image: Image.Image,
+    left: int = 0,
+    right: int = 0,
+    top: int = 0,
+    bottom: int = 0,
+    fill: str | Colour = "edge",
+    *,
+    mask_overlap: int = 0,
+    seed: int = 0,
+) -> tuple[Image.Image, Image.Image]:
+    """Grow the canvas for outpainting; returns (padded RGB image, "L" mask that is white where new).
+
+    ``fill`` decides what the new area starts as (img2img-style outpainting keeps some of it):
+    ``"edge"`` repeats the border pixels outward, ``"noise"`` is uniform RGB noise from ``seed``, and any
+    other value is a colour (``(r, g, b)`` or a PIL colour name such as ``"black"`` or ``"#808080"``).
+    ``mask_overlap`` extends the white area that many pixels into the original picture on each padded
+    side, so that the seam itself is repainted.
+    """
+    if min(left, right, top, bottom, mask_overlap) < 0:
+        raise ValueError("padding and mask_overlap must be >= 0")
+    rgb = np.asarray(image.convert("RGB"))                                   # (H, W, 3) uint8
+    height, width = rgb.shape[:2]
+    pad = ((top, bottom), (left, right), (0, 0))
+    if fill == "edge":
+        canvas = np.pad(rgb, pad, mode="edge")
+    elif fill == "noise":
+        rng = np.random.default_rng(seed)
+        canvas = rng.integers(0, 256, (height + top + bottom, width + left + right, 3), dtype=np.uint8)
+        canvas[top:top + height, left:left + width] = rgb
+    else:
+        colour = Image.new("RGB", (1, 1), fill).getpixel((0, 0))
+        canvas = np.pad(rgb, pad, mode="constant")
+        canvas[:] = colour
+        canvas[top:top + height, left:left + width] = rgb
+
+    mask = np.full(canvas.shape[:2], 255, dtype=np.uint8)                    # (H', W') white = repaint
+    keep_top = top + (mask_overlap if top else 0)
+    keep_left = left + (mask_overlap if left else 0)
+    keep_bottom = top + height - (mask_overlap if bottom else 0)
+    keep_right = left + width - (mask_overlap if right else 0)
+    mask[keep_top:max(keep_top, keep_bottom), keep_left:max(keep_left, keep_right)] = 0
+    return Image.fromarray(canvas), Image.fromarray(mask)                      # mask: uint8 (H, W), mode "L"

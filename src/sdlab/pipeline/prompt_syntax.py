@@ -1,0 +1,221 @@
+"""AUTOMATIC1111 prompt syntax: emphasis weights, ``BREAK``, 75-token chunks, and the emphasis math.
+
+Three steps, none of which needs a model:
+
+1. ``parse_weighted(prompt)`` reads the emphasis syntax into ``[(text, weight), ...]``, behaving exactly
+   like A1111's ``modules/prompt_parser.py::parse_prompt_attention``:
+
+   - ``(text)`` multiplies the weight of ``text`` by 1.1, ``((text))`` by 1.1 ** 2 = 1.21;
+   - ``(text:1.3)`` multiplies it by 1.3 (spaces allowed around the number: ``(text : 1.3 )``);
+   - ``[text]`` divides it by 1.1;
+   - ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are the literal characters; a lone ``\\`` is dropped;
+   - an unmatched ``)`` or ``]`` is literal text; a bracket still open at the end of the prompt applies to
+     everything after it (``(unbalanced`` -> 1.1); ``(a:1.3`` with no ``)`` is ``a:1.3`` at weight 1.1;
+   - the uppercase word ``BREAK`` (whole word) becomes the marker ``("BREAK", -1.0)``;
+   - adjacent runs with exactly equal weight are merged; an empty prompt is ``[("", 1.0)]``;
+   - a weight such as ``(a:1.2.3)`` raises ``ValueError`` (A1111 fails on it too).
+
+   A1111 quirk kept for parity: brackets multiply the BREAK marker too, so ``(a BREAK b)`` yields
+   ``("BREAK", -1.1)``, which is no longer a marker and is then tokenized as the word "break" at weight
+   -1.1, exactly as A1111 does. Write ``(a) BREAK (b)`` instead.
+
+2. ``chunk_tokens(pieces, encode)`` tokenizes each piece on its own and packs the ids into chunks of 75
+   (A1111 ``FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line``): every token carries the weight of
+   its piece; ``BREAK`` closes the current chunk; when a chunk is full and a comma was seen within its
+   last ``comma_padding_backtrack`` (20) tokens, the tokens after that comma move to the next chunk so
+   that a phrase is not cut in two. An empty prompt gives one chunk of padding. The text encoder wraps
+   each chunk as ``[begin] + 75 ids + [end]`` (77 positions, weight 1 at both ends), encodes each chunk
+   separately and concatenates the results along the sequence axis (a prompt of n chunks conditions the
+   U-Net with 77 * n tokens).
+
+3. ``apply_emphasis(hidden, weights)`` is A1111's default ("Original") emphasis, applied to the text
+   encoder's output z of one chunk, z of shape (B, 77, D) and weights w of shape (B, 77):
+
+       z' = z * w[..., None]
+       z'' = z' * (mean(z) / mean(z'))
+
+   Each token's hidden state is scaled by its weight, then the whole chunk is rescaled so that the mean
+   over all of its elements is what it was before weighting (A1111 ``sd_emphasis.EmphasisOriginal``;
+   without the rescale, large weights push the conditioning out of the range the U-Net was trained on).
+   One deliberate difference: the means are taken per batch row, where A1111 takes a single mean over the
+   whole batch. For a batch of one prompt (how A1111 encodes cond and uncond) the two are identical; per
+   row keeps each image of a batch independent of the other prompts in it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+ROUND_BRACKET_MULTIPLIER = 1.1
+SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
+BREAK_MARKER: tuple[str, float] = ("BREAK", -1.0)
+
+CHUNK_LENGTH = 75                # prompt tokens per chunk; begin + 75 + end = the encoder's 77 positions
+CLIP_COMMA_ID = 267              # ",</w>" in the CLIP BPE vocabulary shared by CLIP-L, OpenCLIP H and bigG
+CLIP_END_ID = 49407              # <|endoftext|>: A1111 fills an unfinished chunk with it
+
+# One alternative per syntax element, tried left to right (the same token classes as A1111's re_attention):
+_ATTENTION_TOKEN = re.compile(
+    r"""
+    \\\( | \\\) | \\\[ | \\\] | \\\\ | \\     # escapes, and a lone backslash
+    | \( | \[                                 # openers
+    | :\s*([+-]?[.\d]+)\s*\)                  # ":1.3)" closes a round bracket with an explicit weight
+    | \) | \]                                 # closers
+    | [^\\()\[\]:]+                           # plain text
+    | :                                       # a colon that is not part of a weight
+    """,
+    re.X,
+)
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def _to_weight(number: str, position: int) -> float:
+    try:
+        return float(number)
+    except ValueError:                            # "1.2.3" matches [.\d]+ but is no number (A1111 fails too)
+        raise ValueError(f"emphasis weight {number!r} at character {position} is not a number") from None
+
+
+def parse_weighted(prompt: str) -> list[tuple[str, float]]:
+    """Split an A1111 prompt into ``(text, weight)`` runs; ``("BREAK", -1.0)`` marks a chunk break.
+
+    >>> parse_weighted("an (important) word")
+    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
+    """
+    runs: list[list] = []                         # [text, weight], mutable while brackets close
+    open_round: list[int] = []                    # index in runs where each open "(" started
+    open_square: list[int] = []
+
+    def scale_from(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for match in _ATTENTION_TOKEN.finditer(prompt):
+        token, explicit_weight = match.group(0), match.group(1)
+        if token.startswith("\\"):
+            runs.append([token[1:], 1.0])
+        elif token == "(":
+            open_round.append(len(runs))
+        elif token == "[":
+            open_square.append(len(runs))
+        elif explicit_weight is not None and open_round:
+            scale_from(open_round.pop(), _to_weight(explicit_weight, match.start(1)))
+        elif token == ")" and open_round:
+            scale_from(open_round.pop(), ROUND_BRACKET_MULTIPLIER)
+        elif token == "]" and open_square:
+            scale_from(open_square.pop(), SQUARE_BRACKET_MULTIPLIER)
+        else:                                     # text, a stray closer, a colon, or ":1.3)" with no "("
+            for i, part in enumerate(_BREAK.split(token)):
+                if i > 0:
+                    runs.append(list(BREAK_MARKER))
+                runs.append([part, 1.0])
+
+    for start in open_round:                      # brackets left open act as if closed at the end
+        scale_from(start, ROUND_BRACKET_MULTIPLIER)
+    for start in open_square:
+        scale_from(start, SQUARE_BRACKET_MULTIPLIER)
+
+    if not runs:
+        return [("", 1.0)]
+
+    merged: list[list] = [runs[0]]
+    for text, weight in runs[1:]:
+        if weight == merged[-1][1]:
+            merged[-1][0] += text
+        else:
+            merged.append([text, weight])
+    return [(text, weight) for text, weight in merged]
+
+
+def is_break(piece: tuple[str, float]) -> bool:
+    """True for the chunk-break marker (and only the exact marker, as in A1111)."""
+    return piece[0] == BREAK_MARKER[0] and piece[1] == BREAK_MARKER[1]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of a prompt: ``ids`` and ``weights`` are ``chunk_len`` long, padded after ``length``.
+
+    The text encoder turns it into ``[begin] + ids + [end]`` with weights ``[1] + weights + [1]``; for
+    towers that pad with a different id (OpenCLIP pads with 0), everything after the real tokens is
+    padding: position ``length + 1`` gets the end token and the rest the pad id.
+    """
+
+    ids: tuple[int, ...]
+    weights: tuple[float, ...]
+    length: int                                   # number of real prompt tokens, the rest is padding
+
+
+def chunk_tokens(
+    weighted_pieces: Iterable[tuple[str, float]],
+    encode: Callable[[str], Sequence[int]],
+    chunk_len: int = CHUNK_LENGTH,
+    *,
+    pad_id: int = CLIP_END_ID,
+    comma_id: int | None = CLIP_COMMA_ID,
+    comma_padding_backtrack: int = 20,
+) -> list[Chunk]:
+    """Pack the tokens of ``weighted_pieces`` (from ``parse_weighted``) into chunks of ``chunk_len``.
+
+    ``encode(text)`` returns the token ids of one piece, without begin/end tokens. Each piece is encoded
+    on its own, as A1111 does. ``comma_padding_backtrack=0`` (or ``comma_id=None``) disables moving the
+    words after the last comma of a full chunk into the next one.
+    """
+    chunks: list[Chunk] = []
+    ids: list[int] = []
+    weights: list[float] = []
+    last_comma = -1                               # index in the current chunk of its last comma, or -1
+
+    def close_chunk() -> None:
+        nonlocal ids, weights, last_comma
+        length = len(ids)
+        padding = chunk_len - length
+        chunks.append(Chunk(tuple(ids + [pad_id] * padding), tuple(weights + [1.0] * padding), length))
+        ids, weights, last_comma = [], [], -1
+
+    for piece in weighted_pieces:
+        if is_break(piece):
+            close_chunk()
+            continue
+        text, weight = piece
+        for token in encode(text):
+            if comma_id is not None and token == comma_id:
+                last_comma = len(ids)
+            elif (
+                comma_padding_backtrack != 0
+                and len(ids) == chunk_len
+                and last_comma != -1
+                and len(ids) - last_comma <= comma_padding_backtrack
+            ):
+                cut = last_comma + 1              # the comma stays; the words after it move on
+                moved_ids, moved_weights = ids[cut:], weights[cut:]
+                ids, weights = ids[:cut], weights[:cut]
+                close_chunk()
+                ids, weights = moved_ids, moved_weights
+            if len(ids) == chunk_len:
+                close_chunk()
+            ids.append(token)
+            weights.append(weight)
+
+    if ids or not chunks:
+        close_chunk()
+    return chunks
+
+
+def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A1111 "Original" emphasis: scale each token's hidden state, then restore each row's mean.
+
+    hidden: (B, T, D) text-encoder output of one chunk (T = 77); weights: (B, T) per-token multipliers.
+    Returns (B, T, D) in the dtype of ``hidden``; the means are computed in float32.
+    """
+    if hidden.shape[:2] != weights.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} do not match hidden states {tuple(hidden.shape)}")
+    z = hidden.float()                                                        # (B, T, D)
+    original_mean = z.mean(dim=(1, 2), keepdim=True)                          # (B, 1, 1)
+    weighted = z * weights.to(device=z.device, dtype=z.dtype).unsqueeze(-1)   # (B, T, D)
+    new_mean = weighted.mean(dim=(1, 2), keepdim=True)                        # (B, 1, 1)
+    return (weighted * (original_mean / new_mean)).to(hidden.dtype)          # (B, T, D)
