@@ -15,14 +15,16 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sdlab"
 # layer -> sdlab layers it may import
 ALLOWED: dict[str, set[str]] = {
     "utils": set(),
+    "datasets": {"utils"},
+    "evaluation": {"datasets", "utils"},
     "models": {"utils"},
     "diffusion": {"utils"},
     "families": {"models", "diffusion", "utils"},
     "checkpoints": {"families", "models", "diffusion", "utils"},
     "pipeline": {"checkpoints", "families", "diffusion", "models", "utils"},
-    "train": {"pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
+    "train": {"pipeline", "checkpoints", "families", "diffusion", "models", "datasets", "utils"},
     "api": {"pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
-    "cli": {"api", "pipeline", "checkpoints", "families", "train", "utils"},
+    "cli": {"api", "pipeline", "checkpoints", "families", "train", "evaluation", "datasets", "utils"},
 }
 FORBIDDEN_AT_RUNTIME = {"diffusers", "transformers", "open_clip", "k_diffusion"}
 
