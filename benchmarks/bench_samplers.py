@@ -1,0 +1,99 @@
+"""Sampler overhead per step, outside the model: sdlab's sigma-space samplers vs diffusers' scheduler loop.
+
+Both sides run the same trivial "model" (one multiply, ``x * 0.5``) on a (2, 4, 64, 64) latent, so what is
+timed is the sampler's own work per step: sigma bookkeeping, the update arithmetic and, for ancestral
+samplers, drawing the per-image noise. diffusers' loop is what its pipelines run per step:
+``scale_model_input``, the model, ``step`` (with a per-image generator list where it takes one).
+
+Usage: ``python benchmarks/bench_samplers.py [--steps 50] [--repeats 7] [--threads N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from sdlab.diffusion import sampling_k as K
+from sdlab.diffusion.noise import generators_for, per_image_noise
+
+SHAPE = (2, 4, 64, 64)
+SEEDS = (1, 2)
+CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    timestep_spacing="leading",
+    steps_offset=1,
+)
+
+# name -> (sdlab sampler, diffusers scheduler class name, extra scheduler config, scheduler in VP scaling)
+CASES = {
+    "Euler": (K.sample_euler, "EulerDiscreteScheduler", {}, False),
+    "Euler a": (K.sample_euler_ancestral, "EulerAncestralDiscreteScheduler", {}, False),
+    "DPM++ 2M": (K.sample_dpmpp_2m, "DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, True),
+}
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench(name: str, steps: int, repeats: int) -> tuple[float, float]:
+    import diffusers
+
+    sampler, cls_name, extra, vp = CASES[name]
+    scheduler = getattr(diffusers, cls_name)(**CONFIG, **extra)
+    scheduler.set_timesteps(steps)
+    sigmas = torch.unique_consecutive(scheduler.sigmas)
+    unit = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    scale = math.sqrt(1 + float(sigmas[0]) ** 2) if vp else float(scheduler.init_noise_sigma)
+
+    def run_sdlab():
+        x = unit * scale
+        noise = per_image_noise(generators_for(SEEDS), x)
+        return sampler(lambda x, sigma: x * 0.5, x, sigmas, noise=noise)
+
+    def run_diffusers():
+        scheduler.set_timesteps(steps)
+        gens = generators_for(SEEDS)
+        x = unit * scheduler.init_noise_sigma
+        kwargs = {"generator": gens} if "generator" in scheduler.step.__code__.co_varnames else {}
+        for t in scheduler.timesteps:
+            model_output = scheduler.scale_model_input(x, t) * 0.5
+            x = scheduler.step(model_output, t, x, **kwargs).prev_sample
+        return x
+
+    with torch.no_grad():
+        ours = _median_time(run_sdlab, repeats) / steps
+        theirs = _median_time(run_diffusers, repeats) / steps
+    return ours, theirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"latent {SHAPE}, {args.steps} steps, median of {args.repeats}, torch threads {torch.get_num_threads()}")
+    print(f"{'sampler':<10} {'sdlab us/step':>14} {'diffusers us/step':>18} {'diffusers/sdlab':>16}")
+    for name in CASES:
+        ours, theirs = bench(name, args.steps, args.repeats)
+        print(f"{name:<10} {ours * 1e6:>14.1f} {theirs * 1e6:>18.1f} {theirs / ours:>16.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,657 @@
+"""Samplers in sigma space ("k-diffusion family"), as pure functions over a denoiser.
+
+Conventions (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based Generative Models"):
+
+- Variance-exploding scaling: ``x = x0 + sigma * eps``. A ``DenoiseFn`` maps ``(x (B, C, h, w), sigma (B,))``
+  to the denoised estimate ``D(x; sigma)`` of ``x0``; the probability-flow ODE is
+  ``dx/dsigma = (x - D(x; sigma)) / sigma``.
+- ``sigmas`` is a descending 1-D tensor whose last entry is the final noise level (usually 0); ``x`` enters
+  at ``sigmas[0]`` (pure noise times the initial scale, or a noised init image for img2img).
+- Randomness comes only from an explicit ``noise`` source, ``noise(sigma, sigma_next) -> Tensor`` shaped like
+  ``x`` with unit variance per element. Stochastic samplers raise if they need noise and none is given.
+- The DPM-Solver++ samplers work in ``t = -log(sigma)`` (the half log-SNR ``lambda`` of Lu et al.; in VE
+  scaling ``lambda = -log sigma``), which is the same method as diffusers' lambda-based formulation written
+  in VP scaling.
+
+Each sampler returns the final ``x`` (at ``sigmas[-1]``) and calls ``callback(StepInfo(...))`` once per step,
+after the first model evaluation of the step. Names of the registry follow AUTOMATIC1111 (``K_SAMPLERS``)
+and ComfyUI (``K_SAMPLER_ALIASES``); ``get_k_sampler`` looks either up, ignoring case.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sdlab.diffusion.denoiser import DenoiseFn
+from sdlab.diffusion.noise import NoiseSource
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a sampler reports once per step (progress bars, previews).
+
+    ``x`` is the latent the first model call of step ``i`` saw, at noise level ``sigma`` (for Euler/Heun/DPM2
+    with churn this is the raised level ``sigma_hat``); ``denoised`` is the model's estimate of x0 there;
+    the step ends at ``sigma_next``.
+    """
+
+    i: int
+    x: Tensor
+    sigma: float
+    sigma_next: float
+    denoised: Tensor
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple[float, float]:
+    """Split the move from ``sigma`` to ``sigma_next`` into a deterministic move down to ``sigma_down`` and
+    fresh noise of size ``sigma_up`` (``sigma_down**2 + sigma_up**2 == sigma_next**2``).
+
+    ``eta = 1`` is ancestral (DDPM-like) sampling, ``eta = 0`` is the deterministic ODE step.
+    Computed on 0-dim tensors in the schedule's dtype, in the references' order of operations:
+    ``sigma_next**2 - sigma_up**2`` cancels badly in float32 (relative error ~1e-4 in ``sigma_down``
+    when ``sigma_next << sigma``), and sdlab reproduces the references' rounding rather than a more
+    accurate value, so that the same seed gives the same image.
+    """
+    if not eta:
+        return float(sigma_next), 0.0
+    sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    return float(sigma_down), float(sigma_up)
+
+
+def _log_midpoint(sigma: float, sigma_to: float, like: Tensor) -> float:
+    """``sqrt(sigma * sigma_to)`` computed as the references do (lerp of logs in the schedule's dtype)."""
+    a, b = torch.tensor([sigma, sigma_to], dtype=like.dtype).log()
+    return float(a.lerp(b, 0.5).exp())
+
+
+def _require_noise(noise: NoiseSource | None, sampler: str, why: str) -> NoiseSource:
+    if noise is None:
+        raise ValueError(
+            f"{sampler} is stochastic ({why}) and needs a noise source: pass noise=... "
+            "(e.g. per-image seeded Gaussian noise, or a Brownian tree for the SDE samplers)"
+        )
+    return noise
+
+
+def _sigma_batch(sigma: float, x: Tensor, like: Tensor) -> Tensor:
+    """One noise level per batch item, in the dtype of the sigma schedule: (B,)."""
+    return torch.full((x.shape[0],), sigma, dtype=like.dtype, device=x.device)
+
+
+def _churn_gamma(s_churn: float, n_steps: int, sigma: float, s_tmin: float, s_tmax: float) -> float:
+    """Karras et al. 2022 Alg. 2, line 4: how far to raise the noise level before the step."""
+    if s_churn <= 0 or not (s_tmin <= sigma <= s_tmax):
+        return 0.0
+    return min(s_churn / n_steps, 2**0.5 - 1)
+
+
+def _churn(
+    x: Tensor, sigma: float, gamma: float, noise: NoiseSource | None, s_noise: float, name: str, sigmas: Tensor, i: int
+) -> tuple[Tensor, float]:
+    """Karras et al. 2022 Alg. 2, lines 5-6: add noise to go from ``sigma`` up to ``sigma_hat``."""
+    sigma_hat = sigma * (gamma + 1)
+    if gamma > 0:
+        source = _require_noise(noise, name, "s_churn > 0")
+        eps = source(sigmas[i], sigmas.new_tensor(sigma_hat)) * s_noise  # (B, C, h, w)
+        x = x + eps * math.sqrt(sigma_hat**2 - sigma**2)
+    return x, sigma_hat
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Karras et al. 2022 samplers (ODE in sigma, optional churn)
+
+
+@torch.no_grad()
+def sample_euler(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Euler, Karras et al. 2022 Alg. 2 with Euler steps (first order).
+
+    Per step: optional churn (raise sigma to sigma_hat with fresh noise), one model call,
+    ``x += (x - D) / sigma_hat * (sigma_next - sigma_hat)``.
+    """
+    levels = sigmas.tolist()
+    n = len(levels) - 1
+    for i in range(n):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        x, sigma_hat = _churn(x, sigma, _churn_gamma(s_churn, n, sigma, s_tmin, s_tmax), noise, s_noise, "Euler", sigmas, i)
+        denoised = model(x, _sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma_hat, sigma_next, denoised))
+        d = (x - denoised) / sigma_hat
+        x = x + d * (sigma_next - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Euler a: ancestral sampling with Euler steps.
+
+    Per step: one model call, Euler step down to ``sigma_down``, then add ``sigma_up`` of fresh noise
+    (noise is drawn only when ``sigma_next > 0``).
+    """
+    if eta:
+        noise = _require_noise(noise, "Euler a", "eta > 0")
+    levels, ref = sigmas.tolist(), sigmas.detach().cpu()
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        d = (x - denoised) / sigma
+        x = x + d * (sigma_down - sigma)
+        if sigma_next > 0 and sigma_up > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Heun, Karras et al. 2022 Alg. 2 (second order, two model calls per step).
+
+    Per step: optional churn, model call at ``sigma_hat``, Euler predictor to ``sigma_next``, model call there,
+    trapezoidal corrector with the mean slope. The last step to ``sigma_next == 0`` is a plain Euler step.
+    """
+    levels = sigmas.tolist()
+    n = len(levels) - 1
+    for i in range(n):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        x, sigma_hat = _churn(x, sigma, _churn_gamma(s_churn, n, sigma, s_tmin, s_tmax), noise, s_noise, "Heun", sigmas, i)
+        denoised = model(x, _sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma_hat, sigma_next, denoised))
+        d = (x - denoised) / sigma_hat
+        dt = sigma_next - sigma_hat
+        if sigma_next == 0:
+            x = x + d * dt
+            continue
+        x_pred = x + d * dt
+        denoised_pred = model(x_pred, _sigma_batch(sigma_next, x, sigmas))
+        d_pred = (x_pred - denoised_pred) / sigma_next
+        x = x + (d + d_pred) / 2 * dt
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM2: DPM-Solver-2 (Lu et al. 2022) midpoint steps inside Karras et al. 2022 Alg. 2.
+
+    Per step: optional churn, model call at ``sigma_hat``, Euler half step to the log-midpoint
+    ``sigma_mid = sqrt(sigma_hat * sigma_next)``, model call there, full step with the midpoint slope.
+    The last step to ``sigma_next == 0`` is a plain Euler step.
+    """
+    levels = sigmas.tolist()
+    n = len(levels) - 1
+    for i in range(n):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        x, sigma_hat = _churn(x, sigma, _churn_gamma(s_churn, n, sigma, s_tmin, s_tmax), noise, s_noise, "DPM2", sigmas, i)
+        denoised = model(x, _sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma_hat, sigma_next, denoised))
+        d = (x - denoised) / sigma_hat
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma_hat)
+            continue
+        x, _ = _dpm2_midpoint_step(model, x, d, sigma_hat, sigma_next, sigmas)
+    return x
+
+
+def _dpm2_midpoint_step(
+    model: DenoiseFn, x: Tensor, d: Tensor, sigma: float, sigma_to: float, sigmas: Tensor
+) -> tuple[Tensor, Tensor]:
+    sigma_mid = _log_midpoint(sigma, sigma_to, sigmas)
+    x_mid = x + d * (sigma_mid - sigma)
+    denoised_mid = model(x_mid, _sigma_batch(sigma_mid, x, sigmas))
+    d_mid = (x_mid - denoised_mid) / sigma_mid
+    return x + d_mid * (sigma_to - sigma), denoised_mid
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM2 a: ancestral sampling with DPM-Solver-2 midpoint steps.
+
+    Per step: model call, DPM2 step down to ``sigma_down`` (midpoint between ``sigma`` and ``sigma_down`` in
+    log sigma), then ``sigma_up`` of fresh noise. The last step (``sigma_down == 0``) is a plain Euler step.
+    """
+    if eta:
+        noise = _require_noise(noise, "DPM2 a", "eta > 0")
+    levels, ref = sigmas.tolist(), sigmas.detach().cpu()
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        d = (x - denoised) / sigma
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigma)
+            continue
+        x, _ = _dpm2_midpoint_step(model, x, d, sigma, sigma_down, sigmas)
+        if sigma_next > 0 and sigma_up > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Linear multistep
+
+
+def lms_coefficients(levels: list[float], i: int, order: int) -> list[float]:
+    """Adams-Bashforth weights for the step ``levels[i] -> levels[i+1]`` on the non-uniform sigma grid.
+
+    Weight ``j`` is the integral over ``[sigma_i, sigma_{i+1}]`` of the Lagrange basis polynomial that is 1 at
+    ``sigma_{i-j}`` and 0 at the other ``order - 1`` past levels. The integrand has degree ``order - 1``, so
+    ``order``-point Gauss-Legendre quadrature integrates it exactly (k-diffusion and diffusers use
+    ``scipy.integrate.quad``, which agrees to machine precision).
+    """
+    if order - 1 > i:
+        raise ValueError(f"LMS order {order} too high for step {i}")
+    nodes, weights = np.polynomial.legendre.leggauss(order)
+    a, b = levels[i], levels[i + 1]
+    taus = (b - a) / 2 * nodes + (a + b) / 2  # quadrature points mapped onto [a, b]
+    past = [levels[i - k] for k in range(order)]
+    coeffs = []
+    for j in range(order):
+        basis = np.ones_like(taus)
+        for k in range(order):
+            if k != j:
+                basis *= (taus - past[k]) / (past[j] - past[k])
+        coeffs.append(float((b - a) / 2 * np.dot(weights, basis)))
+    return coeffs
+
+
+@torch.no_grad()
+def sample_lms(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    order: int = 4,
+) -> Tensor:
+    """LMS: linear multistep (Adams-Bashforth) on the probability-flow ODE in sigma, order 4 by default.
+
+    Per step: one model call, keep the last ``order`` slopes, ``x += sum_j c_j * d_{i-j}`` with coefficients
+    from ``lms_coefficients`` (order ramps up 1, 2, 3, 4 over the first steps).
+    """
+    levels = sigmas.tolist()
+    slopes: list[Tensor] = []
+    for i in range(len(levels) - 1):
+        sigma = levels[i]
+        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        slopes.append((x - denoised) / sigma)
+        if len(slopes) > order:
+            slopes.pop(0)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma, levels[i + 1], denoised))
+        coeffs = lms_coefficients(levels, i, min(i + 1, order))
+        for coeff, d in zip(coeffs, reversed(slopes)):
+            x = x + coeff * d
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPM-Solver++ (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+# Models"), written in t = -log(sigma). A first-order DPM-Solver++ step from t to t_next is
+#   x_next = (sigma_next / sigma) * x - expm1(-h) * D,   h = t_next - t,
+# i.e. the exact solution of the ODE when D is constant over the step.
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM++ 2S a: DPM-Solver++(2S) single-step second order (Lu et al. 2022, Alg. 1 with r = 1/2), ancestral.
+
+    Per step: model call at ``sigma``; first-order step to the log-midpoint of ``sigma`` and ``sigma_down``;
+    model call there; full step using the midpoint estimate; then ``sigma_up`` of fresh noise when
+    ``sigma_next > 0``. The last step (``sigma_down == 0``) is a plain Euler step.
+    """
+    if eta:
+        noise = _require_noise(noise, "DPM++ 2S a", "eta > 0")
+    levels, ref = sigmas.tolist(), sigmas.detach().cpu()
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        if sigma_down == 0:
+            x = x + (x - denoised) / sigma * (sigma_down - sigma)
+        else:
+            t, t_next = -math.log(sigma), -math.log(sigma_down)
+            h = t_next - t
+            sigma_mid = math.exp(-(t + h / 2))
+            x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
+            denoised_mid = model(x_mid, _sigma_batch(sigma_mid, x, sigmas))
+            x = (sigma_down / sigma) * x - math.expm1(-h) * denoised_mid
+        if sigma_next > 0 and sigma_up > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+) -> Tensor:
+    """DPM++ SDE: stochastic DPM-Solver++ single-step second order (k-diffusion ``sample_dpmpp_sde``).
+
+    Per step from t to t_next (``h = t_next - t``, intermediate ``s = t + r h``):
+      1. model call at sigma; ancestral first-order step t -> s (with ``sigma_up`` noise over [sigma, sigma(s)]);
+      2. model call at sigma(s); ancestral step t -> t_next with ``(1 - 1/2r) D + 1/2r D_s``, plus noise
+         over [sigma, sigma_next].
+    The last step to ``sigma_next == 0`` is a plain Euler step. References draw the noise from a Brownian
+    tree (``sdlab.diffusion.brownian``); the query times are computed in float32 exactly as the reference
+    does, because a Brownian tree answers differently for times that differ by one ulp.
+    """
+    if eta:
+        noise = _require_noise(noise, "DPM++ SDE", "eta > 0")
+    levels, ref = sigmas.tolist(), sigmas.detach().cpu()
+    fac = 1 / (2 * r)
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        if sigma_next == 0:
+            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+            continue
+        # Levels in t = -log(sigma), as 0-dim tensors in the schedule's dtype: the Brownian tree must be
+        # queried at exactly the reference's times.
+        t, t_next = ref[i].log().neg(), ref[i + 1].log().neg()
+        s_mid = t + (t_next - t) * r
+        sigma_t, sigma_s, sigma_t_next = t.neg().exp(), s_mid.neg().exp(), t_next.neg().exp()
+        # Step 1: ancestral first-order step t -> s.
+        sd, su = ancestral_step(sigma_t, sigma_s, eta)
+        x_s = (sd / float(sigma_t)) * x - math.expm1(math.log(sd) - float(t.neg())) * denoised
+        if su > 0:
+            x_s = x_s + noise(sigma_t, sigma_s) * (s_noise * su)
+        denoised_s = model(x_s, _sigma_batch(float(sigma_s), x, sigmas))
+        # Step 2: ancestral step t -> t_next with the combined estimate.
+        sd, su = ancestral_step(sigma_t, sigma_t_next, eta)
+        denoised_d = (1 - fac) * denoised + fac * denoised_s
+        x = (sd / float(sigma_t)) * x - math.expm1(math.log(sd) - float(t.neg())) * denoised_d
+        if su > 0:
+            x = x + noise(sigma_t, sigma_t_next) * (s_noise * su)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DPM++ 2M: DPM-Solver++(2M) multistep second order (Lu et al. 2022, Alg. 2).
+
+    Per step: one model call; the first step and the final step to ``sigma_next == 0`` are first order
+    (diffusers' ``lower_order_final``); other steps extrapolate ``D`` linearly in t from the previous step:
+    ``D_d = (1 + 1/2r) D_i - 1/2r D_{i-1}``, ``r = h_{i-1} / h_i``.
+    """
+    levels = sigmas.tolist()
+    old_denoised: Tensor | None = None
+    h_last = 0.0
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        if sigma_next == 0:
+            x = denoised  # first-order step to sigma = 0: (0 / sigma) * x + 1 * D
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            if old_denoised is None:
+                denoised_d = denoised
+            else:
+                half_inv_r = h / (2 * h_last)
+                denoised_d = (1 + half_inv_r) * denoised - half_inv_r * old_denoised
+            x = (sigma_next / sigma) * x - math.expm1(-h) * denoised_d
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+) -> Tensor:
+    """DPM++ 2M SDE: SDE-DPM-Solver++(2M) (Lu et al. 2022, sec. 5), with eta scaling the injected noise.
+
+    Per step (``h = t_next - t``, ``eta_h = eta * h``): one model call;
+    ``x = (sigma_next/sigma) e^{-eta_h} x + (1 - e^{-h-eta_h}) D`` plus a second-order correction from the
+    previous ``D`` (``solver_type`` "midpoint": ``1/2 (1 - e^{-h-eta_h}) / r``; "heun":
+    ``((1 - e^{-h-eta_h}) / (-h-eta_h) + 1) / r``), plus ``sigma_next sqrt(1 - e^{-2 eta_h})`` of noise.
+    The final step to ``sigma_next == 0`` returns ``D``.
+    """
+    if solver_type not in ("midpoint", "heun"):
+        raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
+    if eta:
+        noise = _require_noise(noise, "DPM++ 2M SDE", "eta > 0")
+    levels = sigmas.tolist()
+    old_denoised: Tensor | None = None
+    h_last = 0.0
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        if sigma_next == 0:
+            x = denoised
+        else:
+            h = math.log(sigma) - math.log(sigma_next)
+            eta_h = eta * h
+            one_minus = -math.expm1(-h - eta_h)  # 1 - e^{-h - eta_h}
+            x = (sigma_next / sigma * math.exp(-eta_h)) * x + one_minus * denoised
+            if old_denoised is not None:
+                inv_r = h / h_last
+                if solver_type == "heun":
+                    coeff = (one_minus / (-h - eta_h) + 1) * inv_r
+                else:
+                    coeff = 0.5 * one_minus * inv_r
+                x = x + coeff * (denoised - old_denoised)
+            if eta:
+                x = x + noise(sigmas[i], sigmas[i + 1]) * (sigma_next * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise)
+            h_last = h
+        old_denoised = denoised
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM++ 3M SDE: third-order multistep SDE-DPM-Solver++ (k-diffusion ``sample_dpmpp_3m_sde``).
+
+    Per step (``h_eta = (1 + eta) h``, ``phi_2 = (e^{-h_eta} - 1)/h_eta + 1``, ``phi_3 = phi_2/h_eta - 1/2``):
+    one model call; ``x = e^{-h_eta} x + (1 - e^{-h_eta}) D``; with two past estimates add
+    ``phi_2 d1 - phi_3 d2`` (first and second divided differences of D in t), with one add ``phi_2 d``;
+    then ``sigma_next sqrt(1 - e^{-2 eta h})`` of noise. The final step to ``sigma_next == 0`` returns ``D``.
+    """
+    if eta:
+        noise = _require_noise(noise, "DPM++ 3M SDE", "eta > 0")
+    levels = sigmas.tolist()
+    denoised_1: Tensor | None = None
+    denoised_2: Tensor | None = None
+    h_1: float | None = None
+    h_2: float | None = None
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        if callback is not None:
+            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = math.log(sigma) - math.log(sigma_next)
+        h_eta = h * (eta + 1)
+        x = math.exp(-h_eta) * x - math.expm1(-h_eta) * denoised
+        phi_2 = math.expm1(-h_eta) / h_eta + 1
+        if h_2 is not None:
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - denoised_1) / r0
+            d1_1 = (denoised_1 - denoised_2) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_3 = phi_2 / h_eta - 0.5
+            x = x + phi_2 * d1 - phi_3 * d2
+        elif h_1 is not None:
+            x = x + phi_2 * (denoised - denoised_1) / (h_1 / h)
+        if eta:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * (sigma_next * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise)
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+
+K_SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "Euler": sample_euler,
+    "Euler a": sample_euler_ancestral,
+    "Heun": sample_heun,
+    "DPM2": sample_dpm_2,
+    "DPM2 a": sample_dpm_2_ancestral,
+    "LMS": sample_lms,
+    "DPM++ 2M": sample_dpmpp_2m,
+    "DPM++ 2M SDE": sample_dpmpp_2m_sde,
+    "DPM++ 2M SDE Heun": functools.partial(sample_dpmpp_2m_sde, solver_type="heun"),
+    "DPM++ SDE": sample_dpmpp_sde,
+    "DPM++ 2S a": sample_dpmpp_2s_ancestral,
+    "DPM++ 3M SDE": sample_dpmpp_3m_sde,
+}
+"""Sigma-space samplers keyed by their AUTOMATIC1111 display names."""
+
+K_SAMPLER_ALIASES: dict[str, Callable[..., Tensor]] = {
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpm_2": sample_dpm_2,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
+    "lms": sample_lms,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_2m_sde_heun": K_SAMPLERS["DPM++ 2M SDE Heun"],
+    "dpmpp_sde": sample_dpmpp_sde,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+}
+"""The same samplers under their ComfyUI (k-diffusion function) names."""
+
+BROWNIAN_NOISE_SAMPLERS: frozenset[Callable[..., Tensor]] = frozenset(
+    {sample_dpmpp_sde, sample_dpmpp_2m_sde, K_SAMPLERS["DPM++ 2M SDE Heun"], sample_dpmpp_3m_sde}
+)
+"""Samplers that AUTOMATIC1111 / ComfyUI / k-diffusion feed from a Brownian tree by default
+(``sdlab.diffusion.brownian.BrownianTreeNoise``); the others draw independent Gaussian noise per step.
+diffusers' DPMSolverSDEScheduler uses a Brownian tree too, its DPMSolverMultistep SDE variants do not."""
+
+_BY_FOLDED_NAME: dict[str, Callable[..., Tensor]] = {
+    name.casefold(): fn for table in (K_SAMPLERS, K_SAMPLER_ALIASES) for name, fn in table.items()
+}
+
+
+def get_k_sampler(name: str) -> Callable[..., Tensor]:
+    """Look a sampler up by A1111 display name or ComfyUI name, ignoring case ("dpm++ 2m", "DPMPP_2M")."""
+    try:
+        return _BY_FOLDED_NAME[name.strip().casefold()]
+    except KeyError:
+        known = ", ".join(sorted(K_SAMPLERS) + sorted(K_SAMPLER_ALIASES))
+        raise KeyError(f"unknown sampler {name!r}; known: {known}") from None

@@ -1,0 +1,483 @@
+"""The timestep-family samplers of the LDM world (DDIM, PLMS, DDPM, LCM, UniPC), written in sigma space.
+
+CompVis' and diffusers' versions of these samplers step a variance-preserving (VP) latent
+``z_t = sqrt(ac_t) x0 + sqrt(1 - ac_t) eps`` over a list of integer timesteps. sdlab's samplers are
+plain functions over a denoiser and a descending tensor of sigmas, in the variance-exploding (VE)
+scaling every sdlab sampler uses:
+
+    x = x0 + sigma * eps,     sigma = sqrt((1 - ac) / ac),     ac = 1 / (1 + sigma^2),
+    z = x / sqrt(1 + sigma^2)                                  (the VP / "DDPM-space" latent).
+
+Every VP update below is the VE update multiplied through by ``sqrt(ac_next)``, so running these
+functions on the sigmas of a scheduler's timesteps reproduces that scheduler step for step.
+
+Sampler signature (shared with ``sampling_k``)::
+
+    sample_<name>(model, x, sigmas, *, noise=None, callback=None, **options) -> Tensor
+
+``model(x (B,C,h,w), sigma (B,)) -> denoised x0``; ``sigmas`` (N+1,) descending, the last entry the
+final sigma; ``x`` the VE sample at ``sigmas[0]`` (pure noise: ``noise * sqrt(1 + sigmas[0]^2)``
+when diffusers' ``init_noise_sigma`` is 1 and ``x_T = noise`` in VP space); ``noise`` an explicit
+``NoiseSource`` (no sampler ever touches the global RNG; stochastic samplers raise without one).
+
+Final sigma and where the division happens
+------------------------------------------
+Original DDIM and PLMS end at ``alphas_cumprod[0]`` (diffusers ``set_alpha_to_one=False``), i.e. at
+sigma_min ~= 0.0292 for SD, not at 0. The samplers always *return VE x at ``sigmas[-1]``*; when that
+sigma is > 0 the latent to decode is the VP latent ``to_ddpm_latent(x, sigmas[-1])``, which the
+generate loop applies (it is the identity for a final sigma of 0). ``FINAL_SIGMA`` says which final
+sigma each sampler's reference uses: ``"first_alpha"`` (sigma_min) or ``"zero"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from sdlab.diffusion.denoiser import DenoiseFn
+from sdlab.diffusion.noise import NoiseSource
+from sdlab.diffusion.sampling_k import StepCallback, StepInfo
+
+__all__ = [
+    "FINAL_SIGMA",
+    "LDM_SAMPLERS",
+    "LDM_SAMPLER_ALIASES",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_lcm",
+    "sample_plms",
+    "sample_unipc",
+    "to_ddpm_latent",
+]
+
+
+def to_ddpm_latent(x: Tensor, sigma_final: float | Tensor) -> Tensor:
+    """The VP ("DDPM-space") latent of a VE sample: ``x / sqrt(1 + sigma^2)``; identity at sigma 0."""
+    sigma = float(sigma_final)
+    return x if sigma == 0.0 else x / math.sqrt(1.0 + sigma * sigma)
+
+
+# --------------------------------------------------------------------------------------------------
+# shared pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_sigmas(sigmas: Tensor) -> list[float]:
+    """The sigmas as float64 Python numbers (one device sync), validated."""
+    if sigmas.ndim != 1 or sigmas.numel() < 2:
+        raise ValueError(f"sigmas must be 1-D with at least 2 entries, got shape {tuple(sigmas.shape)}")
+    values = sigmas.detach().to("cpu", torch.float64).tolist()
+    if any(b > a for a, b in zip(values, values[1:])):
+        raise ValueError("sigmas must be non-increasing")
+    return values
+
+
+def _denoise(model: DenoiseFn, x: Tensor, sigmas: Tensor, i: int) -> Tensor:
+    """Call the model at ``sigmas[i]`` for the whole batch (sigma (B,) keeps the sigmas' dtype)."""
+    return model(x, sigmas[i].to(x.device).expand(x.shape[0]))  # (B, C, h, w)
+
+
+def _report(callback: StepCallback | None, i: int, x: Tensor, sigma_values: list[float], denoised: Tensor) -> None:
+    """``callback(StepInfo)`` once per step, after the step's first model evaluation."""
+    if callback is not None:
+        callback(StepInfo(i=i, x=x, sigma=sigma_values[i], sigma_next=sigma_values[i + 1], denoised=denoised))
+
+
+def _require_noise(noise: NoiseSource | None, name: str) -> NoiseSource:
+    if noise is None:
+        raise ValueError(f"{name} adds fresh noise at each step: pass noise=per_image_noise(generators, x)")
+    return noise
+
+
+def _ancestral_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
+    """(sigma_down, sigma_up) of a DDIM step with stochasticity eta (Song et al. 2020, eq. 16).
+
+    DDIM's VP noise std ``sigma_t(eta) = eta sqrt((1-ac_next)/(1-ac) (1 - ac/ac_next))`` divided by
+    ``sqrt(ac_next)`` is, in VE sigmas, ``sigma_up = eta * sigma_next * sqrt(sigma^2 - sigma_next^2) / sigma``;
+    the deterministic part then lands on ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)``
+    (k-diffusion's ``get_ancestral_step``). sigma_up is capped at sigma_next (eta > 1).
+    """
+    if eta == 0.0 or sigma_next == 0.0:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(sigma * sigma - sigma_next * sigma_next, 0.0)) / sigma)
+    sigma_down = math.sqrt(max(sigma_next * sigma_next - sigma_up * sigma_up, 0.0))
+    return sigma_down, sigma_up
+
+
+# --------------------------------------------------------------------------------------------------
+# DDIM
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_ddim(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+) -> Tensor:
+    """DDIM (Song et al. 2020, eq. 12) with stochasticity ``eta`` (0: deterministic, 1: DDPM-like).
+
+    VP update: ``z' = sqrt(ac') x0 + sqrt(1 - ac' - s_t^2) eps + s_t z_noise``. Divided by
+    ``sqrt(ac')`` it is, in VE sigmas (see ``_ancestral_split``)::
+
+        x' = x0 + sigma_down * (x - x0) / sigma + sigma_up * noise
+
+    so eta = 0 is exactly Euler on the same sigmas. diffusers' ``DDIMScheduler`` steps from t to
+    ``t - T // steps``; that is the next timestep of its list for "leading" spacing (the SD default),
+    and the last step goes to ``alphas_cumprod[0]`` (``set_alpha_to_one=False``): pass the sigmas of
+    the timesteps followed by sigma_min (``FINAL_SIGMA["DDIM"]``).
+    """
+    sigma_values = _check_sigmas(sigmas)
+    for i in range(len(sigma_values) - 1):
+        sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
+        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
+        _report(callback, i, x, sigma_values, denoised)
+        sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
+        x_next = denoised + (sigma_down / sigma) * (x - denoised)
+        if sigma_up > 0.0:
+            x_next = x_next + sigma_up * _require_noise(noise, "DDIM with eta > 0")(sigmas[i], sigmas[i + 1])
+        x = x_next
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# PLMS
+# --------------------------------------------------------------------------------------------------
+
+# Adams-Bashforth weights on eps, newest first (constant: the "pseudo" method steps in timestep index).
+_ADAMS_BASHFORTH = {
+    1: (1.0,),
+    2: (3 / 2, -1 / 2),
+    3: (23 / 12, -16 / 12, 5 / 12),
+    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
+}
+
+
+@torch.no_grad()
+def sample_plms(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """PLMS, the pseudo linear multistep sampler of PNDM (Liu et al. 2022), as in CompVis' ``plms.py``.
+
+    The "transfer" part of PNDM (its eq. 9, diffusers' ``_get_prev_sample``) is algebraically the
+    DDIM step with a given eps, which in VE sigmas is ``x' = x + (sigma' - sigma) * eps``. PLMS feeds
+    it a combination of eps values, ``eps = (x - denoised) / sigma``:
+
+    - first step: pseudo improved Euler. Step to sigma_1 with eps_0, evaluate eps at that point,
+      then redo the step from x with the average of the two (an extra model evaluation; it is Heun
+      in sigma). Only eps_0 enters the history.
+    - later steps: Adams-Bashforth of order 2, 3, 4 over the newest eps values with the constant
+      weights of ``_ADAMS_BASHFORTH`` (equal steps in timestep index, not in sigma: "pseudo").
+
+    Takes the plain descending sigmas (timesteps' sigmas, then the final sigma) and makes the extra
+    evaluation itself. Correspondence with diffusers ``PNDMScheduler(skip_prk_steps=True)``: its
+    timestep list ``[t0, t1, t1, t2, ..., t_{N-1}]`` repeats t1 because its second ``step`` call is
+    that extra evaluation (at the Euler point, labelled t1), after which it re-steps from the saved
+    sample; so N steps cost N + 1 evaluations in both. For a single step (N = 1) diffusers makes no
+    extra evaluation (a plain DDIM step) and neither does this function: the improved-Euler start is
+    used only when the first step is not also the last. (CompVis does evaluate there, at
+    ``alphas_cumprod[0]`` but labelled with the current timestep, an off-by-one we do not copy.)
+    The final sigma is sigma_min in both originals (``FINAL_SIGMA["PLMS"] == "first_alpha"``).
+
+    Prediction types: CompVis' PLMS is eps-only. For a v-prediction model diffusers combines the raw
+    v outputs and converts the combination to eps with the current sample; sdlab combines eps (from
+    the denoiser), i.e. the same multistep method in the variable the DDIM transfer step uses.
+    """
+    sigma_values = _check_sigmas(sigmas)
+    n_steps = len(sigma_values) - 1
+    old_eps: list[Tensor] = []  # newest last, at most 3 kept
+    for i in range(n_steps):
+        sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
+        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
+        _report(callback, i, x, sigma_values, denoised)
+        eps = (x - denoised) / sigma  # (B, C, h, w)
+        if not old_eps and i < n_steps - 1 and sigma_next > 0.0:
+            x_euler = x + (sigma_next - sigma) * eps
+            eps_euler = (x_euler - _denoise(model, x_euler, sigmas, i + 1)) / sigma_next
+            eps_prime = (eps + eps_euler) / 2
+        else:
+            history = [eps, *reversed(old_eps)]  # newest first
+            weights = _ADAMS_BASHFORTH[len(history)]
+            eps_prime = sum(w * e for w, e in zip(weights, history))
+        x = x + (sigma_next - sigma) * eps_prime
+        old_eps = [*old_eps, eps][-3:]
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# DDPM
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_ddpm(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, eqs. 6-7) with the posterior variance ("fixed_small").
+
+    Each step samples q(z' | z, x0): mean ``c_x0 x0 + c_z z``, variance
+    ``(1 - ac') / (1 - ac) * (1 - ac / ac')``. In VE sigmas this is::
+
+        x' = x0 + (sigma' / sigma)^2 (x - x0) + sigma' sqrt(1 - (sigma' / sigma)^2) * noise
+
+    (DDIM with eta = 1). diffusers' ``DDPMScheduler`` steps between consecutive timesteps of its list
+    and ends at alphas_cumprod = 1, i.e. sigma 0 (``FINAL_SIGMA["DDPM"] == "zero"``), where the last
+    step returns x0. Noise is drawn once per step that ends above sigma 0.
+    """
+    sigma_values = _check_sigmas(sigmas)
+    for i in range(len(sigma_values) - 1):
+        sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
+        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
+        _report(callback, i, x, sigma_values, denoised)
+        ratio_sq = (sigma_next / sigma) ** 2
+        x_next = denoised + ratio_sq * (x - denoised)
+        if sigma_next > 0.0:
+            std = sigma_next * math.sqrt(max(1.0 - ratio_sq, 0.0))
+            x_next = x_next + std * _require_noise(noise, "DDPM")(sigmas[i], sigmas[i + 1])
+        x = x_next
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# LCM
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_lcm(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    sigma_to_t: Callable[[Tensor], Tensor] | None = None,
+    timestep_scaling: float = 10.0,
+    sigma_data: float = 0.5,
+) -> Tensor:
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, Algorithm 1).
+
+    Each step maps x to the consistency function's x0 estimate and re-noises it to the next sigma
+    with fresh noise: ``x' = f(x, sigma) + sigma' * noise`` (in VP terms
+    ``z' = sqrt(ac') f + sqrt(1 - ac') noise``); the last step returns f.
+
+    The consistency function carries the boundary-condition scalings of the consistency-model
+    parameterization (Song et al. 2023)::
+
+        f = c_skip(t) * z + c_out(t) * x0_pred,   c_skip = sd^2 / ((k t)^2 + sd^2),
+        c_out = k t / sqrt((k t)^2 + sd^2),       k = timestep_scaling (10), sd = sigma_data (0.5),
+
+    applied to the VP sample ``z = x / sqrt(1 + sigma^2)`` as diffusers' ``LCMScheduler`` does. They
+    depend on the *timestep*, so pass ``sigma_to_t`` (the generate loop passes its schedule's
+    ``NoiseSchedule.sigma_to_t``). With ``sigma_to_t=None`` no scaling is applied (f = the denoiser's
+    x0): the convention of k-diffusion/ComfyUI's ``sample_lcm``, whose model wrapper owns the scaling.
+    diffusers' timesteps (``original_inference_steps=50``, e.g. 999, 759, 499, 259 for 4 steps) end
+    at sigma 0 (``FINAL_SIGMA["LCM"] == "zero"``).
+    """
+    sigma_values = _check_sigmas(sigmas)
+    for i in range(len(sigma_values) - 1):
+        sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
+        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
+        if sigma_to_t is not None:
+            t = float(torch.as_tensor(sigma_to_t(sigmas[i : i + 1])).reshape(-1)[0])
+            scaled_t = t * timestep_scaling
+            c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
+            c_out = scaled_t / math.sqrt(scaled_t**2 + sigma_data**2)
+            denoised = c_out * denoised + (c_skip / math.sqrt(1.0 + sigma * sigma)) * x
+        _report(callback, i, x, sigma_values, denoised)
+        x = denoised
+        if sigma_next > 0.0:
+            x = x + sigma_next * _require_noise(noise, "LCM")(sigmas[i], sigmas[i + 1])
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# UniPC
+# --------------------------------------------------------------------------------------------------
+
+
+def _unipc_coefficients(h: float, order: int, variant: str) -> tuple[float, float, list[float]]:
+    """(h_phi_1, B_h, b) of UniPC's B(h) construction, data-prediction form (Zhao et al. 2023, Alg. 2).
+
+    With hh = -h (h = lambda' - lambda > 0, lambda = -log sigma): ``h_phi_1 = expm1(hh)``,
+    ``B(h) = hh`` (bh1) or ``expm1(hh)`` (bh2), and ``b_k = k! phi_{k+1}(hh) hh / B(h)`` for k = 1..order,
+    from the recursion ``h_phi_{k+1} = h_phi_k / hh - 1 / k!``.
+    """
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    if variant == "bh1":
+        b_h = hh
+    elif variant == "bh2":
+        b_h = math.expm1(hh)
+    else:
+        raise ValueError(f"unknown UniPC variant {variant!r}; expected 'bh1' or 'bh2'")
+    h_phi_k = h_phi_1 / hh - 1.0
+    factorial = 1
+    b = []
+    for k in range(1, order + 1):
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1.0 / factorial
+    return h_phi_1, b_h, b
+
+
+def _solve_rhos(rks: Sequence[float], b: Sequence[float]) -> list[float]:
+    """Solve ``sum_j rks[j]^(k-1) rho_j = b_k`` (k = 1..len(rks)) in float64."""
+    r = torch.tensor(list(rks), dtype=torch.float64)
+    matrix = torch.stack([r**k for k in range(len(rks))])  # (K, K)
+    return torch.linalg.solve(matrix, torch.tensor(list(b), dtype=torch.float64)).tolist()
+
+
+def _unipc_update(
+    x: Tensor,
+    sigma: float,
+    sigma_next: float,
+    m0: Tensor,
+    older: Sequence[tuple[Tensor, float]],
+    variant: str,
+    model_next: Tensor | None = None,
+) -> Tensor:
+    """One UniP step (``model_next is None``) or UniC step from (x, sigma) to sigma_next, VE form.
+
+    ``m0`` is the data prediction at sigma; ``older`` the earlier ones with their lambdas, newest
+    first; the order is ``len(older) + 1``. With r_k = (lambda_k - lambda) / h and D_k = (m_k - m0) / r_k::
+
+        x' = (sigma'/sigma) x - h_phi_1 m0 - B(h) * sum_k rho_k D_k        (UniP)
+        x' = ... - B(h) * (sum_k rho_k D_k + rho_c (m' - m0))              (UniC, m' at sigma')
+
+    (the VP update of diffusers' ``multistep_uni_{p,c}_bh_update`` divided by alpha').
+    """
+    lam, lam_next = -math.log(sigma), -math.log(sigma_next)
+    h = lam_next - lam
+    rks = [(lam_k - lam) / h for _, lam_k in older]
+    order = len(older) + 1
+    h_phi_1, b_h, b = _unipc_coefficients(h, order, variant)
+    x_next = (sigma_next / sigma) * x - h_phi_1 * m0  # (B, C, h, w)
+    if model_next is None:  # predictor UniP-p
+        if not older:
+            return x_next
+        rhos = [0.5] if order == 2 else _solve_rhos(rks, b[:-1])
+        residual = sum((rho / rk) * (m_k - m0) for rho, rk, (m_k, _) in zip(rhos, rks, older))
+        return x_next - b_h * residual
+    # corrector UniC-p
+    rhos = [0.5] if order == 1 else _solve_rhos([*rks, 1.0], b)
+    residual = rhos[-1] * (model_next - m0)
+    for rho, rk, (m_k, _) in zip(rhos[:-1], rks, older):
+        residual = residual + (rho / rk) * (m_k - m0)
+    return x_next - b_h * residual
+
+
+@torch.no_grad()
+def sample_unipc(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    order: int = 2,
+    variant: str = "bh2",
+    lower_order_final: bool = True,
+    disable_corrector: Sequence[int] = (),
+) -> Tensor:
+    """UniPC (Zhao et al. 2023): multistep predictor UniP with the corrector UniC, on data predictions.
+
+    Works in lambda = -log sigma (the log-SNR half of the VP form: lambda = log(alpha / sigma_VP)),
+    with the model's x0 predictions (``predict_x0=True``). Step i:
+
+    1. m_i = model(x_i, sigma_i);
+    2. if i > 0 (and i - 1 not in ``disable_corrector``): UniC replaces x_i by a corrected value,
+       using x_{i-1}, the earlier predictions and m_i (m_i itself is not re-evaluated);
+    3. UniP steps x_i to sigma_{i+1} using m_i and up to ``order - 1`` earlier predictions.
+
+    The predictor order warms up as 1, 2, ..., ``order``; with ``lower_order_final`` it also drops to
+    the number of remaining steps; a step that ends at sigma 0 is always first order (it returns m_i;
+    higher orders have no limit there). The corrector uses the order of the predictor that produced
+    x_i. Defaults match diffusers' ``UniPCMultistepScheduler`` (bh2, solver_order 2,
+    lower_order_final, ``final_sigmas_type="zero"``: ``FINAL_SIGMA["UniPC"] == "zero"``); pass the
+    scheduler's ``sigmas``. ComfyUI's ``uni_pc`` / ``uni_pc_bh2`` are order 3 with bh1 / bh2
+    (``LDM_SAMPLER_ALIASES``); A1111's "UniPC" settings default to bh1 and order 3 as well.
+    """
+    if order < 1:
+        raise ValueError(f"UniPC order must be >= 1, got {order}")
+    sigma_values = _check_sigmas(sigmas)
+    n_steps = len(sigma_values) - 1
+    history: list[tuple[Tensor, float]] = []  # (data prediction, lambda), newest last, at most `order`
+    x_prev: Tensor | None = None  # x at the previous sigma (after its correction)
+    prev_order = 0
+    for i in range(n_steps):
+        sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
+        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
+        if x_prev is not None and (i - 1) not in disable_corrector:
+            m_prev = history[-1][0]
+            older = list(reversed(history[-prev_order:-1])) if prev_order > 1 else []
+            x = _unipc_update(x_prev, sigma_values[i - 1], sigma, m_prev, older, variant, model_next=denoised)
+        _report(callback, i, x, sigma_values, denoised)
+        history = [*history, (denoised, -math.log(sigma))][-order:]
+        step_order = min(order, n_steps - i) if lower_order_final else order
+        step_order = min(step_order, len(history))
+        x_prev, prev_order = x, step_order
+        if sigma_next == 0.0:
+            x = denoised
+            continue
+        older = list(reversed(history[-step_order:-1])) if step_order > 1 else []
+        x = _unipc_update(x, sigma, sigma_next, denoised, older, variant)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# registries
+# --------------------------------------------------------------------------------------------------
+
+LDM_SAMPLERS: dict[str, Callable[..., Tensor]] = {
+    "DDIM": sample_ddim,
+    "PLMS": sample_plms,
+    "DDPM": sample_ddpm,
+    "LCM": sample_lcm,
+    "UniPC": sample_unipc,
+}
+"""A1111 display name -> sampler (defaults as in diffusers' scheduler of the same name)."""
+
+LDM_SAMPLER_ALIASES: dict[str, Callable[..., Tensor]] = {
+    "ddim": sample_ddim,
+    "plms": sample_plms,
+    "ddpm": sample_ddpm,
+    "lcm": sample_lcm,
+    "uni_pc": partial(sample_unipc, order=3, variant="bh1"),
+    "uni_pc_bh2": partial(sample_unipc, order=3, variant="bh2"),
+}
+"""ComfyUI / snake-case names -> sampler; ComfyUI's UniPC runs order 3 with bh1 (``uni_pc``) or bh2."""
+
+FINAL_SIGMA: dict[str, str] = {
+    "DDIM": "first_alpha",  # CompVis, diffusers set_alpha_to_one=False: ends at alphas_cumprod[0]
+    "PLMS": "first_alpha",
+    "DDPM": "zero",  # DDPMScheduler: alpha_prod_t_prev = 1 after the last timestep
+    "LCM": "zero",  # LCMScheduler returns the denoised sample at the last step
+    "UniPC": "zero",  # UniPCMultistepScheduler final_sigmas_type="zero"
+    "ddim": "first_alpha",
+    "plms": "first_alpha",
+    "ddpm": "zero",
+    "lcm": "zero",
+    "uni_pc": "zero",
+    "uni_pc_bh2": "zero",
+}
+"""Sampler name (display or alias) -> the final sigma its reference ends at: "first_alpha" (sigma_min,
+decode ``to_ddpm_latent(x, sigma_min)``) or "zero"."""
