@@ -1,0 +1,159 @@
+"""One network's tensors on their way from a file to a module: `ComponentSource` and its mapping views.
+
+Single files and diffusers folders both end up as one `ComponentSource` per network: the file-layout
+tensors (prefix removed, read lazily), the function that renames them to sdlab names, the config, and the
+keys that were deliberately skipped. `plan` runs the renaming on `meta` tensors to check every key and
+shape against a `meta`-device module without reading any weight; `materialize` then reads each tensor once,
+converts it to the target dtype and device, and hands it to `load_state_dict(strict=True, assign=True)`, so
+peak memory stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import LazyMapping, dtypes_of, shapes_of
+from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
+from sdlab.models.unet import UNet, UNetConfig
+from sdlab.models.vae import AutoencoderKL, VAEConfig
+
+ComponentConfig = UNetConfig | VAEConfig | CLIPTextConfig
+
+HF_TEXT_TOLERATED = frozenset({"embeddings.position_ids", "logit_scale"})  # positions are rebuilt with arange
+
+
+def hf_text_to_sdlab(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Hugging Face CLIPTextModel(WithProjection) keys, with or without `text_model.`, -> sdlab names."""
+    return {k.removeprefix("text_model."): state[k] for k in state}
+
+
+class SubStateDict(LazyMapping):
+    """The keys of `state` listed in `keys` (local name -> file name), fetched on access."""
+
+    def __init__(self, state: Mapping[str, Tensor], keys: Mapping[str, str]):
+        self._state = state
+        self._keys = dict(keys)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._state[self._keys[key]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def file_key(self, key: str) -> str:
+        return self._keys[key]
+
+    def shape(self, key: str) -> torch.Size:
+        file_key = self._keys[key]
+        return self._state.shape(file_key) if isinstance(self._state, LazyMapping) else self._state[file_key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        file_key = self._keys[key]
+        return self._state.dtype(file_key) if isinstance(self._state, LazyMapping) else self._state[file_key].dtype
+
+
+def meta_view(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Same keys and shapes as `state`, as `meta` tensors (no data read)."""
+    shapes, dtypes = shapes_of(state), dtypes_of(state)
+    return {k: torch.empty(s, dtype=dtypes[k], device="meta") for k, s in shapes.items()}
+
+
+class CastingView(Mapping[str, Tensor]):
+    """`state` with every floating tensor converted to `dtype` on `device` as it is read.
+
+    Tensors that do not start on a 64-byte boundary (memory-mapped from a file at whatever offset it gives)
+    are copied: CPU kernels take other paths on unaligned data, moving outputs by ~1e-6.
+    """
+
+    def __init__(self, state: Mapping[str, Tensor], dtype: torch.dtype, device: torch.device | str):
+        self._state, self._dtype, self._device = state, dtype, torch.device(device)
+
+    def __getitem__(self, key: str) -> Tensor:
+        t = self._state[key]
+        dtype = self._dtype if t.is_floating_point() else t.dtype
+        out = t.to(device=self._device, dtype=dtype)
+        return out.clone(memory_format=torch.contiguous_format) if out.data_ptr() % 64 else out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state)
+
+    def __len__(self) -> int:
+        return len(self._state)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._state
+
+
+@dataclass(frozen=True)
+class ComponentSource:
+    """One network as stored: where, in which layout, with which config."""
+
+    name: str                                               # "unet", "vae", or a text encoder's spec name
+    kind: str                                               # "unet" | "vae" | "text"
+    origin: str                                             # file (or folder) the tensors come from
+    state: Mapping[str, Tensor]                             # file layout, prefix removed, lazily read
+    to_sdlab: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+    config: ComponentConfig
+    ignored: tuple[str, ...] = ()                           # file keys skipped on purpose (position_ids...)
+
+    def build_meta(self) -> nn.Module:
+        with torch.device("meta"):
+            if self.kind == "unet":
+                return UNet(self.config)
+            if self.kind == "vae":
+                return AutoencoderKL(self.config)
+            return CLIPTextModel(self.config)
+
+    def convert(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        try:
+            return self.to_sdlab(state)
+        except (KeyError, ValueError) as exc:
+            message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise CheckpointError(f"{self.origin}: {self.name}: {message}") from None
+
+    def check(self) -> tuple[dict[str, torch.Size], int]:
+        """Compare the converted keys and shapes with the module's; returns (sdlab shapes, parameter count).
+
+        Raises `CheckpointError` naming the missing, unexpected and mis-shaped keys.
+        """
+        converted = {k: v.shape for k, v in self.convert(meta_view(self.state)).items()}
+        expected = {k: v.shape for k, v in self.build_meta().state_dict().items()}
+        missing = sorted(set(expected) - set(converted))
+        unexpected = sorted(set(converted) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(converted) if expected[k] != converted[k])
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} keys: {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} keys: {_listing(unexpected)}")
+        if wrong:
+            shown = ", ".join(f"{k} {tuple(converted[k])} (expected {tuple(expected[k])})" for k in wrong[:5])
+            problems.append(f"{len(wrong)} keys with the wrong shape: {shown}")
+        if problems:
+            raise CheckpointError(f"{self.origin}: {self.name} ({type(self.config).__name__}): " + "; ".join(problems))
+        return converted, sum(s.numel() for s in converted.values())
+
+    def materialize(self, dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+        """Build the module on `meta`, then assign the converted tensors (read once, cast once)."""
+        module = self.build_meta()
+        module.load_state_dict(self.convert(CastingView(self.state, dtype, device)), strict=True, assign=True)
+        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
+        if left:
+            raise CheckpointError(f"{self.origin}: {self.name}: tensors without data after loading: {_listing(left)}")
+        return module.eval()
+
+
+def _listing(keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")

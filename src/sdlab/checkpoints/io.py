@@ -1,0 +1,264 @@
+"""Reading and writing checkpoint files: `.safetensors` and weights-only pickles (`.ckpt`, `.pt`, `.pth`, `.bin`).
+
+`read_checkpoint(path)` returns the tensors and the string metadata of a file:
+  - `.safetensors` is opened with `safe_open` (memory-mapped); the returned `LazyStateDict` knows every
+    shape and dtype from the header and reads a tensor only when it is looked up, so detection and
+    architecture inference touch no weights and loading holds one tensor at a time beside the model;
+  - pickled checkpoints go through `torch.load(..., weights_only=True)` and nothing else: that unpickler
+    refuses every global outside tensors and plain containers, so a file that would run code on load is
+    rejected before anything runs. Zip-format files are memory-mapped. A top-level `state_dict` entry
+    (PyTorch Lightning, CompVis) is unwrapped.
+Every failure is a `CheckpointError` with a one-line message.
+
+`write_safetensors_atomic(path, tensors, metadata)` writes a temporary file beside `path`, fsyncs it and
+renames it over `path`; on failure nothing is left behind and an existing `path` is untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+import re
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from sdlab.checkpoints.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class LazyMapping(Mapping[str, Tensor]):
+    """A read-only state dict that knows each tensor's shape and dtype without reading its data."""
+
+    def shape(self, key: str) -> torch.Size:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+
+class LazyStateDict(LazyMapping):
+    """A read-only mapping over a safetensors file: shapes and dtypes from the header, tensors on access.
+
+    `safe_open` validates the file (header, offsets, coverage) and gives the metadata. Tensor data is then
+    read with `pread` straight into a fresh tensor rather than through the memory map: the result is owned,
+    64-byte aligned memory (CPU kernels take other paths on unaligned data, moving outputs by ~1e-6), and
+    loading a model costs one copy of its weights, not that copy plus the mapped file pages.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with safe_open(str(path), framework="pt", device="cpu") as f:   # validates the whole layout
+            self._metadata = dict(f.metadata() or {})
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+        header.pop("__metadata__", None)
+        self._data_start = 8 + header_len
+        self._entries: dict[str, tuple[torch.Size, torch.dtype, int, int]] = {}
+        for key, info in header.items():
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+            begin, end = info["data_offsets"]
+            self._entries[key] = (torch.Size(info["shape"]), dtype, begin, end)
+        self._keys = tuple(sorted(self._entries, key=lambda k: self._entries[k][2]))  # file order
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
+
+    def shape(self, key: str) -> torch.Size:
+        return self._entries[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][1]
+
+    def __getitem__(self, key: str) -> Tensor:
+        shape, dtype, begin, end = self._entries[key]
+        tensor = torch.empty(shape, dtype=dtype)
+        buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        if len(buffer) != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {key} holds {end - begin} bytes, its shape needs {len(buffer)}")
+        done = 0
+        with open(self.path, "rb") as f:
+            while done < len(buffer):
+                n = os.preadv(f.fileno(), [buffer[done:]], self._data_start + begin + done)
+                if n <= 0:
+                    raise CheckpointError(f"{self.path}: cannot read tensor {key}: file ended early")
+                done += n
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+
+def shapes_of(state: Mapping[str, Tensor | torch.Size]) -> dict[str, torch.Size]:
+    """Key -> shape, without reading tensor data from a `LazyMapping`."""
+    if isinstance(state, LazyMapping):
+        return {k: state.shape(k) for k in state}
+    return {k: (v.shape if isinstance(v, Tensor) else torch.Size(v)) for k, v in state.items()}
+
+
+def dtypes_of(state: Mapping[str, Tensor]) -> dict[str, torch.dtype]:
+    """Key -> dtype, without reading tensor data from a `LazyMapping`."""
+    if isinstance(state, LazyMapping):
+        return {k: state.dtype(k) for k in state}
+    return {k: v.dtype for k, v in state.items()}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Mapping[str, Tensor], dict[str, str]]:
+    """Tensors and string metadata of a `.safetensors` or weights-only pickle file (see module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (diffusers folders load with load_bundle)")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: file is empty")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return _read_safetensors(path)
+    if suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path), {}
+    # Unknown suffix: decide by content. A safetensors file starts with an 8-byte little-endian header size
+    # followed by "{"; a torch zip checkpoint starts with "PK".
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{":
+        return _read_safetensors(path)
+    if zipfile.is_zipfile(path):
+        return _read_pickle(path), {}
+    raise CheckpointError(
+        f"{path}: unknown checkpoint format (suffix {suffix or 'none'!r}); expected .safetensors, .ckpt, .pt, .pth or .bin"
+    )
+
+
+def _read_safetensors(path: Path) -> tuple[LazyStateDict, dict[str, str]]:
+    try:
+        state = LazyStateDict(path)
+        metadata = state.metadata()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from exc
+    if len(state) == 0:
+        raise CheckpointError(f"{path}: safetensors file holds no tensors")
+    return state, metadata
+
+
+_REFUSAL = re.compile(r"(Unsupported[^\n]*|Trying to load unsupported[^\n]*)")
+
+
+def _read_pickle(path: Path) -> dict[str, Tensor]:
+    mmap = zipfile.is_zipfile(path)  # only torch's zip format can be memory-mapped
+    try:
+        with warnings.catch_warnings():  # torch asks users to "file an issue" about old pickle protocols
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:
+        message = str(exc)
+        refusal = _REFUSAL.search(message)
+        if "Weights only load failed" in message or refusal:
+            reason = " ".join(refusal.group(1).split()).rstrip(".") if refusal else "it is not a weights-only pickle"
+            raise CheckpointError(
+                f"{path}: refused to unpickle: {reason}. sdlab only loads weights-only pickles (code in a pickle "
+                "would run on load); convert the file to .safetensors with a tool you trust"
+            ) from exc
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from exc
+    return _unwrap_state_dict(obj, path)
+
+
+def _unwrap_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    dropped = [k for k in obj if k not in tensors]
+    if dropped:
+        logger.info("%s: ignoring %d non-tensor entries: %s", path.name, len(dropped), ", ".join(map(str, dropped[:8])))
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:10]))})")
+    return tensors
+
+
+def _independent(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous tensors that own their storage, as safetensors requires (views of a larger tensor are copied)."""
+    out: dict[str, Tensor] = {}
+    seen: set[int] = set()
+    for key, t in tensors.items():
+        if t.device.type == "meta":
+            raise CheckpointError(f"cannot save {key}: tensor has no data (meta device)")
+        t = t.detach().to("cpu").contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def write_safetensors_atomic(
+    path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write `tensors` (+ string `metadata`) to `path` atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        save_file(_independent(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    logger.info("wrote %s (%d tensors)", path, len(tensors))
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,532 @@
+"""Load a checkpoint (original single file or diffusers folder) into a `ModelBundle`.
+
+Two stages:
+  1. `plan_checkpoint(path, ...)` reads only names, shapes and metadata: it detects the family, splits the
+     keys into components by prefix, infers every config (or takes the one stored by sdlab's saver in the
+     safetensors metadata, `sdlab.config`), checks every key and shape against `meta`-device modules, and
+     resolves the prediction type. Leftover keys are either known junk (listed in the plan's report) or an
+     error naming them by component. `sdlab inspect` stops here.
+  2. `load_bundle(path, ...)` materializes the plan: each tensor is read once, cast to the target dtype and
+     device and assigned into modules built on `meta`.
+
+Prediction type (only SD2 is ambiguous: 768-v models predict v, base models eps, and the weights do not
+say): the `prediction` argument, then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`),
+then a sidecar `<name>.yaml` with `parameterization: "v"` (the CompVis config convention), then a `v_pred`
+marker key, then the family default (eps), logged at INFO.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdlab.checkpoints import diffusers_folder
+from sdlab.checkpoints.components import (
+    HF_TEXT_TOLERATED,
+    ComponentConfig,
+    ComponentSource,
+    SubStateDict,
+    hf_text_to_sdlab,
+    meta_view,
+)
+from sdlab.checkpoints.detect import detect_family
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_vae_config
+from sdlab.checkpoints.io import read_checkpoint, shapes_of
+from sdlab.checkpoints.openclip import openclip_to_sdlab
+from sdlab.diffusion.denoiser import Prediction
+from sdlab.families import FamilySpec, TextEncoderSpec
+from sdlab.families.base import HIDDEN_STATES
+from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
+from sdlab.models.tokenizer import CLIPTokenizer, default_tokenizer
+from sdlab.models.unet import UNet, UNetConfig
+from sdlab.models.vae import AutoencoderKL, VAEConfig, normalize_vae_attention_shapes
+
+logger = logging.getLogger(__name__)
+
+# safetensors metadata written by `save_bundle`
+META_FORMAT = "sdlab.format"
+META_FAMILY = "sdlab.family"
+META_PREDICTION = "sdlab.prediction"
+META_SCALING = "sdlab.scaling_factor"
+META_CONFIG = "sdlab.config"
+META_HIDDEN_STATES = "sdlab.text_hidden_states"
+FORMAT_VERSION = "1"
+
+# Keys real single-file checkpoints carry that sdlab does not use: EMA copies, DDPM schedule buffers
+# (sdlab rebuilds the schedule from the family), SGM's denoiser sigmas and the SDXL v-prediction marker.
+_TOLERATED = re.compile(
+    r"model_ema\..*|betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*"
+    r"|lvlb_weights|logvar|denoiser\.sigmas|v_pred"
+)
+_OPENCLIP_TOLERATED = frozenset({"logit_scale", "attn_mask"})
+_VAE_FILE_TOLERATED = re.compile(r"loss\..*|model_ema\..*")                       # standalone VAE training files
+_PARAMETERIZATION = re.compile(r"^\s*parameterization\s*:\s*[\"']?([A-Za-z0-9_]+)[\"']?", re.MULTILINE)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class ComponentReport:
+    """What `plan_checkpoint` found for one network."""
+
+    name: str
+    origin: str
+    config: ComponentConfig
+    num_keys: int                           # tensors loaded into the module (sdlab layout)
+    num_parameters: int
+    dtypes: tuple[str, ...]                 # dtypes stored in the file
+    ignored: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """Everything learned about a checkpoint without loading a weight."""
+
+    source: str
+    family: FamilySpec
+    family_source: str                      # "argument", "metadata", "detected", "model_index.json"
+    prediction: Prediction
+    prediction_source: str
+    scaling_factor: float
+    components: tuple[ComponentReport, ...]
+    ignored: tuple[str, ...]                # file keys outside every component, known to be unused
+    total_keys: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "family": self.family.name,
+            "family_source": self.family_source,
+            "prediction": self.prediction.value,
+            "prediction_source": self.prediction_source,
+            "scaling_factor": self.scaling_factor,
+            "default_size": self.family.size_for(self.prediction),
+            "description": self.family.description,
+            "total_keys": self.total_keys,
+            "components": [
+                {
+                    "name": c.name,
+                    "origin": c.origin,
+                    "config": config_to_json(c.config),
+                    "keys": c.num_keys,
+                    "parameters": c.num_parameters,
+                    "dtypes": list(c.dtypes),
+                    "ignored_keys": list(c.ignored),
+                }
+                for c in self.components
+            ],
+            "ignored_keys": list(self.ignored),
+        }
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """A checked recipe for building a bundle: one `ComponentSource` per network, plus the report."""
+
+    report: LoadReport
+    unet: ComponentSource
+    vae: ComponentSource
+    text_encoders: tuple[tuple[TextEncoderSpec, ComponentSource], ...]
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    spec: TextEncoderSpec                   # layout, hidden state used, pad token
+    config: CLIPTextConfig
+    model: CLIPTextModel
+    tokenizer: CLIPTokenizer
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """The networks of one Stable Diffusion model and the facts needed to run them."""
+
+    family: FamilySpec
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoders: tuple[TextEncoder, ...]
+    prediction: Prediction
+    scaling_factor: float
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    source: str | None = None
+    report: LoadReport | None = None
+
+    @property
+    def text_configs(self) -> tuple[CLIPTextConfig, ...]:
+        return tuple(te.config for te in self.text_encoders)
+
+    @property
+    def default_size(self) -> int:
+        return self.family.size_for(self.prediction)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config JSON (stored in safetensors metadata)
+
+
+def config_to_json(cfg: ComponentConfig) -> dict[str, Any]:
+    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in fields(cfg)}
+
+
+def config_from_json(cls: type, data: Mapping[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise CheckpointError(f"stored {cls.__name__} has unknown fields {unknown}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _stored_configs(metadata: Mapping[str, str]) -> dict[str, Any] | None:
+    raw = metadata.get(META_CONFIG)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        configs = {
+            "unet": config_from_json(UNetConfig, data["unet"]),
+            "vae": config_from_json(VAEConfig, data["vae"]),
+            "text_encoders": [config_from_json(CLIPTextConfig, t) for t in data["text_encoders"]],
+        }
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"metadata {META_CONFIG} is not a valid sdlab config: {exc}") from None
+    return configs
+
+
+def _stored_hidden_states(metadata: Mapping[str, str], count: int) -> list[str] | None:
+    """Which hidden state each text encoder feeds the U-Net, when sdlab's saver recorded it (it differs from the
+    family default only for towers that came truncated from a diffusers SD2 folder)."""
+    raw = metadata.get(META_HIDDEN_STATES)
+    if raw is None:
+        return None
+    try:
+        states = json.loads(raw)
+    except ValueError:
+        states = None
+    if not isinstance(states, list) or len(states) != count or any(s not in HIDDEN_STATES for s in states):
+        raise CheckpointError(f"metadata {META_HIDDEN_STATES}={raw!r}: expected {count} of {', '.join(HIDDEN_STATES)}")
+    return states
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prediction type
+
+
+def resolve_prediction(
+    family: FamilySpec,
+    *,
+    argument: str | Prediction | None,
+    metadata: Mapping[str, str],
+    path: Path | None,
+    keys: Mapping[str, Any] | None = None,
+    diffusers_value: str | None = None,
+) -> tuple[Prediction, str]:
+    """(prediction, where it came from), in the order given in the module docstring."""
+    def parse(value: str, where: str) -> Prediction:
+        try:
+            return Prediction.parse(value)
+        except ValueError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+
+    if argument is not None:
+        return parse(argument, "prediction argument"), "argument"
+    if diffusers_value is not None:
+        return parse(diffusers_value, "scheduler_config.json"), "scheduler/scheduler_config.json prediction_type"
+    for key in (META_PREDICTION, "modelspec.prediction_type"):
+        if key in metadata:
+            return parse(metadata[key], f"metadata {key}"), f"metadata {key}"
+    if path is not None and path.is_file():
+        for sidecar in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
+            if sidecar.is_file():
+                match = _PARAMETERIZATION.search(sidecar.read_text(errors="replace"))
+                if match:
+                    return parse(match.group(1), str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
+    if keys is not None and "v_pred" in keys:
+        return Prediction.V, "v_pred marker key"
+    if family.name.startswith("sd2") and family.default_size_v is not None:
+        logger.info(
+            "%s: SD2 checkpoint with no prediction type in its metadata or a sidecar .yaml; assuming %s "
+            "(768-px SD2 models need prediction='v')",
+            path.name if path else "checkpoint", family.prediction.value,
+        )
+    else:
+        logger.info("prediction type: %s (default of %s)", family.prediction.value, family.name)
+    return family.prediction, f"default of {family.name}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Single-file checkpoints
+
+
+def _text_source(spec: TextEncoderSpec, origin: str, state: Mapping[str, Tensor], keys: list[str],
+                 stored: CLIPTextConfig | None) -> ComponentSource:
+    local = {k[len(spec.prefix):]: k for k in keys}
+    if spec.layout == "hf":
+        tolerated = {k for k in local if k.removeprefix("text_model.") in HF_TEXT_TOLERATED}
+        convert = hf_text_to_sdlab
+    else:
+        tolerated = {k for k in local if k in _OPENCLIP_TOLERATED}
+        convert = openclip_to_sdlab
+    sub = SubStateDict(state, {k: f for k, f in local.items() if k not in tolerated})
+    if stored is None:
+        try:
+            sdlab_shapes = convert(meta_view(sub))
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{origin}: {spec.name}: {exc}") from None
+        stored = infer_text_config(sdlab_shapes, spec.config)
+    return ComponentSource(
+        name=spec.name, kind="text", origin=origin, state=sub, to_sdlab=convert, config=stored,
+        ignored=tuple(sorted(local[k] for k in tolerated)),
+    )
+
+
+def _vae_source(origin: str, state: Mapping[str, Tensor], local: Mapping[str, str], stored: VAEConfig | None,
+                conventions: VAEConfig, ignored: tuple[str, ...] = ()) -> ComponentSource:
+    sub = SubStateDict(state, local)
+    config = stored or infer_vae_config(normalize_vae_attention_shapes(meta_view(sub)), conventions)
+    return ComponentSource(
+        name="vae", kind="vae", origin=origin, state=sub, to_sdlab=normalize_vae_attention_shapes,
+        config=config, ignored=ignored,
+    )
+
+
+def _missing_component(path: Path, family: FamilySpec, what: str, prefix: str, hint: str = "") -> CheckpointError:
+    return CheckpointError(f"{path}: {family.name} checkpoint has no {what} (no key starting with {prefix}){hint}")
+
+
+def _plan_single_file(
+    path: Path, family: str | None, prediction: str | Prediction | None, vae: str | os.PathLike[str] | None
+) -> CheckpointPlan:
+    state, metadata = read_checkpoint(path)
+    shapes = shapes_of(state)
+    if family is not None:
+        override, family_source = family, "argument"
+    elif META_FAMILY in metadata:
+        override, family_source = metadata[META_FAMILY], f"metadata {META_FAMILY}"
+    else:
+        override, family_source = None, "detected"
+    spec = detect_family(shapes, override=override)
+    stored = _stored_configs(metadata)
+    origin = str(path)
+
+    buckets: dict[str, list[str]] = {"unet": [], "vae": [], **{te.name: [] for te in spec.text_encoders}}
+    prefixes = [("unet", spec.unet_prefix), ("vae", spec.vae_prefix)] + [(te.name, te.prefix) for te in spec.text_encoders]
+    ignored, unexpected = [], []
+    for key in shapes:
+        owner = next((name for name, prefix in prefixes if key.startswith(prefix)), None)
+        if owner is not None:
+            buckets[owner].append(key)
+        elif _TOLERATED.fullmatch(key):
+            ignored.append(key)
+        else:
+            unexpected.append(key)
+    if unexpected:
+        tops = sorted({k.split(".")[0] + "." for k in unexpected})
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} keys belong to no {spec.name} component (prefixes {', '.join(tops)}): "
+            f"{', '.join(sorted(unexpected)[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
+
+    unet_local = {k[len(spec.unet_prefix):]: k for k in buckets["unet"]}
+    unet_sub = SubStateDict(state, unet_local)
+    unet_config = stored["unet"] if stored else infer_unet_config(shapes_of(unet_sub), spec.unet)
+    unet = ComponentSource("unet", "unet", origin, unet_sub, dict, unet_config)
+
+    if vae is not None:
+        vae_source = load_vae_source(vae)
+        if buckets["vae"]:
+            logger.info("%s: using the VAE from %s instead of the file's own", path.name, vae)
+            ignored.extend(buckets["vae"])
+    elif not buckets["vae"]:
+        raise _missing_component(path, spec, "VAE", spec.vae_prefix, "; pass a VAE file (vae=... / --vae)")
+    else:
+        vae_local = {k[len(spec.vae_prefix):]: k for k in buckets["vae"]}
+        vae_source = _vae_source(origin, state, vae_local, stored["vae"] if stored else None, spec.vae)
+
+    text = []
+    hidden_states = _stored_hidden_states(metadata, len(spec.text_encoders))
+    for i, te in enumerate(spec.text_encoders):
+        if hidden_states is not None:
+            te = replace(te, hidden_state=hidden_states[i])
+        if not buckets[te.name]:
+            raise _missing_component(path, spec, f"text encoder {te.name}", te.prefix)
+        te_stored = stored["text_encoders"][i] if stored else None
+        text.append((te, _text_source(te, origin, state, buckets[te.name], te_stored)))
+
+    pred, pred_source = resolve_prediction(spec, argument=prediction, metadata=metadata, path=path, keys=shapes)
+    scaling = float(metadata.get(META_SCALING, spec.latent_scaling_factor))
+    return _finish_plan(origin, spec, family_source, pred, pred_source, scaling, unet, vae_source, text,
+                        tuple(sorted(ignored)), len(shapes), metadata)
+
+
+def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Prediction, pred_source: str,
+                 scaling: float, unet: ComponentSource, vae: ComponentSource,
+                 text: list[tuple[TextEncoderSpec, ComponentSource]], ignored: tuple[str, ...], total: int,
+                 metadata: Mapping[str, str]) -> CheckpointPlan:
+    if unet.config.context_dim != sum(src.config.width for _, src in text):
+        raise CheckpointError(
+            f"{origin}: U-Net cross-attention width {unet.config.context_dim} does not match the text encoder "
+            f"width(s) {[src.config.width for _, src in text]} of {spec.name}"
+        )
+    reports = []
+    for source in [unet, vae, *(src for _, src in text)]:
+        converted, count = source.check()
+        stored_dtypes = {k: v.dtype for k, v in meta_view(source.state).items()}
+        reports.append(ComponentReport(
+            name=source.name, origin=source.origin, config=source.config, num_keys=len(converted),
+            num_parameters=count, dtypes=tuple(sorted({str(d).removeprefix("torch.") for d in stored_dtypes.values()})),
+            ignored=source.ignored,
+        ))
+    report = LoadReport(
+        source=origin, family=spec, family_source=family_source, prediction=pred, prediction_source=pred_source,
+        scaling_factor=scaling, components=tuple(reports), ignored=ignored, total_keys=total, metadata=dict(metadata),
+    )
+    return CheckpointPlan(report=report, unet=unet, vae=vae, text_encoders=tuple(text))
+
+
+def _plan_diffusers_folder(
+    path: Path, family: str | None, prediction: str | Prediction | None, vae: str | os.PathLike[str] | None
+) -> CheckpointPlan:
+    folder = diffusers_folder.read_diffusers_folder(path, family=family)
+    spec = folder.family
+    pred, pred_source = resolve_prediction(
+        spec, argument=prediction, metadata={}, path=None, diffusers_value=folder.prediction_type
+    )
+    scaling = folder.scaling_factor if folder.scaling_factor is not None else spec.latent_scaling_factor
+    vae_source = load_vae_source(vae) if vae is not None else folder.vae
+    return _finish_plan(str(path), spec, folder.family_source, pred, pred_source, scaling, folder.unet, vae_source,
+                        list(folder.text_encoders), folder.ignored, folder.total_keys, {})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Standalone VAE files
+
+
+def load_vae_source(path: str | os.PathLike[str]) -> ComponentSource:
+    """A VAE from a file with bare LDM keys (`encoder.*`, `decoder.*`, `quant_conv.*`), `first_stage_model.*`
+    keys, or diffusers names; or from a diffusers VAE folder (`config.json` + weights)."""
+    path = Path(path)
+    if path.is_dir():
+        return diffusers_folder.vae_source_from_folder(path)
+    state, metadata = read_checkpoint(path)
+    keys = list(state)
+    if any(".down_blocks." in k or ".up_blocks." in k for k in keys):
+        return diffusers_folder.vae_source_from_diffusers_state(path, state)
+    local: dict[str, str] = {}
+    ignored = []
+    for key in keys:
+        bare = key.removeprefix(VAE_FILE_PREFIX)
+        if bare.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
+            local[bare] = key
+        elif _VAE_FILE_TOLERATED.fullmatch(key) or _TOLERATED.fullmatch(key):
+            ignored.append(key)
+        else:
+            raise CheckpointError(
+                f"{path}: not a VAE file: key {key} is none of encoder.*, decoder.*, quant_conv.*, post_quant_conv.* "
+                "(optionally under first_stage_model.)"
+            )
+    if not local:
+        raise CheckpointError(f"{path}: holds no VAE weights")
+    stored = _stored_configs(metadata)
+    return _vae_source(str(path), state, local, stored["vae"] if stored else None, VAEConfig(), tuple(ignored))
+
+
+VAE_FILE_PREFIX = "first_stage_model."
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry points
+
+
+def plan_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    family: str | None = None,
+    prediction: str | Prediction | None = None,
+    vae: str | os.PathLike[str] | None = None,
+) -> CheckpointPlan:
+    """Detect, infer and check everything about `path` without reading a weight (see module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    try:
+        if path.is_dir():
+            return _plan_diffusers_folder(path, family, prediction, vae)
+        return _plan_single_file(path, family, prediction, vae)
+    except CheckpointError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def load_bundle(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    family: str | None = None,
+    prediction: str | Prediction | None = None,
+    vae: str | os.PathLike[str] | None = None,
+) -> ModelBundle:
+    """Load an SD1 / SD2 / SDXL checkpoint (single file or diffusers folder) as a `ModelBundle`.
+
+    Every floating tensor is converted to `dtype` on `device`. `family` overrides detection, `prediction`
+    ("eps", "v", ...) overrides the file, `vae` replaces the checkpoint's VAE with a standalone one.
+    """
+    plan = plan_checkpoint(path, family=family, prediction=prediction, vae=vae)
+    return materialize(plan, device=device, dtype=dtype)
+
+
+def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
+    """Read the weights of a checked plan into modules (built on `meta`, assigned in place)."""
+    report = plan.report
+    unet = plan.unet.materialize(dtype, device)
+    vae = plan.vae.materialize(dtype, device)
+    encoders = tuple(
+        TextEncoder(spec=spec, config=src.config, model=src.materialize(dtype, device),
+                    tokenizer=default_tokenizer(spec.pad_token_id))
+        for spec, src in plan.text_encoders
+    )
+    logger.info("loaded %s as %s (%s, %s)", report.source, report.family.name, report.prediction.value, dtype)
+    return ModelBundle(
+        family=report.family, unet=unet, vae=vae, text_encoders=encoders, prediction=report.prediction,
+        scaling_factor=report.scaling_factor, unet_config=plan.unet.config, vae_config=plan.vae.config,
+        source=report.source, report=report,
+    )
+
+
+__all__ = [
+    "CheckpointPlan",
+    "ComponentReport",
+    "LoadReport",
+    "ModelBundle",
+    "TextEncoder",
+    "config_from_json",
+    "config_to_json",
+    "load_bundle",
+    "load_vae_source",
+    "materialize",
+    "plan_checkpoint",
+    "resolve_prediction",
+]

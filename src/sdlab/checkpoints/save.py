@@ -1,0 +1,80 @@
+"""Save a `ModelBundle` as one `.safetensors` file in the original single-file layout.
+
+The layout is the one the family's release used (and every SD tool reads): the U-Net under
+`model.diffusion_model.`, the VAE under `first_stage_model.`, CLIP-L as a Hugging Face `text_model.*` state
+dict under its prefix, OpenCLIP towers converted back to OpenCLIP names (fused `in_proj`, `(D, P)`
+`text_projection`). The metadata records the family, the prediction type, the latent scaling and every
+config as JSON (`sdlab.config`), so that loading it back needs no inference and no guessing: loading what
+this writes gives the same configs and bit-identical tensors. The file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sdlab.checkpoints.io import write_safetensors_atomic
+from sdlab.checkpoints.load import (
+    FORMAT_VERSION,
+    META_CONFIG,
+    META_FAMILY,
+    META_FORMAT,
+    META_HIDDEN_STATES,
+    META_PREDICTION,
+    META_SCALING,
+    ModelBundle,
+    config_to_json,
+)
+from sdlab.checkpoints.openclip import sdlab_to_openclip
+from sdlab.families import TextEncoderSpec
+
+
+def _text_state(spec: TextEncoderSpec, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """sdlab text-encoder names -> the family's file layout, with the checkpoint prefix."""
+    if spec.layout == "openclip":
+        return {spec.prefix + k: v for k, v in sdlab_to_openclip(state).items()}
+    return {
+        spec.prefix + (k if k == "text_projection.weight" else "text_model." + k): v for k, v in state.items()
+    }
+
+
+def bundle_state_dict(bundle: ModelBundle, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Every tensor of `bundle` under its original single-file key, optionally cast to `dtype`."""
+    family = bundle.family
+    out = {family.unet_prefix + k: v for k, v in bundle.unet.state_dict().items()}
+    out |= {family.vae_prefix + k: v for k, v in bundle.vae.state_dict().items()}
+    for te in bundle.text_encoders:
+        out |= _text_state(te.spec, te.model.state_dict())
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    return out
+
+
+def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
+    """The `__metadata__` sdlab writes: format version, family, prediction, scaling factor, configs, and the
+    hidden state each text encoder feeds the U-Net."""
+    configs = {
+        "unet": config_to_json(bundle.unet_config),
+        "vae": config_to_json(bundle.vae_config),
+        "text_encoders": [config_to_json(te.config) for te in bundle.text_encoders],
+    }
+    return {
+        META_FORMAT: FORMAT_VERSION,
+        META_FAMILY: bundle.family.name,
+        META_PREDICTION: bundle.prediction.value,
+        META_SCALING: repr(float(bundle.scaling_factor)),
+        META_CONFIG: json.dumps(configs, sort_keys=True),
+        META_HIDDEN_STATES: json.dumps([te.spec.hidden_state for te in bundle.text_encoders]),
+    }
+
+
+def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
+    """Write `bundle` to `path` (`.safetensors`) in the original layout, atomically. Returns the path."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"{path}: sdlab saves only .safetensors files")
+    return write_safetensors_atomic(path, bundle_state_dict(bundle, dtype), bundle_metadata(bundle))
