@@ -1,0 +1,335 @@
+"""Prompt -> U-Net conditioning for SD1, SD2 and SDXL, with AUTOMATIC1111's prompt semantics.
+
+One prompt becomes ``context`` (the cross-attention tokens) and, for SDXL, a pooled text vector:
+
+1. ``parse_weighted`` + ``chunk_tokens`` (``sdlab.pipeline.prompt_syntax``) turn the prompt into chunks of
+   75 weighted token ids. This is done once: every CLIP tokenizer shares one vocabulary.
+2. Each chunk becomes one 77-position encoder input ``[49406] + 75 ids + [49407]``; everything after the
+   first end token is the encoder's pad id (49407 for CLIP-L, 0 for OpenCLIP), as A1111's
+   ``process_tokens`` does. Chunks are encoded as a batch, one forward pass per encoder.
+3. The hidden state named by the encoder's ``TextEncoderSpec.hidden_state`` is taken, with A1111's clip
+   skip ``n`` (1 = the family's usual layer, each step one layer further back):
+
+   ================== ============================== ==============================================
+   hidden_state        clip skip n uses               families
+   ================== ============================== ==============================================
+   "last"              final_ln(hidden_states[-n])    SD1 CLIP-L; SD2 towers stored as in diffusers
+                                                      (23 layers, the last one dropped)
+   "penultimate_norm"  final_ln(hidden_states[-n-1])  SD2 OpenCLIP-H with all 24 layers
+   "penultimate"       hidden_states[-n-1], no norm   SDXL CLIP-L and bigG
+   ================== ============================== ==============================================
+
+   Layers past the one used are not run, unless the pooled output (which needs the whole tower) is
+   wanted. So A1111 clip skip ``n`` equals diffusers' ``clip_skip=n-1`` (SD1, SDXL).
+4. Emphasis (``apply_emphasis``, A1111 "Original") per chunk and per encoder, skipped for chunks whose
+   weights are all 1, so an unweighted prompt gives exactly the plain encoding.
+5. Chunks are concatenated along the tokens (77 * n_chunks); SDXL's two encoders along the features
+   (768 + 1280 = 2048). The pooled vector is the last encoder's (bigG's) projected output of the FIRST
+   chunk, as A1111 (``zs[0].pooled``).
+
+``make_cond`` builds the keyword arguments of the U-Net (``context``, and ``y`` for SDXL) for a prompt and
+its negative, padded to the same length and repeated to the batch size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sdlab.checkpoints.load import ModelBundle, TextEncoder
+from sdlab.families import FamilySpec, get_family
+from sdlab.models.layers import SDXL_SIZE_EMBED_DIM, sdxl_vector
+from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer
+from sdlab.pipeline.prompt_syntax import CHUNK_LENGTH, Chunk, apply_emphasis, chunk_tokens, parse_weighted
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Conditioning",
+    "PromptEmbedding",
+    "chunk_input_ids",
+    "encode_prompt",
+    "encode_prompts",
+    "make_cond",
+    "prompt_chunks",
+    "sdxl_size_conds",
+]
+
+TOKENS_PER_CHUNK = CHUNK_LENGTH + 2          # begin + 75 + end = 77 encoder positions
+EMPTY_CHUNK = Chunk(ids=(EOS_TOKEN_ID,) * CHUNK_LENGTH, weights=(1.0,) * CHUNK_LENGTH, length=0)
+
+Conditioning = dict[str, Tensor]             # U-Net keyword arguments: "context" (B, T, D), SDXL "y" (B, adm)
+
+
+@dataclass(frozen=True)
+class PromptEmbedding:
+    """One encoded prompt: ``context`` (1, 77 * n_chunks, D); ``pooled`` (1, P) for SDXL, else None."""
+
+    context: Tensor
+    pooled: Tensor | None = None
+
+    @property
+    def num_chunks(self) -> int:
+        return self.context.shape[1] // TOKENS_PER_CHUNK
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tokens
+
+
+def prompt_chunks(prompt: str, tokenizer: CLIPTokenizer) -> list[Chunk]:
+    """The A1111 chunks of ``prompt`` (emphasis syntax, BREAK, 75 tokens each, comma backtracking)."""
+    return chunk_tokens(parse_weighted(prompt), tokenizer.encode, pad_id=EOS_TOKEN_ID)
+
+
+def chunk_input_ids(chunks: Sequence[Chunk], pad_token_id: int) -> Tensor:
+    """Encoder inputs of ``chunks``, (n, 77) int64: ``[begin] + ids + [end]``, and every position after the
+    first end token set to ``pad_token_id`` (A1111 ``process_tokens``; a no-op when the pad is the end token)."""
+    rows = []
+    for chunk in chunks:
+        row = [BOS_TOKEN_ID, *chunk.ids, EOS_TOKEN_ID]
+        first_end = row.index(EOS_TOKEN_ID)
+        rows.append(row[: first_end + 1] + [pad_token_id] * (len(row) - first_end - 1))
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), TOKENS_PER_CHUNK)   # (n, 77)
+
+
+def _chunk_weights(chunks: Sequence[Chunk]) -> Tensor:
+    """Per-position emphasis weights, (n, 77) float32; begin and end tokens weigh 1."""
+    rows = [[1.0, *chunk.weights, 1.0] for chunk in chunks]
+    return torch.tensor(rows, dtype=torch.float32).reshape(len(rows), TOKENS_PER_CHUNK)  # (n, 77)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hidden states
+
+
+def _layer_choice(encoder: TextEncoder, clip_skip: int) -> tuple[int, bool]:
+    """(number of layers to run, whether the final LayerNorm applies) for the encoder's hidden-state rule."""
+    if clip_skip < 1:
+        raise ValueError(f"clip_skip must be >= 1 (A1111 numbering), got {clip_skip}")
+    layers = encoder.model.cfg.layers
+    rule = encoder.spec.hidden_state
+    if rule == "last":
+        used, norm = layers - (clip_skip - 1), True
+    elif rule == "penultimate_norm":
+        used, norm = layers - clip_skip, True
+    elif rule == "penultimate":
+        used, norm = layers - clip_skip, False
+    else:
+        raise ValueError(f"text encoder {encoder.spec.name}: unknown hidden_state {rule!r}")
+    if used < 1:
+        raise ValueError(
+            f"clip_skip={clip_skip} leaves no layer of {encoder.spec.name} ({layers} layers, {rule!r} hidden state)"
+        )
+    return used, norm
+
+
+def _encode_chunks(
+    encoder: TextEncoder, chunks: Sequence[Chunk], *, clip_skip: int, emphasis: bool, with_pooled: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Encode chunks with one encoder: hidden states (n, 77, D) after emphasis, and pooled (n, P) or None."""
+    model = encoder.model
+    device = next(model.parameters()).device
+    ids = chunk_input_ids(chunks, encoder.spec.pad_token_id).to(device)             # (n, 77)
+    used, norm = _layer_choice(encoder, clip_skip)
+    out = model(ids, num_layers=None if with_pooled else used)
+    hidden = out.hidden_states[used]                                              # (n, 77, D)
+    if norm:
+        ran_exactly = len(out.hidden_states) - 1 == used
+        hidden = out.last_hidden_state if ran_exactly else model.final_layer_norm(hidden)
+    if emphasis:
+        weights = _chunk_weights(chunks).to(device)                                # (n, 77)
+        weighted = (weights != 1.0).any(dim=1)                                     # (n,)
+        if weighted.any():
+            rows = weighted.nonzero().squeeze(1)
+            hidden = hidden.clone()
+            hidden[rows] = apply_emphasis(hidden[rows], weights[rows])             # (k, 77, D)
+    return hidden, out.pooled
+
+
+def encode_prompts(
+    text_encoders: Sequence[TextEncoder],
+    prompts: Sequence[str],
+    *,
+    clip_skip: int = 1,
+    emphasis: bool = True,
+    with_pooled: bool = False,
+    equal_length: bool = True,
+) -> list[PromptEmbedding]:
+    """Encode several prompts with one forward pass per encoder (see module docstring).
+
+    ``equal_length`` pads prompts with fewer chunks with empty-prompt chunks (the encoding of ""), as
+    A1111 pads cond / uncond to the same length, so all contexts have 77 * max(n_chunks) tokens.
+    ``with_pooled`` runs the last encoder to its end and returns its projected pooled output (SDXL).
+    """
+    if not text_encoders:
+        raise ValueError("encode_prompts needs at least one text encoder")
+    tokenizer = text_encoders[0].tokenizer       # one shared vocabulary; each encoder applies its own pad id
+    per_prompt = [prompt_chunks(p, tokenizer) for p in prompts]
+    if equal_length:
+        longest = max(len(c) for c in per_prompt)
+        per_prompt = [c + [EMPTY_CHUNK] * (longest - len(c)) for c in per_prompt]
+    flat = [chunk for chunks in per_prompt for chunk in chunks]
+
+    hiddens, pooled = [], None
+    for i, encoder in enumerate(text_encoders):
+        wants_pooled = with_pooled and i == len(text_encoders) - 1
+        hidden, pooled_all = _encode_chunks(
+            encoder, flat, clip_skip=clip_skip, emphasis=emphasis, with_pooled=wants_pooled
+        )
+        hiddens.append(hidden.to(hiddens[0].dtype) if hiddens else hidden)
+        if wants_pooled:
+            if pooled_all is None:
+                raise ValueError(f"text encoder {encoder.spec.name} gives no pooled output")
+            pooled = pooled_all                                                    # (n, P)
+    features = torch.cat(hiddens, dim=-1)                                          # (n, 77, D_1 + D_2 ...)
+
+    results, start = [], 0
+    for chunks in per_prompt:
+        n = len(chunks)
+        context = features[start : start + n].reshape(1, n * TOKENS_PER_CHUNK, -1)   # (1, 77 n, D)
+        first_pooled = pooled[start : start + 1] if pooled is not None else None  # (1, P)
+        results.append(PromptEmbedding(context=context, pooled=first_pooled))
+        start += n
+    return results
+
+
+def encode_prompt(
+    text_encoders: Sequence[TextEncoder],
+    prompt: str,
+    *,
+    clip_skip: int = 1,
+    emphasis: bool = True,
+    with_pooled: bool = False,
+) -> PromptEmbedding:
+    """Encode one prompt: context (1, 77 * n_chunks, D) and, with ``with_pooled`` (SDXL), pooled (1, P)."""
+    return encode_prompts(
+        text_encoders, [prompt], clip_skip=clip_skip, emphasis=emphasis, with_pooled=with_pooled
+    )[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# U-Net conditioning
+
+
+def _uses_aesthetic_score(family: FamilySpec) -> bool:
+    """SDXL refiner: its vector is pooled + 5 embeddings (size, crop, aesthetic score), not 6."""
+    pooled = family.text_encoders[-1].config.projection_dim or 0
+    return family.unet.adm_in_channels - pooled == 5 * SDXL_SIZE_EMBED_DIM
+
+
+def sdxl_size_conds(
+    family: FamilySpec,
+    *,
+    width: int | None,
+    height: int | None,
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+    aesthetic_score: float = 6.0,
+) -> Tensor:
+    """SDXL's micro-conditioning numbers, (1, K) float32, in diffusers' ``add_time_ids`` order.
+
+    Base: original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w), K = 6.
+    Refiner: original_size + crops_coords_top_left + (aesthetic_score,), K = 5.
+    Sizes default to the image size (height, width), the crop corner to (0, 0).
+    """
+    image_size = None if width is None or height is None else (height, width)
+    original = original_size or image_size
+    if original is None:
+        raise ValueError("SDXL conditioning needs width and height (or original_size and target_size)")
+    values = [*original, *crops_coords_top_left]
+    if _uses_aesthetic_score(family):
+        values.append(aesthetic_score)
+    else:
+        target = target_size or image_size
+        if target is None:
+            raise ValueError("SDXL conditioning needs width and height (or target_size)")
+        values.extend(target)
+    return torch.tensor([values], dtype=torch.float32)                             # (1, K)
+
+
+def make_cond(
+    source: ModelBundle | Sequence[TextEncoder],
+    family: FamilySpec | str | None,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    batch_size: int = 1,
+    clip_skip: int = 1,
+    width: int | None = None,
+    height: int | None = None,
+    emphasis: bool = True,
+    guidance: bool = True,
+    original_size: tuple[int, int] | None = None,
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+    aesthetic_score: float = 6.0,
+    negative_aesthetic_score: float = 2.5,
+    zero_empty_negative: bool | None = None,
+) -> tuple[Conditioning, Conditioning | None]:
+    """U-Net conditioning ``(cond, uncond)`` for a prompt and its negative, each ``{"context": (B, T, D)}``
+    plus ``"y": (B, adm)`` for SDXL (``sdxl_vector(pooled, size_conds)``); ``uncond`` is None without
+    ``guidance`` (CFG scale 1).
+
+    Positive and negative are padded to the same number of chunks with empty-prompt chunks (A1111's "pad
+    prompt/negative prompt to be same length"). An empty negative prompt is encoded as "" for SD1/SD2; for
+    SDXL (``zero_empty_negative``, default: the family is SDXL) it becomes a zero context and a zero pooled
+    vector (diffusers' ``force_zeros_for_empty_prompt``, A1111's ``force_zero_embeddings``); the size
+    numbers stay, with ``negative_aesthetic_score`` for the refiner. Note that diffusers' refiner folder
+    sets ``force_zeros_for_empty_prompt`` to false: pass ``zero_empty_negative=False`` to match it.
+    The zero context takes the positive's length. Its length does not matter: SD's cross-attention k / v
+    projections have no bias, so zero tokens give zero keys and values and an attention output of 0 for
+    any number of them (the same as A1111's 77 zero tokens run in a separate pass).
+    """
+    if isinstance(source, ModelBundle):
+        encoders = tuple(source.text_encoders)
+        family = get_family(family) if family is not None else source.family
+        adm_width = source.unet_config.adm_in_channels
+    else:
+        encoders = tuple(source)
+        if family is None:
+            raise ValueError("make_cond needs the model family when given text encoders")
+        family = get_family(family)
+        adm_width = None
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    sdxl = family.is_sdxl
+    zero_empty = sdxl if zero_empty_negative is None else zero_empty_negative
+    zero_negative = guidance and negative_prompt == "" and zero_empty
+
+    prompts = [prompt] if zero_negative or not guidance else [prompt, negative_prompt]
+    embeddings = encode_prompts(encoders, prompts, clip_skip=clip_skip, emphasis=emphasis, with_pooled=sdxl)
+    positive = embeddings[0]
+    if not guidance:
+        negative = None
+    elif zero_negative:
+        pooled = torch.zeros_like(positive.pooled) if positive.pooled is not None else None
+        negative = PromptEmbedding(context=torch.zeros_like(positive.context), pooled=pooled)
+    else:
+        negative = embeddings[1]
+
+    def as_cond(embedding: PromptEmbedding, score: float) -> Conditioning:
+        cond = {"context": embedding.context.repeat(batch_size, 1, 1)}            # (B, T, D)
+        if sdxl:
+            sizes = sdxl_size_conds(
+                family, width=width, height=height, original_size=original_size,
+                crops_coords_top_left=crops_coords_top_left, target_size=target_size, aesthetic_score=score,
+            ).to(embedding.pooled.device)                                         # (1, K)
+            y = sdxl_vector(embedding.pooled, sizes)                               # (1, P + 256 K)
+            if adm_width is not None and y.shape[1] != adm_width:
+                raise ValueError(f"SDXL vector is {y.shape[1]} wide but the U-Net takes {adm_width}")
+            cond["y"] = y.repeat(batch_size, 1)                                    # (B, adm)
+        return cond
+
+    cond = as_cond(positive, aesthetic_score)
+    uncond = as_cond(negative, negative_aesthetic_score) if negative is not None else None
+    logger.debug(
+        "conditioning: %s, %d chunk(s), context %s%s", family.name, positive.num_chunks,
+        tuple(cond["context"].shape), ", zero uncond" if zero_negative else "",
+    )
+    return cond, uncond
