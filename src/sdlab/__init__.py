@@ -4,3 +4,10 @@ Importing the package does no work: no device probing, no argument parsing, no m
 """
 
 __version__ = "0.1.0"
+
+
+def load(*args, **kwargs):
+    """Load a checkpoint into a `Pipeline`; see `sdlab.api.load` (imported on first use)."""
+    from sdlab.api import load as _load
+
+    return _load(*args, **kwargs)

@@ -1,0 +1,122 @@
+"""The Python API: `sdlab.load(path) -> Pipeline`, then `txt2img`, `img2img`, `inpaint`.
+
+    import sdlab
+    pipe = sdlab.load("v1-5-pruned-emaonly.safetensors")            # or a diffusers folder
+    result = pipe.txt2img("a red apple on a table", steps=20, seed=1)
+    result.images[0].save("apple.png")
+    print(result.request)                                          # every setting actually used
+
+Each call takes the fields of `GenerationRequest` as keyword arguments and returns a
+`GenerationResult` (PIL images, their seeds and the resolved request).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from sdlab.checkpoints.load import ModelBundle, load_bundle
+from sdlab.pipeline.generate import ProgressFn, generate
+from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
+
+ImageLike = Image.Image | str | os.PathLike[str]
+_REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
+
+
+def _open_image(image: ImageLike, what: str) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        with Image.open(image) as opened:
+            opened.load()
+            return opened.copy()
+    except (OSError, ValueError) as err:
+        raise RequestError(f"cannot read the {what} {os.fspath(image)!r}: {err}") from None
+
+
+class Pipeline:
+    """A loaded model and the three ways to draw with it."""
+
+    def __init__(self, bundle: ModelBundle) -> None:
+        self.bundle = bundle
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.bundle.family.name}, {self.bundle.prediction.value}, {self.bundle.dtype})"
+
+    def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
+        return generate(self.bundle, request, progress=progress)
+
+    def _call(self, prompt: str, options: dict[str, Any], progress: ProgressFn | None) -> GenerationResult:
+        unknown = sorted(set(options) - _REQUEST_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_REQUEST_FIELDS))}")
+        return self.run(GenerationRequest(prompt=prompt, **options), progress=progress)
+
+    def txt2img(self, prompt: str, negative_prompt: str = "", *, progress: ProgressFn | None = None, **options: Any) -> GenerationResult:
+        """Draw from text. Options: steps, sampler, schedule, cfg_scale, seed, width, height, batch_size, ..."""
+        return self._call(prompt, {"negative_prompt": negative_prompt, **options}, progress)
+
+    def img2img(
+        self,
+        prompt: str,
+        init_image: ImageLike,
+        strength: float = 0.75,
+        negative_prompt: str = "",
+        *,
+        progress: ProgressFn | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """Redraw `init_image`; `strength` in (0, 1] is how much of the schedule runs (1 = from pure noise)."""
+        image = _open_image(init_image, "init image")
+        return self._call(prompt, {"negative_prompt": negative_prompt, "init_image": image, "strength": strength, **options}, progress)
+
+    def inpaint(
+        self,
+        prompt: str,
+        init_image: ImageLike,
+        mask_image: ImageLike,
+        negative_prompt: str = "",
+        *,
+        strength: float = 1.0,
+        progress: ProgressFn | None = None,
+        **options: Any,
+    ) -> GenerationResult:
+        """Repaint the white area of `mask_image` (same size as `init_image`); black is kept."""
+        image = _open_image(init_image, "init image")
+        mask = _open_image(mask_image, "mask")
+        return self._call(
+            prompt,
+            {"negative_prompt": negative_prompt, "init_image": image, "mask_image": mask, "strength": strength, **options},
+            progress,
+        )
+
+
+SHIPPED_MODEL = Path(__file__).parent / "models" / "data" / "sdlab-tiny.safetensors"
+
+
+def shipped_model_path() -> Path | None:
+    """The small model that ships inside the package, or None when this install has none."""
+    return SHIPPED_MODEL if SHIPPED_MODEL.is_file() else None
+
+
+def load(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    vae: str | os.PathLike[str] | None = None,
+    *,
+    family: str | None = None,
+    prediction: str | None = None,
+) -> Pipeline:
+    """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`.
+
+    `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
+    override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
+    """
+    bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae)
+    return Pipeline(bundle)

@@ -1,0 +1,78 @@
+"""The `sdlab` command line: argparse subcommands, each a small `add_*` (arguments) + `run_*` (action) pair.
+
+    sdlab txt2img PROMPT [--model PATH] [--steps N] [--seed S] ...    (cli/generate.py)
+    sdlab img2img PROMPT --init IMAGE [--strength S] ...
+    sdlab inpaint PROMPT --init IMAGE --mask MASK | --outpaint L,R,T,B ...
+    sdlab inspect PATH [--family F] [--prediction P] [--vae FILE] [--json]   (cli/inspect.py)
+
+Errors the user can fix (a bad file, a missing path) print one line, `sdlab: error: ...`, on stderr and exit
+with status 2; anything else exits 1, also without a traceback unless `--debug` or `SDLAB_DEBUG=1`.
+Nothing runs at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.cli.errors import UserError
+from sdlab.cli.generate import add_generate
+from sdlab.cli.inspect import add_inspect
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Entry point
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_generate, add_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdlab", description="Stable Diffusion from scratch in PyTorch.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks (also SDLAB_DEBUG=1)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _error(message: str) -> None:
+    print(f"sdlab: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 internal error, 2 user error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = args.debug or os.environ.get("SDLAB_DEBUG", "") not in ("", "0")
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return args.run(args)
+    except (CheckpointError, UserError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        if debug:
+            raise
+        _error(str(exc) or type(exc).__name__)
+        return EXIT_USER_ERROR
+    except BrokenPipeError:  # `sdlab inspect x | head`: the reader left; stay quiet at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_INTERNAL_ERROR
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+    except Exception as exc:  # a bug: one line unless debugging
+        if debug:
+            raise
+        _error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+        return EXIT_INTERNAL_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

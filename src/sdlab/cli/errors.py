@@ -1,0 +1,5 @@
+"""Errors the command line reports as one line."""
+
+
+class UserError(Exception):
+    """An error caused by the input (bad arguments, unreadable files): printed as one line, exit status 2."""

@@ -1,0 +1,64 @@
+"""`sdlab inspect PATH`: what sdlab sees in a checkpoint, read from names, shapes and metadata only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from sdlab.families import family_names
+
+
+def add_inspect(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "inspect",
+        help="describe a checkpoint: family, prediction type, configs, parameter counts, dtypes, keys",
+        description="Read a checkpoint's names, shapes and metadata (no weights) and describe what sdlab sees.",
+    )
+    p.add_argument("path", help="a .safetensors / .ckpt file or a diffusers folder")
+    p.add_argument("--family", choices=family_names(), help="skip detection and treat the file as this family")
+    p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type")
+    p.add_argument("--vae", help="a standalone VAE file or diffusers VAE folder to use instead of the file's own")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+    p.set_defaults(run=run_inspect)
+
+
+def _format_inspect(report: dict) -> str:
+    lines = [
+        f"file            {report['source']}",
+        f"family          {report['family']} ({report['family_source']}): {report['description']}",
+        f"prediction      {report['prediction']} ({report['prediction_source']})",
+        f"latent scaling  {report['scaling_factor']}",
+        f"default size    {report['default_size']} px",
+        f"keys            {report['total_keys']} in the file; {report['total_parameters']:,} parameters in all",
+        "components:",
+    ]
+    for c in report["components"]:
+        lines.append(
+            f"  {c['name']:<14} {c['parameters']:>14,} parameters  {c['keys']:>5} tensors  {'/'.join(c['dtypes'])}"
+        )
+        config = ", ".join(f"{k}={v}" for k, v in c["config"].items())
+        lines.append(f"  {'':<14} {config}")
+        if c["ignored_keys"]:
+            lines.append(f"  {'':<14} ignored: {', '.join(c['ignored_keys'])}")
+    ignored = report["ignored_keys"]
+    if ignored:
+        ema = [k for k in ignored if k.startswith("model_ema.")]
+        others = [k for k in ignored if not k.startswith("model_ema.")]
+        shown = others + ([f"model_ema.* ({len(ema)} keys)"] if ema else [])
+        lines.append(f"ignored keys    {len(ignored)}: {', '.join(shown)}")
+    else:
+        lines.append("ignored keys    none")
+    lines.append("missing keys    none (every network's keys and shapes match)")
+    return "\n".join(lines)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from sdlab.checkpoints.load import plan_checkpoint
+
+    plan = plan_checkpoint(args.path, family=args.family, prediction=args.prediction, vae=args.vae)
+    report = plan.report.to_json()
+    report["total_parameters"] = sum(c["parameters"] for c in report["components"])
+    print(json.dumps(report, indent=2) if args.json else _format_inspect(report))
+    return 0
+
+

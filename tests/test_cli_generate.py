@@ -1,0 +1,152 @@
+"""`sdlab txt2img | img2img | inpaint`: pictures with their parameters, regeneration, and bad input.
+
+Every bad input must give one `sdlab: error:` line, a non-zero exit status and no file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bundle_fixtures import tiny_bundle, write_original
+from sdlab.cli import main
+from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+FAST = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny-sd1.safetensors"
+    write_original(tiny_bundle("sd1"), path, junk=False)
+    return path
+
+
+@pytest.fixture()
+def picture(tmp_path: Path) -> Path:
+    path = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_txt2img_writes_png_with_parameters_and_regenerates_from_it(model, tmp_path, capsys) -> None:
+    out = tmp_path / "a.png"
+    code, stdout, _ = run(["txt2img", "a red (apple:1.2)", "--negative", "blurry, dark", "--model", str(model),
+                           "--seed", "7", "--sampler", "Euler a", "--out", str(out), *FAST], capsys)
+    assert code == 0 and stdout.strip() == str(out)
+    params = parse_parameters(read_parameters(out))
+    assert params["Prompt"] == "a red (apple:1.2)" and params["Negative prompt"] == "blurry, dark"
+    assert params["Seed"] == 7 and params["Steps"] == 2 and params["Sampler"] == "Euler a"
+    assert params["Size"] == "32x32" and params["Model"] == "tiny-sd1" and len(params["Model hash"]) == 10
+
+    again = tmp_path / "b.png"
+    code, _, _ = run(["txt2img", "--from-png", str(out), "--model", str(model), "--out", str(again), "--no-progress"], capsys)
+    assert code == 0
+    assert np.array_equal(pixels(out), pixels(again))
+
+
+def test_batch_writes_one_file_per_seed_into_a_folder(model, tmp_path, capsys) -> None:
+    code, stdout, _ = run(["txt2img", "two cats", "--model", str(model), "--seed", "3", "--batch", "2",
+                           "--out", str(tmp_path / "dir"), *FAST], capsys)
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "dir").iterdir())
+    assert names == ["3-two-cats.png", "4-two-cats.png"]
+    # image 1 of the batch is the picture of seed 4 drawn alone
+    code, _, _ = run(["txt2img", "two cats", "--model", str(model), "--seed", "4", "--out", str(tmp_path / "one.png"), *FAST], capsys)
+    assert np.abs(pixels(tmp_path / "one.png") - pixels(tmp_path / "dir" / "4-two-cats.png")).max() <= 1
+
+
+def test_img2img_and_inpaint_and_outpaint(model, picture, tmp_path, capsys) -> None:
+    code, _, _ = run(["img2img", "a dog", "--init", str(picture), "--strength", "0.5", "--model", str(model),
+                      "--seed", "1", "--out", str(tmp_path / "i2i.png"), "--steps", "4", "--no-progress"], capsys)
+    assert code == 0 and Image.open(tmp_path / "i2i.png").size == (32, 32)
+    assert read_parameters(tmp_path / "i2i.png") and "Denoising strength: 0.5" in read_parameters(tmp_path / "i2i.png")
+
+    mask = tmp_path / "mask.png"
+    m = Image.new("L", (32, 32), 0)
+    m.paste(255, (8, 8, 24, 24))
+    m.save(mask)
+    code, _, _ = run(["inpaint", "a dog", "--init", str(picture), "--mask", str(mask), "--model", str(model),
+                      "--seed", "1", "--out", str(tmp_path / "inp.png"), "--steps", "2", "--no-progress"], capsys)
+    assert code == 0 and Image.open(tmp_path / "inp.png").size == (32, 32)
+
+    code, _, _ = run(["inpaint", "a dog", "--init", str(picture), "--outpaint", "16,0,0,8", "--model", str(model),
+                      "--seed", "1", "--out", str(tmp_path / "out.png"), "--steps", "2", "--no-progress"], capsys)
+    assert code == 0 and Image.open(tmp_path / "out.png").size == (48, 40)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "steps"),
+        (["--batch", "0"], "batch"),
+        (["--sampler", "Eulr"], "valid names"),
+        (["--schedule", "wiggly"], "valid names"),
+        (["--cfg", "nan"], "finite"),
+        (["--width", "100000"], "width"),
+    ],
+)
+def test_bad_options_give_one_error_line_and_no_file(model, tmp_path, capsys, args, message) -> None:
+    out = tmp_path / "x.png"
+    options = dict(zip(FAST[0:-1:2], FAST[1::2]))
+    for flag, value in zip(args[0::2], args[1::2]):
+        options[flag] = value
+    flat = [item for pair in options.items() for item in pair]
+    code, _, err = run(["txt2img", "p", "--model", str(model), "--out", str(out), "--no-progress", *flat], capsys)
+    assert code != 0
+    assert err.count("sdlab: error:") == 1 and message in err and "Traceback" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_size_not_a_multiple_of_8_is_snapped_with_a_warning(model, tmp_path, capsys) -> None:
+    out = tmp_path / "s.png"
+    code, _, err = run(["txt2img", "p", "--model", str(model), "--out", str(out), "--steps", "1",
+                        "--width", "37", "--height", "33", "--no-progress"], capsys)
+    assert code == 0 and Image.open(out).size == (32, 32)
+    assert "not a multiple of 8" in err
+
+
+def test_prompt_length_limit(model, tmp_path, capsys) -> None:
+    long_ok = " ".join(["apple"] * 1_700)  # 10,000+ characters: accepted, encoded in 75-token chunks
+    assert len(long_ok) > 10_000
+    code, _, _ = run(["txt2img", long_ok, "--model", str(model), "--out", str(tmp_path / "ok.png"), *FAST], capsys)
+    assert code == 0
+    code, _, err = run(["txt2img", "a" * 20_001, "--model", str(model), "--out", str(tmp_path / "no.png"), *FAST], capsys)
+    assert code != 0 and "limit" in err and not (tmp_path / "no.png").exists()
+
+
+def test_bad_files_and_folders(model, picture, tmp_path, capsys) -> None:
+    cases = [
+        (["img2img", "p", "--init", str(tmp_path / "missing.png")], "does not exist"),
+        (["img2img", "p", "--init", str(model)], "cannot read"),
+        (["img2img", "p"], "--init"),
+        (["inpaint", "p", "--init", str(picture)], "--mask"),
+        (["txt2img", "p", "--out", str(picture / "sub")], "output folder"),
+    ]
+    small = tmp_path / "small.png"
+    Image.new("L", (16, 16)).save(small)
+    cases.append((["inpaint", "p", "--init", str(picture), "--mask", str(small)], "same size"))
+    for args, message in cases:
+        before = sorted(tmp_path.rglob("*"))
+        code, _, err = run([*args, "--model", str(model), *FAST], capsys)
+        assert code != 0, args
+        assert err.count("sdlab: error:") == 1 and message in err, (args, err)
+        assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_missing_model_says_so(tmp_path, capsys) -> None:
+    code, _, err = run(["txt2img", "p", "--model", str(tmp_path / "nope.safetensors"), *FAST], capsys)
+    assert code != 0 and err.count("sdlab: error:") == 1
