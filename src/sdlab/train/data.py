@@ -1,0 +1,365 @@
+"""Training data: a folder of captioned images, deterministic order, per-rank sharding, latent caching.
+
+Dataset layouts (the common trainer conventions):
+  - ``image.png`` + ``image.txt`` (same name, the caption), in the folder or any subfolder;
+  - a ``metadata.jsonl`` at the root, one ``{"file_name": "a.png", "text": "..."}`` per line (Hugging Face
+    ``imagefolder``; ``caption`` is accepted for ``text``). When it exists it is the whole dataset.
+A file that PIL cannot open, or an empty / missing caption, is skipped with a warning and counted
+(`DatasetScan.skipped`); it is never fatal. An image that passes the scan but fails to decode later is
+replaced by the next sample of the stream and counted in ``TrainData.broken_at_load``.
+
+Order and sharding: the sample stream is an endless concatenation of per-epoch permutations drawn from
+``(seed, epoch)``. Optimiser step ``s`` consumes stream positions ``[s*G, (s+1)*G)`` with
+``G = batch_size * grad_accum * world_size``; within a step, micro-step ``a`` of rank ``r`` takes the
+``batch_size`` positions starting at ``a*world*batch + r*batch``. The "data position" of a run is therefore
+just the step, and every sample gets a seed from ``(seed, step, slot in the global batch)``, so all of its
+randomness (crop, flip, noise, timestep, caption dropout) is the same however the global batch is split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+from torch import Tensor
+
+from sdlab.checkpoints.io import write_safetensors_atomic
+from sdlab.train.task import Batch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "DatasetScan",
+    "ImageSample",
+    "LatentCache",
+    "SampleStream",
+    "TrainData",
+    "derive_seed",
+    "load_training_image",
+    "scan_dataset",
+]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_SEED_MASK = (1 << 63) - 1
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple of integers / strings (SHA-256; stable across runs and platforms)."""
+    digest = hashlib.sha256(("/".join(str(p) for p in parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & _SEED_MASK
+
+
+def generator_for(*parts: int | str) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scanning
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    path: Path
+    caption: str
+
+
+@dataclass
+class DatasetScan:
+    samples: list[ImageSample]
+    skipped: Counter = field(default_factory=Counter)   # reason -> count: "broken_image", "empty_caption", ...
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def _image_opens(path: Path) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception as exc:  # PIL raises many types for damaged files
+        logger.warning("skipping %s: cannot read image (%s)", path, " ".join(str(exc).split()) or type(exc).__name__)
+        return False
+
+
+def _read_jsonl(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, str | None]]:
+    entries = []
+    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name = row["file_name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            logger.warning("skipping %s line %d: not a JSON object with a file_name", meta, number)
+            scan.skipped["bad_metadata_line"] += 1
+            continue
+        caption = row.get("text", row.get("caption"))
+        entries.append((root / name, caption if isinstance(caption, str) else None))
+    return entries
+
+
+def scan_dataset(root: str | os.PathLike[str]) -> DatasetScan:
+    """Find every usable (image, caption) pair under ``root`` (see module docstring), sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist")
+    scan = DatasetScan(samples=[])
+    meta = root / "metadata.jsonl"
+    if meta.is_file():
+        entries = _read_jsonl(root, meta, scan)
+    else:
+        entries = []
+        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+            txt = path.with_suffix(".txt")
+            entries.append((path, txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None))
+    for path, caption in sorted(entries, key=lambda e: str(e[0])):
+        caption = (caption or "").strip()
+        if not path.is_file():
+            logger.warning("skipping %s: file not found", path)
+            scan.skipped["missing_image"] += 1
+        elif not caption:
+            logger.warning("skipping %s: empty or missing caption", path)
+            scan.skipped["empty_caption"] += 1
+        elif not _image_opens(path):
+            scan.skipped["broken_image"] += 1
+        else:
+            scan.samples.append(ImageSample(path, caption))
+    logger.info("dataset %s: %d samples, skipped %s", root, len(scan.samples), dict(scan.skipped) or "none")
+    return scan
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    pixels: Tensor                     # (3, res, res) in [-1, 1]
+    original_size: tuple[int, int]     # (height, width) of the file
+    crop_top_left: tuple[int, int]     # (top, left) in the resized image
+    flipped: bool
+
+
+def load_training_image(path: Path, resolution: int, *, center_crop: bool, random_flip: bool,
+                        generator: torch.Generator) -> LoadedImage:
+    """Open, resize the short side to ``resolution`` (Lanczos), crop a square (centre or random from
+    ``generator``), optionally flip horizontally (p = 0.5 from ``generator``); pixels in [-1, 1]."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        width, height = im.size
+        scale = resolution / min(width, height)
+        new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+        im = im.resize((new_w, new_h), Image.Resampling.LANCZOS)
+    if center_crop:
+        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+    else:
+        top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
+        left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
+    im = im.crop((left, top, left + resolution, top + resolution))
+    flipped = bool(random_flip and float(torch.rand((), generator=generator)) < 0.5)
+    if flipped:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # (res, res, 3)
+    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, res, res)
+    return LoadedImage(pixels, (height, width), (top, left), flipped)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Order
+
+
+class SampleStream:
+    """Stream position -> sample index, through one seeded permutation per epoch."""
+
+    def __init__(self, num_samples: int, seed: int):
+        if num_samples < 1:
+            raise ValueError("the dataset has no usable samples")
+        self.num_samples = num_samples
+        self.seed = seed
+        self._perms: dict[int, list[int]] = {}
+
+    def permutation(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = torch.randperm(self.num_samples, generator=generator_for(self.seed, "epoch", epoch)).tolist()
+        return self._perms[epoch]
+
+    def __getitem__(self, position: int) -> int:
+        epoch, offset = divmod(position, self.num_samples)
+        return self.permutation(epoch)[offset]
+
+    def epoch_of(self, position: int) -> int:
+        return position // self.num_samples
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Latent cache
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-1 of every tensor of a module's state dict (names, shapes, dtypes, bytes): a cache key."""
+    h = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class LatentCache:
+    """Per-image VAE posteriors (mean, std) on disk, keyed by file path + mtime + size + resolution + flip,
+    in a folder named by the VAE's fingerprint. Training draws ``z = mean + std * eps`` from the sample's
+    seed, so cached and uncached runs see the same distribution of latents."""
+
+    def __init__(self, vae: torch.nn.Module, scaling_factor: float, folder: Path, resolution: int,
+                 device: torch.device, dtype: torch.dtype = torch.float32):
+        self.vae = vae
+        self.scaling_factor = scaling_factor
+        self.folder = Path(folder) / f"vae-{module_fingerprint(vae)[:16]}-{resolution}"
+        self.resolution = resolution
+        self.device = device
+        self.dtype = dtype
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def _file(self, path: Path, flipped: bool) -> Path:
+        stat = path.stat()
+        key = f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{self.resolution}|{int(flipped)}"
+        return self.folder / (hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
+
+    def ensure(self, sample: ImageSample, flipped: bool) -> Path:
+        """Encode and store the posterior if it is not cached yet; returns the cache file."""
+        target = self._file(sample.path, flipped)
+        if target.is_file():
+            return target
+        image = load_training_image(sample.path, self.resolution, center_crop=True, random_flip=False,
+                                    generator=torch.Generator())
+        pixels = image.pixels.flip(-1) if flipped else image.pixels
+        with torch.no_grad():
+            posterior = self.vae.encode(pixels[None].to(self.device, self.dtype))
+        write_safetensors_atomic(target, {"mean": posterior.mean[0].float().cpu(), "std": posterior.std[0].float().cpu(),
+                                          "original_size": torch.tensor(image.original_size),
+                                          "crop_top_left": torch.tensor(image.crop_top_left)})
+        return target
+
+    def load(self, sample: ImageSample, flipped: bool) -> dict[str, Tensor]:
+        return load_file(str(self._file(sample.path, flipped)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches
+
+
+class TrainData:
+    """Builds the micro-batch of (step, micro-step) for one rank, with decoding on a thread pool and a
+    one-batch look-ahead."""
+
+    def __init__(self, scan: DatasetScan, *, resolution: int, center_crop: bool, random_flip: bool, seed: int,
+                 batch_size: int, grad_accum: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                 latent_cache: LatentCache | None = None):
+        self.scan = scan
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.seed = seed
+        self.batch_size = batch_size
+        self.grad_accum = grad_accum
+        self.rank = rank
+        self.world_size = world_size
+        self.stream = SampleStream(len(scan), seed)
+        self.latent_cache = latent_cache
+        self.broken_at_load: Counter = Counter()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="sdlab-data")
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.grad_accum * self.world_size
+
+    def epoch_at(self, step: int) -> int:
+        return self.stream.epoch_of(step * self.global_batch)
+
+    def slots(self, micro: int) -> list[int]:
+        """Positions inside the global batch of this rank's micro-batch ``micro``."""
+        start = micro * self.world_size * self.batch_size + self.rank * self.batch_size
+        return list(range(start, start + self.batch_size))
+
+    def sample_seed(self, step: int, slot: int) -> int:
+        return derive_seed(self.seed, "sample", step, slot)
+
+    def prepare_cache(self) -> None:
+        """Encode the posteriors this rank is responsible for (every world_size-th sample)."""
+        if self.latent_cache is None:
+            return
+        flips = (False, True) if self.random_flip else (False,)
+        for i, sample in enumerate(self.scan.samples):
+            if i % self.world_size == self.rank:
+                for flipped in flips:
+                    self.latent_cache.ensure(sample, flipped)
+
+    def _load_one(self, step: int, slot: int) -> tuple[ImageSample, int, LoadedImage | dict[str, Tensor]]:
+        seed = self.sample_seed(step, slot)
+        position = step * self.global_batch + slot
+        for attempt in range(len(self.scan)):
+            sample = self.scan.samples[self.stream[position + attempt]]
+            g = generator_for(seed, "augment")
+            try:
+                if self.latent_cache is not None:
+                    flipped = bool(self.random_flip and float(torch.rand((), generator=g)) < 0.5)
+                    return sample, seed, self.latent_cache.load(sample, flipped)
+                image = load_training_image(sample.path, self.resolution, center_crop=self.center_crop,
+                                            random_flip=self.random_flip, generator=g)
+                return sample, seed, image
+            except Exception as exc:  # a file that passed the scan but cannot be decoded now
+                logger.warning("skipping %s at step %d: %s", sample.path, step, " ".join(str(exc).split()))
+                self.broken_at_load[str(sample.path)] += 1
+        raise RuntimeError("no sample of the dataset can be loaded")
+
+    def _assemble(self, step: int, micro: int) -> Batch:
+        loaded = list(self._pool.map(lambda slot: self._load_one(step, slot), self.slots(micro)))
+        captions = [s.caption for s, _, _ in loaded]
+        seeds = [seed for _, seed, _ in loaded]
+        paths = [str(s.path) for s, _, _ in loaded]
+        if self.latent_cache is not None:
+            scale = self.latent_cache.scaling_factor
+            latents = []
+            for _, seed, entry in loaded:
+                eps = torch.randn(entry["mean"].shape, generator=generator_for(seed, "posterior"))
+                latents.append((entry["mean"] + entry["std"] * eps) * scale)  # (C, h, w)
+            return Batch(images=None, captions=captions, latents=torch.stack(latents), paths=paths, seeds=seeds,
+                         original_sizes=[tuple(int(v) for v in e["original_size"]) for _, _, e in loaded],
+                         crops_top_left=[tuple(int(v) for v in e["crop_top_left"]) for _, _, e in loaded])
+        return Batch(
+            images=torch.stack([img.pixels for _, _, img in loaded]),  # (B, 3, res, res)
+            captions=captions, paths=paths, seeds=seeds,
+            original_sizes=[img.original_size for _, _, img in loaded],
+            crops_top_left=[img.crop_top_left for _, _, img in loaded],
+        )
+
+    def iterate(self, start_step: int, end_step: int) -> Iterator[tuple[int, int, Batch]]:
+        """Yield (step, micro, batch) for steps [start_step, end_step), loading one batch ahead."""
+        order = [(s, m) for s in range(start_step, end_step) for m in range(self.grad_accum)]
+        pending: Future | None = None
+        lookahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sdlab-prefetch")
+        try:
+            for i, (step, micro) in enumerate(order):
+                batch = pending.result() if pending is not None else self._assemble(step, micro)
+                pending = lookahead.submit(self._assemble, *order[i + 1]) if i + 1 < len(order) else None
+                yield step, micro, batch
+        finally:
+            lookahead.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

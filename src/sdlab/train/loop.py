@@ -1,0 +1,321 @@
+"""The training loop shared by every `TrainTask`: optimiser, LR schedule, accumulation, clipping, bf16
+autocast, EMA, DistributedDataParallel, run checkpoints and resume, signals, logging, previews.
+
+One optimiser step = ``grad_accum`` micro-steps of ``batch_size`` images on each of ``world_size`` ranks.
+Each micro-step's loss is divided by ``grad_accum`` and gradients are averaged over ranks (DDP), so the
+update equals that of one process on the whole global batch (up to float summation order).
+
+Interruption: SIGINT / SIGTERM only set a flag (nothing is written from a signal handler); the loop
+finishes the current optimiser step, writes a run checkpoint and returns. A checkpoint write that is
+already running when the signal arrives simply completes. SIGKILL cannot be caught: the run then loses
+the steps since its last checkpoint, and the atomic write guarantees that checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from sdlab.train.config import RESUME_INVARIANTS, TrainConfig
+from sdlab.train.data import TrainData, generator_for
+from sdlab.train.distributed import DistContext, all_reduce_grads
+from sdlab.train.ema import EMA
+from sdlab.train.run_checkpoint import (
+    capture_rng_state,
+    clean_orphans,
+    latest_checkpoint,
+    load_run_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_run_checkpoint,
+)
+from sdlab.train.run_log import CSVLog, draw_loss_curve, read_log
+from sdlab.train.task import TrainTask
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["RunResult", "StopFlag", "lr_multiplier", "train"]
+
+
+@dataclass
+class RunResult:
+    step: int                                   # optimiser steps completed
+    interrupted: bool                           # stopped by SIGINT / SIGTERM before max_steps
+    last_loss: float | None
+    checkpoint: Path | None                     # newest run checkpoint
+    weights: Path | None                        # the task's deliverable (None when interrupted)
+    ema_weights: Path | None
+    skipped: dict[str, int] = field(default_factory=dict)
+    images_per_second: float | None = None
+
+
+class StopFlag:
+    """SIGINT / SIGTERM -> a flag the loop polls (installed only in the main thread)."""
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested is None:
+            logger.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
+        self.requested = signum
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine decay to ``min_lr_ratio`` at max_steps
+    (``step`` = optimiser steps already taken)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _trainable_named(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    return {f"{name}.{k}": p for name, m in modules.items() for k, p in m.named_parameters() if p.requires_grad}
+
+
+def _run_state(modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
+    """Trainable parameters and buffers of each module (frozen weights come back from the base model)."""
+    out = {}
+    for name, m in modules.items():
+        keep = {k for k, p in m.named_parameters() if p.requires_grad} | {k for k, _ in m.named_buffers()}
+        out[name] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items() if k in keep}
+    return out
+
+
+def _load_run_state(modules: dict[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:
+    if set(state) != set(modules):
+        raise ValueError(f"checkpoint holds modules {sorted(state)}, this run trains {sorted(modules)}")
+    for name, m in modules.items():
+        missing, unexpected = m.load_state_dict(state[name], strict=False)
+        trainable = {k for k, p in m.named_parameters() if p.requires_grad}
+        lost = sorted(trainable & set(missing))
+        if lost or unexpected:
+            raise ValueError(f"checkpoint does not match module {name}: missing {lost[:3]}, unexpected {unexpected[:3]}")
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, global_batch: int, saved_global: int) -> None:
+    changed = [k for k in RESUME_INVARIANTS if k in saved and saved[k] != cfg.to_json()[k] and k != "batch_size"]
+    if changed:
+        raise ValueError(f"cannot resume: settings changed since the checkpoint: {changed}")
+    if saved_global != global_batch:
+        raise ValueError(f"cannot resume: the global batch was {saved_global} images per step, now {global_batch}")
+
+
+def _broadcast_params(modules: list[nn.Module]) -> None:
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                dist.broadcast(p.data, src=0)
+
+
+def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) -> RunResult:
+    """Run (or resume) training to ``cfg.max_steps``; see the module docstring. Only rank 0 writes files."""
+    out_dir = Path(cfg.output_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    modules = task.trainable_modules()
+    named = _trainable_named(modules)
+    params = list(named.values())
+    if not params:
+        raise ValueError(f"task {task.name} has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
+    ema = EMA(named, cfg.ema_decay) if cfg.ema_decay is not None else None
+    global_batch = data.global_batch
+
+    # -- resume ---------------------------------------------------------------------------------------
+    start_step = 0
+    if ctx.is_main:
+        clean_orphans(ckpt_dir)
+    ctx.barrier()
+    if cfg.resume is not None:
+        path = latest_checkpoint(ckpt_dir) if cfg.resume == "latest" else Path(cfg.resume)
+        if path is None:
+            logger.info("no run checkpoint in %s: starting from step 0", ckpt_dir)
+        else:
+            state = load_run_checkpoint(path)
+            _check_resume_config(state["config"], cfg, global_batch, int(state["global_batch"]))
+            _load_run_state(modules, state["modules"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if ema is not None:
+                if state.get("ema") is None:
+                    raise ValueError("cannot resume with EMA: the checkpoint has no EMA state")
+                ema.load_state_dict(state["ema"])
+            restore_rng_state(state["rng"])
+            start_step = int(state["step"])
+            logger.info("resumed from %s at step %d", path, start_step)
+
+    # -- distributed ----------------------------------------------------------------------------------
+    manual_sync: list[nn.Module] = []
+    wrapped: list[DistributedDataParallel] = []
+    if ctx.enabled:
+        routed = set(getattr(task, "ddp_names", ()))
+        for name, m in modules.items():
+            if not any(p.requires_grad for p in m.parameters()):
+                continue
+            if name in routed and hasattr(task, "bind_wrapped"):
+                ddp = DistributedDataParallel(m, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
+                                              broadcast_buffers=False)
+                task.bind_wrapped(name, ddp)
+                wrapped.append(ddp)
+            else:
+                manual_sync.append(m)
+        _broadcast_params(manual_sync)
+
+    # -- logging --------------------------------------------------------------------------------------
+    log: CSVLog | None = None
+    if ctx.is_main:
+        log = CSVLog(out_dir / "log.csv", ["step", "loss", "lr", "grad_norm", "images_per_s", "epoch", "time"],
+                     resume_step=start_step if cfg.resume is not None else None)
+    bar = None
+    if ctx.is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.max_steps, initial=start_step, desc=f"train {task.name}", dynamic_ncols=True)
+
+    autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    skipped = dict(data.scan.skipped)
+    last_checkpoint: Path | None = latest_checkpoint(ckpt_dir)
+    step = start_step
+    last_loss: float | None = None
+    rate: float | None = None
+    interrupted = False
+
+    def write_checkpoint(done: int) -> None:
+        nonlocal last_checkpoint
+        if ctx.is_main:
+            state = {
+                "step": done,
+                "global_batch": global_batch,
+                "world_size": ctx.world_size,
+                "config": cfg.to_json(),
+                "task": task.name,
+                "modules": _run_state(modules),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": capture_rng_state(),
+                "skipped": skipped | {"broken_at_load": sum(data.broken_at_load.values())},
+            }
+            last_checkpoint = save_run_checkpoint(state, ckpt_dir, done)
+            prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            _draw_curve(out_dir)
+        ctx.barrier()
+
+    micro_losses: list[float] = []
+    step_start = time.perf_counter()
+    with StopFlag() as stop:
+        for step_i, micro, batch in data.iterate(start_step, cfg.max_steps):
+            if micro == 0:
+                optimizer.zero_grad(set_to_none=True)
+                micro_losses.clear()
+                step_start = time.perf_counter()
+            last_micro = micro == cfg.grad_accum - 1
+            sync = contextlib.ExitStack()
+            if not last_micro:
+                for ddp in wrapped:
+                    sync.enter_context(ddp.no_sync())
+            generator = generator_for(cfg.seed, "step", step_i, ctx.rank, micro)
+            with sync, autocast:
+                loss, _metrics = task.loss(batch.to(ctx.device), generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {float(loss)} at step {step_i} (batch {batch.paths})")
+            (loss / cfg.grad_accum).backward()
+            micro_losses.append(float(loss.detach()))
+            if not last_micro:
+                continue
+
+            all_reduce_grads(manual_sync, ctx.world_size)
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update()
+            step = step_i + 1
+
+            last_loss = ctx.all_mean(sum(micro_losses) / len(micro_losses))
+            elapsed = time.perf_counter() - step_start
+            rate = global_batch / elapsed if elapsed > 0 else None
+            if log is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
+                log.append({"step": step, "loss": f"{last_loss:.6g}", "lr": f"{lr:.6g}", "grad_norm": f"{grad_norm:.6g}",
+                            "images_per_s": f"{rate:.4g}" if rate else "", "epoch": data.epoch_at(step_i),
+                            "time": f"{time.time():.3f}"})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}" if rate else "-")
+
+            stop_now = ctx.any_flag(stop.requested is not None)
+            if step % cfg.checkpoint_every == 0 or stop_now:
+                write_checkpoint(step)
+            if cfg.sample_every and step % cfg.sample_every == 0 and ctx.is_main:
+                _preview(task, ema, out_dir, step)
+            if stop_now:
+                interrupted = step < cfg.max_steps
+                break
+    if bar is not None:
+        bar.close()
+    data.close()
+
+    weights = ema_weights = None
+    if not interrupted:
+        if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:08d}.pt"):
+            write_checkpoint(step)
+        if ctx.is_main:
+            weights = out_dir / "final.safetensors"
+            task.save_weights(weights, ema=False)
+            if ema is not None:
+                ema_weights = out_dir / "final-ema.safetensors"
+                with ema.swapped_in():
+                    task.save_weights(ema_weights, ema=True)
+            _draw_curve(out_dir)
+        ctx.barrier()
+    skipped = skipped | ({"broken_at_load": sum(data.broken_at_load.values())} if data.broken_at_load else {})
+    return RunResult(step=step, interrupted=interrupted, last_loss=last_loss, checkpoint=last_checkpoint,
+                     weights=weights, ema_weights=ema_weights, skipped=skipped, images_per_second=rate)
+
+
+def _preview(task: TrainTask, ema: EMA | None, out_dir: Path, step: int) -> None:
+    try:
+        with ema.swapped_in() if ema is not None else contextlib.nullcontext():
+            task.preview(out_dir / "samples", step)
+    except ImportError as exc:  # the generate pipeline is an optional layer for training
+        logger.warning("preview at step %d skipped: %s", step, exc)
+
+
+def _draw_curve(out_dir: Path) -> None:
+    path = out_dir / "log.csv"
+    if not path.is_file():
+        return
+    rows = [r for r in read_log(path) if r.get("loss")]
+    draw_loss_curve([float(r["step"]) for r in rows], [float(r["loss"]) for r in rows], out_dir / "loss.png")

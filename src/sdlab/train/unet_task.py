@@ -1,0 +1,275 @@
+"""The U-Net objective of latent diffusion (Rombach et al. 2022, eq. 2), as a `TrainTask`.
+
+For each image: latent ``z0 = scaling_factor * vae.encode(image).sample()`` (frozen VAE, or a cached
+posterior), caption replaced by the empty prompt with probability ``caption_dropout`` (what classifier-free
+guidance needs at sampling time), text context from the frozen text encoder(s) with the family's
+hidden-state rule, ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`` (+ offset noise), ``x_t = q_sample(z0, t, eps)``,
+and the loss ``w_t * |net(x_t, t, context[, y]) - target|^2`` averaged over the latent, then the batch,
+with ``target`` given by the prediction type (eps / v / x0) and ``w_t`` = 1 or Min-SNR-gamma.
+
+Every random draw of a sample comes from generators seeded by the sample's seed (`Batch.seeds`), in a
+fixed order, so the loss of a global batch does not depend on how it is split over ranks / micro-steps.
+
+Trainable parts: the whole U-Net (full fine-tune) or LoRA on the attention and feed-forward projections
+of the U-Net (and optionally the text encoders). Deliverable: the full model in the original single-file
+layout (`sdlab.checkpoints.save.save_bundle`), or the LoRA in kohya format (`sdlab.train.lora`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from sdlab.checkpoints.io import write_safetensors_atomic
+from sdlab.checkpoints.load import ModelBundle, TextEncoder
+from sdlab.checkpoints.save import save_bundle
+from sdlab.diffusion.denoiser import Prediction
+from sdlab.diffusion.loss import (
+    min_snr_weights,
+    offset_noise,
+    per_sample_normal,
+    prediction_target,
+    q_sample,
+    sample_timesteps,
+)
+from sdlab.models.layers import sdxl_vector
+from sdlab.models.unet import UNet
+from sdlab.train.data import generator_for
+from sdlab.train.lora import LoRANetwork
+from sdlab.train.task import Batch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["UNetTask", "UNetTaskOptions", "build_task", "encode_captions", "enable_gradient_checkpointing"]
+
+SDXL_REFINER_AESTHETIC_SCORE = 6.0
+_SIZE_EMBED = 256
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def enable_gradient_checkpointing(unet: UNet) -> int:
+    """Recompute every input / middle / output block in the backward pass instead of storing its
+    activations (``torch.utils.checkpoint``, non-reentrant). Applied from outside by wrapping each block's
+    ``forward``; a no-op when gradients are off. Returns the number of blocks wrapped."""
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    for block in blocks:
+        original = block.forward
+
+        def forward(*args, _original=original, **kwargs):
+            if torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+            return _original(*args, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
+
+
+def encode_captions(text_encoders: Sequence[TextEncoder], captions: list[str], device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """(context (B, 77, sum of widths), pooled (B, P) or None) for a list of captions, following each
+    encoder's ``spec.hidden_state`` (see `sdlab.models.clip`): "last" = final-norm output; "penultimate_norm"
+    = second-to-last layer + final norm; "penultimate" = second-to-last layer, no norm. The pooled vector
+    is that of the last encoder with a projection (SDXL's bigG)."""
+    contexts, pooled = [], None
+    for te in text_encoders:
+        ids = te.tokenizer(captions).to(device)  # (B, 77)
+        layers = te.config.layers
+        if te.spec.hidden_state == "last":
+            out = te.model(ids)
+            hidden = out.last_hidden_state
+        elif te.spec.hidden_state == "penultimate_norm":
+            out = te.model(ids, num_layers=layers - 1)
+            hidden = out.last_hidden_state
+        else:  # "penultimate"
+            out = te.model(ids)
+            hidden = out.hidden_states[-2]
+        contexts.append(hidden)  # (B, 77, width)
+        if te.config.projection_dim is not None and out.pooled is not None:
+            pooled = out.pooled  # (B, P)
+    return torch.cat(contexts, dim=-1), pooled
+
+
+class UNetTaskOptions:
+    """The subset of `TrainConfig` the U-Net objective reads (kept explicit so tests can build a task)."""
+
+    def __init__(self, *, caption_dropout: float = 0.1, min_snr_gamma: float | None = None,
+                 offset_noise: float = 0.0, prediction: str | None = None, lora_rank: int | None = None,
+                 lora_alpha: float | None = None, lora_text_encoder: bool = False,
+                 gradient_checkpointing: bool = False, save_dtype: str = "fp32", sample_prompts: Sequence[str] = (),
+                 sample_steps: int = 20, sample_cfg: float = 7.0, sample_seed: int = 0, resolution: int | None = None):
+        self.caption_dropout = caption_dropout
+        self.min_snr_gamma = min_snr_gamma
+        self.offset_noise = offset_noise
+        self.prediction = prediction
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha
+        self.lora_text_encoder = lora_text_encoder
+        self.gradient_checkpointing = gradient_checkpointing
+        self.save_dtype = save_dtype
+        self.sample_prompts = tuple(sample_prompts)
+        self.sample_steps = sample_steps
+        self.sample_cfg = sample_cfg
+        self.sample_seed = sample_seed
+        self.resolution = resolution
+
+    @classmethod
+    def from_config(cls, cfg) -> UNetTaskOptions:
+        return cls(caption_dropout=cfg.caption_dropout, min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
+                   prediction=cfg.prediction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                   lora_text_encoder=cfg.lora_text_encoder, gradient_checkpointing=cfg.gradient_checkpointing,
+                   save_dtype=cfg.save_dtype, sample_prompts=cfg.sample_prompts, sample_steps=cfg.sample_steps,
+                   sample_cfg=cfg.sample_cfg, sample_seed=cfg.sample_seed, resolution=cfg.resolution)
+
+
+class UNetTask:
+    """Latent-diffusion U-Net training on a loaded `ModelBundle` (see module docstring)."""
+
+    name = "unet"
+    ddp_names = ("unet", "lora_unet")  # trainable modules whose forward `loss` runs through `bind_wrapped`
+
+    def __init__(self, bundle: ModelBundle, options: UNetTaskOptions | None = None):
+        self.options = options or UNetTaskOptions()
+        opts = self.options
+        if opts.prediction is not None:
+            bundle = replace(bundle, prediction=Prediction.parse(opts.prediction))
+        self.bundle = bundle
+        self.prediction = bundle.prediction
+        self.device = bundle.device
+        self.alphas_cumprod = bundle.family.schedule.build().alphas_cumprod.to(torch.float32)  # (T,)
+        self.num_timesteps = self.alphas_cumprod.numel()
+
+        for module in (bundle.vae, *(te.model for te in bundle.text_encoders)):
+            module.requires_grad_(False).eval()
+        self.text_lora: LoRANetwork | None = None
+        self.unet_lora: LoRANetwork | None = None
+        if opts.lora_rank is None:
+            bundle.unet.requires_grad_(True)
+            self._modules: dict[str, nn.Module] = {"unet": bundle.unet}
+        else:
+            bundle.unet.requires_grad_(False)
+            self.unet_lora = LoRANetwork.for_unet(bundle.unet, opts.lora_rank, opts.lora_alpha).attach()
+            self._modules = {"lora_unet": self.unet_lora}
+            if opts.lora_text_encoder:
+                self.text_lora = LoRANetwork.for_text_encoders(
+                    [te.model for te in bundle.text_encoders], opts.lora_rank, opts.lora_alpha).attach()
+                self._modules["lora_te"] = self.text_lora
+        bundle.unet.train()
+        if opts.gradient_checkpointing:
+            enable_gradient_checkpointing(bundle.unet)
+        # what the loss calls; replaced by the DDP wrapper of the trainable U-Net part under torchrun
+        self._unet_call: nn.Module = self.unet_lora if self.unet_lora is not None else bundle.unet
+
+    # -- TrainTask ------------------------------------------------------------------------------------
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return dict(self._modules)
+
+    def bind_wrapped(self, name: str, wrapped: nn.Module) -> None:
+        """Route the forward pass of trainable module ``name`` through its DDP wrapper."""
+        if name in ("unet", "lora_unet"):
+            self._unet_call = wrapped
+        # the text LoRA runs inside the text encoders' forward; its gradients are averaged by the loop
+
+    def loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        n = len(batch)
+        seeds = batch.seeds or [int(torch.randint(0, 2**62, (), generator=generator)) for _ in range(n)]
+        gens = [generator_for(s, "unet") for s in seeds]
+        device = self.device
+
+        captions = [
+            "" if float(torch.rand((), generator=g)) < self.options.caption_dropout else c
+            for c, g in zip(batch.captions, gens)
+        ]
+        z0 = self.latents(batch, seeds)  # (B, C, h, w) float32, scaled
+        t = sample_timesteps(gens, self.num_timesteps, device=device)  # (B,)
+        noise = per_sample_normal(z0.shape, gens, device=device)  # (B, C, h, w)
+        noise = offset_noise(noise, self.options.offset_noise, gens)
+        x_t = q_sample(z0, t, noise, self.alphas_cumprod)
+        target = prediction_target(self.prediction, z0, noise, t, self.alphas_cumprod)
+
+        with torch.set_grad_enabled(self.text_lora is not None and torch.is_grad_enabled()):
+            context, pooled = encode_captions(self.bundle.text_encoders, captions, device)
+        y = self._vector(pooled, batch, z0) if self.bundle.unet_config.adm_in_channels is not None else None
+        pred = self._unet_call(x_t, t.to(torch.float32), context, y)  # (B, C, h, w)
+
+        per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        if self.options.min_snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(t, self.alphas_cumprod, self.options.min_snr_gamma, self.prediction)
+        loss = per_sample.mean()
+        return loss, {"loss": float(loss.detach()), "t_mean": float(t.float().mean())}
+
+    def save_weights(self, path: Path, ema: bool) -> None:
+        dtype = _DTYPES[self.options.save_dtype]
+        if self.unet_lora is not None:
+            meta = {"sdlab.family": self.bundle.family.name, "sdlab.ema": str(bool(ema))}
+            tensors = self.unet_lora.lora_state_dict(dtype)
+            if self.text_lora is not None:
+                tensors |= self.text_lora.lora_state_dict(dtype)
+            write_safetensors_atomic(path, tensors, {"ss_network_module": "networks.lora",
+                                                     "ss_network_dim": str(self.unet_lora.rank),
+                                                     "ss_network_alpha": repr(self.unet_lora.alpha), **meta})
+        else:
+            save_bundle(self.bundle, path, dtype=None if dtype == torch.float32 else dtype)
+
+    def preview(self, out_dir: Path, step: int) -> None:
+        """Sample each fixed prompt with the generate pipeline (EMA weights swapped in by the loop)."""
+        if not self.options.sample_prompts:
+            return
+        from sdlab.pipeline.generate import generate  # the pipeline layer; imported when previews are asked for
+        from sdlab.pipeline.request import GenerationRequest
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        was_training = self.bundle.unet.training
+        self.bundle.unet.eval()
+        try:
+            for i, prompt in enumerate(self.options.sample_prompts):
+                size = self.options.resolution
+                request = GenerationRequest(prompt=prompt, steps=self.options.sample_steps, cfg_scale=self.options.sample_cfg,
+                                            seed=self.options.sample_seed + i, width=size, height=size)
+                result = generate(self.bundle, request)
+                result.images[0].save(out_dir / f"step-{step:08d}-{i:02d}.png")
+        finally:
+            self.bundle.unet.train(was_training)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def latents(self, batch: Batch, seeds: Sequence[int]) -> Tensor:
+        """Scaled training latents: the cached ones, or a posterior sample of the frozen VAE drawn from
+        ``generator_for(seed, "posterior")`` (the draw the latent cache uses too)."""
+        if batch.latents is not None:
+            return batch.latents.to(self.device, torch.float32)
+        if batch.images is None:
+            raise ValueError("a batch needs images or cached latents")
+        posterior = self.bundle.vae.encode(batch.images.to(self.device))
+        eps = per_sample_normal(posterior.mean.shape, [generator_for(s, "posterior") for s in seeds],
+                                device=self.device, dtype=torch.float32)
+        z = posterior.mean.float() + posterior.std.float() * eps  # (B, C, h, w)
+        return z * self.bundle.scaling_factor
+
+    def _vector(self, pooled: Tensor | None, batch: Batch, z0: Tensor) -> Tensor:
+        """SDXL's y: pooled text + sinusoidal size / crop (/ aesthetic score) embeddings."""
+        if pooled is None:
+            raise ValueError("SDXL training needs a text encoder with a projection (pooled output)")
+        n = len(batch)
+        adm = self.bundle.unet_config.adm_in_channels
+        extra = (adm - pooled.shape[-1]) // _SIZE_EMBED
+        factor = self.bundle.vae_config.downsample_factor
+        target = (z0.shape[-2] * factor, z0.shape[-1] * factor)
+        sizes = batch.original_sizes or [target] * n
+        crops = batch.crops_top_left or [(0, 0)] * n
+        rows = []
+        for (oh, ow), (ct, cl) in zip(sizes, crops):
+            tail = [*target] if extra == 6 else [SDXL_REFINER_AESTHETIC_SCORE]
+            rows.append([oh, ow, ct, cl, *tail])
+        conds = torch.tensor(rows, dtype=torch.float32, device=pooled.device)  # (B, 6) or (B, 5)
+        return sdxl_vector(pooled, conds)  # (B, adm)
+
+
+def build_task(config, bundle: ModelBundle) -> UNetTask:
+    """The task-registry entry point (`sdlab.train.cli`): a `UNetTask` from a `TrainConfig`."""
+    return UNetTask(bundle, UNetTaskOptions.from_config(config))
