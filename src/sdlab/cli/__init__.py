@@ -4,6 +4,7 @@
     sdlab img2img PROMPT --init IMAGE [--strength S] ...
     sdlab inpaint PROMPT --init IMAGE --mask MASK | --outpaint L,R,T,B ...
     sdlab inspect PATH [--family F] [--prediction P] [--vae FILE] [--json]   (cli/inspect.py)
+    sdlab train --task unet|vae|text --data DIR ...                        (train/cli.py)
 
 Errors the user can fix (a bad file, a missing path) print one line, `sdlab: error: ...`, on stderr and exit
 with status 2; anything else exits 1, also without a traceback unless `--debug` or `SDLAB_DEBUG=1`.
@@ -22,6 +23,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.cli.errors import UserError
 from sdlab.cli.generate import add_generate
 from sdlab.cli.inspect import add_inspect
+from sdlab.train.cli import add_train_parser
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -30,7 +32,7 @@ EXIT_INTERNAL_ERROR = 1
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_generate, add_inspect)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_generate, add_inspect, add_train_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -51,6 +51,10 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--out", default="outputs", help="output .png file, or a folder (default: ./outputs)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
         p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (default fp32)")
+        p.add_argument(
+            "--lora", action="append", default=[], metavar="FILE:WEIGHT",
+            help="merge a LoRA file (kohya / A1111 format) at WEIGHT (default 1); repeatable",
+        )
         p.add_argument("--from-png", help="take every unset option from this PNG's parameters chunk")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if mode != "txt2img":
@@ -159,7 +163,23 @@ def _load_pipeline(args: argparse.Namespace):
     model = args.model or shipped_model_path()
     if model is None:
         raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")
-    return load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family, prediction=args.prediction), model
+    loras = [_parse_lora(spec) for spec in args.lora]
+    pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family, prediction=args.prediction)
+    if loras:
+        from sdlab.train.lora import apply_lora
+
+        for path, weight in loras:
+            apply_lora(pipe.bundle, path, weight)
+    return pipe, model
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    path, _, weight = spec.rpartition(":") if ":" in spec else (spec, "", "1")
+    if not path or (weight and not re.fullmatch(r"-?[0-9.]+", weight)):  # "C:\x.safetensors" has no weight
+        path, weight = spec, "1"
+    if not os.path.isfile(path):
+        raise UserError(f"the LoRA file {path!r} does not exist")
+    return path, float(weight or 1)
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         description="Train a model. Settings come from --config (TOML/JSON) and the options below.",
     )
     add_config_arguments(parser)
-    parser.set_defaults(func=run_train)
+    parser.set_defaults(run=run_train)
     return parser
 
 
