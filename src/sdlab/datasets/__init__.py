@@ -1,0 +1,35 @@
+"""Datasets sdlab trains its shipped model on: emoji and procedural shapes with structured captions.
+
+Imports only the standard library, numpy and Pillow.
+"""
+
+from sdlab.datasets.build import build_dataset, sample_spec
+from sdlab.datasets.captions import SHAPES, SceneSpec, caption, parse_caption
+from sdlab.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, nearest_colour
+from sdlab.datasets.emoji import find_emoji_font
+from sdlab.datasets.emoji_subset import EMOJI, EMOJI_NAMES
+from sdlab.datasets.layout import POSITIONS, SIZES
+from sdlab.datasets.scene import render_scene, render_scene_at
+from sdlab.datasets.shapes import HELD_OUT_SHAPE_COLOURS, is_held_out
+
+__all__ = [
+    "BACKGROUND_COLOURS",
+    "EMOJI",
+    "EMOJI_NAMES",
+    "HELD_OUT_SHAPE_COLOURS",
+    "PALETTE",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "SUBJECT_COLOURS",
+    "SceneSpec",
+    "build_dataset",
+    "caption",
+    "find_emoji_font",
+    "is_held_out",
+    "nearest_colour",
+    "parse_caption",
+    "render_scene",
+    "render_scene_at",
+    "sample_spec",
+]

@@ -1,0 +1,188 @@
+"""Dataset builders: caption grammar round trip and parser, palettes, emoji font and subset,
+held-out pairs never built, determinism from a seed."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+
+from sdlab.datasets import build, emoji
+from sdlab.datasets.captions import CAPTION_TEMPLATES, SHAPES, SceneSpec, caption, parse_caption
+from sdlab.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, delta_e, nearest_colour
+from sdlab.datasets.emoji_subset import EMOJI, EMOJI_NAMES
+from sdlab.datasets.layout import POSITIONS, SIZES, position_centre, sample_placement
+from sdlab.datasets.scene import render_scene
+from sdlab.datasets.shapes import HELD_OUT_SHAPE_COLOURS, is_held_out
+
+
+def _all_specs(emoji_stride: int = 7) -> list[SceneSpec]:
+    specs = []
+    for index, (size, position, background) in enumerate(itertools.product(SIZES, POSITIONS, BACKGROUND_COLOURS)):
+        specs.append(
+            SceneSpec("emoji", EMOJI_NAMES[(index * emoji_stride) % len(EMOJI_NAMES)], None, size, position, background)
+        )
+        shape = SHAPES[index % len(SHAPES)]
+        colour = SUBJECT_COLOURS[index % len(SUBJECT_COLOURS)]
+        specs.append(SceneSpec("shape", shape, colour, size, position, background))
+    return specs
+
+
+def test_caption_round_trip_every_template() -> None:
+    for spec in _all_specs():
+        for template in range(CAPTION_TEMPLATES):
+            assert parse_caption(caption(spec, template)) == spec, caption(spec, template)
+
+
+def test_every_emoji_name_round_trips() -> None:
+    for name in EMOJI_NAMES:
+        spec = SceneSpec("emoji", name, None, "medium", "bottom left", "dark blue")
+        assert parse_caption(caption(spec)) == spec
+
+
+def test_canonical_caption_text() -> None:
+    assert caption(SceneSpec("emoji", "red apple", None, "small", "top left", "light blue")) == (
+        "a small red apple in the top left on a light blue background"
+    )
+    assert caption(SceneSpec("shape", "star", "blue", "large", "bottom right", "white"), 1) == (
+        "a large blue star, bottom right, white background"
+    )
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        (
+            "a large blue star, bottom right, white background",
+            SceneSpec("shape", "star", "blue", "large", "bottom right", "white"),
+        ),
+        ("Big grey circle in the upper-left corner.", SceneSpec("shape", "circle", "gray", "large", "top left", None)),
+        ("a cat face on dark green background", SceneSpec("emoji", "cat face", None, None, None, "dark green")),
+        (
+            "A light blue background with a medium pink heart on the right side",
+            SceneSpec("shape", "heart", "pink", "medium", "right", "light blue"),
+        ),
+        ("tiny rocket at the top of the image", SceneSpec("emoji", "rocket", None, "small", "top", None)),
+        (
+            "a medium-sized green hexagon in the middle, black background",
+            SceneSpec("shape", "hexagon", "green", "medium", "center", "black"),
+        ),
+        ("red apple", SceneSpec("emoji", "red apple")),
+        (
+            "a small square that is yellow, lower right, on a navy background",
+            SceneSpec("shape", "square", "yellow", "small", "bottom right", "dark blue"),
+        ),
+    ],
+)
+def test_parser_reads_paraphrases(prompt: str, expected: SceneSpec) -> None:
+    assert parse_caption(prompt) == expected
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a purple elephant",
+        "a red star on a red background",
+        "a star at the top bottom",
+        "a small red circle wearing a hat",
+    ],
+)
+def test_parser_rejects_what_it_cannot_read(prompt: str) -> None:
+    with pytest.raises(ValueError):
+        parse_caption(prompt)
+
+
+def test_spec_validates_vocabulary() -> None:
+    with pytest.raises(ValueError, match="trained emoji"):
+        SceneSpec("emoji", "purple elephant")
+    with pytest.raises(ValueError, match="no separate colour"):
+        SceneSpec("emoji", "red apple", colour="red")
+    with pytest.raises(ValueError, match="background"):
+        SceneSpec("shape", "star", "red", "small", "top", "red")
+
+
+def test_palettes_are_separated_in_lab() -> None:
+    for palette, minimum in ((SUBJECT_COLOURS, 25.0), (BACKGROUND_COLOURS, 25.0)):
+        for a, b in itertools.combinations(palette, 2):
+            assert float(delta_e(PALETTE[a], PALETTE[b])) >= minimum, (a, b)
+    for name in PALETTE:
+        assert nearest_colour(PALETTE[name]) == name
+    assert nearest_colour((250, 250, 250), BACKGROUND_COLOURS) == "white"
+    assert nearest_colour((200, 20, 20), SUBJECT_COLOURS) == "red"
+
+
+def test_emoji_subset_renders_and_names_are_unambiguous() -> None:
+    assert 200 <= len(EMOJI) <= 400
+    assert len(set(EMOJI_NAMES)) == len(EMOJI_NAMES)
+    for codepoint, name in EMOJI:
+        assert emoji.caption_name(codepoint) == name
+        assert not emoji.NAME_EXCLUSIONS.intersection(name.split())
+        assert name not in PALETTE and name not in SHAPES
+        glyph = emoji.emoji_glyph(codepoint)
+        assert glyph.mode == "RGBA" and min(glyph.size) >= 40, name
+        colours = np.asarray(glyph)[..., :3].reshape(-1, 3)
+        assert len(np.unique(colours[::7], axis=0)) > 8, f"{name} does not render in colour"
+
+
+def test_font_search_and_its_error(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    assert emoji.find_emoji_font().name == emoji.EMOJI_FONT_FILE
+    monkeypatch.setattr(emoji, "FONT_DIRS", (str(tmp_path),))
+    monkeypatch.delenv(emoji.FONT_ENV, raising=False)
+    with pytest.raises(FileNotFoundError, match="fonts-noto-color-emoji"):
+        emoji.find_emoji_font()
+
+
+def test_placement_stays_inside_the_margin() -> None:
+    rng = np.random.default_rng(0)
+    for size, position in itertools.product(SIZES, POSITIONS):
+        for _ in range(20):
+            side, cx, cy = sample_placement(size, position, rng)
+            assert min(cx - side / 2, cy - side / 2, 1 - cx - side / 2, 1 - cy - side / 2) >= 0.049
+    assert position_centre("center", 0.3) == (0.5, 0.5)
+
+
+def test_held_out_pairs_cover_each_shape_once_and_never_appear_in_training(tmp_path) -> None:
+    assert {s for s, _ in HELD_OUT_SHAPE_COLOURS} == set(SHAPES)
+    assert len({c for _, c in HELD_OUT_SHAPE_COLOURS}) == len(HELD_OUT_SHAPE_COLOURS)
+    pairs = build.shape_pairs_for_training()
+    assert not set(pairs) & HELD_OUT_SHAPE_COLOURS
+    assert {s for s, _ in pairs} == set(SHAPES) and {c for _, c in pairs} == set(SUBJECT_COLOURS)
+    seen = set()
+    for index in range(3000):
+        spec = build.sample_spec(np.random.default_rng([5, index]), "shapes")
+        assert not is_held_out(spec.subject, spec.colour)
+        assert float(delta_e(PALETTE[spec.colour], PALETTE[spec.background])) >= build.MIN_CONTRAST
+        seen.add((spec.subject, spec.colour))
+    assert seen == set(pairs)
+
+
+def test_build_writes_pairs_and_is_deterministic(tmp_path) -> None:
+    first = build.build_dataset(tmp_path / "a", 24, seed=3, paraphrase_prob=0.5)
+    again = build.build_dataset(tmp_path / "b", 24, seed=3, paraphrase_prob=0.5)
+    prefix = build.build_dataset(tmp_path / "c", 10, seed=3, paraphrase_prob=0.5)
+    other = build.build_dataset(tmp_path / "d", 24, seed=4)
+    assert first == again and first[:10] == prefix
+    assert [r["caption"] for r in first] != [r["caption"] for r in other]
+    for record in first:
+        png = (tmp_path / "a" / record["file"]).read_bytes()
+        assert png == (tmp_path / "b" / record["file"]).read_bytes()
+        text = (tmp_path / "a" / record["file"]).with_suffix(".txt").read_text()
+        assert text == record["caption"]
+        assert parse_caption(text) == SceneSpec(**record["spec"])
+    lines = (tmp_path / "a" / "metadata.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines] == first
+    assert {r["spec"]["kind"] for r in first} == {"emoji", "shape"}
+
+
+def test_render_is_deterministic_and_sized() -> None:
+    spec = SceneSpec("emoji", "cat face", None, "large", "right", "light green")
+    a = render_scene(spec, np.random.default_rng(1))
+    b = render_scene(spec, np.random.default_rng(1))
+    assert a.size == (64, 64) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    big = render_scene(spec, np.random.default_rng(1), image_size=128)
+    assert big.size == (128, 128)
+    border = np.asarray(a)[:2].reshape(-1, 3)
+    assert (border == PALETTE["light green"]).all()
