@@ -1,0 +1,208 @@
+"""What a user asks for (`GenerationRequest`) and what they get back (`GenerationResult`).
+
+One request type serves txt2img, img2img and inpainting: an `init_image` makes it img2img, an
+`init_image` with a `mask_image` makes it inpainting. `resolve` fills the family's defaults and checks
+every value once, so the generate loop can trust what it reads. What it does with values that are not
+plainly right:
+
+- width / height: sides that are not a multiple of `SIZE_MULTIPLE` (8, the VAE factor of every released
+  model; the VAE factor itself when that is larger) are rounded DOWN to one, with a logged warning
+  (A1111's and diffusers' grid; rounding down never grows the picture); a side smaller than one
+  multiple, or above `MAX_SIDE`, is an error. img2img / inpainting default to the init image's size
+  (then snapped), txt2img to the family's size.
+- prompts: any length up to `MAX_PROMPT_CHARS` characters is accepted. Long prompts are encoded in
+  chunks of 75 tokens (A1111's behaviour; diffusers would truncate at 77 tokens); longer text is refused,
+  as it is almost always a pasted file, not a prompt.
+- seed: None or a negative number (A1111's -1) draws a random seed; image i of a batch uses seed + i.
+- every other out-of-range value is a `RequestError` naming the value, what was given and what is valid.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from PIL import Image
+
+from sdlab.diffusion.discretization import (
+    DISCRETIZATIONS,
+    IMG2IMG_CONVENTIONS,
+    INIT_NOISE_CONVENTIONS,
+    steps_run,
+)
+from sdlab.diffusion.samplers import get_sampler
+from sdlab.pipeline.images import snap_size
+
+MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always a mistake (a pasted file)
+MAX_BATCH = 64
+MAX_SIDE = 8192
+SIZE_MULTIPLE = 8                           # pixel sides snap to multiples of lcm(8, VAE factor)
+MAX_SEED = 2**64 - 1                        # torch.Generator.manual_seed's range
+
+
+class RequestError(ValueError):
+    """A request that cannot be run; the message says which value is wrong and why."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Everything that decides the picture. `None` means "the model family's default"."""
+
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str | None = None              # A1111 or ComfyUI name, e.g. "DPM++ 2M", "euler_ancestral"
+    schedule: str | None = None             # discretization: "karras", "normal", "leading", ...
+    cfg_scale: float = 7.0
+    guidance_rescale: float = 0.0
+    seed: int | None = None                 # image i uses seed + i; None draws a random seed
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    clip_skip: int = 1                      # A1111 numbering: 1 = the family's usual layer, 2 = one back
+    eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
+    s_noise: float = 1.0
+    init_noise: str = "sigma_max"           # "sigma_max" (A1111, ComfyUI) or "vp" (diffusers' DDIM-family)
+    quantize_timesteps: bool = False        # round t to integers before the U-Net (diffusers' DPM-Solver)
+    # img2img / inpainting
+    init_image: Image.Image | None = field(default=None, repr=False, compare=False)
+    strength: float = 0.75
+    img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui"
+    mask_image: Image.Image | None = field(default=None, repr=False, compare=False)
+    mask_blur: float = 0.0
+    # SDXL size conditioning, (height, width) / (top, left) in pixels; None = the image size / (0, 0)
+    original_size: tuple[int, int] | None = None
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
+    aesthetic_score: float = 6.0            # SDXL refiner
+    negative_aesthetic_score: float = 2.5
+    tiled_vae: bool | None = None           # None = tile above `tiling.DEFAULT_TILE_THRESHOLD_PIXELS`
+
+    @property
+    def mode(self) -> str:
+        if self.init_image is None:
+            return "txt2img"
+        return "img2img" if self.mask_image is None else "inpaint"
+
+    def seeds(self) -> list[int]:
+        assert self.seed is not None, "resolve() the request first"
+        return [self.seed + i for i in range(self.batch_size)]
+
+    def parameters(self) -> dict[str, Any]:
+        """The request as plain values (images left out), for metadata and logs."""
+        values = asdict(replace(self, init_image=None, mask_image=None))
+        values.pop("init_image")
+        values.pop("mask_image")
+        return values
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: list[Image.Image]
+    seeds: list[int]
+    request: GenerationRequest              # resolved: every default filled in
+
+
+def _finite(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise RequestError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _pair(name: str, value: Any, minimum: int) -> None:
+    if value is None:
+        return
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_integer(v) and v >= minimum for v in value)):
+        raise RequestError(f"{name} must be two integers >= {minimum} (height, width / top, left), got {value!r}")
+
+
+def resolve(
+    request: GenerationRequest,
+    *,
+    default_size: int,
+    default_sampler: str,
+    default_schedule: str,
+    factor: int,
+) -> GenerationRequest:
+    """Fill defaults and validate; raises `RequestError` with one clear message per problem.
+
+    `factor` is the VAE's downsampling factor; sizes snap to multiples of lcm(8, factor) (module docstring).
+    """
+    r = request
+    if not isinstance(r.prompt, str) or not isinstance(r.negative_prompt, str):
+        raise RequestError("prompt and negative prompt must be text")
+    for name, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+        if len(text) > MAX_PROMPT_CHARS:
+            raise RequestError(f"the {name} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
+    if not _integer(r.steps) or r.steps < 1:
+        raise RequestError(f"steps must be an integer >= 1, got {r.steps!r}")
+    if not _integer(r.batch_size) or not 1 <= r.batch_size <= MAX_BATCH:
+        raise RequestError(f"batch size must be an integer in 1..{MAX_BATCH}, got {r.batch_size!r}")
+    if not _integer(r.clip_skip) or r.clip_skip < 1:
+        raise RequestError(f"clip skip must be an integer >= 1, got {r.clip_skip!r}")
+    _finite("CFG scale", r.cfg_scale)
+    if not 0.0 <= _finite("guidance rescale", r.guidance_rescale) <= 1.0:
+        raise RequestError(f"guidance rescale must lie in [0, 1], got {r.guidance_rescale}")
+    _finite("s_noise", r.s_noise)
+    _finite("aesthetic score", r.aesthetic_score)
+    _finite("negative aesthetic score", r.negative_aesthetic_score)
+    if _finite("mask blur", r.mask_blur) < 0:
+        raise RequestError(f"mask blur must be >= 0, got {r.mask_blur}")
+    _pair("original_size", r.original_size, 1)
+    _pair("target_size", r.target_size, 1)
+    _pair("crops_coords_top_left", r.crops_coords_top_left, 0)
+    if r.seed is not None and not _integer(r.seed):
+        raise RequestError(f"seed must be an integer (or None / -1 for a random one), got {r.seed!r}")
+    if r.eta is not None and _finite("eta", r.eta) < 0:
+        raise RequestError(f"eta must be >= 0, got {r.eta}")
+    if not isinstance(r.sampler, (str, type(None))) or not isinstance(r.schedule, (str, type(None))):
+        raise RequestError(f"sampler and schedule must be names (text), got {r.sampler!r} and {r.schedule!r}")
+    sampler = r.sampler or default_sampler
+    try:
+        sampler = get_sampler(sampler).name
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    schedule = (r.schedule or default_schedule).strip().lower()
+    if schedule not in DISCRETIZATIONS:
+        raise RequestError(f"unknown schedule {r.schedule!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
+    if r.init_noise not in INIT_NOISE_CONVENTIONS:
+        raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
+    if r.img2img_convention not in IMG2IMG_CONVENTIONS:
+        raise RequestError(
+            f"unknown img2img convention {r.img2img_convention!r}; valid: {', '.join(IMG2IMG_CONVENTIONS)}"
+        )
+    if r.init_image is None and r.mask_image is not None:
+        raise RequestError("a mask needs an init image to inpaint")
+    if r.init_image is not None:
+        if not 0.0 < _finite("strength", r.strength) <= 1.0:
+            raise RequestError(f"strength must lie in (0, 1], got {r.strength}")
+        try:
+            steps_run(r.steps, r.strength, r.img2img_convention)
+        except ValueError as err:       # a strength so low that no step runs
+            raise RequestError(f"{err}; raise the strength or the steps") from None
+
+    width, height = r.width, r.height
+    if r.init_image is not None:        # img2img / inpaint default to the init image's size
+        width = width or r.init_image.width
+        height = height or r.init_image.height
+    width, height = width or default_size, height or default_size
+    multiple = math.lcm(SIZE_MULTIPLE, factor)
+    for name, side in (("width", width), ("height", height)):
+        if not _integer(side) or not multiple <= side <= MAX_SIDE:
+            raise RequestError(f"{name} must be an integer in {multiple}..{MAX_SIDE}, got {side!r}")
+    width, height = snap_size(width, height, multiple)
+    if r.mask_image is not None and r.mask_image.size != r.init_image.size:
+        raise RequestError(
+            f"the mask is {r.mask_image.width}x{r.mask_image.height} but the image is "
+            f"{r.init_image.width}x{r.init_image.height}; they must be the same size"
+        )
+    seed = r.seed if r.seed is not None and r.seed >= 0 else random.randrange(2**32)
+    if seed + r.batch_size - 1 > MAX_SEED:
+        raise RequestError(f"seed {seed} + {r.batch_size - 1} is past the largest seed {MAX_SEED}")
+    return replace(r, sampler=sampler, schedule=schedule, width=width, height=height, seed=int(seed))

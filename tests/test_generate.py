@@ -1,0 +1,306 @@
+"""sdlab's generate loop on its own: seeds, every family and mode, every sampler, request checking, refiner.
+
+Pictures against diffusers' pipelines are in tests/test_pipeline_parity.py; this file checks what only sdlab
+promises. Every run is tiny (reduced-width random models, 16 x 16 pixels, 2-3 steps).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from bundle_fixtures import tiny_bundle
+from diffusers import EulerDiscreteScheduler
+from PIL import Image
+
+from sdlab.api import Pipeline
+from sdlab.diffusion.discretization import get_discretization
+from sdlab.diffusion.noise import generators_for
+from sdlab.diffusion.samplers import sampler_names
+from sdlab.families import get_family
+from sdlab.pipeline.generate import (
+    encode_image,
+    generate,
+    generate_with_refiner,
+    handoff_index,
+    resolve_for,
+    sample_latents,
+)
+from sdlab.pipeline.images import latent_mask, pil_to_tensor, prepare_mask
+from sdlab.pipeline.request import (
+    MAX_PROMPT_CHARS,
+    GenerationRequest,
+    RequestError,
+    resolve,
+)
+
+SIZE = 16
+PROMPT = "a red cube on a blue sphere"
+FAMILIES = ["sd1", "sd2", "sdxl", "sd1-inpaint", "sdxl-refiner"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def bundles():
+    return {name: tiny_bundle(name, seed=5 + 10 * i) for i, name in enumerate(FAMILIES)}
+
+
+def _picture() -> Image.Image:
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
+    return Image.fromarray((np.stack([x, y, 1 - x * y], axis=-1) * 255).round().astype(np.uint8))
+
+
+def _mask() -> Image.Image:
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[:, SIZE // 2:] = 255                                    # repaint the right half
+    return Image.fromarray(mask)
+
+
+def _request(**changes) -> GenerationRequest:
+    options = dict(prompt=PROMPT, negative_prompt="ugly", steps=2, seed=3, width=SIZE, height=SIZE,
+                   sampler="Euler", schedule="karras")
+    return GenerationRequest(**{**options, **changes})
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in images]).astype(np.int16)      # (B, H, W, 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# seeds
+
+
+@pytest.mark.parametrize(("family", "mode"), [
+    ("sd1", "txt2img"), ("sd1", "img2img"), ("sd1", "inpaint"), ("sd1-inpaint", "inpaint"),
+])
+def test_image_i_of_a_batch_is_the_single_run_with_seed_plus_i(bundles, family, mode):
+    """With a stochastic sampler every draw (VAE posterior, start noise, masked-image latent, step noise)
+    comes from image i's own generator, so a batch is the single runs side by side."""
+    pictures = {"img2img": dict(init_image=_picture(), strength=0.7),
+                "inpaint": dict(init_image=_picture(), mask_image=_mask(), strength=1.0)}.get(mode, {})
+    request = _request(sampler="Euler a", steps=3, **pictures)
+    batch = generate(bundles[family], _request(sampler="Euler a", steps=3, batch_size=3, seed=40, **pictures))
+    assert batch.seeds == [40, 41, 42]
+    singles = [generate(bundles[family], replace(request, seed=40 + i)).images[0] for i in range(3)]
+    assert np.abs(_pixels(batch.images) - _pixels(singles)).max() <= 1
+    assert np.abs(_pixels(batch.images[:1]) - _pixels(batch.images[1:2])).max() > 10    # the seeds do differ
+
+
+def test_same_seed_same_picture_and_random_seed_is_recorded(bundles):
+    first = generate(bundles["sd1"], _request(sampler="Euler a"))
+    again = generate(bundles["sd1"], _request(sampler="Euler a"))
+    assert np.array_equal(_pixels(first.images), _pixels(again.images))
+    drawn = generate(bundles["sd1"], _request(seed=-1))
+    assert drawn.request.seed >= 0 and drawn.seeds == [drawn.request.seed]
+    replay = generate(bundles["sd1"], drawn.request)
+    assert np.array_equal(_pixels(drawn.images), _pixels(replay.images))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every family, every mode
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
+def test_every_family_runs_every_mode(bundles, family, mode):
+    pipe = Pipeline(bundles[family])
+    width, height = SIZE + 8, SIZE                   # not square
+    if mode == "txt2img":
+        result = pipe.txt2img(PROMPT, "ugly", steps=2, seed=1, width=width, height=height, batch_size=2)
+    elif mode == "img2img":
+        result = pipe.img2img(PROMPT, _picture().resize((width, height)), strength=0.75, steps=2, seed=1, batch_size=2)
+    else:
+        result = pipe.inpaint(PROMPT, _picture().resize((width, height)), _mask().resize((width, height)), steps=2,
+                              seed=1, batch_size=2)
+    assert [image.size for image in result.images] == [(width, height)] * 2
+    assert result.request.mode == mode
+    assert result.request.sampler == "DPM++ 2M" and result.request.schedule == "karras"   # the family defaults
+    assert np.abs(_pixels(result.images[:1]) - _pixels(result.images[1:])).max() > 0
+
+
+def test_4_channel_inpainting_keeps_the_known_latent(bundles):
+    """With an ordinary model the known region ends as the init image's latent (posterior sample of each
+    image's generator); the repainted region is new."""
+    bundle = bundles["sd1"]
+    req = resolve_for(bundle, _request(init_image=_picture(), mask_image=_mask(), strength=1.0, batch_size=2))
+    latents = sample_latents(bundle, req)                                                   # (2, 4, 8, 8)
+    known = encode_image(bundle, pil_to_tensor(_picture()), generators_for(req.seeds()))  # (2, 4, 8, 8)
+    keep = latent_mask(prepare_mask(_mask(), (SIZE, SIZE)), bundle.vae_config.downsample_factor) < 0.5
+    keep = keep.expand_as(latents)
+    assert torch.allclose(latents[keep], known[keep], atol=1e-5)
+    assert (latents[~keep] - known[~keep]).abs().max() > 0.1
+
+
+def test_inpainting_model_at_strength_1_ignores_the_picture_under_the_mask(bundles):
+    """A 9-channel model at strength 1 starts from pure noise (diffusers): the init picture enters only through
+    the masked-image channels, so the picture under the mask does not change the result."""
+    other = Image.fromarray(np.asarray(_picture())[:, :, ::-1].copy())
+    left_kept = np.asarray(_picture()).copy()
+    left_kept[:, SIZE // 2:] = np.asarray(other)[:, SIZE // 2:]                 # differs only under the mask
+    bundle = bundles["sd1-inpaint"]
+    a = generate(bundle, _request(init_image=_picture(), mask_image=_mask(), strength=1.0))
+    b = generate(bundle, _request(init_image=Image.fromarray(left_kept), mask_image=_mask(), strength=1.0))
+    assert np.array_equal(_pixels(a.images), _pixels(b.images))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# every sampler
+
+
+@pytest.mark.parametrize("name", sampler_names())
+def test_every_registered_sampler_runs(bundles, name):
+    steps = []
+    result = generate(bundles["sd1"], _request(sampler=name, schedule="normal", steps=2),
+                      progress=lambda info: steps.append(info.i))
+    assert steps == [0, 1]
+    assert result.images[0].size == (SIZE, SIZE)
+    assert _pixels(result.images).std() > 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# request checking
+
+
+def _resolve(request: GenerationRequest, factor: int = 8) -> GenerationRequest:
+    return resolve(request, default_size=512, default_sampler="DPM++ 2M", default_schedule="karras", factor=factor)
+
+
+def test_sizes_snap_down_to_multiples_of_8_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING):
+        resolved = _resolve(GenerationRequest(PROMPT, width=517, height=300))
+    assert (resolved.width, resolved.height) == (512, 296)
+    assert "not a multiple of 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert _resolve(GenerationRequest(PROMPT, width=640, height=384)).width == 640
+    assert caplog.text == ""
+    assert (_resolve(GenerationRequest(PROMPT)).width, _resolve(GenerationRequest(PROMPT)).height) == (512, 512)
+    init = _picture().resize((100, 60))
+    from_image = _resolve(GenerationRequest(PROMPT, init_image=init))
+    assert (from_image.width, from_image.height) == (96, 56)
+    # a VAE with a factor above 8 needs multiples of its factor; one below 8 still gets the 8-pixel grid
+    assert _resolve(GenerationRequest(PROMPT, width=40, height=48), factor=16).width == 32
+    assert _resolve(GenerationRequest(PROMPT, width=20, height=16), factor=2).width == 16
+
+
+def test_long_prompts_up_to_the_limit_are_accepted_in_chunks(bundles):
+    words = ["red", "green", "blue", "cube", "sphere", "cone"]
+    prompt = " ".join(words[i % len(words)] for i in range(2000))[:10_000]                  # 10,000 characters
+    assert len(prompt) == 10_000 and MAX_PROMPT_CHARS >= 10_000
+    result = generate(bundles["sd1"], _request(prompt=prompt, negative_prompt=prompt[:3000]))
+    assert result.images[0].size == (SIZE, SIZE)
+    with pytest.raises(RequestError, match=f"prompt is {MAX_PROMPT_CHARS + 1} characters long; the limit is"):
+        _resolve(GenerationRequest("a" * (MAX_PROMPT_CHARS + 1)))
+    with pytest.raises(RequestError, match="negative prompt is"):
+        _resolve(GenerationRequest(PROMPT, negative_prompt="a" * (MAX_PROMPT_CHARS + 1)))
+
+
+BAD_REQUESTS = [
+    (dict(width=4), r"width must be an integer in 8\.\.8192, got 4"),
+    (dict(height=10_000), r"height must be an integer in 8\.\.8192, got 10000"),
+    (dict(width=512.0), "width must be an integer"),
+    (dict(steps=0), "steps must be an integer >= 1, got 0"),
+    (dict(steps=2.5), "steps must be an integer >= 1"),
+    (dict(steps=True), "steps must be an integer >= 1"),
+    (dict(batch_size=0), r"batch size must be an integer in 1\.\.64, got 0"),
+    (dict(batch_size=65), "batch size must be an integer"),
+    (dict(cfg_scale=math.nan), "CFG scale must be a finite number, got nan"),
+    (dict(cfg_scale=math.inf), "CFG scale must be a finite number, got inf"),
+    (dict(cfg_scale="7"), "CFG scale must be a finite number"),
+    (dict(guidance_rescale=1.5), r"guidance rescale must lie in \[0, 1\]"),
+    (dict(sampler="euler_b"), r"unknown sampler 'euler_b'; valid names: Euler, Euler a, .*dpmpp_2m"),
+    (dict(schedule="karas"), r"unknown schedule 'karas'; valid names: .*karras.*sgm_uniform"),
+    (dict(init_noise="big"), "unknown initial-noise convention 'big'; valid: sigma_max, vp"),
+    (dict(img2img_convention="forge", init_image=_picture()), "unknown img2img convention 'forge'; valid: diffusers"),
+    (dict(init_image=_picture(), strength=0.0), r"strength must lie in \(0, 1\], got 0.0"),
+    (dict(init_image=_picture(), strength=1.5), r"strength must lie in \(0, 1\], got 1.5"),
+    (dict(init_image=_picture(), strength=math.nan), "strength must be a finite number"),
+    (dict(init_image=_picture(), strength=0.1, steps=5), "runs no step .*raise the strength or the steps"),
+    (dict(mask_image=_mask()), "a mask needs an init image"),
+    (dict(init_image=_picture(), mask_image=_mask().resize((8, 16))),
+     "the mask is 8x16 but the image is 16x16; they must be the same size"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed=2**64 - 1, batch_size=2), "past the largest seed"),
+    (dict(clip_skip=0), "clip skip must be an integer >= 1"),
+    (dict(eta=-1.0), "eta must be >= 0"),
+    (dict(mask_blur=-2.0), "mask blur must be >= 0"),
+    (dict(original_size=(1024,)), "original_size must be two integers"),
+    (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left must be two integers >= 0"),
+    (dict(prompt=None), "prompt and negative prompt must be text"),
+]
+
+
+@pytest.mark.parametrize(("changes", "message"), BAD_REQUESTS, ids=[m[:30] for _, m in BAD_REQUESTS])
+def test_bad_requests_say_what_is_wrong(changes, message):
+    request = GenerationRequest(**{"prompt": PROMPT, **changes})
+    with pytest.raises(RequestError, match=message):
+        _resolve(request)
+
+
+def test_bad_requests_fail_before_any_model_runs(bundles):
+    calls = []
+    handle = bundles["sd1"].unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with pytest.raises(RequestError):
+            Pipeline(bundles["sd1"]).txt2img(PROMPT, steps=0)
+        with pytest.raises(TypeError, match="unknown generation option"):
+            Pipeline(bundles["sd1"]).txt2img(PROMPT, sampler_name="Euler")
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SDXL refiner handoff
+
+
+@pytest.mark.parametrize("schedule", ["leading", "diffusers_karras"])
+@pytest.mark.parametrize("steps", [5, 20, 50])
+@pytest.mark.parametrize("switch_at", [0.5, 0.8, 0.9])
+def test_handoff_index_is_diffusers_denoising_end(schedule, steps, switch_at):
+    """The number of base steps equals StableDiffusionXLPipeline's `denoising_end` count on the same scheduler."""
+    reference = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading",
+                                       use_karras_sigmas=schedule == "diffusers_karras")
+    reference.set_timesteps(steps)
+    cutoff = round(1000 - switch_at * 1000)
+    expected = len([t for t in reference.timesteps if t >= cutoff])
+    noise_schedule = get_family("sdxl").schedule.build()
+    sigmas = get_discretization(schedule)(noise_schedule, steps)
+    assert handoff_index(sigmas, noise_schedule, switch_at) == expected
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Euler a"])
+def test_refining_with_the_base_itself_is_one_plain_run(bundles, sampler):
+    """Handing off to the same model on the same sigmas, with the generators continuing, changes nothing for
+    one-step samplers (multistep samplers restart their history at the handoff, as diffusers does)."""
+    request = _request(sampler=sampler, steps=4, batch_size=2, width=SIZE + 8)
+    plain = generate(bundles["sdxl"], request)
+    handed = generate_with_refiner(bundles["sdxl"], bundles["sdxl"], request, switch_at=0.6)
+    assert np.abs(_pixels(plain.images) - _pixels(handed.images)).max() <= 1
+
+
+def test_refiner_handoff_runs_and_checks_its_inputs(bundles):
+    steps = []
+    result = generate_with_refiner(bundles["sdxl"], bundles["sdxl-refiner"], _request(steps=5, batch_size=2),
+                                   switch_at=0.5, progress=lambda info: steps.append(info.i))
+    assert steps == [0, 1, 2, 3, 4]
+    assert [image.size for image in result.images] == [(SIZE, SIZE)] * 2
+    plain = generate(bundles["sdxl"], _request(steps=5, batch_size=2))
+    assert np.abs(_pixels(plain.images) - _pixels(result.images)).max() > 10     # the refiner did the last steps
+    for bad in (0.0, 1.0, 1.2):
+        with pytest.raises(RequestError, match="switch_at must lie strictly between 0 and 1"):
+            generate_with_refiner(bundles["sdxl"], bundles["sdxl-refiner"], _request(), switch_at=bad)
+    with pytest.raises(RequestError, match="same latent space"):
+        generate_with_refiner(bundles["sd1"], bundles["sdxl-refiner"], _request())

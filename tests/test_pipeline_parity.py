@@ -1,0 +1,311 @@
+"""End-to-end parity: sdlab's generate loop gives diffusers' pictures for the same weights, seed and settings.
+
+Every case writes a reduced-width bundle of random weights as a diffusers folder (`write_diffusers_folder`:
+diffusers / transformers save their own modules), then loads that ONE folder twice: with diffusers'
+`from_pretrained` and with `sdlab.load`. Both get the same prompt, negative prompt, CFG, size, steps and
+seed: diffusers `generator=[Generator("cpu").manual_seed(seed + i) for i in range(B)]`, sdlab `seed`. The
+uint8 pictures must agree within 2/255 per pixel (`MAX_PIXEL_DIFF`).
+
+Scheduler <-> sdlab settings (all with SD's config: scaled_linear betas, steps_offset 1, leading spacing):
+  EulerDiscreteScheduler                      Euler     "leading"       init_noise "vp" (init_noise_sigma)
+  DDIMScheduler(set_alpha_to_one=False)       DDIM      "ddim_leading"  ends at alphas_cumprod[0]
+  DPMSolverMultistepScheduler(karras)         DPM++ 2M  "karras"        rounded timesteps (quantize_timesteps),
+                                                                        final sigma 0 with a first-order last step
+  PNDMScheduler(skip_prk_steps=True)          PLMS      "ddim_leading"  PNDM's list repeats t1 for the
+                                                                        improved-Euler start, same sigmas
+The DDIM-family schedulers start from x_T = noise in VP scaling: init_noise "vp" everywhere.
+
+Random draws where diffusers' order is not sdlab's (and what is compared instead):
+- With ONE init image and a list of generators, diffusers' inpainting pipeline VAE-encodes the image (and
+  the masked image) with generator 0 only and repeats that latent for the whole batch, so its image 1 is
+  not the single run with seed + 1. sdlab draws per image. The inpainting cases give diffusers the image
+  and the mask once per image of the batch, where it draws from generator i for image i, as sdlab does.
+- diffusers' 4-channel inpainting also encodes the masked image, a posterior draw it never uses, between
+  the initial noise and the step noise. That shifts only stochastic samplers' step noise, so the
+  4-channel case uses Euler (no step noise). It runs at strength 0.6: at strength 1 diffusers feeds its
+  first U-Net call the unblended pure noise, while sdlab's `masked` blends the known region at every call,
+  the first one included (see `sdlab.diffusion.guidance.masked`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bundle_fixtures import tiny_bundle, write_diffusers_folder
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+import sdlab
+from sdlab.diffusion.denoiser import Prediction
+from sdlab.pipeline.generate import generate_with_refiner
+from sdlab.pipeline.request import GenerationRequest
+
+MAX_PIXEL_DIFF = 2                      # out of 255
+PROMPT = "a photograph of an astronaut riding a horse"
+NEGATIVE = "blurry, low quality, watermark"
+SEED = 1234
+SIZE = 32                               # pixels; the tiny VAE has factor 2, so 16 x 16 latents
+STEPS = 5
+BATCH = 2
+CFG = 7.0
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _folder(tmp_path_factory, name: str, **changes) -> Path:
+    """A diffusers folder of the tiny bundle `name`, completed as released folders are (see `_as_released`)."""
+    bundle = tiny_bundle(name, seed=11)
+    if changes:
+        bundle = replace(bundle, **changes)
+    return _as_released(write_diffusers_folder(bundle, tmp_path_factory.mktemp(name) / "pipe"))
+
+
+def _as_released(folder: Path) -> Path:
+    """Two details of released folders that `write_diffusers_folder` leaves out and diffusers needs here:
+    `unet/config.json` has a `sample_size` (the img2img / inpainting pipelines compare it with 64 on
+    construction), and SD2's `text_encoder` is a plain `CLIPTextModel` (whose first output is the hidden
+    states), not `CLIPTextModelWithProjection`."""
+    unet_config = folder / "unet" / "config.json"
+    config = json.loads(unet_config.read_text())
+    unet_config.write_text(json.dumps({**config, "sample_size": SIZE // 2}))
+    index = json.loads((folder / "model_index.json").read_text())
+    if "text_encoder_2" not in index and index.get("text_encoder") == ["transformers", "CLIPTextModelWithProjection"]:
+        with_projection = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
+        plain = CLIPTextModel(with_projection.config)
+        state = with_projection.state_dict()
+        plain.load_state_dict({k.removeprefix("text_model."): v for k, v in state.items() if k != "text_projection.weight"})
+        plain.save_pretrained(folder / "text_encoder")
+        index["text_encoder"] = ["transformers", "CLIPTextModel"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "sd1")
+    return sdlab.load(folder), _quiet(StableDiffusionPipeline.from_pretrained(folder, local_files_only=True))
+
+
+@pytest.fixture(scope="module")
+def sd1_inpaint(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "sd1-inpaint")
+    return sdlab.load(folder), _quiet(StableDiffusionInpaintPipeline.from_pretrained(folder, local_files_only=True))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "sdxl")
+    return sdlab.load(folder), _quiet(StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True))
+
+
+@pytest.fixture(scope="module")
+def sdxl_refiner(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "sdxl-refiner")
+    pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        folder, local_files_only=True, requires_aesthetics_score=True
+    )
+    return sdlab.load(folder), _quiet(pipe)
+
+
+def _generators(batch: int = BATCH) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(SEED + i) for i in range(batch)]
+
+
+def _uint8(images) -> np.ndarray:
+    """diffusers' `output_type="np"` floats or sdlab's PIL images -> uint8 (B, H, W, 3)."""
+    if isinstance(images, np.ndarray):
+        return (images * 255).round().astype(np.uint8)
+    return np.stack([np.asarray(image) for image in images])
+
+
+def _max_diff(ours, reference) -> int:
+    a, b = _uint8(ours), _uint8(reference)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert b.std() > 20, "the reference picture is nearly flat: the comparison would prove little"
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def _init_image() -> Image.Image:
+    """A deterministic picture with gradients and a hard edge."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
+    rgb = np.stack([x, y, 1 - (x + y) / 2], axis=-1) * 255                        # (H, W, 3)
+    rgb[SIZE // 4: SIZE // 2, SIZE // 4: 3 * SIZE // 4] = (250, 30, 60)
+    return Image.fromarray(rgb.round().astype(np.uint8))
+
+
+def _mask() -> Image.Image:
+    """White (repaint) lower-right block."""
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[SIZE // 2:, SIZE // 3:] = 255
+    return Image.fromarray(mask)
+
+
+SD_SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "steps_offset",
+                     "timestep_spacing", "prediction_type")
+
+
+def _schedulers(pipe_config) -> dict[str, tuple[object, dict]]:
+    """diffusers scheduler -> the sdlab request options that describe the same sampler and sigmas.
+
+    Built from SD's scheduler settings only: diffusers carries every other key of a config into the next
+    `from_config` (a DPM-Solver `use_karras_sigmas=True` would silently reach a later Euler)."""
+    config = {key: pipe_config[key] for key in SD_SCHEDULER_KEYS}
+    return {
+        "euler": (EulerDiscreteScheduler.from_config(config),
+                  dict(sampler="Euler", schedule="leading", init_noise="vp")),
+        "ddim": (DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False),
+                 dict(sampler="DDIM", schedule="ddim_leading", init_noise="vp")),
+        "dpmpp_2m": (DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True),
+                     dict(sampler="DPM++ 2M", schedule="karras", init_noise="vp", quantize_timesteps=True)),
+        "plms": (PNDMScheduler.from_config(config, skip_prk_steps=True, set_alpha_to_one=False),
+                 dict(sampler="PLMS", schedule="ddim_leading", init_noise="vp")),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# txt2img
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "dpmpp_2m", "plms"])
+def test_sd1_txt2img(sd1, scheduler):
+    ours_pipe, pipe = sd1
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)[scheduler]
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH, num_inference_steps=STEPS,
+                     guidance_scale=CFG, width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                             batch_size=BATCH, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_the_tolerance_sees_a_convention_change(sd1):
+    """Starting Euler from sigma_max * noise (A1111) instead of diffusers' init_noise_sigma is a visible change:
+    the 2/255 bound is tight enough to catch a wrong convention."""
+    ours_pipe, pipe = sd1
+    pipe.scheduler, _ = _schedulers(pipe.scheduler.config)["euler"]
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
+                     height=SIZE, generator=_generators(1), output_type="np").images
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                             sampler="Euler", schedule="leading", init_noise="sigma_max")
+    assert _max_diff(ours.images, reference) > 2 * MAX_PIXEL_DIFF
+
+
+def test_sd2_v_prediction_txt2img(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "sd2", prediction=Prediction.V)
+    ours_pipe = sdlab.load(folder)
+    assert ours_pipe.bundle.prediction is Prediction.V            # read from the folder's scheduler config
+    pipe = _quiet(StableDiffusionPipeline.from_pretrained(folder, local_files_only=True))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH, num_inference_steps=STEPS,
+                     guidance_scale=CFG, width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                             batch_size=BATCH, sampler="Euler", schedule="leading", init_noise="vp")
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+SDXL_SIZES = dict(original_size=(48, 40), crops_coords_top_left=(4, 2), target_size=(SIZE, SIZE))
+
+
+def test_sdxl_txt2img_with_size_conditioning(sdxl):
+    ours_pipe, pipe = sdxl
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH, num_inference_steps=STEPS,
+                     guidance_scale=CFG, width=SIZE, height=SIZE, generator=_generators(), output_type="np",
+                     **SDXL_SIZES).images
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                             batch_size=BATCH, **SDXL_SIZES, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+# ---------------------------------------------------------------------------------------------------------
+# img2img and inpainting
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim"])
+def test_sd1_img2img(sd1, scheduler):
+    ours_pipe, pipe = sd1
+    img2img = _quiet(StableDiffusionImg2ImgPipeline(**pipe.components))
+    img2img.scheduler, options = _schedulers(pipe.scheduler.config)[scheduler]
+    reference = img2img(PROMPT, image=_init_image(), strength=0.6, negative_prompt=NEGATIVE,
+                        num_images_per_prompt=BATCH, num_inference_steps=STEPS, guidance_scale=CFG,
+                        generator=_generators(), output_type="np").images
+    ours = ours_pipe.img2img(PROMPT, _init_image(), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
+                             cfg_scale=CFG, seed=SEED, batch_size=BATCH, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6])
+def test_sd1_inpaint_9_channels(sd1_inpaint, strength):
+    ours_pipe, pipe = sd1_inpaint
+    assert ours_pipe.bundle.unet_config.in_channels == 9
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    reference = pipe([PROMPT] * BATCH, image=[_init_image()] * BATCH, mask_image=[_mask()] * BATCH,
+                     strength=strength, negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
+                     height=SIZE, generator=_generators(), output_type="np").images
+    ours = ours_pipe.inpaint(PROMPT, _init_image(), _mask(), NEGATIVE, strength=strength, steps=STEPS,
+                             cfg_scale=CFG, seed=SEED, batch_size=BATCH, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_sd1_inpaint_4_channels(sd1):
+    ours_pipe, pipe = sd1
+    inpaint = _quiet(StableDiffusionInpaintPipeline(**pipe.components))
+    inpaint.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    reference = inpaint([PROMPT] * BATCH, image=[_init_image()] * BATCH, mask_image=[_mask()] * BATCH,
+                        strength=0.6, negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
+                        height=SIZE, generator=_generators(), output_type="np").images
+    ours = ours_pipe.inpaint(PROMPT, _init_image(), _mask(), NEGATIVE, strength=0.6, steps=STEPS, cfg_scale=CFG,
+                             seed=SEED, batch_size=BATCH, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SDXL base -> refiner handoff
+
+
+@pytest.mark.parametrize("switch_at", [0.8, 0.5])
+def test_sdxl_refiner_handoff(sdxl, sdxl_refiner, switch_at):
+    (ours_base, base), (ours_refiner, refiner) = sdxl, sdxl_refiner
+    steps = 6
+    base.scheduler, options = _schedulers(base.scheduler.config)["euler"]
+    refiner.scheduler, _ = _schedulers(refiner.scheduler.config)["euler"]
+    generators = _generators()
+    latents = base(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH, num_inference_steps=steps,
+                   guidance_scale=CFG, width=SIZE, height=SIZE, generator=generators, denoising_end=switch_at,
+                   output_type="latent").images
+    reference = refiner(PROMPT, image=latents, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH,
+                        num_inference_steps=steps, guidance_scale=CFG, generator=generators,
+                        denoising_start=switch_at, output_type="np").images
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=steps, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                                batch_size=BATCH, **options)
+    seen = []
+    ours = generate_with_refiner(ours_base.bundle, ours_refiner.bundle, request, switch_at=switch_at,
+                                 progress=lambda info: seen.append(info.i))
+    assert seen == list(range(steps))
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
