@@ -8,54 +8,24 @@ from the family specs on the `meta` device (`full_size_shapes`).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from sdlab.checkpoints import create
 from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.checkpoints.load import ModelBundle, TextEncoder
 from sdlab.checkpoints.save import bundle_state_dict
 from sdlab.families import FamilySpec, get_family
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
 from sdlab.models.tokenizer import default_tokenizer
-from sdlab.models.unet import UNet, UNetConfig
-from sdlab.models.vae import AutoencoderKL, VAEConfig
+from sdlab.models.unet import UNet
+from sdlab.models.vae import AutoencoderKL
 
-TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
-
-
-def _tiny_text(spec_config: CLIPTextConfig, width: int, projection: bool) -> CLIPTextConfig:
-    return replace(
-        spec_config, width=width, layers=2, heads=width // 64, mlp_width=2 * width,
-        projection_dim=width if projection else None,
-    )
-
-
-def tiny_text_configs(family: FamilySpec) -> tuple[CLIPTextConfig, ...]:
-    widths = {"clip_l": 64, "openclip_h": 64, "openclip_bigg": 128}
-    return tuple(
-        _tiny_text(te.config, widths[te.name], projection=te.config.projection_dim is not None)
-        for te in family.text_encoders
-    )
-
-
-def tiny_unet_config(family: FamilySpec) -> UNetConfig:
-    context = sum(c.width for c in tiny_text_configs(family))
-    base = family.unet
-    if family.is_sdxl:
-        pooled = tiny_text_configs(family)[-1].projection_dim
-        extra = 5 if family.name == "sdxl-refiner" else 6          # size/crop (+ aesthetic) embeddings, 256 each
-        return replace(
-            base, model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 2),
-            transformer_depth_middle=2, context_dim=context, adm_in_channels=pooled + extra * 256,
-        )
-    width = 32 if base.num_heads is not None else 64                 # SD1: 8 heads of 4; SD2: one 64-wide head
-    return replace(
-        base, model_channels=width, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
-        transformer_depth_middle=1, context_dim=context,
-    )
+TINY_VAE = create.TINY_VAE
+tiny_text_configs = create.tiny_text_configs
+tiny_unet_config = create.tiny_unet_config
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
@@ -71,23 +41,12 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
 
 def tiny_bundle(name: str, seed: int = 0) -> ModelBundle:
     """A reduced-width bundle of family `name` with seeded random weights (fp32, CPU)."""
-    family = get_family(name)
-    unet_cfg = tiny_unet_config(family)
-    encoders = tuple(
-        TextEncoder(spec=spec, config=cfg, model=randomize_(CLIPTextModel(cfg), seed + 2 + i),
-                    tokenizer=default_tokenizer(spec.pad_token_id))
-        for i, (spec, cfg) in enumerate(zip(family.text_encoders, tiny_text_configs(family)))
-    )
-    return ModelBundle(
-        family=family,
-        unet=randomize_(UNet(unet_cfg), seed),
-        vae=randomize_(AutoencoderKL(TINY_VAE), seed + 1),
-        text_encoders=encoders,
-        prediction=family.prediction,
-        scaling_factor=family.latent_scaling_factor,
-        unet_config=unet_cfg,
-        vae_config=TINY_VAE,
-    )
+    bundle = create.new_bundle(name, tiny=True, seed=seed)
+    randomize_(bundle.unet, seed)
+    randomize_(bundle.vae, seed + 1)
+    for i, te in enumerate(bundle.text_encoders):
+        randomize_(te.model, seed + 2 + i)
+    return bundle
 
 
 # Keys real files carry beside the networks (CompVis / SGM training state); the loader lists and skips them.

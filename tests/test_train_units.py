@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from sdlab.train.config import TrainConfig, add_config_arguments, config_from_ar
 from sdlab.train.data import TrainData, scan_dataset
 from sdlab.train.loop import StopFlag, lr_multiplier
 from sdlab.train.lora import LoRANetwork, apply_lora, load_lora_file, merge_lora_
-from sdlab.train.run_checkpoint import latest_checkpoint, list_checkpoints, load_run_checkpoint, save_run_checkpoint
+from sdlab.train.run_checkpoint import latest_checkpoint, list_checkpoints, load_run_checkpoint
 from sdlab.train.run_log import CSVLog, draw_loss_curve, read_log
 from train_fixtures import write_caption_folder, write_jsonl_folder
 

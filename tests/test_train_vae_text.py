@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from safetensors import safe_open
 
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
-from sdlab.models.image_tower import ImageTower, ImageTowerConfig
+from sdlab.models.image_tower import ImageTowerConfig
 from sdlab.models.vae import AutoencoderKL, VAEConfig
 from sdlab.train.losses import (
     PatchDiscriminator,

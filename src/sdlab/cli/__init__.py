@@ -4,6 +4,7 @@
     sdlab img2img PROMPT --init IMAGE [--strength S] ...
     sdlab inpaint PROMPT --init IMAGE --mask MASK | --outpaint L,R,T,B ...
     sdlab inspect PATH [--family F] [--prediction P] [--vae FILE] [--json]   (cli/inspect.py)
+    sdlab new-model OUT [--family F] [--tiny]                             (cli/new_model.py)
     sdlab train --task unet|vae|text --data DIR ...                        (train/cli.py)
 
 Errors the user can fix (a bad file, a missing path) print one line, `sdlab: error: ...`, on stderr and exit
@@ -23,6 +24,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.cli.errors import UserError
 from sdlab.cli.generate import add_generate
 from sdlab.cli.inspect import add_inspect
+from sdlab.cli.new_model import add_new_model
 from sdlab.train.cli import add_train_parser
 
 EXIT_USER_ERROR = 2
@@ -32,7 +34,7 @@ EXIT_INTERNAL_ERROR = 1
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_generate, add_inspect, add_train_parser)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_generate, add_inspect, add_new_model, add_train_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("SDLAB_DEBUG", "") not in ("", "0")
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     try:
         return args.run(args)
     except (CheckpointError, UserError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:

@@ -1,0 +1,91 @@
+"""New models: a bundle of freshly initialised networks for a family, full size or reduced width.
+
+Training from scratch starts here, and so do tests and demos that need a checkpoint without
+downloading one. Reduced-width ("tiny") configs follow the family conventions (SD1 U-Net: 8 heads;
+SD2 / SDXL U-Net and every text encoder: 64-wide heads; 32 GroupNorm groups), so a saved tiny model
+loads exactly as a released file of its family does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from sdlab.checkpoints.load import ModelBundle, TextEncoder
+from sdlab.families import FamilySpec, get_family
+from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
+from sdlab.models.tokenizer import default_tokenizer
+from sdlab.models.unet import UNet, UNetConfig
+from sdlab.models.vae import AutoencoderKL, VAEConfig
+
+TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+_TINY_TEXT_WIDTHS = {"clip_l": 64, "openclip_h": 64, "openclip_bigg": 128}
+
+
+def tiny_text_configs(family: FamilySpec) -> tuple[CLIPTextConfig, ...]:
+    """Two-layer text towers, 64 or 128 wide, one per text encoder of the family."""
+    configs = []
+    for te in family.text_encoders:
+        width = _TINY_TEXT_WIDTHS[te.name]
+        configs.append(replace(
+            te.config, width=width, layers=2, heads=width // 64, mlp_width=2 * width,
+            projection_dim=width if te.config.projection_dim is not None else None,
+        ))
+    return tuple(configs)
+
+
+def tiny_unet_config(family: FamilySpec) -> UNetConfig:
+    """A two-level U-Net with every code path of the family (attention, linear proj, SDXL vector)."""
+    texts = tiny_text_configs(family)
+    context = sum(c.width for c in texts)
+    base = family.unet
+    if family.is_sdxl:
+        extra = 5 if family.name == "sdxl-refiner" else 6          # size/crop (+ aesthetic) embeddings, 256 each
+        return replace(
+            base, model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 2),
+            transformer_depth_middle=2, context_dim=context, adm_in_channels=texts[-1].projection_dim + extra * 256,
+        )
+    width = 32 if base.num_heads is not None else 64                 # SD1: 8 heads of 4; SD2: one 64-wide head
+    return replace(
+        base, model_channels=width, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1),
+        transformer_depth_middle=1, context_dim=context,
+    )
+
+
+def new_bundle(
+    family: FamilySpec | str,
+    *,
+    tiny: bool = False,
+    unet: UNetConfig | None = None,
+    vae: VAEConfig | None = None,
+    text: tuple[CLIPTextConfig, ...] | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> ModelBundle:
+    """Freshly initialised networks (PyTorch's default init, seeded) for `family`.
+
+    Configs default to the family's full size, or its reduced-width variant with `tiny=True`.
+    """
+    family = get_family(family) if isinstance(family, str) else family
+    text = text or (tiny_text_configs(family) if tiny else tuple(te.config for te in family.text_encoders))
+    unet = unet or (tiny_unet_config(family) if tiny else family.unet)
+    vae = vae or (TINY_VAE if tiny else family.vae)
+    if len(text) != len(family.text_encoders):
+        raise ValueError(f"family {family.name} has {len(family.text_encoders)} text encoders, got {len(text)} configs")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        encoders = tuple(
+            TextEncoder(spec=spec, config=cfg, model=CLIPTextModel(cfg).eval(), tokenizer=default_tokenizer(spec.pad_token_id))
+            for spec, cfg in zip(family.text_encoders, text)
+        )
+        return ModelBundle(
+            family=family,
+            unet=UNet(unet).eval(),
+            vae=AutoencoderKL(vae).eval(),
+            text_encoders=encoders,
+            prediction=family.prediction,
+            scaling_factor=family.latent_scaling_factor,
+            unet_config=unet,
+            vae_config=vae,
+        )
