@@ -1,11 +1,50 @@
 """The latent-diffusion U-Net, with module names that mirror the original checkpoints.
 
-(Model code to follow; the config is fixed first because loaders and families depend on it.)
+Parameter names are those of CompVis LDM / Stability SGM `openaimodel.UNetModel` without the
+`model.diffusion_model.` prefix, so an original checkpoint loads by stripping that prefix and what we train
+saves in the layout every other tool reads. With R = num_res_blocks and L = len(channel_mult) levels:
+
+    input_blocks.0          conv_in (in_channels -> model_channels)                         at 1/1
+    input_blocks.1 .. R     level 0: [ResBlock, SpatialTransformer if transformer_depth[0]] at 1/1
+    input_blocks.R+1        Downsample (`.0.op`, stride-2 conv)                               1/1 -> 1/2
+    input_blocks.R+2 ..     level 1: R more [ResBlock, SpatialTransformer?], then Downsample, ...
+                            (no Downsample after the last level)
+    middle_block            .0 ResBlock, .1 SpatialTransformer(transformer_depth_middle), .2 ResBlock
+    output_blocks.0 .. R    level L-1: [ResBlock(on concat with a skip), SpatialTransformer?], the last
+                            of the R+1 also gets Upsample (`.conv`) at index 1 or 2 (after the transformer)
+    output_blocks.R+1 ..    level L-2, ... down to level 0 (which has no Upsample)
+    out                     .0 GroupNorm, .1 SiLU, .2 conv_out (model_channels -> out_channels)
+
+SD 1.x (R=2, channel_mult (1, 2, 4, 4), transformer_depth (1, 1, 1, 0)) therefore reads
+
+    input_blocks   0 conv | 1 2 res+attn 320 @64 | 3 down | 4 5 res+attn 640 @32 | 6 down
+                   | 7 8 res+attn 1280 @16 | 9 down | 10 11 res 1280 @8
+    middle_block   res, attn, res 1280 @8
+    output_blocks  0 1 2 res 1280 @8 (2.1 up) | 3 4 5 res+attn 1280 @16 (5.2 up)
+                   | 6 7 8 res+attn 640 @32 (8.2 up) | 9 10 11 res+attn 320 @64
+
+and SDXL base (channel_mult (1, 2, 4), transformer_depth (0, 2, 10)) has 9 input and 9 output blocks with
+no attention at the first level. Every skip connection is the output of one input block, consumed in reverse
+order by the output blocks.
+
+Inside a SpatialTransformer: norm (GroupNorm, eps 1e-6), proj_in (1x1 conv for SD1, Linear for SD2/SDXL),
+transformer_blocks.K = {norm1, attn1 (self), norm2, attn2 (cross, on the text context), norm3, ff (GEGLU)},
+proj_out, plus the residual. Attention heads: `cfg.heads_at(channels)`.
+
+Speed: attention goes through `F.scaled_dot_product_attention` (fused kernels, no h*w x h*w matrix on the
+heap), feature maps stay channels-last so the token view costs no copy, and residuals are added in place
+into fresh outputs. fp32, fp16 and bf16 all run; `upcast_attention` runs attention itself in fp32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sdlab.models.layers import attention, timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -44,3 +83,265 @@ class UNetConfig:
     def heads_at(self, channels: int) -> int:
         """Number of attention heads in a transformer `channels` wide."""
         return self.num_heads if self.num_heads is not None else channels // self.head_dim
+
+
+TRANSFORMER_NORM_EPS = 1e-6  # SpatialTransformer's GroupNorm; ResBlocks and `out` use PyTorch's 1e-5
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv, add the projected time embedding, GroupNorm-SiLU-conv, plus a (1x1 conv) skip."""
+
+    def __init__(self, channels: int, out_channels: int, emb_dim: int, groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),  # kept so the conv stays at index 3, as in the checkpoints
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip_connection = (
+            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+        )
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        # In-place adds go into fresh conv outputs, which no backward needs, so autograd stays valid.
+        h = self.in_layers(x)  # (B, C_out, h, w)
+        h += self.emb_layers(emb)[:, :, None, None]  # time embedding broadcast over space
+        h = self.out_layers(h)  # (B, C_out, h, w)
+        h += self.skip_connection(x)
+        return h
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from `x` to `context` (self-attention when `context` is None)."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
+        super().__init__()
+        self.heads = heads
+        self.upcast = upcast
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))  # index 0 as in the checkpoints (LDM had Dropout at 1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q = self.to_q(x)  # (B, N, C)
+        k = self.to_k(context)  # (B, M, C)
+        v = self.to_v(context)  # (B, M, C)
+        return self.to_out(attention(q, k, v, self.heads, self.upcast))  # (B, N, C)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU feed-forward input (Shazeer 2020): proj to 2 * inner, then a * gelu(gate)."""
+
+    def __init__(self, dim: int, inner_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)  # 2 x (B, N, inner)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # The Dropout(0) keeps the output Linear at index 2, as in the checkpoints (`ff.net.2`).
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention on the text context, GEGLU feed-forward; each residual."""
+
+    def __init__(self, dim: int, context_dim: int, heads: int, upcast: bool):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, upcast)
+        self.attn2 = CrossAttention(dim, context_dim, heads, upcast)
+        self.ff = FeedForward(dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        # Residuals are added into the fresh branch outputs (never into x, which LayerNorm's backward needs).
+        h = self.attn1(self.norm1(x))  # (B, N, C)
+        h += x
+        x = self.attn2(self.norm2(h), context)
+        x += h
+        h = self.ff(self.norm3(x))
+        h += x
+        return h
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the h*w positions of a feature map, conditioned on the text context; residual."""
+
+    def __init__(
+        self, channels: int, heads: int, depth: int, context_dim: int, linear_proj: bool, upcast: bool, groups: int
+    ):
+        super().__init__()
+        if channels % heads:
+            raise ValueError(f"SpatialTransformer: {channels} channels do not split into {heads} heads")
+        self.linear_proj = linear_proj
+        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
+        self.proj_in = nn.Linear(channels, channels) if linear_proj else nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(channels, context_dim, heads, upcast) for _ in range(depth)
+        )
+        self.proj_out = nn.Linear(channels, channels) if linear_proj else nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, c, height, width = x.shape
+        h = self.norm(x)  # (B, C, h, w)
+        if not self.linear_proj:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, hw, C), a view when x is channels-last
+        if self.linear_proj:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)  # (B, hw, C)
+        if self.linear_proj:
+            h = self.proj_out(h)
+        h = h.view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, h, w) channels-last view
+        if not self.linear_proj:
+            h = self.proj_out(h)
+        h += x
+        return h
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)  # (B, C, ceil(h/2), ceil(w/2))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x (or to `size`, the matching skip's size, for latents not divisible by 2^levels), conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: torch.Size | None = None) -> Tensor:
+        if size is None:
+            x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        else:
+            x = F.interpolate(x, size=size, mode="nearest")
+        return self.conv(x)
+
+
+class UNetBlock(nn.ModuleList):
+    """One entry of input_blocks / middle_block / output_blocks: its layers in order, each fed what it needs
+    (LDM's TimestepEmbedSequential)."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, out_size: torch.Size | None = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, out_size)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """Text-conditioned latent U-Net: (noisy latent, timestep, text context[, SDXL vector]) -> model output."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        if cfg.transformer_depth_middle < 1:
+            raise ValueError("UNet: the middle block always has a transformer (transformer_depth_middle >= 1)")
+        self.cfg = cfg
+        mc, emb_dim, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
+
+        def res(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, emb_dim, groups)
+
+        def transformer(c: int, depth: int) -> SpatialTransformer:
+            return SpatialTransformer(
+                c, cfg.heads_at(c), depth, cfg.context_dim, cfg.use_linear_proj, cfg.upcast_attention, groups
+            )
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.adm_in_channels is not None:  # SDXL: the vector conditioning is added to the time embedding
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
+
+        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        skip_channels = [mc]
+        ch = mc
+        last_level = len(cfg.channel_mult) - 1
+        for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
+            for _ in range(cfg.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * mc)]
+                ch = mult * mc
+                if depth:
+                    layers.append(transformer(ch, depth))
+                self.input_blocks.append(UNetBlock(layers))
+                skip_channels.append(ch)
+            if level != last_level:
+                self.input_blocks.append(UNetBlock([Downsample(ch)]))
+                skip_channels.append(ch)
+
+        self.middle_block = UNetBlock([res(ch, ch), transformer(ch, cfg.transformer_depth_middle), res(ch, ch)])
+
+        self.output_blocks = nn.ModuleList()
+        for level in reversed(range(len(cfg.channel_mult))):
+            mult, depth = cfg.channel_mult[level], cfg.transformer_depth[level]
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mult * mc)]
+                ch = mult * mc
+                if depth:
+                    layers.append(transformer(ch, depth))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(UNetBlock(layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        # Activations run channels-last (NHWC, see `forward`); conv weights are stored the same way so that no
+        # call has to convert them. `load_state_dict` copies into this layout; after `assign=True` loading,
+        # call `.to(memory_format=torch.channels_last)` again.
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+        """x: (B, in_channels, h, w) noisy latent; t: (B,) or () float timesteps in [0, 1000);
+        context: (B, T, context_dim) text embeddings; y: (B, adm_in_channels) for SDXL, else None.
+        Inputs are cast to the parameters' dtype; returns (B, out_channels, h, w) in that dtype.
+
+        Feature maps are kept channels-last (NHWC strides, NCHW shape): oneDNN and cuDNN convolutions take that
+        layout without reordering, and a SpatialTransformer's (B, hw, C) token view of it is free."""
+        dtype = self.time_embed[0].weight.dtype
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4 * mc)
+        if self.cfg.adm_in_channels is not None:
+            if y is None:
+                raise ValueError("UNet: this model needs the vector conditioning y (SDXL)")
+            emb = emb + self.label_emb(y.to(dtype))
+        context = context.to(dtype)
+
+        h = x.to(dtype).contiguous(memory_format=torch.channels_last)  # (B, C, h, w) stored as NHWC
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            skips.append(h)
+        h = self.middle_block(h, emb, context)
+        for block in self.output_blocks:
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
+            h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None)
+        return self.out(h).contiguous()  # (B, out_channels, h, w)

@@ -1,0 +1,309 @@
+"""The diffusers `UNet2DConditionModel` format: its config.json and its parameter names, both derived from
+`UNetConfig`.
+
+sdlab's U-Net uses the original LDM names (`input_blocks.N.M...`). diffusers regroups the same tensors by
+level (`down_blocks.{level}.resnets.{i}`, `.attentions.{i}`, `.downsamplers.0`, `mid_block`, `up_blocks`) and
+renames the ResBlock and embedding layers; the transformer internals keep their names. The map is generated
+from the config by walking the levels in the order the U-Net builds them (as ComfyUI's `unet_to_diffusers`
+does), so every family and every reduced test model gets a complete map with no hand-written table.
+
+Config traps handled here: diffusers' `attention_head_dim` is the NUMBER of heads per level (its
+`num_attention_heads` is the same thing, and the constructor refuses it), `transformer_layers_per_block[-1]`
+also sets the middle block's depth, and `upcast_attention` may be null.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sdlab.models.layers import SDXL_SIZE_EMBED_DIM
+from sdlab.models.unet import UNetConfig
+
+# LDM ResBlock layer -> diffusers ResnetBlock2D layer (each has .weight and .bias).
+_RESBLOCK_LAYERS = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+}
+_SKIP_LAYER = ("skip_connection", "conv_shortcut")
+
+
+def _weight_and_bias(src: str, dst: str) -> dict[str, str]:
+    return {f"{src}.weight": f"{dst}.weight", f"{src}.bias": f"{dst}.bias"}
+
+
+def _resblock_keys(src: str, dst: str, has_skip_conv: bool) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for ldm, diffusers in _RESBLOCK_LAYERS.items():
+        keys |= _weight_and_bias(f"{src}.{ldm}", f"{dst}.{diffusers}")
+    if has_skip_conv:
+        keys |= _weight_and_bias(f"{src}.{_SKIP_LAYER[0]}", f"{dst}.{_SKIP_LAYER[1]}")
+    return keys
+
+
+def _transformer_keys(src: str, dst: str, depth: int) -> dict[str, str]:
+    """SpatialTransformer <-> Transformer2DModel: same names below the block prefix."""
+    names = ["norm.weight", "norm.bias", "proj_in.weight", "proj_in.bias", "proj_out.weight", "proj_out.bias"]
+    for k in range(depth):
+        block = f"transformer_blocks.{k}"
+        for attn in ("attn1", "attn2"):
+            names += [f"{block}.{attn}.to_{p}.weight" for p in ("q", "k", "v")]
+            names += [f"{block}.{attn}.to_out.0.weight", f"{block}.{attn}.to_out.0.bias"]
+        for layer in ("ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3"):
+            names += [f"{block}.{layer}.weight", f"{block}.{layer}.bias"]
+    return {f"{src}.{n}": f"{dst}.{n}" for n in names}
+
+
+def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
+    """Every sdlab (= LDM, unprefixed) U-Net parameter name -> its diffusers `UNet2DConditionModel` name."""
+    _check_expressible(cfg)
+    mc, levels, r = cfg.model_channels, len(cfg.channel_mult), cfg.num_res_blocks
+    keys = _weight_and_bias("time_embed.0", "time_embedding.linear_1")
+    keys |= _weight_and_bias("time_embed.2", "time_embedding.linear_2")
+    if cfg.adm_in_channels is not None:
+        keys |= _weight_and_bias("label_emb.0.0", "add_embedding.linear_1")
+        keys |= _weight_and_bias("label_emb.0.2", "add_embedding.linear_2")
+    keys |= _weight_and_bias("input_blocks.0.0", "conv_in")
+
+    index, ch, skip_channels = 1, mc, [mc]
+    for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
+        for i in range(r):
+            dst = f"down_blocks.{level}"
+            keys |= _resblock_keys(f"input_blocks.{index}.0", f"{dst}.resnets.{i}", ch != mult * mc)
+            ch = mult * mc
+            if depth:
+                keys |= _transformer_keys(f"input_blocks.{index}.1", f"{dst}.attentions.{i}", depth)
+            skip_channels.append(ch)
+            index += 1
+        if level != levels - 1:
+            keys |= _weight_and_bias(f"input_blocks.{index}.0.op", f"down_blocks.{level}.downsamplers.0.conv")
+            skip_channels.append(ch)
+            index += 1
+
+    keys |= _resblock_keys("middle_block.0", "mid_block.resnets.0", False)
+    keys |= _transformer_keys("middle_block.1", "mid_block.attentions.0", cfg.transformer_depth_middle)
+    keys |= _resblock_keys("middle_block.2", "mid_block.resnets.1", False)
+
+    index = 0
+    for up, level in enumerate(reversed(range(levels))):
+        mult, depth = cfg.channel_mult[level], cfg.transformer_depth[level]
+        for i in range(r + 1):
+            dst = f"up_blocks.{up}"
+            c_in = ch + skip_channels.pop()
+            keys |= _resblock_keys(f"output_blocks.{index}.0", f"{dst}.resnets.{i}", c_in != mult * mc)
+            ch = mult * mc
+            if depth:
+                keys |= _transformer_keys(f"output_blocks.{index}.1", f"{dst}.attentions.{i}", depth)
+            if level and i == r:
+                upsample = 2 if depth else 1
+                keys |= _weight_and_bias(f"output_blocks.{index}.{upsample}.conv", f"{dst}.upsamplers.0.conv")
+            index += 1
+
+    keys |= _weight_and_bias("out.0", "conv_norm_out")
+    keys |= _weight_and_bias("out.2", "conv_out")
+    return keys
+
+
+def _convert(sd: Mapping[str, Any], key_map: Mapping[str, str], what: str) -> dict[str, Any]:
+    missing = [k for k in key_map if k not in sd]
+    unexpected = [k for k in sd if k not in key_map]
+    if missing or unexpected:
+        raise KeyError(
+            f"{what}: {len(missing)} missing keys (first: {missing[:5]}), "
+            f"{len(unexpected)} unexpected keys (first: {unexpected[:5]})"
+        )
+    return {key_map[k]: sd[k] for k in sd}
+
+
+def unet_state_dict_to_diffusers(sd: Mapping[str, Any], cfg: UNetConfig) -> dict[str, Any]:
+    """sdlab / LDM (unprefixed) U-Net state dict -> diffusers names. Same tensors, no copies; strict."""
+    return _convert(sd, unet_key_map(cfg), "U-Net state dict to diffusers")
+
+
+def unet_state_dict_from_diffusers(sd: Mapping[str, Any], cfg: UNetConfig) -> dict[str, Any]:
+    """diffusers `UNet2DConditionModel` state dict -> sdlab / LDM (unprefixed) names. Same tensors; strict."""
+    inverse = {d: s for s, d in unet_key_map(cfg).items()}
+    return _convert(sd, inverse, "U-Net state dict from diffusers")
+
+
+# --- config.json ------------------------------------------------------------------------------------------
+
+# diffusers options that sdlab's U-Net does not implement, with the only value it accepts (None = absent).
+_UNSUPPORTED_OPTIONS: dict[str, Any] = {
+    "act_fn": "silu",
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_norm": None,
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "reverse_transformer_layers_per_block": None,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "attention_type": "default",
+}
+_DEFAULT_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_DEFAULT_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+
+def _per_level(value: Any, levels: int, name: str) -> tuple:
+    if isinstance(value, (list, tuple)):
+        if len(value) != levels:
+            raise ValueError(f"diffusers U-Net config: {name} has {len(value)} entries for {levels} levels")
+        return tuple(value)
+    return (value,) * levels
+
+
+def _single(value: Any, name: str) -> Any:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise ValueError(f"diffusers U-Net config: sdlab needs one {name} for all levels, got {value}")
+        return value[0]
+    return value
+
+
+def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
+    """`UNetConfig` from a diffusers `unet/config.json` (as a dict). Raises on options sdlab does not implement."""
+    for key, accepted in _UNSUPPORTED_OPTIONS.items():
+        value = config.get(key, accepted)
+        if value != accepted:
+            raise ValueError(f"diffusers U-Net config: {key}={value!r} is not supported (only {accepted!r})")
+    if config.get("mid_block_only_cross_attention") not in (None, False):
+        raise ValueError("diffusers U-Net config: mid_block_only_cross_attention is not supported")
+
+    channels = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    levels, mc = len(channels), channels[0]
+    if any(c % mc for c in channels):
+        raise ValueError(f"diffusers U-Net config: block_out_channels {channels} are not multiples of the first")
+    down = tuple(config.get("down_block_types", _DEFAULT_DOWN))
+    up = tuple(config.get("up_block_types", _DEFAULT_UP))
+    has_attention = []
+    for level, kind in enumerate(down):
+        if kind not in ("CrossAttnDownBlock2D", "DownBlock2D"):
+            raise ValueError(f"diffusers U-Net config: down block {kind!r} is not supported")
+        has_attention.append(kind == "CrossAttnDownBlock2D")
+    expected_up = tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention))
+    if up != expected_up or len(down) != levels:
+        raise ValueError(f"diffusers U-Net config: up blocks {up} do not mirror down blocks {down}")
+    mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+    if mid != "UNetMidBlock2DCrossAttn":
+        raise ValueError(f"diffusers U-Net config: mid block {mid!r} is not supported")
+
+    layers = _per_level(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
+    if any(not isinstance(n, int) for n in layers):
+        raise ValueError("diffusers U-Net config: per-layer transformer_layers_per_block is not supported")
+    depth = tuple(n if a else 0 for n, a in zip(layers, has_attention))
+
+    # Number of heads per level: `num_attention_heads` if given, else the misnamed `attention_head_dim`.
+    heads_spec = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
+    heads = _per_level(heads_spec, levels, "attention_head_dim")
+    attended = [level for level in range(levels) if depth[level]] + [levels - 1]  # the middle uses the last
+    widths = {channels[level] // heads[level] for level in attended}
+    counts = {heads[level] for level in attended}
+    if isinstance(heads_spec, int) or (len(counts) == 1 and len(widths) != 1):
+        num_heads, head_dim = heads[levels - 1], None
+    elif len(widths) == 1 and all(channels[level] % heads[level] == 0 for level in attended):
+        num_heads, head_dim = None, widths.pop()
+    else:
+        raise ValueError(f"diffusers U-Net config: heads {heads} are neither constant nor a constant width")
+
+    adm = None
+    if config.get("addition_embed_type") is not None:
+        if config["addition_embed_type"] != "text_time":
+            raise ValueError(f"diffusers U-Net config: addition_embed_type {config['addition_embed_type']!r}")
+        if config.get("addition_time_embed_dim") != SDXL_SIZE_EMBED_DIM:
+            raise ValueError("diffusers U-Net config: addition_time_embed_dim must be 256 (SDXL)")
+        adm = int(config["projection_class_embeddings_input_dim"])
+
+    return UNetConfig(
+        in_channels=int(config.get("in_channels", 4)),
+        out_channels=int(config.get("out_channels", 4)),
+        model_channels=mc,
+        channel_mult=tuple(c // mc for c in channels),
+        num_res_blocks=int(_single(config.get("layers_per_block", 2), "layers_per_block")),
+        transformer_depth=depth,
+        transformer_depth_middle=int(layers[-1]),
+        num_heads=num_heads,
+        head_dim=head_dim,
+        context_dim=int(_single(config.get("cross_attention_dim", 1280), "cross_attention_dim")),
+        use_linear_proj=bool(config.get("use_linear_projection", False)),
+        adm_in_channels=adm,
+        upcast_attention=bool(config.get("upcast_attention") or False),
+        norm_groups=int(config.get("norm_num_groups", 32)),
+    )
+
+
+def _check_expressible(cfg: UNetConfig) -> None:
+    """diffusers takes the middle block's depth from the last level; refuse configs where that conflicts."""
+    last = cfg.transformer_depth[-1]
+    if last and last != cfg.transformer_depth_middle:
+        raise ValueError(
+            f"UNetConfig: diffusers cannot express last-level depth {last} with middle depth "
+            f"{cfg.transformer_depth_middle}"
+        )
+
+
+def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
+    """A diffusers `UNet2DConditionModel` config dict that builds the same network as `UNet(cfg)`.
+
+    Heads go in `attention_head_dim` as diffusers reads it (a head count): one int for num_heads configs (as
+    SD1 files have), a per-level list for head_dim configs (as SD2 / SDXL files have).
+    """
+    _check_expressible(cfg)
+    channels = [cfg.model_channels * m for m in cfg.channel_mult]
+    has_attention = [d > 0 for d in cfg.transformer_depth]
+    layers = [d if d else 1 for d in cfg.transformer_depth]
+    layers[-1] = cfg.transformer_depth_middle
+    if cfg.num_heads is not None:
+        heads: int | list[int] = cfg.num_heads
+    else:
+        heads = [max(1, cfg.heads_at(c)) for c in channels]
+    config: dict[str, Any] = {
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "block_out_channels": channels,
+        "layers_per_block": cfg.num_res_blocks,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention],
+        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)],
+        "transformer_layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
+        "attention_head_dim": heads,
+        "cross_attention_dim": cfg.context_dim,
+        "use_linear_projection": cfg.use_linear_proj,
+        "upcast_attention": cfg.upcast_attention,
+        "norm_num_groups": cfg.norm_groups,
+        "norm_eps": 1e-5,
+        "act_fn": "silu",
+        "flip_sin_to_cos": True,
+        "freq_shift": 0,
+        "downsample_padding": 1,
+        "mid_block_scale_factor": 1,
+        "center_input_sample": False,
+    }
+    if cfg.adm_in_channels is not None:
+        config |= {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": SDXL_SIZE_EMBED_DIM,
+            "projection_class_embeddings_input_dim": cfg.adm_in_channels,
+        }
+    return config
