@@ -151,6 +151,8 @@ class ComponentSource:
         left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
         if left:
             raise CheckpointError(f"{self.origin}: {self.name}: tensors without data after loading: {_listing(left)}")
+        if isinstance(module, UNet):  # assigned tensors arrive contiguous; the U-Net's convs run fastest channels-last
+            module.to(memory_format=torch.channels_last)
         return module.eval()
 
 
