@@ -13,23 +13,20 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from sdlab.diffusion import sampling_k as K
 from sdlab.diffusion.noise import generators_for, per_image_noise
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from sampler_harness import sd_scheduler_config  # noqa: E402  (the SD 1.x scheduler settings the parity tests use)
+
 SHAPE = (2, 4, 64, 64)
 SEEDS = (1, 2)
-CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    timestep_spacing="leading",
-    steps_offset=1,
-)
 
 # name -> (sdlab sampler, diffusers scheduler class name, extra scheduler config, scheduler in VP scaling)
 CASES = {
@@ -53,7 +50,7 @@ def bench(name: str, steps: int, repeats: int) -> tuple[float, float]:
     import diffusers
 
     sampler, cls_name, extra, vp = CASES[name]
-    scheduler = getattr(diffusers, cls_name)(**CONFIG, **extra)
+    scheduler = getattr(diffusers, cls_name)(**sd_scheduler_config(), **extra)
     scheduler.set_timesteps(steps)
     sigmas = torch.unique_consecutive(scheduler.sigmas)
     unit = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))

@@ -33,3 +33,14 @@ def _deterministic_torch():
     """Every test starts from the same global RNG state, so failures reproduce."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for a test (``pytestmark = pytest.mark.usefixtures("one_thread")``): tiny models are
+    overhead-bound, a shared 2-core runner is not oversubscribed, and float reductions run in the same order
+    on every machine, so measured numbers reproduce."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

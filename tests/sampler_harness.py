@@ -16,7 +16,8 @@ What it gives a test:
   it (diffusers pipelines draw the initial latents and then the step noise from the same generators), as a
   ``NoiseSource``.
 - ``load_k_diffusion_sampling()``: k-diffusion's ``sampling.py`` loaded by file path (the package itself
-  cannot import here: it needs torchvision), with ``utils`` and ``torchdiffeq`` stubbed.
+  cannot import here: it needs torchvision), with ``utils`` and ``torchdiffeq`` stubbed;
+  ``load_k_diffusion_external()``: its ``external.py`` (``DiscreteSchedule``) the same way.
 
 Everything runs on the CPU in float32; keep batch 2 and 8x8 latents so a test file stays fast.
 """
@@ -178,5 +179,21 @@ def load_k_diffusion_sampling() -> types.ModuleType:
     module_spec = importlib.util.spec_from_file_location(f"{name}.sampling", path)
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[f"{name}.sampling"] = module
+    module_spec.loader.exec_module(module)
+    package.sampling = module
+    return module
+
+
+def load_k_diffusion_external() -> types.ModuleType:
+    """k-diffusion's ``external.py`` (``DiscreteSchedule``, the model wrappers) by file path, beside the
+    ``sampling`` module of :func:`load_k_diffusion_sampling` that it imports."""
+    sampling = load_k_diffusion_sampling()
+    name = sampling.__name__.rpartition(".")[0]
+    if f"{name}.external" in sys.modules:
+        return sys.modules[f"{name}.external"]
+    path = Path(sampling.__file__).with_name("external.py")
+    module_spec = importlib.util.spec_from_file_location(f"{name}.external", path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[f"{name}.external"] = module
     module_spec.loader.exec_module(module)
     return module

@@ -14,16 +14,14 @@ diffusers computes alphas_cumprod in float32, so its schedulers are compared wit
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+import sampler_harness as H
 
 from sdlab.diffusion.discretization import (
     DISCRETIZATIONS,
@@ -168,40 +166,9 @@ def test_zero_snr_trailing_matches_diffusers():
 
 
 # -- k-diffusion / A1111 / ComfyUI ----------------------------------------------------------
-def _load_k_diffusion():
-    """k_diffusion.sampling and .external without running the package __init__ (needs torchvision)."""
-    spec = importlib.util.find_spec("k_diffusion")
-    root = Path(spec.submodule_search_locations[0])
-    package = types.ModuleType("_kdiff_ref")
-    package.__path__ = [str(root)]
-    utils = types.ModuleType("_kdiff_ref.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    stubs = {"_kdiff_ref": package, "_kdiff_ref.utils": utils}
-    if importlib.util.find_spec("torchdiffeq") is None:
-        stubs["torchdiffeq"] = types.SimpleNamespace(odeint=None)
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        loaded = {}
-        for name in ("sampling", "external"):
-            module_spec = importlib.util.spec_from_file_location(f"_kdiff_ref.{name}", root / f"{name}.py")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module
-            module_spec.loader.exec_module(module)
-            setattr(package, name, module)
-            loaded[name] = module
-        return loaded["sampling"], loaded["external"]
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-
-
 @pytest.fixture(scope="module")
 def kdiff():
-    return _load_k_diffusion()
+    return H.load_k_diffusion_sampling(), H.load_k_diffusion_external()
 
 
 @pytest.fixture(scope="module")

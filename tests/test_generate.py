@@ -43,12 +43,7 @@ PROMPT = "a red cube on a blue sphere"
 FAMILIES = ["sd1", "sd2", "sdxl", "sd1-inpaint", "sdxl-refiner"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

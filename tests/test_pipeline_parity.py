@@ -66,12 +66,7 @@ BATCH = 2
 CFG = 7.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _folder(tmp_path_factory, name: str, **changes) -> Path:

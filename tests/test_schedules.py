@@ -5,14 +5,12 @@ torchvision)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-import types
-from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+import sampler_harness as H
 
 from sdlab.diffusion.schedules import (
     ZERO_SNR_TERMINAL_ALPHAS_CUMPROD,
@@ -24,39 +22,9 @@ from sdlab.diffusion.schedules import (
 BETA_KINDS = [("scaled_linear", 0.00085, 0.012), ("linear", 0.0001, 0.02), ("squaredcos_cap_v2", 0.0001, 0.02)]
 
 
-def _load_k_diffusion_external():
-    """k_diffusion.external (and the sampling module it imports) without the package __init__."""
-    spec = importlib.util.find_spec("k_diffusion")
-    root = Path(spec.submodule_search_locations[0])
-    package = types.ModuleType("_kdiff_sched_ref")
-    package.__path__ = [str(root)]
-    utils = types.ModuleType("_kdiff_sched_ref.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    stubs = {"_kdiff_sched_ref": package, "_kdiff_sched_ref.utils": utils}
-    if importlib.util.find_spec("torchdiffeq") is None:
-        stubs["torchdiffeq"] = types.SimpleNamespace(odeint=None)
-    saved = {name: sys.modules.get(name) for name in stubs}
-    sys.modules.update(stubs)
-    try:
-        module = None
-        for name in ("sampling", "external"):
-            module_spec = importlib.util.spec_from_file_location(f"_kdiff_sched_ref.{name}", root / f"{name}.py")
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[module_spec.name] = module
-            module_spec.loader.exec_module(module)
-            setattr(package, name, module)
-        return module
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-
-
 @pytest.fixture(scope="module")
 def external():
-    return _load_k_diffusion_external()
+    return H.load_k_diffusion_external()
 
 
 # -- betas / alphas_cumprod -------------------------------------------------------------------

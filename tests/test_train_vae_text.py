@@ -87,14 +87,7 @@ def shapes_dataset(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, lis
     return to_tensor(images), captions
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Every test here runs on one thread: the learning proofs then see the same float reduction order on
-    every machine (so the measured numbers reproduce), and nothing oversubscribes a shared 2-core runner."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def train_steps(task: TrainTask, images: torch.Tensor, captions: list[str], steps: int, batch_size: int, lr: float):

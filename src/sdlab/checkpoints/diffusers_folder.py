@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -38,6 +38,8 @@ from sdlab.checkpoints.infer import infer_text_config
 from sdlab.checkpoints.io import LazyMapping, read_checkpoint, shapes_of
 from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.models.vae import VAEConfig
+
+ConfigT = TypeVar("ConfigT")
 
 MODEL_INDEX = "model_index.json"
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
@@ -126,12 +128,17 @@ def component_weights(folder: Path) -> Mapping[str, Tensor]:
     )
 
 
-def _unet_source(folder: Path) -> ComponentSource:
-    config_json = _read_json(folder / "config.json")
+def _config_from_json(path: Path, convert: Callable[[dict[str, Any]], ConfigT]) -> ConfigT:
+    """``convert`` applied to the JSON file ``path``; its ValueError becomes a CheckpointError naming the file."""
+    config_json = _read_json(path)
     try:
-        config = unet_config_from_diffusers(config_json)
+        return convert(config_json)
     except ValueError as exc:
-        raise CheckpointError(f"{folder / 'config.json'}: {exc}") from None
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _unet_source(folder: Path) -> ComponentSource:
+    config = _config_from_json(folder / "config.json", unet_config_from_diffusers)
     state = component_weights(folder)
     return ComponentSource(
         name="unet", kind="unet", origin=str(folder), state=state,
@@ -141,11 +148,7 @@ def _unet_source(folder: Path) -> ComponentSource:
 
 def vae_source_from_folder(folder: Path) -> ComponentSource:
     """A diffusers `AutoencoderKL` folder (`config.json` + weights)."""
-    config_json = _read_json(folder / "config.json")
-    try:
-        config = vae_config_from_diffusers(config_json)
-    except ValueError as exc:
-        raise CheckpointError(f"{folder / 'config.json'}: {exc}") from None
+    config = _config_from_json(folder / "config.json", vae_config_from_diffusers)
     return _vae_source(str(folder), component_weights(folder), config)
 
 

@@ -21,7 +21,6 @@ import logging
 import os
 import struct
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -33,6 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -235,30 +235,8 @@ def write_safetensors_atomic(
     """Write `tensors` (+ string `metadata`) to `path` atomically: temp file in the same folder, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        save_file(_independent(tensors), str(tmp), metadata=dict(metadata) if metadata else None)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    independent = _independent(tensors)
+    atomic_write(path, lambda tmp: save_file(independent, str(tmp), metadata=dict(metadata) if metadata else None))
     logger.info("wrote %s (%d tensors)", path, len(tensors))
     return path
 
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -25,6 +25,7 @@ from sdlab.datasets.emoji_subset import EMOJI_NAMES
 from sdlab.datasets.layout import POSITIONS, SIZES
 from sdlab.datasets.scene import render_scene
 from sdlab.datasets.shapes import is_held_out
+from sdlab.utils.files import atomic_write
 
 __all__ = ["DATASET_KINDS", "MIN_CONTRAST", "build_dataset", "sample_spec", "shape_pairs_for_training"]
 
@@ -62,9 +63,8 @@ def sample_spec(rng: np.random.Generator, kind: str, emoji_fraction: float = 0.5
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    """Many small files: atomic, but not flushed to disk one by one (``fsync=False``)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=False)
 
 
 def build_dataset(

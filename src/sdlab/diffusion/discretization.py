@@ -228,6 +228,13 @@ def diffusers_exponential_sigmas(
 
 
 # -- k-diffusion / ComfyUI / A1111 schedule types ---------------------------------------------
+def _sigma_range(schedule: NoiseSchedule, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
+    """(sigma_min, sigma_max) of a ramp: the model's own, unless overridden."""
+    lo = schedule.sigma_min if sigma_min is None else sigma_min
+    hi = schedule.sigma_max if sigma_max is None else sigma_max
+    return lo, hi
+
+
 def karras_sigmas(
     schedule: NoiseSchedule,
     steps: int,
@@ -239,8 +246,7 @@ def karras_sigmas(
 ) -> Tensor:
     """Karras et al. 2022 eq. 5 between the model's sigma_min and sigma_max (overridable)."""
     steps = _check_steps(steps)
-    lo = schedule.sigma_min if sigma_min is None else sigma_min
-    hi = schedule.sigma_max if sigma_max is None else sigma_max
+    lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
     return _finish(_karras_ramp(steps, lo, hi, rho), schedule, final)
 
 
@@ -254,8 +260,7 @@ def exponential_sigmas(
 ) -> Tensor:
     """Uniform in log sigma between the model's sigma_max and sigma_min (overridable)."""
     steps = _check_steps(steps)
-    lo = schedule.sigma_min if sigma_min is None else sigma_min
-    hi = schedule.sigma_max if sigma_max is None else sigma_max
+    lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
     return _finish(_exponential_ramp(steps, lo, hi), schedule, final)
 
 

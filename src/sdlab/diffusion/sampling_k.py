@@ -78,7 +78,8 @@ def _log_midpoint(sigma: float, sigma_to: float, like: Tensor) -> float:
     return float(a.lerp(b, 0.5).exp())
 
 
-def _require_noise(noise: NoiseSource | None, sampler: str, why: str) -> NoiseSource:
+def require_noise(noise: NoiseSource | None, sampler: str, why: str) -> NoiseSource:
+    """``noise``, or a ValueError that says why ``sampler`` needs one."""
     if noise is None:
         raise ValueError(
             f"{sampler} is stochastic ({why}) and needs a noise source: pass noise=... "
@@ -87,28 +88,54 @@ def _require_noise(noise: NoiseSource | None, sampler: str, why: str) -> NoiseSo
     return noise
 
 
-def _sigma_batch(sigma: float, x: Tensor, like: Tensor) -> Tensor:
+def sigma_batch(sigma: float, x: Tensor, like: Tensor) -> Tensor:
     """One noise level per batch item, in the dtype of the sigma schedule: (B,)."""
     return torch.full((x.shape[0],), sigma, dtype=like.dtype, device=x.device)
 
 
-def _churn_gamma(s_churn: float, n_steps: int, sigma: float, s_tmin: float, s_tmax: float) -> float:
-    """Karras et al. 2022 Alg. 2, line 4: how far to raise the noise level before the step."""
-    if s_churn <= 0 or not (s_tmin <= sigma <= s_tmax):
-        return 0.0
-    return min(s_churn / n_steps, 2**0.5 - 1)
+def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
+    """The probability-flow ODE derivative ``dx/dsigma = (x - D(x; sigma)) / sigma`` (Karras et al. 2022, eq. 4)."""
+    return (x - denoised) / sigma  # (B, C, h, w)
+
+
+def report_step(
+    callback: StepCallback | None, i: int, x: Tensor, sigma: float, sigma_next: float, denoised: Tensor
+) -> None:
+    """``callback(StepInfo)`` once per step, after the step's first model evaluation."""
+    if callback is not None:
+        callback(StepInfo(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
 
 
 def _churn(
-    x: Tensor, sigma: float, gamma: float, noise: NoiseSource | None, s_noise: float, name: str, sigmas: Tensor, i: int
+    x: Tensor,
+    sigmas: Tensor,
+    i: int,
+    sigma: float,
+    noise: NoiseSource | None,
+    sampler: str,
+    churn: tuple[float, float, float, float],
 ) -> tuple[Tensor, float]:
-    """Karras et al. 2022 Alg. 2, lines 5-6: add noise to go from ``sigma`` up to ``sigma_hat``."""
+    """Karras et al. 2022 Alg. 2, lines 4-6: raise the noise level from ``sigma = sigmas[i]`` to
+    ``sigma_hat = (1 + gamma) sigma`` by adding fresh noise; ``churn = (s_churn, s_tmin, s_tmax, s_noise)``.
+
+    ``gamma = min(s_churn / steps, sqrt(2) - 1)`` inside ``[s_tmin, s_tmax]``, else 0 (no noise drawn).
+    """
+    s_churn, s_tmin, s_tmax, s_noise = churn
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
     if gamma > 0:
-        source = _require_noise(noise, name, "s_churn > 0")
+        source = require_noise(noise, sampler, "s_churn > 0")
         eps = source(sigmas[i], sigmas.new_tensor(sigma_hat)) * s_noise  # (B, C, h, w)
         x = x + eps * math.sqrt(sigma_hat**2 - sigma**2)
     return x, sigma_hat
+
+
+def _renoise(x: Tensor, noise: NoiseSource, sigmas: Tensor, i: int, sigma_up: float, s_noise: float) -> Tensor:
+    """Ancestral samplers: add ``sigma_up`` of fresh noise for the step ``sigmas[i] -> sigmas[i + 1]``
+    (nothing is drawn when ``sigma_up`` is 0, which includes every step to ``sigma_next == 0``)."""
+    if not sigma_up > 0:
+        return x
+    return x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)  # (B, C, h, w)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -133,15 +160,13 @@ def sample_euler(
     Per step: optional churn (raise sigma to sigma_hat with fresh noise), one model call,
     ``x += (x - D) / sigma_hat * (sigma_next - sigma_hat)``.
     """
-    levels = sigmas.tolist()
-    n = len(levels) - 1
-    for i in range(n):
+    levels, churn = sigmas.tolist(), (s_churn, s_tmin, s_tmax, s_noise)
+    for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        x, sigma_hat = _churn(x, sigma, _churn_gamma(s_churn, n, sigma, s_tmin, s_tmax), noise, s_noise, "Euler", sigmas, i)
-        denoised = model(x, _sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma_hat, sigma_next, denoised))
-        d = (x - denoised) / sigma_hat
+        x, sigma_hat = _churn(x, sigmas, i, sigma, noise, "Euler", churn)
+        denoised = model(x, sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma_hat, sigma_next, denoised)
+        d = to_d(x, sigma_hat, denoised)
         x = x + d * (sigma_next - sigma_hat)
     return x
 
@@ -163,18 +188,16 @@ def sample_euler_ancestral(
     (noise is drawn only when ``sigma_next > 0``).
     """
     if eta:
-        noise = _require_noise(noise, "Euler a", "eta > 0")
+        noise = require_noise(noise, "Euler a", "eta > 0")
     levels, ref = sigmas.tolist(), sigmas.detach().cpu()
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
         sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma, sigma_next, denoised))
-        d = (x - denoised) / sigma
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        d = to_d(x, sigma, denoised)
         x = x + d * (sigma_down - sigma)
-        if sigma_next > 0 and sigma_up > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
+        x = _renoise(x, noise, sigmas, i, sigma_up, s_noise)
     return x
 
 
@@ -196,22 +219,20 @@ def sample_heun(
     Per step: optional churn, model call at ``sigma_hat``, Euler predictor to ``sigma_next``, model call there,
     trapezoidal corrector with the mean slope. The last step to ``sigma_next == 0`` is a plain Euler step.
     """
-    levels = sigmas.tolist()
-    n = len(levels) - 1
-    for i in range(n):
+    levels, churn = sigmas.tolist(), (s_churn, s_tmin, s_tmax, s_noise)
+    for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        x, sigma_hat = _churn(x, sigma, _churn_gamma(s_churn, n, sigma, s_tmin, s_tmax), noise, s_noise, "Heun", sigmas, i)
-        denoised = model(x, _sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma_hat, sigma_next, denoised))
-        d = (x - denoised) / sigma_hat
+        x, sigma_hat = _churn(x, sigmas, i, sigma, noise, "Heun", churn)
+        denoised = model(x, sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma_hat, sigma_next, denoised)
+        d = to_d(x, sigma_hat, denoised)
         dt = sigma_next - sigma_hat
         if sigma_next == 0:
             x = x + d * dt
             continue
         x_pred = x + d * dt
-        denoised_pred = model(x_pred, _sigma_batch(sigma_next, x, sigmas))
-        d_pred = (x_pred - denoised_pred) / sigma_next
+        denoised_pred = model(x_pred, sigma_batch(sigma_next, x, sigmas))
+        d_pred = to_d(x_pred, sigma_next, denoised_pred)
         x = x + (d + d_pred) / 2 * dt
     return x
 
@@ -235,15 +256,13 @@ def sample_dpm_2(
     ``sigma_mid = sqrt(sigma_hat * sigma_next)``, model call there, full step with the midpoint slope.
     The last step to ``sigma_next == 0`` is a plain Euler step.
     """
-    levels = sigmas.tolist()
-    n = len(levels) - 1
-    for i in range(n):
+    levels, churn = sigmas.tolist(), (s_churn, s_tmin, s_tmax, s_noise)
+    for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        x, sigma_hat = _churn(x, sigma, _churn_gamma(s_churn, n, sigma, s_tmin, s_tmax), noise, s_noise, "DPM2", sigmas, i)
-        denoised = model(x, _sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma_hat, sigma_next, denoised))
-        d = (x - denoised) / sigma_hat
+        x, sigma_hat = _churn(x, sigmas, i, sigma, noise, "DPM2", churn)
+        denoised = model(x, sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma_hat, sigma_next, denoised)
+        d = to_d(x, sigma_hat, denoised)
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma_hat)
             continue
@@ -256,8 +275,8 @@ def _dpm2_midpoint_step(
 ) -> tuple[Tensor, Tensor]:
     sigma_mid = _log_midpoint(sigma, sigma_to, sigmas)
     x_mid = x + d * (sigma_mid - sigma)
-    denoised_mid = model(x_mid, _sigma_batch(sigma_mid, x, sigmas))
-    d_mid = (x_mid - denoised_mid) / sigma_mid
+    denoised_mid = model(x_mid, sigma_batch(sigma_mid, x, sigmas))
+    d_mid = to_d(x_mid, sigma_mid, denoised_mid)
     return x + d_mid * (sigma_to - sigma), denoised_mid
 
 
@@ -278,21 +297,19 @@ def sample_dpm_2_ancestral(
     log sigma), then ``sigma_up`` of fresh noise. The last step (``sigma_down == 0``) is a plain Euler step.
     """
     if eta:
-        noise = _require_noise(noise, "DPM2 a", "eta > 0")
+        noise = require_noise(noise, "DPM2 a", "eta > 0")
     levels, ref = sigmas.tolist(), sigmas.detach().cpu()
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
         sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma, sigma_next, denoised))
-        d = (x - denoised) / sigma
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        d = to_d(x, sigma, denoised)
         if sigma_down == 0:
             x = x + d * (sigma_down - sigma)
             continue
         x, _ = _dpm2_midpoint_step(model, x, d, sigma, sigma_down, sigmas)
-        if sigma_next > 0 and sigma_up > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
+        x = _renoise(x, noise, sigmas, i, sigma_up, s_noise)
     return x
 
 
@@ -343,12 +360,11 @@ def sample_lms(
     slopes: list[Tensor] = []
     for i in range(len(levels) - 1):
         sigma = levels[i]
-        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
-        slopes.append((x - denoised) / sigma)
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        slopes.append(to_d(x, sigma, denoised))
         if len(slopes) > order:
             slopes.pop(0)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma, levels[i + 1], denoised))
+        report_step(callback, i, x, sigma, levels[i + 1], denoised)
         coeffs = lms_coefficients(levels, i, min(i + 1, order))
         for coeff, d in zip(coeffs, reversed(slopes)):
             x = x + coeff * d
@@ -380,25 +396,23 @@ def sample_dpmpp_2s_ancestral(
     ``sigma_next > 0``. The last step (``sigma_down == 0``) is a plain Euler step.
     """
     if eta:
-        noise = _require_noise(noise, "DPM++ 2S a", "eta > 0")
+        noise = require_noise(noise, "DPM++ 2S a", "eta > 0")
     levels, ref = sigmas.tolist(), sigmas.detach().cpu()
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
         sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        report_step(callback, i, x, sigma, sigma_next, denoised)
         if sigma_down == 0:
-            x = x + (x - denoised) / sigma * (sigma_down - sigma)
+            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
         else:
             t, t_next = -math.log(sigma), -math.log(sigma_down)
             h = t_next - t
             sigma_mid = math.exp(-(t + h / 2))
             x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
-            denoised_mid = model(x_mid, _sigma_batch(sigma_mid, x, sigmas))
+            denoised_mid = model(x_mid, sigma_batch(sigma_mid, x, sigmas))
             x = (sigma_down / sigma) * x - math.expm1(-h) * denoised_mid
-        if sigma_next > 0 and sigma_up > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
+        x = _renoise(x, noise, sigmas, i, sigma_up, s_noise)
     return x
 
 
@@ -425,16 +439,15 @@ def sample_dpmpp_sde(
     does, because a Brownian tree answers differently for times that differ by one ulp.
     """
     if eta:
-        noise = _require_noise(noise, "DPM++ SDE", "eta > 0")
+        noise = require_noise(noise, "DPM++ SDE", "eta > 0")
     levels, ref = sigmas.tolist(), sigmas.detach().cpu()
     fac = 1 / (2 * r)
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
-            x = x + (x - denoised) / sigma * (sigma_next - sigma)
+            x = x + to_d(x, sigma, denoised) * (sigma_next - sigma)
             continue
         # Levels in t = -log(sigma), as 0-dim tensors in the schedule's dtype: the Brownian tree must be
         # queried at exactly the reference's times.
@@ -446,7 +459,7 @@ def sample_dpmpp_sde(
         x_s = (sd / float(sigma_t)) * x - math.expm1(math.log(sd) - float(t.neg())) * denoised
         if su > 0:
             x_s = x_s + noise(sigma_t, sigma_s) * (s_noise * su)
-        denoised_s = model(x_s, _sigma_batch(float(sigma_s), x, sigmas))
+        denoised_s = model(x_s, sigma_batch(float(sigma_s), x, sigmas))
         # Step 2: ancestral step t -> t_next with the combined estimate.
         sd, su = ancestral_step(sigma_t, sigma_t_next, eta)
         denoised_d = (1 - fac) * denoised + fac * denoised_s
@@ -476,9 +489,8 @@ def sample_dpmpp_2m(
     h_last = 0.0
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = denoised  # first-order step to sigma = 0: (0 / sigma) * x + 1 * D
         else:
@@ -517,15 +529,14 @@ def sample_dpmpp_2m_sde(
     if solver_type not in ("midpoint", "heun"):
         raise ValueError(f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
     if eta:
-        noise = _require_noise(noise, "DPM++ 2M SDE", "eta > 0")
+        noise = require_noise(noise, "DPM++ 2M SDE", "eta > 0")
     levels = sigmas.tolist()
     old_denoised: Tensor | None = None
     h_last = 0.0
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = denoised
         else:
@@ -566,7 +577,7 @@ def sample_dpmpp_3m_sde(
     then ``sigma_next sqrt(1 - e^{-2 eta h})`` of noise. The final step to ``sigma_next == 0`` returns ``D``.
     """
     if eta:
-        noise = _require_noise(noise, "DPM++ 3M SDE", "eta > 0")
+        noise = require_noise(noise, "DPM++ 3M SDE", "eta > 0")
     levels = sigmas.tolist()
     denoised_1: Tensor | None = None
     denoised_2: Tensor | None = None
@@ -574,9 +585,8 @@ def sample_dpmpp_3m_sde(
     h_2: float | None = None
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, _sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
-        if callback is not None:
-            callback(StepInfo(i, x, sigma, sigma_next, denoised))
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = denoised
             continue
@@ -604,40 +614,32 @@ def sample_dpmpp_3m_sde(
 # ----------------------------------------------------------------------------------------------------------
 # Registry
 
-K_SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "Euler": sample_euler,
-    "Euler a": sample_euler_ancestral,
-    "Heun": sample_heun,
-    "DPM2": sample_dpm_2,
-    "DPM2 a": sample_dpm_2_ancestral,
-    "LMS": sample_lms,
-    "DPM++ 2M": sample_dpmpp_2m,
-    "DPM++ 2M SDE": sample_dpmpp_2m_sde,
-    "DPM++ 2M SDE Heun": functools.partial(sample_dpmpp_2m_sde, solver_type="heun"),
-    "DPM++ SDE": sample_dpmpp_sde,
-    "DPM++ 2S a": sample_dpmpp_2s_ancestral,
-    "DPM++ 3M SDE": sample_dpmpp_3m_sde,
-}
+_DPMPP_2M_SDE_HEUN = functools.partial(sample_dpmpp_2m_sde, solver_type="heun")
+
+_NAMES: tuple[tuple[str, str, Callable[..., Tensor]], ...] = (
+    # (AUTOMATIC1111 display name, ComfyUI / k-diffusion name, sampler)
+    ("Euler", "euler", sample_euler),
+    ("Euler a", "euler_ancestral", sample_euler_ancestral),
+    ("Heun", "heun", sample_heun),
+    ("DPM2", "dpm_2", sample_dpm_2),
+    ("DPM2 a", "dpm_2_ancestral", sample_dpm_2_ancestral),
+    ("LMS", "lms", sample_lms),
+    ("DPM++ 2M", "dpmpp_2m", sample_dpmpp_2m),
+    ("DPM++ 2M SDE", "dpmpp_2m_sde", sample_dpmpp_2m_sde),
+    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", _DPMPP_2M_SDE_HEUN),
+    ("DPM++ SDE", "dpmpp_sde", sample_dpmpp_sde),
+    ("DPM++ 2S a", "dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral),
+    ("DPM++ 3M SDE", "dpmpp_3m_sde", sample_dpmpp_3m_sde),
+)
+
+K_SAMPLERS: dict[str, Callable[..., Tensor]] = {display: fn for display, _, fn in _NAMES}
 """Sigma-space samplers keyed by their AUTOMATIC1111 display names."""
 
-K_SAMPLER_ALIASES: dict[str, Callable[..., Tensor]] = {
-    "euler": sample_euler,
-    "euler_ancestral": sample_euler_ancestral,
-    "heun": sample_heun,
-    "dpm_2": sample_dpm_2,
-    "dpm_2_ancestral": sample_dpm_2_ancestral,
-    "lms": sample_lms,
-    "dpmpp_2m": sample_dpmpp_2m,
-    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
-    "dpmpp_2m_sde_heun": K_SAMPLERS["DPM++ 2M SDE Heun"],
-    "dpmpp_sde": sample_dpmpp_sde,
-    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
-    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
-}
+K_SAMPLER_ALIASES: dict[str, Callable[..., Tensor]] = {alias: fn for _, alias, fn in _NAMES}
 """The same samplers under their ComfyUI (k-diffusion function) names."""
 
 BROWNIAN_NOISE_SAMPLERS: frozenset[Callable[..., Tensor]] = frozenset(
-    {sample_dpmpp_sde, sample_dpmpp_2m_sde, K_SAMPLERS["DPM++ 2M SDE Heun"], sample_dpmpp_3m_sde}
+    {sample_dpmpp_sde, sample_dpmpp_2m_sde, _DPMPP_2M_SDE_HEUN, sample_dpmpp_3m_sde}
 )
 """Samplers that AUTOMATIC1111 / ComfyUI / k-diffusion feed from a Brownian tree by default
 (``sdlab.diffusion.brownian.BrownianTreeNoise``); the others draw independent Gaussian noise per step.

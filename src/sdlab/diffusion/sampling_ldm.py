@@ -40,7 +40,7 @@ from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.noise import NoiseSource
-from sdlab.diffusion.sampling_k import StepCallback, StepInfo
+from sdlab.diffusion.sampling_k import StepCallback, report_step, require_noise, sigma_batch, to_d
 
 __all__ = [
     "FINAL_SIGMA",
@@ -74,23 +74,6 @@ def _check_sigmas(sigmas: Tensor) -> list[float]:
     if any(b > a for a, b in zip(values, values[1:])):
         raise ValueError("sigmas must be non-increasing")
     return values
-
-
-def _denoise(model: DenoiseFn, x: Tensor, sigmas: Tensor, i: int) -> Tensor:
-    """Call the model at ``sigmas[i]`` for the whole batch (sigma (B,) keeps the sigmas' dtype)."""
-    return model(x, sigmas[i].to(x.device).expand(x.shape[0]))  # (B, C, h, w)
-
-
-def _report(callback: StepCallback | None, i: int, x: Tensor, sigma_values: list[float], denoised: Tensor) -> None:
-    """``callback(StepInfo)`` once per step, after the step's first model evaluation."""
-    if callback is not None:
-        callback(StepInfo(i=i, x=x, sigma=sigma_values[i], sigma_next=sigma_values[i + 1], denoised=denoised))
-
-
-def _require_noise(noise: NoiseSource | None, name: str) -> NoiseSource:
-    if noise is None:
-        raise ValueError(f"{name} adds fresh noise at each step: pass noise=per_image_noise(generators, x)")
-    return noise
 
 
 def _ancestral_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
@@ -138,12 +121,12 @@ def sample_ddim(
     sigma_values = _check_sigmas(sigmas)
     for i in range(len(sigma_values) - 1):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
-        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
-        _report(callback, i, x, sigma_values, denoised)
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
         sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
         x_next = denoised + (sigma_down / sigma) * (x - denoised)
         if sigma_up > 0.0:
-            x_next = x_next + sigma_up * _require_noise(noise, "DDIM with eta > 0")(sigmas[i], sigmas[i + 1])
+            x_next = x_next + sigma_up * require_noise(noise, "DDIM", "eta > 0")(sigmas[i], sigmas[i + 1])
         x = x_next
     return x
 
@@ -201,12 +184,12 @@ def sample_plms(
     old_eps: list[Tensor] = []  # newest last, at most 3 kept
     for i in range(n_steps):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
-        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
-        _report(callback, i, x, sigma_values, denoised)
-        eps = (x - denoised) / sigma  # (B, C, h, w)
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        eps = to_d(x, sigma, denoised)  # (B, C, h, w)
         if not old_eps and i < n_steps - 1 and sigma_next > 0.0:
             x_euler = x + (sigma_next - sigma) * eps
-            eps_euler = (x_euler - _denoise(model, x_euler, sigmas, i + 1)) / sigma_next
+            eps_euler = to_d(x_euler, sigma_next, model(x_euler, sigma_batch(sigma_next, x, sigmas)))
             eps_prime = (eps + eps_euler) / 2
         else:
             history = [eps, *reversed(old_eps)]  # newest first
@@ -245,13 +228,14 @@ def sample_ddpm(
     sigma_values = _check_sigmas(sigmas)
     for i in range(len(sigma_values) - 1):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
-        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
-        _report(callback, i, x, sigma_values, denoised)
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
         ratio_sq = (sigma_next / sigma) ** 2
         x_next = denoised + ratio_sq * (x - denoised)
         if sigma_next > 0.0:
             std = sigma_next * math.sqrt(max(1.0 - ratio_sq, 0.0))
-            x_next = x_next + std * _require_noise(noise, "DDPM")(sigmas[i], sigmas[i + 1])
+            source = require_noise(noise, "DDPM", "fresh noise at each step")
+            x_next = x_next + std * source(sigmas[i], sigmas[i + 1])
         x = x_next
     return x
 
@@ -295,17 +279,17 @@ def sample_lcm(
     sigma_values = _check_sigmas(sigmas)
     for i in range(len(sigma_values) - 1):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
-        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
         if sigma_to_t is not None:
             t = float(torch.as_tensor(sigma_to_t(sigmas[i : i + 1])).reshape(-1)[0])
             scaled_t = t * timestep_scaling
             c_skip = sigma_data**2 / (scaled_t**2 + sigma_data**2)
             c_out = scaled_t / math.sqrt(scaled_t**2 + sigma_data**2)
             denoised = c_out * denoised + (c_skip / math.sqrt(1.0 + sigma * sigma)) * x
-        _report(callback, i, x, sigma_values, denoised)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
         x = denoised
         if sigma_next > 0.0:
-            x = x + sigma_next * _require_noise(noise, "LCM")(sigmas[i], sigmas[i + 1])
+            x = x + sigma_next * require_noise(noise, "LCM", "re-noises after each step")(sigmas[i], sigmas[i + 1])
     return x
 
 
@@ -425,12 +409,12 @@ def sample_unipc(
     prev_order = 0
     for i in range(n_steps):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
-        denoised = _denoise(model, x, sigmas, i)  # (B, C, h, w)
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
         if x_prev is not None and (i - 1) not in disable_corrector:
             m_prev = history[-1][0]
             older = list(reversed(history[-prev_order:-1])) if prev_order > 1 else []
             x = _unipc_update(x_prev, sigma_values[i - 1], sigma, m_prev, older, variant, model_next=denoised)
-        _report(callback, i, x, sigma_values, denoised)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
         history = [*history, (denoised, -math.log(sigma))][-order:]
         step_order = min(order, n_steps - i) if lower_order_final else order
         step_order = min(step_order, len(history))
@@ -447,37 +431,23 @@ def sample_unipc(
 # registries
 # --------------------------------------------------------------------------------------------------
 
-LDM_SAMPLERS: dict[str, Callable[..., Tensor]] = {
-    "DDIM": sample_ddim,
-    "PLMS": sample_plms,
-    "DDPM": sample_ddpm,
-    "LCM": sample_lcm,
-    "UniPC": sample_unipc,
-}
+_NAMES: tuple[tuple[str | None, str | None, Callable[..., Tensor], str], ...] = (
+    # (A1111 display name, ComfyUI / snake-case name, sampler, the final sigma its reference ends at)
+    ("DDIM", "ddim", sample_ddim, "first_alpha"),  # CompVis, diffusers set_alpha_to_one=False: alphas_cumprod[0]
+    ("PLMS", "plms", sample_plms, "first_alpha"),
+    ("DDPM", "ddpm", sample_ddpm, "zero"),  # DDPMScheduler: alpha_prod_t_prev = 1 after the last timestep
+    ("LCM", "lcm", sample_lcm, "zero"),  # LCMScheduler returns the denoised sample at the last step
+    ("UniPC", None, sample_unipc, "zero"),  # UniPCMultistepScheduler final_sigmas_type="zero"
+    (None, "uni_pc", partial(sample_unipc, order=3, variant="bh1"), "zero"),
+    (None, "uni_pc_bh2", partial(sample_unipc, order=3, variant="bh2"), "zero"),
+)
+
+LDM_SAMPLERS: dict[str, Callable[..., Tensor]] = {display: fn for display, _, fn, _ in _NAMES if display}
 """A1111 display name -> sampler (defaults as in diffusers' scheduler of the same name)."""
 
-LDM_SAMPLER_ALIASES: dict[str, Callable[..., Tensor]] = {
-    "ddim": sample_ddim,
-    "plms": sample_plms,
-    "ddpm": sample_ddpm,
-    "lcm": sample_lcm,
-    "uni_pc": partial(sample_unipc, order=3, variant="bh1"),
-    "uni_pc_bh2": partial(sample_unipc, order=3, variant="bh2"),
-}
+LDM_SAMPLER_ALIASES: dict[str, Callable[..., Tensor]] = {alias: fn for _, alias, fn, _ in _NAMES if alias}
 """ComfyUI / snake-case names -> sampler; ComfyUI's UniPC runs order 3 with bh1 (``uni_pc``) or bh2."""
 
-FINAL_SIGMA: dict[str, str] = {
-    "DDIM": "first_alpha",  # CompVis, diffusers set_alpha_to_one=False: ends at alphas_cumprod[0]
-    "PLMS": "first_alpha",
-    "DDPM": "zero",  # DDPMScheduler: alpha_prod_t_prev = 1 after the last timestep
-    "LCM": "zero",  # LCMScheduler returns the denoised sample at the last step
-    "UniPC": "zero",  # UniPCMultistepScheduler final_sigmas_type="zero"
-    "ddim": "first_alpha",
-    "plms": "first_alpha",
-    "ddpm": "zero",
-    "lcm": "zero",
-    "uni_pc": "zero",
-    "uni_pc_bh2": "zero",
-}
+FINAL_SIGMA: dict[str, str] = {name: final for display, alias, _, final in _NAMES for name in (display, alias) if name}
 """Sampler name (display or alias) -> the final sigma its reference ends at: "first_alpha" (sigma_min,
 decode ``to_ddpm_latent(x, sigma_min)``) or "zero"."""

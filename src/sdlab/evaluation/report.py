@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sdlab.datasets.captions import parse_caption
 from sdlab.datasets.shapes import is_held_out
 from sdlab.evaluation.scoring import score_image
+from sdlab.utils.files import atomic_write
 
 __all__ = ["TARGETS", "evaluate", "read_prompt_file", "render_grid", "summarise"]
 
@@ -119,12 +120,6 @@ def render_grid(prompts: Sequence[str], images: Sequence[Sequence[Image.Image]])
     return grid
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def evaluate(
     generate_fn: Callable[[str, int], Image.Image],
     prompts: list[str],
@@ -160,7 +155,7 @@ def evaluate(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(report, indent=2)
-    _write_atomic(out / "report.json", lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(out / "report.json", lambda p: p.write_text(text, encoding="utf-8"))
     grid = render_grid(prompts, grid_images)
-    _write_atomic(out / "grid.png", lambda p: grid.save(p, format="PNG"))
+    atomic_write(out / "grid.png", lambda p: grid.save(p, format="PNG"))
     return report

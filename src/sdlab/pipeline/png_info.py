@@ -24,12 +24,13 @@ import json
 import logging
 import os
 import re
-import secrets
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin
+
+from sdlab.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -148,27 +149,14 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike, parameters: str
     """Write ``image`` as a PNG with a ``parameters`` text chunk, atomically.
 
     The file is written under a temporary name in the same directory, flushed to disk, then renamed over
-    ``path`` (``os.replace``), so a reader never sees half a file; on any error the temporary file is
+    ``path`` (``sdlab.utils.files.atomic_write``), so a reader never sees half a file; on any error the temporary file is
     removed and ``path`` is left as it was. Text that is not Latin-1 goes into an ``iTXt`` (UTF-8) chunk.
     """
     path = Path(path)
     info = PngImagePlugin.PngInfo()
     if parameters is not None:
         info.add_text(PARAMETERS_KEY, parameters)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)   # 0o666 minus umask, like open()
-    try:
-        with os.fdopen(fd, "wb") as file:
-            image.save(file, format="PNG", pnginfo=info)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG", pnginfo=info))
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:

@@ -15,15 +15,15 @@ Loading uses ``torch.load(weights_only=True)``: the file holds only tensors and 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from sdlab.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -75,36 +75,12 @@ def clean_orphans(folder: Path) -> int:
     return len(orphans)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_run_checkpoint(state: dict[str, Any], folder: Path, step: int) -> Path:
     """Write ``state`` as ``step-<step>.pt`` in ``folder`` atomically (temp file, fsync, rename)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = checkpoint_path(folder, step)
-    fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)
+    atomic_write(target, lambda tmp: torch.save({"format": FORMAT_VERSION, **state}, tmp))
     logger.info("saved run checkpoint %s", target)
     return target
 

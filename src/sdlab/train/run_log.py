@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+from sdlab.utils.files import atomic_write
 
 __all__ = ["CSVLog", "draw_loss_curve", "read_log"]
 
@@ -35,12 +36,13 @@ class CSVLog:
             self._rewrite([])
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        def write(tmp: Path) -> None:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.path, write)
 
     def append(self, row: dict[str, float | int | str]) -> None:
         with open(self.path, "a", newline="", encoding="utf-8") as f:
@@ -107,7 +109,5 @@ def draw_loss_curve(steps: Sequence[float], losses: Sequence[float], path: Path,
         draw.text((width // 2 - 15, height - margin_b + 6), "step", fill="black")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
