@@ -150,3 +150,16 @@ def test_bad_files_and_folders(model, picture, tmp_path, capsys) -> None:
 def test_missing_model_says_so(tmp_path, capsys) -> None:
     code, _, err = run(["txt2img", "p", "--model", str(tmp_path / "nope.safetensors"), *FAST], capsys)
     assert code != 0 and err.count("sdlab: error:") == 1
+
+
+def test_sdxl_with_refiner(tmp_path, capsys) -> None:
+    base, refiner = tmp_path / "base.safetensors", tmp_path / "refiner.safetensors"
+    write_original(tiny_bundle("sdxl"), base, junk=False)
+    write_original(tiny_bundle("sdxl-refiner", seed=5), refiner, junk=False)
+    common = ["txt2img", "a castle", "--model", str(base), "--seed", "2", "--sampler", "Euler", "--steps", "4",
+              "--width", "32", "--height", "32", "--no-progress"]
+    assert run([*common, "--out", str(tmp_path / "plain.png")], capsys)[0] == 0
+    assert run([*common, "--refiner", str(refiner), "--refiner-switch", "0.5", "--out", str(tmp_path / "ref.png")], capsys)[0] == 0
+    assert not np.array_equal(pixels(tmp_path / "plain.png"), pixels(tmp_path / "ref.png"))
+    code, _, err = run([*common, "--refiner", str(refiner), "--refiner-switch", "1.5", "--out", str(tmp_path / "x.png")], capsys)
+    assert code != 0 and "refiner-switch" in err and not (tmp_path / "x.png").exists()

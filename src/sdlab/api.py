@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from sdlab.checkpoints.load import ModelBundle, load_bundle
-from sdlab.pipeline.generate import ProgressFn, generate
+from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
 
 ImageLike = Image.Image | str | os.PathLike[str]
@@ -42,13 +42,20 @@ def _open_image(image: ImageLike, what: str) -> Image.Image:
 class Pipeline:
     """A loaded model and the three ways to draw with it."""
 
-    def __init__(self, bundle: ModelBundle) -> None:
+    def __init__(self, bundle: ModelBundle, refiner: ModelBundle | None = None, refiner_switch: float = 0.8) -> None:
+        """`refiner` (an SDXL refiner) takes over after the first `refiner_switch` of every schedule."""
+        if not 0.0 < refiner_switch < 1.0:
+            raise ValueError(f"refiner_switch must lie in (0, 1), got {refiner_switch}")
         self.bundle = bundle
+        self.refiner = refiner
+        self.refiner_switch = refiner_switch
 
     def __repr__(self) -> str:
         return f"Pipeline({self.bundle.family.name}, {self.bundle.prediction.value}, {self.bundle.dtype})"
 
     def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
+        if self.refiner is not None:
+            return generate_with_refiner(self.bundle, self.refiner, request, self.refiner_switch, progress=progress)
         return generate(self.bundle, request, progress=progress)
 
     def _call(self, prompt: str, options: dict[str, Any], progress: ProgressFn | None) -> GenerationResult:
@@ -112,11 +119,15 @@ def load(
     *,
     family: str | None = None,
     prediction: str | None = None,
+    refiner: str | os.PathLike[str] | None = None,
+    refiner_switch: float = 0.8,
 ) -> Pipeline:
     """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`.
 
     `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
+    `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule.
     """
     bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae)
-    return Pipeline(bundle)
+    refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=dtype)
+    return Pipeline(bundle, refined, refiner_switch)

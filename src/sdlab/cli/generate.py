@@ -38,6 +38,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--vae", help="standalone VAE file that replaces the checkpoint's VAE")
         p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")
         p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type (SD 2.x 768: v)")
+        p.add_argument("--refiner", help="SDXL refiner checkpoint that finishes the schedule")
+        p.add_argument("--refiner-switch", type=float, default=0.8,
+                       help="fraction of the schedule the base model runs before the refiner (default 0.8)")
         p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...)')
         p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ...")
         p.add_argument("--steps", type=int, help="sampling steps (default 20)")
@@ -164,7 +167,10 @@ def _load_pipeline(args: argparse.Namespace):
     if model is None:
         raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")
     loras = [_parse_lora(spec) for spec in args.lora]
-    pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family, prediction=args.prediction)
+    if not 0.0 < args.refiner_switch < 1.0:
+        raise UserError(f"--refiner-switch must lie in (0, 1), got {args.refiner_switch}")
+    pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family, prediction=args.prediction,
+                refiner=args.refiner, refiner_switch=args.refiner_switch)
     if loras:
         from sdlab.train.lora import apply_lora
 
