@@ -6,7 +6,8 @@ What it gives a test:
   (32, 64), one layer per block, cross-attention dim 32, 8x8 latents, default init) behind an identity skip
   so latents keep a realistic O(1) size (see ``SkipUNet``), and ``context(batch)``, its text conditioning. Build each once per module (pytest fixture with ``scope="module"``).
 - ``sd_scheduler_config(prediction)``: SD 1.x scheduler settings (scaled_linear 0.00085..0.012, leading
-  spacing, steps_offset 1) for any diffusers scheduler class.
+  spacing, steps_offset 1) for any diffusers scheduler class; ``make_scheduler(cls, prediction)`` builds
+  one, dropping the settings a class does not take.
 - ``sdlab_model(unet, ctx, prediction)``: the same network behind sdlab's ``Denoiser`` as a
   ``DenoiseFn`` ``(x, sigma (B,)) -> x0``.
 - ``run_diffusers(scheduler, unet, ctx, steps, seeds)``: the diffusers pipeline loop (``set_timesteps``,
@@ -107,6 +108,15 @@ def sd_scheduler_config(prediction: str = "epsilon", **overrides) -> dict:
     )
     config.update(overrides)
     return config
+
+
+def make_scheduler(cls, prediction: str = "epsilon", **overrides):
+    """A diffusers scheduler ``cls`` with ``sd_scheduler_config``, minus the settings ``cls`` does not take
+    (``DPMSolverSinglestepScheduler`` has no ``timestep_spacing`` / ``steps_offset``: its grid is always
+    ``linspace(0, 999, n + 1)`` rounded, without the last entry)."""
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in sd_scheduler_config(prediction, **overrides).items() if k in accepted}
+    return cls(**config)
 
 
 def sd_schedule() -> NoiseSchedule:

@@ -304,3 +304,28 @@ def test_sdxl_refiner_handoff(sdxl, sdxl_refiner, switch_at):
                                  progress=lambda info: seen.append(info.i))
     assert seen == list(range(steps))
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+# ---------------------------------------------------------------------------------------------------------
+# full size (opt in: --run-slow; about 9 GB of RAM and a few minutes on 2 cores)
+
+
+@pytest.mark.slow
+def test_full_size_sd15_txt2img(tmp_path):
+    """The released SD1.5 architecture with random weights (PyTorch's default init), Euler, 256 px."""
+    from sdlab.checkpoints.create import new_bundle
+
+    bundle = new_bundle("sd1", seed=3)
+    folder = _as_released(write_diffusers_folder(bundle, tmp_path / "sd15"))
+    del bundle
+    pipe = _quiet(StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None))
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    size, steps = 256, 4
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps, guidance_scale=CFG, width=size,
+                     height=size, generator=_generators(1), output_type="np").images
+    del pipe
+    ours = sdlab.load(folder).txt2img(PROMPT, NEGATIVE, steps=steps, cfg_scale=CFG, seed=SEED, width=size,
+                                      height=size, **options)
+    a, b = _uint8(ours.images), _uint8(reference)
+    assert a.shape == b.shape and b.std() > 1, "the reference picture is flat"
+    assert int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()) <= MAX_PIXEL_DIFF

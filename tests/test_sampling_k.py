@@ -9,11 +9,14 @@
 3. Convergence: on Gaussian data the exact denoiser and the exact probability-flow ODE solution are known;
    each deterministic sampler's global error must shrink with the documented order.
 
+diffusers' ``DPMSolverSinglestepScheduler`` (solver_order 2, dpmsolver++) is not "DPM++ 2S a": it is
+deterministic DPM-Solver++(2S) whose intermediate point is the next grid sigma (r = h_0/h, not 1/2), one
+model call per grid sigma, with first-order warm-up/final intervals (``get_order_list``). sdlab has it as
+"DPM++ 2S" (``sample_dpmpp_2s``) and compares it with diffusers like the others; "DPM++ 2S a" (A1111's,
+k-diffusion's) is compared with k-diffusion, and with eta = 0 it equals "DPM++ 2S" on the grid with every
+log-midpoint inserted (tested below).
+
 Not compared, by design:
-- diffusers' ``DPMSolverSinglestepScheduler`` is not "DPM++ 2S a": it is deterministic DPM-Solver++(2S) whose
-  intermediate point is the next grid sigma (r = h_1/h, not 1/2), with first-order warm-up/final sub-steps.
-  It equals sdlab's ``sample_dpmpp_2s_ancestral(eta=0)`` only on grids where every other sigma is the
-  log-midpoint of its neighbours; A1111's "DPM++ 2S a" is k-diffusion's, which is what we compare against.
 - diffusers' ``DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3)`` is not
   "DPM++ 3M SDE": its third-order SDE term uses ``(1 - e^{-2h} - 2h)/(2h)^2 - 1/2`` for D2 where
   k-diffusion's ``-phi_3`` is ``(1 - e^{-2h} - 2h)/(2h)^2 + 1/2`` (the deterministic third-order term of both,
@@ -26,6 +29,7 @@ Not compared, by design:
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -87,6 +91,14 @@ DIFFUSERS_CASES = [
         True,
     ),
     (
+        "DPM++ 2S",
+        "DPMSolverSinglestepScheduler",
+        dict(algorithm_type="dpmsolver++", solver_order=2),
+        K.sample_dpmpp_2s,
+        None,
+        True,
+    ),
+    (
         "DPM++ 2M SDE Heun",
         "DPMSolverMultistepScheduler",
         dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="heun"),
@@ -97,15 +109,14 @@ DIFFUSERS_CASES = [
     ("DPM++ SDE", "DPMSolverSDEScheduler", dict(noise_sampler_seed=list(H.SEEDS)), K.sample_dpmpp_sde, "brownian", False),
 ]
 
-# eps at every step count; v-prediction at a subset to keep the file fast (the scalings are per call).
-PREDICTION_STEPS = [("epsilon", n) for n in STEP_COUNTS] + [("v_prediction", n) for n in (2, 10)]
+PREDICTION_STEPS = [(prediction, n) for prediction in ("epsilon", "v_prediction") for n in STEP_COUNTS]
 
 
 def _diffusers_vs_sdlab(unet, ctx, case, prediction, steps, **step_kwargs):
     import diffusers
 
     _, cls_name, overrides, sampler, noise_kind, vp_space = case
-    scheduler = getattr(diffusers, cls_name)(**H.sd_scheduler_config(prediction, **overrides))
+    scheduler = H.make_scheduler(getattr(diffusers, cls_name), prediction, **overrides)
     expected, scheduler, unit = H.run_diffusers(scheduler, unet, ctx, steps, **step_kwargs)
 
     sigmas = H.distinct_sigmas(scheduler.sigmas)
@@ -133,6 +144,67 @@ def test_matches_diffusers(unet, ctx, case, prediction, steps):
     actual, expected = _diffusers_vs_sdlab(unet, ctx, case, prediction, steps)
     assert torch.isfinite(actual).all()
     torch.testing.assert_close(actual, expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_dpmpp_2s_matches_diffusers_singlestep_on_a_grid_ending_at_sigma_min(unet, ctx, prediction):
+    # final_sigmas_type="sigma_min" is the one setting where diffusers keeps lower_order_final=False: with an
+    # even step count every pair is [1, 2], the last one a second-order step landing on sigma_min. Both
+    # sides end in their own scaling there, so sdlab's VE result is divided by sqrt(1 + sigma_min^2).
+    import diffusers
+
+    scheduler = H.make_scheduler(
+        diffusers.DPMSolverSinglestepScheduler, prediction, solver_order=2, final_sigmas_type="sigma_min"
+    )
+    expected, scheduler, unit = H.run_diffusers(scheduler, unet, ctx, 10)
+    assert scheduler.order_list == [1, 2] * 5 and not scheduler.config.lower_order_final
+    sigmas = scheduler.sigmas
+    x = unit * math.sqrt(1 + float(sigmas[0]) ** 2)  # (B, C, h, w)
+    actual = K.sample_dpmpp_2s(H.sdlab_model(unet, ctx, prediction), x, sigmas, lower_order_final=False)
+    torch.testing.assert_close(actual / math.sqrt(1 + float(sigmas[-1]) ** 2), expected, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "steps,lower_order_final,ends_at_zero,expected",
+    [
+        (1, False, True, [1]),
+        (2, False, True, [1, 1]),
+        (3, False, False, [1, 2, 1]),
+        (10, True, False, [1, 2, 1, 2, 1, 2, 1, 2, 1, 1]),
+        (10, False, False, [1, 2] * 5),
+        (25, False, True, [1, 2] * 12 + [1]),
+    ],
+)
+def test_singlestep_orders_follow_diffusers(steps, lower_order_final, ends_at_zero, expected):
+    import diffusers
+
+    assert K.singlestep_orders(steps, lower_order_final, ends_at_zero) == expected
+    scheduler = diffusers.DPMSolverSinglestepScheduler(
+        solver_order=2, lower_order_final=lower_order_final, final_sigmas_type="zero" if ends_at_zero else "sigma_min"
+    )
+    scheduler.set_timesteps(steps)
+    assert scheduler.order_list == expected
+
+
+def test_dpmpp_2s_ancestral_without_noise_is_dpmpp_2s_with_midpoints_inserted(unet, ctx):
+    # "DPM++ 2S a" at eta = 0 takes every interval [s_i, s_{i+1}] as one 2S step through its log-midpoint
+    # m_i; "DPM++ 2S" takes pairs of intervals through the middle grid sigma. On [s_0, m_0, s_1, m_1, ..., 0]
+    # (2N - 1 intervals: N - 1 pairs, then the first-order step to 0) they are the same computation.
+    sigmas = _karras(6)
+    levels = sigmas.tolist()
+    grid = []
+    for sigma, sigma_next in itertools.pairwise(levels[:-1]):
+        t, t_next = -math.log(sigma), -math.log(sigma_next)
+        grid += [sigma, math.exp(-(t + (t_next - t) / 2))]  # the midpoint exactly as sample_dpmpp_2s_ancestral
+    grid += levels[-2:]
+    unit, _ = H.noise_for()
+    x = unit * sigmas[0]
+    model = H.sdlab_model(unet, ctx, "epsilon")
+    expected = K.sample_dpmpp_2s_ancestral(model, x, sigmas, eta=0.0)
+    actual = K.sample_dpmpp_2s(model, x, torch.tensor(grid, dtype=sigmas.dtype))
+    torch.testing.assert_close(actual, expected, atol=TOL, rtol=0)
+    # ... and on the plain grid they are different methods.
+    assert (K.sample_dpmpp_2s(model, x, sigmas) - expected).abs().max() > 100 * TOL
 
 
 
@@ -264,6 +336,8 @@ def test_registry_names_and_case_insensitive_lookup():
     assert K.get_k_sampler("dpm++ 2m") is K.sample_dpmpp_2m
     assert K.get_k_sampler("DPMPP_2M") is K.sample_dpmpp_2m
     assert K.get_k_sampler(" euler A ") is K.sample_euler_ancestral
+    assert K.get_k_sampler("DPM++ 2S") is K.get_k_sampler("dpmpp_2s") is K.sample_dpmpp_2s
+    assert K.get_k_sampler("dpm++ 2s a") is K.sample_dpmpp_2s_ancestral
     with pytest.raises(KeyError, match="unknown sampler"):
         K.get_k_sampler("ddim++")
 
@@ -314,6 +388,7 @@ CONVERGENCE = [
     ("LMS", 4, (3.0, 4.6)),
     ("DPM++ 2M", 2, (1.8, 2.8)),
     ("DPM++ 2S a", 2, (1.8, 2.8)),  # eta = 0: deterministic DPM-Solver++(2S)
+    ("DPM++ 2S", 2, (1.8, 2.8)),
 ]
 
 

@@ -416,6 +416,67 @@ def sample_dpmpp_2s_ancestral(
     return x
 
 
+def singlestep_orders(steps: int, lower_order_final: bool, ends_at_zero: bool) -> list[int]:
+    """The order of each grid interval for :func:`sample_dpmpp_2s` (diffusers' ``get_order_list`` for
+    ``solver_order=2``): pairs ``[1, 2]`` from the start; an odd last interval is first order; with
+    ``lower_order_final`` an even grid's last pair is ``[1, 1]``. diffusers forces ``lower_order_final``
+    when the step count is odd or the grid ends at sigma 0 (a second-order step cannot land on 0).
+    """
+    if lower_order_final or ends_at_zero or steps % 2:
+        pairs, tail = (steps - 1) // 2, ([1] if steps % 2 else [1, 1])
+        return [1, 2] * pairs + tail
+    return [1, 2] * (steps // 2)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    lower_order_final: bool = True,
+) -> Tensor:
+    """DPM++ 2S: deterministic DPM-Solver++(2S) (Lu et al. 2022, Alg. 1) whose intermediate point is the
+    next grid sigma: diffusers' ``DPMSolverSinglestepScheduler`` (``solver_order=2``, ``dpmsolver++``,
+    ``solver_type="midpoint"``).
+
+    The grid is walked in pairs of intervals ``sigma_i -> sigma_{i+1} -> sigma_{i+2}``: a model call at
+    ``sigma_i`` and a first-order step to ``sigma_{i+1}`` (Alg. 1's ``u``), a model call there, then a
+    second-order step from ``x_i`` straight to ``sigma_{i+2}`` (``t = -log sigma``):
+    ``x_{i+2} = (sigma_{i+2}/sigma_i) x_i - expm1(-h) [(1 - 1/2r) D_i + 1/2r D_{i+1}]``,
+    ``h = t_{i+2} - t_i``, ``r = (t_{i+1} - t_i) / h``. One model call per grid sigma, like every
+    one-call-per-step sampler; ``singlestep_orders`` gives the first-order warm-up / final intervals
+    (the step to sigma 0 is always first order and returns ``D``). The callback fires once per interval.
+
+    Relation to "DPM++ 2S a" (:func:`sample_dpmpp_2s_ancestral`, k-diffusion / A1111): that sampler makes
+    every interval its own 2S step with an extra model call at the interval's log-midpoint (``r = 1/2``)
+    and adds ancestral noise. With ``eta = 0`` it equals this sampler on the grid with every log-midpoint
+    inserted (``[s_0, m_0, s_1, m_1, ..., s_{N-1}, 0]``); on a plain grid the two differ.
+    """
+    levels = sigmas.tolist()
+    orders = singlestep_orders(len(levels) - 1, lower_order_final, levels[-1] == 0)
+    x_start, denoised_start, sigma_start = x, x, levels[0]  # where the current 2S step began
+    for i, order in enumerate(orders):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        if order == 1:
+            x_start, denoised_start, sigma_start = x, denoised, sigma
+            if sigma_next == 0:
+                x = denoised  # first-order step to sigma = 0: (0 / sigma) * x + 1 * D
+            else:
+                h = math.log(sigma) - math.log(sigma_next)
+                x = (sigma_next / sigma) * x - math.expm1(-h) * denoised
+        else:
+            h = math.log(sigma_start) - math.log(sigma_next)
+            half_inv_r = h / (2 * (math.log(sigma_start) - math.log(sigma)))  # 1 / (2 r)
+            denoised_d = (1 - half_inv_r) * denoised_start + half_inv_r * denoised
+            x = (sigma_next / sigma_start) * x_start - math.expm1(-h) * denoised_d
+    return x
+
+
 @torch.no_grad()
 def sample_dpmpp_sde(
     model: DenoiseFn,
@@ -629,6 +690,7 @@ _NAMES: tuple[tuple[str, str, Callable[..., Tensor]], ...] = (
     ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", _DPMPP_2M_SDE_HEUN),
     ("DPM++ SDE", "dpmpp_sde", sample_dpmpp_sde),
     ("DPM++ 2S a", "dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral),
+    ("DPM++ 2S", "dpmpp_2s", sample_dpmpp_2s),  # deterministic, diffusers' DPMSolverSinglestep; not in A1111
     ("DPM++ 3M SDE", "dpmpp_3m_sde", sample_dpmpp_3m_sde),
 )
 
