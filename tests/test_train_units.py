@@ -21,7 +21,7 @@ from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.models.unet import UNet, UNetConfig
 from sdlab.train.config import TrainConfig, add_config_arguments, config_from_args
 from sdlab.train.data import TrainData, scan_dataset
-from sdlab.train.loop import StopFlag, lr_multiplier
+from sdlab.train.loop import StopFlag, flush_denormals, lr_multiplier
 from sdlab.train.lora import LoRANetwork, apply_lora, load_lora_file, merge_lora_
 from sdlab.train.run_checkpoint import latest_checkpoint, list_checkpoints, load_run_checkpoint
 from sdlab.train.run_log import CSVLog, draw_loss_curve, read_log
@@ -214,6 +214,13 @@ def test_stop_flag_restores_handlers():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_flush_denormals_only_inside_the_block():
+    tiny = torch.tensor([1e-39, 3e-38, -1e-40])  # subnormal in fp32 (normal floats start at 1.18e-38)
+    with flush_denormals(torch.device("cpu")):
+        assert (tiny * 1.0).tolist() == [0.0, pytest.approx(3e-38), 0.0]
+    assert float((tiny * 1.0)[0]) != 0.0
 
 
 # --- logs -------------------------------------------------------------------------------------------------

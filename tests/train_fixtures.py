@@ -1,12 +1,17 @@
-"""Shared helpers for the training tests: tiny captioned datasets and tiny checkpoints on disk."""
+"""Shared helpers for the training tests: tiny captioned datasets, tiny checkpoints on disk, and runs of the
+training CLI in a subprocess."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from safetensors.torch import load_file
 
 from bundle_fixtures import tiny_bundle
 from sdlab.checkpoints.save import save_bundle
@@ -54,3 +59,46 @@ def write_jsonl_folder(folder: Path, n: int = 4, size: int = 32) -> Path:
 
 def write_tiny_model(path: Path, family: str = "sd1", seed: int = 0) -> Path:
     return save_bundle(tiny_bundle(family, seed), path)
+
+
+# --- running `python -m sdlab.train.cli` in a subprocess -------------------------------------------------
+
+CLI_RES = 16  # pixels; the tiny VAE halves it, so the U-Net sees 8x8 latents
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+def cli_args(out: Path, model: Path, data: Path, *extra: str) -> list[str]:
+    return ["-m", "sdlab.train.cli", "--model", str(model), "--data-dir", str(data), "--output-dir", str(out),
+            "--resolution", str(CLI_RES), "--no-progress", "--num-workers", "1", "--device", "cpu", *extra]
+
+
+def run_cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    """Largest absolute difference between two safetensors files with the same keys."""
+    ta, tb = load_file(str(a)), load_file(str(b))
+    assert ta.keys() == tb.keys()
+    return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
+
+
+def run_in_process(out: Path, model: Path, data: Path, *extra: str):
+    """The same run as `run_cli(cli_args(...))`, in this process (no interpreter start-up); returns the
+    `RunResult`. Set one torch thread (the ``one_thread`` fixture) to match the subprocess runs."""
+    import argparse
+
+    from sdlab.train.cli import run_from_config
+    from sdlab.train.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return run_from_config(config_from_args(parser.parse_args(cli_args(out, model, data, *extra)[2:])))

@@ -46,7 +46,7 @@ from sdlab.train.task import TrainTask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "StopFlag", "lr_multiplier", "train"]
+__all__ = ["RunResult", "StopFlag", "flush_denormals", "lr_multiplier", "train"]
 
 
 @dataclass
@@ -233,7 +233,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
 
     micro_losses: list[float] = []
     step_start = time.perf_counter()
-    with StopFlag() as stop:
+    with StopFlag() as stop, flush_denormals(ctx.device):
         for step_i, micro, batch in data.iterate(start_step, cfg.max_steps):
             if micro == 0:
                 optimizer.zero_grad(set_to_none=True)
@@ -303,6 +303,23 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
     skipped = skipped | ({"broken_at_load": sum(data.broken_at_load.values())} if data.broken_at_load else {})
     return RunResult(step=step, interrupted=interrupted, last_loss=last_loss, checkpoint=last_checkpoint,
                      weights=weights, ema_weights=ema_weights, skipped=skipped, images_per_second=rate)
+
+
+@contextlib.contextmanager
+def flush_denormals(device: torch.device):
+    """On CPU, treat subnormal floats (|x| < 1.2e-38 in fp32) as zero while the block runs (x86 FTZ / DAZ).
+
+    x86 cores compute on subnormals in microcode, about 100x slower; training produces them (AdamW's second
+    moment of tiny gradients, attention probabilities that underflow), and one optimiser step of a small
+    U-Net was measured at 29 s instead of 1.3 s. Values that small are zero for training purposes. The flag
+    is per thread and has no getter: PyTorch's default (off) is restored afterwards."""
+    if device.type != "cpu" or not torch.set_flush_denormal(True):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def _preview(task: TrainTask, ema: EMA | None, out_dir: Path, step: int) -> None:
