@@ -25,7 +25,7 @@ def full_shapes() -> dict[str, dict[str, torch.Size]]:
 
 
 def test_registry_is_ordered_unique_and_complete():
-    assert family_names() == ("sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint")
+    assert family_names() == ("sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint", "sdlab-tiny")
     assert len(set(family_names())) == len(FAMILIES)
     assert get_family("SDXL ") is get_family("sdxl")
     with pytest.raises(ValueError, match="unknown model family 'sd3'"):
@@ -43,9 +43,11 @@ def test_family_specs_are_self_consistent(name: str):
         extra = 5 if name == "sdxl-refiner" else 6
         assert f.unet.adm_in_channels == f.text_encoders[-1].config.projection_dim + extra * 256
         assert f.latent_scaling_factor == 0.13025 and f.default_size == 1024
+    elif name == "sdlab-tiny":  # sdlab's own model: measured scaling (stored per file), v-prediction, 64 px
+        assert f.prediction is Prediction.V and f.default_size == 64 and f.vae.downsample_factor == 4
     else:
         assert f.latent_scaling_factor == 0.18215
-    assert f.prediction is Prediction.EPS
+    assert f.prediction is (Prediction.V if name == "sdlab-tiny" else Prediction.EPS)
     assert (f.schedule.kind, f.schedule.beta_start, f.schedule.beta_end, f.schedule.num_timesteps) == (
         "scaled_linear", 0.00085, 0.012, 1000)
 
@@ -166,7 +168,7 @@ def test_inconsistent_files_are_refused(full_shapes):
 
 
 def test_probe_order_puts_text_keys_first():
-    assert [p.family for p in PROBES[:4]] == ["sdxl-refiner", "sdxl", "sd2", "sd1"]
+    assert [p.family for p in PROBES[:5]] == ["sdxl-refiner", "sdxl", "sd2", "sdlab-tiny", "sd1"]
 
 
 # --- diffusers folders -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ probe that matches names the base family and the U-Net's input width picks the i
        `conditioner.embedders.0.model.*` and no `conditioner.embedders.1.*`  -> sdxl-refiner (bigG only)
        `conditioner.embedders.0.transformer.*` + `conditioner.embedders.1.model.*` -> sdxl
        `cond_stage_model.model.*` (OpenCLIP)                                   -> sd2
+       `cond_stage_model.transformer.*` + a 128-wide context                  -> sdlab-tiny (sdlab's own model)
        `cond_stage_model.transformer.*` (Hugging Face CLIP)                    -> sd1
   2. U-Net-only files: the vector-conditioning width `label_emb.0.0.weight` (2816 sdxl, 2560 refiner);
   3. the cross-attention context width from `attn2.to_k.weight` (768 sd1, 1024 sd2, 2048 sdxl, 1280 refiner).
@@ -43,6 +44,7 @@ _TEXT_PREFIXES = (
     "conditioner.embedders.0.model.",
     "conditioner.embedders.1.model.",
 )
+_SDLAB_TINY_CONTEXT = 128  # sdlab-tiny's text tower width; SD1's CLIP-L is 768 wide
 _CONTEXT_TO_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 _ADM_TO_FAMILY = {2816: "sdxl", 2560: "sdxl-refiner"}
 
@@ -112,6 +114,11 @@ PROBES: tuple[Probe, ...] = (
         lambda e: {"conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."} <= e.text_prefixes,
     ),
     Probe("sd2", "cond_stage_model.model.* (OpenCLIP ViT-H)", lambda e: "cond_stage_model.model." in e.text_prefixes),
+    Probe(
+        "sdlab-tiny",
+        "cond_stage_model.transformer.* with a 128-wide cross-attention context (sdlab's own model)",
+        lambda e: "cond_stage_model.transformer." in e.text_prefixes and e.context_dim == _SDLAB_TINY_CONTEXT,
+    ),
     Probe(
         "sd1", "cond_stage_model.transformer.* (CLIP ViT-L)", lambda e: "cond_stage_model.transformer." in e.text_prefixes
     ),

@@ -6,6 +6,7 @@
     sdlab inspect PATH [--family F] [--prediction P] [--vae FILE] [--json]   (cli/inspect.py)
     sdlab new-model OUT [--family F] [--tiny]                             (cli/new_model.py)
     sdlab train --task unet|vae|text --data DIR ...                        (train/cli.py)
+    sdlab eval PROMPTS [--model PATH] [--seeds N] [--cfg C] --out DIR       (cli/evaluate.py)
 
 Errors the user can fix (a bad file, a missing path) print one line, `sdlab: error: ...`, on stderr and exit
 with status 2; anything else exits 1, also without a traceback unless `--debug` or `SDLAB_DEBUG=1`.
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.cli.errors import UserError
+from sdlab.cli.evaluate import add_evaluate
 from sdlab.cli.generate import add_generate
 from sdlab.cli.inspect import add_inspect
 from sdlab.cli.new_model import add_new_model
@@ -34,7 +36,9 @@ EXIT_INTERNAL_ERROR = 1
 # ----------------------------------------------------------------------------------------------------------
 # Entry point
 
-SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (add_generate, add_inspect, add_new_model, add_train_parser)
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    add_generate, add_inspect, add_new_model, add_train_parser, add_evaluate,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

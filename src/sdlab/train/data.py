@@ -101,7 +101,7 @@ def _read_jsonl(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, s
             continue
         try:
             row = json.loads(line)
-            name = row["file_name"]
+            name = row["file_name"] if "file_name" in row else row["file"]  # "file": sdlab.datasets.build
         except (json.JSONDecodeError, KeyError, TypeError):
             logger.warning("skipping %s line %d: not a JSON object with a file_name", meta, number)
             scan.skipped["bad_metadata_line"] += 1

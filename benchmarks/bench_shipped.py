@@ -1,0 +1,63 @@
+"""Wall time of one whole `sdlab txt2img` process with the shipped model: start-up, model load, 20 steps of
+DPM++ 2M at 64 x 64 with classifier-free guidance, VAE decode and PNG write.
+
+    python benchmarks/bench_shipped.py                    # 5 runs, median; the issue's budget is 5 s on 2 cores
+    python benchmarks/bench_shipped.py --runs 9 --json
+
+Each run is a fresh process running the console script's entry point (`sdlab.cli:main`, through
+`python -c`), timed from before it starts to after it exits, so Python and torch start-up are counted. The first run warms the disk cache and is reported but left out of the
+median. Numbers on a shared machine are noisy: repeat before trusting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PROMPT = "a large red apple in the center on a light blue background"
+ENTRY = "import sys; from sdlab.cli import main; sys.exit(main())"
+
+
+def one_run(out: Path, steps: int, cfg: float, seed: int, model: str | None) -> float:
+    command = [sys.executable, "-c", ENTRY, "txt2img", PROMPT, "--steps", str(steps), "--cfg", str(cfg),
+               "--sampler", "DPM++ 2M", "--seed", str(seed), "--out", str(out), "--no-progress"]
+    if model:
+        command += ["--model", model]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="timed runs after the warm-up run (default 5)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=5.0)
+    parser.add_argument("--model", help="checkpoint (default: the shipped model)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "bench.png"
+        warm = one_run(out, args.steps, args.cfg, 0, args.model)
+        times = [one_run(out, args.steps, args.cfg, i + 1, args.model) for i in range(args.runs)]
+    result = {"prompt": PROMPT, "steps": args.steps, "cfg": args.cfg, "size": "model default",
+              "warm_up_s": round(warm, 3), "runs_s": [round(t, 3) for t in times],
+              "median_s": round(statistics.median(times), 3), "cpus": os.cpu_count(),
+              "load_average": [round(v, 2) for v in os.getloadavg()]}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"sdlab txt2img, {args.steps} steps DPM++ 2M, CFG {args.cfg}: median {result['median_s']:.2f} s over "
+              f"{args.runs} runs {result['runs_s']} (warm-up {result['warm_up_s']:.2f} s; load average "
+              f"{result['load_average']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""sdlab-tiny: the small latent diffusion model sdlab trains itself and ships inside the package.
+
+64 x 64 pixels through an f=4 VAE (Rombach et al. 2022's f=4 models) gives 16 x 16 x 4 latents. The text
+encoder is a CLIP-style tower on the real CLIP BPE tokenizer (49,408 tokens, 77 positions), trained
+contrastively from scratch and used like SD1's CLIP-L: the last layer after the final LayerNorm, padded
+with the end token 49407; it is stored in SD1's Hugging Face layout (`cond_stage_model.transformer.`), with
+its `text_projection`. The latent scaling factor is measured on the training data when the bundle is
+assembled (1 / std of the latents) and stored in the file's metadata; `SDLAB_TINY.latent_scaling_factor`
+is only the fallback for a file without it. Sampling defaults: DPM++ 2M with the Karras schedule; the
+recipe evaluates at CFG 5.
+
+GroupNorm uses 8 groups, not SD's 32: a group normalises away its own spatial mean, so absolute colour
+survives a norm only as differences between the channels of a group. SD's widths give 4 to 16 channels per
+group; at these widths 32 groups would leave 1 to 3, and a VAE trained that way (1500 steps) reconstructed
+dark blue and dark green backgrounds as the same teal. 8 groups give 4 to 16 again.
+
+Files carry `sdlab.family = "sdlab-tiny"` in their metadata, which is how the loader recognises them;
+without it, detection reads the SD1 key layout with a 128-wide cross-attention context as sdlab-tiny.
+"""
+
+from __future__ import annotations
+
+from sdlab.diffusion.denoiser import Prediction
+from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.models.clip import CLIPTextConfig
+from sdlab.models.unet import UNetConfig
+from sdlab.models.vae import VAEConfig
+
+TINY_TEXT = CLIPTextConfig(
+    width=128, layers=4, heads=2, mlp_width=512, activation="quick_gelu", projection_dim=128,
+)
+
+TINY_TEXT_ENCODER = TextEncoderSpec(
+    name="clip_l",
+    config=TINY_TEXT,
+    prefix="cond_stage_model.transformer.",
+    layout="hf",
+    hidden_state="last",
+    pad_token_id=49407,
+    diffusers_folder="text_encoder",
+)
+
+TINY_UNET = UNetConfig(
+    in_channels=4,
+    out_channels=4,
+    model_channels=64,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=1,
+    transformer_depth=(1, 1, 1),
+    transformer_depth_middle=1,
+    num_heads=None,
+    head_dim=32,
+    context_dim=TINY_TEXT.width,
+    use_linear_proj=True,
+    norm_groups=8,
+)
+
+TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, norm_groups=8)  # f = 4: 16 x 16 x 4
+
+SDLAB_TINY = FamilySpec(
+    name="sdlab-tiny",
+    description="sdlab's own small model (64 px, f=4 VAE, CLIP-style text tower trained from scratch, v)",
+    unet=TINY_UNET,
+    vae=TINY_VAE,
+    text_encoders=(TINY_TEXT_ENCODER,),
+    latent_scaling_factor=1.0,
+    prediction=Prediction.V,
+    default_size=64,
+    diffusers_pipeline="StableDiffusionPipeline",
+    default_sampler="dpmpp_2m",
+    default_sigma_schedule="karras",
+)

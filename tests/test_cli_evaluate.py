@@ -1,0 +1,100 @@
+"""`sdlab eval PROMPTS`: every prompt x seed generated and scored, report.json + grid.png, bad input refused.
+
+A reduced-width sdlab-tiny bundle with random weights draws the pictures (their scores are whatever they
+are; the test checks the bookkeeping, not the model).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdlab.checkpoints.create import new_bundle
+from sdlab.checkpoints.save import save_bundle
+from sdlab.cli import main
+from sdlab.evaluation.report import CELL, LABEL_WIDTH
+
+PROMPTS = """# two prompts: an emoji and a held-out shape / colour pair
+a large red apple in the center on a light blue background
+
+a small pink triangle at the top on a black background
+"""
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny-sdlab.safetensors"
+    save_bundle(new_bundle("sdlab-tiny", tiny=True, seed=0), path)
+    return path
+
+
+@pytest.fixture()
+def prompts(tmp_path: Path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text(PROMPTS, encoding="utf-8")
+    return path
+
+
+def test_eval_writes_report_and_grid(model, prompts, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    code = main(["eval", str(prompts), "--model", str(model), "--seeds", "2", "--steps", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["seeds"] == [0, 1]
+    assert [r["prompt"] for r in report["prompts"]] == [
+        "a large red apple in the center on a light blue background",
+        "a small pink triangle at the top on a black background",
+    ]
+    assert [r["split"] for r in report["prompts"]] == ["emoji", "shape_held_out"]
+    assert all(len(r["images"]) == 2 for r in report["prompts"])
+    summary = report["summary"]
+    assert summary["counts"]["any/background"] == 4  # 2 prompts x 2 seeds
+    assert summary["counts"]["emoji/top1"] == 2
+    assert 0.0 <= summary["accuracy"]["any/background"] <= 1.0
+    assert summary["diversity"] is not None and summary["diversity"] > 0.0  # two seeds, two pictures
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (LABEL_WIDTH + 2 * CELL, 2 * CELL)
+    assert "any/background" in printed and "emoji/top1" in printed and "target" in printed
+
+
+def test_eval_limit_and_defaults_from_the_family(model, prompts, tmp_path, capsys) -> None:
+    out = tmp_path / "eval"
+    code = main(["eval", str(prompts), "--model", str(model), "--seeds", "1", "--steps", "1", "--limit", "1",
+                 "--out", str(out)])
+    capsys.readouterr()
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["prompts"]) == 1
+    assert report["summary"]["diversity"] is None  # one seed: nothing to compare
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (LABEL_WIDTH + CELL, CELL)
+
+
+@pytest.mark.parametrize(
+    ("text", "extra", "message"),
+    [
+        ("a purple elephant riding a bicycle\n", [], "no known emoji"),
+        ("# nothing but a comment\n", [], "no prompts"),
+        (PROMPTS, ["--seeds", "0"], "at least 1"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_no_report(model, tmp_path, capsys, text, extra, message) -> None:
+    path = tmp_path / "prompts.txt"
+    path.write_text(text, encoding="utf-8")
+    out = tmp_path / "eval"
+    code = main(["eval", str(path), "--model", str(model), "--steps", "1", "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("sdlab: error:") and err.count("\n") == 1
+    assert message in err
+    assert not (out / "report.json").exists()
+
+
+def test_missing_prompt_file(model, tmp_path, capsys) -> None:
+    code = main(["eval", str(tmp_path / "none.txt"), "--model", str(model), "--out", str(tmp_path / "eval")])
+    assert code == 2
+    assert "cannot read the prompt file" in capsys.readouterr().err
