@@ -1,0 +1,164 @@
+"""Whole `sdlab txt2img` against diffusers' StableDiffusionPipeline on the same SD1.5-size random weights.
+
+Every measurement is a fresh process, so start-up, loading and generation are all counted, as a user
+sees them; peak memory is that process's VmHWM (peak resident set). Both sides load the same fp16
+weights into fp32 (or `--dtype bf16`), draw with DPM++ 2M Karras (diffusers: DPMSolverMultistep with
+Karras sigmas), CFG 7 with a negative prompt, the same seed.
+
+The second part decodes one 2048x2048 picture (a 256x256 latent) with each VAE alone: sdlab's default
+(tiled above 1024x1024 pixels) against diffusers' `enable_tiling()` (its untiled decoder would need
+tens of GB on CPU for the mid-block attention over 65,536 tokens). Reported: wall time and the memory
+the decode needs beyond the loaded weights (peak RSS minus RSS after loading).
+
+    python benchmarks/bench_txt2img.py --workdir /tmp/bench --size 512 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a photograph of an astronaut riding a horse"
+NEGATIVE = "blurry, lowres"
+
+MEMORY = textwrap.dedent("""
+    import resource
+
+    def cpu_seconds():
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    def memory(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) / 2**20  # GiB
+""")
+
+SDLAB_RUN = MEMORY + textwrap.dedent("""
+    import json, sys, time
+    from sdlab.cli import main
+    start = time.perf_counter()
+    code = main(sys.argv[1:])
+    print(json.dumps({"code": code, "seconds": time.perf_counter() - start, "cpu_s": cpu_seconds(), "peak_gib": memory("VmHWM")}))
+""")
+
+DIFFUSERS_RUN = MEMORY + textwrap.dedent("""
+    import json, sys, time
+    start = time.perf_counter()
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    folder, out, size, steps, seed, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, local_files_only=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(%r, negative_prompt=%r, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
+                 generator=[torch.Generator("cpu").manual_seed(seed)]).images[0]
+    image.save(out)
+    print(json.dumps({"code": 0, "seconds": time.perf_counter() - start, "cpu_s": cpu_seconds(), "peak_gib": memory("VmHWM")}))
+""" % (PROMPT, NEGATIVE))
+
+DECODE_RUN = MEMORY + textwrap.dedent("""
+    import json, sys, time
+    import torch
+    which, source, side = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    torch.manual_seed(0)
+    z = torch.randn(1, 4, side // 8, side // 8)
+    if which == "sdlab":
+        from sdlab.api import load
+        from sdlab.pipeline.generate import decode_latents
+        bundle = load(source).bundle
+        decode = lambda: decode_latents(bundle, z)
+    else:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32, local_files_only=True)
+        vae.enable_tiling()
+        decode = lambda: vae.decode(z / vae.config.scaling_factor).sample
+    loaded = memory("VmRSS")
+    start, cpu_start = time.perf_counter(), cpu_seconds()
+    with torch.no_grad():
+        image = decode()
+    seconds = time.perf_counter() - start
+    assert image.shape[-1] == side and torch.isfinite(image).all()
+    print(json.dumps({"code": 0, "seconds": seconds, "cpu_s": cpu_seconds() - cpu_start, "peak_gib": memory("VmHWM"), "beyond_weights_gib": memory("VmHWM") - loaded}))
+""")
+
+
+def run_json(command: list[str]) -> dict:
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"benchmark step failed: {' '.join(command[:4])}...\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def prepare(workdir: Path) -> tuple[Path, Path]:
+    """SD1.5-size random weights (fp16) as an original single file and as a diffusers folder."""
+    single, folder = workdir / "sd15-random.safetensors", workdir / "sd15-random-diffusers"
+    if single.exists() and (folder / "model_index.json").exists():
+        return single, folder
+    import torch
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from bundle_fixtures import write_diffusers_folder
+
+    from sdlab.checkpoints.create import new_bundle
+    from sdlab.checkpoints.save import save_bundle
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    bundle = new_bundle("sd1", seed=0)
+    for module in (bundle.unet, bundle.vae, *(te.model for te in bundle.text_encoders)):
+        module.to(torch.float16)
+    save_bundle(bundle, single)
+    write_diffusers_folder(bundle, folder)
+    return single, folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/sdlab-bench"))
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--decode-size", type=int, default=2048)
+    parser.add_argument("--skip-decode", action="store_true")
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    single, folder = prepare(args.workdir)
+    print(f"weights ready in {time.perf_counter() - started:.0f} s: {single}, {folder}")
+
+    sdlab = run_json([sys.executable, "-c", SDLAB_RUN, "txt2img", PROMPT, "--negative", NEGATIVE, "--model", str(single),
+                      "--steps", str(args.steps), "--width", str(args.size), "--height", str(args.size), "--seed", "1",
+                      "--cfg", "7", "--sampler", "DPM++ 2M", "--schedule", "karras", "--dtype", args.dtype,
+                      "--no-progress", "--out", str(args.workdir / "sdlab.png")])
+    diffusers = run_json([sys.executable, "-c", DIFFUSERS_RUN, str(folder), str(args.workdir / "diffusers.png"),
+                          str(args.size), str(args.steps), "1", args.dtype])
+    print(f"\ntxt2img {args.size}x{args.size}, {args.steps} steps, CFG 7, {args.dtype}, whole process:")
+    print(f"  {'':10} {'wall s':>8} {'CPU s':>8} {'peak GiB':>9}")
+    for name, r in (("sdlab", sdlab), ("diffusers", diffusers)):
+        print(f"  {name:10} {r['seconds']:8.1f} {r['cpu_s']:8.1f} {r['peak_gib']:9.2f}")
+    print(f"  ratio sdlab/diffusers: wall {sdlab['seconds'] / diffusers['seconds']:.2f}, "
+          f"CPU {sdlab['cpu_s'] / diffusers['cpu_s']:.2f}, peak memory {sdlab['peak_gib'] / diffusers['peak_gib']:.2f}")
+
+    if args.skip_decode:
+        return
+    side = args.decode_size
+    ours = run_json([sys.executable, "-c", DECODE_RUN, "sdlab", str(single), str(side)])
+    theirs = run_json([sys.executable, "-c", DECODE_RUN, "diffusers", str(folder), str(side)])
+    print(f"\nVAE decode alone, {side}x{side} (sdlab tiled by default; diffusers with enable_tiling()):")
+    print(f"  {'':10} {'wall s':>8} {'CPU s':>8} {'beyond weights GiB':>19} {'peak GiB':>9}")
+    for name, r in (("sdlab", ours), ("diffusers", theirs)):
+        print(f"  {name:10} {r['seconds']:8.1f} {r['cpu_s']:8.1f} {r['beyond_weights_gib']:19.2f} {r['peak_gib']:9.2f}")
+    print(f"  ratio sdlab/diffusers: wall {ours['seconds'] / theirs['seconds']:.2f}, CPU {ours['cpu_s'] / theirs['cpu_s']:.2f}, "
+          f"memory beyond weights {ours['beyond_weights_gib'] / theirs['beyond_weights_gib']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
