@@ -16,6 +16,8 @@ renames it over `path`; on failure nothing is left behind and an existing `path`
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import json
 import logging
 import os
@@ -49,11 +51,11 @@ _SAFETENSORS_DTYPES = {
 class LazyMapping(Mapping[str, Tensor]):
     """A read-only state dict that knows each tensor's shape and dtype without reading its data."""
 
-    def shape(self, key: str) -> torch.Size:
-        raise NotImplementedError
+    @abstractmethod
+    def shape(self, key: str) -> torch.Size: ...
 
-    def dtype(self, key: str) -> torch.dtype:
-        raise NotImplementedError
+    @abstractmethod
+    def dtype(self, key: str) -> torch.dtype: ...
 
 
 class LazyStateDict(LazyMapping):
