@@ -144,7 +144,7 @@ def test_latent_cache_is_reused_and_matches_uncached_loss(sd1, tmp_path, monkeyp
     common = {"max_steps": 2, "caption_dropout": 0.0}
 
     run_from_config(_config(tmp_path / "cached", model, data_dir, cache_latents=True, cache_dir=str(cache), **common))
-    assert encoded == [1, 1, 1, 1]  # each of the 4 images once, before training; none during the 2 steps
+    assert encoded == [4]  # the 4 images in one batched encode, before training; none during the 2 steps
     assert len(list(cache.rglob("*.safetensors"))) == 4
 
     encoded.clear()

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,20 +240,27 @@ class LatentCache:
         key = f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{self.resolution}|{int(flipped)}"
         return self.folder / (hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
 
-    def ensure(self, sample: ImageSample, flipped: bool) -> Path:
-        """Encode and store the posterior if it is not cached yet; returns the cache file."""
-        target = self._file(sample.path, flipped)
-        if target.is_file():
-            return target
-        image = load_training_image(sample.path, self.resolution, center_crop=True, random_flip=False,
-                                    generator=torch.Generator())
-        pixels = image.pixels.flip(-1) if flipped else image.pixels
-        with torch.no_grad():
-            posterior = self.vae.encode(pixels[None].to(self.device, self.dtype))
-        write_safetensors_atomic(target, {"mean": posterior.mean[0].float().cpu(), "std": posterior.std[0].float().cpu(),
-                                          "original_size": torch.tensor(image.original_size),
-                                          "crop_top_left": torch.tensor(image.crop_top_left)})
-        return target
+    def ensure(self, items: Sequence[tuple[ImageSample, bool]], batch_size: int = 64) -> int:
+        """Encode and store the posteriors of the (sample, flipped) pairs not cached yet, ``batch_size``
+        images per VAE call. Returns how many were encoded."""
+        missing = [(s, f) for s, f in items if not self._file(s.path, f).is_file()]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            images = [load_training_image(s.path, self.resolution, center_crop=True, random_flip=False,
+                                          generator=torch.Generator()) for s, _ in chunk]
+            pixels = torch.stack([im.pixels.flip(-1) if f else im.pixels
+                                  for im, (_, f) in zip(images, chunk)])  # (N, 3, H, W)
+            with torch.no_grad():
+                posterior = self.vae.encode(pixels.to(self.device, self.dtype))
+            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (N, C, h, w)
+            for i, ((sample, flipped), image) in enumerate(zip(chunk, images)):
+                write_safetensors_atomic(self._file(sample.path, flipped), {
+                    "mean": mean[i].clone(), "std": std[i].clone(),
+                    "original_size": torch.tensor(image.original_size),
+                    "crop_top_left": torch.tensor(image.crop_top_left)})
+            if len(missing) > batch_size:
+                logger.info("latent cache: %d / %d encoded", min(start + batch_size, len(missing)), len(missing))
+        return len(missing)
 
     def load(self, sample: ImageSample, flipped: bool) -> dict[str, Tensor]:
         return load_file(str(self._file(sample.path, flipped)))
@@ -304,10 +311,9 @@ class TrainData:
         if self.latent_cache is None:
             return
         flips = (False, True) if self.random_flip else (False,)
-        for i, sample in enumerate(self.scan.samples):
-            if i % self.world_size == self.rank:
-                for flipped in flips:
-                    self.latent_cache.ensure(sample, flipped)
+        mine = [(sample, flipped) for i, sample in enumerate(self.scan.samples) if i % self.world_size == self.rank
+                for flipped in flips]
+        self.latent_cache.ensure(mine)
 
     def _load_one(self, step: int, slot: int) -> tuple[ImageSample, int, LoadedImage | dict[str, Tensor]]:
         seed = self.sample_seed(step, slot)
