@@ -11,7 +11,9 @@ peak memory stays near one copy of the weights.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +25,21 @@ from sdlab.models.unet import UNet, UNetConfig
 from sdlab.models.vae import AutoencoderKL, VAEConfig
 
 ComponentConfig = UNetConfig | VAEConfig | CLIPTextConfig
+
+# Initialisers that modules call in their constructors. On the meta device they would compute nothing, and
+# `normal_` there goes through torch's reference implementations, whose first use imports torch._dynamo
+# (about 1 s of start-up); every weight is replaced from the file anyway.
+_INITIALISERS = ("normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                 "xavier_uniform_", "xavier_normal_", "zeros_", "ones_", "constant_")
+
+
+@contextmanager
+def meta_device_without_init() -> Iterator[None]:
+    """Build modules on the meta device with the `torch.nn.init` initialisers turned into no-ops."""
+    with torch.device("meta"), ExitStack() as stack:
+        for name in _INITIALISERS:
+            stack.enter_context(mock.patch.object(nn.init, name, lambda tensor, *args, **kwargs: tensor))
+        yield
 
 HF_TEXT_TOLERATED = frozenset({"embeddings.position_ids", "logit_scale"})  # positions are rebuilt with arange
 
@@ -108,7 +125,7 @@ class ComponentSource:
     ignored: tuple[str, ...] = ()                           # file keys skipped on purpose (position_ids...)
 
     def build_meta(self) -> nn.Module:
-        with torch.device("meta"):
+        with meta_device_without_init():
             if self.kind == "unet":
                 return UNet(self.config)
             if self.kind == "vae":
