@@ -22,7 +22,8 @@ from sdlab.models.unet import UNet, UNetConfig
 from sdlab.train.config import TrainConfig, add_config_arguments, config_from_args
 from sdlab.train.data import TrainData, scan_dataset
 from sdlab.train.loop import StopFlag, flush_denormals, lr_multiplier
-from sdlab.train.lora import LoRANetwork, apply_lora, load_lora_file, merge_lora_
+from sdlab.checkpoints.lora import apply_lora, load_lora_file, merge_lora_
+from sdlab.train.lora import LoRANetwork
 from sdlab.train.run_checkpoint import latest_checkpoint, list_checkpoints, load_run_checkpoint
 from sdlab.train.run_log import CSVLog, draw_loss_curve, read_log
 from train_fixtures import write_caption_folder, write_jsonl_folder

@@ -15,12 +15,14 @@ from __future__ import annotations
 import os
 from dataclasses import fields
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
 from sdlab.checkpoints.load import ModelBundle, load_bundle
+from sdlab.checkpoints.lora import apply_lora
 from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
 
@@ -121,13 +123,17 @@ def load(
     prediction: str | None = None,
     refiner: str | os.PathLike[str] | None = None,
     refiner_switch: float = 0.8,
+    loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
 ) -> Pipeline:
     """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`.
 
     `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule.
+    `loras` are (kohya-format LoRA file, weight) pairs merged into the base model's weights, in order.
     """
     bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae)
+    for lora_path, weight in loras:
+        apply_lora(bundle, lora_path, weight)
     refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=dtype)
     return Pipeline(bundle, refined, refiner_switch)

@@ -170,12 +170,7 @@ def _load_pipeline(args: argparse.Namespace):
     if not 0.0 < args.refiner_switch < 1.0:
         raise UserError(f"--refiner-switch must lie in (0, 1), got {args.refiner_switch}")
     pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family, prediction=args.prediction,
-                refiner=args.refiner, refiner_switch=args.refiner_switch)
-    if loras:
-        from sdlab.train.lora import apply_lora
-
-        for path, weight in loras:
-            apply_lora(pipe.bundle, path, weight)
+                refiner=args.refiner, refiner_switch=args.refiner_switch, loras=loras)
     return pipe, model
 
 

@@ -20,7 +20,7 @@ names that kohya writes for SD1/SD2 (``lora_unet_down_blocks_0_attentions_0_...`
 
 Training attaches LoRA through forward hooks, so the base modules and their state-dict keys stay untouched
 (the base model can still be saved in the original layout) and a `LoRANetwork` holds every LoRA
-parameter in one module.
+parameter in one module. Merging a file into a model for generation: `sdlab.checkpoints.lora`.
 """
 
 from __future__ import annotations
@@ -34,12 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from sdlab.checkpoints.diffusers_unet import unet_key_map
 from sdlab.checkpoints.io import write_safetensors_atomic
-from sdlab.models.unet import UNet, UNetConfig
+from sdlab.checkpoints.lora import UNET_PREFIX, kohya_name, text_encoder_prefixes
+from sdlab.models.unet import UNet
 
 logger = logging.getLogger(__name__)
 
@@ -48,32 +47,13 @@ __all__ = [
     "LoRANetwork",
     "UNET_TARGETS",
     "TEXT_TARGETS",
-    "apply_lora",
-    "kohya_name",
-    "load_lora_file",
     "lora_module_names",
-    "merge_lora_",
-    "text_encoder_prefixes",
 ]
 
-UNET_PREFIX = "lora_unet_"
 # attention projections and the feed-forward layers of every transformer block in the U-Net
 UNET_TARGETS = re.compile(r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
 # self-attention projections and the MLP of every CLIP layer
 TEXT_TARGETS = re.compile(r"^encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
-
-
-def kohya_name(prefix: str, module_path: str) -> str:
-    """``lora_unet_`` + ``input_blocks.1.1.attn1.to_q`` -> ``lora_unet_input_blocks_1_1_attn1_to_q``."""
-    return prefix + module_path.replace(".", "_")
-
-
-def text_encoder_prefixes(count: int) -> list[str]:
-    """``lora_te_`` for one text encoder, ``lora_te1_``, ``lora_te2_`` for two (SDXL); the Hugging Face
-    ``text_model.`` level is part of the name."""
-    if count == 1:
-        return ["lora_te_text_model_"]
-    return [f"lora_te{i + 1}_text_model_" for i in range(count)]
 
 
 class LoRAModule(nn.Module):
@@ -193,96 +173,3 @@ class LoRANetwork(nn.Module):
         meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
                 "ss_network_alpha": repr(self.alpha), **(metadata or {})}
         return write_safetensors_atomic(path, self.lora_state_dict(dtype), meta)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Applying a file
-
-
-def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
-    """kohya name -> {"down", "up", "alpha"(optional)} from a LoRA ``.safetensors`` file."""
-    raw = load_file(str(path))
-    groups: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in raw.items():
-        for suffix, field in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
-            if key.endswith(suffix):
-                groups.setdefault(key[: -len(suffix)], {})[field] = tensor
-                break
-        else:
-            logger.warning("%s: ignoring key %s (not a LoRA down/up/alpha tensor)", path, key)
-    incomplete = [k for k, g in groups.items() if "down" not in g or "up" not in g]
-    if incomplete:
-        raise ValueError(f"{path}: LoRA modules without both down and up weights: {incomplete[:5]}")
-    return groups
-
-
-def _unet_layer_table(unet: UNet, cfg: UNetConfig) -> dict[str, nn.Module]:
-    """kohya name -> layer for every Linear / Conv2d of the U-Net, under its LDM name and (when the config
-    has a diffusers equivalent) its diffusers name."""
-    table: dict[str, nn.Module] = {}
-    modules = dict(unet.named_modules())
-    for path, m in modules.items():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            table[kohya_name(UNET_PREFIX, path)] = m
-    try:
-        key_map = unet_key_map(cfg)
-    except Exception as exc:  # a config diffusers cannot express: only LDM names apply
-        logger.debug("no diffusers names for this U-Net: %s", exc)
-        return table
-    for ldm_key, diffusers_key in key_map.items():
-        if ldm_key.endswith(".weight"):
-            module = modules.get(ldm_key[: -len(".weight")])
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                table.setdefault(kohya_name(UNET_PREFIX, diffusers_key[: -len(".weight")]), module)
-    return table
-
-
-def _delta(entry: Mapping[str, Tensor], weight: Tensor, multiplier: float) -> Tensor:
-    down, up = entry["down"].to(torch.float32), entry["up"].to(torch.float32)
-    rank = down.shape[0]
-    alpha = float(entry["alpha"]) if "alpha" in entry else float(rank)
-    scale = multiplier * alpha / rank
-    if weight.ndim == 2:
-        delta = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)  # (out, in)
-    elif down.shape[-2:] == (1, 1):                       # 1x1 conv, or a 3x3 conv with a 1x1 "down" of rank r
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape[0], weight.shape[1], 1, 1)
-    else:                                                 # kxk down conv followed by a 1x1 up conv
-        delta = torch.einsum("or,rikl->oikl", up.flatten(1), down)
-    if delta.shape != weight.shape:
-        raise ValueError(f"LoRA delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
-    return delta * scale
-
-
-@torch.no_grad()
-def merge_lora_(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str, Tensor]], multiplier: float) -> list[str]:
-    """Add ``multiplier * alpha / r * up @ down`` into each named layer's weight (in place, computed in
-    float32). Returns the LoRA names that matched no layer."""
-    unmatched = []
-    for name, entry in lora.items():
-        layer = layers.get(name)
-        if layer is None:
-            unmatched.append(name)
-            continue
-        weight = layer.weight
-        weight.copy_((weight.to(torch.float32) + _delta(entry, weight, multiplier).to(weight.device)).to(weight.dtype))
-    return unmatched
-
-
-def apply_lora(bundle, path: str | os.PathLike[str], multiplier: float = 1.0) -> int:
-    """Merge a kohya-format LoRA file into a `ModelBundle`'s U-Net and text encoders at ``multiplier``
-    (A1111's ``<lora:name:weight>``, sdlab's ``--lora FILE:WEIGHT``). Returns the number of layers changed;
-    names that match nothing are logged (as A1111 does) and not fatal."""
-    lora = load_lora_file(path)
-    layers = _unet_layer_table(bundle.unet, bundle.unet_config)
-    for prefix, te in zip(text_encoder_prefixes(len(bundle.text_encoders)), bundle.text_encoders):
-        for module_path, m in te.model.named_modules():
-            if isinstance(m, nn.Linear):
-                layers[kohya_name(prefix, module_path)] = m
-                if len(bundle.text_encoders) == 1:               # some SD1 files omit the text_model level
-                    layers.setdefault(kohya_name("lora_te_", module_path), m)
-    unmatched = merge_lora_(layers, lora, multiplier)
-    if unmatched:
-        logger.warning("%s: %d LoRA module(s) match no layer of this model, e.g. %s", path, len(unmatched), unmatched[:3])
-    applied = len(lora) - len(unmatched)
-    logger.info("applied LoRA %s at %.3g to %d layers", path, multiplier, applied)
-    return applied
