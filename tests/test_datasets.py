@@ -176,6 +176,25 @@ def test_build_writes_pairs_and_is_deterministic(tmp_path) -> None:
     assert {r["spec"]["kind"] for r in first} == {"emoji", "shape"}
 
 
+def test_captions_leave_fields_out_without_changing_the_images(tmp_path) -> None:
+    omit = {"size": 0.5, "position": 0.5, "background": 0.3}
+    plain = build.build_dataset(tmp_path / "plain", 40, seed=5)
+    varied = build.build_dataset(tmp_path / "varied", 40, seed=5, paraphrase_prob=0.3, omit_probs=omit)
+    assert [r["spec"] for r in plain] == [r["spec"] for r in varied]  # the full scene is kept
+    left_out = {name: 0 for name in omit}
+    for a, b in zip(plain, varied):
+        assert (tmp_path / "plain" / a["file"]).read_bytes() == (tmp_path / "varied" / b["file"]).read_bytes()
+        full, said = SceneSpec(**b["spec"]), parse_caption(b["caption"])
+        assert (said.kind, said.subject, said.colour) == (full.kind, full.subject, full.colour)
+        for name in omit:
+            stated = getattr(said, name)
+            assert stated in (None, getattr(full, name)), b["caption"]
+            left_out[name] += stated is None
+    assert all(5 <= n <= 35 for n in left_out.values()), left_out  # 40 draws at p = 0.3 / 0.5
+    with pytest.raises(ValueError, match="unknown fields"):
+        build.build_dataset(tmp_path / "bad", 1, omit_probs={"colour": 0.5})
+
+
 def test_render_is_deterministic_and_sized() -> None:
     spec = SceneSpec("emoji", "cat face", None, "large", "right", "light green")
     a = render_scene(spec, np.random.default_rng(1))

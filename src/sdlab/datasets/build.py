@@ -1,7 +1,11 @@
 """Write a training set: a folder of PNG images with same-name .txt captions, plus metadata.jsonl.
 
 Sample `i` of a set built with `seed` is drawn from its own generator `default_rng([seed, i])`, so a
-set is deterministic from its seed, and the first n samples of a larger set equal a set of n.
+set is deterministic from its seed, and the first n samples of a larger set equal a set of n. The
+caption's wording (paraphrase template, which stated fields it leaves out) comes from a second generator,
+`default_rng([seed, i, 1])`, so the images do not depend on the caption options.
+Captions that leave a field out ("a red apple on a light blue background": no size, no position) teach the
+model prompts that say less than the picture shows; `metadata.jsonl` keeps the full scene in `spec`.
 Shapes never use a pair of `HELD_OUT_SHAPE_COLOURS`, nor a colour too close to the background
 (`MIN_CONTRAST` Delta E*ab) to be seen.
 
@@ -14,7 +18,8 @@ import argparse
 import json
 import logging
 import os
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +32,14 @@ from sdlab.datasets.scene import render_scene
 from sdlab.datasets.shapes import is_held_out
 from sdlab.utils.files import atomic_write
 
-__all__ = ["DATASET_KINDS", "MIN_CONTRAST", "build_dataset", "sample_spec", "shape_pairs_for_training"]
+__all__ = ["DATASET_KINDS", "MIN_CONTRAST", "OMITTABLE_FIELDS", "build_dataset", "caption_variant", "sample_spec",
+           "shape_pairs_for_training"]
 
 logger = logging.getLogger(__name__)
 
 DATASET_KINDS = ("mixed", "emoji", "shapes")
 MIN_CONTRAST = 30.0  # Delta E*ab between a shape's colour and its background
+OMITTABLE_FIELDS = ("size", "position", "background")  # what a caption may leave unsaid
 
 
 def _contrasting(colour: str, background: str) -> bool:
@@ -62,6 +69,14 @@ def sample_spec(rng: np.random.Generator, kind: str, emoji_fraction: float = 0.5
     return SceneSpec("shape", shape, colour, size, position, background)
 
 
+def caption_variant(spec: SceneSpec, rng: np.random.Generator, paraphrase_prob: float,
+                    omit_probs: Mapping[str, float]) -> str:
+    """The caption of a full scene: canonical or a paraphrase, without the fields drawn for omission."""
+    stated = replace(spec, **{name: None for name in OMITTABLE_FIELDS if rng.random() < omit_probs.get(name, 0.0)})
+    template = int(rng.integers(1, CAPTION_TEMPLATES)) if rng.random() < paraphrase_prob else 0
+    return caption(stated, template)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     """Many small files: atomic, but not flushed to disk one by one (``fsync=False``)."""
     atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=False)
@@ -75,12 +90,18 @@ def build_dataset(
     image_size: int = 64,
     emoji_fraction: float = 0.5,
     paraphrase_prob: float = 0.0,
+    omit_probs: Mapping[str, float] | None = None,
 ) -> list[dict[str, object]]:
     """Write `count` images `NNNNNN.png` + `NNNNNN.txt` and `metadata.jsonl` into `out_dir`.
 
     paraphrase_prob: chance that a caption uses one of the paraphrase templates instead of the
-    canonical one. Returns the metadata records (file, caption, spec) in order.
+    canonical one. omit_probs: field ("size", "position", "background") -> chance that the caption leaves
+    it out (independently per field). Returns the metadata records (file, caption, full spec) in order.
     """
+    omit_probs = dict(omit_probs or {})
+    unknown = set(omit_probs) - set(OMITTABLE_FIELDS)
+    if unknown:
+        raise ValueError(f"omit_probs: unknown fields {sorted(unknown)}; known: {', '.join(OMITTABLE_FIELDS)}")
     import io
 
     out = Path(out_dir)
@@ -90,10 +111,7 @@ def build_dataset(
     for index in range(count):
         rng = np.random.default_rng([seed, index])
         spec = sample_spec(rng, kind, emoji_fraction)
-        template = 0
-        if paraphrase_prob > 0 and rng.random() < paraphrase_prob:
-            template = int(rng.integers(1, CAPTION_TEMPLATES))
-        text = caption(spec, template)
+        text = caption_variant(spec, np.random.default_rng([seed, index, 1]), paraphrase_prob, omit_probs)
         image = render_scene(spec, rng, image_size)
         stem = f"{index:0{digits}d}"
         buffer = io.BytesIO()
@@ -116,12 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kind", choices=DATASET_KINDS, default="mixed")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--emoji-fraction", type=float, default=0.5)
-    parser.add_argument("--paraphrase-prob", type=float, default=0.0)
+    parser.add_argument("--paraphrase-prob", type=float, default=0.0,
+                        help="chance of a paraphrase template instead of the canonical caption")
+    for name in OMITTABLE_FIELDS:
+        parser.add_argument(f"--omit-{name}", type=float, default=0.0, metavar="P",
+                            help=f"chance that a caption leaves the {name} out")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    build_dataset(
-        args.out_dir, args.count, args.seed, args.kind, args.image_size, args.emoji_fraction, args.paraphrase_prob
-    )
+    omit = {name: getattr(args, f"omit_{name}") for name in OMITTABLE_FIELDS}
+    build_dataset(args.out_dir, args.count, args.seed, args.kind, args.image_size, args.emoji_fraction,
+                  args.paraphrase_prob, omit)
 
 
 if __name__ == "__main__":
