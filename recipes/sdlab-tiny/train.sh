@@ -22,7 +22,8 @@ UNET_ARGS="${UNET_ARGS:-}"
 paths=(--model "$RUN/init.safetensors" --data-dir "$RUN/data")
 
 echo "== $(date +%T) data: $COUNT images"
-[ -f "$RUN/data/metadata.jsonl" ] || python -m sdlab.datasets.build "$RUN/data" --count "$COUNT" --seed 0
+[ -f "$RUN/data/metadata.jsonl" ] || python -m sdlab.datasets.build "$RUN/data" --count "$COUNT" --seed 0 \
+    --paraphrase-prob 0.2 --omit-size 0.2 --omit-position 0.2 --omit-background 0.1
 
 echo "== $(date +%T) initial bundle (random weights)"
 [ -f "$RUN/init.safetensors" ] || $SDLAB new-model "$RUN/init.safetensors" --family sdlab-tiny --seed 0
