@@ -290,6 +290,23 @@ def test_vae_preview_writes_originals_over_reconstructions(tmp_path):
     assert Image.open(tmp_path / "vae_000012.png").size == (3 * 32, 2 * 32)
 
 
+def test_decoder_only_keeps_the_encoder_and_its_latents():
+    torch.manual_seed(0)
+    images, captions = shapes_dataset(16, seed=2)
+    task = VAETask(TINY_VAE, VAELossConfig(), decoder_only=True)
+    before = {k: v.clone() for k, v in task.vae.state_dict().items()}
+    with torch.no_grad():
+        latents = task.vae.encode(images).mean
+    train_steps(task, images, captions, steps=3, batch_size=8, lr=1e-3)
+    after = task.vae.state_dict()
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in before if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in trained)
+    with torch.no_grad():
+        assert torch.equal(task.vae.encode(images).mean, latents)
+
+
 def _vae_psnr_after_training(steps: int) -> tuple[float, float]:
     torch.manual_seed(0)
     train_images, train_captions = shapes_dataset(384, seed=0)

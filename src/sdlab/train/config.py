@@ -50,6 +50,9 @@ class TrainConfig:
     lora_alpha: float | None = None             # default: the rank (scale 1)
     lora_text_encoder: bool = False             # also put LoRA on the text encoders' attention / MLP
 
+    # objective (VAE task)
+    vae_decoder_only: bool = False              # freeze the encoder: the latent space (and U-Nets on it) stay valid
+
     # optimisation
     max_steps: int = 1000
     batch_size: int = 1                         # per process, per micro-step

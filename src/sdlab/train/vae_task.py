@@ -145,10 +145,17 @@ class VAETask:
         *,
         scaling_factor: float | None = None,
         seed: int = 0,
+        decoder_only: bool = False,
     ):
         """``vae``: a model to fine-tune or a config to train from scratch. ``scaling_factor``: keep this one
-        (e.g. 0.18215 when fine-tuning an SD VAE, whose U-Nets expect it) instead of estimating it."""
+        (e.g. 0.18215 when fine-tuning an SD VAE, whose U-Nets expect it) instead of estimating it.
+        ``decoder_only``: freeze the encoder (and its quant_conv), so the latents a U-Net was trained on do
+        not change while the decoder learns to draw them better."""
         self.vae = vae if isinstance(vae, AutoencoderKL) else AutoencoderKL(vae)
+        self.vae.requires_grad_(True)
+        if decoder_only:
+            self.vae.encoder.requires_grad_(False)
+            self.vae.quant_conv.requires_grad_(False)
         self.config = self.vae.cfg
         self.loss_config = loss_config
         self.fixed_scaling_factor = scaling_factor
@@ -307,4 +314,5 @@ def load_trained_vae(path: str | Path, device: torch.device | str = "cpu") -> tu
 def build_task(config: TrainConfig, bundle: ModelBundle) -> VAETask:
     """``sdlab train --task vae``: fine-tune the bundle's VAE with the default objective, keeping the family's
     scaling factor (its U-Net was trained on latents scaled by it)."""
-    return VAETask(bundle.vae, VAELossConfig(), scaling_factor=bundle.scaling_factor, seed=config.seed)
+    return VAETask(bundle.vae, VAELossConfig(), scaling_factor=bundle.scaling_factor, seed=config.seed,
+                   decoder_only=config.vae_decoder_only)
