@@ -1,22 +1,23 @@
 #!/usr/bin/env bash
-# Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> U-Net (runs until stopped).
+# Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net.
 # Every stage is resumable: run this script again and finished stages are skipped, the unfinished one goes
-# on from its newest run checkpoint (--resume latest). Stop the U-Net stage with Ctrl-C / SIGINT (it writes
-# a checkpoint first), then export (see README.md).
+# on from its newest run checkpoint (--resume latest). The U-Net stage ends at unet.toml's max_steps, or
+# earlier with Ctrl-C / SIGINT (it writes a checkpoint first); then export (see README.md).
 #
 #   bash recipes/sdlab-tiny/train.sh                       # CPU, all defaults
-#   TRAIN_ARGS="--device cuda --num-workers 12" UNET_ARGS="--batch-size 256 --mixed-precision bf16" \
+#   NPROC=1 TRAIN_ARGS="--device cuda --num-workers 12" UNET_ARGS="--mixed-precision bf16" \
 #       bash recipes/sdlab-tiny/train.sh                   # a GPU
 #
 # Environment: RUN (default runs/sdlab-tiny), COUNT (training images, default 40000), SDLAB (the sdlab
 # command), TRAIN_ARGS (options for every training stage), UNET_ARGS (more options for the U-Net stage),
-# UNET_SECONDS (stop the U-Net stage after this long) or UNET_DEADLINE (stop it at this Unix time);
-# default: run until stopped.
+# NPROC (U-Net processes under torchrun, default 2: one per CPU core; the global batch stays 32),
+# UNET_SECONDS (stop the U-Net stage after this long) or UNET_DEADLINE (stop it at this Unix time).
 set -euo pipefail
 RECIPE="$(cd "$(dirname "$0")" && pwd)"
 RUN="${RUN:-runs/sdlab-tiny}"
 COUNT="${COUNT:-40000}"
 SDLAB="${SDLAB:-sdlab}"
+NPROC="${NPROC:-2}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 UNET_ARGS="${UNET_ARGS:-}"
 paths=(--model "$RUN/init.safetensors" --data-dir "$RUN/data")
@@ -40,13 +41,19 @@ echo "== $(date +%T) assemble"
 [ -f "$RUN/assembled.safetensors" ] || python -m sdlab.train.assemble assemble "$RUN/init.safetensors" \
     "$RUN/assembled.safetensors" --vae "$RUN/vae/final.safetensors" --text "$RUN/text/final.safetensors" --data "$RUN/data"
 
+echo "== $(date +%T) VAE decoder (encoder frozen: the U-Net's latents do not change)"
+[ -f "$RUN/vae-decoder/final.safetensors" ] || $SDLAB train --config "$RECIPE/vae_decoder.toml" \
+    --model "$RUN/assembled.safetensors" --data-dir "$RUN/data" --output-dir "$RUN/vae-decoder" --resume latest \
+    --no-progress $TRAIN_ARGS
+
 echo "== $(date +%T) U-Net"
 limit=()
 [ -n "${UNET_DEADLINE:-}" ] && UNET_SECONDS=$((UNET_DEADLINE - $(date +%s)))
 [ -n "${UNET_SECONDS:-}" ] && limit=(timeout -s INT "$UNET_SECONDS")
 status=0
-"${limit[@]}" $SDLAB train --config "$RECIPE/unet.toml" --model "$RUN/assembled.safetensors" --data-dir "$RUN/data" \
-    --output-dir "$RUN/unet" --resume latest --no-progress $TRAIN_ARGS $UNET_ARGS || status=$?
+"${limit[@]}" torchrun --standalone --nproc_per_node="$NPROC" -m sdlab.train.cli --config "$RECIPE/unet.toml" \
+    --model "$RUN/assembled.safetensors" --data-dir "$RUN/data" --output-dir "$RUN/unet" \
+    --batch-size $((32 / NPROC)) --resume latest --no-progress $TRAIN_ARGS $UNET_ARGS || status=$?
 echo "== $(date +%T) U-Net stopped (status $status)"
 # 130: stopped by SIGINT after writing a checkpoint; 124: timeout's own status
 [ "$status" = 0 ] || [ "$status" = 130 ] || [ "$status" = 124 ]
