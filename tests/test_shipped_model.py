@@ -1,0 +1,78 @@
+"""The model that ships inside the package (sdlab-tiny, trained by `recipes/sdlab-tiny/`).
+
+- it is there, within the 40 MB budget, stored in fp16, and loads as the sdlab-tiny family;
+- `sdlab txt2img PROMPT` with no `--model` draws with it (a 64 x 64 PNG whose parameters name it);
+- it still draws what prompts say: a regression guard on the committed weights, scored by the evaluation's
+  own scorer on prompts that are not in `prompts/eval_prompts.txt` (one per background colour, emoji and
+  shapes, canonical and paraphrased wording). The bounds sit well below what the committed weights reach
+  (measured numbers in the module constants), so they catch a broken loader, sampler or conditioning
+  path, not a change of a few images.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import sdlab
+from sdlab.api import shipped_model_path
+from sdlab.cli import main
+from sdlab.datasets.captions import parse_caption
+from sdlab.evaluation.scoring import score_image
+from sdlab.pipeline.png_info import read_parameters
+
+PROMPTS = (
+    "a large yellow star in the center on a dark blue background",
+    "a medium cat face, top right, white background",
+    "a large green heart on the left on a black background",
+    "a light green background with a large mushroom in the center",
+    "a small red square in the bottom right on a light yellow background",
+    "a large panda face at the bottom on a light pink background",
+    "a medium blue diamond in the center on a light blue background",
+    "a large orange circle on the right on a dark green background",
+)
+SEEDS = (0, 1)
+# share of the scored attributes the scorer finds right: (measured on the committed weights, bound);
+# emoji identity is not guarded: the committed model does not draw it (recipe README, "Evaluation")
+BOUNDS = {"background": (1.0, 0.8), "size + position": (0.875, 0.7), "shape + colour": (0.65, 0.45)}
+
+
+def test_the_shipped_model_is_packaged_in_fp16_within_budget() -> None:
+    path = shipped_model_path()
+    assert path is not None and path.is_file(), "the package has no shipped model"
+    assert path.stat().st_size <= 40_000_000
+    tensors = load_file(str(path))
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
+    pipe = sdlab.load(path)
+    assert pipe.bundle.family.name == "sdlab-tiny"
+
+
+def test_txt2img_without_model_uses_the_shipped_model(tmp_path, capsys, one_thread) -> None:
+    out = tmp_path / "apple.png"
+    code = main(["txt2img", "a red apple on a light blue background", "--out", str(out), "--no-progress"])
+    capsys.readouterr()
+    assert code == 0 and out.is_file()
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    parameters = read_parameters(out)
+    assert "sdlab-tiny" in parameters, parameters
+
+
+def test_the_shipped_model_draws_what_prompts_say(one_thread) -> None:
+    pipe = sdlab.load(shipped_model_path())
+    scores: dict[str, list[bool]] = {name: [] for name in BOUNDS}
+    for prompt in PROMPTS:
+        spec = parse_caption(prompt)
+        for seed in SEEDS:
+            correct = score_image(pipe.txt2img(prompt, steps=20, cfg_scale=5.0, seed=seed).images[0], spec)["correct"]
+            scores["background"].append(correct["background"])
+            scores["size + position"] += [correct["size"], correct["position"]]
+            if spec.kind == "shape":
+                scores["shape + colour"] += [correct["shape"], correct["colour"]]
+    shares = {name: float(np.mean(values)) for name, values in scores.items()}
+    print("shares correct:", shares)
+    for name, (_, bound) in BOUNDS.items():
+        assert shares[name] >= bound, (name, shares)
