@@ -37,7 +37,7 @@ PROMPTS = (
 SEEDS = (0, 1)
 # share of the scored attributes the scorer finds right: (measured on the committed weights, bound);
 # emoji identity is not guarded: the committed model does not draw it (recipe README, "Evaluation")
-BOUNDS = {"background": (1.0, 0.8), "size + position": (0.875, 0.7), "shape + colour": (0.65, 0.45)}
+BOUNDS = {"background": (1.0, 0.8), "size + position": (0.969, 0.7), "shape + colour": (0.7, 0.45)}
 
 
 def test_the_shipped_model_is_packaged_in_fp16_within_budget() -> None:
