@@ -232,13 +232,16 @@ def _independent(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def write_safetensors_atomic(
-    path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None
+    path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None,
+    *, fsync: bool = True,
 ) -> Path:
-    """Write `tensors` (+ string `metadata`) to `path` atomically: temp file in the same folder, fsync, rename."""
+    """Write `tensors` (+ string `metadata`) to `path` atomically: temp file in the same folder, fsync
+    (unless ``fsync=False``, for files that can be rebuilt), rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     independent = _independent(tensors)
-    atomic_write(path, lambda tmp: save_file(independent, str(tmp), metadata=dict(metadata) if metadata else None))
+    atomic_write(path, lambda tmp: save_file(independent, str(tmp), metadata=dict(metadata) if metadata else None),
+                 fsync=fsync)
     logger.info("wrote %s (%d tensors)", path, len(tensors))
     return path
 

@@ -243,21 +243,22 @@ class LatentCache:
     def ensure(self, items: Sequence[tuple[ImageSample, bool]], batch_size: int = 64) -> int:
         """Encode and store the posteriors of the (sample, flipped) pairs not cached yet, ``batch_size``
         images per VAE call. Returns how many were encoded."""
-        missing = [(s, f) for s, f in items if not self._file(s.path, f).is_file()]
+        targets = ((s, f, self._file(s.path, f)) for s, f in items)
+        missing = [(s, f, target) for s, f, target in targets if not target.is_file()]
         for start in range(0, len(missing), batch_size):
             chunk = missing[start:start + batch_size]
             images = [load_training_image(s.path, self.resolution, center_crop=True, random_flip=False,
-                                          generator=torch.Generator()) for s, _ in chunk]
+                                          generator=torch.Generator()) for s, _, _ in chunk]
             pixels = torch.stack([im.pixels.flip(-1) if f else im.pixels
-                                  for im, (_, f) in zip(images, chunk)])  # (N, 3, H, W)
+                                  for im, (_, f, _) in zip(images, chunk)])  # (N, 3, H, W)
             with torch.no_grad():
                 posterior = self.vae.encode(pixels.to(self.device, self.dtype))
             mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (N, C, h, w)
-            for i, ((sample, flipped), image) in enumerate(zip(chunk, images)):
-                write_safetensors_atomic(self._file(sample.path, flipped), {
+            for i, ((_, _, target), image) in enumerate(zip(chunk, images)):
+                write_safetensors_atomic(target, {  # a cache: atomic, not flushed file by file
                     "mean": mean[i].clone(), "std": std[i].clone(),
                     "original_size": torch.tensor(image.original_size),
-                    "crop_top_left": torch.tensor(image.crop_top_left)})
+                    "crop_top_left": torch.tensor(image.crop_top_left)}, fsync=False)
             if len(missing) > batch_size:
                 logger.info("latent cache: %d / %d encoded", min(start + batch_size, len(missing)), len(missing))
         return len(missing)
