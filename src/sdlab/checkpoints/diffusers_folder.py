@@ -228,7 +228,9 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
             raise CheckpointError(f"{path}: {spec.name} folder has no {te.diffusers_folder}/ for {te.name}")
         if te.hidden_state == "penultimate_norm":
             # diffusers' SD2 folders hold OpenCLIP-H without its last layer (23 of 24) and use the final-norm
-            # output of what is left, which is SD2's penultimate-layer conditioning.
+            # output of what is left, which is SD2's penultimate-layer conditioning. diffusers reads the
+            # final-norm output whatever the folder's layer count, so "last" is what it draws with even for a
+            # folder that keeps all 24 layers.
             te = replace(te, hidden_state="last")
         text.append((te, _text_source(te, folder)))
     scheduler = path / "scheduler" / "scheduler_config.json"

@@ -184,7 +184,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
                 continue
             if name in routed and hasattr(task, "bind_wrapped"):
                 ddp = DistributedDataParallel(m, device_ids=[ctx.device] if ctx.device.type == "cuda" else None,
-                                              broadcast_buffers=False)
+                                              forward_sync_buffers=False)
                 task.bind_wrapped(name, ddp)
                 wrapped.append(ddp)
             else:
