@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net.
+# Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (two runs).
 # Every stage is resumable: run this script again and finished stages are skipped, the unfinished one goes
-# on from its newest run checkpoint (--resume latest). The U-Net stage ends at unet.toml's max_steps, or
-# earlier with Ctrl-C / SIGINT (it writes a checkpoint first); then export (see README.md).
+# on from its newest run checkpoint (--resume latest). A U-Net run ends at its config's max_steps, or
+# earlier with Ctrl-C / SIGINT (it writes a checkpoint first); the second run (unet_continue.toml) starts
+# from the first's final EMA weights, so it begins only once the first has finished. Then export (README.md).
 #
 #   bash recipes/sdlab-tiny/train.sh                       # CPU, all defaults
 #   NPROC=1 TRAIN_ARGS="--device cuda --num-workers 12" UNET_ARGS="--mixed-precision bf16" \
 #       bash recipes/sdlab-tiny/train.sh                   # a GPU
 #
 # Environment: RUN (default runs/sdlab-tiny), COUNT (training images, default 40000), SDLAB (the sdlab
-# command), TRAIN_ARGS (options for every training stage), UNET_ARGS (more options for the U-Net stage),
+# command), TRAIN_ARGS (options for every training stage), UNET_ARGS (more options for the U-Net runs),
 # NPROC (U-Net processes under torchrun, default 2: one per CPU core; the global batch stays 32),
-# UNET_SECONDS (stop the U-Net stage after this long) or UNET_DEADLINE (stop it at this Unix time).
+# UNET_SECONDS (stop the U-Net runs after this long) or UNET_DEADLINE (stop them at this Unix time).
 set -euo pipefail
 RECIPE="$(cd "$(dirname "$0")" && pwd)"
 RUN="${RUN:-runs/sdlab-tiny}"
@@ -46,14 +47,30 @@ echo "== $(date +%T) VAE decoder (encoder frozen: the U-Net's latents do not cha
     --model "$RUN/assembled.safetensors" --data-dir "$RUN/data" --output-dir "$RUN/vae-decoder" --resume latest \
     --no-progress $TRAIN_ARGS
 
-echo "== $(date +%T) U-Net"
-limit=()
-[ -n "${UNET_DEADLINE:-}" ] && UNET_SECONDS=$((UNET_DEADLINE - $(date +%s)))
-[ -n "${UNET_SECONDS:-}" ] && limit=(timeout -s INT "$UNET_SECONDS")
-status=0
-"${limit[@]}" torchrun --standalone --nproc_per_node="$NPROC" -m sdlab.train.cli --config "$RECIPE/unet.toml" \
-    --model "$RUN/assembled.safetensors" --data-dir "$RUN/data" --output-dir "$RUN/unet" \
-    --batch-size $((32 / NPROC)) --resume latest --no-progress $TRAIN_ARGS $UNET_ARGS || status=$?
-echo "== $(date +%T) U-Net stopped (status $status)"
-# 130: stopped by SIGINT after writing a checkpoint; 124: timeout's own status
-[ "$status" = 0 ] || [ "$status" = 130 ] || [ "$status" = 124 ]
+if [ -z "${UNET_DEADLINE:-}" ] && [ -n "${UNET_SECONDS:-}" ]; then UNET_DEADLINE=$(($(date +%s) + UNET_SECONDS)); fi
+
+# run_unet CONFIG MODEL OUTDIR [options]: one U-Net run under torchrun, stopped by SIGINT at UNET_DEADLINE.
+# Returns 0 when it finished (OUTDIR/final.safetensors written), 1 when it stopped early.
+run_unet() {
+    local config=$1 model=$2 out=$3 limit=() status=0
+    shift 3
+    [ -f "$out/final.safetensors" ] && return 0
+    if [ -n "${UNET_DEADLINE:-}" ]; then
+        local left=$((UNET_DEADLINE - $(date +%s)))
+        [ "$left" -gt 0 ] || return 1
+        limit=(timeout -s INT "$left")
+    fi
+    "${limit[@]}" torchrun --standalone --nproc_per_node="$NPROC" -m sdlab.train.cli --config "$RECIPE/$config" \
+        --model "$model" --data-dir "$RUN/data" --output-dir "$out" --batch-size $((32 / NPROC)) \
+        --resume latest --no-progress "$@" $TRAIN_ARGS $UNET_ARGS || status=$?
+    echo "== $(date +%T) U-Net run $out stopped (status $status)"
+    # 130: stopped by SIGINT after writing a checkpoint; 124: timeout's own status
+    [ "$status" = 0 ] || [ "$status" = 130 ] || [ "$status" = 124 ] || exit "$status"
+    [ -f "$out/final.safetensors" ]
+}
+
+echo "== $(date +%T) U-Net, first run"
+run_unet unet.toml "$RUN/assembled.safetensors" "$RUN/unet" || exit 0
+echo "== $(date +%T) U-Net, second run from the first's EMA weights"
+run_unet unet_continue.toml "$RUN/unet/final-ema.safetensors" "$RUN/unet2" --cache-dir "$RUN/unet/latent_cache" || exit 0
+echo "== $(date +%T) U-Net finished"
