@@ -36,8 +36,9 @@ PROMPTS = (
 )
 SEEDS = (0, 1)
 # share of the scored attributes the scorer finds right: (measured on the committed weights, bound);
-# emoji identity is not guarded: the committed model does not draw it (recipe README, "Evaluation")
-BOUNDS = {"background": (1.0, 0.8), "size + position": (0.969, 0.7), "shape + colour": (0.7, 0.45)}
+# emoji identity is not guarded: the committed model gets it right in 24 % of the eval file's images
+# (recipe README), too few and too uneven per emoji for a bound on 3 emoji x 2 seeds
+BOUNDS = {"background": (1.0, 0.8), "size + position": (1.0, 0.75), "shape + colour": (0.9, 0.6)}
 
 
 def test_the_shipped_model_is_packaged_in_fp16_within_budget() -> None:
