@@ -19,7 +19,7 @@ import torch
 from sdlab.checkpoints.create import new_bundle
 from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.save import save_bundle
-from sdlab.datasets import build_dataset
+from sdlab.datasets.build import build_dataset
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import get_family
 from sdlab.models.image_tower import ImageTower, ImageTowerConfig

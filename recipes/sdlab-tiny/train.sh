@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (two runs).
+# Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (three runs).
 # Every stage is resumable: run this script again and finished stages are skipped, the unfinished one goes
 # on from its newest run checkpoint (--resume latest). A U-Net run ends at its config's max_steps, or
-# earlier with Ctrl-C / SIGINT (it writes a checkpoint first); the second run (unet_continue.toml) starts
-# from the first's final EMA weights, so it begins only once the first has finished. Then export (README.md).
+# earlier with Ctrl-C / SIGINT (it writes a checkpoint first); each later run (unet_continue.toml, then
+# unet_emoji.toml) starts from the previous run's final EMA weights, so it begins only once that run has
+# finished. Then export (README.md).
 #
 #   bash recipes/sdlab-tiny/train.sh                       # CPU, all defaults
 #   NPROC=1 TRAIN_ARGS="--device cuda --num-workers 12" UNET_ARGS="--mixed-precision bf16" \
@@ -49,11 +50,11 @@ echo "== $(date +%T) VAE decoder (encoder frozen: the U-Net's latents do not cha
 
 if [ -z "${UNET_DEADLINE:-}" ] && [ -n "${UNET_SECONDS:-}" ]; then UNET_DEADLINE=$(($(date +%s) + UNET_SECONDS)); fi
 
-# run_unet CONFIG MODEL OUTDIR [options]: one U-Net run under torchrun, stopped by SIGINT at UNET_DEADLINE.
-# Returns 0 when it finished (OUTDIR/final.safetensors written), 1 when it stopped early.
+# run_unet CONFIG MODEL DATA OUTDIR [options]: one U-Net run under torchrun, stopped by SIGINT at
+# UNET_DEADLINE. Returns 0 when it finished (OUTDIR/final.safetensors written), 1 when it stopped early.
 run_unet() {
-    local config=$1 model=$2 out=$3 limit=() status=0
-    shift 3
+    local config=$1 model=$2 data=$3 out=$4 limit=() status=0
+    shift 4
     [ -f "$out/final.safetensors" ] && return 0
     if [ -n "${UNET_DEADLINE:-}" ]; then
         local left=$((UNET_DEADLINE - $(date +%s)))
@@ -61,7 +62,7 @@ run_unet() {
         limit=(timeout -s INT "$left")
     fi
     "${limit[@]}" torchrun --standalone --nproc_per_node="$NPROC" -m sdlab.train.cli --config "$RECIPE/$config" \
-        --model "$model" --data-dir "$RUN/data" --output-dir "$out" --batch-size $((32 / NPROC)) \
+        --model "$model" --data-dir "$data" --output-dir "$out" --batch-size $((32 / NPROC)) \
         --resume latest --no-progress "$@" $TRAIN_ARGS $UNET_ARGS || status=$?
     echo "== $(date +%T) U-Net run $out stopped (status $status)"
     # 130: stopped by SIGINT after writing a checkpoint; 124: timeout's own status
@@ -70,7 +71,14 @@ run_unet() {
 }
 
 echo "== $(date +%T) U-Net, first run"
-run_unet unet.toml "$RUN/assembled.safetensors" "$RUN/unet" || exit 0
+run_unet unet.toml "$RUN/assembled.safetensors" "$RUN/data" "$RUN/unet" || exit 0
 echo "== $(date +%T) U-Net, second run from the first's EMA weights"
-run_unet unet_continue.toml "$RUN/unet/final-ema.safetensors" "$RUN/unet2" --cache-dir "$RUN/unet/latent_cache" || exit 0
+run_unet unet_continue.toml "$RUN/unet/final-ema.safetensors" "$RUN/data" "$RUN/unet2" \
+    --cache-dir "$RUN/unet/latent_cache" || exit 0
+echo "== $(date +%T) U-Net, third run from the second's EMA weights, with 20000 more emoji images"
+[ -f "$RUN/data-emoji/metadata.jsonl" ] || python -m sdlab.datasets.build "$RUN/data-emoji" --count 20000 --seed 1 \
+    --kind emoji --paraphrase-prob 0.2 --omit-size 0.2 --omit-position 0.2 --omit-background 0.1
+[ -f "$RUN/data-mix/metadata.jsonl" ] || python -m sdlab.datasets.combine "$RUN/data-mix" "$RUN/data" "$RUN/data-emoji"
+run_unet unet_emoji.toml "$RUN/unet2/final-ema.safetensors" "$RUN/data-mix" "$RUN/unet3" \
+    --cache-dir "$RUN/unet/latent_cache" || exit 0
 echo "== $(date +%T) U-Net finished"

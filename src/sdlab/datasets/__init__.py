@@ -1,9 +1,9 @@
 """Datasets sdlab trains its shipped model on: emoji and procedural shapes with structured captions.
 
-Imports only the standard library, numpy and Pillow.
+Imports only the standard library, numpy and Pillow. The command-line builders (``python -m
+sdlab.datasets.build``, ``python -m sdlab.datasets.combine``) are imported from their own modules.
 """
 
-from sdlab.datasets.build import build_dataset, sample_spec
 from sdlab.datasets.captions import SHAPES, SceneSpec, caption, parse_caption
 from sdlab.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, nearest_colour
 from sdlab.datasets.emoji import find_emoji_font
@@ -23,7 +23,6 @@ __all__ = [
     "SIZES",
     "SUBJECT_COLOURS",
     "SceneSpec",
-    "build_dataset",
     "caption",
     "find_emoji_font",
     "is_held_out",
@@ -31,5 +30,4 @@ __all__ = [
     "parse_caption",
     "render_scene",
     "render_scene_at",
-    "sample_spec",
 ]

@@ -127,7 +127,8 @@ def build_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build an sdlab emoji / shapes training set.")
+    parser = argparse.ArgumentParser(prog="python -m sdlab.datasets.build",
+                                     description="Build an sdlab emoji / shapes training set.")
     parser.add_argument("out_dir")
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)

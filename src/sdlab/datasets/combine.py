@@ -1,0 +1,50 @@
+"""Combine training folders into one without copying images: ``python -m sdlab.datasets.combine OUT SRC...``.
+
+Writes ``OUT/metadata.jsonl`` with one ``{"file_name", "text"}`` line per usable (image, caption) pair of
+every source folder (either layout that ``sdlab train`` reads), the file names relative to OUT. The images
+stay where they are, so a latent cache built on a source folder is reused (its key is the resolved path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sdlab.utils.files import atomic_write
+
+
+def combine(out: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) -> int:
+    """Write ``out/metadata.jsonl`` listing every sample of ``sources``; returns how many it lists."""
+    from sdlab.train.data import scan_dataset  # torch is imported only when this runs
+
+    out = Path(out)
+    lines = []
+    for source in sources:
+        for sample in scan_dataset(source).samples:
+            name = os.path.relpath(sample.path.resolve(), out.resolve())
+            lines.append(json.dumps({"file_name": name, "text": sample.caption}, ensure_ascii=False))
+    if not lines:
+        raise ValueError("the source folders hold no usable (image, caption) pairs")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "metadata.jsonl", lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
+    return len(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sdlab.datasets.combine", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir", help="folder for the combined metadata.jsonl")
+    parser.add_argument("sources", nargs="+", help="training folders to list")
+    args = parser.parse_args(argv)
+    try:
+        count = combine(args.out_dir, args.sources)
+    except (OSError, ValueError) as err:
+        print(f"sdlab: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {Path(args.out_dir) / 'metadata.jsonl'}: {count} images")
+
+
+if __name__ == "__main__":
+    main()
