@@ -35,10 +35,11 @@ PROMPTS = (
     "a large orange circle on the right on a dark green background",
 )
 SEEDS = (0, 1)
-# share of the scored attributes the scorer finds right: (measured on the committed weights, bound);
-# emoji identity is not guarded: the committed model gets it right in 24 % of the eval file's images
-# (recipe README), too few and too uneven per emoji for a bound on 3 emoji x 2 seeds
-BOUNDS = {"background": (1.0, 0.8), "size + position": (1.0, 0.75), "shape + colour": (0.9, 0.6)}
+# share of the scored attributes the scorer finds right: (measured on the committed weights, bound).
+# Emoji identity is uneven per emoji (0.76 top-5 on the eval file, recipe README; 3 of these 6 images), so
+# its bound only asks for one image of six among the top 5 of 259 names (chance: about 1 in 9)
+BOUNDS = {"background": (1.0, 0.8), "size + position": (1.0, 0.75), "shape + colour": (0.9, 0.6),
+          "emoji top-5": (0.5, 0.16)}
 
 
 def test_the_shipped_model_is_packaged_in_fp16_within_budget() -> None:
@@ -73,6 +74,8 @@ def test_the_shipped_model_draws_what_prompts_say(one_thread) -> None:
             scores["size + position"] += [correct["size"], correct["position"]]
             if spec.kind == "shape":
                 scores["shape + colour"] += [correct["shape"], correct["colour"]]
+            else:
+                scores["emoji top-5"].append(correct["top5"])
     shares = {name: float(np.mean(values)) for name, values in scores.items()}
     print("shares correct:", shares)
     for name, (_, bound) in BOUNDS.items():
