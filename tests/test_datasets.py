@@ -205,34 +205,3 @@ def test_render_is_deterministic_and_sized() -> None:
     assert big.size == (128, 128)
     border = np.asarray(a)[:2].reshape(-1, 3)
     assert (border == PALETTE["light green"]).all()
-
-
-def test_combine_lists_every_source_without_copying(tmp_path, capsys) -> None:
-    from PIL import Image
-
-    from sdlab.datasets import combine
-    from sdlab.train.data import scan_dataset
-
-    built = build.build_dataset(tmp_path / "built", 6, seed=1, kind="emoji")   # metadata.jsonl layout
-    loose = tmp_path / "loose" / "nested"                                      # image + .txt layout
-    loose.mkdir(parents=True)
-    Image.new("RGB", (8, 8), (200, 10, 10)).save(loose / "red.png")
-    (loose / "red.txt").write_text("a red square", encoding="utf-8")
-    Image.new("RGB", (8, 8)).save(loose / "uncaptioned.png")                   # skipped, as training skips it
-    out = tmp_path / "elsewhere" / "mix"
-    combine.main([str(out), str(tmp_path / "built"), str(tmp_path / "loose")])
-    assert "7 images" in capsys.readouterr().out
-    samples = scan_dataset(out).samples
-    expected = {(tmp_path / "built" / r["file"]).resolve(): r["caption"] for r in built}
-    expected[(loose / "red.png").resolve()] = "a red square"
-    assert {s.path.resolve(): s.caption for s in samples} == expected
-    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
-    assert all(row["file_name"].startswith("../../") for row in rows)               # relative to the mix
-    assert sorted(p.name for p in out.iterdir()) == ["metadata.jsonl"]
-
-    with pytest.raises(SystemExit) as exit_info:
-        combine.main([str(tmp_path / "none"), str(tmp_path / "loose" / "missing")])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.startswith("sdlab: error:") and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "none").exists()

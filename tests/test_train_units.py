@@ -5,6 +5,7 @@ the CSV log and the loss-curve PNG."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,8 @@ from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.loss import min_snr_weights, prediction_target, q_sample, snr
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.models.unet import UNet, UNetConfig
+from sdlab.datasets.build import build_dataset
+from sdlab.train import combine
 from sdlab.train.config import TrainConfig, add_config_arguments, config_from_args
 from sdlab.train.data import TrainData, scan_dataset
 from sdlab.train.loop import StopFlag, flush_denormals, lr_multiplier
@@ -67,6 +70,32 @@ def test_scan_counts_broken_and_uncaptioned(tmp_path):
     assert scan.skipped == {"broken_image": 1, "empty_caption": 2}
     jsonl = scan_dataset(write_jsonl_folder(tmp_path / "j", n=3))
     assert [s.caption for s in jsonl.samples] == ["a red square", "a blue circle", "a green stripe"]
+
+
+def test_combine_lists_every_source_without_copying(tmp_path, capsys) -> None:
+    built = build_dataset(tmp_path / "built", 6, seed=1, kind="emoji")         # metadata.jsonl layout
+    loose = tmp_path / "loose" / "nested"                                      # image + .txt layout
+    loose.mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(loose / "red.png")
+    (loose / "red.txt").write_text("a red square", encoding="utf-8")
+    Image.new("RGB", (8, 8)).save(loose / "uncaptioned.png")                   # skipped, as training skips it
+    out = tmp_path / "elsewhere" / "mix"
+    combine.main([str(out), str(tmp_path / "built"), str(tmp_path / "loose")])
+    assert "7 images" in capsys.readouterr().out
+    samples = scan_dataset(out).samples
+    expected = {(tmp_path / "built" / r["file"]).resolve(): r["caption"] for r in built}
+    expected[(loose / "red.png").resolve()] = "a red square"
+    assert {s.path.resolve(): s.caption for s in samples} == expected
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert all(row["file_name"].startswith("../../") for row in rows)               # relative to the mix
+    assert sorted(p.name for p in out.iterdir()) == ["metadata.jsonl"]
+
+    with pytest.raises(SystemExit) as exit_info:
+        combine.main([str(tmp_path / "none"), str(tmp_path / "loose" / "missing")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sdlab: error:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "none").exists()
 
 
 def test_sharding_and_accumulation_cover_the_same_global_batch(tmp_path):

@@ -1,7 +1,7 @@
 """Datasets sdlab trains its shipped model on: emoji and procedural shapes with structured captions.
 
-Imports only the standard library, numpy and Pillow. The command-line builders (``python -m
-sdlab.datasets.build``, ``python -m sdlab.datasets.combine``) are imported from their own modules.
+Imports only the standard library, numpy and Pillow. The command-line builder (``python -m
+sdlab.datasets.build``) is imported from its own module.
 """
 
 from sdlab.datasets.captions import SHAPES, SceneSpec, caption, parse_caption

@@ -1,4 +1,4 @@
-"""Combine training folders into one without copying images: ``python -m sdlab.datasets.combine OUT SRC...``.
+"""Combine training folders into one without copying images: ``python -m sdlab.train.combine OUT SRC...``.
 
 Writes ``OUT/metadata.jsonl`` with one ``{"file_name", "text"}`` line per usable (image, caption) pair of
 every source folder (either layout that ``sdlab train`` reads), the file names relative to OUT. The images
@@ -13,13 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from sdlab.train.data import scan_dataset
 from sdlab.utils.files import atomic_write
 
 
 def combine(out: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) -> int:
     """Write ``out/metadata.jsonl`` listing every sample of ``sources``; returns how many it lists."""
-    from sdlab.train.data import scan_dataset  # torch is imported only when this runs
-
     out = Path(out)
     lines = []
     for source in sources:
@@ -34,7 +33,7 @@ def combine(out: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sdlab.datasets.combine", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sdlab.train.combine", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="folder for the combined metadata.jsonl")
     parser.add_argument("sources", nargs="+", help="training folders to list")
     args = parser.parse_args(argv)
