@@ -23,10 +23,11 @@ NPROC="${NPROC:-2}"
 TRAIN_ARGS="${TRAIN_ARGS:-}"
 UNET_ARGS="${UNET_ARGS:-}"
 paths=(--model "$RUN/init.safetensors" --data-dir "$RUN/data")
+# caption wording of every dataset: a fifth paraphrased; size / position / background left unsaid in some
+CAPTIONS="--paraphrase-prob 0.2 --omit-size 0.2 --omit-position 0.2 --omit-background 0.1"
 
 echo "== $(date +%T) data: $COUNT images"
-[ -f "$RUN/data/metadata.jsonl" ] || python -m sdlab.datasets.build "$RUN/data" --count "$COUNT" --seed 0 \
-    --paraphrase-prob 0.2 --omit-size 0.2 --omit-position 0.2 --omit-background 0.1
+[ -f "$RUN/data/metadata.jsonl" ] || python -m sdlab.datasets.build "$RUN/data" --count "$COUNT" --seed 0 $CAPTIONS
 
 echo "== $(date +%T) initial bundle (random weights)"
 [ -f "$RUN/init.safetensors" ] || $SDLAB new-model "$RUN/init.safetensors" --family sdlab-tiny --seed 0
@@ -77,7 +78,7 @@ run_unet unet_continue.toml "$RUN/unet/final-ema.safetensors" "$RUN/data" "$RUN/
     --cache-dir "$RUN/unet/latent_cache" || exit 0
 echo "== $(date +%T) U-Net, third run from the second's EMA weights, with 20000 more emoji images"
 [ -f "$RUN/data-emoji/metadata.jsonl" ] || python -m sdlab.datasets.build "$RUN/data-emoji" --count 20000 --seed 1 \
-    --kind emoji --paraphrase-prob 0.2 --omit-size 0.2 --omit-position 0.2 --omit-background 0.1
+    --kind emoji $CAPTIONS
 [ -f "$RUN/data-mix/metadata.jsonl" ] || python -m sdlab.train.combine "$RUN/data-mix" "$RUN/data" "$RUN/data-emoji"
 run_unet unet_emoji.toml "$RUN/unet2/final-ema.safetensors" "$RUN/data-mix" "$RUN/unet3" \
     --cache-dir "$RUN/unet/latent_cache" || exit 0

@@ -20,10 +20,11 @@ from sdlab.utils.files import atomic_write
 def combine(out: str | os.PathLike[str], sources: list[str | os.PathLike[str]]) -> int:
     """Write ``out/metadata.jsonl`` listing every sample of ``sources``; returns how many it lists."""
     out = Path(out)
+    root = out.resolve()
     lines = []
     for source in sources:
         for sample in scan_dataset(source).samples:
-            name = os.path.relpath(sample.path.resolve(), out.resolve())
+            name = os.path.relpath(sample.path.resolve(), root)
             lines.append(json.dumps({"file_name": name, "text": sample.caption}, ensure_ascii=False))
     if not lines:
         raise ValueError("the source folders hold no usable (image, caption) pairs")
