@@ -7,10 +7,14 @@ probe that matches names the base family and the U-Net's input width picks the i
        `conditioner.embedders.0.model.*` and no `conditioner.embedders.1.*`  -> sdxl-refiner (bigG only)
        `conditioner.embedders.0.transformer.*` + `conditioner.embedders.1.model.*` -> sdxl
        `cond_stage_model.model.*` (OpenCLIP)                                   -> sd2
-       `cond_stage_model.transformer.*` + a 128-wide context                  -> sdlab-tiny (sdlab's own model)
+       `cond_stage_model.transformer.*` + Linear `proj_in` + an f=4 VAE        -> sdlab-tiny (sdlab's own model)
        `cond_stage_model.transformer.*` (Hugging Face CLIP)                    -> sd1
   2. U-Net-only files: the vector-conditioning width `label_emb.0.0.weight` (2816 sdxl, 2560 refiner);
   3. the cross-attention context width from `attn2.to_k.weight` (768 sd1, 1024 sd2, 2048 sdxl, 1280 refiner).
+  Widths never decide between families that share a layout: a reduced SD1 file (32-64-128-128, context 128,
+  as the ecosystem's tiny test models) is SD1 by its structure, and sizes are then inferred from the tensors.
+  sdlab-tiny is recognised by its `sdlab.family` metadata, or by the structure only it has in an SD1 layout:
+  Linear attention projections (SD1 uses 1x1 convs) and an f=4 VAE (three encoder levels; SD's is f=8).
   Then `input_blocks.0.0.weight` has 4 input channels (plain) or 9 (inpainting: latent, mask, masked latent).
 
 Consistency checks follow (an SDXL layout needs `label_emb`; SD1/SD2 must not have one), so a mixed-up file
@@ -31,7 +35,8 @@ from torch import Tensor
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import shapes_of
 from sdlab.families import FamilySpec, get_family
-from sdlab.families.base import UNET_PREFIX
+from sdlab.families.base import UNET_PREFIX, VAE_PREFIX
+from sdlab.families.sdlab_tiny import SDLAB_TINY
 
 _CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 _LABEL_EMB = UNET_PREFIX + "label_emb.0.0.weight"
@@ -44,7 +49,9 @@ _TEXT_PREFIXES = (
     "conditioner.embedders.0.model.",
     "conditioner.embedders.1.model.",
 )
-_SDLAB_TINY_CONTEXT = 128  # sdlab-tiny's text tower width; SD1's CLIP-L is 768 wide
+_VAE_DOWN = re.compile(re.escape(VAE_PREFIX) + r"encoder\.down\.(\d+)\.")
+_PROJ_IN = re.compile(re.escape(UNET_PREFIX) + r".*\.proj_in\.weight$")
+_DOWNSAMPLE = re.compile(re.escape(UNET_PREFIX) + r"input_blocks\.\d+\.0\.op\.weight$")
 _CONTEXT_TO_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 _ADM_TO_FAMILY = {2816: "sdxl", 2560: "sdxl-refiner"}
 
@@ -60,12 +67,17 @@ class Evidence:
     adm_in_channels: int | None
     text_prefixes: frozenset[str]
     top_level_prefixes: tuple[str, ...]
+    unet_levels: int | None = None          # 1 + number of Downsample blocks
+    linear_proj: bool | None = None         # attention proj_in is a Linear (SD2/SDXL/sdlab-tiny) or a 1x1 conv (SD1)
+    vae_factor: int | None = None           # 2 ** (encoder levels - 1); None without VAE keys
 
     @classmethod
     def of(cls, shapes: Mapping[str, torch.Size]) -> Evidence:
         conv_in = shapes.get(_CONV_IN)
         label_emb = shapes.get(_LABEL_EMB)
         context_dim = next((s[1] for k, s in shapes.items() if len(s) == 2 and _TO_K.match(k)), None)
+        proj_in = next((s for k, s in shapes.items() if _PROJ_IN.match(k)), None)
+        vae_levels = {m.group(1) for k in shapes if (m := _VAE_DOWN.match(k))}
         text = frozenset(p for p in _TEXT_PREFIXES if any(k.startswith(p) for k in shapes))
         tops: dict[str, int] = {}
         for key in shapes:
@@ -79,6 +91,9 @@ class Evidence:
             adm_in_channels=label_emb[1] if label_emb is not None and len(label_emb) == 2 else None,
             text_prefixes=text,
             top_level_prefixes=tuple(f"{t}. ({n} keys)" for t, n in sorted(tops.items(), key=lambda kv: -kv[1])),
+            unet_levels=1 + sum(1 for k in shapes if _DOWNSAMPLE.match(k)) if conv_in is not None else None,
+            linear_proj=len(proj_in) == 2 if proj_in is not None else None,
+            vae_factor=2 ** (len(vae_levels) - 1) if vae_levels else None,
         )
 
     def describe(self) -> str:
@@ -89,6 +104,12 @@ class Evidence:
         if self.adm_in_channels:
             parts.append(f"label_emb width {self.adm_in_channels}")
         parts.append("text keys under " + (", ".join(sorted(self.text_prefixes)) or "no known prefix"))
+        if self.unet_levels:
+            parts.append(f"{self.unet_levels} U-Net levels")
+        if self.linear_proj is not None:
+            parts.append("Linear attention projections" if self.linear_proj else "1x1-conv attention projections")
+        if self.vae_factor:
+            parts.append(f"f={self.vae_factor} VAE")
         return "; ".join(parts)
 
 
@@ -116,8 +137,9 @@ PROBES: tuple[Probe, ...] = (
     Probe("sd2", "cond_stage_model.model.* (OpenCLIP ViT-H)", lambda e: "cond_stage_model.model." in e.text_prefixes),
     Probe(
         "sdlab-tiny",
-        "cond_stage_model.transformer.* with a 128-wide cross-attention context (sdlab's own model)",
-        lambda e: "cond_stage_model.transformer." in e.text_prefixes and e.context_dim == _SDLAB_TINY_CONTEXT,
+        "cond_stage_model.transformer.* with Linear attention projections and an f=4 VAE (sdlab's own model)",
+        lambda e: "cond_stage_model.transformer." in e.text_prefixes and e.linear_proj is True
+        and e.vae_factor == SDLAB_TINY.vae.downsample_factor,
     ),
     Probe(
         "sd1", "cond_stage_model.transformer.* (CLIP ViT-L)", lambda e: "cond_stage_model.transformer." in e.text_prefixes

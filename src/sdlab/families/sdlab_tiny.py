@@ -15,7 +15,9 @@ group; at these widths 32 groups would leave 1 to 3, and a VAE trained that way 
 dark blue and dark green backgrounds as the same teal. 8 groups give 4 to 16 again.
 
 Files carry `sdlab.family = "sdlab-tiny"` in their metadata, which is how the loader recognises them;
-without it, detection reads the SD1 key layout with a 128-wide cross-attention context as sdlab-tiny.
+without it, detection needs the structure only sdlab-tiny has in SD1's key layout: Linear attention
+projections (SD1: 1x1 convs) and an f=4 VAE (SD1: f=8). Widths decide nothing: a reduced SD1 file with a
+128-wide context is SD1.
 """
 
 from __future__ import annotations
