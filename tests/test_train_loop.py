@@ -79,8 +79,10 @@ def test_lora_file_merged_reproduces_the_trained_lora(setup, one_thread):
                    "--lora-rank", "4", "--lora-alpha", "2")
     lora_file = lora_dir / "final.safetensors"
     entries = load_lora_file(lora_file)
-    assert "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q" in entries
-    assert "lora_unet_output_blocks_2_1_transformer_blocks_0_ff_net_2" in entries
+    # kohya's SD1 names (diffusers module paths): input_blocks.1.1 / output_blocks.2.1 in sdlab's layout
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in entries
+    assert "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2" in entries
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in" in entries
     assert all(set(e) == {"down", "up", "alpha"} and float(e["alpha"]) == 2.0 for e in entries.values())
 
     live = load_bundle(model)

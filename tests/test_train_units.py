@@ -26,7 +26,8 @@ from sdlab.train.config import TrainConfig, add_config_arguments, config_from_ar
 from sdlab.train.data import TrainData, scan_dataset
 from sdlab.train.loop import StopFlag, flush_denormals, lr_multiplier
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, merge_lora_
-from sdlab.train.lora import LoRANetwork
+from sdlab.families import get_family
+from sdlab.train.lora import LoRANetwork, unet_lora_targets
 from sdlab.train.run_checkpoint import latest_checkpoint, list_checkpoints, load_run_checkpoint
 from sdlab.train.run_log import CSVLog, draw_loss_curve, read_log
 from train_fixtures import write_caption_folder, write_jsonl_folder
@@ -146,27 +147,23 @@ def test_lora_hooks_merge_and_file_roundtrip(tmp_path):
     with torch.no_grad():
         base = unet(x, t, ctx)
     net = LoRANetwork.for_unet(unet, rank=4, alpha=8).attach()
-    assert len(net.loras) == 7 * 10  # 7 transformers (2 in, 1 middle, 4 out) x (2 x 4 attention + 2 ff)
+    # kohya's set: 7 transformers (2 in, 1 middle, 4 out) x (proj_in, proj_out, 2 x 4 attention, 2 ff)
+    assert len(net.loras) == 7 * 12
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, 0.05, generator=g)
         live = unet(x, t, ctx)
     assert float((live - base).abs().max()) > 1e-3
-    path = net.save(tmp_path / "l.safetensors")
+    path = net.save(tmp_path / "l.safetensors", get_family("sd1"))
     net.detach_hooks()
     entries = load_lora_file(path)
-    assert "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_out_0" in entries
-    layers = {name: m for name, m in [(n, unet.get_submodule(p)) for n, p in _paths(unet)]}
+    assert "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0" in entries  # kohya's SD1 names
+    assert entries["lora_unet_down_blocks_0_attentions_0_proj_in"]["down"].shape == (4, 32, 1, 1)  # a 1x1 conv
+    layers = dict(unet_lora_targets(unet))
     assert merge_lora_(layers, entries, 1.0) == []
     with torch.no_grad():
         merged = unet(x, t, ctx)
     assert float((merged - live).abs().max()) < 1e-5
-
-
-def _paths(unet: UNet):
-    for path, m in unet.named_modules():
-        if isinstance(m, torch.nn.Linear):
-            yield "lora_unet_" + path.replace(".", "_"), path
 
 
 def test_apply_lora_understands_diffusers_style_names(tmp_path):

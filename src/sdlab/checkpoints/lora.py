@@ -1,31 +1,58 @@
-"""Merging LoRA files (kohya-ss format, what A1111 and ComfyUI read) into a loaded model's weights.
+"""LoRA files in kohya-ss sd-scripts' format (what A1111, ComfyUI and diffusers' `load_lora_weights` read):
+reading them, merging them into a loaded model, and the names and metadata that writing them needs.
 
-Each entry ``<name>.lora_down.weight`` (r, in[, kh, kw]), ``<name>.lora_up.weight`` (out, r[, 1, 1]) and
-``<name>.alpha`` adds ``multiplier * (alpha / r) * up @ down`` to the weight of the layer ``<name>`` names:
-``lora_unet_`` + the U-Net module path in the original (LDM / SGM) layout with dots replaced by
-underscores (diffusers-style names, which kohya writes for SD1/SD2, are understood too), and
-``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` + the Hugging Face text-encoder path. Training writes these
-files (`sdlab.train.lora`).
+Each module ``<name>`` has ``<name>.lora_down.weight`` (r, in[, kh, kw]), ``<name>.lora_up.weight``
+(out, r[, 1, 1]) and ``<name>.alpha`` (a scalar); merging adds ``multiplier * (alpha / r) * up @ down`` to
+the weight of the layer ``<name>`` names. Names are a prefix plus a module path with dots replaced by
+underscores, in kohya's convention for each family:
+
+- U-Net of SD1 / SD2 (kohya trains diffusers' U-Net): ``lora_unet_`` + the diffusers path, e.g.
+  ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``;
+- U-Net of SDXL (kohya trains Stability's SGM U-Net): ``lora_unet_`` + the original path, e.g.
+  ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``;
+- text encoders: ``lora_te_`` (one encoder) or ``lora_te1_`` / ``lora_te2_`` (SDXL's CLIP-L / bigG) + the
+  Hugging Face path, e.g. ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``.
+
+Reading accepts both U-Net conventions for every family (files converted by other tools mix them).
+Training writes these files with `sdlab.train.lora`; `kohya_metadata` gives the ``ss_*`` metadata kohya
+writes, and `write_lora_file` adds kohya's ``sshs_*`` hashes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
+import safetensors.torch
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from sdlab.checkpoints.diffusers_unet import unet_key_map
-from sdlab.models.unet import UNet, UNetConfig
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
+from sdlab.diffusion.denoiser import Prediction
+from sdlab.families import FamilySpec
+from sdlab.models.unet import UNetConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UNET_PREFIX", "apply_lora", "kohya_name", "load_lora_file", "merge_lora_", "text_encoder_prefixes"]
+__all__ = [
+    "UNET_PREFIX",
+    "apply_lora",
+    "kohya_metadata",
+    "kohya_name",
+    "kohya_unet_names",
+    "load_lora_file",
+    "merge_lora_",
+    "text_encoder_prefixes",
+    "write_lora_file",
+]
 
 UNET_PREFIX = "lora_unet_"
+_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"))
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
@@ -41,43 +68,156 @@ def text_encoder_prefixes(count: int) -> list[str]:
     return [f"lora_te{i + 1}_text_model_" for i in range(count)]
 
 
-
-def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
-    """kohya name -> {"down", "up", "alpha"(optional)} from a LoRA ``.safetensors`` file."""
-    raw = load_file(str(path))
-    groups: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in raw.items():
-        for suffix, field in ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha")):
-            if key.endswith(suffix):
-                groups.setdefault(key[: -len(suffix)], {})[field] = tensor
-                break
-        else:
-            logger.warning("%s: ignoring key %s (not a LoRA down/up/alpha tensor)", path, key)
-    incomplete = [k for k, g in groups.items() if "down" not in g or "up" not in g]
-    if incomplete:
-        raise ValueError(f"{path}: LoRA modules without both down and up weights: {incomplete[:5]}")
-    return groups
+# --- names ---------------------------------------------------------------------------------------------
 
 
-def _unet_layer_table(unet: UNet, cfg: UNetConfig) -> dict[str, nn.Module]:
-    """kohya name -> layer for every Linear / Conv2d of the U-Net, under its LDM name and (when the config
-    has a diffusers equivalent) its diffusers name."""
-    table: dict[str, nn.Module] = {}
-    modules = dict(unet.named_modules())
-    for path, m in modules.items():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            table[kohya_name(UNET_PREFIX, path)] = m
+def _diffusers_module_paths(cfg: UNetConfig) -> dict[str, str]:
+    """sdlab (LDM) module path -> diffusers module path, for every module with a weight; empty when the
+    config has no diffusers equivalent."""
     try:
         key_map = unet_key_map(cfg)
-    except Exception as exc:  # a config diffusers cannot express: only LDM names apply
+    except ValueError as exc:
         logger.debug("no diffusers names for this U-Net: %s", exc)
-        return table
-    for ldm_key, diffusers_key in key_map.items():
-        if ldm_key.endswith(".weight"):
-            module = modules.get(ldm_key[: -len(".weight")])
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                table.setdefault(kohya_name(UNET_PREFIX, diffusers_key[: -len(".weight")]), module)
+        return {}
+    return {ldm[: -len(".weight")]: hf[: -len(".weight")] for ldm, hf in key_map.items() if ldm.endswith(".weight")}
+
+
+def kohya_unet_names(cfg: UNetConfig, paths: Iterable[str]) -> dict[str, str]:
+    """sdlab U-Net module path -> the name kohya-ss writes for it: the SGM (= sdlab) path for SDXL-layout
+    U-Nets (those with added conditioning), the diffusers path for SD1 / SD2 layouts (the sdlab path when a
+    config has no diffusers form)."""
+    diffusers_paths = {} if cfg.adm_in_channels is not None else _diffusers_module_paths(cfg)
+    return {path: kohya_name(UNET_PREFIX, diffusers_paths.get(path, path)) for path in paths}
+
+
+def _unet_layer_table(unet: nn.Module, cfg: UNetConfig) -> dict[str, nn.Module]:
+    """kohya name -> layer for every Linear / Conv2d of the U-Net, under its SGM name and (when the config
+    has a diffusers equivalent) its diffusers name: files in either convention apply to any family."""
+    modules = dict(unet.named_modules())
+    layers = {path: m for path, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    table = {kohya_name(UNET_PREFIX, path): m for path, m in layers.items()}
+    for path, hf_path in _diffusers_module_paths(cfg).items():
+        if path in layers:
+            table.setdefault(kohya_name(UNET_PREFIX, hf_path), layers[path])
     return table
+
+
+def _text_layer_table(text_encoders) -> dict[str, nn.Module]:
+    """kohya name -> Linear layer of each text encoder (``lora_te_`` / ``lora_te1_`` / ``lora_te2_``)."""
+    table: dict[str, nn.Module] = {}
+    single = len(text_encoders) == 1
+    for prefix, te in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
+        for module_path, m in te.model.named_modules():
+            if isinstance(m, nn.Linear):
+                table[kohya_name(prefix, module_path)] = m
+                if single:                               # some SD1 files omit the text_model level
+                    table.setdefault(kohya_name("lora_te_", module_path), m)
+    return table
+
+
+# --- metadata and writing ------------------------------------------------------------------------------
+
+
+def _base_model_version(family: FamilySpec, prediction: Prediction) -> str:
+    """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v (v-prediction), sdxl_base_v1-0."""
+    if family.is_sdxl:
+        return "sdxl_base_v1-0"
+    version = "sd_v2" if family.name.startswith("sd2") else "sd_v1"
+    return version + ("_v" if prediction is Prediction.V else "")
+
+
+def _modelspec_architecture(family: FamilySpec, prediction: Prediction) -> str:
+    if family.is_sdxl:
+        return "stable-diffusion-xl-v1-base/lora"
+    if family.name.startswith("sd2"):
+        return "stable-diffusion-v2-768-v/lora" if prediction is Prediction.V else "stable-diffusion-v2-512/lora"
+    return "stable-diffusion-v1/lora"
+
+
+def kohya_metadata(family: FamilySpec, prediction: Prediction | str, rank: int, alpha: float, *,
+                   title: str = "", resolution: int | None = None, comment: str = "") -> dict[str, str]:
+    """The metadata kohya-ss writes into a LoRA file (``ss_*`` and the SAI model spec), as strings."""
+    prediction = Prediction.parse(prediction)
+    size = resolution or family.size_for(prediction)
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_v2": str(family.name.startswith("sd2")),
+        "ss_base_model_version": _base_model_version(family, prediction),
+        "ss_v_parameterization": str(prediction is Prediction.V),
+        "ss_training_comment": comment,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": _modelspec_architecture(family, prediction),
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if family.is_sdxl
+                                     else "diffusers"),
+        "modelspec.title": title,
+        "modelspec.resolution": f"{size}x{size}",
+        "modelspec.prediction_type": "v" if prediction is Prediction.V else "epsilon",
+    }
+
+
+def _kohya_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """kohya's ``sshs_model_hash`` (sha256 of the tensor data) and ``sshs_legacy_hash`` (8 hex digits of the
+    sha256 of 64 KiB at 1 MiB into the file written with only the ``ss_*`` metadata)."""
+    blob = safetensors.torch.save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(blob[:8], "little")
+    return {"sshs_model_hash": hashlib.sha256(blob[8 + header:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
+
+
+def write_lora_file(path: str | os.PathLike[str], tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> Path:
+    """Write a kohya-format LoRA atomically, with kohya's ``sshs_*`` hashes added to `metadata`."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return write_safetensors_atomic(path, tensors, {**metadata, **_kohya_hashes(tensors, metadata)})
+
+
+# --- reading -------------------------------------------------------------------------------------------
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    for suffix, field in _SUFFIXES:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], field
+    return None
+
+
+def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
+    """kohya name -> {"down", "up", "alpha" (optional)} from a LoRA file; a file that is not a LoRA (a full
+    checkpoint, an empty or unreadable file) is a `CheckpointError` naming it."""
+    state, _ = read_checkpoint(path)
+    groups: dict[str, dict[str, str]] = {}
+    others = []
+    for key in state:
+        split = _split_key(key)
+        if split is None:
+            others.append(key)
+        else:
+            groups.setdefault(split[0], {})[split[1]] = key
+    if not any("down" in g or "up" in g for g in groups.values()):
+        raise CheckpointError(
+            f"{path}: not a LoRA file: no '<name>.lora_down.weight' / '<name>.lora_up.weight' keys among its "
+            f"{len(state)} tensors (e.g. {', '.join(list(state)[:3])}); a full model is passed with --model")
+    incomplete = [name for name, g in groups.items() if "down" not in g or "up" not in g]
+    if incomplete:
+        raise CheckpointError(f"{path}: LoRA modules without both lora_down and lora_up weights: {', '.join(incomplete[:3])}")
+    if others:
+        logger.warning("%s: ignoring %d tensors that are not LoRA down/up/alpha weights, e.g. %s",
+                       path, len(others), ", ".join(others[:3]))
+    lora = {name: {field: state[key] for field, key in g.items()} for name, g in groups.items()}
+    for name, entry in lora.items():
+        if any(not t.is_floating_point() for t in entry.values()):
+            raise CheckpointError(f"{path}: LoRA module {name} has non-floating-point weights")
+    return lora
+
+
+def _delta_shape(entry: Mapping[str, Tensor], weight: Tensor) -> tuple[int, ...]:
+    down, up = entry["down"], entry["up"]
+    if weight.ndim == 2:
+        return (up.shape[0], down[0].numel())
+    if down.ndim == 4 and down.shape[-2:] != (1, 1):     # kxk down conv followed by a 1x1 up conv
+        return (up.shape[0], *down.shape[1:])
+    return (up.shape[0], down[0].numel(), 1, 1)
 
 
 def _delta(entry: Mapping[str, Tensor], weight: Tensor, multiplier: float) -> Tensor:
@@ -91,15 +231,27 @@ def _delta(entry: Mapping[str, Tensor], weight: Tensor, multiplier: float) -> Te
         delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape[0], weight.shape[1], 1, 1)
     else:                                                 # kxk down conv followed by a 1x1 up conv
         delta = torch.einsum("or,rikl->oikl", up.flatten(1), down)
-    if delta.shape != weight.shape:
-        raise ValueError(f"LoRA delta {tuple(delta.shape)} does not fit weight {tuple(weight.shape)}")
     return delta * scale
+
+
+def _check_fits(lora: Mapping[str, Mapping[str, Tensor]], layers: Mapping[str, nn.Module]) -> None:
+    for name, entry in lora.items():
+        layer = layers.get(name)
+        if layer is None:
+            continue
+        down, up = entry["down"], entry["up"]
+        shape = _delta_shape(entry, layer.weight)
+        if up.ndim < 2 or up[0].numel() != down.shape[0] or shape != tuple(layer.weight.shape):
+            raise ValueError(f"LoRA module {name}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the "
+                             f"layer's weight {tuple(layer.weight.shape)}")
 
 
 @torch.no_grad()
 def merge_lora_(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str, Tensor]], multiplier: float) -> list[str]:
     """Add ``multiplier * alpha / r * up @ down`` into each named layer's weight (in place, computed in
-    float32). Returns the LoRA names that matched no layer."""
+    float32), after checking that every matched module fits (nothing changes otherwise). Returns the LoRA
+    names that matched no layer."""
+    _check_fits(lora, layers)
     unmatched = []
     for name, entry in lora.items():
         layer = layers.get(name)
@@ -113,19 +265,21 @@ def merge_lora_(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str,
 
 def apply_lora(bundle, path: str | os.PathLike[str], multiplier: float = 1.0) -> int:
     """Merge a kohya-format LoRA file into a `ModelBundle`'s U-Net and text encoders at ``multiplier``
-    (A1111's ``<lora:name:weight>``, sdlab's ``--lora FILE:WEIGHT``). Returns the number of layers changed;
-    names that match nothing are logged (as A1111 does) and not fatal."""
+    (A1111's ``<lora:name:weight>``, sdlab's ``--lora FILE:WEIGHT``). Returns the number of layers changed.
+    Some names matching nothing is a warning (as in A1111); none matching, or a module whose shape does not
+    fit its layer, is a `CheckpointError` naming the file."""
     lora = load_lora_file(path)
-    layers = _unet_layer_table(bundle.unet, bundle.unet_config)
-    for prefix, te in zip(text_encoder_prefixes(len(bundle.text_encoders)), bundle.text_encoders):
-        for module_path, m in te.model.named_modules():
-            if isinstance(m, nn.Linear):
-                layers[kohya_name(prefix, module_path)] = m
-                if len(bundle.text_encoders) == 1:               # some SD1 files omit the text_model level
-                    layers.setdefault(kohya_name("lora_te_", module_path), m)
-    unmatched = merge_lora_(layers, lora, multiplier)
+    layers = _unet_layer_table(bundle.unet, bundle.unet_config) | _text_layer_table(bundle.text_encoders)
+    matched = [name for name in lora if name in layers]
+    if not matched:
+        raise CheckpointError(
+            f"{path}: none of its {len(lora)} LoRA modules matches a layer of this {bundle.family.name} model "
+            f"(e.g. {', '.join(list(lora)[:2])}): a LoRA for another model family?")
+    try:
+        unmatched = merge_lora_(layers, lora, multiplier)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: {exc}: a LoRA for another model?") from exc
     if unmatched:
         logger.warning("%s: %d LoRA module(s) match no layer of this model, e.g. %s", path, len(unmatched), unmatched[:3])
-    applied = len(lora) - len(unmatched)
-    logger.info("applied LoRA %s at %.3g to %d layers", path, multiplier, applied)
-    return applied
+    logger.info("applied LoRA %s at %.3g to %d layers", path, multiplier, len(matched))
+    return len(matched)

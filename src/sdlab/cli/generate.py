@@ -175,12 +175,20 @@ def _load_pipeline(args: argparse.Namespace):
 
 
 def _parse_lora(spec: str) -> tuple[str, float]:
-    path, _, weight = spec.rpartition(":") if ":" in spec else (spec, "", "1")
-    if not path or (weight and not re.fullmatch(r"-?[0-9.]+", weight)):  # "C:\x.safetensors" has no weight
+    """``FILE[:WEIGHT]`` -> (file, weight). The text after the last colon is the weight unless the whole spec
+    is an existing file or that text is a path or file name ("C:\\x.safetensors", "C:x.safetensors")."""
+    path, colon, weight = spec.rpartition(":")
+    if not colon or not path or os.path.isfile(spec) or re.search(r"[/\\]|\.[A-Za-z]\w*$", weight):
         path, weight = spec, "1"
+    try:
+        value = float(weight)
+    except ValueError:
+        value = float("nan")
+    if value != value or abs(value) == float("inf"):
+        raise UserError(f"--lora {spec!r}: the weight {weight!r} is not a finite number (FILE:WEIGHT, e.g. style.safetensors:0.8)")
     if not os.path.isfile(path):
         raise UserError(f"the LoRA file {path!r} does not exist")
-    return path, float(weight or 1)
+    return path, value
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -5,18 +5,13 @@ A LoRA module beside a frozen linear layer W (out x in) adds ``scale * up(down(x
 ``scale = multiplier * alpha / r``. Merging it into the weights gives the same function:
 ``W' = W + multiplier * (alpha / r) * up @ down``.
 
-File format (kohya-ss sd-scripts, read by A1111's built-in Lora extension and ComfyUI), one entry per module::
-
-    <name>.lora_down.weight   (r, in)       conv: (r, in, kh, kw)
-    <name>.lora_up.weight     (out, r)      conv: (out, r, 1, 1)
-    <name>.alpha              ()            float
-
-where ``<name>`` is ``lora_unet_`` + the module path in the original (LDM / SGM) layout with dots replaced
-by underscores, e.g. ``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``; both A1111 and ComfyUI
-map these names onto the U-Net of every family (kohya itself writes them for SDXL). Text encoders use the
-Hugging Face module path: ``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` (one encoder) or
-``lora_te1_`` / ``lora_te2_`` (SDXL's CLIP-L / bigG). When applying a file, the diffusers-style U-Net
-names that kohya writes for SD1/SD2 (``lora_unet_down_blocks_0_attentions_0_...``) are understood too.
+File format and names: kohya-ss sd-scripts' (read by A1111, ComfyUI and diffusers' `load_lora_weights`),
+see `sdlab.checkpoints.lora`: per module ``<name>.lora_down.weight`` (r, in) (conv: (r, in, 1, 1)),
+``<name>.lora_up.weight`` (out, r) (conv: (out, r, 1, 1)) and ``<name>.alpha``, with diffusers module names
+for SD1 / SD2 U-Nets, original (SGM) names for SDXL, and ``ss_*`` metadata. The layers are kohya's default
+set: in every transformer of the U-Net, ``proj_in`` / ``proj_out`` (1x1 convs in SD1, linear otherwise),
+the attention projections and the feed-forward layers; in every CLIP layer, the attention projections and
+the MLP.
 
 Training attaches LoRA through forward hooks, so the base modules and their state-dict keys stay untouched
 (the base model can still be saved in the original layout) and a `LoRANetwork` holds every LoRA
@@ -29,15 +24,16 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from sdlab.checkpoints.io import write_safetensors_atomic
-from sdlab.checkpoints.lora import UNET_PREFIX, kohya_name, text_encoder_prefixes
+from sdlab.checkpoints.lora import kohya_metadata, kohya_name, kohya_unet_names, text_encoder_prefixes, write_lora_file
+from sdlab.diffusion.denoiser import Prediction
+from sdlab.families import FamilySpec
 from sdlab.models.unet import UNet
 
 logger = logging.getLogger(__name__)
@@ -48,24 +44,31 @@ __all__ = [
     "UNET_TARGETS",
     "TEXT_TARGETS",
     "lora_module_names",
+    "save_lora_networks",
 ]
 
-# attention projections and the feed-forward layers of every transformer block in the U-Net
-UNET_TARGETS = re.compile(r".*transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2))$")
+# kohya's default: every linear / 1x1 conv inside the U-Net's transformers (Transformer2DModel in diffusers)
+UNET_TARGETS = re.compile(
+    r".*\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))$")
 # self-attention projections and the MLP of every CLIP layer
 TEXT_TARGETS = re.compile(r"^encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
 
 
 class LoRAModule(nn.Module):
-    """The low-rank branch for one linear layer (``in_features -> out_features``)."""
+    """The low-rank branch for one linear layer (``in_features -> out_features``) or 1x1 conv (``conv=True``,
+    the same maps as 1x1 convolutions, stored with kohya's (r, in, 1, 1) / (out, r, 1, 1) shapes)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, conv: bool = False):
         super().__init__()
         self.rank = rank
         self.alpha = float(alpha)
         self.multiplier = 1.0
-        self.lora_down = nn.Linear(in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, out_features, bias=False)
+        if conv:
+            self.lora_down = nn.Conv2d(in_features, rank, 1, bias=False)
+            self.lora_up = nn.Conv2d(rank, out_features, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))  # as nn.Linear (and kohya)
         nn.init.zeros_(self.lora_up.weight)
 
@@ -74,25 +77,35 @@ class LoRAModule(nn.Module):
         return self.multiplier * self.alpha / self.rank
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.lora_up(self.lora_down(x)) * self.scale  # (..., out)
+        return self.lora_up(self.lora_down(x)) * self.scale  # (..., out) or (B, out, H, W)
 
     def delta_weight(self) -> Tensor:
-        return (self.lora_up.weight @ self.lora_down.weight) * self.scale  # (out, in)
+        up, down = self.lora_up.weight, self.lora_down.weight
+        delta = (up.flatten(1) @ down.flatten(1)) * self.scale  # (out, in)
+        return delta.reshape(*delta.shape, *down.shape[2:])  # conv: (out, in, 1, 1)
 
 
 @dataclass(frozen=True)
 class _Target:
     name: str               # kohya name
-    module: nn.Linear
+    module: nn.Linear | nn.Conv2d
 
 
-def lora_module_names(root: nn.Module, prefix: str, pattern: re.Pattern[str]) -> list[tuple[str, nn.Linear]]:
-    """(kohya name, linear layer) for every ``nn.Linear`` under ``root`` whose path matches ``pattern``."""
-    return [
-        (kohya_name(prefix, path), m)
-        for path, m in root.named_modules()
-        if isinstance(m, nn.Linear) and pattern.fullmatch(path)
-    ]
+def _is_target_layer(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
+
+
+def lora_module_names(root: nn.Module, prefix: str, pattern: re.Pattern[str]) -> list[tuple[str, nn.Module]]:
+    """(kohya name, layer) for every linear layer or 1x1 conv under ``root`` whose path matches ``pattern``;
+    the name is ``prefix`` + the path."""
+    return [(kohya_name(prefix, path), m) for path, m in root.named_modules() if _is_target_layer(m) and pattern.fullmatch(path)]
+
+
+def unet_lora_targets(unet: UNet) -> list[tuple[str, nn.Module]]:
+    """(kohya name in kohya's convention for this U-Net's family, layer) for every U-Net target layer."""
+    layers = {path: m for path, m in unet.named_modules() if _is_target_layer(m) and UNET_TARGETS.fullmatch(path)}
+    names = kohya_unet_names(unet.cfg, layers)
+    return [(names[path], m) for path, m in layers.items()]
 
 
 class LoRANetwork(nn.Module):
@@ -103,7 +116,7 @@ class LoRANetwork(nn.Module):
     syncs exactly the LoRA gradients.
     """
 
-    def __init__(self, targets: Iterable[tuple[str, nn.Linear]], rank: int, alpha: float | None = None,
+    def __init__(self, targets: Iterable[tuple[str, nn.Module]], rank: int, alpha: float | None = None,
                  base: nn.Module | None = None):
         super().__init__()
         alpha = float(rank if alpha is None else alpha)
@@ -112,7 +125,9 @@ class LoRANetwork(nn.Module):
         self._targets: list[_Target] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         for name, layer in targets:
-            self.loras[name] = LoRAModule(layer.in_features, layer.out_features, rank, alpha).to(
+            conv = isinstance(layer, nn.Conv2d)
+            size_in, size_out = (layer.in_channels, layer.out_channels) if conv else (layer.in_features, layer.out_features)
+            self.loras[name] = LoRAModule(size_in, size_out, rank, alpha, conv).to(
                 device=layer.weight.device, dtype=torch.float32)
             self._targets.append(_Target(name, layer))
         if not self._targets:
@@ -122,7 +137,7 @@ class LoRANetwork(nn.Module):
 
     @classmethod
     def for_unet(cls, unet: UNet, rank: int, alpha: float | None = None) -> LoRANetwork:
-        return cls(lora_module_names(unet, UNET_PREFIX, UNET_TARGETS), rank, alpha, base=unet)
+        return cls(unet_lora_targets(unet), rank, alpha, base=unet)
 
     @classmethod
     def for_text_encoders(cls, encoders: list[nn.Module], rank: int, alpha: float | None = None) -> LoRANetwork:
@@ -168,8 +183,21 @@ class LoRANetwork(nn.Module):
             out[f"{name}.alpha"] = torch.tensor(lora.alpha, dtype=dtype or torch.float32)
         return out
 
-    def save(self, path: str | os.PathLike[str], metadata: Mapping[str, str] | None = None,
-             dtype: torch.dtype | None = None) -> Path:
-        meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(self.rank),
-                "ss_network_alpha": repr(self.alpha), **(metadata or {})}
-        return write_safetensors_atomic(path, self.lora_state_dict(dtype), meta)
+    def save(self, path: str | os.PathLike[str], family: FamilySpec, prediction: Prediction | str | None = None, *,
+             metadata: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
+        """Write this network as a kohya-format LoRA file (see `save_lora_networks`)."""
+        return save_lora_networks(path, [self], family, prediction, metadata=metadata, dtype=dtype)
+
+
+def save_lora_networks(path: str | os.PathLike[str], networks: Sequence[LoRANetwork], family: FamilySpec,
+                       prediction: Prediction | str | None = None, *, metadata: Mapping[str, str] | None = None,
+                       dtype: torch.dtype | None = None, resolution: int | None = None) -> Path:
+    """Write the U-Net and text-encoder LoRA networks of one run as one kohya-format file, with kohya's
+    ``ss_*`` metadata for `family` (rank and alpha of the first network) and any extra `metadata`."""
+    tensors: dict[str, Tensor] = {}
+    for network in networks:
+        tensors |= network.lora_state_dict(dtype)
+    first = networks[0]
+    meta = kohya_metadata(family, prediction or family.prediction, first.rank, first.alpha, title=Path(path).stem,
+                          resolution=resolution, comment="trained with sdlab")
+    return write_lora_file(path, tensors, {**meta, **(metadata or {})})

@@ -26,7 +26,6 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.checkpoints.load import ModelBundle, TextEncoder
 from sdlab.checkpoints.save import save_bundle
 from sdlab.diffusion.denoiser import Prediction
@@ -41,7 +40,7 @@ from sdlab.diffusion.loss import (
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet
 from sdlab.train.data import generator_for
-from sdlab.train.lora import LoRANetwork
+from sdlab.train.lora import LoRANetwork, save_lora_networks
 from sdlab.train.task import Batch
 
 logger = logging.getLogger(__name__)
@@ -206,13 +205,10 @@ class UNetTask:
     def save_weights(self, path: Path, ema: bool) -> None:
         dtype = _DTYPES[self.options.save_dtype]
         if self.unet_lora is not None:
-            meta = {"sdlab.family": self.bundle.family.name, "sdlab.ema": str(bool(ema))}
-            tensors = self.unet_lora.lora_state_dict(dtype)
-            if self.text_lora is not None:
-                tensors |= self.text_lora.lora_state_dict(dtype)
-            write_safetensors_atomic(path, tensors, {"ss_network_module": "networks.lora",
-                                                     "ss_network_dim": str(self.unet_lora.rank),
-                                                     "ss_network_alpha": repr(self.unet_lora.alpha), **meta})
+            networks = [n for n in (self.unet_lora, self.text_lora) if n is not None]
+            save_lora_networks(path, networks, self.bundle.family, self.prediction, dtype=dtype,
+                               resolution=self.options.resolution,
+                               metadata={"sdlab.family": self.bundle.family.name, "sdlab.ema": str(bool(ema))})
         else:
             save_bundle(self.bundle, path, dtype=None if dtype == torch.float32 else dtype)
 
