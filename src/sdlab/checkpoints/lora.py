@@ -197,7 +197,7 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
     if not any("down" in g or "up" in g for g in groups.values()):
         raise CheckpointError(
             f"{path}: not a LoRA file: no '<name>.lora_down.weight' / '<name>.lora_up.weight' keys among its "
-            f"{len(state)} tensors (e.g. {', '.join(list(state)[:3])}); a full model is passed with --model")
+            f"{len(state)} tensors (e.g. {', '.join(list(state)[:2])}); a full model is passed with --model")
     incomplete = [name for name, g in groups.items() if "down" not in g or "up" not in g]
     if incomplete:
         raise CheckpointError(f"{path}: LoRA modules without both lora_down and lora_up weights: {', '.join(incomplete[:3])}")
