@@ -43,6 +43,14 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_vae_config
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.checkpoints.openclip import openclip_to_sdlab
+from sdlab.checkpoints.validate import (
+    TEXT_SHAPE_FIELDS,
+    UNET_SHAPE_FIELDS,
+    VAE_SHAPE_FIELDS,
+    check_buildable,
+    check_declared,
+    config_from_json,
+)
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.families.base import HIDDEN_STATES
@@ -190,28 +198,76 @@ def config_to_json(cfg: ComponentConfig) -> dict[str, Any]:
     return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in fields(cfg)}
 
 
-def config_from_json(cls: type, data: Mapping[str, Any]) -> Any:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise CheckpointError(f"stored {cls.__name__} has unknown fields {unknown}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-
-def _stored_configs(metadata: Mapping[str, str]) -> dict[str, Any] | None:
-    raw = metadata.get(META_CONFIG)
-    if raw is None:
-        return None
+def _config_json(metadata: Mapping[str, str]) -> Any:
     try:
-        data = json.loads(raw)
-        configs = {
+        return json.loads(metadata[META_CONFIG])
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"metadata {META_CONFIG} is not JSON: {exc}") from None
+
+
+def _stored_configs(metadata: Mapping[str, str], spec: FamilySpec) -> dict[str, Any] | None:
+    """The configs sdlab's saver stored for a whole model (`bundle_metadata`), type-checked, or None."""
+    if META_CONFIG not in metadata:
+        return None
+    data = _config_json(metadata)
+    try:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"expected a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("unet", "vae", "text_encoders") if k not in data]
+        if missing:
+            raise CheckpointError(f"no {', '.join(missing)} entry")
+        texts = data["text_encoders"]
+        if not isinstance(texts, list) or len(texts) != len(spec.text_encoders):
+            raise CheckpointError(
+                f"text_encoders: {spec.name} has {len(spec.text_encoders)} text encoder(s), the metadata lists "
+                f"{len(texts) if isinstance(texts, list) else repr(texts)}"
+            )
+        return {
             "unet": config_from_json(UNetConfig, data["unet"]),
             "vae": config_from_json(VAEConfig, data["vae"]),
-            "text_encoders": [config_from_json(CLIPTextConfig, t) for t in data["text_encoders"]],
+            "text_encoders": [config_from_json(CLIPTextConfig, t) for t in texts],
         }
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"metadata {META_CONFIG} is not a valid sdlab config: {exc}") from None
-    return configs
+    except CheckpointError as exc:
+        raise CheckpointError(f"metadata {META_CONFIG}: {exc}") from None
+
+
+def _stored_vae_config(metadata: Mapping[str, str]) -> VAEConfig | None:
+    """The `VAEConfig` in a standalone VAE file's metadata: the flat config `sdlab train --task vae` writes, or
+    the `vae` entry of a whole model's config."""
+    if META_CONFIG not in metadata:
+        return None
+    data = _config_json(metadata)
+    if isinstance(data, dict) and isinstance(data.get("vae"), dict):
+        data = data["vae"]
+    try:
+        return config_from_json(VAEConfig, data)
+    except CheckpointError as exc:
+        raise CheckpointError(f"metadata {META_CONFIG}: {exc}") from None
+
+
+def _confirmed(stored: Any, found: Any, shape_fields: tuple[str, ...]) -> Any:
+    """`stored` when the tensors confirm every field they show (else `found`, the inferred config), checked to
+    make a buildable network: nothing is built from a declaration the weights do not back."""
+    config = found
+    try:
+        if stored is not None:
+            check_declared(stored, found, shape_fields)
+            config = stored
+        check_buildable(config)
+    except CheckpointError as exc:
+        where = f"metadata {META_CONFIG}" if stored is not None else "inferred from the tensors"
+        raise CheckpointError(f"{where}: {exc}") from None
+    return config
+
+
+def _scaling_factor(metadata: Mapping[str, str], default: float) -> float:
+    raw = metadata.get(META_SCALING)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise CheckpointError(f"metadata {META_SCALING}={raw!r}: expected a number") from None
 
 
 def _stored_hidden_states(metadata: Mapping[str, str], count: int) -> list[str] | None:
@@ -289,14 +345,13 @@ def _text_source(spec: TextEncoderSpec, origin: str, state: Mapping[str, Tensor]
         tolerated = {k for k in local if k in _OPENCLIP_TOLERATED}
         convert = openclip_to_sdlab
     sub = SubStateDict(state, {k: f for k, f in local.items() if k not in tolerated})
-    if stored is None:
-        try:
-            sdlab_shapes = convert(meta_view(sub))
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{origin}: {spec.name}: {exc}") from None
-        stored = infer_text_config(sdlab_shapes, spec.config)
+    try:
+        sdlab_shapes = convert(meta_view(sub))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{origin}: {spec.name}: {exc}") from None
+    config = _confirmed(stored, infer_text_config(sdlab_shapes, spec.config), TEXT_SHAPE_FIELDS)
     return ComponentSource(
-        name=spec.name, kind="text", origin=origin, state=sub, to_sdlab=convert, config=stored,
+        name=spec.name, kind="text", origin=origin, state=sub, to_sdlab=convert, config=config,
         ignored=tuple(sorted(local[k] for k in tolerated)),
     )
 
@@ -304,7 +359,8 @@ def _text_source(spec: TextEncoderSpec, origin: str, state: Mapping[str, Tensor]
 def _vae_source(origin: str, state: Mapping[str, Tensor], local: Mapping[str, str], stored: VAEConfig | None,
                 conventions: VAEConfig, ignored: tuple[str, ...] = ()) -> ComponentSource:
     sub = SubStateDict(state, local)
-    config = stored or infer_vae_config(normalize_vae_attention_shapes(meta_view(sub)), conventions)
+    found = infer_vae_config(normalize_vae_attention_shapes(meta_view(sub)), conventions)
+    config = _confirmed(stored, found, VAE_SHAPE_FIELDS)
     return ComponentSource(
         name="vae", kind="vae", origin=origin, state=sub, to_sdlab=normalize_vae_attention_shapes,
         config=config, ignored=ignored,
@@ -327,7 +383,7 @@ def _plan_single_file(
     else:
         override, family_source = None, "detected"
     spec = detect_family(shapes, override=override)
-    stored = _stored_configs(metadata)
+    stored = _stored_configs(metadata, spec)
     origin = str(path)
 
     buckets: dict[str, list[str]] = {"unet": [], "vae": [], **{te.name: [] for te in spec.text_encoders}}
@@ -350,7 +406,8 @@ def _plan_single_file(
 
     unet_local = {k[len(spec.unet_prefix):]: k for k in buckets["unet"]}
     unet_sub = SubStateDict(state, unet_local)
-    unet_config = stored["unet"] if stored else infer_unet_config(shapes_of(unet_sub), spec.unet)
+    unet_config = _confirmed(stored["unet"] if stored else None, infer_unet_config(shapes_of(unet_sub), spec.unet),
+                             UNET_SHAPE_FIELDS)
     unet = ComponentSource("unet", "unet", origin, unet_sub, dict, unet_config)
 
     if vae is not None:
@@ -375,7 +432,7 @@ def _plan_single_file(
         text.append((te, _text_source(te, origin, state, buckets[te.name], te_stored)))
 
     pred, pred_source = resolve_prediction(spec, argument=prediction, metadata=metadata, path=path, keys=shapes)
-    scaling = float(metadata.get(META_SCALING, spec.latent_scaling_factor))
+    scaling = _scaling_factor(metadata, spec.latent_scaling_factor)
     return _finish_plan(origin, spec, family_source, pred, pred_source, scaling, unet, vae_source, text,
                         tuple(sorted(ignored)), len(shapes), metadata)
 
@@ -427,6 +484,17 @@ def load_vae_source(path: str | os.PathLike[str]) -> ComponentSource:
     """A VAE from a file with bare LDM keys (`encoder.*`, `decoder.*`, `quant_conv.*`), `first_stage_model.*`
     keys, or diffusers names; or from a diffusers VAE folder (`config.json` + weights)."""
     path = Path(path)
+    try:
+        return _vae_file_source(path)
+    except CheckpointError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _vae_file_source(path: Path) -> ComponentSource:
+    if not path.exists():
+        raise CheckpointError("no such VAE file or folder")
     if path.is_dir():
         return diffusers_folder.vae_source_from_folder(path)
     state, metadata = read_checkpoint(path)
@@ -448,8 +516,7 @@ def load_vae_source(path: str | os.PathLike[str]) -> ComponentSource:
             )
     if not local:
         raise CheckpointError(f"{path}: holds no VAE weights")
-    stored = _stored_configs(metadata)
-    return _vae_source(str(path), state, local, stored["vae"] if stored else None, VAEConfig(), tuple(ignored))
+    return _vae_source(str(path), state, local, _stored_vae_config(metadata), VAEConfig(), tuple(ignored))
 
 
 VAE_FILE_PREFIX = "first_stage_model."
@@ -475,7 +542,7 @@ def plan_checkpoint(
             return _plan_diffusers_folder(path, family, prediction, vae)
         return _plan_single_file(path, family, prediction, vae)
     except CheckpointError as exc:
-        if str(exc).startswith(str(path)):
+        if str(exc).startswith(str(path)) or (vae is not None and str(exc).startswith(str(vae))):
             raise
         raise CheckpointError(f"{path}: {exc}") from None
 

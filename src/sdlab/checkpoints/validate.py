@@ -88,7 +88,8 @@ def config_from_json(cls: type, data: Any) -> Any:
     try:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{cls.__name__}: {exc}") from None
+        message = str(exc)
+        raise CheckpointError(message if message.startswith(cls.__name__) else f"{cls.__name__}: {message}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
