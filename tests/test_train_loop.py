@@ -13,6 +13,7 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import sdlab
 from bundle_fixtures import write_diffusers_folder
@@ -83,6 +84,10 @@ def test_lora_file_merged_reproduces_the_trained_lora(setup, one_thread):
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in entries
     assert "lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_ff_net_2" in entries
     assert "lora_unet_down_blocks_0_attentions_0_proj_in" in entries
+    with safe_open(str(lora_file), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_network_module"], meta["ss_network_dim"], meta["ss_network_alpha"]) == ("networks.lora", "4", "2.0")
+    assert meta["ss_base_model_version"] == "sd_v1" and "sshs_model_hash" in meta
     assert all(set(e) == {"down", "up", "alpha"} and float(e["alpha"]) == 2.0 for e in entries.values())
 
     live = load_bundle(model)

@@ -45,6 +45,7 @@ __all__ = [
     "TEXT_TARGETS",
     "lora_module_names",
     "save_lora_networks",
+    "unet_lora_targets",
 ]
 
 # kohya's default: every linear / 1x1 conv inside the U-Net's transformers (Transformer2DModel in diffusers)
