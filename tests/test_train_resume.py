@@ -5,7 +5,8 @@ bit, in both cases).
 
 - SIGKILL: nothing runs; the newest complete run checkpoint (every 4 steps) is the resume point.
 - SIGTERM: the loop finishes its step, writes a checkpoint at the step it finished (on the 4-step cadence
-  or not) and exits with 130, without the final weights.
+  or not) and the weights so far as interrupted.safetensors (a model file `--model` loads), and exits with
+  143 (128 + SIGTERM), without the final weights.
 The settings exercise every stateful part: EMA, warm-up + cosine LR, random crop + flip, Min-SNR, offset
 noise.
 """
@@ -20,7 +21,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from sdlab.checkpoints.load import load_bundle
 from sdlab.train.run_checkpoint import list_checkpoints, load_run_checkpoint
 from train_fixtures import cli_args, cli_env, max_weight_diff, run_cli, write_caption_folder, write_tiny_model
 
@@ -90,11 +93,18 @@ def test_resume_after_sigterm_matches_straight_run(straight):
     _wait_for(lambda: len(_logged_steps(stopped)) >= 1, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr[-3000:]  # a clean stop, reported as interrupted
+    assert proc.returncode == 143, stderr[-3000:]  # a clean stop, reported as 128 + SIGTERM
     assert "received SIGTERM" in stderr
     summary = json.loads((stopped / "summary.json").read_text())
     assert summary["interrupted"] and 1 <= summary["step"] < STEPS
-    assert summary["weights"] is None and not (stopped / "final.safetensors").exists()
+    assert not (stopped / "final.safetensors").exists()
+    # the weights so far, as a model file: loadable by --model, and what the stop checkpoint holds
+    assert summary["weights"] == str(stopped / "interrupted.safetensors")
+    assert summary["ema_weights"] == str(stopped / "interrupted-ema.safetensors")
+    bundle = load_bundle(stopped / "interrupted.safetensors")
+    state = load_run_checkpoint(list_checkpoints(stopped / "checkpoints")[-1][1])
+    for name, value in state["modules"]["unet"].items():
+        assert torch.equal(bundle.unet.state_dict()[name], value), name
     found = list_checkpoints(stopped / "checkpoints")
     assert found[-1][0] == summary["step"]  # the stop wrote a checkpoint at the step it finished
     assert load_run_checkpoint(found[-1][1])["step"] == summary["step"]

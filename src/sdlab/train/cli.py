@@ -1,8 +1,13 @@
 """`sdlab train`: argument parsing and the run set-up (no tensor code of its own).
 
-The lead wires `add_train_parser(subparsers)` and `run_train(args)` into `sdlab/cli.py`; for direct use
-(tests, ``torchrun``) this module is runnable: ``python -m sdlab.train.cli --model M --data-dir D ...`` or
-``torchrun --nproc_per_node=2 -m sdlab.train.cli ...``.
+`sdlab.cli` wires `add_train_parser(subparsers)` (whose action is `run_train(args)`) into the `sdlab`
+command; for direct use (tests, ``torchrun``) this module is runnable: ``python -m sdlab.train.cli --model
+M --data-dir D ...`` or ``torchrun --nproc_per_node=2 -m sdlab.train.cli ...``.
+
+Set-up order: settings (and, with ``--resume``, the checkpoint's stored settings under those given), the
+task, the dataset scan, the resume compatibility check, then the model and the long work. Every mistake
+found on the way is a `TrainError`: one ``sdlab: error: ...`` line and exit status 2. A run stopped by
+SIGINT / SIGTERM exits with 128 + the signal number (130 / 143) after writing its checkpoint and weights.
 
 Tasks are plug-ins: ``--task NAME`` imports ``sdlab.train.<NAME>_task`` and calls its
 ``build_task(config: TrainConfig, bundle: ModelBundle) -> TrainTask``.
@@ -14,16 +19,23 @@ import argparse
 import importlib
 import json
 import logging
+import os
+import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from sdlab.checkpoints.load import load_bundle
-from sdlab.train.config import TrainConfig, add_config_arguments, config_from_args
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.load import ModelBundle, load_bundle
+from sdlab.train.config import TrainConfig, add_config_arguments, flag, given_settings, merge_resumed
 from sdlab.train.data import LatentCache, TrainData, scan_dataset
 from sdlab.train.distributed import DistContext, init_distributed, shutdown_distributed
-from sdlab.train.loop import RunResult, train
+from sdlab.train.errors import TrainError
+from sdlab.train.loop import RunResult, check_resume, train
+from sdlab.train.run_checkpoint import ResumePoint, find_resume_point
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +43,25 @@ __all__ = ["add_train_parser", "build_parser", "main", "run_from_config", "run_t
 
 TASK_MODULES = {"unet": "sdlab.train.unet_task", "vae": "sdlab.train.vae_task", "text": "sdlab.train.text_task"}
 
+EPILOG = """\
+examples:
+  sdlab train --model base.safetensors --data-dir my_images/ --output-dir runs/ft --max-steps 2000
+  sdlab train --output-dir runs/ft --resume latest            continue a stopped run with its own settings
+  sdlab train --output-dir runs/ft --resume latest --max-steps 4000     ... and train it further
+
+A run writes <output-dir>/checkpoints/step-N.pt every --checkpoint-every steps, log.csv, loss.png,
+summary.json and, at the end, final.safetensors (final-ema.safetensors with --ema-decay): a model file
+--model reads (a LoRA file --lora reads with --lora-rank). SIGINT / SIGTERM stop it after the current step
+with a checkpoint and interrupted.safetensors.
+"""
+
 
 def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        "train", help="train or fine-tune (U-Net, LoRA, ...) with resumable checkpoints; torchrun for DDP",
-        description="Train a model. Settings come from --config (TOML/JSON) and the options below.",
+        "train", help="train or fine-tune (U-Net, LoRA, VAE, text encoder) with resumable checkpoints",
+        description="Train a model. Settings come from --config (TOML/JSON) and the options below; with "
+                    "--resume, from the run checkpoint first.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_config_arguments(parser)
     parser.set_defaults(run=run_train)
@@ -49,29 +75,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _build_task(cfg: TrainConfig, bundle):
-    module_name = TASK_MODULES.get(cfg.task, f"sdlab.train.{cfg.task}_task")
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _task_module(name: str) -> ModuleType:
+    module_name = TASK_MODULES.get(name, f"sdlab.train.{name}_task")
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise SystemExit(f"unknown training task {cfg.task!r} ({exc})") from None
-    return module.build_task(cfg, bundle)
+        if exc.name != module_name:
+            raise
+        raise TrainError(f"--task {name!r} is not a training task (one of: {', '.join(TASK_MODULES)})") from None
 
 
-def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None) -> RunResult:
-    """Load the model, build task and data, train. Joins / leaves the torchrun process group when needed."""
+def _with_native_resolution(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
+    """``resolution`` None -> the model's native size; a warning when a given one is far from it."""
+    native = bundle.default_size
+    if cfg.resolution is None:
+        logger.info("training at %d px, the native size of %s", native, cfg.model)
+        return replace(cfg, resolution=native)
+    if not native / 2 <= cfg.resolution <= native * 2:
+        logger.warning("--resolution %d is far from the model's native %d px (each step costs about (%d/%d)^2 = "
+                       "%.2g times as much, and the model learns a size it was not made for)",
+                       cfg.resolution, native, cfg.resolution, native, (cfg.resolution / native) ** 2)
+    return cfg
+
+
+def _scan(cfg: TrainConfig):
+    scan = scan_dataset(cfg.data_dir)
+    if scan.skipped:
+        logger.warning("skipped while scanning %s: %s", cfg.data_dir, dict(scan.skipped))
+    if not scan.samples:
+        skipped = f" (skipped: {', '.join(f'{n} {k}' for k, n in scan.skipped.items())})" if scan.skipped else ""
+        raise TrainError(f"--data-dir {cfg.data_dir}: no usable training images{skipped}; it needs images with "
+                         f"same-name .txt captions, or a metadata.jsonl")
+    return scan
+
+
+def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: ResumePoint | None = None) -> RunResult:
+    """Check, load the model, build task and data, train. Joins / leaves the torchrun process group when
+    needed. ``resume``: the checkpoint ``cfg.resume`` names, when the caller has verified it already."""
     own_group = ctx is None
     ctx = ctx or init_distributed(cfg.device)
     try:
         if cfg.model is None or cfg.data_dir is None:
-            raise SystemExit("sdlab train needs --model and --data-dir")
+            missing = " and ".join(flag(k) for k in ("model", "data_dir") if getattr(cfg, k) is None)
+            raise TrainError(f"sdlab train needs {missing} (or --resume latest with the run's --output-dir)")
+        task_module = _task_module(cfg.task)
+        if resume is None and cfg.resume is not None:
+            resume = find_resume_point(Path(cfg.output_dir) / "checkpoints", cfg.resume)
+        if resume is not None:
+            check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
+        scan = _scan(cfg)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
         bundle = load_bundle(cfg.model, device=ctx.device, dtype=torch.float32, family=cfg.family,
                              prediction=cfg.prediction, vae=cfg.vae)
-        task = _build_task(cfg, bundle)
-        scan = scan_dataset(cfg.data_dir)
-        if scan.skipped:
-            logger.warning("skipped while scanning %s: %s", cfg.data_dir, dict(scan.skipped))
+        cfg = _with_native_resolution(cfg, bundle)
+        task = task_module.build_task(cfg, bundle)
         cache = None
         if cfg.cache_latents:
             cache = LatentCache(bundle.vae, bundle.scaling_factor, Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache"),
@@ -81,13 +142,14 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None) -> RunResu
                          world_size=ctx.world_size, num_workers=cfg.num_workers, latent_cache=cache)
         data.prepare_cache()
         ctx.barrier()
-        result = train(task, data, cfg, ctx)
+        result = train(task, data, cfg, ctx, resume=resume)
         if ctx.is_main:
             summary = {"step": result.step, "interrupted": result.interrupted, "last_loss": result.last_loss,
                        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
                        "weights": str(result.weights) if result.weights else None,
                        "ema_weights": str(result.ema_weights) if result.ema_weights else None,
-                       "skipped": result.skipped, "images_per_second": result.images_per_second}
+                       "skipped": result.skipped, "images_per_second": result.images_per_second,
+                       "seconds_per_step": result.seconds_per_step, "resolution": cfg.resolution}
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         return result
@@ -96,17 +158,79 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None) -> RunResu
             shutdown_distributed()
 
 
+def resolve_settings(args: argparse.Namespace) -> tuple[TrainConfig, ResumePoint | None]:
+    """The run's config from the command line; with ``--resume``, the checkpoint's stored settings under
+    the ones given (each change noted on stderr)."""
+    given = given_settings(args)
+    if given.get("resume") is None:
+        return replace(TrainConfig(), **given), None
+    output_dir = Path(given.get("output_dir", TrainConfig.output_dir))
+    point = find_resume_point(output_dir / "checkpoints", given["resume"])
+    if point is None:
+        logger.warning("no run checkpoint in %s: starting at step 0", output_dir / "checkpoints")
+        return replace(TrainConfig(), **given), None
+    if given["resume"] == "latest":
+        given["output_dir"] = str(output_dir)  # where it was found, wherever the run was first written
+    elif "output_dir" not in given:
+        run_dir = point.path.parent.parent if point.path.parent.name == "checkpoints" else None
+        given["output_dir"] = str(run_dir or point.config.get("output_dir", TrainConfig.output_dir))
+    cfg, changed = merge_resumed(point.config, given)
+    if _is_main_process():
+        note = "; changed: " + ", ".join(f"{flag(k)} {old} -> {new}" for k, (old, new) in changed.items()) if changed else ""
+        print(f"sdlab: resuming {cfg.output_dir} from step {point.step} ({point.path.name}) to step {cfg.max_steps}"
+              f"{note}", file=sys.stderr)
+    return cfg, point
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def final_line(result: RunResult, cfg: TrainConfig) -> str:
+    """One line: how far the run got, where its weights are, the speed it reached."""
+    speed = ""
+    if result.seconds_per_step:
+        speed = (f" at {result.seconds_per_step:.3g} s/step, {result.images_per_second:.3g} images/s"
+                 f" ({_duration(result.seconds_per_step * (result.step - result.start_step))} of steps)")
+    weights = ", EMA: ".join(str(p) for p in (result.weights, result.ema_weights) if p is not None) or "none"
+    if result.interrupted:
+        name = signal.Signals(result.stop_signal).name if result.stop_signal else "a signal"
+        return (f"sdlab: stopped by {name} at step {result.step} of {cfg.max_steps}{speed}; weights so far: {weights}; "
+                f"continue with: sdlab train --output-dir {cfg.output_dir} --resume latest")
+    return f"sdlab: trained {cfg.task} to step {result.step}{speed}; weights: {weights}"
+
+
 def run_train(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args)
-    result = run_from_config(cfg)
-    return 130 if result.interrupted else 0
+    """The `sdlab train` action: exit status 0, 2 (a `TrainError`, printed as one line) or 128 + signal."""
+    try:
+        cfg, point = resolve_settings(args)
+        result = run_from_config(cfg, resume=point)
+    except TrainError as exc:
+        if getattr(args, "debug", False) or os.environ.get("SDLAB_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"sdlab: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    if _is_main_process():
+        print(final_line(result, cfg), flush=True)
+    return 128 + result.stop_signal if result.interrupted and result.stop_signal else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m sdlab.train.cli`` / torchrun: `run_train` with the `sdlab` command's error reporting."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m sdlab.train.cli", description="sdlab train")
+    parser = argparse.ArgumentParser(prog="python -m sdlab.train.cli", description="sdlab train", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    return run_train(parser.parse_args(argv))
+    try:
+        return run_train(parser.parse_args(argv))
+    except (CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+        print(f"sdlab: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before the training loop handles signals itself
+        print("sdlab: error: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """`TrainConfig`: every setting of a training run, one frozen dataclass.
 
-Values come from three layers, later ones winning: the dataclass defaults, an optional config file
-(TOML or JSON, keys are the field names) and command-line overrides (``--field-name value``; booleans
-as ``--flag`` / ``--no-flag``). The resolved config is stored in every run checkpoint; ``--resume``
-checks that the settings that define the data stream and the optimisation did not change.
+Values come from layers, later ones winning: the dataclass defaults, the config stored in the run
+checkpoint being resumed (``--resume``), an optional config file (TOML or JSON, keys are the field names)
+and command-line options (``--field-name value``; booleans as ``--flag`` / ``--no-flag``). Each field
+carries its description (shown by ``sdlab train --help``) and, where the set is closed, its valid values.
+The resolved config is stored in every run checkpoint; ``--resume`` checks that the settings that define
+the data stream and the optimisation did not change. Every bad value is a `TrainError` naming the option.
 
 Batch terms: ``batch_size`` is the micro-batch of one process; one optimiser step consumes the *global*
 batch ``batch_size * grad_accum * world_size`` images.
@@ -12,100 +14,121 @@ batch ``batch_size * grad_accum * world_size`` images.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESUME_INVARIANTS", "TrainConfig", "add_config_arguments", "config_from_args", "load_config_file"]
+from sdlab.train.errors import TrainError
+
+__all__ = ["RESUME_INVARIANTS", "TrainConfig", "add_config_arguments", "config_from_args", "flag",
+           "given_settings", "load_config_file", "merge_resumed"]
+
+
+def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A TrainConfig field with its ``--help`` text and, for closed sets, its valid values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    task: str = "unet"                          # "unet"; "vae" and "text" when those tasks are installed
-    model: str | None = None                    # checkpoint to start from (single file or diffusers folder)
-    family: str | None = None                   # override family detection
-    prediction: str | None = None               # override the checkpoint's prediction type ("eps", "v")
-    vae: str | None = None                      # replace the checkpoint's VAE
+    task: str = setting("unet", "what to train: the U-Net (full or LoRA), the VAE, or the text encoder",
+                        ("unet", "vae", "text"))
+    model: str | None = setting(None, "checkpoint to start from: a single .safetensors / .ckpt file or a "
+                                      "diffusers folder (required)")
+    family: str | None = setting(None, "override family detection (sd1, sd2, sdxl, ...)")
+    prediction: str | None = setting(None, "override the checkpoint's prediction type (eps, v)")
+    vae: str | None = setting(None, "replace the checkpoint's VAE with this file")
 
     # data
-    data_dir: str | None = None                 # images with same-name .txt captions, or a metadata.jsonl
-    output_dir: str = "runs/train"
-    resolution: int = 512                       # square training size in pixels
-    center_crop: bool = True                    # False: random crop
-    random_flip: bool = False
-    caption_dropout: float = 0.1                # probability of training on the empty prompt (CFG)
-    cache_latents: bool = False                 # encode every image once with the frozen VAE
-    cache_dir: str | None = None                # default: <output_dir>/latent_cache
-    num_workers: int = 2                        # image decoding threads
+    data_dir: str | None = setting(None, "images with same-name .txt captions, or a metadata.jsonl (required)")
+    output_dir: str = setting("runs/train", "run folder: checkpoints/, log.csv, loss.png, summary.json, weights")
+    resolution: int | None = setting(None, "square training size in pixels, a multiple of 8 (default: the "
+                                           "model's native size: 512 for SD1, 64 for sdlab-tiny, ...)")
+    center_crop: bool = setting(True, "crop the centre of each resized image (--no-center-crop: a random crop)")
+    random_flip: bool = setting(False, "flip half of the images horizontally")
+    caption_dropout: float = setting(0.1, "probability of training on the empty prompt (what classifier-free "
+                                          "guidance needs)")
+    cache_latents: bool = setting(False, "encode every image once with the frozen VAE, train on stored latents")
+    cache_dir: str | None = setting(None, "latent cache folder (default: <output-dir>/latent_cache)")
+    num_workers: int = setting(2, "image decoding threads")
 
     # objective (U-Net task)
-    min_snr_gamma: float | None = None          # 5.0 in Hang et al. 2023
-    offset_noise: float = 0.0                   # 0.05 .. 0.1 typical
-    lora_rank: int | None = None                # None: full fine-tune; else LoRA of this rank
-    lora_alpha: float | None = None             # default: the rank (scale 1)
-    lora_text_encoder: bool = False             # also put LoRA on the text encoders' attention / MLP
+    min_snr_gamma: float | None = setting(None, "Min-SNR loss weight with this gamma (5.0 in Hang et al. 2023; "
+                                                "default: off)")
+    offset_noise: float = setting(0.0, "offset-noise strength (0.05 .. 0.1 typical)")
+    lora_rank: int | None = setting(None, "train a LoRA of this rank instead of the whole U-Net "
+                                          "(default: full fine-tune)")
+    lora_alpha: float | None = setting(None, "LoRA alpha (default: the rank, i.e. scale 1)")
+    lora_text_encoder: bool = setting(False, "also put LoRA on the text encoders' attention / MLP")
 
     # objective (VAE task)
-    vae_decoder_only: bool = False              # freeze the encoder: the latent space (and U-Nets on it) stay valid
+    vae_decoder_only: bool = setting(False, "VAE task: freeze the encoder, so the latent space (and U-Nets on "
+                                            "it) stay valid")
 
     # optimisation
-    max_steps: int = 1000
-    batch_size: int = 1                         # per process, per micro-step
-    grad_accum: int = 1
-    learning_rate: float = 1e-4
-    lr_schedule: str = "cosine"                 # "cosine" or "constant" (both after linear warm-up)
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0                   # cosine ends at learning_rate * min_lr_ratio
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    weight_decay: float = 1e-2
-    max_grad_norm: float | None = 1.0
-    ema_decay: float | None = None              # e.g. 0.9999; None disables EMA
-    mixed_precision: str = "no"                 # "no" or "bf16" (autocast)
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    device: str = "auto"                        # "auto", "cpu", "cuda", "cuda:1", ...
+    max_steps: int = setting(1000, "optimiser steps to train to (counted from the run's start, also on resume)")
+    batch_size: int = setting(1, "images per process per micro-step")
+    grad_accum: int = setting(1, "micro-steps per optimiser step (global batch = batch size x grad accum x "
+                                 "processes)")
+    learning_rate: float = setting(1e-4, "peak AdamW learning rate")
+    lr_schedule: str = setting("cosine", "learning-rate schedule after the linear warm-up", ("cosine", "constant"))
+    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up")
+    min_lr_ratio: float = setting(0.0, "cosine ends at learning rate x this ratio")
+    adam_beta1: float = setting(0.9, "AdamW beta1")
+    adam_beta2: float = setting(0.999, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    weight_decay: float = setting(1e-2, "AdamW decoupled weight decay")
+    max_grad_norm: float | None = setting(1.0, "clip the gradient norm to this ('none': no clipping)")
+    ema_decay: float | None = setting(None, "keep an EMA of the weights with this decay, e.g. 0.9999, saved as "
+                                            "final-ema.safetensors (default: no EMA)")
+    mixed_precision: str = setting("no", "autocast: no (fp32) or bf16", ("no", "bf16"))
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, "
+                                                  "slower)")
+    seed: int = setting(0, "seed of the data order, augmentation, noise and initialisation")
+    device: str = setting("auto", "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
 
     # checkpoints, logging, previews
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: str | None = None                   # "latest" or a run-checkpoint path
-    save_dtype: str = "fp32"                    # dtype of the delivered weights: fp32, fp16, bf16
-    log_every: int = 1
-    sample_every: int | None = None
-    sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 20
-    sample_cfg: float = 7.0
-    sample_seed: int = 0
-    progress: bool = True                       # tqdm bar on rank 0
+    checkpoint_every: int = setting(500, "write a run checkpoint every N steps (also at the end and on "
+                                         "SIGINT / SIGTERM)")
+    keep_checkpoints: int = setting(2, "run checkpoints to keep (older ones are deleted)")
+    resume: str | None = setting(None, "continue a run: 'latest' takes the newest valid run checkpoint in "
+                                       "<output-dir>/checkpoints (an older one when the newest is damaged) and "
+                                       "every setting stored in it except those given again; or the path of a "
+                                       "run checkpoint (.pt). 'latest' with no checkpoint yet starts at step 0")
+    save_dtype: str = setting("fp32", "dtype of the delivered weights", ("fp32", "fp16", "bf16"))
+    log_every: int = setting(1, "write a log.csv row every N steps")
+    sample_every: int | None = setting(None, "draw preview images every N steps (default: never)")
+    sample_prompts: tuple[str, ...] = setting((), "prompt of a preview image")
+    sample_steps: int = setting(20, "sampler steps of a preview image")
+    sample_cfg: float = setting(7.0, "guidance scale of a preview image")
+    sample_seed: int = setting(0, "seed of the first preview image (the next ones count up)")
+    progress: bool = setting(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be at least 1")
-        if self.max_steps < 0:
-            raise ValueError("max_steps must be >= 0")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be 'no' or 'bf16', got {self.mixed_precision!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.save_dtype not in ("fp32", "fp16", "bf16"):
-            raise ValueError(f"save_dtype must be fp32, fp16 or bf16, got {self.save_dtype!r}")
-        if not 0.0 <= self.caption_dropout <= 1.0:
-            raise ValueError("caption_dropout must lie in [0, 1]")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise ValueError("lora_rank must be >= 1")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError("ema_decay must lie in (0, 1)")
+        for f in fields(self):
+            _check_type(f.name, getattr(self, f.name))
+        if self.mixed_precision == "fp16":
+            raise TrainError("--mixed-precision fp16 is not supported (fp16 training needs loss scaling): "
+                             "use bf16, or no")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and f.name != "task" and value not in choices:  # tasks are plug-ins, checked on import
+                raise TrainError(f"{flag(f.name)} must be one of {', '.join(choices)}; got {value!r}")
+        for name, (holds, wanted) in _RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not holds(value):
+                raise TrainError(f"{flag(name)} must be {wanted}; got {value!r}")
         if self.cache_latents and not self.center_crop:
-            raise ValueError("cache_latents needs center_crop (a random crop changes the latent every epoch)")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError("checkpoint_every and log_every must be >= 1")
+            raise TrainError("--cache-latents needs center cropping (a random crop changes the latent every "
+                             "epoch): drop --no-center-crop or --cache-latents")
 
     def global_batch(self, world_size: int) -> int:
         return self.batch_size * self.grad_accum * world_size
@@ -114,6 +137,35 @@ class TrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
 
+# field -> (check, what it must be); None always passes (optional settings)
+_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "task": (lambda v: v.isidentifier(), "a task name (unet, vae, text)"),
+    "resolution": (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
+    "caption_dropout": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "num_workers": (lambda v: v >= 0, "at least 0"),
+    "min_snr_gamma": (lambda v: v > 0, "positive"),
+    "offset_noise": (lambda v: v >= 0, "at least 0"),
+    "lora_rank": (lambda v: v >= 1, "at least 1"),
+    "lora_alpha": (lambda v: v > 0, "positive"),
+    "max_steps": (lambda v: v >= 0, "at least 0"),
+    "batch_size": (lambda v: v >= 1, "at least 1"),
+    "grad_accum": (lambda v: v >= 1, "at least 1"),
+    "learning_rate": (lambda v: v > 0, "positive"),
+    "warmup_steps": (lambda v: v >= 0, "at least 0"),
+    "min_lr_ratio": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
+    "adam_beta1": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_beta2": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+    "adam_eps": (lambda v: v > 0, "positive"),
+    "weight_decay": (lambda v: v >= 0, "at least 0"),
+    "max_grad_norm": (lambda v: v > 0, "positive (or 'none')"),
+    "ema_decay": (lambda v: 0.0 < v < 1.0, "between 0 and 1 (exclusive)"),
+    "checkpoint_every": (lambda v: v >= 1, "at least 1"),
+    "keep_checkpoints": (lambda v: v >= 1, "at least 1"),
+    "log_every": (lambda v: v >= 1, "at least 1"),
+    "sample_every": (lambda v: v >= 1, "at least 1"),
+    "sample_steps": (lambda v: v >= 1, "at least 1"),
+}
+
 # Settings that must match when resuming: they define the data stream, the objective or the parameters.
 RESUME_INVARIANTS = (
     "task", "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
@@ -121,6 +173,12 @@ RESUME_INVARIANTS = (
 )
 
 
+def flag(name: str) -> str:
+    """The command-line option of a field: ``max_steps`` -> ``--max-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+@functools.cache
 def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
@@ -134,64 +192,134 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+def _check_type(name: str, value: Any) -> None:
+    """A field value of the annotated type (ints where ints, finite numbers, no bools for numbers)."""
+    tp, optional = _base_type(_field_types()[name])
+    if value is None:
+        if not optional:
+            raise TrainError(f"{flag(name)} cannot be empty")
+        return
+    if typing.get_origin(tp) is tuple:
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise TrainError(f"{flag(name)} must be a finite number; got {value!r}")
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise TrainError(f"{flag(name)} must be {_TYPE_WORDS.get(tp, 'a list of texts')}; got {value!r}")
+
+
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a text"}
+
+
 def _coerce(name: str, value: Any) -> Any:
     """A file or CLI value converted to the field's type (strings "none"/"null" -> None where allowed)."""
     tp, optional = _base_type(_field_types()[name])
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if not optional:
-            raise ValueError(f"{name} cannot be empty")
+            raise TrainError(f"{flag(name)} cannot be empty")
         return None
     if typing.get_origin(tp) is tuple:
-        if isinstance(value, str):
-            value = [value]
-        return tuple(str(v) for v in value)
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, str) for v in values):
+            raise TrainError(f"{flag(name)} must be a list of texts; got {value!r}")
+        return tuple(values)
+    if isinstance(value, str):
+        return _parse_text(name, tp, value)
+    if tp is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    _check_type(name, value)
+    return float(value) if tp is float else value
+
+
+def _parse_text(name: str, tp: Any, text: str) -> Any:
+    """A command-line (or quoted config) string as the field's type; a `TrainError` naming the option."""
+    if tp is str:
+        return text
     if tp is bool:
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(f"{name}: not a boolean: {value!r}")
-        return bool(value)
-    if tp is int and isinstance(value, float) and not value.is_integer():
-        raise ValueError(f"{name}: expected an integer, got {value}")
-    return tp(value)
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise TrainError(f"{flag(name)} must be true or false; got {text!r}")
+    try:
+        number = float(text)
+    except ValueError:
+        raise TrainError(f"{flag(name)} must be {_TYPE_WORDS[tp]}; got {text!r}") from None
+    if not math.isfinite(number):
+        raise TrainError(f"{flag(name)} must be a finite number; got {text!r}")
+    if tp is int:
+        if not number.is_integer():
+            raise TrainError(f"{flag(name)} must be an integer; got {text!r}")
+        return int(text) if text.strip().lstrip("+-").isdigit() else int(number)
+    return number
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Field values from a `.toml` or `.json` file (unknown keys are an error). A TOML `[train]` table is
     accepted as well as top-level keys."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
-    if "train" in data and isinstance(data["train"], dict):
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text)
+    except FileNotFoundError:
+        raise TrainError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError / TOMLDecodeError are ValueErrors
+        raise TrainError(f"--config {path}: cannot read it ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("train"), dict):
         data = data["train"]
+    if not isinstance(data, dict):
+        raise TrainError(f"--config {path}: expected a table of settings, got {type(data).__name__}")
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{path}: unknown training settings {unknown}")
-    return {k: _coerce(k, v) for k, v in data.items()}
+        raise TrainError(f"--config {path}: unknown training setting(s) {', '.join(unknown)} "
+                         f"(see sdlab train --help; keys are option names with _ for -)")
+    try:
+        return {k: _coerce(k, v) for k, v in data.items()}
+    except TrainError as exc:
+        raise TrainError(f"--config {path}: {exc}") from None
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One ``--field-name`` option per TrainConfig field, default None (= not given), plus ``--config``."""
-    parser.add_argument("--config", help="TOML or JSON file with training settings (CLI options override it)")
+    """One ``--field-name`` option per TrainConfig field, default None (= not given), plus ``--config``.
+    Values are parsed by `config_from_args`, so a bad one is a `TrainError` (``sdlab: error: ...``)."""
+    parser.add_argument("--config", metavar="FILE", help="TOML or JSON file with training settings, keys as the "
+                                                         "option names with _ (options given here override it)")
+    hints = _field_types()
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        tp, _ = _base_type(_field_types()[f.name])
-        default = f.default if f.default is not MISSING else None
-        help_text = f"(default: {default!r})"
+        tp, _ = _base_type(hints[f.name])
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help", "")
+        if choices:
+            help_text += f" (one of: {', '.join(choices)})"
+        if f.default is not MISSING and f.default not in (None, ()) and tp is not bool:
+            help_text += f" [default: {f.default}]"
+        help_text = help_text.replace("%", "%%")
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            help_text += " [default: on]" if f.default else ""
+            parser.add_argument(flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=help_text)
         elif typing.get_origin(tp) is tuple:
-            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="TEXT",
+            parser.add_argument(flag(f.name), dest=f.name, action="append", default=None, metavar="TEXT",
                                 help=help_text + "; repeat for several")
         else:
-            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.split("_")[-1].upper(), help=help_text)
+            metavar = "{" + ",".join(choices) + "}" if choices else _METAVARS.get(f.name, f.name.split("_")[-1].upper())
+            parser.add_argument(flag(f.name), dest=f.name, default=None, metavar=metavar, help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """defaults < --config file < explicit CLI options."""
+_METAVARS = {"model": "PATH", "vae": "FILE", "resolution": "PIXELS", "resume": "latest|PATH", "prediction": "eps|v",
+             "keep_checkpoints": "N", "checkpoint_every": "STEPS", "log_every": "STEPS", "sample_every": "STEPS"}
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings a command line names: the --config file's, then the options given (parsed)."""
     values: dict[str, Any] = {}
     if getattr(args, "config", None):
         values.update(load_config_file(args.config))
@@ -199,4 +327,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         given = getattr(args, f.name, None)
         if given is not None:
             values[f.name] = _coerce(f.name, given)
-    return replace(TrainConfig(), **values) if values else TrainConfig()
+    return values
+
+
+def merge_resumed(stored: dict[str, Any], given: dict[str, Any]) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
+    """The config of a resumed run: the checkpoint's stored settings with those given now on top.
+    Returns (config, {field: (stored value, new value)} for every setting that changed)."""
+    known = {f.name for f in fields(TrainConfig)}
+    values = {k: _coerce(k, v) for k, v in stored.items() if k in known and k != "resume"}
+    changed = {k: (values.get(k), v) for k, v in given.items() if k != "resume" and k in values and values[k] != v}
+    return _build(values | given), changed
+
+
+def _build(values: dict[str, Any]) -> TrainConfig:
+    try:
+        return replace(TrainConfig(), **values)
+    except TypeError as exc:  # a field that does not exist (Python callers)
+        raise TrainError(str(exc)) from None
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """defaults < --config file < explicit CLI options (no resume merge; see `merge_resumed`)."""
+    return _build(given_settings(args))

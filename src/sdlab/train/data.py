@@ -84,6 +84,13 @@ class DatasetScan:
         return len(self.samples)
 
 
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the file system, ...
+        return False
+
+
 def _image_opens(path: Path) -> bool:
     try:
         with Image.open(path) as im:
@@ -94,20 +101,34 @@ def _image_opens(path: Path) -> bool:
         return False
 
 
+def _jsonl_entry(root: Path, raw: bytes) -> tuple[Path, str | None] | None:
+    """(image path, caption) of one metadata line, or None when it is not UTF-8 JSON with a file name."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(row, dict):
+        return None
+    name = row.get("file_name", row.get("file"))  # "file": sdlab.datasets.build
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        return None
+    caption = row.get("text", row.get("caption"))
+    return root / name, caption if isinstance(caption, str) else None
+
+
 def _read_jsonl(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, str | None]]:
+    """Entries of a ``metadata.jsonl``; a line that is not a UTF-8 JSON object with a string ``file_name``
+    is skipped with a warning and counted as ``bad_metadata_line``."""
     entries = []
-    for number, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(meta.read_bytes().splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            name = row["file_name"] if "file_name" in row else row["file"]  # "file": sdlab.datasets.build
-        except (json.JSONDecodeError, KeyError, TypeError):
-            logger.warning("skipping %s line %d: not a JSON object with a file_name", meta, number)
+        entry = _jsonl_entry(root, line)
+        if entry is None:
+            logger.warning("skipping %s line %d: not a UTF-8 JSON object with a file_name text", meta, number)
             scan.skipped["bad_metadata_line"] += 1
             continue
-        caption = row.get("text", row.get("caption"))
-        entries.append((root / name, caption if isinstance(caption, str) else None))
+        entries.append(entry)
     return entries
 
 
@@ -127,7 +148,7 @@ def scan_dataset(root: str | os.PathLike[str]) -> DatasetScan:
             entries.append((path, txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None))
     for path, caption in sorted(entries, key=lambda e: str(e[0])):
         caption = (caption or "").strip()
-        if not path.is_file():
+        if not _is_file(path):
             logger.warning("skipping %s: file not found", path)
             scan.skipped["missing_image"] += 1
         elif not caption:

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sdlab.train.errors import TrainError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["DistContext", "all_reduce_grads", "init_distributed", "resolve_device"]
@@ -46,22 +48,29 @@ class DistContext:
         dist.all_reduce(t)
         return float(t) / self.world_size
 
-    def any_flag(self, flag: bool) -> bool:
-        """True on every rank when it is True on any rank (to stop all ranks together on a signal)."""
+    def all_max(self, value: int) -> int:
+        """The largest of an integer over ranks (the same on every rank)."""
         if not self.enabled:
-            return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=self.device if self.device.type == "cuda" else "cpu")
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return int(t.item())
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """"auto" -> cuda:<local_rank> when CUDA is available, else cpu."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {name}: this torch build or machine has no CUDA device (use cpu or auto)")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise TrainError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

@@ -6,7 +6,8 @@ Each micro-step's loss is divided by ``grad_accum`` and gradients are averaged o
 update equals that of one process on the whole global batch (up to float summation order).
 
 Interruption: SIGINT / SIGTERM only set a flag (nothing is written from a signal handler); the loop
-finishes the current optimiser step, writes a run checkpoint and returns. A checkpoint write that is
+finishes the current optimiser step, writes a run checkpoint and the weights so far
+(``interrupted.safetensors``, a file ``--model`` / ``--lora`` read), and returns. A checkpoint write that is
 already running when the signal arrives simply completes. SIGKILL cannot be caught: the run then loses
 the steps since its last checkpoint, and the atomic write guarantees that checkpoint is complete.
 """
@@ -28,15 +29,17 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sdlab.train.config import RESUME_INVARIANTS, TrainConfig
+from sdlab.train.config import RESUME_INVARIANTS, TrainConfig, flag
 from sdlab.train.data import TrainData, generator_for
 from sdlab.train.distributed import DistContext, all_reduce_grads
 from sdlab.train.ema import EMA
+from sdlab.train.errors import TrainError
 from sdlab.train.run_checkpoint import (
+    ResumePoint,
     capture_rng_state,
     clean_orphans,
-    latest_checkpoint,
-    load_run_checkpoint,
+    disk_full_as_error,
+    find_resume_point,
     prune_checkpoints,
     restore_rng_state,
     save_run_checkpoint,
@@ -46,7 +49,7 @@ from sdlab.train.task import TrainTask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "StopFlag", "flush_denormals", "lr_multiplier", "train"]
+__all__ = ["RunResult", "StopFlag", "check_resume", "flush_denormals", "lr_multiplier", "train"]
 
 
 @dataclass
@@ -55,10 +58,13 @@ class RunResult:
     interrupted: bool                           # stopped by SIGINT / SIGTERM before max_steps
     last_loss: float | None
     checkpoint: Path | None                     # newest run checkpoint
-    weights: Path | None                        # the task's deliverable (None when interrupted)
+    weights: Path | None                        # the task's deliverable (interrupted.safetensors when stopped)
     ema_weights: Path | None
     skipped: dict[str, int] = field(default_factory=dict)
-    images_per_second: float | None = None
+    images_per_second: float | None = None      # mean over the steps of this process's run
+    start_step: int = 0                         # the step it resumed from
+    seconds_per_step: float | None = None
+    stop_signal: int | None = None              # the signal that stopped it (any rank's)
 
 
 class StopFlag:
@@ -121,12 +127,19 @@ def _load_run_state(modules: dict[str, nn.Module], state: dict[str, dict[str, to
             raise ValueError(f"checkpoint does not match module {name}: missing {lost[:3]}, unexpected {unexpected[:3]}")
 
 
-def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, global_batch: int, saved_global: int) -> None:
-    changed = [k for k in RESUME_INVARIANTS if k in saved and saved[k] != cfg.to_json()[k] and k != "batch_size"]
+def check_resume(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> None:
+    """A `TrainError` when ``cfg`` changes a setting that defines the run's data stream or objective."""
+    now = cfg.to_json()
+    changed = [k for k in RESUME_INVARIANTS if k in point.config and k != "batch_size"
+               and point.config[k] != now[k] and not (k == "resolution" and now[k] is None)]
     if changed:
-        raise ValueError(f"cannot resume: settings changed since the checkpoint: {changed}")
-    if saved_global != global_batch:
-        raise ValueError(f"cannot resume: the global batch was {saved_global} images per step, now {global_batch}")
+        what = ", ".join(f"{flag(k)} was {point.config[k]!r}, now {now[k]!r}" for k in changed)
+        raise TrainError(f"cannot resume from {point.path}: {what} (these define the run; leave them out to keep "
+                         f"the checkpoint's, or start a new --output-dir)")
+    if point.global_batch != global_batch:
+        raise TrainError(f"cannot resume from {point.path}: it trained on {point.global_batch} images per step "
+                         f"(--batch-size {point.config.get('batch_size')} x --grad-accum {point.config.get('grad_accum')}"
+                         f" x processes), this run would take {global_batch}; leave --batch-size out to keep it")
 
 
 def _broadcast_params(modules: list[nn.Module]) -> None:
@@ -136,8 +149,10 @@ def _broadcast_params(modules: list[nn.Module]) -> None:
                 dist.broadcast(p.data, src=0)
 
 
-def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) -> RunResult:
-    """Run (or resume) training to ``cfg.max_steps``; see the module docstring. Only rank 0 writes files."""
+def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
+          resume: ResumePoint | None = None) -> RunResult:
+    """Run (or resume) training to ``cfg.max_steps``; see the module docstring. Only rank 0 writes files.
+    ``resume``: an already verified checkpoint (else ``cfg.resume`` is looked up here)."""
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     modules = task.trainable_modules()
@@ -156,23 +171,24 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
     if ctx.is_main:
         clean_orphans(ckpt_dir)
     ctx.barrier()
-    if cfg.resume is not None:
-        path = latest_checkpoint(ckpt_dir) if cfg.resume == "latest" else Path(cfg.resume)
-        if path is None:
+    if resume is None and cfg.resume is not None:
+        resume = find_resume_point(ckpt_dir, cfg.resume)
+        if resume is None:
             logger.info("no run checkpoint in %s: starting from step 0", ckpt_dir)
-        else:
-            state = load_run_checkpoint(path)
-            _check_resume_config(state["config"], cfg, global_batch, int(state["global_batch"]))
-            _load_run_state(modules, state["modules"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if ema is not None:
-                if state.get("ema") is None:
-                    raise ValueError("cannot resume with EMA: the checkpoint has no EMA state")
-                ema.load_state_dict(state["ema"])
-            restore_rng_state(state["rng"])
-            start_step = int(state["step"])
-            logger.info("resumed from %s at step %d", path, start_step)
+    if resume is not None:
+        check_resume(resume, cfg, global_batch)
+        state = resume.take_state()
+        _load_run_state(modules, state["modules"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            if state.get("ema") is None:
+                raise TrainError(f"cannot resume {resume.path} with --ema-decay: the checkpoint has no EMA state")
+            ema.load_state_dict(state["ema"])
+        restore_rng_state(state["rng"])
+        start_step = int(state["step"])
+        del state
+        logger.info("resumed from %s at step %d", resume.path, start_step)
 
     # -- distributed ----------------------------------------------------------------------------------
     manual_sync: list[nn.Module] = []
@@ -204,14 +220,18 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
 
     autocast = torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     skipped = dict(data.scan.skipped)
-    last_checkpoint: Path | None = latest_checkpoint(ckpt_dir)
+    last_checkpoint: Path | None = resume.path if resume is not None else None
+    checkpoint_step: int | None = start_step if resume is not None else None  # the same on every rank
     step = start_step
     last_loss: float | None = None
     rate: float | None = None
     interrupted = False
+    stop_signal = 0
+    timed_seconds, timed_steps = 0.0, 0
 
     def write_checkpoint(done: int) -> None:
-        nonlocal last_checkpoint
+        nonlocal last_checkpoint, checkpoint_step
+        checkpoint_step = done
         if ctx.is_main:
             state = {
                 "step": done,
@@ -227,6 +247,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
                 "skipped": skipped | {"broken_at_load": sum(data.broken_at_load.values())},
             }
             last_checkpoint = save_run_checkpoint(state, ckpt_dir, done)
+            del state
             prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
             _draw_curve(out_dir)
         ctx.barrier()
@@ -248,7 +269,8 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
             with sync, autocast:
                 loss, _metrics = task.loss(batch.to(ctx.device), generator)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss {float(loss)} at step {step_i} (batch {batch.paths})")
+                raise TrainError(f"the loss became {float(loss)} at step {step_i + 1} (images {batch.paths}); "
+                                 f"a lower --learning-rate or --max-grad-norm may help")
             (loss / cfg.grad_accum).backward()
             micro_losses.append(float(loss.detach()))
             if not last_micro:
@@ -267,6 +289,8 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
             last_loss = ctx.all_mean(sum(micro_losses) / len(micro_losses))
             elapsed = time.perf_counter() - step_start
             rate = global_batch / elapsed if elapsed > 0 else None
+            if step > start_step + 1 or step == cfg.max_steps:  # the first step pays for warming up
+                timed_seconds, timed_steps = timed_seconds + elapsed, timed_steps + 1
             if log is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 log.append({"step": step, "loss": f"{last_loss:.6g}", "lr": f"{lr:.6g}", "grad_norm": f"{grad_norm:.6g}",
                             "images_per_s": f"{rate:.4g}" if rate else "", "epoch": data.epoch_at(step_i),
@@ -275,7 +299,8 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}" if rate else "-")
 
-            stop_now = ctx.any_flag(stop.requested is not None)
+            stop_signal = ctx.all_max(stop.requested or 0)
+            stop_now = stop_signal > 0
             if step % cfg.checkpoint_every == 0 or stop_now:
                 write_checkpoint(step)
             if cfg.sample_every and step % cfg.sample_every == 0 and ctx.is_main:
@@ -288,21 +313,31 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext) 
     data.close()
 
     weights = ema_weights = None
-    if not interrupted:
-        if last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:08d}.pt"):
-            write_checkpoint(step)
-        if ctx.is_main:
-            weights = out_dir / "final.safetensors"
-            task.save_weights(weights, ema=False)
-            if ema is not None:
-                ema_weights = out_dir / "final-ema.safetensors"
-                with ema.swapped_in():
-                    task.save_weights(ema_weights, ema=True)
-            _draw_curve(out_dir)
-        ctx.barrier()
+    if not interrupted and checkpoint_step != step:
+        write_checkpoint(step)
+    if ctx.is_main and (step > start_step or not interrupted):
+        weights, ema_weights = _deliver(task, ema, out_dir, "interrupted" if interrupted else "final")
+        _draw_curve(out_dir)
+    ctx.barrier()
     skipped = skipped | ({"broken_at_load": sum(data.broken_at_load.values())} if data.broken_at_load else {})
+    mean_rate = global_batch * timed_steps / timed_seconds if timed_seconds > 0 else rate
     return RunResult(step=step, interrupted=interrupted, last_loss=last_loss, checkpoint=last_checkpoint,
-                     weights=weights, ema_weights=ema_weights, skipped=skipped, images_per_second=rate)
+                     weights=weights, ema_weights=ema_weights, skipped=skipped, images_per_second=mean_rate,
+                     start_step=start_step, seconds_per_step=timed_seconds / timed_steps if timed_steps else None,
+                     stop_signal=stop_signal or None)
+
+
+def _deliver(task: TrainTask, ema: EMA | None, out_dir: Path, name: str) -> tuple[Path, Path | None]:
+    """The task's weights as ``<name>.safetensors`` (and ``<name>-ema.safetensors`` with EMA)."""
+    weights = out_dir / f"{name}.safetensors"
+    with disk_full_as_error(out_dir, f"the weights {weights}"):
+        task.save_weights(weights, ema=False)
+        if ema is None:
+            return weights, None
+        ema_weights = out_dir / f"{name}-ema.safetensors"
+        with ema.swapped_in():
+            task.save_weights(ema_weights, ema=True)
+    return weights, ema_weights
 
 
 @contextlib.contextmanager

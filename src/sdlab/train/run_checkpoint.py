@@ -9,26 +9,46 @@ checkpoints or that set plus the new one; at worst an orphan ``.*.tmp`` file, wh
 ignores and `clean_orphans` deletes. Old checkpoints beyond ``keep`` are deleted only after the new one
 is in place.
 
+Each checkpoint has a ``step-00000100.pt.sha256`` beside it (``sha256sum -c`` reads it). Loading verifies
+it, then that the file unpickles and every float tensor is finite; ``--resume latest`` takes the newest
+checkpoint that passes and says which ones it passed over (a truncated, zeroed or bit-flipped file). A
+checkpoint without its ``.sha256`` (older runs, or a kill between the two renames) is checked by loading.
+
+A full disk is reported as such (`TrainError`), checked before writing from the state's size and
+recognised afterwards from ENOSPC or torch's ``unexpected pos`` short-write message.
+
 Loading uses ``torch.load(weights_only=True)``: the file holds only tensors and plain containers.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import logging
 import random
 import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from sdlab.train.errors import TrainError
 from sdlab.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "FORMAT_VERSION",
+    "DamagedCheckpoint",
+    "ResumePoint",
+    "checksum_path",
+    "disk_full_as_error",
+    "find_resume_point",
     "capture_rng_state",
     "checkpoint_path",
     "clean_orphans",
@@ -75,28 +95,175 @@ def clean_orphans(folder: Path) -> int:
     return len(orphans)
 
 
+def checksum_path(path: Path) -> Path:
+    """The ``.sha256`` file beside a run checkpoint."""
+    return Path(path).with_name(Path(path).name + ".sha256")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested dicts / lists / tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from _tensors(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from _tensors(value)
+
+
+def _human(nbytes: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return ""
+
+
+def _free_bytes(folder: Path) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def _is_full_disk(exc: BaseException) -> bool:
+    """ENOSPC / EDQUOT, or a writer's words for a short write (torch's zip writer: ``unexpected pos``)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return any(words in text for words in ("No space left", "os error 28", "unexpected pos", "file write failed",
+                                           "Disk quota exceeded"))
+
+
+@contextlib.contextmanager
+def disk_full_as_error(folder: Path, what: str) -> Iterator[None]:
+    """Turn a failed write that ran out of disk into a `TrainError` saying so (other errors pass)."""
+    try:
+        yield
+    except Exception as exc:
+        if not _is_full_disk(exc):
+            raise
+        raise TrainError(f"cannot write {what}: the disk is full ({_human(_free_bytes(folder))} free in {folder}); "
+                         f"free some space (or lower --keep-checkpoints) and resume; earlier checkpoints are "
+                         f"intact") from None
+
+
 def save_run_checkpoint(state: dict[str, Any], folder: Path, step: int) -> Path:
-    """Write ``state`` as ``step-<step>.pt`` in ``folder`` atomically (temp file, fsync, rename)."""
+    """Write ``state`` as ``step-<step>.pt`` in ``folder`` atomically (temp file, fsync, rename), then its
+    ``.sha256``. A `TrainError` when the disk has no room for it."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = checkpoint_path(folder, step)
-    atomic_write(target, lambda tmp: torch.save({"format": FORMAT_VERSION, **state}, tmp))
+    payload = {"format": FORMAT_VERSION, **state}
+    needed = sum(t.numel() * t.element_size() for t in _tensors(payload))
+    if _free_bytes(folder) < needed:
+        raise TrainError(f"cannot write run checkpoint {target}: the disk is full (it needs about {_human(needed)}, "
+                         f"{_human(_free_bytes(folder))} free in {folder}); free some space and resume")
+    digest: list[str] = []
+
+    def write(tmp: Path) -> None:
+        torch.save(payload, tmp)
+        digest.append(file_sha256(tmp))
+
+    with disk_full_as_error(folder, f"run checkpoint {target}"):
+        checksum_path(target).unlink(missing_ok=True)  # a stale one must never vouch for the new file
+        atomic_write(target, write)
+        atomic_write(checksum_path(target), lambda tmp: tmp.write_text(f"{digest[0]}  {target.name}\n"))
     logger.info("saved run checkpoint %s", target)
     return target
 
 
 def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints."""
+    """Delete all but the newest ``keep`` complete checkpoints (with their ``.sha256``)."""
     found = list_checkpoints(folder)
     for _, path in found[: max(0, len(found) - max(1, keep))]:
         path.unlink(missing_ok=True)
+        checksum_path(path).unlink(missing_ok=True)
+
+
+class DamagedCheckpoint(TrainError):
+    """A run checkpoint that fails its checksum, cannot be unpickled or holds non-finite numbers."""
 
 
 def load_run_checkpoint(path: Path) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a run checkpoint after checking that it is whole (see the module docstring)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"run checkpoint {path} does not exist")
+    sidecar = checksum_path(path)
+    if sidecar.is_file():
+        expected = (sidecar.read_text(encoding="utf-8", errors="replace").split() or [""])[0].lower()
+        if file_sha256(path) != expected:
+            raise DamagedCheckpoint(f"run checkpoint {path} is damaged: its SHA-256 differs from {sidecar.name}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated / zeroed / garbled zip or pickle: torch raises many types
+        raise DamagedCheckpoint(f"run checkpoint {path} is damaged: it cannot be read "
+                                f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not an sdlab run checkpoint (format {FORMAT_VERSION})")
+        raise DamagedCheckpoint(f"{path} is not an sdlab run checkpoint (format {FORMAT_VERSION})")
+    for tensor in _tensors(state):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DamagedCheckpoint(f"run checkpoint {path} is damaged: it holds non-finite numbers")
     return state
+
+
+_RESUME_KEYS = ("step", "config", "global_batch", "modules", "optimizer", "scheduler", "rng")
+
+
+@dataclass
+class ResumePoint:
+    """A verified run checkpoint to continue from. ``take_state`` hands the (large) state over once."""
+
+    path: Path
+    step: int
+    config: dict[str, Any]
+    global_batch: int
+    state: dict[str, Any] | None
+
+    def take_state(self) -> dict[str, Any]:
+        state, self.state = self.state, None
+        if state is None:
+            state = load_run_checkpoint(self.path)
+        return state
+
+
+def _resume_point(path: Path) -> ResumePoint:
+    state = load_run_checkpoint(path)
+    missing = [k for k in _RESUME_KEYS if k not in state]
+    if missing:
+        raise DamagedCheckpoint(f"run checkpoint {path} lacks {', '.join(missing)}")
+    return ResumePoint(path, int(state["step"]), dict(state["config"]), int(state["global_batch"]), state)
+
+
+def find_resume_point(folder: Path, resume: str) -> ResumePoint | None:
+    """What ``--resume`` names: ``"latest"`` = the newest checkpoint in ``folder`` that verifies (a warning
+    for each newer one passed over; None when there is none at all), or a checkpoint path (verified)."""
+    if resume != "latest":
+        if not Path(resume).is_file():
+            raise TrainError(f"--resume {resume}: no such run checkpoint (or use --resume latest)")
+        return _resume_point(Path(resume))
+    damaged: list[str] = []
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            point = _resume_point(path)
+        except DamagedCheckpoint as exc:
+            logger.warning("%s; trying the one before it", exc)
+            damaged.append(path.name)
+            continue
+        if damaged:
+            logger.warning("resuming from %s, the newest valid run checkpoint (passed over: %s)", path.name,
+                           ", ".join(damaged))
+        return point
+    if damaged:
+        raise TrainError(f"--resume latest: every run checkpoint in {folder} is damaged ({', '.join(damaged)})")
+    return None
 
 
 def capture_rng_state() -> dict[str, Any]:
