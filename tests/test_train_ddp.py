@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from sdlab.checkpoints.load import load_bundle
+from sdlab.train.run_checkpoint import list_checkpoints
 from train_fixtures import cli_args, max_weight_diff, run_cli, run_in_process, write_caption_folder, write_tiny_model
 
 
@@ -41,3 +42,17 @@ def test_torchrun_two_gloo_processes_match_one_process(tmp_path, one_thread):
                 diff = float((load_bundle(other / name).unet(x, t, ctx) - ref).abs().max())
                 assert diff < 1e-4 and diff < 0.02 * change, (name, other.name, diff, change)
     assert max_weight_diff(one / "final.safetensors", model) > 1e-4  # it did train
+
+
+def test_torchrun_ends_cleanly_when_max_steps_is_a_multiple_of_checkpoint_every(tmp_path):
+    """Every rank takes the same end-of-run decision (no extra checkpoint barrier on rank 1 only: gloo's
+    "Connection closed by peer"), and only rank 0 reports."""
+    data = write_caption_folder(tmp_path / "data", n=4, size=16)
+    model = write_tiny_model(tmp_path / "tiny-sd1.safetensors")
+    out = tmp_path / "run"
+    proc = run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29519",
+                    *cli_args(out, model, data, "--batch-size", "1", "--max-steps", "2", "--checkpoint-every", "1")],
+                   timeout=180)
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [1, 2]
+    assert (out / "final.safetensors").is_file()
+    assert proc.stdout.count("sdlab: trained unet to step 2") == 1, proc.stdout

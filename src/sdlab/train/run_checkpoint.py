@@ -132,22 +132,30 @@ def _free_bytes(folder: Path) -> int:
     return shutil.disk_usage(folder).free
 
 
-def _is_full_disk(exc: BaseException) -> bool:
-    """ENOSPC / EDQUOT, or a writer's words for a short write (torch's zip writer: ``unexpected pos``)."""
+# how writers word a short write: the OS, safetensors (Rust), torch's zip writer (large / small files)
+_FULL_DISK_WORDS = ("No space left", "os error 28", "Disk quota exceeded", "unexpected pos", "file write failed",
+                    "iostream error")
+
+
+def _is_full_disk(exc: BaseException, folder: Path, needed: int) -> bool:
+    """ENOSPC / EDQUOT, a writer's words for a short write, or less room left than the file needs."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    text = str(exc)
-    return any(words in text for words in ("No space left", "os error 28", "unexpected pos", "file write failed",
-                                           "Disk quota exceeded"))
+    if any(words in str(exc) for words in _FULL_DISK_WORDS):
+        return True
+    try:
+        return _free_bytes(folder) < needed
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
-def disk_full_as_error(folder: Path, what: str) -> Iterator[None]:
+def disk_full_as_error(folder: Path, what: str, needed: int = 0) -> Iterator[None]:
     """Turn a failed write that ran out of disk into a `TrainError` saying so (other errors pass)."""
     try:
         yield
     except Exception as exc:
-        if not _is_full_disk(exc):
+        if not _is_full_disk(exc, folder, needed):
             raise
         raise TrainError(f"cannot write {what}: the disk is full ({_human(_free_bytes(folder))} free in {folder}); "
                          f"free some space (or lower --keep-checkpoints) and resume; earlier checkpoints are "
@@ -171,7 +179,7 @@ def save_run_checkpoint(state: dict[str, Any], folder: Path, step: int) -> Path:
         torch.save(payload, tmp)
         digest.append(file_sha256(tmp))
 
-    with disk_full_as_error(folder, f"run checkpoint {target}"):
+    with disk_full_as_error(folder, f"run checkpoint {target}", needed):
         checksum_path(target).unlink(missing_ok=True)  # a stale one must never vouch for the new file
         atomic_write(target, write)
         atomic_write(checksum_path(target), lambda tmp: tmp.write_text(f"{digest[0]}  {target.name}\n"))
