@@ -475,3 +475,16 @@ def test_bundle_conditioning_feeds_its_unet(name):
     assert cond["y"].shape == uncond["y"].shape == (1, bundle.unet_config.adm_in_channels)
     x = torch.zeros(1, 4, 8, 8)
     assert bundle.unet(x, torch.tensor(10.0), **cond).shape == x.shape
+
+
+@torch.no_grad()
+def test_emphasis_that_overflows_the_encoding_is_a_prompt_error(sd1, monkeypatch):
+    from sdlab.pipeline import conditioning
+    from sdlab.pipeline.prompt_syntax import PromptError
+
+    encoder, _ = sd1
+    # fp16 weights: a weight the parser allows can still overflow after the mean rescale; simulate it
+    monkeypatch.setattr(conditioning, "apply_emphasis", lambda hidden, weights: hidden * float("inf"))
+    with pytest.raises(PromptError, match="overflow"):
+        encode_prompt([encoder], "a (red:1.3) cat")
+    encode_prompt([encoder], "a red cat")                          # unweighted chunks skip emphasis

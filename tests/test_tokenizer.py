@@ -301,3 +301,48 @@ def test_custom_vocab_path_and_max_length(tmp_path):
         f.write("#version\ni n\n")
     with pytest.raises(ValueError, match="49408"):
         CLIPTokenizer(bad)
+
+
+def test_long_and_repetitive_words_match_open_clip(open_clip_tok):
+    """The heap BPE merges exactly like CLIP's round-by-round loop, on words long enough that the order
+    of merges matters (repeats, runs of one letter, random letters and bytes)."""
+    rng = random.Random(3)
+    alphabets = ["abcdefghijklmnopqrstuvwxyz", "ab", "a", "aeiou", "qxz", "é東🐱!,.-", "abc123"]
+    words = ["".join(rng.choice(rng.choice(alphabets)) for _ in range(rng.randint(1, 400))) for _ in range(300)]
+    words += ["na" * 150, "a" * 301, "banana" * 40, "mississippi" * 20, "!!!" * 50]
+    tok = CLIPTokenizer(pad_token_id=0)
+    mismatches = [w for w in words if tok.encode(w) != open_clip_tok.encode(w)]
+    assert not mismatches, mismatches[:3]
+
+
+def test_bpe_of_a_long_word_is_not_quadratic():
+    """20,000 random letters took 17 s when every merge round rescanned the word; counting the merge rounds
+    no longer matters, so the work (dictionary lookups) grows with n log n."""
+    tok = CLIPTokenizer()
+    rng = random.Random(0)
+    lookups = 0
+    real_ranks = tok.merge_ranks
+
+    class Counting(dict):
+        def get(self, key, default=None):
+            nonlocal lookups
+            lookups += 1
+            return real_ranks.get(key, default)
+
+        def __contains__(self, key):
+            nonlocal lookups
+            lookups += 1
+            return key in real_ranks
+
+        def __getitem__(self, key):
+            nonlocal lookups
+            lookups += 1
+            return real_ranks[key]
+
+    tok.merge_ranks = Counting()
+    counts = []
+    for n in (2_000, 8_000):
+        lookups = 0
+        tok._bpe("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n)))
+        counts.append(lookups)
+    assert counts[1] <= 4.5 * counts[0], counts

@@ -21,6 +21,7 @@ Nothing is read at import time; :func:`default_tokenizer` loads it on first use.
 from __future__ import annotations
 
 import gzip
+import heapq
 import html
 import logging
 from functools import lru_cache
@@ -126,26 +127,44 @@ class CLIPTokenizer:
         self._word_cache: dict[str, tuple[int, ...]] = {_BOS_TOKEN: (BOS_TOKEN_ID,), _EOS_TOKEN: (EOS_TOKEN_ID,)}
 
     def _bpe(self, word: str) -> list[str]:
-        """Merge the characters of one byte-mapped word, lowest-ranked pair first, until no pair is a merge."""
-        symbols = [*word[:-1], word[-1] + _END_OF_WORD]
+        """Merge the characters of one byte-mapped word, lowest-ranked pair first, until no pair is a merge.
+
+        The same merges as openai/CLIP's loop (each round merges every occurrence of the best pair, left to
+        right), but from a heap of the adjacent pairs over a linked list of symbols: O(n log n) in the
+        word's length where rescanning the word each round is O(n^2) (17 s for 20,000 random letters).
+        """
+        symbols: list[str | None] = [*word[:-1], word[-1] + _END_OF_WORD]
         ranks = self.merge_ranks
-        while len(symbols) > 1:
-            pairs = zip(symbols[:-1], symbols[1:])
-            best = min(pairs, key=lambda p: ranks.get(p, _NUM_MERGES))
-            if best not in ranks:
-                break
-            first, second = best
-            merged: list[str] = []
-            i = 0
-            while i < len(symbols):                      # merge every occurrence, left to right
-                if i + 1 < len(symbols) and symbols[i] == first and symbols[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        return symbols
+        n = len(symbols)
+        after = list(range(1, n + 1))                    # index of the next live symbol; n = none
+        before = list(range(-1, n - 1))                  # index of the previous live symbol; -1 = none
+        heap = [(ranks[pair], i) for i, pair in enumerate(zip(symbols, symbols[1:])) if pair in ranks]
+        heapq.heapify(heap)
+
+        def rank_at(i: int) -> int | None:
+            """Rank of the pair starting at live symbol ``i``, None when it is no merge."""
+            j = after[i]
+            return ranks.get((symbols[i], symbols[j])) if j < n else None
+
+        while heap:
+            best = heap[0][0]
+            merged_at = []
+            while heap and heap[0][0] == best:           # one round: every occurrence, left to right
+                i = heapq.heappop(heap)[1]
+                if symbols[i] is None or rank_at(i) != best:
+                    continue                             # a stale pair: one of its symbols merged since
+                j = after[i]
+                symbols[i], symbols[j] = symbols[i] + symbols[j], None
+                after[i] = after[j]
+                if after[j] < n:
+                    before[after[j]] = i
+                merged_at.append(i)
+            for i in merged_at:                          # the pairs the round created, for later rounds
+                for left in (before[i], i):
+                    rank = rank_at(left) if left >= 0 else None
+                    if rank is not None:
+                        heapq.heappush(heap, (rank, left))
+        return [symbol for symbol in symbols if symbol is not None]
 
     def _word_ids(self, piece: str) -> tuple[int, ...]:
         ids = self._word_cache.get(piece)

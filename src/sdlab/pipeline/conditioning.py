@@ -44,7 +44,14 @@ from sdlab.checkpoints.load import ModelBundle, TextEncoder
 from sdlab.families import FamilySpec, get_family
 from sdlab.models.layers import SDXL_SIZE_EMBED_DIM, sdxl_vector
 from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer
-from sdlab.pipeline.prompt_syntax import CHUNK_LENGTH, Chunk, apply_emphasis, chunk_tokens, parse_weighted
+from sdlab.pipeline.prompt_syntax import (
+    CHUNK_LENGTH,
+    Chunk,
+    PromptError,
+    apply_emphasis,
+    chunk_tokens,
+    parse_weighted,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +89,14 @@ class PromptEmbedding:
 
 
 def prompt_chunks(prompt: str, tokenizer: CLIPTokenizer) -> list[Chunk]:
-    """The A1111 chunks of ``prompt`` (emphasis syntax, BREAK, 75 tokens each, comma backtracking)."""
-    return chunk_tokens(parse_weighted(prompt), tokenizer.encode, pad_id=EOS_TOKEN_ID)
+    """The A1111 chunks of ``prompt`` (emphasis syntax, BREAK, 75 tokens each, comma backtracking).
+
+    Raises ``PromptError`` naming the prompt when it cannot be encoded (see ``prompt_syntax``)."""
+    try:
+        return chunk_tokens(parse_weighted(prompt), tokenizer.encode, pad_id=EOS_TOKEN_ID)
+    except PromptError as err:
+        shown = prompt if len(prompt) <= 60 else prompt[:60] + "..."
+        raise PromptError(f"prompt {shown!r}: {err}") from None
 
 
 def chunk_input_ids(chunks: Sequence[Chunk], pad_token_id: int) -> Tensor:
@@ -147,7 +160,12 @@ def _encode_chunks(
         if weighted.any():
             rows = weighted.nonzero().squeeze(1)
             hidden = hidden.clone()
-            hidden[rows] = apply_emphasis(hidden[rows], weights[rows])             # (k, 77, D)
+            emphasized = apply_emphasis(hidden[rows], weights[rows])               # (k, 77, D)
+            if not torch.isfinite(emphasized).all() and torch.isfinite(hidden[rows]).all():
+                raise PromptError(
+                    "the prompt's emphasis weights make its text encoding overflow; use weights nearer 1"
+                )
+            hidden[rows] = emphasized
     return hidden, out.pooled
 
 

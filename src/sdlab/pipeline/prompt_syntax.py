@@ -13,7 +13,13 @@ Three steps, none of which needs a model:
      everything after it (``(unbalanced`` -> 1.1); ``(a:1.3`` with no ``)`` is ``a:1.3`` at weight 1.1;
    - the uppercase word ``BREAK`` (whole word) becomes the marker ``("BREAK", -1.0)``;
    - adjacent runs with exactly equal weight are merged; an empty prompt is ``[("", 1.0)]``;
-   - a weight such as ``(a:1.2.3)`` raises ``ValueError`` (A1111 fails on it too).
+   - a weight such as ``(a:1.2.3)`` is a ``PromptError`` (A1111's ``float()`` fails on it too).
+
+   Limits A1111 does not have, each a ``PromptError`` (a ``RequestError``: ``sdlab: error:``, exit 2):
+   a run weight beyond ``MAX_EMPHASIS_WEIGHT`` (100) in size, or not finite (``(a:999...9)`` is inf, and
+   ``(((...(a`` 10,000 deep is 1.1 ** 10000: A1111's sample turns NaN); text inside more than
+   ``MAX_BRACKET_DEPTH`` (64) open brackets. Brackets left open with no text after them are harmless, as in
+   A1111. With the depth bounded, parsing is linear in the prompt's length.
 
    A1111 quirk kept for parity: brackets multiply the BREAK marker too, so ``(a BREAK b)`` yields
    ``("BREAK", -1.1)``, which is no longer a marker and is then tokenized as the word "break" at weight
@@ -23,7 +29,8 @@ Three steps, none of which needs a model:
    (A1111 ``FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line``): every token carries the weight of
    its piece; ``BREAK`` closes the current chunk; when a chunk is full and a comma was seen within its
    last ``comma_padding_backtrack`` (20) tokens, the tokens after that comma move to the next chunk so
-   that a phrase is not cut in two. An empty prompt gives one chunk of padding. The text encoder wraps
+   that a phrase is not cut in two. An empty prompt gives one chunk of padding. More than ``MAX_CHUNKS``
+   (32 chunks, 2,400 tokens) is a ``PromptError``: each chunk adds 77 tokens to every cross-attention. The text encoder wraps
    each chunk as ``[begin] + 75 ids + [end]`` (77 positions, weight 1 at both ends), encodes each chunk
    separately and concatenates the results along the sequence axis (a prompt of n chunks conditions the
    U-Net with 77 * n tokens).
@@ -44,11 +51,14 @@ Three steps, none of which needs a model:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
+
+from sdlab.pipeline.request import RequestError
 
 ROUND_BRACKET_MULTIPLIER = 1.1
 SQUARE_BRACKET_MULTIPLIER = 1 / 1.1
@@ -70,18 +80,58 @@ _ATTENTION_TOKEN = re.compile(
     """,
     re.X,
 )
-_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+_BREAK_WORD = re.compile(r"\bBREAK\b")
+
+MAX_EMPHASIS_WEIGHT = 100.0      # |weight| of a run after its brackets multiply; more is an error
+MAX_BRACKET_DEPTH = 64           # brackets open around a run of text; more is an error (A1111 has no limit)
+MAX_CHUNKS = 32                  # 75-token chunks per prompt (2,400 tokens); more is an error
+
+
+class PromptError(RequestError):
+    """A prompt sdlab cannot encode: a malformed or absurd emphasis weight, or too many chunks."""
+
+
+def _excerpt(text: str, limit: int = 40) -> str:
+    """``text`` quoted, cut to ``limit`` characters, for error messages."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def _to_weight(number: str, position: int) -> float:
+    """The explicit weight of ``(text:number)``; A1111 calls ``float`` on it and fails the same way."""
     try:
-        return float(number)
-    except ValueError:                            # "1.2.3" matches [.\d]+ but is no number (A1111 fails too)
-        raise ValueError(f"emphasis weight {number!r} at character {position} is not a number") from None
+        weight = float(number)
+    except ValueError:                            # "1.2.3" matches [.\d]+ but is no number
+        raise PromptError(f"emphasis weight {_excerpt(number)} at character {position} is not a number") from None
+    if not math.isfinite(weight):                 # "9" * 400: float() gives inf (A1111: NaN)
+        raise PromptError(f"emphasis weight {_excerpt(number)} at character {position} is too large")
+    return weight
+
+
+def _split_breaks(text: str) -> list[str]:
+    r"""``re.split(r"\s*\bBREAK\b\s*", text)`` (A1111's split) in linear time.
+
+    That pattern backtracks over every run of whitespace not followed by BREAK (quadratic on a long blank
+    prompt); finding the word alone and stripping the whitespace around it gives the same parts.
+    """
+    parts, start = [], 0
+    for match in _BREAK_WORD.finditer(text):
+        parts.append(text[start : match.start()])
+        start = match.end()
+    parts.append(text[start:])
+    for i in range(len(parts)):
+        if i > 0:
+            parts[i] = parts[i].lstrip()          # str.strip's whitespace is exactly re's \s
+        if i < len(parts) - 1:
+            parts[i] = parts[i].rstrip()
+    return parts
 
 
 def parse_weighted(prompt: str) -> list[tuple[str, float]]:
     """Split an A1111 prompt into ``(text, weight)`` runs; ``("BREAK", -1.0)`` marks a chunk break.
+
+    Linear in the length of the prompt: a run is multiplied once per bracket around it, and at most
+    ``MAX_BRACKET_DEPTH`` brackets may be open around a run. Raises ``PromptError`` for a weight that is
+    not a number, a run nested too deep, or a weight beyond ``MAX_EMPHASIS_WEIGHT`` in size.
 
     >>> parse_weighted("an (important) word")
     [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
@@ -91,13 +141,22 @@ def parse_weighted(prompt: str) -> list[tuple[str, float]]:
     open_square: list[int] = []
 
     def scale_from(start: int, factor: float) -> None:
-        for run in runs[start:]:
-            run[1] *= factor
+        for i in range(start, len(runs)):         # in A1111's order, so weights equal its to the last bit
+            runs[i][1] *= factor
+
+    def add_run(text: str, weight: float, position: int) -> None:
+        depth = len(open_round) + len(open_square)    # each bracket open now scales this run once
+        if depth > MAX_BRACKET_DEPTH:
+            raise PromptError(
+                f"the text at character {position} is inside {depth} brackets; "
+                f"sdlab allows at most {MAX_BRACKET_DEPTH}"
+            )
+        runs.append([text, weight])
 
     for match in _ATTENTION_TOKEN.finditer(prompt):
         token, explicit_weight = match.group(0), match.group(1)
         if token.startswith("\\"):
-            runs.append([token[1:], 1.0])
+            add_run(token[1:], 1.0, match.start())
         elif token == "(":
             open_round.append(len(runs))
         elif token == "[":
@@ -109,15 +168,16 @@ def parse_weighted(prompt: str) -> list[tuple[str, float]]:
         elif token == "]" and open_square:
             scale_from(open_square.pop(), SQUARE_BRACKET_MULTIPLIER)
         else:                                     # text, a stray closer, a colon, or ":1.3)" with no "("
-            for i, part in enumerate(_BREAK.split(token)):
+            for i, part in enumerate(_split_breaks(token)):
                 if i > 0:
-                    runs.append(list(BREAK_MARKER))
-                runs.append([part, 1.0])
+                    add_run(*BREAK_MARKER, match.start())
+                add_run(part, 1.0, match.start())
 
     for start in open_round:                      # brackets left open act as if closed at the end
         scale_from(start, ROUND_BRACKET_MULTIPLIER)
     for start in open_square:
         scale_from(start, SQUARE_BRACKET_MULTIPLIER)
+    _check_weights(runs)
 
     if not runs:
         return [("", 1.0)]
@@ -129,6 +189,17 @@ def parse_weighted(prompt: str) -> list[tuple[str, float]]:
         else:
             merged.append([text, weight])
     return [(text, weight) for text, weight in merged]
+
+
+def _check_weights(runs: list[list]) -> None:
+    """Refuse a run whose brackets multiply its weight past ``MAX_EMPHASIS_WEIGHT`` (or to inf): the
+    emphasis would overflow the text encoding (A1111 draws a black image)."""
+    for text, weight in runs:
+        if not abs(weight) <= MAX_EMPHASIS_WEIGHT:
+            raise PromptError(
+                f"the brackets around {_excerpt(text)} give it an emphasis weight of {weight:.4g}; "
+                f"sdlab allows at most {MAX_EMPHASIS_WEIGHT:g} in size"
+            )
 
 
 def is_break(piece: tuple[str, float]) -> bool:
@@ -158,12 +229,14 @@ def chunk_tokens(
     pad_id: int = CLIP_END_ID,
     comma_id: int | None = CLIP_COMMA_ID,
     comma_padding_backtrack: int = 20,
+    max_chunks: int = MAX_CHUNKS,
 ) -> list[Chunk]:
     """Pack the tokens of ``weighted_pieces`` (from ``parse_weighted``) into chunks of ``chunk_len``.
 
     ``encode(text)`` returns the token ids of one piece, without begin/end tokens. Each piece is encoded
     on its own, as A1111 does. ``comma_padding_backtrack=0`` (or ``comma_id=None``) disables moving the
-    words after the last comma of a full chunk into the next one.
+    words after the last comma of a full chunk into the next one. More than ``max_chunks`` chunks (the text
+    encoder and the U-Net's cross-attention grow with each) is a ``PromptError``.
     """
     chunks: list[Chunk] = []
     ids: list[int] = []
@@ -172,6 +245,11 @@ def chunk_tokens(
 
     def close_chunk() -> None:
         nonlocal ids, weights, last_comma
+        if len(chunks) == max_chunks:
+            raise PromptError(
+                f"more than {max_chunks} chunks of {chunk_len} tokens (BREAK starts a new chunk); "
+                f"sdlab encodes at most {max_chunks}"
+            )
         length = len(ids)
         padding = chunk_len - length
         chunks.append(Chunk(tuple(ids + [pad_id] * padding), tuple(weights + [1.0] * padding), length))
