@@ -63,10 +63,10 @@ def test_batch_writes_one_file_per_seed_into_a_folder(model, tmp_path, capsys) -
                            "--out", str(tmp_path / "dir"), *FAST], capsys)
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "dir").iterdir())
-    assert names == ["3-two-cats.png", "4-two-cats.png"]
+    assert names == ["00000-3-two-cats.png", "00001-4-two-cats.png"]
     # image 1 of the batch is the picture of seed 4 drawn alone
     code, _, _ = run(["txt2img", "two cats", "--model", str(model), "--seed", "4", "--out", str(tmp_path / "one.png"), *FAST], capsys)
-    assert np.abs(pixels(tmp_path / "one.png") - pixels(tmp_path / "dir" / "4-two-cats.png")).max() <= 1
+    assert np.abs(pixels(tmp_path / "one.png") - pixels(tmp_path / "dir" / "00001-4-two-cats.png")).max() <= 1
 
 
 def test_img2img_and_inpaint_and_outpaint(model, picture, tmp_path, capsys) -> None:

@@ -8,21 +8,27 @@
     sdlab train --task unet|vae|text --data DIR ...                        (train/cli.py)
     sdlab eval PROMPTS [--model PATH] [--seeds N] [--cfg C] --out DIR       (cli/evaluate.py)
 
-Errors the user can fix (a bad file, a missing path) print one line, `sdlab: error: ...`, on stderr and exit
-with status 2; anything else exits 1, also without a traceback unless `--debug` or `SDLAB_DEBUG=1`.
-Nothing runs at import time.
+Errors the user can fix (a bad file, a missing path, a full disk) print one line, `sdlab: error: ...`, on
+stderr and exit with status 2; anything else exits 1, also without a traceback unless `--debug` or
+`SDLAB_DEBUG=1`. Ctrl-C exits 130 and SIGTERM 143 (128 + the signal number, as a shell reports a killed
+process), after removing any half-written file. `sdlab train` installs its own SIGINT / SIGTERM handler while
+it runs (finish the step, write a checkpoint). Nothing runs at import time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.cli.errors import UserError
+from sdlab.cli.errors import Terminated, UserError
 from sdlab.cli.evaluate import add_evaluate
 from sdlab.cli.generate import add_generate
 from sdlab.cli.inspect import add_inspect
@@ -31,6 +37,8 @@ from sdlab.train.cli import add_train_parser
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 128 + signal.SIGINT      # 130
+EXIT_TERMINATED = 128 + signal.SIGTERM      # 143
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -41,8 +49,21 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
 )
 
 
+def package_version() -> str:
+    """The installed package's version (its metadata), else the source tree's `sdlab.__version__`."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sdlab")
+    except metadata.PackageNotFoundError:
+        from sdlab import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdlab", description="Stable Diffusion from scratch in PyTorch.")
+    parser.add_argument("--version", action="version", version=f"sdlab {package_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (also SDLAB_DEBUG=1)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -55,15 +76,33 @@ def _error(message: str) -> None:
     print(f"sdlab: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While the command runs, SIGTERM raises `Terminated` (so `finally` blocks remove temporary files)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 internal error, 2 user error)."""
+    """Run the command line; returns the exit status (0 ok, 1 internal error, 2 user error, 130 / 143 signal)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = args.debug or os.environ.get("SDLAB_DEBUG", "") not in ("", "0")
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
     try:
-        return args.run(args)
+        with _sigterm_raises():
+            return args.run(args)
     except (CheckpointError, UserError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         if debug:
             raise
@@ -74,10 +113,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL_ERROR
     except KeyboardInterrupt:
         _error("interrupted")
-        return 130
+        return EXIT_INTERRUPTED
+    except Terminated:
+        _error("terminated")
+        return EXIT_TERMINATED
     except Exception as exc:  # a bug: one line unless debugging
         if debug:
             raise
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            _error(f"the disk is full: {exc.strerror} ({exc.filename or 'while writing'})")
+            return EXIT_USER_ERROR
         _error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return EXIT_INTERNAL_ERROR
 

@@ -6,13 +6,19 @@
     sdlab inpaint "a wide field" --init apple.png --outpaint 64,64,0,0
     sdlab txt2img --from-png apple.png          # the same picture again, from its parameters chunk
 
-Unset options take the model family's defaults (size, sampler, schedule). Each picture is a PNG with
-an A1111-style `parameters` chunk, written atomically; nothing is written when an input is bad.
+Unset options take the model family's defaults (size, sampler, schedule). Each picture carries the
+A1111-style parameters (a PNG `parameters` chunk; EXIF UserComment in a .jpg / .webp), including the
+model's name and hash and every LoRA (`<lora:NAME:WEIGHT>` in the prompt, `Lora hashes`), so that
+`--from-png` draws it again. In a folder, files are named `00012-<seed>-<prompt>.png` with A1111's
+counter and never replace an existing file; a batch is written all or nothing; nothing is written when
+an input is bad.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import re
 import sys
@@ -21,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.cli.errors import UserError
+
+logger = logging.getLogger("sdlab")
 
 DTYPES = ("fp32", "fp16", "bf16")
 
@@ -51,14 +59,21 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--batch", type=int, help="number of images (default 1)")
         p.add_argument("--clip-skip", type=int, help="A1111 clip skip: 1 = usual layer, 2 = one layer back")
         p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers")
-        p.add_argument("--out", default="outputs", help="output .png file, or a folder (default: ./outputs)")
+        p.add_argument("--out", default="outputs",
+                       help="output file (.png, .jpg, .webp; a batch adds -0, -1, ...; an existing file is replaced) "
+                            "or a folder, where files are numbered 00012-SEED-PROMPT.png and never replaced "
+                            "(default: ./outputs)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
         p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (default fp32)")
         p.add_argument(
             "--lora", action="append", default=[], metavar="FILE:WEIGHT",
             help="merge a LoRA file (kohya / A1111 format) at WEIGHT (default 1); repeatable",
         )
-        p.add_argument("--from-png", help="take every unset option from this PNG's parameters chunk")
+        p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                       help="where <lora:NAME:WEIGHT> tags of the prompt (or of --from-png) find NAME.safetensors; "
+                            "repeatable (also searched: the --from-png file's folder, the current folder)")
+        p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
+                                          "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         if mode != "txt2img":
             p.add_argument("--init", help="init image (required unless --from-png names one)")
@@ -73,23 +88,37 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(run=run_generate, mode=mode)
 
 
-def _options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """GenerationRequest keyword arguments: the PNG's parameters, then every option given on the line."""
-    from sdlab.pipeline.infotext import from_parameters
+def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed parameters of `--from-png` ({} without it)."""
     from sdlab.pipeline.png_info import parse_parameters, read_parameters
 
+    if not args.from_png:
+        return {}
+    try:
+        text = read_parameters(args.from_png)
+    except FileNotFoundError:
+        raise UserError(f"the --from-png file {args.from_png!r} does not exist") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read {args.from_png}: {err}") from None
+    if not text:
+        raise UserError(f"{args.from_png} has no 'parameters' chunk to regenerate from")
+    return parse_parameters(text)
+
+
+def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GenerationRequest keyword arguments: the PNG's parameters, then every option given on the line."""
+    from sdlab.pipeline.infotext import from_parameters
+
     options: dict[str, Any] = {}
-    if args.from_png:
+    recorded = _recorded_parameters(args) if recorded is None else recorded
+    if recorded:
         try:
-            text = read_parameters(args.from_png)
-        except OSError as err:
-            raise UserError(f"cannot read {args.from_png}: {err}") from None
-        if not text:
-            raise UserError(f"{args.from_png} has no 'parameters' chunk to regenerate from")
-        try:
-            options.update(from_parameters(parse_parameters(text)))
+            options.update(from_parameters(recorded))
         except ValueError as err:
             raise UserError(str(err)) from None
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and value <= 0:
+            raise UserError(f"{flag} must be a positive number of pixels (a multiple of 8), got {value}")
     given = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
@@ -115,10 +144,10 @@ def _options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _open_image(path: str, what: str):
-    from PIL import Image
+    from sdlab.pipeline.images import open_image
 
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             image.load()
             return image.copy()
     except FileNotFoundError:
@@ -138,35 +167,96 @@ def _parse_outpaint(text: str) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
-def _output_paths(out: str, prompt: str, seeds: list[int]) -> list[Path]:
-    """Where each image goes; checks the folder is writable before any work is done."""
+def _output_target(out: str) -> tuple[Path, str | None]:
+    """(folder, image format) for `--out`: a file name with a known extension, else a folder (format None)."""
+    from sdlab.pipeline.png_info import IMAGE_SUFFIXES, image_format
+
     target = Path(out)
-    if target.suffix.lower() == ".png":
-        folder = target.parent if str(target.parent) else Path(".")
-        paths = [target] if len(seeds) == 1 else [target.with_name(f"{target.stem}-{i}.png") for i in range(len(seeds))]
-    else:
-        folder = target
-        slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "image"
-        paths = [folder / f"{seed}-{slug}.png" for seed in seeds]
+    if out.endswith(("/", os.sep)) or os.path.isdir(out) or not target.suffix:    # isdir: False on any OSError
+        return target, None
+    fmt = image_format(target)
+    if fmt is None:
+        raise UserError(f"--out {out!r}: sdlab writes {', '.join(IMAGE_SUFFIXES)} files; name one of these, "
+                        "or a folder (without an extension, or ending in '/')")
+    return (target.parent if str(target.parent) else Path(".")), fmt
+
+
+def _slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:48] or "image"
+
+
+def _next_number(folder: Path) -> int:
+    """A1111's counter: one more than the largest number that starts a file name in `folder` (0 if none)."""
+    numbers = [int(m.group(1)) for entry in os.scandir(folder) if (m := re.match(r"(\d+)-", entry.name))]
+    return max(numbers, default=-1) + 1
+
+
+def _folder_paths(folder: Path, prompt: str, seeds: list[int]) -> list[Path]:
+    start = _next_number(folder)
+    return [folder / f"{start + i:05d}-{seed}-{_slug(prompt)}.png" for i, seed in enumerate(seeds)]
+
+
+def _file_paths(target: Path, count: int) -> list[Path]:
+    return [target] if count == 1 else [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
+
+
+def _output_paths(out: str, prompt: str, seeds: list[int]) -> list[Path]:
+    """Where each image goes; checks the folder is writable and the names fit before any work is done."""
+    folder, fmt = _output_target(out)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".sdlab-check-"):
             pass
     except OSError as err:
         raise UserError(f"cannot write to the output folder {str(folder)!r}: {err.strerror or err}") from None
+    paths = _file_paths(Path(out), len(seeds)) if fmt else _folder_paths(folder, prompt, seeds)
+    try:
+        name_max = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    for path in paths:
+        if len(os.fsencode(path.name)) > name_max:
+            raise UserError(f"the output file name {path.name[:40]!r}... is {len(os.fsencode(path.name))} bytes "
+                            f"long; this file system allows {name_max}")
     return paths
 
 
-def _load_pipeline(args: argparse.Namespace):
+def _save_images(out: str, paths: list[Path], images: list, texts: list[str], prompt: str, seeds: list[int]) -> list[Path]:
+    """Write the batch all or nothing; in a folder, renumber and retry when another run took the numbers."""
+    from sdlab.pipeline.png_info import ParametersError, encode_image, image_format, write_files_all_or_nothing
+
+    try:
+        blobs = [encode_image(image, image_format(path) or "PNG", text) for image, path, text in zip(images, paths, texts)]
+    except ParametersError as err:
+        raise UserError(str(err)) from None
+    in_folder = _output_target(out)[1] is None
+    for _ in range(100):
+        try:
+            write_files_all_or_nothing(list(zip(paths, blobs)), overwrite=not in_folder)
+            return paths
+        except FileExistsError:
+            if not in_folder:
+                raise
+            paths = _folder_paths(paths[0].parent, prompt, seeds)
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise UserError(f"the disk is full: cannot write {paths[0].parent}; nothing was written "
+                                f"({len(blobs)} image(s), {sum(map(len, blobs))} bytes)") from None
+            raise UserError(f"cannot write {paths[0].parent}: {err.strerror or err}; nothing was written") from None
+    raise UserError(f"cannot find free file names in {paths[0].parent}")
+
+
+def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = None,
+                   loras: list[tuple[str, float]] | None = None):
     import torch
 
     from sdlab.api import load, shipped_model_path
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    model = args.model or shipped_model_path()
+    model = model or args.model or shipped_model_path()
     if model is None:
         raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")
-    loras = [_parse_lora(spec) for spec in args.lora]
+    loras = [_parse_lora(spec) for spec in args.lora] if loras is None else loras
     if not 0.0 < args.refiner_switch < 1.0:
         raise UserError(f"--refiner-switch must lie in (0, 1), got {args.refiner_switch}")
     pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family, prediction=args.prediction,
@@ -191,13 +281,106 @@ def _parse_lora(spec: str) -> tuple[str, float]:
     return path, value
 
 
+_LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+def _lora_search_dirs(args: argparse.Namespace) -> list[Path]:
+    dirs = [Path(d) for d in args.lora_dir]
+    if args.from_png:
+        dirs.append(Path(args.from_png).resolve().parent)
+    return [*dirs, Path(".")]
+
+
+def _find_lora(name: str, args: argparse.Namespace) -> str | None:
+    """The file a `<lora:NAME:...>` tag names: NAME.safetensors (.pt, .ckpt) in the search folders."""
+    if any(sep in name for sep in ("/", "\\", "\0")) or name in (".", ".."):
+        raise UserError(f"the LoRA name {name!r} is not a plain file name")
+    for folder in _lora_search_dirs(args):
+        for suffix in _LORA_SUFFIXES:
+            if (folder / f"{name}{suffix}").is_file():
+                return str(folder / f"{name}{suffix}")
+    return None
+
+
+def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, Any]):
+    """(prompt without its LoRA tags, (file, weight) pairs to merge, `LoraRef`s to record).
+
+    `--lora FILE:WEIGHT` options come first; each `<lora:NAME:WEIGHT>` tag of the prompt adds NAME's file
+    unless a `--lora` file already has that name (the command line wins). A tag whose file cannot be found
+    is an error, never silently dropped; a file whose hash differs from the recorded `Lora hashes` is a warning.
+    """
+    from sdlab.pipeline.infotext import LoraRef, parse_lora_hashes, split_lora_tags
+    from sdlab.pipeline.png_info import lora_hash
+
+    try:
+        bare, tags = split_lora_tags(prompt)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    files = [_parse_lora(spec) for spec in args.lora]
+    names = {Path(path).stem for path, _ in files}
+    for tag in tags:
+        if tag.name in names:
+            continue
+        path = _find_lora(tag.name, args)
+        if path is None:
+            where = ", ".join(str(d) for d in _lora_search_dirs(args))
+            raise UserError(f"the prompt asks for the LoRA <lora:{tag.name}:{tag.weight:g}> but no {tag.name}"
+                            f"{'/'.join(_LORA_SUFFIXES)} is in {where}; pass --lora FILE:{tag.weight:g} or --lora-dir DIR")
+        files.append((path, tag.weight))
+        names.add(tag.name)
+    recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))
+    refs = []
+    for path, weight in files:
+        name, hash_ = Path(path).stem, lora_hash(path)
+        wanted = recorded_hashes.get(name, "").lower()
+        if wanted and not hash_.startswith(wanted[:12]):
+            logger.warning("the LoRA %s has hash %s but the picture was drawn with a LoRA %r of hash %s",
+                           path, hash_, name, wanted)
+        refs.append(LoraRef(name, weight, hash_))
+    applied = {ref.name: ref.weight for ref in refs}
+    prompt_to_record = prompt if all(applied.get(t.name) == t.weight for t in tags) else bare
+    return bare, files, refs, prompt_to_record
+
+
+def _identify_model(model: str | os.PathLike) -> tuple[str, str | None]:
+    """(name, short hash) written as `Model` / `Model hash`; a diffusers folder has no hash."""
+    from sdlab.pipeline.png_info import model_hash, model_name
+
+    return model_name(model), (model_hash(model) if os.path.isfile(model) else None)
+
+
+def _recorded_model(args: argparse.Namespace, recorded: dict[str, Any]) -> str | None:
+    """Without --model: the model the PNG names, when NAME.safetensors / .ckpt / NAME/ is beside it or here."""
+    name = str(recorded.get("Model") or "")
+    if args.model or not name or any(sep in name for sep in ("/", "\\", "\0")) or name in (".", ".."):
+        return None
+    for folder in (Path(args.from_png).resolve().parent, Path(".")):
+        for candidate in (folder / f"{name}.safetensors", folder / f"{name}.ckpt", folder / name):
+            if candidate.is_file() or (candidate / "model_index.json").is_file():
+                return str(candidate)
+    return None
+
+
+def _check_model(recorded: dict[str, Any], name: str, hash_: str | None) -> None:
+    """Warn when the model drawing differs from the one the --from-png picture was drawn with."""
+    wanted_name, wanted_hash = str(recorded.get("Model") or ""), str(recorded.get("Model hash") or "").lower()
+    differs = (wanted_hash != hash_[:len(wanted_hash)]) if wanted_hash and hash_ else bool(wanted_name) and wanted_name != name
+    if differs:
+        logger.warning("the picture was drawn with the model %r%s; drawing with %r%s instead (pass --model to choose)",
+                       wanted_name or "?", f" (hash {wanted_hash})" if wanted_hash else "",
+                       name, f" (hash {hash_})" if hash_ else "")
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.images import pad_for_outpaint
     from sdlab.pipeline.infotext import to_parameters
-    from sdlab.pipeline.png_info import format_parameters, model_hash, save_png_atomic
+    from sdlab.pipeline.png_info import format_parameters
     from sdlab.pipeline.request import GenerationRequest, RequestError
 
-    options = _options_from_args(args)
+    _output_target(args.out)                                  # a bad --out is refused before any work
+    recorded = _recorded_parameters(args)
+    options = _options_from_args(args, recorded)
+    options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], recorded)
     if args.mode != "txt2img":
         if not args.init:
             raise UserError(f"{args.mode} needs --init IMAGE")
@@ -222,7 +405,13 @@ def run_generate(args: argparse.Namespace) -> int:
         request = GenerationRequest(**options)
     except TypeError as err:
         raise UserError(str(err)) from None
-    pipe, model = _load_pipeline(args)
+    model = _recorded_model(args, recorded) if recorded else None
+    if model is not None:
+        logger.warning("using %s, the model the picture names (pass --model to choose another)", model)
+    pipe, model = _load_pipeline(args, model, loras)
+    name, hash_ = _identify_model(model)
+    if recorded:
+        _check_model(recorded, name, hash_)
     try:
         from sdlab.pipeline.generate import resolve_for
 
@@ -246,10 +435,9 @@ def run_generate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
 
-    name = Path(model).stem if os.path.isfile(model) else Path(model).name
-    hash_ = model_hash(model) if os.path.isfile(model) else None
-    for i, (image, path) in enumerate(zip(result.images, paths)):
-        parameters = format_parameters(to_parameters(result.request, index=i, model_name=name, model_hash=hash_))
-        save_png_atomic(image, path, parameters)
+    texts = [format_parameters(to_parameters(result.request, index=i, model_name=name, model_hash=hash_,
+                                             loras=lora_refs, prompt=prompt_to_record))
+             for i in range(len(result.images))]
+    for path in _save_images(args.out, paths, result.images, texts, request.prompt, request.seeds()):
         print(path)
     return 0

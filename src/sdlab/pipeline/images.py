@@ -17,7 +17,11 @@ diffusers' inpaint pipeline does to a mask (resize with Lanczos, grayscale, / 25
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import warnings
+from collections.abc import Iterator
 from typing import Sequence
 
 import numpy as np
@@ -28,6 +32,28 @@ from PIL import Image, ImageFilter
 logger = logging.getLogger(__name__)
 
 Colour = tuple[int, int, int] | str
+
+
+class ImageTooLargeError(ValueError):
+    """An image file whose declared pixel count exceeds Pillow's decompression-bomb limit."""
+
+
+@contextlib.contextmanager
+def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
+    """``Image.open(path)`` that refuses decompression bombs: ``ImageTooLargeError`` (a ``ValueError``).
+
+    Pillow warns above ``Image.MAX_IMAGE_PIXELS`` (about 89 megapixels) and raises above twice that; both
+    become the error here, raised before any pixel is decoded. Other failures are Pillow's own
+    (``FileNotFoundError``, ``UnidentifiedImageError`` / ``OSError``, ``ValueError``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise ImageTooLargeError(f"{os.fspath(path)!r} is too large to open safely ({err})") from None
+    with image:
+        yield image
 
 
 def snap_size(width: int, height: int, multiple: int = 8) -> tuple[int, int]:

@@ -4,10 +4,18 @@
 sdlab's own exactness settings under their own labels, so `--from-png` reproduces the picture;
 `from_parameters` reads the fields back as `GenerationRequest` keyword arguments, and also reads
 the common fields of files written by A1111.
+
+LoRAs are recorded as A1111 records them: a `<lora:NAME:WEIGHT>` tag in the prompt (A1111's way of asking
+for one) and `Lora hashes: "NAME: HASH12, ..."`. `split_lora_tags` takes the tags out of a prompt before
+it is encoded, as A1111 does.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
@@ -31,11 +39,71 @@ _FIELDS: dict[str, tuple[str, type]] = {
 }
 
 
+# A1111 extra-network syntax, lora only: <lora:NAME>, <lora:NAME:WEIGHT>, <lora:NAME:TE:UNET> (TE is used)
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """A LoRA as the parameters name it: A1111's name (the file's stem), its weight and its short hash."""
+
+    name: str
+    weight: float = 1.0
+    hash: str | None = None
+
+
+def _format_weight(weight: float) -> str:
+    return f"{weight:g}"
+
+
+def split_lora_tags(prompt: str) -> tuple[str, list[LoraRef]]:
+    """(the prompt without its `<lora:...>` tags, the LoRAs they name). A bad weight raises ValueError."""
+    refs = []
+    for match in _LORA_TAG.finditer(prompt):
+        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not name or not math.isfinite(value):
+            raise ValueError(f"the LoRA tag {match.group(0)!r} wants <lora:NAME:WEIGHT> with a number as WEIGHT")
+        refs.append(LoraRef(name, value))
+    return _LORA_TAG.sub("", prompt), refs
+
+
+def with_lora_tags(prompt: str, loras: Sequence[LoraRef]) -> str:
+    """`prompt` with a `<lora:NAME:WEIGHT>` tag for each LoRA it does not name yet (appended, A1111 style)."""
+    named = {ref.name for ref in split_lora_tags(prompt)[1]}
+    tags = [f"<lora:{ref.name}:{_format_weight(ref.weight)}>" for ref in loras if ref.name not in named]
+    return " ".join([prompt, *tags]) if prompt and tags else prompt or " ".join(tags)
+
+
+def format_lora_hashes(loras: Sequence[LoraRef]) -> str | None:
+    """A1111's `Lora hashes` value, `"name: hash, name: hash"` (names without ':' or ',')."""
+    items = [f"{ref.name.replace(':', '').replace(',', '')}: {ref.hash}" for ref in loras if ref.hash]
+    return ", ".join(items) or None
+
+
+def parse_lora_hashes(value: Any) -> dict[str, str]:
+    """`Lora hashes` text -> {name: hash}; malformed items are skipped."""
+    result = {}
+    for item in str(value or "").split(","):
+        name, sep, hash_ = item.partition(":")
+        if sep and name.strip() and hash_.strip():
+            result[name.strip()] = hash_.strip()
+    return result
+
+
 def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | None = None,
-                  model_hash: str | None = None) -> dict[str, Any]:
-    """The labelled parameters of image `index` of a resolved request (its seed is seed + index)."""
+                  model_hash: str | None = None, loras: Sequence[LoraRef] = (),
+                  prompt: str | None = None) -> dict[str, Any]:
+    """The labelled parameters of image `index` of a resolved request (its seed is seed + index).
+
+    `loras` are the LoRAs merged into the model: each gets a `<lora:NAME:WEIGHT>` tag in the prompt
+    (unless `prompt`, the text as the user wrote it, already has one) and its hash in `Lora hashes`.
+    """
     p: dict[str, Any] = {
-        PROMPT: req.prompt,
+        PROMPT: with_lora_tags(req.prompt if prompt is None else prompt, loras),
         NEGATIVE_PROMPT: req.negative_prompt,
         "Steps": req.steps,
         "Sampler": req.sampler,
@@ -53,6 +121,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" else None,
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
+        "Lora hashes": format_lora_hashes(loras),
         "Version": version_label(),
     }
     return p
@@ -77,6 +146,8 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
             width, height = (int(v) for v in str(p["Size"]).lower().split("x"))
         except ValueError:
             raise ValueError(f"the PNG's Size value {p['Size']!r} is not WIDTHxHEIGHT") from None
+        if min(width, height) <= 0:
+            raise ValueError(f"the PNG's Size value {p['Size']!r} is not a positive WIDTHxHEIGHT")
         fields["width"], fields["height"] = width, height
     sampler = fields.get("sampler", "")
     for suffix in (" Karras", " Exponential"):  # older A1111 files name the schedule in the sampler

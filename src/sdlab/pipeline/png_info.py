@@ -15,22 +15,32 @@ alone (a flag). Parameter mappings here use A1111's labels as keys, with ``"Prom
 Lossy corners, the same as in A1111: the text is stripped as a whole and each prompt line is stripped,
 a prompt line that starts with ``Negative prompt:`` starts the negative prompt, and a last line with
 fewer than three ``Key: value`` pairs is read as prompt text.
+
+JPEG and WebP files carry the same text in the EXIF ``UserComment`` tag, as A1111 writes it (piexif's
+"unicode" encoding: ``UNICODE\\0`` then UTF-16-BE). Reading is bounded: at most
+``MAX_PARAMETERS_CHARS`` characters, parsed in linear time.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import secrets
+import struct
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin
 
-from sdlab.utils.files import atomic_write
+from sdlab.pipeline.images import open_image
+from sdlab.utils.files import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +49,23 @@ PROMPT = "Prompt"
 NEGATIVE_PROMPT = "Negative prompt"
 
 # A1111 infotext_utils.re_param: a key, a colon, then a JSON string or anything up to the next comma.
-_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+# Possessive quantifiers: a failed key never backtracks (A1111's pattern is quadratic on a long key-like
+# run without a colon); `_pairs` skips such a run whole instead of retrying inside it.
+_PARAM = re.compile(r'\s*(\w[\w \-/]++):\s*("(?:\\.|[^\\"])++"|[^,]*+)(?:,|$)')
+_SKIP = re.compile(r"\s*(?:\w[\w \-/]*+|.)", re.DOTALL)
 _KEY = re.compile(r"\w[\w \-/]+")
 _NEGATIVE_PREFIX = "Negative prompt:"
+
+MAX_PARAMETERS_CHARS = 65_536          # two 20,000-character prompts and the settings fit; longer text is refused
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_EXIF_IFD = 0x8769                     # the Exif sub-IFD
+_USER_COMMENT = 0x9286
+_UNICODE_PREFIX = b"UNICODE\0"         # EXIF character code of UserComment: UCS-2 / UTF-16, big-endian here
+_ASCII_PREFIX = b"ASCII\0\0\0"
+
+
+class ParametersError(ValueError):
+    """An image whose parameters cannot be read (too large, undecodable, not an image)."""
 
 # Fields whose values are numbers; everything else is returned as text, as A1111 does.
 _INT_FIELDS = frozenset({"Steps", "Seed", "Clip skip", "Hires steps", "Variation seed", "ENSD"})
@@ -123,9 +147,10 @@ def parse_parameters(text: str) -> dict[str, Any]:
     fills in its UI defaults at this point; that is the caller's business here).
     """
     *lines, last_line = text.strip().split("\n")
-    if len(_PARAM.findall(last_line)) < 3:
+    pairs = _pairs(last_line)
+    if len(pairs) < 3:
         lines.append(last_line)
-        last_line = ""
+        pairs = []
 
     prompt_lines: list[str] = []
     negative_lines: list[str] = []
@@ -138,11 +163,28 @@ def parse_parameters(text: str) -> dict[str, Any]:
         (negative_lines if in_negative else prompt_lines).append(line)
 
     result: dict[str, Any] = {PROMPT: "\n".join(prompt_lines), NEGATIVE_PROMPT: "\n".join(negative_lines)}
-    for key, value in _PARAM.findall(last_line):
+    for key, value in pairs:
         if value[:1] == '"' and value[-1:] == '"':
             value = unquote(value)
         result[key] = _typed(key, value)
     return result
+
+
+def _pairs(line: str) -> list[tuple[str, str]]:
+    """Every ``Key: value`` pair of ``line``: what ``re.findall`` with A1111's pattern finds, in linear time.
+
+    Where no pair starts, a whole run of key characters is skipped: a pair cannot start inside it either,
+    since every start in the run reaches the same end, which is not followed by ``:``.
+    """
+    pairs, position = [], 0
+    while position < len(line):
+        match = _PARAM.match(line, position)
+        if match:
+            pairs.append((match.group(1), match.group(2)))
+            position = match.end() if match.end() > position else position + 1
+        else:
+            position = _SKIP.match(line, position).end()
+    return pairs
 
 
 def save_png_atomic(image: Image.Image, path: str | os.PathLike, parameters: str | None) -> None:
@@ -160,11 +202,122 @@ def save_png_atomic(image: Image.Image, path: str | os.PathLike, parameters: str
 
 
 def read_parameters(path: str | os.PathLike) -> str | None:
-    """The ``parameters`` text stored in an image file, or ``None`` when it has none."""
-    with Image.open(path) as image:
-        chunks = getattr(image, "text", None)     # PNG: every tEXt/iTXt/zTXt chunk, also those after IDAT
-        value = chunks.get(PARAMETERS_KEY) if chunks is not None else image.info.get(PARAMETERS_KEY)
-    return value if isinstance(value, str) else None
+    """The ``parameters`` text stored in an image file (PNG chunk or JPEG / WebP EXIF), or ``None``.
+
+    Raises ``ParametersError`` for an image Pillow refuses (too many pixels: a decompression bomb, or
+    text chunks beyond Pillow's limits) and for text longer than ``MAX_PARAMETERS_CHARS``;
+    ``FileNotFoundError`` / ``OSError`` for a missing or unreadable file.
+    """
+    try:
+        with open_image(path) as image:
+            chunks = getattr(image, "text", None)     # PNG: every tEXt/iTXt/zTXt chunk, also those after IDAT
+            value = chunks.get(PARAMETERS_KEY) if chunks is not None else image.info.get(PARAMETERS_KEY)
+            if value is None and image.format in ("JPEG", "WEBP", "MPO"):
+                value = _user_comment(image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT))
+    except ValueError as err:                       # Pillow: "Decompressed Data Too Large", bombs, bad EXIF
+        raise ParametersError(f"cannot read the parameters of {os.fspath(path)!r}: {err}") from None
+    if not isinstance(value, str):
+        return None
+    if len(value) > MAX_PARAMETERS_CHARS:
+        raise ParametersError(f"the parameters text of {os.fspath(path)!r} is {len(value)} characters long; "
+                              f"the limit is {MAX_PARAMETERS_CHARS}")
+    return value
+
+
+def _user_comment(data: Any) -> str | None:
+    """An EXIF UserComment as text (A1111 writes ``UNICODE\\0`` + UTF-16-BE), or None."""
+    if not isinstance(data, bytes) or len(data) > 4 * MAX_PARAMETERS_CHARS:
+        return None
+    if data.startswith(_UNICODE_PREFIX):
+        return data[8:].decode("utf-16-be", errors="replace")
+    if data.startswith(_ASCII_PREFIX):
+        return data[8:].decode("ascii", errors="replace")
+    return data.decode("utf-8", errors="ignore") or None       # A1111's fallback for unprefixed bytes
+
+
+def _exif_with_comment(text: str) -> bytes:
+    exif = Image.Exif()
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + text.encode("utf-16-be")
+    return exif.tobytes()
+
+
+def image_format(path: str | os.PathLike) -> str | None:
+    """``"PNG"``, ``"JPEG"`` or ``"WEBP"`` from a file name's extension, or None for any other name."""
+    return IMAGE_SUFFIXES.get(Path(path).suffix.lower())
+
+
+def encode_image(image: Image.Image, fmt: str, parameters: str | None) -> bytes:
+    """The bytes of ``image`` as a PNG (``parameters`` text chunk) or a JPEG / WebP (EXIF UserComment).
+
+    JPEG and WebP are written at quality 95; a JPEG's EXIF holds at most 64 KiB (about 32,000 characters
+    of parameters): longer text raises ``ParametersError``.
+    """
+    buffer = io.BytesIO()
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        if parameters is not None:
+            info.add_text(PARAMETERS_KEY, parameters)
+        image.save(buffer, format="PNG", pnginfo=info)
+        return buffer.getvalue()
+    if fmt not in ("JPEG", "WEBP"):
+        raise ValueError(f"cannot write {fmt!r} images; sdlab writes PNG, JPEG and WebP")
+    exif = _exif_with_comment(parameters) if parameters is not None else b""
+    if fmt == "JPEG" and len(exif) > 65_000:
+        raise ParametersError(f"the parameters ({len(parameters or '')} characters) do not fit in a JPEG's "
+                              "64 KiB EXIF block; write a .png or a .webp")
+    image.convert("RGB").save(buffer, format=fmt, quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def write_files_all_or_nothing(files: Sequence[tuple[Path, bytes]], *, overwrite: bool) -> None:
+    """Write every ``(path, data)`` or none: all go to temporary files first, then each is renamed.
+
+    With ``overwrite=False`` an existing file is never replaced: ``FileExistsError`` is raised and the files
+    of this call already in place are removed again. A full disk raises ``OSError`` with ``errno.ENOSPC``
+    (or ``EDQUOT``) before any file of the batch appears. Temporary names are short (``.sdlab-<hex>.tmp``)
+    so that only the final names meet the file system's name-length limit.
+    """
+    temporaries: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for path, data in files:
+            temporary = path.with_name(f".sdlab-{secrets.token_hex(6)}.tmp")
+            temporaries.append((temporary, path))
+            with open(temporary, "xb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+        for temporary, path in temporaries:
+            _place(temporary, path, overwrite)
+            placed.append(path)
+    except BaseException:
+        for temporary, _ in temporaries:
+            temporary.unlink(missing_ok=True)
+        if not overwrite:
+            for path in placed:
+                path.unlink(missing_ok=True)
+        raise
+    for folder in {path.parent for path, _ in files}:
+        fsync_dir(folder)
+
+
+def _place(temporary: Path, path: Path, overwrite: bool) -> None:
+    """Rename ``temporary`` to ``path``; without ``overwrite`` fail with FileExistsError if ``path`` exists."""
+    if overwrite:
+        os.replace(temporary, path)
+        return
+    try:
+        os.link(temporary, path)                  # atomic "create if absent", even against another process
+    except FileExistsError:
+        raise
+    except OSError as err:                        # a file system without hard links
+        if err.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path)) from None
+        os.replace(temporary, path)
+        return
+    temporary.unlink()
 
 
 def model_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
@@ -174,3 +327,57 @@ def model_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
         while block := file.read(block_size):
             digest.update(block)
     return digest.hexdigest()[:10]
+
+
+def lora_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
+    """A1111's short LoRA hash (``Lora hashes``): 12 hex digits of the SHA-256 of the file, for a
+    ``.safetensors`` file of its tensor data only (the "addnet" hash, which ignores the header)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        if Path(path).suffix.lower() == ".safetensors":
+            (header_size,) = struct.unpack("<Q", file.read(8).ljust(8, b"\0"))
+            file.seek(8 + header_size)
+        while block := file.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+_GENERIC_STEM = re.compile(r"(final|last|model|checkpoint|diffusion_pytorch_model|step-?\d+)(-ema)?", re.IGNORECASE)
+_MAX_HEADER = 100 << 20                        # the safetensors library's own header limit
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``__metadata__`` of a ``.safetensors`` file's header ({} when unreadable or absent)."""
+    try:
+        with open(path, "rb") as file:
+            (size,) = struct.unpack("<Q", file.read(8))
+            if size > _MAX_HEADER:
+                return {}
+            header = json.loads(file.read(size))
+    except (OSError, ValueError, struct.error):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
+
+
+def model_name(path: str | os.PathLike) -> str:
+    """The ``Model`` name written into the parameters: the file's own title, else a name from its path.
+
+    A ``modelspec.title`` in a ``.safetensors`` header wins; a diffusers folder is named by the folder; a
+    file with a generic name (``final.safetensors``, ``final-ema``, ``last``, ``model``, ``step-200``, as
+    training runs write them) is named by its run folder (``runs/cats/final-ema.safetensors`` ->
+    ``cats-final-ema``... except ``final``, which is the run's own name: ``cats``); anything else by its stem.
+    """
+    path = Path(path)
+    absolute = Path(os.path.abspath(path))          # normalised, symlinks kept: a link's own name counts
+    if path.is_dir():
+        return absolute.name
+    title = safetensors_metadata(path).get("modelspec.title", "").strip() if path.suffix == ".safetensors" else ""
+    if title:
+        return " ".join(title.split())[:200]
+    stem = path.stem
+    if _GENERIC_STEM.fullmatch(stem):
+        folder = absolute.parent.name
+        if folder:
+            return folder if stem.lower() == "final" else f"{folder}-{stem}"
+    return stem

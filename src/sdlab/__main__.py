@@ -1,0 +1,7 @@
+"""`python -m sdlab ...` is the `sdlab` command."""
+
+import sys
+
+from sdlab.cli import main
+
+sys.exit(main())

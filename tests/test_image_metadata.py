@@ -1,0 +1,216 @@
+"""Image metadata beyond the PNG round trip: bounded, linear-time reading of hostile files, JPEG / WebP EXIF,
+LoRA tags and hashes, model names, and all-or-nothing batch writes."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import re
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from sdlab.pipeline import png_info
+from sdlab.pipeline.images import ImageTooLargeError, open_image
+from sdlab.pipeline.infotext import (
+    LoraRef,
+    format_lora_hashes,
+    parse_lora_hashes,
+    split_lora_tags,
+    to_parameters,
+    with_lora_tags,
+)
+from sdlab.pipeline.png_info import (
+    MAX_PARAMETERS_CHARS,
+    ParametersError,
+    encode_image,
+    format_parameters,
+    lora_hash,
+    model_name,
+    parse_parameters,
+    read_parameters,
+    write_files_all_or_nothing,
+)
+from sdlab.pipeline.request import GenerationRequest
+
+A1111_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')   # A1111's own pattern
+
+
+def _image(width=16, height=8):
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _png_with_text(path: Path, key: str, text: str, *, compressed: bool) -> Path:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(key, text, zip=compressed)
+    _image(4, 4).save(path, pnginfo=info)
+    return path
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG that declares width x height pixels (Pillow reads the size before any pixel)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+# --- hostile parameters text --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tail", [
+    "A: " + "a" * 200_000,                 # the reported ReDoS: a key-like run with no colon after it
+    "a" * 200_000,
+    "a-" * 100_000,
+    "a:" * 100_000,
+    'Ab: "x, ' * 25_000,
+    '\\"' * 100_000,
+])
+def test_parse_is_linear_on_hostile_text(tail):
+    start = time.perf_counter()
+    parse_parameters("p\n" + tail)
+    assert time.perf_counter() - start < 2.0          # A1111's pattern: > 60 s for the first case
+
+
+def test_pair_scanner_finds_what_a1111s_pattern_finds():
+    rng = np.random.default_rng(1)
+    alphabet = list('ab :,"\\-/\tX1é')
+    for _ in range(5_000):
+        line = "".join(rng.choice(alphabet, size=int(rng.integers(0, 30))))
+        assert png_info._pairs(line) == A1111_PARAM.findall(line), line
+
+
+def test_redos_file_is_read_quickly_and_oversize_text_is_refused(tmp_path):
+    bomb = _png_with_text(tmp_path / "redos.png", "parameters", "p\nA: " + "a" * 60_000, compressed=True)
+    assert bomb.stat().st_size < 1_000
+    start = time.perf_counter()
+    assert parse_parameters(read_parameters(bomb))["Prompt"].startswith("p\nA: aaa")
+    assert time.perf_counter() - start < 2.0
+
+    big = _png_with_text(tmp_path / "big.png", "parameters", "p\nA: " + "a" * 200_000, compressed=True)
+    with pytest.raises(ParametersError, match=f"limit is {MAX_PARAMETERS_CHARS}"):
+        read_parameters(big)
+
+
+def test_text_chunk_beyond_pillows_limit_is_a_parameters_error(tmp_path):
+    huge = _png_with_text(tmp_path / "ztxt.png", "parameters", "a" * (2 << 20), compressed=True)   # 2 MiB
+    with pytest.raises(ParametersError, match="cannot read the parameters"):
+        read_parameters(huge)
+
+
+@pytest.mark.parametrize("side", [10_000, 20_000])       # 100 Mpx: Pillow warns; 400 Mpx: Pillow raises
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, side):
+    path = _png_header_only(tmp_path / "bomb.png", side, side)
+    with pytest.raises(ImageTooLargeError, match="too large"):
+        with open_image(path):
+            pass
+    with pytest.raises(ParametersError, match="too large"):
+        read_parameters(path)
+
+
+# --- JPEG / WebP ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_jpeg_and_webp_carry_the_parameters_in_exif_usercomment_as_a1111(tmp_path, fmt):
+    text = "a cat, 日本語\nNegative prompt: dog\nSteps: 2, Sampler: Euler, Seed: 1"
+    path = tmp_path / f"x.{fmt.lower()}"
+    path.write_bytes(encode_image(_image(), fmt, text))
+    with Image.open(path) as image:
+        assert image.format == fmt
+        comment = image.getexif().get_ifd(0x8769)[0x9286]
+    assert comment == b"UNICODE\0" + text.encode("utf-16-be")           # piexif's "unicode" UserComment
+    assert read_parameters(path) == text
+
+
+def test_jpeg_too_long_for_exif_is_a_clear_error():
+    with pytest.raises(ParametersError, match="64 KiB"):
+        encode_image(_image(), "JPEG", "x" * 40_000)
+
+
+# --- LoRA tags, hashes, model names ----------------------------------------------------------------------------
+
+def test_lora_tags_split_and_added_like_a1111():
+    bare, refs = split_lora_tags("a cat <lora:style:0.8>, <lora:detail> <LORA:x:0.5:0.2>")
+    assert bare == "a cat ,  " and refs == [LoraRef("style", 0.8), LoraRef("detail", 1.0), LoraRef("x", 0.5)]
+    with pytest.raises(ValueError, match="WEIGHT"):
+        split_lora_tags("a <lora:style:abc>")
+    assert with_lora_tags("a cat <lora:style:0.8>", [LoraRef("style", 0.8), LoraRef("b", 0.25)]) == \
+        "a cat <lora:style:0.8> <lora:b:0.25>"
+    loras = [LoraRef("s,t:y", 0.5, "0123456789ab"), LoraRef("u", 1.0, "ba9876543210")]
+    assert format_lora_hashes(loras) == "sty: 0123456789ab, u: ba9876543210"
+    assert parse_lora_hashes(format_lora_hashes(loras)) == {"sty": "0123456789ab", "u": "ba9876543210"}
+
+
+def test_parameters_record_the_loras_and_read_back():
+    req = GenerationRequest(prompt="a cat", steps=3, sampler="Euler", schedule="karras", cfg_scale=7.0, seed=1,
+                            width=64, height=64)
+    text = format_parameters(to_parameters(req, loras=[LoraRef("style", 0.8, "0123456789ab")]))
+    params = parse_parameters(text)
+    assert params["Prompt"] == "a cat <lora:style:0.8>" and params["Lora hashes"] == "style: 0123456789ab"
+
+
+def test_lora_hash_is_a1111s_addnet_hash(tmp_path):
+    header = json.dumps({"__metadata__": {"ss_output_name": "x"}}).encode()
+    data = b"\x01\x02" * 1000
+    path = tmp_path / "style.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    assert lora_hash(path) == hashlib.sha256(data).hexdigest()[:12]      # the header does not count
+    other = tmp_path / "style.pt"
+    other.write_bytes(data)
+    assert lora_hash(other) == hashlib.sha256(data).hexdigest()[:12]
+
+
+def _safetensors(path: Path, metadata: dict[str, str] | None = None) -> Path:
+    header = {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 4)
+    return path
+
+
+def test_model_name_of_fine_tunes_is_the_run_or_the_files_title(tmp_path):
+    assert model_name(_safetensors(tmp_path / "runs" / "cats" / "final.safetensors")) == "cats"
+    assert model_name(_safetensors(tmp_path / "runs" / "cats" / "final-ema.safetensors")) == "cats-final-ema"
+    assert model_name(_safetensors(tmp_path / "v1-5-pruned-emaonly.safetensors")) == "v1-5-pruned-emaonly"
+    titled = _safetensors(tmp_path / "runs" / "dogs" / "final.safetensors", {"modelspec.title": "Dogs v2"})
+    assert model_name(titled) == "Dogs v2"
+    (tmp_path / "diffusers-model").mkdir()
+    assert model_name(tmp_path / "diffusers-model") == "diffusers-model"
+
+
+# --- all-or-nothing writes -------------------------------------------------------------------------------------
+
+def test_full_disk_in_the_middle_of_a_batch_leaves_nothing(tmp_path, monkeypatch):
+    real_fsync, calls = png_info.os.fsync, []
+
+    def fsync_then_full(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(png_info.os, "fsync", fsync_then_full)
+    files = [(tmp_path / f"b-{i}.png", b"data") for i in range(3)]
+    with pytest.raises(OSError) as raised:
+        write_files_all_or_nothing(files, overwrite=True)
+    assert raised.value.errno == errno.ENOSPC
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_no_overwrite_refuses_existing_names_and_takes_back_the_batch(tmp_path):
+    (tmp_path / "b.png").write_bytes(b"old")
+    with pytest.raises(FileExistsError):
+        write_files_all_or_nothing([(tmp_path / "a.png", b"new"), (tmp_path / "b.png", b"new")], overwrite=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.png"] and (tmp_path / "b.png").read_bytes() == b"old"
+    write_files_all_or_nothing([(tmp_path / "b.png", b"new")], overwrite=True)
+    assert (tmp_path / "b.png").read_bytes() == b"new"
