@@ -189,7 +189,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path, monkeypatch: pyt
         Path(filename).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckpt_io, "save_file", fail_midway)
+    monkeypatch.setattr(ckpt_io, "save_safetensors", fail_midway)
     with pytest.raises(OSError, match="disk full"):
         write_safetensors_atomic(target, {"w": torch.zeros(2)})
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"]

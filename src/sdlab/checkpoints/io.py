@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from sdlab.checkpoints.errors import CheckpointError
@@ -182,8 +181,69 @@ def _read_safetensors(path: Path) -> tuple[LazyStateDict, dict[str, str]]:
 _REFUSAL = re.compile(r"(Unsupported[^\n]*|Trying to load unsupported[^\n]*)")
 
 
+MAX_PICKLE_BYTES = 64 << 20        # data.pkl of a real checkpoint: well under 1 MiB (SDXL + EMA + optimizer: a few)
+MAX_EXPANSION = 32                  # a deflated record may grow this much (plus 64 MiB) as it is unpacked
+
+
+def _zip_entries(path: Path) -> list[zipfile.ZipInfo]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise CheckpointError(f"{path}: damaged zip archive ({_one_line(exc)})") from exc
+
+
+def _read_small_record(path: Path, info: zipfile.ZipInfo) -> bytes:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.read(info)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: damaged zip archive ({_one_line(exc)})") from exc
+
+
+def _check_torch_zip(path: Path) -> bool:
+    """Check a torch zip checkpoint's directory before unpacking anything; True if it can be memory-mapped.
+
+    Refuses: a `data.pkl` larger than `MAX_PICKLE_BYTES` once unpacked (a decompression bomb: torch reads it
+    whole into memory), deflated records that expand beyond `MAX_EXPANSION` times their packed size,
+    compression methods PyTorch cannot read, and a `byteorder` record other than "little". Memory-mapping
+    reads records as stored bytes, so a file with any compressed record is read without it.
+    """
+    entries = _zip_entries(path)
+    for info in entries:
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise CheckpointError(f"{path}: record {info.filename} uses zip compression method {info.compress_type}, "
+                                  "which PyTorch cannot read (only stored or deflated records)")
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+            raise CheckpointError(f"{path}: damaged zip archive (stored record {info.filename} claims "
+                                  f"{info.file_size} bytes in {info.compress_size})")
+        name = info.filename.rsplit("/", 1)[-1]
+        if name == "data.pkl" and info.file_size > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{path}: refused: its pickle {info.filename} unpacks to {_mib(info.file_size)}, "
+                                  f"more than any checkpoint needs (limit {_mib(MAX_PICKLE_BYTES)})")
+        if name == "byteorder":
+            order = _read_small_record(path, info) if info.file_size <= 16 else b"?"
+            if order != b"little":
+                raise CheckpointError(f"{path}: refused: its byteorder record says {order.decode(errors='replace')!r}; "
+                                      "sdlab reads little-endian checkpoints only (re-save it with torch.save on a "
+                                      "little-endian machine, or convert it to .safetensors)")
+    deflated = [i for i in entries if i.compress_type == zipfile.ZIP_DEFLATED]
+    unpacked = sum(i.file_size for i in deflated)
+    allowed = (64 << 20) + MAX_EXPANSION * sum(i.compress_size for i in deflated)
+    if unpacked > allowed:
+        raise CheckpointError(f"{path}: refused: its compressed records unpack to {_mib(unpacked)} from "
+                              f"{_mib(sum(i.compress_size for i in deflated))} (a decompression bomb?)")
+    return not deflated
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"
+
+
 def _read_pickle(path: Path) -> dict[str, Tensor]:
-    mmap = zipfile.is_zipfile(path)  # only torch's zip format can be memory-mapped
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"      # what torch.load takes for its zip format
+    mmap = _check_torch_zip(path) if is_zip else False
     try:
         with warnings.catch_warnings():  # torch asks users to "file an issue" about old pickle protocols
             warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
@@ -215,20 +275,55 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _independent(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Contiguous tensors that own their storage, as safetensors requires (views of a larger tensor are copied)."""
-    out: dict[str, Tensor] = {}
-    seen: set[int] = set()
+_DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+def _safetensors_header(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> tuple[bytes, list[str]]:
+    """The length-prefixed JSON header and the order the tensors' bytes follow it in.
+
+    Everything is sorted (tensors by element size, largest first, so each stays aligned, then by name;
+    metadata by key), so the same tensors and metadata always give the same bytes.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)                                    # data starts 8-byte aligned
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def _check_savable(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
     for key, t in tensors.items():
         if t.device.type == "meta":
             raise CheckpointError(f"cannot save {key}: tensor has no data (meta device)")
-        t = t.detach().to("cpu").contiguous()
-        storage = t.untyped_storage()
-        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        out[key] = t
-    return out
+        if t.dtype not in _DTYPE_NAMES:
+            raise CheckpointError(f"cannot save {key}: safetensors has no dtype {t.dtype}")
+    bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata must map str to str; not so for {bad[:5]}")
+
+
+def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str],
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Write a `.safetensors` file, one tensor at a time (no second copy of the weights in memory).
+
+    The bytes depend only on the tensors and metadata (see `_safetensors_header`); the file is opened like
+    any other, so its mode follows the umask.
+    """
+    metadata = dict(metadata or {})
+    _check_savable(tensors, metadata)
+    header, order = _safetensors_header(tensors, metadata)
+    with open(path, "wb") as f:
+        f.write(header)
+        for key in order:
+            t = tensors[key].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # raw little-endian bytes
 
 
 def write_safetensors_atomic(
@@ -236,12 +331,10 @@ def write_safetensors_atomic(
     *, fsync: bool = True,
 ) -> Path:
     """Write `tensors` (+ string `metadata`) to `path` atomically: temp file in the same folder, fsync
-    (unless ``fsync=False``, for files that can be rebuilt), rename."""
+    (unless ``fsync=False``, for files that can be rebuilt), rename. Same inputs, same bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    independent = _independent(tensors)
-    atomic_write(path, lambda tmp: save_file(independent, str(tmp), metadata=dict(metadata) if metadata else None),
-                 fsync=fsync)
+    _check_savable(tensors, dict(metadata or {}))
+    atomic_write(path, lambda tmp: save_safetensors(tensors, tmp, metadata), fsync=fsync)
     logger.info("wrote %s (%d tensors)", path, len(tensors))
     return path
-

@@ -43,6 +43,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_vae_config
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.checkpoints.openclip import openclip_to_sdlab
+from sdlab.checkpoints.runnable import check_plan, check_weights
 from sdlab.checkpoints.validate import (
     TEXT_SHAPE_FIELDS,
     UNET_SHAPE_FIELDS,
@@ -539,8 +540,8 @@ def plan_checkpoint(
         raise CheckpointError(f"{path}: no such file or folder")
     try:
         if path.is_dir():
-            return _plan_diffusers_folder(path, family, prediction, vae)
-        return _plan_single_file(path, family, prediction, vae)
+            return check_plan(_plan_diffusers_folder(path, family, prediction, vae))
+        return check_plan(_plan_single_file(path, family, prediction, vae))
     except CheckpointError as exc:
         if str(exc).startswith(str(path)) or (vae is not None and str(exc).startswith(str(vae))):
             raise
@@ -576,11 +577,11 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
         for spec, src in plan.text_encoders
     )
     logger.info("loaded %s as %s (%s, %s)", report.source, report.family.name, report.prediction.value, dtype)
-    return ModelBundle(
+    return check_weights(ModelBundle(
         family=report.family, unet=unet, vae=vae, text_encoders=encoders, prediction=report.prediction,
         scaling_factor=report.scaling_factor, unet_config=plan.unet.config, vae_config=plan.vae.config,
         source=report.source, report=report,
-    )
+    ))
 
 
 __all__ = [

@@ -1,0 +1,108 @@
+"""Checks that a checkpoint which loads can also run, made at load time, each naming what is wrong.
+
+A file can have every key and shape right and still draw nothing: integer or boolean weights, a token
+embedding with fewer rows than the tokenizer has tokens, a latent scaling factor that is zero or NaN, or NaN /
+infinite weights (each turns every image black). `check_plan` looks at what `plan_checkpoint` learned (no
+weight read, so `sdlab inspect` refuses these files too); `check_weights` looks at the loaded tensors once,
+after they are cast to the dtype they run in (a float32 weight beyond float16's range becomes infinite there).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from sdlab.checkpoints.components import ComponentSource, meta_view
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.models.clip import CLIPTextConfig
+from sdlab.models.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
+
+if TYPE_CHECKING:
+    from sdlab.checkpoints.load import CheckpointPlan, ModelBundle
+
+SCALING_RANGE = (1e-3, 1e3)    # released VAEs: 0.13025 (SDXL) .. 1.5305 (SD3); outside this is a broken file
+
+
+def check_scaling_factor(value: object, origin: str) -> float:
+    """The VAE latent scaling factor as a float; refuses NaN, infinities, zero, negatives and absurd sizes."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{origin}: latent scaling factor {value!r} is not a number") from None
+    low, high = SCALING_RANGE
+    if not (math.isfinite(number) and low <= number <= high):
+        raise CheckpointError(f"{origin}: latent scaling factor {value!r} is unusable "
+                              f"(it must be a finite number between {low:g} and {high:g}; SD1/SD2 use 0.18215)")
+    return number
+
+
+def check_dtypes(source: ComponentSource) -> None:
+    """Refuse integer / boolean (or complex) tensors where the network holds floating-point weights."""
+    converted = source.convert(meta_view(source.state))            # sdlab names, file dtypes, no data read
+    odd = {k: t.dtype for k, t in converted.items() if not t.is_floating_point()}
+    if not odd:
+        return
+    expected = source.build_meta().state_dict()                    # only built when something looks wrong
+    wrong = sorted(k for k in odd if k in expected and expected[k].is_floating_point())
+    if wrong:
+        shown = ", ".join(f"{k} ({str(odd[k]).removeprefix('torch.')})" for k in wrong[:5])
+        more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
+        raise CheckpointError(f"{source.origin}: {source.name}: weights must be floating point, "
+                              f"found {len(wrong)} that are not: {shown}{more}")
+
+
+def check_text_config(source: ComponentSource) -> None:
+    """A text encoder must embed every token id the CLIP tokenizer produces, at every one of its positions."""
+    cfg = source.config
+    if not isinstance(cfg, CLIPTextConfig):
+        return
+    if cfg.vocab_size < VOCAB_SIZE:
+        raise CheckpointError(f"{source.origin}: {source.name}: token embedding has {cfg.vocab_size} rows; "
+                              f"the CLIP tokenizer needs {VOCAB_SIZE}")
+    if cfg.max_positions < CONTEXT_LENGTH:
+        raise CheckpointError(f"{source.origin}: {source.name}: position embedding has {cfg.max_positions} rows; "
+                              f"prompts need {CONTEXT_LENGTH}")
+
+
+def check_plan(plan: CheckpointPlan) -> CheckpointPlan:
+    """Refuse a planned checkpoint that could not run (see module docstring); returns `plan`."""
+    check_scaling_factor(plan.report.scaling_factor, plan.report.source)
+    for source in (plan.unet, plan.vae, *(src for _, src in plan.text_encoders)):
+        check_dtypes(source)
+        check_text_config(source)
+    return plan
+
+
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the floating-point tensors of `module` holding a NaN or an infinity.
+
+    One read per tensor: a float64 sum, which is finite exactly when every value is (float64 cannot overflow
+    on a sum of float32 / float16 values) and allocates nothing the size of the tensor.
+    """
+    bad = []
+    with torch.no_grad():
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            if t.is_floating_point() and t.numel() and not math.isfinite(t.sum(dtype=torch.float64).item()):
+                bad.append(name)
+    return bad
+
+
+def check_weights(bundle: ModelBundle) -> ModelBundle:
+    """Refuse a loaded bundle with NaN or infinite weights, naming the component and tensors; returns it."""
+    parts = [("unet", bundle.unet), ("vae", bundle.vae), *((te.spec.name, te.model) for te in bundle.text_encoders)]
+    for name, module in parts:
+        bad = nonfinite_tensors(module)
+        if bad:
+            first = dict(module.named_parameters()) | dict(module.named_buffers())
+            t = first[bad[0]]
+            nans, infs = int(t.isnan().sum()), int(t.isinf().sum())
+            listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise CheckpointError(
+                f"{bundle.source or 'checkpoint'}: {name}: {len(bad)} tensors hold NaN or infinite values "
+                f"({listed}; {bad[0]}: {nans} NaN, {infs} infinite, as {str(t.dtype).removeprefix('torch.')}); "
+                "the file is damaged or was saved from a diverged training run"
+            )
+    return bundle
