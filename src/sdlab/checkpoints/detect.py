@@ -257,8 +257,8 @@ def detect_diffusers_family(
             base = "sd2"
         else:
             raise CheckpointError(
-                f"cannot tell SD1 from SD2 in diffusers folder: {evidence}, text encoder hidden_act {act!r}, "
-                f"cross_attention_dim {context!r}; pass the family explicitly"
+                f"cannot tell SD1 from SD2 in diffusers folder: {evidence}, text_encoder/config.json hidden_act "
+                f"{act!r}, unet/config.json cross_attention_dim {context!r}; pass the family explicitly"
             )
     else:
         raise CheckpointError(

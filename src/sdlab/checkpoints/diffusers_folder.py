@@ -10,13 +10,18 @@
 
 Weights per component, first found wins: `diffusion_pytorch_model.safetensors` / `model.safetensors`, their
 `.fp16` variants, sharded `*.safetensors.index.json`, then the `.bin` pickles (weights-only). Configs come
-from config.json files; shapes are still checked against them.
+from config.json files; every field they declare that a shape can show is compared with the tensors before
+any module (or key table) is built, and the other fields are type- and range-checked.
+
+Only regular files are read (a FIFO or a link to a device is refused, never opened), JSON files up to
+`MAX_JSON_BYTES`, and a shard index may name only files inside its component folder.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import os
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,21 +32,36 @@ from torch import Tensor
 
 from sdlab.checkpoints.components import HF_TEXT_TOLERATED, ComponentSource, SubStateDict, hf_text_to_sdlab
 from sdlab.checkpoints.detect import detect_diffusers_family
-from sdlab.checkpoints.diffusers_unet import unet_config_from_diffusers, unet_state_dict_from_diffusers
+from sdlab.checkpoints.diffusers_unet import (
+    DIFFUSERS_UNET_NAMES,
+    unet_config_from_diffusers,
+    unet_config_from_diffusers_shapes,
+    unet_state_dict_from_diffusers,
+)
 from sdlab.checkpoints.diffusers_vae import (
+    DIFFUSERS_VAE_NAMES,
     vae_config_from_diffusers,
-    vae_scaling_factor_from_diffusers,
+    vae_config_from_diffusers_shapes,
     vae_state_dict_from_diffusers,
 )
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.infer import infer_text_config
 from sdlab.checkpoints.io import LazyMapping, read_checkpoint, shapes_of
+from sdlab.checkpoints.validate import (
+    UNET_SHAPE_FIELDS,
+    VAE_SHAPE_FIELDS,
+    check_declared,
+    check_int,
+    check_positive_float,
+    check_text,
+)
 from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.models.vae import VAEConfig
 
 ConfigT = TypeVar("ConfigT")
 
 MODEL_INDEX = "model_index.json"
+MAX_JSON_BYTES = 16 << 20       # a sharded SDXL U-Net's index is ~100 KB; configs are a few KB
 _WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
 _VARIANTS = ("", ".fp16")
 
@@ -93,16 +113,51 @@ def is_diffusers_folder(path: str | Path) -> bool:
     return Path(path, MODEL_INDEX).is_file()
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _regular_file(path: Path) -> bool:
+    """Whether `path` (links followed) is a regular file; never opens it, so a FIFO cannot block."""
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing") from None
-    except (OSError, ValueError) as exc:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a regular file of at most `MAX_JSON_BYTES`."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing")
+    if not _regular_file(path):
+        raise CheckpointError(f"{path}: not a regular file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: larger than {MAX_JSON_BYTES >> 20} MiB; not a config")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     return data
+
+
+def _shard_paths(index: Path) -> list[Path]:
+    """The shard files a `*.safetensors.index.json` names, each a regular file inside the index's folder."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file name")
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or "\\" in name:
+            raise CheckpointError(f"{index}: shard {name!r} is not a file name inside {index.parent}")
+        shard = index.parent / name
+        if not _regular_file(shard):
+            raise CheckpointError(f"{index}: shard {name!r} is not a regular file in {index.parent}")
+        shards.append(shard)
+    return shards
 
 
 def component_weights(folder: Path) -> Mapping[str, Tensor]:
@@ -110,17 +165,15 @@ def component_weights(folder: Path) -> Mapping[str, Tensor]:
     for variant in _VARIANTS:
         for stem in _WEIGHT_STEMS:
             single = folder / f"{stem}{variant}.safetensors"
-            if single.is_file():
+            if _regular_file(single):
                 return read_checkpoint(single)[0]
             index = folder / f"{stem}{variant}.safetensors.index.json"
-            if index.is_file():
-                weight_map = _read_json(index).get("weight_map", {})
-                shards = sorted(set(weight_map.values()))
-                return ShardedStateDict([read_checkpoint(folder / shard)[0] for shard in shards])
+            if index.exists():
+                return ShardedStateDict([read_checkpoint(shard)[0] for shard in _shard_paths(index)])
     for variant in _VARIANTS:
         for stem in _WEIGHT_STEMS:
             pickle = folder / f"{stem}{variant}.bin"
-            if pickle.is_file():
+            if _regular_file(pickle):
                 return read_checkpoint(pickle)[0]
     raise CheckpointError(
         f"{folder}: no weights found (looked for diffusion_pytorch_model / model / pytorch_model "
@@ -133,13 +186,24 @@ def _config_from_json(path: Path, convert: Callable[[dict[str, Any]], ConfigT]) 
     config_json = _read_json(path)
     try:
         return convert(config_json)
-    except ValueError as exc:
+    except (ValueError, CheckpointError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _confirm(config_path: Path, declared: Any, found: Callable[[], Any], names: tuple[str, ...],
+             aliases: Mapping[str, str]) -> None:
+    """The fields of `declared` (from `config_path`) that the tensors show equal what they show."""
+    try:
+        check_declared(declared, found(), names, aliases)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
 
 
 def _unet_source(folder: Path) -> ComponentSource:
     config = _config_from_json(folder / "config.json", unet_config_from_diffusers)
     state = component_weights(folder)
+    _confirm(folder / "config.json", config, lambda: unet_config_from_diffusers_shapes(shapes_of(state), config),
+             UNET_SHAPE_FIELDS, DIFFUSERS_UNET_NAMES)
     return ComponentSource(
         name="unet", kind="unet", origin=str(folder), state=state,
         to_sdlab=lambda s: unet_state_dict_from_diffusers(s, config), config=config,
@@ -149,7 +213,10 @@ def _unet_source(folder: Path) -> ComponentSource:
 def vae_source_from_folder(folder: Path) -> ComponentSource:
     """A diffusers `AutoencoderKL` folder (`config.json` + weights)."""
     config = _config_from_json(folder / "config.json", vae_config_from_diffusers)
-    return _vae_source(str(folder), component_weights(folder), config)
+    state = component_weights(folder)
+    _confirm(folder / "config.json", config, lambda: vae_config_from_diffusers_shapes(shapes_of(state), config),
+             VAE_SHAPE_FIELDS, DIFFUSERS_VAE_NAMES)
+    return _vae_source(str(folder), state, config)
 
 
 def _vae_source(origin: str, state: Mapping[str, Tensor], config: VAEConfig) -> ComponentSource:
@@ -159,52 +226,43 @@ def _vae_source(origin: str, state: Mapping[str, Tensor], config: VAEConfig) -> 
     )
 
 
-_DOWN_RESNET = re.compile(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight")
-
-
 def vae_source_from_diffusers_state(path: Path, state: Mapping[str, Tensor]) -> ComponentSource:
     """A diffusers-layout VAE in a single file: config from a `config.json` beside it, else from shapes."""
     beside = path.parent / "config.json"
-    if beside.is_file():
-        try:
-            return _vae_source(str(path), state, vae_config_from_diffusers(_read_json(beside)))
-        except ValueError as exc:
-            raise CheckpointError(f"{beside}: {exc}") from None
-    shapes = shapes_of(state)
-    blocks: dict[int, set[int]] = {}
-    for key in shapes:
-        if m := _DOWN_RESNET.fullmatch(key):
-            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
-    if "encoder.conv_in.weight" not in shapes or not blocks:
-        raise CheckpointError(f"{path}: diffusers-style VAE keys but no encoder.conv_in / down_blocks resnets")
-    base = int(shapes["encoder.conv_in.weight"][0])
-    config = VAEConfig(
-        in_channels=int(shapes["encoder.conv_in.weight"][1]),
-        out_channels=int(shapes["decoder.conv_out.weight"][0]),
-        latent_channels=int(shapes["post_quant_conv.weight"][0]),
-        base_channels=base,
-        channel_mult=tuple(
-            int(shapes[f"encoder.down_blocks.{i}.resnets.0.conv1.weight"][0]) // base for i in range(len(blocks))
-        ),
-        num_res_blocks=len(blocks[0]),
-    )
+    if beside.exists():
+        config = _config_from_json(beside, vae_config_from_diffusers)
+        _confirm(beside, config, lambda: vae_config_from_diffusers_shapes(shapes_of(state), config),
+                 VAE_SHAPE_FIELDS, DIFFUSERS_VAE_NAMES)
+        return _vae_source(str(path), state, config)
+    try:
+        config = vae_config_from_diffusers_shapes(shapes_of(state), VAEConfig())
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: diffusers-style VAE keys, but {exc}") from None
+    if min(config.channel_mult) < 1 or config.num_res_blocks < 1:
+        raise CheckpointError(f"{path}: cannot read the VAE's levels from its diffusers-style keys")
     return _vae_source(str(path), state, config)
 
 
 def _text_source(spec: TextEncoderSpec, folder: Path) -> ComponentSource:
-    config_json = _read_json(folder / "config.json")
+    config_path = folder / "config.json"
+    config_json = _read_json(config_path)
     state = component_weights(folder)
     tolerated = sorted(k for k in state if k.removeprefix("text_model.") in HF_TEXT_TOLERATED)
     sub = SubStateDict(state, {k: k for k in state if k not in tolerated})
-    conventions = replace(
-        spec.config,
-        activation=config_json.get("hidden_act", spec.config.activation),
-        layer_norm_eps=float(config_json.get("layer_norm_eps", spec.config.layer_norm_eps)),
-    )
-    config = infer_text_config(hf_text_to_sdlab(shapes_of(sub)), conventions)
-    heads = config_json.get("num_attention_heads")
-    if heads:
-        config = replace(config, heads=int(heads))
+    try:
+        conventions = replace(
+            spec.config,
+            activation=config_json.get("hidden_act", spec.config.activation),
+            layer_norm_eps=check_positive_float(
+                "layer_norm_eps", config_json.get("layer_norm_eps", spec.config.layer_norm_eps)),
+        )
+        config = infer_text_config(hf_text_to_sdlab(shapes_of(sub)), conventions)
+        heads = config_json.get("num_attention_heads")
+        if heads is not None:
+            config = replace(config, heads=check_int("num_attention_heads", heads))
+        check_text(config)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None
     return ComponentSource(
         name=spec.name, kind="text", origin=str(folder), state=sub, to_sdlab=hf_text_to_sdlab,
         config=config, ignored=tuple(tolerated),
@@ -214,13 +272,16 @@ def _text_source(spec: TextEncoderSpec, folder: Path) -> ComponentSource:
 def read_diffusers_folder(path: Path, *, family: str | None = None) -> DiffusersFolder:
     """Detect the family of a diffusers folder and open each component (weights are read lazily)."""
     model_index = _read_json(path / MODEL_INDEX)
+    unet = _unet_source(path / "unet")           # checks unet/config.json before detection reads it
     unet_json = _read_json(path / "unet" / "config.json")
     first_text = path / "text_encoder" / "config.json"
-    text_json = _read_json(first_text) if first_text.is_file() else None
+    text_json = _read_json(first_text) if first_text.exists() else None
     spec = detect_diffusers_family(model_index, unet_json, text_json, override=family)
-    unet = _unet_source(path / "unet")
     vae = vae_source_from_folder(path / "vae")
-    scaling = vae_scaling_factor_from_diffusers(_read_json(path / "vae" / "config.json"))
+    vae_json = _read_json(path / "vae" / "config.json")
+    scaling = vae_json.get("scaling_factor")
+    if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
+        raise CheckpointError(f"{path / 'vae' / 'config.json'}: scaling_factor must be a number, got {scaling!r}")
     text = []
     for te in spec.text_encoders:
         folder = path / te.diffusers_folder
@@ -234,7 +295,9 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
             te = replace(te, hidden_state="last")
         text.append((te, _text_source(te, folder)))
     scheduler = path / "scheduler" / "scheduler_config.json"
-    prediction_type = _read_json(scheduler).get("prediction_type") if scheduler.is_file() else None
+    prediction_type = _read_json(scheduler).get("prediction_type") if scheduler.exists() else None
+    if prediction_type is not None and not isinstance(prediction_type, str):
+        raise CheckpointError(f"{scheduler}: prediction_type must be a string, got {prediction_type!r}")
     total = sum(len(c.state) + len(c.ignored) for c in [unet, vae, *(src for _, src in text)])
     return DiffusersFolder(
         path=path,
@@ -244,7 +307,7 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
         vae=vae,
         text_encoders=tuple(text),
         prediction_type=prediction_type,
-        scaling_factor=scaling if "scaling_factor" in _read_json(path / "vae" / "config.json") else None,
+        scaling_factor=float(scaling) if scaling is not None else None,
         total_keys=total,
         ignored=(),
     )

@@ -14,9 +14,15 @@ also sets the middle block's depth, and `upcast_attention` may be null.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+import torch
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.validate import check_int, check_unet
 from sdlab.models.layers import SDXL_SIZE_EMBED_DIM
 from sdlab.models.unet import UNetConfig
 
@@ -165,20 +171,35 @@ _DEFAULT_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownB
 _DEFAULT_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
 
-def _per_level(value: Any, levels: int, name: str) -> tuple:
+def _per_level(value: Any, levels: int, name: str) -> tuple[int, ...]:
+    """A per-level integer option: one int for every level, or a list of one int per level."""
     if isinstance(value, (list, tuple)):
         if len(value) != levels:
             raise ValueError(f"diffusers U-Net config: {name} has {len(value)} entries for {levels} levels")
-        return tuple(value)
-    return (value,) * levels
+        return tuple(check_int(name, v) for v in value)
+    return (check_int(name, value),) * levels
 
 
-def _single(value: Any, name: str) -> Any:
+def _single(value: Any, name: str) -> int:
     if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
+        if not value or len(set(map(repr, value))) != 1:
             raise ValueError(f"diffusers U-Net config: sdlab needs one {name} for all levels, got {value}")
-        return value[0]
-    return value
+        value = value[0]
+    return check_int(name, value)
+
+
+def _names(config: Mapping[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+    value = config.get(key, default)
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"diffusers U-Net config: {key} must be a non-empty list of block names, got {value!r}")
+    return tuple(value)
+
+
+def _flag(config: Mapping[str, Any], key: str) -> bool:
+    value = config.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"diffusers U-Net config: {key} must be true or false, got {value!r}")
+    return bool(value)
 
 
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
@@ -190,12 +211,15 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     if config.get("mid_block_only_cross_attention") not in (None, False):
         raise ValueError("diffusers U-Net config: mid_block_only_cross_attention is not supported")
 
-    channels = tuple(config.get("block_out_channels", (320, 640, 1280, 1280)))
+    channels = config.get("block_out_channels", (320, 640, 1280, 1280))
+    if not isinstance(channels, (list, tuple)) or not channels:
+        raise ValueError(f"diffusers U-Net config: block_out_channels must be a non-empty list, got {channels!r}")
+    channels = tuple(check_int("block_out_channels", c) for c in channels)
     levels, mc = len(channels), channels[0]
     if any(c % mc for c in channels):
         raise ValueError(f"diffusers U-Net config: block_out_channels {channels} are not multiples of the first")
-    down = tuple(config.get("down_block_types", _DEFAULT_DOWN))
-    up = tuple(config.get("up_block_types", _DEFAULT_UP))
+    down = _names(config, "down_block_types", _DEFAULT_DOWN)
+    up = _names(config, "up_block_types", _DEFAULT_UP)
     has_attention = []
     for level, kind in enumerate(down):
         if kind not in ("CrossAttnDownBlock2D", "DownBlock2D"):
@@ -208,9 +232,10 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     if mid != "UNetMidBlock2DCrossAttn":
         raise ValueError(f"diffusers U-Net config: mid block {mid!r} is not supported")
 
-    layers = _per_level(config.get("transformer_layers_per_block", 1), levels, "transformer_layers_per_block")
-    if any(not isinstance(n, int) for n in layers):
+    layers_spec = config.get("transformer_layers_per_block", 1)
+    if isinstance(layers_spec, (list, tuple)) and any(isinstance(n, (list, tuple)) for n in layers_spec):
         raise ValueError("diffusers U-Net config: per-layer transformer_layers_per_block is not supported")
+    layers = _per_level(layers_spec, levels, "transformer_layers_per_block")
     depth = tuple(n if a else 0 for n, a in zip(layers, has_attention))
 
     # Number of heads per level: `num_attention_heads` if given, else the misnamed `attention_head_dim`.
@@ -232,23 +257,79 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
             raise ValueError(f"diffusers U-Net config: addition_embed_type {config['addition_embed_type']!r}")
         if config.get("addition_time_embed_dim") != SDXL_SIZE_EMBED_DIM:
             raise ValueError("diffusers U-Net config: addition_time_embed_dim must be 256 (SDXL)")
-        adm = int(config["projection_class_embeddings_input_dim"])
+        adm = check_int("projection_class_embeddings_input_dim", config.get("projection_class_embeddings_input_dim"))
 
-    return UNetConfig(
-        in_channels=int(config.get("in_channels", 4)),
-        out_channels=int(config.get("out_channels", 4)),
+    cfg = UNetConfig(
+        in_channels=check_int("in_channels", config.get("in_channels", 4)),
+        out_channels=check_int("out_channels", config.get("out_channels", 4)),
         model_channels=mc,
         channel_mult=tuple(c // mc for c in channels),
-        num_res_blocks=int(_single(config.get("layers_per_block", 2), "layers_per_block")),
+        num_res_blocks=_single(config.get("layers_per_block", 2), "layers_per_block"),
         transformer_depth=depth,
-        transformer_depth_middle=int(layers[-1]),
+        transformer_depth_middle=layers[-1],
         num_heads=num_heads,
         head_dim=head_dim,
-        context_dim=int(_single(config.get("cross_attention_dim", 1280), "cross_attention_dim")),
-        use_linear_proj=bool(config.get("use_linear_projection", False)),
+        context_dim=_single(config.get("cross_attention_dim", 1280), "cross_attention_dim"),
+        use_linear_proj=_flag(config, "use_linear_projection"),
         adm_in_channels=adm,
-        upcast_attention=bool(config.get("upcast_attention") or False),
-        norm_groups=int(config.get("norm_num_groups", 32)),
+        upcast_attention=_flag(config, "upcast_attention"),
+        norm_groups=check_int("norm_num_groups", config.get("norm_num_groups", 32)),
+    )
+    check_unet(cfg)
+    return cfg
+
+
+# diffusers names of the config fields the tensors show, for messages
+DIFFUSERS_UNET_NAMES = {
+    "in_channels": "in_channels", "out_channels": "out_channels", "model_channels": "block_out_channels[0]",
+    "channel_mult": "block_out_channels", "num_res_blocks": "layers_per_block",
+    "transformer_depth": "transformer_layers_per_block / down_block_types",
+    "transformer_depth_middle": "transformer_layers_per_block[-1]", "context_dim": "cross_attention_dim",
+    "use_linear_proj": "use_linear_projection", "adm_in_channels": "projection_class_embeddings_input_dim",
+}
+_DOWN_RESNET = re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight")
+_TRANSFORMER = re.compile(r"(down_blocks\.\d+|mid_block)\.attentions\.0\.transformer_blocks\.(\d+)\.norm1\.weight")
+
+
+def unet_config_from_diffusers_shapes(shapes: Mapping[str, torch.Size], declared: UNetConfig) -> UNetConfig:
+    """`declared` with every field the tensors show replaced by what the diffusers-named `shapes` show.
+
+    Reads names and shapes only, so a config.json that declares 100,000 blocks is caught before a key map
+    or a module of that size is built."""
+    conv_in = shapes.get("conv_in.weight")
+    if conv_in is None or len(conv_in) != 4:
+        raise CheckpointError("the U-Net weights have no 4-D conv_in.weight")
+    per_level: dict[int, set[int]] = {}
+    widths: dict[int, int] = {}
+    for key, shape in shapes.items():
+        if m := _DOWN_RESNET.fullmatch(key):
+            level, index = int(m.group(1)), int(m.group(2))
+            per_level.setdefault(level, set()).add(index)
+            if index == 0:
+                widths[level] = int(shape[0])
+    if not per_level or sorted(per_level) != list(range(len(per_level))) or sorted(widths) != sorted(per_level):
+        raise CheckpointError(f"the U-Net weights have down_blocks levels {sorted(per_level)}")
+    depth: dict[str, int] = {}
+    for key in shapes:
+        if m := _TRANSFORMER.fullmatch(key):
+            depth[m.group(1)] = max(depth.get(m.group(1), 0), int(m.group(2)) + 1)
+    mc = int(conv_in[0])
+    counts = {len(v) for v in per_level.values()}
+    to_k = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
+    conv_out, add = shapes.get("conv_out.weight"), shapes.get("add_embedding.linear_1.weight")
+    return replace(
+        declared,
+        in_channels=int(conv_in[1]),
+        out_channels=int(conv_out[0]) if conv_out is not None else declared.out_channels,
+        model_channels=mc,
+        channel_mult=tuple(widths[level] // mc if widths[level] % mc == 0 else -widths[level] for level in sorted(widths)),
+        num_res_blocks=counts.pop() if len(counts) == 1 else -1,
+        transformer_depth=tuple(depth.get(f"down_blocks.{level}", 0) for level in sorted(per_level)),
+        transformer_depth_middle=depth.get("mid_block", 0),
+        context_dim=int(to_k[1]) if to_k is not None and len(to_k) == 2 else declared.context_dim,
+        use_linear_proj=len(proj_in) == 2 if proj_in is not None else declared.use_linear_proj,
+        adm_in_channels=int(add[1]) if add is not None and len(add) == 2 else None,
     )
 
 

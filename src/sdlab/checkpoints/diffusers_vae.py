@@ -26,11 +26,16 @@ Imports only ``sdlab.models`` (checkpoints may import families and models, never
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.validate import check_int, check_vae
 from sdlab.models.vae import ATTENTION_PROJECTIONS, VAEConfig, normalize_vae_attention_shapes
 
 logger = logging.getLogger(__name__)
@@ -57,22 +62,59 @@ def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
     for field, expected in _SUPPORTED_DEFAULTS.items():
         if config.get(field, expected) != expected:
             raise ValueError(f"diffusers VAE config has {field}={config[field]!r}; sdlab supports only {expected!r}")
+    widths = config.get("block_out_channels", (64,))
+    if not isinstance(widths, (list, tuple)) or not widths:
+        raise ValueError(f"block_out_channels must be a non-empty list, got {widths!r}")
+    widths = [check_int("block_out_channels", w) for w in widths]
     for field, expected in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-        kinds = set(config.get(field, [expected]))
-        if kinds != {expected}:
-            raise ValueError(f"diffusers VAE config has {field}={sorted(kinds)}; sdlab supports only {expected}")
-    widths = [int(w) for w in config.get("block_out_channels", (64,))]
+        kinds = config.get(field, [expected] * len(widths))
+        if not isinstance(kinds, (list, tuple)) or len(kinds) != len(widths) or set(map(repr, kinds)) != {repr(expected)}:
+            raise ValueError(f"diffusers VAE config has {field}={kinds!r}; sdlab supports only {len(widths)} x {expected}")
     base = widths[0]
     if any(w % base for w in widths):
         raise ValueError(f"block_out_channels {widths} are not multiples of the first width {base}")
-    return VAEConfig(
-        in_channels=int(config.get("in_channels", 3)),
-        out_channels=int(config.get("out_channels", 3)),
-        latent_channels=int(config.get("latent_channels", 4)),
+    cfg = VAEConfig(
+        in_channels=check_int("in_channels", config.get("in_channels", 3)),
+        out_channels=check_int("out_channels", config.get("out_channels", 3)),
+        latent_channels=check_int("latent_channels", config.get("latent_channels", 4)),
         base_channels=base,
         channel_mult=tuple(w // base for w in widths),
-        num_res_blocks=int(config.get("layers_per_block", 1)),
-        norm_groups=int(config.get("norm_num_groups", 32)),
+        num_res_blocks=check_int("layers_per_block", config.get("layers_per_block", 1)),
+        norm_groups=check_int("norm_num_groups", config.get("norm_num_groups", 32)),
+    )
+    check_vae(cfg)
+    return cfg
+
+
+# diffusers names of the config fields the tensors show, for messages
+DIFFUSERS_VAE_NAMES = {"base_channels": "block_out_channels[0]", "channel_mult": "block_out_channels",
+                       "num_res_blocks": "layers_per_block"}
+_DOWN_RESNET = re.compile(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight")
+
+
+def vae_config_from_diffusers_shapes(shapes: Mapping[str, torch.Size], conventions: VAEConfig) -> VAEConfig:
+    """`conventions` with every field the diffusers-named tensors show (widths, levels, blocks, channels)."""
+    blocks: dict[int, set[int]] = {}
+    for key in shapes:
+        if m := _DOWN_RESNET.fullmatch(key):
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    conv_in = shapes.get("encoder.conv_in.weight")
+    if conv_in is None or len(conv_in) != 4 or not blocks or sorted(blocks) != list(range(len(blocks))):
+        raise CheckpointError(f"the VAE weights have no encoder.conv_in or down_blocks levels {sorted(blocks)}")
+    base = int(conv_in[0])
+    widths = [shapes.get(f"encoder.down_blocks.{i}.resnets.0.conv1.weight") for i in range(len(blocks))]
+    if any(w is None for w in widths):
+        raise CheckpointError("the VAE weights lack a first resnet in some encoder level")
+    counts = {len(b) for b in blocks.values()}
+    conv_out, post_quant = shapes.get("decoder.conv_out.weight"), shapes.get("post_quant_conv.weight")
+    return replace(
+        conventions,
+        in_channels=int(conv_in[1]),
+        out_channels=int(conv_out[0]) if conv_out is not None else conventions.out_channels,
+        latent_channels=int(post_quant[0]) if post_quant is not None else conventions.latent_channels,
+        base_channels=base,
+        channel_mult=tuple(int(w[0]) // base if int(w[0]) % base == 0 else -int(w[0]) for w in widths),
+        num_res_blocks=counts.pop() if len(counts) == 1 else -1,
     )
 
 

@@ -1,0 +1,159 @@
+"""Diffusers folders under hostile or broken input: configs checked against the tensors before anything is
+built, JSON read from regular files only with a size cap, shard indexes confined to their folder.
+
+Each case is one `CheckpointError` naming the file and the bad field (exit 2 from the CLI), in well under a
+second: never a MemoryError, a read of /dev/zero, a blocked FIFO or a file outside the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from bundle_fixtures import tiny_bundle, write_diffusers_folder
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.load import plan_checkpoint
+from sdlab.cli import main
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    return write_diffusers_folder(tiny_bundle("sd1", seed=4), tmp_path_factory.mktemp("diffusers") / "pipe")
+
+
+@pytest.fixture
+def folder(pristine, tmp_path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "pipe"))
+
+
+def _edit(folder: Path, file: str, **changes) -> Path:
+    path = folder / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return path
+
+
+BAD_FIELDS = [
+    ("unet/config.json", {"layers_per_block": 100_000}, r"num_res_blocks \(layers_per_block\): declares 100000 but the weights have 1"),
+    ("unet/config.json", {"transformer_layers_per_block": 1000}, r"transformer_depth .*declares \[1000, 1000\] but the weights have \[1, 1\]"),
+    ("unet/config.json", {"block_out_channels": [32, 64, 64], "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+                          "up_block_types": ["CrossAttnUpBlock2D"] * 3}, r"channel_mult \(block_out_channels\): declares \[1, 2, 2\]"),
+    ("unet/config.json", {"block_out_channels": "abc"}, r"block_out_channels must be a non-empty list"),
+    ("unet/config.json", {"block_out_channels": [0, 64]}, r"block_out_channels: 0 is out of range"),
+    ("unet/config.json", {"block_out_channels": [-32, 64]}, r"block_out_channels: -32 is out of range"),
+    ("unet/config.json", {"attention_head_dim": 0}, r"attention_head_dim: 0 is out of range"),
+    ("unet/config.json", {"attention_head_dim": "8"}, r"attention_head_dim: expected an integer, got '8'"),
+    ("unet/config.json", {"attention_head_dim": 3}, r"num_heads=3 does not divide the attention width 32"),
+    ("unet/config.json", {"norm_num_groups": 0}, r"norm_num_groups: 0 is out of range"),
+    ("unet/config.json", {"norm_num_groups": 7}, r"norm_groups=7 does not divide"),
+    ("unet/config.json", {"in_channels": "4"}, r"in_channels: expected an integer, got '4'"),
+    ("unet/config.json", {"layers_per_block": None}, r"layers_per_block: expected an integer, got None"),
+    ("unet/config.json", {"cross_attention_dim": [64, 32]}, r"sdlab needs one cross_attention_dim for all levels"),
+    ("unet/config.json", {"cross_attention_dim": 65}, r"context_dim \(cross_attention_dim\): declares 65 but the weights have 64"),
+    ("unet/config.json", {"down_block_types": "CrossAttnDownBlock2D"}, r"down_block_types must be a non-empty list"),
+    ("unet/config.json", {"use_linear_projection": "yes"}, r"use_linear_projection must be true or false"),
+    ("vae/config.json", {"layers_per_block": 100_000}, r"num_res_blocks \(layers_per_block\): declares 100000 but the weights have 1"),
+    ("vae/config.json", {"block_out_channels": []}, r"block_out_channels must be a non-empty list"),
+    ("vae/config.json", {"norm_num_groups": "32"}, r"norm_num_groups: expected an integer"),
+    ("vae/config.json", {"latent_channels": -4}, r"latent_channels: -4 is out of range"),
+    ("vae/config.json", {"scaling_factor": "big"}, r"scaling_factor must be a number"),
+    ("text_encoder/config.json", {"num_attention_heads": 0}, r"num_attention_heads: 0 is out of range"),
+    ("text_encoder/config.json", {"num_attention_heads": 7}, r"heads=7 does not divide the text encoder width 64"),
+    ("text_encoder/config.json", {"hidden_act": "relu"}, r"text_encoder/config.json hidden_act 'relu'"),
+    ("text_encoder/config.json", {"layer_norm_eps": "small"}, r"layer_norm_eps: expected a positive finite number"),
+    ("scheduler/scheduler_config.json", {"prediction_type": 5}, r"prediction_type must be a string"),
+]
+
+
+@pytest.mark.parametrize(("file", "changes", "pattern"), BAD_FIELDS, ids=[f"{f}:{next(iter(c))}" for f, c, _ in BAD_FIELDS])
+def test_malformed_config_is_one_error_naming_file_and_field(folder, file, changes, pattern):
+    path = _edit(folder, file, **changes)
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=pattern) as err:
+        plan_checkpoint(folder)
+    assert time.perf_counter() - start < 5
+    assert str(folder) in str(err.value) and file in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cli_exit_2_for_a_folder_declaring_huge_layers(folder, capsys):
+    _edit(folder, "unet/config.json", layers_per_block=100_000)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sdlab: error: ") and "layers_per_block" in err[0]
+
+
+def test_model_index_not_an_object(folder):
+    (folder / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(CheckpointError, match=r"model_index.json: expected a JSON object"):
+        plan_checkpoint(folder)
+
+
+# --- unbounded reads (item 21) -----------------------------------------------------------------------------
+
+
+def test_config_linked_to_dev_zero_is_refused(folder):
+    config = folder / "unet" / "config.json"
+    config.unlink()
+    config.symlink_to("/dev/zero")
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"unet/config.json: not a regular file"):
+        plan_checkpoint(folder)
+    assert time.perf_counter() - start < 5
+
+
+def test_model_index_fifo_does_not_block(folder):
+    index = folder / "model_index.json"
+    index.unlink()
+    os.mkfifo(index)
+    outcome: list[BaseException | None] = []
+
+    def plan() -> None:
+        try:
+            plan_checkpoint(folder)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            outcome.append(exc)
+
+    worker = threading.Thread(target=plan, daemon=True)
+    worker.start()
+    worker.join(timeout=20)
+    if worker.is_alive():  # unblock the reader so the test process can finish, then fail
+        with open(index, "w"):
+            pass
+        pytest.fail("reading a FIFO model_index.json blocked")
+    assert isinstance(outcome[0], CheckpointError) and "not a regular file" in str(outcome[0])
+
+
+def test_oversized_config_is_refused_without_reading_it(folder):
+    config = folder / "vae" / "config.json"
+    with open(config, "r+b") as f:
+        f.truncate(64 << 20)   # sparse: 64 MiB of zeros after the JSON
+    with pytest.raises(CheckpointError, match=r"vae/config.json: larger than 16 MiB"):
+        plan_checkpoint(folder)
+
+
+@pytest.mark.parametrize("shard", ["../../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_shard_index_may_not_point_outside_its_folder(folder, shard):
+    unet = folder / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(folder / "outside.safetensors")
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {"conv_in.weight": shard}}))
+    with pytest.raises(CheckpointError, match=r"is not a file name inside"):
+        plan_checkpoint(folder)
+
+
+def test_shard_index_inside_the_folder_still_loads(folder):
+    unet = folder / "unet"
+    (unet / "diffusion_pytorch_model.safetensors").rename(unet / "part-1.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(unet / "part-1.safetensors", "pt") as f:
+        names = list(f.keys())
+    (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: "part-1.safetensors" for name in names}}))
+    assert plan_checkpoint(folder).report.family.name == "sd1"
