@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,3 +124,46 @@ def test_command_line_process(tmp_path: Path, sd2_file: Path):
                           capture_output=True, text=True, env=env, timeout=120)
     assert good.returncode == 0, good.stderr
     assert json.loads(good.stdout)["prediction"] == "v"
+
+
+def test_inspect_without_a_path_describes_the_shipped_model(capsys):
+    from sdlab.api import shipped_model_path
+
+    shipped = shipped_model_path()
+    if shipped is None:
+        pytest.skip("this install ships no model")
+    assert main(["inspect", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["source"] == str(shipped) and report["family"] == "sdlab-tiny"
+
+
+def _with_sidecar(sd2_file: Path, folder: Path, yaml_text: str) -> Path:
+    path = folder / "model.safetensors"
+    shutil.copy(sd2_file, path)
+    (folder / "model.yaml").write_text(yaml_text)
+    return path
+
+
+def test_sidecar_yaml_is_parsed_not_searched(sd2_file: Path, tmp_path: Path):
+    """A `parameterization: v` line inside a block string is text, not the key (the real key says eps)."""
+    from sdlab.checkpoints.load import plan_checkpoint
+
+    path = _with_sidecar(sd2_file, tmp_path, (
+        "model:\n  target: ldm.models.diffusion.ddpm.LatentDiffusion\n  params:\n    notes: |\n"
+        "      parameterization: v\n    parameterization: eps\n"))
+    report = plan_checkpoint(path).report
+    assert report.prediction.value == "eps" and report.prediction_source == "sidecar model.yaml (parameterization)"
+    path = _with_sidecar(sd2_file, tmp_path, "model:\n  params:\n    notes: 'parameterization: v'\n")
+    assert plan_checkpoint(path).report.prediction_source.startswith("default of sd2")
+
+
+def test_sidecar_yaml_with_tags_or_bad_syntax_is_refused(sd2_file: Path, tmp_path: Path, capsys):
+    marker = tmp_path / "pwned"
+    path = _with_sidecar(sd2_file, tmp_path,
+                         f"model: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ['{marker}']]\n")
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.yaml: not valid YAML" in err and not marker.exists()
+    (tmp_path / "model.yaml").write_text("model: [unclosed\n")
+    assert main(["inspect", str(path)]) == 2
+    assert "model.yaml: not valid YAML" in capsys.readouterr().err

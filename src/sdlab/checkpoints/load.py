@@ -79,7 +79,7 @@ _TOLERATED = re.compile(
 )
 _OPENCLIP_TOLERATED = frozenset({"logit_scale", "attn_mask"})
 _VAE_FILE_TOLERATED = re.compile(r"loss\..*|model_ema\..*")                       # standalone VAE training files
-_PARAMETERIZATION = re.compile(r"^\s*parameterization\s*:\s*[\"']?([A-Za-z0-9_]+)[\"']?", re.MULTILINE)
+_MAX_SIDECAR_BYTES = 1 << 20                                                      # CompVis configs are ~2 KB
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,9 +316,9 @@ def resolve_prediction(
     if path is not None and path.is_file():
         for sidecar in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
             if sidecar.is_file():
-                match = _PARAMETERIZATION.search(sidecar.read_text(errors="replace"))
-                if match:
-                    return parse(match.group(1), str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
+                value = _sidecar_parameterization(sidecar)
+                if value is not None:
+                    return parse(value, str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
     if keys is not None and "v_pred" in keys:
         return Prediction.V, "v_pred marker key"
     if family.name.startswith("sd2") and family.default_size_v is not None:
@@ -330,6 +330,27 @@ def resolve_prediction(
     else:
         logger.info("prediction type: %s (default of %s)", family.prediction.value, family.name)
     return family.prediction, f"default of {family.name}"
+
+
+def _sidecar_parameterization(sidecar: Path) -> str | None:
+    """`model.params.parameterization` of a CompVis config `.yaml` beside a checkpoint (parsed with YAML's safe
+    loader: no tags, no objects), or None when it has none."""
+    import yaml
+
+    with open(sidecar, "rb") as f:
+        raw = f.read(_MAX_SIDECAR_BYTES + 1)
+    if len(raw) > _MAX_SIDECAR_BYTES:
+        raise CheckpointError(f"{sidecar}: larger than {_MAX_SIDECAR_BYTES >> 20} MiB; not a model config")
+    try:
+        config = yaml.safe_load(raw)
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise CheckpointError(f"{sidecar}: not valid YAML ({' '.join(str(exc).split())})") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    params = model.get("params") if isinstance(model, dict) else None
+    value = params.get("parameterization") if isinstance(params, dict) else None
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"{sidecar}: model.params.parameterization must be a string, got {value!r}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------

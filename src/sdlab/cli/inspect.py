@@ -1,4 +1,7 @@
-"""`sdlab inspect PATH`: what sdlab sees in a checkpoint, read from names, shapes and metadata only."""
+"""`sdlab inspect [PATH]`: what sdlab sees in a checkpoint, read from names, shapes and metadata only.
+
+Without a path it describes the model that ships inside the package (the one `sdlab txt2img` draws with).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ def add_inspect(subparsers: argparse._SubParsersAction) -> None:
         help="describe a checkpoint: family, prediction type, configs, parameter counts, dtypes, keys",
         description="Read a checkpoint's names, shapes and metadata (no weights) and describe what sdlab sees.",
     )
-    p.add_argument("path", help="a .safetensors / .ckpt file or a diffusers folder")
+    p.add_argument("path", nargs="?", help="a .safetensors / .ckpt file or a diffusers folder (default: the "
+                   "model shipped with sdlab)")
     p.add_argument("--family", choices=family_names(), help="skip detection and treat the file as this family")
     p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type")
     p.add_argument("--vae", help="a standalone VAE file or diffusers VAE folder to use instead of the file's own")
@@ -53,9 +57,14 @@ def _format_inspect(report: dict) -> str:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
+    from sdlab.api import shipped_model_path
     from sdlab.checkpoints.load import plan_checkpoint
+    from sdlab.cli.errors import UserError
 
-    plan = plan_checkpoint(args.path, family=args.family, prediction=args.prediction, vae=args.vae)
+    path = args.path or shipped_model_path()
+    if path is None:
+        raise UserError("no path given and this sdlab install has no built-in model; pass a checkpoint PATH")
+    plan = plan_checkpoint(path, family=args.family, prediction=args.prediction, vae=args.vae)
     report = plan.report.to_json()
     report["total_parameters"] = sum(c["parameters"] for c in report["components"])
     print(json.dumps(report, indent=2) if args.json else _format_inspect(report))
