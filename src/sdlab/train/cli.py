@@ -35,7 +35,7 @@ from sdlab.train.data import LatentCache, TrainData, scan_dataset
 from sdlab.train.distributed import DistContext, init_distributed, shutdown_distributed
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import RunResult, check_resume, train
-from sdlab.train.run_checkpoint import ResumePoint, find_resume_point
+from sdlab.train.run_checkpoint import ResumePoint, disk_full_as_error, find_resume_point
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
                          world_size=ctx.world_size, num_workers=cfg.num_workers, latent_cache=cache)
         data.prepare_cache()
         ctx.barrier()
-        result = train(task, data, cfg, ctx, resume=resume)
+        with disk_full_as_error(Path(cfg.output_dir), f"the run's files in {cfg.output_dir}"):  # log.csv, loss.png, ...
+            result = train(task, data, cfg, ctx, resume=resume)
         if ctx.is_main:
             summary = {"step": result.step, "interrupted": result.interrupted, "last_loss": result.last_loss,
                        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
