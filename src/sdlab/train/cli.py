@@ -123,6 +123,8 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
             missing = " and ".join(flag(k) for k in ("model", "data_dir") if getattr(cfg, k) is None)
             raise TrainError(f"sdlab train needs {missing} (or --resume latest with the run's --output-dir)")
         task_module = _task_module(cfg.task)
+        if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
+            raise TrainError(f"--output-dir {cfg.output_dir} is a file, not a folder")
         if resume is None and cfg.resume is not None:
             resume = find_resume_point(Path(cfg.output_dir) / "checkpoints", cfg.resume)
         if resume is not None:

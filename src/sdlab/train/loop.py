@@ -118,13 +118,14 @@ def _run_state(modules: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tenso
 
 def _load_run_state(modules: dict[str, nn.Module], state: dict[str, dict[str, torch.Tensor]]) -> None:
     if set(state) != set(modules):
-        raise ValueError(f"checkpoint holds modules {sorted(state)}, this run trains {sorted(modules)}")
+        raise TrainError(f"the run checkpoint holds modules {sorted(state)}, this run trains {sorted(modules)}")
     for name, m in modules.items():
         missing, unexpected = m.load_state_dict(state[name], strict=False)
         trainable = {k for k, p in m.named_parameters() if p.requires_grad}
         lost = sorted(trainable & set(missing))
         if lost or unexpected:
-            raise ValueError(f"checkpoint does not match module {name}: missing {lost[:3]}, unexpected {unexpected[:3]}")
+            raise TrainError(f"the run checkpoint does not match the model's {name} (another --model?): missing "
+                             f"{lost[:3]}, unexpected {unexpected[:3]}")
 
 
 def check_resume(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> None:
