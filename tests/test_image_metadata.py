@@ -21,6 +21,7 @@ from sdlab.pipeline.images import ImageTooLargeError, open_image
 from sdlab.pipeline.infotext import (
     LoraRef,
     format_lora_hashes,
+    from_parameters,
     parse_lora_hashes,
     split_lora_tags,
     to_parameters,
@@ -155,6 +156,13 @@ def test_parameters_record_the_loras_and_read_back():
     text = format_parameters(to_parameters(req, loras=[LoraRef("style", 0.8, "0123456789ab")]))
     params = parse_parameters(text)
     assert params["Prompt"] == "a cat <lora:style:0.8>" and params["Lora hashes"] == "style: 0123456789ab"
+
+
+def test_a_recorded_size_of_zero_is_refused():
+    assert from_parameters({"Size": "64x32"})["width"] == 64
+    for size in ("0x64", "64x0", "-8x64"):
+        with pytest.raises(ValueError, match="positive"):
+            from_parameters({"Size": size})
 
 
 def test_lora_hash_is_a1111s_addnet_hash(tmp_path):

@@ -325,7 +325,8 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
         if path is None:
             where = ", ".join(str(d) for d in _lora_search_dirs(args))
             raise UserError(f"the prompt asks for the LoRA <lora:{tag.name}:{tag.weight:g}> but no {tag.name}"
-                            f"{'/'.join(_LORA_SUFFIXES)} is in {where}; pass --lora FILE:{tag.weight:g} or --lora-dir DIR")
+                            f"{'/'.join(_LORA_SUFFIXES)} is in {where}; pass --lora FILE:{tag.weight:g} or --lora-dir DIR "
+                            "(or a prompt without the tag)")
         files.append((path, tag.weight))
         names.add(tag.name)
     recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))

@@ -213,7 +213,7 @@ def read_parameters(path: str | os.PathLike) -> str | None:
             chunks = getattr(image, "text", None)     # PNG: every tEXt/iTXt/zTXt chunk, also those after IDAT
             value = chunks.get(PARAMETERS_KEY) if chunks is not None else image.info.get(PARAMETERS_KEY)
             if value is None and image.format in ("JPEG", "WEBP", "MPO"):
-                value = _user_comment(image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT))
+                value = _exif_parameters(image)
     except ValueError as err:                       # Pillow: "Decompressed Data Too Large", bombs, bad EXIF
         raise ParametersError(f"cannot read the parameters of {os.fspath(path)!r}: {err}") from None
     if not isinstance(value, str):
@@ -222,6 +222,15 @@ def read_parameters(path: str | os.PathLike) -> str | None:
         raise ParametersError(f"the parameters text of {os.fspath(path)!r} is {len(value)} characters long; "
                               f"the limit is {MAX_PARAMETERS_CHARS}")
     return value
+
+
+def _exif_parameters(image: Image.Image) -> str | None:
+    """The parameters in a JPEG / WebP's EXIF UserComment; None when absent or when the EXIF is broken."""
+    try:
+        return _user_comment(image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT))
+    except Exception as err:        # Pillow's EXIF parser raises many types on corrupt data; it only loses text
+        logger.warning("cannot read the EXIF of %s: %s", getattr(image, "filename", "the image"), err)
+        return None
 
 
 def _user_comment(data: Any) -> str | None:
