@@ -120,7 +120,11 @@ def _load_run_state(modules: dict[str, nn.Module], state: dict[str, dict[str, to
     if set(state) != set(modules):
         raise TrainError(f"the run checkpoint holds modules {sorted(state)}, this run trains {sorted(modules)}")
     for name, m in modules.items():
-        missing, unexpected = m.load_state_dict(state[name], strict=False)
+        try:
+            missing, unexpected = m.load_state_dict(state[name], strict=False)
+        except RuntimeError as exc:  # shapes differ
+            raise TrainError(f"the run checkpoint does not match the model's {name} (another --model?): "
+                             f"{str(exc).splitlines()[-1].strip()[:200]}") from None
         trainable = {k for k, p in m.named_parameters() if p.requires_grad}
         lost = sorted(trainable & set(missing))
         if lost or unexpected:
