@@ -248,7 +248,7 @@ def test_sigterm_during_generation_exits_143_and_leaves_no_file(models, tmp_path
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "sdlab", "txt2img", "p", "--model", str(models["a"]), "--steps", "1000",
+        [sys.executable, "-m", "sdlab", "txt2img", "p", "--model", str(models["a"]), "--steps", "400",
          "--width", "32", "--height", "32", "--out", str(out)],
         stderr=subprocess.PIPE, text=True, env=env,
     )

@@ -25,6 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "train": {"pipeline", "checkpoints", "families", "diffusion", "models", "datasets", "utils"},
     "api": {"pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
     "cli": {"api", "pipeline", "checkpoints", "families", "train", "evaluation", "datasets", "utils"},
+    "__main__": {"cli"},                     # `python -m sdlab` is the command line
 }
 FORBIDDEN_AT_RUNTIME = {"diffusers", "transformers", "open_clip", "k_diffusion"}
 

@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line unless debugging
         if debug:
             raise
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
             _error(f"the disk is full: {exc.strerror} ({exc.filename or 'while writing'})")
             return EXIT_USER_ERROR
         _error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")

@@ -239,7 +239,7 @@ def _save_images(out: str, paths: list[Path], images: list, texts: list[str], pr
                 raise
             paths = _folder_paths(paths[0].parent, prompt, seeds)
         except OSError as err:
-            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
                 raise UserError(f"the disk is full: cannot write {paths[0].parent}; nothing was written "
                                 f"({len(blobs)} image(s), {sum(map(len, blobs))} bytes)") from None
             raise UserError(f"cannot write {paths[0].parent}: {err.strerror or err}; nothing was written") from None
