@@ -135,3 +135,14 @@ def test_sdlab_tiny_structure_without_metadata_is_still_sdlab_tiny(tmp_path):
     path = write_original(new_bundle("sdlab-tiny", seed=0), tmp_path / "tiny.safetensors", junk=False)
     assert detect_family(shapes_of(read_checkpoint(path)[0])).name == "sdlab-tiny"
     assert plan_checkpoint(path).report.family.name == "sdlab-tiny"
+
+
+def test_text_towers_narrower_than_one_head_get_one_head():
+    from sdlab.checkpoints.infer import infer_text_config
+    from sdlab.families import get_family
+    from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CLIPTextModel(CLIPTextConfig(width=32, heads=1, mlp_width=37, layers=2)).state_dict().items()}
+    config = infer_text_config(shapes, get_family("sd1").text_encoders[0].config)
+    assert (config.width, config.heads, config.mlp_width, config.layers) == (32, 1, 37, 2)

@@ -175,7 +175,7 @@ def config_from_openclip(state: Mapping[str, Tensor], *, head_width: int = 64) -
         max_positions=state["positional_embedding"].shape[0],
         width=width,
         layers=_count_blocks(state, _OPENCLIP_BLOCK),
-        heads=width // head_width,
+        heads=max(1, width // head_width),      # one head below 64 wide (no released tower is)
         mlp_width=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         activation="gelu",
         projection_dim=projection.shape[1] if projection is not None else None,
@@ -197,7 +197,7 @@ def config_from_hf(
         max_positions=state["embeddings.position_embedding.weight"].shape[0],
         width=width,
         layers=_count_blocks(state, _SDLAB_BLOCK),
-        heads=width // head_width,
+        heads=max(1, width // head_width),      # one head below 64 wide (no released tower is)
         mlp_width=state["encoder.layers.0.mlp.fc1.weight"].shape[0],
         activation=activation,
         projection_dim=projection.shape[0] if projection is not None else None,
