@@ -6,12 +6,15 @@
     architecture inference touch no weights and loading holds one tensor at a time beside the model;
   - pickled checkpoints go through `torch.load(..., weights_only=True)` and nothing else: that unpickler
     refuses every global outside tensors and plain containers, so a file that would run code on load is
-    rejected before anything runs. Zip-format files are memory-mapped. A top-level `state_dict` entry
-    (PyTorch Lightning, CompVis) is unwrapped.
+    rejected before anything runs. The zip directory is checked first (`_check_torch_zip`): decompression
+    bombs and big-endian files are refused before anything is unpacked; zip files whose records are all
+    stored are memory-mapped, those with deflated records are read without mapping (a map would see the
+    compressed bytes). A top-level `state_dict` entry (PyTorch Lightning, CompVis) is unwrapped.
 Every failure is a `CheckpointError` with a one-line message.
 
 `write_safetensors_atomic(path, tensors, metadata)` writes a temporary file beside `path`, fsyncs it and
-renames it over `path`; on failure nothing is left behind and an existing `path` is untouched.
+renames it over `path`; on failure nothing is left behind and an existing `path` is untouched. The bytes
+depend only on the tensors and the metadata (both sorted), and the file's mode follows the umask.
 """
 
 from __future__ import annotations
