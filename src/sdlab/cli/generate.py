@@ -52,7 +52,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...)')
         p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ...")
         p.add_argument("--steps", type=int, help="sampling steps (default 20)")
-        p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default 7)")
+        p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
         p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
         p.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the family's)")
         p.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the family's)")

@@ -16,9 +16,16 @@ diffusers timestep spacings (Lin et al. 2023, Table 2), T = num_train_timesteps:
   ``leading``   t_i = round(i * (T // steps)) + steps_offset, descending (SD1/SD2/SDXL: offset 1)
   ``trailing``  t_i = round(T - i * T / steps) - 1
   ``linspace``  t_i = linspace(0, T - 1, steps), descending (fractional for Euler)
-  The plain names give ``EulerDiscreteScheduler``'s sigmas: sigma linearly interpolated at the
-  (possibly fractional) timesteps, ``np.interp(timesteps, arange(T), sigmas)``. The ``ddim_*`` names
-  give ``DDIMScheduler``'s timesteps (integer: its ``linspace`` rounds) and sigma = sigmas[t].
+  Each diffusers scheduler implements these its own way, so the plain names take a ``scheduler``
+  option (``SPACING_SCHEDULERS``; the generate loop passes the sampler's, ``SamplerSpec.spacing``):
+  ``euler`` (Euler, Euler a, Heun, KDPM2, KDPM2 a, LMS, DPMSolverSDE): sigma linearly interpolated at
+  the timesteps above, ``np.interp(timesteps, arange(T), sigmas)``; ``dpm_solver``
+  (DPMSolverMultistep, UniPCMultistep): integer timesteps from a grid of steps + 1 points without
+  its last, ``leading`` = arange(steps + 1) * (T // (steps + 1)) + offset, ``linspace`` =
+  round(linspace(0, T - 1, steps + 1)), ``trailing`` as above; ``ddim`` (DDIM, PNDM, DDPM):
+  ``DDIMScheduler``'s integer timesteps (its ``linspace`` rounds); ``lcm``: ``LCMScheduler``'s own
+  grid (every (50 / steps)-th of its 50 distillation timesteps), whatever the spacing name. The
+  ``ddim_*`` names give ``DDIMScheduler``'s timesteps for any sampler.
 ``diffusers_karras`` / ``diffusers_exponential``
   Euler's ``use_karras_sigmas`` / ``use_exponential_sigmas``: the Karras/exponential ramp between the
   first and last sigma of the *spacing* above (for SD's leading spacing, sigma(t=1) .. sigma(t=981)
@@ -50,23 +57,30 @@ from torch import Tensor
 from sdlab.diffusion.schedules import NoiseSchedule
 
 __all__ = [
+    "DIFFUSERS_NAMES",
     "DISCRETIZATIONS",
     "FINAL_SIGMAS",
     "IMG2IMG_CONVENTIONS",
     "INIT_NOISE_CONVENTIONS",
     "Discretization",
+    "SPACING_SCHEDULERS",
     "ddim_timesteps",
     "ddim_uniform_sigmas",
+    "default_init_noise",
     "diffusers_ddim_sigmas",
     "diffusers_euler_sigmas",
     "diffusers_exponential_sigmas",
     "diffusers_karras_sigmas",
+    "diffusers_spacing_sigmas",
+    "discretize",
+    "dpm_solver_timesteps",
     "euler_timesteps",
     "exponential_sigmas",
     "get_discretization",
     "img2img_sigmas",
     "initial_noise_sigma",
     "karras_sigmas",
+    "lcm_timesteps",
     "normal_sigmas",
     "partial_sigmas",
     "sgm_uniform_sigmas",
@@ -171,6 +185,47 @@ def ddim_timesteps(
     raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
 
 
+def dpm_solver_timesteps(
+    steps: int, spacing: str = "linspace", *, steps_offset: int = 1, num_train_timesteps: int = 1000
+) -> Tensor:
+    """Timesteps of diffusers' ``DPMSolverMultistepScheduler`` / ``UniPCMultistepScheduler`` (int64, descending).
+
+    ``leading`` and ``linspace`` lay ``steps + 1`` points and drop the last (t = 0 or ``steps_offset``):
+    ``leading`` = arange(steps + 1) * (T // (steps + 1)) + offset, ``linspace`` = round(linspace(0, T - 1,
+    steps + 1)); ``trailing`` is Euler's, as integers. ``DPMSolverSinglestepScheduler`` has no spacing
+    option: its grid is always this ``linspace``.
+    """
+    steps = _check_steps(steps)
+    if steps > num_train_timesteps:
+        raise ValueError(f"DPM-Solver cannot take {steps} steps on a {num_train_timesteps}-step schedule")
+    if spacing == "leading":
+        ratio = num_train_timesteps // (steps + 1)
+        return (torch.arange(steps + 1, dtype=torch.float64) * ratio).flip(0)[:-1].long() + steps_offset
+    if spacing == "linspace":
+        return _linspace64(0, num_train_timesteps - 1, steps + 1).round().flip(0)[:-1].long()
+    if spacing == "trailing":
+        return _trailing(steps, num_train_timesteps).long()
+    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+
+
+LCM_ORIGINAL_STEPS = 50  # LCMScheduler's original_inference_steps: the distillation grid
+
+
+def lcm_timesteps(steps: int, *, original_steps: int = LCM_ORIGINAL_STEPS, num_train_timesteps: int = 1000) -> Tensor:
+    """Timesteps of diffusers' ``LCMScheduler.set_timesteps`` (int64, descending; it has no spacing option).
+
+    Every ``original_steps / steps``-th (floored) of the distillation grid t = 999, 979, ..., 19 (k - 1 for
+    k = 20, ..., 1000 with ``original_steps`` = 50), starting at its top.
+    """
+    steps = _check_steps(steps)
+    if steps > original_steps:
+        raise ValueError(f"LCM takes at most {original_steps} steps (its distillation grid), got {steps}")
+    stride = num_train_timesteps // original_steps
+    origin = (torch.arange(1, original_steps + 1, dtype=torch.int64) * stride - 1).flip(0)  # (original_steps,)
+    index = _linspace64(0, original_steps, steps + 1)[:-1].floor().long()                  # endpoint=False
+    return origin[index]
+
+
 def _euler_spacing_sigmas(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int) -> Tensor:
     t = euler_timesteps(steps, spacing, steps_offset=steps_offset, num_train_timesteps=schedule.num_timesteps)
     return _interp_sigmas(schedule, t)  # (steps,) float64
@@ -196,6 +251,38 @@ def diffusers_ddim_sigmas(
     ``set_alpha_to_one=True``.
     """
     t = ddim_timesteps(steps, spacing, steps_offset=steps_offset, num_train_timesteps=schedule.num_timesteps)
+    return _finish(_interp_sigmas(schedule, t.to(torch.float64)), schedule, final)
+
+
+SPACING_SCHEDULERS = ("euler", "dpm_solver", "ddim", "lcm")
+
+
+def diffusers_spacing_sigmas(
+    schedule: NoiseSchedule,
+    steps: int,
+    *,
+    spacing: str = "leading",
+    scheduler: str = "euler",
+    steps_offset: int = 1,
+    final: str = "zero",
+) -> Tensor:
+    """The sigmas diffusers' scheduler family ``scheduler`` visits with ``timestep_spacing=spacing``.
+
+    ``euler``: ``diffusers_euler_sigmas``; ``dpm_solver``: sigmas[t] at ``dpm_solver_timesteps``;
+    ``ddim``: ``diffusers_ddim_sigmas``; ``lcm``: sigmas[t] at ``lcm_timesteps`` (LCM ignores the spacing).
+    """
+    if scheduler == "euler":
+        return diffusers_euler_sigmas(schedule, steps, spacing=spacing, steps_offset=steps_offset, final=final)
+    if scheduler == "ddim":
+        return diffusers_ddim_sigmas(schedule, steps, spacing=spacing, steps_offset=steps_offset, final=final)
+    if scheduler == "dpm_solver":
+        t = dpm_solver_timesteps(steps, spacing, steps_offset=steps_offset, num_train_timesteps=schedule.num_timesteps)
+    elif scheduler == "lcm":
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+        t = lcm_timesteps(steps, num_train_timesteps=schedule.num_timesteps)
+    else:
+        raise ValueError(f"unknown diffusers scheduler family {scheduler!r}; expected one of {', '.join(SPACING_SCHEDULERS)}")
     return _finish(_interp_sigmas(schedule, t.to(torch.float64)), schedule, final)
 
 
@@ -309,9 +396,9 @@ def _with_spacing(fn: Discretization, spacing: str) -> Discretization:
 
 
 DISCRETIZATIONS: dict[str, Discretization] = {
-    "leading": _with_spacing(diffusers_euler_sigmas, "leading"),
-    "trailing": _with_spacing(diffusers_euler_sigmas, "trailing"),
-    "linspace": _with_spacing(diffusers_euler_sigmas, "linspace"),
+    "leading": _with_spacing(diffusers_spacing_sigmas, "leading"),
+    "trailing": _with_spacing(diffusers_spacing_sigmas, "trailing"),
+    "linspace": _with_spacing(diffusers_spacing_sigmas, "linspace"),
     "ddim_leading": _with_spacing(diffusers_ddim_sigmas, "leading"),
     "ddim_trailing": _with_spacing(diffusers_ddim_sigmas, "trailing"),
     "ddim_linspace": _with_spacing(diffusers_ddim_sigmas, "linspace"),
@@ -333,6 +420,14 @@ def get_discretization(name: str) -> Discretization:
     if found is None:
         raise ValueError(f"unknown discretization {name!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
     return found
+
+
+def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str = "euler", **options: Any) -> Tensor:
+    """Build discretization ``name``; a plain diffusers spacing name (``SPACINGS``) takes the spacing of the
+    diffusers scheduler family ``scheduler`` (the sampler's ``SamplerSpec.spacing``), other names ignore it."""
+    if name.strip().lower() in SPACINGS:
+        options["scheduler"] = scheduler
+    return get_discretization(name)(schedule, steps, **options)
 
 
 # -- starting part-way (img2img) --------------------------------------------------------------
@@ -390,24 +485,47 @@ def partial_sigmas(sigmas: Tensor, strength: float, convention: str = "diffusers
 def img2img_sigmas(
     name: str, schedule: NoiseSchedule, steps: int, strength: float, convention: str = "diffusers", **options: Any
 ) -> Tensor:
-    """Build discretization ``name`` for an img2img run; ``result[0]`` is the sigma to noise the image to."""
+    """Build discretization ``name`` for an img2img run (``discretize``'s options); ``result[0]`` is the
+    sigma to noise the image to."""
     total, run = steps_run(steps, strength, convention)
-    sigmas = get_discretization(name)(schedule, total, **options)
+    sigmas = discretize(name, schedule, total, **options)
     return sigmas[-(run + 1) :]
 
 
 # -- initial noise scale ----------------------------------------------------------------------
 INIT_NOISE_CONVENTIONS = ("sigma_max", "vp", "diffusers_leading")
+DIFFUSERS_NAMES = (*SPACINGS, "ddim_leading", "ddim_trailing", "ddim_linspace", "diffusers_karras", "diffusers_exponential")
+
+
+def default_init_noise(name: str, scheduler: str = "euler") -> str:
+    """The initial-noise convention that schedule ``name`` brings when the caller sets none.
+
+    The one rule (``GenerationRequest.init_noise=None`` resolves through here): a schedule named the
+    diffusers way (``DIFFUSERS_NAMES``) starts as the diffusers scheduler of the sampler does (its
+    ``init_noise_sigma``); every A1111 / ComfyUI name (karras, exponential, normal, simple, ...) starts
+    at ``"sigma_max"`` as A1111 and ComfyUI do. diffusers' Euler family (``scheduler="euler"``) starts at
+    sigma_max for ``trailing`` / ``linspace`` and at ``"vp"`` otherwise (``leading``, its karras /
+    exponential options); the schedulers that work in VP scaling (``dpm_solver``, ``ddim``, ``lcm``, and
+    every ``ddim_*`` name) start from unit VP noise, ``"vp"``.
+    """
+    name = name.strip().lower()
+    if name not in DIFFUSERS_NAMES:
+        return "sigma_max"
+    if scheduler == "euler" and name in ("trailing", "linspace"):
+        return "sigma_max"
+    return "vp"
 
 
 def initial_noise_sigma(sigmas: Tensor, convention: str = "sigma_max") -> float:
     """Factor for unit noise to give x at ``sigmas[0]`` in VE scaling: ``x_T = noise * factor``.
 
-    - ``sigma_max`` (sdlab's default; k-diffusion, A1111, ComfyUI, diffusers Euler with ``linspace``/
-      ``trailing`` spacing): ``sigmas[0]``.
-    - ``vp``: ``sqrt(sigmas[0]^2 + 1)``. DDIM/DDPM/PLMS start from x_T = noise in VP scaling, whose VE
-      equivalent is noise * sqrt(1 + sigma_max^2). diffusers' Euler-family schedulers use this for
-      ``leading`` spacing (``init_noise_sigma``); ``diffusers_leading`` is an alias.
+    - ``sigma_max`` (k-diffusion, A1111, ComfyUI, diffusers Euler with ``linspace``/``trailing``
+      spacing): ``sigmas[0]``.
+    - ``vp``: ``sqrt(sigmas[0]^2 + 1)``. DDIM/DDPM/PLMS/DPM-Solver/UniPC start from x_T = noise in VP
+      scaling, whose VE equivalent is noise * sqrt(1 + sigma_max^2). diffusers' Euler-family schedulers
+      use this for ``leading`` spacing (``init_noise_sigma``); ``diffusers_leading`` is an alias.
+
+    Which one a request gets by default: ``default_init_noise``.
     """
     top = float(sigmas[0])
     if convention == "sigma_max":

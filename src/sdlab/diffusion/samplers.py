@@ -8,7 +8,11 @@ Names are AUTOMATIC1111's display names ("Euler a", "DPM++ 2M") and ComfyUI's sn
   ``sampling_ldm.to_ddpm_latent``);
 - which noise it consumes: none (deterministic), independent Gaussian steps drawn from each image's
   generator, or a Brownian tree seeded per image (SDE samplers, as k-diffusion / A1111 / ComfyUI);
-- whether it wants the schedule's ``sigma_to_t`` (LCM's boundary scalings depend on the timestep).
+- whether it wants the schedule's ``sigma_to_t`` (LCM's boundary scalings depend on the timestep);
+- which diffusers scheduler family's timestep spacing it takes when a diffusers spacing (``leading``,
+  ``trailing``, ``linspace``) is named (``spacing``, see ``discretization.diffusers_spacing_sigmas``):
+  the family of the diffusers scheduler that implements it, Euler's for the k-diffusion samplers
+  diffusers lacks (DPM++ 2S a).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class SamplerSpec:
     noise: str = "none"                 # "none" | "gaussian" | "brownian"
     final_sigma: str = "zero"           # "zero" | "first_alpha"
     wants_sigma_to_t: bool = False
+    spacing: str = "euler"              # "euler" | "dpm_solver" | "ddim" | "lcm" (discretization.SPACING_SCHEDULERS)
 
     @property
     def stochastic(self) -> bool:
@@ -41,6 +46,11 @@ class SamplerSpec:
 
 
 _STOCHASTIC_K = {"Euler a", "DPM2 a", "DPM++ 2S a"}
+
+# diffusers' DPMSolverMultistep (2M, 2M SDE, 3M SDE), DPMSolverSinglestep (2S: no spacing option, its grid
+# is DPMSolverMultistep's linspace) and UniPCMultistep share one spacing; DDIM, PNDM (PLMS) and DDPM another.
+_DPM_SOLVER_SPACING = {"DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ 2S"}
+_LDM_SPACING = {"DDIM": "ddim", "PLMS": "ddim", "DDPM": "ddim", "LCM": "lcm"}  # others: UniPC's, dpm_solver
 
 
 def _k_spec(name: str, fn: Callable[..., Tensor]) -> SamplerSpec:
@@ -50,7 +60,8 @@ def _k_spec(name: str, fn: Callable[..., Tensor]) -> SamplerSpec:
         noise = "gaussian"
     else:
         noise = "none"
-    return SamplerSpec(name=name, fn=fn, noise=noise)
+    spacing = "dpm_solver" if name in _DPM_SOLVER_SPACING else "euler"
+    return SamplerSpec(name=name, fn=fn, noise=noise, spacing=spacing)
 
 
 def _ldm_spec(name: str, fn: Callable[..., Tensor]) -> SamplerSpec:
@@ -60,6 +71,7 @@ def _ldm_spec(name: str, fn: Callable[..., Tensor]) -> SamplerSpec:
         noise="gaussian" if name in ("DDIM", "DDPM", "LCM") else "none",  # DDIM draws only when eta > 0
         final_sigma=sampling_ldm.FINAL_SIGMA[name],
         wants_sigma_to_t=name == "LCM",
+        spacing=_LDM_SPACING.get(name, "dpm_solver"),
     )
 
 
@@ -76,7 +88,9 @@ def _alias_table() -> dict[str, SamplerSpec]:
     for aliases in (sampling_k.K_SAMPLER_ALIASES, sampling_ldm.LDM_SAMPLER_ALIASES):
         for alias, fn in aliases.items():
             # an alias either names a registered sampler or carries its own options (ComfyUI's uni_pc)
-            spec = by_fn.get(fn) or SamplerSpec(alias, fn, final_sigma=sampling_ldm.FINAL_SIGMA.get(alias, "zero"))
+            spec = by_fn.get(fn) or SamplerSpec(
+                alias, fn, final_sigma=sampling_ldm.FINAL_SIGMA.get(alias, "zero"), spacing="dpm_solver"
+            )
             table[alias.casefold()] = spec
     return table
 

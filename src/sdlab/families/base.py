@@ -86,6 +86,7 @@ class FamilySpec:
     default_size_v: int | None = None           # SD2: the v-prediction release is the 768 px model
     default_sampler: str = "dpmpp_2m"
     default_sigma_schedule: str = "karras"
+    default_cfg: float = 7.0                    # classifier-free guidance scale a request gets by default
     unet_prefix: str = UNET_PREFIX
     vae_prefix: str = VAE_PREFIX
 

@@ -71,4 +71,5 @@ SDLAB_TINY = FamilySpec(
     diffusers_pipeline="StableDiffusionPipeline",
     default_sampler="dpmpp_2m",
     default_sigma_schedule="karras",
+    default_cfg=5.0,                            # the CFG its evaluation and samples use
 )

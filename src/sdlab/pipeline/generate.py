@@ -24,7 +24,8 @@ and its 4-channel inpainting encodes the masked image (an unused draw between 2 
 image and never makes unused draws.
 
 Initial scale of pure noise (``GenerationRequest.init_noise``): "sigma_max" (A1111, ComfyUI) or "vp"
-(diffusers' ``init_noise_sigma`` for leading / DDIM-family schedules: sqrt(1 + sigma_max^2)). Inpainting at
+(diffusers' ``init_noise_sigma`` of VP schedulers and Euler's leading spacing: sqrt(1 + sigma_max^2)); by
+default the schedule's convention (``discretization.default_init_noise``). Inpainting at
 strength 1 starts from pure noise, as diffusers' inpainting pipelines do; img2img always starts from the
 image latent plus noise at sigmas[0] (diffusers' ``add_noise``), strength 1 included.
 """
@@ -45,7 +46,7 @@ from sdlab.checkpoints.load import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import (
-    get_discretization,
+    discretize,
     img2img_sigmas,
     initial_noise_sigma,
 )
@@ -98,6 +99,7 @@ def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRe
         default_sampler=family.default_sampler,
         default_schedule=family.default_sigma_schedule,
         factor=bundle.vae_config.downsample_factor,
+        default_cfg=family.default_cfg,
     )
 
 
@@ -203,15 +205,14 @@ def request_sigmas(bundle: ModelBundle, req: GenerationRequest) -> Tensor:
     """The sigmas a resolved request visits (the img2img tail for an init image), on the bundle's device."""
     schedule = bundle.family.schedule.build()
     sampler = get_sampler(req.sampler)
-    if req.init_image is None:
-        sigmas = get_discretization(req.schedule)(schedule, req.steps, final=sampler.final_sigma)
-    else:
-        try:
-            sigmas = img2img_sigmas(
-                req.schedule, schedule, req.steps, req.strength, req.img2img_convention, final=sampler.final_sigma
-            )
-        except ValueError as err:   # e.g. a strength so low that no step runs
-            raise RequestError(str(err)) from None
+    options = dict(final=sampler.final_sigma, scheduler=sampler.spacing)  # a diffusers spacing: the sampler's
+    try:
+        if req.init_image is None:
+            sigmas = discretize(req.schedule, schedule, req.steps, **options)
+        else:
+            sigmas = img2img_sigmas(req.schedule, schedule, req.steps, req.strength, req.img2img_convention, **options)
+    except ValueError as err:   # e.g. a strength so low that no step runs, LCM past its 50 steps
+        raise RequestError(str(err)) from None
     return sigmas.to(bundle.device)
 
 

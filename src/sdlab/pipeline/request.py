@@ -30,6 +30,7 @@ from sdlab.diffusion.discretization import (
     DISCRETIZATIONS,
     IMG2IMG_CONVENTIONS,
     INIT_NOISE_CONVENTIONS,
+    default_init_noise,
     steps_run,
 )
 from sdlab.diffusion.samplers import get_sampler
@@ -55,7 +56,7 @@ class GenerationRequest:
     steps: int = 20
     sampler: str | None = None              # A1111 or ComfyUI name, e.g. "DPM++ 2M", "euler_ancestral"
     schedule: str | None = None             # discretization: "karras", "normal", "leading", ...
-    cfg_scale: float = 7.0
+    cfg_scale: float | None = None          # None = the family's (FamilySpec.default_cfg: 5 sdlab-tiny, 7 SD)
     guidance_rescale: float = 0.0
     seed: int | None = None                 # image i uses seed + i; None draws a random seed
     width: int | None = None
@@ -64,7 +65,8 @@ class GenerationRequest:
     clip_skip: int = 1                      # A1111 numbering: 1 = the family's usual layer, 2 = one back
     eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
     s_noise: float = 1.0
-    init_noise: str = "sigma_max"           # "sigma_max" (A1111, ComfyUI) or "vp" (diffusers' DDIM-family)
+    init_noise: str | None = None           # "sigma_max" (A1111, ComfyUI) or "vp"; None = the schedule's
+                                            # convention (discretization.default_init_noise)
     quantize_timesteps: bool = False        # round t to integers before the U-Net (diffusers' DPM-Solver)
     # img2img / inpainting
     init_image: Image.Image | None = field(default=None, repr=False, compare=False)
@@ -129,6 +131,7 @@ def resolve(
     default_sampler: str,
     default_schedule: str,
     factor: int,
+    default_cfg: float = 7.0,
 ) -> GenerationRequest:
     """Fill defaults and validate; raises `RequestError` with one clear message per problem.
 
@@ -146,7 +149,7 @@ def resolve(
         raise RequestError(f"batch size must be an integer in 1..{MAX_BATCH}, got {r.batch_size!r}")
     if not _integer(r.clip_skip) or r.clip_skip < 1:
         raise RequestError(f"clip skip must be an integer >= 1, got {r.clip_skip!r}")
-    _finite("CFG scale", r.cfg_scale)
+    cfg_scale = _finite("CFG scale", default_cfg if r.cfg_scale is None else r.cfg_scale)
     if not 0.0 <= _finite("guidance rescale", r.guidance_rescale) <= 1.0:
         raise RequestError(f"guidance rescale must lie in [0, 1], got {r.guidance_rescale}")
     _finite("s_noise", r.s_noise)
@@ -165,13 +168,14 @@ def resolve(
         raise RequestError(f"sampler and schedule must be names (text), got {r.sampler!r} and {r.schedule!r}")
     sampler = r.sampler or default_sampler
     try:
-        sampler = get_sampler(sampler).name
+        spec = get_sampler(sampler)
     except ValueError as err:
         raise RequestError(str(err)) from None
     schedule = (r.schedule or default_schedule).strip().lower()
     if schedule not in DISCRETIZATIONS:
         raise RequestError(f"unknown schedule {r.schedule!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
-    if r.init_noise not in INIT_NOISE_CONVENTIONS:
+    init_noise = default_init_noise(schedule, spec.spacing) if r.init_noise is None else r.init_noise
+    if init_noise not in INIT_NOISE_CONVENTIONS:
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
     if r.img2img_convention not in IMG2IMG_CONVENTIONS:
         raise RequestError(
@@ -205,4 +209,7 @@ def resolve(
     seed = r.seed if r.seed is not None and r.seed >= 0 else random.randrange(2**32)
     if seed + r.batch_size - 1 > MAX_SEED:
         raise RequestError(f"seed {seed} + {r.batch_size - 1} is past the largest seed {MAX_SEED}")
-    return replace(r, sampler=sampler, schedule=schedule, width=width, height=height, seed=int(seed))
+    return replace(
+        r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,
+        width=width, height=height, seed=int(seed),
+    )

@@ -1,0 +1,196 @@
+"""A diffusers spacing name gives each sampler what its own diffusers scheduler gives (issue 12, items 2-3).
+
+For every sampler that diffusers implements, at 10 steps, for ``leading`` / ``trailing`` / ``linspace`` and
+for eps and v prediction: sdlab builds its sigmas the way the generate loop does (``discretize`` with the
+sampler's ``SamplerSpec.spacing``) and its initial noise scale by the request default
+(``default_init_noise``), and the final latents must equal those of the diffusers pipeline loop over the
+scheduler configured with that ``timestep_spacing`` (same tiny U-Net, same seeds; ``sampler_harness``).
+
+Documented exceptions:
+- ``DPMSolverSinglestepScheduler`` (DPM++ 2S) has no spacing option; its fixed grid is the ``dpm_solver``
+  family's ``linspace``, compared here; the other names give DPMSolverMultistep's spacing.
+- diffusers' DDIM / DDPM / PNDM step from t to ``t - T // steps``, which is not the next listed timestep
+  for ``linspace`` (999 -> 899, then the model is asked at 888): they evaluate the model at one noise level
+  and treat the sample as another. sdlab steps between listed timesteps, so ``linspace`` is compared on
+  the timesteps only.
+- LCMScheduler has no spacing option: every spacing name gives its distillation grid.
+- DPMSolverMultistep's SDE variants draw Gaussian step noise where sdlab (as A1111 / ComfyUI) feeds DPM++ 2M
+  SDE from a Brownian tree; they are compared with Gaussian step noise (the spacing is what is tested).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import sampler_harness as H
+from bundle_fixtures import tiny_bundle
+from sdlab.diffusion.brownian import BrownianTreeNoise
+from sdlab.diffusion.discretization import default_init_noise, discretize, initial_noise_sigma
+from sdlab.diffusion.samplers import get_sampler
+from sdlab.diffusion.sampling_ldm import to_ddpm_latent
+from sdlab.families.sd1 import SD1
+from sdlab.families.sdlab_tiny import SDLAB_TINY
+from sdlab.pipeline.generate import resolve_for
+from sdlab.pipeline.request import GenerationRequest, resolve
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+STEPS = 10
+TOL = 1e-5
+SPACINGS = ("leading", "trailing", "linspace")
+PREDICTIONS = ("epsilon", "v_prediction")
+SCHEDULE = H.sd_schedule()
+
+_SDE = dict(algorithm_type="sde-dpmsolver++", solver_order=2)
+_VP_DDIM = dict(clip_sample=False, set_alpha_to_one=False)
+# (sdlab sampler, diffusers scheduler, config, the spacings diffusers steps through as listed)
+CASES = [
+    ("Euler", "EulerDiscreteScheduler", {}, SPACINGS),
+    ("Euler a", "EulerAncestralDiscreteScheduler", {}, SPACINGS),
+    ("Heun", "HeunDiscreteScheduler", {}, SPACINGS),
+    ("DPM2", "KDPM2DiscreteScheduler", {}, SPACINGS),
+    ("DPM2 a", "KDPM2AncestralDiscreteScheduler", {}, SPACINGS),
+    ("LMS", "LMSDiscreteScheduler", {}, SPACINGS),
+    ("DPM++ SDE", "DPMSolverSDEScheduler", dict(noise_sampler_seed=list(H.SEEDS)), SPACINGS),
+    ("DPM++ 2M", "DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2), SPACINGS),
+    ("DPM++ 2M SDE", "DPMSolverMultistepScheduler", _SDE, SPACINGS),
+    ("DPM++ 2M SDE Heun", "DPMSolverMultistepScheduler", dict(_SDE, solver_type="heun"), SPACINGS),
+    ("DPM++ 2S", "DPMSolverSinglestepScheduler", dict(algorithm_type="dpmsolver++", solver_order=2), ("linspace",)),
+    ("UniPC", "UniPCMultistepScheduler", {}, SPACINGS),
+    ("DDIM", "DDIMScheduler", _VP_DDIM, ("leading", "trailing")),
+    ("PLMS", "PNDMScheduler", dict(_VP_DDIM, skip_prk_steps=True), ("leading", "trailing")),
+    ("DDPM", "DDPMScheduler", dict(clip_sample=False, variance_type="fixed_small"), ("leading", "trailing")),
+    ("LCM", "LCMScheduler", dict(original_inference_steps=50), SPACINGS),
+]
+GAUSSIAN_IN_DIFFUSERS = {"DPM++ 2M SDE", "DPM++ 2M SDE Heun"}
+PARAMS = [
+    pytest.param(name, cls, config, spacing, prediction, id=f"{name}-{spacing}-{prediction[0]}")
+    for name, cls, config, spacings in CASES
+    for spacing in spacings
+    for prediction in PREDICTIONS
+]
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return H.tiny_unet()
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return H.context()
+
+
+class _VToEps(torch.nn.Module):
+    """The U-Net's v output as eps (``sqrt(ac) v + sqrt(1 - ac) z``): PNDM on a v model combines raw v
+    outputs, a different method from PLMS on eps (tests/test_sampling_ldm.py), so its reference runs on eps."""
+
+    def __init__(self, unet) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, z, t, encoder_hidden_states):
+        v = self.unet(z, t, encoder_hidden_states=encoder_hidden_states).sample
+        ac = SCHEDULE.alphas_cumprod[int(t)]
+        return types.SimpleNamespace(sample=ac.sqrt() * v + (1 - ac).sqrt() * z)
+
+
+def _diffusers(cls_name: str, config: dict, spacing: str, prediction: str, unet, ctx) -> torch.Tensor:
+    import diffusers
+
+    network = unet
+    if cls_name == "PNDMScheduler" and prediction == "v_prediction":
+        network, prediction = _VToEps(unet), "epsilon"
+    scheduler = H.make_scheduler(getattr(diffusers, cls_name), prediction, timestep_spacing=spacing, **config)
+    latents, _, _ = H.run_diffusers(scheduler, network, ctx, STEPS)
+    return latents
+
+
+def _sdlab(name: str, spacing: str, prediction: str, unet, ctx) -> torch.Tensor:
+    """The generate loop's choices for ``schedule=spacing`` with the default ``init_noise``."""
+    spec = get_sampler(name)
+    sigmas = discretize(spacing, SCHEDULE, STEPS, scheduler=spec.spacing, final=spec.final_sigma)  # (11,)
+    unit, gaussian = H.noise_for(H.SEEDS)
+    x = unit * initial_noise_sigma(sigmas, default_init_noise(spacing, spec.spacing))  # (B, 4, 8, 8)
+    noise = gaussian if spec.noise == "gaussian" or name in GAUSSIAN_IN_DIFFUSERS else None
+    if spec.noise == "brownian" and name not in GAUSSIAN_IN_DIFFUSERS:
+        noise = BrownianTreeNoise.for_sigmas(x, sigmas, H.SEEDS)
+    options = {"sigma_to_t": SCHEDULE.sigma_to_t} if spec.wants_sigma_to_t else {}
+    out = spec.fn(H.sdlab_model(unet, ctx, prediction), x, sigmas, noise=noise, **options)
+    return to_ddpm_latent(out, sigmas[-1])
+
+
+@pytest.mark.parametrize("name, cls_name, config, spacing, prediction", PARAMS)
+def test_named_spacing_matches_the_samplers_diffusers_scheduler(unet, ctx, name, cls_name, config, spacing, prediction):
+    expected = _diffusers(cls_name, config, spacing, prediction, unet, ctx)
+    actual = _sdlab(name, spacing, prediction, unet, ctx)
+    assert torch.isfinite(expected).all()
+    err = (actual - expected).abs().max().item()
+    assert err <= TOL, f"{name} with {spacing}: max |sdlab - diffusers| = {err:.3e}"
+
+
+@pytest.mark.parametrize("name, cls_name", [("DDIM", "DDIMScheduler"), ("DDPM", "DDPMScheduler"), ("PLMS", "PNDMScheduler")])
+def test_ddim_family_linspace_visits_diffusers_timesteps(name, cls_name):
+    import diffusers
+
+    scheduler = H.make_scheduler(getattr(diffusers, cls_name), timestep_spacing="linspace", skip_prk_steps=True)
+    scheduler.set_timesteps(STEPS)
+    timesteps = torch.unique_consecutive(scheduler.timesteps)
+    spec = get_sampler(name)
+    sigmas = discretize("linspace", SCHEDULE, STEPS, scheduler=spec.spacing, final=spec.final_sigma)
+    torch.testing.assert_close(sigmas[:-1], SCHEDULE.sigmas[timesteps], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_dpm_solver_spacing_differs_from_eulers(spacing):
+    """The case behind the 125/255 report: DPM++ 2M's leading grid has steps + 1 points (t = 901, 811, ...)."""
+    euler = discretize(spacing, SCHEDULE, STEPS, scheduler=get_sampler("Euler").spacing)
+    dpm = discretize(spacing, SCHEDULE, STEPS, scheduler=get_sampler("DPM++ 2M").spacing)
+    assert (spacing == "trailing") == torch.equal(euler, dpm)
+
+
+# -- the request default: which initial noise a schedule name brings ------------------------------------
+
+
+def _resolved(**fields) -> GenerationRequest:
+    request = GenerationRequest(prompt="a red apple", seed=1, **fields)
+    return resolve(request, default_size=64, default_sampler="DPM++ 2M", default_schedule="karras", factor=8)
+
+
+@pytest.mark.parametrize(
+    "sampler, schedule, expected",
+    [
+        ("Euler", "leading", "vp"),                 # EulerDiscreteScheduler.init_noise_sigma, leading
+        ("Euler", "trailing", "sigma_max"),
+        ("Euler", "linspace", "sigma_max"),
+        ("Heun", "leading", "vp"),
+        ("DPM++ 2M", "trailing", "vp"),             # DPMSolverMultistep starts from unit VP noise
+        ("DDIM", "linspace", "vp"),
+        ("UniPC", "leading", "vp"),
+        ("Euler", "ddim_trailing", "vp"),           # DDIMScheduler's timesteps, its convention
+        ("Euler", "diffusers_karras", "vp"),        # Euler(use_karras_sigmas=True), leading spacing
+        ("Euler", "karras", "sigma_max"),           # A1111 / ComfyUI names keep theirs
+        ("DDIM", "normal", "sigma_max"),
+        ("DPM++ 2M", "exponential", "sigma_max"),
+    ],
+)
+def test_init_noise_follows_the_schedule_convention(sampler, schedule, expected):
+    assert _resolved(sampler=sampler, schedule=schedule).init_noise == expected
+
+
+def test_an_explicit_init_noise_wins():
+    assert _resolved(sampler="Euler", schedule="leading", init_noise="sigma_max").init_noise == "sigma_max"
+    assert _resolved(sampler="Euler", schedule="karras", init_noise="vp").init_noise == "vp"
+
+
+def test_cfg_defaults_to_the_familys():
+    assert SDLAB_TINY.default_cfg == 5.0 and SD1.default_cfg == 7.0
+    assert _resolved().cfg_scale == 7.0
+    assert _resolved(cfg_scale=3).cfg_scale == 3.0
+    for name in ("sdlab-tiny", "sd1"):
+        bundle = tiny_bundle(name)
+        req = resolve_for(bundle, GenerationRequest(prompt="x", seed=1, width=64, height=64))
+        assert req.cfg_scale == bundle.family.default_cfg == {"sdlab-tiny": 5.0, "sd1": 7.0}[name]
