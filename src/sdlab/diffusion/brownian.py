@@ -10,10 +10,18 @@ seed, over ``[sigma_min, sigma_max]`` of the sigma schedule (smallest non-zero a
 references, and image i depends only on ``seeds[i]``.
 
 Returned noise is normalised to unit variance: ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``.
+
+Query times. A tree with ``tol=1e-6`` keeps its ends and resolves every query at times rounded to 6
+decimals, so its top end is ``round(sigma_max, 6)``, which can lie below sigma_max (14.614641 for SD's
+14.6146411...). The first step's query at sigma_max is then past the end: torchsde clamps it, with a
+"Should have tb<=t1" warning on every run. ``BrownianTreeNoise`` rounds each query to the tree's
+precision and keeps it inside the tree's ends first: the same W (torchsde rounds queries itself) and no
+out-of-range query.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +32,7 @@ __all__ = ["BrownianTreeNoise"]
 
 _TOL = 1e-6
 _POOL_SIZE = 24
+_DIGITS = -int(math.log10(_TOL))  # torchsde resolves times to this many decimals
 
 
 def _sorted(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -43,6 +52,7 @@ class BrownianTreeNoise:
         if len(seeds) != like.shape[0]:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {like.shape[0]}")
         t0, t1, self._sign = _sorted(torch.as_tensor(sigma_min), torch.as_tensor(sigma_max))
+        self._ends = (round(float(t0), _DIGITS), round(float(t1), _DIGITS))  # as the tree keeps them
         self._trees = [
             torchsde.BrownianInterval(
                 t0=t0,
@@ -66,5 +76,11 @@ class BrownianTreeNoise:
     def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor:
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         lo, hi, sign = _sorted(t0, t1)
+        lo, hi = self._query_time(lo), self._query_time(hi)
         w = torch.stack([tree(lo, hi) for tree in self._trees]) * (self._sign * sign)  # (B, C, h, w)
         return w / (t1 - t0).abs().sqrt()
+
+    def _query_time(self, t: Tensor) -> float:
+        """``t`` at the tree's precision, inside its ends (where torchsde would clamp it)."""
+        start, end = self._ends
+        return min(max(round(float(t), _DIGITS), start), end)
