@@ -98,3 +98,23 @@ def test_missing_prompt_file(model, tmp_path, capsys) -> None:
     code = main(["eval", str(tmp_path / "none.txt"), "--model", str(model), "--out", str(tmp_path / "eval")])
     assert code == 2
     assert "cannot read the prompt file" in capsys.readouterr().err
+
+
+def test_eval_shows_a_progress_bar_on_stderr(model, prompts, tmp_path, capsys) -> None:
+    code = main(["eval", str(prompts), "--model", str(model), "--seeds", "2", "--steps", "1", "--out",
+                 str(tmp_path / "eval")])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "4/4" in captured.err and "image" in captured.err      # 2 prompts x 2 seeds, counted on stderr
+    assert "4/4" not in captured.out
+    code = main(["eval", str(prompts), "--model", str(model), "--seeds", "1", "--steps", "1", "--no-progress",
+                 "--out", str(tmp_path / "quiet")])
+    assert code == 0 and "image" not in capsys.readouterr().err
+
+
+def test_eval_help_states_the_prompt_grammar(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "caption grammar" in text and "parse_caption" in text
+    assert "background" in text and "triangle" in text

@@ -4,12 +4,18 @@ Every prompt is drawn with several seeds; each image is scored against what its 
 colour, emoji identity top-1 / top-5, shape, colour, size, position; see `sdlab.evaluation`), and the
 scores are pooled per split (emoji, seen and held-out shape/colour pairs) with the issue's targets beside
 them. Writes ``report.json`` and ``grid.png`` (one row per prompt, one column per seed) to ``--out``, and
-prints the summary table.
+prints the summary table. A progress bar on stderr counts the images (``--no-progress`` hides it).
+
+Prompts must follow the caption grammar of the training data (`sdlab.datasets.captions.parse_caption`),
+which is what can be scored: a subject (an emoji by its Unicode name, or one of the shapes with an optional
+colour), an optional size (small / medium / large), position words (top, bottom, left, right, center) and
+"on a <colour> background". A prompt outside it is refused before any picture is drawn.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from sdlab.cli.errors import UserError
@@ -17,6 +23,14 @@ from sdlab.cli.errors import UserError
 __all__ = ["add_evaluate", "format_summary", "run_evaluate"]
 
 DTYPES = ("fp32", "bf16", "fp16")
+GRAMMAR = (
+    "Prompts are scored against what they state, so they must follow the caption grammar of sdlab-tiny's "
+    "training data (sdlab.datasets.captions.parse_caption): a subject (an emoji by its Unicode name, e.g. "
+    "'red apple', or a shape: circle, square, triangle, star, hexagon, heart, diamond, cross, with an "
+    "optional colour), an optional size (small, medium, large), optional position words (top, bottom, left, "
+    "right, center) and an optional 'on a <colour> background' (white, black, light blue, ...). Example: "
+    "'a small pink triangle at the top on a black background'. Other prompts are refused before any drawing."
+)
 
 
 def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
@@ -24,9 +38,10 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="score a model's prompt fidelity on a prompt file (report.json + grid.png)",
         description="Generate every prompt of PROMPTS with several seeds, score each image against its prompt, "
-                    "write report.json and grid.png.",
+                    "write report.json and grid.png. " + GRAMMAR,
     )
-    p.add_argument("prompts", help="prompt file: one prompt per line, '#' starts a comment (prompts/eval_prompts.txt)")
+    p.add_argument("prompts", help="prompt file in the caption grammar below: one prompt per line, '#' starts "
+                                   "a comment (prompts/eval_prompts.txt)")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt: 0, 1, ..., N-1 (default 4)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
@@ -37,6 +52,7 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (a quick look)")
     p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (default fp32)")
     p.add_argument("--out", required=True, help="output folder for report.json and grid.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run_evaluate)
 
 
@@ -55,8 +71,10 @@ def format_summary(summary: dict) -> str:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
+    from tqdm import tqdm
 
-    from sdlab.api import load, shipped_model_path
+    from sdlab.api import RequestError, load
+    from sdlab.datasets.captions import parse_caption
     from sdlab.evaluation import evaluate, read_prompt_file
 
     if args.seeds < 1 or args.steps < 1:
@@ -69,11 +87,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         prompts = prompts[: args.limit]
     if not prompts:
         raise UserError(f"{args.prompts} holds no prompts")
-    model = args.model or shipped_model_path()
-    if model is None:
-        raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")
+    for prompt in prompts:         # refused before the model loads and the progress bar starts
+        try:
+            parse_caption(prompt)
+        except ValueError as err:
+            raise UserError(f"{err}; `sdlab eval --help` gives the prompt grammar it scores") from None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    pipe = load(model, dtype=dtype)
+    pipe = load(args.model, dtype=dtype)                   # no --model: the shipped model
+    bar = tqdm(total=len(prompts) * args.seeds, desc="eval", unit="image", file=sys.stderr,
+               disable=args.no_progress)
 
     def generate(prompt: str, seed: int):
         options = {"steps": args.steps, "sampler": args.sampler, "cfg_scale": args.cfg, "seed": seed}
@@ -81,12 +103,17 @@ def run_evaluate(args: argparse.Namespace) -> int:
             options["schedule"] = args.schedule
         if args.size is not None:
             options["width"] = options["height"] = args.size
-        return pipe.txt2img(prompt, **options).images[0]
+        try:
+            image = pipe.txt2img(prompt, **options).images[0]
+        except RequestError as err:
+            raise UserError(str(err)) from None
+        bar.update(1)
+        return image
 
     try:
         report = evaluate(generate, prompts, list(range(args.seeds)), args.out)
-    except ValueError as err:  # a prompt outside the caption grammar
-        raise UserError(str(err)) from None
+    finally:
+        bar.close()
     print(format_summary(report["summary"]))
     print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'grid.png'}")
     return 0
