@@ -1,8 +1,9 @@
 """The Python API: `sdlab.load(path) -> Pipeline`, then `txt2img`, `img2img`, `inpaint`.
 
     import sdlab
-    pipe = sdlab.load("v1-5-pruned-emaonly.safetensors")            # or a diffusers folder
-    result = pipe.txt2img("a red apple on a table", steps=20, seed=1)
+    pipe = sdlab.load("v1-5-pruned-emaonly.safetensors")            # or a diffusers folder;
+                                                                   # sdlab.load() loads the shipped model
+    result = pipe.txt2img("a red apple on a table", steps=20, seed=1)   # at the model's native size
     result.images[0].save("apple.png")
     print(result.request)                                          # every setting actually used
 
@@ -113,8 +114,28 @@ def shipped_model_path() -> Path | None:
     return SHIPPED_MODEL if SHIPPED_MODEL.is_file() else None
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device` this torch can use, or a `RequestError` that says why not."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise RequestError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cpu":
+        return parsed
+    backend = getattr(torch, parsed.type, None) if parsed.type in ("cuda", "mps", "xpu") else None
+    if backend is None:
+        raise RequestError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or mps")
+    if not backend.is_available():
+        build = f"torch {torch.__version__}" + (" (a CPU-only build)" if parsed.type == "cuda" and torch.version.cuda is None else "")
+        raise RequestError(f"device {str(device)!r} is not available with {build} on this machine; use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise RequestError(f"device {str(device)!r} does not exist: this machine has {count} {parsed.type} device(s)")
+    return parsed
+
+
 def load(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     vae: str | os.PathLike[str] | None = None,
@@ -125,13 +146,19 @@ def load(
     refiner_switch: float = 0.8,
     loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
 ) -> Pipeline:
-    """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`.
+    """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`; without `path`,
+    the model that ships with sdlab (sdlab-tiny, 64 px).
 
     `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule.
     `loras` are (kohya-format LoRA file, weight) pairs merged into the base model's weights, in order.
     """
+    device = resolve_device(device)
+    if path is None:
+        path = shipped_model_path()
+        if path is None:
+            raise FileNotFoundError("this sdlab install has no built-in model; pass the path of a checkpoint")
     bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae)
     for lora_path, weight in loras:
         apply_lora(bundle, lora_path, weight)

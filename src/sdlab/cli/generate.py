@@ -250,7 +250,7 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
                    loras: list[tuple[str, float]] | None = None):
     import torch
 
-    from sdlab.api import load, shipped_model_path
+    from sdlab.api import RequestError, load, shipped_model_path
 
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     model = model or args.model or shipped_model_path()
@@ -259,8 +259,11 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
     loras = [_parse_lora(spec) for spec in args.lora] if loras is None else loras
     if not 0.0 < args.refiner_switch < 1.0:
         raise UserError(f"--refiner-switch must lie in (0, 1), got {args.refiner_switch}")
-    pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family, prediction=args.prediction,
-                refiner=args.refiner, refiner_switch=args.refiner_switch, loras=loras)
+    try:
+        pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
+                    prediction=args.prediction, refiner=args.refiner, refiner_switch=args.refiner_switch, loras=loras)
+    except RequestError as err:     # e.g. a --device this torch cannot use
+        raise UserError(str(err)) from None
     return pipe, model
 
 
@@ -376,7 +379,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.images import pad_for_outpaint
     from sdlab.pipeline.infotext import to_parameters
     from sdlab.pipeline.png_info import format_parameters
-    from sdlab.pipeline.request import GenerationRequest, RequestError
+    from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError
 
     _output_target(args.out)                                  # a bad --out is refused before any work
     recorded = _recorded_parameters(args)
@@ -391,6 +394,10 @@ def run_generate(args: argparse.Namespace) -> int:
             if args.mask:
                 raise UserError("give either --mask or --outpaint, not both")
             left, right, top, bottom = _parse_outpaint(args.outpaint)
+            canvas = (options["init_image"].width + left + right, options["init_image"].height + top + bottom)
+            if max(canvas) > MAX_SIDE:       # refused before the canvas is allocated
+                raise UserError(f"--outpaint {args.outpaint} makes a {canvas[0]}x{canvas[1]} canvas; "
+                                f"the largest side is {MAX_SIDE}")
             options["init_image"], options["mask_image"] = pad_for_outpaint(
                 options["init_image"], left, right, top, bottom, mask_overlap=8
             )

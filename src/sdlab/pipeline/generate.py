@@ -5,6 +5,12 @@
             -> guided denoiser: conditioning (cond, uncond) + CFG [+ latent blend for 4-channel
                inpainting | mask + masked-image latent as extra channels for 9-channel inpainting]
             -> sampler -> latent -> VAE decode (tiled for large images) -> PIL images
+            [-> inpainting: the original pasted back outside the blurred mask (A1111; pipeline/overlay.py)]
+
+Before any network runs, `resolve_for` checks the request against the model (clip skip within the text
+encoders' layers) and against memory (`pipeline/memory.py`). While sampling, every denoiser input and
+output is checked: a NaN or Inf (absurd settings, broken weights) stops the run with a `NonFiniteError`
+instead of a black picture.
 
 The modes differ only in the starting x, the sigma slice and the optional mask.
 
@@ -40,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import Tensor
 
 from sdlab.checkpoints.load import ModelBundle
@@ -56,14 +63,15 @@ from sdlab.diffusion.samplers import SamplerSpec, get_sampler
 from sdlab.diffusion.sampling_k import StepInfo
 from sdlab.diffusion.sampling_ldm import to_ddpm_latent
 from sdlab.diffusion.schedules import NoiseSchedule
-from sdlab.pipeline.conditioning import make_cond
+from sdlab.pipeline.conditioning import _layer_choice, make_cond
 from sdlab.pipeline.images import (
     latent_mask,
     masked_image,
     pil_to_tensor,
-    prepare_mask,
     tensor_to_pil,
 )
+from sdlab.pipeline.memory import check_memory
+from sdlab.pipeline.overlay import blur_mask, overlay_weight, paste_back
 from sdlab.pipeline.request import (
     GenerationRequest,
     GenerationResult,
@@ -75,6 +83,7 @@ from sdlab.pipeline.tiling import decode_tiled, encode_tiled, should_tile
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "NonFiniteError",
     "ProgressFn",
     "decode_latents",
     "encode_image",
@@ -88,12 +97,17 @@ __all__ = [
 ]
 
 ProgressFn = Callable[[StepInfo], None]
+FAR_FROM_NATIVE = 2.0       # warn when a side is more than this factor above or below the model's size
+
+
+class NonFiniteError(RequestError):
+    """The sample became NaN or Inf: settings or weights that overflow. Nothing is returned or saved."""
 
 
 def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRequest:
-    """`resolve` with the bundle's family defaults."""
+    """`resolve` with the bundle's family defaults, then the checks that need the model: clip skip, memory."""
     family = bundle.family
-    return resolve(
+    req = resolve(
         request,
         default_size=bundle.default_size,
         default_sampler=family.default_sampler,
@@ -101,15 +115,49 @@ def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRe
         factor=bundle.vae_config.downsample_factor,
         default_cfg=family.default_cfg,
     )
+    for encoder in bundle.text_encoders:
+        try:
+            _layer_choice(encoder, req.clip_skip)
+        except ValueError as err:
+            raise RequestError(f"clip skip {req.clip_skip} is too large for this model: {err}") from None
+    check_memory(bundle, req)
+    return req
+
+
+def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None:
+    """Log a warning when a side is more than `FAR_FROM_NATIVE` times off the model's native size: a model
+    draws well near the size it was trained at (repeated subjects above it, mush below it)."""
+    native = bundle.default_size
+    if any(not native / FAR_FROM_NATIVE <= side <= native * FAR_FROM_NATIVE for side in (req.width, req.height)):
+        logger.warning(
+            "%dx%d is far from this model's native %dx%d px; expect repeated or broken subjects "
+            "(leave width and height unset for the native size)", req.width, req.height, native, native,
+        )
 
 
 @torch.no_grad()
 def generate(bundle: ModelBundle, request: GenerationRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
     """Run one request on `bundle`; returns PIL images and the resolved request."""
     req = resolve_for(bundle, request)
+    warn_if_far_from_native(bundle, req)
     latents = sample_latents(bundle, req, progress=progress)   # (B, 4, h, w), model space
-    images = decode_latents(bundle, latents, tiled=req.tiled_vae)
-    return GenerationResult(images=tensor_to_pil(images), seeds=req.seeds(), request=req)
+    return GenerationResult(images=_pictures(bundle, req, latents), seeds=req.seeds(), request=req)
+
+
+def _pictures(bundle: ModelBundle, req: GenerationRequest, latents: Tensor) -> list[Image.Image]:
+    """Decode, check, and for inpainting paste the original back outside the mask (A1111's overlay)."""
+    images = decode_latents(bundle, latents, tiled=req.tiled_vae)                         # (B, 3, H, W)
+    if not torch.isfinite(images).all():
+        raise NonFiniteError(
+            "the VAE decoded NaN or Inf values (its weights or the latent scaling factor are broken); "
+            "no picture was made"
+        )
+    pictures = tensor_to_pil(images)
+    if req.mask_image is not None and req.paste_back:
+        soft = blur_mask(req.mask_image, req.mask_blur, (req.width, req.height))          # (1, 1, H, W)
+        original = req.init_image.convert("RGB").resize((req.width, req.height), Image.Resampling.LANCZOS)
+        pictures = paste_back(pictures, original, overlay_weight(soft))
+    return pictures
 
 
 @torch.no_grad()
@@ -120,7 +168,16 @@ def sample_latents(bundle: ModelBundle, req: GenerationRequest, *, progress: Pro
     start = _start(bundle, req, sigmas, generators)
     model = _guided_model(bundle, req, start, generators)
     x = _run_sampler(model, start.x, sigmas, _sampler_options(bundle, req, start.x, sigmas, generators), req, progress)
+    _check_finite(x, "the final latent", req)
     return to_ddpm_latent(x, sigmas[-1])
+
+
+def _check_finite(x: Tensor, what: str, req: GenerationRequest) -> None:
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(
+            f"{what} became NaN or Inf (CFG {req.cfg_scale:g}, eta {req.eta}, prompt weights, or the model's "
+            "weights overflow); stopped instead of making a black picture"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -164,6 +221,7 @@ def generate_with_refiner(
     Multistep samplers restart their history at the handoff, as a fresh diffusers scheduler does.
     """
     req = resolve_for(base, request)
+    warn_if_far_from_native(base, req)
     if refiner.unet_config.out_channels != base.unet_config.out_channels or (
         refiner.vae_config.downsample_factor != base.vae_config.downsample_factor
     ):
@@ -186,9 +244,9 @@ def generate_with_refiner(
     if split < len(sigmas) - 1:
         refiner_model = _guided_model(refiner, req, start, generators)
         x = _run_sampler(refiner_model, x, sigmas[split:], options, req, _offset(progress, split))
+    _check_finite(x, "the final latent", req)
     latents = to_ddpm_latent(x, sigmas[-1])                                  # (B, 4, h, w)
-    images = decode_latents(refiner, latents, tiled=req.tiled_vae)
-    return GenerationResult(images=tensor_to_pil(images), seeds=req.seeds(), request=req)
+    return GenerationResult(images=_pictures(refiner, req, latents), seeds=req.seeds(), request=req)
 
 
 def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
@@ -235,8 +293,9 @@ def _start(bundle: ModelBundle, req: GenerationRequest, sigmas: Tensor, generato
     pixels = mask = image_latent = None
     if req.init_image is not None:
         pixels = pil_to_tensor(req.init_image, size=(req.width, req.height)).to(device)       # (1, 3, H, W)
-        if req.mask_image is not None:
-            mask = prepare_mask(req.mask_image, (req.width, req.height), blur_radius=req.mask_blur).to(device)
+        if req.mask_image is not None:   # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
+            soft = blur_mask(req.mask_image, req.mask_blur, (req.width, req.height))             # (1, 1, H, W)
+            mask = (soft >= 0.5).to(torch.float32).to(device)
     from_noise = pixels is None or (mask is not None and req.strength == 1.0)
     blends = mask is not None and not bundle.family.is_inpaint
     if pixels is not None and (not from_noise or blends):
@@ -296,7 +355,18 @@ def _run_sampler(
     progress: ProgressFn | None,
 ) -> Tensor:
     sampler = get_sampler(req.sampler)
-    return sampler.fn(model, x, sigmas, **options, callback=progress)
+    return sampler.fn(_finite_only(model, req), x, sigmas, **options, callback=progress)
+
+
+def _finite_only(model: DenoiseFn, req: GenerationRequest) -> DenoiseFn:
+    """`model` that raises `NonFiniteError` as soon as its input or output holds a NaN or Inf."""
+    def denoise(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
+        where = f"at sigma {float(sigma.flatten()[0]):.4g}"
+        _check_finite(x, f"the sample {where}", req)
+        denoised = model(x, sigma, **kwargs)                                               # (B, C, h, w)
+        _check_finite(denoised, f"the denoised sample {where}", req)
+        return denoised
+    return denoise
 
 
 def _sampler_options(

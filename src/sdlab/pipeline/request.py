@@ -14,6 +14,8 @@ plainly right:
   chunks of 75 tokens (A1111's behaviour; diffusers would truncate at 77 tokens); longer text is refused,
   as it is almost always a pasted file, not a prompt.
 - seed: None or a negative number (A1111's -1) draws a random seed; image i of a batch uses seed + i.
+- numbers must be finite and inside bounds far beyond any useful setting (`MAX_STEPS`, `MAX_CFG`,
+  `MAX_ETA`, `MAX_MASK_BLUR`, ...): past them a picture is black or noise, or the run cannot fit in memory.
 - every other out-of-range value is a `RequestError` naming the value, what was given and what is valid.
 """
 
@@ -41,6 +43,12 @@ MAX_BATCH = 64
 MAX_SIDE = 8192
 SIZE_MULTIPLE = 8                           # pixel sides snap to multiples of lcm(8, VAE factor)
 MAX_SEED = 2**64 - 1                        # torch.Generator.manual_seed's range
+MAX_STEPS = 1000                            # the training schedule's 1000 timesteps; more repeats them
+MAX_SCHEDULE = 10_000                       # img2img "comfyui" stretches the schedule to steps / strength
+MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
+MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
+MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
+MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refiner was trained on 0..10
 
 
 class RequestError(ValueError):
@@ -73,7 +81,9 @@ class GenerationRequest:
     strength: float = 0.75
     img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui"
     mask_image: Image.Image | None = field(default=None, repr=False, compare=False)
-    mask_blur: float = 0.0
+    mask_blur: float = 0.0                  # Gaussian sigma in pixels (A1111's mask blur; pipeline/overlay.py)
+    paste_back: bool = True                 # inpainting: composite the original outside the mask (A1111);
+                                            # False returns the decoded picture as diffusers' pipelines do
     # SDXL size conditioning, (height, width) / (top, left) in pixels; None = the image size / (0, 0)
     original_size: tuple[int, int] | None = None
     crops_coords_top_left: tuple[int, int] = (0, 0)
@@ -113,6 +123,13 @@ def _finite(name: str, value: float) -> float:
     return float(value)
 
 
+def _bounded(name: str, value: float, low: float, high: float) -> float:
+    """`value` as a float, or a `RequestError` unless it is finite and in [low, high]."""
+    if not low <= _finite(name, value) <= high:
+        raise RequestError(f"{name} must lie in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
 def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -143,27 +160,27 @@ def resolve(
     for name, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
         if len(text) > MAX_PROMPT_CHARS:
             raise RequestError(f"the {name} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
-    if not _integer(r.steps) or r.steps < 1:
-        raise RequestError(f"steps must be an integer >= 1, got {r.steps!r}")
+    if not _integer(r.steps) or not 1 <= r.steps <= MAX_STEPS:
+        raise RequestError(f"steps must be an integer in 1..{MAX_STEPS}, got {r.steps!r}")
     if not _integer(r.batch_size) or not 1 <= r.batch_size <= MAX_BATCH:
         raise RequestError(f"batch size must be an integer in 1..{MAX_BATCH}, got {r.batch_size!r}")
     if not _integer(r.clip_skip) or r.clip_skip < 1:
         raise RequestError(f"clip skip must be an integer >= 1, got {r.clip_skip!r}")
-    cfg_scale = _finite("CFG scale", default_cfg if r.cfg_scale is None else r.cfg_scale)
-    if not 0.0 <= _finite("guidance rescale", r.guidance_rescale) <= 1.0:
-        raise RequestError(f"guidance rescale must lie in [0, 1], got {r.guidance_rescale}")
-    _finite("s_noise", r.s_noise)
-    _finite("aesthetic score", r.aesthetic_score)
-    _finite("negative aesthetic score", r.negative_aesthetic_score)
-    if _finite("mask blur", r.mask_blur) < 0:
-        raise RequestError(f"mask blur must be >= 0, got {r.mask_blur}")
+    cfg_scale = _bounded("CFG scale", default_cfg if r.cfg_scale is None else r.cfg_scale, -MAX_CFG, MAX_CFG)
+    _bounded("guidance rescale", r.guidance_rescale, 0.0, 1.0)
+    _bounded("s_noise", r.s_noise, 0.0, MAX_ETA)
+    _bounded("aesthetic score", r.aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
+    _bounded("negative aesthetic score", r.negative_aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
+    _bounded("mask blur", r.mask_blur, 0.0, MAX_MASK_BLUR)
+    if not isinstance(r.paste_back, bool):
+        raise RequestError(f"paste_back must be True or False, got {r.paste_back!r}")
     _pair("original_size", r.original_size, 1)
     _pair("target_size", r.target_size, 1)
     _pair("crops_coords_top_left", r.crops_coords_top_left, 0)
     if r.seed is not None and not _integer(r.seed):
         raise RequestError(f"seed must be an integer (or None / -1 for a random one), got {r.seed!r}")
-    if r.eta is not None and _finite("eta", r.eta) < 0:
-        raise RequestError(f"eta must be >= 0, got {r.eta}")
+    if r.eta is not None:
+        _bounded("eta", r.eta, 0.0, MAX_ETA)
     if not isinstance(r.sampler, (str, type(None))) or not isinstance(r.schedule, (str, type(None))):
         raise RequestError(f"sampler and schedule must be names (text), got {r.sampler!r} and {r.schedule!r}")
     sampler = r.sampler or default_sampler
@@ -187,9 +204,14 @@ def resolve(
         if not 0.0 < _finite("strength", r.strength) <= 1.0:
             raise RequestError(f"strength must lie in (0, 1], got {r.strength}")
         try:
-            steps_run(r.steps, r.strength, r.img2img_convention)
+            total, _ = steps_run(r.steps, r.strength, r.img2img_convention)
         except ValueError as err:       # a strength so low that no step runs
             raise RequestError(f"{err}; raise the strength or the steps") from None
+        if total > MAX_SCHEDULE:
+            raise RequestError(
+                f"{r.steps} steps at strength {r.strength} make a {total}-step schedule under the "
+                f"{r.img2img_convention} convention; the limit is {MAX_SCHEDULE}: raise the strength"
+            )
 
     width, height = r.width, r.height
     if r.init_image is not None:        # img2img / inpaint default to the init image's size

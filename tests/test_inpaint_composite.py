@@ -1,0 +1,122 @@
+"""Inpainting pastes the original back outside the (blurred) mask after decoding, as A1111 does.
+
+Reduced-width random models (4-channel SD1 and a 9-channel inpainting U-Net), 32 x 32 pixels, 2 steps: the
+pictures are noise, which is what makes "outside the mask equals the original" a strong check.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from bundle_fixtures import tiny_bundle
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from sdlab.api import Pipeline
+from sdlab.pipeline.overlay import blur_mask, gaussian_kernel, overlay_weight, paste_back
+
+SIZE = 32
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {name: Pipeline(tiny_bundle(name, seed=7)) for name in ("sd1", "sd1-inpaint")}
+
+
+def _picture() -> Image.Image:
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
+    return Image.fromarray((np.stack([x, y, 1 - x * y], axis=-1) * 255).round().astype(np.uint8))
+
+
+def _square_mask() -> Image.Image:
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[8:24, 10:22] = 255
+    return Image.fromarray(mask)
+
+
+def _inpaint(pipe, **options):
+    return pipe.inpaint("a red hat", _picture(), _square_mask(), steps=2, seed=1, sampler="Euler", **options)
+
+
+def _u8(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd1-inpaint"])
+@pytest.mark.parametrize("blur", [0.0, 2.0])
+def test_outside_the_blurred_mask_is_the_original_and_inside_follows_the_blend(pipes, family, blur):
+    pasted = _inpaint(pipes[family], mask_blur=blur).images[0]
+    decoded = _inpaint(pipes[family], mask_blur=blur, paste_back=False).images[0]
+    w = overlay_weight(blur_mask(_square_mask(), blur, (SIZE, SIZE)))[0, 0].numpy()[..., None]   # (H, W, 1)
+    original, ours, drawn = _u8(_picture()), _u8(pasted), _u8(decoded)
+
+    outside = w[..., 0] == 0
+    assert outside.sum() > SIZE * SIZE // 3
+    assert np.array_equal(ours[outside], original[outside])                 # exactly the original's pixels
+    assert np.abs(drawn[outside] - original[outside]).max() > 10            # which the decode alone is not
+    expected = np.rint(original * (1 - w) + drawn * w)                       # A1111: original over the result
+    assert np.abs(ours - expected).max() == 0
+    inside = w[..., 0] == 1
+    assert inside.sum() > 0 and np.array_equal(ours[inside], drawn[inside])
+    if blur:
+        ramp = (w[..., 0] > 0) & (w[..., 0] < 1)
+        assert ramp.sum() > 0                                                # the blur softens the seam
+
+
+def test_mask_blur_is_cv2s_gaussian_with_a1111s_kernel_size():
+    for sigma in (0.5, 1.0, 4.0, 7.3):
+        taps = gaussian_kernel(sigma)
+        assert len(taps) == 2 * int(2.5 * sigma + 0.5) + 1                  # A1111's kernel_size
+        x = np.arange(len(taps)) - len(taps) // 2
+        reference = np.exp(-(x**2) / (2 * sigma**2))                         # cv2.getGaussianKernel
+        np.testing.assert_allclose(taps.numpy(), reference / reference.sum(), rtol=1e-12)
+
+    sigma = 3.0
+    mask = np.asarray(_square_mask(), dtype=np.float64)
+    radius = len(gaussian_kernel(sigma)) // 2
+    kernel = gaussian_kernel(sigma).numpy()
+    padded = np.pad(mask, radius, mode="reflect")                            # cv2's BORDER_REFLECT_101
+    rows = np.stack([np.convolve(r, kernel, mode="valid") for r in padded])
+    both = np.stack([np.convolve(c, kernel, mode="valid") for c in rows.T]).T
+    ours = blur_mask(_square_mask(), sigma, (SIZE, SIZE))[0, 0].numpy() * 255
+    np.testing.assert_array_equal(ours, np.rint(both).clip(0, 255))
+
+
+def test_paste_back_matches_the_pil_alpha_composite_a1111_uses():
+    """A1111's apply_overlay (the same code as diffusers' `VaeImageProcessor.apply_overlay`): the original,
+    masked by the inverted `mask_for_overlay` (2 x blurred mask, clipped), alpha-composited over the result."""
+    rng = np.random.default_rng(0)
+    drawn = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+    original = _picture()
+    soft = blur_mask(_square_mask(), 3.0, (SIZE, SIZE))
+    weight = overlay_weight(soft)
+    mask_for_overlay = Image.fromarray((weight[0, 0].numpy() * 255).round().astype(np.uint8))
+    reference = VaeImageProcessor().apply_overlay(mask_for_overlay, original, drawn)
+    ours = paste_back([drawn], original, weight)[0]
+    assert np.abs(_u8(ours) - _u8(reference)).max() <= 1                   # PIL's premultiplied rounding
+
+
+def test_outpainting_keeps_the_original_picture(pipes):
+    from sdlab.pipeline.images import pad_for_outpaint
+
+    image, mask = pad_for_outpaint(_picture(), right=16, mask_overlap=8)
+    result = pipes["sd1"].inpaint("a wide field", image, mask, steps=2, seed=1, sampler="Euler").images[0]
+    kept = _u8(result)[:, :SIZE - 8 - 1]                                     # left of the seam's blend
+    assert np.array_equal(kept, _u8(image)[:, :SIZE - 8 - 1])
+
+
+def test_paste_back_needs_a_bool():
+    from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+
+    request = GenerationRequest("x", init_image=_picture(), mask_image=_square_mask(), paste_back="yes")
+    with pytest.raises(RequestError, match="paste_back must be True or False"):
+        resolve(request, default_size=SIZE, default_sampler="Euler", default_schedule="karras", factor=8)
+
+
+def test_weights_stay_in_the_unit_interval():
+    soft = blur_mask(_square_mask(), 5.0, (48, 40))
+    assert soft.shape == (1, 1, 40, 48)
+    assert float(soft.min()) >= 0 and float(soft.max()) <= 1
+    assert torch.equal(overlay_weight(torch.tensor([0.0, 0.25, 0.5, 0.9])), torch.tensor([0.0, 0.5, 1.0, 1.0]))
