@@ -3,7 +3,9 @@
 Training from scratch starts here, and so do tests and demos that need a checkpoint without
 downloading one. Reduced-width ("tiny") configs follow the family conventions (SD1 U-Net: 8 heads;
 SD2 / SDXL U-Net and every text encoder: 64-wide heads; 32 GroupNorm groups), so a saved tiny model
-loads exactly as a released file of its family does.
+loads exactly as a released file of its family does. A tiny model's native size is `TINY_SIZE` (64 px, as
+sdlab-tiny), not its family's 512 / 768 / 1024: it is recorded in the file (`modelspec.resolution`), so
+drawing and training with it default to 64 px.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sdlab.models.unet import UNet, UNetConfig
 from sdlab.models.vae import AutoencoderKL, VAEConfig
 
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
+TINY_SIZE = 64                                                      # pixels per side
 _TINY_TEXT_WIDTHS = {"clip_l": 64, "openclip_h": 64, "openclip_bigg": 128}
 
 
@@ -65,7 +68,8 @@ def new_bundle(
 ) -> ModelBundle:
     """Freshly initialised networks (PyTorch's default init, seeded) for `family`.
 
-    Configs default to the family's full size, or its reduced-width variant with `tiny=True`.
+    Configs default to the family's full size, or its reduced-width variant with `tiny=True` (native size
+    `TINY_SIZE`).
     """
     family = get_family(family) if isinstance(family, str) else family
     text = text or (tiny_text_configs(family) if tiny else tuple(te.config for te in family.text_encoders))
@@ -88,4 +92,5 @@ def new_bundle(
             scaling_factor=family.latent_scaling_factor,
             unet_config=unet,
             vae_config=vae,
+            native_size=TINY_SIZE if tiny else None,
         )

@@ -69,6 +69,7 @@ META_PREDICTION = "sdlab.prediction"
 META_SCALING = "sdlab.scaling_factor"
 META_CONFIG = "sdlab.config"
 META_HIDDEN_STATES = "sdlab.text_hidden_states"
+META_RESOLUTION = "modelspec.resolution"    # Stability's model spec: "WxH" the model was trained at
 FORMAT_VERSION = "1"
 
 # Keys real single-file checkpoints carry that sdlab does not use: EMA copies, DDPM schedule buffers
@@ -122,7 +123,7 @@ class LoadReport:
             "prediction": self.prediction.value,
             "prediction_source": self.prediction_source,
             "scaling_factor": self.scaling_factor,
-            "default_size": self.family.size_for(self.prediction),
+            "default_size": native_size(self.metadata) or self.family.size_for(self.prediction),
             "description": self.family.description,
             "total_keys": self.total_keys,
             "components": [
@@ -173,6 +174,7 @@ class ModelBundle:
     vae_config: VAEConfig
     source: str | None = None
     report: LoadReport | None = None
+    native_size: int | None = None          # side it was trained at (metadata `modelspec.resolution`)
 
     @property
     def text_configs(self) -> tuple[CLIPTextConfig, ...]:
@@ -180,7 +182,8 @@ class ModelBundle:
 
     @property
     def default_size(self) -> int:
-        return self.family.size_for(self.prediction)
+        """The model's native side in pixels: the file's `modelspec.resolution`, else the family's."""
+        return self.native_size or self.family.size_for(self.prediction)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -601,8 +604,16 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
     return check_weights(ModelBundle(
         family=report.family, unet=unet, vae=vae, text_encoders=encoders, prediction=report.prediction,
         scaling_factor=report.scaling_factor, unet_config=plan.unet.config, vae_config=plan.vae.config,
-        source=report.source, report=report,
+        source=report.source, report=report, native_size=native_size(report.metadata),
     ))
+
+
+def native_size(metadata: Mapping[str, str]) -> int | None:
+    """The square side of the metadata's `modelspec.resolution` ("64x64"), or None without a usable one."""
+    match = re.fullmatch(r"\s*(\d{1,5})\s*x\s*(\d{1,5})\s*", str(metadata.get(META_RESOLUTION, "")))
+    if not match or match.group(1) != match.group(2) or not 8 <= int(match.group(1)) <= 8192:
+        return None
+    return int(match.group(1))
 
 
 __all__ = [

@@ -25,6 +25,7 @@ from sdlab.checkpoints.load import (
     META_FORMAT,
     META_HIDDEN_STATES,
     META_PREDICTION,
+    META_RESOLUTION,
     META_SCALING,
     ModelBundle,
     config_to_json,
@@ -62,7 +63,9 @@ def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
         "vae": config_to_json(bundle.vae_config),
         "text_encoders": [config_to_json(te.config) for te in bundle.text_encoders],
     }
+    native = {META_RESOLUTION: f"{bundle.native_size}x{bundle.native_size}"} if bundle.native_size else {}
     return {
+        **native,
         META_FORMAT: FORMAT_VERSION,
         META_FAMILY: bundle.family.name,
         META_PREDICTION: bundle.prediction.value,

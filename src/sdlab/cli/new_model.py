@@ -19,7 +19,9 @@ def add_new_model(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("out", help="output .safetensors file")
     p.add_argument("--family", choices=family_names(), default="sd1", help="model family (default sd1)")
-    p.add_argument("--tiny", action="store_true", help="reduced width (a few MB) instead of the released size")
+    p.add_argument("--tiny", action="store_true",
+                   help="reduced width (a few MB) instead of the released size; its native size is 64 px "
+                        "(recorded in the file), not the family's 512 / 768 / 1024")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     p.set_defaults(run=run_new_model)
 
