@@ -247,3 +247,18 @@ def test_no_png_written_for_a_refused_request(model, tmp_path, capsys):
                    capsys)
     assert code == 2 and not out.exists()
     assert not any(p.suffix == ".png" for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: 8 GB")])
+def test_running_out_of_memory_anyway_is_a_request_error(bundle, monkeypatch, error):
+    import sdlab.api
+
+    def no_memory(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(sdlab.api, "generate", no_memory)
+    with pytest.raises(RequestError, match="out of memory on cpu drawing 16x16 x 1"):
+        Pipeline(bundle).txt2img("a cube", width=16, height=16)
+    monkeypatch.setattr(sdlab.api, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):                          # other errors stay what they are
+        Pipeline(bundle).txt2img("a cube", width=16, height=16)

@@ -57,9 +57,18 @@ class Pipeline:
         return f"Pipeline({self.bundle.family.name}, {self.bundle.prediction.value}, {self.bundle.dtype})"
 
     def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
-        if self.refiner is not None:
-            return generate_with_refiner(self.bundle, self.refiner, request, self.refiner_switch, progress=progress)
-        return generate(self.bundle, request, progress=progress)
+        """Draw `request`; running out of memory (past the estimate checked up front) is a `RequestError`."""
+        try:
+            if self.refiner is not None:
+                return generate_with_refiner(self.bundle, self.refiner, request, self.refiner_switch, progress=progress)
+            return generate(self.bundle, request, progress=progress)
+        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as err:
+            if not isinstance(err, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
+                raise
+            raise RequestError(
+                f"out of memory on {self.bundle.device.type} drawing {request.width or 'default'}x"
+                f"{request.height or 'default'} x {request.batch_size}; draw smaller or fewer images"
+            ) from None
 
     def _call(self, prompt: str, options: dict[str, Any], progress: ProgressFn | None) -> GenerationResult:
         unknown = sorted(set(options) - _REQUEST_FIELDS)
