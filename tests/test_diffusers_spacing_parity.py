@@ -34,6 +34,8 @@ from sdlab.diffusion.sampling_ldm import to_ddpm_latent
 from sdlab.families.sd1 import SD1
 from sdlab.families.sdlab_tiny import SDLAB_TINY
 from sdlab.pipeline.generate import resolve_for
+from sdlab.pipeline.infotext import from_parameters, to_parameters
+from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest, resolve
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -184,6 +186,14 @@ def test_init_noise_follows_the_schedule_convention(sampler, schedule, expected)
 def test_an_explicit_init_noise_wins():
     assert _resolved(sampler="Euler", schedule="leading", init_noise="sigma_max").init_noise == "sigma_max"
     assert _resolved(sampler="Euler", schedule="karras", init_noise="vp").init_noise == "vp"
+
+
+@pytest.mark.parametrize("schedule, init_noise", [("leading", "sigma_max"), ("leading", "vp"), ("karras", "vp")])
+def test_png_parameters_keep_the_initial_noise(schedule, init_noise):
+    """A PNG's parameters give back the convention used, also where it is not the schedule's default."""
+    req = _resolved(sampler="Euler", schedule=schedule, init_noise=init_noise)
+    fields = from_parameters(parse_parameters(format_parameters(to_parameters(req))))
+    assert _resolved(**{k: v for k, v in fields.items() if k not in ("prompt", "seed")}).init_noise == init_noise
 
 
 def test_cfg_defaults_to_the_familys():

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sdlab.diffusion.discretization import DIFFUSERS_NAMES
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.request import GenerationRequest
 
@@ -118,7 +119,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Eta": req.eta,
         "CFG rescale": req.guidance_rescale or None,
         "Mask blur": req.mask_blur or None,
-        "Initial noise": req.init_noise if req.init_noise != "sigma_max" else None,
+        "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         "Lora hashes": format_lora_hashes(loras),
