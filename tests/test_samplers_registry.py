@@ -7,7 +7,7 @@ import torch
 
 from sdlab.diffusion.discretization import get_discretization
 from sdlab.diffusion.noise import generators_for, per_image_noise
-from sdlab.diffusion.samplers import SAMPLERS, get_sampler, sampler_names
+from sdlab.diffusion.samplers import SAMPLERS, get_sampler, sampler_names, steps_warning
 from sdlab.diffusion.schedules import NoiseSchedule
 
 A1111_NAMES = [
@@ -67,3 +67,28 @@ def test_every_sampler_runs_with_the_noise_its_spec_asks_for(name: str) -> None:
     out = spec.fn(model, x, sigmas, callback=lambda info: steps.append(info.i), **options)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert steps[0] == 0 and len(steps) >= 6
+
+
+@pytest.mark.parametrize(
+    "name, steps, schedule, warns",
+    [("LMS", 20, "normal", True), ("LMS", 20, "karras", False), ("LMS", 30, "simple", False),
+     ("PLMS", 20, "karras", True), ("DPM++ 3M SDE", 29, "exponential", True), ("DPM++ 2M", 5, "normal", False)],
+)
+def test_samplers_that_need_more_steps_say_so(name: str, steps: int, schedule: str, warns: bool) -> None:
+    assert (steps_warning(get_sampler(name), steps, schedule) is not None) is warns
+
+
+def test_generate_warns_about_too_few_steps_only_with_guidance(caplog) -> None:
+    """LMS / PLMS / DPM++ 3M SDE below their minimum used to give a broken picture silently (issue 12, 17)."""
+    from bundle_fixtures import tiny_bundle
+
+    from sdlab.pipeline.generate import generate
+    from sdlab.pipeline.request import GenerationRequest
+
+    bundle = tiny_bundle("sdlab-tiny")
+    for cfg, expected in ((5.0, True), (1.0, False)):
+        caplog.clear()
+        request = GenerationRequest("a red apple", sampler="LMS", schedule="normal", steps=2, cfg_scale=cfg, seed=1)
+        with caplog.at_level("WARNING"):
+            generate(bundle, request)
+        assert ("LMS needs about 30 steps" in caplog.text) is expected

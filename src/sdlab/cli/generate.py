@@ -49,7 +49,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--refiner", help="SDXL refiner checkpoint that finishes the schedule")
         p.add_argument("--refiner-switch", type=float, default=0.8,
                        help="fraction of the schedule the base model runs before the refiner (default 0.8)")
-        p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...)')
+        p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...); '
+                       "LMS, PLMS and DPM++ 3M SDE need about 30 steps with guidance (LMS: 20 with karras)")
         p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ...")
         p.add_argument("--steps", type=int, help="sampling steps (default 20)")
         p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")

@@ -59,7 +59,7 @@ from sdlab.diffusion.discretization import (
 )
 from sdlab.diffusion.guidance import cfg, masked
 from sdlab.diffusion.noise import generators_for, per_image_noise
-from sdlab.diffusion.samplers import SamplerSpec, get_sampler
+from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
 from sdlab.diffusion.sampling_k import StepInfo
 from sdlab.diffusion.sampling_ldm import to_ddpm_latent
 from sdlab.diffusion.schedules import NoiseSchedule
@@ -264,6 +264,9 @@ def request_sigmas(bundle: ModelBundle, req: GenerationRequest) -> Tensor:
     schedule = bundle.family.schedule.build()
     sampler = get_sampler(req.sampler)
     options = dict(final=sampler.final_sigma, scheduler=sampler.spacing)  # a diffusers spacing: the sampler's
+    advice = steps_warning(sampler, req.steps, req.schedule) if req.cfg_scale != 1.0 else None
+    if advice:
+        logger.warning(advice)
     try:
         if req.init_image is None:
             sigmas = discretize(req.schedule, schedule, req.steps, **options)
