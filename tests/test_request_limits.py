@@ -262,3 +262,17 @@ def test_running_out_of_memory_anyway_is_a_request_error(bundle, monkeypatch, er
     monkeypatch.setattr(sdlab.api, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):                          # other errors stay what they are
         Pipeline(bundle).txt2img("a cube", width=16, height=16)
+
+
+@pytest.mark.parametrize("side", ["width", "height"])
+def test_a_zero_side_is_refused_by_the_api_as_by_the_cli(bundle, side):
+    with pytest.raises(RequestError, match=f"{side} must be an integer"):
+        resolve_for(bundle, _request(**{side: 0}))
+
+
+def test_the_api_refuses_a_decompression_bomb_as_init_image(bundle, tmp_path, monkeypatch):
+    path = tmp_path / "bomb.png"
+    Image.new("L", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 4096 pixels is now a "bomb" for Pillow
+    with pytest.raises(RequestError, match="too large to open safely"):
+        Pipeline(bundle).img2img("a cube", init_image=path, steps=2, seed=1)

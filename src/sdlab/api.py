@@ -25,6 +25,7 @@ from PIL import Image
 from sdlab.checkpoints.load import ModelBundle, load_bundle
 from sdlab.checkpoints.lora import apply_lora
 from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
+from sdlab.pipeline.images import read_image
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
 
 ImageLike = Image.Image | str | os.PathLike[str]
@@ -35,9 +36,7 @@ def _open_image(image: ImageLike, what: str) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     try:
-        with Image.open(image) as opened:
-            opened.load()
-            return opened.copy()
+        return read_image(image)
     except (OSError, ValueError) as err:
         raise RequestError(f"cannot read the {what} {os.fspath(image)!r}: {err}") from None
 

@@ -145,12 +145,10 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
 
 
 def _open_image(path: str, what: str):
-    from sdlab.pipeline.images import open_image
+    from sdlab.pipeline.images import read_image
 
     try:
-        with open_image(path) as image:
-            image.load()
-            return image.copy()
+        return read_image(path)
     except FileNotFoundError:
         raise UserError(f"the {what} {path!r} does not exist") from None
     except (OSError, ValueError) as err:

@@ -56,6 +56,13 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
         yield image
 
 
+def read_image(path: str | os.PathLike[str]) -> Image.Image:
+    """The decoded image at ``path``, detached from its file; decompression bombs as in ``open_image``."""
+    with open_image(path) as image:
+        image.load()
+        return image.copy()
+
+
 def snap_size(width: int, height: int, multiple: int = 8) -> tuple[int, int]:
     """Round ``width`` and ``height`` down to multiples of ``multiple`` (the VAE factor), warning if changed.
 

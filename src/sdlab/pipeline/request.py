@@ -215,9 +215,10 @@ def resolve(
 
     width, height = r.width, r.height
     if r.init_image is not None:        # img2img / inpaint default to the init image's size
-        width = width or r.init_image.width
-        height = height or r.init_image.height
-    width, height = width or default_size, height or default_size
+        width = r.init_image.width if width is None else width
+        height = r.init_image.height if height is None else height
+    width = default_size if width is None else width
+    height = default_size if height is None else height
     multiple = math.lcm(SIZE_MULTIPLE, factor)
     for name, side in (("width", width), ("height", height)):
         if not _integer(side) or not multiple <= side <= MAX_SIDE:
