@@ -233,3 +233,19 @@ def test_lora_weight_parsing(tmp_path, monkeypatch):
             _parse_lora(spec)
     with pytest.raises(UserError, match="LoRA file 'missing.safetensors' does not exist"):
         _parse_lora("missing.safetensors:0.5")
+
+
+def test_nonfinite_lora_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"
+    path = tmp_path / "nan.safetensors"
+    save_file({f"{name}.lora_down.weight": torch.full((2, 32), float("nan")),
+               f"{name}.lora_up.weight": torch.ones(32, 2)}, str(path))
+    with pytest.raises(CheckpointError, match="nan.safetensors.*NaN or infinite"):
+        load_lora_file(path)
+
+    def no_model_expected(*args, **kwargs):
+        raise AssertionError("the model was loaded before the LoRA file was checked")
+
+    monkeypatch.setattr(sdlab.api, "load_bundle", no_model_expected)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        sdlab.load("any-model.safetensors", loras=[(path, 1.0)])

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from sdlab.checkpoints.load import ModelBundle, load_bundle
-from sdlab.checkpoints.lora import apply_lora
+from sdlab.checkpoints.lora import apply_lora, load_lora_file
 from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
 from sdlab.pipeline.images import read_image
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
@@ -167,8 +167,9 @@ def load(
         path = shipped_model_path()
         if path is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass the path of a checkpoint")
+    lora_files = [(lora_path, load_lora_file(lora_path), weight) for lora_path, weight in loras]  # bad ones first
     bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae)
-    for lora_path, weight in loras:
-        apply_lora(bundle, lora_path, weight)
+    for lora_path, lora, weight in lora_files:
+        apply_lora(bundle, lora_path, weight, lora=lora)
     refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=dtype)
     return Pipeline(bundle, refined, refiner_switch)

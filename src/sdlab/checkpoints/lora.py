@@ -208,6 +208,8 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
     for name, entry in lora.items():
         if any(not t.is_floating_point() for t in entry.values()):
             raise CheckpointError(f"{path}: LoRA module {name} has non-floating-point weights")
+        if not all(bool(torch.isfinite(t).all()) for t in entry.values()):
+            raise CheckpointError(f"{path}: LoRA module {name} has NaN or infinite weights")
     return lora
 
 
@@ -263,12 +265,14 @@ def merge_lora_(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str,
     return unmatched
 
 
-def apply_lora(bundle, path: str | os.PathLike[str], multiplier: float = 1.0) -> int:
+def apply_lora(bundle, path: str | os.PathLike[str], multiplier: float = 1.0,
+               lora: Mapping[str, Mapping[str, Tensor]] | None = None) -> int:
     """Merge a kohya-format LoRA file into a `ModelBundle`'s U-Net and text encoders at ``multiplier``
     (A1111's ``<lora:name:weight>``, sdlab's ``--lora FILE:WEIGHT``). Returns the number of layers changed.
     Some names matching nothing is a warning (as in A1111); none matching, or a module whose shape does not
-    fit its layer, is a `CheckpointError` naming the file."""
-    lora = load_lora_file(path)
+    fit its layer, is a `CheckpointError` naming the file. ``lora`` is the file's content when already read
+    by `load_lora_file` (so a bad file is found before a model is loaded)."""
+    lora = load_lora_file(path) if lora is None else lora
     layers = _unet_layer_table(bundle.unet, bundle.unet_config) | _text_layer_table(bundle.text_encoders)
     matched = [name for name in lora if name in layers]
     if not matched:
