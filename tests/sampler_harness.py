@@ -207,3 +207,18 @@ def load_k_diffusion_external() -> types.ModuleType:
     sys.modules[f"{name}.external"] = module
     module_spec.loader.exec_module(module)
     return module
+
+
+class VToEps(torch.nn.Module):
+    """A v-predicting diffusers U-Net seen as an eps model, ``eps = sqrt(ac) v + sqrt(1 - ac) z`` (z: the VP
+    input): references such as PNDM combine raw v outputs differently from PLMS on eps, so they run on eps."""
+
+    def __init__(self, unet, alphas_cumprod: Tensor) -> None:
+        super().__init__()
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod
+
+    def forward(self, z, t, encoder_hidden_states):
+        v = self.unet(z, t, encoder_hidden_states=encoder_hidden_states).sample
+        ac = self.alphas_cumprod[int(t)]
+        return types.SimpleNamespace(sample=ac.sqrt() * v + (1 - ac).sqrt() * z)

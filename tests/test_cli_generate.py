@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bundle_fixtures import tiny_bundle, write_original
-from sdlab.cli import main
+from cli_helpers import pixels, run
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 
 FAST = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
@@ -30,16 +30,6 @@ def picture(tmp_path: Path) -> Path:
     path = tmp_path / "init.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
     return path
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 def test_txt2img_writes_png_with_parameters_and_regenerates_from_it(model, tmp_path, capsys) -> None:

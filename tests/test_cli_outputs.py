@@ -22,7 +22,7 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
 from bundle_fixtures import tiny_bundle, write_original
-from sdlab.cli import main
+from cli_helpers import pixels, run
 from sdlab.pipeline import png_info
 from sdlab.pipeline.png_info import lora_hash, parse_parameters, read_parameters
 
@@ -51,16 +51,6 @@ def _lora(path: Path, scale: float = 0.5) -> Path:
         tensors[f"{name}.alpha"] = torch.tensor(4.0)
     save_file(tensors, str(path))
     return path
-
-
-def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def pixels(path: Path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
 def test_folder_outputs_are_numbered_like_a1111_and_never_overwritten(models, tmp_path, capsys):

@@ -20,8 +20,6 @@ Documented exceptions:
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
@@ -86,26 +84,12 @@ def ctx():
     return H.context()
 
 
-class _VToEps(torch.nn.Module):
-    """The U-Net's v output as eps (``sqrt(ac) v + sqrt(1 - ac) z``): PNDM on a v model combines raw v
-    outputs, a different method from PLMS on eps (tests/test_sampling_ldm.py), so its reference runs on eps."""
-
-    def __init__(self, unet) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, z, t, encoder_hidden_states):
-        v = self.unet(z, t, encoder_hidden_states=encoder_hidden_states).sample
-        ac = SCHEDULE.alphas_cumprod[int(t)]
-        return types.SimpleNamespace(sample=ac.sqrt() * v + (1 - ac).sqrt() * z)
-
-
 def _diffusers(cls_name: str, config: dict, spacing: str, prediction: str, unet, ctx) -> torch.Tensor:
     import diffusers
 
     network = unet
     if cls_name == "PNDMScheduler" and prediction == "v_prediction":
-        network, prediction = _VToEps(unet), "epsilon"
+        network, prediction = H.VToEps(unet, SCHEDULE.alphas_cumprod), "epsilon"
     scheduler = H.make_scheduler(getattr(diffusers, cls_name), prediction, timestep_spacing=spacing, **config)
     latents, _, _ = H.run_diffusers(scheduler, network, ctx, STEPS)
     return latents

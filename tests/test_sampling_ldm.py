@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler, PNDMScheduler, UniPCMultistepScheduler
-from sampler_harness import context, noise_for, run_diffusers, sd_schedule, sd_scheduler_config, sdlab_model, tiny_unet
+from sampler_harness import (
+    VToEps, context, noise_for, run_diffusers, sd_schedule, sd_scheduler_config, sdlab_model, tiny_unet,
+)
 
 from sdlab.diffusion.sampling_k import StepInfo, sample_euler
 from sdlab.diffusion.sampling_ldm import (
@@ -85,19 +86,6 @@ def test_ddim_matches_diffusers(unet, ctx, prediction, steps, eta):
     _assert_close(_run_sdlab(sample_ddim, unet, ctx, prediction, sigmas, eta=eta), ref)
 
 
-class _VToEps(torch.nn.Module):
-    """The U-Net's v output converted to eps, ``eps = sqrt(ac) v + sqrt(1 - ac) z`` (z: the VP input)."""
-
-    def __init__(self, unet) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, z, t, encoder_hidden_states):
-        v = self.unet(z, t, encoder_hidden_states=encoder_hidden_states).sample
-        ac = SCHEDULE.alphas_cumprod[int(t)]
-        return SimpleNamespace(sample=ac.sqrt() * v + (1 - ac).sqrt() * z)
-
-
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_plms_matches_diffusers_pndm(unet, ctx, prediction, steps):
@@ -105,7 +93,7 @@ def test_plms_matches_diffusers_pndm(unet, ctx, prediction, steps):
     # converts the combination with the current sample, a different multistep method from PLMS on eps (and
     # CompVis' PLMS has no v support). The honest reference for a v model is therefore diffusers' PLMS on the
     # model's eps: the scheduler runs in epsilon mode and the U-Net's v is converted to eps at each call.
-    network = unet if prediction == "epsilon" else _VToEps(unet)
+    network = unet if prediction == "epsilon" else VToEps(unet, SCHEDULE.alphas_cumprod)
     config = sd_scheduler_config("epsilon", skip_prk_steps=True, set_alpha_to_one=False)
     ref, scheduler, _ = run_diffusers(PNDMScheduler(**config), network, ctx, steps, SEEDS)
     # plms_timesteps repeat t1 ([t0, t1, t1, t2, ...]); the plain descending list is the distinct ones.
