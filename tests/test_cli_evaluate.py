@@ -15,7 +15,7 @@ from PIL import Image
 from sdlab.checkpoints.create import new_bundle
 from sdlab.checkpoints.save import save_bundle
 from sdlab.cli import main
-from sdlab.evaluation.report import CELL, LABEL_WIDTH
+from sdlab.tiny.evaluation.report import CELL, LABEL_WIDTH
 
 PROMPTS = """# two prompts: an emoji and a held-out shape / colour pair
 a large red apple in the center on a light blue background

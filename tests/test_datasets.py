@@ -9,13 +9,13 @@ import json
 import numpy as np
 import pytest
 
-from sdlab.datasets import build, emoji
-from sdlab.datasets.captions import CAPTION_TEMPLATES, SHAPES, SceneSpec, caption, parse_caption
-from sdlab.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, delta_e, nearest_colour
-from sdlab.datasets.emoji_subset import EMOJI, EMOJI_NAMES
-from sdlab.datasets.layout import POSITIONS, SIZES, position_centre, sample_placement
-from sdlab.datasets.scene import render_scene
-from sdlab.datasets.shapes import HELD_OUT_SHAPE_COLOURS, is_held_out
+from sdlab.tiny.datasets import build, emoji
+from sdlab.tiny.datasets.captions import CAPTION_TEMPLATES, SHAPES, SceneSpec, caption, parse_caption
+from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, delta_e, nearest_colour
+from sdlab.tiny.datasets.emoji_subset import EMOJI, EMOJI_NAMES
+from sdlab.tiny.datasets.layout import POSITIONS, SIZES, position_centre, sample_placement
+from sdlab.tiny.datasets.scene import render_scene
+from sdlab.tiny.datasets.shapes import HELD_OUT_SHAPE_COLOURS, is_held_out
 
 
 def _all_specs(emoji_stride: int = 7) -> list[SceneSpec]:

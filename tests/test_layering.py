@@ -1,6 +1,9 @@
 """The import direction between sdlab's layers (DESIGN.md): a layer imports only the layers below it.
 
 `models` and `diffusion` are siblings: networks know nothing about sigmas, samplers nothing about U-Nets.
+`tiny` is the sdlab-tiny project (its datasets, evaluation, image tower and training helpers) built on the
+core: it may import the core, the core never imports it, except the `sdlab eval` command (`cli/evaluate.py`).
+The train CLI names the text task's module as a string (`TASK_MODULES`), so it imports nothing of `tiny`.
 """
 
 from __future__ import annotations
@@ -15,18 +18,19 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "sdlab"
 # layer -> sdlab layers it may import
 ALLOWED: dict[str, set[str]] = {
     "utils": set(),
-    "datasets": {"utils"},
-    "evaluation": {"datasets", "utils"},
     "models": {"utils"},
     "diffusion": {"utils"},
     "families": {"models", "diffusion", "utils"},
     "checkpoints": {"families", "models", "diffusion", "utils"},
     "pipeline": {"checkpoints", "families", "diffusion", "models", "utils"},
-    "train": {"pipeline", "checkpoints", "families", "diffusion", "models", "datasets", "utils"},
+    "train": {"pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
     "api": {"pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
-    "cli": {"api", "pipeline", "checkpoints", "families", "train", "evaluation", "datasets", "utils"},
+    "cli": {"api", "pipeline", "checkpoints", "families", "train", "tiny", "utils"},
     "__main__": {"cli"},                     # `python -m sdlab` is the command line
+    "tiny": {"api", "pipeline", "checkpoints", "families", "diffusion", "models", "train", "utils"},
 }
+# the only core files that may import sdlab.tiny (the layer table above allows the layer, this the file)
+TINY_IMPORTERS = {"cli/evaluate.py"}
 FORBIDDEN_AT_RUNTIME = {"diffusers", "transformers", "open_clip", "k_diffusion"}
 
 
@@ -68,3 +72,5 @@ def test_imports_follow_the_layers(path: Path) -> None:
         if target == layer:
             continue
         assert target in ALLOWED.get(layer, set()), f"{layer}/{path.name} may not import sdlab.{target}"
+        if target == "tiny":
+            assert path.relative_to(SRC).as_posix() in TINY_IMPORTERS, f"{layer}/{path.name} may not import sdlab.tiny"

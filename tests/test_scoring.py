@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
-from sdlab.datasets.build import sample_spec
-from sdlab.datasets.captions import SceneSpec, caption
-from sdlab.datasets.colours import BACKGROUND_COLOURS
-from sdlab.datasets.emoji_subset import EMOJI_NAMES
-from sdlab.datasets.layout import POSITIONS, SIZES
-from sdlab.datasets.scene import render_scene
-from sdlab.evaluation.report import evaluate, read_prompt_file
-from sdlab.evaluation.scoring import score_image
+from sdlab.tiny.datasets.build import sample_spec
+from sdlab.tiny.datasets.captions import SceneSpec, caption
+from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS
+from sdlab.tiny.datasets.emoji_subset import EMOJI_NAMES
+from sdlab.tiny.datasets.layout import POSITIONS, SIZES
+from sdlab.tiny.datasets.scene import render_scene
+from sdlab.tiny.evaluation.report import evaluate, read_prompt_file
+from sdlab.tiny.evaluation.scoring import score_image
 
 PROMPTS = Path(__file__).resolve().parents[1] / "prompts" / "eval_prompts.txt"
 
@@ -96,8 +96,8 @@ def test_an_empty_image_scores_background_only() -> None:
 
 
 def test_public_prompts_parse_and_cover_every_split() -> None:
-    from sdlab.datasets.captions import parse_caption
-    from sdlab.datasets.shapes import HELD_OUT_SHAPE_COLOURS, is_held_out
+    from sdlab.tiny.datasets.captions import parse_caption
+    from sdlab.tiny.datasets.shapes import HELD_OUT_SHAPE_COLOURS, is_held_out
 
     specs = [parse_caption(p) for p in read_prompt_file(PROMPTS)]
     assert len(specs) >= 30
@@ -115,7 +115,7 @@ def test_evaluate_writes_report_and_grid(tmp_path) -> None:
     ]
 
     def oracle(prompt: str, seed: int) -> Image.Image:
-        from sdlab.datasets.captions import parse_caption
+        from sdlab.tiny.datasets.captions import parse_caption
 
         return render_scene(parse_caption(prompt), np.random.default_rng(seed))
 

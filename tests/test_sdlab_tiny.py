@@ -19,14 +19,14 @@ import torch
 from sdlab.checkpoints.create import new_bundle
 from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.save import save_bundle
-from sdlab.datasets.build import build_dataset
+from sdlab.tiny.datasets.build import build_dataset
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import get_family
-from sdlab.models.image_tower import ImageTower, ImageTowerConfig
+from sdlab.tiny.image_tower import ImageTower, ImageTowerConfig
 from sdlab.models.vae import AutoencoderKL
-from sdlab.train.assemble import assemble_bundle, bundle_from_run, main, measure_scaling_factor
+from sdlab.tiny.assemble import assemble_bundle, bundle_from_run, main, measure_scaling_factor
 from sdlab.train.run_checkpoint import save_run_checkpoint
-from sdlab.train.text_task import TextTask
+from sdlab.tiny.text_task import TextTask
 from sdlab.train.vae_task import VAETask, latent_scaling_factor
 
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 import sdlab
 from sdlab.api import shipped_model_path
 from sdlab.cli import main
-from sdlab.datasets.captions import parse_caption
-from sdlab.evaluation.scoring import score_image
+from sdlab.tiny.datasets.captions import parse_caption
+from sdlab.tiny.evaluation.scoring import score_image
 from sdlab.pipeline.png_info import read_parameters
 
 PROMPTS = (

@@ -20,7 +20,7 @@ from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.loss import min_snr_weights, prediction_target, q_sample, snr
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.models.unet import UNet, UNetConfig
-from sdlab.datasets.build import build_dataset
+from sdlab.tiny.datasets.build import build_dataset
 from sdlab.train import combine
 from sdlab.train.config import TrainConfig, add_config_arguments, config_from_args
 from sdlab.train.data import TrainData, scan_dataset

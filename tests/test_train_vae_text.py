@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from safetensors import safe_open
 
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
-from sdlab.models.image_tower import ImageTowerConfig
+from sdlab.tiny.image_tower import ImageTowerConfig
 from sdlab.models.vae import AutoencoderKL, VAEConfig
 from sdlab.train.losses import (
     PatchDiscriminator,
@@ -32,7 +32,7 @@ from sdlab.train.losses import (
     ssim,
 )
 from sdlab.train.task import Batch, TrainTask
-from sdlab.train.text_task import (
+from sdlab.tiny.text_task import (
     LogitScale,
     TextTask,
     contrastive_loss,

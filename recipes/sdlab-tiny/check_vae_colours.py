@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from sdlab.datasets.colours import BACKGROUND_COLOURS, PALETTE
+from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, PALETTE
 from sdlab.families.sdlab_tiny import TINY_VAE
 from sdlab.models.vae import AutoencoderKL
 from sdlab.train.run_checkpoint import latest_checkpoint, load_run_checkpoint

@@ -27,7 +27,7 @@ paths=(--model "$RUN/init.safetensors" --data-dir "$RUN/data")
 CAPTIONS="--paraphrase-prob 0.2 --omit-size 0.2 --omit-position 0.2 --omit-background 0.1"
 
 echo "== $(date +%T) data: $COUNT images"
-[ -f "$RUN/data/metadata.jsonl" ] || python -m sdlab.datasets.build "$RUN/data" --count "$COUNT" --seed 0 $CAPTIONS
+[ -f "$RUN/data/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data" --count "$COUNT" --seed 0 $CAPTIONS
 
 echo "== $(date +%T) initial bundle (random weights)"
 [ -f "$RUN/init.safetensors" ] || $SDLAB new-model "$RUN/init.safetensors" --family sdlab-tiny --seed 0
@@ -41,7 +41,7 @@ echo "== $(date +%T) text tower"
     --output-dir "$RUN/text" --resume latest --no-progress $TRAIN_ARGS
 
 echo "== $(date +%T) assemble"
-[ -f "$RUN/assembled.safetensors" ] || python -m sdlab.train.assemble assemble "$RUN/init.safetensors" \
+[ -f "$RUN/assembled.safetensors" ] || python -m sdlab.tiny.assemble assemble "$RUN/init.safetensors" \
     "$RUN/assembled.safetensors" --vae "$RUN/vae/final.safetensors" --text "$RUN/text/final.safetensors" --data "$RUN/data"
 
 echo "== $(date +%T) VAE decoder (encoder frozen: the U-Net's latents do not change)"
@@ -77,7 +77,7 @@ echo "== $(date +%T) U-Net, second run from the first's EMA weights"
 run_unet unet_continue.toml "$RUN/unet/final-ema.safetensors" "$RUN/data" "$RUN/unet2" \
     --cache-dir "$RUN/unet/latent_cache" || exit 0
 echo "== $(date +%T) U-Net, third run from the second's EMA weights, with 20000 more emoji images"
-[ -f "$RUN/data-emoji/metadata.jsonl" ] || python -m sdlab.datasets.build "$RUN/data-emoji" --count 20000 --seed 1 \
+[ -f "$RUN/data-emoji/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-emoji" --count 20000 --seed 1 \
     --kind emoji $CAPTIONS
 [ -f "$RUN/data-mix/metadata.jsonl" ] || python -m sdlab.train.combine "$RUN/data-mix" "$RUN/data" "$RUN/data-emoji"
 run_unet unet_emoji.toml "$RUN/unet2/final-ema.safetensors" "$RUN/data-mix" "$RUN/unet3" \

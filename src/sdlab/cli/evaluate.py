@@ -1,12 +1,12 @@
 """`sdlab eval PROMPTS`: prompt fidelity of a model on a prompt file (the shipped model by default).
 
 Every prompt is drawn with several seeds; each image is scored against what its prompt states (background
-colour, emoji identity top-1 / top-5, shape, colour, size, position; see `sdlab.evaluation`), and the
+colour, emoji identity top-1 / top-5, shape, colour, size, position; see `sdlab.tiny.evaluation`), and the
 scores are pooled per split (emoji, seen and held-out shape/colour pairs) with the issue's targets beside
 them. Writes ``report.json`` and ``grid.png`` (one row per prompt, one column per seed) to ``--out``, and
 prints the summary table. A progress bar on stderr counts the images (``--no-progress`` hides it).
 
-Prompts must follow the caption grammar of the training data (`sdlab.datasets.captions.parse_caption`),
+Prompts must follow the caption grammar of the training data (`sdlab.tiny.datasets.captions.parse_caption`),
 which is what can be scored: a subject (an emoji by its Unicode name, or one of the shapes with an optional
 colour), an optional size (small / medium / large), position words (top, bottom, left, right, center) and
 "on a <colour> background". A prompt outside it is refused before any picture is drawn.
@@ -25,7 +25,7 @@ __all__ = ["add_evaluate", "format_summary", "run_evaluate"]
 DTYPES = ("fp32", "bf16", "fp16")
 GRAMMAR = (
     "Prompts are scored against what they state, so they must follow the caption grammar of sdlab-tiny's "
-    "training data (sdlab.datasets.captions.parse_caption): a subject (an emoji by its Unicode name, e.g. "
+    "training data (sdlab.tiny.datasets.captions.parse_caption): a subject (an emoji by its Unicode name, e.g. "
     "'red apple', or a shape: circle, square, triangle, star, hexagon, heart, diamond, cross, with an "
     "optional colour), an optional size (small, medium, large), optional position words (top, bottom, left, "
     "right, center) and an optional 'on a <colour> background' (white, black, light blue, ...). Example: "
@@ -57,7 +57,7 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def format_summary(summary: dict) -> str:
-    """The summary of `sdlab.evaluation.summarise` as a text table: one line per metric with its accuracy,
+    """The summary of `sdlab.tiny.evaluation.summarise` as a text table: one line per metric with its accuracy,
     image count and, where the issue sets one, the target and whether it is met; then the diversity."""
     lines = [f"{'metric':<26} {'accuracy':>8} {'images':>6}  target"]
     for key, accuracy in summary["accuracy"].items():
@@ -74,8 +74,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdlab.api import RequestError, load
-    from sdlab.datasets.captions import parse_caption
-    from sdlab.evaluation import evaluate, read_prompt_file
+    from sdlab.tiny.datasets.captions import parse_caption
+    from sdlab.tiny.evaluation import evaluate, read_prompt_file
 
     if args.seeds < 1 or args.steps < 1:
         raise UserError("--seeds and --steps must be at least 1")

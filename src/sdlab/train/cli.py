@@ -9,8 +9,9 @@ task, the dataset scan, the resume compatibility check, then the model and the l
 found on the way is a `TrainError`: one ``sdlab: error: ...`` line and exit status 2. A run stopped by
 SIGINT / SIGTERM exits with 128 + the signal number (130 / 143) after writing its checkpoint and weights.
 
-Tasks are plug-ins: ``--task NAME`` imports ``sdlab.train.<NAME>_task`` and calls its
-``build_task(config: TrainConfig, bundle: ModelBundle) -> TrainTask``.
+Tasks are plug-ins: ``--task NAME`` imports the module ``TASK_MODULES`` names (``sdlab.train.<NAME>_task``
+otherwise) and calls its ``build_task(config: TrainConfig, bundle: ModelBundle) -> TrainTask``. The text
+task lives in ``sdlab.tiny`` beside the image tower it trains against; it is named here, never imported.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["add_train_parser", "build_parser", "main", "run_from_config", "run_train"]
 
-TASK_MODULES = {"unet": "sdlab.train.unet_task", "vae": "sdlab.train.vae_task", "text": "sdlab.train.text_task"}
+TASK_MODULES = {"unet": "sdlab.train.unet_task", "vae": "sdlab.train.vae_task", "text": "sdlab.tiny.text_task"}
 
 EPILOG = """\
 examples:

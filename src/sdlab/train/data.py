@@ -109,7 +109,7 @@ def _jsonl_entry(root: Path, raw: bytes) -> tuple[Path, str | None] | None:
         return None
     if not isinstance(row, dict):
         return None
-    name = row.get("file_name", row.get("file"))  # "file": sdlab.datasets.build
+    name = row.get("file_name", row.get("file"))  # "file": sdlab.tiny.datasets.build
     if not isinstance(name, str) or not name.strip() or "\0" in name:
         return None
     caption = row.get("text", row.get("caption"))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from sdlab.datasets.captions import SceneSpec
-from sdlab.datasets.colours import PALETTE
-from sdlab.datasets.emoji import emoji_glyph
-from sdlab.datasets.emoji_subset import EMOJI
-from sdlab.datasets.layout import sample_placement
-from sdlab.datasets.shapes import SUPERSAMPLE, shape_mask
+from sdlab.tiny.datasets.captions import SceneSpec
+from sdlab.tiny.datasets.colours import PALETTE
+from sdlab.tiny.datasets.emoji import emoji_glyph
+from sdlab.tiny.datasets.emoji_subset import EMOJI
+from sdlab.tiny.datasets.layout import sample_placement
+from sdlab.tiny.datasets.shapes import SUPERSAMPLE, shape_mask
 
 __all__ = ["EMOJI_CODEPOINT", "render_scene", "render_scene_at"]
 

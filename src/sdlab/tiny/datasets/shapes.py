@@ -2,7 +2,7 @@
 and the (shape, colour) pairs held out of training to measure generalisation.
 
 Every shape is upright and fills a square box edge to edge along its larger extent, so "size" means the
-same thing for all of them (see `sdlab.datasets.layout`).
+same thing for all of them (see `sdlab.tiny.datasets.layout`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sdlab.datasets.captions import SHAPES
+from sdlab.tiny.datasets.captions import SHAPES
 
 __all__ = ["HELD_OUT_SHAPE_COLOURS", "SUPERSAMPLE", "is_held_out", "shape_mask", "shape_outline"]
 

@@ -15,8 +15,8 @@ with ``dtype=torch.float16`` writes the shipped file.
 
 Command line::
 
-    python -m sdlab.train.assemble assemble BASE OUT [--vae FILE] [--text FILE] [--data DIR] [--images N]
-    python -m sdlab.train.assemble export BASE RUN OUT [--raw] [--dtype fp16|bf16|fp32]
+    python -m sdlab.tiny.assemble assemble BASE OUT [--vae FILE] [--text FILE] [--data DIR] [--images N]
+    python -m sdlab.tiny.assemble export BASE RUN OUT [--raw] [--dtype fp16|bf16|fp32]
 
 ``RUN`` is a run checkpoint (``.pt``) or a run folder (its newest checkpoint is taken).
 """
@@ -35,7 +35,7 @@ from sdlab.checkpoints.load import ModelBundle, load_bundle
 from sdlab.checkpoints.save import save_bundle
 from sdlab.train.data import generator_for, load_training_image, scan_dataset
 from sdlab.train.run_checkpoint import latest_checkpoint, load_run_checkpoint
-from sdlab.train.text_task import load_trained_text_encoder
+from sdlab.tiny.text_task import load_trained_text_encoder
 from sdlab.train.vae_task import latent_scaling_factor, load_trained_vae
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ def bundle_from_run(base: str | Path, run: str | Path, *, ema: bool = True) -> t
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdlab.train.assemble", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sdlab.tiny.assemble", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
     a = sub.add_parser("assemble", help="replace a bundle's VAE / text encoder by trained ones")
     a.add_argument("base")

@@ -11,7 +11,7 @@ plain background. The canonical caption reads
 prompts that are not in the repo: "a large blue star, bottom right, white background", "big grey
 circle in the upper-left corner", "a cat face on dark green background". Fields a prompt does not state
 are None and are not scored. The emoji names contain no word of the rest of the grammar (see
-`sdlab.datasets.emoji.NAME_EXCLUSIONS`), which is what makes the parse unambiguous.
+`sdlab.tiny.datasets.emoji.NAME_EXCLUSIONS`), which is what makes the parse unambiguous.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sdlab.datasets.colours import BACKGROUND_COLOURS, COLOUR_SYNONYMS, PALETTE, SUBJECT_COLOURS
-from sdlab.datasets.emoji_subset import EMOJI_NAMES
-from sdlab.datasets.layout import POSITIONS, SIZES
+from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, COLOUR_SYNONYMS, PALETTE, SUBJECT_COLOURS
+from sdlab.tiny.datasets.emoji_subset import EMOJI_NAMES
+from sdlab.tiny.datasets.layout import POSITIONS, SIZES
 
 __all__ = ["CAPTION_TEMPLATES", "SHAPES", "SUBJECT_KINDS", "SceneSpec", "caption", "parse_caption"]
 

@@ -9,7 +9,7 @@ model prompts that say less than the picture shows; `metadata.jsonl` keeps the f
 Shapes never use a pair of `HELD_OUT_SHAPE_COLOURS`, nor a colour too close to the background
 (`MIN_CONTRAST` Delta E*ab) to be seen.
 
-Command line: `python -m sdlab.datasets.build OUT --count 50000 --seed 0 [--kind mixed|emoji|shapes]`.
+Command line: `python -m sdlab.tiny.datasets.build OUT --count 50000 --seed 0 [--kind mixed|emoji|shapes]`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sdlab.datasets.captions import CAPTION_TEMPLATES, SHAPES, SceneSpec, caption
-from sdlab.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, delta_e
-from sdlab.datasets.emoji_subset import EMOJI_NAMES
-from sdlab.datasets.layout import POSITIONS, SIZES
-from sdlab.datasets.scene import render_scene
-from sdlab.datasets.shapes import is_held_out
+from sdlab.tiny.datasets.captions import CAPTION_TEMPLATES, SHAPES, SceneSpec, caption
+from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, delta_e
+from sdlab.tiny.datasets.emoji_subset import EMOJI_NAMES
+from sdlab.tiny.datasets.layout import POSITIONS, SIZES
+from sdlab.tiny.datasets.scene import render_scene
+from sdlab.tiny.datasets.shapes import is_held_out
 from sdlab.utils.files import atomic_write
 
 __all__ = ["DATASET_KINDS", "MIN_CONTRAST", "OMITTABLE_FIELDS", "build_dataset", "caption_variant", "sample_spec",
@@ -127,7 +127,7 @@ def build_dataset(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sdlab.datasets.build",
+    parser = argparse.ArgumentParser(prog="python -m sdlab.tiny.datasets.build",
                                      description="Build an sdlab emoji / shapes training set.")
     parser.add_argument("out_dir")
     parser.add_argument("--count", type=int, required=True)

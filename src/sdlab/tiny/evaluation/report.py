@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from sdlab.datasets.captions import parse_caption
-from sdlab.datasets.shapes import is_held_out
-from sdlab.evaluation.scoring import score_image
+from sdlab.tiny.datasets.captions import parse_caption
+from sdlab.tiny.datasets.shapes import is_held_out
+from sdlab.tiny.evaluation.scoring import score_image
 from sdlab.utils.files import atomic_write
 
 __all__ = ["TARGETS", "evaluate", "read_prompt_file", "render_grid", "summarise"]

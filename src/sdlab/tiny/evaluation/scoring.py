@@ -4,7 +4,7 @@
 2. Subject: pixels far from that colour (Delta E*ab > `SUBJECT_DELTA_E`), cleaned by a 3x3 median
    filter. Shapes keep the largest 4-connected component; emoji keep every part (sparkles, steam).
 3. Size and position: the subject's bounding box side and centre, classified by
-   `sdlab.datasets.layout` (nearest size class on a log scale; nearest row / column centre).
+   `sdlab.tiny.datasets.layout` (nearest size class on a log scale; nearest row / column centre).
 4. Shapes: a soft coverage mask (each pixel's Lab colour projected on the background -> subject line)
    is cropped to a square around the box, resized to `MASK_SIDE`^2 and matched to reference masks of
    every shape drawn at the measured side (nearest neighbour, L2); colour is the median of the fully covered pixels -> nearest
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
-from sdlab.datasets.captions import SHAPES, SceneSpec
-from sdlab.datasets.colours import BACKGROUND_COLOURS, SUBJECT_COLOURS, nearest_colour, rgb_to_lab
-from sdlab.datasets.emoji import emoji_glyph, square_rgba
-from sdlab.datasets.emoji_subset import EMOJI, EMOJI_NAMES
-from sdlab.datasets.layout import classify_position, classify_size
-from sdlab.datasets.shapes import shape_mask
+from sdlab.tiny.datasets.captions import SHAPES, SceneSpec
+from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, SUBJECT_COLOURS, nearest_colour, rgb_to_lab
+from sdlab.tiny.datasets.emoji import emoji_glyph, square_rgba
+from sdlab.tiny.datasets.emoji_subset import EMOJI, EMOJI_NAMES
+from sdlab.tiny.datasets.layout import classify_position, classify_size
+from sdlab.tiny.datasets.shapes import shape_mask
 
 __all__ = [
     "BORDER",

@@ -1,7 +1,7 @@
 """Training objective for a text encoder from scratch: CLIP-style contrastive pairs (Radford et al. 2021).
 
 A text tower (``sdlab.models.clip.CLIPTextModel`` with a ``text_projection``, fed by the real CLIP BPE
-tokenizer: 49,408 tokens, 77 positions) and an image tower (``sdlab.models.image_tower.ImageTower``) map
+tokenizer: 49,408 tokens, 77 positions) and an image tower (``sdlab.tiny.image_tower.ImageTower``) map
 a batch of N (image, caption) pairs into one embedding space. With L2-normalised embeddings i_n, t_m and a
 learned temperature, the logits are ``s_nm = exp(tau) * <i_n, t_m>`` and the loss is the symmetric
 cross-entropy of CLIP's pseudocode (fig. 3)::
@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
 from sdlab.checkpoints.load import META_CONFIG, META_HIDDEN_STATES, ModelBundle, config_from_json, config_to_json
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
-from sdlab.models.image_tower import ImageTower, ImageTowerConfig
+from sdlab.tiny.image_tower import ImageTower, ImageTowerConfig
 from sdlab.models.tokenizer import CLIPTokenizer, default_tokenizer
 from sdlab.train.config import TrainConfig
 from sdlab.train.task import Batch

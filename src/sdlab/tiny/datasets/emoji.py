@@ -4,7 +4,7 @@ Noto Color Emoji (Debian/Ubuntu package `fonts-noto-color-emoji`, SIL Open Font 
 bitmap font: its glyphs are 136x128 PNG strikes drawn at exactly size 109, so we render at 109 with
 `embedded_color=True`, crop to the alpha bounding box and resize from there.
 
-The subset (`sdlab.datasets.emoji_subset.EMOJI`) was produced by `select_emoji_subset` and is stored
+The subset (`sdlab.tiny.datasets.emoji_subset.EMOJI`) was produced by `select_emoji_subset` and is stored
 as a constant so that the vocabulary a model was trained on does not move with the installed font:
 single code points whose Unicode name is a usable caption (at most three words, none of them in
 `NAME_EXCLUSIONS`; not the zodiac tiles of `EXCLUDED_CODEPOINTS`), that render in colour,
