@@ -41,9 +41,6 @@ def meta_device_without_init() -> Iterator[None]:
             stack.enter_context(mock.patch.object(nn.init, name, lambda tensor, *args, **kwargs: tensor))
         yield
 
-HF_TEXT_TOLERATED = frozenset({"embeddings.position_ids", "logit_scale"})  # positions are rebuilt with arange
-
-
 def hf_text_to_sdlab(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Hugging Face CLIPTextModel(WithProjection) keys, with or without `text_model.`, -> sdlab names."""
     return {k.removeprefix("text_model."): state[k] for k in state}

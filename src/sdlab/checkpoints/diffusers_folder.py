@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.components import HF_TEXT_TOLERATED, ComponentSource, SubStateDict, hf_text_to_sdlab
+from sdlab.checkpoints.components import ComponentSource, SubStateDict, hf_text_to_sdlab
 from sdlab.checkpoints.detect import detect_diffusers_family
 from sdlab.checkpoints.diffusers_unet import (
     DIFFUSERS_UNET_NAMES,
@@ -47,6 +47,7 @@ from sdlab.checkpoints.diffusers_vae import (
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.infer import infer_text_config
 from sdlab.checkpoints.io import LazyMapping, read_checkpoint, shapes_of
+from sdlab.checkpoints.tolerated import is_hf_text_tolerated
 from sdlab.checkpoints.validate import (
     UNET_SHAPE_FIELDS,
     VAE_SHAPE_FIELDS,
@@ -107,10 +108,6 @@ class ShardedStateDict(LazyMapping):
     def dtype(self, key: str) -> torch.dtype:
         part = self._owner[key]
         return part.dtype(key) if isinstance(part, LazyMapping) else part[key].dtype
-
-
-def is_diffusers_folder(path: str | Path) -> bool:
-    return Path(path, MODEL_INDEX).is_file()
 
 
 def _regular_file(path: Path) -> bool:
@@ -247,7 +244,7 @@ def _text_source(spec: TextEncoderSpec, folder: Path) -> ComponentSource:
     config_path = folder / "config.json"
     config_json = _read_json(config_path)
     state = component_weights(folder)
-    tolerated = sorted(k for k in state if k.removeprefix("text_model.") in HF_TEXT_TOLERATED)
+    tolerated = sorted(k for k in state if is_hf_text_tolerated(k))
     sub = SubStateDict(state, {k: k for k in state if k not in tolerated})
     try:
         conventions = replace(

@@ -31,7 +31,6 @@ from torch import Tensor
 
 from sdlab.checkpoints import diffusers_folder
 from sdlab.checkpoints.components import (
-    HF_TEXT_TOLERATED,
     ComponentConfig,
     ComponentSource,
     SubStateDict,
@@ -44,6 +43,12 @@ from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.checkpoints.openclip import openclip_to_sdlab
 from sdlab.checkpoints.runnable import check_plan, check_weights
+from sdlab.checkpoints.tolerated import (
+    OPENCLIP_TOLERATED,
+    SINGLE_FILE_TOLERATED,
+    VAE_FILE_TOLERATED,
+    is_hf_text_tolerated,
+)
 from sdlab.checkpoints.validate import (
     TEXT_SHAPE_FIELDS,
     UNET_SHAPE_FIELDS,
@@ -72,14 +77,6 @@ META_HIDDEN_STATES = "sdlab.text_hidden_states"
 META_RESOLUTION = "modelspec.resolution"    # Stability's model spec: "WxH" the model was trained at
 FORMAT_VERSION = "1"
 
-# Keys real single-file checkpoints carry that sdlab does not use: EMA copies, DDPM schedule buffers
-# (sdlab rebuilds the schedule from the family), SGM's denoiser sigmas and the SDXL v-prediction marker.
-_TOLERATED = re.compile(
-    r"model_ema\..*|betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*"
-    r"|lvlb_weights|logvar|denoiser\.sigmas|v_pred"
-)
-_OPENCLIP_TOLERATED = frozenset({"logit_scale", "attn_mask"})
-_VAE_FILE_TOLERATED = re.compile(r"loss\..*|model_ema\..*")                       # standalone VAE training files
 _MAX_SIDECAR_BYTES = 1 << 20                                                      # CompVis configs are ~2 KB
 
 
@@ -364,10 +361,10 @@ def _text_source(spec: TextEncoderSpec, origin: str, state: Mapping[str, Tensor]
                  stored: CLIPTextConfig | None) -> ComponentSource:
     local = {k[len(spec.prefix):]: k for k in keys}
     if spec.layout == "hf":
-        tolerated = {k for k in local if k.removeprefix("text_model.") in HF_TEXT_TOLERATED}
+        tolerated = {k for k in local if is_hf_text_tolerated(k)}
         convert = hf_text_to_sdlab
     else:
-        tolerated = {k for k in local if k in _OPENCLIP_TOLERATED}
+        tolerated = {k for k in local if k in OPENCLIP_TOLERATED}
         convert = openclip_to_sdlab
     sub = SubStateDict(state, {k: f for k, f in local.items() if k not in tolerated})
     try:
@@ -418,7 +415,7 @@ def _plan_single_file(
         owner = next((name for name, prefix in prefixes if key.startswith(prefix)), None)
         if owner is not None:
             buckets[owner].append(key)
-        elif _TOLERATED.fullmatch(key):
+        elif SINGLE_FILE_TOLERATED.fullmatch(key):
             ignored.append(key)
         else:
             unexpected.append(key)
@@ -532,7 +529,7 @@ def _vae_file_source(path: Path) -> ComponentSource:
         bare = key.removeprefix(VAE_FILE_PREFIX)
         if bare.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
             local[bare] = key
-        elif _VAE_FILE_TOLERATED.fullmatch(key) or _TOLERATED.fullmatch(key):
+        elif VAE_FILE_TOLERATED.fullmatch(key) or SINGLE_FILE_TOLERATED.fullmatch(key):
             ignored.append(key)
         else:
             raise CheckpointError(

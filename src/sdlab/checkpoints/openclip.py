@@ -28,6 +28,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from sdlab.checkpoints.tolerated import OPENCLIP_TOLERATED, SDLAB_TEXT_TOLERATED
 from sdlab.models.clip import CLIPTextConfig
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,6 @@ FUSED_QKV: dict[str, tuple[str, str, str]] = {
 }
 # transform 2: (D, P) matrix used as x @ P  <->  nn.Linear weight (P, D)
 TRANSPOSED: dict[str, str] = {"text_projection": "text_projection.weight"}
-
-OPENCLIP_KNOWN_EXTRAS = frozenset({"logit_scale", "attn_mask"})
-SDLAB_KNOWN_EXTRAS = frozenset({"embeddings.position_ids"})     # HF buffer; sdlab rebuilds positions
 
 _OPENCLIP_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 _SDLAB_BLOCK = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
@@ -99,7 +97,7 @@ def openclip_to_sdlab(state: Mapping[str, Tensor], *, ignore_unknown: bool = Fal
             out[TOP_LEVEL_RENAMES[key]] = value
         elif key in TRANSPOSED:
             out[TRANSPOSED[key]] = value.t().contiguous()                     # (D, P) -> (P, D)
-        elif key in OPENCLIP_KNOWN_EXTRAS:
+        elif key in OPENCLIP_TOLERATED:
             logger.debug("dropping %s", key)
         elif (match := _OPENCLIP_BLOCK.fullmatch(key)) is not None:
             block, name = match.groups()
@@ -136,7 +134,7 @@ def sdlab_to_openclip(state: Mapping[str, Tensor], *, ignore_unknown: bool = Fal
             out[top_level[key]] = value
         elif key in transposed:
             out[transposed[key]] = value.t().contiguous()                     # (P, D) -> (D, P)
-        elif key in SDLAB_KNOWN_EXTRAS:
+        elif key in SDLAB_TEXT_TOLERATED:
             logger.debug("dropping %s", key)
         elif (match := _SDLAB_BLOCK.fullmatch(key)) is not None:
             block, name = match.groups()

@@ -2,7 +2,7 @@
 
 Every prompt is drawn with several seeds; each image is scored against what its prompt states (background
 colour, emoji identity top-1 / top-5, shape, colour, size, position; see `sdlab.tiny.evaluation`), and the
-scores are pooled per split (emoji, seen and held-out shape/colour pairs) with the issue's targets beside
+scores are pooled per split (emoji, seen and held-out shape/colour pairs) with their targets beside
 them. Writes ``report.json`` and ``grid.png`` (one row per prompt, one column per seed) to ``--out``, and
 prints the summary table. A progress bar on stderr counts the images (``--no-progress`` hides it).
 
@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 
 from sdlab.cli.errors import UserError
+from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
 
 __all__ = ["add_evaluate", "format_summary", "run_evaluate"]
 
-DTYPES = ("fp32", "bf16", "fp16")
 GRAMMAR = (
     "Prompts are scored against what they state, so they must follow the caption grammar of sdlab-tiny's "
     "training data (sdlab.tiny.datasets.captions.parse_caption): a subject (an emoji by its Unicode name, e.g. "
@@ -50,7 +50,7 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (a quick look)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (default fp32)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
     p.add_argument("--out", required=True, help="output folder for report.json and grid.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run_evaluate)
@@ -58,7 +58,7 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
 
 def format_summary(summary: dict) -> str:
     """The summary of `sdlab.tiny.evaluation.summarise` as a text table: one line per metric with its accuracy,
-    image count and, where the issue sets one, the target and whether it is met; then the diversity."""
+    image count and, where one is set, the target and whether it is met; then the diversity."""
     lines = [f"{'metric':<26} {'accuracy':>8} {'images':>6}  target"]
     for key, accuracy in summary["accuracy"].items():
         target = summary["targets"].get(key)
@@ -70,7 +70,6 @@ def format_summary(summary: dict) -> str:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    import torch
     from tqdm import tqdm
 
     from sdlab.api import RequestError, load
@@ -92,7 +91,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             parse_caption(prompt)
         except ValueError as err:
             raise UserError(f"{err}; `sdlab eval --help` gives the prompt grammar it scores") from None
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = dtype_from_name(args.dtype)
     pipe = load(args.model, dtype=dtype)                   # no --model: the shipped model
     bar = tqdm(total=len(prompts) * args.seeds, desc="eval", unit="image", file=sys.stderr,
                disable=args.no_progress)

@@ -1,0 +1,39 @@
+"""Keys real checkpoint files carry that sdlab skips on purpose: the one list of them.
+
+A key that no converter claims and that is not listed here is an error ("unexpected key"), so a file of
+another kind is refused rather than half-loaded. Every skipped key is reported in `ComponentSource.ignored`
+or the load report.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = [
+    "HF_TEXT_TOLERATED",
+    "OPENCLIP_TOLERATED",
+    "SDLAB_TEXT_TOLERATED",
+    "SINGLE_FILE_TOLERATED",
+    "VAE_FILE_TOLERATED",
+    "is_hf_text_tolerated",
+]
+
+#: sdlab / Hugging Face CLIP text names: the position-ids buffer (sdlab rebuilds positions with arange)
+SDLAB_TEXT_TOLERATED = frozenset({"embeddings.position_ids"})
+#: Hugging Face CLIP text keys (``text_model.`` removed): also ``CLIPModel``'s contrastive temperature
+HF_TEXT_TOLERATED = SDLAB_TEXT_TOLERATED | {"logit_scale"}
+#: OpenCLIP text-tower keys: the contrastive temperature and a causal-mask buffer some files carry
+OPENCLIP_TOLERATED = frozenset({"logit_scale", "attn_mask"})
+#: whole-file keys of single-file checkpoints outside every component: EMA copies, DDPM schedule buffers
+#: (sdlab rebuilds the schedule from the family), SGM's denoiser sigmas and the SDXL v-prediction marker
+SINGLE_FILE_TOLERATED = re.compile(
+    r"model_ema\..*|betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*"
+    r"|lvlb_weights|logvar|denoiser\.sigmas|v_pred"
+)
+#: extra keys of standalone VAE training files (besides SINGLE_FILE_TOLERATED)
+VAE_FILE_TOLERATED = re.compile(r"loss\..*|model_ema\..*")
+
+
+def is_hf_text_tolerated(key: str) -> bool:
+    """Whether a Hugging Face CLIP text key, with or without ``text_model.``, is skipped on purpose."""
+    return key.removeprefix("text_model.") in HF_TEXT_TOLERATED
