@@ -150,7 +150,7 @@ def sd1(hf_tokenizers):
 @torch.no_grad()
 def test_sd1_matches_diffusers(sd1, prompt, negative):
     encoder, pipe = sd1
-    cond, uncond = make_cond([encoder], "sd1", prompt, negative, batch_size=2)
+    cond, uncond = make_cond([encoder], get_family("sd1"), prompt, negative, batch_size=2)
     ref, ref_neg = pipe.encode_prompt(prompt, "cpu", 2, True, negative)
     assert cond.keys() == uncond.keys() == {"context"}
     assert cond["context"].shape == (2, 77, 64)
@@ -163,7 +163,7 @@ def test_sd1_matches_diffusers(sd1, prompt, negative):
 def test_sd1_clip_skip_is_diffusers_clip_skip_minus_one(sd1, clip_skip):
     encoder, pipe = sd1
     negative = NEGATIVES[1]
-    cond, uncond = make_cond([encoder], "sd1", ASTRONAUT, negative, clip_skip=clip_skip)
+    cond, uncond = make_cond([encoder], get_family("sd1"), ASTRONAUT, negative, clip_skip=clip_skip)
     ref, _ = pipe.encode_prompt(ASTRONAUT, "cpu", 1, False, clip_skip=clip_skip - 1)
     ref_neg, _ = pipe.encode_prompt(negative, "cpu", 1, False, clip_skip=clip_skip - 1)   # see module docstring
     assert _max_err(cond["context"], ref) < TOL
@@ -201,7 +201,7 @@ def sd2(hf_tokenizers):
 def test_sd2_full_tower_matches_diffusers_truncated_tower(sd2, prompt, negative):
     encoder, pipe = sd2
     assert encoder.spec.hidden_state == "penultimate_norm" and encoder.spec.pad_token_id == 0
-    cond, uncond = make_cond([encoder], "sd2", prompt, negative)
+    cond, uncond = make_cond([encoder], get_family("sd2"), prompt, negative)
     ref, ref_neg = pipe.encode_prompt(prompt, "cpu", 1, True, negative)
     assert _max_err(cond["context"], ref) < TOL
     assert _max_err(uncond["context"], ref_neg) < TOL
@@ -273,7 +273,7 @@ def _add_embedding_input(unet: UNet2DConditionModel, context, pooled, time_ids) 
 def test_sdxl_matches_diffusers(sdxl, negative, sizes):
     encoders, pipe = sdxl
     width, height = 832, 1216
-    cond, uncond = make_cond(encoders, "sdxl", PROMPTS[1], negative, batch_size=2, width=width, height=height,
+    cond, uncond = make_cond(encoders, get_family("sdxl"), PROMPTS[1], negative, batch_size=2, width=width, height=height,
                              **sizes)
     ref, ref_neg, pooled, pooled_neg = pipe.encode_prompt(
         PROMPTS[1], device="cpu", num_images_per_prompt=2,
@@ -335,7 +335,7 @@ def sdxl_refiner(hf_tokenizers):
 def test_sdxl_refiner_matches_diffusers(sdxl_refiner, negative):
     bigg, pipe = sdxl_refiner
     size = (768, 1024)
-    cond, uncond = make_cond([bigg], "sdxl-refiner", ASTRONAUT, negative, width=size[1], height=size[0])
+    cond, uncond = make_cond([bigg], get_family("sdxl-refiner"), ASTRONAUT, negative, width=size[1], height=size[0])
     ref, ref_neg, pooled, pooled_neg = pipe.encode_prompt(ASTRONAUT, device="cpu",
                                                            negative_prompt=negative or None)
     assert _max_err(cond["context"], ref) < TOL and _max_err(uncond["context"], ref_neg) < TOL
@@ -431,12 +431,12 @@ def test_emphasis_only_touches_weighted_chunks(sd1):
 def test_shorter_prompt_is_padded_with_empty_chunks(sd1):
     encoder, _ = sd1
     empty = encode_prompt([encoder], "").context
-    cond, uncond = make_cond([encoder], "sd1", "a cat", _words(90), batch_size=3)
+    cond, uncond = make_cond([encoder], get_family("sd1"), "a cat", _words(90), batch_size=3)
     assert cond["context"].shape == uncond["context"].shape == (3, 154, 64)
     assert _max_err(cond["context"][:, :77], encode_prompt([encoder], "a cat").context.expand(3, -1, -1)) < 1e-6
     assert _max_err(cond["context"][:, 77:], empty.expand(3, -1, -1)) < 1e-6
     assert _max_err(uncond["context"][:1], encode_prompt([encoder], _words(90)).context) < 1e-6
-    cond, uncond = make_cond([encoder], "sd1", _words(90), "", batch_size=1)
+    cond, uncond = make_cond([encoder], get_family("sd1"), _words(90), "", batch_size=1)
     assert _max_err(uncond["context"], empty.repeat(1, 2, 1)) < 1e-6
     padded = encode_prompts([encoder], ["a cat", _words(160)])
     assert [p.num_chunks for p in padded] == [3, 3]
@@ -445,10 +445,10 @@ def test_shorter_prompt_is_padded_with_empty_chunks(sd1):
 @torch.no_grad()
 def test_sdxl_empty_negative_is_zero_at_every_length(sdxl):
     encoders, _ = sdxl
-    cond, uncond = make_cond(encoders, "sdxl", _words(90), "", width=1024, height=1024, batch_size=2)
+    cond, uncond = make_cond(encoders, get_family("sdxl"), _words(90), "", width=1024, height=1024, batch_size=2)
     assert uncond["context"].shape == cond["context"].shape == (2, 154, 192)
     assert not uncond["context"].any()
-    _, encoded = make_cond(encoders, "sdxl", ASTRONAUT, "", width=1024, height=1024, zero_empty_negative=False)
+    _, encoded = make_cond(encoders, get_family("sdxl"), ASTRONAUT, "", width=1024, height=1024, zero_empty_negative=False)
     assert _max_err(encoded["context"], encode_prompt(encoders, "").context) < 1e-6
     assert encoded["y"][:, :128].abs().sum() > 0
 
@@ -462,7 +462,7 @@ def test_batch_rows_and_no_guidance(sdxl):
     assert cond["context"].shape == (4, 77, 192) and cond["y"].shape == (4, 128 + 6 * 256)
     assert all(torch.equal(cond[k][0], cond[k][i]) for k in cond for i in range(4))
     with pytest.raises(ValueError, match="width and height"):
-        make_cond(encoders, "sdxl", ASTRONAUT, "")
+        make_cond(encoders, get_family("sdxl"), ASTRONAUT, "")
 
 
 @pytest.mark.parametrize("name", ["sdxl", "sdxl-refiner"])
@@ -470,7 +470,8 @@ def test_batch_rows_and_no_guidance(sdxl):
 def test_bundle_conditioning_feeds_its_unet(name):
     """From a loaded bundle the family and U-Net widths come along; the refiner's vector uses the aesthetic score."""
     bundle = tiny_bundle(name)
-    cond, uncond = make_cond(bundle, None, _words(80), "", width=64, height=64)
+    cond, uncond = make_cond(bundle.text_encoders, bundle.family, _words(80), "", width=64, height=64,
+                             adm_width=bundle.unet_config.adm_in_channels)
     assert cond["context"].shape == (1, 154, bundle.unet_config.context_dim)
     assert cond["y"].shape == uncond["y"].shape == (1, bundle.unet_config.adm_in_channels)
     x = torch.zeros(1, 4, 8, 8)

@@ -20,25 +20,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from PIL import Image
 
 from sdlab.checkpoints.load import ModelBundle, load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file
 from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
-from sdlab.pipeline.images import read_image
-from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
+from sdlab.pipeline.request import (
+    GenerationRequest,
+    GenerationResult,
+    ImageLike,
+    RequestError,
+    check_refiner_switch,
+    input_image,
+)
 
-ImageLike = Image.Image | str | os.PathLike[str]
 _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
-
-
-def _open_image(image: ImageLike, what: str) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        return read_image(image)
-    except (OSError, ValueError) as err:
-        raise RequestError(f"cannot read the {what} {os.fspath(image)!r}: {err}") from None
 
 
 class Pipeline:
@@ -46,8 +41,7 @@ class Pipeline:
 
     def __init__(self, bundle: ModelBundle, refiner: ModelBundle | None = None, refiner_switch: float = 0.8) -> None:
         """`refiner` (an SDXL refiner) takes over after the first `refiner_switch` of every schedule."""
-        if not 0.0 < refiner_switch < 1.0:
-            raise ValueError(f"refiner_switch must lie in (0, 1), got {refiner_switch}")
+        check_refiner_switch(refiner_switch)
         self.bundle = bundle
         self.refiner = refiner
         self.refiner_switch = refiner_switch
@@ -90,7 +84,7 @@ class Pipeline:
         **options: Any,
     ) -> GenerationResult:
         """Redraw `init_image`; `strength` in (0, 1] is how much of the schedule runs (1 = from pure noise)."""
-        image = _open_image(init_image, "init image")
+        image = input_image(init_image, "init image")
         return self._call(prompt, {"negative_prompt": negative_prompt, "init_image": image, "strength": strength, **options}, progress)
 
     def inpaint(
@@ -105,8 +99,8 @@ class Pipeline:
         **options: Any,
     ) -> GenerationResult:
         """Repaint the white area of `mask_image` (same size as `init_image`); black is kept."""
-        image = _open_image(init_image, "init image")
-        mask = _open_image(mask_image, "mask")
+        image = input_image(init_image, "init image")
+        mask = input_image(mask_image, "mask")
         return self._call(
             prompt,
             {"negative_prompt": negative_prompt, "init_image": image, "mask_image": mask, "strength": strength, **options},

@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.cli.errors import UserError
+from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
 
 logger = logging.getLogger("sdlab")
 
-DTYPES = ("fp32", "fp16", "bf16")
 
 
 def add_generate(subparsers: argparse._SubParsersAction) -> None:
@@ -65,7 +65,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                             "or a folder, where files are numbered 00012-SEED-PROMPT.png and never replaced "
                             "(default: ./outputs)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-        p.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (default fp32)")
+        p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
         p.add_argument(
             "--lora", action="append", default=[], metavar="FILE:WEIGHT",
             help="merge a LoRA file (kohya / A1111 format) at WEIGHT (default 1); repeatable",
@@ -145,14 +145,12 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
 
 
 def _open_image(path: str, what: str):
-    from sdlab.pipeline.images import read_image
+    from sdlab.pipeline.request import RequestError, input_image
 
     try:
-        return read_image(path)
-    except FileNotFoundError:
-        raise UserError(f"the {what} {path!r} does not exist") from None
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot read the {what} {path!r}: {err}") from None
+        return input_image(path, what)
+    except RequestError as err:
+        raise UserError(str(err)) from None
 
 
 def _parse_outpaint(text: str) -> tuple[int, int, int, int]:
@@ -247,18 +245,16 @@ def _save_images(out: str, paths: list[Path], images: list, texts: list[str], pr
 
 def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = None,
                    loras: list[tuple[str, float]] | None = None):
-    import torch
-
     from sdlab.api import RequestError, load, shipped_model_path
+    from sdlab.pipeline.request import check_refiner_switch
 
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = dtype_from_name(args.dtype)
     model = model or args.model or shipped_model_path()
     if model is None:
         raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")
     loras = [_parse_lora(spec) for spec in args.lora] if loras is None else loras
-    if not 0.0 < args.refiner_switch < 1.0:
-        raise UserError(f"--refiner-switch must lie in (0, 1), got {args.refiner_switch}")
     try:
+        check_refiner_switch(args.refiner_switch, "--refiner-switch")
         pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
                     prediction=args.prediction, refiner=args.refiner, refiner_switch=args.refiner_switch, loras=loras)
     except RequestError as err:     # e.g. a --device this torch cannot use

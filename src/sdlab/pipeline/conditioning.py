@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.load import ModelBundle, TextEncoder
-from sdlab.families import FamilySpec, get_family
+from sdlab.checkpoints.load import TextEncoder
+from sdlab.families import FamilySpec
 from sdlab.models.layers import SDXL_SIZE_EMBED_DIM, sdxl_vector
 from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer
 from sdlab.pipeline.prompt_syntax import (
@@ -272,11 +272,12 @@ def sdxl_size_conds(
 
 
 def make_cond(
-    source: ModelBundle | Sequence[TextEncoder],
-    family: FamilySpec | str | None,
+    encoders: Sequence[TextEncoder],
+    family: FamilySpec,
     prompt: str,
     negative_prompt: str = "",
     *,
+    adm_width: int | None = None,
     batch_size: int = 1,
     clip_skip: int = 1,
     width: int | None = None,
@@ -292,7 +293,8 @@ def make_cond(
 ) -> tuple[Conditioning, Conditioning | None]:
     """U-Net conditioning ``(cond, uncond)`` for a prompt and its negative, each ``{"context": (B, T, D)}``
     plus ``"y": (B, adm)`` for SDXL (``sdxl_vector(pooled, size_conds)``); ``uncond`` is None without
-    ``guidance`` (CFG scale 1).
+    ``guidance`` (CFG scale 1). ``encoders`` and ``family`` are a loaded model's (``bundle.text_encoders``,
+    ``bundle.family``); ``adm_width`` (``bundle.unet_config.adm_in_channels``) checks SDXL's vector width.
 
     Positive and negative are padded to the same number of chunks with empty-prompt chunks (A1111's "pad
     prompt/negative prompt to be same length"). An empty negative prompt is encoded as "" for SD1/SD2; for
@@ -304,16 +306,6 @@ def make_cond(
     projections have no bias, so zero tokens give zero keys and values and an attention output of 0 for
     any number of them (the same as A1111's 77 zero tokens run in a separate pass).
     """
-    if isinstance(source, ModelBundle):
-        encoders = tuple(source.text_encoders)
-        family = get_family(family) if family is not None else source.family
-        adm_width = source.unet_config.adm_in_channels
-    else:
-        encoders = tuple(source)
-        if family is None:
-            raise ValueError("make_cond needs the model family when given text encoders")
-        family = get_family(family)
-        adm_width = None
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     sdxl = family.is_sdxl

@@ -60,9 +60,9 @@ from sdlab.diffusion.discretization import (
 from sdlab.diffusion.guidance import cfg, masked
 from sdlab.diffusion.noise import generators_for, per_image_noise
 from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
-from sdlab.diffusion.sampling_k import StepInfo
 from sdlab.diffusion.sampling_ldm import to_ddpm_latent
 from sdlab.diffusion.schedules import NoiseSchedule
+from sdlab.diffusion.steps import StepInfo
 from sdlab.pipeline.conditioning import _layer_choice, make_cond
 from sdlab.pipeline.images import (
     latent_mask,
@@ -76,6 +76,7 @@ from sdlab.pipeline.request import (
     GenerationRequest,
     GenerationResult,
     RequestError,
+    check_refiner_switch,
     resolve,
 )
 from sdlab.pipeline.tiling import decode_tiled, encode_tiled, should_tile
@@ -193,9 +194,8 @@ def handoff_index(sigmas: Tensor, schedule: NoiseSchedule, switch_at: float) -> 
     ``discrete_timestep_cutoff``). A step's timestep is that of its starting sigma (``sigma_to_t``,
     fractional for Karras-like lists, as diffusers' Euler uses it). sdlab samplers count steps, not model
     calls, so second-order samplers never split inside a step (diffusers' "+1 for order 2" fix-up).
+    `switch_at` lies strictly between 0 and 1 (`check_refiner_switch`, done by `generate_with_refiner`).
     """
-    if not 0.0 < float(switch_at) < 1.0:
-        raise RequestError(f"switch_at must lie strictly between 0 and 1, got {switch_at}")
     cutoff = round(schedule.num_timesteps * (1.0 - float(switch_at)))
     steps = sigmas[:-1].to(torch.float64).cpu()                                 # each step's starting sigma
     timesteps = schedule.sigma_to_t(steps)                                      # (steps,)
@@ -220,6 +220,7 @@ def generate_with_refiner(
     generator seed + i across the handoff, like passing the same generators to both diffusers pipelines.
     Multistep samplers restart their history at the handoff, as a fresh diffusers scheduler does.
     """
+    check_refiner_switch(switch_at, "switch_at")
     req = resolve_for(base, request)
     warn_if_far_from_native(base, req)
     if refiner.unet_config.out_channels != base.unet_config.out_channels or (
@@ -318,10 +319,11 @@ def _guided_model(
     """The bundle's U-Net as a CFG-guided denoiser with the request's conditioning and picture inputs."""
     device = bundle.device
     cond, uncond = make_cond(
-        bundle,
-        None,
+        bundle.text_encoders,
+        bundle.family,
         req.prompt,
         req.negative_prompt,
+        adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,
         guidance=req.cfg_scale != 1.0,

@@ -22,6 +22,7 @@ plainly right:
 from __future__ import annotations
 
 import math
+import os
 import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -36,7 +37,7 @@ from sdlab.diffusion.discretization import (
     steps_run,
 )
 from sdlab.diffusion.samplers import get_sampler
-from sdlab.pipeline.images import snap_size
+from sdlab.pipeline.images import read_image, snap_size
 
 MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always a mistake (a pasted file)
 MAX_BATCH = 64
@@ -53,6 +54,30 @@ MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refine
 
 class RequestError(ValueError):
     """A request that cannot be run; the message says which value is wrong and why."""
+
+
+ImageLike = Image.Image | str | os.PathLike[str]
+
+
+def check_refiner_switch(switch: float, name: str = "refiner_switch") -> float:
+    """`switch`, the fraction of each schedule the base model runs before an SDXL refiner takes over, if it
+    lies strictly between 0 and 1; otherwise a `RequestError` that calls it `name` (the caller's spelling)."""
+    if not 0.0 < float(switch) < 1.0:
+        raise RequestError(f"{name} must lie strictly between 0 and 1, got {switch}")
+    return float(switch)
+
+
+def input_image(image: ImageLike, what: str) -> Image.Image:
+    """An input picture (`what`: "init image", "mask") as a PIL image, read if given as a path; a file that
+    is missing or unreadable is a `RequestError` naming it."""
+    if isinstance(image, Image.Image):
+        return image
+    try:
+        return read_image(image)
+    except FileNotFoundError:
+        raise RequestError(f"the {what} {os.fspath(image)!r} does not exist") from None
+    except (OSError, ValueError) as err:
+        raise RequestError(f"cannot read the {what} {os.fspath(image)!r}: {err}") from None
 
 
 @dataclass(frozen=True)
