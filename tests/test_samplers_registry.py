@@ -7,8 +7,11 @@ import torch
 
 from sdlab.diffusion.discretization import get_discretization
 from sdlab.diffusion.noise import generators_for, per_image_noise
-from sdlab.diffusion.samplers import SAMPLERS, get_sampler, sampler_names, steps_warning
+from sdlab.diffusion.samplers import (
+    SAMPLER_TABLE, SAMPLERS, UnknownSamplerError, get_sampler, sampler_names, steps_warning,
+)
 from sdlab.diffusion.schedules import NoiseSchedule
+from sdlab.diffusion.steps import ancestral_step
 
 A1111_NAMES = [
     "Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE",
@@ -36,14 +39,35 @@ def test_aliases_point_at_the_same_sampler() -> None:
     assert get_sampler("LCM").wants_sigma_to_t
 
 
+def test_one_row_per_sampler_and_one_name_per_row() -> None:
+    # no name in two rows ("Euler" and "euler" fold together within one row)
+    names = [name for spec in SAMPLER_TABLE for name in {n.casefold() for n in (spec.a1111, spec.comfy) if n}]
+    assert len(names) == len(set(names))
+    assert len({id(spec.fn) for spec in SAMPLER_TABLE}) == len(SAMPLER_TABLE)
+    assert [spec.name for spec in SAMPLER_TABLE if spec.a1111] == list(SAMPLERS)
+    assert all(get_sampler(spec.name) is spec for spec in SAMPLER_TABLE)
+
+
+def test_ancestral_step_in_float64_is_the_closed_form_ddim_split() -> None:
+    """DDIM's eta split (Song et al. 2020, eq. 16, in VE sigmas) is the k-diffusion ancestral step."""
+    cases = ((14.6, 7.0, 1.0), (1.0, 0.03, 0.5), (3.0, 2.9, 2.0), (2.0, 0.0, 1.0), (2.0, 1.0, 0.0))
+    for sigma, sigma_next, eta in cases:
+        up = min(sigma_next, eta * sigma_next * (sigma**2 - sigma_next**2) ** 0.5 / sigma)
+        down = (sigma_next**2 - up**2) ** 0.5
+        f64 = lambda value: torch.tensor(value, dtype=torch.float64)  # noqa: E731
+        got = ancestral_step(f64(sigma), f64(sigma_next), eta)
+        assert got == pytest.approx((down, up), rel=1e-12, abs=1e-15)
+
+
 def test_unknown_name_lists_the_valid_ones() -> None:
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UnknownSamplerError) as err:
         get_sampler("Eulr")
     message = str(err.value)
     assert "Eulr" in message
     for name in ("Euler a", "DPM++ 2M", "dpmpp_2m", "UniPC"):
         assert name in message
     assert set(sampler_names()) >= set(A1111_NAMES)
+    assert isinstance(err.value, ValueError)  # request validation turns it into a RequestError
 
 
 @pytest.mark.parametrize("name", list(SAMPLERS))

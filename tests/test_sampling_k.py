@@ -41,7 +41,9 @@ from sdlab.diffusion import sampling_k as K
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.discretization import karras_sigmas
 from sdlab.diffusion.noise import generators_for, per_image_noise
+from sdlab.diffusion.samplers import SAMPLER_TABLE, SAMPLERS, UnknownSamplerError, get_sampler
 from sdlab.diffusion.schedules import NoiseSchedule
+from sdlab.diffusion.steps import StepInfo
 
 STEP_COUNTS = (1, 2, 10, 25)
 TOL = 1e-5
@@ -104,7 +106,7 @@ DIFFUSERS_CASES = [
         "DPM++ 2M SDE Heun",
         "DPMSolverMultistepScheduler",
         dict(algorithm_type="sde-dpmsolver++", solver_order=2, solver_type="heun"),
-        K.K_SAMPLERS["DPM++ 2M SDE Heun"],
+        get_sampler("DPM++ 2M SDE Heun").fn,
         "gaussian",
         True,
     ),
@@ -227,7 +229,7 @@ def _kd_vs_sdlab(kd, unet, ctx, kd_name, steps, noise_kind=None, prediction="eps
     unit, _ = H.noise_for()
     x = unit * sigmas[0]
     model = H.sdlab_model(unet, ctx, prediction)
-    sampler = K.K_SAMPLER_ALIASES[kd_name]
+    sampler = get_sampler(kd_name).fn
 
     def noises():
         if noise_kind == "gaussian":
@@ -338,7 +340,7 @@ def test_brownian_noise_is_per_image_and_unit_variance():
 def test_stochastic_samplers_require_noise(name):
     sigmas = _karras(3)
     with pytest.raises(ValueError, match="noise source"):
-        K.get_k_sampler(name)(lambda x, s: x * 0, torch.zeros(1, 1, 2, 2), sigmas)
+        get_sampler(name).fn(lambda x, s: x * 0, torch.zeros(1, 1, 2, 2), sigmas)
 
 
 def test_churn_requires_noise():
@@ -349,14 +351,14 @@ def test_churn_requires_noise():
 def test_registry_names_and_case_insensitive_lookup():
     a1111 = {"Euler", "Euler a", "Heun", "DPM2", "DPM2 a", "LMS", "DPM++ 2M", "DPM++ 2M SDE", "DPM++ SDE", "DPM++ 2S a", "DPM++ 3M SDE"}
     comfy = {"euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_sde", "dpmpp_2s_ancestral", "dpmpp_3m_sde"}
-    assert a1111 <= set(K.K_SAMPLERS) and comfy <= set(K.K_SAMPLER_ALIASES)
-    assert K.get_k_sampler("dpm++ 2m") is K.sample_dpmpp_2m
-    assert K.get_k_sampler("DPMPP_2M") is K.sample_dpmpp_2m
-    assert K.get_k_sampler(" euler A ") is K.sample_euler_ancestral
-    assert K.get_k_sampler("DPM++ 2S") is K.get_k_sampler("dpmpp_2s") is K.sample_dpmpp_2s
-    assert K.get_k_sampler("dpm++ 2s a") is K.sample_dpmpp_2s_ancestral
-    with pytest.raises(KeyError, match="unknown sampler"):
-        K.get_k_sampler("ddim++")
+    assert a1111 <= set(SAMPLERS) and comfy <= {spec.comfy for spec in SAMPLER_TABLE}
+    assert get_sampler("dpm++ 2m").fn is K.sample_dpmpp_2m
+    assert get_sampler("DPMPP_2M").fn is K.sample_dpmpp_2m
+    assert get_sampler(" euler A ").fn is K.sample_euler_ancestral
+    assert get_sampler("DPM++ 2S").fn is get_sampler("dpmpp_2s").fn is K.sample_dpmpp_2s
+    assert get_sampler("dpm++ 2s a").fn is K.sample_dpmpp_2s_ancestral
+    with pytest.raises(UnknownSamplerError, match="unknown sampler"):
+        get_sampler("ddim++")
 
 
 def test_callback_reports_every_step():
@@ -365,7 +367,7 @@ def test_callback_reports_every_step():
     K.sample_heun(lambda x, s: x * 0.5, torch.ones(2, 1, 2, 2), sigmas, callback=seen.append)
     assert [info.i for info in seen] == [0, 1, 2, 3]
     assert [info.sigma_next for info in seen] == sigmas[1:].tolist()
-    assert isinstance(seen[0], K.StepInfo) and seen[0].denoised.shape == (2, 1, 2, 2)
+    assert isinstance(seen[0], StepInfo) and seen[0].denoised.shape == (2, 1, 2, 2)
 
 
 def test_lms_coefficients_match_reference_quadrature(kd):
@@ -413,7 +415,7 @@ CONVERGENCE = [
 def test_convergence_order_on_gaussian_data(name, order, band):
     x_t = torch.linspace(-3, 3, 16, dtype=torch.float64).view(2, 1, 2, 4) * SIGMA_MAX
     expected = _exact_ode_solution(x_t, SIGMA_MIN)
-    sampler = K.get_k_sampler(name)
+    sampler = get_sampler(name).fn
     options = {"eta": 0.0} if name == "DPM++ 2S a" else {}
     steps = (16, 24, 32, 48, 64)
     errors = []

@@ -22,11 +22,9 @@ from sampler_harness import (
     VToEps, context, noise_for, run_diffusers, sd_schedule, sd_scheduler_config, sdlab_model, tiny_unet,
 )
 
-from sdlab.diffusion.sampling_k import StepInfo, sample_euler
+from sdlab.diffusion.samplers import SAMPLER_TABLE, get_sampler
+from sdlab.diffusion.sampling_k import sample_euler
 from sdlab.diffusion.sampling_ldm import (
-    FINAL_SIGMA,
-    LDM_SAMPLER_ALIASES,
-    LDM_SAMPLERS,
     sample_ddim,
     sample_ddpm,
     sample_lcm,
@@ -34,10 +32,12 @@ from sdlab.diffusion.sampling_ldm import (
     sample_unipc,
     to_ddpm_latent,
 )
+from sdlab.diffusion.steps import StepInfo
 
 SEEDS = (0, 1)
 STEPS = (1, 2, 10, 25)
 PREDICTIONS = ("epsilon", "v_prediction")
+LDM_NAMES = ("DDIM", "PLMS", "DDPM", "LCM", "UniPC")
 TOLERANCE = 1e-5
 SCHEDULE = sd_schedule()  # float32, bit for bit diffusers' alphas_cumprod
 
@@ -82,7 +82,7 @@ def _assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 def test_ddim_matches_diffusers(unet, ctx, prediction, steps, eta):
     scheduler = DDIMScheduler(**sd_scheduler_config(prediction, clip_sample=False, set_alpha_to_one=False))
     ref, scheduler, _ = run_diffusers(scheduler, unet, ctx, steps, SEEDS, eta=eta)
-    sigmas = _sigmas_at(scheduler.timesteps, FINAL_SIGMA["DDIM"])
+    sigmas = _sigmas_at(scheduler.timesteps, get_sampler("DDIM").final_sigma)
     _assert_close(_run_sdlab(sample_ddim, unet, ctx, prediction, sigmas, eta=eta), ref)
 
 
@@ -99,7 +99,7 @@ def test_plms_matches_diffusers_pndm(unet, ctx, prediction, steps):
     # plms_timesteps repeat t1 ([t0, t1, t1, t2, ...]); the plain descending list is the distinct ones.
     timesteps = torch.unique_consecutive(scheduler.timesteps)
     assert len(timesteps) == steps
-    sigmas = _sigmas_at(timesteps, FINAL_SIGMA["PLMS"])
+    sigmas = _sigmas_at(timesteps, get_sampler("PLMS").final_sigma)
     _assert_close(_run_sdlab(sample_plms, unet, ctx, prediction, sigmas), ref)
 
 
@@ -108,7 +108,7 @@ def test_plms_matches_diffusers_pndm(unet, ctx, prediction, steps):
 def test_ddpm_matches_diffusers(unet, ctx, prediction, steps):
     scheduler = DDPMScheduler(**sd_scheduler_config(prediction, clip_sample=False, variance_type="fixed_small"))
     ref, scheduler, _ = run_diffusers(scheduler, unet, ctx, steps, SEEDS)
-    sigmas = _sigmas_at(scheduler.timesteps, FINAL_SIGMA["DDPM"])
+    sigmas = _sigmas_at(scheduler.timesteps, get_sampler("DDPM").final_sigma)
     _assert_close(_run_sdlab(sample_ddpm, unet, ctx, prediction, sigmas), ref)
 
 
@@ -117,7 +117,7 @@ def test_ddpm_matches_diffusers(unet, ctx, prediction, steps):
 def test_lcm_matches_diffusers(unet, ctx, prediction, steps):
     scheduler = LCMScheduler(**sd_scheduler_config(prediction, original_inference_steps=50))
     ref, scheduler, _ = run_diffusers(scheduler, unet, ctx, steps, SEEDS)
-    sigmas = _sigmas_at(scheduler.timesteps, FINAL_SIGMA["LCM"])
+    sigmas = _sigmas_at(scheduler.timesteps, get_sampler("LCM").final_sigma)
     ours = _run_sdlab(sample_lcm, unet, ctx, prediction, sigmas, sigma_to_t=SCHEDULE.sigma_to_t)
     _assert_close(ours, ref)
 
@@ -154,15 +154,16 @@ def test_ddim_is_euler_in_sigma_space(unet, ctx):
 
 
 def test_registries_and_final_sigma_conventions():
-    assert set(LDM_SAMPLERS) == {"DDIM", "PLMS", "DDPM", "LCM", "UniPC"}
-    assert set(LDM_SAMPLER_ALIASES) == {"ddim", "plms", "ddpm", "lcm", "uni_pc", "uni_pc_bh2"}
-    assert set(FINAL_SIGMA) == set(LDM_SAMPLERS) | set(LDM_SAMPLER_ALIASES)
-    assert set(FINAL_SIGMA.values()) <= {"zero", "first_alpha"}
+    functions = {"DDIM": sample_ddim, "PLMS": sample_plms, "DDPM": sample_ddpm, "LCM": sample_lcm}
+    assert {name: get_sampler(name).fn for name in LDM_NAMES} == {**functions, "UniPC": sample_unipc}
+    assert {spec.comfy for spec in SAMPLER_TABLE} >= {"ddim", "plms", "ddpm", "lcm", "uni_pc", "uni_pc_bh2"}
+    for name in (*LDM_NAMES, "ddim", "plms", "ddpm", "lcm", "uni_pc", "uni_pc_bh2"):
+        assert get_sampler(name).final_sigma in {"zero", "first_alpha"}
     # diffusers' own defaults agree with the table
-    assert DDPMScheduler().one == 1.0 and FINAL_SIGMA["DDPM"] == "zero"
-    assert UniPCMultistepScheduler().config.final_sigmas_type == "zero" and FINAL_SIGMA["UniPC"] == "zero"
-    assert LDM_SAMPLER_ALIASES["uni_pc"].keywords == {"order": 3, "variant": "bh1"}
-    assert LDM_SAMPLER_ALIASES["uni_pc_bh2"].keywords == {"order": 3, "variant": "bh2"}
+    assert DDPMScheduler().one == 1.0 and get_sampler("DDPM").final_sigma == "zero"
+    assert UniPCMultistepScheduler().config.final_sigmas_type == "zero" and get_sampler("UniPC").final_sigma == "zero"
+    assert get_sampler("uni_pc").fn.keywords == {"order": 3, "variant": "bh1"}
+    assert get_sampler("uni_pc_bh2").fn.keywords == {"order": 3, "variant": "bh2"}
 
 
 def test_to_ddpm_latent():
@@ -182,13 +183,13 @@ def test_stochastic_samplers_require_a_noise_source(sampler, options):
         sampler(model, torch.ones(1, 1, 2, 2), torch.tensor([2.0, 1.0, 0.0]), **options)
 
 
-@pytest.mark.parametrize("name", sorted(LDM_SAMPLERS))
+@pytest.mark.parametrize("name", sorted(LDM_NAMES))
 def test_callback_reports_every_step(name):
     model = lambda x, sigma: 0.5 * x  # noqa: E731
     sigmas = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0])
     _, noise = noise_for(SEEDS, (2, 1, 2, 2))
     seen: list[StepInfo] = []
-    LDM_SAMPLERS[name](model, torch.ones(2, 1, 2, 2), sigmas, noise=noise, callback=seen.append)
+    get_sampler(name).fn(model, torch.ones(2, 1, 2, 2), sigmas, noise=noise, callback=seen.append)
     assert [info.i for info in seen] == [0, 1, 2, 3]
     assert [float(info.sigma) for info in seen] == [3.0, 2.0, 1.0, 0.5]
     assert [float(info.sigma_next) for info in seen] == [2.0, 1.0, 0.5, 0.0]

@@ -1,19 +1,29 @@
-"""The sampler registry: every sampler under the names users know, with what a generate loop must know.
+"""The sampler table: one row per sampler, under the names users know, with what a generate loop must know.
 
 Names are AUTOMATIC1111's display names ("Euler a", "DPM++ 2M") and ComfyUI's snake-case names
-("euler_ancestral", "dpmpp_2m"); lookup ignores case and surrounding space. Each entry says
+("euler_ancestral", "dpmpp_2m"); ``get_sampler`` looks either up, ignoring case and surrounding space,
+and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for any other. Each row
+(``SamplerSpec``) says
 
+- which function runs it (``sampling_k`` for the sigma-space k-diffusion samplers, ``sampling_ldm`` for
+  the timestep family; every one is ``fn(model, x, sigmas, *, noise, callback, **options) -> x``);
 - which final sigma its reference ends at (``"zero"``, or ``"first_alpha"`` = sigma(t=0) for the
-  original DDIM/PLMS code: the loop then divides the result by sqrt(1 + sigma_final^2),
-  ``sampling_ldm.to_ddpm_latent``);
+  original DDIM/PLMS code, CompVis and diffusers ``set_alpha_to_one=False``: the loop then divides the
+  result by sqrt(1 + sigma_final^2), ``sampling_ldm.to_ddpm_latent``);
 - which noise it consumes: none (deterministic), independent Gaussian steps drawn from each image's
-  generator, or a Brownian tree seeded per image (SDE samplers, as k-diffusion / A1111 / ComfyUI);
+  generator, or a Brownian tree seeded per image (``sdlab.diffusion.brownian.BrownianTreeNoise``: the
+  SDE samplers, as AUTOMATIC1111 / ComfyUI / k-diffusion feed them; diffusers' DPMSolverSDEScheduler
+  uses a Brownian tree too, its DPMSolverMultistep SDE variants do not). DDIM draws only when eta > 0;
+  Euler / Heun / DPM2 draw only with churn (``s_churn > 0``) and count as deterministic;
 - whether it wants the schedule's ``sigma_to_t`` (LCM's boundary scalings depend on the timestep);
 - which diffusers scheduler family's timestep spacing it takes when a diffusers spacing (``leading``,
   ``trailing``, ``linspace``) is named (``spacing``, see ``discretization.diffusers_spacing_sigmas``):
-  the family of the diffusers scheduler that implements it, Euler's for the k-diffusion samplers
-  diffusers lacks (DPM++ 2S a);
-- how many steps it needs before its picture settles (``MIN_STEPS``, a warning below that).
+  the family of the diffusers scheduler that implements it. diffusers' DPMSolverMultistep (2M, 2M SDE,
+  3M SDE), DPMSolverSinglestep (2S: no spacing option, its grid is DPMSolverMultistep's linspace) and
+  UniPCMultistep share one spacing (``"dpm_solver"``); DDIM, PNDM (PLMS) and DDPM another (``"ddim"``);
+  Euler's serves the k-diffusion samplers diffusers lacks (DPM++ 2S a);
+- how many steps it needs before its picture settles (``min_steps``, ``min_steps_karras`` with a Karras
+  schedule; a warning below that).
 
 Minimum steps. LMS (Adams-Bashforth of order 4 in sigma), PLMS (order 4 in timestep index) and DPM++ 3M
 SDE (third order) are exact copies of their references (k-diffusion, diffusers) and converge, but with
@@ -23,115 +33,118 @@ denoiser's Jacobian, and the step leaves the small stability region of a 4-step 
 schedules give blotches (mean 17-36/255 from the converged picture; 0.4/255 without guidance; LMS of
 order 2 or 3 at 20 steps: 3/255); 30 steps give 5-7/255 and 40 steps 1/255. Karras schedules hold
 LMS at 20 steps; PLMS and DPM++ 3M SDE want 30 or more with any schedule.
+
+Adding a sampler = writing its function and adding one row to ``SAMPLER_TABLE``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from torch import Tensor
 
-from sdlab.diffusion import sampling_k, sampling_ldm
+from sdlab.diffusion import sampling_k as K
+from sdlab.diffusion import sampling_ldm as L
 
-__all__ = ["MIN_STEPS", "SAMPLERS", "SamplerSpec", "get_sampler", "sampler_names", "steps_warning"]
+__all__ = [
+    "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "get_sampler", "sampler_names", "steps_warning",
+]
 
-NOISE_KINDS = ("none", "gaussian", "brownian")
+
+class UnknownSamplerError(ValueError):
+    """A sampler name that no row of the table carries; the message lists the valid names."""
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """One registered sampler: ``fn(model, x, sigmas, *, noise, callback, **options) -> x``."""
+    """One row of the sampler table: ``fn(model, x, sigmas, *, noise, callback, **options) -> x``."""
 
-    name: str                           # canonical (A1111 display) name
+    a1111: str | None                   # AUTOMATIC1111's display name (None: a ComfyUI-only variant)
+    comfy: str | None                   # ComfyUI's snake-case name (None: not a ComfyUI sampler)
     fn: Callable[..., Tensor]
     noise: str = "none"                 # "none" | "gaussian" | "brownian"
     final_sigma: str = "zero"           # "zero" | "first_alpha"
     wants_sigma_to_t: bool = False
     spacing: str = "euler"              # "euler" | "dpm_solver" | "ddim" | "lcm" (discretization.SPACING_SCHEDULERS)
     min_steps: int = 1                  # fewer steps can give a broken picture with guidance (module docstring)
+    min_steps_karras: int | None = None  # the minimum with a Karras schedule, where it differs
+
+    @property
+    def name(self) -> str:
+        """The canonical name: A1111's, else ComfyUI's."""
+        return self.a1111 or self.comfy  # type: ignore[return-value]
 
     @property
     def stochastic(self) -> bool:
         return self.noise != "none"
 
 
-_STOCHASTIC_K = {"Euler a", "DPM2 a", "DPM++ 2S a"}
-MIN_STEPS = {"LMS": 30, "PLMS": 30, "DPM++ 3M SDE": 30}  # measured on sdlab-tiny at CFG 5 (module docstring)
-MIN_STEPS_KARRAS = {"LMS": 20}                          # a Karras schedule holds LMS with fewer
+_GAUSS, _BROWNIAN, _DPM, _DDIM = "gaussian", "brownian", "dpm_solver", "ddim"
 
-# diffusers' DPMSolverMultistep (2M, 2M SDE, 3M SDE), DPMSolverSinglestep (2S: no spacing option, its grid
-# is DPMSolverMultistep's linspace) and UniPCMultistep share one spacing; DDIM, PNDM (PLMS) and DDPM another.
-_DPM_SOLVER_SPACING = {"DPM++ 2M", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE", "DPM++ 2S"}
-_LDM_SPACING = {"DDIM": "ddim", "PLMS": "ddim", "DDPM": "ddim", "LCM": "lcm"}  # others: UniPC's, dpm_solver
+SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
+    # A1111 name, ComfyUI name, function, then what differs from the defaults (no noise, final sigma 0, ...)
+    SamplerSpec("Euler", "euler", K.sample_euler),
+    SamplerSpec("Euler a", "euler_ancestral", K.sample_euler_ancestral, noise=_GAUSS),
+    SamplerSpec("Heun", "heun", K.sample_heun),
+    SamplerSpec("DPM2", "dpm_2", K.sample_dpm_2),
+    SamplerSpec("DPM2 a", "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS),
+    SamplerSpec("LMS", "lms", K.sample_lms, min_steps=30, min_steps_karras=20),
+    SamplerSpec("DPM++ 2M", "dpmpp_2m", K.sample_dpmpp_2m, spacing=_DPM),
+    SamplerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", K.sample_dpmpp_2m_sde, noise=_BROWNIAN, spacing=_DPM),
+    SamplerSpec(
+        "DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", partial(K.sample_dpmpp_2m_sde, solver_type="heun"),
+        noise=_BROWNIAN, spacing=_DPM,
+    ),
+    SamplerSpec("DPM++ SDE", "dpmpp_sde", K.sample_dpmpp_sde, noise=_BROWNIAN),
+    SamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", K.sample_dpmpp_2s_ancestral, noise=_GAUSS),
+    # deterministic DPM++ 2S, diffusers' DPMSolverSinglestep; not in A1111
+    SamplerSpec("DPM++ 2S", "dpmpp_2s", K.sample_dpmpp_2s, spacing=_DPM),
+    SamplerSpec("DPM++ 3M SDE", "dpmpp_3m_sde", K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30),
+    # CompVis, diffusers set_alpha_to_one=False: DDIM and PLMS end at alphas_cumprod[0]
+    SamplerSpec("DDIM", "ddim", L.sample_ddim, noise=_GAUSS, final_sigma="first_alpha", spacing=_DDIM),
+    SamplerSpec("PLMS", "plms", L.sample_plms, final_sigma="first_alpha", spacing=_DDIM, min_steps=30),
+    # DDPMScheduler: alpha_prod_t_prev = 1 after the last timestep
+    SamplerSpec("DDPM", "ddpm", L.sample_ddpm, noise=_GAUSS, spacing=_DDIM),
+    # LCMScheduler returns the denoised sample at the last step
+    SamplerSpec("LCM", "lcm", L.sample_lcm, noise=_GAUSS, wants_sigma_to_t=True, spacing="lcm"),
+    # UniPCMultistepScheduler (final_sigmas_type="zero"); ComfyUI's UniPC runs order 3 with bh1 or bh2
+    SamplerSpec("UniPC", None, L.sample_unipc, spacing=_DPM),
+    SamplerSpec(None, "uni_pc", partial(L.sample_unipc, order=3, variant="bh1"), spacing=_DPM),
+    SamplerSpec(None, "uni_pc_bh2", partial(L.sample_unipc, order=3, variant="bh2"), spacing=_DPM),
+)
+"""Every sampler, one row each."""
 
+SAMPLERS: dict[str, SamplerSpec] = {spec.a1111: spec for spec in SAMPLER_TABLE if spec.a1111}
+"""A1111 display name -> row (the samplers a user picks from a list)."""
 
-def _k_spec(name: str, fn: Callable[..., Tensor]) -> SamplerSpec:
-    if fn in sampling_k.BROWNIAN_NOISE_SAMPLERS:
-        noise = "brownian"
-    elif name in _STOCHASTIC_K:
-        noise = "gaussian"
-    else:
-        noise = "none"
-    spacing = "dpm_solver" if name in _DPM_SOLVER_SPACING else "euler"
-    return SamplerSpec(name=name, fn=fn, noise=noise, spacing=spacing, min_steps=MIN_STEPS.get(name, 1))
-
-
-def _ldm_spec(name: str, fn: Callable[..., Tensor]) -> SamplerSpec:
-    return SamplerSpec(
-        name=name,
-        fn=fn,
-        noise="gaussian" if name in ("DDIM", "DDPM", "LCM") else "none",  # DDIM draws only when eta > 0
-        final_sigma=sampling_ldm.FINAL_SIGMA[name],
-        wants_sigma_to_t=name == "LCM",
-        spacing=_LDM_SPACING.get(name, "dpm_solver"),
-        min_steps=MIN_STEPS.get(name, 1),
-    )
-
-
-SAMPLERS: dict[str, SamplerSpec] = {
-    **{name: _k_spec(name, fn) for name, fn in sampling_k.K_SAMPLERS.items()},
-    **{name: _ldm_spec(name, fn) for name, fn in sampling_ldm.LDM_SAMPLERS.items()},
+_BY_NAME: dict[str, SamplerSpec] = {
+    name.casefold(): spec for spec in SAMPLER_TABLE for name in (spec.a1111, spec.comfy) if name
 }
-"""Canonical name -> spec."""
-
-
-def _alias_table() -> dict[str, SamplerSpec]:
-    table: dict[str, SamplerSpec] = {name.casefold(): spec for name, spec in SAMPLERS.items()}
-    by_fn = {spec.fn: spec for spec in SAMPLERS.values()}
-    for aliases in (sampling_k.K_SAMPLER_ALIASES, sampling_ldm.LDM_SAMPLER_ALIASES):
-        for alias, fn in aliases.items():
-            # an alias either names a registered sampler or carries its own options (ComfyUI's uni_pc)
-            spec = by_fn.get(fn) or SamplerSpec(
-                alias, fn, final_sigma=sampling_ldm.FINAL_SIGMA.get(alias, "zero"), spacing="dpm_solver"
-            )
-            table[alias.casefold()] = spec
-    return table
-
-
-_BY_NAME = _alias_table()
 
 
 def sampler_names() -> list[str]:
-    """Every accepted name: display names first, then the snake-case aliases."""
-    aliases = sorted(set(sampling_k.K_SAMPLER_ALIASES) | set(sampling_ldm.LDM_SAMPLER_ALIASES))
-    return list(SAMPLERS) + aliases
-
-
-def steps_warning(spec: SamplerSpec, steps: int, schedule: str) -> str | None:
-    """A warning when ``steps`` of ``spec`` on ``schedule`` are likely to give a broken picture, else None."""
-    needed = MIN_STEPS_KARRAS.get(spec.name, spec.min_steps) if schedule == "karras" else spec.min_steps
-    if steps >= needed:
-        return None
-    return (
-        f"{spec.name} needs about {needed} steps with the {schedule} schedule (got {steps}); with guidance "
-        "its high order is unstable on coarser grids and the picture can break up: raise --steps or use DPM++ 2M"
-    )
+    """Every accepted name: display names first, then the ComfyUI names."""
+    return list(SAMPLERS) + sorted(spec.comfy for spec in SAMPLER_TABLE if spec.comfy)
 
 
 def get_sampler(name: str) -> SamplerSpec:
     """Look a sampler up by A1111 or ComfyUI name, ignoring case; the error lists the valid names."""
     spec = _BY_NAME.get(name.strip().casefold())
     if spec is None:
-        raise ValueError(f"unknown sampler {name!r}; valid names: {', '.join(sampler_names())}")
+        raise UnknownSamplerError(f"unknown sampler {name!r}; valid names: {', '.join(sampler_names())}")
     return spec
+
+
+def steps_warning(spec: SamplerSpec, steps: int, schedule: str) -> str | None:
+    """A warning when ``steps`` of ``spec`` on ``schedule`` are likely to give a broken picture, else None."""
+    needed = spec.min_steps
+    if schedule == "karras" and spec.min_steps_karras is not None:
+        needed = spec.min_steps_karras
+    if steps >= needed:
+        return None
+    return (
+        f"{spec.name} needs about {needed} steps with the {schedule} schedule (got {steps}); with guidance "
+        "its high order is unstable on coarser grids and the picture can break up: raise --steps or use DPM++ 2M"
+    )

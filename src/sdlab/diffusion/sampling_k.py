@@ -14,16 +14,13 @@ Conventions (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Base
   in VP scaling.
 
 Each sampler returns the final ``x`` (at ``sigmas[-1]``) and calls ``callback(StepInfo(...))`` once per step,
-after the first model evaluation of the step. Names of the registry follow AUTOMATIC1111 (``K_SAMPLERS``)
-and ComfyUI (``K_SAMPLER_ALIASES``); ``get_k_sampler`` looks either up, ignoring case.
+after the first model evaluation of the step (``sdlab.diffusion.steps``). Their names (AUTOMATIC1111's and
+ComfyUI's), noise kinds and the lookup live in the sampler table, ``sdlab.diffusion.samplers``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,79 +28,16 @@ from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.noise import NoiseSource
-
-@dataclass(frozen=True)
-class StepInfo:
-    """What a sampler reports once per step (progress bars, previews).
-
-    ``x`` is the latent the first model call of step ``i`` saw, at noise level ``sigma`` (for Euler/Heun/DPM2
-    with churn this is the raised level ``sigma_hat``); ``denoised`` is the model's estimate of x0 there;
-    the step ends at ``sigma_next``.
-    """
-
-    i: int
-    x: Tensor
-    sigma: float
-    sigma_next: float
-    denoised: Tensor
-
-
-StepCallback = Callable[[StepInfo], None]
-
+from sdlab.diffusion.steps import StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d
 
 # ----------------------------------------------------------------------------------------------------------
-# Shared pieces
-
-
-def ancestral_step(sigma: Tensor, sigma_next: Tensor, eta: float = 1.0) -> tuple[float, float]:
-    """Split the move from ``sigma`` to ``sigma_next`` into a deterministic move down to ``sigma_down`` and
-    fresh noise of size ``sigma_up`` (``sigma_down**2 + sigma_up**2 == sigma_next**2``).
-
-    ``eta = 1`` is ancestral (DDPM-like) sampling, ``eta = 0`` is the deterministic ODE step.
-    Computed on 0-dim tensors in the schedule's dtype, in the references' order of operations:
-    ``sigma_next**2 - sigma_up**2`` cancels badly in float32 (relative error ~1e-4 in ``sigma_down``
-    when ``sigma_next << sigma``), and sdlab reproduces the references' rounding rather than a more
-    accurate value, so that the same seed gives the same image.
-    """
-    if not eta:
-        return float(sigma_next), 0.0
-    sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
-    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
-    return float(sigma_down), float(sigma_up)
+# Shared pieces (the step helpers every sampler uses live in sdlab.diffusion.steps)
 
 
 def _log_midpoint(sigma: float, sigma_to: float, like: Tensor) -> float:
     """``sqrt(sigma * sigma_to)`` computed as the references do (lerp of logs in the schedule's dtype)."""
     a, b = torch.tensor([sigma, sigma_to], dtype=like.dtype).log()
     return float(a.lerp(b, 0.5).exp())
-
-
-def require_noise(noise: NoiseSource | None, sampler: str, why: str) -> NoiseSource:
-    """``noise``, or a ValueError that says why ``sampler`` needs one."""
-    if noise is None:
-        raise ValueError(
-            f"{sampler} is stochastic ({why}) and needs a noise source: pass noise=... "
-            "(e.g. per-image seeded Gaussian noise, or a Brownian tree for the SDE samplers)"
-        )
-    return noise
-
-
-def sigma_batch(sigma: float, x: Tensor, like: Tensor) -> Tensor:
-    """One noise level per batch item, in the dtype of the sigma schedule: (B,)."""
-    return torch.full((x.shape[0],), sigma, dtype=like.dtype, device=x.device)
-
-
-def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
-    """The probability-flow ODE derivative ``dx/dsigma = (x - D(x; sigma)) / sigma`` (Karras et al. 2022, eq. 4)."""
-    return (x - denoised) / sigma  # (B, C, h, w)
-
-
-def report_step(
-    callback: StepCallback | None, i: int, x: Tensor, sigma: float, sigma_next: float, denoised: Tensor
-) -> None:
-    """``callback(StepInfo)`` once per step, after the step's first model evaluation."""
-    if callback is not None:
-        callback(StepInfo(i=i, x=x, sigma=sigma, sigma_next=sigma_next, denoised=denoised))
 
 
 def _churn(
@@ -670,52 +604,3 @@ def sample_dpmpp_3m_sde(
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Registry
-
-_DPMPP_2M_SDE_HEUN = functools.partial(sample_dpmpp_2m_sde, solver_type="heun")
-
-_NAMES: tuple[tuple[str, str, Callable[..., Tensor]], ...] = (
-    # (AUTOMATIC1111 display name, ComfyUI / k-diffusion name, sampler)
-    ("Euler", "euler", sample_euler),
-    ("Euler a", "euler_ancestral", sample_euler_ancestral),
-    ("Heun", "heun", sample_heun),
-    ("DPM2", "dpm_2", sample_dpm_2),
-    ("DPM2 a", "dpm_2_ancestral", sample_dpm_2_ancestral),
-    ("LMS", "lms", sample_lms),
-    ("DPM++ 2M", "dpmpp_2m", sample_dpmpp_2m),
-    ("DPM++ 2M SDE", "dpmpp_2m_sde", sample_dpmpp_2m_sde),
-    ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", _DPMPP_2M_SDE_HEUN),
-    ("DPM++ SDE", "dpmpp_sde", sample_dpmpp_sde),
-    ("DPM++ 2S a", "dpmpp_2s_ancestral", sample_dpmpp_2s_ancestral),
-    ("DPM++ 2S", "dpmpp_2s", sample_dpmpp_2s),  # deterministic, diffusers' DPMSolverSinglestep; not in A1111
-    ("DPM++ 3M SDE", "dpmpp_3m_sde", sample_dpmpp_3m_sde),
-)
-
-K_SAMPLERS: dict[str, Callable[..., Tensor]] = {display: fn for display, _, fn in _NAMES}
-"""Sigma-space samplers keyed by their AUTOMATIC1111 display names."""
-
-K_SAMPLER_ALIASES: dict[str, Callable[..., Tensor]] = {alias: fn for _, alias, fn in _NAMES}
-"""The same samplers under their ComfyUI (k-diffusion function) names."""
-
-BROWNIAN_NOISE_SAMPLERS: frozenset[Callable[..., Tensor]] = frozenset(
-    {sample_dpmpp_sde, sample_dpmpp_2m_sde, _DPMPP_2M_SDE_HEUN, sample_dpmpp_3m_sde}
-)
-"""Samplers that AUTOMATIC1111 / ComfyUI / k-diffusion feed from a Brownian tree by default
-(``sdlab.diffusion.brownian.BrownianTreeNoise``); the others draw independent Gaussian noise per step.
-diffusers' DPMSolverSDEScheduler uses a Brownian tree too, its DPMSolverMultistep SDE variants do not."""
-
-_BY_FOLDED_NAME: dict[str, Callable[..., Tensor]] = {
-    name.casefold(): fn for table in (K_SAMPLERS, K_SAMPLER_ALIASES) for name, fn in table.items()
-}
-
-
-def get_k_sampler(name: str) -> Callable[..., Tensor]:
-    """Look a sampler up by A1111 display name or ComfyUI name, ignoring case ("dpm++ 2m", "DPMPP_2M")."""
-    try:
-        return _BY_FOLDED_NAME[name.strip().casefold()]
-    except KeyError:
-        known = ", ".join(sorted(K_SAMPLERS) + sorted(K_SAMPLER_ALIASES))
-        raise KeyError(f"unknown sampler {name!r}; known: {known}") from None

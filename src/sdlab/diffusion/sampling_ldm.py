@@ -25,27 +25,24 @@ Final sigma and where the division happens
 Original DDIM and PLMS end at ``alphas_cumprod[0]`` (diffusers ``set_alpha_to_one=False``), i.e. at
 sigma_min ~= 0.0292 for SD, not at 0. The samplers always *return VE x at ``sigmas[-1]``*; when that
 sigma is > 0 the latent to decode is the VP latent ``to_ddpm_latent(x, sigmas[-1])``, which the
-generate loop applies (it is the identity for a final sigma of 0). ``FINAL_SIGMA`` says which final
-sigma each sampler's reference uses: ``"first_alpha"`` (sigma_min) or ``"zero"``.
+generate loop applies (it is the identity for a final sigma of 0). The sampler table
+(``sdlab.diffusion.samplers``) says which final sigma each sampler's reference uses:
+``"first_alpha"`` (sigma_min) or ``"zero"``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.noise import NoiseSource
-from sdlab.diffusion.sampling_k import StepCallback, report_step, require_noise, sigma_batch, to_d
+from sdlab.diffusion.steps import StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d
 
 __all__ = [
-    "FINAL_SIGMA",
-    "LDM_SAMPLERS",
-    "LDM_SAMPLER_ALIASES",
     "sample_ddim",
     "sample_ddpm",
     "sample_lcm",
@@ -76,21 +73,6 @@ def _check_sigmas(sigmas: Tensor) -> list[float]:
     return values
 
 
-def _ancestral_split(sigma: float, sigma_next: float, eta: float) -> tuple[float, float]:
-    """(sigma_down, sigma_up) of a DDIM step with stochasticity eta (Song et al. 2020, eq. 16).
-
-    DDIM's VP noise std ``sigma_t(eta) = eta sqrt((1-ac_next)/(1-ac) (1 - ac/ac_next))`` divided by
-    ``sqrt(ac_next)`` is, in VE sigmas, ``sigma_up = eta * sigma_next * sqrt(sigma^2 - sigma_next^2) / sigma``;
-    the deterministic part then lands on ``sigma_down = sqrt(sigma_next^2 - sigma_up^2)``
-    (k-diffusion's ``get_ancestral_step``). sigma_up is capped at sigma_next (eta > 1).
-    """
-    if eta == 0.0 or sigma_next == 0.0:
-        return sigma_next, 0.0
-    sigma_up = min(sigma_next, eta * sigma_next * math.sqrt(max(sigma * sigma - sigma_next * sigma_next, 0.0)) / sigma)
-    sigma_down = math.sqrt(max(sigma_next * sigma_next - sigma_up * sigma_up, 0.0))
-    return sigma_down, sigma_up
-
-
 # --------------------------------------------------------------------------------------------------
 # DDIM
 # --------------------------------------------------------------------------------------------------
@@ -109,21 +91,22 @@ def sample_ddim(
     """DDIM (Song et al. 2020, eq. 12) with stochasticity ``eta`` (0: deterministic, 1: DDPM-like).
 
     VP update: ``z' = sqrt(ac') x0 + sqrt(1 - ac' - s_t^2) eps + s_t z_noise``. Divided by
-    ``sqrt(ac')`` it is, in VE sigmas (see ``_ancestral_split``)::
+    ``sqrt(ac')`` it is, in VE sigmas (``steps.ancestral_step``, the ancestral split of k-diffusion)::
 
         x' = x0 + sigma_down * (x - x0) / sigma + sigma_up * noise
 
     so eta = 0 is exactly Euler on the same sigmas. diffusers' ``DDIMScheduler`` steps from t to
     ``t - T // steps``; that is the next timestep of its list for "leading" spacing (the SD default),
     and the last step goes to ``alphas_cumprod[0]`` (``set_alpha_to_one=False``): pass the sigmas of
-    the timesteps followed by sigma_min (``FINAL_SIGMA["DDIM"]``).
+    the timesteps followed by sigma_min (its row's ``final_sigma`` in ``sdlab.diffusion.samplers``).
     """
     sigma_values = _check_sigmas(sigmas)
+    ref = torch.tensor(sigma_values, dtype=torch.float64)  # the split in float64, on the validated values
     for i in range(len(sigma_values) - 1):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
         denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
         report_step(callback, i, x, sigma, sigma_next, denoised)
-        sigma_down, sigma_up = _ancestral_split(sigma, sigma_next, eta)
+        sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
         x_next = denoised + (sigma_down / sigma) * (x - denoised)
         if sigma_up > 0.0:
             x_next = x_next + sigma_up * require_noise(noise, "DDIM", "eta > 0")(sigmas[i], sigmas[i + 1])
@@ -173,7 +156,7 @@ def sample_plms(
     extra evaluation (a plain DDIM step) and neither does this function: the improved-Euler start is
     used only when the first step is not also the last. (CompVis does evaluate there, at
     ``alphas_cumprod[0]`` but labelled with the current timestep, an off-by-one we do not copy.)
-    The final sigma is sigma_min in both originals (``FINAL_SIGMA["PLMS"] == "first_alpha"``).
+    The final sigma is sigma_min in both originals (the row's ``final_sigma``).
 
     Prediction types: CompVis' PLMS is eps-only. For a v-prediction model diffusers combines the raw
     v outputs and converts the combination to eps with the current sample; sdlab combines eps (from
@@ -222,7 +205,7 @@ def sample_ddpm(
         x' = x0 + (sigma' / sigma)^2 (x - x0) + sigma' sqrt(1 - (sigma' / sigma)^2) * noise
 
     (DDIM with eta = 1). diffusers' ``DDPMScheduler`` steps between consecutive timesteps of its list
-    and ends at alphas_cumprod = 1, i.e. sigma 0 (``FINAL_SIGMA["DDPM"] == "zero"``), where the last
+    and ends at alphas_cumprod = 1, i.e. sigma 0, where the last
     step returns x0. Noise is drawn once per step that ends above sigma 0.
     """
     sigma_values = _check_sigmas(sigmas)
@@ -274,7 +257,7 @@ def sample_lcm(
     ``NoiseSchedule.sigma_to_t``). With ``sigma_to_t=None`` no scaling is applied (f = the denoiser's
     x0): the convention of k-diffusion/ComfyUI's ``sample_lcm``, whose model wrapper owns the scaling.
     diffusers' timesteps (``original_inference_steps=50``, e.g. 999, 759, 499, 259 for 4 steps) end
-    at sigma 0 (``FINAL_SIGMA["LCM"] == "zero"``).
+    at sigma 0.
     """
     sigma_values = _check_sigmas(sigmas)
     for i in range(len(sigma_values) - 1):
@@ -396,9 +379,9 @@ def sample_unipc(
     the number of remaining steps; a step that ends at sigma 0 is always first order (it returns m_i;
     higher orders have no limit there). The corrector uses the order of the predictor that produced
     x_i. Defaults match diffusers' ``UniPCMultistepScheduler`` (bh2, solver_order 2,
-    lower_order_final, ``final_sigmas_type="zero"``: ``FINAL_SIGMA["UniPC"] == "zero"``); pass the
+    lower_order_final, ``final_sigmas_type="zero"``); pass the
     scheduler's ``sigmas``. ComfyUI's ``uni_pc`` / ``uni_pc_bh2`` are order 3 with bh1 / bh2
-    (``LDM_SAMPLER_ALIASES``); A1111's "UniPC" settings default to bh1 and order 3 as well.
+    (rows of the sampler table); A1111's "UniPC" settings default to bh1 and order 3 as well.
     """
     if order < 1:
         raise ValueError(f"UniPC order must be >= 1, got {order}")
@@ -425,29 +408,3 @@ def sample_unipc(
         older = list(reversed(history[-step_order:-1])) if step_order > 1 else []
         x = _unipc_update(x, sigma, sigma_next, denoised, older, variant)
     return x
-
-
-# --------------------------------------------------------------------------------------------------
-# registries
-# --------------------------------------------------------------------------------------------------
-
-_NAMES: tuple[tuple[str | None, str | None, Callable[..., Tensor], str], ...] = (
-    # (A1111 display name, ComfyUI / snake-case name, sampler, the final sigma its reference ends at)
-    ("DDIM", "ddim", sample_ddim, "first_alpha"),  # CompVis, diffusers set_alpha_to_one=False: alphas_cumprod[0]
-    ("PLMS", "plms", sample_plms, "first_alpha"),
-    ("DDPM", "ddpm", sample_ddpm, "zero"),  # DDPMScheduler: alpha_prod_t_prev = 1 after the last timestep
-    ("LCM", "lcm", sample_lcm, "zero"),  # LCMScheduler returns the denoised sample at the last step
-    ("UniPC", None, sample_unipc, "zero"),  # UniPCMultistepScheduler final_sigmas_type="zero"
-    (None, "uni_pc", partial(sample_unipc, order=3, variant="bh1"), "zero"),
-    (None, "uni_pc_bh2", partial(sample_unipc, order=3, variant="bh2"), "zero"),
-)
-
-LDM_SAMPLERS: dict[str, Callable[..., Tensor]] = {display: fn for display, _, fn, _ in _NAMES if display}
-"""A1111 display name -> sampler (defaults as in diffusers' scheduler of the same name)."""
-
-LDM_SAMPLER_ALIASES: dict[str, Callable[..., Tensor]] = {alias: fn for _, alias, fn, _ in _NAMES if alias}
-"""ComfyUI / snake-case names -> sampler; ComfyUI's UniPC runs order 3 with bh1 (``uni_pc``) or bh2."""
-
-FINAL_SIGMA: dict[str, str] = {name: final for display, alias, _, final in _NAMES for name in (display, alias) if name}
-"""Sampler name (display or alias) -> the final sigma its reference ends at: "first_alpha" (sigma_min,
-decode ``to_ddpm_latent(x, sigma_min)``) or "zero"."""
