@@ -33,16 +33,15 @@ import torch
 
 from sdlab.checkpoints.load import ModelBundle, load_bundle
 from sdlab.checkpoints.save import save_bundle
+from sdlab.tiny.text_task import load_trained_text_encoder
 from sdlab.train.data import generator_for, load_training_image, scan_dataset
 from sdlab.train.run_checkpoint import latest_checkpoint, load_run_checkpoint
-from sdlab.tiny.text_task import load_trained_text_encoder
 from sdlab.train.vae_task import latent_scaling_factor, load_trained_vae
+from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["assemble_bundle", "bundle_from_run", "main", "measure_scaling_factor", "resolve_run_checkpoint"]
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def measure_scaling_factor(bundle: ModelBundle, data_dir: str | Path, images: int = 256, seed: int = 0) -> float:
@@ -148,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("run", help="run checkpoint (.pt) or run folder")
     e.add_argument("out")
     e.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
-    e.add_argument("--dtype", choices=tuple(_DTYPES), default="fp16")
+    e.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.action == "assemble":
@@ -156,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         save_bundle(bundle, args.out)
     else:
         bundle, _ = bundle_from_run(args.base, args.run, ema=not args.raw)
-        dtype = _DTYPES[args.dtype]
+        dtype = dtype_from_name(args.dtype)
         save_bundle(bundle, args.out, dtype=None if dtype == torch.float32 else dtype)
     logger.info("wrote %s", args.out)
     return 0

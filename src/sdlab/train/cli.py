@@ -40,7 +40,7 @@ from sdlab.train.run_checkpoint import ResumePoint, disk_full_as_error, find_res
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_train_parser", "build_parser", "main", "run_from_config", "run_train"]
+__all__ = ["add_train_parser", "main", "run_from_config", "run_train"]
 
 TASK_MODULES = {"unet": "sdlab.train.unet_task", "vae": "sdlab.train.vae_task", "text": "sdlab.tiny.text_task"}
 
@@ -66,13 +66,6 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     )
     add_config_arguments(parser)
     parser.set_defaults(run=run_train)
-    return parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdlab-train")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
     return parser
 
 

@@ -80,11 +80,6 @@ class LoRAModule(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.lora_up(self.lora_down(x)) * self.scale  # (..., out) or (B, out, H, W)
 
-    def delta_weight(self) -> Tensor:
-        up, down = self.lora_up.weight, self.lora_down.weight
-        delta = (up.flatten(1) @ down.flatten(1)) * self.scale  # (out, in)
-        return delta.reshape(*delta.shape, *down.shape[2:])  # conv: (out, in, 1, 1)
-
 
 @dataclass(frozen=True)
 class _Target:

@@ -42,6 +42,7 @@ from sdlab.models.unet import UNet
 from sdlab.train.data import generator_for
 from sdlab.train.lora import LoRANetwork, save_lora_networks
 from sdlab.train.task import Batch
+from sdlab.utils.dtypes import dtype_from_name
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,6 @@ __all__ = ["UNetTask", "UNetTaskOptions", "build_task", "encode_captions", "enab
 
 SDXL_REFINER_AESTHETIC_SCORE = 6.0
 _SIZE_EMBED = 256
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def enable_gradient_checkpointing(unet: UNet) -> int:
@@ -203,7 +202,7 @@ class UNetTask:
         return loss, {"loss": float(loss.detach()), "t_mean": float(t.float().mean())}
 
     def save_weights(self, path: Path, ema: bool) -> None:
-        dtype = _DTYPES[self.options.save_dtype]
+        dtype = dtype_from_name(self.options.save_dtype)
         if self.unet_lora is not None:
             networks = [n for n in (self.unet_lora, self.text_lora) if n is not None]
             save_lora_networks(path, networks, self.bundle.family, self.prediction, dtype=dtype,

@@ -28,7 +28,7 @@ __all__ = ["TARGETS", "evaluate", "read_prompt_file", "render_grid", "summarise"
 
 logger = logging.getLogger(__name__)
 
-#: (split, attribute) -> minimum accuracy, from the issue; "any" pools every image that states it
+#: (split, attribute) -> minimum accuracy the shipped model must reach; "any" pools every image that states it
 TARGETS: dict[str, float] = {
     "any/background": 0.90,
     "emoji/top1": 0.50,
