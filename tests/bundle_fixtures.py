@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from sdlab.checkpoints import create
 from sdlab.checkpoints.io import write_safetensors_atomic
-from sdlab.checkpoints.load import ModelBundle, TextEncoder
+from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.checkpoints.save import bundle_state_dict
 from sdlab.families import FamilySpec, get_family
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel

@@ -22,9 +22,10 @@ from safetensors import safe_open
 from bundle_fixtures import TINY_VAE, randomize_, tiny_bundle, write_diffusers_folder, write_original
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import write_safetensors_atomic
-from sdlab.checkpoints.load import ModelBundle, load_bundle
+from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.save import bundle_state_dict, save_bundle
 from sdlab.diffusion.denoiser import Prediction
+from sdlab.families.loaded import ModelBundle
 from sdlab.models.vae import AutoencoderKL
 
 FAMILIES = ["sd1", "sd2", "sdxl", "sdxl-refiner", "sd1-inpaint"]

@@ -36,7 +36,7 @@ from transformers import CLIPTextModel as HFTextModel
 from transformers import CLIPTextModelWithProjection as HFTextModelWithProjection
 from transformers import CLIPTokenizer as HFTokenizer
 
-from sdlab.checkpoints.load import TextEncoder
+from sdlab.families.loaded import TextEncoder
 from sdlab.families import get_family
 from sdlab.families.sd1 import SD1_CLIP_L
 from sdlab.families.sd2 import SD2_OPENCLIP_H

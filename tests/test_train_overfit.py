@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from bundle_fixtures import tiny_bundle
-from sdlab.checkpoints.load import ModelBundle
+from sdlab.families.loaded import ModelBundle
 from sdlab.models.unet import UNet, UNetConfig
 from sdlab.models.vae import DiagonalGaussian, VAEConfig
 from sdlab.train.config import TrainConfig

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from sdlab.checkpoints.load import ModelBundle, load_bundle
+from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file
+from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
 from sdlab.pipeline.request import (
     GenerationRequest,

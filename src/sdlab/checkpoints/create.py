@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from sdlab.checkpoints.load import ModelBundle, TextEncoder
+from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.families import FamilySpec, get_family
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
 from sdlab.models.tokenizer import default_tokenizer

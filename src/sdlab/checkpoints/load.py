@@ -60,10 +60,11 @@ from sdlab.checkpoints.validate import (
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.families.base import HIDDEN_STATES
-from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
-from sdlab.models.tokenizer import CLIPTokenizer, default_tokenizer
-from sdlab.models.unet import UNet, UNetConfig
-from sdlab.models.vae import AutoencoderKL, VAEConfig, normalize_vae_attention_shapes
+from sdlab.families.loaded import ModelBundle, TextEncoder
+from sdlab.models.clip import CLIPTextConfig
+from sdlab.models.tokenizer import default_tokenizer
+from sdlab.models.unet import UNetConfig
+from sdlab.models.vae import VAEConfig, normalize_vae_attention_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -147,48 +148,6 @@ class CheckpointPlan:
     unet: ComponentSource
     vae: ComponentSource
     text_encoders: tuple[tuple[TextEncoderSpec, ComponentSource], ...]
-
-
-@dataclass(frozen=True)
-class TextEncoder:
-    spec: TextEncoderSpec                   # layout, hidden state used, pad token
-    config: CLIPTextConfig
-    model: CLIPTextModel
-    tokenizer: CLIPTokenizer
-
-
-@dataclass(frozen=True)
-class ModelBundle:
-    """The networks of one Stable Diffusion model and the facts needed to run them."""
-
-    family: FamilySpec
-    unet: UNet
-    vae: AutoencoderKL
-    text_encoders: tuple[TextEncoder, ...]
-    prediction: Prediction
-    scaling_factor: float
-    unet_config: UNetConfig
-    vae_config: VAEConfig
-    source: str | None = None
-    report: LoadReport | None = None
-    native_size: int | None = None          # side it was trained at (metadata `modelspec.resolution`)
-
-    @property
-    def text_configs(self) -> tuple[CLIPTextConfig, ...]:
-        return tuple(te.config for te in self.text_encoders)
-
-    @property
-    def default_size(self) -> int:
-        """The model's native side in pixels: the file's `modelspec.resolution`, else the family's."""
-        return self.native_size or self.family.size_for(self.prediction)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -617,8 +576,6 @@ __all__ = [
     "CheckpointPlan",
     "ComponentReport",
     "LoadReport",
-    "ModelBundle",
-    "TextEncoder",
     "config_from_json",
     "config_to_json",
     "load_bundle",

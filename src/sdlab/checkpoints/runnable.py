@@ -21,7 +21,8 @@ from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.tokenizer import CONTEXT_LENGTH, VOCAB_SIZE
 
 if TYPE_CHECKING:
-    from sdlab.checkpoints.load import CheckpointPlan, ModelBundle
+    from sdlab.checkpoints.load import CheckpointPlan
+    from sdlab.families.loaded import ModelBundle
 
 SCALING_RANGE = (1e-3, 1e3)    # released VAEs: 0.13025 (SDXL) .. 1.5305 (SD3); outside this is a broken file
 

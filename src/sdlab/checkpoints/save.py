@@ -27,11 +27,11 @@ from sdlab.checkpoints.load import (
     META_PREDICTION,
     META_RESOLUTION,
     META_SCALING,
-    ModelBundle,
     config_to_json,
 )
 from sdlab.checkpoints.openclip import sdlab_to_openclip
 from sdlab.families import TextEncoderSpec
+from sdlab.families.loaded import ModelBundle
 
 
 def _text_state(spec: TextEncoderSpec, state: dict[str, Tensor]) -> dict[str, Tensor]:

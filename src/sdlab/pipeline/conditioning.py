@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.load import TextEncoder
+from sdlab.families.loaded import TextEncoder
 from sdlab.families import FamilySpec
 from sdlab.models.layers import SDXL_SIZE_EMBED_DIM, sdxl_vector
 from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer

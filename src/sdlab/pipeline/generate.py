@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from sdlab.checkpoints.load import ModelBundle
+from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import (

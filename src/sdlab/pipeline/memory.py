@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from sdlab.checkpoints.load import ModelBundle
+from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.pipeline.tiling import should_tile
 

@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 
-from sdlab.checkpoints.load import ModelBundle, load_bundle
+from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.save import save_bundle
+from sdlab.families.loaded import ModelBundle
 from sdlab.tiny.text_task import load_trained_text_encoder
 from sdlab.train.data import generator_for, load_training_image, scan_dataset
 from sdlab.train.run_checkpoint import latest_checkpoint, load_run_checkpoint

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
-from sdlab.checkpoints.load import META_CONFIG, META_HIDDEN_STATES, ModelBundle, config_from_json, config_to_json
+from sdlab.checkpoints.load import META_CONFIG, META_HIDDEN_STATES, config_from_json, config_to_json
+from sdlab.families.loaded import ModelBundle
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
 from sdlab.tiny.image_tower import ImageTower, ImageTowerConfig
 from sdlab.models.tokenizer import CLIPTokenizer, default_tokenizer

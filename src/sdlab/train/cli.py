@@ -30,7 +30,8 @@ from types import ModuleType
 import torch
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.load import ModelBundle, load_bundle
+from sdlab.checkpoints.load import load_bundle
+from sdlab.families.loaded import ModelBundle
 from sdlab.train.config import TrainConfig, add_config_arguments, flag, given_settings, merge_resumed
 from sdlab.train.data import LatentCache, TrainData, scan_dataset
 from sdlab.train.distributed import DistContext, init_distributed, shutdown_distributed

@@ -26,7 +26,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from sdlab.checkpoints.load import ModelBundle, TextEncoder
+from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.checkpoints.save import save_bundle
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.loss import (

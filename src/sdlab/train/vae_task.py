@@ -59,7 +59,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
-from sdlab.checkpoints.load import META_CONFIG, META_SCALING, ModelBundle, config_from_json, config_to_json
+from sdlab.checkpoints.load import META_CONFIG, META_SCALING, config_from_json, config_to_json
+from sdlab.families.loaded import ModelBundle
 from sdlab.models.vae import AutoencoderKL, VAEConfig
 from sdlab.pipeline.images import tensor_to_pil
 from sdlab.train.config import TrainConfig

@@ -1,0 +1,67 @@
+"""A loaded model: the record `sdlab.checkpoints` produces and the pipeline and training consume.
+
+`ModelBundle` holds the networks of one Stable Diffusion model and the facts needed to run them;
+`TextEncoder` one of its text towers with its tokenizer. Defined here, below the loaders, so that code which
+only runs a model names the type without importing a loader.
+
+Imports `models` and `diffusion` (through the family spec) only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sdlab.diffusion.denoiser import Prediction
+from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
+from sdlab.models.tokenizer import CLIPTokenizer
+from sdlab.models.unet import UNet, UNetConfig
+from sdlab.models.vae import AutoencoderKL, VAEConfig
+
+
+@dataclass(frozen=True)
+class TextEncoder:
+    spec: TextEncoderSpec                   # layout, hidden state used, pad token
+    config: CLIPTextConfig
+    model: CLIPTextModel
+    tokenizer: CLIPTokenizer
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """The networks of one Stable Diffusion model and the facts needed to run them."""
+
+    family: FamilySpec
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoders: tuple[TextEncoder, ...]
+    prediction: Prediction
+    scaling_factor: float
+    unet_config: UNetConfig
+    vae_config: VAEConfig
+    source: str | None = None
+    report: Any = None                      # the `sdlab.checkpoints.load.LoadReport` it was loaded from, if any
+    native_size: int | None = None          # side it was trained at (metadata `modelspec.resolution`)
+
+    @property
+    def text_configs(self) -> tuple[CLIPTextConfig, ...]:
+        return tuple(te.config for te in self.text_encoders)
+
+    @property
+    def default_size(self) -> int:
+        """The model's native side in pixels: the file's `modelspec.resolution`, else the family's."""
+        return self.native_size or self.family.size_for(self.prediction)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+
+__all__ = ["ModelBundle", "TextEncoder"]
