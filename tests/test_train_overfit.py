@@ -83,7 +83,7 @@ def ddim_sample(task: UNetTask, caption: str, seed: int, steps: int = 25) -> tor
     ac = task.alphas_cumprod.double()
     ts = torch.linspace(len(ac) - 1, 0, steps).round().long()
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    context, _ = encode_captions(task.bundle.text_encoders, [caption], torch.device("cpu"))
+    context, _ = encode_captions(task.bundle.text_encoders, [caption])
     for i, t in enumerate(ts):
         v = task.bundle.unet(x.float(), t.float()[None], context).double()
         x0 = ac[t].sqrt() * x - (1 - ac[t]).sqrt() * v

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.models.clip import CLIPTextConfig
+from sdlab.models.layers import SDXL_SIZE_EMBED_DIM
 from sdlab.models.unet import UNetConfig
 from sdlab.models.vae import VAEConfig
 
@@ -97,6 +98,15 @@ class FamilySpec:
     @property
     def is_sdxl(self) -> bool:
         return self.unet.adm_in_channels is not None
+
+    @property
+    def is_refiner(self) -> bool:
+        """SDXL refiner: its added vector is the pooled text + 5 size embeddings (original size, crop corner,
+        aesthetic score), where the base has 6 (original size, crop corner, target size)."""
+        if not self.is_sdxl:
+            return False
+        pooled = self.text_encoders[-1].config.projection_dim or 0
+        return self.unet.adm_in_channels - pooled == 5 * SDXL_SIZE_EMBED_DIM
 
     def size_for(self, prediction: Prediction) -> int:
         """Default image side in pixels for this family with the given prediction type."""

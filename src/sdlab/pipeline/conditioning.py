@@ -34,7 +34,7 @@ its negative, padded to the same length and repeated to the batch size.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +42,7 @@ from torch import Tensor
 
 from sdlab.families.loaded import TextEncoder
 from sdlab.families import FamilySpec
-from sdlab.models.layers import SDXL_SIZE_EMBED_DIM, sdxl_vector
+from sdlab.models.layers import sdxl_vector
 from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer
 from sdlab.pipeline.prompt_syntax import (
     CHUNK_LENGTH,
@@ -59,6 +59,7 @@ __all__ = [
     "Conditioning",
     "PromptEmbedding",
     "chunk_input_ids",
+    "encode_captions",
     "encode_prompt",
     "encode_prompts",
     "make_cond",
@@ -141,32 +142,52 @@ def _layer_choice(encoder: TextEncoder, clip_skip: int) -> tuple[int, bool]:
     return used, norm
 
 
-def _encode_chunks(
-    encoder: TextEncoder, chunks: Sequence[Chunk], *, clip_skip: int, emphasis: bool, with_pooled: bool
+def _encode_inputs(
+    text_encoders: Sequence[TextEncoder],
+    input_ids: Callable[[TextEncoder], Tensor],
+    *,
+    weights: Tensor | None,
+    clip_skip: int,
+    with_pooled: bool,
 ) -> tuple[Tensor, Tensor | None]:
-    """Encode chunks with one encoder: hidden states (n, 77, D) after emphasis, and pooled (n, P) or None."""
-    model = encoder.model
-    device = next(model.parameters()).device
-    ids = chunk_input_ids(chunks, encoder.spec.pad_token_id).to(device)             # (n, 77)
-    used, norm = _layer_choice(encoder, clip_skip)
-    out = model(ids, num_layers=None if with_pooled else used)
-    hidden = out.hidden_states[used]                                              # (n, 77, D)
-    if norm:
-        ran_exactly = len(out.hidden_states) - 1 == used
-        hidden = out.last_hidden_state if ran_exactly else model.final_layer_norm(hidden)
-    if emphasis:
-        weights = _chunk_weights(chunks).to(device)                                # (n, 77)
-        weighted = (weights != 1.0).any(dim=1)                                     # (n,)
-        if weighted.any():
-            rows = weighted.nonzero().squeeze(1)
-            hidden = hidden.clone()
-            emphasized = apply_emphasis(hidden[rows], weights[rows])               # (k, 77, D)
-            if not torch.isfinite(emphasized).all() and torch.isfinite(hidden[rows]).all():
-                raise PromptError(
-                    "the prompt's emphasis weights make its text encoding overflow; use weights nearer 1"
-                )
-            hidden[rows] = emphasized
-    return hidden, out.pooled
+    """Run every encoder on its inputs ``input_ids(encoder)`` (n, 77): hidden states by the encoder's rule
+    (``_layer_choice``), emphasis ``weights`` (n, 77) where a row is not all 1, features concatenated,
+    (n, 77, D_1 + D_2 ...); and with ``with_pooled`` the last encoder's projected pooled output (n, P)."""
+    if not text_encoders:
+        raise ValueError("encoding a prompt needs at least one text encoder")
+    hiddens, pooled = [], None
+    for i, encoder in enumerate(text_encoders):
+        model = encoder.model
+        device = next(model.parameters()).device
+        wants_pooled = with_pooled and i == len(text_encoders) - 1
+        used, norm = _layer_choice(encoder, clip_skip)
+        out = model(input_ids(encoder).to(device), num_layers=None if wants_pooled else used)
+        hidden = out.hidden_states[used]                                          # (n, 77, D)
+        if norm:
+            ran_exactly = len(out.hidden_states) - 1 == used
+            hidden = out.last_hidden_state if ran_exactly else model.final_layer_norm(hidden)
+        if weights is not None:
+            hidden = _emphasized(hidden, weights.to(device))
+        hiddens.append(hidden.to(hiddens[0].dtype) if hiddens else hidden)
+        if wants_pooled:
+            if out.pooled is None:
+                raise ValueError(f"text encoder {encoder.spec.name} gives no pooled output")
+            pooled = out.pooled                                                    # (n, P)
+    return torch.cat(hiddens, dim=-1), pooled                                      # (n, 77, D_1 + D_2 ...)
+
+
+def _emphasized(hidden: Tensor, weights: Tensor) -> Tensor:
+    """A1111 emphasis on the rows (chunks) of ``hidden`` (n, 77, D) whose ``weights`` (n, 77) are not all 1."""
+    weighted = (weights != 1.0).any(dim=1)                                         # (n,)
+    if not weighted.any():
+        return hidden
+    rows = weighted.nonzero().squeeze(1)
+    hidden = hidden.clone()
+    emphasized = apply_emphasis(hidden[rows], weights[rows])                       # (k, 77, D)
+    if not torch.isfinite(emphasized).all() and torch.isfinite(hidden[rows]).all():
+        raise PromptError("the prompt's emphasis weights make its text encoding overflow; use weights nearer 1")
+    hidden[rows] = emphasized
+    return hidden
 
 
 def encode_prompts(
@@ -192,19 +213,10 @@ def encode_prompts(
         longest = max(len(c) for c in per_prompt)
         per_prompt = [c + [EMPTY_CHUNK] * (longest - len(c)) for c in per_prompt]
     flat = [chunk for chunks in per_prompt for chunk in chunks]
-
-    hiddens, pooled = [], None
-    for i, encoder in enumerate(text_encoders):
-        wants_pooled = with_pooled and i == len(text_encoders) - 1
-        hidden, pooled_all = _encode_chunks(
-            encoder, flat, clip_skip=clip_skip, emphasis=emphasis, with_pooled=wants_pooled
-        )
-        hiddens.append(hidden.to(hiddens[0].dtype) if hiddens else hidden)
-        if wants_pooled:
-            if pooled_all is None:
-                raise ValueError(f"text encoder {encoder.spec.name} gives no pooled output")
-            pooled = pooled_all                                                    # (n, P)
-    features = torch.cat(hiddens, dim=-1)                                          # (n, 77, D_1 + D_2 ...)
+    features, pooled = _encode_inputs(
+        text_encoders, lambda encoder: chunk_input_ids(flat, encoder.spec.pad_token_id),
+        weights=_chunk_weights(flat) if emphasis else None, clip_skip=clip_skip, with_pooled=with_pooled,
+    )                                                                              # (n, 77, D), (n, P)
 
     results, start = [], 0
     for chunks in per_prompt:
@@ -214,6 +226,21 @@ def encode_prompts(
         results.append(PromptEmbedding(context=context, pooled=first_pooled))
         start += n
     return results
+
+
+def encode_captions(
+    text_encoders: Sequence[TextEncoder], captions: Sequence[str], *, with_pooled: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """Training captions: (context (B, 77, D), pooled (B, P) or None), one row per caption.
+
+    A caption is taken literally, as the tokenizer reads it (no emphasis syntax, no BREAK, truncated to 75
+    tokens, each encoder's own tokenizer and pad id), then encoded as a prompt is (the same hidden-state
+    rule, clip skip 1, feature concatenation and pooled output), so a plain caption of at most 75 tokens
+    conditions the U-Net in training exactly as the same prompt does in ``make_cond``."""
+    return _encode_inputs(
+        text_encoders, lambda encoder: encoder.tokenizer(list(captions)), weights=None, clip_skip=1,
+        with_pooled=with_pooled,
+    )
 
 
 def encode_prompt(
@@ -232,12 +259,6 @@ def encode_prompt(
 
 # ----------------------------------------------------------------------------------------------------------
 # U-Net conditioning
-
-
-def _uses_aesthetic_score(family: FamilySpec) -> bool:
-    """SDXL refiner: its vector is pooled + 5 embeddings (size, crop, aesthetic score), not 6."""
-    pooled = family.text_encoders[-1].config.projection_dim or 0
-    return family.unet.adm_in_channels - pooled == 5 * SDXL_SIZE_EMBED_DIM
 
 
 def sdxl_size_conds(
@@ -261,7 +282,7 @@ def sdxl_size_conds(
     if original is None:
         raise ValueError("SDXL conditioning needs width and height (or original_size and target_size)")
     values = [*original, *crops_coords_top_left]
-    if _uses_aesthetic_score(family):
+    if family.is_refiner:
         values.append(aesthetic_score)
     else:
         target = target_size or image_size

@@ -2,8 +2,9 @@
 
 For each image: latent ``z0 = scaling_factor * vae.encode(image).sample()`` (frozen VAE, or a cached
 posterior), caption replaced by the empty prompt with probability ``caption_dropout`` (what classifier-free
-guidance needs at sampling time), text context from the frozen text encoder(s) with the family's
-hidden-state rule, ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`` (+ offset noise), ``x_t = q_sample(z0, t, eps)``,
+guidance needs at sampling time), text context and SDXL's added vector from the frozen text encoder(s) by
+the generate pipeline's own conditioning code (`sdlab.pipeline.conditioning`: `encode_captions`,
+`sdxl_size_conds`), ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`` (+ offset noise), ``x_t = q_sample(z0, t, eps)``,
 and the loss ``w_t * |net(x_t, t, context[, y]) - target|^2`` averaged over the latent, then the batch,
 with ``target`` given by the prediction type (eps / v / x0) and ``w_t`` = 1 or Min-SNR-gamma.
 
@@ -26,7 +27,8 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from sdlab.families.loaded import ModelBundle, TextEncoder
+from sdlab.families.loaded import ModelBundle
+from sdlab.checkpoints.file_format import META_EMA, META_FAMILY
 from sdlab.checkpoints.save import save_bundle
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.loss import (
@@ -39,6 +41,7 @@ from sdlab.diffusion.loss import (
 )
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet
+from sdlab.pipeline.conditioning import encode_captions, sdxl_size_conds
 from sdlab.train.data import generator_for
 from sdlab.train.lora import LoRANetwork, save_lora_networks
 from sdlab.train.task import Batch
@@ -46,10 +49,7 @@ from sdlab.utils.dtypes import dtype_from_name
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UNetTask", "UNetTaskOptions", "build_task", "encode_captions", "enable_gradient_checkpointing"]
-
-SDXL_REFINER_AESTHETIC_SCORE = 6.0
-_SIZE_EMBED = 256
+__all__ = ["UNetTask", "UNetTaskOptions", "build_task", "enable_gradient_checkpointing"]
 
 
 def enable_gradient_checkpointing(unet: UNet) -> int:
@@ -67,30 +67,6 @@ def enable_gradient_checkpointing(unet: UNet) -> int:
 
         block.forward = forward
     return len(blocks)
-
-
-def encode_captions(text_encoders: Sequence[TextEncoder], captions: list[str], device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """(context (B, 77, sum of widths), pooled (B, P) or None) for a list of captions, following each
-    encoder's ``spec.hidden_state`` (see `sdlab.models.clip`): "last" = final-norm output; "penultimate_norm"
-    = second-to-last layer + final norm; "penultimate" = second-to-last layer, no norm. The pooled vector
-    is that of the last encoder with a projection (SDXL's bigG)."""
-    contexts, pooled = [], None
-    for te in text_encoders:
-        ids = te.tokenizer(captions).to(device)  # (B, 77)
-        layers = te.config.layers
-        if te.spec.hidden_state == "last":
-            out = te.model(ids)
-            hidden = out.last_hidden_state
-        elif te.spec.hidden_state == "penultimate_norm":
-            out = te.model(ids, num_layers=layers - 1)
-            hidden = out.last_hidden_state
-        else:  # "penultimate"
-            out = te.model(ids)
-            hidden = out.hidden_states[-2]
-        contexts.append(hidden)  # (B, 77, width)
-        if te.config.projection_dim is not None and out.pooled is not None:
-            pooled = out.pooled  # (B, P)
-    return torch.cat(contexts, dim=-1), pooled
 
 
 class UNetTaskOptions:
@@ -191,7 +167,7 @@ class UNetTask:
         target = prediction_target(self.prediction, z0, noise, t, self.alphas_cumprod)
 
         with torch.set_grad_enabled(self.text_lora is not None and torch.is_grad_enabled()):
-            context, pooled = encode_captions(self.bundle.text_encoders, captions, device)
+            context, pooled = encode_captions(self.bundle.text_encoders, captions, with_pooled=self.bundle.family.is_sdxl)
         y = self._vector(pooled, batch, z0) if self.bundle.unet_config.adm_in_channels is not None else None
         pred = self._unet_call(x_t, t.to(torch.float32), context, y)  # (B, C, h, w)
 
@@ -207,7 +183,7 @@ class UNetTask:
             networks = [n for n in (self.unet_lora, self.text_lora) if n is not None]
             save_lora_networks(path, networks, self.bundle.family, self.prediction, dtype=dtype,
                                resolution=self.options.resolution,
-                               metadata={"sdlab.family": self.bundle.family.name, "sdlab.ema": str(bool(ema))})
+                               metadata={META_FAMILY: self.bundle.family.name, META_EMA: str(bool(ema))})
         else:
             save_bundle(self.bundle, path, dtype=None if dtype == torch.float32 else dtype)
 
@@ -247,21 +223,21 @@ class UNetTask:
         return z * self.bundle.scaling_factor
 
     def _vector(self, pooled: Tensor | None, batch: Batch, z0: Tensor) -> Tensor:
-        """SDXL's y: pooled text + sinusoidal size / crop (/ aesthetic score) embeddings."""
+        """SDXL's y: pooled text + the size / crop (/ aesthetic score) embeddings of `sdxl_size_conds`, per
+        sample: its original size and crop corner (default: the training size and (0, 0)), the training size
+        as target size (base) or the default aesthetic score (refiner)."""
         if pooled is None:
             raise ValueError("SDXL training needs a text encoder with a projection (pooled output)")
         n = len(batch)
-        adm = self.bundle.unet_config.adm_in_channels
-        extra = (adm - pooled.shape[-1]) // _SIZE_EMBED
         factor = self.bundle.vae_config.downsample_factor
-        target = (z0.shape[-2] * factor, z0.shape[-1] * factor)
-        sizes = batch.original_sizes or [target] * n
+        height, width = z0.shape[-2] * factor, z0.shape[-1] * factor
+        sizes = batch.original_sizes or [(height, width)] * n
         crops = batch.crops_top_left or [(0, 0)] * n
-        rows = []
-        for (oh, ow), (ct, cl) in zip(sizes, crops):
-            tail = [*target] if extra == 6 else [SDXL_REFINER_AESTHETIC_SCORE]
-            rows.append([oh, ow, ct, cl, *tail])
-        conds = torch.tensor(rows, dtype=torch.float32, device=pooled.device)  # (B, 6) or (B, 5)
+        conds = torch.cat([
+            sdxl_size_conds(self.bundle.family, width=width, height=height, original_size=tuple(size),
+                            crops_coords_top_left=tuple(crop))
+            for size, crop in zip(sizes, crops)
+        ]).to(pooled.device)  # (B, 6) or (B, 5)
         return sdxl_vector(pooled, conds)  # (B, adm)
 
 
