@@ -17,8 +17,9 @@ from bundle_fixtures import tiny_bundle
 from safetensors.torch import load_file, save_file
 
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.file_format import bundle_metadata
 from sdlab.checkpoints.load import load_bundle, plan_checkpoint
-from sdlab.checkpoints.save import bundle_metadata, bundle_state_dict
+from sdlab.checkpoints.save import bundle_state_dict
 from sdlab.cli import main
 
 

@@ -14,7 +14,8 @@ from bundle_fixtures import tiny_bundle, write_original
 
 import sdlab
 from sdlab.checkpoints.create import TINY_SIZE, new_bundle
-from sdlab.checkpoints.load import load_bundle, native_size
+from sdlab.checkpoints.file_format import native_size
+from sdlab.checkpoints.load import load_bundle
 from sdlab.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -17,12 +17,10 @@ marker key, then the family default (eps), logged at INFO.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,18 @@ from sdlab.checkpoints.components import (
 )
 from sdlab.checkpoints.detect import detect_family
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.file_format import (
+    META_CONFIG,
+    META_FAMILY,
+    META_MODELSPEC_PREDICTION,
+    META_PREDICTION,
+    config_to_json,
+    native_size,
+    stored_configs,
+    stored_hidden_states,
+    stored_scaling_factor,
+    stored_vae_config,
+)
 from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_vae_config
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.checkpoints.openclip import openclip_to_sdlab
@@ -55,28 +65,15 @@ from sdlab.checkpoints.validate import (
     VAE_SHAPE_FIELDS,
     check_buildable,
     check_declared,
-    config_from_json,
 )
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import FamilySpec, TextEncoderSpec
-from sdlab.families.base import HIDDEN_STATES
 from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.tokenizer import default_tokenizer
-from sdlab.models.unet import UNetConfig
 from sdlab.models.vae import VAEConfig, normalize_vae_attention_shapes
 
 logger = logging.getLogger(__name__)
-
-# safetensors metadata written by `save_bundle`
-META_FORMAT = "sdlab.format"
-META_FAMILY = "sdlab.family"
-META_PREDICTION = "sdlab.prediction"
-META_SCALING = "sdlab.scaling_factor"
-META_CONFIG = "sdlab.config"
-META_HIDDEN_STATES = "sdlab.text_hidden_states"
-META_RESOLUTION = "modelspec.resolution"    # Stability's model spec: "WxH" the model was trained at
-FORMAT_VERSION = "1"
 
 _MAX_SIDECAR_BYTES = 1 << 20                                                      # CompVis configs are ~2 KB
 
@@ -151,58 +148,7 @@ class CheckpointPlan:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Config JSON (stored in safetensors metadata)
-
-
-def config_to_json(cfg: ComponentConfig) -> dict[str, Any]:
-    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in fields(cfg)}
-
-
-def _config_json(metadata: Mapping[str, str]) -> Any:
-    try:
-        return json.loads(metadata[META_CONFIG])
-    except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"metadata {META_CONFIG} is not JSON: {exc}") from None
-
-
-def _stored_configs(metadata: Mapping[str, str], spec: FamilySpec) -> dict[str, Any] | None:
-    """The configs sdlab's saver stored for a whole model (`bundle_metadata`), type-checked, or None."""
-    if META_CONFIG not in metadata:
-        return None
-    data = _config_json(metadata)
-    try:
-        if not isinstance(data, dict):
-            raise CheckpointError(f"expected a JSON object, got {type(data).__name__}")
-        missing = [k for k in ("unet", "vae", "text_encoders") if k not in data]
-        if missing:
-            raise CheckpointError(f"no {', '.join(missing)} entry")
-        texts = data["text_encoders"]
-        if not isinstance(texts, list) or len(texts) != len(spec.text_encoders):
-            raise CheckpointError(
-                f"text_encoders: {spec.name} has {len(spec.text_encoders)} text encoder(s), the metadata lists "
-                f"{len(texts) if isinstance(texts, list) else repr(texts)}"
-            )
-        return {
-            "unet": config_from_json(UNetConfig, data["unet"]),
-            "vae": config_from_json(VAEConfig, data["vae"]),
-            "text_encoders": [config_from_json(CLIPTextConfig, t) for t in texts],
-        }
-    except CheckpointError as exc:
-        raise CheckpointError(f"metadata {META_CONFIG}: {exc}") from None
-
-
-def _stored_vae_config(metadata: Mapping[str, str]) -> VAEConfig | None:
-    """The `VAEConfig` in a standalone VAE file's metadata: the flat config `sdlab train --task vae` writes, or
-    the `vae` entry of a whole model's config."""
-    if META_CONFIG not in metadata:
-        return None
-    data = _config_json(metadata)
-    if isinstance(data, dict) and isinstance(data.get("vae"), dict):
-        data = data["vae"]
-    try:
-        return config_from_json(VAEConfig, data)
-    except CheckpointError as exc:
-        raise CheckpointError(f"metadata {META_CONFIG}: {exc}") from None
+# Configs
 
 
 def _confirmed(stored: Any, found: Any, shape_fields: tuple[str, ...]) -> Any:
@@ -218,31 +164,6 @@ def _confirmed(stored: Any, found: Any, shape_fields: tuple[str, ...]) -> Any:
         where = f"metadata {META_CONFIG}" if stored is not None else "inferred from the tensors"
         raise CheckpointError(f"{where}: {exc}") from None
     return config
-
-
-def _scaling_factor(metadata: Mapping[str, str], default: float) -> float:
-    raw = metadata.get(META_SCALING)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise CheckpointError(f"metadata {META_SCALING}={raw!r}: expected a number") from None
-
-
-def _stored_hidden_states(metadata: Mapping[str, str], count: int) -> list[str] | None:
-    """Which hidden state each text encoder feeds the U-Net, when sdlab's saver recorded it (it differs from the
-    family default only for towers that came truncated from a diffusers SD2 folder)."""
-    raw = metadata.get(META_HIDDEN_STATES)
-    if raw is None:
-        return None
-    try:
-        states = json.loads(raw)
-    except ValueError:
-        states = None
-    if not isinstance(states, list) or len(states) != count or any(s not in HIDDEN_STATES for s in states):
-        raise CheckpointError(f"metadata {META_HIDDEN_STATES}={raw!r}: expected {count} of {', '.join(HIDDEN_STATES)}")
-    return states
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,7 +190,7 @@ def resolve_prediction(
         return parse(argument, "prediction argument"), "argument"
     if diffusers_value is not None:
         return parse(diffusers_value, "scheduler_config.json"), "scheduler/scheduler_config.json prediction_type"
-    for key in (META_PREDICTION, "modelspec.prediction_type"):
+    for key in (META_PREDICTION, META_MODELSPEC_PREDICTION):
         if key in metadata:
             return parse(metadata[key], f"metadata {key}"), f"metadata {key}"
     if path is not None and path.is_file():
@@ -364,7 +285,7 @@ def _plan_single_file(
     else:
         override, family_source = None, "detected"
     spec = detect_family(shapes, override=override)
-    stored = _stored_configs(metadata, spec)
+    stored = stored_configs(metadata, spec)
     origin = str(path)
 
     buckets: dict[str, list[str]] = {"unet": [], "vae": [], **{te.name: [] for te in spec.text_encoders}}
@@ -403,7 +324,7 @@ def _plan_single_file(
         vae_source = _vae_source(origin, state, vae_local, stored["vae"] if stored else None, spec.vae)
 
     text = []
-    hidden_states = _stored_hidden_states(metadata, len(spec.text_encoders))
+    hidden_states = stored_hidden_states(metadata, len(spec.text_encoders))
     for i, te in enumerate(spec.text_encoders):
         if hidden_states is not None:
             te = replace(te, hidden_state=hidden_states[i])
@@ -413,7 +334,7 @@ def _plan_single_file(
         text.append((te, _text_source(te, origin, state, buckets[te.name], te_stored)))
 
     pred, pred_source = resolve_prediction(spec, argument=prediction, metadata=metadata, path=path, keys=shapes)
-    scaling = _scaling_factor(metadata, spec.latent_scaling_factor)
+    scaling = stored_scaling_factor(metadata, spec.latent_scaling_factor)
     return _finish_plan(origin, spec, family_source, pred, pred_source, scaling, unet, vae_source, text,
                         tuple(sorted(ignored)), len(shapes), metadata)
 
@@ -497,7 +418,7 @@ def _vae_file_source(path: Path) -> ComponentSource:
             )
     if not local:
         raise CheckpointError(f"{path}: holds no VAE weights")
-    return _vae_source(str(path), state, local, _stored_vae_config(metadata), VAEConfig(), tuple(ignored))
+    return _vae_source(str(path), state, local, stored_vae_config(metadata), VAEConfig(), tuple(ignored))
 
 
 VAE_FILE_PREFIX = "first_stage_model."
@@ -564,20 +485,10 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
     ))
 
 
-def native_size(metadata: Mapping[str, str]) -> int | None:
-    """The square side of the metadata's `modelspec.resolution` ("64x64"), or None without a usable one."""
-    match = re.fullmatch(r"\s*(\d{1,5})\s*x\s*(\d{1,5})\s*", str(metadata.get(META_RESOLUTION, "")))
-    if not match or match.group(1) != match.group(2) or not 8 <= int(match.group(1)) <= 8192:
-        return None
-    return int(match.group(1))
-
-
 __all__ = [
     "CheckpointPlan",
     "ComponentReport",
     "LoadReport",
-    "config_from_json",
-    "config_to_json",
     "load_bundle",
     "load_vae_source",
     "materialize",

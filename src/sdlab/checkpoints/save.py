@@ -10,25 +10,14 @@ this writes gives the same configs and bit-identical tensors. The file is writte
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from sdlab.checkpoints.file_format import bundle_metadata
 from sdlab.checkpoints.io import write_safetensors_atomic
-from sdlab.checkpoints.load import (
-    FORMAT_VERSION,
-    META_CONFIG,
-    META_FAMILY,
-    META_FORMAT,
-    META_HIDDEN_STATES,
-    META_PREDICTION,
-    META_RESOLUTION,
-    META_SCALING,
-    config_to_json,
-)
 from sdlab.checkpoints.openclip import sdlab_to_openclip
 from sdlab.families import TextEncoderSpec
 from sdlab.families.loaded import ModelBundle
@@ -53,26 +42,6 @@ def bundle_state_dict(bundle: ModelBundle, dtype: torch.dtype | None = None) -> 
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     return out
-
-
-def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
-    """The `__metadata__` sdlab writes: format version, family, prediction, scaling factor, configs, and the
-    hidden state each text encoder feeds the U-Net."""
-    configs = {
-        "unet": config_to_json(bundle.unet_config),
-        "vae": config_to_json(bundle.vae_config),
-        "text_encoders": [config_to_json(te.config) for te in bundle.text_encoders],
-    }
-    native = {META_RESOLUTION: f"{bundle.native_size}x{bundle.native_size}"} if bundle.native_size else {}
-    return {
-        **native,
-        META_FORMAT: FORMAT_VERSION,
-        META_FAMILY: bundle.family.name,
-        META_PREDICTION: bundle.prediction.value,
-        META_SCALING: repr(float(bundle.scaling_factor)),
-        META_CONFIG: json.dumps(configs, sort_keys=True),
-        META_HIDDEN_STATES: json.dumps([te.spec.hidden_state for te in bundle.text_encoders]),
-    }
 
 
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:

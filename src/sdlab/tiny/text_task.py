@@ -38,8 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdlab.checkpoints.file_format import (
+    META_COMPONENT,
+    META_CONFIG,
+    META_HIDDEN_STATES,
+    META_LOGIT_SCALE,
+    META_WEIGHTS,
+    config_from_json,
+    config_to_json,
+)
 from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
-from sdlab.checkpoints.load import META_CONFIG, META_HIDDEN_STATES, config_from_json, config_to_json
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
 from sdlab.tiny.image_tower import ImageTower, ImageTowerConfig
@@ -61,9 +69,6 @@ __all__ = [
 
 INITIAL_TEMPERATURE = 0.07
 MAX_LOGIT_SCALE = 100.0
-META_COMPONENT = "sdlab.component"
-META_WEIGHTS = "sdlab.weights"
-META_LOGIT_SCALE = "sdlab.logit_scale"
 
 
 class LogitScale(nn.Module):

@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from sdlab.families.loaded import ModelBundle
+from sdlab.checkpoints.file_format import META_EMA, META_FAMILY
 from sdlab.checkpoints.save import save_bundle
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.loss import (
@@ -182,7 +183,7 @@ class UNetTask:
             networks = [n for n in (self.unet_lora, self.text_lora) if n is not None]
             save_lora_networks(path, networks, self.bundle.family, self.prediction, dtype=dtype,
                                resolution=self.options.resolution,
-                               metadata={"sdlab.family": self.bundle.family.name, "sdlab.ema": str(bool(ema))})
+                               metadata={META_FAMILY: self.bundle.family.name, META_EMA: str(bool(ema))})
         else:
             save_bundle(self.bundle, path, dtype=None if dtype == torch.float32 else dtype)
 

@@ -58,8 +58,15 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from sdlab.checkpoints.file_format import (
+    META_COMPONENT,
+    META_CONFIG,
+    META_SCALING,
+    META_WEIGHTS,
+    config_from_json,
+    config_to_json,
+)
 from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
-from sdlab.checkpoints.load import META_CONFIG, META_SCALING, config_from_json, config_to_json
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.vae import AutoencoderKL, VAEConfig
 from sdlab.pipeline.images import tensor_to_pil
@@ -78,9 +85,6 @@ from sdlab.train.task import Batch
 logger = logging.getLogger(__name__)
 
 __all__ = ["Critic", "VAELossConfig", "VAETask", "build_task", "latent_scaling_factor", "load_trained_vae"]
-
-META_COMPONENT = "sdlab.component"
-META_WEIGHTS = "sdlab.weights"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,187 @@
+"""sdlab's checkpoint file format: the safetensors `__metadata__` keys sdlab writes and reads, and their
+(de)serialisers.
+
+A whole model (`save_bundle`) records the format version, family, prediction type, latent scaling factor,
+every network's config as JSON (`sdlab.config`) and the hidden state each text encoder feeds the U-Net; the
+square side it was trained at goes in Stability's model-spec key `modelspec.resolution`. Single networks
+written by training (`sdlab train --task vae`, the sdlab-tiny text task) record which network they hold
+(`sdlab.component`), which weights (`sdlab.weights`: "raw" or "ema") and their own config; U-Net training
+checkpoints record the family and whether the weights are the EMA ones (`sdlab.ema`).
+
+Readers here type-check what they find and raise `CheckpointError` naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from sdlab.checkpoints.components import ComponentConfig
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.validate import config_from_json
+from sdlab.families import FamilySpec
+from sdlab.families.base import HIDDEN_STATES
+from sdlab.families.loaded import ModelBundle
+from sdlab.models.clip import CLIPTextConfig
+from sdlab.models.unet import UNetConfig
+from sdlab.models.vae import VAEConfig
+
+# whole models (`bundle_metadata`)
+META_FORMAT = "sdlab.format"
+META_FAMILY = "sdlab.family"
+META_PREDICTION = "sdlab.prediction"
+META_SCALING = "sdlab.scaling_factor"
+META_CONFIG = "sdlab.config"
+META_HIDDEN_STATES = "sdlab.text_hidden_states"
+META_RESOLUTION = "modelspec.resolution"    # Stability's model spec: "WxH" the model was trained at
+META_MODELSPEC_PREDICTION = "modelspec.prediction_type"
+FORMAT_VERSION = "1"
+
+# single networks and training checkpoints
+META_COMPONENT = "sdlab.component"          # "vae", "text_encoder", "image_tower"
+META_WEIGHTS = "sdlab.weights"              # "raw" or "ema"
+META_EMA = "sdlab.ema"                      # U-Net training checkpoints: "True" / "False"
+META_LOGIT_SCALE = "sdlab.logit_scale"      # sdlab-tiny image tower: the contrastive logit scale
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def config_to_json(cfg: ComponentConfig) -> dict[str, Any]:
+    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in fields(cfg)}
+
+
+def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
+    """The `__metadata__` sdlab writes: format version, family, prediction, scaling factor, configs, and the
+    hidden state each text encoder feeds the U-Net."""
+    configs = {
+        "unet": config_to_json(bundle.unet_config),
+        "vae": config_to_json(bundle.vae_config),
+        "text_encoders": [config_to_json(te.config) for te in bundle.text_encoders],
+    }
+    native = {META_RESOLUTION: f"{bundle.native_size}x{bundle.native_size}"} if bundle.native_size else {}
+    return {
+        **native,
+        META_FORMAT: FORMAT_VERSION,
+        META_FAMILY: bundle.family.name,
+        META_PREDICTION: bundle.prediction.value,
+        META_SCALING: repr(float(bundle.scaling_factor)),
+        META_CONFIG: json.dumps(configs, sort_keys=True),
+        META_HIDDEN_STATES: json.dumps([te.spec.hidden_state for te in bundle.text_encoders]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def config_json(metadata: Mapping[str, str]) -> Any:
+    """The parsed JSON of `sdlab.config` (the caller checks the key is there)."""
+    try:
+        return json.loads(metadata[META_CONFIG])
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"metadata {META_CONFIG} is not JSON: {exc}") from None
+
+
+def stored_configs(metadata: Mapping[str, str], spec: FamilySpec) -> dict[str, Any] | None:
+    """The configs sdlab's saver stored for a whole model (`bundle_metadata`), type-checked, or None."""
+    if META_CONFIG not in metadata:
+        return None
+    data = config_json(metadata)
+    try:
+        if not isinstance(data, dict):
+            raise CheckpointError(f"expected a JSON object, got {type(data).__name__}")
+        missing = [k for k in ("unet", "vae", "text_encoders") if k not in data]
+        if missing:
+            raise CheckpointError(f"no {', '.join(missing)} entry")
+        texts = data["text_encoders"]
+        if not isinstance(texts, list) or len(texts) != len(spec.text_encoders):
+            raise CheckpointError(
+                f"text_encoders: {spec.name} has {len(spec.text_encoders)} text encoder(s), the metadata lists "
+                f"{len(texts) if isinstance(texts, list) else repr(texts)}"
+            )
+        return {
+            "unet": config_from_json(UNetConfig, data["unet"]),
+            "vae": config_from_json(VAEConfig, data["vae"]),
+            "text_encoders": [config_from_json(CLIPTextConfig, t) for t in texts],
+        }
+    except CheckpointError as exc:
+        raise CheckpointError(f"metadata {META_CONFIG}: {exc}") from None
+
+
+def stored_vae_config(metadata: Mapping[str, str]) -> VAEConfig | None:
+    """The `VAEConfig` in a standalone VAE file's metadata: the flat config `sdlab train --task vae` writes, or
+    the `vae` entry of a whole model's config."""
+    if META_CONFIG not in metadata:
+        return None
+    data = config_json(metadata)
+    if isinstance(data, dict) and isinstance(data.get("vae"), dict):
+        data = data["vae"]
+    try:
+        return config_from_json(VAEConfig, data)
+    except CheckpointError as exc:
+        raise CheckpointError(f"metadata {META_CONFIG}: {exc}") from None
+
+
+def stored_scaling_factor(metadata: Mapping[str, str], default: float) -> float:
+    """`sdlab.scaling_factor` as a number, or `default` without one."""
+    raw = metadata.get(META_SCALING)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise CheckpointError(f"metadata {META_SCALING}={raw!r}: expected a number") from None
+
+
+def stored_hidden_states(metadata: Mapping[str, str], count: int) -> list[str] | None:
+    """Which hidden state each text encoder feeds the U-Net, when sdlab's saver recorded it (it differs from the
+    family default only for towers that came truncated from a diffusers SD2 folder)."""
+    raw = metadata.get(META_HIDDEN_STATES)
+    if raw is None:
+        return None
+    try:
+        states = json.loads(raw)
+    except ValueError:
+        states = None
+    if not isinstance(states, list) or len(states) != count or any(s not in HIDDEN_STATES for s in states):
+        raise CheckpointError(f"metadata {META_HIDDEN_STATES}={raw!r}: expected {count} of {', '.join(HIDDEN_STATES)}")
+    return states
+
+
+def native_size(metadata: Mapping[str, str]) -> int | None:
+    """The square side of the metadata's `modelspec.resolution` ("64x64"), or None without a usable one."""
+    match = re.fullmatch(r"\s*(\d{1,5})\s*x\s*(\d{1,5})\s*", str(metadata.get(META_RESOLUTION, "")))
+    if not match or match.group(1) != match.group(2) or not 8 <= int(match.group(1)) <= 8192:
+        return None
+    return int(match.group(1))
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "META_COMPONENT",
+    "META_CONFIG",
+    "META_EMA",
+    "META_FAMILY",
+    "META_FORMAT",
+    "META_HIDDEN_STATES",
+    "META_LOGIT_SCALE",
+    "META_MODELSPEC_PREDICTION",
+    "META_PREDICTION",
+    "META_RESOLUTION",
+    "META_SCALING",
+    "META_WEIGHTS",
+    "bundle_metadata",
+    "config_from_json",
+    "config_json",
+    "config_to_json",
+    "native_size",
+    "stored_configs",
+    "stored_hidden_states",
+    "stored_scaling_factor",
+    "stored_vae_config",
+]
