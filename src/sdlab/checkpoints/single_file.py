@@ -1,0 +1,234 @@
+"""Original single-file checkpoints (`.safetensors` / `.ckpt`, every network under its prefix) and standalone
+VAE files, opened as components ready to plan (the counterpart of `diffusers_folder.py` for folders).
+
+`read_single_file` detects the family (the argument, else the file's `sdlab.family`, else the tensors),
+splits the keys into components by prefix, infers every config (or takes the one sdlab's saver stored in the
+metadata, confirmed against the tensors) and refuses keys that belong to no component and are not known
+junk. `load_vae_source` opens a standalone VAE (bare LDM keys, `first_stage_model.*`, diffusers names, or a
+diffusers VAE folder). Prediction type and scaling factor are resolved by the caller (`load.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from sdlab.checkpoints import diffusers_folder
+from sdlab.checkpoints.components import ComponentSource, SubStateDict, hf_text_to_sdlab, meta_view
+from sdlab.checkpoints.detect import detect_family
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.file_format import (
+    META_CONFIG,
+    META_FAMILY,
+    stored_configs,
+    stored_hidden_states,
+    stored_vae_config,
+)
+from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_vae_config
+from sdlab.checkpoints.io import read_checkpoint, shapes_of
+from sdlab.checkpoints.openclip import openclip_to_sdlab
+from sdlab.checkpoints.tolerated import (
+    OPENCLIP_TOLERATED,
+    SINGLE_FILE_TOLERATED,
+    VAE_FILE_TOLERATED,
+    is_hf_text_tolerated,
+)
+from sdlab.checkpoints.validate import (
+    TEXT_SHAPE_FIELDS,
+    UNET_SHAPE_FIELDS,
+    VAE_SHAPE_FIELDS,
+    check_buildable,
+    check_declared,
+)
+from sdlab.families import FamilySpec, TextEncoderSpec
+from sdlab.models.clip import CLIPTextConfig
+from sdlab.models.vae import VAEConfig, normalize_vae_attention_shapes
+
+logger = logging.getLogger(__name__)
+
+VAE_FILE_PREFIX = "first_stage_model."
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    """The components of a single-file checkpoint, checked for presence and ready to plan."""
+
+    path: Path
+    family: FamilySpec
+    family_source: str                      # "argument", "metadata sdlab.family", "detected"
+    unet: ComponentSource
+    vae: ComponentSource
+    text_encoders: tuple[tuple[TextEncoderSpec, ComponentSource], ...]
+    metadata: Mapping[str, str]
+    shapes: Mapping[str, Any]               # every key of the file -> its shape
+    total_keys: int
+    ignored: tuple[str, ...]                # file keys outside every component, known to be unused
+
+
+def _confirmed(stored: Any, found: Any, shape_fields: tuple[str, ...]) -> Any:
+    """`stored` when the tensors confirm every field they show (else `found`, the inferred config), checked to
+    make a buildable network: nothing is built from a declaration the weights do not back."""
+    config = found
+    try:
+        if stored is not None:
+            check_declared(stored, found, shape_fields)
+            config = stored
+        check_buildable(config)
+    except CheckpointError as exc:
+        where = f"metadata {META_CONFIG}" if stored is not None else "inferred from the tensors"
+        raise CheckpointError(f"{where}: {exc}") from None
+    return config
+
+
+def _text_source(spec: TextEncoderSpec, origin: str, state: Mapping[str, Tensor], keys: list[str],
+                 stored: CLIPTextConfig | None) -> ComponentSource:
+    local = {k[len(spec.prefix):]: k for k in keys}
+    if spec.layout == "hf":
+        tolerated = {k for k in local if is_hf_text_tolerated(k)}
+        convert = hf_text_to_sdlab
+    else:
+        tolerated = {k for k in local if k in OPENCLIP_TOLERATED}
+        convert = openclip_to_sdlab
+    sub = SubStateDict(state, {k: f for k, f in local.items() if k not in tolerated})
+    try:
+        sdlab_shapes = convert(meta_view(sub))
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"{origin}: {spec.name}: {exc}") from None
+    config = _confirmed(stored, infer_text_config(sdlab_shapes, spec.config), TEXT_SHAPE_FIELDS)
+    return ComponentSource(
+        name=spec.name, kind="text", origin=origin, state=sub, to_sdlab=convert, config=config,
+        ignored=tuple(sorted(local[k] for k in tolerated)),
+    )
+
+
+def _vae_source(origin: str, state: Mapping[str, Tensor], local: Mapping[str, str], stored: VAEConfig | None,
+                conventions: VAEConfig, ignored: tuple[str, ...] = ()) -> ComponentSource:
+    sub = SubStateDict(state, local)
+    found = infer_vae_config(normalize_vae_attention_shapes(meta_view(sub)), conventions)
+    config = _confirmed(stored, found, VAE_SHAPE_FIELDS)
+    return ComponentSource(
+        name="vae", kind="vae", origin=origin, state=sub, to_sdlab=normalize_vae_attention_shapes,
+        config=config, ignored=ignored,
+    )
+
+
+def _missing_component(path: Path, family: FamilySpec, what: str, prefix: str, hint: str = "") -> CheckpointError:
+    return CheckpointError(f"{path}: {family.name} checkpoint has no {what} (no key starting with {prefix}){hint}")
+
+
+def read_single_file(path: Path, *, family: str | None = None, vae: str | os.PathLike[str] | None = None) -> SingleFile:
+    """Detect the family of a single-file checkpoint, split its keys into components by prefix and check each
+    against its inferred (or stored and confirmed) config; `vae` replaces the file's own VAE."""
+    state, metadata = read_checkpoint(path)
+    shapes = shapes_of(state)
+    if family is not None:
+        override, family_source = family, "argument"
+    elif META_FAMILY in metadata:
+        override, family_source = metadata[META_FAMILY], f"metadata {META_FAMILY}"
+    else:
+        override, family_source = None, "detected"
+    spec = detect_family(shapes, override=override)
+    stored = stored_configs(metadata, spec)
+    origin = str(path)
+
+    buckets: dict[str, list[str]] = {"unet": [], "vae": [], **{te.name: [] for te in spec.text_encoders}}
+    prefixes = [("unet", spec.unet_prefix), ("vae", spec.vae_prefix)] + [(te.name, te.prefix) for te in spec.text_encoders]
+    ignored, unexpected = [], []
+    for key in shapes:
+        owner = next((name for name, prefix in prefixes if key.startswith(prefix)), None)
+        if owner is not None:
+            buckets[owner].append(key)
+        elif SINGLE_FILE_TOLERATED.fullmatch(key):
+            ignored.append(key)
+        else:
+            unexpected.append(key)
+    if unexpected:
+        tops = sorted({k.split(".")[0] + "." for k in unexpected})
+        raise CheckpointError(
+            f"{path}: {len(unexpected)} keys belong to no {spec.name} component (prefixes {', '.join(tops)}): "
+            f"{', '.join(sorted(unexpected)[:8])}{' ...' if len(unexpected) > 8 else ''}"
+        )
+
+    unet_local = {k[len(spec.unet_prefix):]: k for k in buckets["unet"]}
+    unet_sub = SubStateDict(state, unet_local)
+    unet_config = _confirmed(stored["unet"] if stored else None, infer_unet_config(shapes_of(unet_sub), spec.unet),
+                             UNET_SHAPE_FIELDS)
+    unet = ComponentSource("unet", "unet", origin, unet_sub, dict, unet_config)
+
+    if vae is not None:
+        vae_source = load_vae_source(vae)
+        if buckets["vae"]:
+            logger.info("%s: using the VAE from %s instead of the file's own", path.name, vae)
+            ignored.extend(buckets["vae"])
+    elif not buckets["vae"]:
+        raise _missing_component(path, spec, "VAE", spec.vae_prefix, "; pass a VAE file (vae=... / --vae)")
+    else:
+        vae_local = {k[len(spec.vae_prefix):]: k for k in buckets["vae"]}
+        vae_source = _vae_source(origin, state, vae_local, stored["vae"] if stored else None, spec.vae)
+
+    text = []
+    hidden_states = stored_hidden_states(metadata, len(spec.text_encoders))
+    for i, te in enumerate(spec.text_encoders):
+        if hidden_states is not None:
+            te = replace(te, hidden_state=hidden_states[i])
+        if not buckets[te.name]:
+            raise _missing_component(path, spec, f"text encoder {te.name}", te.prefix)
+        te_stored = stored["text_encoders"][i] if stored else None
+        text.append((te, _text_source(te, origin, state, buckets[te.name], te_stored)))
+
+    return SingleFile(
+        path=path, family=spec, family_source=family_source, unet=unet, vae=vae_source, text_encoders=tuple(text),
+        metadata=metadata, shapes=shapes, total_keys=len(shapes), ignored=tuple(sorted(ignored)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Standalone VAE files
+
+
+def load_vae_source(path: str | os.PathLike[str]) -> ComponentSource:
+    """A VAE from a file with bare LDM keys (`encoder.*`, `decoder.*`, `quant_conv.*`), `first_stage_model.*`
+    keys, or diffusers names; or from a diffusers VAE folder (`config.json` + weights)."""
+    path = Path(path)
+    try:
+        return _vae_file_source(path)
+    except CheckpointError as exc:
+        if str(exc).startswith(str(path)):
+            raise
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _vae_file_source(path: Path) -> ComponentSource:
+    if not path.exists():
+        raise CheckpointError("no such VAE file or folder")
+    if path.is_dir():
+        return diffusers_folder.vae_source_from_folder(path)
+    state, metadata = read_checkpoint(path)
+    keys = list(state)
+    if any(".down_blocks." in k or ".up_blocks." in k for k in keys):
+        return diffusers_folder.vae_source_from_diffusers_state(path, state)
+    local: dict[str, str] = {}
+    ignored = []
+    for key in keys:
+        bare = key.removeprefix(VAE_FILE_PREFIX)
+        if bare.split(".")[0] in ("encoder", "decoder", "quant_conv", "post_quant_conv"):
+            local[bare] = key
+        elif VAE_FILE_TOLERATED.fullmatch(key) or SINGLE_FILE_TOLERATED.fullmatch(key):
+            ignored.append(key)
+        else:
+            raise CheckpointError(
+                f"{path}: not a VAE file: key {key} is none of encoder.*, decoder.*, quant_conv.*, post_quant_conv.* "
+                "(optionally under first_stage_model.)"
+            )
+    if not local:
+        raise CheckpointError(f"{path}: holds no VAE weights")
+    return _vae_source(str(path), state, local, stored_vae_config(metadata), VAEConfig(), tuple(ignored))
+
+
+__all__ = ["SingleFile", "VAE_FILE_PREFIX", "load_vae_source", "read_single_file"]
