@@ -44,7 +44,7 @@ def tiny_unet_config(family: FamilySpec) -> UNetConfig:
     context = sum(c.width for c in texts)
     base = family.unet
     if family.is_sdxl:
-        extra = 5 if family.name == "sdxl-refiner" else 6          # size/crop (+ aesthetic) embeddings, 256 each
+        extra = 5 if family.is_refiner else 6          # size/crop (+ aesthetic) embeddings, 256 each
         return replace(
             base, model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 2),
             transformer_depth_middle=2, context_dim=context, adm_in_channels=texts[-1].projection_dim + extra * 256,

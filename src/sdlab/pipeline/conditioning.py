@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sdlab.families.loaded import TextEncoder
 from sdlab.families import FamilySpec
+from sdlab.families.loaded import TextEncoder
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer
 from sdlab.pipeline.prompt_syntax import (

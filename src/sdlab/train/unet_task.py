@@ -27,7 +27,6 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from sdlab.families.loaded import ModelBundle
 from sdlab.checkpoints.file_format import META_EMA, META_FAMILY
 from sdlab.checkpoints.save import save_bundle
 from sdlab.diffusion.denoiser import Prediction
@@ -39,6 +38,7 @@ from sdlab.diffusion.loss import (
     q_sample,
     sample_timesteps,
 )
+from sdlab.families.loaded import ModelBundle
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet
 from sdlab.pipeline.conditioning import encode_captions, sdxl_size_conds
