@@ -20,6 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 import sdlab
 from sdlab.api import Pipeline, resolve_device
 from sdlab.cli import main
+from sdlab.diffusion.samplers import get_sampler
 from sdlab.pipeline import memory
 from sdlab.pipeline.generate import NonFiniteError, resolve_for
 from sdlab.pipeline.request import MAX_STEPS, GenerationRequest, RequestError
@@ -276,3 +277,11 @@ def test_the_api_refuses_a_decompression_bomb_as_init_image(bundle, tmp_path, mo
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 4096 pixels is now a "bomb" for Pillow
     with pytest.raises(RequestError, match="too large to open safely"):
         Pipeline(bundle).img2img("a cube", init_image=path, steps=2, seed=1)
+
+
+def test_pipeline_resolve_fills_the_model_defaults_and_checks_values(bundle):
+    resolved = Pipeline(bundle).resolve(GenerationRequest(prompt="a cube", steps=2, seed=1))
+    assert resolved.width == bundle.default_size and resolved.cfg_scale == bundle.family.default_cfg
+    assert resolved.sampler == get_sampler(bundle.family.default_sampler).name
+    with pytest.raises(RequestError, match="steps must be"):
+        Pipeline(bundle).resolve(GenerationRequest(prompt="a cube", steps=0))

@@ -24,7 +24,7 @@ import torch
 from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
+from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner, resolve_for
 from sdlab.pipeline.request import (
     GenerationRequest,
     GenerationResult,
@@ -49,6 +49,11 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.bundle.family.name}, {self.bundle.prediction.value}, {self.bundle.dtype})"
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with this model's defaults filled in and every value checked (sizes, sampler, schedule,
+        clip skip, memory): what `run` will draw. A `RequestError` names the first bad value."""
+        return resolve_for(self.bundle, request)
 
     def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
         """Draw `request`; running out of memory (past the estimate checked up front) is a `RequestError`."""

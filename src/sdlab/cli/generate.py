@@ -416,9 +416,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if recorded:
         _check_model(recorded, name, hash_)
     try:
-        from sdlab.pipeline.generate import resolve_for
-
-        request = resolve_for(pipe.bundle, request)
+        request = pipe.resolve(request)
     except RequestError as err:
         raise UserError(str(err)) from None
     paths = _output_paths(args.out, request.prompt, request.seeds())
