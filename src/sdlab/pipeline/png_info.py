@@ -331,24 +331,26 @@ def _place(temporary: Path, path: Path, overwrite: bool) -> None:
 
 def model_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
     """A1111's short model hash: the first 10 hex digits of the SHA-256 of the whole file."""
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
-        while block := file.read(block_size):
-            digest.update(block)
-    return digest.hexdigest()[:10]
+        return _sha256_rest(file, block_size)[:10]
+
+
+def _sha256_rest(file: Any, block_size: int) -> str:
+    """Hex SHA-256 of what is left of the open binary ``file``, read in blocks of ``block_size``."""
+    digest = hashlib.sha256()
+    while block := file.read(block_size):
+        digest.update(block)
+    return digest.hexdigest()
 
 
 def lora_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
     """A1111's short LoRA hash (``Lora hashes``): 12 hex digits of the SHA-256 of the file, for a
     ``.safetensors`` file of its tensor data only (the "addnet" hash, which ignores the header)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as file:
         if Path(path).suffix.lower() == ".safetensors":
             (header_size,) = struct.unpack("<Q", file.read(8).ljust(8, b"\0"))
             file.seek(8 + header_size)
-        while block := file.read(block_size):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+        return _sha256_rest(file, block_size)[:12]
 
 
 _GENERIC_STEM = re.compile(r"(final|last|model|checkpoint|diffusion_pytorch_model|step-?\d+)(-ema)?", re.IGNORECASE)
