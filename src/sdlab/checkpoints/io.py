@@ -232,10 +232,10 @@ def _check_torch_zip(path: Path) -> bool:
                                       "little-endian machine, or convert it to .safetensors)")
     deflated = [i for i in entries if i.compress_type == zipfile.ZIP_DEFLATED]
     unpacked = sum(i.file_size for i in deflated)
-    allowed = (64 << 20) + MAX_EXPANSION * sum(i.compress_size for i in deflated)
-    if unpacked > allowed:
+    packed = sum(i.compress_size for i in deflated)
+    if unpacked > (64 << 20) + MAX_EXPANSION * packed:
         raise CheckpointError(f"{path}: refused: its compressed records unpack to {_mib(unpacked)} from "
-                              f"{_mib(sum(i.compress_size for i in deflated))} (a decompression bomb?)")
+                              f"{_mib(packed)} (a decompression bomb?)")
     return not deflated
 
 
