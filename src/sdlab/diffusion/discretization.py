@@ -95,6 +95,10 @@ KARRAS_RHO = 7.0
 
 
 # -- helpers ----------------------------------------------------------------------------------
+def _unknown_spacing(spacing: str) -> ValueError:
+    return ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+
+
 def _check_steps(steps: int) -> int:
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -162,7 +166,7 @@ def euler_timesteps(
         return _trailing(steps, num_train_timesteps)
     if spacing == "linspace":
         return _linspace64(0, num_train_timesteps - 1, steps).to(torch.float32).to(torch.float64).flip(0)
-    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    raise _unknown_spacing(spacing)
 
 
 def ddim_timesteps(
@@ -182,7 +186,7 @@ def ddim_timesteps(
     if spacing in ("leading", "trailing"):
         t = euler_timesteps(steps, spacing, steps_offset=steps_offset, num_train_timesteps=num_train_timesteps)
         return t.long()
-    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    raise _unknown_spacing(spacing)
 
 
 def dpm_solver_timesteps(
@@ -205,7 +209,7 @@ def dpm_solver_timesteps(
         return _linspace64(0, num_train_timesteps - 1, steps + 1).round().flip(0)[:-1].long()
     if spacing == "trailing":
         return _trailing(steps, num_train_timesteps).long()
-    raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+    raise _unknown_spacing(spacing)
 
 
 LCM_ORIGINAL_STEPS = 50  # LCMScheduler's original_inference_steps: the distillation grid
@@ -279,7 +283,7 @@ def diffusers_spacing_sigmas(
         t = dpm_solver_timesteps(steps, spacing, steps_offset=steps_offset, num_train_timesteps=schedule.num_timesteps)
     elif scheduler == "lcm":
         if spacing not in SPACINGS:
-            raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}")
+            raise _unknown_spacing(spacing)
         t = lcm_timesteps(steps, num_train_timesteps=schedule.num_timesteps)
     else:
         raise ValueError(f"unknown diffusers scheduler family {scheduler!r}; expected one of {', '.join(SPACING_SCHEDULERS)}")
