@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import math
 import os
 import re
 import sys
@@ -272,7 +273,7 @@ def _parse_lora(spec: str) -> tuple[str, float]:
         value = float(weight)
     except ValueError:
         value = float("nan")
-    if value != value or abs(value) == float("inf"):
+    if not math.isfinite(value):
         raise UserError(f"--lora {spec!r}: the weight {weight!r} is not a finite number (FILE:WEIGHT, e.g. style.safetensors:0.8)")
     if not os.path.isfile(path):
         raise UserError(f"the LoRA file {path!r} does not exist")
