@@ -32,7 +32,14 @@ import torch
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.load import load_bundle
 from sdlab.families.loaded import ModelBundle
-from sdlab.train.config import TrainConfig, add_config_arguments, flag, given_settings, merge_resumed
+from sdlab.train.config import (
+    TrainConfig,
+    add_config_arguments,
+    config_from_settings,
+    flag,
+    given_settings,
+    merge_resumed,
+)
 from sdlab.train.data import LatentCache, TrainData, scan_dataset
 from sdlab.train.distributed import DistContext, init_distributed, shutdown_distributed
 from sdlab.train.errors import TrainError
@@ -161,12 +168,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[TrainConfig, ResumePoint
     the ones given (each change noted on stderr)."""
     given = given_settings(args)
     if given.get("resume") is None:
-        return replace(TrainConfig(), **given), None
+        return config_from_settings(given), None
     output_dir = Path(given.get("output_dir", TrainConfig.output_dir))
     point = find_resume_point(output_dir / "checkpoints", given["resume"])
     if point is None:
         logger.warning("no run checkpoint in %s: starting at step 0", output_dir / "checkpoints")
-        return replace(TrainConfig(), **given), None
+        return config_from_settings(given), None
     if given["resume"] == "latest":
         given["output_dir"] = str(output_dir)  # where it was found, wherever the run was first written
     elif "output_dir" not in given:

@@ -20,14 +20,14 @@ import math
 import tomllib
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from sdlab.train.errors import TrainError
 
-__all__ = ["RESUME_INVARIANTS", "TrainConfig", "add_config_arguments", "config_from_args", "flag",
-           "given_settings", "load_config_file", "merge_resumed"]
+__all__ = ["RESUME_INVARIANTS", "TrainConfig", "add_config_arguments", "config_from_args", "config_from_settings",
+           "flag", "given_settings", "load_config_file", "merge_resumed"]
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -336,16 +336,17 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any]) -> tuple[TrainC
     known = {f.name for f in fields(TrainConfig)}
     values = {k: _coerce(k, v) for k, v in stored.items() if k in known and k != "resume"}
     changed = {k: (values.get(k), v) for k, v in given.items() if k != "resume" and k in values and values[k] != v}
-    return _build(values | given), changed
+    return config_from_settings(values | given), changed
 
 
-def _build(values: dict[str, Any]) -> TrainConfig:
+def config_from_settings(values: dict[str, Any]) -> TrainConfig:
+    """A `TrainConfig` of these (parsed) settings over the defaults; an unknown name is a `TrainError`."""
     try:
-        return replace(TrainConfig(), **values)
+        return TrainConfig(**values)
     except TypeError as exc:  # a field that does not exist (Python callers)
         raise TrainError(str(exc)) from None
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """defaults < --config file < explicit CLI options (no resume merge; see `merge_resumed`)."""
-    return _build(given_settings(args))
+    return config_from_settings(given_settings(args))
