@@ -178,9 +178,11 @@ def component_weights(folder: Path) -> Mapping[str, Tensor]:
     )
 
 
-def _config_from_json(path: Path, convert: Callable[[dict[str, Any]], ConfigT]) -> ConfigT:
-    """``convert`` applied to the JSON file ``path``; its ValueError becomes a CheckpointError naming the file."""
-    config_json = _read_json(path)
+def _config_from_json(path: Path, convert: Callable[[dict[str, Any]], ConfigT],
+                      config_json: dict[str, Any] | None = None) -> ConfigT:
+    """``convert`` applied to the JSON file ``path`` (``config_json`` when already read); its ValueError becomes
+    a CheckpointError naming the file."""
+    config_json = _read_json(path) if config_json is None else config_json
     try:
         return convert(config_json)
     except (ValueError, CheckpointError) as exc:
@@ -196,8 +198,8 @@ def _confirm(config_path: Path, declared: Any, found: Callable[[], Any], names: 
         raise CheckpointError(f"{config_path}: {exc}") from None
 
 
-def _unet_source(folder: Path) -> ComponentSource:
-    config = _config_from_json(folder / "config.json", unet_config_from_diffusers)
+def _unet_source(folder: Path, config_json: dict[str, Any]) -> ComponentSource:
+    config = _config_from_json(folder / "config.json", unet_config_from_diffusers, config_json)
     state = component_weights(folder)
     _confirm(folder / "config.json", config, lambda: unet_config_from_diffusers_shapes(shapes_of(state), config),
              UNET_SHAPE_FIELDS, DIFFUSERS_UNET_NAMES)
@@ -207,9 +209,9 @@ def _unet_source(folder: Path) -> ComponentSource:
     )
 
 
-def vae_source_from_folder(folder: Path) -> ComponentSource:
-    """A diffusers `AutoencoderKL` folder (`config.json` + weights)."""
-    config = _config_from_json(folder / "config.json", vae_config_from_diffusers)
+def vae_source_from_folder(folder: Path, config_json: dict[str, Any] | None = None) -> ComponentSource:
+    """A diffusers `AutoencoderKL` folder (`config.json`, or `config_json` when already read, + weights)."""
+    config = _config_from_json(folder / "config.json", vae_config_from_diffusers, config_json)
     state = component_weights(folder)
     _confirm(folder / "config.json", config, lambda: vae_config_from_diffusers_shapes(shapes_of(state), config),
              VAE_SHAPE_FIELDS, DIFFUSERS_VAE_NAMES)
@@ -269,13 +271,13 @@ def _text_source(spec: TextEncoderSpec, folder: Path) -> ComponentSource:
 def read_diffusers_folder(path: Path, *, family: str | None = None) -> DiffusersFolder:
     """Detect the family of a diffusers folder and open each component (weights are read lazily)."""
     model_index = _read_json(path / MODEL_INDEX)
-    unet = _unet_source(path / "unet")           # checks unet/config.json before detection reads it
     unet_json = _read_json(path / "unet" / "config.json")
+    unet = _unet_source(path / "unet", unet_json)  # checks unet/config.json before detection reads it
     first_text = path / "text_encoder" / "config.json"
     text_json = _read_json(first_text) if first_text.exists() else None
     spec = detect_diffusers_family(model_index, unet_json, text_json, override=family)
-    vae = vae_source_from_folder(path / "vae")
     vae_json = _read_json(path / "vae" / "config.json")
+    vae = vae_source_from_folder(path / "vae", vae_json)
     scaling = vae_json.get("scaling_factor")
     if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
         raise CheckpointError(f"{path / 'vae' / 'config.json'}: scaling_factor must be a number, got {scaling!r}")
