@@ -7,6 +7,9 @@
     sdlab new-model OUT [--family F] [--tiny]                             (cli/new_model.py)
     sdlab train --task unet|vae|text --data DIR ...                        (train/cli.py)
     sdlab eval PROMPTS [--model PATH] [--seeds N] [--cfg C] --out DIR       (cli/evaluate.py)
+    sdlab serve [--host H] [--port P] [--models-dir DIR] ...               (cli/serve.py, sdlab/server/)
+    sdlab upscale IMAGE --model F [--scale S] --out OUT                    (cli/upscale.py)
+    sdlab grid PROMPT --x FIELD=V1,V2 [--y ...] [--z ...] --out GRID.png  (cli/grid.py)
 
 Errors the user can fix (a bad file, a missing path, a full disk) print one line, `sdlab: error: ...`, on
 stderr and exit with status 2; anything else exits 1, also without a traceback unless `--debug` or
@@ -31,8 +34,11 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.cli.errors import Terminated, UserError
 from sdlab.cli.evaluate import add_evaluate
 from sdlab.cli.generate import add_generate
+from sdlab.cli.grid import add_grid
 from sdlab.cli.inspect import add_inspect
 from sdlab.cli.new_model import add_new_model
+from sdlab.cli.serve import add_serve
+from sdlab.cli.upscale import add_upscale
 from sdlab.train.cli import add_train_parser
 
 EXIT_USER_ERROR = 2
@@ -45,7 +51,7 @@ EXIT_TERMINATED = 128 + signal.SIGTERM      # 143
 # Entry point
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_generate, add_inspect, add_new_model, add_train_parser, add_evaluate,
+    add_generate, add_inspect, add_new_model, add_train_parser, add_evaluate, add_serve, add_upscale, add_grid,
 )
 
 
