@@ -25,13 +25,14 @@ ALLOWED: dict[str, set[str]] = {
     "pipeline": {"checkpoints", "families", "diffusion", "models", "utils"},
     "train": {"pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
     "api": {"pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
-    "cli": {"api", "pipeline", "checkpoints", "families", "train", "tiny", "utils"},
+    "server": {"api", "pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
+    "cli": {"api", "server", "pipeline", "checkpoints", "families", "train", "tiny", "utils"},
     "__main__": {"cli"},                     # `python -m sdlab` is the command line
     "tiny": {"api", "pipeline", "checkpoints", "families", "diffusion", "models", "train", "utils"},
 }
 # the only core files that may import sdlab.tiny (the layer table above allows the layer, this the file)
 TINY_IMPORTERS = {"cli/evaluate.py"}
-FORBIDDEN_AT_RUNTIME = {"diffusers", "transformers", "open_clip", "k_diffusion"}
+FORBIDDEN_AT_RUNTIME = {"diffusers", "transformers", "open_clip", "k_diffusion", "spandrel"}
 
 
 def _layer_of(path: Path) -> str:
