@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.schedules import NoiseSchedule
+from sdlab.families.latent_format import LatentFormat
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.layers import SDXL_SIZE_EMBED_DIM
 from sdlab.models.unet import UNetConfig
@@ -79,7 +80,7 @@ class FamilySpec:
     unet: UNetConfig                            # full-size default; also carries the head convention
     vae: VAEConfig
     text_encoders: tuple[TextEncoderSpec, ...]
-    latent_scaling_factor: float                # z_model = factor * z_vae (0.18215 SD1/SD2, 0.13025 SDXL)
+    latent_format: LatentFormat                 # channels, scaling (0.18215 SD1/SD2, 0.13025 SDXL), RGB preview
     prediction: Prediction                      # default when nothing says otherwise
     default_size: int                           # pixels, square
     diffusers_pipeline: str                     # model_index.json `_class_name`
@@ -90,6 +91,11 @@ class FamilySpec:
     default_cfg: float = 7.0                    # classifier-free guidance scale a request gets by default
     unet_prefix: str = UNET_PREFIX
     vae_prefix: str = VAE_PREFIX
+
+    @property
+    def latent_scaling_factor(self) -> float:
+        """z_model = factor * z_vae; a file may store its own (`bundle.scaling_factor`)."""
+        return self.latent_format.scaling_factor
 
     @property
     def is_inpaint(self) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.families.latent_format import SD_LATENTS
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNetConfig
 from sdlab.models.vae import VAEConfig
@@ -51,7 +52,7 @@ SD1 = FamilySpec(
     unet=SD1_UNET,
     vae=SD_VAE,
     text_encoders=(SD1_CLIP_L,),
-    latent_scaling_factor=0.18215,
+    latent_format=SD_LATENTS,
     prediction=Prediction.EPS,
     default_size=512,
     diffusers_pipeline="StableDiffusionPipeline",

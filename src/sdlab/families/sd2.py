@@ -13,6 +13,7 @@ from dataclasses import replace
 
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.families.latent_format import SD_LATENTS
 from sdlab.families.sd1 import SD_VAE
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNetConfig
@@ -52,7 +53,7 @@ SD2 = FamilySpec(
     unet=SD2_UNET,
     vae=SD_VAE,
     text_encoders=(SD2_OPENCLIP_H,),
-    latent_scaling_factor=0.18215,
+    latent_format=SD_LATENTS,
     prediction=Prediction.EPS,
     default_size=512,
     default_size_v=768,

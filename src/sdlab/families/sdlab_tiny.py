@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.families.latent_format import LatentFormat
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNetConfig
 from sdlab.models.vae import VAEConfig
@@ -57,6 +58,8 @@ TINY_UNET = UNetConfig(
     norm_groups=8,
 )
 
+TINY_LATENTS = LatentFormat(channels=4, scaling_factor=1.0)
+
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, norm_groups=8)  # f = 4: 16 x 16 x 4
 
 SDLAB_TINY = FamilySpec(
@@ -65,7 +68,7 @@ SDLAB_TINY = FamilySpec(
     unet=TINY_UNET,
     vae=TINY_VAE,
     text_encoders=(TINY_TEXT_ENCODER,),
-    latent_scaling_factor=1.0,
+    latent_format=TINY_LATENTS,
     prediction=Prediction.V,
     default_size=64,
     diffusers_pipeline="StableDiffusionPipeline",

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.families.latent_format import SDXL_LATENTS
 from sdlab.families.sd1 import CLIP_L, SD_VAE
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNetConfig
@@ -80,7 +81,7 @@ SDXL = FamilySpec(
     unet=SDXL_UNET,
     vae=SD_VAE,
     text_encoders=(SDXL_CLIP_L, SDXL_BIGG),
-    latent_scaling_factor=0.13025,
+    latent_format=SDXL_LATENTS,
     prediction=Prediction.EPS,
     default_size=1024,
     diffusers_pipeline="StableDiffusionXLPipeline",

@@ -1,0 +1,84 @@
+"""How a family's latents relate to its VAE and to pixels: channels, scaling, shift and a linear RGB preview.
+
+The sampler works on model latents ``z = (z_vae - shift) * scaling_factor``; the VAE decodes
+``z_vae = z / scaling_factor + shift``. For a live preview without running the VAE decoder, each latent
+pixel is mapped to RGB by one linear map fitted against the decoder:
+
+    rgb = z @ rgb_factors + rgb_bias          z: (..., C) model latents, rgb in [-1, 1] (roughly)
+
+The SD1 / SD2 and SDXL factors are the ones ComfyUI ships (``comfy/latent_formats.py``: ``SD15`` for both SD1
+and SD2, ``SDXL``), fitted on model latents at the family's scaling factor. A file whose own scaling factor
+differs (sdlab-tiny measures one per file) is rescaled to the one the factors were fitted at
+(``rgb_fit_scaling``) before the map is applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+RGB = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """Latent channels, scaling and shift, and the latent -> RGB preview map of one family."""
+
+    channels: int
+    scaling_factor: float                       # z_model = (z_vae - shift) * scaling_factor
+    shift: float = 0.0
+    rgb_factors: tuple[RGB, ...] | None = None  # (channels, 3): one RGB row per latent channel
+    rgb_bias: RGB = (0.0, 0.0, 0.0)
+    rgb_fit_scaling: float | None = None        # scaling the factors were fitted at (None: scaling_factor)
+
+    def __post_init__(self) -> None:
+        if self.rgb_factors is not None and (
+            len(self.rgb_factors) != self.channels or any(len(row) != 3 for row in self.rgb_factors)
+        ):
+            raise ValueError(f"LatentFormat: rgb_factors must be {self.channels} rows of 3")
+
+    def to_model(self, z_vae: Tensor) -> Tensor:
+        """VAE latents -> the latents the U-Net sees."""
+        return (z_vae - self.shift) * self.scaling_factor
+
+    def to_vae(self, z: Tensor) -> Tensor:
+        """The U-Net's latents -> what the VAE decoder takes."""
+        return z / self.scaling_factor + self.shift
+
+    def preview_rgb(self, latents: Tensor, scaling_factor: float | None = None) -> Tensor:
+        """A cheap RGB picture of model latents (B, C, h, w) -> (B, 3, h, w) in [0, 1], one pixel per latent.
+
+        ``scaling_factor`` is the model's own (``bundle.scaling_factor``) when it differs from the family's."""
+        if self.rgb_factors is None:
+            raise ValueError("this latent format has no RGB preview factors")
+        fitted = self.rgb_fit_scaling or self.scaling_factor
+        z = latents.to(torch.float32) * (fitted / (scaling_factor or self.scaling_factor))      # (B, C, h, w)
+        factors = torch.tensor(self.rgb_factors, dtype=torch.float32, device=z.device)          # (C, 3)
+        bias = torch.tensor(self.rgb_bias, dtype=torch.float32, device=z.device)                # (3,)
+        rgb = torch.einsum("bchw,cr->brhw", z, factors) + bias[None, :, None, None]             # (B, 3, h, w)
+        return ((rgb + 1) / 2).clamp(0, 1)
+
+
+# ComfyUI comfy/latent_formats.py SD15 (used for SD1 and SD2): no bias
+SD_RGB_FACTORS: tuple[RGB, ...] = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+
+# ComfyUI comfy/latent_formats.py SDXL
+SDXL_RGB_FACTORS: tuple[RGB, ...] = (
+    (0.3651, 0.4232, 0.4341),
+    (-0.2533, -0.0042, 0.1068),
+    (0.1076, 0.1111, -0.0362),
+    (-0.3165, -0.2492, -0.2188),
+)
+SDXL_RGB_BIAS: RGB = (0.1084, -0.0175, -0.0011)
+
+SD_LATENTS = LatentFormat(channels=4, scaling_factor=0.18215, rgb_factors=SD_RGB_FACTORS)
+SDXL_LATENTS = LatentFormat(channels=4, scaling_factor=0.13025, rgb_factors=SDXL_RGB_FACTORS, rgb_bias=SDXL_RGB_BIAS)
+
+__all__ = ["LatentFormat", "SDXL_LATENTS", "SD_LATENTS"]
