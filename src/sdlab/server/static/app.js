@@ -1,0 +1,772 @@
+// sdlab web UI: plain JavaScript on sdlab's HTTP API (no build step).
+//   lists:    /sdapi/v1/sd-models, samplers, schedulers, loras, options; /sdapi/v1/png-info
+//   jobs:     POST /api/jobs -> {id}; GET /api/jobs; GET/DELETE /api/jobs/{id};
+//             GET /api/jobs/{id}/events (Server-Sent Events: queued, started, step, done, failed, cancelled)
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const ACTIVE = new Set(["queued", "running"]);
+const TERMINAL_EVENTS = new Set(["done", "failed", "cancelled", "interrupted"]);
+const LORA_TAG = /<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>/gi;
+
+const state = {
+  mode: "txt2img",
+  initImage: null,        // data URL of the image for img2img / inpaint
+  maskPainted: false,
+  loras: [],              // [{name, weight}]
+  watched: new Map(),     // job id -> EventSource
+  shownJob: null,         // id of the job the progress bar and viewer follow
+  lastSeed: null,
+  jobsSignature: "",
+};
+
+// ---------------------------------------------------------------- HTTP
+
+class ApiError extends Error {}
+
+function detailText(detail) {
+  // FastAPI validation errors are a list of {loc, msg}; A1111-style errors a string (or {error, detail})
+  if (detail == null) return "";
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail.map((d) => {
+      const loc = Array.isArray(d.loc) ? d.loc.filter((x) => x !== "body").join(".") : "";
+      return (loc ? loc + ": " : "") + (d.msg || JSON.stringify(d));
+    }).join("\n");
+  }
+  if (typeof detail === "object") return detail.detail ? detailText(detail.detail) : detail.error || JSON.stringify(detail);
+  return String(detail);
+}
+
+async function api(path, options = {}) {
+  const init = { method: options.method || "GET", headers: {}, credentials: "same-origin" };
+  if (options.body !== undefined) {
+    init.headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(options.body);
+  }
+  let response;
+  try {
+    response = await fetch(path, init);
+  } catch (err) {
+    throw new ApiError(`cannot reach the server (${err.message})`);
+  }
+  const text = await response.text();
+  let data = null;
+  try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
+  if (!response.ok) {
+    let message = data ? detailText(data.detail ?? data.error ?? data) : text.trim();
+    if (response.status === 429 && !message) message = "the queue is full; wait for a job to finish";
+    throw new ApiError(`${response.status} ${response.statusText || ""}`.trim() + (message ? `: ${message}` : ""));
+  }
+  return data;
+}
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function showNotice(message) {
+  const box = $("notice");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+// ---------------------------------------------------------------- lists
+
+function fillSelect(select, items, { blank } = {}) {
+  const previous = select.value;
+  select.replaceChildren();
+  if (blank) select.append(new Option(blank, ""));
+  for (const item of items) {
+    const option = new Option(item.label, item.value);
+    for (const [key, value] of Object.entries(item.data || {})) option.dataset[key] = value ?? "";
+    select.append(option);
+  }
+  if ([...select.options].some((o) => o.value === previous)) select.value = previous;
+}
+
+async function loadModels() {
+  const [models, options] = await Promise.all([api("/sdapi/v1/sd-models"), api("/sdapi/v1/options").catch(() => ({}))]);
+  fillSelect($("model"), (models || []).map((m) => ({
+    label: m.title || m.model_name, value: m.title || m.model_name,
+    data: { name: m.model_name, filename: m.filename || "", hash: m.hash || "" },
+  })));
+  const current = options && options.sd_model_checkpoint;
+  if (current) selectMatching($("model"), current);
+}
+
+async function loadLists() {
+  const results = await Promise.allSettled([
+    loadModels(),
+    api("/sdapi/v1/samplers").then((samplers) => {
+      fillSelect($("sampler"), (samplers || []).map((s) => ({
+        label: s.name, value: s.name, data: { aliases: (s.aliases || []).join("\n") },
+      })), { blank: "Automatic" });
+      if (!$("sampler").value) selectMatching($("sampler"), "DPM++ 2M");
+    }),
+    api("/sdapi/v1/schedulers").then((schedulers) => {
+      fillSelect($("schedule"), (schedulers || []).map((s) => ({ label: s.label || s.name, value: s.name })),
+        { blank: "Automatic" });
+    }),
+    api("/sdapi/v1/loras").then((loras) => {
+      fillSelect($("lora"), (loras || []).map((l) => ({ label: l.alias && l.alias !== l.name ? `${l.name} (${l.alias})` : l.name, value: l.name })),
+        { blank: (loras || []).length ? "choose a LoRA" : "no LoRAs found" });
+      $("lora-add").disabled = !(loras || []).length;
+    }),
+  ]);
+  const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
+  if (failed.length) showError("Could not load the lists: " + failed.join("; "));
+}
+
+// Select the option whose value, text or aliases match `wanted` (case-insensitive). Returns success.
+function selectMatching(select, wanted) {
+  if (wanted == null || wanted === "") { select.value = ""; return select.value === ""; }
+  const key = String(wanted).trim().toLowerCase();
+  const norm = (s) => String(s || "").trim().toLowerCase();
+  for (const option of select.options) {
+    const names = [option.value, option.text, option.dataset.name, option.dataset.filename, option.dataset.hash,
+      ...(option.dataset.aliases || "").split("\n")].map(norm);
+    const filenameStem = norm(option.dataset.filename).split(/[\\/]/).pop().replace(/\.[^.]*$/, "");
+    if (names.includes(key) || (filenameStem && filenameStem === key)) {
+      select.value = option.value;
+      return true;
+    }
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------- LoRAs
+
+function renderLoras() {
+  const list = $("lora-list");
+  list.replaceChildren();
+  state.loras.forEach((lora, index) => {
+    const item = document.createElement("li");
+    item.dataset.name = lora.name;
+    const name = document.createElement("span");
+    name.textContent = lora.name;
+    const weight = document.createElement("input");
+    weight.type = "number";
+    weight.step = "0.05";
+    weight.value = lora.weight;
+    weight.id = `lora-weight-${index}`;
+    weight.setAttribute("aria-label", `Weight of ${lora.name}`);
+    weight.addEventListener("change", () => { lora.weight = Number(weight.value); });
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.textContent = "\u00d7";
+    remove.setAttribute("aria-label", `Remove ${lora.name}`);
+    remove.addEventListener("click", () => { state.loras.splice(index, 1); renderLoras(); });
+    item.append(name, weight, remove);
+    list.append(item);
+  });
+}
+
+function addLora(name, weight) {
+  if (!name) return;
+  const existing = state.loras.find((l) => l.name === name);
+  if (existing) existing.weight = weight;
+  else state.loras.push({ name, weight });
+  renderLoras();
+}
+
+// Move `<lora:name:w>` tags out of a prompt into the LoRA list (A1111's prompt syntax for LoRAs).
+function takeLoraTags(prompt) {
+  const text = String(prompt || "");
+  for (const match of text.matchAll(LORA_TAG)) {
+    const weight = match[2] === undefined || match[2].trim() === "" ? 1 : Number(match[2]);
+    addLora(match[1].trim(), Number.isFinite(weight) ? weight : 1);
+  }
+  return text.replace(LORA_TAG, "").replace(/\s{2,}/g, " ").trim();
+}
+
+// ---------------------------------------------------------------- mode, image and mask
+
+function setMode(mode) {
+  state.mode = mode;
+  for (const tab of document.querySelectorAll('[role="tab"]')) {
+    tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
+  }
+  $("image-section").hidden = mode === "txt2img";
+  $("mask-tools").hidden = mode !== "inpaint";
+  $("mask-canvas").classList.toggle("disabled", mode !== "inpaint");
+}
+
+function readFile(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+function loadImage(url) {
+  return new Promise((resolve, reject) => {
+    const image = new Image();
+    image.onload = () => resolve(image);
+    image.onerror = () => reject(new Error("the file is not an image the browser can read"));
+    image.src = url;
+  });
+}
+
+async function setInitImage(dataUrl) {
+  const image = await loadImage(dataUrl);
+  const initCanvas = $("init-canvas");
+  const maskCanvas = $("mask-canvas");
+  initCanvas.width = maskCanvas.width = image.naturalWidth;
+  initCanvas.height = maskCanvas.height = image.naturalHeight;
+  initCanvas.getContext("2d").drawImage(image, 0, 0);
+  state.initImage = dataUrl;
+  clearMask();
+  $("canvas-stack").hidden = false;
+  $("init-placeholder").hidden = true;
+}
+
+function clearMask() {
+  const canvas = $("mask-canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  state.maskPainted = false;
+}
+
+function setupMaskPainting() {
+  const canvas = $("mask-canvas");
+  let last = null;
+  const point = (event) => {
+    const rect = canvas.getBoundingClientRect();
+    const scale = canvas.width / rect.width;
+    return { x: (event.clientX - rect.left) * scale, y: (event.clientY - rect.top) * scale, scale };
+  };
+  const stroke = (from, to) => {
+    const ctx = canvas.getContext("2d");
+    ctx.strokeStyle = ctx.fillStyle = "#ffffff";
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.lineWidth = Math.max(1, Number($("brush-size").value) * to.scale);
+    ctx.beginPath();
+    ctx.moveTo(from.x, from.y);
+    ctx.lineTo(to.x + 0.01, to.y);
+    ctx.stroke();
+    state.maskPainted = true;
+  };
+  canvas.addEventListener("pointerdown", (event) => {
+    if (state.mode !== "inpaint") return;
+    event.preventDefault();
+    canvas.setPointerCapture?.(event.pointerId);
+    last = point(event);
+    stroke(last, last);
+  });
+  canvas.addEventListener("pointermove", (event) => {
+    if (!last) return;
+    const next = point(event);
+    stroke(last, next);
+    last = next;
+  });
+  const end = () => { last = null; };
+  canvas.addEventListener("pointerup", end);
+  canvas.addEventListener("pointercancel", end);
+  canvas.addEventListener("lostpointercapture", end);
+}
+
+// The mask as a PNG data URL: white where painted (repaint), black elsewhere, at the image's size.
+function maskDataUrl() {
+  const painted = $("mask-canvas");
+  const out = document.createElement("canvas");
+  out.width = painted.width;
+  out.height = painted.height;
+  const ctx = out.getContext("2d");
+  ctx.fillStyle = "#000000";
+  ctx.fillRect(0, 0, out.width, out.height);
+  ctx.drawImage(painted, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+const base64Of = (dataUrl) => String(dataUrl).replace(/^data:[^,]*,/, "");
+
+// ---------------------------------------------------------------- request
+
+function numberField(id, { integer = false } = {}) {
+  const raw = $(id).value.trim();
+  if (raw === "") return undefined;
+  const value = Number(raw);
+  if (!Number.isFinite(value) || (integer && !Number.isInteger(value))) {
+    throw new ApiError(`${$(id).labels[0]?.textContent || id}: "${raw}" is not ${integer ? "a whole number" : "a number"}`);
+  }
+  return value;
+}
+
+function collectRequest() {
+  const prompt = takeLoraTags($("prompt").value);
+  if (prompt !== $("prompt").value.trim()) $("prompt").value = prompt;
+  const body = {
+    mode: state.mode,
+    prompt,
+    negative_prompt: $("negative_prompt").value,
+    steps: numberField("steps", { integer: true }),
+    cfg_scale: numberField("cfg_scale"),
+    seed: numberField("seed", { integer: true }) ?? -1,
+    width: numberField("width", { integer: true }),
+    height: numberField("height", { integer: true }),
+    batch_size: numberField("batch_size", { integer: true }),
+    loras: state.loras.map((l) => ({ name: l.name, weight: Number(l.weight) })),
+  };
+  if ($("model").value) body.model = $("model").value;   // the checkpoint's title, as /sdapi/v1/sd-models names it
+  if ($("sampler").value) body.sampler = $("sampler").value;
+  if ($("schedule").value) body.schedule = $("schedule").value;
+  if (state.mode !== "txt2img") {
+    if (!state.initImage) throw new ApiError(`${state.mode} needs an initial image: choose or drop one`);
+    body.init_image = base64Of(state.initImage);
+    body.strength = Number($("strength").value);
+  }
+  if (state.mode === "inpaint") {
+    if (!state.maskPainted) throw new ApiError("inpaint needs a mask: paint the area to repaint on the image");
+    body.mask_image = base64Of(maskDataUrl());
+  }
+  for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
+  return body;
+}
+
+function setField(id, value) {
+  if (value === undefined || value === null) return;
+  $(id).value = value;
+}
+
+// Fill the form from request-style settings ({prompt, negative_prompt, steps, sampler, ...}).
+// Returns the names of settings that did not fit a list (unknown sampler, schedule or model).
+function fillForm(settings) {
+  const unknown = [];
+  state.loras = [];
+  if (Array.isArray(settings.loras)) {
+    for (const l of settings.loras) if (l && l.name) addLora(l.name, Number(l.weight ?? 1));
+  }
+  if (settings.prompt !== undefined) $("prompt").value = takeLoraTags(settings.prompt);
+  renderLoras();
+  setField("negative_prompt", settings.negative_prompt ?? "");
+  setField("steps", settings.steps);
+  setField("cfg_scale", settings.cfg_scale);
+  setField("seed", settings.seed);
+  setField("width", settings.width);
+  setField("height", settings.height);
+  setField("batch_size", settings.batch_size);
+  if (settings.strength != null) {
+    $("strength").value = settings.strength;
+    $("strength-value").textContent = Number(settings.strength).toFixed(2);
+  }
+  if (settings.sampler != null && !selectMatching($("sampler"), settings.sampler)) unknown.push(`sampler "${settings.sampler}"`);
+  if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
+  if (settings.model && !selectMatching($("model"), settings.model)) unknown.push(`model "${settings.model}"`);
+  if (settings.mode && ["txt2img", "img2img", "inpaint"].includes(settings.mode)) setMode(settings.mode);
+  return unknown;
+}
+
+// A1111 infotext labels ("Steps", "CFG scale", "Size" or "Size-1"/"Size-2", ...) -> request-style settings.
+function settingsFromParameters(p) {
+  if ("prompt" in p && !("Prompt" in p)) return p;     // already request-style
+  const s = {};
+  const number = (v) => (v === undefined || v === null || v === "" || !Number.isFinite(Number(v)) ? undefined : Number(v));
+  if ("Prompt" in p) s.prompt = String(p.Prompt);
+  s.negative_prompt = String(p["Negative prompt"] ?? "");
+  s.steps = number(p.Steps);
+  s.cfg_scale = number(p["CFG scale"]);
+  s.seed = number(p.Seed);
+  s.strength = number(p["Denoising strength"]);
+  let sampler = p.Sampler;
+  let schedule = p["Schedule type"];
+  for (const suffix of [" Karras", " Exponential"]) {   // older A1111 files name the schedule in the sampler
+    if (sampler && sampler.endsWith(suffix) && schedule === undefined) {
+      sampler = sampler.slice(0, -suffix.length);
+      schedule = suffix.trim();
+    }
+  }
+  if (sampler !== undefined) s.sampler = sampler;
+  if (schedule !== undefined) {
+    const name = String(schedule).trim().toLowerCase().replace(/ /g, "_");
+    s.schedule = name === "automatic" ? "" : name;
+  }
+  if (p.Size) {
+    const m = String(p.Size).toLowerCase().match(/^\s*(\d+)\s*x\s*(\d+)\s*$/);
+    if (m) { s.width = Number(m[1]); s.height = Number(m[2]); }
+  } else if (p["Size-1"] !== undefined) {
+    s.width = number(p["Size-1"]);
+    s.height = number(p["Size-2"]);
+  }
+  if (p.Model) s.model = p.Model;
+  return s;
+}
+
+// ---------------------------------------------------------------- jobs
+
+async function generate() {
+  showError("");
+  showNotice("");
+  let body;
+  try {
+    body = collectRequest();
+  } catch (err) {
+    showError(err.message);
+    return;
+  }
+  const button = $("generate");
+  button.disabled = true;
+  try {
+    const job = await api("/api/jobs", { method: "POST", body });
+    state.shownJob = job.id;
+    setProgress(0, 1, job.position ? `Queued (position ${job.position})` : "Queued");
+    watchJob(job.id);
+    refreshJobs();
+  } catch (err) {
+    showError(err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function setProgress(value, max, text) {
+  $("progress").max = max || 1;
+  $("progress").value = value || 0;
+  $("progress-text").textContent = text;
+}
+
+function updateCancelButton() {
+  $("cancel").disabled = state.watched.size === 0;
+}
+
+function parseEventData(event) {
+  try { return event.data ? JSON.parse(event.data) : {}; } catch (_) { return {}; }
+}
+
+function watchJob(id) {
+  if (state.watched.has(id)) return;
+  const source = new EventSource(`/api/jobs/${encodeURIComponent(id)}/events`);
+  state.watched.set(id, source);
+  updateCancelButton();
+  const handle = (type, data) => {
+    if (type === "queued" && state.shownJob === id) {
+      setProgress(0, 1, data.position ? `Queued (position ${data.position})` : "Queued");
+    } else if (type === "started") {
+      state.shownJob = id;
+      setProgress(0, 1, "Started");
+    } else if (type === "step") {
+      state.shownJob = id;
+      setProgress(data.i, data.n, `Step ${data.i} / ${data.n}`);
+      if (data.preview) {
+        $("preview").dataset.count = Number($("preview").dataset.count || 0) + 1;   // previews shown so far
+        $("preview").src = data.preview;
+        $("preview").hidden = false;
+        $("results").replaceChildren();
+      }
+    } else if (TERMINAL_EVENTS.has(type)) {
+      finishWatching(id);
+    }
+  };
+  for (const type of ["queued", "started", "step", ...TERMINAL_EVENTS]) {
+    source.addEventListener(type, (event) => handle(type, parseEventData(event)));
+  }
+  source.onmessage = (event) => {          // servers that send unnamed events with a type field
+    const data = parseEventData(event);
+    const type = data.type || data.event || data.status;
+    if (type) handle(type, data.data || data);
+  };
+  source.onerror = () => {                 // stream closed or dropped: the job's record says the rest
+    if (state.watched.has(id)) pollJob(id);
+  };
+}
+
+async function pollJob(id) {
+  const source = state.watched.get(id);
+  if (source) source.close();
+  try {
+    const job = await api(`/api/jobs/${encodeURIComponent(id)}`);
+    if (ACTIVE.has(job.status)) {
+      setTimeout(() => pollJob(id), 1000);
+      return;
+    }
+  } catch (_) { /* gone: stop watching */ }
+  finishWatching(id);
+}
+
+async function finishWatching(id) {
+  const source = state.watched.get(id);
+  if (source) source.close();
+  state.watched.delete(id);
+  updateCancelButton();
+  let job = null;
+  try { job = await api(`/api/jobs/${encodeURIComponent(id)}`); } catch (err) { showError(err.message); }
+  if (job && state.shownJob === id) showJob(job);
+  if (job && job.status === "done" && job.request && job.request.seed != null) state.lastSeed = job.request.seed;
+  await refreshJobs();
+  const next = [...state.watched.keys()].pop();
+  if (next && state.shownJob === id) state.shownJob = next;
+}
+
+function elapsed(job) {
+  if (job.started == null || job.finished == null) return "";
+  const toSeconds = (t) => (typeof t === "number" ? t : Date.parse(t) / 1000);
+  const seconds = toSeconds(job.finished) - toSeconds(job.started);
+  return Number.isFinite(seconds) ? ` in ${seconds.toFixed(1)} s` : "";
+}
+
+// Show a job in the viewer: its images, its parameters and its status.
+function showJob(job) {
+  state.shownJob = job.id;
+  const status = job.status;
+  const n = job.steps || (job.request && job.request.steps) || 1;
+  if (status === "done") setProgress(n, n, `Done${elapsed(job)}`);
+  else if (status === "failed") setProgress(0, 1, "Failed");
+  else if (status === "cancelled" || status === "interrupted") setProgress(job.step || 0, n, status === "cancelled" ? "Cancelled" : "Interrupted");
+  else setProgress(job.step || 0, n, status === "running" ? `Step ${job.step || 0} / ${n}` : "Queued");
+  if (status === "failed" && job.error) showError(`Job failed: ${job.error}`);
+  const results = $("results");
+  results.replaceChildren();
+  for (const [index, url] of (job.images || []).entries()) {
+    const link = document.createElement("a");
+    link.href = url;
+    link.target = "_blank";
+    const img = document.createElement("img");
+    img.src = url;
+    img.className = "result";
+    img.alt = `Result ${index + 1}: ${job.request ? job.request.prompt : ""}`;
+    link.append(img);
+    results.append(link);
+  }
+  if ((job.images || []).length || !ACTIVE.has(status)) $("preview").hidden = true;
+  $("infotext").textContent = (job.infotexts || []).join("\n\n");
+}
+
+async function cancelJob(id) {
+  try {
+    await api(`/api/jobs/${encodeURIComponent(id)}`, { method: "DELETE" });
+  } catch (err) {
+    showError(err.message);
+  }
+  refreshJobs();
+}
+
+function cancelShown() {
+  const ids = [...state.watched.keys()];
+  const id = ids.includes(state.shownJob) ? state.shownJob : ids.pop();
+  if (id) cancelJob(id);
+}
+
+function makeButton(text, className, onClick, label) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.textContent = text;
+  button.className = className;
+  if (label) button.setAttribute("aria-label", label);
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+function badge(status) {
+  const span = document.createElement("span");
+  span.className = `badge ${status}`;
+  span.textContent = status;
+  return span;
+}
+
+function renderQueue(jobs) {
+  const queue = $("queue");
+  queue.replaceChildren();
+  const active = jobs.filter((j) => ACTIVE.has(j.status)).reverse();   // oldest (next to run) first
+  if (!active.length) {
+    const empty = document.createElement("li");
+    empty.className = "empty";
+    empty.textContent = "No jobs waiting";
+    queue.append(empty);
+  }
+  for (const job of active) {
+    const item = document.createElement("li");
+    item.dataset.jobId = job.id;
+    item.dataset.status = job.status;
+    const prompt = document.createElement("span");
+    prompt.className = "prompt";
+    prompt.textContent = (job.request && job.request.prompt) || "(no prompt)";
+    const progress = document.createElement("span");
+    progress.textContent = job.status === "running" ? `${job.step || 0} / ${job.steps || "?"}` : "";
+    item.append(badge(job.status), prompt, progress,
+      makeButton("Cancel", "cancel-job", () => cancelJob(job.id), `Cancel job ${job.id}`));
+    queue.append(item);
+    if (!state.watched.has(job.id)) watchJob(job.id);   // jobs queued from another tab or client
+  }
+}
+
+async function imageToInit(url) {
+  try {
+    const response = await fetch(url, { credentials: "same-origin" });
+    if (!response.ok) throw new ApiError(`${response.status}: cannot load ${url}`);
+    await setInitImage(await readFile(await response.blob()));
+    if (state.mode === "txt2img") setMode("img2img");
+  } catch (err) {
+    showError(err.message);
+  }
+}
+
+function reuseSettings(job) {
+  showError("");
+  const settings = { ...(job.request || {}), mode: undefined };
+  if (job.request && job.request.model === undefined && job.model) settings.model = job.model;
+  const unknown = fillForm(settings);
+  if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
+  showNotice(unknown.length ? `Not available here: ${unknown.join(", ")}` : "");
+}
+
+function renderGallery(jobs) {
+  const gallery = $("gallery");
+  gallery.replaceChildren();
+  for (const job of jobs.filter((j) => !ACTIVE.has(j.status)).slice(0, 100)) {
+    const card = document.createElement("div");
+    card.className = "card";
+    card.dataset.jobId = job.id;
+    card.dataset.status = job.status;
+    const thumbs = document.createElement("div");
+    thumbs.className = "thumbs";
+    for (const url of job.images || []) {
+      const img = document.createElement("img");
+      img.src = url;
+      img.alt = (job.request && job.request.prompt) || "result";
+      img.loading = "lazy";
+      img.addEventListener("click", () => showJob(job));
+      thumbs.append(img);
+    }
+    const caption = document.createElement("div");
+    caption.className = "caption";
+    caption.textContent = (job.request && job.request.prompt) || "(no prompt)";
+    caption.title = caption.textContent;
+    const meta = document.createElement("div");
+    meta.className = "meta";
+    const seed = document.createElement("span");
+    if (job.request && job.request.seed != null) seed.textContent = `seed ${job.request.seed}`;
+    meta.append(badge(job.status), seed);
+    const buttons = document.createElement("div");
+    buttons.className = "row";
+    buttons.append(makeButton("Reuse settings", "reuse", () => reuseSettings(job), `Reuse the settings of job ${job.id}`));
+    if ((job.images || []).length) {
+      buttons.append(makeButton("To img2img", "to-img2img", () => imageToInit(job.images[0]), `Use the image of job ${job.id} for img2img`));
+    }
+    card.append(thumbs, caption, meta, buttons);
+    gallery.append(card);
+  }
+}
+
+async function refreshJobs() {
+  let data;
+  try {
+    data = await api("/api/jobs");
+  } catch (_) {
+    return;
+  }
+  const jobs = (data && data.jobs) || [];
+  const signature = JSON.stringify(jobs.map((j) => [j.id, j.status, j.step, (j.images || []).length]));
+  if (signature === state.jobsSignature) return;
+  state.jobsSignature = signature;
+  renderQueue(jobs);
+  renderGallery(jobs);
+}
+
+// ---------------------------------------------------------------- PNG parameters
+
+async function readParameters(file) {
+  showError("");
+  showNotice("");
+  try {
+    const dataUrl = await readFile(file);
+    const info = await api("/sdapi/v1/png-info", { method: "POST", body: { image: base64Of(dataUrl) } });
+    const parameters = (info && info.parameters) || {};
+    if (!info || (!info.info && !Object.keys(parameters).length)) {
+      showError(`${file.name || "the image"} carries no generation parameters`);
+      return;
+    }
+    const unknown = fillForm(settingsFromParameters(parameters));
+    showNotice(`Settings read from ${file.name || "the image"}` + (unknown.length ? `; not available here: ${unknown.join(", ")}` : ""));
+  } catch (err) {
+    showError(`Cannot read the parameters: ${err.message}`);
+  }
+}
+
+function setupDrop() {
+  const overlay = $("drop-overlay");
+  const zone = $("init-drop");
+  let depth = 0;
+  const hasFiles = (event) => [...(event.dataTransfer?.types || [])].includes("Files");
+  document.addEventListener("dragenter", (event) => {
+    if (!hasFiles(event)) return;
+    depth += 1;
+    if (!zone.contains(event.target)) overlay.hidden = false;
+  });
+  document.addEventListener("dragleave", () => {
+    depth = Math.max(0, depth - 1);
+    if (!depth) overlay.hidden = true;
+  });
+  document.addEventListener("dragover", (event) => {
+    if (!hasFiles(event)) return;
+    event.preventDefault();
+    const onZone = zone.contains(event.target) && state.mode !== "txt2img";
+    overlay.hidden = onZone;
+    zone.classList.toggle("dragging", onZone);
+  });
+  document.addEventListener("drop", async (event) => {
+    const file = event.dataTransfer?.files?.[0];
+    depth = 0;
+    overlay.hidden = true;
+    zone.classList.remove("dragging");
+    if (!file) return;
+    event.preventDefault();
+    if (zone.contains(event.target) && state.mode !== "txt2img") {
+      try { await setInitImage(await readFile(file)); } catch (err) { showError(err.message); }
+    } else {
+      await readParameters(file);
+    }
+  });
+}
+
+// ---------------------------------------------------------------- wiring
+
+function setup() {
+  setMode("txt2img");
+  setupMaskPainting();
+  setupDrop();
+  for (const tab of document.querySelectorAll('[role="tab"]')) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+  $("settings").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
+  document.addEventListener("keydown", (event) => {
+    if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
+      event.preventDefault();
+      generate();
+    }
+  });
+  $("cancel").addEventListener("click", cancelShown);
+  $("seed-random").addEventListener("click", () => { $("seed").value = -1; });
+  $("seed-reuse").addEventListener("click", () => {
+    if (state.lastSeed == null) showNotice("No finished job yet to take a seed from");
+    else $("seed").value = state.lastSeed;
+  });
+  $("lora-add").addEventListener("click", () => addLora($("lora").value, Number($("lora-weight").value) || 0));
+  $("strength").addEventListener("input", () => { $("strength-value").textContent = Number($("strength").value).toFixed(2); });
+  $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
+  $("mask-clear").addEventListener("click", clearMask);
+  $("init-image").addEventListener("change", async () => {
+    const file = $("init-image").files[0];
+    if (!file) return;
+    try { await setInitImage(await readFile(file)); } catch (err) { showError(err.message); }
+  });
+  $("png-info-file").addEventListener("change", async () => {
+    const file = $("png-info-file").files[0];
+    if (file) await readParameters(file);
+    $("png-info-file").value = "";
+  });
+  $("model-refresh").addEventListener("click", async () => {
+    try {
+      await api("/sdapi/v1/refresh-checkpoints", { method: "POST" });
+      await loadModels();
+    } catch (err) {
+      showError(err.message);
+    }
+  });
+  renderLoras();
+  loadLists().then(refreshJobs);
+  setInterval(() => { if (state.watched.size) refreshJobs(); }, 1500);
+  setInterval(refreshJobs, 10000);
+}
+
+document.addEventListener("DOMContentLoaded", setup);
