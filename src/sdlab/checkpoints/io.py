@@ -140,8 +140,12 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Mapping[str, Tensor], dict[str, str]]:
-    """Tensors and string metadata of a `.safetensors` or weights-only pickle file (see module docstring)."""
+def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
+    """Tensors and string metadata of a `.safetensors` or weights-only pickle file (see module docstring).
+
+    `nested`: tensors inside nested dicts of a pickle are kept under dotted keys (an A1111 embedding's
+    `string_to_param` -> `string_to_param.*`); by default only top-level tensors are read.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
@@ -154,7 +158,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Mapping[str, Tensor],
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
     if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path), {}
+        return _read_pickle(path, nested), {}
     # Unknown suffix: decide by content. A safetensors file starts with an 8-byte little-endian header size
     # followed by "{"; a torch zip checkpoint starts with "PK".
     with open(path, "rb") as f:
@@ -162,7 +166,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[Mapping[str, Tensor],
     if len(head) == 9 and head[8:9] == b"{":
         return _read_safetensors(path)
     if zipfile.is_zipfile(path):
-        return _read_pickle(path), {}
+        return _read_pickle(path, nested), {}
     raise CheckpointError(
         f"{path}: unknown checkpoint format (suffix {suffix or 'none'!r}); expected .safetensors, .ckpt, .pt, .pth or .bin"
     )
@@ -243,7 +247,7 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
-def _read_pickle(path: Path) -> dict[str, Tensor]:
+def _read_pickle(path: Path, nested: bool = False) -> dict[str, Tensor]:
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"      # what torch.load takes for its zip format
     mmap = _check_torch_zip(path) if is_zip else False
@@ -261,14 +265,16 @@ def _read_pickle(path: Path) -> dict[str, Tensor]:
                 "would run on load); convert the file to .safetensors with a tool you trust"
             ) from exc
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from exc
-    return _unwrap_state_dict(obj, path)
+    return _unwrap_state_dict(obj, path, nested)
 
 
-def _unwrap_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
+def _unwrap_state_dict(obj: object, path: Path, nested: bool = False) -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    if nested:
+        obj = _flatten(obj)
     tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
     dropped = [k for k in obj if k not in tensors]
     if dropped:
@@ -276,6 +282,18 @@ def _unwrap_state_dict(obj: object, path: Path) -> dict[str, Tensor]:
     if not tensors:
         raise CheckpointError(f"{path}: holds no tensors (top-level keys: {', '.join(map(str, list(obj)[:10]))})")
     return tensors
+
+
+def _flatten(obj: Mapping, prefix: str = "", depth: int = 0) -> dict[object, object]:
+    """Nested dicts as one dict with dotted string keys (4 levels at most)."""
+    flat: dict[object, object] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}" if isinstance(key, str) else key
+        if isinstance(value, Mapping) and isinstance(key, str) and depth < 4:
+            flat.update(_flatten(value, f"{name}.", depth + 1))
+        else:
+            flat[name] = value
+    return flat
 
 
 _DTYPE_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}

@@ -78,16 +78,34 @@ _ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}      # "gelu" is the e
 
 
 class CLIPTextEmbeddings(nn.Module):
+    """Token + position embeddings. Ids from ``vocab_size`` on name rows of ``added_tokens`` (K, D): the
+    vectors of textual-inversion embeddings, as diffusers' ``load_textual_inversion`` appends rows to the
+    token table. They are not weights of the model (no state-dict entry)."""
+
+    added_tokens: Tensor | None
+
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.position_embedding = nn.Embedding(cfg.max_positions, cfg.width)
+        self.register_buffer("added_tokens", None, persistent=False)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         T = input_ids.shape[1]
         if T > self.position_embedding.num_embeddings:
             raise ValueError(f"{T} tokens exceed the {self.position_embedding.num_embeddings} positions")
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:T]   # (B, T, D)
+        return self.token_vectors(input_ids) + self.position_embedding.weight[:T]   # (B, T, D)
+
+    def token_vectors(self, input_ids: Tensor) -> Tensor:
+        vocab = self.token_embedding.num_embeddings
+        added = input_ids >= vocab                                                    # (B, T)
+        if not added.any():
+            return self.token_embedding(input_ids)                                    # (B, T, D)
+        if self.added_tokens is None or int(input_ids.max()) >= vocab + self.added_tokens.shape[0]:
+            raise ValueError(f"token id {int(input_ids.max())} is past the vocabulary and the added tokens")
+        base = self.token_embedding(input_ids.clamp(max=vocab - 1))                   # (B, T, D)
+        extra = self.added_tokens.to(base.dtype)[(input_ids - vocab).clamp(min=0)]    # (B, T, D)
+        return torch.where(added.unsqueeze(-1), extra, base)
 
 
 class CLIPAttention(nn.Module):

@@ -20,10 +20,12 @@ Nothing is read at import time; :func:`default_tokenizer` loads it on first use.
 
 from __future__ import annotations
 
+import copy
 import gzip
 import heapq
 import html
 import logging
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -51,6 +53,11 @@ _PRETOKENIZE = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
+
+
+# ComfyUI's way to name an embedding in a prompt: `embedding:NAME` (NAME may carry the file's extension).
+_EMBEDDING_SYNTAX = regex.compile(r"embedding:([^\s,()\[\]{}<>|:]+)", regex.IGNORECASE)
+_EMBEDDING_SUFFIX = regex.compile(r"\.(pt|pth|bin|safetensors)$", regex.IGNORECASE)
 
 
 @lru_cache(maxsize=1)
@@ -125,6 +132,8 @@ class CLIPTokenizer:
         self._char_to_byte = {c: b for b, c in self._byte_to_char.items()}
         self._cache_size = cache_size
         self._word_cache: dict[str, tuple[int, ...]] = {_BOS_TOKEN: (BOS_TOKEN_ID,), _EOS_TOKEN: (EOS_TOKEN_ID,)}
+        self.added_words: dict[str, tuple[int, ...]] = {}          # see with_added_words
+        self._added_by_first: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
 
     def _bpe(self, word: str) -> list[str]:
         """Merge the characters of one byte-mapped word, lowest-ranked pair first, until no pair is a merge.
@@ -178,22 +187,80 @@ class CLIPTokenizer:
         return ids
 
     def encode(self, text: str) -> list[int]:
-        """BPE ids of ``text``: no begin/end tokens, no truncation."""
+        """BPE ids of ``text``: no begin/end tokens, no truncation (added words substituted, see
+        ``with_added_words``)."""
+        if not self.added_words:
+            return self._bpe_ids(text)
+        ids: list[int] = []
+        for i, part in enumerate(_EMBEDDING_SYNTAX.split(text)):
+            if i % 2 == 0:
+                ids.extend(self._substitute(self._bpe_ids(part)))
+            else:
+                ids.extend(self._named_word(part))
+        return ids
+
+    def _bpe_ids(self, text: str) -> list[int]:
         ids: list[int] = []
         for piece in _PRETOKENIZE.findall(clean_text(text)):
             ids.extend(self._word_ids(piece))
         return ids
 
+    def with_added_words(self, words: Mapping[str, Sequence[int]]) -> CLIPTokenizer:
+        """A copy that reads each word of ``words`` (name -> its ids past the vocabulary, e.g. the vectors of a
+        textual-inversion embedding) as those ids, where the name's own tokens occur in a prompt (A1111's
+        rule, also inside other text) or where it is written ``embedding:name`` (ComfyUI's, with or without
+        the file extension). The copy shares the vocabulary tables; this tokenizer is unchanged."""
+        twin = copy.copy(self)
+        twin.added_words = {**self.added_words, **{name: tuple(ids) for name, ids in words.items()}}
+        by_first: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+        for name, ids in twin.added_words.items():
+            tokens = tuple(self._bpe_ids(name))
+            if tokens:
+                by_first.setdefault(tokens[0], []).append((tokens, ids))
+        for candidates in by_first.values():
+            candidates.sort(key=lambda pair: -len(pair[0]))                   # longest name first
+        twin._added_by_first = by_first
+        return twin
+
+    def _substitute(self, ids: list[int]) -> list[int]:
+        out: list[int] = []
+        i = 0
+        while i < len(ids):
+            for tokens, replacement in self._added_by_first.get(ids[i], ()):
+                if tuple(ids[i : i + len(tokens)]) == tokens:
+                    out.extend(replacement)
+                    i += len(tokens)
+                    break
+            else:
+                out.append(ids[i])
+                i += 1
+        return out
+
+    def _named_word(self, name: str) -> list[int]:
+        stem = _EMBEDDING_SUFFIX.sub("", name)
+        for key in (name, stem):
+            for word, ids in self.added_words.items():
+                if word.lower() == key.lower():
+                    return list(ids)
+        logger.warning("embedding %r is not loaded; the text is read as words", name)
+        return self._bpe_ids(f"embedding:{name}")
+
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Text of ``ids`` (cleaned and lower-cased, as the model saw it); word ends become spaces."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
-        chars = "".join(self.decoder[i] for i in ids)
+        chars = "".join(self.decoder.get(i) or self._added_name(i) for i in ids)
         data = bytes(self._char_to_byte.get(c, 32) for c in chars.replace(_END_OF_WORD, " "))
         text = data.decode("utf-8", errors="replace")
         for special in (_BOS_TOKEN, _EOS_TOKEN):                 # specials are not byte symbols
             text = text.replace(special, "")
         return text.strip()
+
+    def _added_name(self, token_id: int) -> str:
+        names = [name for name, ids in self.added_words.items() if token_id in ids]
+        if not names:
+            raise KeyError(f"token id {token_id} is neither in the vocabulary nor an added word")
+        return "".join(self._byte_to_char[b] for b in names[0].encode("utf-8")) + _END_OF_WORD
 
     def pad(self, ids: list[int]) -> list[int]:
         """``[begin] + ids[:max_length-2] + [end]`` padded with ``pad_token_id`` to ``max_length``."""

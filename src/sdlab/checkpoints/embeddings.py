@@ -1,0 +1,189 @@
+"""Textual-inversion embeddings: read the file shapes users have, match them to a model's text encoders,
+and give the model their words.
+
+File shapes (`.safetensors`, or weights-only `.pt` / `.bin` pickles; nothing pickled is executed):
+- A1111: `string_to_param` = {"*": (n, d)} beside `name`, `step`, ... (its `.pt` files);
+- kohya / A1111 safetensors: `emb_params` (n, d);
+- SDXL (both towers): `clip_l` (n, 768) and `clip_g` (n, 1280);
+- diffusers' `learned_embeds.bin` and other one-key files: {"<token>": (d,) or (n, d)}.
+
+A loaded embedding is named by its file's stem and used by writing that name in a prompt (A1111) or
+`embedding:name` (ComfyUI), in negative prompts too; each of its n vectors takes one of the 75 token places
+of a chunk. Installing gives every text encoder the vectors of its own width as token ids past the
+vocabulary (as diffusers' `load_textual_inversion` appends rows to the token table) and a tokenizer that
+reads the name as those ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import read_checkpoint
+from sdlab.families.loaded import ModelBundle, TextEncoder
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+MAX_VECTORS = 75                    # one chunk: more could never be written in a prompt
+
+
+class EmbeddingError(CheckpointError):
+    """A file that is not a usable textual-inversion embedding for this model."""
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """`vectors` are the tensors of the file, (n, d) each: one per text-encoder width it was trained for."""
+
+    name: str
+    vectors: tuple[Tensor, ...]
+    path: Path
+
+    @property
+    def num_vectors(self) -> int:
+        return self.vectors[0].shape[0]
+
+    def widths(self) -> tuple[int, ...]:
+        return tuple(v.shape[1] for v in self.vectors)
+
+
+def _vector_tensors(tensors: Mapping[str, Tensor], path: Path) -> tuple[Tensor, ...]:
+    """The embedding's vector tensors, in the order of the towers (CLIP-L before bigG for SDXL files)."""
+    if "clip_l" in tensors and "clip_g" in tensors:
+        return tensors["clip_l"], tensors["clip_g"]
+    for key in ("emb_params", "string_to_param.*"):
+        if key in tensors:
+            return (tensors[key],)
+    params = [k for k in tensors if k.startswith("string_to_param.")]
+    if len(params) == 1:
+        return (tensors[params[0]],)
+    if len(tensors) == 1:
+        return (next(iter(tensors.values())),)
+    keys = ", ".join(sorted(tensors)[:6])
+    raise EmbeddingError(
+        f"{path}: not a textual-inversion embedding (expected string_to_param, emb_params, clip_l + clip_g or "
+        f"a single tensor; found {len(tensors)} tensors: {keys})"
+    )
+
+
+def load_embedding(path: str | os.PathLike[str]) -> Embedding:
+    """Read one embedding file; the name is the file's stem."""
+    path = Path(path)
+    tensors, _ = read_checkpoint(path, nested=True)
+    vectors = []
+    for tensor in _vector_tensors(tensors, path):
+        tensor = tensor.detach()
+        if tensor.ndim == 1:
+            tensor = tensor.unsqueeze(0)                                          # (1, d)
+        if tensor.ndim != 2 or not torch.is_floating_point(tensor):
+            raise EmbeddingError(f"{path}: embedding vectors must be a float (n, d) tensor, got {tuple(tensor.shape)} "
+                                 f"{str(tensor.dtype).removeprefix('torch.')}")
+        vectors.append(tensor.to(torch.float32))
+    counts = {v.shape[0] for v in vectors}
+    if len(counts) != 1:
+        raise EmbeddingError(f"{path}: its towers have different numbers of vectors ({sorted(counts)})")
+    n = counts.pop()
+    if not 1 <= n <= MAX_VECTORS:
+        raise EmbeddingError(f"{path}: {n} vectors; an embedding has 1 to {MAX_VECTORS}")
+    if not all(bool(torch.isfinite(v).all()) for v in vectors):
+        raise EmbeddingError(f"{path}: embedding holds NaN or infinite values")
+    return Embedding(name=path.stem, vectors=tuple(vectors), path=path)
+
+
+def vectors_for(embedding: Embedding, encoders: Iterable[TextEncoder]) -> list[Tensor]:
+    """For each text encoder in order, the embedding's vectors of that encoder's width, or an
+    `EmbeddingError` saying which model the embedding was made for."""
+    encoders = list(encoders)
+    chosen = []
+    unused = list(embedding.vectors)
+    for encoder in encoders:
+        match = next((v for v in unused if v.shape[1] == encoder.config.width), None)
+        if match is None:
+            break
+        unused.remove(match)
+        chosen.append(match)
+    if len(chosen) != len(encoders) or unused:
+        have = " + ".join(str(w) for w in embedding.widths())
+        need = " + ".join(str(e.config.width) for e in encoders)
+        raise EmbeddingError(
+            f"{embedding.path}: embedding {embedding.name!r} was made for {have}-wide text encoder(s); "
+            f"this model's are {need} wide"
+        )
+    return chosen
+
+
+def install_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding]) -> ModelBundle:
+    """`bundle` whose text encoders read each embedding's name as its vectors. The towers get the vectors as
+    added token rows; each encoder gets its own tokenizer copy (the shared default tokenizer is unchanged).
+    A name loaded again replaces the earlier vectors' words."""
+    embeddings = list(embeddings)
+    per_encoder = [vectors_for(e, bundle.text_encoders) for e in embeddings]    # all checked before any change
+    encoders = []
+    for index, encoder in enumerate(bundle.text_encoders):
+        table = encoder.model.embeddings
+        weight = table.token_embedding.weight
+        vocab = weight.shape[0]
+        words = {}
+        for embedding, vectors in zip(embeddings, per_encoder):
+            block = vectors[index].to(device=weight.device, dtype=weight.dtype)   # (n, d)
+            first = _row_of(table.added_tokens, block)
+            if first is None:                    # new vectors: appended rows (the modules may be shared)
+                first = 0 if table.added_tokens is None else table.added_tokens.shape[0]
+                table.added_tokens = block if table.added_tokens is None else torch.cat([table.added_tokens, block])
+            words[embedding.name] = tuple(range(vocab + first, vocab + first + block.shape[0]))
+        encoders.append(dataclasses.replace(encoder, tokenizer=encoder.tokenizer.with_added_words(words)))
+    for embedding in embeddings:
+        logger.info("embedding %s: %d vector(s) from %s", embedding.name, embedding.num_vectors, embedding.path)
+    return dataclasses.replace(bundle, text_encoders=tuple(encoders))
+
+
+def _row_of(rows: Tensor | None, block: Tensor) -> int | None:
+    """Index of the first row where `rows` (K, d) holds `block` (n, d), if it does: installing an embedding
+    again reuses its ids instead of growing the table."""
+    if rows is None:
+        return None
+    n = block.shape[0]
+    return next((i for i in range(rows.shape[0] - n + 1) if torch.equal(rows[i : i + n], block)), None)
+
+
+def embedding_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """The embedding files under `folder` (recursively, as A1111 scans its embeddings folder), sorted."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EmbeddingError(f"{folder}: no such folder of embeddings")
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES)
+
+
+def load_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> list[Embedding]:
+    """Every embedding in `folder` that fits `bundle`'s text encoders. Files that are not embeddings or were
+    made for another model are skipped with a warning, as A1111 lists them as skipped."""
+    usable = []
+    for path in embedding_files(folder):
+        try:
+            embedding = load_embedding(path)
+            vectors_for(embedding, bundle.text_encoders)
+        except CheckpointError as err:
+            logger.warning("skipping %s", err)
+            continue
+        usable.append(embedding)
+    return usable
+
+
+__all__ = [
+    "Embedding",
+    "EmbeddingError",
+    "embedding_files",
+    "install_embeddings",
+    "load_embedding",
+    "load_embeddings_dir",
+    "vectors_for",
+]

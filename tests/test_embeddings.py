@@ -1,0 +1,155 @@
+"""Textual-inversion embeddings (`sdlab.checkpoints.embeddings`) against diffusers' `load_textual_inversion`.
+
+The same embedding file (each shape users have) is loaded into sdlab's reduced-width SD1 bundle and into a
+diffusers StableDiffusionPipeline holding the same text-encoder weights (see tests/test_conditioning.py);
+the prompt conditioning must agree to 1e-5. SDXL files route `clip_l` / `clip_g` to the tower of that width.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from bundle_fixtures import tiny_bundle
+from safetensors.torch import save_file
+from test_conditioning import _hf_twin, _max_err, _sd_pipeline, hf_tokenizers  # noqa: F401 (fixture)
+
+from sdlab.checkpoints.embeddings import (
+    EmbeddingError,
+    install_embeddings,
+    load_embedding,
+    load_embeddings_dir,
+)
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.models.tokenizer import default_tokenizer
+from sdlab.pipeline.conditioning import make_cond
+
+TOL = 1e-5
+
+
+def _vectors(n: int, width: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, width, generator=torch.Generator().manual_seed(seed)) * 0.1
+
+
+def _a1111_pt(path, vectors):
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": path.stem, "step": 500,
+                "sd_checkpoint": "abcd", "sd_checkpoint_name": "model"}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return tiny_bundle("sd1", seed=3)
+
+
+@pytest.fixture(scope="module")
+def sd1_pair(sd1, hf_tokenizers):
+    """sdlab's bundle and a diffusers pipeline with the same text tower."""
+    (encoder,) = sd1.text_encoders
+    return sd1, _sd_pipeline(_hf_twin(encoder), hf_tokenizers[0])
+
+
+@pytest.mark.parametrize("shape", ["a1111_pt", "kohya_safetensors", "diffusers_bin"])
+@torch.no_grad()
+def test_sd1_embedding_matches_diffusers(sd1_pair, tmp_path, shape):
+    bundle, pipe = sd1_pair
+    width = bundle.text_encoders[0].config.width
+    n = 1 if shape == "diffusers_bin" else 3
+    vectors = _vectors(n, width, seed=5)
+    if shape == "a1111_pt":
+        path = _a1111_pt(tmp_path / "mystyle.pt", vectors)
+    elif shape == "kohya_safetensors":
+        path = tmp_path / "mystyle.safetensors"
+        save_file({"emb_params": vectors}, str(path))
+    else:
+        path = tmp_path / "mystyle.bin"
+        torch.save({"<mystyle>": vectors[0]}, path)
+    embedded = install_embeddings(bundle, [load_embedding(path)])
+    pipe.load_textual_inversion(str(path), token="mystyle")
+    try:
+        prompt, negative = "a mystyle photo of a cat", "blurry, mystyle"
+        cond, uncond = make_cond(embedded.text_encoders, embedded.family, prompt, negative)
+        ref, ref_neg = pipe.encode_prompt(prompt, "cpu", 1, True, negative)
+        assert _max_err(cond["context"], ref) < TOL
+        assert _max_err(uncond["context"], ref_neg) < TOL
+        plain, _ = make_cond(bundle.text_encoders, bundle.family, prompt, negative)
+        assert _max_err(cond["context"], plain["context"]) > 1e-3        # the vectors did change the context
+    finally:
+        pipe.unload_textual_inversion()
+
+
+@torch.no_grad()
+def test_comfyui_syntax_and_weights_read_the_same_vectors(sd1, tmp_path):
+    embedded = install_embeddings(sd1, [load_embedding(_a1111_pt(tmp_path / "mystyle.pt", _vectors(2, 64, 1)))])
+    encoders, family = embedded.text_encoders, embedded.family
+    a1111, _ = make_cond(encoders, family, "a mystyle photo", "")
+    comfy, _ = make_cond(encoders, family, "a embedding:mystyle.pt photo", "")
+    assert _max_err(a1111["context"], comfy["context"]) == 0
+    weighted, _ = make_cond(encoders, family, "a (mystyle:1.3) photo", "")
+    assert _max_err(a1111["context"], weighted["context"]) > 1e-4     # emphasis applies to embedding tokens
+
+
+def test_the_shared_tokenizer_and_other_bundles_are_unchanged(sd1, tmp_path):
+    before = default_tokenizer().encode("a mystyle photo")
+    embedded = install_embeddings(sd1, [load_embedding(_a1111_pt(tmp_path / "mystyle.pt", _vectors(2, 64, 1)))])
+    assert default_tokenizer().encode("a mystyle photo") == before
+    assert sd1.text_encoders[0].tokenizer.encode("a mystyle photo") == before
+    ids = embedded.text_encoders[0].tokenizer.encode("a mystyle photo")
+    assert len(ids) == 4 and ids[1] >= 49408 and ids[2] == ids[1] + 1
+    again = install_embeddings(embedded, [load_embedding(tmp_path / "mystyle.pt")])
+    assert again.text_encoders[0].tokenizer.encode("a mystyle photo") == ids          # no new rows
+
+
+def test_sdxl_file_routes_each_tower_its_width(tmp_path):
+    bundle = tiny_bundle("sdxl", seed=4)
+    widths = [te.config.width for te in bundle.text_encoders]
+    clip_l, clip_g = _vectors(2, widths[0], 1), _vectors(2, widths[1], 2)
+    path = tmp_path / "xlstyle.safetensors"
+    save_file({"clip_g": clip_g, "clip_l": clip_l}, str(path))
+    embedded = install_embeddings(bundle, [load_embedding(path)])
+    for encoder, expected in zip(embedded.text_encoders, (clip_l, clip_g)):
+        ids = encoder.tokenizer("xlstyle")                                        # (1, 77)
+        rows = encoder.model.embeddings.token_vectors(ids)[0, 1:3]               # (2, width)
+        assert torch.equal(rows, expected)
+    cond, _ = make_cond(embedded.text_encoders, embedded.family, "an xlstyle house", "", width=64, height=64)
+    assert torch.isfinite(cond["context"]).all() and torch.isfinite(cond["y"]).all()
+
+
+def test_wrong_model_and_bad_files_are_clear_errors(sd1, tmp_path):
+    sdxl_file = tmp_path / "xl.safetensors"
+    save_file({"clip_l": _vectors(1, 64, 1), "clip_g": _vectors(1, 128, 2)}, str(sdxl_file))
+    with pytest.raises(EmbeddingError, match="64 \\+ 128-wide .* this model's are 64 wide"):
+        install_embeddings(sd1, [load_embedding(sdxl_file)])
+    wide = tmp_path / "wide.safetensors"
+    save_file({"emb_params": _vectors(1, 768, 1)}, str(wide))
+    with pytest.raises(EmbeddingError, match="768-wide"):
+        install_embeddings(sd1, [load_embedding(wide)])
+    many = tmp_path / "many.safetensors"
+    save_file({"a": _vectors(1, 64, 1), "b": _vectors(1, 64, 1)}, str(many))
+    with pytest.raises(EmbeddingError, match="not a textual-inversion embedding"):
+        load_embedding(many)
+    nan = tmp_path / "nan.safetensors"
+    save_file({"emb_params": torch.full((1, 64), float("nan"))}, str(nan))
+    with pytest.raises(EmbeddingError, match="NaN"):
+        load_embedding(nan)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(CheckpointError, match="refused to unpickle|not a readable"):
+        load_embedding(evil)
+    assert not (tmp_path / "boom").exists()
+
+
+class _Boom:
+    def __reduce__(self):
+        return (open, ("boom", "w"))
+
+
+def test_folder_loads_the_fitting_files_and_skips_the_rest(sd1, tmp_path):
+    _a1111_pt(tmp_path / "good.pt", _vectors(1, 64, 1))
+    (tmp_path / "sub").mkdir()
+    save_file({"emb_params": _vectors(2, 64, 2)}, str(tmp_path / "sub" / "other.safetensors"))
+    save_file({"emb_params": _vectors(1, 768, 3)}, str(tmp_path / "sd15.safetensors"))
+    (tmp_path / "notes.txt").write_text("not an embedding")
+    names = [e.name for e in load_embeddings_dir(tmp_path, sd1)]
+    assert names == ["good", "other"]
