@@ -1,0 +1,156 @@
+"""Making pictures and latents larger: upscaler networks (tiled), plain resampling, latent interpolation.
+
+Pixel space, A1111's upscaler semantics (`upscale_image`):
+- an upscaler network (ESRGAN / Real-ESRGAN, `sdlab.checkpoints.upscaler`) runs pass after pass (at most
+  `MAX_PASSES`) until the picture is at least the target size, then Lanczos resizes it to the target
+  exactly; so `--scale 2` with a x4 model is one x4 pass and a Lanczos halving, `--scale 8` two passes.
+  The network sees RGB in [0, 1], what ESRGAN and Real-ESRGAN were trained on (A1111 flips to BGR); an
+  alpha channel is not upscaled by the network but resized with Lanczos and put back, as A1111 does.
+- `"Lanczos"` and `"Nearest"` are plain PIL resizes to the target (A1111's upscalers of those names).
+
+Tiling (`run_upscaler`): the input is cut into `tile` x `tile` pixel tiles overlapping by `overlap`, each
+goes through the network alone, and the outputs are blended with linear ramps across the overlaps
+(`sdlab.pipeline.tiling`), so memory is bounded by the tile and seams fade instead of showing as lines.
+A pixel's output depends on its neighbourhood only (the network is convolutional), so tiles that overlap
+by more than the border the zero padding disturbs give the untiled picture up to small differences.
+
+Latent space (`upscale_latent`): A1111's "Latent" upscalers are `torch.nn.functional.interpolate` on the
+latent with these modes (A1111's `shared.latent_upscale_modes`):
+
+| A1111 name                     | mode            | antialias |
+|--------------------------------|-----------------|-----------|
+| Latent                         | bilinear        | no        |
+| Latent (antialiased)           | bilinear        | yes       |
+| Latent (bicubic)               | bicubic         | no        |
+| Latent (bicubic antialiased)   | bicubic         | yes       |
+| Latent (nearest)               | nearest         | no        |
+| Latent (nearest-exact)         | nearest-exact   | no        |
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sdlab.checkpoints.upscaler import Upscaler
+from sdlab.pipeline.tiling import _run_tiled
+
+DEFAULT_TILE = 192              # input pixels per tile side (A1111's ESRGAN tile); 0 = no tiling
+DEFAULT_OVERLAP = 32            # input pixels shared by neighbouring tiles (A1111: 8; more hides seams better)
+MAX_PASSES = 3                  # network passes before the final Lanczos resize (A1111's limit)
+MAX_OUTPUT_PIXELS = 8192 * 8192 # larger results (or intermediate passes) are refused: about 200 MB as RGB
+
+LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
+    "Latent": ("bilinear", False),
+    "Latent (antialiased)": ("bilinear", True),
+    "Latent (bicubic)": ("bicubic", False),
+    "Latent (bicubic antialiased)": ("bicubic", True),
+    "Latent (nearest)": ("nearest", False),
+    "Latent (nearest-exact)": ("nearest-exact", False),
+}
+PLAIN_UPSCALERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+
+
+class UpscaleError(ValueError):
+    """An upscale that cannot be done (unknown method, a size beyond the limits); the message says why."""
+
+
+_LATENT_SHORT_NAMES = {
+    "bilinear": "Latent", "antialiased": "Latent (antialiased)", "bilinear-antialiased": "Latent (antialiased)",
+    "bicubic": "Latent (bicubic)", "bicubic-antialiased": "Latent (bicubic antialiased)",
+    "nearest": "Latent (nearest)", "nearest-exact": "Latent (nearest-exact)",
+}
+
+
+def latent_mode(name: str) -> tuple[str, bool]:
+    """(interpolate mode, antialias) for an A1111 latent upscaler name ("Latent (bicubic)", any case) or a
+    short name (`_LATENT_SHORT_NAMES`: "bilinear", "antialiased", "bicubic", "nearest-exact", ...)."""
+    key = " ".join(name.split()).lower()
+    by_name = {a1111.lower(): a1111 for a1111 in LATENT_UPSCALE_MODES} | _LATENT_SHORT_NAMES
+    if key not in by_name:
+        raise UpscaleError(f"unknown latent upscale mode {name!r}; valid: {', '.join(LATENT_UPSCALE_MODES)} "
+                           f"(or {', '.join(_LATENT_SHORT_NAMES)})")
+    return LATENT_UPSCALE_MODES[by_name[key]]
+
+
+def upscale_latent(z: torch.Tensor, height: int, width: int, method: str = "Latent") -> torch.Tensor:
+    """z (B, C, h, w) resized to (B, C, height, width) latent pixels as A1111's `method` does."""
+    mode, antialias = latent_mode(method)
+    return F.interpolate(z, size=(height, width), mode=mode, antialias=antialias)   # (B, C, height, width)
+
+
+def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """(width, height) times `scale`, truncated as A1111 does, never below 1 pixel."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise UpscaleError(f"the scale must be a positive number, got {scale}")
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def _check_size(width: int, height: int) -> None:
+    if width * height > MAX_OUTPUT_PIXELS:
+        raise UpscaleError(f"upscaling to {width}x{height} pixels is beyond the limit of {MAX_OUTPUT_PIXELS:,} pixels; "
+                           "upscale a smaller picture or by a smaller scale")
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0           # (H, W, 3)
+    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()          # (1, 3, H, W)
+
+
+def _to_image(x: torch.Tensor) -> Image.Image:
+    array = (x[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)   # (H, W, 3)
+    return Image.fromarray(array.cpu().numpy(), "RGB")
+
+
+@torch.inference_mode()
+def run_upscaler(upscaler: Upscaler, image: Image.Image, *, tile: int = DEFAULT_TILE,
+                 overlap: int = DEFAULT_OVERLAP) -> Image.Image:
+    """One pass of the network over `image` (RGB; alpha resized with Lanczos), tiled unless `tile` is 0."""
+    scale = upscaler.scale
+    _check_size(image.width * scale, image.height * scale)
+    net = upscaler.net
+    param = next(net.parameters())
+    x = _to_tensor(image).to(param.device, param.dtype)                          # (1, 3, H, W)
+    if tile > 0:
+        # A pixel-unshuffled network is shift-equivariant only by whole folds: pad as the network itself does,
+        # then cut tiles on the fold's grid.
+        fold = net.config.unshuffle
+        height, width = x.shape[-2:]
+        x = F.pad(x, (0, -width % fold, 0, -height % fold), mode="reflect") if fold > 1 else x
+        tile = max(fold, tile - tile % fold)
+        overlap = min(overlap - overlap % fold, tile - fold)
+        y = _run_tiled(net, x, tile, overlap, float(scale))                      # (1, 3, sH', sW')
+        y = y[..., : height * scale, : width * scale]                           # (1, 3, sH, sW)
+    else:
+        y = net(x)
+    out = _to_image(y)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        alpha = image.convert("RGBA").getchannel("A").resize(out.size, Image.Resampling.LANCZOS)
+        out.putalpha(alpha)
+    return out
+
+
+def upscale_image(image: Image.Image, upscaler: Upscaler | str, size: tuple[int, int], *,
+                  tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Image.Image:
+    """`image` at `size` (width, height): network passes until large enough, then Lanczos (module docstring).
+
+    `upscaler` is a loaded network or the name of a plain resize, "Lanczos" or "Nearest" (any case).
+    """
+    width, height = size
+    _check_size(width, height)
+    if isinstance(upscaler, str):
+        resample = PLAIN_UPSCALERS.get(upscaler.strip().lower())
+        if resample is None:
+            raise UpscaleError(f"unknown upscaler {upscaler!r}; name an upscaler model file, Lanczos or Nearest")
+        return image.resize((width, height), resample=resample)
+    for _ in range(MAX_PASSES):
+        if image.width >= width and image.height >= height:
+            break
+        image = run_upscaler(upscaler, image, tile=tile, overlap=overlap)
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    return image
