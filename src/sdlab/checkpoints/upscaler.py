@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.io import read_checkpoint
+from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.models.rrdbnet import RRDBNet, RRDBNetConfig
 
 _WRAPPERS = ("params_ema", "params")         # basicsr training files: EMA weights first
@@ -57,110 +57,124 @@ class Upscaler:
         return self.net.config.scale
 
 
-def _unwrap(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The tensors under `params_ema.` (else `params.`) when the file wraps them, else all of them."""
+def _unwrap(keys: list[str]) -> dict[str, str]:
+    """Key without wrapper -> file key: those under `params_ema.` (else `params.`) when the file wraps them."""
     for wrapper in _WRAPPERS:
         prefix = wrapper + "."
-        inner = {k[len(prefix):]: state[k] for k in state if k.startswith(prefix)}
+        inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
         if inner:
             return inner
-    return {k: state[k] for k in state}
+    return {k: k for k in keys}
 
 
-def _from_old_layout(state: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
-    top = {int(m.group(1)) for k in state if (m := _OLD_TOP.fullmatch(k))}
-    trunk = {int(m.group(1)) for k in state if (m := _OLD_TRUNK.fullmatch(k))}
+def _old_layout_names(keys: list[str], path: Path) -> dict[str, str]:
+    top = {int(m.group(1)) for k in keys if (m := _OLD_TOP.fullmatch(k))}
+    trunk = {int(m.group(1)) for k in keys if (m := _OLD_TRUNK.fullmatch(k))}
     if len(trunk) != 1 or 0 not in top or (max(top) - 4) % 3:
         raise CheckpointError(f"{path}: an ESRGAN (old-arch) file without the expected model.N layers "
                               f"(top layers {sorted(top)}, trunk convs {sorted(trunk)})")
     ups = (max(top) - 4) // 3
     names = {0: "conv_first", 3 * ups + 2: "conv_hr", 3 * ups + 4: "conv_last"}
     names.update({3 * i: f"conv_ups.{i - 1}" for i in range(1, ups + 1)})
-    out: dict[str, Tensor] = {}
-    for key in state:
+    out: dict[str, str] = {}
+    for key in keys:
         if m := _BLOCK_OLD.fullmatch(key):
-            out[f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"] = state[key]
+            out[key] = f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"
         elif m := _OLD_TRUNK.fullmatch(key):
-            out[f"conv_body.{m[2]}"] = state[key]
+            out[key] = f"conv_body.{m[2]}"
         elif (m := _OLD_TOP.fullmatch(key)) and int(m[1]) in names:
-            out[f"{names[int(m[1])]}.{m[2]}"] = state[key]
+            out[key] = f"{names[int(m[1])]}.{m[2]}"
         else:
             raise CheckpointError(f"{path}: unexpected tensor {key!r} in an ESRGAN (old-arch) file")
     return out
 
 
-def _from_new_layout(state: Mapping[str, Tensor], path: Path) -> dict[str, Tensor]:
-    out: dict[str, Tensor] = {}
-    for key in state:
+def _new_layout_names(keys: list[str], path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key in keys:
         if m := _BLOCK_NEW.fullmatch(key) or _BLOCK_BSR.fullmatch(key):
-            out[f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"] = state[key]
+            out[key] = f"body.{m[1]}.rdb{m[2]}.conv{m[3]}.{m[4]}"
         elif m := _UP_NEW.fullmatch(key):
-            out[f"conv_ups.{int(m[1]) - 1}.{m[2]}"] = state[key]
+            out[key] = f"conv_ups.{int(m[1]) - 1}.{m[2]}"
         else:
             module, _, kind = key.rpartition(".")
             module = _RENAMES.get(module, module)
             if module not in ("conv_first", "conv_body", "conv_hr", "conv_last") or kind not in ("weight", "bias"):
                 raise CheckpointError(f"{path}: unexpected tensor {key!r} in a Real-ESRGAN (new-arch) file")
-            out[f"{module}.{kind}"] = state[key]
+            out[key] = f"{module}.{kind}"
     return out
 
 
-def to_rrdbnet_keys(state: Mapping[str, Tensor], path: str | os.PathLike[str] = "upscaler") -> dict[str, Tensor]:
-    """`state` (any layout of the module docstring's table, wrapped or not) under `RRDBNet`'s names."""
+def rrdbnet_names(keys: list[str], path: str | os.PathLike[str] = "upscaler") -> dict[str, str]:
+    """File key -> `RRDBNet` name, for the keys of any layout of the module docstring's table (wrapped or
+    not); decided from the names alone, so a large file of another kind is refused before any tensor is read."""
     path = Path(path)
-    state = _unwrap(state)
-    if any(".conv1x1." in k for k in state):
+    inner = _unwrap(keys)
+    names = list(inner)
+    if any(".conv1x1." in k for k in names):
         raise CheckpointError(f"{path}: an ESRGAN+ file (extra conv1x1 layers); sdlab reads ESRGAN and Real-ESRGAN")
-    if "model.0.weight" in state and any(_BLOCK_OLD.fullmatch(k) for k in state):
-        return _from_old_layout(state, path)
-    if "conv_first.weight" in state and any(_BLOCK_NEW.fullmatch(k) or _BLOCK_BSR.fullmatch(k) for k in state):
-        return _from_new_layout(state, path)
-    shown = ", ".join(list(state)[:4])
-    raise CheckpointError(f"{path}: not an ESRGAN / Real-ESRGAN upscaler (no conv_first + body.N.rdbK or "
-                          f"model.0 + model.1.sub.N.RDBK tensors; it holds {len(state)} tensors: {shown}, ...)")
+    if "model.0.weight" in inner and any(_BLOCK_OLD.fullmatch(k) for k in names):
+        mapped = _old_layout_names(names, path)
+    elif "conv_first.weight" in inner and any(_BLOCK_NEW.fullmatch(k) or _BLOCK_BSR.fullmatch(k) for k in names):
+        mapped = _new_layout_names(names, path)
+    else:
+        shown = ", ".join(names[:4])
+        raise CheckpointError(f"{path}: not an ESRGAN / Real-ESRGAN upscaler (no conv_first + body.N.rdbK or "
+                              f"model.0 + model.1.sub.N.RDBK tensors; it holds {len(names)} tensors: {shown}, ...)")
+    return {inner[k]: v for k, v in mapped.items()}
 
 
-def config_from_state(state: Mapping[str, Tensor], path: str | os.PathLike[str] = "upscaler") -> RRDBNetConfig:
-    """The network's sizes, read from tensors already under `RRDBNet`'s names."""
+def config_from_shapes(shapes: Mapping[str, torch.Size], path: str | os.PathLike[str] = "upscaler") -> RRDBNetConfig:
+    """The network's sizes, read from tensor shapes under `RRDBNet`'s names."""
     try:
-        first, last = state["conv_first.weight"].shape, state["conv_last.weight"].shape
-        growth = state["body.0.rdb1.conv1.weight"].shape[0]
+        first, last = shapes["conv_first.weight"], shapes["conv_last.weight"]
+        growth = shapes["body.0.rdb1.conv1.weight"][0]
     except KeyError as err:
         raise CheckpointError(f"{path}: the upscaler has no {err.args[0]} tensor") from None
+    if len(first) != 4 or len(last) != 4:
+        raise CheckpointError(f"{path}: conv_first / conv_last are not 3x3 convolutions ({tuple(first)}, {tuple(last)})")
     folded, out_channels = first[1], last[0]
     unshuffle = {4 * out_channels: 2, 16 * out_channels: 4}.get(folded, 1)     # Real-ESRGAN x2 / x1
-    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("body."))
-    ups = sum(1 for k in state if k.startswith("conv_ups.") and k.endswith(".weight"))
+    blocks = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("body."))
+    ups = sum(1 for k in shapes if k.startswith("conv_ups.") and k.endswith(".weight"))
     return RRDBNetConfig(in_channels=folded // unshuffle ** 2, out_channels=out_channels, features=first[0],
                          growth=growth, num_blocks=blocks, num_upsamples=ups, unshuffle=unshuffle)
 
 
-def _check_tensors(net: RRDBNet, state: Mapping[str, Tensor], path: Path) -> None:
+def _check_shapes(net: RRDBNet, shapes: Mapping[str, torch.Size], path: Path) -> None:
     expected = {k: v.shape for k, v in net.state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(shapes))
+    extra = sorted(set(shapes) - set(expected))
     if missing or extra:
         raise CheckpointError(f"{path}: the upscaler's tensors do not form an RRDBNet "
                               f"(missing: {', '.join(missing[:4]) or 'none'}; unexpected: {', '.join(extra[:4]) or 'none'})")
     for key, shape in expected.items():
-        if state[key].shape != shape:
-            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(state[key].shape)}, "
+        if shapes[key] != shape:
+            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(shapes[key])}, "
                                   f"the network read from the file needs {tuple(shape)}")
-        if not state[key].is_floating_point():
-            raise CheckpointError(f"{path}: tensor {key} holds {state[key].dtype}, not floating-point weights")
-        if not torch.isfinite(state[key]).all():
+
+
+def _check_values(tensors: Mapping[str, Tensor], path: Path) -> None:
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key} holds {tensor.dtype}, not floating-point weights")
+        if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values")
 
 
 def upscaler_from_state(state: Mapping[str, Tensor], name: str = "upscaler", *, path: str | os.PathLike[str] | None = None,
                         device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Upscaler:
-    """An `Upscaler` from a state dict in any supported layout (see the module docstring)."""
+    """An `Upscaler` from a state dict in any supported layout (see the module docstring). A lazy state
+    (`sdlab.checkpoints.io.LazyMapping`) is read only once names and shapes have been checked."""
     where = Path(path) if path is not None else Path(name)
-    tensors = to_rrdbnet_keys(state, where)
-    config = config_from_state(tensors, where)
+    names = rrdbnet_names(list(state), where)
+    file_shapes = shapes_of(state)
+    shapes = {ours: file_shapes[key] for key, ours in names.items()}
     with torch.device("meta"):
-        net = RRDBNet(config)
-    _check_tensors(net, tensors, where)
+        net = RRDBNet(config_from_shapes(shapes, where))
+    _check_shapes(net, shapes, where)
+    tensors = {ours: state[key] for key, ours in names.items()}
+    _check_values(tensors, where)
     net.load_state_dict(tensors, assign=True)
     return Upscaler(net.to(device=device, dtype=dtype).eval().requires_grad_(False), name)
 

@@ -1,16 +1,120 @@
-"""`sdlab upscale` (being built)."""
+"""`sdlab upscale`: make a picture larger with an ESRGAN-family model or a plain resize.
+
+    sdlab upscale photo.png --model RealESRGAN_x4plus.pth --out photo-x4.png       # the model's scale
+    sdlab upscale photo.png --model 4x-UltraSharp.safetensors --scale 2 --out p2.png  # x4 pass, Lanczos to x2
+    sdlab upscale photo.png --scale 2 --out p2.png                                   # Lanczos (also --model nearest)
+
+A `--scale` other than the model's follows A1111: model passes until the picture is large enough, then a
+Lanczos resize to the asked size (`sdlab.pipeline.upscale`). The input's A1111 `parameters` text is copied
+into the output. The file is written under a temporary name and renamed; a bad input writes nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+from pathlib import Path
+
+from sdlab.cli.errors import UserError
+from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
+
+PLAIN_DEFAULT_SCALE = 4.0        # a plain resize without --scale: A1111's Extras default
 
 
 def add_upscale(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("upscale", help="(being built)")
+    help_text = "make a picture larger with an ESRGAN / Real-ESRGAN model (or Lanczos)"
+    p = subparsers.add_parser("upscale", help=help_text, description=help_text)
+    p.add_argument("image", help="the picture to upscale (PNG, JPEG, WebP, ...)")
+    p.add_argument("--model", default="lanczos",
+                   help="upscaler file (.safetensors, .pth, .pt: ESRGAN, Real-ESRGAN, BSRGAN), or lanczos / nearest "
+                        "for a plain resize (default lanczos)")
+    p.add_argument("--scale", type=float,
+                   help=f"output size / input size (default: the model's; {PLAIN_DEFAULT_SCALE:g} for a plain resize)")
+    p.add_argument("--tile", type=int, default=192, help="tile side in input pixels, 0 = whole picture at once (default 192)")
+    p.add_argument("--tile-overlap", type=int, default=32, help="pixels neighbouring tiles share (default 32)")
+    p.add_argument("--out", required=True, help="output file (.png, .jpg, .webp); an existing file is replaced")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
     p.set_defaults(run=run_upscale)
 
 
-def run_upscale(args: argparse.Namespace) -> int:
-    from sdlab.cli.errors import UserError
+def _read_input(path: str):
+    from sdlab.pipeline.request import RequestError, input_image
 
-    raise UserError("sdlab upscale is not built yet")
+    try:
+        image = input_image(path, "image")
+    except RequestError as err:
+        raise UserError(str(err)) from None
+    if image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGBA" if "A" in image.getbands() or "transparency" in image.info else "RGB")
+    return image
+
+
+def _parameters_of(path: str) -> str | None:
+    """The input's A1111 parameters text, or None (a picture without one, or an unreadable chunk)."""
+    from sdlab.pipeline.png_info import ParametersError, read_parameters
+
+    try:
+        return read_parameters(path)
+    except (ParametersError, OSError, ValueError):
+        return None
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    from sdlab.pipeline.png_info import IMAGE_SUFFIXES, image_format
+
+    if image_format(args.out) is None:
+        raise UserError(f"--out {args.out!r}: sdlab writes {', '.join(IMAGE_SUFFIXES)} files; name one of these")
+    if os.path.isdir(args.out):
+        raise UserError(f"--out {args.out!r} is a folder; name the output file")
+    if args.scale is not None and not (0 < args.scale <= 16):
+        raise UserError(f"--scale must lie in (0, 16], got {args.scale:g}")
+    if args.tile < 0 or args.tile_overlap < 0:
+        raise UserError("--tile and --tile-overlap must be >= 0")
+    if args.tile and args.tile < 16:
+        raise UserError(f"--tile {args.tile} is too small; use 16 or more pixels (0 = no tiling)")
+
+
+def _load(model: str, args: argparse.Namespace):
+    """(the upscaler or the plain resize's name, its scale, its name for messages)."""
+    from sdlab.api import RequestError, resolve_device
+    from sdlab.checkpoints.upscaler import load_upscaler
+    from sdlab.pipeline.upscale import PLAIN_UPSCALERS
+
+    if model.strip().lower() in PLAIN_UPSCALERS and not os.path.exists(model):
+        return model.strip().lower(), None
+    if not os.path.exists(model):
+        raise UserError(f"the upscaler model {model!r} does not exist (or name lanczos / nearest for a plain resize)")
+    try:
+        device = resolve_device(args.device)
+    except RequestError as err:
+        raise UserError(str(err)) from None
+    upscaler = load_upscaler(model, device=device, dtype=dtype_from_name(args.dtype))
+    return upscaler, upscaler.scale
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    from sdlab.pipeline.png_info import encode_image, image_format, write_files_all_or_nothing
+    from sdlab.pipeline.upscale import UpscaleError, target_size, upscale_image
+
+    _check_options(args)
+    image = _read_input(args.image)
+    parameters = _parameters_of(args.image)
+    upscaler, model_scale = _load(args.model, args)
+    scale = args.scale if args.scale is not None else (model_scale or PLAIN_DEFAULT_SCALE)
+    try:
+        size = target_size(image.width, image.height, scale)
+        result = upscale_image(image, upscaler, size, tile=args.tile, overlap=args.tile_overlap)
+    except UpscaleError as err:
+        raise UserError(str(err)) from None
+    out = Path(args.out)
+    blob = encode_image(result, image_format(out), parameters)
+    try:
+        write_files_all_or_nothing([(out, blob)], overwrite=True)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise UserError(f"the disk is full: cannot write {out}; nothing was written") from None
+        raise UserError(f"cannot write {out}: {err.strerror or err}; nothing was written") from None
+    print(out)
+    return 0

@@ -1,0 +1,110 @@
+"""`sdlab upscale`: model and plain resizes, A1111's --scale semantics, the parameters chunk carried over, and
+bad inputs as one error line with nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+from safetensors.torch import save_file
+
+from cli_helpers import pixels, run
+from sdlab.checkpoints.upscaler import load_upscaler
+from sdlab.pipeline.png_info import read_parameters
+from sdlab.pipeline.upscale import run_upscaler
+from test_upscale_models import new_arch_state, old_arch_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PARAMETERS = "a red apple\nNegative prompt: blurry\nSteps: 4, Sampler: Euler, CFG scale: 5, Seed: 3, Size: 24x20"
+
+
+@pytest.fixture
+def picture(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", PARAMETERS)
+    path = tmp_path / "in.png"
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path, pnginfo=info)
+    return path
+
+
+@pytest.fixture
+def x4_model(tmp_path: Path) -> Path:
+    path = tmp_path / "RealESRGAN_x4plus.pth"
+    torch.save({"params_ema": new_arch_state(4)}, path)
+    return path
+
+
+@pytest.fixture
+def x2_model(tmp_path: Path) -> Path:
+    path = tmp_path / "2x_old.safetensors"
+    save_file(old_arch_state(2), str(path))
+    return path
+
+
+def test_model_scale_by_default_and_parameters_kept(tmp_path, picture, x4_model, capsys) -> None:
+    out = tmp_path / "big.png"
+    code, stdout, err = run(["upscale", str(picture), "--model", str(x4_model), "--out", str(out)], capsys)
+    assert code == 0, err
+    assert stdout.strip() == str(out)
+    assert Image.open(out).size == (96, 80)
+    assert read_parameters(out) == PARAMETERS
+    want = run_upscaler(load_upscaler(x4_model), Image.open(picture).convert("RGB"))
+    assert np.array_equal(pixels(out), np.asarray(want, dtype=np.int16))
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []      # no temporary left
+
+
+def test_other_scale_is_model_then_lanczos(tmp_path, picture, x2_model, capsys) -> None:
+    out = tmp_path / "x3.webp"
+    code, _, err = run(["upscale", str(picture), "--model", str(x2_model), "--scale", "3", "--tile", "0", "--out", str(out)], capsys)
+    assert code == 0, err
+    upscaler = load_upscaler(x2_model)
+    twice = run_upscaler(upscaler, run_upscaler(upscaler, Image.open(picture).convert("RGB"), tile=0), tile=0)   # x4
+    assert Image.open(out).size == (72, 60)
+    assert read_parameters(out) == PARAMETERS
+    ours = np.asarray(Image.open(out).convert("RGB"), dtype=np.int16)
+    want = np.asarray(twice.resize((72, 60), Image.Resampling.LANCZOS), dtype=np.int16)
+    assert np.abs(ours - want).mean() < 3                                           # WebP at quality 95
+
+
+def test_plain_resizes(tmp_path, picture, capsys) -> None:
+    out = tmp_path / "l.png"
+    code, _, err = run(["upscale", str(picture), "--scale", "2.5", "--out", str(out)], capsys)
+    assert code == 0, err
+    want = Image.open(picture).convert("RGB").resize((60, 50), Image.Resampling.LANCZOS)
+    assert np.array_equal(pixels(out), np.asarray(want, dtype=np.int16))
+    out = tmp_path / "n.png"
+    assert run(["upscale", str(picture), "--model", "Nearest", "--out", str(out)], capsys)[0] == 0
+    assert Image.open(out).size == (96, 80)                                         # A1111's default 4
+
+
+def _fails(args: list[str], capsys, match: str, tmp_path: Path) -> None:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, stdout, err = run(args, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdlab: error:") and match in lines[0], err
+    assert "Traceback" not in err and stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_bad_inputs_write_nothing(tmp_path, picture, x4_model, capsys) -> None:
+    out = str(tmp_path / "out.png")
+    _fails(["upscale", str(tmp_path / "missing.png"), "--model", str(x4_model), "--out", out], capsys, "does not exist", tmp_path)
+    _fails(["upscale", str(picture), "--model", str(tmp_path / "nope.pth"), "--out", out], capsys, "does not exist", tmp_path)
+    sd = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 320, 3, 3)}, str(sd))
+    _fails(["upscale", str(picture), "--model", str(sd), "--out", out], capsys, "not an ESRGAN / Real-ESRGAN upscaler", tmp_path)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    _fails(["upscale", str(text), "--model", str(x4_model), "--out", out], capsys, "cannot read the image", tmp_path)
+    _fails(["upscale", str(picture), "--model", str(text), "--out", out], capsys, "unknown checkpoint format", tmp_path)
+    _fails(["upscale", str(picture), "--model", str(x4_model), "--out", str(tmp_path / "x.gif")], capsys, "--out", tmp_path)
+    _fails(["upscale", str(picture), "--scale", "-2", "--out", out], capsys, "--scale", tmp_path)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (2100, 2100), "white").save(big)           # x4: 8400 x 8400 = 70.6 MP, over the 67 MP limit
+    _fails(["upscale", str(big), "--model", str(x4_model), "--out", out], capsys, "beyond the limit", tmp_path)
