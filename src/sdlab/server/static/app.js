@@ -190,7 +190,7 @@ function setMode(mode) {
     tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
   }
   $("image-section").hidden = mode === "txt2img";
-  $("mask-tools").hidden = mode !== "inpaint";
+  $("mask-tools").hidden = $("mask-options").hidden = mode !== "inpaint";
   $("mask-canvas").classList.toggle("disabled", mode !== "inpaint");
 }
 
@@ -322,6 +322,7 @@ function collectRequest() {
   if (state.mode === "inpaint") {
     if (!state.maskPainted) throw new ApiError("inpaint needs a mask: paint the area to repaint on the image");
     body.mask_image = base64Of(maskDataUrl());
+    body.mask_blur = numberField("mask_blur") ?? 0;
   }
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   return body;
@@ -349,6 +350,7 @@ function fillForm(settings) {
   setField("width", settings.width);
   setField("height", settings.height);
   setField("batch_size", settings.batch_size);
+  setField("mask_blur", settings.mask_blur);
   if (settings.strength != null) {
     $("strength").value = settings.strength;
     $("strength-value").textContent = Number(settings.strength).toFixed(2);
@@ -412,7 +414,7 @@ async function generate() {
   try {
     const job = await api("/api/jobs", { method: "POST", body });
     state.shownJob = job.id;
-    setProgress(0, 1, job.position ? `Queued (position ${job.position})` : "Queued");
+    setProgress(0, 1, queuedText(job.position));
     watchJob(job.id);
     refreshJobs();
   } catch (err) {
@@ -421,6 +423,9 @@ async function generate() {
     button.disabled = false;
   }
 }
+
+// `position`: jobs waiting ahead of this one (0 = it runs next)
+const queuedText = (position) => (position == null ? "Queued" : position === 0 ? "Queued (next)" : `Queued (${position} ahead)`);
 
 function setProgress(value, max, text) {
   $("progress").max = max || 1;
@@ -443,7 +448,7 @@ function watchJob(id) {
   updateCancelButton();
   const handle = (type, data) => {
     if (type === "queued" && state.shownJob === id) {
-      setProgress(0, 1, data.position ? `Queued (position ${data.position})` : "Queued");
+      setProgress(0, 1, queuedText(data.position));
     } else if (type === "started") {
       state.shownJob = id;
       setProgress(0, 1, "Started");
@@ -554,7 +559,7 @@ function makeButton(text, className, onClick, label) {
   button.type = "button";
   button.textContent = text;
   button.className = className;
-  if (label) button.setAttribute("aria-label", label);
+  if (label) { button.setAttribute("aria-label", label); button.title = label; }
   button.addEventListener("click", onClick);
   return button;
 }
@@ -641,9 +646,9 @@ function renderGallery(jobs) {
     meta.append(badge(job.status), seed);
     const buttons = document.createElement("div");
     buttons.className = "row";
-    buttons.append(makeButton("Reuse settings", "reuse", () => reuseSettings(job), `Reuse the settings of job ${job.id}`));
+    buttons.append(makeButton("Reuse", "reuse", () => reuseSettings(job), `Reuse the settings of job ${job.id}`));
     if ((job.images || []).length) {
-      buttons.append(makeButton("To img2img", "to-img2img", () => imageToInit(job.images[0]), `Use the image of job ${job.id} for img2img`));
+      buttons.append(makeButton("img2img", "to-img2img", () => imageToInit(job.images[0]), `Use the image of job ${job.id} for img2img`));
     }
     card.append(thumbs, caption, meta, buttons);
     gallery.append(card);
