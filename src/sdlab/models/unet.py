@@ -258,56 +258,84 @@ class UNetBlock(nn.ModuleList):
         return x
 
 
+def _res(cfg: UNetConfig, c_in: int, c_out: int) -> ResBlock:
+    return ResBlock(c_in, c_out, cfg.time_embed_dim, cfg.norm_groups)
+
+
+def _transformer(cfg: UNetConfig, c: int, depth: int) -> SpatialTransformer:
+    return SpatialTransformer(
+        c, cfg.heads_at(c), depth, cfg.context_dim, cfg.use_linear_proj, cfg.upcast_attention, cfg.norm_groups
+    )
+
+
+def add_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
+    """Give `module` the encoder half of a U-Net under the checkpoint names: `time_embed`, `label_emb`
+    (SDXL), `input_blocks` and `middle_block`. Returns the output width of each input block (the skips).
+
+    Shared by `UNet` and the ControlNet (a trainable copy of this half, `sdlab.models.controlnet`)."""
+    if cfg.transformer_depth_middle < 1:
+        raise ValueError("UNet: the middle block always has a transformer (transformer_depth_middle >= 1)")
+    mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
+    module.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    if cfg.adm_in_channels is not None:  # SDXL: the vector conditioning is added to the time embedding
+        module.label_emb = nn.Sequential(
+            nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        )
+
+    module.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+    skip_channels = [mc]
+    ch = mc
+    last_level = len(cfg.channel_mult) - 1
+    for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
+        for _ in range(cfg.num_res_blocks):
+            layers: list[nn.Module] = [_res(cfg, ch, mult * mc)]
+            ch = mult * mc
+            if depth:
+                layers.append(_transformer(cfg, ch, depth))
+            module.input_blocks.append(UNetBlock(layers))
+            skip_channels.append(ch)
+        if level != last_level:
+            module.input_blocks.append(UNetBlock([Downsample(ch)]))
+            skip_channels.append(ch)
+
+    module.middle_block = UNetBlock(
+        [_res(cfg, ch, ch), _transformer(cfg, ch, cfg.transformer_depth_middle), _res(cfg, ch, ch)]
+    )
+    return skip_channels
+
+
+def encoder_embedding(module: nn.Module, cfg: UNetConfig, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
+    """The (B, 4 * model_channels) embedding of timesteps `t` ((B,) or ()) [+ SDXL vector `y`] that every
+    block of a module built by `add_encoder` receives, in the parameters' dtype."""
+    dtype = module.time_embed[0].weight.dtype
+    if t.ndim == 0:
+        t = t.expand(batch)
+    emb = module.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype))  # (B, 4 * mc)
+    if cfg.adm_in_channels is not None:
+        if y is None:
+            raise ValueError("UNet: this model needs the vector conditioning y (SDXL)")
+        emb = emb + module.label_emb(y.to(dtype))
+    return emb
+
+
 class UNet(nn.Module):
     """Text-conditioned latent U-Net: (noisy latent, timestep, text context[, SDXL vector]) -> model output."""
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        if cfg.transformer_depth_middle < 1:
-            raise ValueError("UNet: the middle block always has a transformer (transformer_depth_middle >= 1)")
         self.cfg = cfg
-        mc, emb_dim, groups = cfg.model_channels, cfg.time_embed_dim, cfg.norm_groups
-
-        def res(c_in: int, c_out: int) -> ResBlock:
-            return ResBlock(c_in, c_out, emb_dim, groups)
-
-        def transformer(c: int, depth: int) -> SpatialTransformer:
-            return SpatialTransformer(
-                c, cfg.heads_at(c), depth, cfg.context_dim, cfg.use_linear_proj, cfg.upcast_attention, groups
-            )
-
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        if cfg.adm_in_channels is not None:  # SDXL: the vector conditioning is added to the time embedding
-            self.label_emb = nn.Sequential(
-                nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-            )
-
-        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
-        skip_channels = [mc]
-        ch = mc
-        last_level = len(cfg.channel_mult) - 1
-        for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
-            for _ in range(cfg.num_res_blocks):
-                layers: list[nn.Module] = [res(ch, mult * mc)]
-                ch = mult * mc
-                if depth:
-                    layers.append(transformer(ch, depth))
-                self.input_blocks.append(UNetBlock(layers))
-                skip_channels.append(ch)
-            if level != last_level:
-                self.input_blocks.append(UNetBlock([Downsample(ch)]))
-                skip_channels.append(ch)
-
-        self.middle_block = UNetBlock([res(ch, ch), transformer(ch, cfg.transformer_depth_middle), res(ch, ch)])
+        mc, groups = cfg.model_channels, cfg.norm_groups
+        skip_channels = add_encoder(self, cfg)
+        ch = skip_channels[-1]
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(cfg.channel_mult))):
             mult, depth = cfg.channel_mult[level], cfg.transformer_depth[level]
             for i in range(cfg.num_res_blocks + 1):
-                layers = [res(ch + skip_channels.pop(), mult * mc)]
+                layers = [_res(cfg, ch + skip_channels.pop(), mult * mc)]
                 ch = mult * mc
                 if depth:
-                    layers.append(transformer(ch, depth))
+                    layers.append(_transformer(cfg, ch, depth))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(UNetBlock(layers))
@@ -318,29 +346,38 @@ class UNet(nn.Module):
         # call `.to(memory_format=torch.channels_last)` again.
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        context: Tensor,
+        y: Tensor | None = None,
+        control: tuple[list[Tensor], Tensor] | None = None,
+    ) -> Tensor:
         """x: (B, in_channels, h, w) noisy latent; t: (B,) or () float timesteps in [0, 1000);
-        context: (B, T, context_dim) text embeddings; y: (B, adm_in_channels) for SDXL, else None.
+        context: (B, T, context_dim) text embeddings; y: (B, adm_in_channels) for SDXL, else None;
+        control: ControlNet residuals (one per input block, each shaped like that block's output, and one
+        shaped like the middle block's output), added to each skip as it is stored and to the middle
+        block's output (diffusers' down_block_additional_residuals / mid_block_additional_residual).
         Inputs are cast to the parameters' dtype; returns (B, out_channels, h, w) in that dtype.
 
         Feature maps are kept channels-last (NHWC strides, NCHW shape): oneDNN and cuDNN convolutions take that
         layout without reordering, and a SpatialTransformer's (B, hw, C) token view of it is free."""
-        dtype = self.time_embed[0].weight.dtype
-        if t.ndim == 0:
-            t = t.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(dtype))  # (B, 4 * mc)
-        if self.cfg.adm_in_channels is not None:
-            if y is None:
-                raise ValueError("UNet: this model needs the vector conditioning y (SDXL)")
-            emb = emb + self.label_emb(y.to(dtype))
+        emb = encoder_embedding(self, self.cfg, t, y, x.shape[0])  # (B, 4 * mc)
+        dtype = emb.dtype
         context = context.to(dtype)
+        skip_residuals, middle_residual = control if control is not None else (None, None)
+        if skip_residuals is not None and len(skip_residuals) != len(self.input_blocks):
+            raise ValueError(f"UNet: {len(skip_residuals)} control residuals for {len(self.input_blocks)} skips")
 
         h = x.to(dtype).contiguous(memory_format=torch.channels_last)  # (B, C, h, w) stored as NHWC
         skips = []
-        for block in self.input_blocks:
+        for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)
-            skips.append(h)
+            skips.append(h if skip_residuals is None else h + skip_residuals[i].to(dtype))
         h = self.middle_block(h, emb, context)
+        if middle_residual is not None:
+            h = h + middle_residual.to(dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None)

@@ -1,0 +1,164 @@
+"""ControlNet parity with diffusers on random reduced-width weights: the network read from every layout
+(diffusers folder, single diffusers-named file, original `control_model.*` safetensors, original .pth), the
+U-Net taking residuals (diffusers' down/mid additional residuals), and the loader's refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+
+from controlnet_fixtures import ENCODERS, POOLED, diffusers_controlnet, write_layout
+from sdlab.checkpoints.controlnet import load_controlnet, legacy_hash
+from sdlab.checkpoints.diffusers_unet import unet_config_to_diffusers, unet_state_dict_from_diffusers
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.models.controlnet import ControlNet, ControlNetConfig
+from sdlab.models.layers import sdxl_vector
+from sdlab.models.unet import UNet
+
+
+def _inputs(name: str, batch: int = 2, latent: int = 8, factor: int = 8, seed: int = 1):
+    cfg = ENCODERS[name]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, latent, latent, generator=gen)
+    t = torch.tensor([3.0, 731.5])[:batch]
+    context = torch.randn(batch, 7, cfg.context_dim, generator=gen)
+    hint = torch.rand(batch, 3, latent * factor, latent * factor, generator=gen)
+    added, y = {}, None
+    if cfg.adm_in_channels is not None:
+        pooled = torch.randn(batch, POOLED, generator=gen)
+        sizes = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 32.0, 0.0, 768.0, 1344.0]])
+        added = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": sizes[:batch]}}
+        y = sdxl_vector(pooled, sizes[:batch])
+    return x, t, context, hint, y, added
+
+
+@pytest.mark.parametrize("layout", ["folder", "diffusers-file", "original", "original-pth"])
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_residuals_match_diffusers(name, layout, tmp_path):
+    reference = diffusers_controlnet(ENCODERS[name], seed=0)
+    path = write_layout(reference, layout, tmp_path)
+    loaded = load_controlnet(path)
+    assert loaded.layout == ("diffusers" if layout in ("folder", "diffusers-file") else "original")
+    assert loaded.config.unet.context_dim == ENCODERS[name].context_dim
+    assert loaded.config.unet.adm_in_channels == ENCODERS[name].adm_in_channels
+    inputs = _inputs(name)
+    down, mid = _reference_residuals(reference, *inputs)
+    residuals, middle = _residuals(loaded.model, *inputs)
+    assert len(residuals) == len(down) == len(loaded.model.input_blocks)
+    assert mid.abs().max() > 0.1
+    for ours, theirs in zip([*residuals, middle], [*down, mid]):   # fp32: within 1e-5 of the output's scale
+        assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, float(theirs.abs().max()))
+    # fp64: the same tensors in the same places, so the two agree to rounding
+    down, mid = _reference_residuals(reference.double(), *(None if v is None else _double(v) for v in inputs))
+    residuals, middle = _residuals(loaded.model.double(), *(None if v is None else _double(v) for v in inputs))
+    for ours, theirs in zip([*residuals, middle], [*down, mid]):
+        torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=0)
+
+
+def _double(value):
+    if isinstance(value, dict):
+        return {k: _double(v) for k, v in value.items()}
+    return value.double()
+
+
+@torch.no_grad()
+def _reference_residuals(reference, x, t, context, hint, y, added):
+    return reference(x, t, context, hint, conditioning_scale=1.0, return_dict=False, **added)
+
+
+@torch.no_grad()
+def _residuals(model, x, t, context, hint, y, added):
+    return model(x, t, context, hint, y)
+
+
+def test_sd1_layout_has_12_skip_residuals_and_sdxl_9():
+    """Full-size shapes, on the meta device: SD1 13 residuals (12 + middle), SDXL 10 (9 + middle)."""
+    from sdlab.families import get_family
+
+    with torch.device("meta"):
+        sd1 = ControlNet(ControlNetConfig(unet=get_family("sd1").unet))
+        sdxl = ControlNet(ControlNetConfig(unet=get_family("sdxl").unet))
+    assert len(sd1.zero_convs) == 12 and len(sdxl.zero_convs) == 9
+    assert "input_hint_block.14.weight" in sd1.state_dict() and "middle_block_out.0.weight" in sdxl.state_dict()
+
+
+def test_new_controlnet_is_a_no_op():
+    """Zero-initialised hint output and zero convs: a fresh ControlNet adds nothing (the training start)."""
+    cfg = ControlNetConfig(unet=ENCODERS["sd1"])
+    model = ControlNet(cfg).eval()
+    x, t, context, hint, _, _ = _inputs("sd1")
+    with torch.no_grad():
+        residuals, middle = model(x, t, context, hint)
+    assert all(float(r.abs().max()) == 0.0 for r in residuals) and float(middle.abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_unet_with_residuals_matches_diffusers(name):
+    cfg = ENCODERS[name]
+    reference = UNet2DConditionModel.from_config(unet_config_to_diffusers(cfg)).eval()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    with torch.device("meta"):
+        unet = UNet(cfg)
+    unet.load_state_dict(unet_state_dict_from_diffusers(reference.state_dict(), cfg), assign=True)
+    control = diffusers_controlnet(cfg, seed=4)
+    x, t, context, hint, y, added = _inputs(name)
+    with torch.no_grad():
+        down, mid = control(x, t, context, hint, conditioning_scale=0.7, return_dict=False, **added)
+        expected = reference(
+            x, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid, **added
+        ).sample
+        plain = unet(x, t, context, y)
+        actual = unet(x, t, context, y, control=(list(down), mid))
+    assert (expected - plain).abs().max() > 0.05      # the residuals change the output
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_wrong_family_is_refused(tmp_path):
+    path = write_layout(diffusers_controlnet(ENCODERS["sd1"], seed=0), "diffusers-file", tmp_path)
+    with pytest.raises(CheckpointError, match="for SD1-like models .* the model is SDXL"):
+        load_controlnet(path, like=ENCODERS["sdxl"])
+    loaded = load_controlnet(path)
+    with pytest.raises(CheckpointError, match="this ControlNet is for"):
+        loaded.check_compatible(ENCODERS["sd2"])
+    loaded.check_compatible(ENCODERS["sd1"])
+
+
+def test_not_a_controlnet(tmp_path):
+    sd = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, sd)
+    with pytest.raises(CheckpointError, match="a Stable Diffusion checkpoint .* not a ControlNet"):
+        load_controlnet(sd)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 4)}, lora)
+    with pytest.raises(CheckpointError, match="a LoRA"):
+        load_controlnet(lora)
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_controlnet(tmp_path / "missing.safetensors")
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError):
+        load_controlnet(broken)
+
+
+def test_truncated_controlnet_names_what_is_missing(tmp_path):
+    path = write_layout(diffusers_controlnet(ENCODERS["sd1"], seed=0), "original", tmp_path)
+    from safetensors.torch import load_file
+
+    state = load_file(path)
+    del state["control_model.zero_convs.3.0.weight"]
+    save_file(state, tmp_path / "cut.safetensors")
+    with pytest.raises(CheckpointError, match="missing 1 keys .*zero_convs.3.0.weight"):
+        load_controlnet(tmp_path / "cut.safetensors")
+
+
+def test_legacy_hash_is_a1111s(tmp_path):
+    import hashlib
+
+    data = bytes(range(256)) * 5000                                  # 1.28 MB
+    (tmp_path / "f.safetensors").write_bytes(data)
+    assert legacy_hash(tmp_path / "f.safetensors") == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
