@@ -1,16 +1,140 @@
-"""`sdlab serve` (being built)."""
+"""`sdlab serve`: the HTTP API (A1111-compatible `/sdapi/v1` and the native `/api/jobs`) and the web UI.
+
+    sdlab serve                                   # the shipped model on http://127.0.0.1:7860
+    sdlab serve --models-dir ~/models --model ~/models/v1-5.safetensors --auth me:secret --host 0.0.0.0
+
+Listening on any address but the loopback needs --auth or --token-file. docs/server.md has the routes.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from sdlab.cli.errors import UserError
+
+LOOPBACK_NAMES = ("localhost",)
 
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="(being built)")
+    p = subparsers.add_parser("serve", help="serve the HTTP API and the web UI",
+                              description="Serve an A1111-compatible HTTP API, a native async jobs API and a web UI.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; "
+                                                       "any other needs --auth or --token-file)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--model", help="checkpoint loaded first (default: the model shipped with sdlab)")
+    p.add_argument("--models-dir", help="folder of checkpoints clients may switch to (LoRAs in its Lora/ folder)")
+    p.add_argument("--output-dir", default="outputs", help="pictures (images/) and the job history database "
+                                                           "(default ./outputs)")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--auth", metavar="USER:PASS", help="require HTTP Basic authentication on every route")
+    auth.add_argument("--token-file", metavar="FILE", help="require 'Authorization: Bearer <token>' with the token in FILE")
+    p.add_argument("--max-queue", type=int, default=16, help="jobs that may wait; more get HTTP 429 (default 16)")
+    p.add_argument("--max-body-mb", type=float, default=50, help="largest request body in MiB (default 50)")
+    p.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest width x height (default 2048x2048)")
+    p.add_argument("--max-steps", type=int, default=150, help="most sampling steps per request (default 150)")
+    p.add_argument("--max-batch", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.set_defaults(run=run_serve)
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    from sdlab.cli.errors import UserError
+def is_loopback(host: str) -> bool:
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    raise UserError("sdlab serve is not built yet")
+
+def _credentials(args: argparse.Namespace) -> tuple[tuple[str, str] | None, str | None]:
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user or not password:
+            raise UserError("--auth wants USER:PASS with both parts non-empty")
+        return (user, password), None
+    if args.token_file is not None:
+        try:
+            token = Path(args.token_file).read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise UserError(f"cannot read --token-file {args.token_file!r}: {err.strerror or err}") from None
+        if not token or any(c.isspace() for c in token):
+            raise UserError(f"--token-file {args.token_file!r} must hold one token without spaces")
+        return None, token
+    return None, None
+
+
+def _limits(args: argparse.Namespace):
+    from sdlab.server.config import Limits
+
+    for flag, value in (("--max-queue", args.max_queue), ("--max-pixels", args.max_pixels),
+                        ("--max-steps", args.max_steps), ("--max-batch", args.max_batch)):
+        if value < (0 if flag == "--max-queue" else 1):
+            raise UserError(f"{flag} must be positive, got {value}")
+    if not args.max_body_mb > 0:
+        raise UserError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    return Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
+                  max_steps=args.max_steps, max_batch=args.max_batch)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A bound, listening socket (so a taken port is a clear error, and --port 0 works)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise UserError(f"cannot listen on {host!r}: {err.strerror}") from None
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise UserError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from sdlab.api import resolve_device
+    from sdlab.pipeline.request import RequestError
+
+    basic, token = _credentials(args)
+    if not is_loopback(args.host) and basic is None and token is None:
+        raise UserError(f"refusing to listen on {args.host} without authentication: anyone who can reach this "
+                        "machine could use it; add --auth USER:PASS or --token-file FILE (or keep --host 127.0.0.1)")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {args.port}")
+    if args.model is not None and not Path(args.model).exists():
+        raise UserError(f"the --model {args.model!r} does not exist")
+    if args.models_dir is not None and not Path(args.models_dir).is_dir():
+        raise UserError(f"the --models-dir {args.models_dir!r} is not a folder")
+    try:
+        resolve_device(args.device)
+    except RequestError as err:
+        raise UserError(str(err)) from None
+    limits = _limits(args)
+
+    import uvicorn
+
+    from sdlab.server.app import create_app
+    from sdlab.server.config import ServerConfig
+
+    config = ServerConfig(output_dir=Path(args.output_dir), model=Path(args.model) if args.model else None,
+                          models_dir=Path(args.models_dir) if args.models_dir else None, device=args.device,
+                          max_queue=args.max_queue, basic_auth=basic, token=token, limits=limits)
+    sock = _listen(args.host, args.port)
+    app = create_app(config, preload=True)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"sdlab serve: http://{shown}:{port}/ (API: /sdapi/v1, /api/jobs; Ctrl+C stops)", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    logging.getLogger("sdlab.server").setLevel(logging.INFO)
+    server.run(sockets=[sock])
+    return 0

@@ -1,0 +1,281 @@
+"""AUTOMATIC1111's `/sdapi/v1` routes, same paths, field names and response shapes (docs/server.md lists
+the fields that are accepted but ignored).
+
+txt2img / img2img run through the same queue as the native API and answer when the job is done:
+`{images: [base64 PNG with the parameters chunk], parameters: <the request>, info: <JSON string>}`.
+Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 404 "Sampler not found",
+an unknown scheduler 404 "Scheduler not found" (A1111 itself falls back to "Automatic"; sdlab refuses).
+Unset width / height / CFG take the loaded model's defaults rather than A1111's 512 / 7.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from PIL import Image, ImageOps
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdlab.diffusion.samplers import SAMPLER_TABLE
+from sdlab.pipeline.images import open_image
+from sdlab.pipeline.png_info import PARAMETERS_KEY, parse_parameters, read_parameters, version_label
+from sdlab.pipeline.request import GenerationRequest
+from sdlab.server.inputs import BadRequest, JobSpec, decode_base64, decode_image, sampler_and_schedule, scheduler_rows
+from sdlab.server.jobs import Job
+from sdlab.server.native import service_of
+from sdlab.server.previews import jpeg_bytes
+from sdlab.server.service import Service
+
+router = APIRouter(prefix="/sdapi/v1")
+DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
+
+
+class Txt2ImgIn(BaseModel):
+    """The fields sdlab uses; any other A1111 field is accepted and ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    sampler_name: str | None = None
+    sampler_index: str | None = None
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 20
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    eta: float | None = None
+    s_noise: float = 1.0
+    send_images: bool = True
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class Img2ImgIn(Txt2ImgIn):
+    init_images: list[str] = Field(default_factory=list)
+    denoising_strength: float = 0.75
+    mask: str | None = None
+    mask_blur: float = 4.0
+    inpainting_mask_invert: int = 0
+    include_init_images: bool = False
+
+
+def _request(body: Txt2ImgIn, init: Image.Image | None = None, mask: Image.Image | None = None) -> GenerationRequest:
+    if body.n_iter < 1 or body.batch_size < 1:
+        raise BadRequest(f"batch_size and n_iter must be >= 1, got {body.batch_size} and {body.n_iter}", 422)
+    sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index or DEFAULT_SAMPLER, body.scheduler)
+    clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", 1)
+    extra: dict[str, Any] = {}
+    if init is not None:
+        extra = {"init_image": init, "strength": body.denoising_strength, "img2img_convention": "a1111"}
+        if mask is not None:
+            extra.update(mask_image=mask, mask_blur=body.mask_blur)
+    return GenerationRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
+        schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
+        batch_size=body.batch_size * body.n_iter,
+        clip_skip=clip_skip, eta=body.eta, s_noise=body.s_noise, **extra,
+    )
+
+
+async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
+    model = body.override_settings.get("sd_model_checkpoint")
+    job, _ = service.submit(JobSpec(request), mode, model)
+    queue = job.subscribe(asyncio.get_running_loop())
+    try:
+        while (await queue.get())[0] not in ("done", "failed", "cancelled"):
+            pass
+    finally:
+        job.unsubscribe(queue)
+    if job.status == "failed":
+        raise BadRequest(job.error or "failed", 500 if (job.error or "").startswith("internal") else 400)
+    images = []
+    if body.send_images:
+        images = [base64.b64encode((service.images_dir / name).read_bytes()).decode("ascii") for name in job.images]
+    echo = body.model_dump()
+    if isinstance(body, Img2ImgIn) and not body.include_init_images:
+        echo["init_images"], echo["mask"] = None, None
+    return {"images": images, "parameters": echo, "info": json.dumps(_info(job, body))}
+
+
+def _info(job: Job, body: Txt2ImgIn) -> dict[str, Any]:
+    """A1111's `Processed.js()` fields."""
+    s = job.settings
+    seeds = job.seeds or [s.get("seed", -1)]
+    prompts = [s.get("prompt", "")] * max(1, len(job.images))
+    return {
+        "prompt": s.get("prompt", ""), "all_prompts": prompts,
+        "negative_prompt": s.get("negative_prompt", ""), "all_negative_prompts": [s.get("negative_prompt", "")] * len(prompts),
+        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "width": s.get("width"), "height": s.get("height"), "sampler_name": s.get("sampler"),
+        "cfg_scale": s.get("cfg_scale"), "steps": s.get("steps"), "batch_size": body.batch_size,
+        "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": job.model.rsplit(" [", 1)[0], "sd_model_hash": _hash_of_title(job.model),
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": s.get("strength") if job.mode != "txt2img" else None,
+        "extra_generation_params": {"Schedule type": s.get("schedule")},
+        "index_of_first_image": 0, "infotexts": job.infotexts, "styles": [], "job_timestamp": _stamp(job.created),
+        "clip_skip": s.get("clip_skip", 1), "is_using_inpainting_conditioning": False, "version": version_label(),
+        "interrupted": job.status == "cancelled",
+    }
+
+
+def _hash_of_title(title: str) -> str | None:
+    return title.rsplit(" [", 1)[1].rstrip("]") if title.endswith("]") and " [" in title else None
+
+
+def _stamp(t: float) -> str:
+    return time.strftime("%Y%m%d%H%M%S", time.localtime(t))
+
+
+@router.post("/txt2img")
+async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
+    return await _generate(service_of(request), body, "txt2img", _request(body))
+
+
+@router.post("/img2img")
+async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    if not body.init_images:
+        raise BadRequest("img2img needs init_images (a list with one base64 image)", 422)
+    limits = service.config.limits
+    init = decode_image(body.init_images[0], "init_images[0]", limits)
+    mask = decode_image(body.mask, "mask", limits) if body.mask else None
+    if mask is not None and body.inpainting_mask_invert:
+        mask = ImageOps.invert(mask.convert("L"))
+    return await _generate(service, body, "inpaint" if mask is not None else "img2img", _request(body, init, mask))
+
+
+@router.get("/progress")
+def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    service = service_of(request)
+    queued, running = service.queue.counts()
+    job = service.queue.current
+    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": queued + running,
+             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    if job is None:
+        return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
+    done = job.step / job.steps if job.steps else 0.0
+    elapsed = time.time() - (job.started or time.time())
+    state.update(job=f"task({job.id})", interrupted=job.cancel.is_set(), job_timestamp=_stamp(job.created),
+                 sampling_step=job.step, sampling_steps=job.steps)
+    preview = job.preview
+    image = None
+    if preview is not None and not skip_current_image:
+        image = base64.b64encode(jpeg_bytes(preview)).decode("ascii")
+    return {"progress": min(1.0, max(0.01, done)), "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
+            "state": state, "current_image": image, "textinfo": f"step {job.step}/{job.steps}"}
+
+
+@router.post("/interrupt")
+def interrupt(request: Request) -> None:
+    service_of(request).queue.interrupt()
+
+
+@router.post("/skip")
+def skip(request: Request) -> None:
+    """A1111 skips the current image of a batch; here a job is one batch, so skip stops it like interrupt."""
+    service_of(request).queue.interrupt()
+
+
+def _options(service: Service) -> dict[str, Any]:
+    selected = service.host.selected
+    return {**service.options, "sd_model_checkpoint": selected.title, "sd_checkpoint_hash": selected.sha256,
+            "samples_format": "png", "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
+            "show_progress_every_n_steps": 1, "live_previews_enable": True}
+
+
+@router.get("/options")
+def get_options(request: Request) -> dict[str, Any]:
+    return _options(service_of(request))
+
+
+@router.post("/options")
+def set_options(body: dict[str, Any], request: Request) -> None:
+    """`sd_model_checkpoint` switches the model new jobs use (loaded by the worker before its next job);
+    other options are remembered and echoed by GET but change nothing (docs/server.md)."""
+    service = service_of(request)
+    if "sd_model_checkpoint" in body:
+        service.host.selected = service.checkpoint(body["sd_model_checkpoint"])
+    fixed = {"sd_model_checkpoint", "sd_checkpoint_hash", "samples_format"}
+    service.options.update({k: v for k, v in body.items() if k not in fixed})
+
+
+@router.get("/sd-models")
+def sd_models(request: Request) -> list[dict[str, Any]]:
+    return [c.as_a1111() for c in service_of(request).registry.checkpoints]
+
+
+@router.get("/samplers")
+def samplers() -> list[dict[str, Any]]:
+    return [{"name": spec.name, "aliases": [spec.comfy] if spec.comfy and spec.a1111 else [], "options": {}}
+            for spec in SAMPLER_TABLE]
+
+
+@router.get("/schedulers")
+def schedulers() -> list[dict[str, Any]]:
+    return scheduler_rows()
+
+
+@router.get("/loras")
+def loras(request: Request) -> list[dict[str, Any]]:
+    return [lora.as_a1111() for lora in service_of(request).registry.loras]
+
+
+@router.post("/refresh-checkpoints")
+def refresh_checkpoints(request: Request) -> None:
+    service_of(request).registry.refresh()
+
+
+@router.post("/refresh-loras")
+def refresh_loras(request: Request) -> None:
+    service_of(request).registry.refresh()
+
+
+@router.get("/sd-vae")
+def sd_vae() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/upscalers")
+def upscalers() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes() -> list[dict[str, Any]]:
+    return []
+
+
+@router.get("/embeddings")
+def embeddings() -> dict[str, Any]:
+    return {"loaded": {}, "skipped": {}}
+
+
+@router.get("/scripts")
+def scripts() -> dict[str, Any]:
+    return {"txt2img": [], "img2img": []}
+
+
+class PngInfoIn(BaseModel):
+    image: str
+
+
+@router.post("/png-info")
+def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
+    """{info: the parameters text, items: the image's other text chunks, parameters: the text parsed}."""
+    raw = decode_base64(body.image, "image")
+    try:
+        text = read_parameters(io.BytesIO(raw)) or ""
+        with open_image(io.BytesIO(raw)) as image:
+            items = {k: v for k, v in image.info.items()
+                     if isinstance(k, str) and isinstance(v, str) and k != PARAMETERS_KEY}
+    except Exception as err:           # Pillow raises many types on data that is not an image
+        raise BadRequest(f"image is not a readable PNG, JPEG or WebP: {err}", 400, "Invalid encoded image") from None
+    return {"info": text, "items": items, "parameters": parse_parameters(text) if text else {}}

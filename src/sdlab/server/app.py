@@ -1,0 +1,106 @@
+"""`create_app(config)`: the FastAPI application of `sdlab serve`.
+
+Routes: `/sdapi/v1/*` (a1111.py), `/api/*` (native.py), the web UI at `/` (static/index.html) and
+`/static/*`. Every route sits behind `guard.Guard` (auth, body size). Errors: `/sdapi` answers in A1111's
+shape `{error, detail, body, errors}`, everything else `{detail: "..."}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sdlab.server import a1111, native
+from sdlab.server.config import ServerConfig
+from sdlab.server.guard import BodyTooLarge, Guard
+from sdlab.server.inputs import BadRequest
+from sdlab.server.jobs import QueueFull
+from sdlab.server.service import Service
+
+STATIC = Path(__file__).parent / "static"
+logger = logging.getLogger("sdlab.server")
+
+
+def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
+    """The ASGI app (FastAPI behind the guard). The first model loads now with `preload` (a broken file is
+    an error before the server listens), else in the worker when the app starts."""
+    service = Service(config)
+    if preload:
+        service.runner.warm()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.start()
+        yield
+        await asyncio.to_thread(service.stop)
+
+    app = FastAPI(title="sdlab", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.service = service
+    app.include_router(a1111.router)
+    app.include_router(native.router)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    STATIC.mkdir(exist_ok=True)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    _error_handlers(app)
+    guarded = Guard(app, basic=config.basic_auth, token=config.token, max_body=config.limits.max_body_bytes)
+    guarded.state = app.state           # tests and tools reach the service through either object
+    return guarded
+
+
+def error_response(request: Request, status: int, detail, message: str = "", error: str = "HTTPException",
+                   headers: dict | None = None) -> JSONResponse:
+    if request.url.path.startswith("/sdapi/"):
+        body = {"error": error, "detail": detail, "body": "", "errors": message or str(detail)}
+    else:
+        body = {"detail": message or detail}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BadRequest)
+    async def bad_request(request: Request, err: BadRequest) -> JSONResponse:
+        return error_response(request, err.status, err.detail, err.message)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, err: QueueFull) -> JSONResponse:
+        return error_response(request, 429, "Too Many Requests", str(err), headers={"Retry-After": "5"})
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
+        return error_response(request, 413, "Request Entity Too Large", str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/sdapi/"):
+            return JSONResponse({"detail": _jsonable(err.errors())}, status_code=422)
+        return JSONResponse({"detail": _validation_text(err)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(request, err.status_code, err.detail, headers=getattr(err, "headers", None))
+
+
+def _validation_text(err: RequestValidationError) -> str:
+    """Pydantic's errors as one line: `steps: Input should be a valid integer; ...`."""
+    parts = []
+    for item in err.errors():
+        where = ".".join(str(p) for p in item.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {item.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def _jsonable(errors: list) -> list:
+    """Pydantic error dicts without the raw input or exception objects (they can be large or unserialisable)."""
+    return [{k: (str(v) if k == "ctx" else v) for k, v in e.items() if k not in ("input", "url")} for e in errors]

@@ -1,0 +1,32 @@
+"""What a server is started with: where models and outputs live, who may use it, and its limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits; a request past one is refused with a 4xx that names it."""
+
+    max_body_bytes: int = 50 << 20          # a 2048x2048 PNG as base64 is ~16 MiB
+    max_pixels: int = 2048 * 2048           # width x height of one picture
+    max_steps: int = 150
+    max_batch: int = 8                      # images per request (A1111: batch_size x n_iter)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    output_dir: Path
+    model: Path | None = None               # the model loaded first (None: the shipped model)
+    models_dir: Path | None = None          # checkpoints a client may switch to; LoRAs in its Lora/ or loras/
+    device: str = "cpu"
+    max_queue: int = 16                     # jobs waiting (the running one not counted); more -> 429
+    basic_auth: tuple[str, str] | None = None
+    token: str | None = None
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.basic_auth is not None or self.token is not None

@@ -1,0 +1,81 @@
+"""Authentication and the body-size limit, in front of every route (API, UI, images).
+
+An ASGI middleware: HTTP Basic (`--auth user:pass`) or `Authorization: Bearer <token>` (`--token-file`),
+compared in constant time; a request without valid credentials gets 401 with `WWW-Authenticate: Basic`
+(browsers then ask for the password, so the UI works behind it). Bodies longer than the limit get 413,
+whether they announce their length or stream it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from secrets import compare_digest
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)")
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, *, basic: tuple[str, str] | None, token: str | None, max_body: int) -> None:
+        self.app = app
+        self.basic = basic
+        self.token = token
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if (self.basic or self.token) and not self._authorized(headers.get("authorization", "")):
+            await _respond(send, 401, {"detail": "Not authenticated"},
+                           [(b"www-authenticate", b'Basic realm="sdlab"')])
+            return
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            status = 413 if length.isdigit() else 400
+            await _respond(send, status, {"detail": str(BodyTooLarge(self.max_body)) if status == 413
+                                          else "invalid Content-Length"})
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise BodyTooLarge(self.max_body)
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        scheme, value = scheme.lower(), value.strip()
+        if scheme == "bearer" and self.token is not None:
+            return compare_digest(value.encode(), self.token.encode())
+        if scheme == "basic" and self.basic is not None:
+            try:
+                user, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+            except (binascii.Error, ValueError):
+                return False
+            ok_user = compare_digest(user.encode(), self.basic[0].encode())
+            ok_password = compare_digest(password.encode(), self.basic[1].encode())
+            return bool(sep) and ok_user and ok_password
+        return False
+
+
+async def _respond(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": data})

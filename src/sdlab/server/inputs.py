@@ -1,0 +1,165 @@
+"""Request fields -> `GenerationRequest`: images from base64, the server's limits, A1111's names.
+
+Everything a client can get wrong is a `BadRequest` (HTTP 4xx) naming the field; nothing here touches
+the model, so bad requests are refused before they are queued.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from sdlab.diffusion.discretization import DISCRETIZATIONS
+from sdlab.diffusion.samplers import get_sampler
+from sdlab.pipeline.infotext import split_lora_tags
+from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+from sdlab.server.config import Limits
+
+
+class BadRequest(Exception):
+    """A request the server refuses: `status` (4xx), `detail` (A1111's short text), `message` (the why)."""
+
+    def __init__(self, message: str, status: int = 400, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.detail = detail or message
+        self.message = message
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    name: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One generation as the worker runs it: the request (seed fixed), the model and the LoRAs by name."""
+
+    request: GenerationRequest
+    model: str | None = None                 # a registry name; None = the server's current model
+    loras: tuple[LoraChoice, ...] = ()
+    prompt_to_record: str | None = None      # the prompt as written, LoRA tags included
+    extra: dict[str, Any] = field(default_factory=dict)   # route-specific data (A1111's echo)
+
+
+# A1111 scheduler names (`modules/sd_schedulers.py`) -> sdlab discretizations; "automatic" = the family's
+A1111_SCHEDULERS: dict[str, tuple[str, str | None]] = {
+    "automatic": ("Automatic", None),
+    "uniform": ("Uniform", "uniform"),
+    "karras": ("Karras", "karras"),
+    "exponential": ("Exponential", "exponential"),
+    "sgm_uniform": ("SGM Uniform", "sgm_uniform"),
+    "simple": ("Simple", "simple"),
+    "normal": ("Normal", "normal"),
+    "ddim": ("DDIM", "ddim_uniform"),
+}
+_DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+
+
+def scheduler_rows() -> list[dict[str, Any]]:
+    """`/sdapi/v1/schedulers`: A1111's rows sdlab implements, then sdlab's other discretizations."""
+    rows = [{"name": name, "label": label, "aliases": None, "default_rho": 7.0 if name == "karras" else -1,
+             "need_inner_model": False} for name, (label, _) in A1111_SCHEDULERS.items()]
+    known = {target for _, target in A1111_SCHEDULERS.values()} | set(A1111_SCHEDULERS)
+    rows += [{"name": name, "label": name, "aliases": None, "default_rho": -1, "need_inner_model": False}
+             for name in sorted(DISCRETIZATIONS) if name not in known]
+    return rows
+
+
+def schedule_name(name: str | None) -> str | None:
+    """An A1111 scheduler name or label, or an sdlab discretization name -> sdlab's name (None: default)."""
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str):
+        raise BadRequest(f"scheduler must be a name, got {name!r}", 422)
+    key = name.strip().lower().replace(" ", "_")
+    for a1111, (label, target) in A1111_SCHEDULERS.items():
+        if key in (a1111, label.lower().replace(" ", "_")):
+            return target
+    if key in DISCRETIZATIONS:
+        return key
+    valid = ", ".join([*A1111_SCHEDULERS, *sorted(set(DISCRETIZATIONS) - set(A1111_SCHEDULERS))])
+    raise BadRequest(f"unknown scheduler {name!r}; valid names: {valid}", 404, "Scheduler not found")
+
+
+def sampler_and_schedule(name: str | None, scheduler: str | None) -> tuple[str | None, str | None]:
+    """(sampler, schedule); an old combined name ("DPM++ 2M Karras") gives its schedule when none is set."""
+    schedule = schedule_name(scheduler)
+    if name is None or name == "":
+        return None, schedule
+    if not isinstance(name, str):
+        raise BadRequest(f"sampler must be a name, got {name!r}", 422)
+    try:
+        return get_sampler(name).name, schedule
+    except ValueError as err:
+        for suffix in (" karras", " exponential"):
+            if name.lower().endswith(suffix):
+                try:
+                    base = get_sampler(name[: -len(suffix)]).name
+                except ValueError:
+                    break
+                return base, schedule or suffix.strip()
+        raise BadRequest(str(err), 404, "Sampler not found") from None
+
+
+def decode_base64(data: Any, what: str) -> bytes:
+    """The bytes of a base64 string or `data:image/...;base64,` URL, or `BadRequest`."""
+    if not isinstance(data, str):
+        raise BadRequest(f"{what} must be a base64 string or a data URL, got {type(data).__name__}", 422)
+    try:
+        return base64.b64decode(_DATA_URL.sub("", data.strip(), count=1), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what} is not valid base64", 400, "Invalid encoded image") from None
+
+
+def decode_image(data: Any, what: str, limits: Limits) -> Image.Image:
+    """A base64 string or `data:image/...;base64,` URL -> a loaded PIL image, or `BadRequest`."""
+    raw = decode_base64(data, what)
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if image.width * image.height > 4 * limits.max_pixels:
+                raise BadRequest(f"{what} is {image.width}x{image.height}; the limit is {4 * limits.max_pixels} "
+                                 "pixels", 413)
+            image.load()
+            return image.copy()
+    except BadRequest:
+        raise
+    except Exception as err:            # Pillow raises many types on corrupt data, all "not an image"
+        raise BadRequest(f"{what} is not a readable image: {err}", 400, "Invalid encoded image") from None
+
+
+def fixed_seed(seed: Any) -> int:
+    """The seed a job runs with: -1 / None draw one now, so the job's record names it from the start."""
+    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
+        return random.randrange(2**32)
+    return seed
+
+
+def check_request(request: GenerationRequest, limits: Limits) -> GenerationRequest:
+    """`request` checked against the server's limits and sdlab's own rules (without a model: the
+    model's defaults are filled in when it runs); `BadRequest` names the first problem."""
+    if not isinstance(request.steps, int) or request.steps > limits.max_steps:
+        raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
+    if not isinstance(request.batch_size, int) or request.batch_size > limits.max_batch:
+        raise BadRequest(f"at most {limits.max_batch} images per request on this server, got {request.batch_size!r}")
+    width, height = request.width, request.height
+    if request.init_image is not None:
+        width = request.init_image.width if width is None else width
+        height = request.init_image.height if height is None else height
+    if isinstance(width, int) and isinstance(height, int) and width * height > limits.max_pixels:
+        raise BadRequest(f"{width}x{height} is {width * height} pixels; this server draws at most "
+                         f"{limits.max_pixels} (--max-pixels)", 413)
+    try:
+        split_lora_tags(request.prompt if isinstance(request.prompt, str) else "")
+        resolve(request, default_size=64, default_sampler="Euler", default_schedule="normal", factor=8)
+    except (RequestError, ValueError) as err:
+        raise BadRequest(str(err)) from None
+    return request

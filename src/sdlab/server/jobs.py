@@ -1,0 +1,259 @@
+"""Jobs, the bounded queue, and the one worker thread that runs them.
+
+A job goes queued -> running -> done | failed | cancelled (or `interrupted`, set on the next start when
+the server stopped under it). Its events (queued, started, step, done, failed, cancelled) go to every
+subscriber (an asyncio queue of the server's event loop); a subscriber that comes late gets the job's
+state first. Cancelling a queued job takes it out of the queue; cancelling a running one raises from the
+sampler's progress callback at the next step, so nothing is decoded or written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from sdlab.diffusion.discretization import steps_run
+from sdlab.server.inputs import JobSpec
+from sdlab.server.store import Store
+
+logger = logging.getLogger("sdlab.server")
+
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+
+
+class QueueFull(Exception):
+    """More jobs are waiting than `--max-queue` allows (HTTP 429)."""
+
+
+class JobCancelled(Exception):
+    """Raised from the progress callback to stop a running job between steps."""
+
+
+@dataclass
+class Job:
+    id: str
+    mode: str
+    model: str                                  # the checkpoint's title
+    spec: JobSpec
+    created: float
+    status: str = "queued"
+    started: float | None = None
+    finished: float | None = None
+    step: int = 0
+    steps: int = 0
+    images: list[str] = field(default_factory=list)      # file names in the output folder
+    infotexts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    error: str | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    finished_event: threading.Event = field(default_factory=threading.Event)
+    preview: Tensor | None = None               # (h, w, 3) uint8, the latest step's x0 estimate
+    _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self) -> dict[str, Any]:
+        """The row the store keeps."""
+        return {"id": self.id, "status": self.status, "mode": self.mode, "model": self.model,
+                "request": self.settings, "images": self.images, "infotexts": self.infotexts,
+                "error": self.error, "created": self.created, "started": self.started,
+                "finished": self.finished, "step": self.step, "steps": self.steps}
+
+    def final_event(self) -> tuple[str, dict[str, Any]] | None:
+        return final_event(self.record()) if self.status in FINAL_STATES else None
+
+    def subscribe(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
+        """An asyncio queue of this job's events from now on, starting with its current state."""
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            final = self.final_event()
+            if final is not None:
+                queue.put_nowait(final)
+            else:
+                queue.put_nowait(("started", self._started_data()) if self.status == "running"
+                                 else ("queued", {"id": self.id}))
+                self._subscribers.append((loop, queue))
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        with self._lock:
+            self._subscribers = [(loop, q) for loop, q in self._subscribers if q is not queue]
+
+    def publish(self, name: str, data: dict[str, Any]) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+            if name in ("done", "failed", "cancelled"):
+                self._subscribers.clear()
+        for loop, queue in subscribers:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, (name, data))
+            except RuntimeError:        # the loop closed (server shutting down)
+                pass
+
+    def _started_data(self) -> dict[str, Any]:
+        return {"id": self.id, "steps": self.steps, "request": self.settings}
+
+
+def final_event(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The last event of a finished job, from its record (live or from the store)."""
+    status = record["status"]
+    if status == "done":
+        request = record["request"]
+        seeds = [request.get("seed", 0) + i for i in range(len(record["images"]))]
+        return "done", {"images": [image_url(name) for name in record["images"]], "seeds": seeds,
+                        "infotexts": record["infotexts"]}
+    if status == "cancelled":
+        return "cancelled", {"id": record["id"]}
+    return "failed", {"error": record["error"] or status, "status": status}
+
+
+def image_url(name: str) -> str:
+    return f"/api/images/{name}"
+
+
+def steps_of(spec: JobSpec) -> int:
+    """How many sampler steps (progress callbacks) the job's request runs."""
+    request = spec.request
+    if request.init_image is None:
+        return request.steps
+    try:
+        return steps_run(request.steps, request.strength, request.img2img_convention)[1]
+    except ValueError:
+        return request.steps
+
+
+RunFn = Callable[[Job], None]
+
+
+class JobQueue:
+    """A bounded FIFO of jobs and the worker thread that runs them one at a time with `run(job)`.
+
+    `run` sets the job's results (or raises: `JobCancelled`, or any error, which fails the job)."""
+
+    def __init__(self, store: Store, run: RunFn, max_queue: int, on_start: Callable[[], None] | None = None) -> None:
+        self.store = store
+        self.max_queue = max_queue
+        self._run = run
+        self._on_start = on_start
+        self._queue: collections.deque[Job] = collections.deque()
+        self._jobs: dict[str, Job] = {}             # every job of this process, by id
+        self._condition = threading.Condition()
+        self._stopping = False
+        self.current: Job | None = None
+        self._thread = threading.Thread(target=self._work, name="sdlab-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._condition:
+            self._stopping = True
+            for job in self._queue:
+                job.cancel.set()
+            if self.current is not None:
+                self.current.cancel.set()
+            self._condition.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, spec: JobSpec, mode: str, model: str, settings: dict[str, Any]) -> tuple[Job, int]:
+        """Queue a job; returns it and its position (0 = next). `QueueFull` past `max_queue` waiting jobs."""
+        job = Job(id=uuid.uuid4().hex, mode=mode, model=model, spec=spec, created=time.time(),
+                  steps=steps_of(spec), settings=settings)
+        with self._condition:
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} jobs are waiting, the most this server queues (--max-queue)")
+            self.store.save_job(job.record())
+            self._queue.append(job)
+            self._jobs[job.id] = job
+            position = len(self._queue) - 1
+            self._condition.notify_all()
+        return job, position
+
+    def get(self, job_id: str) -> Job | None:
+        with self._condition:
+            return self._jobs.get(job_id)
+
+    def live_jobs(self) -> list[Job]:
+        with self._condition:
+            return list(self._jobs.values())
+
+    def position(self, job: Job) -> int | None:
+        with self._condition:
+            return self._queue.index(job) if job in self._queue else None
+
+    def counts(self) -> tuple[int, int]:
+        """(queued, running) job counts."""
+        with self._condition:
+            return len(self._queue), int(self.current is not None)
+
+    def cancel(self, job: Job) -> str:
+        """Cancel a queued job at once, a running one at its next step; returns the status after."""
+        with self._condition:
+            if job in self._queue:
+                self._queue.remove(job)
+                self._finish(job, "cancelled", None)
+                return job.status
+            if job.status == "running":
+                job.cancel.set()
+            return job.status
+
+    def interrupt(self) -> bool:
+        """Cancel the running job (A1111's interrupt); False when nothing runs."""
+        with self._condition:
+            job = self.current
+            if job is None:
+                return False
+            job.cancel.set()
+            return True
+
+    def _finish(self, job: Job, status: str, error: str | None) -> None:
+        job.status, job.error, job.finished = status, error, time.time()
+        job.preview = None
+        self.store.save_job(job.record())
+        name, data = job.final_event() or ("failed", {"error": status})
+        job.publish(name, data)
+        job.finished_event.set()
+
+    def _work(self) -> None:
+        if self._on_start is not None:
+            try:
+                self._on_start()
+            except Exception:          # the first job reports the same error in its own record
+                logger.exception("loading the startup model failed")
+        while True:
+            with self._condition:
+                while not self._queue and not self._stopping:
+                    self._condition.wait()
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                self.current = job
+                job.status, job.started = "running", time.time()
+                self.store.save_job(job.record())
+            job.publish("started", job._started_data())
+            status, error = "done", None
+            try:
+                self._run(job)
+            except JobCancelled:
+                status = "cancelled"
+            except Exception as err:            # reported in the job, the worker keeps serving
+                status, error = "failed", _message(err)
+                if not isinstance(err, ValueError):
+                    logger.exception("job %s failed", job.id)
+            with self._condition:
+                self.current = None
+                self._finish(job, status, error)
+
+
+def _message(err: Exception) -> str:
+    text = str(err) or type(err).__name__
+    return text if isinstance(err, ValueError) else f"internal error: {type(err).__name__}: {text}"

@@ -1,0 +1,169 @@
+"""The native async API: `POST /api/jobs` returns at once, the job runs in the queue.
+
+    POST   /api/jobs                 {mode, model?, prompt, ...} -> 202 {id, status: "queued", position}
+    GET    /api/jobs                 {jobs: [job, ...]} newest first (this run's and earlier runs')
+    GET    /api/jobs/{id}            job
+    DELETE /api/jobs/{id}            cancel (queued: at once; running: at the next step) -> {id, status}
+    GET    /api/jobs/{id}/events     Server-Sent Events: queued, started, step {i, n, preview}, done, failed, cancelled
+    GET    /api/images/{name}        a picture the server drew (only names it wrote, only from its folder)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from sdlab.pipeline.request import GenerationRequest
+from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, decode_image
+from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
+from sdlab.server.previews import jpeg_data_url
+from sdlab.server.service import Service
+
+router = APIRouter(prefix="/api")
+IMAGE_NAME = re.compile(r"^[0-9a-f]{32}-[0-9]{1,3}\.png$")
+
+
+class LoraIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    weight: float = 1.0
+
+
+class JobIn(BaseModel):
+    """A generation: `GenerationRequest`'s fields, the mode, and optionally the model by name."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
+    model: str | None = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    steps: int = 20
+    sampler: str | None = None
+    schedule: str | None = None
+    cfg_scale: float | None = None
+    seed: int = -1
+    width: int | None = None
+    height: int | None = None
+    batch_size: int = 1
+    strength: float | None = None           # img2img 0.75, inpaint 1.0
+    init_image: str | None = None           # base64 or data URL
+    mask_image: str | None = None           # white = repaint
+    mask_blur: float = 0.0
+    clip_skip: int = 1
+    eta: float | None = None
+    loras: list[LoraIn] = Field(default_factory=list)
+
+
+def service_of(request: Request) -> Service:
+    return request.app.state.service
+
+
+def job_json(record: dict[str, Any], live: Job | None = None, position: int | None = None) -> dict[str, Any]:
+    if live is not None:
+        record = live.record()
+    out = {key: record[key] for key in ("id", "status", "mode", "model", "request", "infotexts", "error",
+                                        "created", "started", "finished", "step", "steps")}
+    out["images"] = [image_url(name) for name in record["images"]]
+    if position is not None:
+        out["position"] = position
+    return out
+
+
+@router.post("/jobs", status_code=202)
+def create_job(body: JobIn, request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    limits = service.config.limits
+    init = mask = None
+    if body.mode != "txt2img":
+        if body.init_image is None:
+            raise BadRequest(f"{body.mode} needs init_image (a base64 PNG or data URL)", 422)
+        init = decode_image(body.init_image, "init_image", limits)
+    if body.mode == "inpaint":
+        if body.mask_image is None:
+            raise BadRequest("inpaint needs mask_image (white = repaint)", 422)
+        mask = decode_image(body.mask_image, "mask_image", limits)
+    strength = body.strength if body.strength is not None else (1.0 if body.mode == "inpaint" else 0.75)
+    generation = GenerationRequest(
+        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=body.sampler,
+        schedule=body.schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
+        batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_image=init, mask_image=mask,
+        strength=strength, mask_blur=body.mask_blur,
+    )
+    spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras))
+    job, position = service.submit(spec, body.mode, body.model)
+    return {"id": job.id, "status": job.status, "position": position}
+
+
+@router.get("/jobs")
+def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
+    service = service_of(request)
+    return {"jobs": [job_json(r, service.queue.get(r["id"])) for r in service.store.jobs(limit)]}
+
+
+def _find(service: Service, job_id: str) -> tuple[dict[str, Any], Job | None]:
+    live = service.queue.get(job_id)
+    record = live.record() if live is not None else service.store.job(job_id)
+    if record is None:
+        raise BadRequest(f"no job {job_id!r}", 404, "Not Found")
+    return record, live
+
+
+@router.get("/jobs/{job_id}")
+def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    record, live = _find(service, job_id)
+    return job_json(record, live, service.queue.position(live) if live is not None else None)
+
+
+@router.delete("/jobs/{job_id}")
+def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+    service = service_of(request)
+    record, live = _find(service, job_id)
+    status = service.queue.cancel(live) if live is not None else record["status"]
+    return {"id": job_id, "status": status}
+
+
+@router.get("/jobs/{job_id}/events")
+async def job_events(job_id: str, request: Request) -> StreamingResponse:
+    service = service_of(request)
+    record, live = _find(service, job_id)
+
+    async def stream():
+        if live is None:                                # a job of an earlier run: its last event
+            name, data = final_event(record) if record["status"] in FINAL_STATES else ("failed", {"error": "lost"})
+            yield _sse(name, data)
+            return
+        queue = live.subscribe(asyncio.get_running_loop())
+        try:
+            while True:
+                name, data = await queue.get()
+                if name == "step":
+                    preview = live.preview
+                    data = {**data, "preview": jpeg_data_url(preview) if preview is not None else None}
+                yield _sse(name, data)
+                if name in ("done", "failed", "cancelled"):
+                    return
+        finally:
+            live.unsubscribe(queue)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+@router.get("/images/{name}")
+def get_image(name: str, request: Request) -> FileResponse:
+    service = service_of(request)
+    path = service.images_dir / name
+    if not IMAGE_NAME.match(name) or not path.is_file():
+        return JSONResponse({"detail": "Not Found"}, status_code=404)
+    return FileResponse(path, media_type="image/png")

@@ -1,0 +1,84 @@
+"""Step previews: the sampler's current x0 estimate as a small picture, at a fraction of a step's cost.
+
+A linear map from latent channels to RGB (A1111's "Approx cheap", ComfyUI's "latent2rgb"):
+rgb = latent^T W + b per latent pixel, in [-1, 1], one pixel per latent pixel. The factors come from the
+family (`family.latent_format.rgb_factors` / `rgb_factors_bias`, in the model's latent space) when it
+has them; otherwise they are fitted once per model by least squares against the model's own VAE decoder
+on a few random latents (each decoded picture average-pooled to the latent grid), so any model, even
+one trained here, gets a preview (the latents are the encoder's, of smooth random-colour pictures). The JPEG is encoded only when a client asks for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sdlab.families.loaded import ModelBundle
+
+FIT_SIDE = 16           # latent side of the fitting samples (128 px for SD's 8x VAE)
+FIT_SAMPLES = 4
+
+
+class LatentPreviewer:
+    """`rgb(latent)` for one model: (C, h, w) latent in model space -> (h, w, 3) uint8 array."""
+
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        self.weight = weight.to(torch.float32)     # (C, 3)
+        self.bias = bias.to(torch.float32)         # (3,)
+
+    @classmethod
+    def for_bundle(cls, bundle: ModelBundle) -> LatentPreviewer:
+        latent_format = getattr(bundle.family, "latent_format", None)
+        factors = getattr(latent_format, "rgb_factors", None)
+        if factors is not None:
+            bias = getattr(latent_format, "rgb_factors_bias", None)
+            weight = torch.as_tensor(factors, dtype=torch.float32)
+            return cls(weight, torch.zeros(3) if bias is None else torch.as_tensor(bias, dtype=torch.float32))
+        return cls(*fit_linear_decoder(bundle))
+
+    @torch.no_grad()
+    def rgb(self, latent: Tensor) -> Tensor:
+        x = latent.detach().to("cpu", torch.float32)                                # (C, h, w)
+        rgb = torch.einsum("chw,cr->hwr", x, self.weight) + self.bias               # (h, w, 3) in [-1, 1]
+        return ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8)                    # (h, w, 3)
+
+
+@torch.no_grad()
+def fit_linear_decoder(bundle: ModelBundle, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Least-squares (W (C, 3), b (3,)) with picture(z) pooled to the latent grid ~= z^T W + b.
+
+    The latents are the VAE encoder's means of smooth random-colour pictures (so they lie where sampled
+    latents lie; plain Gaussian latents do not), in model space; the targets are those pictures pooled."""
+    factor = bundle.vae_config.downsample_factor
+    side = FIT_SIDE * factor
+    generator = torch.Generator().manual_seed(seed)
+    colours = torch.rand(FIT_SAMPLES, 3, 4, 4, generator=generator) * 2 - 1               # (N, 3, 4, 4)
+    pictures = torch.nn.functional.interpolate(colours, size=(side, side), mode="bicubic").clamp(-1, 1)  # (N, 3, H, W)
+    vae = bundle.vae
+    z = vae.encode(pictures.to(bundle.device, vae.dtype)).mean.to("cpu", torch.float32) * bundle.scaling_factor
+    channels = z.shape[1]                                                                  # z: (N, C, s, s)
+    pooled = torch.nn.functional.avg_pool2d(pictures, factor)                             # (N, 3, s, s)
+    inputs = z.permute(0, 2, 3, 1).reshape(-1, channels)                                  # (N*s*s, C)
+    targets = pooled.permute(0, 2, 3, 1).reshape(-1, 3)                                   # (N*s*s, 3)
+    design = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1)                       # (N*s*s, C+1)
+    solution = torch.linalg.lstsq(design.double(), targets.double()).solution.float()    # (C+1, 3)
+    return solution[:-1], solution[-1]
+
+
+def jpeg_data_url(rgb: Tensor, min_side: int = 64) -> str:
+    """A (h, w, 3) uint8 preview as a `data:image/jpeg;base64,...` URL, scaled up to `min_side` at least."""
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(rgb, min_side)).decode("ascii")
+
+
+def jpeg_bytes(rgb: Tensor, min_side: int = 64) -> bytes:
+    image = Image.fromarray(rgb.numpy(), "RGB")
+    scale = max(1, -(-min_side // max(1, min(image.size))))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()

@@ -1,0 +1,169 @@
+"""The checkpoints and LoRAs a client may choose, named and hashed as AUTOMATIC1111 names them.
+
+Checkpoints: the model the server started with, plus every `.safetensors` / `.ckpt` file and diffusers
+folder under `--models-dir` (its `Stable-diffusion/` folder when it is an A1111 `models` folder). LoRAs:
+the files in `<models-dir>/Lora` or `<models-dir>/loras`. Clients pick by name from these lists only, never
+by path, so nothing outside them can be loaded; symlinks that leave the folder are skipped.
+
+A1111's identity of a checkpoint: `title` = `"<path under the folder> [<hash>]"`, `hash` = the first 10 hex
+digits of the whole file's SHA-256 (`sdlab.pipeline.png_info.model_hash`), `sha256` the full digest.
+Hashes are cached in the server's database by (path, size, mtime), so each file is read once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdlab.pipeline.png_info import lora_hash, model_name, safetensors_metadata
+from sdlab.server.store import Store
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+LORA_FOLDERS = ("Lora", "lora", "loras", "LoRA")
+_NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRGAN", "embeddings", "ControlNet")}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    name: str                       # path under the models folder ("sub/model.safetensors"), A1111's `name`
+    sha256: str | None              # None for a diffusers folder
+
+    @property
+    def hash(self) -> str | None:
+        return self.sha256[:10] if self.sha256 else None
+
+    @property
+    def title(self) -> str:
+        return f"{self.name} [{self.hash}]" if self.hash else self.name
+
+    @property
+    def model_name(self) -> str:
+        """A1111's `model_name`: the name without its extension, folders joined by '_'."""
+        stem = self.name[: -len(self.path.suffix)] if self.path.suffix else self.name
+        return stem.replace("/", "_").replace("\\", "_")
+
+    @property
+    def infotext_name(self) -> str:
+        """The `Model` written into the pictures' parameters, as `sdlab txt2img` writes it."""
+        return model_name(self.path)
+
+    def names(self) -> set[str]:
+        return {self.title, self.name, self.model_name, self.path.name, self.path.stem} | (
+            {self.hash, self.sha256} if self.sha256 else set()
+        )
+
+    def as_a1111(self) -> dict:
+        return {"title": self.title, "model_name": self.model_name, "hash": self.hash, "sha256": self.sha256,
+                "filename": str(self.path), "config": None}
+
+
+@dataclass(frozen=True)
+class Lora:
+    path: Path
+    hash: str                       # A1111's 12-hex "addnet" hash (`png_info.lora_hash`)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def as_a1111(self) -> dict:
+        metadata = safetensors_metadata(self.path) if self.path.suffix == ".safetensors" else {}
+        return {"name": self.name, "alias": metadata.get("ss_output_name") or self.name, "path": str(self.path),
+                "metadata": metadata}
+
+
+class ModelRegistry:
+    def __init__(self, store: Store, startup_model: Path, models_dir: Path | None) -> None:
+        self.store = store
+        self.startup_model = startup_model.resolve()
+        self.models_dir = models_dir.resolve() if models_dir is not None else None
+        self._lock = threading.Lock()
+        self.checkpoints: list[Checkpoint] = []
+        self.loras: list[Lora] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rescan the models folder (A1111's refresh-checkpoints / refresh-loras)."""
+        checkpoints = [self._checkpoint(self.startup_model, self._relative_name(self.startup_model))]
+        loras: list[Lora] = []
+        if self.models_dir is not None:
+            for path in self._checkpoint_files():
+                if path != self.startup_model:
+                    checkpoints.append(self._checkpoint(path, self._relative_name(path)))
+            for folder in LORA_FOLDERS:
+                base = self.models_dir / folder
+                if base.is_dir():
+                    loras += [Lora(p, self._hash(p, "lora")) for p in sorted(base.rglob("*"))
+                              if p.suffix.lower() in LORA_SUFFIXES and self._inside(p)]
+        with self._lock:
+            self.checkpoints, self.loras = checkpoints, _unique_names(loras)
+
+    @property
+    def default(self) -> Checkpoint:
+        return self.checkpoints[0]
+
+    def find(self, name: str) -> Checkpoint | None:
+        """The checkpoint a client names by title, name, file name, model name or hash; None if unknown."""
+        wanted = name.strip()
+        with self._lock:
+            for checkpoint in self.checkpoints:
+                if wanted in checkpoint.names():
+                    return checkpoint
+        return None
+
+    def lora(self, name: str) -> Lora | None:
+        with self._lock:
+            return next((lora for lora in self.loras if lora.name == name), None)
+
+    def _checkpoint_files(self) -> list[Path]:
+        assert self.models_dir is not None
+        root = self.models_dir / "Stable-diffusion" if (self.models_dir / "Stable-diffusion").is_dir() else self.models_dir
+        found = []
+        for path in sorted(root.rglob("*")):
+            parts = {part.lower() for part in path.relative_to(root).parts[:-1]}
+            if parts & _NOT_CHECKPOINT_FOLDERS or not self._inside(path):
+                continue
+            if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+                found.append(path.resolve())
+            elif path.is_dir() and (path / "model_index.json").is_file():
+                found.append(path.resolve())
+        return found
+
+    def _inside(self, path: Path) -> bool:
+        return self.models_dir is not None and path.resolve().is_relative_to(self.models_dir)
+
+    def _relative_name(self, path: Path) -> str:
+        if self.models_dir is not None and path.is_relative_to(self.models_dir):
+            root = self.models_dir / "Stable-diffusion"
+            base = root if path.is_relative_to(root) else self.models_dir
+            return path.relative_to(base).as_posix()
+        return path.name
+
+    def _checkpoint(self, path: Path, name: str) -> Checkpoint:
+        return Checkpoint(path, name, self._hash(path, "sha256") if path.is_file() else None)
+
+    def _hash(self, path: Path, kind: str) -> str:
+        """The file's SHA-256 (kind "sha256") or LoRA hash (kind "lora"), from the cache when unchanged."""
+        stat = path.stat()
+        cached = self.store.cached_hash(path, kind, stat.st_size, stat.st_mtime_ns)
+        if cached is not None:
+            return cached
+        if kind == "sha256":
+            with open(path, "rb") as file:
+                value = hashlib.file_digest(file, "sha256").hexdigest()
+        else:
+            value = lora_hash(path)
+        self.store.remember_hash(path, kind, stat.st_size, stat.st_mtime_ns, value)
+        return value
+
+
+def _unique_names(loras: list[Lora]) -> list[Lora]:
+    """One LoRA per name (the first found), as a `<lora:NAME:W>` tag can name only one."""
+    seen: dict[str, Lora] = {}
+    for lora in loras:
+        seen.setdefault(lora.name, lora)
+    return list(seen.values())

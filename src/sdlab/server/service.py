@@ -1,0 +1,79 @@
+"""The server's parts wired together (one per app): store, registry, model host, queue, and the job
+submission both APIs share."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from sdlab.api import shipped_model_path
+from sdlab.pipeline.infotext import split_lora_tags
+from sdlab.server.config import ServerConfig
+from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, check_request, fixed_seed
+from sdlab.server.jobs import Job, JobQueue
+from sdlab.server.registry import Checkpoint, ModelRegistry
+from sdlab.server.store import Store
+from sdlab.server.worker import ModelHost, Runner
+
+IMAGES_FOLDER = "images"
+
+
+class Service:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        startup = config.model or shipped_model_path()
+        if startup is None:
+            raise FileNotFoundError("this sdlab install has no built-in model; pass --model FILE")
+        self.store = Store(config.output_dir)
+        self.registry = ModelRegistry(self.store, Path(startup), config.models_dir)
+        self.host = ModelHost(self.registry, config.device)
+        self.images_dir = config.output_dir / IMAGES_FOLDER
+        self.runner = Runner(self.host, self.images_dir)
+        self.queue = JobQueue(self.store, self.runner.run, config.max_queue, on_start=self.runner.warm)
+        self.options: dict[str, Any] = {}           # A1111 options clients set that sdlab does not use
+
+    def start(self) -> None:
+        self.queue.start()
+
+    def stop(self) -> None:
+        self.queue.stop()
+        self.store.close()
+
+    def checkpoint(self, name: str | None) -> Checkpoint:
+        """The checkpoint a request names (None: the selected one); `BadRequest` (404) for an unknown one."""
+        if name is None or name == "":
+            return self.host.selected
+        if not isinstance(name, str):
+            raise BadRequest(f"model must be a name, got {name!r}", 422)
+        found = self.registry.find(name)
+        if found is None:
+            titles = ", ".join(c.title for c in self.registry.checkpoints)
+            raise BadRequest(f"unknown model {name!r}; this server has: {titles}", 404, "Model not found")
+        return found
+
+    def submit(self, spec: JobSpec, mode: str, model: str | None) -> tuple[Job, int]:
+        """Check and queue a generation: the seed fixed, LoRA tags of the prompt taken out and looked up."""
+        checkpoint = self.checkpoint(model)
+        request = spec.request
+        if not isinstance(request.prompt, str):
+            raise BadRequest("prompt must be text", 422)
+        try:
+            bare, tags = split_lora_tags(request.prompt)
+        except ValueError as err:
+            raise BadRequest(str(err)) from None
+        loras = list(spec.loras)
+        named = {choice.name for choice in loras}
+        loras += [LoraChoice(tag.name, tag.weight) for tag in tags if tag.name not in named]
+        for choice in loras:
+            if self.registry.lora(choice.name) is None:
+                known = ", ".join(lora.name for lora in self.registry.loras) or "none"
+                raise BadRequest(f"unknown LoRA {choice.name!r}; this server has: {known}", 404, "LoRA not found")
+        request = check_request(replace(request, prompt=bare, seed=fixed_seed(request.seed)), self.config.limits)
+        applied = {choice.name: choice.weight for choice in loras}
+        as_written = all(applied.get(tag.name) == tag.weight for tag in tags)     # as `sdlab txt2img` records
+        spec = replace(spec, request=request, loras=tuple(loras),
+                       prompt_to_record=spec.request.prompt if as_written else bare)
+        settings = {"mode": mode, "model": checkpoint.title,
+                    "loras": [{"name": c.name, "weight": c.weight} for c in loras], **request.parameters()}
+        return self.queue.submit(spec, mode, checkpoint.title, settings)

@@ -1,0 +1,103 @@
+"""What the worker thread does with one job: load the model it names (with its LoRAs), draw with
+per-step previews and cancellation, and write the pictures as `sdlab txt2img` writes them.
+
+`ModelHost` keeps one model loaded (the worker thread alone touches it). A job with another checkpoint
+or another set of LoRAs reloads it: LoRAs are merged into the weights, so a different set needs fresh
+weights. The pictures carry the same `parameters` text as the CLI's (model name and hash, LoRA tags and
+hashes), are written all or nothing, and are named `<job id>-<index>.png` in `<output>/images/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from sdlab.api import Pipeline, load
+from sdlab.diffusion.steps import StepInfo
+from sdlab.pipeline.infotext import LoraRef, to_parameters
+from sdlab.pipeline.png_info import encode_image, format_parameters, write_files_all_or_nothing
+from sdlab.pipeline.request import RequestError
+from sdlab.server.jobs import Job, JobCancelled
+from sdlab.server.previews import LatentPreviewer
+from sdlab.server.registry import Checkpoint, ModelRegistry
+
+logger = logging.getLogger("sdlab.server")
+
+
+class ModelHost:
+    """The loaded pipeline (one at a time) and its previewer; `selected` is the model new jobs get."""
+
+    def __init__(self, registry: ModelRegistry, device: str) -> None:
+        self.registry = registry
+        self.device = device
+        self.selected: Checkpoint = registry.default
+        self._key: tuple | None = None
+        self.pipe: Pipeline | None = None
+        self.previewer: LatentPreviewer | None = None
+        self.loading = threading.Event()
+        self.timings: dict[str, float] = {}
+
+    def pipeline(self, checkpoint: Checkpoint, loras: tuple[tuple[Path, float], ...] = ()) -> Pipeline:
+        key = (checkpoint.path, loras)
+        if key != self._key or self.pipe is None:
+            self.loading.set()
+            try:
+                self.pipe, self._key = None, None
+                started = time.perf_counter()
+                pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras])
+                previewer = LatentPreviewer.for_bundle(pipe.bundle)
+                self.pipe, self.previewer, self._key = pipe, previewer, key
+                self.timings["load_s"] = time.perf_counter() - started
+            finally:
+                self.loading.clear()
+        return self.pipe
+
+
+class Runner:
+    """`run(job)`, the worker's job function."""
+
+    def __init__(self, host: ModelHost, images_dir: Path) -> None:
+        self.host = host
+        self.images_dir = images_dir
+        images_dir.mkdir(parents=True, exist_ok=True)
+
+    def warm(self) -> None:
+        self.host.pipeline(self.host.selected)
+
+    def run(self, job: Job) -> None:
+        registry = self.host.registry
+        checkpoint = registry.find(job.model)
+        if checkpoint is None:
+            raise RequestError(f"the model {job.model!r} is no longer in the models folder")
+        loras, refs = [], []
+        for choice in job.spec.loras:
+            lora = registry.lora(choice.name)
+            if lora is None:
+                raise RequestError(f"the LoRA {choice.name!r} is no longer in the models folder")
+            loras.append((lora.path, choice.weight))
+            refs.append(LoraRef(lora.name, choice.weight, lora.hash))
+        pipe = self.host.pipeline(checkpoint, tuple(loras))
+        previewer = self.host.previewer
+
+        def progress(info: StepInfo) -> None:
+            if job.cancel.is_set():
+                raise JobCancelled
+            job.step += 1
+            job.preview = previewer.rgb(info.denoised[0]) if previewer is not None else None   # (h, w, 3)
+            job.publish("step", {"i": job.step, "n": job.steps})
+
+        result = pipe.run(job.spec.request, progress=progress)
+        if job.cancel.is_set():
+            raise JobCancelled
+        texts = [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
+                                                 model_hash=checkpoint.hash, loras=refs,
+                                                 prompt=job.spec.prompt_to_record))
+                 for i in range(len(result.images))]
+        blobs = [encode_image(image, "PNG", text) for image, text in zip(result.images, texts)]
+        names = [f"{job.id}-{i}.png" for i in range(len(blobs))]
+        write_files_all_or_nothing([(self.images_dir / n, b) for n, b in zip(names, blobs)], overwrite=False)
+        settings = dict(job.settings)
+        settings.update(result.request.parameters())
+        job.settings, job.images, job.infotexts, job.seeds = settings, names, texts, list(result.seeds)
