@@ -38,8 +38,8 @@ def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> 
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    task: str = setting("unet", "what to train: the U-Net (full or LoRA), the VAE, or the text encoder",
-                        ("unet", "vae", "text"))
+    task: str = setting("unet", "what to train: the U-Net (full or LoRA), the VAE, the text encoder, or a "
+                                "textual-inversion embedding", ("unet", "vae", "text", "embedding"))
     model: str | None = setting(None, "checkpoint to start from: a single .safetensors / .ckpt file or a "
                                       "diffusers folder (required)")
     family: str | None = setting(None, "override family detection (sd1, sd2, sdxl, ...)")
@@ -67,6 +67,12 @@ class TrainConfig:
                                           "(default: full fine-tune)")
     lora_alpha: float | None = setting(None, "LoRA alpha (default: the rank, i.e. scale 1)")
     lora_text_encoder: bool = setting(False, "also put LoRA on the text encoders' attention / MLP")
+
+    # objective (embedding task)
+    embedding_word: str | None = setting(None, "embedding task: the new word to learn (only its vectors train; "
+                                               "captions without it get it in front)")
+    embedding_vectors: int = setting(1, "embedding task: vectors (token places) the word takes, 1 to 75")
+    embedding_init: str = setting("*", "embedding task: text whose token vectors start the word's vectors")
 
     # objective (VAE task)
     vae_decoder_only: bool = setting(False, "VAE task: freeze the encoder, so the latent space (and U-Nets on "
@@ -139,7 +145,7 @@ class TrainConfig:
 
 # field -> (check, what it must be); None always passes (optional settings)
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "task": (lambda v: v.isidentifier(), "a task name (unet, vae, text)"),
+    "task": (lambda v: v.isidentifier(), "a task name (unet, vae, text, embedding)"),
     "resolution": (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
     "caption_dropout": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "num_workers": (lambda v: v >= 0, "at least 0"),
@@ -147,6 +153,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "offset_noise": (lambda v: v >= 0, "at least 0"),
     "lora_rank": (lambda v: v >= 1, "at least 1"),
     "lora_alpha": (lambda v: v > 0, "positive"),
+    "embedding_vectors": (lambda v: 1 <= v <= 75, "between 1 and 75"),
     "max_steps": (lambda v: v >= 0, "at least 0"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "grad_accum": (lambda v: v >= 1, "at least 1"),
@@ -169,7 +176,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 # Settings that must match when resuming: they define the data stream, the objective or the parameters.
 RESUME_INVARIANTS = (
     "task", "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
-    "lora_text_encoder", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
+    "lora_text_encoder", "embedding_word", "embedding_vectors", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
 )
 
 

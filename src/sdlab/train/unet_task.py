@@ -106,6 +106,7 @@ class UNetTask:
 
     name = "unet"
     ddp_names = ("unet", "lora_unet")  # trainable modules whose forward `loss` runs through `bind_wrapped`
+    trains_text_input = False          # True when something before the text towers learns (embedding task)
 
     def __init__(self, bundle: ModelBundle, options: UNetTaskOptions | None = None):
         self.options = options or UNetTaskOptions()
@@ -166,7 +167,8 @@ class UNetTask:
         x_t = q_sample(z0, t, noise, self.alphas_cumprod)
         target = prediction_target(self.prediction, z0, noise, t, self.alphas_cumprod)
 
-        with torch.set_grad_enabled(self.text_lora is not None and torch.is_grad_enabled()):
+        text_learns = self.text_lora is not None or self.trains_text_input
+        with torch.set_grad_enabled(text_learns and torch.is_grad_enabled()):
             context, pooled = encode_captions(self.bundle.text_encoders, captions, with_pooled=self.bundle.family.is_sdxl)
         y = self._vector(pooled, batch, z0) if self.bundle.unet_config.adm_in_channels is not None else None
         pred = self._unet_call(x_t, t.to(torch.float32), context, y)  # (B, C, h, w)

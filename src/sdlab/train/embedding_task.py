@@ -1,0 +1,109 @@
+"""Textual inversion (Gal et al. 2022) as a `TrainTask`: learn the vectors of one new word, everything
+else frozen.
+
+The objective is the U-Net task's (`sdlab.train.unet_task`: same latents, noise, timesteps, prediction
+target and loss); only the word's vectors learn, one (n, d) tensor per text encoder, read through the
+text towers as added token rows (`sdlab.checkpoints.embeddings`), so the gradient of the U-Net loss reaches
+them through the frozen text encoders. Captions should contain the word (`--embedding-word`); a caption
+without it gets it in front ("WORD, caption"), as A1111's templates put `[name]` in every prompt.
+
+Initialisation (A1111): the token vectors of `--embedding-init` ("*" by default), repeated over the n
+vectors. Deliverable: `final.safetensors` holding `emb_params` (n, d) for one text encoder, or `clip_l` and
+`clip_g` for SDXL's two, the shapes A1111, ComfyUI and diffusers read. Rename it to the word (its name in
+prompts is the file's stem).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from sdlab.checkpoints.embeddings import Embedding, install_embeddings
+from sdlab.checkpoints.file_format import META_EMA
+from sdlab.checkpoints.io import write_safetensors_atomic
+from sdlab.families.loaded import ModelBundle
+from sdlab.train.errors import TrainError
+from sdlab.train.task import Batch
+from sdlab.train.unet_task import UNetTask, UNetTaskOptions
+
+
+class EmbeddingVectors(nn.Module):
+    """The trainable vectors of one word: `vectors[i]` (n, d_i) for text encoder i."""
+
+    def __init__(self, inits: list[Tensor]):
+        super().__init__()
+        self.vectors = nn.ParameterList(nn.Parameter(v.clone()) for v in inits)
+
+
+def initial_vectors(bundle: ModelBundle, init_text: str, num_vectors: int) -> list[Tensor]:
+    """Per text encoder, the token vectors of `init_text` cycled over `num_vectors` rows."""
+    vectors = []
+    for encoder in bundle.text_encoders:
+        ids = encoder.tokenizer.encode(init_text)
+        if not ids:
+            raise TrainError(f"--embedding-init {init_text!r} has no tokens")
+        rows = torch.tensor([ids[i % len(ids)] for i in range(num_vectors)])
+        table = encoder.model.embeddings.token_embedding.weight                  # (V, d)
+        vectors.append(table.detach()[rows].to(torch.float32))                  # (n, d)
+    return vectors
+
+
+class EmbeddingTask(UNetTask):
+    """The U-Net objective with only the vectors of `word` trainable."""
+
+    name = "embedding"
+    ddp_names = ()
+    trains_text_input = True                # the loss reaches the vectors through the text encoders
+
+    def __init__(self, bundle: ModelBundle, options: UNetTaskOptions, word: str, num_vectors: int, init_text: str):
+        if not word or any(ch.isspace() for ch in word):
+            raise TrainError(f"--embedding-word must be one word without spaces, got {word!r}")
+        if options.lora_rank is not None:
+            raise TrainError("--task embedding trains no LoRA; drop --lora-rank")
+        vectors = EmbeddingVectors(initial_vectors(bundle, init_text, num_vectors)).to(bundle.device)
+        placeholder = Embedding(name=word, vectors=tuple(v.detach() for v in vectors.vectors), path=Path(word))
+        super().__init__(install_embeddings(bundle, [placeholder]), options)
+        self.bundle.unet.requires_grad_(False)
+        self.word = word
+        self.embedding = vectors
+        self._modules = {"embedding": vectors}
+        self._rows = [self._row_span(encoder) for encoder in self.bundle.text_encoders]
+
+    def _row_span(self, encoder) -> tuple[int, int]:
+        ids = encoder.tokenizer.added_words[self.word]
+        vocab = encoder.model.embeddings.token_embedding.num_embeddings
+        return ids[0] - vocab, ids[-1] - vocab + 1
+
+    def _use_vectors(self) -> None:
+        """Put the current parameters into the towers' added token rows (graph-connected)."""
+        for encoder, (start, end), vectors in zip(self.bundle.text_encoders, self._rows, self.embedding.vectors):
+            table = encoder.model.embeddings
+            rows = table.added_tokens.detach()                                   # (K, d)
+            table.added_tokens = torch.cat([rows[:start], vectors.to(rows.dtype), rows[end:]])
+
+    def loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
+        self._use_vectors()
+        captions = [c if self.word.lower() in c.lower() else f"{self.word}, {c}" for c in batch.captions]
+        return super().loss(Batch(**{**vars(batch), "captions": captions}), generator)
+
+    def save_weights(self, path: Path, ema: bool) -> None:
+        vectors = [v.detach().to(torch.float32).cpu().contiguous() for v in self.embedding.vectors]
+        names = ("emb_params",) if len(vectors) == 1 else ("clip_l", "clip_g")
+        if len(vectors) > 2:
+            raise TrainError(f"no embedding file shape holds {len(vectors)} text encoders")
+        write_safetensors_atomic(path, dict(zip(names, vectors)), metadata={"name": self.word, META_EMA: str(bool(ema))})
+
+    def preview(self, out_dir: Path, step: int) -> None:
+        with torch.no_grad():
+            self._use_vectors()
+        super().preview(out_dir, step)
+
+
+def build_task(config, bundle: ModelBundle) -> EmbeddingTask:
+    """The task-registry entry point (`sdlab.train.cli`)."""
+    if not config.embedding_word:
+        raise TrainError("--task embedding needs --embedding-word (the new word, used in prompts)")
+    return EmbeddingTask(bundle, UNetTaskOptions.from_config(config), config.embedding_word,
+                         config.embedding_vectors, config.embedding_init)
