@@ -1,16 +1,199 @@
-"""`sdlab grid` (being built)."""
+"""`sdlab grid`: an X/Y/Z plot as A1111's script draws it, one labelled PNG.
+
+    sdlab grid "a red apple" --x steps=10,20,30 --y "sampler=Euler,DPM++ 2M" --out grid.png
+    sdlab grid "a red apple" --x "cfg=3-9 (+2)" --y seed=1-4 --z "prompt_sr=apple,pear" --out grid.png
+    sdlab grid "a cat" --init photo.png --x denoise=0.3,0.5,0.7 --out grid.png --keep-cells cells/
+
+Every other option is txt2img's (img2img's with --init); a cell is exactly the picture `sdlab txt2img` draws
+with its settings. Without --seed (or a seed axis) one random seed serves every cell. Axes, values and
+ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's request before the first
+is drawn. The grid carries the parameters of its first cell; --keep-cells also writes each cell with its
+own. Everything is written at the end, all or nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+from sdlab.cli.errors import UserError
+from sdlab.utils.dtypes import DTYPE_NAMES
+
+logger = logging.getLogger("sdlab")
 
 
 def add_grid(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("grid", help="(being built)")
-    p.set_defaults(run=run_grid)
+    help_text = "draw an X/Y/Z plot: one labelled grid of pictures over up to three request fields"
+    p = subparsers.add_parser("grid", help=help_text, description=help_text)
+    p.add_argument("prompt", help="the prompt (A1111 syntax)")
+    for axis in ("x", "y", "z"):
+        p.add_argument(f"--{axis}", metavar="FIELD=V1,V2,...",
+                       help=f"{axis.upper()} axis: sampler, schedule, steps, cfg, seed, width, height, clip_skip, "
+                            "denoise or prompt_sr, with values or A1111 ranges (1-5, 1-10 (+2), 10-20 [3])")
+    p.add_argument("--out", required=True, help="the grid picture (.png, .jpg, .webp)")
+    p.add_argument("--keep-cells", metavar="DIR", help="also write each cell, with its own parameters, to DIR")
+    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
+    p.add_argument("--vae", help="standalone VAE file that replaces the checkpoint's VAE")
+    p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")
+    p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type")
+    p.add_argument("--sampler", help="sampler of every cell unless an axis sets it")
+    p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, ...")
+    p.add_argument("--steps", type=int, help="sampling steps (default 20)")
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, help="seed of every cell unless an axis sets it (default: one random seed)")
+    p.add_argument("--width", type=int, help="width in pixels (default: the family's)")
+    p.add_argument("--height", type=int, help="height in pixels (default: the family's)")
+    p.add_argument("--clip-skip", type=int, help="A1111 clip skip")
+    p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers")
+    p.add_argument("--init", help="init image: every cell is an img2img of it")
+    p.add_argument("--strength", type=float, help="img2img strength in (0, 1] (with --init)")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT", help="merge a LoRA file; repeatable")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors; repeatable")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run_grid, from_png=None, batch=None, mask_blur=None, refiner=None, refiner_switch=0.8)
+
+
+def _axes(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """(axis letter, Axis) for each axis given, X first; errors before any work."""
+    from sdlab.pipeline.grid import GridError, cell_count, parse_axis
+
+    axes = []
+    try:
+        for letter in ("x", "y", "z"):
+            spec = getattr(args, letter)
+            if spec is not None:
+                axes.append((letter, parse_axis(spec)))
+        if not axes:
+            raise UserError("a grid needs at least one axis: --x FIELD=V1,V2,... (e.g. --x steps=10,20)")
+        cell_count([axis for _, axis in axes])
+    except GridError as err:
+        raise UserError(str(err)) from None
+    if not args.init and any(axis.field.name == "strength" for _, axis in axes):
+        raise UserError("a denoise (strength) axis needs --init IMAGE: txt2img has no strength")
+    return axes
+
+
+def _cells(axes: list[tuple[str, Any]], options: dict[str, Any]) -> list[tuple[tuple[int, int, int], dict[str, Any]]]:
+    """((x, y, z) indices, request options) of every cell, in drawing order (z, then y, then x)."""
+    by_letter = dict(axes)
+    sizes = {letter: len(by_letter[letter].values) if letter in by_letter else 1 for letter in "xyz"}
+    cells = []
+    for k in range(sizes["z"]):
+        for j in range(sizes["y"]):
+            for i in range(sizes["x"]):
+                cell = dict(options)
+                for letter, index in (("x", i), ("y", j), ("z", k)):
+                    if letter in by_letter:
+                        cell = by_letter[letter].apply(cell, index)
+                cells.append(((i, j, k), cell))
+    return cells
+
+
+def _check_requests(cells: list[tuple[tuple[int, int, int], dict[str, Any]]], axes) -> None:
+    """Every cell's request through the model-free checks (`request.resolve`) before anything loads."""
+    from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+
+    for (i, j, k), options in cells:
+        try:
+            resolve(GenerationRequest(**options), default_size=64, default_sampler="Euler",
+                    default_schedule="karras", factor=8)
+        except RequestError as err:
+            where = ", ".join(axis.labels[(i, j, k)["xyz".index(letter)]] for letter, axis in axes)
+            raise UserError(f"the grid cell {where}: {err}") from None
+
+
+def _output_files(args: argparse.Namespace) -> None:
+    from sdlab.pipeline.png_info import IMAGE_SUFFIXES, image_format
+
+    if image_format(args.out) is None:
+        raise UserError(f"--out {args.out!r}: sdlab writes {', '.join(IMAGE_SUFFIXES)} files; name one of these")
+    if args.keep_cells:
+        try:
+            Path(args.keep_cells).mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the --keep-cells folder {args.keep_cells!r}: {err.strerror or err}") from None
+
+
+def _record_prompt(prompt: str, axes, index: tuple[int, int, int]) -> str:
+    """The prompt as written (LoRA tags kept) with the cell's Prompt S/R replacements."""
+    options = {"prompt": prompt, "negative_prompt": ""}
+    for letter, axis in axes:
+        if axis.field.name == "prompt":
+            options = axis.apply(options, index["xyz".index(letter)])
+    return options["prompt"]
 
 
 def run_grid(args: argparse.Namespace) -> int:
-    from sdlab.cli.errors import UserError
+    from sdlab.cli.generate import _identify_model, _load_pipeline, _open_image, _options_from_args, _resolve_loras
+    from sdlab.pipeline.grid import check_prompt_sr, draw_grid, font_size, stack_grids, GridError
+    from sdlab.pipeline.infotext import to_parameters
+    from sdlab.pipeline.png_info import encode_image, format_parameters, image_format, write_files_all_or_nothing
+    from sdlab.pipeline.request import GenerationRequest, RequestError
 
-    raise UserError("sdlab grid is not built yet")
+    args.mode = "img2img" if args.init else "txt2img"
+    _output_files(args)
+    axes = _axes(args)
+    options = _options_from_args(args, {})
+    options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], {})
+    try:
+        check_prompt_sr([axis for _, axis in axes], options["prompt"], options.get("negative_prompt", ""))
+    except GridError as err:
+        raise UserError(str(err)) from None
+    if options.get("seed") is None or options["seed"] < 0:
+        options["seed"] = random.randrange(2**32)         # one seed for every cell, as A1111 fixes it
+    if args.init:
+        options["init_image"] = _open_image(args.init, "init image")
+    cells = _cells(axes, options)
+    _check_requests(cells, axes)
+
+    pipe, model = _load_pipeline(args, None, loras)
+    name, hash_ = _identify_model(model)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(cells), desc="grid", unit="cell", file=sys.stderr, leave=False)
+    images, texts = {}, {}
+    try:
+        for index, cell in cells:
+            result = pipe.run(GenerationRequest(**cell))
+            images[index] = result.images[0]
+            texts[index] = format_parameters(to_parameters(result.request, model_name=name, model_hash=hash_,
+                                                           loras=lora_refs, prompt=_record_prompt(prompt_to_record, axes, index)))
+            if bar is not None:
+                bar.update(1)
+    except RequestError as err:
+        raise UserError(str(err)) from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+    by_letter = dict(axes)
+    labels = {letter: list(by_letter[letter].labels) if letter in by_letter else [""] for letter in "xyz"}
+    sub_grids = [draw_grid([[images[(i, j, k)] for i in range(len(labels["x"]))] for j in range(len(labels["y"]))],
+                           labels["x"], labels["y"]) for k in range(len(labels["z"]))]
+    first = images[(0, 0, 0)]
+    sheet = stack_grids(sub_grids, labels["z"], font_size(first.width, first.height))[0] if "z" in by_letter else sub_grids[0]
+
+    out = Path(args.out)
+    files = [(out, encode_image(sheet, image_format(out), texts[(0, 0, 0)]))]
+    if args.keep_cells:
+        for n, ((i, j, k), _) in enumerate(cells):
+            files.append((Path(args.keep_cells) / f"{n:03d}-x{i}-y{j}-z{k}.png", encode_image(images[(i, j, k)], "PNG", texts[(i, j, k)])))
+    try:
+        write_files_all_or_nothing(files, overwrite=True)
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise UserError(f"the disk is full: cannot write {out}; nothing was written") from None
+        raise UserError(f"cannot write {out}: {err.strerror or err}; nothing was written") from None
+    print(out)
+    return 0

@@ -1,0 +1,357 @@
+"""X/Y/Z plots as A1111's script draws them: axes over request fields, and the labelled grid picture.
+
+An axis is `FIELD=V1,V2,...` (`parse_axis`). Values are split as CSV (quotes keep commas inside a value)
+and numeric fields expand A1111's ranges:
+
+    1-5          -> 1, 2, 3, 4, 5                 (ints: range(start, end + 1, step))
+    1-10 (+3)    -> 1, 4, 7, 10                   (a signed step in parentheses)
+    10-20 [3]    -> 10, 15, 20                    (a count in brackets: numpy.linspace; ints truncate)
+    1-2 (+0.25)  -> 1.0, 1.25, 1.5, 1.75, 2.0     (floats: numpy.arange(start, end + step, step))
+
+Fields (any case; spaces, `_`, `-` and `/` ignored, so A1111's labels work too):
+
+| field                               | request field    | label              |
+|-------------------------------------|------------------|--------------------|
+| sampler                             | sampler          | the value          |
+| schedule, scheduler, schedule type  | schedule         | Schedule type: v   |
+| steps                               | steps            | Steps: v           |
+| cfg, cfg scale                      | cfg_scale        | CFG Scale: v       |
+| seed                                | seed (-1: random, drawn once) | Seed: v |
+| width, height                       | width, height    | Width: v / Height: v |
+| clip skip                           | clip_skip        | Clip skip: v       |
+| denoise, denoising, strength        | strength         | Denoising: v       |
+| prompt s/r, sr                      | prompt and negative prompt | the value |
+
+Prompt S/R (A1111): the first value is searched in the prompt and the negative prompt, and each value in
+turn replaces it there (so the first cell keeps the prompt as written).
+
+The picture (`draw_grid`): cells on a white sheet, X labels centred above the columns, Y labels at the left
+of the rows (A1111's `draw_grid_annotations`: left band 3/4 of a cell wide, text wrapped to fit), and for a
+Z axis one such grid per Z value, stacked top to bottom, each under a title band. Cells of different sizes
+(a width or height axis) sit at the top left of slots as large as the largest cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import re
+import subprocess
+from dataclasses import dataclass
+from functools import lru_cache
+from itertools import chain
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from sdlab.diffusion.discretization import DISCRETIZATIONS
+from sdlab.diffusion.samplers import get_sampler
+
+MAX_CELLS = 256
+
+_INT_RANGE = re.compile(r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\(([+-]\d+)\s*\))?\s*")
+_INT_COUNT = re.compile(r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\[(\d+)\s*\])?\s*")
+_FLOAT_RANGE = re.compile(r"\s*([+-]?\s*\d+(?:.\d*)?)\s*-\s*([+-]?\s*\d+(?:.\d*)?)(?:\s*\(([+-]\d+(?:.\d*)?)\s*\))?\s*")
+_FLOAT_COUNT = re.compile(r"\s*([+-]?\s*\d+(?:.\d*)?)\s*-\s*([+-]?\s*\d+(?:.\d*)?)(?:\s*\[(\d+(?:.\d*)?)\s*\])?\s*")
+
+
+class GridError(ValueError):
+    """An axis that cannot be plotted (unknown field, bad value or range, too many cells)."""
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str                        # the request field it sets ("prompt" for S/R)
+    kind: type                       # int, float or str
+    label: str | None                # "Steps" -> "Steps: 10"; None: the value alone
+
+
+FIELDS: dict[str, Field] = {
+    "sampler": Field("sampler", str, None),
+    "schedule": Field("schedule", str, "Schedule type"),
+    "steps": Field("steps", int, "Steps"),
+    "cfg": Field("cfg_scale", float, "CFG Scale"),
+    "seed": Field("seed", int, "Seed"),
+    "width": Field("width", int, "Width"),
+    "height": Field("height", int, "Height"),
+    "clipskip": Field("clip_skip", int, "Clip skip"),
+    "strength": Field("strength", float, "Denoising"),
+    "promptsr": Field("prompt", str, None),
+}
+_ALIASES = {
+    "scheduler": "schedule", "scheduletype": "schedule", "cfgscale": "cfg", "denoise": "strength",
+    "denoising": "strength", "denoisingstrength": "strength", "sr": "promptsr", "prompt": "promptsr",
+    "sampler_name": "sampler", "samplername": "sampler",
+}
+
+
+@dataclass(frozen=True)
+class Axis:
+    field: Field
+    values: tuple[Any, ...]
+    labels: tuple[str, ...]
+
+    def apply(self, options: dict[str, Any], index: int) -> dict[str, Any]:
+        """`options` (GenerationRequest keyword arguments) with this axis at its `index`-th value."""
+        value = self.values[index]
+        if self.field.name != "prompt":
+            return {**options, self.field.name: value}
+        search = self.values[0]
+        return {**options, "prompt": options.get("prompt", "").replace(search, value),
+                "negative_prompt": options.get("negative_prompt", "").replace(search, value)}
+
+
+def field_named(name: str) -> Field:
+    key = re.sub(r"[\s_\-/]+", "", name.lower())
+    key = _ALIASES.get(key, key)
+    if key not in FIELDS:
+        raise GridError(f"unknown grid field {name.strip()!r}; valid: sampler, schedule, steps, cfg, seed, width, "
+                        "height, clip_skip, denoise (strength), prompt_sr")
+    return FIELDS[key]
+
+
+def split_values(text: str) -> list[str]:
+    """A1111's value list: CSV (quotes keep commas), each value stripped."""
+    return [v.strip() for v in chain.from_iterable(csv.reader([text], skipinitialspace=True))]
+
+
+def _too_many(count: float, text: str) -> None:
+    if count > MAX_CELLS:
+        raise GridError(f"the range {text.strip()!r} makes {count:.0f} values; a grid holds at most {MAX_CELLS} cells")
+
+
+def _int_values(text: str) -> list[int]:
+    if m := _INT_RANGE.fullmatch(text):
+        start, end = int(m[1].replace(" ", "")), int(m[2].replace(" ", "")) + 1
+        step = int(m[3]) if m[3] is not None else 1
+        if step == 0:
+            raise GridError(f"the range {text.strip()!r} has a step of 0")
+        _too_many(len(range(start, end, step)), text)
+        return list(range(start, end, step))
+    if m := _INT_COUNT.fullmatch(text):
+        count = int(m[3]) if m[3] is not None else 1
+        _too_many(count, text)
+        return [int(x) for x in np.linspace(int(m[1].replace(" ", "")), int(m[2].replace(" ", "")), count).tolist()]
+    try:
+        return [int(text)]
+    except ValueError:
+        raise GridError(f"{text!r} is not an integer or a range (1-5, 1-10 (+2), 10-20 [3])") from None
+
+
+def _float_values(text: str) -> list[float]:
+    if m := _FLOAT_RANGE.fullmatch(text):
+        start, end = float(m[1].replace(" ", "")), float(m[2].replace(" ", ""))
+        step = float(m[3]) if m[3] is not None else 1.0
+        if step == 0:
+            raise GridError(f"the range {text.strip()!r} has a step of 0")
+        _too_many(max(0.0, (end + step - start) / step), text)
+        return np.arange(start, end + step, step).tolist()
+    if m := _FLOAT_COUNT.fullmatch(text):
+        count = int(float(m[3])) if m[3] is not None else 1
+        _too_many(count, text)
+        return np.linspace(float(m[1].replace(" ", "")), float(m[2].replace(" ", "")), count).tolist()
+    try:
+        value = float(text)
+    except ValueError:
+        raise GridError(f"{text!r} is not a number or a range (1-5, 1-2 (+0.25), 5-9 [3])") from None
+    if not math.isfinite(value):
+        raise GridError(f"{text!r} is not a finite number")
+    return [value]
+
+
+def parse_values(field: Field, text: str) -> list[Any]:
+    """The values of an axis: CSV, with A1111's ranges expanded for numeric fields (module docstring)."""
+    raw = split_values(text)
+    if field.kind is str:
+        values: list[Any] = raw if field.name == "prompt" else [v for v in raw if v]
+    else:
+        expand: Callable[[str], list[Any]] = _int_values if field.kind is int else _float_values
+        values = []
+        for item in raw:
+            if item:
+                values += expand(item)
+                _too_many(len(values), text)
+    if not values:
+        raise GridError(f"no values in {text!r}")
+    return values
+
+
+def _check_value(field: Field, value: Any) -> None:
+    if field.name == "sampler":
+        get_sampler(value)                            # UnknownSamplerError (a ValueError) lists the names
+    elif field.name == "schedule" and value.strip().lower() not in DISCRETIZATIONS:
+        raise GridError(f"unknown schedule {value!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
+    elif field.name in ("steps", "width", "height", "clip_skip") and value < 1:
+        raise GridError(f"{field.label} must be at least 1, got {value}")
+    elif field.name == "strength" and not 0.0 < value <= 1.0:
+        raise GridError(f"the denoising strength must lie in (0, 1], got {value:g}")
+
+
+def _label(field: Field, value: Any) -> str:
+    text = f"{round(value, 8):g}" if isinstance(value, float) else str(value)
+    return text if field.label is None else f"{field.label}: {text}"
+
+
+def parse_axis(spec: str, *, rng: random.Random | None = None) -> Axis:
+    """`FIELD=V1,V2,...` as an `Axis`; a seed of -1 (or empty) becomes one random seed, as A1111 fixes them."""
+    name, equals, text = spec.partition("=")
+    if not equals:
+        raise GridError(f"an axis is FIELD=V1,V2,... (e.g. steps=10,20 or cfg=3-9 (+2)), got {spec!r}")
+    field = field_named(name)
+    values = parse_values(field, text)
+    if field.name == "seed":
+        rng = rng or random.Random()
+        values = [rng.randrange(4294967294) if v < 0 else v for v in values]
+    try:
+        for value in values:
+            _check_value(field, value)
+    except ValueError as err:
+        raise GridError(str(err)) from None
+    return Axis(field, tuple(values), tuple(_label(field, v) for v in values))
+
+
+def check_prompt_sr(axes: list[Axis], prompt: str, negative_prompt: str) -> None:
+    """A1111's rule: the first value of a Prompt S/R axis must occur in the prompt or the negative prompt."""
+    for axis in axes:
+        if axis.field.name == "prompt" and axis.values[0] not in prompt and axis.values[0] not in negative_prompt:
+            raise GridError(f"Prompt S/R did not find {axis.values[0]!r} in the prompt or the negative prompt")
+
+
+def cell_count(axes: list[Axis]) -> int:
+    count = math.prod(len(a.values) for a in axes)
+    if count > MAX_CELLS:
+        raise GridError(f"the axes make {count} cells ({' x '.join(str(len(a.values)) for a in axes)}); "
+                        f"a grid holds at most {MAX_CELLS}")
+    return count
+
+
+# ------------------------------------------------------------------------------------------------------
+# The picture
+
+
+@lru_cache(maxsize=8)
+def grid_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's bundled font at `size` px; else DejaVu Sans (fc-match); else PIL's fixed bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (AttributeError, ImportError, OSError, TypeError):
+        pass
+    try:
+        path = subprocess.run(["fc-match", "-f", "%{file}", "DejaVu Sans"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+        return ImageFont.truetype(path, size)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return ImageFont.load_default()
+
+
+def font_size(cell_width: int, cell_height: int) -> int:
+    """A1111's (width + height) / 25, but at least 12 px so that 64 px cells stay readable."""
+    return max(12, (cell_width + cell_height) // 25)
+
+
+def _text_size(font: Any, text: str) -> tuple[int, int]:
+    left, top, right, bottom = ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), text, font=font)
+    return right - left, bottom - top
+
+
+def _wrap(text: str, font: Any, width: int) -> list[str]:
+    """`text` in lines no wider than `width` px, breaking at spaces (a longer word keeps its own line)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            candidate = f"{line} {word}" if line else word
+            if line and _text_size(font, candidate)[0] > width:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    return lines
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where things sit on the sheet of one (X, Y) grid: cell (i, j) at (left + i * cell_w, top + j * cell_h)."""
+
+    left: int
+    top: int
+    cell_width: int
+    cell_height: int
+    columns: int
+    rows: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.left + self.columns * self.cell_width, self.top + self.rows * self.cell_height
+
+
+def grid_layout(cell_size: tuple[int, int], columns: int, rows: int, x_labels: list[str], y_labels: list[str]) -> GridLayout:
+    width, height = cell_size
+    font = grid_font(font_size(width, height))
+    spacing = font_size(width, height) // 2
+    left = 0
+    if any(y_labels):
+        widest_word = max(_text_size(font, w)[0] for label in y_labels for w in label.split(" ") or [""])
+        left = max(width * 3 // 4, min(widest_word + 2 * spacing, 2 * width))
+    top = 0
+    if any(x_labels):
+        heights = [_lines_height(_wrap(label, font, width), font, spacing) for label in x_labels]
+        top = max(heights) + 2 * spacing
+    return GridLayout(left, top, width, height, columns, rows)
+
+
+def _lines_height(lines: list[str], font: Any, spacing: int) -> int:
+    return sum(_text_size(font, line or " ")[1] + spacing for line in lines) - spacing
+
+
+def _draw_centered(draw: ImageDraw.ImageDraw, lines: list[str], cx: float, cy: float, font: Any, spacing: int) -> None:
+    y = cy - _lines_height(lines, font, spacing) / 2
+    for line in lines:
+        w, h = _text_size(font, line or " ")
+        draw.text((cx - w / 2, y), line, font=font, fill=(0, 0, 0), anchor="la")
+        y += h + spacing
+
+
+def draw_grid(cells: list[list[Image.Image]], x_labels: list[str], y_labels: list[str]) -> Image.Image:
+    """`cells[row][column]` on one sheet with X labels above the columns and Y labels left of the rows."""
+    rows, columns = len(cells), len(cells[0])
+    cell_size = (max(c.width for r in cells for c in r), max(c.height for r in cells for c in r))
+    layout = grid_layout(cell_size, columns, rows, x_labels, y_labels)
+    sheet = Image.new("RGB", layout.size, "white")
+    for j, row in enumerate(cells):
+        for i, cell in enumerate(row):
+            sheet.paste(cell.convert("RGB"), (layout.left + i * layout.cell_width, layout.top + j * layout.cell_height))
+    draw = ImageDraw.Draw(sheet)
+    size = font_size(*cell_size)
+    font, spacing = grid_font(size), size // 2
+    for i, label in enumerate(x_labels if any(x_labels) else []):
+        cx = layout.left + (i + 0.5) * layout.cell_width
+        _draw_centered(draw, _wrap(label, font, layout.cell_width), cx, layout.top / 2, font, spacing)
+    for j, label in enumerate(y_labels if any(y_labels) else []):
+        cy = layout.top + (j + 0.5) * layout.cell_height
+        _draw_centered(draw, _wrap(label, font, layout.left - spacing), layout.left / 2, cy, font, spacing)
+    return sheet
+
+
+def title_height(grid_width: int, title: str, size: int) -> int:
+    font = grid_font(size)
+    return _lines_height(_wrap(title, font, grid_width), font, size // 2) + size
+
+
+def stack_grids(grids: list[Image.Image], titles: list[str], size: int) -> tuple[Image.Image, list[int]]:
+    """Sub-grids (one per Z value) top to bottom, each under its centred title; also each sub-grid's top."""
+    width = max(g.width for g in grids)
+    bands = [title_height(width, t, size) for t in titles]
+    sheet = Image.new("RGB", (width, sum(g.height for g in grids) + sum(bands)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = grid_font(size)
+    tops, y = [], 0
+    for grid, title, band in zip(grids, titles, bands):
+        _draw_centered(draw, _wrap(title, font, width), width / 2, y + band / 2, font, size // 2)
+        tops.append(y + band)
+        sheet.paste(grid, (0, y + band))
+        y += band + grid.height
+    return sheet, tops

@@ -1,0 +1,144 @@
+"""X/Y/Z plot axes and picture (sdlab.pipeline.grid): A1111's value lists and ranges, fields, Prompt S/R, the
+cell limit, and the layout of the labelled sheet."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdlab.pipeline.grid import (
+    MAX_CELLS,
+    GridError,
+    cell_count,
+    check_prompt_sr,
+    draw_grid,
+    font_size,
+    grid_font,
+    grid_layout,
+    parse_axis,
+    split_values,
+    stack_grids,
+)
+
+
+@pytest.mark.parametrize("spec,values", [
+    ("steps=1-5", [1, 2, 3, 4, 5]),
+    ("steps=1-10 (+3)", [1, 4, 7, 10]),
+    ("steps=10-2 (-4)", [10, 6]),                     # A1111: range(start, end + 1, step), so 2 is left out
+    ("steps=10-20 [3]", [10, 15, 20]),
+    ("steps=1-10 [4]", [1, 4, 7, 10]),
+    ("steps=1-2 [4]", [1, 1, 1, 2]),                  # linspace, truncated to int as A1111 does
+    ("steps= 5, 1-3 ,8", [5, 1, 2, 3, 8]),
+    ("cfg=1-2 (+0.25)", [1.0, 1.25, 1.5, 1.75, 2.0]),
+    ("cfg=5-9 [3]", [5.0, 7.0, 9.0]),
+    ("cfg=7, 3.5", [7.0, 3.5]),
+    ("width=64-128 (+32)", [64, 96, 128]),
+    ("Denoising strength=0.25-0.75 [3]", [0.25, 0.5, 0.75]),
+])
+def test_ranges_parse_as_a1111(spec: str, values: list) -> None:
+    axis = parse_axis(spec)
+    assert list(axis.values) == values
+    assert all(type(v) is type(values[0]) for v in axis.values)
+
+
+def test_fields_and_labels() -> None:
+    assert parse_axis("Steps=10").labels == ("Steps: 10",)
+    assert parse_axis("CFG Scale=7,7.5").labels == ("CFG Scale: 7", "CFG Scale: 7.5")
+    assert parse_axis("cfg_scale=3").field.name == "cfg_scale"
+    assert parse_axis("clip_skip=1,2").labels == ("Clip skip: 1", "Clip skip: 2")
+    assert parse_axis("Clip skip=2").field.name == "clip_skip"
+    assert parse_axis("scheduler=karras,normal").labels == ("Schedule type: karras", "Schedule type: normal")
+    assert parse_axis('sampler=Euler a,"DPM++ 2M"').labels == ("Euler a", "DPM++ 2M")
+    assert parse_axis("denoise=0.5").field.name == "strength"
+    assert parse_axis("Prompt S/R=cat,dog").field.name == "prompt"
+    assert parse_axis("seed=3,-1", rng=random.Random(0)).values[0] == 3
+    assert 0 <= parse_axis("seed=-1", rng=random.Random(0)).values[0] < 2**32
+
+
+def test_prompt_sr_replaces_in_both_prompts() -> None:
+    axis = parse_axis('prompt_sr=red, "light, blue",green')
+    assert axis.values == ("red", "light, blue", "green")
+    options = {"prompt": "a red apple, red sky", "negative_prompt": "red noise", "steps": 3}
+    assert axis.apply(options, 0) == options
+    assert axis.apply(options, 1) == {"prompt": "a light, blue apple, light, blue sky",
+                                      "negative_prompt": "light, blue noise", "steps": 3}
+    check_prompt_sr([axis], "a red apple", "")
+    check_prompt_sr([axis], "an apple", "red")
+    with pytest.raises(GridError, match="did not find 'red'"):
+        check_prompt_sr([axis], "a blue apple", "blurry")
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("colour=1,2", "unknown grid field 'colour'"),
+    ("steps", "FIELD=V1,V2"),
+    ("steps=ten", "not an integer or a range"),
+    ("steps=1-5 (+0)", "step of 0"),
+    ("cfg=abc", "not a number"),
+    ("cfg=nan", "not a finite number"),
+    ("steps=5-1", "no values"),
+    ("steps=,", "no values"),
+    ("steps=0,4", "Steps must be at least 1"),
+    ("sampler=Euler,Eulr", "unknown sampler 'Eulr'; valid names:"),
+    ("schedule=karras,wobbly", "unknown schedule 'wobbly'"),
+    ("denoise=0.5,1.5", "strength must lie in"),
+    ("steps=1-100000", "a grid holds at most 256"),
+    ("seed=1-10 [1000000]", "a grid holds at most 256"),
+    ("cfg=0-1000000 (+0.001)", "a grid holds at most 256"),
+])
+def test_bad_axes(spec: str, match: str) -> None:
+    with pytest.raises(GridError, match=match.replace("(", r"\(").replace("+", r"\+")):
+        parse_axis(spec)
+
+
+def test_cell_limit() -> None:
+    axes = [parse_axis("steps=1-16"), parse_axis("seed=1-16")]
+    assert cell_count(axes) == MAX_CELLS
+    with pytest.raises(GridError, match="512 cells"):
+        cell_count(axes + [parse_axis("cfg=1,2")])
+
+
+def test_csv_split_keeps_quoted_commas() -> None:
+    assert split_values(' a, "b, c" ,d') == ["a", "b, c", "d"]
+
+
+def _cell(colour: tuple[int, int, int], size=(64, 64)) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def test_sheet_size_is_cells_plus_label_bands_and_cells_sit_in_place() -> None:
+    rng = np.random.default_rng(0)
+    cells = [[Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)] for _ in range(2)]
+    x, y = ["Steps: 2", "Steps: 3", "Steps: 4"], ["Euler", "DPM++ 2M"]
+    sheet = draw_grid(cells, x, y)
+    layout = grid_layout((64, 64), 3, 2, x, y)
+    assert sheet.size == layout.size == (layout.left + 3 * 64, layout.top + 2 * 64)
+    assert layout.left >= 48 and layout.top > 0
+    for j in range(2):
+        for i in range(3):
+            box = (layout.left + 64 * i, layout.top + 64 * j, layout.left + 64 * (i + 1), layout.top + 64 * (j + 1))
+            assert np.array_equal(np.asarray(sheet.crop(box)), np.asarray(cells[j][i]))
+    band = np.asarray(sheet.crop((layout.left, 0, sheet.width, layout.top)))
+    assert (band < 128).any()                                        # the X labels are drawn
+    only_x = draw_grid([cells[0]], x, [""])
+    assert only_x.size == (3 * 64, grid_layout((64, 64), 3, 1, x, [""]).top + 64)
+
+
+def test_z_sub_grids_are_stacked_under_titles() -> None:
+    grids = [draw_grid([[_cell((255, 0, 0)), _cell((0, 255, 0))]], ["a", "b"], [""]) for _ in range(2)]
+    sheet, tops = stack_grids(grids, ["Seed: 1", "Seed: 2"], font_size(64, 64))
+    assert sheet.width == grids[0].width
+    assert sheet.height == tops[1] + grids[1].height and tops[0] > 0 and tops[1] > tops[0] + grids[0].height
+    assert np.array_equal(np.asarray(sheet.crop((0, tops[1], sheet.width, tops[1] + grids[1].height))), np.asarray(grids[1]))
+
+
+def test_cells_of_different_sizes_take_the_largest_slot() -> None:
+    sheet = draw_grid([[_cell((0, 0, 0), (64, 64)), _cell((0, 0, 0), (96, 64))]], ["Width: 64", "Width: 96"], [""])
+    assert sheet.width == 2 * 96
+
+
+def test_font_is_scalable_when_freetype_is_there() -> None:
+    font = grid_font(14)
+    assert font.getbbox("Steps: 10")[3] > 8
