@@ -1,0 +1,425 @@
+"""The web UI of `sdlab serve` in a real headless browser (Debian's chromium through selenium).
+
+Each test loads the page from a real `sdlab serve` process (the shipped 64 px model) and works the page as
+a person would: typing, Ctrl+Enter, clicking, dropping a PNG, painting a mask with the pointer.
+
+`python tests/test_webui.py --screenshots` starts a server and writes docs/webui.png (a finished
+generation) and docs/webui-inpaint.png (the inpaint tab with a painted mask) with the same browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw, PngImagePlugin
+from server_fixtures import sdlab_server  # noqa: F401  (a session fixture: the real `sdlab serve`)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+WINDOW = (1280, 900)
+TIMEOUT = 90                      # seconds for one job on a busy 2-core machine
+REPO = Path(__file__).resolve().parents[1]
+
+if __name__ != "__main__":
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Debian's chromium and chromedriver are not installed (apt-get install chromium "
+                    "chromium-driver); .ci/run installs them", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def start_browser() -> webdriver.Chrome:
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     f"--window-size={WINDOW[0]},{WINDOW[1]}", "--force-device-scale-factor=1"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+
+
+def http_json(base: str, path: str, body: dict | None = None, method: str | None = None) -> dict:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data else {})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def http_bytes(base: str, path: str) -> bytes:
+    with urllib.request.urlopen(base + path, timeout=30) as response:
+        return response.read()
+
+
+def wait_job(base: str, job_id: str, statuses=("done", "failed", "cancelled")) -> dict:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        job = http_json(base, f"/api/jobs/{job_id}")
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach {statuses}: {job}")
+
+
+def job_by_prompt(base: str, prompt: str) -> dict:
+    jobs = [job for job in http_json(base, "/api/jobs")["jobs"] if job["request"].get("prompt") == prompt]
+    assert jobs, f"no job with the prompt {prompt!r}"
+    return jobs[0]
+
+
+def wait(driver, condition, timeout: float = TIMEOUT, message: str = ""):
+    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition, message)
+
+
+def open_page(driver, base: str) -> None:
+    driver.get(base + "/")
+    # the lists are loaded: a sampler and a model to pick
+    wait(driver, lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 1
+         and len(Select(d.find_element(By.ID, "model")).options) >= 1, 30, "the lists did not load")
+
+
+def set_value(driver, element_id: str, value) -> None:
+    element = driver.find_element(By.ID, element_id)
+    element.clear()
+    element.send_keys(str(value))
+
+
+def value(driver, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).get_attribute("value")
+
+
+def text(driver, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).text
+
+
+def png_with_parameters(parameters: str | None, size=(64, 64), color=(40, 90, 200)) -> bytes:
+    image = Image.new("RGB", size, color)
+    info = PngImagePlugin.PngInfo()
+    if parameters is not None:
+        info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def drop_file(driver, data: bytes, name: str, target_id: str | None = None) -> None:
+    """Drag a file onto the page (or onto the element `target_id`) as the browser would deliver it."""
+    driver.execute_script(
+        """
+        const [b64, name, targetId] = arguments;
+        const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], name, {type: "image/png"}));
+        const target = targetId ? document.getElementById(targetId) : document.querySelector("main");
+        for (const type of ["dragenter", "dragover", "drop"]) {
+            target.dispatchEvent(new DragEvent(type, {bubbles: true, cancelable: true, dataTransfer: transfer}));
+        }
+        """,
+        base64.b64encode(data).decode(), name, target_id,
+    )
+
+
+def painted_mask(driver) -> Image.Image:
+    data_url = driver.execute_script("return maskDataUrl();")
+    return Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("L")
+
+
+def paint_stroke(driver, dx_from: int, dx_to: int, dy: int = 0) -> None:
+    """Drag the pointer across the mask canvas, offsets in CSS pixels from its centre."""
+    canvas = driver.find_element(By.ID, "mask-canvas")
+    # wholly in view: an element's offsets count from the centre of its visible part
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    (ActionChains(driver).move_to_element_with_offset(canvas, dx_from, dy).click_and_hold()
+     .move_by_offset((dx_to - dx_from) // 2, 0).move_by_offset((dx_to - dx_from) - (dx_to - dx_from) // 2, 0)
+     .release().perform())
+
+
+def severe_console_errors(driver) -> list[str]:
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def base_url(sdlab_server) -> str:
+    return sdlab_server.url.rstrip("/")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = start_browser()
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture()
+def page(browser, base_url):
+    open_page(browser, base_url)
+    browser.get_log("browser")            # start each test with an empty console
+    return browser
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_page_loads_with_labelled_controls_and_lists(page, base_url):
+    for control in ("prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed",
+                    "width", "height", "batch_size", "lora", "lora-weight", "strength", "init-image", "brush-size"):
+        label = page.find_elements(By.CSS_SELECTOR, f'label[for="{control}"]')
+        assert label, f"#{control} has no <label for>"
+    samplers = {s["name"] for s in http_json(base_url, "/sdapi/v1/samplers")}
+    shown = {o.get_attribute("value") for o in Select(page.find_element(By.ID, "sampler")).options}
+    assert samplers <= shown
+    models = http_json(base_url, "/sdapi/v1/sd-models")
+    assert Select(page.find_element(By.ID, "model")).first_selected_option.get_attribute("value") in {
+        m["title"] for m in models}
+    assert page.find_element(By.ID, "tab-txt2img").get_attribute("aria-selected") == "true"
+    assert severe_console_errors(page) == []
+
+
+def test_ctrl_enter_generates_with_previews_and_final_image(page, base_url):
+    prompt = "a small red star in the centre on a light blue background"
+    set_value(page, "steps", 12)
+    set_value(page, "seed", 7)
+    page.find_element(By.ID, "prompt").send_keys(prompt)
+    page.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
+
+    result = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
+    wait(page, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", result))
+    assert int(page.find_element(By.ID, "preview").get_attribute("data-count") or 0) >= 1, "no step preview shown"
+    assert page.find_element(By.ID, "preview").get_attribute("src").startswith("data:image/")
+    assert text(page, "progress-text").startswith("Done")
+
+    image = Image.open(io.BytesIO(http_bytes(base_url, result.get_attribute("src").replace(base_url, ""))))
+    assert image.size == (64, 64)
+    assert image.info["parameters"].startswith(prompt)
+    assert "Seed: 7" in image.info["parameters"] and "Steps: 12" in image.info["parameters"]
+    assert prompt in text(page, "infotext")
+    job = job_by_prompt(base_url, prompt)
+    assert job["status"] == "done" and job["mode"] == "txt2img"
+    # the finished job is in the gallery; the seed button takes its seed
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f'#gallery [data-job-id="{job["id"]}"][data-status="done"] img'))
+    page.find_element(By.ID, "seed-random").click()
+    assert value(page, "seed") == "-1"
+    page.find_element(By.ID, "seed-reuse").click()
+    assert value(page, "seed") == "7"
+    assert severe_console_errors(page) == []
+
+
+def test_cancel_a_second_job(page, base_url):
+    first, second = "a green circle on a white background", "a yellow heart at the bottom (to be cancelled)"
+    set_value(page, "steps", 6)
+    page.find_element(By.ID, "prompt").send_keys(first)
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#queue li[data-job-id]"), 20, "first job not queued")
+    set_value(page, "prompt", second)
+    set_value(page, "steps", 150)
+    page.find_element(By.ID, "generate").click()
+
+    second_id = wait(page, lambda d: [j for j in http_json(base_url, "/api/jobs")["jobs"]
+                                      if j["request"].get("prompt") == second], 20)[0]["id"]
+    queued = f'#queue li[data-job-id="{second_id}"]'
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, queued), 20, "second job not in the queue view")
+    # cancel it while it runs, once its first preview is on screen
+    wait(page, lambda d: http_json(base_url, f"/api/jobs/{second_id}")["step"] >= 1, message="second job never ran")
+    wait(page, lambda d: text(d, "progress-text").startswith("Step"))
+    page.find_element(By.ID, "cancel").click()
+
+    wait(page, lambda d: text(d, "progress-text") == "Cancelled", 30, "cancel not shown")
+    job = wait_job(base_url, second_id)
+    assert job["status"] == "cancelled" and job["images"] == []
+    assert job["step"] < 150
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f'#gallery [data-job-id="{second_id}"][data-status="cancelled"]'))
+    assert not page.find_elements(By.CSS_SELECTOR, queued)
+    assert job_by_prompt(base_url, first)["status"] == "done"
+
+
+def test_reuse_settings_from_the_gallery(page, base_url):
+    settings = {"mode": "txt2img", "prompt": "a large purple square in the top left", "negative_prompt": "blurry",
+                "steps": 5, "sampler": "Euler", "schedule": "normal", "cfg_scale": 4.5, "seed": 1234,
+                "width": 64, "height": 48, "batch_size": 2}
+    job = wait_job(base_url, http_json(base_url, "/api/jobs", settings)["id"])
+    assert job["status"] == "done", job
+    open_page(page, base_url)
+    card = f'#gallery [data-job-id="{job["id"]}"]'
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} img"), 20, "the job is not in the gallery")
+    assert len(page.find_elements(By.CSS_SELECTOR, f"{card} img")) == 2
+    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+
+    assert value(page, "prompt") == settings["prompt"]
+    assert value(page, "negative_prompt") == "blurry"
+    assert value(page, "steps") == "5"
+    assert float(value(page, "cfg_scale")) == 4.5
+    assert value(page, "seed") == "1234"
+    assert (value(page, "width"), value(page, "height"), value(page, "batch_size")) == ("64", "48", "2")
+    assert value(page, "sampler") == "Euler"
+    assert value(page, "schedule") == "normal"
+    assert text(page, "notice") == ""
+
+
+def test_dropped_png_fills_the_form_from_its_parameters(page, base_url, tmp_path):
+    parameters = ("a tiny cat face in the bottom right\nNegative prompt: lowres, (text:1.2)\n"
+                  "Steps: 17, Sampler: Euler a, Schedule type: Karras, CFG scale: 6.5, Seed: 424242, "
+                  "Size: 64x32, Model: sdlab-tiny, Version: v1.10.0")
+    drop_file(page, png_with_parameters(parameters), "from-a1111.png")
+    wait(page, lambda d: value(d, "seed") == "424242", 20, "the dropped PNG did not fill the form")
+    assert value(page, "prompt") == "a tiny cat face in the bottom right"
+    assert value(page, "negative_prompt") == "lowres, (text:1.2)"
+    assert value(page, "steps") == "17"
+    assert value(page, "sampler") == "Euler a"
+    assert value(page, "schedule") == "karras"
+    assert float(value(page, "cfg_scale")) == 6.5
+    assert (value(page, "width"), value(page, "height")) == ("64", "32")
+    assert page.find_element(By.ID, "error").is_displayed() is False
+
+    # the same through the file input, with an older A1111 sampler name carrying the schedule
+    path = tmp_path / "old.png"
+    path.write_bytes(png_with_parameters("a blue moon\nSteps: 9, Sampler: DPM++ 2M Karras, CFG scale: 7, "
+                                         "Seed: 5, Size: 64x64"))
+    page.find_element(By.ID, "png-info-file").send_keys(str(path))
+    wait(page, lambda d: value(d, "seed") == "5", 20)
+    assert (value(page, "prompt"), value(page, "sampler"), value(page, "schedule")) == ("a blue moon", "DPM++ 2M", "karras")
+    assert value(page, "negative_prompt") == ""
+
+    # a PNG without parameters: a clear message, the form unchanged
+    drop_file(page, png_with_parameters(None), "plain.png")
+    wait(page, lambda d: d.find_element(By.ID, "error").is_displayed(), 20)
+    assert "no generation parameters" in text(page, "error")
+    assert value(page, "seed") == "5"
+
+
+def test_inpaint_mask_painted_on_the_image_is_accepted(page, base_url, tmp_path):
+    init = Image.new("RGB", (64, 64), (30, 60, 160))
+    ImageDraw.Draw(init).rectangle([20, 20, 43, 43], fill=(240, 220, 40))
+    path = tmp_path / "init.png"
+    init.save(path)
+
+    page.find_element(By.ID, "tab-inpaint").click()
+    assert page.find_element(By.ID, "tab-inpaint").get_attribute("aria-selected") == "true"
+    page.find_element(By.ID, "init-image").send_keys(str(path))
+    wait(page, lambda d: d.find_element(By.ID, "mask-canvas").is_displayed(), 20)
+    canvas = page.find_element(By.ID, "mask-canvas")
+    assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("64", "64")
+
+    # no mask yet: the page says so instead of sending a job
+    page.find_element(By.ID, "prompt").send_keys("a red flower")
+    set_value(page, "steps", 6)
+    page.find_element(By.ID, "generate").click()
+    assert "mask" in text(page, "error")
+
+    page.execute_script(  # a range input: set it as the end of a drag does
+        "const b = document.getElementById('brush-size'); b.value = 30;"
+                        "b.dispatchEvent(new Event('input'));")
+    paint_stroke(page, -100, 100)
+    mask = painted_mask(page)
+    assert mask.size == (64, 64)
+    assert mask.getpixel((32, 32)) == 255 and mask.getpixel((32, 2)) == 0 and mask.getpixel((32, 61)) == 0
+    page.find_element(By.ID, "mask-clear").click()
+    assert painted_mask(page).getextrema() == (0, 0)
+
+    paint_stroke(page, -60, 60)
+    mask = painted_mask(page)
+    page.find_element(By.ID, "generate").click()
+    result = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
+    job = job_by_prompt(base_url, "a red flower")
+    assert job["status"] == "done" and job["mode"] == "inpaint", job
+    image = Image.open(io.BytesIO(http_bytes(base_url, result.get_attribute("src").replace(base_url, "")))).convert("RGB")
+    assert image.size == (64, 64)
+    # the picture is kept where the mask is black (A1111's paste-back) and repainted where it is white
+    import numpy as np
+    out, original, repaint = (np.asarray(x, dtype=np.float32) for x in (image, init, mask))
+    keep = repaint == 0
+    assert np.abs(out - original)[keep].mean() < 8, "the unmasked area changed"
+    assert np.abs(out - original)[repaint == 255].mean() > np.abs(out - original)[keep].mean()
+
+
+def test_bad_input_shows_the_servers_detail(page, base_url):
+    page.find_element(By.ID, "prompt").send_keys("a star")
+    set_value(page, "steps", 100000)
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: d.find_element(By.ID, "error").is_displayed(), 20, "no error shown")
+    message = text(page, "error")
+    assert message.startswith("4") and "steps" in message.lower(), message
+
+    # a `<lora:NAME:W>` tag becomes an entry of the LoRA list with its weight; the server names what is wrong
+    page.find_element(By.ID, "prompt").send_keys(" <lora:no-such-lora:0.5>")
+    set_value(page, "steps", 4)
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: "no-such-lora" in text(d, "error"), 20, "unknown LoRA not reported")
+    assert text(page, "error").startswith("4")
+    entries = page.find_elements(By.CSS_SELECTOR, "#lora-list li")
+    assert [e.get_attribute("data-name") for e in entries] == ["no-such-lora"]
+    assert value(page, "lora-weight-0") == "0.5"
+    assert value(page, "prompt") == "a star"
+
+
+# ---------------------------------------------------------------- screenshots
+
+
+def take_screenshots(base: str, out_dir: Path) -> None:
+    """docs/webui.png: a finished generation; docs/webui-inpaint.png: the inpaint tab with a painted mask."""
+    driver = start_browser()
+    driver.set_window_size(1360, 1240)
+    try:
+        for prompt, seed in (("a large green star in the centre on a white background", 3),
+                             ("a small cat face in the top left on a dark blue background", 11)):
+            job = http_json(base, "/api/jobs", {"mode": "txt2img", "prompt": prompt, "steps": 20, "seed": seed,
+                                                "batch_size": 2})
+            wait_job(base, job["id"])
+        open_page(driver, base)
+        driver.find_element(By.ID, "prompt").send_keys("a red heart in the centre on a light blue background")
+        set_value(driver, "seed", 5)
+        set_value(driver, "batch_size", 4)
+        driver.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
+        wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results img.result")) == 4)
+        time.sleep(1.0)
+        driver.save_screenshot(str(out_dir / "webui.png"))
+
+        result = driver.find_elements(By.CSS_SELECTOR, "#gallery .card button.to-img2img")[0]
+        result.click()
+        wait(driver, lambda d: d.find_element(By.ID, "init-canvas").is_displayed(), 20)
+        driver.find_element(By.ID, "tab-inpaint").click()
+        driver.execute_script("const b = document.getElementById('brush-size'); b.value = 60;"
+                              "b.dispatchEvent(new Event('input'));")
+        paint_stroke(driver, -40, 40, dy=-20)
+        driver.execute_script("window.scrollTo(0, 0)")
+        time.sleep(0.5)
+        driver.save_screenshot(str(out_dir / "webui-inpaint.png"))
+    finally:
+        driver.quit()
+
+
+if __name__ == "__main__":
+    if "--screenshots" not in sys.argv[1:]:
+        sys.exit(f"usage: python {Path(__file__).name} --screenshots")
+    import tempfile
+
+    from server_fixtures import start_server
+
+    with tempfile.TemporaryDirectory() as folder:
+        server = start_server(Path(folder) / "outputs")
+        try:
+            take_screenshots(server.url, REPO / "docs")
+        finally:
+            server.stop()
+    print("wrote docs/webui.png and docs/webui-inpaint.png")
