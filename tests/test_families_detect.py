@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bundle_fixtures import full_size_shapes, junk_keys
-from sdlab.checkpoints.detect import PROBES, detect_diffusers_family, detect_family
+from sdlab.checkpoints.detect import detect_diffusers_family, detect_family
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_vae_config
 from sdlab.checkpoints.openclip import openclip_to_sdlab
@@ -167,8 +167,11 @@ def test_inconsistent_files_are_refused(full_shapes):
         detect_family(refiner_inpaint)
 
 
-def test_probe_order_puts_text_keys_first():
-    assert [p.family for p in PROBES[:5]] == ["sdxl-refiner", "sdxl", "sd2", "sdlab-tiny", "sd1"]
+def test_text_keys_decide_before_unet_structure(full_shapes):
+    """An SD1 text tower on an SD2-shaped U-Net (Linear projections) is SD1: the text keys decide first."""
+    mixed = {k: s for k, s in full_shapes["sd2"].items() if not k.startswith("cond_stage_model.")}
+    mixed |= {k: s for k, s in full_shapes["sd1"].items() if k.startswith("cond_stage_model.")}
+    assert detect_family(mixed).name == "sd1"
 
 
 # --- diffusers folders -----------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """One network's tensors on their way from a file to a module: `ComponentSource` and its mapping views.
 
 Single files and diffusers folders both end up as one `ComponentSource` per network: the file-layout
-tensors (prefix removed, read lazily), the function that renames them to sdlab names, the config, and the
-keys that were deliberately skipped. `plan` runs the renaming on `meta` tensors to check every key and
+tensors (prefix removed, read lazily), the function that renames them to sdlab names, the config, the
+module factory the family names for it (`FamilySpec.components`), and the keys that were deliberately
+skipped. `plan` runs the renaming on `meta` tensors to check every key and
 shape against a `meta`-device module without reading any weight; `materialize` then reads each tensor once,
 converts it to the target dtype and device, and hands it to `load_state_dict(strict=True, assign=True)`, so
 peak memory stays near one copy of the weights.
@@ -20,9 +21,9 @@ from torch import Tensor, nn
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import LazyMapping, dtypes_of, shapes_of
-from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
+from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNet, UNetConfig
-from sdlab.models.vae import AutoencoderKL, VAEConfig
+from sdlab.models.vae import VAEConfig
 
 ComponentConfig = UNetConfig | VAEConfig | CLIPTextConfig
 
@@ -114,7 +115,7 @@ class ComponentSource:
     """One network as stored: where, in which layout, with which config."""
 
     name: str                                               # "unet", "vae", or a text encoder's spec name
-    kind: str                                               # "unet" | "vae" | "text"
+    build: Callable[[ComponentConfig], nn.Module]           # the module of a config (`ComponentSpec.build`)
     origin: str                                             # file (or folder) the tensors come from
     state: Mapping[str, Tensor]                             # file layout, prefix removed, lazily read
     to_sdlab: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
@@ -123,11 +124,7 @@ class ComponentSource:
 
     def build_meta(self) -> nn.Module:
         with meta_device_without_init():
-            if self.kind == "unet":
-                return UNet(self.config)
-            if self.kind == "vae":
-                return AutoencoderKL(self.config)
-            return CLIPTextModel(self.config)
+            return self.build(self.config)
 
     def convert(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         try:

@@ -14,23 +14,28 @@ from dataclasses import replace
 
 import torch
 
-from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.families import FamilySpec, get_family
-from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
+from sdlab.families.loaded import ModelBundle, TextEncoder
+from sdlab.models.clip import CLIPTextConfig
+from sdlab.models.layers import SDXL_SIZE_EMBED_DIM
 from sdlab.models.tokenizer import default_tokenizer
-from sdlab.models.unet import UNet, UNetConfig
-from sdlab.models.vae import AutoencoderKL, VAEConfig
+from sdlab.models.unet import UNetConfig
+from sdlab.models.vae import VAEConfig
 
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
 TINY_SIZE = 64                                                      # pixels per side
-_TINY_TEXT_WIDTHS = {"clip_l": 64, "openclip_h": 64, "openclip_bigg": 128}
+
+
+def _tiny_text_width(full_width: int) -> int:
+    """64 for towers up to 1024 wide (CLIP-L, OpenCLIP-H), 128 for wider ones (OpenCLIP bigG)."""
+    return 64 if full_width <= 1024 else 128
 
 
 def tiny_text_configs(family: FamilySpec) -> tuple[CLIPTextConfig, ...]:
     """Two-layer text towers, 64 or 128 wide, one per text encoder of the family."""
     configs = []
     for te in family.text_encoders:
-        width = _TINY_TEXT_WIDTHS[te.name]
+        width = _tiny_text_width(te.config.width)
         configs.append(replace(
             te.config, width=width, layers=2, heads=width // 64, mlp_width=2 * width,
             projection_dim=width if te.config.projection_dim is not None else None,
@@ -39,15 +44,17 @@ def tiny_text_configs(family: FamilySpec) -> tuple[CLIPTextConfig, ...]:
 
 
 def tiny_unet_config(family: FamilySpec) -> UNetConfig:
-    """A two-level U-Net with every code path of the family (attention, linear proj, SDXL vector)."""
+    """A two-level U-Net with every code path of the family (attention, linear proj, added vector)."""
     texts = tiny_text_configs(family)
     context = sum(c.width for c in texts)
     base = family.unet
-    if family.is_sdxl:
-        extra = 5 if family.is_refiner else 6          # size/crop (+ aesthetic) embeddings, 256 each
+    conditioner = family.conditioner
+    if conditioner.added_vector:                       # pooled text + size/crop (+ aesthetic) embeddings, 256 each
+        pooled = texts[-1].projection_dim if conditioner.pooled else 0
         return replace(
             base, model_channels=64, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(0, 2),
-            transformer_depth_middle=2, context_dim=context, adm_in_channels=texts[-1].projection_dim + extra * 256,
+            transformer_depth_middle=2, context_dim=context,
+            adm_in_channels=pooled + conditioner.num_size_numbers * SDXL_SIZE_EMBED_DIM,
         )
     width = 32 if base.num_heads is not None else 64                 # SD1: 8 heads of 4; SD2: one 64-wide head
     return replace(
@@ -80,13 +87,14 @@ def new_bundle(
     torch.manual_seed(seed)
     with torch.device(device):
         encoders = tuple(
-            TextEncoder(spec=spec, config=cfg, model=CLIPTextModel(cfg).eval(), tokenizer=default_tokenizer(spec.pad_token_id))
+            TextEncoder(spec=spec, config=cfg, model=family.text_module(cfg).eval(),
+                        tokenizer=default_tokenizer(spec.pad_token_id))
             for spec, cfg in zip(family.text_encoders, text)
         )
         return ModelBundle(
             family=family,
-            unet=UNet(unet).eval(),
-            vae=AutoencoderKL(vae).eval(),
+            unet=family.unet_module(unet).eval(),
+            vae=family.vae_module(vae).eval(),
             text_encoders=encoders,
             prediction=family.prediction,
             scaling_factor=family.latent_scaling_factor,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdlab.checkpoints.components import ComponentSource, SubStateDict, hf_text_to_sdlab
 from sdlab.checkpoints.detect import detect_diffusers_family
@@ -57,7 +57,9 @@ from sdlab.checkpoints.validate import (
     check_text,
 )
 from sdlab.families import FamilySpec, TextEncoderSpec
-from sdlab.models.vae import VAEConfig
+from sdlab.models.clip import CLIPTextConfig
+from sdlab.models.unet import UNet
+from sdlab.models.vae import AutoencoderKL, VAEConfig
 
 ConfigT = TypeVar("ConfigT")
 
@@ -199,12 +201,14 @@ def _confirm(config_path: Path, declared: Any, found: Callable[[], Any], names: 
 
 
 def _unet_source(folder: Path, config_json: dict[str, Any]) -> ComponentSource:
+    """The U-Net of a diffusers folder, checked before detection (which reads its config); the family's module
+    factory replaces `UNet` once the family is known."""
     config = _config_from_json(folder / "config.json", unet_config_from_diffusers, config_json)
     state = component_weights(folder)
     _confirm(folder / "config.json", config, lambda: unet_config_from_diffusers_shapes(shapes_of(state), config),
              UNET_SHAPE_FIELDS, DIFFUSERS_UNET_NAMES)
     return ComponentSource(
-        name="unet", kind="unet", origin=str(folder), state=state,
+        name="unet", build=UNet, origin=str(folder), state=state,
         to_sdlab=lambda s: unet_state_dict_from_diffusers(s, config), config=config,
     )
 
@@ -220,7 +224,7 @@ def vae_source_from_folder(folder: Path, config_json: dict[str, Any] | None = No
 
 def _vae_source(origin: str, state: Mapping[str, Tensor], config: VAEConfig) -> ComponentSource:
     return ComponentSource(
-        name="vae", kind="vae", origin=origin, state=state,
+        name="vae", build=AutoencoderKL, origin=origin, state=state,
         to_sdlab=lambda s: vae_state_dict_from_diffusers(s, config), config=config,
     )
 
@@ -242,7 +246,7 @@ def vae_source_from_diffusers_state(path: Path, state: Mapping[str, Tensor]) -> 
     return _vae_source(str(path), state, config)
 
 
-def _text_source(spec: TextEncoderSpec, folder: Path) -> ComponentSource:
+def _text_source(spec: TextEncoderSpec, build: Callable[[CLIPTextConfig], nn.Module], folder: Path) -> ComponentSource:
     config_path = folder / "config.json"
     config_json = _read_json(config_path)
     state = component_weights(folder)
@@ -263,7 +267,7 @@ def _text_source(spec: TextEncoderSpec, folder: Path) -> ComponentSource:
     except CheckpointError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from None
     return ComponentSource(
-        name=spec.name, kind="text", origin=str(folder), state=sub, to_sdlab=hf_text_to_sdlab,
+        name=spec.name, build=build, origin=str(folder), state=sub, to_sdlab=hf_text_to_sdlab,
         config=config, ignored=tuple(tolerated),
     )
 
@@ -277,7 +281,8 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
     text_json = _read_json(first_text) if first_text.exists() else None
     spec = detect_diffusers_family(model_index, unet_json, text_json, override=family)
     vae_json = _read_json(path / "vae" / "config.json")
-    vae = vae_source_from_folder(path / "vae", vae_json)
+    unet = replace(unet, build=spec.unet_module)
+    vae = replace(vae_source_from_folder(path / "vae", vae_json), build=spec.vae_module)
     scaling = vae_json.get("scaling_factor")
     if scaling is not None and (isinstance(scaling, bool) or not isinstance(scaling, (int, float))):
         raise CheckpointError(f"{path / 'vae' / 'config.json'}: scaling_factor must be a number, got {scaling!r}")
@@ -292,7 +297,7 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
             # final-norm output whatever the folder's layer count, so "last" is what it draws with even for a
             # folder that keeps all 24 layers.
             te = replace(te, hidden_state="last")
-        text.append((te, _text_source(te, folder)))
+        text.append((te, _text_source(te, spec.text_module, folder)))
     scheduler = path / "scheduler" / "scheduler_config.json"
     prediction_type = _read_json(scheduler).get("prediction_type") if scheduler.exists() else None
     if prediction_type is not None and not isinstance(prediction_type, str):

@@ -7,12 +7,13 @@ Two stages:
      resolves the prediction type. Leftover keys are either known junk (listed in the plan's report) or an
      error naming them by component. `sdlab inspect` stops here. Opening the file is `single_file.py`'s job
      (`diffusers_folder.py`'s for a folder), the metadata sdlab writes is `file_format.py`'s.
+     The plan and its report are the types of `plan.py`.
   2. `load_bundle(path, ...)` materializes the plan: each tensor is read once, cast to the target dtype and
      device and assigned into modules built on `meta`.
 
-Prediction type (only SD2 is ambiguous: 768-v models predict v, base models eps, and the weights do not
-say): the `prediction` argument, then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`),
-then a sidecar `<name>.yaml` with `parameterization: "v"` (the CompVis config convention), then a `v_pred`
+Prediction type (ambiguous where a family's releases differ and the weights do not say, as SD2's 768-v
+models predict v and its base models eps: `FamilySpec.prediction_is_ambiguous`): the `prediction` argument,
+then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`), then a sidecar `<name>.yaml` with `parameterization: "v"` (the CompVis config convention), then a `v_pred`
 marker key, then the family default (eps), logged at INFO.
 """
 
@@ -21,22 +22,21 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdlab.checkpoints import diffusers_folder
-from sdlab.checkpoints.components import ComponentConfig, ComponentSource, meta_view
+from sdlab.checkpoints.components import ComponentSource, meta_view
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import (
     META_MODELSPEC_PREDICTION,
     META_PREDICTION,
-    config_to_json,
     native_size,
     stored_scaling_factor,
 )
+from sdlab.checkpoints.plan import CheckpointPlan, ComponentReport, LoadReport
 from sdlab.checkpoints.runnable import check_plan, check_weights
 from sdlab.checkpoints.single_file import load_vae_source, read_single_file
 from sdlab.diffusion.denoiser import Prediction
@@ -47,75 +47,6 @@ from sdlab.models.tokenizer import default_tokenizer
 logger = logging.getLogger(__name__)
 
 _MAX_SIDECAR_BYTES = 1 << 20                                                      # CompVis configs are ~2 KB
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Results
-
-
-@dataclass(frozen=True)
-class ComponentReport:
-    """What `plan_checkpoint` found for one network."""
-
-    name: str
-    origin: str
-    config: ComponentConfig
-    num_keys: int                           # tensors loaded into the module (sdlab layout)
-    num_parameters: int
-    dtypes: tuple[str, ...]                 # dtypes stored in the file
-    ignored: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class LoadReport:
-    """Everything learned about a checkpoint without loading a weight."""
-
-    source: str
-    family: FamilySpec
-    family_source: str                      # "argument", "metadata", "detected", "model_index.json"
-    prediction: Prediction
-    prediction_source: str
-    scaling_factor: float
-    components: tuple[ComponentReport, ...]
-    ignored: tuple[str, ...]                # file keys outside every component, known to be unused
-    total_keys: int
-    metadata: Mapping[str, str] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "family": self.family.name,
-            "family_source": self.family_source,
-            "prediction": self.prediction.value,
-            "prediction_source": self.prediction_source,
-            "scaling_factor": self.scaling_factor,
-            "default_size": native_size(self.metadata) or self.family.size_for(self.prediction),
-            "description": self.family.description,
-            "total_keys": self.total_keys,
-            "components": [
-                {
-                    "name": c.name,
-                    "origin": c.origin,
-                    "config": config_to_json(c.config),
-                    "keys": c.num_keys,
-                    "parameters": c.num_parameters,
-                    "dtypes": list(c.dtypes),
-                    "ignored_keys": list(c.ignored),
-                }
-                for c in self.components
-            ],
-            "ignored_keys": list(self.ignored),
-        }
-
-
-@dataclass(frozen=True)
-class CheckpointPlan:
-    """A checked recipe for building a bundle: one `ComponentSource` per network, plus the report."""
-
-    report: LoadReport
-    unet: ComponentSource
-    vae: ComponentSource
-    text_encoders: tuple[tuple[TextEncoderSpec, ComponentSource], ...]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -153,11 +84,12 @@ def resolve_prediction(
                     return parse(value, str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
     if keys is not None and "v_pred" in keys:
         return Prediction.V, "v_pred marker key"
-    if family.name.startswith("sd2") and family.default_size_v is not None:
+    if family.prediction_is_ambiguous:
         logger.info(
-            "%s: SD2 checkpoint with no prediction type in its metadata or a sidecar .yaml; assuming %s "
-            "(768-px SD2 models need prediction='v')",
-            path.name if path else "checkpoint", family.prediction.value,
+            "%s: %s checkpoint with no prediction type in its metadata or a sidecar .yaml; assuming %s "
+            "(%d-px %s models need prediction='v')",
+            path.name if path else "checkpoint", family.name, family.prediction.value, family.default_size_v,
+            family.name,
         )
     else:
         logger.info("prediction type: %s (default of %s)", family.prediction.value, family.name)

@@ -118,39 +118,24 @@ def _text_layer_table(text_encoders) -> dict[str, nn.Module]:
 # --- metadata and writing ------------------------------------------------------------------------------
 
 
-def _base_model_version(family: FamilySpec, prediction: Prediction) -> str:
-    """kohya's ``ss_base_model_version``: sd_v1, sd_v2, sd_v2_v (v-prediction), sdxl_base_v1-0."""
-    if family.is_sdxl:
-        return "sdxl_base_v1-0"
-    version = "sd_v2" if family.name.startswith("sd2") else "sd_v1"
-    return version + ("_v" if prediction is Prediction.V else "")
-
-
-def _modelspec_architecture(family: FamilySpec, prediction: Prediction) -> str:
-    if family.is_sdxl:
-        return "stable-diffusion-xl-v1-base/lora"
-    if family.name.startswith("sd2"):
-        return "stable-diffusion-v2-768-v/lora" if prediction is Prediction.V else "stable-diffusion-v2-512/lora"
-    return "stable-diffusion-v1/lora"
-
-
 def kohya_metadata(family: FamilySpec, prediction: Prediction | str, rank: int, alpha: float, *,
                    title: str = "", resolution: int | None = None, comment: str = "") -> dict[str, str]:
-    """The metadata kohya-ss writes into a LoRA file (``ss_*`` and the SAI model spec), as strings."""
+    """The metadata kohya-ss writes into a LoRA file (``ss_*`` and the SAI model spec), as strings; the
+    family's names for it are its ``FamilySpec.kohya``."""
     prediction = Prediction.parse(prediction)
     size = resolution or family.size_for(prediction)
+    names = family.kohya
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
         "ss_network_alpha": str(float(alpha)),
-        "ss_v2": str(family.name.startswith("sd2")),
-        "ss_base_model_version": _base_model_version(family, prediction),
+        "ss_v2": str(names.v2),
+        "ss_base_model_version": names.version(prediction),
         "ss_v_parameterization": str(prediction is Prediction.V),
         "ss_training_comment": comment,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _modelspec_architecture(family, prediction),
-        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models" if family.is_sdxl
-                                     else "diffusers"),
+        "modelspec.architecture": names.architecture_for(prediction),
+        "modelspec.implementation": names.implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{size}x{size}",
         "modelspec.prediction_type": "v" if prediction is Prediction.V else "epsilon",

@@ -2,7 +2,7 @@
 VAE files, opened as components ready to plan (the counterpart of `diffusers_folder.py` for folders).
 
 `read_single_file` detects the family (the argument, else the file's `sdlab.family`, else the tensors),
-splits the keys into components by prefix, infers every config (or takes the one sdlab's saver stored in the
+splits the keys into the family's components by their prefixes (`FamilySpec.components`), infers every config (or takes the one sdlab's saver stored in the
 metadata, confirmed against the tensors) and refuses keys that belong to no component and are not known
 junk. `load_vae_source` opens a standalone VAE (bare LDM keys, `first_stage_model.*`, diffusers names, or a
 diffusers VAE folder). Prediction type and scaling factor are resolved by the caller (`load.py`).
@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdlab.checkpoints import diffusers_folder
 from sdlab.checkpoints.components import ComponentSource, SubStateDict, hf_text_to_sdlab, meta_view
@@ -48,11 +48,17 @@ from sdlab.checkpoints.validate import (
 )
 from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.models.clip import CLIPTextConfig
-from sdlab.models.vae import VAEConfig, normalize_vae_attention_shapes
+from sdlab.models.vae import AutoencoderKL, VAEConfig, normalize_vae_attention_shapes
 
 logger = logging.getLogger(__name__)
 
 VAE_FILE_PREFIX = "first_stage_model."
+
+# text-tower key layout -> (file names -> sdlab names, file keys known to be unused)
+_TEXT_LAYOUTS: dict[str, tuple[Callable[[Mapping[str, Tensor]], dict[str, Tensor]], Callable[[str], bool]]] = {
+    "hf": (hf_text_to_sdlab, is_hf_text_tolerated),
+    "openclip": (openclip_to_sdlab, lambda key: key in OPENCLIP_TOLERATED),
+}
 
 
 @dataclass(frozen=True)
@@ -86,15 +92,11 @@ def _confirmed(stored: Any, found: Any, shape_fields: tuple[str, ...]) -> Any:
     return config
 
 
-def _text_source(spec: TextEncoderSpec, origin: str, state: Mapping[str, Tensor], keys: list[str],
-                 stored: CLIPTextConfig | None) -> ComponentSource:
+def _text_source(spec: TextEncoderSpec, build: Callable[[CLIPTextConfig], nn.Module], origin: str,
+                 state: Mapping[str, Tensor], keys: list[str], stored: CLIPTextConfig | None) -> ComponentSource:
     local = {k[len(spec.prefix):]: k for k in keys}
-    if spec.layout == "hf":
-        tolerated = {k for k in local if is_hf_text_tolerated(k)}
-        convert = hf_text_to_sdlab
-    else:
-        tolerated = {k for k in local if k in OPENCLIP_TOLERATED}
-        convert = openclip_to_sdlab
+    convert, is_tolerated = _TEXT_LAYOUTS[spec.layout]
+    tolerated = {k for k in local if is_tolerated(k)}
     sub = SubStateDict(state, {k: f for k, f in local.items() if k not in tolerated})
     try:
         sdlab_shapes = convert(meta_view(sub))
@@ -102,18 +104,19 @@ def _text_source(spec: TextEncoderSpec, origin: str, state: Mapping[str, Tensor]
         raise CheckpointError(f"{origin}: {spec.name}: {exc}") from None
     config = _confirmed(stored, infer_text_config(sdlab_shapes, spec.config), TEXT_SHAPE_FIELDS)
     return ComponentSource(
-        name=spec.name, kind="text", origin=origin, state=sub, to_sdlab=convert, config=config,
+        name=spec.name, build=build, origin=origin, state=sub, to_sdlab=convert, config=config,
         ignored=tuple(sorted(local[k] for k in tolerated)),
     )
 
 
 def _vae_source(origin: str, state: Mapping[str, Tensor], local: Mapping[str, str], stored: VAEConfig | None,
-                conventions: VAEConfig, ignored: tuple[str, ...] = ()) -> ComponentSource:
+                conventions: VAEConfig, ignored: tuple[str, ...] = (),
+                build: Callable[[VAEConfig], nn.Module] = AutoencoderKL) -> ComponentSource:
     sub = SubStateDict(state, local)
     found = infer_vae_config(normalize_vae_attention_shapes(meta_view(sub)), conventions)
     config = _confirmed(stored, found, VAE_SHAPE_FIELDS)
     return ComponentSource(
-        name="vae", kind="vae", origin=origin, state=sub, to_sdlab=normalize_vae_attention_shapes,
+        name="vae", build=build, origin=origin, state=sub, to_sdlab=normalize_vae_attention_shapes,
         config=config, ignored=ignored,
     )
 
@@ -137,8 +140,8 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
     stored = stored_configs(metadata, spec)
     origin = str(path)
 
-    buckets: dict[str, list[str]] = {"unet": [], "vae": [], **{te.name: [] for te in spec.text_encoders}}
-    prefixes = [("unet", spec.unet_prefix), ("vae", spec.vae_prefix)] + [(te.name, te.prefix) for te in spec.text_encoders]
+    prefixes = list(spec.prefixes.items())
+    buckets: dict[str, list[str]] = {name: [] for name, _ in prefixes}
     ignored, unexpected = [], []
     for key in shapes:
         owner = next((name for name, prefix in prefixes if key.startswith(prefix)), None)
@@ -159,7 +162,7 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
     unet_sub = SubStateDict(state, unet_local)
     unet_config = _confirmed(stored["unet"] if stored else None, infer_unet_config(shapes_of(unet_sub), spec.unet),
                              UNET_SHAPE_FIELDS)
-    unet = ComponentSource("unet", "unet", origin, unet_sub, dict, unet_config)
+    unet = ComponentSource("unet", spec.unet_module, origin, unet_sub, dict, unet_config)
 
     if vae is not None:
         vae_source = load_vae_source(vae)
@@ -170,7 +173,8 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
         raise _missing_component(path, spec, "VAE", spec.vae_prefix, "; pass a VAE file (vae=... / --vae)")
     else:
         vae_local = {k[len(spec.vae_prefix):]: k for k in buckets["vae"]}
-        vae_source = _vae_source(origin, state, vae_local, stored["vae"] if stored else None, spec.vae)
+        vae_source = _vae_source(origin, state, vae_local, stored["vae"] if stored else None, spec.vae,
+                                 build=spec.vae_module)
 
     text = []
     hidden_states = stored_hidden_states(metadata, len(spec.text_encoders))
@@ -180,7 +184,7 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
         if not buckets[te.name]:
             raise _missing_component(path, spec, f"text encoder {te.name}", te.prefix)
         te_stored = stored["text_encoders"][i] if stored else None
-        text.append((te, _text_source(te, origin, state, buckets[te.name], te_stored)))
+        text.append((te, _text_source(te, spec.text_module, origin, state, buckets[te.name], te_stored)))
 
     return SingleFile(
         path=path, family=spec, family_source=family_source, unet=unet, vae=vae_source, text_encoders=tuple(text),

@@ -1,25 +1,31 @@
-"""What a model family is: the record type shared by `sd1.py`, `sd2.py`, `sdxl.py`.
+"""What a model family is: the records a family folder (`sdlab/families/<name>/`) fills in.
 
-A family spec is a constant: full-size configs of the three networks, how each text encoder is stored in
-an original single-file checkpoint (prefix and layout) and how its output is used, the latent scaling, the
-training schedule, the default prediction type and sizes. Loaders use the default configs for the
-conventions that the tensors cannot show (heads per U-Net level, upcast attention, activations); the
-shapes themselves are always read from the file.
+A family spec is a constant that owns everything sdlab knows about one kind of model:
+  - its components: full-size configs of the networks, the module each is built with, its checkpoint prefix
+    and key layout (`components`); loaders use the configs for the conventions the tensors cannot show
+    (heads per U-Net level, upcast attention, activations), the shapes are always read from the file;
+  - its detection `Signature`: what a file of the family shows (matched by `sdlab.checkpoints.detect`);
+  - its conditioner (`ConditionerSpec`, plus each text encoder's hidden-state rule): what a prompt becomes;
+  - its latent format (`LatentFormat`: channels, scaling, shift, RGB preview), training schedule, default
+    prediction type, sizes and sampling defaults, and the names other tools give it (`KohyaNames`).
 
-Imports `models` (configs) and `diffusion` (prediction types) only.
+Imports `models` (configs, modules) and `diffusion` (prediction types, schedules) only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
 
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.families.latent_format import LatentFormat
-from sdlab.models.clip import CLIPTextConfig
-from sdlab.models.layers import SDXL_SIZE_EMBED_DIM
-from sdlab.models.unet import UNetConfig
-from sdlab.models.vae import VAEConfig
+from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
+from sdlab.models.unet import UNet, UNetConfig
+from sdlab.models.vae import AutoencoderKL, VAEConfig
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -71,9 +77,97 @@ class ScheduleSpec:
         return NoiseSchedule.make(self.kind, self.num_timesteps, self.beta_start, self.beta_end)
 
 
+SIZE_CONDS = {"original_size": 2, "crop_top_left": 2, "target_size": 2, "aesthetic_score": 1}  # name -> numbers
+
+
+@dataclass(frozen=True)
+class ConditionerSpec:
+    """What a prompt becomes besides each encoder's hidden states (`TextEncoderSpec.hidden_state`, concatenated
+    into the cross-attention context). The pipeline's `make_cond` and every training task follow it.
+
+    `pooled`: the last encoder's projected pooled output starts an added vector `y` (SGM's `label_emb` input);
+    `size_conds`: numbers appended to `y`, each as a 256-wide sinusoidal embedding, in this order (names from
+    `SIZE_CONDS`: original_size (h, w), crop_top_left (top, left), target_size (h, w), aesthetic_score);
+    `zero_empty_negative`: an empty negative prompt is a zero context and pooled vector, not the encoding of "".
+    """
+
+    pooled: bool = False
+    size_conds: tuple[str, ...] = ()
+    zero_empty_negative: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.size_conds if name not in SIZE_CONDS]
+        if unknown:
+            raise ValueError(f"ConditionerSpec: unknown size conditions {unknown}; known: {', '.join(SIZE_CONDS)}")
+
+    @property
+    def added_vector(self) -> bool:
+        """Whether the U-Net takes the added vector `y`."""
+        return self.pooled or bool(self.size_conds)
+
+    @property
+    def num_size_numbers(self) -> int:
+        return sum(SIZE_CONDS[name] for name in self.size_conds)
+
+
+Facts = tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """What a checkpoint of the family shows, matched against the evidence `sdlab.checkpoints.detect` gathers
+    from key names and shapes. Structure decides, widths never do:
+
+    - a file with text-encoder keys is of a family whose text-tower prefixes are exactly the ones found and
+      whose `requires` facts all hold (the most specific match wins: sdlab-tiny's Linear projections and f=4
+      VAE beat SD1, which shares its text layout);
+    - a file holding only a U-Net is of a family whose default U-Net has its structure (levels, attention
+      projection kind, added vector), unless `from_unet_alone` is off;
+    - a diffusers folder is of a family whose U-Net, text folders and text activation its configs match,
+      unless `from_diffusers` is off.
+    Variants (inpainting) share their base's signature; the U-Net's input channels pick one.
+    Fact names are fields of `sdlab.checkpoints.detect.Evidence` (linear_proj, vae_factor, unet_levels, ...).
+    """
+
+    says: str                                   # what such a file looks like, in words (for messages)
+    requires: Facts = ()
+    from_unet_alone: bool = True
+    from_diffusers: bool = True
+
+
+@dataclass(frozen=True)
+class KohyaNames:
+    """How kohya-ss sd-scripts (and the SAI model spec) name a family in LoRA metadata."""
+
+    base_model_version: str                     # ss_base_model_version: "sd_v1", "sd_v2", "sdxl_base_v1-0"
+    architecture: str                           # modelspec.architecture of a LoRA
+    v_suffix: bool = True                       # v-prediction models append "_v" to the base version
+    architecture_v: str | None = None           # modelspec.architecture for v-prediction (None: the same)
+    v2: bool = False                            # ss_v2 (OpenCLIP-H text: SD2)
+    implementation: str = "diffusers"           # modelspec.implementation
+
+    def version(self, prediction: Prediction) -> str:
+        return self.base_model_version + ("_v" if self.v_suffix and prediction is Prediction.V else "")
+
+    def architecture_for(self, prediction: Prediction) -> str:
+        return self.architecture_v if prediction is Prediction.V and self.architecture_v else self.architecture
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    """One network of a family: its name, default config, the module built from a config, and where and how
+    its tensors sit in an original single file (prefix; key layout: "ldm" as stored, "hf", "openclip")."""
+
+    name: str                                   # "unet", "vae", or a text encoder's name
+    config: UNetConfig | VAEConfig | CLIPTextConfig
+    build: Callable[[Any], nn.Module]
+    prefix: str
+    layout: str
+
+
 @dataclass(frozen=True)
 class FamilySpec:
-    """A model family: SD1, SD2, SDXL and their inpainting / refiner variants."""
+    """A model family: SD1, SD2, SDXL and their inpainting / refiner variants, sdlab-tiny, or a plug-in."""
 
     name: str                                   # "sd1", "sd1-inpaint", "sd2", ..., "sdxl-refiner"
     description: str
@@ -84,6 +178,9 @@ class FamilySpec:
     prediction: Prediction                      # default when nothing says otherwise
     default_size: int                           # pixels, square
     diffusers_pipeline: str                     # model_index.json `_class_name`
+    signature: Signature
+    kohya: KohyaNames
+    conditioner: ConditionerSpec = field(default_factory=ConditionerSpec)
     schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
     default_size_v: int | None = None           # SD2: the v-prediction release is the 768 px model
     default_sampler: str = "dpmpp_2m"
@@ -91,6 +188,14 @@ class FamilySpec:
     default_cfg: float = 7.0                    # classifier-free guidance scale a request gets by default
     unet_prefix: str = UNET_PREFIX
     vae_prefix: str = VAE_PREFIX
+    unet_module: Callable[[UNetConfig], nn.Module] = UNet
+    vae_module: Callable[[VAEConfig], nn.Module] = AutoencoderKL
+    text_module: Callable[[CLIPTextConfig], nn.Module] = CLIPTextModel
+
+    def __post_init__(self) -> None:
+        if self.conditioner.added_vector != (self.unet.adm_in_channels is not None):
+            raise ValueError(f"FamilySpec {self.name}: the conditioner's added vector and the U-Net's "
+                             f"adm_in_channels ({self.unet.adm_in_channels}) disagree")
 
     @property
     def latent_scaling_factor(self) -> float:
@@ -103,16 +208,19 @@ class FamilySpec:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.unet.adm_in_channels is not None
+        """The U-Net takes an added vector (pooled text + size numbers), as SDXL's base, refiner and inpainting do."""
+        return self.conditioner.added_vector
 
     @property
     def is_refiner(self) -> bool:
-        """SDXL refiner: its added vector is the pooled text + 5 size embeddings (original size, crop corner,
-        aesthetic score), where the base has 6 (original size, crop corner, target size)."""
-        if not self.is_sdxl:
-            return False
-        pooled = self.text_encoders[-1].config.projection_dim or 0
-        return self.unet.adm_in_channels - pooled == 5 * SDXL_SIZE_EMBED_DIM
+        """SDXL refiner: its added vector carries an aesthetic score (original size, crop corner, aesthetic
+        score), where the base has original size, crop corner and target size."""
+        return "aesthetic_score" in self.conditioner.size_conds
+
+    @property
+    def text_towers(self) -> frozenset[str]:
+        """The checkpoint prefixes of its text encoders: what detection matches a file's text keys against."""
+        return frozenset(te.prefix for te in self.text_encoders)
 
     def size_for(self, prediction: Prediction) -> int:
         """Default image side in pixels for this family with the given prediction type."""
@@ -121,8 +229,27 @@ class FamilySpec:
         return self.default_size
 
     @property
+    def prediction_is_ambiguous(self) -> bool:
+        """Releases of this family differ in prediction type with nothing in the weights to tell (SD2 768-v vs
+        512 base): loading without a stated type falls back to the default and says so."""
+        return self.default_size_v is not None
+
+    @property
+    def components(self) -> tuple[ComponentSpec, ...]:
+        """Every network: "unet", "vae", then each text encoder by its name."""
+        return (
+            ComponentSpec("unet", self.unet, self.unet_module, self.unet_prefix, "ldm"),
+            ComponentSpec("vae", self.vae, self.vae_module, self.vae_prefix, "ldm"),
+            *(ComponentSpec(te.name, te.config, self.text_module, te.prefix, te.layout) for te in self.text_encoders),
+        )
+
+    def component(self, name: str) -> ComponentSpec:
+        for spec in self.components:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"family {self.name} has no component {name!r}")
+
+    @property
     def prefixes(self) -> dict[str, str]:
         """Component name -> checkpoint prefix: "unet", "vae", then each text encoder by its name."""
-        table = {"unet": self.unet_prefix, "vae": self.vae_prefix}
-        table.update({te.name: te.prefix for te in self.text_encoders})
-        return table
+        return {c.name: c.prefix for c in self.components}

@@ -43,7 +43,7 @@ class ModelBundle:
     unet_config: UNetConfig
     vae_config: VAEConfig
     source: str | None = None
-    report: Any = None                      # the `sdlab.checkpoints.load.LoadReport` it was loaded from, if any
+    report: Any = None                      # the `sdlab.checkpoints.plan.LoadReport` it was loaded from, if any
     native_size: int | None = None          # side it was trained at (metadata `modelspec.resolution`)
 
     @property

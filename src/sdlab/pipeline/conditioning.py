@@ -1,6 +1,7 @@
-"""Prompt -> U-Net conditioning for SD1, SD2 and SDXL, with AUTOMATIC1111's prompt semantics.
+"""Prompt -> U-Net conditioning, with AUTOMATIC1111's prompt semantics, as the family's conditioner says.
 
-One prompt becomes ``context`` (the cross-attention tokens) and, for SDXL, a pooled text vector:
+One prompt becomes ``context`` (the cross-attention tokens) and, for a family whose ``ConditionerSpec`` has
+a pooled output (SDXL), a pooled text vector:
 
 1. ``parse_weighted`` + ``chunk_tokens`` (``sdlab.pipeline.prompt_syntax``) turn the prompt into chunks of
    75 weighted token ids. This is done once: every CLIP tokenizer shares one vocabulary.
@@ -27,8 +28,10 @@ One prompt becomes ``context`` (the cross-attention tokens) and, for SDXL, a poo
    (768 + 1280 = 2048). The pooled vector is the last encoder's (bigG's) projected output of the FIRST
    chunk, as A1111 (``zs[0].pooled``).
 
-``make_cond`` builds the keyword arguments of the U-Net (``context``, and ``y`` for SDXL) for a prompt and
-its negative, padded to the same length and repeated to the batch size.
+``make_cond`` builds the keyword arguments of the U-Net (``context``, and the added vector ``y`` where the
+family's conditioner has one: pooled text + size numbers, SDXL) for a prompt and its negative, padded to the
+same length and repeated to the batch size. Nothing here names a family: what differs is in
+``FamilySpec.conditioner`` and each ``TextEncoderSpec.hidden_state``.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ __all__ = [
     "encode_captions",
     "encode_prompt",
     "encode_prompts",
+    "hidden_state_layers",
     "make_cond",
     "prompt_chunks",
     "sdxl_size_conds",
@@ -121,8 +125,9 @@ def _chunk_weights(chunks: Sequence[Chunk]) -> Tensor:
 # Hidden states
 
 
-def _layer_choice(encoder: TextEncoder, clip_skip: int) -> tuple[int, bool]:
-    """(number of layers to run, whether the final LayerNorm applies) for the encoder's hidden-state rule."""
+def hidden_state_layers(encoder: TextEncoder, clip_skip: int) -> tuple[int, bool]:
+    """(number of layers to run, whether the final LayerNorm applies) for the encoder's hidden-state rule and
+    A1111's clip skip; a ValueError when the clip skip leaves no layer."""
     if clip_skip < 1:
         raise ValueError(f"clip_skip must be >= 1 (A1111 numbering), got {clip_skip}")
     layers = encoder.model.cfg.layers
@@ -142,6 +147,9 @@ def _layer_choice(encoder: TextEncoder, clip_skip: int) -> tuple[int, bool]:
     return used, norm
 
 
+_layer_choice = hidden_state_layers   # the old private name, until pipeline/generate.py imports the new one
+
+
 def _encode_inputs(
     text_encoders: Sequence[TextEncoder],
     input_ids: Callable[[TextEncoder], Tensor],
@@ -151,7 +159,7 @@ def _encode_inputs(
     with_pooled: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Run every encoder on its inputs ``input_ids(encoder)`` (n, 77): hidden states by the encoder's rule
-    (``_layer_choice``), emphasis ``weights`` (n, 77) where a row is not all 1, features concatenated,
+    (``hidden_state_layers``), emphasis ``weights`` (n, 77) where a row is not all 1, features concatenated,
     (n, 77, D_1 + D_2 ...); and with ``with_pooled`` the last encoder's projected pooled output (n, P)."""
     if not text_encoders:
         raise ValueError("encoding a prompt needs at least one text encoder")
@@ -160,7 +168,7 @@ def _encode_inputs(
         model = encoder.model
         device = next(model.parameters()).device
         wants_pooled = with_pooled and i == len(text_encoders) - 1
-        used, norm = _layer_choice(encoder, clip_skip)
+        used, norm = hidden_state_layers(encoder, clip_skip)
         out = model(input_ids(encoder).to(device), num_layers=None if wants_pooled else used)
         hidden = out.hidden_states[used]                                          # (n, 77, D)
         if norm:
@@ -271,25 +279,31 @@ def sdxl_size_conds(
     target_size: tuple[int, int] | None = None,
     aesthetic_score: float = 6.0,
 ) -> Tensor:
-    """SDXL's micro-conditioning numbers, (1, K) float32, in diffusers' ``add_time_ids`` order.
+    """The size numbers of the family's added vector (``family.conditioner.size_conds``), (1, K) float32, in
+    diffusers' ``add_time_ids`` order.
 
-    Base: original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w), K = 6.
-    Refiner: original_size + crops_coords_top_left + (aesthetic_score,), K = 5.
+    SDXL base: original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w), K = 6.
+    SDXL refiner: original_size + crops_coords_top_left + (aesthetic_score,), K = 5.
     Sizes default to the image size (height, width), the crop corner to (0, 0).
     """
     image_size = None if width is None or height is None else (height, width)
-    original = original_size or image_size
-    if original is None:
-        raise ValueError("SDXL conditioning needs width and height (or original_size and target_size)")
-    values = [*original, *crops_coords_top_left]
-    if family.is_refiner:
-        values.append(aesthetic_score)
-    else:
-        target = target_size or image_size
-        if target is None:
-            raise ValueError("SDXL conditioning needs width and height (or target_size)")
-        values.extend(target)
-    return torch.tensor([values], dtype=torch.float32)                             # (1, K)
+    values: list[float] = []
+    for name in family.conditioner.size_conds:
+        if name == "original_size":
+            original = original_size or image_size
+            if original is None:
+                raise ValueError("SDXL conditioning needs width and height (or original_size and target_size)")
+            values.extend(original)
+        elif name == "crop_top_left":
+            values.extend(crops_coords_top_left)
+        elif name == "target_size":
+            target = target_size or image_size
+            if target is None:
+                raise ValueError("SDXL conditioning needs width and height (or target_size)")
+            values.extend(target)
+        else:                                                                      # "aesthetic_score"
+            values.append(aesthetic_score)
+    return torch.tensor([values], dtype=torch.float32).reshape(1, len(values))    # (1, K)
 
 
 def make_cond(
@@ -319,7 +333,7 @@ def make_cond(
 
     Positive and negative are padded to the same number of chunks with empty-prompt chunks (A1111's "pad
     prompt/negative prompt to be same length"). An empty negative prompt is encoded as "" for SD1/SD2; for
-    SDXL (``zero_empty_negative``, default: the family is SDXL) it becomes a zero context and a zero pooled
+    SDXL (``zero_empty_negative``, default: the family's ``conditioner.zero_empty_negative``) it becomes a zero context and a zero pooled
     vector (diffusers' ``force_zeros_for_empty_prompt``, A1111's ``force_zero_embeddings``); the size
     numbers stay, with ``negative_aesthetic_score`` for the refiner. Note that diffusers' refiner folder
     sets ``force_zeros_for_empty_prompt`` to false: pass ``zero_empty_negative=False`` to match it.
@@ -329,12 +343,14 @@ def make_cond(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    sdxl = family.is_sdxl
-    zero_empty = sdxl if zero_empty_negative is None else zero_empty_negative
+    conditioner = family.conditioner
+    zero_empty = conditioner.zero_empty_negative if zero_empty_negative is None else zero_empty_negative
     zero_negative = guidance and negative_prompt == "" and zero_empty
 
     prompts = [prompt] if zero_negative or not guidance else [prompt, negative_prompt]
-    embeddings = encode_prompts(encoders, prompts, clip_skip=clip_skip, emphasis=emphasis, with_pooled=sdxl)
+    embeddings = encode_prompts(
+        encoders, prompts, clip_skip=clip_skip, emphasis=emphasis, with_pooled=conditioner.pooled
+    )
     positive = embeddings[0]
     if not guidance:
         negative = None
@@ -346,14 +362,14 @@ def make_cond(
 
     def as_cond(embedding: PromptEmbedding, score: float) -> Conditioning:
         cond = {"context": embedding.context.repeat(batch_size, 1, 1)}            # (B, T, D)
-        if sdxl:
+        if conditioner.added_vector:
             sizes = sdxl_size_conds(
                 family, width=width, height=height, original_size=original_size,
                 crops_coords_top_left=crops_coords_top_left, target_size=target_size, aesthetic_score=score,
             ).to(embedding.pooled.device)                                         # (1, K)
             y = sdxl_vector(embedding.pooled, sizes)                               # (1, P + 256 K)
             if adm_width is not None and y.shape[1] != adm_width:
-                raise ValueError(f"SDXL vector is {y.shape[1]} wide but the U-Net takes {adm_width}")
+                raise ValueError(f"the added vector is {y.shape[1]} wide but the U-Net takes {adm_width}")
             cond["y"] = y.repeat(batch_size, 1)                                    # (B, adm)
         return cond
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sdlab.diffusion.denoiser import Prediction
-from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.families.base import FamilySpec, KohyaNames, Signature, TextEncoderSpec
 from sdlab.families.latent_format import SD_LATENTS
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNetConfig
@@ -56,6 +56,8 @@ SD1 = FamilySpec(
     prediction=Prediction.EPS,
     default_size=512,
     diffusers_pipeline="StableDiffusionPipeline",
+    signature=Signature(says="cond_stage_model.transformer.* (CLIP ViT-L)"),
+    kohya=KohyaNames(base_model_version="sd_v1", architecture="stable-diffusion-v1/lora"),
 )
 
 SD1_INPAINT = replace(
@@ -65,3 +67,6 @@ SD1_INPAINT = replace(
     unet=replace(SD1_UNET, in_channels=9),
     diffusers_pipeline="StableDiffusionInpaintPipeline",
 )
+
+RELEASED = "2022-08"
+FAMILIES = (SD1, SD1_INPAINT)

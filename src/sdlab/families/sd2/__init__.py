@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sdlab.diffusion.denoiser import Prediction
-from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.families.base import FamilySpec, KohyaNames, Signature, TextEncoderSpec
 from sdlab.families.latent_format import SD_LATENTS
 from sdlab.families.sd1 import SD_VAE
 from sdlab.models.clip import CLIPTextConfig
@@ -58,6 +58,11 @@ SD2 = FamilySpec(
     default_size=512,
     default_size_v=768,
     diffusers_pipeline="StableDiffusionPipeline",
+    signature=Signature(says="cond_stage_model.model.* (OpenCLIP ViT-H)"),
+    kohya=KohyaNames(
+        base_model_version="sd_v2", architecture="stable-diffusion-v2-512/lora",
+        architecture_v="stable-diffusion-v2-768-v/lora", v2=True,
+    ),
 )
 
 SD2_INPAINT = replace(
@@ -68,3 +73,6 @@ SD2_INPAINT = replace(
     default_size_v=None,
     diffusers_pipeline="StableDiffusionInpaintPipeline",
 )
+
+RELEASED = "2022-11"
+FAMILIES = (SD2, SD2_INPAINT)

@@ -23,7 +23,7 @@ projections (SD1: 1x1 convs) and an f=4 VAE (SD1: f=8). Widths decide nothing: a
 from __future__ import annotations
 
 from sdlab.diffusion.denoiser import Prediction
-from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.families.base import FamilySpec, KohyaNames, Signature, TextEncoderSpec
 from sdlab.families.latent_format import LatentFormat
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNetConfig
@@ -72,7 +72,17 @@ SDLAB_TINY = FamilySpec(
     prediction=Prediction.V,
     default_size=64,
     diffusers_pipeline="StableDiffusionPipeline",
+    signature=Signature(
+        says="cond_stage_model.transformer.* with Linear attention projections and an f=4 VAE (sdlab's own model)",
+        requires=(("linear_proj", True), ("vae_factor", TINY_VAE.downsample_factor)),
+        from_unet_alone=False,                  # only its metadata or its whole structure say sdlab-tiny
+        from_diffusers=False,
+    ),
+    kohya=KohyaNames(base_model_version="sd_v1", architecture="stable-diffusion-v1/lora"),
     default_sampler="dpmpp_2m",
     default_sigma_schedule="karras",
     default_cfg=5.0,                            # the CFG its evaluation and samples use
 )
+
+RELEASED = "2026"                                  # listed after the releases it follows
+FAMILIES = (SDLAB_TINY,)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from sdlab.diffusion.denoiser import Prediction
-from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.families.base import ConditionerSpec, FamilySpec, KohyaNames, Signature, TextEncoderSpec
 from sdlab.families.latent_format import SDXL_LATENTS
 from sdlab.families.sd1 import CLIP_L, SD_VAE
 from sdlab.models.clip import CLIPTextConfig
@@ -85,6 +85,14 @@ SDXL = FamilySpec(
     prediction=Prediction.EPS,
     default_size=1024,
     diffusers_pipeline="StableDiffusionXLPipeline",
+    signature=Signature(says="conditioner.embedders.0.transformer.* + conditioner.embedders.1.model.* (CLIP-L + OpenCLIP bigG)"),
+    kohya=KohyaNames(
+        base_model_version="sdxl_base_v1-0", architecture="stable-diffusion-xl-v1-base/lora", v_suffix=False,
+        implementation="https://github.com/Stability-AI/generative-models",
+    ),
+    conditioner=ConditionerSpec(
+        pooled=True, size_conds=("original_size", "crop_top_left", "target_size"), zero_empty_negative=True,
+    ),
 )
 
 SDXL_REFINER = replace(
@@ -94,6 +102,10 @@ SDXL_REFINER = replace(
     unet=SDXL_REFINER_UNET,
     text_encoders=(SDXL_REFINER_BIGG,),
     diffusers_pipeline="StableDiffusionXLImg2ImgPipeline",
+    signature=Signature(says="conditioner.embedders.0.model.* (OpenCLIP bigG alone)"),
+    conditioner=ConditionerSpec(
+        pooled=True, size_conds=("original_size", "crop_top_left", "aesthetic_score"), zero_empty_negative=True,
+    ),
 )
 
 SDXL_INPAINT = replace(
@@ -103,3 +115,6 @@ SDXL_INPAINT = replace(
     unet=replace(SDXL_UNET, in_channels=9),
     diffusers_pipeline="StableDiffusionXLInpaintPipeline",
 )
+
+RELEASED = "2023-07"
+FAMILIES = (SDXL, SDXL_REFINER, SDXL_INPAINT)

@@ -1,0 +1,85 @@
+"""What planning a checkpoint produces: a checked recipe (`CheckpointPlan`) and its report (`LoadReport`).
+
+`sdlab.checkpoints.load.plan_checkpoint` makes them from names, shapes and metadata alone; `materialize`
+turns a plan into a `ModelBundle`; `sdlab inspect` prints the report (`LoadReport.to_json`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdlab.checkpoints.components import ComponentConfig, ComponentSource
+from sdlab.checkpoints.file_format import config_to_json, native_size
+from sdlab.diffusion.denoiser import Prediction
+from sdlab.families import FamilySpec, TextEncoderSpec
+
+
+
+@dataclass(frozen=True)
+class ComponentReport:
+    """What `plan_checkpoint` found for one network."""
+
+    name: str
+    origin: str
+    config: ComponentConfig
+    num_keys: int                           # tensors loaded into the module (sdlab layout)
+    num_parameters: int
+    dtypes: tuple[str, ...]                 # dtypes stored in the file
+    ignored: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """Everything learned about a checkpoint without loading a weight."""
+
+    source: str
+    family: FamilySpec
+    family_source: str                      # "argument", "metadata", "detected", "model_index.json"
+    prediction: Prediction
+    prediction_source: str
+    scaling_factor: float
+    components: tuple[ComponentReport, ...]
+    ignored: tuple[str, ...]                # file keys outside every component, known to be unused
+    total_keys: int
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "family": self.family.name,
+            "family_source": self.family_source,
+            "prediction": self.prediction.value,
+            "prediction_source": self.prediction_source,
+            "scaling_factor": self.scaling_factor,
+            "default_size": native_size(self.metadata) or self.family.size_for(self.prediction),
+            "description": self.family.description,
+            "total_keys": self.total_keys,
+            "components": [
+                {
+                    "name": c.name,
+                    "origin": c.origin,
+                    "config": config_to_json(c.config),
+                    "keys": c.num_keys,
+                    "parameters": c.num_parameters,
+                    "dtypes": list(c.dtypes),
+                    "ignored_keys": list(c.ignored),
+                }
+                for c in self.components
+            ],
+            "ignored_keys": list(self.ignored),
+        }
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    """A checked recipe for building a bundle: one `ComponentSource` per network, plus the report."""
+
+    report: LoadReport
+    unet: ComponentSource
+    vae: ComponentSource
+    text_encoders: tuple[tuple[TextEncoderSpec, ComponentSource], ...]
+
+
+__all__ = ["CheckpointPlan", "ComponentReport", "LoadReport"]
