@@ -157,6 +157,11 @@ def run_grid(args: argparse.Namespace) -> int:
 
     pipe, model = _load_pipeline(args, None, loras)
     name, hash_ = _identify_model(model)
+    try:
+        for _, cell in cells:                                # the model's checks too (clip skip, memory)
+            pipe.resolve(GenerationRequest(**cell))
+    except RequestError as err:
+        raise UserError(str(err)) from None
     bar = None
     if not args.no_progress:
         from tqdm import tqdm

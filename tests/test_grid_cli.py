@@ -1,0 +1,132 @@
+"""`sdlab grid` with the shipped model (64 px, 2-4 steps): each cell is the picture `sdlab txt2img` draws with its
+settings, the sheet's size is the cells plus the label bands, Prompt S/R replaces, and bad axes fail before
+any work with one error line and nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_helpers import pixels, run
+from sdlab.pipeline.grid import font_size, grid_layout, title_height
+from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a red apple on a light blue background"
+
+
+def _txt2img(tmp_path: Path, capsys, name: str, *options: str) -> np.ndarray:
+    out = tmp_path / name
+    code, _, err = run(["txt2img", *options, "--no-progress", "--out", str(out)], capsys)
+    assert code == 0, err
+    return pixels(out)
+
+
+def test_cells_equal_single_txt2img_runs(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "grid.png"
+    cells = tmp_path / "cells"
+    code, stdout, err = run(["grid", PROMPT, "--x", "steps=2-3", "--y", "sampler=Euler,DPM++ 2M", "--seed", "7",
+                             "--cfg", "4", "--out", str(out), "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    assert stdout.strip() == str(out)
+    sheet = pixels(out)
+    x, y = ["Steps: 2", "Steps: 3"], ["Euler", "DPM++ 2M"]
+    layout = grid_layout((64, 64), 2, 2, x, y)
+    assert sheet.shape == (layout.top + 2 * 64, layout.left + 2 * 64, 3)
+    assert layout.top > 0 and layout.left > 0
+    for j, sampler in enumerate(["Euler", "DPM++ 2M"]):
+        for i, steps in enumerate(["2", "3"]):
+            want = _txt2img(tmp_path, capsys, f"single-{i}{j}.png", PROMPT, "--steps", steps, "--sampler", sampler,
+                            "--seed", "7", "--cfg", "4")
+            top, left = layout.top + 64 * j, layout.left + 64 * i
+            assert np.array_equal(sheet[top:top + 64, left:left + 64], want), (sampler, steps)
+            kept = cells / f"{2 * j + i:03d}-x{i}-y{j}-z0.png"
+            assert np.array_equal(pixels(kept), want)
+            assert parse_parameters(read_parameters(kept))["Steps"] == int(steps)
+    first = parse_parameters(read_parameters(out))
+    assert (first["Steps"], first["Sampler"], first["Seed"], first["CFG scale"]) == (2, "Euler", 7, 4.0)
+    assert first["Prompt"] == PROMPT
+
+
+def test_prompt_sr_and_z_axis(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "grid.png"
+    code, _, err = run(["grid", PROMPT, "--x", "prompt_sr=apple,star", "--z", "seed=1,2", "--steps", "2",
+                        "--out", str(out), "--keep-cells", str(tmp_path / "c"), "--no-progress"], capsys)
+    assert code == 0, err
+    star = tmp_path / "c" / "001-x1-y0-z0.png"
+    recorded = parse_parameters(read_parameters(star))
+    assert recorded["Prompt"] == "a red star on a light blue background" and recorded["Seed"] == 1
+    want = _txt2img(tmp_path, capsys, "star.png", "a red star on a light blue background", "--steps", "2", "--seed", "2")
+    assert np.array_equal(pixels(tmp_path / "c" / "003-x1-y0-z1.png"), want)
+    sub = grid_layout((64, 64), 2, 1, ["apple", "star"], [""])
+    band = title_height(sub.size[0], "Seed: 2", font_size(64, 64))
+    sheet = pixels(out)
+    assert sheet.shape[:2] == (2 * (band + sub.size[1]), sub.size[0])
+    top = band + sub.size[1] + band + sub.top                       # the second sub-grid's cells
+    assert np.array_equal(sheet[top:top + 64, 64:128], want)
+
+
+def test_one_random_seed_serves_every_cell(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "g.png"
+    code, _, err = run(["grid", PROMPT, "--x", "cfg=3,5", "--steps", "2", "--out", str(out),
+                        "--keep-cells", str(tmp_path / "c"), "--no-progress"], capsys)
+    assert code == 0, err
+    seeds = {parse_parameters(read_parameters(p))["Seed"] for p in (tmp_path / "c").iterdir()}
+    assert len(seeds) == 1
+
+
+@pytest.mark.parametrize("axis,match", [
+    ("color=1,2", "unknown grid field"),
+    ("steps=1-5 (+0)", "step of 0"),
+    ("steps=1-x", "not an integer or a range"),
+    ("sampler=Euler,Eulr", "unknown sampler 'Eulr'"),
+    ("seed=1-300", "at most 256"),
+    ("prompt_sr=pear,plum", "did not find 'pear'"),
+    ("denoise=0.3,0.5", "needs --init"),
+    ("width=64,4", "width must be an integer in 8..8192"),
+])
+def test_bad_axes_fail_before_any_work(tmp_path: Path, capsys, axis: str, match: str) -> None:
+    out = tmp_path / "grid.png"
+    code, stdout, err = run(["grid", PROMPT, "--x", axis, "--y", "steps=2,3", "--steps", "2", "--model",
+                             str(tmp_path / "not-loaded.safetensors"), "--out", str(out), "--no-progress"], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdlab: error:") and match in lines[0], err
+    assert list(tmp_path.iterdir()) == []                      # the (missing) model was never opened
+
+
+def test_too_many_cells_across_axes(tmp_path: Path, capsys) -> None:
+    code, _, err = run(["grid", PROMPT, "--x", "seed=1-20", "--y", "steps=1-13", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "260 cells" in err
+    code, _, err = run(["grid", PROMPT, "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "at least one axis" in err
+
+
+def test_img2img_grid_over_denoise(tmp_path: Path, capsys) -> None:
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(init)
+    out = tmp_path / "g.png"
+    code, _, err = run(["grid", PROMPT, "--init", str(init), "--x", "denoise=0.5,1", "--steps", "3", "--seed", "5",
+                        "--out", str(out), "--keep-cells", str(tmp_path / "c"), "--no-progress"], capsys)
+    assert code == 0, err
+    single = tmp_path / "single.png"
+    code, _, err = run(["img2img", PROMPT, "--init", str(init), "--strength", "0.5", "--steps", "3", "--seed", "5",
+                        "--no-progress", "--out", str(single)], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(tmp_path / "c" / "000-x0-y0-z0.png"), pixels(single))
+    assert parse_parameters(read_parameters(out))["Denoising strength"] == 0.5
+
+
+def test_model_checks_run_before_the_first_cell(tmp_path: Path, capsys, monkeypatch) -> None:
+    import sdlab.api
+
+    drawn = []
+    monkeypatch.setattr(sdlab.api.Pipeline, "run", lambda self, request, **kw: drawn.append(request))
+    out = tmp_path / "g.png"
+    code, _, err = run(["grid", PROMPT, "--x", "clip_skip=1,40", "--steps", "2", "--out", str(out), "--no-progress"], capsys)
+    assert code == 2 and "clip skip" in err.lower() and err.count("sdlab: error:") == 1, err
+    assert drawn == [] and list(tmp_path.iterdir()) == []
