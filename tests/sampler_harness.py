@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from sdlab.diffusion.denoiser import Denoiser
+from sdlab.diffusion.model_sampling import DiscreteModelSampling
 from sdlab.diffusion.noise import NoiseSource, generators_for, initial_noise, per_image_noise
 from sdlab.diffusion.schedules import NoiseSchedule
 
@@ -130,7 +131,7 @@ def sdlab_model(unet, ctx: Tensor, prediction: str):
     def net(x_in: Tensor, t: Tensor, *, context: Tensor) -> Tensor:
         return unet(x_in, t, encoder_hidden_states=context).sample
 
-    denoiser = Denoiser(net, sd_schedule(), prediction)
+    denoiser = Denoiser(net, DiscreteModelSampling(sd_schedule(), prediction))
     return lambda x, sigma: denoiser(x, sigma, context=ctx)
 
 

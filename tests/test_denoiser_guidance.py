@@ -11,7 +11,8 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from diffusers.utils.torch_utils import randn_tensor
 
-from sdlab.diffusion.denoiser import Denoiser, Prediction
+from sdlab.diffusion.denoiser import Denoiser
+from sdlab.diffusion.model_sampling import DiscreteModelSampling, Prediction
 from sdlab.diffusion.guidance import blend_known, cfg, masked
 from sdlab.diffusion.noise import generators_for, initial_noise, per_image_noise
 from sdlab.diffusion.schedules import NoiseSchedule
@@ -62,7 +63,7 @@ def test_prediction_parse_accepts_diffusers_names():
 @pytest.mark.parametrize("prediction", list(Prediction))
 def test_denoiser_matches_hand_computation(prediction, schedule):
     net = RecordingNet()
-    denoiser = Denoiser(net, schedule, prediction)
+    denoiser = Denoiser(net, DiscreteModelSampling(schedule, prediction))
     x = _x()
     sigma = torch.tensor([14.6, 0.37])
     context = torch.randn(2, 7, 3)
@@ -89,7 +90,7 @@ def test_denoiser_matches_diffusers_euler(prediction_type, schedule):
     ref.set_timesteps(10)
     output = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(3))
     net = RecordingNet()
-    denoiser = Denoiser(lambda x_in, t, **c: net(x_in, t, **c) * 0 + output, schedule, prediction_type)
+    denoiser = Denoiser(lambda x_in, t, **c: net(x_in, t, **c) * 0 + output, DiscreteModelSampling(schedule, prediction_type))
     worst = 0.0
     for i in (0, 4, 9):
         ref._step_index = None
@@ -113,7 +114,7 @@ def test_denoiser_matches_diffusers_ddim_in_vp_scaling(prediction_type, schedule
     ref = DDIMScheduler(**SD, prediction_type=prediction_type, set_alpha_to_one=False, clip_sample=False)
     ref.set_timesteps(20)
     output = torch.randn(2, 4, 6, 5, generator=torch.Generator().manual_seed(4))
-    denoiser = Denoiser(lambda x_in, t, **c: output, schedule, prediction_type)
+    denoiser = Denoiser(lambda x_in, t, **c: output, DiscreteModelSampling(schedule, prediction_type))
     for t in ref.timesteps[[0, 7, 19]]:
         ac = ref.alphas_cumprod[t]
         x_vp = _x(seed=int(t))
@@ -125,7 +126,7 @@ def test_denoiser_matches_diffusers_ddim_in_vp_scaling(prediction_type, schedule
 
 def test_denoiser_concat_channels_and_scalar_sigma(schedule):
     net = RecordingNet()
-    denoiser = Denoiser(net, schedule, "eps")
+    denoiser = Denoiser(net, DiscreteModelSampling(schedule, "eps"))
     x = _x()
     concat = torch.randn(2, 5, 6, 5)  # mask (1) + masked-image latent (4)
     denoiser(x, 2.0, concat=concat)
@@ -149,7 +150,7 @@ def test_denoiser_feeds_the_net_its_dtype_and_returns_x_dtype(schedule):
             return x_in * self.w
 
     net = HalfNet()
-    x0 = Denoiser(net, schedule, "v")(_x(), torch.tensor([1.0, 3.0]), context=torch.randn(2, 3, 4))
+    x0 = Denoiser(net, DiscreteModelSampling(schedule, "v"))(_x(), torch.tensor([1.0, 3.0]), context=torch.randn(2, 3, 4))
     assert net.seen == dict(x=torch.bfloat16, t=torch.float32, context=torch.bfloat16)
     assert x0.dtype == torch.float32
 
@@ -165,7 +166,7 @@ def _conds(batch=2, tokens_u=7):
 @pytest.mark.parametrize("prediction", ["eps", "v"])
 def test_cfg_batched_equals_two_calls(prediction, schedule):
     net = RecordingNet()
-    denoiser = Denoiser(net, schedule, prediction)
+    denoiser = Denoiser(net, DiscreteModelSampling(schedule, prediction))
     cond, uncond = _conds()
     x, sigma = _x(), torch.tensor([5.0, 0.5])
     guided = cfg(denoiser, cond, uncond, 7.5)(x, sigma)
@@ -179,7 +180,7 @@ def test_cfg_runs_two_passes_when_conds_do_not_batch(schedule):
     net = RecordingNet()
     cond, uncond = _conds(tokens_u=14)  # a longer negative prompt
     x, sigma = _x(), torch.tensor([5.0, 0.5])
-    denoiser = Denoiser(net, schedule, "eps")
+    denoiser = Denoiser(net, DiscreteModelSampling(schedule, "eps"))
     guided = cfg(denoiser, cond, uncond, 3.0)(x, sigma)
     assert len(net.calls) == 2
     x0_c, x0_u = denoiser(x, sigma, **cond), denoiser(x, sigma, **uncond)
@@ -191,23 +192,23 @@ def test_cfg_single_pass_when_scale_is_one_or_no_uncond(schedule):
     x, sigma = _x(), torch.tensor([5.0, 0.5])
     for scale, neg in ((1.0, uncond), (7.0, None)):
         net = RecordingNet()
-        out = cfg(Denoiser(net, schedule, "eps"), cond, neg, scale)(x, sigma)
+        out = cfg(Denoiser(net, DiscreteModelSampling(schedule, "eps")), cond, neg, scale)(x, sigma)
         assert len(net.calls) == 1 and net.calls[0]["x_in"].shape[0] == 2
-        torch.testing.assert_close(out, Denoiser(RecordingNet(), schedule, "eps")(x, sigma, **cond))
+        torch.testing.assert_close(out, Denoiser(RecordingNet(), DiscreteModelSampling(schedule, "eps"))(x, sigma, **cond))
 
 
 @pytest.mark.parametrize("scale", [math.inf, -math.inf, math.nan])
 def test_cfg_rejects_non_finite_scale(scale, schedule):
     cond, uncond = _conds()
     with pytest.raises(ValueError, match="finite"):
-        cfg(Denoiser(RecordingNet(), schedule, "eps"), cond, uncond, scale)
+        cfg(Denoiser(RecordingNet(), DiscreteModelSampling(schedule, "eps")), cond, uncond, scale)
 
 
 def test_cfg_rejects_mismatched_keys(schedule):
     cond, uncond = _conds()
     del uncond["y"]
     with pytest.raises(ValueError, match="same keys"):
-        cfg(Denoiser(RecordingNet(), schedule, "eps"), cond, uncond, 5.0)
+        cfg(Denoiser(RecordingNet(), DiscreteModelSampling(schedule, "eps")), cond, uncond, 5.0)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -216,7 +217,7 @@ def test_cfg_rescale_matches_diffusers_pipeline(prediction_type, rescale, schedu
     """diffusers' SD pipeline: noise_pred = u + s (c - u); rescale_noise_cfg(noise_pred, c, phi) on the
     raw U-Net output (eps or v), then the scheduler converts to x0."""
     net = RecordingNet()
-    denoiser = Denoiser(net, schedule, prediction_type)
+    denoiser = Denoiser(net, DiscreteModelSampling(schedule, prediction_type))
     cond, uncond = _conds()
     ref = EulerDiscreteScheduler(**SD, prediction_type=prediction_type, timestep_spacing="trailing")
     ref.set_timesteps(8)
@@ -238,7 +239,7 @@ def test_cfg_rescale_matches_diffusers_pipeline(prediction_type, rescale, schedu
 def test_cfg_rescale_space_changes_result(schedule):
     cond, uncond = _conds()
     x, sigma = _x(), torch.tensor([2.0, 2.0])
-    denoiser = Denoiser(RecordingNet(), schedule, "eps")
+    denoiser = Denoiser(RecordingNet(), DiscreteModelSampling(schedule, "eps"))
     a = cfg(denoiser, cond, uncond, 6.0, 0.7)(x, sigma)
     b = cfg(denoiser, cond, uncond, 6.0, 0.7, rescale_space="x0")(x, sigma)
     assert not torch.allclose(a, b)
@@ -249,7 +250,7 @@ def test_cfg_rescale_space_changes_result(schedule):
 # -- inpaint masking --------------------------------------------------------------------------
 def test_masked_blends_input_and_pastes_known_output(schedule):
     net = RecordingNet()
-    inner = Denoiser(net, schedule, "eps")
+    inner = Denoiser(net, DiscreteModelSampling(schedule, "eps"))
     x0_known, noise = _x(seed=20), _x(seed=21) / 3
     mask = torch.zeros(1, 1, 6, 5)
     mask[..., 2:5, 1:4] = 1.0  # generate here
@@ -267,7 +268,7 @@ def test_masked_blends_input_and_pastes_known_output(schedule):
 def test_masked_euler_step_reproduces_diffusers_blend(schedule):
     """One Euler step with the masked denoiser leaves the known region at x0 + noise * sigma_next,
     which is what diffusers' inpaint pipeline writes there after each step."""
-    inner = Denoiser(RecordingNet(), schedule, "eps")
+    inner = Denoiser(RecordingNet(), DiscreteModelSampling(schedule, "eps"))
     x0_known, noise = _x(seed=30), _x(seed=31) / 3
     mask = (torch.rand(1, 1, 6, 5, generator=torch.Generator().manual_seed(2)) > 0.5).float()
     sigma, sigma_next = torch.tensor([4.0, 4.0]), 2.5

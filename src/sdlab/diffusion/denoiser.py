@@ -1,30 +1,27 @@
 """The boundary between networks and diffusion math: ``denoise(x, sigma, **cond) -> x0``.
 
-A sampler sees only a ``DenoiseFn``: it passes the noisy sample in VE scaling (``x = x0 + sigma*eps``)
-and a per-image sigma, and gets back the denoised estimate of x0. ``Denoiser`` turns any discrete-time
-network ``net(x_in, t, **cond) -> output`` into such a function with the preconditioning of Karras et
-al. 2022 (k-diffusion ``DiscreteEpsDDPMDenoiser`` / ``VDenoiser``, sigma_data = 1):
+A sampler sees only a ``DenoiseFn``: it passes the noisy sample (VE scaling ``x = x0 + sigma*eps`` for
+discrete models) and a per-image sigma, and gets back the denoised estimate of x0. ``Denoiser`` turns any
+network ``net(x_in, t, **cond) -> output`` into such a function through the model's ``ModelSampling``
+(``sdlab.diffusion.model_sampling``; for discrete models the preconditioning of Karras et al. 2022,
+k-diffusion ``DiscreteEpsDDPMDenoiser`` / ``VDenoiser``):
 
-    x_in = c_in * x,  c_in = 1 / sqrt(sigma^2 + 1)   (the VP sample the net was trained on)
-    t    = schedule.sigma_to_t(sigma)
+    c_skip, c_out, c_in = sampling.scalings(sigma)
+    x_in = c_in * x                  (discrete: the VP sample the net was trained on)
+    t    = sampling.sigma_to_t(sigma)
     x0   = c_skip * x + c_out * net(x_in, t)
-
-    prediction   c_skip             c_out
-    eps          1                  -sigma
-    v            1 / (sigma^2 + 1)  -sigma / sqrt(sigma^2 + 1)
-    x0           0                  1
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from sdlab.diffusion.schedules import NoiseSchedule
+from sdlab.diffusion.model_sampling import ModelSampling
+from sdlab.diffusion.prediction import Prediction, prediction_scalings
 
 __all__ = ["DenoiseFn", "Denoiser", "Prediction", "prediction_scalings"]
 
@@ -33,48 +30,6 @@ class DenoiseFn(Protocol):
     """What samplers consume: ``(x (B,C,h,w), sigma (B,)) -> denoised x0 (B,C,h,w)``."""
 
     def __call__(self, x: Tensor, sigma: Tensor, **cond: Any) -> Tensor: ...
-
-
-class Prediction(str, Enum):
-    """What the network outputs."""
-
-    EPS = "eps"
-    V = "v"
-    X0 = "x0"
-
-    @classmethod
-    def parse(cls, name: str | Prediction) -> Prediction:
-        """Accept sdlab names and diffusers' ``prediction_type`` names ("epsilon", "v_prediction", "sample")."""
-        if isinstance(name, Prediction):
-            return name
-        key = str(name).strip().lower()
-        found = _PREDICTION_ALIASES.get(key)
-        if found is None:
-            valid = ", ".join(sorted(_PREDICTION_ALIASES))
-            raise ValueError(f"unknown prediction type {name!r}; expected one of {valid}")
-        return found
-
-
-_PREDICTION_ALIASES = {
-    "eps": Prediction.EPS,
-    "epsilon": Prediction.EPS,
-    "v": Prediction.V,
-    "v_prediction": Prediction.V,
-    "x0": Prediction.X0,
-    "sample": Prediction.X0,
-}
-
-
-def prediction_scalings(prediction: Prediction, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(c_skip, c_out, c_in) for VE-scaled x with sigma_data = 1; same shape and dtype as sigma."""
-    c_in = (sigma**2 + 1) ** -0.5
-    if prediction is Prediction.EPS:
-        return torch.ones_like(sigma), -sigma, c_in
-    if prediction is Prediction.V:
-        return 1 / (sigma**2 + 1), -sigma * c_in, c_in
-    if prediction is Prediction.X0:
-        return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
-    raise ValueError(f"unhandled prediction {prediction!r}")
 
 
 def _as_batch_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> Tensor:
@@ -89,7 +44,7 @@ def _as_batch_sigma(sigma: Tensor | float, batch: int, device: torch.device) -> 
 
 
 class Denoiser:
-    """Wrap ``net(x_in, t, **cond) -> output`` as a ``DenoiseFn`` for a discrete schedule.
+    """Wrap ``net(x_in, t, **cond) -> output`` as a ``DenoiseFn`` through the model's ``sampling``.
 
     ``net`` is any callable (a U-Net with ``(x, t, context, y)``, a test lambda); the denoiser never
     looks inside it. ``cond`` is forwarded by keyword, except ``concat`` (B, k, h, w): extra input
@@ -105,28 +60,27 @@ class Denoiser:
     def __init__(
         self,
         net: Callable[..., Tensor],
-        schedule: NoiseSchedule,
-        prediction: Prediction | str,
+        sampling: ModelSampling,
         *,
         dtype: torch.dtype | None = None,
         quantize: bool = False,
     ) -> None:
+        """``quantize``: round the net's time input to a training timestep (diffusers' DPM-Solver)."""
         self.net = net
-        self.schedule = schedule
-        self.prediction = Prediction.parse(prediction)
+        self.sampling = sampling
         self.dtype = dtype
         self.quantize = quantize
 
     @property
     def sigma_min(self) -> float:
-        return self.schedule.sigma_min
+        return self.sampling.sigma_min
 
     @property
     def sigma_max(self) -> float:
-        return self.schedule.sigma_max
+        return self.sampling.sigma_max
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        return self.schedule.sigma_to_t(sigma, quantize=self.quantize)
+        return self.sampling.sigma_to_t(sigma, quantize=self.quantize)
 
     def _net_dtype(self, x: Tensor) -> torch.dtype:
         if self.dtype is not None:
@@ -141,7 +95,7 @@ class Denoiser:
     def __call__(self, x: Tensor, sigma: Tensor | float, **cond: Any) -> Tensor:
         net_dtype = self._net_dtype(x)
         sigma_b = _as_batch_sigma(sigma, x.shape[0], x.device)  # (B,)
-        c_skip, c_out, c_in = (c.view(-1, *([1] * (x.ndim - 1))) for c in prediction_scalings(self.prediction, sigma_b))
+        c_skip, c_out, c_in = (c.view(-1, *([1] * (x.ndim - 1))) for c in self.sampling.scalings(sigma_b))
         t = self.sigma_to_t(sigma_b).to(torch.float32)  # (B,)
 
         x32 = x.to(torch.float32)

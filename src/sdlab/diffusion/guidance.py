@@ -8,7 +8,7 @@ Both only see ``denoise(x, sigma, **cond) -> x0``.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -17,6 +17,9 @@ from torch import Tensor
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
 __all__ = ["blend_known", "cfg", "masked", "rescale_guidance"]
+
+NoiseScaling = Callable[..., Tensor]
+"""``(sigma, noise, latent) -> latent noised to sigma``: the model's forward process (``ModelSampling.noise_scaling``)."""
 
 
 def _batch_view(values: Tensor, like: Tensor) -> Tensor:
@@ -72,9 +75,9 @@ def cfg(
     cannot be concatenated (different token lengths) they run as two passes. With ``scale == 1`` or
     ``uncond is None`` only the conditional pass runs.
 
-    ``rescale`` (phi) applies guidance rescale in the space of ``rescale_space``: default the wrapped
-    denoiser's ``prediction`` attribute (eps when it has none), i.e. on the network's own output as
-    diffusers' ``rescale_noise_cfg`` does. The std ratio is not affine-invariant, so the space matters:
+    ``rescale`` (phi) applies guidance rescale in the space of ``rescale_space``: by default the wrapped
+    denoiser's own (the scalings of its ``sampling``; eps when it has none), i.e. on the network's own
+    output as diffusers' ``rescale_noise_cfg`` does. The std ratio is not affine-invariant, so the space matters:
     in the space where the network output is y, x0 = c_skip * x + c_out * y, so with d = x0 - c_skip * x
     the rescale multiplies d by ``phi * std(d_c) / std(d_cfg) + 1 - phi`` (c_out cancels in the ratio).
     """
@@ -83,9 +86,12 @@ def cfg(
         raise ValueError(f"guidance scale must be finite, got {scale}")
     if not (math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
         raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
-    if rescale_space is None:
-        rescale_space = getattr(denoiser, "prediction", Prediction.EPS)
-    space = Prediction.parse(rescale_space)
+    sampling = getattr(denoiser, "sampling", None)
+    if rescale_space is not None or sampling is None:
+        space = Prediction.parse(rescale_space or Prediction.EPS)
+        scalings = lambda sigma: prediction_scalings(space, sigma)  # noqa: E731
+    else:
+        scalings = sampling.scalings
     cond = dict(cond)
     run_uncond = uncond is not None and scale != 1.0
     batched = _cat_conds(uncond, cond) if run_uncond else None
@@ -103,26 +109,39 @@ def cfg(
         x0 = x0_u + scale * (x0_c - x0_u)  # (B, C, h, w)
         if rescale == 0.0:
             return x0
-        c_skip = _batch_view(prediction_scalings(space, sigma_b.to(torch.float32))[0], x)  # (B, 1, 1, 1)
+        c_skip = _batch_view(scalings(sigma_b.to(torch.float32))[0], x)  # (B, 1, 1, 1)
         base = (c_skip * x.to(torch.float32)).to(x0.dtype)
         return base + rescale_guidance(x0 - base, x0_c - base, rescale)
 
     return guided
 
 
-def blend_known(x: Tensor, sigma: Tensor | float, x0_known: Tensor, mask: Tensor, noise: Tensor) -> Tensor:
-    """Replace the known region of x by the known image noised to ``sigma`` (VE: x0 + sigma * noise).
+def blend_known(
+    x: Tensor,
+    sigma: Tensor | float,
+    x0_known: Tensor,
+    mask: Tensor,
+    noise: Tensor,
+    noise_scaling: NoiseScaling | None = None,
+) -> Tensor:
+    """Replace the known region of x by the known image noised to ``sigma`` (``noise_scaling(sigma, noise,
+    x0_known)``, by default VE: x0 + sigma * noise).
 
     ``mask`` is 1 where the model generates and 0 where ``x0_known`` is kept (diffusers' and ComfyUI's
     convention), broadcastable to x. This is diffusers' ``(1 - mask) * add_noise(init, noise, t) +
     mask * latents`` written in VE scaling.
     """
     sigma_v = _batch_view(torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1), x)
-    noised = x0_known + noise * sigma_v  # (B, C, h, w)
+    if noise_scaling is None:
+        noised = x0_known + noise * sigma_v  # (B, C, h, w)
+    else:
+        noised = noise_scaling(sigma_v.reshape(-1), noise, x0_known)  # (B, C, h, w)
     return mask * x + (1 - mask) * noised
 
 
-def masked(inner: DenoiseFn, x0_known: Tensor, mask: Tensor, noise: Tensor) -> DenoiseFn:
+def masked(
+    inner: DenoiseFn, x0_known: Tensor, mask: Tensor, noise: Tensor, noise_scaling: NoiseScaling | None = None
+) -> DenoiseFn:
     """Inpainting with an ordinary 4-channel model (latent blend), as a denoiser wrapper.
 
     Before every model call the known region of x is replaced by ``x0_known`` noised to the current
@@ -135,10 +154,11 @@ def masked(inner: DenoiseFn, x0_known: Tensor, mask: Tensor, noise: Tensor) -> D
     any per-pixel sampler, and with the known x0 pasted, a first-order or multistep step leaves the
     known region at x0_known + noise * sigma_next, which is diffusers' blend. The one difference is
     the first call: diffusers feeds its initial latents unblended; ``masked`` blends them.
+    ``noise_scaling`` is the model's forward process (``ModelSampling.noise_scaling``; default VE).
     """
 
     def inpaint(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        x0 = inner(blend_known(x, sigma, x0_known, mask, noise), sigma, **cond)  # (B, C, h, w)
+        x0 = inner(blend_known(x, sigma, x0_known, mask, noise, noise_scaling), sigma, **cond)  # (B, C, h, w)
         return mask * x0 + (1 - mask) * x0_known
 
     return inpaint

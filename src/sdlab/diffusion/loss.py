@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from sdlab.diffusion.denoiser import Prediction
+from sdlab.diffusion.prediction import Prediction
 
 __all__ = [
     "min_snr_weights",

@@ -58,12 +58,13 @@ from sdlab.diffusion.discretization import (
     initial_noise_sigma,
 )
 from sdlab.diffusion.guidance import cfg, masked
+from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise
 from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
 from sdlab.diffusion.sampling_ldm import to_ddpm_latent
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.diffusion.steps import StepInfo
-from sdlab.pipeline.conditioning import _layer_choice, make_cond
+from sdlab.pipeline.conditioning import hidden_state_layers, make_cond
 from sdlab.pipeline.images import (
     latent_mask,
     masked_image,
@@ -118,11 +119,16 @@ def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRe
     )
     for encoder in bundle.text_encoders:
         try:
-            _layer_choice(encoder, req.clip_skip)
+            hidden_state_layers(encoder, req.clip_skip)
         except ValueError as err:
             raise RequestError(f"clip skip {req.clip_skip} is too large for this model: {err}") from None
     check_memory(bundle, req)
     return req
+
+
+def model_sampling(bundle: ModelBundle) -> ModelSampling:
+    """The bundle's noise parameterisation: its family's training schedule with its prediction type."""
+    return DiscreteModelSampling(bundle.family.schedule.build(), bundle.prediction)
 
 
 def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None:
@@ -335,7 +341,7 @@ def _guided_model(
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
     )
-    denoiser = Denoiser(bundle.unet, bundle.family.schedule.build(), bundle.prediction, quantize=req.quantize_timesteps)
+    denoiser = Denoiser(bundle.unet, model_sampling(bundle), quantize=req.quantize_timesteps)
     if bundle.family.is_inpaint:
         pixels, mask = start.pixels, start.mask
         if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
