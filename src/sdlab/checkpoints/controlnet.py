@@ -254,11 +254,12 @@ def load_controlnet(
     path: str | os.PathLike[str],
     *,
     like: UNetConfig | None = None,
+    like_family: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> LoadedControlNet:
     """Read a ControlNet file or diffusers folder (module docstring); `like` is the config of the U-Net it
-    will run with (its conventions, and a compatibility check). Raises `CheckpointError` with one line."""
+    will run with (its conventions, and a compatibility check naming it `like_family`). Raises `CheckpointError` with one line."""
     path = Path(path)
     state, config_json = _read(path)
     bgr = pool = False
@@ -274,7 +275,7 @@ def load_controlnet(
         layout, (_, diffusers_names) = "diffusers", found
         diffusers_shapes = {local: shapes[key] for local, key in diffusers_names.items()}
         if like is not None:
-            _check_fits(str(path), _signature(diffusers_shapes), like)
+            _check_fits(str(path), _signature(diffusers_shapes), like, like_family)
         conventions = declared or _conventions(diffusers_shapes, like)
         renamed = _diffusers_to_original(diffusers_shapes, conventions, path)
         names = {new: diffusers_names[old] for new, old in renamed.items()}
@@ -282,7 +283,7 @@ def load_controlnet(
     else:
         raise _not_a_controlnet(path, list(state))
     if like is not None and layout == "original":
-        _check_fits(str(path), _signature(local_shapes), like)
+        _check_fits(str(path), _signature(local_shapes), like, like_family)
 
     conventions = _conventions(local_shapes, like) if declared is None else replace(
         declared, upcast_attention=like.upcast_attention if like is not None else declared.upcast_attention

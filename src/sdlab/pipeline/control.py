@@ -1,0 +1,225 @@
+"""Applying ControlNets while sampling: the request's `ControlInput`s, hint images, and the U-Net wrapper.
+
+Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetModel`):
+
+- the hint image is converted to RGB, resized to the output size with Lanczos and scaled to [0, 1];
+- with classifier-free guidance the hint conditions both the conditional and the unconditional half
+  (diffusers' default `guess_mode=False`; also A1111's "Balanced" control mode);
+- each ControlNet's residuals are multiplied by its strength; several ControlNets are summed;
+- a ControlNet runs only on the steps i (0-based, of N sampler steps) with i / N >= start and
+  (i + 1) / N <= end (`control_guidance_start` / `control_guidance_end`). N counts the steps actually run,
+  so img2img counts from its first noised step, as diffusers' img2img ControlNet pipeline does. Model calls
+  inside a step (second-order samplers) belong to that step.
+
+The seam with the generate loop is two wrappers around the callables it already has:
+
+    net = controlled_unet(bundle.unet, prepare_controls(bundle, controls, width, height))
+    denoiser = tag_steps(Denoiser(net, ...), sigmas)    # passes control_step=(i, N) down to `net`
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sdlab.checkpoints.controlnet import LoadedControlNet, legacy_hash, load_controlnet
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.diffusion.denoiser import DenoiseFn
+from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess
+from sdlab.pipeline.request import RequestError, input_image
+
+MAX_STRENGTH = 10.0      # diffusers accepts any scale; A1111's slider stops at 2
+
+
+@dataclass(frozen=True)
+class ControlInput:
+    """One ControlNet of a request: the network (a file, folder or loaded ControlNet), its hint image (a path
+    or PIL image), how strongly and on which fraction of the steps it acts, and an optional preprocessor
+    (`module`: "none", "canny", "scribble", "lineart", "tile"; A1111's Module) applied to the image first."""
+
+    model: LoadedControlNet | str | os.PathLike[str]
+    image: Image.Image | str | os.PathLike[str]
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    module: str = "none"
+
+    @property
+    def model_path(self) -> str:
+        return self.model.origin if isinstance(self.model, LoadedControlNet) else os.fspath(self.model)
+
+
+def control_input(value: Any) -> ControlInput:
+    """A `ControlInput`, or a record (path, image[, strength[, start, end]]) turned into one."""
+    if isinstance(value, ControlInput):
+        return value
+    if isinstance(value, (tuple, list)) and 2 <= len(value) <= 6:
+        return ControlInput(*value)
+    raise RequestError(f"a control must be a ControlInput or (file, image[, strength[, start, end]]), got {value!r}")
+
+
+def check_control(control: ControlInput, index: int = 0) -> ControlInput:
+    """The control's numbers and preprocessor checked; a `RequestError` names what is wrong."""
+    name = f"control {index}"
+    for what, value in (("strength", control.strength), ("start", control.start), ("end", control.end)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RequestError(f"{name}: {what} must be a finite number, got {value!r}")
+    if not 0.0 <= control.strength <= MAX_STRENGTH:
+        raise RequestError(f"{name}: strength must lie in [0, {MAX_STRENGTH:g}], got {control.strength}")
+    if not 0.0 <= control.start < control.end <= 1.0:
+        raise RequestError(f"{name}: need 0 <= start < end <= 1, got start {control.start}, end {control.end}")
+    if control.module not in PREPROCESSORS:
+        raise RequestError(f"{name}: unknown preprocessor {control.module!r}; valid: {', '.join(PREPROCESSORS)}")
+    return control
+
+
+def hint_tensor(image: Image.Image, width: int, height: int) -> Tensor:
+    """Hint image -> (1, 3, height, width) float32 in [0, 1]: RGB, Lanczos resize (diffusers' control
+    image processor with do_normalize=False)."""
+    image = image.convert("RGB")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    pixels = np.asarray(image, dtype=np.float32) / 255.0                    # (H, W, 3)
+    return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+@dataclass(frozen=True)
+class PreparedControl:
+    """A control ready to run: the loaded network, its hint on the model's device, strength and step range."""
+
+    net: LoadedControlNet
+    hint: Tensor                    # (1, 3, H, W) in [0, 1]
+    strength: float
+    start: float
+    end: float
+    module: str = "none"
+
+    def active(self, step: int, steps: int) -> bool:
+        """diffusers' controlnet_keep: step i of N runs when i / N >= start and (i + 1) / N <= end."""
+        return not (step / steps < self.start or (step + 1) / steps > self.end)
+
+
+def load_control_net(model: LoadedControlNet | str | os.PathLike[str], bundle: ModelBundle) -> LoadedControlNet:
+    """The ControlNet of `model` for `bundle` (loaded in its dtype on its device), checked to fit it."""
+    family = bundle.family.name
+    if isinstance(model, LoadedControlNet):
+        model.check_compatible(bundle.unet_config, family)
+        param = next(bundle.unet.parameters())
+        model.model.to(device=param.device, dtype=param.dtype)
+        return model
+    param = next(bundle.unet.parameters())
+    loaded = load_controlnet(model, like=bundle.unet_config, like_family=family, dtype=param.dtype, device=param.device)
+    loaded.check_compatible(bundle.unet_config, family)
+    return loaded
+
+
+def prepare_controls(
+    bundle: ModelBundle, controls: Sequence[ControlInput], width: int, height: int
+) -> list[PreparedControl]:
+    """Load (or take) each ControlNet, check it fits the bundle, read and preprocess its hint image."""
+    prepared = []
+    factor = bundle.vae_config.downsample_factor
+    for index, control in enumerate(controls):
+        check_control(control, index)
+        try:
+            net = load_control_net(control.model, bundle)
+        except CheckpointError as err:
+            raise RequestError(f"control {index}: {err}") from None
+        if net.config.hint_factor != factor:
+            raise RequestError(
+                f"control {index}: {net.origin} maps hints {net.config.hint_factor}x down, but this model's "
+                f"latents are {factor}x smaller than the picture"
+            )
+        image = preprocess(input_image(control.image, f"control {index} image"), control.module)
+        hint = hint_tensor(image, width, height).to(next(bundle.unet.parameters()).device)
+        prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
+                                        float(control.end), control.module))
+    return prepared
+
+
+class ControlledUNet:
+    """`net(x, t, context, y=None, control_step=(i, N))`: the U-Net with the residuals of every control
+    active at step i added (`UNet.forward`'s `control`). Without `control_step` every control runs."""
+
+    def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl]):
+        self.unet = unet
+        self.controls = list(controls)
+
+    def parameters(self):   # the Denoiser reads the net's dtype from its first parameter
+        return self.unet.parameters()
+
+    def __call__(
+        self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
+        control_step: tuple[int, int] | None = None,
+    ) -> Tensor:
+        skips: list[Tensor] | None = None
+        middle: Tensor | None = None
+        for control in self.controls:
+            if control_step is not None and not control.active(*control_step):
+                continue
+            cfg = control.net.config
+            hint = control.hint.expand(x.shape[0], -1, -1, -1)                     # (B, 3, H, W)
+            residuals, mid = control.net.model(x[:, : cfg.unet.in_channels], t, context, hint, y)
+            residuals = [r * control.strength for r in residuals]
+            mid = mid * control.strength
+            if skips is None:
+                skips, middle = residuals, mid
+            else:                                   # MultiControlNet: the sum of every ControlNet's residuals
+                skips = [a + b for a, b in zip(skips, residuals)]
+                middle = middle + mid
+        control = None if skips is None else (skips, middle)
+        return self.unet(x, t, context, y, control=control)
+
+
+def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl]) -> Any:
+    """`unet` itself without controls, else the `ControlledUNet` that applies them."""
+    return ControlledUNet(unet, controls) if controls else unet
+
+
+def step_of(sigma: Tensor | float, sigmas: Tensor) -> int:
+    """The sampler step (0-based) whose interval [sigmas[i], sigmas[i+1]) holds `sigma`."""
+    value = float(torch.as_tensor(sigma).flatten()[0])
+    steps = len(sigmas) - 1
+    starts = sigmas[:steps].to(torch.float64).cpu()
+    index = int((starts >= value * (1 - 1e-5)).sum()) - 1
+    return min(max(index, 0), steps - 1)
+
+
+def tag_steps(model: DenoiseFn, sigmas: Tensor) -> DenoiseFn:
+    """`model` called with `control_step=(i, N)`, the step of `sigmas` each call belongs to."""
+    steps = len(sigmas) - 1
+
+    def denoise(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        return model(x, sigma, **cond, control_step=(step_of(sigma, sigmas), steps))
+
+    return denoise
+
+
+def _number(value: float) -> str:
+    return f"{value:g}"
+
+
+def infotext_lines(controls: Sequence[PreparedControl]) -> dict[str, str]:
+    """A1111 ControlNet extension lines: {"ControlNet 0": "Module: none, Model: NAME [hash], Weight: 1,
+    Guidance Start: 0, Guidance End: 1"} (the value is quoted by the infotext writer)."""
+    lines = {}
+    for index, control in enumerate(controls):
+        net = control.net
+        try:
+            model = f"{net.name} [{legacy_hash(net.origin)}]"
+        except OSError:
+            model = net.name
+        lines[f"ControlNet {index}"] = (
+            f"Module: {control.module}, Model: {model}, Weight: {_number(control.strength)}, "
+            f"Guidance Start: {_number(control.start)}, Guidance End: {_number(control.end)}"
+        )
+    return lines

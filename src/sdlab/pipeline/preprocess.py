@@ -1,0 +1,128 @@
+"""Hint-image preprocessors that need no downloaded weights: canny, scribble / lineart, tile.
+
+- `canny(image, low, high)`: OpenCV's `cv2.Canny(image, low, high)` (3x3 Sobel, L1 gradient magnitude, the
+  colour channel with the largest magnitude at each pixel, non-maximum suppression in four directions,
+  hysteresis: pixels above `high` start edges, 8-connected pixels above `low` continue them), white edges
+  on black, as the reference ControlNet annotator; `blur` > 0 first applies the Gaussian blur that classic
+  Canny has and OpenCV leaves to the caller.
+- `lines(image, threshold, invert)`: a scribble or line drawing used as it is, optionally binarised at
+  `threshold` and inverted (black strokes on white paper -> the white-on-black strokes the models expect).
+- `tile(image, factor)`: the picture downscaled by `factor` and scaled back up (the blurred input of the
+  tile ControlNet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+# Sector bounds of the gradient direction (OpenCV's tan(22.5 deg) and tan(67.5 deg)).
+_TAN_22 = np.tan(np.pi / 8)
+_TAN_67 = np.tan(3 * np.pi / 8)
+
+
+def _sobel(channel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """3x3 Sobel derivatives (dx, dy) of an (H, W) float array, borders replicated (OpenCV's Canny)."""
+    p = np.pad(channel, 1, mode="edge")
+    dx = (p[:-2, 2:] + 2 * p[1:-1, 2:] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[1:-1, :-2] + p[2:, :-2])
+    dy = (p[2:, :-2] + 2 * p[2:, 1:-1] + p[2:, 2:]) - (p[:-2, :-2] + 2 * p[:-2, 1:-1] + p[:-2, 2:])
+    return dx, dy
+
+
+def _gradients(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(dx, dy, L1 magnitude) of an (H, W, C) image, taking each pixel's strongest channel."""
+    grads = [_sobel(pixels[..., c]) for c in range(pixels.shape[-1])]
+    dx = np.stack([g[0] for g in grads])                                    # (C, H, W)
+    dy = np.stack([g[1] for g in grads])
+    magnitude = np.abs(dx) + np.abs(dy)
+    best = magnitude.argmax(axis=0)[None]                                   # (1, H, W): first maximum wins
+    pick = lambda a: np.take_along_axis(a, best, axis=0)[0]                 # noqa: E731
+    return pick(dx), pick(dy), pick(magnitude)
+
+
+def _non_maximum(dx: np.ndarray, dy: np.ndarray, magnitude: np.ndarray) -> np.ndarray:
+    """Where the magnitude is a local maximum across the edge (OpenCV's comparisons: strict on one side)."""
+    m = np.pad(magnitude, 1)                                                # zero border
+    centre = m[1:-1, 1:-1]
+    ax, ay = np.abs(dx), np.abs(dy)
+    horizontal = ay < ax * _TAN_22
+    vertical = ay > ax * _TAN_67
+    diagonal = ~(horizontal | vertical)
+    same_sign = (dx * dy) >= 0      # the edge normal runs down-right (image rows grow downwards)
+    keep = horizontal & (centre > m[1:-1, :-2]) & (centre >= m[1:-1, 2:])
+    keep |= vertical & (centre > m[:-2, 1:-1]) & (centre >= m[2:, 1:-1])
+    down_right = (centre > m[:-2, :-2]) & (centre > m[2:, 2:])
+    down_left = (centre > m[:-2, 2:]) & (centre > m[2:, :-2])
+    keep |= diagonal & np.where(same_sign, down_right, down_left)
+    return keep
+
+
+def _hysteresis(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
+    """Pixels of `weak` 8-connected (through `weak`) to a pixel of `strong` (a subset of `weak`): a
+    flood fill from every strong pixel, as OpenCV's edge stack."""
+    height, width = weak.shape
+    edges = strong.copy()
+    stack = list(zip(*np.nonzero(strong)))
+    while stack:
+        y, x = stack.pop()
+        for ny in (y - 1, y, y + 1):
+            for nx in (x - 1, x, x + 1):
+                if 0 <= ny < height and 0 <= nx < width and weak[ny, nx] and not edges[ny, nx]:
+                    edges[ny, nx] = True
+                    stack.append((ny, nx))
+    return edges
+
+
+def canny(image: Image.Image, low: float = 100, high: float = 200, blur: float = 0.0) -> Image.Image:
+    """Canny edges of `image` as an RGB picture (white edges on black); see the module docstring."""
+    if not 0 <= low <= high:
+        raise ValueError(f"canny thresholds need 0 <= low <= high, got {low} and {high}")
+    if blur > 0:
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)             # (H, W, 3) in 0..255
+    dx, dy, magnitude = _gradients(pixels)
+    candidate = _non_maximum(dx, dy, magnitude) & (magnitude > np.floor(low))
+    edges = _hysteresis(candidate & (magnitude > np.floor(high)), candidate)
+    out = np.where(edges, 255, 0).astype(np.uint8)                          # (H, W)
+    return Image.fromarray(out).convert("RGB")
+
+
+def lines(image: Image.Image, threshold: int | None = None, invert: bool = False) -> Image.Image:
+    """A scribble / line drawing as the hint: grey levels kept, or binarised at `threshold` (0..255),
+    optionally inverted (for black strokes on white paper)."""
+    grey = np.asarray(image.convert("L"), dtype=np.uint8)
+    if threshold is not None:
+        grey = np.where(grey > threshold, 255, 0).astype(np.uint8)
+    if invert:
+        grey = 255 - grey
+    return Image.fromarray(grey).convert("RGB")
+
+
+def tile(image: Image.Image, factor: float = 4.0) -> Image.Image:
+    """`image` scaled down by `factor` (area average) and back up (bicubic): the tile model's blurry input."""
+    if factor < 1:
+        raise ValueError(f"tile factor must be >= 1, got {factor}")
+    image = image.convert("RGB")
+    small = image.resize((max(1, round(image.width / factor)), max(1, round(image.height / factor))),
+                         resample=Image.Resampling.BOX)
+    return small.resize(image.size, resample=Image.Resampling.BICUBIC)
+
+
+PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "none": lambda image: image,
+    "canny": canny,
+    "scribble": lambda image: lines(image, threshold=127),
+    "scribble_invert": lambda image: lines(image, threshold=127, invert=True),
+    "lineart": lines,
+    "lineart_invert": lambda image: lines(image, invert=True),
+    "tile": tile,
+}
+
+
+def preprocess(image: Image.Image, module: str) -> Image.Image:
+    """`image` through the preprocessor called `module` (a key of `PREPROCESSORS`)."""
+    if module not in PREPROCESSORS:
+        raise ValueError(f"unknown preprocessor {module!r}; valid: {', '.join(PREPROCESSORS)}")
+    return PREPROCESSORS[module](image)

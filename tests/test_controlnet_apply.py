@@ -1,0 +1,136 @@
+"""Applying ControlNets (sdlab.pipeline.control): diffusers' hint preprocessing, its start / end step rule,
+MultiControlNet sums scaled by strength, the step of each sampler call, the checks of a ControlInput, and
+the A1111 infotext lines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
+
+from bundle_fixtures import tiny_bundle
+from controlnet_fixtures import diffusers_controlnet, write_layout
+from sdlab.checkpoints.controlnet import load_controlnet
+from sdlab.pipeline.control import (
+    ControlInput,
+    ControlledUNet,
+    PreparedControl,
+    check_control,
+    control_input,
+    hint_tensor,
+    infotext_lines,
+    prepare_controls,
+    step_of,
+    tag_steps,
+)
+from sdlab.pipeline.request import RequestError
+
+
+def _picture(width=40, height=24, seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_hint_matches_diffusers_control_image_processor():
+    processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    for image in (_picture(), _picture().convert("L"), _picture(64, 64).convert("RGBA")):
+        expected = processor.preprocess(image, height=32, width=48)
+        torch.testing.assert_close(hint_tensor(image, 48, 32), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("start,end", [(0.0, 1.0), (0.2, 0.8), (0.5, 1.0), (0.0, 0.3), (0.34, 0.66)])
+def test_active_steps_follow_diffusers_controlnet_keep(start, end):
+    control = PreparedControl(net=None, hint=torch.zeros(1), strength=1.0, start=start, end=end)
+    for steps in (1, 3, 7, 20):
+        keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
+        assert [float(control.active(i, steps)) for i in range(steps)] == keep
+
+
+def test_each_call_gets_its_step_also_between_sigmas():
+    sigmas = torch.tensor([14.6, 7.0, 3.1, 1.0, 0.3, 0.0])
+    assert [step_of(s, sigmas) for s in sigmas[:-1]] == [0, 1, 2, 3, 4]
+    assert step_of(torch.full((2,), 2.0), sigmas) == 2             # a second-order sampler's midpoint
+    assert step_of(0.1, sigmas) == 4
+    seen = []
+    model = tag_steps(lambda x, sigma, **cond: seen.append(cond["control_step"]) or x, sigmas)
+    model(torch.zeros(1), sigmas[3] * torch.ones(1), context=None)
+    assert seen == [(3, 5)]
+
+
+def _controls(tmp_path, bundle, strengths=(0.6, 1.3), ranges=((0.0, 1.0), (0.0, 1.0))):
+    cfg = bundle.unet_config
+    prepared = []
+    for k, (strength, (start, end)) in enumerate(zip(strengths, ranges)):
+        folder = tmp_path / f"c{k}"
+        folder.mkdir(parents=True)
+        path = write_layout(diffusers_controlnet(cfg, seed=10 + k, hint_widths=(16, 32)), "diffusers-file", folder)
+        control = ControlInput(path, _picture(64, 64, seed=k), strength, start, end)
+        prepared += prepare_controls(bundle, [control], 64, 64)
+    return prepared
+
+
+def test_multicontrolnet_sums_scaled_residuals(tmp_path):
+    bundle = tiny_bundle("sd1")
+    controls = _controls(tmp_path, bundle)
+    net = ControlledUNet(bundle.unet, controls)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=gen)
+    t = torch.tensor([500.0, 500.0])
+    context = torch.randn(2, 77, bundle.unet_config.context_dim, generator=gen)
+    with torch.no_grad():
+        expected_skips, expected_mid = None, None
+        for c in controls:
+            res, mid = c.net.model(x, t, context, c.hint.expand(2, -1, -1, -1))
+            res = [r * c.strength for r in res]
+            expected_skips = res if expected_skips is None else [a + b for a, b in zip(expected_skips, res)]
+            expected_mid = mid * c.strength if expected_mid is None else expected_mid + mid * c.strength
+        expected = bundle.unet(x, t, context, control=(expected_skips, expected_mid))
+        actual = net(x, t, context)
+        plain = bundle.unet(x, t, context)
+        assert (expected - plain).abs().max() > 1e-3
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+        # at a step outside both ranges nothing is added
+        late = ControlledUNet(bundle.unet, _controls(tmp_path / "late", bundle, ranges=((0.0, 0.5), (0.0, 0.5))))
+        torch.testing.assert_close(late(x, t, context, control_step=(9, 10)), plain, atol=0, rtol=0)
+
+
+def test_control_input_checks(tmp_path):
+    assert control_input(("a.safetensors", "hint.png", 0.5)).strength == 0.5
+    assert control_input(["a", "b", 1.0, 0.1, 0.9]).end == 0.9
+    with pytest.raises(RequestError):
+        control_input("a.safetensors")
+    for bad in (dict(strength=float("nan")), dict(strength=-1), dict(start=0.5, end=0.5), dict(end=1.5),
+                dict(module="depth")):
+        with pytest.raises(RequestError):
+            check_control(ControlInput("a", "b", **bad))
+
+
+def test_prepare_refuses_wrong_family_missing_files_and_images(tmp_path):
+    sd1 = tiny_bundle("sd1")
+    sdxl_path = write_layout(diffusers_controlnet(tiny_bundle("sdxl").unet_config, 0, hint_widths=(16, 32)),
+                             "diffusers-file", tmp_path)
+    with pytest.raises(RequestError, match="control 0: .*this ControlNet is for SDXL models .* the model is sd1"):
+        prepare_controls(sd1, [ControlInput(sdxl_path, _picture())], 64, 64)
+    with pytest.raises(RequestError, match="no such file"):
+        prepare_controls(sd1, [ControlInput(tmp_path / "missing.safetensors", _picture())], 64, 64)
+    (tmp_path / "x").mkdir()
+    sd1_path = write_layout(diffusers_controlnet(sd1.unet_config, 0, hint_widths=(16, 32)), "diffusers-file",
+                            tmp_path / "x")
+    (tmp_path / "hint.png").write_bytes(b"not a picture")
+    with pytest.raises(RequestError, match="cannot read the control 0 image"):
+        prepare_controls(sd1, [ControlInput(sd1_path, tmp_path / "hint.png")], 64, 64)
+    eight = write_layout(diffusers_controlnet(sd1.unet_config, 0), "diffusers-file", tmp_path)
+    with pytest.raises(RequestError, match="maps hints 8x down"):
+        prepare_controls(sd1, [ControlInput(eight, _picture())], 64, 64)
+
+
+def test_infotext_lines_are_a1111s(tmp_path):
+    bundle = tiny_bundle("sd1")
+    controls = _controls(tmp_path, bundle, strengths=(1.0, 0.55), ranges=((0.0, 1.0), (0.1, 0.75)))
+    lines = infotext_lines(controls)
+    assert list(lines) == ["ControlNet 0", "ControlNet 1"]
+    assert lines["ControlNet 1"].startswith("Module: none, Model: cn [")
+    assert lines["ControlNet 1"].endswith("], Weight: 0.55, Guidance Start: 0.1, Guidance End: 0.75")
+    assert load_controlnet(controls[0].net.origin).name == "cn"

@@ -1,0 +1,94 @@
+"""Hint preprocessors: canny (OpenCV's algorithm in numpy; compared with cv2 itself when it is installed),
+scribble / lineart as-is with threshold and invert, tile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFilter
+
+from sdlab.pipeline.preprocess import PREPROCESSORS, canny, lines, preprocess, tile
+
+
+def _shapes(size: int = 96) -> Image.Image:
+    image = Image.new("RGB", (size, size), "black")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([20, 20, 50, 50], fill="white")
+    draw.ellipse([55, 10, 90, 80], fill=(200, 30, 60))
+    return image
+
+
+def _edges(image: Image.Image) -> np.ndarray:
+    return np.asarray(image)[..., 0] > 0
+
+
+def test_canny_traces_a_square_one_pixel_outside_the_step():
+    image = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(image).rectangle([20, 20, 40, 40], fill="white")
+    edges = _edges(canny(image))
+    assert canny(image).mode == "RGB"
+    # OpenCV keeps the first of two equal maxima across a step: the dark side of each top / left border
+    assert edges[19, 25:36].all() and not edges[20, 25:36].any()
+    assert edges[25:36, 19].all() and not edges[25:36, 20].any()
+    assert not edges[25:36, 25:36].any()                       # nothing inside the flat square
+    assert edges[:, :10].sum() == 0                            # nor in the flat background
+
+
+def test_canny_thresholds_and_hysteresis():
+    # a bright step (magnitude 4 * 200 = 800) continued by a faint one (4 * 40 = 160) on the same line
+    pixels = np.zeros((40, 80, 3), dtype=np.uint8)
+    pixels[20:, :40] = 200
+    pixels[20:, 40:] = 40
+    image = Image.fromarray(pixels)
+    edges = _edges(canny(image, low=100, high=500))
+    assert edges[19, 5:35].all() and edges[19, 45:75].all()   # the faint half joins through the strong half
+    assert not _edges(canny(image, low=200, high=500))[19, 45:75].any()   # below low: dropped
+    alone = np.zeros((40, 80, 3), dtype=np.uint8)
+    alone[20:, :] = 40
+    assert not _edges(canny(Image.fromarray(alone), low=100, high=500)).any()   # weak and not connected
+    assert _edges(canny(Image.fromarray(alone), low=100, high=150)).any()
+    with pytest.raises(ValueError):
+        canny(image, low=300, high=100)
+
+
+def test_canny_blur_removes_noise_edges():
+    rng = np.random.default_rng(0)
+    noise = Image.fromarray(rng.integers(100, 140, (64, 64, 3), dtype=np.uint8))
+    assert _edges(canny(noise, 50, 100)).sum() > 100
+    assert _edges(canny(noise, 50, 100, blur=2.0)).sum() == 0
+
+
+def test_canny_matches_opencv():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(1)
+    noisy = Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    for image in (_shapes(), noisy, noisy.filter(ImageFilter.GaussianBlur(2))):
+        for low, high in ((100, 200), (20, 60)):
+            expected = cv2.Canny(np.asarray(image), low, high) > 0
+            mismatch = (_edges(canny(image, low, high)) != expected).mean()
+            assert mismatch <= 0.001   # 0 with OpenCV 5.1; the tan(22.5) rounding could flip a rare pixel
+
+
+def test_lines_threshold_and_invert():
+    pixels = np.array([[0, 100, 200, 255]], dtype=np.uint8)
+    image = Image.fromarray(pixels)
+    assert np.asarray(lines(image))[..., 0].tolist() == [[0, 100, 200, 255]]
+    assert np.asarray(lines(image, threshold=127))[..., 0].tolist() == [[0, 0, 255, 255]]
+    assert np.asarray(lines(image, threshold=127, invert=True))[..., 0].tolist() == [[255, 255, 0, 0]]
+    assert np.asarray(preprocess(image, "scribble_invert"))[..., 0].tolist() == [[255, 255, 0, 0]]
+
+
+def test_tile_blurs_at_the_same_size():
+    image = _shapes()
+    blurred = tile(image, 4)
+    assert blurred.size == image.size
+    a, b = np.asarray(image, dtype=float), np.asarray(blurred, dtype=float)
+    assert 1.0 < np.abs(a - b).mean() < 40.0
+    assert np.abs(np.diff(b, axis=1)).max() < np.abs(np.diff(a, axis=1)).max()   # no hard step survives
+    assert np.asarray(tile(image, 1)).tolist() == np.asarray(image).tolist()
+
+
+def test_unknown_preprocessor():
+    assert "canny" in PREPROCESSORS and "none" in PREPROCESSORS
+    with pytest.raises(ValueError, match="unknown preprocessor"):
+        preprocess(_shapes(), "depth")
