@@ -1,0 +1,98 @@
+"""A real `sdlab serve` process on a free localhost port, for the server and web UI tests.
+
+    from server_fixtures import sdlab_server          # noqa: F401  (a session fixture)
+
+    def test_x(sdlab_server):
+        httpx.get(sdlab_server.url + "/api/jobs")
+
+`start_server(output_dir, *args)` starts another one (its own arguments, e.g. --auth); `stop()` ends it.
+The shipped model draws 64 px pictures, a few steps take a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+START_TIMEOUT_S = 90
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", "1")          # two cores shared with the test process and others
+    return env
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    output_dir: Path
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def kill(self) -> None:
+        """End it abruptly (SIGKILL): nothing gets to clean up, as in a crash or power loss."""
+        self.stop(signal.SIGKILL)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_server(output_dir: Path, *args: str, auth: tuple[str, str] | None = None,
+                 headers: dict[str, str] | None = None) -> ServerProcess:
+    """`sdlab serve --port <free> --output-dir output_dir ARGS`, once it answers."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = output_dir.parent / f"serve-{port}.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "sdlab", "serve", "--port", str(port), "--output-dir", str(output_dir), *args],
+            stdout=sink, stderr=subprocess.STDOUT, env=server_env(), cwd=output_dir.parent,
+        )
+    server = ServerProcess(f"http://127.0.0.1:{port}", output_dir, process, log)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"sdlab serve exited with {process.returncode}:\n{server.output()}")
+        try:
+            if httpx.get(server.url + "/sdapi/v1/options", auth=auth, headers=headers, timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"sdlab serve did not answer within {START_TIMEOUT_S} s:\n{server.output()}")
+
+
+@pytest.fixture(scope="session")
+def sdlab_server(tmp_path_factory: pytest.TempPathFactory):
+    """One server for a test session: `.url` (http://127.0.0.1:PORT) and `.output_dir`."""
+    server = start_server(tmp_path_factory.mktemp("sdlab-serve") / "outputs", "--max-queue", "4")
+    yield server
+    server.stop()

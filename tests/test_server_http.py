@@ -1,0 +1,281 @@
+"""`sdlab serve` over HTTP: every route's status codes and shapes, the job lifecycle with its events,
+cancellation between steps, the bounded queue, and bad input that gets a clean 4xx while the server
+keeps serving. One real server process for the module (server_fixtures.sdlab_server)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdlab.api import shipped_model_path
+from sdlab.pipeline.png_info import model_hash
+from server_fixtures import sdlab_server  # noqa: F401  (fixture)
+
+FINAL = ("done", "failed", "cancelled", "interrupted")
+LONG = {"prompt": "a slow one", "steps": 150, "width": 64, "height": 64}
+
+
+@pytest.fixture
+def client(sdlab_server):
+    with httpx.Client(base_url=sdlab_server.url, timeout=120) as c:
+        yield c
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def wait(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in FINAL:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def wait_running(client: httpx.Client, job_id: str, min_step: int = 1) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] == "running" and job["step"] >= min_step or job["status"] in FINAL:
+            return job
+        time.sleep(0.02)
+    raise AssertionError("the job never started")
+
+
+def events(client: httpx.Client, job_id: str) -> list[tuple[str, dict]]:
+    out, name = [], None
+    with client.stream("GET", f"/api/jobs/{job_id}/events") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                out.append((name, json.loads(line[6:])))
+    return out
+
+
+def test_index_and_static_files(client):
+    index = client.get("/")
+    assert index.status_code == 200 and index.headers["content-type"].startswith("text/html")
+    assert client.get("/static/index.html").status_code == 200
+    assert client.get("/static/../../../etc/passwd").status_code == 404
+    assert client.get("/static/%2e%2e/%2e%2e/app.py").status_code == 404
+
+
+def test_model_and_name_lists(client):
+    models = client.get("/sdapi/v1/sd-models").json()
+    shipped = shipped_model_path()
+    entry = models[0]
+    assert set(entry) >= {"title", "model_name", "hash", "sha256", "filename"}
+    assert entry["hash"] == model_hash(shipped) and entry["sha256"].startswith(entry["hash"]) and len(entry["sha256"]) == 64
+    assert entry["title"] == f"{shipped.name} [{entry['hash']}]" and entry["model_name"] == shipped.stem
+    samplers = client.get("/sdapi/v1/samplers").json()
+    assert {"Euler a", "DPM++ 2M", "DDIM"} <= {s["name"] for s in samplers}
+    assert all(set(s) == {"name", "aliases", "options"} for s in samplers)
+    schedulers = client.get("/sdapi/v1/schedulers").json()
+    assert {"automatic", "karras", "exponential", "sgm_uniform"} <= {s["name"] for s in schedulers}
+    assert all(set(s) >= {"name", "label", "aliases"} for s in schedulers)
+    for path in ("loras", "sd-vae", "upscalers", "latent-upscale-modes"):
+        response = client.get(f"/sdapi/v1/{path}")
+        assert response.status_code == 200 and isinstance(response.json(), list)
+    options = client.get("/sdapi/v1/options").json()
+    assert options["sd_model_checkpoint"] == entry["title"] and options["sd_checkpoint_hash"] == entry["sha256"]
+    assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] >= 0
+
+
+def test_a1111_txt2img_shape_and_parameters_chunk(client):
+    body = {"prompt": "a red heart", "steps": 3, "seed": 5, "width": 64, "height": 64, "batch_size": 2,
+            "sampler_name": "Euler a", "scheduler": "karras", "restore_faces": False, "styles": []}
+    response = client.post("/sdapi/v1/txt2img", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert set(result) == {"images", "parameters", "info"} and len(result["images"]) == 2
+    info = json.loads(result["info"])
+    assert info["seed"] == 5 and info["all_seeds"] == [5, 6] and info["sampler_name"] == "Euler a"
+    assert result["parameters"]["prompt"] == "a red heart"
+    image = Image.open(io.BytesIO(base64.b64decode(result["images"][1])))
+    assert image.size == (64, 64)
+    text = image.info["parameters"]
+    assert text == info["infotexts"][1]
+    assert "Seed: 6" in text and "Sampler: Euler a" in text and "Schedule type: karras" in text
+    assert "Model hash: " + model_hash(shipped_model_path()) in text
+    info_back = client.post("/sdapi/v1/png-info", json={"image": result["images"][0]}).json()
+    assert info_back["info"] == info["infotexts"][0] and info_back["parameters"]["Seed"] == 5
+
+
+def test_a1111_img2img_and_inpaint(client):
+    init = Image.new("RGB", (64, 64), (200, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    common = {"prompt": "a pear", "steps": 4, "seed": 1, "denoising_strength": 0.6, "init_images": [png_b64(init)]}
+    plain = client.post("/sdapi/v1/img2img", json=common)
+    assert plain.status_code == 200, plain.text
+    assert json.loads(plain.json()["info"])["denoising_strength"] == 0.6
+    painted = client.post("/sdapi/v1/img2img", json={**common, "mask": png_b64(mask), "mask_blur": 0})
+    assert painted.status_code == 200, painted.text
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(painted.json()["images"][0]))).convert("RGB"))
+    assert (picture[:8, :8] == (200, 30, 30)).all()          # outside the mask: the original, pasted back
+    assert client.post("/sdapi/v1/img2img", json={"prompt": "x"}).status_code == 422
+
+
+def test_a1111_unknown_sampler_and_scheduler(client):
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"})
+    assert response.status_code == 404
+    assert response.json()["detail"] == "Sampler not found" and "valid names" in response.json()["errors"]
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "scheduler": "polyexponential"})
+    assert response.status_code == 404 and response.json()["detail"] == "Scheduler not found"
+    response = client.post("/api/jobs", json={"prompt": "x", "sampler": "Nope"})
+    assert response.status_code == 400 and "unknown sampler" in response.json()["detail"]
+
+
+def test_native_job_lifecycle_and_events(client, sdlab_server):
+    created = client.post("/api/jobs", json={"prompt": "a blue square", "steps": 5, "seed": 11, "batch_size": 2,
+                                             "sampler": "Euler", "schedule": "normal"})
+    assert created.status_code == 202, created.text
+    body = created.json()
+    assert body["status"] == "queued" and isinstance(body["position"], int)
+    stream = events(client, body["id"])
+    names = [name for name, _ in stream]
+    assert names[0] in ("queued", "started") and names[-1] == "done"
+    steps = [data for name, data in stream if name == "step"]
+    assert steps and steps[-1]["n"] == 5
+    preview = Image.open(io.BytesIO(base64.b64decode(steps[-1]["preview"].split(",", 1)[1])))
+    assert preview.format == "JPEG"
+    done = stream[-1][1]
+    assert done["seeds"] == [11, 12] and len(done["images"]) == 2 and len(done["infotexts"]) == 2
+
+    job = client.get(f"/api/jobs/{body['id']}").json()
+    assert set(job) >= {"id", "status", "mode", "request", "images", "infotexts", "error", "created", "started",
+                        "finished", "step", "steps"}
+    assert job["status"] == "done" and job["mode"] == "txt2img" and job["step"] == job["steps"] == 5
+    assert job["request"]["seed"] == 11 and job["request"]["sampler"] == "Euler" and job["request"]["width"] == 64
+    assert job["created"] <= job["started"] <= job["finished"]
+    picture = client.get(job["images"][0])
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(picture.content)).info["parameters"] == job["infotexts"][0]
+    assert client.get("/api/jobs").json()["jobs"][0]["id"] == body["id"]
+    replay = events(client, body["id"])                          # a finished job: its last event, then the end
+    assert [name for name, _ in replay] == ["done"]
+
+
+def test_native_img2img_and_inpaint(client):
+    init = Image.new("RGB", (64, 64), (20, 160, 40))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    for mode, extra in (("img2img", {}), ("inpaint", {"mask_image": "data:image/png;base64," + png_b64(mask)})):
+        created = client.post("/api/jobs", json={"mode": mode, "prompt": "grass", "steps": 4, "strength": 0.5,
+                                                 "init_image": png_b64(init), **extra})
+        assert created.status_code == 202, created.text
+        job = wait(client, created.json()["id"])
+        assert job["status"] == "done" and job["mode"] == mode and job["request"]["strength"] == 0.5
+    assert client.post("/api/jobs", json={"mode": "img2img", "prompt": "x"}).status_code == 422
+
+
+def test_cancel_running_job_stops_within_a_step_and_writes_nothing(client, sdlab_server):
+    job_id = client.post("/api/jobs", json=LONG).json()["id"]
+    running = wait_running(client, job_id, min_step=2)
+    assert client.delete(f"/api/jobs/{job_id}").json()["id"] == job_id
+    step_at_cancel = client.get(f"/api/jobs/{job_id}").json()["step"]
+    job = wait(client, job_id)
+    assert running["status"] == "running" and job["status"] == "cancelled"
+    assert job["step"] <= step_at_cancel + 1 and job["step"] < job["steps"] and job["images"] == []
+    assert not list((sdlab_server.output_dir / "images").glob(f"{job_id}*"))
+    assert [name for name, _ in events(client, job_id)] == ["cancelled"]
+
+
+def test_cancel_queued_job_and_full_queue_429(client):
+    running = client.post("/api/jobs", json=LONG).json()["id"]
+    wait_running(client, running)
+    queued = [client.post("/api/jobs", json=LONG) for _ in range(4)]           # --max-queue 4
+    assert [r.status_code for r in queued] == [202] * 4
+    assert [r.json()["position"] for r in queued] == [0, 1, 2, 3]
+    full = client.post("/api/jobs", json=LONG)
+    assert full.status_code == 429 and "max-queue" in full.json()["detail"]
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": "x"}).status_code == 429
+    progress = client.get("/sdapi/v1/progress").json()
+    assert progress["state"]["job_count"] == 5 and progress["state"]["sampling_steps"] == 150
+    assert 0 < progress["progress"] <= 1
+    cancelled = client.delete(f"/api/jobs/{queued[0].json()['id']}").json()
+    assert cancelled["status"] == "cancelled"
+    for job_id in [running] + [r.json()["id"] for r in queued[1:]]:
+        client.delete(f"/api/jobs/{job_id}")
+    assert all(wait(client, r.json()["id"])["status"] == "cancelled" for r in queued)
+    assert client.get(f"/api/jobs/{queued[0].json()['id']}").json()["started"] is None
+
+
+def test_progress_preview_and_interrupt(client):
+    job_id = client.post("/api/jobs", json=LONG).json()["id"]
+    wait_running(client, job_id, min_step=2)
+    progress = client.get("/sdapi/v1/progress").json()
+    assert set(progress) >= {"progress", "eta_relative", "state", "current_image", "textinfo"}
+    assert set(progress["state"]) >= {"job_count", "sampling_step", "sampling_steps", "interrupted", "skipped"}
+    assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size[0] >= 8
+    assert client.post("/sdapi/v1/interrupt").status_code == 200
+    assert wait(client, job_id)["status"] == "cancelled"
+
+
+BAD_REQUESTS = [
+    ("POST", "/api/jobs", {"content": b"{not json", "headers": {"content-type": "application/json"}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x", "steps": "many"}}),
+    ("POST", "/api/jobs", {"json": {"prompt": 5}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x", "width": 100000, "height": 100000}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x", "steps": 100000}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x", "batch_size": 1000}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x", "cfg_scale": 1e308}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x", "width": 3}}),
+    ("POST", "/api/jobs", {"json": {"mode": "img2img", "prompt": "x", "init_image": "!!not base64!!"}}),
+    ("POST", "/api/jobs", {"json": {"mode": "img2img", "prompt": "x", "init_image": base64.b64encode(b"no image").decode()}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x", "model": "../../etc/passwd"}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x <lora:../../secret:1>"}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x", "mode": "video"}}),
+    ("POST", "/api/jobs", {"json": {"prompt": "x", "unknown_field": 1}}),
+    ("POST", "/api/jobs", {"json": ["a", "list"]}),
+    ("GET", "/api/images/..%2F..%2Fsdlab-server.sqlite", {}),
+    ("GET", "/api/images/../sdlab-server.sqlite", {}),
+    ("GET", "/api/images/%2Fetc%2Fpasswd", {}),
+    ("GET", "/api/jobs/not-a-job", {}),
+    ("DELETE", "/api/jobs/not-a-job", {}),
+    ("GET", "/api/jobs?limit=-5", {}),
+    ("POST", "/sdapi/v1/txt2img", {"json": {"prompt": "x", "steps": -1}}),
+    ("POST", "/sdapi/v1/txt2img", {"json": {"prompt": "x", "n_iter": 0}}),
+    ("POST", "/sdapi/v1/txt2img", {"content": b"\xff\xfe garbage", "headers": {"content-type": "application/json"}}),
+    ("POST", "/sdapi/v1/img2img", {"json": {"prompt": "x", "init_images": ["data:image/png;base64,AAAA"]}}),
+    ("POST", "/sdapi/v1/png-info", {"json": {"image": "%%%"}}),
+    ("POST", "/sdapi/v1/options", {"json": {"sd_model_checkpoint": "no-such-model"}}),
+    ("POST", "/sdapi/v1/options", {"content": b"[1, 2", "headers": {"content-type": "application/json"}}),
+]
+
+
+@pytest.mark.parametrize("method,path,kwargs", BAD_REQUESTS, ids=[f"{m} {p} {i}" for i, (m, p, _) in enumerate(BAD_REQUESTS)])
+def test_bad_request_gets_clean_4xx(client, method, path, kwargs):
+    response = client.request(method, path, **kwargs)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    body = response.json()
+    assert "detail" in body
+    if path.startswith("/api/") and response.status_code != 404:
+        assert isinstance(body["detail"], str) and body["detail"]
+    if path.startswith("/sdapi/") and response.status_code != 422:
+        assert set(body) == {"error", "detail", "body", "errors"}
+
+
+def test_thousand_bad_requests_then_a_good_one(client):
+    for i in range(1000):
+        method, path, kwargs = BAD_REQUESTS[i % len(BAD_REQUESTS)]
+        assert 400 <= client.request(method, path, **kwargs).status_code < 500
+    created = client.post("/api/jobs", json={"prompt": "still here", "steps": 2})
+    assert created.status_code == 202
+    assert wait(client, created.json()["id"])["status"] == "done"
