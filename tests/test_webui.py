@@ -401,7 +401,8 @@ def take_screenshots(base: str, out_dir: Path) -> None:
         driver.find_element(By.ID, "tab-inpaint").click()
         driver.execute_script("const b = document.getElementById('brush-size'); b.value = 60;"
                               "b.dispatchEvent(new Event('input'));")
-        paint_stroke(driver, -40, 40, dy=-20)
+        for dy in (60, 80, 100, 120):           # over the heart in the lower right of the first picture
+            paint_stroke(driver, 60, 170, dy=dy)
         driver.execute_script("window.scrollTo(0, 0)")
         time.sleep(0.5)
         driver.save_screenshot(str(out_dir / "webui-inpaint.png"))

@@ -7,6 +7,7 @@
 const $ = (id) => document.getElementById(id);
 const ACTIVE = new Set(["queued", "running"]);
 const TERMINAL_EVENTS = new Set(["done", "failed", "cancelled", "interrupted"]);
+const MASK_COLOUR = "#ff3df5";   // how the painted mask shows on the image (it is sent as white on black)
 const LORA_TAG = /<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>/gi;
 
 const state = {
@@ -241,7 +242,7 @@ function setupMaskPainting() {
   };
   const stroke = (from, to) => {
     const ctx = canvas.getContext("2d");
-    ctx.strokeStyle = ctx.fillStyle = "#ffffff";
+    ctx.strokeStyle = ctx.fillStyle = MASK_COLOUR;
     ctx.lineCap = ctx.lineJoin = "round";
     ctx.lineWidth = Math.max(1, Number($("brush-size").value) * to.scale);
     ctx.beginPath();
@@ -269,16 +270,20 @@ function setupMaskPainting() {
   canvas.addEventListener("lostpointercapture", end);
 }
 
-// The mask as a PNG data URL: white where painted (repaint), black elsewhere, at the image's size.
+// The mask as a PNG data URL at the image's size: white where painted (repaint), black elsewhere;
+// the painted layer's coverage (alpha) is the grey level, so a stroke's soft edge stays soft.
 function maskDataUrl() {
   const painted = $("mask-canvas");
   const out = document.createElement("canvas");
   out.width = painted.width;
   out.height = painted.height;
-  const ctx = out.getContext("2d");
-  ctx.fillStyle = "#000000";
-  ctx.fillRect(0, 0, out.width, out.height);
-  ctx.drawImage(painted, 0, 0);
+  const pixels = painted.getContext("2d").getImageData(0, 0, painted.width, painted.height);
+  const rgba = pixels.data;
+  for (let i = 0; i < rgba.length; i += 4) {
+    rgba[i] = rgba[i + 1] = rgba[i + 2] = rgba[i + 3];
+    rgba[i + 3] = 255;
+  }
+  out.getContext("2d").putImageData(pixels, 0, 0);
   return out.toDataURL("image/png");
 }
 
