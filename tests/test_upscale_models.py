@@ -117,6 +117,15 @@ def test_channels_blocks_and_features_come_from_the_tensors() -> None:
     x = _image(9, 7)[:, :1]
     with torch.no_grad():
         assert (ours.net(x) - net(x)).abs().max().item() <= 1e-5
+    grey = run_upscaler(ours, Image.new("RGB", (9, 7), (200, 10, 10)), tile=0)
+    assert grey.mode == "L" and grey.size == (18, 14)
+
+
+def test_pictures_smaller_than_the_fold_are_refused() -> None:
+    upscaler = upscaler_from_state(new_arch_state(1), "x1")
+    with pytest.raises(UpscaleError, match="at least 4 px"):
+        run_upscaler(upscaler, Image.new("RGB", (3, 40)))
+    assert run_upscaler(upscaler, Image.new("RGB", (5, 6)), tile=0).size == (5, 6)
 
 
 @pytest.mark.parametrize("wrapper", ["params_ema", "params"])

@@ -96,39 +96,50 @@ def _check_size(width: int, height: int) -> None:
                            "upscale a smaller picture or by a smaller scale")
 
 
-def _to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0           # (H, W, 3)
-    return torch.from_numpy(array).permute(2, 0, 1)[None].contiguous()          # (1, 3, H, W)
+_MODES = {1: "L", 3: "RGB", 4: "RGBA"}           # network channels -> PIL mode
+
+
+def _to_tensor(image: Image.Image, channels: int) -> torch.Tensor:
+    array = np.asarray(image.convert(_MODES[channels]), dtype=np.float32).reshape(image.height, image.width, -1)
+    return torch.from_numpy(array / 255.0).permute(2, 0, 1)[None].contiguous()   # (1, C, H, W)
 
 
 def _to_image(x: torch.Tensor) -> Image.Image:
-    array = (x[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)   # (H, W, 3)
-    return Image.fromarray(array.cpu().numpy(), "RGB")
+    array = (x[0].float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0)   # (H, W, C)
+    mode = _MODES[array.shape[-1]]
+    return Image.fromarray(array.cpu().numpy().squeeze(-1) if mode == "L" else array.cpu().numpy(), mode)
 
 
 @torch.inference_mode()
 def run_upscaler(upscaler: Upscaler, image: Image.Image, *, tile: int = DEFAULT_TILE,
                  overlap: int = DEFAULT_OVERLAP) -> Image.Image:
-    """One pass of the network over `image` (RGB; alpha resized with Lanczos), tiled unless `tile` is 0."""
-    scale = upscaler.scale
+    """One pass of the network over `image`, tiled unless `tile` is 0. A 3-channel network sees RGB and the
+    alpha channel, if any, is resized with Lanczos; 1- and 4-channel networks see L and RGBA."""
+    config = upscaler.net.config
+    if config.in_channels not in _MODES or config.out_channels not in _MODES:
+        raise UpscaleError(f"the upscaler maps {config.in_channels} to {config.out_channels} channels; "
+                           "sdlab runs 1 (grey), 3 (RGB) and 4 (RGBA) channel upscalers")
+    fold, scale = config.unshuffle, upscaler.scale
+    if min(image.size) < fold:
+        raise UpscaleError(f"the picture is {image.width}x{image.height}; this upscaler needs at least {fold} px a side")
     _check_size(image.width * scale, image.height * scale)
     net = upscaler.net
     param = next(net.parameters())
-    x = _to_tensor(image).to(param.device, param.dtype)                          # (1, 3, H, W)
+    x = _to_tensor(image, config.in_channels).to(param.device, param.dtype)       # (1, C, H, W)
     if tile > 0:
         # A pixel-unshuffled network is shift-equivariant only by whole folds: pad as the network itself does,
         # then cut tiles on the fold's grid.
-        fold = net.config.unshuffle
         height, width = x.shape[-2:]
         x = F.pad(x, (0, -width % fold, 0, -height % fold), mode="reflect") if fold > 1 else x
         tile = max(fold, tile - tile % fold)
         overlap = min(overlap - overlap % fold, tile - fold)
-        y = _run_tiled(net, x, tile, overlap, float(scale))                      # (1, 3, sH', sW')
-        y = y[..., : height * scale, : width * scale]                           # (1, 3, sH, sW)
+        y = _run_tiled(net, x, tile, overlap, float(scale))                      # (1, C, sH', sW')
+        y = y[..., : height * scale, : width * scale]                           # (1, C, sH, sW)
     else:
         y = net(x)
     out = _to_image(y)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
+    if config.out_channels == 3 and has_alpha:
         alpha = image.convert("RGBA").getchannel("A").resize(out.size, Image.Resampling.LANCZOS)
         out.putalpha(alpha)
     return out
