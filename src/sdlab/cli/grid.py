@@ -14,10 +14,12 @@ own. Everything is written at the end, all or nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,14 +100,26 @@ def _cells(axes: list[tuple[str, Any]], options: dict[str, Any]) -> list[tuple[t
     return cells
 
 
+@contextlib.contextmanager
+def _quiet_size_warnings() -> Iterator[None]:
+    """The checks below resolve each cell once more than the draw does: its size warnings are said once, there."""
+    images_logger = logging.getLogger("sdlab.pipeline.images")
+    before, images_logger.disabled = images_logger.disabled, True
+    try:
+        yield
+    finally:
+        images_logger.disabled = before
+
+
 def _check_requests(cells: list[tuple[tuple[int, int, int], dict[str, Any]]], axes) -> None:
     """Every cell's request through the model-free checks (`request.resolve`) before anything loads."""
     from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
 
     for (i, j, k), options in cells:
         try:
-            resolve(GenerationRequest(**options), default_size=64, default_sampler="Euler",
-                    default_schedule="karras", factor=8)
+            with _quiet_size_warnings():
+                resolve(GenerationRequest(**options), default_size=64, default_sampler="Euler",
+                        default_schedule="karras", factor=8)
         except RequestError as err:
             where = ", ".join(axis.labels[(i, j, k)["xyz".index(letter)]] for letter, axis in axes)
             raise UserError(f"the grid cell {where}: {err}") from None
@@ -159,7 +173,8 @@ def run_grid(args: argparse.Namespace) -> int:
     name, hash_ = _identify_model(model)
     try:
         for _, cell in cells:                                # the model's checks too (clip skip, memory)
-            pipe.resolve(GenerationRequest(**cell))
+            with _quiet_size_warnings():
+                pipe.resolve(GenerationRequest(**cell))
     except RequestError as err:
         raise UserError(str(err)) from None
     bar = None

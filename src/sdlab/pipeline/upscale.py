@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdlab.checkpoints.upscaler import Upscaler
-from sdlab.pipeline.tiling import _run_tiled
+from sdlab.pipeline.tiling import decode_tiled
 
 DEFAULT_TILE = 192              # input pixels per tile side (A1111's ESRGAN tile); 0 = no tiling
 DEFAULT_OVERLAP = 32            # input pixels shared by neighbouring tiles (A1111: 8; more hides seams better)
@@ -133,7 +133,7 @@ def run_upscaler(upscaler: Upscaler, image: Image.Image, *, tile: int = DEFAULT_
         x = F.pad(x, (0, -width % fold, 0, -height % fold), mode="reflect") if fold > 1 else x
         tile = max(fold, tile - tile % fold)
         overlap = min(overlap - overlap % fold, tile - fold)
-        y = _run_tiled(net, x, tile, overlap, float(scale))                      # (1, C, sH', sW')
+        y = decode_tiled(net, x, tile, overlap, factor=scale)                    # (1, C, sH', sW'): any x`scale` map
         y = y[..., : height * scale, : width * scale]                           # (1, C, sH, sW)
     else:
         y = net(x)
