@@ -113,7 +113,7 @@ def test_prepare_refuses_wrong_family_missing_files_and_images(tmp_path):
                              "diffusers-file", tmp_path)
     with pytest.raises(RequestError, match="control 0: .*this ControlNet is for SDXL models .* the model is sd1"):
         prepare_controls(sd1, [ControlInput(sdxl_path, _picture())], 64, 64)
-    with pytest.raises(RequestError, match="no such file"):
+    with pytest.raises(RequestError, match="control 0: the ControlNet .*missing.safetensors' does not exist"):
         prepare_controls(sd1, [ControlInput(tmp_path / "missing.safetensors", _picture())], 64, 64)
     (tmp_path / "x").mkdir()
     sd1_path = write_layout(diffusers_controlnet(sd1.unet_config, 0, hint_widths=(16, 32)), "diffusers-file",
@@ -121,6 +121,13 @@ def test_prepare_refuses_wrong_family_missing_files_and_images(tmp_path):
     (tmp_path / "hint.png").write_bytes(b"not a picture")
     with pytest.raises(RequestError, match="cannot read the control 0 image"):
         prepare_controls(sd1, [ControlInput(sd1_path, tmp_path / "hint.png")], 64, 64)
+    with pytest.raises(RequestError, match="control 0: the image .*nothing.png' does not exist"):
+        prepare_controls(sd1, [ControlInput(sd1_path, tmp_path / "nothing.png")], 64, 64)
+    with pytest.raises(RequestError, match="control 0: .*a Stable Diffusion checkpoint .* not a ControlNet"):
+        from safetensors.torch import save_file
+
+        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "sd.safetensors")
+        prepare_controls(sd1, [ControlInput(tmp_path / "sd.safetensors", _picture())], 64, 64)
     eight = write_layout(diffusers_controlnet(sd1.unet_config, 0), "diffusers-file", tmp_path)
     with pytest.raises(RequestError, match="maps hints 8x down"):
         prepare_controls(sd1, [ControlInput(eight, _picture())], 64, 64)
@@ -130,6 +137,8 @@ def test_infotext_lines_are_a1111s(tmp_path):
     bundle = tiny_bundle("sd1")
     controls = _controls(tmp_path, bundle, strengths=(1.0, 0.55), ranges=((0.0, 1.0), (0.1, 0.75)))
     lines = infotext_lines(controls)
+    assert infotext_lines([ControlInput(controls[1].net.origin, "x.png", 0.55, 0.1, 0.75)]) == {
+        "ControlNet 0": lines["ControlNet 1"]}
     assert list(lines) == ["ControlNet 0", "ControlNet 1"]
     assert lines["ControlNet 1"].startswith("Module: none, Model: cn [")
     assert lines["ControlNet 1"].endswith("], Weight: 0.55, Guidance Start: 0.1, Guidance End: 0.75")

@@ -23,6 +23,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,10 @@ def check_control(control: ControlInput, index: int = 0) -> ControlInput:
         raise RequestError(f"{name}: need 0 <= start < end <= 1, got start {control.start}, end {control.end}")
     if control.module not in PREPROCESSORS:
         raise RequestError(f"{name}: unknown preprocessor {control.module!r}; valid: {', '.join(PREPROCESSORS)}")
+    if not isinstance(control.model, LoadedControlNet) and not Path(control.model).exists():
+        raise RequestError(f"{name}: the ControlNet {control.model_path!r} does not exist")
+    if not isinstance(control.image, Image.Image) and not Path(control.image).exists():
+        raise RequestError(f"{name}: the image {os.fspath(control.image)!r} does not exist")
     return control
 
 
@@ -208,16 +213,17 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def infotext_lines(controls: Sequence[PreparedControl]) -> dict[str, str]:
-    """A1111 ControlNet extension lines: {"ControlNet 0": "Module: none, Model: NAME [hash], Weight: 1,
-    Guidance Start: 0, Guidance End: 1"} (the value is quoted by the infotext writer)."""
+def infotext_lines(controls: Sequence[ControlInput | PreparedControl]) -> dict[str, str]:
+    """A1111 ControlNet extension labels and values, e.g. {"ControlNet 0": "Module: none, Model: NAME [hash],
+    Weight: 1, Guidance Start: 0, Guidance End: 1"}: NAME is the file name without its suffix, hash A1111's
+    short model hash (`legacy_hash`). The infotext writer quotes each value."""
     lines = {}
     for index, control in enumerate(controls):
-        net = control.net
+        path = control.net.origin if isinstance(control, PreparedControl) else control.model_path
         try:
-            model = f"{net.name} [{legacy_hash(net.origin)}]"
+            model = f"{(Path(path).stem if Path(path).is_file() else Path(path).name)} [{legacy_hash(path)}]"
         except OSError:
-            model = net.name
+            model = Path(path).name
         lines[f"ControlNet {index}"] = (
             f"Module: {control.module}, Model: {model}, Weight: {_number(control.strength)}, "
             f"Guidance Start: {_number(control.start)}, Guidance End: {_number(control.end)}"
