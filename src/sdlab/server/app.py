@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdlab.server import a1111, native
 from sdlab.server.config import ServerConfig
-from sdlab.server.guard import BodyTooLarge, Guard
+from sdlab.server.guard import Guard
 from sdlab.server.inputs import BadRequest
 from sdlab.server.jobs import QueueFull
 from sdlab.server.service import Service
@@ -76,10 +76,6 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, err: QueueFull) -> JSONResponse:
         return error_response(request, 429, "Too Many Requests", str(err), headers={"Retry-After": "5"})
-
-    @app.exception_handler(BodyTooLarge)
-    async def too_large(request: Request, err: BodyTooLarge) -> JSONResponse:
-        return error_response(request, 413, "Request Entity Too Large", str(err))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -17,9 +17,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)")
+def too_large(limit: int) -> str:
+    return f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)"
 
 
 class Guard:
@@ -41,21 +40,16 @@ class Guard:
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             status = 413 if length.isdigit() else 400
-            await _respond(send, status, {"detail": str(BodyTooLarge(self.max_body)) if status == 413
+            await _respond(send, status, {"detail": too_large(self.max_body) if status == 413
                                           else "invalid Content-Length"})
             return
-        received = 0
-
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body:
-                    raise BodyTooLarge(self.max_body)
-            return message
-
-        await self.app(scope, counted, send)
+        if length is None and headers.get("transfer-encoding"):     # a streamed body: read it up to the limit
+            body = await _read_body(receive, self.max_body)
+            if body is None:
+                await _respond(send, 413, {"detail": too_large(self.max_body)})
+                return
+            receive = _replay(body, receive)
+        await self.app(scope, receive, send)
 
     def _authorized(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
@@ -71,6 +65,34 @@ class Guard:
             ok_password = compare_digest(password.encode(), self.basic[1].encode())
             return bool(sep) and ok_user and ok_password
         return False
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The whole body, or None once it passes `limit` bytes."""
+    parts, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(parts)
+        parts.append(message.get("body", b""))
+        size += len(parts[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(parts)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()              # after the body: the disconnect, when it comes
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
 
 
 async def _respond(send: Send, status: int, body: Any, headers: list[tuple[bytes, bytes]] = ()) -> None:

@@ -1,0 +1,111 @@
+"""`sdlab serve` as a process: a restart keeps the job history (jobs cut off are marked interrupted),
+authentication guards every route, binding beyond the loopback needs it, and the body-size limit."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from server_fixtures import free_port, server_env, start_server
+
+LONG = {"prompt": "a slow one", "steps": 150}
+
+
+def _wait_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...]) -> dict:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} never reached {statuses}: {job}")
+
+
+def test_restart_keeps_history_and_marks_cut_off_jobs_interrupted(tmp_path):
+    out = tmp_path / "outputs"
+    first = start_server(out)
+    try:
+        with httpx.Client(base_url=first.url, timeout=60) as client:
+            done_id = client.post("/api/jobs", json={"prompt": "kept", "steps": 2, "seed": 4}).json()["id"]
+            done = _wait_status(client, done_id, ("done",))
+            running_id = client.post("/api/jobs", json=LONG).json()["id"]
+            queued_id = client.post("/api/jobs", json=LONG).json()["id"]
+            _wait_status(client, running_id, ("running",))
+    finally:
+        first.kill()                                     # no chance to clean up
+    second = start_server(out)
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as client:
+            jobs = {job["id"]: job for job in client.get("/api/jobs").json()["jobs"]}
+            assert jobs[done_id]["status"] == "done" and jobs[done_id]["images"] == done["images"]
+            assert jobs[done_id]["request"]["seed"] == 4 and jobs[done_id]["infotexts"] == done["infotexts"]
+            assert client.get(done["images"][0]).status_code == 200
+            for job_id in (running_id, queued_id):
+                job = client.get(f"/api/jobs/{job_id}").json()
+                assert job["status"] == "interrupted" and "stopped" in job["error"] and job["images"] == []
+            assert client.delete(f"/api/jobs/{running_id}").json()["status"] == "interrupted"
+            with client.stream("GET", f"/api/jobs/{running_id}/events") as stream:
+                lines = [line for line in stream.iter_lines() if line]
+            assert lines[0] == "event: failed" and "interrupted" in lines[1]
+            new_id = client.post("/api/jobs", json={"prompt": "after", "steps": 2}).json()["id"]
+            assert _wait_status(client, new_id, ("done",))["status"] == "done"
+            assert [j["id"] for j in client.get("/api/jobs").json()["jobs"]][:1] == [new_id]
+    finally:
+        second.stop()
+
+
+def test_binding_beyond_loopback_without_auth_is_refused():
+    result = subprocess.run([sys.executable, "-m", "sdlab", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
+                            capture_output=True, text=True, env=server_env(), timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.startswith("sdlab: error: refusing to listen on 0.0.0.0 without authentication")
+    assert "--auth" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--auth", "nopassword"], "--auth wants USER:PASS"),
+    (["--token-file", "/no/such/token"], "cannot read --token-file"),
+    (["--model", "/no/such/model.safetensors"], "does not exist"),
+    (["--max-steps", "0"], "--max-steps must be positive"),
+])
+def test_bad_serve_options_are_one_line_errors(args, message):
+    result = subprocess.run([sys.executable, "-m", "sdlab", "serve", "--port", str(free_port()), *args],
+                            capture_output=True, text=True, env=server_env(), timeout=120)
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_token_auth_guards_every_route_and_the_body_limit(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret-token\n")
+    good = {"Authorization": "Bearer s3cret-token"}
+    server = start_server(tmp_path / "outputs", "--token-file", str(token_file), "--max-body-mb", "0.01",
+                          headers=good)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for path in ("/", "/static/index.html", "/sdapi/v1/options", "/api/jobs", "/api/images/x.png", "/docs"):
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + base64.b64encode(b"a:b").decode()}):
+                    response = client.get(path, headers=headers)
+                    assert response.status_code == 401, (path, headers)
+                    assert response.headers["www-authenticate"].startswith("Basic")
+            assert client.get("/", headers=good).status_code == 200
+            assert client.get("/sdapi/v1/sd-models", headers=good).status_code == 200
+            big = {"prompt": "x" * 20_000}
+            assert client.post("/api/jobs", json=big, headers=good).status_code == 413
+
+            def chunks():
+                yield b'{"prompt": "'
+                for _ in range(30):
+                    yield b"y" * 1000
+                yield b'"}'
+
+            streamed = client.post("/api/jobs", content=chunks(), headers={**good, "content-type": "application/json"})
+            assert streamed.status_code == 413
+            created = client.post("/api/jobs", json={"prompt": "small", "steps": 2}, headers=good)
+            assert created.status_code == 202
+    finally:
+        server.stop()
