@@ -6,7 +6,8 @@ Pixel space, A1111's upscaler semantics (`upscale_image`):
   exactly; so `--scale 2` with a x4 model is one x4 pass and a Lanczos halving, `--scale 8` two passes.
   The network sees RGB in [0, 1], what ESRGAN and Real-ESRGAN were trained on (A1111 flips to BGR); an
   alpha channel is not upscaled by the network but resized with Lanczos and put back, as A1111 does.
-- `"Lanczos"` and `"Nearest"` are plain PIL resizes to the target (A1111's upscalers of those names).
+- `"Lanczos"` and `"Nearest"` are plain PIL resizes to the target (A1111's upscalers of those names;
+  A1111's `"None"` is Lanczos as well).
 
 Tiling (`run_upscaler`): the input is cut into `tile` x `tile` pixel tiles overlapping by `overlap`, each
 goes through the network alone, and the outputs are blended with linear ramps across the overlaps
@@ -52,7 +53,9 @@ LATENT_UPSCALE_MODES: dict[str, tuple[str, bool]] = {
     "Latent (nearest)": ("nearest", False),
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
-PLAIN_UPSCALERS = {"lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST}
+PLAIN_UPSCALERS = {                             # A1111's "None" upscaler resizes with Lanczos too
+    "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST, "none": Image.Resampling.LANCZOS,
+}
 
 
 class UpscaleError(ValueError):
