@@ -130,3 +130,13 @@ def test_model_checks_run_before_the_first_cell(tmp_path: Path, capsys, monkeypa
     code, _, err = run(["grid", PROMPT, "--x", "clip_skip=1,40", "--steps", "2", "--out", str(out), "--no-progress"], capsys)
     assert code == 2 and "clip skip" in err.lower() and err.count("sdlab: error:") == 1, err
     assert drawn == [] and list(tmp_path.iterdir()) == []
+
+
+def test_new_folders_are_made_only_when_writing(tmp_path: Path, capsys) -> None:
+    code, _, _ = run(["grid", PROMPT, "--x", "steps=0", "--out", str(tmp_path / "a" / "g.png"),
+                      "--keep-cells", str(tmp_path / "b")], capsys)
+    assert code == 2 and list(tmp_path.iterdir()) == []
+    code, _, err = run(["grid", PROMPT, "--x", "steps=2", "--out", str(tmp_path / "a" / "g.png"),
+                        "--keep-cells", str(tmp_path / "b"), "--no-progress"], capsys)
+    assert code == 0, err
+    assert (tmp_path / "a" / "g.png").is_file() and (tmp_path / "b" / "000-x0-y0-z0.png").is_file()

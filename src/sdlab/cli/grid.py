@@ -130,11 +130,8 @@ def _output_files(args: argparse.Namespace) -> None:
 
     if image_format(args.out) is None:
         raise UserError(f"--out {args.out!r}: sdlab writes {', '.join(IMAGE_SUFFIXES)} files; name one of these")
-    if args.keep_cells:
-        try:
-            Path(args.keep_cells).mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create the --keep-cells folder {args.keep_cells!r}: {err.strerror or err}") from None
+    if args.keep_cells and Path(args.keep_cells).exists() and not Path(args.keep_cells).is_dir():
+        raise UserError(f"--keep-cells {args.keep_cells!r} is a file, not a folder")
 
 
 def _record_prompt(prompt: str, axes, index: tuple[int, int, int]) -> str:
@@ -210,6 +207,8 @@ def run_grid(args: argparse.Namespace) -> int:
         for n, ((i, j, k), _) in enumerate(cells):
             files.append((Path(args.keep_cells) / f"{n:03d}-x{i}-y{j}-z{k}.png", encode_image(images[(i, j, k)], "PNG", texts[(i, j, k)])))
     try:
+        for folder in {path.parent for path, _ in files}:
+            folder.mkdir(parents=True, exist_ok=True)
         write_files_all_or_nothing(files, overwrite=True)
     except OSError as err:
         if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):

@@ -111,6 +111,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     out = Path(args.out)
     blob = encode_image(result, image_format(out), parameters)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_files_all_or_nothing([(out, blob)], overwrite=True)
     except OSError as err:
         if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):

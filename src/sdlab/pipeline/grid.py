@@ -83,7 +83,7 @@ FIELDS: dict[str, Field] = {
 _ALIASES = {
     "scheduler": "schedule", "scheduletype": "schedule", "cfgscale": "cfg", "denoise": "strength",
     "denoising": "strength", "denoisingstrength": "strength", "sr": "promptsr", "prompt": "promptsr",
-    "sampler_name": "sampler", "samplername": "sampler",
+    "samplername": "sampler",
 }
 
 
