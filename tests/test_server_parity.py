@@ -1,0 +1,58 @@
+"""The server draws what `sdlab txt2img` draws: the same pixels and the same parameters text for the same
+settings, through the native jobs API and through A1111's `/sdapi/v1/txt2img`."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from server_fixtures import sdlab_server, server_env  # noqa: F401  (fixture)
+
+
+def _cli(tmp_path, *args: str) -> Image.Image:
+    out = tmp_path / "cli.png"
+    result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", *args, "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, env=server_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    image = Image.open(out)
+    image.load()
+    return image
+
+
+def _same(a: Image.Image, b: Image.Image) -> None:
+    assert a.size == b.size
+    assert (np.asarray(a.convert("RGB")) == np.asarray(b.convert("RGB"))).all()
+    assert a.info["parameters"] == b.info["parameters"]
+
+
+def test_native_job_equals_cli(sdlab_server, tmp_path):
+    cli = _cli(tmp_path, "a red heart, blue sky", "--negative", "blurry", "--steps", "6", "--seed", "77",
+               "--sampler", "Euler a", "--schedule", "exponential", "--cfg", "6.5", "--batch", "1")
+    with httpx.Client(base_url=sdlab_server.url, timeout=120) as client:
+        job_id = client.post("/api/jobs", json={"prompt": "a red heart, blue sky", "negative_prompt": "blurry",
+                                                "steps": 6, "seed": 77, "sampler": "Euler a",
+                                                "schedule": "exponential", "cfg_scale": 6.5}).json()["id"]
+        deadline = time.monotonic() + 120
+        while (job := client.get(f"/api/jobs/{job_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert job["status"] == "done", job
+        served = Image.open(io.BytesIO(client.get(job["images"][0]).content))
+    _same(served, cli)
+
+
+def test_a1111_txt2img_equals_cli(sdlab_server, tmp_path):
+    cli = _cli(tmp_path, "a green square", "--steps", "5", "--seed", "3", "--sampler", "DPM++ 2M",
+               "--schedule", "karras", "--cfg", "5", "--width", "64", "--height", "64")
+    response = httpx.post(sdlab_server.url + "/sdapi/v1/txt2img", timeout=120, json={
+        "prompt": "a green square", "steps": 5, "seed": 3, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+        "cfg_scale": 5, "width": 64, "height": 64})
+    assert response.status_code == 200, response.text
+    _same(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))), cli)
