@@ -1,6 +1,7 @@
-"""Loading ESRGAN-family upscaler files (RRDBNet) from `.safetensors` or weights-only `.pth` / `.pt`.
+"""Loading ESRGAN-family upscaler files from `.safetensors` or weights-only `.pth` / `.pt`: RRDBNet (ESRGAN,
+Real-ESRGAN, BSRGAN) and Real-ESRGAN's compact SRVGGNet (`sdlab.models.srvgg`: `body.N` convs and PReLUs only).
 
-Three key layouts name the same network (`sdlab.models.rrdbnet`, whose names are Real-ESRGAN's):
+Three key layouts name the same RRDBNet (`sdlab.models.rrdbnet`, whose names are Real-ESRGAN's):
 
 | part            | Real-ESRGAN ("new arch")  | BSRGAN / RealSR            | ESRGAN ("old arch")              |
 |-----------------|---------------------------|----------------------------|----------------------------------|
@@ -22,6 +23,7 @@ missing or misshapen tensor) is a `CheckpointError` that says what was found.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -34,6 +36,7 @@ from torch import Tensor
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.models.rrdbnet import RRDBNet, RRDBNetConfig
+from sdlab.models.srvgg import SRVGGConfig, SRVGGNetCompact
 
 _WRAPPERS = ("params_ema", "params")         # basicsr training files: EMA weights first
 _BLOCK_NEW = re.compile(r"body\.(\d+)\.rdb([123])\.conv([1-5])\.(weight|bias)")
@@ -42,6 +45,7 @@ _BLOCK_OLD = re.compile(r"model\.1\.sub\.(\d+)\.RDB([123])\.conv([1-5])\.0\.(wei
 _UP_NEW = re.compile(r"(?:conv_up|upconv)(\d+)\.(weight|bias)")
 _OLD_TOP = re.compile(r"model\.(\d+)\.(weight|bias)")
 _OLD_TRUNK = re.compile(r"model\.1\.sub\.(\d+)\.(weight|bias)")
+_COMPACT = re.compile(r"body\.(\d+)\.(weight|bias)")
 _RENAMES = {"trunk_conv": "conv_body", "HRconv": "conv_hr"}
 
 
@@ -49,7 +53,7 @@ _RENAMES = {"trunk_conv": "conv_body", "HRconv": "conv_hr"}
 class Upscaler:
     """A loaded upscaler network and what it is: `net` maps (B, C, H, W) in [0, 1] to (B, C, sH, sW)."""
 
-    net: RRDBNet
+    net: RRDBNet | SRVGGNetCompact
     name: str                                # the file's stem, as A1111 lists upscalers
 
     @property
@@ -119,9 +123,31 @@ def rrdbnet_names(keys: list[str], path: str | os.PathLike[str] = "upscaler") ->
         mapped = _new_layout_names(names, path)
     else:
         shown = ", ".join(names[:4])
-        raise CheckpointError(f"{path}: not an ESRGAN / Real-ESRGAN upscaler (no conv_first + body.N.rdbK or "
-                              f"model.0 + model.1.sub.N.RDBK tensors; it holds {len(names)} tensors: {shown}, ...)")
+        raise CheckpointError(f"{path}: not an ESRGAN / Real-ESRGAN upscaler (no conv_first + body.N.rdbK, "
+                              f"model.0 + model.1.sub.N.RDBK or compact body.N tensors; it holds {len(names)} "
+                              f"tensors: {shown}, ...)")
     return {inner[k]: v for k, v in mapped.items()}
+
+
+def _is_compact(keys: list[str]) -> bool:
+    """Real-ESRGAN's compact network: only `body.N.weight` / `.bias`, with PReLU weights at `body.1`."""
+    inner = _unwrap(keys)
+    return "body.0.weight" in inner and "body.1.weight" in inner and all(_COMPACT.fullmatch(k) for k in inner)
+
+
+def compact_config(shapes: Mapping[str, torch.Size], path: str | os.PathLike[str] = "upscaler") -> SRVGGConfig:
+    """SRVGGNetCompact's sizes from its shapes: the last conv holds C_out * scale^2 channels, C_out = C_in."""
+    last = max(int(k.split(".")[1]) for k in shapes)
+    first, final = shapes["body.0.weight"], shapes.get(f"body.{last}.weight")
+    if final is None or len(first) != 4 or len(final) != 4 or last % 2:
+        raise CheckpointError(f"{path}: a compact upscaler whose last layer body.{last} is not a convolution")
+    in_channels, sub_pixels = first[1], final[0]
+    scale = math.isqrt(sub_pixels // in_channels)
+    if scale < 1 or scale * scale * in_channels != sub_pixels:
+        raise CheckpointError(f"{path}: the compact upscaler's last conv has {sub_pixels} channels, not "
+                              f"{in_channels} x scale^2")
+    return SRVGGConfig(in_channels=in_channels, out_channels=in_channels, features=first[0],
+                       num_convs=(last - 2) // 2, scale=scale)
 
 
 def config_from_shapes(shapes: Mapping[str, torch.Size], path: str | os.PathLike[str] = "upscaler") -> RRDBNetConfig:
@@ -141,7 +167,7 @@ def config_from_shapes(shapes: Mapping[str, torch.Size], path: str | os.PathLike
                          growth=growth, num_blocks=blocks, num_upsamples=ups, unshuffle=unshuffle)
 
 
-def _check_shapes(net: RRDBNet, shapes: Mapping[str, torch.Size], path: Path) -> None:
+def _check_shapes(net: RRDBNet | SRVGGNetCompact, shapes: Mapping[str, torch.Size], path: Path) -> None:
     expected = {k: v.shape for k, v in net.state_dict().items()}
     missing = sorted(set(expected) - set(shapes))
     extra = sorted(set(shapes) - set(expected))
@@ -167,11 +193,16 @@ def upscaler_from_state(state: Mapping[str, Tensor], name: str = "upscaler", *, 
     """An `Upscaler` from a state dict in any supported layout (see the module docstring). A lazy state
     (`sdlab.checkpoints.io.LazyMapping`) is read only once names and shapes have been checked."""
     where = Path(path) if path is not None else Path(name)
-    names = rrdbnet_names(list(state), where)
+    keys = list(state)
+    compact = _is_compact(keys)
+    if compact:
+        names = {file_key: ours for ours, file_key in _unwrap(keys).items()}
+    else:
+        names = rrdbnet_names(keys, where)
     file_shapes = shapes_of(state)
     shapes = {ours: file_shapes[key] for key, ours in names.items()}
     with torch.device("meta"):
-        net = RRDBNet(config_from_shapes(shapes, where))
+        net = SRVGGNetCompact(compact_config(shapes, where)) if compact else RRDBNet(config_from_shapes(shapes, where))
     _check_shapes(net, shapes, where)
     tensors = {ours: state[key] for key, ours in names.items()}
     _check_values(tensors, where)
