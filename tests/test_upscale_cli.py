@@ -108,3 +108,9 @@ def test_bad_inputs_write_nothing(tmp_path, picture, x4_model, capsys) -> None:
     big = tmp_path / "big.png"
     Image.new("RGB", (2100, 2100), "white").save(big)           # x4: 8400 x 8400 = 70.6 MP, over the 67 MP limit
     _fails(["upscale", str(big), "--model", str(x4_model), "--out", out], capsys, "beyond the limit", tmp_path)
+
+
+def test_decompression_bombs_are_refused(tmp_path, picture, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)           # the 24 x 20 picture is now "too large"
+    out = str(tmp_path / "out.png")
+    _fails(["upscale", str(picture), "--scale", "2", "--out", out], capsys, "too large to open safely", tmp_path)
