@@ -35,6 +35,7 @@ if __name__ != "__main__":
                     "chromium-driver); .ci/run installs them", allow_module_level=True)
 
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -55,37 +56,57 @@ def start_browser() -> webdriver.Chrome:
     return webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
 
 
-def http_json(base: str, path: str, body: dict | None = None, method: str | None = None) -> dict:
+def basic_auth(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def http_json(base: str, path: str, body: dict | None = None, method: str | None = None,
+              headers: dict[str, str] | None = None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+    all_headers = {**(headers or {}), **({"Content-Type": "application/json"} if data else {})}
+    request = urllib.request.Request(base + path, data=data, method=method, headers=all_headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
-def http_bytes(base: str, path: str) -> bytes:
-    with urllib.request.urlopen(base + path, timeout=30) as response:
+def http_bytes(base: str, path: str, headers: dict[str, str] | None = None) -> bytes:
+    with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers or {}), timeout=30) as response:
         return response.read()
 
 
-def wait_job(base: str, job_id: str, statuses=("done", "failed", "cancelled")) -> dict:
+def wait_job(base: str, job_id: str, statuses=("done", "failed", "cancelled"), headers=None) -> dict:
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
-        job = http_json(base, f"/api/jobs/{job_id}")
+        job = http_json(base, f"/api/jobs/{job_id}", headers=headers)
         if job["status"] in statuses:
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not reach {statuses}: {job}")
 
 
-def job_by_prompt(base: str, prompt: str) -> dict:
-    jobs = [job for job in http_json(base, "/api/jobs")["jobs"] if job["request"].get("prompt") == prompt]
+def job_by_prompt(base: str, prompt: str, headers: dict[str, str] | None = None) -> dict:
+    jobs = [job for job in http_json(base, "/api/jobs", headers=headers)["jobs"]
+            if job["request"].get("prompt") == prompt]
     assert jobs, f"no job with the prompt {prompt!r}"
     return jobs[0]
 
 
 def wait(driver, condition, timeout: float = TIMEOUT, message: str = ""):
-    return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition, message)
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.05).until(condition, message)
+    except TimeoutException:
+        state = driver.execute_script(
+            "const t = (id) => document.getElementById(id)?.textContent;"
+            "return {progress: t('progress-text'), error: t('error'), notice: t('notice'), queue: t('queue')};")
+        raise AssertionError(f"timed out after {timeout} s: {message}; page: {state}; "
+                             f"console: {driver.get_log('browser')}") from None
+
+
+def cancel_leftover_jobs(base: str, headers: dict[str, str] | None = None) -> None:
+    """Jobs another test left queued or running would hold this test's jobs back: cancel them."""
+    for job in http_json(base, "/api/jobs", headers=headers)["jobs"]:
+        if job["status"] in ("queued", "running"):
+            http_json(base, f"/api/jobs/{job['id']}", method="DELETE", headers=headers)
 
 
 def open_page(driver, base: str) -> None:
@@ -174,6 +195,7 @@ def browser():
 
 @pytest.fixture()
 def page(browser, base_url):
+    cancel_leftover_jobs(base_url)
     open_page(browser, base_url)
     browser.get_log("browser")            # start each test with an empty console
     return browser
@@ -371,6 +393,80 @@ def test_bad_input_shows_the_servers_detail(page, base_url):
     assert [e.get_attribute("data-name") for e in entries] == ["no-such-lora"]
     assert value(page, "lora-weight-0") == "0.5"
     assert value(page, "prompt") == "a star"
+
+
+def write_lora(path: Path) -> Path:
+    """A kohya-format LoRA over the shipped model's U-Net with random weights (it visibly changes pictures)."""
+    import sdlab
+    import torch
+    from sdlab.train.lora import LoRANetwork, save_lora_networks
+
+    bundle = sdlab.load().bundle
+    network = LoRANetwork.for_unet(bundle.unet, 4, 4.0)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return save_lora_networks(path, [network], bundle.family, bundle.prediction)
+
+
+@pytest.fixture(scope="module")
+def folder_server(tmp_path_factory):
+    """A server with --models-dir (a second checkpoint and a LoRA) behind HTTP Basic authentication."""
+    from sdlab.api import shipped_model_path
+    from server_fixtures import start_server
+
+    root = tmp_path_factory.mktemp("webui-models")
+    models = root / "models"
+    (models / "Lora").mkdir(parents=True)
+    shutil.copyfile(shipped_model_path(), models / "tiny-copy.safetensors")
+    write_lora(models / "Lora" / "wobble.safetensors")
+    server = start_server(root / "outputs", "--models-dir", str(models), "--auth", "ada:lovelace",
+                          auth=("ada", "lovelace"))
+    yield server
+    server.stop()
+
+
+def test_model_and_lora_pickers_behind_basic_auth(browser, folder_server):
+    base, auth = folder_server.url, basic_auth("ada", "lovelace")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        http_bytes(base, "/")
+    assert refused.value.code == 401
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": auth})   # as after the login prompt
+    try:
+        open_page(browser, base)
+        browser.get_log("browser")
+        models = {m["model_name"]: m["title"] for m in http_json(base, "/sdapi/v1/sd-models", headers=auth)}
+        assert len(models) == 2
+        model = Select(browser.find_element(By.ID, "model"))
+        assert {o.get_attribute("value") for o in model.options} == set(models.values())
+        model.select_by_value(models["tiny-copy"])
+        Select(browser.find_element(By.ID, "lora")).select_by_value("wobble")
+        set_value(browser, "lora-weight", 0.8)
+        browser.find_element(By.ID, "lora-add").click()
+        assert [e.get_attribute("data-name") for e in browser.find_elements(By.CSS_SELECTOR, "#lora-list li")] == ["wobble"]
+        browser.find_element(By.ID, "prompt").send_keys("a blue square")
+        set_value(browser, "steps", 4)
+        set_value(browser, "seed", 3)
+        browser.find_element(By.ID, "generate").click()
+        result = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
+        wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", result))
+        assert int(browser.find_element(By.ID, "preview").get_attribute("data-count") or 0) >= 1
+
+        job = job_by_prompt(base, "a blue square", headers=auth)
+        assert job["model"] == models["tiny-copy"]
+        assert job["request"]["loras"] == [{"name": "wobble", "weight": 0.8}]
+        with_lora = http_bytes(base, job["images"][0], headers=auth)
+        assert "<lora:wobble:0.8>" in Image.open(io.BytesIO(with_lora)).info["parameters"]
+        plain = wait_job(base, http_json(base, "/api/jobs", {"prompt": "a blue square", "steps": 4, "seed": 3,
+                                                             "model": models["tiny-copy"]}, headers=auth)["id"],
+                         headers=auth)
+        without = Image.open(io.BytesIO(http_bytes(base, plain["images"][0], headers=auth)))
+        assert Image.open(io.BytesIO(with_lora)).tobytes() != without.tobytes(), "the LoRA changed nothing"
+        assert severe_console_errors(browser) == []
+    finally:
+        browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
 
 
 # ---------------------------------------------------------------- screenshots

@@ -452,11 +452,11 @@ function watchJob(id) {
   state.watched.set(id, source);
   updateCancelButton();
   const handle = (type, data) => {
-    if (type === "queued" && state.shownJob === id) {
-      setProgress(0, 1, queuedText(data.position));
+    if (type === "queued") {
+      if (state.shownJob === id && data.position != null) setProgress(0, 1, queuedText(data.position));
     } else if (type === "started") {
       state.shownJob = id;
-      setProgress(0, 1, "Started");
+      setProgress(0, data.steps || 1, "Started");
     } else if (type === "step") {
       state.shownJob = id;
       setProgress(data.i, data.n, `Step ${data.i} / ${data.n}`);
@@ -668,6 +668,8 @@ async function refreshJobs() {
     return;
   }
   const jobs = (data && data.jobs) || [];
+  const newestDone = jobs.find((j) => j.status === "done" && j.request && j.request.seed != null);
+  if (state.lastSeed == null && newestDone) state.lastSeed = newestDone.request.seed;
   const signature = JSON.stringify(jobs.map((j) => [j.id, j.status, j.step, (j.images || []).length]));
   if (signature === state.jobsSignature) return;
   state.jobsSignature = signature;
