@@ -140,3 +140,21 @@ def test_new_folders_are_made_only_when_writing(tmp_path: Path, capsys) -> None:
                         "--keep-cells", str(tmp_path / "b"), "--no-progress"], capsys)
     assert code == 0, err
     assert (tmp_path / "a" / "g.png").is_file() and (tmp_path / "b" / "000-x0-y0-z0.png").is_file()
+
+
+def test_python_api_draw_plot_matches_txt2img() -> None:
+    import sdlab
+    from sdlab.pipeline.grid import Plot, draw_plot, parse_axis
+
+    pipe = sdlab.load()
+    plot = Plot(parse_axis("cfg=3,6"), z=parse_axis("steps=2,3"))
+    sheet, results = draw_plot(pipe.run, {"prompt": PROMPT, "seed": 4}, plot)
+    assert sorted(results) == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]
+    want = pipe.txt2img(PROMPT, cfg_scale=6.0, steps=3, seed=4).images[0]
+    assert np.array_equal(np.asarray(results[(1, 0, 1)].images[0]), np.asarray(want))
+    assert sheet.width == 2 * 64 and sheet.height > 2 * 64
+
+
+def test_axes_must_start_at_x(tmp_path: Path, capsys) -> None:
+    code, _, err = run(["grid", PROMPT, "--y", "steps=2,3", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "--x" in err

@@ -21,7 +21,6 @@ import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from sdlab.cli.errors import UserError
 from sdlab.utils.dtypes import DTYPE_NAMES
@@ -64,40 +63,22 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_grid, from_png=None, batch=None, mask_blur=None, refiner=None, refiner_switch=0.8)
 
 
-def _axes(args: argparse.Namespace) -> list[tuple[str, Any]]:
-    """(axis letter, Axis) for each axis given, X first; errors before any work."""
-    from sdlab.pipeline.grid import GridError, cell_count, parse_axis
+def _plot(args: argparse.Namespace):
+    """The axes given as a `Plot`; errors before any work."""
+    from sdlab.pipeline.grid import GridError, Plot, cell_count, parse_axis
 
-    axes = []
+    if args.x is None:
+        if args.y is not None or args.z is not None:
+            raise UserError("give the first axis as --x (then --y, --z)")
+        raise UserError("a grid needs at least one axis: --x FIELD=V1,V2,... (e.g. --x steps=10,20)")
     try:
-        for letter in ("x", "y", "z"):
-            spec = getattr(args, letter)
-            if spec is not None:
-                axes.append((letter, parse_axis(spec)))
-        if not axes:
-            raise UserError("a grid needs at least one axis: --x FIELD=V1,V2,... (e.g. --x steps=10,20)")
-        cell_count([axis for _, axis in axes])
+        axes = {letter: parse_axis(getattr(args, letter)) for letter in "xyz" if getattr(args, letter) is not None}
+        cell_count(list(axes.values()))
     except GridError as err:
         raise UserError(str(err)) from None
-    if not args.init and any(axis.field.name == "strength" for _, axis in axes):
+    if not args.init and any(axis.field.name == "strength" for axis in axes.values()):
         raise UserError("a denoise (strength) axis needs --init IMAGE: txt2img has no strength")
-    return axes
-
-
-def _cells(axes: list[tuple[str, Any]], options: dict[str, Any]) -> list[tuple[tuple[int, int, int], dict[str, Any]]]:
-    """((x, y, z) indices, request options) of every cell, in drawing order (z, then y, then x)."""
-    by_letter = dict(axes)
-    sizes = {letter: len(by_letter[letter].values) if letter in by_letter else 1 for letter in "xyz"}
-    cells = []
-    for k in range(sizes["z"]):
-        for j in range(sizes["y"]):
-            for i in range(sizes["x"]):
-                cell = dict(options)
-                for letter, index in (("x", i), ("y", j), ("z", k)):
-                    if letter in by_letter:
-                        cell = by_letter[letter].apply(cell, index)
-                cells.append(((i, j, k), cell))
-    return cells
+    return Plot(**axes)
 
 
 @contextlib.contextmanager
@@ -111,18 +92,17 @@ def _quiet_size_warnings() -> Iterator[None]:
         images_logger.disabled = before
 
 
-def _check_requests(cells: list[tuple[tuple[int, int, int], dict[str, Any]]], axes) -> None:
+def _check_requests(cells, plot) -> None:
     """Every cell's request through the model-free checks (`request.resolve`) before anything loads."""
     from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
 
-    for (i, j, k), options in cells:
+    for index, options in cells:
         try:
             with _quiet_size_warnings():
                 resolve(GenerationRequest(**options), default_size=64, default_sampler="Euler",
                         default_schedule="karras", factor=8)
         except RequestError as err:
-            where = ", ".join(axis.labels[(i, j, k)["xyz".index(letter)]] for letter, axis in axes)
-            raise UserError(f"the grid cell {where}: {err}") from None
+            raise UserError(f"the grid cell {', '.join(plot.labels(index))}: {err}") from None
 
 
 def _output_files(args: argparse.Namespace) -> None:
@@ -134,10 +114,10 @@ def _output_files(args: argparse.Namespace) -> None:
         raise UserError(f"--keep-cells {args.keep_cells!r} is a file, not a folder")
 
 
-def _record_prompt(prompt: str, axes, index: tuple[int, int, int]) -> str:
+def _record_prompt(prompt: str, plot, index: tuple[int, int, int]) -> str:
     """The prompt as written (LoRA tags kept) with the cell's Prompt S/R replacements."""
     options = {"prompt": prompt, "negative_prompt": ""}
-    for letter, axis in axes:
+    for letter, axis in plot.axes():
         if axis.field.name == "prompt":
             options = axis.apply(options, index["xyz".index(letter)])
     return options["prompt"]
@@ -145,26 +125,26 @@ def _record_prompt(prompt: str, axes, index: tuple[int, int, int]) -> str:
 
 def run_grid(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import _identify_model, _load_pipeline, _open_image, _options_from_args, _resolve_loras
-    from sdlab.pipeline.grid import check_prompt_sr, draw_grid, font_size, stack_grids, GridError
+    from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_plot
     from sdlab.pipeline.infotext import to_parameters
     from sdlab.pipeline.png_info import encode_image, format_parameters, image_format, write_files_all_or_nothing
     from sdlab.pipeline.request import GenerationRequest, RequestError
 
     args.mode = "img2img" if args.init else "txt2img"
     _output_files(args)
-    axes = _axes(args)
+    plot = _plot(args)
     options = _options_from_args(args, {})
     options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], {})
     try:
-        check_prompt_sr([axis for _, axis in axes], options["prompt"], options.get("negative_prompt", ""))
+        check_prompt_sr([axis for _, axis in plot.axes()], options["prompt"], options.get("negative_prompt", ""))
     except GridError as err:
         raise UserError(str(err)) from None
     if options.get("seed") is None or options["seed"] < 0:
         options["seed"] = random.randrange(2**32)         # one seed for every cell, as A1111 fixes it
     if args.init:
         options["init_image"] = _open_image(args.init, "init image")
-    cells = _cells(axes, options)
-    _check_requests(cells, axes)
+    cells = plot.cells(options)
+    _check_requests(cells, plot)
 
     pipe, model = _load_pipeline(args, None, loras)
     name, hash_ = _identify_model(model)
@@ -179,33 +159,31 @@ def run_grid(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=len(cells), desc="grid", unit="cell", file=sys.stderr, leave=False)
-    images, texts = {}, {}
+
+    def run_cell(request: GenerationRequest):
+        result = pipe.run(request)
+        if bar is not None:
+            bar.update(1)
+        return result
+
     try:
-        for index, cell in cells:
-            result = pipe.run(GenerationRequest(**cell))
-            images[index] = result.images[0]
-            texts[index] = format_parameters(to_parameters(result.request, model_name=name, model_hash=hash_,
-                                                           loras=lora_refs, prompt=_record_prompt(prompt_to_record, axes, index)))
-            if bar is not None:
-                bar.update(1)
+        sheet, results = draw_plot(run_cell, options, plot)
     except RequestError as err:
         raise UserError(str(err)) from None
     finally:
         if bar is not None:
             bar.close()
-
-    by_letter = dict(axes)
-    labels = {letter: list(by_letter[letter].labels) if letter in by_letter else [""] for letter in "xyz"}
-    sub_grids = [draw_grid([[images[(i, j, k)] for i in range(len(labels["x"]))] for j in range(len(labels["y"]))],
-                           labels["x"], labels["y"]) for k in range(len(labels["z"]))]
-    first = images[(0, 0, 0)]
-    sheet = stack_grids(sub_grids, labels["z"], font_size(first.width, first.height))[0] if "z" in by_letter else sub_grids[0]
+    texts = {index: format_parameters(to_parameters(result.request, model_name=name, model_hash=hash_, loras=lora_refs,
+                                                    prompt=_record_prompt(prompt_to_record, plot, index)))
+             for index, result in results.items()}
 
     out = Path(args.out)
     files = [(out, encode_image(sheet, image_format(out), texts[(0, 0, 0)]))]
     if args.keep_cells:
-        for n, ((i, j, k), _) in enumerate(cells):
-            files.append((Path(args.keep_cells) / f"{n:03d}-x{i}-y{j}-z{k}.png", encode_image(images[(i, j, k)], "PNG", texts[(i, j, k)])))
+        for n, (index, _) in enumerate(cells):
+            i, j, k = index
+            files.append((Path(args.keep_cells) / f"{n:03d}-x{i}-y{j}-z{k}.png",
+                          encode_image(results[index].images[0], "PNG", texts[index])))
     try:
         for folder in {path.parent for path, _ in files}:
             folder.mkdir(parents=True, exist_ok=True)

@@ -41,6 +41,7 @@ import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import numpy as np
@@ -48,6 +49,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
+from sdlab.pipeline.request import GenerationRequest, GenerationResult
 
 MAX_CELLS = 256
 
@@ -225,6 +227,62 @@ def cell_count(axes: list[Axis]) -> int:
         raise GridError(f"the axes make {count} cells ({' x '.join(str(len(a.values)) for a in axes)}); "
                         f"a grid holds at most {MAX_CELLS}")
     return count
+
+
+Index = tuple[int, int, int]                      # (x, y, z) position of a cell
+
+
+@dataclass(frozen=True)
+class Plot:
+    """The axes of one X/Y/Z plot; Y and Z are optional."""
+
+    x: Axis
+    y: Axis | None = None
+    z: Axis | None = None
+
+    def axes(self) -> list[tuple[str, Axis]]:
+        return [(letter, axis) for letter, axis in zip("xyz", (self.x, self.y, self.z)) if axis is not None]
+
+    def shape(self) -> Index:
+        return tuple(len(a.values) if a is not None else 1 for a in (self.x, self.y, self.z))  # type: ignore[return-value]
+
+    def cells(self, options: dict[str, Any]) -> list[tuple[Index, dict[str, Any]]]:
+        """((x, y, z), request options) of every cell, in drawing order (Z, then Y, then X); at most MAX_CELLS."""
+        cell_count([axis for _, axis in self.axes()])
+        nx, ny, nz = self.shape()
+        cells = []
+        for k in range(nz):
+            for j in range(ny):
+                for i in range(nx):
+                    cell = dict(options)
+                    for axis, index in ((self.x, i), (self.y, j), (self.z, k)):
+                        cell = axis.apply(cell, index) if axis is not None else cell
+                    cells.append(((i, j, k), cell))
+        return cells
+
+    def labels(self, index: Index) -> list[str]:
+        """The labels of the cell at `index`, X first (for messages)."""
+        return [axis.labels[index["xyz".index(letter)]] for letter, axis in self.axes()]
+
+    def sheet(self, images: Mapping[Index, Image.Image]) -> Image.Image:
+        """The labelled picture of `images` (one per cell)."""
+        nx, ny, nz = self.shape()
+        x_labels = list(self.x.labels)
+        y_labels = list(self.y.labels) if self.y is not None else [""]
+        grids = [draw_grid([[images[(i, j, k)] for i in range(nx)] for j in range(ny)], x_labels, y_labels)
+                 for k in range(nz)]
+        if self.z is None:
+            return grids[0]
+        first = images[(0, 0, 0)]
+        return stack_grids(grids, list(self.z.labels), font_size(first.width, first.height))[0]
+
+
+def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dict[str, Any],
+              plot: Plot) -> tuple[Image.Image, dict[Index, GenerationResult]]:
+    """Draw every cell with `run` (e.g. `Pipeline.run`) from `options` (GenerationRequest keyword arguments;
+    give a seed, or each cell draws its own) and lay them out: (the sheet, each cell's result)."""
+    results = {index: run(GenerationRequest(**cell)) for index, cell in plot.cells(options)}
+    return plot.sheet({index: result.images[0] for index, result in results.items()}), results
 
 
 # ------------------------------------------------------------------------------------------------------
