@@ -29,6 +29,9 @@ The picture (`draw_grid`): cells on a white sheet, X labels centred above the co
 of the rows (A1111's `draw_grid_annotations`: left band 3/4 of a cell wide, text wrapped to fit), and for a
 Z axis one such grid per Z value, stacked top to bottom, each under a title band. Cells of different sizes
 (a width or height axis) sit at the top left of slots as large as the largest cell.
+
+`Plot(x, y, z)` holds the axes: `cells(options)` gives each cell's request options, `sheet(images)` the
+picture, and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request.
 """
 
 from __future__ import annotations
@@ -39,10 +42,10 @@ import random
 import re
 import subprocess
 from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from itertools import chain
-from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
