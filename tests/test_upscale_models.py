@@ -175,6 +175,13 @@ def test_pth_wrappers_load_safely(tmp_path: Path, wrapper: str) -> None:
         assert (ours.net(x) - descriptor.model(x)).abs().max().item() <= 1e-5
 
 
+def test_legacy_pickle_without_wrapper_loads(tmp_path: Path) -> None:
+    """ESRGAN's own files: a bare state dict in torch's pre-1.6 (non-zip) format."""
+    path = tmp_path / "ESRGAN_4x.pth"
+    torch.save(old_arch_state(4), path, _use_new_zipfile_serialization=False)
+    assert load_upscaler(path).scale == 4
+
+
 def test_safetensors_in_fp16_loads_in_the_asked_dtype(tmp_path: Path) -> None:
     state = {k: v.half() for k, v in old_arch_state(2).items()}
     path = tmp_path / "2x_test.safetensors"
