@@ -25,9 +25,6 @@ from pathlib import Path
 from sdlab.cli.errors import UserError
 from sdlab.utils.dtypes import DTYPE_NAMES
 
-logger = logging.getLogger("sdlab")
-
-
 def add_grid(subparsers: argparse._SubParsersAction) -> None:
     help_text = "draw an X/Y/Z plot: one labelled grid of pictures over up to three request fields"
     p = subparsers.add_parser("grid", help=help_text, description=help_text)
