@@ -128,13 +128,14 @@ def load_control_net(model: LoadedControlNet | str | os.PathLike[str], bundle: M
 
 
 def prepare_controls(
-    bundle: ModelBundle, controls: Sequence[ControlInput], width: int, height: int
+    bundle: ModelBundle, controls: Sequence[ControlInput | Any], width: int, height: int
 ) -> list[PreparedControl]:
-    """Load (or take) each ControlNet, check it fits the bundle, read and preprocess its hint image."""
+    """Load (or take) each ControlNet, check it fits the bundle, read and preprocess its hint image.
+    `controls` may hold (file, image[, strength[, start, end]]) records (`control_input`)."""
     prepared = []
     factor = bundle.vae_config.downsample_factor
     for index, control in enumerate(controls):
-        check_control(control, index)
+        control = check_control(control_input(control), index)
         try:
             net = load_control_net(control.model, bundle)
         except CheckpointError as err:
