@@ -6,8 +6,8 @@ A family spec is a constant that owns everything sdlab knows about one kind of m
     (heads per U-Net level, upcast attention, activations), the shapes are always read from the file;
   - its detection `Signature`: what a file of the family shows (matched by `sdlab.checkpoints.detect`);
   - its conditioner (`ConditionerSpec`, plus each text encoder's hidden-state rule): what a prompt becomes;
-  - its latent format (`LatentFormat`: channels, scaling, shift, RGB preview), training schedule, default
-    prediction type, sizes and sampling defaults, and the names other tools give it (`KohyaNames`).
+  - its latent format (`LatentFormat`: channels, scaling, shift, RGB preview), training schedule and model
+    sampling (`model_sampling(prediction)`), default prediction type, sizes and sampling defaults, and the names other tools give it (`KohyaNames`).
 
 Imports `models` (configs, modules) and `diffusion` (prediction types, schedules) only.
 """
@@ -21,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from sdlab.diffusion.denoiser import Prediction
+from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.families.latent_format import LatentFormat
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
@@ -191,6 +192,7 @@ class FamilySpec:
     unet_module: Callable[[UNetConfig], nn.Module] = UNet
     vae_module: Callable[[VAEConfig], nn.Module] = AutoencoderKL
     text_module: Callable[[CLIPTextConfig], nn.Module] = CLIPTextModel
+    sampling: Callable[[FamilySpec, Prediction], ModelSampling] | None = None   # None: discrete on `schedule`
 
     def __post_init__(self) -> None:
         if self.conditioner.added_vector != (self.unet.adm_in_channels is not None):
@@ -221,6 +223,13 @@ class FamilySpec:
     def text_towers(self) -> frozenset[str]:
         """The checkpoint prefixes of its text encoders: what detection matches a file's text keys against."""
         return frozenset(te.prefix for te in self.text_encoders)
+
+    def model_sampling(self, prediction: Prediction) -> ModelSampling:
+        """How the family's networks relate to the sampler's noisy sample: the DDPM `schedule` with the given
+        prediction type (eps / v / x0), unless the family names another (`sampling`, e.g. flow matching)."""
+        if self.sampling is not None:
+            return self.sampling(self, prediction)
+        return DiscreteModelSampling(self.schedule.build(), prediction)
 
     def size_for(self, prediction: Prediction) -> int:
         """Default image side in pixels for this family with the given prediction type."""

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sdlab.diffusion.denoiser import Prediction
+from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.families.base import FamilySpec, TextEncoderSpec
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
 from sdlab.models.tokenizer import CLIPTokenizer
@@ -54,6 +55,11 @@ class ModelBundle:
     def default_size(self) -> int:
         """The model's native side in pixels: the file's `modelspec.resolution`, else the family's."""
         return self.native_size or self.family.size_for(self.prediction)
+
+    @property
+    def model_sampling(self) -> ModelSampling:
+        """The noise parameterisation to sample (and train) this model with: its family's, for its prediction."""
+        return self.family.model_sampling(self.prediction)
 
     @property
     def dtype(self) -> torch.dtype:
