@@ -184,9 +184,23 @@ def base_url(sdlab_server) -> str:
     return sdlab_server.url.rstrip("/")
 
 
+# Counts the page's open event streams (window.__streams.max: the most open at once).
+COUNT_STREAMS = """
+(() => {
+  const Native = window.EventSource;
+  const streams = window.__streams = {open: 0, max: 0};
+  window.EventSource = class extends Native {
+    constructor(...args) { super(...args); streams.open += 1; streams.max = Math.max(streams.max, streams.open); }
+    close() { if (this.readyState !== Native.CLOSED) streams.open -= 1; super.close(); }
+  };
+})();
+"""
+
+
 @pytest.fixture(scope="module")
 def browser():
     driver = start_browser()
+    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": COUNT_STREAMS})
     try:
         yield driver
     finally:
@@ -264,7 +278,7 @@ def test_cancel_a_second_job(page, base_url):
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, queued), 20, "second job not in the queue view")
     # cancel it while it runs, once its first preview is on screen
     wait(page, lambda d: http_json(base_url, f"/api/jobs/{second_id}")["step"] >= 1, message="second job never ran")
-    wait(page, lambda d: text(d, "progress-text").startswith("Step"))
+    wait(page, lambda d: text(d, "progress-text").startswith("Step") and text(d, "progress-text").endswith("/ 150"))
     page.find_element(By.ID, "cancel").click()
 
     wait(page, lambda d: text(d, "progress-text") == "Cancelled", 30, "cancel not shown")
@@ -274,6 +288,8 @@ def test_cancel_a_second_job(page, base_url):
     wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f'#gallery [data-job-id="{second_id}"][data-status="cancelled"]'))
     assert not page.find_elements(By.CSS_SELECTOR, queued)
     assert job_by_prompt(base_url, first)["status"] == "done"
+    # one event stream at a time (the running job's): a browser has six connections per server
+    assert page.execute_script("return window.__streams.max") == 1
 
 
 def test_reuse_settings_from_the_gallery(page, base_url):

@@ -15,8 +15,10 @@ const state = {
   initImage: null,        // data URL of the image for img2img / inpaint
   maskPainted: false,
   loras: [],              // [{name, weight}]
-  watched: new Map(),     // job id -> EventSource
-  shownJob: null,         // id of the job the progress bar and viewer follow
+  follow: null,           // {id, source}: the one job whose event stream the page reads
+  submitted: new Set(),   // ids of jobs this page queued and has not seen end
+  activeIds: [],          // queued and running jobs at the last poll, oldest first
+  shownJob: null,         // id of the job the progress bar and viewer show
   lastSeed: null,
   jobsSignature: "",
 };
@@ -418,10 +420,12 @@ async function generate() {
   button.disabled = true;
   try {
     const job = await api("/api/jobs", { method: "POST", body });
-    state.shownJob = job.id;
-    setProgress(0, 1, queuedText(job.position));
-    watchJob(job.id);
-    refreshJobs();
+    state.submitted.add(job.id);
+    if (!state.follow) {                       // nothing running: follow this one from its start
+      state.shownJob = job.id;
+      setProgress(0, 1, queuedText(job.position));
+    }
+    await refreshJobs(true);
   } catch (err) {
     showError(err.message);
   } finally {
@@ -438,23 +442,20 @@ function setProgress(value, max, text) {
   $("progress-text").textContent = text;
 }
 
-function updateCancelButton() {
-  $("cancel").disabled = state.watched.size === 0;
-}
-
 function parseEventData(event) {
   try { return event.data ? JSON.parse(event.data) : {}; } catch (_) { return {}; }
 }
 
-function watchJob(id) {
-  if (state.watched.has(id)) return;
+// The page follows one job's event stream at a time: the running job, else the next queued one.
+// (A browser opens at most six connections to a server; one stream per queued job would use them up.)
+function followJob(id) {
+  if (state.follow && state.follow.id === id) return;
+  stopFollowing();
   const source = new EventSource(`/api/jobs/${encodeURIComponent(id)}/events`);
-  state.watched.set(id, source);
-  updateCancelButton();
+  state.follow = { id, source };
   const handle = (type, data) => {
-    if (type === "queued") {
-      if (state.shownJob === id && data.position != null) setProgress(0, 1, queuedText(data.position));
-    } else if (type === "started") {
+    if (!state.follow || state.follow.id !== id) return;
+    if (type === "started") {
       state.shownJob = id;
       setProgress(0, data.steps || 1, "Started");
     } else if (type === "step") {
@@ -467,7 +468,8 @@ function watchJob(id) {
         $("results").replaceChildren();
       }
     } else if (TERMINAL_EVENTS.has(type)) {
-      finishWatching(id);
+      stopFollowing();
+      jobEnded(id);
     }
   };
   for (const type of ["queued", "started", "step", ...TERMINAL_EVENTS]) {
@@ -478,36 +480,27 @@ function watchJob(id) {
     const type = data.type || data.event || data.status;
     if (type) handle(type, data.data || data);
   };
-  source.onerror = () => {                 // stream closed or dropped: the job's record says the rest
-    if (state.watched.has(id)) pollJob(id);
+  source.onerror = () => {                 // the stream dropped: the job list (polled) says the rest
+    if (state.follow && state.follow.id === id) {
+      stopFollowing();
+      setTimeout(() => refreshJobs(true), 1000);
+    }
   };
 }
 
-async function pollJob(id) {
-  const source = state.watched.get(id);
-  if (source) source.close();
-  try {
-    const job = await api(`/api/jobs/${encodeURIComponent(id)}`);
-    if (ACTIVE.has(job.status)) {
-      setTimeout(() => pollJob(id), 1000);
-      return;
-    }
-  } catch (_) { /* gone: stop watching */ }
-  finishWatching(id);
+function stopFollowing() {
+  if (state.follow) state.follow.source.close();
+  state.follow = null;
 }
 
-async function finishWatching(id) {
-  const source = state.watched.get(id);
-  if (source) source.close();
-  state.watched.delete(id);
-  updateCancelButton();
+// A job the page waited for has ended: show it if it is the one on screen, then follow the next.
+async function jobEnded(id) {
+  state.submitted.delete(id);
   let job = null;
   try { job = await api(`/api/jobs/${encodeURIComponent(id)}`); } catch (err) { showError(err.message); }
-  if (job && state.shownJob === id) showJob(job);
   if (job && job.status === "done" && job.request && job.request.seed != null) state.lastSeed = job.request.seed;
-  await refreshJobs();
-  const next = [...state.watched.keys()].pop();
-  if (next && state.shownJob === id) state.shownJob = next;
+  if (job && state.shownJob === id) showJob(job);
+  await refreshJobs(true);
 }
 
 function elapsed(job) {
@@ -553,9 +546,9 @@ async function cancelJob(id) {
   refreshJobs();
 }
 
+// The Cancel button: the job being followed (normally the running one), else the newest one waiting.
 function cancelShown() {
-  const ids = [...state.watched.keys()];
-  const id = ids.includes(state.shownJob) ? state.shownJob : ids.pop();
+  const id = state.follow ? state.follow.id : state.activeIds[state.activeIds.length - 1];
   if (id) cancelJob(id);
 }
 
@@ -598,7 +591,6 @@ function renderQueue(jobs) {
     item.append(badge(job.status), prompt, progress,
       makeButton("Cancel", "cancel-job", () => cancelJob(job.id), `Cancel job ${job.id}`));
     queue.append(item);
-    if (!state.watched.has(job.id)) watchJob(job.id);   // jobs queued from another tab or client
   }
 }
 
@@ -660,7 +652,9 @@ function renderGallery(jobs) {
   }
 }
 
-async function refreshJobs() {
+// Poll the job list: queue view, gallery, which job to follow, and jobs that ended unseen
+// (cancelled while queued, or while no stream followed them).
+async function refreshJobs(force = false) {
   let data;
   try {
     data = await api("/api/jobs");
@@ -670,8 +664,20 @@ async function refreshJobs() {
   const jobs = (data && data.jobs) || [];
   const newestDone = jobs.find((j) => j.status === "done" && j.request && j.request.seed != null);
   if (state.lastSeed == null && newestDone) state.lastSeed = newestDone.request.seed;
+  const active = jobs.filter((j) => ACTIVE.has(j.status)).reverse();     // oldest (next to run) first
+  state.activeIds = active.map((j) => j.id);
+  $("cancel").disabled = active.length === 0;
+  const next = active.find((j) => j.status === "running") || active[0];
+  if (next) followJob(next.id);
+  else stopFollowing();
+  for (const job of jobs) {
+    if (state.submitted.has(job.id) && !ACTIVE.has(job.status) && (!state.follow || state.follow.id !== job.id)) {
+      state.submitted.delete(job.id);
+      if (state.shownJob === job.id) showJob(job);
+    }
+  }
   const signature = JSON.stringify(jobs.map((j) => [j.id, j.status, j.step, (j.images || []).length]));
-  if (signature === state.jobsSignature) return;
+  if (signature === state.jobsSignature && !force) return;
   state.jobsSignature = signature;
   renderQueue(jobs);
   renderGallery(jobs);
@@ -777,7 +783,7 @@ function setup() {
   });
   renderLoras();
   loadLists().then(refreshJobs);
-  setInterval(() => { if (state.watched.size) refreshJobs(); }, 1500);
+  setInterval(() => { if (state.activeIds.length || state.submitted.size) refreshJobs(); }, 1500);
   setInterval(refreshJobs, 10000);
 }
 
