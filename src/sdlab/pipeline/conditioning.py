@@ -147,9 +147,6 @@ def hidden_state_layers(encoder: TextEncoder, clip_skip: int) -> tuple[int, bool
     return used, norm
 
 
-_layer_choice = hidden_state_layers   # the old private name, until pipeline/generate.py imports the new one
-
-
 def _encode_inputs(
     text_encoders: Sequence[TextEncoder],
     input_ids: Callable[[TextEncoder], Tensor],
