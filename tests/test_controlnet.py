@@ -50,7 +50,9 @@ def test_residuals_match_diffusers(name, layout, tmp_path):
     assert mid.abs().max() > 0.1
     for ours, theirs in zip([*residuals, middle], [*down, mid]):   # fp32: within 1e-5 of the output's scale
         assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, float(theirs.abs().max()))
-    # fp64: the same tensors in the same places, so the two agree to rounding
+    if layout != "original":
+        return
+    # fp64 (once per family): the same tensors in the same places, so the two agree to rounding
     down, mid = _reference_residuals(reference.double(), *(None if v is None else _double(v) for v in inputs))
     residuals, middle = _residuals(loaded.model.double(), *(None if v is None else _double(v) for v in inputs))
     for ours, theirs in zip([*residuals, middle], [*down, mid]):

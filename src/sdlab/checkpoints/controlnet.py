@@ -138,9 +138,7 @@ def _not_a_controlnet(path: Path, keys: list[str]) -> CheckpointError:
     if any(k.startswith("model.diffusion_model.") for k in keys):
         what = "a Stable Diffusion checkpoint (model.diffusion_model.* keys), not a ControlNet"
     elif any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k for k in keys):
-        what = "a LoRA (lora_* keys), not a ControlNet" + (
-            " (Control-LoRA files are not supported)" if "lora_controlnet" in keys else ""
-        )
+        what = "a LoRA (lora_* keys), not a ControlNet"
     elif any(k.startswith(("down_blocks.", "conv_in.")) for k in keys) and not any("controlnet" in k for k in keys):
         what = "a diffusers U-Net, not a ControlNet"
     else:
@@ -171,9 +169,6 @@ class _Renamed(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._names)
-
-    def shapes(self, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Size]:
-        return {new: shapes[old] for new, old in self._names.items()}
 
 
 def _hint_widths(shapes: Mapping[str, torch.Size], path: Path) -> tuple[int, tuple[int, ...]]:
@@ -259,7 +254,8 @@ def load_controlnet(
     device: torch.device | str = "cpu",
 ) -> LoadedControlNet:
     """Read a ControlNet file or diffusers folder (module docstring); `like` is the config of the U-Net it
-    will run with (its conventions, and a compatibility check naming it `like_family`). Raises `CheckpointError` with one line."""
+    will run with (its conventions, and a compatibility check naming it `like_family`). Raises
+    `CheckpointError` with one line."""
     path = Path(path)
     state, config_json = _read(path)
     bgr = pool = False
@@ -268,6 +264,8 @@ def load_controlnet(
         declared, bgr, pool = _diffusers_options(config_json, path)
 
     shapes = shapes_of(state)
+    if "lora_controlnet" in state:
+        raise CheckpointError(f"{path}: a Control-LoRA (lora_controlnet key); only full ControlNets are supported")
     if found := _prefixed(state, ORIGINAL_MARKER):
         layout, (_, names) = "original", found
         local_shapes = {local: shapes[key] for local, key in names.items()}
