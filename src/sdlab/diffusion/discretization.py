@@ -399,7 +399,7 @@ def _with_spacing(fn: Discretization, spacing: str) -> Discretization:
     return discretize
 
 
-DISCRETIZATIONS: dict[str, Discretization] = {
+_DIFFUSERS_DISCRETIZATIONS: dict[str, Discretization] = {
     "leading": _with_spacing(diffusers_spacing_sigmas, "leading"),
     "trailing": _with_spacing(diffusers_spacing_sigmas, "trailing"),
     "linspace": _with_spacing(diffusers_spacing_sigmas, "linspace"),
@@ -408,6 +408,11 @@ DISCRETIZATIONS: dict[str, Discretization] = {
     "ddim_linspace": _with_spacing(diffusers_ddim_sigmas, "linspace"),
     "diffusers_karras": diffusers_karras_sigmas,
     "diffusers_exponential": diffusers_exponential_sigmas,
+}
+"""The schedules named the diffusers way (they start as the sampler's diffusers scheduler does)."""
+
+DISCRETIZATIONS: dict[str, Discretization] = {
+    **_DIFFUSERS_DISCRETIZATIONS,
     "karras": karras_sigmas,
     "exponential": exponential_sigmas,
     "normal": normal_sigmas,
@@ -498,7 +503,7 @@ def img2img_sigmas(
 
 # -- initial noise scale ----------------------------------------------------------------------
 INIT_NOISE_CONVENTIONS = ("sigma_max", "vp", "diffusers_leading")
-DIFFUSERS_NAMES = (*SPACINGS, "ddim_leading", "ddim_trailing", "ddim_linspace", "diffusers_karras", "diffusers_exponential")
+DIFFUSERS_NAMES = tuple(_DIFFUSERS_DISCRETIZATIONS)
 
 
 def default_init_noise(name: str, scheduler: str = "euler") -> str:

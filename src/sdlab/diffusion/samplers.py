@@ -140,7 +140,7 @@ def get_sampler(name: str) -> SamplerSpec:
 def steps_warning(spec: SamplerSpec, steps: int, schedule: str) -> str | None:
     """A warning when ``steps`` of ``spec`` on ``schedule`` are likely to give a broken picture, else None."""
     needed = spec.min_steps
-    if schedule == "karras" and spec.min_steps_karras is not None:
+    if schedule.strip().lower() == "karras" and spec.min_steps_karras is not None:
         needed = spec.min_steps_karras
     if steps >= needed:
         return None

@@ -204,21 +204,22 @@ def sample_ddpm(
 
         x' = x0 + (sigma' / sigma)^2 (x - x0) + sigma' sqrt(1 - (sigma' / sigma)^2) * noise
 
-    (DDIM with eta = 1). diffusers' ``DDPMScheduler`` steps between consecutive timesteps of its list
-    and ends at alphas_cumprod = 1, i.e. sigma 0, where the last
-    step returns x0. Noise is drawn once per step that ends above sigma 0.
+    i.e. the ancestral split with eta = 1 (``steps.ancestral_step``: ``sigma_down = sigma'^2 / sigma``,
+    ``sigma_up = sigma' sqrt(1 - (sigma' / sigma)^2)``; DDIM with eta = 1). diffusers' ``DDPMScheduler``
+    steps between consecutive timesteps of its list and ends at alphas_cumprod = 1, i.e. sigma 0, where the
+    last step returns x0. Noise is drawn once per step that ends above sigma 0.
     """
     sigma_values = _check_sigmas(sigmas)
+    ref = torch.tensor(sigma_values, dtype=torch.float64)  # the split in float64, on the validated values
     for i in range(len(sigma_values) - 1):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
         denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
         report_step(callback, i, x, sigma, sigma_next, denoised)
-        ratio_sq = (sigma_next / sigma) ** 2
-        x_next = denoised + ratio_sq * (x - denoised)
+        sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1])
+        x_next = denoised + (sigma_down / sigma) * (x - denoised)
         if sigma_next > 0.0:
-            std = sigma_next * math.sqrt(max(1.0 - ratio_sq, 0.0))
             source = require_noise(noise, "DDPM", "fresh noise at each step")
-            x_next = x_next + std * source(sigmas[i], sigmas[i + 1])
+            x_next = x_next + sigma_up * source(sigmas[i], sigmas[i + 1])
         x = x_next
     return x
 
