@@ -280,7 +280,7 @@ def test_the_api_refuses_a_decompression_bomb_as_init_image(bundle, tmp_path, mo
 
 
 def test_pipeline_resolve_fills_the_model_defaults_and_checks_values(bundle):
-    resolved = Pipeline(bundle).resolve(GenerationRequest(prompt="a cube", steps=2, seed=1))
+    resolved = Pipeline(bundle).resolve(GenerationRequest(prompt="a cube", steps=2, seed=1)).request
     assert resolved.width == bundle.default_size and resolved.cfg_scale == bundle.family.default_cfg
     assert resolved.sampler == get_sampler(bundle.family.default_sampler).name
     with pytest.raises(RequestError, match="steps must be"):

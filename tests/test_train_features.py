@@ -27,6 +27,7 @@ from safetensors.torch import load_file
 from bundle_fixtures import tiny_bundle, write_original
 from sdlab.checkpoints.load import load_bundle
 from sdlab.diffusion.denoiser import Prediction
+from sdlab.diffusion.model_sampling import DiscreteModelSampling
 from sdlab.models.vae import AutoencoderKL
 from sdlab.train import unet_task
 from sdlab.train.cli import run_from_config
@@ -227,13 +228,13 @@ def test_sd2_finetune_trains_v_prediction(tmp_path, monkeypatch):
     model = write_original(tiny_bundle("sd2", seed=0), tmp_path / "tiny-sd2.safetensors")
     data_dir = write_caption_folder(tmp_path / "data", n=2, size=RES)
     predictions = []
-    real_target = unet_task.prediction_target
+    real_target = DiscreteModelSampling.training_target
 
-    def spying_target(prediction, *args, **kwargs):
-        predictions.append(prediction)
-        return real_target(prediction, *args, **kwargs)
+    def spying_target(sampling, *args, **kwargs):
+        predictions.append(sampling.prediction)
+        return real_target(sampling, *args, **kwargs)
 
-    monkeypatch.setattr(unet_task, "prediction_target", spying_target)
+    monkeypatch.setattr(DiscreteModelSampling, "training_target", spying_target)
     out = tmp_path / "run"
     result = run_from_config(_config(out, model, data_dir, prediction="v"))
     assert result.step == 2 and predictions == [Prediction.V, Prediction.V]

@@ -80,7 +80,7 @@ def _bundle(setup: OverfitSetup) -> ModelBundle:
 @torch.no_grad()
 def ddim_sample(task: UNetTask, caption: str, seed: int, steps: int = 25) -> torch.Tensor:
     """Deterministic DDIM (Song et al. 2021, eq. 12 with sigma = 0) on the v-prediction U-Net."""
-    ac = task.alphas_cumprod.double()
+    ac = task.sampling.schedule.alphas_cumprod.float().double()
     ts = torch.linspace(len(ac) - 1, 0, steps).round().long()
     x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     context, _ = encode_captions(task.bundle.text_encoders, [caption])

@@ -8,7 +8,9 @@
     print(result.request)                                          # every setting actually used
 
 Each call takes the fields of `GenerationRequest` as keyword arguments and returns a
-`GenerationResult` (PIL images, their seeds and the resolved request).
+`GenerationResult` (PIL images, their seeds and the resolved request). `Pipeline.resolve(request)` checks a
+request and returns its `GenerationPlan` (resolved request, sampler, sigmas, sizes) without drawing;
+`Pipeline.run` takes that plan (or a request, which it resolves once).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ import torch
 from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner, resolve_for
+from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
+from sdlab.pipeline.memory import is_out_of_memory
+from sdlab.pipeline.plan import GenerationPlan, make_plan
 from sdlab.pipeline.request import (
     GenerationRequest,
     GenerationResult,
@@ -50,23 +54,28 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({self.bundle.family.name}, {self.bundle.prediction.value}, {self.bundle.dtype})"
 
-    def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """`request` with this model's defaults filled in and every value checked (sizes, sampler, schedule,
-        clip skip, memory): what `run` will draw. A `RequestError` names the first bad value."""
-        return resolve_for(self.bundle, request)
+    def resolve(self, request: GenerationRequest) -> GenerationPlan:
+        """Resolve `request` once for this pipeline: its `GenerationPlan` (`plan.request` is the request with
+        this model's defaults filled in; sampler, sigmas, sizes) after every check (sizes, sampler, schedule,
+        clip skip and memory of the model and the refiner). A `RequestError` names the first bad value."""
+        return make_plan(self.bundle, request, refiner=self.refiner, switch_at=self.refiner_switch)
 
-    def run(self, request: GenerationRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
-        """Draw `request`; running out of memory (past the estimate checked up front) is a `RequestError`."""
+    def run(self, request: GenerationRequest | GenerationPlan, *, progress: ProgressFn | None = None) -> GenerationResult:
+        """Draw a plan from `resolve` (or a request, resolved here once). `progress(StepInfo)` is called once per
+        step; an exception it raises stops the run and propagates. Running out of memory (past the estimate
+        checked up front) is a `RequestError`."""
+        plan = request if isinstance(request, GenerationPlan) else self.resolve(request)
         try:
             if self.refiner is not None:
-                return generate_with_refiner(self.bundle, self.refiner, request, self.refiner_switch, progress=progress)
-            return generate(self.bundle, request, progress=progress)
-        except (MemoryError, torch.OutOfMemoryError, RuntimeError) as err:
-            if not isinstance(err, (MemoryError, torch.OutOfMemoryError)) and "can't allocate memory" not in str(err):
+                return generate_with_refiner(self.bundle, self.refiner, plan, progress=progress)
+            return generate(self.bundle, plan, progress=progress)
+        except (MemoryError, RuntimeError) as err:      # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(err):
                 raise
+            req = plan.request
             raise RequestError(
-                f"out of memory on {self.bundle.device.type} drawing {request.width or 'default'}x"
-                f"{request.height or 'default'} x {request.batch_size}; draw smaller or fewer images"
+                f"out of memory on {self.bundle.device.type} drawing {req.width}x{req.height} x {req.batch_size}; "
+                "draw smaller or fewer images"
             ) from None
 
     def _call(self, prompt: str, options: dict[str, Any], progress: ProgressFn | None) -> GenerationResult:

@@ -198,9 +198,10 @@ def _file_paths(target: Path, count: int) -> list[Path]:
     return [target] if count == 1 else [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
 
 
-def _output_paths(out: str, prompt: str, seeds: list[int]) -> list[Path]:
-    """Where each image goes; checks the folder is writable and the names fit before any work is done."""
-    folder, fmt = _output_target(out)
+def _output_paths(out: str, target: tuple[Path, str | None], prompt: str, seeds: list[int]) -> list[Path]:
+    """Where each image goes (`target`: `_output_target(out)`); checks the folder is writable and the names
+    fit before any work is done."""
+    folder, fmt = target
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".sdlab-check-"):
@@ -219,7 +220,8 @@ def _output_paths(out: str, prompt: str, seeds: list[int]) -> list[Path]:
     return paths
 
 
-def _save_images(out: str, paths: list[Path], images: list, texts: list[str], prompt: str, seeds: list[int]) -> list[Path]:
+def _save_images(in_folder: bool, paths: list[Path], images: list, texts: list[str], prompt: str,
+                 seeds: list[int]) -> list[Path]:
     """Write the batch all or nothing; in a folder, renumber and retry when another run took the numbers."""
     from sdlab.pipeline.png_info import ParametersError, encode_image, image_format, write_files_all_or_nothing
 
@@ -227,7 +229,6 @@ def _save_images(out: str, paths: list[Path], images: list, texts: list[str], pr
         blobs = [encode_image(image, image_format(path) or "PNG", text) for image, path, text in zip(images, paths, texts)]
     except ParametersError as err:
         raise UserError(str(err)) from None
-    in_folder = _output_target(out)[1] is None
     for _ in range(100):
         try:
             write_files_all_or_nothing(list(zip(paths, blobs)), overwrite=not in_folder)
@@ -377,7 +378,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.png_info import format_parameters
     from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError
 
-    _output_target(args.out)                                  # a bad --out is refused before any work
+    target = _output_target(args.out)                         # a bad --out is refused before any work
     recorded = _recorded_parameters(args)
     options = _options_from_args(args, recorded)
     options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], recorded)
@@ -417,29 +418,31 @@ def run_generate(args: argparse.Namespace) -> int:
     if recorded:
         _check_model(recorded, name, hash_)
     try:
-        request = pipe.resolve(request)
+        plan = pipe.resolve(request)                          # resolved once: the run and the infotext use it
     except RequestError as err:
         raise UserError(str(err)) from None
-    paths = _output_paths(args.out, request.prompt, request.seeds())
+    request = plan.request
+    paths = _output_paths(args.out, target, request.prompt, request.seeds())
 
     progress = None
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=request.steps, desc=args.mode, unit="step", file=sys.stderr, leave=False)
+        bar = tqdm(total=plan.steps_run, desc=args.mode, unit="step", file=sys.stderr, leave=False)
         progress = lambda info: bar.update(1)  # noqa: E731
     try:
-        result = pipe.run(request, progress=progress)
+        result = pipe.run(plan, progress=progress)
     except RequestError as err:
         raise UserError(str(err)) from None
     finally:
         if bar is not None:
             bar.close()
 
-    texts = [format_parameters(to_parameters(result.request, index=i, model_name=name, model_hash=hash_,
+    texts = [format_parameters(to_parameters(request, index=i, model_name=name, model_hash=hash_,
                                              loras=lora_refs, prompt=prompt_to_record))
              for i in range(len(result.images))]
-    for path in _save_images(args.out, paths, result.images, texts, request.prompt, request.seeds()):
+    in_folder = target[1] is None
+    for path in _save_images(in_folder, paths, result.images, texts, request.prompt, request.seeds()):
         print(path)
     return 0

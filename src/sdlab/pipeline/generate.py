@@ -7,9 +7,10 @@
             -> sampler -> latent -> VAE decode (tiled for large images) -> PIL images
             [-> inpainting: the original pasted back outside the blurred mask (A1111; pipeline/overlay.py)]
 
-Before any network runs, `resolve_for` checks the request against the model (clip skip within the text
-encoders' layers) and against memory (`pipeline/memory.py`). While sampling, every denoiser input and
-output is checked: a NaN or Inf (absurd settings, broken weights) stops the run with a `NonFiniteError`
+Before any network runs, the request is resolved once into a `GenerationPlan` (`pipeline/plan.py`: the
+resolved request, sampler row, model sampling, sigmas, sizes, blurred mask, refiner split), which checks it
+against the model(s) (clip skip, memory); the loop only reads the plan. While sampling, every denoiser input
+and output is checked: a NaN or Inf (absurd settings, broken weights) stops the run with a `NonFiniteError`
 instead of a black picture.
 
 The modes differ only in the starting x, the sigma slice and the optional mask.
@@ -52,39 +53,33 @@ from torch import Tensor
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
-from sdlab.diffusion.discretization import (
-    discretize,
-    img2img_sigmas,
-    initial_noise_sigma,
-)
 from sdlab.diffusion.guidance import cfg, masked
-from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
+from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise
-from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
-from sdlab.diffusion.sampling_ldm import to_ddpm_latent
-from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.diffusion.steps import StepInfo
-from sdlab.pipeline.conditioning import hidden_state_layers, make_cond
+from sdlab.pipeline.conditioning import make_cond
 from sdlab.pipeline.images import (
     latent_mask,
     masked_image,
     pil_to_tensor,
     tensor_to_pil,
 )
-from sdlab.pipeline.memory import check_memory
-from sdlab.pipeline.overlay import blur_mask, overlay_weight, paste_back
-from sdlab.pipeline.request import (
-    GenerationRequest,
-    GenerationResult,
-    RequestError,
-    check_refiner_switch,
-    resolve,
+from sdlab.pipeline.overlay import overlay_weight, paste_back
+from sdlab.pipeline.plan import (
+    GenerationPlan,
+    handoff_index,
+    make_plan,
+    request_sigmas,
+    resolve_for,
+    warn_if_far_from_native,
 )
+from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
 from sdlab.pipeline.tiling import decode_tiled, encode_tiled, should_tile
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "GenerationPlan",
     "NonFiniteError",
     "ProgressFn",
     "decode_latents",
@@ -96,63 +91,43 @@ __all__ = [
     "request_sigmas",
     "resolve_for",
     "sample_latents",
+    "warn_if_far_from_native",
 ]
 
 ProgressFn = Callable[[StepInfo], None]
-FAR_FROM_NATIVE = 2.0       # warn when a side is more than this factor above or below the model's size
 
 
 class NonFiniteError(RequestError):
     """The sample became NaN or Inf: settings or weights that overflow. Nothing is returned or saved."""
 
 
-def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRequest:
-    """`resolve` with the bundle's family defaults, then the checks that need the model: clip skip, memory."""
-    family = bundle.family
-    req = resolve(
-        request,
-        default_size=bundle.default_size,
-        default_sampler=family.default_sampler,
-        default_schedule=family.default_sigma_schedule,
-        factor=bundle.vae_config.downsample_factor,
-        default_cfg=family.default_cfg,
-    )
-    for encoder in bundle.text_encoders:
-        try:
-            hidden_state_layers(encoder, req.clip_skip)
-        except ValueError as err:
-            raise RequestError(f"clip skip {req.clip_skip} is too large for this model: {err}") from None
-    check_memory(bundle, req)
-    return req
-
-
-def model_sampling(bundle: ModelBundle) -> ModelSampling:
-    """The bundle's noise parameterisation: its family's training schedule with its prediction type."""
-    return DiscreteModelSampling(bundle.family.schedule.build(), bundle.prediction)
-
-
-def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None:
-    """Log a warning when a side is more than `FAR_FROM_NATIVE` times off the model's native size: a model
-    draws well near the size it was trained at (repeated subjects above it, mush below it)."""
-    native = bundle.default_size
-    if any(not native / FAR_FROM_NATIVE <= side <= native * FAR_FROM_NATIVE for side in (req.width, req.height)):
-        logger.warning(
-            "%dx%d is far from this model's native %dx%d px; expect repeated or broken subjects "
-            "(leave width and height unset for the native size)", req.width, req.height, native, native,
-        )
+def _as_plan(
+    bundle: ModelBundle,
+    plan_or_request: GenerationPlan | GenerationRequest,
+    refiner: ModelBundle | None = None,
+    switch_at: float = 0.8,
+) -> GenerationPlan:
+    """A plan as given, or the request resolved into one (`make_plan`)."""
+    if isinstance(plan_or_request, GenerationPlan):
+        if refiner is not None and plan_or_request.refiner_split is None:
+            raise ValueError("this plan was made without a refiner; make it with make_plan(..., refiner=...)")
+        return plan_or_request
+    return make_plan(bundle, plan_or_request, refiner=refiner, switch_at=switch_at)
 
 
 @torch.no_grad()
-def generate(bundle: ModelBundle, request: GenerationRequest, *, progress: ProgressFn | None = None) -> GenerationResult:
-    """Run one request on `bundle`; returns PIL images and the resolved request."""
-    req = resolve_for(bundle, request)
-    warn_if_far_from_native(bundle, req)
-    latents = sample_latents(bundle, req, progress=progress)   # (B, 4, h, w), model space
-    return GenerationResult(images=_pictures(bundle, req, latents), seeds=req.seeds(), request=req)
+def generate(
+    bundle: ModelBundle, request: GenerationPlan | GenerationRequest, *, progress: ProgressFn | None = None
+) -> GenerationResult:
+    """Run one request (or a plan made for `bundle`) on `bundle`; returns PIL images and the resolved request."""
+    plan = _as_plan(bundle, request)
+    latents = sample_latents(bundle, plan, progress=progress)   # (B, 4, h, w), model space
+    return GenerationResult(images=_pictures(bundle, plan, latents), seeds=plan.request.seeds(), request=plan.request)
 
 
-def _pictures(bundle: ModelBundle, req: GenerationRequest, latents: Tensor) -> list[Image.Image]:
+def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> list[Image.Image]:
     """Decode, check, and for inpainting paste the original back outside the mask (A1111's overlay)."""
+    req = plan.request
     images = decode_latents(bundle, latents, tiled=req.tiled_vae)                         # (B, 3, H, W)
     if not torch.isfinite(images).all():
         raise NonFiniteError(
@@ -160,23 +135,24 @@ def _pictures(bundle: ModelBundle, req: GenerationRequest, latents: Tensor) -> l
             "no picture was made"
         )
     pictures = tensor_to_pil(images)
-    if req.mask_image is not None and req.paste_back:
-        soft = blur_mask(req.mask_image, req.mask_blur, (req.width, req.height))          # (1, 1, H, W)
+    if plan.mask is not None and req.paste_back:
         original = req.init_image.convert("RGB").resize((req.width, req.height), Image.Resampling.LANCZOS)
-        pictures = paste_back(pictures, original, overlay_weight(soft))
+        pictures = paste_back(pictures, original, overlay_weight(plan.mask))
     return pictures
 
 
 @torch.no_grad()
-def sample_latents(bundle: ModelBundle, req: GenerationRequest, *, progress: ProgressFn | None = None) -> Tensor:
-    """The sampling half of `generate` for a resolved request: the model-space latents it ends with."""
-    generators = generators_for(req.seeds())
-    sigmas = request_sigmas(bundle, req)
-    start = _start(bundle, req, sigmas, generators)
-    model = _guided_model(bundle, req, start, generators)
-    x = _run_sampler(model, start.x, sigmas, _sampler_options(bundle, req, start.x, sigmas, generators), req, progress)
-    _check_finite(x, "the final latent", req)
-    return to_ddpm_latent(x, sigmas[-1])
+def sample_latents(
+    bundle: ModelBundle, request: GenerationPlan | GenerationRequest, *, progress: ProgressFn | None = None
+) -> Tensor:
+    """The sampling half of `generate`: the model-space latents a plan (or a request) ends with."""
+    plan = _as_plan(bundle, request)
+    generators = generators_for(plan.request.seeds())
+    start = _start(bundle, plan, generators)
+    model = _guided_model(bundle, plan.sampling, plan.request, start, generators)
+    x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
+    _check_finite(x, "the final latent", plan.request)
+    return plan.sampling.inverse_noise_scaling(plan.sigmas[-1], x)
 
 
 def _check_finite(x: Tensor, what: str, req: GenerationRequest) -> None:
@@ -191,28 +167,11 @@ def _check_finite(x: Tensor, what: str, req: GenerationRequest) -> None:
 # SDXL base -> refiner
 
 
-def handoff_index(sigmas: Tensor, schedule: NoiseSchedule, switch_at: float) -> int:
-    """How many steps of `sigmas` the base model takes before the refiner takes over at ``sigmas[index]``.
-
-    diffusers' ``denoising_end`` / ``denoising_start`` rule: with T training timesteps the cut-off is
-    ``round(T * (1 - switch_at))``; the base takes every step whose timestep is >= the cut-off and the
-    refiner every step below it (``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline``,
-    ``discrete_timestep_cutoff``). A step's timestep is that of its starting sigma (``sigma_to_t``,
-    fractional for Karras-like lists, as diffusers' Euler uses it). sdlab samplers count steps, not model
-    calls, so second-order samplers never split inside a step (diffusers' "+1 for order 2" fix-up).
-    `switch_at` lies strictly between 0 and 1 (`check_refiner_switch`, done by `generate_with_refiner`).
-    """
-    cutoff = round(schedule.num_timesteps * (1.0 - float(switch_at)))
-    steps = sigmas[:-1].to(torch.float64).cpu()                                 # each step's starting sigma
-    timesteps = schedule.sigma_to_t(steps)                                      # (steps,)
-    return int((timesteps >= cutoff - 1e-3).sum())   # integer timesteps come back from sigma_to_t within ~1e-5
-
-
 @torch.no_grad()
 def generate_with_refiner(
     base: ModelBundle,
     refiner: ModelBundle,
-    request: GenerationRequest,
+    request: GenerationPlan | GenerationRequest,
     switch_at: float = 0.8,
     *,
     progress: ProgressFn | None = None,
@@ -225,35 +184,26 @@ def generate_with_refiner(
     conditioning (the refiner's: bigG only, with the request's aesthetic scores). Image i keeps drawing from
     generator seed + i across the handoff, like passing the same generators to both diffusers pipelines.
     Multistep samplers restart their history at the handoff, as a fresh diffusers scheduler does.
+
+    A plan (`make_plan(base, request, refiner=refiner, switch_at=...)`) carries its own split; `switch_at`
+    is then unused.
     """
-    check_refiner_switch(switch_at, "switch_at")
-    req = resolve_for(base, request)
-    warn_if_far_from_native(base, req)
-    if refiner.unet_config.out_channels != base.unet_config.out_channels or (
-        refiner.vae_config.downsample_factor != base.vae_config.downsample_factor
-    ):
-        raise RequestError("the refiner's latent space (channels, VAE factor) differs from the base model's")
-    if refiner.scaling_factor != base.scaling_factor:
-        raise RequestError(
-            f"the base scales latents by {base.scaling_factor} and the refiner by {refiner.scaling_factor}; "
-            "a latent handoff needs the same latent space"
-        )
-    generators = generators_for(req.seeds())
-    sigmas = request_sigmas(base, req)
-    split = handoff_index(sigmas, base.family.schedule.build(), switch_at)
+    plan = _as_plan(base, request, refiner, switch_at)
+    req, sigmas, split = plan.request, plan.sigmas, plan.refiner_split
     logger.info("refiner handoff after %d of %d steps, at sigma %.4f", split, len(sigmas) - 1, float(sigmas[split]))
-    start = _start(base, req, sigmas, generators)
-    options = _sampler_options(base, req, start.x, sigmas, generators)      # one noise source across both halves
+    generators = generators_for(req.seeds())
+    start = _start(base, plan, generators)
+    options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
     x = start.x
     if split > 0:
-        base_model = _guided_model(base, req, start, generators)
-        x = _run_sampler(base_model, x, sigmas[: split + 1], options, req, progress)
+        base_model = _guided_model(base, plan.sampling, req, start, generators)
+        x = _run_sampler(plan, base_model, x, sigmas[: split + 1], options, progress)
     if split < len(sigmas) - 1:
-        refiner_model = _guided_model(refiner, req, start, generators)
-        x = _run_sampler(refiner_model, x, sigmas[split:], options, req, _offset(progress, split))
+        refiner_model = _guided_model(refiner, plan.refiner_sampling, req, start, generators)
+        x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
     _check_finite(x, "the final latent", req)
-    latents = to_ddpm_latent(x, sigmas[-1])                                  # (B, 4, h, w)
-    return GenerationResult(images=_pictures(refiner, req, latents), seeds=req.seeds(), request=req)
+    latents = plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x)   # (B, 4, h, w)
+    return GenerationResult(images=_pictures(refiner, plan, latents), seeds=req.seeds(), request=req)
 
 
 def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
@@ -266,61 +216,45 @@ def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
 # the pieces of one run
 
 
-def request_sigmas(bundle: ModelBundle, req: GenerationRequest) -> Tensor:
-    """The sigmas a resolved request visits (the img2img tail for an init image), on the bundle's device."""
-    schedule = bundle.family.schedule.build()
-    sampler = get_sampler(req.sampler)
-    options = dict(final=sampler.final_sigma, scheduler=sampler.spacing)  # a diffusers spacing: the sampler's
-    advice = steps_warning(sampler, req.steps, req.schedule) if req.cfg_scale != 1.0 else None
-    if advice:
-        logger.warning(advice)
-    try:
-        if req.init_image is None:
-            sigmas = discretize(req.schedule, schedule, req.steps, **options)
-        else:
-            sigmas = img2img_sigmas(req.schedule, schedule, req.steps, req.strength, req.img2img_convention, **options)
-    except ValueError as err:   # e.g. a strength so low that no step runs, LCM past its 50 steps
-        raise RequestError(str(err)) from None
-    return sigmas.to(bundle.device)
-
-
 @dataclass(frozen=True)
 class _Start:
     """Where sampling starts, and the picture inputs the guided model needs."""
 
-    x: Tensor                        # (B, 4, h, w) VE sample at sigmas[0]
+    x: Tensor                        # (B, 4, h, w) the sampler's x at sigmas[0]
     noise: Tensor                    # (B, 4, h, w) the unit noise in x
     pixels: Tensor | None            # (1, 3, H, W) init image in [-1, 1]
     image_latent: Tensor | None      # (B, 4, h, w) posterior samples of the init image, when drawn
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
 
 
-def _start(bundle: ModelBundle, req: GenerationRequest, sigmas: Tensor, generators: list[torch.Generator]) -> _Start:
-    device = bundle.device
-    factor = bundle.vae_config.downsample_factor
-    shape = (req.batch_size, bundle.unet_config.out_channels, req.height // factor, req.width // factor)
-
+def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Generator]) -> _Start:
+    """The first x: the model's forward process (``plan.sampling.noise_scaling``) applied to pure noise, or
+    to the init image's latent at ``sigmas[0]``."""
+    device, req, sigmas = bundle.device, plan.request, plan.sigmas
     pixels = mask = image_latent = None
     if req.init_image is not None:
         pixels = pil_to_tensor(req.init_image, size=(req.width, req.height)).to(device)       # (1, 3, H, W)
-        if req.mask_image is not None:   # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
-            soft = blur_mask(req.mask_image, req.mask_blur, (req.width, req.height))             # (1, 1, H, W)
-            mask = (soft >= 0.5).to(torch.float32).to(device)
+        if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
+            mask = (plan.mask >= 0.5).to(torch.float32).to(device)
     from_noise = pixels is None or (mask is not None and req.strength == 1.0)
     blends = mask is not None and not bundle.family.is_inpaint
     if pixels is not None and (not from_noise or blends):
         image_latent = encode_image(bundle, pixels, generators)                                # (B, 4, h, w)
 
-    noise = per_image_noise(generators, torch.empty(shape, device=device))(sigmas[0], sigmas[0])  # (B, 4, h, w)
+    noise = per_image_noise(generators, torch.empty(plan.latent_shape, device=device))(sigmas[0], sigmas[0])  # (B, 4, h, w)
     if from_noise:
-        x = noise * initial_noise_sigma(sigmas, req.init_noise)
+        x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
-        x = image_latent + noise * sigmas[0]
+        x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask)
 
 
 def _guided_model(
-    bundle: ModelBundle, req: GenerationRequest, start: _Start, generators: list[torch.Generator]
+    bundle: ModelBundle,
+    sampling: ModelSampling,
+    req: GenerationRequest,
+    start: _Start,
+    generators: list[torch.Generator],
 ) -> DenoiseFn:
     """The bundle's U-Net as a CFG-guided denoiser with the request's conditioning and picture inputs."""
     device = bundle.device
@@ -341,7 +275,7 @@ def _guided_model(
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
     )
-    denoiser = Denoiser(bundle.unet, model_sampling(bundle), quantize=req.quantize_timesteps)
+    denoiser = Denoiser(bundle.unet, sampling, quantize=req.quantize_timesteps)
     if bundle.family.is_inpaint:
         pixels, mask = start.pixels, start.mask
         if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
@@ -353,20 +287,19 @@ def _guided_model(
     model = cfg(denoiser, cond, uncond, req.cfg_scale, req.guidance_rescale)
     if start.mask is not None and not bundle.family.is_inpaint:
         small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(device)  # (1, 1, h, w)
-        model = masked(model, start.image_latent, small_mask, start.noise)
+        model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling)
     return model
 
 
 def _run_sampler(
+    plan: GenerationPlan,
     model: DenoiseFn,
     x: Tensor,
     sigmas: Tensor,
     options: dict[str, Any],
-    req: GenerationRequest,
     progress: ProgressFn | None,
 ) -> Tensor:
-    sampler = get_sampler(req.sampler)
-    return sampler.fn(_finite_only(model, req), x, sigmas, **options, callback=progress)
+    return plan.sampler.fn(_finite_only(model, plan.request), x, sigmas, **options, callback=progress)
 
 
 def _finite_only(model: DenoiseFn, req: GenerationRequest) -> DenoiseFn:
@@ -380,14 +313,12 @@ def _finite_only(model: DenoiseFn, req: GenerationRequest) -> DenoiseFn:
     return denoise
 
 
-def _sampler_options(
-    bundle: ModelBundle, req: GenerationRequest, x: Tensor, sigmas: Tensor, generators: list[torch.Generator]
-) -> dict[str, Any]:
-    """Keyword arguments of the request's sampler: its noise source and the options it accepts."""
-    sampler: SamplerSpec = get_sampler(req.sampler)
+def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[torch.Generator]) -> dict[str, Any]:
+    """Keyword arguments of the plan's sampler: its noise source and the options it accepts."""
+    sampler, req = plan.sampler, plan.request
     options: dict[str, Any] = {}
     if sampler.noise == "brownian":
-        options["noise"] = BrownianTreeNoise.for_sigmas(x, sigmas, req.seeds())
+        options["noise"] = BrownianTreeNoise.for_sigmas(x, plan.sigmas, req.seeds())
     elif sampler.noise == "gaussian":
         options["noise"] = per_image_noise(generators, x)
     if req.eta is not None:
@@ -395,7 +326,7 @@ def _sampler_options(
     if req.s_noise != 1.0:
         options["s_noise"] = req.s_noise
     if sampler.wants_sigma_to_t:
-        options["sigma_to_t"] = bundle.family.schedule.build().sigma_to_t
+        options["sigma_to_t"] = plan.sampling.sigma_to_t
     accepted = inspect.signature(sampler.fn).parameters
     ignored = sorted(name for name in options if name not in accepted and name != "noise")
     if ignored:

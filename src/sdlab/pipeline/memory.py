@@ -30,7 +30,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.pipeline.tiling import should_tile
 
-__all__ = ["available_bytes", "check_memory", "estimate_bytes"]
+__all__ = ["available_bytes", "check_memory", "estimate_bytes", "is_out_of_memory"]
 
 UNET_PER_ELEMENT = {True: 28, False: 16}    # first level with / without attention
 VAE_PER_ELEMENT = 6
@@ -91,6 +91,19 @@ def check_memory(bundle: ModelBundle, req: GenerationRequest, available: int | N
             f"{bundle.device.type} and {_gib(free)} is free; draw smaller or fewer images (this model's native "
             f"size is {bundle.default_size} px)"
         )
+
+
+# PyTorch's CPU allocator reports a failed allocation as a plain RuntimeError with this text
+# ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes"), not as a MemoryError.
+_CPU_ALLOCATOR_FAILURE = "can't allocate memory"
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is the device running out of memory: Python's MemoryError, torch's OutOfMemoryError
+    (CUDA and other accelerators), or the CPU allocator's RuntimeError."""
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    return isinstance(err, RuntimeError) and _CPU_ALLOCATOR_FAILURE in str(err)
 
 
 def _gib(count: int) -> str:

@@ -6,7 +6,9 @@ guidance needs at sampling time), text context and SDXL's added vector from the 
 the generate pipeline's own conditioning code (`sdlab.pipeline.conditioning`: `encode_captions`,
 `sdxl_size_conds`), ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`` (+ offset noise), ``x_t = q_sample(z0, t, eps)``,
 and the loss ``w_t * |net(x_t, t, context[, y]) - target|^2`` averaged over the latent, then the batch,
-with ``target`` given by the prediction type (eps / v / x0) and ``w_t`` = 1 or Min-SNR-gamma.
+with ``target`` given by the prediction type (eps / v / x0) and ``w_t`` = 1 or Min-SNR-gamma. The timesteps,
+``x_t``, the target and the weights come from the model's `ModelSampling` (`sdlab.pipeline.plan.model_sampling`),
+the object whose forward process the generate pipeline samples with.
 
 Every random draw of a sample comes from generators seeded by the sample's seed (`Batch.seeds`), in a
 fixed order, so the loss of a global batch does not depend on how it is split over ranks / micro-steps.
@@ -30,18 +32,12 @@ from torch import Tensor, nn
 from sdlab.checkpoints.file_format import META_EMA, META_FAMILY
 from sdlab.checkpoints.save import save_bundle
 from sdlab.diffusion.denoiser import Prediction
-from sdlab.diffusion.loss import (
-    min_snr_weights,
-    offset_noise,
-    per_sample_normal,
-    prediction_target,
-    q_sample,
-    sample_timesteps,
-)
+from sdlab.diffusion.loss import offset_noise, per_sample_normal
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet
 from sdlab.pipeline.conditioning import encode_captions, sdxl_size_conds
+from sdlab.pipeline.plan import model_sampling
 from sdlab.train.data import generator_for
 from sdlab.train.lora import LoRANetwork, save_lora_networks
 from sdlab.train.task import Batch
@@ -116,8 +112,7 @@ class UNetTask:
         self.bundle = bundle
         self.prediction = bundle.prediction
         self.device = bundle.device
-        self.alphas_cumprod = bundle.family.schedule.build().alphas_cumprod.to(torch.float32)  # (T,)
-        self.num_timesteps = self.alphas_cumprod.numel()
+        self.sampling = model_sampling(bundle)
 
         for module in (bundle.vae, *(te.model for te in bundle.text_encoders)):
             module.requires_grad_(False).eval()
@@ -161,11 +156,11 @@ class UNetTask:
             for c, g in zip(batch.captions, gens)
         ]
         z0 = self.latents(batch, seeds)  # (B, C, h, w) float32, scaled
-        t = sample_timesteps(gens, self.num_timesteps, device=device)  # (B,)
+        t = self.sampling.sample_timesteps(gens, device=device)  # (B,)
         noise = per_sample_normal(z0.shape, gens, device=device)  # (B, C, h, w)
         noise = offset_noise(noise, self.options.offset_noise, gens)
-        x_t = q_sample(z0, t, noise, self.alphas_cumprod)
-        target = prediction_target(self.prediction, z0, noise, t, self.alphas_cumprod)
+        x_t = self.sampling.q_sample(z0, noise, t)
+        target = self.sampling.training_target(z0, noise, t)
 
         text_learns = self.text_lora is not None or self.trains_text_input
         with torch.set_grad_enabled(text_learns and torch.is_grad_enabled()):
@@ -174,8 +169,9 @@ class UNetTask:
         pred = self._unet_call(x_t, t.to(torch.float32), context, y)  # (B, C, h, w)
 
         per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
-        if self.options.min_snr_gamma is not None:
-            per_sample = per_sample * min_snr_weights(t, self.alphas_cumprod, self.options.min_snr_gamma, self.prediction)
+        weights = self.sampling.loss_weights(t, self.options.min_snr_gamma)  # (B,) or None
+        if weights is not None:
+            per_sample = per_sample * weights
         loss = per_sample.mean()
         return loss, {"loss": float(loss.detach()), "t_mean": float(t.float().mean())}
 

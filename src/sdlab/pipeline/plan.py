@@ -1,0 +1,191 @@
+"""Resolve once: a request becomes a `GenerationPlan`, everything a run needs that does not run a network.
+
+    plan = make_plan(bundle, request)        # or Pipeline.resolve(request)
+    plan.request      the resolved request (family defaults filled in, every value checked)
+    plan.sampler      the sampler table's row
+    plan.sampling     the model's noise parameterisation (`ModelSampling`)
+    plan.sigmas       the noise levels the run visits, on the model's device (the img2img tail for an init image)
+    plan.latent_shape (B, C, h, w) of the sampled latent
+    plan.mask         the blurred inpainting mask (1, 1, H, W) in [0, 1], or None
+    plan.refiner_split / refiner_sampling   with an SDXL refiner: steps the base runs, the refiner's sampling
+
+Making a plan checks the request against the model(s) (clip skip within each text encoder's layers, memory
+for the base and the refiner against one reading of the free memory, a refiner whose latent space fits the
+base's), warns once (far from the native size, too few steps for the sampler) and builds the schedule once.
+The generate loop (`pipeline/generate.py`) only reads the plan.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sdlab.diffusion.discretization import discretize, img2img_sigmas
+from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
+from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
+from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.conditioning import hidden_state_layers
+from sdlab.pipeline.memory import available_bytes, check_memory
+from sdlab.pipeline.overlay import blur_mask
+from sdlab.pipeline.request import GenerationRequest, RequestError, check_refiner_switch, resolve
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FAR_FROM_NATIVE",
+    "GenerationPlan",
+    "handoff_index",
+    "make_plan",
+    "model_sampling",
+    "request_sigmas",
+    "resolve_for",
+    "warn_if_far_from_native",
+]
+
+FAR_FROM_NATIVE = 2.0       # warn when a side is more than this factor above or below the model's size
+
+
+@dataclass(frozen=True, eq=False)
+class GenerationPlan:
+    """A resolved request and what follows from it for one model (module docstring)."""
+
+    request: GenerationRequest
+    sampler: SamplerSpec
+    sampling: ModelSampling
+    sigmas: Tensor                                  # (steps run + 1,) on the model's device
+    latent_shape: tuple[int, int, int, int]         # (B, C, h, w)
+    mask: Tensor | None = None                      # (1, 1, H, W) blurred mask in [0, 1], 1 = repaint
+    refiner_split: int | None = None                # with a refiner: how many steps the base takes
+    refiner_sampling: ModelSampling | None = None
+
+    @property
+    def steps_run(self) -> int:
+        """Sampler steps this run takes (fewer than `request.steps` for img2img)."""
+        return len(self.sigmas) - 1
+
+
+def model_sampling(bundle: ModelBundle) -> ModelSampling:
+    """The bundle's noise parameterisation: its family's training schedule with its prediction type."""
+    return DiscreteModelSampling(bundle.family.schedule.build(), bundle.prediction)
+
+
+def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, which: str = "") -> None:
+    """The checks that need the model: clip skip within its text encoders' layers, memory."""
+    for encoder in bundle.text_encoders:
+        try:
+            hidden_state_layers(encoder, req.clip_skip)
+        except ValueError as err:
+            raise RequestError(f"clip skip {req.clip_skip} is too large for {which or 'this model'}: {err}") from None
+    if free is not None:                                           # None: the device cannot tell
+        check_memory(bundle, req, free)
+
+
+def resolve_for(bundle: ModelBundle, request: GenerationRequest, *, free: int | None = None) -> GenerationRequest:
+    """`resolve` with the bundle's family defaults, then the checks that need the model: clip skip, memory
+    (against `free` bytes when given, else the device's free memory read now)."""
+    family = bundle.family
+    req = resolve(
+        request,
+        default_size=bundle.default_size,
+        default_sampler=family.default_sampler,
+        default_schedule=family.default_sigma_schedule,
+        factor=bundle.vae_config.downsample_factor,
+        default_cfg=family.default_cfg,
+    )
+    _check_model(bundle, req, available_bytes(bundle.device) if free is None else free)
+    return req
+
+
+def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None:
+    """Log a warning when a side is more than `FAR_FROM_NATIVE` times off the model's native size: a model
+    draws well near the size it was trained at (repeated subjects above it, mush below it)."""
+    native = bundle.default_size
+    if any(not native / FAR_FROM_NATIVE <= side <= native * FAR_FROM_NATIVE for side in (req.width, req.height)):
+        logger.warning(
+            "%dx%d is far from this model's native %dx%d px; expect repeated or broken subjects "
+            "(leave width and height unset for the native size)", req.width, req.height, native, native,
+        )
+
+
+def request_sigmas(
+    sampling: DiscreteModelSampling, sampler: SamplerSpec, req: GenerationRequest, device: torch.device | str = "cpu"
+) -> Tensor:
+    """The sigmas a resolved request visits (the img2img tail for an init image), on `device`."""
+    options = dict(final=sampler.final_sigma, scheduler=sampler.spacing)  # a diffusers spacing: the sampler's
+    try:
+        if req.init_image is None:
+            sigmas = discretize(req.schedule, sampling.schedule, req.steps, **options)
+        else:
+            sigmas = img2img_sigmas(req.schedule, sampling.schedule, req.steps, req.strength, req.img2img_convention,
+                                    **options)
+    except ValueError as err:   # e.g. a strength so low that no step runs, LCM past its 50 steps
+        raise RequestError(str(err)) from None
+    return sigmas.to(device)
+
+
+def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float) -> int:
+    """How many steps of `sigmas` the base model takes before the refiner takes over at ``sigmas[index]``.
+
+    diffusers' ``denoising_end`` / ``denoising_start`` rule: with T training timesteps the cut-off is
+    ``round(T * (1 - switch_at))``; the base takes every step whose timestep is >= the cut-off and the
+    refiner every step below it (``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline``,
+    ``discrete_timestep_cutoff``). A step's timestep is that of its starting sigma (``sigma_to_t``,
+    fractional for Karras-like lists, as diffusers' Euler uses it). sdlab samplers count steps, not model
+    calls, so second-order samplers never split inside a step (diffusers' "+1 for order 2" fix-up).
+    `sampling` is a `ModelSampling` (or a `NoiseSchedule`); `switch_at` lies strictly between 0 and 1.
+    """
+    cutoff = round(sampling.num_timesteps * (1.0 - float(switch_at)))
+    steps = sigmas[:-1].to(torch.float64).cpu()                                 # each step's starting sigma
+    timesteps = sampling.sigma_to_t(steps)                                      # (steps,)
+    return int((timesteps >= cutoff - 1e-3).sum())   # integer timesteps come back from sigma_to_t within ~1e-5
+
+
+def _check_refiner_fits(base: ModelBundle, refiner: ModelBundle) -> None:
+    if refiner.unet_config.out_channels != base.unet_config.out_channels or (
+        refiner.vae_config.downsample_factor != base.vae_config.downsample_factor
+    ):
+        raise RequestError("the refiner's latent space (channels, VAE factor) differs from the base model's")
+    if refiner.scaling_factor != base.scaling_factor:
+        raise RequestError(
+            f"the base scales latents by {base.scaling_factor} and the refiner by {refiner.scaling_factor}; "
+            "a latent handoff needs the same latent space"
+        )
+
+
+def make_plan(
+    bundle: ModelBundle,
+    request: GenerationRequest,
+    *,
+    refiner: ModelBundle | None = None,
+    switch_at: float = 0.8,
+) -> GenerationPlan:
+    """Resolve `request` for `bundle` (and an SDXL `refiner` taking over after `switch_at` of the schedule)
+    into the plan the generate loop runs; a `RequestError` names the first bad value."""
+    free = available_bytes(bundle.device)                         # one reading for every model's check
+    req = resolve_for(bundle, request, free=free)
+    if refiner is not None:
+        check_refiner_switch(switch_at, "switch_at")
+        _check_refiner_fits(bundle, refiner)
+        _check_model(refiner, req, free, "the refiner")
+    warn_if_far_from_native(bundle, req)
+
+    sampler = get_sampler(req.sampler)
+    advice = steps_warning(sampler, req.steps, req.schedule) if req.cfg_scale != 1.0 else None
+    if advice:
+        logger.warning(advice)
+    sampling = model_sampling(bundle)
+    sigmas = request_sigmas(sampling, sampler, req, bundle.device)
+    factor = bundle.vae_config.downsample_factor
+    shape = (req.batch_size, bundle.unet_config.out_channels, req.height // factor, req.width // factor)
+    mask = None
+    if req.mask_image is not None:
+        mask = blur_mask(req.mask_image, req.mask_blur, (req.width, req.height))     # (1, 1, H, W)
+    split = refiner_sampling = None
+    if refiner is not None:
+        split = handoff_index(sigmas, sampling, switch_at)
+        refiner_sampling = model_sampling(refiner)
+    return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
+                          mask=mask, refiner_split=split, refiner_sampling=refiner_sampling)
