@@ -458,6 +458,14 @@ def test_model_and_lora_pickers_behind_basic_auth(browser, folder_server):
         model = Select(browser.find_element(By.ID, "model"))
         assert {o.get_attribute("value") for o in model.options} == set(models.values())
         model.select_by_value(models["tiny-copy"])
+        # a LoRA added to the folder shows up after Refresh
+        lora_dir = folder_server.output_dir.parent / "models" / "Lora"
+        shutil.copyfile(lora_dir / "wobble.safetensors", lora_dir / "wobble-2.safetensors")
+        assert "wobble-2" not in [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "lora")).options]
+        browser.find_element(By.ID, "model-refresh").click()
+        wait(browser, lambda d: "wobble-2" in [o.get_attribute("value") for o in Select(d.find_element(By.ID, "lora")).options],
+             20, "the new LoRA is not listed after Refresh")
+        assert model.first_selected_option.get_attribute("value") == models["tiny-copy"]
         Select(browser.find_element(By.ID, "lora")).select_by_value("wobble")
         set_value(browser, "lora-weight", 0.8)
         browser.find_element(By.ID, "lora-add").click()

@@ -68,6 +68,7 @@ function showError(message) {
   const box = $("error");
   box.textContent = message;
   box.hidden = !message;
+  if (message) box.scrollIntoView({ block: "nearest" });
 }
 
 function showNotice(message) {
@@ -92,12 +93,20 @@ function fillSelect(select, items, { blank } = {}) {
 
 async function loadModels() {
   const [models, options] = await Promise.all([api("/sdapi/v1/sd-models"), api("/sdapi/v1/options").catch(() => ({}))]);
+  const chosen = $("model").value;        // kept over a refresh when it is still there
   fillSelect($("model"), (models || []).map((m) => ({
     label: m.title || m.model_name, value: m.title || m.model_name,
     data: { name: m.model_name, filename: m.filename || "", hash: m.hash || "" },
   })));
   const current = options && options.sd_model_checkpoint;
-  if (current) selectMatching($("model"), current);
+  if (current && (!chosen || $("model").value !== chosen)) selectMatching($("model"), current);
+}
+
+async function loadLoras() {
+  const loras = (await api("/sdapi/v1/loras")) || [];
+  fillSelect($("lora"), loras.map((l) => ({ label: l.alias && l.alias !== l.name ? `${l.name} (${l.alias})` : l.name, value: l.name })),
+    { blank: loras.length ? "choose a LoRA" : "no LoRAs found" });
+  $("lora-add").disabled = !loras.length;
 }
 
 async function loadLists() {
@@ -113,11 +122,7 @@ async function loadLists() {
       fillSelect($("schedule"), (schedulers || []).map((s) => ({ label: s.label || s.name, value: s.name })),
         { blank: "Automatic" });
     }),
-    api("/sdapi/v1/loras").then((loras) => {
-      fillSelect($("lora"), (loras || []).map((l) => ({ label: l.alias && l.alias !== l.name ? `${l.name} (${l.alias})` : l.name, value: l.name })),
-        { blank: (loras || []).length ? "choose a LoRA" : "no LoRAs found" });
-      $("lora-add").disabled = !(loras || []).length;
-    }),
+    loadLoras(),
   ]);
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   if (failed.length) showError("Could not load the lists: " + failed.join("; "));
@@ -776,7 +781,7 @@ function setup() {
   $("model-refresh").addEventListener("click", async () => {
     try {
       await api("/sdapi/v1/refresh-checkpoints", { method: "POST" });
-      await loadModels();
+      await Promise.all([loadModels(), loadLoras()]);
     } catch (err) {
       showError(err.message);
     }
