@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from sdlab.checkpoints.diffusers_unet import unet_key_map
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
+from sdlab.checkpoints.lycoris import FIELDS, merged_weight, module_kind
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import FamilySpec
 from sdlab.models.unet import UNetConfig
@@ -42,17 +43,23 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "UNET_PREFIX",
     "apply_lora",
+    "bundle_lora_weights",
     "kohya_metadata",
     "kohya_name",
     "kohya_unet_names",
     "load_lora_file",
+    "lora_layer_tables",
     "merge_lora_",
+    "merged_layers",
     "text_encoder_prefixes",
+    "write_layers_",
     "write_lora_file",
 ]
 
+# the layers a module may name: LoRA / LyCORIS kinds target Linear and Conv2d; full diffs and (IA)^3 norms too
+_TARGETS = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+
 UNET_PREFIX = "lora_unet_"
-_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"))
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
@@ -91,10 +98,10 @@ def kohya_unet_names(cfg: UNetConfig, paths: Iterable[str]) -> dict[str, str]:
 
 
 def _unet_layer_table(unet: nn.Module, cfg: UNetConfig) -> dict[str, nn.Module]:
-    """kohya name -> layer for every Linear / Conv2d of the U-Net, under its SGM name and (when the config
+    """kohya name -> layer for every Linear / Conv2d / norm of the U-Net, under its SGM name and (when the config
     has a diffusers equivalent) its diffusers name: files in either convention apply to any family."""
     modules = dict(unet.named_modules())
-    layers = {path: m for path, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    layers = {path: m for path, m in modules.items() if isinstance(m, _TARGETS) and m.weight is not None}
     table = {kohya_name(UNET_PREFIX, path): m for path, m in layers.items()}
     for path, hf_path in _diffusers_module_paths(cfg).items():
         if path in layers:
@@ -103,15 +110,17 @@ def _unet_layer_table(unet: nn.Module, cfg: UNetConfig) -> dict[str, nn.Module]:
 
 
 def _text_layer_table(text_encoders) -> dict[str, nn.Module]:
-    """kohya name -> Linear layer of each text encoder (``lora_te_`` / ``lora_te1_`` / ``lora_te2_``)."""
+    """kohya name -> layer of each text encoder (``lora_te_`` / ``lora_te1_`` / ``lora_te2_``, with or without
+    the ``text_model`` level); ``lora_te_`` also names the first of two (diffusers' ``text_encoder.``)."""
     table: dict[str, nn.Module] = {}
-    single = len(text_encoders) == 1
-    for prefix, te in zip(text_encoder_prefixes(len(text_encoders)), text_encoders):
+    for i, (prefix, te) in enumerate(zip(text_encoder_prefixes(len(text_encoders)), text_encoders)):
         for module_path, m in te.model.named_modules():
-            if isinstance(m, nn.Linear):
-                table[kohya_name(prefix, module_path)] = m
-                if single:                               # some SD1 files omit the text_model level
-                    table.setdefault(kohya_name("lora_te_", module_path), m)
+            if isinstance(m, _TARGETS) and m.weight is not None:
+                names = [prefix, prefix.replace("text_model_", "")]     # some files omit the text_model level
+                if i == 0:
+                    names += ["lora_te_text_model_", "lora_te_"]
+                for name in names:
+                    table.setdefault(kohya_name(name, module_path), m)
     return table
 
 
@@ -159,6 +168,20 @@ def write_lora_file(path: str | os.PathLike[str], tensors: Mapping[str, Tensor],
 
 # --- reading -------------------------------------------------------------------------------------------
 
+# key suffix -> field (`sdlab.checkpoints.lycoris`), most specific first: kohya / LyCORIS, peft
+# (``lora_A`` / ``lora_B``), diffusers' older ``lora.down`` / attention-processor ``to_q_lora.down`` names
+_SUFFIXES = (
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
+    (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
+    (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
+    ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
+    (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    *((f".{field}", field) for field in FIELDS if field not in ("down", "up", "mid", "weight")),
+    (".weight", "weight"),                                          # (IA)^3, only beside ``on_input``
+)
+_TEXT_PREFIXES = (("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te_"), ("unet.", UNET_PREFIX))
+
 
 def _split_key(key: str) -> tuple[str, str] | None:
     for suffix, field in _SUFFIXES:
@@ -167,108 +190,155 @@ def _split_key(key: str) -> tuple[str, str] | None:
     return None
 
 
+def _kohya_module_name(name: str) -> str:
+    """A module name of any supported naming -> kohya's: ``lora_*`` names are kept; diffusers / peft names
+    (``unet.down_blocks.0...to_q``, ``text_encoder.text_model...q_proj``, bare U-Net paths as
+    ``save_attn_procs`` writes them, ``...attn1.processor.to_out``) become ``lora_unet_`` / ``lora_te_`` /
+    ``lora_te2_`` + the path with underscores."""
+    if name.startswith("lora_"):
+        return name
+    name = name.removeprefix("base_model.model.")
+    prefix = UNET_PREFIX
+    for start, kohya_prefix in _TEXT_PREFIXES:
+        if name.startswith(start):
+            name, prefix = name[len(start):], kohya_prefix
+            break
+    name = name.replace(".processor.", ".")
+    if name.endswith(".to_out"):                                   # attention processors' to_out_lora
+        name += ".0"
+    return kohya_name(prefix, name)
+
+
 def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
-    """kohya name -> {"down", "up", "alpha" (optional)} from a LoRA file; a file that is not a LoRA (a full
-    checkpoint, an empty or unreadable file) is a `CheckpointError` naming it."""
+    """kohya name -> {field: tensor} (fields of `sdlab.checkpoints.lycoris`: "down", "up", "alpha" for a
+    LoRA; "hada_w1_a", ... for LyCORIS kinds) from a LoRA / LyCORIS file in kohya, LyCORIS, diffusers or peft
+    naming. A file that is not one (a full checkpoint, an empty or unreadable file), or a module with
+    missing or non-finite tensors, is a `CheckpointError` naming it."""
     state, _ = read_checkpoint(path)
     groups: dict[str, dict[str, str]] = {}
-    others = []
     for key in state:
         split = _split_key(key)
-        if split is None:
-            others.append(key)
-        else:
+        if split is not None:
             groups.setdefault(split[0], {})[split[1]] = key
-    if not any("down" in g or "up" in g for g in groups.values()):
+    modules = {name: g for name, g in groups.items() if any(FIELDS[f] and f != "weight" for f in g)}
+    if not modules:
         raise CheckpointError(
-            f"{path}: not a LoRA file: no '<name>.lora_down.weight' / '<name>.lora_up.weight' keys among its "
-            f"{len(state)} tensors (e.g. {', '.join(list(state)[:2])}); a full model is passed with --model")
-    incomplete = [name for name, g in groups.items() if "down" not in g or "up" not in g]
-    if incomplete:
-        raise CheckpointError(f"{path}: LoRA modules without both lora_down and lora_up weights: {', '.join(incomplete[:3])}")
+            f"{path}: not a LoRA file: no LoRA / LyCORIS module keys ('<name>.lora_down.weight', "
+            f"'<name>.hada_w1_a', '<name>.lokr_w1', '<name>.diff', ...) among its {len(state)} tensors "
+            f"(e.g. {', '.join(list(state)[:2])}); a full model is passed with --model")
+    used = {key for g in modules.values() for key in g.values()}
+    others = [key for key in state if key not in used]
     if others:
-        logger.warning("%s: ignoring %d tensors that are not LoRA down/up/alpha weights, e.g. %s",
+        logger.warning("%s: ignoring %d tensors that are not LoRA / LyCORIS module weights, e.g. %s",
                        path, len(others), ", ".join(others[:3]))
-    lora = {name: {field: state[key] for field, key in g.items()} for name, g in groups.items()}
-    for name, entry in lora.items():
-        if any(not t.is_floating_point() for t in entry.values()):
+    lora: dict[str, dict[str, Tensor]] = {}
+    for name, g in modules.items():
+        entry = {field: state[key] for field, key in g.items()}
+        try:
+            module_kind(entry)
+        except ValueError as exc:
+            raise CheckpointError(f"{path}: module {name}: {exc}") from None
+        if any(not t.is_floating_point() for f, t in entry.items() if f != "on_input"):
             raise CheckpointError(f"{path}: LoRA module {name} has non-floating-point weights")
-        if not all(bool(torch.isfinite(t).all()) for t in entry.values()):
+        if not all(bool(torch.isfinite(t.to(torch.float32)).all()) for t in entry.values()):
             raise CheckpointError(f"{path}: LoRA module {name} has NaN or infinite weights")
+        kohya = _kohya_module_name(name)
+        if kohya in lora:
+            raise CheckpointError(f"{path}: two modules for the layer {kohya} ({name} and another naming)")
+        lora[kohya] = entry
     return lora
 
 
-def _delta_shape(entry: Mapping[str, Tensor], weight: Tensor) -> tuple[int, ...]:
-    down, up = entry["down"], entry["up"]
-    if weight.ndim == 2:
-        return (up.shape[0], down[0].numel())
-    if down.ndim == 4 and down.shape[-2:] != (1, 1):     # kxk down conv followed by a 1x1 up conv
-        return (up.shape[0], *down.shape[1:])
-    return (up.shape[0], down[0].numel(), 1, 1)
+# --- merging -------------------------------------------------------------------------------------------
 
-
-def _delta(entry: Mapping[str, Tensor], weight: Tensor, multiplier: float) -> Tensor:
-    down, up = entry["down"].to(torch.float32), entry["up"].to(torch.float32)
-    rank = down.shape[0]
-    alpha = float(entry["alpha"]) if "alpha" in entry else float(rank)
-    scale = multiplier * alpha / rank
-    if weight.ndim == 2:
-        delta = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)  # (out, in)
-    elif down.shape[-2:] == (1, 1):                       # 1x1 conv, or a 3x3 conv with a 1x1 "down" of rank r
-        delta = (up.flatten(1) @ down.flatten(1)).reshape(weight.shape[0], weight.shape[1], 1, 1)
-    else:                                                 # kxk down conv followed by a 1x1 up conv
-        delta = torch.einsum("or,rikl->oikl", up.flatten(1), down)
-    return delta * scale
-
-
-def _check_fits(lora: Mapping[str, Mapping[str, Tensor]], layers: Mapping[str, nn.Module]) -> None:
-    for name, entry in lora.items():
-        layer = layers.get(name)
-        if layer is None:
-            continue
-        down, up = entry["down"], entry["up"]
-        shape = _delta_shape(entry, layer.weight)
-        if up.ndim < 2 or up[0].numel() != down.shape[0] or shape != tuple(layer.weight.shape):
-            raise ValueError(f"LoRA module {name}: down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the "
-                             f"layer's weight {tuple(layer.weight.shape)}")
+LayerWeights = dict[nn.Module, tuple[Tensor, "Tensor | None"]]   # layer -> (new weight, new bias), float32
 
 
 @torch.no_grad()
-def merge_lora_(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str, Tensor]], multiplier: float) -> list[str]:
-    """Add ``multiplier * alpha / r * up @ down`` into each named layer's weight (in place, computed in
-    float32), after checking that every matched module fits (nothing changes otherwise). Returns the LoRA
-    names that matched no layer."""
-    _check_fits(lora, layers)
+def merged_layers(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str, Tensor]], multiplier: float,
+                  current: LayerWeights | None = None) -> tuple[LayerWeights, list[str]]:
+    """({layer: (weight, bias)} after merging `lora` at `multiplier` into the named layers, in float32,
+    starting from `current` (earlier merges of a stack) or the layers' own weights; the names that match
+    no layer). Nothing is written. ValueError names a module that does not fit its layer."""
+    result: LayerWeights = dict(current or {})
     unmatched = []
     for name, entry in lora.items():
         layer = layers.get(name)
         if layer is None:
             unmatched.append(name)
             continue
-        weight = layer.weight
-        weight.copy_((weight.to(torch.float32) + _delta(entry, weight, multiplier).to(weight.device)).to(weight.dtype))
+        weight, bias = result.get(layer) or (layer.weight.to(torch.float32),
+                                            None if layer.bias is None else layer.bias.to(torch.float32))
+        try:
+            new_weight, delta_bias = merged_weight(entry, weight, multiplier)
+        except ValueError as exc:
+            raise ValueError(f"module {name}: {exc}") from None
+        if delta_bias is not None:
+            if bias is None or delta_bias.numel() != bias.numel():
+                raise ValueError(f"module {name}: diff_b {tuple(delta_bias.shape)} does not fit the layer's bias")
+            bias = bias + delta_bias.to(bias.device).reshape(bias.shape)
+        result[layer] = (new_weight.to(weight.device), bias)
+    return result, unmatched
+
+
+@torch.no_grad()
+def write_layers_(weights: LayerWeights) -> None:
+    """Copy merged (weight, bias) pairs into their layers in place, in each layer's dtype."""
+    for layer, (weight, bias) in weights.items():
+        layer.weight.copy_(weight.to(layer.weight.dtype))
+        if bias is not None:
+            layer.bias.copy_(bias.to(layer.bias.dtype))
+
+
+def merge_lora_(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str, Tensor]], multiplier: float) -> list[str]:
+    """Merge `lora` into the named layers in place at `multiplier` (computed in float32), after checking
+    that every matched module fits (nothing changes otherwise). Returns the names that matched no layer."""
+    weights, unmatched = merged_layers(layers, lora, multiplier)
+    write_layers_(weights)
     return unmatched
 
 
-def apply_lora(bundle, path: str | os.PathLike[str], multiplier: float = 1.0,
-               lora: Mapping[str, Mapping[str, Tensor]] | None = None) -> int:
-    """Merge a kohya-format LoRA file into a `ModelBundle`'s U-Net and text encoders at ``multiplier``
-    (A1111's ``<lora:name:weight>``, sdlab's ``--lora FILE:WEIGHT``). Returns the number of layers changed.
-    Some names matching nothing is a warning (as in A1111); none matching, or a module whose shape does not
-    fit its layer, is a `CheckpointError` naming the file. ``lora`` is the file's content when already read
-    by `load_lora_file` (so a bad file is found before a model is loaded)."""
-    lora = load_lora_file(path) if lora is None else lora
-    layers = _unet_layer_table(bundle.unet, bundle.unet_config) | _text_layer_table(bundle.text_encoders)
-    matched = [name for name in lora if name in layers]
-    if not matched:
+def lora_layer_tables(bundle) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """(U-Net layers, text-encoder layers) of a `ModelBundle` by kohya name, in every naming files use."""
+    return _unet_layer_table(bundle.unet, bundle.unet_config), _text_layer_table(bundle.text_encoders)
+
+
+def bundle_lora_weights(bundle, path: str | os.PathLike[str], lora: Mapping[str, Mapping[str, Tensor]],
+                        te_multiplier: float, unet_multiplier: float,
+                        current: LayerWeights | None = None) -> tuple[LayerWeights, int]:
+    """The merged weights of `bundle`'s layers after `lora` (the content of `path`) at `te_multiplier` on
+    the text encoders and `unet_multiplier` on the U-Net, on top of `current`; and the number of modules
+    that matched. Nothing is written. None matching, or a module that does not fit its layer, is a
+    `CheckpointError` naming the file; some not matching is a warning (as in A1111)."""
+    unet_layers, text_layers = lora_layer_tables(bundle)
+    unet_part = {n: e for n, e in lora.items() if n in unet_layers}
+    text_part = {n: e for n, e in lora.items() if n in text_layers and n not in unet_part}
+    unmatched = [n for n in lora if n not in unet_part and n not in text_part]
+    if not unet_part and not text_part:
         raise CheckpointError(
             f"{path}: none of its {len(lora)} LoRA modules matches a layer of this {bundle.family.name} model "
             f"(e.g. {', '.join(list(lora)[:2])}): a LoRA for another model family?")
     try:
-        unmatched = merge_lora_(layers, lora, multiplier)
+        weights, _ = merged_layers(unet_layers, unet_part, unet_multiplier, current)
+        weights, _ = merged_layers(text_layers, text_part, te_multiplier, weights)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}: a LoRA for another model?") from exc
     if unmatched:
         logger.warning("%s: %d LoRA module(s) match no layer of this model, e.g. %s", path, len(unmatched), unmatched[:3])
-    logger.info("applied LoRA %s at %.3g to %d layers", path, multiplier, len(matched))
-    return len(matched)
+    return weights, len(unet_part) + len(text_part)
+
+
+def apply_lora(bundle, path: str | os.PathLike[str], multiplier: float = 1.0,
+               lora: Mapping[str, Mapping[str, Tensor]] | None = None,
+               unet_multiplier: float | None = None) -> int:
+    """Merge a LoRA / LyCORIS file into a `ModelBundle`'s U-Net and text encoders, permanently, at
+    ``multiplier`` (A1111's ``<lora:name:weight>``, sdlab's ``--lora FILE:WEIGHT``; ``unet_multiplier``,
+    when given, is the U-Net's and ``multiplier`` the text encoders'). Returns the number of layers
+    changed; errors as `bundle_lora_weights`. ``lora`` is the file's content when already read by
+    `load_lora_file` (so a bad file is found before a model is loaded)."""
+    lora = load_lora_file(path) if lora is None else lora
+    unet_multiplier = multiplier if unet_multiplier is None else unet_multiplier
+    weights, matched = bundle_lora_weights(bundle, path, lora, multiplier, unet_multiplier)
+    write_layers_(weights)
+    logger.info("applied LoRA %s at %.3g to %d layers", path, multiplier, matched)
+    return matched
