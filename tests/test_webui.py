@@ -230,6 +230,13 @@ def test_page_loads_with_labelled_controls_and_lists(page, base_url):
     assert Select(page.find_element(By.ID, "model")).first_selected_option.get_attribute("value") in {
         m["title"] for m in models}
     assert page.find_element(By.ID, "tab-txt2img").get_attribute("aria-selected") == "true"
+    assert not page.find_element(By.ID, "image-section").is_displayed()
+    page.find_element(By.ID, "tab-txt2img").send_keys(Keys.ARROW_RIGHT)        # the tabs follow the arrow keys
+    assert page.find_element(By.ID, "tab-img2img").get_attribute("aria-selected") == "true"
+    assert page.find_element(By.ID, "image-section").is_displayed()
+    page.switch_to.active_element.send_keys(Keys.ARROW_RIGHT)
+    assert page.find_element(By.ID, "tab-inpaint").get_attribute("aria-selected") == "true"
+    assert page.find_element(By.ID, "mask-tools").is_displayed()
     assert severe_console_errors(page) == []
 
 
@@ -313,6 +320,24 @@ def test_reuse_settings_from_the_gallery(page, base_url):
     assert value(page, "sampler") == "Euler"
     assert value(page, "schedule") == "normal"
     assert text(page, "notice") == ""
+
+    # its picture as the start of an img2img job
+    page.find_element(By.CSS_SELECTOR, f"{card} button.to-img2img").click()
+    wait(page, lambda d: d.find_element(By.ID, "init-canvas").is_displayed(), 20, "no initial image")
+    assert page.find_element(By.ID, "tab-img2img").get_attribute("aria-selected") == "true"
+    assert not page.find_element(By.ID, "mask-tools").is_displayed()
+    canvas = page.find_element(By.ID, "init-canvas")
+    assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == ("64", "48")
+    page.execute_script("const s = document.getElementById('strength'); s.value = 0.5;"
+                        "s.dispatchEvent(new Event('input'));")
+    assert text(page, "strength-value") == "0.50"
+    set_value(page, "prompt", "a large purple square, as a watercolour")
+    set_value(page, "batch_size", 1)
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: text(d, "progress-text").startswith("Done"), message="img2img did not finish")
+    job = job_by_prompt(base_url, "a large purple square, as a watercolour")
+    assert job["status"] == "done" and job["mode"] == "img2img" and job["request"]["strength"] == 0.5
+    assert Image.open(io.BytesIO(http_bytes(base_url, job["images"][0]))).size == (64, 48)
 
 
 def test_dropped_png_fills_the_form_from_its_parameters(page, base_url, tmp_path):

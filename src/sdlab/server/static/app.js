@@ -196,6 +196,7 @@ function setMode(mode) {
   state.mode = mode;
   for (const tab of document.querySelectorAll('[role="tab"]')) {
     tab.setAttribute("aria-selected", String(tab.dataset.mode === mode));
+    tab.tabIndex = tab.dataset.mode === mode ? 0 : -1;      // the ARIA tabs pattern: arrows move between tabs
   }
   $("image-section").hidden = mode === "txt2img";
   $("mask-tools").hidden = $("mask-options").hidden = mode !== "inpaint";
@@ -750,7 +751,16 @@ function setup() {
   setMode("txt2img");
   setupMaskPainting();
   setupDrop();
-  for (const tab of document.querySelectorAll('[role="tab"]')) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+  const tabs = [...document.querySelectorAll('[role="tab"]')];
+  for (const tab of tabs) tab.addEventListener("click", () => setMode(tab.dataset.mode));
+  $("settings").querySelector('[role="tablist"]').addEventListener("keydown", (event) => {
+    const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+    if (!step) return;
+    const next = tabs[(tabs.findIndex((t) => t.dataset.mode === state.mode) + step + tabs.length) % tabs.length];
+    setMode(next.dataset.mode);
+    next.focus();
+    event.preventDefault();
+  });
   $("settings").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
   document.addEventListener("keydown", (event) => {
     if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
