@@ -1,0 +1,297 @@
+"""LoRAs asked for in the prompt, A1111 style: ``<lora:NAME:WEIGHT>`` tags, found by name in LoRA folders
+and merged into the model for one request, then taken out again exactly.
+
+    a castle <lora:ink_style:0.8>              text encoders and U-Net at 0.8
+    a castle <lora:ink_style:0.5:1>            text encoders at 0.5, U-Net at 1 (A1111's te / unet)
+    a castle <lora:ink_style:te=0.5:unet=1>    the same with names; <lyco:...> is an alias of <lora:...>
+
+`split_prompt_loras` takes the tags out of the text that is encoded (the rest of the prompt, spaces
+included, is kept as written). NAME is a file's stem: `find_lora` looks for ``NAME.safetensors`` (``.pt``,
+``.ckpt``) in each folder and its subfolders, then for a ``.safetensors`` whose kohya ``ss_output_name``
+is NAME. Tags in the negative prompt are not LoRAs: A1111 reads extra networks from the positive prompt
+only (processing.py: ``parse_extra_network_prompts`` parses ``self.prompts``), so a tag there stays text.
+
+`LoraPatcher` applies a set of (file, text-encoder weight, U-Net weight) to a bundle's layers and restores
+them, as A1111's Lora extension does: the original weight tensors are kept and put back (never
+recomputed by subtraction, so the model returns bit for bit), and the merged tensors of the last set are
+kept too, so the same set again costs no arithmetic. Files are read once while unchanged (path, size,
+mtime).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import re
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import Tensor, nn
+
+from sdlab.checkpoints.lora import bundle_lora_weights, load_lora_file
+from sdlab.pipeline.request import RequestError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LORA_SUFFIXES",
+    "LoraPatcher",
+    "LoraTag",
+    "LoraUse",
+    "find_lora",
+    "patcher_for",
+    "read_lora",
+    "resolve_prompt_loras",
+    "split_prompt_loras",
+]
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+# A1111's extra-network syntax (modules/extra_networks.py: ``<(\w+):([^>]+)>``), for the lora / lyco kinds
+_TAG = re.compile(r"<(lora|lyco):([^>]+)>", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    """One ``<lora:...>`` tag: the name, the text-encoder and U-Net weights, and the tag as written."""
+
+    name: str
+    te_weight: float = 1.0
+    unet_weight: float = 1.0
+    text: str = ""
+
+
+@dataclass(frozen=True)
+class LoraUse:
+    """A LoRA file to merge for a request: text-encoder and U-Net weights apart; `name` is what the
+    infotext calls it (A1111: the tag's name)."""
+
+    path: Path
+    te_weight: float = 1.0
+    unet_weight: float = 1.0
+    name: str = ""
+
+
+def _number(text: str, tag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"the LoRA tag {tag!r} has {text!r} where a weight goes: <lora:NAME:WEIGHT>, "
+                         "<lora:NAME:TE_WEIGHT:UNET_WEIGHT> or <lora:NAME:te=W:unet=W>, weights being numbers")
+    return value
+
+
+def _parse_tag(match: re.Match) -> LoraTag:
+    """A1111 extra_networks_lora.activate: name, then te (positional 1 or ``te=``, default 1), unet
+    (positional 2 or ``unet=``, default te); ``dyn`` (dynamic rank) is not supported and ignored."""
+    tag = match.group(0)
+    positional, named = [], {}
+    for item in match.group(2).split(":"):
+        key, eq, value = item.partition("=")
+        if eq and key.strip():
+            named[key.strip().lower()] = value.strip()
+        else:
+            positional.append(item.strip())
+    if not positional or not positional[0]:
+        raise ValueError(f"the LoRA tag {tag!r} has no name: <lora:NAME:WEIGHT>")
+    name = positional[0]
+    te = _number(named.get("te", positional[1] if len(positional) > 1 else "1"), tag)
+    unet = _number(named.get("unet", positional[2] if len(positional) > 2 else str(te)), tag)
+    if "dyn" in named or len(positional) > 3:
+        logger.warning("%s: dynamic rank (dyn) is not supported; the full rank is used", tag)
+    return LoraTag(name, te, unet, tag)
+
+
+def split_prompt_loras(prompt: str) -> tuple[str, list[LoraTag]]:
+    """(`prompt` without its ``<lora:...>`` / ``<lyco:...>`` tags, the tags in order). A tag without a name
+    or with a weight that is not a number is a ValueError naming it."""
+    tags = [_parse_tag(m) for m in _TAG.finditer(prompt)]
+    return _TAG.sub("", prompt), tags
+
+
+def _plain_name(name: str) -> bool:
+    return not any(sep in name for sep in ("/", "\\", "\0")) and name not in (".", "..")
+
+
+def _ss_output_name(path: Path) -> str | None:
+    from sdlab.pipeline.png_info import safetensors_metadata
+
+    try:
+        return safetensors_metadata(path).get("ss_output_name")
+    except (OSError, ValueError):
+        return None
+
+
+def find_lora(name: str, folders: Iterable[str | os.PathLike[str]]) -> Path | None:
+    """The file `name` means in `folders` (in order): NAME.safetensors / .pt / .ckpt in a folder, then in
+    its subfolders (sorted), then a .safetensors whose ``ss_output_name`` is NAME; None if there is none.
+    A name with a path separator is a ValueError (tags name files, never paths)."""
+    if not _plain_name(name):
+        raise ValueError(f"the LoRA name {name!r} is not a plain file name (a tag names a file in a LoRA folder)")
+    folders = [Path(f) for f in folders]
+    for folder in folders:
+        for suffix in LORA_SUFFIXES:
+            if (folder / f"{name}{suffix}").is_file():
+                return folder / f"{name}{suffix}"
+    for folder in folders:
+        if folder.is_dir():
+            found = sorted(p for p in folder.rglob(f"{glob_escape(name)}.*")
+                           if p.suffix.lower() in LORA_SUFFIXES and p.stem == name and p.is_file())
+            if found:
+                return found[0]
+    for folder in folders:
+        if folder.is_dir():
+            for path in sorted(folder.rglob("*.safetensors")):
+                if path.is_file() and _ss_output_name(path) == name:
+                    return path
+    return None
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+# --- reading, cached ----------------------------------------------------------------------------------
+
+_FILE_CACHE: OrderedDict[tuple, dict[str, dict[str, Tensor]]] = OrderedDict()
+_FILE_CACHE_SIZE = 8
+
+
+def _file_key(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+def read_lora(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
+    """`load_lora_file(path)`, kept while the file is unchanged (the last few files)."""
+    key = _file_key(Path(path))
+    if key in _FILE_CACHE:
+        _FILE_CACHE.move_to_end(key)
+        return _FILE_CACHE[key]
+    lora = load_lora_file(path)
+    _FILE_CACHE[key] = lora
+    while len(_FILE_CACHE) > _FILE_CACHE_SIZE:
+        _FILE_CACHE.popitem(last=False)
+    return lora
+
+
+def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Sequence[str | os.PathLike[str]],
+                         ) -> tuple[str, list[LoraUse]]:
+    """(the prompt without its LoRA tags, the files to merge): every tag looked up (`find` is a function
+    of the name or a list of folders for `find_lora`) and its file read, so that a missing name or a file
+    that is not a LoRA is one `RequestError` before any work. A name used twice counts once (the first)."""
+    try:
+        bare, tags = split_prompt_loras(prompt)
+    except ValueError as err:
+        raise RequestError(str(err)) from None
+    if not tags:
+        return prompt, []
+    lookup = find if callable(find) else (lambda name: find_lora(name, find))
+    uses: list[LoraUse] = []
+    for tag in tags:
+        if any(use.name == tag.name for use in uses):
+            continue
+        try:
+            path = lookup(tag.name)
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        if path is None:
+            where = ", ".join(str(f) for f in find) if not callable(find) else "the LoRA folder"
+            raise RequestError(f"the prompt asks for the LoRA {tag.text} but there is no {tag.name}"
+                               f"{'/'.join(LORA_SUFFIXES)} in {where or 'no folder (pass --lora-dir DIR)'}")
+        try:
+            read_lora(path)
+        except Exception as err:                         # CheckpointError, OSError: one line naming the file
+            raise RequestError(f"{tag.text}: {err}") from None
+        uses.append(LoraUse(Path(path), tag.te_weight, tag.unet_weight, tag.name))
+    return bare, uses
+
+
+# --- applying and restoring ---------------------------------------------------------------------------
+
+
+def _use_key(uses: Sequence[LoraUse]) -> tuple:
+    return tuple((_file_key(u.path), u.te_weight, u.unet_weight) for u in uses)
+
+
+class LoraPatcher:
+    """Swaps merged weights into a bundle's layers and the originals back (see the module docstring)."""
+
+    def __init__(self, bundle) -> None:
+        self.bundle = bundle
+        self._originals: dict[nn.Parameter, Tensor] = {}    # the layers' own tensors while patched
+        self._applied: tuple | None = None                    # the key of the set now in the layers
+        self._cached: tuple[tuple, dict[nn.Parameter, Tensor]] | None = None   # last set's merged tensors
+
+    @property
+    def applied(self) -> bool:
+        return self._applied is not None
+
+    def _merged(self, uses: Sequence[LoraUse]) -> dict[nn.Parameter, Tensor]:
+        weights = None
+        for use in uses:
+            try:
+                weights, _ = bundle_lora_weights(self.bundle, use.path, read_lora(use.path),
+                                                 use.te_weight, use.unet_weight, weights)
+            except Exception as err:
+                raise RequestError(f"LoRA {use.name or use.path}: {err}") from None
+        tensors: dict[nn.Parameter, Tensor] = {}
+        for layer, (weight, bias) in (weights or {}).items():
+            tensors[layer.weight] = weight.to(layer.weight.device, layer.weight.dtype)
+            if bias is not None:
+                tensors[layer.bias] = bias.to(layer.bias.device, layer.bias.dtype)
+        return tensors
+
+    def apply(self, uses: Sequence[LoraUse]) -> None:
+        """Put the set `uses` into the layers (restoring any other set first); nothing when it is there."""
+        key = _use_key(uses)
+        if key == self._applied:
+            return
+        self.restore()
+        if not uses:
+            return
+        if self._cached is not None and self._cached[0] == key:
+            tensors = self._cached[1]
+        else:
+            self._cached = None                               # free the old set before computing the new
+            tensors = self._merged(uses)
+            self._cached = (key, tensors)
+        for param, tensor in tensors.items():
+            self._originals[param] = param.data
+            param.data = tensor
+        self._applied = key
+        logger.info("LoRAs applied: %s", ", ".join(f"{u.name or u.path}:{u.te_weight:g}:{u.unet_weight:g}" for u in uses))
+
+    def restore(self) -> None:
+        """Put the layers' own tensors back (a no-op when nothing is applied)."""
+        for param, original in self._originals.items():
+            param.data = original.to(param.device, param.dtype)
+        self._originals.clear()
+        self._applied = None
+
+    @contextlib.contextmanager
+    def using(self, uses: Sequence[LoraUse]) -> Iterator[None]:
+        """The set `uses` in the layers for the block, the model's own weights after it (even on error)."""
+        self.apply(uses)
+        try:
+            yield
+        finally:
+            self.restore()
+
+
+_PATCHERS: weakref.WeakKeyDictionary[nn.Module, LoraPatcher] = weakref.WeakKeyDictionary()
+
+
+def patcher_for(bundle) -> LoraPatcher:
+    """The one `LoraPatcher` of `bundle` (kept while its U-Net lives)."""
+    patcher = _PATCHERS.get(bundle.unet)
+    if patcher is None or patcher.bundle is not bundle:
+        patcher = _PATCHERS[bundle.unet] = LoraPatcher(bundle)
+    return patcher

@@ -1,0 +1,176 @@
+"""LoRAs asked for in the prompt (`sdlab.pipeline.prompt_loras`): A1111's tag syntax, finding files by name
+in LoRA folders, and merging a set into a bundle for one request with the weights restored bit for bit.
+
+- ``<lora:NAME>``, ``<lora:NAME:W>``, ``<lora:NAME:TE:UNET>``, ``te=`` / ``unet=``, ``<lyco:...>``; bad weights and
+  names are errors naming the tag.
+- Names are file stems in a folder or its subfolders, or a kohya ``ss_output_name``; a missing name or a
+  file that is not a LoRA is one `RequestError` before any merging.
+- `LoraPatcher`: the text encoders change by the TE weight and the U-Net by the U-Net weight, exactly as
+  `apply_lora` with those multipliers; restoring gives back the very tensors; the same set again computes
+  nothing; another set replaces the first; an error inside `using` still restores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bundle_fixtures import tiny_bundle
+from sdlab.checkpoints.lora import apply_lora
+from sdlab.pipeline import prompt_loras
+from sdlab.pipeline.prompt_loras import (
+    LoraPatcher,
+    LoraTag,
+    LoraUse,
+    find_lora,
+    patcher_for,
+    resolve_prompt_loras,
+    split_prompt_loras,
+)
+from sdlab.pipeline.request import RequestError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
+TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+
+
+@pytest.mark.parametrize("prompt, bare, tags", [
+    ("a castle <lora:ink:0.8>", "a castle ", [LoraTag("ink", 0.8, 0.8, "<lora:ink:0.8>")]),
+    ("<lora:ink>, a castle", ", a castle", [LoraTag("ink", 1.0, 1.0, "<lora:ink>")]),
+    ("x <lora:ink:0.5:1.5> y", "x  y", [LoraTag("ink", 0.5, 1.5, "<lora:ink:0.5:1.5>")]),
+    ("<lora:ink:te=0.25:unet=-1>", "", [LoraTag("ink", 0.25, -1.0, "<lora:ink:te=0.25:unet=-1>")]),
+    ("<LyCo:my style:0.3> z", " z", [LoraTag("my style", 0.3, 0.3, "<LyCo:my style:0.3>")]),
+    ("(a:1.2) <hypernet:h:1> [b]", "(a:1.2) <hypernet:h:1> [b]", []),
+])
+def test_tags_follow_a1111_syntax(prompt, bare, tags):
+    assert split_prompt_loras(prompt) == (bare, tags)
+
+
+@pytest.mark.parametrize("prompt", ["<lora:ink:abc>", "<lora:ink:nan>", "<lora::1>", "<lora:ink:te=x>"])
+def test_bad_tags_are_errors_naming_the_tag(prompt):
+    with pytest.raises(ValueError, match="LoRA tag"):
+        split_prompt_loras(prompt)
+
+
+def _lora_file(path, modules: dict[str, dict[str, torch.Tensor]], metadata=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"{n}.{f}": t.contiguous() for n, m in modules.items() for f, t in m.items()}, str(path), metadata)
+    return path
+
+
+def _small_lora(seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randn
+    return {TO_Q: {"lora_down.weight": r(2, 32, generator=g), "lora_up.weight": r(32, 2, generator=g),
+                   "alpha": torch.tensor(1.0)},
+            TE_Q: {"hada_w1_a": r(64, 2, generator=g), "hada_w1_b": r(2, 64, generator=g),
+                   "hada_w2_a": r(64, 2, generator=g), "hada_w2_b": r(2, 64, generator=g)},
+            CONV: {"diff": r(32, 32, 3, 3, generator=g) * 0.1, "diff_b": r(32, generator=g)}}
+
+
+def test_files_are_found_by_stem_subfolder_and_output_name(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    top = _lora_file(a / "ink.safetensors", _small_lora(0))
+    nested = _lora_file(b / "styles" / "deep" / "watercolor.safetensors", _small_lora(1))
+    aliased = _lora_file(b / "misc" / "lora-v3-final.safetensors", _small_lora(2), {"ss_output_name": "paper"})
+    assert find_lora("ink", [a, b]) == top
+    assert find_lora("watercolor", [a, b]) == nested
+    assert find_lora("paper", [a, b]) == aliased
+    assert find_lora("missing", [a, b]) is None
+    with pytest.raises(ValueError, match="plain file name"):
+        find_lora("../ink", [b])
+
+
+def test_missing_or_non_lora_files_are_one_error_before_merging(tmp_path):
+    folder = tmp_path / "loras"
+    _lora_file(folder / "ink.safetensors", _small_lora(0))
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}, str(folder / "model.safetensors"))
+    bare, uses = resolve_prompt_loras("a <lora:ink:0.5> b <lora:ink:2>", [folder])
+    assert bare == "a  b " and uses == [LoraUse(folder / "ink.safetensors", 0.5, 0.5, "ink")]
+    with pytest.raises(RequestError, match=r"<lora:nothere:1>.*no nothere\.safetensors.*loras"):
+        resolve_prompt_loras("x <lora:nothere:1>", [folder])
+    with pytest.raises(RequestError, match="model.safetensors.*not a LoRA"):
+        resolve_prompt_loras("x <lora:model:1>", [folder])
+    assert resolve_prompt_loras("no tags here", [folder]) == ("no tags here", [])
+
+
+def _state(bundle) -> dict[str, torch.Tensor]:
+    tensors = {f"unet.{k}": v for k, v in bundle.unet.state_dict().items()}
+    for i, te in enumerate(bundle.text_encoders):
+        tensors |= {f"te{i}.{k}": v for k, v in te.model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+
+
+def test_patcher_splits_te_and_unet_weights_and_restores_exactly(tmp_path):
+    path = _lora_file(tmp_path / "ink.safetensors", _small_lora(3))
+    bundle = tiny_bundle("sd1")
+    original = _state(bundle)
+    patcher = LoraPatcher(bundle)
+    with patcher.using([LoraUse(path, 0.25, 1.5, "ink")]):
+        patched = _state(bundle)
+    _assert_same(_state(bundle), original)
+
+    reference = tiny_bundle("sd1")
+    apply_lora(reference, path, 0.25, unet_multiplier=1.5)
+    expected = _state(reference)
+    for key in patched:
+        torch.testing.assert_close(patched[key], expected[key], atol=1e-6, rtol=1e-6)
+    changed = [k for k in patched if not torch.equal(patched[k], original[k])]
+    assert {k.split(".")[0] for k in changed} == {"unet", "te0"} and len(changed) == 4   # to_q, conv w + b, te q
+
+
+def test_same_set_twice_computes_nothing_and_another_set_replaces_it(tmp_path, monkeypatch):
+    ink = _lora_file(tmp_path / "ink.safetensors", _small_lora(4))
+    paper = _lora_file(tmp_path / "paper.safetensors", _small_lora(5))
+    bundle = tiny_bundle("sd1")
+    original = _state(bundle)
+    calls = []
+    real = prompt_loras.bundle_lora_weights
+    monkeypatch.setattr(prompt_loras, "bundle_lora_weights", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    patcher = patcher_for(bundle)
+    assert patcher_for(bundle) is patcher
+    with patcher.using([LoraUse(ink, 1.0, 1.0, "ink")]):
+        first = _state(bundle)
+    with patcher.using([LoraUse(ink, 1.0, 1.0, "ink")]):
+        _assert_same(_state(bundle), first)
+    assert calls == [ink]                                   # merged once, reused
+    patcher.apply([LoraUse(ink, 1.0, 1.0, "ink"), LoraUse(paper, 0.5, 0.5, "paper")])
+    stacked = _state(bundle)
+    patcher.apply([LoraUse(ink, 1.0, 1.0, "ink"), LoraUse(paper, 0.5, 0.5, "paper")])   # already there
+    assert calls == [ink, ink, paper]
+    reference = tiny_bundle("sd1")
+    apply_lora(reference, ink, 1.0)
+    apply_lora(reference, paper, 0.5)
+    for key, value in _state(reference).items():
+        torch.testing.assert_close(stacked[key], value, atol=1e-5, rtol=1e-5)
+    patcher.apply([])
+    _assert_same(_state(bundle), original)
+
+
+def test_error_inside_the_block_still_restores(tmp_path):
+    path = _lora_file(tmp_path / "ink.safetensors", _small_lora(6))
+    bundle = tiny_bundle("sd1")
+    original = _state(bundle)
+    with pytest.raises(RuntimeError, match="boom"):
+        with LoraPatcher(bundle).using([LoraUse(path, 1.0, 1.0, "ink")]):
+            raise RuntimeError("boom")
+    _assert_same(_state(bundle), original)
+
+
+def test_lora_for_another_family_is_a_request_error_and_changes_nothing(tmp_path):
+    path = _lora_file(tmp_path / "xl.safetensors", {
+        "lora_unet_input_blocks_99_1_proj_in": {"lora_down.weight": torch.ones(2, 8), "lora_up.weight": torch.ones(8, 2)}})
+    bundle = tiny_bundle("sd1")
+    original = _state(bundle)
+    with pytest.raises(RequestError, match="xl.safetensors.*matches a layer"):
+        LoraPatcher(bundle).apply([LoraUse(path, 1.0, 1.0, "xl")])
+    _assert_same(_state(bundle), original)
