@@ -415,6 +415,14 @@ def test_inpaint_mask_painted_on_the_image_is_accepted(page, base_url, tmp_path)
     assert np.abs(out - original)[keep].mean() < 8, "the unmasked area changed"
     assert np.abs(out - original)[repaint == 255].mean() > np.abs(out - original)[keep].mean()
 
+    # a picture dropped on the image area replaces the image (its parameters are not read) and the mask
+    seed = value(page, "seed")
+    drop_file(page, png_with_parameters("a dog\nSteps: 3, Seed: 99, Size: 48x48", size=(48, 40)), "new.png", "init-drop")
+    wait(page, lambda d: d.find_element(By.ID, "init-canvas").get_attribute("width") == "48", 20)
+    assert page.find_element(By.ID, "init-canvas").get_attribute("height") == "40"
+    assert painted_mask(page).getextrema() == (0, 0)
+    assert value(page, "seed") == seed and value(page, "prompt") == "a red flower"
+
 
 def test_bad_input_shows_the_servers_detail(page, base_url):
     page.find_element(By.ID, "prompt").send_keys("a star")
