@@ -39,18 +39,22 @@ from sdlab.pipeline.request import RequestError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "LORA_FOLDER_NAMES",
     "LORA_SUFFIXES",
     "LoraPatcher",
     "LoraTag",
     "LoraUse",
+    "default_lora_dirs",
     "find_lora",
     "patcher_for",
     "read_lora",
+    "request_loras",
     "resolve_prompt_loras",
     "split_prompt_loras",
 ]
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+LORA_FOLDER_NAMES = ("Lora", "loras")          # A1111's models/Lora, ComfyUI's models/loras
 
 # A1111's extra-network syntax (modules/extra_networks.py: ``<(\w+):([^>]+)>``), for the lora / lyco kinds
 _TAG = re.compile(r"<(lora|lyco):([^>]+)>", re.IGNORECASE)
@@ -142,7 +146,7 @@ def find_lora(name: str, folders: Iterable[str | os.PathLike[str]]) -> Path | No
                 return folder / f"{name}{suffix}"
     for folder in folders:
         if folder.is_dir():
-            found = sorted(p for p in folder.rglob(f"{glob_escape(name)}.*")
+            found = sorted(p for p in folder.rglob(f"{_glob_escape(name)}.*")
                            if p.suffix.lower() in LORA_SUFFIXES and p.stem == name and p.is_file())
             if found:
                 return found[0]
@@ -154,8 +158,18 @@ def find_lora(name: str, folders: Iterable[str | os.PathLike[str]]) -> Path | No
     return None
 
 
-def glob_escape(text: str) -> str:
+def _glob_escape(text: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", text)
+
+
+def default_lora_dirs(model: str | os.PathLike[str] | None) -> list[Path]:
+    """Where A1111 / ComfyUI users keep LoRAs for `model`: ``Lora`` / ``loras`` beside the model's folder
+    (``models/Stable-diffusion/x.safetensors`` -> ``models/Lora``) and inside it; those that exist."""
+    if model is None:
+        return []
+    folder = Path(model).resolve().parent
+    candidates = [base / name for base in (folder.parent, folder) for name in LORA_FOLDER_NAMES]
+    return [c for c in dict.fromkeys(candidates) if c.is_dir()]
 
 
 # --- reading, cached ----------------------------------------------------------------------------------
@@ -212,6 +226,16 @@ def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Seque
             raise RequestError(f"{tag.text}: {err}") from None
         uses.append(LoraUse(Path(path), tag.te_weight, tag.unet_weight, tag.name))
     return bare, uses
+
+
+def request_loras(prompt: str, negative_prompt: str,
+                  find: Callable[[str], Path | None] | Sequence[str | os.PathLike[str]]) -> tuple[str, list[LoraUse]]:
+    """`resolve_prompt_loras` of a request's prompt; tags in the negative prompt stay text (A1111), with a
+    warning."""
+    if isinstance(negative_prompt, str) and _TAG.search(negative_prompt):
+        logger.warning("LoRA tags in the negative prompt are not applied (as in A1111): %s",
+                       ", ".join(m.group(0) for m in _TAG.finditer(negative_prompt)))
+    return resolve_prompt_loras(prompt, find)
 
 
 # --- applying and restoring ---------------------------------------------------------------------------
