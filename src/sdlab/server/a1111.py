@@ -87,7 +87,7 @@ def _request(body: Txt2ImgIn, init: Image.Image | None = None, mask: Image.Image
 async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
     model = body.override_settings.get("sd_model_checkpoint")
     job, _ = service.submit(JobSpec(request), mode, model)
-    queue = job.subscribe(asyncio.get_running_loop())
+    queue = job.subscribe(asyncio.get_running_loop(), steps=False)
     try:
         while (await queue.get())[0] not in ("done", "failed", "cancelled"):
             pass

@@ -58,7 +58,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     finished_event: threading.Event = field(default_factory=threading.Event)
     preview: Tensor | None = None               # (h, w, 3) uint8, the latest step's x0 estimate
-    _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = field(default_factory=list)
+    _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self) -> dict[str, Any]:
@@ -71,8 +71,9 @@ class Job:
     def final_event(self) -> tuple[str, dict[str, Any]] | None:
         return final_event(self.record()) if self.status in FINAL_STATES else None
 
-    def subscribe(self, loop: asyncio.AbstractEventLoop) -> asyncio.Queue:
-        """An asyncio queue of this job's events from now on, starting with its current state."""
+    def subscribe(self, loop: asyncio.AbstractEventLoop, steps: bool = True) -> asyncio.Queue:
+        """An asyncio queue of this job's events from now on, starting with its current state (without the
+        step events when `steps` is False: a waiter for the end does not wake the event loop every step)."""
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:
             final = self.final_event()
@@ -81,19 +82,21 @@ class Job:
             else:
                 queue.put_nowait(("started", self._started_data()) if self.status == "running"
                                  else ("queued", {"id": self.id}))
-                self._subscribers.append((loop, queue))
+                self._subscribers.append((loop, queue, steps))
         return queue
 
     def unsubscribe(self, queue: asyncio.Queue) -> None:
         with self._lock:
-            self._subscribers = [(loop, q) for loop, q in self._subscribers if q is not queue]
+            self._subscribers = [entry for entry in self._subscribers if entry[1] is not queue]
 
     def publish(self, name: str, data: dict[str, Any]) -> None:
         with self._lock:
             subscribers = list(self._subscribers)
             if name in ("done", "failed", "cancelled"):
                 self._subscribers.clear()
-        for loop, queue in subscribers:
+        for loop, queue, steps in subscribers:
+            if name == "step" and not steps:
+                continue
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, (name, data))
             except RuntimeError:        # the loop closed (server shutting down)
@@ -145,7 +148,7 @@ class JobQueue:
         self._run = run
         self._on_start = on_start
         self._queue: collections.deque[Job] = collections.deque()
-        self._jobs: dict[str, Job] = {}             # every job of this process, by id
+        self._jobs: dict[str, Job] = {}             # queued and running jobs by id (finished ones: the store)
         self._condition = threading.Condition()
         self._stopping = False
         self.current: Job | None = None
@@ -182,10 +185,6 @@ class JobQueue:
         with self._condition:
             return self._jobs.get(job_id)
 
-    def live_jobs(self) -> list[Job]:
-        with self._condition:
-            return list(self._jobs.values())
-
     def position(self, job: Job) -> int | None:
         with self._condition:
             return self._queue.index(job) if job in self._queue else None
@@ -219,6 +218,7 @@ class JobQueue:
         job.status, job.error, job.finished = status, error, time.time()
         job.preview = None
         self.store.save_job(job.record())
+        self._jobs.pop(job.id, None)
         name, data = job.final_event() or ("failed", {"error": status})
         job.publish(name, data)
         job.finished_event.set()

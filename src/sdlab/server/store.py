@@ -59,6 +59,7 @@ class Store:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")     # WAL: no fsync per commit, never corrupt
             self._db.executescript(_SCHEMA)
             self._db.execute(
                 f"UPDATE jobs SET status = 'interrupted', error = 'the server stopped before this job finished' "
