@@ -178,3 +178,13 @@ def test_flow_matching_img2img_start_is_the_forward_process():
         sampling.loss_weights(torch.tensor([1.0]), 5.0)
     t = sampling.sample_timesteps([torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)])
     assert t.dtype == torch.float32 and bool(((t >= 0) & (t <= 1000)).all())
+
+
+def test_flow_schedule_is_the_shifted_table_the_discretizations_read():
+    sampling = FlowMatchingModelSampling(shift=3.0)
+    table = time_shift(3.0, torch.arange(1, 1001, dtype=torch.float64) / 1000)
+    torch.testing.assert_close(sampling.schedule.sigmas, table)
+    assert sampling.schedule.num_timesteps == 1000 and sampling.schedule.sigma_max == 1.0
+    assert sampling.sigma_min == pytest.approx(float(table[0]))
+    karras = karras_sigmas(sampling.schedule, 6)
+    assert float(karras[0]) == 1.0 and float(karras[-2]) == pytest.approx(float(table[0]), rel=1e-6)

@@ -281,3 +281,40 @@ def test_cli_resolves_once_and_records_the_plans_request(tmp_path: Path, capsys,
 def _save(image: Image.Image, path: Path) -> Path:
     image.save(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a flow-matching family runs through the same plan and loop
+
+
+class _RecordingUNet(torch.nn.Module):
+    """The bundle's U-Net, recording the time input of every call."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+        self.times: list[torch.Tensor] = []
+
+    def forward(self, x, t, *args, **kwargs):
+        self.times.append(t.clone())
+        return self.inner(x, t, *args, **kwargs)
+
+
+def test_a_flow_matching_family_runs_through_the_plan_and_loop_unchanged(bundles):
+    from sdlab.diffusion.model_sampling import FlowMatchingModelSampling
+
+    base = bundles["sd1"]
+    family = replace(base.family, sampling=lambda spec, prediction: FlowMatchingModelSampling(shift=3.0))
+    unet = _RecordingUNet(base.unet)
+    flow = replace(base, family=family, unet=unet)
+    pipe = Pipeline(flow)
+    plan = pipe.resolve(_request(sampler="Euler", schedule="simple", steps=4))
+    assert isinstance(plan.sampling, FlowMatchingModelSampling)
+    expected = discretize("simple", plan.sampling.schedule, 4)
+    assert torch.equal(plan.sigmas, expected) and float(plan.sigmas[0]) == 1.0          # ComfyUI's flow "simple"
+    torch.testing.assert_close(plan.sigmas[1:4].double(), 3 * torch.tensor([0.75, 0.5, 0.25], dtype=torch.float64)
+                               / (1 + 2 * torch.tensor([0.75, 0.5, 0.25], dtype=torch.float64)), atol=2e-3, rtol=0)
+    result = pipe.run(plan)
+    assert np.isfinite(np.asarray(result.images[0], dtype=np.float32)).all()
+    steps_t = torch.stack([t[0] for t in unet.times])                                   # one call per Euler step
+    torch.testing.assert_close(steps_t, plan.sigmas[:-1].float() * 1000)               # t = s * 1000, no table lookup

@@ -8,6 +8,8 @@ flow time map), so the samplers and the generate loop stay the same for every ki
 - ``scalings(sigma) -> (c_skip, c_out, c_in)``: the denoiser feeds the net ``c_in * x`` and returns
   ``x0 = c_skip * x + c_out * net(...)`` (ComfyUI's ``calculate_input`` / ``calculate_denoised``);
 - ``sigma_to_t`` / ``t_to_sigma``: the time input the net was trained on;
+- ``schedule``: the model's training noise levels as a ``NoiseSchedule``, what the named discretizations
+  (karras, simple, normal, ...) of ``sdlab.diffusion.discretization`` read;
 - ``noise_scaling(sigma, noise, latent)``: the forward process that starts a run (pure noise, or an image
   latent noised to ``sigma`` for img2img) and re-noises the known region while inpainting;
   ``inverse_noise_scaling(sigma, x)``: the latent a run ending at ``sigma`` stands for;
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Protocol
 
 import torch
@@ -62,6 +65,7 @@ class ModelSampling(Protocol):
     sigma_min: float
     sigma_max: float
     num_timesteps: int
+    schedule: NoiseSchedule     # the training noise levels, for the discretizations
 
     def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(c_skip, c_out, c_in), each shaped and typed like ``sigma``."""
@@ -180,10 +184,20 @@ class FlowMatchingModelSampling:
     def num_timesteps(self) -> int:
         return int(self.multiplier)
 
+    @cached_property
+    def schedule(self) -> NoiseSchedule:
+        """The shifted training levels ``s_i = time_shift(i / T)``, i = 1..T (ComfyUI's flow sigma table), as
+        a ``NoiseSchedule`` with ``ac_i = 1 / (1 + s_i^2)`` (so its ``sigmas`` are the s_i): the named
+        discretizations then space a flow model's steps as ComfyUI's schedulers do (karras, exponential and
+        simple exactly; normal / sgm_uniform interpolate the table by index). Its ``sigma_to_t`` is the
+        table index; the net's time input is ``self.sigma_to_t``."""
+        T = self.num_timesteps
+        s = time_shift(self.shift, torch.arange(1, T + 1, dtype=torch.float64) / T)  # (T,) ascending, s_T = 1
+        return NoiseSchedule(1.0 / (1.0 + s**2))
+
     @property
     def sigma_min(self) -> float:
-        """The first of the shifted training levels ``time_shift(i / multiplier)``, i = 1..multiplier."""
-        return float(time_shift(self.shift, torch.tensor(1.0 / self.multiplier, dtype=torch.float64)))
+        return self.schedule.sigma_min
 
     @property
     def sigma_max(self) -> float:

@@ -1,7 +1,8 @@
 """One generate loop for txt2img, img2img and inpainting, and the SDXL base -> refiner handoff.
 
-    request -> sigmas (discretization; img2img keeps the tail that `strength` asks for)
-            -> x at sigmas[0]: noise * initial scale, or the image latent + noise * sigmas[0]
+    request -> plan (resolved once; sigmas: img2img keeps the tail that `strength` asks for)
+            -> x at sigmas[0] by the model sampling's forward process: noise * initial scale, or the
+               image latent + noise * sigmas[0]
             -> guided denoiser: conditioning (cond, uncond) + CFG [+ latent blend for 4-channel
                inpainting | mask + masked-image latent as extra channels for 9-channel inpainting]
             -> sampler -> latent -> VAE decode (tiled for large images) -> PIL images

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from sdlab.diffusion.discretization import discretize, img2img_sigmas
-from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
+from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers
@@ -39,7 +39,6 @@ __all__ = [
     "GenerationPlan",
     "handoff_index",
     "make_plan",
-    "model_sampling",
     "request_sigmas",
     "resolve_for",
     "warn_if_far_from_native",
@@ -65,11 +64,6 @@ class GenerationPlan:
     def steps_run(self) -> int:
         """Sampler steps this run takes (fewer than `request.steps` for img2img)."""
         return len(self.sigmas) - 1
-
-
-def model_sampling(bundle: ModelBundle) -> ModelSampling:
-    """The bundle's noise parameterisation: its family's training schedule with its prediction type."""
-    return DiscreteModelSampling(bundle.family.schedule.build(), bundle.prediction)
 
 
 def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, which: str = "") -> None:
@@ -111,9 +105,10 @@ def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None
 
 
 def request_sigmas(
-    sampling: DiscreteModelSampling, sampler: SamplerSpec, req: GenerationRequest, device: torch.device | str = "cpu"
+    sampling: ModelSampling, sampler: SamplerSpec, req: GenerationRequest, device: torch.device | str = "cpu"
 ) -> Tensor:
-    """The sigmas a resolved request visits (the img2img tail for an init image), on `device`."""
+    """The sigmas a resolved request visits (the img2img tail for an init image), on `device`: the request's
+    named discretization of the model sampling's training levels (`sampling.schedule`)."""
     options = dict(final=sampler.final_sigma, scheduler=sampler.spacing)  # a diffusers spacing: the sampler's
     try:
         if req.init_image is None:
@@ -176,7 +171,7 @@ def make_plan(
     advice = steps_warning(sampler, req.steps, req.schedule) if req.cfg_scale != 1.0 else None
     if advice:
         logger.warning(advice)
-    sampling = model_sampling(bundle)
+    sampling = bundle.model_sampling
     sigmas = request_sigmas(sampling, sampler, req, bundle.device)
     factor = bundle.vae_config.downsample_factor
     shape = (req.batch_size, bundle.unet_config.out_channels, req.height // factor, req.width // factor)
@@ -186,6 +181,6 @@ def make_plan(
     split = refiner_sampling = None
     if refiner is not None:
         split = handoff_index(sigmas, sampling, switch_at)
-        refiner_sampling = model_sampling(refiner)
+        refiner_sampling = refiner.model_sampling
     return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
                           mask=mask, refiner_split=split, refiner_sampling=refiner_sampling)

@@ -7,8 +7,8 @@ the generate pipeline's own conditioning code (`sdlab.pipeline.conditioning`: `e
 `sdxl_size_conds`), ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`` (+ offset noise), ``x_t = q_sample(z0, t, eps)``,
 and the loss ``w_t * |net(x_t, t, context[, y]) - target|^2`` averaged over the latent, then the batch,
 with ``target`` given by the prediction type (eps / v / x0) and ``w_t`` = 1 or Min-SNR-gamma. The timesteps,
-``x_t``, the target and the weights come from the model's `ModelSampling` (`sdlab.pipeline.plan.model_sampling`),
-the object whose forward process the generate pipeline samples with.
+``x_t``, the target and the weights come from the model's `ModelSampling` (`ModelBundle.model_sampling`), the
+object whose forward process the generate pipeline samples with.
 
 Every random draw of a sample comes from generators seeded by the sample's seed (`Batch.seeds`), in a
 fixed order, so the loss of a global batch does not depend on how it is split over ranks / micro-steps.
@@ -37,7 +37,6 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet
 from sdlab.pipeline.conditioning import encode_captions, sdxl_size_conds
-from sdlab.pipeline.plan import model_sampling
 from sdlab.train.data import generator_for
 from sdlab.train.lora import LoRANetwork, save_lora_networks
 from sdlab.train.task import Batch
@@ -112,7 +111,7 @@ class UNetTask:
         self.bundle = bundle
         self.prediction = bundle.prediction
         self.device = bundle.device
-        self.sampling = model_sampling(bundle)
+        self.sampling = bundle.model_sampling
 
         for module in (bundle.vae, *(te.model for te in bundle.text_encoders)):
             module.requires_grad_(False).eval()
