@@ -77,9 +77,13 @@ def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, 
         check_memory(bundle, req, free)
 
 
-def resolve_for(bundle: ModelBundle, request: GenerationRequest, *, free: int | None = None) -> GenerationRequest:
-    """`resolve` with the bundle's family defaults, then the checks that need the model: clip skip, memory
-    (against `free` bytes when given, else the device's free memory read now)."""
+def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRequest:
+    """`resolve` with the bundle's family defaults, then the checks that need the model: clip skip, memory."""
+    return _resolve(bundle, request, available_bytes(bundle.device))
+
+
+def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) -> GenerationRequest:
+    """`resolve_for` against `free` bytes (None: the device cannot tell)."""
     family = bundle.family
     req = resolve(
         request,
@@ -89,7 +93,7 @@ def resolve_for(bundle: ModelBundle, request: GenerationRequest, *, free: int | 
         factor=bundle.vae_config.downsample_factor,
         default_cfg=family.default_cfg,
     )
-    _check_model(bundle, req, available_bytes(bundle.device) if free is None else free)
+    _check_model(bundle, req, free)
     return req
 
 
@@ -160,7 +164,7 @@ def make_plan(
     """Resolve `request` for `bundle` (and an SDXL `refiner` taking over after `switch_at` of the schedule)
     into the plan the generate loop runs; a `RequestError` names the first bad value."""
     free = available_bytes(bundle.device)                         # one reading for every model's check
-    req = resolve_for(bundle, request, free=free)
+    req = _resolve(bundle, request, free)
     if refiner is not None:
         check_refiner_switch(switch_at, "switch_at")
         _check_refiner_fits(bundle, refiner)
