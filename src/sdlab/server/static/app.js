@@ -20,6 +20,7 @@ const state = {
   activeIds: [],          // queued and running jobs at the last poll, oldest first
   shownJob: null,         // id of the job the progress bar and viewer show
   lastSeed: null,
+  clock: null,            // {id, i, t}: the first step seen of the followed job, for the time left
   jobsSignature: "",
 };
 
@@ -466,7 +467,7 @@ function followJob(id) {
       setProgress(0, data.steps || 1, "Started");
     } else if (type === "step") {
       state.shownJob = id;
-      setProgress(data.i, data.n, `Step ${data.i} / ${data.n}`);
+      setProgress(data.i, data.n, `Step ${data.i} / ${data.n}${timeLeft(id, data.i, data.n)}`);
       if (data.preview) {
         $("preview").dataset.count = Number($("preview").dataset.count || 0) + 1;   // previews shown so far
         $("preview").src = data.preview;
@@ -492,6 +493,16 @@ function followJob(id) {
       setTimeout(() => refreshJobs(true), 1000);
     }
   };
+}
+
+// " · 12 s left" from the pace of the steps seen so far ("" until two steps are in)
+function timeLeft(id, i, n) {
+  const now = performance.now();
+  if (!state.clock || state.clock.id !== id) state.clock = { id, i, t: now };
+  const { i: i0, t: t0 } = state.clock;
+  if (i <= i0) return "";
+  const seconds = ((now - t0) / 1000 / (i - i0)) * (n - i);
+  return seconds >= 1 ? ` \u00b7 ${Math.round(seconds)} s left` : "";
 }
 
 function stopFollowing() {
@@ -623,6 +634,12 @@ function reuseSettings(job) {
 function renderGallery(jobs) {
   const gallery = $("gallery");
   gallery.replaceChildren();
+  if (!jobs.some((j) => !ACTIVE.has(j.status))) {
+    const empty = document.createElement("p");
+    empty.className = "empty";
+    empty.textContent = "Finished jobs appear here";
+    gallery.append(empty);
+  }
   for (const job of jobs.filter((j) => !ACTIVE.has(j.status)).slice(0, 100)) {
     const card = document.createElement("div");
     card.className = "card";
