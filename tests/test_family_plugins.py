@@ -239,3 +239,12 @@ def test_reduced_unet_only_files_are_told_by_structure(name: str, changes: dict)
     inpaint[conv_in] = torch.Size([shapes[conv_in][0], 9, 3, 3])
     if name != "sdxl-refiner":
         assert detect_family(inpaint) is get_family(f"{name}-inpaint")
+
+
+def test_a_signature_naming_an_unknown_fact_is_a_clear_error(tmp_path: Path):
+    typo = replace(TOY, name="toy-typo", signature=Signature(says="toy", requires=(("linear_projection", True),)))
+    with registered(SimpleNamespace(__name__="typo", FAMILIES=(typo,), RELEASED="2099")):
+        shapes = {k: v.shape for k, v in _toy_bundle().unet.state_dict().items()}
+        shapes = {TOY.unet_prefix + k: s for k, s in shapes.items()} | {"toy_text.transformer.x": torch.Size([1])}
+        with pytest.raises(ValueError, match="requires 'linear_projection', which detection does not gather"):
+            detect_family(shapes)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -110,18 +110,31 @@ class Evidence:
         return "; ".join(parts)
 
 
+_EVIDENCE_FIELDS = frozenset(f.name for f in fields(Evidence)) | {"added_vector"}
+
+
 def _unet_alone_matches(family: FamilySpec, e: Evidence) -> bool:
     unet = family.unet
     return (family.signature.from_unet_alone and e.unet_levels == len(unet.channel_mult)
             and e.linear_proj == unet.use_linear_proj and e.added_vector == (unet.adm_in_channels is not None))
 
 
+def _holds(family: FamilySpec, e: Evidence) -> bool:
+    """Whether every fact the family's signature requires is what the evidence shows."""
+    for name, value in family.signature.requires:
+        if name not in _EVIDENCE_FIELDS:
+            raise ValueError(f"family {family.name}: its signature requires {name!r}, which detection does not "
+                             f"gather (one of {', '.join(sorted(_EVIDENCE_FIELDS))})")
+        if getattr(e, name) != value:
+            return False
+    return True
+
+
 def _candidates(e: Evidence) -> list[FamilySpec]:
     """The registered families whose signature the evidence fits, most specific first (see module docstring)."""
     families = registered_families()
     if e.text_prefixes:
-        fits = [f for f in families if f.text_towers == e.text_prefixes
-                and all(getattr(e, name) == value for name, value in f.signature.requires)]
+        fits = [f for f in families if f.text_towers == e.text_prefixes and _holds(f, e)]
         best = max((len(f.signature.requires) for f in fits), default=0)
         return [f for f in fits if len(f.signature.requires) == best]
     return [f for f in families if _unet_alone_matches(f, e)]
