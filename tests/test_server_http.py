@@ -140,6 +140,17 @@ def test_a1111_unknown_sampler_and_scheduler(client):
     assert response.status_code == 404 and response.json()["detail"] == "Scheduler not found"
     response = client.post("/api/jobs", json={"prompt": "x", "sampler": "Nope"})
     assert response.status_code == 400 and "unknown sampler" in response.json()["detail"]
+    response = client.post("/api/jobs", json={"prompt": "x", "schedule": "nope"})
+    assert response.status_code == 400 and "unknown scheduler 'nope'" in response.json()["detail"]
+
+
+def test_native_api_takes_the_names_the_lists_give(client):
+    """The UI fills its pickers from /sdapi/v1/samplers and /schedulers: every name there works in a job."""
+    for schedule, resolved in (("SGM Uniform", "sgm_uniform"), ("automatic", "karras"), ("DDIM", "ddim_uniform")):
+        job = wait(client, client.post("/api/jobs", json={"prompt": "x", "steps": 2, "schedule": schedule,
+                                                          "sampler": "euler_ancestral"}).json()["id"])
+        assert job["status"] == "done" and job["request"]["schedule"] == resolved
+        assert job["request"]["sampler"] == "Euler a"
 
 
 def test_native_job_lifecycle_and_events(client, sdlab_server):

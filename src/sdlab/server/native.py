@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, decode_image
+from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, decode_image, schedule_name
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
 from sdlab.server.previews import jpeg_data_url
 from sdlab.server.service import Service
@@ -89,9 +89,13 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
             raise BadRequest("inpaint needs mask_image (white = repaint)", 422)
         mask = decode_image(body.mask_image, "mask_image", limits)
     strength = body.strength if body.strength is not None else (1.0 if body.mode == "inpaint" else 0.75)
+    try:
+        schedule = schedule_name(body.schedule)         # sdlab's names and A1111's ("SGM Uniform", "automatic")
+    except BadRequest as err:
+        raise BadRequest(err.message) from None
     generation = GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=body.sampler,
-        schedule=body.schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
+        schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_image=init, mask_image=mask,
         strength=strength, mask_blur=body.mask_blur,
     )
