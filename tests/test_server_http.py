@@ -94,6 +94,9 @@ def test_model_and_name_lists(client):
     options = client.get("/sdapi/v1/options").json()
     assert options["sd_model_checkpoint"] == entry["title"] and options["sd_checkpoint_hash"] == entry["sha256"]
     assert client.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+    assert client.post("/sdapi/v1/refresh-loras").status_code == 200
+    assert client.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] >= 0
 
 
@@ -236,6 +239,11 @@ def test_progress_preview_and_interrupt(client):
     assert set(progress["state"]) >= {"job_count", "sampling_step", "sampling_steps", "interrupted", "skipped"}
     assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size[0] >= 8
     assert client.post("/sdapi/v1/interrupt").status_code == 200
+    assert wait(client, job_id)["status"] == "cancelled"
+    assert client.post("/sdapi/v1/interrupt").status_code == 200            # nothing running: still fine
+    job_id = client.post("/api/jobs", json=LONG).json()["id"]
+    wait_running(client, job_id)
+    assert client.post("/sdapi/v1/skip").status_code == 200                 # a job is one batch: skip stops it
     assert wait(client, job_id)["status"] == "cancelled"
 
 

@@ -4,10 +4,10 @@ records them, pictures equal to `sdlab txt2img`'s, and HTTP Basic auth as webuia
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -61,7 +61,7 @@ def _run(client: httpx.Client, body: dict) -> dict:
 
 def _picture(client: httpx.Client, url: str) -> tuple[np.ndarray, str]:
     response = client.get(url)
-    image = Image.open(__import__("io").BytesIO(response.content))
+    image = Image.open(io.BytesIO(response.content))
     return np.asarray(image.convert("RGB")), image.info["parameters"]
 
 
