@@ -374,3 +374,67 @@ def test_sdxl_lokr_on_both_text_encoders(tmp_path):
     assert apply_lora(bundle, _write(tmp_path / "xl.safetensors", mods), 1.0) == 2
     for n, m in mods.items():
         torch.testing.assert_close(text_layers[n].weight, before[n] + torch.kron(m["lokr_w1"], m["lokr_w2"]))
+
+
+# --- LyCORIS itself as the reference: its files, its merge ----------------------------------------------
+
+
+@pytest.mark.parametrize("algo, options", [
+    ("locon", {}), ("locon", {"use_tucker": True}), ("locon", {"weight_decompose": True}),
+    ("loha", {}), ("loha", {"use_tucker": True}), ("loha", {"weight_decompose": True, "wd_on_out": False}),
+    ("lokr", {}), ("lokr", {"decompose_both": True, "factor": 4}), ("ia3", {}), ("full", {}),
+])
+def test_lycoris_files_merge_as_lycoris_draws_them(tmp_path, algo, options):
+    """A file written by the LyCORIS library (`LycorisNetwork.save_weights`, random weights) merged by sdlab
+    gives a Linear and a 3x3 Conv2d the outputs LyCORIS's own modules give (its forward: the semantics a
+    file was trained with; its `merge_to` applies alpha / rank twice for LoHa and decomposed LoKr in
+    lycoris-lora 4.1.3, where A1111 and ComfyUI apply it once, as the forward does). DoRA at multiplier 1:
+    LyCORIS scales the DoRA rescaling by the multiplier, A1111 / ComfyUI the merged change."""
+    lycoris = pytest.importorskip("lycoris")
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(48, 64)
+            self.conv = nn.Conv2d(16, 32, 3, padding=1)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = Block()
+
+    multiplier = 1.0 if options.get("weight_decompose") else 0.7
+    g = torch.Generator().manual_seed(1)
+    x_lin, x_conv = torch.randn(3, 48, generator=g), torch.randn(2, 16, 8, 8, generator=g)
+    saved = {k: v for k, v in vars(lycoris.LycorisNetwork).items() if k.isupper()}
+    try:
+        lycoris.LycorisNetwork.apply_preset({"target_module": ["Block"], "lora_prefix": "lora_unet"})
+        torch.manual_seed(0)
+        net = Net()
+        base = {name: (m.weight.detach().clone(), m.bias.detach().clone()) for name, m in (("lin", net.blk.lin), ("conv", net.blk.conv))}
+        network = lycoris.LycorisNetwork(net, multiplier=multiplier, lora_dim=4, conv_lora_dim=2, alpha=2,
+                                         conv_alpha=1, network_module=algo, **options)
+        network.apply_to()
+        with torch.no_grad():
+            for name, p in network.named_parameters():
+                noise = torch.randn(p.shape, generator=g) * 0.2
+                p.copy_(p + noise if algo == "full" or "dora_scale" in name else noise)
+            network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+            network.set_multiplier(multiplier)
+            want = {"lin": net.blk.lin(x_lin), "conv": net.blk.conv(x_conv)}
+    finally:
+        for k, v in saved.items():
+            setattr(lycoris.LycorisNetwork, k, v)
+    layers = {}
+    for name, (weight, bias) in base.items():
+        layer = nn.Linear(1, 1) if weight.ndim == 2 else nn.Conv2d(1, 1, 1)
+        layer.weight, layer.bias = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
+        layers[f"lora_unet_blk_{name}"] = layer
+    weights, unmatched = merged_layers(layers, load_lora_file(tmp_path / "l.safetensors"), multiplier)
+    assert unmatched == [] and len(weights) == 2
+    w, b = weights[layers["lora_unet_blk_lin"]]
+    torch.testing.assert_close(F.linear(x_lin, w, base["lin"][1] if b is None else b), want["lin"], atol=1e-5, rtol=1e-4)
+    w, b = weights[layers["lora_unet_blk_conv"]]
+    torch.testing.assert_close(F.conv2d(x_conv, w, base["conv"][1] if b is None else b, padding=1), want["conv"],
+                               atol=1e-5, rtol=1e-4)
