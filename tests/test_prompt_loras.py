@@ -78,6 +78,7 @@ def test_files_are_found_by_stem_subfolder_and_output_name(tmp_path):
     aliased = _lora_file(b / "misc" / "lora-v3-final.safetensors", _small_lora(2), {"ss_output_name": "paper"})
     assert find_lora("ink", [a, b]) == top
     assert find_lora("watercolor", [a, b]) == nested
+    assert find_lora("watercolor", [a, b], recursive=False) is None       # flat folders: no subfolder walk
     assert find_lora("paper", [a, b]) == aliased
     assert find_lora("missing", [a, b]) is None
     with pytest.raises(ValueError, match="plain file name"):

@@ -133,10 +133,10 @@ def _ss_output_name(path: Path) -> str | None:
         return None
 
 
-def find_lora(name: str, folders: Iterable[str | os.PathLike[str]]) -> Path | None:
-    """The file `name` means in `folders` (in order): NAME.safetensors / .pt / .ckpt in a folder, then in
-    its subfolders (sorted), then a .safetensors whose ``ss_output_name`` is NAME; None if there is none.
-    A name with a path separator is a ValueError (tags name files, never paths)."""
+def find_lora(name: str, folders: Iterable[str | os.PathLike[str]], *, recursive: bool = True) -> Path | None:
+    """The file `name` means in `folders` (in order): NAME.safetensors / .pt / .ckpt in a folder, then
+    (`recursive`) in its subfolders (sorted), then a .safetensors whose ``ss_output_name`` is NAME; None if
+    there is none. A name with a path separator is a ValueError (tags name files, never paths)."""
     if not _plain_name(name):
         raise ValueError(f"the LoRA name {name!r} is not a plain file name (a tag names a file in a LoRA folder)")
     folders = [Path(f) for f in folders]
@@ -144,6 +144,8 @@ def find_lora(name: str, folders: Iterable[str | os.PathLike[str]]) -> Path | No
         for suffix in LORA_SUFFIXES:
             if (folder / f"{name}{suffix}").is_file():
                 return folder / f"{name}{suffix}"
+    if not recursive:
+        return None
     for folder in folders:
         if folder.is_dir():
             found = sorted(p for p in folder.rglob(f"{_glob_escape(name)}.*")
