@@ -101,10 +101,12 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     echo = body.model_dump()
     if isinstance(body, Img2ImgIn) and not body.include_init_images:
         echo["init_images"], echo["mask"] = None, None
-    return {"images": images, "parameters": echo, "info": json.dumps(_info(job, body))}
+    checkpoint = service.registry.find(job.model)
+    name = checkpoint.model_name if checkpoint is not None else job.model
+    return {"images": images, "parameters": echo, "info": json.dumps(_info(job, body, name))}
 
 
-def _info(job: Job, body: Txt2ImgIn) -> dict[str, Any]:
+def _info(job: Job, body: Txt2ImgIn, model_name: str) -> dict[str, Any]:
     """A1111's `Processed.js()` fields."""
     s = job.settings
     seeds = job.seeds or [s.get("seed", -1)]
@@ -116,7 +118,7 @@ def _info(job: Job, body: Txt2ImgIn) -> dict[str, Any]:
         "width": s.get("width"), "height": s.get("height"), "sampler_name": s.get("sampler"),
         "cfg_scale": s.get("cfg_scale"), "steps": s.get("steps"), "batch_size": body.batch_size,
         "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": job.model.rsplit(" [", 1)[0], "sd_model_hash": _hash_of_title(job.model),
+        "sd_model_name": model_name, "sd_model_hash": _hash_of_title(job.model),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": s.get("strength") if job.mode != "txt2img" else None,
         "extra_generation_params": {"Schedule type": s.get("schedule")},
@@ -145,8 +147,8 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     if not body.init_images:
         raise BadRequest("img2img needs init_images (a list with one base64 image)", 422)
     limits = service.config.limits
-    init = decode_image(body.init_images[0], "init_images[0]", limits)
-    mask = decode_image(body.mask, "mask", limits) if body.mask else None
+    init = await asyncio.to_thread(decode_image, body.init_images[0], "init_images[0]", limits)
+    mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
     if mask is not None and body.inpainting_mask_invert:
         mask = ImageOps.invert(mask.convert("L"))
     return await _generate(service, body, "inpaint" if mask is not None else "img2img", _request(body, init, mask))
