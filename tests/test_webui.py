@@ -110,11 +110,17 @@ def cancel_leftover_jobs(base: str, headers: dict[str, str] | None = None) -> No
             http_json(base, f"/api/jobs/{job['id']}", method="DELETE", headers=headers)
 
 
+def option_values(driver, select_id: str) -> list[str]:
+    """The values of a select's options, read at once (the page may be refilling the list)."""
+    return driver.execute_script("return [...document.getElementById(arguments[0]).options].map((o) => o.value)",
+                                 select_id)
+
+
 def open_page(driver, base: str) -> None:
     driver.get(base + "/")
     # the lists are loaded: a sampler and a model to pick
-    wait(driver, lambda d: len(Select(d.find_element(By.ID, "sampler")).options) > 1
-         and len(Select(d.find_element(By.ID, "model")).options) >= 1, 30, "the lists did not load")
+    wait(driver, lambda d: len(option_values(d, "sampler")) > 1 and len(option_values(d, "model")) >= 1, 30,
+         "the lists did not load")
 
 
 def set_value(driver, element_id: str, value) -> None:
@@ -225,7 +231,7 @@ def test_page_loads_with_labelled_controls_and_lists(page, base_url):
         label = page.find_elements(By.CSS_SELECTOR, f'label[for="{control}"]')
         assert label, f"#{control} has no <label for>"
     samplers = {s["name"] for s in http_json(base_url, "/sdapi/v1/samplers")}
-    shown = {o.get_attribute("value") for o in Select(page.find_element(By.ID, "sampler")).options}
+    shown = set(option_values(page, "sampler"))
     assert samplers <= shown
     models = http_json(base_url, "/sdapi/v1/sd-models")
     assert Select(page.find_element(By.ID, "model")).first_selected_option.get_attribute("value") in {
@@ -243,7 +249,7 @@ def test_page_loads_with_labelled_controls_and_lists(page, base_url):
 
 def test_ctrl_enter_generates_with_previews_and_final_image(page, base_url):
     prompt = "a small red star in the centre on a light blue background"
-    set_value(page, "steps", 12)
+    set_value(page, "steps", 20)
     set_value(page, "seed", 7)
     page.find_element(By.ID, "prompt").send_keys(prompt)
     page.find_element(By.ID, "prompt").send_keys(Keys.CONTROL, Keys.ENTER)
@@ -257,7 +263,7 @@ def test_ctrl_enter_generates_with_previews_and_final_image(page, base_url):
     image = Image.open(io.BytesIO(http_bytes(base_url, result.get_attribute("src").replace(base_url, ""))))
     assert image.size == (64, 64)
     assert image.info["parameters"].startswith(prompt)
-    assert "Seed: 7" in image.info["parameters"] and "Steps: 12" in image.info["parameters"]
+    assert "Seed: 7" in image.info["parameters"] and "Steps: 20" in image.info["parameters"]
     assert prompt in text(page, "infotext")
     job = job_by_prompt(base_url, prompt)
     assert job["status"] == "done" and job["mode"] == "txt2img"
@@ -275,7 +281,8 @@ def test_cancel_a_second_job(page, base_url):
     set_value(page, "steps", 6)
     page.find_element(By.ID, "prompt").send_keys(first)
     page.find_element(By.ID, "generate").click()
-    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#queue li[data-job-id]"), 20, "first job not queued")
+    wait(page, lambda d: any(j["request"].get("prompt") == first for j in http_json(base_url, "/api/jobs")["jobs"]),
+         20, "first job not queued")
     set_value(page, "prompt", second)
     set_value(page, "steps", 150)
     page.find_element(By.ID, "generate").click()
@@ -491,22 +498,22 @@ def test_model_and_lora_pickers_behind_basic_auth(browser, folder_server):
         models = {m["model_name"]: m["title"] for m in http_json(base, "/sdapi/v1/sd-models", headers=auth)}
         assert len(models) == 2
         model = Select(browser.find_element(By.ID, "model"))
-        assert {o.get_attribute("value") for o in model.options} == set(models.values())
+        assert set(option_values(browser, "model")) == set(models.values())
         model.select_by_value(models["tiny-copy"])
         # a LoRA added to the folder shows up after Refresh
         lora_dir = folder_server.output_dir.parent / "models" / "Lora"
         shutil.copyfile(lora_dir / "wobble.safetensors", lora_dir / "wobble-2.safetensors")
-        assert "wobble-2" not in [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "lora")).options]
+        assert "wobble-2" not in option_values(browser, "lora")
         browser.find_element(By.ID, "model-refresh").click()
-        wait(browser, lambda d: "wobble-2" in [o.get_attribute("value") for o in Select(d.find_element(By.ID, "lora")).options],
+        wait(browser, lambda d: "wobble-2" in option_values(d, "lora"),
              20, "the new LoRA is not listed after Refresh")
-        assert model.first_selected_option.get_attribute("value") == models["tiny-copy"]
+        assert value(browser, "model") == models["tiny-copy"]
         Select(browser.find_element(By.ID, "lora")).select_by_value("wobble")
         set_value(browser, "lora-weight", 0.8)
         browser.find_element(By.ID, "lora-add").click()
         assert [e.get_attribute("data-name") for e in browser.find_elements(By.CSS_SELECTOR, "#lora-list li")] == ["wobble"]
         browser.find_element(By.ID, "prompt").send_keys("a blue square")
-        set_value(browser, "steps", 4)
+        set_value(browser, "steps", 12)
         set_value(browser, "seed", 3)
         browser.find_element(By.ID, "generate").click()
         result = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
@@ -518,7 +525,7 @@ def test_model_and_lora_pickers_behind_basic_auth(browser, folder_server):
         assert job["request"]["loras"] == [{"name": "wobble", "weight": 0.8}]
         with_lora = http_bytes(base, job["images"][0], headers=auth)
         assert "<lora:wobble:0.8>" in Image.open(io.BytesIO(with_lora)).info["parameters"]
-        plain = wait_job(base, http_json(base, "/api/jobs", {"prompt": "a blue square", "steps": 4, "seed": 3,
+        plain = wait_job(base, http_json(base, "/api/jobs", {"prompt": "a blue square", "steps": 12, "seed": 3,
                                                              "model": models["tiny-copy"]}, headers=auth)["id"],
                          headers=auth)
         without = Image.open(io.BytesIO(http_bytes(base, plain["images"][0], headers=auth)))

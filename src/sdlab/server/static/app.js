@@ -431,6 +431,7 @@ async function generate() {
     if (!state.follow) {                       // nothing running: follow this one from its start
       state.shownJob = job.id;
       setProgress(0, 1, queuedText(job.position));
+      followJob(job.id);
     }
     await refreshJobs(true);
   } catch (err) {
