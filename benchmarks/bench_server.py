@@ -8,7 +8,7 @@ In-process: `pipe.run(request)` (sampling and VAE decode; no file). Through the 
 HTTP + JSON, the queue, the per-step preview projection, the PNG encode with its parameters chunk, the
 atomic file write and the SQLite record, and for A1111's route the base64 answer; for the native route a
 client that follows the job's Server-Sent Events (a JPEG preview per step) and then fetches the PNG.
-Both sides use the same torch thread count (`--threads`, default torch's). The concurrent test sends 8
+Both sides use the same torch thread count (`--threads`). The concurrent test sends 8
 clients' A1111 requests at once: one worker draws one job at a time, so requests/s should match the
 in-process rate. Medians; a shared machine is noisy, so repeat before trusting a number.
 """
@@ -110,7 +110,9 @@ def concurrent(url: str, clients: int, per_client: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=8, help="timed runs per measurement (default 8)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads on both sides")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                        help="torch threads on both sides (default $OMP_NUM_THREADS, else 1: the shipped model is "
+                             "overhead-bound, and more threads on a shared machine make every op wait)")
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

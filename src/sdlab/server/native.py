@@ -26,6 +26,7 @@ from sdlab.server.previews import jpeg_data_url
 from sdlab.server.service import Service
 
 router = APIRouter(prefix="/api")
+KEEPALIVE_S = 15.0
 IMAGE_NAME = re.compile(r"^[0-9a-f]{32}-[0-9]{1,3}\.png$")
 
 
@@ -146,7 +147,11 @@ async def job_events(job_id: str, request: Request) -> StreamingResponse:
         queue = live.subscribe(asyncio.get_running_loop())
         try:
             while True:
-                name, data = await queue.get()
+                try:
+                    name, data = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                except asyncio.TimeoutError:            # a comment line keeps proxies from closing a long wait
+                    yield ": keepalive\n\n"
+                    continue
                 if name == "step":
                     preview = live.preview
                     data = {**data, "preview": jpeg_data_url(preview) if preview is not None else None}
