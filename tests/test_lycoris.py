@@ -262,12 +262,13 @@ def test_dora_matches_peft():
 # --- diffusers / peft layout (LCM-LoRA) ---------------------------------------------------------------
 
 
-def test_peft_layout_lora_matches_diffusers_fuse(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_peft_layout_lora_matches_diffusers_fuse(tmp_path, monkeypatch, family):
     """A LoRA saved by diffusers' `save_lora_weights` from peft adapters (the layout LCM-LoRA is published
-    in: ``unet.<diffusers path>.lora_A.weight``, ``text_encoder.<HF path>.lora_B.weight``) merges into the
-    weights diffusers' `load_lora_weights` + `fuse_lora` give."""
+    in: ``unet.<diffusers path>.lora_A.weight``, ``text_encoder(_2).<HF path>.lora_B.weight``) merges into the
+    weights diffusers' `load_lora_weights` + `fuse_lora` give (SD1, and SDXL with both text encoders)."""
     pytest.importorskip("peft")
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
@@ -275,33 +276,35 @@ def test_peft_layout_lora_matches_diffusers_fuse(tmp_path, monkeypatch):
     from sdlab.checkpoints.diffusers_unet import unet_key_map
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    bundle = tiny_bundle("sd1")
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    bundle = tiny_bundle(family)
     folder = write_diffusers_folder(bundle, tmp_path / "model")
-    pipe = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    pipe = cls.from_pretrained(str(folder), **extra)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
-    pipe.text_encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"],
-                                             init_lora_weights=False))
+    for encoder in encoders:
+        encoder.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=False))
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder):
+        for model in (pipe.unet, *encoders):
             for name, p in model.named_parameters():
                 if "lora_" in name:
                     p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    StableDiffusionPipeline.save_lora_weights(
-        tmp_path / "lcm", unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder), safe_serialization=True)
+    layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet),
+              "text_encoder_lora_layers": get_peft_model_state_dict(pipe.text_encoder)}
+    if family == "sdxl":
+        layers["text_encoder_2_lora_layers"] = get_peft_model_state_dict(pipe.text_encoder_2)
+    cls.save_lora_weights(tmp_path / "lcm", **layers, safe_serialization=True)
     lora_file = tmp_path / "lcm" / "pytorch_lora_weights.safetensors"
     keys = list(load_lora_file(lora_file))
-    assert any(k.startswith("lora_unet_down_blocks_0") for k in keys) and any(k.startswith("lora_te_") for k in keys)
+    assert any(k.startswith("lora_unet_down_blocks_") for k in keys) and any(k.startswith("lora_te_") for k in keys)
 
-    ref = StableDiffusionPipeline.from_pretrained(str(folder), safety_checker=None, requires_safety_checker=False)
+    ref = cls.from_pretrained(str(folder), **extra)
     ref.load_lora_weights(str(lora_file))
     ref.fuse_lora(lora_scale=0.6)
-    ref_unet = {k: v for k, v in ref.unet.state_dict().items() if "lora" not in k}
-    ref_unet = {k.replace(".base_layer", ""): v for k, v in ref_unet.items()}
-    ref_te = {k.replace(".base_layer", "").removeprefix("text_model."): v   # transformers 5 has no text_model level
-              for k, v in ref.text_encoder.state_dict().items() if "lora" not in k}
+    ref_unet = {k.replace(".base_layer", ""): v for k, v in ref.unet.state_dict().items() if "lora" not in k}
 
     changed = apply_lora(bundle, lora_file, 0.6)
     assert changed == len(keys)
@@ -312,10 +315,14 @@ def test_peft_layout_lora_matches_diffusers_fuse(tmp_path, monkeypatch):
             torch.testing.assert_close(ours[ldm], ref_unet[hf].reshape(ours[ldm].shape), atol=1e-5, rtol=1e-5)
             compared += 1
     assert compared > 20
-    te = bundle.text_encoders[0].model.encoder.layers[0]
-    torch.testing.assert_close(te.self_attn.q_proj.weight, ref_te["encoder.layers.0.self_attn.q_proj.weight"],
-                               atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(te.mlp.fc1.weight, ref_te["encoder.layers.0.mlp.fc1.weight"], atol=1e-5, rtol=1e-5)
+    ref_encoders = [ref.text_encoder] + ([ref.text_encoder_2] if family == "sdxl" else [])
+    for ours_te, ref_te in zip(bundle.text_encoders, ref_encoders):
+        want = {k.replace(".base_layer", "").removeprefix("text_model."): v     # transformers 5: no text_model level
+                for k, v in ref_te.state_dict().items() if "lora" not in k}
+        layer = ours_te.model.encoder.layers[0]
+        torch.testing.assert_close(layer.self_attn.q_proj.weight, want["encoder.layers.0.self_attn.q_proj.weight"],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.mlp.fc1.weight, want["encoder.layers.0.mlp.fc1.weight"], atol=1e-5, rtol=1e-5)
 
 
 def test_attention_processor_names_map_to_layers(tmp_path):
