@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
+
 import pytest
 import torch
 from bundle_fixtures import tiny_bundle
@@ -153,3 +155,48 @@ def test_folder_loads_the_fitting_files_and_skips_the_rest(sd1, tmp_path):
     (tmp_path / "notes.txt").write_text("not an embedding")
     names = [e.name for e in load_embeddings_dir(tmp_path, sd1)]
     assert names == ["good", "other"]
+
+
+# --- the CLI and the Python API ----------------------------------------------------------------------------
+
+
+def test_cli_uses_embeddings_dir_and_records_ti_hashes(tmp_path, capsys):
+    from cli_helpers import pixels, run
+
+    import sdlab
+    from sdlab.pipeline.png_info import embedding_hash, parse_parameters, read_parameters
+
+    shipped = sdlab.load()
+    width = shipped.bundle.text_encoders[0].config.width
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    path = _a1111_pt(folder / "zqstyle.pt", _vectors(2, width, 7) * 5)
+    save_file({"emb_params": _vectors(1, width + 64, 1)}, str(folder / "other-model.safetensors"))  # skipped
+    prompt = "a zqstyle apple on a blue background"
+    common = ["--steps", "3", "--seed", "4", "--no-progress"]
+    code, _, err = run(["txt2img", prompt, "--embeddings-dir", str(folder), "--out", str(tmp_path / "ti.png"), *common], capsys)
+    assert code == 0, err
+    code, _, err = run(["txt2img", prompt, "--out", str(tmp_path / "plain.png"), *common], capsys)
+    assert code == 0, err
+    assert np.abs(pixels(tmp_path / "ti.png") - pixels(tmp_path / "plain.png")).max() > 0
+
+    recorded = parse_parameters(read_parameters(tmp_path / "ti.png"))
+    assert recorded["TI hashes"] == f"zqstyle: {embedding_hash(path)}"
+    assert "TI hashes" not in parse_parameters(read_parameters(tmp_path / "plain.png"))
+
+    pipe = sdlab.load(embeddings=[folder])
+    assert [e.name for e in pipe.embeddings] == ["zqstyle"]
+    image = pipe.txt2img(prompt, steps=3, seed=4).images[0]
+    assert np.array_equal(np.asarray(image.convert("RGB"), dtype=np.int16), pixels(tmp_path / "ti.png"))
+
+
+def test_cli_refuses_an_embedding_file_for_another_model(tmp_path, capsys):
+    from cli_helpers import run
+
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"emb_params": _vectors(1, 1024, 1)}, str(wrong))
+    for source, message in [(wrong, "1024-wide text encoder"), (tmp_path / "missing", "no such file")]:
+        code, _, err = run(["txt2img", "a wrong apple", "--embeddings-dir", str(source),
+                            "--out", str(tmp_path / "x.png"), "--steps", "2", "--no-progress"], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1
+        assert not (tmp_path / "x.png").exists()

@@ -20,7 +20,7 @@ from sdlab.pipeline import png_info
 from sdlab.pipeline.images import ImageTooLargeError, open_image
 from sdlab.pipeline.infotext import (
     LoraRef,
-    format_lora_hashes,
+    format_hashes,
     from_parameters,
     parse_lora_hashes,
     split_lora_tags,
@@ -146,8 +146,9 @@ def test_lora_tags_split_and_added_like_a1111():
     assert with_lora_tags("a cat <lora:style:0.8>", [LoraRef("style", 0.8), LoraRef("b", 0.25)]) == \
         "a cat <lora:style:0.8> <lora:b:0.25>"
     loras = [LoraRef("s,t:y", 0.5, "0123456789ab"), LoraRef("u", 1.0, "ba9876543210")]
-    assert format_lora_hashes(loras) == "sty: 0123456789ab, u: ba9876543210"
-    assert parse_lora_hashes(format_lora_hashes(loras)) == {"sty": "0123456789ab", "u": "ba9876543210"}
+    text = format_hashes((ref.name, ref.hash) for ref in loras)
+    assert text == "sty: 0123456789ab, u: ba9876543210"
+    assert parse_lora_hashes(text) == {"sty": "0123456789ab", "u": "ba9876543210"}
 
 
 def test_parameters_record_the_loras_and_read_back():

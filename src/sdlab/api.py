@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from sdlab.checkpoints.embeddings import Embedding, embeddings_used, install_embeddings, load_embeddings
 from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file
 from sdlab.families.loaded import ModelBundle
@@ -44,12 +45,19 @@ _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
 class Pipeline:
     """A loaded model and the three ways to draw with it."""
 
-    def __init__(self, bundle: ModelBundle, refiner: ModelBundle | None = None, refiner_switch: float = 0.8) -> None:
-        """`refiner` (an SDXL refiner) takes over after the first `refiner_switch` of every schedule."""
+    def __init__(self, bundle: ModelBundle, refiner: ModelBundle | None = None, refiner_switch: float = 0.8,
+                 embeddings: Sequence[Embedding] = ()) -> None:
+        """`refiner` (an SDXL refiner) takes over after the first `refiner_switch` of every schedule;
+        `embeddings` are the textual-inversion embeddings installed in `bundle` (their words)."""
         check_refiner_switch(refiner_switch)
         self.bundle = bundle
         self.refiner = refiner
         self.refiner_switch = refiner_switch
+        self.embeddings = list(embeddings)
+
+    def embeddings_used(self, request: GenerationRequest) -> list[Embedding]:
+        """The installed embeddings whose words occur in the request's prompt or negative prompt."""
+        return embeddings_used(self.bundle, self.embeddings, request.prompt, request.negative_prompt)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.bundle.family.name}, {self.bundle.prediction.value}, {self.bundle.dtype})"
@@ -162,6 +170,7 @@ def load(
     refiner: str | os.PathLike[str] | None = None,
     refiner_switch: float = 0.8,
     loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
+    embeddings: Sequence[str | os.PathLike[str]] = (),
 ) -> Pipeline:
     """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`; without `path`,
     the model that ships with sdlab (sdlab-tiny, 64 px).
@@ -170,6 +179,8 @@ def load(
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule.
     `loras` are (kohya-format LoRA file, weight) pairs merged into the base model's weights, in order.
+    `embeddings` are textual-inversion files or folders of them (a folder's files made for another model
+    are skipped); their names are then words of prompts (`Pipeline.embeddings` lists them).
     """
     device = resolve_device(device)
     if path is None:
@@ -180,5 +191,9 @@ def load(
     bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae)
     for lora_path, lora, weight in lora_files:
         apply_lora(bundle, lora_path, weight, lora=lora)
+    found = load_embeddings(embeddings, bundle)
+    bundle = install_embeddings(bundle, found)
     refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=dtype)
-    return Pipeline(bundle, refined, refiner_switch)
+    if refined is not None:
+        refined = install_embeddings(refined, found, partial=True)
+    return Pipeline(bundle, refined, refiner_switch, found)

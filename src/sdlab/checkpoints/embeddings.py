@@ -99,9 +99,10 @@ def load_embedding(path: str | os.PathLike[str]) -> Embedding:
     return Embedding(name=path.stem, vectors=tuple(vectors), path=path)
 
 
-def vectors_for(embedding: Embedding, encoders: Iterable[TextEncoder]) -> list[Tensor]:
+def vectors_for(embedding: Embedding, encoders: Iterable[TextEncoder], *, partial: bool = False) -> list[Tensor]:
     """For each text encoder in order, the embedding's vectors of that encoder's width, or an
-    `EmbeddingError` saying which model the embedding was made for."""
+    `EmbeddingError` saying which model the embedding was made for. `partial`: vectors for towers the model
+    lacks may be left over (an SDXL embedding's `clip_g` in the refiner, which has only that tower)."""
     encoders = list(encoders)
     chosen = []
     unused = list(embedding.vectors)
@@ -111,7 +112,7 @@ def vectors_for(embedding: Embedding, encoders: Iterable[TextEncoder]) -> list[T
             break
         unused.remove(match)
         chosen.append(match)
-    if len(chosen) != len(encoders) or unused:
+    if len(chosen) != len(encoders) or (unused and not partial):
         have = " + ".join(str(w) for w in embedding.widths())
         need = " + ".join(str(e.config.width) for e in encoders)
         raise EmbeddingError(
@@ -121,12 +122,12 @@ def vectors_for(embedding: Embedding, encoders: Iterable[TextEncoder]) -> list[T
     return chosen
 
 
-def install_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding]) -> ModelBundle:
+def install_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding], *, partial: bool = False) -> ModelBundle:
     """`bundle` whose text encoders read each embedding's name as its vectors. The towers get the vectors as
     added token rows; each encoder gets its own tokenizer copy (the shared default tokenizer is unchanged).
-    A name loaded again replaces the earlier vectors' words."""
+    A name loaded again replaces the earlier vectors' words. `partial` as in `vectors_for`."""
     embeddings = list(embeddings)
-    per_encoder = [vectors_for(e, bundle.text_encoders) for e in embeddings]    # all checked before any change
+    per_encoder = [vectors_for(e, bundle.text_encoders, partial=partial) for e in embeddings]   # checked first
     encoders = []
     for index, encoder in enumerate(bundle.text_encoders):
         table = encoder.model.embeddings
@@ -155,12 +156,41 @@ def _row_of(rows: Tensor | None, block: Tensor) -> int | None:
     return next((i for i in range(rows.shape[0] - n + 1) if torch.equal(rows[i : i + n], block)), None)
 
 
+def embeddings_used(bundle: ModelBundle, embeddings: Iterable[Embedding], *texts: str) -> list[Embedding]:
+    """The installed `embeddings` whose words occur in any of `texts` (either syntax), in the given order."""
+    tokenizer = bundle.text_encoders[0].tokenizer
+    encoded = [tokenizer.encode(text) for text in texts]
+    used = []
+    for embedding in embeddings:
+        ids = list(tokenizer.added_words.get(embedding.name, ()))
+        if ids and any(_contains(row, ids) for row in encoded):
+            used.append(embedding)
+    return used
+
+
+def _contains(row: list[int], part: list[int]) -> bool:
+    return any(row[i : i + len(part)] == part for i in range(len(row) - len(part) + 1))
+
+
 def embedding_files(folder: str | os.PathLike[str]) -> list[Path]:
     """The embedding files under `folder` (recursively, as A1111 scans its embeddings folder), sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EmbeddingError(f"{folder}: no such folder of embeddings")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES)
+
+
+def load_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBundle) -> list[Embedding]:
+    """The embeddings of `sources`: a file is read and must fit `bundle`; a folder gives its fitting files."""
+    found = []
+    for source in sources:
+        if Path(source).is_dir():
+            found += load_embeddings_dir(source, bundle)
+        else:
+            embedding = load_embedding(source)
+            vectors_for(embedding, bundle.text_encoders)
+            found.append(embedding)
+    return found
 
 
 def load_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> list[Embedding]:
@@ -182,8 +212,10 @@ __all__ = [
     "Embedding",
     "EmbeddingError",
     "embedding_files",
+    "embeddings_used",
     "install_embeddings",
     "load_embedding",
+    "load_embeddings",
     "load_embeddings_dir",
     "vectors_for",
 ]

@@ -71,6 +71,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
             "--lora", action="append", default=[], metavar="FILE:WEIGHT",
             help="merge a LoRA file (kohya / A1111 format) at WEIGHT (default 1); repeatable",
         )
+        p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
+                       help="textual-inversion embeddings (.safetensors / .pt / .bin, subfolders too): each file's "
+                            "name is a word of the prompt (or embedding:NAME); repeatable")
         p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                        help="where <lora:NAME:WEIGHT> tags of the prompt (or of --from-png) find NAME.safetensors; "
                             "repeatable (also searched: the --from-png file's folder, the current folder)")
@@ -258,7 +261,8 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
     try:
         check_refiner_switch(args.refiner_switch, "--refiner-switch")
         pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
-                    prediction=args.prediction, refiner=args.refiner, refiner_switch=args.refiner_switch, loras=loras)
+                    prediction=args.prediction, refiner=args.refiner, refiner_switch=args.refiner_switch, loras=loras,
+                    embeddings=getattr(args, "embeddings_dir", []))
     except RequestError as err:     # e.g. a --device this torch cannot use
         raise UserError(str(err)) from None
     return pipe, model
@@ -375,7 +379,7 @@ def _check_model(recorded: dict[str, Any], name: str, hash_: str | None) -> None
 def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.images import pad_for_outpaint
     from sdlab.pipeline.infotext import to_parameters
-    from sdlab.pipeline.png_info import format_parameters
+    from sdlab.pipeline.png_info import embedding_hash, format_parameters
     from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError
 
     target = _output_target(args.out)                         # a bad --out is refused before any work
@@ -439,8 +443,9 @@ def run_generate(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
 
+    used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(request)]
     texts = [format_parameters(to_parameters(request, index=i, model_name=name, model_hash=hash_,
-                                             loras=lora_refs, prompt=prompt_to_record))
+                                             loras=lora_refs, prompt=prompt_to_record, embeddings=used))
              for i in range(len(result.images))]
     in_folder = target[1] is None
     for path in _save_images(in_folder, paths, result.images, texts, request.prompt, request.seeds()):

@@ -54,6 +54,8 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT", help="merge a LoRA file; repeatable")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
                    help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors; repeatable")
+    p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
+                   help="textual-inversion embeddings whose file names are words of the prompt; repeatable")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -124,7 +126,7 @@ def run_grid(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import _identify_model, _load_pipeline, _open_image, _options_from_args, _resolve_loras
     from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_plot
     from sdlab.pipeline.infotext import to_parameters
-    from sdlab.pipeline.png_info import encode_image, format_parameters, image_format, write_files_all_or_nothing
+    from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, image_format, write_files_all_or_nothing
     from sdlab.pipeline.request import GenerationRequest, RequestError
 
     args.mode = "img2img" if args.init else "txt2img"
@@ -171,7 +173,9 @@ def run_grid(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     texts = {index: format_parameters(to_parameters(result.request, model_name=name, model_hash=hash_, loras=lora_refs,
-                                                    prompt=_record_prompt(prompt_to_record, plot, index)))
+                                                    prompt=_record_prompt(prompt_to_record, plot, index),
+                                                    embeddings=[(e.name, embedding_hash(e.path))
+                                                                for e in pipe.embeddings_used(result.request)]))
              for index, result in results.items()}
 
     out = Path(args.out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,9 +79,9 @@ def with_lora_tags(prompt: str, loras: Sequence[LoraRef]) -> str:
     return " ".join([prompt, *tags]) if prompt and tags else prompt or " ".join(tags)
 
 
-def format_lora_hashes(loras: Sequence[LoraRef]) -> str | None:
-    """A1111's `Lora hashes` value, `"name: hash, name: hash"` (names without ':' or ',')."""
-    items = [f"{ref.name.replace(':', '').replace(',', '')}: {ref.hash}" for ref in loras if ref.hash]
+def format_hashes(pairs: Iterable[tuple[str, str | None]]) -> str | None:
+    """A1111's `Lora hashes` / `TI hashes` value, `"name: hash, name: hash"` (names without ':' or ',')."""
+    items = [f"{name.replace(':', '').replace(',', '')}: {hash_}" for name, hash_ in pairs if hash_]
     return ", ".join(items) or None
 
 
@@ -97,11 +97,12 @@ def parse_lora_hashes(value: Any) -> dict[str, str]:
 
 def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | None = None,
                   model_hash: str | None = None, loras: Sequence[LoraRef] = (),
-                  prompt: str | None = None) -> dict[str, Any]:
+                  prompt: str | None = None, embeddings: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
     """The labelled parameters of image `index` of a resolved request (its seed is seed + index).
 
     `loras` are the LoRAs merged into the model: each gets a `<lora:NAME:WEIGHT>` tag in the prompt
     (unless `prompt`, the text as the user wrote it, already has one) and its hash in `Lora hashes`.
+    `embeddings` are the (name, hash) of the textual-inversion embeddings the prompts use (`TI hashes`).
     """
     p: dict[str, Any] = {
         PROMPT: with_lora_tags(req.prompt if prompt is None else prompt, loras),
@@ -122,7 +123,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
-        "Lora hashes": format_lora_hashes(loras),
+        "Lora hashes": format_hashes((ref.name, ref.hash) for ref in loras),
+        "TI hashes": format_hashes(embeddings),
         "Version": version_label(),
     }
     return p

@@ -335,6 +335,12 @@ def model_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
         return _sha256_rest(file, block_size)[:10]
 
 
+def embedding_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
+    """A1111's short embedding hash (``TI hashes``): the first 12 hex digits of the file's SHA-256."""
+    with open(path, "rb") as file:
+        return _sha256_rest(file, block_size)[:12]
+
+
 def _sha256_rest(file: Any, block_size: int) -> str:
     """Hex SHA-256 of what is left of the open binary ``file``, read in blocks of ``block_size``."""
     digest = hashlib.sha256()
