@@ -245,6 +245,15 @@ def test_page_loads_with_labelled_controls_and_lists(page, base_url):
     assert page.find_element(By.ID, "tab-inpaint").get_attribute("aria-selected") == "true"
     assert page.find_element(By.ID, "mask-tools").is_displayed()
     assert severe_console_errors(page) == []
+    # nothing wider than the window, on a desktop and on a phone
+    overflow = "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+    assert page.execute_script(overflow) == 0
+    try:
+        page.set_window_size(420, 860)
+        wait(page, lambda d: d.execute_script("return innerWidth") < 430, 10)
+        assert page.execute_script(overflow) == 0
+    finally:
+        page.set_window_size(*WINDOW)
 
 
 def test_ctrl_enter_generates_with_previews_and_final_image(page, base_url):

@@ -697,6 +697,7 @@ async function refreshJobs(force = false) {
   for (const job of jobs) {
     if (state.submitted.has(job.id) && !ACTIVE.has(job.status) && (!state.follow || state.follow.id !== job.id)) {
       state.submitted.delete(job.id);
+      if (job.status === "done" && job.request && job.request.seed != null) state.lastSeed = job.request.seed;
       if (state.shownJob === job.id) showJob(job);
     }
   }
