@@ -414,6 +414,7 @@ function settingsFromParameters(p) {
 // ---------------------------------------------------------------- jobs
 
 async function generate() {
+  if ($("generate").disabled) return;        // the last request is still being sent (Ctrl+Enter held)
   showError("");
   showNotice("");
   let body;
@@ -664,6 +665,10 @@ function renderGallery(jobs) {
     meta.className = "meta";
     const seed = document.createElement("span");
     if (job.request && job.request.seed != null) seed.textContent = `seed ${job.request.seed}`;
+    const error = document.createElement("div");
+    error.className = "card-error";
+    error.textContent = job.error || "";
+    error.hidden = !job.error;
     meta.append(badge(job.status), seed);
     const buttons = document.createElement("div");
     buttons.className = "row";
@@ -671,7 +676,7 @@ function renderGallery(jobs) {
     if ((job.images || []).length) {
       buttons.append(makeButton("img2img", "to-img2img", () => imageToInit(job.images[0]), `Use the image of job ${job.id} for img2img`));
     }
-    card.append(thumbs, caption, meta, buttons);
+    card.append(thumbs, caption, error, meta, buttons);
     gallery.append(card);
   }
 }
