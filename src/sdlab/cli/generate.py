@@ -56,6 +56,11 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--steps", type=int, help="sampling steps (default 20)")
         p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
         p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
+        p.add_argument("--subseed", type=int, metavar="SEED",
+                       help="variation seed (A1111): with --subseed-strength, image i's noise moves toward the noise "
+                            "of SEED + i while every image keeps --seed (default: random)")
+        p.add_argument("--subseed-strength", type=float, metavar="S",
+                       help="how far toward the variation seed's noise, 0 (off, the default) to 1")
         p.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the family's)")
         p.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the family's)")
         p.add_argument("--batch", type=int, help="number of images (default 1)")
@@ -132,6 +137,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "steps": args.steps,
         "cfg_scale": args.cfg,
         "seed": args.seed,
+        "subseed": getattr(args, "subseed", None),
+        "subseed_strength": getattr(args, "subseed_strength", None),
         "width": args.width,
         "height": args.height,
         "batch_size": args.batch,

@@ -84,3 +84,27 @@ def per_image_noise(
     pipelines do (the generator list reaches both ``prepare_latents`` and ``scheduler.step``).
     """
     return _PerImageNoise(generators, like, draw_dtype)
+
+
+def slerp_a1111(strength: float, low: Tensor, high: Tensor) -> Tensor:
+    """A1111's variation-seed blend (modules/processing.py ``slerp``) of one image's noise ``low`` toward
+    ``high`` (both (C, h, w)) by ``strength`` in [0, 1]: spherical interpolation with the vectors taken along
+    dim 1 of the (C, h, w) tensor, as A1111 applies it; a linear mix when they are nearly parallel."""
+    low_n = low / torch.norm(low, dim=1, keepdim=True)
+    high_n = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_n * high_n).sum(1)                                        # (C, w)
+    if dot.mean() > 0.9995:
+        return low * strength + high * (1 - strength)
+    omega = torch.acos(dot)                                              # (C, w)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - strength) * omega) / so).unsqueeze(1) * low + (torch.sin(strength * omega) / so).unsqueeze(1) * high
+
+
+def variation_noise(noise: Tensor, subseeds: Sequence[int], strength: float) -> Tensor:
+    """``noise`` (B, C, h, w) with image i blended toward the noise of ``subseeds[i]`` by ``strength``
+    (A1111's variation seed; the subseed noise is drawn on the CPU in float32 like the main noise)."""
+    if strength == 0:
+        return noise
+    sub = _draw(generators_for(subseeds), tuple(noise.shape[1:]), torch.float32)      # (B, C, h, w)
+    mixed = [slerp_a1111(strength, n.float().cpu(), s) for n, s in zip(noise, sub)]
+    return torch.stack(mixed).to(device=noise.device, dtype=noise.dtype)              # (B, C, h, w)

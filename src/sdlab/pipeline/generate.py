@@ -56,7 +56,7 @@ from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.guidance import cfg, masked
 from sdlab.diffusion.model_sampling import ModelSampling
-from sdlab.diffusion.noise import generators_for, per_image_noise
+from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.steps import StepInfo
 from sdlab.pipeline.conditioning import make_cond
 from sdlab.pipeline.images import (
@@ -243,6 +243,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
         image_latent = encode_image(bundle, pixels, generators)                                # (B, 4, h, w)
 
     noise = per_image_noise(generators, torch.empty(plan.latent_shape, device=device))(sigmas[0], sigmas[0])  # (B, 4, h, w)
+    noise = variation_noise(noise, req.subseeds(), req.subseed_strength)                    # (B, 4, h, w)
     if from_noise:
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:

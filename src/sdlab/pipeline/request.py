@@ -92,6 +92,8 @@ class GenerationRequest:
     cfg_scale: float | None = None          # None = the family's (FamilySpec.default_cfg: 5 sdlab-tiny, 7 SD)
     guidance_rescale: float = 0.0
     seed: int | None = None                 # image i uses seed + i; None draws a random seed
+    subseed: int | None = None              # A1111's variation seed (image i: subseed + i); None = random
+    subseed_strength: float = 0.0           # 0 = off; the initial noise moves toward the subseed's by this
     width: int | None = None
     height: int | None = None
     batch_size: int = 1
@@ -124,8 +126,15 @@ class GenerationRequest:
         return "img2img" if self.mask_image is None else "inpaint"
 
     def seeds(self) -> list[int]:
+        """Image i's seed: seed + i; with a variation seed, as in A1111, every image keeps `seed` and the
+        subseeds count up instead."""
         assert self.seed is not None, "resolve() the request first"
-        return [self.seed + i for i in range(self.batch_size)]
+        step = 0 if self.subseed_strength else 1
+        return [self.seed + i * step for i in range(self.batch_size)]
+
+    def subseeds(self) -> list[int]:
+        assert self.subseed is not None or not self.subseed_strength, "resolve() the request first"
+        return [(self.subseed or 0) + i for i in range(self.batch_size)]
 
     def parameters(self) -> dict[str, Any]:
         """The request as plain values (images left out), for metadata and logs."""
@@ -204,6 +213,10 @@ def resolve(
     _pair("crops_coords_top_left", r.crops_coords_top_left, 0)
     if r.seed is not None and not _integer(r.seed):
         raise RequestError(f"seed must be an integer (or None / -1 for a random one), got {r.seed!r}")
+    if r.subseed is not None and not _integer(r.subseed):
+        raise RequestError(f"subseed must be an integer (or None / -1 for a random one), got {r.subseed!r}")
+    if not 0.0 <= _finite("subseed_strength", r.subseed_strength) <= 1.0:
+        raise RequestError(f"subseed_strength (variation strength) must lie in [0, 1], got {r.subseed_strength}")
     if r.eta is not None:
         _bounded("eta", r.eta, 0.0, MAX_ETA)
     if not isinstance(r.sampler, (str, type(None))) or not isinstance(r.schedule, (str, type(None))):
@@ -257,7 +270,12 @@ def resolve(
     seed = r.seed if r.seed is not None and r.seed >= 0 else random.randrange(2**32)
     if seed + r.batch_size - 1 > MAX_SEED:
         raise RequestError(f"seed {seed} + {r.batch_size - 1} is past the largest seed {MAX_SEED}")
+    subseed = None
+    if r.subseed_strength:
+        subseed = r.subseed if r.subseed is not None and r.subseed >= 0 else random.randrange(2**32)
+        if subseed + r.batch_size - 1 > MAX_SEED:
+            raise RequestError(f"subseed {subseed} + {r.batch_size - 1} is past the largest seed {MAX_SEED}")
     return replace(
         r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,
-        width=width, height=height, seed=int(seed),
+        width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed),
     )
