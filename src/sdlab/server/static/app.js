@@ -789,7 +789,7 @@ function setup() {
   document.addEventListener("keydown", (event) => {
     if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
       event.preventDefault();
-      generate();
+      if (!event.repeat) generate();
     }
   });
   $("cancel").addEventListener("click", cancelShown);
