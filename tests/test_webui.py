@@ -245,6 +245,12 @@ def test_page_loads_with_labelled_controls_and_lists(page, base_url):
     assert page.find_element(By.ID, "tab-inpaint").get_attribute("aria-selected") == "true"
     assert page.find_element(By.ID, "mask-tools").is_displayed()
     assert severe_console_errors(page) == []
+    # Enter in a number field queues nothing (Ctrl+Enter does, below)
+    newest = lambda: [job["id"] for job in http_json(base_url, "/api/jobs?limit=1")["jobs"]]  # noqa: E731
+    before = newest()
+    page.find_element(By.ID, "steps").send_keys(Keys.ENTER)
+    time.sleep(0.5)
+    assert newest() == before and text(page, "progress-text") == "Idle"
     # nothing wider than the window, on a desktop and on a phone
     overflow = "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
     assert page.execute_script(overflow) == 0

@@ -787,9 +787,12 @@ function setup() {
   });
   $("settings").addEventListener("submit", (event) => { event.preventDefault(); generate(); });
   document.addEventListener("keydown", (event) => {
-    if ((event.ctrlKey || event.metaKey) && event.key === "Enter") {
+    if (event.key !== "Enter") return;
+    if (event.ctrlKey || event.metaKey) {
       event.preventDefault();
       if (!event.repeat) generate();
+    } else if (event.target.tagName === "INPUT" && event.target.type !== "file") {
+      event.preventDefault();               // Enter in a number field does not queue a job; Ctrl+Enter does
     }
   });
   $("cancel").addEventListener("click", cancelShown);
