@@ -90,3 +90,26 @@ def test_cli_records_the_variation_and_from_png_draws_it_again(tmp_path, capsys)
     assert np.array_equal(pixels(first), pixels(again))
     code, _, err = run(["txt2img", "x", "--subseed-strength", "2", "--out", str(tmp_path / "bad.png")], capsys)
     assert code == 2 and "subseed_strength" in err and not (tmp_path / "bad.png").exists()
+
+
+def test_batch_count_continues_the_seeds(tmp_path, capsys):
+    out = tmp_path / "many"
+    code, stdout, err = run(["txt2img", "a red square", "--seed", "20", "--batch", "2", "--batch-count", "2",
+                             "--steps", "3", "--no-progress", "--out", str(out)], capsys)
+    assert code == 0, err
+    files = stdout.split()
+    assert len(files) == 4
+    assert [parse_parameters(read_parameters(f))["Seed"] for f in files] == [20, 21, 22, 23]
+    single = tmp_path / "23.png"
+    code, _, err = run(["txt2img", "a red square", "--seed", "23", "--steps", "3", "--no-progress", "--out", str(single)],
+                       capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(files[3]), pixels(single))
+    varied = tmp_path / "varied"
+    code, stdout, err = run(["txt2img", "a red square", "--seed", "20", "--subseed", "5", "--subseed-strength", "0.3",
+                             "--batch-count", "2", "--steps", "3", "--no-progress", "--out", str(varied)], capsys)
+    assert code == 0, err
+    recorded = [parse_parameters(read_parameters(f)) for f in stdout.split()]
+    assert [(r["Seed"], r["Variation seed"]) for r in recorded] == [(20, 5), (20, 6)]
+    code, _, err = run(["txt2img", "x", "--batch-count", "0", "--out", str(tmp_path / "none")], capsys)
+    assert code == 2 and "--batch-count" in err

@@ -63,7 +63,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                        help="how far toward the variation seed's noise, 0 (off, the default) to 1")
         p.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the family's)")
         p.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the family's)")
-        p.add_argument("--batch", type=int, help="number of images (default 1)")
+        p.add_argument("--batch", type=int, help="images drawn together, one batch (default 1)")
+        p.add_argument("--batch-count", type=int, default=1, metavar="N",
+                       help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")
         p.add_argument("--clip-skip", type=int, help="A1111 clip skip: 1 = usual layer, 2 = one layer back")
         p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers")
         p.add_argument("--out", default="outputs",
@@ -126,6 +128,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
             options.update(from_parameters(recorded))
         except ValueError as err:
             raise UserError(str(err)) from None
+    if not 1 <= getattr(args, "batch_count", 1) <= MAX_BATCH_COUNT:
+        raise UserError(f"--batch-count must be 1 to {MAX_BATCH_COUNT}, got {args.batch_count}")
     for flag, value in (("--width", args.width), ("--height", args.height)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be a positive number of pixels (a multiple of 8), got {value}")
@@ -293,6 +297,7 @@ def _parse_lora(spec: str) -> tuple[str, float]:
 
 
 _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+MAX_BATCH_COUNT = 1000
 
 
 def _lora_search_dirs(args: argparse.Namespace) -> list[Path]:
@@ -430,31 +435,46 @@ def run_generate(args: argparse.Namespace) -> int:
         _check_model(recorded, name, hash_)
     try:
         plan = pipe.resolve(request)                          # resolved once: the run and the infotext use it
+        plans = [plan] + [pipe.resolve(_next_batch(plan.request, k)) for k in range(1, args.batch_count)]
     except RequestError as err:
         raise UserError(str(err)) from None
-    request = plan.request
-    paths = _output_paths(args.out, target, request.prompt, request.seeds())
+    seeds = [seed for p in plans for seed in p.request.seeds()]
+    paths = _output_paths(args.out, target, plan.request.prompt, seeds)
 
     progress = None
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=plan.steps_run, desc=args.mode, unit="step", file=sys.stderr, leave=False)
+        bar = tqdm(total=sum(p.steps_run for p in plans), desc=args.mode, unit="step", file=sys.stderr, leave=False)
         progress = lambda info: bar.update(1)  # noqa: E731
     try:
-        result = pipe.run(plan, progress=progress)
+        results = [pipe.run(p, progress=progress) for p in plans]
     except RequestError as err:
         raise UserError(str(err)) from None
     finally:
         if bar is not None:
             bar.close()
 
-    used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(request)]
-    texts = [format_parameters(to_parameters(request, index=i, model_name=name, model_hash=hash_,
-                                             loras=lora_refs, prompt=prompt_to_record, embeddings=used))
-             for i in range(len(result.images))]
+    used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(plan.request)]
+    images, texts = [], []
+    for result in results:
+        images += result.images
+        texts += [format_parameters(to_parameters(result.request, index=i, model_name=name, model_hash=hash_,
+                                                  loras=lora_refs, prompt=prompt_to_record, embeddings=used))
+                  for i in range(len(result.images))]
     in_folder = target[1] is None
-    for path in _save_images(in_folder, paths, result.images, texts, request.prompt, request.seeds()):
+    for path in _save_images(in_folder, paths, images, texts, plan.request.prompt, seeds):
         print(path)
     return 0
+
+
+def _next_batch(request, k: int):
+    """Batch `k` of `--batch-count` (A1111's n_iter): the seeds (or, with a variation seed, the subseeds)
+    continue after the first batch's."""
+    from dataclasses import replace
+
+    step = k * request.batch_size
+    if request.subseed_strength:
+        return replace(request, subseed=request.subseed + step)
+    return replace(request, seed=request.seed + step)
