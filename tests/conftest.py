@@ -1,14 +1,18 @@
-"""Shared pytest set-up: the opt-in marker for full-size models and a fixed thread count."""
+"""Shared pytest set-up: the opt-in marker for full-size models, a fixed thread count, a private hash cache."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # File hashes are cached per user (sdlab.utils.file_hashes); tests keep theirs in a folder of their own,
+    # shared by the xdist workers and the servers they start.
+    os.environ.setdefault("SDLAB_CACHE_DIR", tempfile.mkdtemp(prefix="sdlab-test-cache-"))
     # Under pytest-xdist each worker gets one thread: the tiny test models gain nothing from more, and
     # oversubscribed cores make every small op wait.
     if os.environ.get("PYTEST_XDIST_WORKER"):

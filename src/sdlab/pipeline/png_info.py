@@ -40,6 +40,7 @@ from typing import Any, Mapping
 from PIL import Image, PngImagePlugin
 
 from sdlab.pipeline.images import open_image
+from sdlab.utils.file_hashes import cached_hash
 from sdlab.utils.files import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -329,16 +330,24 @@ def _place(temporary: Path, path: Path, overwrite: bool) -> None:
     temporary.unlink()
 
 
-def model_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex SHA-256 of the whole file, computed once per version of the file (`utils.file_hashes`)."""
+    return cached_hash(path, "sha256", _file_sha256)
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return _sha256_rest(file, 1 << 20)
+
+
+def model_hash(path: str | os.PathLike) -> str:
     """A1111's short model hash: the first 10 hex digits of the SHA-256 of the whole file."""
-    with open(path, "rb") as file:
-        return _sha256_rest(file, block_size)[:10]
+    return file_sha256(path)[:10]
 
 
-def embedding_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
+def embedding_hash(path: str | os.PathLike) -> str:
     """A1111's short embedding hash (``TI hashes``): the first 12 hex digits of the file's SHA-256."""
-    with open(path, "rb") as file:
-        return _sha256_rest(file, block_size)[:12]
+    return file_sha256(path)[:12]
 
 
 def _sha256_rest(file: Any, block_size: int) -> str:
@@ -349,14 +358,18 @@ def _sha256_rest(file: Any, block_size: int) -> str:
     return digest.hexdigest()
 
 
-def lora_hash(path: str | os.PathLike, block_size: int = 1 << 20) -> str:
+def lora_hash(path: str | os.PathLike) -> str:
     """A1111's short LoRA hash (``Lora hashes``): 12 hex digits of the SHA-256 of the file, for a
     ``.safetensors`` file of its tensor data only (the "addnet" hash, which ignores the header)."""
+    return cached_hash(path, "addnet", _addnet_hash)
+
+
+def _addnet_hash(path: Path) -> str:
     with open(path, "rb") as file:
-        if Path(path).suffix.lower() == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             (header_size,) = struct.unpack("<Q", file.read(8).ljust(8, b"\0"))
             file.seek(8 + header_size)
-        return _sha256_rest(file, block_size)[:12]
+        return _sha256_rest(file, 1 << 20)[:12]
 
 
 _GENERIC_STEM = re.compile(r"(final|last|model|checkpoint|diffusion_pytorch_model|step-?\d+)(-ema)?", re.IGNORECASE)
