@@ -46,6 +46,27 @@ def local_pipeline():
     return lambda: pipe.run(request)
 
 
+def queued_in_process(folder: Path):
+    """A `run()` through the server's own queue and worker in this process (no HTTP): preview per step, PNG
+    encode, atomic write and SQLite record included."""
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.config import ServerConfig
+    from sdlab.server.inputs import JobSpec
+    from sdlab.server.service import Service
+
+    service = Service(ServerConfig(output_dir=folder))
+    service.runner.warm()
+    service.start()
+    request = GenerationRequest(**SETTINGS, sampler="DPM++ 2M")
+
+    def run() -> None:
+        job, _ = service.submit(JobSpec(request), "txt2img", None)
+        job.finished_event.wait()
+
+    run()
+    return run, service.stop
+
+
 def timed(fn) -> float:
     started = time.perf_counter()
     fn()
@@ -121,22 +142,26 @@ def main() -> None:
         process, url = start_server(Path(folder) / "outputs", args.threads)
         try:
             run_local = local_pipeline()
-            local, a1111, native, worker = [], [], [], []
+            run_queued, stop_queued = queued_in_process(Path(folder) / "in-process")
+            local, queued, a1111, native, worker = [], [], [], [], []
             with httpx.Client(base_url=url, timeout=600) as client:
                 a1111_call(client)                                   # warm-up
                 for _ in range(args.runs):                           # interleaved: the machine's load drifts
                     local.append(timed(run_local))
+                    queued.append(timed(run_queued))
                     a1111.append(a1111_call(client))
                     native.append(native_call(client))
                     job = client.get("/api/jobs", params={"limit": 1}).json()["jobs"][0]
                     worker.append(job["finished"] - job["started"])
+            stop_queued()
             rate = concurrent(url, args.clients, max(1, args.runs // 4))
         finally:
             process.terminate()
             process.wait(30)
-    local, a1111, native, worker = (statistics.median(v) for v in (local, a1111, native, worker))
+    local, queued, a1111, native, worker = (statistics.median(v) for v in (local, queued, a1111, native, worker))
     print(f"torch threads: {args.threads}, medians of {args.runs} interleaved runs")
     print(f"in-process pipe.run, 20 steps:        {local * 1000:8.1f} ms")
+    print(f"server queue + worker, in-process:    {queued * 1000:8.1f} ms   overhead {queued / local - 1:+.1%}")
     print(f"A1111 POST /sdapi/v1/txt2img:         {a1111 * 1000:8.1f} ms   overhead {a1111 / local - 1:+.1%}")
     print(f"native POST /api/jobs + SSE + PNG:    {native * 1000:8.1f} ms   overhead {native / local - 1:+.1%}")
     print(f"  of which the worker (draw + PNG + write + record): {worker * 1000:8.1f} ms")
