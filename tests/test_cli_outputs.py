@@ -174,6 +174,19 @@ def test_from_png_without_model_uses_the_recorded_model_when_it_is_beside_the_pi
     assert code == 0 and "tiny-b" in err and np.array_equal(pixels(first), pixels(again))
 
 
+def test_from_png_finds_the_model_by_its_hash_in_a_models_dir(models, tmp_path, capsys):
+    first = tmp_path / "first.png"
+    assert run(["txt2img", "a cat", "--model", str(models["b"]), "--out", str(first), *FAST], capsys)[0] == 0
+    library = tmp_path / "library" / "sub"
+    library.mkdir(parents=True)
+    (library / "renamed.safetensors").write_bytes(models["b"].read_bytes())     # another name, same hash
+    (library / "other.safetensors").write_bytes(models["a"].read_bytes())
+    again = tmp_path / "again.png"
+    code, _, err = run(["txt2img", "--from-png", str(first), "--models-dir", str(tmp_path / "library"),
+                        "--out", str(again), "--no-progress"], capsys)
+    assert code == 0 and "renamed.safetensors" in err and np.array_equal(pixels(first), pixels(again))
+
+
 def test_fine_tune_is_recorded_under_its_run_name(models, tmp_path, capsys):
     run_dir = tmp_path / "runs" / "apples"
     run_dir.mkdir(parents=True)

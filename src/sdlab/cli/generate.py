@@ -78,6 +78,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
             "--lora", action="append", default=[], metavar="FILE:WEIGHT",
             help="merge a LoRA file (kohya / A1111 format) at WEIGHT (default 1); repeatable",
         )
+        p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
+                       help="where --from-png looks for the picture's model, by name or by its recorded hash "
+                            "(subfolders too); repeatable")
         p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
                        help="textual-inversion embeddings (.safetensors / .pt / .bin, subfolders too): each file's "
                             "name is a word of the prompt (or embedding:NAME); repeatable")
@@ -367,14 +370,27 @@ def _identify_model(model: str | os.PathLike) -> tuple[str, str | None]:
 
 
 def _recorded_model(args: argparse.Namespace, recorded: dict[str, Any]) -> str | None:
-    """Without --model: the model the PNG names, when NAME.safetensors / .ckpt / NAME/ is beside it or here."""
-    name = str(recorded.get("Model") or "")
-    if args.model or not name or any(sep in name for sep in ("/", "\\", "\0")) or name in (".", ".."):
+    """Without --model: the model the PNG names, when NAME.safetensors / .ckpt / NAME/ is beside it, here or in
+    a --models-dir; else the file under a --models-dir whose hash is the recorded `Model hash` (A1111's
+    lookup; hashes are cached per file, so only new or changed files are read)."""
+    from sdlab.pipeline.png_info import model_hash
+
+    if args.model:
         return None
-    for folder in (Path(args.from_png).resolve().parent, Path(".")):
-        for candidate in (folder / f"{name}.safetensors", folder / f"{name}.ckpt", folder / name):
-            if candidate.is_file() or (candidate / "model_index.json").is_file():
-                return str(candidate)
+    name = str(recorded.get("Model") or "")
+    models_dirs = [Path(d) for d in getattr(args, "models_dir", [])]
+    if name and not any(sep in name for sep in ("/", "\\", "\0")) and name not in (".", ".."):
+        for folder in (Path(args.from_png).resolve().parent, Path("."), *models_dirs):
+            for candidate in (folder / f"{name}.safetensors", folder / f"{name}.ckpt", folder / name):
+                if candidate.is_file() or (candidate / "model_index.json").is_file():
+                    return str(candidate)
+    wanted = str(recorded.get("Model hash") or "").lower()
+    if wanted:
+        for folder in models_dirs:
+            for candidate in sorted(folder.rglob("*")):
+                if candidate.suffix.lower() in (".safetensors", ".ckpt") and candidate.is_file() \
+                        and model_hash(candidate).startswith(wanted):
+                    return str(candidate)
     return None
 
 
