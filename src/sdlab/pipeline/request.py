@@ -38,6 +38,7 @@ from sdlab.diffusion.discretization import (
 )
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.pipeline.images import read_image, snap_size
+from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 
 MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always a mistake (a pasted file)
 MAX_BATCH = 64
@@ -118,12 +119,25 @@ class GenerationRequest:
     aesthetic_score: float = 6.0            # SDXL refiner
     negative_aesthetic_score: float = 2.5
     tiled_vae: bool | None = None           # None = tile above `tiling.DEFAULT_TILE_THRESHOLD_PIXELS`
+    # hires fix (A1111, txt2img; pipeline/hires.py): on when hr_scale or hr_width / hr_height is set
+    hr_scale: float | None = None           # the second pass at this multiple (>= 1) of the first's size
+    hr_width: int | None = None             # or at this size (A1111's hr_resize_x / y; one side alone keeps
+    hr_height: int | None = None            # the aspect ratio; both: cover, then a centred crop); wins over hr_scale
+    hr_upscaler: str | None = None          # latent mode ("Latent", "Latent (bicubic)", ...), "Lanczos", "Nearest"
+                                            # or an upscaler model file; None = "Latent"
+    hr_steps: int | None = None             # second-pass steps; None / 0 = the first pass's
+    hr_denoise: float | None = None         # second-pass denoising strength in (0, 1]; None = 0.7 (A1111's UI)
 
     @property
     def mode(self) -> str:
         if self.init_image is None:
             return "txt2img"
         return "img2img" if self.mask_image is None else "inpaint"
+
+    @property
+    def hires(self) -> bool:
+        """Whether the hires fix runs: a txt2img request with hr_scale or hr_width / hr_height."""
+        return self.hr_scale is not None or bool(self.hr_width) or bool(self.hr_height)
 
     def seeds(self) -> list[int]:
         """Image i's seed: seed + i; with a variation seed, as in A1111, every image keeps `seed` and the
@@ -173,6 +187,81 @@ def _pair(name: str, value: Any, minimum: int) -> None:
         return
     if not (isinstance(value, (tuple, list)) and len(value) == 2 and all(_integer(v) and v >= minimum for v in value)):
         raise RequestError(f"{name} must be two integers >= {minimum} (height, width / top, left), got {value!r}")
+
+
+DEFAULT_HR_DENOISE = 0.7                   # A1111's UI default for the hires fix's denoising strength
+DEFAULT_HR_UPSCALER = "Latent"
+
+
+def hires_sizes(width: int, height: int, scale: float | None, hr_width: int | None, hr_height: int | None,
+                multiple: int = SIZE_MULTIPLE) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A1111's hires fix sizes (`calculate_target_resolution`): ((width, height) the first pass is upscaled
+    to, (width, height) of the result after a centred crop), both snapped down to `multiple`.
+
+    hr_width / hr_height (0 or None = unset) win over `scale`: one side alone keeps the aspect ratio; both
+    give the smallest size of the first pass's aspect that covers them, cropped to them. Else width * scale."""
+    if hr_width or hr_height:
+        if not hr_height:
+            up = (hr_width, hr_width * height // width)
+        elif not hr_width:
+            up = (hr_height * width // height, hr_height)
+        elif width / height < hr_width / hr_height:
+            up = (hr_width, hr_width * height // width)
+        else:
+            up = (hr_height * width // height, hr_height)
+        final = (hr_width or up[0], hr_height or up[1])
+    else:
+        up = final = (int(width * scale), int(height * scale))
+    snap = lambda size: (size[0] - size[0] % multiple, size[1] - size[1] % multiple)  # noqa: E731
+    return snap(up), snap(final)
+
+
+def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int) -> dict[str, Any]:
+    """The checked hires fields (defaults filled in) of a request drawn at width x height."""
+    if not r.hires:
+        if r.hr_upscaler is not None or r.hr_steps or r.hr_denoise is not None:
+            raise RequestError("hr_upscaler, hr_steps and hr_denoise need hr_scale or hr_width / hr_height "
+                               "(the hires fix)")
+        return {}
+    if r.init_image is not None:
+        raise RequestError("the hires fix is for txt2img; for img2img, upscale the init image instead")
+    for name, side in (("hr_width", r.hr_width), ("hr_height", r.hr_height)):
+        if side is not None and (not _integer(side) or side < 0):
+            raise RequestError(f"{name} must be a number of pixels (0 = unset), got {side!r}")
+    scale = None
+    if not (r.hr_width or r.hr_height):
+        scale = _finite("hr_scale", r.hr_scale)
+        if scale < 1.0:
+            raise RequestError(f"hr_scale must be at least 1 (the hires fix draws larger), got {r.hr_scale!r}")
+    up, final = hires_sizes(width, height, scale, r.hr_width, r.hr_height, multiple)
+    for size in (up, final):
+        if not (multiple <= min(size) and max(size) <= MAX_SIDE):
+            raise RequestError(f"the hires fix would draw {size[0]}x{size[1]} px from {width}x{height}; "
+                               f"each side must lie in {multiple}..{MAX_SIDE}")
+    steps = r.hr_steps or 0
+    if not _integer(steps) or not 0 <= steps <= MAX_STEPS:
+        raise RequestError(f"hr_steps must be an integer in 0..{MAX_STEPS} (0 = the first pass's), got {r.hr_steps!r}")
+    denoise = DEFAULT_HR_DENOISE if r.hr_denoise is None else _finite("hr_denoise", r.hr_denoise)
+    if not 0.0 < denoise <= 1.0:
+        raise RequestError(f"hr_denoise (the second pass's denoising strength) must lie in (0, 1], got {r.hr_denoise}")
+    total, _ = steps_run(steps or r.steps, denoise, "comfyui")
+    if total > MAX_SCHEDULE:
+        raise RequestError(f"{steps or r.steps} hires steps at hr_denoise {denoise} make a {total}-step schedule; "
+                           f"the limit is {MAX_SCHEDULE}: raise hr_denoise")
+    upscaler = DEFAULT_HR_UPSCALER if r.hr_upscaler is None else r.hr_upscaler
+    if not isinstance(upscaler, (str, os.PathLike)):
+        raise RequestError(f"hr_upscaler must be a name or a file, got {upscaler!r}")
+    upscaler = os.fspath(upscaler)
+    try:
+        upscaler = canonical_latent_name(upscaler)
+    except UpscaleError:
+        if upscaler.strip().lower() not in PLAIN_UPSCALERS and not os.path.isfile(upscaler):
+            raise RequestError(
+                f"unknown hires upscaler {upscaler!r}: name a latent mode ({', '.join(LATENT_UPSCALE_MODES)}), "
+                "Lanczos, Nearest, or an upscaler model file that exists"
+            ) from None
+    return dict(hr_scale=scale, hr_width=r.hr_width or None, hr_height=r.hr_height or None, hr_upscaler=upscaler,
+                hr_steps=steps, hr_denoise=denoise)
 
 
 def resolve(
@@ -275,7 +364,8 @@ def resolve(
         subseed = r.subseed if r.subseed is not None and r.subseed >= 0 else random.randrange(2**32)
         if subseed + r.batch_size - 1 > MAX_SEED:
             raise RequestError(f"subseed {subseed} + {r.batch_size - 1} is past the largest seed {MAX_SEED}")
+    hires = _resolve_hires(r, width, height, multiple)
     return replace(
         r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,
-        width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed),
+        width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed), **hires,
     )

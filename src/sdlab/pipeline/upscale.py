@@ -69,15 +69,20 @@ _LATENT_SHORT_NAMES = {
 }
 
 
-def latent_mode(name: str) -> tuple[str, bool]:
-    """(interpolate mode, antialias) for an A1111 latent upscaler name ("Latent (bicubic)", any case) or a
-    short name (`_LATENT_SHORT_NAMES`: "bilinear", "antialiased", "bicubic", "nearest-exact", ...)."""
+def canonical_latent_name(name: str) -> str:
+    """A1111's name of a latent upscaler ("Latent (bicubic)") for that name in any case or a short name
+    (`_LATENT_SHORT_NAMES`: "bilinear", "antialiased", "bicubic", "nearest-exact", ...)."""
     key = " ".join(name.split()).lower()
     by_name = {a1111.lower(): a1111 for a1111 in LATENT_UPSCALE_MODES} | _LATENT_SHORT_NAMES
     if key not in by_name:
         raise UpscaleError(f"unknown latent upscale mode {name!r}; valid: {', '.join(LATENT_UPSCALE_MODES)} "
                            f"(or {', '.join(_LATENT_SHORT_NAMES)})")
-    return LATENT_UPSCALE_MODES[by_name[key]]
+    return by_name[key]
+
+
+def latent_mode(name: str) -> tuple[str, bool]:
+    """(interpolate mode, antialias) for a latent upscaler name (`canonical_latent_name`)."""
+    return LATENT_UPSCALE_MODES[canonical_latent_name(name)]
 
 
 def upscale_latent(z: torch.Tensor, height: int, width: int, method: str = "Latent") -> torch.Tensor:
