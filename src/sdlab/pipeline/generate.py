@@ -144,12 +144,19 @@ def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> lis
 
 @torch.no_grad()
 def sample_latents(
-    bundle: ModelBundle, request: GenerationPlan | GenerationRequest, *, progress: ProgressFn | None = None
+    bundle: ModelBundle, request: GenerationPlan | GenerationRequest, *, progress: ProgressFn | None = None,
+    init_latent: Tensor | None = None,
 ) -> Tensor:
-    """The sampling half of `generate`: the model-space latents a plan (or a request) ends with."""
+    """The sampling half of `generate`: the model-space latents a plan (or a request) ends with.
+
+    `init_latent` (B, C, h, w), model space, with a plan made `from_latent`: img2img from this latent instead
+    of an init image (noise drawn first from each image's generator; no VAE encode)."""
     plan = _as_plan(bundle, request)
+    if (init_latent is not None) != plan.from_latent or (
+            init_latent is not None and tuple(init_latent.shape) != plan.latent_shape):
+        raise ValueError(f"init_latent goes with a plan made from_latent, of shape {plan.latent_shape}")
     generators = generators_for(plan.request.seeds())
-    start = _start(bundle, plan, generators)
+    start = _start(bundle, plan, generators, init_latent)
     model = _guided_model(bundle, plan.sampling, plan.request, start, generators)
     x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
     _check_finite(x, "the final latent", plan.request)
@@ -228,16 +235,18 @@ class _Start:
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
 
 
-def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Generator]) -> _Start:
+def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Generator],
+           init_latent: Tensor | None = None) -> _Start:
     """The first x: the model's forward process (``plan.sampling.noise_scaling``) applied to pure noise, or
-    to the init image's latent at ``sigmas[0]``."""
+    to the init image's latent (or `init_latent`) at ``sigmas[0]``."""
     device, req, sigmas = bundle.device, plan.request, plan.sigmas
-    pixels = mask = image_latent = None
+    pixels = mask = None
+    image_latent = None if init_latent is None else init_latent.to(device, torch.float32)  # (B, C, h, w)
     if req.init_image is not None:
         pixels = pil_to_tensor(req.init_image, size=(req.width, req.height)).to(device)       # (1, 3, H, W)
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
-    from_noise = pixels is None or (mask is not None and req.strength == 1.0)
+    from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0))
     blends = mask is not None and not bundle.family.is_inpaint
     if pixels is not None and (not from_noise or blends):
         image_latent = encode_image(bundle, pixels, generators)                                # (B, 4, h, w)

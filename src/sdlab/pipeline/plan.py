@@ -18,7 +18,7 @@ The generate loop (`pipeline/generate.py`) only reads the plan.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -30,7 +30,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.overlay import blur_mask
-from sdlab.pipeline.request import GenerationRequest, RequestError, check_refiner_switch, resolve
+from sdlab.pipeline.request import GenerationRequest, RequestError, check_refiner_switch, hires_sizes, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class GenerationPlan:
     mask: Tensor | None = None                      # (1, 1, H, W) blurred mask in [0, 1], 1 = repaint
     refiner_split: int | None = None                # with a refiner: how many steps the base takes
     refiner_sampling: ModelSampling | None = None
+    from_latent: bool = False                       # starts from a given latent (hires fix), not an init image
 
     @property
     def steps_run(self) -> int:
@@ -109,13 +110,14 @@ def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None
 
 
 def request_sigmas(
-    sampling: ModelSampling, sampler: SamplerSpec, req: GenerationRequest, device: torch.device | str = "cpu"
+    sampling: ModelSampling, sampler: SamplerSpec, req: GenerationRequest, device: torch.device | str = "cpu",
+    *, img2img: bool | None = None,
 ) -> Tensor:
-    """The sigmas a resolved request visits (the img2img tail for an init image), on `device`: the request's
-    named discretization of the model sampling's training levels (`sampling.schedule`)."""
+    """The sigmas a resolved request visits (the img2img tail for an init image, or when `img2img` says so), on
+    `device`: the request's named discretization of the model sampling's training levels (`sampling.schedule`)."""
     options = dict(final=sampler.final_sigma, scheduler=sampler.spacing)  # a diffusers spacing: the sampler's
     try:
-        if req.init_image is None:
+        if not (req.init_image is not None if img2img is None else img2img):
             sigmas = discretize(req.schedule, sampling.schedule, req.steps, **options)
         else:
             sigmas = img2img_sigmas(req.schedule, sampling.schedule, req.steps, req.strength, req.img2img_convention,
@@ -160,11 +162,18 @@ def make_plan(
     *,
     refiner: ModelBundle | None = None,
     switch_at: float = 0.8,
+    from_latent: bool = False,
 ) -> GenerationPlan:
     """Resolve `request` for `bundle` (and an SDXL `refiner` taking over after `switch_at` of the schedule)
-    into the plan the generate loop runs; a `RequestError` names the first bad value."""
+    into the plan the generate loop runs; a `RequestError` names the first bad value.
+
+    `from_latent`: the run starts from a latent the caller gives (`sample_latents(..., init_latent=z)`), noised
+    at the img2img level of `request.strength` (the hires fix's second pass after a latent upscale)."""
     free = available_bytes(bundle.device)                         # one reading for every model's check
     req = _resolve(bundle, request, free)
+    if req.hires and free is not None:                            # the second pass, at the upscaled size
+        (width, height), _ = hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height)
+        check_memory(bundle, replace(req, width=width, height=height), free)
     if refiner is not None:
         check_refiner_switch(switch_at, "switch_at")
         _check_refiner_fits(bundle, refiner)
@@ -176,7 +185,7 @@ def make_plan(
     if advice:
         logger.warning(advice)
     sampling = bundle.model_sampling
-    sigmas = request_sigmas(sampling, sampler, req, bundle.device)
+    sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=True if from_latent else None)
     factor = bundle.vae_config.downsample_factor
     shape = (req.batch_size, bundle.unet_config.out_channels, req.height // factor, req.width // factor)
     mask = None
@@ -187,4 +196,4 @@ def make_plan(
         split = handoff_index(sigmas, sampling, switch_at)
         refiner_sampling = refiner.model_sampling
     return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
-                          mask=mask, refiner_split=split, refiner_sampling=refiner_sampling)
+                          mask=mask, refiner_split=split, refiner_sampling=refiner_sampling, from_latent=from_latent)
