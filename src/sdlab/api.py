@@ -28,6 +28,7 @@ from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
+from sdlab.pipeline.hires import generate_hires, hires_upscaler
 from sdlab.pipeline.memory import is_out_of_memory
 from sdlab.pipeline.plan import GenerationPlan, make_plan
 from sdlab.pipeline.request import (
@@ -74,6 +75,10 @@ class Pipeline:
         checked up front) is a `RequestError`."""
         plan = request if isinstance(request, GenerationPlan) else self.resolve(request)
         try:
+            if plan.request.hires:
+                if self.refiner is not None:
+                    raise RequestError("the hires fix does not run with an SDXL refiner; leave one of them out")
+                return generate_hires(self.bundle, plan, hires_upscaler(plan.request, self.bundle), progress=progress)
             if self.refiner is not None:
                 return generate_with_refiner(self.bundle, self.refiner, plan, progress=progress)
             return generate(self.bundle, plan, progress=progress)
@@ -93,7 +98,8 @@ class Pipeline:
         return self.run(GenerationRequest(prompt=prompt, **options), progress=progress)
 
     def txt2img(self, prompt: str, negative_prompt: str = "", *, progress: ProgressFn | None = None, **options: Any) -> GenerationResult:
-        """Draw from text. Options: steps, sampler, schedule, cfg_scale, seed, width, height, batch_size, ..."""
+        """Draw from text. Options: steps, sampler, schedule, cfg_scale, seed, width, height, batch_size, ...;
+        the hires fix with hr_scale=2 (or hr_width / hr_height), hr_upscaler, hr_steps, hr_denoise."""
         return self._call(prompt, {"negative_prompt": negative_prompt, **options}, progress)
 
     def img2img(

@@ -1,0 +1,119 @@
+"""The hires fix (A1111's txt2img "Hires. fix"): draw small, upscale, redraw the larger picture with img2img.
+
+    first pass   the txt2img request at its width x height (the plan's)
+    upscale      to `request.hires_sizes`' upscaled size, then a centred crop (whole latent pixels) to the final size
+                 - a latent upscaler ("Latent", "Latent (bicubic)", ...): the first pass's latent interpolated
+                   (`upscale_latent`); the second pass starts from it, noised at the img2img start level
+                 - a pixel upscaler ("Lanczos", "Nearest", an ESRGAN-family file): the first pass's pictures
+                   (8-bit, as `generate` returns them) upscaled (`upscale_image`); the second pass encodes them
+    second pass  img2img at the final size with strength `hr_denoise` and `hr_steps` steps (0: the first pass's),
+                 all of which run on a schedule stretched to steps / hr_denoise: A1111 hands the second pass
+                 its step count, which takes its "img2img_fix_steps" path (sdlab's "comfyui" convention)
+
+Seeds (A1111 draws the second pass's noise from fresh generators on the same seeds and subseeds): image i's
+second pass is the img2img request of `second_pass_request` with the first pass's seed i (and subseed i).
+For a pixel upscaler that is exactly `pipe.img2img(prompt, upscaled_i, strength=hr_denoise, seed=seeds[i],
+batch_size=1, ...)`: posterior sample, then noise. For a latent upscaler it is the same request started
+`from_latent`: the noise is the generator's first draw (no VAE encode). A pixel upscale differs from A1111
+in one place: A1111 crops the encoded latent, sdlab crops the picture before encoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import replace
+
+import torch
+
+from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
+from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.generate import NonFiniteError, ProgressFn, decode_latents, generate, sample_latents
+from sdlab.pipeline.images import tensor_to_pil
+from sdlab.pipeline.plan import GenerationPlan, make_plan
+from sdlab.pipeline.request import GenerationRequest, GenerationResult, hires_sizes
+from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, upscale_image, upscale_latent
+
+__all__ = ["generate_hires", "hires_steps", "hires_upscaler", "is_latent_upscaler", "second_pass_request", "upscaler_name"]
+
+
+def is_latent_upscaler(name: str) -> bool:
+    """Whether a resolved `hr_upscaler` is one of A1111's latent modes."""
+    return name in LATENT_UPSCALE_MODES
+
+
+def upscaler_name(name: str) -> str:
+    """What the parameters call a resolved `hr_upscaler`: a model file's stem (A1111's upscaler name), else the name."""
+    return name if is_latent_upscaler(name) or not os.path.isfile(name) else os.path.splitext(os.path.basename(name))[0]
+
+
+def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | str:
+    """The resolved request's upscaler: its name (a latent mode, "Lanczos", "Nearest") or the network of its file,
+    read safely on the bundle's device (a bad file is a `CheckpointError`)."""
+    name = req.hr_upscaler
+    if is_latent_upscaler(name) or not os.path.isfile(name):
+        return name
+    return load_upscaler(name, device=bundle.device, dtype=bundle.dtype)
+
+
+def second_pass_request(req: GenerationRequest, factor: int) -> GenerationRequest:
+    """The img2img request of the second pass (no init image yet) of a resolved hires request: the final size,
+    `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the same seeds, no hires fields."""
+    _, (width, height) = hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height)
+    return replace(req, width=width, height=height, steps=req.hr_steps or req.steps, strength=req.hr_denoise,
+                   img2img_convention="comfyui", hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
+                   hr_steps=None, hr_denoise=None)
+
+
+def _crop_box(up: tuple[int, int], final: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(left, top) latent pixels cut so the upscaled size becomes the final one, centred (A1111's truncate)."""
+    return (up[0] - final[0]) // factor // 2, (up[1] - final[1]) // factor // 2
+
+
+def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
+    if progress is None:
+        return None
+    return lambda info: progress(dataclasses.replace(info, i=info.i + steps_done))
+
+
+@torch.no_grad()
+def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler | str | None = None, *,
+                   progress: ProgressFn | None = None) -> GenerationResult:
+    """Run a hires plan (`make_plan` of a request with hr_scale or hr_width / hr_height) on `bundle`: first
+    pass, upscale, second pass (module docstring). `upscaler`: `hires_upscaler(plan.request, bundle)`, loaded
+    once by the caller (read here when None). The result's request is the resolved hires request."""
+    req = plan.request
+    factor = bundle.vae_config.downsample_factor
+    upscaler = hires_upscaler(req, bundle) if upscaler is None else upscaler
+    up, final = hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height)
+    left, top = _crop_box(up, final, factor)
+    second = second_pass_request(req, factor)
+    if isinstance(upscaler, str) and is_latent_upscaler(upscaler):
+        latents = sample_latents(bundle, plan, progress=progress)                          # (B, C, h, w)
+        z = upscale_latent(latents, up[1] // factor, up[0] // factor, upscaler)           # (B, C, H/f, W/f)
+        z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
+        second_plan = make_plan(bundle, second, from_latent=True)
+        z = sample_latents(bundle, second_plan, init_latent=z.contiguous(), progress=_offset(progress, plan.steps_run))
+        pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                           # (B, 3, H2, W2)
+        if not torch.isfinite(pixels).all():
+            raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
+        return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=req)
+
+    first = generate(bundle, plan, progress=progress).images
+    done, images = plan.steps_run, []
+    for i, (picture, seed, subseed) in enumerate(zip(first, req.seeds(), req.subseeds())):
+        large = upscale_image(picture, upscaler, up)
+        large = large.crop((left * factor, top * factor, left * factor + final[0], top * factor + final[1]))
+        one = replace(second, init_image=large.convert("RGB"), batch_size=1, seed=seed,
+                      subseed=subseed if req.subseed_strength else req.subseed)
+        one_plan = make_plan(bundle, one)
+        images += generate(bundle, one_plan, progress=_offset(progress, done)).images
+        done += one_plan.steps_run
+    return GenerationResult(images=images, seeds=req.seeds(), request=req)
+
+
+def hires_steps(plan: GenerationPlan) -> int:
+    """Sampler steps the second pass takes for the whole batch (for progress totals)."""
+    req = plan.request
+    steps = req.hr_steps or req.steps
+    return steps * (1 if is_latent_upscaler(req.hr_upscaler) else req.batch_size)
