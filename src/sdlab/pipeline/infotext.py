@@ -13,6 +13,7 @@ it is encoded, as A1111 does.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Initial noise": ("init_noise", str),
     "Img2img steps": ("img2img_convention", str),
     "Timestep rounding": ("quantize_timesteps", bool),
+    "Hires upscale": ("hr_scale", float),
+    "Hires steps": ("hr_steps", int),
+    "Hires upscaler": ("hr_upscaler", str),
 }
 
 
@@ -120,7 +124,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Model hash": model_hash,
         "Model": model_name,
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
-        "Denoising strength": req.strength if req.init_image is not None else None,
+        "Denoising strength": req.hr_denoise if req.hires else req.strength if req.init_image is not None else None,
+        **_hires_parameters(req),
         "Eta": req.eta,
         "CFG rescale": req.guidance_rescale or None,
         "Mask blur": req.mask_blur or None,
@@ -132,6 +137,23 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Version": version_label(),
     }
     return p
+
+
+def _hires_parameters(req: GenerationRequest) -> dict[str, Any]:
+    """A1111's hires fix labels: Hires upscale (or Hires resize WxH, 0 = unset), Hires steps (when set), Hires
+    upscaler (a model file by its stem, as A1111 names upscalers)."""
+    if not req.hires:
+        return {}
+    sized = bool(req.hr_width or req.hr_height)
+    upscaler = req.hr_upscaler
+    if upscaler is not None and os.path.isfile(upscaler):
+        upscaler = os.path.splitext(os.path.basename(upscaler))[0]
+    return {
+        "Hires upscale": None if sized else req.hr_scale,
+        "Hires resize": f"{req.hr_width or 0}x{req.hr_height or 0}" if sized else None,
+        "Hires steps": req.hr_steps or None,
+        "Hires upscaler": upscaler,
+    }
 
 
 def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
@@ -156,6 +178,13 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         if min(width, height) <= 0:
             raise ValueError(f"the PNG's Size value {p['Size']!r} is not a positive WIDTHxHEIGHT")
         fields["width"], fields["height"] = width, height
+    if "Hires resize" in p:
+        try:
+            fields["hr_width"], fields["hr_height"] = (int(v) for v in str(p["Hires resize"]).lower().split("x"))
+        except ValueError:
+            raise ValueError(f"the PNG's Hires resize value {p['Hires resize']!r} is not WIDTHxHEIGHT") from None
+    if ("hr_scale" in fields or "Hires resize" in p) and "strength" in fields:
+        fields["hr_denoise"] = fields.pop("strength")      # A1111: the second pass's denoising strength
     sampler = fields.get("sampler", "")
     for suffix in (" Karras", " Exponential"):  # older A1111 files name the schedule in the sampler
         if sampler.endswith(suffix) and "schedule" not in fields:
