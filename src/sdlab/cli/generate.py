@@ -90,6 +90,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if mode == "txt2img":
+            _add_hires_flags(p)
         if mode != "txt2img":
             p.add_argument("--init", help="init image (required unless --from-png names one)")
             p.add_argument("--strength", type=float, help="how much to change the image, in (0, 1]")
@@ -101,6 +103,46 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                 help="grow the canvas by these many pixels left,right,top,bottom and paint the new area",
             )
         p.set_defaults(run=run_generate, mode=mode)
+
+
+def _add_hires_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--hr-scale", type=float, metavar="S",
+                   help="hires fix (A1111): draw at --width x --height, upscale by S (>= 1), redraw with img2img")
+    p.add_argument("--hr-size", metavar="WxH", help="hires fix to this size instead of --hr-scale (0 for a side keeps "
+                                                   "the aspect ratio; both: cover, then a centred crop)")
+    p.add_argument("--hr-upscaler", metavar="NAME|FILE",
+                   help='"Latent" (default), "Latent (bicubic)", "Latent (antialiased)", "Latent (nearest)", ..., '
+                        "Lanczos, Nearest, or an upscaler model file (ESRGAN / Real-ESRGAN)")
+    p.add_argument("--hr-steps", type=int, metavar="N", help="second-pass steps (default 0: as many as the first pass)")
+    p.add_argument("--hr-denoise", type=float, metavar="D", help="second-pass denoising strength in (0, 1] (default 0.7)")
+
+
+def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """Put the hires flags into `options` (txt2img; other modes drop a --from-png picture's hires fields)."""
+    from sdlab.pipeline.hires import find_upscaler
+
+    if args.mode != "txt2img":
+        for name in ("hr_scale", "hr_width", "hr_height", "hr_upscaler", "hr_steps", "hr_denoise"):
+            options.pop(name, None)
+        return
+    if args.hr_size is not None:
+        try:
+            width, height = (int(v) for v in args.hr_size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--hr-size wants WIDTHxHEIGHT (e.g. 1024x768, or 1024x0), got {args.hr_size!r}") from None
+        if min(width, height) < 0 or max(width, height) == 0:
+            raise UserError(f"--hr-size wants pixel counts >= 0, not both 0, got {args.hr_size!r}")
+        options.update(hr_width=width, hr_height=height)
+        options.pop("hr_scale", None)
+    elif args.hr_scale is not None:
+        options.update(hr_scale=args.hr_scale)
+        options.pop("hr_width", None)
+        options.pop("hr_height", None)
+    given = {"hr_upscaler": args.hr_upscaler, "hr_steps": args.hr_steps, "hr_denoise": args.hr_denoise}
+    options.update({k: v for k, v in given.items() if v is not None})
+    if options.get("hr_upscaler") is not None:     # a recorded name: the model file beside the picture or here
+        folders = [Path(args.from_png).resolve().parent] if args.from_png else []
+        options["hr_upscaler"] = find_upscaler(options["hr_upscaler"], [*folders, Path(".")])
 
 
 def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
@@ -159,6 +201,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         raise UserError("a prompt is needed (or --from-png FILE)")
     if args.mode == "txt2img":
         options.pop("strength", None)
+    _hires_options(args, options)
     return options
 
 
@@ -405,6 +448,7 @@ def _check_model(recorded: dict[str, Any], name: str, hash_: str | None) -> None
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.images import pad_for_outpaint
     from sdlab.pipeline.infotext import to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters
@@ -462,7 +506,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(p.steps_run for p in plans), desc=args.mode, unit="step", file=sys.stderr, leave=False)
+        total = sum(p.steps_run + (hires_steps(p) if p.request.hires else 0) for p in plans)
+        bar = tqdm(total=total, desc=args.mode, unit="step", file=sys.stderr, leave=False)
         progress = lambda info: bar.update(1)  # noqa: E731
     try:
         results = [pipe.run(p, progress=progress) for p in plans]

@@ -32,9 +32,16 @@ from sdlab.pipeline.generate import NonFiniteError, ProgressFn, decode_latents, 
 from sdlab.pipeline.images import tensor_to_pil
 from sdlab.pipeline.plan import GenerationPlan, make_plan
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, hires_sizes
-from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, upscale_image, upscale_latent
+from sdlab.pipeline.upscale import (
+    LATENT_UPSCALE_MODES,
+    PLAIN_UPSCALERS,
+    UpscaleError,
+    canonical_latent_name,
+    upscale_image,
+    upscale_latent,
+)
 
-__all__ = ["generate_hires", "hires_steps", "hires_upscaler", "is_latent_upscaler", "second_pass_request", "upscaler_name"]
+__all__ = ["find_upscaler", "generate_hires", "hires_steps", "hires_upscaler", "is_latent_upscaler", "second_pass_request", "upscaler_name"]
 
 
 def is_latent_upscaler(name: str) -> bool:
@@ -117,3 +124,25 @@ def hires_steps(plan: GenerationPlan) -> int:
     req = plan.request
     steps = req.hr_steps or req.steps
     return steps * (1 if is_latent_upscaler(req.hr_upscaler) else req.batch_size)
+
+
+UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+
+
+def find_upscaler(name: str, folders: list[str | os.PathLike[str]]) -> str:
+    """`name` itself when it is an upscaler name sdlab knows or an existing file; else NAME.safetensors (.pth, .pt,
+    .ckpt, .bin) in the first of `folders` that has one (A1111's parameters name an upscaler by its file's stem);
+    else `name` unchanged (resolving the request then says it is unknown)."""
+    try:
+        canonical_latent_name(name)
+        return name
+    except UpscaleError:
+        pass
+    if name.strip().lower() in PLAIN_UPSCALERS or os.path.isfile(name) or os.path.basename(name) != name:
+        return name
+    for folder in folders:
+        for suffix in UPSCALER_SUFFIXES:
+            candidate = os.path.join(folder, name + suffix)
+            if os.path.isfile(candidate):
+                return candidate
+    return name
