@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import sdlab
+from sdlab.families.latent_format import LatentFormat
 from sdlab.pipeline.png_info import model_hash
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.config import Limits
@@ -66,10 +67,10 @@ def test_store_marks_unfinished_jobs_interrupted_on_reopen(tmp_path):
 
 
 def test_fitted_preview_follows_the_decoded_picture(pipe):
-    """Across pictures of different colours, preview and picture (pooled to the latent grid) correlate
-    strongly (0.88 on the shipped model; a linear map cannot follow its VAE much closer: 0.9 when fitted on
-    the pictures themselves)."""
-    previewer = LatentPreviewer.for_bundle(pipe.bundle)
+    """A map fitted against the VAE (for families without preview factors): across pictures of different
+    colours, preview and picture (pooled to the latent grid) correlate strongly (0.88 on the shipped model;
+    a linear map cannot follow its VAE much closer: 0.9 when fitted on the pictures themselves)."""
+    previewer = LatentPreviewer.fitted(pipe.bundle)                 # not the family's map: the fit itself
     previews, pictures = [], []
     for seed, prompt in enumerate(("a red apple", "a blue square", "a green tree", "a yellow sun")):
         latents = []
@@ -82,14 +83,18 @@ def test_fitted_preview_follows_the_decoded_picture(pipe):
     assert correlation > 0.75, correlation
 
 
-def test_family_rgb_factors_are_used_when_present():
-    factors = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]
-    bundle = SimpleNamespace(family=SimpleNamespace(latent_format=SimpleNamespace(rgb_factors=factors,
-                                                                                  rgb_factors_bias=[0.0, 0.0, -1.0])))
+def test_family_rgb_factors_are_used_when_present(pipe):
+    factors = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.0, 0.0))
+    latent_format = LatentFormat(channels=4, scaling_factor=1.0, rgb_factors=factors, rgb_bias=(0.0, 0.0, -1.0))
+    bundle = SimpleNamespace(family=SimpleNamespace(latent_format=latent_format), scaling_factor=1.0)
     previewer = LatentPreviewer.for_bundle(bundle)                  # no VAE needed: nothing is fitted
     latent = torch.zeros(4, 2, 3)
     latent[0] = 1.0                                                  # red channel at +1, blue biased to -1
-    assert previewer.rgb(latent)[0, 0].tolist() == [255, 127, 0]
+    assert previewer.rgb(latent)[0, 0].tolist() == [255, 128, 0]
+    shipped = LatentPreviewer.for_bundle(pipe.bundle)                # sdlab-tiny ships its own factors
+    z = torch.randn(4, 16, 16)
+    expected = pipe.bundle.family.latent_format.preview_rgb(z[None], scaling_factor=pipe.bundle.scaling_factor)[0]
+    assert torch.equal(shipped.rgb(z), (expected.permute(1, 2, 0) * 255).round().to(torch.uint8))
 
 
 def test_a_preview_costs_under_two_percent_of_a_step(pipe):

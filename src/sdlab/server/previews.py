@@ -1,9 +1,9 @@
 """Step previews: the sampler's current x0 estimate as a small picture, at a fraction of a step's cost.
 
 A linear map from latent channels to RGB (A1111's "Approx cheap", ComfyUI's "latent2rgb"):
-rgb = latent^T W + b per latent pixel, in [-1, 1], one pixel per latent pixel. The factors come from the
-family (`family.latent_format.rgb_factors` / `rgb_factors_bias`, in the model's latent space) when it
-has them; otherwise they are fitted once per model by least squares against the model's own VAE decoder
+rgb = latent^T W + b per latent pixel, in [-1, 1], one pixel per latent pixel. The family's map
+(`family.latent_format.preview_rgb`: SD1/SD2/SDXL with ComfyUI's factors, sdlab-tiny with its own) when it
+has one; otherwise the map is fitted once per model by least squares against the model's own VAE decoder
 on a few random latents (each decoded picture average-pooled to the latent grid), so any model, even
 one trained here, gets a preview (the latents are the encoder's, of smooth random-colour pictures). The JPEG is encoded only when a client asks for it.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from PIL import Image
@@ -26,25 +28,32 @@ FIT_SAMPLES = 4
 class LatentPreviewer:
     """`rgb(latent)` for one model: (C, h, w) latent in model space -> (h, w, 3) uint8 array."""
 
-    def __init__(self, weight: Tensor, bias: Tensor) -> None:
-        self.weight = weight.to(torch.float32)     # (C, 3)
-        self.bias = bias.to(torch.float32)         # (3,)
+    def __init__(self, project: Callable[[Tensor], Tensor]) -> None:
+        self.project = project                      # (1, C, h, w) -> (1, 3, h, w) in [0, 1]
 
     @classmethod
     def for_bundle(cls, bundle: ModelBundle) -> LatentPreviewer:
+        """The family's preview map (`LatentFormat.preview_rgb`) when it has one, else one fitted now."""
         latent_format = getattr(bundle.family, "latent_format", None)
-        factors = getattr(latent_format, "rgb_factors", None)
-        if factors is not None:
-            bias = getattr(latent_format, "rgb_factors_bias", None)
-            weight = torch.as_tensor(factors, dtype=torch.float32)
-            return cls(weight, torch.zeros(3) if bias is None else torch.as_tensor(bias, dtype=torch.float32))
-        return cls(*fit_linear_decoder(bundle))
+        if latent_format is not None and getattr(latent_format, "rgb_factors", None) is not None:
+            return cls(partial(latent_format.preview_rgb, scaling_factor=bundle.scaling_factor))
+        return cls.fitted(bundle)
+
+    @classmethod
+    def fitted(cls, bundle: ModelBundle) -> LatentPreviewer:
+        weight, bias = fit_linear_decoder(bundle)                                    # (C, 3), (3,)
+
+        def project(z: Tensor) -> Tensor:
+            rgb = torch.einsum("bchw,cr->brhw", z, weight) + bias[None, :, None, None]   # (1, 3, h, w)
+            return ((rgb + 1) / 2).clamp(0, 1)
+
+        return cls(project)
 
     @torch.no_grad()
     def rgb(self, latent: Tensor) -> Tensor:
-        x = latent.detach().to("cpu", torch.float32)                                # (C, h, w)
-        rgb = torch.einsum("chw,cr->hwr", x, self.weight) + self.bias               # (h, w, 3) in [-1, 1]
-        return ((rgb.clamp(-1, 1) + 1) * 127.5).to(torch.uint8)                    # (h, w, 3)
+        x = latent.detach().to("cpu", torch.float32)[None]                          # (1, C, h, w)
+        rgb = self.project(x)[0]                                                     # (3, h, w) in [0, 1]
+        return (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8)                  # (h, w, 3)
 
 
 @torch.no_grad()
