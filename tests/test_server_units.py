@@ -18,6 +18,7 @@ from PIL import Image
 
 import sdlab
 from sdlab.families.latent_format import LatentFormat
+from sdlab.pipeline import png_info
 from sdlab.pipeline.png_info import model_hash
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.config import Limits
@@ -34,23 +35,20 @@ def pipe():
     return sdlab.load()
 
 
-def test_model_hash_is_computed_once_per_file_version(tmp_path, monkeypatch):
+def test_model_list_hashes_are_a1111s_and_read_once_per_file_version(tmp_path, monkeypatch):
     model = tmp_path / "m.safetensors"
     model.write_bytes(os.urandom(3 << 20))
     calls = []
-    real = hashlib.file_digest
-    monkeypatch.setattr(hashlib, "file_digest", lambda *a, **k: calls.append(1) or real(*a, **k))
-    store = Store(tmp_path / "out")
-    first = ModelRegistry(store, model, None).default
+    real = png_info._file_sha256
+    monkeypatch.setattr(png_info, "_file_sha256", lambda path: calls.append(path) or real(path))
+    first = ModelRegistry(model, None).default
     assert first.hash == model_hash(model) and first.sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
     assert first.title == f"m.safetensors [{first.hash}]" and len(calls) == 1
-    store.close()
-    store = Store(tmp_path / "out")                      # a restart: the cache is on disk
-    ModelRegistry(store, model, None).refresh()
+    ModelRegistry(model, None).refresh()                 # a restart, a rescan: the cache answers
     assert len(calls) == 1
     stat = model.stat()
     os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))   # the file changed: hashed again
-    ModelRegistry(store, model, None)
+    ModelRegistry(model, None)
     assert len(calls) == 2
 
 

@@ -7,18 +7,17 @@ by path, so nothing outside them can be loaded; symlinks that leave the folder a
 
 A1111's identity of a checkpoint: `title` = `"<path under the folder> [<hash>]"`, `hash` = the first 10 hex
 digits of the whole file's SHA-256 (`sdlab.pipeline.png_info.model_hash`), `sha256` the full digest.
-Hashes are cached in the server's database by (path, size, mtime), so each file is read once.
+Hashes come from `sdlab.pipeline.png_info` (`file_sha256`, `lora_hash`), cached per file version by
+`sdlab.utils.file_hashes`, so each file is read once until it changes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlab.pipeline.png_info import lora_hash, model_name, safetensors_metadata
-from sdlab.server.store import Store
+from sdlab.pipeline.png_info import file_sha256, lora_hash, model_name, safetensors_metadata
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -77,8 +76,7 @@ class Lora:
 
 
 class ModelRegistry:
-    def __init__(self, store: Store, startup_model: Path, models_dir: Path | None) -> None:
-        self.store = store
+    def __init__(self, startup_model: Path, models_dir: Path | None) -> None:
         self.startup_model = startup_model.resolve()
         self.models_dir = models_dir.resolve() if models_dir is not None else None
         self._lock = threading.Lock()
@@ -97,7 +95,7 @@ class ModelRegistry:
             for folder in LORA_FOLDERS:
                 base = self.models_dir / folder
                 if base.is_dir():
-                    loras += [Lora(p, self._hash(p, "lora")) for p in sorted(base.rglob("*"))
+                    loras += [Lora(p, lora_hash(p)) for p in sorted(base.rglob("*"))
                               if p.suffix.lower() in LORA_SUFFIXES and self._inside(p)]
         with self._lock:
             self.checkpoints, self.loras = checkpoints, _unique_names(loras)
@@ -144,21 +142,7 @@ class ModelRegistry:
         return path.name
 
     def _checkpoint(self, path: Path, name: str) -> Checkpoint:
-        return Checkpoint(path, name, self._hash(path, "sha256") if path.is_file() else None)
-
-    def _hash(self, path: Path, kind: str) -> str:
-        """The file's SHA-256 (kind "sha256") or LoRA hash (kind "lora"), from the cache when unchanged."""
-        stat = path.stat()
-        cached = self.store.cached_hash(path, kind, stat.st_size, stat.st_mtime_ns)
-        if cached is not None:
-            return cached
-        if kind == "sha256":
-            with open(path, "rb") as file:
-                value = hashlib.file_digest(file, "sha256").hexdigest()
-        else:
-            value = lora_hash(path)
-        self.store.remember_hash(path, kind, stat.st_size, stat.st_mtime_ns, value)
-        return value
+        return Checkpoint(path, name, file_sha256(path) if path.is_file() else None)
 
 
 def _unique_names(loras: list[Lora]) -> list[Lora]:

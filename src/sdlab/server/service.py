@@ -26,7 +26,7 @@ class Service:
         if startup is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass --model FILE")
         self.store = Store(config.output_dir)
-        self.registry = ModelRegistry(self.store, Path(startup), config.models_dir)
+        self.registry = ModelRegistry(Path(startup), config.models_dir)
         self.host = ModelHost(self.registry, config.device)
         self.images_dir = config.output_dir / IMAGES_FOLDER
         self.runner = Runner(self.host, self.images_dir)

@@ -1,9 +1,7 @@
-"""The server's SQLite database (`sdlab-server.sqlite` in the output folder): the job history and the
-model-hash cache.
+"""The server's SQLite database (`sdlab-server.sqlite` in the output folder): the job history.
 
 Jobs are written when queued, started and finished (not per step), so a restart keeps the history; a job
-that was queued or running when the server stopped is marked `interrupted` on the next start. Hashes are
-keyed by (path, size, mtime): a file is hashed once until it changes.
+that was queued or running when the server stopped is marked `interrupted` on the next start.
 """
 
 from __future__ import annotations
@@ -33,14 +31,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     steps INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
-CREATE TABLE IF NOT EXISTS file_hashes (
-    path TEXT NOT NULL,
-    kind TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    hash TEXT NOT NULL,
-    PRIMARY KEY (path, kind)
-);
 """
 
 _JSON_COLUMNS = ("request", "images", "infotexts")
@@ -91,21 +81,6 @@ class Store:
                 f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,)
             ).fetchall()
         return [_record(row) for row in rows]
-
-    def cached_hash(self, path: Path, kind: str, size: int, mtime_ns: int) -> str | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT hash FROM file_hashes WHERE path = ? AND kind = ? AND size = ? AND mtime_ns = ?",
-                (str(path), kind, size, mtime_ns),
-            ).fetchone()
-        return None if row is None else row[0]
-
-    def remember_hash(self, path: Path, kind: str, size: int, mtime_ns: int, value: str) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO file_hashes (path, kind, size, mtime_ns, hash) VALUES (?, ?, ?, ?, ?)",
-                (str(path), kind, size, mtime_ns, value),
-            )
 
 
 def _record(row: tuple) -> dict[str, Any]:
