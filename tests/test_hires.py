@@ -1,0 +1,185 @@
+"""The hires fix (A1111 semantics) on the shipped model, 64 px -> 128 px: the result equals the two passes run
+by hand through the public API, the sizes follow A1111's target resolution, the second pass's schedule is
+A1111's fix-steps tail, and the infotext carries A1111's keys."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sdlab
+from sdlab.checkpoints.upscaler import load_upscaler
+from sdlab.diffusion.discretization import discretize
+from sdlab.pipeline import plan as plan_module
+from sdlab.pipeline.generate import decode_latents, sample_latents
+from sdlab.pipeline.images import tensor_to_pil
+from sdlab.pipeline.infotext import from_parameters, to_parameters
+from sdlab.pipeline.memory import estimate_bytes
+from sdlab.pipeline.plan import make_plan
+from sdlab.pipeline.png_info import format_parameters, parse_parameters
+from sdlab.pipeline.request import GenerationRequest, RequestError, hires_sizes
+from sdlab.pipeline.upscale import upscale_image, upscale_latent
+from test_upscale_models import new_arch_state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPT = "a red apple on a table"
+FIRST = dict(steps=4, seed=7, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdlab.load()
+
+
+@pytest.fixture
+def esrgan_x2(tmp_path: Path) -> Path:
+    path = tmp_path / "RealESRGAN_x2_random.safetensors"
+    save_file(new_arch_state(2, seed=3), path)
+    return path
+
+
+def _array(images) -> np.ndarray:
+    return np.stack([np.asarray(image.convert("RGB"), dtype=np.int16) for image in images])
+
+
+def _second_request(first: GenerationRequest, steps: int, denoise: float, size: tuple[int, int]) -> GenerationRequest:
+    """The second pass as a user would write it: img2img at `size`, every `steps` run (A1111's fix-steps path)."""
+    return GenerationRequest(PROMPT, steps=steps, seed=first.seed, batch_size=first.batch_size, sampler=first.sampler,
+                             schedule=first.schedule, cfg_scale=first.cfg_scale, width=size[0], height=size[1],
+                             strength=denoise, img2img_convention="comfyui")
+
+
+@pytest.mark.parametrize("mode", ["Latent", "Latent (bicubic antialiased)", "Latent (nearest)"])
+def test_latent_hires_equals_the_two_passes_by_hand(pipe, mode: str) -> None:
+    calls = []
+    result = pipe.txt2img(PROMPT, **FIRST, hr_scale=2, hr_upscaler=mode, hr_steps=3, hr_denoise=0.6,
+                          progress=lambda info: calls.append(info.i))
+    assert [image.size for image in result.images] == [(128, 128)] * 2
+    assert result.seeds == [7, 8] and result.request.width == 64 and result.request.hr_upscaler == mode
+    assert calls == [0, 1, 2, 3, 4, 5, 6]                              # 4 first-pass steps, then 3
+
+    bundle = pipe.bundle
+    first = pipe.resolve(GenerationRequest(PROMPT, **FIRST))
+    z = sample_latents(bundle, first)                                  # (2, 4, 16, 16)
+    z = upscale_latent(z, 32, 32, mode)                                # (2, 4, 32, 32)
+    second = make_plan(bundle, _second_request(first.request, 3, 0.6, (128, 128)), from_latent=True)
+    by_hand = tensor_to_pil(decode_latents(bundle, sample_latents(bundle, second, init_latent=z)))
+    assert np.array_equal(_array(result.images), _array(by_hand))
+
+
+@pytest.mark.parametrize("upscaler", ["Lanczos", "esrgan"])
+def test_pixel_hires_equals_txt2img_upscale_img2img_by_hand(pipe, esrgan_x2: Path, upscaler: str) -> None:
+    name = str(esrgan_x2) if upscaler == "esrgan" else upscaler
+    result = pipe.txt2img(PROMPT, **FIRST, hr_scale=2, hr_upscaler=name, hr_denoise=0.5)
+    assert result.request.hr_steps == 0                                # 0: as many steps as the first pass
+
+    network = load_upscaler(esrgan_x2) if upscaler == "esrgan" else upscaler
+    firsts = pipe.txt2img(PROMPT, **FIRST)
+    by_hand = []
+    for image, seed in zip(firsts.images, firsts.seeds):              # image i: its own seed, batch of one
+        large = upscale_image(image, network, (128, 128))
+        by_hand += pipe.img2img(PROMPT, large, strength=0.5, steps=4, seed=seed, sampler=firsts.request.sampler,
+                                img2img_convention="comfyui").images
+    assert np.array_equal(_array(result.images), _array(by_hand))
+
+
+def test_the_upscaler_changes_the_picture(pipe, esrgan_x2: Path) -> None:
+    pictures = [_array(pipe.txt2img(PROMPT, steps=4, seed=7, hr_scale=2, hr_upscaler=name).images)
+                for name in ("Latent", "Lanczos", str(esrgan_x2))]
+    assert not np.array_equal(pictures[0], pictures[1]) and not np.array_equal(pictures[1], pictures[2])
+
+
+def test_variation_seeds_carry_into_the_second_pass(pipe) -> None:
+    options = dict(steps=4, seed=7, subseed=100, subseed_strength=0.5, batch_size=2, hr_scale=2, hr_upscaler="Lanczos")
+    result = pipe.txt2img(PROMPT, **options)
+    second = pipe.txt2img(PROMPT, **{**options, "batch_size": 1, "subseed": 101}).images[0]
+    assert np.array_equal(_array(result.images[1:]), _array([second]))   # image 1: seed 7, subseed 101
+
+
+def test_second_pass_schedule_is_a1111s_fix_steps_tail(pipe) -> None:
+    """A1111 hands the second pass its steps: a schedule of int(steps / denoise) steps whose last `steps` run."""
+    request = GenerationRequest(PROMPT, steps=6, seed=1, width=64, height=64, strength=0.4, img2img_convention="comfyui")
+    plan = make_plan(pipe.bundle, request, from_latent=True)
+    full = discretize(plan.request.schedule, pipe.bundle.model_sampling.schedule, 15, final=plan.sampler.final_sigma,
+                      scheduler=plan.sampler.spacing)
+    assert plan.steps_run == 6
+    assert torch.allclose(plan.sigmas.cpu(), full[-7:])
+
+
+def test_sizes_follow_a1111s_target_resolution() -> None:
+    assert hires_sizes(512, 768, 1.5, None, None) == ((768, 1152), (768, 1152))
+    assert hires_sizes(512, 768, 2.0, 1024, 0) == ((1024, 1536), (1024, 1536))      # one side keeps the aspect
+    assert hires_sizes(512, 768, None, 0, 1000) == ((664, 1000), (664, 1000))      # 666 snapped down to 8
+    assert hires_sizes(512, 512, None, 1024, 768) == ((1024, 1024), (1024, 768))   # cover, then crop
+    assert hires_sizes(100, 60, 1.5, None, None) == ((144, 88), (144, 88))         # int(150), int(90), snapped
+
+
+def test_hires_size_crops_the_centre(pipe) -> None:
+    result = pipe.txt2img(PROMPT, steps=4, seed=7, hr_width=128, hr_height=96, hr_steps=2)
+    assert result.images[0].size == (128, 96)
+    bundle = pipe.bundle
+    first = pipe.resolve(GenerationRequest(PROMPT, steps=4, seed=7))
+    z = upscale_latent(sample_latents(bundle, first), 32, 32, "Latent")[..., 4:28, :]   # 8 latent rows off, centred
+    second = make_plan(bundle, _second_request(first.request, 2, 0.7, (128, 96)), from_latent=True)
+    by_hand = tensor_to_pil(decode_latents(bundle, sample_latents(bundle, second, init_latent=z.contiguous())))
+    assert np.array_equal(_array(result.images), _array(by_hand))
+
+
+def test_infotext_has_a1111s_keys_and_reads_back(pipe, esrgan_x2: Path) -> None:
+    plan = pipe.resolve(GenerationRequest(PROMPT, steps=4, seed=7, hr_scale=2, hr_steps=3, hr_denoise=0.45,
+                                          hr_upscaler="bicubic"))
+    text = format_parameters(to_parameters(plan.request))
+    assert "Size: 64x64, " in text and "Denoising strength: 0.45, Hires upscale: 2, Hires steps: 3, " \
+        "Hires upscaler: Latent (bicubic)" in text
+    fields = from_parameters(parse_parameters(text))
+    assert {k: fields[k] for k in ("hr_scale", "hr_steps", "hr_upscaler", "hr_denoise")} == \
+        {"hr_scale": 2.0, "hr_steps": 3, "hr_upscaler": "Latent (bicubic)", "hr_denoise": 0.45}
+    assert "strength" not in fields
+
+    sized = pipe.resolve(GenerationRequest(PROMPT, steps=4, seed=7, hr_width=128, hr_upscaler=str(esrgan_x2)))
+    text = format_parameters(to_parameters(sized.request))
+    assert "Hires resize: 128x0, Hires upscaler: RealESRGAN_x2_random" in text and "Hires upscale:" not in text
+    assert "Hires steps" not in text                                    # A1111 leaves out 0 (as many as the first)
+    fields = from_parameters(parse_parameters(text))
+    assert (fields["hr_width"], fields["hr_height"], fields["hr_denoise"]) == (128, 0, 0.7)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(hr_scale=2, hr_upscaler="Latent (sharp)"), "unknown hires upscaler"),
+    (dict(hr_scale=2, hr_upscaler="missing.pth"), "unknown hires upscaler"),
+    (dict(hr_scale=0.5), "hr_scale must be at least 1"),
+    (dict(hr_scale=float("nan")), "hr_scale must be a finite number"),
+    (dict(hr_scale=200), "each side must lie in"),
+    (dict(hr_width=9000), "each side must lie in"),
+    (dict(hr_scale=2, hr_denoise=0.0), "hr_denoise"),
+    (dict(hr_scale=2, hr_denoise=1.5), "hr_denoise"),
+    (dict(hr_scale=2, hr_steps=-1), "hr_steps"),
+    (dict(hr_steps=5), "need hr_scale"),
+    (dict(hr_upscaler="Lanczos"), "need hr_scale"),
+])
+def test_bad_hires_values_are_one_request_error(pipe, options, message) -> None:
+    with pytest.raises(RequestError, match=message):
+        pipe.resolve(GenerationRequest(PROMPT, steps=4, **options))
+
+
+def test_hires_is_for_txt2img(pipe) -> None:
+    image = pipe.txt2img(PROMPT, steps=2, seed=1).images[0]
+    with pytest.raises(RequestError, match="for txt2img"):
+        pipe.img2img(PROMPT, image, hr_scale=2)
+
+
+def test_memory_of_the_second_pass_is_checked_up_front(pipe, monkeypatch) -> None:
+    request = GenerationRequest(PROMPT, steps=4, seed=1, hr_scale=8)
+    first = pipe.resolve(GenerationRequest(PROMPT, steps=4, seed=1)).request
+    free = estimate_bytes(pipe.bundle, replace(first, width=96, height=96))   # 64 and 96 px fit, 512 px does not
+    assert estimate_bytes(pipe.bundle, replace(first, width=512, height=512)) > free
+    monkeypatch.setattr(plan_module, "available_bytes", lambda device: free)
+    with pytest.raises(RequestError, match="512x512"):
+        pipe.resolve(request)
+    pipe.resolve(replace(request, hr_scale=1.5))                       # 96 px fits
