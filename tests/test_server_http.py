@@ -298,3 +298,21 @@ def test_thousand_bad_requests_then_a_good_one(client):
     created = client.post("/api/jobs", json={"prompt": "still here", "steps": 2})
     assert created.status_code == 202
     assert wait(client, created.json()["id"])["status"] == "done"
+
+
+def test_hires_fix_and_variation_seed_as_a1111_sends_them(client):
+    response = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "a red heart", "steps": 3, "seed": 2, "width": 64, "height": 64, "enable_hr": True,
+        "hr_scale": 2, "hr_upscaler": "Latent", "hr_second_pass_steps": 2, "denoising_strength": 0.6,
+        "subseed": 9, "subseed_strength": 0.3})
+    assert response.status_code == 200, response.text
+    image = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0])))
+    assert image.size == (128, 128)
+    text = image.info["parameters"]
+    assert "Hires upscale: 2" in text and "Hires steps: 2" in text and "Variation seed: 9" in text
+    job = wait(client, client.post("/api/jobs", json={"prompt": "x", "steps": 2, "hr_scale": 1.5,
+                                                      "hr_denoise": 0.5}).json()["id"])
+    assert job["status"] == "done" and job["request"]["hr_scale"] == 1.5
+    assert client.get(job["images"][0]).status_code == 200
+    too_big = client.post("/api/jobs", json={"prompt": "x", "width": 1024, "height": 1024, "hr_scale": 4})
+    assert too_big.status_code == 413 and "hires" in too_big.json()["detail"]

@@ -53,13 +53,22 @@ class Txt2ImgIn(BaseModel):
     height: int | None = None
     eta: float | None = None
     s_noise: float = 1.0
+    subseed: int = -1
+    subseed_strength: float = 0.0
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    denoising_strength: float | None = None
     send_images: bool = True
     override_settings: dict[str, Any] = Field(default_factory=dict)
 
 
 class Img2ImgIn(Txt2ImgIn):
     init_images: list[str] = Field(default_factory=list)
-    denoising_strength: float = 0.75
+    denoising_strength: float | None = 0.75
     mask: str | None = None
     mask_blur: float = 4.0
     inpainting_mask_invert: int = 0
@@ -72,8 +81,15 @@ def _request(body: Txt2ImgIn, init: Image.Image | None = None, mask: Image.Image
     sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index or DEFAULT_SAMPLER, body.scheduler)
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", 1)
     extra: dict[str, Any] = {}
+    if body.subseed_strength:
+        extra.update(subseed=body.subseed if body.subseed >= 0 else None, subseed_strength=body.subseed_strength)
+    if body.enable_hr and init is None:             # A1111's hires fix: a second pass at a larger size
+        extra.update(hr_scale=body.hr_scale, hr_width=body.hr_resize_x or None, hr_height=body.hr_resize_y or None,
+                     hr_upscaler=body.hr_upscaler or None, hr_steps=body.hr_second_pass_steps or None,
+                     hr_denoise=body.denoising_strength)
     if init is not None:
-        extra = {"init_image": init, "strength": body.denoising_strength, "img2img_convention": "a1111"}
+        strength = 0.75 if body.denoising_strength is None else body.denoising_strength
+        extra.update(init_image=init, strength=strength, img2img_convention="a1111")
         if mask is not None:
             extra.update(mask_image=mask, mask_blur=body.mask_blur)
     return GenerationRequest(

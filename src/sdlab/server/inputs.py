@@ -157,6 +157,13 @@ def check_request(request: GenerationRequest, limits: Limits) -> GenerationReque
     if isinstance(width, int) and isinstance(height, int) and width * height > limits.max_pixels:
         raise BadRequest(f"{width}x{height} is {width * height} pixels; this server draws at most "
                          f"{limits.max_pixels} (--max-pixels)", 413)
+    hr_width, hr_height = getattr(request, "hr_width", None), getattr(request, "hr_height", None)
+    scale = getattr(request, "hr_scale", None)
+    if isinstance(width, int) and isinstance(height, int) and isinstance(scale, (int, float)) and not (hr_width or hr_height):
+        hr_width, hr_height = int(width * scale), int(height * scale)
+    if isinstance(hr_width, int) and isinstance(hr_height, int) and hr_width * hr_height > limits.max_pixels:
+        raise BadRequest(f"the hires pass at {hr_width}x{hr_height} is {hr_width * hr_height} pixels; this server "
+                         f"draws at most {limits.max_pixels} (--max-pixels)", 413)
     try:
         split_lora_tags(request.prompt if isinstance(request.prompt, str) else "")
         resolve(request, default_size=64, default_sampler="Euler", default_schedule="normal", factor=8)

@@ -58,6 +58,14 @@ class JobIn(BaseModel):
     mask_blur: float = 0.0
     clip_skip: int = 1
     eta: float | None = None
+    subseed: int | None = None              # variation seed (A1111); used when subseed_strength > 0
+    subseed_strength: float = 0.0
+    hr_scale: float | None = None           # hires fix (txt2img): a second pass at this multiple ...
+    hr_width: int | None = None             # ... or at this size
+    hr_height: int | None = None
+    hr_upscaler: str | None = None
+    hr_steps: int | None = None
+    hr_denoise: float | None = None
     loras: list[LoraIn] = Field(default_factory=list)
 
 
@@ -98,7 +106,9 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_image=init, mask_image=mask,
-        strength=strength, mask_blur=body.mask_blur,
+        strength=strength, mask_blur=body.mask_blur, subseed=body.subseed if body.subseed_strength else None,
+        subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,
+        hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
     )
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras))
     job, position = service.submit(spec, body.mode, body.model)
