@@ -16,7 +16,7 @@ request and returns its `GenerationPlan` (resolved request, sampler, sigmas, siz
 from __future__ import annotations
 
 import os
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -31,6 +31,7 @@ from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
 from sdlab.pipeline.hires import generate_hires, hires_upscaler
 from sdlab.pipeline.memory import is_out_of_memory
 from sdlab.pipeline.plan import GenerationPlan, make_plan
+from sdlab.pipeline.prompt_loras import LoraUse, default_lora_dirs, find_lora, patcher_for, request_loras, resolve_prompt_loras
 from sdlab.pipeline.request import (
     GenerationRequest,
     GenerationResult,
@@ -54,11 +55,18 @@ class Pipeline:
         self.bundle = bundle
         self.refiner = refiner
         self.refiner_switch = refiner_switch
+        self.lora_dirs: list[Path] = []          # where prompt <lora:NAME:W> tags find NAME (`find_lora`)
         self.embeddings = list(embeddings)
 
     def embeddings_used(self, request: GenerationRequest) -> list[Embedding]:
         """The installed embeddings whose words occur in the request's prompt or negative prompt."""
         return embeddings_used(self.bundle, self.embeddings, request.prompt, request.negative_prompt)
+
+    def find_lora(self, name: str) -> Path | None:
+        """The file a `<lora:NAME:...>` tag names: NAME.safetensors (.pt, .ckpt) in `lora_dirs` or their
+        subfolders, or the file whose kohya `ss_output_name` is NAME (`prompt_loras.find_lora`). An instance
+        may replace it (e.g. with a server's own list of LoRAs)."""
+        return find_lora(name, self.lora_dirs)
 
     def __repr__(self) -> str:
         return f"Pipeline({self.bundle.family.name}, {self.bundle.prediction.value}, {self.bundle.dtype})"
@@ -66,14 +74,29 @@ class Pipeline:
     def resolve(self, request: GenerationRequest) -> GenerationPlan:
         """Resolve `request` once for this pipeline: its `GenerationPlan` (`plan.request` is the request with
         this model's defaults filled in; sampler, sigmas, sizes) after every check (sizes, sampler, schedule,
-        clip skip and memory of the model and the refiner). A `RequestError` names the first bad value."""
-        return make_plan(self.bundle, request, refiner=self.refiner, switch_at=self.refiner_switch)
+        clip skip and memory of the model and the refiner, the prompt's LoRA tags found and read). A
+        `RequestError` names the first bad value."""
+        plan = make_plan(self.bundle, request, refiner=self.refiner, switch_at=self.refiner_switch)
+        resolve_prompt_loras(plan.request.prompt, self.find_lora)
+        return plan
 
-    def run(self, request: GenerationRequest | GenerationPlan, *, progress: ProgressFn | None = None) -> GenerationResult:
+    def run(self, request: GenerationRequest | GenerationPlan, *, progress: ProgressFn | None = None,
+            loras: Sequence[LoraUse] = ()) -> GenerationResult:
         """Draw a plan from `resolve` (or a request, resolved here once). `progress(StepInfo)` is called once per
         step; an exception it raises stops the run and propagates. Running out of memory (past the estimate
-        checked up front) is a `RequestError`."""
+        checked up front) is a `RequestError`.
+
+        The prompt's `<lora:NAME:WEIGHT>` / `<lora:NAME:TE:UNET>` tags (A1111) are taken out of the encoded
+        text and their files, with `loras`, merged into the model for this run only: the model's own
+        tensors are back afterwards, and the same set next time reuses its merged tensors
+        (`prompt_loras.LoraPatcher`). The result's request keeps the prompt as written."""
         plan = request if isinstance(request, GenerationPlan) else self.resolve(request)
+        bare, uses = request_loras(plan.request.prompt, plan.request.negative_prompt, self.find_lora)
+        if uses or loras:
+            drawn = replace(plan, request=replace(plan.request, prompt=bare)) if uses else plan
+            with patcher_for(self.bundle).using([*loras, *uses]):
+                result = self.run(drawn, progress=progress)     # its prompt has no tags left
+            return replace(result, request=plan.request) if drawn is not plan else result
         try:
             if plan.request.hires:
                 if self.refiner is not None:
@@ -176,6 +199,7 @@ def load(
     refiner: str | os.PathLike[str] | None = None,
     refiner_switch: float = 0.8,
     loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
+    lora_dirs: Sequence[str | os.PathLike[str]] | None = None,
     embeddings: Sequence[str | os.PathLike[str]] = (),
 ) -> Pipeline:
     """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`; without `path`,
@@ -184,7 +208,9 @@ def load(
     `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule.
-    `loras` are (kohya-format LoRA file, weight) pairs merged into the base model's weights, in order.
+    `loras` are (LoRA / LyCORIS file, weight) pairs merged into the base model's weights, in order, for
+    good; `lora_dirs` are where prompt tags (`<lora:NAME:WEIGHT>`, merged per run) find their files
+    (default: A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when they exist).
     `embeddings` are textual-inversion files or folders of them (a folder's files made for another model
     are skipped); their names are then words of prompts (`Pipeline.embeddings` lists them).
     """
@@ -202,4 +228,6 @@ def load(
     refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=dtype)
     if refined is not None:
         refined = install_embeddings(refined, found, partial=True)
-    return Pipeline(bundle, refined, refiner_switch, found)
+    pipe = Pipeline(bundle, refined, refiner_switch, found)
+    pipe.lora_dirs = [Path(d) for d in (default_lora_dirs(path) if lora_dirs is None else lora_dirs)]
+    return pipe
