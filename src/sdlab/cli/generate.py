@@ -85,8 +85,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                        help="textual-inversion embeddings (.safetensors / .pt / .bin, subfolders too): each file's "
                             "name is a word of the prompt (or embedding:NAME); repeatable")
         p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
-                       help="where <lora:NAME:WEIGHT> tags of the prompt (or of --from-png) find NAME.safetensors; "
-                            "repeatable (also searched: the --from-png file's folder, the current folder)")
+                       help="where <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags of the prompt (or of --from-png) "
+                            "find NAME.safetensors, subfolders included; repeatable (also searched: models/Lora "
+                            "beside the --model's folder, the --from-png file's folder, the current folder)")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -324,6 +325,7 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
                     embeddings=getattr(args, "embeddings_dir", []))
     except RequestError as err:     # e.g. a --device this torch cannot use
         raise UserError(str(err)) from None
+    pipe.find_lora = _lora_finder(args)                       # prompt tags: the folders `_resolve_loras` checks
     return pipe, model
 
 
@@ -348,63 +350,68 @@ _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 MAX_BATCH_COUNT = 1000
 
 
-def _lora_search_dirs(args: argparse.Namespace) -> list[Path]:
-    dirs = [Path(d) for d in args.lora_dir]
-    if args.from_png:
-        dirs.append(Path(args.from_png).resolve().parent)
-    return [*dirs, Path(".")]
+def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
+    """(folders searched with their subfolders, folders searched for the file alone) for prompt tags:
+    --lora-dir, then A1111's models/Lora beside the model; the --from-png file's folder and the current one."""
+    from sdlab.pipeline.prompt_loras import default_lora_dirs
+
+    from_png = getattr(args, "from_png", None)
+    flat = [Path(from_png).resolve().parent] if from_png else []
+    return [Path(d) for d in args.lora_dir] + default_lora_dirs(args.model), [*flat, Path(".")]
 
 
-def _find_lora(name: str, args: argparse.Namespace) -> str | None:
-    """The file a `<lora:NAME:...>` tag names: NAME.safetensors (.pt, .ckpt) in the search folders."""
-    if any(sep in name for sep in ("/", "\\", "\0")) or name in (".", ".."):
-        raise UserError(f"the LoRA name {name!r} is not a plain file name")
-    for folder in _lora_search_dirs(args):
-        for suffix in _LORA_SUFFIXES:
-            if (folder / f"{name}{suffix}").is_file():
-                return str(folder / f"{name}{suffix}")
-    return None
+def _lora_finder(args: argparse.Namespace):
+    from sdlab.pipeline.prompt_loras import find_lora
+
+    deep, flat = _lora_search_dirs(args)
+    return lambda name: find_lora(name, deep) or find_lora(name, flat, recursive=False)
 
 
 def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, Any]):
-    """(prompt without its LoRA tags, (file, weight) pairs to merge, `LoraRef`s to record).
+    """(prompt for the pipeline, `--lora` (file, weight) pairs merged at load, `LoraRef`s to record, prompt
+    to record).
 
-    `--lora FILE:WEIGHT` options come first; each `<lora:NAME:WEIGHT>` tag of the prompt adds NAME's file
-    unless a `--lora` file already has that name (the command line wins). A tag whose file cannot be found
-    is an error, never silently dropped; a file whose hash differs from the recorded `Lora hashes` is a warning.
+    `--lora FILE:WEIGHT` files are merged when the model loads; each `<lora:NAME:...>` tag of the prompt is
+    merged by the pipeline for the run (`Pipeline.run`), found in `_lora_search_dirs`, unless a `--lora`
+    file has that name (the command line wins: the tag is left out of the pipeline's prompt). A tag whose
+    file cannot be found or is not a LoRA is an error before any work, never silently dropped; a file
+    whose hash differs from the recorded `Lora hashes` is a warning. The prompt is recorded as typed.
     """
-    from sdlab.pipeline.infotext import LoraRef, parse_lora_hashes, split_lora_tags
+    from sdlab.pipeline.infotext import LoraRef, parse_lora_hashes
     from sdlab.pipeline.png_info import lora_hash
+    from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras
+    from sdlab.pipeline.request import RequestError
 
     try:
-        bare, tags = split_lora_tags(prompt)
+        _, tags = split_prompt_loras(prompt)
     except ValueError as err:
         raise UserError(str(err)) from None
     files = [_parse_lora(spec) for spec in args.lora]
-    names = {Path(path).stem for path, _ in files}
+    weights = {Path(path).stem: weight for path, weight in files}
+    for_pipeline, to_record = prompt, prompt
     for tag in tags:
-        if tag.name in names:
-            continue
-        path = _find_lora(tag.name, args)
-        if path is None:
-            where = ", ".join(str(d) for d in _lora_search_dirs(args))
-            raise UserError(f"the prompt asks for the LoRA <lora:{tag.name}:{tag.weight:g}> but no {tag.name}"
-                            f"{'/'.join(_LORA_SUFFIXES)} is in {where}; pass --lora FILE:{tag.weight:g} or --lora-dir DIR "
-                            "(or a prompt without the tag)")
-        files.append((path, tag.weight))
-        names.add(tag.name)
+        if tag.name in weights:
+            for_pipeline = for_pipeline.replace(tag.text, "", 1)
+            if (tag.te_weight, tag.unet_weight) != (weights[tag.name],) * 2:
+                to_record = to_record.replace(tag.text, "", 1)     # recorded with the --lora weight instead
+    try:
+        _, uses = resolve_prompt_loras(for_pipeline, _lora_finder(args))
+    except RequestError as err:
+        deep, flat = _lora_search_dirs(args)
+        where = ", ".join(str(d) for d in [*deep, *flat])
+        raise UserError(f"{err} (searched {where}); pass --lora FILE:WEIGHT or --lora-dir DIR "
+                        "(or a prompt without the tag)") from None
     recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))
     refs = []
-    for path, weight in files:
-        name, hash_ = Path(path).stem, lora_hash(path)
+    named = [*((Path(path).stem, path, weight) for path, weight in files), *((u.name, u.path, u.te_weight) for u in uses)]
+    for name, path, weight in named:
+        hash_ = lora_hash(path)
         wanted = recorded_hashes.get(name, "").lower()
         if wanted and not hash_.startswith(wanted[:12]):
             logger.warning("the LoRA %s has hash %s but the picture was drawn with a LoRA %r of hash %s",
                            path, hash_, name, wanted)
         refs.append(LoraRef(name, weight, hash_))
-    applied = {ref.name: ref.weight for ref in refs}
-    prompt_to_record = prompt if all(applied.get(t.name) == t.weight for t in tags) else bare
-    return bare, files, refs, prompt_to_record
+    return for_pipeline, files, refs, to_record
 
 
 def _identify_model(model: str | os.PathLike) -> tuple[str, str | None]:

@@ -1,0 +1,208 @@
+"""Prompt LoRAs end to end: `Pipeline.run` / `sdlab txt2img` with ``<lora:NAME:...>`` tags.
+
+- A tag draws exactly what the same file merged at load (`sdlab.load(..., loras=...)`) draws; the next
+  request without it draws the plain model again, and the model's tensors are the originals afterwards.
+- ``<lora:NAME:TE:UNET>``: weight 0 on both is the plain model; the U-Net weight alone changes the picture.
+- A LyCORIS (LoHa) file by tag works as a LoRA does; the same set twice is merged once.
+- Tags in the negative prompt are text, as in A1111 (not applied).
+- A missing name or a file that is not a LoRA is a `RequestError` before drawing; on the command line one
+  ``sdlab: error:`` line, exit 2, nothing written.
+- The CLI records the prompt as typed and ``Lora hashes``; ``--from-png`` draws the same picture again;
+  LoRAs are found in ``--lora-dir`` subfolders and in the A1111 ``models/Lora`` folder beside the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sdlab
+import sdlab.api as sdlab_api
+from bundle_fixtures import tiny_bundle, write_original
+from sdlab.cli import main
+from sdlab.pipeline import prompt_loras
+from sdlab.pipeline.png_info import lora_hash, parse_parameters, read_parameters
+from sdlab.pipeline.request import RequestError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+CONV = "lora_unet_down_blocks_0_resnets_0_conv1"
+TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+OPTIONS = dict(steps=2, width=32, height=32, seed=3, cfg_scale=5.0)
+FAST = ["--steps", "2", "--width", "32", "--height", "32", "--seed", "3", "--cfg", "5", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "Stable-diffusion" / "tiny.safetensors"
+    path.parent.mkdir()
+    write_original(tiny_bundle("sd1"), path, junk=False)
+    return path
+
+
+def _write_lora(path: Path, kind: str = "lora", seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    if kind == "lora":
+        modules = {TO_Q: {"lora_down.weight": r(4, 32), "lora_up.weight": r(32, 4), "alpha": torch.tensor(4.0)},
+                   TE_Q: {"lora_down.weight": r(4, 64), "lora_up.weight": r(64, 4), "alpha": torch.tensor(4.0)},
+                   CONV: {"lora_down.weight": r(4, 32, 3, 3) * 0.3, "lora_up.weight": r(32, 4, 1, 1) * 0.3}}
+    else:
+        modules = {TO_Q: {"hada_w1_a": r(32, 2), "hada_w1_b": r(2, 32), "hada_w2_a": r(32, 2), "hada_w2_b": r(2, 32)},
+                   TE_Q: {"hada_w1_a": r(64, 2), "hada_w1_b": r(2, 64), "hada_w2_a": r(64, 2), "hada_w2_b": r(2, 64)}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({f"{n}.{f}": t.contiguous() for n, m in modules.items() for f, t in m.items()}, str(path))
+    return path
+
+
+def _pixels(result) -> np.ndarray:
+    return np.stack([np.asarray(image) for image in result.images])
+
+
+def _state(pipe) -> dict[str, torch.Tensor]:
+    tensors = {f"unet.{k}": v for k, v in pipe.bundle.unet.state_dict().items()}
+    tensors |= {f"te.{k}": v for k, v in pipe.bundle.text_encoders[0].model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in tensors.items()}
+
+
+def test_tag_draws_what_a_load_time_merge_draws_and_is_taken_out_after(model, tmp_path):
+    folder = tmp_path / "loras"
+    style = _write_lora(folder / "style.safetensors")
+    plain = sdlab.load(model).txt2img("a red apple", **OPTIONS)
+    merged = sdlab.load(model, loras=[(style, 0.7)]).txt2img("a red apple", **OPTIONS)
+    assert not np.array_equal(_pixels(plain), _pixels(merged))
+
+    pipe = sdlab.load(model, lora_dirs=[folder])
+    before = _state(pipe)
+    tagged = pipe.txt2img("a red apple <lora:style:0.7>", **OPTIONS)
+    assert np.array_equal(_pixels(tagged), _pixels(merged))
+    assert tagged.request.prompt == "a red apple <lora:style:0.7>"          # as typed
+    after = _state(pipe)
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert np.array_equal(_pixels(pipe.txt2img("a red apple", **OPTIONS)), _pixels(plain))
+
+    # text-encoder and U-Net weights apart
+    assert np.array_equal(_pixels(pipe.txt2img("a red apple <lora:style:0:0>", **OPTIONS)), _pixels(plain))
+    unet_only = pipe.txt2img("a red apple <lora:style:0:0.7>", **OPTIONS)
+    assert not np.array_equal(_pixels(unet_only), _pixels(plain))
+    assert not np.array_equal(_pixels(unet_only), _pixels(merged))
+
+
+def test_lycoris_by_tag_and_repeats_merge_once(model, tmp_path, monkeypatch):
+    folder = tmp_path / "loras"
+    loha = _write_lora(folder / "sub" / "hada.safetensors", kind="loha", seed=1)
+    merged = sdlab.load(model, loras=[(loha, 0.5)]).txt2img("a boat", **OPTIONS)
+    calls = []
+    real = prompt_loras.bundle_lora_weights
+    monkeypatch.setattr(prompt_loras, "bundle_lora_weights", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    pipe = sdlab.load(model, lora_dirs=[folder])
+    first = pipe.txt2img("a boat <lyco:hada:0.5>", **OPTIONS)
+    second = pipe.txt2img("a boat <lyco:hada:0.5>", **OPTIONS)
+    assert np.array_equal(_pixels(first), _pixels(merged)) and np.array_equal(_pixels(second), _pixels(merged))
+    assert calls == [loha]
+
+
+def test_negative_prompt_tags_are_text_as_in_a1111(model, tmp_path):
+    folder = tmp_path / "loras"
+    _write_lora(folder / "style.safetensors")
+    with_folder = sdlab.load(model, lora_dirs=[folder]).txt2img("a cat", "<lora:style:1> blurry", **OPTIONS)
+    without = sdlab.load(model, lora_dirs=[]).txt2img("a cat", "<lora:style:1> blurry", **OPTIONS)
+    assert np.array_equal(_pixels(with_folder), _pixels(without))
+
+
+def test_missing_or_non_lora_names_fail_before_drawing(model, tmp_path, monkeypatch):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}, str(folder / "full.safetensors"))
+    pipe = sdlab.load(model, lora_dirs=[folder])
+    monkeypatch.setattr(sdlab_api, "generate", lambda *a, **k: pytest.fail("drew before checking the LoRAs"))
+    with pytest.raises(RequestError, match="<lora:nothere:1>"):
+        pipe.txt2img("a cat <lora:nothere:1>", **OPTIONS)
+    with pytest.raises(RequestError, match="not a LoRA"):
+        pipe.txt2img("a cat <lora:full:1>", **OPTIONS)
+
+
+def _run(argv, capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_cli_records_tags_as_typed_and_from_png_redraws(model, tmp_path, capsys):
+    folder = tmp_path / "loras"
+    style = _write_lora(folder / "styles" / "style.safetensors")
+    out, again = tmp_path / "a.png", tmp_path / "again.png"
+    prompt = "a red apple <lora:style:0.5:0.9>"
+    code, err = _run(["txt2img", prompt, "--model", str(model), "--lora-dir", str(folder), *FAST, "--out", str(out)], capsys)
+    assert code == 0, err
+    params = parse_parameters(read_parameters(out))
+    assert params["Prompt"] == prompt and params["Lora hashes"] == f"style: {lora_hash(style)}"
+    reference = sdlab.load(model, lora_dirs=[folder]).txt2img(prompt, **OPTIONS)
+    assert np.array_equal(np.asarray(_open(out)), _pixels(reference)[0])
+
+    code, err = _run(["txt2img", "--from-png", str(out), "--model", str(model), "--lora-dir", str(folder),
+                      "--no-progress", "--out", str(again)], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(_open(again)), np.asarray(_open(out)))
+    assert parse_parameters(read_parameters(again))["Prompt"] == prompt
+
+
+def _open(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def test_cli_finds_loras_in_the_a1111_folder_beside_the_model(model, tmp_path, capsys):
+    lora_folder = model.parent.parent / "Lora"
+    _write_lora(lora_folder / "beside.safetensors", seed=4)
+    try:
+        out = tmp_path / "b.png"
+        code, err = _run(["txt2img", "a pear <lora:beside:0.6>", "--model", str(model), *FAST, "--out", str(out)], capsys)
+        assert code == 0, err
+        assert "beside:" in parse_parameters(read_parameters(out))["Lora hashes"]
+    finally:
+        for p in lora_folder.iterdir():
+            p.unlink()
+        lora_folder.rmdir()
+
+
+@pytest.mark.parametrize("tag, message", [("<lora:nothere:1>", "nothere"), ("<lora:full:1>", "not a LoRA"),
+                                          ("<lora:style:x>", "weight")])
+def test_cli_bad_tags_are_one_error_and_nothing_written(model, tmp_path, capsys, tag, message):
+    folder = tmp_path / "loras"
+    _write_lora(folder / "style.safetensors")
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}, str(folder / "full.safetensors"))
+    out = tmp_path / "c.png"
+    code, err = _run(["txt2img", f"a cat {tag}", "--model", str(model), "--lora-dir", str(folder), *FAST,
+                      "--out", str(out)], capsys)
+    assert code == 2 and err.startswith("sdlab: error:") and err.count("sdlab: error:") == 1, err
+    assert message in err and "Traceback" not in err and not out.exists()
+
+
+def test_grid_prompt_sr_over_a_lora_weight(model, tmp_path, capsys):
+    """`sdlab grid` with prompt S/R on a tag's weight draws each cell with its own LoRA weight (A1111's X/Y/Z
+    plot habit): weight 0 is the plain model, 0.9 what `txt2img` draws with the same tag."""
+    folder = tmp_path / "loras"
+    _write_lora(folder / "style.safetensors", seed=5)
+    cells = tmp_path / "cells"
+    code, err = _run(["grid", "a cat <lora:style:0.0>", "--x", "prompt_sr=0.0,0.9", "--model", str(model),
+                      "--lora-dir", str(folder), *FAST, "--keep-cells", str(cells), "--out", str(tmp_path / "g.png")],
+                     capsys)
+    assert code == 0, err
+    drawn = sorted(cells.glob("*.png"))
+    assert len(drawn) == 2
+    plain, tagged = tmp_path / "plain.png", tmp_path / "tagged.png"
+    assert _run(["txt2img", "a cat <lora:style:0.0>", "--model", str(model), "--lora-dir", str(folder), *FAST,
+                 "--out", str(plain)], capsys)[0] == 0
+    assert _run(["txt2img", "a cat <lora:style:0.9>", "--model", str(model), "--lora-dir", str(folder), *FAST,
+                 "--out", str(tagged)], capsys)[0] == 0
+    assert np.array_equal(np.asarray(_open(drawn[0])), np.asarray(_open(plain)))
+    assert np.array_equal(np.asarray(_open(drawn[1])), np.asarray(_open(tagged)))
+    assert not np.array_equal(np.asarray(_open(plain)), np.asarray(_open(tagged)))
+    assert parse_parameters(read_parameters(drawn[1]))["Prompt"] == "a cat <lora:style:0.9>"
