@@ -316,3 +316,14 @@ def test_hires_fix_and_variation_seed_as_a1111_sends_them(client):
     assert client.get(job["images"][0]).status_code == 200
     too_big = client.post("/api/jobs", json={"prompt": "x", "width": 1024, "height": 1024, "hr_scale": 4})
     assert too_big.status_code == 413 and "hires" in too_big.json()["detail"]
+    assert {"Latent", "Latent (bicubic)"} <= {m["name"] for m in client.get("/sdapi/v1/latent-upscale-modes").json()}
+    assert {"None", "Lanczos", "Nearest"} <= {u["name"] for u in client.get("/sdapi/v1/upscalers").json()}
+
+
+@pytest.mark.parametrize("upscaler", ["/etc/passwd", "../../model.safetensors", str(shipped_model_path())])
+def test_hires_upscaler_is_never_a_path(client, upscaler):
+    """The pipeline opens any upscaler file a path names; clients choose from the server's lists only."""
+    native = client.post("/api/jobs", json={"prompt": "x", "hr_scale": 2, "hr_upscaler": upscaler})
+    assert native.status_code == 400 and "unknown hires upscaler" in native.json()["detail"]
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "enable_hr": True, "hr_upscaler": upscaler})
+    assert a1111.status_code == 400 and "unknown hires upscaler" in a1111.json()["errors"]

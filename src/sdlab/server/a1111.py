@@ -25,7 +25,10 @@ from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.png_info import PARAMETERS_KEY, parse_parameters, read_parameters, version_label
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.server.inputs import BadRequest, JobSpec, decode_base64, decode_image, sampler_and_schedule, scheduler_rows
+from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES
+from sdlab.server.inputs import (
+    PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, decode_base64, decode_image, sampler_and_schedule, scheduler_rows,
+)
 from sdlab.server.jobs import Job
 from sdlab.server.native import service_of
 from sdlab.server.previews import jpeg_bytes
@@ -263,12 +266,14 @@ def sd_vae() -> list[dict[str, Any]]:
 
 @router.get("/upscalers")
 def upscalers() -> list[dict[str, Any]]:
-    return []
+    """The plain resizes the hires fix offers (upscaler model files are not offered to clients)."""
+    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+            for name in PLAIN_UPSCALER_NAMES]
 
 
 @router.get("/latent-upscale-modes")
 def latent_upscale_modes() -> list[dict[str, Any]]:
-    return []
+    return [{"name": name} for name in LATENT_UPSCALE_MODES]
 
 
 @router.get("/embeddings")

@@ -20,6 +20,7 @@ from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 from sdlab.server.config import Limits
 
 
@@ -143,9 +144,29 @@ def fixed_seed(seed: Any) -> int:
     return seed
 
 
+PLAIN_UPSCALER_NAMES = ("None", "Lanczos", "Nearest")          # A1111's spelling of PLAIN_UPSCALERS
+
+
+def check_upscaler(name: object) -> None:
+    """A client names a hires upscaler from the server's lists only: a latent mode or a plain resize, never
+    a file path (the pipeline would open any file a path names)."""
+    if name is None:
+        return
+    if isinstance(name, str):
+        try:
+            canonical_latent_name(name)
+            return
+        except UpscaleError:
+            if name.strip().lower() in PLAIN_UPSCALERS:
+                return
+    valid = ", ".join([*LATENT_UPSCALE_MODES, *PLAIN_UPSCALER_NAMES])
+    raise BadRequest(f"unknown hires upscaler {name!r}; this server offers: {valid}")
+
+
 def check_request(request: GenerationRequest, limits: Limits) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (without a model: the
     model's defaults are filled in when it runs); `BadRequest` names the first problem."""
+    check_upscaler(getattr(request, "hr_upscaler", None))
     if not isinstance(request.steps, int) or request.steps > limits.max_steps:
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     if not isinstance(request.batch_size, int) or request.batch_size > limits.max_batch:
