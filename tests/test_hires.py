@@ -183,3 +183,17 @@ def test_memory_of_the_second_pass_is_checked_up_front(pipe, monkeypatch) -> Non
     with pytest.raises(RequestError, match="512x512"):
         pipe.resolve(request)
     pipe.resolve(replace(request, hr_scale=1.5))                       # 96 px fits
+
+
+def test_latent_second_pass_starts_from_the_upscaled_latent_plus_fresh_seed_noise(pipe) -> None:
+    """A1111: x = upscaled latent + sigma_0 * noise, the noise drawn first from a fresh generator on each seed."""
+    seen = []
+    pipe.txt2img(PROMPT, **FIRST, hr_scale=2, hr_steps=3, hr_denoise=0.6, sampler="Euler",
+                 progress=lambda info: seen.append(info))
+    first = pipe.resolve(GenerationRequest(PROMPT, **FIRST, sampler="Euler"))
+    z = upscale_latent(sample_latents(pipe.bundle, first), 32, 32, "Latent")          # (2, 4, 32, 32)
+    second = make_plan(pipe.bundle, _second_request(first.request, 3, 0.6, (128, 128)), from_latent=True)
+    noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(seed)) for seed in (7, 8)])
+    start = seen[4]                                                    # the second pass's first step
+    assert start.sigma == pytest.approx(float(second.sigmas[0]))
+    assert torch.allclose(start.x, z + float(second.sigmas[0]) * noise, atol=1e-5)
