@@ -21,6 +21,7 @@ in one place: A1111 crops the encoded latent, sdlab crops the picture before enc
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import replace
 
@@ -31,7 +32,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import NonFiniteError, ProgressFn, decode_latents, generate, sample_latents
 from sdlab.pipeline.images import tensor_to_pil
 from sdlab.pipeline.plan import GenerationPlan, make_plan
-from sdlab.pipeline.request import GenerationRequest, GenerationResult, hires_sizes
+from sdlab.pipeline.request import SIZE_MULTIPLE, GenerationRequest, GenerationResult, hires_sizes
 from sdlab.pipeline.upscale import (
     LATENT_UPSCALE_MODES,
     PLAIN_UPSCALERS,
@@ -66,10 +67,16 @@ def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | st
 def second_pass_request(req: GenerationRequest, factor: int) -> GenerationRequest:
     """The img2img request of the second pass (no init image yet) of a resolved hires request: the final size,
     `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the same seeds, no hires fields."""
-    _, (width, height) = hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height)
+    _, (width, height) = pass_sizes(req, factor)
     return replace(req, width=width, height=height, steps=req.hr_steps or req.steps, strength=req.hr_denoise,
                    img2img_convention="comfyui", hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
                    hr_steps=None, hr_denoise=None)
+
+
+def pass_sizes(req: GenerationRequest, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(upscaled, final) (width, height) of a resolved hires request for a VAE of `factor` (`hires_sizes`)."""
+    return hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height,
+                       math.lcm(SIZE_MULTIPLE, factor))
 
 
 def _crop_box(up: tuple[int, int], final: tuple[int, int], factor: int) -> tuple[int, int]:
@@ -92,7 +99,7 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
     req = plan.request
     factor = bundle.vae_config.downsample_factor
     upscaler = hires_upscaler(req, bundle) if upscaler is None else upscaler
-    up, final = hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height)
+    up, final = pass_sizes(req, factor)
     left, top = _crop_box(up, final, factor)
     second = second_pass_request(req, factor)
     if isinstance(upscaler, str) and is_latent_upscaler(upscaler):

@@ -18,6 +18,7 @@ The generate loop (`pipeline/generate.py`) only reads the plan.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -30,7 +31,14 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.overlay import blur_mask
-from sdlab.pipeline.request import GenerationRequest, RequestError, check_refiner_switch, hires_sizes, resolve
+from sdlab.pipeline.request import (
+    SIZE_MULTIPLE,
+    GenerationRequest,
+    RequestError,
+    check_refiner_switch,
+    hires_sizes,
+    resolve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +180,8 @@ def make_plan(
     free = available_bytes(bundle.device)                         # one reading for every model's check
     req = _resolve(bundle, request, free)
     if req.hires and free is not None:                            # the second pass, at the upscaled size
-        (width, height), _ = hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height)
+        multiple = math.lcm(SIZE_MULTIPLE, bundle.vae_config.downsample_factor)
+        (width, height), _ = hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height, multiple)
         check_memory(bundle, replace(req, width=width, height=height), free)
     if refiner is not None:
         check_refiner_switch(switch_at, "switch_at")
