@@ -15,7 +15,8 @@ second pass is the img2img request of `second_pass_request` with the first pass'
 For a pixel upscaler that is exactly `pipe.img2img(prompt, upscaled_i, strength=hr_denoise, seed=seeds[i],
 batch_size=1, ...)`: posterior sample, then noise. For a latent upscaler it is the same request started
 `from_latent`: the noise is the generator's first draw (no VAE encode). A pixel upscale differs from A1111
-in one place: A1111 crops the encoded latent, sdlab crops the picture before encoding.
+in two small ways: the first pass's pictures are rounded to 8 bits (A1111 truncates), and a crop (hr_width and
+hr_height of another aspect ratio) cuts the picture before encoding (A1111 cuts the encoded latent).
 """
 
 from __future__ import annotations
