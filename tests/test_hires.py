@@ -197,3 +197,9 @@ def test_latent_second_pass_starts_from_the_upscaled_latent_plus_fresh_seed_nois
     start = seen[4]                                                    # the second pass's first step
     assert start.sigma == pytest.approx(float(second.sigmas[0]))
     assert torch.allclose(start.x, z + float(second.sigmas[0]) * noise, atol=1e-5)
+
+
+def test_hires_with_a_refiner_is_refused_before_drawing(pipe) -> None:
+    with_refiner = sdlab.api.Pipeline(pipe.bundle, refiner=pipe.bundle)
+    with pytest.raises(RequestError, match="refiner"):
+        with_refiner.txt2img(PROMPT, steps=2, hr_scale=2)
