@@ -76,6 +76,8 @@ class Pipeline:
         this model's defaults filled in; sampler, sigmas, sizes) after every check (sizes, sampler, schedule,
         clip skip and memory of the model and the refiner, the prompt's LoRA tags found and read). A
         `RequestError` names the first bad value."""
+        if self.refiner is not None and request.hires:
+            raise RequestError("the hires fix does not run with an SDXL refiner; leave one of them out")
         plan = make_plan(self.bundle, request, refiner=self.refiner, switch_at=self.refiner_switch)
         resolve_prompt_loras(plan.request.prompt, self.find_lora)
         return plan
@@ -99,8 +101,6 @@ class Pipeline:
             return replace(result, request=plan.request) if drawn is not plan else result
         try:
             if plan.request.hires:
-                if self.refiner is not None:
-                    raise RequestError("the hires fix does not run with an SDXL refiner; leave one of them out")
                 return generate_hires(self.bundle, plan, hires_upscaler(plan.request, self.bundle), progress=progress)
             if self.refiner is not None:
                 return generate_with_refiner(self.bundle, self.refiner, plan, progress=progress)
