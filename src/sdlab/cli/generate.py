@@ -122,6 +122,8 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
     """Put the hires flags into `options` (txt2img; other modes drop a --from-png picture's hires fields)."""
     from sdlab.pipeline.hires import find_upscaler
 
+    if not hasattr(args, "hr_size"):               # a command without the hires flags (sdlab grid)
+        return
     if args.mode != "txt2img":                     # a hires picture's Denoising strength stays the strength
         if options.get("hr_denoise") is not None:
             options.setdefault("strength", options["hr_denoise"])
