@@ -56,3 +56,32 @@ def test_a1111_txt2img_equals_cli(sdlab_server, tmp_path):
         "cfg_scale": 5, "width": 64, "height": 64})
     assert response.status_code == 200, response.text
     _same(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))), cli)
+
+
+def test_embeddings_dir_words_and_ti_hashes_equal_cli(tmp_path):
+    import torch
+
+    from server_fixtures import start_server
+    from sdlab.api import shipped_model_path
+    from sdlab.checkpoints.load import load_bundle
+
+    width = load_bundle(shipped_model_path()).text_encoders[0].config.width
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(3)) * 0.5
+    torch.save({"string_to_param": {"*": vectors}, "name": "zqstyle"}, folder / "zqstyle.pt")
+    prompt = "a zqstyle star on a black background"
+    cli = _cli(tmp_path, prompt, "--steps", "4", "--seed", "9", "--sampler", "DPM++ 2M", "--schedule", "karras",
+               "--cfg", "5", "--embeddings-dir", str(folder))
+    assert "TI hashes: " in cli.info["parameters"]
+    server = start_server(tmp_path / "served", "--embeddings-dir", str(folder))
+    try:
+        response = httpx.post(server.url + "/sdapi/v1/txt2img", timeout=120,
+                              json={"prompt": prompt, "steps": 4, "seed": 9, "sampler_name": "DPM++ 2M",
+                                    "scheduler": "Karras", "cfg_scale": 5, "width": 64, "height": 64})
+        assert response.status_code == 200, response.text
+        _same(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))), cli)
+        listed = httpx.get(server.url + "/sdapi/v1/embeddings", timeout=30).json()
+        assert listed["loaded"]["zqstyle"]["vectors"] == 2 and listed["loaded"]["zqstyle"]["shape"] == width
+    finally:
+        server.stop()

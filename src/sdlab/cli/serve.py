@@ -28,6 +28,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--model", help="checkpoint loaded first (default: the model shipped with sdlab)")
     p.add_argument("--models-dir", help="folder of checkpoints clients may switch to (LoRAs in its Lora/ folder)")
+    p.add_argument("--embeddings-dir", help="textual-inversion embeddings (subfolders too); their file names are "
+                                            "words of prompts")
     p.add_argument("--output-dir", default="outputs", help="pictures (images/) and the job history database "
                                                            "(default ./outputs)")
     auth = p.add_mutually_exclusive_group()
@@ -128,6 +130,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(output_dir=Path(args.output_dir), model=Path(args.model) if args.model else None,
                           models_dir=Path(args.models_dir) if args.models_dir else None, device=args.device,
+                          embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
                           max_queue=args.max_queue, basic_auth=basic, token=token, limits=limits)
     sock = _listen(args.host, args.port)
     app = create_app(config, preload=True)

@@ -277,8 +277,13 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
 
 
 @router.get("/embeddings")
-def embeddings() -> dict[str, Any]:
-    return {"loaded": {}, "skipped": {}}
+def embeddings(request: Request) -> dict[str, Any]:
+    """The loaded model's textual-inversion embeddings, in A1111's shape."""
+    pipe = service_of(request).host.pipe
+    loaded = {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                       "shape": e.vectors[0].shape[1], "vectors": e.num_vectors}
+              for e in (pipe.embeddings if pipe is not None else [])}
+    return {"loaded": loaded, "skipped": {}}
 
 
 @router.get("/scripts")

@@ -21,6 +21,7 @@ class ServerConfig:
     output_dir: Path
     model: Path | None = None               # the model loaded first (None: the shipped model)
     models_dir: Path | None = None          # checkpoints a client may switch to; LoRAs in its Lora/ or loras/
+    embeddings_dir: Path | None = None      # textual-inversion embeddings, words of every prompt
     device: str = "cpu"
     max_queue: int = 16                     # jobs waiting (the running one not counted); more -> 429
     basic_auth: tuple[str, str] | None = None

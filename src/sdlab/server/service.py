@@ -27,7 +27,7 @@ class Service:
             raise FileNotFoundError("this sdlab install has no built-in model; pass --model FILE")
         self.store = Store(config.output_dir)
         self.registry = ModelRegistry(Path(startup), config.models_dir)
-        self.host = ModelHost(self.registry, config.device)
+        self.host = ModelHost(self.registry, config.device, config.embeddings_dir)
         self.images_dir = config.output_dir / IMAGES_FOLDER
         self.runner = Runner(self.host, self.images_dir)
         self.queue = JobQueue(self.store, self.runner.run, config.max_queue, on_start=self.runner.warm)

@@ -17,7 +17,7 @@ from pathlib import Path
 from sdlab.api import Pipeline, load
 from sdlab.diffusion.steps import StepInfo
 from sdlab.pipeline.infotext import LoraRef, to_parameters
-from sdlab.pipeline.png_info import encode_image, format_parameters, write_files_all_or_nothing
+from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
 from sdlab.pipeline.request import RequestError
 from sdlab.server.jobs import Job, JobCancelled
 from sdlab.server.previews import LatentPreviewer
@@ -29,9 +29,10 @@ logger = logging.getLogger("sdlab.server")
 class ModelHost:
     """The loaded pipeline (one at a time) and its previewer; `selected` is the model new jobs get."""
 
-    def __init__(self, registry: ModelRegistry, device: str) -> None:
+    def __init__(self, registry: ModelRegistry, device: str, embeddings_dir: Path | None = None) -> None:
         self.registry = registry
         self.device = device
+        self.embeddings = [embeddings_dir] if embeddings_dir is not None else []
         self.selected: Checkpoint = registry.default
         self._key: tuple | None = None
         self.pipe: Pipeline | None = None
@@ -46,7 +47,8 @@ class ModelHost:
             try:
                 self.pipe, self._key = None, None
                 started = time.perf_counter()
-                pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras])
+                pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras],
+                            embeddings=self.embeddings)
                 previewer = LatentPreviewer.for_bundle(pipe.bundle)
                 self.pipe, self.previewer, self._key = pipe, previewer, key
                 self.timings["load_s"] = time.perf_counter() - started
@@ -91,9 +93,10 @@ class Runner:
         result = pipe.run(job.spec.request, progress=progress)
         if job.cancel.is_set():
             raise JobCancelled
+        used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)]
         texts = [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
                                                  model_hash=checkpoint.hash, loras=refs,
-                                                 prompt=job.spec.prompt_to_record))
+                                                 prompt=job.spec.prompt_to_record, embeddings=used))
                  for i in range(len(result.images))]
         blobs = [encode_image(image, "PNG", text) for image, text in zip(result.images, texts)]
         names = [f"{job.id}-{i}.png" for i in range(len(blobs))]
