@@ -193,7 +193,7 @@ class _Net(nn.Module):
 
 def _peft_merge(config):
     """(base weights, merged weights, the adapter's tensors by layer and peft's field name)."""
-    peft = pytest.importorskip("peft")
+    import peft
     torch.manual_seed(0)
     net = _Net()
     base = {name: getattr(net, name).weight.detach().clone() for name in ("lin", "conv")}
@@ -227,7 +227,7 @@ def _sdlab_merge(base, modules):
 
 @pytest.mark.parametrize("tucker", [False, True])
 def test_loha_matches_peft(tucker):
-    peft = pytest.importorskip("peft")
+    import peft
     config = peft.LoHaConfig(r=4, alpha=6, target_modules=["lin", "conv"], use_effective_conv2d=tucker, init_weights=False)
     base, merged, tensors = _peft_merge(config)
     modules = {name: {**t, "alpha": torch.tensor(6.0)} for name, t in tensors.items()}
@@ -238,7 +238,7 @@ def test_loha_matches_peft(tucker):
 
 @pytest.mark.parametrize("tucker", [False, True])
 def test_lokr_matches_peft(tucker):
-    peft = pytest.importorskip("peft")
+    import peft
     config = peft.LoKrConfig(r=2, alpha=3, target_modules=["lin", "conv"], use_effective_conv2d=tucker, init_weights=False)
     base, merged, tensors = _peft_merge(config)
     assert "lokr_w2_a" in tensors["lin"] and "lokr_w1" in tensors["lin"]   # the case where alpha / r applies
@@ -249,7 +249,7 @@ def test_lokr_matches_peft(tucker):
 
 
 def test_dora_matches_peft():
-    peft = pytest.importorskip("peft")
+    import peft
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], use_dora=True, init_lora_weights=False)
     base, merged, tensors = _peft_merge(config)
     t = tensors["lin"]
@@ -267,7 +267,7 @@ def test_peft_layout_lora_matches_diffusers_fuse(tmp_path, monkeypatch, family):
     """A LoRA saved by diffusers' `save_lora_weights` from peft adapters (the layout LCM-LoRA is published
     in: ``unet.<diffusers path>.lora_A.weight``, ``text_encoder(_2).<HF path>.lora_B.weight``) merges into the
     weights diffusers' `load_lora_weights` + `fuse_lora` give (SD1, and SDXL with both text encoders)."""
-    pytest.importorskip("peft")
+    import peft  # noqa: F401
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -397,7 +397,7 @@ def test_lycoris_files_merge_as_lycoris_draws_them(tmp_path, algo, options):
     file was trained with; its `merge_to` applies alpha / rank twice for LoHa and decomposed LoKr in
     lycoris-lora 4.1.3, where A1111 and ComfyUI apply it once, as the forward does). DoRA at multiplier 1:
     LyCORIS scales the DoRA rescaling by the multiplier, A1111 / ComfyUI the merged change."""
-    lycoris = pytest.importorskip("lycoris")
+    import lycoris
     import torch.nn.functional as F
 
     class Block(nn.Module):
