@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -31,7 +30,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.cli.errors import Terminated, UserError
+from sdlab.cli.errors import Terminated, UserError, is_disk_full
 from sdlab.cli.evaluate import add_evaluate
 from sdlab.cli.generate import add_generate
 from sdlab.cli.grid import add_grid
@@ -126,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug: one line unless debugging
         if debug:
             raise
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        if isinstance(exc, OSError) and is_disk_full(exc):
             _error(f"the disk is full: {exc.strerror} ({exc.filename or 'while writing'})")
             return EXIT_USER_ERROR
         _error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")

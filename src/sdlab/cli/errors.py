@@ -1,5 +1,10 @@
 """Errors the command line reports as one line."""
 
+from __future__ import annotations
+
+import errno
+import os
+
 
 class UserError(Exception):
     """An error caused by the input (bad arguments, unreadable files): printed as one line, exit status 2."""
@@ -7,3 +12,14 @@ class UserError(Exception):
 
 class Terminated(BaseException):
     """SIGTERM arrived: unwinds like KeyboardInterrupt (cleaning up on the way), exit status 143."""
+
+
+def is_disk_full(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def write_error(err: OSError, target: str | os.PathLike[str], detail: str = "") -> UserError:
+    """The one-line error for outputs that could not be written (and of which nothing was written)."""
+    if is_disk_full(err):
+        return UserError(f"the disk is full: cannot write {target}; nothing was written{detail}")
+    return UserError(f"cannot write {target}: {err.strerror or err}; nothing was written")

@@ -17,7 +17,6 @@ an input is bad.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import math
 import os
@@ -27,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sdlab.cli.errors import UserError
+from sdlab.cli.errors import UserError, write_error
 from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
 
 logger = logging.getLogger("sdlab")
@@ -303,10 +302,8 @@ def _save_images(in_folder: bool, paths: list[Path], images: list, texts: list[s
                 raise
             paths = _folder_paths(paths[0].parent, prompt, seeds)
         except OSError as err:
-            if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-                raise UserError(f"the disk is full: cannot write {paths[0].parent}; nothing was written "
-                                f"({len(blobs)} image(s), {sum(map(len, blobs))} bytes)") from None
-            raise UserError(f"cannot write {paths[0].parent}: {err.strerror or err}; nothing was written") from None
+            detail = f" ({len(blobs)} image(s), {sum(map(len, blobs))} bytes)"
+            raise write_error(err, paths[0].parent, detail) from None
     raise UserError(f"cannot find free file names in {paths[0].parent}")
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import logging
 import random
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from sdlab.cli.errors import UserError
+from sdlab.cli.errors import UserError, write_error
 from sdlab.utils.dtypes import DTYPE_NAMES
 
 def add_grid(subparsers: argparse._SubParsersAction) -> None:
@@ -190,8 +189,6 @@ def run_grid(args: argparse.Namespace) -> int:
             folder.mkdir(parents=True, exist_ok=True)
         write_files_all_or_nothing(files, overwrite=True)
     except OSError as err:
-        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise UserError(f"the disk is full: cannot write {out}; nothing was written") from None
-        raise UserError(f"cannot write {out}: {err.strerror or err}; nothing was written") from None
+        raise write_error(err, out) from None
     print(out)
     return 0

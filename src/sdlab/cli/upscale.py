@@ -12,11 +12,10 @@ into the output. The file is written under a temporary name and renamed; a bad i
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 from pathlib import Path
 
-from sdlab.cli.errors import UserError
+from sdlab.cli.errors import UserError, write_error
 from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
 
 PLAIN_DEFAULT_SCALE = 4.0        # a plain resize without --scale: A1111's Extras default
@@ -114,8 +113,6 @@ def run_upscale(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_files_all_or_nothing([(out, blob)], overwrite=True)
     except OSError as err:
-        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise UserError(f"the disk is full: cannot write {out}; nothing was written") from None
-        raise UserError(f"cannot write {out}: {err.strerror or err}; nothing was written") from None
+        raise write_error(err, out) from None
     print(out)
     return 0
