@@ -119,6 +119,8 @@ class GenerationRequest:
     aesthetic_score: float = 6.0            # SDXL refiner
     negative_aesthetic_score: float = 2.5
     tiled_vae: bool | None = None           # None = tile above `tiling.DEFAULT_TILE_THRESHOLD_PIXELS`
+    # ControlNets: `pipeline.control.ControlInput`s or (file, image[, strength[, start, end]]) records
+    controls: tuple[Any, ...] = field(default=(), repr=False)
     # hires fix (A1111, txt2img; pipeline/hires.py): on when hr_scale or hr_width / hr_height is set
     hr_scale: float | None = None           # the second pass at this multiple (>= 1) of the first's size
     hr_width: int | None = None             # or at this size (A1111's hr_resize_x / y; one side alone keeps
@@ -152,9 +154,10 @@ class GenerationRequest:
 
     def parameters(self) -> dict[str, Any]:
         """The request as plain values (images left out), for metadata and logs."""
-        values = asdict(replace(self, init_image=None, mask_image=None))
+        values = asdict(replace(self, init_image=None, mask_image=None, controls=()))
         values.pop("init_image")
         values.pop("mask_image")
+        values.pop("controls")
         return values
 
 
