@@ -58,6 +58,7 @@ from sdlab.diffusion.guidance import cfg, masked
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.steps import StepInfo
+from sdlab.pipeline.control import controlled_unet, prepare_controls, tag_steps
 from sdlab.pipeline.conditioning import make_cond
 from sdlab.pipeline.images import (
     latent_mask,
@@ -157,7 +158,7 @@ def sample_latents(
         raise ValueError(f"init_latent goes with a plan made from_latent, of shape {plan.latent_shape}")
     generators = generators_for(plan.request.seeds())
     start = _start(bundle, plan, generators, init_latent)
-    model = _guided_model(bundle, plan.sampling, plan.request, start, generators)
+    model = _guided_model(bundle, plan.sampling, plan.request, start, generators, plan.sigmas)
     x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
     _check_finite(x, "the final latent", plan.request)
     return plan.sampling.inverse_noise_scaling(plan.sigmas[-1], x)
@@ -204,10 +205,11 @@ def generate_with_refiner(
     options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
     x = start.x
     if split > 0:
-        base_model = _guided_model(base, plan.sampling, req, start, generators)
+        base_model = _guided_model(base, plan.sampling, req, start, generators, sigmas)
         x = _run_sampler(plan, base_model, x, sigmas[: split + 1], options, progress)
     if split < len(sigmas) - 1:
-        refiner_model = _guided_model(refiner, plan.refiner_sampling, req, start, generators)
+        no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
+        refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, generators, sigmas)
         x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
     _check_finite(x, "the final latent", req)
     latents = plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x)   # (B, 4, h, w)
@@ -266,8 +268,10 @@ def _guided_model(
     req: GenerationRequest,
     start: _Start,
     generators: list[torch.Generator],
+    sigmas: Tensor,
 ) -> DenoiseFn:
-    """The bundle's U-Net as a CFG-guided denoiser with the request's conditioning and picture inputs."""
+    """The bundle's U-Net (with the request's ControlNets, on their fraction of `sigmas`' steps) as a
+    CFG-guided denoiser with the request's conditioning and picture inputs."""
     device = bundle.device
     cond, uncond = make_cond(
         bundle.text_encoders,
@@ -286,7 +290,10 @@ def _guided_model(
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
     )
-    denoiser = Denoiser(bundle.unet, sampling, quantize=req.quantize_timesteps)
+    controls = prepare_controls(bundle, req.controls, req.width, req.height)
+    denoiser = Denoiser(controlled_unet(bundle.unet, controls), sampling, quantize=req.quantize_timesteps)
+    if controls:
+        denoiser = tag_steps(denoiser, sigmas)
     if bundle.family.is_inpaint:
         pixels, mask = start.pixels, start.mask
         if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
