@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES
+from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.request import GenerationRequest
 
@@ -132,6 +133,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
+        **infotext_lines(req.controls),
         "Lora hashes": format_hashes((ref.name, ref.hash) for ref in loras),
         "TI hashes": format_hashes(embeddings),
         "Version": version_label(),
