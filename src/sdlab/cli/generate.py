@@ -87,6 +87,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                        help="where <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags of the prompt (or of --from-png) "
                             "find NAME.safetensors, subfolders included; repeatable (also searched: models/Lora "
                             "beside the --model's folder, the --from-png file's folder, the current folder)")
+        p.add_argument("--control", action="append", default=[], metavar="FILE:IMAGE[:STRENGTH[:START:END]]",
+                       help="a ControlNet (original or diffusers file / folder) and its hint image, with its "
+                            "strength (default 1) and the fraction of the steps it acts on (default 0:1); repeatable")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -345,6 +348,27 @@ def _parse_lora(spec: str) -> tuple[str, float]:
     return path, value
 
 
+def _parse_control(spec: str):
+    """``FILE:IMAGE[:STRENGTH[:START:END]]`` -> a checked `ControlInput` with the image read. Numbers are
+    taken from the end, so the file and image paths may contain colons (split where both sides exist)."""
+    from sdlab.pipeline.control import ControlInput, check_control
+    from sdlab.pipeline.request import RequestError
+
+    parts, numbers = spec.split(":"), []
+    while len(parts) > 2 and len(numbers) < 3 and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", parts[-1]):
+        numbers.insert(0, float(parts.pop()))
+    if len(parts) < 2 or len(numbers) == 2:
+        raise UserError(f"--control {spec!r}: expected FILE:IMAGE[:STRENGTH[:START:END]]")
+    splits = [(":".join(parts[:i]), ":".join(parts[i:])) for i in range(1, len(parts))]
+    file, image = next((s for s in splits if os.path.exists(s[0]) and os.path.exists(s[1])), splits[0])
+    if not os.path.exists(file):
+        raise UserError(f"the ControlNet {file!r} does not exist")
+    try:
+        return check_control(ControlInput(file, _open_image(image, "control image"), *numbers))
+    except RequestError as err:
+        raise UserError(f"--control {spec!r}: {err}") from None
+
+
 _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 MAX_BATCH_COUNT = 1000
 
@@ -490,6 +514,8 @@ def run_generate(args: argparse.Namespace) -> int:
             raise UserError("inpaint needs --mask IMAGE or --outpaint L,R,T,B")
         options.setdefault("strength", 1.0)
 
+    if args.control:
+        options["controls"] = tuple(_parse_control(spec) for spec in args.control)
     try:
         request = GenerationRequest(**options)
     except TypeError as err:
