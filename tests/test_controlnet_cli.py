@@ -1,0 +1,95 @@
+"""`sdlab txt2img | img2img --control FILE:IMAGE[:STRENGTH[:START:END]]`: the picture changes, the infotext
+carries A1111's ControlNet lines, and every bad input gives one error line, exit status 2 and no file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from bundle_fixtures import tiny_bundle, write_original
+from cli_helpers import pixels, run
+from controlnet_fixtures import diffusers_controlnet, write_layout
+from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+FAST = ["--steps", "3", "--width", "32", "--height", "32", "--no-progress", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("controlnet")
+    sd1 = tiny_bundle("sd1")
+    model = folder / "tiny-sd1.safetensors"
+    write_original(sd1, model, junk=False)
+    (folder / "a").mkdir()
+    (folder / "b").mkdir()
+    net = write_layout(diffusers_controlnet(sd1.unet_config, 5, hint_widths=(16, 32), std=0.05), "original", folder / "a")
+    xl = write_layout(diffusers_controlnet(tiny_bundle("sdxl").unet_config, 5, hint_widths=(16, 32)), "original",
+                      folder / "b")
+    hint = folder / "hint.png"
+    image = Image.new("RGB", (32, 32), "black")
+    ImageDraw.Draw(image).rectangle([6, 6, 24, 24], outline="white", width=3)
+    image.save(hint)
+    return {"model": model, "net": net, "sdxl_net": xl, "hint": hint, "folder": folder}
+
+
+def test_control_changes_the_picture_and_is_recorded(files, tmp_path, capsys):
+    plain, controlled, two = tmp_path / "plain.png", tmp_path / "control.png", tmp_path / "two.png"
+    base = ["txt2img", "a red apple", "--model", str(files["model"]), *FAST]
+    assert run([*base, "--out", str(plain)], capsys)[0] == 0
+    spec = f"{files['net']}:{files['hint']}"
+    code, stdout, stderr = run([*base, "--control", f"{spec}:0.9", "--out", str(controlled)], capsys)
+    assert code == 0, stderr
+    assert np.abs(pixels(plain) - pixels(controlled)).max() > 10
+    params = parse_parameters(read_parameters(controlled))
+    assert params["ControlNet 0"].startswith("Module: none, Model: control_cn [")
+    assert params["ControlNet 0"].endswith("], Weight: 0.9, Guidance Start: 0, Guidance End: 1")
+    code, _, stderr = run([*base, "--control", f"{spec}:1:0:0.5", "--control", f"{spec}:0.5:0.5:1",
+                           "--out", str(two)], capsys)
+    assert code == 0, stderr
+    params = parse_parameters(read_parameters(two))
+    assert params["ControlNet 1"].endswith("Weight: 0.5, Guidance Start: 0.5, Guidance End: 1")
+
+
+def test_img2img_takes_controls(files, tmp_path, capsys):
+    out = tmp_path / "i.png"
+    code, _, stderr = run(["img2img", "a red apple", "--model", str(files["model"]), "--init", str(files["hint"]),
+                           "--control", f"{files['net']}:{files['hint']}", "--out", str(out), *FAST], capsys)
+    assert code == 0, stderr
+    assert "ControlNet 0" in parse_parameters(read_parameters(out))
+
+
+def _bad_inputs(files, tmp_path):
+    sd = tmp_path / "sd.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, sd)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture")
+    net, hint = files["net"], files["hint"]
+    return [
+        (f"{tmp_path / 'missing.safetensors'}:{hint}", "does not exist"),
+        (f"{net}:{tmp_path / 'missing.png'}", "does not exist"),
+        (f"{net}:{broken}", "cannot read the control image"),
+        (f"{sd}:{hint}", "a Stable Diffusion checkpoint .* not a ControlNet"),
+        (f"{files['sdxl_net']}:{hint}", "this ControlNet is for SDXL models .* the model is sd1"),
+        (f"{net}:{hint}:nan", "hint.png:nan. does not exist"),
+        (f"{net}:{hint}:1:0.5", "expected FILE:IMAGE"),
+        (f"{net}:{hint}:1:0.7:0.2", "start < end"),
+        (f"{net}:{hint}:-1", "strength must lie in"),
+        (f"{net}", "expected FILE:IMAGE"),
+    ]
+
+
+def test_bad_controls_give_one_error_line_and_no_file(files, tmp_path, capsys):
+    import re
+
+    for spec, message in _bad_inputs(files, tmp_path):
+        out = tmp_path / "never.png"
+        code, stdout, stderr = run(["txt2img", "x", "--model", str(files["model"]), "--control", spec,
+                                    "--out", str(out), *FAST], capsys)
+        lines = [line for line in stderr.splitlines() if line.startswith("sdlab: error:")]
+        assert code == 2 and len(lines) == 1 and re.search(message, lines[0]), (spec, stderr)
+        assert "Traceback" not in stderr and not out.exists() and stdout == ""

