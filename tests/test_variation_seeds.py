@@ -104,7 +104,7 @@ def test_batch_count_continues_the_seeds(tmp_path, capsys):
     code, _, err = run(["txt2img", "a red square", "--seed", "23", "--steps", "3", "--no-progress", "--out", str(single)],
                        capsys)
     assert code == 0, err
-    assert np.array_equal(pixels(files[3]), pixels(single))
+    assert np.abs(pixels(files[3]) - pixels(single)).max() <= 1          # batched vs single: float rounding only
     varied = tmp_path / "varied"
     code, stdout, err = run(["txt2img", "a red square", "--seed", "20", "--subseed", "5", "--subseed-strength", "0.3",
                              "--batch-count", "2", "--steps", "3", "--no-progress", "--out", str(varied)], capsys)

@@ -124,13 +124,13 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
     """Put the hires flags into `options` (txt2img; other modes drop a --from-png picture's hires fields)."""
     from sdlab.pipeline.hires import find_upscaler
 
-    if not hasattr(args, "hr_size"):               # a command without the hires flags (sdlab grid)
-        return
     if args.mode != "txt2img":                     # a hires picture's Denoising strength stays the strength
         if options.get("hr_denoise") is not None:
             options.setdefault("strength", options["hr_denoise"])
         for name in ("hr_scale", "hr_width", "hr_height", "hr_upscaler", "hr_steps", "hr_denoise"):
             options.pop(name, None)
+        return
+    if not hasattr(args, "hr_size"):               # a command without the hires flags (sdlab grid)
         return
     if args.hr_size is not None:
         try:
