@@ -147,6 +147,16 @@ def test_loras_are_recorded_and_reapplied_by_from_png(models, tmp_path, capsys):
                         "--lora-dir", str(elsewhere), "--out", str(typed)], capsys)
     assert code == 0 and np.array_equal(pixels(styled), pixels(typed))
 
+    # renamed and moved into a folder of LoRAs: --from-png finds it by its recorded hash
+    library = tmp_path / "library" / "styles"
+    library.mkdir(parents=True)
+    (elsewhere / lora.name).rename(library / "ink-v2.safetensors")
+    by_hash = tmp_path / "by-hash.png"
+    code, _, err = run(["txt2img", "--from-png", str(typed), "--model", str(models["a"]), "--lora-dir",
+                        str(tmp_path / "library"), "--out", str(by_hash), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "ink-v2.safetensors" in err and np.array_equal(pixels(styled), pixels(by_hash))
+
     # a LoRA that cannot be found is an error, never a silent redraw without it
     code, _, err = run(["txt2img", "--from-png", str(styled), "--model", str(models["a"]),
                         "--out", str(tmp_path / "missing.png"), "--no-progress"], capsys)

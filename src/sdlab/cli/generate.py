@@ -311,7 +311,7 @@ def _save_images(in_folder: bool, paths: list[Path], images: list, texts: list[s
 
 
 def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = None,
-                   loras: list[tuple[str, float]] | None = None):
+                   loras: list[tuple[str, float]] | None = None, lora_hashes: dict[str, str] | None = None):
     from sdlab.api import RequestError, load, shipped_model_path
     from sdlab.pipeline.request import check_refiner_switch
 
@@ -327,7 +327,7 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
                     embeddings=getattr(args, "embeddings_dir", []))
     except RequestError as err:     # e.g. a --device this torch cannot use
         raise UserError(str(err)) from None
-    pipe.find_lora = _lora_finder(args)                       # prompt tags: the folders `_resolve_loras` checks
+    pipe.find_lora = _lora_finder(args, lora_hashes)          # prompt tags: as `_resolve_loras` found them
     return pipe, model
 
 
@@ -383,11 +383,27 @@ def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]
     return [Path(d) for d in args.lora_dir] + default_lora_dirs(args.model), [*flat, Path(".")]
 
 
-def _lora_finder(args: argparse.Namespace):
+def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | None = None):
+    """NAME -> its file: by name in the search folders, else (for --from-png) the file under the folders
+    searched with subfolders whose LoRA hash is the one recorded for NAME (A1111 finds renamed files so)."""
+    from sdlab.pipeline.png_info import lora_hash
     from sdlab.pipeline.prompt_loras import find_lora
 
     deep, flat = _lora_search_dirs(args)
-    return lambda name: find_lora(name, deep) or find_lora(name, flat, recursive=False)
+    hashes = recorded_hashes or {}
+
+    def by_hash(name: str) -> Path | None:
+        wanted = hashes.get(name, "").lower()[:12]
+        if not wanted:
+            return None
+        for folder in deep:
+            for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
+                if path.suffix.lower() in _LORA_SUFFIXES and path.is_file() and lora_hash(path).startswith(wanted):
+                    logger.warning("the LoRA %r is %s (found by its recorded hash %s)", name, path, wanted)
+                    return path
+        return None
+
+    return lambda name: find_lora(name, deep) or find_lora(name, flat, recursive=False) or by_hash(name)
 
 
 def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, Any]):
@@ -417,14 +433,14 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
             for_pipeline = for_pipeline.replace(tag.text, "", 1)
             if (tag.te_weight, tag.unet_weight) != (weights[tag.name],) * 2:
                 to_record = to_record.replace(tag.text, "", 1)     # recorded with the --lora weight instead
+    recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))
     try:
-        _, uses = resolve_prompt_loras(for_pipeline, _lora_finder(args))
+        _, uses = resolve_prompt_loras(for_pipeline, _lora_finder(args, recorded_hashes))
     except RequestError as err:
         deep, flat = _lora_search_dirs(args)
         where = ", ".join(str(d) for d in [*deep, *flat])
         raise UserError(f"{err} (searched {where}); pass --lora FILE:WEIGHT or --lora-dir DIR "
                         "(or a prompt without the tag)") from None
-    recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))
     refs = []
     named = [*((Path(path).stem, path, weight) for path, weight in files), *((u.name, u.path, u.te_weight) for u in uses)]
     for name, path, weight in named:
@@ -482,7 +498,7 @@ def _check_model(recorded: dict[str, Any], name: str, hash_: str | None) -> None
 def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.images import pad_for_outpaint
-    from sdlab.pipeline.infotext import to_parameters
+    from sdlab.pipeline.infotext import parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters
     from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError
 
@@ -523,7 +539,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model = _recorded_model(args, recorded) if recorded else None
     if model is not None:
         logger.warning("using %s, the model the picture names (pass --model to choose another)", model)
-    pipe, model = _load_pipeline(args, model, loras)
+    pipe, model = _load_pipeline(args, model, loras, parse_lora_hashes(recorded.get("Lora hashes")))
     name, hash_ = _identify_model(model)
     if recorded:
         _check_model(recorded, name, hash_)
