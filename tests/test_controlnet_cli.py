@@ -93,3 +93,23 @@ def test_bad_controls_give_one_error_line_and_no_file(files, tmp_path, capsys):
         lines = [line for line in stderr.splitlines() if line.startswith("sdlab: error:")]
         assert code == 2 and len(lines) == 1 and re.search(message, lines[0]), (spec, stderr)
         assert "Traceback" not in stderr and not out.exists() and stdout == ""
+
+
+def test_control_module_preprocesses_the_matching_hint(files, tmp_path, capsys):
+    from sdlab.pipeline.preprocess import preprocess
+
+    base = ["txt2img", "a red apple", "--model", str(files["model"]), *FAST]
+    spec = f"{files['net']}:{files['hint']}"
+    by_flag, by_hand = tmp_path / "flag.png", tmp_path / "hand.png"
+    code, _, stderr = run([*base, "--control", spec, "--control-module", "canny", "--out", str(by_flag)], capsys)
+    assert code == 0, stderr
+    assert parse_parameters(read_parameters(by_flag))["ControlNet 0"].startswith("Module: canny, ")
+    edges = tmp_path / "edges.png"
+    preprocess(Image.open(files["hint"]).convert("RGB"), "canny").save(edges)
+    code, _, stderr = run([*base, "--control", f"{files['net']}:{edges}", "--out", str(by_hand)], capsys)
+    assert code == 0, stderr
+    assert np.array_equal(pixels(by_flag), pixels(by_hand))
+    for extra, message in ((["--control", spec, "--control-module", "sobel"], "unknown preprocessor"),
+                           (["--control-module", "canny"], "1 --control-module for 0 --control")):
+        code, _, stderr = run([*base, *extra, "--out", str(tmp_path / "bad.png")], capsys)
+        assert code == 2 and message in stderr and not (tmp_path / "bad.png").exists()

@@ -90,6 +90,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--control", action="append", default=[], metavar="FILE:IMAGE[:STRENGTH[:START:END]]",
                        help="a ControlNet (original or diffusers file / folder) and its hint image, with its "
                             "strength (default 1) and the fraction of the steps it acts on (default 0:1); repeatable")
+        p.add_argument("--control-module", action="append", default=[], metavar="NAME",
+                       help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
+                            "none (default), canny, scribble, lineart, tile; repeatable")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -348,7 +351,7 @@ def _parse_lora(spec: str) -> tuple[str, float]:
     return path, value
 
 
-def _parse_control(spec: str):
+def _parse_control(spec: str, module: str = "none"):
     """``FILE:IMAGE[:STRENGTH[:START:END]]`` -> a checked `ControlInput` with the image read. Numbers are
     taken from the end, so the file and image paths may contain colons (split where both sides exist)."""
     from sdlab.pipeline.control import ControlInput, check_control
@@ -364,7 +367,7 @@ def _parse_control(spec: str):
     if not os.path.exists(file):
         raise UserError(f"the ControlNet {file!r} does not exist")
     try:
-        return check_control(ControlInput(file, _open_image(image, "control image"), *numbers))
+        return check_control(ControlInput(file, _open_image(image, "control image"), *numbers, module=module))
     except RequestError as err:
         raise UserError(f"--control {spec!r}: {err}") from None
 
@@ -530,8 +533,11 @@ def run_generate(args: argparse.Namespace) -> int:
             raise UserError("inpaint needs --mask IMAGE or --outpaint L,R,T,B")
         options.setdefault("strength", 1.0)
 
+    if len(args.control_module) > len(args.control):
+        raise UserError(f"{len(args.control_module)} --control-module for {len(args.control)} --control")
     if args.control:
-        options["controls"] = tuple(_parse_control(spec) for spec in args.control)
+        modules = [*args.control_module, *["none"] * (len(args.control) - len(args.control_module))]
+        options["controls"] = tuple(_parse_control(spec, module) for spec, module in zip(args.control, modules))
     try:
         request = GenerationRequest(**options)
     except TypeError as err:
