@@ -30,6 +30,10 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--models-dir", help="folder of checkpoints clients may switch to (LoRAs in its Lora/ folder)")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings (subfolders too); their file names are "
                                             "words of prompts")
+    p.add_argument("--controlnet-dir", help="ControlNets requests may name (default: <models-dir>/ControlNet when "
+                   "it exists)")
+    p.add_argument("--upscalers-dir", help="upscaler models /sdapi/v1/extra-single-image may name (default: "
+                   "<models-dir>/ESRGAN when it exists)")
     p.add_argument("--output-dir", default="outputs", help="pictures (images/) and the job history database "
                                                            "(default ./outputs)")
     auth = p.add_mutually_exclusive_group()
@@ -103,6 +107,16 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _model_folder(given: str | None, option: str, models_dir: str | None, default: str) -> Path | None:
+    """The folder `option` names (it must be one), else `<models-dir>/<default>` when that exists, else None."""
+    if given is not None:
+        if not Path(given).is_dir():
+            raise UserError(f"the {option} {given!r} is not a folder")
+        return Path(given)
+    fallback = Path(models_dir) / default if models_dir is not None else None
+    return fallback if fallback is not None and fallback.is_dir() else None
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from sdlab.api import resolve_device
     from sdlab.pipeline.request import RequestError
@@ -117,6 +131,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"the --model {args.model!r} does not exist")
     if args.models_dir is not None and not Path(args.models_dir).is_dir():
         raise UserError(f"the --models-dir {args.models_dir!r} is not a folder")
+    controlnet_dir = _model_folder(args.controlnet_dir, "--controlnet-dir", args.models_dir, "ControlNet")
+    upscalers_dir = _model_folder(args.upscalers_dir, "--upscalers-dir", args.models_dir, "ESRGAN")
     try:
         resolve_device(args.device)
     except RequestError as err:
@@ -131,6 +147,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(output_dir=Path(args.output_dir), model=Path(args.model) if args.model else None,
                           models_dir=Path(args.models_dir) if args.models_dir else None, device=args.device,
                           embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
+                          controlnet_dir=controlnet_dir, upscalers_dir=upscalers_dir,
                           max_queue=args.max_queue, basic_auth=basic, token=token, limits=limits)
     sock = _listen(args.host, args.port)
     app = create_app(config, preload=True)

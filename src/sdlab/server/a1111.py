@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import io
 import json
 import time
@@ -21,11 +22,17 @@ from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.pipeline.images import open_image
-from sdlab.pipeline.png_info import PARAMETERS_KEY, parse_parameters, read_parameters, version_label
+from sdlab.pipeline.preprocess import PREPROCESSORS
+from sdlab.pipeline.png_info import (
+    PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
+)
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES
+from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, target_size, upscale_image
+from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
     PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, decode_base64, decode_image, sampler_and_schedule, scheduler_rows,
 )
@@ -67,6 +74,7 @@ class Txt2ImgIn(BaseModel):
     denoising_strength: float | None = None
     send_images: bool = True
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # only "controlnet" is used
 
 
 class Img2ImgIn(Txt2ImgIn):
@@ -78,7 +86,8 @@ class Img2ImgIn(Txt2ImgIn):
     include_init_images: bool = False
 
 
-def _request(body: Txt2ImgIn, init: Image.Image | None = None, mask: Image.Image | None = None) -> GenerationRequest:
+def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = None,
+             mask: Image.Image | None = None) -> GenerationRequest:
     if body.n_iter < 1 or body.batch_size < 1:
         raise BadRequest(f"batch_size and n_iter must be >= 1, got {body.batch_size} and {body.n_iter}", 422)
     sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index or DEFAULT_SAMPLER, body.scheduler)
@@ -99,7 +108,7 @@ def _request(body: Txt2ImgIn, init: Image.Image | None = None, mask: Image.Image
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size * body.n_iter,
-        clip_skip=clip_skip, eta=body.eta, s_noise=body.s_noise, **extra,
+        clip_skip=clip_skip, eta=body.eta, s_noise=body.s_noise, controls=controls, **extra,
     )
 
 
@@ -118,6 +127,7 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     if body.send_images:
         images = [base64.b64encode((service.images_dir / name).read_bytes()).decode("ascii") for name in job.images]
     echo = body.model_dump()
+    echo["alwayson_scripts"] = {}           # A1111 does not echo the units' images either
     if isinstance(body, Img2ImgIn) and not body.include_init_images:
         echo["init_images"], echo["mask"] = None, None
     checkpoint = service.registry.find(job.model)
@@ -157,7 +167,13 @@ def _stamp(t: float) -> str:
 
 @router.post("/txt2img")
 async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
-    return await _generate(service_of(request), body, "txt2img", _request(body))
+    service = service_of(request)
+    controls = await asyncio.to_thread(_controls, service, body)
+    return await _generate(service, body, "txt2img", _request(body, controls))
+
+
+def _controls(service: Service, body: Txt2ImgIn) -> tuple:
+    return a1111_controls(body.alwayson_scripts, service.controlnets, service.config.limits)
 
 
 @router.post("/img2img")
@@ -170,7 +186,9 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
     if mask is not None and body.inpainting_mask_invert:
         mask = ImageOps.invert(mask.convert("L"))
-    return await _generate(service, body, "inpaint" if mask is not None else "img2img", _request(body, init, mask))
+    controls = await asyncio.to_thread(_controls, service, body)
+    return await _generate(service, body, "inpaint" if mask is not None else "img2img",
+                           _request(body, controls, init, mask))
 
 
 @router.get("/progress")
@@ -265,10 +283,74 @@ def sd_vae() -> list[dict[str, Any]]:
 
 
 @router.get("/upscalers")
-def upscalers() -> list[dict[str, Any]]:
-    """The plain resizes the hires fix offers (upscaler model files are not offered to clients)."""
-    return [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+def upscalers(request: Request) -> list[dict[str, Any]]:
+    """The plain resizes (the hires fix offers these), then the `--upscalers-dir` model files, which only
+    `/extra-single-image` takes."""
+    rows = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
             for name in PLAIN_UPSCALER_NAMES]
+    return rows + [{"name": f.title, "model_name": f.title, "model_path": str(f.path), "model_url": None, "scale": 4}
+                   for f in service_of(request).upscalers.files]
+
+
+class ExtraSingleIn(BaseModel):
+    """A1111's `/extra-single-image` fields sdlab uses; face restoration, a second upscaler and the others
+    are accepted and ignored (docs/server.md)."""
+
+    model_config = ConfigDict(extra="allow")
+    image: str
+    resize_mode: int = 0                    # 0: by upscaling_resize, 1: to upscaling_resize_w x _h
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 0
+    upscaling_resize_h: int = 0
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+
+
+def _upscale(service: Service, body: ExtraSingleIn) -> dict[str, Any]:
+    """The picture upscaled (while no job runs) as a PNG keeping its parameters text; A1111's answer."""
+    raw = decode_base64(body.image, "image")
+    image = decode_image(body.image, "image", service.config.limits)
+    try:
+        parameters = read_parameters(io.BytesIO(raw))
+    except Exception:                   # no readable parameters chunk: the picture still upscales
+        parameters = None
+    name = (body.upscaler_1 or "None").strip()
+    found = None
+    if name.lower() not in PLAIN_UPSCALERS:
+        found = service.upscalers.find(name)
+        if found is None:
+            valid = ", ".join([*PLAIN_UPSCALER_NAMES, *service.upscalers.titles()])
+            raise BadRequest(f"unknown upscaler {name!r}; this server has: {valid}", 404, "Upscaler not found")
+    crop = None
+    try:
+        if body.resize_mode == 1:
+            w, h = body.upscaling_resize_w, body.upscaling_resize_h
+            if w < 1 or h < 1:
+                raise BadRequest("resize_mode 1 needs upscaling_resize_w and upscaling_resize_h >= 1", 422)
+            scale = max(w / image.width, h / image.height) if body.upscaling_crop else None
+            size = target_size(image.width, image.height, scale) if scale else (w, h)
+            crop = (w, h) if scale else None
+        else:
+            size = target_size(image.width, image.height, body.upscaling_resize)
+        if size[0] * size[1] > service.config.limits.max_pixels * 4:
+            raise BadRequest(f"upscaling to {size[0]}x{size[1]} is past this server's limit of "
+                             f"{4 * service.config.limits.max_pixels} pixels", 413)
+        with service.host.busy:                         # never beside a generation
+            upscaler = load_upscaler(found.path, device=service.config.device) if found is not None else name
+            result = upscale_image(image.convert("RGB") if found is not None else image, upscaler, size)
+    except (UpscaleError, CheckpointError) as err:
+        raise BadRequest(str(err), 400) from None
+    if crop is not None and result.size != crop:
+        left, top = (result.width - crop[0]) // 2, (result.height - crop[1]) // 2
+        result = result.crop((left, top, left + crop[0], top + crop[1]))
+    blob = encode_image(result, "PNG", parameters)
+    return {"html_info": f"<p>Upscaler: {html.escape(name)}, size: {result.width}x{result.height}</p>",
+            "image": base64.b64encode(blob).decode("ascii")}
+
+
+@router.post("/extra-single-image")
+async def extra_single_image(body: ExtraSingleIn, request: Request) -> dict[str, Any]:
+    return await asyncio.to_thread(_upscale, service_of(request), body)
 
 
 @router.get("/latent-upscale-modes")
@@ -307,3 +389,25 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
     except Exception as err:           # Pillow raises many types on data that is not an image
         raise BadRequest(f"image is not a readable PNG, JPEG or WebP: {err}", 400, "Invalid encoded image") from None
     return {"info": text, "items": items, "parameters": parse_parameters(text) if text else {}}
+
+
+controlnet_router = APIRouter(prefix="/controlnet")     # the sd-webui-controlnet extension's routes
+
+
+@controlnet_router.get("/model_list")
+def controlnet_models(request: Request, update: bool = False) -> dict[str, Any]:
+    """`{"model_list": ["name [hash8]", ...]}` of the `--controlnet-dir` files (`update=true` rescans)."""
+    folder = service_of(request).controlnets
+    if update:
+        folder.refresh()
+    return {"model_list": folder.titles()}
+
+
+@controlnet_router.get("/module_list")
+def controlnet_modules() -> dict[str, Any]:
+    return {"module_list": list(PREPROCESSORS)}
+
+
+@controlnet_router.get("/version")
+def controlnet_version() -> dict[str, Any]:
+    return {"version": 2}

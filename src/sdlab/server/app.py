@@ -45,6 +45,7 @@ def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
     app = FastAPI(title="sdlab", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
     app.include_router(a1111.router)
+    app.include_router(a1111.controlnet_router)
     app.include_router(native.router)
 
     @app.get("/", include_in_schema=False)

@@ -20,6 +20,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.pipeline.request import GenerationRequest
+from sdlab.server.controls import native_controls
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, decode_image, schedule_name
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
 from sdlab.server.previews import jpeg_data_url
@@ -34,6 +35,18 @@ class LoraIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     weight: float = 1.0
+
+
+class ControlIn(BaseModel):
+    """One ControlNet: a model of the server's ControlNet folder by name, its hint image (base64)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: str
+    image: str
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    module: str = "none"                    # a preprocessor: none, canny, scribble, lineart, tile, ...
 
 
 class JobIn(BaseModel):
@@ -67,6 +80,7 @@ class JobIn(BaseModel):
     hr_steps: int | None = None
     hr_denoise: float | None = None
     loras: list[LoraIn] = Field(default_factory=list)
+    controls: list[ControlIn] = Field(default_factory=list)
 
 
 def service_of(request: Request) -> Service:
@@ -109,6 +123,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         strength=strength, mask_blur=body.mask_blur, subseed=body.subseed if body.subseed_strength else None,
         subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
+        controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
     )
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras))
     job, position = service.submit(spec, body.mode, body.model)

@@ -12,6 +12,7 @@ from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, check_request, fixed_seed
 from sdlab.server.jobs import Job, JobQueue
+from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.registry import Checkpoint, ModelRegistry
 from sdlab.server.store import Store
 from sdlab.server.worker import ModelHost, Runner
@@ -27,6 +28,8 @@ class Service:
             raise FileNotFoundError("this sdlab install has no built-in model; pass --model FILE")
         self.store = Store(config.output_dir)
         self.registry = ModelRegistry(Path(startup), config.models_dir)
+        self.controlnets = ModelFolder(config.controlnet_dir, CONTROLNET_SUFFIXES, hashed=True)
+        self.upscalers = ModelFolder(config.upscalers_dir, UPSCALER_SUFFIXES, hashed=False)
         self.host = ModelHost(self.registry, config.device, config.embeddings_dir)
         self.images_dir = config.output_dir / IMAGES_FOLDER
         self.runner = Runner(self.host, self.images_dir)
@@ -76,4 +79,7 @@ class Service:
                        prompt_to_record=spec.request.prompt if as_written else bare)
         settings = {"mode": mode, "model": checkpoint.title,
                     "loras": [{"name": c.name, "weight": c.weight} for c in loras], **request.parameters()}
+        if request.controls:
+            settings["controls"] = [{"model": Path(c.model_path).name, "strength": c.strength, "start": c.start,
+                                     "end": c.end, "module": c.module} for c in request.controls]
         return self.queue.submit(spec, mode, checkpoint.title, settings)

@@ -39,6 +39,7 @@ class ModelHost:
         self.previewer: LatentPreviewer | None = None
         self.loading = threading.Event()
         self.timings: dict[str, float] = {}
+        self.busy = threading.Lock()            # held by whatever uses the device: a job, an extras upscale
 
     def pipeline(self, checkpoint: Checkpoint, loras: tuple[tuple[Path, float], ...] = ()) -> Pipeline:
         key = (checkpoint.path, loras)
@@ -69,6 +70,10 @@ class Runner:
         self.host.pipeline(self.host.selected)
 
     def run(self, job: Job) -> None:
+        with self.host.busy:
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
         registry = self.host.registry
         checkpoint = registry.find(job.model)
         if checkpoint is None:

@@ -1,0 +1,66 @@
+"""The ControlNet and upscaler model files a client may name: the files of one folder each
+(`--controlnet-dir`, `--upscalers-dir`), chosen by name only, never by path; symlinks that leave the folder
+are skipped.
+
+ControlNets are named as A1111's ControlNet extension names them, `"<stem> [<legacy hash>]"`
+(`GET /controlnet/model_list`); a request may give that title, the stem or the file name. Upscalers are
+named by their file stem, as A1111 lists them in `GET /sdapi/v1/upscalers`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdlab.checkpoints.controlnet import legacy_hash
+
+CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    path: Path
+    title: str                      # what lists show ("name [hash]" for ControlNets, the stem for upscalers)
+
+    def names(self) -> set[str]:
+        return {self.title, self.path.stem, self.path.name}
+
+
+class ModelFolder:
+    """The model files of one folder (recursively); `find(name)` is the only way from a name to a path."""
+
+    def __init__(self, folder: Path | None, suffixes: tuple[str, ...], hashed: bool) -> None:
+        self.folder = folder.resolve() if folder is not None else None
+        self.suffixes = suffixes
+        self.hashed = hashed
+        self._lock = threading.Lock()
+        self.files: list[ModelFile] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        found: list[ModelFile] = []
+        if self.folder is not None and self.folder.is_dir():
+            for path in sorted(self.folder.rglob("*")):
+                if path.suffix.lower() not in self.suffixes or not path.is_file():
+                    continue
+                if not path.resolve().is_relative_to(self.folder):
+                    continue                                        # a symlink out of the folder
+                title = f"{path.stem} [{legacy_hash(path)}]" if self.hashed else path.stem
+                found.append(ModelFile(path, title))
+        with self._lock:
+            self.files = found
+
+    def find(self, name: str) -> ModelFile | None:
+        with self._lock:
+            files = list(self.files)
+        for wanted in (lambda f: name == f.title, lambda f: name in f.names()):
+            match = next((f for f in files if wanted(f)), None)
+            if match is not None:
+                return match
+        return None
+
+    def titles(self) -> list[str]:
+        with self._lock:
+            return [f.title for f in self.files]

@@ -1,0 +1,149 @@
+"""`sdlab serve` with ControlNet units (A1111's `alwayson_scripts.controlnet`, the native `controls`) and
+A1111's extras upscale: the pictures equal what `sdlab txt2img --control` and `upscale_image` make, models are
+chosen by name from the server's folders only, bad units are 4xx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from safetensors.torch import save_file
+
+from controlnet_fixtures import diffusers_controlnet, write_layout
+from server_fixtures import server_env, start_server
+from test_upscale_models import new_arch_state
+
+GEN = {"prompt": "a red apple", "steps": 3, "seed": 11, "width": 64, "height": 64, "cfg_scale": 5}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    import sdlab
+
+    root = tmp_path_factory.mktemp("server-controlnet")
+    models = root / "models"
+    (models / "ControlNet").mkdir(parents=True)
+    (models / "ESRGAN").mkdir()
+    bundle = sdlab.load().bundle
+    # hint_widths: one stride-2 stage per halving, so 2 ** (len - 1) must be the shipped VAE's factor
+    factor = bundle.vae_config.downsample_factor
+    widths = (16, 32, 96, 256)[: factor.bit_length()]
+    net = write_layout(diffusers_controlnet(bundle.unet_config, 3, hint_widths=widths, std=0.05),
+                       "diffusers-file", models / "ControlNet")
+    net = net.rename(models / "ControlNet" / "tiny_canny.safetensors")
+    save_file(new_arch_state(2), str(models / "ESRGAN" / "tinyx2.safetensors"))
+    hint = root / "hint.png"
+    image = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(image).rectangle([10, 10, 50, 50], outline="white", width=4)
+    image.save(hint)
+    server = start_server(root / "outputs", "--models-dir", str(models))
+    yield {"server": server, "net": net, "hint": hint, "root": root, "upscaler": models / "ESRGAN" / "tinyx2.safetensors"}
+    server.stop()
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _picture(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _cli(tmp_path: Path, *args: str) -> Image.Image:
+    out = tmp_path / "cli.png"
+    result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", *args, "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, env=server_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    return _picture(out.read_bytes())
+
+
+def _same(a: Image.Image, b: Image.Image) -> None:
+    assert a.size == b.size
+    assert (np.asarray(a.convert("RGB")) == np.asarray(b.convert("RGB"))).all()
+    assert a.info["parameters"] == b.info["parameters"]
+
+
+def test_controlnet_units_equal_the_cli(setup, tmp_path):
+    url = setup["server"].url
+    listed = httpx.get(url + "/controlnet/model_list", timeout=30).json()["model_list"]
+    assert len(listed) == 1 and listed[0].startswith("tiny_canny [") and len(listed[0]) == len("tiny_canny [12345678]")
+    assert "canny" in httpx.get(url + "/controlnet/module_list", timeout=30).json()["module_list"]
+
+    cli = _cli(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
+               "--cfg", "5", "--sampler", "Euler", "--control", f"{setup['net']}:{setup['hint']}:0.8:0:0.7")
+    assert "ControlNet 0" in cli.info["parameters"]
+    unit = {"enabled": True, "model": listed[0], "input_image": _b64(setup["hint"]), "weight": 0.8,
+            "guidance_start": 0.0, "guidance_end": 0.7, "module": "none", "pixel_perfect": False}
+    off = {**unit, "enabled": False, "model": "not there"}
+    response = httpx.post(url + "/sdapi/v1/txt2img", timeout=300, json={
+        **GEN, "sampler_name": "Euler", "alwayson_scripts": {"controlnet": {"args": [unit, off]}}})
+    assert response.status_code == 200, response.text
+    served = _picture(base64.b64decode(response.json()["images"][0]))
+    _same(served, cli)
+
+    with httpx.Client(base_url=url, timeout=300) as client:          # the native API, model by stem
+        job_id = client.post("/api/jobs", json={**GEN, "sampler": "Euler", "controls": [
+            {"model": "tiny_canny", "image": _b64(setup["hint"]), "strength": 0.8, "end": 0.7}]}).json()["id"]
+        deadline = time.monotonic() + 300
+        while (job := client.get(f"/api/jobs/{job_id}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert job["status"] == "done", job
+        assert job["request"]["controls"][0]["model"] == "tiny_canny.safetensors"
+        _same(_picture(client.get(job["images"][0]).content), cli)
+
+
+def test_bad_units_are_refused(setup):
+    url = setup["server"].url
+    unit = {"model": "tiny_canny", "image": _b64(setup["hint"])}
+
+    def post(**change):
+        return httpx.post(url + "/sdapi/v1/txt2img", timeout=60, json={
+            **GEN, "alwayson_scripts": {"controlnet": {"args": [{**unit, **change}]}}})
+
+    missing = post(model="nope [00000000]")
+    assert missing.status_code == 404 and "ControlNet" in missing.json()["detail"]
+    assert post(model=str(setup["net"])).status_code == 404                # never a path
+    assert post(image="bm90IGFuIGltYWdl").status_code == 400               # base64 of "not an image"
+    assert post(module="depth_zoe").status_code == 422
+    assert post(guidance_start=0.8, guidance_end=0.2).status_code == 422
+    native = httpx.post(url + "/api/jobs", timeout=60, json={**GEN, "controls": [{**unit, "model": "nope"}]})
+    assert native.status_code == 404 and "nope" in native.json()["detail"]
+
+
+def test_extra_single_image_upscales(setup):
+    from sdlab.checkpoints.upscaler import load_upscaler
+    from sdlab.pipeline.upscale import upscale_image
+
+    url = setup["server"].url
+    names = [row["name"] for row in httpx.get(url + "/sdapi/v1/upscalers", timeout=30).json()]
+    assert names[:3] == ["None", "Lanczos", "Nearest"] and "tinyx2" in names
+    source = Image.open(setup["hint"]).convert("RGB").resize((20, 16))
+    buffer = io.BytesIO()
+    source.save(buffer, "PNG")
+    image = base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    response = httpx.post(url + "/sdapi/v1/extra-single-image", timeout=120,
+                          json={"image": image, "upscaler_1": "tinyx2", "upscaling_resize": 3})
+    assert response.status_code == 200, response.text
+    served = _picture(base64.b64decode(response.json()["image"]))
+    expected = upscale_image(source, load_upscaler(setup["upscaler"]), (60, 48))
+    assert served.size == (60, 48)
+    assert np.abs(np.asarray(served, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+    lanczos = httpx.post(url + "/sdapi/v1/extra-single-image", timeout=60, json={
+        "image": image, "upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 40, "upscaling_resize_h": 40})
+    assert _picture(base64.b64decode(lanczos.json()["image"])).size == (40, 40)
+    unknown = httpx.post(url + "/sdapi/v1/extra-single-image", timeout=60,
+                         json={"image": image, "upscaler_1": str(setup["upscaler"])})
+    assert unknown.status_code == 404
