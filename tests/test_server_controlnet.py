@@ -147,3 +147,21 @@ def test_extra_single_image_upscales(setup):
     unknown = httpx.post(url + "/sdapi/v1/extra-single-image", timeout=60,
                          json={"image": image, "upscaler_1": str(setup["upscaler"])})
     assert unknown.status_code == 404
+
+
+def test_webuiapi_controlnet_units_and_extras(setup):
+    """webuiapi's own payloads: a unit with an image (txt2img), one without (img2img: the init image is the
+    hint, as in the extension), the extension's model list, and extra_single_image."""
+    webuiapi = pytest.importorskip("webuiapi")
+    api = webuiapi.WebUIApi(baseurl=setup["server"].url + "/sdapi/v1", steps=3)
+    model = api.controlnet_model_list()[0]
+    hint = Image.open(setup["hint"])
+    result = api.txt2img(prompt="a cat", seed=2, width=64, height=64, sampler_name="Euler",
+                         controlnet_units=[webuiapi.ControlNetUnit(image=hint, model=model, module="canny", weight=0.5)])
+    assert "Module: canny, Model: tiny_canny [" in result.info["infotexts"][0]
+    assert "Weight: 0.5" in result.info["infotexts"][0]
+    result = api.img2img(images=[hint], prompt="a cat", seed=2, denoising_strength=0.6,
+                         controlnet_units=[webuiapi.ControlNetUnit(model=model)])
+    assert "ControlNet 0" in result.info["infotexts"][0]
+    upscaled = api.extra_single_image(image=hint, upscaler_1="Nearest", upscaling_resize=2)
+    assert upscaled.image.size == (128, 128)

@@ -172,8 +172,8 @@ async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     return await _generate(service, body, "txt2img", _request(body, controls))
 
 
-def _controls(service: Service, body: Txt2ImgIn) -> tuple:
-    return a1111_controls(body.alwayson_scripts, service.controlnets, service.config.limits)
+def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None) -> tuple:
+    return a1111_controls(body.alwayson_scripts, service.controlnets, service.config.limits, init)
 
 
 @router.post("/img2img")
@@ -186,7 +186,7 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
     if mask is not None and body.inpainting_mask_invert:
         mask = ImageOps.invert(mask.convert("L"))
-    controls = await asyncio.to_thread(_controls, service, body)
+    controls = await asyncio.to_thread(_controls, service, body, init)
     return await _generate(service, body, "inpaint" if mask is not None else "img2img",
                            _request(body, controls, init, mask))
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from PIL import Image
+
 from sdlab.pipeline.control import ControlInput, check_control
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.request import RequestError
@@ -42,17 +44,19 @@ def control(model: Any, image: Any, strength: Any, start: Any, end: Any, module:
                          "ControlNet model not found")
     if isinstance(image, dict):                 # the extension's {"image": ..., "mask": ...}
         image = image.get("image")
-    if image is None:
+    if image is None or image == "":
         raise BadRequest(f"{what}: needs an image (base64)", 422)
-    picture = decode_image(image, f"{what} image", limits)
+    picture = image if isinstance(image, Image.Image) else decode_image(image, f"{what} image", limits)
     try:
         return check_control(ControlInput(str(found.path), picture, strength, start, end, module_name(module)), index)
     except RequestError as err:
         raise BadRequest(str(err), 422) from None
 
 
-def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits) -> tuple[ControlInput, ...]:
-    """The enabled units of `alwayson_scripts["controlnet"]["args"]` (the key in any case)."""
+def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits,
+                   init: Image.Image | None = None) -> tuple[ControlInput, ...]:
+    """The enabled units of `alwayson_scripts["controlnet"]["args"]` (the key in any case). A unit without
+    an image (webuiapi sends "") takes img2img's init image, as the extension does."""
     if not isinstance(scripts, dict):
         return ()
     script = next((v for k, v in scripts.items() if isinstance(k, str) and k.lower() == "controlnet"), None)
@@ -67,7 +71,7 @@ def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits) -> tuple[C
             raise BadRequest(f"a ControlNet unit must be an object, got {unit!r}", 422)
         if not unit.get("enabled", True) or unit.get("model") in (None, "", "None"):
             continue
-        image = unit.get("image") if unit.get("image") is not None else unit.get("input_image")
+        image = unit.get("image") or unit.get("input_image") or init
         controls.append(control(unit["model"], image, unit.get("weight", 1.0), unit.get("guidance_start", 0.0),
                                 unit.get("guidance_end", 1.0), unit.get("module"), len(controls), folder, limits))
     return tuple(controls)
