@@ -165,3 +165,22 @@ def test_webuiapi_controlnet_units_and_extras(setup):
     assert "ControlNet 0" in result.info["infotexts"][0]
     upscaled = api.extra_single_image(image=hint, upscaler_1="Nearest", upscaling_resize=2)
     assert upscaled.image.size == (128, 128)
+
+
+def test_model_folder_names_and_symlinks(tmp_path):
+    from sdlab.server.model_folders import CONTROLNET_SUFFIXES, ModelFolder
+
+    folder, outside = tmp_path / "ControlNet", tmp_path / "elsewhere"
+    (folder / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (folder / "sub" / "depth.safetensors").write_bytes(b"x" * 2_000_000)
+    (outside / "secret.pth").write_bytes(b"y" * 100)
+    (folder / "link.pth").symlink_to(outside / "secret.pth")
+    (folder / "notes.txt").write_text("not a model")
+    models = ModelFolder(folder, CONTROLNET_SUFFIXES, hashed=True)
+    assert [f.path.name for f in models.files] == ["depth.safetensors"]
+    title = models.titles()[0]
+    assert models.find(title) is models.find("depth") is models.find("depth.safetensors") is not None
+    assert models.find("depth [ffffffff]") is not None            # another hash: matched by name
+    assert models.find("link") is None and models.find(str(outside / "secret.pth")) is None
+    assert ModelFolder(None, CONTROLNET_SUFFIXES, hashed=True).titles() == []

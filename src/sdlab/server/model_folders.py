@@ -3,7 +3,8 @@
 are skipped.
 
 ControlNets are named as A1111's ControlNet extension names them, `"<stem> [<legacy hash>]"`
-(`GET /controlnet/model_list`); a request may give that title, the stem or the file name. Upscalers are
+(`GET /controlnet/model_list`); a request may give that title, the stem or the file name (a title whose hash
+differs finds the file by its stem, as the extension matches names). Upscalers are
 named by their file stem, as A1111 lists them in `GET /sdapi/v1/upscalers`.
 """
 
@@ -55,7 +56,8 @@ class ModelFolder:
     def find(self, name: str) -> ModelFile | None:
         with self._lock:
             files = list(self.files)
-        for wanted in (lambda f: name == f.title, lambda f: name in f.names()):
+        bare = name.rsplit(" [", 1)[0] if name.endswith("]") else name     # "stem [other hash]": by stem
+        for wanted in (lambda f: name == f.title, lambda f: name in f.names(), lambda f: bare in f.names()):
             match = next((f for f in files if wanted(f)), None)
             if match is not None:
                 return match
