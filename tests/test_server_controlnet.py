@@ -184,3 +184,11 @@ def test_model_folder_names_and_symlinks(tmp_path):
     assert models.find("depth [ffffffff]") is not None            # another hash: matched by name
     assert models.find("link") is None and models.find(str(outside / "secret.pth")) is None
     assert ModelFolder(None, CONTROLNET_SUFFIXES, hashed=True).titles() == []
+
+
+def test_missing_model_folders_are_one_error_line(tmp_path):
+    for option in ("--controlnet-dir", "--upscalers-dir"):
+        result = subprocess.run([sys.executable, "-m", "sdlab", "serve", option, str(tmp_path / "missing"), "--port", "0"],
+                                capture_output=True, text=True, env=server_env(), timeout=120)
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [f"sdlab: error: the {option} {str(tmp_path / 'missing')!r} is not a folder"]
