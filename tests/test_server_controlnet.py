@@ -90,6 +90,8 @@ def test_controlnet_units_equal_the_cli(setup, tmp_path):
     assert response.status_code == 200, response.text
     served = _picture(base64.b64decode(response.json()["images"][0]))
     _same(served, cli)
+    echoed = response.json()["parameters"]["alwayson_scripts"]["controlnet"]["args"][0]
+    assert echoed["input_image"] is None and echoed["weight"] == 0.8
 
     with httpx.Client(base_url=url, timeout=300) as client:          # the native API, model by stem
         job_id = client.post("/api/jobs", json={**GEN, "sampler": "Euler", "controls": [

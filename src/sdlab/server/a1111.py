@@ -127,12 +127,23 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     if body.send_images:
         images = [base64.b64encode((service.images_dir / name).read_bytes()).decode("ascii") for name in job.images]
     echo = body.model_dump()
-    echo["alwayson_scripts"] = {}           # A1111 does not echo the units' images either
+    echo["alwayson_scripts"] = _without_images(body.alwayson_scripts)
     if isinstance(body, Img2ImgIn) and not body.include_init_images:
         echo["init_images"], echo["mask"] = None, None
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
     return {"images": images, "parameters": echo, "info": json.dumps(_info(job, body, name))}
+
+
+def _without_images(scripts: dict[str, Any]) -> dict[str, Any]:
+    """The scripts' echo with the ControlNet units' images left out (they can be megabytes each)."""
+    out = dict(scripts)
+    for key, script in scripts.items():
+        if key.lower() == "controlnet" and isinstance(script, dict) and isinstance(script.get("args"), list):
+            units = [{k: (None if k in ("image", "input_image", "mask") else v) for k, v in unit.items()}
+                     if isinstance(unit, dict) else unit for unit in script["args"]]
+            out[key] = {**script, "args": units}
+    return out
 
 
 def _info(job: Job, body: Txt2ImgIn, model_name: str) -> dict[str, Any]:
