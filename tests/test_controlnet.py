@@ -154,7 +154,7 @@ def test_truncated_controlnet_names_what_is_missing(tmp_path):
     state = load_file(path)
     del state["control_model.zero_convs.3.0.weight"]
     save_file(state, tmp_path / "cut.safetensors")
-    with pytest.raises(CheckpointError, match="missing 1 keys .*zero_convs.3.0.weight"):
+    with pytest.raises(CheckpointError, match="missing 1 keys: .*zero_convs.3.0.weight"):
         load_controlnet(tmp_path / "cut.safetensors")
 
 

@@ -140,17 +140,7 @@ class ComponentSource:
         """
         converted = {k: v.shape for k, v in self.convert(meta_view(self.state)).items()}
         expected = {k: v.shape for k, v in self.build_meta().state_dict().items()}
-        missing = sorted(set(expected) - set(converted))
-        unexpected = sorted(set(converted) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(converted) if expected[k] != converted[k])
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} keys: {_listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {len(unexpected)} keys: {_listing(unexpected)}")
-        if wrong:
-            shown = ", ".join(f"{k} {tuple(converted[k])} (expected {tuple(expected[k])})" for k in wrong[:5])
-            problems.append(f"{len(wrong)} keys with the wrong shape: {shown}")
+        problems = key_problems(expected, converted)
         if problems:
             raise CheckpointError(f"{self.origin}: {self.name} ({type(self.config).__name__}): " + "; ".join(problems))
         return converted, sum(s.numel() for s in converted.values())
@@ -165,6 +155,24 @@ class ComponentSource:
         if isinstance(module, UNet):  # assigned tensors arrive contiguous; the U-Net's convs run fastest channels-last
             module.to(memory_format=torch.channels_last)
         return module.eval()
+
+
+def key_problems(expected: Mapping[str, torch.Size], shapes: Mapping[str, torch.Size],
+                 shown: Callable[[str], str] = str) -> list[str]:
+    """What keeps a state dict of `shapes` from loading into a module whose own is `expected`: missing,
+    unexpected and mis-shaped keys (named through `shown`), one phrase each; empty when it fits."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(shown(k) for k in set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} keys: {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} keys: {_listing(unexpected)}")
+    if wrong:
+        listed = ", ".join(f"{k} {tuple(shapes[k])} (expected {tuple(expected[k])})" for k in wrong[:5])
+        problems.append(f"{len(wrong)} keys with the wrong shape: {listed}")
+    return problems
 
 
 def _listing(keys: list[str], limit: int = 8) -> str:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.components import CastingView, meta_device_without_init
+from sdlab.checkpoints.components import CastingView, key_problems, meta_device_without_init
 from sdlab.checkpoints.diffusers_folder import _read_json, component_weights
 from sdlab.checkpoints.diffusers_unet import (
     unet_config_from_diffusers,
@@ -309,16 +309,6 @@ def load_controlnet(
 def _check_keys(cfg: ControlNetConfig, shapes: Mapping[str, torch.Size], path: Path) -> None:
     with meta_device_without_init():
         expected = {k: v.shape for k, v in ControlNet(cfg).state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(k.removeprefix("<unknown>") for k in set(shapes) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} keys ({', '.join(missing[:4])})")
-    if unexpected:
-        problems.append(f"unexpected {len(unexpected)} keys ({', '.join(unexpected[:4])})")
-    if wrong:
-        k = wrong[0]
-        problems.append(f"{len(wrong)} keys with the wrong shape ({k}: {tuple(shapes[k])}, expected {tuple(expected[k])})")
+    problems = key_problems(expected, shapes, shown=lambda key: key.removeprefix("<unknown>"))
     if problems:
         raise CheckpointError(f"{path}: not a ControlNet sdlab can build: " + "; ".join(problems))
