@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from sdlab.checkpoints.components import CastingView, key_problems, meta_device_without_init
-from sdlab.checkpoints.diffusers_folder import _read_json, component_weights
+from sdlab.checkpoints.diffusers_folder import read_config_json, component_weights
 from sdlab.checkpoints.diffusers_unet import (
     unet_config_from_diffusers,
     unet_config_from_diffusers_shapes,
@@ -236,7 +236,7 @@ def _diffusers_options(config: Mapping[str, Any], path: Path) -> tuple[UNetConfi
 
 def _read(path: Path) -> tuple[Mapping[str, Tensor], dict[str, Any] | None]:
     if path.is_dir():
-        config = _read_json(path / "config.json")
+        config = read_config_json(path / "config.json")
         if config.get("_class_name") not in (None, "ControlNetModel"):
             raise CheckpointError(f"{path}: config.json describes a {config['_class_name']}, not a ControlNetModel")
         return component_weights(path), config

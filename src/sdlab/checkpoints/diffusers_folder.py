@@ -120,7 +120,7 @@ def _regular_file(path: Path) -> bool:
         return False
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_config_json(path: Path) -> dict[str, Any]:
     """A JSON object from a regular file of at most `MAX_JSON_BYTES`."""
     if not path.exists():
         raise CheckpointError(f"{path}: missing")
@@ -144,7 +144,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _shard_paths(index: Path) -> list[Path]:
     """The shard files a `*.safetensors.index.json` names, each a regular file inside the index's folder."""
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_config_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file name")
     shards = []
@@ -184,7 +184,7 @@ def _config_from_json(path: Path, convert: Callable[[dict[str, Any]], ConfigT],
                       config_json: dict[str, Any] | None = None) -> ConfigT:
     """``convert`` applied to the JSON file ``path`` (``config_json`` when already read); its ValueError becomes
     a CheckpointError naming the file."""
-    config_json = _read_json(path) if config_json is None else config_json
+    config_json = read_config_json(path) if config_json is None else config_json
     try:
         return convert(config_json)
     except (ValueError, CheckpointError) as exc:
@@ -248,7 +248,7 @@ def vae_source_from_diffusers_state(path: Path, state: Mapping[str, Tensor]) -> 
 
 def _text_source(spec: TextEncoderSpec, build: Callable[[CLIPTextConfig], nn.Module], folder: Path) -> ComponentSource:
     config_path = folder / "config.json"
-    config_json = _read_json(config_path)
+    config_json = read_config_json(config_path)
     state = component_weights(folder)
     tolerated = sorted(k for k in state if is_hf_text_tolerated(k))
     sub = SubStateDict(state, {k: k for k in state if k not in tolerated})
@@ -274,13 +274,13 @@ def _text_source(spec: TextEncoderSpec, build: Callable[[CLIPTextConfig], nn.Mod
 
 def read_diffusers_folder(path: Path, *, family: str | None = None) -> DiffusersFolder:
     """Detect the family of a diffusers folder and open each component (weights are read lazily)."""
-    model_index = _read_json(path / MODEL_INDEX)
-    unet_json = _read_json(path / "unet" / "config.json")
+    model_index = read_config_json(path / MODEL_INDEX)
+    unet_json = read_config_json(path / "unet" / "config.json")
     unet = _unet_source(path / "unet", unet_json)  # checks unet/config.json before detection reads it
     first_text = path / "text_encoder" / "config.json"
-    text_json = _read_json(first_text) if first_text.exists() else None
+    text_json = read_config_json(first_text) if first_text.exists() else None
     spec = detect_diffusers_family(model_index, unet_json, text_json, override=family)
-    vae_json = _read_json(path / "vae" / "config.json")
+    vae_json = read_config_json(path / "vae" / "config.json")
     unet = replace(unet, build=spec.unet_module)
     vae = replace(vae_source_from_folder(path / "vae", vae_json), build=spec.vae_module)
     scaling = vae_json.get("scaling_factor")
@@ -299,7 +299,7 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
             te = replace(te, hidden_state="last")
         text.append((te, _text_source(te, spec.text_module, folder)))
     scheduler = path / "scheduler" / "scheduler_config.json"
-    prediction_type = _read_json(scheduler).get("prediction_type") if scheduler.exists() else None
+    prediction_type = read_config_json(scheduler).get("prediction_type") if scheduler.exists() else None
     if prediction_type is not None and not isinstance(prediction_type, str):
         raise CheckpointError(f"{scheduler}: prediction_type must be a string, got {prediction_type!r}")
     total = sum(len(c.state) + len(c.ignored) for c in [unet, vae, *(src for _, src in text)])
