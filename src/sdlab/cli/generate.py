@@ -28,6 +28,7 @@ from typing import Any
 
 from sdlab.cli.errors import UserError, write_error
 from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
+from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab")
 
@@ -96,6 +97,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--threads", type=int, metavar="N",
+                       help="CPU threads (default: 1 for small models such as the shipped one, else all cores; "
+                            "OMP_NUM_THREADS also sets it)")
         if mode == "txt2img":
             _add_hires_flags(p)
         if mode != "txt2img":
@@ -183,6 +187,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
             options.update(from_parameters(recorded))
         except ValueError as err:
             raise UserError(str(err)) from None
+    if getattr(args, "threads", None) is not None and not 1 <= args.threads <= 1024:
+        raise UserError(f"--threads must be 1 to 1024, got {args.threads}")
     if not 1 <= getattr(args, "batch_count", 1) <= MAX_BATCH_COUNT:
         raise UserError(f"--batch-count must be 1 to {MAX_BATCH_COUNT}, got {args.batch_count}")
     for flag, value in (("--width", args.width), ("--height", args.height)):
@@ -331,6 +337,7 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
     except RequestError as err:     # e.g. a --device this torch cannot use
         raise UserError(str(err)) from None
     pipe.find_lora = _lora_finder(args, lora_hashes)          # prompt tags: as `_resolve_loras` found them
+    use_threads_for(pipe.bundle.unet, pipe.bundle.device, getattr(args, "threads", None))
     return pipe, model
 
 
