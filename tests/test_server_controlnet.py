@@ -154,15 +154,17 @@ def test_extra_single_image_upscales(setup):
 def test_webuiapi_controlnet_units_and_extras(setup):
     """webuiapi's own payloads: a unit with an image (txt2img), one without (img2img: the init image is the
     hint, as in the extension), the extension's model list, and extra_single_image."""
-    webuiapi = pytest.importorskip("webuiapi")
+    import webuiapi
     api = webuiapi.WebUIApi(baseurl=setup["server"].url + "/sdapi/v1", steps=3)
     model = api.controlnet_model_list()[0]
     hint = Image.open(setup["hint"])
-    result = api.txt2img(prompt="a cat", seed=2, width=64, height=64, sampler_name="Euler",
+    # webuiapi's alwayson_scripts default is one shared dict that it fills with the units: a fresh dict per
+    # call keeps them out of the other tests' requests in this process
+    result = api.txt2img(prompt="a cat", seed=2, width=64, height=64, sampler_name="Euler", alwayson_scripts={},
                          controlnet_units=[webuiapi.ControlNetUnit(image=hint, model=model, module="canny", weight=0.5)])
     assert "Module: canny, Model: tiny_canny [" in result.info["infotexts"][0]
     assert "Weight: 0.5" in result.info["infotexts"][0]
-    result = api.img2img(images=[hint], prompt="a cat", seed=2, denoising_strength=0.6,
+    result = api.img2img(images=[hint], prompt="a cat", seed=2, denoising_strength=0.6, alwayson_scripts={},
                          controlnet_units=[webuiapi.ControlNetUnit(model=model)])
     assert "ControlNet 0" in result.info["infotexts"][0]
     upscaled = api.extra_single_image(image=hint, upscaler_1="Nearest", upscaling_resize=2)
