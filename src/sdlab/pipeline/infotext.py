@@ -12,9 +12,7 @@ it is encoded, as A1111 does.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
+from sdlab.pipeline.prompt_loras import split_prompt_loras
 from sdlab.pipeline.request import GenerationRequest
 
 # A1111 label -> (request field, parser)
@@ -47,10 +46,6 @@ _FIELDS: dict[str, tuple[str, type]] = {
 }
 
 
-# A1111 extra-network syntax, lora only: <lora:NAME>, <lora:NAME:WEIGHT>, <lora:NAME:TE:UNET> (TE is used)
-_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
-
-
 @dataclass(frozen=True)
 class LoraRef:
     """A LoRA as the parameters name it: A1111's name (the file's stem), its weight and its short hash."""
@@ -65,18 +60,10 @@ def _format_weight(weight: float) -> str:
 
 
 def split_lora_tags(prompt: str) -> tuple[str, list[LoraRef]]:
-    """(the prompt without its `<lora:...>` tags, the LoRAs they name). A bad weight raises ValueError."""
-    refs = []
-    for match in _LORA_TAG.finditer(prompt):
-        name, weight = match.group(1).strip(), (match.group(2) or "1").strip()
-        try:
-            value = float(weight)
-        except ValueError:
-            value = math.nan
-        if not name or not math.isfinite(value):
-            raise ValueError(f"the LoRA tag {match.group(0)!r} wants <lora:NAME:WEIGHT> with a number as WEIGHT")
-        refs.append(LoraRef(name, value))
-    return _LORA_TAG.sub("", prompt), refs
+    """(the prompt without its `<lora:...>` / `<lyco:...>` tags, the LoRAs they name at their text-encoder
+    weight), read by `prompt_loras.split_prompt_loras`. A bad weight raises ValueError."""
+    bare, tags = split_prompt_loras(prompt)
+    return bare, [LoraRef(tag.name, tag.te_weight) for tag in tags]
 
 
 def with_lora_tags(prompt: str, loras: Sequence[LoraRef]) -> str:
