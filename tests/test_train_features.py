@@ -244,3 +244,33 @@ def test_sd2_finetune_trains_v_prediction(tmp_path, monkeypatch):
     assert base.prediction is Prediction.EPS  # what the unlabeled original file is read as
     change = max(float((tuned.unet.state_dict()[k] - v).abs().max()) for k, v in base.unet.state_dict().items())
     assert change > 1e-4
+
+
+# --- text encoder fine-tuning ----------------------------------------------------------------------------
+
+
+def test_train_text_encoder_updates_the_text_tower_with_the_unet(sd1, tmp_path):
+    model, data_dir = sd1
+    cfg = _config(tmp_path / "run", model, data_dir, train_text_encoder=True, max_steps=2)
+    bundle = load_bundle(model)
+    text = bundle.text_encoders[0].model
+    before = {k: v.clone() for k, v in text.state_dict().items()}
+    task = UNetTask(bundle, UNetTaskOptions.from_config(cfg))
+    assert set(task.trainable_modules()) == {"unet", "text_encoder0"}
+    data = TrainData(scan_dataset(data_dir), resolution=RES, center_crop=True, random_flip=False, seed=0,
+                     batch_size=2, grad_accum=1, num_workers=1)
+    result = train(task, data, cfg, CPU)
+    change = max(float((text.state_dict()[k] - v).abs().max()) for k, v in before.items())
+    assert change > 1e-4  # the text tower learned with the U-Net
+    saved = load_bundle(result.weights)
+    for key, value in saved.text_encoders[0].model.state_dict().items():
+        assert torch.equal(value, text.state_dict()[key]), key  # and is delivered in the model file
+
+
+def test_train_text_encoder_with_lora_is_refused(sd1, tmp_path):
+    from sdlab.train.errors import TrainError
+
+    model, data_dir = sd1
+    cfg = _config(tmp_path / "run", model, data_dir, train_text_encoder=True, lora_rank=2)
+    with pytest.raises(TrainError, match="--lora-text-encoder"):
+        UNetTask(load_bundle(model), UNetTaskOptions.from_config(cfg))

@@ -67,6 +67,8 @@ class TrainConfig:
                                           "(default: full fine-tune)")
     lora_alpha: float | None = setting(None, "LoRA alpha (default: the rank, i.e. scale 1)")
     lora_text_encoder: bool = setting(False, "also put LoRA on the text encoders' attention / MLP")
+    train_text_encoder: bool = setting(False, "U-Net task, full fine-tune: the text encoders learn too (new words "
+                                              "and phrasings reach the U-Net through them)")
 
     # objective (embedding task)
     embedding_word: str | None = setting(None, "embedding task: the new word to learn (only its vectors train; "
@@ -176,7 +178,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 # Settings that must match when resuming: they define the data stream, the objective or the parameters.
 RESUME_INVARIANTS = (
     "task", "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
-    "lora_text_encoder", "embedding_word", "embedding_vectors", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
+    "lora_text_encoder", "train_text_encoder", "embedding_word", "embedding_vectors", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
 )
 
 

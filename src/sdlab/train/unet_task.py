@@ -38,6 +38,7 @@ from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet
 from sdlab.pipeline.conditioning import encode_captions, sdxl_size_conds
 from sdlab.train.data import generator_for
+from sdlab.train.errors import TrainError
 from sdlab.train.lora import LoRANetwork, save_lora_networks
 from sdlab.train.task import Batch
 from sdlab.utils.dtypes import dtype_from_name
@@ -69,7 +70,7 @@ class UNetTaskOptions:
 
     def __init__(self, *, caption_dropout: float = 0.1, min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, prediction: str | None = None, lora_rank: int | None = None,
-                 lora_alpha: float | None = None, lora_text_encoder: bool = False,
+                 lora_alpha: float | None = None, lora_text_encoder: bool = False, train_text_encoder: bool = False,
                  gradient_checkpointing: bool = False, save_dtype: str = "fp32", sample_prompts: Sequence[str] = (),
                  sample_steps: int = 20, sample_cfg: float = 7.0, sample_seed: int = 0, resolution: int | None = None):
         self.caption_dropout = caption_dropout
@@ -79,6 +80,7 @@ class UNetTaskOptions:
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_text_encoder = lora_text_encoder
+        self.train_text_encoder = train_text_encoder
         self.gradient_checkpointing = gradient_checkpointing
         self.save_dtype = save_dtype
         self.sample_prompts = tuple(sample_prompts)
@@ -91,7 +93,7 @@ class UNetTaskOptions:
     def from_config(cls, cfg) -> UNetTaskOptions:
         return cls(caption_dropout=cfg.caption_dropout, min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
                    prediction=cfg.prediction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                   lora_text_encoder=cfg.lora_text_encoder, gradient_checkpointing=cfg.gradient_checkpointing,
+                   lora_text_encoder=cfg.lora_text_encoder, train_text_encoder=cfg.train_text_encoder, gradient_checkpointing=cfg.gradient_checkpointing,
                    save_dtype=cfg.save_dtype, sample_prompts=cfg.sample_prompts, sample_steps=cfg.sample_steps,
                    sample_cfg=cfg.sample_cfg, sample_seed=cfg.sample_seed, resolution=cfg.resolution)
 
@@ -113,6 +115,8 @@ class UNetTask:
         self.device = bundle.device
         self.sampling = bundle.model_sampling
 
+        if opts.train_text_encoder and opts.lora_rank is not None:
+            raise TrainError("--train-text-encoder is for a full fine-tune; with --lora-rank use --lora-text-encoder")
         for module in (bundle.vae, *(te.model for te in bundle.text_encoders)):
             module.requires_grad_(False).eval()
         self.text_lora: LoRANetwork | None = None
@@ -120,6 +124,10 @@ class UNetTask:
         if opts.lora_rank is None:
             bundle.unet.requires_grad_(True)
             self._modules: dict[str, nn.Module] = {"unet": bundle.unet}
+            if opts.train_text_encoder:
+                for i, te in enumerate(bundle.text_encoders):
+                    te.model.requires_grad_(True).train()
+                    self._modules[f"text_encoder{i}"] = te.model
         else:
             bundle.unet.requires_grad_(False)
             self.unet_lora = LoRANetwork.for_unet(bundle.unet, opts.lora_rank, opts.lora_alpha).attach()
@@ -161,7 +169,7 @@ class UNetTask:
         x_t = self.sampling.q_sample(z0, noise, t)
         target = self.sampling.training_target(z0, noise, t)
 
-        text_learns = self.text_lora is not None or self.trains_text_input
+        text_learns = self.text_lora is not None or self.trains_text_input or self.options.train_text_encoder
         with torch.set_grad_enabled(text_learns and torch.is_grad_enabled()):
             context, pooled = encode_captions(self.bundle.text_encoders, captions, with_pooled=self.bundle.family.is_sdxl)
         y = self._vector(pooled, batch, z0) if self.bundle.unet_config.adm_in_channels is not None else None
