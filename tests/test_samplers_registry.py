@@ -87,6 +87,8 @@ def test_every_sampler_runs_with_the_noise_its_spec_asks_for(name: str) -> None:
         options["noise"] = BrownianTreeNoise.for_sigmas(x, sigmas, [1, 2])
     if spec.wants_sigma_to_t:
         options["sigma_to_t"] = schedule.sigma_to_t
+    if spec.wants_t_to_sigma:
+        options["t_to_sigma"] = schedule.t_to_sigma
     steps: list[int] = []
     out = spec.fn(model, x, sigmas, callback=lambda info: steps.append(info.i), **options)
     assert out.shape == x.shape and torch.isfinite(out).all()

@@ -15,7 +15,8 @@ and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for
   SDE samplers, as AUTOMATIC1111 / ComfyUI / k-diffusion feed them; diffusers' DPMSolverSDEScheduler
   uses a Brownian tree too, its DPMSolverMultistep SDE variants do not). DDIM draws only when eta > 0;
   Euler / Heun / DPM2 draw only with churn (``s_churn > 0``) and count as deterministic;
-- whether it wants the schedule's ``sigma_to_t`` (LCM's boundary scalings depend on the timestep);
+- whether it wants the schedule's ``sigma_to_t`` (LCM's boundary scalings depend on the timestep) and
+  ``t_to_sigma`` (TCD jumps to an integer training timestep);
 - which diffusers scheduler family's timestep spacing it takes when a diffusers spacing (``leading``,
   ``trailing``, ``linspace``) is named (``spacing``, see ``discretization.diffusers_spacing_sigmas``):
   the family of the diffusers scheduler that implements it. diffusers' DPMSolverMultistep (2M, 2M SDE,
@@ -67,6 +68,8 @@ class SamplerSpec:
     noise: str = "none"                 # "none" | "gaussian" | "brownian"
     final_sigma: str = "zero"           # "zero" | "first_alpha"
     wants_sigma_to_t: bool = False
+    wants_t_to_sigma: bool = False      # TCD steps to integer training timesteps
+    max_eta: float | None = None        # the largest eta it takes (TCD's gamma: 1)
     spacing: str = "euler"              # "euler" | "dpm_solver" | "ddim" | "lcm" (discretization.SPACING_SCHEDULERS)
     min_steps: int = 1                  # fewer steps can give a broken picture with guidance (module docstring)
     min_steps_karras: int | None = None  # the minimum with a Karras schedule, where it differs
@@ -109,6 +112,9 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec("DDPM", "ddpm", L.sample_ddpm, noise=_GAUSS, spacing=_DDIM),
     # LCMScheduler returns the denoised sample at the last step
     SamplerSpec("LCM", "lcm", L.sample_lcm, noise=_GAUSS, wants_sigma_to_t=True, spacing="lcm"),
+    # TCDScheduler: LCM's grid (original_inference_steps=50), steps to integer timesteps, ends at alphas_cumprod[0]
+    SamplerSpec("TCD", "tcd", L.sample_tcd, noise=_GAUSS, final_sigma="first_alpha", wants_sigma_to_t=True,
+                wants_t_to_sigma=True, spacing="lcm", max_eta=1.0),
     # UniPCMultistepScheduler (final_sigmas_type="zero"); ComfyUI's UniPC runs order 3 with bh1 or bh2
     SamplerSpec("UniPC", None, L.sample_unipc, spacing=_DPM),
     SamplerSpec(None, "uni_pc", partial(L.sample_unipc, order=3, variant="bh1"), spacing=_DPM),

@@ -1,4 +1,4 @@
-"""The timestep-family samplers of the LDM world (DDIM, PLMS, DDPM, LCM, UniPC), written in sigma space.
+"""The timestep-family samplers of the LDM world (DDIM, PLMS, DDPM, LCM, TCD, UniPC), written in sigma space.
 
 CompVis' and diffusers' versions of these samplers step a variance-preserving (VP) latent
 ``z_t = sqrt(ac_t) x0 + sqrt(1 - ac_t) eps`` over a list of integer timesteps. sdlab's samplers are
@@ -47,6 +47,7 @@ __all__ = [
     "sample_ddpm",
     "sample_lcm",
     "sample_plms",
+    "sample_tcd",
     "sample_unipc",
     "to_ddpm_latent",
 ]
@@ -275,6 +276,68 @@ def sample_lcm(
         if sigma_next > 0.0:
             x = x + sigma_next * require_noise(noise, "LCM", "re-noises after each step")(sigmas[i], sigmas[i + 1])
     return x
+
+
+# --------------------------------------------------------------------------------------------------
+# TCD
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_tcd(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.3,
+    sigma_to_t: Callable[[Tensor], Tensor] | None = None,
+    t_to_sigma: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """Trajectory Consistency Distillation's strategic stochastic sampling (Zheng et al. 2024, Alg. 4),
+    as diffusers' ``TCDScheduler.step``; ``eta`` is the paper's gamma (0: deterministic, 1: LCM-like).
+
+    From x at t the step jumps along the trajectory to the earlier timestep s = floor((1 - eta) t'),
+    t' the next timestep, then re-noises forward to t'. In VE sigmas (the VP update divided by sqrt(ac'))::
+
+        x_s = x0 + sigma_s * (x - x0) / sigma,     x' = x_s + sqrt(sigma'^2 - sigma_s^2) * noise
+
+    The last step returns x_s without noise (diffusers draws none there; at eta = 0 no step draws).
+    eta = 0 is DDIM / Euler on the same sigmas. s is an integer timestep of the training schedule, so the
+    sampler needs the schedule's ``sigma_to_t`` and ``t_to_sigma`` (the generate loop passes both); a
+    next sigma that is not a training level (karras, ...) maps to its fractional timestep first. The
+    reference ends at alphas_cumprod[0] (t' = 0 after the last timestep): pass sigma_min as the final
+    sigma (its table row's ``final_sigma="first_alpha"``); with a final sigma of 0 the last step returns x0.
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"TCD's eta (gamma) must lie in [0, 1], got {eta}")
+    if sigma_to_t is None or t_to_sigma is None:
+        raise ValueError("TCD steps to integer training timesteps: pass the schedule's sigma_to_t and t_to_sigma")
+    sigma_values = _check_sigmas(sigmas)
+    last = len(sigma_values) - 2
+    for i in range(last + 1):
+        sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        sigma_s = _tcd_sigma_s(sigma_next, eta, sigma_to_t, t_to_sigma)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        x = denoised + (sigma_s / sigma) * (x - denoised)
+        if eta > 0.0 and i < last:
+            step_noise = require_noise(noise, "TCD", "eta > 0")(sigmas[i], sigmas[i + 1])
+            x = x + math.sqrt(max(sigma_next * sigma_next - sigma_s * sigma_s, 0.0)) * step_noise
+    return x
+
+
+def _tcd_sigma_s(sigma_next: float, eta: float, sigma_to_t: Callable, t_to_sigma: Callable) -> float:
+    """sigma at TCD's s = floor((1 - eta) t'), never above sigma' (sigma' itself when eta = 0)."""
+    if eta == 0.0 or sigma_next == 0.0:
+        return sigma_next
+    t_next = float(torch.as_tensor(sigma_to_t(torch.tensor([sigma_next], dtype=torch.float64))).reshape(-1)[0])
+    if abs(t_next - round(t_next)) < 1e-3:  # a training timestep, up to the rounding of the sigma round trip
+        t_next = float(round(t_next))
+    s = math.floor((1.0 - eta) * t_next)
+    sigma_s = float(torch.as_tensor(t_to_sigma(torch.tensor([s], dtype=torch.float64))).reshape(-1)[0])
+    return min(sigma_s, sigma_next)
 
 
 # --------------------------------------------------------------------------------------------------

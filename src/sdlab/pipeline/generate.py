@@ -345,6 +345,8 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[torch.Gen
         options["s_noise"] = req.s_noise
     if sampler.wants_sigma_to_t:
         options["sigma_to_t"] = plan.sampling.sigma_to_t
+    if sampler.wants_t_to_sigma:
+        options["t_to_sigma"] = plan.sampling.t_to_sigma
     accepted = inspect.signature(sampler.fn).parameters
     ignored = sorted(name for name in options if name not in accepted and name != "noise")
     if ignored:

@@ -318,6 +318,8 @@ def resolve(
         spec = get_sampler(sampler)
     except ValueError as err:
         raise RequestError(str(err)) from None
+    if r.eta is not None and spec.max_eta is not None and r.eta > spec.max_eta:
+        raise RequestError(f"{spec.name} takes eta in [0, {spec.max_eta:g}], got {r.eta}")
     schedule = (r.schedule or default_schedule).strip().lower()
     if schedule not in DISCRETIZATIONS:
         raise RequestError(f"unknown schedule {r.schedule!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
