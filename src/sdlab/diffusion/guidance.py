@@ -16,7 +16,7 @@ from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
-__all__ = ["blend_known", "cfg", "masked", "rescale_guidance"]
+__all__ = ["blend_known", "cfg", "masked", "needs_uncond", "rescale_guidance"]
 
 NoiseScaling = Callable[..., Tensor]
 """``(sigma, noise, latent) -> latent noised to sigma``: the model's forward process (``ModelSampling.noise_scaling``)."""
@@ -58,6 +58,18 @@ def _cat_conds(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
+def needs_uncond(scale: float) -> bool:
+    """Whether guidance at ``scale`` runs the unconditional pass: only above 1.
+
+    At or below 1 the denoiser is the conditional prediction alone, one network call per step, as in
+    diffusers (``do_classifier_free_guidance = guidance_scale > 1``). That is what the few-step models
+    (SDXL-Turbo, SDXL-Lightning, Hyper-SD, TCD, LCM-LoRA) are published with: ``guidance_scale=0`` in
+    diffusers, CFG 1 in A1111 / ComfyUI; both give the same picture here. (A1111 and ComfyUI would
+    extrapolate toward the unconditional picture below 1: at 0 they draw the negative prompt.)
+    """
+    return float(scale) > 1.0
+
+
 def cfg(
     denoiser: DenoiseFn,
     cond: Mapping[str, Any],
@@ -72,8 +84,8 @@ def cfg(
     Guidance is affine in the network output, so combining x0 equals combining eps or v (what
     diffusers does). Cond and uncond run in ONE forward pass, concatenated along the batch as
     [uncond, cond] (every tensor in the dicts: ``context``, ``y``, ``concat``...); when a pair of tensors
-    cannot be concatenated (different token lengths) they run as two passes. With ``scale == 1`` or
-    ``uncond is None`` only the conditional pass runs.
+    cannot be concatenated (different token lengths) they run as two passes. With ``scale <= 1``
+    (``needs_uncond``) or ``uncond is None`` only the conditional pass runs: x0 = x0_c.
 
     ``rescale`` (phi) applies guidance rescale in the space of ``rescale_space``: by default the wrapped
     denoiser's own (the scalings of its ``sampling``; eps when it has none), i.e. on the network's own
@@ -93,7 +105,7 @@ def cfg(
     else:
         scalings = sampling.scalings
     cond = dict(cond)
-    run_uncond = uncond is not None and scale != 1.0
+    run_uncond = uncond is not None and needs_uncond(scale)
     batched = _cat_conds(uncond, cond) if run_uncond else None
 
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:

@@ -54,7 +54,7 @@ from torch import Tensor
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
-from sdlab.diffusion.guidance import cfg, masked
+from sdlab.diffusion.guidance import cfg, masked, needs_uncond
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.steps import StepInfo
@@ -281,7 +281,7 @@ def _guided_model(
         adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,
-        guidance=req.cfg_scale != 1.0,
+        guidance=needs_uncond(req.cfg_scale),
         width=req.width,
         height=req.height,
         original_size=req.original_size,

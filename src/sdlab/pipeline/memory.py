@@ -26,6 +26,7 @@ import os
 
 import torch
 
+from sdlab.diffusion.guidance import needs_uncond
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.pipeline.tiling import should_tile
@@ -44,7 +45,7 @@ def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:
     factor = bundle.vae_config.downsample_factor
     height, width, batch = req.height, req.width, req.batch_size
     positions = (height // factor) * (width // factor)
-    rows = batch * (2 if req.cfg_scale != 1.0 else 1)
+    rows = batch * (2 if needs_uncond(req.cfg_scale) else 1)
     unet = bundle.unet_config
     attends_first = unet.transformer_depth[0] > 0
     unet_bytes = UNET_PER_ELEMENT[attends_first] * rows * positions * unet.model_channels * element

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from sdlab.diffusion.discretization import discretize, img2img_sigmas
+from sdlab.diffusion.guidance import needs_uncond
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
 from sdlab.families.loaded import ModelBundle
@@ -190,7 +191,7 @@ def make_plan(
     warn_if_far_from_native(bundle, req)
 
     sampler = get_sampler(req.sampler)
-    advice = steps_warning(sampler, req.steps, req.schedule) if req.cfg_scale != 1.0 else None
+    advice = steps_warning(sampler, req.steps, req.schedule) if needs_uncond(req.cfg_scale) else None
     if advice:
         logger.warning(advice)
     sampling = bundle.model_sampling
