@@ -67,7 +67,10 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--batch-count", type=int, default=1, metavar="N",
                        help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")
         p.add_argument("--clip-skip", type=int, help="A1111 clip skip: 1 = usual layer, 2 = one layer back")
-        p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers")
+        p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
+        p.add_argument("--preset", metavar="NAME",
+                       help="few-step settings (sampler, schedule, steps, CFG, eta) of a distilled model or LoRA: "
+                            "turbo, lcm, lightning, hyper, tcd; options given here win (docs/few-step.md)")
         p.add_argument("--out", default="outputs",
                        help="output file (.png, .jpg, .webp; a batch adds -0, -1, ...; an existing file is replaced) "
                             "or a folder, where files are numbered 00012-SEED-PROMPT.png and never replaced "
@@ -194,6 +197,14 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
     for flag, value in (("--width", args.width), ("--height", args.height)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be a positive number of pixels (a multiple of 8), got {value}")
+    if getattr(args, "preset", None):                # over --from-png's values, under the options given here
+        from sdlab.pipeline.presets import get_preset
+        from sdlab.pipeline.request import RequestError
+
+        try:
+            options.update(get_preset(args.preset).options(getattr(args, "mode", "txt2img")))
+        except RequestError as err:
+            raise UserError(str(err)) from None
     given = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,

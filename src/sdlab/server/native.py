@@ -13,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdlab.pipeline.request import GenerationRequest
+from sdlab.pipeline.presets import get_preset
+from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, decode_image, schedule_name
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
@@ -79,6 +81,7 @@ class JobIn(BaseModel):
     hr_upscaler: str | None = None
     hr_steps: int | None = None
     hr_denoise: float | None = None
+    preset: str | None = None               # few-step settings (pipeline/presets.py); the fields given win
     loras: list[LoraIn] = Field(default_factory=list)
     controls: list[ControlIn] = Field(default_factory=list)
 
@@ -125,6 +128,12 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
     )
+    if body.preset:
+        try:
+            preset = get_preset(body.preset).options(body.mode)
+        except RequestError as err:
+            raise BadRequest(str(err), 422) from None
+        generation = replace(generation, **{k: v for k, v in preset.items() if k not in body.model_fields_set})
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras))
     job, position = service.submit(spec, body.mode, body.model)
     return {"id": job.id, "status": job.status, "position": position}
