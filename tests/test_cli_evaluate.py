@@ -54,6 +54,8 @@ def test_eval_writes_report_and_grid(model, prompts, tmp_path, capsys) -> None:
     summary = report["summary"]
     assert summary["counts"]["any/background"] == 4  # 2 prompts x 2 seeds
     assert summary["counts"]["emoji/top1"] == 2
+    assert "template phrasing/background" in summary["accuracy"]
+    assert any(key.startswith("background=") for key in summary["targets"])
     assert 0.0 <= summary["accuracy"]["any/background"] <= 1.0
     assert summary["diversity"] is not None and summary["diversity"] > 0.0  # two seeds, two pictures
     with Image.open(out / "grid.png") as grid:
@@ -116,5 +118,5 @@ def test_eval_help_states_the_prompt_grammar(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "caption grammar" in text and "parse_caption" in text
-    assert "background" in text and "triangle" in text
+    assert "grammar" in text and "read_prompt" in text
+    assert "background" in text and "triangle" in text and "ignored" in text

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from sdlab.tiny.datasets import build, emoji
-from sdlab.tiny.datasets.captions import CAPTION_TEMPLATES, SHAPES, SceneSpec, caption, parse_caption
-from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, delta_e, nearest_colour
+from sdlab.tiny.datasets.captions import (CAPTION_TEMPLATES, SHAPES, SceneSpec, caption, parse_caption,
+                                         phrasing_family, read_prompt)
+from sdlab.tiny.datasets.phrasing import DISTRACTOR_WORDS
+from sdlab.tiny.datasets.vocabulary import EMOJI_ALIASES
+from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, contrasting, delta_e, nearest_colour
 from sdlab.tiny.datasets.emoji_subset import EMOJI, EMOJI_NAMES
 from sdlab.tiny.datasets.layout import POSITIONS, SIZES, position_centre, sample_placement
 from sdlab.tiny.datasets.scene import render_scene
@@ -25,7 +28,8 @@ def _all_specs(emoji_stride: int = 7) -> list[SceneSpec]:
             SceneSpec("emoji", EMOJI_NAMES[(index * emoji_stride) % len(EMOJI_NAMES)], None, size, position, background)
         )
         shape = SHAPES[index % len(SHAPES)]
-        colour = SUBJECT_COLOURS[index % len(SUBJECT_COLOURS)]
+        colours = [c for c in SUBJECT_COLOURS if contrasting(c, background)]
+        colour = colours[index % len(colours)]
         specs.append(SceneSpec("shape", shape, colour, size, position, background))
     return specs
 
@@ -70,6 +74,14 @@ def test_canonical_caption_text() -> None:
             SceneSpec("shape", "hexagon", "green", "medium", "center", "black"),
         ),
         ("red apple", SceneSpec("emoji", "red apple")),
+        ("an apple with a blue background", SceneSpec("emoji", "red apple", background="blue")),
+        ("a cat in front of a pink wall", SceneSpec("emoji", "cat face", background="pink")),
+        ("a red star on orange", SceneSpec("shape", "star", "red", background="orange")),
+        ("two apples, purple backdrop", SceneSpec("emoji", "red apple", background="purple", count=2)),
+        ("3 tiny blue stars", SceneSpec("shape", "star", "blue", "small", count=3)),
+        ("a pair of pizzas", SceneSpec("emoji", "slice of pizza", count=2)),
+        ("hearts on a brown background", SceneSpec("shape", "heart", background="brown", count=None)),
+        ("a star in green on a solid grey background", SceneSpec("shape", "star", "green", background="gray")),
         (
             "a small square that is yellow, lower right, on a navy background",
             SceneSpec("shape", "square", "yellow", "small", "bottom right", "dark blue"),
@@ -85,6 +97,8 @@ def test_parser_reads_paraphrases(prompt: str, expected: SceneSpec) -> None:
     [
         "a purple elephant",
         "a red star on a red background",
+        "a star on a mauve background",
+        "two large apples",
         "a star at the top bottom",
         "a small red circle wearing a hat",
     ],
@@ -205,3 +219,63 @@ def test_render_is_deterministic_and_sized() -> None:
     assert big.size == (128, 128)
     border = np.asarray(a)[:2].reshape(-1, 3)
     assert (border == PALETTE["light green"]).all()
+
+
+# --- free phrasing, plurals, words the model does not know ---------------------------------------------
+
+
+def test_free_captions_read_back_to_what_they_state(tmp_path) -> None:
+    omit = {"size": 0.3, "position": 0.3, "background": 0.15}
+    records = build.build_dataset(tmp_path / "free", 300, seed=7, omit_probs=omit, free_prob=1.0, plural_prob=0.15)
+    families = set()
+    for record in records:
+        full, text = SceneSpec(**record["spec"]), record["caption"]
+        said, unknown = read_prompt(text)
+        assert (said.kind, said.subject, said.colour) == (full.kind, full.subject, full.colour), text
+        assert said.count in (full.count, None if full.count != 1 else 1), text
+        for name in ("size", "position", "background"):
+            assert getattr(said, name) in (None, getattr(full, name)), text
+        assert all(word in " ".join(DISTRACTOR_WORDS).split() for word in unknown), (text, unknown)
+        families.add(phrasing_family(text))
+    assert families == {"free"} or families == {"free", "template"}
+    texts = " ".join(r["caption"] for r in records)
+    for phrase in ("backdrop", "wall", "with a", "two", "three"):
+        assert phrase in texts, phrase  # the variety is there
+    assert sum(r["spec"]["count"] > 1 for r in records) >= 20
+
+
+def test_plural_scenes_draw_that_many_small_copies() -> None:
+    from sdlab.tiny.evaluation.scoring import score_image
+
+    for count in (2, 3):
+        for index, kind in enumerate(("shape", "emoji")):
+            spec = (SceneSpec("shape", "star", "red", "small", None, "white", count) if kind == "shape"
+                    else SceneSpec("emoji", "red apple", None, "small", None, "light blue", count))
+            image = render_scene(spec, np.random.default_rng([count, index]))
+            result = score_image(image, spec)
+            assert result["measured"]["count"] == count, (spec, result["measured"])
+            assert all(result["correct"].values()), result
+    with pytest.raises(ValueError, match="several copies"):
+        SceneSpec("emoji", "red apple", None, "large", None, "white", 2)
+
+
+def test_read_prompt_ignores_words_it_does_not_know() -> None:
+    spec, unknown = read_prompt("a cute red apple on a blue background, high quality, 4k")
+    assert spec == SceneSpec("emoji", "red apple", background="blue")
+    assert unknown == ["cute", "high", "quality", "k"]
+    with pytest.raises(ValueError, match="cute"):
+        parse_caption("a cute red apple")
+
+
+def test_phrasing_family_tells_templates_from_free_prompts() -> None:
+    assert phrasing_family("a small red apple in the top left on a white background") == "template"
+    assert phrasing_family("a large blue star, bottom right, white background") == "template"
+    assert phrasing_family("an apple on blue") == "free"
+    assert phrasing_family("a red apple with a white background") == "free"
+
+
+def test_every_named_colour_is_a_background_and_aliases_name_trained_emoji() -> None:
+    assert set(SUBJECT_COLOURS) <= set(BACKGROUND_COLOURS)
+    assert set(EMOJI_ALIASES.values()) <= set(EMOJI_NAMES)
+    assert not set(EMOJI_ALIASES) & set(EMOJI_NAMES)
+    assert EMOJI_ALIASES["apple"] == "red apple" and EMOJI_ALIASES["cat"] == "cat face"

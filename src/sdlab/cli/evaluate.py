@@ -6,10 +6,11 @@ scores are pooled per split (emoji, seen and held-out shape/colour pairs) with t
 them. Writes ``report.json`` and ``grid.png`` (one row per prompt, one column per seed) to ``--out``, and
 prints the summary table. A progress bar on stderr counts the images (``--no-progress`` hides it).
 
-Prompts must follow the caption grammar of the training data (`sdlab.tiny.datasets.captions.parse_caption`),
-which is what can be scored: a subject (an emoji by its Unicode name, or one of the shapes with an optional
-colour), an optional size (small / medium / large), position words (top, bottom, left, right, center) and
-"on a <colour> background". A prompt outside it is refused before any picture is drawn.
+Prompts are read by the grammar of the training data (`sdlab.tiny.datasets.captions.read_prompt`), which is
+what can be scored: a subject (an emoji by its Unicode name or an everyday word for it, or one of the shapes
+with an optional colour; "two" / "three" of them), optional size and position words, and a background colour
+in any of the usual phrasings. Words it does not know are ignored; a prompt with no subject it knows is
+refused before any picture is drawn. Scores are also given per phrasing family (template vs free).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
 __all__ = ["add_evaluate", "format_summary", "run_evaluate"]
 
 GRAMMAR = (
-    "Prompts are scored against what they state, so they must follow the caption grammar of sdlab-tiny's "
-    "training data (sdlab.tiny.datasets.captions.parse_caption): a subject (an emoji by its Unicode name, e.g. "
-    "'red apple', or a shape: circle, square, triangle, star, hexagon, heart, diamond, cross, with an "
-    "optional colour), an optional size (small, medium, large), optional position words (top, bottom, left, "
-    "right, center) and an optional 'on a <colour> background' (white, black, light blue, ...). Example: "
-    "'a small pink triangle at the top on a black background'. Other prompts are refused before any drawing."
+    "Prompts are scored against what they state, read with the grammar of sdlab-tiny's training data "
+    "(sdlab.tiny.datasets.captions.read_prompt): a subject (an emoji by its Unicode name, e.g. 'red apple', or "
+    "an everyday word such as 'apple', 'cat', 'car'; or a shape: circle, square, triangle, star, hexagon, "
+    "heart, diamond, cross, with an optional colour; 'two' / 'three' of them), optional size words (small, "
+    "tiny, medium, large, big), position words (top, upper, bottom, lower, left, right, center, middle) and "
+    "a background colour ('on a blue background', 'with a pink backdrop', 'in front of a gray wall', "
+    "'on orange'). Example: 'a small pink triangle at the top on a black background'. Words it does not "
+    "know are ignored; a prompt without a subject it knows is refused before any drawing."
 )
 
 
@@ -73,7 +76,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdlab.api import RequestError, load
-    from sdlab.tiny.datasets.captions import parse_caption
+    from sdlab.tiny.datasets.captions import read_prompt
     from sdlab.tiny.evaluation import evaluate, read_prompt_file
 
     if args.seeds < 1 or args.steps < 1:
@@ -88,7 +91,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"{args.prompts} holds no prompts")
     for prompt in prompts:         # refused before the model loads and the progress bar starts
         try:
-            parse_caption(prompt)
+            read_prompt(prompt)
         except ValueError as err:
             raise UserError(f"{err}; `sdlab eval --help` gives the prompt grammar it scores") from None
     dtype = dtype_from_name(args.dtype)

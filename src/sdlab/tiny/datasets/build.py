@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from sdlab.tiny.datasets.captions import CAPTION_TEMPLATES, SHAPES, SceneSpec, caption
-from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, PALETTE, SUBJECT_COLOURS, delta_e
+from sdlab.tiny.datasets.captions import CAPTION_TEMPLATES, COUNTS, SHAPES, SceneSpec, caption
+from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, MIN_CONTRAST, SUBJECT_COLOURS, contrasting
 from sdlab.tiny.datasets.emoji_subset import EMOJI_NAMES
 from sdlab.tiny.datasets.layout import POSITIONS, SIZES
+from sdlab.tiny.datasets.phrasing import free_caption
 from sdlab.tiny.datasets.scene import render_scene
 from sdlab.tiny.datasets.shapes import is_held_out
 from sdlab.utils.files import atomic_write
@@ -38,12 +39,7 @@ __all__ = ["DATASET_KINDS", "MIN_CONTRAST", "OMITTABLE_FIELDS", "build_dataset",
 logger = logging.getLogger(__name__)
 
 DATASET_KINDS = ("mixed", "emoji", "shapes")
-MIN_CONTRAST = 30.0  # Delta E*ab between a shape's colour and its background
 OMITTABLE_FIELDS = ("size", "position", "background")  # what a caption may leave unsaid
-
-
-def _contrasting(colour: str, background: str) -> bool:
-    return float(delta_e(PALETTE[colour], PALETTE[background])) >= MIN_CONTRAST
 
 
 def shape_pairs_for_training() -> list[tuple[str, str]]:
@@ -51,30 +47,42 @@ def shape_pairs_for_training() -> list[tuple[str, str]]:
     return [(s, c) for s in SHAPES for c in SUBJECT_COLOURS if not is_held_out(s, c)]
 
 
-def sample_spec(rng: np.random.Generator, kind: str, emoji_fraction: float = 0.5) -> SceneSpec:
-    """Draw one training scene (uniform over the allowed combinations of each attribute)."""
+def sample_spec(rng: np.random.Generator, kind: str, emoji_fraction: float = 0.5,
+                plural_prob: float = 0.0) -> SceneSpec:
+    """Draw one training scene (uniform over the allowed combinations of each attribute); with
+    ``plural_prob`` the scene has two or three small copies of its subject instead of one."""
     if kind == "mixed":
         kind = "emoji" if rng.random() < emoji_fraction else "shapes"
     size = SIZES[rng.integers(len(SIZES))]
     position = POSITIONS[rng.integers(len(POSITIONS))]
+    count = 1
+    if plural_prob and rng.random() < plural_prob:
+        count, size, position = COUNTS[1 + int(rng.integers(len(COUNTS) - 1))], "small", None
     if kind == "emoji":
         background = BACKGROUND_COLOURS[rng.integers(len(BACKGROUND_COLOURS))]
-        return SceneSpec("emoji", EMOJI_NAMES[rng.integers(len(EMOJI_NAMES))], None, size, position, background)
+        return SceneSpec("emoji", EMOJI_NAMES[rng.integers(len(EMOJI_NAMES))], None, size, position, background,
+                         count)
     if kind != "shapes":
         raise ValueError(f"kind must be one of {DATASET_KINDS}, got {kind!r}")
     pairs = shape_pairs_for_training()
     shape, colour = pairs[rng.integers(len(pairs))]
-    backgrounds = [b for b in BACKGROUND_COLOURS if _contrasting(colour, b)]
+    backgrounds = [b for b in BACKGROUND_COLOURS if contrasting(colour, b)]
     background = backgrounds[rng.integers(len(backgrounds))]
-    return SceneSpec("shape", shape, colour, size, position, background)
+    return SceneSpec("shape", shape, colour, size, position, background, count)
 
 
 def caption_variant(spec: SceneSpec, rng: np.random.Generator, paraphrase_prob: float,
-                    omit_probs: Mapping[str, float]) -> str:
-    """The caption of a full scene: canonical or a paraphrase, without the fields drawn for omission."""
-    stated = replace(spec, **{name: None for name in OMITTABLE_FIELDS if rng.random() < omit_probs.get(name, 0.0)})
+                    omit_probs: Mapping[str, float], free_prob: float = 0.0) -> str:
+    """The caption of a full scene without the fields drawn for omission: free phrasing with ``free_prob``,
+    else a paraphrase template with ``paraphrase_prob``, else the canonical template. Several copies are
+    said without size or position."""
+    said = replace(spec, **{name: None for name in OMITTABLE_FIELDS if rng.random() < omit_probs.get(name, 0.0)})
+    if spec.count != 1:
+        said = replace(said, size=None, position=None)
+    if free_prob and rng.random() < free_prob:
+        return free_caption(said, rng)
     template = int(rng.integers(1, CAPTION_TEMPLATES)) if rng.random() < paraphrase_prob else 0
-    return caption(stated, template)
+    return caption(said, template)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -91,12 +99,15 @@ def build_dataset(
     emoji_fraction: float = 0.5,
     paraphrase_prob: float = 0.0,
     omit_probs: Mapping[str, float] | None = None,
+    free_prob: float = 0.0,
+    plural_prob: float = 0.0,
 ) -> list[dict[str, object]]:
     """Write `count` images `NNNNNN.png` + `NNNNNN.txt` and `metadata.jsonl` into `out_dir`.
 
     paraphrase_prob: chance that a caption uses one of the paraphrase templates instead of the
     canonical one. omit_probs: field ("size", "position", "background") -> chance that the caption leaves
-    it out (independently per field). Returns the metadata records (file, caption, full spec) in order.
+    it out (independently per field). free_prob: chance of a freely worded caption (`phrasing.free_caption`).
+    plural_prob: chance of a scene with two or three small copies of its subject. Returns the metadata records (file, caption, full spec) in order.
     """
     omit_probs = dict(omit_probs or {})
     unknown = set(omit_probs) - set(OMITTABLE_FIELDS)
@@ -110,8 +121,8 @@ def build_dataset(
     records: list[dict[str, object]] = []
     for index in range(count):
         rng = np.random.default_rng([seed, index])
-        spec = sample_spec(rng, kind, emoji_fraction)
-        text = caption_variant(spec, np.random.default_rng([seed, index, 1]), paraphrase_prob, omit_probs)
+        spec = sample_spec(rng, kind, emoji_fraction, plural_prob)
+        text = caption_variant(spec, np.random.default_rng([seed, index, 1]), paraphrase_prob, omit_probs, free_prob)
         image = render_scene(spec, rng, image_size)
         stem = f"{index:0{digits}d}"
         buffer = io.BytesIO()
@@ -137,6 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--emoji-fraction", type=float, default=0.5)
     parser.add_argument("--paraphrase-prob", type=float, default=0.0,
                         help="chance of a paraphrase template instead of the canonical caption")
+    parser.add_argument("--free-prob", type=float, default=0.0,
+                        help="chance of a freely worded caption (synonyms, word order, everyday names, extra words)")
+    parser.add_argument("--plural-prob", type=float, default=0.0,
+                        help="chance of a scene with two or three small copies of its subject")
     for name in OMITTABLE_FIELDS:
         parser.add_argument(f"--omit-{name}", type=float, default=0.0, metavar="P",
                             help=f"chance that a caption leaves the {name} out")
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     omit = {name: getattr(args, f"omit_{name}") for name in OMITTABLE_FIELDS}
     build_dataset(args.out_dir, args.count, args.seed, args.kind, args.image_size, args.emoji_fraction,
-                  args.paraphrase_prob, omit)
+                  args.paraphrase_prob, omit, args.free_prob, args.plural_prob)
 
 
 if __name__ == "__main__":

@@ -19,13 +19,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, COLOUR_SYNONYMS, PALETTE, SUBJECT_COLOURS
+from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, COLOUR_SYNONYMS, PALETTE, SUBJECT_COLOURS, contrasting
 from sdlab.tiny.datasets.emoji_subset import EMOJI_NAMES
 from sdlab.tiny.datasets.layout import POSITIONS, SIZES
+from sdlab.tiny.datasets.vocabulary import EMOJI_ALIASES, NUMBER_WORDS, emoji_words, plural
 
-__all__ = ["CAPTION_TEMPLATES", "SHAPES", "SUBJECT_KINDS", "SceneSpec", "caption", "parse_caption"]
+__all__ = ["CAPTION_TEMPLATES", "COUNTS", "SHAPES", "SUBJECT_KINDS", "SceneSpec", "caption", "parse_caption",
+           "phrasing_family", "read_prompt"]
 
 SUBJECT_KINDS: tuple[str, ...] = ("emoji", "shape")
+COUNTS: tuple[int, ...] = (1, 2, 3)
+_COUNT_WORDS = {2: "two", 3: "three"}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "heart", "diamond", "cross")
 CAPTION_TEMPLATES = 3
 
@@ -35,6 +39,8 @@ class SceneSpec:
     """What a caption states. `colour` is for shapes only (an emoji's colour is its name's business).
 
     size, position and background may be None when a prompt leaves them out; built scenes set all.
+    count: how many copies ("two apples"); None when a prompt says a plural without a number. Several
+    copies are small and have no single position.
     """
 
     kind: str
@@ -43,6 +49,7 @@ class SceneSpec:
     size: str | None = None
     position: str | None = None
     background: str | None = None
+    count: int | None = 1
 
     def __post_init__(self) -> None:
         if self.kind not in SUBJECT_KINDS:
@@ -52,6 +59,8 @@ class SceneSpec:
                 raise ValueError(f"unknown shape {self.subject!r}; known: {', '.join(SHAPES)}")
             if self.colour is not None and self.colour not in SUBJECT_COLOURS:
                 raise ValueError(f"unknown shape colour {self.colour!r}; known: {', '.join(SUBJECT_COLOURS)}")
+            if self.colour is not None and self.background is not None and not contrasting(self.colour, self.background):
+                raise ValueError(f"a {self.colour} shape cannot be seen on a {self.background} background")
         else:
             if self.subject not in EMOJI_NAMES:
                 raise ValueError(f"{self.subject!r} is not one of the {len(EMOJI_NAMES)} trained emoji")
@@ -63,11 +72,16 @@ class SceneSpec:
             raise ValueError(f"unknown position {self.position!r}; known: {', '.join(POSITIONS)}")
         if self.background is not None and self.background not in BACKGROUND_COLOURS:
             raise ValueError(f"unknown background colour {self.background!r}; known: {', '.join(BACKGROUND_COLOURS)}")
+        if self.count is not None and self.count not in COUNTS:
+            raise ValueError(f"count must be one of {COUNTS} (or unstated), got {self.count!r}")
+        if self.count != 1 and (self.position is not None or self.size not in (None, "small")):
+            raise ValueError("several copies are drawn small, with no single position")
 
     @property
     def subject_phrase(self) -> str:
-        """'red apple' for an emoji, 'blue star' (or 'star' without a colour) for a shape."""
-        return self.subject if self.colour is None else f"{self.colour} {self.subject}"
+        """'red apple' for an emoji, 'blue star' (or 'star' without a colour) for a shape; plural for several."""
+        noun = self.subject if self.count == 1 else plural(self.subject)
+        return noun if self.colour is None else f"{self.colour} {noun}"
 
 
 def _article(word: str) -> str:
@@ -92,7 +106,7 @@ def caption(spec: SceneSpec, template: int = 0) -> str:
     2: "a light blue background with a small red apple in the top left"
     """
     noun = spec.subject_phrase if spec.size is None else f"{spec.size} {spec.subject_phrase}"
-    noun = f"{_article(noun)} {noun}"
+    noun = f"{_article(noun)} {noun}" if spec.count == 1 else f"{_COUNT_WORDS.get(spec.count, 'some')} {noun}"
     if template == 0:
         parts = [noun]
         if spec.position is not None:
@@ -141,61 +155,48 @@ _POSITION_WORDS: dict[str, str] = {
     "centered": "center",
 }
 _FILLER = {
-    "a",
-    "an",
-    "the",
-    "of",
-    "in",
-    "on",
-    "at",
-    "to",
-    "with",
-    "that",
-    "is",
-    "which",
-    "and",
-    "emoji",
-    "shape",
-    "picture",
-    "image",
-    "icon",
-    "drawing",
-    "sized",
-    "size",
-    "colored",
-    "coloured",
-    "corner",
-    "side",
-    "edge",
+    "a", "an", "the", "of", "in", "on", "at", "to", "with", "that", "is", "which", "and", "emoji", "shape",
+    "picture", "image", "icon", "drawing", "sized", "size", "colored", "coloured", "corner", "side", "edge",
+    "some", "one", "single", "plain", "solid", "simple",
 }
+#: nouns a background colour is said with: "a blue background", "blue backdrop", "a pink wall"
+_BACKGROUND_NOUNS = ("background", "backdrop", "backround", "bg", "wall", "backgrounds")
+_EMOJI_WORDS = emoji_words()  # singular and plural names and aliases -> caption name
+_EMOJI_PLURALS = {plural(w) for w in (*EMOJI_NAMES, *EMOJI_ALIASES)} - set(EMOJI_NAMES) - set(EMOJI_ALIASES)
 
 
-def _alternation(words: list[str]) -> str:
+def _alternation(words) -> str:
     return "|".join(re.escape(word) for word in sorted(words, key=len, reverse=True))
 
 
 def _normalise(text: str) -> str:
     text = text.lower().replace("'", "")
+    text = re.sub(r"\b2\b", " two ", re.sub(r"\b3\b", " three ", text))
     text = re.sub(r"[^a-z]+", " ", text)  # hyphens, commas, full stops, digits -> spaces
     text = f" {text} "
     text = text.replace(" centre ", " center ").replace(" colour ", " color ")
     text = text.replace(" medium sized ", " medium ").replace(" mid sized ", " medium ")
+    text = text.replace(" in front of ", " on ")
     for synonym, name in sorted(COLOUR_SYNONYMS.items(), key=lambda item: -len(item[0])):
         text = text.replace(f" {synonym} ", f" {name} ")
     return re.sub(r"\s+", " ", text)
 
 
+_PREPOSITION = r"(?:on |with |against |over |behind it |)"
 _BACKGROUND_RE = re.compile(
-    rf" (?:on |with |against |over )?(?:a |an |the )?({_alternation(list(PALETTE))}) (?:color |colored )?background "
+    rf" {_PREPOSITION}(?:a |an |the )?(?:plain |solid |simple )?({_alternation(PALETTE)})"
+    rf" (?:color |colored )?(?:{_alternation(_BACKGROUND_NOUNS)}) "
 )
-_SIZE_RE = re.compile(rf" ({_alternation(list(_SIZE_WORDS))}) ")
+_BARE_BACKGROUND_RE = re.compile(rf" (?:on|against|over) (?:a |an |the )?(?:plain |solid )?({_alternation(PALETTE)}) ")
+_SIZE_RE = re.compile(rf" ({_alternation(_SIZE_WORDS)}) ")
 _POSITION_RE = re.compile(
-    rf"(?: (?:in|at|on|to|towards) the| (?:in|at|on))?((?: (?:{_alternation(list(_POSITION_WORDS))}))+)"
+    rf"(?: (?:in|at|on|to|towards) the| (?:in|at|on))?((?: (?:{_alternation(_POSITION_WORDS)}))+)"
     r"(?: (?:corner|side|edge))?(?: of the (?:image|picture|frame))?(?= )"
 )
-_EMOJI_RE = re.compile(rf" ({_alternation(list(EMOJI_NAMES))}) ")
-_SHAPE_RE = re.compile(rf" ({_alternation(list(SHAPES))})s? ")
-_COLOUR_RE = re.compile(rf" ({_alternation(list(SUBJECT_COLOURS))}) ")
+_EMOJI_RE = re.compile(rf" ({_alternation(_EMOJI_WORDS)}) ")
+_SHAPE_RE = re.compile(rf" ({_alternation(SHAPES)})(s?) ")
+_COLOUR_RE = re.compile(rf" ({_alternation(SUBJECT_COLOURS)}) ")
+_COUNT_RE = re.compile(rf" ({_alternation(NUMBER_WORDS)}) ")
 
 
 def _cut(text: str, match: re.Match[str]) -> str:
@@ -215,40 +216,57 @@ def _position_from_words(words: list[str]) -> str:
     return "center"
 
 
-def parse_caption(text: str) -> SceneSpec:
-    """Read a caption or a prompt back into a SceneSpec; raises ValueError on what it cannot read.
+def read_prompt(text: str) -> tuple[SceneSpec, list[str]]:
+    """Read a caption or a free prompt into a SceneSpec and the words it did not understand (ignored).
 
-    Order: background phrase ("... <colour> background"), then the subject (the longest emoji name
-    found, else a shape word with an optional colour before it), then a size word, then position words
-    (top/upper, bottom/lower, left, right, center/middle; "corner", "side" ignored).
+    Raises ValueError when there is no subject, or a stated field cannot be read. Order: background phrase
+    ("<colour> background / backdrop / wall", "with a ... background", "in front of a ... wall"), then the
+    subject (the longest emoji name, alias or plural found, else a shape word with an optional colour
+    before or after it), how many ("two", "three", "a pair of", "2"), a bare "on <colour>" background,
+    a size word, then position words (top/upper, bottom/lower, left, right, center/middle).
     """
     rest = _normalise(text)
     background = None
     match = _BACKGROUND_RE.search(rest)
     if match:
         background = match.group(1)
-        if background not in BACKGROUND_COLOURS:
-            raise ValueError(f"background {background!r} is not one of {', '.join(BACKGROUND_COLOURS)}")
         rest = _cut(rest, match)
-    elif " background " in rest:
-        raise ValueError(f"cannot read the background colour in {text!r}")
 
+    count: int | None = 1
     match = _EMOJI_RE.search(rest)
     if match:
-        kind, subject, colour = "emoji", match.group(1), None
+        word = match.group(1)
+        kind, subject, colour = "emoji", _EMOJI_WORDS[word], None
+        if word in _EMOJI_PLURALS:
+            count = None
         rest = _cut(rest, match)
     else:
         match = _SHAPE_RE.search(rest)
         if not match:
             raise ValueError(f"no known emoji name or shape in {text!r}")
         kind, subject = "shape", match.group(1)
+        if match.group(2):
+            count = None
         before, rest = rest[: match.start() + 1], _cut(rest, match)
         colours = _COLOUR_RE.findall(before)
         if not colours:
-            colours = _COLOUR_RE.findall(rest)
+            after = _BARE_BACKGROUND_RE.sub(" ", rest)  # "a star on blue": blue is the background
+            colours = _COLOUR_RE.findall(after)
         colour = colours[-1] if colours else None
         if colour is not None:
             rest = rest.replace(f" {colour} ", " ", 1)
+    match = _COUNT_RE.search(rest)
+    if match:
+        count = NUMBER_WORDS[match.group(1)]
+        rest = _cut(rest, match)
+
+    if background is None:
+        match = _BARE_BACKGROUND_RE.search(rest)
+        if match:
+            background = match.group(1)
+            rest = _cut(rest, match)
+    if background is not None and background not in BACKGROUND_COLOURS:
+        raise ValueError(f"background {background!r} is not one of {', '.join(BACKGROUND_COLOURS)}")
 
     size = None
     match = _SIZE_RE.search(rest)
@@ -264,7 +282,27 @@ def parse_caption(text: str) -> SceneSpec:
         position = _position_from_words(words)
         rest = _POSITION_RE.sub(" ", rest)
 
-    leftover = [word for word in rest.split() if word not in _FILLER]
-    if leftover:
-        raise ValueError(f"cannot read {' '.join(leftover)!r} in {text!r}")
-    return SceneSpec(kind, subject, colour, size, position, background)
+    unknown = [word for word in rest.split() if word not in _FILLER]
+    if count != 1:  # several copies: drawn small, with no single place
+        unknown += [w for w in ((size if size != "small" else None), position) if w is not None]
+        size = "small" if size == "small" else None
+        position = None
+    return SceneSpec(kind, subject, colour, size, position, background, count), unknown
+
+
+def parse_caption(text: str) -> SceneSpec:
+    """Read a caption back into a SceneSpec; raises ValueError on any word it cannot read (see
+    `read_prompt`, which ignores such words instead)."""
+    spec, unknown = read_prompt(text)
+    if unknown:
+        raise ValueError(f"cannot read {' '.join(unknown)!r} in {text!r}")
+    if " background " in _normalise(text) and spec.background is None:
+        raise ValueError(f"cannot read the background colour in {text!r}")
+    return spec
+
+
+def phrasing_family(text: str) -> str:
+    """"template" when a prompt is word for word one of the caption templates of what it states, else "free"."""
+    spec, _ = read_prompt(text)
+    said = " ".join(text.lower().split())
+    return "template" if any(caption(spec, t) == said for t in range(CAPTION_TEMPLATES)) else "free"

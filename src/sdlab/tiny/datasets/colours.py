@@ -1,7 +1,8 @@
 """Named colours for captions and scoring, and nearest-named-colour in CIELAB.
 
 Two palettes share one table: `SUBJECT_COLOURS` (what a shape is painted with) and
-`BACKGROUND_COLOURS` (what a scene is drawn on). Each palette's members are far apart in CIELAB
+`BACKGROUND_COLOURS` (what a scene is drawn on: every subject colour plus light tints and dark shades).
+Each palette's members are far apart in CIELAB
 (Delta E*ab >= 25 within a palette, see tests) so that a generated image's colour maps back to a
 name without ambiguity. Distances are CIE76 Delta E*ab (Euclidean distance in L*a*b*, D65 white),
 which is enough at these separations.
@@ -14,8 +15,10 @@ import numpy as np
 __all__ = [
     "BACKGROUND_COLOURS",
     "COLOUR_SYNONYMS",
+    "MIN_CONTRAST",
     "PALETTE",
     "SUBJECT_COLOURS",
+    "contrasting",
     "delta_e",
     "nearest_colour",
     "rgb_to_lab",
@@ -35,7 +38,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
     "white": (248, 248, 248),
     "gray": (128, 128, 128),
-    # background-only colours: light tints and dark shades
+    # tints and shades (backgrounds only)
     "light blue": (165, 210, 245),
     "light green": (180, 235, 175),
     "light yellow": (252, 243, 170),
@@ -57,9 +60,8 @@ SUBJECT_COLOURS: tuple[str, ...] = (
     "white",
     "gray",
 )
-BACKGROUND_COLOURS: tuple[str, ...] = (
-    "white",
-    "black",
+#: every named colour is also a background: the subject colours, then the light tints and dark shades
+BACKGROUND_COLOURS: tuple[str, ...] = SUBJECT_COLOURS + (
     "light blue",
     "light green",
     "light yellow",
@@ -74,7 +76,21 @@ COLOUR_SYNONYMS: dict[str, str] = {
     "violet": "purple",
     "navy": "dark blue",
     "navy blue": "dark blue",
+    "sky blue": "light blue",
+    "pale blue": "light blue",
+    "pale green": "light green",
+    "pale yellow": "light yellow",
+    "pale pink": "light pink",
+    "forest green": "dark green",
 }
+
+#: Delta E*ab a shape's colour keeps from its background so that it can be seen (and scored)
+MIN_CONTRAST = 30.0
+
+
+def contrasting(colour: str, background: str) -> bool:
+    """Whether a shape of ``colour`` is visible on ``background`` (Delta E*ab >= MIN_CONTRAST)."""
+    return float(delta_e(PALETTE[colour], PALETTE[background])) >= MIN_CONTRAST
 
 # sRGB D65 -> XYZ (IEC 61966-2-1) and the D65 reference white for L*a*b*
 _SRGB_TO_XYZ = np.array(

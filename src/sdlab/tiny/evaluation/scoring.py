@@ -9,7 +9,9 @@
    is cropped to a square around the box, resized to `MASK_SIDE`^2 and matched to reference masks of
    every shape drawn at the measured side (nearest neighbour, L2); colour is the median of the fully covered pixels -> nearest
    subject colour.
-5. Emoji: the square crop around the box, resized to `EMOJI_SIDE`^2, is matched against every trained
+5. Several copies ("two apples"): the subject pixels' 4-connected components of at least `COPY_FRACTION`
+   of the largest are counted; the subject is read from the largest.
+6. Emoji: the square crop around the box, resized to `EMOJI_SIDE`^2, is matched against every trained
    emoji rendered at that size and composited over the measured background (nearest neighbour, L2 in
    RGB); the rank of the true emoji gives top-1 and top-5.
 """
@@ -46,6 +48,7 @@ SUBJECT_DELTA_E = 18.0
 MASK_SIDE = 24
 EMOJI_SIDE = 16
 TOP_K = 5
+COPY_FRACTION = 0.4  # a component this large against the largest counts as a copy ("two apples")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Measurement:
     shape: str | None = None
     colour: str | None = None
     emoji_ranking: tuple[str, ...] = ()  # best TOP_K emoji names
+    count: int | None = None  # copies of the subject, measured when the prompt asks for several
 
 
 def measure_background(pixels: np.ndarray) -> tuple[str, np.ndarray]:
@@ -87,15 +91,16 @@ def _far_from(pixels: np.ndarray, rgb: np.ndarray) -> np.ndarray:
     return np.asarray(mask.filter(ImageFilter.MedianFilter(3))) > 127
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest 4-connected component of a bool mask (flood fill; images here are small)."""
+def _components(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """4-connected components of a bool mask (flood fill; images here are small): (labels, sizes), where
+    label i + 1 has sizes[i] pixels."""
     labels = np.zeros(mask.shape, dtype=np.int32)
     height, width = mask.shape
-    best_label, best_size, label = 0, 0, 0
+    sizes: list[int] = []
     for y0, x0 in zip(*np.nonzero(mask)):
         if labels[y0, x0]:
             continue
-        label += 1
+        label = len(sizes) + 1
         labels[y0, x0] = label
         stack, size = [(y0, x0)], 0
         while stack:
@@ -105,9 +110,20 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
                 if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not labels[ny, nx]:
                     labels[ny, nx] = label
                     stack.append((ny, nx))
-        if size > best_size:
-            best_label, best_size = label, size
-    return labels == best_label if best_label else mask
+        sizes.append(size)
+    return labels, sizes
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component of a bool mask (the mask itself when it is empty)."""
+    labels, sizes = _components(mask)
+    return labels == 1 + int(np.argmax(sizes)) if sizes else mask
+
+
+def count_copies(mask: np.ndarray) -> int:
+    """Copies of a subject in a subject mask: components of at least `COPY_FRACTION` of the largest."""
+    _, sizes = _components(mask)
+    return sum(size >= COPY_FRACTION * max(sizes) for size in sizes) if sizes else 0
 
 
 def _box(mask: np.ndarray) -> tuple[float, float, float]:
@@ -184,12 +200,14 @@ def classify_emoji(pixels: np.ndarray, background_rgb: np.ndarray, cx: float, cy
     return [EMOJI_NAMES[i] for i in np.argsort(distances, kind="stable")]
 
 
-def _measure(pixels: np.ndarray, kind: str) -> tuple[Measurement, list[str]]:
+def _measure(pixels: np.ndarray, kind: str, several: bool = False) -> tuple[Measurement, list[str]]:
     height, width = pixels.shape[:2]
     background, background_rgb = measure_background(pixels)
-    base = {"background": background, "background_rgb": tuple(round(v) for v in background_rgb)}
+    base: dict[str, object] = {"background": background, "background_rgb": tuple(round(v) for v in background_rgb)}
     mask = _far_from(pixels, background_rgb)
-    if kind == "shape":
+    if several:  # several copies: count them, read the subject from the largest
+        base["count"] = count_copies(mask)
+    if kind == "shape" or several:
         mask = _largest_component(mask)
     if not mask.any():
         return Measurement(subject_found=False, **base), []
@@ -232,12 +250,15 @@ def score_image(image: Image.Image, spec: SceneSpec) -> dict[str, object]:
     """Measure an image and compare with what `spec` states.
 
     Returns {"measured": Measurement as a dict, "correct": {attribute: bool}} with attributes
-    background, size, position, and for shapes shape, colour, for emoji top1, top5, plus "emoji_rank"
+    background, size, position, count (for several copies), and for shapes shape, colour, for emoji top1, top5,
+    plus "emoji_rank"
     (0-based rank of the stated emoji) for emoji. Attributes the spec leaves out are not scored.
     """
     pixels = np.asarray(image.convert("RGB"))
-    measurement, ranking = _measure(pixels, spec.kind)
+    measurement, ranking = _measure(pixels, spec.kind, several=spec.count != 1)
     correct: dict[str, bool] = {}
+    if spec.count not in (None, 1):
+        correct["count"] = measurement.count == spec.count
     if spec.background is not None:
         correct["background"] = measurement.background == spec.background
     for attribute in ("size", "position"):
