@@ -1,0 +1,99 @@
+"""Each few-step preset draws the picture of the diffusers scheduler its model card names, at 1, 2 and 4 steps.
+
+Helpers, weights and tolerance as in tests/test_pipeline_parity.py: one reduced-width random-weight diffusers
+folder loaded by both `sdlab.load` and `from_pretrained`, the same prompt, negative prompt, seed and size;
+the uint8 pictures agree within 2/255 per pixel (`MAX_PIXEL_DIFF`). sdlab gets nothing but the preset
+(``apply_preset``: sampler, schedule, steps, CFG, eta) and the step count; diffusers gets the scheduler and
+call of the model card:
+
+  preset     diffusers scheduler (from the folder's config)                    guidance_scale   eta
+  turbo      EulerAncestralDiscreteScheduler(timestep_spacing="trailing")      0.0
+  lcm        LCMScheduler                                                      1.0
+  lightning  EulerDiscreteScheduler(timestep_spacing="trailing")               0.0
+  hyper      DDIMScheduler(timestep_spacing="trailing")                        0.0
+  tcd        TCDScheduler                                                      0.0              0.3
+
+diffusers runs no unconditional pass at guidance_scale <= 1; sdlab's preset CFG 1 does the same, so the
+negative prompt given to both plays no part. SD1 runs every preset at 1, 2 and 4 steps; SDXL every preset at
+2 steps (its added time / text embeddings, the second text tower).
+"""
+
+from __future__ import annotations
+
+import pytest
+from diffusers import (
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    TCDScheduler,
+)
+from test_pipeline_parity import (
+    BATCH,
+    MAX_PIXEL_DIFF,
+    NEGATIVE,
+    PROMPT,
+    SD_SCHEDULER_KEYS,
+    SEED,
+    SIZE,
+    _folder,
+    _generators,
+    _max_diff,
+    _quiet,
+)
+
+import sdlab
+from sdlab.pipeline.presets import PRESETS, apply_preset
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+# preset -> (diffusers scheduler class, its extra config, the pipeline call's guidance_scale, extra call arguments)
+REFERENCES = {
+    "turbo": (EulerAncestralDiscreteScheduler, dict(timestep_spacing="trailing"), 0.0, {}),
+    "lcm": (LCMScheduler, {}, 1.0, {}),
+    "lightning": (EulerDiscreteScheduler, dict(timestep_spacing="trailing"), 0.0, {}),
+    "hyper": (DDIMScheduler, dict(timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False), 0.0, {}),
+    "tcd": (TCDScheduler, {}, 0.0, dict(eta=0.3)),
+}
+
+
+def test_every_preset_has_a_reference():
+    assert set(REFERENCES) == set(PRESETS)
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "sd1")
+    return sdlab.load(folder), _quiet(StableDiffusionPipeline.from_pretrained(folder, local_files_only=True))
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "sdxl")
+    return sdlab.load(folder), _quiet(StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True))
+
+
+def _compare(pipes, preset: str, steps: int) -> int:
+    ours_pipe, pipe = pipes
+    cls, extra, guidance, call = REFERENCES[preset]
+    config = {key: pipe.scheduler.config[key] for key in SD_SCHEDULER_KEYS}
+    pipe.scheduler = cls.from_config({**config, **extra})
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH, num_inference_steps=steps,
+                     guidance_scale=guidance, width=SIZE, height=SIZE, generator=_generators(), output_type="np",
+                     **call).images
+    options = apply_preset(preset, dict(steps=steps, seed=SEED, width=SIZE, height=SIZE, batch_size=BATCH))
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, **options)
+    return _max_diff(ours.images, reference)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+@pytest.mark.parametrize("preset", list(REFERENCES))
+def test_sd1_preset_gives_the_diffusers_picture(sd1, preset, steps):
+    assert _compare(sd1, preset, steps) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("preset", list(REFERENCES))
+def test_sdxl_preset_gives_the_diffusers_picture(sdxl, preset):
+    assert _compare(sdxl, preset, 2) <= MAX_PIXEL_DIFF
