@@ -191,7 +191,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load(
     path: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     vae: str | os.PathLike[str] | None = None,
     *,
     family: str | None = None,
@@ -205,6 +205,9 @@ def load(
     """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`; without `path`,
     the model that ships with sdlab (sdlab-tiny, 64 px).
 
+    `dtype` None (the default) picks it for the model and the device: bf16 for SD1.5 / SD2 / SDXL-size
+    U-Nets on a CPU with native bf16 or on CUDA (faster, with the pixel difference measured in
+    docs/performance.md), fp32 for small models such as the shipped one (`sdlab.utils.dtypes.auto_dtype`).
     `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule.
@@ -225,7 +228,7 @@ def load(
         apply_lora(bundle, lora_path, weight, lora=lora)
     found = load_embeddings(embeddings, bundle)
     bundle = install_embeddings(bundle, found)
-    refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=dtype)
+    refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=bundle.dtype)
     if refined is not None:
         refined = install_embeddings(refined, found, partial=True)
     pipe = Pipeline(bundle, refined, refiner_switch, found)

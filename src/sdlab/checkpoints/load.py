@@ -43,6 +43,7 @@ from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.models.tokenizer import default_tokenizer
+from sdlab.utils.dtypes import auto_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -200,18 +201,26 @@ def load_bundle(
     path: str | os.PathLike[str],
     *,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     family: str | None = None,
     prediction: str | Prediction | None = None,
     vae: str | os.PathLike[str] | None = None,
 ) -> ModelBundle:
     """Load an SD1 / SD2 / SDXL checkpoint (single file or diffusers folder) as a `ModelBundle`.
 
-    Every floating tensor is converted to `dtype` on `device`. `family` overrides detection, `prediction`
+    Every floating tensor is converted to `dtype` on `device` as it is read (an fp16 file loaded as bf16
+    never holds an fp32 copy); None picks it for the model's size and the device (`auto_dtype`: bf16 for a
+    large U-Net on a CPU with native bf16, fp32 for a small one). `family` overrides detection, `prediction`
     ("eps", "v", ...) overrides the file, `vae` replaces the checkpoint's VAE with a standalone one.
     """
     plan = plan_checkpoint(path, family=family, prediction=prediction, vae=vae)
-    return materialize(plan, device=device, dtype=dtype)
+    return materialize(plan, device=device, dtype=plan_dtype(plan, device) if dtype is None else dtype)
+
+
+def plan_dtype(plan: CheckpointPlan, device: torch.device | str) -> torch.dtype:
+    """The dtype `auto` picks for a planned checkpoint on `device`, from its U-Net's parameter count."""
+    unet = next(c for c in plan.report.components if c.name == "unet")
+    return auto_dtype(device, unet.num_parameters)
 
 
 def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
@@ -240,5 +249,6 @@ __all__ = [
     "load_vae_source",
     "materialize",
     "plan_checkpoint",
+    "plan_dtype",
     "resolve_prediction",
 ]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.cli.errors import UserError, write_error
-from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
+from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
 from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab")
@@ -76,7 +76,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                             "or a folder, where files are numbered 00012-SEED-PROMPT.png and never replaced "
                             "(default: ./outputs)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-        p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
+        p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                       help="weight dtype; auto (default): bf16 for SD1.5 / SDXL-size models on a CPU with native "
+                            "bf16 or on CUDA, fp32 for small models (docs/performance.md)")
         p.add_argument(
             "--lora", action="append", default=[], metavar="FILE:WEIGHT",
             help="merge a LoRA file (kohya / A1111 format) at WEIGHT (default 1); repeatable",
@@ -335,7 +337,7 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
     from sdlab.api import RequestError, load, shipped_model_path
     from sdlab.pipeline.request import check_refiner_switch
 
-    dtype = dtype_from_name(args.dtype)
+    dtype = requested_dtype(args.dtype)
     model = model or args.model or shipped_model_path()
     if model is None:
         raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")

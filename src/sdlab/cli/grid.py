@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from sdlab.cli.errors import UserError, write_error
-from sdlab.utils.dtypes import DTYPE_NAMES
+from sdlab.utils.dtypes import DTYPE_CHOICES
 
 def add_grid(subparsers: argparse._SubParsersAction) -> None:
     help_text = "draw an X/Y/Z plot: one labelled grid of pictures over up to three request fields"
@@ -56,7 +56,9 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
                    help="textual-inversion embeddings whose file names are words of the prompt; repeatable")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="weight dtype; auto (default): bf16 for large models on a CPU with native bf16 or on CUDA, "
+                        "fp32 for small ones")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run_grid, from_png=None, batch=None, mask_blur=None, refiner=None, refiner_switch=0.8)
 
