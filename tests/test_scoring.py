@@ -96,10 +96,16 @@ def test_an_empty_image_scores_background_only() -> None:
 
 
 def test_public_prompts_parse_and_cover_every_split() -> None:
-    from sdlab.tiny.datasets.captions import parse_caption
+    from sdlab.tiny.datasets.captions import phrasing_family, read_prompt
+    from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS
     from sdlab.tiny.datasets.shapes import HELD_OUT_SHAPE_COLOURS, is_held_out
 
-    specs = [parse_caption(p) for p in read_prompt_file(PROMPTS)]
+    prompts = read_prompt_file(PROMPTS)
+    specs = [read_prompt(p)[0] for p in prompts]
+    for family in ("template", "free"):  # every named colour is a background in both phrasing families
+        stated = {s.background for s, p in zip(specs, prompts) if phrasing_family(p) == family}
+        assert set(BACKGROUND_COLOURS) <= stated, (family, set(BACKGROUND_COLOURS) - stated)
+    assert sum(s.count != 1 for s in specs) >= 3 and sum(s.background is None for s in specs) >= 2
     assert len(specs) >= 30
     held_out = {(s.subject, s.colour) for s in specs if s.kind == "shape" and is_held_out(s.subject, s.colour)}
     assert held_out == set(HELD_OUT_SHAPE_COLOURS)
