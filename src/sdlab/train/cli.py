@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["add_train_parser", "main", "run_from_config", "run_train"]
 
 TASK_MODULES = {"unet": "sdlab.train.unet_task", "vae": "sdlab.train.vae_task", "text": "sdlab.tiny.text_task",
-                "embedding": "sdlab.train.embedding_task"}
+                "embedding": "sdlab.train.embedding_task", "lcd": "sdlab.train.lcd_task"}
 
 EPILOG = """\
 examples:

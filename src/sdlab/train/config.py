@@ -38,8 +38,10 @@ def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> 
 @dataclass(frozen=True)
 class TrainConfig:
     # what to train
-    task: str = setting("unet", "what to train: the U-Net (full or LoRA), the VAE, the text encoder, or a "
-                                "textual-inversion embedding", ("unet", "vae", "text", "embedding"))
+    task: str = setting("unet", "what to train: the U-Net (full or LoRA), the VAE, the text encoder, a "
+                                "textual-inversion embedding, or a few-step model by latent consistency "
+                                "distillation (lcd)",
+                        ("unet", "vae", "text", "embedding", "lcd"))
     model: str | None = setting(None, "checkpoint to start from: a single .safetensors / .ckpt file or a "
                                       "diffusers folder (required)")
     family: str | None = setting(None, "override family detection (sd1, sd2, sdxl, ...)")
@@ -69,6 +71,17 @@ class TrainConfig:
     lora_text_encoder: bool = setting(False, "also put LoRA on the text encoders' attention / MLP")
     train_text_encoder: bool = setting(False, "U-Net task, full fine-tune: the text encoders learn too (new words "
                                               "and phrasings reach the U-Net through them)")
+
+    # objective (latent consistency distillation task)
+    lcd_ddim_timesteps: int = setting(50, "lcd task: steps of the teacher's DDIM solver grid (1000 / N apart; the LCM "
+                                          "sampler's original_inference_steps)")
+    lcd_w_min: float | None = setting(None, "lcd task: lowest teacher guidance w, as in x0 = cond + w (cond - uncond), "
+                                            "i.e. a CFG scale of w + 1 (default: the family's CFG scale - 1)")
+    lcd_w_max: float | None = setting(None, "lcd task: highest teacher guidance w (drawn uniformly per image; "
+                                            "default: lcd_w_min)")
+    lcd_loss: str = setting("l2", "lcd task: distance of student and target", ("l2", "huber"))
+    lcd_huber_c: float = setting(0.001, "lcd task: pseudo-Huber constant c (sqrt(d^2 + c^2) - c)")
+    lcd_target_decay: float = setting(0.95, "lcd task: EMA decay of the target network (every step, no warm-up)")
 
     # objective (embedding task)
     embedding_word: str | None = setting(None, "embedding task: the new word to learn (only its vectors train; "
@@ -147,7 +160,7 @@ class TrainConfig:
 
 # field -> (check, what it must be); None always passes (optional settings)
 _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "task": (lambda v: v.isidentifier(), "a task name (unet, vae, text, embedding)"),
+    "task": (lambda v: v.isidentifier(), "a task name (unet, vae, text, embedding, lcd)"),
     "resolution": (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
     "caption_dropout": (lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
     "num_workers": (lambda v: v >= 0, "at least 0"),
@@ -156,6 +169,11 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lora_rank": (lambda v: v >= 1, "at least 1"),
     "lora_alpha": (lambda v: v > 0, "positive"),
     "embedding_vectors": (lambda v: 1 <= v <= 75, "between 1 and 75"),
+    "lcd_ddim_timesteps": (lambda v: v >= 1, "at least 1"),
+    "lcd_w_min": (lambda v: v >= 0, "at least 0"),
+    "lcd_w_max": (lambda v: v >= 0, "at least 0"),
+    "lcd_huber_c": (lambda v: v > 0, "positive"),
+    "lcd_target_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
     "max_steps": (lambda v: v >= 0, "at least 0"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "grad_accum": (lambda v: v >= 1, "at least 1"),
@@ -179,6 +197,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 RESUME_INVARIANTS = (
     "task", "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
     "lora_text_encoder", "train_text_encoder", "embedding_word", "embedding_vectors", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
+    "lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay",
 )
 
 

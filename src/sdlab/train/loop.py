@@ -190,6 +190,8 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
             if state.get("ema") is None:
                 raise TrainError(f"cannot resume {resume.path} with --ema-decay: the checkpoint has no EMA state")
             ema.load_state_dict(state["ema"])
+        if hasattr(task, "load_extra_state"):  # e.g. the lcd task's target network
+            task.load_extra_state(state.get("task_state") or {})
         restore_rng_state(state["rng"])
         start_step = int(state["step"])
         del state
@@ -246,6 +248,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
                 "task": task.name,
                 "modules": _run_state(modules),
                 "ema": ema.state_dict() if ema is not None else None,
+                "task_state": task.extra_state() if hasattr(task, "extra_state") else None,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "rng": capture_rng_state(),
@@ -289,6 +292,8 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
             scheduler.step()
             if ema is not None:
                 ema.update()
+            if hasattr(task, "after_optimizer_step"):
+                task.after_optimizer_step()
             step = step_i + 1
 
             last_loss = ctx.all_mean(sum(micro_losses) / len(micro_losses))

@@ -10,6 +10,10 @@ Under DistributedDataParallel the loop wraps each trainable module and calls
 directly must then call the wrapper (DDP's gradient all-reduce hooks fire only through the wrapper's
 forward). Tasks without ``bind_wrapped`` get their gradients averaged by the loop after backward
 (``sdlab.train.distributed.all_reduce_grads``), which gives the same result.
+
+Optional hooks for a task with state of its own besides the trainable modules (the lcd task's target
+network): ``after_optimizer_step()`` runs after each optimiser step (and the EMA update), ``extra_state()``
+returns tensors the run checkpoint keeps (``"task_state"``) and ``load_extra_state(state)`` restores them.
 """
 
 from __future__ import annotations
