@@ -238,7 +238,7 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
             module_kind(entry)
         except ValueError as exc:
             raise CheckpointError(f"{path}: module {name}: {exc}") from None
-        if any(not t.is_floating_point() for f, t in entry.items() if f != "on_input"):
+        if any(not t.is_floating_point() for f, t in entry.items() if f not in ("on_input", "alpha")):  # alpha: any number
             raise CheckpointError(f"{path}: LoRA module {name} has non-floating-point weights")
         if not all(bool(torch.isfinite(t.to(torch.float32)).all()) for t in entry.values()):
             raise CheckpointError(f"{path}: LoRA module {name} has NaN or infinite weights")
