@@ -346,3 +346,19 @@ def test_bpe_of_a_long_word_is_not_quadratic():
         tok._bpe("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(n)))
         counts.append(lookups)
     assert counts[1] <= 4.5 * counts[0], counts
+
+
+def test_text_ftfy_would_leave_alone_skips_ftfy_and_cleans_the_same():
+    """clean_text imports ftfy only for text it could change; on the rest ftfy.fix_text is the identity."""
+    from sdlab.models import tokenizer
+
+    rng = random.Random(0)
+    alphabet = [chr(c) for c in range(32, 127) if chr(c) != "&"] + ["\t", "\n"]
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert tokenizer._FTFY_UNCHANGED.issuperset(text)
+        assert ftfy.fix_text(text) == text, repr(text)
+    for text in ("fish &amp; chips", "caf\u00e9", "a\rb", "\x1b[31mred", "\u201cquoted\u201d", "tab\x0bhere"):
+        assert not tokenizer._FTFY_UNCHANGED.issuperset(text)
+        expected = " ".join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+        assert tokenizer.clean_text(text) == expected

@@ -30,7 +30,6 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-import ftfy
 import regex
 import torch
 
@@ -78,9 +77,19 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+#: characters ftfy.fix_text leaves as they are: printable ASCII without '&' (HTML entities), tab, newline
+_FTFY_UNCHANGED = frozenset(chr(c) for c in range(32, 127)) - {"&"} | {"\t", "\n"}
+
+
 def clean_text(text: str) -> str:
-    """CLIP's text cleaning: ftfy, double HTML unescape, whitespace collapse, lower case."""
-    text = ftfy.fix_text(text)
+    """CLIP's text cleaning: ftfy, double HTML unescape, whitespace collapse, lower case.
+
+    ftfy (whose import costs about a third of a second) is imported only for text it could change: anything
+    beyond printable ASCII, tab and newline, or with '&'."""
+    if not _FTFY_UNCHANGED.issuperset(text):
+        import ftfy
+
+        text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text))
     return " ".join(text.split()).lower()       # str.split() splits on every Unicode whitespace run
 
