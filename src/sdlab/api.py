@@ -40,6 +40,7 @@ from sdlab.pipeline.request import (
     check_refiner_switch,
     input_image,
 )
+from sdlab.utils.compile import compile_module
 
 _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
 
@@ -201,6 +202,7 @@ def load(
     loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
     lora_dirs: Sequence[str | os.PathLike[str]] | None = None,
     embeddings: Sequence[str | os.PathLike[str]] = (),
+    compile: bool = False,
 ) -> Pipeline:
     """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`; without `path`,
     the model that ships with sdlab (sdlab-tiny, 64 px).
@@ -216,6 +218,8 @@ def load(
     (default: A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when they exist).
     `embeddings` are textual-inversion files or folders of them (a folder's files made for another model
     are skipped); their names are then words of prompts (`Pipeline.embeddings` lists them).
+    `compile=True` compiles the U-Net(s) with `torch.compile` on the first draw of each size, with a compile
+    cache on disk that later processes reuse (`sdlab.utils.compile`).
     """
     device = resolve_device(device)
     if path is None:
@@ -231,6 +235,9 @@ def load(
     refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=bundle.dtype)
     if refined is not None:
         refined = install_embeddings(refined, found, partial=True)
+    for loaded in (bundle, refined) if compile else ():
+        if loaded is not None:
+            compile_module(loaded.unet)
     pipe = Pipeline(bundle, refined, refiner_switch, found)
     pipe.lora_dirs = [Path(d) for d in (default_lora_dirs(path) if lora_dirs is None else lora_dirs)]
     return pipe

@@ -105,6 +105,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--threads", type=int, metavar="N",
                        help="CPU threads (default: 1 for small models such as the shipped one, else all cores; "
                             "OMP_NUM_THREADS also sets it)")
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the U-Net (slow first run of each size; kept in a cache for later runs)")
         if mode == "txt2img":
             _add_hires_flags(p)
         if mode != "txt2img":
@@ -346,7 +348,7 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
         check_refiner_switch(args.refiner_switch, "--refiner-switch")
         pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
                     prediction=args.prediction, refiner=args.refiner, refiner_switch=args.refiner_switch, loras=loras,
-                    embeddings=getattr(args, "embeddings_dir", []))
+                    embeddings=getattr(args, "embeddings_dir", []), compile=getattr(args, "compile", False))
     except RequestError as err:     # e.g. a --device this torch cannot use
         raise UserError(str(err)) from None
     pipe.find_lora = _lora_finder(args, lora_hashes)          # prompt tags: as `_resolve_loras` found them
