@@ -303,7 +303,9 @@ def sample_tcd(
 
         x_s = x0 + sigma_s * (x - x0) / sigma,     x' = x_s + sqrt(sigma'^2 - sigma_s^2) * noise
 
-    The last step returns x_s without noise (diffusers draws none there; at eta = 0 no step draws).
+    The last step returns x_s without noise (diffusers draws none there; at eta = 0 no step draws); at the
+    schedule's end t' = 0 gives s = 0 and x_s is at the final sigma, while a list that ends early (the
+    base model's part before a refiner) re-noises its last step to its last sigma as the others.
     eta = 0 is DDIM / Euler on the same sigmas. s is an integer timestep of the training schedule, so the
     sampler needs the schedule's ``sigma_to_t`` and ``t_to_sigma`` (the generate loop passes both); a
     next sigma that is not a training level (karras, ...) maps to its fractional timestep first. The
@@ -322,7 +324,7 @@ def sample_tcd(
         sigma_s = _tcd_sigma_s(sigma_next, eta, sigma_to_t, t_to_sigma)
         report_step(callback, i, x, sigma, sigma_next, denoised)
         x = denoised + (sigma_s / sigma) * (x - denoised)
-        if eta > 0.0 and i < last:
+        if eta > 0.0 and (i < last or sigma_s < sigma_next):  # a list cut short (refiner handoff) re-noises
             step_noise = require_noise(noise, "TCD", "eta > 0")(sigmas[i], sigmas[i + 1])
             x = x + math.sqrt(max(sigma_next * sigma_next - sigma_s * sigma_s, 0.0)) * step_noise
     return x
