@@ -106,3 +106,16 @@ def test_native_api_preset_field():
     assert _native_job({"prompt": "a fox"}).steps == 20                                          # no preset: as before
     with pytest.raises(BadRequest, match="unknown preset"):
         _native_job({"prompt": "a fox", "preset": "warp"})
+
+
+def test_python_api_preset_option():
+    import sdlab
+
+    pipe = sdlab.load()
+    request = pipe.txt2img("a fox", preset="lightning", steps=2, seed=1).request
+    assert (request.sampler, request.schedule, request.steps, request.cfg_scale) == ("Euler", "trailing", 2, 1.0)
+    from PIL import Image
+    picture = Image.new("RGB", (64, 64), (120, 40, 200))
+    assert pipe.img2img("a fox", picture, preset="turbo", seed=1).request.steps == 2
+    with pytest.raises(RequestError, match="unknown preset"):
+        pipe.txt2img("a fox", preset="rapid")

@@ -31,6 +31,7 @@ from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
 from sdlab.pipeline.hires import generate_hires, hires_upscaler
 from sdlab.pipeline.memory import is_out_of_memory
 from sdlab.pipeline.plan import GenerationPlan, make_plan
+from sdlab.pipeline.presets import apply_preset
 from sdlab.pipeline.prompt_loras import LoraUse, default_lora_dirs, find_lora, patcher_for, request_loras, resolve_prompt_loras
 from sdlab.pipeline.request import (
     GenerationRequest,
@@ -116,6 +117,9 @@ class Pipeline:
             ) from None
 
     def _call(self, prompt: str, options: dict[str, Any], progress: ProgressFn | None) -> GenerationResult:
+        if options.get("preset") is not None:      # few-step settings (pipeline/presets.py); the options given win
+            options = apply_preset(options.pop("preset"), options, "img2img" if "init_image" in options else "txt2img")
+        options.pop("preset", None)
         unknown = sorted(set(options) - _REQUEST_FIELDS)
         if unknown:
             raise TypeError(f"unknown generation option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_REQUEST_FIELDS))}")
@@ -123,7 +127,8 @@ class Pipeline:
 
     def txt2img(self, prompt: str, negative_prompt: str = "", *, progress: ProgressFn | None = None, **options: Any) -> GenerationResult:
         """Draw from text. Options: steps, sampler, schedule, cfg_scale, seed, width, height, batch_size, ...;
-        the hires fix with hr_scale=2 (or hr_width / hr_height), hr_upscaler, hr_steps, hr_denoise."""
+        the hires fix with hr_scale=2 (or hr_width / hr_height), hr_upscaler, hr_steps, hr_denoise; preset="turbo"
+        (lcm, lightning, hyper, tcd: a few-step model's settings, under the options given; docs/few-step.md)."""
         return self._call(prompt, {"negative_prompt": negative_prompt, **options}, progress)
 
     def img2img(
