@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (three runs).
+# Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (three runs)
+# -> v2 (U-Net + text tower on data v2) -> four-step distillation (lcd.toml).
 # Every stage is resumable: run this script again and finished stages are skipped, the unfinished one goes
 # on from its newest run checkpoint (--resume latest). A U-Net run ends at its config's max_steps, or
 # earlier with Ctrl-C / SIGINT (it writes a checkpoint first); each later run (unet_continue.toml, then
@@ -82,4 +83,13 @@ echo "== $(date +%T) U-Net, third run from the second's EMA weights, with 20000 
 [ -f "$RUN/data-mix/metadata.jsonl" ] || python -m sdlab.train.combine "$RUN/data-mix" "$RUN/data" "$RUN/data-emoji"
 run_unet unet_emoji.toml "$RUN/unet2/final-ema.safetensors" "$RUN/data-mix" "$RUN/unet3" \
     --cache-dir "$RUN/unet/latent_cache" || exit 0
+echo "== $(date +%T) v2: data v2 (every named colour as a background, free phrasing, plurals)"
+[ -f "$RUN/data-v2/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-v2" --count "$COUNT" --seed 3 \
+    --emoji-fraction 0.6 --paraphrase-prob 0.2 --free-prob 0.45 --plural-prob 0.08 \
+    --omit-size 0.2 --omit-position 0.2 --omit-background 0.1
+echo "== $(date +%T) v2: U-Net and text tower fine-tuned on data v2, from the third run's EMA weights"
+run_unet unet_v2.toml "$RUN/unet3/final-ema.safetensors" "$RUN/data-v2" "$RUN/unet4" || exit 0
+echo "== $(date +%T) v2: latent consistency distillation for four steps, teacher = the v2 EMA weights"
+run_unet lcd.toml "$RUN/unet4/final-ema.safetensors" "$RUN/data-v2" "$RUN/lcd" \
+    --cache-dir "$RUN/unet4/latent_cache" || exit 0
 echo "== $(date +%T) U-Net finished"
