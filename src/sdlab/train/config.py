@@ -343,7 +343,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _METAVARS = {"model": "PATH", "vae": "FILE", "resolution": "PIXELS", "resume": "latest|PATH", "prediction": "eps|v",
-             "keep_checkpoints": "N", "checkpoint_every": "STEPS", "log_every": "STEPS", "sample_every": "STEPS"}
+             "keep_checkpoints": "N", "checkpoint_every": "STEPS", "log_every": "STEPS", "sample_every": "STEPS",
+             "lcd_ddim_timesteps": "N", "lcd_w_min": "W", "lcd_w_max": "W"}
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
