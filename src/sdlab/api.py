@@ -117,9 +117,11 @@ class Pipeline:
             ) from None
 
     def _call(self, prompt: str, options: dict[str, Any], progress: ProgressFn | None) -> GenerationResult:
-        if options.get("preset") is not None:      # few-step settings (pipeline/presets.py); the options given win
-            options = apply_preset(options.pop("preset"), options, "img2img" if "init_image" in options else "txt2img")
-        options.pop("preset", None)
+        # few-step settings (pipeline/presets.py): the preset asked for, else the one the model file names
+        # (preset=None: neither); the options given win
+        preset = options.pop("preset") if "preset" in options else self.bundle.preset
+        if preset is not None:
+            options = apply_preset(preset, options, "img2img" if "init_image" in options else "txt2img")
         unknown = sorted(set(options) - _REQUEST_FIELDS)
         if unknown:
             raise TypeError(f"unknown generation option(s) {', '.join(unknown)}; valid: {', '.join(sorted(_REQUEST_FIELDS))}")

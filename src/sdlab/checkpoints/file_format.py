@@ -44,6 +44,7 @@ FORMAT_VERSION = "1"
 META_COMPONENT = "sdlab.component"          # "vae", "text_encoder", "image_tower"
 META_WEIGHTS = "sdlab.weights"              # "raw" or "ema"
 META_EMA = "sdlab.ema"                      # U-Net training checkpoints: "True" / "False"
+META_PRESET = "sdlab.preset"                # the few-step preset a distilled model is drawn with ("lcm", ...)
 META_LOGIT_SCALE = "sdlab.logit_scale"      # sdlab-tiny image tower: the contrastive logit scale
 
 
@@ -64,8 +65,10 @@ def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
         "text_encoders": [config_to_json(te.config) for te in bundle.text_encoders],
     }
     native = {META_RESOLUTION: f"{bundle.native_size}x{bundle.native_size}"} if bundle.native_size else {}
+    preset = {META_PRESET: bundle.preset} if bundle.preset else {}
     return {
         **native,
+        **preset,
         META_FORMAT: FORMAT_VERSION,
         META_FAMILY: bundle.family.name,
         META_PREDICTION: bundle.prediction.value,
@@ -153,6 +156,13 @@ def stored_hidden_states(metadata: Mapping[str, str], count: int) -> list[str] |
     return states
 
 
+def named_preset(metadata: Mapping[str, str]) -> str | None:
+    """The preset name a file's `sdlab.preset` gives (lower case), or None without one; the pipeline checks
+    the name when it draws."""
+    name = str(metadata.get(META_PRESET, "")).strip().lower()
+    return name if re.fullmatch(r"[a-z0-9_-]{1,32}", name) else None
+
+
 def native_size(metadata: Mapping[str, str]) -> int | None:
     """The square side of the metadata's `modelspec.resolution` ("64x64"), or None without a usable one."""
     match = re.fullmatch(r"\s*(\d{1,5})\s*x\s*(\d{1,5})\s*", str(metadata.get(META_RESOLUTION, "")))
@@ -172,6 +182,7 @@ __all__ = [
     "META_LOGIT_SCALE",
     "META_MODELSPEC_PREDICTION",
     "META_PREDICTION",
+    "META_PRESET",
     "META_RESOLUTION",
     "META_SCALING",
     "META_WEIGHTS",
@@ -179,6 +190,7 @@ __all__ = [
     "config_from_json",
     "config_json",
     "config_to_json",
+    "named_preset",
     "native_size",
     "stored_configs",
     "stored_hidden_states",

@@ -33,6 +33,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import (
     META_MODELSPEC_PREDICTION,
     META_PREDICTION,
+    named_preset,
     native_size,
     stored_scaling_factor,
 )
@@ -238,6 +239,7 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
         family=report.family, unet=unet, vae=vae, text_encoders=encoders, prediction=report.prediction,
         scaling_factor=report.scaling_factor, unet_config=plan.unet.config, vae_config=plan.vae.config,
         source=report.source, report=report, native_size=native_size(report.metadata),
+        preset=named_preset(report.metadata),
     ))
 
 

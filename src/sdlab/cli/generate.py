@@ -356,6 +356,20 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
     return pipe, model
 
 
+def _with_model_preset(request, preset: str, given: dict[str, Any], mode: str):
+    """The request with the settings of the preset the model file names, where no option set them."""
+    from dataclasses import replace
+
+    from sdlab.pipeline.presets import get_preset
+    from sdlab.pipeline.request import RequestError
+
+    try:
+        settings = get_preset(preset).options(mode)
+    except RequestError as err:
+        raise UserError(f"the model names the preset {preset!r}: {err}") from None
+    return replace(request, **{k: v for k, v in settings.items() if k not in given})
+
+
 def _parse_lora(spec: str) -> tuple[str, float]:
     """``FILE[:WEIGHT]`` -> (file, weight). The text after the last colon is the weight unless the whole spec
     is an existing file or that text is a path or file name ("C:\\x.safetensors", "C:x.safetensors")."""
@@ -568,6 +582,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if model is not None:
         logger.warning("using %s, the model the picture names (pass --model to choose another)", model)
     pipe, model = _load_pipeline(args, model, loras, parse_lora_hashes(recorded.get("Lora hashes")))
+    if pipe.bundle.preset and not recorded and not getattr(args, "preset", None):
+        request = _with_model_preset(request, pipe.bundle.preset, options, args.mode)
     name, hash_ = _identify_model(model)
     if recorded:
         _check_model(recorded, name, hash_)

@@ -46,6 +46,7 @@ class ModelBundle:
     source: str | None = None
     report: Any = None                      # the `sdlab.checkpoints.plan.LoadReport` it was loaded from, if any
     native_size: int | None = None          # side it was trained at (metadata `modelspec.resolution`)
+    preset: str | None = None               # few-step preset the file names (metadata `sdlab.preset`), e.g. "lcm"
 
     @property
     def text_configs(self) -> tuple[CLIPTextConfig, ...]:
