@@ -28,6 +28,7 @@ from sdlab.pipeline.conditioning import encode_captions
 from sdlab.train.lcd_task import LCDOptions, LCDTask
 from sdlab.train.run_checkpoint import list_checkpoints, load_run_checkpoint
 from sdlab.train.task import Batch
+from sdlab.train.unet_task import UNetTaskOptions
 from train_fixtures import (CAPTIONS, cli_args, max_weight_diff, run_cli, run_in_process, write_caption_folder,
                             write_tiny_model)
 
@@ -252,3 +253,19 @@ def test_bad_settings_are_one_error_line(tiny_run_inputs, tmp_path, capsys, extr
     assert code == 2
     assert err[-1].startswith("sdlab: error:") and message in err[-1], err
     assert not (tmp_path / "run" / "final.safetensors").exists()
+
+
+def test_preview_draws_with_the_lcm_sampler(tmp_path, monkeypatch):
+    import sdlab.pipeline.generate as generate_module
+
+    seen = []
+    original = generate_module.generate
+    monkeypatch.setattr(generate_module, "generate",
+                        lambda bundle, request: seen.append(request) or original(bundle, request))
+    unet = UNetTaskOptions(caption_dropout=0.0, sample_prompts=("a red square",), sample_steps=4, sample_cfg=1.0,
+                           resolution=16)
+    task = LCDTask(tiny_bundle("sd1", 2), LCDOptions(unet=unet))
+    task.preview(tmp_path, 7)
+    assert (tmp_path / "step-00000007-00.png").is_file()
+    assert [(r.sampler, r.steps, r.cfg_scale) for r in seen] == [("LCM", 4, 1.0)]
+    assert task.bundle.unet.training  # back in training mode
