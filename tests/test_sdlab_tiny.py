@@ -130,3 +130,27 @@ def test_export_takes_the_ema_unet_of_a_run_checkpoint(parts, tmp_path) -> None:
     save_run_checkpoint({"step": 8, "task": "unet", "modules": {"unet": raw}, "ema": None}, run / "checkpoints", 8)
     with pytest.raises(ValueError, match="no EMA"):
         bundle_from_run(root / "base.safetensors", run)
+
+
+def test_export_takes_trained_text_towers_and_an_lcd_target_network(parts, tmp_path) -> None:
+    root, _, _ = parts
+    base = load_bundle(root / "base.safetensors")
+    text = base.text_encoders[0].model
+    unet_raw = {k: v + 0.25 for k, v in base.unet.state_dict().items()}
+    text_raw = {k: v + 0.125 for k, v in text.state_dict().items()}
+    shadow = {f"text_encoder0.{k}": v - 0.5 for k, v in text.named_parameters()}
+    shadow |= {f"unet.{k}": v - 0.5 for k, v in base.unet.named_parameters()}
+    target = {k: v * 0 + 3.0 for k, v in base.unet.state_dict().items()}
+    run = tmp_path / "run"
+    save_run_checkpoint({"step": 5, "task": "lcd", "modules": {"unet": unet_raw, "text_encoder0": text_raw},
+                         "ema": {"decay": 0.9, "num_updates": 5, "shadow": shadow},
+                         "task_state": {"target": target}}, run / "checkpoints", 5)
+    bundle, _ = bundle_from_run(root / "base.safetensors", run)
+    for name, value in text.named_parameters():
+        torch.testing.assert_close(bundle.text_encoders[0].model.state_dict()[name], value.detach() - 0.5)
+    bundle, _ = bundle_from_run(root / "base.safetensors", run, target=True, preset="lcm")
+    assert bundle.preset == "lcm"
+    assert all(torch.equal(v, target[k]) for k, v in bundle.unet.state_dict().items())
+    out = tmp_path / "distilled.safetensors"
+    assert main(["export", str(root / "base.safetensors"), str(run), str(out), "--target", "--preset", "lcm"]) == 0
+    assert load_bundle(out).preset == "lcm"

@@ -111,26 +111,45 @@ def resolve_run_checkpoint(run: str | Path) -> Path:
     raise FileNotFoundError(f"{run}: no run checkpoint")
 
 
-def bundle_from_run(base: str | Path, run: str | Path, *, ema: bool = True) -> tuple[ModelBundle, int]:
-    """(``base`` with the U-Net of run checkpoint ``run``, the step it was saved at). ``ema``: take the EMA
-    weights (an error if the run keeps none), else the raw ones."""
+def _bundle_modules(bundle: ModelBundle) -> dict[str, torch.nn.Module]:
+    """The run-checkpoint module names of a bundle's parts: "unet", "text_encoder0", ..."""
+    return {"unet": bundle.unet} | {f"text_encoder{i}": te.model for i, te in enumerate(bundle.text_encoders)}
+
+
+def bundle_from_run(base: str | Path, run: str | Path, *, ema: bool = True, target: bool = False,
+                    preset: str | None = None) -> tuple[ModelBundle, int]:
+    """(``base`` with the weights of run checkpoint ``run``, the step it was saved at): the U-Net, and the text
+    towers when the run trained them (``train_text_encoder``). ``ema``: take the EMA weights (an error if the
+    run keeps none), else the raw ones. ``target``: an lcd run's target network (the student's EMA) as the
+    U-Net. ``preset``: the few-step preset the delivered file names (e.g. "lcm" for a distilled model)."""
     path = resolve_run_checkpoint(run)
     state = load_run_checkpoint(path)
-    if state.get("task") != "unet" or "unet" not in state["modules"]:
+    if state.get("task") not in ("unet", "lcd") or "unet" not in state["modules"]:
         raise ValueError(f"{path}: not a full U-Net run checkpoint (task {state.get('task')!r})")
     bundle = load_bundle(base, dtype=torch.float32)
-    weights = dict(state["modules"]["unet"])
-    if ema:
-        if state.get("ema") is None:
-            raise ValueError(f"{path}: the run keeps no EMA weights; export with ema=False (--raw)")
-        prefix = "unet."
-        weights |= {k[len(prefix):]: v for k, v in state["ema"]["shadow"].items() if k.startswith(prefix)}
-    missing, unexpected = bundle.unet.load_state_dict(weights, strict=False)
-    if unexpected or any(not k.endswith("position_ids") for k in missing):
-        raise ValueError(f"{path}: U-Net weights do not match {base}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    parts = _bundle_modules(bundle)
+    shadow = (state.get("ema") or {}).get("shadow", {})
+    if ema and not target and not shadow:
+        raise ValueError(f"{path}: the run keeps no EMA weights; export with ema=False (--raw)")
+    for name, raw in state["modules"].items():
+        if name not in parts:
+            raise ValueError(f"{path}: trained module {name!r} is not a part of {base}")
+        weights = dict(raw)
+        if target and name == "unet":
+            task_state = state.get("task_state") or {}
+            if "target" not in task_state:
+                raise ValueError(f"{path}: no target network (not an lcd run)")
+            weights = dict(task_state["target"])
+        elif ema:
+            weights |= {k[len(name) + 1:]: v for k, v in shadow.items() if k.startswith(f"{name}.")}
+        missing, unexpected = parts[name].load_state_dict(weights, strict=False)
+        if unexpected or any(not k.endswith("position_ids") for k in missing):
+            raise ValueError(f"{path}: {name} weights do not match {base}: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
     step = int(state["step"])
-    logger.info("U-Net from %s (step %d, %s weights)", path, step, "EMA" if ema else "raw")
-    return bundle, step
+    logger.info("%s from %s (step %d, %s weights)", ", ".join(state["modules"]), path, step,
+                "target" if target else "EMA" if ema else "raw")
+    return replace(bundle, preset=preset), step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("run", help="run checkpoint (.pt) or run folder")
     e.add_argument("out")
     e.add_argument("--raw", action="store_true", help="the raw weights instead of the EMA")
+    e.add_argument("--target", action="store_true", help="an lcd run: its target network as the U-Net")
+    e.add_argument("--preset", help="few-step preset the file names for its users (e.g. lcm)")
     e.add_argument("--dtype", choices=DTYPE_NAMES, default="fp16")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -155,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         bundle = assemble_bundle(args.base, vae=args.vae, text=args.text, data_dir=args.data, images=args.images)
         save_bundle(bundle, args.out)
     else:
-        bundle, _ = bundle_from_run(args.base, args.run, ema=not args.raw)
+        bundle, _ = bundle_from_run(args.base, args.run, ema=not args.raw, target=args.target, preset=args.preset)
         dtype = dtype_from_name(args.dtype)
         save_bundle(bundle, args.out, dtype=None if dtype == torch.float32 else dtype)
     logger.info("wrote %s", args.out)
