@@ -3,10 +3,13 @@ DPM++ 2M at 64 x 64 with classifier-free guidance, VAE decode and PNG write.
 
     python benchmarks/bench_shipped.py                    # 5 runs, median; the issue's budget is 5 s on 2 cores
     python benchmarks/bench_shipped.py --runs 9 --json
+    python benchmarks/bench_shipped.py --busy              # with another process spinning on one core
+    python benchmarks/bench_shipped.py --flags "--compile" # extra sdlab flags (here: torch.compile, cached)
 
 Each run is a fresh process running the console script's entry point (`sdlab.cli:main`, through
 `python -c`), timed from before it starts to after it exits, so Python and torch start-up are counted. The first run warms the disk cache and is reported but left out of the
-median. Numbers on a shared machine are noisy: repeat before trusting them.
+median. `--busy` keeps one extra process spinning for the whole measurement (the "loaded machine" case).
+Numbers on a shared machine are noisy: repeat before trusting them; the load average is printed.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -25,9 +29,12 @@ PROMPT = "a large red apple in the center on a light blue background"
 ENTRY = "import sys; from sdlab.cli import main; sys.exit(main())"
 
 
-def one_run(out: Path, steps: int, cfg: float, seed: int, model: str | None) -> float:
+BUSY = "while True: pass"
+
+
+def one_run(out: Path, steps: int, cfg: float, seed: int, model: str | None, flags: list[str]) -> float:
     command = [sys.executable, "-c", ENTRY, "txt2img", PROMPT, "--steps", str(steps), "--cfg", str(cfg),
-               "--sampler", "DPM++ 2M", "--seed", str(seed), "--out", str(out), "--no-progress"]
+               "--sampler", "DPM++ 2M", "--seed", str(seed), "--out", str(out), "--no-progress", *flags]
     if model:
         command += ["--model", model]
     start = time.perf_counter()
@@ -41,20 +48,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--model", help="checkpoint (default: the shipped model)")
+    parser.add_argument("--flags", default="", help='extra sdlab txt2img flags, e.g. "--compile" or "--threads 2"')
+    parser.add_argument("--busy", action="store_true", help="keep one other process spinning on a core meanwhile")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "bench.png"
-        warm = one_run(out, args.steps, args.cfg, 0, args.model)
-        times = [one_run(out, args.steps, args.cfg, i + 1, args.model) for i in range(args.runs)]
-    result = {"prompt": PROMPT, "steps": args.steps, "cfg": args.cfg, "size": "model default",
+    flags = shlex.split(args.flags)
+    busy = subprocess.Popen([sys.executable, "-c", BUSY]) if args.busy else None
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder) / "bench.png"
+            warm = one_run(out, args.steps, args.cfg, 0, args.model, flags)
+            times = [one_run(out, args.steps, args.cfg, i + 1, args.model, flags) for i in range(args.runs)]
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
+    result = {"prompt": PROMPT, "steps": args.steps, "cfg": args.cfg, "size": "model default", "flags": args.flags,
+              "busy_core": args.busy,
               "warm_up_s": round(warm, 3), "runs_s": [round(t, 3) for t in times],
               "median_s": round(statistics.median(times), 3), "cpus": os.cpu_count(),
               "load_average": [round(v, 2) for v in os.getloadavg()]}
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"sdlab txt2img, {args.steps} steps DPM++ 2M, CFG {args.cfg}: median {result['median_s']:.2f} s over "
+        print(f"sdlab txt2img {args.flags}{' (one core busy)' if args.busy else ''}, {args.steps} steps DPM++ 2M, CFG {args.cfg}: median {result['median_s']:.2f} s over "
               f"{args.runs} runs {result['runs_s']} (warm-up {result['warm_up_s']:.2f} s; load average "
               f"{result['load_average']})")
 

@@ -3,18 +3,27 @@ context, random weights): sdlab vs diffusers, same weights, same process, interl
 
     python benchmarks/bench_unet.py                       # CPU, fp32 and bf16, 3 timed runs each
     python benchmarks/bench_unet.py --device cuda --runs 20 --dtypes fp16 bf16
+    python benchmarks/bench_unet.py --dtypes bf16 --compile --no-memory   # + sdlab under torch.compile
 
 Time: median of `--runs` forwards after `--warmup`, sdlab and diffusers alternating (the order flips every
 run) so that load from other processes hits both alike. Memory: on CPU, peak resident set size
 (`getrusage` maxrss) of a fresh subprocess per (implementation, dtype) that builds only that model directly
 in the dtype and runs one forward; on CUDA, `torch.cuda.max_memory_allocated` around one forward.
 Numbers on a shared machine are noisy: compare the ratio, repeat before trusting a few percent.
+
+FLOP limit: the step's FLOPs are counted (`torch.utils.flop_counter`; SD1.5 at 64x64 latents with guidance:
+1.354 TFLOP in convolutions and linear layers plus 0.252 in attention's two matrix products) and divided by
+the measured peak of one large matrix product in the dtype (`--peak-size`, best wall time of a few): the
+fastest this machine could possibly run the step;
+each implementation's step is printed as a multiple of that limit. `--compile` adds sdlab's U-Net under
+`torch.compile` (compile time printed; the cache of `sdlab.utils.compile` applies).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -112,6 +121,35 @@ def time_interleaved(models: dict, args, dtype: torch.dtype) -> tuple[dict[str, 
     return times, cpu_times
 
 
+def step_flops(size: int) -> tuple[float, float]:
+    """FLOPs of one guided SD1.5 forward at `size` latents (multiply-add = 2), counted on the meta device by
+    torch's flop counter: (convolutions and linear layers, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = UNet(SD15)
+        x, t, context = torch.randn(2, 4, size, size), torch.full((2,), 500.0), torch.randn(2, 77, 768)
+        with FlopCounterMode(display=False) as counter:
+            run_sdlab(model, x, t, context)
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    attention = sum(n for op, n in counts.items() if "bmm" in op or "attention" in op)
+    return sum(counts.values()) - attention, attention
+
+
+def matmul_peak(dtype: torch.dtype, device: str, n: int, runs: int = 3) -> float:
+    """Best FLOP/s of an n x n x n matrix product in `dtype` (the roof the U-Net's matmuls and convs share)."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(runs + 1):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
 def cuda_peak_memory(model, call, dtype: torch.dtype, args) -> float:
     """Extra GiB allocated during one forward (beyond the weights and inputs)."""
     x, t, context = inputs(dtype, args.device, args.size)
@@ -149,6 +187,28 @@ def memory_worker(impl: str, dtype_name: str, size: int) -> None:
     print(json.dumps({"after_build_gib": weights, "peak_gib": peak_rss_gib()}))
 
 
+def compiled_sdlab(model: UNet, dtype: torch.dtype, args) -> UNet:
+    """A second sdlab U-Net on the same weights, compiled; the first forward (the compile) is timed here."""
+    from sdlab.utils.compile import compile_module
+
+    with torch.device("meta"):
+        twin = UNet(SD15)
+    twin.load_state_dict(model.state_dict(), assign=True)
+    twin = compile_module(twin.eval())
+    x, t, context = inputs(dtype, args.device, args.size)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        run_sdlab(twin, x, t, context)
+    _sync(args.device)
+    print(f"  {dtype_name_of(dtype)}: torch.compile of the sdlab U-Net (first forward) took {time.perf_counter() - start:.1f} s",
+          flush=True)
+    return twin
+
+
+def dtype_name_of(dtype: torch.dtype) -> str:
+    return next(name for name, d in DTYPES.items() if d == dtype)
+
+
 def cpu_peak_memory(impl: str, dtype_name: str, size: int) -> dict:
     cmd = [sys.executable, __file__, "--memory-worker", impl, dtype_name, "--size", str(size)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -164,14 +224,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-time", action="store_true", help="skip the timing (memory only)")
+    parser.add_argument("--compile", action="store_true", help="also time sdlab's U-Net under torch.compile")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, the physical cores)")
+    parser.add_argument("--peak-size", type=int, default=4096, help="matrix side for the matmul peak (0: skip)")
     parser.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_worker:
         memory_worker(*args.memory_worker, args.size)
         return
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"batch 2 x 4x{args.size}x{args.size}, context 77x768, {args.runs} runs after {args.warmup} warm-up")
+          f"batch 2 x 4x{args.size}x{args.size}, context 77x768, {args.runs} runs after {args.warmup} warm-up, "
+          f"load average {os.getloadavg()[0]:.2f}", flush=True)
     on_cuda = args.device.startswith("cuda")
     needs_models = not args.no_time or (on_cuda and not args.no_memory)
     reference = build_diffusers(torch.float32, args.device, init=True) if needs_models else None
@@ -184,6 +250,8 @@ def main() -> None:
                 "sdlab": (sdlab_sharing_weights(diffusers_model), run_sdlab),
                 "diffusers": (diffusers_model, run_diffusers),
             }
+            if args.compile:
+                models["sdlab compiled"] = (compiled_sdlab(models["sdlab"][0], dtype, args), run_sdlab)
         line = f"{dtype_name}:"
         if not args.no_time:
             times, cpu_times = time_interleaved(models, args, dtype)
@@ -192,9 +260,19 @@ def main() -> None:
             line += (
                 f" sdlab {ours:.3f} s, diffusers {theirs:.3f} s, sdlab/diffusers {ours / theirs:.3f} "
                 f"(CPU time {cpu_ours:.2f} s vs {cpu_theirs:.2f} s, ratio {cpu_ours / cpu_theirs:.3f})"
-                f"\n  all runs: sdlab {[round(s, 3) for s in times['sdlab']]}, "
-                f"diffusers {[round(s, 3) for s in times['diffusers']]}"
+                f"\n  all runs: " + ", ".join(f"{name} {[round(s, 3) for s in runs]}" for name, runs in times.items())
             )
+            if "sdlab compiled" in times:
+                compiled = statistics.median(times["sdlab compiled"])
+                line += f"\n  sdlab compiled {compiled:.3f} s: {compiled / ours:.3f} x eager sdlab, {compiled / theirs:.3f} x diffusers"
+            if args.peak_size:
+                dense, attention = step_flops(args.size)
+                peak = matmul_peak(dtype, args.device, args.peak_size)
+                limit = (dense + attention) / peak
+                line += (f"\n  FLOP limit: ({dense / 1e12:.3f} + {attention / 1e12:.3f} attention) TFLOP per step / "
+                         f"{dtype_name} matmul peak {peak / 1e9:.0f} GFLOP/s = {limit:.2f} s "
+                         f"({dense / peak:.2f} s without attention); " + ", ".join(
+                             f"{name} {statistics.median(runs) / limit:.2f} x limit" for name, runs in times.items()))
         if not args.no_memory:
             if on_cuda:
                 mem = {name: cuda_peak_memory(m, call, dtype, args) for name, (m, call) in models.items()}
