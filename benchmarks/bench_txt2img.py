@@ -1,9 +1,12 @@
 """Whole `sdlab txt2img` against diffusers' StableDiffusionPipeline on the same SD1.5-size random weights.
 
 Every measurement is a fresh process, so start-up, loading and generation are all counted, as a user
-sees them; peak memory is that process's VmHWM (peak resident set). Both sides load the same fp16
-weights into fp32 (or `--dtype bf16`), draw with DPM++ 2M Karras (diffusers: DPMSolverMultistep with
-Karras sigmas), CFG 7 with a negative prompt, the same seed.
+sees them; peak memory is that process's VmHWM (peak resident set). Four configurations run interleaved
+(the order rotates every round, `--repeats` rounds, medians reported): sdlab with its default settings
+(no flags), sdlab with `--best` flags (default `--dtype bf16`), diffusers in fp32 and diffusers in bf16. All
+load the same fp16 weights, draw with DPM++ 2M Karras (diffusers: DPMSolverMultistep with Karras sigmas),
+CFG 7 with a negative prompt, the same seed. Printed: times, ratios to diffusers fp32, and each picture's
+pixel difference (max and mean over RGB, 0-255) from diffusers fp32's.
 
 The second part decodes one 2048x2048 picture (a 256x256 latent) with each VAE alone: sdlab's default
 (tiled above 1024x1024 pixels) against diffusers' `enable_tiling()` (its untiled decoder would need
@@ -11,13 +14,17 @@ tens of GB on CPU for the mid-block attention over 65,536 tokens), both with 512
 time and the memory the decode needs beyond the loaded weights (peak RSS during the decode, counted from
 a reset after loading, minus RSS after loading).
 
-    python benchmarks/bench_txt2img.py --workdir /tmp/bench --size 512 --steps 20
+    python benchmarks/bench_txt2img.py --workdir /tmp/bench --size 512 --steps 20 --repeats 1
+    python benchmarks/bench_txt2img.py --steps 4 --best "--dtype bf16 --compile" --skip-decode
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -131,7 +138,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sdlab-bench"))
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the four configurations (medians)")
+    parser.add_argument("--best", default="--dtype bf16", help='sdlab flags of the "best" run (default: %(default)s)')
+    parser.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
     parser.add_argument("--decode-size", type=int, default=2048)
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-txt2img", action="store_true")
@@ -147,19 +156,62 @@ def main() -> None:
         decode(args.decode_size, single, folder)
 
 
+CONFIGS = ("sdlab default", "sdlab best", "diffusers fp32", "diffusers bf16")
+
+
+def txt2img_command(config: str, args: argparse.Namespace, single: Path, folder: Path, out: Path) -> list[str]:
+    if config.startswith("sdlab"):
+        flags = [] if config == "sdlab default" else shlex.split(args.best)
+        return [sys.executable, "-c", SDLAB_RUN, "txt2img", PROMPT, "--negative", NEGATIVE, "--model", str(single),
+                "--steps", str(args.steps), "--width", str(args.size), "--height", str(args.size), "--seed", "1",
+                "--cfg", "7", "--sampler", "DPM++ 2M", "--schedule", "karras", *flags, "--no-progress", "--out", str(out)]
+    dtype = config.split()[-1]
+    return [sys.executable, "-c", DIFFUSERS_RUN, str(folder), str(out), str(args.size), str(args.steps), "1", dtype]
+
+
+def pixel_difference(a: Path, b: Path) -> tuple[int, float]:
+    """(max, mean) absolute difference of two pictures' RGB values, 0-255."""
+    import numpy as np
+    from PIL import Image
+
+    pa, pb = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (a, b))
+    diff = np.abs(pa - pb)
+    return int(diff.max()), float(diff.mean())
+
+
+def picture_path(args: argparse.Namespace, config: str) -> Path:
+    return args.workdir / f"{config.replace(' ', '-')}-{args.size}px-{args.steps}steps.png"
+
+
 def txt2img(args: argparse.Namespace, single: Path, folder: Path) -> None:
-    sdlab = run_json([sys.executable, "-c", SDLAB_RUN, "txt2img", PROMPT, "--negative", NEGATIVE, "--model", str(single),
-                      "--steps", str(args.steps), "--width", str(args.size), "--height", str(args.size), "--seed", "1",
-                      "--cfg", "7", "--sampler", "DPM++ 2M", "--schedule", "karras", "--dtype", args.dtype,
-                      "--no-progress", "--out", str(args.workdir / "sdlab.png")])
-    diffusers = run_json([sys.executable, "-c", DIFFUSERS_RUN, str(folder), str(args.workdir / "diffusers.png"),
-                          str(args.size), str(args.steps), "1", args.dtype])
-    print(f"\ntxt2img {args.size}x{args.size}, {args.steps} steps, CFG 7, {args.dtype}, whole process:")
-    print(f"  {'':10} {'wall s':>8} {'CPU s':>8} {'peak GiB':>9}")
-    for name, r in (("sdlab", sdlab), ("diffusers", diffusers)):
-        print(f"  {name:10} {r['seconds']:8.1f} {r['cpu_s']:8.1f} {r['peak_gib']:9.2f}")
-    print(f"  ratio sdlab/diffusers: wall {sdlab['seconds'] / diffusers['seconds']:.2f}, "
-          f"CPU {sdlab['cpu_s'] / diffusers['cpu_s']:.2f}, peak memory {sdlab['peak_gib'] / diffusers['peak_gib']:.2f}")
+    configs = list(args.only)
+    outs = {c: picture_path(args, c) for c in configs}
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    loads = [os.getloadavg()[0]]
+    for round_ in range(args.repeats):
+        shift = round_ % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            results[config].append(run_json(txt2img_command(config, args, single, folder, outs[config])))
+            loads.append(os.getloadavg()[0])
+            print(f"  round {round_ + 1} {config}: {results[config][-1]['seconds']:.1f} s", flush=True)
+    median = {c: {k: statistics.median(r[k] for r in results[c]) for k in ("seconds", "cpu_s", "peak_gib")} for c in configs}
+    reference = "diffusers fp32" if "diffusers fp32" in configs else configs[0]
+    # pixels are compared with diffusers fp32's picture, also one left in --workdir by an earlier run
+    picture = picture_path(args, "diffusers fp32")
+    picture_ref = "diffusers fp32" if picture.exists() else reference
+    picture = picture if picture.exists() else outs[reference]
+    print(f"\ntxt2img {args.size}x{args.size}, {args.steps} steps DPM++ 2M Karras, CFG 7 + negative, whole process, "
+          f"median of {args.repeats}; best = {args.best!r}; load average {min(loads):.2f}-{max(loads):.2f} "
+          f"on {os.cpu_count()} CPUs:")
+    print(f"  {'':15} {'wall s':>8} {'CPU s':>8} {'peak GiB':>9} {'wall / ' + reference:>22} {'pixels vs ' + picture_ref + ' (max, mean)':>38}")
+    for c in configs:
+        m, ref = median[c], median[reference]
+        most, mean = pixel_difference(outs[c], picture)
+        print(f"  {c:15} {m['seconds']:8.1f} {m['cpu_s']:8.1f} {m['peak_gib']:9.2f} {m['seconds'] / ref['seconds']:22.3f} "
+              f"{most:>30d}, {mean:6.2f}")
+    for ours in ("sdlab default", "sdlab best"):
+        if ours in configs and "diffusers bf16" in configs:
+            print(f"  {ours} / diffusers bf16: {median[ours]['seconds'] / median['diffusers bf16']['seconds']:.3f}")
 
 
 def decode(side: int, single: Path, folder: Path) -> None:

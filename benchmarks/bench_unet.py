@@ -136,18 +136,19 @@ def step_flops(size: int) -> tuple[float, float]:
     return sum(counts.values()) - attention, attention
 
 
-def matmul_peak(dtype: torch.dtype, device: str, n: int, runs: int = 3) -> float:
-    """Best FLOP/s of an n x n x n matrix product in `dtype` (the roof the U-Net's matmuls and convs share)."""
+def matmul_peak(dtype: torch.dtype, device: str, n: int, runs: int = 3) -> tuple[float, float]:
+    """Best FLOP/s of an n x n x n matrix product in `dtype` (the roof the U-Net's matmuls and convs share):
+    (by wall time, per thread by process CPU time). On a loaded machine the second is the steadier one."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    best = float("inf")
+    best, best_cpu = float("inf"), float("inf")
     for _ in range(runs + 1):
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         a @ b
         _sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+        best, best_cpu = min(best, time.perf_counter() - start), min(best_cpu, time.process_time() - cpu_start)
+    return 2 * n**3 / best, 2 * n**3 / best_cpu
 
 
 def cuda_peak_memory(model, call, dtype: torch.dtype, args) -> float:
@@ -267,12 +268,17 @@ def main() -> None:
                 line += f"\n  sdlab compiled {compiled:.3f} s: {compiled / ours:.3f} x eager sdlab, {compiled / theirs:.3f} x diffusers"
             if args.peak_size:
                 dense, attention = step_flops(args.size)
-                peak = matmul_peak(dtype, args.device, args.peak_size)
+                peak, per_thread = matmul_peak(dtype, args.device, args.peak_size)
                 limit = (dense + attention) / peak
                 line += (f"\n  FLOP limit: ({dense / 1e12:.3f} + {attention / 1e12:.3f} attention) TFLOP per step / "
                          f"{dtype_name} matmul peak {peak / 1e9:.0f} GFLOP/s = {limit:.2f} s "
                          f"({dense / peak:.2f} s without attention); " + ", ".join(
                              f"{name} {statistics.median(runs) / limit:.2f} x limit" for name, runs in times.items()))
+                if not on_cuda:
+                    cpu_limit = (dense + attention) / per_thread
+                    line += (f"\n  by CPU time: matmul {per_thread / 1e9:.0f} GFLOP/s per thread, so the step needs at least "
+                             f"{cpu_limit:.2f} CPU s; " + ", ".join(
+                                 f"{name} {statistics.median(cpu_times[name]) / cpu_limit:.2f} x" for name in cpu_times))
         if not args.no_memory:
             if on_cuda:
                 mem = {name: cuda_peak_memory(m, call, dtype, args) for name, (m, call) in models.items()}
