@@ -11,7 +11,7 @@ twice that for fp32); "ratio" is peak RSS / weights MB. What is above the weight
 torch runtime (~0.4 GB), the activations of one U-Net step and the VAE decode of one picture.
 
     python benchmarks/bench_memory.py --workdir /tmp/sdlab-mem --families sd1 sdxl --steps 1
-    python benchmarks/bench_memory.py --families sd1 --dtype fp32 --skip-diffusers
+    python benchmarks/bench_memory.py --families sd1 --dtype fp32 --diffusers
 
 Cases run one after another (never side by side), so each peak is that process's own.
 """
@@ -67,35 +67,56 @@ DIFFUSERS_RUN = PEAK + textwrap.dedent("""
 
 
 def prepare(workdir: Path, family: str, diffusers: bool) -> tuple[Path, Path]:
-    """Full-size random weights of `family` as fp16: an original single file and a diffusers folder.
-
-    Everything is built with fp16 as torch's default dtype, so no fp32 copy of an SDXL-size model
-    (~14 GB) is ever held."""
+    """Full-size random weights of `family` as fp16: an original single file (written one tensor at a time,
+    so even SDXL never holds more than one tensor) and, with `diffusers`, a diffusers folder (built with
+    fp16 as torch's default dtype: about twice the weights in memory while it is written)."""
     single, folder = workdir / f"{family}-random-fp16.safetensors", workdir / f"{family}-random-fp16-diffusers"
-    need_single = not single.exists()
-    need_folder = diffusers and not (folder / "model_index.json").exists()
-    if not (need_single or need_folder):
-        return single, folder
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not single.exists():
+        write_random_single_file(family, single)
+    if diffusers and not (folder / "model_index.json").exists():
+        import torch
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from bundle_fixtures import write_diffusers_folder
+
+        from sdlab.checkpoints.create import new_bundle
+
+        torch.set_default_dtype(torch.float16)
+        try:
+            write_diffusers_folder(new_bundle(family, seed=0), folder)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    return single, folder
+
+
+def write_random_single_file(family: str, path: Path) -> None:
+    """The family's full-size original layout with seeded random fp16 weights (norm scales 1, the rest
+    N(0, 0.02)) and sdlab's metadata, streamed to `path` (temp file, then rename)."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
     from sdlab.checkpoints.create import new_bundle
-    from sdlab.checkpoints.save import save_bundle
+    from sdlab.checkpoints.file_format import bundle_metadata
+    from sdlab.checkpoints.io import _safetensors_header
+    from sdlab.checkpoints.save import bundle_state_dict
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float16)
-    try:
-        bundle = new_bundle(family, seed=0)
-        if need_single:
-            save_bundle(bundle, single)
-        if need_folder:
-            from bundle_fixtures import write_diffusers_folder
-
-            write_diffusers_folder(bundle, folder)
-    finally:
-        torch.set_default_dtype(previous)
-    return single, folder
+    meta = new_bundle(family, device="meta")                       # configs and keys, no memory
+    layout = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in bundle_state_dict(meta).items()}
+    header, order = _safetensors_header(layout, bundle_metadata(meta))
+    generator = torch.Generator().manual_seed(0)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(header)
+        for key in order:
+            spec = layout[key]
+            if not spec.is_floating_point():
+                t = torch.zeros(spec.shape, dtype=spec.dtype)
+            elif spec.dim() == 1 and key.endswith(".weight"):
+                t = torch.ones(spec.shape, dtype=spec.dtype)              # GroupNorm / LayerNorm scales
+            else:
+                t = (torch.randn(spec.shape, generator=generator) * 0.02).to(spec.dtype)
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    tmp.rename(path)
 
 
 def run_json(command: list[str]) -> dict:
@@ -123,14 +144,15 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", choices=sorted(SIZES), default=["sd1", "sdxl"])
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="bf16")
-    parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--diffusers", nargs="*", choices=sorted(SIZES), default=["sd1"],
+                        help="families to run diffusers on too (SDXL's diffusers folder takes ~14 GB to write)")
     parser.add_argument("--prepare-only", action="store_true")
     args = parser.parse_args()
 
     rows = []
     for family in args.families:
         started = time.perf_counter()
-        single, folder = prepare(args.workdir, family, diffusers=not args.skip_diffusers)
+        single, folder = prepare(args.workdir, family, diffusers=family in args.diffusers)
         print(f"{family}: weights ready in {time.perf_counter() - started:.0f} s", flush=True)
         if args.prepare_only:
             continue
@@ -139,7 +161,7 @@ def main() -> None:
         result = sdlab_case(single, args.workdir / f"{family}-sdlab.png", size, args.steps, args.dtype)
         rows.append(("sdlab", family, size, weights_mb, result))
         print(f"  sdlab {family}: {result}", flush=True)
-        if not args.skip_diffusers:
+        if family in args.diffusers:
             result = diffusers_case(folder, args.workdir / f"{family}-diffusers.png", size, args.steps, args.dtype)
             rows.append(("diffusers", family, size, weights_mb, result))
             print(f"  diffusers {family}: {result}", flush=True)
