@@ -10,14 +10,22 @@ The SD1 / SD2 and SDXL factors are the ones ComfyUI ships (``comfy/latent_format
 and SD2, ``SDXL``), fitted on model latents at the family's scaling factor. A file whose own scaling factor
 differs (sdlab-tiny measures one per file) is rescaled to the one the factors were fitted at
 (``rgb_fit_scaling``) before the map is applied.
+
+A family may also ship a tiny distilled decoder for previews (``preview_decoder_file``, see
+`sdlab.models.preview_decoder`): full-resolution pictures for a few milliseconds; previews prefer it when
+it agrees with the model's VAE and fall back to the linear map.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from sdlab.models.preview_decoder import PreviewDecoder, load_preview_decoder
 
 RGB = tuple[float, float, float]
 
@@ -32,6 +40,7 @@ class LatentFormat:
     rgb_factors: tuple[RGB, ...] | None = None  # (channels, 3): one RGB row per latent channel
     rgb_bias: RGB = (0.0, 0.0, 0.0)
     rgb_fit_scaling: float | None = None        # scaling the factors were fitted at (None: scaling_factor)
+    preview_decoder_file: str | None = None     # tiny preview decoder: a file in sdlab/models/data, or a path
 
     def __post_init__(self) -> None:
         if self.rgb_factors is not None and (
@@ -46,6 +55,15 @@ class LatentFormat:
     def to_vae(self, z: Tensor) -> Tensor:
         """The U-Net's latents -> what the VAE decoder takes."""
         return z / self.scaling_factor + self.shift
+
+    def preview_decoder(self) -> PreviewDecoder | None:
+        """The family's tiny preview decoder (loaded on first use, then cached), or None when it has none."""
+        if self.preview_decoder_file is None:
+            return None
+        path = Path(self.preview_decoder_file)
+        if not path.is_absolute():
+            path = Path(str(resources.files("sdlab.models").joinpath("data", self.preview_decoder_file)))
+        return load_preview_decoder(path)
 
     def preview_rgb(self, latents: Tensor, scaling_factor: float | None = None) -> Tensor:
         """A cheap RGB picture of model latents (B, C, h, w) -> (B, 3, h, w) in [0, 1], one pixel per latent.

@@ -6,12 +6,16 @@ rgb = latent^T W + b per latent pixel, in [-1, 1], one pixel per latent pixel. T
 has one; otherwise the map is fitted once per model by least squares against the model's own VAE decoder
 on a few random latents (each decoded picture average-pooled to the latent grid), so any model, even
 one trained here, gets a preview (the latents are the encoder's, of smooth random-colour pictures). The JPEG is encoded only when a client asks for it.
+A family that ships a tiny preview decoder (`LatentFormat.preview_decoder`, sdlab-tiny) gets full-resolution
+previews from it instead, when its probe latents show it agrees with this model's VAE (a file with another
+VAE keeps the linear map).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
 from collections.abc import Callable
 from functools import partial
 
@@ -20,6 +24,9 @@ from PIL import Image
 from torch import Tensor
 
 from sdlab.families.loaded import ModelBundle
+from sdlab.models.preview_decoder import PreviewDecoder
+
+logger = logging.getLogger("sdlab.server")
 
 FIT_SIDE = 16           # latent side of the fitting samples (128 px for SD's 8x VAE)
 FIT_SAMPLES = 4
@@ -33,8 +40,12 @@ class LatentPreviewer:
 
     @classmethod
     def for_bundle(cls, bundle: ModelBundle) -> LatentPreviewer:
-        """The family's preview map (`LatentFormat.preview_rgb`) when it has one, else one fitted now."""
+        """The family's tiny preview decoder when it has one that fits this model's VAE, else the family's
+        preview map (`LatentFormat.preview_rgb`) when it has one, else one fitted now."""
         latent_format = getattr(bundle.family, "latent_format", None)
+        decoder = matching_preview_decoder(bundle)
+        if decoder is not None:
+            return cls(partial(decoder.preview, scaling_factor=bundle.scaling_factor))
         if latent_format is not None and getattr(latent_format, "rgb_factors", None) is not None:
             return cls(partial(latent_format.preview_rgb, scaling_factor=bundle.scaling_factor))
         return cls.fitted(bundle)
@@ -54,6 +65,23 @@ class LatentPreviewer:
         x = latent.detach().to("cpu", torch.float32)[None]                          # (1, C, h, w)
         rgb = self.project(x)[0]                                                     # (3, h, w) in [0, 1]
         return (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8)                  # (h, w, 3)
+
+
+def matching_preview_decoder(bundle: ModelBundle) -> PreviewDecoder | None:
+    """The family's preview decoder if it has one and it agrees with ``bundle``'s VAE on its probe latents."""
+    latent_format = getattr(bundle.family, "latent_format", None)
+    if getattr(latent_format, "preview_decoder_file", None) is None:
+        return None
+    try:
+        decoder = latent_format.preview_decoder()
+        vae = bundle.vae
+        if decoder.agrees_with(lambda z: vae.decode(z.to(bundle.device, vae.dtype))):
+            return decoder
+        logger.info("the preview decoder %s was not distilled from this model's VAE: linear previews",
+                    latent_format.preview_decoder_file)
+    except (OSError, ValueError, RuntimeError) as exc:
+        logger.warning("preview decoder %s unusable (%s): linear previews", latent_format.preview_decoder_file, exc)
+    return None
 
 
 @torch.no_grad()

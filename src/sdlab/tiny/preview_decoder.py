@@ -11,10 +11,11 @@ The tiny decoder learns to map the shipped model's latents to what its full VAE 
   latents between the two kinds do not surprise it.
 
 Every target is the full decoder's picture of that very latent, so nothing needs to be "right", only
-faithful to the VAE. Steps (each deterministic from its seed; training runs a few minutes on one thread):
+faithful to the VAE. The steps (each deterministic from its seed; recipes/sdlab-tiny/README.md gives the
+sequence that made the shipped file; training runs about 2000 steps of 16 on one thread):
 
-    python -m sdlab.tiny.datasets.build /tmp/pd/train --count 3000 --seed 17 --emoji-fraction 0.6
-    python -m sdlab.tiny.preview_decoder prepare /tmp/pd/train /tmp/pd/train.safetensors --x0-prompts 40
+    python -m sdlab.tiny.datasets.build /tmp/pd/train --count 1200 --seed 17 --emoji-fraction 0.6
+    python -m sdlab.tiny.preview_decoder prepare /tmp/pd/train /tmp/pd/train.safetensors --x0-prompts 24
     python -m sdlab.tiny.preview_decoder train /tmp/pd/train.safetensors /tmp/pd/run.safetensors
     python -m sdlab.tiny.preview_decoder export /tmp/pd/run.safetensors /tmp/pd/heldout.safetensors OUT
     python -m sdlab.tiny.preview_decoder measure OUT /tmp/pd/heldout.safetensors
@@ -107,7 +108,8 @@ def prepare(images: Path, out: Path, *, model: str | None = None, count: int | N
     dtype, device = vae.dtype, bundle.device
     pixels, captions = read_images(images, count)
     clean = batched(lambda x: vae.encode(x.to(device, dtype)).mean.float().cpu(), pixels)      # (N, C, h, w)
-    x0 = collect_x0(pipe, [c for c in captions if c][:x0_prompts], seed, x0_steps, x0_batch) / scale
+    prompts = [c for c in captions if c][:x0_prompts]
+    x0 = collect_x0(pipe, prompts, seed, x0_steps, x0_batch) / scale if prompts else clean[:0]
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(len(clean), (noisy,), generator=generator)
     sigmas = torch.rand(noisy, 1, 1, 1, generator=generator) * NOISE_MAX / scale              # VAE space
@@ -121,23 +123,30 @@ def prepare(images: Path, out: Path, *, model: str | None = None, count: int | N
     return {name: int((kinds == k).sum()) for k, name in enumerate(KINDS)}
 
 
-def read_set(path: Path) -> tuple[Tensor, Tensor, Tensor, float]:
-    """A prepared set: latents (N, C, h, w), targets (N, 3, H, W) float32, kinds (N,), latent scale."""
-    with safe_open(str(path), framework="pt") as handle:
-        scale = float((handle.metadata() or {})["latent_scale"])
-    tensors = load_file(str(path))
-    return tensors["latents"].float(), tensors["targets"].float(), tensors["kinds"], scale
+def read_set(*paths: Path) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Prepared sets (of one model), joined: latents (N, C, h, w), targets (N, 3, H, W) float32, kinds (N,),
+    latent scale."""
+    parts, scales = [], set()
+    for path in paths:
+        with safe_open(str(path), framework="pt") as handle:
+            scales.add(float((handle.metadata() or {})["latent_scale"]))
+        parts.append(load_file(str(path)))
+    if len(scales) != 1:
+        raise ValueError(f"prepared sets of different latent scales: {sorted(scales)}")
+    latents, targets, kinds = (torch.cat([part[key] for part in parts]) for key in ("latents", "targets", "kinds"))
+    return latents.float(), targets.float(), kinds, scales.pop()
 
 
 # ------------------------------------------------------------------------------------------ training
 
 
-def train(data: Path, out: Path, *, steps: int = 3000, batch_size: int = 16, lr: float = 2e-3, seed: int = 0,
-          config: PreviewDecoderConfig = DEFAULT_CONFIG, log_every: int = 100) -> list[float]:
+def train(data: Path | Sequence[Path], out: Path, *, steps: int = 2000, batch_size: int = 16, lr: float = 2e-3,
+          seed: int = 0, config: PreviewDecoderConfig = DEFAULT_CONFIG, log_every: int = 100) -> list[float]:
     """Distil a `TinyDecoder` on a prepared set (Adam, cosine decay, L1); writes it (fp32) to ``out``.
     Returns the mean loss of each ``log_every`` steps."""
     torch.manual_seed(seed)
-    latents, targets, _, scale = read_set(data)
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    latents, targets, _, scale = read_set(*paths)
     network = TinyDecoder(config)
     optimizer = torch.optim.Adam(network.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -160,7 +169,7 @@ def train(data: Path, out: Path, *, steps: int = 3000, batch_size: int = 16, lr:
     network.eval().requires_grad_(False)
     save_preview_decoder(out, PreviewDecoder(network, scale, None, None), dtype=torch.float32,
                          metadata={"sdlab.preview_decoder.steps": str(steps), "sdlab.preview_decoder.seed": str(seed),
-                                   "sdlab.preview_decoder.data": str(data)})
+                                   "sdlab.preview_decoder.data": " ".join(map(str, paths))})
     return losses
 
 
@@ -190,13 +199,14 @@ def psnr(a: Tensor, b: Tensor) -> float:
 
 
 def per_image_ms(fn: Callable[[Tensor], Tensor], latent: Tensor, repeats: int) -> float:
-    """Median milliseconds of ``fn`` on one latent (1, C, h, w)."""
+    """Milliseconds of ``fn`` on one latent (1, C, h, w): the fastest of ``repeats`` calls (on a loaded
+    machine the other processes' time slices inflate the median, not the minimum)."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
         fn(latent)
         times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    return 1000 * min(times)
 
 
 @torch.no_grad()
@@ -255,9 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noisy", type=int, default=500, help="noisy copies of clean latents")
     p.add_argument("--seed", type=int, default=0)
     t = sub.add_parser("train", help="distil the tiny decoder on a prepared set (fp32 file)")
-    t.add_argument("data", type=Path)
+    t.add_argument("data", type=Path, nargs="+", help="prepared sets")
     t.add_argument("out", type=Path)
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--steps", type=int, default=2000)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)

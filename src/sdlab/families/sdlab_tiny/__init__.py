@@ -73,6 +73,7 @@ TINY_RGB_BIAS = (0.0699, 0.3879, 0.2489)
 TINY_LATENTS = LatentFormat(
     channels=4, scaling_factor=1.0, rgb_factors=TINY_RGB_FACTORS, rgb_bias=TINY_RGB_BIAS,
     rgb_fit_scaling=0.33216768928463836,
+    preview_decoder_file="sdlab-tiny-preview.safetensors",  # sdlab.tiny.preview_decoder, distilled from its VAE
 )
 
 TINY_VAE = VAEConfig(base_channels=32, channel_mult=(1, 2, 3), num_res_blocks=1, norm_groups=8)  # f = 4: 16 x 16 x 4
