@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from importlib import resources
 from types import SimpleNamespace
 
 import numpy as np
@@ -101,7 +102,6 @@ def test_the_shipped_decoder_is_small_cached_and_agrees_with_the_shipped_vae(pip
     decoder = SDLAB_TINY.latent_format.preview_decoder()
     assert decoder is SDLAB_TINY.latent_format.preview_decoder()                 # loaded once
     path = SDLAB_TINY.latent_format.preview_decoder_file
-    from importlib import resources
     assert resources.files("sdlab.models").joinpath("data", path).stat().st_size < 1 << 20
     assert sum(p.numel() for p in decoder.network.parameters()) < 100_000
     vae = pipe.bundle.vae
