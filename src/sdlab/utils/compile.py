@@ -7,7 +7,8 @@ image size only traces the Python (seconds) and reloads the kernels. Those cache
 `$TORCHINDUCTOR_CACHE_DIR` when the user set it, else in `compile/` of sdlab's cache folder
 (`$SDLAB_CACHE_DIR`, `$XDG_CACHE_HOME/sdlab` or `~/.cache/sdlab`).
 
-Compilation is lazy: the first call with a new input shape compiles; the module's parameters stay its own
+Compilation is lazy: the first call with a new input shape compiles (a graph per shape, up to dynamo's
+recompile limit, then eager); the module's parameters stay its own
 (`state_dict`, LoRA merges and dtype casts see the same tensors).
 """
 
@@ -46,7 +47,10 @@ def use_compile_cache() -> Path:
 def compile_module(module: nn.Module) -> nn.Module:
     """Compile `module`'s forward in place with inductor (it keeps its parameters and names); returns it."""
     use_compile_cache()
-    module.compile(backend="inductor")
+    # One static graph per input shape (each cached on disk). Dynamo would otherwise switch to a shape-generic
+    # graph at the second size it sees (hires fix, another --width, another U-Net instance in the process),
+    # and inductor cannot lower the channels-last 1x1 convolutions of that graph (ValueRangeError).
+    module.compile(backend="inductor", dynamic=False)
     return module
 
 
