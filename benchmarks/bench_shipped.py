@@ -71,7 +71,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"sdlab txt2img {args.flags}{' (one core busy)' if args.busy else ''}, {args.steps} steps DPM++ 2M, CFG {args.cfg}: median {result['median_s']:.2f} s over "
+        print(f"sdlab txt2img{' ' + args.flags if args.flags else ''}{' (one core busy)' if args.busy else ''}, {args.steps} steps DPM++ 2M, CFG {args.cfg}: median {result['median_s']:.2f} s over "
               f"{args.runs} runs {result['runs_s']} (warm-up {result['warm_up_s']:.2f} s; load average "
               f"{result['load_average']})")
 
