@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import math
 from dataclasses import replace
 
@@ -154,3 +156,17 @@ def test_export_takes_trained_text_towers_and_an_lcd_target_network(parts, tmp_p
     out = tmp_path / "distilled.safetensors"
     assert main(["export", str(root / "base.safetensors"), str(run), str(out), "--target", "--preset", "lcm"]) == 0
     assert load_bundle(out).preset == "lcm"
+
+
+def test_a_decoder_only_vae_keeps_the_scaling_factor(parts, tmp_path) -> None:
+    root, _, _ = parts
+    base = load_bundle(root / "base.safetensors")
+    vae = copy.deepcopy(base.vae)
+    with torch.no_grad():
+        for p in vae.decoder.parameters():
+            p.add_(0.01)
+    VAETask(vae, scaling_factor=1.0).save_weights(tmp_path / "decoder.safetensors", ema=False)
+    bundle = assemble_bundle(root / "base.safetensors", vae=tmp_path / "decoder.safetensors")  # no data needed
+    assert bundle.scaling_factor == base.scaling_factor
+    for name, value in vae.state_dict().items():
+        torch.testing.assert_close(bundle.vae.state_dict()[name], value)

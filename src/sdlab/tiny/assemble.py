@@ -65,6 +65,13 @@ def measure_scaling_factor(bundle: ModelBundle, data_dir: str | Path, images: in
     return factor
 
 
+def _same_encoder(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two VAEs encode identically: equal encoder and quant_conv weights."""
+    first = {k: v for k, v in a.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    second = {k: v for k, v in b.state_dict().items() if k.startswith(("encoder.", "quant_conv."))}
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k].to(first[k].dtype)) for k in first)
+
+
 def assemble_bundle(
     base: str | Path,
     *,
@@ -76,8 +83,9 @@ def assemble_bundle(
 ) -> ModelBundle:
     """``base`` with its VAE / first text encoder replaced by trained ones (see the module docstring).
 
-    With a new VAE the scaling factor is measured on ``data_dir`` (required then); the text tower must
-    have the width the base's U-Net cross-attends to.
+    With a new VAE the scaling factor is measured on ``data_dir`` (required then), unless the new VAE has the
+    base's encoder exactly (a decoder-only run): then the latent space, and the U-Net trained on it, are
+    unchanged and the base's factor is kept. The text tower must have the width the base's U-Net cross-attends to.
     """
     bundle = load_bundle(base, dtype=torch.float32)
     if text is not None:
@@ -89,9 +97,12 @@ def assemble_bundle(
         bundle = replace(bundle, text_encoders=encoders)
         logger.info("text encoder from %s", text)
     if vae is not None:
+        model, _ = load_trained_vae(vae)
+        if _same_encoder(bundle.vae, model):
+            logger.info("VAE decoder from %s (same encoder: scaling factor kept)", vae)
+            return replace(bundle, vae=model.eval(), vae_config=model.cfg)
         if data_dir is None:
             raise ValueError("a new VAE needs data_dir to measure its latent scaling factor on")
-        model, _ = load_trained_vae(vae)
         bundle = replace(bundle, vae=model.eval(), vae_config=model.cfg)
         factor = measure_scaling_factor(bundle, data_dir, images, seed)
         bundle = replace(bundle, scaling_factor=factor)
