@@ -126,7 +126,7 @@ def test_help_describes_every_option_and_its_values(capsys):
         sdlab_main(["train", "--help"])
     assert exit_info.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for expected in ("peak AdamW learning rate", "(one of: unet, vae, text, embedding)", "(one of: no, bf16)",
+    for expected in ("peak AdamW learning rate", "(one of: unet, vae, text, embedding, lcd)", "(one of: no, bf16)",
                      "(one of: cosine, constant)", "(one of: fp32, fp16, bf16)", "'latest' takes the newest valid run",
                      "every setting stored in it except those given again", "the model's native size",
                      "interrupted.safetensors"):
