@@ -29,9 +29,10 @@ DISTRACTOR_WORDS: tuple[str, ...] = (
     "highly detailed", "vibrant", "soft", "bright", "bold", "glossy", "shiny", "kawaii", "adorable",
 )
 
-_ALIASES_OF: dict[str, list[str]] = {}
-for _alias, _name in EMOJI_ALIASES.items():
-    _ALIASES_OF.setdefault(_name, []).append(_alias)
+#: caption name -> its everyday words, in EMOJI_ALIASES order
+_ALIASES_OF: dict[str, list[str]] = {
+    name: [alias for alias, of in EMOJI_ALIASES.items() if of == name] for name in dict.fromkeys(EMOJI_ALIASES.values())
+}
 
 _SIZE_WORDS = {"small": ("small", "tiny", "little"), "medium": ("medium", "medium sized", "mid sized"),
                "large": ("large", "big", "huge")}
