@@ -209,6 +209,36 @@ def test_captions_leave_fields_out_without_changing_the_images(tmp_path) -> None
         build.build_dataset(tmp_path / "bad", 1, omit_probs={"colour": 0.5})
 
 
+def test_unsaid_defaults_draw_what_the_caption_leaves_out_at_its_default(tmp_path) -> None:
+    from PIL import Image
+
+    from sdlab.tiny.evaluation.scoring import score_image
+
+    omit = {"size": 0.5, "position": 0.5, "background": 0.5}
+    random = build.build_dataset(tmp_path / "random", 60, seed=9, omit_probs=omit, free_prob=0.5, plural_prob=0.1)
+    framed = build.build_dataset(tmp_path / "framed", 60, seed=9, omit_probs=omit, free_prob=0.5, plural_prob=0.1,
+                                 unsaid_defaults=True)
+    assert [r["caption"] for r in random] == [r["caption"] for r in framed]  # the wording does not change
+    defaulted = 0
+    for before, after in zip(random, framed):
+        drawn, said = SceneSpec(**after["spec"]), read_prompt(after["caption"])[0]
+        for name in ("size", "position", "background"):
+            stated, default = getattr(said, name), build.UNSAID_DEFAULTS[name]
+            if stated is not None:
+                assert getattr(drawn, name) == stated == before["spec"][name], after
+            elif drawn.count == 1 or name == "background":
+                expected = "black" if name == "background" and not contrasting(drawn.colour or "red", default) \
+                    else default
+                assert getattr(drawn, name) == expected, after
+                defaulted += getattr(drawn, name) != before["spec"][name]
+        result = score_image(Image.open(tmp_path / "framed" / after["file"]), drawn)  # drawn as recorded
+        assert result["correct"]["background"], after
+    assert defaulted >= 20  # the defaults changed many scenes
+    white_shape = build.with_unsaid_defaults(SceneSpec("shape", "star", "white", "small", "top", "black"),
+                                             SceneSpec("shape", "star", "white", None, None, None))
+    assert (white_shape.size, white_shape.position, white_shape.background) == ("large", "center", "black")
+
+
 def test_render_is_deterministic_and_sized() -> None:
     spec = SceneSpec("emoji", "cat face", None, "large", "right", "light green")
     a = render_scene(spec, np.random.default_rng(1))

@@ -6,6 +6,10 @@ caption's wording (paraphrase template, which stated fields it leaves out) comes
 `default_rng([seed, i, 1])`, so the images do not depend on the caption options.
 Captions that leave a field out ("a red apple on a light blue background": no size, no position) teach the
 model prompts that say less than the picture shows; `metadata.jsonl` keeps the full scene in `spec`.
+With `unsaid_defaults` a field the caption leaves out is drawn at its default instead (`UNSAID_DEFAULTS`:
+large, in the center, on white), as a photographer frames a subject nobody placed: "a cat" then means one
+picture, not a spread of them that a small model blurs into fragments. The images then depend on which
+fields the caption omits (the caption generator is drawn first).
 Shapes never use a pair of `HELD_OUT_SHAPE_COLOURS`, nor a colour too close to the background
 (`MIN_CONTRAST` Delta E*ab) to be seen.
 
@@ -33,13 +37,16 @@ from sdlab.tiny.datasets.scene import render_scene
 from sdlab.tiny.datasets.shapes import is_held_out
 from sdlab.utils.files import atomic_write
 
-__all__ = ["DATASET_KINDS", "MIN_CONTRAST", "OMITTABLE_FIELDS", "build_dataset", "caption_variant", "sample_spec",
-           "shape_pairs_for_training"]
+__all__ = ["DATASET_KINDS", "MIN_CONTRAST", "OMITTABLE_FIELDS", "UNSAID_DEFAULTS", "build_dataset", "caption_variant",
+           "sample_spec", "shape_pairs_for_training", "unsaid_fields", "with_unsaid_defaults"]
 
 logger = logging.getLogger(__name__)
 
 DATASET_KINDS = ("mixed", "emoji", "shapes")
 OMITTABLE_FIELDS = ("size", "position", "background")  # what a caption may leave unsaid
+#: what a field the caption leaves out is drawn as, with `unsaid_defaults` (a shape that would not stand out
+#: on white goes on black)
+UNSAID_DEFAULTS: dict[str, str] = {"size": "large", "position": "center", "background": "white"}
 
 
 def shape_pairs_for_training() -> list[tuple[str, str]]:
@@ -71,14 +78,32 @@ def sample_spec(rng: np.random.Generator, kind: str, emoji_fraction: float = 0.5
     return SceneSpec("shape", shape, colour, size, position, background, count)
 
 
-def caption_variant(spec: SceneSpec, rng: np.random.Generator, paraphrase_prob: float,
-                    omit_probs: Mapping[str, float], free_prob: float = 0.0) -> str:
-    """The caption of a full scene without the fields drawn for omission: free phrasing with ``free_prob``,
-    else a paraphrase template with ``paraphrase_prob``, else the canonical template. Several copies are
-    said without size or position."""
+def unsaid_fields(spec: SceneSpec, rng: np.random.Generator, omit_probs: Mapping[str, float]) -> SceneSpec:
+    """What a caption of ``spec`` states: each omittable field dropped (set to None) with its chance in
+    ``omit_probs``; several copies are said without size or position."""
     said = replace(spec, **{name: None for name in OMITTABLE_FIELDS if rng.random() < omit_probs.get(name, 0.0)})
     if spec.count != 1:
         said = replace(said, size=None, position=None)
+    return said
+
+
+def with_unsaid_defaults(spec: SceneSpec, said: SceneSpec) -> SceneSpec:
+    """The scene to draw for a caption stating ``said``: every field it leaves out at `UNSAID_DEFAULTS`
+    (several copies keep their group layout)."""
+    if spec.count == 1:
+        spec = replace(spec, **{name: UNSAID_DEFAULTS[name] for name in ("size", "position")
+                                if getattr(said, name) is None})
+    if said.background is None:
+        background = UNSAID_DEFAULTS["background"]
+        if spec.kind == "shape" and not contrasting(spec.colour, background):
+            background = "black"
+        spec = replace(spec, background=background)
+    return spec
+
+
+def caption_variant(said: SceneSpec, rng: np.random.Generator, paraphrase_prob: float, free_prob: float = 0.0) -> str:
+    """The caption of what ``said`` states (`unsaid_fields`): free phrasing with ``free_prob``, else a
+    paraphrase template with ``paraphrase_prob``, else the canonical template."""
     if free_prob and rng.random() < free_prob:
         return free_caption(said, rng)
     template = int(rng.integers(1, CAPTION_TEMPLATES)) if rng.random() < paraphrase_prob else 0
@@ -101,13 +126,16 @@ def build_dataset(
     omit_probs: Mapping[str, float] | None = None,
     free_prob: float = 0.0,
     plural_prob: float = 0.0,
+    unsaid_defaults: bool = False,
 ) -> list[dict[str, object]]:
     """Write `count` images `NNNNNN.png` + `NNNNNN.txt` and `metadata.jsonl` into `out_dir`.
 
     paraphrase_prob: chance that a caption uses one of the paraphrase templates instead of the
     canonical one. omit_probs: field ("size", "position", "background") -> chance that the caption leaves
     it out (independently per field). free_prob: chance of a freely worded caption (`phrasing.free_caption`).
-    plural_prob: chance of a scene with two or three small copies of its subject. Returns the metadata records (file, caption, full spec) in order.
+    plural_prob: chance of a scene with two or three small copies of its subject. unsaid_defaults: draw the
+    fields a caption leaves out at `UNSAID_DEFAULTS` instead of at random. Returns the metadata records
+    (file, caption, full spec) in order.
     """
     omit_probs = dict(omit_probs or {})
     unknown = set(omit_probs) - set(OMITTABLE_FIELDS)
@@ -122,7 +150,11 @@ def build_dataset(
     for index in range(count):
         rng = np.random.default_rng([seed, index])
         spec = sample_spec(rng, kind, emoji_fraction, plural_prob)
-        text = caption_variant(spec, np.random.default_rng([seed, index, 1]), paraphrase_prob, omit_probs, free_prob)
+        wording = np.random.default_rng([seed, index, 1])
+        said = unsaid_fields(spec, wording, omit_probs)
+        if unsaid_defaults:
+            spec = with_unsaid_defaults(spec, said)
+        text = caption_variant(said, wording, paraphrase_prob, free_prob)
         image = render_scene(spec, rng, image_size)
         stem = f"{index:0{digits}d}"
         buffer = io.BytesIO()
@@ -152,6 +184,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="chance of a freely worded caption (synonyms, word order, everyday names, extra words)")
     parser.add_argument("--plural-prob", type=float, default=0.0,
                         help="chance of a scene with two or three small copies of its subject")
+    parser.add_argument("--unsaid-defaults", action="store_true",
+                        help="draw a field the caption leaves out at its default (large, center, white) "
+                             "instead of at random")
     for name in OMITTABLE_FIELDS:
         parser.add_argument(f"--omit-{name}", type=float, default=0.0, metavar="P",
                             help=f"chance that a caption leaves the {name} out")
@@ -159,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO)
     omit = {name: getattr(args, f"omit_{name}") for name in OMITTABLE_FIELDS}
     build_dataset(args.out_dir, args.count, args.seed, args.kind, args.image_size, args.emoji_fraction,
-                  args.paraphrase_prob, omit, args.free_prob, args.plural_prob)
+                  args.paraphrase_prob, omit, args.free_prob, args.plural_prob, args.unsaid_defaults)
 
 
 if __name__ == "__main__":
