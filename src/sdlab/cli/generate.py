@@ -356,18 +356,15 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
     return pipe, model
 
 
-def _with_model_preset(request, preset: str, given: dict[str, Any], mode: str):
-    """The request with the settings of the preset the model file names, where no option set them."""
-    from dataclasses import replace
-
-    from sdlab.pipeline.presets import get_preset
+def _with_model_preset(options: dict[str, Any], preset: str, mode: str) -> dict[str, Any]:
+    """The request options over the settings of the preset the model file names."""
+    from sdlab.pipeline.presets import apply_preset
     from sdlab.pipeline.request import RequestError
 
     try:
-        settings = get_preset(preset).options(mode)
+        return apply_preset(preset, options, mode)
     except RequestError as err:
         raise UserError(f"the model names the preset {preset!r}: {err}") from None
-    return replace(request, **{k: v for k, v in settings.items() if k not in given})
 
 
 def _parse_lora(spec: str) -> tuple[str, float]:
@@ -583,7 +580,7 @@ def run_generate(args: argparse.Namespace) -> int:
         logger.warning("using %s, the model the picture names (pass --model to choose another)", model)
     pipe, model = _load_pipeline(args, model, loras, parse_lora_hashes(recorded.get("Lora hashes")))
     if pipe.bundle.preset and not recorded and not getattr(args, "preset", None):
-        request = _with_model_preset(request, pipe.bundle.preset, options, args.mode)
+        request = GenerationRequest(**_with_model_preset(options, pipe.bundle.preset, args.mode))
     name, hash_ = _identify_model(model)
     if recorded:
         _check_model(recorded, name, hash_)
