@@ -75,3 +75,16 @@ def test_imports_follow_the_layers(path: Path) -> None:
         assert target in ALLOWED.get(layer, set()), f"{layer}/{path.name} may not import sdlab.{target}"
         if target == "tiny":
             assert path.relative_to(SRC).as_posix() in TINY_IMPORTERS, f"{layer}/{path.name} may not import sdlab.tiny"
+
+
+def test_the_command_line_starts_without_the_training_and_serving_code() -> None:
+    """`sdlab txt2img` pays for what it uses: building the parser imports no training loop, training data
+    or web server (they cost a few hundred ms of every process start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sdlab.cli as c; c.build_parser(); "
+            "print(' '.join(m for m in ('sdlab.train.cli', 'sdlab.train.data', "
+            "'sdlab.server', 'fastapi', 'uvicorn', 'sdlab.tiny') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -5,7 +5,7 @@
     sdlab inpaint PROMPT --init IMAGE --mask MASK | --outpaint L,R,T,B ...
     sdlab inspect PATH [--family F] [--prediction P] [--vae FILE] [--json]   (cli/inspect.py)
     sdlab new-model OUT [--family F] [--tiny]                             (cli/new_model.py)
-    sdlab train --task unet|vae|text --data DIR ...                        (train/cli.py)
+    sdlab train --task unet|vae|text --data DIR ...                        (cli/train.py, sdlab/train/)
     sdlab eval PROMPTS [--model PATH] [--seeds N] [--cfg C] --out DIR       (cli/evaluate.py)
     sdlab serve [--host H] [--port P] [--models-dir DIR] ...               (cli/serve.py, sdlab/server/)
     sdlab upscale IMAGE --model F [--scale S] --out OUT                    (cli/upscale.py)
@@ -37,8 +37,8 @@ from sdlab.cli.grid import add_grid
 from sdlab.cli.inspect import add_inspect
 from sdlab.cli.new_model import add_new_model
 from sdlab.cli.serve import add_serve
+from sdlab.cli.train import add_train
 from sdlab.cli.upscale import add_upscale
-from sdlab.train.cli import add_train_parser
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -50,7 +50,7 @@ EXIT_TERMINATED = 128 + signal.SIGTERM      # 143
 # Entry point
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_generate, add_inspect, add_new_model, add_train_parser, add_evaluate, add_serve, add_upscale, add_grid,
+    add_generate, add_inspect, add_new_model, add_train, add_evaluate, add_serve, add_upscale, add_grid,
 )
 
 

@@ -33,6 +33,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.load import load_bundle
 from sdlab.families.loaded import ModelBundle
 from sdlab.train.config import (
+    TRAIN_EPILOG,
     TrainConfig,
     add_config_arguments,
     config_from_settings,
@@ -48,34 +49,11 @@ from sdlab.train.run_checkpoint import ResumePoint, disk_full_as_error, find_res
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_train_parser", "main", "run_from_config", "run_train"]
+__all__ = ["main", "run_from_config", "run_train"]
 
 TASK_MODULES = {"unet": "sdlab.train.unet_task", "vae": "sdlab.train.vae_task", "text": "sdlab.tiny.text_task",
                 "embedding": "sdlab.train.embedding_task", "lcd": "sdlab.train.lcd_task"}
 
-EPILOG = """\
-examples:
-  sdlab train --model base.safetensors --data-dir my_images/ --output-dir runs/ft --max-steps 2000
-  sdlab train --output-dir runs/ft --resume latest            continue a stopped run with its own settings
-  sdlab train --output-dir runs/ft --resume latest --max-steps 4000     ... and train it further
-
-A run writes <output-dir>/checkpoints/step-N.pt every --checkpoint-every steps, log.csv, loss.png,
-summary.json and, at the end, final.safetensors (final-ema.safetensors with --ema-decay): a model file
---model reads (a LoRA file --lora reads with --lora-rank). SIGINT / SIGTERM stop it after the current step
-with a checkpoint and interrupted.safetensors.
-"""
-
-
-def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "train", help="train or fine-tune (U-Net, LoRA, VAE, text encoder) with resumable checkpoints",
-        description="Train a model. Settings come from --config (TOML/JSON) and the options below; with "
-                    "--resume, from the run checkpoint first.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_arguments(parser)
-    parser.set_defaults(run=run_train)
-    return parser
 
 
 def _is_main_process() -> bool:
@@ -226,7 +204,7 @@ def run_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """``python -m sdlab.train.cli`` / torchrun: `run_train` with the `sdlab` command's error reporting."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m sdlab.train.cli", description="sdlab train", epilog=EPILOG,
+    parser = argparse.ArgumentParser(prog="python -m sdlab.train.cli", description="sdlab train", epilog=TRAIN_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     try:

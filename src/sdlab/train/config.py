@@ -26,7 +26,7 @@ from typing import Any
 
 from sdlab.train.errors import TrainError
 
-__all__ = ["RESUME_INVARIANTS", "TrainConfig", "add_config_arguments", "config_from_args", "config_from_settings",
+__all__ = ["RESUME_INVARIANTS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments", "config_from_args", "config_from_settings",
            "flag", "given_settings", "load_config_file", "merge_resumed"]
 
 
@@ -379,3 +379,17 @@ def config_from_settings(values: dict[str, Any]) -> TrainConfig:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """defaults < --config file < explicit CLI options (no resume merge; see `merge_resumed`)."""
     return config_from_settings(given_settings(args))
+
+
+#: the examples under `sdlab train --help`
+TRAIN_EPILOG = """\
+examples:
+  sdlab train --model base.safetensors --data-dir my_images/ --output-dir runs/ft --max-steps 2000
+  sdlab train --output-dir runs/ft --resume latest            continue a stopped run with its own settings
+  sdlab train --output-dir runs/ft --resume latest --max-steps 4000     ... and train it further
+
+A run writes <output-dir>/checkpoints/step-N.pt every --checkpoint-every steps, log.csv, loss.png,
+summary.json and, at the end, final.safetensors (final-ema.safetensors with --ema-decay): a model file
+--model reads (a LoRA file --lora reads with --lora-rank). SIGINT / SIGTERM stop it after the current step
+with a checkpoint and interrupted.safetensors.
+"""
