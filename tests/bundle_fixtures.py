@@ -133,7 +133,7 @@ def write_tokenizer_files(folder: Path, pad_token: str = "<|endoftext|>") -> Non
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(tok.encoder, ensure_ascii=False))
     merges = sorted(tok.merge_ranks, key=tok.merge_ranks.__getitem__)
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (three runs)
-# -> v2 (U-Net + text tower on data v2) -> four-step distillation (lcd.toml).
+# -> v2 (VAE decoder, then U-Net + text tower on data v2) -> v2.1 (the same on data v3) -> four-step distillation (lcd.toml).
 # Every stage is resumable: run this script again and finished stages are skipped, the unfinished one goes
 # on from its newest run checkpoint (--resume latest). A U-Net run ends at its config's max_steps, or
 # earlier with Ctrl-C / SIGINT (it writes a checkpoint first); each later run (unet_continue.toml, then
@@ -87,9 +87,21 @@ echo "== $(date +%T) v2: data v2 (every named colour as a background, free phras
 [ -f "$RUN/data-v2/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-v2" --count "$COUNT" --seed 3 \
     --emoji-fraction 0.6 --paraphrase-prob 0.2 --free-prob 0.45 --plural-prob 0.08 \
     --omit-size 0.2 --omit-position 0.2 --omit-background 0.1
+echo "== $(date +%T) v2: the VAE decoder again on data v2, from the first decoder (encoder frozen)"
+[ -f "$RUN/delivered-base.safetensors" ] || python -m sdlab.tiny.assemble assemble "$RUN/assembled.safetensors" \
+    "$RUN/delivered-base.safetensors" --vae "$RUN/vae-decoder/final.safetensors" --data "$RUN/data"
+[ -f "$RUN/vae-decoder-v2/final.safetensors" ] || $SDLAB train --config "$RECIPE/vae_decoder_v2.toml" \
+    --model "$RUN/delivered-base.safetensors" --data-dir "$RUN/data-v2" --output-dir "$RUN/vae-decoder-v2" \
+    --resume latest --no-progress $TRAIN_ARGS
 echo "== $(date +%T) v2: U-Net and text tower fine-tuned on data v2, from the third run's EMA weights"
 run_unet unet_v2.toml "$RUN/unet3/final-ema.safetensors" "$RUN/data-v2" "$RUN/unet4" || exit 0
-echo "== $(date +%T) v2: latent consistency distillation for four steps, teacher = the v2 EMA weights"
-run_unet lcd.toml "$RUN/unet4/final-ema.safetensors" "$RUN/data-v2" "$RUN/lcd" \
-    --cache-dir "$RUN/unet4/latent_cache" || exit 0
+echo "== $(date +%T) v2.1: data v3 (what a caption leaves out is drawn at its default: large, center, white)"
+[ -f "$RUN/data-v3/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-v3" --count "$COUNT" --seed 5 \
+    --emoji-fraction 0.65 --paraphrase-prob 0.2 --free-prob 0.5 --plural-prob 0.08 \
+    --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults
+echo "== $(date +%T) v2.1: U-Net and text tower fine-tuned on data v3, from the v2 EMA weights"
+run_unet unet_v3.toml "$RUN/unet4/final-ema.safetensors" "$RUN/data-v3" "$RUN/unet5" || exit 0
+echo "== $(date +%T) latent consistency distillation for four steps, teacher = the v2.1 EMA weights"
+run_unet lcd.toml "$RUN/unet5/final-ema.safetensors" "$RUN/data-v3" "$RUN/lcd" \
+    --cache-dir "$RUN/unet5/latent_cache" || exit 0
 echo "== $(date +%T) U-Net finished"
