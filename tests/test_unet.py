@@ -322,12 +322,17 @@ def test_state_dict_conversion_is_strict():
 
 @pytest.mark.parametrize(
     "change",
-    [{"time_cond_proj_dim": 256}, {"class_embed_type": "timestep"}, {"addition_embed_type": "text"},
+    [{"time_embedding_type": "fourier"}, {"class_embed_type": "timestep"}, {"addition_embed_type": "text"},
      {"down_block_types": ["CrossAttnDownBlock2D"] * 4}, {"resnet_time_scale_shift": "scale_shift"}],
 )
 def test_unsupported_diffusers_options_are_refused(change):
     with pytest.raises(ValueError):
         unet_config_from_diffusers(_SD1_JSON | change)
+
+
+def test_lcm_guidance_embedding_is_supported():
+    """LCM-distilled U-Nets (time_cond_proj_dim) load; tests/test_lcm_models.py checks them against diffusers."""
+    assert unet_config_from_diffusers(_SD1_JSON | {"time_cond_proj_dim": 256}).time_cond_proj_dim == 256
 
 
 def test_middle_depth_that_diffusers_cannot_express_is_refused():

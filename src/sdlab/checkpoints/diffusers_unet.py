@@ -9,7 +9,8 @@ does), so every family and every reduced test model gets a complete map with no 
 
 Config traps handled here: diffusers' `attention_head_dim` is the NUMBER of heads per level (its
 `num_attention_heads` is the same thing, and the constructor refuses it), `transformer_layers_per_block[-1]`
-also sets the middle block's depth, and `upcast_attention` may be null.
+also sets the middle block's depth, and `upcast_attention` may be null. `time_cond_proj_dim` (LCM-distilled
+models) adds `time_embedding.cond_proj.weight`, sdlab's `time_embed.cond_proj.weight`.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
     mc, levels, r = cfg.model_channels, len(cfg.channel_mult), cfg.num_res_blocks
     keys = _weight_and_bias("time_embed.0", "time_embedding.linear_1")
     keys |= _weight_and_bias("time_embed.2", "time_embedding.linear_2")
+    if cfg.time_cond_proj_dim is not None:  # LCM guidance embedding
+        keys["time_embed.cond_proj.weight"] = "time_embedding.cond_proj.weight"
     if cfg.adm_in_channels is not None:
         keys |= _weight_and_bias("label_emb.0.0", "add_embedding.linear_1")
         keys |= _weight_and_bias("label_emb.0.2", "add_embedding.linear_2")
@@ -160,7 +163,6 @@ _UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "resnet_skip_time_act": False,
     "resnet_time_scale_shift": "default",
     "reverse_transformer_layers_per_block": None,
-    "time_cond_proj_dim": None,
     "time_embedding_act_fn": None,
     "time_embedding_dim": None,
     "time_embedding_type": "positional",
@@ -200,6 +202,11 @@ def _flag(config: Mapping[str, Any], key: str) -> bool:
     if value is not None and not isinstance(value, bool):
         raise ValueError(f"diffusers U-Net config: {key} must be true or false, got {value!r}")
     return bool(value)
+
+
+def _optional_int(config: Mapping[str, Any], key: str) -> int | None:
+    value = config.get(key)
+    return None if value is None else check_int(key, value)
 
 
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
@@ -274,6 +281,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         adm_in_channels=adm,
         upcast_attention=_flag(config, "upcast_attention"),
         norm_groups=check_int("norm_num_groups", config.get("norm_num_groups", 32)),
+        time_cond_proj_dim=_optional_int(config, "time_cond_proj_dim"),
     )
     check_unet(cfg)
     return cfg
@@ -286,6 +294,7 @@ DIFFUSERS_UNET_NAMES = {
     "transformer_depth": "transformer_layers_per_block / down_block_types",
     "transformer_depth_middle": "transformer_layers_per_block[-1]", "context_dim": "cross_attention_dim",
     "use_linear_proj": "use_linear_projection", "adm_in_channels": "projection_class_embeddings_input_dim",
+    "time_cond_proj_dim": "time_cond_proj_dim",
 }
 _DOWN_RESNET = re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight")
 _TRANSFORMER = re.compile(r"(down_blocks\.\d+|mid_block)\.attentions\.0\.transformer_blocks\.(\d+)\.norm1\.weight")
@@ -318,6 +327,7 @@ def unet_config_from_diffusers_shapes(shapes: Mapping[str, torch.Size], declared
     to_k = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
     conv_out, add = shapes.get("conv_out.weight"), shapes.get("add_embedding.linear_1.weight")
+    cond_proj = shapes.get("time_embedding.cond_proj.weight")
     return replace(
         declared,
         in_channels=int(conv_in[1]),
@@ -330,6 +340,7 @@ def unet_config_from_diffusers_shapes(shapes: Mapping[str, torch.Size], declared
         context_dim=int(to_k[1]) if to_k is not None and len(to_k) == 2 else declared.context_dim,
         use_linear_proj=len(proj_in) == 2 if proj_in is not None else declared.use_linear_proj,
         adm_in_channels=int(add[1]) if add is not None and len(add) == 2 else None,
+        time_cond_proj_dim=int(cond_proj[1]) if cond_proj is not None and len(cond_proj) == 2 else None,
     )
 
 
@@ -387,4 +398,6 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
             "addition_time_embed_dim": SDXL_SIZE_EMBED_DIM,
             "projection_class_embeddings_input_dim": cfg.adm_in_channels,
         }
+    if cfg.time_cond_proj_dim is not None:
+        config["time_cond_proj_dim"] = cfg.time_cond_proj_dim
     return config

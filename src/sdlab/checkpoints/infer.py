@@ -46,7 +46,8 @@ def infer_unet_config(state: Mapping[str, torch.Size | Tensor], conventions: UNe
 
     Levels are found by walking `input_blocks`: ResBlocks (`.0.in_layers`) until a Downsample (`.0.op`);
     channel_mult from each level's ResBlock output width; transformer depth by counting
-    `transformer_blocks.K`; Linear vs conv projection from `proj_in.weight`'s rank.
+    `transformer_blocks.K`; Linear vs conv projection from `proj_in.weight`'s rank; the guidance-embedding
+    width of LCM-distilled models from `time_embed.cond_proj.weight`.
     """
     shapes = shapes_of(state)
     conv_in = _need(shapes, "input_blocks.0.0.weight", "U-Net")
@@ -79,6 +80,7 @@ def infer_unet_config(state: Mapping[str, torch.Size | Tensor], conventions: UNe
         raise CheckpointError("cannot infer the U-Net architecture: no cross-attention (attn2.to_k.weight) found")
     proj_in = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
     label_emb = shapes.get("label_emb.0.0.weight")
+    cond_proj = shapes.get("time_embed.cond_proj.weight")  # LCM guidance embedding (Linear, no bias)
     return replace(
         conventions,
         in_channels=in_channels,
@@ -91,6 +93,7 @@ def infer_unet_config(state: Mapping[str, torch.Size | Tensor], conventions: UNe
         context_dim=int(context[1]),
         use_linear_proj=proj_in is not None and len(proj_in) == 2,
         adm_in_channels=int(label_emb[1]) if label_emb is not None else None,
+        time_cond_proj_dim=int(cond_proj[1]) if cond_proj is not None and len(cond_proj) == 2 else None,
     )
 
 

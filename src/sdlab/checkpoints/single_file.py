@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 VAE_FILE_PREFIX = "first_stage_model."
 
+# U-Net keys some converters leave under their diffusers name -> sdlab's: diffusers' convert_diffusers_to_original
+# script keeps an LCM model's guidance projection as `time_embedding.cond_proj.weight`
+_UNET_ALIASES = {"time_embedding.cond_proj.weight": "time_embed.cond_proj.weight"}
+
 # text-tower key layout -> (file names -> sdlab names, file keys known to be unused)
 _TEXT_LAYOUTS: dict[str, tuple[Callable[[Mapping[str, Tensor]], dict[str, Tensor]], Callable[[str], bool]]] = {
     "hf": (hf_text_to_sdlab, is_hf_text_tolerated),
@@ -158,7 +162,13 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
             f"{', '.join(sorted(unexpected)[:8])}{' ...' if len(unexpected) > 8 else ''}"
         )
 
-    unet_local = {k[len(spec.unet_prefix):]: k for k in buckets["unet"]}
+    unet_local: dict[str, str] = {}
+    for key in buckets["unet"]:
+        local = key[len(spec.unet_prefix):]
+        local = _UNET_ALIASES.get(local, local)
+        if local in unet_local:
+            raise CheckpointError(f"{path}: the U-Net holds {local} twice ({unet_local[local]} and {key})")
+        unet_local[local] = key
     unet_sub = SubStateDict(state, unet_local)
     unet_config = _confirmed(stored["unet"] if stored else None, infer_unet_config(shapes_of(unet_sub), spec.unet),
                              UNET_SHAPE_FIELDS)

@@ -23,7 +23,7 @@ from sdlab.models.vae import VAEConfig
 # Fields that the tensors show; the rest are conventions the file (or the family) must supply.
 UNET_SHAPE_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                      "transformer_depth", "transformer_depth_middle", "context_dim", "use_linear_proj",
-                     "adm_in_channels")
+                     "adm_in_channels", "time_cond_proj_dim")
 VAE_SHAPE_FIELDS = ("in_channels", "out_channels", "latent_channels", "base_channels", "channel_mult", "num_res_blocks")
 TEXT_SHAPE_FIELDS = ("vocab_size", "max_positions", "width", "layers", "mlp_width", "projection_dim")
 

@@ -34,6 +34,11 @@ proj_out, plus the residual. Attention heads: `cfg.heads_at(channels)`.
 Speed: attention goes through `F.scaled_dot_product_attention` (fused kernels, no h*w x h*w matrix on the
 heap), feature maps stay channels-last so the token view costs no copy, and residuals are added in place
 into fresh outputs. fp32, fp16 and bf16 all run; `upcast_attention` runs attention itself in fp32.
+
+Guidance embedding (LCM-distilled models, diffusers' `time_cond_proj_dim`): `time_embed.cond_proj`, a Linear
+without bias from the `guidance_scale_embedding` of w (the CFG scale minus 1) to the model_channels-wide
+sinusoidal timestep features, to which its output is added before `time_embed.0`. Absent unless the config
+sets `time_cond_proj_dim`.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ class UNetConfig:
     adm_in_channels: int | None = None           # SDXL vector conditioning width (2816 base, 2560 refiner)
     upcast_attention: bool = False               # compute attention in fp32 (SD2.1 in fp16)
     norm_groups: int = 32
+    time_cond_proj_dim: int | None = None        # guidance-embedding width of LCM-distilled models (256)
 
     def __post_init__(self) -> None:
         if (self.num_heads is None) == (self.head_dim is None):
@@ -86,6 +92,44 @@ class UNetConfig:
 
 
 TRANSFORMER_NORM_EPS = 1e-6  # SpatialTransformer's GroupNorm; ResBlocks and `out` use PyTorch's 1e-5
+
+
+def guidance_scale_embedding(w: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of guidance strengths w (CFG scale - 1) that LCM-distilled U-Nets take (VDM's
+    timestep embedding, diffusers' `get_guidance_scale_embedding`): sines first, then cosines.
+
+    emb[:, i] = sin(1000 w f_i), emb[:, half + i] = cos(1000 w f_i), f_i = 10000 ** (-i / (half - 1)), i < half
+    (half - 1, unlike `timestep_embedding`). Computed in fp32; an odd `dim` gets one zero column at the end.
+
+    w: (B,) -> (B, dim) float32
+    """
+    half = dim // 2
+    if half < 2:
+        raise ValueError(f"guidance_scale_embedding: dim must be at least 4, got {dim}")
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)  # (half,)
+    args = (w.to(torch.float32) * 1000.0)[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)  # (B, 2 * half)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class TimeEmbed(nn.Sequential):
+    """`time_embed`: Linear-SiLU-Linear on the sinusoidal timestep features (indices 0-2, as in the checkpoints),
+    plus `cond_proj` (Linear, no bias) when `cond_dim` is set: the projected guidance embedding is added to the
+    features first (diffusers' `TimestepEmbedding.cond_proj`)."""
+
+    def __init__(self, channels: int, emb_dim: int, cond_dim: int | None = None):
+        super().__init__(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.cond_proj = nn.Linear(cond_dim, channels, bias=False) if cond_dim is not None else None
+
+    def forward(self, features: Tensor, cond: Tensor | None = None) -> Tensor:
+        if cond is not None:
+            if self.cond_proj is None:
+                raise ValueError("UNet: this model takes no guidance embedding (time_cond_proj_dim is not set)")
+            features = features + self.cond_proj(cond.to(features.dtype))  # (B, model_channels)
+        return self[2](self[1](self[0](features)))  # (B, 4 * model_channels)
 
 
 class ResBlock(nn.Module):
@@ -276,7 +320,7 @@ def add_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
     if cfg.transformer_depth_middle < 1:
         raise ValueError("UNet: the middle block always has a transformer (transformer_depth_middle >= 1)")
     mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
-    module.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+    module.time_embed = TimeEmbed(mc, emb_dim, cfg.time_cond_proj_dim)
     if cfg.adm_in_channels is not None:  # SDXL: the vector conditioning is added to the time embedding
         module.label_emb = nn.Sequential(
             nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -304,13 +348,17 @@ def add_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
     return skip_channels
 
 
-def encoder_embedding(module: nn.Module, cfg: UNetConfig, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
-    """The (B, 4 * model_channels) embedding of timesteps `t` ((B,) or ()) [+ SDXL vector `y`] that every
-    block of a module built by `add_encoder` receives, in the parameters' dtype."""
+def encoder_embedding(
+    module: nn.Module, cfg: UNetConfig, t: Tensor, y: Tensor | None, batch: int, guidance_emb: Tensor | None = None
+) -> Tensor:
+    """The (B, 4 * model_channels) embedding of timesteps `t` ((B,) or ()) [+ the guidance embedding
+    `guidance_emb` (B, time_cond_proj_dim)] [+ SDXL vector `y`] that every block of a module built by
+    `add_encoder` receives, in the parameters' dtype."""
     dtype = module.time_embed[0].weight.dtype
     if t.ndim == 0:
         t = t.expand(batch)
-    emb = module.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype))  # (B, 4 * mc)
+    features = timestep_embedding(t, cfg.model_channels).to(dtype)  # (B, mc)
+    emb = module.time_embed(features, guidance_emb)  # (B, 4 * mc)
     if cfg.adm_in_channels is not None:
         if y is None:
             raise ValueError("UNet: this model needs the vector conditioning y (SDXL)")
@@ -356,17 +404,20 @@ class UNet(nn.Module):
         context: Tensor,
         y: Tensor | None = None,
         control: tuple[list[Tensor], Tensor] | None = None,
+        guidance_emb: Tensor | None = None,
     ) -> Tensor:
         """x: (B, in_channels, h, w) noisy latent; t: (B,) or () float timesteps in [0, 1000);
         context: (B, T, context_dim) text embeddings; y: (B, adm_in_channels) for SDXL, else None;
         control: ControlNet residuals (one per input block, each shaped like that block's output, and one
         shaped like the middle block's output), added to each skip as it is stored and to the middle
-        block's output (diffusers' down_block_additional_residuals / mid_block_additional_residual).
+        block's output (diffusers' down_block_additional_residuals / mid_block_additional_residual);
+        guidance_emb: (B, time_cond_proj_dim) `guidance_scale_embedding` of w for models with a guidance
+        embedding (diffusers' timestep_cond; None: nothing added, as in diffusers).
         Inputs are cast to the parameters' dtype; returns (B, out_channels, h, w) in that dtype.
 
         Feature maps are kept channels-last (NHWC strides, NCHW shape): oneDNN and cuDNN convolutions take that
         layout without reordering, and a SpatialTransformer's (B, hw, C) token view of it is free."""
-        emb = encoder_embedding(self, self.cfg, t, y, x.shape[0])  # (B, 4 * mc)
+        emb = encoder_embedding(self, self.cfg, t, y, x.shape[0], guidance_emb)  # (B, 4 * mc)
         dtype = emb.dtype
         context = context.to(dtype)
         skip_residuals, middle_residual = control if control is not None else (None, None)
