@@ -29,6 +29,7 @@ PUBLISHED = {
     "lightning": ("Euler", 4, 1.0, None),
     "hyper": ("DDIM", 4, 1.0, None),
     "tcd": ("TCD", 4, 1.0, 0.3),
+    "lcm-model": ("LCM", 4, 8.5, None),       # full LCM models: CFG 8.5 is their embedded w = 7.5
 }
 
 

@@ -56,6 +56,7 @@ REFERENCES = {
     "lightning": (EulerDiscreteScheduler, dict(timestep_spacing="trailing"), 0.0, {}),
     "hyper": (DDIMScheduler, dict(timestep_spacing="trailing", set_alpha_to_one=False, clip_sample=False), 0.0, {}),
     "tcd": (TCDScheduler, {}, 0.0, dict(eta=0.3)),
+    "lcm-model": (LCMScheduler, {}, 8.5, {}),   # here on a model without a guidance embedding: plain CFG 8.5
 }
 
 

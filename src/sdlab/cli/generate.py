@@ -70,7 +70,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
         p.add_argument("--preset", metavar="NAME",
                        help="few-step settings (sampler, schedule, steps, CFG, eta) of a distilled model or LoRA: "
-                            "turbo, lcm, lightning, hyper, tcd; options given here win (docs/few-step.md)")
+                            "turbo, lcm, lightning, hyper, tcd, lcm-model; options given here win (docs/few-step.md)")
         p.add_argument("--out", default="outputs",
                        help="output file (.png, .jpg, .webp; a batch adds -0, -1, ...; an existing file is replaced) "
                             "or a folder, where files are numbered 00012-SEED-PROMPT.png and never replaced "

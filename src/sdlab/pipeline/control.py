@@ -165,7 +165,7 @@ class ControlledUNet:
 
     def __call__(
         self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
-        control_step: tuple[int, int] | None = None,
+        control_step: tuple[int, int] | None = None, guidance_emb: Tensor | None = None,
     ) -> Tensor:
         skips: list[Tensor] | None = None
         middle: Tensor | None = None
@@ -183,7 +183,7 @@ class ControlledUNet:
                 skips = [a + b for a, b in zip(skips, residuals)]
                 middle = middle + mid
         control = None if skips is None else (skips, middle)
-        return self.unet(x, t, context, y, control=control)
+        return self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb)
 
 
 def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl]) -> Any:

@@ -58,6 +58,7 @@ from sdlab.diffusion.guidance import cfg, masked, needs_uncond
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.steps import StepInfo
+from sdlab.models.unet import guidance_scale_embedding
 from sdlab.pipeline.control import controlled_unet, prepare_controls, tag_steps
 from sdlab.pipeline.conditioning import make_cond
 from sdlab.pipeline.images import (
@@ -271,8 +272,13 @@ def _guided_model(
     sigmas: Tensor,
 ) -> DenoiseFn:
     """The bundle's U-Net (with the request's ControlNets, on their fraction of `sigmas`' steps) as a
-    CFG-guided denoiser with the request's conditioning and picture inputs."""
+    CFG-guided denoiser with the request's conditioning and picture inputs.
+
+    A U-Net with a guidance embedding (LCM-distilled, `time_cond_proj_dim`) runs once per step on the prompt
+    alone and takes the CFG scale as its input instead: the embedding of w = cfg_scale - 1 (diffusers'
+    LatentConsistencyModelPipeline: guidance_scale 8.5 embeds w = 7.5, no unconditional pass)."""
     device = bundle.device
+    embedded = bundle.unet_config.time_cond_proj_dim
     cond, uncond = make_cond(
         bundle.text_encoders,
         bundle.family,
@@ -281,7 +287,7 @@ def _guided_model(
         adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,
-        guidance=needs_uncond(req.cfg_scale),
+        guidance=needs_uncond(req.cfg_scale) and embedded is None,
         width=req.width,
         height=req.height,
         original_size=req.original_size,
@@ -290,6 +296,9 @@ def _guided_model(
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
     )
+    if embedded is not None:
+        w = torch.full((req.batch_size,), req.cfg_scale - 1.0, device=device)                   # (B,)
+        cond = {**cond, "guidance_emb": guidance_scale_embedding(w, embedded)}                 # (B, dim)
     controls = prepare_controls(bundle, req.controls, req.width, req.height)
     denoiser = Denoiser(controlled_unet(bundle.unet, controls), sampling, quantize=req.quantize_timesteps)
     if controls:

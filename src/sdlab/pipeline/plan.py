@@ -191,7 +191,8 @@ def make_plan(
     warn_if_far_from_native(bundle, req)
 
     sampler = get_sampler(req.sampler)
-    advice = steps_warning(sampler, req.steps, req.schedule) if needs_uncond(req.cfg_scale) else None
+    guided = needs_uncond(req.cfg_scale) and bundle.unet_config.time_cond_proj_dim is None  # LCM: no CFG pass
+    advice = steps_warning(sampler, req.steps, req.schedule) if guided else None
     if advice:
         logger.warning(advice)
     sampling = bundle.model_sampling

@@ -16,13 +16,16 @@ lcm        LCM-LoRA SD1.5 / SDXL / SSD-1B (LCMScheduler)               LCM      
 lightning  SDXL-Lightning 2/4/8-step (Euler, trailing)                 Euler      4 / 1
 hyper      Hyper-SD N-step LoRAs (DDIM, trailing)                      DDIM       4 / 1
 tcd        TCD-LoRA SD1.5 / SDXL, Hyper-SD unified LoRA (TCDScheduler)  TCD        4 / 1 / eta (gamma) 0.3
+lcm-model  full LCM models, guidance embedding (LCMScheduler)         LCM        4 / 8.5 (w + 1, embedded)
 =========  ==========================================================  =========  ===========================
 
 Every preset uses the ``trailing`` schedule: the grid starts at the last training timestep (999) as the
 distillation did; LCM and TCD take their own grid from it (LCMScheduler's ``original_inference_steps=50``).
 A model distilled for a given step count (Lightning 2-step, Hyper-SD 8-step, ...) wants ``--steps`` set to
-that count. Turbo img2img runs 2 steps: with strength s, ``int(steps * s)`` steps run and one step at 0.75
-would run none.
+that count. ``lcm-model`` is the preset a full LCM-distilled model (a U-Net with a guidance embedding, e.g.
+LCM_Dreamshaper_v7, lcm-sdxl) is drawn with when its file names none: the CFG scale is then the network's
+input (w = cfg - 1 embedded, diffusers' LatentConsistencyModelPipeline default 8.5), not a second pass.
+Turbo img2img runs 2 steps: with strength s, ``int(steps * s)`` steps run and one step at 0.75 would run none.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ PRESETS: dict[str, Preset] = {
         Preset("lightning", "Euler", "trailing", 4, 1.0, published_for="SDXL-Lightning"),
         Preset("hyper", "DDIM", "trailing", 4, 1.0, published_for="Hyper-SD N-step LoRAs"),
         Preset("tcd", "TCD", "trailing", 4, 1.0, eta=0.3, published_for="TCD-LoRA, Hyper-SD unified LoRA"),
+        Preset("lcm-model", "LCM", "trailing", 4, 8.5, published_for="LCM-distilled models (guidance embedding)"),
     )
 }
 """Every preset, by name."""
