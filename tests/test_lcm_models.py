@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from test_pipeline_parity import (
     BATCH,
@@ -52,10 +52,10 @@ COND_DIM = 32
 GUIDANCE = 8.5          # diffusers' LatentConsistencyModelPipeline default: w = 7.5
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """The tiny SD1 folder with its U-Net replaced by a diffusers LCM U-Net (guidance embedding, random weights)."""
-    path = _as_released(write_diffusers_folder(tiny_bundle("sd1", seed=11), tmp_path_factory.mktemp("lcm") / "pipe"))
+def _lcm_folder(tmp_path_factory, family: str):
+    """The tiny `family` folder with its U-Net replaced by a diffusers LCM U-Net (guidance embedding, random
+    weights)."""
+    path = _as_released(write_diffusers_folder(tiny_bundle(family, seed=11), tmp_path_factory.mktemp("lcm") / "pipe"))
     config = json.loads((path / "unet" / "config.json").read_text())
     unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": COND_DIM})
     randomize_(unet, seed=5)
@@ -63,6 +63,11 @@ def folder(tmp_path_factory):
         unet.time_embedding.cond_proj.weight.mul_(20.0)
     unet.save_pretrained(path / "unet")
     return path
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return _lcm_folder(tmp_path_factory, "sd1")
 
 
 @pytest.fixture(scope="module")
@@ -205,3 +210,18 @@ def test_cli_draws_with_the_lcm_model_preset_and_the_given_cfg_wins(folder, tmp_
     assert code == 0, err
     parameters = read_parameters(tmp_path / "b.png")
     assert "Sampler: LCM" in parameters and "Steps: 2" in parameters and "CFG scale: 3" in parameters, parameters
+
+
+def test_sdxl_lcm_picture_is_diffusers(tmp_path_factory):
+    """lcm-sdxl is drawn by diffusers' StableDiffusionXLPipeline, which embeds guidance_scale - 1 for such a U-Net
+    and then runs no unconditional pass."""
+    folder = _lcm_folder(tmp_path_factory, "sdxl")
+    pipe = _quiet(StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True))
+    config = {key: pipe.scheduler.config[key] for key in SD_SCHEDULER_KEYS}
+    pipe.scheduler = LCMScheduler.from_config(config)
+    reference = pipe(PROMPT, num_images_per_prompt=BATCH, num_inference_steps=2, guidance_scale=GUIDANCE,
+                     width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
+    ours_pipe = sdlab.load(folder)
+    assert ours_pipe.bundle.family.name == "sdxl" and ours_pipe.bundle.preset == "lcm-model"
+    ours = ours_pipe.txt2img(PROMPT, steps=2, seed=SEED, width=SIZE, height=SIZE, batch_size=BATCH)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
