@@ -158,6 +158,15 @@ def test_single_file_layout_loads_the_same_unet(pipes, tmp_path, key):
         assert torch.equal(loaded.unet(x, t, context, guidance_emb=emb), bundle.unet(x, t, context, guidance_emb=emb))
 
 
+def test_saved_by_sdlab_and_loaded_again(pipes, tmp_path):
+    from sdlab.checkpoints.save import save_bundle
+
+    bundle = pipes[0].bundle
+    again = load_bundle(save_bundle(bundle, tmp_path / "lcm.safetensors"))
+    assert again.unet_config == bundle.unet_config and again.preset == "lcm-model"
+    assert torch.equal(again.unet.time_embed.cond_proj.weight, bundle.unet.time_embed.cond_proj.weight)
+
+
 def test_single_file_with_both_names_is_refused(pipes, tmp_path):
     path = write_original(pipes[0].bundle, tmp_path / "lcm.safetensors")
     state = load_file(path)
