@@ -5,7 +5,8 @@ txt2img / img2img run through the same queue as the native API and answer when t
 `{images: [base64 PNG with the parameters chunk], parameters: <the request>, info: <JSON string>}`.
 Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 404 "Sampler not found",
 an unknown scheduler 404 "Scheduler not found" (A1111 itself falls back to "Automatic"; sdlab refuses).
-Unset width / height / CFG take the loaded model's defaults rather than A1111's 512 / 7.
+Unset width / height / CFG take the loaded model's defaults rather than A1111's 512 / 7; on a model
+that names a few-step preset the unset sampler, scheduler, steps, CFG and eta are the preset's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, Upscal
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
     PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, decode_base64, decode_image, sampler_and_schedule, scheduler_rows,
+    unset_preset_fields,
 )
 from sdlab.server.jobs import Job
 from sdlab.server.native import service_of
@@ -112,9 +114,19 @@ def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = N
     )
 
 
+def _given(body: Txt2ImgIn) -> set[str]:
+    """The `GenerationRequest` fields the client set (pydantic's `model_fields_set`, A1111's names mapped):
+    the others take the model's preset when its file names one, then the defaults."""
+    names = {"sampler_name": "sampler", "sampler_index": "sampler", "scheduler": "schedule", "steps": "steps",
+             "cfg_scale": "cfg_scale", "eta": "eta"}
+    given = {names[key] for key in body.model_fields_set & names.keys() if getattr(body, key) not in (None, "")}
+    return given | ({"schedule"} if "sampler" in given else set())   # "DPM++ 2M Karras" names it; unset = None
+
+
 async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
     model = body.override_settings.get("sd_model_checkpoint")
-    job, _ = service.submit(JobSpec(request), mode, model)
+    spec = JobSpec(request, model_preset_fills=unset_preset_fields(_given(body), request))
+    job, _ = service.submit(spec, mode, model)
     queue = job.subscribe(asyncio.get_running_loop(), steps=False)
     try:
         while (await queue.get())[0] not in ("done", "failed", "cancelled"):

@@ -11,7 +11,8 @@ import binascii
 import io
 import random
 import re
-from dataclasses import dataclass, field
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image
@@ -19,6 +20,7 @@ from PIL import Image
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.pipeline.infotext import split_lora_tags
+from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 from sdlab.server.config import Limits
@@ -49,6 +51,26 @@ class JobSpec:
     loras: tuple[LoraChoice, ...] = ()
     prompt_to_record: str | None = None      # the prompt as written, LoRA tags included
     extra: dict[str, Any] = field(default_factory=dict)   # route-specific data (A1111's echo)
+    model_preset_fills: frozenset[str] = frozenset()      # the fields the model's preset fills (if it names
+                                                          # one): unset by the client and by an explicit preset
+
+
+PRESET_FIELDS = frozenset(key for preset in PRESETS.values() for mode in ("txt2img", "img2img")
+                          for key in preset.options(mode))
+"""The request fields a few-step preset sets (sampler, schedule, steps, cfg_scale, eta)."""
+
+
+def unset_preset_fields(given: Collection[str], request: GenerationRequest) -> frozenset[str]:
+    """The preset fields the client left to the server: not among the `given` request fields, or None."""
+    return frozenset(key for key in PRESET_FIELDS if key not in given or getattr(request, key) is None)
+
+
+def with_preset(request: GenerationRequest, name: str, mode: str, fields: Collection[str]) -> GenerationRequest:
+    """`request` with `fields` (those the client left unset) taken from the preset `name` in `mode`; one
+    rule for every route: the fields given win, then the request's preset, then the model's, then the
+    defaults. An unknown name is a `RequestError`."""
+    options = get_preset(name).options(mode)
+    return replace(request, **{key: value for key, value in options.items() if key in fields})
 
 
 # A1111 scheduler names (`modules/sd_schedulers.py`) -> sdlab discretizations; "automatic" = the family's

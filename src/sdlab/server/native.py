@@ -13,17 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from dataclasses import replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdlab.pipeline.presets import get_preset
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.server.controls import native_controls
-from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, decode_image, schedule_name
+from sdlab.server.inputs import (
+    BadRequest, JobSpec, LoraChoice, decode_image, schedule_name, unset_preset_fields, with_preset,
+)
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
 from sdlab.server.previews import jpeg_data_url
 from sdlab.server.service import Service
@@ -128,13 +128,15 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
     )
-    if body.preset:
+    unset = unset_preset_fields(body.model_fields_set, generation)
+    if body.preset:                                     # over the model's preset (the worker applies that one)
         try:
-            preset = get_preset(body.preset).options(body.mode)
+            generation = with_preset(generation, body.preset, body.mode, unset)
         except RequestError as err:
             raise BadRequest(str(err), 422) from None
-        generation = replace(generation, **{k: v for k, v in preset.items() if k not in body.model_fields_set})
-    spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras))
+        unset = frozenset()
+    spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras),
+                   model_preset_fills=unset)
     job, position = service.submit(spec, body.mode, body.model)
     return {"id": job.id, "status": job.status, "position": position}
 

@@ -1,5 +1,6 @@
 """What the worker thread does with one job: load the model it names (with its LoRAs), draw with
-per-step previews and cancellation, and write the pictures as `sdlab txt2img` writes them.
+per-step previews and cancellation, and write the pictures as `sdlab txt2img` writes them. The settings
+a client left unset come from the preset the model names, if any (`_take_model_preset`).
 
 `ModelHost` keeps one model loaded (the worker thread alone touches it). A job with another checkpoint
 or another set of LoRAs reloads it: LoRAs are merged into the weights, so a different set needs fresh
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from sdlab.api import Pipeline, load
@@ -19,7 +21,8 @@ from sdlab.diffusion.steps import StepInfo
 from sdlab.pipeline.infotext import LoraRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
 from sdlab.pipeline.request import RequestError
-from sdlab.server.jobs import Job, JobCancelled
+from sdlab.server.inputs import with_preset
+from sdlab.server.jobs import Job, JobCancelled, steps_of
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
 
@@ -87,6 +90,7 @@ class Runner:
             refs.append(LoraRef(lora.name, choice.weight, lora.hash))
         pipe = self.host.pipeline(checkpoint, tuple(loras))
         previewer = self.host.previewer
+        _take_model_preset(job, pipe.bundle.preset)
 
         def progress(info: StepInfo) -> None:
             if job.cancel.is_set():
@@ -109,3 +113,19 @@ class Runner:
         settings = dict(job.settings)
         settings.update(result.request.parameters())
         job.settings, job.images, job.infotexts, job.seeds = settings, names, texts, list(result.seeds)
+
+
+def _take_model_preset(job: Job, preset: str | None) -> None:
+    """The settings the client left unset (`JobSpec.model_preset_fills`) from the preset the model's file
+    names (`ModelBundle.preset`: `sdlab.preset`, or "lcm-model" for an LCM model), as `sdlab txt2img` does;
+    known only once the model is loaded. The job's request, step count and recorded settings follow."""
+    spec = job.spec
+    if not preset or not spec.model_preset_fills:
+        return
+    try:
+        request = with_preset(spec.request, preset, job.mode, spec.model_preset_fills)
+    except RequestError as err:
+        raise RequestError(f"the model names the preset {preset!r}: {err}") from None
+    job.spec = replace(spec, request=request, model_preset_fills=frozenset())
+    job.steps = steps_of(job.spec)
+    job.settings = {**job.settings, **request.parameters()}
