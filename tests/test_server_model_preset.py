@@ -13,10 +13,12 @@ from dataclasses import replace
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from bundle_fixtures import tiny_bundle
 from sdlab.checkpoints.save import save_bundle
+from sdlab.models.unet import UNet
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.inputs import unset_preset_fields, with_preset
 from server_fixtures import start_server
@@ -32,9 +34,21 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     models.mkdir()
     save_bundle(replace(tiny_bundle("sd1", seed=3), preset="lcm"), models / "distilled.safetensors")
     save_bundle(tiny_bundle("sd1", seed=3), models / "plain.safetensors")
+    save_bundle(_lcm_model(), models / "lcm.safetensors")
     server = start_server(root / "outputs", "--models-dir", str(models), "--model", str(models / "distilled.safetensors"))
     yield server
     server.stop()
+
+
+def _lcm_model():
+    """A tiny LCM-distilled model: a U-Net with a guidance embedding and no preset in its file, which
+    loads with the preset "lcm-model"."""
+    bundle = tiny_bundle("sd1", seed=3)
+    config = replace(bundle.unet_config, time_cond_proj_dim=32)
+    unet = UNet(config)
+    unet.load_state_dict(bundle.unet.state_dict(), strict=False)
+    torch.nn.init.normal_(unet.time_embed.cond_proj.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    return replace(bundle, unet=unet, unet_config=config)
 
 
 @pytest.fixture
@@ -90,6 +104,14 @@ def test_the_preset_of_the_request_wins_over_the_models(client):
 def test_a_model_without_a_preset_keeps_the_defaults(client):
     job = _run(client, {**SMALL, "model": "plain"})
     assert job["request"]["steps"] == 20 and job["request"]["sampler"] != "LCM"
+
+
+def test_an_lcm_model_draws_with_the_lcm_model_preset(client):
+    job = _run(client, {**SMALL, "model": "lcm"})
+    assert _settings(job) == {**LCM, "cfg_scale": 8.5}
+    explicit = _run(client, {**SMALL, "model": "lcm", **LCM, "cfg_scale": 8.5})
+    assert np.array_equal(_pixels(client, job), _pixels(client, explicit))
+    assert _run(client, {**SMALL, "model": "lcm", "cfg_scale": 3.0})["request"]["cfg_scale"] == 3.0
 
 
 def test_a1111_txt2img_takes_the_model_preset_for_what_it_leaves_unset(client):
