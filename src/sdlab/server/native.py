@@ -59,7 +59,7 @@ class JobIn(BaseModel):
     model: str | None = None
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = 20
+    steps: int | None = None                # None: the model's preset, else GenerationRequest's 20
     sampler: str | None = None
     schedule: str | None = None
     cfg_scale: float | None = None
@@ -120,15 +120,16 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     except BadRequest as err:
         raise BadRequest(err.message) from None
     generation = GenerationRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=body.sampler,
+        prompt=body.prompt, negative_prompt=body.negative_prompt, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_image=init, mask_image=mask,
         strength=strength, mask_blur=body.mask_blur, subseed=body.subseed if body.subseed_strength else None,
         subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
+        **({} if body.steps is None else {"steps": body.steps}),
     )
-    unset = unset_preset_fields(body.model_fields_set, generation)
+    unset = unset_preset_fields({key for key in body.model_fields_set if getattr(body, key) is not None}, generation)
     if body.preset:                                     # over the model's preset (the worker applies that one)
         try:
             generation = with_preset(generation, body.preset, body.mode, unset)

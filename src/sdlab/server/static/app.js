@@ -116,8 +116,7 @@ async function loadLists() {
     api("/sdapi/v1/samplers").then((samplers) => {
       fillSelect($("sampler"), (samplers || []).map((s) => ({
         label: s.name, value: s.name, data: { aliases: (s.aliases || []).join("\n") },
-      })), { blank: "Automatic" });
-      if (!$("sampler").value) selectMatching($("sampler"), "DPM++ 2M");
+      })), { blank: "model default" });     // left out of the request: the model's preset or family default
     }),
     api("/sdapi/v1/schedulers").then((schedulers) => {
       fillSelect($("schedule"), (schedulers || []).map((s) => ({ label: s.label || s.name, value: s.name })),
