@@ -274,6 +274,22 @@ def test_free_captions_read_back_to_what_they_state(tmp_path) -> None:
     assert sum(r["spec"]["count"] > 1 for r in records) >= 20
 
 
+def test_free_captions_write_colours_in_every_spelling_the_parser_reads(tmp_path) -> None:
+    from sdlab.tiny.datasets.colours import COLOUR_SYNONYMS
+
+    plain = build.build_dataset(tmp_path / "plain", 40, seed=8, free_prob=1.0)
+    again = build.build_dataset(tmp_path / "again", 40, seed=8, free_prob=1.0, synonym_prob=0.0)
+    assert [r["caption"] for r in plain] == [r["caption"] for r in again]   # 0: the seed's captions unchanged
+    records = build.build_dataset(tmp_path / "spelt", 400, seed=8, free_prob=1.0, synonym_prob=1.0)
+    words = set()
+    for record in records:
+        full, text = SceneSpec(**record["spec"]), record["caption"]
+        said, _ = read_prompt(text)
+        assert (said.colour, said.background) == (full.colour, full.background), text
+        words |= {word for word in COLOUR_SYNONYMS if f" {word} " in f" {text.replace(',', ' ')} "}
+    assert {"grey", "violet", "navy"} <= words, words
+
+
 def test_plural_scenes_draw_that_many_small_copies() -> None:
     from sdlab.tiny.evaluation.scoring import score_image
 

@@ -6,8 +6,10 @@ drawn at random: everyday names ("an apple", "a cat"), number words ("two apples
 size and position synonyms ("tiny", "in the upper left corner", "top-left"), background phrasings
 ("with a blue background", "blue backdrop", "on blue", "in front of a pink wall"), the background first
 or last, fragments or sentences, and now and then words the model is not meant to draw ("cute",
-"high quality") so that it learns to ignore them. `captions.read_prompt` reads every such caption back
-to the scene it states (tests hold it to that).
+"high quality") so that it learns to ignore them. With `synonym_prob` a colour is now and then written as
+another word the parser reads for it (`colours.COLOUR_SYNONYMS`: "grey", "violet", "navy", "sky blue"), so
+the text tower learns those words too. `captions.read_prompt` reads every such caption back to the scene it
+states (tests hold it to that).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from sdlab.tiny.datasets.captions import SceneSpec
+from sdlab.tiny.datasets.colours import COLOUR_SYNONYMS
 from sdlab.tiny.datasets.vocabulary import EMOJI_ALIASES, plural
 
 __all__ = ["DISTRACTOR_WORDS", "free_caption"]
@@ -34,6 +37,11 @@ _ALIASES_OF: dict[str, list[str]] = {
     name: [alias for alias, of in EMOJI_ALIASES.items() if of == name] for name in dict.fromkeys(EMOJI_ALIASES.values())
 }
 
+#: palette name -> the other words a prompt may use for it
+_SPELLINGS_OF: dict[str, list[str]] = {
+    name: [word for word, of in COLOUR_SYNONYMS.items() if of == name] for name in dict.fromkeys(COLOUR_SYNONYMS.values())
+}
+
 _SIZE_WORDS = {"small": ("small", "tiny", "little"), "medium": ("medium", "medium sized", "mid sized"),
                "large": ("large", "big", "huge")}
 _COUNT_WORDS = {2: ("two", "2", "a pair of"), 3: ("three", "3")}
@@ -48,15 +56,16 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _subject(spec: SceneSpec, rng: np.random.Generator) -> str:
-    """'an apple', 'the red apple', 'two cats', 'a small blue star', 'a star in blue', 'red stars'."""
+def _subject(spec: SceneSpec, rng: np.random.Generator, colour: str | None) -> str:
+    """'an apple', 'the red apple', 'two cats', 'a small blue star', 'a star in blue', 'red stars'; the
+    colour written as ``colour``."""
     name = spec.subject
     if spec.kind == "emoji" and name in _ALIASES_OF and rng.random() < 0.6:
         name = _pick(rng, _ALIASES_OF[name])
     if spec.count != 1:
         name = plural(name)
-    colour_after = spec.colour is not None and rng.random() < 0.2
-    noun = name if spec.colour is None or colour_after else f"{spec.colour} {name}"
+    colour_after = colour is not None and rng.random() < 0.2
+    noun = name if colour is None or colour_after else f"{colour} {name}"
     if spec.size is not None:
         noun = f"{_pick(rng, _SIZE_WORDS[spec.size])} {noun}"
     if spec.count is None:
@@ -70,7 +79,7 @@ def _subject(spec: SceneSpec, rng: np.random.Generator) -> str:
         if rng.random() < 0.15:
             phrase = _pick(rng, _PREFIXES[3:]) + phrase
     if colour_after:
-        phrase += _pick(rng, (f" in {spec.colour}", f" colored {spec.colour}"))
+        phrase += _pick(rng, (f" in {colour}", f" colored {colour}"))
     return phrase
 
 
@@ -104,20 +113,32 @@ def _background(colour: str, rng: np.random.Generator) -> tuple[str, bool]:
     return _pick(rng, options)
 
 
-def free_caption(spec: SceneSpec, rng: np.random.Generator, distractor_prob: float = 0.15) -> str:
-    """A caption of what ``spec`` states (fields set to None are left unsaid), worded at random."""
-    subject = _subject(spec, rng)
+def free_caption(spec: SceneSpec, rng: np.random.Generator, distractor_prob: float = 0.15,
+                 synonym_prob: float = 0.0) -> str:
+    """A caption of what ``spec`` states (fields set to None are left unsaid), worded at random; each colour
+    that has other spellings is written as one of them with ``synonym_prob`` (no draw at all when 0, so the
+    captions of a given seed stay what they were)."""
+    colour = _spelling(spec.colour, rng, synonym_prob)
+    background = _spelling(spec.background, rng, synonym_prob)
+    subject = _subject(spec, rng, colour)
     parts = [subject]
     if spec.position is not None:
         parts.append(_position(spec.position, rng))
     comma = rng.random() < 0.3
-    if spec.background is not None:
-        phrase, may_open = _background(spec.background, rng)
+    if background is not None:
+        phrase, may_open = _background(background, rng)
         if may_open and rng.random() < 0.25:
             return _finish(f"{phrase}, {' '.join(parts)}" if comma else f"{phrase} {' '.join(parts)}",
                            rng, distractor_prob)
         parts.append(phrase)
     return _finish((", " if comma else " ").join(parts), rng, distractor_prob)
+
+
+def _spelling(colour: str | None, rng: np.random.Generator, prob: float) -> str | None:
+    """``colour`` as written: with ``prob`` one of its other spellings, if it has any (no draw when 0)."""
+    if prob and colour in _SPELLINGS_OF and rng.random() < prob:
+        return _pick(rng, _SPELLINGS_OF[colour])
+    return colour
 
 
 def _finish(text: str, rng: np.random.Generator, distractor_prob: float) -> str:
