@@ -257,6 +257,23 @@ def test_version_and_python_dash_m_sdlab():
         assert result.returncode == 0 and result.stdout.strip() == f"sdlab {__version__}", result
 
 
+def test_the_command_exits_with_its_status_and_complete_files_without_interpreter_teardown(models, tmp_path):
+    """`python -m sdlab` (and the console script, `sdlab.cli:run`) ends with os._exit once the command is done:
+    the picture is whole, what was printed arrives, and the exit status is the command's."""
+    out = tmp_path / "apple.png"
+    result = _sdlab("sdlab", "txt2img", "a red apple", "--model", str(models["a"]), *FAST, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("apple.png")
+    assert "Steps: 2" in read_parameters(out) and Image.open(out).size == (32, 32)
+    missing = _sdlab("sdlab", "txt2img", "a red apple", "--model", str(tmp_path / "none.safetensors"), *FAST)
+    assert missing.returncode == 2 and missing.stderr.count("sdlab: error:") == 1, missing.stderr
+    from sdlab.cli import run
+
+    assert run.__module__ == "sdlab.cli"
+    scripts = (ROOT / "pyproject.toml").read_text()
+    assert 'sdlab = "sdlab.cli:run"' in scripts
+
+
 def test_sigterm_during_generation_exits_143_and_leaves_no_file(models, tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

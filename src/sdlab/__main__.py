@@ -1,7 +1,5 @@
 """`python -m sdlab ...` is the `sdlab` command."""
 
-import sys
+from sdlab.cli import run
 
-from sdlab.cli import main
-
-sys.exit(main())
+run()
