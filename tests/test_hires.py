@@ -99,7 +99,10 @@ def test_variation_seeds_carry_into_the_second_pass(pipe) -> None:
     options = dict(steps=4, seed=7, subseed=100, subseed_strength=0.5, batch_size=2, hr_scale=2, hr_upscaler="Lanczos")
     result = pipe.txt2img(PROMPT, **options)
     second = pipe.txt2img(PROMPT, **{**options, "batch_size": 1, "subseed": 101}).images[0]
-    assert np.array_equal(_array(result.images[1:]), _array([second]))   # image 1: seed 7, subseed 101
+    # image 1 (seed 7, subseed 101) is the picture drawn alone, up to batch rounding (1/255 on a few pixels);
+    # a wrong subseed in the second pass would change it everywhere
+    difference = np.abs(_array(result.images[1:]).astype(int) - _array([second]).astype(int))
+    assert difference.max() <= 1 and difference.mean() < 0.01, (difference.max(), difference.mean())
 
 
 def test_second_pass_schedule_is_a1111s_fix_steps_tail(pipe) -> None:

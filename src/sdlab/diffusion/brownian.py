@@ -25,7 +25,6 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torchsde
 from torch import Tensor
 
 __all__ = ["BrownianTreeNoise"]
@@ -49,6 +48,8 @@ class BrownianTreeNoise:
     """
 
     def __init__(self, like: Tensor, sigma_min: float | Tensor, sigma_max: float | Tensor, seeds: Sequence[int]) -> None:
+        import torchsde  # imported here: a fifth of a second that only the SDE samplers need
+
         if len(seeds) != like.shape[0]:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {like.shape[0]}")
         t0, t1, self._sign = _sorted(torch.as_tensor(sigma_min), torch.as_tensor(sigma_max))
