@@ -96,3 +96,17 @@ def sdlab_server(tmp_path_factory: pytest.TempPathFactory):
     server = start_server(tmp_path_factory.mktemp("sdlab-serve") / "outputs", "--max-queue", "4")
     yield server
     server.stop()
+
+
+def write_preset_models(models: Path) -> Path:
+    """Two reduced-width SD1 files in `models`: one whose metadata names the "lcm" preset
+    (distilled.safetensors, returned) and the same weights without (plain.safetensors)."""
+    from dataclasses import replace
+
+    from bundle_fixtures import tiny_bundle
+    from sdlab.checkpoints.save import save_bundle
+
+    models.mkdir(parents=True, exist_ok=True)
+    save_bundle(replace(tiny_bundle("sd1", seed=3), preset="lcm"), models / "distilled.safetensors")
+    save_bundle(tiny_bundle("sd1", seed=3), models / "plain.safetensors")
+    return models / "distilled.safetensors"

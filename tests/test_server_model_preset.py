@@ -21,7 +21,7 @@ from sdlab.checkpoints.save import save_bundle
 from sdlab.models.unet import UNet
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.inputs import unset_preset_fields, with_preset
-from server_fixtures import start_server
+from server_fixtures import start_server, write_preset_models
 
 SMALL = {"prompt": "a fox", "seed": 7, "width": 32, "height": 32}
 LCM = {"sampler": "LCM", "schedule": "trailing", "steps": 4, "cfg_scale": 1.0}     # presets.py's "lcm" row
@@ -31,11 +31,9 @@ LCM = {"sampler": "LCM", "schedule": "trailing", "steps": 4, "cfg_scale": 1.0}  
 def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("preset-server")
     models = root / "models"
-    models.mkdir()
-    save_bundle(replace(tiny_bundle("sd1", seed=3), preset="lcm"), models / "distilled.safetensors")
-    save_bundle(tiny_bundle("sd1", seed=3), models / "plain.safetensors")
+    distilled = write_preset_models(models)
     save_bundle(_lcm_model(), models / "lcm.safetensors")
-    server = start_server(root / "outputs", "--models-dir", str(models), "--model", str(models / "distilled.safetensors"))
+    server = start_server(root / "outputs", "--models-dir", str(models), "--model", str(distilled))
     yield server
     server.stop()
 

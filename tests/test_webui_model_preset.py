@@ -10,14 +10,11 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from bundle_fixtures import tiny_bundle
-from sdlab.checkpoints.save import save_bundle
-from server_fixtures import start_server
+from server_fixtures import start_server, write_preset_models
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -31,10 +28,8 @@ LCM = {"sampler": "LCM", "steps": 4, "cfg_scale": 1.0}          # presets.py's "
 def served(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("webui-preset")
     models = root / "models"
-    models.mkdir()
-    save_bundle(replace(tiny_bundle("sd1", seed=3), preset="lcm"), models / "distilled.safetensors")
-    save_bundle(tiny_bundle("sd1", seed=3), models / "plain.safetensors")
-    server = start_server(root / "outputs", "--models-dir", str(models), "--model", str(models / "distilled.safetensors"))
+    distilled = write_preset_models(models)
+    server = start_server(root / "outputs", "--models-dir", str(models), "--model", str(distilled))
     yield server
     server.stop()
 
