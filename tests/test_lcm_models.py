@@ -219,6 +219,11 @@ def test_cli_draws_with_the_lcm_model_preset_and_the_given_cfg_wins(folder, tmp_
     assert code == 0, err
     parameters = read_parameters(tmp_path / "b.png")
     assert "Sampler: LCM" in parameters and "Steps: 2" in parameters and "CFG scale: 3" in parameters, parameters
+    assert "no guidance" not in err
+    # the LCM-LoRA preset's CFG 1 embeds w = 0 in such a model: drawn as asked, with a warning that says so
+    code, _, err = run([*common, "--preset", "lcm", "--out", str(tmp_path / "c.png")], capsys)
+    assert code == 0, err
+    assert "no guidance" in err and "--preset lcm-model" in err, err
 
 
 def test_sdxl_lcm_picture_is_diffusers(tmp_path_factory):

@@ -195,6 +195,10 @@ def make_plan(
     advice = steps_warning(sampler, req.steps, req.schedule) if guided else None
     if advice:
         logger.warning(advice)
+    if bundle.unet_config.time_cond_proj_dim is not None and req.cfg_scale <= 1.0:
+        logger.warning("CFG %g on a model that takes its guidance as an input (LCM-distilled) embeds w = %g: "
+                       "no guidance; its own preset draws at CFG 8.5 (--preset lcm-model)",
+                       req.cfg_scale, req.cfg_scale - 1.0)
     sampling = bundle.model_sampling
     sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=True if from_latent else None)
     factor = bundle.vae_config.downsample_factor
