@@ -6,7 +6,7 @@ DPM++ 2M at 64 x 64 with classifier-free guidance, VAE decode and PNG write.
     python benchmarks/bench_shipped.py --busy              # with another process spinning on one core
     python benchmarks/bench_shipped.py --flags "--compile" # extra sdlab flags (here: torch.compile, cached)
 
-Each run is a fresh process running the console script's entry point (`sdlab.cli:run`, through
+Each run is a fresh process running the console script's entry point (`sdlab.command:run`, through
 `python -c`), timed from before it starts to after it exits, so Python and torch start-up are counted. The first run warms the disk cache and is reported but left out of the
 median. `--busy` keeps one extra process spinning for the whole measurement (the "loaded machine" case).
 Numbers on a shared machine are noisy: repeat before trusting them; the load average is printed.
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 PROMPT = "a large red apple in the center on a light blue background"
-ENTRY = "from sdlab.cli import run; run()"
+ENTRY = "from sdlab.command import run; run()"
 
 
 BUSY = "while True: pass"

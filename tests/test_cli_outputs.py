@@ -258,7 +258,7 @@ def test_version_and_python_dash_m_sdlab():
 
 
 def test_the_command_exits_with_its_status_and_complete_files_without_interpreter_teardown(models, tmp_path):
-    """`python -m sdlab` (and the console script, `sdlab.cli:run`) ends with os._exit once the command is done:
+    """`python -m sdlab` (and the console script, `sdlab.command:run`) ends with os._exit once the command is done:
     the picture is whole, what was printed arrives, and the exit status is the command's."""
     out = tmp_path / "apple.png"
     result = _sdlab("sdlab", "txt2img", "a red apple", "--model", str(models["a"]), *FAST, "--out", str(out))
@@ -267,11 +267,39 @@ def test_the_command_exits_with_its_status_and_complete_files_without_interprete
     assert "Steps: 2" in read_parameters(out) and Image.open(out).size == (32, 32)
     missing = _sdlab("sdlab", "txt2img", "a red apple", "--model", str(tmp_path / "none.safetensors"), *FAST)
     assert missing.returncode == 2 and missing.stderr.count("sdlab: error:") == 1, missing.stderr
-    from sdlab.cli import run
-
-    assert run.__module__ == "sdlab.cli"
     scripts = (ROOT / "pyproject.toml").read_text()
-    assert 'sdlab = "sdlab.cli:run"' in scripts
+    assert 'sdlab = "sdlab.command:run"' in scripts
+
+
+def test_the_command_line_is_imported_without_collections_and_runs_with_those_objects_frozen(monkeypatch):
+    """The console script turns the cyclic collector off while torch and the command line are imported, then
+    freezes what they created (`gc.freeze`) and runs the command with the collector on."""
+    import gc
+    import logging
+
+    import sdlab.cli
+    import sdlab.command
+
+    seen = {}
+
+    def main() -> int:
+        seen.update(enabled=gc.isenabled(), frozen=gc.get_freeze_count())
+        return 3
+
+    def exit_now(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(sdlab.cli, "main", main)
+    monkeypatch.setattr(sdlab.command.os, "_exit", exit_now)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+    gc.unfreeze()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            sdlab.command.run()
+    finally:
+        gc.unfreeze()
+    assert stop.value.code == 3
+    assert seen["enabled"] and seen["frozen"] > 10_000, seen
 
 
 def test_sigterm_during_generation_exits_143_and_leaves_no_file(models, tmp_path):

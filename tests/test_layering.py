@@ -27,7 +27,8 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
     "server": {"api", "pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
     "cli": {"api", "server", "pipeline", "checkpoints", "families", "train", "tiny", "utils"},
-    "__main__": {"cli"},                     # `python -m sdlab` is the command line
+    "command": {"cli"},                      # the console script: the command line as a process
+    "__main__": {"command"},                 # `python -m sdlab` is the console script
     "tiny": {"api", "pipeline", "checkpoints", "families", "diffusion", "models", "train", "utils"},
 }
 # the only core files that may import sdlab.tiny (the layer table above allows the layer, this the file)

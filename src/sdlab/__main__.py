@@ -1,5 +1,5 @@
 """`python -m sdlab ...` is the `sdlab` command."""
 
-from sdlab.cli import run
+from sdlab.command import run
 
 run()

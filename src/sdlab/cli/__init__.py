@@ -132,25 +132,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL_ERROR
 
 
-def run() -> None:
-    """The `sdlab` console script and `python -m sdlab`: `main()`, then exit without tearing the interpreter
-    down. Python's shutdown clears the modules one by one, and after `import torch` that takes about 0.5 s
-    here (an eighth of a whole txt2img with the shipped model). Nothing is lost: every file sdlab writes is
-    complete (renamed into place) before `main` returns, no sdlab code registers exit handlers, and the
-    standard streams and logging are flushed first. While another thread still runs (a server's worker
-    finishing its job) the exit is the ordinary one, which waits for it. `main` stays an ordinary function
-    for callers in Python."""
-    code = main()
-    if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
-        sys.exit(code)
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (BrokenPipeError, ValueError):   # the reader left / the stream was closed
-            pass
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    run()
+    sys.exit(main())
