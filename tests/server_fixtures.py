@@ -110,3 +110,16 @@ def write_preset_models(models: Path) -> Path:
     save_bundle(replace(tiny_bundle("sd1", seed=3), preset="lcm"), models / "distilled.safetensors")
     save_bundle(tiny_bundle("sd1", seed=3), models / "plain.safetensors")
     return models / "distilled.safetensors"
+
+
+def run_job(client: httpx.Client, body: dict, timeout_s: float = 120) -> dict:
+    """POST a job to /api/jobs and poll it until it ends; returns its last state (any final status)."""
+    created = client.post("/api/jobs", json=body)
+    assert created.status_code == 202, created.text
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(f"/api/jobs/{created.json()['id']}").json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError("the job did not finish")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import time
 from dataclasses import replace
 
 import httpx
@@ -21,7 +20,7 @@ from sdlab.checkpoints.save import save_bundle
 from sdlab.models.unet import UNet
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.inputs import unset_preset_fields, with_preset
-from server_fixtures import start_server, write_preset_models
+from server_fixtures import run_job, start_server, write_preset_models
 
 SMALL = {"prompt": "a fox", "seed": 7, "width": 32, "height": 32}
 LCM = {"sampler": "LCM", "schedule": "trailing", "steps": 4, "cfg_scale": 1.0}     # presets.py's "lcm" row
@@ -56,16 +55,9 @@ def client(served):
 
 
 def _run(client: httpx.Client, body: dict) -> dict:
-    created = client.post("/api/jobs", json=body)
-    assert created.status_code == 202, created.text
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{created.json()['id']}").json()
-        if job["status"] not in ("queued", "running"):
-            assert job["status"] == "done", job
-            return job
-        time.sleep(0.05)
-    raise AssertionError("the job did not finish")
+    job = run_job(client, body)
+    assert job["status"] == "done", job
+    return job
 
 
 def _pixels(client: httpx.Client, job: dict) -> np.ndarray:

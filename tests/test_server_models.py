@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -16,7 +15,7 @@ from PIL import Image
 
 from bundle_fixtures import tiny_bundle, write_original
 from sdlab.pipeline.png_info import lora_hash, model_hash
-from server_fixtures import server_env, start_server
+from server_fixtures import run_job, server_env, start_server
 from test_cli_outputs import _lora
 
 AUTH = ("painter", "pa:ss word")
@@ -47,16 +46,6 @@ def client(served):
         yield c
 
 
-def _run(client: httpx.Client, body: dict) -> dict:
-    created = client.post("/api/jobs", json=body)
-    assert created.status_code == 202, created.text
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{created.json()['id']}").json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError("the job did not finish")
 
 
 def _picture(client: httpx.Client, url: str) -> tuple[np.ndarray, str]:
@@ -83,10 +72,10 @@ def test_switching_models_by_options_and_per_job(client, served):
     try:
         assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": b_title}).status_code == 200
         assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == b_title
-        job = _run(client, {"prompt": "x", **SMALL})
+        job = run_job(client, {"prompt": "x", **SMALL})
         assert job["model"] == b_title and "Model: tiny-b" in job["infotexts"][0]
         assert f"Model hash: {model_hash(models / 'sub' / 'tiny-b.safetensors')}" in job["infotexts"][0]
-        job_a = _run(client, {"prompt": "x", "model": "tiny-a", **SMALL})
+        job_a = run_job(client, {"prompt": "x", "model": "tiny-a", **SMALL})
         assert job_a["model"].startswith("tiny-a.safetensors [") and "Model: tiny-a" in job_a["infotexts"][0]
         assert client.post("/api/jobs", json={"prompt": "x", "model": "nope"}).status_code == 404
     finally:
@@ -95,9 +84,9 @@ def test_switching_models_by_options_and_per_job(client, served):
 
 def test_lora_by_name_or_tag_matches_the_cli(client, served, tmp_path):
     server, models = served
-    by_name = _run(client, {"prompt": "two cats", "loras": [{"name": "style", "weight": 0.7}], **SMALL})
-    by_tag = _run(client, {"prompt": "two cats <lora:style:0.7>", **SMALL})
-    plain = _run(client, {"prompt": "two cats", **SMALL})
+    by_name = run_job(client, {"prompt": "two cats", "loras": [{"name": "style", "weight": 0.7}], **SMALL})
+    by_tag = run_job(client, {"prompt": "two cats <lora:style:0.7>", **SMALL})
+    plain = run_job(client, {"prompt": "two cats", **SMALL})
     pixels_name, text_name = _picture(client, by_name["images"][0])
     pixels_tag, text_tag = _picture(client, by_tag["images"][0])
     pixels_plain, _ = _picture(client, plain["images"][0])
