@@ -84,6 +84,18 @@ def test_emoji_scoring_on_degraded_renders() -> None:
     assert accuracy["size"] >= 0.95 and accuracy["position"] >= 0.95, accuracy
 
 
+def test_emoji_scoring_ignores_specks_away_from_the_subject() -> None:
+    """A decoder's stray pixels in the corners of a saturated background (1-3 pixels, as the shipped VAE
+    leaves on red or blue) are not part of the emoji: its box, and so its crop, stay on the subject."""
+    for index, background in enumerate(("red", "blue", "green", "purple", "white")):
+        spec = SceneSpec("emoji", EMOJI_NAMES[index * 41 % len(EMOJI_NAMES)], None, "medium", "center", background)
+        pixels = np.array(render_scene(spec, np.random.default_rng(index)))
+        pixels[:2, :2] = 255 - pixels[:2, :2]                          # a 2 x 2 speck in one corner
+        pixels[-1, -1] = 255 - pixels[-1, -1]                          # and one pixel in the opposite corner
+        correct = score_image(Image.fromarray(pixels), spec)["correct"]
+        assert correct["top1"] and correct["size"] and correct["position"], (background, correct)
+
+
 def test_an_empty_image_scores_background_only() -> None:
     spec = SceneSpec("shape", "star", "red", "small", "top", "white")
     result = score_image(Image.new("RGB", (64, 64), (248, 248, 248)), spec)

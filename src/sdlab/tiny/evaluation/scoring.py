@@ -2,7 +2,9 @@
 
 1. Background: median colour of the border ring (`BORDER` of the side) -> nearest background colour.
 2. Subject: pixels far from that colour (Delta E*ab > `SUBJECT_DELTA_E`), cleaned by a 3x3 median
-   filter. Shapes keep the largest 4-connected component; emoji keep every part (sparkles, steam).
+   filter. Shapes keep the largest 4-connected component; emoji keep every part (sparkles, steam) but
+   specks (components under `SPECK_FRACTION` of the image: a decoder's stray corner pixel on a saturated
+   background would otherwise stretch the subject's box to the corner).
 3. Size and position: the subject's bounding box side and centre, classified by
    `sdlab.tiny.datasets.layout` (nearest size class on a log scale; nearest row / column centre).
 4. Shapes: a soft coverage mask (each pixel's Lab colour projected on the background -> subject line)
@@ -49,6 +51,7 @@ MASK_SIDE = 24
 EMOJI_SIDE = 16
 TOP_K = 5
 COPY_FRACTION = 0.4  # a component this large against the largest counts as a copy ("two apples")
+SPECK_FRACTION = 4 / 4096  # an emoji part smaller than this (4 pixels at 64 x 64) is noise, not subject
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,13 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     """The largest 4-connected component of a bool mask (the mask itself when it is empty)."""
     labels, sizes = _components(mask)
     return labels == 1 + int(np.argmax(sizes)) if sizes else mask
+
+
+def _without_specks(mask: np.ndarray) -> np.ndarray:
+    """A bool mask without its components under `SPECK_FRACTION` of the image (the mask when that is all)."""
+    labels, sizes = _components(mask)
+    kept = [label + 1 for label, size in enumerate(sizes) if size >= SPECK_FRACTION * mask.size]
+    return np.isin(labels, kept) if kept else mask
 
 
 def count_copies(mask: np.ndarray) -> int:
@@ -209,6 +219,8 @@ def _measure(pixels: np.ndarray, kind: str, several: bool = False) -> tuple[Meas
         base["count"] = count_copies(mask)
     if kind == "shape" or several:
         mask = _largest_component(mask)
+    else:
+        mask = _without_specks(mask)
     if not mask.any():
         return Measurement(subject_found=False, **base), []
     cx, cy, side = _box(mask)
