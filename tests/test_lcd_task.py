@@ -7,6 +7,9 @@
   so a resumed run continues bit for bit;
 - a short distillation of the shipped model brings the student's 1- and 4-step LCM samples closer to the
   teacher's 20-step DPM++ 2M samples;
+- LCM-LoRA (``--lora-rank``, ``--lora-conv``): the teacher is the model with its LoRA off, the target the
+  student itself; only the LoRA learns, and the run delivers a LoRA file that generation merges to the
+  same network;
 - torchrun with 2 processes == 1 process with the same global batch;
 - bad settings are one ``sdlab: error:`` line.
 """
@@ -138,6 +141,71 @@ def test_loss_types_and_target_network_update():
     assert not any(p.requires_grad for p in (*l2.teacher.parameters(), *l2.target.parameters()))
 
 
+def test_lcm_lora_teacher_is_the_model_without_its_lora_and_the_target_is_the_student():
+    options = dict(w_min=2.0, w_max=6.0, ddim_timesteps=50)
+    full = LCDTask(tiny_bundle("sd1", 3), LCDOptions(**options))
+    lora = LCDTask(tiny_bundle("sd1", 3), LCDOptions(**options, unet=UNetTaskOptions(
+        caption_dropout=0.0, lora_rank=4, lora_conv=True)))
+    assert lora.teacher is None and lora.target is None and set(lora.trainable_modules()) == {"lora_unet"}
+    kinds = {type(layer).__name__ + str(getattr(layer, "kernel_size", "")) for layer in
+             (t.module for t in lora.unet_lora._targets)}
+    assert {"Linear", "Conv2d(3, 3)", "Conv2d(1, 1)"} <= kinds, kinds          # LCM-LoRA's set: convs too
+    with torch.no_grad():                                                       # a LoRA that changes the output
+        for name, p in lora.unet_lora.named_parameters():
+            if "lora_up" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    n = 4
+    z0 = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch = Batch(images=None, captions=[CAPTIONS[i % 4] for i in range(n)], latents=z0, seeds=[3 * i + 2 for i in range(n)])
+    reference, pair = full.pair(batch, torch.Generator()), lora.pair(batch, torch.Generator())
+    # the teacher's guided DDIM step is the base model's: the same as full distillation's teacher
+    assert torch.equal(pair.index, reference.index)
+    assert torch.allclose(pair.x_end, reference.x_end, atol=1e-6)
+    # student and target run with the LoRA: both differ from the base model's
+    assert float((pair.prediction - reference.prediction).detach().abs().max()) > 1e-3
+    assert float((pair.target - reference.target).abs().max()) > 1e-3
+    with torch.no_grad():
+        context, _ = encode_captions(lora.bundle.text_encoders, list(batch.captions))
+        out = lora.bundle.unet(pair.x_end, pair.t_end.float(), context)              # the student, LoRA on
+        assert torch.allclose(pair.target, lora.consistency(out, pair.x_end, pair.t_end), atol=1e-6)
+    loss, _ = lora.loss(batch, torch.Generator())
+    loss.backward()
+    assert all(p.grad is None for p in lora.bundle.unet.parameters())           # the model stays frozen
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora.unet_lora.parameters())
+    lora.after_optimizer_step()
+    assert lora.extra_state() == {}
+
+
+def test_lcm_lora_run_delivers_a_lora_that_generation_merges_to_the_trained_network(tiny_run_inputs, tmp_path):
+    from sdlab.checkpoints.lora import apply_lora
+    from sdlab.train.lora import LoRANetwork
+
+    _, model, data = tiny_run_inputs
+    run = tmp_path / "run"
+    run_in_process(run, model, data, *LCD, "--lora-rank", "4", "--lora-conv", "--batch-size", "2",
+                   "--max-steps", "3", "--cache-latents")
+    from safetensors.torch import load_file
+
+    tensors = load_file(run / "final.safetensors")
+    downs = {k: v for k, v in tensors.items() if k.endswith("lora_down.weight")}
+    assert any(v.shape[-2:] == (3, 3) for v in downs.values())                   # LoCon on the 3x3 convs
+    assert any(v.ndim == 2 for v in downs.values())                              # LoRA on the linears
+    # the hooked network the run trained (its LoRA weights loaded) == the model with the file merged
+    hooked = load_bundle(model)
+    network = LoRANetwork.for_unet(hooked.unet, 4, convs=True).attach()
+    state = load_run_checkpoint(list_checkpoints(run / "checkpoints")[-1][1])["modules"]["lora_unet"]
+    network.load_state_dict(state)
+    merged = load_bundle(model)
+    apply_lora(merged, run / "final.safetensors")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([999.0, 259.0])
+    context = torch.randn(2, 77, hooked.unet_config.context_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b, base = hooked.unet(x, t, context), merged.unet(x, t, context), load_bundle(model).unet(x, t, context)
+    assert float((a - base).abs().max()) > 1e-4                                  # it trained
+    assert torch.allclose(a, b, atol=2e-5), float((a - b).abs().max())
+
+
 # --- runs of the training loop ------------------------------------------------------------------------------
 
 LCD = ("--task", "lcd", "--checkpoint-every", "3", "--learning-rate", "1e-4", "--lr-schedule", "constant",
@@ -241,7 +309,8 @@ def test_distilling_the_shipped_model_brings_few_step_samples_closer_to_the_teac
     (("--lcd-w-min", "8", "--lcd-w-max", "2"), "--lcd-w-min 8 is above --lcd-w-max 2"),
     (("--lcd-ddim-timesteps", "2000"), "--lcd-ddim-timesteps must be between 1 and the model's 1000"),
     (("--lcd-ddim-timesteps", "0"), "--lcd-ddim-timesteps must be at least 1"),
-    (("--lora-rank", "4"), "--lora-rank 4 does not apply"),
+    (("--lora-rank", "4", "--lora-text-encoder"), "--lora-text-encoder does not apply"),
+    (("--lora-conv",), "--lora-conv and --lora-text-encoder choose the layers of a LoRA: give --lora-rank too"),
     (("--lcd-loss", "l1"), "--lcd-loss must be one of l2, huber"),
     (("--lcd-target-decay", "1.0"), "--lcd-target-decay must be in [0, 1)"),
 ])

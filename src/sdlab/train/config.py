@@ -69,6 +69,8 @@ class TrainConfig:
                                           "(default: full fine-tune)")
     lora_alpha: float | None = setting(None, "LoRA alpha (default: the rank, i.e. scale 1)")
     lora_text_encoder: bool = setting(False, "also put LoRA on the text encoders' attention / MLP")
+    lora_conv: bool = setting(False, "also put LoRA (LoCon) on the U-Net's ResBlock and resampling convs and "
+                                     "time-embedding projections (LCM-LoRA's set)")
     train_text_encoder: bool = setting(False, "U-Net task, full fine-tune: the text encoders learn too (new words "
                                               "and phrasings reach the U-Net through them)")
 
@@ -196,7 +198,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 # Settings that must match when resuming: they define the data stream, the objective or the parameters.
 RESUME_INVARIANTS = (
     "task", "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
-    "lora_text_encoder", "train_text_encoder", "embedding_word", "embedding_vectors", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
+    "lora_text_encoder", "lora_conv", "train_text_encoder", "embedding_word", "embedding_vectors", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
     "lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay",
 )
 

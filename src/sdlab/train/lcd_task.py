@@ -24,6 +24,12 @@ output and the forward process come from the model's `ModelSampling` (eps, v and
 The U-Net has no guidance-scale input, so a range of w trains one average behaviour: a fixed w (the
 default: the family's CFG scale - 1) is what sampling at CFG 1 then reproduces. Captions are never dropped.
 
+LCM-LoRA (Luo et al. 2023, "LCM-LoRA: A Universal Stable-Diffusion Acceleration Module"; ``--lora-rank``, with
+``--lora-conv`` for its layer set): the student is the frozen model plus a trainable LoRA, the teacher is the
+same model with the LoRA switched off (no copy), and, as in diffusers' train_lcm_distill_lora_sd, there is no
+separate target network: the target is the student itself without gradients. The deliverable is the LoRA
+file (kohya format), a few-step adapter that ships beside the base model instead of a second U-Net.
+
 Sampling: sdlab's "LCM" sampler (``sample_lcm``). At its timesteps (999, 759, 499, 259 for 4 steps) c_skip
 is below 4e-8, so what it uses is the student's plain x0 prediction; sample at CFG scale 1 (the teacher's
 guidance is distilled in).
@@ -31,6 +37,7 @@ guidance is distilled in).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,14 +120,16 @@ class LCDOptions:
     @classmethod
     def from_config(cls, cfg) -> LCDOptions:
         settings = (("min_snr_gamma", cfg.min_snr_gamma), ("offset_noise", cfg.offset_noise),
-                    ("lora_rank", cfg.lora_rank), ("embedding_word", cfg.embedding_word),
-                    ("train_text_encoder", cfg.train_text_encoder))
+                    ("embedding_word", cfg.embedding_word), ("train_text_encoder", cfg.train_text_encoder),
+                    ("lora_text_encoder", cfg.lora_text_encoder))
         unused = [(name, value) for name, value in settings if value not in (None, 0, 0.0, False)]
         if unused:
             name, value = unused[0]
-            raise TrainError(f"--task lcd distils the whole U-Net with a fixed objective; --{name.replace('_', '-')} "
-                             f"{value} does not apply to it")
-        unet = UNetTaskOptions(caption_dropout=0.0, prediction=cfg.prediction,
+            given = f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+            raise TrainError(f"--task lcd distils the U-Net (or a LoRA of it) with a fixed objective; {given} does "
+                             f"not apply to it")
+        unet = UNetTaskOptions(caption_dropout=0.0, prediction=cfg.prediction, lora_rank=cfg.lora_rank,
+                               lora_alpha=cfg.lora_alpha, lora_conv=cfg.lora_conv,
                                gradient_checkpointing=cfg.gradient_checkpointing, save_dtype=cfg.save_dtype,
                                sample_prompts=cfg.sample_prompts, sample_steps=cfg.sample_steps,
                                sample_cfg=cfg.sample_cfg, sample_seed=cfg.sample_seed, resolution=cfg.resolution)
@@ -140,9 +149,10 @@ class LCDTask(UNetTask):
         opts = self.lcd
         if opts.loss not in ("l2", "huber"):
             raise TrainError(f"--lcd-loss must be l2 or huber; got {opts.loss!r}")
-        # copies before the U-Net task wraps the student's blocks for gradient checkpointing
-        teacher = copy.deepcopy(bundle.unet).requires_grad_(False).eval()
-        target = copy.deepcopy(bundle.unet).requires_grad_(False).eval()
+        # copies before the U-Net task wraps the student's blocks for gradient checkpointing; LCM-LoRA needs none
+        lora = opts.unet.lora_rank is not None
+        teacher = None if lora else copy.deepcopy(bundle.unet).requires_grad_(False).eval()
+        target = None if lora else copy.deepcopy(bundle.unet).requires_grad_(False).eval()
         super().__init__(bundle, opts.unet)
         if not isinstance(self.sampling, DiscreteModelSampling):
             raise TrainError(f"--task lcd distils discrete-time (DDPM) models; {bundle.family.name} samples with "
@@ -171,14 +181,20 @@ class LCDTask(UNetTask):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """target <- decay * target + (1 - decay) * student."""
+        if self.target is None:  # LCM-LoRA: the target is the student itself
+            return
         weight = 1.0 - self.lcd.target_decay
         for t, s in zip(self.target.parameters(), self.bundle.unet.parameters(), strict=True):
             t.lerp_(s.detach().to(t.dtype), weight)
 
     def extra_state(self) -> dict[str, dict[str, Tensor]]:
+        if self.target is None:
+            return {}
         return {"target": {k: v.detach().cpu().clone() for k, v in self.target.state_dict().items()}}
 
     def load_extra_state(self, state: dict[str, dict[str, Tensor]]) -> None:
+        if self.target is None:
+            return
         if "target" not in state:
             raise TrainError("the run checkpoint has no lcd target network (not a --task lcd run?)")
         try:
@@ -229,7 +245,8 @@ class LCDTask(UNetTask):
             y = self._y(pooled, batch, z0)
             uncond, uncond_y = self._unconditional(batch, z0)
             x_end = self.teacher_step(x_start, t_start, t_end, w, (context, y), (uncond, uncond_y))
-            target = self.consistency(self.target(x_end, t_end.to(torch.float32), context, y), x_end, t_end)
+            target_net = self.target if self.target is not None else self.bundle.unet   # LCM-LoRA: the student
+            target = self.consistency(target_net(x_end, t_end.to(torch.float32), context, y), x_end, t_end)
         out = self._unet_call(x_start, t_start.to(torch.float32), context, y)  # (B, C, h, w)
         prediction = self.consistency(out, x_start, t_start)
         return LCDPair(index=index, t_start=t_start, t_end=t_end, w=w, noise=noise, x_start=x_start, x_end=x_end,
@@ -242,8 +259,13 @@ class LCDTask(UNetTask):
         ``cond + w (cond - uncond)``, then ``sqrt(ac_end) x0 + sqrt(1 - ac_end) eps``."""
         n = x_start.shape[0]
         y = None if cond[1] is None else torch.cat([cond[1], uncond[1]])
-        out = self.teacher(torch.cat([x_start, x_start]), torch.cat([t_start, t_start]).to(torch.float32),
-                           torch.cat([cond[0], uncond[0]]), y)  # (2B, C, h, w)
+        with contextlib.ExitStack() as stack:
+            teacher = self.teacher
+            if teacher is None:  # LCM-LoRA: the model itself with its LoRA off
+                stack.enter_context(self.unet_lora.disabled())
+                teacher = self.bundle.unet
+            out = teacher(torch.cat([x_start, x_start]), torch.cat([t_start, t_start]).to(torch.float32),
+                          torch.cat([cond[0], uncond[0]]), y)  # (2B, C, h, w)
         x0, eps = self.x0_and_eps(out, torch.cat([x_start, x_start]), torch.cat([t_start, t_start]))
         w = _per_image(w, x_start)
         x0 = x0[:n] + w * (x0[:n] - x0[n:])

@@ -11,7 +11,11 @@ see `sdlab.checkpoints.lora`: per module ``<name>.lora_down.weight`` (r, in) (co
 for SD1 / SD2 U-Nets, original (SGM) names for SDXL, and ``ss_*`` metadata. The layers are kohya's default
 set: in every transformer of the U-Net, ``proj_in`` / ``proj_out`` (1x1 convs in SD1, linear otherwise),
 the attention projections and the feed-forward layers; in every CLIP layer, the attention projections and
-the MLP.
+the MLP. ``convs=True`` adds LCM-LoRA's wider set (Luo et al. 2023, "LCM-LoRA"; diffusers'
+train_lcm_distill_lora_sd): every ResBlock conv, shortcut and time-embedding projection and the down- /
+up-sampling convs. A k x k conv gets a LoCon branch, kohya's layout for it: ``down`` a k x k conv with the
+layer's stride and padding (in -> r), ``up`` a 1x1 conv (r -> out), so ``W' = W + scale * up @ down`` per
+kernel tap, which is how A1111, ComfyUI and `sdlab.checkpoints.lycoris` merge it.
 
 Training attaches LoRA through forward hooks, so the base modules and their state-dict keys stay untouched
 (the base model can still be saved in the original layout) and a `LoRANetwork` holds every LoRA
@@ -20,11 +24,12 @@ parameter in one module. Merging a file into a model for generation: `sdlab.chec
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +46,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LoRAModule",
     "LoRANetwork",
+    "UNET_CONV_TARGETS",
     "UNET_TARGETS",
     "TEXT_TARGETS",
     "lora_module_names",
@@ -51,21 +57,25 @@ __all__ = [
 # kohya's default: every linear / 1x1 conv inside the U-Net's transformers (Transformer2DModel in diffusers)
 UNET_TARGETS = re.compile(
     r".*\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)))$")
+# LCM-LoRA's additions: ResBlock convs (conv1, conv2, conv_shortcut), time_emb_proj, Downsample / Upsample convs
+UNET_CONV_TARGETS = re.compile(r".*\.(in_layers\.2|out_layers\.3|skip_connection|emb_layers\.1|op|conv)$")
 # self-attention projections and the MLP of every CLIP layer
 TEXT_TARGETS = re.compile(r"^encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))$")
 
 
 class LoRAModule(nn.Module):
-    """The low-rank branch for one linear layer (``in_features -> out_features``) or 1x1 conv (``conv=True``,
-    the same maps as 1x1 convolutions, stored with kohya's (r, in, 1, 1) / (out, r, 1, 1) shapes)."""
+    """The low-rank branch for one linear layer (``in_features -> out_features``) or conv (``conv=True``: a
+    ``kernel_size`` conv down, stored (r, in, kh, kw), and a 1x1 conv up, stored (out, r, 1, 1), kohya's shapes)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, conv: bool = False):
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, conv: bool = False,
+                 kernel_size: int | tuple[int, int] = 1, stride: int | tuple[int, int] = 1,
+                 padding: int | tuple[int, int] = 0):
         super().__init__()
         self.rank = rank
         self.alpha = float(alpha)
         self.multiplier = 1.0
-        if conv:
-            self.lora_down = nn.Conv2d(in_features, rank, 1, bias=False)
+        if conv:  # a k x k conv's branch (LoCon): the k x k down conv keeps the layer's stride and padding
+            self.lora_down = nn.Conv2d(in_features, rank, kernel_size, stride, padding, bias=False)
             self.lora_up = nn.Conv2d(rank, out_features, 1, bias=False)
         else:
             self.lora_down = nn.Linear(in_features, rank, bias=False)
@@ -87,8 +97,11 @@ class _Target:
     module: nn.Linear | nn.Conv2d
 
 
-def _is_target_layer(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1))
+def _is_target_layer(m: nn.Module, any_conv: bool = False) -> bool:
+    """A linear layer or a 1x1 conv (any ungrouped conv with ``any_conv``)."""
+    if isinstance(m, nn.Conv2d):
+        return m.groups == 1 and (any_conv or m.kernel_size == (1, 1))
+    return isinstance(m, nn.Linear)
 
 
 def lora_module_names(root: nn.Module, prefix: str, pattern: re.Pattern[str]) -> list[tuple[str, nn.Module]]:
@@ -97,9 +110,12 @@ def lora_module_names(root: nn.Module, prefix: str, pattern: re.Pattern[str]) ->
     return [(kohya_name(prefix, path), m) for path, m in root.named_modules() if _is_target_layer(m) and pattern.fullmatch(path)]
 
 
-def unet_lora_targets(unet: UNet) -> list[tuple[str, nn.Module]]:
-    """(kohya name in kohya's convention for this U-Net's family, layer) for every U-Net target layer."""
-    layers = {path: m for path, m in unet.named_modules() if _is_target_layer(m) and UNET_TARGETS.fullmatch(path)}
+def unet_lora_targets(unet: UNet, convs: bool = False) -> list[tuple[str, nn.Module]]:
+    """(kohya name in kohya's convention for this U-Net's family, layer) for every U-Net target layer
+    (kohya's default set; with ``convs`` also `UNET_CONV_TARGETS`, LCM-LoRA's set)."""
+    layers = {path: m for path, m in unet.named_modules()
+              if (_is_target_layer(m) and UNET_TARGETS.fullmatch(path))
+              or (convs and _is_target_layer(m, any_conv=True) and UNET_CONV_TARGETS.fullmatch(path))}
     names = kohya_unet_names(unet.cfg, layers)
     return [(names[path], m) for path, m in layers.items()]
 
@@ -121,10 +137,12 @@ class LoRANetwork(nn.Module):
         self._targets: list[_Target] = []
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         for name, layer in targets:
-            conv = isinstance(layer, nn.Conv2d)
-            size_in, size_out = (layer.in_channels, layer.out_channels) if conv else (layer.in_features, layer.out_features)
-            self.loras[name] = LoRAModule(size_in, size_out, rank, alpha, conv).to(
-                device=layer.weight.device, dtype=torch.float32)
+            if isinstance(layer, nn.Conv2d):
+                lora = LoRAModule(layer.in_channels, layer.out_channels, rank, alpha, True, layer.kernel_size,
+                                  layer.stride, layer.padding)
+            else:
+                lora = LoRAModule(layer.in_features, layer.out_features, rank, alpha)
+            self.loras[name] = lora.to(device=layer.weight.device, dtype=torch.float32)
             self._targets.append(_Target(name, layer))
         if not self._targets:
             raise ValueError("LoRA: no target layers found")
@@ -132,8 +150,8 @@ class LoRANetwork(nn.Module):
         self.enabled = True
 
     @classmethod
-    def for_unet(cls, unet: UNet, rank: int, alpha: float | None = None) -> LoRANetwork:
-        return cls(unet_lora_targets(unet), rank, alpha, base=unet)
+    def for_unet(cls, unet: UNet, rank: int, alpha: float | None = None, convs: bool = False) -> LoRANetwork:
+        return cls(unet_lora_targets(unet, convs), rank, alpha, base=unet)
 
     @classmethod
     def for_text_encoders(cls, encoders: list[nn.Module], rank: int, alpha: float | None = None) -> LoRANetwork:
@@ -156,6 +174,15 @@ class LoRANetwork(nn.Module):
 
             self._hooks.append(target.module.register_forward_hook(hook))
         return self
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """The base model's own function while inside (the hooks stay installed and add nothing)."""
+        was, self.enabled = self.enabled, False
+        try:
+            yield
+        finally:
+            self.enabled = was
 
     def detach_hooks(self) -> None:
         for h in self._hooks:

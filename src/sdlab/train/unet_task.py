@@ -70,7 +70,8 @@ class UNetTaskOptions:
 
     def __init__(self, *, caption_dropout: float = 0.1, min_snr_gamma: float | None = None,
                  offset_noise: float = 0.0, prediction: str | None = None, lora_rank: int | None = None,
-                 lora_alpha: float | None = None, lora_text_encoder: bool = False, train_text_encoder: bool = False,
+                 lora_alpha: float | None = None, lora_text_encoder: bool = False, lora_conv: bool = False,
+                 train_text_encoder: bool = False,
                  gradient_checkpointing: bool = False, save_dtype: str = "fp32", sample_prompts: Sequence[str] = (),
                  sample_steps: int = 20, sample_cfg: float = 7.0, sample_seed: int = 0, resolution: int | None = None):
         self.caption_dropout = caption_dropout
@@ -80,6 +81,7 @@ class UNetTaskOptions:
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
         self.lora_text_encoder = lora_text_encoder
+        self.lora_conv = lora_conv
         self.train_text_encoder = train_text_encoder
         self.gradient_checkpointing = gradient_checkpointing
         self.save_dtype = save_dtype
@@ -93,7 +95,7 @@ class UNetTaskOptions:
     def from_config(cls, cfg) -> UNetTaskOptions:
         return cls(caption_dropout=cfg.caption_dropout, min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
                    prediction=cfg.prediction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                   lora_text_encoder=cfg.lora_text_encoder, train_text_encoder=cfg.train_text_encoder, gradient_checkpointing=cfg.gradient_checkpointing,
+                   lora_text_encoder=cfg.lora_text_encoder, lora_conv=cfg.lora_conv, train_text_encoder=cfg.train_text_encoder, gradient_checkpointing=cfg.gradient_checkpointing,
                    save_dtype=cfg.save_dtype, sample_prompts=cfg.sample_prompts, sample_steps=cfg.sample_steps,
                    sample_cfg=cfg.sample_cfg, sample_seed=cfg.sample_seed, resolution=cfg.resolution)
 
@@ -115,6 +117,8 @@ class UNetTask:
         self.device = bundle.device
         self.sampling = bundle.model_sampling
 
+        if opts.lora_rank is None and (opts.lora_conv or opts.lora_text_encoder):
+            raise TrainError("--lora-conv and --lora-text-encoder choose the layers of a LoRA: give --lora-rank too")
         if opts.train_text_encoder and opts.lora_rank is not None:
             raise TrainError("--train-text-encoder is for a full fine-tune; with --lora-rank use --lora-text-encoder")
         for module in (bundle.vae, *(te.model for te in bundle.text_encoders)):
@@ -130,7 +134,7 @@ class UNetTask:
                     self._modules[f"text_encoder{i}"] = te.model
         else:
             bundle.unet.requires_grad_(False)
-            self.unet_lora = LoRANetwork.for_unet(bundle.unet, opts.lora_rank, opts.lora_alpha).attach()
+            self.unet_lora = LoRANetwork.for_unet(bundle.unet, opts.lora_rank, opts.lora_alpha, opts.lora_conv).attach()
             self._modules = {"lora_unet": self.unet_lora}
             if opts.lora_text_encoder:
                 self.text_lora = LoRANetwork.for_text_encoders(
