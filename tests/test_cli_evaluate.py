@@ -120,3 +120,34 @@ def test_eval_help_states_the_prompt_grammar(capsys) -> None:
     text = " ".join(capsys.readouterr().out.split())
     assert "grammar" in text and "read_prompt" in text
     assert "background" in text and "triangle" in text and "ignored" in text
+
+
+def test_eval_with_a_lora_draws_the_merged_model(model, prompts, tmp_path, capsys) -> None:
+    """`--lora FILE[:WEIGHT]` evaluates the model with a LoRA merged (a few-step adapter, a style)."""
+    import numpy as np
+    import torch
+
+    from sdlab.checkpoints.load import load_bundle
+    from sdlab.train.lora import LoRANetwork
+
+    bundle = load_bundle(model)
+    network = LoRANetwork.for_unet(bundle.unet, 4, convs=True)
+    with torch.no_grad():
+        for name, parameter in network.named_parameters():
+            if "lora_up" in name:
+                parameter.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    lora = network.save(tmp_path / "adapter.safetensors", bundle.family)
+    grids = {}
+    for name, extra in (("plain", []), ("lora", ["--lora", f"{lora}:0.8"])):
+        out = tmp_path / name
+        args = ["eval", str(prompts), "--model", str(model), "--seeds", "1", "--steps", "2", "--out", str(out)]
+        assert main([*args, *extra]) == 0
+        with Image.open(out / "grid.png") as grid:
+            grids[name] = np.asarray(grid.convert("RGB"), dtype=np.int16)
+    assert np.abs(grids["plain"] - grids["lora"]).max() > 10
+    capsys.readouterr()
+    code = main(["eval", str(prompts), "--model", str(model), "--lora", str(tmp_path / "none.safetensors"),
+                 "--out", str(tmp_path / "missing")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("sdlab: error:"), err
+    assert not (tmp_path / "missing" / "report.json").exists()
