@@ -204,6 +204,13 @@ def test_lcm_lora_run_delivers_a_lora_that_generation_merges_to_the_trained_netw
         a, b, base = hooked.unet(x, t, context), merged.unet(x, t, context), load_bundle(model).unet(x, t, context)
     assert float((a - base).abs().max()) > 1e-4                                  # it trained
     assert torch.allclose(a, b, atol=2e-5), float((a - b).abs().max())
+    # the adapter names how it draws: merged with --lora (or `loras=`), the model gets the LCM preset
+    import sdlab
+
+    assert load_bundle(model).preset is None
+    assert sdlab.load(model, loras=[(run / "final.safetensors", 1.0)]).bundle.preset == "lcm"
+    result = sdlab.load(model, loras=[(run / "final.safetensors", 1.0)]).txt2img("a red apple", width=16, height=16)
+    assert (result.request.sampler, result.request.steps, result.request.cfg_scale) == ("LCM", 4, 1.0)
 
 
 # --- runs of the training loop ------------------------------------------------------------------------------

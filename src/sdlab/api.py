@@ -25,7 +25,7 @@ import torch
 
 from sdlab.checkpoints.embeddings import Embedding, embeddings_used, install_embeddings, load_embeddings
 from sdlab.checkpoints.load import load_bundle
-from sdlab.checkpoints.lora import apply_lora, load_lora_file
+from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
 from sdlab.pipeline.hires import generate_hires, hires_upscaler
@@ -237,6 +237,8 @@ def load(
     bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae)
     for lora_path, lora, weight in lora_files:
         apply_lora(bundle, lora_path, weight, lora=lora)
+    if bundle.preset is None:  # an adapter that names how it draws (an LCM-LoRA: "lcm") sets the model's preset
+        bundle = replace(bundle, preset=next(filter(None, (lora_preset(p) for p, _, _ in lora_files)), None))
     found = load_embeddings(embeddings, bundle)
     bundle = install_embeddings(bundle, found)
     refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=bundle.dtype)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from sdlab.checkpoints.diffusers_unet import unet_key_map
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.file_format import named_preset
 from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
 from sdlab.checkpoints.lycoris import FIELDS, merged_weight, module_kind
 from sdlab.diffusion.denoiser import Prediction
@@ -49,6 +50,7 @@ __all__ = [
     "kohya_unet_names",
     "load_lora_file",
     "lora_layer_tables",
+    "lora_preset",
     "merge_lora_",
     "merged_layers",
     "text_encoder_prefixes",
@@ -326,6 +328,15 @@ def bundle_lora_weights(bundle, path: str | os.PathLike[str], lora: Mapping[str,
     if unmatched:
         logger.warning("%s: %d LoRA module(s) match no layer of this model, e.g. %s", path, len(unmatched), unmatched[:3])
     return weights, len(unet_part) + len(text_part)
+
+
+def lora_preset(path: str | os.PathLike[str]) -> str | None:
+    """The preset a LoRA file names in its metadata (`sdlab.preset`, e.g. "lcm" for an LCM-LoRA sdlab
+    trained), or None (no metadata, as in pickled files)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    _, metadata = read_checkpoint(path)
+    return named_preset(metadata)
 
 
 def apply_lora(bundle, path: str | os.PathLike[str], multiplier: float = 1.0,

@@ -142,7 +142,8 @@ class LCDTask(UNetTask):
     latents, conditioning, DDP routing, deliverable (`save_bundle` of the student) and set-up."""
 
     name = "lcd"
-    ddp_names = ("unet",)
+    ddp_names = ("unet", "lora_unet")
+    lora_preset = "lcm"   # an LCM-LoRA is drawn with the LCM sampler, 4 steps, CFG 1
 
     def __init__(self, bundle: ModelBundle, options: LCDOptions | None = None):
         self.lcd = options or LCDOptions()

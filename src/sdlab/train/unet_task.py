@@ -29,7 +29,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from sdlab.checkpoints.file_format import META_EMA, META_FAMILY
+from sdlab.checkpoints.file_format import META_EMA, META_FAMILY, META_PRESET
 from sdlab.checkpoints.save import save_bundle
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.loss import offset_noise, per_sample_normal
@@ -106,6 +106,7 @@ class UNetTask:
     name = "unet"
     ddp_names = ("unet", "lora_unet")  # trainable modules whose forward `loss` runs through `bind_wrapped`
     trains_text_input = False          # True when something before the text towers learns (embedding task)
+    lora_preset: str | None = None     # the preset a delivered LoRA names (`sdlab.preset`): how it is drawn
 
     def __init__(self, bundle: ModelBundle, options: UNetTaskOptions | None = None):
         self.options = options or UNetTaskOptions()
@@ -192,7 +193,8 @@ class UNetTask:
             networks = [n for n in (self.unet_lora, self.text_lora) if n is not None]
             save_lora_networks(path, networks, self.bundle.family, self.prediction, dtype=dtype,
                                resolution=self.options.resolution,
-                               metadata={META_FAMILY: self.bundle.family.name, META_EMA: str(bool(ema))})
+                               metadata={META_FAMILY: self.bundle.family.name, META_EMA: str(bool(ema)),
+                                         **({META_PRESET: self.lora_preset} if self.lora_preset else {})})
         else:
             save_bundle(self.bundle, path, dtype=None if dtype == torch.float32 else dtype)
 
