@@ -104,6 +104,22 @@ def test_an_lcm_model_draws_with_the_lcm_model_preset(client):
     assert _run(client, {**SMALL, "model": "lcm", "cfg_scale": 3.0})["request"]["cfg_scale"] == 3.0
 
 
+def test_a_queued_job_shows_the_preset_of_the_loaded_model(client):
+    """Once the model is loaded its preset is known: a job waiting for it shows the settings it will run with."""
+    _run(client, {**SMALL, "model": "lcm"})                                   # the lcm model is loaded now
+    busy = client.post("/api/jobs", json={**SMALL, "model": "lcm", "sampler": "Euler", "steps": 150, "width": 128,
+                                         "height": 128})
+    waiting = client.post("/api/jobs", json={**SMALL, "model": "lcm"})
+    assert busy.status_code == waiting.status_code == 202, (busy.text, waiting.text)
+    try:
+        job = client.get(f"/api/jobs/{waiting.json()['id']}").json()
+        assert job["status"] == "queued", job
+        assert _settings(job) == {**LCM, "cfg_scale": 8.5} and job["steps"] == 4, job
+    finally:
+        for created in (busy, waiting):
+            client.delete(f"/api/jobs/{created.json()['id']}")
+
+
 def test_a1111_txt2img_takes_the_model_preset_for_what_it_leaves_unset(client):
     def txt2img(body: dict) -> tuple[dict, np.ndarray]:
         answer = client.post("/sdapi/v1/txt2img", json={**SMALL, **body})

@@ -9,8 +9,9 @@ from typing import Any
 
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.infotext import split_lora_tags
+from sdlab.pipeline.request import RequestError
 from sdlab.server.config import ServerConfig
-from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, check_request, fixed_seed
+from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, check_request, fixed_seed, with_preset
 from sdlab.server.jobs import Job, JobQueue
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.registry import Checkpoint, ModelRegistry
@@ -72,6 +73,13 @@ class Service:
             if self.registry.lora(choice.name) is None:
                 known = ", ".join(lora.name for lora in self.registry.loras) or "none"
                 raise BadRequest(f"unknown LoRA {choice.name!r}; this server has: {known}", 404, "LoRA not found")
+        preset = self.host.loaded_preset(checkpoint) if not loras else None
+        if preset and spec.model_preset_fills:     # known now: a queued job shows the settings it will run with
+            try:
+                request = with_preset(request, preset, mode, spec.model_preset_fills)
+            except RequestError as err:
+                raise BadRequest(f"the model names the preset {preset!r}: {err}", 422) from None
+            spec = replace(spec, model_preset_fills=frozenset())
         request = check_request(replace(request, prompt=bare, seed=fixed_seed(request.seed)), self.config.limits)
         applied = {choice.name: choice.weight for choice in loras}
         as_written = all(applied.get(tag.name) == tag.weight for tag in tags)     # as `sdlab txt2img` records

@@ -44,6 +44,12 @@ class ModelHost:
         self.timings: dict[str, float] = {}
         self.busy = threading.Lock()            # held by whatever uses the device: a job, an extras upscale
 
+    def loaded_preset(self, checkpoint: Checkpoint) -> str | None:
+        """The preset ``checkpoint`` names when it is the model loaded now (without LoRAs); None when it names
+        none or is not loaded (then the worker fills the preset in when it loads it, `_take_model_preset`)."""
+        key, pipe = self._key, self.pipe                 # `pipeline` clears the key while it loads another
+        return pipe.bundle.preset if pipe is not None and key == (checkpoint.path, ()) else None
+
     def pipeline(self, checkpoint: Checkpoint, loras: tuple[tuple[Path, float], ...] = ()) -> Pipeline:
         key = (checkpoint.path, loras)
         if key != self._key or self.pipe is None:
@@ -118,7 +124,8 @@ class Runner:
 def _take_model_preset(job: Job, preset: str | None) -> None:
     """The settings the client left unset (`JobSpec.model_preset_fills`) from the preset the model's file
     names (`ModelBundle.preset`: `sdlab.preset`, or "lcm-model" for an LCM model), as `sdlab txt2img` does;
-    known only once the model is loaded. The job's request, step count and recorded settings follow."""
+    known once the model is loaded (at submission when it already was, `Service.submit`). The job's request,
+    step count and recorded settings follow."""
     spec = job.spec
     if not preset or not spec.model_preset_fills:
         return
