@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import sdlab
@@ -170,6 +171,27 @@ def test_cli_finds_loras_in_the_a1111_folder_beside_the_model(model, tmp_path, c
         for p in lora_folder.iterdir():
             p.unlink()
         lora_folder.rmdir()
+
+
+def test_cli_lora_option_takes_a_name_found_in_the_lora_folders(model, tmp_path, capsys):
+    """``--lora NAME[:WEIGHT]`` with no such file: the LoRA of that name in the LoRA folders, as a tag finds
+    it; it draws what ``--lora FILE:WEIGHT`` draws. An unknown name is one error line."""
+    folder = tmp_path / "loras"
+    file = _write_lora(folder / "sub" / "style.safetensors", seed=5)
+    pixels = {}
+    for name, spec in (("by-name", "style:0.7"), ("by-file", f"{file}:0.7")):
+        out = tmp_path / f"{name}.png"
+        code, err = _run(["txt2img", "a pear", "--model", str(model), "--lora-dir", str(folder), "--lora", spec,
+                          *FAST, "--out", str(out)], capsys)
+        assert code == 0, err
+        with Image.open(out) as image:
+            pixels[name] = np.asarray(image.convert("RGB"))
+        assert "style:" in parse_parameters(read_parameters(out))["Lora hashes"]
+    assert np.array_equal(pixels["by-name"], pixels["by-file"])
+    out = tmp_path / "none.png"
+    code, err = _run(["txt2img", "a pear", "--model", str(model), "--lora-dir", str(folder), "--lora", "nothere",
+                      *FAST, "--out", str(out)], capsys)
+    assert code == 2 and err.count("sdlab: error:") == 1 and "nothere" in err and not out.exists(), err
 
 
 @pytest.mark.parametrize("tag, message", [("<lora:nothere:1>", "nothere"), ("<lora:full:1>", "not a LoRA"),

@@ -47,7 +47,8 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
                                    "a comment (prompts/eval_prompts.txt)")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT",
-                   help="merge a LoRA file (e.g. a few-step adapter) at WEIGHT (default 1); repeatable")
+                   help="merge a LoRA file or the LoRA of that name in the model's LoRA folders (e.g. a few-step "
+                        "adapter) at WEIGHT (default 1); repeatable")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt: 0, 1, ..., N-1 (default 4)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--sampler", default="DPM++ 2M", help="sampler name (default 'DPM++ 2M')")
@@ -78,7 +79,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from sdlab.api import RequestError, load
-    from sdlab.cli.generate import _parse_lora
+    from sdlab.cli.generate import _lora_finder, _parse_lora
     from sdlab.tiny.datasets.captions import read_prompt
     from sdlab.tiny.evaluation import evaluate, read_prompt_file
 
@@ -98,7 +99,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UserError(f"{err}; `sdlab eval --help` gives the prompt grammar it scores") from None
     dtype = dtype_from_name(args.dtype)
-    loras = [_parse_lora(spec) for spec in args.lora]
+    loras = [_parse_lora(spec, _lora_finder(args)) for spec in args.lora]
     try:
         pipe = load(args.model, dtype=dtype, loras=loras)  # no --model: the shipped model
     except RequestError as err:

@@ -23,6 +23,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +82,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                             "bf16 or on CUDA, fp32 for small models (docs/performance.md)")
         p.add_argument(
             "--lora", action="append", default=[], metavar="FILE:WEIGHT",
-            help="merge a LoRA file (kohya / A1111 format) at WEIGHT (default 1); repeatable",
+            help="merge a LoRA file (kohya / A1111 format), or the LoRA of that name in the LoRA folders, at "
+                 "WEIGHT (default 1); repeatable",
         )
         p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                        help="where --from-png looks for the picture's model, by name or by its recorded hash "
@@ -343,7 +345,7 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
     model = model or args.model or shipped_model_path()
     if model is None:
         raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")
-    loras = [_parse_lora(spec) for spec in args.lora] if loras is None else loras
+    loras = [_parse_lora(spec, _lora_finder(args)) for spec in args.lora] if loras is None else loras
     try:
         check_refiner_switch(args.refiner_switch, "--refiner-switch")
         pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
@@ -367,9 +369,11 @@ def _with_model_preset(options: dict[str, Any], preset: str, mode: str) -> dict[
         raise UserError(f"the model names the preset {preset!r}: {err}") from None
 
 
-def _parse_lora(spec: str) -> tuple[str, float]:
-    """``FILE[:WEIGHT]`` -> (file, weight). The text after the last colon is the weight unless the whole spec
-    is an existing file or that text is a path or file name ("C:\\x.safetensors", "C:x.safetensors")."""
+def _parse_lora(spec: str, find: Callable[[str], Path | None] | None = None) -> tuple[str, float]:
+    """``FILE[:WEIGHT]`` or ``NAME[:WEIGHT]`` -> (file, weight). The text after the last colon is the weight
+    unless the whole spec is an existing file or that text is a path or file name ("C:\\x.safetensors",
+    "C:x.safetensors"). A NAME that is no file is looked up with ``find`` (`_lora_finder`: the LoRA folders,
+    as a prompt's ``<lora:NAME:WEIGHT>`` tag is)."""
     path, colon, weight = spec.rpartition(":")
     if not colon or not path or os.path.isfile(spec) or re.search(r"[/\\]|\.[A-Za-z]\w*$", weight):
         path, weight = spec, "1"
@@ -380,7 +384,10 @@ def _parse_lora(spec: str) -> tuple[str, float]:
     if not math.isfinite(value):
         raise UserError(f"--lora {spec!r}: the weight {weight!r} is not a finite number (FILE:WEIGHT, e.g. style.safetensors:0.8)")
     if not os.path.isfile(path):
-        raise UserError(f"the LoRA file {path!r} does not exist")
+        found = find(path) if find is not None and not re.search(r"[/\\]", path) else None
+        if found is None:
+            raise UserError(f"the LoRA file {path!r} does not exist (nor a LoRA of that name in the LoRA folders)")
+        path = str(found)
     return path, value
 
 
@@ -412,11 +419,13 @@ MAX_BATCH_COUNT = 1000
 def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
     """(folders searched with their subfolders, folders searched for the file alone) for prompt tags:
     --lora-dir, then A1111's models/Lora beside the model; the --from-png file's folder and the current one."""
+    from sdlab.api import shipped_model_path
     from sdlab.pipeline.prompt_loras import default_lora_dirs
 
     from_png = getattr(args, "from_png", None)
     flat = [Path(from_png).resolve().parent] if from_png else []
-    return [Path(d) for d in args.lora_dir] + default_lora_dirs(args.model), [*flat, Path(".")]
+    model = getattr(args, "model", None) or shipped_model_path()     # the shipped model's: its own adapters
+    return [Path(d) for d in getattr(args, "lora_dir", [])] + default_lora_dirs(model), [*flat, Path(".")]
 
 
 def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | None = None):
@@ -461,7 +470,7 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
         _, tags = split_prompt_loras(prompt)
     except ValueError as err:
         raise UserError(str(err)) from None
-    files = [_parse_lora(spec) for spec in args.lora]
+    files = [_parse_lora(spec, _lora_finder(args)) for spec in args.lora]
     weights = {Path(path).stem: weight for path, weight in files}
     for_pipeline, to_record = prompt, prompt
     for tag in tags:
