@@ -41,10 +41,10 @@ PROMPTS = (
 )
 SEEDS = (0, 1)
 # share of the scored attributes the scorer finds right: (measured on the committed weights, bound).
-# Emoji identity is uneven per emoji (top-5 0.54 on the public eval file, recipe README; 3 of these 8 images),
-# so its bound asks for one image of eight among the top 5 of 259 names (chance: about 1 in 7)
-BOUNDS = {"background": (1.0, 0.75), "size + position": (1.0, 0.75), "shape + colour": (0.875, 0.6),
-          "emoji top-5": (0.375, 0.12)}
+# Emoji identity is uneven per emoji (top-5 0.79 on the public eval file, recipe README; 8 of these 8 images),
+# so its bound asks for half of them among the top 5 of 259 names (chance: about 1 in 50 per image)
+BOUNDS = {"background": (1.0, 0.75), "size + position": (1.0, 0.75), "shape + colour": (0.906, 0.6),
+          "emoji top-5": (1.0, 0.5)}
 
 
 def test_the_shipped_model_is_packaged_in_fp16_within_budget() -> None:

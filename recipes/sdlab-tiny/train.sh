@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (three runs)
-# -> v2 (VAE decoder, then U-Net + text tower on data v2) -> v2.1 / v2.2 (the same on data v3, v4) -> four-step distillation (lcd.toml).
+# -> v2 (VAE decoder, then U-Net + text tower on data v2) -> v2.1 / v2.2 / v2.3 (the same on data v3, v4, v5)
+# -> four-step distillation (lcd.toml).
 # Every stage is resumable: run this script again and finished stages are skipped, the unfinished one goes
 # on from its newest run checkpoint (--resume latest). A U-Net run ends at its config's max_steps, or
 # earlier with Ctrl-C / SIGINT (it writes a checkpoint first); each later run (unet_continue.toml, then
@@ -107,7 +108,13 @@ echo "== $(date +%T) v2.2: data v4 (data v3 on a new seed, colours sometimes spe
     --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults --synonym-prob 0.3
 echo "== $(date +%T) v2.2: U-Net and text tower fine-tuned on data v4, from the v2.1 EMA weights"
 run_unet unet_v4.toml "$RUN/unet5/final-ema.safetensors" "$RUN/data-v4" "$RUN/unet6" || exit 0
-echo "== $(date +%T) latent consistency distillation for four steps, teacher = the v2.2 EMA weights"
-run_unet lcd.toml "$RUN/unet6/final-ema.safetensors" "$RUN/data-v4" "$RUN/lcd" \
-    --cache-dir "$RUN/unet6/latent_cache" || exit 0
+echo "== $(date +%T) v2.3: data v5 (60000 pictures, three in four emoji, data v4's wording on a new seed)"
+[ -f "$RUN/data-v5/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-v5" --count 60000 --seed 7 \
+    --emoji-fraction 0.75 --paraphrase-prob 0.2 --free-prob 0.5 --plural-prob 0.08 \
+    --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults --synonym-prob 0.3
+echo "== $(date +%T) v2.3: U-Net and text tower fine-tuned on data v5, from the v2.2 EMA weights"
+run_unet unet_v5.toml "$RUN/unet6/final-ema.safetensors" "$RUN/data-v5" "$RUN/unet7" || exit 0
+echo "== $(date +%T) latent consistency distillation for four steps, teacher = the v2.3 EMA weights"
+run_unet lcd.toml "$RUN/unet7/final-ema.safetensors" "$RUN/data-v5" "$RUN/lcd" \
+    --cache-dir "$RUN/unet7/latent_cache" || exit 0
 echo "== $(date +%T) U-Net finished"
