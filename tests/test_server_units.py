@@ -50,6 +50,21 @@ def test_model_list_hashes_are_a1111s_and_read_once_per_file_version(tmp_path, m
     assert len(calls) == 2
 
 
+def test_the_startup_models_own_lora_folders_are_listed(tmp_path):
+    """Without --models-dir the LoRAs are those in the startup model's own folders (A1111's `Lora` beside
+    its folder, `loras` inside it: where the shipped model keeps the adapters that ship with it)."""
+    from safetensors.torch import save_file
+
+    model = tmp_path / "models" / "Stable-diffusion" / "m.safetensors"
+    for path in (model, tmp_path / "models" / "Lora" / "style.safetensors",
+                 tmp_path / "models" / "Stable-diffusion" / "loras" / "adapter.safetensors"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x": torch.zeros(1)}, str(path))
+    registry = ModelRegistry(model, None)
+    assert sorted(lora.name for lora in registry.loras) == ["adapter", "style"]
+    assert [c.name for c in registry.checkpoints] == ["m.safetensors"]
+
+
 def test_store_marks_unfinished_jobs_interrupted_on_reopen(tmp_path):
     store = Store(tmp_path)
     for i, status in enumerate(("done", "running", "queued")):

@@ -2,8 +2,10 @@
 
 Checkpoints: the model the server started with, plus every `.safetensors` / `.ckpt` file and diffusers
 folder under `--models-dir` (its `Stable-diffusion/` folder when it is an A1111 `models` folder). LoRAs:
-the files in `<models-dir>/Lora` or `<models-dir>/loras`. Clients pick by name from these lists only, never
-by path, so nothing outside them can be loaded; symlinks that leave the folder are skipped.
+the files in `<models-dir>/Lora` or `<models-dir>/loras`, then those in the startup model's own LoRA folders
+(`Lora` / `loras` beside or inside its folder, `default_lora_dirs`: the shipped model's are the adapters that
+ship with it). Clients pick by name from these lists only, never by path, so nothing outside them can be
+loaded; symlinks that leave the models folder are skipped.
 
 A1111's identity of a checkpoint: `title` = `"<path under the folder> [<hash>]"`, `hash` = the first 10 hex
 digits of the whole file's SHA-256 (`sdlab.pipeline.png_info.model_hash`), `sha256` the full digest.
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlab.pipeline.png_info import file_sha256, lora_hash, model_name, safetensors_metadata
+from sdlab.pipeline.prompt_loras import default_lora_dirs
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -97,6 +100,8 @@ class ModelRegistry:
                 if base.is_dir():
                     loras += [Lora(p, lora_hash(p)) for p in sorted(base.rglob("*"))
                               if p.suffix.lower() in LORA_SUFFIXES and self._inside(p)]
+        for base in default_lora_dirs(self.startup_model):
+            loras += [Lora(p, lora_hash(p)) for p in sorted(base.glob("*")) if p.suffix.lower() in LORA_SUFFIXES]
         with self._lock:
             self.checkpoints, self.loras = checkpoints, _unique_names(loras)
 
