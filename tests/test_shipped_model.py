@@ -1,12 +1,15 @@
 """The model that ships inside the package (sdlab-tiny, trained by `recipes/sdlab-tiny/`).
 
-- it is there, within the 40 MB budget, stored in fp16, and loads as the sdlab-tiny family;
+- it is there, within the 40 MB budget together with its four-step adapter, stored in fp16, and loads as the
+  sdlab-tiny family;
 - `sdlab txt2img PROMPT` with no `--model` draws with it (a 64 x 64 PNG whose parameters name it);
 - it still draws what prompts say: a regression guard on the committed weights, scored by the evaluation's
   own scorer on prompts that are not in `prompts/eval_prompts.txt` (one per background colour, emoji and
   shapes, canonical and paraphrased wording). The bounds sit well below what the committed weights reach
   (measured numbers in the module constants), so they catch a broken loader, sampler or conditioning
-  path, not a change of a few images.
+  path, not a change of a few images;
+- its four-step adapter (an LCM-LoRA, `recipes/sdlab-tiny/lcd_lora.toml`) is found by name, draws with the
+  LCM preset (4 steps, CFG 1) and passes the same guard with its own bounds.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ SEEDS = (0, 1)
 # so its bound asks for half of them among the top 5 of 259 names (chance: about 1 in 50 per image)
 BOUNDS = {"background": (1.0, 0.75), "size + position": (1.0, 0.75), "shape + colour": (0.906, 0.6),
           "emoji top-5": (1.0, 0.5)}
+ADAPTER = shipped_model_path().parent / "loras" / "sdlab-tiny-lcm.safetensors"
+# the four-step adapter's measured shares and bounds (the recipe README compares it with 20 steps)
+ADAPTER_BOUNDS = {"background": (0.875, 0.6), "size + position": (1.0, 0.75), "shape + colour": (0.781, 0.5),
+                  "emoji top-5": (0.875, 0.4)}
 
 
 def test_the_shipped_model_is_packaged_in_fp16_within_budget() -> None:
@@ -55,6 +62,13 @@ def test_the_shipped_model_is_packaged_in_fp16_within_budget() -> None:
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
     pipe = sdlab.load(path)
     assert pipe.bundle.family.name == "sdlab-tiny"
+
+
+def test_the_package_data_with_the_four_step_adapter_fits_the_budget() -> None:
+    data = shipped_model_path().parent
+    assert ADAPTER.is_file(), "the package has no four-step adapter"
+    assert sum(p.stat().st_size for p in data.rglob("*") if p.is_file()) <= 40_000_000
+    assert {t.dtype for t in load_file(str(ADAPTER)).values() if t.is_floating_point()} == {torch.float16}
 
 
 def test_txt2img_without_model_uses_the_shipped_model(tmp_path, capsys, one_thread) -> None:
@@ -90,3 +104,20 @@ def test_the_shipped_model_draws_what_prompts_say(one_thread) -> None:
     shares = _shares_correct(sdlab.load(shipped_model_path()), steps=20, cfg_scale=5.0)
     for name, (_, bound) in BOUNDS.items():
         assert shares[name] >= bound, (name, shares)
+
+
+def test_the_four_step_adapter_is_found_by_name_and_draws_with_the_lcm_preset(tmp_path, capsys, one_thread) -> None:
+    out = tmp_path / "apple.png"
+    code = main(["txt2img", "a red apple on a light blue background", "--lora", "sdlab-tiny-lcm", "--seed", "1",
+                 "--out", str(out), "--no-progress"])
+    capsys.readouterr()
+    assert code == 0 and out.is_file()
+    parameters = read_parameters(out)
+    assert "Steps: 4" in parameters and "Sampler: LCM" in parameters and "CFG scale: 1" in parameters, parameters
+    assert "sdlab-tiny-lcm" in parameters, parameters
+    pipe = sdlab.load(shipped_model_path(), loras=[(ADAPTER, 1.0)])
+    assert pipe.bundle.preset == "lcm"
+    shares = _shares_correct(pipe)                              # the preset: LCM, 4 steps, CFG 1
+    for name, (_, bound) in ADAPTER_BOUNDS.items():
+        assert shares[name] >= bound, (name, shares)
+

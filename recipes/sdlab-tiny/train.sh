@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (three runs)
 # -> v2 (VAE decoder, then U-Net + text tower on data v2) -> v2.1 / v2.2 / v2.3 (the same on data v3, v4, v5)
-# -> four-step distillation (lcd.toml).
+# -> the four-step adapter (lcd_lora.toml, shipped) -> four-step distillation of the whole U-Net (lcd.toml).
 # Every stage is resumable: run this script again and finished stages are skipped, the unfinished one goes
 # on from its newest run checkpoint (--resume latest). A U-Net run ends at its config's max_steps, or
 # earlier with Ctrl-C / SIGINT (it writes a checkpoint first); each later run (unet_continue.toml, then
@@ -114,6 +114,9 @@ echo "== $(date +%T) v2.3: data v5 (60000 pictures, three in four emoji, data v4
     --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults --synonym-prob 0.3
 echo "== $(date +%T) v2.3: U-Net and text tower fine-tuned on data v5, from the v2.2 EMA weights"
 run_unet unet_v5.toml "$RUN/unet6/final-ema.safetensors" "$RUN/data-v5" "$RUN/unet7" || exit 0
+echo "== $(date +%T) four-step adapter (LCM-LoRA, rank 32), teacher = the v2.3 EMA weights (its LoRA off)"
+run_unet lcd_lora.toml "$RUN/unet7/final-ema.safetensors" "$RUN/data-v5" "$RUN/lcd-lora" \
+    --cache-dir "$RUN/unet7/latent_cache" || exit 0
 echo "== $(date +%T) latent consistency distillation for four steps, teacher = the v2.3 EMA weights"
 run_unet lcd.toml "$RUN/unet7/final-ema.safetensors" "$RUN/data-v5" "$RUN/lcd" \
     --cache-dir "$RUN/unet7/latent_cache" || exit 0
