@@ -68,6 +68,7 @@ def test_options_and_lists(api):
     api.set_options({"sd_model_checkpoint": models[0], "jpeg_quality": 80})
     assert api.get_options()["jpeg_quality"] == 80
     assert "Euler a" in api.util_get_sampler_names() and "karras" in api.util_get_scheduler_names()
-    assert api.get_loras() == [] and isinstance(api.get_sd_models(), list)
+    assert [lora["name"] for lora in api.get_loras()] == ["sdlab-tiny-lcm"]      # the shipped four-step adapter
+    assert isinstance(api.get_sd_models(), list)
     api.util_set_model(models[0])
     assert api.get_options()["sd_model_checkpoint"] == models[0]
