@@ -99,7 +99,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         except ValueError as err:
             raise UserError(f"{err}; `sdlab eval --help` gives the prompt grammar it scores") from None
     dtype = dtype_from_name(args.dtype)
-    loras = [_parse_lora(spec, _lora_finder(args)) for spec in args.lora]
+    finder = _lora_finder(args)
+    loras = [_parse_lora(spec, finder) for spec in args.lora]
     try:
         pipe = load(args.model, dtype=dtype, loras=loras)  # no --model: the shipped model
     except RequestError as err:

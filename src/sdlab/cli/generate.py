@@ -345,7 +345,9 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
     model = model or args.model or shipped_model_path()
     if model is None:
         raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")
-    loras = [_parse_lora(spec, _lora_finder(args)) for spec in args.lora] if loras is None else loras
+    if loras is None:
+        finder = _lora_finder(args)
+        loras = [_parse_lora(spec, finder) for spec in args.lora]
     try:
         check_refiner_switch(args.refiner_switch, "--refiner-switch")
         pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
@@ -470,7 +472,9 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
         _, tags = split_prompt_loras(prompt)
     except ValueError as err:
         raise UserError(str(err)) from None
-    files = [_parse_lora(spec, _lora_finder(args)) for spec in args.lora]
+    recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))
+    finder = _lora_finder(args, recorded_hashes)                  # one search set for --lora names and tags
+    files = [_parse_lora(spec, finder) for spec in args.lora]
     weights = {Path(path).stem: weight for path, weight in files}
     for_pipeline, to_record = prompt, prompt
     for tag in tags:
@@ -478,9 +482,8 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
             for_pipeline = for_pipeline.replace(tag.text, "", 1)
             if (tag.te_weight, tag.unet_weight) != (weights[tag.name],) * 2:
                 to_record = to_record.replace(tag.text, "", 1)     # recorded with the --lora weight instead
-    recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))
     try:
-        _, uses = resolve_prompt_loras(for_pipeline, _lora_finder(args, recorded_hashes))
+        _, uses = resolve_prompt_loras(for_pipeline, finder)
     except RequestError as err:
         deep, flat = _lora_search_dirs(args)
         where = ", ".join(str(d) for d in [*deep, *flat])
