@@ -8,8 +8,8 @@
 - a short distillation of the shipped model brings the student's 1- and 4-step LCM samples closer to the
   teacher's 20-step DPM++ 2M samples;
 - LCM-LoRA (``--lora-rank``, ``--lora-conv``): the teacher is the model with its LoRA off, the target the
-  student itself; only the LoRA learns, and the run delivers a LoRA file that generation merges to the
-  same network;
+  model with an EMA of the LoRA (the student itself at decay 0); only the LoRA learns, and the run delivers
+  a LoRA file that generation merges to the same network;
 - torchrun with 2 processes == 1 process with the same global batch;
 - bad settings are one ``sdlab: error:`` line.
 """
@@ -28,6 +28,7 @@ from bundle_fixtures import tiny_bundle
 from sdlab.checkpoints.load import load_bundle
 from sdlab.diffusion.prediction import Prediction
 from sdlab.pipeline.conditioning import encode_captions
+from sdlab.train.errors import TrainError
 from sdlab.train.lcd_task import LCDOptions, LCDTask
 from sdlab.train.run_checkpoint import list_checkpoints, load_run_checkpoint
 from sdlab.train.task import Batch
@@ -144,9 +145,10 @@ def test_loss_types_and_target_network_update():
 def test_lcm_lora_teacher_is_the_model_without_its_lora_and_the_target_is_the_student():
     options = dict(w_min=2.0, w_max=6.0, ddim_timesteps=50)
     full = LCDTask(tiny_bundle("sd1", 3), LCDOptions(**options))
-    lora = LCDTask(tiny_bundle("sd1", 3), LCDOptions(**options, unet=UNetTaskOptions(
+    lora = LCDTask(tiny_bundle("sd1", 3), LCDOptions(**options, target_decay=0.0, unet=UNetTaskOptions(
         caption_dropout=0.0, lora_rank=4, lora_conv=True)))
-    assert lora.teacher is None and lora.target is None and set(lora.trainable_modules()) == {"lora_unet"}
+    assert lora.teacher is None and lora.target is None and lora.lora_target is None
+    assert set(lora.trainable_modules()) == {"lora_unet"}
     kinds = {type(layer).__name__ + str(getattr(layer, "kernel_size", "")) for layer in
              (t.module for t in lora.unet_lora._targets)}
     assert {"Linear", "Conv2d(3, 3)", "Conv2d(1, 1)"} <= kinds, kinds          # LCM-LoRA's set: convs too
@@ -174,6 +176,51 @@ def test_lcm_lora_teacher_is_the_model_without_its_lora_and_the_target_is_the_st
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora.unet_lora.parameters())
     lora.after_optimizer_step()
     assert lora.extra_state() == {}
+
+
+def test_lcm_lora_target_is_an_ema_of_the_lora_swapped_in_for_the_target_pass_only():
+    decay = 0.9
+    task = LCDTask(tiny_bundle("sd1", 3), LCDOptions(w_min=3.0, target_decay=decay, unet=UNetTaskOptions(
+        caption_dropout=0.0, lora_rank=4, lora_conv=True)))
+    params = list(task.unet_lora.parameters())
+    start = [p.detach().clone() for p in params]
+    assert all(torch.equal(t, p) for t, p in zip(task.lora_target, start))     # the EMA starts at the LoRA
+    with torch.no_grad():                                                       # an optimiser step's new weights
+        for i, p in enumerate(params):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    task.after_optimizer_step()
+    for t, s, p in zip(task.lora_target, start, params):
+        assert torch.allclose(t, decay * s + (1 - decay) * p, atol=1e-7)
+    student = [p.detach().clone() for p in params]
+    n = 4
+    z0 = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch = Batch(images=None, captions=[CAPTIONS[i % 4] for i in range(n)], latents=z0, seeds=[5 * i + 1 for i in range(n)])
+    pair = task.pair(batch, torch.Generator())
+    assert all(torch.equal(p, s) for p, s in zip(params, student))             # the student's weights are back
+    pair.prediction.float().pow(2).mean().backward()                              # gradients reach the student
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params)
+    with torch.no_grad():
+        context, _ = encode_captions(task.bundle.text_encoders, list(batch.captions))
+        t_end, t_start = pair.t_end.float(), pair.t_start.float()
+        out_student_end = task.bundle.unet(pair.x_end, t_end, context)
+        out_student_start = task.bundle.unet(pair.x_start, t_start, context)
+        for p, t in zip(params, task.lora_target):
+            p.copy_(t)
+        out_target = task.bundle.unet(pair.x_end, t_end, context)
+        for p, s in zip(params, student):
+            p.copy_(s)
+    assert torch.allclose(pair.target, task.consistency(out_target, pair.x_end, pair.t_end), atol=1e-6)
+    assert not torch.allclose(pair.target, task.consistency(out_student_end, pair.x_end, pair.t_end), atol=1e-4)
+    assert torch.allclose(pair.prediction.detach(), task.consistency(out_student_start, pair.x_start, pair.t_start),
+                          atol=1e-6)
+    # the EMA is saved and restored with the run checkpoint
+    saved = task.extra_state()
+    fresh = LCDTask(tiny_bundle("sd1", 3), LCDOptions(w_min=3.0, target_decay=decay, unet=UNetTaskOptions(
+        caption_dropout=0.0, lora_rank=4, lora_conv=True)))
+    fresh.load_extra_state(saved)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.lora_target, task.lora_target))
+    with pytest.raises(TrainError, match="no lcd target LoRA"):
+        fresh.load_extra_state({})
 
 
 def test_lcm_lora_run_delivers_a_lora_that_generation_merges_to_the_trained_network(tiny_run_inputs, tmp_path):

@@ -26,9 +26,11 @@ default: the family's CFG scale - 1) is what sampling at CFG 1 then reproduces. 
 
 LCM-LoRA (Luo et al. 2023, "LCM-LoRA: A Universal Stable-Diffusion Acceleration Module"; ``--lora-rank``, with
 ``--lora-conv`` for its layer set): the student is the frozen model plus a trainable LoRA, the teacher is the
-same model with the LoRA switched off (no copy), and, as in diffusers' train_lcm_distill_lora_sd, there is no
-separate target network: the target is the student itself without gradients. The deliverable is the LoRA
-file (kohya format), a few-step adapter that ships beside the base model instead of a second U-Net.
+same model with the LoRA switched off (no copy), and the target is the model with an EMA of the LoRA's
+weights (``lcd_target_decay``; the LoRA is small, so the EMA is a copy of its tensors that is swapped in for
+the target's forward pass). ``lcd_target_decay = 0`` makes the target the student itself without gradients,
+as in diffusers' train_lcm_distill_lora_sd. The deliverable is the LoRA file (kohya format), a few-step
+adapter that ships beside the base model instead of a second U-Net.
 
 Sampling: sdlab's "LCM" sampler (``sample_lcm``). At its timesteps (999, 759, 499, 259 for 4 steps) c_skip
 is below 4e-8, so what it uses is the student's plain x0 prediction; sample at CFG scale 1 (the teacher's
@@ -159,6 +161,10 @@ class LCDTask(UNetTask):
             raise TrainError(f"--task lcd distils discrete-time (DDPM) models; {bundle.family.name} samples with "
                              f"{type(self.sampling).__name__}")
         self.teacher, self.target = teacher, target
+        # LCM-LoRA's target: an EMA of the LoRA's tensors (none at decay 0: the target is the student)
+        self.lora_target: list[Tensor] | None = None
+        if self.unet_lora is not None and opts.target_decay > 0:
+            self.lora_target = [p.detach().clone() for p in self.unet_lora.parameters()]
         default_w = bundle.family.default_cfg - 1.0
         self.w_min = opts.w_min if opts.w_min is not None else (opts.w_max if opts.w_max is not None else default_w)
         self.w_max = opts.w_max if opts.w_max is not None else self.w_min
@@ -181,28 +187,67 @@ class LCDTask(UNetTask):
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        """target <- decay * target + (1 - decay) * student."""
-        if self.target is None:  # LCM-LoRA: the target is the student itself
-            return
+        """target <- decay * target + (1 - decay) * student (the whole U-Net, or the LoRA's tensors)."""
         weight = 1.0 - self.lcd.target_decay
-        for t, s in zip(self.target.parameters(), self.bundle.unet.parameters(), strict=True):
+        for t, s in self._target_pairs():
             t.lerp_(s.detach().to(t.dtype), weight)
 
+    def _target_pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """(target tensor, student parameter) pairs; empty when the target is the student itself."""
+        if self.target is not None:
+            return list(zip(self.target.parameters(), self.bundle.unet.parameters(), strict=True))
+        if self.lora_target is not None:
+            return list(zip(self.lora_target, self.unet_lora.parameters(), strict=True))
+        return []
+
     def extra_state(self) -> dict[str, dict[str, Tensor]]:
-        if self.target is None:
-            return {}
-        return {"target": {k: v.detach().cpu().clone() for k, v in self.target.state_dict().items()}}
+        if self.target is not None:
+            return {"target": {k: v.detach().cpu().clone() for k, v in self.target.state_dict().items()}}
+        if self.lora_target is not None:
+            return {"lora_target": {str(i): t.detach().cpu().clone() for i, t in enumerate(self.lora_target)}}
+        return {}
 
     def load_extra_state(self, state: dict[str, dict[str, Tensor]]) -> None:
-        if self.target is None:
+        key = "target" if self.target is not None else "lora_target" if self.lora_target is not None else None
+        if key is None:
             return
-        if "target" not in state:
-            raise TrainError("the run checkpoint has no lcd target network (not a --task lcd run?)")
+        if key not in state:
+            raise TrainError(f"the run checkpoint has no lcd target {'network' if key == 'target' else 'LoRA'} "
+                             f"(not a --task lcd run with this --lora-rank and --lcd-target-decay?)")
         try:
-            self.target.load_state_dict(state["target"])
+            if self.target is not None:
+                self.target.load_state_dict(state["target"])
+            else:
+                self._load_lora_target(state["lora_target"])
         except RuntimeError as exc:
-            raise TrainError(f"the run checkpoint's target network does not match the model (another --model?): "
-                             f"{str(exc).splitlines()[-1].strip()[:200]}") from None
+            raise TrainError(f"the run checkpoint's lcd target does not match the model (another --model or "
+                             f"--lora-rank?): {str(exc).splitlines()[-1].strip()[:200]}") from None
+
+    def _load_lora_target(self, saved: dict[str, Tensor]) -> None:
+        if len(saved) != len(self.lora_target):
+            raise RuntimeError(f"{len(saved)} target LoRA tensors saved, {len(self.lora_target)} in this LoRA")
+        for i, t in enumerate(self.lora_target):
+            if saved[str(i)].shape != t.shape:
+                raise RuntimeError(f"target LoRA tensor {i} is {tuple(saved[str(i)].shape)}, expected {tuple(t.shape)}")
+            t.copy_(saved[str(i)])
+
+    @contextlib.contextmanager
+    def _lora_target_swapped_in(self):
+        """The LoRA's parameters hold the target EMA inside the block (no grad), the student's after."""
+        if self.lora_target is None:
+            yield
+            return
+        params = list(self.unet_lora.parameters())
+        student = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, t in zip(params, self.lora_target, strict=True):
+                p.copy_(t)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, student, strict=True):
+                    p.copy_(s)
 
     def preview(self, out_dir: Path, step: int) -> None:
         """Each fixed prompt with the LCM sampler at ``sample_steps`` / ``sample_cfg`` (1 suits a distilled model)."""
@@ -246,8 +291,9 @@ class LCDTask(UNetTask):
             y = self._y(pooled, batch, z0)
             uncond, uncond_y = self._unconditional(batch, z0)
             x_end = self.teacher_step(x_start, t_start, t_end, w, (context, y), (uncond, uncond_y))
-            target_net = self.target if self.target is not None else self.bundle.unet   # LCM-LoRA: the student
-            target = self.consistency(target_net(x_end, t_end.to(torch.float32), context, y), x_end, t_end)
+            target_net = self.target if self.target is not None else self.bundle.unet   # LCM-LoRA: hooked LoRA
+            with self._lora_target_swapped_in():
+                target = self.consistency(target_net(x_end, t_end.to(torch.float32), context, y), x_end, t_end)
         out = self._unet_call(x_start, t_start.to(torch.float32), context, y)  # (B, C, h, w)
         prediction = self.consistency(out, x_start, t_start)
         return LCDPair(index=index, t_start=t_start, t_end=t_end, w=w, noise=noise, x_start=x_start, x_end=x_end,
