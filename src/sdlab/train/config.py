@@ -83,7 +83,8 @@ class TrainConfig:
                                             "default: lcd_w_min)")
     lcd_loss: str = setting("l2", "lcd task: distance of student and target", ("l2", "huber"))
     lcd_huber_c: float = setting(0.001, "lcd task: pseudo-Huber constant c (sqrt(d^2 + c^2) - c)")
-    lcd_target_decay: float = setting(0.95, "lcd task: EMA decay of the target network (every step, no warm-up)")
+    lcd_target_decay: float = setting(0.95, "lcd task: EMA decay of the target network, or of the LoRA with "
+                                      "--lora-rank (every step, no warm-up; 0: the target is the student)")
 
     # objective (embedding task)
     embedding_word: str | None = setting(None, "embedding task: the new word to learn (only its vectors train; "
