@@ -184,19 +184,21 @@ def test_lcm_lora_target_is_an_ema_of_the_lora_swapped_in_for_the_target_pass_on
         caption_dropout=0.0, lora_rank=4, lora_conv=True)))
     params = list(task.unet_lora.parameters())
     start = [p.detach().clone() for p in params]
-    assert all(torch.equal(t, p) for t, p in zip(task.lora_target, start))     # the EMA starts at the LoRA
+    assert all(torch.equal(t, p) for t, p in zip(task.lora_target.parameters(), start))     # the EMA starts at the LoRA
     with torch.no_grad():                                                       # an optimiser step's new weights
         for i, p in enumerate(params):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
     task.after_optimizer_step()
-    for t, s, p in zip(task.lora_target, start, params):
+    for t, s, p in zip(task.lora_target.parameters(), start, params):
         assert torch.allclose(t, decay * s + (1 - decay) * p, atol=1e-7)
     student = [p.detach().clone() for p in params]
+    ema = [t.detach().clone() for t in task.lora_target.parameters()]
     n = 4
     z0 = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     batch = Batch(images=None, captions=[CAPTIONS[i % 4] for i in range(n)], latents=z0, seeds=[5 * i + 1 for i in range(n)])
     pair = task.pair(batch, torch.Generator())
     assert all(torch.equal(p, s) for p, s in zip(params, student))             # the student's weights are back
+    assert all(torch.equal(t, p) for t, p in zip(task.lora_target.parameters(), ema))  # and the EMA's
     pair.prediction.float().pow(2).mean().backward()                              # gradients reach the student
     assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in params)
     with torch.no_grad():
@@ -204,7 +206,7 @@ def test_lcm_lora_target_is_an_ema_of_the_lora_swapped_in_for_the_target_pass_on
         t_end, t_start = pair.t_end.float(), pair.t_start.float()
         out_student_end = task.bundle.unet(pair.x_end, t_end, context)
         out_student_start = task.bundle.unet(pair.x_start, t_start, context)
-        for p, t in zip(params, task.lora_target):
+        for p, t in zip(params, task.lora_target.parameters()):
             p.copy_(t)
         out_target = task.bundle.unet(pair.x_end, t_end, context)
         for p, s in zip(params, student):
@@ -218,9 +220,13 @@ def test_lcm_lora_target_is_an_ema_of_the_lora_swapped_in_for_the_target_pass_on
     fresh = LCDTask(tiny_bundle("sd1", 3), LCDOptions(w_min=3.0, target_decay=decay, unet=UNetTaskOptions(
         caption_dropout=0.0, lora_rank=4, lora_conv=True)))
     fresh.load_extra_state(saved)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.lora_target, task.lora_target))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.lora_target.parameters(), task.lora_target.parameters()))
     with pytest.raises(TrainError, match="no lcd target LoRA"):
         fresh.load_extra_state({})
+    wrong = LCDTask(tiny_bundle("sd1", 3), LCDOptions(w_min=3.0, target_decay=decay, unet=UNetTaskOptions(
+        caption_dropout=0.0, lora_rank=8, lora_conv=True)))
+    with pytest.raises(TrainError, match="does not match the model"):
+        wrong.load_extra_state(saved)
 
 
 def test_lcm_lora_run_delivers_a_lora_that_generation_merges_to_the_trained_network(tiny_run_inputs, tmp_path):

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdlab.diffusion.loss import per_sample_normal
 from sdlab.diffusion.model_sampling import DiscreteModelSampling
@@ -161,10 +161,10 @@ class LCDTask(UNetTask):
             raise TrainError(f"--task lcd distils discrete-time (DDPM) models; {bundle.family.name} samples with "
                              f"{type(self.sampling).__name__}")
         self.teacher, self.target = teacher, target
-        # LCM-LoRA's target: an EMA of the LoRA's tensors (none at decay 0: the target is the student)
-        self.lora_target: list[Tensor] | None = None
+        # LCM-LoRA's target: an EMA copy of the LoRA's modules (none at decay 0: the target is the student)
+        self.lora_target: nn.Module | None = None
         if self.unet_lora is not None and opts.target_decay > 0:
-            self.lora_target = [p.detach().clone() for p in self.unet_lora.parameters()]
+            self.lora_target = copy.deepcopy(self.unet_lora.loras).requires_grad_(False)
         default_w = bundle.family.default_cfg - 1.0
         self.w_min = opts.w_min if opts.w_min is not None else (opts.w_max if opts.w_max is not None else default_w)
         self.w_max = opts.w_max if opts.w_max is not None else self.w_min
@@ -192,62 +192,52 @@ class LCDTask(UNetTask):
         for t, s in self._target_pairs():
             t.lerp_(s.detach().to(t.dtype), weight)
 
+    def _ema(self) -> tuple[str, nn.Module, nn.Module] | None:
+        """(checkpoint key, EMA copy, the student's module it follows); None when the target is the student."""
+        if self.target is not None:
+            return "target", self.target, self.bundle.unet
+        if self.lora_target is not None:
+            return "lora_target", self.lora_target, self.unet_lora.loras
+        return None
+
     def _target_pairs(self) -> list[tuple[Tensor, Tensor]]:
         """(target tensor, student parameter) pairs; empty when the target is the student itself."""
-        if self.target is not None:
-            return list(zip(self.target.parameters(), self.bundle.unet.parameters(), strict=True))
-        if self.lora_target is not None:
-            return list(zip(self.lora_target, self.unet_lora.parameters(), strict=True))
-        return []
+        ema = self._ema()
+        return [] if ema is None else list(zip(ema[1].parameters(), ema[2].parameters(), strict=True))
 
     def extra_state(self) -> dict[str, dict[str, Tensor]]:
-        if self.target is not None:
-            return {"target": {k: v.detach().cpu().clone() for k, v in self.target.state_dict().items()}}
-        if self.lora_target is not None:
-            return {"lora_target": {str(i): t.detach().cpu().clone() for i, t in enumerate(self.lora_target)}}
-        return {}
+        ema = self._ema()
+        return {} if ema is None else {ema[0]: {k: v.detach().cpu().clone() for k, v in ema[1].state_dict().items()}}
 
     def load_extra_state(self, state: dict[str, dict[str, Tensor]]) -> None:
-        key = "target" if self.target is not None else "lora_target" if self.lora_target is not None else None
-        if key is None:
+        ema = self._ema()
+        if ema is None:
             return
+        key, target, _ = ema
         if key not in state:
             raise TrainError(f"the run checkpoint has no lcd target {'network' if key == 'target' else 'LoRA'} "
                              f"(not a --task lcd run with this --lora-rank and --lcd-target-decay?)")
         try:
-            if self.target is not None:
-                self.target.load_state_dict(state["target"])
-            else:
-                self._load_lora_target(state["lora_target"])
+            target.load_state_dict(state[key])
         except RuntimeError as exc:
             raise TrainError(f"the run checkpoint's lcd target does not match the model (another --model or "
                              f"--lora-rank?): {str(exc).splitlines()[-1].strip()[:200]}") from None
 
-    def _load_lora_target(self, saved: dict[str, Tensor]) -> None:
-        if len(saved) != len(self.lora_target):
-            raise RuntimeError(f"{len(saved)} target LoRA tensors saved, {len(self.lora_target)} in this LoRA")
-        for i, t in enumerate(self.lora_target):
-            if saved[str(i)].shape != t.shape:
-                raise RuntimeError(f"target LoRA tensor {i} is {tuple(saved[str(i)].shape)}, expected {tuple(t.shape)}")
-            t.copy_(saved[str(i)])
-
     @contextlib.contextmanager
     def _lora_target_swapped_in(self):
-        """The LoRA's parameters hold the target EMA inside the block (no grad), the student's after."""
-        if self.lora_target is None:
-            yield
-            return
-        params = list(self.unet_lora.parameters())
-        student = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, t in zip(params, self.lora_target, strict=True):
-                p.copy_(t)
+        """The LoRA's parameters hold the target EMA inside the block, the student's after: the two tensors'
+        storages are exchanged (no copies), so the hooked U-Net runs the target."""
+        pairs = self._target_pairs() if self.lora_target is not None else []
+
+        def swap() -> None:
+            for t, p in pairs:
+                p.data, t.data = t.data, p.data
+
+        swap()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, s in zip(params, student, strict=True):
-                    p.copy_(s)
+            swap()
 
     def preview(self, out_dir: Path, step: int) -> None:
         """Each fixed prompt with the LCM sampler at ``sample_steps`` / ``sample_cfg`` (1 suits a distilled model)."""
