@@ -33,6 +33,7 @@ from sdlab.models.tokenizer import (
     VOCAB_SIZE,
     CLIPTokenizer,
     _default_vocab_path,
+    _read_merge_lines,
     bytes_to_unicode,
     clean_text,
     default_tokenizer,
@@ -301,6 +302,20 @@ def test_custom_vocab_path_and_max_length(tmp_path):
         f.write("#version\ni n\n")
     with pytest.raises(ValueError, match="49408"):
         CLIPTokenizer(bad)
+
+
+def test_merges_are_read_only_as_far_as_clip_uses_them(tmp_path):
+    with gzip.open(_default_vocab_path(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    used = VOCAB_SIZE - 2 * 256 - 2
+    assert _read_merge_lines(str(_default_vocab_path())) == lines[1 : 1 + used]
+    # a file that ends right after the used merges, with or without its last newline; non-ASCII symbols
+    for tail in ("", "\n"):
+        short = tmp_path / f"short{len(tail)}.txt.gz"
+        with gzip.open(short, "wt", encoding="utf-8") as f:
+            f.write("\n".join(lines[: 1 + used]) + tail)
+        assert _read_merge_lines(str(short)) == lines[1 : 1 + used]
+    assert any(not line.isascii() for line in lines[1 : 1 + used])
 
 
 def test_long_and_repetitive_words_match_open_clip(open_clip_tok):

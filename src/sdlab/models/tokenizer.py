@@ -26,7 +26,7 @@ import heapq
 import html
 import logging
 from collections.abc import Mapping, Sequence
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -94,14 +94,33 @@ def clean_text(text: str) -> str:
     return " ".join(text.split()).lower()       # str.split() splits on every Unicode whitespace run
 
 
+def _read_merge_lines(vocab_path: str) -> list[str]:
+    """The first ``_NUM_MERGES`` merge lines of the gzipped merges file (line 0 is the "#version" header).
+
+    CLIP uses under a fifth of the file's 262,144 merges: the file is decompressed only as far as those lines
+    reach, and nothing after them is decoded or split (a few tens of milliseconds per process)."""
+    chunks: list[bytes] = []
+    newlines = 0
+    with gzip.open(vocab_path, "rb") as f:
+        while newlines <= _NUM_MERGES:
+            chunk = f.read(1 << 18)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            newlines += chunk.count(b"\n")
+    data = b"".join(chunks)
+    if newlines > _NUM_MERGES:                     # cut after the last whole line (no split UTF-8 character)
+        data = data[: data.rindex(b"\n")]
+    return data.decode("utf-8").split("\n", _NUM_MERGES + 1)[1 : 1 + _NUM_MERGES]
+
+
 @lru_cache(maxsize=4)
 def _load_tables(vocab_path: str) -> tuple[dict[str, int], dict[str, int]]:
     """Read the merges file and build (symbol -> id, merge "left right" -> rank).
 
     A merge is keyed by its line of the file ("t h"), not by a (left, right) tuple: no line is split, which
     makes this a third of the cost (it is paid by every process that draws a picture)."""
-    with gzip.open(vocab_path, "rt", encoding="utf-8") as f:
-        merges = f.read().split("\n")[1 : 1 + _NUM_MERGES]         # line 0 is the "#version" header
+    merges = _read_merge_lines(vocab_path)
     byte_symbols = list(bytes_to_unicode().values())
     symbols = byte_symbols + [s + _END_OF_WORD for s in byte_symbols] + [m.replace(" ", "") for m in merges]
     symbols += [_BOS_TOKEN, _EOS_TOKEN]
@@ -136,7 +155,6 @@ class CLIPTokenizer:
     ):
         path = str(vocab_path if vocab_path is not None else _default_vocab_path())
         self.encoder, self.merge_ranks = _load_tables(path)
-        self.decoder = {i: s for s, i in self.encoder.items()}
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self._byte_to_char = bytes_to_unicode()
@@ -145,6 +163,11 @@ class CLIPTokenizer:
         self._word_cache: dict[str, tuple[int, ...]] = {_BOS_TOKEN: (BOS_TOKEN_ID,), _EOS_TOKEN: (EOS_TOKEN_ID,)}
         self.added_words: dict[str, tuple[int, ...]] = {}          # see with_added_words
         self._added_by_first: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+
+    @cached_property
+    def decoder(self) -> dict[int, str]:
+        """id -> symbol, built on the first `decode` (drawing a picture never needs it)."""
+        return {i: s for s, i in self.encoder.items()}
 
     def _bpe(self, word: str) -> list[str]:
         """Merge the characters of one byte-mapped word, lowest-ranked pair first, until no pair is a merge.
