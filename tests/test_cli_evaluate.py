@@ -63,6 +63,18 @@ def test_eval_writes_report_and_grid(model, prompts, tmp_path, capsys) -> None:
     assert "any/background" in printed and "emoji/top1" in printed and "target" in printed
 
 
+def test_eval_first_seed_scores_the_same_pictures_as_that_seed_in_a_longer_run(model, prompts, tmp_path, capsys) -> None:
+    common = [str(prompts), "--model", str(model), "--steps", "1", "--limit", "1"]
+    assert main(["eval", *common, "--seeds", "2", "--out", str(tmp_path / "both")]) == 0
+    assert main(["eval", *common, "--seeds", "1", "--first-seed", "1", "--out", str(tmp_path / "second")]) == 0
+    assert main(["eval", *common, "--first-seed", "-1", "--out", str(tmp_path / "bad")]) == 2
+    assert "--first-seed must be 0 or more" in capsys.readouterr().err
+    both = json.loads((tmp_path / "both" / "report.json").read_text())
+    second = json.loads((tmp_path / "second" / "report.json").read_text())
+    assert second["seeds"] == [1]
+    assert second["prompts"][0]["images"] == [im for im in both["prompts"][0]["images"] if im["seed"] == 1]
+
+
 def test_eval_limit_and_defaults_from_the_family(model, prompts, tmp_path, capsys) -> None:
     out = tmp_path / "eval"
     code = main(["eval", str(prompts), "--model", str(model), "--seeds", "1", "--steps", "1", "--limit", "1",

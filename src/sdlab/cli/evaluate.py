@@ -50,6 +50,9 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
                    help="merge a LoRA file or the LoRA of that name in the model's LoRA folders (e.g. a few-step "
                         "adapter) at WEIGHT (default 1); repeatable")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt: 0, 1, ..., N-1 (default 4)")
+    p.add_argument("--first-seed", type=int, default=0, metavar="S",
+                   help="start the seeds at S: S, ..., S+N-1 (default 0; e.g. 4 scores a second set of seeds "
+                        "when choosing between checkpoints, keeping seeds 0-3 for the report)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     p.add_argument("--sampler", default="DPM++ 2M", help="sampler name (default 'DPM++ 2M')")
     p.add_argument("--schedule", default=None, help="sigma schedule (default: the model family's)")
@@ -85,6 +88,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     if args.seeds < 1 or args.steps < 1:
         raise UserError("--seeds and --steps must be at least 1")
+    if args.first_seed < 0:
+        raise UserError("--first-seed must be 0 or more")
     try:
         prompts = read_prompt_file(args.prompts)
     except OSError as err:
@@ -122,7 +127,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         return image
 
     try:
-        report = evaluate(generate, prompts, list(range(args.seeds)), args.out)
+        report = evaluate(generate, prompts, list(range(args.first_seed, args.first_seed + args.seeds)), args.out)
     finally:
         bar.close()
     print(format_summary(report["summary"]))
