@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (three runs)
 # -> v2 (VAE decoder, then U-Net + text tower on data v2) -> v2.1 / v2.2 / v2.3 (the same on data v3, v4, v5)
+# -> v2.4 (data v5 again, then data v6)
 # -> the four-step adapter (lcd_lora.toml, shipped) -> four-step distillation of the whole U-Net (lcd.toml).
 # Every stage is resumable: run this script again and finished stages are skipped, the unfinished one goes
 # on from its newest run checkpoint (--resume latest). A U-Net run ends at its config's max_steps, or
@@ -114,10 +115,19 @@ echo "== $(date +%T) v2.3: data v5 (60000 pictures, three in four emoji, data v4
     --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults --synonym-prob 0.3
 echo "== $(date +%T) v2.3: U-Net and text tower fine-tuned on data v5, from the v2.2 EMA weights"
 run_unet unet_v5.toml "$RUN/unet6/final-ema.safetensors" "$RUN/data-v5" "$RUN/unet7" || exit 0
-echo "== $(date +%T) four-step adapter (LCM-LoRA, rank 32), teacher = the v2.3 EMA weights (its LoRA off)"
-run_unet lcd_lora.toml "$RUN/unet7/final-ema.safetensors" "$RUN/data-v5" "$RUN/lcd-lora" \
+echo "== $(date +%T) v2.4: U-Net and text tower fine-tuned again on data v5 (a new seed), from the v2.3 EMA weights"
+run_unet unet_v6.toml "$RUN/unet7/final-ema.safetensors" "$RUN/data-v5" "$RUN/unet8" \
     --cache-dir "$RUN/unet7/latent_cache" || exit 0
-echo "== $(date +%T) latent consistency distillation for four steps, teacher = the v2.3 EMA weights"
-run_unet lcd.toml "$RUN/unet7/final-ema.safetensors" "$RUN/data-v5" "$RUN/lcd" \
-    --cache-dir "$RUN/unet7/latent_cache" || exit 0
+echo "== $(date +%T) v2.4: data v6 (60000 new pictures, four in five emoji, one scene in eight with copies)"
+[ -f "$RUN/data-v6/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-v6" --count 60000 --seed 9 \
+    --emoji-fraction 0.8 --paraphrase-prob 0.2 --free-prob 0.5 --plural-prob 0.12 \
+    --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults --synonym-prob 0.3
+echo "== $(date +%T) v2.4: U-Net and text tower fine-tuned on data v6, from the first v2.4 run's EMA weights"
+run_unet unet_v7.toml "$RUN/unet8/final-ema.safetensors" "$RUN/data-v6" "$RUN/unet9" || exit 0
+echo "== $(date +%T) four-step adapter (LCM-LoRA, rank 32), teacher = the v2.4 EMA weights (its LoRA off)"
+run_unet lcd_lora.toml "$RUN/unet9/final-ema.safetensors" "$RUN/data-v6" "$RUN/lcd-lora" \
+    --cache-dir "$RUN/unet9/latent_cache" || exit 0
+echo "== $(date +%T) latent consistency distillation for four steps, teacher = the v2.4 EMA weights"
+run_unet lcd.toml "$RUN/unet9/final-ema.safetensors" "$RUN/data-v6" "$RUN/lcd" \
+    --cache-dir "$RUN/unet9/latent_cache" || exit 0
 echo "== $(date +%T) U-Net finished"
