@@ -85,10 +85,11 @@ def main() -> None:
               "warm_up_s": round(warm, 3), "runs_s": [round(t, 3) for t in times],
               "median_s": round(statistics.median(times), 3), "cpus": os.cpu_count(),
               "load_average": [round(v, 2) for v in os.getloadavg()]}
+    sampler = flags[flags.index("--sampler") + 1] if "--sampler" in flags[:-1] else "DPM++ 2M"
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"sdlab txt2img{' ' + args.flags if args.flags else ''}{' (one core busy)' if args.busy else ''}, {args.steps} steps DPM++ 2M, CFG {args.cfg}: median {result['median_s']:.2f} s over "
+        print(f"sdlab txt2img{' ' + args.flags if args.flags else ''}{' (one core busy)' if args.busy else ''}, {args.steps} steps {sampler}, CFG {args.cfg}: median {result['median_s']:.2f} s over "
               f"{args.runs} runs {result['runs_s']} (warm-up {result['warm_up_s']:.2f} s; bytecode cache "
               f"{'on' if result['bytecode_cache'] else 'off'}; load average "
               f"{result['load_average']})")
