@@ -203,11 +203,17 @@ class LCDTask(UNetTask):
     def _target_pairs(self) -> list[tuple[Tensor, Tensor]]:
         """(target tensor, student parameter) pairs; empty when the target is the student itself."""
         ema = self._ema()
-        return [] if ema is None else list(zip(ema[1].parameters(), ema[2].parameters(), strict=True))
+        if ema is None:
+            return []
+        _, target, student = ema
+        return list(zip(target.parameters(), student.parameters(), strict=True))
 
     def extra_state(self) -> dict[str, dict[str, Tensor]]:
         ema = self._ema()
-        return {} if ema is None else {ema[0]: {k: v.detach().cpu().clone() for k, v in ema[1].state_dict().items()}}
+        if ema is None:
+            return {}
+        key, target, _ = ema
+        return {key: {k: v.detach().cpu().clone() for k, v in target.state_dict().items()}}
 
     def load_extra_state(self, state: dict[str, dict[str, Tensor]]) -> None:
         ema = self._ema()
