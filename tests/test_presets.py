@@ -104,7 +104,7 @@ def test_native_api_preset_field():
     assert (request.sampler, request.schedule, request.steps, request.cfg_scale) == ("LCM", "trailing", 4, 1.0)
     request = _native_job({"prompt": "a fox", "preset": "lcm", "steps": 20, "cfg_scale": 1.5})   # given: they win
     assert (request.sampler, request.steps, request.cfg_scale) == ("LCM", 20, 1.5)
-    assert _native_job({"prompt": "a fox"}).steps == 20                                          # no preset: as before
+    assert _native_job({"prompt": "a fox"}).steps is None                   # no preset: the model's default steps
     with pytest.raises(BadRequest, match="unknown preset"):
         _native_job({"prompt": "a fox", "preset": "warp"})
 

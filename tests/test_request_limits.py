@@ -283,5 +283,7 @@ def test_pipeline_resolve_fills_the_model_defaults_and_checks_values(bundle):
     resolved = Pipeline(bundle).resolve(GenerationRequest(prompt="a cube", steps=2, seed=1)).request
     assert resolved.width == bundle.default_size and resolved.cfg_scale == bundle.family.default_cfg
     assert resolved.sampler == get_sampler(bundle.family.default_sampler).name
+    unset = Pipeline(bundle).resolve(GenerationRequest(prompt="a cube", seed=1)).request       # steps left to the model
+    assert (unset.steps, unset.schedule) == (bundle.family.default_steps, bundle.family.default_sigma_schedule)
     with pytest.raises(RequestError, match="steps must be"):
         Pipeline(bundle).resolve(GenerationRequest(prompt="a cube", steps=0))

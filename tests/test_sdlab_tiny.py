@@ -41,7 +41,7 @@ def test_family_defaults_and_size_budget() -> None:
     assert family.vae.downsample_factor == 4 and family.default_size == 64
     assert family.default_size // family.vae.downsample_factor == 16  # 16 x 16 x 4 latents
     assert family.prediction is Prediction.V
-    assert (family.default_sampler, family.default_sigma_schedule) == ("dpmpp_2m", "karras")
+    assert (family.default_sampler, family.default_sigma_schedule, family.default_steps) == ("dpmpp_2m", "sgm_uniform", 14)
     (te,) = family.text_encoders
     assert (te.layout, te.hidden_state, te.pad_token_id) == ("hf", "last", 49407)
     assert te.config.vocab_size == 49408 and family.unet.context_dim == te.config.width

@@ -149,7 +149,7 @@ def test_a1111_unknown_sampler_and_scheduler(client):
 
 def test_native_api_takes_the_names_the_lists_give(client):
     """The UI fills its pickers from /sdapi/v1/samplers and /schedulers: every name there works in a job."""
-    for schedule, resolved in (("SGM Uniform", "sgm_uniform"), ("automatic", "karras"), ("DDIM", "ddim_uniform")):
+    for schedule, resolved in (("Karras", "karras"), ("automatic", "sgm_uniform"), ("DDIM", "ddim_uniform")):
         job = wait(client, client.post("/api/jobs", json={"prompt": "x", "steps": 2, "schedule": schedule,
                                                           "sampler": "euler_ancestral"}).json()["id"])
         assert job["status"] == "done" and job["request"]["schedule"] == resolved
@@ -184,6 +184,18 @@ def test_native_job_lifecycle_and_events(client, sdlab_server):
     assert client.get("/api/jobs").json()["jobs"][0]["id"] == body["id"]
     replay = events(client, body["id"])                          # a finished job: its last event, then the end
     assert [name for name, _ in replay] == ["done"]
+
+
+def test_jobs_without_steps_take_the_model_familys_default(client):
+    """An unset step count is the loaded model's (sdlab-tiny: 14), on both APIs, and the job reports it."""
+    from sdlab.families.sdlab_tiny import SDLAB_TINY
+
+    native = wait(client, client.post("/api/jobs", json={"prompt": "a red circle", "seed": 3}).json()["id"])
+    assert native["status"] == "done" and native["step"] == native["steps"] == SDLAB_TINY.default_steps
+    assert native["request"]["steps"] == SDLAB_TINY.default_steps
+    assert f"Steps: {SDLAB_TINY.default_steps}," in native["infotexts"][0]
+    a1111 = client.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "seed": 3})
+    assert a1111.status_code == 200 and json.loads(a1111.json()["info"])["steps"] == SDLAB_TINY.default_steps
 
 
 def test_native_img2img_and_inpaint(client):

@@ -53,10 +53,10 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--first-seed", type=int, default=0, metavar="S",
                    help="start the seeds at S: S, ..., S+N-1 (default 0; e.g. 4 scores a second set of seeds "
                         "when choosing between checkpoints, keeping seeds 0-3 for the report)")
-    p.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
-    p.add_argument("--sampler", default="DPM++ 2M", help="sampler name (default 'DPM++ 2M')")
-    p.add_argument("--schedule", default=None, help="sigma schedule (default: the model family's)")
-    p.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's, as `sdlab txt2img`)")
+    p.add_argument("--sampler", default=None, help="sampler name (default: the model's, as `sdlab txt2img`)")
+    p.add_argument("--schedule", default=None, help="sigma schedule (default: the model's, as `sdlab txt2img`)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (a quick look)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
@@ -86,7 +86,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from sdlab.tiny.datasets.captions import read_prompt
     from sdlab.tiny.evaluation import evaluate, read_prompt_file
 
-    if args.seeds < 1 or args.steps < 1:
+    if args.seeds < 1 or (args.steps is not None and args.steps < 1):
         raise UserError("--seeds and --steps must be at least 1")
     if args.first_seed < 0:
         raise UserError("--first-seed must be 0 or more")
@@ -114,11 +114,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
                disable=args.no_progress)
 
     def generate(prompt: str, seed: int):
-        options = {"steps": args.steps, "sampler": args.sampler, "cfg_scale": args.cfg, "seed": seed}
-        if args.schedule is not None:
-            options["schedule"] = args.schedule
-        if args.size is not None:
-            options["width"] = options["height"] = args.size
+        given = {"steps": args.steps, "sampler": args.sampler, "schedule": args.schedule, "cfg_scale": args.cfg,
+                 "width": args.size, "height": args.size}
+        options = {"seed": seed, **{k: v for k, v in given.items() if v is not None}}
         try:
             image = pipe.txt2img(prompt, **options).images[0]
         except RequestError as err:

@@ -53,8 +53,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                        help="fraction of the schedule the base model runs before the refiner (default 0.8)")
         p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...); '
                        "LMS, PLMS and DPM++ 3M SDE need about 30 steps with guidance (LMS: 20 with karras)")
-        p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ...")
-        p.add_argument("--steps", type=int, help="sampling steps (default 20)")
+        p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
+                       "(default: the model's, sgm_uniform for sdlab-tiny, karras for SD)")
+        p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 14 for sdlab-tiny, 20 for SD)")
         p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
         p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
         p.add_argument("--subseed", type=int, metavar="SEED",

@@ -187,6 +187,7 @@ class FamilySpec:
     default_sampler: str = "dpmpp_2m"
     default_sigma_schedule: str = "karras"
     default_cfg: float = 7.0                    # classifier-free guidance scale a request gets by default
+    default_steps: int = 20                     # sampler steps a request gets by default
     unet_prefix: str = UNET_PREFIX
     vae_prefix: str = VAE_PREFIX
     unet_module: Callable[[UNetConfig], nn.Module] = UNet

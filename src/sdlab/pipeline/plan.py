@@ -102,6 +102,7 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         default_schedule=family.default_sigma_schedule,
         factor=bundle.vae_config.downsample_factor,
         default_cfg=family.default_cfg,
+        default_steps=family.default_steps,
     )
     _check_model(bundle, req, free)
     return req

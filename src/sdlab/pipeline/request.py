@@ -87,7 +87,7 @@ class GenerationRequest:
 
     prompt: str
     negative_prompt: str = ""
-    steps: int = 20
+    steps: int | None = None                # None = the family's (FamilySpec.default_steps: 14 sdlab-tiny, 20 SD)
     sampler: str | None = None              # A1111 or ComfyUI name, e.g. "DPM++ 2M", "euler_ancestral"
     schedule: str | None = None             # discretization: "karras", "normal", "leading", ...
     cfg_scale: float | None = None          # None = the family's (FamilySpec.default_cfg: 5 sdlab-tiny, 7 SD)
@@ -275,12 +275,13 @@ def resolve(
     default_schedule: str,
     factor: int,
     default_cfg: float = 7.0,
+    default_steps: int = 20,
 ) -> GenerationRequest:
     """Fill defaults and validate; raises `RequestError` with one clear message per problem.
 
     `factor` is the VAE's downsampling factor; sizes snap to multiples of lcm(8, factor) (module docstring).
     """
-    r = request
+    r = request if request.steps is not None else replace(request, steps=default_steps)
     if not isinstance(r.prompt, str) or not isinstance(r.negative_prompt, str):
         raise RequestError("prompt and negative prompt must be text")
     for name, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):

@@ -5,7 +5,7 @@ txt2img / img2img run through the same queue as the native API and answer when t
 `{images: [base64 PNG with the parameters chunk], parameters: <the request>, info: <JSON string>}`.
 Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 404 "Sampler not found",
 an unknown scheduler 404 "Scheduler not found" (A1111 itself falls back to "Automatic"; sdlab refuses).
-Unset width / height / CFG take the loaded model's defaults rather than A1111's 512 / 7; on a model
+Unset width / height / CFG / steps take the loaded model's defaults rather than A1111's 512 / 7 / 20; on a model
 that names a few-step preset the unset sampler, scheduler, steps, CFG and eta are the preset's.
 """
 
@@ -59,7 +59,7 @@ class Txt2ImgIn(BaseModel):
     scheduler: str | None = None
     batch_size: int = 1
     n_iter: int = 1
-    steps: int = 20
+    steps: int | None = None
     cfg_scale: float | None = None
     width: int | None = None
     height: int | None = None

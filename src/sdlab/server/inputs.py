@@ -189,7 +189,7 @@ def check_request(request: GenerationRequest, limits: Limits) -> GenerationReque
     """`request` checked against the server's limits and sdlab's own rules (without a model: the
     model's defaults are filled in when it runs); `BadRequest` names the first problem."""
     check_upscaler(getattr(request, "hr_upscaler", None))
-    if not isinstance(request.steps, int) or request.steps > limits.max_steps:
+    if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     if not isinstance(request.batch_size, int) or request.batch_size > limits.max_batch:
         raise BadRequest(f"at most {limits.max_batch} images per request on this server, got {request.batch_size!r}")

@@ -124,8 +124,11 @@ def image_url(name: str) -> str:
 
 
 def steps_of(spec: JobSpec) -> int:
-    """How many sampler steps (progress callbacks) the job's request runs."""
+    """How many sampler steps (progress callbacks) the job's request runs; 0 while it leaves the count to the
+    model's default (filled in when the model is loaded)."""
     request = spec.request
+    if request.steps is None:
+        return 0
     if request.init_image is None:
         return request.steps
     try:

@@ -59,7 +59,7 @@ class JobIn(BaseModel):
     model: str | None = None
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int | None = None                # None: the model's preset, else GenerationRequest's 20
+    steps: int | None = None                # None: the model's preset, else its family's default
     sampler: str | None = None
     schedule: str | None = None
     cfg_scale: float | None = None
@@ -127,7 +127,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
-        **({} if body.steps is None else {"steps": body.steps}),
+        steps=body.steps,
     )
     unset = unset_preset_fields({key for key in body.model_fields_set if getattr(body, key) is not None}, generation)
     if body.preset:                                     # over the model's preset (the worker applies that one)

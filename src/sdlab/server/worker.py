@@ -1,6 +1,7 @@
 """What the worker thread does with one job: load the model it names (with its LoRAs), draw with
 per-step previews and cancellation, and write the pictures as `sdlab txt2img` writes them. The settings
-a client left unset come from the preset the model names, if any (`_take_model_preset`).
+a client left unset come from the preset the model names, if any, then from the model's family
+(`_take_model_defaults`).
 
 `ModelHost` keeps one model loaded (the worker thread alone touches it). A job with another checkpoint
 or another set of LoRAs reloads it: LoRAs are merged into the weights, so a different set needs fresh
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from sdlab.api import Pipeline, load
 from sdlab.diffusion.steps import StepInfo
+from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.infotext import LoraRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
 from sdlab.pipeline.request import RequestError
@@ -46,7 +48,7 @@ class ModelHost:
 
     def loaded_preset(self, checkpoint: Checkpoint) -> str | None:
         """The preset ``checkpoint`` names when it is the model loaded now (without LoRAs); None when it names
-        none or is not loaded (then the worker fills the preset in when it loads it, `_take_model_preset`)."""
+        none or is not loaded (then the worker fills the preset in when it loads it, `_take_model_defaults`)."""
         key, pipe = self._key, self.pipe                 # `pipeline` clears the key while it loads another
         return pipe.bundle.preset if pipe is not None and key == (checkpoint.path, ()) else None
 
@@ -96,7 +98,7 @@ class Runner:
             refs.append(LoraRef(lora.name, choice.weight, lora.hash))
         pipe = self.host.pipeline(checkpoint, tuple(loras))
         previewer = self.host.previewer
-        _take_model_preset(job, pipe.bundle.preset)
+        _take_model_defaults(job, pipe.bundle)
 
         def progress(info: StepInfo) -> None:
             if job.cancel.is_set():
@@ -121,18 +123,23 @@ class Runner:
         job.settings, job.images, job.infotexts, job.seeds = settings, names, texts, list(result.seeds)
 
 
-def _take_model_preset(job: Job, preset: str | None) -> None:
+def _take_model_defaults(job: Job, bundle: ModelBundle) -> None:
     """The settings the client left unset (`JobSpec.model_preset_fills`) from the preset the model's file
-    names (`ModelBundle.preset`: `sdlab.preset`, or "lcm-model" for an LCM model), as `sdlab txt2img` does;
-    known once the model is loaded (at submission when it already was, `Service.submit`). The job's request,
-    step count and recorded settings follow."""
+    names (`ModelBundle.preset`: `sdlab.preset`, or "lcm-model" for an LCM model), then an unset step count
+    from the model family's default, as `sdlab txt2img` does; known once the model is loaded (the preset at
+    submission when it already was, `Service.submit`). The job's request, step count and recorded settings
+    follow."""
     spec = job.spec
-    if not preset or not spec.model_preset_fills:
+    request = spec.request
+    if bundle.preset and spec.model_preset_fills:
+        try:
+            request = with_preset(request, bundle.preset, job.mode, spec.model_preset_fills)
+        except RequestError as err:
+            raise RequestError(f"the model names the preset {bundle.preset!r}: {err}") from None
+    if request.steps is None:
+        request = replace(request, steps=bundle.family.default_steps)
+    if request is spec.request:
         return
-    try:
-        request = with_preset(spec.request, preset, job.mode, spec.model_preset_fills)
-    except RequestError as err:
-        raise RequestError(f"the model names the preset {preset!r}: {err}") from None
     job.spec = replace(spec, request=request, model_preset_fills=frozenset())
     job.steps = steps_of(job.spec)
     job.settings = {**job.settings, **request.parameters()}
