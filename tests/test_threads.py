@@ -9,25 +9,49 @@ from cli_helpers import run
 from sdlab.utils import threads
 
 
-def test_small_models_get_one_thread_large_ones_the_default(monkeypatch):
+def _runnable(monkeypatch, tmp_path, runnable: int) -> None:
+    """Make `/proc/loadavg` say `runnable` tasks are runnable (this process included)."""
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text(f"0.50 0.40 0.30 {runnable}/120 4242\n")
+    monkeypatch.setattr(threads, "LOADAVG", loadavg)
+
+
+def test_small_models_get_the_free_cores_large_ones_the_default(monkeypatch, tmp_path):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", 1000)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
-    assert threads.threads_for(nn.Linear(10, 10)) == 1                 # 110 parameters
-    assert threads.threads_for(nn.Linear(100, 100)) == 6               # 10,100 parameters
-    assert threads.threads_for(nn.Linear(10, 10), explicit=3) == 3
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    small, large = nn.Linear(10, 10), nn.Linear(100, 100)             # 110 and 10,100 parameters
+    _runnable(monkeypatch, tmp_path, 1)                                # only this process: 4 cores free
+    assert threads.free_cores() == 4
+    assert threads.threads_for(small) == threads.SMALL_MODEL_THREADS == 2
+    assert threads.threads_for(large) == 6
+    _runnable(monkeypatch, tmp_path, 4)                                # three others: one core free
+    assert threads.free_cores() == 1 and threads.threads_for(small) == 1 and threads.threads_for(large) == 6
+    _runnable(monkeypatch, tmp_path, 9)                                # more runnable tasks than cores
+    assert threads.threads_for(small) == 1
+    monkeypatch.setattr(threads, "LOADAVG", tmp_path / "missing")      # no /proc: one thread, as before
+    assert threads.free_cores() is None and threads.threads_for(small) == 1
+    assert threads.threads_for(small, explicit=3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "4")
-    assert threads.threads_for(nn.Linear(10, 10)) == 6                 # the user's setting stands
+    assert threads.threads_for(small) == 6                             # the user's setting stands
+
+
+def test_free_cores_reads_this_machine():
+    free = threads.free_cores()
+    assert free is None or free <= len(threads.os.sched_getaffinity(0))
 
 
 def test_cli_sets_threads_and_checks_the_flag(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    _runnable(monkeypatch, tmp_path, 2)                                # another task runs: one core free
     before = torch.get_num_threads()
     try:
         code, _, err = run(["txt2img", "a red apple", "--steps", "2", "--no-progress", "--out", str(tmp_path / "a.png")],
                            capsys)
         assert code == 0, err
-        assert torch.get_num_threads() == 1                             # the shipped model is small
+        assert torch.get_num_threads() == 1                             # the shipped model is small, one core free
         code, _, err = run(["txt2img", "a red apple", "--steps", "2", "--threads", "2", "--no-progress",
                             "--out", str(tmp_path / "b.png")], capsys)
         assert code == 0 and torch.get_num_threads() == 2

@@ -1,27 +1,42 @@
 """How many CPU threads torch uses for a model, when the user has not said.
 
-Measured on this project's 2-core machine (`benchmarks/bench_shipped.py` and one guided SD1.5-size U-Net
-step at 64 x 64 latents, fp32):
+Measured on this project's 2-core machine (`benchmarks/bench_shipped.py`, one U-Net pass, and one guided
+SD1.5-size U-Net step at 64 x 64 latents, fp32):
 
-- the shipped 7 M-parameter U-Net: a whole `sdlab txt2img` in 3.9 s with 1 thread and 4.2 s with 2 when the
-  machine is idle, 3.6 s and 6.6 s while another process keeps one core busy. Its operations are so small
-  that OpenMP's fork / join at every parallel region costs more than the second core gives, and when that
-  core is taken every region waits for the descheduled thread;
+- the shipped 7 M-parameter U-Net (one pass of the guided batch of 2 at 16 x 16 latents): 37 ms with 1
+  thread and 30 ms with 2 when the machine is idle, but 36 ms and 72 ms while another process keeps one
+  core busy: its operations are small, so every parallel region waits for the thread whose core is taken.
+  A whole `sdlab txt2img` (14 steps): 1.90 s with 1 thread, 1.78 s with 2 (idle, medians of 9, interleaved);
 - an 860 M-parameter SD1.5 U-Net: 20.0 s per step with 1 thread, 12.1 s with 2 (idle): the matrix products
   are large enough to use every core.
 
-So a small model runs on one thread, a large one on torch's default (the physical cores). OMP_NUM_THREADS
-or an explicit count always wins.
+So a large model runs on torch's default (the physical cores); a small one on the cores that are free when it
+starts (Linux: the CPUs this process may use less the other runnable tasks, `/proc/loadavg`'s count of
+runnable tasks), at most `SMALL_MODEL_THREADS`, at least one. OMP_NUM_THREADS or an explicit count always
+wins.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from torch import nn
 
-SMALL_MODEL_PARAMETERS = 100_000_000        # below this, one thread (see the module docstring)
+SMALL_MODEL_PARAMETERS = 100_000_000        # below this, only the free cores (see the module docstring)
+SMALL_MODEL_THREADS = 2                     # the most a small model gets: more were never measured to help
+LOADAVG = Path("/proc/loadavg")
+
+
+def free_cores() -> int | None:
+    """The CPUs this process may use that no other runnable task wants right now; None where the system
+    does not say (no `/proc/loadavg`). Its fourth field is "runnable/total" tasks, this process included."""
+    try:
+        runnable = int(LOADAVG.read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return len(os.sched_getaffinity(0)) - max(runnable - 1, 0)
 
 
 def threads_for(model: nn.Module, explicit: int | None = None) -> int:
@@ -30,8 +45,9 @@ def threads_for(model: nn.Module, explicit: int | None = None) -> int:
         return explicit
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
-    parameters = sum(p.numel() for p in model.parameters())
-    return 1 if parameters < SMALL_MODEL_PARAMETERS else torch.get_num_threads()
+    if sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMETERS:
+        return torch.get_num_threads()
+    return max(1, min(free_cores() or 1, SMALL_MODEL_THREADS))
 
 
 def use_threads_for(model: nn.Module, device: torch.device, explicit: int | None = None) -> None:
@@ -40,4 +56,4 @@ def use_threads_for(model: nn.Module, device: torch.device, explicit: int | None
         torch.set_num_threads(threads_for(model, explicit))
 
 
-__all__ = ["SMALL_MODEL_PARAMETERS", "threads_for", "use_threads_for"]
+__all__ = ["SMALL_MODEL_PARAMETERS", "SMALL_MODEL_THREADS", "free_cores", "threads_for", "use_threads_for"]
