@@ -7,6 +7,7 @@ PNG write.
     python benchmarks/bench_shipped.py --busy              # with another process spinning on one core
     python benchmarks/bench_shipped.py --flags "--steps 20 --schedule karras"   # other sdlab txt2img flags
     python benchmarks/bench_shipped.py --flags "--compile" # torch.compile, cached
+    python benchmarks/bench_shipped.py --runs 11 --against "--steps 20 --schedule karras" --against "--threads 1"
 
 Each run is a fresh process running the console script's entry point (`sdlab.command:run`, through
 `python -c`), timed from before it starts to after it exits, so Python and torch start-up are counted. The
@@ -64,36 +65,45 @@ def main() -> None:
     parser.add_argument("--model", help="checkpoint (default: the shipped model)")
     parser.add_argument("--flags", default="",
                         help='sdlab txt2img flags over the defaults, e.g. "--steps 20", "--compile" or "--threads 2"')
+    parser.add_argument("--against", action="append", default=[], metavar="FLAGS",
+                        help="other flag sets, run in turn with --flags in every round (interleaved, so a drift of "
+                             "the machine's speed hits each alike); each gets its median and its ratio to --flags")
     parser.add_argument("--busy", action="store_true", help="keep one other process spinning on a core meanwhile")
     parser.add_argument("--no-bytecode-cache", action="store_true",
                         help="compile every module in every run (PYTHONDONTWRITEBYTECODE=1)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per flag set")
     args = parser.parse_args()
-    flags = shlex.split(args.flags)
+    variants = [args.flags, *args.against]
     env = child_environment(not args.no_bytecode_cache)
     busy = subprocess.Popen([sys.executable, "-c", BUSY]) if args.busy else None
+    times: dict[str, list[float]] = {v: [] for v in variants}
     try:
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "bench.png"
-            warm = one_run(out, 0, args.model, flags, env)
-            times = [one_run(out, i + 1, args.model, flags, env) for i in range(args.runs)]
+            for seed in range(args.runs + 1):              # round 0 warms the disk and bytecode caches
+                for flags in variants:
+                    times[flags].append(one_run(out, seed, args.model, shlex.split(flags), env))
     finally:
         if busy is not None:
             busy.kill()
             busy.wait()
-    result = {"prompt": PROMPT, "settings": "model default", "flags": args.flags,
-              "busy_core": args.busy, "bytecode_cache": not args.no_bytecode_cache,
-              "warm_up_s": round(warm, 3), "runs_s": [round(t, 3) for t in times],
-              "median_s": round(statistics.median(times), 3), "cpus": os.cpu_count(),
-              "load_average": [round(v, 2) for v in os.getloadavg()]}
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"sdlab txt2img {args.flags or '(default settings)'}{' (one core busy)' if args.busy else ''}: "
-              f"median {result['median_s']:.2f} s over "
-              f"{args.runs} runs {result['runs_s']} (warm-up {result['warm_up_s']:.2f} s; bytecode cache "
-              f"{'on' if result['bytecode_cache'] else 'off'}; load average "
-              f"{result['load_average']})")
+    load = [round(v, 2) for v in os.getloadavg()]
+    base = statistics.median(times[args.flags][1:])
+    for flags in variants:
+        runs = times[flags][1:]
+        result = {"prompt": PROMPT, "settings": "model default", "flags": flags, "busy_core": args.busy,
+                  "bytecode_cache": not args.no_bytecode_cache, "warm_up_s": round(times[flags][0], 3),
+                  "runs_s": [round(t, 3) for t in runs], "median_s": round(statistics.median(runs), 3),
+                  "ratio_to_flags": round(statistics.median(runs) / base, 3), "cpus": os.cpu_count(),
+                  "load_average": load}
+        if args.json:
+            print(json.dumps(result))
+            continue
+        ratio = f", {result['ratio_to_flags']:.3f} x {args.flags or 'the defaults'}" if flags != args.flags else ""
+        print(f"sdlab txt2img {flags or '(default settings)'}{' (one core busy)' if args.busy else ''}: "
+              f"median {result['median_s']:.2f} s over {args.runs} runs {result['runs_s']}{ratio} "
+              f"(warm-up {result['warm_up_s']:.2f} s; bytecode cache {'on' if result['bytecode_cache'] else 'off'}; "
+              f"load average {load})")
 
 
 if __name__ == "__main__":
