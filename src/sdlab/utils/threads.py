@@ -6,7 +6,8 @@ SD1.5-size U-Net step at 64 x 64 latents, fp32):
 - the shipped 7 M-parameter U-Net (one pass of the guided batch of 2 at 16 x 16 latents): 37 ms with 1
   thread and 30 ms with 2 when the machine is idle, but 36 ms and 72 ms while another process keeps one
   core busy: its operations are small, so every parallel region waits for the thread whose core is taken.
-  A whole `sdlab txt2img` (14 steps): 1.90 s with 1 thread, 1.78 s with 2 (idle, medians of 9, interleaved);
+  A whole `sdlab txt2img` (14 steps), interleaved medians, 1 against 2 threads: 1.79 / 1.64 s, 1.90 / 1.78 s
+  and, in a slow phase of the shared machine, 2.01 / 2.06 s;
 - an 860 M-parameter SD1.5 U-Net: 20.0 s per step with 1 thread, 12.1 s with 2 (idle): the matrix products
   are large enough to use every core.
 
