@@ -74,6 +74,17 @@ run_unet() {
     [ -f "$out/final.safetensors" ]
 }
 
+# build_v3_data DIR COUNT SEED EMOJI_FRACTION PLURAL_PROB [options]: a data set with data v3's wording
+# (paraphrases, free phrasing, left-out size / position / background drawn at their defaults); skipped when built.
+build_v3_data() {
+    local out=$1 count=$2 seed=$3 emoji=$4 plural=$5
+    shift 5
+    [ -f "$out/metadata.jsonl" ] && return 0
+    python -m sdlab.tiny.datasets.build "$out" --count "$count" --seed "$seed" --emoji-fraction "$emoji" \
+        --paraphrase-prob 0.2 --free-prob 0.5 --plural-prob "$plural" \
+        --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults "$@"
+}
+
 echo "== $(date +%T) U-Net, first run"
 run_unet unet.toml "$RUN/assembled.safetensors" "$RUN/data" "$RUN/unet" || exit 0
 echo "== $(date +%T) U-Net, second run from the first's EMA weights"
@@ -98,30 +109,22 @@ echo "== $(date +%T) v2: the VAE decoder again on data v2, from the first decode
 echo "== $(date +%T) v2: U-Net and text tower fine-tuned on data v2, from the third run's EMA weights"
 run_unet unet_v2.toml "$RUN/unet3/final-ema.safetensors" "$RUN/data-v2" "$RUN/unet4" || exit 0
 echo "== $(date +%T) v2.1: data v3 (what a caption leaves out is drawn at its default: large, center, white)"
-[ -f "$RUN/data-v3/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-v3" --count "$COUNT" --seed 5 \
-    --emoji-fraction 0.65 --paraphrase-prob 0.2 --free-prob 0.5 --plural-prob 0.08 \
-    --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults
+build_v3_data "$RUN/data-v3" "$COUNT" 5 0.65 0.08
 echo "== $(date +%T) v2.1: U-Net and text tower fine-tuned on data v3, from the v2 EMA weights"
 run_unet unet_v3.toml "$RUN/unet4/final-ema.safetensors" "$RUN/data-v3" "$RUN/unet5" || exit 0
 echo "== $(date +%T) v2.2: data v4 (data v3 on a new seed, colours sometimes spelt grey / violet / navy / ...)"
-[ -f "$RUN/data-v4/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-v4" --count "$COUNT" --seed 6 \
-    --emoji-fraction 0.65 --paraphrase-prob 0.2 --free-prob 0.5 --plural-prob 0.08 \
-    --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults --synonym-prob 0.3
+build_v3_data "$RUN/data-v4" "$COUNT" 6 0.65 0.08 --synonym-prob 0.3
 echo "== $(date +%T) v2.2: U-Net and text tower fine-tuned on data v4, from the v2.1 EMA weights"
 run_unet unet_v4.toml "$RUN/unet5/final-ema.safetensors" "$RUN/data-v4" "$RUN/unet6" || exit 0
 echo "== $(date +%T) v2.3: data v5 (60000 pictures, three in four emoji, data v4's wording on a new seed)"
-[ -f "$RUN/data-v5/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-v5" --count 60000 --seed 7 \
-    --emoji-fraction 0.75 --paraphrase-prob 0.2 --free-prob 0.5 --plural-prob 0.08 \
-    --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults --synonym-prob 0.3
+build_v3_data "$RUN/data-v5" 60000 7 0.75 0.08 --synonym-prob 0.3
 echo "== $(date +%T) v2.3: U-Net and text tower fine-tuned on data v5, from the v2.2 EMA weights"
 run_unet unet_v5.toml "$RUN/unet6/final-ema.safetensors" "$RUN/data-v5" "$RUN/unet7" || exit 0
 echo "== $(date +%T) v2.4: U-Net and text tower fine-tuned again on data v5 (a new seed), from the v2.3 EMA weights"
 run_unet unet_v6.toml "$RUN/unet7/final-ema.safetensors" "$RUN/data-v5" "$RUN/unet8" \
     --cache-dir "$RUN/unet7/latent_cache" || exit 0
 echo "== $(date +%T) v2.4: data v6 (60000 new pictures, four in five emoji, one scene in eight with copies)"
-[ -f "$RUN/data-v6/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data-v6" --count 60000 --seed 9 \
-    --emoji-fraction 0.8 --paraphrase-prob 0.2 --free-prob 0.5 --plural-prob 0.12 \
-    --omit-size 0.4 --omit-position 0.4 --omit-background 0.15 --unsaid-defaults --synonym-prob 0.3
+build_v3_data "$RUN/data-v6" 60000 9 0.8 0.12 --synonym-prob 0.3
 echo "== $(date +%T) v2.4: U-Net and text tower fine-tuned on data v6, from the first v2.4 run's EMA weights"
 run_unet unet_v7.toml "$RUN/unet8/final-ema.safetensors" "$RUN/data-v6" "$RUN/unet9" || exit 0
 echo "== $(date +%T) four-step adapter (LCM-LoRA, rank 32), teacher = the v2.4 EMA weights (its LoRA off)"
