@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.pipeline import png_info
 from sdlab.pipeline.images import ImageTooLargeError, open_image
 from sdlab.pipeline.infotext import (
@@ -157,6 +158,24 @@ def test_parameters_record_the_loras_and_read_back():
     text = format_parameters(to_parameters(req, loras=[LoraRef("style", 0.8, "0123456789ab")]))
     params = parse_parameters(text)
     assert params["Prompt"] == "a cat <lora:style:0.8>" and params["Lora hashes"] == "style: 0123456789ab"
+
+
+@pytest.mark.parametrize("schedule", sorted(DISCRETIZATIONS))
+def test_every_schedule_is_written_as_a1111_labels_it_and_reads_back(schedule):
+    req = GenerationRequest(prompt="a cat", steps=3, sampler="Euler", schedule=schedule, cfg_scale=7.0, seed=1,
+                            width=64, height=64)
+    written = parse_parameters(format_parameters(to_parameters(req)))["Schedule type"]
+    expected = {"karras": "Karras", "sgm_uniform": "SGM Uniform", "ddim_uniform": "DDIM", "uniform": "Uniform",
+                "normal": "Normal", "simple": "Simple", "exponential": "Exponential"}
+    assert written == expected.get(schedule, schedule)
+    assert from_parameters({"Schedule type": written})["schedule"] == schedule
+
+
+def test_a1111_schedule_labels_and_keys_read_as_sdlabs_names():
+    read = {name: from_parameters({"Schedule type": name}).get("schedule")
+            for name in ("SGM Uniform", "sgm_uniform", "DDIM", "Automatic", "Align Your Steps")}
+    assert read == {"SGM Uniform": "sgm_uniform", "sgm_uniform": "sgm_uniform", "DDIM": "ddim_uniform",
+                    "Automatic": None, "Align Your Steps": "align_your_steps"}  # unknown: the request names it
 
 
 def test_a_recorded_size_of_zero_is_refused():

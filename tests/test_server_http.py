@@ -114,7 +114,7 @@ def test_a1111_txt2img_shape_and_parameters_chunk(client):
     assert image.size == (64, 64)
     text = image.info["parameters"]
     assert text == info["infotexts"][1]
-    assert "Seed: 6" in text and "Sampler: Euler a" in text and "Schedule type: karras" in text
+    assert "Seed: 6" in text and "Sampler: Euler a" in text and "Schedule type: Karras" in text
     assert "Model hash: " + model_hash(shipped_model_path()) in text
     info_back = client.post("/sdapi/v1/png-info", json={"image": result["images"][0]}).json()
     assert info_back["info"] == info["infotexts"][0] and info_back["parameters"]["Seed"] == 5

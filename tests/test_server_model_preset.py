@@ -141,7 +141,7 @@ def test_a1111_txt2img_takes_the_model_preset_for_what_it_leaves_unset(client):
     assert (info["sampler_name"], info["steps"], info["cfg_scale"]) == ("Euler", 4, 2.5)
     assert info["extra_generation_params"]["Schedule type"] == "trailing"      # unset: the preset's, as in the CLI
     info, _ = txt2img({"sampler_name": "DPM++ 2M Karras"})      # an old combined name gives its schedule
-    assert (info["sampler_name"], info["extra_generation_params"]["Schedule type"]) == ("DPM++ 2M", "karras")
+    assert (info["sampler_name"], info["extra_generation_params"]["Schedule type"]) == ("DPM++ 2M", "Karras")
 
 
 def test_unset_fields_and_filling_them():

@@ -82,7 +82,7 @@ def test_txt2img_without_model_uses_the_shipped_model(tmp_path, capsys, one_thre
     parameters = read_parameters(out)
     assert "sdlab-tiny" in parameters, parameters
     # its defaults: 14 steps of DPM++ 2M on the sgm_uniform schedule at CFG 5 (families/sdlab_tiny)
-    for setting in ("Steps: 14,", "Sampler: DPM++ 2M,", "Schedule type: sgm_uniform,", "CFG scale: 5,"):
+    for setting in ("Steps: 14,", "Sampler: DPM++ 2M,", "Schedule type: SGM Uniform,", "CFG scale: 5,"):
         assert setting in parameters, parameters
 
 

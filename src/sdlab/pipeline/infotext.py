@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES
+from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import split_prompt_loras
@@ -103,7 +104,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         NEGATIVE_PROMPT: req.negative_prompt,
         "Steps": req.steps,
         "Sampler": req.sampler,
-        "Schedule type": req.schedule,
+        "Schedule type": a1111_label(req.schedule),
         "CFG scale": req.cfg_scale,
         "Seed": req.seeds()[index],
         "Size": f"{req.width}x{req.height}",
@@ -179,7 +180,10 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         if sampler.endswith(suffix) and "schedule" not in fields:
             fields["sampler"], fields["schedule"] = sampler[: -len(suffix)], suffix.strip()
     if "schedule" in fields:
-        fields["schedule"] = fields["schedule"].strip().lower().replace(" ", "_")
-        if fields["schedule"] == "automatic":  # A1111: the sampler's own default
+        try:
+            fields["schedule"] = schedule_from_a1111(fields["schedule"])
+        except ValueError:  # one sdlab lacks: the request's check names it
+            fields["schedule"] = fields["schedule"].strip().lower().replace(" ", "_")
+        if fields["schedule"] is None:  # A1111's "Automatic": the sampler's own default
             del fields["schedule"]
     return fields

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.diffusion.samplers import SAMPLER_TABLE
+from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.png_info import (
@@ -173,7 +174,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str) -> dict[str, Any]:
         "sd_model_name": model_name, "sd_model_hash": _hash_of_title(job.model),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": s.get("strength") if job.mode != "txt2img" else None,
-        "extra_generation_params": {"Schedule type": s.get("schedule")},
+        "extra_generation_params": {"Schedule type": a1111_label(s.get("schedule"))},
         "index_of_first_image": 0, "infotexts": job.infotexts, "styles": [], "job_timestamp": _stamp(job.created),
         "clip_skip": s.get("clip_skip", 1), "is_using_inpainting_conditioning": False, "version": version_label(),
         "interrupted": job.status == "cancelled",

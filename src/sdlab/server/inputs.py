@@ -19,6 +19,7 @@ from PIL import Image
 
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
+from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, schedule_from_a1111
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
@@ -73,17 +74,6 @@ def with_preset(request: GenerationRequest, name: str, mode: str, fields: Collec
     return replace(request, **{key: value for key, value in options.items() if key in fields})
 
 
-# A1111 scheduler names (`modules/sd_schedulers.py`) -> sdlab discretizations; "automatic" = the family's
-A1111_SCHEDULERS: dict[str, tuple[str, str | None]] = {
-    "automatic": ("Automatic", None),
-    "uniform": ("Uniform", "uniform"),
-    "karras": ("Karras", "karras"),
-    "exponential": ("Exponential", "exponential"),
-    "sgm_uniform": ("SGM Uniform", "sgm_uniform"),
-    "simple": ("Simple", "simple"),
-    "normal": ("Normal", "normal"),
-    "ddim": ("DDIM", "ddim_uniform"),
-}
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
@@ -103,14 +93,10 @@ def schedule_name(name: str | None) -> str | None:
         return None
     if not isinstance(name, str):
         raise BadRequest(f"scheduler must be a name, got {name!r}", 422)
-    key = name.strip().lower().replace(" ", "_")
-    for a1111, (label, target) in A1111_SCHEDULERS.items():
-        if key in (a1111, label.lower().replace(" ", "_")):
-            return target
-    if key in DISCRETIZATIONS:
-        return key
-    valid = ", ".join([*A1111_SCHEDULERS, *sorted(set(DISCRETIZATIONS) - set(A1111_SCHEDULERS))])
-    raise BadRequest(f"unknown scheduler {name!r}; valid names: {valid}", 404, "Scheduler not found")
+    try:
+        return schedule_from_a1111(name)
+    except ValueError as err:
+        raise BadRequest(str(err), 404, "Scheduler not found") from None
 
 
 def sampler_and_schedule(name: str | None, scheduler: str | None) -> tuple[str | None, str | None]:

@@ -1,0 +1,52 @@
+"""A1111's scheduler names and labels <-> sdlab's discretization names.
+
+A1111 (`modules/sd_schedulers.py`) names a schedule twice: a key ("sgm_uniform") that its API takes and a
+label ("SGM Uniform") that its infotext writes as `Schedule type`. sdlab accepts both everywhere and
+writes the label, so a PNG made here reads back in A1111 as the same schedule; schedules A1111 lacks
+("trailing", "diffusers_karras", ...) keep sdlab's name.
+"""
+
+from __future__ import annotations
+
+from sdlab.diffusion.discretization import DISCRETIZATIONS
+
+__all__ = ["A1111_SCHEDULERS", "a1111_label", "schedule_from_a1111"]
+
+#: A1111 key -> (its label, the sdlab discretization; None for "automatic" = the model's default)
+A1111_SCHEDULERS: dict[str, tuple[str, str | None]] = {
+    "automatic": ("Automatic", None),
+    "uniform": ("Uniform", "uniform"),
+    "karras": ("Karras", "karras"),
+    "exponential": ("Exponential", "exponential"),
+    "sgm_uniform": ("SGM Uniform", "sgm_uniform"),
+    "simple": ("Simple", "simple"),
+    "normal": ("Normal", "normal"),
+    "ddim": ("DDIM", "ddim_uniform"),
+}
+
+_LABELS = {target: label for label, target in A1111_SCHEDULERS.values() if target is not None}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace(" ", "_")
+
+
+def a1111_label(schedule: str | None) -> str | None:
+    """The `Schedule type` A1111 writes for sdlab's `schedule` ("sgm_uniform" -> "SGM Uniform"); a schedule
+    A1111 does not have keeps its sdlab name."""
+    if schedule is None:
+        return None
+    return _LABELS.get(_key(schedule), schedule)
+
+
+def schedule_from_a1111(name: str) -> str | None:
+    """An A1111 key or label, or an sdlab discretization name -> sdlab's name; None for "automatic" (the
+    model's default). ValueError names the valid choices when it is none of these."""
+    key = _key(name)
+    for a1111, (label, target) in A1111_SCHEDULERS.items():
+        if key in (a1111, _key(label)):
+            return target
+    if key in DISCRETIZATIONS:
+        return key
+    valid = ", ".join([*A1111_SCHEDULERS, *sorted(set(DISCRETIZATIONS) - set(A1111_SCHEDULERS))])
+    raise ValueError(f"unknown scheduler {name!r}; valid names: {valid}")
