@@ -19,7 +19,7 @@ def _runnable(monkeypatch, tmp_path, runnable: int) -> None:
 def test_small_models_get_the_free_cores_large_ones_the_default(monkeypatch, tmp_path):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", 1000)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 6)
+    monkeypatch.setattr(threads, "DEFAULT_THREADS", 6)
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     small, large = nn.Linear(10, 10), nn.Linear(100, 100)             # 110 and 10,100 parameters
     _runnable(monkeypatch, tmp_path, 1)                                # only this process: 4 cores free
@@ -57,5 +57,44 @@ def test_cli_sets_threads_and_checks_the_flag(tmp_path, capsys, monkeypatch):
         assert code == 0 and torch.get_num_threads() == 2
         code, _, err = run(["txt2img", "x", "--threads", "0", "--out", str(tmp_path / "c.png")], capsys)
         assert code == 2 and "--threads" in err and not (tmp_path / "c.png").exists()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_server_worker_chooses_threads_before_every_job(monkeypatch, tmp_path):
+    from sdlab.api import shipped_model_path
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec
+    from sdlab.server.jobs import Job
+    from sdlab.server.registry import ModelRegistry
+    from sdlab.server.worker import ModelHost, Runner
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    registry = ModelRegistry(shipped_model_path(), None)
+    runner = Runner(ModelHost(registry, "cpu"), tmp_path / "images")
+    before = torch.get_num_threads()
+    try:
+        for runnable, expected in ((2, 1), (1, 2), (3, 1)):               # one core busy, both free, both busy
+            _runnable(monkeypatch, tmp_path, runnable)
+            request = GenerationRequest(prompt="a red apple", steps=2, seed=runnable)
+            job = Job(id=f"job{runnable}", mode="txt2img", model=registry.default.title, spec=JobSpec(request),
+                      created=0.0)
+            runner.run(job)
+            assert job.images and torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_large_model_gets_torchs_default_back_after_a_small_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "SMALL_MODEL_PARAMETERS", 1000)
+    _runnable(monkeypatch, tmp_path, 9)
+    before = torch.get_num_threads()
+    try:
+        threads.use_threads_for(nn.Linear(10, 10), torch.device("cpu"))
+        assert torch.get_num_threads() == 1
+        threads.use_threads_for(nn.Linear(100, 100), torch.device("cpu"))
+        assert torch.get_num_threads() == threads.DEFAULT_THREADS
     finally:
         torch.set_num_threads(before)

@@ -85,6 +85,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import _lora_finder, _parse_lora
     from sdlab.tiny.datasets.captions import read_prompt
     from sdlab.tiny.evaluation import evaluate, read_prompt_file
+    from sdlab.utils.threads import use_threads_for
 
     if args.seeds < 1 or (args.steps is not None and args.steps < 1):
         raise UserError("--seeds and --steps must be at least 1")
@@ -110,6 +111,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         pipe = load(args.model, dtype=dtype, loras=loras)  # no --model: the shipped model
     except RequestError as err:
         raise UserError(str(err)) from None
+    use_threads_for(pipe.bundle.unet, pipe.bundle.device)
     bar = tqdm(total=len(prompts) * args.seeds, desc="eval", unit="image", file=sys.stderr,
                disable=args.no_progress)
 

@@ -106,8 +106,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--threads", type=int, metavar="N",
-                       help="CPU threads (default: 1 for small models such as the shipped one, else all cores; "
-                            "OMP_NUM_THREADS also sets it)")
+                       help="CPU threads (default: all cores; for small models such as the shipped one the free "
+                            "cores, at most 2; OMP_NUM_THREADS also sets it)")
         p.add_argument("--compile", action="store_true",
                        help="torch.compile the U-Net (slow first run of each size; kept in a cache for later runs)")
         if mode == "txt2img":

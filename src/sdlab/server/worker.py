@@ -27,6 +27,7 @@ from sdlab.server.inputs import with_preset
 from sdlab.server.jobs import Job, JobCancelled, steps_of
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
+from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab.server")
 
@@ -99,6 +100,7 @@ class Runner:
         pipe = self.host.pipeline(checkpoint, tuple(loras))
         previewer = self.host.previewer
         _take_model_defaults(job, pipe.bundle)
+        use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
 
         def progress(info: StepInfo) -> None:
             if job.cancel.is_set():

@@ -14,7 +14,8 @@ SD1.5-size U-Net step at 64 x 64 latents, fp32):
 So a large model runs on torch's default (the physical cores); a small one on the cores that are free when it
 starts (Linux: the CPUs this process may use less the other runnable tasks, `/proc/loadavg`'s count of
 runnable tasks), at most `SMALL_MODEL_THREADS`, at least one. OMP_NUM_THREADS or an explicit count always
-wins.
+wins. The generate commands and `sdlab eval` choose once; the server before every job, so a large model
+after a small one gets torch's default back (`DEFAULT_THREADS`, read when this module is imported).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 SMALL_MODEL_PARAMETERS = 100_000_000        # below this, only the free cores (see the module docstring)
 SMALL_MODEL_THREADS = 2                     # the most a small model gets: more were never measured to help
 LOADAVG = Path("/proc/loadavg")
+DEFAULT_THREADS = torch.get_num_threads()   # torch's own choice: the physical cores, or OMP_NUM_THREADS
 
 
 def free_cores() -> int | None:
@@ -45,9 +47,9 @@ def threads_for(model: nn.Module, explicit: int | None = None) -> int:
     if explicit is not None:
         return explicit
     if os.environ.get("OMP_NUM_THREADS"):
-        return torch.get_num_threads()
+        return DEFAULT_THREADS
     if sum(p.numel() for p in model.parameters()) >= SMALL_MODEL_PARAMETERS:
-        return torch.get_num_threads()
+        return DEFAULT_THREADS
     return max(1, min(free_cores() or 1, SMALL_MODEL_THREADS))
 
 
@@ -57,4 +59,4 @@ def use_threads_for(model: nn.Module, device: torch.device, explicit: int | None
         torch.set_num_threads(threads_for(model, explicit))
 
 
-__all__ = ["SMALL_MODEL_PARAMETERS", "SMALL_MODEL_THREADS", "free_cores", "threads_for", "use_threads_for"]
+__all__ = ["DEFAULT_THREADS", "SMALL_MODEL_PARAMETERS", "SMALL_MODEL_THREADS", "free_cores", "threads_for", "use_threads_for"]
