@@ -51,6 +51,16 @@ _COMMON_WORDS: dict[str, str] = {
     "beer": "beer mug",
     "bowl": "steaming bowl",
     "noodles": "steaming bowl",
+    "smiling face": "grinning face",
+    "happy face": "grinning face",
+    "kitten": "cat face",
+    "kitty": "cat face",
+    "puppy": "dog face",
+    "crying face": "loudly crying face",
+    "cab": "taxi",
+    "spaceship": "rocket",
+    "tea": "hot beverage",
+    "island": "desert island",
 }
 
 
