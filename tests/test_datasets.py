@@ -290,6 +290,23 @@ def test_free_captions_write_colours_in_every_spelling_the_parser_reads(tmp_path
     assert {"grey", "violet", "navy"} <= words, words
 
 
+def test_free_captions_call_emoji_by_their_everyday_names_with_alias_prob(tmp_path) -> None:
+    def alias_share(records) -> float:
+        """The share of emoji with everyday names whose caption does not say the emoji's own name."""
+        named = [r for r in records if r["spec"]["kind"] == "emoji" and r["spec"]["subject"] in EMOJI_ALIASES.values()]
+        assert len(named) >= 20
+        return sum(r["spec"]["subject"] not in r["caption"] for r in named) / len(named)
+
+    default = build.build_dataset(tmp_path / "default", 300, seed=9, emoji_fraction=1.0, free_prob=1.0)
+    same = build.build_dataset(tmp_path / "same", 300, seed=9, emoji_fraction=1.0, free_prob=1.0, alias_prob=0.6)
+    assert [r["caption"] for r in default] == [r["caption"] for r in same]    # the default: a seed's captions kept
+    always = build.build_dataset(tmp_path / "always", 300, seed=9, emoji_fraction=1.0, free_prob=1.0, alias_prob=1.0)
+    never = build.build_dataset(tmp_path / "never", 300, seed=9, emoji_fraction=1.0, free_prob=1.0, alias_prob=0.0)
+    assert alias_share(always) == 1.0 and alias_share(never) == 0.0 and 0.3 < alias_share(default) < 0.9
+    for record in always:
+        assert read_prompt(record["caption"])[0].subject == record["spec"]["subject"], record["caption"]
+
+
 def test_plural_scenes_draw_that_many_small_copies() -> None:
     from sdlab.tiny.evaluation.scoring import score_image
 

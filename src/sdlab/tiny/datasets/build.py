@@ -102,12 +102,12 @@ def with_unsaid_defaults(spec: SceneSpec, said: SceneSpec) -> SceneSpec:
 
 
 def caption_variant(said: SceneSpec, rng: np.random.Generator, paraphrase_prob: float, free_prob: float = 0.0,
-                    synonym_prob: float = 0.0) -> str:
+                    synonym_prob: float = 0.0, alias_prob: float = 0.6) -> str:
     """The caption of what ``said`` states (`unsaid_fields`): free phrasing with ``free_prob`` (colours written
-    as other spellings with ``synonym_prob``), else a paraphrase template with ``paraphrase_prob``, else the
-    canonical template."""
+    as other spellings with ``synonym_prob``, emoji by everyday names with ``alias_prob``), else a paraphrase
+    template with ``paraphrase_prob``, else the canonical template."""
     if free_prob and rng.random() < free_prob:
-        return free_caption(said, rng, synonym_prob=synonym_prob)
+        return free_caption(said, rng, synonym_prob=synonym_prob, alias_prob=alias_prob)
     template = int(rng.integers(1, CAPTION_TEMPLATES)) if rng.random() < paraphrase_prob else 0
     return caption(said, template)
 
@@ -130,6 +130,7 @@ def build_dataset(
     plural_prob: float = 0.0,
     unsaid_defaults: bool = False,
     synonym_prob: float = 0.0,
+    alias_prob: float = 0.6,
 ) -> list[dict[str, object]]:
     """Write `count` images `NNNNNN.png` + `NNNNNN.txt` and `metadata.jsonl` into `out_dir`.
 
@@ -138,7 +139,8 @@ def build_dataset(
     it out (independently per field). free_prob: chance of a freely worded caption (`phrasing.free_caption`).
     plural_prob: chance of a scene with two or three small copies of its subject. unsaid_defaults: draw the
     fields a caption leaves out at `UNSAID_DEFAULTS` instead of at random. synonym_prob: chance that a free
-    caption writes a colour as another spelling the parser reads ("grey", "navy"). Returns the metadata records
+    caption writes a colour as another spelling the parser reads ("grey", "navy"). alias_prob: chance that a
+    free caption calls an emoji by an everyday name ("a frog", "pizza") where it has one. Returns the metadata records
     (file, caption, full spec) in order.
     """
     omit_probs = dict(omit_probs or {})
@@ -158,7 +160,7 @@ def build_dataset(
         said = unsaid_fields(spec, wording, omit_probs)
         if unsaid_defaults:
             spec = with_unsaid_defaults(spec, said)
-        text = caption_variant(said, wording, paraphrase_prob, free_prob, synonym_prob)
+        text = caption_variant(said, wording, paraphrase_prob, free_prob, synonym_prob, alias_prob)
         image = render_scene(spec, rng, image_size)
         stem = f"{index:0{digits}d}"
         buffer = io.BytesIO()
@@ -193,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                              "instead of at random")
     parser.add_argument("--synonym-prob", type=float, default=0.0,
                         help="chance that a free caption writes a colour as another spelling (grey, violet, navy)")
+    parser.add_argument("--alias-prob", type=float, default=0.6,
+                        help="chance that a free caption calls an emoji by an everyday name (a frog, pizza, the moon)")
     for name in OMITTABLE_FIELDS:
         parser.add_argument(f"--omit-{name}", type=float, default=0.0, metavar="P",
                             help=f"chance that a caption leaves the {name} out")
@@ -201,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     omit = {name: getattr(args, f"omit_{name}") for name in OMITTABLE_FIELDS}
     build_dataset(args.out_dir, args.count, args.seed, args.kind, args.image_size, args.emoji_fraction,
                   args.paraphrase_prob, omit, args.free_prob, args.plural_prob, args.unsaid_defaults,
-                  args.synonym_prob)
+                  args.synonym_prob, args.alias_prob)
 
 
 if __name__ == "__main__":

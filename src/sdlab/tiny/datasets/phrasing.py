@@ -56,11 +56,11 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _subject(spec: SceneSpec, rng: np.random.Generator, colour: str | None) -> str:
+def _subject(spec: SceneSpec, rng: np.random.Generator, colour: str | None, alias_prob: float = 0.6) -> str:
     """'an apple', 'the red apple', 'two cats', 'a small blue star', 'a star in blue', 'red stars'; the
-    colour written as ``colour``."""
+    colour written as ``colour``; an emoji with everyday names is called by one of them with ``alias_prob``."""
     name = spec.subject
-    if spec.kind == "emoji" and name in _ALIASES_OF and rng.random() < 0.6:
+    if spec.kind == "emoji" and name in _ALIASES_OF and rng.random() < alias_prob:
         name = _pick(rng, _ALIASES_OF[name])
     if spec.count != 1:
         name = plural(name)
@@ -114,13 +114,14 @@ def _background(colour: str, rng: np.random.Generator) -> tuple[str, bool]:
 
 
 def free_caption(spec: SceneSpec, rng: np.random.Generator, distractor_prob: float = 0.15,
-                 synonym_prob: float = 0.0) -> str:
+                 synonym_prob: float = 0.0, alias_prob: float = 0.6) -> str:
     """A caption of what ``spec`` states (fields set to None are left unsaid), worded at random; each colour
     that has other spellings is written as one of them with ``synonym_prob`` (no draw at all when 0, so the
-    captions of a given seed stay what they were)."""
+    captions of a given seed stay what they were), an emoji by an everyday name ("a frog") with ``alias_prob``
+    where it has one."""
     colour = _spelling(spec.colour, rng, synonym_prob)
     background = _spelling(spec.background, rng, synonym_prob)
-    subject = _subject(spec, rng, colour)
+    subject = _subject(spec, rng, colour, alias_prob)
     parts = [subject]
     if spec.position is not None:
         parts.append(_position(spec.position, rng))
