@@ -107,6 +107,16 @@ def test_an_empty_image_scores_background_only() -> None:
     assert result["correct"]["background"] and not result["correct"]["top1"]
 
 
+def test_everyday_prompts_name_every_background_and_read_without_ignored_words() -> None:
+    from sdlab.tiny.datasets.captions import read_prompt
+    from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS
+
+    read = [read_prompt(p) for p in read_prompt_file(PROMPTS.with_name("everyday_prompts.txt"))]
+    assert all(not ignored for _, ignored in read)           # every word counts: no "hot" of "a hot dog" dropped
+    assert {spec.background for spec, _ in read} == set(BACKGROUND_COLOURS)
+    assert sum(spec.kind == "emoji" for spec, _ in read) >= 30
+
+
 def test_public_prompts_parse_and_cover_every_split() -> None:
     from sdlab.tiny.datasets.captions import phrasing_family, read_prompt
     from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS
