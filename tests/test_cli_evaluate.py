@@ -92,6 +92,8 @@ def test_eval_limit_and_defaults_from_the_family(model, prompts, tmp_path, capsy
     ("text", "extra", "message"),
     [
         ("a purple elephant riding a bicycle\n", [], "no known emoji"),
+        ("a red apple\na horse\na cat\nan octopus\n", [], "prompt 2: no known emoji name or shape in 'a horse'; "
+                                                      "prompt 4: no known"),
         ("# nothing but a comment\n", [], "no prompts"),
         (PROMPTS, ["--seeds", "0"], "at least 1"),
     ],

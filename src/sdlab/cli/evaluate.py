@@ -99,11 +99,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         prompts = prompts[: args.limit]
     if not prompts:
         raise UserError(f"{args.prompts} holds no prompts")
-    for prompt in prompts:         # refused before the model loads and the progress bar starts
+    unreadable = []                # refused before the model loads and the progress bar starts, all at once
+    for number, prompt in enumerate(prompts, 1):
         try:
             read_prompt(prompt)
         except ValueError as err:
-            raise UserError(f"{err}; `sdlab eval --help` gives the prompt grammar it scores") from None
+            unreadable.append(f"prompt {number}: {err}")
+    if unreadable:
+        listed = "; ".join(unreadable[:10]) + (f"; and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
+        raise UserError(f"{listed}; `sdlab eval --help` gives the prompt grammar it scores")
     dtype = dtype_from_name(args.dtype)
     finder = _lora_finder(args)
     loras = [_parse_lora(spec, finder) for spec in args.lora]
