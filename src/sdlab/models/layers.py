@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdlab.models import cpu_attention
+
 SDXL_SIZE_EMBED_DIM = 256  # width of each SDXL size / crop / aesthetic-score embedding (SGM `ConcatTimestepEmbedderND`)
 
 
@@ -51,7 +53,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, upcast: bool = False)
     """Multi-head scaled dot-product attention, softmax(q k^T / sqrt(d)) v per head, on (batch, tokens, channels).
 
     Heads are split as views (no copies) and the work goes to `F.scaled_dot_product_attention`, which picks
-    the fused flash / memory-efficient kernel for the device. `upcast` runs it in fp32 and casts back
+    the fused flash / memory-efficient kernel for the device, or for long bf16 self-attention on a CPU with
+    AVX512-BF16 to sdlab's own kernel (`cpu_attention`). `upcast` runs it in fp32 and casts back
     (SD 2.1 in fp16 overflows q k^T otherwise).
 
     q: (B, N, C), k and v: (B, M, C) -> (B, N, C)
@@ -63,5 +66,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, upcast: bool = False)
     q = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, N, d)
     k = k.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, M, d)
     v = v.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, M, d)
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+    out = cpu_attention.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
     return out.transpose(1, 2).reshape(b, n, c).to(dtype)  # (B, N, C)
