@@ -159,7 +159,12 @@ static void run_bf16(const torch::Tensor& q, const torch::Tensor& kp, const torc
 
 // q: (BH, Lq, D) bf16; kp: (BH, D/2, Lk, 2) bf16; vp: (BH, Lk/2, Dp, 2) bf16. Returns (BH, Lq, D) fp32.
 torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor kp, torch::Tensor vp, double scale2) {
-    TORCH_CHECK(q.is_contiguous() && kp.is_contiguous() && vp.is_contiguous());
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kp.scalar_type() == at::kBFloat16 && vp.scalar_type() == at::kBFloat16,
+                "q, k and v must be bf16");
+    TORCH_CHECK(q.is_contiguous() && kp.is_contiguous() && vp.is_contiguous(), "q, k and v must be contiguous");
+    TORCH_CHECK(q.dim() == 3 && kp.dim() == 4 && vp.dim() == 4 && kp.size(3) == 2 && vp.size(3) == 2, "bad layout");
+    TORCH_CHECK(kp.size(0) == q.size(0) && vp.size(0) == q.size(0) && kp.size(1) * 2 == q.size(2)
+                && vp.size(1) * 2 == kp.size(2) && vp.size(2) == (q.size(2) + 15) / 16 * 16, "q, k and v do not match");
     TORCH_CHECK(kp.size(2) % BK == 0, "keys must be a multiple of 64");
     auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(torch::kFloat32));
     const int64_t nv = vp.size(2) / 16;
@@ -177,7 +182,6 @@ torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor kp, torch::Ten
     return out;
 }
 #endif
-
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef __AVX512BF16__
