@@ -69,13 +69,14 @@ def _build() -> ModuleType | None:
 
 
 def suits(q: Tensor, k: Tensor, v: Tensor) -> bool:
-    """Whether (B, H, N, d) q, k, v are a case the kernel takes: bf16 on the CPU, no gradient wanted, at least
-    `MIN_TOKENS` keys in whole blocks, a head width it is compiled for."""
+    """Whether (B, H, N, d) q, k, v are a case the kernel takes: bf16 on the CPU, no gradient wanted, not
+    inside `torch.compile` (which fuses PyTorch's attention itself), at least `MIN_TOKENS` keys in whole
+    blocks, a head width it is compiled for."""
     return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
             and k.shape[-2] >= MIN_TOKENS and k.shape[-2] % KEY_BLOCK == 0 and q.shape[-1] in HEAD_WIDTHS
             and q.shape[-1] == k.shape[-1] == v.shape[-1]
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and enabled())
+            and not torch.compiler.is_compiling() and enabled())
 
 
 def flash_attention_bf16(module: ModuleType, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
