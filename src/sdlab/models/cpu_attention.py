@@ -28,7 +28,7 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu_attention.cpp"
-NAME = "sdlab_cpu_attention_v1"   # torch's extension cache keys builds by name (and rebuilds when SOURCE changes)
+NAME = "sdlab_cpu_attention_v2"   # torch's extension cache keys builds by name (and rebuilds when SOURCE changes)
 MIN_TOKENS = 1024           # below this the kernel's gain is a few milliseconds (and tiny models never build it)
 KEY_BLOCK = 64              # keys per block in the kernel: the key count must be a multiple
 HEAD_WIDTHS = {d for d in range(2, 161, 2) if (d + 15) // 16 in (1, 2, 3, 4, 5, 6, 8, 10)}
@@ -59,8 +59,8 @@ def _build() -> ModuleType | None:
         built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
         if not built.exists():
             logger.warning("building sdlab's bf16 CPU attention kernel (once; about 30 s)")
-        module = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native"],
-                                    verbose=False)
+        module = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                    extra_ldflags=["-fopenmp"], verbose=False)   # OpenMP: at::parallel_for uses the threads
     except Exception as err:   # no compiler, no ninja, a build error: PyTorch's attention instead
         logger.warning("sdlab's CPU attention kernel could not be built (%s); using PyTorch's attention",
                        str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
