@@ -44,14 +44,14 @@ PROMPTS = (
 )
 SEEDS = (0, 1)
 # share of the scored attributes the scorer finds right: (measured on the committed weights, bound).
-# Emoji identity is uneven per emoji (top-5 0.86 on the public eval file, recipe README; 8 of these 8 images
-# at the default 14 steps, 7 at 20 Karras steps), so its bound asks for half of them among the top 5 of 259
-# names (chance: about 1 in 50 per image)
-BOUNDS = {"background": (1.0, 0.75), "size + position": (1.0, 0.75), "shape + colour": (0.938, 0.6),
+# Emoji identity is uneven per emoji (top-5 0.88 on the public eval file, recipe README; 8 of these 8 images
+# at the default 14 steps), so its bound asks for half of them among the top 5 of 259 names (chance: about
+# 1 in 50 per image)
+BOUNDS = {"background": (1.0, 0.75), "size + position": (1.0, 0.75), "shape + colour": (0.875, 0.6),
           "emoji top-5": (1.0, 0.5)}
 ADAPTER = shipped_model_path().parent / "loras" / "sdlab-tiny-lcm.safetensors"
 # the four-step adapter's measured shares and bounds (the recipe README compares it with 20 steps)
-ADAPTER_BOUNDS = {"background": (1.0, 0.6), "size + position": (1.0, 0.75), "shape + colour": (0.938, 0.5),
+ADAPTER_BOUNDS = {"background": (0.917, 0.6), "size + position": (1.0, 0.75), "shape + colour": (0.875, 0.5),
                   "emoji top-5": (1.0, 0.4)}
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Retrain sdlab-tiny from scratch: data -> VAE -> text tower -> assemble -> VAE decoder -> U-Net (three runs)
 # -> v2 (VAE decoder, then U-Net + text tower on data v2) -> v2.1 / v2.2 / v2.3 (the same on data v3, v4, v5)
-# -> v2.4 (data v5 again, then data v6)
+# -> v2.4 (data v5 again, then data v6) -> v2.5 (data v8: more everyday names)
 # -> the four-step adapter (lcd_lora.toml, shipped) -> four-step distillation of the whole U-Net (lcd.toml).
 # Every stage is resumable: run this script again and finished stages are skipped, the unfinished one goes
 # on from its newest run checkpoint (--resume latest). A U-Net run ends at its config's max_steps, or
@@ -76,6 +76,7 @@ run_unet() {
 
 # build_v3_data DIR COUNT SEED EMOJI_FRACTION PLURAL_PROB [options]: a data set with data v3's wording
 # (paraphrases, free phrasing, left-out size / position / background drawn at their defaults); skipped when built.
+# Options given after PLURAL_PROB win over these (the last of a repeated option counts).
 build_v3_data() {
     local out=$1 count=$2 seed=$3 emoji=$4 plural=$5
     shift 5
@@ -127,7 +128,11 @@ echo "== $(date +%T) v2.4: data v6 (60000 new pictures, four in five emoji, one 
 build_v3_data "$RUN/data-v6" 60000 9 0.8 0.12 --synonym-prob 0.3
 echo "== $(date +%T) v2.4: U-Net and text tower fine-tuned on data v6, from the first v2.4 run's EMA weights"
 run_unet unet_v7.toml "$RUN/unet8/final-ema.safetensors" "$RUN/data-v6" "$RUN/unet9" || exit 0
-echo "== $(date +%T) four-step adapter (LCM-LoRA, rank 32), teacher = the v2.4 EMA weights (its LoRA off)"
+echo "== $(date +%T) v2.5: data v8 (60000 new pictures, one scene in seven with copies, more everyday names)"
+build_v3_data "$RUN/data-v8" 60000 11 0.8 0.15 --synonym-prob 0.3 --free-prob 0.65 --alias-prob 0.9
+echo "== $(date +%T) v2.5: U-Net and text tower fine-tuned on data v8, from the v2.4 EMA weights"
+run_unet unet_v8.toml "$RUN/unet9/final-ema.safetensors" "$RUN/data-v8" "$RUN/unet10" || exit 0
+echo "== $(date +%T) four-step adapter (LCM-LoRA, rank 32), teacher = the v2.4 EMA weights (its LoRA off; shipped with v2.5)"
 run_unet lcd_lora.toml "$RUN/unet9/final-ema.safetensors" "$RUN/data-v6" "$RUN/lcd-lora" \
     --cache-dir "$RUN/unet9/latent_cache" || exit 0
 echo "== $(date +%T) latent consistency distillation for four steps, teacher = the v2.4 EMA weights"
