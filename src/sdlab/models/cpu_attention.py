@@ -1,7 +1,7 @@
 """bf16 self-attention on CPUs with AVX512-BF16: sdlab's own flash-attention kernel (`kernels/cpu_attention.cpp`).
 
-PyTorch's CPU flash kernel computes bf16 attention in fp32 (one guided SD1.5 step at 512 px spends ~40 % of
-its time there); this one multiplies bf16 pairs with fp32 accumulation (`vdpbf16ps`), about 1.8 x faster on
+PyTorch's CPU flash kernel runs bf16 attention no faster than fp32 (one guided SD1.5 step at 512 px spends
+~40 % of its time there); this one multiplies bf16 pairs with fp32 accumulation (`vdpbf16ps`), about 1.8 x faster on
 SD1.5's 4,096-token, 40-channel heads, with the same error against an fp64 reference as PyTorch's bf16 kernel
 (`tests/test_cpu_attention.py`, `benchmarks/bench_unet.py`).
 

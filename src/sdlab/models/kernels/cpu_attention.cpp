@@ -5,8 +5,8 @@
 // m' = max(m, max s), p = 2^(s - m'), l = l * 2^(m - m') + sum p, acc = acc * 2^(m - m') + p v; out = acc / l.
 // Both products take bf16 pairs and accumulate in fp32 (vdpbf16ps: twice the fp32 FMA rate), so k is stored
 // as (D/2, Lk, 2) and v as (Lk/2, Dp, 2) pairs and p is rounded to bf16 before p v, as PyTorch's own bf16
-// kernel rounds it. Narrow heads (SD1.5's 40 channels) are where this pays: PyTorch's CPU kernel computes
-// bf16 attention in fp32.
+// kernel rounds it. Narrow heads (SD1.5's 40 channels) are where this pays: PyTorch's CPU kernel runs bf16
+// attention at its fp32 speed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
