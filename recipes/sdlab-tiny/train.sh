@@ -132,9 +132,9 @@ echo "== $(date +%T) v2.5: data v8 (60000 new pictures, one scene in seven with 
 build_v3_data "$RUN/data-v8" 60000 11 0.8 0.15 --synonym-prob 0.3 --free-prob 0.65 --alias-prob 0.9
 echo "== $(date +%T) v2.5: U-Net and text tower fine-tuned on data v8, from the v2.4 EMA weights"
 run_unet unet_v8.toml "$RUN/unet9/final-ema.safetensors" "$RUN/data-v8" "$RUN/unet10" || exit 0
-echo "== $(date +%T) four-step adapter (LCM-LoRA, rank 32), teacher = the v2.4 EMA weights (its LoRA off; shipped with v2.5)"
-run_unet lcd_lora.toml "$RUN/unet9/final-ema.safetensors" "$RUN/data-v6" "$RUN/lcd-lora" \
-    --cache-dir "$RUN/unet9/latent_cache" || exit 0
+echo "== $(date +%T) four-step adapter (LCM-LoRA, rank 32), teacher = the v2.5 EMA weights (its LoRA off)"
+run_unet lcd_lora.toml "$RUN/unet10/final-ema.safetensors" "$RUN/data-v8" "$RUN/lcd-lora" \
+    --cache-dir "$RUN/unet10/latent_cache" || exit 0
 echo "== $(date +%T) latent consistency distillation for four steps, teacher = the v2.4 EMA weights"
 run_unet lcd.toml "$RUN/unet9/final-ema.safetensors" "$RUN/data-v6" "$RUN/lcd" \
     --cache-dir "$RUN/unet9/latent_cache" || exit 0
