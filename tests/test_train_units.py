@@ -140,6 +140,23 @@ def _tiny_unet() -> UNet:
     return UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, transformer_depth=(1, 1), context_dim=32))
 
 
+def test_conv_lora_gradients_are_laid_out_as_their_weights():
+    """DDP buckets a gradient by its weight's strides: a channels-last U-Net gives its conv LoRA branches
+    channels-last gradients, so their weights must be channels-last too (else DDP warns and copies)."""
+    unet = _tiny_unet().to(memory_format=torch.channels_last)
+    net = LoRANetwork.for_unet(unet, rank=4, alpha=8, convs=True).attach()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.05, generator=g)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([500.0, 20.0]), torch.randn(2, 77, 32, generator=g)
+    unet(x, t, ctx).square().mean().backward()
+    convs = [p for p in net.parameters() if p.dim() == 4]
+    assert any(p.shape[-1] == 3 for p in convs) and any(p.shape[-1] == 1 and p.shape[1] > 1 for p in convs)
+    for p in convs:
+        assert p.grad is not None and p.grad.stride() == p.stride(), (p.shape, p.stride(), p.grad.stride())
+
+
 def test_lora_hooks_merge_and_file_roundtrip(tmp_path):
     unet = _tiny_unet()
     g = torch.Generator().manual_seed(1)

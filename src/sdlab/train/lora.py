@@ -140,6 +140,10 @@ class LoRANetwork(nn.Module):
             if isinstance(layer, nn.Conv2d):
                 lora = LoRAModule(layer.in_channels, layer.out_channels, rank, alpha, True, layer.kernel_size,
                                   layer.stride, layer.padding)
+                if layer.weight.is_contiguous(memory_format=torch.channels_last):
+                    # the layer runs channels-last (sdlab's U-Net), so do the branch's gradients: weights laid
+                    # out alike keep DDP's gradient buckets from copying them (its "grad strides" warning)
+                    lora = lora.to(memory_format=torch.channels_last)
             else:
                 lora = LoRAModule(layer.in_features, layer.out_features, rank, alpha)
             self.loras[name] = lora.to(device=layer.weight.device, dtype=torch.float32)
