@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 
-__all__ = ["A1111_SCHEDULERS", "a1111_label", "schedule_from_a1111"]
+__all__ = ["A1111_SCHEDULERS", "a1111_label", "schedule_from_a1111", "schedule_key"]
 
 #: A1111 key -> (its label, the sdlab discretization; None for "automatic" = the model's default)
 A1111_SCHEDULERS: dict[str, tuple[str, str | None]] = {
@@ -27,7 +27,8 @@ A1111_SCHEDULERS: dict[str, tuple[str, str | None]] = {
 _LABELS = {target: label for label, target in A1111_SCHEDULERS.values() if target is not None}
 
 
-def _key(name: str) -> str:
+def schedule_key(name: str) -> str:
+    """A schedule name as the tables key it: "SGM Uniform" -> "sgm_uniform"."""
     return name.strip().lower().replace(" ", "_")
 
 
@@ -36,15 +37,15 @@ def a1111_label(schedule: str | None) -> str | None:
     A1111 does not have keeps its sdlab name."""
     if schedule is None:
         return None
-    return _LABELS.get(_key(schedule), schedule)
+    return _LABELS.get(schedule_key(schedule), schedule)
 
 
 def schedule_from_a1111(name: str) -> str | None:
     """An A1111 key or label, or an sdlab discretization name -> sdlab's name; None for "automatic" (the
     model's default). ValueError names the valid choices when it is none of these."""
-    key = _key(name)
+    key = schedule_key(name)
     for a1111, (label, target) in A1111_SCHEDULERS.items():
-        if key in (a1111, _key(label)):
+        if key in (a1111, schedule_key(label)):
             return target
     if key in DISCRETIZATIONS:
         return key

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES
-from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111
+from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import split_prompt_loras
@@ -183,7 +183,7 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         try:
             fields["schedule"] = schedule_from_a1111(fields["schedule"])
         except ValueError:  # one sdlab lacks: the request's check names it
-            fields["schedule"] = fields["schedule"].strip().lower().replace(" ", "_")
+            fields["schedule"] = schedule_key(fields["schedule"])
         if fields["schedule"] is None:  # A1111's "Automatic": the sampler's own default
             del fields["schedule"]
     return fields

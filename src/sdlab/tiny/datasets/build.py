@@ -32,7 +32,7 @@ from sdlab.tiny.datasets.captions import CAPTION_TEMPLATES, COUNTS, SHAPES, Scen
 from sdlab.tiny.datasets.colours import BACKGROUND_COLOURS, MIN_CONTRAST, SUBJECT_COLOURS, contrasting
 from sdlab.tiny.datasets.emoji_subset import EMOJI_NAMES
 from sdlab.tiny.datasets.layout import POSITIONS, SIZES
-from sdlab.tiny.datasets.phrasing import free_caption
+from sdlab.tiny.datasets.phrasing import ALIAS_PROB, free_caption
 from sdlab.tiny.datasets.scene import render_scene
 from sdlab.tiny.datasets.shapes import is_held_out
 from sdlab.utils.files import atomic_write
@@ -102,7 +102,7 @@ def with_unsaid_defaults(spec: SceneSpec, said: SceneSpec) -> SceneSpec:
 
 
 def caption_variant(said: SceneSpec, rng: np.random.Generator, paraphrase_prob: float, free_prob: float = 0.0,
-                    synonym_prob: float = 0.0, alias_prob: float = 0.6) -> str:
+                    synonym_prob: float = 0.0, alias_prob: float = ALIAS_PROB) -> str:
     """The caption of what ``said`` states (`unsaid_fields`): free phrasing with ``free_prob`` (colours written
     as other spellings with ``synonym_prob``, emoji by everyday names with ``alias_prob``), else a paraphrase
     template with ``paraphrase_prob``, else the canonical template."""
@@ -130,7 +130,7 @@ def build_dataset(
     plural_prob: float = 0.0,
     unsaid_defaults: bool = False,
     synonym_prob: float = 0.0,
-    alias_prob: float = 0.6,
+    alias_prob: float = ALIAS_PROB,
 ) -> list[dict[str, object]]:
     """Write `count` images `NNNNNN.png` + `NNNNNN.txt` and `metadata.jsonl` into `out_dir`.
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                              "instead of at random")
     parser.add_argument("--synonym-prob", type=float, default=0.0,
                         help="chance that a free caption writes a colour as another spelling (grey, violet, navy)")
-    parser.add_argument("--alias-prob", type=float, default=0.6,
+    parser.add_argument("--alias-prob", type=float, default=ALIAS_PROB,
                         help="chance that a free caption calls an emoji by an everyday name (a frog, pizza, the moon)")
     for name in OMITTABLE_FIELDS:
         parser.add_argument(f"--omit-{name}", type=float, default=0.0, metavar="P",

@@ -20,7 +20,7 @@ from sdlab.tiny.datasets.captions import SceneSpec
 from sdlab.tiny.datasets.colours import COLOUR_SYNONYMS
 from sdlab.tiny.datasets.vocabulary import EMOJI_ALIASES, plural
 
-__all__ = ["DISTRACTOR_WORDS", "free_caption"]
+__all__ = ["ALIAS_PROB", "DISTRACTOR_WORDS", "free_caption"]
 
 #: words of ordinary prompts that name nothing in the scene (none of them is a word of the grammar)
 DISTRACTOR_WORDS: tuple[str, ...] = (
@@ -31,6 +31,9 @@ DISTRACTOR_WORDS: tuple[str, ...] = (
     "trending", "award winning", "professional", "studio lighting", "4k", "8k",
     "highly detailed", "vibrant", "soft", "bright", "bold", "glossy", "shiny", "kawaii", "adorable",
 )
+
+#: how often a free caption calls an emoji that has everyday names by one of them (data v2 to v7)
+ALIAS_PROB = 0.6
 
 #: caption name -> its everyday words, in EMOJI_ALIASES order
 _ALIASES_OF: dict[str, list[str]] = {
@@ -56,7 +59,7 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _subject(spec: SceneSpec, rng: np.random.Generator, colour: str | None, alias_prob: float = 0.6) -> str:
+def _subject(spec: SceneSpec, rng: np.random.Generator, colour: str | None, alias_prob: float = ALIAS_PROB) -> str:
     """'an apple', 'the red apple', 'two cats', 'a small blue star', 'a star in blue', 'red stars'; the
     colour written as ``colour``; an emoji with everyday names is called by one of them with ``alias_prob``."""
     name = spec.subject
@@ -114,7 +117,7 @@ def _background(colour: str, rng: np.random.Generator) -> tuple[str, bool]:
 
 
 def free_caption(spec: SceneSpec, rng: np.random.Generator, distractor_prob: float = 0.15,
-                 synonym_prob: float = 0.0, alias_prob: float = 0.6) -> str:
+                 synonym_prob: float = 0.0, alias_prob: float = ALIAS_PROB) -> str:
     """A caption of what ``spec`` states (fields set to None are left unsaid), worded at random; each colour
     that has other spellings is written as one of them with ``synonym_prob`` (no draw at all when 0, so the
     captions of a given seed stay what they were), an emoji by an everyday name ("a frog") with ``alias_prob``
