@@ -21,11 +21,21 @@ def kernel():
 
 
 def _qkv(shape_q, keys, seed, spread=1.0):
+    """bf16 (B, N, C) q and (B, M, C) k, v as the U-Net's projections give them; q is a view of rows
+    wider than C (as a fused projection's chunk would be)."""
     g = torch.Generator().manual_seed(seed)
     b, h, n, d = shape_q
-    q = torch.randn(b, h, n, d, generator=g) * spread
-    k, v = (torch.randn(b, h, keys, d, generator=g) for _ in range(2))
+    q = (torch.randn(b, n, 2 * h * d, generator=g) * spread)[..., : h * d]
+    k, v = (torch.randn(b, keys, h * d, generator=g) for _ in range(2))
     return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def _heads(x, h):
+    return x.unflatten(-1, (h, -1)).transpose(1, 2)   # (B, N, C) -> (B, H, N, d)
+
+
+def _merged(x):
+    return x.transpose(1, 2).flatten(2)               # (B, H, N, d) -> (B, N, C)
 
 
 @pytest.mark.parametrize(("shape_q", "keys", "spread"), [
@@ -33,15 +43,16 @@ def _qkv(shape_q, keys, seed, spread=1.0):
     ((1, 4, 1024, 64), 1024, 1.0),     # SD2 / SDXL heads
     ((1, 2, 1024, 80), 1024, 1.0),
     ((1, 2, 1024, 160), 1024, 1.0),
-    ((2, 3, 100, 40), 1088, 1.0),      # queries not a whole tile, keys not a power of two
+    ((2, 3, 100, 24), 1088, 1.0),      # queries not a whole tile, keys not a power of two, a narrow head
     ((1, 2, 1024, 40), 1024, 6.0),     # peaked softmax: the running maximum moves between blocks
 ])
 def test_kernel_is_as_close_to_fp64_as_pytorchs_bf16_attention(kernel, shape_q, keys, spread):
+    h = shape_q[1]
     q, k, v = _qkv(shape_q, keys, seed=keys + shape_q[-1], spread=spread)
-    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    ours = cpu_attention.flash_attention_bf16(kernel, q, k, v)
-    theirs = F.scaled_dot_product_attention(q, k, v)
-    assert ours.dtype == torch.bfloat16 and ours.shape == theirs.shape
+    exact = _merged(F.scaled_dot_product_attention(*(_heads(x.double(), h) for x in (q, k, v))))
+    ours = cpu_attention.attention(q, k, v, h)
+    theirs = _merged(F.scaled_dot_product_attention(*(_heads(x, h) for x in (q, k, v))))
+    assert ours.dtype == torch.bfloat16 and ours.shape == theirs.shape == q.shape
     ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
     # bf16 output rounding dominates both: the same bound as PyTorch's kernel, with a little room
     assert ours_err.max() <= 1.5 * theirs_err.max() + 1e-4
@@ -50,20 +61,24 @@ def test_kernel_is_as_close_to_fp64_as_pytorchs_bf16_attention(kernel, shape_q, 
 
 def test_layers_attention_sends_long_bf16_self_attention_to_the_kernel(kernel, monkeypatch):
     calls = []
-    real = cpu_attention.flash_attention_bf16
-    monkeypatch.setattr(cpu_attention, "flash_attention_bf16", lambda *a: calls.append(a[1].shape) or real(*a))
+    real = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda q, k, v, heads: calls.append((q.shape, heads)) or real(q, k, v, heads))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 1024, 80, generator=g).bfloat16()              # (B, N, C): 2 heads of 40
     context = torch.randn(1, 77, 80, generator=g).bfloat16()
     out = attention(x, x, x, heads=2)
-    assert calls == [(1, 2, 1024, 40)] and out.shape == x.shape
-    reference = F.scaled_dot_product_attention(*(t.unflatten(-1, (2, -1)).transpose(1, 2) for t in (x, x, x)))
-    assert (out.float() - reference.transpose(1, 2).reshape(1, 1024, 80).float()).abs().max() < 0.02
+    assert calls == [((1, 1024, 80), 2)] and out.shape == x.shape
+    reference = _merged(F.scaled_dot_product_attention(*(_heads(t, 2) for t in (x, x, x))))
+    assert (out.float() - reference.float()).abs().max() < 0.02
     calls.clear()
     attention(x, context, context, heads=2)                           # cross-attention: 77 keys
     attention(x.float(), x.float(), x.float(), heads=2)               # fp32
     attention(x[:, :512], x[:, :512], x[:, :512], heads=2)            # short: below MIN_TOKENS
     attention(x, x, x, heads=2, upcast=True)                          # upcast runs fp32
+    attention(x, x, x, heads=5)                                       # heads of 16 go to the kernel too
+    assert calls == [((1, 1024, 80), 5)]
+    calls.clear()
+    attention(x[..., :78], x[..., :78], x[..., :78], heads=2)         # odd head width (39)
     wanting = x.detach().clone().requires_grad_()
     attention(wanting, wanting, wanting, heads=2).float().sum().backward()   # training: autograd needs PyTorch's
     assert calls == [] and wanting.grad is not None
@@ -77,11 +92,12 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(monkeypatch):
     monkeypatch.setattr(cpu_attention, "SOURCE", cpu_attention.SOURCE.with_name("missing.cpp"))
 
     def failing_load(**kwargs):
-        raise RuntimeError("Error building extension 'sdlab_cpu_attention_v1'")
+        raise RuntimeError("Error building extension 'sdlab_cpu_attention'")
 
     import torch.utils.cpp_extension as cpp_extension
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     q, k, v = _qkv((1, 2, 1024, 40), 1024, seed=3)
-    out = cpu_attention.scaled_dot_product_attention(q, k, v)
-    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    assert cpu_attention.suits(q, k, v, 2)
+    out = attention(q, k, v, heads=2)
+    assert torch.equal(out, _merged(F.scaled_dot_product_attention(*(_heads(x, 2) for x in (q, k, v)))))
     assert cpu_attention._state == {"module": None}                  # tried once, not on every call

@@ -59,6 +59,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, upcast: bool = False)
 
     q: (B, N, C), k and v: (B, M, C) -> (B, N, C)
     """
+    if not upcast and cpu_attention.suits(q, k, v, heads):
+        out = cpu_attention.attention(q, k, v, heads)
+        if out is not None:
+            return out
     b, n, c = q.shape
     dtype = q.dtype
     if upcast and dtype != torch.float32:
@@ -66,5 +70,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int, upcast: bool = False)
     q = q.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, N, d)
     k = k.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, M, d)
     v = v.unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, M, d)
-    out = cpu_attention.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, d)
     return out.transpose(1, 2).reshape(b, n, c).to(dtype)  # (B, N, C)

@@ -1,72 +1,49 @@
 // Flash attention forward for bf16 on CPUs with AVX512-BF16 (sdlab.models.cpu_attention builds and calls it).
 //
 // softmax(q k^T * scale) v per head, one pass over the keys in blocks of BK with a running row maximum m and
-// row sum l (the "online softmax" of FlashAttention): for each block, s = q k^T * scale * log2(e) in fp32,
-// m' = max(m, max s), p = 2^(s - m'), l = l * 2^(m - m') + sum p, acc = acc * 2^(m - m') + p v; out = acc / l.
-// Both products take bf16 pairs and accumulate in fp32 (vdpbf16ps: twice the fp32 FMA rate), so k is stored
-// as (D/2, Lk, 2) and v as (Lk/2, Dp, 2) pairs and p is rounded to bf16 before p v, as PyTorch's own bf16
-// kernel rounds it. Narrow heads (SD1.5's 40 channels) are where this pays: PyTorch's CPU kernel runs bf16
-// attention at its fp32 speed.
+// row sum l (the "online softmax" of FlashAttention): for each block, s = q k^T in fp32, m' = max(m, max s),
+// p = 2^((s - m') * scale * log2(e)), l = l * a + sum p, acc = acc * a + p v with a = 2^((m - m') * scale * log2(e));
+// out = acc / l. m only moves when a block holds a larger score (rare after the first blocks), so most blocks
+// skip the row reductions and the rescaling. Both products take bf16 pairs and accumulate in fp32 (vdpbf16ps:
+// twice the fp32 FMA rate), so each head's k is packed as (D/2, Lk, 2) and v as (Lk/2, Dp, 2) pairs and p is
+// rounded to bf16 before p v, as PyTorch's own bf16 kernel rounds it. Narrow heads (SD1.5's 40 channels) are
+// where this pays: PyTorch's CPU kernel runs bf16 attention at its fp32 speed.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
 #include <limits>
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef int i16 __attribute__((vector_size(64)));
-
-static inline v16 load(const float* p) { v16 v; std::memcpy(&v, p, 64); return v; }
-static inline void store(float* p, v16 v) { std::memcpy(p, &v, 64); }
-static inline v16 splat(float x) { return (v16){} + x; }
-
-static inline float hsum(v16 v) {
-    v = v + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    v = v + __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-    v = v + __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-    v = v + __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-    return v[0];
-}
-
-// 2^x for x <= 0 (x >= -126 after clamping): 2^floor(x) from the exponent bits times a degree-6 polynomial
-// of the fraction (relative error ~2e-7).
-static inline v16 exp2v(v16 x) {
-    x = x < -126.f ? splat(-126.f) : x;
-    i16 xi = __builtin_convertvector(x, i16);                 // truncation toward zero
-    v16 xf = __builtin_convertvector(xi, v16);
-    i16 adjust = xf > x;                                      // -1 where truncation rounded up (x < 0)
-    xi = xi + adjust;
-    xf = __builtin_convertvector(xi, v16);
-    v16 f = x - xf;                                           // [0, 1)
-    v16 p = splat(1.5353362e-4f);
-    p = p * f + 1.3398874e-3f;
-    p = p * f + 9.6181293e-3f;
-    p = p * f + 5.5504109e-2f;
-    p = p * f + 2.4022651e-1f;
-    p = p * f + 6.9314718e-1f;
-    p = p * f + 1.0f;
-    i16 bits = (xi + 127) << 23;
-    v16 scale;
-    std::memcpy(&scale, &bits, 64);
-    return p * scale;
-}
-
 constexpr int BK = 64;   // keys per block (4 vectors of 16)
 constexpr int QT = 64;   // query rows per task
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 
-// bf16 inputs, fp32 accumulation (AVX512-BF16 dot products of pairs). q: (Lq, D) bf16; kp: (D/2, Lk, 2) bf16;
-// vp: (Lk/2, NV*16, 2) bf16; out: (Lq, D) fp32. scale2 = scale * log2(e).
+// 2^x for x <= 0: 2^floor(x) applied by vscalefps to a degree-3 polynomial of the fraction (relative error
+// < 1e-4, twenty times below the bf16 rounding p gets before p v). x below -127 gives 0 or a denormal.
+static inline __m512 exp2_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
+    const __m512 xf = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, xf);                                         // [0, 1)
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07705975f), f, _mm512_set1_ps(0.22764373f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6951233f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, xf);
+}
+
+// Query rows r0..r1 of one head. bf16 inputs, fp32 accumulation (AVX512-BF16 dot products of pairs).
+// q: rows of D bf16 values `qs` apart; kp: (D/2, Lk, 2) bf16; vp: (Lk/2, NV*16, 2) bf16; out: rows of D bf16
+// values `os` apart. scale2 = scale * log2(e).
 template <int NV, int ROWS>
-static void attend_rows_bf16(const uint16_t* q, const uint16_t* kp, const uint16_t* vp, float* out, int64_t D,
-                             int64_t Lk, float scale2, int64_t r0, int64_t r1) {
+static void attend_rows_bf16(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out,
+                             int64_t os, int64_t D, int64_t Lk, float scale2, int64_t r0, int64_t r1) {
     const int64_t Dp = NV * 16, D2 = D / 2;
     const int64_t n = r1 - r0;
-    float m[QT], l[QT];
+    float m[QT];
+    __m512 l[QT];
     alignas(64) float acc[QT * NV * 16];
     alignas(64) uint16_t p[ROWS * BK];
-    for (int64_t r = 0; r < n; ++r) { m[r] = -std::numeric_limits<float>::infinity(); l[r] = 0.f; }
+    for (int64_t r = 0; r < n; ++r) { m[r] = -std::numeric_limits<float>::infinity(); l[r] = _mm512_setzero_ps(); }
     std::memset(acc, 0, sizeof(float) * n * Dp);
     const __m512 vscale = _mm512_set1_ps(scale2);
     for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
@@ -74,7 +51,7 @@ static void attend_rows_bf16(const uint16_t* q, const uint16_t* kp, const uint16
             const int rows = (int)std::min<int64_t>(ROWS, n - rr);
             __m512 s[ROWS][4];
             for (int r = 0; r < ROWS; ++r) for (int c = 0; c < 4; ++c) s[r][c] = _mm512_setzero_ps();
-            const uint16_t* qrow = q + (r0 + rr) * D;
+            const uint16_t* qrow = q + (r0 + rr) * qs;
             for (int64_t t = 0; t < D2; ++t) {
                 const uint16_t* krow = kp + (t * Lk + j0) * 2;
                 __m512bh k0 = (__m512bh)_mm512_loadu_si512(krow), k1 = (__m512bh)_mm512_loadu_si512(krow + 32),
@@ -83,7 +60,7 @@ static void attend_rows_bf16(const uint16_t* q, const uint16_t* kp, const uint16
                 for (int r = 0; r < ROWS; ++r) {
                     if (r < rows) {
                         uint32_t pair;
-                        std::memcpy(&pair, qrow + r * D + 2 * t, 4);
+                        std::memcpy(&pair, qrow + r * qs + 2 * t, 4);
                         __m512bh b = (__m512bh)_mm512_set1_epi32((int)pair);
                         s[r][0] = _mm512_dpbf16_ps(s[r][0], b, k0); s[r][1] = _mm512_dpbf16_ps(s[r][1], b, k1);
                         s[r][2] = _mm512_dpbf16_ps(s[r][2], b, k2); s[r][3] = _mm512_dpbf16_ps(s[r][3], b, k3);
@@ -91,28 +68,22 @@ static void attend_rows_bf16(const uint16_t* q, const uint16_t* kp, const uint16
                 }
             }
             for (int r = 0; r < rows; ++r) {
-                for (int c = 0; c < 4; ++c) s[r][c] = _mm512_mul_ps(s[r][c], vscale);
-                __m512 mx4 = _mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3]));
-                const float mx = _mm512_reduce_max_ps(mx4);
                 const int64_t row = rr + r;
-                const float mnew = mx > m[row] ? mx : m[row];
-                const float alpha = std::exp2(m[row] - mnew);
-                __m512 e[4];
-                v16 sum = splat(0.f);
-                for (int c = 0; c < 4; ++c) {
-                    v16 x; std::memcpy(&x, &s[r][c], 64);
-                    v16 ev = exp2v(x - mnew);
-                    sum += ev;
-                    std::memcpy(&e[c], &ev, 64);
+                const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3]));
+                if (_mm512_cmp_ps_mask(mx4, _mm512_set1_ps(m[row]), _CMP_GT_OQ)) {   // a new row maximum (rare after the first blocks)
+                    const float mnew = _mm512_reduce_max_ps(mx4);
+                    const float alpha = std::exp2((m[row] - mnew) * scale2);
+                    m[row] = mnew;
+                    l[row] = _mm512_mul_ps(l[row], _mm512_set1_ps(alpha));
+                    float* a = acc + row * Dp;
+                    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(a + c * 16, _mm512_mul_ps(_mm512_loadu_ps(a + c * 16), _mm512_set1_ps(alpha)));
                 }
+                const __m512 shift = _mm512_set1_ps(-m[row] * scale2);
+                __m512 e[4];
+                for (int c = 0; c < 4; ++c) e[c] = exp2_ps(_mm512_fmadd_ps(s[r][c], vscale, shift));
                 _mm512_storeu_si512(p + r * BK, (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
                 _mm512_storeu_si512(p + r * BK + 32, (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
-                l[row] = l[row] * alpha + hsum(sum);
-                m[row] = mnew;
-                if (alpha != 1.f) {
-                    float* a = acc + row * Dp;
-                    for (int c = 0; c < NV; ++c) store(a + c * 16, load(a + c * 16) * alpha);
-                }
+                l[row] = _mm512_add_ps(l[row], _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3])));
             }
             __m512 o[ROWS][NV];
             for (int r = 0; r < ROWS; ++r) for (int c = 0; c < NV; ++c)
@@ -132,51 +103,86 @@ static void attend_rows_bf16(const uint16_t* q, const uint16_t* kp, const uint16
             for (int r = 0; r < rows; ++r) for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + (rr + r) * Dp + c * 16, o[r][c]);
         }
     }
-    for (int64_t r = 0; r < n; ++r) {
-        const float inv = 1.f / l[r];
-        float* dst = out + (r0 + r) * D;
-        for (int64_t c = 0; c < D; ++c) dst[c] = acc[r * Dp + c] * inv;
+    for (int64_t r = 0; r < n; ++r) {   // out = acc / l, rounded to bf16 (the padding lanes of acc are dropped)
+        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(l[r]));
+        uint16_t* dst = out + (r0 + r) * os;
+        for (int64_t c = 0; c < D; c += 16) {
+            const __mmask16 keep = D - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - c)) - 1);
+            const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + r * Dp + c), inv));
+            _mm256_mask_storeu_epi16(dst + c, keep, y);
+        }
+    }
+}
+
+// k of one head, rows `ks` bf16 values apart -> kp: (D/2, Lk, 2), pairs of channels per key, keys contiguous.
+static void pack_keys(const uint16_t* k, int64_t ks, uint16_t* kp, int64_t D, int64_t Lk) {
+    for (int64_t j0 = 0; j0 < Lk; j0 += BK)          // a block of keys at a time, so its rows stay in cache
+        for (int64_t t = 0; t < D / 2; ++t)
+            for (int64_t j = j0; j < j0 + BK; ++j) std::memcpy(kp + (t * Lk + j) * 2, k + j * ks + 2 * t, 4);
+}
+
+// v of one head, rows `vs` bf16 values apart -> vp: (Lk/2, Dp, 2), each channel's values for keys 2u and 2u+1
+// side by side; channels D..Dp are zero.
+static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, int64_t Dp, int64_t Lk) {
+    for (int64_t u = 0; u < Lk / 2; ++u) {
+        const uint16_t* a = v + 2 * u * vs;
+        const uint16_t* b = a + vs;
+        uint16_t* dst = vp + u * Dp * 2;
+        for (int64_t c = 0; c < D; ++c) { dst[2 * c] = a[c]; dst[2 * c + 1] = b[c]; }
+        std::memset(dst + 2 * D, 0, sizeof(uint16_t) * 2 * (Dp - D));
     }
 }
 
 template <int NV, int ROWS>
-static void run_bf16(const torch::Tensor& q, const torch::Tensor& kp, const torch::Tensor& vp, torch::Tensor& out, float scale2) {
-    const int64_t BH = q.size(0), Lq = q.size(1), D = q.size(2), Lk = kp.size(2);
-    const int64_t tiles = (Lq + QT - 1) / QT;
-    const uint16_t* qd = reinterpret_cast<const uint16_t*>(q.data_ptr<at::BFloat16>());
-    const uint16_t* kd = reinterpret_cast<const uint16_t*>(kp.data_ptr<at::BFloat16>());
-    const uint16_t* vd = reinterpret_cast<const uint16_t*>(vp.data_ptr<at::BFloat16>());
-    float* od = out.data_ptr<float>();
+static void run_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+                     int64_t heads, float scale2) {
+    const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1), D = q.size(2) / heads, Dp = NV * 16;
+    const int64_t BH = B * heads, tiles = (Lq + QT - 1) / QT;
+    auto kp = torch::empty({BH, D / 2, Lk, 2}, k.options());
+    auto vp = torch::empty({BH, Lk / 2, Dp, 2}, v.options());
+    auto u16 = [](const torch::Tensor& x) { return reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()); };
+    const uint16_t *qd = u16(q), *kd = u16(k), *vd = u16(v);
+    uint16_t *kpd = u16(kp), *vpd = u16(vp), *od = u16(out);
+    const int64_t qb = q.stride(0), qs = q.stride(1), kb = k.stride(0), ks = k.stride(1), vb = v.stride(0), vs = v.stride(1);
+    const int64_t ob = out.stride(0), os = out.stride(1);
+    at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t bh = begin; bh < end; ++bh) {
+            const int64_t b = bh / heads, h = bh % heads;
+            pack_keys(kd + b * kb + h * D, ks, kpd + bh * D * Lk, D, Lk);
+            pack_values(vd + b * vb + h * D, vs, vpd + bh * Lk * Dp, D, Dp, Lk);
+        }
+    });
     at::parallel_for(0, BH * tiles, 1, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-            const int64_t bh = t / tiles, tile = t % tiles;
+            const int64_t bh = t / tiles, tile = t % tiles, b = bh / heads, h = bh % heads;
             const int64_t r0 = tile * QT, r1 = std::min<int64_t>(Lq, r0 + QT);
-            attend_rows_bf16<NV, ROWS>(qd + bh * Lq * D, kd + bh * D * Lk, vd + bh * Lk * NV * 16, od + bh * Lq * D,
+            attend_rows_bf16<NV, ROWS>(qd + b * qb + h * D, qs, kpd + bh * D * Lk, vpd + bh * Lk * Dp, od + b * ob + h * D, os,
                                        D, Lk, scale2, r0, r1);
         }
     });
 }
 
-// q: (BH, Lq, D) bf16; kp: (BH, D/2, Lk, 2) bf16; vp: (BH, Lk/2, Dp, 2) bf16. Returns (BH, Lq, D) fp32.
-torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor kp, torch::Tensor vp, double scale2) {
-    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && kp.scalar_type() == at::kBFloat16 && vp.scalar_type() == at::kBFloat16,
+// Multi-head attention on (batch, tokens, channels) tensors: q: (B, Lq, C), k and v: (B, Lk, C) bf16 with
+// contiguous channels (rows may be views into a wider tensor), C = heads * D. Returns (B, Lq, C) bf16.
+torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t heads, double scale2) {
+    TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
                 "q, k and v must be bf16");
-    TORCH_CHECK(q.is_contiguous() && kp.is_contiguous() && vp.is_contiguous(), "q, k and v must be contiguous");
-    TORCH_CHECK(q.dim() == 3 && kp.dim() == 4 && vp.dim() == 4 && kp.size(3) == 2 && vp.size(3) == 2, "bad layout");
-    TORCH_CHECK(kp.size(0) == q.size(0) && vp.size(0) == q.size(0) && kp.size(1) * 2 == q.size(2)
-                && vp.size(1) * 2 == kp.size(2) && vp.size(2) == (q.size(2) + 15) / 16 * 16, "q, k and v do not match");
-    TORCH_CHECK(kp.size(2) % BK == 0, "keys must be a multiple of 64");
-    auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(torch::kFloat32));
-    const int64_t nv = vp.size(2) / 16;
-    switch (nv) {
-        case 1: run_bf16<1, 6>(q, kp, vp, out, scale2); break;
-        case 2: run_bf16<2, 6>(q, kp, vp, out, scale2); break;
-        case 3: run_bf16<3, 4>(q, kp, vp, out, scale2); break;
-        case 4: run_bf16<4, 4>(q, kp, vp, out, scale2); break;
-        case 5: run_bf16<5, 3>(q, kp, vp, out, scale2); break;
-        case 6: run_bf16<6, 2>(q, kp, vp, out, scale2); break;
-        case 8: run_bf16<8, 2>(q, kp, vp, out, scale2); break;
-        case 10: run_bf16<10, 2>(q, kp, vp, out, scale2); break;
+    TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
+                "q, k and v must be (batch, tokens, channels) with contiguous channels");
+    TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(2) == q.size(2) && v.size(2) == q.size(2)
+                && v.size(1) == k.size(1), "q, k and v do not match");
+    TORCH_CHECK(heads > 0 && q.size(2) % heads == 0 && (q.size(2) / heads) % 2 == 0, "the head width must be even");
+    TORCH_CHECK(k.size(1) % BK == 0, "keys must be a multiple of 64");
+    auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+    switch ((q.size(2) / heads + 15) / 16) {   // 16-lane vectors per head
+        case 1: run_bf16<1, 6>(q, k, v, out, heads, scale2); break;
+        case 2: run_bf16<2, 6>(q, k, v, out, heads, scale2); break;
+        case 3: run_bf16<3, 4>(q, k, v, out, heads, scale2); break;
+        case 4: run_bf16<4, 4>(q, k, v, out, heads, scale2); break;
+        case 5: run_bf16<5, 3>(q, k, v, out, heads, scale2); break;
+        case 6: run_bf16<6, 2>(q, k, v, out, heads, scale2); break;
+        case 8: run_bf16<8, 2>(q, k, v, out, heads, scale2); break;
+        case 10: run_bf16<10, 2>(q, k, v, out, heads, scale2); break;
         default: TORCH_CHECK(false, "unsupported head width");
     }
     return out;
