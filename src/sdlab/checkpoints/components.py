@@ -23,7 +23,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import LazyMapping, dtypes_of, shapes_of
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNet, UNetConfig
-from sdlab.models.vae import VAEConfig
+from sdlab.models.vae import AutoencoderKL, VAEConfig
 
 ComponentConfig = UNetConfig | VAEConfig | CLIPTextConfig
 
@@ -156,7 +156,9 @@ class ComponentSource:
         left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.device.type == "meta"]
         if left:
             raise CheckpointError(f"{self.origin}: {self.name}: tensors without data after loading: {_listing(left)}")
-        if isinstance(module, UNet):  # assigned tensors arrive contiguous; the U-Net's convs run fastest channels-last
+        if isinstance(module, (UNet, AutoencoderKL)):
+            # assigned tensors arrive contiguous; convs run fastest channels-last (SD1.5's VAE decode at 512 px,
+            # 2 threads: 9.3 -> 7.1 s in bf16, 14.6 -> 13.2 s in fp32)
             module.to(memory_format=torch.channels_last)
         return module.eval()
 

@@ -146,6 +146,10 @@ def _swish(x: Tensor) -> Tensor:
     return F.silu(x, inplace=not x.requires_grad)
 
 
+def _memory_format(x: Tensor) -> torch.memory_format:
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+
+
 class ResnetBlock(nn.Module):
     """norm1 -> swish -> conv1 -> norm2 -> swish -> conv2, plus the (1x1 ``nin_shortcut``) input. No dropout."""
 
@@ -196,9 +200,10 @@ class AttnBlock(nn.Module):
         attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
         del q, k, v
         out = F.linear(attended, self.proj_out.weight.view(c, c), self.proj_out.bias)  # (B, HW, C)
-        # transpose(1, 2) alone would give a channels-last view that the following convs would propagate
-        out = out.transpose(1, 2).contiguous().view(b, c, height, width)  # (B, C, H, W)
-        return out.add_(x)
+        # back to (B, C, H, W) as a channels-last view; the output keeps the input's memory format, which the
+        # following layers propagate
+        out = out.view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, H, W)
+        return out.contiguous(memory_format=_memory_format(x)).add_(x)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ATTENTION_PROJECTIONS:

@@ -235,8 +235,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
     """SHA-1 of every tensor of a module's state dict (names, shapes, dtypes, bytes): a cache key."""
     h = hashlib.sha1()
     for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # flat: a channels-last 1x1 conv weight has stride(-1) != 1
+        h.update(f"{name}:{tuple(tensor.shape)}:{t.dtype}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
