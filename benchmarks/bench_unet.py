@@ -1,9 +1,11 @@
 """One SD 1.5-size U-Net step with classifier-free guidance (batch 2 = cond + uncond, 4x64x64 latent, 77x768
-context, random weights): sdlab vs diffusers, same weights, same process, interleaved runs.
+context, random weights): sdlab vs diffusers, same weights, same process, interleaved runs. `--model sdxl`:
+the SDXL base U-Net at 1024 px (4x128x128 latent, 77x2048 context, pooled text and size conditioning).
 
     python benchmarks/bench_unet.py                       # CPU, fp32 and bf16, 3 timed runs each
     python benchmarks/bench_unet.py --device cuda --runs 20 --dtypes fp16 bf16
     python benchmarks/bench_unet.py --dtypes bf16 --compile --no-memory   # + sdlab under torch.compile
+    python benchmarks/bench_unet.py --model sdxl --dtypes bf16 --runs 1   # SDXL at 1024 px
 
 Time: median of `--runs` forwards after `--warmup`, sdlab and diffusers alternating (the order flips every
 run) so that load from other processes hits both alike. Memory: on CPU, peak resident set size
@@ -33,13 +35,15 @@ import time
 import torch
 
 from sdlab.checkpoints.diffusers_unet import unet_config_to_diffusers, unet_state_dict_from_diffusers
+from sdlab.families.sdxl import SDXL_UNET
+from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet, UNetConfig
 
-SD15 = UNetConfig()  # the defaults are SD 1.x
+MODELS = {"sd15": (UNetConfig(), 64), "sdxl": (SDXL_UNET, 128)}  # U-Net config, default latent side
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_diffusers(dtype: torch.dtype, device: str, init: bool):
+def build_diffusers(cfg: UNetConfig, dtype: torch.dtype, device: str, init: bool):
     """diffusers UNet2DConditionModel with SD 1.5 shapes; `init=False` leaves cheap random values (memory runs)."""
     from diffusers import UNet2DConditionModel
     from diffusers.utils import logging as diffusers_logging
@@ -47,29 +51,29 @@ def build_diffusers(dtype: torch.dtype, device: str, init: bool):
     diffusers_logging.set_verbosity_error()  # its "cast with to()" advice is about from_pretrained loading
     if init:
         torch.manual_seed(0)
-        model = UNet2DConditionModel(**_diffusers_kwargs())
+        model = UNet2DConditionModel(**_diffusers_kwargs(cfg))
         return model.to(device=device, dtype=dtype).eval()
     with torch.device("meta"):
-        model = UNet2DConditionModel(**_diffusers_kwargs())
+        model = UNet2DConditionModel(**_diffusers_kwargs(cfg))
     return _materialize(model.to(dtype), device)
 
 
-def build_sdlab(dtype: torch.dtype, device: str) -> UNet:
+def build_sdlab(cfg: UNetConfig, dtype: torch.dtype, device: str) -> UNet:
     with torch.device("meta"):
-        model = UNet(SD15)
+        model = UNet(cfg)
     return _materialize(model.to(dtype), device)
 
 
-def sdlab_sharing_weights(diffusers_model) -> UNet:
+def sdlab_sharing_weights(cfg: UNetConfig, diffusers_model) -> UNet:
     """sdlab U-Net whose parameters ARE the diffusers model's tensors (no copy)."""
     with torch.device("meta"):
-        model = UNet(SD15)
-    model.load_state_dict(unet_state_dict_from_diffusers(diffusers_model.state_dict(), SD15), assign=True)
+        model = UNet(cfg)
+    model.load_state_dict(unet_state_dict_from_diffusers(diffusers_model.state_dict(), cfg), assign=True)
     return model.to(memory_format=torch.channels_last).eval()  # copies only the conv weights
 
 
-def _diffusers_kwargs() -> dict:
-    return {k: v for k, v in unet_config_to_diffusers(SD15).items() if not k.startswith("_")}
+def _diffusers_kwargs(cfg: UNetConfig) -> dict:
+    return {k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
 
 
 def _materialize(model, device: str):
@@ -80,20 +84,29 @@ def _materialize(model, device: str):
     return model.eval()
 
 
-def inputs(dtype: torch.dtype, device: str, size: int):
+def inputs(cfg: UNetConfig, dtype: torch.dtype, device: str, size: int):
+    """(x, t, context, sizes): sizes is None, or for SDXL the pooled text embedding and the six size
+    conditions, which sdlab takes as one vector y and diffusers as `added_cond_kwargs`."""
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, size, size, generator=g).to(device, dtype)
     t = torch.tensor([500.0, 500.0], device=device)
-    context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
-    return x, t, context
+    context = torch.randn(2, 77, cfg.context_dim, generator=g).to(device, dtype)
+    sizes = None
+    if cfg.adm_in_channels is not None:
+        pooled = torch.randn(2, 1280, generator=g).to(device, dtype)
+        side = float(size * 8)
+        sizes = (pooled, torch.tensor([[side, side, 0.0, 0.0, side, side]] * 2, device=device))
+    return x, t, context, sizes
 
 
-def run_sdlab(model, x, t, context):
-    return model(x, t, context)
+def run_sdlab(model, x, t, context, sizes):
+    y = None if sizes is None else sdxl_vector(*sizes).to(x.dtype)  # (B, 2816)
+    return model(x, t, context, y)
 
 
-def run_diffusers(model, x, t, context):
-    return model(x, t, context, return_dict=False)[0]
+def run_diffusers(model, x, t, context, sizes):
+    added = None if sizes is None else {"text_embeds": sizes[0], "time_ids": sizes[1].to(x.dtype)}
+    return model(x, t, context, added_cond_kwargs=added, return_dict=False)[0]
 
 
 def _sync(device: str) -> None:
@@ -103,7 +116,7 @@ def _sync(device: str) -> None:
 
 def time_interleaved(models: dict, args, dtype: torch.dtype) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Wall-clock and process CPU seconds per forward. On a shared CPU the CPU time is the steadier of the two."""
-    x, t, context = inputs(dtype, args.device, args.size)
+    x, t, context, sizes = inputs(args.cfg, dtype, args.device, args.size)
     times: dict[str, list[float]] = {name: [] for name in models}
     cpu_times: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
@@ -113,7 +126,7 @@ def time_interleaved(models: dict, args, dtype: torch.dtype) -> tuple[dict[str, 
                 model, call = models[name]
                 _sync(args.device)
                 start, cpu_start = time.perf_counter(), time.process_time()
-                call(model, x, t, context)
+                call(model, x, t, context, sizes)
                 _sync(args.device)
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
@@ -121,16 +134,17 @@ def time_interleaved(models: dict, args, dtype: torch.dtype) -> tuple[dict[str, 
     return times, cpu_times
 
 
-def step_flops(size: int) -> tuple[float, float]:
-    """FLOPs of one guided SD1.5 forward at `size` latents (multiply-add = 2), counted on the meta device by
+def step_flops(cfg: UNetConfig, size: int) -> tuple[float, float]:
+    """FLOPs of one guided forward at `size` latents (multiply-add = 2), counted on the meta device by
     torch's flop counter: (convolutions and linear layers, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
-        model = UNet(SD15)
-        x, t, context = torch.randn(2, 4, size, size), torch.full((2,), 500.0), torch.randn(2, 77, 768)
+        model = UNet(cfg)
+        x, t, context = torch.randn(2, 4, size, size), torch.full((2,), 500.0), torch.randn(2, 77, cfg.context_dim)
+        y = None if cfg.adm_in_channels is None else torch.randn(2, cfg.adm_in_channels)
         with FlopCounterMode(display=False) as counter:
-            run_sdlab(model, x, t, context)
+            model(x, t, context, y)
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     attention = sum(n for op, n in counts.items() if "bmm" in op or "attention" in op)
     return sum(counts.values()) - attention, attention
@@ -153,12 +167,12 @@ def matmul_peak(dtype: torch.dtype, device: str, n: int, runs: int = 3) -> tuple
 
 def cuda_peak_memory(model, call, dtype: torch.dtype, args) -> float:
     """Extra GiB allocated during one forward (beyond the weights and inputs)."""
-    x, t, context = inputs(dtype, args.device, args.size)
+    x, t, context, sizes = inputs(args.cfg, dtype, args.device, args.size)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     with torch.inference_mode():
-        call(model, x, t, context)
+        call(model, x, t, context, sizes)
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
@@ -176,15 +190,15 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux (bytes on macOS)
 
 
-def memory_worker(impl: str, dtype_name: str, size: int) -> None:
+def memory_worker(cfg: UNetConfig, impl: str, dtype_name: str, size: int) -> None:
     """Subprocess body: build one model directly in `dtype`, run one forward, print peak RSS (GiB) as JSON."""
     dtype = DTYPES[dtype_name]
-    model = build_sdlab(dtype, "cpu") if impl == "sdlab" else build_diffusers(dtype, "cpu", init=False)
+    model = build_sdlab(cfg, dtype, "cpu") if impl == "sdlab" else build_diffusers(cfg, dtype, "cpu", init=False)
     call = run_sdlab if impl == "sdlab" else run_diffusers
-    x, t, context = inputs(dtype, "cpu", size)
+    x, t, context, sizes = inputs(cfg, dtype, "cpu", size)
     weights = peak_rss_gib()
     with torch.inference_mode():
-        call(model, x, t, context)
+        call(model, x, t, context, sizes)
     print(json.dumps({"after_build_gib": weights, "peak_gib": peak_rss_gib()}))
 
 
@@ -193,13 +207,12 @@ def compiled_sdlab(model: UNet, dtype: torch.dtype, args) -> UNet:
     from sdlab.utils.compile import compile_module
 
     with torch.device("meta"):
-        twin = UNet(SD15)
+        twin = UNet(args.cfg)
     twin.load_state_dict(model.state_dict(), assign=True)
     twin = compile_module(twin.eval())
-    x, t, context = inputs(dtype, args.device, args.size)
     start = time.perf_counter()
     with torch.inference_mode():
-        run_sdlab(twin, x, t, context)
+        run_sdlab(twin, *inputs(args.cfg, dtype, args.device, args.size))
     _sync(args.device)
     print(f"  {dtype_name_of(dtype)}: torch.compile of the sdlab U-Net (first forward) took {time.perf_counter() - start:.1f} s",
           flush=True)
@@ -210,19 +223,20 @@ def dtype_name_of(dtype: torch.dtype) -> str:
     return next(name for name, d in DTYPES.items() if d == dtype)
 
 
-def cpu_peak_memory(impl: str, dtype_name: str, size: int) -> dict:
-    cmd = [sys.executable, __file__, "--memory-worker", impl, dtype_name, "--size", str(size)]
+def cpu_peak_memory(model: str, impl: str, dtype_name: str, size: int) -> dict:
+    cmd = [sys.executable, __file__, "--model", model, "--memory-worker", impl, dtype_name, "--size", str(size)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sd15", choices=sorted(MODELS), help="U-Net shape (default: %(default)s)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=sorted(DTYPES))
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--size", type=int, default=64, help="latent side (64 = 512 px)")
+    parser.add_argument("--size", type=int, help="latent side (default: 64 = 512 px for sd15, 128 for sdxl)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-time", action="store_true", help="skip the timing (memory only)")
     parser.add_argument("--compile", action="store_true", help="also time sdlab's U-Net under torch.compile")
@@ -230,25 +244,28 @@ def main() -> None:
     parser.add_argument("--peak-size", type=int, default=4096, help="matrix side for the matmul peak (0: skip)")
     parser.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.cfg, default_size = MODELS[args.model]
+    args.size = args.size or default_size
     if args.memory_worker:
-        memory_worker(*args.memory_worker, args.size)
+        memory_worker(args.cfg, *args.memory_worker, args.size)
         return
 
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"batch 2 x 4x{args.size}x{args.size}, context 77x768, {args.runs} runs after {args.warmup} warm-up, "
+          f"{args.model}, batch 2 x 4x{args.size}x{args.size}, context 77x{args.cfg.context_dim}, "
+          f"{args.runs} runs after {args.warmup} warm-up, "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
     on_cuda = args.device.startswith("cuda")
     needs_models = not args.no_time or (on_cuda and not args.no_memory)
-    reference = build_diffusers(torch.float32, args.device, init=True) if needs_models else None
+    reference = build_diffusers(args.cfg, torch.float32, args.device, init=True) if needs_models else None
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         models = {}
         if reference is not None:
             diffusers_model = reference.to(dtype)  # in place; the weights' precision is irrelevant here
             models = {
-                "sdlab": (sdlab_sharing_weights(diffusers_model), run_sdlab),
+                "sdlab": (sdlab_sharing_weights(args.cfg, diffusers_model), run_sdlab),
                 "diffusers": (diffusers_model, run_diffusers),
             }
             if args.compile:
@@ -267,7 +284,7 @@ def main() -> None:
                 compiled = statistics.median(times["sdlab compiled"])
                 line += f"\n  sdlab compiled {compiled:.3f} s: {compiled / ours:.3f} x eager sdlab, {compiled / theirs:.3f} x diffusers"
             if args.peak_size:
-                dense, attention = step_flops(args.size)
+                dense, attention = step_flops(args.cfg, args.size)
                 peak, per_thread = matmul_peak(dtype, args.device, args.peak_size)
                 limit = (dense + attention) / peak
                 line += (f"\n  FLOP limit: ({dense / 1e12:.3f} + {attention / 1e12:.3f} attention) TFLOP per step / "
@@ -284,7 +301,7 @@ def main() -> None:
                 mem = {name: cuda_peak_memory(m, call, dtype, args) for name, (m, call) in models.items()}
                 line += f"\n  forward peak extra: sdlab {mem['sdlab']:.2f} GiB, diffusers {mem['diffusers']:.2f} GiB"
             else:
-                mem = {name: cpu_peak_memory(name, dtype_name, args.size) for name in ("sdlab", "diffusers")}
+                mem = {name: cpu_peak_memory(args.model, name, dtype_name, args.size) for name in ("sdlab", "diffusers")}
                 line += (
                     f"\n  peak RSS: sdlab {mem['sdlab']['peak_gib']:.2f} GiB "
                     f"(weights+runtime {mem['sdlab']['after_build_gib']:.2f}), "
