@@ -101,3 +101,19 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(monkeypatch):
     out = attention(q, k, v, heads=2)
     assert torch.equal(out, _merged(F.scaled_dot_product_attention(*(_heads(x, 2) for x in (q, k, v)))))
     assert cpu_attention._state == {"module": None}                  # tried once, not on every call
+
+
+def test_every_head_width_python_sends_is_compiled_into_the_kernel(kernel):
+    """`HEAD_WIDTHS` restates the C++ switch: each width it admits runs (and matches PyTorch), and the next
+    even width above it is refused by both."""
+    g = torch.Generator().manual_seed(5)
+    for d in sorted(cpu_attention.HEAD_WIDTHS):
+        q, k, v = (torch.randn(1, 1024, d, generator=g).bfloat16() for _ in range(3))
+        assert cpu_attention.suits(q, k, v, 1)
+        ours = cpu_attention.attention(q, k, v, 1)
+        theirs = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        assert (ours.float() - theirs.float()).abs().max() < 0.02, d
+    too_wide = torch.randn(1, 1024, max(cpu_attention.HEAD_WIDTHS) + 2).bfloat16()
+    assert not cpu_attention.suits(too_wide, too_wide, too_wide, 1)
+    with pytest.raises(RuntimeError, match="unsupported head width"):
+        kernel.flash_attention_bf16(too_wide, too_wide, too_wide, 1, 1.0)

@@ -31,7 +31,8 @@ SOURCE = Path(__file__).with_name("kernels") / "cpu_attention.cpp"
 NAME = "sdlab_cpu_attention_v3"   # torch's extension cache keys builds by name (and rebuilds when SOURCE changes)
 MIN_TOKENS = 1024           # below this the kernel's gain is a few milliseconds (and tiny models never build it)
 KEY_BLOCK = 64              # keys per block in the kernel: the key count must be a multiple
-HEAD_WIDTHS = {d for d in range(2, 161, 2) if (d + 15) // 16 in (1, 2, 3, 4, 5, 6, 8, 10)}
+VECTORS_PER_HEAD = (1, 2, 3, 4, 5, 6, 8, 10)   # the kernel's compiled cases (its switch), in 16-lane vectors
+HEAD_WIDTHS = {d for d in range(2, 16 * max(VECTORS_PER_HEAD) + 1, 2) if (d + 15) // 16 in VECTORS_PER_HEAD}
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
@@ -61,8 +62,7 @@ def _build() -> ModuleType | None:
     from torch.utils import cpp_extension
 
     try:
-        built = Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so"
-        if not built.exists():
+        if not _is_built():
             logger.warning("building sdlab's bf16 CPU attention kernel (once; about 30 s)")
         module = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                     extra_ldflags=["-fopenmp"], verbose=False)   # OpenMP: at::parallel_for uses the threads
@@ -71,6 +71,17 @@ def _build() -> ModuleType | None:
                        str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
         return None
     return module if hasattr(module, "flash_attention_bf16") else None
+
+
+def _is_built() -> bool:
+    """Whether torch's extension cache holds a build (only decides whether to announce the build; it asks a
+    private torch function, so any failure reads as "not built")."""
+    from torch.utils import cpp_extension
+
+    try:
+        return (Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists()
+    except Exception:
+        return False
 
 
 def suits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
