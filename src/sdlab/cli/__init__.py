@@ -39,6 +39,7 @@ from sdlab.cli.new_model import add_new_model
 from sdlab.cli.serve import add_serve
 from sdlab.cli.train import add_train
 from sdlab.cli.upscale import add_upscale
+from sdlab.utils import allocator
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 internal error, 2 user error, 130 / 143 signal)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    allocator.tune()  # this process is sdlab's own: let glibc reuse activation-sized blocks
     debug = args.debug or os.environ.get("SDLAB_DEBUG", "") not in ("", "0")
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
