@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdlab.models.layers import attention
+
 GROUP_NORM_EPS = 1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 ATTENTION_PROJECTIONS = ("q", "k", "v", "proj_out")
@@ -176,8 +178,8 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions, residual; q/k/v/proj_out are 1x1 convs.
 
-    softmax(q k^T / sqrt(C)) v, computed by ``scaled_dot_product_attention`` so that the (h*w)^2 score matrix
-    need not be materialised where a fused kernel exists. Loading accepts the q/k/v/proj_out weights in the
+    softmax(q k^T / sqrt(C)) v, computed by the models' shared `layers.attention` (a fused kernel: the (h*w)^2
+    score matrix is never materialised). Loading accepts the q/k/v/proj_out weights in the
     Linear shape (C, C) some converted files use (see ``normalize_vae_attention_shapes``).
     """
 
@@ -192,12 +194,12 @@ class AttnBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
         b, c, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        # a 1x1 conv on (B, C, H, W) is a linear map on (B, HW, C) tokens; unsqueeze(1) adds the single head
-        q = F.linear(tokens, self.q.weight.view(c, c), self.q.bias).unsqueeze(1)  # (B, 1, HW, C)
-        k = F.linear(tokens, self.k.weight.view(c, c), self.k.bias).unsqueeze(1)  # (B, 1, HW, C)
-        v = F.linear(tokens, self.v.weight.view(c, c), self.v.bias).unsqueeze(1)  # (B, 1, HW, C)
+        # a 1x1 conv on (B, C, H, W) is a linear map on (B, HW, C) tokens
+        q = F.linear(tokens, self.q.weight.view(c, c), self.q.bias)  # (B, HW, C)
+        k = F.linear(tokens, self.k.weight.view(c, c), self.k.bias)  # (B, HW, C)
+        v = F.linear(tokens, self.v.weight.view(c, c), self.v.bias)  # (B, HW, C)
         del tokens
-        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C)
+        attended = attention(q, k, v, heads=1)  # (B, HW, C)
         del q, k, v
         out = F.linear(attended, self.proj_out.weight.view(c, c), self.proj_out.bias)  # (B, HW, C)
         # back to (B, C, H, W) as a channels-last view; the output keeps the input's memory format, which the
