@@ -33,9 +33,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(autouse=True)
-def _deterministic_torch():
-    """Every test starts from the same global RNG state, so failures reproduce."""
+def _deterministic_torch(monkeypatch):
+    """Every test starts from the same global RNG state, so failures reproduce; and commands run in a test
+    keep the test's thread count instead of choosing one from the machine's load at each start (two runs
+    that should draw the same pixels would round differently with different counts). tests/test_threads.py
+    removes the pin where it tests that choice."""
     torch.manual_seed(0)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     yield
 
 

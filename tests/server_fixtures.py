@@ -36,7 +36,7 @@ def free_port() -> int:
 def server_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("OMP_NUM_THREADS", "1")          # two cores shared with the test process and others
+    env["OMP_NUM_THREADS"] = "1"                    # two cores shared with the test process and others
     return env
 
 
