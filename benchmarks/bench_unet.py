@@ -4,7 +4,7 @@ the SDXL base U-Net at 1024 px (4x128x128 latent, 77x2048 context, pooled text a
 
     python benchmarks/bench_unet.py                       # CPU, fp32 and bf16, 3 timed runs each
     python benchmarks/bench_unet.py --device cuda --runs 20 --dtypes fp16 bf16
-    python benchmarks/bench_unet.py --dtypes bf16 --compile --no-memory   # + sdlab under torch.compile
+    python benchmarks/bench_unet.py --dtypes bf16 --compile --no-memory   # + both under torch.compile
     python benchmarks/bench_unet.py --model sdxl --dtypes bf16 --runs 1   # SDXL at 1024 px
 
 Time: median of `--runs` forwards after `--warmup`, sdlab and diffusers alternating (the order flips every
@@ -17,8 +17,9 @@ FLOP limit: the step's FLOPs are counted (`torch.utils.flop_counter`; SD1.5 at 6
 1.354 TFLOP in convolutions and linear layers plus 0.252 in attention's two matrix products) and divided by
 the measured peak of one large matrix product in the dtype (`--peak-size`, best wall time of a few): the
 fastest this machine could possibly run the step;
-each implementation's step is printed as a multiple of that limit. `--compile` adds sdlab's U-Net under
-`torch.compile` (compile time printed; the cache of `sdlab.utils.compile` applies).
+each implementation's step is printed as a multiple of that limit. `--compile` adds both U-Nets under
+`torch.compile` (`sdlab.utils.compile.compile_module`: inductor, static shapes, its cache; diffusers' also
+channels-last; compile times printed).
 """
 
 from __future__ import annotations
@@ -202,21 +203,30 @@ def memory_worker(cfg: UNetConfig, impl: str, dtype_name: str, size: int) -> Non
     print(json.dumps({"after_build_gib": weights, "peak_gib": peak_rss_gib()}))
 
 
-def compiled_sdlab(model: UNet, dtype: torch.dtype, args) -> UNet:
-    """A second sdlab U-Net on the same weights, compiled; the first forward (the compile) is timed here."""
+def compiled_twin(name: str, model, dtype: torch.dtype, args):
+    """A second U-Net of `model`'s kind on the same weights, compiled (diffusers' also channels-last, as its
+    torch.compile guide does); the first forward (the compile) is timed here."""
     from sdlab.utils.compile import compile_module
 
-    with torch.device("meta"):
-        twin = UNet(args.cfg)
+    if name == "sdlab":
+        with torch.device("meta"):
+            twin = UNet(args.cfg)
+        call = run_sdlab
+    else:
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            twin = UNet2DConditionModel(**_diffusers_kwargs(args.cfg))
+        call = run_diffusers
     twin.load_state_dict(model.state_dict(), assign=True)
-    twin = compile_module(twin.eval())
+    twin = compile_module(twin.eval().to(memory_format=torch.channels_last))
     start = time.perf_counter()
     with torch.inference_mode():
-        run_sdlab(twin, *inputs(args.cfg, dtype, args.device, args.size))
+        call(twin, *inputs(args.cfg, dtype, args.device, args.size))
     _sync(args.device)
-    print(f"  {dtype_name_of(dtype)}: torch.compile of the sdlab U-Net (first forward) took {time.perf_counter() - start:.1f} s",
+    print(f"  {dtype_name_of(dtype)}: torch.compile of the {name} U-Net (first forward) took {time.perf_counter() - start:.1f} s",
           flush=True)
-    return twin
+    return twin, call
 
 
 def dtype_name_of(dtype: torch.dtype) -> str:
@@ -239,7 +249,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, help="latent side (default: 64 = 512 px for sd15, 128 for sdxl)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-time", action="store_true", help="skip the timing (memory only)")
-    parser.add_argument("--compile", action="store_true", help="also time sdlab's U-Net under torch.compile")
+    parser.add_argument("--compile", action="store_true", help="also time both U-Nets under torch.compile")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's, the physical cores)")
     parser.add_argument("--peak-size", type=int, default=4096, help="matrix side for the matmul peak (0: skip)")
     parser.add_argument("--memory-worker", nargs=2, metavar=("IMPL", "DTYPE"), help=argparse.SUPPRESS)
@@ -269,7 +279,8 @@ def main() -> None:
                 "diffusers": (diffusers_model, run_diffusers),
             }
             if args.compile:
-                models["sdlab compiled"] = (compiled_sdlab(models["sdlab"][0], dtype, args), run_sdlab)
+                for name in ("sdlab", "diffusers"):
+                    models[f"{name} compiled"] = compiled_twin(name, models[name][0], dtype, args)
         line = f"{dtype_name}:"
         if not args.no_time:
             times, cpu_times = time_interleaved(models, args, dtype)
@@ -281,15 +292,17 @@ def main() -> None:
                 f"\n  all runs: " + ", ".join(f"{name} {[round(s, 3) for s in runs]}" for name, runs in times.items())
             )
             if "sdlab compiled" in times:
-                compiled = statistics.median(times["sdlab compiled"])
-                line += f"\n  sdlab compiled {compiled:.3f} s: {compiled / ours:.3f} x eager sdlab, {compiled / theirs:.3f} x diffusers"
+                compiled, theirs_compiled = (statistics.median(times[f"{name} compiled"]) for name in ("sdlab", "diffusers"))
+                line += (f"\n  compiled: sdlab {compiled:.3f} s ({compiled / ours:.3f} x eager sdlab), diffusers "
+                         f"{theirs_compiled:.3f} s ({theirs_compiled / theirs:.3f} x eager diffusers), "
+                         f"sdlab/diffusers {compiled / theirs_compiled:.3f}")
             if args.peak_size:
                 dense, attention = step_flops(args.cfg, args.size)
                 peak, per_thread = matmul_peak(dtype, args.device, args.peak_size)
                 limit = (dense + attention) / peak
                 line += (f"\n  FLOP limit: ({dense / 1e12:.3f} + {attention / 1e12:.3f} attention) TFLOP per step / "
-                         f"{dtype_name} matmul peak {peak / 1e9:.0f} GFLOP/s = {limit:.2f} s "
-                         f"({dense / peak:.2f} s without attention); " + ", ".join(
+                         f"{dtype_name} matmul peak {peak / 1e9:.0f} GFLOP/s = {limit:.3g} s "
+                         f"({dense / peak:.3g} s without attention); " + ", ".join(
                              f"{name} {statistics.median(runs) / limit:.2f} x limit" for name, runs in times.items()))
                 if not on_cuda:
                     cpu_limit = (dense + attention) / per_thread

@@ -140,9 +140,11 @@ def write_tokenizer_files(folder: Path, pad_token: str = "<|endoftext|>") -> Non
     }))
 
 
-def write_diffusers_folder(bundle: ModelBundle, folder: Path, *, weights: bool = True) -> Path:
+def write_diffusers_folder(bundle: ModelBundle, folder: Path, *, weights: bool = True,
+                           dtype: torch.dtype | None = None) -> Path:
     """`bundle` as a diffusers pipeline folder, each component saved by diffusers' / transformers' own
-    `save_pretrained` (or only the configs, `weights=False`, as `from_single_file(config=...)` wants)."""
+    `save_pretrained` (or only the configs, `weights=False`, as `from_single_file(config=...)` wants), in
+    `dtype` when given (else the float32 the modules are built in)."""
     import json
 
     from diffusers import AutoencoderKL as DiffusersVAE
@@ -161,6 +163,8 @@ def write_diffusers_folder(bundle: ModelBundle, folder: Path, *, weights: bool =
     unet.load_state_dict(unet_state_dict_to_diffusers(bundle.unet.state_dict(), bundle.unet_config), strict=True)
     vae = DiffusersVAE.from_config(vae_config_to_diffusers(bundle.vae_config, bundle.scaling_factor, 64))
     vae.load_state_dict(vae_state_dict_to_diffusers(bundle.vae.state_dict(), bundle.vae_config), strict=True)
+    if dtype is not None:
+        unet, vae = unet.to(dtype), vae.to(dtype)
     if weights:
         unet.save_pretrained(folder / "unet")
         vae.save_pretrained(folder / "vae")
@@ -182,6 +186,8 @@ def write_diffusers_folder(bundle: ModelBundle, folder: Path, *, weights: bool =
         if cls is HFTextWithProjection:
             state = {k if k == "text_projection.weight" else "text_model." + k: v for k, v in state.items()}
         hf.load_state_dict(state, strict=True)
+        if dtype is not None:
+            hf = hf.to(dtype)
         sub = te.spec.diffusers_folder
         if weights:
             hf.save_pretrained(folder / sub)

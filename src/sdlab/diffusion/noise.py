@@ -5,10 +5,13 @@ device: draws are made on the CPU from image i's own ``torch.Generator`` and the
 diffusers' ``randn_tensor`` with a list of CPU generators (image i drawn as a ``(1, C, h, w)`` tensor
 from generator i).
 
-Draw dtype: sdlab draws in float32 and casts (A1111 and ComfyUI do the same). diffusers draws directly
-in the pipeline dtype; on the CPU a float16/bfloat16 draw equals the cast float32 draw only when the
-tensor has fewer than 16 elements or a multiple of 16 (true for SD latents whose h*w is a multiple of 4,
-e.g. 64x64). Pass ``draw_dtype=torch.float16`` to reproduce diffusers' half-precision draws in general.
+Draw dtype: sdlab draws in float32 and casts (A1111 and ComfyUI do the same), so a seed draws the same
+noise in every dtype and with every torch. diffusers draws directly in the pipeline dtype, and whether a
+CPU float16/bfloat16 draw equals the cast float32 draw depends on the torch version: on torch 2.13 it does
+when the tensor has fewer than 16 elements or a multiple of 16 (true for SD latents whose h*w is a multiple
+of 4, e.g. 64x64); older torch draws half precision on another path (diffusers issue #11056), and on
+torch 2.11 diffusers' fp16 / bf16 pictures were other pictures than sdlab's while fp32 matched. Pass ``draw_dtype=torch.float16`` to
+reproduce diffusers' half-precision draws on the torch at hand.
 """
 
 from __future__ import annotations
