@@ -299,3 +299,37 @@ def test_refiner_handoff_runs_and_checks_its_inputs(bundles):
             generate_with_refiner(bundles["sdxl"], bundles["sdxl-refiner"], _request(), switch_at=bad)
     with pytest.raises(RequestError, match="same latent space"):
         generate_with_refiner(bundles["sd1"], bundles["sdxl-refiner"], _request())
+
+
+def _overflowing_fp16_vae_bundle():
+    """A tiny SD1 bundle whose VAE overflows float16 (as the released SDXL VAE does) but not float32: the
+    first convs of encoder and decoder scaled until their largest weight is 30000 (still a float16 number),
+    so their outputs pass float16's 65504; the GroupNorm after them brings float32 values back to scale."""
+    bundle = tiny_bundle("sd1", seed=5)
+    with torch.no_grad():
+        for conv in (bundle.vae.encoder.conv_in, bundle.vae.decoder.conv_in):
+            conv.weight.mul_(30000 / conv.weight.abs().max())
+    return bundle
+
+
+def test_a_float16_vae_that_overflows_reruns_in_float32(caplog):
+    from sdlab.pipeline.generate import decode_latents
+
+    bundle = _overflowing_fp16_vae_bundle()
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))    # (1, 4, h, w)
+    pixels = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        expected_pixels = decode_latents(bundle, latents)                               # float32 throughout
+        expected_latents = encode_image(bundle, pixels, generators_for([7]))
+        bundle.vae.to(torch.float16)
+        assert not torch.isfinite(bundle.vae.decode((latents / bundle.scaling_factor).half())).all()
+        with caplog.at_level(logging.WARNING, logger="sdlab.pipeline.generate"):
+            decoded = decode_latents(bundle, latents)
+    assert bundle.vae.dtype == torch.float32 and "overflowed float16" in caplog.text
+    assert torch.isfinite(decoded).all() and (decoded - expected_pixels).abs().max() < 5e-3
+
+    bundle.vae.to(torch.float16)
+    with torch.no_grad():
+        encoded = encode_image(bundle, pixels, generators_for([7]))   # the retry draws what the first try drew
+    assert bundle.vae.dtype == torch.float32
+    assert torch.isfinite(encoded).all() and (encoded - expected_latents).abs().max() < 5e-3 * expected_latents.abs().max()

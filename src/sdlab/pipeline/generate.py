@@ -367,6 +367,19 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[torch.Gen
 # VAE
 
 
+def in_safe_vae_precision(bundle: ModelBundle, run: Callable[[], Tensor]) -> Tensor:
+    """`run()`, a pass through the bundle's VAE that casts its input to `bundle.vae.dtype`; repeated in float32
+    when a float16 VAE's result holds inf / NaN. The SDXL VAE's activations overflow float16 (max 65504) on
+    its released weights (diffusers upcasts it, `force_upcast`); the VAE then stays float32 for good, as
+    A1111's automatic VAE precision does (one warning). bfloat16 has float32's range and is left alone."""
+    out = run()
+    if bundle.vae.dtype == torch.float16 and not torch.isfinite(out).all():
+        logger.warning("the VAE overflowed float16 (inf / NaN); it runs in float32 from now on")
+        bundle.vae.to(torch.float32)
+        out = run()
+    return out
+
+
 def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Generator]) -> Tensor:
     """Init image (1, 3, H, W) in [-1, 1] -> model-space latents (B, 4, h, w), one posterior sample per
     image drawn from that image's generator (diffusers' `retrieve_latents(..., generator[i])`).
@@ -374,15 +387,20 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Gen
     Large pictures are encoded in tiles and use the posterior mean (no draw): a tiled encode has no single
     posterior to sample from."""
     vae = bundle.vae
-    pixels = pixels.to(vae.dtype)
     height, width = pixels.shape[-2:]
-    if should_tile(height, width):
-        mean = encode_tiled(lambda tile: vae.encode(tile).mean, pixels, factor=bundle.vae_config.downsample_factor)
-        samples = mean.expand(len(generators), -1, -1, -1)
-    else:
-        posterior = vae.encode(pixels)
-        samples = torch.cat([posterior.sample(g) for g in generators])                  # (B, 4, h, w)
-    return samples.to(torch.float32) * bundle.scaling_factor
+    states = [g.get_state() for g in generators]         # a float32 retry draws what the first try drew
+
+    def encode() -> Tensor:
+        x = pixels.to(vae.dtype)
+        if should_tile(height, width):
+            mean = encode_tiled(lambda tile: vae.encode(tile).mean, x, factor=bundle.vae_config.downsample_factor)
+            return mean.expand(len(generators), -1, -1, -1)
+        posterior = vae.encode(x)
+        for generator, state in zip(generators, states):
+            generator.set_state(state)
+        return torch.cat([posterior.sample(g) for g in generators])                     # (B, 4, h, w)
+
+    return in_safe_vae_precision(bundle, encode).to(torch.float32) * bundle.scaling_factor
 
 
 def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor, generators: list[torch.Generator]) -> Tensor:
@@ -397,8 +415,11 @@ def decode_latents(bundle: ModelBundle, latents: Tensor, *, tiled: bool | None =
     """Model-space latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
     vae = bundle.vae
     factor = bundle.vae_config.downsample_factor
-    z = (latents / bundle.scaling_factor).to(vae.dtype)
+    z = latents / bundle.scaling_factor
     height, width = z.shape[-2] * factor, z.shape[-1] * factor
-    if tiled if tiled is not None else should_tile(height, width):
-        return decode_tiled(vae.decode, z, factor=factor)
-    return vae.decode(z)
+    tile = tiled if tiled is not None else should_tile(height, width)
+
+    def decode() -> Tensor:
+        return decode_tiled(vae.decode, z.to(vae.dtype), factor=factor) if tile else vae.decode(z.to(vae.dtype))
+
+    return in_safe_vae_precision(bundle, decode)
