@@ -9,8 +9,9 @@ Draw dtype: sdlab draws in float32 and casts (A1111 and ComfyUI do the same), so
 noise in every dtype and with every torch. diffusers draws directly in the pipeline dtype, and whether a
 CPU float16/bfloat16 draw equals the cast float32 draw depends on the torch version: on torch 2.13 it does
 when the tensor has fewer than 16 elements or a multiple of 16 (true for SD latents whose h*w is a multiple
-of 4, e.g. 64x64); older torch draws half precision on another path (diffusers issue #11056), and on
-torch 2.11 diffusers' fp16 / bf16 pictures were other pictures than sdlab's while fp32 matched. Pass ``draw_dtype=torch.float16`` to
+of 4, e.g. 64x64); torch 2.11 draws half precision on another path (a (1, 4, 64, 64) draw differs from
+the cast float32 one by up to 6.5: diffusers' fp16 pictures there come from other noise than its fp32 ones;
+diffusers issue #11056). Pass ``draw_dtype=torch.float16`` to
 reproduce diffusers' half-precision draws on the torch at hand.
 """
 
