@@ -5,7 +5,9 @@ sees them; peak memory is that process's VmHWM (peak resident set). Four configu
 (the order rotates every round, `--repeats` rounds, medians reported): sdlab with its default settings
 (no flags), sdlab with `--best` flags (default `--dtype bf16`), diffusers in fp32 and diffusers in bf16. All
 load the same fp16 weights, draw with DPM++ 2M Karras (diffusers: DPMSolverMultistep with Karras sigmas),
-CFG 7 with a negative prompt, the same seed. Printed: times, ratios to diffusers fp32, and each picture's
+CFG 7 with a negative prompt, the same seed (diffusers is handed sdlab's float32 draw of it as `latents`: its
+own half-precision draw depends on the torch version). `--device cuda` draws on the GPU (peak memory is then
+the process's host memory only). Printed: times, ratios to diffusers fp32, and each picture's
 pixel difference (max and mean over RGB, 0-255) from diffusers fp32's.
 
 The second part decodes one 2048x2048 picture (a 256x256 latent) with each VAE alone: sdlab's default
@@ -16,6 +18,8 @@ a reset after loading, minus RSS after loading).
 
     python benchmarks/bench_txt2img.py --workdir /tmp/bench --size 512 --steps 20 --repeats 1
     python benchmarks/bench_txt2img.py --steps 4 --best "--dtype bf16 --compile" --skip-decode
+    python benchmarks/bench_txt2img.py --device cuda --steps 50 --best "--dtype fp16 --compile" --skip-decode \
+        --only "sdlab default" "sdlab best" "diffusers bf16"
 """
 
 from __future__ import annotations
@@ -61,13 +65,17 @@ DIFFUSERS_RUN = MEMORY + textwrap.dedent("""
     start = time.perf_counter()
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    folder, out, size, steps, seed, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, local_files_only=True)
+    folder, out, size, steps, seed, dtype, device = sys.argv[1:8]
+    size, steps, seed = int(size), int(steps), int(seed)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, local_files_only=True).to(device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
+    # sdlab's initial noise (float32 draw, cast): diffusers' own half-precision draw depends on the torch version
+    side = size // pipe.vae_scale_factor
+    latents = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=torch.Generator("cpu").manual_seed(seed))
     image = pipe(%r, negative_prompt=%r, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,
-                 generator=[torch.Generator("cpu").manual_seed(seed)]).images[0]
+                 latents=latents.to(device, dtype)).images[0]
     image.save(out)
     print(json.dumps({"code": 0, "seconds": time.perf_counter() - start, "cpu_s": cpu_seconds(), "peak_gib": memory("VmHWM")}))
 """ % (PROMPT, NEGATIVE))
@@ -136,11 +144,12 @@ def prepare(workdir: Path) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/sdlab-bench"))
+    parser.add_argument("--device", default="cpu", help="where both draw (the decode part runs on the CPU)")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=1, help="rounds of the four configurations (medians)")
     parser.add_argument("--best", default="--dtype bf16", help='sdlab flags of the "best" run (default: %(default)s)')
-    parser.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS), help="configurations to run")
+    parser.add_argument("--only", nargs="+", choices=CHOICES, default=list(CONFIGS), help="configurations to run")
     parser.add_argument("--decode-size", type=int, default=2048)
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--skip-txt2img", action="store_true")
@@ -156,7 +165,8 @@ def main() -> None:
         decode(args.decode_size, single, folder)
 
 
-CONFIGS = ("sdlab default", "sdlab best", "diffusers fp32", "diffusers bf16")
+CONFIGS = ("sdlab default", "sdlab best", "diffusers fp32", "diffusers bf16")  # run by default
+CHOICES = (*CONFIGS, "diffusers fp16")                                        # fp16: for GPUs
 
 
 def txt2img_command(config: str, args: argparse.Namespace, single: Path, folder: Path, out: Path) -> list[str]:
@@ -164,9 +174,11 @@ def txt2img_command(config: str, args: argparse.Namespace, single: Path, folder:
         flags = [] if config == "sdlab default" else shlex.split(args.best)
         return [sys.executable, "-c", SDLAB_RUN, "txt2img", PROMPT, "--negative", NEGATIVE, "--model", str(single),
                 "--steps", str(args.steps), "--width", str(args.size), "--height", str(args.size), "--seed", "1",
-                "--cfg", "7", "--sampler", "DPM++ 2M", "--schedule", "karras", *flags, "--no-progress", "--out", str(out)]
+                "--cfg", "7", "--sampler", "DPM++ 2M", "--schedule", "karras", "--device", args.device, *flags,
+                "--no-progress", "--out", str(out)]
     dtype = config.split()[-1]
-    return [sys.executable, "-c", DIFFUSERS_RUN, str(folder), str(out), str(args.size), str(args.steps), "1", dtype]
+    return [sys.executable, "-c", DIFFUSERS_RUN, str(folder), str(out), str(args.size), str(args.steps), "1", dtype,
+            args.device]
 
 
 def pixel_difference(a: Path, b: Path) -> tuple[int, float]:
