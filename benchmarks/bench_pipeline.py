@@ -146,9 +146,9 @@ def measure(impls: dict, args, label: str) -> dict[str, dict]:
             results[name]["picture"] = picture
     for name, r in results.items():
         r["median"] = statistics.median(r["times"])
+        memory = f", peak beyond weights {max(r['peaks']):.2f} GiB" if args.device.startswith("cuda") else ""
         print(f"  {label} {name:9}: median {r['median']:.3f} s ({r['median'] / args.steps * 1000:.1f} ms per step), "
-              f"first draw {r['first']:.1f} s, runs {[round(s, 3) for s in r['times']]}, "
-              f"peak beyond weights {max(r['peaks']):.2f} GiB", flush=True)
+              f"first draw {r['first']:.1f} s, runs {[round(s, 3) for s in r['times']]}{memory}", flush=True)
     ours, theirs = results["sdlab"], results["diffusers"]
     most, mean = pixel_difference(ours["picture"], theirs["picture"])
     print(f"  {label} sdlab / diffusers: {ours['median'] / theirs['median']:.3f}; pixels max {most}, mean {mean:.2f}",
@@ -184,8 +184,9 @@ def main() -> None:
         weights = {"sdlab": allocated(args.device) - before}
         impls["diffusers"] = Diffusers(folder, args.device, dtype)
         weights["diffusers"] = allocated(args.device) - before - weights["sdlab"]
-        print(f"{dtype_name}: weights on the device: sdlab {weights['sdlab']:.2f} GiB, diffusers {weights['diffusers']:.2f} GiB",
-              flush=True)
+        if args.device.startswith("cuda"):
+            print(f"{dtype_name}: weights on the device: sdlab {weights['sdlab']:.2f} GiB, "
+                  f"diffusers {weights['diffusers']:.2f} GiB", flush=True)
         eager = measure(impls, args, f"{dtype_name} eager")
         if args.compile:
             for impl in impls.values():
