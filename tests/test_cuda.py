@@ -150,3 +150,15 @@ def test_lora_training_steps_on_cuda(tmp_path):
                             "--lora-rank", "4", "--max-steps", "3")
     assert result.step == 3 and result.last_loss is not None and np.isfinite(result.last_loss)
     assert result.weights is not None and result.weights.is_file()
+
+
+def test_nan_while_sampling_on_cuda_stops_the_run(tmp_path):
+    """On CUDA the sampling loop's NaN checks are read one model call late (`pipeline.finite`); they still stop it."""
+    from sdlab.checkpoints.save import save_bundle
+    from sdlab.pipeline.generate import NonFiniteError
+
+    pipe = sdlab.load(save_bundle(tiny_bundle("sd1"), tmp_path / "tiny.safetensors"), device="cuda")
+    with torch.no_grad():
+        next(pipe.bundle.unet.parameters()).fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="became NaN or Inf"):
+        pipe.txt2img(PROMPT, steps=3, seed=SEED, width=SIZE, height=SIZE)

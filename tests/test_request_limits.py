@@ -197,6 +197,32 @@ def test_nan_during_sampling_stops_the_run_instead_of_a_black_picture():
         Pipeline(_broken("unet")).txt2img("a cube", steps=2, seed=1, width=SIZE, height=SIZE)
 
 
+def test_deferred_checks_name_the_call_that_went_non_finite(monkeypatch):
+    """The CUDA path of `pipeline.finite` (verdicts read one model call later, `settle`) run on the CPU: a
+    denoiser that returns NaN at its second call fails at the third, naming the second call's sigma; at the
+    last call, the check after the sampler fails."""
+    from sdlab.pipeline import finite
+    from sdlab.pipeline.generate import _finite_only
+
+    monkeypatch.setattr(finite, "_defers", lambda device: True)
+    monkeypatch.setattr(finite, "_read_later", lambda flag: lambda: bool(flag))
+    calls = []
+
+    def model(x, sigma):
+        calls.append(float(sigma[0]))
+        return x * math.nan if len(calls) == 2 else x
+
+    for steps in (4, 2):
+        calls.clear()
+        watch = finite.FiniteWatch(lambda what: NonFiniteError(what))
+        denoise = _finite_only(model, watch)
+        with pytest.raises(NonFiniteError, match=r"the denoised sample at sigma 2\b"):
+            for sigma in [3.0, 2.0, 1.0, 0.5][:steps]:
+                denoise(torch.zeros(1, 4, 2, 2), torch.tensor([sigma]))
+            watch.settle()
+        assert len(calls) == min(steps, 3)                     # noticed one call after the NaN
+
+
 def test_nan_from_the_vae_stops_before_a_picture_is_made():
     with pytest.raises(NonFiniteError, match="the VAE decoded NaN or Inf"):
         Pipeline(_broken("vae")).txt2img("a cube", steps=2, seed=1, width=SIZE, height=SIZE)

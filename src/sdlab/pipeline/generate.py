@@ -12,7 +12,8 @@ Before any network runs, the request is resolved once into a `GenerationPlan` (`
 resolved request, sampler row, model sampling, sigmas, sizes, blurred mask, refiner split), which checks it
 against the model(s) (clip skip, memory); the loop only reads the plan. While sampling, every denoiser input
 and output is checked: a NaN or Inf (absurd settings, broken weights) stops the run with a `NonFiniteError`
-instead of a black picture.
+instead of a black picture (on CUDA one model call later, so that the check never stalls the GPU's queue:
+`pipeline/finite.py`).
 
 The modes differ only in the starting x, the sigma slice and the optional mask.
 
@@ -61,6 +62,7 @@ from sdlab.diffusion.steps import StepInfo
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.pipeline.control import controlled_unet, prepare_controls, tag_steps
 from sdlab.pipeline.conditioning import make_cond
+from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
     latent_mask,
     masked_image,
@@ -167,10 +169,14 @@ def sample_latents(
 
 def _check_finite(x: Tensor, what: str, req: GenerationRequest) -> None:
     if not torch.isfinite(x).all():
-        raise NonFiniteError(
-            f"{what} became NaN or Inf (CFG {req.cfg_scale:g}, eta {req.eta}, prompt weights, or the model's "
-            "weights overflow); stopped instead of making a black picture"
-        )
+        raise _non_finite(what, req)
+
+
+def _non_finite(what: str, req: GenerationRequest) -> NonFiniteError:
+    return NonFiniteError(
+        f"{what} became NaN or Inf (CFG {req.cfg_scale:g}, eta {req.eta}, prompt weights, or the model's "
+        "weights overflow); stopped instead of making a black picture"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,16 +332,22 @@ def _run_sampler(
     options: dict[str, Any],
     progress: ProgressFn | None,
 ) -> Tensor:
-    return plan.sampler.fn(_finite_only(model, plan.request), x, sigmas, **options, callback=progress)
+    watch = FiniteWatch(lambda what: _non_finite(what, plan.request))
+    x = plan.sampler.fn(_finite_only(model, watch), x, sigmas, **options, callback=progress)
+    watch.settle()
+    return x
 
 
-def _finite_only(model: DenoiseFn, req: GenerationRequest) -> DenoiseFn:
-    """`model` that raises `NonFiniteError` as soon as its input or output holds a NaN or Inf."""
+def _finite_only(model: DenoiseFn, watch: FiniteWatch) -> DenoiseFn:
+    """`model` whose input and output are checked for NaN / Inf: at once on the CPU, on CUDA one call later
+    (`pipeline.finite`: reading a GPU tensor's verdict at once would stall the queue at every step)."""
     def denoise(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
-        where = f"at sigma {float(sigma.flatten()[0]):.4g}"
-        _check_finite(x, f"the sample {where}", req)
+        def where() -> str:
+            return f"at sigma {float(sigma.flatten()[0]):.4g}"
+        watch.check(x, lambda: f"the sample {where()}")
         denoised = model(x, sigma, **kwargs)                                               # (B, C, h, w)
-        _check_finite(denoised, f"the denoised sample {where}", req)
+        watch.check(denoised, lambda: f"the denoised sample {where()}")
+        watch.settle(keep=2)                                                               # the previous call's
         return denoised
     return denoise
 
