@@ -76,7 +76,16 @@ class _PerImageNoise:
 
     def __call__(self, sigma: Tensor | None = None, sigma_next: Tensor | None = None) -> Tensor:
         noise = _draw(self.generators, self.image_shape, self.draw_dtype)  # (B, C, h, w)
-        return noise.to(device=self.device, dtype=self.dtype)
+        return _upload(noise, self.device, self.dtype)
+
+
+def _upload(noise: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """CPU-drawn noise in `dtype` on `device`. To CUDA from pinned memory without blocking: a copy from
+    ordinary (pageable) memory first waits for the whole GPU queue, which would be once per sampler step.
+    The cast happens on the CPU, so the pinned tensor is what is copied."""
+    if device.type == "cuda":
+        return noise.to(dtype).pin_memory().to(device, non_blocking=True)
+    return noise.to(device=device, dtype=dtype)
 
 
 def per_image_noise(
