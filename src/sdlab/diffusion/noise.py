@@ -11,8 +11,8 @@ CPU float16/bfloat16 draw equals the cast float32 draw depends on the torch vers
 when the tensor has fewer than 16 elements or a multiple of 16 (true for SD latents whose h*w is a multiple
 of 4, e.g. 64x64); torch 2.11 draws half precision on another path (a (1, 4, 64, 64) draw differs from
 the cast float32 one by up to 6.5: diffusers' fp16 pictures there come from other noise than its fp32 ones;
-diffusers issue #11056). Pass ``draw_dtype=torch.float16`` to
-reproduce diffusers' half-precision draws on the torch at hand.
+diffusers issue #11056). Pass ``draw_dtype=torch.float16`` to reproduce diffusers' half-precision draws on
+the torch at hand.
 """
 
 from __future__ import annotations
