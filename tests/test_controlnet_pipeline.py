@@ -119,6 +119,22 @@ def test_single_controlnet_txt2img(sd1, tmp_path, layout):
     assert _max_diff(result.images, reference, against=_uint8(plain.images)) <= MAX_PIXEL_DIFF
 
 
+def test_only_part_schedule_controls_read_each_calls_step(sd1, tmp_path, monkeypatch):
+    """A control over the whole schedule (start 0, end 1) runs at every call without asking which step it
+    is (that reads the call's sigma: a wait for the queue on a GPU); one limited to part of it asks."""
+    from sdlab.pipeline import control
+
+    ours, _, unet_config = sd1
+    [(_, path)] = _controlnet_files(tmp_path, unet_config, 1, "original")
+    asked, step_of = [], control.step_of
+    monkeypatch.setattr(control, "step_of", lambda *args: asked.append(args) or step_of(*args))
+    for start, calls in ((0.0, 0), (0.3, STEPS)):
+        asked.clear()
+        ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                     controls=[ControlInput(path, _hint(0), 0.8, start, 1.0)], **EULER)
+        assert len(asked) == calls
+
+
 def test_multicontrolnet_with_start_end(sd1, tmp_path):
     ours, base, unet_config = sd1
     nets = _controlnet_files(tmp_path, unet_config, 2, "diffusers-file")

@@ -200,6 +200,12 @@ def step_of(sigma: Tensor | float, sigmas: Tensor) -> int:
     return min(max(index, 0), steps - 1)
 
 
+def spans_part(controls: Sequence[PreparedControl]) -> bool:
+    """Whether any control runs for part of the schedule only (start > 0 or end < 1): only then must each
+    model call learn its step (`tag_steps`, which reads the call's sigma: on a GPU a wait for the queue)."""
+    return any(control.start > 0 or control.end < 1 for control in controls)
+
+
 def tag_steps(model: DenoiseFn, sigmas: Tensor) -> DenoiseFn:
     """`model` called with `control_step=(i, N)`, the step of `sigmas` each call belongs to."""
     steps = len(sigmas) - 1

@@ -60,7 +60,7 @@ from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.unet import guidance_scale_embedding
-from sdlab.pipeline.control import controlled_unet, prepare_controls, tag_steps
+from sdlab.pipeline.control import controlled_unet, prepare_controls, spans_part, tag_steps
 from sdlab.pipeline.conditioning import make_cond
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
@@ -307,7 +307,7 @@ def _guided_model(
         cond = {**cond, "guidance_emb": guidance_scale_embedding(w, embedded)}                 # (B, dim)
     controls = prepare_controls(bundle, req.controls, req.width, req.height)
     denoiser = Denoiser(controlled_unet(bundle.unet, controls), sampling, quantize=req.quantize_timesteps)
-    if controls:
+    if spans_part(controls):                            # else every control runs at every step
         denoiser = tag_steps(denoiser, sigmas)
     if bundle.family.is_inpaint:
         pixels, mask = start.pixels, start.mask
