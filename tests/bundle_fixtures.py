@@ -205,3 +205,24 @@ def write_diffusers_folder(bundle: ModelBundle, folder: Path, *, weights: bool =
         "prediction_type": "v_prediction" if bundle.prediction.value == "v" else "epsilon",
     }))
     return folder
+
+
+def init_picture(size: int):
+    """A deterministic size x size init image with gradients and a hard-edged red block (PIL RGB)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / (size - 1)
+    rgb = np.stack([x, y, 1 - (x + y) / 2], axis=-1) * 255                        # (H, W, 3)
+    rgb[size // 4: size // 2, size // 4: 3 * size // 4] = (250, 30, 60)
+    return Image.fromarray(rgb.round().astype(np.uint8))
+
+
+def lower_right_mask(size: int):
+    """An inpainting mask (PIL L): white (repaint) lower-right block, black elsewhere."""
+    import numpy as np
+    from PIL import Image
+
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[size // 2:, size // 3:] = 255
+    return Image.fromarray(mask)

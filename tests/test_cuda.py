@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_fixtures import tiny_bundle, write_diffusers_folder
+from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle, write_diffusers_folder
 from PIL import Image
 
 import sdlab
@@ -68,20 +68,6 @@ def _pixels(images) -> np.ndarray:
     return np.stack([np.asarray(image.convert("RGB"), dtype=np.int16) for image in images])
 
 
-def _picture() -> Image.Image:
-    """A deterministic init image: gradients and a hard-edged block."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
-    rgb = np.stack([x, y, 1 - (x + y) / 2], axis=-1) * 255                        # (H, W, 3)
-    rgb[SIZE // 4: SIZE // 2, SIZE // 4: 3 * SIZE // 4] = (250, 30, 60)
-    return Image.fromarray(rgb.round().astype(np.uint8))
-
-
-def _mask() -> Image.Image:
-    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    mask[SIZE // 2:, SIZE // 3:] = 255                                            # repaint the lower right
-    return Image.fromarray(mask)
-
-
 def _sdlab_pixels(folder: Path, device: str, dtype: torch.dtype, mode: str = "txt2img") -> np.ndarray:
     pipe = sdlab.load(folder, device=device, dtype=dtype)
     options = dict(steps=STEPS, cfg_scale=7.0, seed=SEED, **SAMPLER)
@@ -92,9 +78,9 @@ def _sdlab_pixels(folder: Path, device: str, dtype: torch.dtype, mode: str = "tx
     elif mode == "hires":
         result = pipe.txt2img(PROMPT, NEGATIVE, width=SIZE // 2, height=SIZE // 2, hr_scale=2, hr_denoise=0.5, **options)
     elif mode == "img2img":
-        result = pipe.img2img(PROMPT, _picture(), 0.6, NEGATIVE, **options)
+        result = pipe.img2img(PROMPT, init_picture(SIZE), 0.6, NEGATIVE, **options)
     else:
-        result = pipe.inpaint(PROMPT, _picture(), _mask(), NEGATIVE, strength=0.8, **options)
+        result = pipe.inpaint(PROMPT, init_picture(SIZE), lower_right_mask(SIZE), NEGATIVE, strength=0.8, **options)
     return _pixels(result.images)
 
 

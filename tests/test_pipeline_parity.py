@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_fixtures import tiny_bundle, write_diffusers_folder
+from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle, write_diffusers_folder
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -147,21 +147,6 @@ def _max_diff(ours, reference) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
-def _init_image() -> Image.Image:
-    """A deterministic picture with gradients and a hard edge."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / (SIZE - 1)
-    rgb = np.stack([x, y, 1 - (x + y) / 2], axis=-1) * 255                        # (H, W, 3)
-    rgb[SIZE // 4: SIZE // 2, SIZE // 4: 3 * SIZE // 4] = (250, 30, 60)
-    return Image.fromarray(rgb.round().astype(np.uint8))
-
-
-def _mask() -> Image.Image:
-    """White (repaint) lower-right block."""
-    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
-    mask[SIZE // 2:, SIZE // 3:] = 255
-    return Image.fromarray(mask)
-
-
 SD_SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "steps_offset",
                      "timestep_spacing", "prediction_type")
 
@@ -247,10 +232,10 @@ def test_sd1_img2img(sd1, scheduler):
     ours_pipe, pipe = sd1
     img2img = _quiet(StableDiffusionImg2ImgPipeline(**pipe.components))
     img2img.scheduler, options = _schedulers(pipe.scheduler.config)[scheduler]
-    reference = img2img(PROMPT, image=_init_image(), strength=0.6, negative_prompt=NEGATIVE,
+    reference = img2img(PROMPT, image=init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE,
                         num_images_per_prompt=BATCH, num_inference_steps=STEPS, guidance_scale=CFG,
                         generator=_generators(), output_type="np").images
-    ours = ours_pipe.img2img(PROMPT, _init_image(), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
+    ours = ours_pipe.img2img(PROMPT, init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
                              cfg_scale=CFG, seed=SEED, batch_size=BATCH, **options)
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
@@ -260,10 +245,11 @@ def test_sd1_inpaint_9_channels(sd1_inpaint, strength):
     ours_pipe, pipe = sd1_inpaint
     assert ours_pipe.bundle.unet_config.in_channels == 9
     pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
-    reference = pipe([PROMPT] * BATCH, image=[_init_image()] * BATCH, mask_image=[_mask()] * BATCH,
+    image, mask = init_picture(SIZE), lower_right_mask(SIZE)
+    reference = pipe([PROMPT] * BATCH, image=[image] * BATCH, mask_image=[mask] * BATCH,
                      strength=strength, negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
                      height=SIZE, generator=_generators(), output_type="np").images
-    ours = ours_pipe.inpaint(PROMPT, _init_image(), _mask(), NEGATIVE, strength=strength, steps=STEPS,
+    ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS,
                              cfg_scale=CFG, seed=SEED, batch_size=BATCH, paste_back=False, **options)
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
@@ -272,10 +258,11 @@ def test_sd1_inpaint_4_channels(sd1):
     ours_pipe, pipe = sd1
     inpaint = _quiet(StableDiffusionInpaintPipeline(**pipe.components))
     inpaint.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
-    reference = inpaint([PROMPT] * BATCH, image=[_init_image()] * BATCH, mask_image=[_mask()] * BATCH,
+    image, mask = init_picture(SIZE), lower_right_mask(SIZE)
+    reference = inpaint([PROMPT] * BATCH, image=[image] * BATCH, mask_image=[mask] * BATCH,
                         strength=0.6, negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
                         height=SIZE, generator=_generators(), output_type="np").images
-    ours = ours_pipe.inpaint(PROMPT, _init_image(), _mask(), NEGATIVE, strength=0.6, steps=STEPS, cfg_scale=CFG,
+    ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=0.6, steps=STEPS, cfg_scale=CFG,
                              seed=SEED, batch_size=BATCH, paste_back=False, **options)
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
