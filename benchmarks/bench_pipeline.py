@@ -91,11 +91,12 @@ class Diffusers:
                          height=size, latents=self.noise(size)).images[0]
 
     def noise(self, size: int) -> torch.Tensor:
-        """sdlab's initial noise: float32 from the seeded CPU generator, then cast (see the module docstring)."""
+        """sdlab's initial noise (`initial_noise`: float32 from the seeded CPU generator, then cast)."""
+        from sdlab.diffusion.noise import initial_noise
+
         side = size // self.pipe.vae_scale_factor
         shape = (1, self.pipe.unet.config.in_channels, side, side)
-        noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED))  # (1, 4, h, w)
-        return noise.to(self.pipe.device, self.pipe.unet.dtype)
+        return initial_noise(shape, [SEED], self.pipe.unet.dtype, self.pipe.device)  # (1, 4, h, w)
 
     def compile(self) -> None:
         from sdlab.utils.compile import compile_module

@@ -71,7 +71,8 @@ DIFFUSERS_RUN = MEMORY + textwrap.dedent("""
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None, local_files_only=True).to(device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
     pipe.set_progress_bar_config(disable=True)
-    # sdlab's initial noise (float32 draw, cast): diffusers' own half-precision draw depends on the torch version
+    # sdlab's initial noise (float32 draw, cast; `initial_noise` written out, so that this process times diffusers
+    # without importing sdlab): diffusers' own half-precision draw depends on the torch version
     side = size // pipe.vae_scale_factor
     latents = torch.randn((1, pipe.unet.config.in_channels, side, side), generator=torch.Generator("cpu").manual_seed(seed))
     image = pipe(%r, negative_prompt=%r, num_inference_steps=steps, guidance_scale=7.0, height=size, width=size,

@@ -4,9 +4,9 @@ Skipped where torch sees no CUDA device (CI has none); run on a GPU machine with
 `python -m pytest tests/test_cuda.py -v`. Reduced-width random bundles, as in test_pipeline_parity.py.
 
 - sdlab on CUDA against diffusers on CUDA, same dtype (fp32, fp16, bf16), SD1 and SDXL, DPM++ 2M Karras with
-  CFG and a negative prompt, diffusers given sdlab's float32 initial noise (`_float32_draw`): fp32 within `FP32_MAX`/255 per pixel; half precision within `HALF_BOUNDS`
-  (max and mean per pixel: both sides round differently in 8 or 11 mantissa bits, and the differences
-  grow over the steps).
+  CFG and a negative prompt, diffusers given sdlab's initial noise (`_sdlab_noise`): fp32 within
+  `FP32_MAX`/255 per pixel; half precision within `HALF_BOUNDS` (max and mean per pixel: both sides round
+  differently in 8 or 11 mantissa bits, and the differences grow over the steps).
 - sdlab CUDA fp32 against sdlab CPU fp32 (cuDNN's convolutions may run in TF32, PyTorch's default) for
   txt2img (DPM++ 2M and the ancestral Euler a), img2img, inpainting and the hires fix: within `FP32_MAX`.
 - `sdlab txt2img --device cuda` writes its picture; `sdlab.load(device="cuda")` without a dtype picks the
@@ -24,6 +24,7 @@ from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle, write_d
 from PIL import Image
 
 import sdlab
+from sdlab.diffusion.noise import initial_noise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -54,14 +55,13 @@ def _diffusers(folder: Path, dtype: torch.dtype):
     return pipe
 
 
-def _float32_draw(pipe, dtype: torch.dtype) -> torch.Tensor:
-    """The initial noise drawn as sdlab draws it (float32 from a seeded CPU generator, then cast). diffusers
-    draws in the pipeline's dtype, and whether a CPU half draw equals the cast float32 one depends on the
-    torch version (equal on 2.13 for sizes that are multiples of 16; different on 2.11: diffusers issue
-    #11056), so its own draw would compare two seeds' pictures, not two implementations."""
+def _sdlab_noise(pipe, dtype: torch.dtype) -> torch.Tensor:
+    """sdlab's initial noise for diffusers' `latents=` (`initial_noise`: float32 from the seeded CPU generator,
+    then cast). diffusers draws in the pipeline's dtype, and whether a CPU half draw equals the cast float32
+    one depends on the torch version (equal on 2.13 for sizes that are multiples of 16; different on 2.11:
+    diffusers issue #11056), so its own draw would compare two seeds' pictures, not two implementations."""
     side = SIZE // pipe.vae_scale_factor
-    shape = (1, pipe.unet.config.in_channels, side, side)
-    return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(SEED)).to("cuda", dtype)  # (1, 4, h, w)
+    return initial_noise((1, pipe.unet.config.in_channels, side, side), [SEED], dtype, "cuda")  # (1, 4, h, w)
 
 
 def _pixels(images) -> np.ndarray:
@@ -89,7 +89,7 @@ def test_txt2img_on_cuda_matches_diffusers_on_cuda(folder, dtype):
     torch_dtype = DTYPES[dtype]
     pipe = _diffusers(folder, torch_dtype)
     reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=7.0, width=SIZE,
-                     height=SIZE, latents=_float32_draw(pipe, torch_dtype)).images
+                     height=SIZE, latents=_sdlab_noise(pipe, torch_dtype)).images
     ref, ours = _pixels(reference), _sdlab_pixels(folder, "cuda", torch_dtype)
     assert ref.std() > 20, "the reference picture is nearly flat: the comparison would prove little"
     diff = np.abs(ours - ref)

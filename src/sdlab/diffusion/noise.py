@@ -59,7 +59,8 @@ def initial_noise(
     """
     if len(seeds) != shape[0]:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}")
-    return _draw(generators_for(seeds), tuple(shape[1:]), draw_dtype).to(device=device, dtype=dtype)  # (B, C, h, w)
+    noise = _draw(generators_for(seeds), tuple(shape[1:]), draw_dtype)                # (B, C, h, w)
+    return _upload(noise, torch.device(device), dtype)
 
 
 class _PerImageNoise:
