@@ -3,6 +3,8 @@ reference, and where `layers.attention` sends each case."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,12 @@ def kernel():
     module = cpu_attention.extension()
     assert module is not None, "the kernel did not build (a C++ compiler and ninja are needed)"
     return module
+
+
+@pytest.fixture
+def chosen(monkeypatch):
+    """The kernel chosen wherever it runs (on an AMX CPU the default is PyTorch's kernel)."""
+    monkeypatch.setenv("SDLAB_CPU_ATTENTION", "1")
 
 
 def _qkv(shape_q, keys, seed, spread=1.0):
@@ -59,7 +67,7 @@ def test_kernel_is_as_close_to_fp64_as_pytorchs_bf16_attention(kernel, shape_q, 
     assert ours_err.mean() <= 1.1 * theirs_err.mean() + 1e-6
 
 
-def test_layers_attention_sends_long_bf16_self_attention_to_the_kernel(kernel, monkeypatch):
+def test_layers_attention_sends_long_bf16_self_attention_to_the_kernel(kernel, chosen, monkeypatch):
     calls = []
     real = cpu_attention.attention
     monkeypatch.setattr(cpu_attention, "attention", lambda q, k, v, heads: calls.append((q.shape, heads)) or real(q, k, v, heads))
@@ -87,7 +95,7 @@ def test_layers_attention_sends_long_bf16_self_attention_to_the_kernel(kernel, m
     assert calls == []
 
 
-def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(monkeypatch):
+def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(chosen, monkeypatch):
     monkeypatch.setattr(cpu_attention, "_state", {})
     monkeypatch.setattr(cpu_attention, "SOURCE", cpu_attention.SOURCE.with_name("missing.cpp"))
 
@@ -103,7 +111,27 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(monkeypatch):
     assert cpu_attention._state == {"module": None}                  # tried once, not on every call
 
 
-def test_every_head_width_python_sends_is_compiled_into_the_kernel(kernel):
+@pytest.mark.parametrize(("amx_cpu", "amx_build", "setting", "used"), [
+    (False, False, None, True),                        # by default: wherever it beats PyTorch's kernel,
+    (True, True, None, True),                          # which on an AMX CPU takes a build that uses the tiles
+    (True, False, None, False),
+    (True, False, "1", True), (False, False, "0", False), (True, True, "0", False),
+])
+def test_the_kernel_is_chosen_where_it_wins_unless_the_setting_says_otherwise(kernel, monkeypatch, amx_cpu, amx_build,
+                                                                              setting, used):
+    build = types.SimpleNamespace(uses_amx=lambda: amx_build, flash_attention_bf16=kernel.flash_attention_bf16)
+    monkeypatch.setattr(cpu_attention, "_state", {"module": build})
+    monkeypatch.setattr(cpu_attention, "_cpu_has_amx", lambda: amx_cpu)
+    if setting is None:
+        monkeypatch.delenv("SDLAB_CPU_ATTENTION", raising=False)
+    else:
+        monkeypatch.setenv("SDLAB_CPU_ATTENTION", setting)
+    q, k, v = _qkv((1, 2, 1024, 40), 1024, seed=4)
+    chosen = cpu_attention.suits(q, k, v, 2) and cpu_attention.attention(q, k, v, 2) is not None   # as layers.attention asks
+    assert chosen is used
+
+
+def test_every_head_width_python_sends_is_compiled_into_the_kernel(kernel, chosen):
     """`HEAD_WIDTHS` restates the C++ switch: each width it admits runs (and matches PyTorch), and the next
     even width above it is refused by both."""
     g = torch.Generator().manual_seed(5)

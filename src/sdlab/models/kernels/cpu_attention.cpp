@@ -8,6 +8,12 @@
 // twice the fp32 FMA rate), so each head's k is packed as (D/2, Lk, 2) and v as (Lk/2, Dp, 2) pairs and p is
 // rounded to bf16 before p v, as PyTorch's own bf16 kernel rounds it. Narrow heads (SD1.5's 40 channels) are
 // where this pays: PyTorch's CPU kernel runs bf16 attention at its fp32 speed.
+//
+// Where the compiler targets AMX (Sapphire Rapids and later, built with -march=native there), both products
+// run on the AMX tiles instead, 16 queries x 64 keys per block: s = q k^T as 16x16 fp32 tiles from q rows
+// (zero-padded to whole 32-channel tiles) and the same packed k, the online softmax on those rows with AVX-512,
+// then acc += p v with acc's 16-channel column groups loaded into a tile, accumulated over the block's two
+// 32-key halves of p and stored back. One tile configuration (eight 16 x 64-byte tiles) serves both products.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -114,11 +120,13 @@ static void attend_rows_bf16(const uint16_t* q, int64_t qs, const uint16_t* kp, 
     }
 }
 
-// k of one head, rows `ks` bf16 values apart -> kp: (D/2, Lk, 2), pairs of channels per key, keys contiguous.
-static void pack_keys(const uint16_t* k, int64_t ks, uint16_t* kp, int64_t D, int64_t Lk) {
+// k of one head, rows `ks` bf16 values apart -> kp: (Dk/2, Lk, 2), pairs of channels per key, keys contiguous;
+// channel pairs D/2..Dk/2 are zero (Dk >= D pads the channels to whole AMX tiles).
+static void pack_keys(const uint16_t* k, int64_t ks, uint16_t* kp, int64_t D, int64_t Dk, int64_t Lk) {
     for (int64_t j0 = 0; j0 < Lk; j0 += BK)          // a block of keys at a time, so its rows stay in cache
         for (int64_t t = 0; t < D / 2; ++t)
             for (int64_t j = j0; j < j0 + BK; ++j) std::memcpy(kp + (t * Lk + j) * 2, k + j * ks + 2 * t, 4);
+    std::memset(kp + D * Lk, 0, sizeof(uint16_t) * (Dk - D) * Lk);
 }
 
 // v of one head, rows `vs` bf16 values apart -> vp: (Lk/2, Dp, 2), each channel's values for keys 2u and 2u+1
@@ -133,12 +141,14 @@ static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, 
     }
 }
 
-template <int NV, int ROWS>
-static void run_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
-                     int64_t heads, float scale2) {
-    const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1), D = q.size(2) / heads, Dp = NV * 16;
+// Packs each head's k and v, then runs `attend` over tiles of QT query rows in parallel. `Dk`: k's channels
+// padded (D for the AVX-512 path, whole 32-channel tiles for AMX); `Dp`: v's padded to 16-lane vectors.
+template <typename Attend>
+static void run_heads(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+                      int64_t heads, int64_t Dk, int64_t Dp, Attend attend) {
+    const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1), D = q.size(2) / heads;
     const int64_t BH = B * heads, tiles = (Lq + QT - 1) / QT;
-    auto kp = torch::empty({BH, D / 2, Lk, 2}, k.options());
+    auto kp = torch::empty({BH, Dk / 2, Lk, 2}, k.options());
     auto vp = torch::empty({BH, Lk / 2, Dp, 2}, v.options());
     auto u16 = [](const torch::Tensor& x) { return reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()); };
     const uint16_t *qd = u16(q), *kd = u16(k), *vd = u16(v);
@@ -148,18 +158,158 @@ static void run_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch
     at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh) {
             const int64_t b = bh / heads, h = bh % heads;
-            pack_keys(kd + b * kb + h * D, ks, kpd + bh * D * Lk, D, Lk);
+            pack_keys(kd + b * kb + h * D, ks, kpd + bh * Dk * Lk, D, Dk, Lk);
             pack_values(vd + b * vb + h * D, vs, vpd + bh * Lk * Dp, D, Dp, Lk);
         }
     });
     at::parallel_for(0, BH * tiles, 1, [&](int64_t begin, int64_t end) {
+        attend.begin();
         for (int64_t t = begin; t < end; ++t) {
             const int64_t bh = t / tiles, tile = t % tiles, b = bh / heads, h = bh % heads;
             const int64_t r0 = tile * QT, r1 = std::min<int64_t>(Lq, r0 + QT);
-            attend_rows_bf16<NV, ROWS>(qd + b * qb + h * D, qs, kpd + bh * D * Lk, vpd + bh * Lk * Dp, od + b * ob + h * D, os,
-                                       D, Lk, scale2, r0, r1);
+            attend(qd + b * qb + h * D, qs, kpd + bh * Dk * Lk, vpd + bh * Lk * Dp, od + b * ob + h * D, os, D, Lk, r0, r1);
         }
+        attend.end();
     });
+}
+
+template <int NV, int ROWS>
+struct AttendAvx512 {
+    float scale2;
+    void begin() const {}
+    void end() const {}
+    void operator()(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int64_t os,
+                    int64_t D, int64_t Lk, int64_t r0, int64_t r1) const {
+        attend_rows_bf16<NV, ROWS>(q, qs, kp, vp, out, os, D, Lk, scale2, r0, r1);
+    }
+};
+
+template <int NV, int ROWS>
+static void run_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+                     int64_t heads, float scale2) {
+    const int64_t D = q.size(2) / heads;
+    run_heads(q, k, v, out, heads, D, NV * 16, AttendAvx512<NV, ROWS>{scale2});
+}
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+// Linux hands a process the AMX tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA);
+// without it the first tile instruction faults. Asked once; false where the kernel refuses.
+static bool amx_permitted() {
+    static const bool permitted = [] {
+        constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+        return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    }();
+    return permitted;
+}
+
+struct alignas(64) TileConfig {
+    uint8_t palette = 1, start_row = 0, reserved[14] = {};
+    uint16_t colsb[16] = {};
+    uint8_t rows[16] = {};
+};
+
+// Query rows r0..r1 of one head on the AMX tiles, 16 at a time. Tiles 0-3: s (16 queries x 16 keys each, fp32),
+// then tile 0 also acc's column groups; 4 and 6: q, then p; 5 and 7: k, then v.
+// q: rows of D bf16 values `qs` apart; kp: (Dk/2, Lk, 2); vp: (Lk/2, Dp, 2); Dk: D rounded up to 32.
+template <int NV>
+struct AttendAmx {
+    float scale2;
+    int64_t Dk;
+    void begin() const {
+        TileConfig cfg;
+        for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+        _tile_loadconfig(&cfg);
+    }
+    void end() const { _tile_release(); }
+    void operator()(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int64_t os,
+                    int64_t D, int64_t Lk, int64_t r0, int64_t r1) const {
+        constexpr int64_t Dp = NV * 16;
+        alignas(64) uint16_t qbuf[16 * 160];     // 16 query rows, channels zero-padded to Dk (<= 160)
+        alignas(64) float sbuf[16 * BK];          // s of one block
+        alignas(64) uint16_t pbuf[16 * BK];       // p of one block, bf16
+        alignas(64) float acc[16 * Dp];
+        float m[16];
+        __m512 l[16];
+        const __m512 vscale = _mm512_set1_ps(scale2);
+        for (int64_t g0 = r0; g0 < r1; g0 += 16) {
+            const int64_t rows = std::min<int64_t>(16, r1 - g0);
+            std::memset(qbuf, 0, sizeof(uint16_t) * 16 * Dk);
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(qbuf + r * Dk, q + (g0 + r) * qs, sizeof(uint16_t) * D);
+            std::memset(acc, 0, sizeof(acc));
+            for (int r = 0; r < 16; ++r) { m[r] = -std::numeric_limits<float>::infinity(); l[r] = _mm512_setzero_ps(); }
+            for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
+                _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                for (int64_t t = 0; t < Dk; t += 32) {   // 32 channels (16 pairs) per tile
+                    const uint16_t* kb = kp + ((t / 2) * Lk + j0) * 2;
+                    _tile_loadd(4, qbuf + t, Dk * 2);
+                    _tile_loadd(5, kb, Lk * 4);      _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(7, kb + 32, Lk * 4); _tile_dpbf16ps(1, 4, 7);
+                    _tile_loadd(5, kb + 64, Lk * 4); _tile_dpbf16ps(2, 4, 5);
+                    _tile_loadd(7, kb + 96, Lk * 4); _tile_dpbf16ps(3, 4, 7);
+                }
+                _tile_stored(0, sbuf, BK * 4); _tile_stored(1, sbuf + 16, BK * 4);
+                _tile_stored(2, sbuf + 32, BK * 4); _tile_stored(3, sbuf + 48, BK * 4);
+                for (int r = 0; r < 16; ++r) {   // online softmax, as in attend_rows_bf16
+                    __m512 sv[4];
+                    for (int c = 0; c < 4; ++c) sv[c] = _mm512_load_ps(sbuf + r * BK + c * 16);
+                    const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(sv[0], sv[1]), _mm512_max_ps(sv[2], sv[3]));
+                    if (_mm512_cmp_ps_mask(mx4, _mm512_set1_ps(m[r]), _CMP_GT_OQ)) {
+                        const float mnew = _mm512_reduce_max_ps(mx4);
+                        const float alpha = std::exp2((m[r] - mnew) * scale2);
+                        m[r] = mnew;
+                        l[r] = _mm512_mul_ps(l[r], _mm512_set1_ps(alpha));
+                        float* a = acc + r * Dp;
+                        for (int c = 0; c < NV; ++c) _mm512_store_ps(a + c * 16, _mm512_mul_ps(_mm512_load_ps(a + c * 16), _mm512_set1_ps(alpha)));
+                    }
+                    const __m512 shift = _mm512_set1_ps(-m[r] * scale2);
+                    __m512 e[4];
+                    for (int c = 0; c < 4; ++c) e[c] = exp2_ps(_mm512_fmadd_ps(sv[c], vscale, shift));
+                    _mm512_store_si512(pbuf + r * BK, (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
+                    _mm512_store_si512(pbuf + r * BK + 32, (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
+                    l[r] = _mm512_add_ps(l[r], _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3])));
+                }
+                _tile_loadd(4, pbuf, BK * 2);        // p, keys j0..j0+31
+                _tile_loadd(6, pbuf + 32, BK * 2);   // p, keys j0+32..j0+63
+                const uint16_t* vb = vp + (j0 / 2) * Dp * 2;
+                for (int c = 0; c < NV; ++c) {       // acc's channels 16c..16c+15
+                    _tile_loadd(0, acc + c * 16, Dp * 4);
+                    _tile_loadd(5, vb + c * 32, Dp * 4);               _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(7, vb + 16 * Dp * 2 + c * 32, Dp * 4); _tile_dpbf16ps(0, 6, 7);
+                    _tile_stored(0, acc + c * 16, Dp * 4);
+                }
+            }
+            for (int64_t r = 0; r < rows; ++r) {   // out = acc / l in bf16
+                const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(l[r]));
+                uint16_t* dst = out + (g0 + r) * os;
+                for (int64_t c = 0; c < D; c += 16) {
+                    const __mmask16 keep = D - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - c)) - 1);
+                    const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(acc + r * Dp + c), inv));
+                    _mm256_mask_storeu_epi16(dst + c, keep, y);
+                }
+            }
+        }
+    }
+};
+
+template <int NV>
+static void run_amx(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+                    int64_t heads, float scale2) {
+    const int64_t D = q.size(2) / heads, Dk = (D + 31) / 32 * 32;
+    run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmx<NV>{scale2, Dk});
+}
+#define SDLAB_AMX 1
+#endif
+
+// Whether flash_attention_bf16 runs on the AMX tiles here (built for them, and the OS grants them).
+bool uses_amx() {
+#ifdef SDLAB_AMX
+    return amx_permitted();
+#else
+    return false;
+#endif
 }
 
 // Multi-head attention on (batch, tokens, channels) tensors: q: (B, Lq, C), k and v: (B, Lk, C) bf16 with
@@ -174,6 +324,21 @@ torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tens
     TORCH_CHECK(heads > 0 && q.size(2) % heads == 0 && (q.size(2) / heads) % 2 == 0, "the head width must be even");
     TORCH_CHECK(k.size(1) % BK == 0, "keys must be a multiple of 64");
     auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+#ifdef SDLAB_AMX
+    if (uses_amx()) {
+        switch ((q.size(2) / heads + 15) / 16) {
+            case 1: run_amx<1>(q, k, v, out, heads, scale2); return out;
+            case 2: run_amx<2>(q, k, v, out, heads, scale2); return out;
+            case 3: run_amx<3>(q, k, v, out, heads, scale2); return out;
+            case 4: run_amx<4>(q, k, v, out, heads, scale2); return out;
+            case 5: run_amx<5>(q, k, v, out, heads, scale2); return out;
+            case 6: run_amx<6>(q, k, v, out, heads, scale2); return out;
+            case 8: run_amx<8>(q, k, v, out, heads, scale2); return out;
+            case 10: run_amx<10>(q, k, v, out, heads, scale2); return out;
+            default: TORCH_CHECK(false, "unsupported head width");
+        }
+    }
+#endif
     switch ((q.size(2) / heads + 15) / 16) {   // 16-lane vectors per head
         case 1: run_bf16<1, 6>(q, k, v, out, heads, scale2); break;
         case 2: run_bf16<2, 6>(q, k, v, out, heads, scale2); break;
@@ -192,5 +357,6 @@ torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tens
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef __AVX512BF16__
     m.def("flash_attention_bf16", &flash_attention_bf16);
+    m.def("uses_amx", &uses_amx);
 #endif
 }
