@@ -13,6 +13,7 @@ with more. Needs a CPU with AVX512-BF16 and a C++ compiler (the kernel is built 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
@@ -56,24 +57,30 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not cpu_attention.runs_here() or cpu_attention.extension() is None:
         raise SystemExit("sdlab's CPU attention kernel is not available here (no AVX512-BF16 or no compiler)")
-    print(f"sdlab's kernel here: {'AMX tiles' if cpu_attention.extension().uses_amx() else 'AVX512-BF16'} "
-          f"products; the U-Net uses it: {'yes' if cpu_attention.enabled() and cpu_attention._wins(cpu_attention.extension()) else 'no'}")
+    module = cpu_attention.extension()
+    tiles = module.uses_amx()
+    print(f"sdlab's kernel here: {'AMX tiles' if tiles else 'AVX512-BF16'} products; the U-Net uses it: "
+          f"{'yes' if cpu_attention.enabled() and cpu_attention._wins(module) else 'no'}")
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     print(f"torch {torch.__version__}, {args.threads} thread(s), best of {args.runs}, "
           f"{'thread CPU' if args.threads == 1 else 'wall'} time; error = max / mean abs against fp64")
-    print("heads x tokens x width | PyTorch ms (error) | sdlab ms (error) | ratio")
+    names = ["pytorch", "sdlab"] + (["sdlab avx512-bf16"] if tiles else [])
+    print("heads x tokens x width | " + " | ".join(f"{name} ms (error) | ratio" if name != "pytorch" else "pytorch ms (error)"
+                                                   for name in names))
     g = torch.Generator().manual_seed(0)
     for heads, tokens, width in SHAPES:
         q, k, v = (torch.randn(2, tokens, heads * width, generator=g).bfloat16() for _ in range(3))
         exact = pytorch_attention(q.double(), k.double(), v.double(), heads)
+        scale2 = width ** -0.5 * math.log2(math.e)
         calls = {"pytorch": lambda: pytorch_attention(q, k, v, heads),
-                 "sdlab": lambda: cpu_attention.attention(q, k, v, heads)}
+                 "sdlab": lambda: module.flash_attention_bf16(q, k, v, heads, scale2, True),
+                 "sdlab avx512-bf16": lambda: module.flash_attention_bf16(q, k, v, heads, scale2, False)}
+        calls = {name: calls[name] for name in names}
         errors = {name: (call().double() - exact).abs() for name, call in calls.items()}
         times = best_times(calls, args.runs, clock)
-        results = {name: (times[name] * 1000, errors[name].max().item(), errors[name].mean().item()) for name in calls}
-        (t_p, max_p, mean_p), (t_s, max_s, mean_s) = results["pytorch"], results["sdlab"]
-        print(f"{heads} x {tokens} x {width} | {t_p:.0f} ({max_p:.1e} / {mean_p:.1e}) | "
-              f"{t_s:.0f} ({max_s:.1e} / {mean_s:.1e}) | {t_s / t_p:.2f}")
+        cells = [f"{times[name] * 1000:.0f} ({errors[name].max().item():.1e} / {errors[name].mean().item():.1e})"
+                 + ("" if name == "pytorch" else f" | {times[name] / times['pytorch']:.2f}") for name in names]
+        print(f"{heads} x {tokens} x {width} | " + " | ".join(cells))
 
 
 if __name__ == "__main__":

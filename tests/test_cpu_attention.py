@@ -3,6 +3,7 @@ reference, and where `layers.attention` sends each case."""
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -38,6 +39,16 @@ def _qkv(shape_q, keys, seed, spread=1.0):
     return q.bfloat16(), k.bfloat16(), v.bfloat16()
 
 
+PRODUCTS = [pytest.param(False, id="avx512-bf16"), pytest.param(True, id="amx-tiles")]
+
+
+def _kernel_attention(kernel, q, k, v, heads, amx):
+    """The kernel called directly, on the AMX tiles (where built and granted) or with AVX512-BF16 products."""
+    if amx and not kernel.uses_amx():
+        pytest.skip("this build or CPU has no AMX tiles")
+    return kernel.flash_attention_bf16(q, k, v, heads, (q.shape[-1] // heads) ** -0.5 * math.log2(math.e), amx)
+
+
 def _heads(x, h):
     return x.unflatten(-1, (h, -1)).transpose(1, 2)   # (B, N, C) -> (B, H, N, d)
 
@@ -54,11 +65,12 @@ def _merged(x):
     ((2, 3, 100, 24), 1088, 1.0),      # queries not a whole tile, keys not a power of two, a narrow head
     ((1, 2, 1024, 40), 1024, 6.0),     # peaked softmax: the running maximum moves between blocks
 ])
-def test_kernel_is_as_close_to_fp64_as_pytorchs_bf16_attention(kernel, shape_q, keys, spread):
+@pytest.mark.parametrize("amx", PRODUCTS)
+def test_kernel_is_as_close_to_fp64_as_pytorchs_bf16_attention(kernel, shape_q, keys, spread, amx):
     h = shape_q[1]
     q, k, v = _qkv(shape_q, keys, seed=keys + shape_q[-1], spread=spread)
     exact = _merged(F.scaled_dot_product_attention(*(_heads(x.double(), h) for x in (q, k, v))))
-    ours = cpu_attention.attention(q, k, v, h)
+    ours = _kernel_attention(kernel, q, k, v, h, amx)
     theirs = _merged(F.scaled_dot_product_attention(*(_heads(x, h) for x in (q, k, v))))
     assert ours.dtype == torch.bfloat16 and ours.shape == theirs.shape == q.shape
     ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
@@ -131,17 +143,18 @@ def test_the_kernel_is_chosen_where_it_wins_unless_the_setting_says_otherwise(ke
     assert chosen is used
 
 
-def test_every_head_width_python_sends_is_compiled_into_the_kernel(kernel, chosen):
+@pytest.mark.parametrize("amx", PRODUCTS)
+def test_every_head_width_python_sends_is_compiled_into_the_kernel(kernel, chosen, amx):
     """`HEAD_WIDTHS` restates the C++ switch: each width it admits runs (and matches PyTorch), and the next
     even width above it is refused by both."""
     g = torch.Generator().manual_seed(5)
     for d in sorted(cpu_attention.HEAD_WIDTHS):
         q, k, v = (torch.randn(1, 1024, d, generator=g).bfloat16() for _ in range(3))
         assert cpu_attention.suits(q, k, v, 1)
-        ours = cpu_attention.attention(q, k, v, 1)
+        ours = _kernel_attention(kernel, q, k, v, 1, amx)
         theirs = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
         assert (ours.float() - theirs.float()).abs().max() < 0.02, d
     too_wide = torch.randn(1, 1024, max(cpu_attention.HEAD_WIDTHS) + 2).bfloat16()
     assert not cpu_attention.suits(too_wide, too_wide, too_wide, 1)
     with pytest.raises(RuntimeError, match="unsupported head width"):
-        kernel.flash_attention_bf16(too_wide, too_wide, too_wide, 1, 1.0)
+        kernel.flash_attention_bf16(too_wide, too_wide, too_wide, 1, 1.0, amx)

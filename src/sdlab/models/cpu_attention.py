@@ -131,7 +131,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor | None:
     if module is None or not _wins(module):
         return None
     d = q.shape[-1] // heads
-    return module.flash_attention_bf16(q, k, v, heads, d ** -0.5 * math.log2(math.e))  # (B, N, C)
+    return module.flash_attention_bf16(q, k, v, heads, d ** -0.5 * math.log2(math.e), True)  # (B, N, C)
 
 
 __all__ = ["MIN_TOKENS", "attention", "enabled", "extension", "runs_here", "suits"]

@@ -37,6 +37,37 @@ static inline __m512 exp2_ps(__m512 x) {
     return _mm512_scalef_ps(p, xf);
 }
 
+// One query row of a block of BK scores s: moves the running maximum m when the block holds a larger score
+// (rare after the first blocks), rescaling the row sum l and the row's accumulator acc (NV vectors) by
+// alpha = 2^((m - m') * scale2); writes p = 2^((s - m) * scale2) as bf16 and adds it to l.
+template <int NV>
+static inline void softmax_row(const __m512 s[4], float& m, __m512& l, float* acc, uint16_t* p, float scale2) {
+    const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(s[0], s[1]), _mm512_max_ps(s[2], s[3]));
+    if (_mm512_cmp_ps_mask(mx4, _mm512_set1_ps(m), _CMP_GT_OQ)) {
+        const float mnew = _mm512_reduce_max_ps(mx4);
+        const float alpha = std::exp2((m - mnew) * scale2);
+        m = mnew;
+        l = _mm512_mul_ps(l, _mm512_set1_ps(alpha));
+        for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + c * 16, _mm512_mul_ps(_mm512_loadu_ps(acc + c * 16), _mm512_set1_ps(alpha)));
+    }
+    const __m512 shift = _mm512_set1_ps(-m * scale2), vscale = _mm512_set1_ps(scale2);
+    __m512 e[4];
+    for (int c = 0; c < 4; ++c) e[c] = exp2_ps(_mm512_fmadd_ps(s[c], vscale, shift));
+    _mm512_storeu_si512(p, (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
+    _mm512_storeu_si512(p + 32, (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
+    l = _mm512_add_ps(l, _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3])));
+}
+
+// One output row: acc / sum(l), rounded to bf16, its first D channels (acc's padding lanes are dropped).
+static inline void write_row(const float* acc, __m512 l, uint16_t* dst, int64_t D) {
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(l));
+    for (int64_t c = 0; c < D; c += 16) {
+        const __mmask16 keep = D - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - c)) - 1);
+        const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + c), inv));
+        _mm256_mask_storeu_epi16(dst + c, keep, y);
+    }
+}
+
 // Query rows r0..r1 of one head. bf16 inputs, fp32 accumulation (AVX512-BF16 dot products of pairs).
 // q: rows of D bf16 values `qs` apart; kp: (D/2, Lk, 2) bf16; vp: (Lk/2, NV*16, 2) bf16; out: rows of D bf16
 // values `os` apart. scale2 = scale * log2(e).
@@ -51,7 +82,6 @@ static void attend_rows_bf16(const uint16_t* q, int64_t qs, const uint16_t* kp, 
     alignas(64) uint16_t p[ROWS * BK];
     for (int64_t r = 0; r < n; ++r) { m[r] = -std::numeric_limits<float>::infinity(); l[r] = _mm512_setzero_ps(); }
     std::memset(acc, 0, sizeof(float) * n * Dp);
-    const __m512 vscale = _mm512_set1_ps(scale2);
     for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
         for (int64_t rr = 0; rr < n; rr += ROWS) {
             const int rows = (int)std::min<int64_t>(ROWS, n - rr);
@@ -73,24 +103,7 @@ static void attend_rows_bf16(const uint16_t* q, int64_t qs, const uint16_t* kp, 
                     }
                 }
             }
-            for (int r = 0; r < rows; ++r) {
-                const int64_t row = rr + r;
-                const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(s[r][0], s[r][1]), _mm512_max_ps(s[r][2], s[r][3]));
-                if (_mm512_cmp_ps_mask(mx4, _mm512_set1_ps(m[row]), _CMP_GT_OQ)) {   // a new row maximum (rare after the first blocks)
-                    const float mnew = _mm512_reduce_max_ps(mx4);
-                    const float alpha = std::exp2((m[row] - mnew) * scale2);
-                    m[row] = mnew;
-                    l[row] = _mm512_mul_ps(l[row], _mm512_set1_ps(alpha));
-                    float* a = acc + row * Dp;
-                    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(a + c * 16, _mm512_mul_ps(_mm512_loadu_ps(a + c * 16), _mm512_set1_ps(alpha)));
-                }
-                const __m512 shift = _mm512_set1_ps(-m[row] * scale2);
-                __m512 e[4];
-                for (int c = 0; c < 4; ++c) e[c] = exp2_ps(_mm512_fmadd_ps(s[r][c], vscale, shift));
-                _mm512_storeu_si512(p + r * BK, (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
-                _mm512_storeu_si512(p + r * BK + 32, (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
-                l[row] = _mm512_add_ps(l[row], _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3])));
-            }
+            for (int r = 0; r < rows; ++r) softmax_row<NV>(s[r], m[rr + r], l[rr + r], acc + (rr + r) * Dp, p + r * BK, scale2);
             __m512 o[ROWS][NV];
             for (int r = 0; r < ROWS; ++r) for (int c = 0; c < NV; ++c)
                 o[r][c] = r < rows ? _mm512_loadu_ps(acc + (rr + r) * Dp + c * 16) : _mm512_setzero_ps();
@@ -109,15 +122,7 @@ static void attend_rows_bf16(const uint16_t* q, int64_t qs, const uint16_t* kp, 
             for (int r = 0; r < rows; ++r) for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + (rr + r) * Dp + c * 16, o[r][c]);
         }
     }
-    for (int64_t r = 0; r < n; ++r) {   // out = acc / l, rounded to bf16 (the padding lanes of acc are dropped)
-        const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(l[r]));
-        uint16_t* dst = out + (r0 + r) * os;
-        for (int64_t c = 0; c < D; c += 16) {
-            const __mmask16 keep = D - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - c)) - 1);
-            const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + r * Dp + c), inv));
-            _mm256_mask_storeu_epi16(dst + c, keep, y);
-        }
-    }
+    for (int64_t r = 0; r < n; ++r) write_row(acc + r * Dp, l[r], out + (r0 + r) * os, D);
 }
 
 // k of one head, rows `ks` bf16 values apart -> kp: (Dk/2, Lk, 2), pairs of channels per key, keys contiguous;
@@ -233,7 +238,6 @@ struct AttendAmx {
         alignas(64) float acc[16 * Dp];
         float m[16];
         __m512 l[16];
-        const __m512 vscale = _mm512_set1_ps(scale2);
         for (int64_t g0 = r0; g0 < r1; g0 += 16) {
             const int64_t rows = std::min<int64_t>(16, r1 - g0);
             std::memset(qbuf, 0, sizeof(uint16_t) * 16 * Dk);
@@ -252,24 +256,10 @@ struct AttendAmx {
                 }
                 _tile_stored(0, sbuf, BK * 4); _tile_stored(1, sbuf + 16, BK * 4);
                 _tile_stored(2, sbuf + 32, BK * 4); _tile_stored(3, sbuf + 48, BK * 4);
-                for (int r = 0; r < 16; ++r) {   // online softmax, as in attend_rows_bf16
+                for (int r = 0; r < 16; ++r) {
                     __m512 sv[4];
                     for (int c = 0; c < 4; ++c) sv[c] = _mm512_load_ps(sbuf + r * BK + c * 16);
-                    const __m512 mx4 = _mm512_max_ps(_mm512_max_ps(sv[0], sv[1]), _mm512_max_ps(sv[2], sv[3]));
-                    if (_mm512_cmp_ps_mask(mx4, _mm512_set1_ps(m[r]), _CMP_GT_OQ)) {
-                        const float mnew = _mm512_reduce_max_ps(mx4);
-                        const float alpha = std::exp2((m[r] - mnew) * scale2);
-                        m[r] = mnew;
-                        l[r] = _mm512_mul_ps(l[r], _mm512_set1_ps(alpha));
-                        float* a = acc + r * Dp;
-                        for (int c = 0; c < NV; ++c) _mm512_store_ps(a + c * 16, _mm512_mul_ps(_mm512_load_ps(a + c * 16), _mm512_set1_ps(alpha)));
-                    }
-                    const __m512 shift = _mm512_set1_ps(-m[r] * scale2);
-                    __m512 e[4];
-                    for (int c = 0; c < 4; ++c) e[c] = exp2_ps(_mm512_fmadd_ps(sv[c], vscale, shift));
-                    _mm512_store_si512(pbuf + r * BK, (__m512i)_mm512_cvtne2ps_pbh(e[1], e[0]));
-                    _mm512_store_si512(pbuf + r * BK + 32, (__m512i)_mm512_cvtne2ps_pbh(e[3], e[2]));
-                    l[r] = _mm512_add_ps(l[r], _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3])));
+                    softmax_row<NV>(sv, m[r], l[r], acc + r * Dp, pbuf + r * BK, scale2);
                 }
                 _tile_loadd(4, pbuf, BK * 2);        // p, keys j0..j0+31
                 _tile_loadd(6, pbuf + 32, BK * 2);   // p, keys j0+32..j0+63
@@ -281,15 +271,7 @@ struct AttendAmx {
                     _tile_stored(0, acc + c * 16, Dp * 4);
                 }
             }
-            for (int64_t r = 0; r < rows; ++r) {   // out = acc / l in bf16
-                const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(l[r]));
-                uint16_t* dst = out + (g0 + r) * os;
-                for (int64_t c = 0; c < D; c += 16) {
-                    const __mmask16 keep = D - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - c)) - 1);
-                    const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_load_ps(acc + r * Dp + c), inv));
-                    _mm256_mask_storeu_epi16(dst + c, keep, y);
-                }
-            }
+            for (int64_t r = 0; r < rows; ++r) write_row(acc + r * Dp, l[r], out + (g0 + r) * os, D);
         }
     }
 };
@@ -314,7 +296,9 @@ bool uses_amx() {
 
 // Multi-head attention on (batch, tokens, channels) tensors: q: (B, Lq, C), k and v: (B, Lk, C) bf16 with
 // contiguous channels (rows may be views into a wider tensor), C = heads * D. Returns (B, Lq, C) bf16.
-torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t heads, double scale2) {
+// allow_amx = false keeps to the AVX512-BF16 products where the tiles would be used (for tests).
+torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t heads, double scale2,
+                                   bool allow_amx) {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
                 "q, k and v must be bf16");
     TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1,
@@ -325,7 +309,7 @@ torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tens
     TORCH_CHECK(k.size(1) % BK == 0, "keys must be a multiple of 64");
     auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
 #ifdef SDLAB_AMX
-    if (uses_amx()) {
+    if (allow_amx && uses_amx()) {
         switch ((q.size(2) / heads + 15) / 16) {
             case 1: run_amx<1>(q, k, v, out, heads, scale2); return out;
             case 2: run_amx<2>(q, k, v, out, heads, scale2); return out;
