@@ -127,3 +127,21 @@ def test_loaded_vae_runs_channels_last_with_the_numbers_of_nchw(bundle, tmp_path
         z = vae.encode(image).mode()
         torch.testing.assert_close(z, nchw.encode(image).mode(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(vae.decode(z), nchw.decode(z), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_geglu_splits_the_projection_with_the_numbers_of_one_product() -> None:
+    """On the CPU the GEGLU input runs as two products over the weight's row halves (contiguous halves, no
+    double-width output); the result is the single product's, and a hooked projection (a LoRA in training)
+    still runs through its module."""
+    from sdlab.models.unet import GEGLU
+
+    torch.manual_seed(0)
+    geglu = GEGLU(32, 64)
+    x = torch.randn(2, 16, 32)
+    a, gate = geglu.proj(x).chunk(2, dim=-1)
+    torch.testing.assert_close(geglu(x), a * torch.nn.functional.gelu(gate), rtol=1e-5, atol=1e-6)
+    seen = []
+    geglu.proj.register_forward_hook(lambda module, inputs, output: seen.append(output.shape) or output * 2)
+    a2, gate2 = (geglu.proj.weight @ x[..., None]).squeeze(-1).add(geglu.proj.bias).mul(2).chunk(2, dim=-1)
+    torch.testing.assert_close(geglu(x), a2 * torch.nn.functional.gelu(gate2), rtol=1e-5, atol=1e-5)
+    assert seen == [(2, 16, 128)]
