@@ -60,7 +60,7 @@ def main() -> None:
     module = cpu_attention.extension()
     tiles = module.uses_amx()
     print(f"sdlab's kernel here: {'AMX tiles' if tiles else 'AVX512-BF16'} products; the U-Net uses it: "
-          f"{'yes' if cpu_attention.enabled() and cpu_attention._wins(module) else 'no'}")
+          f"{'yes' if cpu_attention.enabled() and cpu_attention.beats_pytorch(module) else 'no'}")
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     print(f"torch {torch.__version__}, {args.threads} thread(s), best of {args.runs}, "
           f"{'thread CPU' if args.threads == 1 else 'wall'} time; error = max / mean abs against fp64")

@@ -69,7 +69,7 @@ def enabled() -> bool:
     return _setting() != "off" and runs_here()
 
 
-def _wins(module: ModuleType) -> bool:
+def beats_pytorch(module: ModuleType) -> bool:
     """On an AMX CPU only a build that uses the tiles beats PyTorch's kernel (which does)."""
     return _setting() == "on" or not _cpu_has_amx() or module.uses_amx()
 
@@ -128,10 +128,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor | None:
     q: (B, N, C), k and v: (B, M, C) bf16, C = heads * d -> (B, N, C) bf16
     """
     module = extension()
-    if module is None or not _wins(module):
+    if module is None or not beats_pytorch(module):
         return None
     d = q.shape[-1] // heads
     return module.flash_attention_bf16(q, k, v, heads, d ** -0.5 * math.log2(math.e), True)  # (B, N, C)
 
 
-__all__ = ["MIN_TOKENS", "attention", "enabled", "extension", "runs_here", "suits"]
+__all__ = ["MIN_TOKENS", "attention", "beats_pytorch", "enabled", "extension", "runs_here", "suits"]
