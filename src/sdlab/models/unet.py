@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.models.layers import attention, timestep_embedding
+from sdlab.models import patch_conv
 
 
 @dataclass(frozen=True)
@@ -138,17 +139,17 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, out_channels: int, emb_dim: int, groups: int):
         super().__init__()
         self.in_layers = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            nn.GroupNorm(groups, channels), nn.SiLU(), patch_conv.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, out_channels))
         self.out_layers = nn.Sequential(
             nn.GroupNorm(groups, out_channels),
             nn.SiLU(),
             nn.Dropout(0.0),  # kept so the conv stays at index 3, as in the checkpoints
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            patch_conv.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = (
-            nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
+            nn.Identity() if channels == out_channels else patch_conv.Conv2d(channels, out_channels, 1)
         )
 
     def forward(self, x: Tensor, emb_silu: Tensor) -> Tensor:
@@ -252,11 +253,11 @@ class SpatialTransformer(nn.Module):
             raise ValueError(f"SpatialTransformer: {channels} channels do not split into {heads} heads")
         self.linear_proj = linear_proj
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
-        self.proj_in = nn.Linear(channels, channels) if linear_proj else nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if linear_proj else patch_conv.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(channels, context_dim, heads, upcast) for _ in range(depth)
         )
-        self.proj_out = nn.Linear(channels, channels) if linear_proj else nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if linear_proj else patch_conv.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, height, width = x.shape
@@ -280,7 +281,7 @@ class SpatialTransformer(nn.Module):
 class Downsample(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.op = patch_conv.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)  # (B, C, ceil(h/2), ceil(w/2))
@@ -291,7 +292,7 @@ class Upsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = patch_conv.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, size: torch.Size | None = None) -> Tensor:
         if size is None:

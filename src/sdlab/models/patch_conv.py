@@ -1,0 +1,67 @@
+"""Convolutions over few pixels as one matrix product (CPU).
+
+oneDNN's convolution takes time that grows with its weight more than with its work when the image is small
+(by all appearances it re-lays the weight out on every call): at the U-Net's lowest levels (SD1.5 at 512 px: 8 x 8 and 16 x 16 latents over 1280-2560
+channels, batch 2 with guidance) a bf16 3x3 convolution ran at 0.07-0.8 TFLOP/s where matrix products of
+the same size run at 1.1-1.5 on the AMX machine (`docs/performance.md`). There `patch_conv.Conv2d` gathers the
+input's k x k patches and multiplies them by the weight in one `F.linear`:
+
+    patches[b, y, x, (dy, dx, c)] = x_padded[b, c, s*y + dy, s*x + dx]      (B, H', W', k*k*C_in)
+    out = patches @ W^T + bias,  W[o, (dy, dx, c)] = weight[o, c, dy, dx]    (B, H', W', C_out)
+
+A channels-last weight already lies in memory as (C_out, k, k, C_in), so W is a view; a channels-last input
+is (B, H, W, C) in memory, so padding and slicing it gives the patches with one concatenation. The result is
+returned as a channels-last (B, C_out, H', W') view. The product path is taken on the CPU when the weight
+holds at least `WEIGHT_PER_PIXEL` elements per output pixel (batch included), measured as where it wins;
+everything else runs `nn.Conv2d`'s own convolution.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+WEIGHT_PER_PIXEL = 8192   # weight elements per output pixel above which the product wins (docs/performance.md)
+
+
+def patch_product_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> Tensor:
+    """A square convolution (zero padding, no dilation or groups) as patches @ weight.
+
+    x: (B, C_in, H, W), weight: (C_out, C_in, k, k) -> (B, C_out, H', W') channels-last,
+    H' = (H + 2 padding - k) // stride + 1 (W' alike)
+    """
+    b, c, h, w = x.shape
+    c_out, _, k, _ = weight.shape
+    oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view of a channels-last x
+    if padding:
+        pixels = F.pad(pixels, (0, 0, padding, padding, padding, padding))  # (B, H + 2p, W + 2p, C)
+    taps = [pixels[:, dy : dy + stride * (oh - 1) + 1 : stride, dx : dx + stride * (ow - 1) + 1 : stride]
+            for dy in range(k) for dx in range(k)]  # k*k x (B, H', W', C)
+    patches = taps[0] if len(taps) == 1 else torch.cat(taps, dim=-1)  # (B, H', W', k*k*C)
+    out = F.linear(patches, weight.permute(0, 2, 3, 1).reshape(c_out, k * k * c), bias)  # (B, H', W', C_out)
+    return out.permute(0, 3, 1, 2)  # (B, C_out, H', W'), channels-last
+
+
+class Conv2d(nn.Conv2d):
+    """`nn.Conv2d` (same parameters, checkpoint keys and results up to rounding) that runs as
+    `patch_product_conv` on the CPU where the weight is large against the output (see the module docstring)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._as_product(x):
+            return patch_product_conv(x, self.weight, self.bias, self.stride[0], self.padding[0])
+        return super().forward(x)
+
+    def _as_product(self, x: Tensor) -> bool:
+        k = self.kernel_size[0]
+        square = (self.kernel_size == (k, k) and self.stride[0] == self.stride[1] and self.dilation == (1, 1)
+                  and self.groups == 1 and self.padding_mode == "zeros" and self.padding == (k // 2, k // 2))
+        if not (square and x.device.type == "cpu" and x.dim() == 4):
+            return False
+        s, p = self.stride[0], k // 2
+        out_pixels = x.shape[0] * ((x.shape[2] + 2 * p - k) // s + 1) * ((x.shape[3] + 2 * p - k) // s + 1)
+        return self.weight.numel() >= WEIGHT_PER_PIXEL * out_pixels
+
+
+__all__ = ["WEIGHT_PER_PIXEL", "Conv2d", "patch_product_conv"]

@@ -1,0 +1,71 @@
+"""`Conv2d`: a convolution over few pixels as one matrix product gives nn.Conv2d's numbers (values and
+gradients), and is chosen only where the weight is large against the output."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlab.models import patch_conv
+from sdlab.models.patch_conv import WEIGHT_PER_PIXEL, Conv2d, patch_product_conv
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 5), (1, 6, 8, 8)])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_patch_product_is_the_convolution(kernel, stride, shape, channels_last):
+    g = torch.Generator().manual_seed(kernel * 10 + stride)
+    b, c, h, w = shape
+    x = torch.randn(b, c, h, w, generator=g)
+    weight = torch.randn(4, c, kernel, kernel, generator=g)
+    bias = torch.randn(4, generator=g)
+    if channels_last:
+        x, weight = x.contiguous(memory_format=torch.channels_last), weight.contiguous(memory_format=torch.channels_last)
+    ours = patch_product_conv(x, weight, bias, stride, kernel // 2)
+    theirs = F.conv2d(x, weight, bias, stride=stride, padding=kernel // 2)
+    assert ours.shape == theirs.shape
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_patch_product_is_the_convolution_up_to_rounding():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, 4, 4, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(32, 64, 3, 3, generator=g) * 0.05).bfloat16().contiguous(memory_format=torch.channels_last)
+    exact = F.conv2d(x.double(), weight.double(), padding=1)
+    ours = patch_product_conv(x, weight, None, 1, 1).double()
+    theirs = F.conv2d(x, weight, padding=1).double()
+    assert (ours - exact).abs().max() <= 1.5 * (theirs - exact).abs().max() + 1e-2
+
+
+def test_the_product_is_chosen_only_where_the_weight_outweighs_the_pixels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(patch_conv, "patch_product_conv", lambda *a: calls.append(a[0].shape) or patch_product_conv(*a))
+    conv = Conv2d(64, 64, 3, padding=1)                     # 36,864 weights
+    assert conv.weight.numel() >= WEIGHT_PER_PIXEL * 4 > conv.weight.numel() / 2
+    small, large = torch.randn(1, 64, 2, 2), torch.randn(1, 64, 8, 8)   # 4 and 64 output pixels
+    with torch.no_grad():
+        torch.testing.assert_close(conv(small), nn.Conv2d.forward(conv, small), rtol=1e-5, atol=1e-5)
+        conv(large)
+        conv(torch.randn(2, 64, 2, 2))                           # 8 output pixels: the batch counts too
+        Conv2d(64, 64, 3, padding=1, stride=2)(torch.randn(1, 64, 4, 4))   # stride 2: 4 output pixels
+        Conv2d(64, 64, 3, padding=2, dilation=2)(small)     # not a plain square convolution
+        Conv2d(64, 64, 3, padding=0)(torch.randn(1, 64, 4, 4))
+    assert calls == [(1, 64, 2, 2), (1, 64, 4, 4)]
+
+
+def test_gradients_match_nn_conv2d():
+    torch.manual_seed(0)
+    conv = Conv2d(64, 64, 3, padding=1)
+    reference = nn.Conv2d(64, 64, 3, padding=1)
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(1, 64, 2, 2, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    conv(x).square().sum().backward()
+    reference(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
