@@ -9,11 +9,21 @@ from cli_helpers import run
 from sdlab.utils import threads
 
 
-def _runnable(monkeypatch, tmp_path, runnable: int) -> None:
-    """Make `/proc/loadavg` say `runnable` tasks are runnable (this process included)."""
+def _runnable(monkeypatch, tmp_path, runnable: int, own: str = "R") -> None:
+    """Make `/proc/loadavg` say `runnable` tasks are runnable (this process's included) and `/proc/self/task`
+    list this process's threads in the states `own` (one letter each)."""
     loadavg = tmp_path / "loadavg"
     loadavg.write_text(f"0.50 0.40 0.30 {runnable}/120 4242\n")
     monkeypatch.setattr(threads, "LOADAVG", loadavg)
+    tasks = tmp_path / "task"
+    if tasks.exists():
+        for old in tasks.iterdir():
+            (old / "stat").unlink()
+            old.rmdir()
+    for i, state in enumerate(own):
+        (tasks / str(100 + i)).mkdir(parents=True)
+        (tasks / str(100 + i) / "stat").write_text(f"{100 + i} (python (main)) {state} 1 2 3 4\n")
+    monkeypatch.setattr(threads, "OWN_TASKS", tasks)
 
 
 def test_small_models_get_the_free_cores_large_ones_the_default(monkeypatch, tmp_path):
@@ -28,6 +38,8 @@ def test_small_models_get_the_free_cores_large_ones_the_default(monkeypatch, tmp
     assert threads.threads_for(large) == 6
     _runnable(monkeypatch, tmp_path, 4)                                # three others: one core free
     assert threads.free_cores() == 1 and threads.threads_for(small) == 1 and threads.threads_for(large) == 6
+    _runnable(monkeypatch, tmp_path, 3, own="RSR")                     # two of them this process's own threads
+    assert threads.free_cores() == 3                                   # (an OpenMP worker still spinning)
     _runnable(monkeypatch, tmp_path, 9)                                # more runnable tasks than cores
     assert threads.threads_for(small) == 1
     monkeypatch.setattr(threads, "LOADAVG", tmp_path / "missing")      # no /proc: one thread, as before

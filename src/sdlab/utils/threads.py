@@ -29,17 +29,35 @@ from torch import nn
 SMALL_MODEL_PARAMETERS = 100_000_000        # below this, only the free cores (see the module docstring)
 SMALL_MODEL_THREADS = 2                     # the most a small model gets: more were never measured to help
 LOADAVG = Path("/proc/loadavg")
+OWN_TASKS = Path("/proc/self/task")        # this process's threads, each with its scheduler state
 DEFAULT_THREADS = torch.get_num_threads()   # torch's own choice: the physical cores, or OMP_NUM_THREADS
 
 
 def free_cores() -> int | None:
     """The CPUs this process may use that no other runnable task wants right now; None where the system
-    does not say (no `/proc/loadavg`). Its fourth field is "runnable/total" tasks, this process included."""
+    does not say (no `/proc/loadavg`). Its fourth field is "runnable/total" tasks (threads), this process's
+    included: its own runnable threads are not counted against it (torch's OpenMP workers keep spinning,
+    runnable, for a while after each parallel region, so right after loading a model the loader's own
+    worker made an idle 2-core machine look half busy)."""
     try:
         runnable = int(LOADAVG.read_text().split()[3].split("/")[0])
     except (OSError, ValueError, IndexError):
         return None
-    return len(os.sched_getaffinity(0)) - max(runnable - 1, 0)
+    return len(os.sched_getaffinity(0)) - max(runnable - _own_runnable_threads(), 0)
+
+
+def _own_runnable_threads() -> int:
+    """This process's threads in state R (at least one: the caller's); 1 where `/proc/self/task` says nothing."""
+    running = 0
+    try:
+        for task in OWN_TASKS.iterdir():
+            try:
+                running += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+            except (OSError, IndexError):
+                continue
+    except OSError:
+        pass
+    return max(running, 1)
 
 
 def threads_for(model: nn.Module, explicit: int | None = None) -> int:
