@@ -44,17 +44,18 @@ def test_bf16_patch_product_is_the_convolution_up_to_rounding():
 def test_the_product_is_chosen_only_where_the_weight_outweighs_the_pixels(monkeypatch):
     calls = []
     monkeypatch.setattr(patch_conv, "patch_product_conv", lambda *a: calls.append(a[0].shape) or patch_product_conv(*a))
-    conv = Conv2d(64, 64, 3, padding=1)                     # 36,864 weights
-    assert conv.weight.numel() >= WEIGHT_PER_PIXEL * 4 > conv.weight.numel() / 2
-    small, large = torch.randn(1, 64, 2, 2), torch.randn(1, 64, 8, 8)   # 4 and 64 output pixels
+    c = 96
+    conv = Conv2d(c, c, 3, padding=1)                            # 82,944 weights: enough for 4 output pixels, not 8
+    assert WEIGHT_PER_PIXEL * 8 > conv.weight.numel() >= WEIGHT_PER_PIXEL * 4
+    small, large = torch.randn(1, c, 2, 2), torch.randn(1, c, 8, 8)   # 4 and 64 output pixels
     with torch.no_grad():
         torch.testing.assert_close(conv(small), nn.Conv2d.forward(conv, small), rtol=1e-5, atol=1e-5)
         conv(large)
-        conv(torch.randn(2, 64, 2, 2))                           # 8 output pixels: the batch counts too
-        Conv2d(64, 64, 3, padding=1, stride=2)(torch.randn(1, 64, 4, 4))   # stride 2: 4 output pixels
-        Conv2d(64, 64, 3, padding=2, dilation=2)(small)     # not a plain square convolution
-        Conv2d(64, 64, 3, padding=0)(torch.randn(1, 64, 4, 4))
-    assert calls == [(1, 64, 2, 2), (1, 64, 4, 4)]
+        conv(torch.randn(2, c, 2, 2))                            # 8 output pixels: the batch counts too
+        Conv2d(c, c, 3, padding=1, stride=2)(torch.randn(1, c, 4, 4))   # stride 2: 4 output pixels
+        Conv2d(c, c, 3, padding=2, dilation=2)(small)            # not a plain square convolution
+        Conv2d(c, c, 3, padding=0)(torch.randn(1, c, 4, 4))
+    assert calls == [(1, c, 2, 2), (1, c, 4, 4)]
 
 
 def test_gradients_match_nn_conv2d():

@@ -21,6 +21,7 @@ off; `SDLAB_CPU_ATTENTION=1` uses it wherever it can run (AVX512-BF16), also whe
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -34,7 +35,9 @@ from torch import Tensor
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu_attention.cpp"
-NAME = "sdlab_cpu_attention_v4"   # torch's extension cache keys builds by name (and rebuilds when SOURCE changes)
+# torch's extension cache keys builds by name and rebuilds one whose source file or path changed; the path's
+# hash in the name gives each installed copy of sdlab its own build instead of rebuilding on every switch.
+NAME = f"sdlab_cpu_attention_v4_{hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8]}"
 MIN_TOKENS = 1024           # below this the kernel's gain is a few milliseconds (and tiny models never build it)
 KEY_BLOCK = 64              # keys per block in the kernel: the key count must be a multiple
 VECTORS_PER_HEAD = (1, 2, 3, 4, 5, 6, 8, 10)   # the kernel's compiled cases (its switch), in 16-lane vectors

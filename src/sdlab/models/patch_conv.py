@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WEIGHT_PER_PIXEL = 8192   # weight elements per output pixel above which the product wins (docs/performance.md)
+WEIGHT_PER_PIXEL = 16384  # weight elements per output pixel above which the product wins (docs/performance.md)
 
 
 def patch_product_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> Tensor:
