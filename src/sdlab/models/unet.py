@@ -49,8 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlab.models.layers import attention, timestep_embedding
 from sdlab.models import patch_conv
+from sdlab.models.layers import attention, timestep_embedding
 
 
 @dataclass(frozen=True)
