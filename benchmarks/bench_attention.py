@@ -13,7 +13,6 @@ with more. Needs a CPU with AVX512-BF16 and a C++ compiler (the kernel is built 
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import torch
@@ -55,9 +54,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not cpu_attention.runs_here() or cpu_attention.extension() is None:
+    module = cpu_attention.extension() if cpu_attention.runs_here() else None
+    if module is None:
         raise SystemExit("sdlab's CPU attention kernel is not available here (no AVX512-BF16 or no compiler)")
-    module = cpu_attention.extension()
     tiles = module.uses_amx()
     print(f"sdlab's kernel here: {'AMX tiles' if tiles else 'AVX512-BF16'} products; the U-Net uses it: "
           f"{'yes' if cpu_attention.enabled() and cpu_attention.beats_pytorch(module) else 'no'}")
@@ -71,7 +70,7 @@ def main() -> None:
     for heads, tokens, width in SHAPES:
         q, k, v = (torch.randn(2, tokens, heads * width, generator=g).bfloat16() for _ in range(3))
         exact = pytorch_attention(q.double(), k.double(), v.double(), heads)
-        scale2 = width ** -0.5 * math.log2(math.e)
+        scale2 = cpu_attention.exp2_scale(width)
         calls = {"pytorch": lambda: pytorch_attention(q, k, v, heads),
                  "sdlab": lambda: module.flash_attention_bf16(q, k, v, heads, scale2, True),
                  "sdlab avx512-bf16": lambda: module.flash_attention_bf16(q, k, v, heads, scale2, False)}

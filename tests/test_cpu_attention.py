@@ -3,7 +3,6 @@ reference, and where `layers.attention` sends each case."""
 
 from __future__ import annotations
 
-import math
 import types
 
 import pytest
@@ -46,7 +45,7 @@ def _kernel_attention(kernel, q, k, v, heads, amx):
     """The kernel called directly, on the AMX tiles (where built and granted) or with AVX512-BF16 products."""
     if amx and not kernel.uses_amx():
         pytest.skip("this build or CPU has no AMX tiles")
-    return kernel.flash_attention_bf16(q, k, v, heads, (q.shape[-1] // heads) ** -0.5 * math.log2(math.e), amx)
+    return kernel.flash_attention_bf16(q, k, v, heads, cpu_attention.exp2_scale(q.shape[-1] // heads), amx)
 
 
 def _heads(x, h):

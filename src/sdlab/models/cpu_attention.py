@@ -133,8 +133,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor | None:
     module = extension()
     if module is None or not beats_pytorch(module):
         return None
-    d = q.shape[-1] // heads
-    return module.flash_attention_bf16(q, k, v, heads, d ** -0.5 * math.log2(math.e), True)  # (B, N, C)
+    return module.flash_attention_bf16(q, k, v, heads, exp2_scale(q.shape[-1] // heads), True)  # (B, N, C)
 
 
-__all__ = ["MIN_TOKENS", "attention", "beats_pytorch", "enabled", "extension", "runs_here", "suits"]
+def exp2_scale(width: int) -> float:
+    """The kernel's score scale: 1 / sqrt(d) times log2(e), as it takes exponentials base 2."""
+    return width ** -0.5 * math.log2(math.e)
+
+
+__all__ = ["MIN_TOKENS", "attention", "beats_pytorch", "enabled", "exp2_scale", "extension", "runs_here", "suits"]

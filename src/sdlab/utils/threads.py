@@ -48,15 +48,16 @@ def free_cores() -> int | None:
 
 def _own_runnable_threads() -> int:
     """This process's threads in state R (at least one: the caller's); 1 where `/proc/self/task` says nothing."""
-    running = 0
     try:
-        for task in OWN_TASKS.iterdir():
-            try:
-                running += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
-            except (OSError, IndexError):
-                continue
+        tasks = list(OWN_TASKS.iterdir())
     except OSError:
-        pass
+        return 1
+    running = 0
+    for task in tasks:
+        try:   # "tid (name) state ...": the name may hold spaces and parentheses
+            running += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+        except (OSError, IndexError):
+            continue   # the thread ended meanwhile
     return max(running, 1)
 
 
