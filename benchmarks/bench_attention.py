@@ -1,11 +1,12 @@
-"""One bf16 self-attention call: sdlab's CPU kernel (`sdlab.models.cpu_attention`) against PyTorch's
+"""One bf16 attention call: sdlab's CPU kernel (`sdlab.models.cpu_attention`) against PyTorch's
 `scaled_dot_product_attention`, same inputs, same process, interleaved; with each one's error against an
 fp64 reference.
 
     python benchmarks/bench_attention.py                   # SD1.5 / SDXL head shapes, one thread
     python benchmarks/bench_attention.py --threads 2 --runs 7
 
-Inputs are (batch 2, tokens, heads x width) as the U-Net's projections give them. Time: best of `--runs`
+Inputs are (batch 2, tokens, heads x width) as the U-Net's projections give them: self-attention, and
+cross-attention over a 77-token prompt. Time: best of `--runs`
 calls after one warm-up, by thread CPU time with one thread (steadier on a shared machine) and by wall time
 with more. Needs a CPU with AVX512-BF16 and a C++ compiler (the kernel is built on first use).
 """
@@ -20,12 +21,15 @@ import torch.nn.functional as F
 
 from sdlab.models import cpu_attention
 
-SHAPES = (  # (heads, tokens, width)
-    (8, 4096, 40),    # SD1.5 at 64 x 64 latents
-    (8, 1024, 80),    # SD1.5 at 32 x 32
-    (5, 4096, 64),    # SDXL-like heads
-    (10, 1024, 64),
-    (8, 1024, 160),
+SHAPES = (  # (heads, query tokens, key tokens, width)
+    (8, 4096, 4096, 40),    # SD1.5 at 64 x 64 latents
+    (8, 1024, 1024, 80),    # SD1.5 at 32 x 32
+    (5, 4096, 4096, 64),    # SDXL-like heads
+    (10, 1024, 1024, 64),
+    (8, 1024, 1024, 160),
+    (8, 4096, 77, 40),      # SD1.5's cross-attention at 64 x 64 latents
+    (8, 1024, 77, 80),
+    (10, 4096, 77, 64),     # SDXL's at 64 x 64
 )
 
 
@@ -59,16 +63,19 @@ def main() -> None:
         raise SystemExit("sdlab's CPU attention kernel is not available here (no AVX512-BF16 or no compiler)")
     tiles = module.uses_amx()
     print(f"sdlab's kernel here: {'AMX tiles' if tiles else 'AVX512-BF16'} products; the U-Net uses it: "
-          f"{'yes' if cpu_attention.enabled() and cpu_attention.beats_pytorch(module) else 'no'}")
+          f"{'yes' if cpu_attention.enabled() and cpu_attention.beats_pytorch(module, cpu_attention.MIN_TOKENS) else 'no'}"
+          f" (self-attention), {'yes' if cpu_attention.enabled() and cpu_attention.beats_pytorch(module, 77) else 'no'}"
+          " (cross-attention on 77 keys)")
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     print(f"torch {torch.__version__}, {args.threads} thread(s), best of {args.runs}, "
           f"{'thread CPU' if args.threads == 1 else 'wall'} time; error = max / mean abs against fp64")
     names = ["pytorch", "sdlab"] + (["sdlab avx512-bf16"] if tiles else [])
-    print("heads x tokens x width | " + " | ".join(f"{name} ms (error) | ratio" if name != "pytorch" else "pytorch ms (error)"
+    print("heads x queries x keys x width | " + " | ".join(f"{name} ms (error) | ratio" if name != "pytorch" else "pytorch ms (error)"
                                                    for name in names))
     g = torch.Generator().manual_seed(0)
-    for heads, tokens, width in SHAPES:
-        q, k, v = (torch.randn(2, tokens, heads * width, generator=g).bfloat16() for _ in range(3))
+    for heads, queries, keys, width in SHAPES:
+        q = torch.randn(2, queries, heads * width, generator=g).bfloat16()
+        k, v = (torch.randn(2, keys, heads * width, generator=g).bfloat16() for _ in range(2))
         exact = pytorch_attention(q.double(), k.double(), v.double(), heads)
         scale2 = cpu_attention.exp2_scale(width)
         calls = {"pytorch": lambda: pytorch_attention(q, k, v, heads),
@@ -79,7 +86,7 @@ def main() -> None:
         times = best_times(calls, args.runs, clock)
         cells = [f"{times[name] * 1000:.0f} ({errors[name].max().item():.1e} / {errors[name].mean().item():.1e})"
                  + ("" if name == "pytorch" else f" | {times[name] / times['pytorch']:.2f}") for name in names]
-        print(f"{heads} x {tokens} x {width} | " + " | ".join(cells))
+        print(f"{heads} x {queries} x {keys} x {width} | " + " | ".join(cells))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""bf16 self-attention on CPUs with AVX512-BF16: sdlab's own flash-attention kernel (`kernels/cpu_attention.cpp`).
+"""bf16 attention on CPUs with AVX512-BF16: sdlab's own flash-attention kernel (`kernels/cpu_attention.cpp`).
 
 PyTorch's CPU flash kernel runs bf16 attention no faster than fp32 (one guided SD1.5 step at 512 px spends
 ~40 % of its time there); this one multiplies bf16 pairs with fp32 accumulation (`vdpbf16ps`), about 2.3 x faster on
@@ -7,14 +7,15 @@ SD1.5's 4,096-token, 40-channel heads, with the same error against an fp64 refer
 
 On CPUs with AMX tiles (Intel Sapphire Rapids and later) PyTorch's kernel multiplies on the tiles and is
 2.5-5.6 x faster than pair dot products; built there (`-march=native` targets AMX), this kernel runs both
-products on the tiles too and takes 0.53-0.90 x PyTorch's time (`benchmarks/bench_attention.py`). Where the
-CPU has AMX but the build does not (an older compiler, an OS that refuses the tile state), PyTorch's kernel
-is used.
+products on the tiles too and takes 0.5-0.9 x PyTorch's time on self-attention and about 0.3 x on
+cross-attention over a prompt's 77 keys (`benchmarks/bench_attention.py`). Where the CPU has AMX but the build
+does not (an older compiler, an OS that refuses the tile state), PyTorch's kernel is used.
 
 It is built the first time a large bf16 model draws on such a CPU (`torch.utils.cpp_extension`: a C++
 compiler and ninja; about 30 s once, then loaded from torch's extension cache) and used for inference-only
-self-attention whose key count is a multiple of 64 and at least `MIN_TOKENS`; everything else, and every
-machine where it cannot be built, goes to `F.scaled_dot_product_attention`. `SDLAB_CPU_ATTENTION=0` turns it
+attention with at least `MIN_TOKENS` queries: on the AMX tiles for any key count, with pair dot products for
+at least `MIN_TOKENS` keys (self-attention, where it was measured to win); everything else, and every machine
+where it cannot be built, goes to `F.scaled_dot_product_attention`. `SDLAB_CPU_ATTENTION=0` turns it
 off; `SDLAB_CPU_ATTENTION=1` uses it wherever it can run (AVX512-BF16), also where it would lose.
 """
 
@@ -39,7 +40,6 @@ SOURCE = Path(__file__).with_name("kernels") / "cpu_attention.cpp"
 # hash in the name gives each installed copy of sdlab its own build instead of rebuilding on every switch.
 NAME = f"sdlab_cpu_attention_v4_{hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8]}"
 MIN_TOKENS = 1024           # below this the kernel's gain is a few milliseconds (and tiny models never build it)
-KEY_BLOCK = 64              # keys per block in the kernel: the key count must be a multiple
 VECTORS_PER_HEAD = (1, 2, 3, 4, 5, 6, 8, 10)   # the kernel's compiled cases (its switch), in 16-lane vectors
 HEAD_WIDTHS = {d for d in range(2, 16 * max(VECTORS_PER_HEAD) + 1, 2) if (d + 15) // 16 in VECTORS_PER_HEAD}
 
@@ -72,9 +72,15 @@ def enabled() -> bool:
     return _setting() != "off" and runs_here()
 
 
-def beats_pytorch(module: ModuleType) -> bool:
-    """On an AMX CPU only a build that uses the tiles beats PyTorch's kernel (which does)."""
-    return _setting() == "on" or not _cpu_has_amx() or module.uses_amx()
+def beats_pytorch(module: ModuleType, keys: int) -> bool:
+    """Whether the built kernel beats PyTorch's on attention over `keys` keys here: on an AMX CPU only a build
+    that uses the tiles does (PyTorch's kernel uses them too), then for any key count; elsewhere (pair dot
+    products) for long self-attention."""
+    if _setting() == "on":
+        return True
+    if _cpu_has_amx():
+        return module.uses_amx()
+    return keys >= MIN_TOKENS
 
 
 def extension() -> ModuleType | None:
@@ -114,10 +120,10 @@ def _is_built() -> bool:
 def suits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
     """Whether (B, N, C) q and (B, M, C) k, v split into `heads` are a case the kernel takes: bf16 on the CPU
     with contiguous channels, no gradient wanted, not inside `torch.compile` (which fuses PyTorch's attention
-    itself), at least `MIN_TOKENS` keys in whole blocks, a head width it is compiled for."""
+    itself), at least `MIN_TOKENS` queries, a head width it is compiled for."""
     c = q.shape[-1]
     return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and q.dim() == 3
-            and k.shape[-2] >= MIN_TOKENS and k.shape[-2] % KEY_BLOCK == 0
+            and q.shape[-2] >= MIN_TOKENS and k.shape[-2] > 0 and k.shape[-2] == v.shape[-2]
             and c % heads == 0 and c // heads in HEAD_WIDTHS and c == k.shape[-1] == v.shape[-1]
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
@@ -126,12 +132,12 @@ def suits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor | None:
     """softmax(q k^T / sqrt(d)) v per head with the kernel, or None where it could not be built or would be
-    slower than PyTorch's (an AMX CPU, a build without AMX).
+    slower than PyTorch's (`beats_pytorch`).
 
     q: (B, N, C), k and v: (B, M, C) bf16, C = heads * d -> (B, N, C) bf16
     """
     module = extension()
-    if module is None or not beats_pytorch(module):
+    if module is None or not beats_pytorch(module, k.shape[-2]):
         return None
     return module.flash_attention_bf16(q, k, v, heads, exp2_scale(q.shape[-1] // heads), True)  # (B, N, C)
 

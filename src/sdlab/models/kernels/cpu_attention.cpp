@@ -4,7 +4,8 @@
 // row sum l (the "online softmax" of FlashAttention): for each block, s = q k^T in fp32, m' = max(m, max s),
 // p = 2^((s - m') * scale * log2(e)), l = l * a + sum p, acc = acc * a + p v with a = 2^((m - m') * scale * log2(e));
 // out = acc / l. m only moves when a block holds a larger score (rare after the first blocks), so most blocks
-// skip the row reductions and the rescaling. Both products take bf16 pairs and accumulate in fp32 (vdpbf16ps:
+// skip the row reductions and the rescaling. Any key count: k and v are packed with zero keys up to whole
+// blocks, and the padding keys' scores in the last block are set to a large negative value (p = 0). Both products take bf16 pairs and accumulate in fp32 (vdpbf16ps:
 // twice the fp32 FMA rate), so each head's k is packed as (D/2, Lk, 2) and v as (Lk/2, Dp, 2) pairs and p is
 // rounded to bf16 before p v, as PyTorch's own bf16 kernel rounds it. Narrow heads (SD1.5's 40 channels) are
 // where this pays: PyTorch's CPU kernel runs bf16 attention at its fp32 speed.
@@ -25,16 +26,25 @@ constexpr int QT = 64;   // query rows per task
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 
-// 2^x for x <= 0: 2^floor(x) applied by vscalefps to a degree-3 polynomial of the fraction (relative error
-// < 1e-4, twenty times below the bf16 rounding p gets before p v). x below -127 gives 0 or a denormal.
+// 2^x for finite x <= 0: 2^floor(x) applied by vscalefps to a degree-3 polynomial of the fraction (relative
+// error < 1e-4, twenty times below the bf16 rounding p gets before p v). x below -126 gives a denormal or 0.
 static inline __m512 exp2_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
     const __m512 xf = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, xf);                                         // [0, 1)
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07705975f), f, _mm512_set1_ps(0.22764373f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6951233f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, xf);
+}
+
+constexpr float MASKED = -1e30f;   // the score of a padding key: 2^((MASKED - m) * scale2) is 0
+
+// Scores of the keys past the last real one (a last block of `valid` < BK keys) -> MASKED.
+static inline void mask_tail(__m512 s[4], int valid) {
+    for (int c = 0; c < 4; ++c) {
+        const int n = std::min(std::max(valid - 16 * c, 0), 16);
+        s[c] = _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), (__mmask16)((1u << n) - 1), s[c]);
+    }
 }
 
 // One query row of a block of BK scores s: moves the running maximum m when the block holds a larger score
@@ -73,7 +83,7 @@ static inline void write_row(const float* acc, __m512 l, uint16_t* dst, int64_t 
 // values `os` apart. scale2 = scale * log2(e).
 template <int NV, int ROWS>
 static void attend_rows_bf16(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out,
-                             int64_t os, int64_t D, int64_t Lk, float scale2, int64_t r0, int64_t r1) {
+                             int64_t os, int64_t D, int64_t Lk, int64_t keys, float scale2, int64_t r0, int64_t r1) {
     const int64_t Dp = NV * 16, D2 = D / 2;
     const int64_t n = r1 - r0;
     float m[QT];
@@ -103,6 +113,7 @@ static void attend_rows_bf16(const uint16_t* q, int64_t qs, const uint16_t* kp, 
                     }
                 }
             }
+            if (keys - j0 < BK) for (int r = 0; r < rows; ++r) mask_tail(s[r], (int)(keys - j0));
             for (int r = 0; r < rows; ++r) softmax_row<NV>(s[r], m[rr + r], l[rr + r], acc + (rr + r) * Dp, p + r * BK, scale2);
             __m512 o[ROWS][NV];
             for (int r = 0; r < ROWS; ++r) for (int c = 0; c < NV; ++c)
@@ -125,24 +136,33 @@ static void attend_rows_bf16(const uint16_t* q, int64_t qs, const uint16_t* kp, 
     for (int64_t r = 0; r < n; ++r) write_row(acc + r * Dp, l[r], out + (r0 + r) * os, D);
 }
 
-// k of one head, rows `ks` bf16 values apart -> kp: (Dk/2, Lk, 2), pairs of channels per key, keys contiguous;
-// channel pairs D/2..Dk/2 are zero (Dk >= D pads the channels to whole AMX tiles).
-static void pack_keys(const uint16_t* k, int64_t ks, uint16_t* kp, int64_t D, int64_t Dk, int64_t Lk) {
+// k of one head (`keys` rows, `ks` bf16 values apart) -> kp: (Dk/2, Lk, 2), pairs of channels per key, keys
+// contiguous; channel pairs D/2..Dk/2 (Dk >= D pads the channels to whole AMX tiles) and keys past `keys` (Lk
+// pads them to whole blocks) are zero.
+static void pack_keys(const uint16_t* k, int64_t ks, uint16_t* kp, int64_t D, int64_t Dk, int64_t Lk, int64_t keys) {
     for (int64_t j0 = 0; j0 < Lk; j0 += BK)          // a block of keys at a time, so its rows stay in cache
-        for (int64_t t = 0; t < D / 2; ++t)
-            for (int64_t j = j0; j < j0 + BK; ++j) std::memcpy(kp + (t * Lk + j) * 2, k + j * ks + 2 * t, 4);
+        for (int64_t t = 0; t < D / 2; ++t) {
+            const int64_t j1 = std::min(j0 + BK, keys);
+            for (int64_t j = j0; j < j1; ++j) std::memcpy(kp + (t * Lk + j) * 2, k + j * ks + 2 * t, 4);
+            std::memset(kp + (t * Lk + j1) * 2, 0, sizeof(uint16_t) * 2 * (j0 + BK - j1));   // padding keys
+        }
     std::memset(kp + D * Lk, 0, sizeof(uint16_t) * (Dk - D) * Lk);
 }
 
-// v of one head, rows `vs` bf16 values apart -> vp: (Lk/2, Dp, 2), each channel's values for keys 2u and 2u+1
-// side by side; channels D..Dp are zero.
-static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, int64_t Dp, int64_t Lk) {
+// v of one head (`keys` rows, `vs` bf16 values apart) -> vp: (Lk/2, Dp, 2), each channel's values for keys 2u
+// and 2u+1 side by side; channels D..Dp and keys past `keys` are zero.
+static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, int64_t Dp, int64_t Lk, int64_t keys) {
     for (int64_t u = 0; u < Lk / 2; ++u) {
-        const uint16_t* a = v + 2 * u * vs;
-        const uint16_t* b = a + vs;
         uint16_t* dst = vp + u * Dp * 2;
-        for (int64_t c = 0; c < D; ++c) { dst[2 * c] = a[c]; dst[2 * c + 1] = b[c]; }
-        std::memset(dst + 2 * D, 0, sizeof(uint16_t) * 2 * (Dp - D));
+        if (2 * u + 1 < keys) {
+            const uint16_t* a = v + 2 * u * vs;
+            const uint16_t* b = a + vs;
+            for (int64_t c = 0; c < D; ++c) { dst[2 * c] = a[c]; dst[2 * c + 1] = b[c]; }
+            std::memset(dst + 2 * D, 0, sizeof(uint16_t) * 2 * (Dp - D));
+        } else {
+            std::memset(dst, 0, sizeof(uint16_t) * 2 * Dp);
+            if (2 * u < keys) for (int64_t c = 0; c < D; ++c) dst[2 * c] = v[2 * u * vs + c];
+        }
     }
 }
 
@@ -151,7 +171,7 @@ static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, 
 template <typename Attend>
 static void run_heads(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
                       int64_t heads, int64_t Dk, int64_t Dp, Attend attend) {
-    const int64_t B = q.size(0), Lq = q.size(1), Lk = k.size(1), D = q.size(2) / heads;
+    const int64_t B = q.size(0), Lq = q.size(1), keys = k.size(1), Lk = (keys + BK - 1) / BK * BK, D = q.size(2) / heads;
     const int64_t BH = B * heads, tiles = (Lq + QT - 1) / QT;
     auto kp = torch::empty({BH, Dk / 2, Lk, 2}, k.options());
     auto vp = torch::empty({BH, Lk / 2, Dp, 2}, v.options());
@@ -163,8 +183,8 @@ static void run_heads(const torch::Tensor& q, const torch::Tensor& k, const torc
     at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh) {
             const int64_t b = bh / heads, h = bh % heads;
-            pack_keys(kd + b * kb + h * D, ks, kpd + bh * Dk * Lk, D, Dk, Lk);
-            pack_values(vd + b * vb + h * D, vs, vpd + bh * Lk * Dp, D, Dp, Lk);
+            pack_keys(kd + b * kb + h * D, ks, kpd + bh * Dk * Lk, D, Dk, Lk, keys);
+            pack_values(vd + b * vb + h * D, vs, vpd + bh * Lk * Dp, D, Dp, Lk, keys);
         }
     });
     at::parallel_for(0, BH * tiles, 1, [&](int64_t begin, int64_t end) {
@@ -172,7 +192,7 @@ static void run_heads(const torch::Tensor& q, const torch::Tensor& k, const torc
         for (int64_t t = begin; t < end; ++t) {
             const int64_t bh = t / tiles, tile = t % tiles, b = bh / heads, h = bh % heads;
             const int64_t r0 = tile * QT, r1 = std::min<int64_t>(Lq, r0 + QT);
-            attend(qd + b * qb + h * D, qs, kpd + bh * Dk * Lk, vpd + bh * Lk * Dp, od + b * ob + h * D, os, D, Lk, r0, r1);
+            attend(qd + b * qb + h * D, qs, kpd + bh * Dk * Lk, vpd + bh * Lk * Dp, od + b * ob + h * D, os, D, Lk, keys, r0, r1);
         }
         attend.end();
     });
@@ -184,8 +204,8 @@ struct AttendAvx512 {
     void begin() const {}
     void end() const {}
     void operator()(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int64_t os,
-                    int64_t D, int64_t Lk, int64_t r0, int64_t r1) const {
-        attend_rows_bf16<NV, ROWS>(q, qs, kp, vp, out, os, D, Lk, scale2, r0, r1);
+                    int64_t D, int64_t Lk, int64_t keys, int64_t r0, int64_t r1) const {
+        attend_rows_bf16<NV, ROWS>(q, qs, kp, vp, out, os, D, Lk, keys, scale2, r0, r1);
     }
 };
 
@@ -230,7 +250,7 @@ struct AttendAmx {
     }
     void end() const { _tile_release(); }
     void operator()(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int64_t os,
-                    int64_t D, int64_t Lk, int64_t r0, int64_t r1) const {
+                    int64_t D, int64_t Lk, int64_t keys, int64_t r0, int64_t r1) const {
         constexpr int64_t Dp = NV * 16;
         alignas(64) uint16_t qbuf[16 * 160];     // 16 query rows, channels zero-padded to Dk (<= 160)
         alignas(64) float sbuf[16 * BK];          // s of one block
@@ -259,6 +279,7 @@ struct AttendAmx {
                 for (int r = 0; r < 16; ++r) {
                     __m512 sv[4];
                     for (int c = 0; c < 4; ++c) sv[c] = _mm512_load_ps(sbuf + r * BK + c * 16);
+                    if (keys - j0 < BK) mask_tail(sv, (int)(keys - j0));
                     softmax_row<NV>(sv, m[r], l[r], acc + r * Dp, pbuf + r * BK, scale2);
                 }
                 _tile_loadd(4, pbuf, BK * 2);        // p, keys j0..j0+31
@@ -306,7 +327,7 @@ torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tens
     TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(2) == q.size(2) && v.size(2) == q.size(2)
                 && v.size(1) == k.size(1), "q, k and v do not match");
     TORCH_CHECK(heads > 0 && q.size(2) % heads == 0 && (q.size(2) / heads) % 2 == 0, "the head width must be even");
-    TORCH_CHECK(k.size(1) % BK == 0, "keys must be a multiple of 64");
+    TORCH_CHECK(k.size(1) > 0, "there must be keys");
     auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
 #ifdef SDLAB_AMX
     if (allow_amx && uses_amx()) {
