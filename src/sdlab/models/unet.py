@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlab.models import patch_conv
+from sdlab.models import cpu_linear, patch_conv
 from sdlab.models.layers import attention, timestep_embedding
 
 
@@ -181,12 +181,16 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # index 0 as in the checkpoints (LDM had Dropout at 1)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
+        """x: (B, N, C), context: (B, M, C_ctx) or None -> (B, N, C), plus `residual` (B, N, C) where given."""
         context = x if context is None else context
         q = self.to_q(x)  # (B, N, C)
         k = self.to_k(context)  # (B, M, C)
         v = self.to_v(context)  # (B, M, C)
-        return self.to_out[0](attention(q, k, v, self.heads, self.upcast))  # (B, N, C)
+        out = attention(q, k, v, self.heads, self.upcast)  # (B, N, C)
+        if residual is None:
+            return self.to_out[0](out)
+        return cpu_linear.linear_add(out, self.to_out[0], residual)  # (B, N, C)
 
 
 class GEGLU(nn.Module):
@@ -197,16 +201,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * inner_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        proj = self.proj
-        if x.device.type == "cpu" and not (proj._forward_hooks or proj._forward_pre_hooks):
-            # Two products over the weight's row halves (views): each output is half the size and contiguous,
-            # which on the CPU saves a fresh 2 x inner allocation (42 MB per SD1.5 block at 512 px, above
-            # glibc's mmap threshold) and the strided GELU / product. (A LoRA being trained hooks `proj`.)
-            inner = proj.out_features // 2
-            a = F.linear(x, proj.weight[:inner], proj.bias[:inner])  # (B, N, inner)
-            return a * F.gelu(F.linear(x, proj.weight[inner:], proj.bias[inner:]))
-        a, gate = proj(x).chunk(2, dim=-1)  # 2 x (B, N, inner)
-        return a * F.gelu(gate)
+        return cpu_linear.geglu(x, self.proj)  # (B, N, inner)
 
 
 class FeedForward(nn.Module):
@@ -215,8 +210,10 @@ class FeedForward(nn.Module):
         # The Dropout(0) keeps the output Linear at index 2, as in the checkpoints (`ff.net.2`).
         self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(0.0), nn.Linear(mult * dim, dim))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net[2](self.net[0](x))  # GEGLU, then the output Linear (the Dropout(0) is an identity)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """GEGLU, then the output Linear (the Dropout(0) is an identity); plus `residual` where given."""
+        h = self.net[0](x)  # (B, N, inner)
+        return self.net[2](h) if residual is None else cpu_linear.linear_add(h, self.net[2], residual)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -232,14 +229,11 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
-        # Residuals are added into the fresh branch outputs (never into x, which LayerNorm's backward needs).
-        h = self.attn1(self.norm1(x))  # (B, N, C)
-        h += x
-        x = self.attn2(self.norm2(h), context)
-        x += h
-        h = self.ff(self.norm3(x))
-        h += x
-        return h
+        # Each residual is added to its branch's output as a new tensor (inside the output product on the CPU
+        # in bf16: `cpu_linear`), never into x, which LayerNorm's backward needs.
+        h = self.attn1(self.norm1(x), residual=x)  # (B, N, C)
+        x = self.attn2(self.norm2(h), context, residual=h)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):

@@ -1,0 +1,83 @@
+"""`sdlab.models.cpu_linear`: bf16 linear layers with the residual add / GEGLU done inside the product,
+against an fp64 reference and the unfused ops, and where the fused path is (not) taken."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlab.models import cpu_linear
+
+pytestmark = pytest.mark.skipif(not cpu_linear._has_fused_op(), reason="PyTorch here has no oneDNN linear post-ops")
+
+
+def _layer(c_in, c_out, seed):
+    torch.manual_seed(seed)
+    layer = nn.Linear(c_in, c_out)
+    nn.init.normal_(layer.bias, std=0.5)
+    return layer.bfloat16().requires_grad_(False)
+
+
+def _errors(ours, plain, exact):
+    return (ours.double() - exact).abs(), (plain.double() - exact).abs()
+
+
+@pytest.mark.parametrize(("shape", "c_in", "c_out"), [((2, 300, 64), 64, 48), ((3, 17, 40), 40, 40), ((5, 96), 96, 32)])
+def test_linear_add_is_as_close_to_fp64_as_the_unfused_ops(shape, c_in, c_out):
+    layer = _layer(c_in, c_out, seed=c_in + c_out)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(*shape, generator=g).bfloat16()
+    other = torch.randn(*shape[:-1], c_out, generator=g).bfloat16()
+    with torch.no_grad():
+        assert cpu_linear.fuses(x, layer, other)
+        ours = cpu_linear.linear_add(x, layer, other)
+        plain = layer(x) + other
+    exact = F.linear(x.double(), layer.weight.double(), layer.bias.double()) + other.double()
+    ours_err, plain_err = _errors(ours, plain, exact)
+    assert ours.dtype == torch.bfloat16 and ours.shape == plain.shape
+    assert ours_err.max() <= plain_err.max() + 1e-6 and ours_err.mean() <= 1.05 * plain_err.mean()
+    assert not torch.equal(ours, plain)          # one rounding instead of two: it is the fused op that ran
+
+
+def test_geglu_is_as_close_to_fp64_as_the_unfused_ops():
+    proj = _layer(64, 2 * 96, seed=3)
+    x = torch.randn(2, 200, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    with torch.no_grad():
+        ours = cpu_linear.geglu(x, proj)
+        a, gate = proj(x).chunk(2, dim=-1)
+        plain = a * F.gelu(gate)
+    a64, gate64 = F.linear(x.double(), proj.weight.double(), proj.bias.double()).chunk(2, dim=-1)
+    ours_err, plain_err = _errors(ours, plain, a64 * F.gelu(gate64))
+    assert ours.shape == (2, 200, 96)
+    assert ours_err.max() <= plain_err.max() + 1e-6 and ours_err.mean() <= plain_err.mean()
+
+
+def test_the_fused_path_is_left_where_it_would_be_wrong_or_not_apply():
+    layer = _layer(32, 32, seed=4)
+    x = torch.randn(4, 32).bfloat16()
+    with torch.no_grad():
+        assert cpu_linear.fuses(x, layer)
+        assert not cpu_linear.fuses(x.float(), nn.Linear(32, 32).requires_grad_(False))   # fp32: plain products
+    assert not cpu_linear.fuses(x, layer.requires_grad_(True))                       # training: no backward
+    with torch.no_grad():
+        seen = []
+        handle = layer.register_forward_hook(lambda module, inputs, output: seen.append(output.shape))
+        assert not cpu_linear.fuses(x, layer)                                        # a LoRA's hook must run
+        cpu_linear.linear_add(x, layer, x)
+        cpu_linear.geglu(x, layer)
+        handle.remove()
+    assert seen == [(4, 32), (4, 32)]
+
+
+def test_gradients_flow_through_the_unfused_path_in_training():
+    layer = _layer(16, 16, seed=5).requires_grad_(True)
+    proj = _layer(16, 32, seed=6).requires_grad_(True)
+    x = torch.randn(3, 16, dtype=torch.bfloat16, requires_grad=True)
+    (cpu_linear.linear_add(x, layer, x) + cpu_linear.geglu(x, proj)).float().sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    a, gate = proj(x_ref).chunk(2, dim=-1)
+    (layer(x_ref) + x_ref + a * F.gelu(gate)).float().sum().backward()
+    assert torch.allclose(x.grad.float(), x_ref.grad.float(), atol=0.02, rtol=0.02)   # bf16 rounding order
+    assert layer.weight.grad is not None and proj.weight.grad is not None
