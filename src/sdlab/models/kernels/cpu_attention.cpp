@@ -26,15 +26,15 @@ constexpr int QT = 64;   // query rows per task
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 
-// 2^x for finite x <= 0: 2^floor(x) applied by vscalefps to a degree-3 polynomial of the fraction (relative
-// error < 1e-4, twenty times below the bf16 rounding p gets before p v). x below -126 gives a denormal or 0.
+// 2^x for finite x <= 0: a degree-3 polynomial of the fraction f = x - floor(x) (vreduceps), scaled by
+// 2^floor(x) (vscalefps floors its exponent operand itself); relative error < 1e-4, twenty times below the
+// bf16 rounding p gets before p v. x below -126 gives a denormal or 0.
 static inline __m512 exp2_ps(__m512 x) {
-    const __m512 xf = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, xf);                                         // [0, 1)
+    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF);                  // [0, 1)
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07705975f), f, _mm512_set1_ps(0.22764373f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6951233f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, xf);
+    return _mm512_scalef_ps(p, x);
 }
 
 constexpr float MASKED = -1e30f;   // the score of a padding key: 2^((MASKED - m) * scale2) is 0
