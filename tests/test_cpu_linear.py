@@ -81,3 +81,32 @@ def test_gradients_flow_through_the_unfused_path_in_training():
     (layer(x_ref) + x_ref + a * F.gelu(gate)).float().sum().backward()
     assert torch.allclose(x.grad.float(), x_ref.grad.float(), atol=0.02, rtol=0.02)   # bf16 rounding order
     assert layer.weight.grad is not None and proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("linear_proj", [False, True], ids=["conv-projections", "linear-projections"])
+def test_a_transformer_stage_fused_is_as_close_to_fp64_as_unfused(monkeypatch, linear_proj):
+    """SD1.5's (1x1-convolution) and SD2 / SDXL's (linear) projections, the residuals and GEGLU: the fused
+    path runs in bf16 inference and lands as close to the fp64 stage as the unfused ops."""
+    from sdlab.models.unet import SpatialTransformer
+
+    torch.manual_seed(7)
+    stage = SpatialTransformer(64, heads=2, depth=2, context_dim=48, linear_proj=linear_proj, upcast=False, groups=8)
+    for p in stage.parameters():
+        nn.init.normal_(p, std=0.15)
+    stage = stage.to(memory_format=torch.channels_last).eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 64, 6, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    context = torch.randn(2, 7, 48, generator=g)
+    with torch.no_grad():
+        exact = stage.double()(x.double(), context.double())
+        stage16, x16, c16 = stage.bfloat16(), x.bfloat16(), context.bfloat16()
+        fused_calls = []
+        real = cpu_linear.add_into_product
+        monkeypatch.setattr(cpu_linear, "add_into_product", lambda *a: fused_calls.append(1) or real(*a))
+        fused = stage16(x16, c16)
+        monkeypatch.setattr(cpu_linear, "fuses", lambda *a: False)
+        plain = stage16(x16, c16)
+    assert len(fused_calls) == 7                   # 2 blocks x (2 attention outputs + the FF output) + proj_out
+    assert fused.shape == plain.shape == x.shape and fused.is_contiguous(memory_format=torch.channels_last)
+    fused_err, plain_err = _errors(fused, plain, exact)
+    assert fused_err.max() <= 1.25 * plain_err.max() and fused_err.mean() <= 1.1 * plain_err.mean()

@@ -2,17 +2,19 @@
 
 In a bf16 U-Net step on the CPU every linear layer writes its output to memory and the next step reads it
 back: the residual add after an attention's output projection and after the feed-forward, and GEGLU's GELU
-and product. Those passes are memory-bound and cost about a fifth of SD1.5's step on a 2-core machine.
+and product (PyTorch's `addmm` also first copies the bias into the output). Those passes are memory-bound.
 oneDNN, which runs PyTorch's bf16 matrix products on the CPU, can apply such a step to each block of the
 product while it is still in registers (a post-op); PyTorch exposes that as `torch.ops.mkldnn._linear_pointwise`
-(the op its own CPU compiler emits). Here:
+(the op its own CPU compiler emits). On the AMX machine this took a guided SD1.5 step from 1.49 to 1.35 s
+(`benchmarks/bench_unet.py`; docs/performance.md). Here:
 
     linear_add(x, layer, other) = layer(x) + other
     geglu(x, weight, bias)      = (x W_a^T + b_a) * gelu(x W_g^T + b_g),  W = [W_a; W_g], b = [b_a; b_g]
 
 Both round once to bf16 at the end (the unfused path rounds after each step). The fused op has no backward,
 so it is used only where no gradient is wanted: `fuses` says when (bf16 on the CPU, PyTorch built with oneDNN,
-no forward hooks on the layer, such as a LoRA's in training); elsewhere the plain ops run.
+no forward hooks on the layer, such as a LoRA's in training, not inside `torch.compile`, whose CPU backend
+fuses these itself); elsewhere the plain ops run.
 """
 
 from __future__ import annotations
@@ -32,24 +34,33 @@ def _has_fused_op() -> bool:
         return False
 
 
-def fuses(x: Tensor, layer: nn.Linear, *others: Tensor) -> bool:
-    """Whether `layer` applied to `x` (and an add / product with `others`) runs fused here."""
+def fuses(x: Tensor, layer: nn.Module, *others: Tensor) -> bool:
+    """Whether `layer` (a linear layer, or a 1x1 convolution run as one) applied to `x`, and an add / product
+    with `others`, runs fused here."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or layer.weight.dtype != torch.bfloat16:
         return False
     if layer._forward_hooks or layer._forward_pre_hooks:
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others, *layer.parameters())):
         return False
-    return _has_fused_op()
+    return not torch.compiler.is_compiling() and _has_fused_op()   # a compiled graph fuses for itself
 
 
 def linear_add(x: Tensor, layer: nn.Linear, other: Tensor) -> Tensor:
     """layer(x) + other as a new tensor. x: (..., C_in), other: (..., C_out) -> (..., C_out)"""
     if fuses(x, layer, other):
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, layer.weight, layer.bias, "add")
+        return add_into_product(x, layer.weight, layer.bias, other)
     out = layer(x)
     out += other  # into the fresh output: nothing's backward needs it
     return out
+
+
+def add_into_product(x: Tensor, weight: Tensor, bias: Tensor | None, other: Tensor) -> Tensor:
+    """x W^T + b + other in one product, where `fuses` said so.
+
+    x: (..., C_in), weight: (C_out, C_in), other: (..., C_out) -> (..., C_out)
+    """
+    return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
 
 
 def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
@@ -72,4 +83,4 @@ def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
     return a * F.gelu(gate)
 
 
-__all__ = ["fuses", "geglu", "linear_add"]
+__all__ = ["add_into_product", "fuses", "geglu", "linear_add"]
