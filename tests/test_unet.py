@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.models.embeddings import get_timestep_embedding
 
@@ -365,3 +366,29 @@ def test_full_size_sd15_matches_diffusers():
         expected = reference(x, t, context).sample
         actual = model.eval()(x, t, context)
     assert (actual - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_resblock_adds_a_batch_wide_time_embedding_through_the_convolution_bias(monkeypatch):
+    """Inference on the CPU with one timestep for the batch: the embedding goes into conv1's bias (no pass
+    over the output), the same numbers as adding it; per-row embeddings and training add it as before."""
+    from sdlab.models.unet import ResBlock
+
+    torch.manual_seed(11)
+    block = ResBlock(8, 16, emb_dim=12, groups=4).eval()
+    x = torch.randn(2, 8, 5, 6)
+    shared, per_row = torch.randn(1, 12).expand(2, 12), torch.randn(2, 12)
+    conv1 = block.in_layers[2]
+    biases = []
+    real = conv1.forward_with_bias
+    monkeypatch.setattr(conv1, "forward_with_bias", lambda h, bias: biases.append(bias) or real(h, bias))
+    with torch.no_grad():
+        fast = block(x, shared)
+        assert len(biases) == 1                            # through the bias
+        separate = block(x, per_row)
+        assert len(biases) == 2                            # conv1's own bias, then the add
+    added = block(x, shared)                               # grad enabled: the add
+    torch.testing.assert_close(fast, added, rtol=1e-5, atol=1e-5)
+    emb = block.emb_layers[1](per_row)
+    h = block.in_layers[2](F.silu(block.in_layers[0](x))) + emb[:, :, None, None]
+    expected = block.out_layers[3](F.silu(block.out_layers[0](h))) + block.skip_connection(x)
+    torch.testing.assert_close(separate, expected, rtol=1e-5, atol=1e-5)

@@ -49,9 +49,13 @@ class Conv2d(nn.Conv2d):
     `patch_product_conv` on the CPU where the weight is large against the output (see the module docstring)."""
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_bias(x, self.bias)
+
+    def forward_with_bias(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution with `bias` (C_out,) in place of the module's own (no hooks run: callers check)."""
         if self._as_product(x):
-            return patch_product_conv(x, self.weight, self.bias, self.stride[0], self.padding[0])
-        return super().forward(x)
+            return patch_product_conv(x, self.weight, bias, self.stride[0], self.padding[0])
+        return self._conv_forward(x, self.weight, bias)
 
     def _as_product(self, x: Tensor) -> bool:
         k = self.kernel_size[0]
