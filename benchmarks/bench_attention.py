@@ -62,16 +62,17 @@ def main() -> None:
     if module is None:
         raise SystemExit("sdlab's CPU attention kernel is not available here (no AVX512-BF16 or no compiler)")
     tiles = module.uses_amx()
+    used = {keys: cpu_attention.enabled() and cpu_attention.beats_pytorch(module, keys)
+            for keys in (cpu_attention.MIN_TOKENS, 77)}
     print(f"sdlab's kernel here: {'AMX tiles' if tiles else 'AVX512-BF16'} products; the U-Net uses it: "
-          f"{'yes' if cpu_attention.enabled() and cpu_attention.beats_pytorch(module, cpu_attention.MIN_TOKENS) else 'no'}"
-          f" (self-attention), {'yes' if cpu_attention.enabled() and cpu_attention.beats_pytorch(module, 77) else 'no'}"
-          " (cross-attention on 77 keys)")
+          f"{'yes' if used[cpu_attention.MIN_TOKENS] else 'no'} (self-attention), "
+          f"{'yes' if used[77] else 'no'} (cross-attention on 77 keys)")
     clock = time.thread_time if args.threads == 1 else time.perf_counter
     print(f"torch {torch.__version__}, {args.threads} thread(s), best of {args.runs}, "
           f"{'thread CPU' if args.threads == 1 else 'wall'} time; error = max / mean abs against fp64")
     names = ["pytorch", "sdlab"] + (["sdlab avx512-bf16"] if tiles else [])
-    print("heads x queries x keys x width | " + " | ".join(f"{name} ms (error) | ratio" if name != "pytorch" else "pytorch ms (error)"
-                                                   for name in names))
+    print("heads x queries x keys x width | " + " | ".join(
+        f"{name} ms (error) | ratio" if name != "pytorch" else "pytorch ms (error)" for name in names))
     g = torch.Generator().manual_seed(0)
     for heads, queries, keys, width in SHAPES:
         q = torch.randn(2, queries, heads * width, generator=g).bfloat16()

@@ -9,7 +9,7 @@ product while it is still in registers (a post-op); PyTorch exposes that as `tor
 (`benchmarks/bench_unet.py`; docs/performance.md). Here:
 
     linear_add(x, layer, other) = layer(x) + other
-    geglu(x, weight, bias)      = (x W_a^T + b_a) * gelu(x W_g^T + b_g),  W = [W_a; W_g], b = [b_a; b_g]
+    geglu(x, proj)              = (x W_a^T + b_a) * gelu(x W_g^T + b_g),  proj's weight [W_a; W_g], bias [b_a; b_g]
 
 Both round once to bf16 at the end (the unfused path rounds after each step). The fused op has no backward,
 so it is used only where no gradient is wanted: `fuses` says when (bf16 on the CPU, PyTorch built with oneDNN,

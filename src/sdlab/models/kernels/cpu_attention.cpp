@@ -5,10 +5,11 @@
 // p = 2^((s - m') * scale * log2(e)), l = l * a + sum p, acc = acc * a + p v with a = 2^((m - m') * scale * log2(e));
 // out = acc / l. m only moves when a block holds a larger score (rare after the first blocks), so most blocks
 // skip the row reductions and the rescaling. Any key count: k and v are packed with zero keys up to whole
-// blocks, and the padding keys' scores in the last block are set to a large negative value (p = 0). Both products take bf16 pairs and accumulate in fp32 (vdpbf16ps:
-// twice the fp32 FMA rate), so each head's k is packed as (D/2, Lk, 2) and v as (Lk/2, Dp, 2) pairs and p is
-// rounded to bf16 before p v, as PyTorch's own bf16 kernel rounds it. Narrow heads (SD1.5's 40 channels) are
-// where this pays: PyTorch's CPU kernel runs bf16 attention at its fp32 speed.
+// blocks, and the padding keys' scores in the last block are set to a large negative value (p = 0).
+// Both products take bf16 pairs and accumulate in fp32 (vdpbf16ps: twice the fp32 FMA rate), so each head's
+// k is packed as (D/2, Lk, 2) and v as (Lk/2, Dp, 2) pairs and p is rounded to bf16 before p v, as PyTorch's
+// own bf16 kernel rounds it. Narrow heads (SD1.5's 40 channels) are where this pays: PyTorch's CPU kernel
+// runs bf16 attention at its fp32 speed.
 //
 // Where the compiler targets AMX (Sapphire Rapids and later, built with -march=native there), both products
 // run on the AMX tiles instead, 16 queries x 64 keys per block: s = q k^T as 16x16 fp32 tiles from q rows
