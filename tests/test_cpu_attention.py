@@ -110,6 +110,7 @@ def test_layers_attention_sends_long_bf16_self_attention_to_the_kernel(kernel, c
     attention(x, context, context, heads=2)                           # cross-attention: 77 keys (any key count)
     assert calls == [((1, 1024, 80), 2)]
     calls.clear()
+    attention(x.expand(2, -1, -1), context, context, heads=2)         # a context of batch 1 broadcast: PyTorch's
     attention(x.float(), x.float(), x.float(), heads=2)               # fp32
     attention(x[:, :512], x[:, :512], x[:, :512], heads=2)            # short: below MIN_TOKENS
     attention(x, x, x, heads=2, upcast=True)                          # upcast runs fp32

@@ -124,6 +124,7 @@ def suits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
     c = q.shape[-1]
     return (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu" and q.dim() == 3
             and q.shape[-2] >= MIN_TOKENS and k.shape[-2] > 0 and k.shape[-2] == v.shape[-2]
+            and q.shape[0] == k.shape[0] == v.shape[0]   # a broadcast context (batch 1) goes to PyTorch
             and c % heads == 0 and c // heads in HEAD_WIDTHS and c == k.shape[-1] == v.shape[-1]
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
