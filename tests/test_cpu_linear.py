@@ -60,6 +60,7 @@ def test_the_fused_path_is_left_where_it_would_be_wrong_or_not_apply():
     with torch.no_grad():
         assert cpu_linear.fuses(x, layer)
         assert not cpu_linear.fuses(x.float(), nn.Linear(32, 32).requires_grad_(False))   # fp32: plain products
+        assert not cpu_linear.fuses(x, layer, x.float())                            # an fp32 residual too
     assert not cpu_linear.fuses(x, layer.requires_grad_(True))                       # training: no backward
     with torch.no_grad():
         seen = []

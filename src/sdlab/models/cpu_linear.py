@@ -37,7 +37,7 @@ def _has_fused_op() -> bool:
 def fuses(x: Tensor, layer: nn.Module, *others: Tensor) -> bool:
     """Whether `layer` (a linear layer, or a 1x1 convolution run as one) applied to `x`, and an add / product
     with `others`, runs fused here."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or layer.weight.dtype != torch.bfloat16:
+    if x.device.type != "cpu" or any(t.dtype != torch.bfloat16 for t in (x, layer.weight, *others)):
         return False
     if layer._forward_hooks or layer._forward_pre_hooks:
         return False
