@@ -28,8 +28,11 @@ from torch import Tensor, nn
 
 @functools.cache
 def _has_fused_op() -> bool:
+    """PyTorch has the op, and oneDNN runs bf16 on this CPU (it refuses bf16 without AVX-512 or AMX, where
+    PyTorch's own bf16 products fall back to other code)."""
     try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise.binary is not None
+        return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise.binary is not None
+                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
     except (AttributeError, RuntimeError):
         return False
 
