@@ -138,7 +138,7 @@ def _embedding_into_bias(emb: Tensor, conv: nn.Conv2d) -> bool:
     the CPU with one embedding for the whole batch (one timestep, as in guided sampling) and no hooks on the
     convolution (a LoRA's in training). emb: (B, C_out)"""
     return (emb.device.type == "cpu" and not torch.is_grad_enabled() and conv.bias is not None
-            and not (conv._forward_hooks or conv._forward_pre_hooks) and bool((emb == emb[:1]).all()))
+            and not cpu_linear.has_hooks(conv) and bool((emb == emb[:1]).all()))
 
 
 class ResBlock(nn.Module):
@@ -269,37 +269,30 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, height, width = x.shape
         h = self.norm(x)  # (B, C, h, w)
-        if self._fused_projections(h):
-            return self._forward_fused(x, h, context)
-        if not self.linear_proj:
+        # bf16 inference on the CPU (`cpu_linear.fuses`): both projections run as linear layers over the tokens
+        # (a 1x1 convolution is one), the residual added inside proj_out's product
+        fused = cpu_linear.fuses(h, self.proj_in) and cpu_linear.fuses(h, self.proj_out)
+        on_tokens = self.linear_proj or fused  # projections over (B, hw, C), not 1x1 convolutions over the map
+        if not on_tokens:
             h = self.proj_in(h)
         h = h.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, hw, C), a view when x is channels-last
-        if self.linear_proj:
+        if fused:
+            h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # a 1x1 conv's weight as (C, C)
+        elif on_tokens:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)  # (B, hw, C)
-        if self.linear_proj:
+        if fused:
+            residual = x.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, hw, C)
+            h = cpu_linear.add_into_product(h, self.proj_out.weight.flatten(1), self.proj_out.bias, residual)
+            return h.view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, h, w) channels-last view
+        if on_tokens:
             h = self.proj_out(h)
         h = h.view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, h, w) channels-last view
-        if not self.linear_proj:
+        if not on_tokens:
             h = self.proj_out(h)
         h += x
         return h
-
-    def _fused_projections(self, h: Tensor) -> bool:
-        """bf16 inference on the CPU (`cpu_linear.fuses`): both projections run as linear layers over the
-        tokens (a 1x1 convolution is one) with the residual added inside proj_out's product."""
-        return cpu_linear.fuses(h, self.proj_in) and cpu_linear.fuses(h, self.proj_out)
-
-    def _forward_fused(self, x: Tensor, h: Tensor, context: Tensor) -> Tensor:
-        b, c, height, width = x.shape
-        h = h.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, hw, C), a view when x is channels-last
-        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # (B, hw, C); a 1x1 conv's weight as (C, C)
-        for block in self.transformer_blocks:
-            h = block(h, context)  # (B, hw, C)
-        residual = x.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, hw, C)
-        h = cpu_linear.add_into_product(h, self.proj_out.weight.flatten(1), self.proj_out.bias, residual)
-        return h.view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, h, w) channels-last view
 
 
 class Downsample(nn.Module):
