@@ -63,6 +63,7 @@ def _merged(x):
     ((1, 2, 1024, 160), 1024, 1.0),
     ((2, 3, 100, 24), 1088, 1.0),      # queries not a whole tile, keys not a power of two, a narrow head
     ((1, 2, 1024, 40), 1024, 6.0),     # peaked softmax: the running maximum moves between blocks
+    ((1, 2, 200, 8), 300, 3.0),        # one 16-lane vector per head (acc on one tile)
     ((2, 8, 300, 40), 77, 1.0),        # cross-attention on a prompt: keys end inside the second block
     ((1, 4, 130, 64), 1089, 6.0),      # a last block with one key; padding keys must not lift the maximum
     ((1, 2, 70, 80), 63, 1.0),         # fewer keys than a block

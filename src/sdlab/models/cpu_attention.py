@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels") / "cpu_attention.cpp"
 # torch's extension cache keys builds by name and rebuilds one whose source file or path changed; the path's
 # hash in the name gives each installed copy of sdlab its own build instead of rebuilding on every switch.
-NAME = f"sdlab_cpu_attention_v4_{hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8]}"
+NAME = f"sdlab_cpu_attention_v5_{hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8]}"
 MIN_TOKENS = 1024           # below this the kernel's gain is a few milliseconds (and tiny models never build it)
 VECTORS_PER_HEAD = (1, 2, 3, 4, 5, 6, 8, 10)   # the kernel's compiled cases (its switch), in 16-lane vectors
 HEAD_WIDTHS = {d for d in range(2, 16 * max(VECTORS_PER_HEAD) + 1, 2) if (d + 15) // 16 in VECTORS_PER_HEAD}

@@ -16,6 +16,7 @@
 // (zero-padded to whole 32-channel tiles) and the same packed k, the online softmax on those rows with AVX-512,
 // then acc += p v with acc's 16-channel column groups loaded into a tile, accumulated over the block's two
 // 32-key halves of p and stored back. One tile configuration (eight 16 x 64-byte tiles) serves both products.
+// Heads narrower than 48 channels (SD1.5's 40) leave acc on the tiles instead (AttendAmxTileAcc).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -40,9 +41,10 @@ static inline __m512 exp2_ps(__m512 x) {
 
 constexpr float MASKED = -1e30f;   // the score of a padding key: 2^((MASKED - m) * scale2) is 0
 
-// Scores of the keys past the last real one (a last block of `valid` < BK keys) -> MASKED.
-static inline void mask_tail(__m512 s[4], int valid) {
-    for (int c = 0; c < 4; ++c) {
+// Scores of the keys past the last real one (a last block of `valid` < 16 * N keys) -> MASKED.
+template <int N = 4>
+static inline void mask_tail(__m512 s[N], int valid) {
+    for (int c = 0; c < N; ++c) {
         const int n = std::min(std::max(valid - 16 * c, 0), 16);
         s[c] = _mm512_mask_mov_ps(_mm512_set1_ps(MASKED), (__mmask16)((1u << n) - 1), s[c]);
     }
@@ -69,9 +71,10 @@ static inline void softmax_row(const __m512 s[4], float& m, __m512& l, float* ac
     l = _mm512_add_ps(l, _mm512_add_ps(_mm512_add_ps(e[0], e[1]), _mm512_add_ps(e[2], e[3])));
 }
 
-// One output row: acc / sum(l), rounded to bf16, its first D channels (acc's padding lanes are dropped).
-static inline void write_row(const float* acc, __m512 l, uint16_t* dst, int64_t D) {
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(l));
+// One output row: acc / l (the row's sum of p), rounded to bf16, its first D channels (acc's padding lanes are
+// dropped).
+static inline void write_row(const float* acc, float l, uint16_t* dst, int64_t D) {
+    const __m512 inv = _mm512_set1_ps(1.f / l);
     for (int64_t c = 0; c < D; c += 16) {
         const __mmask16 keep = D - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - c)) - 1);
         const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + c), inv));
@@ -134,7 +137,7 @@ static void attend_rows_bf16(const uint16_t* q, int64_t qs, const uint16_t* kp, 
             for (int r = 0; r < rows; ++r) for (int c = 0; c < NV; ++c) _mm512_storeu_ps(acc + (rr + r) * Dp + c * 16, o[r][c]);
         }
     }
-    for (int64_t r = 0; r < n; ++r) write_row(acc + r * Dp, l[r], out + (r0 + r) * os, D);
+    for (int64_t r = 0; r < n; ++r) write_row(acc + r * Dp, _mm512_reduce_add_ps(l[r]), out + (r0 + r) * os, D);
 }
 
 // k of one head (`keys` rows, `ks` bf16 values apart) -> kp: (Dk/2, Lk, 2), pairs of channels per key, keys
@@ -152,7 +155,10 @@ static void pack_keys(const uint16_t* k, int64_t ks, uint16_t* kp, int64_t D, in
 
 // v of one head (`keys` rows, `vs` bf16 values apart) -> vp: (Lk/2, Dp, 2), each channel's values for keys 2u
 // and 2u+1 side by side; channels D..Dp and keys past `keys` are zero.
-static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, int64_t Dp, int64_t Lk, int64_t keys) {
+// With `ones`, channel D (a padding channel, D < Dp) is 1 for every real key, so p v's column D sums p.
+static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, int64_t Dp, int64_t Lk, int64_t keys,
+                        bool ones) {
+    constexpr uint16_t ONE = 0x3F80;   // 1.0 in bf16
     for (int64_t u = 0; u < Lk / 2; ++u) {
         uint16_t* dst = vp + u * Dp * 2;
         if (2 * u + 1 < keys) {
@@ -160,18 +166,23 @@ static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, 
             const uint16_t* b = a + vs;
             for (int64_t c = 0; c < D; ++c) { dst[2 * c] = a[c]; dst[2 * c + 1] = b[c]; }
             std::memset(dst + 2 * D, 0, sizeof(uint16_t) * 2 * (Dp - D));
+            if (ones) dst[2 * D] = dst[2 * D + 1] = ONE;
         } else {
             std::memset(dst, 0, sizeof(uint16_t) * 2 * Dp);
-            if (2 * u < keys) for (int64_t c = 0; c < D; ++c) dst[2 * c] = v[2 * u * vs + c];
+            if (2 * u < keys) {
+                for (int64_t c = 0; c < D; ++c) dst[2 * c] = v[2 * u * vs + c];
+                if (ones) dst[2 * D] = ONE;
+            }
         }
     }
 }
 
 // Packs each head's k and v, then runs `attend` over tiles of QT query rows in parallel. `Dk`: k's channels
-// padded (D for the AVX-512 path, whole 32-channel tiles for AMX); `Dp`: v's padded to 16-lane vectors.
+// padded (D for the AVX-512 path, whole 32-channel tiles for AMX); `Dp`: v's padded to 16-lane vectors;
+// `ones`: v's channel D set to 1 (pack_values).
 template <typename Attend>
 static void run_heads(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
-                      int64_t heads, int64_t Dk, int64_t Dp, Attend attend) {
+                      int64_t heads, int64_t Dk, int64_t Dp, Attend attend, bool ones = false) {
     const int64_t B = q.size(0), Lq = q.size(1), keys = k.size(1), Lk = (keys + BK - 1) / BK * BK, D = q.size(2) / heads;
     const int64_t BH = B * heads, tiles = (Lq + QT - 1) / QT;
     auto kp = torch::empty({BH, Dk / 2, Lk, 2}, k.options());
@@ -185,7 +196,7 @@ static void run_heads(const torch::Tensor& q, const torch::Tensor& k, const torc
         for (int64_t bh = begin; bh < end; ++bh) {
             const int64_t b = bh / heads, h = bh % heads;
             pack_keys(kd + b * kb + h * D, ks, kpd + bh * Dk * Lk, D, Dk, Lk, keys);
-            pack_values(vd + b * vb + h * D, vs, vpd + bh * Lk * Dp, D, Dp, Lk, keys);
+            pack_values(vd + b * vb + h * D, vs, vpd + bh * Lk * Dp, D, Dp, Lk, keys, ones);
         }
     });
     at::parallel_for(0, BH * tiles, 1, [&](int64_t begin, int64_t end) {
@@ -293,7 +304,106 @@ struct AttendAmx {
                     _tile_stored(0, acc + c * 16, Dp * 4);
                 }
             }
-            for (int64_t r = 0; r < rows; ++r) write_row(acc + r * Dp, l[r], out + (g0 + r) * os, D);
+            for (int64_t r = 0; r < rows; ++r) write_row(acc + r * Dp, _mm512_reduce_add_ps(l[r]), out + (g0 + r) * os, D);
+        }
+    }
+};
+
+// Heads narrower than 48 channels (SD1.5's 40) keep acc on the tiles across all key blocks instead of loading
+// and storing it for every block: 32-key blocks, s on tiles 0 and 1, acc's NV <= 3 column groups on 2..4,
+// q and p on 5, k and v on 6 and 7. The row sums come from the tiles too: v carries a column of ones in its
+// padding channel D (pack_values), so acc[:, D] = sum p, over the same bf16 p as the numerator. The next
+// block's scores are issued before this block's softmax, so the products run while the vector units work.
+// The running maximum moves only when a block's score passes it by more than RESCALE (in the exponent's
+// log2 units, so p <= 2^RESCALE): each move costs a round trip of acc's tiles through memory, and an exact
+// running maximum moves on about a third of the blocks of 16 rows. 2 keeps the error against fp64 within a few
+// per cent of PyTorch's bf16 kernel (the largest p is then not always exactly 1 before rounding), and the
+// call about 7 % faster than with an exact maximum (`tests/test_cpu_attention.py`, bench_attention.py).
+constexpr int BK32 = 32;
+constexpr float RESCALE = 2.f;
+
+template <int NV>
+struct AttendAmxTileAcc {
+    float scale2;
+    int64_t Dk;
+    void begin() const {
+        TileConfig cfg;
+        for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
+        _tile_loadconfig(&cfg);
+    }
+    void end() const { _tile_release(); }
+    // s of the 16 queries in qbuf and keys j0..j0+31 -> tiles 0 and 1.
+    void scores(const uint16_t* qbuf, const uint16_t* kp, int64_t Lk, int64_t j0) const {
+        _tile_zero(0); _tile_zero(1);
+        for (int64_t t = 0; t < Dk; t += 32) {   // 32 channels (16 pairs) per tile
+            const uint16_t* kb = kp + ((t / 2) * Lk + j0) * 2;
+            _tile_loadd(5, qbuf + t, Dk * 2);
+            _tile_loadd(6, kb, Lk * 4);      _tile_dpbf16ps(0, 5, 6);
+            _tile_loadd(7, kb + 32, Lk * 4); _tile_dpbf16ps(1, 5, 7);
+        }
+    }
+    void store_acc(float* acc) const {
+        _tile_stored(2, acc, NV * 64);
+        if (NV > 1) _tile_stored(3, acc + 16, NV * 64);
+        if (NV > 2) _tile_stored(4, acc + 32, NV * 64);
+    }
+    void load_acc(const float* acc) const {
+        _tile_loadd(2, acc, NV * 64);
+        if (NV > 1) _tile_loadd(3, acc + 16, NV * 64);
+        if (NV > 2) _tile_loadd(4, acc + 32, NV * 64);
+    }
+    void operator()(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int64_t os,
+                    int64_t D, int64_t Lk, int64_t keys, int64_t r0, int64_t r1) const {
+        constexpr int64_t Dp = NV * 16;
+        constexpr float NONE = -std::numeric_limits<float>::infinity();
+        alignas(64) uint16_t qbuf[16 * 64];       // 16 query rows, channels zero-padded to Dk (<= 64)
+        alignas(64) float sbuf[16 * BK32];
+        alignas(64) uint16_t pbuf[16 * BK32];
+        alignas(64) float acc[16 * Dp];
+        float m[16], alpha[16];
+        const int64_t blocks_end = (keys + BK32 - 1) / BK32 * BK32;
+        const float margin = RESCALE / scale2;   // in score units
+        for (int64_t g0 = r0; g0 < r1; g0 += 16) {
+            const int64_t rows = std::min<int64_t>(16, r1 - g0);
+            std::memset(qbuf, 0, sizeof(qbuf));
+            for (int64_t r = 0; r < rows; ++r) std::memcpy(qbuf + r * Dk, q + (g0 + r) * qs, sizeof(uint16_t) * D);
+            for (int r = 0; r < 16; ++r) m[r] = NONE;
+            _tile_zero(2); if (NV > 1) _tile_zero(3); if (NV > 2) _tile_zero(4);
+            scores(qbuf, kp, Lk, 0);
+            for (int64_t j0 = 0; j0 < blocks_end; j0 += BK32) {
+                _tile_stored(0, sbuf, BK32 * 4); _tile_stored(1, sbuf + 16, BK32 * 4);
+                if (j0 + BK32 < blocks_end) scores(qbuf, kp, Lk, j0 + BK32);
+                uint32_t moved = 0;   // rows whose acc needs * alpha
+                for (int r = 0; r < 16; ++r) {
+                    __m512 s[2] = {_mm512_load_ps(sbuf + r * BK32), _mm512_load_ps(sbuf + r * BK32 + 16)};
+                    if (keys - j0 < BK32) mask_tail<2>(s, (int)(keys - j0));
+                    const __m512 mx = _mm512_max_ps(s[0], s[1]);
+                    if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[r] + margin), _CMP_GT_OQ)) {
+                        const float mnew = _mm512_reduce_max_ps(mx);
+                        if (m[r] != NONE) { alpha[r] = std::exp2((m[r] - mnew) * scale2); moved |= 1u << r; }
+                        m[r] = mnew;
+                    }
+                    const __m512 shift = _mm512_set1_ps(-m[r] * scale2), vscale = _mm512_set1_ps(scale2);
+                    const __m512 e0 = exp2_ps(_mm512_fmadd_ps(s[0], vscale, shift)), e1 = exp2_ps(_mm512_fmadd_ps(s[1], vscale, shift));
+                    _mm512_store_si512(pbuf + r * BK32, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+                }
+                if (moved) {   // those rows of acc * alpha, through memory
+                    store_acc(acc);
+                    for (uint32_t bits = moved; bits; bits &= bits - 1) {
+                        const int r = __builtin_ctz(bits);
+                        for (int c = 0; c < NV; ++c)
+                            _mm512_store_ps(acc + r * Dp + c * 16, _mm512_mul_ps(_mm512_load_ps(acc + r * Dp + c * 16), _mm512_set1_ps(alpha[r])));
+                    }
+                    load_acc(acc);
+                }
+                _tile_loadd(5, pbuf, BK32 * 2);
+                const uint16_t* vb = vp + (j0 / 2) * Dp * 2;   // keys j0..j0+31 as 16 pairs
+                _tile_loadd(6, vb, Dp * 4); _tile_dpbf16ps(2, 5, 6);
+                if (NV > 1) { _tile_loadd(7, vb + 32, Dp * 4); _tile_dpbf16ps(3, 5, 7); }
+                if (NV > 2) { _tile_loadd(6, vb + 64, Dp * 4); _tile_dpbf16ps(4, 5, 6); }
+            }
+            store_acc(acc);
+            for (int64_t r = 0; r < rows; ++r) write_row(acc + r * Dp, acc[r * Dp + D], out + (g0 + r) * os, D);
         }
     }
 };
@@ -302,6 +412,12 @@ template <int NV>
 static void run_amx(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
                     int64_t heads, float scale2) {
     const int64_t D = q.size(2) / heads, Dk = (D + 31) / 32 * 32;
+    if constexpr (NV <= 3) {
+        if (D < NV * 16) {   // a padding channel for the row sums
+            run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmxTileAcc<NV>{scale2, Dk}, true);
+            return;
+        }
+    }
     run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmx<NV>{scale2, Dk});
 }
 #define SDLAB_AMX 1
