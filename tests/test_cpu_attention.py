@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlab.models import cpu_attention
+from sdlab.models import cpu_attention, cpu_kernels
 from sdlab.models.layers import attention
 
 pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
@@ -128,11 +128,11 @@ def test_layers_attention_sends_long_bf16_self_attention_to_the_kernel(kernel, c
 
 
 def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(chosen, monkeypatch):
-    monkeypatch.setattr(cpu_attention, "_state", {})
-    monkeypatch.setattr(cpu_attention, "SOURCE", cpu_attention.SOURCE.with_name("missing.cpp"))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "SOURCES", ("missing.cpp",))
 
     def failing_load(**kwargs):
-        raise RuntimeError("Error building extension 'sdlab_cpu_attention'")
+        raise RuntimeError("Error building extension 'sdlab_cpu_kernels'")
 
     import torch.utils.cpp_extension as cpp_extension
     monkeypatch.setattr(cpp_extension, "load", failing_load)
@@ -140,7 +140,7 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(chosen, monkeypatch
     assert cpu_attention.suits(q, k, v, 2)
     out = attention(q, k, v, heads=2)
     assert torch.equal(out, _merged(F.scaled_dot_product_attention(*(_heads(x, 2) for x in (q, k, v)))))
-    assert cpu_attention._state == {"module": None}                  # tried once, not on every call
+    assert cpu_kernels._state == {"module": None}                    # tried once, not on every call
 
 
 @pytest.mark.parametrize(("amx_cpu", "amx_build", "setting", "used"), [
@@ -153,7 +153,7 @@ def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(chosen, monkeypatch
 def test_the_kernel_is_chosen_where_it_wins_unless_the_setting_says_otherwise(kernel, monkeypatch, amx_cpu, amx_build,
                                                                               setting, used, keys):
     build = types.SimpleNamespace(uses_amx=lambda: amx_build, flash_attention_bf16=kernel.flash_attention_bf16)
-    monkeypatch.setattr(cpu_attention, "_state", {"module": build})
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": build})
     monkeypatch.setattr(cpu_attention, "_cpu_has_amx", lambda: amx_cpu)
     if setting is None:
         monkeypatch.delenv("SDLAB_CPU_ATTENTION", raising=False)

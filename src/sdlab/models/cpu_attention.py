@@ -11,46 +11,28 @@ products on the tiles too and takes 0.5-0.9 x PyTorch's time on self-attention a
 cross-attention over a prompt's 77 keys (`benchmarks/bench_attention.py`). Where the CPU has AMX but the build
 does not (an older compiler, an OS that refuses the tile state), PyTorch's kernel is used.
 
-It is built the first time a large bf16 model draws on such a CPU (`torch.utils.cpp_extension`: a C++
-compiler and ninja; about 30 s once, then loaded from torch's extension cache) and used for inference-only
-attention with at least `MIN_TOKENS` queries: on the AMX tiles for any key count, with pair dot products for
-at least `MIN_TOKENS` keys (self-attention, where it was measured to win); everything else, and every machine
-where it cannot be built, goes to `F.scaled_dot_product_attention`. `SDLAB_CPU_ATTENTION=0` turns it
+It is built with sdlab's other CPU kernels (`cpu_kernels`) the first time a large bf16 model draws on such
+a CPU, and used for inference-only attention with at least `MIN_TOKENS` queries: on the AMX tiles for any
+key count, with pair dot products for at least `MIN_TOKENS` keys (self-attention, where it was measured to
+win); everything else, and every machine where it cannot be built, goes to `F.scaled_dot_product_attention`. `SDLAB_CPU_ATTENTION=0` turns it
 off; `SDLAB_CPU_ATTENTION=1` uses it wherever it can run (AVX512-BF16), also where it would lose.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import logging
 import math
 import os
-import threading
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-logger = logging.getLogger(__name__)
+from sdlab.models.cpu_kernels import extension, runs_here
 
-SOURCE = Path(__file__).with_name("kernels") / "cpu_attention.cpp"
-# torch's extension cache keys builds by name and rebuilds one whose source file or path changed; the path's
-# hash in the name gives each installed copy of sdlab its own build instead of rebuilding on every switch.
-NAME = f"sdlab_cpu_attention_v5_{hashlib.sha1(str(SOURCE.resolve()).encode()).hexdigest()[:8]}"
 MIN_TOKENS = 1024           # below this the kernel's gain is a few milliseconds (and tiny models never build it)
 VECTORS_PER_HEAD = (1, 2, 3, 4, 5, 6, 8, 10)   # the kernel's compiled cases (its switch), in 16-lane vectors
 HEAD_WIDTHS = {d for d in range(2, 16 * max(VECTORS_PER_HEAD) + 1, 2) if (d + 15) // 16 in VECTORS_PER_HEAD}
-
-_lock = threading.Lock()
-_state: dict[str, ModuleType | None] = {}
-
-
-@functools.cache
-def runs_here() -> bool:
-    """The CPU has the kernel's instruction (AVX512-BF16 pair dot products)."""
-    return torch.cpu._is_avx512_bf16_supported()
 
 
 @functools.cache
@@ -81,40 +63,6 @@ def beats_pytorch(module: ModuleType, keys: int) -> bool:
     if _cpu_has_amx():
         return module.uses_amx()
     return keys >= MIN_TOKENS
-
-
-def extension() -> ModuleType | None:
-    """The built kernel module (built on the first call), or None where it cannot be built."""
-    with _lock:
-        if "module" not in _state:
-            _state["module"] = _build()
-        return _state["module"]
-
-
-def _build() -> ModuleType | None:
-    from torch.utils import cpp_extension
-
-    try:
-        if not _is_built():
-            logger.warning("building sdlab's bf16 CPU attention kernel (once; about 30 s)")
-        module = cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                    extra_ldflags=["-fopenmp"], verbose=False)   # OpenMP: at::parallel_for uses the threads
-    except Exception as err:   # no compiler, no ninja, a build error: PyTorch's attention instead
-        logger.warning("sdlab's CPU attention kernel could not be built (%s); using PyTorch's attention",
-                       str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
-        return None
-    return module if hasattr(module, "flash_attention_bf16") else None
-
-
-def _is_built() -> bool:
-    """Whether torch's extension cache holds a build (only decides whether to announce the build; it asks a
-    private torch function, so any failure reads as "not built")."""
-    from torch.utils import cpp_extension
-
-    try:
-        return (Path(cpp_extension._get_build_directory(NAME, verbose=False)) / f"{NAME}.so").exists()
-    except Exception:
-        return False
 
 
 def suits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:

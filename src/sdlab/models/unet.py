@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlab.models import cpu_linear, patch_conv
+from sdlab.models import cpu_linear, cpu_norm, patch_conv
 from sdlab.models.layers import attention, timestep_embedding
 
 
@@ -170,14 +170,14 @@ class ResBlock(nn.Module):
         norm1, _, conv1 = self.in_layers
         norm2, _, _, conv2 = self.out_layers
         emb = self.emb_layers[1](emb_silu)  # (B, C_out)
-        h = F.silu(norm1(x))  # (B, C_in, h, w)
+        h = cpu_norm.group_norm(norm1, x, silu=True)  # (B, C_in, h, w)
         if _embedding_into_bias(emb, conv1):
             h = conv1.forward_with_bias(h, conv1.bias + emb[0])  # (B, C_out, h, w)
         else:
             # In-place adds go into fresh conv outputs, which no backward needs, so autograd stays valid.
             h = conv1(h)  # (B, C_out, h, w)
             h += emb[:, :, None, None]  # time embedding broadcast over space
-        h = conv2(F.silu(norm2(h)))  # (B, C_out, h, w)
+        h = conv2(cpu_norm.group_norm(norm2, h, silu=True))  # (B, C_out, h, w)
         h += self.skip_connection(x)
         return h
 
@@ -268,7 +268,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         b, c, height, width = x.shape
-        h = self.norm(x)  # (B, C, h, w)
+        h = cpu_norm.group_norm(self.norm, x)  # (B, C, h, w)
         # bf16 inference on the CPU (`cpu_linear.fuses`): both projections run as linear layers over the tokens
         # (a 1x1 convolution is one), the residual added inside proj_out's product
         fused = cpu_linear.fuses(h, self.proj_in) and cpu_linear.fuses(h, self.proj_out)

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdlab.models import cpu_norm
 from sdlab.models.layers import attention
 
 GROUP_NORM_EPS = 1e-6
@@ -143,11 +144,6 @@ def _group_norm(num_channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, num_channels, eps=GROUP_NORM_EPS, affine=True)
 
 
-def _swish(x: Tensor) -> Tensor:
-    """SiLU, in place when no gradient is tracked through ``x`` (inference), to save one activation copy."""
-    return F.silu(x, inplace=not x.requires_grad)
-
-
 def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
 
@@ -166,9 +162,9 @@ class ResnetBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W)
         # one step per line so that each intermediate is freed as soon as the next exists (at most x plus
         # two activations alive at once; matters at 512x512 and above)
-        h = _swish(self.norm1(x))  # (B, C_in, H, W)
+        h = cpu_norm.group_norm(self.norm1, x, silu=True)  # (B, C_in, H, W)
         h = self.conv1(h)  # (B, C_out, H, W)
-        h = _swish(self.norm2(h))  # (B, C_out, H, W)
+        h = cpu_norm.group_norm(self.norm2, h, silu=True)  # (B, C_out, H, W)
         h = self.conv2(h)  # (B, C_out, H, W)
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
         # conv2's output is not saved for backward, so adding in place is safe with and without autograd
@@ -193,7 +189,7 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
         b, c, height, width = x.shape
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        tokens = cpu_norm.group_norm(self.norm, x).flatten(2).transpose(1, 2)  # (B, HW, C)
         # a 1x1 conv on (B, C, H, W) is a linear map on (B, HW, C) tokens
         q = F.linear(tokens, self.q.weight.view(c, c), self.q.bias)  # (B, HW, C)
         k = F.linear(tokens, self.k.weight.view(c, c), self.k.bias)  # (B, HW, C)
@@ -292,7 +288,7 @@ class Encoder(nn.Module):
         for level in self.down:
             h = level(h)  # (B, ch*m[i], H/2^i, W/2^i) after the level's downsample
         h = self.mid(h)  # (B, ch*m[-1], H/f, W/f)
-        return self.conv_out(_swish(self.norm_out(h)))  # (B, 2 * latent, H/f, W/f)
+        return self.conv_out(cpu_norm.group_norm(self.norm_out, h, silu=True))  # (B, 2 * latent, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -319,7 +315,7 @@ class Decoder(nn.Module):
         h = self.mid(self.conv_in(z))  # (B, ch*m[-1], h, w)
         for level in reversed(self.up):
             h = level(h)  # doubles the resolution except at up.0
-        return self.conv_out(_swish(self.norm_out(h)))  # (B, out_channels, h*f, w*f)
+        return self.conv_out(cpu_norm.group_norm(self.norm_out, h, silu=True))  # (B, out_channels, h*f, w*f)
 
 
 class AutoencoderKL(nn.Module):

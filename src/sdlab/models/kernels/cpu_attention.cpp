@@ -1,4 +1,4 @@
-// Flash attention forward for bf16 on CPUs with AVX512-BF16 (sdlab.models.cpu_attention builds and calls it).
+// Flash attention forward for bf16 on CPUs with AVX512-BF16 (sdlab.models.cpu_attention calls it).
 //
 // softmax(q k^T * scale) v per head, one pass over the keys in blocks of BK with a running row maximum m and
 // row sum l (the "online softmax" of FlashAttention): for each block, s = q k^T in fp32, m' = max(m, max s),
@@ -26,18 +26,8 @@
 constexpr int BK = 64;   // keys per block (4 vectors of 16)
 constexpr int QT = 64;   // query rows per task
 #ifdef __AVX512BF16__
-#include <immintrin.h>
+#include "simd.h"
 
-// 2^x for finite x <= 0: a degree-3 polynomial of the fraction f = x - floor(x) (vreduceps), scaled by
-// 2^floor(x) (vscalefps floors its exponent operand itself); relative error < 1e-4, twenty times below the
-// bf16 rounding p gets before p v. x below -126 gives a denormal or 0.
-static inline __m512 exp2_ps(__m512 x) {
-    const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF);                  // [0, 1)
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.07705975f), f, _mm512_set1_ps(0.22764373f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6951233f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, x);
-}
 
 constexpr float MASKED = -1e30f;   // the score of a padding key: 2^((MASKED - m) * scale2) is 0
 
@@ -76,9 +66,8 @@ static inline void softmax_row(const __m512 s[4], float& m, __m512& l, float* ac
 static inline void write_row(const float* acc, float l, uint16_t* dst, int64_t D) {
     const __m512 inv = _mm512_set1_ps(1.f / l);
     for (int64_t c = 0; c < D; c += 16) {
-        const __mmask16 keep = D - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - c)) - 1);
         const __m256i y = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(acc + c), inv));
-        _mm256_mask_storeu_epi16(dst + c, keep, y);
+        _mm256_mask_storeu_epi16(dst + c, first_lanes(D - c), y);
     }
 }
 
@@ -475,10 +464,3 @@ torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tens
     return out;
 }
 #endif
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-#ifdef __AVX512BF16__
-    m.def("flash_attention_bf16", &flash_attention_bf16);
-    m.def("uses_amx", &uses_amx);
-#endif
-}

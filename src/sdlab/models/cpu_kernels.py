@@ -1,0 +1,87 @@
+"""sdlab's own CPU kernels (`kernels/`): built once per installed copy on CPUs with AVX512-BF16.
+
+One extension module holds them all: bf16 flash attention (`cpu_attention`) and GroupNorm (+ SiLU) for bf16
+channels-last activations (`cpu_norm`). It is built the first time a large bf16 model draws on such a CPU
+(`torch.utils.cpp_extension`: a C++ compiler and ninja; about 30-60 s once, then loaded from torch's
+extension cache, keyed by the sources' path and contents); where it cannot be built, every caller falls back
+to PyTorch's own operations.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+FOLDER = Path(__file__).with_name("kernels")
+SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_group_norm.cpp")   # and the header simd.h
+
+_lock = threading.Lock()
+_state: dict[str, ModuleType | None] = {}
+
+
+@functools.cache
+def runs_here() -> bool:
+    """The CPU has the kernels' instructions (AVX-512 with bf16 conversions and pair dot products)."""
+    return torch.cpu._is_avx512_bf16_supported()
+
+
+def name() -> str:
+    """The build's name in torch's extension cache: a hash of the kernels' folder and contents, so each
+    installed copy and version of sdlab has its own build (a changed header rebuilds too)."""
+    digest = hashlib.sha1(str(FOLDER.resolve()).encode())
+    for path in sorted(FOLDER.iterdir()):
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
+    return f"sdlab_cpu_kernels_{digest.hexdigest()[:10]}"
+
+
+def loaded() -> bool:
+    """Whether the module was built (or found built) in this process."""
+    return _state.get("module") is not None
+
+
+def extension() -> ModuleType | None:
+    """The built module (built on the first call), or None where it cannot be built."""
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _build()
+        return _state["module"]
+
+
+def _build() -> ModuleType | None:
+    from torch.utils import cpp_extension
+
+    try:
+        build = name()
+        if not _is_built(build):
+            logger.warning("building sdlab's bf16 CPU kernels (once; about a minute)")
+        module = cpp_extension.load(name=build, sources=[str(FOLDER / s) for s in SOURCES],
+                                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                    extra_ldflags=["-fopenmp"], verbose=False)   # OpenMP: at::parallel_for's threads
+    except Exception as err:   # no compiler, no ninja, a build error, missing sources: PyTorch's operations instead
+        logger.warning("sdlab's CPU kernels could not be built (%s); using PyTorch's operations",
+                       str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
+        return None
+    return module if hasattr(module, "flash_attention_bf16") else None
+
+
+def _is_built(build: str) -> bool:
+    """Whether torch's extension cache holds a build (only decides whether to announce the build; it asks a
+    private torch function, so any failure reads as "not built")."""
+    from torch.utils import cpp_extension
+
+    try:
+        return (Path(cpp_extension._get_build_directory(build, verbose=False)) / f"{build}.so").exists()
+    except Exception:
+        return False
+
+
+__all__ = ["FOLDER", "SOURCES", "extension", "loaded", "name", "runs_here"]

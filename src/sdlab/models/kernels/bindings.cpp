@@ -1,0 +1,18 @@
+// The Python module of sdlab's CPU kernels (sdlab.models.cpu_kernels builds it from this folder's sources).
+#include <torch/extension.h>
+
+#ifdef __AVX512BF16__
+torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t heads, double scale2,
+                                   bool allow_amx);
+bool uses_amx();
+torch::Tensor group_norm_bf16(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, int64_t groups, double eps,
+                              bool silu);
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+#ifdef __AVX512BF16__
+    m.def("flash_attention_bf16", &flash_attention_bf16);
+    m.def("uses_amx", &uses_amx);
+    m.def("group_norm_bf16", &group_norm_bf16);
+#endif
+}

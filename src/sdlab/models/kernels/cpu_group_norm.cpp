@@ -1,0 +1,98 @@
+// GroupNorm, optionally followed by SiLU, for bf16 channels-last activations on CPUs with AVX512-BF16
+// (sdlab.models.cpu_norm calls it). Two passes over x instead of PyTorch's GroupNorm and SiLU's four:
+//   1. per channel, the sums of d = x - x[pixel 0] and d^2 over tasks of PIXELS pixels (fp32, in parallel),
+//      combined per group in double: mean_c = x0_c + sum d / HW, var = mean over the group's channels of
+//      (sum d^2 / HW - (sum d / HW)^2) + the variance of the channel means (no cancellation of large sums);
+//   2. y = x * a_c + b_c with a_c = weight_c / sqrt(var_g + eps), b_c = bias_c - mean_g * a_c, then
+//      silu(y) = y / (1 + 2^(-y log2 e)), rounded to bf16 once (PyTorch rounds y to bf16 before its SiLU).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#ifdef __AVX512BF16__
+#include "simd.h"
+
+constexpr int64_t PIXELS = 256;   // pixels per task
+
+// x: (B, C, H, W) bf16 in channels-last memory, weight and bias: (C,) fp32 -> the same layout as x.
+at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int64_t groups, double eps, bool silu) {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "x must be a channels-last (B, C, H, W) bf16 tensor");
+    const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+    TORCH_CHECK(groups > 0 && C % groups == 0 && HW > 0, "the channels must split into the groups, over some pixels");
+    TORCH_CHECK(weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && weight.numel() == C
+                && bias.numel() == C && weight.is_contiguous() && bias.is_contiguous(), "weight and bias must be (C,) fp32");
+    auto out = at::empty_like(x);   // channels-last, as x
+    const uint16_t* xd = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    uint16_t* od = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    const int64_t V = (C + 15) / 16, tasks = (HW + PIXELS - 1) / PIXELS, cg = C / groups;
+    std::vector<float> sums(B * tasks * V * 32);   // per task, per 16 channels: 16 sums of d, then 16 of d^2
+    at::parallel_for(0, B * tasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+            const int64_t b = t / tasks, p0 = (t % tasks) * PIXELS, p1 = std::min(HW, p0 + PIXELS);
+            const uint16_t* image = xd + b * HW * C;
+            for (int64_t v = 0; v < V; ++v) {
+                const __mmask16 m = first_lanes(C - v * 16);
+                const __m512 x0 = load_bf16(image + v * 16, m);
+                __m512 s = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
+                for (int64_t p = p0; p < p1; ++p) {
+                    const __m512 d = _mm512_sub_ps(load_bf16(image + p * C + v * 16, m), x0);
+                    s = _mm512_add_ps(s, d);
+                    s2 = _mm512_fmadd_ps(d, d, s2);
+                }
+                _mm512_storeu_ps(&sums[(t * V + v) * 32], s);
+                _mm512_storeu_ps(&sums[(t * V + v) * 32 + 16], s2);
+            }
+        }
+    });
+    std::vector<float> scale(B * C), shift(B * C);   // y = x * scale + shift
+    const float* w = weight.data_ptr<float>();
+    const float* bi = bias.data_ptr<float>();
+    std::vector<double> mean(C), spread(C);           // per channel: mean, sum d^2 / HW - (sum d / HW)^2
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t c = 0; c < C; ++c) {
+            double s = 0, s2 = 0;
+            for (int64_t t = b * tasks; t < (b + 1) * tasks; ++t) {
+                s += sums[(t * V + c / 16) * 32 + c % 16];
+                s2 += sums[(t * V + c / 16) * 32 + 16 + c % 16];
+            }
+            uint32_t bits = uint32_t(xd[b * HW * C + c]) << 16;
+            float x0;
+            std::memcpy(&x0, &bits, 4);
+            mean[c] = x0 + s / HW;
+            spread[c] = s2 / HW - (s / HW) * (s / HW);
+        }
+        for (int64_t g = 0; g < groups; ++g) {
+            double mg = 0, var = 0;
+            for (int64_t c = g * cg; c < (g + 1) * cg; ++c) mg += mean[c] / cg;
+            for (int64_t c = g * cg; c < (g + 1) * cg; ++c) var += (spread[c] + (mean[c] - mg) * (mean[c] - mg)) / cg;
+            const double rstd = 1.0 / std::sqrt(std::max(var, 0.0) + eps);
+            for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
+                scale[b * C + c] = float(rstd * w[c]);
+                shift[b * C + c] = float(bi[c] - mg * rstd * w[c]);
+            }
+        }
+    }
+    const __m512 minus_log2e = _mm512_set1_ps(-1.4426950408889634f), one = _mm512_set1_ps(1.f);
+    at::parallel_for(0, B * tasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+            const int64_t b = t / tasks, p0 = (t % tasks) * PIXELS, p1 = std::min(HW, p0 + PIXELS);
+            for (int64_t p = p0; p < p1; ++p) {
+                const uint16_t* src = xd + (b * HW + p) * C;
+                uint16_t* dst = od + (b * HW + p) * C;
+                for (int64_t v = 0; v < V; ++v) {
+                    const __mmask16 m = first_lanes(C - v * 16);
+                    __m512 y = _mm512_fmadd_ps(load_bf16(src + v * 16, m), _mm512_maskz_loadu_ps(m, &scale[b * C + v * 16]),
+                                               _mm512_maskz_loadu_ps(m, &shift[b * C + v * 16]));
+                    if (silu) y = _mm512_div_ps(y, _mm512_add_ps(one, exp2_ps(_mm512_mul_ps(y, minus_log2e))));
+                    _mm256_mask_storeu_epi16(dst + v * 16, m, (__m256i)_mm512_cvtneps_pbh(y));
+                }
+            }
+        }
+    });
+    return out;
+}
+#endif

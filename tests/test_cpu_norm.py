@@ -1,0 +1,131 @@
+"""sdlab's GroupNorm (+ SiLU) kernel (`sdlab.models.cpu_norm`) against an fp64 reference and PyTorch's bf16 ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sdlab.models import cpu_kernels, cpu_norm
+
+pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = cpu_kernels.extension()
+    assert module is not None, "the kernels did not build (a C++ compiler and ninja are needed)"
+    return module
+
+
+def _input(shape, seed, offset=0.0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * scale + offset
+    return x.bfloat16().contiguous(memory_format=torch.channels_last)
+
+
+def _norm(channels, groups, seed, affine=True, eps=1e-5):
+    norm = nn.GroupNorm(groups, channels, eps=eps, affine=affine)
+    if affine:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(channels, generator=g) * 0.5 + 1)
+            norm.bias.copy_(torch.randn(channels, generator=g) * 0.3)
+    return norm.bfloat16()
+
+
+@pytest.mark.parametrize(("shape", "groups", "offset", "scale"), [
+    ((2, 320, 32, 32), 32, 0.0, 1.0),     # SD1.5's first level, fewer pixels
+    ((2, 1280, 8, 8), 32, 0.5, 3.0),      # the lowest level: one task per image
+    ((1, 24, 7, 5), 8, 0.0, 1.0),         # channels not a whole number of vectors, odd pixel counts
+    ((2, 64, 20, 30), 32, 100.0, 0.5),    # a mean far above the spread: the shifted sums keep the variance
+    ((1, 48, 33, 17), 1, -3.0, 2.0),      # one group over everything
+])
+@pytest.mark.parametrize("silu", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+def test_kernel_is_as_close_to_fp64_as_pytorchs_bf16_ops(kernel, shape, groups, offset, scale, silu, affine):
+    x = _input(shape, seed=shape[1] + shape[2], offset=offset, scale=scale)
+    norm = _norm(shape[1], groups, seed=7, affine=affine, eps=1e-6 if offset else 1e-5)
+    w = norm.weight.double() if affine else None
+    b = norm.bias.double() if affine else None
+    exact = F.group_norm(x.double(), groups, w, b, norm.eps)
+    theirs = norm(x)
+    if silu:
+        exact, theirs = F.silu(exact), F.silu(theirs)
+    with torch.inference_mode():
+        ours = cpu_norm.group_norm(norm, x, silu=silu)
+    assert ours.dtype == torch.bfloat16 and ours.shape == x.shape
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+    # both round to bf16 (PyTorch twice with SiLU): at most PyTorch's error, with a little room
+    assert ours_err.max() <= 1.25 * theirs_err.max() + 1e-3
+    assert ours_err.mean() <= 1.05 * theirs_err.mean() + 1e-6
+
+
+def test_the_kernel_is_called_for_inference_on_large_bf16_channels_last_maps(kernel, monkeypatch):
+    calls = []
+    real = kernel.group_norm_bf16
+
+    class Recording:
+        def group_norm_bf16(self, *args):
+            calls.append(args[0].shape)
+            return real(*args)
+
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": Recording()})
+    norm = _norm(64, 32, seed=1)
+    x = _input((1, 64, 32, 32), seed=2)
+    with torch.inference_mode():
+        cpu_norm.group_norm(norm, x, silu=True)
+    assert calls == [x.shape]
+
+    calls.clear()
+    with torch.inference_mode():
+        fp32 = cpu_norm.group_norm(norm.float(), x.float(), silu=True)           # fp32: PyTorch
+        nchw = cpu_norm.group_norm(norm.bfloat16(), x.contiguous(), silu=True)    # not channels-last: PyTorch
+    assert calls == []
+    assert torch.equal(fp32, F.silu(norm.float()(x.float())))
+    assert torch.equal(nchw, F.silu(norm.bfloat16()(x.contiguous())))
+
+
+def test_training_hooks_and_unbuilt_small_maps_take_pytorchs_ops(kernel, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": type("K", (), {
+        "group_norm_bf16": staticmethod(lambda *a: calls.append(a) or kernel.group_norm_bf16(*a))})()})
+    norm = _norm(32, 8, seed=3)
+    x = _input((1, 32, 32, 32), seed=4).requires_grad_(True)
+    out = cpu_norm.group_norm(norm, x, silu=True)                                # a gradient is wanted
+    out.float().sum().backward()
+    assert calls == [] and x.grad is not None and norm.weight.grad is not None
+
+    hooked = _norm(32, 8, seed=3)
+    hooked.register_forward_hook(lambda module, args, output: output * 2)
+    with torch.inference_mode():
+        y = cpu_norm.group_norm(hooked, x.detach(), silu=False)                 # hooks run through the module
+    assert calls == [] and torch.equal(y, norm(x.detach()) * 2)
+
+    monkeypatch.setattr(cpu_kernels, "_state", {})                              # not built yet: a small map
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: pytest.fail("a small map must not build the kernels"))
+    with torch.inference_mode():
+        cpu_norm.group_norm(norm, _input((1, 32, 16, 16), seed=5), silu=True)
+
+
+def test_a_resblock_on_the_kernel_is_as_close_to_fp64_as_on_pytorchs_ops(kernel, monkeypatch):
+    from sdlab.models.unet import ResBlock
+
+    torch.manual_seed(0)
+    block = ResBlock(64, 96, emb_dim=32, groups=32).eval()
+    x = torch.randn(2, 64, 32, 32).contiguous(memory_format=torch.channels_last)
+    emb = F.silu(torch.randn(2, 32))
+    with torch.inference_mode():
+        exact = block.double()(x.double(), emb.double())
+        block = block.bfloat16().to(memory_format=torch.channels_last)
+        calls = []
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": type("K", (), {
+            "group_norm_bf16": staticmethod(lambda *a: calls.append(a[-1]) or kernel.group_norm_bf16(*a))})()})
+        ours = block(x.bfloat16(), emb.bfloat16())
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": None})             # as where it cannot be built
+        theirs = block(x.bfloat16(), emb.bfloat16())
+    assert calls == [True, True]                                                 # both norms, with their SiLU
+    ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+    assert ours_err.max() <= 1.25 * theirs_err.max() and ours_err.mean() <= 1.05 * theirs_err.mean()
