@@ -52,3 +52,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def kernel():
+    """sdlab's built CPU kernels (`sdlab.models.cpu_kernels`); their test files skip CPUs without AVX512-BF16."""
+    from sdlab.models import cpu_kernels
+
+    module = cpu_kernels.extension()
+    assert module is not None, "the kernels did not build (a C++ compiler and ninja are needed)"
+    return module

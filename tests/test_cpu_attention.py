@@ -15,13 +15,6 @@ from sdlab.models.layers import attention
 pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    module = cpu_attention.extension()
-    assert module is not None, "the kernel did not build (a C++ compiler and ninja are needed)"
-    return module
-
-
 @pytest.fixture
 def chosen(monkeypatch):
     """The kernel chosen wherever it runs (on an AMX CPU the default is PyTorch's kernel)."""

@@ -12,13 +12,6 @@ from sdlab.models import cpu_kernels, cpu_norm
 pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
 
 
-@pytest.fixture(scope="module")
-def kernel():
-    module = cpu_kernels.extension()
-    assert module is not None, "the kernels did not build (a C++ compiler and ninja are needed)"
-    return module
-
-
 def _input(shape, seed, offset=0.0, scale=1.0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g) * scale + offset

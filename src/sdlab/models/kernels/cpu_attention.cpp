@@ -237,11 +237,9 @@ struct alignas(64) TileConfig {
     uint8_t rows[16] = {};
 };
 
-// Query rows r0..r1 of one head on the AMX tiles, 16 at a time. Tiles 0-3: s (16 queries x 16 keys each, fp32),
-// then tile 0 also acc's column groups; 4 and 6: q, then p; 5 and 7: k, then v.
-// q: rows of D bf16 values `qs` apart; kp: (Dk/2, Lk, 2); vp: (Lk/2, Dp, 2); Dk: D rounded up to 32.
-template <int NV>
-struct AttendAmx {
+// What both AMX paths share: the score scale, k's padded width and one tile configuration for a thread's
+// tasks (eight tiles of 16 rows x 64 bytes), released after them.
+struct AmxTiles {
     float scale2;
     int64_t Dk;
     void begin() const {
@@ -250,6 +248,13 @@ struct AttendAmx {
         _tile_loadconfig(&cfg);
     }
     void end() const { _tile_release(); }
+};
+
+// Query rows r0..r1 of one head on the AMX tiles, 16 at a time. Tiles 0-3: s (16 queries x 16 keys each, fp32),
+// then tile 0 also acc's column groups; 4 and 6: q, then p; 5 and 7: k, then v.
+// q: rows of D bf16 values `qs` apart; kp: (Dk/2, Lk, 2); vp: (Lk/2, Dp, 2); Dk: D rounded up to 32.
+template <int NV>
+struct AttendAmx : AmxTiles {
     void operator()(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int64_t os,
                     int64_t D, int64_t Lk, int64_t keys, int64_t r0, int64_t r1) const {
         constexpr int64_t Dp = NV * 16;
@@ -312,15 +317,7 @@ constexpr int BK32 = 32;
 constexpr float RESCALE = 2.f;
 
 template <int NV>
-struct AttendAmxTileAcc {
-    float scale2;
-    int64_t Dk;
-    void begin() const {
-        TileConfig cfg;
-        for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
-        _tile_loadconfig(&cfg);
-    }
-    void end() const { _tile_release(); }
+struct AttendAmxTileAcc : AmxTiles {
     // s of the 16 queries in qbuf and keys j0..j0+31 -> tiles 0 and 1.
     void scores(const uint16_t* qbuf, const uint16_t* kp, int64_t Lk, int64_t j0) const {
         _tile_zero(0); _tile_zero(1);
@@ -403,11 +400,11 @@ static void run_amx(const torch::Tensor& q, const torch::Tensor& k, const torch:
     const int64_t D = q.size(2) / heads, Dk = (D + 31) / 32 * 32;
     if constexpr (NV <= 3) {
         if (D < NV * 16) {   // a padding channel for the row sums
-            run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmxTileAcc<NV>{scale2, Dk}, true);
+            run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmxTileAcc<NV>{{scale2, Dk}}, true);
             return;
         }
     }
-    run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmx<NV>{scale2, Dk});
+    run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmx<NV>{{scale2, Dk}});
 }
 #define SDLAB_AMX 1
 #endif
