@@ -2,7 +2,7 @@
 
 One extension module holds them all: bf16 flash attention (`cpu_attention`) and GroupNorm (+ SiLU) for bf16
 channels-last activations (`cpu_norm`). It is built the first time a large bf16 model draws on such a CPU
-(`torch.utils.cpp_extension`: a C++ compiler and ninja; about 30-60 s once, then loaded from torch's
+(`torch.utils.cpp_extension`: a C++ compiler and ninja; about 30 s once on 2 cores, then loaded from torch's
 extension cache, keyed by the sources' path and contents); where it cannot be built, every caller falls back
 to PyTorch's own operations.
 """
@@ -62,7 +62,7 @@ def _build() -> ModuleType | None:
     try:
         build = name()
         if not _is_built(build):
-            logger.warning("building sdlab's bf16 CPU kernels (once; about a minute)")
+            logger.warning("building sdlab's bf16 CPU kernels (once; about 30 s)")
         module = cpp_extension.load(name=build, sources=[str(FOLDER / s) for s in SOURCES],
                                     extra_cflags=["-O3", "-march=native", "-fopenmp"],
                                     extra_ldflags=["-fopenmp"], verbose=False)   # OpenMP: at::parallel_for's threads

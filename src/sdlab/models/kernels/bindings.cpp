@@ -2,10 +2,10 @@
 #include <torch/extension.h>
 
 #ifdef __AVX512BF16__
-torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t heads, double scale2,
+at::Tensor flash_attention_bf16(at::Tensor q, at::Tensor k, at::Tensor v, int64_t heads, double scale2,
                                    bool allow_amx);
 bool uses_amx();
-torch::Tensor group_norm_bf16(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, int64_t groups, double eps,
+at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int64_t groups, double eps,
                               bool silu);
 #endif
 

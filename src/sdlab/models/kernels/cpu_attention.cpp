@@ -17,7 +17,7 @@
 // then acc += p v with acc's 16-channel column groups loaded into a tile, accumulated over the block's two
 // 32-key halves of p and stored back. One tile configuration (eight 16 x 64-byte tiles) serves both products.
 // Heads narrower than 48 channels (SD1.5's 40) leave acc on the tiles instead (AttendAmxTileAcc).
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cmath>
 #include <cstring>
@@ -170,13 +170,13 @@ static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, 
 // padded (D for the AVX-512 path, whole 32-channel tiles for AMX); `Dp`: v's padded to 16-lane vectors;
 // `ones`: v's channel D set to 1 (pack_values).
 template <typename Attend>
-static void run_heads(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+static void run_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                       int64_t heads, int64_t Dk, int64_t Dp, Attend attend, bool ones = false) {
     const int64_t B = q.size(0), Lq = q.size(1), keys = k.size(1), Lk = (keys + BK - 1) / BK * BK, D = q.size(2) / heads;
     const int64_t BH = B * heads, tiles = (Lq + QT - 1) / QT;
-    auto kp = torch::empty({BH, Dk / 2, Lk, 2}, k.options());
-    auto vp = torch::empty({BH, Lk / 2, Dp, 2}, v.options());
-    auto u16 = [](const torch::Tensor& x) { return reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()); };
+    auto kp = at::empty({BH, Dk / 2, Lk, 2}, k.options());
+    auto vp = at::empty({BH, Lk / 2, Dp, 2}, v.options());
+    auto u16 = [](const at::Tensor& x) { return reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()); };
     const uint16_t *qd = u16(q), *kd = u16(k), *vd = u16(v);
     uint16_t *kpd = u16(kp), *vpd = u16(vp), *od = u16(out);
     const int64_t qb = q.stride(0), qs = q.stride(1), kb = k.stride(0), ks = k.stride(1), vb = v.stride(0), vs = v.stride(1);
@@ -211,7 +211,7 @@ struct AttendAvx512 {
 };
 
 template <int NV, int ROWS>
-static void run_bf16(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+static void run_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                      int64_t heads, float scale2) {
     const int64_t D = q.size(2) / heads;
     run_heads(q, k, v, out, heads, D, NV * 16, AttendAvx512<NV, ROWS>{scale2});
@@ -395,7 +395,7 @@ struct AttendAmxTileAcc : AmxTiles {
 };
 
 template <int NV>
-static void run_amx(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, torch::Tensor& out,
+static void run_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     int64_t heads, float scale2) {
     const int64_t D = q.size(2) / heads, Dk = (D + 31) / 32 * 32;
     if constexpr (NV <= 3) {
@@ -421,7 +421,7 @@ bool uses_amx() {
 // Multi-head attention on (batch, tokens, channels) tensors: q: (B, Lq, C), k and v: (B, Lk, C) bf16 with
 // contiguous channels (rows may be views into a wider tensor), C = heads * D. Returns (B, Lq, C) bf16.
 // allow_amx = false keeps to the AVX512-BF16 products where the tiles would be used (for tests).
-torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tensor v, int64_t heads, double scale2,
+at::Tensor flash_attention_bf16(at::Tensor q, at::Tensor k, at::Tensor v, int64_t heads, double scale2,
                                    bool allow_amx) {
     TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
                 "q, k and v must be bf16");
@@ -431,7 +431,7 @@ torch::Tensor flash_attention_bf16(torch::Tensor q, torch::Tensor k, torch::Tens
                 && v.size(1) == k.size(1), "q, k and v do not match");
     TORCH_CHECK(heads > 0 && q.size(2) % heads == 0 && (q.size(2) / heads) % 2 == 0, "the head width must be even");
     TORCH_CHECK(k.size(1) > 0, "there must be keys");
-    auto out = torch::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+    auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
 #ifdef SDLAB_AMX
     if (allow_amx && uses_amx()) {
         switch ((q.size(2) / heads + 15) / 16) {
