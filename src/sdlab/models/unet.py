@@ -470,4 +470,5 @@ class UNet(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
             h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None)
-        return self.out(h).contiguous()  # (B, out_channels, h, w)
+        norm, _, conv = self.out
+        return conv(cpu_norm.group_norm(norm, h, silu=True)).contiguous()  # (B, out_channels, h, w)
