@@ -9,7 +9,7 @@ On CPUs with AMX tiles (Intel Sapphire Rapids and later) PyTorch's kernel multip
 2.5-5.6 x faster than pair dot products; built there (`-march=native` targets AMX), this kernel runs both
 products on the tiles too and takes 0.47-0.9 x PyTorch's time on self-attention and 0.26-0.48 x on
 cross-attention over a prompt's 77 keys (`benchmarks/bench_attention.py`), its error against fp64 within a few
-per cent of PyTorch's (heads under 48 channels move the running maximum only past a margin: the .cpp file).
+per cent of PyTorch's (heads of at most 64 channels move the running maximum only past a margin: the .cpp file).
 Where the CPU has AMX but the build does not (an older compiler, an OS that refuses the tile state),
 PyTorch's kernel is used.
 

@@ -21,7 +21,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).with_name("kernels")
-SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_group_norm.cpp")   # and the header simd.h
+SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_group_norm.cpp")
+HEADERS = ("simd.h",)
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
@@ -34,13 +35,24 @@ def runs_here() -> bool:
 
 
 def name() -> str:
-    """The build's name in torch's extension cache: a hash of the kernels' folder and contents, so each
-    installed copy and version of sdlab has its own build (a changed header rebuilds too)."""
-    digest = hashlib.sha1(str(FOLDER.resolve()).encode())
-    for path in sorted(FOLDER.iterdir()):
-        if path.suffix in (".cpp", ".h"):
-            digest.update(path.name.encode() + path.read_bytes())
+    """The build's name in torch's extension cache: a hash of the kernels' folder, their sources and this
+    CPU's instruction set, so each installed copy and version of sdlab has its own build (a changed header
+    rebuilds too), and a cache shared between machines (a network home, an image) never hands a build made
+    with `-march=native` for another CPU to this one."""
+    digest = hashlib.sha1(str(FOLDER.resolve()).encode() + _cpu_flags().encode())
+    for file in (*SOURCES, *HEADERS):
+        digest.update(file.encode() + (FOLDER / file).read_bytes())
     return f"sdlab_cpu_kernels_{digest.hexdigest()[:10]}"
+
+
+@functools.cache
+def _cpu_flags() -> str:
+    """The CPU's feature flags as Linux lists them (empty elsewhere: the build is native to it anyway)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return ""
 
 
 def loaded() -> bool:
@@ -84,4 +96,4 @@ def _is_built(build: str) -> bool:
         return False
 
 
-__all__ = ["FOLDER", "SOURCES", "extension", "loaded", "name", "runs_here"]
+__all__ = ["FOLDER", "HEADERS", "SOURCES", "extension", "loaded", "name", "runs_here"]

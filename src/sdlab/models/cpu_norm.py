@@ -30,7 +30,10 @@ def group_norm(norm: nn.GroupNorm, x: Tensor, silu: bool = False) -> Tensor:
             bias = norm.bias.float() if norm.bias is not None else x.new_zeros(c, dtype=torch.float32)
             return module.group_norm_bf16(x, weight, bias, norm.num_groups, norm.eps, silu)  # (B, C, H, W)
     h = norm(x)
-    return F.silu(h, inplace=not h.requires_grad) if silu else h   # in place on the norm's fresh output: one copy less
+    if not silu:
+        return h
+    # in place on the norm's own fresh output (one copy less), not on one a hook may hold or on x itself
+    return F.silu(h, inplace=not (h.requires_grad or has_hooks(norm) or h is x))
 
 
 def _suits(norm: nn.GroupNorm, x: Tensor) -> bool:

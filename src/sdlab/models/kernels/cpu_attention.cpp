@@ -16,7 +16,8 @@
 // (zero-padded to whole 32-channel tiles) and the same packed k, the online softmax on those rows with AVX-512,
 // then acc += p v with acc's 16-channel column groups loaded into a tile, accumulated over the block's two
 // 32-key halves of p and stored back. One tile configuration (eight 16 x 64-byte tiles) serves both products.
-// Heads narrower than 48 channels (SD1.5's 40) leave acc on the tiles instead (AttendAmxTileAcc).
+// Heads of at most 64 channels (SD1.5's 40, SD2's and SDXL's 64) leave acc on the tiles instead
+// (AttendAmxTileAcc).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <cmath>
@@ -303,40 +304,44 @@ struct AttendAmx : AmxTiles {
     }
 };
 
-// Heads narrower than 48 channels (SD1.5's 40) keep acc on the tiles across all key blocks instead of loading
-// and storing it for every block: 32-key blocks, s on tiles 0 and 1, acc's NV <= 3 column groups on 2..4,
-// q and p on 5, k and v on 6 and 7. The row sums come from the tiles too: v carries a column of ones in its
-// padding channel D (pack_values), so acc[:, D] = sum p, over the same bf16 p as the numerator. The next
-// block's scores are issued before this block's softmax, so the products run while the vector units work.
+// Heads of at most 64 channels (SD1.5's 40, SD2's and SDXL's 64) keep acc on the tiles across all key blocks
+// instead of loading and storing it for every block: 32-key blocks, s on tiles 0 and 1, acc's NV <= 4 column
+// groups on 2..5, q and p on 6, k and v on 7. The next block's scores are issued before this block's
+// softmax, so the products run while the vector units work. The row sums come from the tiles too where v
+// has a padding channel (`ones`: D < NV * 16): v carries a column of ones there (pack_values), so
+// acc[:, D] = sum p, over the same bf16 p as the numerator; else the vector units add them up.
 // The running maximum moves only when a block's score passes it by more than RESCALE (in the exponent's
 // log2 units, so p <= 2^RESCALE): each move costs a round trip of acc's tiles through memory, and an exact
 // running maximum moves on about a third of the blocks of 16 rows. 2 keeps the error against fp64 within a few
 // per cent of PyTorch's bf16 kernel (the largest p is then not always exactly 1 before rounding), and the
-// call about 7 % faster than with an exact maximum (`tests/test_cpu_attention.py`, bench_attention.py).
+// call 4-7 % faster than with an exact maximum (`tests/test_cpu_attention.py`, bench_attention.py).
 constexpr int BK32 = 32;
 constexpr float RESCALE = 2.f;
 
 template <int NV>
 struct AttendAmxTileAcc : AmxTiles {
+    bool ones;   // v's channel D holds ones (the row sums come from the tiles)
     // s of the 16 queries in qbuf and keys j0..j0+31 -> tiles 0 and 1.
     void scores(const uint16_t* qbuf, const uint16_t* kp, int64_t Lk, int64_t j0) const {
         _tile_zero(0); _tile_zero(1);
         for (int64_t t = 0; t < Dk; t += 32) {   // 32 channels (16 pairs) per tile
             const uint16_t* kb = kp + ((t / 2) * Lk + j0) * 2;
-            _tile_loadd(5, qbuf + t, Dk * 2);
-            _tile_loadd(6, kb, Lk * 4);      _tile_dpbf16ps(0, 5, 6);
-            _tile_loadd(7, kb + 32, Lk * 4); _tile_dpbf16ps(1, 5, 7);
+            _tile_loadd(6, qbuf + t, Dk * 2);
+            _tile_loadd(7, kb, Lk * 4);      _tile_dpbf16ps(0, 6, 7);
+            _tile_loadd(7, kb + 32, Lk * 4); _tile_dpbf16ps(1, 6, 7);
         }
     }
     void store_acc(float* acc) const {
         _tile_stored(2, acc, NV * 64);
         if (NV > 1) _tile_stored(3, acc + 16, NV * 64);
         if (NV > 2) _tile_stored(4, acc + 32, NV * 64);
+        if (NV > 3) _tile_stored(5, acc + 48, NV * 64);
     }
     void load_acc(const float* acc) const {
         _tile_loadd(2, acc, NV * 64);
         if (NV > 1) _tile_loadd(3, acc + 16, NV * 64);
         if (NV > 2) _tile_loadd(4, acc + 32, NV * 64);
+        if (NV > 3) _tile_loadd(5, acc + 48, NV * 64);
     }
     void operator()(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int64_t os,
                     int64_t D, int64_t Lk, int64_t keys, int64_t r0, int64_t r1) const {
@@ -347,14 +352,15 @@ struct AttendAmxTileAcc : AmxTiles {
         alignas(64) uint16_t pbuf[16 * BK32];
         alignas(64) float acc[16 * Dp];
         float m[16], alpha[16];
+        __m512 l[16];                             // the row sums where v has no column of ones
         const int64_t blocks_end = (keys + BK32 - 1) / BK32 * BK32;
         const float margin = RESCALE / scale2;   // in score units
         for (int64_t g0 = r0; g0 < r1; g0 += 16) {
             const int64_t rows = std::min<int64_t>(16, r1 - g0);
             std::memset(qbuf, 0, sizeof(qbuf));
             for (int64_t r = 0; r < rows; ++r) std::memcpy(qbuf + r * Dk, q + (g0 + r) * qs, sizeof(uint16_t) * D);
-            for (int r = 0; r < 16; ++r) m[r] = NONE;
-            _tile_zero(2); if (NV > 1) _tile_zero(3); if (NV > 2) _tile_zero(4);
+            for (int r = 0; r < 16; ++r) { m[r] = NONE; l[r] = _mm512_setzero_ps(); }
+            _tile_zero(2); if (NV > 1) _tile_zero(3); if (NV > 2) _tile_zero(4); if (NV > 3) _tile_zero(5);
             scores(qbuf, kp, Lk, 0);
             for (int64_t j0 = 0; j0 < blocks_end; j0 += BK32) {
                 _tile_stored(0, sbuf, BK32 * 4); _tile_stored(1, sbuf + 16, BK32 * 4);
@@ -366,12 +372,17 @@ struct AttendAmxTileAcc : AmxTiles {
                     const __m512 mx = _mm512_max_ps(s[0], s[1]);
                     if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[r] + margin), _CMP_GT_OQ)) {
                         const float mnew = _mm512_reduce_max_ps(mx);
-                        if (m[r] != NONE) { alpha[r] = std::exp2((m[r] - mnew) * scale2); moved |= 1u << r; }
+                        if (m[r] != NONE) {
+                            alpha[r] = std::exp2((m[r] - mnew) * scale2);
+                            l[r] = _mm512_mul_ps(l[r], _mm512_set1_ps(alpha[r]));
+                            moved |= 1u << r;
+                        }
                         m[r] = mnew;
                     }
                     const __m512 shift = _mm512_set1_ps(-m[r] * scale2), vscale = _mm512_set1_ps(scale2);
                     const __m512 e0 = exp2_ps(_mm512_fmadd_ps(s[0], vscale, shift)), e1 = exp2_ps(_mm512_fmadd_ps(s[1], vscale, shift));
                     _mm512_store_si512(pbuf + r * BK32, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+                    if (!ones) l[r] = _mm512_add_ps(l[r], _mm512_add_ps(e0, e1));
                 }
                 if (moved) {   // those rows of acc * alpha, through memory
                     store_acc(acc);
@@ -382,14 +393,16 @@ struct AttendAmxTileAcc : AmxTiles {
                     }
                     load_acc(acc);
                 }
-                _tile_loadd(5, pbuf, BK32 * 2);
+                _tile_loadd(6, pbuf, BK32 * 2);
                 const uint16_t* vb = vp + (j0 / 2) * Dp * 2;   // keys j0..j0+31 as 16 pairs
-                _tile_loadd(6, vb, Dp * 4); _tile_dpbf16ps(2, 5, 6);
-                if (NV > 1) { _tile_loadd(7, vb + 32, Dp * 4); _tile_dpbf16ps(3, 5, 7); }
-                if (NV > 2) { _tile_loadd(6, vb + 64, Dp * 4); _tile_dpbf16ps(4, 5, 6); }
+                _tile_loadd(7, vb, Dp * 4); _tile_dpbf16ps(2, 6, 7);
+                if (NV > 1) { _tile_loadd(7, vb + 32, Dp * 4); _tile_dpbf16ps(3, 6, 7); }
+                if (NV > 2) { _tile_loadd(7, vb + 64, Dp * 4); _tile_dpbf16ps(4, 6, 7); }
+                if (NV > 3) { _tile_loadd(7, vb + 96, Dp * 4); _tile_dpbf16ps(5, 6, 7); }
             }
             store_acc(acc);
-            for (int64_t r = 0; r < rows; ++r) write_row(acc + r * Dp, acc[r * Dp + D], out + (g0 + r) * os, D);
+            for (int64_t r = 0; r < rows; ++r)
+                write_row(acc + r * Dp, ones ? acc[r * Dp + D] : _mm512_reduce_add_ps(l[r]), out + (g0 + r) * os, D);
         }
     }
 };
@@ -398,13 +411,12 @@ template <int NV>
 static void run_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                     int64_t heads, float scale2) {
     const int64_t D = q.size(2) / heads, Dk = (D + 31) / 32 * 32;
-    if constexpr (NV <= 3) {
-        if (D < NV * 16) {   // a padding channel for the row sums
-            run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmxTileAcc<NV>{{scale2, Dk}}, true);
-            return;
-        }
+    if constexpr (NV <= 4) {
+        const bool ones = D < NV * 16;   // a padding channel for the row sums
+        run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmxTileAcc<NV>{{scale2, Dk}, ones}, ones);
+    } else {
+        run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmx<NV>{{scale2, Dk}});
     }
-    run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmx<NV>{{scale2, Dk}});
 }
 #define SDLAB_AMX 1
 #endif

@@ -1,8 +1,8 @@
 // GroupNorm, optionally followed by SiLU, for bf16 channels-last activations on CPUs with AVX512-BF16
 // (sdlab.models.cpu_norm calls it). Two passes over x instead of PyTorch's GroupNorm and SiLU's four:
-//   1. per channel, the sums of d = x - x[pixel 0] and d^2 over tasks of PIXELS pixels (fp32, in parallel),
-//      combined per group in double: mean_c = x0_c + sum d / HW, var = mean over the group's channels of
-//      (sum d^2 / HW - (sum d / HW)^2) + the variance of the channel means (no cancellation of large sums);
+//   1. per channel and task of PIXELS pixels (in parallel), the fp32 sums of d = x - x0 and d^2, x0 the
+//      task's first pixel; combined in double (Chan et al.) into each channel's mean and sum of squared
+//      deviations, then the group's: no cancellation of large sums, whatever the offset or pixel count;
 //   2. y = x * a_c + b_c with a_c = weight_c / sqrt(var_g + eps), b_c = bias_c - mean_g * a_c, then
 //      silu(y) = y / (1 + 2^(-y log2 e)), rounded to bf16 once (PyTorch rounds y to bf16 before its SiLU).
 #include <ATen/ATen.h>
@@ -36,7 +36,7 @@ at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int
             const uint16_t* image = xd + b * HW * C;
             for (int64_t v = 0; v < V; ++v) {
                 const __mmask16 m = first_lanes(C - v * 16);
-                const __m512 x0 = load_bf16(image + v * 16, m);
+                const __m512 x0 = load_bf16(image + p0 * C + v * 16, m);
                 __m512 s = _mm512_setzero_ps(), s2 = _mm512_setzero_ps();
                 for (int64_t p = p0; p < p1; ++p) {
                     const __m512 d = _mm512_sub_ps(load_bf16(image + p * C + v * 16, m), x0);
@@ -51,24 +51,32 @@ at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int
     std::vector<float> scale(B * C), shift(B * C);   // y = x * scale + shift
     const float* w = weight.data_ptr<float>();
     const float* bi = bias.data_ptr<float>();
-    std::vector<double> mean(C), spread(C);           // per channel: mean, sum d^2 / HW - (sum d / HW)^2
+    std::vector<double> mean(C), m2(C);   // per channel: mean and sum of squared deviations over the pixels
+    std::vector<double> task_mean(tasks);
     for (int64_t b = 0; b < B; ++b) {
         for (int64_t c = 0; c < C; ++c) {
-            double s = 0, s2 = 0;
-            for (int64_t t = b * tasks; t < (b + 1) * tasks; ++t) {
-                s += sums[(t * V + c / 16) * 32 + c % 16];
-                s2 += sums[(t * V + c / 16) * 32 + 16 + c % 16];
+            double total = 0;
+            m2[c] = 0;
+            for (int64_t k = 0; k < tasks; ++k) {
+                const int64_t t = b * tasks + k, n = std::min(HW, (k + 1) * PIXELS) - k * PIXELS;
+                const double s = sums[(t * V + c / 16) * 32 + c % 16], s2 = sums[(t * V + c / 16) * 32 + 16 + c % 16];
+                uint32_t bits = uint32_t(xd[(b * HW + k * PIXELS) * C + c]) << 16;
+                float x0;
+                std::memcpy(&x0, &bits, 4);
+                task_mean[k] = x0 + s / n;
+                m2[c] += s2 - s * s / n;
+                total += task_mean[k] * n;
             }
-            uint32_t bits = uint32_t(xd[b * HW * C + c]) << 16;
-            float x0;
-            std::memcpy(&x0, &bits, 4);
-            mean[c] = x0 + s / HW;
-            spread[c] = s2 / HW - (s / HW) * (s / HW);
+            mean[c] = total / HW;
+            for (int64_t k = 0; k < tasks; ++k) {
+                const int64_t n = std::min(HW, (k + 1) * PIXELS) - k * PIXELS;
+                m2[c] += n * (task_mean[k] - mean[c]) * (task_mean[k] - mean[c]);
+            }
         }
         for (int64_t g = 0; g < groups; ++g) {
             double mg = 0, var = 0;
             for (int64_t c = g * cg; c < (g + 1) * cg; ++c) mg += mean[c] / cg;
-            for (int64_t c = g * cg; c < (g + 1) * cg; ++c) var += (spread[c] + (mean[c] - mg) * (mean[c] - mg)) / cg;
+            for (int64_t c = g * cg; c < (g + 1) * cg; ++c) var += (m2[c] / HW + (mean[c] - mg) * (mean[c] - mg)) / cg;
             const double rstd = 1.0 / std::sqrt(std::max(var, 0.0) + eps);
             for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
                 scale[b * C + c] = float(rstd * w[c]);
