@@ -279,8 +279,9 @@ def test_tiled_vae_blending_is_right_on_the_real_architecture_without_groupnorm(
         latent = vae.encode(image).mode()
         decoded = vae.decode(latent)
         decoded_tiled = decode_tiled(vae.decode, latent, tile=16, overlap=8, factor=2)
-    # measured: max |diff| 8.4e-4 for outputs up to 0.075 (1.1 %)
-    assert (decoded_tiled - decoded).abs().max() < 0.02 * decoded.abs().max()
+    # measured: max |diff| 4.8e-3 for outputs up to 0.117 (4.1 %). (1.1 % while the SiLU after an Identity
+    # norm ran in place on the block's input, so the shortcuts carried silu(x) instead of x.)
+    assert (decoded_tiled - decoded).abs().max() < 0.06 * decoded.abs().max()
 
 
 def test_tiled_vae_is_no_worse_than_diffusers_tiling_for_the_same_weights():
