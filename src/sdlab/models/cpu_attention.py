@@ -7,7 +7,7 @@ SD1.5's 4,096-token, 40-channel heads, with the same error against an fp64 refer
 
 On CPUs with AMX tiles (Intel Sapphire Rapids and later) PyTorch's kernel multiplies on the tiles and is
 2.5-5.6 x faster than pair dot products; built there (`-march=native` targets AMX), this kernel runs both
-products on the tiles too and takes 0.47-0.9 x PyTorch's time on self-attention and 0.25-0.39 x on
+products on the tiles too and takes 0.45-0.9 x PyTorch's time on self-attention and 0.24-0.39 x on
 cross-attention over a prompt's 77 keys (`benchmarks/bench_attention.py`), its error against fp64 within a few
 per cent of PyTorch's (heads of at most 64 channels move the running maximum only past a margin: the .cpp file).
 Where the CPU has AMX but the build does not (an older compiler, an OS that refuses the tile state),

@@ -353,13 +353,15 @@ struct AttendAmxTileAcc : AmxTiles {
         alignas(64) float acc[16 * Dp];
         float m[16], alpha[16];
         __m512 l[16];                             // the row sums where v has no column of ones
+        __m512 limit[16], shift[16];              // per row: m + margin, and -m * scale2 (set when m moves)
+        const __m512 vscale = _mm512_set1_ps(scale2);
         const int64_t blocks_end = (keys + BK32 - 1) / BK32 * BK32;
         const float margin = RESCALE / scale2;   // in score units
         for (int64_t g0 = r0; g0 < r1; g0 += 16) {
             const int64_t rows = std::min<int64_t>(16, r1 - g0);
             std::memset(qbuf, 0, sizeof(qbuf));
             for (int64_t r = 0; r < rows; ++r) std::memcpy(qbuf + r * Dk, q + (g0 + r) * qs, sizeof(uint16_t) * D);
-            for (int r = 0; r < 16; ++r) { m[r] = NONE; l[r] = _mm512_setzero_ps(); }
+            for (int r = 0; r < 16; ++r) { m[r] = NONE; l[r] = _mm512_setzero_ps(); limit[r] = _mm512_set1_ps(NONE); }
             _tile_zero(2); if (NV > 1) _tile_zero(3); if (NV > 2) _tile_zero(4); if (NV > 3) _tile_zero(5);
             scores(qbuf, kp, Lk, 0);
             for (int64_t j0 = 0; j0 < blocks_end; j0 += BK32) {
@@ -370,7 +372,7 @@ struct AttendAmxTileAcc : AmxTiles {
                     __m512 s[2] = {_mm512_load_ps(sbuf + r * BK32), _mm512_load_ps(sbuf + r * BK32 + 16)};
                     if (keys - j0 < BK32) mask_tail<2>(s, (int)(keys - j0));
                     const __m512 mx = _mm512_max_ps(s[0], s[1]);
-                    if (_mm512_cmp_ps_mask(mx, _mm512_set1_ps(m[r] + margin), _CMP_GT_OQ)) {
+                    if (_mm512_cmp_ps_mask(mx, limit[r], _CMP_GT_OQ)) {
                         const float mnew = _mm512_reduce_max_ps(mx);
                         if (m[r] != NONE) {
                             alpha[r] = std::exp2((m[r] - mnew) * scale2);
@@ -378,9 +380,10 @@ struct AttendAmxTileAcc : AmxTiles {
                             moved |= 1u << r;
                         }
                         m[r] = mnew;
+                        limit[r] = _mm512_set1_ps(mnew + margin);
+                        shift[r] = _mm512_set1_ps(-mnew * scale2);
                     }
-                    const __m512 shift = _mm512_set1_ps(-m[r] * scale2), vscale = _mm512_set1_ps(scale2);
-                    const __m512 e0 = exp2_ps(_mm512_fmadd_ps(s[0], vscale, shift)), e1 = exp2_ps(_mm512_fmadd_ps(s[1], vscale, shift));
+                    const __m512 e0 = exp2_ps(_mm512_fmadd_ps(s[0], vscale, shift[r])), e1 = exp2_ps(_mm512_fmadd_ps(s[1], vscale, shift[r]));
                     _mm512_store_si512(pbuf + r * BK32, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
                     if (!ones) l[r] = _mm512_add_ps(l[r], _mm512_add_ps(e0, e1));
                 }
