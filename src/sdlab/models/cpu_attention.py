@@ -30,7 +30,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from sdlab.models.cpu_kernels import extension, runs_here
+from sdlab.models.cpu_kernels import extension, inference_only, runs_here
 
 MIN_TOKENS = 1024           # below this the kernel's gain is a few milliseconds (and tiny models never build it)
 VECTORS_PER_HEAD = (1, 2, 3, 4, 5, 6, 8, 10)   # the kernel's compiled cases (its switch), in 16-lane vectors
@@ -77,8 +77,7 @@ def suits(q: Tensor, k: Tensor, v: Tensor, heads: int) -> bool:
             and q.shape[0] == k.shape[0] == v.shape[0]   # a broadcast context (batch 1) goes to PyTorch
             and c % heads == 0 and c // heads in HEAD_WIDTHS and c == k.shape[-1] == v.shape[-1]
             and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and not torch.compiler.is_compiling() and enabled())
+            and inference_only(q, k, v) and enabled())
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor | None:

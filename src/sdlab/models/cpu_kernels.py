@@ -55,6 +55,14 @@ def _cpu_flags() -> str:
         return ""
 
 
+def inference_only(*tensors: torch.Tensor) -> bool:
+    """No gradient is wanted through `tensors` and no `torch.compile` graph is being traced: where operations
+    without a backward (these kernels, oneDNN's fused products) may stand in for PyTorch's (a compiled graph
+    fuses for itself)."""
+    return (not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not torch.compiler.is_compiling())
+
+
 def loaded() -> bool:
     """Whether the module was built (or found built) in this process."""
     return _state.get("module") is not None
@@ -96,4 +104,4 @@ def _is_built(build: str) -> bool:
         return False
 
 
-__all__ = ["FOLDER", "HEADERS", "SOURCES", "extension", "loaded", "name", "runs_here"]
+__all__ = ["FOLDER", "HEADERS", "SOURCES", "extension", "inference_only", "loaded", "name", "runs_here"]

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdlab.models.cpu_kernels import inference_only
+
 
 @functools.cache
 def _has_fused_op() -> bool:
@@ -48,11 +50,7 @@ def fuses(x: Tensor, layer: nn.Module, *others: Tensor) -> bool:
     with `others`, runs fused here."""
     if x.device.type != "cpu" or any(t.dtype != torch.bfloat16 for t in (x, layer.weight, *others)):
         return False
-    if has_hooks(layer):
-        return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others, *layer.parameters())):
-        return False
-    return not torch.compiler.is_compiling() and _has_fused_op()   # a compiled graph fuses for itself
+    return not has_hooks(layer) and inference_only(x, *others, *layer.parameters()) and _has_fused_op()
 
 
 def linear_add(x: Tensor, layer: nn.Linear, other: Tensor) -> Tensor:

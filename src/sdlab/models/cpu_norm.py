@@ -41,8 +41,7 @@ def _suits(norm: nn.GroupNorm, x: Tensor) -> bool:
     `torch.compile` (which fuses the pair itself), no hooks on the norm; the kernels built or the map large."""
     return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 4 and x.numel() > 0
             and x.is_contiguous(memory_format=torch.channels_last)
-            and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in norm.parameters())))
-            and not torch.compiler.is_compiling() and not has_hooks(norm) and cpu_kernels.runs_here()
+            and cpu_kernels.inference_only(x, *norm.parameters()) and not has_hooks(norm) and cpu_kernels.runs_here()
             and (cpu_kernels.loaded() or x.shape[2] * x.shape[3] >= MIN_PIXELS))
 
 
