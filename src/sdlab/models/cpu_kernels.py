@@ -21,8 +21,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).with_name("kernels")
-SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_group_norm.cpp")
-HEADERS = ("simd.h",)
+SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_group_norm.cpp", "cpu_patch_product.cpp")
+HEADERS = ("amx.h", "simd.h")
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}

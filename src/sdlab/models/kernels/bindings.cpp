@@ -7,6 +7,8 @@ at::Tensor flash_attention_bf16(at::Tensor q, at::Tensor k, at::Tensor v, int64_
 bool uses_amx();
 at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int64_t groups, double eps,
                               bool silu);
+at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t k,
+                              int64_t stride, int64_t pad);
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -14,5 +16,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("flash_attention_bf16", &flash_attention_bf16);
     m.def("uses_amx", &uses_amx);
     m.def("group_norm_bf16", &group_norm_bf16);
+    m.def("patch_product_bf16", &patch_product_bf16);
 #endif
 }

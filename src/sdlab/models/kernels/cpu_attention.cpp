@@ -27,6 +27,7 @@
 constexpr int BK = 64;   // keys per block (4 vectors of 16)
 constexpr int QT = 64;   // query rows per task
 #ifdef __AVX512BF16__
+#include "amx.h"
 #include "simd.h"
 
 
@@ -218,36 +219,13 @@ static void run_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     run_heads(q, k, v, out, heads, D, NV * 16, AttendAvx512<NV, ROWS>{scale2});
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-
-// Linux hands a process the AMX tile state only when asked (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA);
-// without it the first tile instruction faults. Asked once; false where the kernel refuses.
-static bool amx_permitted() {
-    static const bool permitted = [] {
-        constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-        return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-    }();
-    return permitted;
-}
-
-struct alignas(64) TileConfig {
-    uint8_t palette = 1, start_row = 0, reserved[14] = {};
-    uint16_t colsb[16] = {};
-    uint8_t rows[16] = {};
-};
-
+#ifdef SDLAB_AMX
 // What both AMX paths share: the score scale, k's padded width and one tile configuration for a thread's
 // tasks (eight tiles of 16 rows x 64 bytes), released after them.
 struct AmxTiles {
     float scale2;
     int64_t Dk;
-    void begin() const {
-        TileConfig cfg;
-        for (int i = 0; i < 8; ++i) { cfg.rows[i] = 16; cfg.colsb[i] = 64; }
-        _tile_loadconfig(&cfg);
-    }
+    void begin() const { configure_full_tiles(); }
     void end() const { _tile_release(); }
 };
 
@@ -421,7 +399,6 @@ static void run_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
         run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmx<NV>{{scale2, Dk}});
     }
 }
-#define SDLAB_AMX 1
 #endif
 
 // Whether flash_attention_bf16 runs on the AMX tiles here (built for them, and the OS grants them).

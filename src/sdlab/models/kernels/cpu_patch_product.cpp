@@ -1,0 +1,158 @@
+// A square convolution over few pixels as one matrix product on the AMX tiles (sdlab.models.patch_conv calls
+// it for bf16 channels-last inference). With M output pixels (batch included), K = k*k*C_in and N = C_out:
+//
+//     out[m, n] = bias[n] + sum_K patches[m, K] W[n, K],   W = the weight's (C_out, k, k, C_in) memory
+//
+// computed as its transpose, W @ patches^T, so that the weight, the large operand, is read in place as the
+// tiles' left operand (16 output channels x 32 K per tile) and only the patches are laid out for the tiles:
+// (M/16 pixel groups, K/2, 16 pixels, 2) bf16, one 1 KB tile per 16 pixels x 32 K. Each thread owns 32-channel
+// blocks of the output; per pass over KC of K it adds, for each 32 x 32 block, a 2 x 2 tile product into fp32
+// sums kept in 4 KB blocks (tile-contiguous: rows of a strided layout share L1 sets and miss), and the last
+// pass adds the bias and writes bf16 rows of the output (M, N). While a weight block computes, the next one
+// is prefetched from memory (the tiles' 16 strided rows defeat the hardware prefetcher). oneDNN runs these
+// shapes (128-1024 pixels, K of 5,760-23,040) at 1.0-1.5 TFLOP/s on the AMX machine; this runs them at
+// 1.6-2.0, past 1,024 pixels it falls behind (docs/performance.md).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+
+#include "amx.h"
+
+#ifdef SDLAB_AMX
+#include "simd.h"
+
+constexpr int64_t KC = 256;   // K per pass: the weight's 32 x KC block stays in L1 across the pixel blocks
+
+// patches in tile order: packed[g][K/2][16] (uint32 = a pair of bf16 channels) for pixel groups g of 16;
+// K runs over (dy, dx, c). Pixels past M and taps in the zero padding are 0.
+static void gather_patches(const uint32_t* x, int64_t B, int64_t H, int64_t W, int64_t C2, int64_t k,
+                           int64_t stride, int64_t pad, int64_t OH, int64_t OW, int64_t groups, uint32_t* packed) {
+    const int64_t M = B * OH * OW, K2 = k * k * C2;
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+        alignas(64) int32_t offset[16];
+        for (int64_t g = g0; g < g1; ++g) {
+            uint32_t* dst = packed + g * K2 * 16;
+            for (int64_t dy = 0; dy < k; ++dy)
+                for (int64_t dx = 0; dx < k; ++dx) {
+                    __mmask16 valid = 0;
+                    for (int i = 0; i < 16; ++i) {
+                        const int64_t m = g * 16 + i, b = m / (OH * OW), oy = m / OW % OH, ox = m % OW;
+                        const int64_t iy = oy * stride + dy - pad, ix = ox * stride + dx - pad;
+                        const bool inside = m < M && iy >= 0 && iy < H && ix >= 0 && ix < W;
+                        offset[i] = inside ? (int32_t)(((b * H + iy) * W + ix) * C2) : 0;
+                        valid |= (__mmask16)(inside ? 1u << i : 0u);
+                    }
+                    const __m512i idx = _mm512_load_si512(offset);
+                    uint32_t* row = dst + (dy * k + dx) * C2 * 16;
+                    for (int64_t j = 0; j < C2; ++j)   // one 64-byte row: channel pair j of the 16 pixels
+                        _mm512_storeu_si512(row + j * 16, _mm512_mask_i32gather_epi32(
+                            _mm512_setzero_si512(), valid, idx, reinterpret_cast<const int*>(x + j), 4));
+                }
+        }
+    });
+}
+
+// A 16 (channels) x 16 (pixels) fp32 tile plus the channels' bias, as bf16 rows of the output: out[p][n].
+static void write_tile(const float* tile, const uint16_t* bias, uint16_t* out, int64_t N, int64_t pixels) {
+    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+    const __m512 b = bias ? load_bf16(bias, 0xFFFF) : _mm512_setzero_ps();
+    for (int64_t p = 0; p < std::min<int64_t>(16, pixels); ++p) {
+        const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, tile + p, 4), b);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * N), (__m256i)_mm512_cvtneps_pbh(v));
+    }
+}
+
+// out (M, N) = patches @ W^T + bias; W: (N, K) bf16, K and N multiples of 32; packed: (Mp/16, K/2, 16, 2).
+static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* bias, uint16_t* out,
+                    int64_t M, int64_t Mp, int64_t N, int64_t K) {
+    std::vector<float> sums(N * Mp);   // per 32 x 32 block (channel block, pixel block): 4 tiles of 16 x 16
+    float* S = sums.data();
+    at::parallel_for(0, N / 32, 1, [&](int64_t nb0, int64_t nb1) {
+        configure_full_tiles();
+        alignas(64) float tile[4][256];
+        for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t k1 = std::min(K, k0 + KC);
+            for (int64_t nb = nb0; nb < nb1; ++nb) {
+                const uint16_t* a = W + nb * 32 * K;                  // 32 rows (channels) of W
+                // the weight block after this one (the next channels, or this thread's first at the next K)
+                // is fetched from memory into L2 while this one computes: 32 rows x (k1 - k0) in 64-byte lines
+                const bool wraps = nb + 1 == nb1;
+                const char* ahead = reinterpret_cast<const char*>(W + (wraps ? nb0 : nb + 1) * 32 * K + (wraps ? k1 : k0));
+                const int64_t row_lines = wraps ? (std::min(K, k1 + KC) - k1) / 32 : (k1 - k0) / 32;
+                const int64_t lines = 32 * row_lines, steps = Mp / 32 * ((k1 - k0) / 32);
+                const int64_t per_step = (lines + steps - 1) / std::max<int64_t>(steps, 1);
+                int64_t line = 0;
+                for (int64_t p0 = 0; p0 < Mp; p0 += 32) {
+                    float* s = S + (nb * (Mp / 32) + p0 / 32) * 1024;
+                    if (k0 == 0) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
+                    else { _tile_loadd(0, s, 64); _tile_loadd(1, s + 256, 64); _tile_loadd(2, s + 512, 64); _tile_loadd(3, s + 768, 64); }
+                    const uint16_t* b = packed + (p0 / 16) * K * 16;  // pixels p0..p0+15; the next 16 at + K * 16
+                    for (int64_t k = k0; k < k1; k += 32) {
+                        for (int64_t i = 0; i < per_step && line < lines; ++i, ++line)
+                            _mm_prefetch(ahead + (line / row_lines) * K * 2 + (line % row_lines) * 64, _MM_HINT_T1);
+                        _tile_loadd(4, a + k, K * 2);                 // channels 0-15 x 32 K
+                        _tile_loadd(6, b + k * 16, 64);               // 32 K x pixels 0-15
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_loadd(7, b + K * 16 + k * 16, 64);      // 32 K x pixels 16-31
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_loadd(5, a + 16 * K + k, K * 2);        // channels 16-31 x 32 K
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    if (k1 < K) {
+                        _tile_stored(0, s, 64); _tile_stored(1, s + 256, 64); _tile_stored(2, s + 512, 64); _tile_stored(3, s + 768, 64);
+                        continue;
+                    }
+                    _tile_stored(0, tile[0], 64); _tile_stored(1, tile[1], 64);
+                    _tile_stored(2, tile[2], 64); _tile_stored(3, tile[3], 64);
+                    const int64_t n0 = nb * 32;
+                    for (int t = 0; t < 4; ++t) {
+                        const int64_t n = n0 + (t / 2) * 16, p = p0 + (t % 2) * 16;
+                        write_tile(tile[t], bias ? bias + n : nullptr, out + p * N + n, N, M - p);
+                    }
+                }
+            }
+        }
+        _tile_release();
+    });
+}
+#endif
+
+// x: (B, C_in, H, W) bf16 channels-last; weight: (C_out, K) bf16 with K = k*k*C_in over (dy, dx, c) (a
+// channels-last (C_out, C_in, k, k) weight's memory); bias: (C_out,) bf16 or undefined. Zero padding `pad`,
+// stride `stride`. Returns the (B, OH, OW, C_out) bf16 output. K and C_out must be multiples of 32.
+at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t k,
+                              int64_t stride, int64_t pad) {
+#ifdef SDLAB_AMX
+    TORCH_CHECK(amx_permitted(), "the patch product needs the AMX tiles");
+#else
+    TORCH_CHECK(false, "the patch product needs the AMX tiles (this build has none)");
+#endif
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "x must be a channels-last (B, C, H, W) bf16 tensor");
+    const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = weight.size(0), K = k * k * C;
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous()
+                && weight.size(1) == K, "weight must be a contiguous (C_out, k*k*C_in) bf16 tensor");
+    TORCH_CHECK(K % 32 == 0 && N % 32 == 0 && C % 2 == 0, "k*k*C_in and C_out must be multiples of 32");
+    TORCH_CHECK(k >= 1 && stride >= 1 && pad >= 0 && H + 2 * pad >= k && W + 2 * pad >= k, "bad convolution");
+    const uint16_t* bias_data = nullptr;
+    if (bias.has_value() && bias->defined()) {
+        TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N && bias->is_contiguous(), "bias must be (C_out,) bf16");
+        bias_data = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+    }
+    const int64_t OH = (H + 2 * pad - k) / stride + 1, OW = (W + 2 * pad - k) / stride + 1, M = B * OH * OW;
+    TORCH_CHECK(B * H * W * C / 2 < (int64_t(1) << 31), "x is too large for the patch product");
+    auto out = at::empty({B, OH, OW, N}, x.options());
+#ifdef SDLAB_AMX
+    const int64_t Mp = (M + 31) / 32 * 32;
+    auto packed = at::empty({Mp / 16, K / 2, 16, 2}, x.options());   // the patches in tile order
+    gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), B, H, W, C / 2, k, stride, pad,
+                   OH, OW, Mp / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
+    product(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
+            reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data,
+            reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), M, Mp, N, K);
+#endif
+    return out;
+}

@@ -1,0 +1,118 @@
+"""sdlab's AMX patch product (`kernels/cpu_patch_product.cpp`, taken by `patch_conv`) against an fp64
+convolution and oneDNN's bf16 one, and where `patch_conv` takes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdlab.models import cpu_kernels, patch_conv
+from sdlab.models.patch_conv import TILE_PIXELS, Conv2d, patch_product_conv
+
+pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
+
+
+@pytest.fixture()
+def tiles(kernel):
+    """The kernels, where they run on the AMX tiles here."""
+    if not kernel.uses_amx():
+        pytest.skip("the kernels run without AMX here")
+    return kernel
+
+
+def _case(batch, c_in, h, w, c_out, k, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, c_in, h, w, generator=g) + 0.5).bfloat16().contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(c_out, c_in, k, k, generator=g) / (c_in * k * k) ** 0.5).bfloat16()
+    b = (torch.randn(c_out, generator=g) * 0.5).bfloat16() if bias else None
+    return x, weight.contiguous(memory_format=torch.channels_last), b
+
+
+@pytest.mark.parametrize(("batch", "c_in", "h", "w", "c_out", "k", "stride", "bias"), [
+    (2, 1280, 8, 8, 1280, 3, 1, True),     # SD1.5's lowest level with guidance
+    (2, 256, 16, 16, 128, 3, 1, True),     # 512 pixels: sixteen 32-pixel blocks
+    (1, 64, 3, 5, 64, 3, 1, False),        # 15 pixels: one block, mostly padding; no bias
+    (3, 96, 7, 9, 64, 3, 2, True),         # stride 2 on odd sizes: 60 pixels
+    (2, 320, 11, 6, 96, 1, 1, True),       # 1x1
+    (1, 32, 32, 32, 64, 3, 1, True),       # K = 288 (one pass shorter than KC), 1024 pixels
+    (2, 512, 10, 10, 64, 3, 1, True),      # K = 4608: 18 passes over KC
+])
+def test_the_tile_product_is_the_convolution_up_to_bf16_rounding(tiles, batch, c_in, h, w, c_out, k, stride, bias):
+    x, weight, b = _case(batch, c_in, h, w, c_out, k, seed=c_in + k, bias=bias)
+    exact = F.conv2d(x.double(), weight.double(), None if b is None else b.double(), stride=stride, padding=k // 2)
+    flat = weight.permute(0, 2, 3, 1).reshape(c_out, -1)
+    ours = tiles.patch_product_bf16(x, flat, b, k, stride, k // 2).permute(0, 3, 1, 2)
+    theirs = F.conv2d(x, weight, b, stride=stride, padding=k // 2)
+    assert ours.shape == exact.shape and ours.dtype == torch.bfloat16
+    ours_err, their_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+    # one rounding of fp32 sums to bf16 (oneDNN rounds the same sums, then adds the bias in bf16)
+    assert ours_err.mean() <= 1.05 * their_err.mean() + 1e-4
+    assert ours_err.max() <= 1.05 * their_err.max() + 1e-3
+
+
+def test_nan_in_the_zero_padding_never_reaches_the_output(tiles):
+    """Pixels past the output and taps in the padding are zeros in the patches, never uninitialised memory."""
+    x, weight, b = _case(1, 64, 5, 3, 64, 3, seed=7)
+    flat = weight.permute(0, 2, 3, 1).reshape(64, -1)
+    for _ in range(3):   # allocations reused from earlier calls may hold anything
+        torch.full((1 << 20,), float("nan"), dtype=torch.bfloat16)
+        out = tiles.patch_product_bf16(x, flat, b, 3, 1, 1)
+        assert torch.isfinite(out).all()
+
+
+def test_bad_arguments_are_refused(tiles):
+    x, weight, _ = _case(1, 64, 4, 4, 64, 3, seed=8)
+    flat = weight.permute(0, 2, 3, 1).reshape(64, -1)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        tiles.patch_product_bf16(x, flat[:48], None, 3, 1, 1)                 # 48 output channels
+    with pytest.raises(RuntimeError, match="channels-last"):
+        tiles.patch_product_bf16(x.contiguous(), flat, None, 3, 1, 1)
+    with pytest.raises(RuntimeError, match="weight"):
+        tiles.patch_product_bf16(x, flat.float(), None, 3, 1, 1)
+
+
+def test_conv2d_takes_the_tiles_for_bf16_inference_on_few_pixels(tiles, monkeypatch):
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(tiles, name)
+
+        def patch_product_bf16(self, x, *args):
+            calls.append(tuple(x.shape))
+            return tiles.patch_product_bf16(x, *args)
+
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": Recording()})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    conv = Conv2d(128, 64, 3, padding=1).bfloat16().to(memory_format=torch.channels_last)
+    down = Conv2d(128, 64, 3, padding=1, stride=2).bfloat16().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 128, 16, 16).bfloat16().contiguous(memory_format=torch.channels_last)   # 512 pixels
+    with torch.inference_mode():
+        out = conv(x)
+        down(x)
+    assert calls == [(2, 128, 16, 16), (2, 128, 16, 16)]
+    torch.testing.assert_close(out.float(), F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), padding=1),
+                               atol=0.05, rtol=0.02)
+
+    calls.clear()
+    big = torch.randn(1, 128, 40, 40).bfloat16().contiguous(memory_format=torch.channels_last)  # 1600 > TILE_PIXELS
+    assert 40 * 40 > TILE_PIXELS
+    narrow = Conv2d(128, 32, 3, padding=1).bfloat16().to(memory_format=torch.channels_last)     # one block, two threads
+    odd = Conv2d(128, 48, 1).bfloat16().to(memory_format=torch.channels_last)                   # 48 channels
+    fp32 = Conv2d(128, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        conv(big)
+        narrow(x)
+        odd(x)
+        fp32(x.float())
+        conv(x.contiguous())                                                                     # not channels-last
+    conv(x.requires_grad_(True)).float().sum().backward()                                        # a gradient is wanted
+    assert calls == [] and x.grad is not None and conv.weight.grad is not None
+
+    monkeypatch.setattr(cpu_kernels, "_state", {})                                               # not built: small
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: pytest.fail("a small product must not build the kernels"))
+    with torch.inference_mode():
+        small = torch.randn(1, 128, 4, 4).bfloat16().contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(patch_product_conv(small, conv.weight, conv.bias, 1, 1),
+                                   patch_conv.Conv2d._conv_forward(conv, small, conv.weight, conv.bias), atol=0.05, rtol=0.02)
