@@ -116,3 +116,34 @@ def test_conv2d_takes_the_tiles_for_bf16_inference_on_few_pixels(tiles, monkeypa
         small = torch.randn(1, 128, 4, 4).bfloat16().contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(patch_product_conv(small, conv.weight, conv.bias, 1, 1),
                                    patch_conv.Conv2d._conv_forward(conv, small, conv.weight, conv.bias), atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize("shared_embedding", [False, True])   # True: the embedding rides in conv1's bias
+def test_a_resblock_on_the_tiles_is_as_close_to_fp64_as_on_onednn(tiles, monkeypatch, shared_embedding):
+    from sdlab.models.unet import ResBlock
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    block = ResBlock(256, 128, emb_dim=64, groups=32).eval()
+    x = torch.randn(2, 256, 8, 8).contiguous(memory_format=torch.channels_last)
+    emb = F.silu(torch.randn(1 if shared_embedding else 2, 64)).expand(2, 64)
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(tiles, name)
+
+        def patch_product_bf16(self, *args):
+            calls.append(args[2] is not None)
+            return tiles.patch_product_bf16(*args)
+
+    with torch.inference_mode():
+        exact = block.double()(x.double(), emb.double())
+        block = block.bfloat16().to(memory_format=torch.channels_last)
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": Recording()})
+        ours = block(x.bfloat16(), emb.bfloat16())
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": None})               # as where it cannot be built
+        theirs = block(x.bfloat16(), emb.bfloat16())
+    assert calls == [True, True, True]                                             # conv1, conv2, the 1x1 skip
+    ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+    assert ours_err.max() <= 1.25 * theirs_err.max() and ours_err.mean() <= 1.05 * theirs_err.mean()
