@@ -35,7 +35,8 @@ def _case(batch, c_in, h, w, c_out, k, seed, bias=True):
     (1, 64, 3, 5, 64, 3, 1, False),        # 15 pixels: one block, mostly padding; no bias
     (3, 96, 7, 9, 64, 3, 2, True),         # stride 2 on odd sizes: 60 pixels
     (2, 320, 11, 6, 96, 1, 1, True),       # 1x1
-    (1, 32, 32, 32, 64, 3, 1, True),       # K = 288 (one pass shorter than KC), 1024 pixels
+    (1, 32, 32, 32, 64, 3, 1, True),       # K = 288 (one pass shorter than KC), 1024 pixels: two products
+    (2, 64, 20, 21, 64, 3, 1, True),       # 840 pixels: products of 512 and 328 (padded to 352)
     (2, 512, 10, 10, 64, 3, 1, True),      # K = 4608: 18 passes over KC
 ])
 def test_the_tile_product_is_the_convolution_up_to_bf16_rounding(tiles, batch, c_in, h, w, c_out, k, stride, bias):

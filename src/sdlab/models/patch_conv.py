@@ -18,8 +18,8 @@ everything else runs `nn.Conv2d`'s own convolution.
 On CPUs with AMX, bf16 inference takes sdlab's own product instead (`kernels/cpu_patch_product.cpp`: the
 weight read in place as the tiles' left operand, the patches gathered straight into tile order; 1.3-1.7 x
 oneDNN's product at these shapes) for convolutions of at most `TILE_PIXELS` output pixels, where it
-beats oneDNN's convolution too (1.7-2.0 TFLOP/s on 128-1152 pixels x 1280 channels; at 2048 pixels it
-falls below the convolution's 1.8, at 8192 to a third of it).
+beats oneDNN's convolution too (1.4-2.2 TFLOP/s on 128-1152 pixels x 1280 channels, 1.05-1.5 x the
+convolution's speed; at 2048 pixels it falls 10 % behind, at 8192 to 0.5-0.7 x).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from sdlab.models import cpu_kernels
 
 WEIGHT_PER_PIXEL = 16384  # weight elements per output pixel above which the product wins (docs/performance.md)
-TILE_PIXELS = 1024        # output pixels (batch included) up to which the AMX kernel wins (docs/performance.md)
+TILE_PIXELS = 1536        # output pixels (batch included) up to which the AMX kernel wins (docs/performance.md)
 MIN_TILE_FLOP = 1e9       # a product this large may build sdlab's kernels; smaller ones use them once built
 
 

@@ -5,34 +5,37 @@
 //
 // computed as its transpose, W @ patches^T, so that the weight, the large operand, is read in place as the
 // tiles' left operand (16 output channels x 32 K per tile) and only the patches are laid out for the tiles:
-// (M/16 pixel groups, K/2, 16 pixels, 2) bf16, one 1 KB tile per 16 pixels x 32 K. Each thread owns 32-channel
-// blocks of the output; per pass over KC of K it adds, for each 32 x 32 block, a 2 x 2 tile product into fp32
-// sums kept in 4 KB blocks (tile-contiguous: rows of a strided layout share L1 sets and miss), and the last
-// pass adds the bias and writes bf16 rows of the output (M, N). While a weight block computes, the next one
-// is prefetched from memory (the tiles' 16 strided rows defeat the hardware prefetcher). oneDNN runs these
-// shapes (128-1024 pixels, K of 5,760-23,040) at 1.0-1.5 TFLOP/s on the AMX machine; this runs them at
-// 1.6-2.0, past 1,024 pixels it falls behind (docs/performance.md).
+// (16-pixel groups, K/2, 16 pixels, 2) bf16, one 1 KB tile per 16 pixels x 32 K. PIXELS output pixels at a
+// time (their patches and sums stay in L2; the weight is read again for each, from L3 after the first), each
+// thread owns 32-channel blocks of the output; per pass over KC of K it adds, for each 32 x 32 block, a 2 x 2
+// tile product into fp32 sums kept in 4 KB blocks (tile-contiguous: rows of a strided layout share L1 sets
+// and miss), and the last pass adds the bias and writes bf16 rows of the output (M, N). While a weight block
+// computes, the next one is prefetched from memory (the tiles' 16 strided rows defeat the hardware
+// prefetcher). oneDNN runs these shapes (128-1152 pixels, K of 5,760-23,040) at 1.0-1.5 TFLOP/s on the AMX
+// machine; this runs them at 1.4-2.2; past ~1,500 pixels oneDNN's own convolution is faster
+// (docs/performance.md).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
-#include <vector>
 
 #include "amx.h"
 
 #ifdef SDLAB_AMX
 #include "simd.h"
 
-constexpr int64_t KC = 256;   // K per pass: the weight's 32 x KC block stays in L1 across the pixel blocks
+constexpr int64_t KC = 256;       // K per pass: the weight's 32 x KC block stays in L1 across the pixel blocks
+constexpr int64_t PIXELS = 512;   // output pixels per product: their patches and fp32 sums stay in L2
 
 // patches in tile order: packed[g][K/2][16] (uint32 = a pair of bf16 channels) for pixel groups g of 16;
 // K runs over (dy, dx, c). Pixels past M and taps in the zero padding are 0.
 static void gather_patches(const uint32_t* x, int64_t B, int64_t H, int64_t W, int64_t C2, int64_t k,
-                           int64_t stride, int64_t pad, int64_t OH, int64_t OW, int64_t groups, uint32_t* packed) {
+                           int64_t stride, int64_t pad, int64_t OH, int64_t OW, int64_t first, int64_t groups,
+                           uint32_t* packed) {
     const int64_t M = B * OH * OW, K2 = k * k * C2;
-    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    at::parallel_for(first, first + groups, 1, [&](int64_t g0, int64_t g1) {
         alignas(64) int32_t offset[16];
         for (int64_t g = g0; g < g1; ++g) {
-            uint32_t* dst = packed + g * K2 * 16;
+            uint32_t* dst = packed + (g - first) * K2 * 16;
             for (int64_t dy = 0; dy < k; ++dy)
                 for (int64_t dx = 0; dx < k; ++dx) {
                     __mmask16 valid = 0;
@@ -65,10 +68,9 @@ static void write_tile(const float* tile, const uint16_t* bias, uint16_t* out, i
 }
 
 // out (M, N) = patches @ W^T + bias; W: (N, K) bf16, K and N multiples of 32; packed: (Mp/16, K/2, 16, 2).
-static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* bias, uint16_t* out,
+// S: N x Mp fp32 sums, per 32 x 32 block (channel block, pixel block) 4 tiles of 16 x 16.
+static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* bias, uint16_t* out, float* S,
                     int64_t M, int64_t Mp, int64_t N, int64_t K) {
-    std::vector<float> sums(N * Mp);   // per 32 x 32 block (channel block, pixel block): 4 tiles of 16 x 16
-    float* S = sums.data();
     at::parallel_for(0, N / 32, 1, [&](int64_t nb0, int64_t nb1) {
         configure_full_tiles();
         alignas(64) float tile[4][256];
@@ -146,13 +148,19 @@ at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at:
     TORCH_CHECK(B * H * W * C / 2 < (int64_t(1) << 31), "x is too large for the patch product");
     auto out = at::empty({B, OH, OW, N}, x.options());
 #ifdef SDLAB_AMX
-    const int64_t Mp = (M + 31) / 32 * 32;
-    auto packed = at::empty({Mp / 16, K / 2, 16, 2}, x.options());   // the patches in tile order
-    gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), B, H, W, C / 2, k, stride, pad,
-                   OH, OW, Mp / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
-    product(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
-            reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data,
-            reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), M, Mp, N, K);
+    // PIXELS output pixels at a time: their patches in tile order, then their product
+    const int64_t Mp = (M + 31) / 32 * 32, Gp = std::min(Mp, PIXELS);
+    auto packed = at::empty({Gp / 16, K / 2, 16, 2}, x.options());
+    auto sums = at::empty({N, Gp}, x.options().dtype(at::kFloat));
+    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    for (int64_t p0 = 0; p0 < Mp; p0 += Gp) {
+        const int64_t gp = std::min(Gp, Mp - p0);
+        gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), B, H, W, C / 2, k, stride, pad,
+                       OH, OW, p0 / 16, gp / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
+        product(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
+                reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data, o + p0 * N,
+                sums.data_ptr<float>(), std::min(gp, M - p0), gp, N, K);
+    }
 #endif
     return out;
 }
