@@ -148,3 +148,96 @@ def test_a_resblock_on_the_tiles_is_as_close_to_fp64_as_on_onednn(tiles, monkeyp
     assert calls == [True, True, True]                                             # conv1, conv2, the 1x1 skip
     ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
     assert ours_err.max() <= 1.25 * theirs_err.max() and ours_err.mean() <= 1.05 * theirs_err.mean()
+
+
+def _geglu_case(rows, channels, inner, seed, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, channels, generator=g) * 2).bfloat16()
+    weight = (torch.randn(2 * inner, channels, generator=g) / channels**0.5).bfloat16()
+    b = (torch.randn(2 * inner, generator=g) * 0.5).bfloat16() if bias else None
+    return x, weight, b
+
+
+def _geglu_fp64(x, weight, b):
+    a, gate = F.linear(x.double(), weight.double(), None if b is None else b.double()).chunk(2, dim=-1)
+    return a * F.gelu(gate)
+
+
+@pytest.mark.parametrize(("rows", "channels", "inner", "bias"), [
+    (512, 1280, 1280, True),    # SD1.5's 16 x 16 level with guidance (inner 5120 there)
+    (128, 320, 640, True),
+    (77, 64, 48, True),         # rows past a 32-row block; 3 blocks of 16 channels
+    (840, 96, 32, False),       # products of 512 and 328 rows; no bias
+    (16, 32, 16, True),         # one block, mostly padding
+])
+def test_the_tile_geglu_is_as_close_to_fp64_as_onednns_fused_products(tiles, rows, channels, inner, bias):
+    x, weight, b = _geglu_case(rows, channels, inner, seed=rows + inner, bias=bias)
+    exact = _geglu_fp64(x, weight, b)
+    ours = tiles.geglu_bf16(x, weight, b)
+    ba, bg = (None, None) if b is None else (b[:inner], b[inner:])
+    gate = torch.ops.mkldnn._linear_pointwise(x, weight[inner:], bg, "gelu", [], "none")
+    theirs = torch.ops.mkldnn._linear_pointwise.binary(x, gate, weight[:inner], ba, "mul")
+    assert ours.shape == (rows, inner) and ours.dtype == torch.bfloat16
+    ours_err, their_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+    # one rounding of a * gelu(gate) from fp32 sums; oneDNN rounds the GELU to bf16 before the product
+    assert ours_err.mean() <= 1.05 * their_err.mean() + 1e-5
+    assert ours_err.max() <= 1.05 * their_err.max() + 1e-3
+
+
+def test_the_tile_geglu_keeps_gelu_exact_far_out_and_refuses_bad_arguments(tiles):
+    """Gates far below zero (where e^(-z^2) would be denormal) and far above: gelu = 0 and gelu = gate."""
+    channels, inner = 32, 16
+    x = torch.zeros(32, channels).bfloat16()
+    x[:, 0] = torch.linspace(-60, 60, 32).bfloat16()
+    weight = torch.zeros(2 * inner, channels).bfloat16()
+    weight[:, 0] = 1.0                                   # a = gate = x[:, 0] in every channel
+    out = tiles.geglu_bf16(x, weight, None).double()
+    exact = _geglu_fp64(x, weight, None)
+    torch.testing.assert_close(out, exact, rtol=8e-3, atol=1e-6)
+    assert (out[x[:, 0] < -10] == 0).all()
+    with pytest.raises(RuntimeError, match="multiple"):
+        tiles.geglu_bf16(x[:, :16].contiguous(), weight[:, :16].contiguous(), None)     # 16 channels
+    with pytest.raises(RuntimeError, match="contiguous"):
+        tiles.geglu_bf16(x.t(), weight, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        tiles.geglu_bf16(x, weight, torch.zeros(inner).bfloat16())
+
+
+def test_geglu_takes_the_tiles_for_bf16_inference_on_few_tokens(tiles, monkeypatch):
+    from sdlab.models import cpu_linear
+    from sdlab.models.unet import FeedForward
+
+    calls = []
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(tiles, name)
+
+        def geglu_bf16(self, x, *args):
+            calls.append(tuple(x.shape))
+            return tiles.geglu_bf16(x, *args)
+
+    torch.manual_seed(0)
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": Recording()})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    ff = FeedForward(64).eval()                                      # GEGLU 64 -> 2 x 256
+    x = torch.randn(2, 100, 64)
+    with torch.inference_mode():
+        exact = ff.double()(x.double())
+        ff = ff.bfloat16()
+        ours = ff(x.bfloat16())
+        assert calls == [(200, 64)]
+        calls.clear()
+        ff(torch.randn(2, TILE_PIXELS, 64).bfloat16())                # more tokens than TILE_PIXELS
+        ff(x.bfloat16().transpose(0, 1).contiguous().transpose(0, 1))  # not contiguous
+        ff.float()(x)                                                 # fp32
+        narrow = cpu_linear.geglu(x[..., :32].bfloat16().contiguous(), torch.nn.Linear(32, 2 * 16).bfloat16())  # one block
+        assert narrow.shape == (2, 100, 16)
+    ff.bfloat16()
+    ff(x.bfloat16().requires_grad_(True)).float().sum().backward()   # a gradient is wanted
+    assert calls == []
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": None})     # as where it cannot be built
+    with torch.inference_mode():
+        theirs = ff(x.bfloat16())
+    ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+    assert ours_err.max() <= 1.25 * theirs_err.max() and ours_err.mean() <= 1.05 * theirs_err.mean()

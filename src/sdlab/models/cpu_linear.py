@@ -11,7 +11,11 @@ product while it is still in registers (a post-op); PyTorch exposes that as `tor
     linear_add(x, layer, other) = layer(x) + other
     geglu(x, proj)              = (x W_a^T + b_a) * gelu(x W_g^T + b_g),  proj's weight [W_a; W_g], bias [b_a; b_g]
 
-Both round once to bf16 at the end (the unfused path rounds after each step). The fused op has no backward,
+Both round once to bf16 at the end (the unfused path rounds after each step). On CPUs with AMX a GEGLU over
+at most `patch_conv.TILE_PIXELS` tokens runs as sdlab's own kernel instead (`kernels/cpu_patch_product.cpp`,
+the patch product's tile loop with both halves' sums in tiles and the gated GELU applied before the one
+write): SD1.5's 16 x 16 level 9.2 -> 6.9 ms a call in the step, where oneDNN reads the 26 MB weight cold
+(docs/performance.md); at 2,048-8,192 tokens oneDNN's pair of products stays ahead. The fused op has no backward,
 so it is used only where no gradient is wanted: `fuses` says when (bf16 on the CPU, PyTorch built with oneDNN,
 no forward hooks on the layer, such as a LoRA's in training, not inside `torch.compile`, whose CPU backend
 fuses these itself); elsewhere the plain ops run.
@@ -25,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sdlab.models import cpu_kernels, patch_conv
 from sdlab.models.cpu_kernels import inference_only
 
 
@@ -79,6 +84,12 @@ def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
     w_a, w_gate = proj.weight[:inner], proj.weight[inner:]  # row halves: views
     b_a, b_gate = (None, None) if proj.bias is None else (proj.bias[:inner], proj.bias[inner:])
     if fuses(x, proj):
+        if _geglu_on_tiles(x, proj):
+            module = cpu_kernels.extension()
+            if module is not None and module.uses_amx():
+                rows = x.numel() // x.shape[-1]
+                out = module.geglu_bf16(x.reshape(rows, x.shape[-1]), proj.weight, proj.bias)  # (rows, inner)
+                return out.view(*x.shape[:-1], inner)
         gate = torch.ops.mkldnn._linear_pointwise(x, w_gate, b_gate, "gelu", [], "none")  # (..., inner)
         return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w_a, b_a, "mul")  # (..., inner)
     if x.device.type == "cpu" and not has_hooks(proj):
@@ -88,6 +99,19 @@ def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
         return F.linear(x, w_a, b_a) * F.gelu(F.linear(x, w_gate, b_gate))
     a, gate = proj(x).chunk(2, dim=-1)  # 2 x (..., inner): hooks (a LoRA being trained) see the whole output
     return a * F.gelu(gate)
+
+
+
+def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
+    """A GEGLU sdlab's AMX kernel takes (after `fuses`): contiguous x and weight, a bf16 bias or none, C a
+    multiple of 32 and inner of 16 with a 16-channel block for each thread, few enough tokens."""
+    channels, inner = x.shape[-1], proj.out_features // 2
+    if not (x.is_contiguous() and proj.weight.is_contiguous() and channels % 32 == 0 and inner % 16 == 0
+            and inner >= 16 * torch.get_num_threads() and cpu_kernels.runs_here()
+            and (proj.bias is None or proj.bias.dtype == torch.bfloat16)):
+        return False
+    rows = x.numel() // channels
+    return patch_conv.tile_product_pays(rows, 4 * rows * channels * inner)
 
 
 __all__ = ["add_into_product", "fuses", "geglu", "has_hooks", "linear_add"]

@@ -71,7 +71,14 @@ def _on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, paddi
             and c_out >= 32 * torch.get_num_threads() and cpu_kernels.runs_here() and cpu_kernels.inference_only(x, weight, *(() if bias is None else (bias,)))):
         return False
     pixels = b * ((h + 2 * padding - k) // stride + 1) * ((w + 2 * padding - k) // stride + 1)
-    return 0 < pixels <= TILE_PIXELS and (cpu_kernels.loaded() or 2 * pixels * k * k * c * c_out >= MIN_TILE_FLOP)
+    return tile_product_pays(pixels, 2 * pixels * k * k * c * c_out)
+
+
+def tile_product_pays(rows: int, flop: float) -> bool:
+    """Whether sdlab's AMX product kernel should take a product with `rows` output rows (pixels or tokens,
+    batch included) of `flop` FLOPs: it beats oneDNN up to `TILE_PIXELS` rows, and a product of less than
+    `MIN_TILE_FLOP` uses the kernels only once something larger has built them (small models never do)."""
+    return 0 < rows <= TILE_PIXELS and (cpu_kernels.loaded() or flop >= MIN_TILE_FLOP)
 
 
 class Conv2d(nn.Conv2d):

@@ -9,6 +9,7 @@ at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int
                               bool silu);
 at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t k,
                               int64_t stride, int64_t pad);
+at::Tensor geglu_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -17,5 +18,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("uses_amx", &uses_amx);
     m.def("group_norm_bf16", &group_norm_bf16);
     m.def("patch_product_bf16", &patch_product_bf16);
+    m.def("geglu_bf16", &geglu_bf16);
 #endif
 }

@@ -14,6 +14,10 @@
 // prefetcher). oneDNN runs these shapes (128-1152 pixels, K of 5,760-23,040) at 1.0-1.5 TFLOP/s on the AMX
 // machine; this runs them at 1.4-2.2; past ~1,500 pixels oneDNN's own convolution is faster
 // (docs/performance.md).
+//
+// The same loop serves a GEGLU (sdlab.models.cpu_linear): x's rows are the patches of a 1 x 1 "convolution",
+// each block takes 16 rows of the weight's first half (a) and the same 16 of its second (the gate), and
+// (a + b_a) * gelu(gate + b_g) is formed from the fp32 sums before the one bf16 write.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -67,39 +71,66 @@ static void write_tile(const float* tile, const uint16_t* bias, uint16_t* out, i
     }
 }
 
-// out (M, N) = patches @ W^T + bias; W: (N, K) bf16, K and N multiples of 32; packed: (Mp/16, K/2, 16, 2).
-// S: N x Mp fp32 sums, per 32 x 32 block (channel block, pixel block) 4 tiles of 16 x 16.
+// The 32 rows of A (the weight) a block takes: rows [nb * step, + 16) and the 16 rows `second` rows on; a
+// convolution's block is 32 consecutive channels (step 32, second 16), a GEGLU's the same 16 channels of its
+// two halves (step 16, second = the half's width).
+struct Rows {
+    int64_t step, second;
+};
+
+// GELU on the sums of a 16 (channels) x 16 (pixels) tile `a` and the same channels' `gate` tile plus their
+// biases: a <- (a + b_a) * gelu(gate + b_g), channel c a row of 16 pixels.
+static void gated_gelu_tile(float* a, const float* gate, const uint16_t* bias_a, const uint16_t* bias_g) {
+    alignas(64) float ba[16] = {}, bg[16] = {};
+    if (bias_a) {
+        _mm512_store_ps(ba, load_bf16(bias_a, 0xFFFF));
+        _mm512_store_ps(bg, load_bf16(bias_g, 0xFFFF));
+    }
+    for (int c = 0; c < 16; ++c) {
+        const __m512 va = _mm512_add_ps(_mm512_load_ps(a + c * 16), _mm512_set1_ps(ba[c]));
+        const __m512 vg = _mm512_add_ps(_mm512_load_ps(gate + c * 16), _mm512_set1_ps(bg[c]));
+        _mm512_store_ps(a + c * 16, _mm512_mul_ps(va, gelu_ps(vg)));
+    }
+}
+
+// out (M, N) = patches @ W^T + bias, or for a GEGLU (gated) out (M, N) = (patches @ W_a^T + b_a) *
+// gelu(patches @ W_g^T + b_g) with W = [W_a; W_g]. W: rows of K bf16, K a multiple of 32, `blocks` blocks
+// of 32 rows (`rows`); packed: (Mp/16, K/2, 16, 2). Passes of kc over K; S: the fp32 sums between passes,
+// per 32 x 32 block (row block, pixel block) 4 tiles of 16 x 16 (unused when kc = K).
+template <bool gated>
 static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* bias, uint16_t* out, float* S,
-                    int64_t M, int64_t Mp, int64_t N, int64_t K) {
-    at::parallel_for(0, N / 32, 1, [&](int64_t nb0, int64_t nb1) {
+                    int64_t M, int64_t Mp, int64_t blocks, int64_t N, int64_t K, int64_t kc, Rows rows) {
+    at::parallel_for(0, blocks, 1, [&](int64_t nb0, int64_t nb1) {
         configure_full_tiles();
         alignas(64) float tile[4][256];
-        for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t k1 = std::min(K, k0 + KC);
+        for (int64_t k0 = 0; k0 < K; k0 += kc) {
+            const int64_t k1 = std::min(K, k0 + kc);
             for (int64_t nb = nb0; nb < nb1; ++nb) {
-                const uint16_t* a = W + nb * 32 * K;                  // 32 rows (channels) of W
-                // the weight block after this one (the next channels, or this thread's first at the next K)
+                const uint16_t* a = W + nb * rows.step * K;          // rows 0-15 of the block; 16-31 at a + second * K
+                // the weight block after this one (the next rows, or this thread's first at the next K)
                 // is fetched from memory into L2 while this one computes: 32 rows x (k1 - k0) in 64-byte lines
                 const bool wraps = nb + 1 == nb1;
-                const char* ahead = reinterpret_cast<const char*>(W + (wraps ? nb0 : nb + 1) * 32 * K + (wraps ? k1 : k0));
-                const int64_t row_lines = wraps ? (std::min(K, k1 + KC) - k1) / 32 : (k1 - k0) / 32;
+                const char* ahead = reinterpret_cast<const char*>(W + (wraps ? nb0 : nb + 1) * rows.step * K + (wraps ? k1 : k0));
+                const int64_t row_lines = wraps ? (std::min(K, k1 + kc) - k1) / 32 : (k1 - k0) / 32;
                 const int64_t lines = 32 * row_lines, steps = Mp / 32 * ((k1 - k0) / 32);
                 const int64_t per_step = (lines + steps - 1) / std::max<int64_t>(steps, 1);
                 int64_t line = 0;
                 for (int64_t p0 = 0; p0 < Mp; p0 += 32) {
-                    float* s = S + (nb * (Mp / 32) + p0 / 32) * 1024;
+                    float* s = S ? S + (nb * (Mp / 32) + p0 / 32) * 1024 : nullptr;
                     if (k0 == 0) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
                     else { _tile_loadd(0, s, 64); _tile_loadd(1, s + 256, 64); _tile_loadd(2, s + 512, 64); _tile_loadd(3, s + 768, 64); }
                     const uint16_t* b = packed + (p0 / 16) * K * 16;  // pixels p0..p0+15; the next 16 at + K * 16
                     for (int64_t k = k0; k < k1; k += 32) {
-                        for (int64_t i = 0; i < per_step && line < lines; ++i, ++line)
-                            _mm_prefetch(ahead + (line / row_lines) * K * 2 + (line % row_lines) * 64, _MM_HINT_T1);
-                        _tile_loadd(4, a + k, K * 2);                 // channels 0-15 x 32 K
+                        for (int64_t i = 0; i < per_step && line < lines; ++i, ++line) {
+                            const int64_t r = line / row_lines;
+                            _mm_prefetch(ahead + ((r / 16) * rows.second + r % 16) * K * 2 + (line % row_lines) * 64, _MM_HINT_T1);
+                        }
+                        _tile_loadd(4, a + k, K * 2);                 // rows 0-15 x 32 K
                         _tile_loadd(6, b + k * 16, 64);               // 32 K x pixels 0-15
                         _tile_dpbf16ps(0, 4, 6);
                         _tile_loadd(7, b + K * 16 + k * 16, 64);      // 32 K x pixels 16-31
                         _tile_dpbf16ps(1, 4, 7);
-                        _tile_loadd(5, a + 16 * K + k, K * 2);        // channels 16-31 x 32 K
+                        _tile_loadd(5, a + rows.second * K + k, K * 2);   // rows 16-31 x 32 K
                         _tile_dpbf16ps(2, 5, 6);
                         _tile_dpbf16ps(3, 5, 7);
                     }
@@ -109,10 +140,18 @@ static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* b
                     }
                     _tile_stored(0, tile[0], 64); _tile_stored(1, tile[1], 64);
                     _tile_stored(2, tile[2], 64); _tile_stored(3, tile[3], 64);
-                    const int64_t n0 = nb * 32;
-                    for (int t = 0; t < 4; ++t) {
-                        const int64_t n = n0 + (t / 2) * 16, p = p0 + (t % 2) * 16;
-                        write_tile(tile[t], bias ? bias + n : nullptr, out + p * N + n, N, M - p);
+                    if constexpr (gated) {   // tiles 0, 1: a's 16 channels x pixels 0-15, 16-31; tiles 2, 3: the gate's
+                        const int64_t n = nb * 16;
+                        for (int t = 0; t < 2; ++t) {
+                            gated_gelu_tile(tile[t], tile[t + 2], bias ? bias + n : nullptr, bias ? bias + N + n : nullptr);
+                            write_tile(tile[t], nullptr, out + (p0 + t * 16) * N + n, N, M - p0 - t * 16);
+                        }
+                    } else {
+                        const int64_t n0 = nb * 32;
+                        for (int t = 0; t < 4; ++t) {
+                            const int64_t n = n0 + (t / 2) * 16, p = p0 + (t % 2) * 16;
+                            write_tile(tile[t], bias ? bias + n : nullptr, out + p * N + n, N, M - p);
+                        }
                     }
                 }
             }
@@ -157,9 +196,47 @@ at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at:
         const int64_t gp = std::min(Gp, Mp - p0);
         gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), B, H, W, C / 2, k, stride, pad,
                        OH, OW, p0 / 16, gp / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
-        product(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
-                reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data, o + p0 * N,
-                sums.data_ptr<float>(), std::min(gp, M - p0), gp, N, K);
+        product<false>(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
+                       reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data, o + p0 * N,
+                       sums.data_ptr<float>(), std::min(gp, M - p0), gp, N / 32, N, K, KC, Rows{32, 16});
+    }
+#endif
+    return out;
+}
+
+// The gated GELU of a linear layer's two output halves (GEGLU): x: (M, K) bf16 rows (contiguous), weight:
+// (2N, K) bf16 = [W_a; W_g], bias: (2N,) bf16 or undefined. Returns (M, N) bf16
+// (x W_a^T + b_a) * gelu(x W_g^T + b_g), rounded once. K must be a multiple of 32 and N of 16.
+at::Tensor geglu_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
+#ifdef SDLAB_AMX
+    TORCH_CHECK(amx_permitted(), "the GEGLU product needs the AMX tiles");
+#else
+    TORCH_CHECK(false, "the GEGLU product needs the AMX tiles (this build has none)");
+#endif
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) bf16 tensor");
+    const int64_t M = x.size(0), K = x.size(1), N = weight.size(0) / 2;
+    TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous()
+                && weight.size(1) == K && weight.size(0) % 2 == 0, "weight must be a contiguous (2N, K) bf16 tensor");
+    TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && N > 0 && M > 0, "K must be a multiple of 32 and N of 16");
+    TORCH_CHECK(M * K / 2 < (int64_t(1) << 31), "x is too large for the GEGLU product");
+    const uint16_t* bias_data = nullptr;
+    if (bias.has_value() && bias->defined()) {
+        TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == 2 * N && bias->is_contiguous(), "bias must be (2N,) bf16");
+        bias_data = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
+    }
+    auto out = at::empty({M, N}, x.options());
+#ifdef SDLAB_AMX
+    const int64_t Mp = (M + 31) / 32 * 32, Gp = std::min(Mp, PIXELS);
+    auto packed = at::empty({Gp / 16, K / 2, 16, 2}, x.options());
+    uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    for (int64_t p0 = 0; p0 < Mp; p0 += Gp) {
+        const int64_t gp = std::min(Gp, Mp - p0);
+        // x as a 1 x M image of K channels: its "patches" are its rows
+        gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), 1, 1, M, K / 2, 1, 1, 0,
+                       1, M, p0 / 16, gp / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
+        product<true>(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
+                      reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data, o + p0 * N,
+                      nullptr, std::min(gp, M - p0), gp, N / 16, N, K, K, Rows{16, N});
     }
 #endif
     return out;
