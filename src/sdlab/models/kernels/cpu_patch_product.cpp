@@ -61,13 +61,35 @@ static void gather_patches(const uint32_t* x, int64_t B, int64_t H, int64_t W, i
 }
 
 // A 16 (channels) x 16 (pixels) fp32 tile plus the channels' bias, as bf16 rows of the output: out[p][n].
+// Transposed in registers: channel pairs rounded to bf16 and interleaved into one 32-bit lane per pixel, then
+// two unpack stages bring each pixel's 8 pairs into one 128-bit lane of two registers.
 static void write_tile(const float* tile, const uint16_t* bias, uint16_t* out, int64_t N, int64_t pixels) {
-    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(16));
-    const __m512 b = bias ? load_bf16(bias, 0xFFFF) : _mm512_setzero_ps();
+    alignas(64) float b[16] = {};
+    if (bias) _mm512_store_ps(b, load_bf16(bias, 0xFFFF));
+    // word 2p <- word p (channel c, pixel p), word 2p + 1 <- word 16 + p (channel c + 1, pixel p)
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512i w[8];   // w[j], lane p: channels (2j, 2j + 1) of pixel p
+    for (int j = 0; j < 8; ++j) {
+        const __m512 r0 = _mm512_add_ps(_mm512_load_ps(tile + 32 * j), _mm512_set1_ps(b[2 * j]));
+        const __m512 r1 = _mm512_add_ps(_mm512_load_ps(tile + 32 * j + 16), _mm512_set1_ps(b[2 * j + 1]));
+        w[j] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(r1, r0));
+    }
+    // u[h * 4 + i], 128-bit lane l: channel pairs 4h..4h+3 of pixel 4l + i
+    alignas(64) uint32_t u[8][16];
+    for (int h = 0; h < 2; ++h) {
+        const __m512i* v = w + 4 * h;
+        const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
+        const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
+        _mm512_store_si512(u[4 * h + 0], _mm512_unpacklo_epi64(t0, t2));
+        _mm512_store_si512(u[4 * h + 1], _mm512_unpackhi_epi64(t0, t2));
+        _mm512_store_si512(u[4 * h + 2], _mm512_unpacklo_epi64(t1, t3));
+        _mm512_store_si512(u[4 * h + 3], _mm512_unpackhi_epi64(t1, t3));
+    }
     for (int64_t p = 0; p < std::min<int64_t>(16, pixels); ++p) {
-        const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, tile + p, 4), b);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + p * N), (__m256i)_mm512_cvtneps_pbh(v));
+        const int l = (int)p / 4, i = (int)p % 4;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + p * N), _mm_load_si128(reinterpret_cast<const __m128i*>(u[i] + 4 * l)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + p * N + 8), _mm_load_si128(reinterpret_cast<const __m128i*>(u[4 + i] + 4 * l)));
     }
 }
 
