@@ -100,20 +100,41 @@ struct Rows {
     int64_t step, second;
 };
 
-// GELU on the sums of a 16 (channels) x 16 (pixels) tile `a` and the same channels' `gate` tile plus their
-// biases: a <- (a + b_a) * gelu(gate + b_g), channel c a row of 16 pixels.
-static void gated_gelu_tile(float* a, const float* gate, const uint16_t* bias_a, const uint16_t* bias_g) {
-    alignas(64) float ba[16] = {}, bg[16] = {};
-    if (bias_a) {
-        _mm512_store_ps(ba, load_bf16(bias_a, 0xFFFF));
-        _mm512_store_ps(bg, load_bf16(bias_g, 0xFFFF));
+// A GEGLU block's epilogue, done in slices while the next block's tile products run (the tiles multiply on
+// their own unit; vector work issued between them overlaps): tiles 0, 1 hold a's 16 channels x pixels 0-15,
+// 16-31, tiles 2, 3 the gate's; each unit of work forms one channel row, a <- (a + b_a) * gelu(gate + b_g),
+// or writes a finished 16 x 16 tile (units 16 and 33).
+struct GatedEpilogue {
+    static constexpr int UNITS = 34;
+    alignas(64) float tile[4][256];
+    alignas(64) float ba[16], bg[16];
+    uint16_t* out = nullptr;
+    int64_t N = 0, pixels = 0;
+    int next = UNITS;
+
+    // the tiles 0-3 of the block that just finished, for output rows out[0..pixels) x 16 channels
+    void start(const uint16_t* bias_a, const uint16_t* bias_g, uint16_t* out_, int64_t N_, int64_t pixels_) {
+        finish();
+        _tile_stored(0, tile[0], 64); _tile_stored(1, tile[1], 64);
+        _tile_stored(2, tile[2], 64); _tile_stored(3, tile[3], 64);
+        _mm512_store_ps(ba, bias_a ? load_bf16(bias_a, 0xFFFF) : _mm512_setzero_ps());
+        _mm512_store_ps(bg, bias_g ? load_bf16(bias_g, 0xFFFF) : _mm512_setzero_ps());
+        out = out_, N = N_, pixels = pixels_, next = 0;
     }
-    for (int c = 0; c < 16; ++c) {
-        const __m512 va = _mm512_add_ps(_mm512_load_ps(a + c * 16), _mm512_set1_ps(ba[c]));
-        const __m512 vg = _mm512_add_ps(_mm512_load_ps(gate + c * 16), _mm512_set1_ps(bg[c]));
-        _mm512_store_ps(a + c * 16, _mm512_mul_ps(va, gelu_ps(vg)));
+    void step(int units) {
+        for (; units > 0 && next < UNITS; --units, ++next) {
+            const int t = next / 17, c = next % 17;
+            if (c == 16) {
+                write_tile(tile[t], nullptr, out + t * 16 * N, N, pixels - t * 16);
+                continue;
+            }
+            const __m512 va = _mm512_add_ps(_mm512_load_ps(tile[t] + c * 16), _mm512_set1_ps(ba[c]));
+            const __m512 vg = _mm512_add_ps(_mm512_load_ps(tile[t + 2] + c * 16), _mm512_set1_ps(bg[c]));
+            _mm512_store_ps(tile[t] + c * 16, _mm512_mul_ps(va, gelu_ps(vg)));
+        }
     }
-}
+    void finish() { step(UNITS); }
+};
 
 // out (M, N) = patches @ W^T + bias, or for a GEGLU (gated) out (M, N) = (patches @ W_a^T + b_a) *
 // gelu(patches @ W_g^T + b_g) with W = [W_a; W_g]. W: rows of K bf16, K a multiple of 32, `blocks` blocks
@@ -125,6 +146,8 @@ static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* b
     at::parallel_for(0, blocks, 1, [&](int64_t nb0, int64_t nb1) {
         configure_full_tiles();
         alignas(64) float tile[4][256];
+        GatedEpilogue pending;                     // gated: the previous block's epilogue
+        const int slice = (GatedEpilogue::UNITS + (int)(kc / 32) - 1) / (int)(kc / 32);   // units per K step
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
             const int64_t k1 = std::min(K, k0 + kc);
             for (int64_t nb = nb0; nb < nb1; ++nb) {
@@ -155,20 +178,18 @@ static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* b
                         _tile_loadd(5, a + rows.second * K + k, K * 2);   // rows 16-31 x 32 K
                         _tile_dpbf16ps(2, 5, 6);
                         _tile_dpbf16ps(3, 5, 7);
+                        if constexpr (gated) pending.step(slice);
                     }
                     if (k1 < K) {
                         _tile_stored(0, s, 64); _tile_stored(1, s + 256, 64); _tile_stored(2, s + 512, 64); _tile_stored(3, s + 768, 64);
                         continue;
                     }
-                    _tile_stored(0, tile[0], 64); _tile_stored(1, tile[1], 64);
-                    _tile_stored(2, tile[2], 64); _tile_stored(3, tile[3], 64);
-                    if constexpr (gated) {   // tiles 0, 1: a's 16 channels x pixels 0-15, 16-31; tiles 2, 3: the gate's
+                    if constexpr (gated) {
                         const int64_t n = nb * 16;
-                        for (int t = 0; t < 2; ++t) {
-                            gated_gelu_tile(tile[t], tile[t + 2], bias ? bias + n : nullptr, bias ? bias + N + n : nullptr);
-                            write_tile(tile[t], nullptr, out + (p0 + t * 16) * N + n, N, M - p0 - t * 16);
-                        }
+                        pending.start(bias ? bias + n : nullptr, bias ? bias + N + n : nullptr, out + p0 * N + n, N, M - p0);
                     } else {
+                        _tile_stored(0, tile[0], 64); _tile_stored(1, tile[1], 64);
+                        _tile_stored(2, tile[2], 64); _tile_stored(3, tile[3], 64);
                         const int64_t n0 = nb * 32;
                         for (int t = 0; t < 4; ++t) {
                             const int64_t n = n0 + (t / 2) * 16, p = p0 + (t % 2) * 16;
@@ -178,6 +199,7 @@ static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* b
                 }
             }
         }
+        if constexpr (gated) pending.finish();
         _tile_release();
     });
 }
