@@ -185,7 +185,7 @@ def test_the_tile_geglu_is_as_close_to_fp64_as_onednns_fused_products(tiles, row
 
 
 def test_the_tile_geglu_keeps_gelu_exact_far_out_and_refuses_bad_arguments(tiles):
-    """Gates far below zero (where e^(-z^2) would be denormal) and far above: gelu = 0 and gelu = gate."""
+    """Gates far below zero (where e^(-z^2) would be denormal) and far above: gelu ~ 0 and gelu = gate."""
     channels, inner = 32, 16
     x = torch.zeros(32, channels).bfloat16()
     x[:, 0] = torch.linspace(-60, 60, 32).bfloat16()
@@ -194,7 +194,7 @@ def test_the_tile_geglu_keeps_gelu_exact_far_out_and_refuses_bad_arguments(tiles
     out = tiles.geglu_bf16(x, weight, None).double()
     exact = _geglu_fp64(x, weight, None)
     torch.testing.assert_close(out, exact, rtol=8e-3, atol=1e-6)
-    assert (out[x[:, 0] < -10] == 0).all()
+    assert out[x[:, 0] < -10].abs().max() < 1e-20 and torch.isfinite(out).all()
     with pytest.raises(RuntimeError, match="multiple"):
         tiles.geglu_bf16(x[:, :16].contiguous(), weight[:, :16].contiguous(), None)     # 16 channels
     with pytest.raises(RuntimeError, match="contiguous"):

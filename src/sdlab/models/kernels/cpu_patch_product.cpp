@@ -62,7 +62,8 @@ static void gather_patches(const uint32_t* x, int64_t B, int64_t H, int64_t W, i
 
 // A 16 (channels) x 16 (pixels) fp32 tile plus the channels' bias, as bf16 rows of the output: out[p][n].
 // Transposed in registers: channel pairs rounded to bf16 and interleaved into one 32-bit lane per pixel, then
-// two unpack stages bring each pixel's 8 pairs into one 128-bit lane of two registers.
+// two unpack stages bring each pixel's 8 pairs into one 128-bit lane of two registers, and one two-source
+// permute puts two pixels' rows into one register.
 static void write_tile(const float* tile, const uint16_t* bias, uint16_t* out, int64_t N, int64_t pixels) {
     alignas(64) float b[16] = {};
     if (bias) _mm512_store_ps(b, load_bf16(bias, 0xFFFF));
@@ -76,20 +77,26 @@ static void write_tile(const float* tile, const uint16_t* bias, uint16_t* out, i
         w[j] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(r1, r0));
     }
     // u[h * 4 + i], 128-bit lane l: channel pairs 4h..4h+3 of pixel 4l + i
-    alignas(64) uint32_t u[8][16];
+    __m512i u[8];
     for (int h = 0; h < 2; ++h) {
         const __m512i* v = w + 4 * h;
         const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
         const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
-        _mm512_store_si512(u[4 * h + 0], _mm512_unpacklo_epi64(t0, t2));
-        _mm512_store_si512(u[4 * h + 1], _mm512_unpackhi_epi64(t0, t2));
-        _mm512_store_si512(u[4 * h + 2], _mm512_unpacklo_epi64(t1, t3));
-        _mm512_store_si512(u[4 * h + 3], _mm512_unpackhi_epi64(t1, t3));
+        u[4 * h + 0] = _mm512_unpacklo_epi64(t0, t2);
+        u[4 * h + 1] = _mm512_unpackhi_epi64(t0, t2);
+        u[4 * h + 2] = _mm512_unpacklo_epi64(t1, t3);
+        u[4 * h + 3] = _mm512_unpackhi_epi64(t1, t3);
     }
-    for (int64_t p = 0; p < std::min<int64_t>(16, pixels); ++p) {
-        const int l = (int)p / 4, i = (int)p % 4;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + p * N), _mm_load_si128(reinterpret_cast<const __m128i*>(u[i] + 4 * l)));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + p * N + 8), _mm_load_si128(reinterpret_cast<const __m128i*>(u[4 + i] + 4 * l)));
+    // pixel 4l + i = lane l of u[i] then lane l of u[4 + i]: two pixels' 32-byte rows per permute
+    const __m512i lanes01 = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), lanes23 = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    const int64_t n = std::min<int64_t>(16, pixels);
+    for (int i = 0; i < 4; ++i) {
+        const __m512i r01 = _mm512_permutex2var_epi64(u[i], lanes01, u[4 + i]);
+        const __m512i r23 = _mm512_permutex2var_epi64(u[i], lanes23, u[4 + i]);
+        if (i < n) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * N), _mm512_castsi512_si256(r01));
+        if (4 + i < n) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (4 + i) * N), _mm512_extracti64x4_epi64(r01, 1));
+        if (8 + i < n) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (8 + i) * N), _mm512_castsi512_si256(r23));
+        if (12 + i < n) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + (12 + i) * N), _mm512_extracti64x4_epi64(r23, 1));
     }
 }
 
