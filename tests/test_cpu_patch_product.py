@@ -29,6 +29,23 @@ def _case(batch, c_in, h, w, c_out, k, seed, bias=True):
     return x, weight.contiguous(memory_format=torch.channels_last), b
 
 
+def _recording(kernels, name, note):
+    """`kernels` with each call of `name` noted first (`note(*args)` appended to the returned list)."""
+    calls = []
+
+    class Recording:
+        def __getattr__(self, attr):
+            return getattr(kernels, attr)
+
+    def call(*args):
+        calls.append(note(*args))
+        return getattr(kernels, name)(*args)
+
+    proxy = Recording()
+    setattr(proxy, name, call)
+    return proxy, calls
+
+
 @pytest.mark.parametrize(("batch", "c_in", "h", "w", "c_out", "k", "stride", "bias"), [
     (2, 1280, 8, 8, 1280, 3, 1, True),     # SD1.5's lowest level with guidance
     (2, 256, 16, 16, 128, 3, 1, True),     # 512 pixels: sixteen 32-pixel blocks
@@ -74,17 +91,8 @@ def test_bad_arguments_are_refused(tiles):
 
 
 def test_conv2d_takes_the_tiles_for_bf16_inference_on_few_pixels(tiles, monkeypatch):
-    calls = []
-
-    class Recording:
-        def __getattr__(self, name):
-            return getattr(tiles, name)
-
-        def patch_product_bf16(self, x, *args):
-            calls.append(tuple(x.shape))
-            return tiles.patch_product_bf16(x, *args)
-
-    monkeypatch.setattr(cpu_kernels, "_state", {"module": Recording()})
+    recording, calls = _recording(tiles, "patch_product_bf16", lambda x, *args: tuple(x.shape))
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": recording})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     conv = Conv2d(128, 64, 3, padding=1).bfloat16().to(memory_format=torch.channels_last)
     down = Conv2d(128, 64, 3, padding=1, stride=2).bfloat16().to(memory_format=torch.channels_last)
@@ -128,20 +136,12 @@ def test_a_resblock_on_the_tiles_is_as_close_to_fp64_as_on_onednn(tiles, monkeyp
     block = ResBlock(256, 128, emb_dim=64, groups=32).eval()
     x = torch.randn(2, 256, 8, 8).contiguous(memory_format=torch.channels_last)
     emb = F.silu(torch.randn(1 if shared_embedding else 2, 64)).expand(2, 64)
-    calls = []
-
-    class Recording:
-        def __getattr__(self, name):
-            return getattr(tiles, name)
-
-        def patch_product_bf16(self, *args):
-            calls.append(args[2] is not None)
-            return tiles.patch_product_bf16(*args)
+    recording, calls = _recording(tiles, "patch_product_bf16", lambda *args: args[2] is not None)
 
     with torch.inference_mode():
         exact = block.double()(x.double(), emb.double())
         block = block.bfloat16().to(memory_format=torch.channels_last)
-        monkeypatch.setattr(cpu_kernels, "_state", {"module": Recording()})
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": recording})
         ours = block(x.bfloat16(), emb.bfloat16())
         monkeypatch.setattr(cpu_kernels, "_state", {"module": None})               # as where it cannot be built
         theirs = block(x.bfloat16(), emb.bfloat16())
@@ -207,18 +207,9 @@ def test_geglu_takes_the_tiles_for_bf16_inference_on_few_tokens(tiles, monkeypat
     from sdlab.models import cpu_linear
     from sdlab.models.unet import FeedForward
 
-    calls = []
-
-    class Recording:
-        def __getattr__(self, name):
-            return getattr(tiles, name)
-
-        def geglu_bf16(self, x, *args):
-            calls.append(tuple(x.shape))
-            return tiles.geglu_bf16(x, *args)
-
+    recording, calls = _recording(tiles, "geglu_bf16", lambda x, *args: tuple(x.shape))
     torch.manual_seed(0)
-    monkeypatch.setattr(cpu_kernels, "_state", {"module": Recording()})
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": recording})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     ff = FeedForward(64).eval()                                      # GEGLU 64 -> 2 x 256
     x = torch.randn(2, 100, 64)
