@@ -195,6 +195,8 @@ def test_the_tile_geglu_keeps_gelu_exact_far_out_and_refuses_bad_arguments(tiles
     exact = _geglu_fp64(x, weight, None)
     torch.testing.assert_close(out, exact, rtol=8e-3, atol=1e-6)
     assert out[x[:, 0] < -10].abs().max() < 1e-20 and torch.isfinite(out).all()
+    inf = torch.tensor([[float("inf")] + [0.0] * 31]).bfloat16()
+    assert tiles.geglu_bf16(inf, weight, None)[0, 0] == float("inf")            # inf * gelu(inf), not NaN
     with pytest.raises(RuntimeError, match="multiple"):
         tiles.geglu_bf16(x[:, :16].contiguous(), weight[:, :16].contiguous(), None)     # 16 channels
     with pytest.raises(RuntimeError, match="contiguous"):
@@ -222,7 +224,7 @@ def test_geglu_takes_the_tiles_for_bf16_inference_on_few_tokens(tiles, monkeypat
         ff(torch.randn(2, TILE_PIXELS, 64).bfloat16())                # more tokens than TILE_PIXELS
         ff(x.bfloat16().transpose(0, 1).contiguous().transpose(0, 1))  # not contiguous
         ff.float()(x)                                                 # fp32
-        narrow = cpu_linear.geglu(x[..., :32].bfloat16().contiguous(), torch.nn.Linear(32, 2 * 16).bfloat16())  # one block
+        narrow = cpu_linear.geglu(x[..., :32].bfloat16().contiguous(), torch.nn.Linear(32, 2 * 16).bfloat16())  # no block for thread 2
         assert narrow.shape == (2, 100, 16)
     ff.bfloat16()
     ff(x.bfloat16().requires_grad_(True)).float().sum().backward()   # a gradient is wanted
