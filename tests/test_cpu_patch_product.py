@@ -221,7 +221,12 @@ def test_geglu_takes_the_tiles_for_bf16_inference_on_few_tokens(tiles, monkeypat
         ours = ff(x.bfloat16())
         assert calls == [(200, 64)]
         calls.clear()
-        ff(torch.randn(2, TILE_PIXELS, 64).bfloat16())                # more tokens than TILE_PIXELS
+        ff(torch.randn(2, TILE_PIXELS, 64).bfloat16())                # more tokens than TILE_PIXELS, C < GEGLU_DEEP
+        assert calls == []
+        deep = FeedForward(cpu_linear.GEGLU_DEEP).eval().bfloat16()
+        deep(torch.randn(2, TILE_PIXELS, cpu_linear.GEGLU_DEEP).bfloat16())  # as many tokens, C = GEGLU_DEEP
+        assert calls == [(2 * TILE_PIXELS, cpu_linear.GEGLU_DEEP)]
+        calls.clear()
         ff(x.bfloat16().transpose(0, 1).contiguous().transpose(0, 1))  # not contiguous
         ff.float()(x)                                                 # fp32
         narrow = cpu_linear.geglu(x[..., :32].bfloat16().contiguous(), torch.nn.Linear(32, 2 * 16).bfloat16())  # no block for thread 2

@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from sdlab.models import cpu_kernels, patch_conv
 from sdlab.models.cpu_kernels import inference_only
 
+GEGLU_DEEP = 640   # input channels from which the AMX GEGLU beats oneDNN's at any token count (docs/performance.md)
+
 
 @functools.cache
 def _has_fused_op() -> bool:
@@ -104,13 +106,17 @@ def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
 
 def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
     """A GEGLU sdlab's AMX kernel takes (after `fuses`): contiguous x and weight, a bf16 bias or none, C a
-    multiple of 32 and inner of 16 with a 16-channel block for each thread, few enough tokens."""
+    multiple of 32 and inner of 16 with a 16-channel block for each thread; few enough tokens, or any number
+    where C >= `GEGLU_DEEP` (with 20 or more 32-deep steps per block the gated GELU of the block before runs
+    between them; at C = 320 it shows, and oneDNN stays ahead past `patch_conv.TILE_PIXELS` tokens)."""
     channels, inner = x.shape[-1], proj.out_features // 2
     if not (x.is_contiguous() and proj.weight.is_contiguous() and channels % 32 == 0 and inner % 16 == 0
             and inner >= 16 * torch.get_num_threads() and cpu_kernels.runs_here()
             and (proj.bias is None or proj.bias.dtype == torch.bfloat16)):
         return False
     rows = x.numel() // channels
+    if channels >= GEGLU_DEEP:   # any number of tokens: the epilogue hides behind the products
+        return cpu_kernels.loaded() or 4 * rows * channels * inner >= patch_conv.MIN_TILE_FLOP
     return patch_conv.tile_product_pays(rows, 4 * rows * channels * inner)
 
 
