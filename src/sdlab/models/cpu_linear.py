@@ -11,14 +11,16 @@ product while it is still in registers (a post-op); PyTorch exposes that as `tor
     linear_add(x, layer, other) = layer(x) + other
     geglu(x, proj)              = (x W_a^T + b_a) * gelu(x W_g^T + b_g),  proj's weight [W_a; W_g], bias [b_a; b_g]
 
-Both round once to bf16 at the end (the unfused path rounds after each step). On CPUs with AMX a GEGLU runs as sdlab's own kernel instead
-(`kernels/cpu_patch_product.cpp`: the patch product's tile loop with both halves' sums in tiles and the gated
-GELU applied before the one write, done between the next block's tile products) where C >= `GEGLU_DEEP`, and
-below that over at most `patch_conv.TILE_PIXELS` tokens: SD1.5's 16 x 16 level 9.5 -> 6.2 ms a call in the
-step, SDXL's step 7.75 -> 7.60 s (docs/performance.md). The fused op has no backward,
+Both round once to bf16 at the end (the unfused path rounds after each step). The fused op has no backward,
 so it is used only where no gradient is wanted: `fuses` says when (bf16 on the CPU, PyTorch built with oneDNN,
 no forward hooks on the layer, such as a LoRA's in training, not inside `torch.compile`, whose CPU backend
 fuses these itself); elsewhere the plain ops run.
+
+On CPUs with AMX a GEGLU runs as sdlab's own kernel instead (`kernels/cpu_patch_product.cpp`: the patch
+product's tile loop with both halves' sums in tiles and the gated GELU applied before the one write, done
+between the next block's tile products) where C >= `GEGLU_DEEP`, and below that over at most
+`patch_conv.TILE_PIXELS` tokens: SD1.5's 16 x 16 level 9.5 -> 6.2 ms a call in the step, SDXL's step
+7.75 -> 7.60 s (docs/performance.md).
 """
 
 from __future__ import annotations
