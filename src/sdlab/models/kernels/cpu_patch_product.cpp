@@ -277,17 +277,39 @@ at::Tensor geglu_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor>
     }
     auto out = at::empty({M, N}, x.options());
 #ifdef SDLAB_AMX
-    const int64_t Mp = (M + 31) / 32 * 32, Gp = std::min(Mp, PIXELS);
-    auto packed = at::empty({Gp / 16, K / 2, 16, 2}, x.options());
+    const int64_t Mp = (M + 31) / 32 * 32;
+    int64_t Gp = std::min(Mp, PIXELS);
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-    for (int64_t p0 = 0; p0 < Mp; p0 += Gp) {
-        const int64_t gp = std::min(Gp, Mp - p0);
-        // x as a 1 x M image of K channels: its "patches" are its rows
-        gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), 1, 1, M, K / 2, 1, 1, 0,
-                       1, M, p0 / 16, gp / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
-        product<true>(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
-                      reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data, o + p0 * N,
-                      nullptr, std::min(gp, M - p0), gp, N / 16, N, K, K, Rows{16, N});
+    // groups of Gp rows: x's rows in tile order (x as a 1 x M image of K channels: its "patches" are its
+    // rows), then their product. With a group for each thread or more, each thread takes whole groups (one
+    // parallel region; the weight streams through every thread's L2); else the threads share each group's
+    // weight blocks.
+    const int64_t threads = at::get_num_threads();
+    int64_t groups = (Mp + Gp - 1) / Gp;
+    const bool by_group = groups >= threads;
+    if (by_group) {   // as many groups for each thread, of at most PIXELS rows
+        groups = (groups + threads - 1) / threads * threads;
+        Gp = ((Mp + groups - 1) / groups + 31) / 32 * 32;
+        groups = (Mp + Gp - 1) / Gp;
+    }
+    const auto run = [&](int64_t first, int64_t last, at::Tensor& packed) {
+        for (int64_t g = first; g < last; ++g) {
+            const int64_t p0 = g * Gp, gp = std::min(Gp, Mp - p0);
+            gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), 1, 1, M, K / 2, 1, 1, 0,
+                           1, M, p0 / 16, gp / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
+            product<true>(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
+                          reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data, o + p0 * N,
+                          nullptr, std::min(gp, M - p0), gp, N / 16, N, K, K, Rows{16, N});
+        }
+    };
+    if (by_group) {   // at::parallel_for inside a parallel region runs inline on its thread
+        at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+            auto packed = at::empty({Gp / 16, K / 2, 16, 2}, x.options());
+            run(g0, g1, packed);
+        });
+    } else {
+        auto packed = at::empty({Gp / 16, K / 2, 16, 2}, x.options());
+        run(0, groups, packed);
     }
 #endif
     return out;
