@@ -229,6 +229,9 @@ def test_geglu_takes_the_tiles_for_bf16_inference_on_few_tokens(tiles, monkeypat
         calls.clear()
         ff(x.bfloat16().transpose(0, 1).contiguous().transpose(0, 1))  # not contiguous
         ff.float()(x)                                                 # fp32
+        huge = torch.empty((2**31 // 64, 64), dtype=torch.bfloat16, device="meta")   # shape only
+        assert not cpu_linear._geglu_on_tiles(huge, ff.net[0].proj.bfloat16())      # 32-bit offsets
+        ff.float()
         narrow = cpu_linear.geglu(x[..., :32].bfloat16().contiguous(), torch.nn.Linear(32, 2 * 16).bfloat16())  # no block for thread 2
         assert narrow.shape == (2, 100, 16)
     ff.bfloat16()

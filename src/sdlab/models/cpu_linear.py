@@ -117,6 +117,8 @@ def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
             and (proj.bias is None or proj.bias.dtype == torch.bfloat16)):
         return False
     rows = x.numel() // channels
+    if x.numel() >= 2**31:       # the kernel's 32-bit gather offsets
+        return False
     if channels >= GEGLU_DEEP:   # any number of tokens: the epilogue hides behind the products
         return cpu_kernels.loaded() or 4 * rows * channels * inner >= patch_conv.MIN_TILE_FLOP
     return patch_conv.tile_product_pays(rows, 4 * rows * channels * inner)
