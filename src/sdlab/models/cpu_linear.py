@@ -105,7 +105,6 @@ def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
     return a * F.gelu(gate)
 
 
-
 def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
     """A GEGLU sdlab's AMX kernel takes (after `fuses`): contiguous x and weight, a bf16 bias or none, C a
     multiple of 32 and inner of 16 with a 16-channel block for each thread; few enough tokens, or any number
@@ -114,14 +113,12 @@ def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
     channels, inner = x.shape[-1], proj.out_features // 2
     if not (x.is_contiguous() and proj.weight.is_contiguous() and channels % 32 == 0 and inner % 16 == 0
             and inner >= 16 * torch.get_num_threads() and cpu_kernels.runs_here()
-            and (proj.bias is None or proj.bias.dtype == torch.bfloat16)):
+            and (proj.bias is None or proj.bias.dtype == torch.bfloat16)
+            and x.numel() < 2**31):   # the kernel's 32-bit gather offsets
         return False
     rows = x.numel() // channels
-    if x.numel() >= 2**31:       # the kernel's 32-bit gather offsets
-        return False
-    if channels >= GEGLU_DEEP:   # any number of tokens: the epilogue hides behind the products
-        return cpu_kernels.loaded() or 4 * rows * channels * inner >= patch_conv.MIN_TILE_FLOP
-    return patch_conv.tile_product_pays(rows, 4 * rows * channels * inner)
+    deep = channels >= GEGLU_DEEP     # any number of tokens: the epilogue hides behind the products
+    return patch_conv.tile_product_pays(rows, 4 * rows * channels * inner, None if deep else patch_conv.TILE_PIXELS)
 
 
 __all__ = ["add_into_product", "fuses", "geglu", "has_hooks", "linear_add"]

@@ -43,10 +43,10 @@ def patch_product_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: i
     """
     b, c, h, w = x.shape
     c_out, _, k, _ = weight.shape
+    flat = weight.permute(0, 2, 3, 1).reshape(c_out, k * k * c)  # (C_out, k*k*C): a view of a channels-last weight
     if _on_tiles(x, weight, bias, stride, padding):
         module = cpu_kernels.extension()
         if module is not None and module.uses_amx():
-            flat = weight.permute(0, 2, 3, 1).reshape(c_out, k * k * c)  # (C_out, k*k*C): a view
             return module.patch_product_bf16(x, flat, bias, k, stride, padding).permute(0, 3, 1, 2)
     oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view of a channels-last x
@@ -55,7 +55,7 @@ def patch_product_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: i
     taps = [pixels[:, dy : dy + stride * (oh - 1) + 1 : stride, dx : dx + stride * (ow - 1) + 1 : stride]
             for dy in range(k) for dx in range(k)]  # k*k x (B, H', W', C)
     patches = taps[0] if len(taps) == 1 else torch.cat(taps, dim=-1)  # (B, H', W', k*k*C)
-    out = F.linear(patches, weight.permute(0, 2, 3, 1).reshape(c_out, k * k * c), bias)  # (B, H', W', C_out)
+    out = F.linear(patches, flat, bias)  # (B, H', W', C_out)
     return out.permute(0, 3, 1, 2)  # (B, C_out, H', W'), channels-last
 
 
@@ -68,17 +68,19 @@ def _on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, paddi
     if not (x.dtype == weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)
             and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
             and weight.is_contiguous(memory_format=torch.channels_last) and (k * k * c) % 32 == 0 and c_out % 32 == 0
-            and c_out >= 32 * torch.get_num_threads() and cpu_kernels.runs_here() and cpu_kernels.inference_only(x, weight, *(() if bias is None else (bias,)))):
+            and c_out >= 32 * torch.get_num_threads() and cpu_kernels.runs_here()
+            and cpu_kernels.inference_only(x, weight, *(() if bias is None else (bias,)))):
         return False
     pixels = b * ((h + 2 * padding - k) // stride + 1) * ((w + 2 * padding - k) // stride + 1)
     return tile_product_pays(pixels, 2 * pixels * k * k * c * c_out)
 
 
-def tile_product_pays(rows: int, flop: float) -> bool:
+def tile_product_pays(rows: int, flop: float, max_rows: int | None = TILE_PIXELS) -> bool:
     """Whether sdlab's AMX product kernel should take a product with `rows` output rows (pixels or tokens,
-    batch included) of `flop` FLOPs: it beats oneDNN up to `TILE_PIXELS` rows, and a product of less than
-    `MIN_TILE_FLOP` uses the kernels only once something larger has built them (small models never do)."""
-    return 0 < rows <= TILE_PIXELS and (cpu_kernels.loaded() or flop >= MIN_TILE_FLOP)
+    batch included) of `flop` FLOPs: it beats oneDNN's convolution up to `TILE_PIXELS` rows (`max_rows`; None:
+    any number), and a product of less than `MIN_TILE_FLOP` uses the kernels only once something larger has
+    built them (small models never do)."""
+    return 0 < rows <= (max_rows or rows) and (cpu_kernels.loaded() or flop >= MIN_TILE_FLOP)
 
 
 class Conv2d(nn.Conv2d):
