@@ -7,7 +7,7 @@
 // skip the row reductions and the rescaling. Any key count: k and v are packed with zero keys up to whole
 // blocks, and the padding keys' scores in the last block are set to a large negative value (p = 0).
 // Both products take bf16 pairs and accumulate in fp32 (vdpbf16ps: twice the fp32 FMA rate), so each head's
-// k is packed as (D/2, Lk, 2) and v as (Lk/2, Dp, 2) pairs and p is rounded to bf16 before p v, as PyTorch's
+// k is packed as (D/2, Lk, 2) (16-key tiles for AMX) and v as (Lk/2, Dp, 2) pairs and p is rounded to bf16 before p v, as PyTorch's
 // own bf16 kernel rounds it. Narrow heads (SD1.5's 40 channels) are where this pays: PyTorch's CPU kernel
 // runs bf16 attention at its fp32 speed.
 //
@@ -144,6 +144,22 @@ static void pack_keys(const uint16_t* k, int64_t ks, uint16_t* kp, int64_t D, in
     std::memset(kp + D * Lk, 0, sizeof(uint16_t) * (Dk - D) * Lk);
 }
 
+// The same for the AMX tiles: kp (Lk/16, Dk/2, 16, 2), 16 keys at a time, so that the tile of 16 keys x 32
+// channels (key group g, channel pairs t..t+15) is 1 KB of contiguous memory at kp + (g * Dk/2 + t) * 32
+// (`key_tile`), not 16 rows a whole head's keys apart (those rows share one L1 set).
+static void pack_key_tiles(const uint16_t* k, int64_t ks, uint16_t* kp, int64_t D, int64_t Dk, int64_t Lk,
+                           int64_t keys) {
+    std::memset(kp, 0, sizeof(uint16_t) * Dk * Lk);   // padding channels and keys
+    for (int64_t j = 0; j < keys; ++j) {
+        uint16_t* dst = kp + ((j / 16) * (Dk / 2) * 16 + j % 16) * 2;
+        for (int64_t t = 0; t < D / 2; ++t) std::memcpy(dst + t * 32, k + j * ks + 2 * t, 4);
+    }
+}
+
+static inline const uint16_t* key_tile(const uint16_t* kp, int64_t Dk, int64_t j, int64_t c) {
+    return kp + ((j / 16) * (Dk / 2) + c / 2) * 32;   // keys j..j+15 (j a multiple of 16), channels c..c+31
+}
+
 // v of one head (`keys` rows, `vs` bf16 values apart) -> vp: (Lk/2, Dp, 2), each channel's values for keys 2u
 // and 2u+1 side by side; channels D..Dp and keys past `keys` are zero.
 // With `ones`, channel D (a padding channel, D < Dp) is 1 for every real key, so p v's column D sums p.
@@ -170,10 +186,10 @@ static void pack_values(const uint16_t* v, int64_t vs, uint16_t* vp, int64_t D, 
 
 // Packs each head's k and v, then runs `attend` over tiles of QT query rows in parallel. `Dk`: k's channels
 // padded (D for the AVX-512 path, whole 32-channel tiles for AMX); `Dp`: v's padded to 16-lane vectors;
-// `ones`: v's channel D set to 1 (pack_values).
+// `ones`: v's channel D set to 1 (pack_values); `amx`: k packed for the AMX tiles (pack_key_tiles).
 template <typename Attend>
 static void run_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                      int64_t heads, int64_t Dk, int64_t Dp, Attend attend, bool ones = false) {
+                      int64_t heads, int64_t Dk, int64_t Dp, Attend attend, bool ones = false, bool amx = false) {
     const int64_t B = q.size(0), Lq = q.size(1), keys = k.size(1), Lk = (keys + BK - 1) / BK * BK, D = q.size(2) / heads;
     const int64_t BH = B * heads, tiles = (Lq + QT - 1) / QT;
     auto kp = at::empty({BH, Dk / 2, Lk, 2}, k.options());
@@ -186,7 +202,7 @@ static void run_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor
     at::parallel_for(0, BH, 1, [&](int64_t begin, int64_t end) {
         for (int64_t bh = begin; bh < end; ++bh) {
             const int64_t b = bh / heads, h = bh % heads;
-            pack_keys(kd + b * kb + h * D, ks, kpd + bh * Dk * Lk, D, Dk, Lk, keys);
+            (amx ? pack_key_tiles : pack_keys)(kd + b * kb + h * D, ks, kpd + bh * Dk * Lk, D, Dk, Lk, keys);
             pack_values(vd + b * vb + h * D, vs, vpd + bh * Lk * Dp, D, Dp, Lk, keys, ones);
         }
     });
@@ -252,12 +268,11 @@ struct AttendAmx : AmxTiles {
             for (int64_t j0 = 0; j0 < Lk; j0 += BK) {
                 _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                 for (int64_t t = 0; t < Dk; t += 32) {   // 32 channels (16 pairs) per tile
-                    const uint16_t* kb = kp + ((t / 2) * Lk + j0) * 2;
                     _tile_loadd(4, qbuf + t, Dk * 2);
-                    _tile_loadd(5, kb, Lk * 4);      _tile_dpbf16ps(0, 4, 5);
-                    _tile_loadd(7, kb + 32, Lk * 4); _tile_dpbf16ps(1, 4, 7);
-                    _tile_loadd(5, kb + 64, Lk * 4); _tile_dpbf16ps(2, 4, 5);
-                    _tile_loadd(7, kb + 96, Lk * 4); _tile_dpbf16ps(3, 4, 7);
+                    _tile_loadd(5, key_tile(kp, Dk, j0, t), 64);      _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(7, key_tile(kp, Dk, j0 + 16, t), 64); _tile_dpbf16ps(1, 4, 7);
+                    _tile_loadd(5, key_tile(kp, Dk, j0 + 32, t), 64); _tile_dpbf16ps(2, 4, 5);
+                    _tile_loadd(7, key_tile(kp, Dk, j0 + 48, t), 64); _tile_dpbf16ps(3, 4, 7);
                 }
                 _tile_stored(0, sbuf, BK * 4); _tile_stored(1, sbuf + 16, BK * 4);
                 _tile_stored(2, sbuf + 32, BK * 4); _tile_stored(3, sbuf + 48, BK * 4);
@@ -284,8 +299,9 @@ struct AttendAmx : AmxTiles {
 
 // Heads of at most 64 channels (SD1.5's 40, SD2's and SDXL's 64) keep acc on the tiles across all key blocks
 // instead of loading and storing it for every block: 32-key blocks, s on tiles 0 and 1, acc's NV <= 4 column
-// groups on 2..5, q and p on 6, k and v on 7. The next block's scores are issued before this block's
-// softmax, so the products run while the vector units work. The row sums come from the tiles too where v
+// groups on 2..5, q and p on 6 (q's first 32 channels on 5 where acc leaves it free), k and v on 7. The next
+// block's scores are issued before this block's softmax, so the products run while the vector units work.
+// The row sums come from the tiles too where v
 // has a padding channel (`ones`: D < NV * 16): v carries a column of ones there (pack_values), so
 // acc[:, D] = sum p, over the same bf16 p as the numerator; else the vector units add them up.
 // The running maximum moves only when a block's score passes it by more than RESCALE (in the exponent's
@@ -299,14 +315,20 @@ constexpr float RESCALE = 2.f;
 template <int NV>
 struct AttendAmxTileAcc : AmxTiles {
     bool ones;   // v's channel D holds ones (the row sums come from the tiles)
-    // s of the 16 queries in qbuf and keys j0..j0+31 -> tiles 0 and 1.
-    void scores(const uint16_t* qbuf, const uint16_t* kp, int64_t Lk, int64_t j0) const {
+    // s of the 16 queries in qbuf and keys j0..j0+31 -> tiles 0 and 1. With at most three of acc's column
+    // groups (heads of up to 48 channels) tile 5 is free and holds q's first 32 channels for all key blocks.
+    void scores(const uint16_t* qbuf, const uint16_t* kp, int64_t j0) const {
         _tile_zero(0); _tile_zero(1);
-        for (int64_t t = 0; t < Dk; t += 32) {   // 32 channels (16 pairs) per tile
-            const uint16_t* kb = kp + ((t / 2) * Lk + j0) * 2;
+        int64_t t = 0;
+        if constexpr (NV <= 3) {
+            _tile_loadd(7, key_tile(kp, Dk, j0, 0), 64);      _tile_dpbf16ps(0, 5, 7);
+            _tile_loadd(7, key_tile(kp, Dk, j0 + 16, 0), 64); _tile_dpbf16ps(1, 5, 7);
+            t = 32;
+        }
+        for (; t < Dk; t += 32) {   // 32 channels (16 pairs) per tile
             _tile_loadd(6, qbuf + t, Dk * 2);
-            _tile_loadd(7, kb, Lk * 4);      _tile_dpbf16ps(0, 6, 7);
-            _tile_loadd(7, kb + 32, Lk * 4); _tile_dpbf16ps(1, 6, 7);
+            _tile_loadd(7, key_tile(kp, Dk, j0, t), 64);      _tile_dpbf16ps(0, 6, 7);
+            _tile_loadd(7, key_tile(kp, Dk, j0 + 16, t), 64); _tile_dpbf16ps(1, 6, 7);
         }
     }
     void store_acc(float* acc) const {
@@ -341,10 +363,11 @@ struct AttendAmxTileAcc : AmxTiles {
             for (int64_t r = 0; r < rows; ++r) std::memcpy(qbuf + r * Dk, q + (g0 + r) * qs, sizeof(uint16_t) * D);
             for (int r = 0; r < 16; ++r) { m[r] = NONE; l[r] = _mm512_setzero_ps(); limit[r] = _mm512_set1_ps(NONE); }
             _tile_zero(2); if (NV > 1) _tile_zero(3); if (NV > 2) _tile_zero(4); if (NV > 3) _tile_zero(5);
-            scores(qbuf, kp, Lk, 0);
+            if constexpr (NV <= 3) _tile_loadd(5, qbuf, Dk * 2);
+            scores(qbuf, kp, 0);
             for (int64_t j0 = 0; j0 < blocks_end; j0 += BK32) {
                 _tile_stored(0, sbuf, BK32 * 4); _tile_stored(1, sbuf + 16, BK32 * 4);
-                if (j0 + BK32 < blocks_end) scores(qbuf, kp, Lk, j0 + BK32);
+                if (j0 + BK32 < blocks_end) scores(qbuf, kp, j0 + BK32);
                 uint32_t moved = 0;   // rows whose acc needs * alpha
                 for (int r = 0; r < 16; ++r) {
                     __m512 s[2] = {_mm512_load_ps(sbuf + r * BK32), _mm512_load_ps(sbuf + r * BK32 + 16)};
@@ -394,9 +417,9 @@ static void run_amx(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     const int64_t D = q.size(2) / heads, Dk = (D + 31) / 32 * 32;
     if constexpr (NV <= 4) {
         const bool ones = D < NV * 16;   // a padding channel for the row sums
-        run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmxTileAcc<NV>{{scale2, Dk}, ones}, ones);
+        run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmxTileAcc<NV>{{scale2, Dk}, ones}, ones, true);
     } else {
-        run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmx<NV>{{scale2, Dk}});
+        run_heads(q, k, v, out, heads, Dk, NV * 16, AttendAmx<NV>{{scale2, Dk}}, false, true);
     }
 }
 #endif
