@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlab.models import cpu_linear
+from sdlab.models import cpu_kernels, cpu_linear
 
-pytestmark = pytest.mark.skipif(not cpu_linear._has_fused_op(), reason="PyTorch here has no oneDNN linear post-ops")
+pytestmark = pytest.mark.skipif(not cpu_kernels.onednn_fuses(), reason="PyTorch here has no oneDNN linear post-ops")
 
 
 def _layer(c_in, c_out, seed):

@@ -70,3 +70,45 @@ def test_gradients_match_nn_conv2d():
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(conv.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(conv.bias.grad, reference.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+def _conv_and_skip(seed, c_in=32, c_out=48, size=32):
+    """A bf16 channels-last 3x3 convolution over 2 x size x size pixels (more than the tile kernel's, so
+    oneDNN's convolution runs) and a skip tensor of its output's shape."""
+    torch.manual_seed(seed)
+    conv = Conv2d(c_in, c_out, 3, padding=1).bfloat16().to(memory_format=torch.channels_last).requires_grad_(False)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(2, c_in, size, size, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    skip = torch.randn(2, c_out, size, size, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    return conv, x, skip
+
+
+@pytest.mark.skipif(not patch_conv.cpu_kernels.onednn_fuses(), reason="no oneDNN fused convolutions here")
+def test_forward_add_adds_inside_the_convolution_and_is_as_close_to_fp64():
+    conv, x, skip = _conv_and_skip(seed=11)
+    with torch.no_grad():
+        assert conv._adds_inside(x, skip)
+        ours = conv.forward_add(x, skip)
+        plain = conv(x) + skip
+    exact = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), padding=1) + skip.double()
+    ours_err, plain_err = (ours.double() - exact).abs(), (plain.double() - exact).abs()
+    assert ours.shape == plain.shape and ours.is_contiguous(memory_format=torch.channels_last)
+    assert ours_err.max() <= plain_err.max() + 1e-6 and ours_err.mean() <= plain_err.mean()
+    assert not torch.equal(ours, plain)   # one rounding instead of two: the fused convolution ran
+
+
+def test_forward_add_is_plain_where_it_must_be():
+    conv, x, skip = _conv_and_skip(seed=12)
+    with torch.no_grad():
+        assert not conv._adds_inside(x.float(), skip.float())                   # not bf16
+        assert not conv._adds_inside(x, skip[:, :, :-1])                         # not the output's shape
+        assert not conv._adds_inside(x.contiguous(), skip)                       # not channels-last
+        seen = []
+        handle = conv.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+        out = conv.forward_add(x, skip)                                           # a hook: the module's own call
+        handle.remove()
+        assert seen == [out.shape]
+        torch.testing.assert_close(out, conv(x) + skip, rtol=0, atol=0)
+    conv.requires_grad_(True)                                                     # training: gradients flow
+    conv.forward_add(x, skip).float().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0

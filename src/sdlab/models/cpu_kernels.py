@@ -64,6 +64,25 @@ def inference_only(*tensors: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def has_hooks(module: torch.nn.Module) -> bool:
+    """Whether forward hooks watch `module` (a LoRA in training adds its output through one), so it must run
+    through its own call rather than a fused or hand-written stand-in."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+@functools.cache
+def onednn_fuses() -> bool:
+    """PyTorch has oneDNN's fused products (`torch.ops.mkldnn._linear_pointwise`, `_convolution_pointwise`:
+    a product with an element-wise step applied before its one write), and oneDNN runs bf16 on this CPU (it
+    refuses bf16 without AVX-512 or AMX, where PyTorch's own bf16 products fall back to other code)."""
+    try:
+        return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise.binary is not None
+                and torch.ops.mkldnn._convolution_pointwise.binary is not None
+                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def loaded() -> bool:
     """Whether the module was built (or found built) in this process."""
     return _state.get("module") is not None
@@ -105,4 +124,5 @@ def _is_built(build: str) -> bool:
         return False
 
 
-__all__ = ["FOLDER", "HEADERS", "SOURCES", "extension", "inference_only", "loaded", "name", "runs_here"]
+__all__ = ["FOLDER", "HEADERS", "SOURCES", "extension", "has_hooks", "inference_only", "loaded", "name",
+           "onednn_fuses", "runs_here"]

@@ -25,33 +25,15 @@ between the next block's tile products) where C >= `GEGLU_DEEP`, and below that 
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.models import cpu_kernels, patch_conv
-from sdlab.models.cpu_kernels import inference_only
+from sdlab.models.cpu_kernels import has_hooks, inference_only, onednn_fuses
 
 GEGLU_DEEP = 640   # input channels from which the AMX GEGLU beats oneDNN's at any token count (docs/performance.md)
-
-
-@functools.cache
-def _has_fused_op() -> bool:
-    """PyTorch has the op, and oneDNN runs bf16 on this CPU (it refuses bf16 without AVX-512 or AMX, where
-    PyTorch's own bf16 products fall back to other code)."""
-    try:
-        return (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise.binary is not None
-                and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def has_hooks(module: nn.Module) -> bool:
-    """Whether forward hooks watch `module` (a LoRA in training adds its output through one), so it must run
-    through its own call."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
 def fuses(x: Tensor, layer: nn.Module, *others: Tensor) -> bool:
@@ -59,7 +41,7 @@ def fuses(x: Tensor, layer: nn.Module, *others: Tensor) -> bool:
     with `others`, runs fused here."""
     if x.device.type != "cpu" or any(t.dtype != torch.bfloat16 for t in (x, layer.weight, *others)):
         return False
-    return not has_hooks(layer) and inference_only(x, *others, *layer.parameters()) and _has_fused_op()
+    return not has_hooks(layer) and inference_only(x, *others, *layer.parameters()) and onednn_fuses()
 
 
 def linear_add(x: Tensor, layer: nn.Linear, other: Tensor) -> Tensor:
@@ -121,4 +103,4 @@ def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
     return patch_conv.tile_product_pays(rows, 4 * rows * channels * inner, None if deep else patch_conv.TILE_PIXELS)
 
 
-__all__ = ["add_into_product", "fuses", "geglu", "has_hooks", "linear_add"]
+__all__ = ["add_into_product", "fuses", "geglu", "linear_add"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.models import cpu_kernels
-from sdlab.models.cpu_linear import has_hooks
+from sdlab.models.cpu_kernels import has_hooks
 
 MIN_PIXELS = 1024   # a map this large may build the kernels; smaller ones use them once built
 

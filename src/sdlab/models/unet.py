@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlab.models import cpu_linear, cpu_norm, patch_conv
+from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, patch_conv
 from sdlab.models.layers import attention, timestep_embedding
 
 
@@ -138,7 +138,7 @@ def _embedding_into_bias(emb: Tensor, conv: nn.Conv2d) -> bool:
     the CPU with one embedding for the whole batch (one timestep, as in guided sampling) and no hooks on the
     convolution (a LoRA's in training). emb: (B, C_out)"""
     return (emb.device.type == "cpu" and not torch.is_grad_enabled() and conv.bias is not None
-            and not cpu_linear.has_hooks(conv) and bool((emb == emb[:1]).all()))
+            and not cpu_kernels.has_hooks(conv) and bool((emb == emb[:1]).all()))
 
 
 class ResBlock(nn.Module):
@@ -177,9 +177,8 @@ class ResBlock(nn.Module):
             # In-place adds go into fresh conv outputs, which no backward needs, so autograd stays valid.
             h = conv1(h)  # (B, C_out, h, w)
             h += emb[:, :, None, None]  # time embedding broadcast over space
-        h = conv2(cpu_norm.group_norm(norm2, h, silu=True))  # (B, C_out, h, w)
-        h += self.skip_connection(x)
-        return h
+        h = cpu_norm.group_norm(norm2, h, silu=True)  # (B, C_out, h, w)
+        return conv2.forward_add(h, self.skip_connection(x))  # conv2(h) + skip
 
 
 class CrossAttention(nn.Module):
