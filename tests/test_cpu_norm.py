@@ -1,4 +1,5 @@
-"""sdlab's GroupNorm (+ SiLU) kernel (`sdlab.models.cpu_norm`) against an fp64 reference and PyTorch's bf16 ops."""
+"""sdlab's GroupNorm (+ SiLU) and LayerNorm kernels (`sdlab.models.cpu_norm`) against an fp64 reference and PyTorch's
+bf16 ops."""
 
 from __future__ import annotations
 
@@ -145,3 +146,60 @@ def test_a_resblock_on_the_kernel_is_as_close_to_fp64_as_on_pytorchs_ops(kernel,
     assert calls == [True, True]                                                 # both norms, with their SiLU
     ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
     assert ours_err.max() <= 1.25 * theirs_err.max() and ours_err.mean() <= 1.05 * theirs_err.mean()
+
+
+def _layer_norm(channels, seed, affine=True, dtype=torch.bfloat16):
+    norm = nn.LayerNorm(channels, elementwise_affine=affine)
+    if affine:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(channels, generator=g) * 0.5 + 1)
+            norm.bias.copy_(torch.randn(channels, generator=g) * 0.3)
+    return norm.to(dtype)
+
+
+@pytest.mark.parametrize(("shape", "offset", "scale"), [
+    ((2, 600, 320), 0.0, 1.0),      # SD1.5's first level's width
+    ((3, 77, 768), 0.5, 3.0),       # a prompt's tokens
+    ((1, 5, 40), 0.0, 1.0),         # rows not a whole number of vectors
+    ((2, 300, 64), 100.0, 0.5),     # a mean far above the spread
+])
+@pytest.mark.parametrize("params", ["bf16", "fp32", "none"])
+def test_layer_norm_is_as_close_to_fp64_as_pytorchs(kernel, shape, offset, scale, params):
+    norm = _layer_norm(shape[-1], seed=shape[-1], affine=params != "none",
+                       dtype=torch.float32 if params == "fp32" else torch.bfloat16)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * scale + offset).bfloat16()
+    with torch.inference_mode():
+        ours = kernel.layer_norm_bf16(x, norm.weight, norm.bias, norm.eps)
+        theirs = norm.bfloat16()(x) if params != "fp32" else norm(x.float()).bfloat16()
+    exact = F.layer_norm(x.double(), (shape[-1],), *((norm.weight.double(), norm.bias.double()) if params != "none"
+                                                   else (None, None)), norm.eps)
+    ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+    assert ours.shape == x.shape and ours.dtype == torch.bfloat16
+    assert ours_err.max() <= 1.05 * theirs_err.max() + 1e-6 and ours_err.mean() <= 1.05 * theirs_err.mean()
+
+
+def test_layer_norm_takes_the_kernel_only_where_it_may(kernel, monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "_state", {"module": type("K", (), {
+        "layer_norm_bf16": staticmethod(lambda *a: calls.append(a[0].shape) or kernel.layer_norm_bf16(*a))})()})
+    norm = _layer_norm(64, seed=2)
+    x = torch.randn(2, 600, 64).bfloat16()
+    with torch.inference_mode():
+        y = cpu_norm.layer_norm(norm, x)
+        assert calls == [x.shape] and torch.allclose(y.float(), norm(x).float(), atol=0.05)
+        cpu_norm.layer_norm(norm, x.transpose(0, 1))                              # not contiguous rows
+        cpu_norm.layer_norm(_layer_norm(64, seed=2, dtype=torch.float32), x.float())   # not bf16
+        cpu_norm.layer_norm(_layer_norm((600, 64), seed=2), x)                    # over more than the last axis
+        hooked = _layer_norm(64, seed=2)
+        hooked.register_forward_hook(lambda module, args, output: output * 2)
+        assert torch.equal(cpu_norm.layer_norm(hooked, x), norm(x) * 2)           # hooks run through the module
+    assert calls == [x.shape]
+    trained = _layer_norm(64, seed=2)
+    cpu_norm.layer_norm(trained, x).float().sum().backward()                     # a gradient is wanted
+    assert calls == [x.shape] and trained.weight.grad is not None
+
+    monkeypatch.setattr(cpu_kernels, "_state", {})                              # not built yet: few tokens
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: pytest.fail("few tokens must not build the kernels"))
+    with torch.inference_mode():
+        cpu_norm.layer_norm(norm, torch.randn(1, 77, 64).bfloat16())

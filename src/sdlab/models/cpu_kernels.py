@@ -22,7 +22,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).with_name("kernels")
-SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_group_norm.cpp", "cpu_patch_product.cpp")
+SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_norm.cpp", "cpu_patch_product.cpp")
 HEADERS = ("amx.h", "simd.h")
 
 _lock = threading.Lock()

@@ -243,9 +243,9 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
         # Each residual is added to its branch's output as a new tensor (inside the output product on the CPU
         # in bf16: `cpu_linear`), never into x, which LayerNorm's backward needs.
-        h = self.attn1(self.norm1(x), residual=x)  # (B, N, C)
-        x = self.attn2(self.norm2(h), context, residual=h)
-        return self.ff(self.norm3(x), residual=x)
+        h = self.attn1(cpu_norm.layer_norm(self.norm1, x), residual=x)  # (B, N, C)
+        x = self.attn2(cpu_norm.layer_norm(self.norm2, h), context, residual=h)
+        return self.ff(cpu_norm.layer_norm(self.norm3, x), residual=x)
 
 
 class SpatialTransformer(nn.Module):

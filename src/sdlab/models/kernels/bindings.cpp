@@ -5,8 +5,9 @@
 at::Tensor flash_attention_bf16(at::Tensor q, at::Tensor k, at::Tensor v, int64_t heads, double scale2,
                                    bool allow_amx);
 bool uses_amx();
-at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int64_t groups, double eps,
-                              bool silu);
+at::Tensor group_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
+                           int64_t groups, double eps, bool silu);
+at::Tensor layer_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias, double eps);
 at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t k,
                               int64_t stride, int64_t pad);
 at::Tensor geglu_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
@@ -17,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("flash_attention_bf16", &flash_attention_bf16);
     m.def("uses_amx", &uses_amx);
     m.def("group_norm_bf16", &group_norm_bf16);
+    m.def("layer_norm_bf16", &layer_norm_bf16);
     m.def("patch_product_bf16", &patch_product_bf16);
     m.def("geglu_bf16", &geglu_bf16);
 #endif

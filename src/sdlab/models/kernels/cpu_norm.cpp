@@ -1,10 +1,14 @@
-// GroupNorm, optionally followed by SiLU, for bf16 channels-last activations on CPUs with AVX512-BF16
-// (sdlab.models.cpu_norm calls it). Two passes over x instead of PyTorch's GroupNorm and SiLU's four:
+// GroupNorm (optionally followed by SiLU) and LayerNorm for bf16 activations on CPUs with AVX512-BF16
+// (sdlab.models.cpu_norm calls them); fp32 arithmetic, one rounding to bf16.
+//
+// GroupNorm on channels-last maps: two passes over x instead of PyTorch's GroupNorm and SiLU's four:
 //   1. per channel and task of PIXELS pixels (in parallel), the fp32 sums of d = x - x0 and d^2, x0 the
 //      task's first pixel; combined in double (Chan et al.) into each channel's mean and sum of squared
 //      deviations, then the group's: no cancellation of large sums, whatever the offset or pixel count;
 //   2. y = x * a_c + b_c with a_c = weight_c / sqrt(var_g + eps), b_c = bias_c - mean_g * a_c, then
 //      silu(y) = y / (1 + 2^(-y log2 e)), rounded to bf16 once (PyTorch rounds y to bf16 before its SiLU).
+// LayerNorm over each row's C channels: the row's mean, then the mean of (x - mean)^2 (the row is in L1 by
+// then), then y = (x - mean) / sqrt(var + eps) * weight + bias in the same pass that writes it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -17,14 +21,23 @@
 
 constexpr int64_t PIXELS = 256;   // pixels per task
 
-// x: (B, C, H, W) bf16 in channels-last memory, weight and bias: (C,) fp32 -> the same layout as x.
-at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int64_t groups, double eps, bool silu) {
+// A norm's weight or bias (C,) bf16 or fp32 as fp32; `fill` for every channel where it has none.
+static std::vector<float> affine_fp32(const c10::optional<at::Tensor>& t, int64_t C, float fill) {
+    if (!t.has_value() || !t->defined()) return std::vector<float>(C, fill);
+    TORCH_CHECK(t->numel() == C && (t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kFloat),
+                "the norm's weight and bias must be (C,) bf16 or fp32");
+    const at::Tensor f = t->to(at::kFloat).contiguous();
+    return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + C);
+}
+
+// x: (B, C, H, W) bf16 in channels-last memory, weight and bias: (C,) bf16 or fp32, or none -> the same layout
+// as x.
+at::Tensor group_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
+                           int64_t groups, double eps, bool silu) {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
                 "x must be a channels-last (B, C, H, W) bf16 tensor");
     const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
     TORCH_CHECK(groups > 0 && C % groups == 0 && HW > 0, "the channels must split into the groups, over some pixels");
-    TORCH_CHECK(weight.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat && weight.numel() == C
-                && bias.numel() == C && weight.is_contiguous() && bias.is_contiguous(), "weight and bias must be (C,) fp32");
     auto out = at::empty_like(x);   // channels-last, as x
     const uint16_t* xd = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     uint16_t* od = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
@@ -49,8 +62,7 @@ at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int
         }
     });
     std::vector<float> scale(B * C), shift(B * C);   // y = x * scale + shift
-    const float* w = weight.data_ptr<float>();
-    const float* bi = bias.data_ptr<float>();
+    const std::vector<float> w = affine_fp32(weight, C, 1.f), bi = affine_fp32(bias, C, 0.f);
     std::vector<double> mean(C), m2(C);   // per channel: mean and sum of squared deviations over the pixels
     std::vector<double> task_mean(tasks);
     for (int64_t b = 0; b < B; ++b) {
@@ -98,6 +110,43 @@ at::Tensor group_norm_bf16(at::Tensor x, at::Tensor weight, at::Tensor bias, int
                     if (silu) y = _mm512_div_ps(y, _mm512_add_ps(one, exp2_ps(_mm512_mul_ps(y, minus_log2e))));
                     _mm256_mask_storeu_epi16(dst + v * 16, m, (__m256i)_mm512_cvtneps_pbh(y));
                 }
+            }
+        }
+    });
+    return out;
+}
+
+// x: (..., C) bf16 with contiguous rows, weight and bias: (C,) bf16 or fp32, or none -> the same shape.
+at::Tensor layer_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias, double eps) {
+    TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() >= 1 && x.is_contiguous() && x.size(-1) > 0,
+                "x must be a contiguous bf16 tensor of rows");
+    const int64_t C = x.size(-1), M = x.numel() / C, V = (C + 15) / 16;
+    const std::vector<float> w = affine_fp32(weight, C, 1.f), b = affine_fp32(bias, C, 0.f);
+    auto out = at::empty_like(x);
+    const uint16_t* xd = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
+    uint16_t* od = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+    at::parallel_for(0, M, 64, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            const uint16_t* row = xd + r * C;
+            __m512 s = _mm512_setzero_ps();
+            for (int64_t v = 0; v < V; ++v) s = _mm512_add_ps(s, load_bf16(row + v * 16, first_lanes(C - v * 16)));
+            const float mean = _mm512_reduce_add_ps(s) / C;
+            const __m512 vmean = _mm512_set1_ps(mean);
+            __m512 s2 = _mm512_setzero_ps();
+            for (int64_t v = 0; v < V; ++v) {
+                const __mmask16 m = first_lanes(C - v * 16);
+                const __m512 d = _mm512_maskz_sub_ps(m, load_bf16(row + v * 16, m), vmean);
+                s2 = _mm512_fmadd_ps(d, d, s2);
+            }
+            const float rstd = 1.f / std::sqrt(_mm512_reduce_add_ps(s2) / C + (float)eps);
+            const __m512 a = _mm512_set1_ps(rstd), c = _mm512_set1_ps(-mean * rstd);   // (x - mean) * rstd
+            uint16_t* dst = od + r * C;
+            for (int64_t v = 0; v < V; ++v) {
+                const __mmask16 m = first_lanes(C - v * 16);
+                const __m512 normed = _mm512_fmadd_ps(load_bf16(row + v * 16, m), a, c);
+                const __m512 y = _mm512_fmadd_ps(normed, _mm512_maskz_loadu_ps(m, &w[v * 16]),
+                                                 _mm512_maskz_loadu_ps(m, &b[v * 16]));
+                _mm256_mask_storeu_epi16(dst + v * 16, m, (__m256i)_mm512_cvtneps_pbh(y));
             }
         }
     });
