@@ -15,7 +15,7 @@ Numbers on a shared machine are noisy: compare the ratio, repeat before trusting
 
 FLOP limit: the step's FLOPs are counted (`torch.utils.flop_counter`; SD1.5 at 64x64 latents with guidance:
 1.354 TFLOP in convolutions and linear layers plus 0.252 in attention's two matrix products) and divided by
-the measured peak of one large matrix product in the dtype (`--peak-size`, best wall time of a few): the
+the measured peak of one large matrix product in the dtype (`--peak-size`, best wall time of ten): the
 fastest this machine could possibly run the step;
 each implementation's step is printed as a multiple of that limit. `--compile` adds both U-Nets under
 `torch.compile` (`sdlab.utils.compile.compile_module`: inductor, static shapes, its cache; diffusers' also
@@ -151,9 +151,10 @@ def step_flops(cfg: UNetConfig, size: int) -> tuple[float, float]:
     return sum(counts.values()) - attention, attention
 
 
-def matmul_peak(dtype: torch.dtype, device: str, n: int, runs: int = 3) -> tuple[float, float]:
+def matmul_peak(dtype: torch.dtype, device: str, n: int, runs: int = 10) -> tuple[float, float]:
     """Best FLOP/s of an n x n x n matrix product in `dtype` (the roof the U-Net's matmuls and convs share):
-    (by wall time, per thread by process CPU time). On a loaded machine the second is the steadier one."""
+    (by wall time, per thread by process CPU time). On a loaded machine the second is the steadier one. Ten
+    runs: with three, one slow window of a shared machine put the peak 30 % low (and the limit as far high)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best, best_cpu = float("inf"), float("inf")
