@@ -1,11 +1,11 @@
 """sdlab's own CPU kernels (`kernels/`): built once per installed copy on CPUs with AVX512-BF16.
 
 One extension module holds them all: bf16 flash attention (`cpu_attention`), GroupNorm (+ SiLU) for bf16
-channels-last activations (`cpu_norm`), and on CPUs with AMX the tile products for convolutions over few
-pixels (`patch_conv`) and the feed-forward's GEGLU (`cpu_linear`). It is built the first time a large bf16 model draws on such a CPU
-(`torch.utils.cpp_extension`: a C++ compiler and ninja; about 30 s once on 2 cores, then loaded from torch's
-extension cache, keyed by the sources' path and contents); where it cannot be built, every caller falls back
-to PyTorch's own operations.
+channels-last activations and LayerNorm for bf16 token rows (`cpu_norm`), and on CPUs with AMX the tile
+products for convolutions over few pixels (`patch_conv`) and the feed-forward's GEGLU (`cpu_linear`). It is
+built the first time a large bf16 model draws on such a CPU (`torch.utils.cpp_extension`: a C++ compiler and
+ninja; about 30 s once on 2 cores, then loaded from torch's extension cache, keyed by the sources' path and
+contents); where it cannot be built, every caller falls back to PyTorch's own operations.
 """
 
 from __future__ import annotations
