@@ -7,9 +7,9 @@
 // skip the row reductions and the rescaling. Any key count: k and v are packed with zero keys up to whole
 // blocks, and the padding keys' scores in the last block are set to a large negative value (p = 0).
 // Both products take bf16 pairs and accumulate in fp32 (vdpbf16ps: twice the fp32 FMA rate), so each head's
-// k is packed as (D/2, Lk, 2) (16-key tiles for AMX) and v as (Lk/2, Dp, 2) pairs and p is rounded to bf16 before p v, as PyTorch's
-// own bf16 kernel rounds it. Narrow heads (SD1.5's 40 channels) are where this pays: PyTorch's CPU kernel
-// runs bf16 attention at its fp32 speed.
+// k is packed as (D/2, Lk, 2) (as 16-key tiles for AMX) and v as (Lk/2, Dp, 2) pairs and p is rounded to bf16
+// before p v, as PyTorch's own bf16 kernel rounds it. Narrow heads (SD1.5's 40 channels) are where this pays:
+// PyTorch's CPU kernel runs bf16 attention at its fp32 speed.
 //
 // Where the compiler targets AMX (Sapphire Rapids and later, built with -march=native there), both products
 // run on the AMX tiles instead, 16 queries x 64 keys per block: s = q k^T as 16x16 fp32 tiles from q rows
@@ -301,9 +301,9 @@ struct AttendAmx : AmxTiles {
 // instead of loading and storing it for every block: 32-key blocks, s on tiles 0 and 1, acc's NV <= 4 column
 // groups on 2..5, q and p on 6 (q's first 32 channels on 5 where acc leaves it free), k and v on 7. The next
 // block's scores are issued before this block's softmax, so the products run while the vector units work.
-// The row sums come from the tiles too where v
-// has a padding channel (`ones`: D < NV * 16): v carries a column of ones there (pack_values), so
-// acc[:, D] = sum p, over the same bf16 p as the numerator; else the vector units add them up.
+// The row sums come from the tiles too where v has a padding channel (`ones`: D < NV * 16): v carries a column
+// of ones there (pack_values), so acc[:, D] = sum p, over the same bf16 p as the numerator; else the vector
+// units add them up.
 // The running maximum moves only when a block's score passes it by more than RESCALE (in the exponent's
 // log2 units, so p <= 2^RESCALE): each move costs a round trip of acc's tiles through memory, and an exact
 // running maximum moves on about a third of the blocks of 16 rows. 2 keeps the error against fp64 within a few
