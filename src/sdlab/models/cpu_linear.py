@@ -19,8 +19,8 @@ fuses these itself); elsewhere the plain ops run.
 On CPUs with AMX a GEGLU runs as sdlab's own kernel instead (`kernels/cpu_patch_product.cpp`: the patch
 product's tile loop with both halves' sums in tiles and the gated GELU applied before the one write, done
 between the next block's tile products) where C >= `GEGLU_DEEP`, and below that over at most
-`patch_conv.TILE_PIXELS` tokens: SD1.5's 16 x 16 level 9.5 -> 6.2 ms a call in the step, SDXL's step
-7.75 -> 7.60 s (docs/performance.md).
+`patch_conv.TILE_PIXELS` tokens: SD1.5's 16 x 16 level 9.5 -> 6.2 ms a call in the step, its 64 x 64 level
+(C = 320) 53 -> 46 ms a step, SDXL's step 7.75 -> 7.60 s (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from sdlab.models import cpu_kernels, patch_conv
 from sdlab.models.cpu_kernels import has_hooks, inference_only, onednn_fuses
 
-GEGLU_DEEP = 640   # input channels from which the AMX GEGLU beats oneDNN's at any token count (docs/performance.md)
+GEGLU_DEEP = 320   # input channels from which the AMX GEGLU beats oneDNN's at any token count (docs/performance.md)
 
 
 def fuses(x: Tensor, layer: nn.Module, *others: Tensor) -> bool:
@@ -90,8 +90,8 @@ def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
 def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
     """A GEGLU sdlab's AMX kernel takes (after `fuses`): contiguous x and weight, a bf16 bias or none, C a
     multiple of 32 and inner of 16 with a 16-channel block for each thread; few enough tokens, or any number
-    where C >= `GEGLU_DEEP` (with 20 or more 32-deep steps per block the gated GELU of the block before runs
-    between them; at C = 320 it shows, and oneDNN stays ahead past `patch_conv.TILE_PIXELS` tokens)."""
+    where C >= `GEGLU_DEEP` (with 10 or more 32-deep steps per block the gated GELU of the block before runs
+    between them; narrower inputs past `patch_conv.TILE_PIXELS` tokens stay with oneDNN, not measured there)."""
     channels, inner = x.shape[-1], proj.out_features // 2
     if not (x.is_contiguous() and proj.weight.is_contiguous() and channels % 32 == 0 and inner % 16 == 0
             and inner >= 16 * torch.get_num_threads() and cpu_kernels.runs_here()
