@@ -164,16 +164,17 @@ def _layer_norm(channels, seed, affine=True, dtype=torch.bfloat16):
     ((1, 5, 40), 0.0, 1.0),         # rows not a whole number of vectors
     ((2, 300, 64), 100.0, 0.5),     # a mean far above the spread
 ])
-@pytest.mark.parametrize("params", ["bf16", "fp32", "none"])
+@pytest.mark.parametrize("params", ["bf16", "fp16", "fp32", "none"])
 def test_layer_norm_is_as_close_to_fp64_as_pytorchs(kernel, shape, offset, scale, params):
-    norm = _layer_norm(shape[-1], seed=shape[-1], affine=params != "none",
-                       dtype=torch.float32 if params == "fp32" else torch.bfloat16)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}.get(params, torch.bfloat16)
+    norm = _layer_norm(shape[-1], seed=shape[-1], affine=params != "none", dtype=dtype)
     x = (torch.randn(shape, generator=torch.Generator().manual_seed(1)) * scale + offset).bfloat16()
+    affine = (norm.weight.double(), norm.bias.double()) if params != "none" else (None, None)
+    exact = F.layer_norm(x.double(), (shape[-1],), *affine, norm.eps)
     with torch.inference_mode():
         ours = kernel.layer_norm_bf16(x, norm.weight, norm.bias, norm.eps)
-        theirs = norm.bfloat16()(x) if params != "fp32" else norm(x.float()).bfloat16()
-    exact = F.layer_norm(x.double(), (shape[-1],), *((norm.weight.double(), norm.bias.double()) if params != "none"
-                                                   else (None, None)), norm.eps)
+        # PyTorch's bf16 LayerNorm; with fp16 / fp32 weights its fp32 one, rounded once
+        theirs = norm(x) if dtype == torch.bfloat16 else norm.float()(x.float()).bfloat16()
     ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
     assert ours.shape == x.shape and ours.dtype == torch.bfloat16
     assert ours_err.max() <= 1.05 * theirs_err.max() + 1e-6 and ours_err.mean() <= 1.05 * theirs_err.mean()
@@ -190,7 +191,8 @@ def test_layer_norm_takes_the_kernel_only_where_it_may(kernel, monkeypatch):
         assert calls == [x.shape] and torch.allclose(y.float(), norm(x).float(), atol=0.05)
         cpu_norm.layer_norm(norm, x.transpose(0, 1))                              # not contiguous rows
         cpu_norm.layer_norm(_layer_norm(64, seed=2, dtype=torch.float32), x.float())   # not bf16
-        cpu_norm.layer_norm(_layer_norm((600, 64), seed=2), x)                    # over more than the last axis
+        square = torch.randn(2, 64, 64).bfloat16()
+        cpu_norm.layer_norm(_layer_norm((64, 64), seed=2), square)                # over more than the last axis
         hooked = _layer_norm(64, seed=2)
         hooked.register_forward_hook(lambda module, args, output: output * 2)
         assert torch.equal(cpu_norm.layer_norm(hooked, x), norm(x) * 2)           # hooks run through the module

@@ -101,7 +101,7 @@ def test_forward_add_is_plain_where_it_must_be():
     conv, x, skip = _conv_and_skip(seed=12)
     with torch.no_grad():
         assert not conv._adds_inside(x.float(), skip.float())                   # not bf16
-        assert not conv._adds_inside(x, skip[:, :, :-1])                         # not the output's shape
+        assert not conv._adds_inside(x, skip[:, :, :-1].contiguous(memory_format=torch.channels_last))  # shape
         assert not conv._adds_inside(x.contiguous(), skip)                       # not channels-last
         seen = []
         handle = conv.register_forward_hook(lambda module, args, out: seen.append(out.shape))

@@ -13,7 +13,7 @@
 //
 // Where the compiler targets AMX (Sapphire Rapids and later, built with -march=native there), both products
 // run on the AMX tiles instead, 16 queries x 64 keys per block: s = q k^T as 16x16 fp32 tiles from q rows
-// (zero-padded to whole 32-channel tiles) and the same packed k, the online softmax on those rows with AVX-512,
+// (zero-padded to whole 32-channel tiles) and k packed as 16-key tiles, the online softmax on those rows with AVX-512,
 // then acc += p v with acc's 16-channel column groups loaded into a tile, accumulated over the block's two
 // 32-key halves of p and stored back. One tile configuration (eight 16 x 64-byte tiles) serves both products.
 // Heads of at most 64 channels (SD1.5's 40, SD2's and SDXL's 64) leave acc on the tiles instead
@@ -192,7 +192,7 @@ static void run_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor
                       int64_t heads, int64_t Dk, int64_t Dp, Attend attend, bool ones = false, bool amx = false) {
     const int64_t B = q.size(0), Lq = q.size(1), keys = k.size(1), Lk = (keys + BK - 1) / BK * BK, D = q.size(2) / heads;
     const int64_t BH = B * heads, tiles = (Lq + QT - 1) / QT;
-    auto kp = at::empty({BH, Dk / 2, Lk, 2}, k.options());
+    auto kp = at::empty({BH, Dk * Lk}, k.options());   // (Dk/2, Lk, 2) per head, or (Lk/16, Dk/2, 16, 2) for AMX
     auto vp = at::empty({BH, Lk / 2, Dp, 2}, v.options());
     auto u16 = [](const at::Tensor& x) { return reinterpret_cast<uint16_t*>(x.data_ptr<at::BFloat16>()); };
     const uint16_t *qd = u16(q), *kd = u16(k), *vd = u16(v);
@@ -247,7 +247,8 @@ struct AmxTiles {
 
 // Query rows r0..r1 of one head on the AMX tiles, 16 at a time. Tiles 0-3: s (16 queries x 16 keys each, fp32),
 // then tile 0 also acc's column groups; 4 and 6: q, then p; 5 and 7: k, then v.
-// q: rows of D bf16 values `qs` apart; kp: (Dk/2, Lk, 2); vp: (Lk/2, Dp, 2); Dk: D rounded up to 32.
+// q: rows of D bf16 values `qs` apart; kp: (Lk/16, Dk/2, 16, 2) (`key_tile`); vp: (Lk/2, Dp, 2); Dk: D rounded up
+// to 32.
 template <int NV>
 struct AttendAmx : AmxTiles {
     void operator()(const uint16_t* q, int64_t qs, const uint16_t* kp, const uint16_t* vp, uint16_t* out, int64_t os,

@@ -21,17 +21,18 @@
 
 constexpr int64_t PIXELS = 256;   // pixels per task
 
-// A norm's weight or bias (C,) bf16 or fp32 as fp32; `fill` for every channel where it has none.
+// A norm's weight or bias (C,) bf16, fp16 or fp32 as fp32; `fill` for every channel where it has none.
 static std::vector<float> affine_fp32(const c10::optional<at::Tensor>& t, int64_t C, float fill) {
     if (!t.has_value() || !t->defined()) return std::vector<float>(C, fill);
-    TORCH_CHECK(t->numel() == C && (t->scalar_type() == at::kBFloat16 || t->scalar_type() == at::kFloat),
-                "the norm's weight and bias must be (C,) bf16 or fp32");
+    const auto type = t->scalar_type();
+    TORCH_CHECK(t->numel() == C && (type == at::kBFloat16 || type == at::kHalf || type == at::kFloat),
+                "the norm's weight and bias must be (C,) bf16, fp16 or fp32");
     const at::Tensor f = t->to(at::kFloat).contiguous();
     return std::vector<float>(f.data_ptr<float>(), f.data_ptr<float>() + C);
 }
 
-// x: (B, C, H, W) bf16 in channels-last memory, weight and bias: (C,) bf16 or fp32, or none -> the same layout
-// as x.
+// x: (B, C, H, W) bf16 in channels-last memory, weight and bias: (C,) bf16, fp16 or fp32, or none -> the same
+// layout as x.
 at::Tensor group_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
                            int64_t groups, double eps, bool silu) {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
@@ -116,7 +117,7 @@ at::Tensor group_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::
     return out;
 }
 
-// x: (..., C) bf16 with contiguous rows, weight and bias: (C,) bf16 or fp32, or none -> the same shape.
+// x: (..., C) bf16 with contiguous rows, weight and bias: (C,) bf16, fp16 or fp32, or none -> the same shape.
 at::Tensor layer_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias, double eps) {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() >= 1 && x.is_contiguous() && x.size(-1) > 0,
                 "x must be a contiguous bf16 tensor of rows");
