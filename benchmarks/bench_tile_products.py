@@ -53,7 +53,6 @@ def timed(calls: dict, runs: int) -> dict[str, float]:
 
 def geglu_rows(module, runs: int) -> None:
     print("GEGLU (tokens x C -> 2 x inner): oneDNN's pair of fused products / sdlab's tiles, ms; error vs fp64")
-    pointwise = torch.ops.mkldnn._linear_pointwise
     for rows, channels, inner in GEGLU_SHAPES:
         g = torch.Generator().manual_seed(rows + channels)
         x = torch.randn(rows, channels, generator=g).bfloat16()
@@ -62,9 +61,7 @@ def geglu_rows(module, runs: int) -> None:
 
         def onednn(layer=None):
             layer = layer or layers[next(turn) % WEIGHTS]
-            w, b = layer.weight, layer.bias
-            gate = pointwise(x, w[inner:], b[inner:], "gelu", [], "none")
-            return pointwise.binary(x, gate, w[:inner], b[:inner], "mul")
+            return cpu_linear.onednn_geglu(x, layer.weight, layer.bias)
 
         def tiles(layer=None):
             layer = layer or layers[next(turn) % WEIGHTS]
@@ -117,8 +114,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tune()  # sdlab's allocator settings, as in its own processes
-    module = cpu_kernels.extension() if cpu_kernels.runs_here() else None
-    if module is None or not module.uses_amx():
+    module = cpu_kernels.tile_kernels() if cpu_kernels.runs_here() else None
+    if module is None:
         raise SystemExit("bench_tile_products: sdlab's tile kernels need a CPU with AMX (and a C++ compiler)")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.runs} runs per median")
     if args.only != "conv":

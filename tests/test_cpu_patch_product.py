@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sdlab.models import cpu_kernels, patch_conv
+from sdlab.models import cpu_kernels, cpu_linear, patch_conv
 from sdlab.models.patch_conv import TILE_PIXELS, Conv2d, patch_product_conv
 
 pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
@@ -174,9 +174,7 @@ def test_the_tile_geglu_is_as_close_to_fp64_as_onednns_fused_products(tiles, row
     x, weight, b = _geglu_case(rows, channels, inner, seed=rows + inner, bias=bias)
     exact = _geglu_fp64(x, weight, b)
     ours = tiles.geglu_bf16(x, weight, b)
-    ba, bg = (None, None) if b is None else (b[:inner], b[inner:])
-    gate = torch.ops.mkldnn._linear_pointwise(x, weight[inner:], bg, "gelu", [], "none")
-    theirs = torch.ops.mkldnn._linear_pointwise.binary(x, gate, weight[:inner], ba, "mul")
+    theirs = cpu_linear.onednn_geglu(x, weight, b)
     assert ours.shape == (rows, inner) and ours.dtype == torch.bfloat16
     ours_err, their_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
     # one rounding of a * gelu(gate) from fp32 sums; oneDNN rounds the GELU to bf16 before the product
@@ -206,7 +204,6 @@ def test_the_tile_geglu_keeps_gelu_exact_far_out_and_refuses_bad_arguments(tiles
 
 
 def test_geglu_takes_the_tiles_for_bf16_inference_on_few_tokens(tiles, monkeypatch):
-    from sdlab.models import cpu_linear
     from sdlab.models.unet import FeedForward
 
     recording, calls = _recording(tiles, "geglu_bf16", lambda x, *args: tuple(x.shape))

@@ -83,6 +83,13 @@ def onednn_fuses() -> bool:
         return False
 
 
+def tile_kernels() -> ModuleType | None:
+    """The built module where it runs the AMX tile products (`patch_product_bf16`, `geglu_bf16`: built for
+    AMX, and the OS grants the tiles), else None."""
+    module = extension()
+    return module if module is not None and module.uses_amx() else None
+
+
 def loaded() -> bool:
     """Whether the module was built (or found built) in this process."""
     return _state.get("module") is not None
@@ -125,4 +132,4 @@ def _is_built(build: str) -> bool:
 
 
 __all__ = ["FOLDER", "HEADERS", "SOURCES", "extension", "has_hooks", "inference_only", "loaded", "name",
-           "onednn_fuses", "runs_here"]
+           "onednn_fuses", "runs_here", "tile_kernels"]

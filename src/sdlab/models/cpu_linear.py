@@ -25,7 +25,6 @@ between the next block's tile products) where C >= `GEGLU_DEEP`, and below that 
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -67,17 +66,16 @@ def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
     x: (..., C) -> (..., inner), proj: C -> 2 * inner
     """
     inner = proj.out_features // 2
-    w_a, w_gate = proj.weight[:inner], proj.weight[inner:]  # row halves: views
-    b_a, b_gate = (None, None) if proj.bias is None else (proj.bias[:inner], proj.bias[inner:])
     if fuses(x, proj):
         if _geglu_on_tiles(x, proj):
-            module = cpu_kernels.extension()
-            if module is not None and module.uses_amx():
+            module = cpu_kernels.tile_kernels()
+            if module is not None:
                 rows = x.numel() // x.shape[-1]
                 out = module.geglu_bf16(x.reshape(rows, x.shape[-1]), proj.weight, proj.bias)  # (rows, inner)
                 return out.view(*x.shape[:-1], inner)
-        gate = torch.ops.mkldnn._linear_pointwise(x, w_gate, b_gate, "gelu", [], "none")  # (..., inner)
-        return torch.ops.mkldnn._linear_pointwise.binary(x, gate, w_a, b_a, "mul")  # (..., inner)
+        return onednn_geglu(x, proj.weight, proj.bias)
+    w_a, w_gate = proj.weight[:inner], proj.weight[inner:]  # row halves: views
+    b_a, b_gate = (None, None) if proj.bias is None else (proj.bias[:inner], proj.bias[inner:])
     if x.device.type == "cpu" and not has_hooks(proj):
         # Two products over the weight's row halves: each output is half the size and contiguous, which on
         # the CPU saves a fresh 2 x inner allocation (42 MB per SD1.5 block at 512 px, above glibc's mmap
@@ -85,6 +83,18 @@ def geglu(x: Tensor, proj: nn.Linear) -> Tensor:
         return F.linear(x, w_a, b_a) * F.gelu(F.linear(x, w_gate, b_gate))
     a, gate = proj(x).chunk(2, dim=-1)  # 2 x (..., inner): hooks (a LoRA being trained) see the whole output
     return a * F.gelu(gate)
+
+
+def onednn_geglu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """(x W_a^T + b_a) * gelu(x W_g^T + b_g) as oneDNN's pair of fused products (the gate's with its GELU,
+    then a's with the product), where `fuses` said so. weight: (2 inner, C) = [W_a; W_g], bias: (2 inner,)
+
+    x: (..., C) -> (..., inner)
+    """
+    inner = weight.shape[0] // 2
+    b_a, b_gate = (None, None) if bias is None else (bias[:inner], bias[inner:])
+    gate = torch.ops.mkldnn._linear_pointwise(x, weight[inner:], b_gate, "gelu", [], "none")  # (..., inner)
+    return torch.ops.mkldnn._linear_pointwise.binary(x, gate, weight[:inner], b_a, "mul")  # (..., inner)
 
 
 def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
@@ -103,4 +113,4 @@ def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
     return patch_conv.tile_product_pays(rows, 4 * rows * channels * inner, None if deep else patch_conv.TILE_PIXELS)
 
 
-__all__ = ["add_into_product", "fuses", "geglu", "linear_add"]
+__all__ = ["add_into_product", "fuses", "geglu", "linear_add", "onednn_geglu"]

@@ -45,8 +45,8 @@ def patch_product_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: i
     c_out, _, k, _ = weight.shape
     flat = weight.permute(0, 2, 3, 1).reshape(c_out, k * k * c)  # (C_out, k*k*C): a view of a channels-last weight
     if _on_tiles(x, weight, bias, stride, padding):
-        module = cpu_kernels.extension()
-        if module is not None and module.uses_amx():
+        module = cpu_kernels.tile_kernels()
+        if module is not None:
             return module.patch_product_bf16(x, flat, bias, k, stride, padding).permute(0, 3, 1, 2)
     oh, ow = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
     pixels = x.permute(0, 2, 3, 1)  # (B, H, W, C): a view of a channels-last x

@@ -21,6 +21,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <type_traits>
 
 #include "amx.h"
 
@@ -153,7 +154,7 @@ static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* b
     at::parallel_for(0, blocks, 1, [&](int64_t nb0, int64_t nb1) {
         configure_full_tiles();
         alignas(64) float tile[4][256];
-        GatedEpilogue pending;                     // gated: the previous block's epilogue
+        std::conditional_t<gated, GatedEpilogue, char> pending;   // gated: the previous block's epilogue
         const int slice = (GatedEpilogue::UNITS + (int)(kc / 32) - 1) / (int)(kc / 32);   // units per K step
         for (int64_t k0 = 0; k0 < K; k0 += kc) {
             const int64_t k1 = std::min(K, k0 + kc);
