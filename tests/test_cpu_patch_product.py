@@ -239,3 +239,72 @@ def test_geglu_takes_the_tiles_for_bf16_inference_on_few_tokens(tiles, monkeypat
         theirs = ff(x.bfloat16())
     ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
     assert ours_err.max() <= 1.25 * theirs_err.max() and ours_err.mean() <= 1.05 * theirs_err.mean()
+
+
+@pytest.mark.parametrize(("rows", "c_in", "c_out", "bias", "residual"), [
+    (512, 1280, 1280, True, True),     # SD1.5's 16 x 16 level with guidance: an attention output + residual
+    (154, 768, 640, False, False),     # keys over two 77-token prompts: rows past a 32-row block
+    (128, 5120, 1280, True, True),     # the feed-forward's output at 8 x 8: passes over K
+    (840, 96, 64, True, False),        # products of 512 and 328 rows
+    (7, 32, 64, True, True),           # one block, mostly padding
+])
+def test_the_tile_linear_is_as_close_to_fp64_as_onednns_fused_product(tiles, rows, c_in, c_out, bias, residual):
+    g = torch.Generator().manual_seed(rows + c_in)
+    x = torch.randn(rows, c_in, generator=g).bfloat16()
+    weight = (torch.randn(c_out, c_in, generator=g) / c_in**0.5).bfloat16()
+    b = (torch.randn(c_out, generator=g) * 0.5).bfloat16() if bias else None
+    other = (torch.randn(rows, c_out, generator=g) * 2).bfloat16() if residual else None
+    exact = F.linear(x.double(), weight.double(), None if b is None else b.double())
+    exact = exact if other is None else exact + other.double()
+    ours = tiles.linear_bf16(x, weight, b, other)
+    theirs = F.linear(x, weight, b) if other is None else torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, b, "add")
+    assert ours.shape == (rows, c_out) and ours.dtype == torch.bfloat16
+    ours_err, their_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+    # one rounding of fp32 sums + bias + residual, as oneDNN's product with its add post-op
+    assert ours_err.mean() <= 1.05 * their_err.mean() + 1e-5
+    assert ours_err.max() <= 1.05 * their_err.max() + 1e-3
+    if other is not None:   # the residual is really added (not dropped, not added twice)
+        assert (ours.double() - exact).abs().mean() < 0.1 * other.double().abs().mean()
+
+
+def test_the_tile_linear_refuses_bad_arguments(tiles):
+    x, weight = torch.randn(16, 64).bfloat16(), torch.randn(64, 64).bfloat16()
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        tiles.linear_bf16(x, weight[:48].contiguous(), None, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        tiles.linear_bf16(x.t(), weight, None, None)
+    with pytest.raises(RuntimeError, match="other"):
+        tiles.linear_bf16(x, weight, None, torch.zeros(16, 32).bfloat16())
+    with pytest.raises(RuntimeError, match="bias"):
+        tiles.linear_bf16(x, weight, torch.zeros(64), None)
+
+
+def test_attention_and_projections_take_the_tiles_on_few_tokens(tiles, monkeypatch):
+    from sdlab.models.unet import SpatialTransformer
+
+    recording, calls = _recording(tiles, "linear_bf16", lambda x, w, b, other: (tuple(x.shape), other is not None))
+    torch.manual_seed(0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    stage = SpatialTransformer(64, heads=2, depth=1, context_dim=96, linear_proj=False, upcast=False, groups=32).eval()
+    x = torch.randn(2, 64, 6, 5).contiguous(memory_format=torch.channels_last)
+    context = torch.randn(2, 7, 96)
+    with torch.inference_mode():
+        exact = stage.double()(x.double(), context.double())
+        stage = stage.bfloat16().to(memory_format=torch.channels_last)
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": recording})
+        ours = stage(x.bfloat16(), context.bfloat16())
+        assert sorted(calls) == sorted([((60, 64), False)] * 5           # proj_in, two q, the self-attention's k, v
+                                       + [((60, 64), True)] * 3            # both outputs and proj_out + residual
+                                       + [((60, 256), True)]               # the feed-forward's output + residual
+                                       + [((14, 96), False)] * 2)          # k, v over the prompt
+        calls.clear()
+        monkeypatch.setattr(cpu_linear, "PRODUCT_DEEPEST", 128)          # the feed-forward's output is too deep
+        stage(x.bfloat16(), context.bfloat16())
+        assert ((60, 256), True) not in calls and len(calls) == 10
+        calls.clear()
+        stage.float()(x, context)                                        # fp32
+        monkeypatch.setattr(cpu_kernels, "_state", {"module": None})     # as where it cannot be built
+        theirs = stage.bfloat16()(x.bfloat16(), context.bfloat16())
+    assert calls == []
+    ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
+    assert ours_err.max() <= 1.25 * theirs_err.max() and ours_err.mean() <= 1.05 * theirs_err.mean()

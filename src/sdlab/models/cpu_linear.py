@@ -20,7 +20,10 @@ On CPUs with AMX a GEGLU runs as sdlab's own kernel instead (`kernels/cpu_patch_
 product's tile loop with both halves' sums in tiles and the gated GELU applied before the one write, done
 between the next block's tile products) where C >= `GEGLU_DEEP`, and below that over at most
 `patch_conv.TILE_PIXELS` tokens: SD1.5's 16 x 16 level 9.5 -> 6.2 ms a call in the step, its 64 x 64 level
-(C = 320) 53 -> 46 ms a step, SDXL's step 7.75 -> 7.60 s (docs/performance.md).
+(C = 320) 53 -> 46 ms a step, SDXL's step 7.75 -> 7.60 s (docs/performance.md). So do the plain products
+over at most `patch_conv.TILE_PIXELS` tokens with C_in <= `PRODUCT_DEEPEST` (`linear`, `linear_add`, `product`;
+the residual added before the kernel's one rounding): SD1.5's 16 x 16 and 8 x 8 levels and the
+cross-attention's keys and values over the prompt, 98 -> 88 ms a step.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from sdlab.models import cpu_kernels, patch_conv
 from sdlab.models.cpu_kernels import has_hooks, inference_only, onednn_fuses
 
 GEGLU_DEEP = 320   # input channels from which the AMX GEGLU beats oneDNN's at any token count (docs/performance.md)
+PRODUCT_DEEPEST = 1280   # input channels up to which the AMX product beats oneDNN's over few tokens (docs/performance.md)
 
 
 def fuses(x: Tensor, layer: nn.Module, *others: Tensor) -> bool:
@@ -43,20 +47,34 @@ def fuses(x: Tensor, layer: nn.Module, *others: Tensor) -> bool:
     return not has_hooks(layer) and inference_only(x, *others, *layer.parameters()) and onednn_fuses()
 
 
+def linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """layer(x), as `product` where `fuses` says so. x: (..., C_in) -> (..., C_out)"""
+    return product(x, layer.weight, layer.bias) if fuses(x, layer) else layer(x)
+
+
 def linear_add(x: Tensor, layer: nn.Linear, other: Tensor) -> Tensor:
     """layer(x) + other as a new tensor. x: (..., C_in), other: (..., C_out) -> (..., C_out)"""
     if fuses(x, layer, other):
-        return add_into_product(x, layer.weight, layer.bias, other)
+        return product(x, layer.weight, layer.bias, other)
     out = layer(x)
     out += other  # into the fresh output: nothing's backward needs it
     return out
 
 
-def add_into_product(x: Tensor, weight: Tensor, bias: Tensor | None, other: Tensor) -> Tensor:
-    """x W^T + b + other in one product, where `fuses` said so.
+def product(x: Tensor, weight: Tensor, bias: Tensor | None, other: Tensor | None = None) -> Tensor:
+    """x W^T + b (+ other) in one product, rounded once, where `fuses` said so: sdlab's AMX kernel over few
+    tokens (`_product_on_tiles`), else oneDNN's (with `other` as its add post-op).
 
     x: (..., C_in), weight: (C_out, C_in), other: (..., C_out) -> (..., C_out)
     """
+    if _product_on_tiles(x, weight, bias, other):
+        module = cpu_kernels.tile_kernels()
+        if module is not None:
+            rows, c_out = x.numel() // x.shape[-1], weight.shape[0]
+            flat = None if other is None else other.reshape(rows, c_out)
+            return module.linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias, flat).view(*x.shape[:-1], c_out)
+    if other is None:
+        return F.linear(x, weight, bias)
     return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
 
 
@@ -113,4 +131,19 @@ def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
     return patch_conv.tile_product_pays(rows, 4 * rows * channels * inner, None if deep else patch_conv.TILE_PIXELS)
 
 
-__all__ = ["add_into_product", "fuses", "geglu", "linear_add", "onednn_geglu"]
+def _product_on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, other: Tensor | None) -> bool:
+    """A product sdlab's AMX kernel takes (after `fuses`): contiguous x, weight and `other`, a bf16 bias or none,
+    C_in at most `PRODUCT_DEEPEST` and C_in, C_out multiples of 32 with a 32-channel block for each thread,
+    at most `patch_conv.TILE_PIXELS` tokens (a transformer at SD1.5's 16 x 16 and 8 x 8 levels, the
+    cross-attention's keys and values over the prompt)."""
+    c_in, c_out = x.shape[-1], weight.shape[0]
+    if not (x.is_contiguous() and weight.is_contiguous() and (other is None or other.is_contiguous())
+            and c_in <= PRODUCT_DEEPEST and c_in % 32 == 0 and c_out % 32 == 0
+            and c_out >= 32 * torch.get_num_threads() and cpu_kernels.runs_here()
+            and (bias is None or bias.dtype == torch.bfloat16) and x.numel() < 2**31):
+        return False
+    rows = x.numel() // c_in
+    return patch_conv.tile_product_pays(rows, 2 * rows * c_in * c_out)
+
+
+__all__ = ["fuses", "geglu", "linear", "linear_add", "onednn_geglu", "product"]

@@ -196,9 +196,9 @@ class CrossAttention(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
         """x: (B, N, C), context: (B, M, C_ctx) or None -> (B, N, C), plus `residual` (B, N, C) where given."""
         context = x if context is None else context
-        q = self.to_q(x)  # (B, N, C)
-        k = self.to_k(context)  # (B, M, C)
-        v = self.to_v(context)  # (B, M, C)
+        q = cpu_linear.linear(x, self.to_q)  # (B, N, C)
+        k = cpu_linear.linear(context, self.to_k)  # (B, M, C)
+        v = cpu_linear.linear(context, self.to_v)  # (B, M, C)
         out = attention(q, k, v, self.heads, self.upcast)  # (B, N, C)
         if residual is None:
             return self.to_out[0](out)
@@ -276,14 +276,14 @@ class SpatialTransformer(nn.Module):
             h = self.proj_in(h)
         h = h.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, hw, C), a view when x is channels-last
         if fused:
-            h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # a 1x1 conv's weight as (C, C)
+            h = cpu_linear.product(h, self.proj_in.weight.flatten(1), self.proj_in.bias)  # a 1x1 conv's weight as (C, C)
         elif on_tokens:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)  # (B, hw, C)
         if fused:
             residual = x.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, hw, C)
-            h = cpu_linear.add_into_product(h, self.proj_out.weight.flatten(1), self.proj_out.bias, residual)
+            h = cpu_linear.product(h, self.proj_out.weight.flatten(1), self.proj_out.bias, residual)
             return h.view(b, height, width, c).permute(0, 3, 1, 2)  # (B, C, h, w) channels-last view
         if on_tokens:
             h = self.proj_out(h)

@@ -11,6 +11,7 @@ at::Tensor layer_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::
 at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t k,
                               int64_t stride, int64_t pad);
 at::Tensor geglu_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias);
+at::Tensor linear_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, c10::optional<at::Tensor> other);
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -21,5 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("layer_norm_bf16", &layer_norm_bf16);
     m.def("patch_product_bf16", &patch_product_bf16);
     m.def("geglu_bf16", &geglu_bf16);
+    m.def("linear_bf16", &linear_bf16);
 #endif
 }
