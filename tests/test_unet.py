@@ -392,3 +392,24 @@ def test_resblock_adds_a_batch_wide_time_embedding_through_the_convolution_bias(
     h = block.in_layers[2](F.silu(block.in_layers[0](x))) + emb[:, :, None, None]
     expected = block.out_layers[3](F.silu(block.out_layers[0](h))) + block.skip_connection(x)
     torch.testing.assert_close(separate, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_time_embedding_projections_are_made_once_per_call_through_their_modules():
+    """`BlockEmbeddings` projects the embedding for every ResBlock when the call starts; each projection runs
+    once, through its module (a hook sees it), and ResBlocks it does not know project their own."""
+    from sdlab.models.unet import BlockEmbeddings, ResBlock
+
+    cfg = SMALL[sorted(SMALL)[0]]
+    model = _sdlab_from(_diffusers_unet(cfg, seed=0), cfg)
+    x, t, context, y, _ = _inputs(cfg, 16, 16)
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    seen = []
+    for block in blocks:
+        block.emb_layers[1].register_forward_hook(lambda module, args, out: seen.append(module))
+    with torch.no_grad():
+        model(x, t, context, y)
+    assert sorted(map(id, seen)) == sorted(id(b.emb_layers[1]) for b in blocks)   # each exactly once
+    silu = torch.randn(2, cfg.time_embed_dim)
+    stranger = ResBlock(4, 4, cfg.time_embed_dim, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(BlockEmbeddings(silu, model).of(stranger), stranger.emb_layers[1](silu))

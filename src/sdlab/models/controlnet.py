@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdlab.models.unet import UNetConfig, add_encoder, encoder_embedding
+from sdlab.models.unet import BlockEmbeddings, UNetConfig, add_encoder, encoder_embedding
 
 HINT_WIDTHS = (16, 32, 96, 256)  # every released ControlNet: 3 stride-2 convs, pixels -> the 1/8 latent grid
 
@@ -96,8 +96,8 @@ class ControlNet(nn.Module):
         Returns one residual per input block (shaped as its output) and the middle residual, in the
         parameters' dtype."""
         unet = self.cfg.unet
-        emb = encoder_embedding(self, unet, t, y, x.shape[0])   # (B, 4 * mc)
-        dtype = emb.dtype
+        emb = BlockEmbeddings(encoder_embedding(self, unet, t, y, x.shape[0]), self)   # (B, 4 * mc)
+        dtype = emb.silu.dtype
         context = context.to(dtype)
         if self.cfg.hint_bgr:
             hint = hint.flip(1)
