@@ -44,7 +44,8 @@ def fuses(x: Tensor, layer: nn.Module, *others: Tensor) -> bool:
     with `others`, runs fused here."""
     if x.device.type != "cpu" or any(t.dtype != torch.bfloat16 for t in (x, layer.weight, *others)):
         return False
-    return not has_hooks(layer) and inference_only(x, *others, *layer.parameters()) and onednn_fuses()
+    params = (layer.weight,) if layer.bias is None else (layer.weight, layer.bias)   # not .parameters(): a walk
+    return not has_hooks(layer) and inference_only(x, *others, *params) and onednn_fuses()
 
 
 def linear(x: Tensor, layer: nn.Linear) -> Tensor:

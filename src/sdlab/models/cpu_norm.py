@@ -51,7 +51,7 @@ def _suits(norm: nn.GroupNorm | nn.LayerNorm, x: Tensor, positions: int) -> bool
     """A case the kernels take (x's layout checked by the caller): bf16 on the CPU, floating-point norm
     parameters, no gradient wanted, not inside `torch.compile` (which fuses for itself), no hooks on the norm; the
     kernels built, or `positions` (pixels or tokens) enough to build them."""
-    params = tuple(norm.parameters())
+    params = tuple(p for p in (norm.weight, norm.bias) if p is not None)   # not .parameters(): a walk
     return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.numel() > 0
             and all(p.dtype in (torch.bfloat16, torch.float16, torch.float32) for p in params)
             and cpu_kernels.inference_only(x, *params) and not has_hooks(norm) and cpu_kernels.runs_here()

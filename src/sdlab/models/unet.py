@@ -133,12 +133,12 @@ class TimeEmbed(nn.Sequential):
         return self[2](self[1](self[0](features)))  # (B, 4 * model_channels)
 
 
-def _embedding_into_bias(emb: Tensor, conv: nn.Conv2d) -> bool:
+def _embedding_into_bias(emb: Tensor, conv: nn.Conv2d, shared: bool | None = None) -> bool:
     """Whether the time embedding can go into `conv`'s bias instead of a pass over its output: inference on
-    the CPU with one embedding for the whole batch (one timestep, as in guided sampling) and no hooks on the
-    convolution (a LoRA's in training). emb: (B, C_out)"""
+    the CPU with one embedding for the whole batch (one timestep, as in guided sampling; `shared` where the
+    caller knows) and no hooks on the convolution (a LoRA's in training). emb: (B, C_out)"""
     return (emb.device.type == "cpu" and not torch.is_grad_enabled() and conv.bias is not None
-            and not cpu_kernels.has_hooks(conv) and bool((emb == emb[:1]).all()))
+            and not cpu_kernels.has_hooks(conv) and (bool((emb == emb[:1]).all()) if shared is None else shared))
 
 
 class ResBlock(nn.Module):
@@ -170,9 +170,12 @@ class ResBlock(nn.Module):
         eager GPU step waits on."""
         norm1, _, conv1 = self.in_layers
         norm2, _, _, conv2 = self.out_layers
-        emb = emb_silu.of(self) if isinstance(emb_silu, BlockEmbeddings) else self.emb_layers[1](emb_silu)  # (B, C_out)
+        if isinstance(emb_silu, BlockEmbeddings):
+            emb, shared = emb_silu.of(self), emb_silu.shared  # (B, C_out)
+        else:
+            emb, shared = self.emb_layers[1](emb_silu), None
         h = cpu_norm.group_norm(norm1, x, silu=True)  # (B, C_in, h, w)
-        if _embedding_into_bias(emb, conv1):
+        if _embedding_into_bias(emb, conv1, shared):
             h = conv1.forward_with_bias(h, conv1.bias + emb[0])  # (B, C_out, h, w)
         else:
             # In-place adds go into fresh conv outputs, which no backward needs, so autograd stays valid.
@@ -325,10 +328,13 @@ class BlockEmbeddings:
     (`of(block)`, (B, C_out)), all made at once when the U-Net call starts: these products over one or two
     rows are bound by reading their weights, and back to back they take half the time they take between the
     convolutions (SD1.5 at 512 px, 22 of them: 9.3 -> 4.7 ms a step). Each runs through its module, so hooks
-    (a LoRA's in training) see it."""
+    (a LoRA's in training) see it. `shared`: in CPU inference, whether all rows are one embedding (one
+    timestep for the batch), checked once here rather than in each ResBlock."""
 
     def __init__(self, silu: Tensor, module: nn.Module):
         self.silu = silu
+        self.shared = (silu.device.type == "cpu" and not torch.is_grad_enabled()
+                       and bool((silu == silu[:1]).all()))
         blocks = [*module.input_blocks, module.middle_block, *getattr(module, "output_blocks", ())]
         self._projected = {layer: layer.emb_layers[1](silu) for block in blocks for layer in block
                            if isinstance(layer, ResBlock)}
