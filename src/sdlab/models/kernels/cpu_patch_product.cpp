@@ -63,6 +63,17 @@ static void gather_patches(const uint32_t* x, int64_t B, int64_t H, int64_t W, i
     });
 }
 
+// Within each 128-bit lane, a 4 x 4 transposition of 32-bit words across four registers: word i of that lane
+// of out[j] <- word j of it in v[i] (its own inverse).
+static inline void transpose_4x4(const __m512i v[4], __m512i out[4]) {
+    const __m512i a0 = _mm512_unpacklo_epi32(v[0], v[1]), a1 = _mm512_unpackhi_epi32(v[0], v[1]);
+    const __m512i a2 = _mm512_unpacklo_epi32(v[2], v[3]), a3 = _mm512_unpackhi_epi32(v[2], v[3]);
+    out[0] = _mm512_unpacklo_epi64(a0, a2);
+    out[1] = _mm512_unpackhi_epi64(a0, a2);
+    out[2] = _mm512_unpacklo_epi64(a1, a3);
+    out[3] = _mm512_unpackhi_epi64(a1, a3);
+}
+
 // 16 pixels' rows of 16 bf16 channels (rows N apart; the first n are read, the rest count as 0) as channel
 // pairs: o[j], lane p: channels (2j, 2j + 1) of pixel p. The inverse of write_tile's transposition.
 static inline void load_pairs(const uint16_t* rows, int64_t N, int64_t n, __m512i o[8]) {
@@ -75,15 +86,8 @@ static inline void load_pairs(const uint16_t* rows, int64_t N, int64_t n, __m512
         u[i] = _mm512_permutex2var_epi64(r01, lo, r23);
         u[4 + i] = _mm512_permutex2var_epi64(r01, hi, r23);
     }
-    for (int h = 0; h < 2; ++h) {   // a 4 x 4 transposition of 32-bit lanes within each 128-bit lane
-        const __m512i* v = u + 4 * h;
-        const __m512i a0 = _mm512_unpacklo_epi32(v[0], v[1]), a1 = _mm512_unpackhi_epi32(v[0], v[1]);
-        const __m512i a2 = _mm512_unpacklo_epi32(v[2], v[3]), a3 = _mm512_unpackhi_epi32(v[2], v[3]);
-        o[4 * h + 0] = _mm512_unpacklo_epi64(a0, a2);
-        o[4 * h + 1] = _mm512_unpackhi_epi64(a0, a2);
-        o[4 * h + 2] = _mm512_unpacklo_epi64(a1, a3);
-        o[4 * h + 3] = _mm512_unpackhi_epi64(a1, a3);
-    }
+    transpose_4x4(u, o);
+    transpose_4x4(u + 4, o + 4);
 }
 
 // A 16 (channels) x 16 (pixels) fp32 tile plus the channels' bias, and plus `other` where given (bf16 rows laid
@@ -110,17 +114,9 @@ static void write_tile(const float* tile, const uint16_t* bias, const uint16_t* 
         }
         w[j] = _mm512_permutexvar_epi16(interleave, (__m512i)_mm512_cvtne2ps_pbh(r1, r0));
     }
-    // u[h * 4 + i], 128-bit lane l: channel pairs 4h..4h+3 of pixel 4l + i
-    __m512i u[8];
-    for (int h = 0; h < 2; ++h) {
-        const __m512i* v = w + 4 * h;
-        const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
-        const __m512i t2 = _mm512_unpacklo_epi32(v[2], v[3]), t3 = _mm512_unpackhi_epi32(v[2], v[3]);
-        u[4 * h + 0] = _mm512_unpacklo_epi64(t0, t2);
-        u[4 * h + 1] = _mm512_unpackhi_epi64(t0, t2);
-        u[4 * h + 2] = _mm512_unpacklo_epi64(t1, t3);
-        u[4 * h + 3] = _mm512_unpackhi_epi64(t1, t3);
-    }
+    __m512i u[8];   // u[h * 4 + i], 128-bit lane l: channel pairs 4h..4h+3 of pixel 4l + i
+    transpose_4x4(w, u);
+    transpose_4x4(w + 4, u + 4);
     // pixel 4l + i = lane l of u[i] then lane l of u[4 + i]: two pixels' 32-byte rows per permute
     const __m512i lanes01 = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), lanes23 = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
     const int64_t n = std::min<int64_t>(16, pixels);
