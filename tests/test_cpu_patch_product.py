@@ -302,6 +302,14 @@ def test_attention_and_projections_take_the_tiles_on_few_tokens(tiles, monkeypat
         stage(x.bfloat16(), context.bfloat16())
         assert ((60, 256), True) not in calls and len(calls) == 10
         calls.clear()
+        tokens = torch.randn(2, 60, 64).bfloat16()
+        weight, bias = stage.proj_out.weight.flatten(1), stage.proj_out.bias
+        strided_bias = torch.zeros(128).bfloat16()[::2]
+        for args in ((tokens, weight, strided_bias), (tokens.float(), weight.float(), None),     # fall back, no raise
+                     (tokens, weight, bias, tokens[:, :, :32].contiguous())):                      # wrong residual
+            assert not cpu_linear._product_on_tiles(*args, *(() if len(args) == 4 else (None,)))
+        cpu_linear.product(tokens, weight, strided_bias)
+        cpu_linear.product(tokens.float(), weight.float(), None)
         stage.float()(x, context)                                        # fp32
         monkeypatch.setattr(cpu_kernels, "_state", {"module": None})     # as where it cannot be built
         theirs = stage.bfloat16()(x.bfloat16(), context.bfloat16())

@@ -93,3 +93,18 @@ def test_the_scope_ends_and_scopes_do_not_share():
                 assert inner is not k
             assert prompt_memo.projections(attention.to_k, attention.to_v, context)[0] is k
         assert prompt_memo._memo.get() is None
+
+
+def test_prompt_and_negative_prompt_of_different_lengths_are_both_kept(counted, monkeypatch):
+    """cfg runs them as two passes, one after the other, at every step."""
+    attention = _attention()
+    x, cond, uncond = torch.randn(2, 3, 16), torch.randn(2, 5, 12), torch.randn(2, 10, 12)
+    with torch.no_grad(), reusing_prompt_projections():
+        for _ in range(3):
+            attention(x, uncond)
+            attention(x, cond)
+        assert len(counted) == 2                                  # cond's (5 tokens; uncond's 10 are not counted)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)   # while torch.compile traces
+        attention(x, cond)
+        attention(x, cond)
+        assert len(counted) == 6                                  # made every call: no lookup in a graph

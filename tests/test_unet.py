@@ -404,12 +404,30 @@ def test_time_embedding_projections_are_made_once_per_call_through_their_modules
     x, t, context, y, _ = _inputs(cfg, 16, 16)
     blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
     seen = []
-    for block in blocks:
-        block.emb_layers[1].register_forward_hook(lambda module, args, out: seen.append(module))
+    handles = [block.emb_layers[1].register_forward_hook(lambda module, args, out: seen.append(module))
+               for block in blocks]
     with torch.no_grad():
         model(x, t, context, y)
     assert sorted(map(id, seen)) == sorted(id(b.emb_layers[1]) for b in blocks)   # each exactly once
+    for handle in handles:
+        handle.remove()
     silu = torch.randn(2, cfg.time_embed_dim)
+    with torch.no_grad():
+        shared = BlockEmbeddings(torch.randn(1, cfg.time_embed_dim).expand(2, -1), model)
+        assert shared.shared and not BlockEmbeddings(silu, model).shared
+        block = blocks[0]
+        conv1 = block.in_layers[2]
+        biased = []
+        real = conv1.forward_with_bias
+        conv1.forward_with_bias = lambda h, bias: biased.append(bias) or real(h, bias)
+        h = torch.randn(2, block.in_layers[0].num_channels, 8, 8)
+        block(h, shared)
+        assert len(biased) == 1                                   # one embedding for the batch: in conv1's bias
+        hook = block.emb_layers[1].register_forward_hook(lambda module, args, out: out * torch.tensor([[1.0], [2.0]]))
+        per_image = BlockEmbeddings(shared.silu, model)           # the hook tells the rows apart
+        block(h, per_image)
+        assert len(biased) == 2 and biased[-1] is conv1.bias      # conv1's own bias, then the per-row add
+        hook.remove()
     stranger = ResBlock(4, 4, cfg.time_embed_dim, 2)
     with torch.no_grad():
         torch.testing.assert_close(BlockEmbeddings(silu, model).of(stranger), stranger.emb_layers[1](silu))

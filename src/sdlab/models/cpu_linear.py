@@ -138,10 +138,12 @@ def _product_on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, other: Ten
     at most `patch_conv.TILE_PIXELS` tokens (a transformer at SD1.5's 16 x 16 and 8 x 8 levels, the
     cross-attention's keys and values over the prompt)."""
     c_in, c_out = x.shape[-1], weight.shape[0]
-    if not (x.is_contiguous() and weight.is_contiguous() and (other is None or other.is_contiguous())
+    bf16 = torch.bfloat16
+    if not (x.dtype == weight.dtype == bf16 and x.device.type == "cpu" and x.is_contiguous() and weight.is_contiguous() and weight.dim() == 2
+            and (other is None or (other.dtype == bf16 and other.is_contiguous() and other.shape == (*x.shape[:-1], c_out)))
+            and (bias is None or (bias.dtype == bf16 and bias.dim() == 1 and bias.is_contiguous()))
             and c_in <= PRODUCT_DEEPEST and c_in % 32 == 0 and c_out % 32 == 0
-            and c_out >= 32 * torch.get_num_threads() and cpu_kernels.runs_here()
-            and (bias is None or bias.dtype == torch.bfloat16) and x.numel() < 2**31):
+            and c_out >= 32 * torch.get_num_threads() and cpu_kernels.runs_here() and x.numel() < 2**31):
         return False
     rows = x.numel() // c_in
     return patch_conv.tile_product_pays(rows, 2 * rows * c_in * c_out)

@@ -7,7 +7,7 @@ context and its weights stay the same: the same tensor at the same version, or o
 fresh copy of the same prompt costs a comparison of ~10^5 values; elsewhere only the same tensor, since
 comparing would wait for the device), and weights at the same address and version. SD1.5 at 512 px: 32 products over the prompt,
 ~7 ms of a guided CPU step. Outside the scope, with gradients, or with hooks on the projections (a LoRA in
-training) nothing is kept.
+training) nothing is kept, nor while `torch.compile` traces.
 """
 
 from __future__ import annotations
@@ -38,15 +38,17 @@ def reusing_prompt_projections() -> Iterator[None]:
 
 def projections(to_k: nn.Linear, to_v: nn.Linear, context: Tensor) -> tuple[Tensor, Tensor]:
     """(to_k(context), to_v(context)), reused where the scope allows. context: (B, M, C_ctx) -> 2 x (B, M, C)"""
-    memo = _memo.get()
+    memo = None if torch.compiler.is_compiling() else _memo.get()   # a compiled graph would break on the lookup
     if memo is None or torch.is_grad_enabled() or has_hooks(to_k) or has_hooks(to_v):
         return cpu_linear.linear(context, to_k), cpu_linear.linear(context, to_v)
     weights = (_identity(to_k.weight), _identity(to_v.weight))
-    kept = memo.get(to_k)
+    key = (to_k, tuple(context.shape))   # prompt and negative prompt of different lengths run as two passes
+    kept = memo.get(key)
     if kept is not None and kept[2] == weights and _same(kept[0], kept[1], context):
-        return kept[3], kept[4]
-    k, v = cpu_linear.linear(context, to_k), cpu_linear.linear(context, to_v)
-    memo[to_k] = (context, _version(context), weights, k, v)
+        k, v = kept[3], kept[4]
+    else:
+        k, v = cpu_linear.linear(context, to_k), cpu_linear.linear(context, to_v)
+    memo[key] = (context, _version(context), weights, k, v)   # an equal new context: compared by identity next
     return k, v
 
 

@@ -171,7 +171,8 @@ class ResBlock(nn.Module):
         norm1, _, conv1 = self.in_layers
         norm2, _, _, conv2 = self.out_layers
         if isinstance(emb_silu, BlockEmbeddings):
-            emb, shared = emb_silu.of(self), emb_silu.shared  # (B, C_out)
+            # rows of one embedding project to one row, unless a hook (per-image LoRA weights) tells them apart
+            emb, shared = emb_silu.of(self), emb_silu.shared and not cpu_kernels.has_hooks(self.emb_layers[1])
         else:
             emb, shared = self.emb_layers[1](emb_silu), None
         h = cpu_norm.group_norm(norm1, x, silu=True)  # (B, C_in, h, w)
