@@ -117,15 +117,12 @@ def onednn_geglu(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
-    """A GEGLU sdlab's AMX kernel takes (after `fuses`): contiguous x and weight, a bf16 bias or none, C a
-    multiple of 32 and inner of 16 with a 16-channel block for each thread; few enough tokens, or any number
-    where C >= `GEGLU_DEEP` (with 10 or more 32-deep steps per block the gated GELU of the block before runs
-    between them; narrower inputs past `patch_conv.TILE_PIXELS` tokens stay with oneDNN, not measured there)."""
+    """A GEGLU sdlab's AMX kernel takes (after `fuses`): the operands `_tile_operands` asks for, inner a
+    multiple of 16 with a 16-channel block for each thread; few enough tokens, or any number where
+    C >= `GEGLU_DEEP` (with 10 or more 32-deep steps per block the gated GELU of the block before runs between
+    them; narrower inputs past `patch_conv.TILE_PIXELS` tokens stay with oneDNN, not measured there)."""
     channels, inner = x.shape[-1], proj.out_features // 2
-    if not (x.is_contiguous() and proj.weight.is_contiguous() and channels % 32 == 0 and inner % 16 == 0
-            and inner >= 16 * torch.get_num_threads() and cpu_kernels.runs_here()
-            and (proj.bias is None or proj.bias.dtype == torch.bfloat16)
-            and x.numel() < 2**31):   # the kernel's 32-bit gather offsets
+    if not _tile_operands(x, proj.weight, proj.bias, inner, 16):
         return False
     rows = x.numel() // channels
     deep = channels >= GEGLU_DEEP     # any number of tokens: the epilogue hides behind the products
@@ -133,20 +130,29 @@ def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
 
 
 def _product_on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, other: Tensor | None) -> bool:
-    """A product sdlab's AMX kernel takes (after `fuses`): contiguous x, weight and `other`, a bf16 bias or none,
-    C_in at most `PRODUCT_DEEPEST` and C_in, C_out multiples of 32 with a 32-channel block for each thread,
-    at most `patch_conv.TILE_PIXELS` tokens (a transformer at SD1.5's 16 x 16 and 8 x 8 levels, the
-    cross-attention's keys and values over the prompt)."""
+    """A product sdlab's AMX kernel takes (after `fuses`): the operands `_tile_operands` asks for, C_out a
+    multiple of 32 with a 32-channel block for each thread, a contiguous bf16 `other` of the output's shape or
+    none, C_in at most `PRODUCT_DEEPEST`, at most `patch_conv.TILE_PIXELS` tokens (a transformer at SD1.5's
+    16 x 16 and 8 x 8 levels, the cross-attention's keys and values over the prompt)."""
     c_in, c_out = x.shape[-1], weight.shape[0]
-    bf16 = torch.bfloat16
-    if not (x.dtype == weight.dtype == bf16 and x.device.type == "cpu" and x.is_contiguous() and weight.is_contiguous() and weight.dim() == 2
-            and (other is None or (other.dtype == bf16 and other.is_contiguous() and other.shape == (*x.shape[:-1], c_out)))
-            and (bias is None or (bias.dtype == bf16 and bias.dim() == 1 and bias.is_contiguous()))
-            and c_in <= PRODUCT_DEEPEST and c_in % 32 == 0 and c_out % 32 == 0
-            and c_out >= 32 * torch.get_num_threads() and cpu_kernels.runs_here() and x.numel() < 2**31):
+    if not (_tile_operands(x, weight, bias, c_out, 32) and c_in <= PRODUCT_DEEPEST
+            and (other is None or (other.dtype == torch.bfloat16 and other.is_contiguous()
+                                   and other.shape == (*x.shape[:-1], c_out)))):
         return False
     rows = x.numel() // c_in
     return patch_conv.tile_product_pays(rows, 2 * rows * c_in * c_out)
+
+
+def _tile_operands(x: Tensor, weight: Tensor, bias: Tensor | None, channels_out: int, block: int) -> bool:
+    """What both tile products need of their operands: contiguous bf16 x and 2-D weight on the CPU, a
+    contiguous 1-D bf16 bias or none, C_in a multiple of 32, `channels_out` a multiple of `block` with a block
+    for each thread, x within the kernel's 32-bit gather offsets, and a CPU the kernels run on."""
+    bf16 = torch.bfloat16
+    return (x.dtype == weight.dtype == bf16 and x.device.type == "cpu" and x.is_contiguous()
+            and weight.dim() == 2 and weight.is_contiguous()
+            and (bias is None or (bias.dtype == bf16 and bias.dim() == 1 and bias.is_contiguous()))
+            and x.shape[-1] % 32 == 0 and channels_out % block == 0 and channels_out >= block * torch.get_num_threads()
+            and x.numel() < 2**31 and cpu_kernels.runs_here())
 
 
 __all__ = ["fuses", "geglu", "linear", "linear_add", "onednn_geglu", "product"]

@@ -40,16 +40,18 @@ def projections(to_k: nn.Linear, to_v: nn.Linear, context: Tensor) -> tuple[Tens
     """(to_k(context), to_v(context)), reused where the scope allows. context: (B, M, C_ctx) -> 2 x (B, M, C)"""
     memo = None if torch.compiler.is_compiling() else _memo.get()   # a compiled graph would break on the lookup
     if memo is None or torch.is_grad_enabled() or has_hooks(to_k) or has_hooks(to_v):
-        return cpu_linear.linear(context, to_k), cpu_linear.linear(context, to_v)
+        return _project(to_k, to_v, context)
     weights = (_identity(to_k.weight), _identity(to_v.weight))
     key = (to_k, tuple(context.shape))   # prompt and negative prompt of different lengths run as two passes
     kept = memo.get(key)
-    if kept is not None and kept[2] == weights and _same(kept[0], kept[1], context):
-        k, v = kept[3], kept[4]
-    else:
-        k, v = cpu_linear.linear(context, to_k), cpu_linear.linear(context, to_v)
+    fresh = kept is None or kept[2] != weights or not _same(kept[0], kept[1], context)
+    k, v = _project(to_k, to_v, context) if fresh else kept[3:]
     memo[key] = (context, _version(context), weights, k, v)   # an equal new context: compared by identity next
     return k, v
+
+
+def _project(to_k: nn.Linear, to_v: nn.Linear, context: Tensor) -> tuple[Tensor, Tensor]:
+    return cpu_linear.linear(context, to_k), cpu_linear.linear(context, to_v)
 
 
 def _version(tensor: Tensor) -> int | None:

@@ -262,16 +262,38 @@ static void over_row_groups(int64_t Mp, bool by_thread, Run run) {
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) { run(g0, g1, rows); });
 }
 
+// Refuses the call where the tiles cannot run (`product`: the name in the message).
+static void require_amx(const char* product) {
+#ifdef SDLAB_AMX
+    TORCH_CHECK(amx_permitted(), "the ", product, " needs the AMX tiles");
+#else
+    TORCH_CHECK(false, "the ", product, " needs the AMX tiles (this build has none)");
+#endif
+}
+
+// An optional contiguous bf16 operand of `numel` values (a bias, a residual): its data, or nullptr where absent.
+static const uint16_t* optional_bf16(const c10::optional<at::Tensor>& t, int64_t numel, const char* message) {
+    if (!t.has_value() || !t->defined()) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16 && t->numel() == numel && t->is_contiguous(), message);
+    return reinterpret_cast<const uint16_t*>(t->data_ptr<at::BFloat16>());
+}
+
+#ifdef SDLAB_AMX
+// Rows p0 .. p0 + rows of x (M, K) in tile order, as gather_patches lays out patches: x as a 1 x M image of K
+// channels, whose 1 x 1 "patches" are its rows.
+static void gather_rows(const at::Tensor& x, int64_t p0, int64_t rows, at::Tensor& packed) {
+    const int64_t M = x.size(0), K = x.size(1);
+    gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), 1, 1, M, K / 2, 1, 1, 0, 1, M,
+                   p0 / 16, rows / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
+}
+#endif
+
 // x: (B, C_in, H, W) bf16 channels-last; weight: (C_out, K) bf16 with K = k*k*C_in over (dy, dx, c) (a
 // channels-last (C_out, C_in, k, k) weight's memory); bias: (C_out,) bf16 or undefined. Zero padding `pad`,
 // stride `stride`. Returns the (B, OH, OW, C_out) bf16 output. K and C_out must be multiples of 32.
 at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t k,
                               int64_t stride, int64_t pad) {
-#ifdef SDLAB_AMX
-    TORCH_CHECK(amx_permitted(), "the patch product needs the AMX tiles");
-#else
-    TORCH_CHECK(false, "the patch product needs the AMX tiles (this build has none)");
-#endif
+    require_amx("patch product");
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
                 "x must be a channels-last (B, C, H, W) bf16 tensor");
     const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), N = weight.size(0), K = k * k * C;
@@ -279,11 +301,7 @@ at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at:
                 && weight.size(1) == K, "weight must be a contiguous (C_out, k*k*C_in) bf16 tensor");
     TORCH_CHECK(K % 32 == 0 && N % 32 == 0 && C % 2 == 0, "k*k*C_in and C_out must be multiples of 32");
     TORCH_CHECK(k >= 1 && stride >= 1 && pad >= 0 && H + 2 * pad >= k && W + 2 * pad >= k, "bad convolution");
-    const uint16_t* bias_data = nullptr;
-    if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N && bias->is_contiguous(), "bias must be (C_out,) bf16");
-        bias_data = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-    }
+    const uint16_t* bias_data = optional_bf16(bias, N, "bias must be (C_out,) bf16");
     const int64_t OH = (H + 2 * pad - k) / stride + 1, OW = (W + 2 * pad - k) / stride + 1, M = B * OH * OW;
     TORCH_CHECK(B * H * W * C / 2 < (int64_t(1) << 31), "x is too large for the patch product");
     auto out = at::empty({B, OH, OW, N}, x.options());
@@ -311,34 +329,24 @@ at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at:
 // (2N, K) bf16 = [W_a; W_g], bias: (2N,) bf16 or undefined. Returns (M, N) bf16
 // (x W_a^T + b_a) * gelu(x W_g^T + b_g), rounded once. K must be a multiple of 32 and N of 16.
 at::Tensor geglu_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias) {
-#ifdef SDLAB_AMX
-    TORCH_CHECK(amx_permitted(), "the GEGLU product needs the AMX tiles");
-#else
-    TORCH_CHECK(false, "the GEGLU product needs the AMX tiles (this build has none)");
-#endif
+    require_amx("GEGLU product");
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) bf16 tensor");
     const int64_t M = x.size(0), K = x.size(1), N = weight.size(0) / 2;
     TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous()
                 && weight.size(1) == K && weight.size(0) % 2 == 0, "weight must be a contiguous (2N, K) bf16 tensor");
     TORCH_CHECK(K % 32 == 0 && N % 16 == 0 && N > 0 && M > 0, "K must be a multiple of 32 and N of 16");
     TORCH_CHECK(M * K / 2 < (int64_t(1) << 31), "x is too large for the GEGLU product");
-    const uint16_t* bias_data = nullptr;
-    if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == 2 * N && bias->is_contiguous(), "bias must be (2N,) bf16");
-        bias_data = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-    }
+    const uint16_t* bias_data = optional_bf16(bias, 2 * N, "bias must be (2N,) bf16");
     auto out = at::empty({M, N}, x.options());
 #ifdef SDLAB_AMX
-    // groups of rows: x's rows in tile order (x as a 1 x M image of K channels: its "patches" are its rows),
-    // then their product
+    // groups of rows: x's rows in tile order (gather_rows), then their product
     const int64_t Mp = (M + 31) / 32 * 32;
     uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
     over_row_groups(Mp, true, [&](int64_t first, int64_t last, int64_t Gp) {
         auto packed = at::empty({Gp / 16, K / 2, 16, 2}, x.options());
         for (int64_t g = first; g < last; ++g) {
             const int64_t p0 = g * Gp, gp = std::min(Gp, Mp - p0);
-            gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), 1, 1, M, K / 2, 1, 1, 0,
-                           1, M, p0 / 16, gp / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
+            gather_rows(x, p0, gp, packed);
             product<true>(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
                           reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data, nullptr, o + p0 * N,
                           nullptr, std::min(gp, M - p0), gp, N / 16, N, K, K, Rows{16, N});
@@ -355,28 +363,17 @@ at::Tensor geglu_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor>
 // 1.29 -> 1.07 ms in the step); deeper ones take passes of 1,280 (512 x 5,120 -> 1,280 3.84 -> 3.52 ms
 // isolated against 256-deep passes, oneDNN 3.78; no difference in the step, so cpu_linear keeps them on oneDNN).
 at::Tensor linear_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, c10::optional<at::Tensor> other) {
-#ifdef SDLAB_AMX
-    TORCH_CHECK(amx_permitted(), "the linear product needs the AMX tiles");
-#else
-    TORCH_CHECK(false, "the linear product needs the AMX tiles (this build has none)");
-#endif
+    require_amx("linear product");
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous (M, K) bf16 tensor");
     const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
     TORCH_CHECK(weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && weight.is_contiguous() && weight.size(1) == K,
                 "weight must be a contiguous (N, K) bf16 tensor");
     TORCH_CHECK(K % 32 == 0 && N % 32 == 0 && N > 0 && M > 0, "K and N must be multiples of 32");
     TORCH_CHECK(M * K / 2 < (int64_t(1) << 31), "x is too large for the linear product");
-    const uint16_t* bias_data = nullptr;
-    if (bias.has_value() && bias->defined()) {
-        TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->numel() == N && bias->is_contiguous(), "bias must be (N,) bf16");
-        bias_data = reinterpret_cast<const uint16_t*>(bias->data_ptr<at::BFloat16>());
-    }
-    const uint16_t* other_data = nullptr;
-    if (other.has_value() && other->defined()) {
-        TORCH_CHECK(other->scalar_type() == at::kBFloat16 && other->dim() == 2 && other->size(0) == M && other->size(1) == N
-                    && other->is_contiguous(), "other must be a contiguous (M, N) bf16 tensor");
-        other_data = reinterpret_cast<const uint16_t*>(other->data_ptr<at::BFloat16>());
-    }
+    const uint16_t* bias_data = optional_bf16(bias, N, "bias must be (N,) bf16");
+    TORCH_CHECK(!other.has_value() || !other->defined() || (other->dim() == 2 && other->size(0) == M),
+                "other must be a contiguous (M, N) bf16 tensor");
+    const uint16_t* other_data = optional_bf16(other, M * N, "other must be a contiguous (M, N) bf16 tensor");
     auto out = at::empty({M, N}, x.options());
 #ifdef SDLAB_AMX
     const int64_t Mp = (M + 31) / 32 * 32, kc = std::min<int64_t>(K, 1280);
@@ -386,8 +383,7 @@ at::Tensor linear_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor
         auto sums = at::empty({kc < K ? N : 0, Gp}, x.options().dtype(at::kFloat));
         for (int64_t g = first; g < last; ++g) {
             const int64_t p0 = g * Gp, gp = std::min(Gp, Mp - p0);
-            gather_patches(reinterpret_cast<const uint32_t*>(x.data_ptr<at::BFloat16>()), 1, 1, M, K / 2, 1, 1, 0,
-                           1, M, p0 / 16, gp / 16, reinterpret_cast<uint32_t*>(packed.data_ptr<at::BFloat16>()));
+            gather_rows(x, p0, gp, packed);
             product<false>(reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>()),
                            reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), bias_data,
                            other_data ? other_data + p0 * N : nullptr, o + p0 * N, kc < K ? sums.data_ptr<float>() : nullptr,
