@@ -1,6 +1,6 @@
-"""One SD 1.5-size U-Net step with classifier-free guidance (batch 2 = cond + uncond, 4x64x64 latent, 77x768
-context, random weights): sdlab vs diffusers, same weights, same process, interleaved runs. `--model sdxl`:
-the SDXL base U-Net at 1024 px (4x128x128 latent, 77x2048 context, pooled text and size conditioning).
+"""One SD 1.5-size U-Net step with classifier-free guidance (batch 2 = uncond + cond: one 4x64x64 latent twice,
+as guidance passes it, and two 77x768 contexts; random weights): sdlab vs diffusers, same weights, same process,
+interleaved runs. `--model sdxl`: the SDXL base U-Net at 1024 px (4x128x128 latent, 77x2048 context, pooled text and size conditioning).
 
     python benchmarks/bench_unet.py                       # CPU, fp32 and bf16, 3 timed runs each
     python benchmarks/bench_unet.py --device cuda --runs 20 --dtypes fp16 bf16
@@ -13,7 +13,9 @@ run) so that load from other processes hits both alike. Memory: on CPU, peak res
 in the dtype and runs one forward; on CUDA, `torch.cuda.max_memory_allocated` around one forward.
 Numbers on a shared machine are noisy: compare the ratio, repeat before trusting a few percent. The runs go
 as a generation's steps do: sdlab's inside one `reusing_prompt_projections()` scope (the prompt's
-cross-attention k and v made at the first step, `sdlab.models.prompt_memo`; SD1.5 ~7 ms a CPU step).
+cross-attention k and v made at the first step, `sdlab.models.prompt_memo`; SD1.5 ~7 ms a CPU step). On
+the CPU sdlab runs the layers before the first text context once for the two equal halves
+(`sdlab.models.unet.shared_rows`; SD1.5 ~25 ms a step); the FLOP limit below counts the whole step.
 
 FLOP limit: the step's FLOPs are counted (`torch.utils.flop_counter`; SD1.5 at 64x64 latents with guidance:
 1.354 TFLOP in convolutions and linear layers plus 0.252 in attention's two matrix products) and divided by
@@ -89,10 +91,10 @@ def _materialize(model, device: str):
 
 
 def inputs(cfg: UNetConfig, dtype: torch.dtype, device: str, size: int):
-    """(x, t, context, sizes): sizes is None, or for SDXL the pooled text embedding and the six size
-    conditions, which sdlab takes as one vector y and diffusers as `added_cond_kwargs`."""
+    """A guided step's batch (x, t, context, sizes): sizes is None, or for SDXL the pooled text embedding and
+    the six size conditions, which sdlab takes as one vector y and diffusers as `added_cond_kwargs`."""
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, size, size, generator=g).to(device, dtype)
+    x = torch.randn(1, 4, size, size, generator=g).to(device, dtype).repeat(2, 1, 1, 1)  # [x, x], as guidance
     t = torch.tensor([500.0, 500.0], device=device)
     context = torch.randn(2, 77, cfg.context_dim, generator=g).to(device, dtype)
     sizes = None

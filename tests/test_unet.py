@@ -431,3 +431,60 @@ def test_time_embedding_projections_are_made_once_per_call_through_their_modules
     stranger = ResBlock(4, 4, cfg.time_embed_dim, 2)
     with torch.no_grad():
         torch.testing.assert_close(BlockEmbeddings(silu, model).of(stranger), stranger.emb_layers[1](silu))
+
+
+def _guided_inputs(cfg: UNetConfig, height: int, width: int):
+    """A guided step's batch: one latent twice, one timestep, two prompts (and, for SDXL, one vector twice)."""
+    x, _, context, y, added = _inputs(cfg, height, width)
+    if y is not None:
+        y = torch.cat([y[:1], y[:1]])
+        added = {"added_cond_kwargs": {k: torch.cat([v[:1], v[:1]]) for k, v in added["added_cond_kwargs"].items()}}
+    return torch.cat([x[:1], x[:1]]), torch.tensor([417.0, 417.0]), context, y, added
+
+
+def _batch_sizes_seen(module: torch.nn.Module) -> list[int]:
+    """Records the batch size of every call of `module` (through its forward attribute, not a hook)."""
+    seen, forward = [], module.forward
+    module.forward = lambda x, *args, **kwargs: seen.append(len(x)) or forward(x, *args, **kwargs)
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_equal_halves_run_once_until_the_text_context(name):
+    """A guided step's two halves (one latent, one timestep, two prompts) run the layers before the first
+    cross-attention once; the output still matches diffusers', which runs them for both."""
+    cfg = SMALL[name]
+    reference = _diffusers_unet(cfg, seed=0)
+    model = _sdlab_from(reference, cfg)
+    x, t, context, y, added = _guided_inputs(cfg, 16, 16)
+    seen = _batch_sizes_seen(model.input_blocks[0][0])
+    last_seen = _batch_sizes_seen(model.output_blocks[-1][0])
+    with torch.no_grad():
+        expected = reference(x, t, context, **added).sample
+        actual = model(x, t, context, y)
+    assert seen == [1] and last_seen == [2]
+    assert (expected[0] - expected[1]).abs().max() > 0.01   # the prompts do tell the halves apart
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_equal_halves_run_in_full_where_they_must():
+    """Both halves run where they differ (latent or timestep), with gradients, or where a hook watches an
+    opening layer (it sees the whole batch); the outputs are the same either way."""
+    cfg = SMALL["sd1"]
+    model = _sdlab_from(_diffusers_unet(cfg, seed=0), cfg)
+    x, t, context, _, _ = _guided_inputs(cfg, 16, 16)
+    seen = _batch_sizes_seen(model.input_blocks[0][0])
+    with torch.no_grad():
+        shared = model(x, t, context)
+        model(torch.cat([x[:1], x[:1] + 1e-3]), t, context)
+        model(x, torch.tensor([417.0, 418.0]), context)
+    model(x, t, context)
+    assert seen == [1, 2, 2, 2]
+    hooked = []
+    handle = model.input_blocks[1][1].transformer_blocks[0].attn1.to_q.register_forward_hook(
+        lambda module, args, out: hooked.append(len(out)))
+    with torch.no_grad():
+        full = model(x, t, context)
+    handle.remove()
+    assert seen[-1] == 2 and hooked == [2]
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)

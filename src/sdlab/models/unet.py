@@ -181,7 +181,9 @@ class ResBlock(nn.Module):
         else:
             # In-place adds go into fresh conv outputs, which no backward needs, so autograd stays valid.
             h = conv1(h)  # (B, C_out, h, w)
-            h += emb[:, :, None, None]  # time embedding broadcast over space
+            # time embedding broadcast over space; x has fewer rows than emb only where they are copies of one
+            # embedding (`UNet.forward`'s shared rows)
+            h += emb[: len(h), :, None, None]
         h = cpu_norm.group_norm(norm2, h, silu=True)  # (B, C_out, h, w)
         return conv2.forward_add(h, self.skip_connection(x))  # conv2(h) + skip
 
@@ -247,9 +249,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """x: (B, N, C), or (B / k, N, C) standing for k identical copies of itself (`UNet.forward`'s shared
+        rows), which the self-attention runs once for; context: (B, T, C_ctx) -> (B, N, C)."""
         # Each residual is added to its branch's output as a new tensor (inside the output product on the CPU
         # in bf16: `cpu_linear`), never into x, which LayerNorm's backward needs.
-        h = self.attn1(cpu_norm.layer_norm(self.norm1, x), residual=x)  # (B, N, C)
+        h = self.attn1(cpu_norm.layer_norm(self.norm1, x), residual=x)  # (B or B / k, N, C)
+        h = copies_to(h, len(context))  # (B, N, C): the context tells the copies apart from here
         x = self.attn2(cpu_norm.layer_norm(self.norm2, h), context, residual=h)
         return self.ff(cpu_norm.layer_norm(self.norm3, x), residual=x)
 
@@ -272,6 +277,8 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(channels, channels) if linear_proj else patch_conv.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        """x: (B, C, h, w), or (B / k, C, h, w) standing for k copies of itself (`UNet.forward`'s shared
+        rows); context: (B, T, C_ctx) -> (B, C, h, w)."""
         b, c, height, width = x.shape
         h = cpu_norm.group_norm(self.norm, x)  # (B, C, h, w)
         # bf16 inference on the CPU (`cpu_linear.fuses`): both projections run as linear layers over the tokens
@@ -287,6 +294,8 @@ class SpatialTransformer(nn.Module):
             h = self.proj_in(h)
         for block in self.transformer_blocks:
             h = block(h, context)  # (B, hw, C)
+        b = len(h)
+        x = copies_to(x, b)  # (B, C, h, w)
         if fused:
             residual = x.permute(0, 2, 3, 1).reshape(b, height * width, c)  # (B, hw, C)
             h = cpu_linear.product(h, self.proj_out.weight.flatten(1), self.proj_out.bias, residual)
@@ -322,6 +331,30 @@ class Upsample(nn.Module):
         else:
             x = F.interpolate(x, size=size, mode="nearest")
         return self.conv(x)
+
+
+def copies_to(x: Tensor, rows: int) -> Tensor:
+    """x: (B', ...) standing for rows / B' copies of itself along the batch (`UNet.forward`'s shared rows)
+    -> (rows, ...); x itself where it has `rows` rows. Concatenation keeps a channels-last layout."""
+    return x if len(x) == rows else torch.cat([x] * (rows // len(x)))
+
+
+def shared_rows(x: Tensor, emb: BlockEmbeddings, blocks: nn.ModuleList) -> int:
+    """How many of x's first rows the U-Net's opening blocks need to run: B // 2 where the batch is two
+    equal halves with one time embedding, as in every guided step ([x, x] for the negative and the positive
+    prompt), else B. Until the first text context the halves stay equal, so those layers (SD1.x / 2.x at the
+    widest level: conv_in, a ResBlock, the first transformer's input projection and self-attention) run once
+    for both. Only in CPU inference, where `emb.shared` holds, and not while hooks watch those layers (they
+    would see half a batch). x: (B, C, h, w)"""
+    half = len(x) // 2
+    if not (emb.shared and half and len(x) % 2 == 0) or torch.compiler.is_compiling():
+        return len(x)
+    for block in blocks:
+        if any(cpu_kernels.has_hooks(module) for module in block.modules()):
+            return len(x)
+        if any(isinstance(layer, SpatialTransformer) for layer in block):
+            break   # the rows part here
+    return half if torch.equal(x[:half], x[half:]) else len(x)
 
 
 class BlockEmbeddings:
@@ -487,11 +520,14 @@ class UNet(nn.Module):
             raise ValueError(f"UNet: {len(skip_residuals)} control residuals for {len(self.input_blocks)} skips")
 
         h = x.to(dtype).contiguous(memory_format=self.memory_format)  # (B, C, h, w) stored as NHWC
+        rows = len(h)
+        h = h[: shared_rows(h, emb, self.input_blocks)]  # (B or B / 2, C, h, w): equal halves run once
         skips = []
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context)
-            skips.append(h if skip_residuals is None else h + skip_residuals[i].to(dtype))
-        h = self.middle_block(h, emb, context)
+            h = block(h, emb, context)  # (B, C_i, h_i, w_i) from the first text context on
+            skip = copies_to(h, rows)
+            skips.append(skip if skip_residuals is None else skip + skip_residuals[i].to(dtype))
+        h = copies_to(self.middle_block(h, emb, context), rows)  # (B, C_mid, h_mid, w_mid)
         if middle_residual is not None:
             h = h + middle_residual.to(dtype)
         for block in self.output_blocks:
