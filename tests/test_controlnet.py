@@ -164,3 +164,27 @@ def test_legacy_hash_is_a1111s(tmp_path):
     data = bytes(range(256)) * 5000                                  # 1.28 MB
     (tmp_path / "f.safetensors").write_bytes(data)
     assert legacy_hash(tmp_path / "f.safetensors") == hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+@pytest.mark.parametrize("name", sorted(ENCODERS))
+def test_equal_halves_run_once_until_the_text_context(name, tmp_path):
+    """A guided step (one latent and one hint twice, one timestep, two prompts): the hint block and the layers
+    before the first cross-attention run once, and the residuals still match diffusers'. A hint that differs
+    between the halves runs both."""
+    reference = diffusers_controlnet(ENCODERS[name], seed=0)
+    model = load_controlnet(write_layout(reference, "folder", tmp_path)).model
+    x, _, context, hint, y, added = _inputs(name)
+    x, hint, t = torch.cat([x[:1], x[:1]]), torch.cat([hint[:1], hint[:1]]), torch.tensor([417.0, 417.0])
+    if y is not None:
+        y = torch.cat([y[:1], y[:1]])
+        added = {"added_cond_kwargs": {k: torch.cat([v[:1], v[:1]]) for k, v in added["added_cond_kwargs"].items()}}
+    seen, forward = [], model.input_hint_block.forward
+    model.input_hint_block.forward = lambda h: seen.append(len(h)) or forward(h)
+    down, mid = _reference_residuals(reference, x, t, context, hint, y, added)
+    residuals, middle = _residuals(model, x, t, context, hint, y, added)
+    for ours, theirs in zip([*residuals, middle], [*down, mid]):
+        assert ours.shape == theirs.shape
+        assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, float(theirs.abs().max()))
+    other = torch.cat([hint[:1], hint[:1].flip(-1)])
+    _residuals(model, x, t, context, other, y, added)
+    assert seen == [1, 2]

@@ -23,7 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdlab.models.unet import BlockEmbeddings, UNetConfig, add_encoder, encoder_embedding
+from sdlab.models import cpu_kernels
+from sdlab.models.unet import (
+    BlockEmbeddings, UNetConfig, add_encoder, copies_to, encoder_embedding, shared_rows
+)
 
 HINT_WIDTHS = (16, 32, 96, 256)  # every released ControlNet: 3 stride-2 convs, pixels -> the 1/8 latent grid
 
@@ -101,12 +104,19 @@ class ControlNet(nn.Module):
         context = context.to(dtype)
         if self.cfg.hint_bgr:
             hint = hint.flip(1)
+        h = x.to(dtype).contiguous(memory_format=torch.channels_last)  # (B, C, h, w)
+        rows = len(h)
+        # a guided step's equal halves (latent and hint) run the layers before the first text context once
+        shared = shared_rows(h, emb, self.input_blocks)
+        if shared < rows and (any(cpu_kernels.has_hooks(m) for m in self.input_hint_block.modules())
+                              or not torch.equal(hint[:shared], hint[shared:])):
+            shared = rows
+        h, hint = h[:shared], hint[:shared]
         guided_hint = self.input_hint_block(hint.to(dtype).contiguous(memory_format=torch.channels_last))
-        # (B, mc, h, w): the hint block lands on the latent grid
-        h = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        # (B or B / 2, mc, h, w): the hint block lands on the latent grid
         residuals = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
-            h = block(h, emb, context)
+            h = block(h, emb, context)  # (B, C_i, h_i, w_i) from the first text context on
             if i == 0:
                 if guided_hint.shape[-2:] != h.shape[-2:]:
                     raise ValueError(
@@ -114,8 +124,8 @@ class ControlNet(nn.Module):
                         f"{tuple(h.shape[-2:])} latent (factor {self.cfg.hint_factor})"
                     )
                 h = h + guided_hint
-            residuals.append(zero_conv(h))   # (B, C_i, h_i, w_i)
-        h = self.middle_block(h, emb, context)
+            residuals.append(zero_conv(copies_to(h, rows)))   # (B, C_i, h_i, w_i)
+        h = copies_to(self.middle_block(h, emb, context), rows)
         middle = self.middle_block_out(h)    # (B, C_mid, h_mid, w_mid)
         if self.cfg.global_pool:
             residuals = [r.mean(dim=(2, 3), keepdim=True) for r in residuals]
