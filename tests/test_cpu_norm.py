@@ -57,6 +57,20 @@ def test_kernel_is_as_close_to_fp64_as_pytorchs_bf16_ops(kernel, shape, groups, 
     assert ours_err.mean() <= 1.05 * theirs_err.mean() + 1e-6
 
 
+@pytest.mark.parametrize("silu", [True, False])
+def test_overwrite_writes_the_same_result_into_the_input(kernel, silu):
+    x = _input((2, 320, 24, 40), seed=3, offset=0.5)
+    norm = _norm(320, 32, seed=4)
+    with torch.inference_mode():
+        fresh = cpu_norm.group_norm(norm, x, silu=silu)
+        kept = x.clone()
+        written = cpu_norm.group_norm(norm, kept, silu=silu, overwrite=True)
+        assert written.data_ptr() == kept.data_ptr() and torch.equal(written, fresh)
+        assert not torch.equal(x, fresh)                                     # the plain call left x alone
+        small = cpu_norm.group_norm(norm.float(), x.float(), silu=silu, overwrite=True)   # PyTorch's ops: a copy
+        assert torch.equal(small, F.silu(norm.float()(x.float())) if silu else norm.float()(x.float()))
+
+
 def test_an_outlying_first_pixel_does_not_cost_the_variance_its_precision(kernel):
     """The sums are taken about each task's first pixel; one far from the rest must not leave a large
     difference of large sums (a 512 x 512 map, pixel 0 at 1000, the rest about 0)."""
@@ -139,11 +153,12 @@ def test_a_resblock_on_the_kernel_is_as_close_to_fp64_as_on_pytorchs_ops(kernel,
         block = block.bfloat16().to(memory_format=torch.channels_last)
         calls = []
         monkeypatch.setattr(cpu_kernels, "_state", {"module": type("K", (), {
-            "group_norm_bf16": staticmethod(lambda *a: calls.append(a[-1]) or kernel.group_norm_bf16(*a))})()})
+            "group_norm_bf16": staticmethod(lambda *a: calls.append(a[-2:]) or kernel.group_norm_bf16(*a))})()})
         ours = block(x.bfloat16(), emb.bfloat16())
         monkeypatch.setattr(cpu_kernels, "_state", {"module": None})             # as where it cannot be built
         theirs = block(x.bfloat16(), emb.bfloat16())
-    assert calls == [True, True]                                                 # both norms, with their SiLU
+    # both norms with their SiLU; the second writes over conv1's output
+    assert calls == [(True, False), (True, True)]
     ours_err, theirs_err = (ours.double() - exact).abs(), (theirs.double() - exact).abs()
     assert ours_err.max() <= 1.25 * theirs_err.max() and ours_err.mean() <= 1.05 * theirs_err.mean()
 

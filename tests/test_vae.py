@@ -260,3 +260,42 @@ def test_config_round_trip_and_scaling_factor() -> None:
 def test_rejects_image_size_not_multiple_of_factor() -> None:
     with pytest.raises(ValueError, match="multiple"):
         AutoencoderKL(SMALL).encode(torch.zeros(1, 3, 31, 32))
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
+def test_bf16_channels_last_decode_adds_the_shortcut_inside_the_convolution() -> None:
+    """bf16 inference, channels-last (as loaded VAEs run): each ResnetBlock's second norm writes over conv1's
+    output and the shortcut is added inside conv2, rounding once; the decode is at least as close to fp64 as
+    with the add after the convolution."""
+    from sdlab.models import cpu_norm, patch_conv
+    from sdlab.models.vae import ResnetBlock
+
+    _, ours = reference_pair(DEEP)
+    # 40 x 40 latents: every level above `patch_conv.TILE_PIXELS` pixels, so oneDNN runs each convolution
+    z = torch.randn(1, DEEP.latent_channels, 40, 40, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        exact = ours.double().decode(z.double())
+        ours.to(torch.bfloat16).to(memory_format=torch.channels_last)
+        fused = []
+        real = patch_conv.Conv2d._adds_inside
+        patch_conv.Conv2d._adds_inside = lambda self, x, other: fused.append(real(self, x, other)) or fused[-1]
+        try:
+            ours_out = ours.decode(z)
+        finally:
+            patch_conv.Conv2d._adds_inside = real
+
+        def add_after(block, x):
+            h = block.conv1(cpu_norm.group_norm(block.norm1, x, silu=True))
+            h = block.conv2(cpu_norm.group_norm(block.norm2, h, silu=True))
+            return h.add_(x if block.nin_shortcut is None else block.nin_shortcut(x))
+
+        forward = ResnetBlock.forward
+        ResnetBlock.forward = add_after
+        try:
+            before = ours.decode(z)
+        finally:
+            ResnetBlock.forward = forward
+    blocks = sum(isinstance(m, ResnetBlock) for m in ours.decoder.modules())
+    assert fused == [True] * blocks
+    ours_err, before_err = (ours_out.double() - exact).abs(), (before.double() - exact).abs()
+    assert ours_err.mean() <= 1.05 * before_err.mean() and ours_err.max() <= 1.25 * before_err.max()

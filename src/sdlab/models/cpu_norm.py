@@ -23,13 +23,16 @@ from sdlab.models.cpu_kernels import has_hooks
 MIN_PIXELS = 1024   # a map (or token sequence) this large may build the kernels; smaller ones use them once built
 
 
-def group_norm(norm: nn.GroupNorm, x: Tensor, silu: bool = False) -> Tensor:
-    """norm(x), then SiLU if `silu`. x: (B, C, H, W) -> the same shape."""
+def group_norm(norm: nn.GroupNorm, x: Tensor, silu: bool = False, overwrite: bool = False) -> Tensor:
+    """norm(x), then SiLU if `silu`. x: (B, C, H, W) -> the same shape. `overwrite`: the caller is done with x
+    (a fresh output of its own), so the kernel may write the result into it: one large allocation less, which
+    on a VAE decode at 512 px and above is fresh memory faulted in page by page."""
     if (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
             and _suits(norm, x, x.shape[2] * x.shape[3])):
         module = cpu_kernels.extension()
         if module is not None:
-            return module.group_norm_bf16(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu)  # (B, C, H, W)
+            return module.group_norm_bf16(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu,
+                                          overwrite)  # (B, C, H, W)
     h = norm(x)
     if not silu:
         return h

@@ -184,7 +184,8 @@ class ResBlock(nn.Module):
             # time embedding broadcast over space; x has fewer rows than emb only where they are copies of one
             # embedding (`UNet.forward`'s shared rows)
             h += emb[: len(h), :, None, None]
-        h = cpu_norm.group_norm(norm2, h, silu=True)  # (B, C_out, h, w)
+        # conv1's output is this block's own (unless a hook holds it): the norm may write over it
+        h = cpu_norm.group_norm(norm2, h, silu=True, overwrite=not cpu_kernels.has_hooks(conv1))  # (B, C_out, h, w)
         return conv2.forward_add(h, self.skip_connection(x))  # conv2(h) + skip
 
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlab.models import cpu_norm
+from sdlab.models import cpu_kernels, cpu_norm, patch_conv
 from sdlab.models.layers import attention
 
 GROUP_NORM_EPS = 1e-6
@@ -154,21 +154,21 @@ class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
         super().__init__()
         self.norm1 = _group_norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = patch_conv.Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = _group_norm(out_channels, groups)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = patch_conv.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nin_shortcut = patch_conv.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W)
-        # one step per line so that each intermediate is freed as soon as the next exists (at most x plus
-        # two activations alive at once; matters at 512x512 and above)
+        # One step per line so that each intermediate is freed as soon as the next exists (at most x plus two
+        # activations alive at once). At 512 px and above each is a fresh mapping that the kernel faults in page
+        # by page, so fewer of them count: norm2 writes over conv1's output where no hook holds it, and the
+        # shortcut is added inside conv2 where oneDNN can (`patch_conv.Conv2d.forward_add`).
         h = cpu_norm.group_norm(self.norm1, x, silu=True)  # (B, C_in, H, W)
         h = self.conv1(h)  # (B, C_out, H, W)
-        h = cpu_norm.group_norm(self.norm2, h, silu=True)  # (B, C_out, H, W)
-        h = self.conv2(h)  # (B, C_out, H, W)
+        h = cpu_norm.group_norm(self.norm2, h, silu=True, overwrite=not cpu_kernels.has_hooks(self.conv1))
         shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        # conv2's output is not saved for backward, so adding in place is safe with and without autograd
-        return h.add_(shortcut)
+        return self.conv2.forward_add(h, shortcut)  # (B, C_out, H, W)
 
 
 class AttnBlock(nn.Module):

@@ -6,7 +6,7 @@ at::Tensor flash_attention_bf16(at::Tensor q, at::Tensor k, at::Tensor v, int64_
                                    bool allow_amx);
 bool uses_amx();
 at::Tensor group_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
-                           int64_t groups, double eps, bool silu);
+                           int64_t groups, double eps, bool silu, bool overwrite);
 at::Tensor layer_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias, double eps);
 at::Tensor patch_product_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor> bias, int64_t k,
                               int64_t stride, int64_t pad);

@@ -34,12 +34,13 @@ static std::vector<float> affine_fp32(const c10::optional<at::Tensor>& t, int64_
 // x: (B, C, H, W) bf16 in channels-last memory, weight and bias: (C,) bf16, fp16 or fp32, or none -> the same
 // layout as x.
 at::Tensor group_norm_bf16(at::Tensor x, c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
-                           int64_t groups, double eps, bool silu) {
+                           int64_t groups, double eps, bool silu, bool overwrite) {
     TORCH_CHECK(x.scalar_type() == at::kBFloat16 && x.dim() == 4 && x.is_contiguous(at::MemoryFormat::ChannelsLast),
                 "x must be a channels-last (B, C, H, W) bf16 tensor");
     const int64_t B = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
     TORCH_CHECK(groups > 0 && C % groups == 0 && HW > 0, "the channels must split into the groups, over some pixels");
-    auto out = at::empty_like(x);   // channels-last, as x
+    // overwrite: the result goes into x itself (its last pass reads each vector of x before writing it)
+    auto out = overwrite ? x : at::empty_like(x);   // channels-last, as x
     const uint16_t* xd = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
     uint16_t* od = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
     const int64_t V = (C + 15) / 16, tasks = (HW + PIXELS - 1) / PIXELS, cg = C / groups;
