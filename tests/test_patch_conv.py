@@ -112,3 +112,23 @@ def test_forward_add_is_plain_where_it_must_be():
     conv.requires_grad_(True)                                                     # training: gradients flow
     conv.forward_add(x, skip).float().sum().backward()
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_forward_add_into_other_writes_the_same_sum_over_it():
+    """`into_other`: the fused sum (or, in fp32, the plain one) written into `other`, the numbers those of a new
+    tensor; with gradients wanted, a new tensor and `other` left alone."""
+    conv, x, skip = _conv_and_skip(seed=13)
+    for dtype in (torch.bfloat16, torch.float32):
+        c, xs, other = conv.to(dtype), x.to(dtype), skip.to(dtype)
+        with torch.no_grad():
+            fresh = c.forward_add(xs, other)
+            given = other.clone()
+            written = c.forward_add(xs, given, into_other=True)
+        assert written.data_ptr() == given.data_ptr() and torch.equal(written, fresh)
+    conv.float().requires_grad_(True)
+    other = skip.float()
+    kept = other.clone()
+    out = conv.forward_add(x.float(), other, into_other=True)
+    assert out.data_ptr() != other.data_ptr() and torch.equal(other, kept)
+    out.sum().backward()
+    assert conv.weight.grad is not None

@@ -284,7 +284,7 @@ def test_bf16_channels_last_decode_adds_the_shortcut_inside_the_convolution() ->
         finally:
             patch_conv.Conv2d._adds_inside = real
 
-        def add_after(block, x):
+        def add_after(block, x, consume=False):
             h = block.conv1(cpu_norm.group_norm(block.norm1, x, silu=True))
             h = block.conv2(cpu_norm.group_norm(block.norm2, h, silu=True))
             return h.add_(x if block.nin_shortcut is None else block.nin_shortcut(x))
@@ -299,3 +299,29 @@ def test_bf16_channels_last_decode_adds_the_shortcut_inside_the_convolution() ->
     assert fused == [True] * blocks
     ours_err, before_err = (ours_out.double() - exact).abs(), (before.double() - exact).abs()
     assert ours_err.mean() <= 1.05 * before_err.mean() and ours_err.max() <= 1.25 * before_err.max()
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
+def test_blocks_write_over_their_own_activations_only_where_nothing_else_holds_them() -> None:
+    """In bf16 inference the encoder's and decoder's blocks write results over activations they own (fewer
+    fresh allocations); with a hook anywhere in them, or with gradients, nothing is written over, and the
+    numbers are the same either way."""
+    _, ours = reference_pair(DEEP)
+    ours.to(torch.bfloat16).to(memory_format=torch.channels_last)
+    img = images(1, 320).bfloat16().contiguous(memory_format=torch.channels_last)
+    z = torch.randn(1, DEEP.latent_channels, 40, 40, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        consumed = ours.decode(z), ours.encode(img).mean
+        held = []   # each ResnetBlock's input and output as the hook saw them, with copies to compare later
+
+        def keep(module, args, out):
+            held.append((args[0], args[0].clone(), out, out.clone()))
+
+        handles = [m.register_forward_hook(keep) for m in ours.modules() if type(m).__name__ == "ResnetBlock"]
+        watched = ours.decode(z), ours.encode(img).mean
+        for handle in handles:
+            handle.remove()
+    assert torch.equal(consumed[0], watched[0]) and torch.equal(consumed[1], watched[1])
+    assert held and all(torch.equal(a, a0) and torch.equal(o, o0) for a, a0, o, o0 in held)
+    with torch.no_grad():   # grad mode without requires_grad: inference, written over again
+        assert torch.equal(ours.decode(z), consumed[0])

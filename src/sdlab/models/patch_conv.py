@@ -96,14 +96,21 @@ class Conv2d(nn.Conv2d):
             return patch_product_conv(x, self.weight, bias, self.stride[0], self.padding[0])
         return self._conv_forward(x, self.weight, bias)
 
-    def forward_add(self, x: Tensor, other: Tensor) -> Tensor:
-        """self(x) + other as a new tensor (a ResBlock's skip connection). In bf16 inference on the CPU where
-        oneDNN's convolution runs (`_adds_inside`), the add is done inside it, before its one rounding to bf16
-        (SD1.5's ResBlocks at 64 x 64 and 32 x 32 latents: 6 ms a step less). other: the output's shape"""
+    def forward_add(self, x: Tensor, other: Tensor, into_other: bool = False) -> Tensor:
+        """self(x) + other (a ResBlock's skip connection): a new tensor, or with `into_other` (the caller gives
+        `other` up; taken only where no gradient is wanted) written into `other`. In bf16 inference on the CPU
+        where oneDNN's convolution runs (`_adds_inside`), the add is done inside it, before its one rounding to
+        bf16 (SD1.5's ResBlocks at 64 x 64 and 32 x 32 latents: 6 ms a step less). other: the output's shape"""
+        into_other = into_other and cpu_kernels.inference_only(x, other, self.weight)
         if self._adds_inside(x, other):
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, other, self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups,
-                "add", None, None, [], None)  # (B, C_out, H', W') channels-last
+            conv = (self.weight, self.bias, self.padding, self.stride, self.dilation, self.groups, "add", None, None, [],
+                    None)
+            if into_other:
+                return torch.ops.mkldnn._convolution_pointwise_.binary(other, x, *conv)  # other, written over
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, other, *conv)  # (B, C_out, H', W') channels-last
+        if into_other:
+            other += self(x)
+            return other
         out = self(x)
         out += other  # into the fresh output: nothing's backward needs it
         return out

@@ -159,16 +159,31 @@ class ResnetBlock(nn.Module):
         self.conv2 = patch_conv.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut = patch_conv.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W)
-        # One step per line so that each intermediate is freed as soon as the next exists (at most x plus two
-        # activations alive at once). At 512 px and above each is a fresh mapping that the kernel faults in page
-        # by page, so fewer of them count: norm2 writes over conv1's output where no hook holds it, and the
-        # shortcut is added inside conv2 where oneDNN can (`patch_conv.Conv2d.forward_add`).
-        h = cpu_norm.group_norm(self.norm1, x, silu=True)  # (B, C_in, H, W)
+    def forward(self, x: Tensor, consume: bool = False) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H, W)
+        """`consume`: x is the caller's to give up (the encoder's and decoder's own activations in inference,
+        `_consumes`), so its memory may hold the result.
+
+        One step per line, so that each intermediate is freed as soon as the next exists. At 512 px and above
+        each new one is a fresh mapping that the kernel faults in page by page (SD1.5's decode at 512 px
+        allocated 1.5 GB), so few are made: norm2 writes over conv1's output where no hook holds it, and conv2
+        adds its result to the shortcut, inside the convolution where oneDNN can
+        (`patch_conv.Conv2d.forward_add`): into the 1x1 shortcut's own output, or into x when consumed; with a
+        1x1 shortcut norm1 then writes over a consumed x too."""
+        if self.nin_shortcut is None:
+            shortcut, mine = x, consume
+            h = cpu_norm.group_norm(self.norm1, x, silu=True)  # (B, C_in, H, W)
+        else:
+            shortcut, mine = self.nin_shortcut(x), not cpu_kernels.has_hooks(self.nin_shortcut)  # (B, C_out, H, W)
+            h = cpu_norm.group_norm(self.norm1, x, silu=True, overwrite=consume)
         h = self.conv1(h)  # (B, C_out, H, W)
         h = cpu_norm.group_norm(self.norm2, h, silu=True, overwrite=not cpu_kernels.has_hooks(self.conv1))
-        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
-        return self.conv2.forward_add(h, shortcut)  # (B, C_out, H, W)
+        return self.conv2.forward_add(h, shortcut, into_other=mine)  # conv2(h) + shortcut
+
+
+def _consumes(module: nn.Module, x: Tensor) -> bool:
+    """Whether `module`'s blocks may write over the activations they are handed: no gradient wanted, no
+    compiled graph traced, and no hook anywhere in it (one could hold an activation or see it overwritten)."""
+    return cpu_kernels.inference_only(x) and not any(cpu_kernels.has_hooks(m) for m in module.modules())
 
 
 class AttnBlock(nn.Module):
@@ -242,8 +257,9 @@ class MidBlock(nn.Module):
         self.attn_1 = AttnBlock(channels, groups)
         self.block_2 = ResnetBlock(channels, channels, groups)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+    def forward(self, x: Tensor, consume: bool = False) -> Tensor:
+        """`consume`: as `ResnetBlock`'s (the attention block's output is always its own)."""
+        return self.block_2(self.attn_1(self.block_1(x, consume)), consume)
 
 
 class Level(nn.Module):
@@ -256,9 +272,10 @@ class Level(nn.Module):
         if resample is not None:
             self.add_module(resample_name, resample)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, consume: bool = False) -> Tensor:
+        """`consume`: as `ResnetBlock`'s."""
         for block in self.block:
-            x = block(x)
+            x = block(x, consume)
         resample = getattr(self, self.resample_name, None)
         return x if resample is None else resample(x)
 
@@ -285,10 +302,12 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, ch, H, W)
+        consume = _consumes(self, h)   # from here on every activation is this encoder's own
         for level in self.down:
-            h = level(h)  # (B, ch*m[i], H/2^i, W/2^i) after the level's downsample
-        h = self.mid(h)  # (B, ch*m[-1], H/f, W/f)
-        return self.conv_out(cpu_norm.group_norm(self.norm_out, h, silu=True))  # (B, 2 * latent, H/f, W/f)
+            h = level(h, consume)  # (B, ch*m[i], H/2^i, W/2^i) after the level's downsample
+        h = self.mid(h, consume)  # (B, ch*m[-1], H/f, W/f)
+        h = cpu_norm.group_norm(self.norm_out, h, silu=True, overwrite=consume)
+        return self.conv_out(h)  # (B, 2 * latent, H/f, W/f)
 
 
 class Decoder(nn.Module):
@@ -312,10 +331,13 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))  # (B, ch*m[-1], h, w)
+        h = self.conv_in(z)  # (B, ch*m[-1], h, w)
+        consume = _consumes(self, h)   # from here on every activation is this decoder's own
+        h = self.mid(h, consume)
         for level in reversed(self.up):
-            h = level(h)  # doubles the resolution except at up.0
-        return self.conv_out(cpu_norm.group_norm(self.norm_out, h, silu=True))  # (B, out_channels, h*f, w*f)
+            h = level(h, consume)  # doubles the resolution except at up.0
+        h = cpu_norm.group_norm(self.norm_out, h, silu=True, overwrite=consume)
+        return self.conv_out(h)  # (B, out_channels, h*f, w*f)
 
 
 class AutoencoderKL(nn.Module):
