@@ -488,3 +488,34 @@ def test_equal_halves_run_in_full_where_they_must():
     handle.remove()
     assert seen[-1] == 2 and hooked == [2]
     torch.testing.assert_close(shared, full, atol=1e-5, rtol=0)
+
+
+def test_equal_halves_leave_broadcast_prompts_and_transformer_free_openings_alone():
+    """A context of one row for a batch of two still broadcasts (nothing shared: the batch's size comes from
+    x); a U-Net without transformers in its input blocks shares nothing (hooks on its middle block would
+    otherwise see half a batch); a hook registered for every module turns sharing off too."""
+    cfg = SMALL["sd1"]
+    model = _sdlab_from(_diffusers_unet(cfg, seed=0), cfg)
+    x, t, context, _, _ = _guided_inputs(cfg, 16, 16)
+    seen = _batch_sizes_seen(model.input_blocks[0][0])
+    with torch.no_grad():
+        broadcast = model(x, t, context[:1])
+        repeated = model(x, t, torch.cat([context[:1], context[:1]]))
+    assert seen == [2, 1] and broadcast.shape == repeated.shape
+    torch.testing.assert_close(broadcast, repeated, atol=1e-5, rtol=0)
+    global_seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: global_seen.append(len(out)) if module is model.input_blocks[0][0] else None)
+    try:
+        with torch.no_grad():
+            model(x, t, context)
+    finally:
+        handle.remove()
+    assert global_seen == [2]
+
+    plain = UNetConfig(model_channels=32, channel_mult=(1, 2), transformer_depth=(0, 0), num_heads=8, context_dim=48)
+    model = _sdlab_from(_diffusers_unet(plain, seed=0), plain)
+    seen = _batch_sizes_seen(model.input_blocks[0][0])
+    with torch.no_grad():
+        model(*_guided_inputs(plain, 16, 16)[:3])
+    assert seen == [2]

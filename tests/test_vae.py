@@ -325,3 +325,39 @@ def test_blocks_write_over_their_own_activations_only_where_nothing_else_holds_t
     assert held and all(torch.equal(a, a0) and torch.equal(o, o0) for a, a0, o, o0 in held)
     with torch.no_grad():   # grad mode without requires_grad: inference, written over again
         assert torch.equal(ours.decode(z), consumed[0])
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
+def test_training_some_layers_gets_the_gradients_of_the_plain_forward() -> None:
+    """Gradients on: nothing is written over, even where the activations need no gradient themselves (only the
+    1x1 shortcuts train here, and each saves its input for its weight's gradient)."""
+    _, ours = reference_pair(DEEP)
+    ours = ours.to(torch.bfloat16).to(memory_format=torch.channels_last).requires_grad_(False)
+    shortcuts = [p for n, p in ours.named_parameters() if "nin_shortcut.weight" in n]
+    for p in shortcuts:
+        p.requires_grad_(True)
+    img = images(1, 160).bfloat16()
+
+    def gradients(hooked: bool) -> list[torch.Tensor]:
+        handles = [m.register_forward_hook(lambda *args: None) for m in (ours.encoder.conv_out, ours.decoder.conv_out)
+                   ] if hooked else []
+        for p in shortcuts:
+            p.grad = None
+        out, posterior = ours(img, sample_posterior=False)
+        (out.float().pow(2).mean() + posterior.mean.float().pow(2).mean()).backward()
+        for handle in handles:
+            handle.remove()
+        return [p.grad.clone() for p in shortcuts]
+
+    for a, b in zip(gradients(False), gradients(True)):   # a hook anywhere turns writing over off
+        assert torch.equal(a, b)
+
+
+def test_compiling_the_vae_traces_one_graph() -> None:
+    """The VAE's convolutions decide their path without leaving a compiled graph (bf16, channels-last)."""
+    import torch._dynamo
+
+    vae = AutoencoderKL(SMALL).eval().to(torch.bfloat16).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        explained = torch._dynamo.explain(vae.decode)(torch.randn(1, SMALL.latent_channels, 8, 8).bfloat16())
+    assert explained.graph_break_count == 0

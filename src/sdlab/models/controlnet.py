@@ -107,7 +107,7 @@ class ControlNet(nn.Module):
         h = x.to(dtype).contiguous(memory_format=torch.channels_last)  # (B, C, h, w)
         rows = len(h)
         # a guided step's equal halves (latent and hint) run the layers before the first text context once
-        shared = shared_rows(h, emb, self.input_blocks)
+        shared = shared_rows(h, emb, self.input_blocks, context)
         if shared < rows and (any(cpu_kernels.has_hooks(m) for m in self.input_hint_block.modules())
                               or not torch.equal(hint[:shared], hint[shared:])):
             shared = rows

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from torch.nn.modules import module as _module_hooks
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +66,11 @@ def inference_only(*tensors: torch.Tensor) -> bool:
 
 
 def has_hooks(module: torch.nn.Module) -> bool:
-    """Whether forward hooks watch `module` (a LoRA in training adds its output through one), so it must run
-    through its own call rather than a fused or hand-written stand-in."""
-    return bool(module._forward_hooks or module._forward_pre_hooks)
+    """Whether forward hooks watch `module` (a LoRA in training adds its output through one), its own or the
+    ones registered for every module (`torch.nn.modules.module.register_module_forward_hook`), so it must
+    run through its own call rather than a fused or hand-written stand-in."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks)
 
 
 @functools.cache

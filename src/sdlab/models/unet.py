@@ -181,9 +181,9 @@ class ResBlock(nn.Module):
         else:
             # In-place adds go into fresh conv outputs, which no backward needs, so autograd stays valid.
             h = conv1(h)  # (B, C_out, h, w)
-            # time embedding broadcast over space; x has fewer rows than emb only where they are copies of one
-            # embedding (`UNet.forward`'s shared rows)
-            h += emb[: len(h), :, None, None]
+            # time embedding broadcast over space; where x's rows stand for copies (`UNet.forward`'s shared
+            # rows) emb's rows are one embedding, of which x takes as many
+            h += (emb[: len(h)] if shared else emb)[:, :, None, None]
         # conv1's output is this block's own (unless a hook holds it): the norm may write over it
         h = cpu_norm.group_norm(norm2, h, silu=True, overwrite=not cpu_kernels.has_hooks(conv1))  # (B, C_out, h, w)
         return conv2.forward_add(h, self.skip_connection(x))  # conv2(h) + skip
@@ -255,7 +255,8 @@ class BasicTransformerBlock(nn.Module):
         # Each residual is added to its branch's output as a new tensor (inside the output product on the CPU
         # in bf16: `cpu_linear`), never into x, which LayerNorm's backward needs.
         h = self.attn1(cpu_norm.layer_norm(self.norm1, x), residual=x)  # (B or B / k, N, C)
-        h = copies_to(h, len(context))  # (B, N, C): the context tells the copies apart from here
+        if len(h) < len(context):   # copies: the context tells them apart from here (else it may broadcast)
+            h = copies_to(h, len(context))  # (B, N, C)
         x = self.attn2(cpu_norm.layer_norm(self.norm2, h), context, residual=h)
         return self.ff(cpu_norm.layer_norm(self.norm3, x), residual=x)
 
@@ -340,22 +341,24 @@ def copies_to(x: Tensor, rows: int) -> Tensor:
     return x if len(x) == rows else torch.cat([x] * (rows // len(x)))
 
 
-def shared_rows(x: Tensor, emb: BlockEmbeddings, blocks: nn.ModuleList) -> int:
+def shared_rows(x: Tensor, emb: BlockEmbeddings, blocks: nn.ModuleList, context: Tensor) -> int:
     """How many of x's first rows the U-Net's opening blocks need to run: B // 2 where the batch is two
     equal halves with one time embedding, as in every guided step ([x, x] for the negative and the positive
-    prompt), else B. Until the first text context the halves stay equal, so those layers (SD1.x / 2.x at the
-    widest level: conv_in, a ResBlock, the first transformer's input projection and self-attention) run once
-    for both. Only in CPU inference, where `emb.shared` holds, and not while hooks watch those layers (they
-    would see half a batch). x: (B, C, h, w)"""
+    prompt, one context row each), else B. Until the first text context the halves stay equal, so the layers
+    before it (SD1.x / 2.x at the widest level: conv_in, a ResBlock, the first transformer's input
+    projection and self-attention) run once for both. Only in CPU inference, where `emb.shared` holds, where
+    one of `blocks` (the input blocks) has a transformer, and not while hooks watch the layers before it
+    (they would see half a batch). x: (B, C, h, w), context: (B, T, C_ctx)"""
     half = len(x) // 2
-    if not (emb.shared and half and len(x) % 2 == 0) or torch.compiler.is_compiling():
+    if (not (emb.shared and half and len(x) % 2 == 0 and len(context) == len(x))
+            or torch.compiler.is_compiling()):
         return len(x)
     for block in blocks:
         if any(cpu_kernels.has_hooks(module) for module in block.modules()):
             return len(x)
-        if any(isinstance(layer, SpatialTransformer) for layer in block):
-            break   # the rows part here
-    return half if torch.equal(x[:half], x[half:]) else len(x)
+        if any(isinstance(layer, SpatialTransformer) for layer in block):   # the rows part here
+            return half if torch.equal(x[:half], x[half:]) else len(x)
+    return len(x)
 
 
 class BlockEmbeddings:
@@ -522,7 +525,7 @@ class UNet(nn.Module):
 
         h = x.to(dtype).contiguous(memory_format=self.memory_format)  # (B, C, h, w) stored as NHWC
         rows = len(h)
-        h = h[: shared_rows(h, emb, self.input_blocks)]  # (B or B / 2, C, h, w): equal halves run once
+        h = h[: shared_rows(h, emb, self.input_blocks, context)]  # (B or B / 2, C, h, w): equal halves run once
         skips = []
         for i, block in enumerate(self.input_blocks):
             h = block(h, emb, context)  # (B, C_i, h_i, w_i) from the first text context on

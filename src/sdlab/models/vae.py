@@ -180,10 +180,13 @@ class ResnetBlock(nn.Module):
         return self.conv2.forward_add(h, shortcut, into_other=mine)  # conv2(h) + shortcut
 
 
-def _consumes(module: nn.Module, x: Tensor) -> bool:
-    """Whether `module`'s blocks may write over the activations they are handed: no gradient wanted, no
-    compiled graph traced, and no hook anywhere in it (one could hold an activation or see it overwritten)."""
-    return cpu_kernels.inference_only(x) and not any(cpu_kernels.has_hooks(m) for m in module.modules())
+def _consumes(module: nn.Module) -> bool:
+    """Whether `module`'s blocks may write over the activations they are handed: gradients off (with them on,
+    a layer that trains could have saved an activation for its backward, even where the activation itself
+    needs no gradient), no compiled graph traced, and no hook anywhere in it (one could hold an activation or
+    see it overwritten)."""
+    return (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not any(cpu_kernels.has_hooks(m) for m in module.modules()))
 
 
 class AttnBlock(nn.Module):
@@ -302,7 +305,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, ch, H, W)
-        consume = _consumes(self, h)   # from here on every activation is this encoder's own
+        consume = _consumes(self)   # from here on every activation is this encoder's own
         for level in self.down:
             h = level(h, consume)  # (B, ch*m[i], H/2^i, W/2^i) after the level's downsample
         h = self.mid(h, consume)  # (B, ch*m[-1], H/f, W/f)
@@ -332,7 +335,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.conv_in(z)  # (B, ch*m[-1], h, w)
-        consume = _consumes(self, h)   # from here on every activation is this decoder's own
+        consume = _consumes(self)   # from here on every activation is this decoder's own
         h = self.mid(h, consume)
         for level in reversed(self.up):
             h = level(h, consume)  # doubles the resolution except at up.0
