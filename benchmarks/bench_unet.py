@@ -19,9 +19,11 @@ the CPU sdlab runs the layers before the first text context once for the two equ
 
 FLOP limit: the step's FLOPs are counted (`torch.utils.flop_counter`; SD1.5 at 64x64 latents with guidance:
 1.354 TFLOP in convolutions and linear layers plus 0.252 in attention's two matrix products) and divided by
-the measured peak of one large matrix product in the dtype (`--peak-size`, best wall time of ten): the
-fastest this machine could possibly run the step;
-each implementation's step is printed as a multiple of that limit. `--compile` adds both U-Nets under
+the measured peak of one large matrix product in the dtype (`--peak-size`, best wall time of ten, after the
+runs): the fastest this machine could possibly run the step; each implementation's step is printed as a
+multiple of that limit. A shared machine's speed moves between phases (this one's peak between 1.8 and
+2.2 TFLOP/s), so each timed round also starts with a peak of its own (best of ten), and the step is
+printed against its round's limit too (the median over rounds of time x peak / FLOPs). `--compile` adds both U-Nets under
 `torch.compile` (`sdlab.utils.compile.compile_module`: inductor, static shapes, its cache; diffusers' also
 channels-last; compile times printed).
 """
@@ -120,14 +122,21 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_interleaved(models: dict, args, dtype: torch.dtype) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall-clock and process CPU seconds per forward. On a shared CPU the CPU time is the steadier of the two."""
+def time_interleaved(models: dict, args, dtype: torch.dtype
+                     ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
+    """Wall-clock and process CPU seconds per forward, and the matmul peak (FLOP/s, best of ten) measured
+    at the start of each timed round (empty with `--peak-size 0`): a shared machine's speed drifts between
+    phases, so the step is also compared with the limit of its own round. On a shared CPU the CPU time is
+    the steadier of the two."""
     x, t, context, sizes = inputs(args.cfg, dtype, args.device, args.size)
     times: dict[str, list[float]] = {name: [] for name in models}
     cpu_times: dict[str, list[float]] = {name: [] for name in models}
+    peaks: list[float] = []
     names = list(models)
     with torch.inference_mode(), reusing_prompt_projections():   # as a generation's steps run sdlab's U-Net
         for i in range(args.warmup + args.runs):
+            if i >= args.warmup and args.peak_size:
+                peaks.append(matmul_peak(dtype, args.device, args.peak_size)[0])
             for name in names if i % 2 == 0 else names[::-1]:
                 model, call = models[name]
                 _sync(args.device)
@@ -137,7 +146,7 @@ def time_interleaved(models: dict, args, dtype: torch.dtype) -> tuple[dict[str, 
                 if i >= args.warmup:
                     times[name].append(time.perf_counter() - start)
                     cpu_times[name].append(time.process_time() - cpu_start)
-    return times, cpu_times
+    return times, cpu_times, peaks
 
 
 def step_flops(cfg: UNetConfig, size: int) -> tuple[float, float]:
@@ -289,7 +298,7 @@ def main() -> None:
                     models[f"{name} compiled"] = compiled_twin(name, models[name][0], dtype, args)
         line = f"{dtype_name}:"
         if not args.no_time:
-            times, cpu_times = time_interleaved(models, args, dtype)
+            times, cpu_times, round_peaks = time_interleaved(models, args, dtype)
             ours, theirs = statistics.median(times["sdlab"]), statistics.median(times["diffusers"])
             cpu_ours, cpu_theirs = statistics.median(cpu_times["sdlab"]), statistics.median(cpu_times["diffusers"])
             line += (
@@ -310,6 +319,10 @@ def main() -> None:
                          f"{dtype_name} matmul peak {peak / 1e9:.0f} GFLOP/s = {limit:.3g} s "
                          f"({dense / peak:.3g} s without attention); " + ", ".join(
                              f"{name} {statistics.median(runs) / limit:.2f} x limit" for name, runs in times.items()))
+                line += ("\n  against each round's own peak (best of ten, measured as the round starts; median "
+                         f"{statistics.median(round_peaks) / 1e9:.0f} GFLOP/s): " + ", ".join(
+                             f"{name} {statistics.median(t * p for t, p in zip(runs, round_peaks)) / (dense + attention):.2f} x"
+                             for name, runs in times.items()))
                 if not on_cuda:
                     cpu_limit = (dense + attention) / per_thread
                     line += (f"\n  by CPU time: matmul {per_thread / 1e9:.0f} GFLOP/s per thread, so the step needs at least "
