@@ -83,6 +83,27 @@ def test_empty_file(tmp_path: Path, suffix: str):
     _one_line_error(path, "file is empty")
 
 
+def test_read_as_converts_straight_from_the_file(tmp_path: Path):
+    """`read_as`: another dtype converted from the mapped file pages into a fresh, aligned tensor; the file's own
+    dtype read as `[key]` reads it; both equal `[key].to(dtype)`, at odd offsets in the file too."""
+    g = torch.Generator().manual_seed(0)
+    state = {"a": torch.randn(3, 5, generator=g).half(), "b": torch.randn(4097, generator=g).half(),
+             "c": torch.randn(2, 3, generator=g), "d": torch.arange(7), "e": torch.zeros(0, 4).half()}
+    path = tmp_path / "mixed.safetensors"
+    save_file(state, str(path))
+    lazy = LazyStateDict(path)
+    for key, tensor in state.items():
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            want = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            got = lazy.read_as(key, dtype if tensor.is_floating_point() else tensor.dtype)
+            assert got.dtype == want.dtype and torch.equal(got, want) and got.data_ptr() % 64 == 0, (key, dtype)
+    data = path.read_bytes()
+    path.write_bytes(data[:8 + int.from_bytes(data[:8], "little") + 10])   # cut after the header was read:
+    # one clear error, not a crash on the mapped pages
+    with pytest.raises(CheckpointError, match="file ended early"):
+        lazy.read_as("b", torch.bfloat16)
+
+
 def test_truncated_safetensors(tmp_path: Path, tiny_file: Path):
     data = tiny_file.read_bytes()
     for keep in (4, 20, len(data) - 7):

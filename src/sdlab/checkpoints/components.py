@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.io import LazyMapping, dtypes_of, shapes_of
+from sdlab.checkpoints.io import LazyMapping, dtypes_of, read_as, shapes_of
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNet, UNetConfig
 from sdlab.models.vae import AutoencoderKL, VAEConfig
@@ -69,6 +69,9 @@ class SubStateDict(LazyMapping):
     def file_key(self, key: str) -> str:
         return self._keys[key]
 
+    def read_as(self, key: str, dtype: torch.dtype) -> Tensor:
+        return read_as(self._state, self._keys[key], dtype)
+
     def shape(self, key: str) -> torch.Size:
         file_key = self._keys[key]
         return self._state.shape(file_key) if isinstance(self._state, LazyMapping) else self._state[file_key].shape
@@ -95,9 +98,13 @@ class CastingView(Mapping[str, Tensor]):
         self._state, self._dtype, self._device = state, dtype, torch.device(device)
 
     def __getitem__(self, key: str) -> Tensor:
-        t = self._state[key]
-        dtype = self._dtype if t.is_floating_point() else t.dtype
-        out = t.to(device=self._device, dtype=dtype)
+        state = self._state
+        stored = state.dtype(key) if isinstance(state, LazyMapping) else state[key].dtype
+        dtype = self._dtype if stored.is_floating_point else stored
+        if self._device.type == "cpu":
+            out = read_as(state, key, dtype)   # a file's tensor converted as it is read
+        else:
+            out = state[key].to(device=self._device, dtype=dtype)
         return out.clone(memory_format=torch.contiguous_format) if out.data_ptr() % 64 else out
 
     def __iter__(self) -> Iterator[str]:

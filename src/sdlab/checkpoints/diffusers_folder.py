@@ -46,7 +46,7 @@ from sdlab.checkpoints.diffusers_vae import (
 )
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.infer import infer_text_config
-from sdlab.checkpoints.io import LazyMapping, read_checkpoint, shapes_of
+from sdlab.checkpoints.io import LazyMapping, read_as, read_checkpoint, shapes_of
 from sdlab.checkpoints.tolerated import is_hf_text_tolerated
 from sdlab.checkpoints.validate import (
     UNET_SHAPE_FIELDS,
@@ -96,6 +96,9 @@ class ShardedStateDict(LazyMapping):
 
     def __getitem__(self, key: str) -> Tensor:
         return self._owner[key][key]
+
+    def read_as(self, key: str, dtype: torch.dtype) -> Tensor:
+        return read_as(self._owner[key], key, dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._owner)
