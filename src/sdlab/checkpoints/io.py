@@ -69,9 +69,10 @@ class LazyStateDict(LazyMapping):
     """A read-only mapping over a safetensors file: shapes and dtypes from the header, tensors on access.
 
     `safe_open` validates the file (header, offsets, coverage) and gives the metadata. Tensor data is then
-    read with `pread` straight into a fresh tensor rather than through the memory map: the result is owned,
-    64-byte aligned memory (CPU kernels take other paths on unaligned data, moving outputs by ~1e-6), and
-    loading a model costs one copy of its weights, not that copy plus the mapped file pages.
+    read with `pread` straight into a fresh tensor rather than through a map of the whole file: the result is
+    owned, 64-byte aligned memory (CPU kernels take other paths on unaligned data, moving outputs by ~1e-6),
+    and loading a model costs one copy of its weights, not that copy plus the mapped file pages. A tensor
+    wanted in another dtype (`read_as`) is converted from a map of its own bytes alone, closed right after.
     """
 
     def __init__(self, path: Path):
