@@ -125,14 +125,21 @@ class LazyStateDict(LazyMapping):
         shape, stored, begin, end = self._entries[key]
         if dtype == stored or begin == end or not hasattr(mmap, "MAP_SHARED"):
             return self[key].to(dtype)
+        if end - begin != shape.numel() * stored.itemsize:
+            raise CheckpointError(f"{self.path}: tensor {key} holds {end - begin} bytes, its shape needs "
+                                  f"{shape.numel() * stored.itemsize}")
         start = self._data_start + begin
         page = start - start % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as f:
             if os.fstat(f.fileno()).st_size < self._data_start + end:
                 raise CheckpointError(f"{self.path}: cannot read tensor {key}: file ended early")
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            with mmap.mmap(f.fileno(), self._data_start + end - page, flags=flags, prot=mmap.PROT_READ,
-                           offset=page) as mapped:
+            try:
+                mapped = mmap.mmap(f.fileno(), self._data_start + end - page,
+                                   flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), prot=mmap.PROT_READ,
+                                   offset=page)
+            except OSError:   # a file system that cannot map files: read, then convert
+                return self[key].to(dtype)
+            with mapped:
                 with warnings.catch_warnings():   # a read-only buffer, only ever read
                     warnings.simplefilter("ignore", UserWarning)
                     source = torch.frombuffer(mapped, dtype=stored, count=shape.numel(), offset=start - page)
