@@ -120,6 +120,18 @@ def test_layers_attention_sends_long_bf16_self_attention_to_the_kernel(kernel, c
     assert calls == []
 
 
+def test_a_built_kernel_is_imported_without_building(kernel, monkeypatch):
+    """Once built, a new process imports the library from sdlab's cache folder directly: no
+    `cpp_extension.load` (whose import and ninja check cost ~85 ms a process)."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("a built kernel must not be built again"))
+    module = cpu_kernels.extension()
+    assert module is not None and module.__name__ == cpu_kernels.name()
+    assert module.__file__.startswith(str(cpu_kernels.build_folder()))
+
+
 def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(chosen, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setattr(cpu_kernels, "SOURCES", ("missing.cpp",))

@@ -4,15 +4,19 @@ One extension module holds them all: bf16 flash attention (`cpu_attention`), Gro
 channels-last activations and LayerNorm for bf16 token rows (`cpu_norm`), and on CPUs with AMX the tile
 products for convolutions over few pixels (`patch_conv`) and the feed-forward's GEGLU (`cpu_linear`). It is
 built the first time a large bf16 model draws on such a CPU (`torch.utils.cpp_extension`: a C++ compiler and
-ninja; about 30 s once on 2 cores, then loaded from torch's extension cache, keyed by the sources' path and
-contents); where it cannot be built, every caller falls back to PyTorch's own operations.
+ninja; about 30 s once on 2 cores, into torch's extensions folder (`build_folder()`), keyed by the sources'
+path and contents, and imported from there afterwards); where it cannot be built, every caller falls back to
+PyTorch's own operations.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
+import os
+import sys
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -37,11 +41,13 @@ def runs_here() -> bool:
 
 
 def name() -> str:
-    """The build's name in torch's extension cache: a hash of the kernels' folder, their sources and this
-    CPU's instruction set, so each installed copy and version of sdlab has its own build (a changed header
-    rebuilds too), and a cache shared between machines (a network home, an image) never hands a build made
-    with `-march=native` for another CPU to this one."""
-    digest = hashlib.sha1(str(FOLDER.resolve()).encode() + _cpu_flags().encode())
+    """The build's name (and folder in `build_folder()`): a hash of the kernels' folder, their sources, this CPU's
+    instruction set and the versions of torch and Python, so each installed copy and version of sdlab has its
+    own build (a changed header rebuilds too), a cache shared between machines (a network home, an image)
+    never hands a build made with `-march=native` for another CPU to this one, and a build is never loaded
+    into another torch or Python than the one it was compiled for."""
+    digest = hashlib.sha1(str(FOLDER.resolve()).encode() + _cpu_flags().encode() + torch.__version__.encode()
+                          + f"{sys.version_info[:2]}{getattr(sys, 'abiflags', '')}".encode())
     for file in (*SOURCES, *HEADERS):
         digest.update(file.encode() + (FOLDER / file).read_bytes())
     return f"sdlab_cpu_kernels_{digest.hexdigest()[:10]}"
@@ -106,16 +112,30 @@ def extension() -> ModuleType | None:
         return _state["module"]
 
 
-def _build() -> ModuleType | None:
-    from torch.utils import cpp_extension
+def build_folder() -> Path:
+    """Where the kernels are built, one subfolder per `name()`: `$TORCH_EXTENSIONS_DIR`, else
+    `torch_extensions` in the user's cache folder (`$XDG_CACHE_HOME` or `~/.cache`), as torch's own builds."""
+    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
 
+
+def _build() -> ModuleType | None:
     try:
         build = name()
-        if not _is_built(build):
-            logger.warning("building sdlab's bf16 CPU kernels (once; about 30 s)")
-        module = cpp_extension.load(name=build, sources=[str(FOLDER / s) for s in SOURCES],
-                                    extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                    extra_ldflags=["-fopenmp"], verbose=False)   # OpenMP: at::parallel_for's threads
+        module = _import_built(build)
+        if module is None:
+            from torch.utils import cpp_extension   # ~70 ms to import: only to build
+
+            folder = build_folder() / build
+            if not (folder / f"{build}.so").is_file():
+                logger.warning("building sdlab's bf16 CPU kernels (once; about 30 s)")
+            folder.mkdir(parents=True, exist_ok=True)
+            module = cpp_extension.load(name=build, sources=[str(FOLDER / s) for s in SOURCES],
+                                        extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                        extra_ldflags=["-fopenmp"],   # OpenMP: at::parallel_for's threads
+                                        build_directory=str(folder), verbose=False)
     except Exception as err:   # no compiler, no ninja, a build error, missing sources: PyTorch's operations instead
         logger.warning("sdlab's CPU kernels could not be built (%s); using PyTorch's operations",
                        str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
@@ -123,16 +143,21 @@ def _build() -> ModuleType | None:
     return module if hasattr(module, "flash_attention_bf16") else None
 
 
-def _is_built(build: str) -> bool:
-    """Whether torch's extension cache holds a build (only decides whether to announce the build; it asks a
-    private torch function, so any failure reads as "not built")."""
-    from torch.utils import cpp_extension
-
+def _import_built(build: str) -> ModuleType | None:
+    """The build from `build_folder()`, imported as it is: its name already stands for these sources, this CPU
+    and this torch, and asking `cpp_extension.load` instead costs ~85 ms a process (importing it, then ninja
+    finding nothing to do). None where there is no build or it does not import (`load` then rebuilds it)."""
+    path = build_folder() / build / f"{build}.so"
+    if not path.is_file():
+        return None
     try:
-        return (Path(cpp_extension._get_build_directory(build, verbose=False)) / f"{build}.so").exists()
+        spec = importlib.util.spec_from_file_location(build, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     except Exception:
-        return False
+        return None
+    return module
 
 
-__all__ = ["FOLDER", "HEADERS", "SOURCES", "extension", "has_hooks", "inference_only", "loaded", "name",
+__all__ = ["FOLDER", "HEADERS", "SOURCES", "build_folder", "extension", "has_hooks", "inference_only", "loaded", "name",
            "onednn_fuses", "runs_here", "tile_kernels"]
