@@ -99,12 +99,12 @@ class CastingView(Mapping[str, Tensor]):
 
     def __getitem__(self, key: str) -> Tensor:
         state = self._state
-        stored = state.dtype(key) if isinstance(state, LazyMapping) else state[key].dtype
-        dtype = self._dtype if stored.is_floating_point else stored
-        if self._device.type == "cpu":
-            out = read_as(state, key, dtype)   # a file's tensor converted as it is read
+        if isinstance(state, LazyMapping) and self._device.type == "cpu":   # converted as it is read
+            stored = state.dtype(key)
+            out = state.read_as(key, self._dtype if stored.is_floating_point else stored)
         else:
-            out = state[key].to(device=self._device, dtype=dtype)
+            t = state[key]
+            out = t.to(device=self._device, dtype=self._dtype if t.is_floating_point() else t.dtype)
         return out.clone(memory_format=torch.contiguous_format) if out.data_ptr() % 64 else out
 
     def __iter__(self) -> Iterator[str]:

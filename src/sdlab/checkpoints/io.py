@@ -102,12 +102,18 @@ class LazyStateDict(LazyMapping):
     def dtype(self, key: str) -> torch.dtype:
         return self._entries[key][1]
 
-    def __getitem__(self, key: str) -> Tensor:
+    def _entry(self, key: str) -> tuple[torch.Size, torch.dtype, int, int]:
+        """(shape, dtype, begin, end) of `key`, its byte count checked against its shape."""
         shape, dtype, begin, end = self._entries[key]
+        if end - begin != shape.numel() * dtype.itemsize:
+            raise CheckpointError(f"{self.path}: tensor {key} holds {end - begin} bytes, its shape needs "
+                                  f"{shape.numel() * dtype.itemsize}")
+        return shape, dtype, begin, end
+
+    def __getitem__(self, key: str) -> Tensor:
+        shape, dtype, begin, end = self._entry(key)
         tensor = torch.empty(shape, dtype=dtype)
         buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        if len(buffer) != end - begin:
-            raise CheckpointError(f"{self.path}: tensor {key} holds {end - begin} bytes, its shape needs {len(buffer)}")
         done = 0
         with open(self.path, "rb") as f:
             while done < len(buffer):
@@ -122,12 +128,9 @@ class LazyStateDict(LazyMapping):
         to another it is converted straight from the file's pages, mapped for this one tensor (and populated in
         one call where the system can), into a fresh, aligned tensor: no staging copy of the file's bytes
         (SD1.5's fp16 weights to bf16: 2.5 -> 1.3 s)."""
-        shape, stored, begin, end = self._entries[key]
+        shape, stored, begin, end = self._entry(key)
         if dtype == stored or begin == end or not hasattr(mmap, "MAP_SHARED"):
             return self[key].to(dtype)
-        if end - begin != shape.numel() * stored.itemsize:
-            raise CheckpointError(f"{self.path}: tensor {key} holds {end - begin} bytes, its shape needs "
-                                  f"{shape.numel() * stored.itemsize}")
         start = self._data_start + begin
         page = start - start % mmap.ALLOCATIONGRANULARITY
         with open(self.path, "rb") as f:

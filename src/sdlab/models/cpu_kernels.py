@@ -124,12 +124,13 @@ def build_folder() -> Path:
 def _build() -> ModuleType | None:
     try:
         build = name()
-        module = _import_built(build)
+        folder = build_folder() / build
+        library = folder / f"{build}.so"
+        module = _import_built(build, library)
         if module is None:
             from torch.utils import cpp_extension   # ~70 ms to import: only to build
 
-            folder = build_folder() / build
-            if not (folder / f"{build}.so").is_file():
+            if not library.is_file():
                 logger.warning("building sdlab's bf16 CPU kernels (once; about 30 s)")
             folder.mkdir(parents=True, exist_ok=True)
             module = cpp_extension.load(name=build, sources=[str(FOLDER / s) for s in SOURCES],
@@ -143,11 +144,10 @@ def _build() -> ModuleType | None:
     return module if hasattr(module, "flash_attention_bf16") else None
 
 
-def _import_built(build: str) -> ModuleType | None:
-    """The build from `build_folder()`, imported as it is: its name already stands for these sources, this CPU
-    and this torch, and asking `cpp_extension.load` instead costs ~85 ms a process (importing it, then ninja
+def _import_built(build: str, path: Path) -> ModuleType | None:
+    """The built library `path` of `build`, imported as it is: its name already stands for these sources, this
+    CPU and this torch, and asking `cpp_extension.load` instead costs ~85 ms a process (importing it, then ninja
     finding nothing to do). None where there is no build or it does not import (`load` then rebuilds it)."""
-    path = build_folder() / build / f"{build}.so"
     if not path.is_file():
         return None
     try:
@@ -159,5 +159,5 @@ def _import_built(build: str) -> ModuleType | None:
     return module
 
 
-__all__ = ["FOLDER", "HEADERS", "SOURCES", "build_folder", "extension", "has_hooks", "inference_only", "loaded", "name",
-           "onednn_fuses", "runs_here", "tile_kernels"]
+__all__ = ["FOLDER", "HEADERS", "SOURCES", "build_folder", "extension", "has_hooks", "inference_only", "loaded",
+           "name", "onednn_fuses", "runs_here", "tile_kernels"]

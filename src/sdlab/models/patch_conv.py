@@ -65,8 +65,9 @@ def _on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, paddi
     `TILE_PIXELS` output pixels; the kernels built, or this product large enough to build them."""
     b, c, h, w = x.shape
     c_out, _, k, _ = weight.shape
-    if torch.compiler.is_compiling() or not (x.dtype == weight.dtype == torch.bfloat16
-            and (bias is None or bias.dtype == torch.bfloat16) and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
+    if torch.compiler.is_compiling() or not (
+            x.dtype == weight.dtype == torch.bfloat16 and (bias is None or bias.dtype == torch.bfloat16)
+            and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
             and weight.is_contiguous(memory_format=torch.channels_last) and (k * k * c) % 32 == 0 and c_out % 32 == 0
             and c_out >= 32 * torch.get_num_threads() and cpu_kernels.runs_here()
             and cpu_kernels.inference_only(x, weight, *(() if bias is None else (bias,)))):
