@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from sdlab.models import cpu_kernels
+from sdlab.models.cpu_memory import reuses_large_blocks
 from sdlab.models.unet import (
     BlockEmbeddings, UNetConfig, add_encoder, copies_to, encoder_embedding, shared_rows
 )
@@ -90,6 +91,7 @@ class ControlNet(nn.Module):
         self.middle_block_out = _zero_conv(skip_channels[-1])
         self.to(memory_format=torch.channels_last)   # as the U-Net: conv weights and activations NHWC
 
+    @reuses_large_blocks
     def forward(
         self, x: Tensor, t: Tensor, context: Tensor, hint: Tensor, y: Tensor | None = None
     ) -> tuple[list[Tensor], Tensor]:

@@ -1,8 +1,9 @@
 """sdlab's own CPU kernels (`kernels/`): built once per installed copy on CPUs with AVX512-BF16.
 
 One extension module holds them all: bf16 flash attention (`cpu_attention`), GroupNorm (+ SiLU) for bf16
-channels-last activations and LayerNorm for bf16 token rows (`cpu_norm`), and on CPUs with AMX the tile
-products for convolutions over few pixels (`patch_conv`) and the feed-forward's GEGLU (`cpu_linear`). It is
+channels-last activations and LayerNorm for bf16 token rows (`cpu_norm`), on CPUs with AMX the tile
+products for convolutions over few pixels (`patch_conv`) and the feed-forward's GEGLU (`cpu_linear`), and an
+allocator that reuses large blocks inside a model's call (`cpu_memory`). It is
 built the first time a large bf16 model draws on such a CPU (`torch.utils.cpp_extension`: a C++ compiler and
 ninja; about 30 s once on 2 cores, into torch's extensions folder (`build_folder()`), keyed by the sources'
 path and contents, and imported from there afterwards); where it cannot be built, every caller falls back to
@@ -27,7 +28,7 @@ from torch.nn.modules import module as _module_hooks
 logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).with_name("kernels")
-SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_norm.cpp", "cpu_patch_product.cpp")
+SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_memory.cpp", "cpu_norm.cpp", "cpu_patch_product.cpp")
 HEADERS = ("amx.h", "simd.h")
 
 _lock = threading.Lock()
@@ -101,7 +102,12 @@ def tile_kernels() -> ModuleType | None:
 
 def loaded() -> bool:
     """Whether the module was built (or found built) in this process."""
-    return _state.get("module") is not None
+    return loaded_extension() is not None
+
+
+def loaded_extension() -> ModuleType | None:
+    """The module where `extension()` has already built or imported it in this process (this never builds)."""
+    return _state.get("module")
 
 
 def extension() -> ModuleType | None:
@@ -160,4 +166,4 @@ def _import_built(build: str, path: Path) -> ModuleType | None:
 
 
 __all__ = ["FOLDER", "HEADERS", "SOURCES", "build_folder", "extension", "has_hooks", "inference_only", "loaded",
-           "name", "onednn_fuses", "runs_here", "tile_kernels"]
+           "loaded_extension", "name", "onednn_fuses", "runs_here", "tile_kernels"]

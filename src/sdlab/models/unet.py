@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, patch_conv, prompt_memo
+from sdlab.models.cpu_memory import reuses_large_blocks
 from sdlab.models.layers import attention, timestep_embedding
 
 
@@ -496,6 +497,7 @@ class UNet(nn.Module):
         self.memory_format = torch.channels_last
         self.to(memory_format=self.memory_format)
 
+    @reuses_large_blocks
     def forward(
         self,
         x: Tensor,

@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sdlab.models import cpu_kernels, cpu_norm, patch_conv
+from sdlab.models.cpu_memory import reuses_large_blocks
 from sdlab.models.layers import attention
 
 GROUP_NORM_EPS = 1e-6
@@ -168,7 +169,8 @@ class ResnetBlock(nn.Module):
         allocated 1.5 GB), so few are made: norm2 writes over conv1's output where no hook holds it, and conv2
         adds its result to the shortcut, inside the convolution where oneDNN can
         (`patch_conv.Conv2d.forward_add`): into the 1x1 shortcut's own output, or into x when consumed; with a
-        1x1 shortcut norm1 then writes over a consumed x too."""
+        1x1 shortcut norm1 then writes over a consumed x too, and x's memory is released after conv1 (the
+        caller's frames still name x, but hold no memory for it)."""
         if self.nin_shortcut is None:
             shortcut, mine = x, consume
             h = cpu_norm.group_norm(self.norm1, x, silu=True)  # (B, C_in, H, W)
@@ -176,8 +178,17 @@ class ResnetBlock(nn.Module):
             shortcut, mine = self.nin_shortcut(x), not cpu_kernels.has_hooks(self.nin_shortcut)  # (B, C_out, H, W)
             h = cpu_norm.group_norm(self.norm1, x, silu=True, overwrite=consume)
         h = self.conv1(h)  # (B, C_out, H, W)
+        if consume and shortcut is not x:
+            _release(x)   # norm1 wrote over it and conv1 has read it
         h = cpu_norm.group_norm(self.norm2, h, silu=True, overwrite=not cpu_kernels.has_hooks(self.conv1))
         return self.conv2.forward_add(h, shortcut, into_other=mine)  # conv2(h) + shortcut
+
+
+def _release(x: Tensor) -> None:
+    """Free a consumed activation's memory now, though the callers' frames still name it (an encoder's or
+    decoder's level input, its block's input) until the call returns: they never read it again. Of SD1.5's
+    512-px decode, the most memory in large blocks at once 352 -> 256 MB (`cpu_memory.stats`)."""
+    x.untyped_storage().resize_(0)
 
 
 def _consumes(module: nn.Module) -> bool:
@@ -236,8 +247,12 @@ class Downsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (B, C, H/2, W/2)
+    def forward(self, x: Tensor, consume: bool = False) -> Tensor:  # (B, C, H, W)
+        """`consume`: as `ResnetBlock`'s: x is released once padded."""
+        padded = F.pad(x, (0, 1, 0, 1))  # (B, C, H + 1, W + 1)
+        if consume:
+            _release(x)
+        return self.conv(padded)  # (B, C, H/2, W/2)
 
 
 class Upsample(nn.Module):
@@ -247,8 +262,12 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W)
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, 2H, 2W)
+    def forward(self, x: Tensor, consume: bool = False) -> Tensor:  # (B, C, H, W)
+        """`consume`: as `ResnetBlock`'s: x is released once enlarged."""
+        enlarged = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        if consume:
+            _release(x)
+        return self.conv(enlarged)  # (B, C, 2H, 2W)
 
 
 class MidBlock(nn.Module):
@@ -280,7 +299,7 @@ class Level(nn.Module):
         for block in self.block:
             x = block(x, consume)
         resample = getattr(self, self.resample_name, None)
-        return x if resample is None else resample(x)
+        return x if resample is None else resample(x, consume)
 
 
 class Encoder(nn.Module):
@@ -303,6 +322,7 @@ class Encoder(nn.Module):
         self.norm_out = _group_norm(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * cfg.latent_channels, 3, padding=1)
 
+    @reuses_large_blocks
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)  # (B, ch, H, W)
         consume = _consumes(self)   # from here on every activation is this encoder's own
@@ -333,6 +353,7 @@ class Decoder(nn.Module):
         self.norm_out = _group_norm(block_in, cfg.norm_groups)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels, 3, padding=1)
 
+    @reuses_large_blocks
     def forward(self, z: Tensor) -> Tensor:
         h = self.conv_in(z)  # (B, ch*m[-1], h, w)
         consume = _consumes(self)   # from here on every activation is this decoder's own

@@ -1,6 +1,10 @@
 // The Python module of sdlab's CPU kernels (sdlab.models.cpu_kernels builds it from this folder's sources).
 #include <torch/extension.h>
 
+bool reuse_enter();
+void reuse_leave();
+std::vector<int64_t> reuse_stats();
+
 #ifdef __AVX512BF16__
 at::Tensor flash_attention_bf16(at::Tensor q, at::Tensor k, at::Tensor v, int64_t heads, double scale2,
                                    bool allow_amx);
@@ -15,6 +19,9 @@ at::Tensor linear_bf16(at::Tensor x, at::Tensor weight, c10::optional<at::Tensor
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    m.def("reuse_enter", &reuse_enter);
+    m.def("reuse_leave", &reuse_leave);
+    m.def("reuse_stats", &reuse_stats);
 #ifdef __AVX512BF16__
     m.def("flash_attention_bf16", &flash_attention_bf16);
     m.def("uses_amx", &uses_amx);

@@ -1,0 +1,180 @@
+// Large CPU blocks reused inside a scope (sdlab.models.cpu_memory): an allocator put in front of PyTorch's.
+//
+// glibc hands every block of 32 MiB or more (its largest mmap threshold) out as a fresh mapping and unmaps it
+// on free, so each of a VAE decode's large activations is memory the kernel zeroes page by page on first
+// touch (and on a virtual machine the host may have to back it first). Inside a scope this allocator keeps
+// such blocks when they are freed and serves later large requests from them:
+//   - a free range at least as large: its head (best fit; the rest stays free), no system call;
+//   - else the free ranges moved into one new mapping with mremap (page tables moved, no copy) and the
+//     remainder left fresh, so fresh pages are only ever taken once all kept ones are in use.
+// So the memory held never exceeds the most the scope's large blocks ever needed at once (the peak without
+// reuse), and fresh pages are that peak, not the sum of all requests. Leaving the outermost scope unmaps what
+// is kept; blocks freed outside a scope are unmapped at once. Smaller requests go to the allocator it replaced.
+//
+// A block is a list of segments: a range moved into a mapping becomes a mapping of its own, and mremap moves
+// only ranges inside one mapping, so each segment is moved or unmapped whole (or split into head and tail).
+#include <torch/extension.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+constexpr size_t kLarge = size_t(32) << 20;   // glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+constexpr size_t kPage = 4096;
+
+struct Segment {
+  char* addr;
+  size_t bytes;
+};
+
+class ReusingAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    if (n < kLarge) return base_->allocate(n);
+    const size_t bytes = (n + kPage - 1) / kPage * kPage;
+    std::vector<Segment> block;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      block = depth_ > 0 ? from_kept(bytes) : std::vector<Segment>{};
+      if (block.empty()) block.push_back(fresh(bytes));
+      char* data = block.front().addr;
+      live_bytes_ += bytes;
+      live_peak_ = std::max(live_peak_, live_bytes_);
+      live_.emplace(data, std::move(block));
+      return {data, data, &release, c10::Device(c10::DeviceType::CPU)};
+    }
+  }
+
+  c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  static ReusingAllocator& instance() {
+    static auto* allocator = new ReusingAllocator();   // never destroyed: blocks may be freed at exit
+    return *allocator;
+  }
+
+  bool enter() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (base_ == nullptr) {
+      c10::Allocator* current = c10::GetCPUAllocator();
+      c10::SetCPUAllocator(this, /*priority=*/1);
+      if (c10::GetCPUAllocator() != this) return false;   // another allocator of higher priority stays
+      base_ = current;
+    }
+    if (depth_++ == 0) live_peak_ = live_bytes_;
+    return true;
+  }
+
+  void leave() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (depth_ > 0 && --depth_ == 0) {
+      for (const Segment& s : kept_) munmap(s.addr, s.bytes);
+      kept_.clear();
+      kept_bytes_ = 0;
+    }
+  }
+
+  std::vector<int64_t> stats() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return {int64_t(depth_), int64_t(live_bytes_), int64_t(live_peak_), int64_t(kept_bytes_), int64_t(fresh_bytes_)};
+  }
+
+ private:
+  static void release(void* data) {
+    ReusingAllocator& self = instance();
+    std::lock_guard<std::mutex> lock(self.mutex_);
+    auto it = self.live_.find(data);
+    if (it == self.live_.end()) {           // a smaller block: the replaced allocator's
+      self.base_->raw_deleter()(data);
+      return;
+    }
+    for (const Segment& s : it->second) {
+      self.live_bytes_ -= s.bytes;
+      if (self.depth_ > 0) {
+        self.kept_.push_back(s);
+        self.kept_bytes_ += s.bytes;
+      } else {
+        munmap(s.addr, s.bytes);
+      }
+    }
+    self.live_.erase(it);
+  }
+
+  // A new mapping of `bytes` (pages untouched until written).
+  Segment fresh(size_t bytes) {
+    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK_WITH(OutOfMemoryError, p != MAP_FAILED, "could not map ", bytes, " bytes of memory");
+    fresh_bytes_ += bytes;
+    return {static_cast<char*>(p), bytes};
+  }
+
+  // `bytes` from the kept segments (empty when none are kept): the head of the smallest one that is large
+  // enough, else all of them moved (largest first) into one new mapping that fresh pages complete.
+  std::vector<Segment> from_kept(size_t bytes) {
+    if (kept_.empty()) return {};
+    auto fits = kept_.end();
+    for (auto it = kept_.begin(); it != kept_.end(); ++it) {
+      if (it->bytes >= bytes && (fits == kept_.end() || it->bytes < fits->bytes)) fits = it;
+    }
+    if (fits != kept_.end()) {
+      Segment head{fits->addr, bytes};
+      take(fits, bytes);
+      return {head};
+    }
+    std::sort(kept_.begin(), kept_.end(), [](const Segment& a, const Segment& b) { return a.bytes > b.bytes; });
+    Segment whole = fresh(bytes);
+    fresh_bytes_ -= bytes;   // counted below: only the part no kept segment covers
+    std::vector<Segment> block;
+    size_t offset = 0;
+    while (offset < bytes && !kept_.empty()) {
+      auto it = kept_.begin();
+      const size_t part = std::min(it->bytes, bytes - offset);
+      void* moved = mremap(it->addr, part, part, MREMAP_MAYMOVE | MREMAP_FIXED, whole.addr + offset);
+      if (moved == MAP_FAILED) {            // left where it was; the rest of the block is fresh
+        break;
+      }
+      block.push_back({whole.addr + offset, part});
+      take(it, part);
+      offset += part;
+    }
+    if (offset < bytes) {
+      block.push_back({whole.addr + offset, bytes - offset});
+      fresh_bytes_ += bytes - offset;
+    }
+    return block;
+  }
+
+  // The first `bytes` of kept segment `it` leave the kept list (the rest, if any, stays).
+  void take(std::vector<Segment>::iterator it, size_t bytes) {
+    kept_bytes_ -= bytes;
+    if (it->bytes == bytes) {
+      kept_.erase(it);
+    } else {
+      it->addr += bytes;
+      it->bytes -= bytes;
+    }
+  }
+
+  c10::Allocator* base_ = nullptr;
+  std::mutex mutex_;
+  int depth_ = 0;
+  std::vector<Segment> kept_;
+  std::unordered_map<void*, std::vector<Segment>> live_;
+  size_t live_bytes_ = 0, live_peak_ = 0, kept_bytes_ = 0, fresh_bytes_ = 0;
+};
+
+}  // namespace
+
+bool reuse_enter() { return ReusingAllocator::instance().enter(); }
+void reuse_leave() { ReusingAllocator::instance().leave(); }
+std::vector<int64_t> reuse_stats() { return ReusingAllocator::instance().stats(); }
