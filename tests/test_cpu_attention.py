@@ -132,6 +132,21 @@ def test_a_built_kernel_is_imported_without_building(kernel, monkeypatch):
     assert module.__file__.startswith(str(cpu_kernels.build_folder()))
 
 
+def test_built_extension_imports_a_build_and_never_builds(kernel, monkeypatch, tmp_path):
+    """`built_extension` (what the allocator's scopes ask for): a build there is imported and counts as loaded;
+    with none, None, nothing built, and `extension()` may still build later."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **kwargs: pytest.fail("built_extension must not build"))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    module = cpu_kernels.built_extension()
+    assert module is not None and module.__name__ == cpu_kernels.name() and cpu_kernels.loaded()
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert cpu_kernels.built_extension() is None and cpu_kernels.built_extension() is None
+    assert not cpu_kernels.loaded() and "module" not in cpu_kernels._state
+
+
 def test_a_kernel_that_cannot_be_built_falls_back_to_pytorch(chosen, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_state", {})
     monkeypatch.setattr(cpu_kernels, "SOURCES", ("missing.cpp",))

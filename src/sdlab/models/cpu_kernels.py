@@ -102,12 +102,19 @@ def tile_kernels() -> ModuleType | None:
 
 def loaded() -> bool:
     """Whether the module was built (or found built) in this process."""
-    return loaded_extension() is not None
+    return _state.get("module") is not None
 
 
-def loaded_extension() -> ModuleType | None:
-    """The module where `extension()` has already built or imported it in this process (this never builds)."""
-    return _state.get("module")
+def built_extension() -> ModuleType | None:
+    """The module where it is loaded, or built already (then imported, ~1 ms, and loaded from here on); this
+    never builds it, and looks for a build once per process."""
+    with _lock:
+        if "module" not in _state and "looked" not in _state:
+            _state["looked"] = None
+            module = _import_built(name()) if runs_here() else None
+            if module is not None and hasattr(module, "flash_attention_bf16"):
+                _state["module"] = module
+        return _state.get("module")
 
 
 def extension() -> ModuleType | None:
@@ -127,12 +134,17 @@ def build_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "torch_extensions"
 
 
+def _library(build: str) -> Path:
+    """The built library of `build` (a `name()`)."""
+    return build_folder() / build / f"{build}.so"
+
+
 def _build() -> ModuleType | None:
     try:
         build = name()
-        folder = build_folder() / build
-        library = folder / f"{build}.so"
-        module = _import_built(build, library)
+        library = _library(build)
+        folder = library.parent
+        module = _import_built(build)
         if module is None:
             from torch.utils import cpp_extension   # ~70 ms to import: only to build
 
@@ -150,10 +162,11 @@ def _build() -> ModuleType | None:
     return module if hasattr(module, "flash_attention_bf16") else None
 
 
-def _import_built(build: str, path: Path) -> ModuleType | None:
-    """The built library `path` of `build`, imported as it is: its name already stands for these sources, this
-    CPU and this torch, and asking `cpp_extension.load` instead costs ~85 ms a process (importing it, then ninja
+def _import_built(build: str) -> ModuleType | None:
+    """The built library of `build`, imported as it is: its name already stands for these sources, this CPU
+    and this torch, and asking `cpp_extension.load` instead costs ~85 ms a process (importing it, then ninja
     finding nothing to do). None where there is no build or it does not import (`load` then rebuilds it)."""
+    path = _library(build)
     if not path.is_file():
         return None
     try:
@@ -165,5 +178,5 @@ def _import_built(build: str, path: Path) -> ModuleType | None:
     return module
 
 
-__all__ = ["FOLDER", "HEADERS", "SOURCES", "build_folder", "extension", "has_hooks", "inference_only", "loaded",
-           "loaded_extension", "name", "onednn_fuses", "runs_here", "tile_kernels"]
+__all__ = ["FOLDER", "HEADERS", "SOURCES", "build_folder", "built_extension", "extension", "has_hooks",
+           "inference_only", "loaded", "name", "onednn_fuses", "runs_here", "tile_kernels"]

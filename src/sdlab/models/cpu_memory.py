@@ -2,17 +2,20 @@
 
 glibc serves every block of 32 MiB or more (its largest mmap threshold, which `utils.allocator.tune` sets) as
 a fresh mapping and unmaps it when freed, and the kernel zeroes such memory page by page on its first touch.
-A VAE decode makes many of them (SD1.5 at 512 px: ~960 MB of 64-128 MB activations, ~240,000 pages; at 1024 px
-four times that), and on a virtual machine a first touch can also wait for the host to back the page: in a
-profile of 1024-px decodes, a fifth of the time was the kernel clearing pages.
+A VAE decode makes many of them (SD1.5 at 512 px: 960 MB of 32-128 MB activations, ~240,000 pages; at 1024
+px 4.3 GB), and on a virtual machine a first touch can also wait for the host to back the page: in a profile
+of 1024-px decodes, a fifth of the time was the kernel clearing pages.
 
 Inside `reusing_large_blocks()` the extension's allocator, put in front of PyTorch's CPU allocator, keeps
 the large blocks freed and serves later ones from them (a large enough kept range's head, else all kept ranges
 moved into one mapping with `mremap`, which moves page tables and copies nothing, completed with fresh pages).
-So the memory held never exceeds the most the call's large blocks needed at once, and the fresh pages are that
-peak rather than the sum of every request: SD1.5's 512-px decode 960 -> 352 MB, 1024 px 4,352 -> 1,408 MB.
-Leaving the outermost scope unmaps what is kept. Blocks under 32 MiB, which the tuned glibc heap already
-reuses, go to PyTorch's allocator as before. Needs the kernels' extension, loaded (this never builds it).
+So the memory held never exceeds the most the scope's large blocks needed at once, and the fresh pages are
+that peak rather than the sum of every request: SD1.5's 512-px decode 960 -> 256 MB, 1024 px 4,352 -> 1,024
+MB (with the VAE releasing the inputs it consumes, `vae._release`). Leaving the outermost scope unmaps what is
+kept. Blocks under 32 MiB, which the tuned glibc heap already reuses, go to PyTorch's allocator as before.
+The models' calls run inside one (`reuses_large_blocks`: U-Net, ControlNet, VAE encoder and decoder), as do
+tiled passes and upscaler passes. Needs the kernels' extension built (`cpu_kernels.built_extension`; this never
+builds it).
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ F = TypeVar("F", bound=Callable)
 @contextlib.contextmanager
 def reusing_large_blocks(device: torch.device) -> Iterator[None]:
     """Large CPU blocks freed inside are reused inside (nothing where `device` is not the CPU, the kernels are
-    not loaded, or another allocator of higher priority runs PyTorch's CPU memory). Scopes nest; the outermost
+    not built, or another allocator of higher priority runs PyTorch's CPU memory). Scopes nest; the outermost
     one's end unmaps the kept blocks."""
-    module = cpu_kernels.loaded_extension() if device.type == "cpu" else None
+    module = cpu_kernels.built_extension() if device.type == "cpu" else None
     entered = module is not None and module.reuse_enter()
     try:
         yield
@@ -56,10 +59,10 @@ def reuses_large_blocks(forward: F) -> F:
 
 
 def stats() -> dict[str, int] | None:
-    """The allocator's counters for large blocks (None without the loaded extension): open scopes, bytes in use,
+    """The allocator's counters for large blocks (None without the built extension): open scopes, bytes in use,
     the most in use at once since the outermost scope began, bytes kept for reuse, and fresh bytes mapped
     since the process began."""
-    module = cpu_kernels.loaded_extension()
+    module = cpu_kernels.built_extension()
     if module is None:
         return None
     depth, live, peak, kept, fresh = module.reuse_stats()

@@ -36,8 +36,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import Tensor, nn
 
 from sdlab.checkpoints.upscaler import Upscaler
+from sdlab.models.cpu_memory import reusing_large_blocks
 from sdlab.pipeline.tiling import decode_tiled
 
 DEFAULT_TILE = 192              # input pixels per tile side (A1111's ESRGAN tile); 0 = no tiling
@@ -134,23 +136,28 @@ def run_upscaler(upscaler: Upscaler, image: Image.Image, *, tile: int = DEFAULT_
     net = upscaler.net
     param = next(net.parameters())
     x = _to_tensor(image, config.in_channels).to(param.device, param.dtype)       # (1, C, H, W)
-    if tile > 0:
-        # A pixel-unshuffled network is shift-equivariant only by whole folds: pad as the network itself does,
-        # then cut tiles on the fold's grid.
-        height, width = x.shape[-2:]
-        x = F.pad(x, (0, -width % fold, 0, -height % fold), mode="reflect") if fold > 1 else x
-        tile = max(fold, tile - tile % fold)
-        overlap = min(overlap - overlap % fold, tile - fold)
-        y = decode_tiled(net, x, tile, overlap, factor=scale)                    # (1, C, sH', sW'): any x`scale` map
-        y = y[..., : height * scale, : width * scale]                           # (1, C, sH, sW)
-    else:
-        y = net(x)
+    with reusing_large_blocks(x.device):   # the network's 64-channel maps at 4 x the size: large blocks
+        y = _run_network(net, x, tile, overlap, fold, scale)                     # (1, C, sH, sW)
     out = _to_image(y)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
     if config.out_channels == 3 and has_alpha:
         alpha = image.convert("RGBA").getchannel("A").resize(out.size, Image.Resampling.LANCZOS)
         out.putalpha(alpha)
     return out
+
+
+def _run_network(net: nn.Module, x: Tensor, tile: int, overlap: int, fold: int, scale: int) -> Tensor:
+    """net(x), tiled unless `tile` is 0. x: (1, C, H, W) -> (1, C', H * scale, W * scale)"""
+    if tile <= 0:
+        return net(x)
+    # A pixel-unshuffled network is shift-equivariant only by whole folds: pad as the network itself does, then
+    # cut tiles on the fold's grid.
+    height, width = x.shape[-2:]
+    x = F.pad(x, (0, -width % fold, 0, -height % fold), mode="reflect") if fold > 1 else x
+    tile = max(fold, tile - tile % fold)
+    overlap = min(overlap - overlap % fold, tile - fold)
+    y = decode_tiled(net, x, tile, overlap, factor=scale)                        # (1, C, sH', sW'): any x`scale` map
+    return y[..., : height * scale, : width * scale]                             # (1, C, sH, sW)
 
 
 def upscale_image(image: Image.Image, upscaler: Upscaler | str, size: tuple[int, int], *,
