@@ -11,8 +11,10 @@ the large blocks freed and serves later ones from them (a large enough kept rang
 moved into one mapping with `mremap`, which moves page tables and copies nothing, completed with fresh pages).
 So the memory held never exceeds the most the scope's large blocks needed at once, and the fresh pages are
 that peak rather than the sum of every request: SD1.5's 512-px decode 960 -> 256 MB, 1024 px 4,352 -> 1,024
-MB (with the VAE releasing the inputs it consumes, `vae._release`). Leaving the outermost scope unmaps what is
-kept. Blocks under 32 MiB, which the tuned glibc heap already reuses, go to PyTorch's allocator as before.
+MB (with the VAE releasing the inputs it consumes, `vae._release`). What is kept is unmapped when no large
+block is in use any more (an encoder past its large levels keeps nothing while its smaller ones grow the
+heap), beyond the 16 largest kept ranges (a bound on the mappings a long scope makes), and when the
+outermost scope ends. Blocks under 32 MiB, which the tuned glibc heap already reuses, go to PyTorch's allocator as before.
 The models' calls run inside one (`reuses_large_blocks`: U-Net, ControlNet, VAE encoder and decoder), as do
 tiled passes and upscaler passes. Needs the kernels' extension built (`cpu_kernels.built_extension`; this never
 builds it).
@@ -35,11 +37,12 @@ F = TypeVar("F", bound=Callable)
 @contextlib.contextmanager
 def reusing_large_blocks(device: torch.device) -> Iterator[None]:
     """Large CPU blocks freed inside are reused inside (nothing where `device` is not the CPU, the kernels are
-    not built, or another allocator of higher priority runs PyTorch's CPU memory). Scopes nest; the outermost
-    one's end unmaps the kept blocks."""
+    not built, or another allocator of higher priority runs PyTorch's CPU memory). Scopes nest; what is kept
+    is unmapped when no large block is in use any more and when the outermost scope ends."""
     module = cpu_kernels.built_extension() if device.type == "cpu" else None
-    entered = module is not None and module.reuse_enter()
+    entered = False
     try:
+        entered = module is not None and module.reuse_enter()
         yield
     finally:
         if entered:
@@ -47,26 +50,28 @@ def reusing_large_blocks(device: torch.device) -> Iterator[None]:
 
 
 def reuses_large_blocks(forward: F) -> F:
-    """`forward(self, x, ...)` run inside `reusing_large_blocks(x.device)` (not while compiling: the graph
-    takes no calls into the extension)."""
+    """A module's `forward` run inside `reusing_large_blocks` on the device of its first tensor argument (no
+    scope without one, or while compiling: the graph takes no calls into the extension)."""
     @functools.wraps(forward)
-    def run(self, x, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            return forward(self, x, *args, **kwargs)
-        with reusing_large_blocks(x.device):
-            return forward(self, x, *args, **kwargs)
+    def run(self, *args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if first is None or torch.compiler.is_compiling():
+            return forward(self, *args, **kwargs)
+        with reusing_large_blocks(first.device):
+            return forward(self, *args, **kwargs)
     return run  # type: ignore[return-value]
 
 
 def stats() -> dict[str, int] | None:
     """The allocator's counters for large blocks (None without the built extension): open scopes, bytes in use,
-    the most in use at once since the outermost scope began, bytes kept for reuse, and fresh bytes mapped
-    since the process began."""
+    the most in use at once since an outermost scope last began, bytes and segments kept for reuse, and fresh
+    bytes mapped since the process began."""
     module = cpu_kernels.built_extension()
     if module is None:
         return None
-    depth, live, peak, kept, fresh = module.reuse_stats()
-    return {"depth": depth, "live_bytes": live, "peak_bytes": peak, "kept_bytes": kept, "fresh_bytes": fresh}
+    depth, live, peak, kept, fresh, segments = module.reuse_stats()
+    return {"depth": depth, "live_bytes": live, "peak_bytes": peak, "kept_bytes": kept, "fresh_bytes": fresh,
+            "kept_segments": segments}
 
 
 __all__ = ["reuses_large_blocks", "reusing_large_blocks", "stats"]
