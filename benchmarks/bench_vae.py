@@ -34,15 +34,12 @@ CFG = VAEConfig()
 
 @torch.no_grad()
 def _randomize(module: torch.nn.Module) -> None:
-    """Weights with std 1/sqrt(fan_in), norm scales around 1, biases std 0.1 (activations stay in range)."""
+    """Weights of std 1/sqrt(fan_in), so that activations stay in range through the deep network (norms and
+    biases keep PyTorch's initial values)."""
     gen = torch.Generator().manual_seed(0)
-    for name, param in module.named_parameters():
+    for param in module.parameters():
         if param.ndim >= 2:
             param.normal_(0.0, param[0].numel() ** -0.5, generator=gen)
-        elif "norm" in name and name.endswith("weight"):
-            param.normal_(1.0, 0.1, generator=gen)
-        else:
-            param.normal_(0.0, 0.1, generator=gen)
 
 
 def build(dtype: torch.dtype, which: tuple[str, ...] = ("sdlab", "diffusers")) -> dict:
