@@ -16,7 +16,7 @@ block is in use any more (an encoder past its large levels keeps nothing while i
 heap), beyond the 16 largest kept ranges (a bound on the mappings a long scope makes), and when the
 outermost scope ends. Blocks under 32 MiB, which the tuned glibc heap already reuses, go to PyTorch's allocator as before.
 The models' calls run inside one (`reuses_large_blocks`: U-Net, ControlNet, VAE encoder and decoder), as do
-tiled passes and upscaler passes. Needs the kernels' extension built (`cpu_kernels.built_extension`; this never
+upscaler passes. Needs the kernels' extension built (`cpu_kernels.built_extension`; this never
 builds it).
 """
 

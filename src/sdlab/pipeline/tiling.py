@@ -25,8 +25,6 @@ from typing import Callable
 
 import torch
 
-from sdlab.models.cpu_memory import reusing_large_blocks
-
 logger = logging.getLogger(__name__)
 
 # Above this many output pixels (1024 x 1024), tile by default. The SD VAE decoder's last up-block holds
@@ -96,20 +94,19 @@ def _run_tiled(
     logger.debug("tiling %dx%d: %d x %d tiles of %d, overlap %d", height, width, len(rows), len(cols), tile, overlap)
 
     output = weight_sum = None                               # allocated once the first tile shows C_out
-    with reusing_large_blocks(x.device):                     # each tile's large activations reuse the last's
-        for r, (top, th, wy) in zip(rows, row_weights):
-            for c, (left, tw, wx) in zip(cols, col_weights):
-                y = fn(x[..., r:r + tile, c:c + tile])       # (B, C_out, th, tw)
-                if y.shape[-2:] != (th, tw):
-                    raise ValueError(f"tile function gave {tuple(y.shape[-2:])}, expected {(th, tw)} (scale {scale})")
-                if output is None:
-                    output = torch.zeros(*y.shape[:2], out_h, out_w, device=y.device)   # (B, C_out, H', W') float32
-                    weight_sum = torch.zeros(out_h, out_w, device=y.device)            # (H', W')
-                    result_dtype = y.dtype
-                w = (wy[:, None] * wx[None, :]).to(y.device)     # (th, tw)
-                output[..., top:top + th, left:left + tw] += y.float() * w
-                weight_sum[top:top + th, left:left + tw] += w
-                del y
+    for r, (top, th, wy) in zip(rows, row_weights):
+        for c, (left, tw, wx) in zip(cols, col_weights):
+            y = fn(x[..., r:r + tile, c:c + tile])           # (B, C_out, th, tw)
+            if y.shape[-2:] != (th, tw):
+                raise ValueError(f"tile function gave {tuple(y.shape[-2:])}, expected {(th, tw)} (scale {scale})")
+            if output is None:
+                output = torch.zeros(*y.shape[:2], out_h, out_w, device=y.device)   # (B, C_out, H', W') float32
+                weight_sum = torch.zeros(out_h, out_w, device=y.device)            # (H', W')
+                result_dtype = y.dtype
+            w = (wy[:, None] * wx[None, :]).to(y.device)     # (th, tw)
+            output[..., top:top + th, left:left + tw] += y.float() * w
+            weight_sum[top:top + th, left:left + tw] += w
+            del y
     return (output / weight_sum).to(result_dtype)           # (B, C_out, out_h, out_w)
 
 

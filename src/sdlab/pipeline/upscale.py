@@ -136,7 +136,7 @@ def run_upscaler(upscaler: Upscaler, image: Image.Image, *, tile: int = DEFAULT_
     net = upscaler.net
     param = next(net.parameters())
     x = _to_tensor(image, config.in_channels).to(param.device, param.dtype)       # (1, C, H, W)
-    with reusing_large_blocks(x.device):   # the network's 64-channel maps at 4 x the size: large blocks
+    with reusing_large_blocks(x.device):   # its 64-channel maps at 2 and 4 x a tile's size: large blocks
         y = _run_network(net, x, tile, overlap, fold, scale)                     # (1, C, sH, sW)
     out = _to_image(y)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
