@@ -111,7 +111,7 @@ def built_extension() -> ModuleType | None:
     with _lock:
         if "module" not in _state and "looked" not in _state:
             _state["looked"] = None
-            module = _import_built(name()) if runs_here() else None
+            module = _import_built(_library(name())) if runs_here() else None
             if module is not None and hasattr(module, "flash_attention_bf16"):
                 _state["module"] = module
         return _state.get("module")
@@ -144,7 +144,7 @@ def _build() -> ModuleType | None:
         build = name()
         library = _library(build)
         folder = library.parent
-        module = _import_built(build)
+        module = _import_built(library)
         if module is None:
             from torch.utils import cpp_extension   # ~70 ms to import: only to build
 
@@ -162,15 +162,14 @@ def _build() -> ModuleType | None:
     return module if hasattr(module, "flash_attention_bf16") else None
 
 
-def _import_built(build: str) -> ModuleType | None:
-    """The built library of `build`, imported as it is: its name already stands for these sources, this CPU
-    and this torch, and asking `cpp_extension.load` instead costs ~85 ms a process (importing it, then ninja
-    finding nothing to do). None where there is no build or it does not import (`load` then rebuilds it)."""
-    path = _library(build)
+def _import_built(path: Path) -> ModuleType | None:
+    """The built library at `path` (`_library`), imported as it is: its name already stands for these sources,
+    this CPU and this torch, and asking `cpp_extension.load` instead costs ~85 ms a process (importing it, then
+    ninja finding nothing to do). None where there is no build or it does not import (`load` then rebuilds it)."""
     if not path.is_file():
         return None
     try:
-        spec = importlib.util.spec_from_file_location(build, path)
+        spec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     except Exception:

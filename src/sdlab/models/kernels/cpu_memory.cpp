@@ -78,12 +78,12 @@ class ReusingAllocator final : public c10::Allocator {
       c10::Allocator* current = c10::GetCPUAllocator();
       base_.store(current, std::memory_order_release);   // before any thread can reach this allocator
       c10::SetCPUAllocator(this, /*priority=*/1);
-      if (c10::GetCPUAllocator() != this) return false;   // another allocator of higher priority stays
       // A process forked while another thread holds the lock would find it held for good: take it around fork.
-      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
-                     [] { instance().mutex_.unlock(); });
+      if (c10::GetCPUAllocator() == this)
+        pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                       [] { instance().mutex_.unlock(); });
     }
-    if (c10::GetCPUAllocator() != this) return false;
+    if (c10::GetCPUAllocator() != this) return false;   // another allocator of higher priority stays
     if (depth_++ == 0) live_peak_ = live_bytes_;
     return true;
   }
