@@ -12,8 +12,8 @@ run) so that load from other processes hits both alike. Memory: on CPU, peak res
 (`getrusage` maxrss) of a fresh subprocess per (implementation, dtype) that builds only that model directly
 in the dtype and runs one forward; on CUDA, `torch.cuda.max_memory_allocated` around one forward.
 Numbers on a shared machine are noisy: compare the ratio, repeat before trusting a few percent. The runs go
-as a generation's steps do: sdlab's inside one `reusing_prompt_projections()` scope (the prompt's
-cross-attention k and v made at the first step, `sdlab.models.prompt_memo`; SD1.5 ~7 ms a CPU step). On
+as a generation's steps do: sdlab's inside one `reusing_generation_work()` scope (the prompt's
+cross-attention k and v made at the first step, `sdlab.models.generation_memo`; SD1.5 ~7 ms a CPU step). On
 the CPU sdlab runs the layers before the first text context once for the two equal halves
 (`sdlab.models.unet.shared_rows`; SD1.5 ~25 ms a step); the FLOP limit below counts the whole step.
 
@@ -44,7 +44,7 @@ import torch
 from sdlab.checkpoints.diffusers_unet import unet_config_to_diffusers, unet_state_dict_from_diffusers
 from sdlab.families.sdxl import SDXL_UNET
 from sdlab.models.layers import sdxl_vector
-from sdlab.models.prompt_memo import reusing_prompt_projections
+from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import UNet, UNetConfig
 
 MODELS = {"sd15": (UNetConfig(), 64), "sdxl": (SDXL_UNET, 128)}  # U-Net config, default latent side
@@ -133,7 +133,7 @@ def time_interleaved(models: dict, args, dtype: torch.dtype
     cpu_times: dict[str, list[float]] = {name: [] for name in models}
     peaks: list[float] = []
     names = list(models)
-    with torch.inference_mode(), reusing_prompt_projections():   # as a generation's steps run sdlab's U-Net
+    with torch.inference_mode(), reusing_generation_work():   # as a generation's steps run sdlab's U-Net
         for i in range(args.warmup + args.runs):
             if i >= args.warmup and args.peak_size:
                 peaks.append(matmul_peak(dtype, args.device, args.peak_size)[0])

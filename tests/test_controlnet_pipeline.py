@@ -135,6 +135,20 @@ def test_only_part_schedule_controls_read_each_calls_step(sd1, tmp_path, monkeyp
         assert len(asked) == calls
 
 
+def test_hint_features_are_made_once_per_generation(sd1, tmp_path, monkeypatch):
+    """The hint block's output depends on the hint and its weights only: made at the first step, reused."""
+    from sdlab.models.controlnet import ControlNet
+
+    ours, _, unet_config = sd1
+    [(_, path)] = _controlnet_files(tmp_path, unet_config, 1, "original")
+    made, real = [], ControlNet._hint_features
+    monkeypatch.setattr(ControlNet, "_hint_features", lambda self, *a: made.append(1) or real(self, *a))
+    for _ in range(2):   # one generation each
+        ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                     controls=[ControlInput(path, _hint(0), 0.8)], **EULER)
+    assert len(made) == 2
+
+
 def test_multicontrolnet_with_start_end(sd1, tmp_path):
     ours, base, unet_config = sd1
     nets = _controlnet_files(tmp_path, unet_config, 2, "diffusers-file")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from sdlab.models import cpu_kernels
+from sdlab.models import cpu_kernels, generation_memo
 from sdlab.models.cpu_memory import reuses_large_blocks
 from sdlab.models.unet import (
     BlockEmbeddings, UNetConfig, add_encoder, copies_to, encoder_embedding, shared_rows
@@ -104,8 +104,6 @@ class ControlNet(nn.Module):
         emb = BlockEmbeddings(encoder_embedding(self, unet, t, y, x.shape[0]), self)   # (B, 4 * mc)
         dtype = emb.silu.dtype
         context = context.to(dtype)
-        if self.cfg.hint_bgr:
-            hint = hint.flip(1)
         h = x.to(dtype).contiguous(memory_format=torch.channels_last)  # (B, C, h, w)
         rows = len(h)
         # a guided step's equal halves (latent and hint) run the layers before the first text context once
@@ -114,8 +112,9 @@ class ControlNet(nn.Module):
                               or not torch.equal(hint[:shared], hint[shared:])):
             shared = rows
         h, hint = h[:shared], hint[:shared]
-        guided_hint = self.input_hint_block(hint.to(dtype).contiguous(memory_format=torch.channels_last))
-        # (B or B / 2, mc, h, w): the hint block lands on the latent grid
+        # (B or B / 2, mc, h, w): the hint block lands on the latent grid; once per generation
+        guided_hint = generation_memo.reused((self.input_hint_block,), hint,
+                                             lambda: self._hint_features(hint, dtype))
         residuals = []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = block(h, emb, context)  # (B, C_i, h_i, w_i) from the first text context on
@@ -133,3 +132,9 @@ class ControlNet(nn.Module):
             residuals = [r.mean(dim=(2, 3), keepdim=True) for r in residuals]
             middle = middle.mean(dim=(2, 3), keepdim=True)
         return residuals, middle
+
+    def _hint_features(self, hint: Tensor, dtype: torch.dtype) -> Tensor:
+        """(B, hint_channels, h * f, w * f) hint -> (B, mc, h, w) features added after conv_in."""
+        if self.cfg.hint_bgr:
+            hint = hint.flip(1)
+        return self.input_hint_block(hint.to(dtype).contiguous(memory_format=torch.channels_last))

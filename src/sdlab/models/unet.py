@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, patch_conv, prompt_memo
+from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, generation_memo, patch_conv
 from sdlab.models.cpu_memory import reuses_large_blocks
 from sdlab.models.layers import attention, timestep_embedding
 
@@ -208,7 +208,9 @@ class CrossAttention(nn.Module):
         if context is None:
             k, v = cpu_linear.linear(x, self.to_k), cpu_linear.linear(x, self.to_v)  # 2 x (B, N, C)
         else:
-            k, v = prompt_memo.projections(self.to_k, self.to_v, context)  # 2 x (B, M, C), once per generation
+            k, v = generation_memo.reused(   # 2 x (B, M, C), once per generation
+                (self.to_k, self.to_v), context,
+                lambda: (cpu_linear.linear(context, self.to_k), cpu_linear.linear(context, self.to_v)))
         out = attention(q, k, v, self.heads, self.upcast)  # (B, N, C)
         if residual is None:
             return self.to_out[0](out)

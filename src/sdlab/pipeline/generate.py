@@ -59,7 +59,7 @@ from sdlab.diffusion.guidance import cfg, masked, needs_uncond
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.steps import StepInfo
-from sdlab.models.prompt_memo import reusing_prompt_projections
+from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.pipeline.control import controlled_unet, prepare_controls, spans_part, tag_steps
 from sdlab.pipeline.conditioning import make_cond
@@ -334,7 +334,7 @@ def _run_sampler(
     progress: ProgressFn | None,
 ) -> Tensor:
     watch = FiniteWatch(lambda what: _non_finite(what, plan.request))
-    with reusing_prompt_projections():   # the prompt's cross-attention k and v, made at the first step
+    with reusing_generation_work():   # the prompt's k and v, ControlNet hint features: made at the first step
         x = plan.sampler.fn(_finite_only(model, watch), x, sigmas, **options, callback=progress)
     watch.settle()
     return x
