@@ -13,7 +13,11 @@ underscores, in kohya's convention for each family:
 - text encoders: ``lora_te_`` (one encoder) or ``lora_te1_`` / ``lora_te2_`` (SDXL's CLIP-L / bigG) + the
   Hugging Face path, e.g. ``lora_te_text_model_encoder_layers_0_self_attn_q_proj``.
 
-Reading accepts both U-Net conventions for every family (files converted by other tools mix them).
+Reading accepts both U-Net conventions for every family (files converted by other tools mix them), and
+``lora_te1_`` for a single text encoder (diffusers' kohya converter writes it). Files in diffusers / peft
+naming carry no ``alpha`` tensors: their scale is the peft config's ``lora_alpha / r`` (per module where
+``alpha_pattern`` / ``rank_pattern`` name it; ``lora_alpha / sqrt(r)`` with rsLoRA) from the
+``lora_adapter_metadata`` diffusers writes, else 1.
 Training writes these files with `sdlab.train.lora`; `kohya_metadata` gives the ``ss_*`` metadata kohya
 writes, and `write_lora_file` adds kohya's ``sshs_*`` hashes.
 """
@@ -21,8 +25,11 @@ writes, and `write_lora_file` adds kohya's ``sshs_*`` hashes.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -113,14 +120,15 @@ def _unet_layer_table(unet: nn.Module, cfg: UNetConfig) -> dict[str, nn.Module]:
 
 def _text_layer_table(text_encoders) -> dict[str, nn.Module]:
     """kohya name -> layer of each text encoder (``lora_te_`` / ``lora_te1_`` / ``lora_te2_``, with or without
-    the ``text_model`` level); ``lora_te_`` also names the first of two (diffusers' ``text_encoder.``)."""
+    the ``text_model`` level); ``lora_te_`` also names the first of two (diffusers' ``text_encoder.``), and
+    ``lora_te1_`` the only one (diffusers' ``convert_state_dict_to_kohya`` numbers it so)."""
     table: dict[str, nn.Module] = {}
     for i, (prefix, te) in enumerate(zip(text_encoder_prefixes(len(text_encoders)), text_encoders)):
         for module_path, m in te.model.named_modules():
             if isinstance(m, _TARGETS) and m.weight is not None:
                 names = [prefix, prefix.replace("text_model_", "")]     # some files omit the text_model level
                 if i == 0:
-                    names += ["lora_te_text_model_", "lora_te_"]
+                    names += ["lora_te_text_model_", "lora_te_", "lora_te1_text_model_", "lora_te1_"]
                 for name in names:
                     table.setdefault(kohya_name(name, module_path), m)
     return table
@@ -216,7 +224,8 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
     LoRA; "hada_w1_a", ... for LyCORIS kinds) from a LoRA / LyCORIS file in kohya, LyCORIS, diffusers or peft
     naming. A file that is not one (a full checkpoint, an empty or unreadable file), or a module with
     missing or non-finite tensors, is a `CheckpointError` naming it."""
-    state, _ = read_checkpoint(path)
+    state, metadata = read_checkpoint(path)
+    peft = _peft_configs(path, metadata)
     groups: dict[str, dict[str, str]] = {}
     for key in state:
         split = _split_key(key)
@@ -236,6 +245,10 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
     lora: dict[str, dict[str, Tensor]] = {}
     for name, g in modules.items():
         entry = {field: state[key] for field, key in g.items()}
+        if peft and "down" in entry and "alpha" not in entry:
+            alpha = _peft_alpha(peft, name, entry["down"].shape[0])
+            if alpha is not None:
+                entry["alpha"] = torch.tensor(alpha)
         try:
             module_kind(entry)
         except ValueError as exc:
@@ -249,6 +262,55 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
             raise CheckpointError(f"{path}: two modules for the layer {kohya} ({name} and another naming)")
         lora[kohya] = entry
     return lora
+
+
+PEFT_METADATA_KEY = "lora_adapter_metadata"   # diffusers' `save_lora_weights` / `save_lora_adapter`
+_PEFT_COMPONENTS = ("text_encoder_2", "text_encoder", "unet")
+
+
+def _peft_configs(path, metadata: Mapping[str, str]) -> dict[str, dict]:
+    """Component ("unet", "text_encoder", "text_encoder_2"; "" in a single model's file) -> its peft LoRA
+    config fields (``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``), from the JSON
+    diffusers stores under ``lora_adapter_metadata`` with ``<component>.`` before each field."""
+    raw = metadata.get(PEFT_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        fields = json.loads(raw)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict):
+        logger.warning("%s: unreadable %s metadata; LoRA scales default to 1", path, PEFT_METADATA_KEY)
+        return {}
+    configs: dict[str, dict] = {}
+    for key, value in fields.items():
+        component, _, field = key.rpartition(".")
+        configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def _peft_pattern(patterns, module_path: str, default):
+    """peft's `get_pattern_key`: the value of the first pattern that matches the end of the module path."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module_path):
+            return value
+    return default
+
+
+def _peft_alpha(configs: Mapping[str, dict], name: str, rank: int) -> float | None:
+    """The ``alpha`` that gives the module `name` (a file's peft / diffusers module name) of rank `rank` the
+    scale peft gives it: ``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA. None without a config for it."""
+    component = next((c for c in _PEFT_COMPONENTS if name.startswith(c + ".")), "")
+    config = configs.get(component)
+    if not isinstance(config, dict) or not isinstance(config.get("lora_alpha"), (int, float)):
+        return None
+    path = name[len(component) + 1:] if component else name
+    path = path.removeprefix("base_model.model.")
+    alpha = float(_peft_pattern(config.get("alpha_pattern"), path, config["lora_alpha"]))
+    r = float(_peft_pattern(config.get("rank_pattern"), path, config.get("r", rank)))
+    if r <= 0:
+        return None
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r) * rank
 
 
 # --- merging -------------------------------------------------------------------------------------------

@@ -1,0 +1,137 @@
+"""LoRA files as diffusers and peft write them: merged by sdlab as diffusers' `load_lora_weights` applies them.
+
+- `save_lora_weights` files keep no ``alpha`` tensors; the peft config sits in the ``lora_adapter_metadata``
+  JSON (``unet.lora_alpha``, ``unet.r``, ``unet.alpha_pattern`` ...). With ``lora_alpha`` != ``r``, per-module
+  patterns and rsLoRA, the scale must come from there (SD1 and SDXL; U-Net and every text encoder).
+- diffusers' `convert_state_dict_to_kohya` names a single text encoder ``lora_te1_``.
+The U-Net and text-encoder outputs of sdlab's merged model and diffusers' model with the adapter loaded
+agree within 1e-4 of their scale (~2-3; fp32, merging rounds the weights once; measured ~1e-5), while the
+LoRA moves the U-Net's by more than 1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sdlab
+from bundle_fixtures import tiny_bundle, write_diffusers_folder
+
+peft = pytest.importorskip("peft")
+
+IDS = torch.tensor([[49406, 320, 8853, 539, 550, 18376, 49407, 49407, 49407]])
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2"]
+TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def _pipeline(family: str, folder):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    write_diffusers_folder(tiny_bundle(family, seed=11), folder)
+    pipe_class = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    return pipe_class, pipe_class.from_pretrained(folder, local_files_only=True)
+
+
+def _text_encoders(pipe):
+    return [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+
+
+def _add_adapters(pipe, **config) -> dict:
+    """Random peft LoRA adapters on the U-Net (alpha 8) and the text encoders (alpha 2), rank 4; `config`
+    adds to (or overrides) both configs. Returns `save_lora_weights`' arguments."""
+    g = torch.Generator().manual_seed(5)
+    parts = {"unet": (pipe.unet, UNET_TARGETS, 8.0)}
+    parts.update({name: (te, TEXT_TARGETS, 2.0) for name, te in zip(("text_encoder", "text_encoder_2"),
+                                                                  _text_encoders(pipe))})
+    arguments = {}
+    for name, (model, targets, alpha) in parts.items():
+        model.add_adapter(peft.LoraConfig(**{"r": 4, "lora_alpha": alpha, "target_modules": targets,
+                                             "init_lora_weights": False, **config}))
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_" in key:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        arguments[f"{name}_lora_layers"] = peft.utils.get_peft_model_state_dict(model)
+        arguments[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
+    return arguments
+
+
+def _compare(folder, lora_file, reference_pipe):
+    """Max differences (U-Net, each text encoder) between sdlab's merge and diffusers' adapter, and the
+    LoRA's effect on the reference U-Net output."""
+    bundle = sdlab.load(folder, dtype=torch.float32, loras=[(str(lora_file), 1.0)]).bundle
+    base = sdlab.load(folder, dtype=torch.float32).bundle
+    g = torch.Generator().manual_seed(0)
+    cfg = bundle.unet_config
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([10.0, 500.0])
+    context = torch.randn(2, 7, cfg.context_dim, generator=g)
+    kwargs, y = {}, None
+    if cfg.adm_in_channels is not None:
+        text_embeds = torch.randn(2, reference_pipe.text_encoder_2.config.projection_dim, generator=g)
+        time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 2)
+        kwargs = {"added_cond_kwargs": {"text_embeds": text_embeds, "time_ids": time_ids}}
+        from sdlab.models.layers import sdxl_vector
+        y = sdxl_vector(text_embeds, time_ids)
+    with torch.no_grad():
+        reference = reference_pipe.unet(x, t, context, **kwargs).sample
+        effect = float((reference - base.unet(x, t, context, y)).abs().max())
+        pairs = [(bundle.unet(x, t, context, y), reference)]
+        pairs += [(ours.model(IDS).last_hidden_state, theirs(IDS).last_hidden_state)
+                  for ours, theirs in zip(bundle.text_encoders, _text_encoders(reference_pipe))]
+    return [float((a - b).abs().max() / max(1.0, b.abs().max())) for a, b in pairs], effect
+
+
+@pytest.mark.parametrize("family, config", [
+    ("sd1", {}),
+    ("sd1", {"alpha_pattern": {"to_k": 1.0, "fc1": 6.0}, "rank_pattern": {"to_v": 2}}),
+    ("sd1", {"use_rslora": True}),
+    ("sdxl", {}),
+])
+def test_peft_lora_scales_come_from_its_metadata(family, config, tmp_path):
+    pipe_class, pipe = _pipeline(family, tmp_path / "pipe")
+    pipe_class.save_lora_weights(tmp_path / "lora", **_add_adapters(pipe, **config))
+    lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    from safetensors import safe_open
+    with safe_open(str(lora_file), "pt") as f:
+        assert not any(k.endswith("alpha") for k in f.keys())
+        assert json.loads(f.metadata()["lora_adapter_metadata"])["unet.lora_alpha"] == config.get("lora_alpha", 8.0)
+    _, reference = _pipeline(family, tmp_path / "pipe")
+    reference.load_lora_weights(str(lora_file))
+    diffs, effect = _compare(tmp_path / "pipe", lora_file, reference)
+    assert effect > 1.0
+    assert max(diffs) < 1e-4, diffs
+
+
+def test_kohya_file_with_lora_te1_for_the_only_text_encoder(tmp_path):
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+    from safetensors.torch import save_file
+
+    pipe_class, pipe = _pipeline("sd1", tmp_path / "pipe")
+    arguments = _add_adapters(pipe, lora_alpha=4)   # alpha = rank: kohya's .alpha tensors say 4
+    state = {f"{part}.{key}": value for part in ("unet", "text_encoder")
+             for key, value in arguments[f"{part}_lora_layers"].items()}
+    kohya = convert_state_dict_to_kohya(state)
+    assert any(k.startswith("lora_te1_") for k in kohya) and not any(k.startswith("lora_te_") for k in kohya)
+    lora_file = tmp_path / "kohya.safetensors"
+    save_file({k: v.contiguous() for k, v in kohya.items()}, str(lora_file))
+    _, reference = _pipeline("sd1", tmp_path / "pipe")
+    reference.load_lora_weights(str(lora_file))
+    diffs, effect = _compare(tmp_path / "pipe", lora_file, reference)
+    assert effect > 1.0
+    assert max(diffs) < 1e-4, diffs
+
+
+def test_a_single_models_adapter_file(tmp_path):
+    """`UNet2DConditionModel.save_lora_adapter`: bare module names, the config's fields without a prefix.
+    The reference is the model that saved it (diffusers' `load_lora_adapter` leaves this metadata unread and
+    scales by 1, though the adapter was made with lora_alpha 8 over rank 4)."""
+    _, pipe = _pipeline("sd1", tmp_path / "pipe")
+    _add_adapters(pipe)
+    pipe.unet.save_lora_adapter(tmp_path / "adapter")
+    lora_file = tmp_path / "adapter" / "pytorch_lora_weights.safetensors"
+    diffs, effect = _compare(tmp_path / "pipe", lora_file, pipe)
+    assert effect > 1.0
+    assert diffs[0] < 1e-4, diffs
