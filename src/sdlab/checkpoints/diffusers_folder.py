@@ -8,8 +8,9 @@
     scheduler/scheduler_config.json     `prediction_type` ("epsilon" / "v_prediction")
     tokenizer[_2]/                      not read: every SD family uses CLIP's BPE, shipped with sdlab
 
-Weights per component, first found wins: `diffusion_pytorch_model.safetensors` / `model.safetensors`, their
-`.fp16` variants, sharded `*.safetensors.index.json`, then the `.bin` pickles (weights-only). Configs come
+Weights per component, first found wins: `diffusion_pytorch_model.safetensors` / `model.safetensors` or
+their shard index (`*.safetensors.index.json`), the same in the `.fp16` variant (`*.fp16.safetensors`,
+`*.safetensors.index.fp16.json`), then the `.bin` pickles (weights-only) in the same order. Configs come
 from config.json files; every field they declare that a shape can show is compared with the tensors before
 any module (or key table) is built, and the other fields are type- and range-checked.
 
@@ -146,7 +147,7 @@ def read_config_json(path: Path) -> dict[str, Any]:
 
 
 def _shard_paths(index: Path) -> list[Path]:
-    """The shard files a `*.safetensors.index.json` names, each a regular file inside the index's folder."""
+    """The shard files a shard index (`*.index.json`) names, each a regular file inside the index's folder."""
     weight_map = read_config_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise CheckpointError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file name")
@@ -164,23 +165,29 @@ def _shard_paths(index: Path) -> list[Path]:
 
 def component_weights(folder: Path) -> Mapping[str, Tensor]:
     """The weights of one component folder (see module docstring for the search order)."""
-    for variant in _VARIANTS:
-        for stem in _WEIGHT_STEMS:
-            single = folder / f"{stem}{variant}.safetensors"
-            if _regular_file(single):
-                return read_checkpoint(single)[0]
-            index = folder / f"{stem}{variant}.safetensors.index.json"
-            if index.exists():
-                return ShardedStateDict([read_checkpoint(shard)[0] for shard in _shard_paths(index)])
-    for variant in _VARIANTS:
-        for stem in _WEIGHT_STEMS:
-            pickle = folder / f"{stem}{variant}.bin"
-            if _regular_file(pickle):
-                return read_checkpoint(pickle)[0]
+    for suffix in ("safetensors", "bin"):
+        for variant in _VARIANTS:
+            for stem in _WEIGHT_STEMS:
+                single = folder / f"{stem}{variant}.{suffix}"
+                if _regular_file(single):
+                    return read_checkpoint(single)[0]
+                index = _shard_index(folder, stem, suffix, variant)
+                if index is not None:
+                    return ShardedStateDict([read_checkpoint(shard)[0] for shard in _shard_paths(index)])
     raise CheckpointError(
         f"{folder}: no weights found (looked for diffusion_pytorch_model / model / pytorch_model "
-        ".safetensors, .fp16.safetensors, .safetensors.index.json, .bin)"
+        ".safetensors, .fp16.safetensors, .safetensors.index.json, .safetensors.index.fp16.json, .bin and "
+        "their shard indexes)"
     )
+
+
+def _shard_index(folder: Path, stem: str, suffix: str, variant: str) -> Path | None:
+    """The shard index of `stem`.`suffix` in `variant`: diffusers and transformers put the variant before
+    ``.json`` (``diffusion_pytorch_model.safetensors.index.fp16.json``); also taken before the suffix."""
+    for name in dict.fromkeys((f"{stem}.{suffix}.index{variant}.json", f"{stem}{variant}.{suffix}.index.json")):
+        if (folder / name).exists():
+            return folder / name
+    return None
 
 
 def _config_from_json(path: Path, convert: Callable[[dict[str, Any]], ConfigT],
