@@ -158,6 +158,38 @@ def test_truncated_controlnet_names_what_is_missing(tmp_path):
         load_controlnet(tmp_path / "cut.safetensors")
 
 
+@pytest.mark.parametrize("name, sidecar, pooled", [
+    ("control_v11e_sd15_shuffle.safetensors", None, True),            # lllyasviel's name (ComfyUI's rule)
+    ("shuffle_model_shuffle_fp16.safetensors", None, True),
+    ("control_v11p_sd15_canny.safetensors", None, False),
+    ("my_controlnet.safetensors", "model:\n  params:\n    global_average_pooling: True\n", True),   # A1111's rule
+    ("control_v11e_sd15_shuffle.safetensors", "model:\n  params:\n    global_average_pooling: false\n", False),
+])
+def test_single_file_shuffle_controlnet_pools_like_its_diffusers_folder(name, sidecar, pooled, tmp_path):
+    reference = diffusers_controlnet(ENCODERS["sd1"], seed=0)
+    reference.register_to_config(global_pool_conditions=True)
+    path = write_layout(reference, "original", tmp_path).rename(tmp_path / name)
+    if sidecar is not None:
+        path.with_suffix(".yaml").write_text(sidecar)
+    loaded = load_controlnet(path)
+    assert loaded.config.global_pool is pooled
+    if pooled:
+        inputs = _inputs("sd1")
+        with torch.no_grad():
+            down, mid = reference(*inputs[:4], conditioning_scale=1.0, return_dict=False)
+            residuals, middle = _residuals(loaded.model, *inputs)
+        assert tuple(middle.shape[-2:]) == (1, 1)
+        for ours, theirs in zip([*residuals, middle], [*down, mid]):
+            assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, float(theirs.abs().max()))
+
+
+def test_bad_shuffle_sidecar_is_one_error(tmp_path):
+    path = write_layout(diffusers_controlnet(ENCODERS["sd1"], seed=0), "original", tmp_path)
+    path.with_suffix(".yaml").write_text("model:\n  params:\n    global_average_pooling: maybe\n")
+    with pytest.raises(CheckpointError, match="global_average_pooling must be true or false"):
+        load_controlnet(path)
+
+
 def test_legacy_hash_is_a1111s(tmp_path):
     import hashlib
 

@@ -10,6 +10,8 @@
                add_embedding, down_blocks, mid_block), renamed with the U-Net's generated key map
                (`checkpoints.diffusers_unet.unet_key_map`).
 
+A diffusers config's `global_pool_conditions` (the shuffle model) pools the residuals over the picture; for
+single files the sidecar `.yaml`'s `global_average_pooling` says so, else a name ending in `_shuffle`.
 Every size is read from the tensors. What tensors cannot show (heads per level, upcast attention, norm groups)
 comes from the model the ControlNet is used with (`like`), else from a diffusers config.json, else from the
 structure: 1x1-conv attention projections are SD1's 8 heads, Linear projections SD2 / SDXL's 64-wide heads.
@@ -38,6 +40,7 @@ from sdlab.checkpoints.diffusers_unet import (
     unet_key_map,
 )
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.sidecar import model_params, sidecar_of
 from sdlab.checkpoints.infer import infer_unet_config
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.checkpoints.runnable import nonfinite_tensors
@@ -234,6 +237,20 @@ def _diffusers_options(config: Mapping[str, Any], path: Path) -> tuple[UNetConfi
         raise CheckpointError(f"{path}: {exc}") from None
 
 
+def _original_pooling(path: Path) -> bool:
+    """Whether a single-file ControlNet pools its residuals (the shuffle model): its sidecar `.yaml` says
+    so (`model.params.global_average_pooling`, as A1111 reads it), else its name ends in ``_shuffle`` or
+    ``_shuffle_fp16`` (ComfyUI's rule; lllyasviel ships `control_v11e_sd15_shuffle`)."""
+    sidecar = sidecar_of(path)
+    value = model_params(sidecar).get("global_average_pooling") if sidecar is not None else None
+    if value is not None:
+        if not isinstance(value, bool):
+            raise CheckpointError(f"{sidecar}: model.params.global_average_pooling must be true or false, "
+                                  f"got {value!r}")
+        return value
+    return path.stem.lower().endswith(("_shuffle", "_shuffle_fp16"))
+
+
 def _read(path: Path) -> tuple[Mapping[str, Tensor], dict[str, Any] | None]:
     if path.is_dir():
         config = read_config_json(path / "config.json")
@@ -262,6 +279,8 @@ def load_controlnet(
     declared = None
     if config_json is not None:
         declared, bgr, pool = _diffusers_options(config_json, path)
+    else:
+        pool = _original_pooling(path)
 
     shapes = shapes_of(state)
     if "lora_controlnet" in state:

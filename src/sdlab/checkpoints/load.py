@@ -38,6 +38,7 @@ from sdlab.checkpoints.file_format import (
     stored_scaling_factor,
 )
 from sdlab.checkpoints.plan import CheckpointPlan, ComponentReport, LoadReport
+from sdlab.checkpoints.sidecar import model_params, sidecar_of
 from sdlab.checkpoints.runnable import check_plan, check_weights
 from sdlab.checkpoints.single_file import load_vae_source, read_single_file
 from sdlab.diffusion.denoiser import Prediction
@@ -48,8 +49,6 @@ from sdlab.models.unet import UNetConfig
 from sdlab.utils.dtypes import auto_dtype
 
 logger = logging.getLogger(__name__)
-
-_MAX_SIDECAR_BYTES = 1 << 20                                                      # CompVis configs are ~2 KB
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -79,12 +78,11 @@ def resolve_prediction(
     for key in (META_PREDICTION, META_MODELSPEC_PREDICTION):
         if key in metadata:
             return parse(metadata[key], f"metadata {key}"), f"metadata {key}"
-    if path is not None and path.is_file():
-        for sidecar in (path.with_suffix(".yaml"), path.with_suffix(".yml")):
-            if sidecar.is_file():
-                value = _sidecar_parameterization(sidecar)
-                if value is not None:
-                    return parse(value, str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
+    sidecar = sidecar_of(path) if path is not None else None
+    if sidecar is not None:
+        value = _sidecar_parameterization(sidecar)
+        if value is not None:
+            return parse(value, str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
     if keys is not None and "v_pred" in keys:
         return Prediction.V, "v_pred marker key"
     if family.prediction_is_ambiguous:
@@ -100,21 +98,8 @@ def resolve_prediction(
 
 
 def _sidecar_parameterization(sidecar: Path) -> str | None:
-    """`model.params.parameterization` of a CompVis config `.yaml` beside a checkpoint (parsed with YAML's safe
-    loader: no tags, no objects), or None when it has none."""
-    import yaml
-
-    with open(sidecar, "rb") as f:
-        raw = f.read(_MAX_SIDECAR_BYTES + 1)
-    if len(raw) > _MAX_SIDECAR_BYTES:
-        raise CheckpointError(f"{sidecar}: larger than {_MAX_SIDECAR_BYTES >> 20} MiB; not a model config")
-    try:
-        config = yaml.safe_load(raw)
-    except (yaml.YAMLError, RecursionError) as exc:
-        raise CheckpointError(f"{sidecar}: not valid YAML ({' '.join(str(exc).split())})") from None
-    model = config.get("model") if isinstance(config, dict) else None
-    params = model.get("params") if isinstance(model, dict) else None
-    value = params.get("parameterization") if isinstance(params, dict) else None
+    """`model.params.parameterization` of a CompVis config `.yaml` beside a checkpoint, or None."""
+    value = model_params(sidecar).get("parameterization")
     if value is not None and not isinstance(value, str):
         raise CheckpointError(f"{sidecar}: model.params.parameterization must be a string, got {value!r}")
     return value
