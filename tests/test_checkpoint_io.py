@@ -119,6 +119,59 @@ def test_random_bytes(tmp_path: Path, suffix: str):
     _one_line_error(path, "not a readable|unknown checkpoint format|refused to unpickle")
 
 
+LIGHTNING_MODULE = """
+import os
+class ModelCheckpoint:   # as the real one would be: code that must not run on load
+    def __setstate__(self, state):
+        open(os.environ["SDLAB_TEST_MARKER"], "w").close()
+"""
+
+
+def test_checkpoints_with_lightning_callbacks_numpy_values_and_parameter_dicts(tmp_path: Path, monkeypatch):
+    """What CompVis' sd-v1-*.ckpt (a Lightning callback class as a key, numpy scalars) and the textual_inversion
+    repo's embeddings (a ParameterDict) carry beside their tensors: read without importing or running any of
+    it, and without leaving torch's allowlist changed."""
+    import sys
+
+    import numpy as np
+
+    package = tmp_path / "fake" / "pytorch_lightning" / "callbacks"
+    package.mkdir(parents=True)
+    for folder in (package.parent, package):
+        (folder / "__init__.py").write_text("")
+    (package / "model_checkpoint.py").write_text(LIGHTNING_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path / "fake"))
+    marker = tmp_path / "ran"
+    monkeypatch.setenv("SDLAB_TEST_MARKER", str(marker))
+    from pytorch_lightning.callbacks.model_checkpoint import ModelCheckpoint
+
+    callback = ModelCheckpoint()
+    callback.monitor = None                                       # state, so unpickling calls __setstate__
+    tensors = {"x.weight": torch.randn(2, 2), "y": torch.ones(3)}
+    compvis = tmp_path / "sd-v1-4.ckpt"
+    torch.save({"state_dict": tensors, "global_step": np.int64(470000), "loss": np.float32(0.1),
+                "history": np.zeros(3), "callbacks": {ModelCheckpoint: {"monitor": None, "best": np.float64(1)}},
+                "callback_object": callback}, compvis)
+    embedding = tmp_path / "rinongal.pt"
+    vector = torch.randn(1, 8)
+    torch.save({"string_to_token": {"*": torch.tensor(265)},
+                "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(vector)})}, embedding)
+    plain = pickle.dumps(callback)
+    for name in [m for m in sys.modules if m.startswith("pytorch_lightning")]:
+        monkeypatch.delitem(sys.modules, name)
+    allowed = set(map(str, torch.serialization.get_safe_globals()))
+
+    state, _ = read_checkpoint(compvis)
+    assert state.keys() == tensors.keys() and all(torch.equal(state[k], tensors[k]) for k in tensors)
+    state, _ = read_checkpoint(embedding, nested=True)
+    assert set(state) == {"string_to_token.*", "string_to_param.*"}
+    assert torch.equal(state["string_to_param.*"], vector)
+    assert not marker.exists() and "pytorch_lightning" not in sys.modules
+    assert set(map(str, torch.serialization.get_safe_globals())) == allowed
+    pickle.loads(plain)                                           # a plain unpickle would have run it
+    assert marker.exists()
+
+
 def test_malicious_pickles_never_run(tmp_path: Path):
     marker = tmp_path / "pwned"
     zip_ckpt = tmp_path / "evil.ckpt"

@@ -6,7 +6,10 @@
     architecture inference touch no weights and loading holds one tensor at a time beside the model;
   - pickled checkpoints go through `torch.load(..., weights_only=True)` and nothing else: that unpickler
     refuses every global outside tensors and plain containers, so a file that would run code on load is
-    rejected before anything runs. The zip directory is checked first (`_check_torch_zip`): decompression
+    rejected before anything runs. The few other names that checkpoints people have carry beside their
+    tensors (the Lightning callback of CompVis' `sd-v1-*.ckpt`, numpy scalars and arrays, the
+    textual_inversion repo's ParameterDict) are unpickled as inert stand-ins (`INERT_GLOBALS`): nothing is
+    imported or called, and only the ParameterDict's tensors are kept. The zip directory is checked first (`_check_torch_zip`): decompression
     bombs and big-endian files are refused before anything is unpacked; zip files whose records are all
     stored are memory-mapped, those with deflated records are read without mapping (a map would see the
     compressed bytes). A top-level `state_dict` entry (PyTorch Lightning, CompVis) is unwrapped.
@@ -27,6 +30,7 @@ import mmap
 import os
 import struct
 import re
+import threading
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -292,14 +296,57 @@ def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
 
 
+class _Inert(dict):
+    """Stands for an object a checkpoint carries beside its tensors: made, filled and "built" without running
+    any code of its class, then dropped with the other non-tensor entries."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        pass
+
+
+class _ParameterDict(dict):
+    """A pickled `torch.nn.ParameterDict` (the textual_inversion repo's `string_to_param`): its parameters
+    as a plain dict, taken from the pickled module state without running the module's code."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+    def __setstate__(self, state):
+        parameters = state.get("_parameters") if isinstance(state, dict) else None
+        if isinstance(parameters, dict):
+            self.update((k, v) for k, v in parameters.items() if isinstance(v, Tensor))
+
+
+# global name -> stand-in for names torch's weights-only unpickler refuses that pickled checkpoints carry
+INERT_GLOBALS: dict[str, type] = {
+    **{name: _Inert for name in (
+        "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",   # CompVis sd-v1-*.ckpt "callbacks"
+        "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint",
+        "pytorch_lightning.utilities.parsing.AttributeDict",              # Lightning "hyper_parameters"
+        "pytorch_lightning.utilities.argparse.AttributeDict",
+        "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",  # numpy scalars ("global_step")
+        "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",   # and arrays
+        "numpy.dtype", "numpy.ndarray",
+    )},
+    "torch.nn.modules.container.ParameterDict": _ParameterDict,
+}
+
+
+_STAND_INS = threading.Lock()   # torch's allowlist is one set: one load at a time adds and removes them
+
+
 def _read_pickle(path: Path, nested: bool = False) -> dict[str, Tensor]:
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"      # what torch.load takes for its zip format
     mmap = _check_torch_zip(path) if is_zip else False
     try:
-        with warnings.catch_warnings():  # torch asks users to "file an issue" about old pickle protocols
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with _STAND_INS, warnings.catch_warnings(), torch.serialization.safe_globals(
+                [(stand_in, name) for name, stand_in in INERT_GLOBALS.items()]):
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)  # torch asks
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)   # to "file an issue" about them
     except Exception as exc:
         message = str(exc)
         refusal = _REFUSAL.search(message)
