@@ -29,7 +29,8 @@ m (1, 2, 4, 4), R 2, so the levels are 128 @ 512², 256 @ 256², 512 @ 128², 51
 conv1, norm2, swish, conv2, plus ``nin_shortcut`` (1x1) where channels change. ``attn_1`` is single-head
 self-attention over the h*w positions with ``norm`` and 1x1-conv ``q``, ``k``, ``v``, ``proj_out``.
 GroupNorm everywhere is (norm_groups, eps 1e-6). Downsampling pads (0, 1, 0, 1) then convolves 3x3 with
-stride 2; upsampling is nearest x2 then a 3x3 conv.
+stride 2; upsampling is nearest x2 then a 3x3 conv (in CPU inference one transposed convolution,
+`sdlab.models.upsampled_conv`).
 
 The latent scaling factor (0.18215 / 0.13025) is not applied here: ``encode`` returns the raw latent
 distribution and ``decode`` takes a raw latent. Families own the scaling.
@@ -49,6 +50,7 @@ from torch import Tensor, nn
 from sdlab.models import cpu_kernels, cpu_norm, patch_conv
 from sdlab.models.cpu_memory import reuses_large_blocks
 from sdlab.models.layers import attention
+from sdlab.models.upsampled_conv import upsampled_conv
 
 GROUP_NORM_EPS = 1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -263,11 +265,12 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor, consume: bool = False) -> Tensor:  # (B, C, H, W)
-        """`consume`: as `ResnetBlock`'s: x is released once enlarged."""
-        enlarged = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (B, C, 2H, 2W)
+        """`consume`: as `ResnetBlock`'s: x is released once used. In CPU inference the pair runs as one
+        transposed convolution (`upsampled_conv`: 2.25 x fewer FLOPs, no enlarged copy)."""
+        out = upsampled_conv(x, self.conv)  # (B, C, 2H, 2W)
         if consume:
             _release(x)
-        return self.conv(enlarged)  # (B, C, 2H, 2W)
+        return out
 
 
 class MidBlock(nn.Module):
