@@ -156,7 +156,7 @@ def test_scopes_nest_and_threads_share_them() -> None:
 
 def test_a_decode_with_large_activations_reuses_and_releases_its_blocks() -> None:
     """A VAE whose top levels hold 32-64 MiB activations (bf16, 512 x 512 output): the decode's fresh bytes
-    are its peak, below those of a decode without the scope; releasing consumed inputs lowers that peak; the
+    are its peak (give or take the sub-MiB tails given back), below those of a decode without the scope; releasing consumed inputs lowers that peak; the
     numbers are the same every way."""
     from sdlab.models import vae as vae_module
     from sdlab.models.vae import AutoencoderKL, VAEConfig
@@ -183,7 +183,7 @@ def test_a_decode_with_large_activations_reuses_and_releases_its_blocks() -> Non
         finally:
             cpu_memory.reusing_large_blocks, vae_module._release = plain_scope, release
     assert torch.equal(reused, unscoped) and torch.equal(reused, kept_inputs)
-    assert fresh == peak < fresh_unscoped
+    assert peak <= fresh < peak + (2 << 20) and fresh < fresh_unscoped   # tails under 1 MiB are given back
     assert peak < peak_kept_inputs
 
 
