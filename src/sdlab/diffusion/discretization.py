@@ -119,6 +119,15 @@ def _finish(sigmas: Tensor, schedule: NoiseSchedule, final: str) -> Tensor:
     return torch.cat([sigmas.to(torch.float64).cpu(), last]).to(torch.float32)
 
 
+def _finish_ramp(sigmas: Tensor, schedule: NoiseSchedule, final: str) -> Tensor:
+    """`_finish` for the k-diffusion schedules (karras, exponential, normal), which already end at sigma_min:
+    there a "first_alpha" end (DDIM, PLMS, TCD) is 0 instead, since sigma_min again would make the last of the
+    requested steps an empty one (diffusers' own spacings keep theirs, as diffusers does)."""
+    if final == "first_alpha" and float(sigmas[-1]) <= schedule.sigma_min * (1 + 1e-6):
+        final = "zero"
+    return _finish(sigmas, schedule, final)
+
+
 def _interp_sigmas(schedule: NoiseSchedule, timesteps: Tensor) -> Tensor:
     """Sigma linearly interpolated at fractional timesteps, clamped to [0, T-1] (``np.interp``)."""
     table = schedule.sigmas.to(torch.float64).cpu()  # (T,)
@@ -338,7 +347,7 @@ def karras_sigmas(
     """Karras et al. 2022 eq. 5 between the model's sigma_min and sigma_max (overridable)."""
     steps = _check_steps(steps)
     lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
-    return _finish(_karras_ramp(steps, lo, hi, rho), schedule, final)
+    return _finish_ramp(_karras_ramp(steps, lo, hi, rho), schedule, final)
 
 
 def exponential_sigmas(
@@ -352,14 +361,14 @@ def exponential_sigmas(
     """Uniform in log sigma between the model's sigma_max and sigma_min (overridable)."""
     steps = _check_steps(steps)
     lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
-    return _finish(_exponential_ramp(steps, lo, hi), schedule, final)
+    return _finish_ramp(_exponential_ramp(steps, lo, hi), schedule, final)
 
 
 def normal_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
     """sigma(t) at ``steps`` timesteps evenly spaced from T-1 down to 0 (log-sigma interpolation)."""
     steps = _check_steps(steps)
     t = _linspace64(schedule.num_timesteps - 1, 0, steps)
-    return _finish(schedule.t_to_sigma(t), schedule, final)
+    return _finish_ramp(schedule.t_to_sigma(t), schedule, final)
 
 
 def sgm_uniform_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
