@@ -254,10 +254,11 @@ def test_sd1_inpaint_9_channels(sd1_inpaint, strength):
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
-def test_sd1_inpaint_4_channels(sd1):
+@pytest.mark.parametrize("scheduler", ["euler", "ddim"])   # DDIM ends at sigma_min: the kept region is reset
+def test_sd1_inpaint_4_channels(sd1, scheduler):
     ours_pipe, pipe = sd1
     inpaint = _quiet(StableDiffusionInpaintPipeline(**pipe.components))
-    inpaint.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    inpaint.scheduler, options = _schedulers(pipe.scheduler.config)[scheduler]
     image, mask = init_picture(SIZE), lower_right_mask(SIZE)
     reference = inpaint([PROMPT] * BATCH, image=[image] * BATCH, mask_image=[mask] * BATCH,
                         strength=0.6, negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,

@@ -165,7 +165,9 @@ def masked(
     second call on (the blended sample), pixels outside the known region are updated identically by
     any per-pixel sampler, and with the known x0 pasted, a first-order or multistep step leaves the
     known region at x0_known + noise * sigma_next, which is diffusers' blend. The one difference is
-    the first call: diffusers feeds its initial latents unblended; ``masked`` blends them.
+    the first call: diffusers feeds its initial latents unblended; ``masked`` blends them. After the last
+    step diffusers sets the known region to the clean x0_known; a sampler that ends at sigma 0 already has
+    it there, and the pipeline sets it for those that end above 0 (DDIM, PLMS, TCD).
     ``noise_scaling`` is the model's forward process (``ModelSampling.noise_scaling``; default VE).
     """
 

@@ -165,7 +165,18 @@ def sample_latents(
     model = _guided_model(bundle, plan.sampling, plan.request, start, generators, plan.sigmas)
     x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
     _check_finite(x, "the final latent", plan.request)
-    return plan.sampling.inverse_noise_scaling(plan.sigmas[-1], x)
+    return _keep_known(bundle, start, plan.sampling.inverse_noise_scaling(plan.sigmas[-1], x))
+
+
+def _keep_known(bundle: ModelBundle, start: _Start, latents: Tensor) -> Tensor:
+    """Inpainting with an ordinary model: the kept region of the final latents (B, C, h, w) set to the init
+    image's latent, as diffusers and A1111 do after the last step. Samplers that end above sigma 0 (DDIM,
+    PLMS, TCD: at sigma_min) would otherwise leave it noised to that sigma (`guidance.masked` pastes the known
+    x0 into every denoised estimate, which is all a sampler ending at 0 returns)."""
+    if start.mask is None or bundle.family.is_inpaint:
+        return latents
+    keep = 1 - latent_mask(start.mask, bundle.vae_config.downsample_factor).to(latents.device)  # (1, 1, h, w)
+    return latents + keep * (start.image_latent.to(latents.dtype) - latents)
 
 
 def _check_finite(x: Tensor, what: str, req: GenerationRequest) -> None:
@@ -220,7 +231,8 @@ def generate_with_refiner(
         refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, generators, sigmas)
         x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
     _check_finite(x, "the final latent", req)
-    latents = plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x)   # (B, 4, h, w)
+    last = refiner if split < len(sigmas) - 1 else base
+    latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x))   # (B, 4, h, w)
     return GenerationResult(images=_pictures(refiner, plan, latents), seeds=req.seeds(), request=req)
 
 
