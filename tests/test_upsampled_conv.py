@@ -1,7 +1,7 @@
-"""Nearest 2x upsampling + 3x3 convolution as one transposed convolution (`sdlab.models.upsampled_conv`):
-the same function as interpolate + conv (fp32 within 1e-5 of the output's scale; bf16 within 1.6 x the plain
-path's error against fp64), the plain path where it must run (gradients, hooks, fp64), and the kernel
-remade when the weight changes."""
+"""Nearest 2x upsampling + 3x3 convolution as one transposed convolution (`sdlab.models.upsampled_conv`,
+bf16 CPU inference): the same function as interpolate + conv (the transposed convolution itself in fp32
+within 1e-5 of the output's scale; bf16 within 1.6 x the plain path's error against fp64), the plain path
+where it must run (gradients, hooks, fp32 / fp64), and the kernel remade when the weight changes."""
 
 from __future__ import annotations
 
@@ -25,14 +25,14 @@ def _conv(c_in, c_out, bias=True, seed=0):
 
 @pytest.mark.parametrize("shape, c_out, bias", [((1, 8, 5, 7), 12, True), ((2, 16, 6, 6), 16, False),
                                                  ((1, 32, 1, 1), 8, True)])
-def test_fp32_equals_interpolate_then_conv(shape, c_out, bias):
+def test_the_transposed_kernel_equals_interpolate_then_conv(shape, c_out, bias):
     conv = _conv(shape[1], c_out, bias)
     x = torch.randn(shape)
     with torch.no_grad():
         expected = _plain(x.double(), conv.double()).float()
         conv.float()
-        assert up._transposes(x, conv)
-        out = up.upsampled_conv(x, conv)
+        assert not up._transposes(x, conv)                       # fp32 keeps the plain path
+        out = F.conv_transpose2d(x, up.transposed_weight(conv), conv.bias, stride=2, padding=1)
     assert out.shape == expected.shape
     assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
 
@@ -64,28 +64,33 @@ def test_the_plain_path_runs_with_gradients_hooks_or_fp64():
         assert not up._transposes(x.double(), _conv(8, 8).double())
 
 
+def _close(ours, plain):
+    assert (ours.float() - plain.float()).abs().max() <= 0.02 * plain.float().abs().max()
+
+
 def test_the_kernel_follows_the_weight():
-    conv = _conv(8, 8)
-    x = torch.randn(1, 8, 4, 4)
+    conv = _conv(8, 8).bfloat16()
+    x = torch.randn(1, 8, 4, 4).bfloat16()
     with torch.no_grad():
         first = up.transposed_weight(conv)
         assert up.transposed_weight(conv) is first               # kept
         conv.weight.mul_(2)                                      # changed in place (a LoRA merged)
-        torch.testing.assert_close(up.upsampled_conv(x, conv), _plain(x, conv))
-        conv.bfloat16()                                          # another dtype: another tensor
-        assert up.transposed_weight(conv).dtype == torch.bfloat16
+        _close(up.upsampled_conv(x, conv), _plain(x, conv))
+        conv.weight = nn.Parameter(conv.weight.detach() * 3)     # another tensor (maybe at the freed address)
+        _close(up.upsampled_conv(x, conv), _plain(x, conv))
     with torch.inference_mode():
-        made = _conv(8, 8)                                       # weights made in inference mode: no version
+        made = _conv(8, 8).bfloat16()                            # weights made in inference mode: no version
         made.weight.mul_(2)
-        torch.testing.assert_close(up.upsampled_conv(x, made), _plain(x, made))
+        _close(up.upsampled_conv(x, made), _plain(x, made))
         made.weight.mul_(2)                                      # unseen by a cache: none is kept
-        torch.testing.assert_close(up.upsampled_conv(x, made), _plain(x, made))
+        _close(up.upsampled_conv(x, made), _plain(x, made))
 
 
 def test_vae_decoder_takes_it_and_matches_the_plain_path(monkeypatch):
     torch.manual_seed(0)
     decoder = Decoder(VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)).eval()
-    z = torch.randn(1, 4, 8, 8)
+    decoder.bfloat16()
+    z = torch.randn(1, 4, 8, 8).bfloat16()
     calls = []
     real = up.transposed_weight
     monkeypatch.setattr(up, "transposed_weight", lambda conv: calls.append(conv) or real(conv))
@@ -94,4 +99,4 @@ def test_vae_decoder_takes_it_and_matches_the_plain_path(monkeypatch):
         assert len(calls) == 1                                   # one upsampling level
         monkeypatch.setattr(up, "_transposes", lambda x, conv: False)
         plain = decoder(z)
-    assert (ours - plain).abs().max() <= 1e-5 * plain.abs().max()
+    _close(ours, plain)

@@ -11,11 +11,14 @@ copy of the input is never made. The SD VAE decoder's three upsampling convoluti
 machine): 0.5-0.8 x the time of interpolate + conv; the result differs by the rounding of the summed
 weights (in bf16 the error against an fp64 reference rises from ~0.016 to ~0.022 at outputs of ~7; in fp32
 it falls). oneDNN's transposed convolution loses at the U-Net's 1280-channel levels (1.5-6 x slower), so
-only the VAE takes it. CPU inference only (bf16 / fp32), without hooks on the convolution (a LoRA in
-training adds its output through one), not while compiling.
+only the VAE takes it. CPU inference in bf16 only (in fp32 it is faster too, 0.4-0.7 x, but a decode right
+after sampling differed from a later one by ~1e-6, where fp32 decodes are otherwise bit-identical), without
+hooks on the convolution (a LoRA in training adds its output through one), not while compiling.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -36,25 +39,26 @@ def upsampled_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
 def transposed_weight(conv: nn.Conv2d) -> Tensor:
     """`conv`'s 3x3 weight (C_out, C_in, 3, 3) as the 4x4 transposed kernel (C_in, C_out, 4, 4) in its dtype,
-    summed in fp32; made once per weight (kept on the module until the weight's address or version changes;
-    an inference tensor has no version to watch, so for one it is made at every call)."""
+    summed in fp32; made once per weight (kept on the module while the weight is the same tensor at the same
+    address and version; an inference tensor has no version to watch, so for one it is made at every call)."""
     weight = conv.weight
     try:
-        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        version = weight._version
     except RuntimeError:   # "Inference tensors do not track version counter"
-        key = None
+        version = None
     kept = getattr(conv, "_sdlab_transposed", None)
-    if key is not None and kept is not None and kept[0] == key:
-        return kept[1]
+    # the same tensor (not merely the same address: a freed weight's memory may hold a new one) unchanged
+    if version is not None and kept is not None and kept[0]() is weight and kept[1] == (weight.data_ptr(), version):
+        return kept[2]
     taps = torch.tensor(_TAPS, dtype=torch.float32, device=weight.device)   # (4, 3)
     kernel = torch.einsum("tk,ockl,ul->cotu", taps, weight.detach().float(), taps)   # (C_in, C_out, 4, 4)
     kernel = kernel.to(weight.dtype).contiguous(memory_format=torch.channels_last)
-    conv._sdlab_transposed = None if key is None else (key, kernel)
+    conv._sdlab_transposed = None if version is None else (weakref.ref(weight), (weight.data_ptr(), version), kernel)
     return kernel
 
 
 def _transposes(x: Tensor, conv: nn.Conv2d) -> bool:
-    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.bfloat16, torch.float32)
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.bfloat16
             and conv.weight.dtype == x.dtype and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and not cpu_kernels.has_hooks(conv)
