@@ -297,6 +297,15 @@ def test_img2img_conventions():
     for bad in (0.0, -0.1, 1.01, math.nan):
         with pytest.raises(ValueError, match="strength"):
             steps_run(20, bad)
+    # A1111 takes denoising strength 0: t_enc = 0, one step from the lowest sigma (sigmas[steps - 1:])
+    assert steps_run(20, 0.0, "a1111") == (20, 1)
+    assert torch.equal(partial_sigmas(full[-21:], 0.0, "a1111"), full[-2:])
+    for bad in (-0.1, math.nan):
+        with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
+            steps_run(20, bad, "a1111")
+    for convention in ("diffusers", "comfyui"):
+        with pytest.raises(ValueError, match="strength"):
+            steps_run(20, 0.0, convention)
     with pytest.raises(ValueError, match="img2img_sigmas"):
         partial_sigmas(full, 0.5, "comfyui")
 

@@ -452,9 +452,13 @@ def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str
 IMG2IMG_CONVENTIONS = ("diffusers", "a1111", "comfyui")
 
 
-def _check_strength(strength: float) -> float:
-    if not (0.0 < strength <= 1.0):
-        raise ValueError(f"strength must lie in (0, 1], got {strength!r}")
+def _check_strength(strength: float, convention: str = "diffusers") -> float:
+    """A strength in (0, 1]; [0, 1] under the a1111 convention, where 0 still runs one step (at the lowest
+    sigma), as A1111's img2img does."""
+    low = 0.0 if convention == "a1111" else math.nextafter(0.0, 1.0)
+    if not (low <= strength <= 1.0):
+        interval = "[0, 1]" if low == 0.0 else "(0, 1]"
+        raise ValueError(f"strength must lie in {interval} under the {convention} convention, got {strength!r}")
     return float(strength)
 
 
@@ -464,12 +468,12 @@ def steps_run(steps: int, strength: float, convention: str = "diffusers") -> tup
     - ``diffusers`` (img2img pipelines): total = steps, run = min(int(steps * strength), steps)
       (``init_timestep``; the first ``steps - run`` steps are skipped).
     - ``a1111`` (default settings): total = steps, run = int(min(strength, 0.999) * steps) + 1
-      (``sigmas[steps - t_enc - 1:]``, capped at ``steps``).
+      (``sigmas[steps - t_enc - 1:]``, capped at ``steps``); strength 0 runs one step, at the lowest sigma.
     - ``comfyui`` (``denoise``; also A1111 with "img2img_fix_steps"): total = int(steps / strength),
       run = steps: the requested steps all run, on a stretched schedule.
     """
     steps = _check_steps(steps)
-    strength = _check_strength(strength)
+    strength = _check_strength(strength, convention)
     if convention == "diffusers":
         run = min(int(steps * strength), steps)
         total = steps

@@ -334,12 +334,12 @@ def resolve(
     if r.init_image is None and r.mask_image is not None:
         raise RequestError("a mask needs an init image to inpaint")
     if r.init_image is not None:
-        if not 0.0 < _finite("strength", r.strength) <= 1.0:
-            raise RequestError(f"strength must lie in (0, 1], got {r.strength}")
+        _finite("strength", r.strength)
         try:
             total, _ = steps_run(r.steps, r.strength, r.img2img_convention)
-        except ValueError as err:       # a strength so low that no step runs
-            raise RequestError(f"{err}; raise the strength or the steps") from None
+        except ValueError as err:       # out of range, or so low that no step runs
+            hint = "; raise the strength or the steps" if "runs no step" in str(err) else ""
+            raise RequestError(f"{err}{hint}") from None
         if total > MAX_SCHEDULE:
             raise RequestError(
                 f"{r.steps} steps at strength {r.strength} make a {total}-step schedule under the "
