@@ -127,7 +127,7 @@ def _given(body: Txt2ImgIn) -> set[str]:
 async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
     model = body.override_settings.get("sd_model_checkpoint")
     spec = JobSpec(request, model_preset_fills=unset_preset_fields(_given(body), request))
-    job, _ = service.submit(spec, mode, model)
+    job, _ = service.submit(spec, mode, model, hr_steps_name="hr_second_pass_steps")
     queue = job.subscribe(asyncio.get_running_loop(), steps=False)
     try:
         while (await queue.get())[0] not in ("done", "failed", "cancelled"):

@@ -171,12 +171,17 @@ def check_upscaler(name: object) -> None:
     raise BadRequest(f"unknown hires upscaler {name!r}; this server offers: {valid}")
 
 
-def check_request(request: GenerationRequest, limits: Limits) -> GenerationRequest:
+def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str = "hr_steps") -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (without a model: the
-    model's defaults are filled in when it runs); `BadRequest` names the first problem."""
+    model's defaults are filled in when it runs); `BadRequest` names the first problem (the hires pass's
+    step count by `hr_steps_name`, the route's name for it). `--max-steps` holds for either pass."""
     check_upscaler(getattr(request, "hr_upscaler", None))
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
+    hr_steps = getattr(request, "hr_steps", None)
+    if hr_steps is not None and (not isinstance(hr_steps, int) or hr_steps > limits.max_steps):
+        raise BadRequest(f"{hr_steps_name} must be an integer <= {limits.max_steps} (this server's limit), "
+                         f"got {hr_steps!r}")
     if not isinstance(request.batch_size, int) or request.batch_size > limits.max_batch:
         raise BadRequest(f"at most {limits.max_batch} images per request on this server, got {request.batch_size!r}")
     width, height = request.width, request.height

@@ -56,8 +56,9 @@ class Service:
             raise BadRequest(f"unknown model {name!r}; this server has: {titles}", 404, "Model not found")
         return found
 
-    def submit(self, spec: JobSpec, mode: str, model: str | None) -> tuple[Job, int]:
-        """Check and queue a generation: the seed fixed, LoRA tags of the prompt taken out and looked up."""
+    def submit(self, spec: JobSpec, mode: str, model: str | None, hr_steps_name: str = "hr_steps") -> tuple[Job, int]:
+        """Check and queue a generation: the seed fixed, LoRA tags of the prompt taken out and looked up
+        (`hr_steps_name`: what the route calls the hires pass's step count, for its error message)."""
         checkpoint = self.checkpoint(model)
         request = spec.request
         if not isinstance(request.prompt, str):
@@ -80,7 +81,8 @@ class Service:
             except RequestError as err:
                 raise BadRequest(f"the model names the preset {preset!r}: {err}", 422) from None
             spec = replace(spec, model_preset_fills=frozenset())
-        request = check_request(replace(request, prompt=bare, seed=fixed_seed(request.seed)), self.config.limits)
+        request = check_request(replace(request, prompt=bare, seed=fixed_seed(request.seed)), self.config.limits,
+                                hr_steps_name)
         applied = {choice.name: choice.weight for choice in loras}
         as_written = all(applied.get(tag.name) == tag.weight for tag in tags)     # as `sdlab txt2img` records
         spec = replace(spec, request=request, loras=tuple(loras),
