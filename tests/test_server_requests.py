@@ -76,3 +76,35 @@ def test_the_steps_limit_holds_for_the_hires_second_pass(client):
     native = client.post("/api/jobs", json={"prompt": "x", "steps": 2, "hr_scale": 2, "hr_steps": 1000})
     assert native.status_code == 400 and native.json()["detail"].startswith("hr_steps must be"), native.text
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0     # nothing was queued
+
+
+# ---------------------------------------------------------------- 2. huge finite scales
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "enable_hr": True, "hr_scale": 1e308}),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "width": 64, "height": 64, "enable_hr": True, "hr_scale": 1e308}),
+    ("/api/jobs", {"prompt": "x", "steps": 2, "hr_scale": 1e308}),
+    ("/api/jobs", {"prompt": "x", "steps": 2, "hr_scale": 1e200}),
+    ("/sdapi/v1/extra-single-image", {"upscaler_1": "Lanczos", "upscaling_resize": 1e308}),
+    ("/sdapi/v1/extra-single-image", {"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 10**30,
+                                      "upscaling_resize_h": 10**30}),
+], ids=["a1111-hr", "a1111-hr-sized", "native-hr", "native-hr-1e200", "extras-scale", "extras-size"])
+def test_huge_finite_scales_are_a_clean_4xx(client, path, body):
+    if "extra" in path:
+        body = {**body, "image": b64(Image.new("RGB", (64, 64), "red"))}
+    response = client.post(path, json=body)
+    assert response.status_code in (400, 413), response.text         # 413 past --max-pixels, 400 past MAX_SIDE
+    text = response.json().get("errors") or response.json()["detail"]
+    assert "limit" in text or "at most" in text or "must lie in" in text, text
+
+
+def test_huge_scales_in_the_pipeline_are_errors_not_overflows():
+    from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+    from sdlab.pipeline.upscale import UpscaleError, target_size
+
+    with pytest.raises(RequestError, match="hr_scale 1e.308 would draw inf"):
+        resolve(GenerationRequest("x", hr_scale=1e308), default_size=64, default_sampler="Euler",
+                default_schedule="normal", factor=8)
+    with pytest.raises(UpscaleError, match="beyond any picture size"):
+        target_size(64, 64, 1e308)

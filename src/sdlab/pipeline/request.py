@@ -236,6 +236,9 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int)
         scale = _finite("hr_scale", r.hr_scale)
         if scale < 1.0:
             raise RequestError(f"hr_scale must be at least 1 (the hires fix draws larger), got {r.hr_scale!r}")
+    if scale is not None and max(width, height) * scale >= MAX_SIDE + multiple:     # before int(): 1e308 -> inf
+        raise RequestError(f"hr_scale {scale:g} would draw {width * scale:.6g}x{height * scale:.6g} px from "
+                           f"{width}x{height}; each side must lie in {multiple}..{MAX_SIDE}")
     up, final = hires_sizes(width, height, scale, r.hr_width, r.hr_height, multiple)
     for size in (up, final):
         if not (multiple <= min(size) and max(size) <= MAX_SIDE):

@@ -97,6 +97,8 @@ def target_size(width: int, height: int, scale: float) -> tuple[int, int]:
     """(width, height) times `scale`, truncated as A1111 does, never below 1 pixel."""
     if not (math.isfinite(scale) and scale > 0):
         raise UpscaleError(f"the scale must be a positive number, got {scale}")
+    if not (math.isfinite(width * scale) and math.isfinite(height * scale)):       # 1e308 is finite, 64 x 1e308 not
+        raise UpscaleError(f"upscaling {width}x{height} by {scale:g} is beyond any picture size; use a smaller scale")
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 

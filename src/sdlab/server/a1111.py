@@ -16,6 +16,7 @@ import base64
 import html
 import io
 import json
+import math
 import time
 from typing import Any
 
@@ -346,19 +347,22 @@ def _upscale(service: Service, body: ExtraSingleIn) -> dict[str, Any]:
             valid = ", ".join([*PLAIN_UPSCALER_NAMES, *service.upscalers.titles()])
             raise BadRequest(f"unknown upscaler {name!r}; this server has: {valid}", 404, "Upscaler not found")
     crop = None
+    limit = 4 * service.config.limits.max_pixels
     try:
         if body.resize_mode == 1:
             w, h = body.upscaling_resize_w, body.upscaling_resize_h
             if w < 1 or h < 1:
                 raise BadRequest("resize_mode 1 needs upscaling_resize_w and upscaling_resize_h >= 1", 422)
+            _check_upscale_size(w, h, limit)
             scale = max(w / image.width, h / image.height) if body.upscaling_crop else None
             size = target_size(image.width, image.height, scale) if scale else (w, h)
             crop = (w, h) if scale else None
         else:
-            size = target_size(image.width, image.height, body.upscaling_resize)
-        if size[0] * size[1] > service.config.limits.max_pixels * 4:
-            raise BadRequest(f"upscaling to {size[0]}x{size[1]} is past this server's limit of "
-                             f"{4 * service.config.limits.max_pixels} pixels", 413)
+            scale = body.upscaling_resize
+            if math.isfinite(scale) and scale > 0:      # as floats first: 64 x 1e308 does not fit an int
+                _check_upscale_size(image.width * scale, image.height * scale, limit)
+            size = target_size(image.width, image.height, scale)
+        _check_upscale_size(size[0], size[1], limit)
         with service.host.busy:                         # never beside a generation
             upscaler = load_upscaler(found.path, device=service.config.device) if found is not None else name
             result = upscale_image(image.convert("RGB") if found is not None else image, upscaler, size)
@@ -370,6 +374,11 @@ def _upscale(service: Service, body: ExtraSingleIn) -> dict[str, Any]:
     blob = encode_image(result, "PNG", parameters)
     return {"html_info": f"<p>Upscaler: {html.escape(name)}, size: {result.width}x{result.height}</p>",
             "image": base64.b64encode(blob).decode("ascii")}
+
+
+def _check_upscale_size(width: float, height: float, limit: int) -> None:
+    if width * height > limit:
+        raise BadRequest(f"upscaling to {width:.6g}x{height:.6g} is past this server's limit of {limit} pixels", 413)
 
 
 @router.post("/extra-single-image")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import random
 import re
 from collections.abc import Collection
@@ -194,7 +195,11 @@ def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str
     hr_width, hr_height = getattr(request, "hr_width", None), getattr(request, "hr_height", None)
     scale = getattr(request, "hr_scale", None)
     if isinstance(width, int) and isinstance(height, int) and isinstance(scale, (int, float)) and not (hr_width or hr_height):
-        hr_width, hr_height = int(width * scale), int(height * scale)
+        if math.isfinite(scale) and width * scale * height * scale > limits.max_pixels:    # floats: 1e308 is inf here
+            raise BadRequest(f"hr_scale {scale:g} makes the hires pass {width * scale:.6g}x{height * scale:.6g} "
+                             f"pixels; this server draws at most {limits.max_pixels} (--max-pixels)", 413)
+        if math.isfinite(scale):
+            hr_width, hr_height = int(width * scale), int(height * scale)
     if isinstance(hr_width, int) and isinstance(hr_height, int) and hr_width * hr_height > limits.max_pixels:
         raise BadRequest(f"the hires pass at {hr_width}x{hr_height} is {hr_width * hr_height} pixels; this server "
                          f"draws at most {limits.max_pixels} (--max-pixels)", 413)
