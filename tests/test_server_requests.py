@@ -108,3 +108,47 @@ def test_huge_scales_in_the_pipeline_are_errors_not_overflows():
                 default_schedule="normal", factor=8)
     with pytest.raises(UpscaleError, match="beyond any picture size"):
         target_size(64, 64, 1e308)
+
+
+# ---------------------------------------------------------------- 3. progress over both passes
+
+
+@pytest.mark.parametrize("body,total", [
+    ({"steps": 3, "hr_scale": 2, "hr_steps": 4}, 7),                                   # latent: one pass for the batch
+    ({"steps": 3, "hr_scale": 1.5, "hr_upscaler": "Lanczos", "batch_size": 2}, 3 + 3 * 2),   # pixel: per picture
+], ids=["latent", "lanczos-batch"])
+def test_progress_counts_both_hires_passes(client, body, total):
+    created = client.post("/api/jobs", json={"prompt": "a slow one", "width": 64, "height": 64, **body})
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    assert client.get(f"/api/jobs/{job_id}").json()["steps"] == total
+    seen = []
+    while (job := client.get(f"/api/jobs/{job_id}").json())["status"] in ("queued", "running"):
+        progress = client.get("/sdapi/v1/progress").json()
+        state = progress["state"]
+        if state["sampling_steps"]:
+            seen.append((progress["progress"], progress["eta_relative"], state["sampling_step"], state["sampling_steps"]))
+    assert job["status"] == "done" and job["step"] == job["steps"] == total, job
+    for done, eta, step, steps in seen:
+        assert 0 <= done <= 1 and eta >= 0 and step <= steps == total, seen
+
+
+def test_a1111_progress_during_the_hires_pass(client):
+    result = {}
+    body = {"prompt": "hires progress", "steps": 2, "enable_hr": True, "hr_second_pass_steps": MAX_STEPS,
+            "denoising_strength": 1}
+    worker = threading.Thread(target=lambda: result.update(r=client.post("/sdapi/v1/txt2img", json=body)))
+    worker.start()
+    samples = []
+    while worker.is_alive():
+        progress = client.get("/sdapi/v1/progress").json()
+        if progress["state"]["sampling_steps"]:
+            samples.append(progress)
+    worker.join()
+    assert result["r"].status_code == 200, result["r"].text
+    assert samples, "the job was never seen running"
+    for progress in samples:
+        state = progress["state"]
+        assert state["sampling_steps"] == 2 + MAX_STEPS and state["sampling_step"] <= state["sampling_steps"]
+        assert 0 <= progress["progress"] <= 1 and progress["eta_relative"] >= 0
+        assert progress["textinfo"] == f"step {state['sampling_step']}/{2 + MAX_STEPS}"

@@ -233,7 +233,8 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
     image = None
     if preview is not None and not skip_current_image:
         image = base64.b64encode(jpeg_bytes(preview)).decode("ascii")
-    return {"progress": min(1.0, max(0.01, done)), "eta_relative": elapsed / done - elapsed if done > 0 else 0.0,
+    done = min(1.0, done)               # job.steps counts both passes of the hires fix (jobs.steps_of)
+    return {"progress": min(1.0, max(0.01, done)), "eta_relative": max(0.0, elapsed / done - elapsed) if done > 0 else 0.0,
             "state": state, "current_image": image, "textinfo": f"step {job.step}/{job.steps}"}
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from sdlab.diffusion.discretization import steps_run
+from sdlab.pipeline.upscale import UpscaleError, canonical_latent_name
 from sdlab.server.inputs import JobSpec
 from sdlab.server.store import Store
 
@@ -124,17 +125,33 @@ def image_url(name: str) -> str:
 
 
 def steps_of(spec: JobSpec) -> int:
-    """How many sampler steps (progress callbacks) the job's request runs; 0 while it leaves the count to the
-    model's default (filled in when the model is loaded)."""
+    """How many sampler steps (progress callbacks) the job's request runs, both passes of the hires fix
+    counted (as A1111's progress counts them); 0 while it leaves the count to the model's default (filled
+    in when the model is loaded)."""
     request = spec.request
     if request.steps is None:
         return 0
     if request.init_image is None:
-        return request.steps
+        if not request.hires:
+            return request.steps
+        # pipeline/hires.py: the second pass runs hr_steps (0 / None: the first pass's) for the whole batch
+        # after a latent upscaler, once per picture after a pixel one (`hires_steps`)
+        second = request.hr_steps if isinstance(request.hr_steps, int) and request.hr_steps > 0 else request.steps
+        return request.steps + second * (1 if _latent(request.hr_upscaler) else request.batch_size)
     try:
         return steps_run(request.steps, request.strength, request.img2img_convention)[1]
     except ValueError:
         return request.steps
+
+
+def _latent(upscaler: object) -> bool:
+    if upscaler is None:
+        return True                                 # the hires fix's default, "Latent"
+    try:
+        canonical_latent_name(str(upscaler))
+    except UpscaleError:
+        return False
+    return True
 
 
 RunFn = Callable[[Job], None]
