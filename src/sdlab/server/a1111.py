@@ -225,17 +225,17 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
     if job is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-    done = job.step / job.steps if job.steps else 0.0
+    step, steps = job.step, job.steps   # read once: the worker counts on while this answers
+    done = min(1.0, step / steps) if steps else 0.0     # steps counts both passes of the hires fix (jobs.steps_of)
     elapsed = time.time() - (job.started or time.time())
     state.update(job=f"task({job.id})", interrupted=job.cancel.is_set(), job_timestamp=_stamp(job.created),
-                 sampling_step=job.step, sampling_steps=job.steps)
+                 sampling_step=step, sampling_steps=steps)
     preview = job.preview
     image = None
     if preview is not None and not skip_current_image:
         image = base64.b64encode(jpeg_bytes(preview)).decode("ascii")
-    done = min(1.0, done)               # job.steps counts both passes of the hires fix (jobs.steps_of)
     return {"progress": min(1.0, max(0.01, done)), "eta_relative": max(0.0, elapsed / done - elapsed) if done > 0 else 0.0,
-            "state": state, "current_image": image, "textinfo": f"step {job.step}/{job.steps}"}
+            "state": state, "current_image": image, "textinfo": f"step {step}/{steps}"}
 
 
 @router.post("/interrupt")
