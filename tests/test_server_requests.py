@@ -152,3 +152,19 @@ def test_a1111_progress_during_the_hires_pass(client):
         assert state["sampling_steps"] == 2 + MAX_STEPS and state["sampling_step"] <= state["sampling_steps"]
         assert 0 <= progress["progress"] <= 1 and progress["eta_relative"] >= 0
         assert progress["textinfo"] == f"step {state['sampling_step']}/{2 + MAX_STEPS}"
+
+
+# ---------------------------------------------------------------- 4. RGBA masks over HTTP
+
+
+def test_a_transparent_mask_repaints_where_it_is_opaque(client):
+    init = Image.new("RGB", (64, 64), "red")
+    mask = Image.new("RGBA", (64, 64), (255, 255, 255, 0))              # white everywhere, transparent...
+    mask.paste((255, 255, 255, 255), (16, 16, 48, 48))                  # ...but the painted centre
+    body = {"prompt": "x", "steps": 2, "seed": 1, "init_images": [b64(init)], "mask": b64(mask), "mask_blur": 0,
+            "denoising_strength": 1}
+    out = Image.open(io.BytesIO(base64.b64decode(client.post("/sdapi/v1/img2img", json=body).json()["images"][0])))
+    assert out.convert("RGB").getpixel((2, 2)) == (255, 0, 0)
+    inverted = client.post("/sdapi/v1/img2img", json={**body, "inpainting_mask_invert": 1}).json()
+    out = Image.open(io.BytesIO(base64.b64decode(inverted["images"][0]))).convert("RGB")
+    assert out.getpixel((32, 32)) == (255, 0, 0) and out.getpixel((2, 2)) != (255, 0, 0)

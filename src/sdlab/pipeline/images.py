@@ -12,7 +12,8 @@ Masks: white (1) = repaint, black (0) = keep, as in diffusers and A1111. ``prepa
 diffusers' inpaint pipeline does to a mask (resize with Lanczos, grayscale, / 255, binarize at 0.5);
 ``latent_mask`` shrinks it to the latent grid with nearest-neighbour ``interpolate``, as
 ``StableDiffusionInpaintPipeline.prepare_mask_latents`` does; ``masked_image`` is
-``image * (mask < 0.5)``, the input of the masked-image latent of 9-channel inpainting U-Nets.
+``image * (mask < 0.5)``, the input of the masked-image latent of 9-channel inpainting U-Nets. A mask
+with transparency (RGBA, alpha not all 255) counts by its alpha channel, as in A1111 (``mask_levels``).
 """
 
 from __future__ import annotations
@@ -113,6 +114,17 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
+def mask_levels(mask_image: Image.Image) -> Image.Image:
+    """A mask picture's grey levels (mode "L", white = repaint). A mask with transparency, an RGBA picture
+    whose alpha is not 255 everywhere, is its alpha channel (opaque = repaint), else its luminance. A1111's
+    rule (``create_binary_mask`` in ``modules/processing.py``: ``image.mode == 'RGBA' and
+    image.getextrema()[-1] != (255, 255)`` takes ``image.split()[-1]``, else ``image.convert('L')``), so a
+    painted layer exported as a transparent PNG repaints what is painted, not the whole picture."""
+    if mask_image.mode == "RGBA" and mask_image.getextrema()[-1] != (255, 255):
+        return mask_image.getchannel("A")
+    return mask_image if mask_image.mode == "L" else mask_image.convert("L")
+
+
 def prepare_mask(
     mask_image: Image.Image,
     size: tuple[int, int],
@@ -122,7 +134,8 @@ def prepare_mask(
     """Mask image -> float32 (1, 1, H, W) in [0, 1] at ``size=(W, H)``; 1 = repaint.
 
     Steps, in diffusers' order: optional Gaussian blur (PIL ``GaussianBlur(blur_radius)``, what
-    ``VaeImageProcessor.blur`` does), resize to ``size`` with Lanczos, grayscale, / 255, and with
+    ``VaeImageProcessor.blur`` does), resize to ``size`` with Lanczos, grayscale (``mask_levels``: the alpha
+    channel of an RGBA mask with transparency), / 255, and with
     ``binarize`` (diffusers' inpaint default) values >= 0.5 become 1 and the rest 0. With ``binarize``
     the blur only rounds the mask's outline; ``binarize=False`` keeps a soft mask (for blending the
     result back onto the original picture, as A1111's mask blur does).
@@ -131,7 +144,7 @@ def prepare_mask(
         mask_image = mask_image.filter(ImageFilter.GaussianBlur(blur_radius))
     if mask_image.size != tuple(size):
         mask_image = mask_image.resize(tuple(size), resample=Image.Resampling.LANCZOS)
-    mask = torch.from_numpy(np.asarray(mask_image.convert("L"), dtype=np.float32) / 255.0)  # (H, W)
+    mask = torch.from_numpy(np.asarray(mask_levels(mask_image), dtype=np.float32) / 255.0)  # (H, W)
     if binarize:
         mask = (mask >= 0.5).to(torch.float32)
     return mask[None, None]                                                                  # (1, 1, H, W)

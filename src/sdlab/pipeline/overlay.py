@@ -2,7 +2,7 @@
 
 A1111 (``processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_overlay``):
 
-1. the mask is made binary (grey > 128 is white) and blurred with a Gaussian of standard deviation
+1. the mask (``images.mask_levels``: an RGBA mask with transparency is its alpha channel) is made binary (grey > 128 is white) and blurred with a Gaussian of standard deviation
    ``mask_blur`` pixels, kernel ``2 * int(2.5 * mask_blur + 0.5) + 1`` taps, separately along x and y
    (``cv2.GaussianBlur``; borders reflect without repeating the edge pixel, cv2's default);
 2. the blurred mask ``m`` (0..255) is resized to the picture (Lanczos);
@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sdlab.pipeline.images import mask_levels
+
 __all__ = ["blur_mask", "gaussian_kernel", "overlay_weight", "paste_back"]
 
 
@@ -40,7 +42,7 @@ def blur_mask(mask_image: Image.Image, sigma: float, size: tuple[int, int]) -> t
 
     Returns float32 (1, 1, H, W) in [0, 1], quantised to 1/255 as the uint8 image A1111 keeps; 1 = repaint.
     """
-    mask = mask_image.convert("L").point(lambda v: 255 if v >= 128 else 0)
+    mask = mask_levels(mask_image).point(lambda v: 255 if v >= 128 else 0)
     if sigma > 0:
         pixels = torch.from_numpy(np.asarray(mask, dtype=np.float64))[None, None]       # (1, 1, h, w)
         kernel = gaussian_kernel(sigma)

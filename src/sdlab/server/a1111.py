@@ -28,7 +28,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.diffusion.schedule_names import a1111_label
-from sdlab.pipeline.images import open_image
+from sdlab.pipeline.images import mask_levels, open_image
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
@@ -210,7 +210,7 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     init = await asyncio.to_thread(decode_image, body.init_images[0], "init_images[0]", limits)
     mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
     if mask is not None and body.inpainting_mask_invert:
-        mask = ImageOps.invert(mask.convert("L"))
+        mask = ImageOps.invert(mask_levels(mask))
     controls = await asyncio.to_thread(_controls, service, body, init)
     return await _generate(service, body, "inpaint" if mask is not None else "img2img",
                            _request(body, controls, init, mask))
