@@ -154,6 +154,23 @@ def test_a1111_progress_during_the_hires_pass(client):
         assert progress["textinfo"] == f"step {state['sampling_step']}/{2 + MAX_STEPS}"
 
 
+# ---------------------------------------------------------------- 5. base64 with line breaks
+
+
+def test_mime_wrapped_base64_decodes_and_garbage_is_refused(client):
+    picture = png_bytes(Image.new("RGB", (64, 64), (200, 30, 30)), parameters="a cat\nSteps: 3, Seed: 1, Size: 64x64")
+    wrapped = base64.encodebytes(picture).decode()
+    assert "\n" in wrapped
+    for image in (wrapped, "data:image/png;base64," + wrapped):
+        info = client.post("/sdapi/v1/png-info", json={"image": image})
+        assert info.status_code == 200 and info.json()["info"].startswith("a cat"), info.text
+    img2img = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "init_images": [wrapped]})
+    assert img2img.status_code == 200, img2img.text
+    for garbage in ("%%%", wrapped.replace("\n", "*\n", 3), "abc"):
+        bad = client.post("/sdapi/v1/png-info", json={"image": garbage})
+        assert bad.status_code == 400 and bad.json()["detail"] == "Invalid encoded image", bad.text
+
+
 # ---------------------------------------------------------------- 4. RGBA masks over HTTP
 
 

@@ -76,6 +76,7 @@ def with_preset(request: GenerationRequest, name: str, mode: str, fields: Collec
 
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
+_WHITESPACE = re.compile(r"[ \t\r\n\f\v]+")
 
 
 def scheduler_rows() -> list[dict[str, Any]]:
@@ -121,11 +122,13 @@ def sampler_and_schedule(name: str | None, scheduler: str | None) -> tuple[str |
 
 
 def decode_base64(data: Any, what: str) -> bytes:
-    """The bytes of a base64 string or `data:image/...;base64,` URL, or `BadRequest`."""
+    """The bytes of a base64 string or `data:image/...;base64,` URL, or `BadRequest`. Line breaks and other
+    whitespace are skipped, as A1111's `b64decode` skips them (MIME-wrapped base64: Python's `encodebytes`,
+    `base64 FILE`, `openssl base64`); any other character that is not base64 is refused."""
     if not isinstance(data, str):
         raise BadRequest(f"{what} must be a base64 string or a data URL, got {type(data).__name__}", 422)
     try:
-        return base64.b64decode(_DATA_URL.sub("", data.strip(), count=1), validate=True)
+        return base64.b64decode(_WHITESPACE.sub("", _DATA_URL.sub("", data.strip(), count=1)), validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"{what} is not valid base64", 400, "Invalid encoded image") from None
 
