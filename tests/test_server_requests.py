@@ -171,6 +171,35 @@ def test_mime_wrapped_base64_decodes_and_garbage_is_refused(client):
         assert bad.status_code == 400 and bad.json()["detail"] == "Invalid encoded image", bad.text
 
 
+# ---------------------------------------------------------------- 6. broken files a client chose
+
+
+def test_a_broken_model_or_lora_is_a_clean_4xx_without_server_paths(client, served):
+    server, models = served
+    titles = [m["title"] for m in client.get("/sdapi/v1/sd-models").json()]
+    broken = next(t for t in titles if t.startswith("broken"))
+    before = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+    refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": "broken"})
+    assert refused.status_code == 400, refused.text
+    assert broken in refused.json()["errors"] and str(models) not in refused.text
+    assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == before      # not switched
+
+    per_request = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2,
+                                                         "override_settings": {"sd_model_checkpoint": "broken"}})
+    assert per_request.status_code == 400, per_request.text
+    message = per_request.json()["errors"]
+    assert "cannot be loaded" in message and broken in message and "internal error" not in message
+    assert str(models) not in per_request.text
+
+    lora = client.post("/sdapi/v1/txt2img", json={"prompt": "x <lora:badlora:1>", "steps": 2})
+    assert lora.status_code == 400, lora.text
+    assert "badlora" in lora.json()["errors"] and str(models) not in lora.text
+    native = wait(client, client.post("/api/jobs", json={"prompt": "x", "steps": 2, "model": "broken"}).json()["id"])
+    assert native["status"] == "failed" and "cannot be loaded" in native["error"] and str(models) not in native["error"]
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2}).status_code == 200   # still serving
+    assert "Traceback" not in server.output()
+
+
 # ---------------------------------------------------------------- 4. RGBA masks over HTTP
 
 

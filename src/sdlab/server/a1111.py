@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import read_checkpoint
 from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.diffusion.samplers import SAMPLER_TABLE
 from sdlab.diffusion.schedule_names import a1111_label
@@ -43,6 +44,7 @@ from sdlab.server.inputs import (
 from sdlab.server.jobs import Job
 from sdlab.server.native import service_of
 from sdlab.server.previews import jpeg_bytes
+from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -267,9 +269,26 @@ def set_options(body: dict[str, Any], request: Request) -> None:
     other options are remembered and echoed by GET but change nothing (docs/server.md)."""
     service = service_of(request)
     if "sd_model_checkpoint" in body:
-        service.host.selected = service.checkpoint(body["sd_model_checkpoint"])
+        checkpoint = service.checkpoint(body["sd_model_checkpoint"])
+        _check_readable(checkpoint)
+        service.host.selected = checkpoint
     fixed = {"sd_model_checkpoint", "sd_checkpoint_hash", "samples_format"}
     service.options.update({k: v for k, v in body.items() if k not in fixed})
+
+
+def _check_readable(checkpoint: Checkpoint) -> None:
+    """A `.safetensors` file whose header cannot be read is refused here, as A1111 refuses a model it cannot
+    load in `POST options` (A1111 loads it there; sdlab only reads the header, which is instant; a file
+    that fails later, in the worker, fails its job with a 400)."""
+    path = checkpoint.path
+    if path.is_dir() or path.suffix.lower() != ".safetensors":
+        return
+    try:
+        read_checkpoint(path)
+    except CheckpointError as err:
+        reason = str(err).replace(str(path), checkpoint.title).removeprefix(f"{checkpoint.title}: ")
+        raise BadRequest(f"the model {checkpoint.title!r} cannot be loaded: {reason}", 400,
+                         "Model cannot be loaded") from None
 
 
 @router.get("/sd-models")

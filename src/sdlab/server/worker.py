@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from sdlab.api import Pipeline, load
+from sdlab.checkpoints.errors import CheckpointError
 from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.infotext import LoraRef, to_parameters
@@ -97,7 +98,14 @@ class Runner:
                 raise RequestError(f"the LoRA {choice.name!r} is no longer in the models folder")
             loras.append((lora.path, choice.weight))
             refs.append(LoraRef(lora.name, choice.weight, lora.hash))
-        pipe = self.host.pipeline(checkpoint, tuple(loras))
+        try:
+            pipe = self.host.pipeline(checkpoint, tuple(loras))
+        except CheckpointError as err:      # a file the client chose: its error, without the server's paths
+            names = [(checkpoint.path, checkpoint.title)] + [(path, f"LoRA {path.name}") for path, _ in loras]
+            what = f"the model {checkpoint.title!r}" + (f" with the LoRAs {', '.join(repr(c.name) for c in job.spec.loras)}"
+                                                       if loras else "")
+            reason = _without_paths(str(err), names).removeprefix(f"{checkpoint.title}: ")
+            raise RequestError(f"{what} cannot be loaded: {reason}") from None
         previewer = self.host.previewer
         _take_model_defaults(job, pipe.bundle)
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
@@ -123,6 +131,14 @@ class Runner:
         settings = dict(job.settings)
         settings.update(result.request.parameters())
         job.settings, job.images, job.infotexts, job.seeds = settings, names, texts, list(result.seeds)
+
+
+def _without_paths(text: str, names: list[tuple[Path, str]]) -> str:
+    """`text` with each file's absolute path replaced by the name clients know it by, so an error about a
+    client's choice does not show where the server keeps its files."""
+    for path, name in names:
+        text = text.replace(str(path), name)
+    return text
 
 
 def _take_model_defaults(job: Job, bundle: ModelBundle) -> None:
