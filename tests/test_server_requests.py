@@ -200,6 +200,33 @@ def test_a_broken_model_or_lora_is_a_clean_4xx_without_server_paths(client, serv
     assert "Traceback" not in server.output()
 
 
+# ---------------------------------------------------------------- 7. null means the default
+
+
+def test_null_fields_take_their_defaults(client):
+    nulls = dict.fromkeys(["seed", "batch_size", "n_iter", "override_settings", "alwayson_scripts", "subseed",
+                           "subseed_strength", "enable_hr", "hr_scale", "hr_resize_x", "hr_resize_y",
+                           "hr_second_pass_steps", "s_noise", "send_images", "negative_prompt", "sampler_name",
+                           "styles"])
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, **nulls})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["images"]) == 1
+    assert client.post("/sdapi/v1/txt2img", json={"prompt": None, "steps": 2}).status_code == 200
+    init = b64(Image.new("RGB", (64, 64), "blue"))
+    img2img = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "init_images": [init], "mask": None,
+                                                     "mask_blur": None, "inpainting_mask_invert": None,
+                                                     "include_init_images": None, "denoising_strength": None})
+    assert img2img.status_code == 200, img2img.text
+    extras = client.post("/sdapi/v1/extra-single-image", json={"image": init, "upscaler_1": None,
+                                                               "upscaling_resize": None})
+    assert extras.status_code == 200, extras.text
+    native = client.post("/api/jobs", json={"prompt": "x", "steps": 2, "seed": None, "batch_size": None,
+                                            "mask_blur": None, "clip_skip": None, "loras": None})
+    assert native.status_code == 202, native.text
+    assert wait(client, native.json()["id"])["status"] == "done"
+    assert client.post("/api/jobs", json={"prompt": "x", "no_such_field": None}).status_code == 422
+
+
 # ---------------------------------------------------------------- 4. RGBA masks over HTTP
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
@@ -39,7 +39,7 @@ from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, Upscal
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
     PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, decode_base64, decode_image, sampler_and_schedule, scheduler_rows,
-    unset_preset_fields,
+    unset_preset_fields, without_nulls,
 )
 from sdlab.server.jobs import Job
 from sdlab.server.native import service_of
@@ -55,6 +55,12 @@ class Txt2ImgIn(BaseModel):
     """The fields sdlab uses; any other A1111 field is accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_unset(cls, data: Any) -> Any:
+        return without_nulls(cls, data)
+
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = -1
@@ -342,6 +348,12 @@ class ExtraSingleIn(BaseModel):
     are accepted and ignored (docs/server.md)."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_unset(cls, data: Any) -> Any:
+        return without_nulls(cls, data)
+
     image: str
     resize_mode: int = 0                    # 0: by upscaling_resize, 1: to upscaling_resize_w x _h
     upscaling_resize: float = 2.0
@@ -427,6 +439,12 @@ def scripts() -> dict[str, Any]:
 
 
 class PngInfoIn(BaseModel):
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_unset(cls, data: Any) -> Any:
+        return without_nulls(cls, data)
+
     image: str
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image
+from pydantic import BaseModel
 
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
@@ -73,6 +74,15 @@ def with_preset(request: GenerationRequest, name: str, mode: str, fields: Collec
     defaults. An unknown name is a `RequestError`."""
     options = get_preset(name).options(mode)
     return replace(request, **{key: value for key, value in options.items() if key in fields})
+
+
+def without_nulls(model: type[BaseModel], data: Any) -> Any:
+    """A request body with its known fields that are null left out, so they take their defaults: A1111 makes
+    every request field optional (null = the default) and both APIs say null counts as unset. Unknown
+    fields stay, for the models that refuse them."""
+    if not isinstance(data, dict):
+        return data
+    return {key: value for key, value in data.items() if value is not None or key not in model.model_fields}
 
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)

@@ -17,12 +17,13 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
     BadRequest, JobSpec, LoraChoice, decode_image, schedule_name, unset_preset_fields, with_preset,
+    without_nulls,
 )
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
 from sdlab.server.previews import jpeg_data_url
@@ -55,6 +56,12 @@ class JobIn(BaseModel):
     """A generation: `GenerationRequest`'s fields, the mode, and optionally the model by name."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_unset(cls, data: Any) -> Any:
+        return without_nulls(cls, data)
+
     mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     model: str | None = None
     prompt: str = ""
