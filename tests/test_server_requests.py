@@ -227,6 +227,34 @@ def test_null_fields_take_their_defaults(client):
     assert client.post("/api/jobs", json={"prompt": "x", "no_such_field": None}).status_code == 422
 
 
+# ---------------------------------------------------------------- 8. info's seeds
+
+
+def test_info_carries_the_variation_seed(client):
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "seed": 5, "subseed": 9,
+                                                      "subseed_strength": 0.3, "batch_size": 2})
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert (info["seed"], info["all_seeds"]) == (5, [5, 5])             # A1111: the seed stays, subseeds count
+    assert (info["subseed"], info["all_subseeds"], info["subseed_strength"]) == (9, [9, 10], 0.3)
+    plain = json.loads(client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "seed": 5,
+                                                               "batch_size": 2}).json()["info"])
+    assert plain["all_seeds"] == [5, 6] and plain["subseed_strength"] == 0
+
+
+def test_an_interrupted_batch_lists_every_seed_of_the_batch():
+    from sdlab.server.a1111 import Txt2ImgIn, _info
+    from sdlab.server.jobs import Job
+
+    body = Txt2ImgIn(prompt="x", seed=7, batch_size=2, n_iter=2)
+    job = Job(id="0" * 32, mode="txt2img", model="m [abc]", spec=None, created=time.time(), status="cancelled",
+              settings={"prompt": "x", "seed": 7, "batch_size": 4, "subseed_strength": 0.0})
+    info = _info(job, body, "m")
+    assert info["all_seeds"] == [7, 8, 9, 10] and info["seed"] == 7 and info["interrupted"]
+    assert info["all_prompts"] == ["x"] * 4 and len(info["all_negative_prompts"]) == 4
+    assert info["all_subseeds"] == [-1] * 4
+
+
 # ---------------------------------------------------------------- 4. RGBA masks over HTTP
 
 

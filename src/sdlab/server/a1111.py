@@ -171,12 +171,19 @@ def _without_images(scripts: dict[str, Any]) -> dict[str, Any]:
 def _info(job: Job, body: Txt2ImgIn, model_name: str) -> dict[str, Any]:
     """A1111's `Processed.js()` fields."""
     s = job.settings
-    seeds = job.seeds or [s.get("seed", -1)]
-    prompts = [s.get("prompt", "")] * max(1, len(job.images))
+    count = len(job.seeds) or max(1, s.get("batch_size") or 1)
+    variation = bool(s.get("subseed_strength"))
+    # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
+    # = subseed + i, listed for the whole batch even when it was interrupted
+    seeds = job.seeds or [s.get("seed", -1) + (0 if variation else i) for i in range(count)]
+    subseed = s.get("subseed") if variation and s.get("subseed") is not None else body.subseed
+    subseeds = [subseed + i if subseed >= 0 else -1 for i in range(count)]
+    prompts = [s.get("prompt", "")] * count
     return {
         "prompt": s.get("prompt", ""), "all_prompts": prompts,
         "negative_prompt": s.get("negative_prompt", ""), "all_negative_prompts": [s.get("negative_prompt", "")] * len(prompts),
-        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+        "seed": seeds[0], "all_seeds": seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
+        "subseed_strength": s.get("subseed_strength") or 0,
         "width": s.get("width"), "height": s.get("height"), "sampler_name": s.get("sampler"),
         "cfg_scale": s.get("cfg_scale"), "steps": s.get("steps"), "batch_size": body.batch_size,
         "restore_faces": False, "face_restoration_model": None,
