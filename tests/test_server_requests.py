@@ -255,6 +255,24 @@ def test_an_interrupted_batch_lists_every_seed_of_the_batch():
     assert info["all_subseeds"] == [-1] * 4
 
 
+# ---------------------------------------------------------------- 9. a mask of another size
+
+
+def test_a_mask_of_another_size_is_resized_to_the_picture(client):
+    init = Image.new("RGB", (64, 64), "red")
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (32, 32, 96, 96))
+    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "seed": 1, "init_images": [b64(init)],
+                                                      "mask": b64(mask), "mask_blur": 0, "denoising_strength": 1})
+    assert response.status_code == 200, response.text
+    out = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB")
+    assert out.size == (64, 64)
+    assert out.getpixel((2, 2)) == (255, 0, 0) and out.getpixel((32, 32)) != (255, 0, 0)   # the corner kept
+    native = client.post("/api/jobs", json={"mode": "inpaint", "prompt": "x", "steps": 2, "init_image": b64(init),
+                                            "mask_image": b64(mask.resize((40, 24)))})
+    assert native.status_code == 202 and wait(client, native.json()["id"])["status"] == "done", native.text
+
+
 # ---------------------------------------------------------------- 4. RGBA masks over HTTP
 
 

@@ -38,8 +38,8 @@ from sdlab.pipeline.request import GenerationRequest
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, target_size, upscale_image
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
-    PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, decode_base64, decode_image, sampler_and_schedule, scheduler_rows,
-    unset_preset_fields, without_nulls,
+    PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, decode_base64, decode_image, fit_mask, sampler_and_schedule,
+    scheduler_rows, unset_preset_fields, without_nulls,
 )
 from sdlab.server.jobs import Job
 from sdlab.server.native import service_of
@@ -224,6 +224,7 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     limits = service.config.limits
     init = await asyncio.to_thread(decode_image, body.init_images[0], "init_images[0]", limits)
     mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
+    mask = fit_mask(mask, init) if mask is not None else None
     if mask is not None and body.inpainting_mask_invert:
         mask = ImageOps.invert(mask_levels(mask))
     controls = await asyncio.to_thread(_controls, service, body, init)

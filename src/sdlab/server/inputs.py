@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, schedule_from_a1111
+from sdlab.pipeline.images import mask_levels
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
@@ -157,6 +158,15 @@ def decode_image(data: Any, what: str, limits: Limits) -> Image.Image:
         raise
     except Exception as err:            # Pillow raises many types on corrupt data, all "not an image"
         raise BadRequest(f"{what} is not a readable image: {err}", 400, "Invalid encoded image") from None
+
+
+def fit_mask(mask: Image.Image, init: Image.Image) -> Image.Image:
+    """The mask at the init image's size: one of another size is resized to it (Lanczos, after
+    `mask_levels`), as A1111 resizes the mask to the picture (`images.resize_image(resize_mode, image_mask,
+    width, height)`) instead of refusing it."""
+    if mask.size == init.size:
+        return mask
+    return mask_levels(mask).resize(init.size, resample=Image.Resampling.LANCZOS)
 
 
 def fixed_seed(seed: Any) -> int:

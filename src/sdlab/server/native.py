@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
-    BadRequest, JobSpec, LoraChoice, decode_image, schedule_name, unset_preset_fields, with_preset,
+    BadRequest, JobSpec, LoraChoice, decode_image, fit_mask, schedule_name, unset_preset_fields, with_preset,
     without_nulls,
 )
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
@@ -120,7 +120,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     if body.mode == "inpaint":
         if body.mask_image is None:
             raise BadRequest("inpaint needs mask_image (white = repaint)", 422)
-        mask = decode_image(body.mask_image, "mask_image", limits)
+        mask = fit_mask(decode_image(body.mask_image, "mask_image", limits), init)
     strength = body.strength if body.strength is not None else (1.0 if body.mode == "inpaint" else 0.75)
     try:
         schedule = schedule_name(body.schedule)         # sdlab's names and A1111's ("SGM Uniform", "automatic")
