@@ -287,3 +287,16 @@ def test_a_transparent_mask_repaints_where_it_is_opaque(client):
     inverted = client.post("/sdapi/v1/img2img", json={**body, "inpainting_mask_invert": 1}).json()
     out = Image.open(io.BytesIO(base64.b64decode(inverted["images"][0]))).convert("RGB")
     assert out.getpixel((32, 32)) == (255, 0, 0) and out.getpixel((2, 2)) != (255, 0, 0)
+
+
+# ---------------------------------------------------------------- 10. png-info's keys
+
+
+def test_png_info_answers_with_a1111s_keys(client):
+    text = "a cat\nNegative prompt: dog\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x48, Hires resize: 128x96"
+    image = base64.b64encode(png_bytes(Image.new("RGB", (64, 48)), parameters=text)).decode()
+    parameters = client.post("/sdapi/v1/png-info", json={"image": image}).json()["parameters"]
+    assert "Size" not in parameters and (parameters["Size-1"], parameters["Size-2"]) == ("64", "48")
+    assert (parameters["Hires resize-1"], parameters["Hires resize-2"]) == ("128", "96")
+    assert parameters["Clip skip"] == "1" and parameters["Schedule type"] == "Automatic"
+    assert parameters["Prompt"] == "a cat" and parameters["Negative prompt"] == "dog" and parameters["Seed"] == 1

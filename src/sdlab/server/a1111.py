@@ -17,6 +17,7 @@ import html
 import io
 import json
 import math
+import re
 import time
 from typing import Any
 
@@ -467,7 +468,29 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
                      if isinstance(k, str) and isinstance(v, str) and k != PARAMETERS_KEY}
     except Exception as err:           # Pillow raises many types on data that is not an image
         raise BadRequest(f"image is not a readable PNG, JPEG or WebP: {err}", 400, "Invalid encoded image") from None
-    return {"info": text, "items": items, "parameters": parse_parameters(text) if text else {}}
+    return {"info": text, "items": items, "parameters": a1111_parameters(text) if text else {}}
+
+
+_SIZE_VALUE = re.compile(r"^(\d+)x(\d+)$")
+_A1111_DEFAULTS = {                     # what A1111's parser fills in for labels a text leaves out
+    "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
+    "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "", "RNG": "GPU",
+    "Schedule type": "Automatic", "Schedule max sigma": 0, "Schedule min sigma": 0, "Schedule rho": 0,
+}
+
+
+def a1111_parameters(text: str) -> dict[str, Any]:
+    """A parameters text parsed with A1111's keys (`parse_generation_parameters` in `infotext_utils.py`):
+    every `WxH` value becomes `<label>-1` / `<label>-2` (`Size-1`, `Size-2`, no `Size`), and the labels
+    missing from the text get A1111's defaults (`"Clip skip": "1"`, ...). Values keep sdlab's types."""
+    parsed: dict[str, Any] = {}
+    for key, value in parse_parameters(text).items():
+        m = _SIZE_VALUE.match(value) if isinstance(value, str) and key not in ("Prompt", "Negative prompt") else None
+        if m is not None:
+            parsed[f"{key}-1"], parsed[f"{key}-2"] = m.group(1), m.group(2)
+        else:
+            parsed[key] = value
+    return {**parsed, **{key: value for key, value in _A1111_DEFAULTS.items() if key not in parsed}}
 
 
 controlnet_router = APIRouter(prefix="/controlnet")     # the sd-webui-controlnet extension's routes

@@ -388,8 +388,10 @@ function settingsFromParameters(p) {
   s.strength = number(p["Denoising strength"]);
   let sampler = p.Sampler;
   let schedule = p["Schedule type"];
-  for (const suffix of [" Karras", " Exponential"]) {   // older A1111 files name the schedule in the sampler
-    if (sampler && sampler.endsWith(suffix) && schedule === undefined) {
+  // older A1111 files name the schedule in the sampler; png-info then gives A1111's default "Automatic"
+  const scheduleUnset = schedule === undefined || String(schedule).trim().toLowerCase() === "automatic";
+  for (const suffix of [" Karras", " Exponential"]) {
+    if (sampler && sampler.endsWith(suffix) && scheduleUnset) {
       sampler = sampler.slice(0, -suffix.length);
       schedule = suffix.trim();
     }
