@@ -300,11 +300,15 @@ const base64Of = (dataUrl) => String(dataUrl).replace(/^data:[^,]*,/, "");
 // ---------------------------------------------------------------- request
 
 function numberField(id, { integer = false } = {}) {
-  const raw = $(id).value.trim();
+  const field = $(id);
+  const label = field.labels[0]?.textContent || id;
+  // a number box holding text that is not a number ("abc", "1e400") reads as "": say so, never send the default
+  if (field.validity && field.validity.badInput) throw new ApiError(`${label}: the text typed is not a number`);
+  const raw = field.value.trim();
   if (raw === "") return undefined;
   const value = Number(raw);
   if (!Number.isFinite(value) || (integer && !Number.isInteger(value))) {
-    throw new ApiError(`${$(id).labels[0]?.textContent || id}: "${raw}" is not ${integer ? "a whole number" : "a number"}`);
+    throw new ApiError(`${label}: "${raw}" is not ${integer ? "a whole number" : "a number"}`);
   }
   return value;
 }
@@ -630,6 +634,12 @@ function reuseSettings(job) {
   const settings = { ...(job.request || {}), mode: undefined };
   if (job.request && job.request.model === undefined && job.model) settings.model = job.model;
   const unknown = fillForm(settings);
+  const r = job.request || {};
+  if (r.hr_scale != null || r.hr_width || r.hr_height) {     // the form has no hires fix: say it is left out
+    const size = r.hr_width || r.hr_height ? `${r.hr_width || "auto"}x${r.hr_height || "auto"}` : `x${r.hr_scale}`;
+    unknown.push(`hires fix (${size}, ${r.hr_steps || r.steps || "?"} steps, denoise ${r.hr_denoise ?? "?"}): ` +
+                 "this form draws without it");
+  }
   if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
   showNotice(unknown.length ? `Not available here: ${unknown.join(", ")}` : "");
 }
