@@ -11,9 +11,9 @@ copy of the input is never made. The SD VAE decoder's three upsampling convoluti
 machine): 0.5-0.8 x the time of interpolate + conv; the result differs by the rounding of the summed
 weights (in bf16 the error against an fp64 reference rises from ~0.016 to ~0.022 at outputs of ~7; in fp32
 it falls). oneDNN's transposed convolution loses at the U-Net's 1280-channel levels (1.5-6 x slower), so
-only the VAE takes it. CPU inference in bf16 only (in fp32 it is faster too, 0.4-0.7 x, but a decode right
-after sampling differed from a later one by ~1e-6, where fp32 decodes are otherwise bit-identical), without
-hooks on the convolution (a LoRA in training adds its output through one), not while compiling.
+only the VAE takes it. CPU inference in bf16 only (in fp32 it is faster too, 0.4-0.7 x, but differs from
+interpolate + conv by ~1e-6, where an fp32 decode is otherwise bit-identical with gradients on and off),
+without hooks on the convolution (a LoRA in training adds its output through one), not while compiling.
 """
 
 from __future__ import annotations
