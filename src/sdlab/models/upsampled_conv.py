@@ -58,7 +58,7 @@ def transposed_weight(conv: nn.Conv2d) -> Tensor:
 
 
 def _transposes(x: Tensor, conv: nn.Conv2d) -> bool:
-    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.bfloat16
+    return (isinstance(conv, nn.Conv2d) and x.device.type == "cpu" and x.dim() == 4 and x.dtype == torch.bfloat16
             and conv.weight.dtype == x.dtype and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and not cpu_kernels.has_hooks(conv)
