@@ -116,10 +116,15 @@ def run_job(client: httpx.Client, body: dict, timeout_s: float = 120) -> dict:
     """POST a job to /api/jobs and poll it until it ends; returns its last state (any final status)."""
     created = client.post("/api/jobs", json=body)
     assert created.status_code == 202, created.text
+    return wait_for_job(client, created.json()["id"], timeout_s)
+
+
+def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 120) -> dict:
+    """Poll /api/jobs/ID until the job ends; returns its last state (any final status)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{created.json()['id']}").json()
+        job = client.get(f"/api/jobs/{job_id}").json()
         if job["status"] not in ("queued", "running"):
             return job
-        time.sleep(0.05)
-    raise AssertionError("the job did not finish")
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} did not finish")

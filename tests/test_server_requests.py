@@ -16,7 +16,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from server_fixtures import start_server
+from server_fixtures import start_server, wait_for_job
 
 MAX_STEPS = 10
 
@@ -53,16 +53,6 @@ def png_bytes(image: Image.Image, **info: str) -> bytes:
 
 def b64(image: Image.Image) -> str:
     return base64.b64encode(png_bytes(image)).decode()
-
-
-def wait(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/api/jobs/{job_id}").json()
-        if job["status"] not in ("queued", "running"):
-            return job
-        time.sleep(0.02)
-    raise AssertionError(f"job {job_id} did not finish")
 
 
 # ---------------------------------------------------------------- 1. --max-steps holds for the hires pass
@@ -194,7 +184,7 @@ def test_a_broken_model_or_lora_is_a_clean_4xx_without_server_paths(client, serv
     lora = client.post("/sdapi/v1/txt2img", json={"prompt": "x <lora:badlora:1>", "steps": 2})
     assert lora.status_code == 400, lora.text
     assert "badlora" in lora.json()["errors"] and str(models) not in lora.text
-    native = wait(client, client.post("/api/jobs", json={"prompt": "x", "steps": 2, "model": "broken"}).json()["id"])
+    native = wait_for_job(client, client.post("/api/jobs", json={"prompt": "x", "steps": 2, "model": "broken"}).json()["id"])
     assert native["status"] == "failed" and "cannot be loaded" in native["error"] and str(models) not in native["error"]
     assert client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2}).status_code == 200   # still serving
     assert "Traceback" not in server.output()
@@ -223,7 +213,7 @@ def test_null_fields_take_their_defaults(client):
     native = client.post("/api/jobs", json={"prompt": "x", "steps": 2, "seed": None, "batch_size": None,
                                             "mask_blur": None, "clip_skip": None, "loras": None})
     assert native.status_code == 202, native.text
-    assert wait(client, native.json()["id"])["status"] == "done"
+    assert wait_for_job(client, native.json()["id"])["status"] == "done"
     assert client.post("/api/jobs", json={"prompt": "x", "no_such_field": None}).status_code == 422
 
 
@@ -270,7 +260,7 @@ def test_a_mask_of_another_size_is_resized_to_the_picture(client):
     assert out.getpixel((2, 2)) == (255, 0, 0) and out.getpixel((32, 32)) != (255, 0, 0)   # the corner kept
     native = client.post("/api/jobs", json={"mode": "inpaint", "prompt": "x", "steps": 2, "init_image": b64(init),
                                             "mask_image": b64(mask.resize((40, 24)))})
-    assert native.status_code == 202 and wait(client, native.json()["id"])["status"] == "done", native.text
+    assert native.status_code == 202 and wait_for_job(client, native.json()["id"])["status"] == "done", native.text
 
 
 # ---------------------------------------------------------------- 4. RGBA masks over HTTP

@@ -23,7 +23,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
@@ -39,8 +39,8 @@ from sdlab.pipeline.request import GenerationRequest
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, target_size, upscale_image
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
-    PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, decode_base64, decode_image, fit_mask, sampler_and_schedule,
-    scheduler_rows, unset_preset_fields, without_nulls,
+    PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, decode_base64, decode_image, fit_mask,
+    sampler_and_schedule, scheduler_rows, unset_preset_fields,
 )
 from sdlab.server.jobs import Job
 from sdlab.server.native import service_of
@@ -52,15 +52,10 @@ router = APIRouter(prefix="/sdapi/v1")
 DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
 
 
-class Txt2ImgIn(BaseModel):
+class Txt2ImgIn(NullsAreDefaults):
     """The fields sdlab uses; any other A1111 field is accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_unset(cls, data: Any) -> Any:
-        return without_nulls(cls, data)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -352,16 +347,11 @@ def upscalers(request: Request) -> list[dict[str, Any]]:
                    for f in service_of(request).upscalers.files]
 
 
-class ExtraSingleIn(BaseModel):
+class ExtraSingleIn(NullsAreDefaults):
     """A1111's `/extra-single-image` fields sdlab uses; face restoration, a second upscaler and the others
     are accepted and ignored (docs/server.md)."""
 
     model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_unset(cls, data: Any) -> Any:
-        return without_nulls(cls, data)
 
     image: str
     resize_mode: int = 0                    # 0: by upscaling_resize, 1: to upscaling_resize_w x _h
@@ -447,12 +437,7 @@ def scripts() -> dict[str, Any]:
     return {"txt2img": [], "img2img": []}
 
 
-class PngInfoIn(BaseModel):
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_unset(cls, data: Any) -> Any:
-        return without_nulls(cls, data)
+class PngInfoIn(NullsAreDefaults):
 
     image: str
 

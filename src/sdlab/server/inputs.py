@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from PIL import Image
-from pydantic import BaseModel
+from pydantic import BaseModel, model_validator
 
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
@@ -77,13 +77,17 @@ def with_preset(request: GenerationRequest, name: str, mode: str, fields: Collec
     return replace(request, **{key: value for key, value in options.items() if key in fields})
 
 
-def without_nulls(model: type[BaseModel], data: Any) -> Any:
-    """A request body with its known fields that are null left out, so they take their defaults: A1111 makes
+class NullsAreDefaults(BaseModel):
+    """A request body whose known fields that are null are left out, so they take their defaults: A1111 makes
     every request field optional (null = the default) and both APIs say null counts as unset. Unknown
     fields stay, for the models that refuse them."""
-    if not isinstance(data, dict):
-        return data
-    return {key: value for key, value in data.items() if value is not None or key not in model.model_fields}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_unset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
 
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)

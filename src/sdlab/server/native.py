@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
-    BadRequest, JobSpec, LoraChoice, decode_image, fit_mask, schedule_name, unset_preset_fields, with_preset,
-    without_nulls,
+    BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_image, fit_mask, schedule_name, unset_preset_fields,
+    with_preset,
 )
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
 from sdlab.server.previews import jpeg_data_url
@@ -52,15 +52,10 @@ class ControlIn(BaseModel):
     module: str = "none"                    # a preprocessor: none, canny, scribble, lineart, tile, ...
 
 
-class JobIn(BaseModel):
+class JobIn(NullsAreDefaults):
     """A generation: `GenerationRequest`'s fields, the mode, and optionally the model by name."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nulls_are_unset(cls, data: Any) -> Any:
-        return without_nulls(cls, data)
 
     mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
     model: str | None = None
