@@ -135,3 +135,13 @@ def test_a_single_models_adapter_file(tmp_path):
     diffs, effect = _compare(tmp_path / "pipe", lora_file, pipe)
     assert effect > 1.0
     assert diffs[0] < 1e-4, diffs
+
+
+def test_unusable_peft_metadata_leaves_the_scale_at_one():
+    from sdlab.checkpoints.lora import _peft_alpha
+
+    config = {"unet": {"lora_alpha": 8, "r": 4, "alpha_pattern": {"([": 3.0}}}      # not a regular expression
+    assert _peft_alpha(config, "unet.down.to_k", 4) == 8.0                           # 8 / 4 * rank 4
+    assert _peft_alpha({"unet": {"lora_alpha": 8, "r": 4, "alpha_pattern": {"to_k": "x"}}}, "unet.a.to_k", 4) is None
+    assert _peft_alpha({"unet": {"lora_alpha": 8, "rank_pattern": {"to_k": 0}}}, "unet.a.to_k", 4) is None
+    assert _peft_alpha({"unet": {"lora_alpha": "8"}}, "unet.a.to_k", 4) is None

@@ -291,9 +291,12 @@ def _peft_configs(path, metadata: Mapping[str, str]) -> dict[str, dict]:
 
 def _peft_pattern(patterns, module_path: str, default):
     """peft's `get_pattern_key`: the value of the first pattern that matches the end of the module path."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_path):
-            return value
+    for pattern, value in (patterns if isinstance(patterns, dict) else {}).items():
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module_path):
+                return value
+        except re.error:                 # not a regular expression: it names no module
+            continue
     return default
 
 
@@ -306,9 +309,12 @@ def _peft_alpha(configs: Mapping[str, dict], name: str, rank: int) -> float | No
         return None
     path = name[len(component) + 1:] if component else name
     path = path.removeprefix("base_model.model.")
-    alpha = float(_peft_pattern(config.get("alpha_pattern"), path, config["lora_alpha"]))
-    r = float(_peft_pattern(config.get("rank_pattern"), path, config.get("r", rank)))
-    if r <= 0:
+    try:
+        alpha = float(_peft_pattern(config.get("alpha_pattern"), path, config["lora_alpha"]))
+        r = float(_peft_pattern(config.get("rank_pattern"), path, config.get("r", rank)))
+    except (TypeError, ValueError):      # a value that is not a number: no scale from the metadata
+        return None
+    if not (math.isfinite(alpha) and math.isfinite(r) and r > 0):
         return None
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r) * rank
 
