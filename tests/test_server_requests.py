@@ -290,3 +290,16 @@ def test_png_info_answers_with_a1111s_keys(client):
     assert (parameters["Hires resize-1"], parameters["Hires resize-2"]) == ("128", "96")
     assert parameters["Clip skip"] == "1" and parameters["Schedule type"] == "Automatic"
     assert parameters["Prompt"] == "a cat" and parameters["Negative prompt"] == "dog" and parameters["Seed"] == 1
+
+
+# ---------------------------------------------------------------- A1111's img2img at denoising strength 0
+
+
+def test_a1111_img2img_takes_denoising_strength_0(client):
+    """A1111 runs one step at the lowest sigma (t_enc = 0) rather than refusing it."""
+    init = Image.new("RGB", (64, 64), (200, 40, 40))
+    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 4, "seed": 1, "init_images": [b64(init)],
+                                                      "denoising_strength": 0})
+    assert response.status_code == 200, response.text
+    assert json.loads(response.json()["info"])["denoising_strength"] == 0
+    assert "Denoising strength: 0" in json.loads(response.json()["info"])["infotexts"][0]
