@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -58,10 +58,26 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
 
 
 def read_image(path: str | os.PathLike[str]) -> Image.Image:
-    """The decoded image at ``path``, detached from its file; decompression bombs as in ``open_image``."""
+    """The decoded image at ``path``, detached from its file and made `upright_8bit`; decompression bombs as
+    in ``open_image``."""
     with open_image(path) as image:
         image.load()
-        return image.copy()
+        return upright_8bit(image)
+
+
+_WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # 16-bit greyscale PNG / TIFF as Pillow opens them
+
+
+def upright_8bit(image: Image.Image) -> Image.Image:
+    """A picture as it is meant to be seen, in 8 bits a channel (a new image): turned by its EXIF
+    orientation (a phone photo stored sideways; diffusers' ``load_image`` and A1111 do the same), and a
+    16-bit greyscale picture scaled to 0..255 (Pillow's ``convert`` would clip every value above 255 to
+    white)."""
+    image = ImageOps.exif_transpose(image)   # a copy, also when there is nothing to turn
+    if image.mode in _WIDE_MODES:
+        wide = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return image
 
 
 def snap_size(width: int, height: int, multiple: int = 8) -> tuple[int, int]:

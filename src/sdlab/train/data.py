@@ -30,11 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor
 
 from sdlab.checkpoints.io import write_safetensors_atomic
+from sdlab.pipeline.images import upright_8bit
 from sdlab.train.task import Batch
 
 logger = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def load_training_image(path: Path, resolution: int, *, center_crop: bool, rando
     """Open, resize the short side to ``resolution`` (Lanczos), crop a square (centre or random from
     ``generator``), optionally flip horizontally (p = 0.5 from ``generator``); pixels in [-1, 1]."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im).convert("RGB")
+        im = upright_8bit(im).convert("RGB")
         width, height = im.size
         scale = resolution / min(width, height)
         new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
