@@ -265,6 +265,28 @@ def test_a1111_scale_semantics() -> None:
         upscale_image(image, "Lanczos", (100_000, 100_000))
 
 
+def test_a1111_first_pass_and_one_x_models(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111's Upscaler.upscale: a first pass even at scale 1 (then Lanczos back), none below 1, and a pass that
+    leaves the size unchanged (a 1x model) is the last."""
+    from sdlab.pipeline import upscale as upscale_module
+
+    passes = []
+    real = upscale_module.run_upscaler
+    monkeypatch.setattr(upscale_module, "run_upscaler", lambda *a, **k: passes.append(1) or real(*a, **k))
+    image = Image.new("RGB", (12, 8), (40, 90, 200))
+    one_x = upscaler_from_state(old_arch_state(1), "x1")
+    once = real(one_x, image, tile=0)
+    assert once.size == image.size and np.asarray(once).tolist() != np.asarray(image).tolist()
+    assert np.array_equal(np.asarray(upscale_image(image, one_x, (12, 8), tile=0)), np.asarray(once))
+    assert len(passes) == 1                                   # at its own scale: run once
+    twice = upscale_image(image, one_x, (24, 16), tile=0)
+    assert len(passes) == 2                                   # scale 2: one pass, then Lanczos (not three)
+    assert np.array_equal(np.asarray(twice), np.asarray(once.resize((24, 16), Image.Resampling.LANCZOS)))
+    x2 = upscaler_from_state(old_arch_state(2), "x2")
+    assert upscale_image(image, x2, (12, 8), tile=0).size == (12, 8) and len(passes) == 3   # scale 1: a pass
+    assert upscale_image(image, x2, (6, 4), tile=0).size == (6, 4) and len(passes) == 3     # below 1: none
+
+
 def test_alpha_is_resized_and_kept() -> None:
     upscaler = upscaler_from_state(old_arch_state(2), "x2")
     image = Image.new("RGBA", (8, 8), (10, 20, 30, 128))

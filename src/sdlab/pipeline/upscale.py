@@ -4,6 +4,8 @@ Pixel space, A1111's upscaler semantics (`upscale_image`):
 - an upscaler network (ESRGAN / Real-ESRGAN, `sdlab.checkpoints.upscaler`) runs pass after pass (at most
   `MAX_PASSES`) until the picture is at least the target size, then Lanczos resizes it to the target
   exactly; so `--scale 2` with a x4 model is one x4 pass and a Lanczos halving, `--scale 8` two passes.
+  As in A1111, the first pass runs even at scale 1 (then a x4 result is resized back), and a pass that
+  leaves the size unchanged (a 1x model: denoising, de-JPEG) is the last one.
   The network sees RGB in [0, 1], what ESRGAN and Real-ESRGAN were trained on (A1111 flips to BGR); an
   alpha channel is not upscaled by the network but resized with Lanczos and put back, as A1111 does.
 - `"Lanczos"` and `"Nearest"` are plain PIL resizes to the target (A1111's upscalers of those names;
@@ -175,10 +177,13 @@ def upscale_image(image: Image.Image, upscaler: Upscaler | str, size: tuple[int,
         if resample is None:
             raise UpscaleError(f"unknown upscaler {upscaler!r}; name an upscaler model file, Lanczos or Nearest")
         return image.resize((width, height), resample=resample)
-    for _ in range(MAX_PASSES):
-        if image.width >= width and image.height >= height:
+    for i in range(MAX_PASSES):   # A1111's `Upscaler.upscale`: a first pass even at scale 1 (a 1x model)
+        if image.width >= width and image.height >= height and (i > 0 or image.size != (width, height)):
             break
+        before = image.size
         image = run_upscaler(upscaler, image, tile=tile, overlap=overlap)
+        if image.size == before:  # a 1x model (denoising, de-JPEG): one pass is all it does
+            break
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     return image
