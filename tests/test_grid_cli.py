@@ -52,6 +52,20 @@ def test_cells_equal_single_txt2img_runs(tmp_path: Path, capsys) -> None:
     assert first["Prompt"] == PROMPT
 
 
+@pytest.mark.parametrize("options, sampler", [(["--lora", "sdlab-tiny-lcm"], "LCM"),   # the LoRA names lcm
+                                              (["--preset", "turbo"], "Euler a")])
+def test_cells_follow_the_preset_as_txt2img_does(tmp_path: Path, capsys, options: list[str], sampler: str) -> None:
+    cells = tmp_path / "cells"
+    code, _, err = run(["grid", PROMPT, "--x", "steps=1,2", *options, "--seed", "3", "--out", str(tmp_path / "g.png"),
+                        "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    for i, steps in enumerate(["1", "2"]):
+        kept = cells / f"{i:03d}-x{i}-y0-z0.png"
+        assert parse_parameters(read_parameters(kept))["Sampler"] == sampler
+        want = _txt2img(tmp_path, capsys, f"single-{i}.png", PROMPT, "--steps", steps, *options, "--seed", "3")
+        assert np.array_equal(pixels(kept), want), steps
+
+
 def test_prompt_sr_and_z_axis(tmp_path: Path, capsys) -> None:
     out = tmp_path / "grid.png"
     code, _, err = run(["grid", PROMPT, "--x", "prompt_sr=apple,star", "--z", "seed=1,2", "--steps", "2",

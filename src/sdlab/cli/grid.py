@@ -48,6 +48,9 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, help="height in pixels (default: the family's)")
     p.add_argument("--clip-skip", type=int, help="A1111 clip skip")
     p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers")
+    p.add_argument("--preset", metavar="NAME",
+                   help="few-step settings of a distilled model or LoRA (turbo, lcm, lightning, hyper, tcd, "
+                        "lcm-model) under every cell; options and axes win (default: the one the model names)")
     p.add_argument("--init", help="init image: every cell is an img2img of it")
     p.add_argument("--strength", type=float, help="img2img strength in (0, 1] (with --init)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT", help="merge a LoRA file; repeatable")
@@ -124,7 +127,9 @@ def _record_prompt(prompt: str, plot, index: tuple[int, int, int]) -> str:
 
 
 def run_grid(args: argparse.Namespace) -> int:
-    from sdlab.cli.generate import _identify_model, _load_pipeline, _open_image, _options_from_args, _resolve_loras
+    from sdlab.cli.generate import (
+        _identify_model, _load_pipeline, _open_image, _options_from_args, _resolve_loras, _with_model_preset,
+    )
     from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_plot
     from sdlab.pipeline.infotext import to_parameters
     from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, image_format, write_files_all_or_nothing
@@ -147,6 +152,10 @@ def run_grid(args: argparse.Namespace) -> int:
     _check_requests(cells, plot)
 
     pipe, model = _load_pipeline(args, None, loras)
+    if pipe.bundle.preset and not args.preset:           # a file that names a preset (LCM-LoRA, Turbo), as txt2img
+        options = _with_model_preset(options, pipe.bundle.preset, args.mode)
+        cells = plot.cells(options)
+        _check_requests(cells, plot)
     name, hash_ = _identify_model(model)
     try:
         for _, cell in cells:                                # the model's checks too (clip skip, memory)
