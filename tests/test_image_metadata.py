@@ -130,6 +130,22 @@ def test_jpeg_and_webp_carry_the_parameters_in_exif_usercomment_as_a1111(tmp_pat
         comment = image.getexif().get_ifd(0x8769)[0x9286]
     assert comment == b"UNICODE\0" + text.encode("utf-16-be")           # piexif's "unicode" UserComment
     assert read_parameters(path) == text
+    assert _user_comment_type(image.info["exif"]) == 7   # UNDEFINED: piexif (A1111's reader) cannot read BYTE
+
+
+def _user_comment_type(exif: bytes) -> int:
+    """The TIFF type of the UserComment entry of raw EXIF bytes (a TIFF structure; JPEG's has "Exif\0\0" first)."""
+    import struct
+
+    tiff = exif.removeprefix(b"Exif\0\0")
+    order = ">" if tiff[:2] == b"MM" else "<"
+
+    def entries(offset):
+        (count,) = struct.unpack_from(order + "H", tiff, offset)
+        return [struct.unpack_from(order + "HHII", tiff, offset + 2 + 12 * i) for i in range(count)]
+
+    exif_ifd = next(value for tag, _, _, value in entries(struct.unpack_from(order + "I", tiff, 4)[0]) if tag == 0x8769)
+    return next(kind for tag, kind, _, _ in entries(exif_ifd) if tag == 0x9286)
 
 
 def test_jpeg_too_long_for_exif_is_a_clear_error():
@@ -176,6 +192,12 @@ def test_a1111_schedule_labels_and_keys_read_as_sdlabs_names():
             for name in ("SGM Uniform", "sgm_uniform", "DDIM", "Automatic", "Align Your Steps")}
     assert read == {"SGM Uniform": "sgm_uniform", "sgm_uniform": "sgm_uniform", "DDIM": "ddim_uniform",
                     "Automatic": None, "Align Your Steps": "align_your_steps"}  # unknown: the request names it
+
+
+def test_a1111_eta_ddim_reads_as_eta():
+    """A1111 records DDIM / PLMS / UniPC's eta as "Eta DDIM" (`sd_samplers_timesteps.py`)."""
+    assert from_parameters({"Sampler": "DDIM", "Eta DDIM": "0.5"})["eta"] == 0.5
+    assert from_parameters({"Sampler": "Euler a", "Eta": "0.7"})["eta"] == 0.7
 
 
 def test_a_recorded_size_of_zero_is_refused():

@@ -36,6 +36,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Clip skip": ("clip_skip", int),
     "Denoising strength": ("strength", float),
     "Eta": ("eta", float),
+    "Eta DDIM": ("eta", float),            # A1111's label for DDIM / PLMS / UniPC (read only: sdlab writes Eta)
     "CFG rescale": ("guidance_rescale", float),
     "Mask blur": ("mask_blur", float),
     "Initial noise": ("init_noise", str),

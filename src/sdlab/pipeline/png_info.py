@@ -246,9 +246,14 @@ def _user_comment(data: Any) -> str | None:
 
 
 def _exif_with_comment(text: str) -> bytes:
-    exif = Image.Exif()
-    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = _UNICODE_PREFIX + text.encode("utf-16-be")
-    return exif.tobytes()
+    """EXIF holding only a UserComment, typed UNDEFINED (7) as the EXIF standard and A1111's piexif write it
+    (Pillow would type the bytes BYTE, which piexif, and so A1111's PNG Info, cannot read): a big-endian TIFF
+    header, IFD0 at 8 with the Exif IFD's pointer, the Exif IFD at 26, the comment at 44."""
+    comment = _UNICODE_PREFIX + text.encode("utf-16-be")
+    entry = ">HHHII I"   # entries in the IFD (1), tag, type, count, value or offset, next IFD (none)
+    ifd0 = struct.pack(entry, 1, _EXIF_IFD, 4, 1, 26, 0)                       # LONG pointer, bytes 8..26
+    exif_ifd = struct.pack(entry, 1, _USER_COMMENT, 7, len(comment), 44, 0)    # UNDEFINED, bytes 26..44
+    return b"Exif\x00\x00MM\x00*" + struct.pack(">I", 8) + ifd0 + exif_ifd + comment
 
 
 def image_format(path: str | os.PathLike) -> str | None:

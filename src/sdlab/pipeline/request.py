@@ -73,6 +73,8 @@ def input_image(image: ImageLike, what: str) -> Image.Image:
     is missing or unreadable is a `RequestError` naming it."""
     if isinstance(image, Image.Image):
         return image
+    if not isinstance(image, (str, os.PathLike)):
+        raise RequestError(f"the {what} must be a PIL image or a file path, got {type(image).__name__}")
     try:
         return read_image(image)
     except FileNotFoundError:
@@ -336,6 +338,9 @@ def resolve(
         )
     if r.init_image is None and r.mask_image is not None:
         raise RequestError("a mask needs an init image to inpaint")
+    for what, image in (("init image", r.init_image), ("mask", r.mask_image)):
+        if image is not None and not isinstance(image, Image.Image):   # `input_image` reads paths
+            raise RequestError(f"the {what} must be a PIL image or a file path, got {type(image).__name__}")
     if r.init_image is not None:
         _finite("strength", r.strength)
         try:
