@@ -77,6 +77,15 @@ def test_img2img_and_inpaint_and_outpaint(model, picture, tmp_path, capsys) -> N
                       "--seed", "1", "--out", str(tmp_path / "out.png"), "--steps", "2", "--no-progress"], capsys)
     assert code == 0 and Image.open(tmp_path / "out.png").size == (48, 40)
 
+    # pads off the 8-pixel grid are trimmed, so the kept picture is not resized (it was squashed to fit before)
+    code, _, err = run(["inpaint", "a dog", "--init", str(picture), "--outpaint", "12,0,0,0", "--model", str(model),
+                        "--seed", "1", "--out", str(tmp_path / "odd.png"), "--steps", "2", "--no-progress"], capsys)
+    assert code == 0 and "trimmed to 8,0,0,0" in err
+    out = np.asarray(Image.open(tmp_path / "odd.png").convert("RGB"), dtype=np.int16)
+    assert out.shape == (32, 40, 3)
+    original = np.asarray(Image.open(picture).convert("RGB"), dtype=np.int16)
+    assert np.abs(out[:, 28:] - original[:, 20:]).max() <= 1     # right of the seam's blur: the original 1:1
+
 
 @pytest.mark.parametrize(
     ("args", "message"),

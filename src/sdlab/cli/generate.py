@@ -120,7 +120,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
             p.add_argument("--mask-blur", type=float, help="Gaussian blur radius of the mask in pixels")
             p.add_argument(
                 "--outpaint", metavar="L,R,T,B",
-                help="grow the canvas by these many pixels left,right,top,bottom and paint the new area",
+                help="grow the canvas by these many pixels left,right,top,bottom and paint the new area "
+                     "(trimmed so that the canvas is a multiple of 8 pixels)",
             )
         p.set_defaults(run=run_generate, mode=mode)
 
@@ -257,6 +258,26 @@ def _parse_outpaint(text: str) -> tuple[int, int, int, int]:
     if len(values) != 4 or min(values) < 0 or max(values) == 0:
         raise UserError(f"--outpaint wants four pixel counts LEFT,RIGHT,TOP,BOTTOM (>= 0, not all 0), got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def _fit_outpaint(pads: tuple[int, int, int, int], size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Pads LEFT,RIGHT,TOP,BOTTOM trimmed (right / bottom first) so that the canvas is a multiple of 8 pixels
+    (the VAE's grid): a canvas off the grid would be resized to it, squashing the original picture that
+    inpainting keeps. A picture itself off the grid is resized as any init image is."""
+    left, right, top, bottom = pads
+    fitted = []
+    for side, first, second in ((size[0], right, left), (size[1], bottom, top)):
+        excess = (side + first + second) % 8
+        cut = min(excess, first)
+        first, second = first - cut, second - min(excess - cut, second)
+        fitted.append((second, first))
+    (left, right), (top, bottom) = fitted
+    if (left, right, top, bottom) != pads:
+        logger.warning("--outpaint %s: trimmed to %d,%d,%d,%d so that the canvas is a multiple of 8 pixels",
+                       ",".join(map(str, pads)), left, right, top, bottom)
+    if max(left, right, top, bottom) == 0:
+        raise UserError(f"--outpaint {','.join(map(str, pads))} adds less than the 8-pixel grid; pad by 8 or more")
+    return left, right, top, bottom
 
 
 def _output_target(out: str) -> tuple[Path, str | None]:
@@ -563,7 +584,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.outpaint:
             if args.mask:
                 raise UserError("give either --mask or --outpaint, not both")
-            left, right, top, bottom = _parse_outpaint(args.outpaint)
+            left, right, top, bottom = _fit_outpaint(_parse_outpaint(args.outpaint), options["init_image"].size)
             canvas = (options["init_image"].width + left + right, options["init_image"].height + top + bottom)
             if max(canvas) > MAX_SIDE:       # refused before the canvas is allocated
                 raise UserError(f"--outpaint {args.outpaint} makes a {canvas[0]}x{canvas[1]} canvas; "
