@@ -9,10 +9,11 @@
     rejected before anything runs. The few other names that checkpoints people have carry beside their
     tensors (the Lightning callback of CompVis' `sd-v1-*.ckpt`, numpy scalars and arrays, the
     textual_inversion repo's ParameterDict) are unpickled as inert stand-ins (`INERT_GLOBALS`): nothing is
-    imported or called, and only the ParameterDict's tensors are kept. The zip directory is checked first (`_check_torch_zip`): decompression
-    bombs and big-endian files are refused before anything is unpacked; zip files whose records are all
-    stored are memory-mapped, those with deflated records are read without mapping (a map would see the
-    compressed bytes). A top-level `state_dict` entry (PyTorch Lightning, CompVis) is unwrapped.
+    imported or called, and only the ParameterDict's tensors are kept. The zip directory is checked first
+    (`_check_torch_zip`): decompression bombs and big-endian files are refused before anything is unpacked;
+    zip files whose records are all stored are memory-mapped, those with deflated records are read without
+    mapping (a map would see the compressed bytes). A top-level `state_dict` entry (PyTorch Lightning,
+    CompVis) is unwrapped.
 Every failure is a `CheckpointError` with a one-line message.
 
 `write_safetensors_atomic(path, tensors, metadata)` writes a temporary file beside `path`, fsyncs it and

@@ -72,6 +72,15 @@ def inference_only(*tensors: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place change, shared by views), None for an inference
+    tensor, which has none."""
+    try:
+        return tensor._version
+    except RuntimeError:   # "Inference tensors do not track version counter"
+        return None
+
+
 def has_hooks(module: torch.nn.Module) -> bool:
     """Whether forward hooks watch `module` (a LoRA in training adds its output through one), its own or the
     ones registered for every module (`torch.nn.modules.module.register_module_forward_hook`), so it must
@@ -178,4 +187,4 @@ def _import_built(path: Path) -> ModuleType | None:
 
 
 __all__ = ["FOLDER", "HEADERS", "SOURCES", "build_folder", "built_extension", "extension", "has_hooks",
-           "inference_only", "loaded", "name", "onednn_fuses", "runs_here", "tile_kernels"]
+           "inference_only", "loaded", "name", "onednn_fuses", "runs_here", "tensor_version", "tile_kernels"]

@@ -21,7 +21,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-from sdlab.models.cpu_kernels import has_hooks
+from sdlab.models.cpu_kernels import has_hooks, tensor_version
 
 T = TypeVar("T")
 
@@ -51,21 +51,12 @@ def reused(modules: tuple[nn.Module, ...], source: Tensor, make: Callable[[], T]
     key = (modules[0], tuple(source.shape))
     kept = memo.get(key)
     value = make() if kept is None or kept[2] != weights or not _same(kept[0], kept[1], source) else kept[3]
-    memo[key] = (source, _version(source), weights, value)   # an equal new source: compared by identity next
+    memo[key] = (source, tensor_version(source), weights, value)   # an equal new source: by identity next
     return value
 
 
-def _version(tensor: Tensor) -> int | None:
-    """The tensor's version counter (bumped by every in-place change, shared by views), None for an inference
-    tensor."""
-    try:
-        return tensor._version
-    except RuntimeError:
-        return None
-
-
 def _identity(weight: Tensor) -> tuple[int, int | None]:
-    return weight.data_ptr(), _version(weight)
+    return weight.data_ptr(), tensor_version(weight)
 
 
 def _same_view(kept: Tensor, source: Tensor) -> bool:
@@ -79,7 +70,7 @@ def _same_view(kept: Tensor, source: Tensor) -> bool:
 def _same(kept: Tensor, kept_version: int | None, source: Tensor) -> bool:
     """Whether `source` holds what `kept` held when its result was made."""
     if kept is source or _same_view(kept, source):   # unchanged since, as far as the version counter tells
-        return kept_version is None or _version(source) == kept_version
+        return kept_version is None or tensor_version(source) == kept_version
     return (kept.device.type == source.device.type == "cpu" and kept.shape == source.shape
             and kept.dtype == source.dtype and torch.equal(kept, source))
 

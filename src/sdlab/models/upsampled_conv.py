@@ -42,10 +42,7 @@ def transposed_weight(conv: nn.Conv2d) -> Tensor:
     summed in fp32; made once per weight (kept on the module while the weight is the same tensor at the same
     address and version; an inference tensor has no version to watch, so for one it is made at every call)."""
     weight = conv.weight
-    try:
-        version = weight._version
-    except RuntimeError:   # "Inference tensors do not track version counter"
-        version = None
+    version = cpu_kernels.tensor_version(weight)
     kept = getattr(conv, "_sdlab_transposed", None)
     # the same tensor (not merely the same address: a freed weight's memory may hold a new one) unchanged
     if version is not None and kept is not None and kept[0]() is weight and kept[1] == (weight.data_ptr(), version):

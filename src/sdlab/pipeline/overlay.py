@@ -2,7 +2,8 @@
 
 A1111 (``processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_overlay``):
 
-1. the mask (``images.mask_levels``: an RGBA mask with transparency is its alpha channel) is made binary (grey > 128 is white) and blurred with a Gaussian of standard deviation
+1. the mask (``images.mask_levels``: an RGBA mask with transparency is its alpha channel) is made binary
+   (grey > 128 is white) and blurred with a Gaussian of standard deviation
    ``mask_blur`` pixels, kernel ``2 * int(2.5 * mask_blur + 0.5) + 1`` taps, separately along x and y
    (``cv2.GaussianBlur``; borders reflect without repeating the edge pixel, cv2's default);
 2. the blurred mask ``m`` (0..255) is resized to the picture (Lanczos);

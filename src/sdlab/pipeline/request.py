@@ -68,13 +68,17 @@ def check_refiner_switch(switch: float, name: str = "refiner_switch") -> float:
     return float(switch)
 
 
+def _not_a_picture(what: str, image: object) -> RequestError:
+    return RequestError(f"the {what} must be a PIL image or a file path, got {type(image).__name__}")
+
+
 def input_image(image: ImageLike, what: str) -> Image.Image:
     """An input picture (`what`: "init image", "mask") as a PIL image, read if given as a path; a file that
     is missing or unreadable is a `RequestError` naming it."""
     if isinstance(image, Image.Image):
         return image
     if not isinstance(image, (str, os.PathLike)):
-        raise RequestError(f"the {what} must be a PIL image or a file path, got {type(image).__name__}")
+        raise _not_a_picture(what, image)
     try:
         return read_image(image)
     except FileNotFoundError:
@@ -340,7 +344,7 @@ def resolve(
         raise RequestError("a mask needs an init image to inpaint")
     for what, image in (("init image", r.init_image), ("mask", r.mask_image)):
         if image is not None and not isinstance(image, Image.Image):   # `input_image` reads paths
-            raise RequestError(f"the {what} must be a PIL image or a file path, got {type(image).__name__}")
+            raise _not_a_picture(what, image)
     if r.init_image is not None:
         _finite("strength", r.strength)
         try:

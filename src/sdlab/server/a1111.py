@@ -246,7 +246,8 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
     image = None
     if preview is not None and not skip_current_image:
         image = base64.b64encode(jpeg_bytes(preview)).decode("ascii")
-    return {"progress": min(1.0, max(0.01, done)), "eta_relative": max(0.0, elapsed / done - elapsed) if done > 0 else 0.0,
+    eta = max(0.0, elapsed / done - elapsed) if done > 0 else 0.0
+    return {"progress": min(1.0, max(0.01, done)), "eta_relative": eta,
             "state": state, "current_image": image, "textinfo": f"step {step}/{steps}"}
 
 

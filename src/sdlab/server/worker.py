@@ -102,8 +102,8 @@ class Runner:
             pipe = self.host.pipeline(checkpoint, tuple(loras))
         except CheckpointError as err:      # a file the client chose: its error, without the server's paths
             names = [(checkpoint.path, checkpoint.title)] + [(path, f"LoRA {path.name}") for path, _ in loras]
-            what = f"the model {checkpoint.title!r}" + (f" with the LoRAs {', '.join(repr(c.name) for c in job.spec.loras)}"
-                                                       if loras else "")
+            named = ", ".join(repr(c.name) for c in job.spec.loras)
+            what = f"the model {checkpoint.title!r}" + (f" with the LoRAs {named}" if loras else "")
             reason = _without_paths(str(err), names).removeprefix(f"{checkpoint.title}: ")
             raise RequestError(f"{what} cannot be loaded: {reason}") from None
         previewer = self.host.previewer
