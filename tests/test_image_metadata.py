@@ -194,6 +194,30 @@ def test_a1111_schedule_labels_and_keys_read_as_sdlabs_names():
                     "Automatic": None, "Align Your Steps": "align_your_steps"}  # unknown: the request names it
 
 
+@pytest.mark.parametrize("recorded, schedule", [
+    ({"Sampler": "Euler", "Schedule type": "Automatic"}, "uniform"),         # no scheduler option
+    ({"Sampler": "DPM++ 2M", "Schedule type": "Automatic"}, "karras"),       # sd_samplers_kdiffusion options
+    ({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic"}, "exponential"),
+    ({"Sampler": "DPM++ 3M SDE", "Schedule type": "Automatic"}, "exponential"),
+    ({"Sampler": "DPM2 a", "Schedule type": "Automatic"}, "karras"),
+    ({"Sampler": "DPM++ 2M"}, "uniform"),                   # before 1.9: Karras was named in the sampler
+    ({"Sampler": "DPM++ 2M Karras"}, "karras"),
+    ({"Sampler": "DPM++ 2M", "Schedule type": "Exponential", "Version": "v1.10.1"}, "exponential"),
+    ({"Sampler": "DDIM", "Schedule type": "Karras", "Version": "v1.10.1"}, "ddim_uniform"),   # timestep samplers
+    ({"Sampler": "PLMS"}, "ddim_uniform"),
+])
+def test_a_file_a1111_wrote_reads_as_the_schedule_a1111_ran(recorded, schedule):
+    fields = from_parameters(recorded)
+    assert fields["schedule"] == schedule and fields["img2img_convention"] == "a1111"
+
+
+def test_sdlabs_own_files_keep_the_models_default_for_an_unset_schedule():
+    fields = from_parameters({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic", "Version": "sdlab 0.1.0"})
+    assert "schedule" not in fields and "img2img_convention" not in fields
+    fields = from_parameters({"Sampler": "DDIM", "Schedule type": "Karras", "Version": "sdlab 0.1.0"})
+    assert fields["schedule"] == "karras"
+
+
 def test_a1111_eta_ddim_reads_as_eta():
     """A1111 records DDIM / PLMS / UniPC's eta as "Eta DDIM" (`sd_samplers_timesteps.py`)."""
     assert from_parameters({"Sampler": "DDIM", "Eta DDIM": "0.5"})["eta"] == 0.5

@@ -135,6 +135,19 @@ def test_a1111_img2img_and_inpaint(client):
     assert client.post("/sdapi/v1/img2img", json={"prompt": "x"}).status_code == 422
 
 
+@pytest.mark.parametrize("body, label", [
+    ({}, "Uniform"),                                                    # A1111's default sampler, Euler
+    ({"sampler_name": "DPM++ 2M SDE"}, "Exponential"),
+    ({"sampler_name": "DPM++ 2M", "scheduler": "Automatic"}, "Karras"),
+    ({"sampler_name": "Euler", "scheduler": "sgm_uniform"}, "SGM Uniform"),
+    ({"sampler_name": "DDIM", "scheduler": "karras"}, "DDIM"),          # A1111's timestep samplers ignore it
+])
+def test_a1111_automatic_scheduler_is_the_samplers_own(client, body, label):
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, **body})
+    assert response.status_code == 200, response.text
+    assert f"Schedule type: {label}," in json.loads(response.json()["info"])["infotexts"][0]
+
+
 def test_a1111_unknown_sampler_and_scheduler(client):
     response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"})
     assert response.status_code == 404

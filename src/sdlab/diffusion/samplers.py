@@ -24,7 +24,12 @@ and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for
   UniPCMultistep share one spacing (``"dpm_solver"``); DDIM, PNDM (PLMS) and DDPM another (``"ddim"``);
   Euler's serves the k-diffusion samplers diffusers lacks (DPM++ 2S a);
 - how many steps it needs before its picture settles (``min_steps``, ``min_steps_karras`` with a Karras
-  schedule; a warning below that).
+  schedule; a warning below that);
+- which schedule AUTOMATIC1111 (1.9+) runs it on when the schedule is "Automatic" (``a1111_automatic``, the
+  ``scheduler`` option of its row in A1111's ``sd_samplers_kdiffusion``; for rows without one the model's
+  uniform sigmas, ``uniform`` = ``normal``). ``a1111_schedule`` applies that rule and A1111's other one:
+  its timestep samplers (DDIM, PLMS, UniPC: ``sd_samplers_timesteps``) ignore the schedule and step on
+  ``range(0, 1000, 1000 // steps) + 1``, sdlab's ``ddim_uniform``.
 
 Minimum steps. LMS (Adams-Bashforth of order 4 in sigma), PLMS (order 4 in timestep index) and DPM++ 3M
 SDE (third order) are exact copies of their references (k-diffusion, diffusers) and converge, but with
@@ -50,7 +55,8 @@ from sdlab.diffusion import sampling_k as K
 from sdlab.diffusion import sampling_ldm as L
 
 __all__ = [
-    "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "get_sampler", "sampler_names", "steps_warning",
+    "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "a1111_schedule", "get_sampler", "sampler_names",
+    "steps_warning",
 ]
 
 
@@ -73,6 +79,7 @@ class SamplerSpec:
     spacing: str = "euler"              # "euler" | "dpm_solver" | "ddim" | "lcm" (discretization.SPACING_SCHEDULERS)
     min_steps: int = 1                  # fewer steps can give a broken picture with guidance (module docstring)
     min_steps_karras: int | None = None  # the minimum with a Karras schedule, where it differs
+    a1111_automatic: str = "uniform"    # the schedule A1111 1.9+'s "Automatic" runs it on (its sampler options)
 
     @property
     def name(self) -> str:
@@ -85,26 +92,34 @@ class SamplerSpec:
 
 
 _GAUSS, _BROWNIAN, _DPM, _DDIM = "gaussian", "brownian", "dpm_solver", "ddim"
+_KARRAS, _EXP = "karras", "exponential"
 
 SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # A1111 name, ComfyUI name, function, then what differs from the defaults (no noise, final sigma 0, ...)
     SamplerSpec("Euler", "euler", K.sample_euler),
     SamplerSpec("Euler a", "euler_ancestral", K.sample_euler_ancestral, noise=_GAUSS),
     SamplerSpec("Heun", "heun", K.sample_heun),
-    SamplerSpec("DPM2", "dpm_2", K.sample_dpm_2),
-    SamplerSpec("DPM2 a", "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS),
+    SamplerSpec("DPM2", "dpm_2", K.sample_dpm_2, a1111_automatic=_KARRAS),
+    SamplerSpec("DPM2 a", "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS),
     SamplerSpec("LMS", "lms", K.sample_lms, min_steps=30, min_steps_karras=20),
-    SamplerSpec("DPM++ 2M", "dpmpp_2m", K.sample_dpmpp_2m, spacing=_DPM),
-    SamplerSpec("DPM++ 2M SDE", "dpmpp_2m_sde", K.sample_dpmpp_2m_sde, noise=_BROWNIAN, spacing=_DPM),
+    SamplerSpec("DPM++ 2M", "dpmpp_2m", K.sample_dpmpp_2m, spacing=_DPM, a1111_automatic=_KARRAS),
+    SamplerSpec(
+        "DPM++ 2M SDE", "dpmpp_2m_sde", K.sample_dpmpp_2m_sde, noise=_BROWNIAN, spacing=_DPM, a1111_automatic=_EXP,
+    ),
     SamplerSpec(
         "DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", partial(K.sample_dpmpp_2m_sde, solver_type="heun"),
-        noise=_BROWNIAN, spacing=_DPM,
+        noise=_BROWNIAN, spacing=_DPM, a1111_automatic=_EXP,
     ),
-    SamplerSpec("DPM++ SDE", "dpmpp_sde", K.sample_dpmpp_sde, noise=_BROWNIAN),
-    SamplerSpec("DPM++ 2S a", "dpmpp_2s_ancestral", K.sample_dpmpp_2s_ancestral, noise=_GAUSS),
+    SamplerSpec("DPM++ SDE", "dpmpp_sde", K.sample_dpmpp_sde, noise=_BROWNIAN, a1111_automatic=_KARRAS),
+    SamplerSpec(
+        "DPM++ 2S a", "dpmpp_2s_ancestral", K.sample_dpmpp_2s_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS,
+    ),
     # deterministic DPM++ 2S, diffusers' DPMSolverSinglestep; not in A1111
     SamplerSpec("DPM++ 2S", "dpmpp_2s", K.sample_dpmpp_2s, spacing=_DPM),
-    SamplerSpec("DPM++ 3M SDE", "dpmpp_3m_sde", K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30),
+    SamplerSpec(
+        "DPM++ 3M SDE", "dpmpp_3m_sde", K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30,
+        a1111_automatic=_EXP,
+    ),
     # CompVis, diffusers set_alpha_to_one=False: DDIM and PLMS end at alphas_cumprod[0]
     SamplerSpec("DDIM", "ddim", L.sample_ddim, noise=_GAUSS, final_sigma="first_alpha", spacing=_DDIM),
     SamplerSpec("PLMS", "plms", L.sample_plms, final_sigma="first_alpha", spacing=_DDIM, min_steps=30),
@@ -141,6 +156,21 @@ def get_sampler(name: str) -> SamplerSpec:
     if spec is None:
         raise UnknownSamplerError(f"unknown sampler {name!r}; valid names: {', '.join(sampler_names())}")
     return spec
+
+
+_A1111_TIMESTEP_SAMPLERS = frozenset({"DDIM", "PLMS", "UniPC"})
+
+
+def a1111_schedule(sampler: str, schedule: str | None) -> str | None:
+    """The schedule AUTOMATIC1111 runs ``sampler`` on when asked for ``schedule`` (None: "Automatic"); the
+    schedule as given for a sampler sdlab does not know (the request's check names it)."""
+    try:
+        spec = get_sampler(sampler)
+    except ValueError:
+        return schedule
+    if spec.a1111 in _A1111_TIMESTEP_SAMPLERS:
+        return "ddim_uniform"
+    return spec.a1111_automatic if schedule is None else schedule
 
 
 def steps_warning(spec: SamplerSpec, steps: int, schedule: str) -> str | None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES
+from sdlab.diffusion.samplers import a1111_schedule
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
@@ -185,6 +186,18 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
             fields["schedule"] = schedule_from_a1111(fields["schedule"])
         except ValueError:  # one sdlab lacks: the request's check names it
             fields["schedule"] = schedule_key(fields["schedule"])
-        if fields["schedule"] is None:  # A1111's "Automatic": the sampler's own default
-            del fields["schedule"]
+    if not str(p.get("Version", "")).startswith("sdlab"):
+        _as_a1111_ran(fields)
+    if "schedule" in fields and fields["schedule"] is None:    # "Automatic" in sdlab's files: the model's default
+        del fields["schedule"]
     return fields
+
+
+def _as_a1111_ran(fields: dict[str, Any]) -> None:
+    """Read a file AUTOMATIC1111 wrote as A1111 drew it: img2img steps by its rule, and the schedule it ran the
+    sampler on. A missing `Schedule type` is the plain (uniform) one of the versions before 1.9, which named
+    Karras in the sampler ("DPM++ 2M Karras"); 1.9 and later always write it, "Automatic" meaning the
+    sampler's own default (`samplers.a1111_schedule`)."""
+    fields.setdefault("img2img_convention", "a1111")
+    if "sampler" in fields:
+        fields["schedule"] = a1111_schedule(fields["sampler"], fields.get("schedule", "uniform"))

@@ -4,7 +4,9 @@ the fields that are accepted but ignored).
 txt2img / img2img run through the same queue as the native API and answer when the job is done:
 `{images: [base64 PNG with the parameters chunk], parameters: <the request>, info: <JSON string>}`.
 Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 404 "Sampler not found",
-an unknown scheduler 404 "Scheduler not found" (A1111 itself falls back to "Automatic"; sdlab refuses).
+an unknown scheduler 404 "Scheduler not found" (A1111 itself falls back to "Automatic"; sdlab refuses). The
+scheduler "Automatic" or none is A1111's choice for the sampler (Karras for DPM++ 2M, uniform for Euler, ...:
+`samplers.a1111_schedule`), and DDIM / PLMS / UniPC step on A1111's fixed timesteps whatever the scheduler.
 Unset width / height / CFG / steps take the loaded model's defaults rather than A1111's 512 / 7 / 20; on a model
 that names a few-step preset the unset sampler, scheduler, steps, CFG and eta are the preset's.
 """
@@ -28,7 +30,7 @@ from pydantic import ConfigDict, Field
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
 from sdlab.checkpoints.upscaler import load_upscaler
-from sdlab.diffusion.samplers import SAMPLER_TABLE
+from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import mask_levels, open_image
 from sdlab.pipeline.preprocess import PREPROCESSORS
@@ -99,6 +101,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = N
     if body.n_iter < 1 or body.batch_size < 1:
         raise BadRequest(f"batch_size and n_iter must be >= 1, got {body.batch_size} and {body.n_iter}", 422)
     sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index or DEFAULT_SAMPLER, body.scheduler)
+    if schedule is not None:                        # A1111's timestep samplers ignore it; unset: `_generate`
+        schedule = a1111_schedule(sampler, schedule)
     clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", 1)
     extra: dict[str, Any] = {}
     if body.subseed_strength:
@@ -131,7 +135,8 @@ def _given(body: Txt2ImgIn) -> set[str]:
 
 async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
     model = body.override_settings.get("sd_model_checkpoint")
-    spec = JobSpec(request, model_preset_fills=unset_preset_fields(_given(body), request))
+    spec = JobSpec(request, model_preset_fills=unset_preset_fields(_given(body), request),
+                   unset_schedule=a1111_schedule(request.sampler, None))
     job, _ = service.submit(spec, mode, model, hr_steps_name="hr_second_pass_steps")
     queue = job.subscribe(asyncio.get_running_loop(), steps=False)
     try:

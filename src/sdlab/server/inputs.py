@@ -57,6 +57,8 @@ class JobSpec:
     extra: dict[str, Any] = field(default_factory=dict)   # route-specific data (A1111's echo)
     model_preset_fills: frozenset[str] = frozenset()      # the fields the model's preset fills (if it names
                                                           # one): unset by the client and by an explicit preset
+    unset_schedule: str | None = None        # a schedule still unset after the model's preset: A1111's
+                                             # "Automatic" for the sampler on its routes; None: the family's
 
 
 PRESET_FIELDS = frozenset(key for preset in PRESETS.values() for mode in ("txt2img", "img2img")

@@ -144,9 +144,9 @@ def _without_paths(text: str, names: list[tuple[Path, str]]) -> str:
 def _take_model_defaults(job: Job, bundle: ModelBundle) -> None:
     """The settings the client left unset (`JobSpec.model_preset_fills`) from the preset the model's file
     names (`ModelBundle.preset`: `sdlab.preset`, or "lcm-model" for an LCM model), then an unset step count
-    from the model family's default, as `sdlab txt2img` does; known once the model is loaded (the preset at
-    submission when it already was, `Service.submit`). The job's request, step count and recorded settings
-    follow."""
+    from the model family's default, as `sdlab txt2img` does, and an unset schedule from
+    `JobSpec.unset_schedule`; known once the model is loaded (the preset at submission when it already was,
+    `Service.submit`). The job's request, step count and recorded settings follow."""
     spec = job.spec
     request = spec.request
     if bundle.preset and spec.model_preset_fills:
@@ -156,6 +156,8 @@ def _take_model_defaults(job: Job, bundle: ModelBundle) -> None:
             raise RequestError(f"the model names the preset {bundle.preset!r}: {err}") from None
     if request.steps is None:
         request = replace(request, steps=bundle.family.default_steps)
+    if request.schedule is None and spec.unset_schedule is not None:
+        request = replace(request, schedule=spec.unset_schedule)
     if request is spec.request:
         return
     job.spec = replace(spec, request=request, model_preset_fills=frozenset())
