@@ -366,12 +366,22 @@ def _finite_only(model: DenoiseFn, watch: FiniteWatch) -> DenoiseFn:
     return denoise
 
 
+def _brownian_span(plan: GenerationPlan) -> Tensor:
+    """The sigmas the SDE samplers' Brownian tree spans: for img2img (and a hires pass) A1111 and diffusers
+    span the whole schedule the tail was cut from (A1111 `sample_img2img` makes its noise sampler from all of
+    `get_sigmas`; DPMSolverSDEScheduler from all of `set_timesteps`), ComfyUI the sigmas it runs."""
+    req = plan.request
+    if not (plan.from_latent or req.init_image is not None) or req.img2img_convention == "comfyui":
+        return plan.sigmas
+    return request_sigmas(plan.sampling, plan.sampler, req, plan.sigmas.device, img2img=False)
+
+
 def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[torch.Generator]) -> dict[str, Any]:
     """Keyword arguments of the plan's sampler: its noise source and the options it accepts."""
     sampler, req = plan.sampler, plan.request
     options: dict[str, Any] = {}
     if sampler.noise == "brownian":
-        options["noise"] = BrownianTreeNoise.for_sigmas(x, plan.sigmas, req.seeds())
+        options["noise"] = BrownianTreeNoise.for_sigmas(x, _brownian_span(plan), req.seeds())
     elif sampler.noise == "gaussian":
         options["noise"] = per_image_noise(generators, x)
     if req.eta is not None:
