@@ -201,6 +201,14 @@ def test_long_prompts_up_to_the_limit_are_accepted_in_chunks(bundles):
         _resolve(GenerationRequest(PROMPT, negative_prompt="a" * (MAX_PROMPT_CHARS + 1)))
 
 
+@pytest.mark.parametrize("name, schedule", [("SGM Uniform", "sgm_uniform"), ("DDIM", "ddim_uniform"),
+                                            ("Karras", "karras"), (" exponential ", "exponential"),
+                                            ("Automatic", "karras"), ("trailing", "trailing")])
+def test_a1111_schedule_keys_and_labels_are_schedules_everywhere(name, schedule):
+    """The label sdlab writes in its pictures' `Schedule type` works as `--schedule` too; "Automatic" = unset."""
+    assert _resolve(GenerationRequest(prompt="x", schedule=name)).schedule == schedule
+
+
 BAD_REQUESTS = [
     (dict(width=4), r"width must be an integer in 8\.\.8192, got 4"),
     (dict(height=10_000), r"height must be an integer in 8\.\.8192, got 10000"),

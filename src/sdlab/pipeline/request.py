@@ -30,13 +30,13 @@ from typing import Any
 from PIL import Image
 
 from sdlab.diffusion.discretization import (
-    DISCRETIZATIONS,
     IMG2IMG_CONVENTIONS,
     INIT_NOISE_CONVENTIONS,
     default_init_noise,
     steps_run,
 )
 from sdlab.diffusion.samplers import get_sampler
+from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.images import read_image, snap_size
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 
@@ -330,9 +330,11 @@ def resolve(
         raise RequestError(str(err)) from None
     if r.eta is not None and spec.max_eta is not None and r.eta > spec.max_eta:
         raise RequestError(f"{spec.name} takes eta in [0, {spec.max_eta:g}], got {r.eta}")
-    schedule = (r.schedule or default_schedule).strip().lower()
-    if schedule not in DISCRETIZATIONS:
-        raise RequestError(f"unknown schedule {r.schedule!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
+    try:            # sdlab's names and A1111's keys and labels ("SGM Uniform"); "Automatic" = unset
+        schedule = schedule_from_a1111(r.schedule) if r.schedule else None
+    except ValueError as err:
+        raise RequestError(str(err).replace("scheduler", "schedule", 1)) from None
+    schedule = schedule or default_schedule
     init_noise = default_init_noise(schedule, spec.spacing) if r.init_noise is None else r.init_noise
     if init_noise not in INIT_NOISE_CONVENTIONS:
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
