@@ -428,16 +428,15 @@ def test_emphasis_only_touches_weighted_chunks(sd1):
 
 
 @torch.no_grad()
-def test_shorter_prompt_is_padded_with_empty_chunks(sd1):
+def test_shorter_prompt_is_repeated_not_padded_with_empty_chunks(sd1):
     encoder, _ = sd1
-    empty = encode_prompt([encoder], "").context
     cond, uncond = make_cond([encoder], get_family("sd1"), "a cat", _words(90), batch_size=3)
     assert cond["context"].shape == uncond["context"].shape == (3, 154, 64)
-    assert _max_err(cond["context"][:, :77], encode_prompt([encoder], "a cat").context.expand(3, -1, -1)) < 1e-6
-    assert _max_err(cond["context"][:, 77:], empty.expand(3, -1, -1)) < 1e-6
+    alone = encode_prompt([encoder], "a cat").context
+    assert _max_err(cond["context"], alone.repeat(3, 2, 1)) < 1e-6                 # tests/test_cond_uncond_lengths.py
     assert _max_err(uncond["context"][:1], encode_prompt([encoder], _words(90)).context) < 1e-6
     cond, uncond = make_cond([encoder], get_family("sd1"), _words(90), "", batch_size=1)
-    assert _max_err(uncond["context"], empty.repeat(1, 2, 1)) < 1e-6
+    assert _max_err(uncond["context"], encode_prompt([encoder], "").context.repeat(1, 2, 1)) < 1e-6
     padded = encode_prompts([encoder], ["a cat", _words(160)])
     assert [p.num_chunks for p in padded] == [3, 3]
 

@@ -29,14 +29,15 @@ a pooled output (SDXL), a pooled text vector:
    chunk, as A1111 (``zs[0].pooled``).
 
 ``make_cond`` builds the keyword arguments of the U-Net (``context``, and the added vector ``y`` where the
-family's conditioner has one: pooled text + size numbers, SDXL) for a prompt and its negative, padded to the
-same length and repeated to the batch size. Nothing here names a family: what differs is in
-``FamilySpec.conditioner`` and each ``TextEncoderSpec.hidden_state``.
+family's conditioner has one: pooled text + size numbers, SDXL) for a prompt and its negative, each repeated
+along the tokens to a common length where that is cheap, and repeated to the batch size. Nothing here names
+a family: what differs is in ``FamilySpec.conditioner`` and each ``TextEncoderSpec.hidden_state``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -68,11 +69,12 @@ __all__ = [
     "hidden_state_layers",
     "make_cond",
     "prompt_chunks",
+    "repeat_to_common_length",
     "sdxl_size_conds",
 ]
 
 TOKENS_PER_CHUNK = CHUNK_LENGTH + 2          # begin + 75 + end = 77 encoder positions
-EMPTY_CHUNK = Chunk(ids=(EOS_TOKEN_ID,) * CHUNK_LENGTH, weights=(1.0,) * CHUNK_LENGTH, length=0)
+MAX_REPEAT_FACTOR = 4                         # make_cond repeats a context to at most 4x the shorter one (ComfyUI)
 
 Conditioning = dict[str, Tensor]             # U-Net keyword arguments: "context" (B, T, D), SDXL "y" (B, adm)
 
@@ -206,17 +208,16 @@ def encode_prompts(
 ) -> list[PromptEmbedding]:
     """Encode several prompts with one forward pass per encoder (see module docstring).
 
-    ``equal_length`` pads prompts with fewer chunks with empty-prompt chunks (the encoding of ""), as
-    A1111 pads cond / uncond to the same length, so all contexts have 77 * max(n_chunks) tokens.
-    ``with_pooled`` runs the last encoder to its end and returns its projected pooled output (SDXL).
+    ``equal_length`` repeats each prompt's context up to the least common multiple of the chunk counts
+    (``repeat_to_common_length``), so that all contexts have the same number of tokens and attend exactly as
+    each prompt alone does. Each distinct chunk is encoded once, whatever the repetition.
+    ``with_pooled`` runs the last encoder to its end and returns its projected pooled output (SDXL): the
+    first chunk's, as A1111 (``zs[0].pooled``).
     """
     if not text_encoders:
         raise ValueError("encode_prompts needs at least one text encoder")
     tokenizer = text_encoders[0].tokenizer       # one shared vocabulary; each encoder applies its own pad id
     per_prompt = [prompt_chunks(p, tokenizer) for p in prompts]
-    if equal_length:
-        longest = max(len(c) for c in per_prompt)
-        per_prompt = [c + [EMPTY_CHUNK] * (longest - len(c)) for c in per_prompt]
     flat = [chunk for chunks in per_prompt for chunk in chunks]
     features, pooled = _encode_inputs(
         text_encoders, lambda encoder: chunk_input_ids(flat, encoder.spec.pad_token_id),
@@ -230,7 +231,37 @@ def encode_prompts(
         first_pooled = pooled[start : start + 1] if pooled is not None else None  # (1, P)
         results.append(PromptEmbedding(context=context, pooled=first_pooled))
         start += n
-    return results
+    return repeat_to_common_length(results) if equal_length else results
+
+
+def repeat_to_common_length(
+    embeddings: Sequence[PromptEmbedding], max_factor: int | None = None
+) -> list[PromptEmbedding]:
+    """Each context repeated along the tokens to the least common multiple of the chunk counts (ComfyUI's
+    ``CONDCrossAttn.concat``), so that the prompt and its negative can share one batched U-Net call.
+
+    Repeating changes no cross-attention output: SD's k / v projections have no bias, so a context repeated
+    r times gives every key r times with its value, and softmax(q k^T) v is unchanged (the r equal weights
+    of a key sum to its weight in the unrepeated softmax). This equals A1111's default, which encodes each
+    prompt at its own length and runs the U-Net on cond and uncond separately when they differ
+    (``CFGDenoiser.forward`` without ``pad_cond_uncond``). Padding with encodings of "" (A1111's opt-in
+    "Pad prompt/negative prompt") would change the prediction.
+
+    With ``max_factor``, when the common length would be more than ``max_factor`` times the shortest context
+    (1 and 5 chunks, 3 and 5 chunks: ComfyUI's limit of 4), the contexts are returned unchanged: guidance then
+    runs them as separate U-Net passes, which gives the same result with less attention work.
+    Pooled vectors are unchanged (the first chunk's).
+    """
+    counts = [e.num_chunks for e in embeddings]
+    if not counts:
+        return []
+    common = math.lcm(*counts)
+    if max_factor is not None and common > max_factor * min(counts):
+        return list(embeddings)
+    return [
+        PromptEmbedding(context=e.context.repeat(1, common // n, 1), pooled=e.pooled)   # (1, 77 common, D)
+        for e, n in zip(embeddings, counts)
+    ]
 
 
 def encode_captions(
@@ -328,8 +359,10 @@ def make_cond(
     ``guidance`` (CFG scale 1). ``encoders`` and ``family`` are a loaded model's (``bundle.text_encoders``,
     ``bundle.family``); ``adm_width`` (``bundle.unet_config.adm_in_channels``) checks SDXL's vector width.
 
-    Positive and negative are padded to the same number of chunks with empty-prompt chunks (A1111's "pad
-    prompt/negative prompt to be same length"). An empty negative prompt is encoded as "" for SD1/SD2; for
+    Positive and negative of different chunk counts are repeated to a common length
+    (``repeat_to_common_length``, at most ``MAX_REPEAT_FACTOR`` times the shorter, else left at their own
+    lengths for two U-Net passes): either way the U-Net sees each prompt as if alone, as A1111 by default
+    and ComfyUI do. An empty negative prompt is encoded as "" for SD1/SD2; for
     SDXL (``zero_empty_negative``, default: the family's ``conditioner.zero_empty_negative``) it becomes a zero context and a zero pooled
     vector (diffusers' ``force_zeros_for_empty_prompt``, A1111's ``force_zero_embeddings``); the size
     numbers stay, with ``negative_aesthetic_score`` for the refiner. Note that diffusers' refiner folder
@@ -345,9 +378,9 @@ def make_cond(
     zero_negative = guidance and negative_prompt == "" and zero_empty
 
     prompts = [prompt] if zero_negative or not guidance else [prompt, negative_prompt]
-    embeddings = encode_prompts(
-        encoders, prompts, clip_skip=clip_skip, emphasis=emphasis, with_pooled=conditioner.pooled
-    )
+    embeddings = repeat_to_common_length(encode_prompts(
+        encoders, prompts, clip_skip=clip_skip, emphasis=emphasis, with_pooled=conditioner.pooled, equal_length=False,
+    ), max_factor=MAX_REPEAT_FACTOR)
     positive = embeddings[0]
     if not guidance:
         negative = None
