@@ -159,17 +159,8 @@ def _row_of(rows: Tensor | None, block: Tensor) -> int | None:
 def embeddings_used(bundle: ModelBundle, embeddings: Iterable[Embedding], *texts: str) -> list[Embedding]:
     """The installed `embeddings` whose words occur in any of `texts` (either syntax), in the given order."""
     tokenizer = bundle.text_encoders[0].tokenizer
-    encoded = [tokenizer.encode(text) for text in texts]
-    used = []
-    for embedding in embeddings:
-        ids = list(tokenizer.added_words.get(embedding.name, ()))
-        if ids and any(_contains(row, ids) for row in encoded):
-            used.append(embedding)
-    return used
-
-
-def _contains(row: list[int], part: list[int]) -> bool:
-    return any(row[i : i + len(part)] == part for i in range(len(row) - len(part) + 1))
+    units = {unit for text in texts for unit in tokenizer.encode_units(text)}       # an embedding is one unit
+    return [e for e in embeddings if tokenizer.added_words.get(e.name) in units]
 
 
 def embedding_files(folder: str | os.PathLike[str]) -> list[Path]:

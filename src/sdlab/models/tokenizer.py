@@ -225,13 +225,21 @@ class CLIPTokenizer:
         ``with_added_words``)."""
         if not self.added_words:
             return self._bpe_ids(text)
-        ids: list[int] = []
+        return [token for unit in self.encode_units(text) for token in unit]
+
+    def encode_units(self, text: str) -> list[tuple[int, ...]]:
+        """``encode(text)`` grouped into units: one 1-tuple per vocabulary token, and one tuple holding all the
+        ids of each added word (a textual-inversion embedding's n vectors), which A1111 never splits
+        between two 75-token chunks (``prompt_syntax.chunk_tokens``)."""
+        if not self.added_words:
+            return [(token,) for token in self._bpe_ids(text)]
+        units: list[tuple[int, ...]] = []
         for i, part in enumerate(_EMBEDDING_SYNTAX.split(text)):
             if i % 2 == 0:
-                ids.extend(self._substitute(self._bpe_ids(part)))
+                units.extend(self._substitute(self._bpe_ids(part)))
             else:
-                ids.extend(self._named_word(part))
-        return ids
+                units.extend(self._named_word(part))
+        return units
 
     def _bpe_ids(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -256,28 +264,30 @@ class CLIPTokenizer:
         twin._added_by_first = by_first
         return twin
 
-    def _substitute(self, ids: list[int]) -> list[int]:
-        out: list[int] = []
+    def _substitute(self, ids: list[int]) -> list[tuple[int, ...]]:
+        """Units of ``ids`` with each added word's name (its tokens, longest name first) replaced by its ids."""
+        out: list[tuple[int, ...]] = []
         i = 0
         while i < len(ids):
             for tokens, replacement in self._added_by_first.get(ids[i], ()):
                 if tuple(ids[i : i + len(tokens)]) == tokens:
-                    out.extend(replacement)
+                    out.append(replacement)
                     i += len(tokens)
                     break
             else:
-                out.append(ids[i])
+                out.append((ids[i],))
                 i += 1
         return out
 
-    def _named_word(self, name: str) -> list[int]:
+    def _named_word(self, name: str) -> list[tuple[int, ...]]:
+        """The unit of ComfyUI's ``embedding:name``, or the words of the text when no such word is loaded."""
         stem = _EMBEDDING_SUFFIX.sub("", name)
         for key in (name, stem):
             for word, ids in self.added_words.items():
                 if word.lower() == key.lower():
-                    return list(ids)
+                    return [tuple(ids)]
         logger.warning("embedding %r is not loaded; the text is read as words", name)
-        return self._bpe_ids(f"embedding:{name}")
+        return [(token,) for token in self._bpe_ids(f"embedding:{name}")]
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Text of ``ids`` (cleaned and lower-cased, as the model saw it); word ends become spaces."""

@@ -100,7 +100,7 @@ def prompt_chunks(prompt: str, tokenizer: CLIPTokenizer) -> list[Chunk]:
 
     Raises ``PromptError`` naming the prompt when it cannot be encoded (see ``prompt_syntax``)."""
     try:
-        return chunk_tokens(parse_weighted(prompt), tokenizer.encode, pad_id=EOS_TOKEN_ID)
+        return chunk_tokens(parse_weighted(prompt), tokenizer.encode_units, pad_id=EOS_TOKEN_ID)
     except PromptError as err:
         shown = prompt if len(prompt) <= 60 else prompt[:60] + "..."
         raise PromptError(f"prompt {shown!r}: {err}") from None

@@ -27,7 +27,8 @@ Three steps, none of which needs a model:
 
 2. ``chunk_tokens(pieces, encode)`` tokenizes each piece on its own and packs the ids into chunks of 75
    (A1111 ``FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line``): every token carries the weight of
-   its piece; ``BREAK`` closes the current chunk; when a chunk is full and a comma was seen within its
+   its piece; ``BREAK`` closes the current chunk; a textual-inversion embedding's n vectors stay together
+   (when they do not fit in the current chunk, it closes and they start the next one); when a chunk is full and a comma was seen within its
    last ``comma_padding_backtrack`` (20) tokens, the tokens after that comma move to the next chunk so
    that a phrase is not cut in two. An empty prompt gives one chunk of padding. More than ``MAX_CHUNKS``
    (32 chunks, 2,400 tokens) is a ``PromptError``: each chunk adds 77 tokens to every cross-attention. The text encoder wraps
@@ -223,7 +224,7 @@ class Chunk:
 
 def chunk_tokens(
     weighted_pieces: Iterable[tuple[str, float]],
-    encode: Callable[[str], Sequence[int]],
+    encode: Callable[[str], Sequence[int | Sequence[int]]],
     chunk_len: int = CHUNK_LENGTH,
     *,
     pad_id: int = CLIP_END_ID,
@@ -233,8 +234,11 @@ def chunk_tokens(
 ) -> list[Chunk]:
     """Pack the tokens of ``weighted_pieces`` (from ``parse_weighted``) into chunks of ``chunk_len``.
 
-    ``encode(text)`` returns the token ids of one piece, without begin/end tokens. Each piece is encoded
-    on its own, as A1111 does. ``comma_padding_backtrack=0`` (or ``comma_id=None``) disables moving the
+    ``encode(text)`` returns the token ids of one piece, without begin/end tokens; an item may also be a
+    sequence of ids that stays in one chunk (``CLIPTokenizer.encode_units``: a textual-inversion embedding's
+    vectors), moved whole to the next chunk when it does not fit in the current one, as A1111's
+    ``tokenize_line`` moves an embedding. Each piece is encoded on its own, as A1111 does.
+    ``comma_padding_backtrack=0`` (or ``comma_id=None``) disables moving the
     words after the last comma of a full chunk into the next one. More than ``max_chunks`` chunks (the text
     encoder and the U-Net's cross-attention grow with each) is a ``PromptError``.
     """
@@ -260,7 +264,11 @@ def chunk_tokens(
             close_chunk()
             continue
         text, weight = piece
-        for token in encode(text):
+        for unit in encode(text):
+            unit = [unit] if isinstance(unit, int) else list(unit)
+            if not unit:
+                continue
+            token = unit[0]
             if comma_id is not None and token == comma_id:
                 last_comma = len(ids)
             elif (
@@ -274,10 +282,10 @@ def chunk_tokens(
                 ids, weights = ids[:cut], weights[:cut]
                 close_chunk()
                 ids, weights = moved_ids, moved_weights
-            if len(ids) == chunk_len:
-                close_chunk()
-            ids.append(token)
-            weights.append(weight)
+            if len(ids) + len(unit) > chunk_len:
+                close_chunk()                     # full, or an embedding's ids would cross the chunk's end
+            ids.extend(unit)
+            weights.extend([weight] * len(unit))
 
     if ids or not chunks:
         close_chunk()
