@@ -6,8 +6,8 @@ a pooled output (SDXL), a pooled text vector:
 1. ``parse_weighted`` + ``chunk_tokens`` (``sdlab.pipeline.prompt_syntax``) turn the prompt into chunks of
    75 weighted token ids. This is done once: every CLIP tokenizer shares one vocabulary.
 2. Each chunk becomes one 77-position encoder input ``[49406] + 75 ids + [49407]``; everything after the
-   first end token is the encoder's pad id (49407 for CLIP-L, 0 for OpenCLIP), as A1111's
-   ``process_tokens`` does. Chunks are encoded as a batch, one forward pass per encoder.
+   end token that follows the real tokens is the encoder's pad id (49407 for CLIP-L, 0 for OpenCLIP), as
+   A1111's ``process_tokens`` does. Chunks are encoded as a batch, one forward pass per encoder.
 3. The hidden state named by the encoder's ``TextEncoderSpec.hidden_state`` is taken, with A1111's clip
    skip ``n`` (1 = the family's usual layer, each step one layer further back):
 
@@ -107,13 +107,14 @@ def prompt_chunks(prompt: str, tokenizer: CLIPTokenizer) -> list[Chunk]:
 
 
 def chunk_input_ids(chunks: Sequence[Chunk], pad_token_id: int) -> Tensor:
-    """Encoder inputs of ``chunks``, (n, 77) int64: ``[begin] + ids + [end]``, and every position after the
-    first end token set to ``pad_token_id`` (A1111 ``process_tokens``; a no-op when the pad is the end token)."""
+    """Encoder inputs of ``chunks``, (n, 77) int64: ``[begin] + ids + [end]``, with every position after the
+    end token that closes the chunk's real tokens (index ``length + 1``) set to ``pad_token_id`` (A1111
+    ``process_tokens``; a no-op when the pad is the end token). A literal ``<|endoftext|>`` among the
+    prompt's own tokens is kept, and so is the text after it, as A1111 and diffusers keep it for SD1."""
     rows = []
     for chunk in chunks:
-        row = [BOS_TOKEN_ID, *chunk.ids, EOS_TOKEN_ID]
-        first_end = row.index(EOS_TOKEN_ID)
-        rows.append(row[: first_end + 1] + [pad_token_id] * (len(row) - first_end - 1))
+        real = [BOS_TOKEN_ID, *chunk.ids[: chunk.length], EOS_TOKEN_ID]
+        rows.append(real + [pad_token_id] * (len(chunk.ids) + 2 - len(real)))
     return torch.tensor(rows, dtype=torch.long).reshape(len(rows), TOKENS_PER_CHUNK)   # (n, 77)
 
 
