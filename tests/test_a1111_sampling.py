@@ -48,3 +48,22 @@ def test_img2img_brownian_tree_spans_the_whole_schedule_except_in_comfyui(name, 
     tree = KD.BrownianTreeNoiseSampler(init_latent, span[span > 0].min(), span.max(), seed=list(req.seeds()))
     reference = getattr(KD, function)(model, x, tail, noise_sampler=tree, disable=True)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("a1111, comfy", [("DPM2", "dpm_2"), ("DPM2 a", "dpm_2_ancestral"),
+                                          ("DPM++ 3M SDE", "dpmpp_3m_sde")])
+def test_a1111_drops_the_next_to_last_sigma_where_its_rows_say_so(a1111, comfy):
+    """A1111's `get_sigmas`: `discard_next_to_last_sigma` rows build steps + 1 sigmas and drop the next-to-last;
+    img2img takes its tail from that list. ComfyUI's samplers of the same names run the plain list."""
+    steps = 6
+    kd = KD.get_sigmas_karras(steps + 1, SAMPLING.sigma_min, SAMPLING.sigma_max)     # (steps + 2,)
+    a1111_sigmas = torch.cat([kd[:-2], kd[-1:]])
+    ours = request_sigmas(SAMPLING, get_sampler(a1111), _request(a1111, steps))
+    torch.testing.assert_close(ours, a1111_sigmas, rtol=1e-6, atol=0)
+    comfy_sigmas = request_sigmas(SAMPLING, get_sampler(comfy), _request(comfy, steps))
+    torch.testing.assert_close(comfy_sigmas, KD.get_sigmas_karras(steps, SAMPLING.sigma_min, SAMPLING.sigma_max),
+                               rtol=1e-6, atol=0)
+    tail = request_sigmas(SAMPLING, get_sampler(a1111), _request(a1111, steps, init_image=Image.new("RGB", (64, 64)),
+                                                                  strength=0.5, img2img_convention="a1111"))
+    t_enc = int(0.5 * steps)
+    torch.testing.assert_close(tail, a1111_sigmas[steps - t_enc - 1:], rtol=1e-6, atol=0)   # sigma_sched

@@ -440,11 +440,20 @@ def get_discretization(name: str) -> Discretization:
     return found
 
 
-def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str = "euler", **options: Any) -> Tensor:
+def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str = "euler",
+               discard_penultimate: bool = False, **options: Any) -> Tensor:
     """Build discretization ``name``; a plain diffusers spacing name (``SPACINGS``) takes the spacing of the
-    diffusers scheduler family ``scheduler`` (the sampler's ``SamplerSpec.spacing``), other names ignore it."""
-    if name.strip().lower() in SPACINGS:
+    diffusers scheduler family ``scheduler`` (the sampler's ``SamplerSpec.spacing``), other names ignore it.
+
+    ``discard_penultimate`` (A1111's DPM2, DPM2 a and DPM++ 3M SDE, ``SamplerSpec.discard_penultimate``):
+    build ``steps + 1`` sigmas and drop the next-to-last, as A1111's ``get_sigmas`` does, so the last step
+    runs from a larger sigma to the end; diffusers' own spacings keep their schedulers' grids."""
+    key = name.strip().lower()
+    if key in SPACINGS:
         options["scheduler"] = scheduler
+    if discard_penultimate and key not in _DIFFUSERS_DISCRETIZATIONS:
+        sigmas = get_discretization(name)(schedule, steps + 1, **options)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
     return get_discretization(name)(schedule, steps, **options)
 
 

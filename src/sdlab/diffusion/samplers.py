@@ -25,6 +25,9 @@ and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for
   Euler's serves the k-diffusion samplers diffusers lacks (DPM++ 2S a);
 - how many steps it needs before its picture settles (``min_steps``, ``min_steps_karras`` with a Karras
   schedule; a warning below that);
+- whether A1111 drops the next-to-last sigma of the schedule (``discard_penultimate``: its DPM2, DPM2 a and
+  DPM++ 3M SDE; ComfyUI's ``dpm_2``, ``dpm_2_ancestral`` and ``dpmpp_3m_sde`` do not, so they are rows of their
+  own);
 - which schedule AUTOMATIC1111 (1.9+) runs it on when the schedule is "Automatic" (``a1111_automatic``, the
   ``scheduler`` option of its row in A1111's ``sd_samplers_kdiffusion``; for rows without one the model's
   uniform sigmas, ``uniform`` = ``normal``). ``a1111_schedule`` applies that rule and A1111's other one:
@@ -80,6 +83,7 @@ class SamplerSpec:
     min_steps: int = 1                  # fewer steps can give a broken picture with guidance (module docstring)
     min_steps_karras: int | None = None  # the minimum with a Karras schedule, where it differs
     a1111_automatic: str = "uniform"    # the schedule A1111 1.9+'s "Automatic" runs it on (its sampler options)
+    discard_penultimate: bool = False   # A1111 drops the next-to-last sigma (its row's option; not ComfyUI)
 
     @property
     def name(self) -> str:
@@ -99,8 +103,13 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec("Euler", "euler", K.sample_euler),
     SamplerSpec("Euler a", "euler_ancestral", K.sample_euler_ancestral, noise=_GAUSS),
     SamplerSpec("Heun", "heun", K.sample_heun),
-    SamplerSpec("DPM2", "dpm_2", K.sample_dpm_2, a1111_automatic=_KARRAS),
-    SamplerSpec("DPM2 a", "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS),
+    # A1111's DPM2 / DPM2 a / DPM++ 3M SDE drop the next-to-last sigma, ComfyUI's do not: a row each
+    SamplerSpec("DPM2", None, K.sample_dpm_2, a1111_automatic=_KARRAS, discard_penultimate=True),
+    SamplerSpec(None, "dpm_2", K.sample_dpm_2),
+    SamplerSpec(
+        "DPM2 a", None, K.sample_dpm_2_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS, discard_penultimate=True,
+    ),
+    SamplerSpec(None, "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS),
     SamplerSpec("LMS", "lms", K.sample_lms, min_steps=30, min_steps_karras=20),
     SamplerSpec("DPM++ 2M", "dpmpp_2m", K.sample_dpmpp_2m, spacing=_DPM, a1111_automatic=_KARRAS),
     SamplerSpec(
@@ -117,9 +126,10 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # deterministic DPM++ 2S, diffusers' DPMSolverSinglestep; not in A1111
     SamplerSpec("DPM++ 2S", "dpmpp_2s", K.sample_dpmpp_2s, spacing=_DPM),
     SamplerSpec(
-        "DPM++ 3M SDE", "dpmpp_3m_sde", K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30,
-        a1111_automatic=_EXP,
+        "DPM++ 3M SDE", None, K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30,
+        a1111_automatic=_EXP, discard_penultimate=True,
     ),
+    SamplerSpec(None, "dpmpp_3m_sde", K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30),
     # CompVis, diffusers set_alpha_to_one=False: DDIM and PLMS end at alphas_cumprod[0]
     SamplerSpec("DDIM", "ddim", L.sample_ddim, noise=_GAUSS, final_sigma="first_alpha", spacing=_DDIM),
     SamplerSpec("PLMS", "plms", L.sample_plms, final_sigma="first_alpha", spacing=_DDIM, min_steps=30),

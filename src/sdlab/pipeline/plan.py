@@ -125,7 +125,8 @@ def request_sigmas(
 ) -> Tensor:
     """The sigmas a resolved request visits (the img2img tail for an init image, or when `img2img` says so), on
     `device`: the request's named discretization of the model sampling's training levels (`sampling.schedule`)."""
-    options = dict(final=sampler.final_sigma, scheduler=sampler.spacing)  # a diffusers spacing: the sampler's
+    options = dict(final=sampler.final_sigma, scheduler=sampler.spacing,  # a diffusers spacing: the sampler's
+                   discard_penultimate=sampler.discard_penultimate)
     try:
         if not (req.init_image is not None if img2img is None else img2img):
             sigmas = discretize(req.schedule, sampling.schedule, req.steps, **options)
