@@ -73,3 +73,23 @@ def test_bad_settings_are_one_clear_error(tmp_path, data, extra, message):
     model = write_tiny_model(tmp_path / "sd1.safetensors")
     with pytest.raises(TrainError, match=message):
         run_in_process(tmp_path / "run", model, data, "--task", "embedding", "--max-steps", "1", *extra)
+
+
+@pytest.mark.parametrize("family, init, n, words", [
+    ("sd1", "red apple", 4, ["red", "red", "apple", "apple"]),      # fewer tokens than vectors: stretched
+    ("sd1", "a red apple tree", 2, ["a", "red"]),                   # CLIP-L: truncated to n tokens first
+    ("sd2", "a red apple tree", 2, ["a", "apple"]),                 # OpenCLIP: every token, sampled evenly
+    ("sd2", "red apple", 3, ["red", "red", "apple"]),
+])
+def test_initial_vectors_follow_a1111(family, init, n, words):
+    """A1111 `create_embedding`: vec[i] = embedded[i * len(embedded) // n] of the init text's tokens."""
+    from bundle_fixtures import tiny_bundle
+
+    from sdlab.train.embedding_task import initial_vectors
+
+    bundle = tiny_bundle(family, 0)
+    (encoder,) = bundle.text_encoders
+    (vectors,) = initial_vectors(bundle, init, n)
+    table = encoder.model.embeddings.token_embedding.weight.detach()
+    expected = torch.stack([table[encoder.tokenizer.encode(w)[0]] for w in words])
+    assert torch.equal(vectors, expected)

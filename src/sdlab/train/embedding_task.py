@@ -7,8 +7,12 @@ text towers as added token rows (`sdlab.checkpoints.embeddings`), so the gradien
 them through the frozen text encoders. Captions should contain the word (`--embedding-word`); a caption
 without it gets it in front ("WORD, caption"), as A1111's templates put `[name]` in every prompt.
 
-Initialisation (A1111): the token vectors of `--embedding-init` ("*" by default), repeated over the n
-vectors. Deliverable: `final.safetensors` holding `emb_params` (n, d) for one text encoder, or `clip_l` and
+Initialisation (A1111's `create_embedding`): the token vectors of `--embedding-init` ("*" by default) spread
+over the n vectors, ``vector[i] = token[i * m // n]`` of the init text's m tokens, so fewer tokens than
+vectors stretch ("red apple" over 4 vectors: red, red, apple, apple) and more are sampled evenly. A CLIP-L
+tower first truncates the text to n tokens (A1111 reads it with the Hugging Face tokenizer and
+``max_length=n``), an OpenCLIP tower (SD2's, SDXL's bigG) keeps them all (A1111's `open_clip` tokenizer has
+no length argument). Deliverable: `final.safetensors` holding `emb_params` (n, d) for one text encoder, or `clip_l` and
 `clip_g` for SDXL's two, the shapes A1111, ComfyUI and diffusers read. Rename it to the word (its name in
 prompts is the file's stem).
 """
@@ -38,13 +42,16 @@ class EmbeddingVectors(nn.Module):
 
 
 def initial_vectors(bundle: ModelBundle, init_text: str, num_vectors: int) -> list[Tensor]:
-    """Per text encoder, the token vectors of `init_text` cycled over `num_vectors` rows."""
+    """Per text encoder, the token vectors of `init_text` spread over `num_vectors` rows as A1111 does
+    (module docstring): row i is token ``i * m // n`` of the m tokens (CLIP-L: the first n tokens only)."""
     vectors = []
     for encoder in bundle.text_encoders:
         ids = encoder.tokenizer.encode(init_text)
         if not ids:
             raise TrainError(f"--embedding-init {init_text!r} has no tokens")
-        rows = torch.tensor([ids[i % len(ids)] for i in range(num_vectors)])
+        if encoder.spec.layout != "openclip":
+            ids = ids[:num_vectors]
+        rows = torch.tensor([ids[i * len(ids) // num_vectors] for i in range(num_vectors)])
         table = encoder.model.embeddings.token_embedding.weight                  # (V, d)
         vectors.append(table.detach()[rows].to(torch.float32))                  # (n, d)
     return vectors
