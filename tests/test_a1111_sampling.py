@@ -1,6 +1,7 @@
 """Sampling details where AUTOMATIC1111 (and diffusers) differ from a plain k-diffusion run on the sigmas
-given: the SDE samplers' Brownian tree in img2img spans the whole schedule. Each is checked against
-k-diffusion's own sampler fed as A1111 feeds it, on the harness's tiny U-Net."""
+given: the SDE samplers' Brownian tree in img2img spans the whole schedule, A1111's DPM2 / DPM2 a / 3M SDE
+drop the next-to-last sigma, and ENSD reseeds the step noise. Each is checked against k-diffusion's own
+sampler (or sigmas) fed as A1111 feeds it, on the harness's tiny U-Net."""
 
 from __future__ import annotations
 
@@ -67,3 +68,45 @@ def test_a1111_drops_the_next_to_last_sigma_where_its_rows_say_so(a1111, comfy):
                                                                   strength=0.5, img2img_convention="a1111"))
     t_enc = int(0.5 * steps)
     torch.testing.assert_close(tail, a1111_sigmas[steps - t_enc - 1:], rtol=1e-6, atol=0)   # sigma_sched
+
+
+@pytest.mark.parametrize("ensd", [0, 31337])
+def test_ensd_draws_the_step_noise_from_seed_plus_ensd(ensd):
+    """A1111 `ImageRNG.first`: once the initial noise is drawn, the generators are reseeded with seed + ENSD
+    and every ancestral step draws from them; without ENSD the initial noise's generators go on."""
+    req = _request("Euler a", 4, eta_noise_seed_delta=ensd)
+    spec = get_sampler("Euler a")
+    sigmas = request_sigmas(SAMPLING, spec, req)
+    plan = GenerationPlan(request=req, sampler=spec, sampling=SAMPLING, sigmas=sigmas, latent_shape=H.LATENT_SHAPE)
+    generators = [torch.Generator().manual_seed(seed) for seed in req.seeds()]
+    x = torch.cat([torch.randn((1, *H.LATENT_SHAPE[1:]), generator=g) for g in generators]) * sigmas[0]
+    model = H.sdlab_model(H.tiny_unet(), H.context(), "epsilon")
+    ours = spec.fn(model, x, sigmas, **_sampler_options(plan, x, generators))
+
+    if ensd:
+        step = [torch.Generator().manual_seed(seed + ensd) for seed in req.seeds()]
+    else:               # the initial noise's streams go on
+        step = [torch.Generator().manual_seed(seed) for seed in req.seeds()]
+        for g in step:
+            torch.randn((1, *H.LATENT_SHAPE[1:]), generator=g)
+
+    def noise(*_):
+        return torch.cat([torch.randn((1, *H.LATENT_SHAPE[1:]), generator=g) for g in step])
+
+    reference = KD.sample_euler_ancestral(model, x, sigmas, noise_sampler=noise, disable=True)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family, kept", [("sd1", 2), ("sd2", 1), ("sdxl", 1)])
+def test_a1111_clip_skip_moves_only_sd1s_text_encoder(family, kept):
+    """A1111 reads `CLIP_stop_at_last_layers` only for SD1's CLIP ViT-L (`sd_hijack_clip`); its SD2 and SDXL
+    encoders ignore it (`sd_hijack_open_clip`; SDXL's CLIP-L only with the non-default `sdxl_clip_l_skip`).
+    sdlab's own clip skip (diffusers' `clip_skip`) moves every family."""
+    from bundle_fixtures import tiny_bundle
+    from sdlab.pipeline.plan import resolve_for
+
+    bundle = tiny_bundle(family)
+    a1111 = resolve_for(bundle, GenerationRequest(prompt="x", clip_skip=2, clip_skip_convention="a1111"))
+    assert a1111.clip_skip == kept
+    if family == "sd1":         # (the tiny SD2 / SDXL towers have too few layers for sdlab's own clip skip 2)
+        assert resolve_for(bundle, GenerationRequest(prompt="x", clip_skip=2)).clip_skip == 2

@@ -211,6 +211,15 @@ def test_a_file_a1111_wrote_reads_as_the_schedule_a1111_ran(recorded, schedule):
     assert fields["schedule"] == schedule and fields["img2img_convention"] == "a1111"
 
 
+def test_ensd_and_a1111s_clip_skip_read_from_a1111_files_and_ensd_is_written():
+    fields = from_parameters({"Sampler": "Euler a", "Clip skip": "2", "ENSD": "31337", "Version": "v1.10.1"})
+    assert fields["eta_noise_seed_delta"] == 31337
+    assert (fields["clip_skip"], fields["clip_skip_convention"]) == (2, "a1111")   # SD2 / SDXL ignore it there
+    req = GenerationRequest(prompt="a cat", steps=3, sampler="Euler a", schedule="karras", cfg_scale=7.0, seed=1,
+                            width=64, height=64, eta_noise_seed_delta=31337)
+    assert parse_parameters(format_parameters(to_parameters(req)))["ENSD"] == 31337
+
+
 def test_sdlabs_own_files_keep_the_models_default_for_an_unset_schedule():
     fields = from_parameters({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic", "Version": "sdlab 0.1.0"})
     assert "schedule" not in fields and "img2img_convention" not in fields

@@ -70,6 +70,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                        help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")
         p.add_argument("--clip-skip", type=int, help="A1111 clip skip: 1 = usual layer, 2 = one layer back")
         p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
+        p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
+                       help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
         p.add_argument("--preset", metavar="NAME",
                        help="few-step settings (sampler, schedule, steps, CFG, eta) of a distilled model or LoRA: "
                             "turbo, lcm, lightning, hyper, tcd, lcm-model; options given here win (docs/few-step.md)")
@@ -228,6 +230,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "batch_size": args.batch,
         "clip_skip": args.clip_skip,
         "eta": args.eta,
+        "eta_noise_seed_delta": args.ensd,
         "strength": getattr(args, "strength", None),
         "mask_blur": getattr(args, "mask_blur", None),
     }

@@ -382,8 +382,9 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[torch.Gen
     options: dict[str, Any] = {}
     if sampler.noise == "brownian":
         options["noise"] = BrownianTreeNoise.for_sigmas(x, _brownian_span(plan), req.seeds())
-    elif sampler.noise == "gaussian":
-        options["noise"] = per_image_noise(generators, x)
+    elif sampler.noise == "gaussian":    # after the initial noise: the same generators, or reseeded by ENSD
+        options["noise"] = per_image_noise(generators_for(req.step_noise_seeds()) if req.eta_noise_seed_delta
+                                           else generators, x)
     if req.eta is not None:
         options["eta"] = req.eta
     if req.s_noise != 1.0:

@@ -38,6 +38,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Denoising strength": ("strength", float),
     "Eta": ("eta", float),
     "Eta DDIM": ("eta", float),            # A1111's label for DDIM / PLMS / UniPC (read only: sdlab writes Eta)
+    "ENSD": ("eta_noise_seed_delta", int),
     "CFG rescale": ("guidance_rescale", float),
     "Mask blur": ("mask_blur", float),
     "Initial noise": ("init_noise", str),
@@ -118,6 +119,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Denoising strength": req.hr_denoise if req.hires else req.strength if req.init_image is not None else None,
         **_hires_parameters(req),
         "Eta": req.eta,
+        "ENSD": req.eta_noise_seed_delta or None,
         "CFG rescale": req.guidance_rescale or None,
         "Mask blur": req.mask_blur or None,
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
@@ -194,10 +196,11 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _as_a1111_ran(fields: dict[str, Any]) -> None:
-    """Read a file AUTOMATIC1111 wrote as A1111 drew it: img2img steps by its rule, and the schedule it ran the
-    sampler on. A missing `Schedule type` is the plain (uniform) one of the versions before 1.9, which named
+    """Read a file AUTOMATIC1111 wrote as A1111 drew it: img2img steps and clip skip by its rules, and the
+    schedule it ran the sampler on. A missing `Schedule type` is the plain (uniform) one of the versions before 1.9, which named
     Karras in the sampler ("DPM++ 2M Karras"); 1.9 and later always write it, "Automatic" meaning the
     sampler's own default (`samplers.a1111_schedule`)."""
     fields.setdefault("img2img_convention", "a1111")
+    fields.setdefault("clip_skip_convention", "a1111")
     if "sampler" in fields:
         fields["schedule"] = a1111_schedule(fields["sampler"], fields.get("schedule", "uniform"))

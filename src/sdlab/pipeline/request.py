@@ -51,6 +51,7 @@ MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
 MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
 MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refiner was trained on 0..10
+CLIP_SKIP_CONVENTIONS = ("diffusers", "a1111")
 
 
 class RequestError(ValueError):
@@ -105,6 +106,9 @@ class GenerationRequest:
     height: int | None = None
     batch_size: int = 1
     clip_skip: int = 1                      # A1111 numbering: 1 = the family's usual layer, 2 = one back
+    clip_skip_convention: str = "diffusers"  # "a1111": only encoders whose usual layer is the last (SD1's) move
+                                            # back, as A1111 does; SD2 / SDXL ignore it there (plan._resolve)
+    eta_noise_seed_delta: int = 0           # A1111's ENSD: step noise drawn from seed + this after the initial noise
     eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
     s_noise: float = 1.0
     init_noise: str | None = None           # "sigma_max" (A1111, ComfyUI) or "vp"; None = the schedule's
@@ -157,6 +161,11 @@ class GenerationRequest:
     def subseeds(self) -> list[int]:
         assert self.subseed is not None or not self.subseed_strength, "resolve() the request first"
         return [(self.subseed or 0) + i for i in range(self.batch_size)]
+
+    def step_noise_seeds(self) -> list[int]:
+        """The seeds of the per-step noise generators: each image's seed, moved by A1111's ENSD when set
+        (A1111 `ImageRNG.first` reseeds its generators with seed + ENSD once the initial noise is drawn)."""
+        return [(seed + self.eta_noise_seed_delta) % (MAX_SEED + 1) for seed in self.seeds()]
 
     def parameters(self) -> dict[str, Any]:
         """The request as plain values (images left out), for metadata and logs."""
@@ -302,6 +311,12 @@ def resolve(
         raise RequestError(f"batch size must be an integer in 1..{MAX_BATCH}, got {r.batch_size!r}")
     if not _integer(r.clip_skip) or r.clip_skip < 1:
         raise RequestError(f"clip skip must be an integer >= 1, got {r.clip_skip!r}")
+    if r.clip_skip_convention not in CLIP_SKIP_CONVENTIONS:
+        raise RequestError(f"unknown clip skip convention {r.clip_skip_convention!r}; valid: "
+                           f"{', '.join(CLIP_SKIP_CONVENTIONS)}")
+    if not _integer(r.eta_noise_seed_delta) or not 0 <= r.eta_noise_seed_delta <= MAX_SEED:
+        raise RequestError(f"eta noise seed delta (ENSD) must be an integer in 0..{MAX_SEED}, "
+                           f"got {r.eta_noise_seed_delta!r}")
     cfg_scale = _bounded("CFG scale", default_cfg if r.cfg_scale is None else r.cfg_scale, -MAX_CFG, MAX_CFG)
     _bounded("guidance rescale", r.guidance_rescale, 0.0, 1.0)
     _bounded("s_noise", r.s_noise, 0.0, MAX_ETA)

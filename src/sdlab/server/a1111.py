@@ -120,7 +120,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = N
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size * body.n_iter,
-        clip_skip=clip_skip, eta=body.eta, s_noise=body.s_noise, controls=controls, **extra,
+        clip_skip=clip_skip, clip_skip_convention="a1111", eta=body.eta, s_noise=body.s_noise, controls=controls,
+        eta_noise_seed_delta=body.override_settings.get("eta_noise_seed_delta", 0), **extra,
     )
 
 
