@@ -197,9 +197,9 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
 
 def _as_a1111_ran(fields: dict[str, Any]) -> None:
     """Read a file AUTOMATIC1111 wrote as A1111 drew it: img2img steps and clip skip by its rules, and the
-    schedule it ran the sampler on. A missing `Schedule type` is the plain (uniform) one of the versions before 1.9, which named
-    Karras in the sampler ("DPM++ 2M Karras"); 1.9 and later always write it, "Automatic" meaning the
-    sampler's own default (`samplers.a1111_schedule`)."""
+    schedule it ran the sampler on. A missing `Schedule type` is the plain (uniform) one of the versions
+    before 1.9, which named Karras in the sampler ("DPM++ 2M Karras"); 1.9 and later always write it,
+    "Automatic" meaning the sampler's own default (`samplers.a1111_schedule`)."""
     fields.setdefault("img2img_convention", "a1111")
     fields.setdefault("clip_skip_convention", "a1111")
     if "sampler" in fields:
