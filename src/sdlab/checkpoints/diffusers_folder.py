@@ -5,7 +5,8 @@
     vae/config.json + weights           AutoencoderKL: converted with `diffusers_vae`; `scaling_factor`
     text_encoder[_2]/config.json + ...  transformers CLIPTextModel(WithProjection): HF layout, the same names
                                         as sdlab's CLIPTextModel after removing `text_model.`
-    scheduler/scheduler_config.json     `prediction_type` ("epsilon" / "v_prediction")
+    scheduler/scheduler_config.json     `prediction_type` ("epsilon" / "v_prediction") and the training
+                                        schedule (betas, zero terminal SNR): `diffusers_scheduler`
     tokenizer[_2]/                      not read: every SD family uses CLIP's BPE, shipped with sdlab
 
 Weights per component, first found wins: `diffusion_pytorch_model.safetensors` / `model.safetensors` or
@@ -24,7 +25,7 @@ import json
 import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 
 from sdlab.checkpoints.components import ComponentSource, SubStateDict, hf_text_to_sdlab
 from sdlab.checkpoints.detect import detect_diffusers_family
+from sdlab.checkpoints.diffusers_scheduler import log_scheduler, read_scheduler_config
 from sdlab.checkpoints.diffusers_unet import (
     DIFFUSERS_UNET_NAMES,
     unet_config_from_diffusers,
@@ -57,7 +59,7 @@ from sdlab.checkpoints.validate import (
     check_positive_float,
     check_text,
 )
-from sdlab.families import FamilySpec, TextEncoderSpec
+from sdlab.families import FamilySpec, ScheduleSpec, TextEncoderSpec
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNet
 from sdlab.models.vae import AutoencoderKL, VAEConfig
@@ -84,6 +86,8 @@ class DiffusersFolder:
     scaling_factor: float | None            # vae/config.json `scaling_factor`, if any
     total_keys: int
     ignored: tuple[str, ...]
+    schedule: ScheduleSpec | None = None    # scheduler_config.json's training schedule, where not the family's
+    sampler: Mapping[str, Any] = field(default_factory=dict)   # its sampler settings (class, spacing, offset)
 
 
 class ShardedStateDict(LazyMapping):
@@ -308,10 +312,10 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
             # folder that keeps all 24 layers.
             te = replace(te, hidden_state="last")
         text.append((te, _text_source(te, spec.text_module, folder)))
-    scheduler = path / "scheduler" / "scheduler_config.json"
-    prediction_type = read_config_json(scheduler).get("prediction_type") if scheduler.exists() else None
-    if prediction_type is not None and not isinstance(prediction_type, str):
-        raise CheckpointError(f"{scheduler}: prediction_type must be a string, got {prediction_type!r}")
+    scheduler_path = path / "scheduler" / "scheduler_config.json"
+    scheduler = read_scheduler_config(
+        read_config_json(scheduler_path) if scheduler_path.exists() else {}, spec.schedule, scheduler_path)
+    log_scheduler(scheduler_path, scheduler)
     total = sum(len(c.state) + len(c.ignored) for c in [unet, vae, *(src for _, src in text)])
     return DiffusersFolder(
         path=path,
@@ -320,8 +324,11 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
         unet=unet,
         vae=vae,
         text_encoders=tuple(text),
-        prediction_type=prediction_type,
+        prediction_type=scheduler.prediction_type,
         scaling_factor=float(scaling) if scaling is not None else None,
         total_keys=total,
         ignored=(),
+        schedule=scheduler.schedule,
+        sampler=scheduler.sampler,
     )
+

@@ -22,7 +22,7 @@ from typing import Any
 from sdlab.checkpoints.components import ComponentConfig
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.validate import config_from_json
-from sdlab.families import FamilySpec
+from sdlab.families import FamilySpec, ScheduleSpec
 from sdlab.families.base import HIDDEN_STATES
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.clip import CLIPTextConfig
@@ -38,6 +38,7 @@ META_CONFIG = "sdlab.config"
 META_HIDDEN_STATES = "sdlab.text_hidden_states"
 META_RESOLUTION = "modelspec.resolution"    # Stability's model spec: "WxH" the model was trained at
 META_MODELSPEC_PREDICTION = "modelspec.prediction_type"
+META_SCHEDULE = "sdlab.schedule"            # the model's own training schedule (JSON `ScheduleSpec`), if not its family's
 FORMAT_VERSION = "1"
 
 # single networks and training checkpoints
@@ -66,9 +67,12 @@ def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
     }
     native = {META_RESOLUTION: f"{bundle.native_size}x{bundle.native_size}"} if bundle.native_size else {}
     preset = {META_PRESET: bundle.preset} if bundle.preset else {}
+    own = bundle.schedule is not None and bundle.schedule != bundle.family.schedule
+    schedule = {META_SCHEDULE: json.dumps(config_to_json(bundle.schedule), sort_keys=True)} if own else {}
     return {
         **native,
         **preset,
+        **schedule,
         META_FORMAT: FORMAT_VERSION,
         META_FAMILY: bundle.family.name,
         META_PREDICTION: bundle.prediction.value,
@@ -156,6 +160,19 @@ def stored_hidden_states(metadata: Mapping[str, str], count: int) -> list[str] |
     return states
 
 
+def stored_schedule(metadata: Mapping[str, str]) -> ScheduleSpec | None:
+    """The training schedule sdlab's saver recorded for a model that has its own (`sdlab.schedule`), or None."""
+    raw = metadata.get(META_SCHEDULE)
+    if raw is None:
+        return None
+    try:
+        schedule = config_from_json(ScheduleSpec, json.loads(raw))
+        schedule.build()                                    # an unknown kind, terminal >= 1, ...
+    except (ValueError, RecursionError, CheckpointError) as exc:
+        raise CheckpointError(f"metadata {META_SCHEDULE}={raw[:200]!r}: {exc}") from None
+    return schedule
+
+
 def named_preset(metadata: Mapping[str, str]) -> str | None:
     """The preset name a file's `sdlab.preset` gives (lower case), or None without one; the pipeline checks
     the name when it draws."""
@@ -185,6 +202,7 @@ __all__ = [
     "META_PRESET",
     "META_RESOLUTION",
     "META_SCALING",
+    "META_SCHEDULE",
     "META_WEIGHTS",
     "bundle_metadata",
     "config_from_json",
@@ -195,5 +213,6 @@ __all__ = [
     "stored_configs",
     "stored_hidden_states",
     "stored_scaling_factor",
+    "stored_schedule",
     "stored_vae_config",
 ]

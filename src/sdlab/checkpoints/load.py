@@ -15,6 +15,10 @@ Prediction type (ambiguous where a family's releases differ and the weights do n
 models predict v and its base models eps: `FamilySpec.prediction_is_ambiguous`): the `prediction` argument,
 then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`), then a sidecar `<name>.yaml` with `parameterization: "v"` (the CompVis config convention), then a `v_pred`
 marker key, then the family default (eps), logged at INFO.
+
+Training schedule (`ModelBundle.schedule`; None: the family's): a diffusers folder's
+`scheduler_config.json` (betas, `rescale_betas_zero_snr`; `diffusers_scheduler`), or the metadata sdlab's
+saver writes (`sdlab.schedule`).
 """
 
 from __future__ import annotations
@@ -33,16 +37,18 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import (
     META_MODELSPEC_PREDICTION,
     META_PREDICTION,
+    META_SCHEDULE,
     named_preset,
     native_size,
     stored_scaling_factor,
+    stored_schedule,
 )
 from sdlab.checkpoints.plan import CheckpointPlan, ComponentReport, LoadReport
 from sdlab.checkpoints.sidecar import model_params, sidecar_of
 from sdlab.checkpoints.runnable import check_plan, check_weights
 from sdlab.checkpoints.single_file import load_vae_source, read_single_file
 from sdlab.diffusion.denoiser import Prediction
-from sdlab.families import FamilySpec, TextEncoderSpec
+from sdlab.families import FamilySpec, ScheduleSpec, TextEncoderSpec
 from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.models.tokenizer import default_tokenizer
 from sdlab.models.unet import UNetConfig
@@ -97,6 +103,17 @@ def resolve_prediction(
     return family.prediction, f"default of {family.name}"
 
 
+def resolve_schedule(
+    family: FamilySpec, prediction: Prediction, *, metadata: Mapping[str, str], keys: Mapping[str, Any]
+) -> tuple[ScheduleSpec | None, str | None]:
+    """(the single file's own training schedule or None for the family's, where it came from): sdlab's
+    `sdlab.schedule` metadata."""
+    stored = stored_schedule(metadata)
+    if stored is not None:
+        return (None if stored == family.schedule else stored), f"metadata {META_SCHEDULE}"
+    return None, None
+
+
 def _sidecar_parameterization(sidecar: Path) -> str | None:
     """`model.params.parameterization` of a CompVis config `.yaml` beside a checkpoint, or None."""
     value = model_params(sidecar).get("parameterization")
@@ -115,15 +132,18 @@ def _plan_single_file(
     file = read_single_file(path, family=family, vae=vae)
     spec = file.family
     pred, pred_source = resolve_prediction(spec, argument=prediction, metadata=file.metadata, path=path, keys=file.shapes)
+    schedule, schedule_source = resolve_schedule(spec, pred, metadata=file.metadata, keys=file.shapes)
     scaling = stored_scaling_factor(file.metadata, spec.latent_scaling_factor)
     return _finish_plan(str(path), spec, file.family_source, pred, pred_source, scaling, file.unet, file.vae,
-                        list(file.text_encoders), file.ignored, file.total_keys, file.metadata)
+                        list(file.text_encoders), file.ignored, file.total_keys, file.metadata,
+                        schedule=schedule, schedule_source=schedule_source)
 
 
 def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Prediction, pred_source: str,
                  scaling: float, unet: ComponentSource, vae: ComponentSource,
                  text: list[tuple[TextEncoderSpec, ComponentSource]], ignored: tuple[str, ...], total: int,
-                 metadata: Mapping[str, str]) -> CheckpointPlan:
+                 metadata: Mapping[str, str], *, schedule: ScheduleSpec | None = None,
+                 schedule_source: str | None = None, sampler: Mapping[str, Any] | None = None) -> CheckpointPlan:
     if unet.config.context_dim != sum(src.config.width for _, src in text):
         raise CheckpointError(
             f"{origin}: U-Net cross-attention width {unet.config.context_dim} does not match the text encoder "
@@ -141,6 +161,8 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
     report = LoadReport(
         source=origin, family=spec, family_source=family_source, prediction=pred, prediction_source=pred_source,
         scaling_factor=scaling, components=tuple(reports), ignored=ignored, total_keys=total, metadata=dict(metadata),
+        schedule=schedule, schedule_source=schedule_source if schedule is not None else None,
+        sampler=dict(sampler or {}),
     )
     return CheckpointPlan(report=report, unet=unet, vae=vae, text_encoders=tuple(text))
 
@@ -156,7 +178,9 @@ def _plan_diffusers_folder(
     scaling = folder.scaling_factor if folder.scaling_factor is not None else spec.latent_scaling_factor
     vae_source = load_vae_source(vae) if vae is not None else folder.vae
     return _finish_plan(str(path), spec, folder.family_source, pred, pred_source, scaling, folder.unet, vae_source,
-                        list(folder.text_encoders), folder.ignored, folder.total_keys, {})
+                        list(folder.text_encoders), folder.ignored, folder.total_keys, {},
+                        schedule=folder.schedule,
+                        schedule_source="scheduler/scheduler_config.json", sampler=folder.sampler)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,7 +249,7 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
         family=report.family, unet=unet, vae=vae, text_encoders=encoders, prediction=report.prediction,
         scaling_factor=report.scaling_factor, unet_config=plan.unet.config, vae_config=plan.vae.config,
         source=report.source, report=report, native_size=native_size(report.metadata),
-        preset=named_preset(report.metadata) or _own_preset(plan.unet.config),
+        preset=named_preset(report.metadata) or _own_preset(plan.unet.config), schedule=report.schedule,
     ))
 
 
@@ -245,4 +269,5 @@ __all__ = [
     "plan_checkpoint",
     "plan_dtype",
     "resolve_prediction",
+    "resolve_schedule",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 from sdlab.checkpoints.components import ComponentConfig, ComponentSource
 from sdlab.checkpoints.file_format import config_to_json, native_size
 from sdlab.diffusion.denoiser import Prediction
-from sdlab.families import FamilySpec, TextEncoderSpec
+from sdlab.families import FamilySpec, ScheduleSpec, TextEncoderSpec
 
 
 
@@ -44,8 +44,12 @@ class LoadReport:
     ignored: tuple[str, ...]                # file keys outside every component, known to be unused
     total_keys: int
     metadata: Mapping[str, str] = field(default_factory=dict)
+    schedule: ScheduleSpec | None = None    # the model's own training schedule (None: the family's)
+    schedule_source: str | None = None      # where it came from ("ztsnr marker key", "scheduler_config.json")
+    sampler: Mapping[str, Any] = field(default_factory=dict)   # a folder's scheduler class, spacing, offset
 
     def to_json(self) -> dict[str, Any]:
+        schedule = self.schedule or self.family.schedule
         return {
             "source": self.source,
             "family": self.family.name,
@@ -54,6 +58,9 @@ class LoadReport:
             "prediction_source": self.prediction_source,
             "scaling_factor": self.scaling_factor,
             "default_size": native_size(self.metadata) or self.family.size_for(self.prediction),
+            "schedule": schedule.describe(),
+            "schedule_source": self.schedule_source or f"default of {self.family.name}",
+            **({"diffusers_sampler": dict(self.sampler)} if self.sampler else {}),
             "description": self.family.description,
             "total_keys": self.total_keys,
             "components": [

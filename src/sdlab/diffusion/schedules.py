@@ -129,16 +129,20 @@ class NoiseSchedule:
 
     # -- constructors -------------------------------------------------------------------------
     @classmethod
-    def from_betas(cls, betas: Tensor) -> NoiseSchedule:
+    def from_betas(cls, betas: Tensor, *, terminal: float = ZERO_SNR_TERMINAL_ALPHAS_CUMPROD) -> NoiseSchedule:
         """Build from betas; ``alphas_cumprod = cumprod(1 - betas)`` in the dtype of ``betas``.
 
-        A zero terminal alphas_cumprod (from ``rescale_zero_terminal_snr``) is replaced by
-        ``ZERO_SNR_TERMINAL_ALPHAS_CUMPROD`` (2**-24) as diffusers' Euler-family schedulers do.
+        A zero terminal alphas_cumprod (from ``rescale_zero_terminal_snr``) makes sigma_max infinite; it is
+        replaced by ``terminal``: ``ZERO_SNR_TERMINAL_ALPHAS_CUMPROD`` (2**-24, sigma_max ~= 4096) as
+        diffusers' Euler-family schedulers do, or 4.897e-08 (sigma_max ~= 4519) as
+        A1111 and ComfyUI do. Every sampler then starts from a finite sigma_max.
         """
+        if not 0.0 < terminal < 1.0:
+            raise ValueError(f"the zero-SNR terminal alphas_cumprod must lie in (0, 1), got {terminal!r}")
         ac = torch.cumprod(1.0 - betas, dim=0)  # (T,)
         if float(ac[-1]) <= 0.0:
             ac = ac.clone()
-            ac[-1] = ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
+            ac[-1] = terminal
         return cls(ac)
 
     @classmethod
@@ -150,13 +154,15 @@ class NoiseSchedule:
         beta_end: float = 0.012,
         *,
         zero_terminal_snr: bool = False,
+        terminal: float = ZERO_SNR_TERMINAL_ALPHAS_CUMPROD,
         dtype: torch.dtype = torch.float64,
     ) -> NoiseSchedule:
-        """Build from a named beta schedule (see ``make_betas``), optionally rescaled to zero terminal SNR."""
+        """Build from a named beta schedule (see ``make_betas``), optionally rescaled to zero terminal SNR
+        (whose last alphas_cumprod becomes ``terminal``, see ``from_betas``)."""
         betas = make_betas(kind, n, beta_start, beta_end, dtype=dtype)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls.from_betas(betas)
+        return cls.from_betas(betas, terminal=terminal)
 
     @classmethod
     def sd(cls, *, zero_terminal_snr: bool = False, dtype: torch.dtype = torch.float64) -> NoiseSchedule:

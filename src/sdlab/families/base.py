@@ -15,14 +15,14 @@ Imports `models` (configs, modules) and `diffusion` (prediction types, schedules
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
-from sdlab.diffusion.schedules import NoiseSchedule
+from sdlab.diffusion.schedules import ZERO_SNR_TERMINAL_ALPHAS_CUMPROD, NoiseSchedule
 from sdlab.families.latent_format import LatentFormat
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
 from sdlab.models.unet import UNet, UNetConfig
@@ -67,15 +67,30 @@ class TextEncoderSpec:
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    """The discrete training schedule (DDPM betas) of a family."""
+    """The discrete training schedule (DDPM betas) of a family, or of one model that declares its own (a
+    diffusers folder's `scheduler_config.json`, a single file's `ztsnr` marker: `ModelBundle.schedule`).
+
+    `zero_terminal_snr`: betas rescaled so the last timestep is pure noise (Lin et al. 2023, diffusers'
+    `rescale_betas_zero_snr`); its infinite sigma_max is made finite by `terminal`, the last alphas_cumprod
+    (2**-24 as diffusers, 4.897e-08 as A1111 / ComfyUI; see `NoiseSchedule.from_betas`).
+    """
 
     kind: str = "scaled_linear"     # betas linear in sqrt space, then squared
     num_timesteps: int = 1000
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    zero_terminal_snr: bool = False
+    terminal: float = ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
 
     def build(self) -> NoiseSchedule:
-        return NoiseSchedule.make(self.kind, self.num_timesteps, self.beta_start, self.beta_end)
+        return NoiseSchedule.make(self.kind, self.num_timesteps, self.beta_start, self.beta_end,
+                                  zero_terminal_snr=self.zero_terminal_snr, terminal=self.terminal)
+
+    def describe(self) -> str:
+        """In words, for logs and `sdlab inspect`: "scaled_linear 0.00085..0.012, 1000 steps, zero terminal SNR"."""
+        betas = "" if self.kind in ("cosine", "squaredcos_cap_v2") else f" {self.beta_start:g}..{self.beta_end:g}"
+        zsnr = f", zero terminal SNR (last alphas_cumprod {self.terminal:.4g})" if self.zero_terminal_snr else ""
+        return f"{self.kind}{betas}, {self.num_timesteps} steps{zsnr}"
 
 
 SIZE_CONDS = {"original_size": 2, "crop_top_left": 2, "target_size": 2, "aesthetic_score": 1}  # name -> numbers
@@ -225,12 +240,14 @@ class FamilySpec:
         """The checkpoint prefixes of its text encoders: what detection matches a file's text keys against."""
         return frozenset(te.prefix for te in self.text_encoders)
 
-    def model_sampling(self, prediction: Prediction) -> ModelSampling:
-        """How the family's networks relate to the sampler's noisy sample: the DDPM `schedule` with the given
-        prediction type (eps / v / x0), unless the family names another (`sampling`, e.g. flow matching)."""
+    def model_sampling(self, prediction: Prediction, schedule: ScheduleSpec | None = None) -> ModelSampling:
+        """How the family's networks relate to the sampler's noisy sample: the DDPM `schedule` (the family's, or
+        one a model declares) with the given prediction type (eps / v / x0), unless the family names another
+        (`sampling`, e.g. flow matching), which then sees the family with that schedule."""
         if self.sampling is not None:
-            return self.sampling(self, prediction)
-        return DiscreteModelSampling(self.schedule.build(), prediction)
+            family = self if schedule is None or schedule == self.schedule else replace(self, schedule=schedule)
+            return self.sampling(family, prediction)
+        return DiscreteModelSampling((schedule or self.schedule).build(), prediction)
 
     def size_for(self, prediction: Prediction) -> int:
         """Default image side in pixels for this family with the given prediction type."""

@@ -16,7 +16,7 @@ import torch
 
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.model_sampling import ModelSampling
-from sdlab.families.base import FamilySpec, TextEncoderSpec
+from sdlab.families.base import FamilySpec, ScheduleSpec, TextEncoderSpec
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
 from sdlab.models.tokenizer import CLIPTokenizer
 from sdlab.models.unet import UNet, UNetConfig
@@ -47,6 +47,8 @@ class ModelBundle:
     report: Any = None                      # the `sdlab.checkpoints.plan.LoadReport` it was loaded from, if any
     native_size: int | None = None          # side it was trained at (metadata `modelspec.resolution`)
     preset: str | None = None               # few-step preset the file names (metadata `sdlab.preset`), e.g. "lcm"
+    schedule: ScheduleSpec | None = None    # training schedule the model declares (zero terminal SNR, ...);
+                                            # None: its family's
 
     @property
     def text_configs(self) -> tuple[CLIPTextConfig, ...]:
@@ -58,9 +60,15 @@ class ModelBundle:
         return self.native_size or self.family.size_for(self.prediction)
 
     @property
+    def training_schedule(self) -> ScheduleSpec:
+        """The schedule the model was trained on: its own (`schedule`), else its family's."""
+        return self.schedule or self.family.schedule
+
+    @property
     def model_sampling(self) -> ModelSampling:
-        """The noise parameterisation to sample (and train) this model with: its family's, for its prediction."""
-        return self.family.model_sampling(self.prediction)
+        """The noise parameterisation to sample (and train) this model with: its family's, for its prediction,
+        on the schedule the model declares (`schedule`) where it declares one."""
+        return self.family.model_sampling(self.prediction, self.schedule)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,165 @@
+"""A diffusers folder's training schedule (`scheduler/scheduler_config.json`) is the model's.
+
+diffusers builds its scheduler's noise levels from the folder's `num_train_timesteps`, `beta_schedule`,
+`beta_start`, `beta_end` and `rescale_betas_zero_snr` (zero terminal SNR, last alphas_cumprod 2**-24), so
+those define the model. sdlab must sample on the same levels: checked against diffusers' own scheduler built
+from the same config, and for a zero-SNR v-prediction folder against diffusers' pipeline picture. What it
+cannot build (`trained_betas`, an unknown `beta_schedule`) it refuses; the sampler settings (`timestep_spacing`,
+`steps_offset`) stay the request's, and the load report lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from bundle_fixtures import tiny_bundle, write_diffusers_folder
+from diffusers import EulerDiscreteScheduler
+
+import sdlab
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.load import plan_checkpoint
+from sdlab.checkpoints.save import save_bundle
+from sdlab.diffusion.denoiser import Prediction
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+SIZE = 32                               # pixels; the tiny VAE has factor 2
+
+
+def _released(folder: Path) -> Path:
+    """What released folders have and `write_diffusers_folder` leaves out: `sample_size` (diffusers' SD
+    pipelines compare it on construction) and SD2's plain `CLIPTextModel` as `text_encoder`."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_config = folder / "unet" / "config.json"
+    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "sample_size": SIZE // 2}))
+    index = json.loads((folder / "model_index.json").read_text())
+    if "text_encoder_2" not in index and index.get("text_encoder") == ["transformers", "CLIPTextModelWithProjection"]:
+        with_projection = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
+        plain = CLIPTextModel(with_projection.config)
+        state = with_projection.state_dict()
+        plain.load_state_dict({k.removeprefix("text_model."): v for k, v in state.items() if k != "text_projection.weight"})
+        plain.save_pretrained(folder / "text_encoder")
+        index["text_encoder"] = ["transformers", "CLIPTextModel"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _set_scheduler(folder: Path, **changes) -> dict:
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = {k: v for k, v in {**json.loads(path.read_text()), **changes}.items() if v is not None}
+    path.write_text(json.dumps(config))
+    return config
+
+
+@pytest.fixture(scope="module")
+def sd2v_folder(tmp_path_factory) -> Path:
+    """A tiny SD2 v-prediction folder, as released (`_released`)."""
+    from dataclasses import replace
+
+    bundle = replace(tiny_bundle("sd2", seed=11), prediction=Prediction.V)
+    return _released(write_diffusers_folder(bundle, tmp_path_factory.mktemp("sd2v") / "pipe"))
+
+
+@pytest.fixture
+def folder(sd2v_folder, tmp_path) -> Path:
+    """A fresh copy of the SD2 folder whose scheduler config a test may change."""
+    import shutil
+
+    return Path(shutil.copytree(sd2v_folder, tmp_path / "pipe"))
+
+
+SCHEDULES = {
+    "zero_snr": dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0),
+    "linear_betas": dict(beta_schedule="linear", beta_start=0.0001, beta_end=0.02),
+    "other_betas": dict(beta_start=0.001, beta_end=0.015),
+    "500_steps": dict(num_train_timesteps=500),
+    "cosine": dict(beta_schedule="squaredcos_cap_v2"),
+    "500_steps_zero_snr": dict(num_train_timesteps=500, rescale_betas_zero_snr=True),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULES))
+def test_folder_schedule_is_diffusers_schedule(folder, name):
+    config = _set_scheduler(folder, **SCHEDULES[name])
+    reference = EulerDiscreteScheduler.from_config(config)
+    plan = plan_checkpoint(folder)
+    assert plan.report.schedule is not None, "a non-default schedule must become the model's"
+    assert plan.report.schedule_source == "scheduler/scheduler_config.json"
+    sampling = plan.report.family.model_sampling(plan.report.prediction, plan.report.schedule)
+    ours = sampling.schedule.alphas_cumprod
+    theirs = reference.alphas_cumprod.to(torch.float64)       # float32 in diffusers, float64 in sdlab
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs, rtol=2e-5, atol=1e-9)
+    # sigma_max, where a zero-SNR run starts: finite, diffusers' 2**-24 terminal (sqrt(2**24 - 1) ~= 4096)
+    assert sampling.sigma_max == pytest.approx(float(reference.sigmas[0]), rel=1e-4)
+    assert plan.report.to_json()["schedule_source"] == "scheduler/scheduler_config.json"
+
+
+def test_sd_schedule_folder_keeps_the_family_schedule(folder):
+    """Released SD folders write SD's schedule out in full: no model-specific schedule, nothing logged."""
+    plan = plan_checkpoint(folder)
+    assert plan.report.schedule is None
+    assert plan.report.sampler == {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading",
+                                   "steps_offset": 1}
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(trained_betas=[0.001] * 1000), "trained_betas"),
+    (dict(beta_schedule="sigmoid"), "beta_schedule 'sigmoid'"),
+    (dict(rescale_betas_zero_snr="yes"), "rescale_betas_zero_snr"),
+    (dict(beta_start=-1.0), "beta_start"),
+    (dict(num_train_timesteps=1), "num_train_timesteps"),
+])
+def test_folder_schedule_sdlab_cannot_build_is_refused(folder, changes, message):
+    _set_scheduler(folder, **changes)
+    with pytest.raises(CheckpointError, match=message):
+        plan_checkpoint(folder)
+
+
+def test_zero_snr_folder_warns_about_trailing_spacing(folder, caplog):
+    _set_scheduler(folder, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    with caplog.at_level(logging.INFO, logger="sdlab"):
+        plan = plan_checkpoint(folder)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("trailing" in w and "Euler" in w for w in warnings), warnings
+    assert plan.report.sampler["timestep_spacing"] == "trailing"
+    assert "zero terminal SNR" in plan.report.to_json()["schedule"]
+
+
+def test_zero_snr_folder_draws_diffusers_picture(folder):
+    """diffusers' pipeline with the folder's own EulerDiscreteScheduler(rescale_betas_zero_snr, trailing) and
+    guidance rescale 0.7, against sdlab's Euler on the trailing schedule: the same picture within 2/255 (on the
+    plain schedule it was 22/255 off)."""
+    from diffusers import StableDiffusionPipeline
+
+    _set_scheduler(folder, rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    prompt, negative, seed, steps = "a photograph of an astronaut riding a horse", "blurry", 1234, 5
+    ref = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.0, width=SIZE,
+               height=SIZE, generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np",
+               guidance_rescale=0.7).images
+    ours = sdlab.load(folder)
+    assert float(ours.bundle.model_sampling.schedule.alphas_cumprod[-1]) == float(pipe.scheduler.alphas_cumprod[-1])
+    out = ours.txt2img(prompt, negative, steps=steps, cfg_scale=7.0, seed=seed, width=SIZE, height=SIZE,
+                       sampler="Euler", schedule="trailing", guidance_rescale=0.7)
+    a = np.stack([np.asarray(i) for i in out.images]).astype(np.int16)
+    b = (ref * 255).round().astype(np.int16)
+    assert np.abs(a - b).max() <= 2
+
+
+def test_saved_bundle_keeps_its_schedule(folder, tmp_path):
+    """A zero-SNR model saved as a single file keeps its schedule (metadata `sdlab.schedule`)."""
+    _set_scheduler(folder, rescale_betas_zero_snr=True)
+    bundle = sdlab.load(folder).bundle
+    again = sdlab.load(save_bundle(bundle, tmp_path / "zsnr.safetensors")).bundle
+    assert again.schedule == bundle.schedule and again.schedule.zero_terminal_snr
+    assert again.model_sampling.sigma_max == pytest.approx(bundle.model_sampling.sigma_max)
+    assert again.report.schedule_source == "metadata sdlab.schedule"
