@@ -294,6 +294,20 @@ def test_sdxl_refiner_handoff(sdxl, sdxl_refiner, switch_at):
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
+def test_sdxl_inpainting_base_then_refiner_at_full_strength(tmp_path_factory, sdxl_refiner):
+    """A 9-channel inpainting base starts from noise at strength 1; the 4-channel refiner still blends the
+    init image's latent into the kept region, so that latent is drawn for it (it was None: a TypeError)."""
+    base = sdlab.load(_folder(tmp_path_factory, "sdxl-inpaint"))
+    assert base.bundle.unet_config.in_channels == 9
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=4, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                                init_image=init_picture(SIZE), mask_image=lower_right_mask(SIZE), strength=1.0,
+                                paste_back=False)
+    first, again = (generate_with_refiner(base.bundle, sdxl_refiner[0].bundle, request, switch_at=0.5)
+                    for _ in range(2))
+    assert [image.size for image in first.images] == [(SIZE, SIZE)]
+    assert np.array_equal(_uint8(first.images), _uint8(again.images))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # full size (opt in: --run-slow; about 9 GB of RAM and a few minutes on 2 cores)
 

@@ -220,7 +220,7 @@ def generate_with_refiner(
     req, sigmas, split = plan.request, plan.sigmas, plan.refiner_split
     logger.info("refiner handoff after %d of %d steps, at sigma %.4f", split, len(sigmas) - 1, float(sigmas[split]))
     generators = generators_for(req.seeds())
-    start = _start(base, plan, generators)
+    start = _start(base, plan, generators, refiner=refiner)
     options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
     x = start.x
     if split > 0:
@@ -258,9 +258,10 @@ class _Start:
 
 
 def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Generator],
-           init_latent: Tensor | None = None) -> _Start:
+           init_latent: Tensor | None = None, refiner: ModelBundle | None = None) -> _Start:
     """The first x: the model's forward process (``plan.sampling.noise_scaling``) applied to pure noise, or
-    to the init image's latent (or `init_latent`) at ``sigmas[0]``."""
+    to the init image's latent (or `init_latent`) at ``sigmas[0]``. The init image's latent is drawn also when
+    only a 4-channel `refiner` blends it in (an inpainting base at strength 1 starts from noise)."""
     device, req, sigmas = bundle.device, plan.request, plan.sigmas
     pixels = mask = None
     image_latent = None if init_latent is None else init_latent.to(device, torch.float32)  # (B, C, h, w)
@@ -269,7 +270,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
     from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0))
-    blends = mask is not None and not bundle.family.is_inpaint
+    blends = mask is not None and any(not model.family.is_inpaint for model in (bundle, refiner) if model)
     if pixels is not None and (not from_noise or blends):
         image_latent = encode_image(bundle, pixels, generators)                                # (B, 4, h, w)
 
