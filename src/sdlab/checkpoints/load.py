@@ -17,8 +17,9 @@ then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`), then
 marker key, then the family default (eps), logged at INFO.
 
 Training schedule (`ModelBundle.schedule`; None: the family's): a diffusers folder's
-`scheduler_config.json` (betas, `rescale_betas_zero_snr`; `diffusers_scheduler`), or the metadata sdlab's
-saver writes (`sdlab.schedule`).
+`scheduler_config.json` (betas, `rescale_betas_zero_snr`; `diffusers_scheduler`), the metadata sdlab's saver
+writes (`sdlab.schedule`), or ComfyUI's `ztsnr` marker key (beside `v_pred`): zero terminal SNR with the last
+alphas_cumprod at 4.897e-08, as ComfyUI and A1111 sample such files.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from sdlab.checkpoints.sidecar import model_params, sidecar_of
 from sdlab.checkpoints.runnable import check_plan, check_weights
 from sdlab.checkpoints.single_file import load_vae_source, read_single_file
 from sdlab.diffusion.denoiser import Prediction
+from sdlab.diffusion.schedules import A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
 from sdlab.families import FamilySpec, ScheduleSpec, TextEncoderSpec
 from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.models.tokenizer import default_tokenizer
@@ -107,11 +110,21 @@ def resolve_schedule(
     family: FamilySpec, prediction: Prediction, *, metadata: Mapping[str, str], keys: Mapping[str, Any]
 ) -> tuple[ScheduleSpec | None, str | None]:
     """(the single file's own training schedule or None for the family's, where it came from): sdlab's
-    `sdlab.schedule` metadata."""
+    `sdlab.schedule` metadata, then ComfyUI's `ztsnr` marker key (ComfyUI `supported_models.SDXL.model_type`:
+    `v_pred` and `ztsnr` make a v-prediction model on the zero-terminal-SNR schedule, whose last
+    alphas_cumprod ComfyUI and A1111 set to 4.8973451890853435e-08). sdlab reads the marker on every family,
+    as it reads `v_pred`."""
     stored = stored_schedule(metadata)
     if stored is not None:
         return (None if stored == family.schedule else stored), f"metadata {META_SCHEDULE}"
-    return None, None
+    if "ztsnr" not in keys:
+        return None, None
+    if prediction is not Prediction.V:
+        logger.warning("the file carries the zero-terminal-SNR marker (ztsnr) but is drawn as %s-prediction: "
+                       "a zero-SNR schedule needs v-prediction (prediction='v')", prediction.value)
+    schedule = replace(family.schedule, zero_terminal_snr=True, terminal=A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD)
+    logger.info("zero terminal SNR (ztsnr marker key): %s", schedule.describe())
+    return schedule, "ztsnr marker key"
 
 
 def _sidecar_parameterization(sidecar: Path) -> str | None:

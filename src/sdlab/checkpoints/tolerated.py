@@ -25,10 +25,11 @@ HF_TEXT_TOLERATED = SDLAB_TEXT_TOLERATED | {"logit_scale"}
 #: OpenCLIP text-tower keys: the contrastive temperature and a causal-mask buffer some files carry
 OPENCLIP_TOLERATED = frozenset({"logit_scale", "attn_mask"})
 #: whole-file keys of single-file checkpoints outside every component: EMA copies, DDPM schedule buffers
-#: (sdlab rebuilds the schedule from the family), SGM's denoiser sigmas and the SDXL v-prediction marker
+#: (sdlab rebuilds the schedule from the family), SGM's denoiser sigmas, and ComfyUI's v-prediction and
+#: zero-terminal-SNR markers (empty tensors; `sdlab.checkpoints.load` reads them by name)
 SINGLE_FILE_TOLERATED = re.compile(
     r"model_ema\..*|betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*"
-    r"|lvlb_weights|logvar|denoiser\.sigmas|v_pred"
+    r"|lvlb_weights|logvar|denoiser\.sigmas|v_pred|ztsnr"
 )
 #: extra keys of standalone VAE training files (besides SINGLE_FILE_TOLERATED)
 VAE_FILE_TOLERATED = re.compile(r"loss\..*|model_ema\..*")

@@ -28,6 +28,7 @@ from torch import Tensor
 
 __all__ = [
     "BETA_SCHEDULES",
+    "A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD",
     "ZERO_SNR_TERMINAL_ALPHAS_CUMPROD",
     "NoiseSchedule",
     "make_betas",
@@ -40,6 +41,9 @@ BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
 # EulerDiscreteScheduler(rescale_betas_zero_snr=True) we replace it with 2**-24 (the smallest positive
 # fp16 subnormal), which gives sigma_max = sqrt(2**24 - 1) ~= 4096.
 ZERO_SNR_TERMINAL_ALPHAS_CUMPROD = 2.0**-24
+# A1111 (``rescale_zero_terminal_snr_abar``) and ComfyUI (``rescale_zero_terminal_snr_sigmas``, the ``ztsnr``
+# marker of single files) use this value instead: sigma_max = sqrt(1 / 4.897e-08 - 1) ~= 4519.
+A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD = 4.8973451890853435e-08
 
 # The cosine schedule caps betas below 1 so the last step stays invertible (Nichol & Dhariwal 2021).
 _COSINE_MAX_BETA = 0.999
@@ -134,8 +138,8 @@ class NoiseSchedule:
 
         A zero terminal alphas_cumprod (from ``rescale_zero_terminal_snr``) makes sigma_max infinite; it is
         replaced by ``terminal``: ``ZERO_SNR_TERMINAL_ALPHAS_CUMPROD`` (2**-24, sigma_max ~= 4096) as
-        diffusers' Euler-family schedulers do, or 4.897e-08 (sigma_max ~= 4519) as
-        A1111 and ComfyUI do. Every sampler then starts from a finite sigma_max.
+        diffusers' Euler-family schedulers do, or ``A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD`` (sigma_max ~=
+        4519) as A1111 and ComfyUI do. Every sampler then starts from a finite sigma_max.
         """
         if not 0.0 < terminal < 1.0:
             raise ValueError(f"the zero-SNR terminal alphas_cumprod must lie in (0, 1), got {terminal!r}")
