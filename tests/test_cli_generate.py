@@ -5,6 +5,7 @@ Every bad input must give one `sdlab: error:` line, a non-zero exit status and n
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -160,5 +161,8 @@ def test_sdxl_with_refiner(tmp_path, capsys) -> None:
     assert run([*common, "--out", str(tmp_path / "plain.png")], capsys)[0] == 0
     assert run([*common, "--refiner", str(refiner), "--refiner-switch", "0.5", "--out", str(tmp_path / "ref.png")], capsys)[0] == 0
     assert not np.array_equal(pixels(tmp_path / "plain.png"), pixels(tmp_path / "ref.png"))
+    text = Image.open(tmp_path / "ref.png").info["parameters"]     # as A1111 records it (`apply_refiner`)
+    assert re.search(r"Refiner: refiner \[[0-9a-f]{10}\], Refiner switch at: 0\.5", text), text
+    assert "Refiner" not in Image.open(tmp_path / "plain.png").info["parameters"]
     code, _, err = run([*common, "--refiner", str(refiner), "--refiner-switch", "1.5", "--out", str(tmp_path / "x.png")], capsys)
     assert code != 0 and "refiner-switch" in err and not (tmp_path / "x.png").exists()

@@ -619,8 +619,12 @@ def run_generate(args: argparse.Namespace) -> int:
     if pipe.bundle.preset and not recorded and not getattr(args, "preset", None):
         request = GenerationRequest(**_with_model_preset(options, pipe.bundle.preset, args.mode))
     name, hash_ = _identify_model(model)
+    refiner = None if args.refiner is None else (*_identify_model(args.refiner), args.refiner_switch)
     if recorded:
         _check_model(recorded, name, hash_)
+        if recorded.get("Refiner") and refiner is None:
+            logger.warning("the picture was finished by the refiner %r (switch at %s); pass --refiner FILE "
+                           "--refiner-switch to redraw it", recorded["Refiner"], recorded.get("Refiner switch at", "?"))
     try:
         plan = pipe.resolve(request)                          # resolved once: the run and the infotext use it
         plans = [plan] + [pipe.resolve(_next_batch(plan.request, k)) for k in range(1, args.batch_count)]
@@ -650,7 +654,8 @@ def run_generate(args: argparse.Namespace) -> int:
     for result in results:
         images += result.images
         texts += [format_parameters(to_parameters(result.request, index=i, model_name=name, model_hash=hash_,
-                                                  loras=lora_refs, prompt=prompt_to_record, embeddings=used))
+                                                  loras=lora_refs, prompt=prompt_to_record, embeddings=used,
+                                                  refiner=refiner))
                   for i in range(len(result.images))]
     in_folder = target[1] is None
     for path in _save_images(in_folder, paths, images, texts, plan.request.prompt, seeds):

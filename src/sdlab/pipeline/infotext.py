@@ -95,12 +95,15 @@ def parse_lora_hashes(value: Any) -> dict[str, str]:
 
 def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | None = None,
                   model_hash: str | None = None, loras: Sequence[LoraRef] = (),
-                  prompt: str | None = None, embeddings: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+                  prompt: str | None = None, embeddings: Sequence[tuple[str, str]] = (),
+                  refiner: tuple[str, str | None, float] | None = None) -> dict[str, Any]:
     """The labelled parameters of image `index` of a resolved request (its seed is seed + index).
 
     `loras` are the LoRAs merged into the model: each gets a `<lora:NAME:WEIGHT>` tag in the prompt
     (unless `prompt`, the text as the user wrote it, already has one) and its hash in `Lora hashes`.
     `embeddings` are the (name, hash) of the textual-inversion embeddings the prompts use (`TI hashes`).
+    `refiner` is the SDXL refiner that finished the schedule: (name, short hash, switch fraction), written as
+    A1111 writes it (`Refiner: name [hash]`, `Refiner switch at`).
     """
     p: dict[str, Any] = {
         PROMPT: with_lora_tags(req.prompt if prompt is None else prompt, loras),
@@ -126,6 +129,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         **infotext_lines(req.controls),
+        "Refiner": None if refiner is None else refiner[0] + (f" [{refiner[1]}]" if refiner[1] else ""),
+        "Refiner switch at": None if refiner is None else refiner[2],
         "Lora hashes": format_hashes((ref.name, ref.hash) for ref in loras),
         "TI hashes": format_hashes(embeddings),
         "Version": version_label(),
