@@ -109,3 +109,54 @@ def test_resume_after_sigterm_matches_straight_run(straight):
     assert found[-1][0] == summary["step"]  # the stop wrote a checkpoint at the step it finished
     assert load_run_checkpoint(found[-1][1])["step"] == summary["step"]
     _resume_and_compare(stopped, model, data, reference)
+
+
+def _logged_lrs(out: Path) -> dict[int, float]:
+    rows = [r.split(",") for r in (out / "log.csv").read_text().strip().splitlines()]
+    at = rows[0].index("lr")
+    return {int(r[0]): float(r[at]) for r in rows[1:] if r}
+
+
+def test_resume_applies_new_optimizer_settings_and_schedule(tmp_path, one_thread):
+    """Settings given again on resume are the ones trained with: the AdamW hyper-parameters of the optimiser
+    (not those its saved state carried) and an lr that follows the new schedule at each step, also when a
+    finished cosine run (lr 0 at its end) is extended."""
+    from train_fixtures import run_in_process
+
+    from sdlab.train.config import TrainConfig
+    from sdlab.train.loop import lr_multiplier
+
+    data = write_caption_folder(tmp_path / "data", n=4, size=16)
+    model = write_tiny_model(tmp_path / "tiny-sd1.safetensors")
+    out = tmp_path / "run"
+    first = ("--learning-rate", "1e-3", "--weight-decay", "0.01", "--lr-schedule", "cosine", "--checkpoint-every", "1")
+    run_in_process(out, model, data, *first, "--max-steps", "2")
+    changed = ("--learning-rate", "1e-2", "--weight-decay", "0.5", "--adam-beta1", "0.8", "--adam-beta2", "0.99",
+               "--adam-eps", "1e-6", "--lr-schedule", "cosine", "--checkpoint-every", "1")
+    run_in_process(out, model, data, *changed, "--max-steps", "4", "--resume", "latest")
+
+    new = TrainConfig(learning_rate=1e-2, max_steps=4)
+    lrs = _logged_lrs(out)
+    assert lrs[3] == pytest.approx(1e-2 * lr_multiplier(2, new), rel=1e-5)   # 5e-3: not the finished run's 0
+    assert lrs[4] == pytest.approx(1e-2 * lr_multiplier(3, new), rel=1e-5)
+    (group,) = load_run_checkpoint(out / "checkpoints" / "step-00000004.pt")["optimizer"]["param_groups"]
+    assert (group["weight_decay"], tuple(group["betas"]), group["eps"]) == (0.5, (0.8, 0.99), 1e-6)
+    assert group["initial_lr"] == 1e-2
+
+
+@pytest.mark.parametrize("base, setting, value", [
+    ({"task": "embedding", "embedding_word": "zq"}, "embedding_init", "red"),
+    ({"task": "vae"}, "vae_decoder_only", True),
+])
+def test_resume_refuses_settings_it_cannot_apply(tmp_path, base, setting, value):
+    """A setting that only shapes the run's start (or its set of parameters) cannot change on resume: it is
+    refused rather than reported as changed and then ignored."""
+    from sdlab.train.config import TrainConfig
+    from sdlab.train.errors import TrainError
+    from sdlab.train.loop import check_resume
+    from sdlab.train.run_checkpoint import ResumePoint
+
+    stored = TrainConfig(**base)
+    point = ResumePoint(path=tmp_path / "step-00000002.pt", step=2, config=stored.to_json(), global_batch=1, state=None)
+    with pytest.raises(TrainError, match=f"--{setting.replace('_', '-')} was"):
+        check_resume(point, TrainConfig(**base, **{setting: value}), global_batch=1)

@@ -124,7 +124,8 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, "run checkpoints to keep (older ones are deleted)")
     resume: str | None = setting(None, "continue a run: 'latest' takes the newest valid run checkpoint in "
                                        "<output-dir>/checkpoints (an older one when the newest is damaged) and "
-                                       "every setting stored in it except those given again; or the path of a "
+                                       "every setting stored in it except those given again (they apply from the "
+                                       "resumed step; the lr follows the new schedule); or the path of a "
                                        "run checkpoint (.pt). 'latest' with no checkpoint yet starts at step 0")
     save_dtype: str = setting("fp32", "dtype of the delivered weights", ("fp32", "fp16", "bf16"))
     log_every: int = setting(1, "write a log.csv row every N steps")
@@ -196,10 +197,13 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sample_steps": (lambda v: v >= 1, "at least 1"),
 }
 
-# Settings that must match when resuming: they define the data stream, the objective or the parameters.
+# Settings that must match when resuming: they define the data stream, the objective, the parameters or their
+# starting point. Every other setting given again applies from the resumed step on (the optimiser's and the LR
+# schedule's included: `sdlab.train.loop.apply_optimizer_settings`).
 RESUME_INVARIANTS = (
     "task", "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
-    "lora_text_encoder", "lora_conv", "train_text_encoder", "embedding_word", "embedding_vectors", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
+    "lora_text_encoder", "lora_conv", "train_text_encoder", "embedding_word", "embedding_vectors", "embedding_init",
+    "vae_decoder_only", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
     "lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay",
 )
 

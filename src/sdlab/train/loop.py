@@ -5,6 +5,12 @@ One optimiser step = ``grad_accum`` micro-steps of ``batch_size`` images on each
 Each micro-step's loss is divided by ``grad_accum`` and gradients are averaged over ranks (DDP), so the
 update equals that of one process on the whole global batch (up to float summation order).
 
+Resume: the run checkpoint restores the weights, Adam's moments, the EMA and the RNG streams; the settings in
+force are this run's. The optimiser's learning rate, weight decay, betas and epsilon are this config's, and step
+s trains at ``learning_rate * lr_multiplier(s, cfg)``, the rate a run started with this config would use at
+step s (so extending ``max_steps`` stretches the cosine from the step reached, and a finished cosine run that
+is resumed with a larger ``max_steps`` trains again at that schedule's rate instead of at its final 0).
+
 Interruption: SIGINT / SIGTERM only set a flag (nothing is written from a signal handler); the loop
 finishes the current optimiser step, writes a run checkpoint and the weights so far
 (``interrupted.safetensors``, a file ``--model`` / ``--lora`` read), and returns. A checkpoint write that is
@@ -49,7 +55,7 @@ from sdlab.train.task import TrainTask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "StopFlag", "check_resume", "flush_denormals", "lr_multiplier", "train"]
+__all__ = ["RunResult", "StopFlag", "apply_optimizer_settings", "check_resume", "flush_denormals", "lr_multiplier", "train"]
 
 
 @dataclass
@@ -101,6 +107,15 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def apply_optimizer_settings(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> None:
+    """Put ``cfg``'s AdamW settings into every parameter group: after ``load_state_dict``, which restores the
+    saved run's, a resumed run trains with the learning rate, weight decay, betas and epsilon it was given.
+    ``initial_lr`` is the peak the LR schedule scales (``LambdaLR`` reads it when built at a later step)."""
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.learning_rate, initial_lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                     betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
 
 
 def _trainable_named(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
@@ -167,7 +182,6 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
         raise ValueError(f"task {task.name} has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg))
     ema = EMA(named, cfg.ema_decay) if cfg.ema_decay is not None else None
     global_batch = data.global_batch
 
@@ -184,8 +198,8 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
         check_resume(resume, cfg, global_batch)
         state = resume.take_state()
         _load_run_state(modules, state["modules"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        optimizer.load_state_dict(state["optimizer"])  # Adam's moments, and the saved hyper-parameters ...
+        apply_optimizer_settings(optimizer, cfg)       # ... replaced by this run's
         if ema is not None:
             if state.get("ema") is None:
                 raise TrainError(f"cannot resume {resume.path} with --ema-decay: the checkpoint has no EMA state")
@@ -196,6 +210,8 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
         start_step = int(state["step"])
         del state
         logger.info("resumed from %s at step %d", resume.path, start_step)
+    # the lr of step s is learning_rate * lr_multiplier(s, cfg) under the settings in force, also after a resume
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, cfg), last_epoch=start_step - 1)
 
     # -- distributed ----------------------------------------------------------------------------------
     manual_sync: list[nn.Module] = []
