@@ -5,6 +5,8 @@
     vae/config.json + weights           AutoencoderKL: converted with `diffusers_vae`; `scaling_factor`
     text_encoder[_2]/config.json + ...  transformers CLIPTextModel(WithProjection): HF layout, the same names
                                         as sdlab's CLIPTextModel after removing `text_model.`
+    unet/config.json `sample_size`      the model's native latent side: x the VAE factor, the default picture
+                                        size (as diffusers' pipelines default to it; SDXL-Turbo: 64 x 8 = 512)
     scheduler/scheduler_config.json     `prediction_type` ("epsilon" / "v_prediction") and the training
                                         schedule (betas, zero terminal SNR): `diffusers_scheduler`
     tokenizer[_2]/                      not read: every SD family uses CLIP's BPE, shipped with sdlab
@@ -22,6 +24,7 @@ Only regular files are read (a FIFO or a link to a device is refused, never open
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
@@ -65,6 +68,7 @@ from sdlab.models.unet import UNet
 from sdlab.models.vae import AutoencoderKL, VAEConfig
 
 ConfigT = TypeVar("ConfigT")
+logger = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
 MAX_JSON_BYTES = 16 << 20       # a sharded SDXL U-Net's index is ~100 KB; configs are a few KB
@@ -88,6 +92,7 @@ class DiffusersFolder:
     ignored: tuple[str, ...]
     schedule: ScheduleSpec | None = None    # scheduler_config.json's training schedule, where not the family's
     sampler: Mapping[str, Any] = field(default_factory=dict)   # its sampler settings (class, spacing, offset)
+    native_size: int | None = None          # unet/config.json `sample_size` x the VAE factor, if square
 
 
 class ShardedStateDict(LazyMapping):
@@ -330,5 +335,23 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
         ignored=(),
         schedule=scheduler.schedule,
         sampler=scheduler.sampler,
+        native_size=_native_size(path / "unet" / "config.json", unet_json, vae.config.downsample_factor),
     )
 
+
+def _native_size(config_path: Path, unet_json: Mapping[str, Any], vae_factor: int) -> int | None:
+    """The picture side a folder's U-Net was made for: `sample_size` (latent side; an int, or [h, w] when
+    square) x the VAE factor, the size diffusers' pipelines draw by default (`default_sample_size *
+    vae_scale_factor`); None without one. A non-square `sample_size` keeps the family default, logged."""
+    size = unet_json.get("sample_size")
+    if isinstance(size, (list, tuple)) and len(size) == 2 and size[0] == size[1]:
+        size = size[0]
+    if size is None:
+        return None
+    if isinstance(size, (list, tuple)):
+        logger.info("%s: sample_size %s is not square; the default picture size is the family's", config_path, size)
+        return None
+    try:
+        return check_int("sample_size", size) * vae_factor
+    except CheckpointError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from None

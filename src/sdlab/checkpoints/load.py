@@ -20,6 +20,9 @@ Training schedule (`ModelBundle.schedule`; None: the family's): a diffusers fold
 `scheduler_config.json` (betas, `rescale_betas_zero_snr`; `diffusers_scheduler`), the metadata sdlab's saver
 writes (`sdlab.schedule`), or ComfyUI's `ztsnr` marker key (beside `v_pred`): zero terminal SNR with the last
 alphas_cumprod at 4.897e-08, as ComfyUI and A1111 sample such files.
+
+Default picture size (`ModelBundle.native_size`): the metadata's `modelspec.resolution`, a diffusers folder's
+`unet/config.json` `sample_size` x the VAE factor; else the family's.
 """
 
 from __future__ import annotations
@@ -149,13 +152,13 @@ def _plan_single_file(
     scaling = stored_scaling_factor(file.metadata, spec.latent_scaling_factor)
     return _finish_plan(str(path), spec, file.family_source, pred, pred_source, scaling, file.unet, file.vae,
                         list(file.text_encoders), file.ignored, file.total_keys, file.metadata,
-                        schedule=schedule, schedule_source=schedule_source)
+                        native=native_size(file.metadata), schedule=schedule, schedule_source=schedule_source)
 
 
 def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Prediction, pred_source: str,
                  scaling: float, unet: ComponentSource, vae: ComponentSource,
                  text: list[tuple[TextEncoderSpec, ComponentSource]], ignored: tuple[str, ...], total: int,
-                 metadata: Mapping[str, str], *, schedule: ScheduleSpec | None = None,
+                 metadata: Mapping[str, str], *, native: int | None = None, schedule: ScheduleSpec | None = None,
                  schedule_source: str | None = None, sampler: Mapping[str, Any] | None = None) -> CheckpointPlan:
     if unet.config.context_dim != sum(src.config.width for _, src in text):
         raise CheckpointError(
@@ -174,7 +177,7 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
     report = LoadReport(
         source=origin, family=spec, family_source=family_source, prediction=pred, prediction_source=pred_source,
         scaling_factor=scaling, components=tuple(reports), ignored=ignored, total_keys=total, metadata=dict(metadata),
-        schedule=schedule, schedule_source=schedule_source if schedule is not None else None,
+        native_size=native, schedule=schedule, schedule_source=schedule_source if schedule is not None else None,
         sampler=dict(sampler or {}),
     )
     return CheckpointPlan(report=report, unet=unet, vae=vae, text_encoders=tuple(text))
@@ -192,7 +195,7 @@ def _plan_diffusers_folder(
     vae_source = load_vae_source(vae) if vae is not None else folder.vae
     return _finish_plan(str(path), spec, folder.family_source, pred, pred_source, scaling, folder.unet, vae_source,
                         list(folder.text_encoders), folder.ignored, folder.total_keys, {},
-                        schedule=folder.schedule,
+                        native=folder.native_size, schedule=folder.schedule,
                         schedule_source="scheduler/scheduler_config.json", sampler=folder.sampler)
 
 
@@ -261,7 +264,7 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
     return check_weights(ModelBundle(
         family=report.family, unet=unet, vae=vae, text_encoders=encoders, prediction=report.prediction,
         scaling_factor=report.scaling_factor, unet_config=plan.unet.config, vae_config=plan.vae.config,
-        source=report.source, report=report, native_size=native_size(report.metadata),
+        source=report.source, report=report, native_size=report.native_size,
         preset=named_preset(report.metadata) or _own_preset(plan.unet.config), schedule=report.schedule,
     ))
 

@@ -44,6 +44,7 @@ class LoadReport:
     ignored: tuple[str, ...]                # file keys outside every component, known to be unused
     total_keys: int
     metadata: Mapping[str, str] = field(default_factory=dict)
+    native_size: int | None = None          # metadata `modelspec.resolution`, a folder's unet `sample_size`
     schedule: ScheduleSpec | None = None    # the model's own training schedule (None: the family's)
     schedule_source: str | None = None      # where it came from ("ztsnr marker key", "scheduler_config.json")
     sampler: Mapping[str, Any] = field(default_factory=dict)   # a folder's scheduler class, spacing, offset
@@ -57,7 +58,7 @@ class LoadReport:
             "prediction": self.prediction.value,
             "prediction_source": self.prediction_source,
             "scaling_factor": self.scaling_factor,
-            "default_size": native_size(self.metadata) or self.family.size_for(self.prediction),
+            "default_size": self.native_size or native_size(self.metadata) or self.family.size_for(self.prediction),
             "schedule": schedule.describe(),
             "schedule_source": self.schedule_source or f"default of {self.family.name}",
             **({"diffusers_sampler": dict(self.sampler)} if self.sampler else {}),

@@ -45,7 +45,8 @@ class ModelBundle:
     vae_config: VAEConfig
     source: str | None = None
     report: Any = None                      # the `sdlab.checkpoints.plan.LoadReport` it was loaded from, if any
-    native_size: int | None = None          # side it was trained at (metadata `modelspec.resolution`)
+    native_size: int | None = None          # side it was trained at (`modelspec.resolution`; a diffusers
+                                            # folder: unet `sample_size` x the VAE factor)
     preset: str | None = None               # few-step preset the file names (metadata `sdlab.preset`), e.g. "lcm"
     schedule: ScheduleSpec | None = None    # training schedule the model declares (zero terminal SNR, ...);
                                             # None: its family's
@@ -56,7 +57,8 @@ class ModelBundle:
 
     @property
     def default_size(self) -> int:
-        """The model's native side in pixels: the file's `modelspec.resolution`, else the family's."""
+        """The model's native side in pixels: the file's `modelspec.resolution` (a diffusers folder's
+        `sample_size`), else the family's."""
         return self.native_size or self.family.size_for(self.prediction)
 
     @property
