@@ -1,5 +1,6 @@
-"""Masks with transparency: an RGBA mask whose alpha is not all 255 counts by its alpha (A1111's
-`create_binary_mask`), in both mask paths (`overlay.blur_mask`, `images.prepare_mask`)."""
+"""Masks with transparency: an RGBA mask whose alpha is not all 255 counts by its alpha made binary (A1111's
+`create_binary_mask`), in both mask paths (`overlay.blur_mask`, `images.prepare_mask`); other masks keep their
+grey levels."""
 
 from __future__ import annotations
 
@@ -33,3 +34,13 @@ def test_an_opaque_rgba_mask_and_other_modes_are_their_grey_levels():
     assert mask_levels(opaque).mode == "L" and mask_levels(opaque).tobytes() == grey.tobytes()
     assert mask_levels(grey) is grey
     assert torch.equal(blur_mask(grey.convert("RGB"), 1.0, (32, 32)), blur_mask(grey, 1.0, (32, 32)))
+
+
+def test_grey_levels_blend_and_only_an_alpha_mask_is_made_binary():
+    """A1111 `create_binary_mask`: alpha > 128 repaints (128 keeps); a luminance mask keeps its grey levels,
+    so a feathered brush (grey 100) blends the decoded picture in by min(2 m, 1) = 0.78 (`mask_for_overlay`)."""
+    grey = Image.new("L", (8, 8), 100)
+    assert torch.allclose(blur_mask(grey, 0.0, (8, 8)), torch.full((1, 1, 8, 8), 100 / 255))
+    alpha = Image.new("RGBA", (3, 1))
+    alpha.putdata([(0, 0, 0, 128), (0, 0, 0, 129), (0, 0, 0, 0)])
+    assert list(mask_levels(alpha).getdata()) == [0, 255, 0]

@@ -132,12 +132,13 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
 
 def mask_levels(mask_image: Image.Image) -> Image.Image:
     """A mask picture's grey levels (mode "L", white = repaint). A mask with transparency, an RGBA picture
-    whose alpha is not 255 everywhere, is its alpha channel (opaque = repaint), else its luminance. A1111's
-    rule (``create_binary_mask`` in ``modules/processing.py``: ``image.mode == 'RGBA' and
-    image.getextrema()[-1] != (255, 255)`` takes ``image.split()[-1]``, else ``image.convert('L')``), so a
-    painted layer exported as a transparent PNG repaints what is painted, not the whole picture."""
+    whose alpha is not 255 everywhere, is its alpha channel made binary (alpha > 128 = repaint), else its
+    luminance with its grey levels (a feathered brush blends). A1111's rule (``create_binary_mask`` in
+    ``modules/processing.py``: ``image.mode == 'RGBA' and image.getextrema()[-1] != (255, 255)`` takes
+    ``image.split()[-1]`` thresholded at ``x > 128``, else ``image.convert('L')``), so a painted layer
+    exported as a transparent PNG repaints what is painted, not the whole picture."""
     if mask_image.mode == "RGBA" and mask_image.getextrema()[-1] != (255, 255):
-        return mask_image.getchannel("A")
+        return mask_image.getchannel("A").point(lambda v: 255 if v > 128 else 0)
     return mask_image if mask_image.mode == "L" else mask_image.convert("L")
 
 

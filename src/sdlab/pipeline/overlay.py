@@ -2,8 +2,8 @@
 
 A1111 (``processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_overlay``):
 
-1. the mask (``images.mask_levels``: an RGBA mask with transparency is its alpha channel) is made binary
-   (grey > 128 is white) and blurred with a Gaussian of standard deviation
+1. the mask (``images.mask_levels``: an RGBA mask with transparency is its alpha channel made binary, alpha
+   > 128 is white; any other keeps its grey levels) is blurred with a Gaussian of standard deviation
    ``mask_blur`` pixels, kernel ``2 * int(2.5 * mask_blur + 0.5) + 1`` taps, separately along x and y
    (``cv2.GaussianBlur``; borders reflect without repeating the edge pixel, cv2's default);
 2. the blurred mask ``m`` (0..255) is resized to the picture (Lanczos);
@@ -39,11 +39,12 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 def blur_mask(mask_image: Image.Image, sigma: float, size: tuple[int, int]) -> torch.Tensor:
-    """A1111's inpainting mask: binary, Gaussian-blurred by ``sigma`` pixels, resized to ``size=(W, H)``.
+    """A1111's inpainting mask: its levels (``mask_levels``), Gaussian-blurred by ``sigma`` pixels, resized to
+    ``size=(W, H)``.
 
     Returns float32 (1, 1, H, W) in [0, 1], quantised to 1/255 as the uint8 image A1111 keeps; 1 = repaint.
     """
-    mask = mask_levels(mask_image).point(lambda v: 255 if v >= 128 else 0)
+    mask = mask_levels(mask_image)
     if sigma > 0:
         pixels = torch.from_numpy(np.asarray(mask, dtype=np.float64))[None, None]       # (1, 1, h, w)
         kernel = gaussian_kernel(sigma)
