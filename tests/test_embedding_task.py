@@ -93,3 +93,70 @@ def test_initial_vectors_follow_a1111(family, init, n, words):
     table = encoder.model.embeddings.token_embedding.weight.detach()
     expected = torch.stack([table[encoder.tokenizer.encode(w)[0]] for w in words])
     assert torch.equal(vectors, expected)
+
+
+@pytest.mark.parametrize("word, caption", [
+    ("<cat-toy>", "a photo of <cat-toy>."),     # BPE merges ">." into one token
+    ("<cat-toy>", "a red square"),              # the word put in front must not merge with its comma (">,")
+    ("cat", "a category"),                      # the text holds "cat", its tokens do not: the word goes in front
+    ("MyStyle", "in mystyle!"),                 # any case, punctuation after it
+])
+def test_the_word_reaches_its_vectors_whatever_surrounds_it(word, caption):
+    """Every caption the loss encodes holds the word's own token ids (A1111's rule for finding an embedding),
+    so each sample's gradient reaches the vectors."""
+    from bundle_fixtures import tiny_bundle
+
+    task = build_task(TrainConfig(task="embedding", embedding_word=word, caption_dropout=0.0), tiny_bundle("sd1", 0))
+    tokenizer = task.bundle.text_encoders[0].tokenizer
+    encoded = tokenizer.encode_units(task.caption_with_word(caption))
+    assert tokenizer.added_words[word] in encoded
+    batch = Batch(images=torch.zeros(1, 3, 16, 16), captions=[caption], seeds=[1])
+    task.loss(batch, torch.Generator().manual_seed(0))[0].backward()
+    (vectors,) = task.trainable_modules()["embedding"].vectors
+    assert vectors.grad is not None and vectors.grad.abs().max() > 0
+
+
+def test_a_batch_of_dropped_captions_trains_without_error():
+    """Caption dropout can empty every caption of a batch (1 in 10 steps at batch size 1): the step gets a
+    zero gradient instead of an internal error from backward()."""
+    from bundle_fixtures import tiny_bundle
+
+    task = build_task(TrainConfig(task="embedding", embedding_word="zqstyle", caption_dropout=1.0), tiny_bundle("sd1", 0))
+    batch = Batch(images=torch.zeros(1, 3, 16, 16), captions=["zqstyle, a red square"], seeds=[1])
+    task.loss(batch, torch.Generator().manual_seed(0))[0].backward()
+    (vectors,) = task.trainable_modules()["embedding"].vectors
+    assert vectors.grad is not None and not vectors.grad.any()
+
+
+def test_diffusers_placeholder_word_trains(tmp_path, data):
+    """`--embedding-word "<cat-toy>"` (diffusers' textual-inversion example) through the command's entry point."""
+    from train_fixtures import cli_args
+
+    from sdlab.train.cli import main
+
+    model = write_tiny_model(tmp_path / "sd1.safetensors")
+    out = tmp_path / "run"
+    code = main(cli_args(out, model, data, "--task", "embedding", "--embedding-word", "<cat-toy>", "--max-steps", "2",
+                         "--learning-rate", "0.05")[2:])
+    assert code == 0
+    learned = load_embedding(out / "final.safetensors")
+    start = load_bundle(model).text_encoders[0]
+    star = start.model.embeddings.token_embedding.weight[start.tokenizer.encode("*")[0]]
+    assert (learned.vectors[0] - star).abs().max() > 1e-3
+
+
+def test_an_internal_error_is_one_line_from_the_module_entry_point(tmp_path, data, capsys, monkeypatch):
+    """`python -m sdlab.train.cli` / torchrun report a bug as `sdlab train` does: one line, exit status 1."""
+    import sdlab.train.cli as train_cli
+    from train_fixtures import cli_args
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("element 0 of tensors does not require grad")
+
+    monkeypatch.delenv("SDLAB_DEBUG", raising=False)
+    monkeypatch.setattr(train_cli, "run_from_config", broken)
+    code = train_cli.main(cli_args(tmp_path / "run", tmp_path / "m.safetensors", data, "--max-steps", "1")[2:])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err == ["sdlab: error: internal error: RuntimeError: element 0 of tensors does not require grad "
+                   "(set SDLAB_DEBUG=1 for the traceback)"]

@@ -202,7 +202,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sdlab.train.cli`` / torchrun: `run_train` with the `sdlab` command's error reporting."""
+    """``python -m sdlab.train.cli`` / torchrun: `run_train` with the `sdlab` command's error reporting (exit
+    status 2 for a mistake, 1 for an internal error, both one ``sdlab: error:`` line; ``SDLAB_DEBUG=1``
+    raises instead)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m sdlab.train.cli", description="sdlab train", epilog=TRAIN_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -215,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # before the training loop handles signals itself
         print("sdlab: error: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: one line, as `sdlab train` gives, unless debugging
+        if os.environ.get("SDLAB_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"sdlab: error: internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (set SDLAB_DEBUG=1 "
+              f"for the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

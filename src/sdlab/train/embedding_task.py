@@ -7,6 +7,13 @@ text towers as added token rows (`sdlab.checkpoints.embeddings`), so the gradien
 them through the frozen text encoders. Captions should contain the word (`--embedding-word`); a caption
 without it gets it in front ("WORD, caption"), as A1111's templates put `[name]` in every prompt.
 
+Finding the word: the text towers read it where its own tokens occur in a caption's tokens (A1111's rule,
+`CLIPTokenizer.with_added_words`), so whether a caption holds it is decided on token ids, never on the text
+("category" does not hold "cat"). BPE merges a run of punctuation into one token, so "<cat-toy>." or
+"<cat-toy>," (diffusers' placeholder) would hide the word's closing ">" inside ">." / ">,": every occurrence
+of the word is first set apart with spaces ("<cat-toy> ."), which keeps its tokens whole and changes no
+other token of the caption.
+
 Initialisation (A1111's `create_embedding`): the token vectors of `--embedding-init` ("*" by default) spread
 over the n vectors, ``vector[i] = token[i * m // n]`` of the init text's m tokens, so fewer tokens than
 vectors stretch ("red apple" over 4 vectors: red, red, apple, apple) and more are sampled evenly. A CLIP-L
@@ -19,6 +26,7 @@ prompts is the file's stem).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -31,6 +39,15 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.train.errors import TrainError
 from sdlab.train.task import Batch
 from sdlab.train.unet_task import UNetTask, UNetTaskOptions
+
+
+def occurrence_pattern(word: str) -> re.Pattern[str]:
+    """The word in a caption, any case (the tokenizer lower-cases), not inside a longer run of letters:
+    where the word begins or ends with a letter, a letter beside it would merge into the same BPE word."""
+    letter = r"[^\W\d_]"
+    before = f"(?<!{letter})" if word[:1].isalpha() else ""
+    after = f"(?!{letter})" if word[-1:].isalpha() else ""
+    return re.compile(before + re.escape(word) + after, re.IGNORECASE)
 
 
 class EmbeddingVectors(nn.Module):
@@ -77,6 +94,24 @@ class EmbeddingTask(UNetTask):
         self.embedding = vectors
         self._modules = {"embedding": vectors}
         self._rows = [self._row_span(encoder) for encoder in self.bundle.text_encoders]
+        self._occurrence = occurrence_pattern(word)
+        self._tokenizer = self.bundle.text_encoders[0].tokenizer
+        self._word_ids = self._tokenizer.added_words[word]
+        if not self.has_word(self.caption_with_word("a picture")):
+            raise TrainError(f"--embedding-word {word!r} cannot be found in a prompt again (its tokens "
+                             f"{self._tokenizer.encode(word)} are not kept whole); choose another word")
+
+    def has_word(self, caption: str) -> bool:
+        """Whether the text towers read the word's vectors in ``caption`` (its ids, as one unit)."""
+        return self._word_ids in self._tokenizer.encode_units(caption)
+
+    def caption_with_word(self, caption: str) -> str:
+        """``caption`` as the loss encodes it: every occurrence of the word set apart by spaces, and the word
+        put in front when the caption still does not hold it (module docstring)."""
+        spaced = self._occurrence.sub(lambda m: f" {m.group(0)} ", caption)
+        if self.has_word(spaced):
+            return spaced
+        return f"{self.word} , {spaced}"          # the tokens of "WORD, caption" for a word of letters
 
     def _row_span(self, encoder) -> tuple[int, int]:
         ids = encoder.tokenizer.added_words[self.word]
@@ -92,8 +127,11 @@ class EmbeddingTask(UNetTask):
 
     def loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         self._use_vectors()
-        captions = [c if self.word.lower() in c.lower() else f"{self.word}, {c}" for c in batch.captions]
-        return super().loss(Batch(**{**vars(batch), "captions": captions}), generator)
+        captions = [self.caption_with_word(c) for c in batch.captions]
+        loss, metrics = super().loss(Batch(**{**vars(batch), "captions": captions}), generator)
+        # a batch whose every caption was dropped (caption_dropout) never reads the vectors: zero gradient
+        loss = loss + 0.0 * sum(v.sum() for v in self.embedding.vectors)
+        return loss, metrics
 
     def save_weights(self, path: Path, ema: bool) -> None:
         vectors = [v.detach().to(torch.float32).cpu().contiguous() for v in self.embedding.vectors]
