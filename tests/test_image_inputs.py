@@ -59,3 +59,17 @@ def test_ordinary_pictures_pass_unchanged() -> None:
     rgba = Image.new("RGBA", (5, 3), (10, 20, 30, 40))
     out = upright_8bit(rgba)
     assert out is not rgba and out.mode == "RGBA" and out.tobytes() == rgba.tobytes()
+
+
+def test_a_transparent_init_picture_is_laid_on_white_as_a1111_flattens_it():
+    from sdlab.pipeline.request import GenerationRequest, resolve
+
+    cut_out = Image.new("RGBA", (16, 16), (0, 0, 0, 0))                  # transparent pixels stored black
+    cut_out.paste((200, 0, 0, 255), (8, 0, 16, 16))
+    cut_out.putpixel((0, 0), (0, 0, 255, 128))
+    req = resolve(GenerationRequest("x", init_image=cut_out), default_size=16, default_sampler="Euler",
+                  default_schedule="karras", factor=8)
+    flat = np.asarray(req.init_image)
+    assert req.init_image.mode == "RGB"
+    assert (flat[1:, :8] == 255).all() and (flat[:, 8:] == (200, 0, 0)).all()
+    assert tuple(flat[0, 0]) == (127, 127, 255)                            # A1111's paste(img, mask=img)

@@ -80,6 +80,18 @@ def upright_8bit(image: Image.Image) -> Image.Image:
     return image
 
 
+def on_white(image: Image.Image) -> Image.Image:
+    """An RGBA init picture laid on white by its alpha, as A1111 flattens every img2img / inpainting input
+    (``images.flatten`` with ``img2img_background_color``, default ``#ffffff``) before it is encoded and
+    pasted back, so a transparent cut-out's background is white, not whatever colour its transparent pixels
+    hold; other pictures come back unchanged."""
+    if image.mode != "RGBA":
+        return image
+    flat = Image.new("RGBA", image.size, (255, 255, 255, 255))
+    flat.alpha_composite(image)
+    return flat.convert("RGB")
+
+
 def snap_size(width: int, height: int, multiple: int = 8) -> tuple[int, int]:
     """Round ``width`` and ``height`` down to multiples of ``multiple`` (the VAE factor), warning if changed.
 

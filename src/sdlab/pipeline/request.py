@@ -37,7 +37,7 @@ from sdlab.diffusion.discretization import (
 )
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
-from sdlab.pipeline.images import read_image, snap_size
+from sdlab.pipeline.images import on_white, read_image, snap_size
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 
 MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always a mistake (a pasted file)
@@ -403,4 +403,5 @@ def resolve(
     return replace(
         r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,
         width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed), **hires,
+        init_image=None if r.init_image is None else on_white(r.init_image),
     )
