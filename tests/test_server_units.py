@@ -163,3 +163,11 @@ def test_image_decoding_and_limits():
         with pytest.raises(BadRequest, match=words):
             check_request(request, limits)
     assert check_request(GenerationRequest("x", steps=5, width=64, height=64), limits).width == 64
+
+
+def test_a1111_hires_fix_without_a_denoising_strength_takes_a1111s_api_default():
+    """A1111's API model takes StableDiffusionProcessingTxt2Img's field default, 0.75 (0.7 is its UI's)."""
+    from sdlab.server.a1111 import Txt2ImgIn, _request
+
+    assert _request(Txt2ImgIn(prompt="x", enable_hr=True)).hr_denoise == 0.75
+    assert _request(Txt2ImgIn(prompt="x", enable_hr=True, denoising_strength=0.4)).hr_denoise == 0.4

@@ -81,7 +81,7 @@ class Txt2ImgIn(NullsAreDefaults):
     hr_resize_y: int = 0
     hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
-    denoising_strength: float | None = None
+    denoising_strength: float | None = 0.75   # A1111's API default (StableDiffusionProcessing*); its UI's is 0.7
     send_images: bool = True
     override_settings: dict[str, Any] = Field(default_factory=dict)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # only "controlnet" is used
@@ -89,7 +89,6 @@ class Txt2ImgIn(NullsAreDefaults):
 
 class Img2ImgIn(Txt2ImgIn):
     init_images: list[str] = Field(default_factory=list)
-    denoising_strength: float | None = 0.75
     mask: str | None = None
     mask_blur: float = 4.0
     inpainting_mask_invert: int = 0
