@@ -315,3 +315,28 @@ def test_tiled_vae_is_no_worse_than_diffusers_tiling_for_the_same_weights():
         assert ref_err.max() > 0                                                # diffusers really tiled
         assert ours_err.mean() <= ref_err.mean(), (ours_err.mean(), ref_err.mean())
         assert ours_err.max() <= ref_err.max(), (ours_err.max(), ref_err.max())
+
+
+def test_the_requests_tiled_vae_choice_holds_for_the_encode_too(monkeypatch):
+    """`tiled_vae=True` encodes in tiles (posterior mean) and False / None on a small picture draws one
+    posterior sample, as decoding follows the same choice; the request reaches the init image's encode."""
+    from bundle_fixtures import init_picture, tiny_bundle
+    from sdlab.diffusion.noise import generators_for
+    from sdlab.pipeline import generate as generate_module
+    from sdlab.pipeline.generate import encode_image, generate
+    from sdlab.pipeline.request import GenerationRequest
+
+    bundle = tiny_bundle("sd1")
+    pixels = torch.rand(1, 3, 32, 32) * 2 - 1
+    mean = bundle.vae.encode(pixels).mean * bundle.scaling_factor                      # (1, 4, 16, 16)
+    torch.testing.assert_close(encode_image(bundle, pixels, generators_for([1]), tiled=True), mean)
+    sampled = encode_image(bundle, pixels, generators_for([1]), tiled=False)
+    assert not torch.allclose(sampled, mean) and torch.equal(sampled, encode_image(bundle, pixels, generators_for([1])))
+
+    asked = []
+    monkeypatch.setattr(generate_module, "encode_image",
+                        lambda *args, tiled=None: asked.append(tiled) or encode_image(*args, tiled=tiled))
+    for tiled in (True, False):
+        generate(bundle, GenerationRequest("x", steps=2, seed=1, width=32, height=32, init_image=init_picture(32),
+                                           strength=0.5, tiled_vae=tiled, sampler="Euler"))
+    assert asked == [True, False]

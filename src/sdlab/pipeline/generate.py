@@ -272,7 +272,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0))
     blends = mask is not None and any(not model.family.is_inpaint for model in (bundle, refiner) if model)
     if pixels is not None and (not from_noise or blends):
-        image_latent = encode_image(bundle, pixels, generators)                                # (B, 4, h, w)
+        image_latent = encode_image(bundle, pixels, generators, tiled=req.tiled_vae)           # (B, 4, h, w)
 
     noise = per_image_noise(generators, torch.empty(plan.latent_shape, device=device))(sigmas[0], sigmas[0])  # (B, 4, h, w)
     noise = variation_noise(noise, req.subseeds(), req.subseed_strength)                    # (B, 4, h, w)
@@ -328,7 +328,7 @@ def _guided_model(
         if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
             mask = torch.ones((1, 1, req.height, req.width), device=device)
             pixels = torch.zeros((1, 3, req.height, req.width), device=device)
-        extra = inpaint_channels(bundle, pixels, mask, generators)                           # (B, 5, h, w)
+        extra = inpaint_channels(bundle, pixels, mask, generators, tiled=req.tiled_vae)      # (B, 5, h, w)
         cond = {**cond, "concat": extra}
         uncond = None if uncond is None else {**uncond, "concat": extra}
     model = cfg(denoiser, cond, uncond, req.cfg_scale, req.guidance_rescale)
@@ -418,19 +418,21 @@ def in_safe_vae_precision(bundle: ModelBundle, run: Callable[[], Tensor]) -> Ten
     return out
 
 
-def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Generator]) -> Tensor:
+def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Generator], *,
+                 tiled: bool | None = None) -> Tensor:
     """Init image (1, 3, H, W) in [-1, 1] -> model-space latents (B, 4, h, w), one posterior sample per
     image drawn from that image's generator (diffusers' `retrieve_latents(..., generator[i])`).
 
-    Large pictures are encoded in tiles and use the posterior mean (no draw): a tiled encode has no single
-    posterior to sample from."""
+    Pictures are encoded in tiles when `tiled` says so (None: large ones, `should_tile`), and then use the
+    posterior mean (no draw): a tiled encode has no single posterior to sample from."""
     vae = bundle.vae
     height, width = pixels.shape[-2:]
+    tile = tiled if tiled is not None else should_tile(height, width)
     states = [g.get_state() for g in generators]         # a float32 retry draws what the first try drew
 
     def encode() -> Tensor:
         x = pixels.to(vae.dtype)
-        if should_tile(height, width):
+        if tile:
             mean = encode_tiled(lambda tile: vae.encode(tile).mean, x, factor=bundle.vae_config.downsample_factor)
             return mean.expand(len(generators), -1, -1, -1)
         posterior = vae.encode(x)
@@ -441,10 +443,12 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Gen
     return in_safe_vae_precision(bundle, encode).to(torch.float32) * bundle.scaling_factor
 
 
-def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor, generators: list[torch.Generator]) -> Tensor:
-    """The 5 extra input channels of 9-channel inpainting U-Nets: latent mask, then masked-image latent."""
+def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor, generators: list[torch.Generator], *,
+                     tiled: bool | None = None) -> Tensor:
+    """The 5 extra input channels of 9-channel inpainting U-Nets: latent mask, then masked-image latent
+    (encoded in tiles as `encode_image` decides with `tiled`)."""
     factor = bundle.vae_config.downsample_factor
-    masked_latent = encode_image(bundle, masked_image(pixels, mask), generators)          # (B, 4, h, w)
+    masked_latent = encode_image(bundle, masked_image(pixels, mask), generators, tiled=tiled)  # (B, 4, h, w)
     small_mask = latent_mask(mask, factor).expand(masked_latent.shape[0], -1, -1, -1)    # (B, 1, h, w)
     return torch.cat([small_mask.to(masked_latent), masked_latent], dim=1)
 
