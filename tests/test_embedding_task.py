@@ -67,7 +67,7 @@ def test_only_the_vectors_get_gradients(tmp_path):
     ((), "needs --embedding-word"),
     (("--embedding-word", "two words"), "one word"),
     (("--embedding-word", "w", "--embedding-vectors", "0"), "between 1 and 75"),
-    (("--embedding-word", "w", "--lora-rank", "4"), "trains no LoRA"),
+    (("--embedding-word", "w", "--lora-rank", "4"), "--lora-rank 4 does not apply"),
 ])
 def test_bad_settings_are_one_clear_error(tmp_path, data, extra, message):
     model = write_tiny_model(tmp_path / "sd1.safetensors")

@@ -26,7 +26,7 @@ from typing import Any
 
 from sdlab.train.errors import TrainError
 
-__all__ = ["RESUME_INVARIANTS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments", "config_from_args", "config_from_settings",
+__all__ = ["RESUME_INVARIANTS", "TASK_SETTINGS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments", "config_from_args", "config_from_settings",
            "flag", "given_settings", "load_config_file", "merge_resumed"]
 
 
@@ -151,6 +151,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not holds(value):
                 raise TrainError(f"{flag(name)} must be {wanted}; got {value!r}")
+        _check_task_settings(self)
         if self.cache_latents and not self.center_crop:
             raise TrainError("--cache-latents needs center cropping (a random crop changes the latent every "
                              "epoch): drop --no-center-crop or --cache-latents")
@@ -196,6 +197,55 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sample_every": (lambda v: v >= 1, "at least 1"),
     "sample_steps": (lambda v: v >= 1, "at least 1"),
 }
+
+# What each task does, and the task-specific settings it reads (settings no task is listed with, such as the
+# optimiser's, data and checkpoint settings, apply to every task). A setting one task reads is refused for the
+# others, in `TrainConfig.__post_init__` and so before any loading, unless it has its default or a value that asks
+# for nothing the task does not do anyway (`_INERT`): the task would ignore it. Tasks not named here (plug-ins)
+# check their own settings.
+_UNET_OBJECTIVE = ("caption_dropout", "min_snr_gamma", "offset_noise")
+_LATENTS = ("cache_latents", "cache_dir")                               # the frozen VAE's latents, not images
+_LORA = ("lora_rank", "lora_alpha", "lora_conv")
+_UNET_RUN = ("gradient_checkpointing", "save_dtype", "sample_prompts", "sample_steps", "sample_cfg", "sample_seed")
+_LCD = ("lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay")
+_EMBEDDING = ("embedding_word", "embedding_vectors", "embedding_init")
+TASK_SETTINGS: dict[str, tuple[str, frozenset[str]]] = {
+    "unet": ("trains the U-Net (full or LoRA)",
+             frozenset((*_UNET_OBJECTIVE, *_LATENTS, *_LORA, "lora_text_encoder", "train_text_encoder", *_UNET_RUN))),
+    "embedding": ("learns the vectors of one new word, everything else frozen",
+                  frozenset((*_UNET_OBJECTIVE, *_LATENTS, *_EMBEDDING, *_UNET_RUN))),
+    "lcd": ("distils the U-Net (or a LoRA of it) with a fixed objective",
+            frozenset((*_LATENTS, *_LORA, *_LCD, *_UNET_RUN))),
+    "vae": ("trains the VAE on images (not on latents) with its own objective and previews",
+            frozenset(("vae_decoder_only", "save_dtype"))),
+    "text": ("trains the text encoder against an image tower on images (not on latents) with a contrastive "
+             "objective", frozenset()),
+}
+_TASK_SPECIFIC = frozenset().union(*(reads for _, reads in TASK_SETTINGS.values()))
+_INERT = {"caption_dropout": 0.0}   # no caption dropout: what the tasks without the setting do
+
+
+def _check_task_settings(cfg: TrainConfig) -> None:
+    """A `TrainError` for the first task-specific setting given to a task that does not read it (see
+    `TASK_SETTINGS`)."""
+    entry = TASK_SETTINGS.get(cfg.task)
+    if entry is None:
+        return
+    what, reads = entry
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in _TASK_SPECIFIC or f.name in reads or value == f.default or value == _INERT.get(f.name, f.default):
+            continue
+        if isinstance(value, bool):
+            given = flag(f.name) if value else "--no-" + flag(f.name)[2:]
+        elif isinstance(value, tuple):
+            given = " ".join(f"{flag(f.name)} {v!r}" for v in value)
+        else:
+            given = f"{flag(f.name)} {value}"
+        users = [task for task, (_, names) in TASK_SETTINGS.items() if f.name in names]
+        raise TrainError(f"--task {cfg.task} {what}; {given} does not apply to it (only to --task "
+                         f"{' / '.join(users)})")
+
 
 # Settings that must match when resuming: they define the data stream, the objective, the parameters or their
 # starting point. Every other setting given again applies from the resumed step on (the optimiser's and the LR

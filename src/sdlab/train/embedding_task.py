@@ -39,6 +39,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.train.errors import TrainError
 from sdlab.train.task import Batch
 from sdlab.train.unet_task import UNetTask, UNetTaskOptions
+from sdlab.utils.dtypes import dtype_from_name
 
 
 def occurrence_pattern(word: str) -> re.Pattern[str]:
@@ -134,7 +135,8 @@ class EmbeddingTask(UNetTask):
         return loss, metrics
 
     def save_weights(self, path: Path, ema: bool) -> None:
-        vectors = [v.detach().to(torch.float32).cpu().contiguous() for v in self.embedding.vectors]
+        dtype = dtype_from_name(self.options.save_dtype)
+        vectors = [v.detach().to(dtype).cpu().contiguous() for v in self.embedding.vectors]
         names = ("emb_params",) if len(vectors) == 1 else ("clip_l", "clip_g")
         if len(vectors) > 2:
             raise TrainError(f"no embedding file shape holds {len(vectors)} text encoders")

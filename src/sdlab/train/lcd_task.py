@@ -121,15 +121,7 @@ class LCDOptions:
 
     @classmethod
     def from_config(cls, cfg) -> LCDOptions:
-        settings = (("min_snr_gamma", cfg.min_snr_gamma), ("offset_noise", cfg.offset_noise),
-                    ("embedding_word", cfg.embedding_word), ("train_text_encoder", cfg.train_text_encoder),
-                    ("lora_text_encoder", cfg.lora_text_encoder))
-        unused = [(name, value) for name, value in settings if value not in (None, 0, 0.0, False)]
-        if unused:
-            name, value = unused[0]
-            given = f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
-            raise TrainError(f"--task lcd distils the U-Net (or a LoRA of it) with a fixed objective; {given} does "
-                             f"not apply to it")
+        """The options of a `TrainConfig` (which has refused the settings lcd does not read: `TASK_SETTINGS`)."""
         unet = UNetTaskOptions(caption_dropout=0.0, prediction=cfg.prediction, lora_rank=cfg.lora_rank,
                                lora_alpha=cfg.lora_alpha, lora_conv=cfg.lora_conv,
                                gradient_checkpointing=cfg.gradient_checkpointing, save_dtype=cfg.save_dtype,

@@ -81,6 +81,7 @@ from sdlab.train.losses import (
     psnr,
 )
 from sdlab.train.task import Batch
+from sdlab.utils.dtypes import dtype_from_name
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +152,13 @@ class VAETask:
         scaling_factor: float | None = None,
         seed: int = 0,
         decoder_only: bool = False,
+        save_dtype: str = "fp32",
     ):
         """``vae``: a model to fine-tune or a config to train from scratch. ``scaling_factor``: keep this one
         (e.g. 0.18215 when fine-tuning an SD VAE, whose U-Nets expect it) instead of estimating it.
         ``decoder_only``: freeze the encoder (and its quant_conv), so the latents a U-Net was trained on do
-        not change while the decoder learns to draw them better."""
+        not change while the decoder learns to draw them better. ``save_dtype``: the dtype of the delivered
+        file's floating-point tensors ("fp32", "fp16", "bf16"; the SDXL VAE overflows in fp16)."""
         self.vae = vae if isinstance(vae, AutoencoderKL) else AutoencoderKL(vae)
         self.vae.requires_grad_(True)
         if decoder_only:
@@ -165,6 +168,7 @@ class VAETask:
         self.loss_config = loss_config
         self.fixed_scaling_factor = scaling_factor
         self.seed = seed
+        self.save_dtype = dtype_from_name(save_dtype)
         self._modules: dict[str, nn.Module] = {"vae": self.vae}
         if loss_config.adversarial_weight > 0:
             lc = loss_config
@@ -219,7 +223,8 @@ class VAETask:
             META_CONFIG: json.dumps(config_to_json(vae.cfg), sort_keys=True),
             META_SCALING: repr(float(scaling)),
         }
-        write_safetensors_atomic(path, vae.state_dict(), metadata)
+        state = {k: v.to(self.save_dtype) if v.is_floating_point() else v for k, v in vae.state_dict().items()}
+        write_safetensors_atomic(path, state, metadata)
         logger.info("saved VAE (%s weights, scaling factor %.5f) to %s", metadata[META_WEIGHTS], scaling, path)
 
     def preview(self, out_dir: Path, step: int) -> None:
@@ -320,4 +325,4 @@ def build_task(config: TrainConfig, bundle: ModelBundle) -> VAETask:
     """``sdlab train --task vae``: fine-tune the bundle's VAE with the default objective, keeping the family's
     scaling factor (its U-Net was trained on latents scaled by it)."""
     return VAETask(bundle.vae, VAELossConfig(), scaling_factor=bundle.scaling_factor, seed=config.seed,
-                   decoder_only=config.vae_decoder_only)
+                   decoder_only=config.vae_decoder_only, save_dtype=config.save_dtype)
