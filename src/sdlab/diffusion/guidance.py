@@ -1,14 +1,15 @@
 """Guidance: wrappers that turn a conditional denoiser into the ``DenoiseFn`` a sampler runs.
 
 ``cfg`` is classifier-free guidance (Ho & Salimans 2022) with optional guidance rescale (Lin et al.
-2023, sec. 3.4); ``masked`` keeps the known region of an image while a 4-channel model inpaints the rest.
-Both only see ``denoise(x, sigma, **cond) -> x0``.
+2023, sec. 3.4); ``masked`` keeps the known region of an image while a 4-channel model inpaints the rest;
+``switch_at_calls`` changes the conditioning during sampling (A1111's prompt editing). All only see
+``denoise(x, sigma, **cond) -> x0``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
-__all__ = ["blend_known", "cfg", "masked", "needs_uncond", "rescale_guidance"]
+__all__ = ["blend_known", "cfg", "masked", "needs_uncond", "rescale_guidance", "switch_at_calls"]
 
 NoiseScaling = Callable[..., Tensor]
 """``(sigma, noise, latent) -> latent noised to sigma``: the model's forward process (``ModelSampling.noise_scaling``)."""
@@ -176,3 +177,27 @@ def masked(
         return mask * x0 + (1 - mask) * x0_known
 
     return inpaint
+
+
+def switch_at_calls(models: Sequence[tuple[int, DenoiseFn]]) -> DenoiseFn:
+    """A denoiser that runs ``models[i][1]`` at its calls up to and including call ``models[i][0]``.
+
+    Calls are counted from 0, every call of the sampler (a second-order step makes two), and call ``k`` goes
+    to the first model whose end is at least ``k``; past the last end, to the first model. This is A1111's
+    ``CFGDenoiser.step`` with ``reconstruct_cond_batch`` (a prompt schedule ``[(end_at_step, cond), ...]``).
+    One model is returned as it is.
+    """
+    if not models:
+        raise ValueError("switch_at_calls needs at least one model")
+    if len(models) == 1:
+        return models[0][1]
+    ends = [end for end, _ in models]
+    calls = 0
+
+    def scheduled(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        nonlocal calls
+        index = next((i for i, end in enumerate(ends) if calls <= end), 0)
+        calls += 1
+        return models[index][1](x, sigma, **extra)
+
+    return scheduled

@@ -25,6 +25,8 @@ from sdlab.models.cpu_kernels import has_hooks, tensor_version
 
 T = TypeVar("T")
 
+KEPT_PER_SHAPE = 4               # results kept per (module, source shape): see `reused`
+
 _memo: ContextVar[dict[tuple, tuple] | None] = ContextVar("sdlab_generation_work", default=None)
 
 
@@ -41,17 +43,21 @@ def reusing_generation_work() -> Iterator[None]:
 def reused(modules: tuple[nn.Module, ...], source: Tensor, make: Callable[[], T]) -> T:
     """`make()`, a function of `source` and the parameters of `modules` only, kept where the scope allows.
 
-    One result is kept per (first module, source shape): a prompt and a negative prompt of different
-    lengths, which guidance runs as two passes, are kept side by side."""
+    Up to `KEPT_PER_SHAPE` results are kept per (first module, source shape), the most recently used first:
+    a prompt and a negative prompt of different lengths, which guidance runs as two passes, are kept side by
+    side, and so are the few prompts a prompt schedule switches between (A1111's `[a|b]` alternates every
+    step). A source that is none of them is made anew, never served a kept result."""
     memo = None if torch.compiler.is_compiling() else _memo.get()   # a compiled graph would break on the lookup
     if (memo is None or torch.is_grad_enabled()
             or any(has_hooks(m) for module in modules for m in module.modules())):
         return make()
     weights = tuple(_identity(p) for module in modules for p in module.parameters())
     key = (modules[0], tuple(source.shape))
-    kept = memo.get(key)
-    value = make() if kept is None or kept[2] != weights or not _same(kept[0], kept[1], source) else kept[3]
-    memo[key] = (source, tensor_version(source), weights, value)   # an equal new source: by identity next
+    kept = [entry for entry in memo.get(key, []) if entry[2] == weights]
+    hit = next((entry for entry in kept if _same(entry[0], entry[1], source)), None)
+    value = make() if hit is None else hit[3]
+    entry = (source, tensor_version(source), weights, value)     # an equal new source: by identity next
+    memo[key] = [entry, *(e for e in kept if e is not hit)][:KEPT_PER_SHAPE]
     return value
 
 

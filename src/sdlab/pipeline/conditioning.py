@@ -36,8 +36,10 @@ a family: what differs is in ``FamilySpec.conditioner`` and each ``TextEncoderSp
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -48,6 +50,7 @@ from sdlab.families import FamilySpec
 from sdlab.families.loaded import TextEncoder
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer
+from sdlab.pipeline.prompt_schedule import PromptSchedule, prompt_schedule
 from sdlab.pipeline.prompt_syntax import (
     CHUNK_LENGTH,
     Chunk,
@@ -68,6 +71,7 @@ __all__ = [
     "encode_prompts",
     "hidden_state_layers",
     "make_cond",
+    "make_cond_schedule",
     "prompt_chunks",
     "repeat_to_common_length",
     "sdxl_size_conds",
@@ -77,6 +81,8 @@ TOKENS_PER_CHUNK = CHUNK_LENGTH + 2          # begin + 75 + end = 77 encoder pos
 MAX_REPEAT_FACTOR = 4                         # make_cond repeats a context to at most 4x the shorter one (ComfyUI)
 
 Conditioning = dict[str, Tensor]             # U-Net keyword arguments: "context" (B, T, D), SDXL "y" (B, adm)
+CondSchedule = list[tuple[int, Conditioning, "Conditioning | None"]]   # (end_at_step, cond, uncond), by step
+_COMPOSABLE_AND = re.compile(r"\bAND\b")
 
 
 @dataclass(frozen=True)
@@ -411,3 +417,60 @@ def make_cond(
         tuple(cond["context"].shape), ", zero uncond" if zero_negative else "",
     )
     return cond, uncond
+
+
+def make_cond_schedule(
+    encoders: Sequence[TextEncoder],
+    family: FamilySpec,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    steps: int,
+    hires_steps: int | None = None,
+    **options,
+) -> CondSchedule:
+    """``make_cond`` at every step of A1111's prompt schedules (``prompt_schedule``: ``[from:to:when]``,
+    ``[a|b]``) of the prompt and of the negative prompt over ``steps`` (``hires_steps``: a hires second pass
+    after ``steps``): ``[(end_at_step, cond, uncond), ...]``, one entry per run of steps whose texts are the
+    same, the last ending at the schedule's length. The guided denoiser uses an entry up to and including
+    model call ``end_at_step`` (counted from 0; ``guidance.switch_at_calls``). A prompt without that syntax
+    gives one entry, the conditioning of ``make_cond``. Each distinct pair of texts is encoded once, and the
+    entries of a text share its tensors (the generation memo keeps their keys and values).
+
+    A whole-word ``AND`` in the prompt (A1111's composable diffusion) is not implemented: it is encoded as
+    the word "and", with a warning (once per process)."""
+    if _COMPOSABLE_AND.search(prompt):
+        _warn_composable_and()
+    positive = prompt_schedule(prompt, steps, hires_steps)
+    negative = prompt_schedule(negative_prompt, steps, hires_steps)
+    made: dict[tuple[str, str], tuple[Conditioning, Conditioning | None]] = {}
+    shared: dict[tuple, Conditioning] = {}        # one dict (one set of tensors) per side, text and length
+    schedule: CondSchedule = []
+    last: tuple[str, str] | None = None
+    for end in sorted({end for end, _ in positive} | {end for end, _ in negative}):
+        texts = (_text_at(positive, end), _text_at(negative, end))
+        if texts == last:
+            schedule[-1] = (end, *schedule[-1][1:])
+            continue
+        if texts not in made:
+            cond, uncond = make_cond(encoders, family, *texts, **options)
+            cond = shared.setdefault((0, texts[0], cond["context"].shape), cond)
+            if uncond is not None:
+                uncond = shared.setdefault((1, texts[1], uncond["context"].shape), uncond)
+            made[texts] = cond, uncond
+        schedule.append((end, *made[texts]))
+        last = texts
+    return schedule
+
+
+def _text_at(schedule: PromptSchedule, step: int) -> str:
+    """The text of the first entry that lasts to ``step`` (A1111 ``reconstruct_cond_batch``)."""
+    return next((text for end, text in schedule if step <= end), schedule[0][1])
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_composable_and() -> None:
+    logger.warning(
+        "the prompt holds a whole-word AND: A1111's composable diffusion is not implemented in sdlab; "
+        "the AND and the parts around it are drawn as one prompt"
+    )

@@ -55,14 +55,16 @@ from torch import Tensor
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
-from sdlab.diffusion.guidance import cfg, masked, needs_uncond
+from sdlab.diffusion.guidance import cfg, masked, needs_uncond, switch_at_calls
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
+from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.pipeline.control import controlled_unet, prepare_controls, spans_part, tag_steps
-from sdlab.pipeline.conditioning import make_cond
+from sdlab.pipeline.conditioning import make_cond_schedule
+from sdlab.pipeline.prompt_schedule import schedule_steps
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
     latent_mask,
@@ -299,11 +301,12 @@ def _guided_model(
     LatentConsistencyModelPipeline: guidance_scale 8.5 embeds w = 7.5, no unconditional pass)."""
     device = bundle.device
     embedded = bundle.unet_config.time_cond_proj_dim
-    cond, uncond = make_cond(
+    schedule = make_cond_schedule(   # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
         bundle.text_encoders,
         bundle.family,
         req.prompt,
         req.negative_prompt,
+        steps=schedule_steps(req.steps, get_sampler(req.sampler).fn),
         adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,
@@ -316,22 +319,27 @@ def _guided_model(
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
     )
+    extra_cond: dict[str, Tensor] = {}
     if embedded is not None:
         w = torch.full((req.batch_size,), req.cfg_scale - 1.0, device=device)                   # (B,)
-        cond = {**cond, "guidance_emb": guidance_scale_embedding(w, embedded)}                 # (B, dim)
+        extra_cond["guidance_emb"] = guidance_scale_embedding(w, embedded)                      # (B, dim)
     controls = prepare_controls(bundle, req.controls, req.width, req.height)
     denoiser = Denoiser(controlled_unet(bundle.unet, controls), sampling, quantize=req.quantize_timesteps)
     if spans_part(controls):                            # else every control runs at every step
         denoiser = tag_steps(denoiser, sigmas)
+    extra_uncond: dict[str, Tensor] = {}
     if bundle.family.is_inpaint:
         pixels, mask = start.pixels, start.mask
         if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
             mask = torch.ones((1, 1, req.height, req.width), device=device)
             pixels = torch.zeros((1, 3, req.height, req.width), device=device)
         extra = inpaint_channels(bundle, pixels, mask, generators, tiled=req.tiled_vae)      # (B, 5, h, w)
-        cond = {**cond, "concat": extra}
-        uncond = None if uncond is None else {**uncond, "concat": extra}
-    model = cfg(denoiser, cond, uncond, req.cfg_scale, req.guidance_rescale)
+        extra_cond["concat"] = extra_uncond["concat"] = extra
+    model = switch_at_calls([
+        (end, cfg(denoiser, {**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond},
+                  req.cfg_scale, req.guidance_rescale))
+        for end, cond, uncond in schedule
+    ])
     if start.mask is not None and not bundle.family.is_inpaint:
         small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(device)  # (1, 1, h, w)
         model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling)

@@ -1,0 +1,236 @@
+"""A1111 prompt editing `[from:to:when]` and alternation `[a|b]` (`sdlab.pipeline.prompt_schedule`), and the
+conditioning switching during sampling (`make_cond_schedule`, `guidance.switch_at_calls`, `generate`).
+
+References: the doctests of A1111's `modules/prompt_parser.py::get_learned_conditioning_prompt_schedules`
+(checked by hand here), and, where the `lark` package is installed, A1111's own lark grammar and schedule code
+(ported into this file as the reference) on random prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+
+import pytest
+import torch
+from bundle_fixtures import tiny_bundle
+
+from sdlab.diffusion.guidance import cfg, switch_at_calls
+from sdlab.pipeline.conditioning import encode_prompt, make_cond_schedule
+from sdlab.pipeline.generate import generate
+from sdlab.pipeline.prompt_schedule import prompt_schedule, schedule_steps
+from sdlab.pipeline.request import GenerationRequest
+
+# A1111's doctests (get_learned_conditioning_prompt_schedules([p], 10)[0]), as (end_at_step, text) pairs
+A1111_DOCTESTS = {
+    "test": [(10, "test")],
+    "a [b:3]": [(3, "a "), (10, "a b")],
+    "a [b: 3]": [(3, "a "), (10, "a b")],
+    "a [[[b]]:2]": [(2, "a "), (10, "a [[b]]")],
+    "[(a:2):3]": [(3, ""), (10, "(a:2)")],
+    "a [b : c : 1] d": [(1, "a b  d"), (10, "a  c  d")],
+    "a[b:[c:d:2]:1]e": [(1, "abe"), (2, "ace"), (10, "ade")],
+    "a [unbalanced": [(10, "a [unbalanced")],
+    "a [b:.5] c": [(5, "a  c"), (10, "a b c")],
+    "((a][:b:c [d:3]": [(3, "((a][:b:c "), (10, "((a][:b:c d")],
+    "[a|(b:1.1)]": [(s, "a" if s % 2 else "(b:1.1)") for s in range(1, 11)],
+    "[fe|]male": [(s, "female" if s % 2 else "male") for s in range(1, 11)],
+    "[fe|||]male": [(s, "female" if s % 4 == 1 else "male") for s in range(1, 11)],
+}
+# ... with hires_steps=10 after 10 first-pass steps
+A1111_HIRES_DOCTESTS = {"a [b:.5] c": [(10, "a b c")], "a [b:1.5] c": [(5, "a  c"), (10, "a b c")]}
+
+
+@pytest.mark.parametrize("prompt", list(A1111_DOCTESTS))
+def test_a1111_doctests(prompt):
+    assert prompt_schedule(prompt, 10) == A1111_DOCTESTS[prompt]
+
+
+@pytest.mark.parametrize("prompt", list(A1111_HIRES_DOCTESTS))
+def test_a1111_hires_doctests(prompt):
+    assert prompt_schedule(prompt, 10, hires_steps=10) == A1111_HIRES_DOCTESTS[prompt]
+
+
+def test_unparsable_prompts_are_used_as_written():
+    for prompt in ["a | b [c:d:3]", "a [b:c:3] \\", "[x (a:b:c) y:3]", "[a:b 3]"]:
+        assert prompt_schedule(prompt, 10) == [(10, prompt)]
+    assert prompt_schedule("[a:3:4]", 10) == [(4, "a"), (10, "3")]         # from "a" to "3" after step 4
+    assert prompt_schedule("[a:b:25]", 20) == [(20, "a")]                   # past the end: never switches
+    def sample_heun(): ...
+    def sample_euler(): ...
+    assert schedule_steps(20, sample_heun) == 40 and schedule_steps(20, functools.partial(sample_euler)) == 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A1111's lark grammar as the reference (its get_learned_conditioning_prompt_schedules, new scheduling)
+
+A1111_GRAMMAR = r"""
+!start: (prompt | /[][():]/+)*
+prompt: (emphasized | scheduled | alternate | plain | WHITESPACE)*
+!emphasized: "(" prompt ")"
+        | "(" prompt ":" prompt ")"
+        | "[" prompt "]"
+scheduled: "[" [prompt ":"] prompt ":" [WHITESPACE] NUMBER [WHITESPACE] "]"
+alternate: "[" prompt ("|" [prompt])+ "]"
+WHITESPACE: /\s+/
+plain: /([^\\\[\]():|]|\\.)+/
+%import common.SIGNED_NUMBER -> NUMBER
+"""
+
+
+def a1111_schedule(lark, parser, prompt: str, base_steps: int, hires_steps: int | None = None):
+    int_offset, float_offset, steps = (0, 0.0, base_steps) if hires_steps is None else (base_steps, 1.0, hires_steps)
+    try:
+        tree = parser.parse(prompt)
+    except lark.exceptions.LarkError:
+        return [(steps, prompt)]
+    ends = [steps]
+
+    class CollectSteps(lark.Visitor):
+        def scheduled(self, tree):
+            s = tree.children[-2]
+            v = (float(s) - float_offset) * steps if "." in s else float(s) - int_offset
+            tree.children[-2] = min(steps, int(v))
+            if tree.children[-2] >= 1:
+                ends.append(tree.children[-2])
+
+        def alternate(self, tree):
+            ends.extend(range(1, steps + 1))
+
+    CollectSteps().visit(tree)
+
+    def at_step(step):
+        class AtStep(lark.Transformer):
+            def scheduled(self, args):
+                before, after, _, when, _ = args
+                yield before or () if step <= when else after
+
+            def alternate(self, args):
+                args = ["" if not arg else arg for arg in args]
+                yield args[(step - 1) % len(args)]
+
+            def start(self, args):
+                def flatten(x):
+                    if isinstance(x, str):
+                        yield x
+                    else:
+                        for gen in x:
+                            yield from flatten(gen)
+                return "".join(flatten(args))
+
+            def plain(self, args):
+                yield args[0].value
+
+            def __default__(self, data, children, meta):
+                yield from children
+
+        return AtStep().transform(tree)
+
+    return [(t, at_step(t)) for t in sorted(set(ends))]
+
+
+def test_random_prompts_schedule_as_a1111():
+    lark = pytest.importorskip("lark")
+    parser = lark.Lark(A1111_GRAMMAR)
+    rng = random.Random(0)
+    atoms = ["a", "b", "cat", " ", "[", "]", "(", ")", ":", "|", "\\", "\\[", "3", ".5", "0.25", "12", "-1", "1e1",
+             "1.", ":1.2)", ",", "{"]
+    for prompt in list(A1111_DOCTESTS) + ["".join(rng.choice(atoms) for _ in range(rng.randint(0, 14))) for _ in range(1500)]:
+        steps, hires = rng.choice([1, 4, 10, 20]), rng.choice([None, None, 6])
+        assert prompt_schedule(prompt, steps, hires) == a1111_schedule(lark, parser, prompt, steps, hires), prompt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# conditioning at each step
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    return tiny_bundle("sd1", seed=0)
+
+
+@torch.no_grad()
+def test_schedule_conds_equal_each_prompt_alone(sd1):
+    schedule = make_cond_schedule(sd1.text_encoders, sd1.family, "a [red cat:blue dog:0.5] on a sofa", "[ugly|blurry]",
+                                  steps=4)
+    assert [end for end, _, _ in schedule] == [1, 2, 3, 4]
+    texts = [("a red cat on a sofa", "ugly"), ("a red cat on a sofa", "blurry"), ("a blue dog on a sofa", "ugly"),
+             ("a blue dog on a sofa", "blurry")]
+    for (_, cond, uncond), (positive, negative) in zip(schedule, texts):
+        assert torch.allclose(cond["context"], encode_prompt(sd1.text_encoders, positive).context, atol=1e-6)
+        assert torch.allclose(uncond["context"], encode_prompt(sd1.text_encoders, negative).context, atol=1e-6)
+    assert schedule[0][2] is schedule[2][2]                     # a text pair is encoded once, its tensors shared
+    plain = make_cond_schedule(sd1.text_encoders, sd1.family, "a red cat", "ugly", steps=4)
+    assert len(plain) == 1 and plain[0][0] == 4
+
+
+def test_switch_at_calls_counts_calls_as_a1111():
+    seen = []
+    models = [(2, lambda x, sigma: seen.append("a") or x), (5, lambda x, sigma: seen.append("b") or x)]
+    model = switch_at_calls(models)
+    for _ in range(7):
+        model(torch.zeros(1), torch.ones(1))
+    assert seen == ["a", "a", "a", "b", "b", "b", "a"]         # calls 0-2, 3-5, then past the end: the first
+    assert switch_at_calls(models[:1]) is models[0][1]
+
+
+@torch.no_grad()
+def test_generation_switches_the_prompt_at_the_step(sd1):
+    """Euler, 6 steps, `[red cat:blue dog:0.5]`: the U-Net sees "red cat" at calls 0-3 (A1111: step <= 3), then
+    "blue dog"; cond and uncond run batched, the cond in the second half."""
+    contexts = []
+    hook = sd1.unet.register_forward_pre_hook(lambda module, args, kwargs: contexts.append(kwargs.get("context", args[2] if len(args) > 2 else None)), with_kwargs=True)
+    try:
+        generate(sd1, GenerationRequest("a [red cat:blue dog:0.5]", negative_prompt="ugly", steps=6, seed=1,
+                                        width=64, height=64, sampler="Euler", schedule="karras"))
+    finally:
+        hook.remove()
+    cat = encode_prompt(sd1.text_encoders, "a red cat").context
+    dog = encode_prompt(sd1.text_encoders, "a blue dog").context
+    assert len(contexts) == 6
+    drawn = ["cat" if torch.allclose(c[1:], cat, atol=1e-6) else "dog" if torch.allclose(c[1:], dog, atol=1e-6) else "?"
+             for c in contexts]
+    assert drawn == ["cat"] * 4 + ["dog"] * 2
+
+
+@torch.no_grad()
+def test_alternation_never_gets_a_stale_cached_key_or_value(sd1):
+    """`[a|b]` alternates every call; the generation memo keeps each prompt's cross-attention k / v. Every U-Net
+    output of the run must equal the same call made afresh outside the memo's scope."""
+    calls = []
+    hook = sd1.unet.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append((args, dict(kwargs), out.clone())), with_kwargs=True)
+    try:
+        generate(sd1, GenerationRequest("a [red cat|blue dog]", negative_prompt="ugly", steps=4, seed=1, width=64,
+                                        height=64, sampler="Euler", schedule="karras"))
+    finally:
+        hook.remove()
+    assert len(calls) == 4
+    for args, kwargs, out in calls:
+        assert torch.allclose(sd1.unet(*args, **kwargs), out, atol=1e-5)
+
+
+def test_memo_keeps_a_few_sources_per_shape():
+    from torch import nn
+
+    from sdlab.models.generation_memo import reused, reusing_generation_work
+
+    layer, made = nn.Linear(4, 4, bias=False), []
+    a, b = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    with torch.no_grad(), reusing_generation_work():
+        for source in (a, b, a, b, a):
+            out = reused((layer,), source, lambda s=source: made.append(1) or layer(s))
+            assert torch.equal(out, layer(source))
+    assert len(made) == 2
+
+
+def test_composable_and_warns_once(sd1, caplog):
+    from sdlab.pipeline import conditioning
+
+    conditioning._warn_composable_and.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="sdlab.pipeline.conditioning"):
+        make_cond_schedule(sd1.text_encoders, sd1.family, "a cat AND a dog", "", steps=4)
+        make_cond_schedule(sd1.text_encoders, sd1.family, "a cat AND a dog", "", steps=4)
+        make_cond_schedule(sd1.text_encoders, sd1.family, "a cat and a dog, ANDROID", "", steps=4)
+    assert sum("AND" in r.message for r in caplog.records) == 1
