@@ -121,7 +121,8 @@ def test_a_batch_of_dropped_captions_trains_without_error():
     zero gradient instead of an internal error from backward()."""
     from bundle_fixtures import tiny_bundle
 
-    task = build_task(TrainConfig(task="embedding", embedding_word="zqstyle", caption_dropout=1.0), tiny_bundle("sd1", 0))
+    config = TrainConfig(task="embedding", embedding_word="zqstyle", caption_dropout=1.0)
+    task = build_task(config, tiny_bundle("sd1", 0))
     batch = Batch(images=torch.zeros(1, 3, 16, 16), captions=["zqstyle, a red square"], seeds=[1])
     task.loss(batch, torch.Generator().manual_seed(0))[0].backward()
     (vectors,) = task.trainable_modules()["embedding"].vectors

@@ -26,8 +26,8 @@ from typing import Any
 
 from sdlab.train.errors import TrainError
 
-__all__ = ["RESUME_INVARIANTS", "TASK_SETTINGS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments", "config_from_args", "config_from_settings",
-           "flag", "given_settings", "load_config_file", "merge_resumed"]
+__all__ = ["RESUME_INVARIANTS", "TASK_SETTINGS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments", "config_from_args",
+           "config_from_settings", "flag", "given_settings", "load_config_file", "merge_resumed"]
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -234,7 +234,7 @@ def _check_task_settings(cfg: TrainConfig) -> None:
     what, reads = entry
     for f in fields(cfg):
         value = getattr(cfg, f.name)
-        if f.name not in _TASK_SPECIFIC or f.name in reads or value == f.default or value == _INERT.get(f.name, f.default):
+        if f.name not in _TASK_SPECIFIC or f.name in reads or value in (f.default, _INERT.get(f.name, f.default)):
             continue
         if isinstance(value, bool):
             given = flag(f.name) if value else "--no-" + flag(f.name)[2:]

@@ -55,7 +55,8 @@ from sdlab.train.task import TrainTask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "StopFlag", "apply_optimizer_settings", "check_resume", "flush_denormals", "lr_multiplier", "train"]
+__all__ = ["RunResult", "StopFlag", "apply_optimizer_settings", "check_resume", "flush_denormals", "lr_multiplier",
+           "train"]
 
 
 @dataclass
