@@ -59,6 +59,23 @@ def test_each_call_gets_its_step_also_between_sigmas():
     assert seen == [(3, 5)]
 
 
+@pytest.mark.parametrize("name, steps_of_calls", [
+    ("Heun", [0, 0, 1, 1, 2, 2, 3]),        # the corrector of step i runs at sigma_{i+1}; the last step has none
+    ("PLMS", [0, 0, 1, 2, 3]),              # the improved-Euler call of the first step, at sigma_1
+    ("DPM2", [0, 0, 1, 1, 2, 2, 3]),        # midpoints lie between the sigmas
+])
+def test_a_call_at_the_next_sigma_belongs_to_the_step_that_makes_it(name, steps_of_calls):
+    """A step's extra call at the next step's sigma (`steps.within_step`) is tagged with its own step, so a
+    ControlNet starting or ending there acts on whole steps ("calls inside a step belong to that step")."""
+    from sdlab.diffusion.samplers import get_sampler
+
+    sigmas = torch.tensor([14.6, 7.0, 3.1, 1.0, 0.0])
+    seen = []
+    model = tag_steps(lambda x, sigma, **cond: seen.append(cond["control_step"][0]) or x * 0, sigmas)
+    get_sampler(name).fn(model, torch.ones(1, 1, 2, 2), sigmas)
+    assert seen == steps_of_calls
+
+
 def _controls(tmp_path, bundle, strengths=(0.6, 1.3), ranges=((0.0, 1.0), (0.0, 1.0))):
     cfg = bundle.unet_config
     prepared = []

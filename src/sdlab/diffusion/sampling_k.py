@@ -28,7 +28,9 @@ from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.noise import NoiseSource
-from sdlab.diffusion.steps import StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d
+from sdlab.diffusion.steps import (
+    StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d, within_step,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared pieces (the step helpers every sampler uses live in sdlab.diffusion.steps)
@@ -165,7 +167,8 @@ def sample_heun(
             x = x + d * dt
             continue
         x_pred = x + d * dt
-        denoised_pred = model(x_pred, sigma_batch(sigma_next, x, sigmas))
+        with within_step(i):
+            denoised_pred = model(x_pred, sigma_batch(sigma_next, x, sigmas))
         d_pred = to_d(x_pred, sigma_next, denoised_pred)
         x = x + (d + d_pred) / 2 * dt
     return x

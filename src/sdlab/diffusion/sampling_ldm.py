@@ -40,7 +40,9 @@ from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.noise import NoiseSource
-from sdlab.diffusion.steps import StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d
+from sdlab.diffusion.steps import (
+    StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d, within_step,
+)
 
 __all__ = [
     "sample_ddim",
@@ -173,7 +175,8 @@ def sample_plms(
         eps = to_d(x, sigma, denoised)  # (B, C, h, w)
         if not old_eps and i < n_steps - 1 and sigma_next > 0.0:
             x_euler = x + (sigma_next - sigma) * eps
-            eps_euler = to_d(x_euler, sigma_next, model(x_euler, sigma_batch(sigma_next, x, sigmas)))
+            with within_step(i):
+                eps_euler = to_d(x_euler, sigma_next, model(x_euler, sigma_batch(sigma_next, x, sigmas)))
             eps_prime = (eps + eps_euler) / 2
         else:
             history = [eps, *reversed(old_eps)]  # newest first

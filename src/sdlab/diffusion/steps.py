@@ -5,12 +5,17 @@
 - ``ancestral_step``: the split of a step into a deterministic move and fresh noise (ancestral
   samplers, DDIM with eta > 0, DPM++ SDE);
 - ``sigma_batch`` and ``require_noise``: one sigma per batch item, and the error a stochastic sampler
-  raises without a noise source.
+  raises without a noise source;
+- ``within_step`` / ``step_of_call``: a model call a step makes at the next step's sigma (Heun's corrector,
+  PLMS's first improved-Euler call) says which step it belongs to, since its sigma cannot (ControlNet
+  start / end count steps: ``pipeline.control.tag_steps``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +23,12 @@ from torch import Tensor
 
 from sdlab.diffusion.noise import NoiseSource
 
-__all__ = ["StepCallback", "StepInfo", "ancestral_step", "report_step", "require_noise", "sigma_batch", "to_d"]
+__all__ = [
+    "StepCallback", "StepInfo", "ancestral_step", "report_step", "require_noise", "sigma_batch", "step_of_call",
+    "to_d", "within_step",
+]
+
+_STEP_OF_CALL: ContextVar[int | None] = ContextVar("sdlab_step_of_call", default=None)
 
 
 @dataclass(frozen=True)
@@ -88,3 +98,19 @@ def require_noise(noise: NoiseSource | None, sampler: str, why: str) -> NoiseSou
 def sigma_batch(sigma: float, x: Tensor, like: Tensor) -> Tensor:
     """One noise level per batch item, in the dtype of the sigma schedule: (B,)."""
     return torch.full((x.shape[0],), sigma, dtype=like.dtype, device=x.device)
+
+
+@contextmanager
+def within_step(i: int) -> Iterator[None]:
+    """Model calls made inside belong to step ``i`` whatever their sigma: wrap a step's call at the next
+    step's sigma (it would otherwise read as the first call of step ``i + 1``)."""
+    token = _STEP_OF_CALL.set(i)
+    try:
+        yield
+    finally:
+        _STEP_OF_CALL.reset(token)
+
+
+def step_of_call() -> int | None:
+    """The step a sampler declared for the model call being made (``within_step``), else None."""
+    return _STEP_OF_CALL.get()

@@ -34,6 +34,7 @@ from torch import Tensor
 from sdlab.checkpoints.controlnet import LoadedControlNet, legacy_hash, load_controlnet
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.diffusion.denoiser import DenoiseFn
+from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess
 from sdlab.pipeline.request import RequestError, input_image
@@ -207,11 +208,14 @@ def spans_part(controls: Sequence[PreparedControl]) -> bool:
 
 
 def tag_steps(model: DenoiseFn, sigmas: Tensor) -> DenoiseFn:
-    """`model` called with `control_step=(i, N)`, the step of `sigmas` each call belongs to."""
+    """`model` called with `control_step=(i, N)`, the step of `sigmas` each call belongs to: the one the
+    sampler declares (`steps.within_step`: a call at the next step's sigma), else the one its sigma lies in."""
     steps = len(sigmas) - 1
 
     def denoise(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        return model(x, sigma, **cond, control_step=(step_of(sigma, sigmas), steps))
+        declared = step_of_call()
+        step = step_of(sigma, sigmas) if declared is None else declared
+        return model(x, sigma, **cond, control_step=(step, steps))
 
     return denoise
 
