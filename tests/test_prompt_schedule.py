@@ -2,8 +2,8 @@
 conditioning switching during sampling (`make_cond_schedule`, `guidance.switch_at_calls`, `generate`).
 
 References: the doctests of A1111's `modules/prompt_parser.py::get_learned_conditioning_prompt_schedules`
-(checked by hand here), and, where the `lark` package is installed, A1111's own lark grammar and schedule code
-(ported into this file as the reference) on random prompts.
+(checked by hand here), and A1111's own lark grammar and schedule code (ported into this file as the reference,
+run with the `lark` package, a test dependency) on random prompts.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def a1111_schedule(lark, parser, prompt: str, base_steps: int, hires_steps: int 
 
 
 def test_random_prompts_schedule_as_a1111():
-    lark = pytest.importorskip("lark")
+    import lark
     parser = lark.Lark(A1111_GRAMMAR)
     rng = random.Random(0)
     atoms = ["a", "b", "cat", " ", "[", "]", "(", ")", ":", "|", "\\", "\\[", "3", ".5", "0.25", "12", "-1", "1e1",
