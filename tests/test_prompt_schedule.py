@@ -8,7 +8,6 @@ run with the `lark` package, a test dependency) on random prompts.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 
@@ -19,7 +18,7 @@ from bundle_fixtures import tiny_bundle
 from sdlab.diffusion.guidance import cfg, switch_at_calls
 from sdlab.pipeline.conditioning import encode_prompt, make_cond_schedule
 from sdlab.pipeline.generate import generate
-from sdlab.pipeline.prompt_schedule import prompt_schedule, schedule_steps
+from sdlab.pipeline.prompt_schedule import prompt_schedule
 from sdlab.pipeline.request import GenerationRequest
 
 # A1111's doctests (get_learned_conditioning_prompt_schedules([p], 10)[0]), as (end_at_step, text) pairs
@@ -57,9 +56,6 @@ def test_unparsable_prompts_are_used_as_written():
         assert prompt_schedule(prompt, 10) == [(10, prompt)]
     assert prompt_schedule("[a:3:4]", 10) == [(4, "a"), (10, "3")]         # from "a" to "3" after step 4
     assert prompt_schedule("[a:b:25]", 20) == [(20, "a")]                   # past the end: never switches
-    def sample_heun(): ...
-    def sample_euler(): ...
-    assert schedule_steps(20, sample_heun) == 40 and schedule_steps(20, functools.partial(sample_euler)) == 20
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -122,3 +122,17 @@ def test_generate_warns_about_too_few_steps_only_with_guidance(caplog) -> None:
         with caplog.at_level("WARNING"):
             generate(bundle, request)
         assert ("LMS needs about 30 steps" in caplog.text) is expected
+
+
+@pytest.mark.parametrize("name", ["Heun", "DPM2", "dpm_2", "DPM2 a", "dpm_2_ancestral", "DPM++ 2S a", "DPM++ SDE",
+                                  "DPM++ 2S", "Euler", "Euler a", "LMS", "DPM++ 2M", "DPM++ 2M SDE"])
+def test_calls_per_step_is_what_the_sampler_makes(name):
+    """`calls_per_step` (A1111 schedules prompt edits over every model call) counted on a schedule whose
+    steps all end above 0 (where Heun and DPM2 take their second call)."""
+    spec = get_sampler(name)
+    sigmas = torch.tensor([10.0, 5.0, 2.0, 1.0])
+    calls = []
+    model = lambda x, sigma, **_: calls.append(1) or x * 0.5                            # noqa: E731
+    noise = (lambda sigma, sigma_next: torch.zeros(1, 1, 2, 2)) if spec.stochastic else None  # noqa: E731
+    spec.fn(model, torch.ones(1, 1, 2, 2), sigmas, **({"noise": noise} if noise else {}))
+    assert len(calls) == spec.calls_per_step * 3

@@ -84,6 +84,7 @@ class SamplerSpec:
     min_steps_karras: int | None = None  # the minimum with a Karras schedule, where it differs
     a1111_automatic: str = "uniform"    # the schedule A1111 1.9+'s "Automatic" runs it on (its sampler options)
     discard_penultimate: bool = False   # A1111 drops the next-to-last sigma (its row's option; not ComfyUI)
+    calls_per_step: int = 1             # model calls a step makes (A1111 schedules prompt edits over them)
 
     @property
     def name(self) -> str:
@@ -102,14 +103,15 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # A1111 name, ComfyUI name, function, then what differs from the defaults (no noise, final sigma 0, ...)
     SamplerSpec("Euler", "euler", K.sample_euler),
     SamplerSpec("Euler a", "euler_ancestral", K.sample_euler_ancestral, noise=_GAUSS),
-    SamplerSpec("Heun", "heun", K.sample_heun),
+    SamplerSpec("Heun", "heun", K.sample_heun, calls_per_step=2),
     # A1111's DPM2 / DPM2 a / DPM++ 3M SDE drop the next-to-last sigma, ComfyUI's do not: a row each
-    SamplerSpec("DPM2", None, K.sample_dpm_2, a1111_automatic=_KARRAS, discard_penultimate=True),
-    SamplerSpec(None, "dpm_2", K.sample_dpm_2),
+    SamplerSpec("DPM2", None, K.sample_dpm_2, a1111_automatic=_KARRAS, discard_penultimate=True, calls_per_step=2),
+    SamplerSpec(None, "dpm_2", K.sample_dpm_2, calls_per_step=2),
     SamplerSpec(
         "DPM2 a", None, K.sample_dpm_2_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS, discard_penultimate=True,
+        calls_per_step=2,
     ),
-    SamplerSpec(None, "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS),
+    SamplerSpec(None, "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS, calls_per_step=2),
     SamplerSpec("LMS", "lms", K.sample_lms, min_steps=30, min_steps_karras=20),
     SamplerSpec("DPM++ 2M", "dpmpp_2m", K.sample_dpmpp_2m, spacing=_DPM, a1111_automatic=_KARRAS),
     SamplerSpec(
@@ -119,9 +121,12 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
         "DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", partial(K.sample_dpmpp_2m_sde, solver_type="heun"),
         noise=_BROWNIAN, spacing=_DPM, a1111_automatic=_EXP,
     ),
-    SamplerSpec("DPM++ SDE", "dpmpp_sde", K.sample_dpmpp_sde, noise=_BROWNIAN, a1111_automatic=_KARRAS),
+    SamplerSpec(
+        "DPM++ SDE", "dpmpp_sde", K.sample_dpmpp_sde, noise=_BROWNIAN, a1111_automatic=_KARRAS, calls_per_step=2,
+    ),
     SamplerSpec(
         "DPM++ 2S a", "dpmpp_2s_ancestral", K.sample_dpmpp_2s_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS,
+        calls_per_step=2,
     ),
     # deterministic DPM++ 2S, diffusers' DPMSolverSinglestep; not in A1111
     SamplerSpec("DPM++ 2S", "dpmpp_2s", K.sample_dpmpp_2s, spacing=_DPM),

@@ -64,7 +64,6 @@ from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.pipeline.control import controlled_unet, prepare_controls, spans_part, tag_steps
 from sdlab.pipeline.conditioning import make_cond_schedule
-from sdlab.pipeline.prompt_schedule import schedule_steps
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
     latent_mask,
@@ -306,7 +305,7 @@ def _guided_model(
         bundle.family,
         req.prompt,
         req.negative_prompt,
-        steps=schedule_steps(req.steps, get_sampler(req.sampler).fn),
+        steps=req.steps * get_sampler(req.sampler).calls_per_step,      # A1111 counts every model call
         adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,

@@ -39,21 +39,14 @@ end) has no schedule: it is used as written, as in A1111.
 
 from __future__ import annotations
 
-import functools
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Union
 
-__all__ = ["PromptSchedule", "prompt_schedule", "schedule_steps", "SECOND_ORDER_SAMPLER_FNS"]
+__all__ = ["PromptSchedule", "prompt_schedule"]
 
 PromptSchedule = list[tuple[int, str]]
-
-# k-diffusion functions A1111 marks "second_order" (its sampler table's options): scheduled over 2 x steps
-SECOND_ORDER_SAMPLER_FNS = frozenset(
-    {"sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde"}
-)
 
 _NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")   # lark's SIGNED_NUMBER
 _SPACE = re.compile(r"\s+")
@@ -222,10 +215,3 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
 
     return [(end, text_at(items, end)) for end in sorted(ends)]
 
-
-def schedule_steps(steps: int, sampler_fn: Callable[..., object]) -> int:
-    """The steps A1111 schedules a prompt over for a sampler function (or a ``functools.partial`` of one):
-    twice ``steps`` for its second-order ones."""
-    while isinstance(sampler_fn, functools.partial):
-        sampler_fn = sampler_fn.func
-    return 2 * steps if getattr(sampler_fn, "__name__", "") in SECOND_ORDER_SAMPLER_FNS else steps
