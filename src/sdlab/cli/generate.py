@@ -230,7 +230,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "batch_size": args.batch,
         "clip_skip": args.clip_skip,
         "eta": args.eta,
-        "eta_noise_seed_delta": args.ensd,
+        "eta_noise_seed_delta": getattr(args, "ensd", None),
         "strength": getattr(args, "strength", None),
         "mask_blur": getattr(args, "mask_blur", None),
     }

@@ -48,6 +48,8 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, help="height in pixels (default: the family's)")
     p.add_argument("--clip-skip", type=int, help="A1111 clip skip")
     p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers")
+    p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
+                   help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
     p.add_argument("--preset", metavar="NAME",
                    help="few-step settings of a distilled model or LoRA (turbo, lcm, lightning, hyper, tcd, "
                         "lcm-model) under every cell; options and axes win (default: the one the model names)")
