@@ -89,6 +89,20 @@ def test_huge_finite_scales_are_a_clean_4xx(client, path, body):
     assert "limit" in text or "at most" in text or "must lie in" in text, text
 
 
+def test_the_pixel_limit_holds_for_the_hires_pass_of_an_unset_size(client):
+    """Width and height left to the model (64 px on the shipped one): hr_scale 40 asks for 2560 x 2560, past the
+    default --max-pixels (2048 x 2048). Refused at submission when the model is loaded (413), else when the
+    worker knows the model's size (the job fails naming the limit); never drawn."""
+    response = client.post("/api/jobs", json={"prompt": "x", "steps": 2, "hr_scale": 40})
+    if response.status_code == 202:
+        job = wait_for_job(client, response.json()["id"])
+        assert job["status"] == "failed" and "--max-pixels" in job["error"], job
+    else:
+        assert response.status_code == 413 and "--max-pixels" in response.json()["detail"], response.text
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 2, "enable_hr": True, "hr_scale": 40})
+    assert response.status_code in (400, 413) and "--max-pixels" in response.text, response.text
+
+
 def test_huge_scales_in_the_pipeline_are_errors_not_overflows():
     from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
     from sdlab.pipeline.upscale import UpscaleError, target_size

@@ -201,10 +201,12 @@ def check_upscaler(name: object) -> None:
     raise BadRequest(f"unknown hires upscaler {name!r}; this server offers: {valid}")
 
 
-def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str = "hr_steps") -> GenerationRequest:
-    """`request` checked against the server's limits and sdlab's own rules (without a model: the
-    model's defaults are filled in when it runs); `BadRequest` names the first problem (the hires pass's
-    step count by `hr_steps_name`, the route's name for it). `--max-steps` holds for either pass."""
+def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str = "hr_steps",
+                  default_size: int | None = None) -> GenerationRequest:
+    """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
+    in when it runs; `default_size`, its side where known, stands for an unset width / height in the size
+    limits); `BadRequest` names the first problem (the hires pass's step count by `hr_steps_name`, the
+    route's name for it). `--max-steps` and `--max-pixels` hold for either pass."""
     check_upscaler(getattr(request, "hr_upscaler", None))
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
@@ -218,6 +220,8 @@ def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str
     if request.init_image is not None:
         width = request.init_image.width if width is None else width
         height = request.init_image.height if height is None else height
+    width = default_size if width is None else width
+    height = default_size if height is None else height
     if isinstance(width, int) and isinstance(height, int) and width * height > limits.max_pixels:
         raise BadRequest(f"{width}x{height} is {width * height} pixels; this server draws at most "
                          f"{limits.max_pixels} (--max-pixels)", 413)

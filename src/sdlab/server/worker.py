@@ -24,7 +24,8 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.infotext import LoraRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
 from sdlab.pipeline.request import RequestError
-from sdlab.server.inputs import with_preset
+from sdlab.server.config import Limits
+from sdlab.server.inputs import BadRequest, check_request, with_preset
 from sdlab.server.jobs import Job, JobCancelled, steps_of
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
@@ -47,6 +48,11 @@ class ModelHost:
         self.loading = threading.Event()
         self.timings: dict[str, float] = {}
         self.busy = threading.Lock()            # held by whatever uses the device: a job, an extras upscale
+
+    def loaded_default_size(self, checkpoint: Checkpoint) -> int | None:
+        """The default picture side of ``checkpoint`` when it is the model loaded now, else None."""
+        key, pipe = self._key, self.pipe
+        return pipe.bundle.default_size if pipe is not None and key is not None and key[0] == checkpoint.path else None
 
     def loaded_preset(self, checkpoint: Checkpoint) -> str | None:
         """The preset ``checkpoint`` names when it is the model loaded now (without LoRAs); None when it names
@@ -74,9 +80,10 @@ class ModelHost:
 class Runner:
     """`run(job)`, the worker's job function."""
 
-    def __init__(self, host: ModelHost, images_dir: Path) -> None:
+    def __init__(self, host: ModelHost, images_dir: Path, limits: Limits | None = None) -> None:
         self.host = host
         self.images_dir = images_dir
+        self.limits = limits            # checked again once the model's default size is known
         images_dir.mkdir(parents=True, exist_ok=True)
 
     def warm(self) -> None:
@@ -108,6 +115,11 @@ class Runner:
             raise RequestError(f"{what} cannot be loaded: {reason}") from None
         previewer = self.host.previewer
         _take_model_defaults(job, pipe.bundle)
+        if self.limits is not None:     # a size left unset: known only now when the model was not loaded at submit
+            try:
+                check_request(job.spec.request, self.limits, default_size=pipe.bundle.default_size)
+            except BadRequest as err:
+                raise RequestError(str(err)) from None
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
 
         def progress(info: StepInfo) -> None:
