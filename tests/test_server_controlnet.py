@@ -86,7 +86,8 @@ def test_controlnet_units_equal_the_cli(setup, tmp_path):
             "guidance_start": 0.0, "guidance_end": 0.7, "module": "none", "pixel_perfect": False}
     off = {**unit, "enabled": False, "model": "not there"}
     response = httpx.post(url + "/sdapi/v1/txt2img", timeout=300, json={
-        **GEN, "sampler_name": "Euler", "alwayson_scripts": {"controlnet": {"args": [unit, off]}}})
+        **GEN, "sampler_name": "Euler", "scheduler": "sgm_uniform",     # the CLI's default here (A1111's: uniform)
+        "alwayson_scripts": {"controlnet": {"args": [unit, off]}}})
     assert response.status_code == 200, response.text
     served = _picture(base64.b64decode(response.json()["images"][0]))
     _same(served, cli)

@@ -44,6 +44,8 @@ import re
 from dataclasses import dataclass
 from typing import Union
 
+from sdlab.pipeline.prompt_syntax import MAX_BRACKET_DEPTH
+
 __all__ = ["PromptSchedule", "prompt_schedule"]
 
 PromptSchedule = list[tuple[int, str]]
@@ -75,6 +77,7 @@ class _Unparsable(Exception):
 class _Parser:
     def __init__(self, text: str):
         self.text = text
+        self._prompts: dict[int, tuple[list[_Item], int]] = {}    # `prompt(i)` depends on i only: parsed once
 
     def top(self) -> list[_Item]:
         items: list[_Item] = []
@@ -91,6 +94,11 @@ class _Parser:
 
     def prompt(self, i: int) -> tuple[list[_Item], int]:
         """The longest prompt from ``i``: (its items, where it stops)."""
+        if i not in self._prompts:
+            self._prompts[i] = self._prompt(i)
+        return self._prompts[i]
+
+    def _prompt(self, i: int) -> tuple[list[_Item], int]:
         text, items = self.text, []
         while i < len(text):
             c = text[i]
@@ -162,6 +170,23 @@ class _Parser:
         return None
 
 
+def _bracket_depth(text: str) -> int:
+    """The most brackets open at once (escaped ones not counted)."""
+    depth = deepest = 0
+    escaped = False
+    for c in text:
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c in "([":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in ")]":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
 def _walk(items: list[_Item]):
     for item in items:
         if isinstance(item, _Scheduled):
@@ -183,6 +208,8 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
     >>> prompt_schedule("a [b:c:0.5] d", 10)
     [(5, 'a b d'), (10, 'a c d')]
     """
+    if _bracket_depth(prompt) > MAX_BRACKET_DEPTH:    # the emphasis parser refuses it (PromptError)
+        return [(hires_steps or steps, prompt)]
     try:
         items = _Parser(prompt).top()
     except _Unparsable:
