@@ -85,8 +85,10 @@ def test_half_file_loads_without_a_float32_copy(half_files, name, dtype):
     assert bundle.dtype == dtype
     assert created.elements[torch.float32] == 0, created.largest    # not one fp32 weight, not even briefly
     # what was made: each weight read once in the file's dtype and converted once (the U-Net's convolution
-    # weights once more, to channels-last), nothing in any other floating dtype
+    # weights once more, to channels-last), nothing in any other floating dtype but the schedule's float64
     weights = weight_elements(bundle)
+    schedule = created.elements.pop(torch.float64, 0)        # a folder's own noise schedule (1000 levels) only
+    assert schedule <= 10 * 1000, schedule
     assert set(created.elements) <= {torch.float16, dtype}, created.elements
     assert created.elements[dtype] <= 1.5 * weights, (created.elements, weights)
     assert created.elements[torch.float16] <= (2.5 if dtype == torch.float16 else 1.05) * weights, created.elements
