@@ -49,6 +49,22 @@ def test_txt2img_writes_png_with_parameters_and_regenerates_from_it(model, tmp_p
     assert np.array_equal(pixels(out), pixels(again))
 
 
+def test_from_png_warns_about_embeddings_and_controlnets_it_does_not_have(model, tmp_path, capsys) -> None:
+    from PIL import PngImagePlugin
+
+    text = ('a mystyle cat\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 32x32, '
+            'ControlNet 0: "Module: none, Model: canny [12345678], Weight: 1", TI hashes: "mystyle: 0123456789ab", '
+            'Version: sdlab 0.1.0')
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    recorded = tmp_path / "recorded.png"
+    Image.new("RGB", (32, 32)).save(recorded, pnginfo=info)
+    code, _, err = run(["txt2img", "--from-png", str(recorded), "--model", str(model),
+                        "--out", str(tmp_path / "again.png"), "--no-progress"], capsys)
+    assert code == 0
+    assert "embeddings mystyle, which are not loaded" in err and "drawn with ControlNet 0" in err, err
+
+
 def test_batch_writes_one_file_per_seed_into_a_folder(model, tmp_path, capsys) -> None:
     code, stdout, _ = run(["txt2img", "two cats", "--model", str(model), "--seed", "3", "--batch", "2",
                            "--out", str(tmp_path / "dir"), *FAST], capsys)

@@ -56,7 +56,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
                        "(default: the model's, sgm_uniform for sdlab-tiny, karras for SD)")
         p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 14 for sdlab-tiny, 20 for SD)")
-        p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
+        p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg", help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
         p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
         p.add_argument("--subseed", type=int, metavar="SEED",
                        help="variation seed (A1111): with --subseed-strength, image i's noise moves toward the noise "
@@ -115,7 +115,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         if mode == "txt2img":
             _add_hires_flags(p)
         if mode != "txt2img":
-            p.add_argument("--init", help="init image (required unless --from-png names one)")
+            p.add_argument("--init", help="init image (required, also with --from-png)")
             p.add_argument("--strength", type=float, help="how much to change the image, in (0, 1]")
         if mode == "inpaint":
             p.add_argument("--mask", help="mask image, white = repaint, same size as --init")
@@ -568,6 +568,24 @@ def _check_model(recorded: dict[str, Any], name: str, hash_: str | None) -> None
                        name, f" (hash {hash_})" if hash_ else "")
 
 
+def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, pipe, request) -> None:
+    """Warn about what the --from-png picture was drawn with that this run does not have: its refiner, its
+    textual-inversion embeddings (not found in --embeddings-dir), its ControlNets (not given with --control)."""
+    from sdlab.pipeline.infotext import parse_lora_hashes
+
+    if recorded.get("Refiner") and refiner is None:
+        logger.warning("the picture was finished by the refiner %r (switch at %s); pass --refiner FILE "
+                       "--refiner-switch to redraw it", recorded["Refiner"], recorded.get("Refiner switch at", "?"))
+    loaded = {embedding.name for embedding in pipe.embeddings}
+    missing = sorted(set(parse_lora_hashes(recorded.get("TI hashes"))) - loaded)
+    if missing:
+        logger.warning("the picture used the embeddings %s, which are not loaded; pass --embeddings-dir with "
+                       "them to redraw it", ", ".join(missing))
+    controls = sorted(key for key in recorded if key.startswith("ControlNet "))
+    if controls and not request.controls:
+        logger.warning("the picture was drawn with %s; pass --control to redraw it", ", ".join(controls))
+
+
 def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.images import pad_for_outpaint
@@ -622,9 +640,7 @@ def run_generate(args: argparse.Namespace) -> int:
     refiner = None if args.refiner is None else (*_identify_model(args.refiner), args.refiner_switch)
     if recorded:
         _check_model(recorded, name, hash_)
-        if recorded.get("Refiner") and refiner is None:
-            logger.warning("the picture was finished by the refiner %r (switch at %s); pass --refiner FILE "
-                           "--refiner-switch to redraw it", recorded["Refiner"], recorded.get("Refiner switch at", "?"))
+        _warn_what_is_not_given(recorded, refiner, pipe, request)
     try:
         plan = pipe.resolve(request)                          # resolved once: the run and the infotext use it
         plans = [plan] + [pipe.resolve(_next_batch(plan.request, k)) for k in range(1, args.batch_count)]

@@ -41,8 +41,9 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type")
     p.add_argument("--sampler", help="sampler of every cell unless an axis sets it")
     p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, ...")
-    p.add_argument("--steps", type=int, help="sampling steps (default 20)")
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, as sdlab txt2img)")
+    p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg",
+                   help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, help="seed of every cell unless an axis sets it (default: one random seed)")
     p.add_argument("--width", type=int, help="width in pixels (default: the family's)")
     p.add_argument("--height", type=int, help="height in pixels (default: the family's)")
