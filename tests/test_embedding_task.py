@@ -32,20 +32,22 @@ def test_embedding_training_moves_only_the_vectors(tmp_path, data, family, keys)
     out = tmp_path / "run"
     run_in_process(out, model, data, "--task", "embedding", "--embedding-word", "zqstyle", "--embedding-vectors", "2",
                    "--embedding-init", "red", "--max-steps", "3", "--learning-rate", "0.05", "--batch-size", "2")
-    delivered = load_file(str(out / "final.safetensors"))
+    assert not (out / "final.safetensors").exists()                 # named by its word: "zqstyle" in prompts
+    delivered = load_file(str(out / "zqstyle.safetensors"))
     assert sorted(delivered) == keys
     assert all(v.shape[0] == 2 for v in delivered.values())
 
     bundle = load_bundle(model)
     red_rows = [te.model.embeddings.token_embedding.weight[te.tokenizer.encode("red")[0]] for te in bundle.text_encoders]
-    learned = load_embedding(out / "final.safetensors")
+    learned = load_embedding(out / "zqstyle.safetensors")
+    assert learned.name == "zqstyle"
     for start, vectors in zip(red_rows, sorted(learned.vectors, key=lambda v: v.shape[1])):
         assert (vectors - start).abs().max() > 1e-3                               # the vectors trained
 
     embedded = install_embeddings(bundle, [learned])
     size = {"width": 16, "height": 16} if family == "sdxl" else {}
-    with_word, _ = make_cond(embedded.text_encoders, embedded.family, "a final zqstyle picture", "", **size)
-    without, _ = make_cond(embedded.text_encoders, embedded.family, "a final picture", "", **size)
+    with_word, _ = make_cond(embedded.text_encoders, embedded.family, "a zqstyle picture", "", **size)
+    without, _ = make_cond(embedded.text_encoders, embedded.family, "a picture", "", **size)
     assert not torch.allclose(with_word["context"], without["context"])
 
 
@@ -140,7 +142,7 @@ def test_diffusers_placeholder_word_trains(tmp_path, data):
     code = main(cli_args(out, model, data, "--task", "embedding", "--embedding-word", "<cat-toy>", "--max-steps", "2",
                          "--learning-rate", "0.05")[2:])
     assert code == 0
-    learned = load_embedding(out / "final.safetensors")
+    learned = load_embedding(out / "<cat-toy>.safetensors")
     start = load_bundle(model).text_encoders[0]
     star = start.model.embeddings.token_embedding.weight[start.tokenizer.encode("*")[0]]
     assert (learned.vectors[0] - star).abs().max() > 1e-3

@@ -447,6 +447,7 @@ examples:
 
 A run writes <output-dir>/checkpoints/step-N.pt every --checkpoint-every steps, log.csv, loss.png,
 summary.json and, at the end, final.safetensors (final-ema.safetensors with --ema-decay): a model file
---model reads (a LoRA file --lora reads with --lora-rank). SIGINT / SIGTERM stop it after the current step
+--model reads (a LoRA file --lora reads with --lora-rank; an embedding as <word>.safetensors, the name
+--embeddings-dir gives it in prompts). SIGINT / SIGTERM stop it after the current step
 with a checkpoint and interrupted.safetensors.
 """

@@ -19,9 +19,9 @@ over the n vectors, ``vector[i] = token[i * m // n]`` of the init text's m token
 vectors stretch ("red apple" over 4 vectors: red, red, apple, apple) and more are sampled evenly. A CLIP-L
 tower first truncates the text to n tokens (A1111 reads it with the Hugging Face tokenizer and
 ``max_length=n``), an OpenCLIP tower (SD2's, SDXL's bigG) keeps them all (A1111's `open_clip` tokenizer has
-no length argument). Deliverable: `final.safetensors` holding `emb_params` (n, d) for one text encoder, or `clip_l` and
-`clip_g` for SDXL's two, the shapes A1111, ComfyUI and diffusers read. Rename it to the word (its name in
-prompts is the file's stem).
+no length argument). Deliverable: `<word>.safetensors` (an embedding's name in prompts is its file's stem;
+`final.safetensors` when the word cannot be a file name) holding `emb_params` (n, d) for one text encoder, or
+`clip_l` and `clip_g` for SDXL's two, the shapes A1111, ComfyUI and diffusers read.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ from sdlab.train.errors import TrainError
 from sdlab.train.task import Batch
 from sdlab.train.unet_task import UNetTask, UNetTaskOptions
 from sdlab.utils.dtypes import dtype_from_name
+
+_FILE_STEM = re.compile(r"[\w<>+-][\w.<>+-]*")     # a word that is a plain file name
 
 
 def occurrence_pattern(word: str) -> re.Pattern[str]:
@@ -133,6 +135,13 @@ class EmbeddingTask(UNetTask):
         # a batch whose every caption was dropped (caption_dropout) never reads the vectors: zero gradient
         loss = loss + 0.0 * sum(v.sum() for v in self.embedding.vectors)
         return loss, metrics
+
+    def deliverable_stem(self, name: str) -> str:
+        """The final file is ``<word>.safetensors``: an embedding's file name is its word in a prompt (A1111,
+        `--embeddings-dir`); ``final`` when the word cannot be a file name, other names as they are."""
+        if name == "final" and _FILE_STEM.fullmatch(self.word):
+            return self.word
+        return name
 
     def save_weights(self, path: Path, ema: bool) -> None:
         dtype = dtype_from_name(self.options.save_dtype)

@@ -355,7 +355,9 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
 
 
 def _deliver(task: TrainTask, ema: EMA | None, out_dir: Path, name: str) -> tuple[Path, Path | None]:
-    """The task's weights as ``<name>.safetensors`` (and ``<name>-ema.safetensors`` with EMA)."""
+    """The task's weights as ``<name>.safetensors`` (and ``<name>-ema.safetensors`` with EMA); a task with a
+    ``deliverable_stem(name)`` names its files itself (an embedding: its word, the prompt's name for it)."""
+    name = task.deliverable_stem(name) if hasattr(task, "deliverable_stem") else name
     weights = out_dir / f"{name}.safetensors"
     with disk_full_as_error(out_dir, f"the weights {weights}"):
         task.save_weights(weights, ema=False)
