@@ -65,6 +65,24 @@ def test_from_png_warns_about_embeddings_and_controlnets_it_does_not_have(model,
     assert "embeddings mystyle, which are not loaded" in err and "drawn with ControlNet 0" in err, err
 
 
+def test_a_standalone_vae_is_recorded_as_a1111_records_it(model, tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    from sdlab.pipeline.png_info import model_hash
+
+    vae = tmp_path / "my-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_bundle("sd1", seed=3).vae.state_dict().items()}, str(vae))
+    out = tmp_path / "v.png"
+    code, _, _ = run(["txt2img", "a pear", "--model", str(model), "--vae", str(vae), "--seed", "1", "--out", str(out),
+                      *FAST], capsys)
+    assert code == 0
+    params = parse_parameters(read_parameters(out))
+    assert (params["VAE hash"], params["VAE"]) == (model_hash(vae), "my-vae.safetensors")   # sd_vae.get_loaded_*
+    code, _, err = run(["txt2img", "--from-png", str(out), "--model", str(model), "--out", str(tmp_path / "w.png"),
+                        "--no-progress"], capsys)
+    assert code == 0 and "decoded with the VAE 'my-vae.safetensors'" in err
+
+
 def test_batch_writes_one_file_per_seed_into_a_folder(model, tmp_path, capsys) -> None:
     code, stdout, _ = run(["txt2img", "two cats", "--model", str(model), "--seed", "3", "--batch", "2",
                            "--out", str(tmp_path / "dir"), *FAST], capsys)

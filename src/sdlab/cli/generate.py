@@ -568,11 +568,14 @@ def _check_model(recorded: dict[str, Any], name: str, hash_: str | None) -> None
                        name, f" (hash {hash_})" if hash_ else "")
 
 
-def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, pipe, request) -> None:
+def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, vae: tuple | None, pipe, request) -> None:
     """Warn about what the --from-png picture was drawn with that this run does not have: its refiner, its
-    textual-inversion embeddings (not found in --embeddings-dir), its ControlNets (not given with --control)."""
+    standalone VAE, its textual-inversion embeddings (not found in --embeddings-dir), its ControlNets (not
+    given with --control)."""
     from sdlab.pipeline.infotext import parse_lora_hashes
 
+    if recorded.get("VAE") and vae is None:
+        logger.warning("the picture was decoded with the VAE %r; pass --vae FILE to redraw it", recorded["VAE"])
     if recorded.get("Refiner") and refiner is None:
         logger.warning("the picture was finished by the refiner %r (switch at %s); pass --refiner FILE "
                        "--refiner-switch to redraw it", recorded["Refiner"], recorded.get("Refiner switch at", "?"))
@@ -638,9 +641,10 @@ def run_generate(args: argparse.Namespace) -> int:
         request = GenerationRequest(**_with_model_preset(options, pipe.bundle.preset, args.mode))
     name, hash_ = _identify_model(model)
     refiner = None if args.refiner is None else (*_identify_model(args.refiner), args.refiner_switch)
+    vae = None if args.vae is None else (Path(args.vae).name, _identify_model(args.vae)[1])
     if recorded:
         _check_model(recorded, name, hash_)
-        _warn_what_is_not_given(recorded, refiner, pipe, request)
+        _warn_what_is_not_given(recorded, refiner, vae, pipe, request)
     try:
         plan = pipe.resolve(request)                          # resolved once: the run and the infotext use it
         plans = [plan] + [pipe.resolve(_next_batch(plan.request, k)) for k in range(1, args.batch_count)]
@@ -671,7 +675,7 @@ def run_generate(args: argparse.Namespace) -> int:
         images += result.images
         texts += [format_parameters(to_parameters(result.request, index=i, model_name=name, model_hash=hash_,
                                                   loras=lora_refs, prompt=prompt_to_record, embeddings=used,
-                                                  refiner=refiner))
+                                                  refiner=refiner, vae=vae))
                   for i in range(len(result.images))]
     in_folder = target[1] is None
     for path in _save_images(in_folder, paths, images, texts, plan.request.prompt, seeds):

@@ -96,14 +96,16 @@ def parse_lora_hashes(value: Any) -> dict[str, str]:
 def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | None = None,
                   model_hash: str | None = None, loras: Sequence[LoraRef] = (),
                   prompt: str | None = None, embeddings: Sequence[tuple[str, str]] = (),
-                  refiner: tuple[str, str | None, float] | None = None) -> dict[str, Any]:
+                  refiner: tuple[str, str | None, float] | None = None,
+                  vae: tuple[str, str | None] | None = None) -> dict[str, Any]:
     """The labelled parameters of image `index` of a resolved request (its seed is seed + index).
 
     `loras` are the LoRAs merged into the model: each gets a `<lora:NAME:WEIGHT>` tag in the prompt
     (unless `prompt`, the text as the user wrote it, already has one) and its hash in `Lora hashes`.
     `embeddings` are the (name, hash) of the textual-inversion embeddings the prompts use (`TI hashes`).
     `refiner` is the SDXL refiner that finished the schedule: (name, short hash, switch fraction), written as
-    A1111 writes it (`Refiner: name [hash]`, `Refiner switch at`).
+    A1111 writes it (`Refiner: name [hash]`, `Refiner switch at`). `vae` is a standalone VAE that replaced the
+    model's: (file name, short hash), A1111's `VAE hash` and `VAE`.
     """
     p: dict[str, Any] = {
         PROMPT: with_lora_tags(req.prompt if prompt is None else prompt, loras),
@@ -118,6 +120,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Variation seed strength": req.subseed_strength or None,
         "Model hash": model_hash,
         "Model": model_name,
+        "VAE hash": None if vae is None else vae[1],
+        "VAE": None if vae is None else vae[0],
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
         "Denoising strength": req.hr_denoise if req.hires else req.strength if req.init_image is not None else None,
         **_hires_parameters(req),
