@@ -59,6 +59,14 @@ def test_restart_keeps_history_and_marks_cut_off_jobs_interrupted(tmp_path):
         second.stop()
 
 
+def test_sigterm_stops_the_server_without_an_error_line(tmp_path):
+    """systemd / docker stop a server with SIGTERM: uvicorn shuts down, then sdlab exits 143 saying it stopped."""
+    server = start_server(tmp_path / "outputs")
+    server.stop()
+    assert server.process.returncode == 143
+    assert "sdlab serve: stopped" in server.output() and "error" not in server.output()
+
+
 def test_binding_beyond_loopback_without_auth_is_refused():
     result = subprocess.run([sys.executable, "-m", "sdlab", "serve", "--host", "0.0.0.0", "--port", str(free_port())],
                             capture_output=True, text=True, env=server_env(), timeout=120)

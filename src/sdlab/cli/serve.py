@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
 
-from sdlab.cli.errors import UserError
+from sdlab.cli.errors import Terminated, UserError
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -157,5 +158,9 @@ def run_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                                            timeout_graceful_shutdown=5))
     logging.getLogger("sdlab.server").setLevel(logging.INFO)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except (KeyboardInterrupt, Terminated) as stop:   # uvicorn shut down gracefully, then passed the signal on
+        print("sdlab serve: stopped", file=sys.stderr)
+        return 128 + (signal.SIGINT if isinstance(stop, KeyboardInterrupt) else signal.SIGTERM)
     return 0
