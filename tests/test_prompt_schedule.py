@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 
+import numpy as np
 import pytest
 import torch
 from bundle_fixtures import tiny_bundle
@@ -18,7 +19,7 @@ from bundle_fixtures import tiny_bundle
 from sdlab.diffusion.guidance import cfg, switch_at_calls
 from sdlab.pipeline.conditioning import encode_prompt, make_cond_schedule
 from sdlab.pipeline.generate import generate
-from sdlab.pipeline.prompt_schedule import prompt_schedule
+from sdlab.pipeline.prompt_schedule import composable_parts, prompt_schedule
 from sdlab.pipeline.request import GenerationRequest
 
 # A1111's doctests (get_learned_conditioning_prompt_schedules([p], 10)[0]), as (end_at_step, text) pairs
@@ -221,12 +222,55 @@ def test_memo_keeps_a_few_sources_per_shape():
     assert len(made) == 2
 
 
-def test_composable_and_warns_once(sd1, caplog):
-    from sdlab.pipeline import conditioning
+def test_composable_parts_follow_a1111s_split_and_weights():
+    """A1111 `get_multicond_prompt_list`: `re_AND` splits, `re_weight` reads a trailing `:WEIGHT` off each part
+    (also with no AND at all); an emphasis's weight inside brackets is not a part weight."""
+    assert composable_parts("a cat AND a dog :0.5") == [("a cat ", 1.0), (" a dog", 0.5)]
+    assert composable_parts("a cat:1.5") == [("a cat", 1.5)]
+    assert composable_parts("(cat:1.5)") == [("(cat:1.5)", 1.0)]
+    assert composable_parts("x AND y AND z: -2") == [("x ", 1.0), (" y ", 1.0), (" z", -2.0)]
+    assert composable_parts("ANDROID and candy") == [("ANDROID and candy", 1.0)]
 
-    conditioning._warn_composable_and.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="sdlab.pipeline.conditioning"):
-        make_cond_schedule(sd1.text_encoders, sd1.family, "a cat AND a dog", "", steps=4)
-        make_cond_schedule(sd1.text_encoders, sd1.family, "a cat AND a dog", "", steps=4)
-        make_cond_schedule(sd1.text_encoders, sd1.family, "a cat and a dog, ANDROID", "", steps=4)
-    assert sum("AND" in r.message for r in caplog.records) == 1
+
+def _pixels(bundle, prompt: str, cfg_scale: float, **options) -> torch.Tensor:
+    request = GenerationRequest(prompt, negative_prompt="ugly", steps=3, seed=1, width=64, height=64,
+                                sampler="Euler", schedule="karras", cfg_scale=cfg_scale, **options)
+    return torch.tensor(np.asarray(generate(bundle, request).images[0]), dtype=torch.int16)
+
+
+@torch.no_grad()
+def test_a_part_weight_scales_its_guidance(sd1):
+    """One part at weight w and CFG s is x0_u + s w (x0_c - x0_u): CFG s w on the part's text."""
+    assert (_pixels(sd1, "a red cat :2", 3.0) - _pixels(sd1, "a red cat", 6.0)).abs().max() <= 1
+
+
+@torch.no_grad()
+def test_and_guides_toward_each_part(sd1):
+    """`a red cat AND a blue dog :0.5`: the U-Net runs on the negative and on each part (their own passes), and
+    the step's x0 is x0_u + s (1 (x0_cat - x0_u) + 0.5 (x0_dog - x0_u)) (A1111 `combine_denoised`)."""
+    contexts, outputs = [], []
+
+    def record(module, args, kwargs, out):
+        contexts.append(kwargs.get("context", args[2] if len(args) > 2 else None))
+        outputs.append(out)
+
+    hook = sd1.unet.register_forward_hook(record, with_kwargs=True)
+    try:
+        _pixels(sd1, "a red cat AND a blue dog :0.5", 5.0)
+    finally:
+        hook.remove()
+    cat = encode_prompt(sd1.text_encoders, "a red cat ").context
+    dog = encode_prompt(sd1.text_encoders, " a blue dog").context
+    ugly = encode_prompt(sd1.text_encoders, "ugly").context
+    names = ["cat" if torch.allclose(c, cat, atol=1e-6) else "dog" if torch.allclose(c, dog, atol=1e-6)
+             else "ugly" if torch.allclose(c, ugly, atol=1e-6) else "?" for c in contexts]
+    assert names == ["ugly", "cat", "dog"] * 3
+
+
+def test_composable_cfg_sums_the_parts_guidance_in_order():
+    from sdlab.diffusion.guidance import composable_cfg
+
+    x, sigma = torch.ones(1, 1, 2, 2), torch.ones(1)
+    const = lambda value: (lambda x, sigma, **_: torch.full_like(x, value))            # noqa: E731
+    model = composable_cfg([(const(3.0), 1.0), (const(-1.0), 0.5)], const(1.0), 7.0)
+    assert torch.equal(model(x, sigma), torch.full_like(x, 1.0 + 7.0 * (1.0 * 2.0 + 0.5 * -2.0)))

@@ -2,8 +2,8 @@
 
 ``cfg`` is classifier-free guidance (Ho & Salimans 2022) with optional guidance rescale (Lin et al.
 2023, sec. 3.4); ``masked`` keeps the known region of an image while a 4-channel model inpaints the rest;
-``switch_at_calls`` changes the conditioning during sampling (A1111's prompt editing). All only see
-``denoise(x, sigma, **cond) -> x0``.
+``switch_at_calls`` changes the conditioning during sampling (A1111's prompt editing); ``composable_cfg``
+guides toward several prompts at once (A1111's ``AND``). All only see ``denoise(x, sigma, **cond) -> x0``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
-__all__ = ["blend_known", "cfg", "masked", "needs_uncond", "rescale_guidance", "switch_at_calls"]
+__all__ = ["bind", "blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "rescale_guidance",
+           "switch_at_calls"]
 
 NoiseScaling = Callable[..., Tensor]
 """``(sigma, noise, latent) -> latent noised to sigma``: the model's forward process (``ModelSampling.noise_scaling``)."""
@@ -201,3 +202,32 @@ def switch_at_calls(models: Sequence[tuple[int, DenoiseFn]]) -> DenoiseFn:
         return models[index][1](x, sigma, **extra)
 
     return scheduled
+
+
+def bind(denoiser: DenoiseFn, cond: Mapping[str, Any]) -> DenoiseFn:
+    """``denoiser`` given ``cond`` at every call."""
+    cond = dict(cond)
+
+    def bound(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        return denoiser(x, sigma, **cond, **extra)
+
+    return bound
+
+
+def composable_cfg(parts: Sequence[tuple[DenoiseFn, float]], uncond: DenoiseFn, scale: float) -> DenoiseFn:
+    """Composable diffusion (Liu et al. 2022; A1111's ``prompt AND prompt :w``): with ``x0_i`` the prediction
+    of part i (its conditional denoiser) and ``x0_u`` the unconditional one,
+    ``x0 = x0_u + scale * sum_i w_i (x0_i - x0_u)``, summed in the parts' order (A1111
+    ``CFGDenoiser.combine_denoised``). One part at weight 1 is plain classifier-free guidance."""
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance scale must be finite, got {scale}")
+
+    def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        x0_u = uncond(x, sigma, **extra)                                          # (B, C, h, w)
+        x0 = x0_u
+        for part, weight in parts:
+            x0 = x0 + (part(x, sigma, **extra) - x0_u) * (weight * scale)
+        return x0
+
+    return guided

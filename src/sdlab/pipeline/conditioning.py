@@ -36,10 +36,8 @@ a family: what differs is in ``FamilySpec.conditioner`` and each ``TextEncoderSp
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -82,7 +80,6 @@ MAX_REPEAT_FACTOR = 4                         # make_cond repeats a context to a
 
 Conditioning = dict[str, Tensor]             # U-Net keyword arguments: "context" (B, T, D), SDXL "y" (B, adm)
 CondSchedule = list[tuple[int, Conditioning, "Conditioning | None"]]   # (end_at_step, cond, uncond), by step
-_COMPOSABLE_AND = re.compile(r"\bAND\b")
 
 
 @dataclass(frozen=True)
@@ -435,12 +432,8 @@ def make_cond_schedule(
     same, the last ending at the schedule's length. The guided denoiser uses an entry up to and including
     model call ``end_at_step`` (counted from 0; ``guidance.switch_at_calls``). A prompt without that syntax
     gives one entry, the conditioning of ``make_cond``. Each distinct pair of texts is encoded once, and the
-    entries of a text share its tensors (the generation memo keeps their keys and values).
-
-    A whole-word ``AND`` in the prompt (A1111's composable diffusion) is not implemented: it is encoded as
-    the word "and", with a warning (once per process)."""
-    if _COMPOSABLE_AND.search(prompt):
-        _warn_composable_and()
+    entries of a text share its tensors (the generation memo keeps their keys and values). A1111's ``AND``
+    is split off before (``prompt_schedule.composable_parts``, one schedule a part)."""
     positive = prompt_schedule(prompt, steps, hires_steps)
     negative = prompt_schedule(negative_prompt, steps, hires_steps)
     made: dict[tuple[str, str], tuple[Conditioning, Conditioning | None]] = {}
@@ -466,11 +459,3 @@ def make_cond_schedule(
 def _text_at(schedule: PromptSchedule, step: int) -> str:
     """The text of the first entry that lasts to ``step`` (A1111 ``reconstruct_cond_batch``)."""
     return next((text for end, text in schedule if step <= end), schedule[0][1])
-
-
-@functools.lru_cache(maxsize=1)
-def _warn_composable_and() -> None:
-    logger.warning(
-        "the prompt holds a whole-word AND: A1111's composable diffusion is not implemented in sdlab; "
-        "the AND and the parts around it are drawn as one prompt"
-    )

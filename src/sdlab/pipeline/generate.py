@@ -55,7 +55,7 @@ from torch import Tensor
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
-from sdlab.diffusion.guidance import cfg, masked, needs_uncond, switch_at_calls
+from sdlab.diffusion.guidance import bind, cfg, composable_cfg, masked, needs_uncond, switch_at_calls
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.samplers import get_sampler
@@ -64,6 +64,7 @@ from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.pipeline.control import controlled_unet, prepare_controls, spans_part, tag_steps
 from sdlab.pipeline.conditioning import make_cond_schedule
+from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
     latent_mask,
@@ -300,16 +301,18 @@ def _guided_model(
     LatentConsistencyModelPipeline: guidance_scale 8.5 embeds w = 7.5, no unconditional pass)."""
     device = bundle.device
     embedded = bundle.unet_config.time_cond_proj_dim
-    schedule = make_cond_schedule(   # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
+    parts = composable_parts(req.prompt) if embedded is None else [(req.prompt, 1.0)]   # A1111's AND, :WEIGHT
+    composed = len(parts) > 1 or parts[0][1] != 1.0
+    schedules = [make_cond_schedule(     # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
         bundle.text_encoders,
         bundle.family,
-        req.prompt,
+        text,
         req.negative_prompt,
         steps=req.steps * get_sampler(req.sampler).calls_per_step,      # A1111 counts every model call
         adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,
-        guidance=needs_uncond(req.cfg_scale) and embedded is None,
+        guidance=(composed or needs_uncond(req.cfg_scale)) and embedded is None,
         width=req.width,
         height=req.height,
         original_size=req.original_size,
@@ -317,7 +320,7 @@ def _guided_model(
         target_size=req.target_size,
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
-    )
+    ) for text, _ in (parts if composed else [(req.prompt, 1.0)])]
     extra_cond: dict[str, Tensor] = {}
     if embedded is not None:
         w = torch.full((req.batch_size,), req.cfg_scale - 1.0, device=device)                   # (B,)
@@ -334,11 +337,21 @@ def _guided_model(
             pixels = torch.zeros((1, 3, req.height, req.width), device=device)
         extra = inpaint_channels(bundle, pixels, mask, generators, tiled=req.tiled_vae)      # (B, 5, h, w)
         extra_cond["concat"] = extra_uncond["concat"] = extra
-    model = switch_at_calls([
-        (end, cfg(denoiser, {**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond},
-                  req.cfg_scale, req.guidance_rescale))
-        for end, cond, uncond in schedule
-    ])
+    if not composed:
+        model = switch_at_calls([
+            (end, cfg(denoiser, {**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond},
+                      req.cfg_scale, req.guidance_rescale))
+            for end, cond, uncond in schedules[0]
+        ])
+    else:                                               # each part and the negative: its own pass
+        if req.guidance_rescale:
+            logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
+        uncond_model = switch_at_calls([(end, bind(denoiser, {**uncond, **extra_uncond}))
+                                        for end, _, uncond in schedules[0]])
+        model = composable_cfg([
+            (switch_at_calls([(end, bind(denoiser, {**cond, **extra_cond})) for end, cond, _ in schedule]), weight)
+            for schedule, (_, weight) in zip(schedules, parts)
+        ], uncond_model, req.cfg_scale)
     if start.mask is not None and not bundle.family.is_inpaint:
         small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(device)  # (1, 1, h, w)
         model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling)

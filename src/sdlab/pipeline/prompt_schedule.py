@@ -17,7 +17,8 @@ chunks). The sampler's guided denoiser counts its calls from 0 and uses the firs
 ``end_at_step`` is at least the count (A1111 ``CFGDenoiser.step`` with ``reconstruct_cond_batch``; past the
 last entry it falls back to the first, as A1111 does). A1111 schedules second-order samplers (Heun, DPM2,
 DPM2 a, DPM++ 2S a, DPM++ SDE) over twice the steps, since they call the model about twice a step
-(``SamplerData.total_steps``); ``schedule_steps`` does the same.
+(``SamplerData.total_steps``); sdlab's sampler table says how many calls each step makes
+(``SamplerSpec.calls_per_step``).
 
 A hires pass (``hires_steps``) counts on from the first pass: a step number ``when`` means step
 ``when - steps`` of the second pass, a fraction means ``(when - 1) * hires_steps`` (so ``1.5`` is its
@@ -35,6 +36,10 @@ The grammar is A1111's (a lark grammar), parsed here by hand with the same resul
 A bracket that opens no complete element is text at the top level (``a [unbalanced``); inside an element
 it ends the element's parse. A prompt that does not parse at all (a ``|`` outside brackets, a ``\\`` at the
 end) has no schedule: it is used as written, as in A1111.
+
+Before any of this A1111 splits the prompt for composable diffusion (``get_multicond_prompt_list``):
+``composable_parts`` cuts it at every whole-word ``AND`` and reads a trailing ``:WEIGHT`` off each part
+(1 when there is none, also without any ``AND``: ``a cat :1.5`` is the part ``a cat`` at weight 1.5).
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ from typing import Union
 
 from sdlab.pipeline.prompt_syntax import MAX_BRACKET_DEPTH
 
-__all__ = ["PromptSchedule", "prompt_schedule"]
+__all__ = ["PromptSchedule", "composable_parts", "prompt_schedule"]
 
 PromptSchedule = list[tuple[int, str]]
 
@@ -242,3 +247,24 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
 
     return [(end, text_at(items, end)) for end in sorted(ends)]
 
+
+
+_AND = re.compile(r"\bAND\b")
+_PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def composable_parts(prompt: str) -> list[tuple[str, float]]:
+    """A1111's composable-diffusion parts of ``prompt``: ``[(text, weight), ...]`` (module docstring;
+    ``prompt_parser.re_AND`` and ``re_weight``). A part without a weight is returned as written.
+
+    >>> composable_parts("a cat AND a dog :0.5")
+    [('a cat ', 1.0), (' a dog', 0.5)]
+    """
+    parts = []
+    for part in _AND.split(prompt):
+        match = _PART_WEIGHT.search(part)
+        if match is None or match.group(2) is None:
+            parts.append((part, 1.0))
+        else:
+            parts.append((match.group(1), float(match.group(2))))
+    return parts
