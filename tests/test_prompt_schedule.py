@@ -19,6 +19,8 @@ from bundle_fixtures import tiny_bundle
 from sdlab.diffusion.guidance import cfg, switch_at_calls
 from sdlab.pipeline.conditioning import encode_prompt, make_cond_schedule
 from sdlab.pipeline.generate import generate
+from sdlab.pipeline.hires import generate_hires
+from sdlab.pipeline.plan import make_plan
 from sdlab.pipeline.prompt_schedule import composable_parts, prompt_schedule
 from sdlab.pipeline.request import GenerationRequest
 
@@ -274,3 +276,22 @@ def test_composable_cfg_sums_the_parts_guidance_in_order():
     const = lambda value: (lambda x, sigma, **_: torch.full_like(x, value))            # noqa: E731
     model = composable_cfg([(const(3.0), 1.0), (const(-1.0), 0.5)], const(1.0), 7.0)
     assert torch.equal(model(x, sigma), torch.full_like(x, 1.0 + 7.0 * (1.0 * 2.0 + 0.5 * -2.0)))
+
+
+@torch.no_grad()
+def test_a_hires_pass_counts_prompt_edits_on_from_the_first_pass(sd1):
+    """A1111: a hires second pass is scheduled as steps after the first pass's; `[red cat:blue dog:0.5]` has
+    switched by then, so the second pass draws "blue dog" throughout (not from its own half-way point)."""
+    contexts = []
+    hook = sd1.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: contexts.append(kwargs.get("context", args[2] if len(args) > 2 else None)),
+        with_kwargs=True)
+    try:
+        generate_hires(sd1, make_plan(sd1, GenerationRequest(
+            "a [red cat:blue dog:0.5]", negative_prompt="ugly", steps=4, seed=1, width=64, height=64,
+            sampler="Euler", schedule="karras", hr_scale=1.5, hr_steps=4, hr_denoise=1.0)))
+    finally:
+        hook.remove()
+    cat = encode_prompt(sd1.text_encoders, "a red cat").context
+    drawn = ["cat" if torch.allclose(c[1:], cat, atol=1e-6) else "dog" for c in contexts]
+    assert drawn == ["cat"] * 3 + ["dog"] + ["dog"] * 4

@@ -303,12 +303,16 @@ def _guided_model(
     embedded = bundle.unet_config.time_cond_proj_dim
     parts = composable_parts(req.prompt) if embedded is None else [(req.prompt, 1.0)]   # A1111's AND, :WEIGHT
     composed = len(parts) > 1 or parts[0][1] != 1.0
+    calls = get_sampler(req.sampler).calls_per_step                     # A1111 counts every model call
+    steps, hires_steps = ((req.steps * calls, None) if req.first_pass_steps is None
+                          else (req.first_pass_steps * calls, req.steps * calls))   # a hires pass counts on
     schedules = [make_cond_schedule(     # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
         bundle.text_encoders,
         bundle.family,
         text,
         req.negative_prompt,
-        steps=req.steps * get_sampler(req.sampler).calls_per_step,      # A1111 counts every model call
+        steps=steps,
+        hires_steps=hires_steps,
         adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,

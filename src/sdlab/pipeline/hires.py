@@ -67,11 +67,12 @@ def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | st
 
 def second_pass_request(req: GenerationRequest, factor: int) -> GenerationRequest:
     """The img2img request of the second pass (no init image yet) of a resolved hires request: the final size,
-    `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the same seeds, no hires fields."""
+    `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the same seeds, no hires fields, and
+    the first pass's step count (prompt edits count on from it)."""
     _, (width, height) = pass_sizes(req, factor)
     return replace(req, width=width, height=height, steps=req.hr_steps or req.steps, strength=req.hr_denoise,
                    img2img_convention="comfyui", hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
-                   hr_steps=None, hr_denoise=None)
+                   hr_steps=None, hr_denoise=None, first_pass_steps=req.steps)
 
 
 def pass_sizes(req: GenerationRequest, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:

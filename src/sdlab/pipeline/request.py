@@ -139,6 +139,7 @@ class GenerationRequest:
                                             # or an upscaler model file; None = "Latent"
     hr_steps: int | None = None             # second-pass steps; None / 0 = the first pass's
     hr_denoise: float | None = None         # second-pass denoising strength in (0, 1]; None = 0.7 (A1111's UI)
+    first_pass_steps: int | None = None     # set on a hires second pass: A1111's prompt edits count on from it
 
     @property
     def mode(self) -> str:
@@ -309,6 +310,8 @@ def resolve(
         raise RequestError(f"steps must be an integer in 1..{MAX_STEPS}, got {r.steps!r}")
     if not _integer(r.batch_size) or not 1 <= r.batch_size <= MAX_BATCH:
         raise RequestError(f"batch size must be an integer in 1..{MAX_BATCH}, got {r.batch_size!r}")
+    if r.first_pass_steps is not None and (not _integer(r.first_pass_steps) or r.first_pass_steps < 1):
+        raise RequestError(f"first_pass_steps must be an integer >= 1, got {r.first_pass_steps!r}")
     if not _integer(r.clip_skip) or r.clip_skip < 1:
         raise RequestError(f"clip skip must be an integer >= 1, got {r.clip_skip!r}")
     if r.clip_skip_convention not in CLIP_SKIP_CONVENTIONS:
