@@ -295,3 +295,24 @@ def test_a_hires_pass_counts_prompt_edits_on_from_the_first_pass(sd1):
     cat = encode_prompt(sd1.text_encoders, "a red cat").context
     drawn = ["cat" if torch.allclose(c[1:], cat, atol=1e-6) else "dog" for c in contexts]
     assert drawn == ["cat"] * 3 + ["dog"] + ["dog"] * 4
+
+
+@torch.no_grad()
+def test_a_refiner_counts_prompt_edits_on_from_the_base():
+    """A1111 swaps in the refiner under the same step counter: with the switch at half of 4 Euler steps,
+    `[red cat:blue dog:0.5]` (cat up to call 2) is still "red cat" at the refiner's first call."""
+    from sdlab.pipeline.generate import generate_with_refiner
+
+    base, refiner = tiny_bundle("sdxl"), tiny_bundle("sdxl-refiner", seed=5)
+    contexts = []
+    hook = refiner.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: contexts.append(kwargs.get("context", args[2] if len(args) > 2 else None)),
+        with_kwargs=True)
+    try:
+        generate_with_refiner(base, refiner, GenerationRequest(
+            "a [red cat:blue dog:0.5]", negative_prompt="ugly", steps=4, seed=1, width=32, height=32,
+            sampler="Euler", schedule="karras"), switch_at=0.5)
+    finally:
+        hook.remove()
+    cat = encode_prompt(refiner.text_encoders, "a red cat").context
+    assert ["cat" if torch.allclose(c[1:], cat, atol=1e-6) else "dog" for c in contexts] == ["cat", "dog"]

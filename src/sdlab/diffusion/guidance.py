@@ -180,10 +180,11 @@ def masked(
     return inpaint
 
 
-def switch_at_calls(models: Sequence[tuple[int, DenoiseFn]]) -> DenoiseFn:
+def switch_at_calls(models: Sequence[tuple[int, DenoiseFn]], first_call: int = 0) -> DenoiseFn:
     """A denoiser that runs ``models[i][1]`` at its calls up to and including call ``models[i][0]``.
 
-    Calls are counted from 0, every call of the sampler (a second-order step makes two), and call ``k`` goes
+    Calls are counted from ``first_call`` (0; an SDXL refiner's from the base's calls, as A1111 swaps the
+    model under the same counter), every call of the sampler (a second-order step makes two), and call ``k`` goes
     to the first model whose end is at least ``k``; past the last end, to the first model. This is A1111's
     ``CFGDenoiser.step`` with ``reconstruct_cond_batch`` (a prompt schedule ``[(end_at_step, cond), ...]``).
     One model is returned as it is.
@@ -193,7 +194,7 @@ def switch_at_calls(models: Sequence[tuple[int, DenoiseFn]]) -> DenoiseFn:
     if len(models) == 1:
         return models[0][1]
     ends = [end for end, _ in models]
-    calls = 0
+    calls = first_call
 
     def scheduled(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
         nonlocal calls

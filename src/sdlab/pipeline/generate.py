@@ -230,7 +230,8 @@ def generate_with_refiner(
         x = _run_sampler(plan, base_model, x, sigmas[: split + 1], options, progress)
     if split < len(sigmas) - 1:
         no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
-        refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, generators, sigmas)
+        refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, generators, sigmas,
+                                      steps_done=split)
         x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
     _check_finite(x, "the final latent", req)
     last = refiner if split < len(sigmas) - 1 else base
@@ -292,9 +293,11 @@ def _guided_model(
     start: _Start,
     generators: list[torch.Generator],
     sigmas: Tensor,
+    steps_done: int = 0,
 ) -> DenoiseFn:
     """The bundle's U-Net (with the request's ControlNets, on their fraction of `sigmas`' steps) as a
-    CFG-guided denoiser with the request's conditioning and picture inputs.
+    CFG-guided denoiser with the request's conditioning and picture inputs; its prompt schedule counts on
+    after `steps_done` steps (a refiner's: the base's).
 
     A U-Net with a guidance embedding (LCM-distilled, `time_cond_proj_dim`) runs once per step on the prompt
     alone and takes the CFG scale as its input instead: the embedding of w = cfg_scale - 1 (diffusers'
@@ -304,6 +307,7 @@ def _guided_model(
     parts = composable_parts(req.prompt) if embedded is None else [(req.prompt, 1.0)]   # A1111's AND, :WEIGHT
     composed = len(parts) > 1 or parts[0][1] != 1.0
     calls = get_sampler(req.sampler).calls_per_step                     # A1111 counts every model call
+    first_call = steps_done * calls
     steps, hires_steps = ((req.steps * calls, None) if req.first_pass_steps is None
                           else (req.first_pass_steps * calls, req.steps * calls))   # a hires pass counts on
     schedules = [make_cond_schedule(     # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
@@ -346,14 +350,15 @@ def _guided_model(
             (end, cfg(denoiser, {**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond},
                       req.cfg_scale, req.guidance_rescale))
             for end, cond, uncond in schedules[0]
-        ])
+        ], first_call)
     else:                                               # each part and the negative: its own pass
         if req.guidance_rescale:
             logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
         uncond_model = switch_at_calls([(end, bind(denoiser, {**uncond, **extra_uncond}))
-                                        for end, _, uncond in schedules[0]])
+                                        for end, _, uncond in schedules[0]], first_call)
         model = composable_cfg([
-            (switch_at_calls([(end, bind(denoiser, {**cond, **extra_cond})) for end, cond, _ in schedule]), weight)
+            (switch_at_calls([(end, bind(denoiser, {**cond, **extra_cond})) for end, cond, _ in schedule],
+                             first_call), weight)
             for schedule, (_, weight) in zip(schedules, parts)
         ], uncond_model, req.cfg_scale)
     if start.mask is not None and not bundle.family.is_inpaint:
