@@ -172,3 +172,31 @@ def test_python_api_draw_plot_matches_txt2img() -> None:
 def test_axes_must_start_at_x(tmp_path: Path, capsys) -> None:
     code, _, err = run(["grid", PROMPT, "--y", "steps=2,3", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 2 and "--x" in err
+
+
+def test_prompt_sr_of_a_lora_tag_records_each_cells_own_loras(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    import sdlab
+
+    shipped = Path(sdlab.__file__).parent / "models" / "data" / "loras" / "sdlab-tiny-lcm.safetensors"
+    save_file({k: (v * 2.0 if "up" in k else v).contiguous() for k, v in load_file(str(shipped)).items()},
+              str(tmp_path / "other.safetensors"))                  # a second, different LoRA
+    prompt = f"{PROMPT} <lora:sdlab-tiny-lcm:1>"
+    cells = tmp_path / "c"
+    code, _, err = run(["grid", prompt, "--x", "prompt_sr=<lora:sdlab-tiny-lcm:1>,,<lora:other:1>", "--lora-dir",
+                        str(tmp_path), "--steps", "2", "--seed", "5", "--sampler", "Euler", "--out",
+                        str(tmp_path / "g.png"), "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    recorded = [parse_parameters(read_parameters(cells / f"{i:03d}-x{i}-y0-z0.png")) for i in range(3)]
+    assert "sdlab-tiny-lcm:" in recorded[0]["Lora hashes"] and "<lora:sdlab-tiny-lcm:1>" in recorded[0]["Prompt"]
+    assert "Lora hashes" not in recorded[1] and "<lora" not in recorded[1]["Prompt"]
+    assert recorded[2]["Lora hashes"].startswith("other:") and "sdlab-tiny-lcm" not in recorded[2]["Prompt"]
+    for i in range(3):                                                # each cell redraws from its own PNG
+        cell = cells / f"{i:03d}-x{i}-y0-z0.png"
+        again = tmp_path / f"again-{i}.png"
+        code, _, err = run(["txt2img", "--from-png", str(cell), "--lora-dir", str(tmp_path), "--no-progress",
+                            "--out", str(again)], capsys)
+        assert code == 0, err
+        assert np.array_equal(pixels(again), pixels(cell)), i
+    assert not np.array_equal(pixels(cells / "000-x0-y0-z0.png"), pixels(cells / "002-x2-y0-z0.png"))

@@ -7,8 +7,8 @@
 Every other option is txt2img's (img2img's with --init); a cell is exactly the picture `sdlab txt2img` draws
 with its settings. Without --seed (or a seed axis) one random seed serves every cell. Axes, values and
 ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's request before the first
-is drawn. The grid carries the parameters of its first cell; --keep-cells also writes each cell with its
-own. Everything is written at the end, all or nothing.
+is drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R). The grid
+carries the parameters of its first cell; --keep-cells also writes each cell with its own. Everything is written at the end, all or nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import random
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from sdlab.cli.errors import UserError, write_error
@@ -120,13 +121,23 @@ def _output_files(args: argparse.Namespace) -> None:
         raise UserError(f"--keep-cells {args.keep_cells!r} is a file, not a folder")
 
 
-def _record_prompt(prompt: str, plot, index: tuple[int, int, int]) -> str:
-    """The prompt as written (LoRA tags kept) with the cell's Prompt S/R replacements."""
-    options = {"prompt": prompt, "negative_prompt": ""}
-    for letter, axis in plot.axes():
-        if axis.field.name == "prompt":
-            options = axis.apply(options, index["xyz".index(letter)])
-    return options["prompt"]
+def _cell_loras(args: argparse.Namespace, cells) -> dict[str, tuple]:
+    """Each cell prompt (as typed, after Prompt S/R) -> `_resolve_loras`' (prompt for the pipeline, `LoraRef`s,
+    prompt to record): a cell applies and records the `<lora:...>` tags of its own prompt, as A1111 draws and
+    records each cell (an S/R may add, remove or swap a tag); errors (a missing LoRA) before any work."""
+    from sdlab.cli.generate import _resolve_loras
+
+    resolved = {}
+    for _, cell in cells:
+        if cell["prompt"] not in resolved:
+            for_pipeline, _, refs, to_record = _resolve_loras(args, cell["prompt"], {})
+            resolved[cell["prompt"]] = (for_pipeline, refs, to_record)
+    return resolved
+
+
+def _for_pipeline(cells, loras: dict[str, tuple]):
+    """`cells` with each prompt as the pipeline takes it (tags of `--lora` files left out)."""
+    return [(index, {**cell, "prompt": loras[cell["prompt"]][0]}) for index, cell in cells]
 
 
 def run_grid(args: argparse.Namespace) -> int:
@@ -142,7 +153,7 @@ def run_grid(args: argparse.Namespace) -> int:
     _output_files(args)
     plot = _plot(args)
     options = _options_from_args(args, {})
-    options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], {})
+    _, loras, _, _ = _resolve_loras(args, options["prompt"], {})        # the --lora files, merged at load
     try:
         check_prompt_sr([axis for _, axis in plot.axes()], options["prompt"], options.get("negative_prompt", ""))
     except GridError as err:
@@ -151,13 +162,16 @@ def run_grid(args: argparse.Namespace) -> int:
         options["seed"] = random.randrange(2**32)         # one seed for every cell, as A1111 fixes it
     if args.init:
         options["init_image"] = _open_image(args.init, "init image")
-    cells = plot.cells(options)
+    typed = plot.cells(options)                          # prompts as typed: each cell's LoRAs come from its own
+    cell_loras = _cell_loras(args, typed)
+    cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot)
 
     pipe, model = _load_pipeline(args, None, loras)
     if pipe.bundle.preset and not args.preset:           # a file that names a preset (LCM-LoRA, Turbo), as txt2img
         options = _with_model_preset(options, pipe.bundle.preset, args.mode)
-        cells = plot.cells(options)
+        typed = plot.cells(options)
+        cells = _for_pipeline(typed, cell_loras)
         _check_requests(cells, plot)
     name, hash_ = _identify_model(model)
     try:
@@ -173,7 +187,7 @@ def run_grid(args: argparse.Namespace) -> int:
         bar = tqdm(total=len(cells), desc="grid", unit="cell", file=sys.stderr, leave=False)
 
     def run_cell(request: GenerationRequest):
-        result = pipe.run(request)
+        result = pipe.run(replace(request, prompt=cell_loras[request.prompt][0]))
         if bar is not None:
             bar.update(1)
         return result
@@ -185,11 +199,13 @@ def run_grid(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    texts = {index: format_parameters(to_parameters(result.request, model_name=name, model_hash=hash_, loras=lora_refs,
-                                                    prompt=_record_prompt(prompt_to_record, plot, index),
-                                                    embeddings=[(e.name, embedding_hash(e.path))
-                                                                for e in pipe.embeddings_used(result.request)]))
-             for index, result in results.items()}
+    texts = {}
+    for index, cell in typed:
+        _, refs, to_record = cell_loras[cell["prompt"]]
+        result = results[index]
+        texts[index] = format_parameters(to_parameters(
+            result.request, model_name=name, model_hash=hash_, loras=refs, prompt=to_record,
+            embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)]))
 
     out = Path(args.out)
     files = [(out, encode_image(sheet, image_format(out), texts[(0, 0, 0)]))]
