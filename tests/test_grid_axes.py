@@ -142,3 +142,9 @@ def test_cells_of_different_sizes_take_the_largest_slot() -> None:
 def test_font_is_scalable_when_freetype_is_there() -> None:
     font = grid_font(14)
     assert font.getbbox("Steps: 10")[3] > 8
+
+
+def test_schedule_axis_takes_a1111_labels() -> None:
+    axis = parse_axis("schedule=SGM Uniform,Automatic,DDIM,karras")
+    assert axis.values == ("SGM Uniform", "Automatic", "DDIM", "karras")       # as typed, as A1111 keeps them
+    assert axis.labels[0] == "Schedule type: SGM Uniform"

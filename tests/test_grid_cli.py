@@ -200,3 +200,16 @@ def test_prompt_sr_of_a_lora_tag_records_each_cells_own_loras(tmp_path: Path, ca
         assert code == 0, err
         assert np.array_equal(pixels(again), pixels(cell)), i
     assert not np.array_equal(pixels(cells / "000-x0-y0-z0.png"), pixels(cells / "002-x2-y0-z0.png"))
+
+
+def test_schedule_axis_takes_a1111_labels_as_txt2img(tmp_path: Path, capsys) -> None:
+    cells = tmp_path / "c"
+    code, _, err = run(["grid", PROMPT, "--x", "schedule=SGM Uniform,Automatic,Karras", "--steps", "2", "--seed", "3",
+                        "--out", str(tmp_path / "g.png"), "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    for i, schedule in enumerate(["SGM Uniform", None, "Karras"]):
+        kept = cells / f"{i:03d}-x{i}-y0-z0.png"
+        options = [] if schedule is None else ["--schedule", schedule]            # Automatic: the model's default
+        want = _txt2img(tmp_path, capsys, f"single-{i}.png", PROMPT, "--steps", "2", "--seed", "3", *options)
+        assert np.array_equal(pixels(kept), want), schedule
+        assert read_parameters(kept) == read_parameters(tmp_path / f"single-{i}.png")

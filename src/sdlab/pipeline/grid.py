@@ -13,7 +13,7 @@ Fields (any case; spaces, `_`, `-` and `/` ignored, so A1111's labels work too):
 | field                               | request field    | label              |
 |-------------------------------------|------------------|--------------------|
 | sampler                             | sampler          | the value          |
-| schedule, scheduler, schedule type  | schedule         | Schedule type: v   |
+| schedule, scheduler, schedule type  | schedule (A1111 labels too) | Schedule type: v |
 | steps                               | steps            | Steps: v           |
 | cfg, cfg scale                      | cfg_scale        | CFG Scale: v       |
 | seed                                | seed (-1: random, drawn once) | Seed: v |
@@ -50,8 +50,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
+from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.request import GenerationRequest, GenerationResult
 
 MAX_CELLS = 256
@@ -186,8 +186,11 @@ def parse_values(field: Field, text: str) -> list[Any]:
 def _check_value(field: Field, value: Any) -> None:
     if field.name == "sampler":
         get_sampler(value)                            # UnknownSamplerError (a ValueError) lists the names
-    elif field.name == "schedule" and value.strip().lower() not in DISCRETIZATIONS:
-        raise GridError(f"unknown schedule {value!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
+    elif field.name == "schedule":
+        try:                                          # A1111's labels ("SGM Uniform", "Automatic") as txt2img
+            schedule_from_a1111(value)
+        except ValueError as err:
+            raise GridError(str(err).replace("scheduler", "schedule", 1)) from None
     elif field.name in ("steps", "width", "height", "clip_skip") and value < 1:
         raise GridError(f"{field.label} must be at least 1, got {value}")
     elif field.name == "strength" and not 0.0 < value <= 1.0:
