@@ -17,7 +17,8 @@ Reading accepts both U-Net conventions for every family (files converted by othe
 ``lora_te1_`` for a single text encoder (diffusers' kohya converter writes it). Files in diffusers / peft
 naming carry no ``alpha`` tensors: their scale is the peft config's ``lora_alpha / r`` (per module where
 ``alpha_pattern`` / ``rank_pattern`` name it; ``lora_alpha / sqrt(r)`` with rsLoRA) from the
-``lora_adapter_metadata`` diffusers writes, else 1.
+``lora_adapter_metadata`` diffusers writes, else 1; their DoRA magnitudes (``lora_magnitude_vector``)
+merge as a ``dora_scale`` of one norm per output row.
 Training writes these files with `sdlab.train.lora`; `kohya_metadata` gives the ``ss_*`` metadata kohya
 writes, and `write_lora_file` adds kohya's ``sshs_*`` hashes.
 """
@@ -179,11 +180,15 @@ def write_lora_file(path: str | os.PathLike[str], tensors: Mapping[str, Tensor],
 # --- reading -------------------------------------------------------------------------------------------
 
 # key suffix -> field (`sdlab.checkpoints.lycoris`), most specific first: kohya / LyCORIS, peft
-# (``lora_A`` / ``lora_B``), diffusers' older ``lora.down`` / attention-processor ``to_q_lora.down`` names
+# (``lora_A`` / ``lora_B``; DoRA's ``lora_magnitude_vector``, one norm per output row: LyCORIS's
+# ``dora_scale`` with ``wd_on_out``, as diffusers and peft read it), diffusers' older
+# ``lora.down`` / attention-processor ``to_q_lora.down`` names
+_MAGNITUDE = ".lora_magnitude_vector"
 _SUFFIXES = (
     (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
     (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
+    (_MAGNITUDE + ".default.weight", "dora_scale"), (_MAGNITUDE + ".weight", "dora_scale"), (_MAGNITUDE, "dora_scale"),
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
@@ -245,6 +250,8 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
     lora: dict[str, dict[str, Tensor]] = {}
     for name, g in modules.items():
         entry = {field: state[key] for field, key in g.items()}
+        if _MAGNITUDE in g.get("dora_scale", ""):     # peft: (out,) for a Linear, (1, out, 1, 1) for a conv
+            entry["dora_scale"] = entry["dora_scale"].flatten()
         if peft and "down" in entry and "alpha" not in entry:
             alpha = _peft_alpha(peft, name, entry["down"].shape[0])
             if alpha is not None:
