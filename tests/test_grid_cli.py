@@ -213,3 +213,22 @@ def test_schedule_axis_takes_a1111_labels_as_txt2img(tmp_path: Path, capsys) -> 
         want = _txt2img(tmp_path, capsys, f"single-{i}.png", PROMPT, "--steps", "2", "--seed", "3", *options)
         assert np.array_equal(pixels(kept), want), schedule
         assert read_parameters(kept) == read_parameters(tmp_path / f"single-{i}.png")
+
+
+def test_a_standalone_vae_is_recorded_in_cells_and_grid_as_txt2img_does(tmp_path: Path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    import sdlab
+
+    vae = tmp_path / "my-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in sdlab.load().bundle.vae.state_dict().items()}, str(vae))
+    out, cells = tmp_path / "g.png", tmp_path / "c"
+    code, _, err = run(["grid", PROMPT, "--x", "steps=2,3", "--vae", str(vae), "--seed", "2", "--out", str(out),
+                        "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    _txt2img(tmp_path, capsys, "single.png", PROMPT, "--steps", "3", "--vae", str(vae), "--seed", "2")
+    want = parse_parameters(read_parameters(tmp_path / "single.png"))
+    assert want["VAE"] == "my-vae.safetensors" and want["VAE hash"]
+    assert parse_parameters(read_parameters(cells / "001-x1-y0-z0.png")) == want
+    grid = parse_parameters(read_parameters(out))
+    assert (grid["VAE hash"], grid["VAE"]) == (want["VAE hash"], want["VAE"])

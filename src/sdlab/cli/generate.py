@@ -533,6 +533,11 @@ def _identify_model(model: str | os.PathLike) -> tuple[str, str | None]:
     return model_name(model), (model_hash(model) if os.path.isfile(model) else None)
 
 
+def _standalone_vae(args: argparse.Namespace) -> tuple[str, str | None] | None:
+    """A standalone --vae as `to_parameters` records it: (file name, short hash), A1111's `VAE` / `VAE hash`."""
+    return None if args.vae is None else (Path(args.vae).name, _identify_model(args.vae)[1])
+
+
 def _recorded_model(args: argparse.Namespace, recorded: dict[str, Any]) -> str | None:
     """Without --model: the model the PNG names, when NAME.safetensors / .ckpt / NAME/ is beside it, here or in
     a --models-dir; else the file under a --models-dir whose hash is the recorded `Model hash` (A1111's
@@ -641,7 +646,7 @@ def run_generate(args: argparse.Namespace) -> int:
         request = GenerationRequest(**_with_model_preset(options, pipe.bundle.preset, args.mode))
     name, hash_ = _identify_model(model)
     refiner = None if args.refiner is None else (*_identify_model(args.refiner), args.refiner_switch)
-    vae = None if args.vae is None else (Path(args.vae).name, _identify_model(args.vae)[1])
+    vae = _standalone_vae(args)
     if recorded:
         _check_model(recorded, name, hash_)
         _warn_what_is_not_given(recorded, refiner, vae, pipe, request)

@@ -142,7 +142,8 @@ def _for_pipeline(cells, loras: dict[str, tuple]):
 
 def run_grid(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import (
-        _identify_model, _load_pipeline, _open_image, _options_from_args, _resolve_loras, _with_model_preset,
+        _identify_model, _load_pipeline, _open_image, _options_from_args, _resolve_loras, _standalone_vae,
+        _with_model_preset,
     )
     from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_plot
     from sdlab.pipeline.infotext import to_parameters
@@ -174,6 +175,7 @@ def run_grid(args: argparse.Namespace) -> int:
         cells = _for_pipeline(typed, cell_loras)
         _check_requests(cells, plot)
     name, hash_ = _identify_model(model)
+    vae = _standalone_vae(args)
     try:
         for _, cell in cells:                                # the model's checks too (clip skip, memory)
             with _quiet_size_warnings():
@@ -204,7 +206,7 @@ def run_grid(args: argparse.Namespace) -> int:
         _, refs, to_record = cell_loras[cell["prompt"]]
         result = results[index]
         texts[index] = format_parameters(to_parameters(
-            result.request, model_name=name, model_hash=hash_, loras=refs, prompt=to_record,
+            result.request, model_name=name, model_hash=hash_, loras=refs, prompt=to_record, vae=vae,
             embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)]))
 
     out = Path(args.out)
