@@ -445,3 +445,56 @@ def test_lycoris_files_merge_as_lycoris_draws_them(tmp_path, algo, options):
     w, b = weights[layers["lora_unet_blk_conv"]]
     torch.testing.assert_close(F.conv2d(x_conv, w, base["conv"][1] if b is None else b, padding=1), want["conv"],
                                atol=1e-5, rtol=1e-4)
+
+
+def test_lycoris_norm_layer_diffs(tmp_path):
+    """LyCORIS with ``train_norm=True`` writes ``<name>.w_norm`` / ``<name>.b_norm`` for LayerNorm and
+    GroupNorm layers: full diffs of the weight and bias (A1111 network_norm.py: ``updown = w_norm``,
+    ``ex_bias = b_norm``, times the multiplier). Merged at 0.8 they give the outputs of LyCORIS's own forward
+    within 1e-5 (measured ~2e-7; dropped, the outputs differ by ~1)."""
+    import lycoris
+    import torch.nn.functional as F
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+            self.ln = nn.LayerNorm(16)
+            self.gn = nn.GroupNorm(4, 16)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = Block()
+
+    multiplier = 0.8
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 4, 4, generator=g)
+    saved = {k: v for k, v in vars(lycoris.LycorisNetwork).items() if k.isupper()}
+    try:
+        lycoris.LycorisNetwork.apply_preset({"target_module": ["Block"], "lora_prefix": "lora_unet"})
+        torch.manual_seed(0)
+        net = Net()
+        base = {name: (m.weight.detach().clone(), m.bias.detach().clone()) for name, m in net.blk.named_children()}
+        network = lycoris.LycorisNetwork(net, multiplier=multiplier, lora_dim=4, alpha=2, network_module="locon",
+                                         train_norm=True)
+        network.apply_to()
+        with torch.no_grad():
+            for p in network.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            network.save_weights(str(tmp_path / "l.safetensors"), torch.float32, {})
+            want = {"ln": net.blk.ln(x.permute(0, 2, 3, 1)), "gn": net.blk.gn(x)}
+    finally:
+        for k, v in saved.items():
+            setattr(lycoris.LycorisNetwork, k, v)
+    lora = load_lora_file(tmp_path / "l.safetensors")
+    assert lora["lora_unet_blk_ln"].keys() == {"diff", "diff_b"}
+    layers = {"lora_unet_blk_ln": nn.LayerNorm(16), "lora_unet_blk_gn": nn.GroupNorm(4, 16)}
+    for name, layer in layers.items():
+        layer.weight, layer.bias = (nn.Parameter(t.clone()) for t in base[name.rsplit("_", 1)[1]])
+    weights, unmatched = merged_layers(layers, lora, multiplier)
+    assert unmatched == ["lora_unet_blk_lin"]
+    w, b = weights[layers["lora_unet_blk_ln"]]
+    torch.testing.assert_close(F.layer_norm(x.permute(0, 2, 3, 1), (16,), w, b), want["ln"], atol=1e-5, rtol=1e-5)
+    w, b = weights[layers["lora_unet_blk_gn"]]
+    torch.testing.assert_close(F.group_norm(x, 4, w, b), want["gn"], atol=1e-5, rtol=1e-5)

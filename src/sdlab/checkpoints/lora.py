@@ -192,6 +192,7 @@ _SUFFIXES = (
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
+    (".w_norm", "diff"), (".b_norm", "diff_b"),             # LyCORIS ``train_norm``: a norm layer's full diff
     *((f".{field}", field) for field in FIELDS if field not in ("down", "up", "mid", "weight")),
     (".weight", "weight"),                                          # (IA)^3, only beside ``on_input``
 )

@@ -23,7 +23,9 @@ a file has no ``alpha``).
   decomposed ``*_b.shape[0]``, w2's when both are), else 1 (ComfyUI lokr.py, LyCORIS lokr).
 - (IA)^3 (``weight`` and ``on_input``): ``dW = W * w`` with w a column (out, 1) or, ``on_input``, a row
   (1, in) (A1111 network_ia3.py); no alpha.
-- Full (``diff``, optional ``diff_b``): ``dW = diff``, ``db = diff_b``, no alpha (A1111 network_full.py).
+- Full (``diff``, optional ``diff_b``): ``dW = diff``, ``db = diff_b``, no alpha (A1111 network_full.py);
+  LyCORIS's ``train_norm`` diffs of GroupNorm / LayerNorm layers (``w_norm``, ``b_norm``) are read as these
+  (A1111 network_norm.py, ComfyUI lora.py).
 - DoRA (``dora_scale`` beside any of the above): ``W' = W + m * ((W + dW) * dora_scale / ||W + dW|| - W)``,
   the norm taken over every axis where ``dora_scale`` has size 1 (LyCORIS ``wd_on_out``: one norm per
   output row, shape (out, 1, ...); A1111 / ComfyUI's layout: one per input column, shape (1, in, ...)).
