@@ -46,7 +46,10 @@ def test_ranges_parse_as_a1111(spec: str, values: list) -> None:
 
 def test_fields_and_labels() -> None:
     assert parse_axis("Steps=10").labels == ("Steps: 10",)
-    assert parse_axis("CFG Scale=7,7.5").labels == ("CFG Scale: 7", "CFG Scale: 7.5")
+    assert parse_axis("CFG Scale=7,7.5").labels == ("CFG Scale: 7.0", "CFG Scale: 7.5")       # A1111: round(x, 8)
+    assert parse_axis("cfg=1-2 (+0.5)").labels == ("CFG Scale: 1.0", "CFG Scale: 1.5", "CFG Scale: 2.0")
+    assert parse_axis("denoise=0.5,1").labels == ("Denoising: 0.5", "Denoising: 1.0")
+    assert parse_axis("cfg=7.123456789,7.123461").labels == ("CFG Scale: 7.12345679", "CFG Scale: 7.123461")
     assert parse_axis("cfg_scale=3").field.name == "cfg_scale"
     assert parse_axis("clip_skip=1,2").labels == ("Clip skip: 1", "Clip skip: 2")
     assert parse_axis("Clip skip=2").field.name == "clip_skip"

@@ -198,7 +198,8 @@ def _check_value(field: Field, value: Any) -> None:
 
 
 def _label(field: Field, value: Any) -> str:
-    text = f"{round(value, 8):g}" if isinstance(value, float) else str(value)
+    """A1111's `format_value_add_label` / `format_value`: a float rounded to 8 places, as Python writes it (7.0)."""
+    text = str(round(value, 8)) if isinstance(value, float) else str(value)
     return text if field.label is None else f"{field.label}: {text}"
 
 
