@@ -20,7 +20,8 @@ from sdlab.pipeline.grid import (
     grid_layout,
     parse_axis,
     split_values,
-    stack_grids,
+    title_height,
+    row_grids,
 )
 
 
@@ -129,12 +130,15 @@ def test_sheet_size_is_cells_plus_label_bands_and_cells_sit_in_place() -> None:
     assert only_x.size == (3 * 64, grid_layout((64, 64), 3, 1, x, [""]).top + 64)
 
 
-def test_z_sub_grids_are_stacked_under_titles() -> None:
-    grids = [draw_grid([[_cell((255, 0, 0)), _cell((0, 255, 0))]], ["a", "b"], [""]) for _ in range(2)]
-    sheet, tops = stack_grids(grids, ["Seed: 1", "Seed: 2"], font_size(64, 64))
-    assert sheet.width == grids[0].width
-    assert sheet.height == tops[1] + grids[1].height and tops[0] > 0 and tops[1] > tops[0] + grids[0].height
-    assert np.array_equal(np.asarray(sheet.crop((0, tops[1], sheet.width, tops[1] + grids[1].height))), np.asarray(grids[1]))
+def test_z_sub_grids_sit_side_by_side_under_titles() -> None:
+    grids = [draw_grid([[_cell((255, 0, 0)), _cell((0, 255, 0))]], ["a", "b"], [""]) for _ in range(3)]
+    sheet, lefts = row_grids(grids, ["Seed: 1", "Seed: 2", "Seed: 3"], font_size(64, 64))
+    band = title_height(grids[0].width, "Seed: 1", font_size(64, 64))
+    assert sheet.size == (3 * grids[0].width, band + grids[0].height)          # A1111: image_grid(..., rows=1)
+    assert lefts == [0, grids[0].width, 2 * grids[0].width]
+    box = (lefts[2], band, lefts[2] + grids[2].width, sheet.height)
+    assert np.array_equal(np.asarray(sheet.crop(box)), np.asarray(grids[2]))
+    assert (np.asarray(sheet.crop((lefts[1], 0, lefts[2], band))) < 128).any()  # the second title, above its grid
 
 
 def test_cells_of_different_sizes_take_the_largest_slot() -> None:

@@ -79,9 +79,9 @@ def test_prompt_sr_and_z_axis(tmp_path: Path, capsys) -> None:
     sub = grid_layout((64, 64), 2, 1, ["apple", "star"], [""])
     band = title_height(sub.size[0], "Seed: 2", font_size(64, 64))
     sheet = pixels(out)
-    assert sheet.shape[:2] == (2 * (band + sub.size[1]), sub.size[0])
-    top = band + sub.size[1] + band + sub.top                       # the second sub-grid's cells
-    assert np.array_equal(sheet[top:top + 64, 64:128], want)
+    assert sheet.shape[:2] == (band + sub.size[1], 2 * sub.size[0])      # Z sub-grids side by side, as A1111
+    top, left = band + sub.top, sub.size[0] + sub.left + 64           # the second sub-grid's second cell
+    assert np.array_equal(sheet[top:top + 64, left:left + 64], want)
 
 
 def test_one_random_seed_serves_every_cell(tmp_path: Path, capsys) -> None:
@@ -166,7 +166,7 @@ def test_python_api_draw_plot_matches_txt2img() -> None:
     assert sorted(results) == [(0, 0, 0), (0, 0, 1), (1, 0, 0), (1, 0, 1)]
     want = pipe.txt2img(PROMPT, cfg_scale=6.0, steps=3, seed=4).images[0]
     assert np.array_equal(np.asarray(results[(1, 0, 1)].images[0]), np.asarray(want))
-    assert sheet.width == 2 * 64 and sheet.height > 2 * 64
+    assert sheet.width == 2 * 2 * 64 and sheet.height > 64                # two Z sub-grids side by side
 
 
 def test_axes_must_start_at_x(tmp_path: Path, capsys) -> None:

@@ -27,7 +27,8 @@ turn replaces it there (so the first cell keeps the prompt as written).
 
 The picture (`draw_grid`): cells on a white sheet, X labels centred above the columns, Y labels at the left
 of the rows (A1111's `draw_grid_annotations`: left band 3/4 of a cell wide, text wrapped to fit), and for a
-Z axis one such grid per Z value, stacked top to bottom, each under a title band. Cells of different sizes
+Z axis one such grid per Z value, side by side in one row under the Z titles (A1111's `image_grid(...,
+rows=1)`, the titles in one band as high as the tallest). Cells of different sizes
 (a width or height axis) sit at the top left of slots as large as the largest cell.
 
 `Plot(x, y, z)` holds the axes: `cells(options)` gives each cell's request options, `sheet(images)` the
@@ -281,7 +282,7 @@ class Plot:
         if self.z is None:
             return grids[0]
         first = images[(0, 0, 0)]
-        return stack_grids(grids, list(self.z.labels), font_size(first.width, first.height))[0]
+        return row_grids(grids, list(self.z.labels), font_size(first.width, first.height))[0]
 
 
 def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dict[str, Any],
@@ -406,17 +407,18 @@ def title_height(grid_width: int, title: str, size: int) -> int:
     return _lines_height(_wrap(title, font, grid_width), font, size // 2) + size
 
 
-def stack_grids(grids: list[Image.Image], titles: list[str], size: int) -> tuple[Image.Image, list[int]]:
-    """Sub-grids (one per Z value) top to bottom, each under its centred title; also each sub-grid's top."""
-    width = max(g.width for g in grids)
-    bands = [title_height(width, t, size) for t in titles]
-    sheet = Image.new("RGB", (width, sum(g.height for g in grids) + sum(bands)), "white")
+def row_grids(grids: list[Image.Image], titles: list[str], size: int) -> tuple[Image.Image, list[int]]:
+    """Sub-grids (one per Z value) side by side in one row under their centred titles, as A1111's
+    `image_grid(..., rows=1)` and `draw_grid_annotations` (one band of the tallest title); also each sub-grid's left.
+    Sub-grids of different sizes sit at the top left of slots as large as the largest."""
+    width, height = max(g.width for g in grids), max(g.height for g in grids)
+    band = max(title_height(width, t, size) for t in titles)
+    sheet = Image.new("RGB", (width * len(grids), band + height), "white")
     draw = ImageDraw.Draw(sheet)
     font = grid_font(size)
-    tops, y = [], 0
-    for grid, title, band in zip(grids, titles, bands):
-        _draw_centered(draw, _wrap(title, font, width), width / 2, y + band / 2, font, size // 2)
-        tops.append(y + band)
-        sheet.paste(grid, (0, y + band))
-        y += band + grid.height
-    return sheet, tops
+    lefts = []
+    for k, (grid, title) in enumerate(zip(grids, titles)):
+        _draw_centered(draw, _wrap(title, font, width), (k + 0.5) * width, band / 2, font, size // 2)
+        lefts.append(k * width)
+        sheet.paste(grid, (k * width, band))
+    return sheet, lefts
