@@ -332,6 +332,45 @@ def _peft_alpha(configs: Mapping[str, dict], name: str, rank: int) -> float | No
 LayerWeights = dict[nn.Module, tuple[Tensor, "Tensor | None"]]   # layer -> (new weight, new bias), float32
 
 
+_LATENT_IN, _INPAINT_IN = 4, 9      # input channels of conv_in: the latent; + the mask and the masked latent
+
+
+def _merged_weight(name: str, module: Mapping[str, Tensor], weight: Tensor,
+                   multiplier: float) -> tuple[Tensor | None, Tensor | None]:
+    """`merged_weight`, and A1111's handling (networks.py `network_apply_weights`) of a module for a
+    4-channel ``conv_in`` on an inpainting U-Net's 9-channel one: the update is zero-padded to 9 input
+    channels (``F.pad(updown, (0, 0, 0, 0, 0, 5))``), so it changes the latent's 4 and leaves the mask's and
+    the masked image's. A1111's padding fails for (IA)^3 and DoRA modules (their update depends on the whole
+    weight) and the reverse, a module for 9 channels on a 4-channel ``conv_in``, does not fit: A1111 logs an
+    error and leaves the layer as it is, and so does this, with a warning (new weight None); the rest of
+    the file applies. (A LoHa without Tucker cores is padded here too, where A1111's padding of its 2-D
+    update fails: its update does not depend on the weight, so padding it is unambiguous.)"""
+    try:
+        return merged_weight(module, weight, multiplier)
+    except ValueError as exc:
+        if weight.ndim != 4 or weight.shape[1] not in (_LATENT_IN, _INPAINT_IN):
+            raise
+        error = exc
+    if weight.shape[1] == _INPAINT_IN:
+        try:
+            latent, delta_bias = merged_weight(module, weight[:, :_LATENT_IN], multiplier)   # (out, 4, kh, kw)
+        except ValueError:
+            raise error from None
+        if "dora_scale" not in module and module_kind(module) != "ia3":
+            return torch.cat([latent, weight[:, _LATENT_IN:]], dim=1), delta_bias
+        reason = f"a {_LATENT_IN}-channel {'DoRA' if 'dora_scale' in module else '(IA)^3'} module"
+    else:
+        padded = torch.nn.functional.pad(weight, (0, 0, 0, 0, 0, _INPAINT_IN - _LATENT_IN))
+        try:
+            merged_weight(module, padded, multiplier)
+        except ValueError:
+            raise error from None
+        reason = f"a module for an inpainting model's {_INPAINT_IN} input channels"
+    logger.warning("LoRA module %s is %s on a %d-channel conv: the layer is left as it is, as in A1111",
+                   name, reason, weight.shape[1])
+    return None, None
+
+
 @torch.no_grad()
 def merged_layers(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str, Tensor]], multiplier: float,
                   current: LayerWeights | None = None) -> tuple[LayerWeights, list[str]]:
@@ -348,9 +387,11 @@ def merged_layers(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[st
         weight, bias = result.get(layer) or (layer.weight.to(torch.float32),
                                             None if layer.bias is None else layer.bias.to(torch.float32))
         try:
-            new_weight, delta_bias = merged_weight(entry, weight, multiplier)
+            new_weight, delta_bias = _merged_weight(name, entry, weight, multiplier)
         except ValueError as exc:
             raise ValueError(f"module {name}: {exc}") from None
+        if new_weight is None:                                   # left as it is (A1111 fails on it)
+            continue
         if delta_bias is not None:
             if bias is None or delta_bias.numel() != bias.numel():
                 raise ValueError(f"module {name}: diff_b {tuple(delta_bias.shape)} does not fit the layer's bias")
