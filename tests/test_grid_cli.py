@@ -232,3 +232,20 @@ def test_a_standalone_vae_is_recorded_in_cells_and_grid_as_txt2img_does(tmp_path
     assert parse_parameters(read_parameters(cells / "001-x1-y0-z0.png")) == want
     grid = parse_parameters(read_parameters(out))
     assert (grid["VAE hash"], grid["VAE"]) == (want["VAE hash"], want["VAE"])
+
+
+def test_the_grid_records_a1111_plot_fields(tmp_path: Path, capsys) -> None:
+    out, cells = tmp_path / "g.png", tmp_path / "c"
+    code, _, err = run(["grid", PROMPT, "--x", "seed=-1,5", "--y", "cfg=3, 4.5", "--z", "sampler=Euler,DPM++ 2M",
+                        "--steps", "2", "--out", str(out), "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    text = read_parameters(out)
+    grid = parse_parameters(text)
+    drawn = parse_parameters(read_parameters(cells / "000-x0-y0-z0.png"))["Seed"]
+    assert (grid["Script"], grid["X Type"], grid["X Values"]) == ("X/Y/Z plot", "Seed", "-1,5")
+    assert grid["Fixed X Values"] == f"{drawn}, 5"                  # the seed -1 drew, kept (xyz_grid.py `cell`)
+    assert (grid["Y Type"], grid["Y Values"], grid["Z Type"], grid["Z Values"]) == (
+        "CFG Scale", "3, 4.5", "Sampler", "Euler,DPM++ 2M")
+    assert "Fixed Y Values" not in grid and "Fixed Z Values" not in grid
+    assert text.rstrip().endswith(grid["Version"]) and text.index("Script: X/Y/Z plot") > text.index("Model:")
+    assert "Script" not in parse_parameters(read_parameters(cells / "001-x1-y0-z0.png"))     # cells: their own

@@ -8,7 +8,8 @@ Every other option is txt2img's (img2img's with --init); a cell is exactly the p
 with its settings. Without --seed (or a seed axis) one random seed serves every cell. Axes, values and
 ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's request before the first
 is drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R). The grid
-carries the parameters of its first cell; --keep-cells also writes each cell with its own. Everything is written at the end, all or nothing.
+carries the parameters of its first cell and A1111's plot fields (Script: X/Y/Z plot, X Type, X Values,
+Fixed X Values for a seed axis, ...); --keep-cells also writes each cell with its own. Everything is written at the end, all or nothing.
 """
 
 from __future__ import annotations
@@ -140,6 +141,13 @@ def _for_pipeline(cells, loras: dict[str, tuple]):
     return [(index, {**cell, "prompt": loras[cell["prompt"]][0]}) for index, cell in cells]
 
 
+def _grid_parameters(first: dict, plot) -> dict:
+    """The grid picture's parameters: its first cell's with A1111's plot fields (Script, X Type, X Values, ...)
+    before `Version`, where A1111's extra generation parameters go."""
+    parameters = {key: value for key, value in first.items() if key != "Version"}
+    return {**parameters, **plot.parameters(), "Version": first.get("Version")}
+
+
 def run_grid(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import (
         _identify_model, _load_pipeline, _open_image, _options_from_args, _resolve_loras, _standalone_vae,
@@ -201,16 +209,17 @@ def run_grid(args: argparse.Namespace) -> int:
     finally:
         if bar is not None:
             bar.close()
-    texts = {}
+    parameters = {}
     for index, cell in typed:
         _, refs, to_record = cell_loras[cell["prompt"]]
         result = results[index]
-        texts[index] = format_parameters(to_parameters(
+        parameters[index] = to_parameters(
             result.request, model_name=name, model_hash=hash_, loras=refs, prompt=to_record, vae=vae,
-            embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)]))
+            embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)])
+    texts = {index: format_parameters(p) for index, p in parameters.items()}
 
     out = Path(args.out)
-    files = [(out, encode_image(sheet, image_format(out), texts[(0, 0, 0)]))]
+    files = [(out, encode_image(sheet, image_format(out), format_parameters(_grid_parameters(parameters[(0, 0, 0)], plot))))]
     if args.keep_cells:
         for n, (index, _) in enumerate(cells):
             i, j, k = index

@@ -32,7 +32,7 @@ rows=1)`, the titles in one band as high as the tallest). Cells of different siz
 (a width or height axis) sit at the top left of slots as large as the largest cell.
 
 `Plot(x, y, z)` holds the axes: `cells(options)` gives each cell's request options, `sheet(images)` the
-picture, and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request.
+picture, `parameters()` A1111's plot fields for the picture's parameters (Script: X/Y/Z plot, X Type, ...), and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request.
 """
 
 from __future__ import annotations
@@ -72,10 +72,16 @@ class Field:
     name: str                        # the request field it sets ("prompt" for S/R)
     kind: type                       # int, float or str
     label: str | None                # "Steps" -> "Steps: 10"; None: the value alone
+    title: str | None = None         # A1111's axis name (`X Type`) when it is not `label`
+
+    @property
+    def type_name(self) -> str:
+        """The axis as A1111 names it in the grid's `X Type` (its AxisOption label)."""
+        return self.title or self.label or self.name
 
 
 FIELDS: dict[str, Field] = {
-    "sampler": Field("sampler", str, None),
+    "sampler": Field("sampler", str, None, "Sampler"),
     "schedule": Field("schedule", str, "Schedule type"),
     "steps": Field("steps", int, "Steps"),
     "cfg": Field("cfg_scale", float, "CFG Scale"),
@@ -84,7 +90,7 @@ FIELDS: dict[str, Field] = {
     "height": Field("height", int, "Height"),
     "clipskip": Field("clip_skip", int, "Clip skip"),
     "strength": Field("strength", float, "Denoising"),
-    "promptsr": Field("prompt", str, None),
+    "promptsr": Field("prompt", str, None, "Prompt S/R"),
 }
 _ALIASES = {
     "scheduler": "schedule", "scheduletype": "schedule", "cfgscale": "cfg", "denoise": "strength",
@@ -98,6 +104,7 @@ class Axis:
     field: Field
     values: tuple[Any, ...]
     labels: tuple[str, ...]
+    text: str = ""                   # the values as typed (A1111's `X Values`)
 
     def apply(self, options: dict[str, Any], index: int) -> dict[str, Any]:
         """`options` (GenerationRequest keyword arguments) with this axis at its `index`-th value."""
@@ -219,7 +226,7 @@ def parse_axis(spec: str, *, rng: random.Random | None = None) -> Axis:
             _check_value(field, value)
     except ValueError as err:
         raise GridError(str(err)) from None
-    return Axis(field, tuple(values), tuple(_label(field, v) for v in values))
+    return Axis(field, tuple(values), tuple(_label(field, v) for v in values), text.strip())
 
 
 def check_prompt_sr(axes: list[Axis], prompt: str, negative_prompt: str) -> None:
@@ -271,6 +278,17 @@ class Plot:
     def labels(self, index: Index) -> list[str]:
         """The labels of the cell at `index`, X first (for messages)."""
         return [axis.labels[index["xyz".index(letter)]] for letter, axis in self.axes()]
+
+    def parameters(self) -> dict[str, str]:
+        """A1111's plot fields of the grid picture's parameters (xyz_grid.py `cell`): `Script`, then for each
+        axis `X Type`, `X Values` (as typed) and, for a Seed axis, `Fixed X Values` (the seeds drawn, -1 fixed)."""
+        fields = {"Script": "X/Y/Z plot"}
+        for letter, axis in self.axes():
+            fields[f"{letter.upper()} Type"] = axis.field.type_name
+            fields[f"{letter.upper()} Values"] = axis.text
+            if axis.field.name == "seed":
+                fields[f"Fixed {letter.upper()} Values"] = ", ".join(str(v) for v in axis.values)
+        return fields
 
     def sheet(self, images: Mapping[Index, Image.Image]) -> Image.Image:
         """The labelled picture of `images` (one per cell)."""
