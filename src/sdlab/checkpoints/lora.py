@@ -18,7 +18,9 @@ Reading accepts both U-Net conventions for every family (files converted by othe
 naming carry no ``alpha`` tensors: their scale is the peft config's ``lora_alpha / r`` (per module where
 ``alpha_pattern`` / ``rank_pattern`` name it; ``lora_alpha / sqrt(r)`` with rsLoRA) from the
 ``lora_adapter_metadata`` diffusers writes, else 1; their DoRA magnitudes (``lora_magnitude_vector``)
-merge as a ``dora_scale`` of one norm per output row.
+merge as a ``dora_scale`` of one norm per output row. ComfyUI's own naming (``diffusion_model.<SGM path>``,
+``text_encoders.clip_l.transformer.<HF path>``, as its LoraSave node writes) and SimpleTuner's
+``lycoris_<diffusers path>`` name the same layers.
 Training writes these files with `sdlab.train.lora`; `kohya_metadata` gives the ``ss_*`` metadata kohya
 writes, and `write_lora_file` adds kohya's ``sshs_*`` hashes.
 """
@@ -196,7 +198,13 @@ _SUFFIXES = (
     *((f".{field}", field) for field in FIELDS if field not in ("down", "up", "mid", "weight")),
     (".weight", "weight"),                                          # (IA)^3, only beside ``on_input``
 )
-_TEXT_PREFIXES = (("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te_"), ("unet.", UNET_PREFIX))
+# a module name's start -> kohya's prefix: diffusers / peft components; ComfyUI's own model paths (comfy/lora.py
+# `model_lora_keys_unet` / `model_lora_keys_clip`: ``diffusion_model.<SGM path>``, ``text_encoders.<clip>.
+# transformer.<HF path>``, with CLIP-L SD1's and SDXL's first encoder, CLIP-H SD2's, CLIP-G SDXL's second)
+_TEXT_PREFIXES = (("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te_"), ("unet.", UNET_PREFIX),
+                  ("diffusion_model.", UNET_PREFIX), ("text_encoders.clip_l.transformer.", "lora_te1_"),
+                  ("text_encoders.clip_h.transformer.", "lora_te_"), ("text_encoders.clip_g.transformer.", "lora_te2_"))
+_LYCORIS_PREFIX = "lycoris_"     # SimpleTuner's LyCORIS files: lycoris_ + the diffusers path (ComfyUI reads them)
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -207,12 +215,15 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 
 def _kohya_module_name(name: str) -> str:
-    """A module name of any supported naming -> kohya's: ``lora_*`` names are kept; diffusers / peft names
-    (``unet.down_blocks.0...to_q``, ``text_encoder.text_model...q_proj``, bare U-Net paths as
-    ``save_attn_procs`` writes them, ``...attn1.processor.to_out``) become ``lora_unet_`` / ``lora_te_`` /
-    ``lora_te2_`` + the path with underscores."""
+    """A module name of any supported naming -> kohya's: ``lora_*`` names are kept, ``lycoris_*`` become
+    ``lora_unet_*``; diffusers / peft names (``unet.down_blocks.0...to_q``, ``text_encoder.text_model...q_proj``,
+    bare U-Net paths as ``save_attn_procs`` writes them, ``...attn1.processor.to_out``) and ComfyUI's
+    (``diffusion_model.input_blocks...``, ``text_encoders.clip_l.transformer.text_model...``) become
+    ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` + the path with underscores."""
     if name.startswith("lora_"):
         return name
+    if name.startswith(_LYCORIS_PREFIX):
+        return UNET_PREFIX + name[len(_LYCORIS_PREFIX):]
     name = name.removeprefix("base_model.model.")
     prefix = UNET_PREFIX
     for start, kohya_prefix in _TEXT_PREFIXES:
