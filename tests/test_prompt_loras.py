@@ -89,8 +89,8 @@ def test_missing_or_non_lora_files_are_one_error_before_merging(tmp_path):
     folder = tmp_path / "loras"
     _lora_file(folder / "ink.safetensors", _small_lora(0))
     save_file({"model.diffusion_model.out.2.weight": torch.zeros(4, 4)}, str(folder / "model.safetensors"))
-    bare, uses = resolve_prompt_loras("a <lora:ink:0.5> b <lora:ink:2>", [folder])
-    assert bare == "a  b " and uses == [LoraUse(folder / "ink.safetensors", 0.5, 0.5, "ink")]
+    bare, uses = resolve_prompt_loras("a <lora:ink:0.5> b", [folder])
+    assert bare == "a  b" and uses == [LoraUse(folder / "ink.safetensors", 0.5, 0.5, "ink")]
     with pytest.raises(RequestError, match=r"<lora:nothere:1>.*no nothere\.safetensors.*loras"):
         resolve_prompt_loras("x <lora:nothere:1>", [folder])
     with pytest.raises(RequestError, match="model.safetensors.*not a LoRA"):
@@ -175,3 +175,27 @@ def test_lora_for_another_family_is_a_request_error_and_changes_nothing(tmp_path
     with pytest.raises(RequestError, match="xl.safetensors.*matches a layer"):
         LoraPatcher(bundle).apply([LoraUse(path, 1.0, 1.0, "xl")])
     _assert_same(_state(bundle), original)
+
+
+def test_a_name_tagged_twice_is_merged_twice_at_its_last_weights(tmp_path):
+    """A1111 (`networks.load_networks`): one `Network` object per name, its multipliers set by each tag in
+    turn, appended to `loaded_networks` once per tag; every entry is merged. ``<lora:ink:0.5> <lora:ink:0.3>``
+    is the file twice at 0.3: for kinds linear in the multiplier (LoRA, LoHa, full diff here), the file
+    once at 0.6 (within 1e-5; fp32)."""
+    folder = tmp_path / "loras"
+    path = _lora_file(folder / "ink.safetensors", _small_lora(4))
+    bare, uses = resolve_prompt_loras("a <lora:ink:0.5> b <lora:ink:0.2:0.3>", [folder])
+    assert bare == "a  b " and uses == [LoraUse(path, 0.2, 0.3, "ink")] * 2
+    bare, uses = resolve_prompt_loras("a <lora:ink:0.5> b <lora:ink:0.3>", [folder])
+    assert uses == [LoraUse(path, 0.3, 0.3, "ink")] * 2
+    bundle = tiny_bundle("sd1")
+    with LoraPatcher(bundle).using(uses):
+        patched = _state(bundle)
+    reference = tiny_bundle("sd1")
+    apply_lora(reference, path, 0.6)
+    expected = _state(reference)
+    original = _state(tiny_bundle("sd1"))
+    changed = [k for k in patched if not torch.equal(patched[k], original[k])]
+    assert len(changed) == 4
+    for key in patched:
+        torch.testing.assert_close(patched[key], expected[key], atol=1e-5, rtol=1e-5)

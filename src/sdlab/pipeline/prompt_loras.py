@@ -202,7 +202,11 @@ def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Seque
                          ) -> tuple[str, list[LoraUse]]:
     """(the prompt without its LoRA tags, the files to merge): every tag looked up (`find` is a function
     of the name or a list of folders for `find_lora`) and its file read, so that a missing name or a file
-    that is not a LoRA is one `RequestError` before any work. A name used twice counts once (the first)."""
+    that is not a LoRA is one `RequestError` before any work. A name tagged twice is merged twice, both
+    times at its last tag's weights, as A1111 does: `networks.load_networks` gets the same `Network` object
+    for each tag of a name, sets its multipliers from each tag in turn (the last one stays) and appends it to
+    `loaded_networks` once per tag, and every entry there is merged (``<lora:a:0.5> <lora:a:0.3>``: a plain
+    LoRA changes the model by 2 * 0.3, not 0.5 or 0.8). Prompts written for A1111 draw as they did there."""
     try:
         bare, tags = split_prompt_loras(prompt)
     except ValueError as err:
@@ -210,9 +214,12 @@ def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Seque
     if not tags:
         return prompt, []
     lookup = find if callable(find) else (lambda name: find_lora(name, find))
+    last = {tag.name: tag for tag in tags}                  # a name's weights: its last tag's (A1111)
+    paths: dict[str, Path] = {}
     uses: list[LoraUse] = []
     for tag in tags:
-        if any(use.name == tag.name for use in uses):
+        if tag.name in paths:
+            uses.append(LoraUse(paths[tag.name], last[tag.name].te_weight, last[tag.name].unet_weight, tag.name))
             continue
         try:
             path = lookup(tag.name)
@@ -226,7 +233,8 @@ def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Seque
             read_lora(path)
         except Exception as err:                         # CheckpointError, OSError: one line naming the file
             raise RequestError(f"{tag.text}: {err}") from None
-        uses.append(LoraUse(Path(path), tag.te_weight, tag.unet_weight, tag.name))
+        paths[tag.name] = Path(path)
+        uses.append(LoraUse(Path(path), last[tag.name].te_weight, last[tag.name].unet_weight, tag.name))
     return bare, uses
 
 
