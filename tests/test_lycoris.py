@@ -498,3 +498,16 @@ def test_lycoris_norm_layer_diffs(tmp_path):
     torch.testing.assert_close(F.layer_norm(x.permute(0, 2, 3, 1), (16,), w, b), want["ln"], atol=1e-5, rtol=1e-5)
     w, b = weights[layers["lora_unet_blk_gn"]]
     torch.testing.assert_close(F.group_norm(x, 4, w, b), want["gn"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("keys, kind", [
+    ({"lora_unet_blk_lin.oft_blocks": torch.zeros(4, 16, 16), "lora_unet_blk_lin.alpha": torch.tensor(0.0)}, "OFT / BOFT"),
+    ({f"lora_unet_blk_lin.{f}.weight": torch.zeros(4, 4) for f in ("a1", "a2", "b1", "b2")}, "GLoRA"),
+])
+def test_unsupported_lycoris_kinds_are_named(tmp_path, keys, kind):
+    """OFT / BOFT and GLoRA files (A1111 network_oft.py / network_glora.py read them) are refused naming the
+    kind, not with the hint that a full model goes to --model."""
+    save_file(keys, str(tmp_path / "l.safetensors"))
+    with pytest.raises(CheckpointError, match=f"LyCORIS {kind} file") as err:
+        load_lora_file(tmp_path / "l.safetensors")
+    assert "--model" not in str(err.value)

@@ -236,6 +236,16 @@ def _kohya_module_name(name: str) -> str:
     return kohya_name(prefix, name)
 
 
+def _unsupported_kind(state: Mapping[str, Tensor]) -> str | None:
+    """The LyCORIS kind A1111 / ComfyUI read and sdlab does not (OFT / BOFT: ``oft_blocks`` / ``oft_diag``;
+    GLoRA: ``a1.weight`` ... ``b2.weight``), when the keys are one's; else None."""
+    if any(key.endswith((".oft_blocks", ".oft_diag")) for key in state):
+        return "OFT / BOFT"
+    if any(key.endswith(".a1.weight") for key in state) and any(key.endswith(".b2.weight") for key in state):
+        return "GLoRA"
+    return None
+
+
 def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
     """kohya name -> {field: tensor} (fields of `sdlab.checkpoints.lycoris`: "down", "up", "alpha" for a
     LoRA; "hada_w1_a", ... for LyCORIS kinds) from a LoRA / LyCORIS file in kohya, LyCORIS, diffusers or peft
@@ -250,6 +260,10 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
             groups.setdefault(split[0], {})[split[1]] = key
     modules = {name: g for name, g in groups.items() if any(FIELDS[f] and f != "weight" for f in g)}
     if not modules:
+        unsupported = _unsupported_kind(state)
+        if unsupported:
+            raise CheckpointError(f"{path}: a LyCORIS {unsupported} file ({', '.join(list(state)[:2])}); sdlab "
+                                  f"merges LoRA / LoCon, LoHa, LoKr, (IA)^3, full diffs and DoRA, not {unsupported}")
         raise CheckpointError(
             f"{path}: not a LoRA file: no LoRA / LyCORIS module keys ('<name>.lora_down.weight', "
             f"'<name>.hada_w1_a', '<name>.lokr_w1', '<name>.diff', ...) among its {len(state)} tensors "
