@@ -226,3 +226,27 @@ def lower_right_mask(size: int):
     mask = np.zeros((size, size), dtype=np.uint8)
     mask[size // 2:, size // 3:] = 255
     return Image.fromarray(mask)
+
+
+def as_released(folder: Path, sample_size: int) -> Path:
+    """Two details of released diffusers folders that `write_diffusers_folder` leaves out and diffusers needs:
+    `unet/config.json` has a `sample_size` (the img2img / inpainting pipelines compare it with 64 on
+    construction), and SD2's `text_encoder` is a plain `CLIPTextModel` (whose first output is the hidden
+    states), not `CLIPTextModelWithProjection`."""
+    import json
+
+    from transformers import CLIPTextModel as HFTextModel
+    from transformers import CLIPTextModelWithProjection
+
+    unet_config = folder / "unet" / "config.json"
+    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "sample_size": sample_size}))
+    index = json.loads((folder / "model_index.json").read_text())
+    if "text_encoder_2" not in index and index.get("text_encoder") == ["transformers", "CLIPTextModelWithProjection"]:
+        with_projection = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
+        plain = HFTextModel(with_projection.config)
+        state = with_projection.state_dict()
+        plain.load_state_dict({k.removeprefix("text_model."): v for k, v in state.items() if k != "text_projection.weight"})
+        plain.save_pretrained(folder / "text_encoder")
+        index["text_encoder"] = ["transformers", "CLIPTextModel"]
+        (folder / "model_index.json").write_text(json.dumps(index))
+    return folder

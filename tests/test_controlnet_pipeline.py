@@ -9,7 +9,6 @@ The reduced bundles have a factor-2 VAE, so their ControlNets map hints down 2x 
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 import numpy as np
@@ -27,7 +26,7 @@ from diffusers import (
 from PIL import Image, ImageDraw
 
 import sdlab
-from bundle_fixtures import tiny_bundle, write_diffusers_folder
+from bundle_fixtures import as_released, tiny_bundle, write_diffusers_folder
 from controlnet_fixtures import diffusers_controlnet, write_layout
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.request import GenerationRequest
@@ -44,10 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _released(folder):
-    config_path = folder / "unet" / "config.json"
-    config = json.loads(config_path.read_text())
-    config_path.write_text(json.dumps({**config, "sample_size": SIZE // 2}))
-    return folder
+    return as_released(folder, SIZE // 2)
 
 
 def _hint(seed: int) -> Image.Image:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_fixtures import tiny_bundle, write_diffusers_folder
+from bundle_fixtures import as_released, tiny_bundle, write_diffusers_folder
 from diffusers import EulerDiscreteScheduler
 
 import sdlab
@@ -32,22 +32,7 @@ SIZE = 32                               # pixels; the tiny VAE has factor 2
 
 
 def _released(folder: Path) -> Path:
-    """What released folders have and `write_diffusers_folder` leaves out: `sample_size` (diffusers' SD
-    pipelines compare it on construction) and SD2's plain `CLIPTextModel` as `text_encoder`."""
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    unet_config = folder / "unet" / "config.json"
-    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "sample_size": SIZE // 2}))
-    index = json.loads((folder / "model_index.json").read_text())
-    if "text_encoder_2" not in index and index.get("text_encoder") == ["transformers", "CLIPTextModelWithProjection"]:
-        with_projection = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
-        plain = CLIPTextModel(with_projection.config)
-        state = with_projection.state_dict()
-        plain.load_state_dict({k.removeprefix("text_model."): v for k, v in state.items() if k != "text_projection.weight"})
-        plain.save_pretrained(folder / "text_encoder")
-        index["text_encoder"] = ["transformers", "CLIPTextModel"]
-        (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
+    return as_released(folder, SIZE // 2)
 
 
 def _set_scheduler(folder: Path, **changes) -> dict:

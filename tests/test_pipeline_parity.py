@@ -29,14 +29,13 @@ Random draws where diffusers' order is not sdlab's (and what is compared instead
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle, write_diffusers_folder
+from bundle_fixtures import as_released, init_picture, lower_right_mask, tiny_bundle, write_diffusers_folder
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
@@ -49,7 +48,6 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 import sdlab
 from sdlab.diffusion.denoiser import Prediction
@@ -78,23 +76,7 @@ def _folder(tmp_path_factory, name: str, **changes) -> Path:
 
 
 def _as_released(folder: Path) -> Path:
-    """Two details of released folders that `write_diffusers_folder` leaves out and diffusers needs here:
-    `unet/config.json` has a `sample_size` (the img2img / inpainting pipelines compare it with 64 on
-    construction), and SD2's `text_encoder` is a plain `CLIPTextModel` (whose first output is the hidden
-    states), not `CLIPTextModelWithProjection`."""
-    unet_config = folder / "unet" / "config.json"
-    config = json.loads(unet_config.read_text())
-    unet_config.write_text(json.dumps({**config, "sample_size": SIZE // 2}))
-    index = json.loads((folder / "model_index.json").read_text())
-    if "text_encoder_2" not in index and index.get("text_encoder") == ["transformers", "CLIPTextModelWithProjection"]:
-        with_projection = CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder")
-        plain = CLIPTextModel(with_projection.config)
-        state = with_projection.state_dict()
-        plain.load_state_dict({k.removeprefix("text_model."): v for k, v in state.items() if k != "text_projection.weight"})
-        plain.save_pretrained(folder / "text_encoder")
-        index["text_encoder"] = ["transformers", "CLIPTextModel"]
-        (folder / "model_index.json").write_text(json.dumps(index))
-    return folder
+    return as_released(folder, SIZE // 2)
 
 
 def _quiet(pipe):
