@@ -372,7 +372,7 @@ def test_distilling_the_shipped_model_brings_few_step_samples_closer_to_the_teac
     (("--lcd-ddim-timesteps", "2000"), "--lcd-ddim-timesteps must be between 1 and the model's 1000"),
     (("--lcd-ddim-timesteps", "0"), "--lcd-ddim-timesteps must be at least 1"),
     (("--lora-rank", "4", "--lora-text-encoder"), "--lora-text-encoder does not apply"),
-    (("--lora-conv",), "--lora-conv and --lora-text-encoder choose the layers of a LoRA: give --lora-rank too"),
+    (("--lora-conv",), "--lora-conv shapes a LoRA, but no LoRA is trained: give --lora-rank too"),
     (("--lcd-loss", "l1"), "--lcd-loss must be one of l2, huber"),
     (("--lcd-target-decay", "1.0"), "--lcd-target-decay must be in [0, 1)"),
 ])

@@ -78,3 +78,9 @@ def test_save_dtype_shapes_the_vae_and_embedding_files(tmp_path):
     word = embedding_task.build_task(TrainConfig(task="embedding", embedding_word="zq", save_dtype="bf16"), bundle)
     word.save_weights(tmp_path / "zq.safetensors", ema=False)
     assert {t.dtype for t in load_file(str(tmp_path / "zq.safetensors")).values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("extra, given", [(("--lora-alpha", "8"), "--lora-alpha"), (("--lora-conv",), "--lora-conv"),
+                                          (("--lora-text-encoder",), "--lora-text-encoder")])
+def test_lora_settings_without_a_lora_rank_are_refused(tmp_path, capsys, extra, given):
+    assert f"{given} shapes a LoRA, but no LoRA is trained" in _refused(tmp_path, capsys, "--task", "unet", *extra)

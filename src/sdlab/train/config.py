@@ -152,6 +152,9 @@ class TrainConfig:
             if value is not None and not holds(value):
                 raise TrainError(f"{flag(name)} must be {wanted}; got {value!r}")
         _check_task_settings(self)
+        shaping = [name for name in ("lora_alpha", "lora_conv", "lora_text_encoder") if getattr(self, name)]
+        if shaping and self.lora_rank is None:
+            raise TrainError(f"{flag(shaping[0])} shapes a LoRA, but no LoRA is trained: give --lora-rank too")
         if self.cache_latents and not self.center_crop:
             raise TrainError("--cache-latents needs center cropping (a random crop changes the latent every "
                              "epoch): drop --no-center-crop or --cache-latents")

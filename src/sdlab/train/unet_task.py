@@ -118,8 +118,6 @@ class UNetTask:
         self.device = bundle.device
         self.sampling = bundle.model_sampling
 
-        if opts.lora_rank is None and (opts.lora_conv or opts.lora_text_encoder):
-            raise TrainError("--lora-conv and --lora-text-encoder choose the layers of a LoRA: give --lora-rank too")
         if opts.train_text_encoder and opts.lora_rank is not None:
             raise TrainError("--train-text-encoder is for a full fine-tune; with --lora-rank use --lora-text-encoder")
         for module in (bundle.vae, *(te.model for te in bundle.text_encoders)):
