@@ -120,3 +120,26 @@ def test_weights_stay_in_the_unit_interval():
     assert soft.shape == (1, 1, 40, 48)
     assert float(soft.min()) >= 0 and float(soft.max()) <= 1
     assert torch.equal(overlay_weight(torch.tensor([0.0, 0.25, 0.5, 0.9])), torch.tensor([0.0, 0.5, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("convention, blended", [("a1111", True), ("diffusers", False)])
+def test_a1111_convention_blends_the_kept_latent_for_inpainting_models_too(convention, blended):
+    """A1111 blends the init latent into the kept region for every model (`CFGDenoiser`), diffusers' 9-channel
+    pipeline leaves it to the model; the A1111 convention (its API, its pictures) does as A1111."""
+    from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle
+
+    from sdlab.diffusion.noise import generators_for
+    from sdlab.pipeline.generate import encode_image, sample_latents
+    from sdlab.pipeline.images import latent_mask, pil_to_tensor
+    from sdlab.pipeline.plan import make_plan
+    from sdlab.pipeline.request import GenerationRequest
+
+    bundle = tiny_bundle("sd1-inpaint")
+    request = GenerationRequest("x", steps=3, seed=1, width=32, height=32, sampler="Euler", init_image=init_picture(32),
+                                mask_image=lower_right_mask(32), strength=0.75, img2img_convention=convention)
+    plan = make_plan(bundle, request)
+    latents = sample_latents(bundle, plan)                                             # (1, 4, 16, 16)
+    known = encode_image(bundle, pil_to_tensor(init_picture(32)), generators_for(plan.request.seeds()))
+    keep = latent_mask((plan.mask >= 0.5).float(), 2) == 0                              # (1, 1, 16, 16)
+    same = torch.allclose(latents[keep.expand_as(latents)], known[keep.expand_as(known)], atol=1e-5)
+    assert same == blended

@@ -167,15 +167,23 @@ def sample_latents(
     model = _guided_model(bundle, plan.sampling, plan.request, start, generators, plan.sigmas)
     x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
     _check_finite(x, "the final latent", plan.request)
-    return _keep_known(bundle, start, plan.sampling.inverse_noise_scaling(plan.sigmas[-1], x))
+    return _keep_known(bundle, start, plan.sampling.inverse_noise_scaling(plan.sigmas[-1], x), plan.request)
 
 
-def _keep_known(bundle: ModelBundle, start: _Start, latents: Tensor) -> Tensor:
-    """Inpainting with an ordinary model: the kept region of the final latents (B, C, h, w) set to the init
-    image's latent, as diffusers and A1111 do after the last step. Samplers that end above sigma 0 (DDIM,
-    PLMS, TCD: at sigma_min) would otherwise leave it noised to that sigma (`guidance.masked` pastes the known
-    x0 into every denoised estimate, which is all a sampler ending at 0 returns)."""
-    if start.mask is None or bundle.family.is_inpaint:
+def _blends_latent(bundle: ModelBundle, req: GenerationRequest) -> bool:
+    """Whether inpainting blends the init image's latent into the kept region (`guidance.masked`,
+    `_keep_known`): always for an ordinary model; for a 9-channel inpainting model under A1111's img2img
+    convention, as A1111 blends for every model (`CFGDenoiser`: ``init_latent * mask + nmask * denoised``),
+    where diffusers' inpainting pipelines leave it to the model."""
+    return not bundle.family.is_inpaint or req.img2img_convention == "a1111"
+
+
+def _keep_known(bundle: ModelBundle, start: _Start, latents: Tensor, req: GenerationRequest) -> Tensor:
+    """Inpainting that blends (`_blends_latent`): the kept region of the final latents (B, C, h, w) set to
+    the init image's latent, as diffusers and A1111 do after the last step. Samplers that end above sigma 0
+    (DDIM, PLMS, TCD: at sigma_min) would otherwise leave it noised to that sigma (`guidance.masked` pastes
+    the known x0 into every denoised estimate, which is all a sampler ending at 0 returns)."""
+    if start.mask is None or not _blends_latent(bundle, req):
         return latents
     keep = 1 - latent_mask(start.mask, bundle.vae_config.downsample_factor).to(latents.device)  # (1, 1, h, w)
     return latents + keep * (start.image_latent.to(latents.dtype) - latents)
@@ -235,7 +243,7 @@ def generate_with_refiner(
         x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
     _check_finite(x, "the final latent", req)
     last = refiner if split < len(sigmas) - 1 else base
-    latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x))   # (B, 4, h, w)
+    latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x), req)  # (B, 4, h, w)
     return GenerationResult(images=_pictures(refiner, plan, latents), seeds=req.seeds(), request=req)
 
 
@@ -273,7 +281,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
     from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0))
-    blends = mask is not None and any(not model.family.is_inpaint for model in (bundle, refiner) if model)
+    blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
     if pixels is not None and (not from_noise or blends):
         image_latent = encode_image(bundle, pixels, generators, tiled=req.tiled_vae)           # (B, 4, h, w)
 
@@ -361,7 +369,7 @@ def _guided_model(
                              first_call), weight)
             for schedule, (_, weight) in zip(schedules, parts)
         ], uncond_model, req.cfg_scale)
-    if start.mask is not None and not bundle.family.is_inpaint:
+    if start.mask is not None and _blends_latent(bundle, req):
         small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(device)  # (1, 1, h, w)
         model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling)
     return model
