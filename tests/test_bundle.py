@@ -320,3 +320,23 @@ def test_full_size_sd15_loads_with_one_copy_of_the_weights(tmp_path):
     assert result["family"] == "sd1" and result["unet_default"] and result["vae_default"] and result["text_default"]
     grown = (result["after_kib"] - result["before_kib"]) * 1024
     assert grown < 1.25 * weight_bytes, (grown, weight_bytes)
+
+
+@pytest.mark.parametrize("key", ["output_blocks.11.1.transformer_blocks.0.norm1.bias",
+                                 "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias"])
+def test_sd2_prediction_read_from_the_weights_as_comfyui_reads_it(key):
+    """ComfyUI `SD20.model_type`: the last output block's first transformer norm1.bias, std > 0.09 => v (768-v
+    releases), else eps (512 base); stated types (metadata, marker keys) win, and SD1 never looks."""
+    from sdlab.checkpoints.load import resolve_prediction
+    from sdlab.diffusion.prediction import Prediction
+    from sdlab.families import get_family
+
+    wide, narrow = torch.randn(1024) * 0.2, torch.randn(1024) * 0.02
+    sd2 = get_family("sd2")
+    assert resolve_prediction(sd2, argument=None, metadata={}, path=None, unet_state={key: wide})[0] is Prediction.V
+    assert resolve_prediction(sd2, argument=None, metadata={}, path=None, unet_state={key: narrow})[0] is Prediction.EPS
+    stated = resolve_prediction(sd2, argument=None, metadata={"modelspec.prediction_type": "epsilon"}, path=None,
+                                unet_state={key: wide})
+    assert stated[0] is Prediction.EPS
+    assert resolve_prediction(get_family("sd1"), argument=None, metadata={}, path=None,
+                              unet_state={key: wide})[0] is Prediction.EPS

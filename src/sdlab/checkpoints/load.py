@@ -13,8 +13,11 @@ Two stages:
 
 Prediction type (ambiguous where a family's releases differ and the weights do not say, as SD2's 768-v
 models predict v and its base models eps: `FamilySpec.prediction_is_ambiguous`): the `prediction` argument,
-then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`), then a sidecar `<name>.yaml` with `parameterization: "v"` (the CompVis config convention), then a `v_pred`
-marker key, then the family default (eps), logged at INFO.
+then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`), then a sidecar `<name>.yaml` with
+`parameterization: "v"` (the CompVis config convention), then a `v_pred` marker key, then, for SD2 single
+files, ComfyUI's reading of the weights (`SD20.model_type`: v when the last output block's first
+transformer `norm1.bias` has a standard deviation above 0.09; released 768-v files do, 512 base files do not),
+then the family default (eps), logged at INFO.
 
 Training schedule (`ModelBundle.schedule`; None: the family's): a diffusers folder's
 `scheduler_config.json` (betas, `rescale_betas_zero_snr`; `diffusers_scheduler`), the metadata sdlab's saver
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from sdlab.checkpoints import diffusers_folder
 from sdlab.checkpoints.components import ComponentSource, meta_view
@@ -75,8 +79,10 @@ def resolve_prediction(
     path: Path | None,
     keys: Mapping[str, Any] | None = None,
     diffusers_value: str | None = None,
+    unet_state: Mapping[str, Tensor] | None = None,
 ) -> tuple[Prediction, str]:
-    """(prediction, where it came from), in the order given in the module docstring."""
+    """(prediction, where it came from), in the order given in the module docstring; `unet_state` is the
+    single file's U-Net (file layout, read lazily)."""
     def parse(value: str, where: str) -> Prediction:
         try:
             return Prediction.parse(value)
@@ -97,6 +103,10 @@ def resolve_prediction(
             return parse(value, str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
     if keys is not None and "v_pred" in keys:
         return Prediction.V, "v_pred marker key"
+    if family.prediction_is_ambiguous and unet_state is not None:
+        read = _prediction_from_weights(unet_state)
+        if read is not None:
+            return read
     if family.prediction_is_ambiguous:
         logger.info(
             "%s: %s checkpoint with no prediction type in its metadata or a sidecar .yaml; assuming %s "
@@ -107,6 +117,23 @@ def resolve_prediction(
     else:
         logger.info("prediction type: %s (default of %s)", family.prediction.value, family.name)
     return family.prediction, f"default of {family.name}"
+
+
+# the last output block's first transformer LayerNorm bias, in the original and in diffusers' U-Net layout
+_V_TELLING_BIAS = ("output_blocks.11.1.transformer_blocks.0.norm1.bias",
+                   "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias")
+_V_BIAS_STD = 0.09
+
+
+def _prediction_from_weights(unet_state: Mapping[str, Tensor]) -> tuple[Prediction, str] | None:
+    """ComfyUI's rule for SD2 (`supported_models.SD20.model_type`): v-prediction when the standard deviation
+    (biased) of that bias is above 0.09, else eps; None when the U-Net has no such layer (not SD2's layout)."""
+    for key in _V_TELLING_BIAS:
+        if key in unet_state:
+            std = float(unet_state[key].float().std(unbiased=False))
+            prediction = Prediction.V if std > _V_BIAS_STD else Prediction.EPS
+            return prediction, f"weights ({key} std {std:.3f} {'>' if std > _V_BIAS_STD else '<='} {_V_BIAS_STD})"
+    return None
 
 
 def resolve_schedule(
@@ -147,7 +174,8 @@ def _plan_single_file(
 ) -> CheckpointPlan:
     file = read_single_file(path, family=family, vae=vae)
     spec = file.family
-    pred, pred_source = resolve_prediction(spec, argument=prediction, metadata=file.metadata, path=path, keys=file.shapes)
+    pred, pred_source = resolve_prediction(spec, argument=prediction, metadata=file.metadata, path=path,
+                                           keys=file.shapes, unet_state=file.unet.state)
     schedule, schedule_source = resolve_schedule(spec, pred, metadata=file.metadata, keys=file.shapes)
     scaling = stored_scaling_factor(file.metadata, spec.latent_scaling_factor)
     return _finish_plan(str(path), spec, file.family_source, pred, pred_source, scaling, file.unet, file.vae,
