@@ -38,7 +38,8 @@ META_CONFIG = "sdlab.config"
 META_HIDDEN_STATES = "sdlab.text_hidden_states"
 META_RESOLUTION = "modelspec.resolution"    # Stability's model spec: "WxH" the model was trained at
 META_MODELSPEC_PREDICTION = "modelspec.prediction_type"
-META_SCHEDULE = "sdlab.schedule"            # the model's own training schedule (JSON `ScheduleSpec`), if not its family's
+META_SCHEDULE = "sdlab.schedule"            # the model's own training schedule (JSON `ScheduleSpec`), if not
+                                            # its family's
 FORMAT_VERSION = "1"
 
 # single networks and training checkpoints

@@ -56,7 +56,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
                        "(default: the model's, sgm_uniform for sdlab-tiny, karras for SD)")
         p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 14 for sdlab-tiny, 20 for SD)")
-        p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg", help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
+        p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg",
+                       help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
         p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
         p.add_argument("--subseed", type=int, metavar="SEED",
                        help="variation seed (A1111): with --subseed-strength, image i's noise moves toward the noise "

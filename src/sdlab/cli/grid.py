@@ -9,7 +9,8 @@ with its settings. Without --seed (or a seed axis) one random seed serves every 
 ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's request before the first
 is drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R). The grid
 carries the parameters of its first cell and A1111's plot fields (Script: X/Y/Z plot, X Type, X Values,
-Fixed X Values for a seed axis, ...); --keep-cells also writes each cell with its own. Everything is written at the end, all or nothing.
+Fixed X Values for a seed axis, ...); --keep-cells also writes each cell with its own. Everything is written
+at the end, all or nothing.
 """
 
 from __future__ import annotations
@@ -219,7 +220,8 @@ def run_grid(args: argparse.Namespace) -> int:
     texts = {index: format_parameters(p) for index, p in parameters.items()}
 
     out = Path(args.out)
-    files = [(out, encode_image(sheet, image_format(out), format_parameters(_grid_parameters(parameters[(0, 0, 0)], plot))))]
+    text = format_parameters(_grid_parameters(parameters[(0, 0, 0)], plot))
+    files = [(out, encode_image(sheet, image_format(out), text))]
     if args.keep_cells:
         for n, (index, _) in enumerate(cells):
             i, j, k = index

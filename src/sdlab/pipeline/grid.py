@@ -32,7 +32,8 @@ rows=1)`, the titles in one band as high as the tallest). Cells of different siz
 (a width or height axis) sit at the top left of slots as large as the largest cell.
 
 `Plot(x, y, z)` holds the axes: `cells(options)` gives each cell's request options, `sheet(images)` the
-picture, `parameters()` A1111's plot fields for the picture's parameters (Script: X/Y/Z plot, X Type, ...), and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request.
+picture, `parameters()` A1111's plot fields for the picture's parameters (Script: X/Y/Z plot, X Type, ...),
+and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request.
 """
 
 from __future__ import annotations

@@ -28,10 +28,11 @@ Three steps, none of which needs a model:
 2. ``chunk_tokens(pieces, encode)`` tokenizes each piece on its own and packs the ids into chunks of 75
    (A1111 ``FrozenCLIPEmbedderWithCustomWordsBase.tokenize_line``): every token carries the weight of
    its piece; ``BREAK`` closes the current chunk; a textual-inversion embedding's n vectors stay together
-   (when they do not fit in the current chunk, it closes and they start the next one); when a chunk is full and a comma was seen within its
-   last ``comma_padding_backtrack`` (20) tokens, the tokens after that comma move to the next chunk so
-   that a phrase is not cut in two. An empty prompt gives one chunk of padding. More than ``MAX_CHUNKS``
-   (32 chunks, 2,400 tokens) is a ``PromptError``: each chunk adds 77 tokens to every cross-attention. The text encoder wraps
+   (when they do not fit in the current chunk, it closes and they start the next one); when a chunk is
+   full and a comma was seen within its last ``comma_padding_backtrack`` (20) tokens, the tokens after that
+   comma move to the next chunk so that a phrase is not cut in two. An empty prompt gives one chunk of
+   padding. More than ``MAX_CHUNKS`` (32 chunks, 2,400 tokens) is a ``PromptError``: each chunk adds 77
+   tokens to every cross-attention. The text encoder wraps
    each chunk as ``[begin] + 75 ids + [end]`` (77 positions, weight 1 at both ends), encodes each chunk
    separately and concatenates the results along the sequence axis (a prompt of n chunks conditions the
    U-Net with 77 * n tokens).

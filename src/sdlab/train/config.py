@@ -26,8 +26,8 @@ from typing import Any
 
 from sdlab.train.errors import TrainError
 
-__all__ = ["RESUME_INVARIANTS", "TASK_SETTINGS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments", "config_from_args",
-           "config_from_settings", "flag", "given_settings", "load_config_file", "merge_resumed"]
+__all__ = ["RESUME_INVARIANTS", "TASK_SETTINGS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments",
+           "config_from_args", "config_from_settings", "flag", "given_settings", "load_config_file", "merge_resumed"]
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
