@@ -143,3 +143,31 @@ def test_a1111_convention_blends_the_kept_latent_for_inpainting_models_too(conve
     keep = latent_mask((plan.mask >= 0.5).float(), 2) == 0                              # (1, 1, 16, 16)
     same = torch.allclose(latents[keep.expand_as(latents)], known[keep.expand_as(known)], atol=1e-5)
     assert same == blended
+
+
+def test_a1111_convention_blends_only_the_output_and_starts_from_the_noised_init_latent():
+    """A1111's default inpainting (`CFGDenoiser`, `mask_before_denoising` off): the model sees x as the sampler
+    has it and only its x0 is blended; at denoising 1 the start is the init latent plus noise at sigma_max."""
+    from bundle_fixtures import init_picture, lower_right_mask
+
+    from sdlab.diffusion.guidance import masked
+    from sdlab.diffusion.noise import generators_for
+    from sdlab.pipeline.generate import _start
+    from sdlab.pipeline.plan import make_plan
+    from sdlab.pipeline.request import GenerationRequest
+
+    seen = []
+    inner = lambda x, sigma, **_: seen.append(x) or torch.zeros_like(x)               # noqa: E731
+    x, known, mask = torch.randn(1, 4, 4, 4), torch.ones(1, 4, 4, 4), torch.zeros(1, 1, 4, 4)
+    mask[..., :2] = 1
+    out = masked(inner, known, mask, torch.randn(1, 4, 4, 4), blend_input=False)(x, torch.ones(1))
+    assert torch.equal(seen[0], x) and torch.equal(out, mask * 0 + (1 - mask) * known)
+
+    bundle = tiny_bundle("sd1")
+    for convention in ("a1111", "diffusers"):
+        plan = make_plan(bundle, GenerationRequest(
+            "x", steps=3, seed=1, width=32, height=32, sampler="Euler", init_image=init_picture(32),
+            mask_image=lower_right_mask(32), strength=1.0, img2img_convention=convention))
+        start = _start(bundle, plan, generators_for(plan.request.seeds()))
+        from_init = torch.allclose(start.x, start.image_latent + start.noise * plan.sigmas[0], atol=1e-5)
+        assert from_init == (convention == "a1111")

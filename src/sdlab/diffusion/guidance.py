@@ -154,7 +154,8 @@ def blend_known(
 
 
 def masked(
-    inner: DenoiseFn, x0_known: Tensor, mask: Tensor, noise: Tensor, noise_scaling: NoiseScaling | None = None
+    inner: DenoiseFn, x0_known: Tensor, mask: Tensor, noise: Tensor, noise_scaling: NoiseScaling | None = None,
+    *, blend_input: bool = True,
 ) -> DenoiseFn:
     """Inpainting with an ordinary 4-channel model (latent blend), as a denoiser wrapper.
 
@@ -171,10 +172,15 @@ def masked(
     step diffusers sets the known region to the clean x0_known; a sampler that ends at sigma 0 already has
     it there, and the pipeline sets it for those that end above 0 (DDIM, PLMS, TCD).
     ``noise_scaling`` is the model's forward process (``ModelSampling.noise_scaling``; default VE).
+
+    ``blend_input=False`` is A1111's default (``CFGDenoiser``, ``mask_before_denoising`` off): only the
+    returned x0 is blended, the model sees x as the sampler has it (for ancestral and SDE samplers the known
+    region then carries their fresh noise; for deterministic ones nothing changes).
     """
 
     def inpaint(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        x0 = inner(blend_known(x, sigma, x0_known, mask, noise, noise_scaling), sigma, **cond)  # (B, C, h, w)
+        seen = blend_known(x, sigma, x0_known, mask, noise, noise_scaling) if blend_input else x
+        x0 = inner(seen, sigma, **cond)                                                           # (B, C, h, w)
         return mask * x0 + (1 - mask) * x0_known
 
     return inpaint

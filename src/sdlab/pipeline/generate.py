@@ -271,8 +271,10 @@ class _Start:
 def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Generator],
            init_latent: Tensor | None = None, refiner: ModelBundle | None = None) -> _Start:
     """The first x: the model's forward process (``plan.sampling.noise_scaling``) applied to pure noise, or
-    to the init image's latent (or `init_latent`) at ``sigmas[0]``. The init image's latent is drawn also when
-    only a 4-channel `refiner` blends it in (an inpainting base at strength 1 starts from noise)."""
+    to the init image's latent (or `init_latent`) at ``sigmas[0]``. Inpainting at strength 1 starts from pure
+    noise as diffusers does, from the noised init latent under A1111's convention (A1111 always adds the
+    noise to the init latent). The init image's latent is drawn also when only a 4-channel `refiner` blends
+    it in."""
     device, req, sigmas = bundle.device, plan.request, plan.sigmas
     pixels = mask = None
     image_latent = None if init_latent is None else init_latent.to(device, torch.float32)  # (B, C, h, w)
@@ -280,7 +282,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
         pixels = pil_to_tensor(req.init_image, size=(req.width, req.height)).to(device)       # (1, 3, H, W)
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
-    from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0))
+    from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0
+                                                              and req.img2img_convention != "a1111"))
     blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
     if pixels is not None and (not from_noise or blends):
         image_latent = encode_image(bundle, pixels, generators, tiled=req.tiled_vae)           # (B, 4, h, w)
@@ -371,7 +374,8 @@ def _guided_model(
         ], uncond_model, req.cfg_scale)
     if start.mask is not None and _blends_latent(bundle, req):
         small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(device)  # (1, 1, h, w)
-        model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling)
+        model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling,
+                       blend_input=req.img2img_convention != "a1111")     # A1111 blends the output only
     return model
 
 
