@@ -103,11 +103,10 @@ def resolve_prediction(
             return parse(value, str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
     if keys is not None and "v_pred" in keys:
         return Prediction.V, "v_pred marker key"
-    if family.prediction_is_ambiguous and unet_state is not None:
-        read = _prediction_from_weights(unet_state)
+    if family.prediction_is_ambiguous:
+        read = None if unet_state is None else _prediction_from_weights(unet_state)
         if read is not None:
             return read
-    if family.prediction_is_ambiguous:
         logger.info(
             "%s: %s checkpoint with no prediction type in its metadata or a sidecar .yaml; assuming %s "
             "(%d-px %s models need prediction='v')",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdlab.checkpoints.components import ComponentConfig, ComponentSource
-from sdlab.checkpoints.file_format import config_to_json, native_size
+from sdlab.checkpoints.file_format import config_to_json
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import FamilySpec, ScheduleSpec, TextEncoderSpec
 
@@ -58,7 +58,7 @@ class LoadReport:
             "prediction": self.prediction.value,
             "prediction_source": self.prediction_source,
             "scaling_factor": self.scaling_factor,
-            "default_size": self.native_size or native_size(self.metadata) or self.family.size_for(self.prediction),
+            "default_size": self.native_size or self.family.size_for(self.prediction),
             "schedule": schedule.describe(),
             "schedule_source": self.schedule_source or f"default of {self.family.name}",
             **({"diffusers_sampler": dict(self.sampler)} if self.sampler else {}),

@@ -536,7 +536,11 @@ def _identify_model(model: str | os.PathLike) -> tuple[str, str | None]:
 
 def _standalone_vae(args: argparse.Namespace) -> tuple[str, str | None] | None:
     """A standalone --vae as `to_parameters` records it: (file name, short hash), A1111's `VAE` / `VAE hash`."""
-    return None if args.vae is None else (Path(args.vae).name, _identify_model(args.vae)[1])
+    from sdlab.pipeline.png_info import model_hash
+
+    if args.vae is None:
+        return None
+    return Path(args.vae).name, model_hash(args.vae) if os.path.isfile(args.vae) else None
 
 
 def _recorded_model(args: argparse.Namespace, recorded: dict[str, Any]) -> str | None:

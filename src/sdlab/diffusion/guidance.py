@@ -17,8 +17,7 @@ from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
-__all__ = ["bind", "blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "rescale_guidance",
-           "switch_at_calls"]
+__all__ = ["blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "rescale_guidance", "switch_at_calls"]
 
 NoiseScaling = Callable[..., Tensor]
 """``(sigma, noise, latent) -> latent noised to sigma``: the model's forward process (``ModelSampling.noise_scaling``)."""
@@ -209,16 +208,6 @@ def switch_at_calls(models: Sequence[tuple[int, DenoiseFn]], first_call: int = 0
         return models[index][1](x, sigma, **extra)
 
     return scheduled
-
-
-def bind(denoiser: DenoiseFn, cond: Mapping[str, Any]) -> DenoiseFn:
-    """``denoiser`` given ``cond`` at every call."""
-    cond = dict(cond)
-
-    def bound(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
-        return denoiser(x, sigma, **cond, **extra)
-
-    return bound
 
 
 def composable_cfg(parts: Sequence[tuple[DenoiseFn, float]], uncond: DenoiseFn, scale: float) -> DenoiseFn:

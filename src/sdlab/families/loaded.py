@@ -62,11 +62,6 @@ class ModelBundle:
         return self.native_size or self.family.size_for(self.prediction)
 
     @property
-    def training_schedule(self) -> ScheduleSpec:
-        """The schedule the model was trained on: its own (`schedule`), else its family's."""
-        return self.schedule or self.family.schedule
-
-    @property
     def model_sampling(self) -> ModelSampling:
         """The noise parameterisation to sample (and train) this model with: its family's, for its prediction,
         on the schedule the model declares (`schedule`) where it declares one."""

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+from functools import partial
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ from torch import Tensor
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
-from sdlab.diffusion.guidance import bind, cfg, composable_cfg, masked, needs_uncond, switch_at_calls
+from sdlab.diffusion.guidance import cfg, composable_cfg, masked, needs_uncond, switch_at_calls
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.samplers import get_sampler
@@ -339,7 +340,7 @@ def _guided_model(
         target_size=req.target_size,
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
-    ) for text, _ in (parts if composed else [(req.prompt, 1.0)])]
+    ) for text, _ in parts]                   # one part as written when there is no AND / :WEIGHT
     extra_cond: dict[str, Tensor] = {}
     if embedded is not None:
         w = torch.full((req.batch_size,), req.cfg_scale - 1.0, device=device)                   # (B,)
@@ -365,10 +366,10 @@ def _guided_model(
     else:                                               # each part and the negative: its own pass
         if req.guidance_rescale:
             logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
-        uncond_model = switch_at_calls([(end, bind(denoiser, {**uncond, **extra_uncond}))
+        uncond_model = switch_at_calls([(end, partial(denoiser, **uncond, **extra_uncond))
                                         for end, _, uncond in schedules[0]], first_call)
         model = composable_cfg([
-            (switch_at_calls([(end, bind(denoiser, {**cond, **extra_cond})) for end, cond, _ in schedule],
+            (switch_at_calls([(end, partial(denoiser, **cond, **extra_cond)) for end, cond, _ in schedule],
                              first_call), weight)
             for schedule, (_, weight) in zip(schedules, parts)
         ], uncond_model, req.cfg_scale)
