@@ -668,7 +668,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        total = sum(p.steps_run + (hires_steps(p) if p.request.hires else 0) for p in plans)
+        total = sum(p.steps_run + (hires_steps(p.request) if p.request.hires else 0) for p in plans)
         bar = tqdm(total=total, desc=args.mode, unit="step", file=sys.stderr, leave=False)
         progress = lambda info: bar.update(1)  # noqa: E731
     try:

@@ -128,11 +128,12 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
     return GenerationResult(images=images, seeds=req.seeds(), request=req)
 
 
-def hires_steps(plan: GenerationPlan) -> int:
-    """Sampler steps the second pass takes for the whole batch (for progress totals)."""
-    req = plan.request
-    steps = req.hr_steps or req.steps
-    return steps * (1 if is_latent_upscaler(req.hr_upscaler) else req.batch_size)
+def hires_steps(req: GenerationRequest, latent: bool | None = None) -> int:
+    """Sampler steps the second pass takes for the whole batch (for progress totals): `hr_steps` (unset or 0:
+    the first pass's) once after a latent upscaler, once per picture after a pixel one. `latent` defaults to
+    whether the resolved request's `hr_upscaler` is a latent mode."""
+    latent = is_latent_upscaler(req.hr_upscaler) if latent is None else latent
+    return (req.hr_steps or req.steps) * (1 if latent else req.batch_size)
 
 
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")

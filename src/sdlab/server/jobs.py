@@ -22,6 +22,7 @@ from typing import Any
 from torch import Tensor
 
 from sdlab.diffusion.discretization import steps_run
+from sdlab.pipeline.hires import hires_steps
 from sdlab.pipeline.upscale import UpscaleError, canonical_latent_name
 from sdlab.server.inputs import JobSpec
 from sdlab.server.store import Store
@@ -134,10 +135,7 @@ def steps_of(spec: JobSpec) -> int:
     if request.init_image is None:
         if not request.hires:
             return request.steps
-        # pipeline/hires.py: the second pass runs hr_steps (0 / None: the first pass's) for the whole batch
-        # after a latent upscaler, once per picture after a pixel one (`hires_steps`)
-        second = request.hr_steps if isinstance(request.hr_steps, int) and request.hr_steps > 0 else request.steps
-        return request.steps + second * (1 if _latent(request.hr_upscaler) else request.batch_size)
+        return request.steps + hires_steps(request, _latent(request.hr_upscaler))
     try:
         return steps_run(request.steps, request.strength, request.img2img_convention)[1]
     except ValueError:
