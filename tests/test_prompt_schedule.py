@@ -269,6 +269,43 @@ def test_and_guides_toward_each_part(sd1):
     assert names == ["ugly", "cat", "dog"] * 3
 
 
+@torch.no_grad()
+def test_and_parts_of_different_lengths_are_padded_with_their_last_token_as_a1111(sd1):
+    """A part over 75 tokens makes a longer context: A1111 stacks the parts into one batch, padding the
+    shorter ones by repeating their last token vector (`reconstruct_multicond_batch`), which changes their
+    attention; the negative keeps its own length (its own pass). A part's text is encoded alone."""
+    contexts = []
+    hook = sd1.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: contexts.append(kwargs.get("context", args[2] if len(args) > 2 else None)),
+        with_kwargs=True)
+    long_part = " ".join(["a tall red house"] * 25)
+    try:
+        _pixels(sd1, f"a cat AND {long_part}", 5.0)
+    finally:
+        hook.remove()
+    cat = encode_prompt(sd1.text_encoders, "a cat ").context                      # (1, 77, D)
+    house = encode_prompt(sd1.text_encoders, f" {long_part}").context             # (1, 154, D)
+    ugly = encode_prompt(sd1.text_encoders, "ugly").context
+    assert house.shape[1] == 154 and [c.shape[1] for c in contexts] == [77, 154, 154] * 3
+    padded_cat = torch.cat([cat, cat[:, -1:].expand(-1, 77, -1)], dim=1)
+    for seen, expected in zip(contexts, [ugly, padded_cat, house]):
+        assert torch.allclose(seen, expected, atol=1e-6)
+
+
+def test_merged_part_schedules_switch_at_every_parts_steps():
+    from sdlab.pipeline.conditioning import merge_part_schedules
+
+    def cond(tokens: int, value: float):
+        return {"context": torch.full((1, tokens, 2), value)}
+    a1, a2, b = cond(1, 1.0), cond(3, 2.0), cond(2, 3.0)
+    merged = merge_part_schedules([[(1, a1, None), (4, a2, None)], [(4, b, None)]])
+    assert [end for end, _ in merged] == [1, 4]
+    (_, first), (_, second) = merged
+    assert first[1] is b and first[0]["context"][0, :, 0].tolist() == [1.0, 1.0]   # a1 padded to b's 2 tokens
+    assert second[0] is a2 and second[1]["context"].shape[1] == 3
+    assert second[1]["context"][0, :, 0].tolist() == [3.0, 3.0, 3.0]
+
+
 def test_composable_cfg_sums_the_parts_guidance_in_order():
     from sdlab.diffusion.guidance import composable_cfg
 

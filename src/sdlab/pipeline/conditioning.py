@@ -70,6 +70,7 @@ __all__ = [
     "hidden_state_layers",
     "make_cond",
     "make_cond_schedule",
+    "merge_part_schedules",
     "prompt_chunks",
     "repeat_to_common_length",
     "sdxl_size_conds",
@@ -456,6 +457,38 @@ def make_cond_schedule(
     return schedule
 
 
+def merge_part_schedules(schedules: Sequence[CondSchedule]) -> list[tuple[int, list[Conditioning]]]:
+    """The conditionings of composable prompt parts (A1111's ``AND``; each part's ``make_cond_schedule``
+    without guidance) as one schedule ``[(end_at_step, [cond of each part]), ...]`` over the union of the parts'
+    switch points, each step's contexts padded to the longest by repeating its last token vector (A1111
+    ``reconstruct_multicond_batch`` / ``stack_conds``: the parts are stacked into one batch). Unlike
+    repeating a whole context, the padding changes a shorter part's attention, so this matches A1111 only
+    because it does the same. A padded context is made once and shared by the steps that use it."""
+    padded: dict[tuple[int, int], Conditioning] = {}
+
+    def pad(cond: Conditioning, length: int) -> Conditioning:
+        context = cond["context"]                                                  # (B, T, D)
+        key = (id(cond), length)
+        if context.shape[1] == length:
+            return cond
+        if key not in padded:
+            tail = context[:, -1:].expand(-1, length - context.shape[1], -1)      # (B, length - T, D)
+            padded[key] = {**cond, "context": torch.cat([context, tail], dim=1)}  # (B, length, D)
+        return padded[key]
+
+    merged: list[tuple[int, list[Conditioning]]] = []
+    for end in sorted({end for schedule in schedules for end, _, _ in schedule}):
+        conds = [_entry_at(schedule, end)[1] for schedule in schedules]
+        length = max(cond["context"].shape[1] for cond in conds)
+        merged.append((end, [pad(cond, length) for cond in conds]))
+    return merged
+
+
+def _entry_at(schedule: Sequence[tuple], step: int) -> tuple:
+    """The first entry that lasts to ``step``, else the first (A1111 ``reconstruct_cond_batch``)."""
+    return next((entry for entry in schedule if step <= entry[0]), schedule[0])
+
+
 def _text_at(schedule: PromptSchedule, step: int) -> str:
-    """The text of the first entry that lasts to ``step`` (A1111 ``reconstruct_cond_batch``)."""
-    return next((text for end, text in schedule if step <= end), schedule[0][1])
+    """The text of the entry that lasts to ``step``."""
+    return _entry_at(schedule, step)[1]

@@ -64,7 +64,7 @@ from sdlab.diffusion.steps import StepInfo
 from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.pipeline.control import controlled_unet, prepare_controls, spans_part, tag_steps
-from sdlab.pipeline.conditioning import make_cond_schedule
+from sdlab.pipeline.conditioning import make_cond_schedule, merge_part_schedules
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
@@ -322,17 +322,15 @@ def _guided_model(
     first_call = steps_done * calls
     steps, hires_steps = ((req.steps * calls, None) if req.first_pass_steps is None
                           else (req.first_pass_steps * calls, req.steps * calls))   # a hires pass counts on
-    schedules = [make_cond_schedule(     # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
+    conditioning = partial(        # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
+        make_cond_schedule,
         bundle.text_encoders,
         bundle.family,
-        text,
-        req.negative_prompt,
         steps=steps,
         hires_steps=hires_steps,
         adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,
-        guidance=(composed or needs_uncond(req.cfg_scale)) and embedded is None,
         width=req.width,
         height=req.height,
         original_size=req.original_size,
@@ -340,7 +338,7 @@ def _guided_model(
         target_size=req.target_size,
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
-    ) for text, _ in parts]                   # one part as written when there is no AND / :WEIGHT
+    )
     extra_cond: dict[str, Tensor] = {}
     if embedded is not None:
         w = torch.full((req.batch_size,), req.cfg_scale - 1.0, device=device)                   # (B,)
@@ -358,21 +356,23 @@ def _guided_model(
         extra = inpaint_channels(bundle, pixels, mask, generators, tiled=req.tiled_vae)      # (B, 5, h, w)
         extra_cond["concat"] = extra_uncond["concat"] = extra
     if not composed:
+        guided = needs_uncond(req.cfg_scale) and embedded is None
         model = switch_at_calls([
             (end, cfg(denoiser, {**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond},
                       req.cfg_scale, req.guidance_rescale))
-            for end, cond, uncond in schedules[0]
+            for end, cond, uncond in conditioning(parts[0][0], req.negative_prompt, guidance=guided)
         ], first_call)
     else:                                               # each part and the negative: its own pass
         if req.guidance_rescale:
             logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
         uncond_model = switch_at_calls([(end, partial(denoiser, **uncond, **extra_uncond))
-                                        for end, _, uncond in schedules[0]], first_call)
-        model = composable_cfg([
-            (switch_at_calls([(end, partial(denoiser, **cond, **extra_cond)) for end, cond, _ in schedule],
-                             first_call), weight)
-            for schedule, (_, weight) in zip(schedules, parts)
-        ], uncond_model, req.cfg_scale)
+                                        for end, _, uncond in conditioning("", req.negative_prompt)], first_call)
+        weights = [weight for _, weight in parts]
+        model = switch_at_calls([
+            (end, composable_cfg([(partial(denoiser, **cond, **extra_cond), weight)
+                                  for cond, weight in zip(conds, weights)], uncond_model, req.cfg_scale))
+            for end, conds in merge_part_schedules([conditioning(text, guidance=False) for text, _ in parts])
+        ], first_call)
     if start.mask is not None and _blends_latent(bundle, req):
         small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(device)  # (1, 1, h, w)
         model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling,
