@@ -237,15 +237,16 @@ def test_sd1_inpaint_9_channels(sd1_inpaint, strength):
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim"])   # DDIM ends at sigma_min: the kept region is reset
-def test_sd1_inpaint_4_channels(sd1, scheduler):
+@pytest.mark.parametrize("strength", [0.6, 1.0])            # 1.0: pure noise, first blended after the first step
+def test_sd1_inpaint_4_channels(sd1, scheduler, strength):
     ours_pipe, pipe = sd1
     inpaint = _quiet(StableDiffusionInpaintPipeline(**pipe.components))
     inpaint.scheduler, options = _schedulers(pipe.scheduler.config)[scheduler]
     image, mask = init_picture(SIZE), lower_right_mask(SIZE)
     reference = inpaint([PROMPT] * BATCH, image=[image] * BATCH, mask_image=[mask] * BATCH,
-                        strength=0.6, negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
+                        strength=strength, negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
                         height=SIZE, generator=_generators(), output_type="np").images
-    ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=0.6, steps=STEPS, cfg_scale=CFG,
+    ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS, cfg_scale=CFG,
                              seed=SEED, batch_size=BATCH, paste_back=False, **options)
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 

@@ -154,7 +154,7 @@ def blend_known(
 
 def masked(
     inner: DenoiseFn, x0_known: Tensor, mask: Tensor, noise: Tensor, noise_scaling: NoiseScaling | None = None,
-    *, blend_input: bool = True,
+    *, blend_input: bool = True, blend_first: bool = True,
 ) -> DenoiseFn:
     """Inpainting with an ordinary 4-channel model (latent blend), as a denoiser wrapper.
 
@@ -167,7 +167,8 @@ def masked(
     second call on (the blended sample), pixels outside the known region are updated identically by
     any per-pixel sampler, and with the known x0 pasted, a first-order or multistep step leaves the
     known region at x0_known + noise * sigma_next, which is diffusers' blend. The one difference is
-    the first call: diffusers feeds its initial latents unblended; ``masked`` blends them. After the last
+    the first call: diffusers feeds its initial latents unblended (``blend_first=False`` does the same); by
+    default ``masked`` blends them (ComfyUI). After the last
     step diffusers sets the known region to the clean x0_known; a sampler that ends at sigma 0 already has
     it there, and the pipeline sets it for those that end above 0 (DDIM, PLMS, TCD).
     ``noise_scaling`` is the model's forward process (``ModelSampling.noise_scaling``; default VE).
@@ -177,8 +178,13 @@ def masked(
     region then carries their fresh noise; for deterministic ones nothing changes).
     """
 
+    calls = 0
+
     def inpaint(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
-        seen = blend_known(x, sigma, x0_known, mask, noise, noise_scaling) if blend_input else x
+        nonlocal calls
+        blend = blend_input and (blend_first or calls > 0)
+        calls += 1
+        seen = blend_known(x, sigma, x0_known, mask, noise, noise_scaling) if blend else x
         x0 = inner(seen, sigma, **cond)                                                           # (B, C, h, w)
         return mask * x0 + (1 - mask) * x0_known
 

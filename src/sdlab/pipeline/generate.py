@@ -267,6 +267,7 @@ class _Start:
     pixels: Tensor | None            # (1, 3, H, W) init image in [-1, 1]
     image_latent: Tensor | None      # (B, 4, h, w) posterior samples of the init image, when drawn
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
+    from_noise: bool = False         # x is pure noise (no init latent in it)
 
 
 def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Generator],
@@ -295,7 +296,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
-    return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask)
+    return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, from_noise=from_noise)
 
 
 def _guided_model(
@@ -375,8 +376,10 @@ def _guided_model(
         ], first_call)
     if start.mask is not None and _blends_latent(bundle, req):
         small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(device)  # (1, 1, h, w)
+        # A1111 blends the output only; diffusers first blends after the first step (its pure noise unblended)
         model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling,
-                       blend_input=req.img2img_convention != "a1111")     # A1111 blends the output only
+                       blend_input=req.img2img_convention != "a1111",
+                       blend_first=not (start.from_noise and steps_done == 0 and req.img2img_convention == "diffusers"))
     return model
 
 
