@@ -17,6 +17,7 @@ from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.diffusion.discretization import discretize
 from sdlab.pipeline import plan as plan_module
 from sdlab.pipeline.generate import decode_latents, sample_latents
+from sdlab.pipeline.hires import find_upscaler, is_latent_upscaler
 from sdlab.pipeline.images import tensor_to_pil
 from sdlab.pipeline.infotext import from_parameters, to_parameters
 from sdlab.pipeline.memory import estimate_bytes
@@ -93,6 +94,18 @@ def test_the_upscaler_changes_the_picture(pipe, esrgan_x2: Path) -> None:
     pictures = [_array(pipe.txt2img(PROMPT, steps=4, seed=7, hr_scale=2, hr_upscaler=name).images)
                 for name in ("Latent", "Lanczos", str(esrgan_x2))]
     assert not np.array_equal(pictures[0], pictures[1]) and not np.array_equal(pictures[1], pictures[2])
+
+
+def test_nearest_is_a1111s_pixel_upscaler(pipe, tmp_path: Path) -> None:
+    """A1111's "Nearest" (`UpscalerNearest`) resizes the picture; "Latent (nearest)" is its latent mode."""
+    fields = from_parameters(parse_parameters("an apple\nSteps: 4, Seed: 7, Size: 64x64, Denoising strength: 0.5, "
+                                              "Hires upscale: 2, Hires upscaler: Nearest"))
+    assert fields["hr_upscaler"] == "Nearest" and find_upscaler("Nearest", [tmp_path]) == "Nearest"
+    resolved = pipe.resolve(GenerationRequest(PROMPT, steps=4, seed=7, hr_scale=2, hr_upscaler="Nearest")).request
+    assert resolved.hr_upscaler == "Nearest" and not is_latent_upscaler(resolved.hr_upscaler)
+    pictures = [_array(pipe.txt2img(PROMPT, steps=4, seed=7, hr_scale=2, hr_steps=2, hr_upscaler=name).images)
+                for name in ("Nearest", "Latent (nearest)")]
+    assert not np.array_equal(pictures[0], pictures[1])
 
 
 def test_variation_seeds_carry_into_the_second_pass(pipe) -> None:

@@ -19,6 +19,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import load_upscaler, upscaler_from_state
 from sdlab.pipeline.upscale import (
     LATENT_UPSCALE_MODES,
+    PLAIN_UPSCALERS,
     UpscaleError,
     latent_mode,
     run_upscaler,
@@ -309,4 +310,13 @@ def test_latent_short_names_and_errors() -> None:
     assert latent_mode("antialiased") == ("bilinear", True)
     with pytest.raises(UpscaleError, match="unknown latent upscale mode"):
         latent_mode("lanczos")
-    assert math.isclose(upscale_latent(torch.ones(1, 4, 4, 4), 8, 8, "nearest").mean().item(), 1.0)
+    assert math.isclose(upscale_latent(torch.ones(1, 4, 4, 4), 8, 8, "nearest-exact").mean().item(), 1.0)
+
+
+@pytest.mark.parametrize("name", ["Nearest", "nearest", " NEAREST "])
+def test_nearest_is_a1111s_pixel_upscaler_not_a_latent_mode(name: str) -> None:
+    """A1111's "Nearest" is `UpscalerNearest` (a PIL resize); its latent mode is "Latent (nearest)"."""
+    with pytest.raises(UpscaleError, match="unknown latent upscale mode"):
+        latent_mode(name)
+    assert latent_mode("Latent (nearest)") == ("nearest", False)
+    assert name.strip().lower() in PLAIN_UPSCALERS

@@ -69,8 +69,8 @@ class UpscaleError(ValueError):
 _LATENT_SHORT_NAMES = {
     "bilinear": "Latent", "antialiased": "Latent (antialiased)", "bilinear-antialiased": "Latent (antialiased)",
     "bicubic": "Latent (bicubic)", "bicubic-antialiased": "Latent (bicubic antialiased)",
-    "nearest": "Latent (nearest)", "nearest-exact": "Latent (nearest-exact)",
-}
+    "nearest-exact": "Latent (nearest-exact)",
+}   # no plain "nearest": that is A1111's pixel upscaler "Nearest" (PLAIN_UPSCALERS)
 
 
 def canonical_latent_name(name: str) -> str:
