@@ -165,6 +165,33 @@ def test_image_decoding_and_limits():
     assert check_request(GenerationRequest("x", steps=5, width=64, height=64), limits).width == 64
 
 
+@pytest.mark.parametrize("hires", [dict(hr_scale=4.0), dict(hr_width=256), dict(hr_height=256),
+                                   dict(hr_width=256, hr_height=256), dict(hr_width=256, hr_height=64)],
+                         ids=["scale", "width-alone", "height-alone", "both", "both-wide"])
+def test_the_pixel_limit_holds_for_the_hires_pass_however_its_size_is_asked(hires):
+    """One hires side alone keeps the aspect ratio (256 wide from 64 x 64: 256 x 256); two sides upscale to
+    cover both, then crop (256 x 64 from 64 x 64: 256 x 256, then cropped)."""
+    limits = Limits(max_pixels=128 * 128)
+    with pytest.raises(BadRequest, match="hires pass at 256x256 is 65536 pixels") as err:
+        check_request(GenerationRequest("x", steps=2, width=64, height=64, **hires), limits)
+    assert err.value.status == 413
+    model = SimpleNamespace(default_size=64, vae_config=SimpleNamespace(downsample_factor=8))
+    with pytest.raises(BadRequest, match="hires pass at 256x256"):      # the size left to the model
+        check_request(GenerationRequest("x", steps=2, **hires), limits, model=model)
+    assert check_request(GenerationRequest("x", steps=2, width=64, height=64, hr_width=128), limits).hr_width == 128
+
+
+def test_the_hires_pixel_limit_uses_the_sizes_the_model_snaps_to():
+    """A VAE of factor 16 snaps 72 x 64 to 64 x 64, so 128 wide upscales it to 128 x 128 (with factor 8:
+    72 x 64 -> 128 x 112)."""
+    limits = Limits(max_pixels=128 * 120)
+    request = GenerationRequest("x", steps=2, width=72, height=64, hr_width=128)
+    assert check_request(request, limits) is request
+    model = SimpleNamespace(default_size=64, vae_config=SimpleNamespace(downsample_factor=16))
+    with pytest.raises(BadRequest, match="hires pass at 128x128"):
+        check_request(request, limits, model=model)
+
+
 def test_a1111_hires_fix_without_a_denoising_strength_takes_a1111s_api_default():
     """A1111's API model takes StableDiffusionProcessingTxt2Img's field default, 0.75 (0.7 is its UI's)."""
     from sdlab.server.a1111 import Txt2ImgIn, _request

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import random
 import re
 from collections.abc import Collection
@@ -21,11 +20,13 @@ from pydantic import BaseModel, model_validator
 
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
+from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, schedule_from_a1111
 from sdlab.pipeline.images import mask_levels
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.presets import PRESETS, get_preset
-from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+from sdlab.pipeline.hires import pass_sizes
+from sdlab.pipeline.request import SIZE_MULTIPLE, GenerationRequest, RequestError, resolve
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 from sdlab.server.config import Limits
 
@@ -202,11 +203,12 @@ def check_upscaler(name: object) -> None:
 
 
 def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str = "hr_steps",
-                  default_size: int | None = None) -> GenerationRequest:
+                  model: ModelBundle | None = None) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
-    in when it runs; `default_size`, its side where known, stands for an unset width / height in the size
-    limits); `BadRequest` names the first problem (the hires pass's step count by `hr_steps_name`, the
-    route's name for it). `--max-steps` and `--max-pixels` hold for either pass."""
+    in when it runs); `BadRequest` names the first problem (the hires pass's step count by `hr_steps_name`, the
+    route's name for it). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
+    on where known (loaded): its default side stands for an unset width / height and its VAE factor snaps the
+    sizes, so the hires pass is checked at the size it will draw."""
     check_upscaler(getattr(request, "hr_upscaler", None))
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
@@ -216,29 +218,31 @@ def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str
                          f"got {hr_steps!r}")
     if not isinstance(request.batch_size, int) or request.batch_size > limits.max_batch:
         raise BadRequest(f"at most {limits.max_batch} images per request on this server, got {request.batch_size!r}")
+    default_size = None if model is None else model.default_size
+    factor = SIZE_MULTIPLE if model is None else model.vae_config.downsample_factor
     width, height = request.width, request.height
     if request.init_image is not None:
         width = request.init_image.width if width is None else width
         height = request.init_image.height if height is None else height
     width = default_size if width is None else width
     height = default_size if height is None else height
-    if isinstance(width, int) and isinstance(height, int) and width * height > limits.max_pixels:
-        raise BadRequest(f"{width}x{height} is {width * height} pixels; this server draws at most "
-                         f"{limits.max_pixels} (--max-pixels)", 413)
-    hr_width, hr_height = getattr(request, "hr_width", None), getattr(request, "hr_height", None)
-    scale = getattr(request, "hr_scale", None)
-    if isinstance(width, int) and isinstance(height, int) and isinstance(scale, (int, float)) and not (hr_width or hr_height):
-        if math.isfinite(scale) and width * scale * height * scale > limits.max_pixels:    # floats: 1e308 is inf here
-            raise BadRequest(f"hr_scale {scale:g} makes the hires pass {width * scale:.6g}x{height * scale:.6g} "
-                             f"pixels; this server draws at most {limits.max_pixels} (--max-pixels)", 413)
-        if math.isfinite(scale):
-            hr_width, hr_height = int(width * scale), int(height * scale)
-    if isinstance(hr_width, int) and isinstance(hr_height, int) and hr_width * hr_height > limits.max_pixels:
-        raise BadRequest(f"the hires pass at {hr_width}x{hr_height} is {hr_width * hr_height} pixels; this server "
-                         f"draws at most {limits.max_pixels} (--max-pixels)", 413)
+    size_known = isinstance(width, int) and isinstance(height, int)
+    if size_known:
+        check_pixels(f"{width}x{height}", width, height, limits)
     try:
         split_lora_tags(request.prompt if isinstance(request.prompt, str) else "")
-        resolve(request, default_size=64, default_sampler="Euler", default_schedule="normal", factor=8)
+        resolved = resolve(request, default_size=default_size or 64, default_sampler="Euler",
+                           default_schedule="normal", factor=factor)
     except (RequestError, ValueError) as err:
         raise BadRequest(str(err)) from None
+    if resolved.hires and size_known:       # unknown: the worker checks it once the model is loaded
+        for hr_width, hr_height in pass_sizes(resolved, factor):       # upscaled, then cropped
+            check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
     return request
+
+
+def check_pixels(what: str, width: int, height: int, limits: Limits) -> None:
+    """A 413 when a picture of width x height (named `what`) is past `--max-pixels`."""
+    if width * height > limits.max_pixels:
+        raise BadRequest(f"{what} is {width * height} pixels; this server draws at most {limits.max_pixels} "
+                         "(--max-pixels)", 413)

@@ -82,7 +82,7 @@ class Service:
                 raise BadRequest(f"the model names the preset {preset!r}: {err}", 422) from None
             spec = replace(spec, model_preset_fills=frozenset())
         request = check_request(replace(request, prompt=bare, seed=fixed_seed(request.seed)), self.config.limits,
-                                hr_steps_name, default_size=self.host.loaded_default_size(checkpoint))
+                                hr_steps_name, model=self.host.loaded_bundle(checkpoint))
         applied = {choice.name: choice.weight for choice in loras}
         as_written = all(applied.get(tag.name) == tag.weight for tag in tags)     # as `sdlab txt2img` records
         spec = replace(spec, request=request, loras=tuple(loras),

@@ -49,10 +49,10 @@ class ModelHost:
         self.timings: dict[str, float] = {}
         self.busy = threading.Lock()            # held by whatever uses the device: a job, an extras upscale
 
-    def loaded_default_size(self, checkpoint: Checkpoint) -> int | None:
-        """The default picture side of ``checkpoint`` when it is the model loaded now, else None."""
+    def loaded_bundle(self, checkpoint: Checkpoint) -> ModelBundle | None:
+        """The model of ``checkpoint`` when it is the one loaded now, else None."""
         key, pipe = self._key, self.pipe
-        return pipe.bundle.default_size if pipe is not None and key is not None and key[0] == checkpoint.path else None
+        return pipe.bundle if pipe is not None and key is not None and key[0] == checkpoint.path else None
 
     def loaded_preset(self, checkpoint: Checkpoint) -> str | None:
         """The preset ``checkpoint`` names when it is the model loaded now (without LoRAs); None when it names
@@ -115,9 +115,9 @@ class Runner:
             raise RequestError(f"{what} cannot be loaded: {reason}") from None
         previewer = self.host.previewer
         _take_model_defaults(job, pipe.bundle)
-        if self.limits is not None:     # a size left unset: known only now when the model was not loaded at submit
+        if self.limits is not None:     # the model's size and VAE factor: known only now when it was not loaded at submit
             try:
-                check_request(job.spec.request, self.limits, default_size=pipe.bundle.default_size)
+                check_request(job.spec.request, self.limits, model=pipe.bundle)
             except BadRequest as err:
                 raise RequestError(str(err)) from None
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
