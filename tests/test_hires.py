@@ -24,7 +24,7 @@ from sdlab.pipeline.memory import estimate_bytes
 from sdlab.pipeline.plan import make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest, RequestError, hires_sizes
-from sdlab.pipeline.upscale import upscale_image, upscale_latent
+from sdlab.pipeline.upscale import resize_image, upscale_latent
 from test_upscale_models import new_arch_state
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,7 +84,7 @@ def test_pixel_hires_equals_txt2img_upscale_img2img_by_hand(pipe, esrgan_x2: Pat
     firsts = pipe.txt2img(PROMPT, **FIRST)
     by_hand = []
     for image, seed in zip(firsts.images, firsts.seeds):              # image i: its own seed, batch of one
-        large = upscale_image(image, network, (128, 128))
+        large = resize_image(image, network, (128, 128))
         by_hand += pipe.img2img(PROMPT, large, strength=0.5, steps=4, seed=seed, sampler=firsts.request.sampler,
                                 img2img_convention="comfyui").images
     assert np.array_equal(_array(result.images), _array(by_hand))
@@ -106,6 +106,14 @@ def test_nearest_is_a1111s_pixel_upscaler(pipe, tmp_path: Path) -> None:
     pictures = [_array(pipe.txt2img(PROMPT, steps=4, seed=7, hr_scale=2, hr_steps=2, hr_upscaler=name).images)
                 for name in ("Nearest", "Latent (nearest)")]
     assert not np.array_equal(pictures[0], pictures[1])
+
+
+def test_hires_at_scale_1_starts_from_the_first_pictures_whatever_the_upscaler(pipe, esrgan_x2: Path) -> None:
+    """A1111's `resize_image` runs the upscaler only to grow the picture: a scale-1 pass redraws the first one."""
+    options = dict(steps=4, seed=7, hr_scale=1, hr_steps=2, hr_denoise=0.5)
+    pictures = [_array(pipe.txt2img(PROMPT, **options, hr_upscaler=name).images)
+                for name in ("Lanczos", "Nearest", str(esrgan_x2))]
+    assert np.array_equal(pictures[0], pictures[1]) and np.array_equal(pictures[0], pictures[2])
 
 
 def test_variation_seeds_carry_into_the_second_pass(pipe) -> None:

@@ -22,6 +22,7 @@ from sdlab.pipeline.upscale import (
     PLAIN_UPSCALERS,
     UpscaleError,
     latent_mode,
+    resize_image,
     run_upscaler,
     upscale_image,
     upscale_latent,
@@ -286,6 +287,27 @@ def test_a1111_first_pass_and_one_x_models(monkeypatch: pytest.MonkeyPatch) -> N
     x2 = upscaler_from_state(old_arch_state(2), "x2")
     assert upscale_image(image, x2, (12, 8), tile=0).size == (12, 8) and len(passes) == 3   # scale 1: a pass
     assert upscale_image(image, x2, (6, 4), tile=0).size == (6, 4) and len(passes) == 3     # below 1: none
+
+
+def test_resize_image_runs_the_upscaler_only_to_grow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A1111's `images.resize_image` (the hires fix): no network pass unless the target is larger (cover scale
+    > 1); then `Upscaler.upscale` by that scale (its size rounded down to 8) and Lanczos to the target."""
+    from sdlab.pipeline import upscale as upscale_module
+
+    passes = []
+    real = upscale_module.run_upscaler
+    monkeypatch.setattr(upscale_module, "run_upscaler", lambda *a, **k: passes.append(1) or real(*a, **k))
+    x2 = upscaler_from_state(old_arch_state(2), "x2")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(resize_image(image, x2, (24, 16), tile=0)), np.asarray(image)) and not passes
+    smaller = resize_image(image, x2, (16, 8), tile=0)                             # cover scale 2/3: Lanczos only
+    assert not passes and np.array_equal(np.asarray(smaller), np.asarray(image.resize((16, 8), Image.Resampling.LANCZOS)))
+    larger = resize_image(image, x2, (36, 20), tile=0)             # scale 1.5: one pass, 48x32 -> 32x24 -> 36x20
+    once = real(x2, image, tile=0).resize((32, 24), Image.Resampling.LANCZOS).resize((36, 20), Image.Resampling.LANCZOS)
+    assert len(passes) == 1 and np.array_equal(np.asarray(larger), np.asarray(once))
+    for name in ("None", "none"):
+        none = resize_image(image, name, (48, 32))
+        assert np.array_equal(np.asarray(none), np.asarray(image.resize((48, 32), Image.Resampling.LANCZOS)))
 
 
 def test_alpha_is_resized_and_kept() -> None:

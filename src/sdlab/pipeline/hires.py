@@ -5,7 +5,9 @@
                  - a latent upscaler ("Latent", "Latent (bicubic)", ...): the first pass's latent interpolated
                    (`upscale_latent`); the second pass starts from it, noised at the img2img start level
                  - a pixel upscaler ("Lanczos", "Nearest", an ESRGAN-family file): the first pass's pictures
-                   (8-bit, as `generate` returns them) upscaled (`upscale_image`); the second pass encodes them
+                   (8-bit, as `generate` returns them) resized as A1111's `resize_image` does (`resize_image`:
+                   the upscaler runs only when the size grows, so a scale-1 pass starts from the first
+                   pass's own pictures); the second pass encodes them
     second pass  img2img at the final size with strength `hr_denoise` and `hr_steps` steps (0: the first pass's),
                  all of which run on a schedule stretched to steps / hr_denoise: A1111 hands the second pass
                  its step count, which takes its "img2img_fix_steps" path (sdlab's "comfyui" convention)
@@ -39,7 +41,7 @@ from sdlab.pipeline.upscale import (
     PLAIN_UPSCALERS,
     UpscaleError,
     canonical_latent_name,
-    upscale_image,
+    resize_image,
     upscale_latent,
 )
 
@@ -118,7 +120,7 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
     first = generate(bundle, plan, progress=progress).images
     done, images = plan.steps_run, []
     for i, (picture, seed, subseed) in enumerate(zip(first, req.seeds(), req.subseeds())):
-        large = upscale_image(picture, upscaler, up)
+        large = resize_image(picture, upscaler, up)
         large = large.crop((left * factor, top * factor, left * factor + final[0], top * factor + final[1]))
         one = replace(second, init_image=large.convert("RGB"), batch_size=1, seed=seed,
                       subseed=subseed if req.subseed_strength else req.subseed)

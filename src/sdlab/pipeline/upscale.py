@@ -11,6 +11,10 @@ Pixel space, A1111's upscaler semantics (`upscale_image`):
 - `"Lanczos"` and `"Nearest"` are plain PIL resizes to the target (A1111's upscalers of those names;
   A1111's `"None"` is Lanczos as well).
 
+Two of A1111's own entry points sit on top: `upscale_by` is its `Upscaler.upscale` (Extras: the size
+rounded down to multiples of 8), `resize_image` its `images.resize_image` (the hires fix: the upscaler
+runs only when the picture is smaller than the target).
+
 Tiling (`run_upscaler`): the input is cut into `tile` x `tile` pixel tiles overlapping by `overlap`, each
 goes through the network alone, and the outputs are blended with linear ramps across the overlaps
 (`sdlab.pipeline.tiling`), so memory is bounded by the tile and seams fade instead of showing as lines.
@@ -33,6 +37,8 @@ latent with these modes (A1111's `shared.latent_upscale_modes`):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -164,6 +170,14 @@ def _run_network(net: nn.Module, x: Tensor, tile: int, overlap: int, fold: int, 
     return y[..., : height * scale, : width * scale]                             # (1, C, sH, sW)
 
 
+def _plain_resample(name: str) -> Image.Resampling:
+    """The PIL filter of a plain resize's name ("Lanczos", "Nearest", "None"; any case)."""
+    resample = PLAIN_UPSCALERS.get(name.strip().lower())
+    if resample is None:
+        raise UpscaleError(f"unknown upscaler {name!r}; name an upscaler model file, Lanczos or Nearest")
+    return resample
+
+
 def upscale_image(image: Image.Image, upscaler: Upscaler | str, size: tuple[int, int], *,
                   tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Image.Image:
     """`image` at `size` (width, height): network passes until large enough, then Lanczos (module docstring).
@@ -173,17 +187,57 @@ def upscale_image(image: Image.Image, upscaler: Upscaler | str, size: tuple[int,
     width, height = size
     _check_size(width, height)
     if isinstance(upscaler, str):
-        resample = PLAIN_UPSCALERS.get(upscaler.strip().lower())
-        if resample is None:
-            raise UpscaleError(f"unknown upscaler {upscaler!r}; name an upscaler model file, Lanczos or Nearest")
-        return image.resize((width, height), resample=resample)
-    for i in range(MAX_PASSES):   # A1111's `Upscaler.upscale`: a first pass even at scale 1 (a 1x model)
-        if image.width >= width and image.height >= height and (i > 0 or image.size != (width, height)):
+        return image.resize((width, height), resample=_plain_resample(upscaler))
+    one_pass = partial(run_upscaler, upscaler, tile=tile, overlap=overlap)
+    return _passes(image, one_pass, size, first_always=image.size == size)
+
+
+def _passes(image: Image.Image, one_pass: Callable[[Image.Image], Image.Image], size: tuple[int, int], *,
+            first_always: bool) -> Image.Image:
+    """A1111's `Upscaler.upscale` loop: `one_pass` (at most `MAX_PASSES` times) until the picture covers `size`,
+    the first even when it already does if `first_always` (A1111: at scale 1); a pass that leaves the size
+    unchanged (a 1x model: denoising, de-JPEG) is the last. Then Lanczos to `size`."""
+    for i in range(MAX_PASSES):
+        if image.width >= size[0] and image.height >= size[1] and (i > 0 or not first_always):
             break
         before = image.size
-        image = run_upscaler(upscaler, image, tile=tile, overlap=overlap)
-        if image.size == before:  # a 1x model (denoising, de-JPEG): one pass is all it does
+        image = one_pass(image)
+        if image.size == before:
             break
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
-    return image
+    return image if image.size == size else image.resize(size, resample=Image.Resampling.LANCZOS)
+
+
+def upscale_by(image: Image.Image, upscaler: Upscaler | str, scale: float, *,
+               tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Image.Image:
+    """A1111's `Upscaler.upscale(image, scale)`: `image` made (int(W * scale) // 8 * 8, int(H * scale) // 8 * 8).
+
+    A pass is one network run or, for a plain resize ("Lanczos", "Nearest"), a resize by `scale` with its own
+    filter (A1111's `do_upscale`); passes run as `_passes` says, the first even at scale 1.
+    """
+    _check_size(*target_size(image.width, image.height, scale))
+    size = int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8)
+    if min(size) < 1:
+        raise UpscaleError(f"upscaling {image.width}x{image.height} by {scale:g} leaves less than 8 pixels a side; "
+                           "use a larger scale")
+    if isinstance(upscaler, str):
+        one_pass = partial(_resize_by, scale=scale, resample=_plain_resample(upscaler))
+    else:
+        one_pass = partial(run_upscaler, upscaler, tile=tile, overlap=overlap)
+    return _passes(image, one_pass, size, first_always=scale == 1)
+
+
+def _resize_by(image: Image.Image, scale: float, resample: Image.Resampling) -> Image.Image:
+    """A plain upscaler's pass (A1111's `do_upscale` of Lanczos and Nearest): `image` resized by `scale`."""
+    return image.resize(target_size(image.width, image.height, scale), resample=resample)
+
+
+def resize_image(image: Image.Image, upscaler: Upscaler | str, size: tuple[int, int], *,
+                 tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Image.Image:
+    """`image` at `size` (width, height) as A1111's `images.resize_image` (mode 0, what its hires fix calls) does:
+    the upscaler runs only on a picture smaller than `size` (cover scale max(w / W, h / H) > 1), by that scale
+    (`upscale_by`); Lanczos then gives `size`. "None" is a Lanczos resize alone."""
+    _check_size(*size)
+    scale = max(size[0] / image.width, size[1] / image.height)
+    if scale > 1 and not (isinstance(upscaler, str) and upscaler.strip().lower() == "none"):
+        image = upscale_by(image, upscaler, scale, tile=tile, overlap=overlap)
+    return image if image.size == size else image.resize(size, resample=Image.Resampling.LANCZOS)
