@@ -183,7 +183,7 @@ def test_native_job_lifecycle_and_events(client, sdlab_server):
     preview = Image.open(io.BytesIO(base64.b64decode(steps[-1]["preview"].split(",", 1)[1])))
     assert preview.format == "JPEG"
     done = stream[-1][1]
-    assert done["seeds"] == [11, 12] and len(done["images"]) == 2 and len(done["infotexts"]) == 2
+    assert done["seeds"] == [11, 12] and done["subseeds"] == [] and len(done["images"]) == 2 and len(done["infotexts"]) == 2
 
     job = client.get(f"/api/jobs/{body['id']}").json()
     assert set(job) >= {"id", "status", "mode", "request", "images", "infotexts", "error", "created", "started",
@@ -197,6 +197,19 @@ def test_native_job_lifecycle_and_events(client, sdlab_server):
     assert client.get("/api/jobs").json()["jobs"][0]["id"] == body["id"]
     replay = events(client, body["id"])                          # a finished job: its last event, then the end
     assert [name for name, _ in replay] == ["done"]
+
+
+def test_done_event_lists_the_seeds_a_variation_batch_drew_with(client):
+    """With a variation seed every picture keeps `seed` and the subseeds count up (GenerationRequest.seeds),
+    in the live event and in the one a finished job's stream replays from the store."""
+    body = {"prompt": "v", "steps": 2, "seed": 40, "batch_size": 3, "subseed": 7, "subseed_strength": 0.3}
+    job_id = client.post("/api/jobs", json=body).json()["id"]
+    live = events(client, job_id)[-1]
+    replayed = events(client, job_id)[-1]
+    assert live == replayed and live[0] == "done"
+    done = live[1]
+    assert done["seeds"] == [40, 40, 40] and done["subseeds"] == [7, 8, 9]
+    assert all("Seed: 40," in text and f"Variation seed: {7 + i}," in text for i, text in enumerate(done["infotexts"]))
 
 
 def test_jobs_without_steps_take_the_model_familys_default(client):

@@ -44,7 +44,7 @@ from sdlab.server.inputs import (
     PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, decode_base64, decode_image, fit_mask,
     sampler_and_schedule, scheduler_rows, unset_preset_fields,
 )
-from sdlab.server.jobs import Job
+from sdlab.server.jobs import Job, image_seeds
 from sdlab.server.native import service_of
 from sdlab.server.previews import jpeg_bytes
 from sdlab.server.registry import Checkpoint
@@ -176,7 +176,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str) -> dict[str, Any]:
     variation = bool(s.get("subseed_strength"))
     # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
     # = subseed + i, listed for the whole batch even when it was interrupted
-    seeds = job.seeds or [s.get("seed", -1) + (0 if variation else i) for i in range(count)]
+    seeds = job.seeds or image_seeds(s, count)[0]
     subseed = s.get("subseed") if variation and s.get("subseed") is not None else body.subseed
     subseeds = [subseed + i if subseed >= 0 else -1 for i in range(count)]
     prompts = [s.get("prompt", "")] * count

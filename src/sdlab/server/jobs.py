@@ -23,6 +23,7 @@ from torch import Tensor
 
 from sdlab.diffusion.discretization import steps_run
 from sdlab.pipeline.hires import hires_steps
+from sdlab.pipeline.request import GenerationRequest
 from sdlab.pipeline.upscale import UpscaleError, canonical_latent_name
 from sdlab.server.inputs import JobSpec
 from sdlab.server.store import Store
@@ -112,13 +113,21 @@ def final_event(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The last event of a finished job, from its record (live or from the store)."""
     status = record["status"]
     if status == "done":
-        request = record["request"]
-        seeds = [request.get("seed", 0) + i for i in range(len(record["images"]))]
+        seeds, subseeds = image_seeds(record["request"], len(record["images"]))
         return "done", {"images": [image_url(name) for name in record["images"]], "seeds": seeds,
-                        "infotexts": record["infotexts"]}
+                        "subseeds": subseeds, "infotexts": record["infotexts"]}
     if status == "cancelled":
         return "cancelled", {"id": record["id"]}
     return "failed", {"error": record["error"] or status, "status": status}
+
+
+def image_seeds(settings: dict[str, Any], count: int) -> tuple[list[int], list[int]]:
+    """(seeds, subseeds) of `count` pictures drawn with the resolved `settings`, as the request numbers them
+    (`GenerationRequest.seeds` / `subseeds`): seed + i; with a variation seed, `seed` for every picture and
+    subseed + i. No subseeds without a variation seed."""
+    request = GenerationRequest("", seed=settings.get("seed", 0), subseed=settings.get("subseed"),
+                                subseed_strength=settings.get("subseed_strength") or 0.0, batch_size=count)
+    return request.seeds(), request.subseeds() if request.subseed_strength else []
 
 
 def image_url(name: str) -> str:
