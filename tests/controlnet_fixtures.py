@@ -45,9 +45,11 @@ def controlnet_config(cfg: UNetConfig, hint_widths: tuple[int, ...] = (16, 32, 9
     return config
 
 
-def diffusers_controlnet(cfg: UNetConfig, seed: int, *, hint_widths=(16, 32, 96, 256), std: float = 0.1) -> ControlNetModel:
-    """A diffusers ControlNetModel with every parameter (zero convs included) drawn from N(0, std)."""
-    model = ControlNetModel(**controlnet_config(cfg, hint_widths)).eval()
+def diffusers_controlnet(cfg: UNetConfig, seed: int, *, hint_widths=(16, 32, 96, 256), std: float = 0.1,
+                         pooled: bool = False) -> ControlNetModel:
+    """A diffusers ControlNetModel with every parameter (zero convs included) drawn from N(0, std); `pooled`:
+    the shuffle model's `global_pool_conditions`."""
+    model = ControlNetModel(**controlnet_config(cfg, hint_widths), global_pool_conditions=pooled).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

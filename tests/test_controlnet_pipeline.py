@@ -54,13 +54,13 @@ def _hint(seed: int) -> Image.Image:
     return image
 
 
-def _controlnet_files(tmp_path, unet_config, count, layout):
+def _controlnet_files(tmp_path, unet_config, count, layout, pooled=False):
     """`count` ControlNets with random weights: (diffusers model, the file sdlab reads)."""
     nets = []
     for k in range(count):
         folder = tmp_path / f"cn{k}"
         folder.mkdir(parents=True)
-        model = diffusers_controlnet(unet_config, seed=20 + k, hint_widths=(16, 32), std=0.05)
+        model = diffusers_controlnet(unet_config, seed=20 + k, hint_widths=(16, 32), std=0.05, pooled=pooled)
         nets.append((model, write_layout(model, layout, folder)))
     return nets
 
@@ -112,6 +112,25 @@ def test_single_controlnet_txt2img(sd1, tmp_path, layout):
                          batch_size=2, **EULER)
     result = ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
                           batch_size=2, controls=[ControlInput(path, _hint(0), 0.8)], **EULER)
+    assert _max_diff(result.images, reference, against=_uint8(plain.images)) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pooling_controlnet_conditions_the_prompt_rows_only(sd1, tmp_path, batch):
+    """A shuffle-like ControlNet (`global_pool_conditions`): diffusers forces guess mode for it, so its residuals
+    reach the conditional half of CFG only (A1111: multiplied by `cond_mark`)."""
+    ours, base, unet_config = sd1
+    [(net, path)] = _controlnet_files(tmp_path, unet_config, 1, "folder", pooled=True)
+    pipe = StableDiffusionControlNetPipeline(**base.components, controlnet=net)
+    pipe.scheduler = _euler(base)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(PROMPT, _hint(0), negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+                     width=SIZE, height=SIZE, num_images_per_prompt=batch, generator=_generators(batch),
+                     output_type="np").images
+    plain = ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                         batch_size=batch, **EULER)
+    result = ours.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                          batch_size=batch, controls=[ControlInput(path, _hint(0))], **EULER)
     assert _max_diff(result.images, reference, against=_uint8(plain.images)) <= MAX_PIXEL_DIFF
 
 

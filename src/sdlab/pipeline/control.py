@@ -4,7 +4,10 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
 
 - the hint image is converted to RGB, resized to the output size with Lanczos and scaled to [0, 1];
 - with classifier-free guidance the hint conditions both the conditional and the unconditional half
-  (diffusers' default `guess_mode=False`; also A1111's "Balanced" control mode);
+  (diffusers' default `guess_mode=False`; also A1111's "Balanced" control mode), except for a ControlNet that
+  pools its residuals (the shuffle model, `global_pool_conditions`): its residuals go to the conditional rows
+  only, the unconditional rows get none (diffusers turns guess mode on for it; A1111 multiplies them by
+  `cond_mark`);
 - each ControlNet's residuals are multiplied by its strength; several ControlNets are summed;
 - a ControlNet runs only on the steps i (0-based, of N sampler steps) with i / N >= start and
   (i + 1) / N <= end (`control_guidance_start` / `control_guidance_end`). N counts the steps actually run,
@@ -15,6 +18,9 @@ The seam with the generate loop is two wrappers around the callables it already 
 
     net = controlled_unet(bundle.unet, prepare_controls(bundle, controls, width, height))
     denoiser = tag_steps(Denoiser(net, ...), sigmas)    # passes control_step=(i, N) down to `net`
+
+and a `cond_mark` entry in the conditional and unconditional condition dicts (`prompt_marks`), which CFG
+batches as it batches the prompts, so the wrapper knows which rows are the prompt's.
 """
 
 from __future__ import annotations
@@ -113,6 +119,11 @@ class PreparedControl:
         """diffusers' controlnet_keep: step i of N runs when i / N >= start and (i + 1) / N <= end."""
         return not (step / steps < self.start or (step + 1) / steps > self.end)
 
+    @property
+    def cond_only(self) -> bool:
+        """Whether the residuals go to the prompt's rows only: a pooling ControlNet's (module docstring)."""
+        return self.net.config.global_pool
+
 
 def load_control_net(model: LoadedControlNet | str | os.PathLike[str], bundle: ModelBundle) -> LoadedControlNet:
     """The ControlNet of `model` for `bundle` (loaded in its dtype on its device), checked to fit it."""
@@ -153,9 +164,18 @@ def prepare_controls(
     return prepared
 
 
+def prompt_marks(batch: int, device: torch.device | str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The `cond_mark` entries of the conditional and the unconditional condition dicts: (B,) ones and zeros
+    (A1111's `cond_mark`), batched by CFG with the prompts."""
+    return ({"cond_mark": torch.ones(batch, device=device)},
+            {"cond_mark": torch.zeros(batch, device=device)})
+
+
 class ControlledUNet:
-    """`net(x, t, context, y=None, control_step=(i, N))`: the U-Net with the residuals of every control
-    active at step i added (`UNet.forward`'s `control`). Without `control_step` every control runs."""
+    """`net(x, t, context, y=None, control_step=(i, N), cond_mark=None)`: the U-Net with the residuals of
+    every control active at step i added (`UNet.forward`'s `control`). Without `control_step` every control
+    runs; `cond_mark` (B,) is 1 on the prompt's rows and 0 on the negative prompt's (`prompt_marks`), and
+    without it every row counts as the prompt's."""
 
     def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl]):
         self.unet = unet
@@ -167,6 +187,7 @@ class ControlledUNet:
     def __call__(
         self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
         control_step: tuple[int, int] | None = None, guidance_emb: Tensor | None = None,
+        cond_mark: Tensor | None = None,
     ) -> Tensor:
         skips: list[Tensor] | None = None
         middle: Tensor | None = None
@@ -176,8 +197,11 @@ class ControlledUNet:
             cfg = control.net.config
             hint = control.hint.expand(x.shape[0], -1, -1, -1)                     # (B, 3, H, W)
             residuals, mid = control.net.model(x[:, : cfg.unet.in_channels], t, context, hint, y)
-            residuals = [r * control.strength for r in residuals]
-            mid = mid * control.strength
+            scale = control.strength
+            if control.cond_only and cond_mark is not None:
+                scale = cond_mark.view(-1, 1, 1, 1) * control.strength                # (B, 1, 1, 1)
+            residuals = [r * scale for r in residuals]
+            mid = mid * scale
             if skips is None:
                 skips, middle = residuals, mid
             else:                                   # MultiControlNet: the sum of every ControlNet's residuals

@@ -63,7 +63,7 @@ from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
-from sdlab.pipeline.control import controlled_unet, prepare_controls, spans_part, tag_steps
+from sdlab.pipeline.control import controlled_unet, prepare_controls, prompt_marks, spans_part, tag_steps
 from sdlab.pipeline.conditioning import make_cond_schedule, merge_part_schedules
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.finite import FiniteWatch
@@ -349,6 +349,10 @@ def _guided_model(
     if spans_part(controls):                            # else every control runs at every step
         denoiser = tag_steps(denoiser, sigmas)
     extra_uncond: dict[str, Tensor] = {}
+    if controls:                                        # which rows are the prompt's (pooling ControlNets)
+        marks, uncond_marks = prompt_marks(req.batch_size, device)
+        extra_cond.update(marks)
+        extra_uncond.update(uncond_marks)
     if bundle.family.is_inpaint:
         pixels, mask = start.pixels, start.mask
         if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
