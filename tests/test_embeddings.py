@@ -118,6 +118,30 @@ def test_sdxl_file_routes_each_tower_its_width(tmp_path):
     assert torch.isfinite(cond["context"]).all() and torch.isfinite(cond["y"]).all()
 
 
+def test_sdxl_file_gives_the_refiner_its_clip_g_vectors(tmp_path, capsys):
+    from bundle_fixtures import write_original
+    from cli_helpers import run
+
+    import sdlab
+
+    base, refiner = tmp_path / "base.safetensors", tmp_path / "refiner.safetensors"
+    write_original(tiny_bundle("sdxl", seed=4), base, junk=False)
+    write_original(tiny_bundle("sdxl-refiner", seed=5), refiner, junk=False)
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    clip_l, clip_g = _vectors(2, 64, 1), _vectors(2, 128, 2)
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, str(folder / "xlstyle.safetensors"))
+
+    pipe = sdlab.load(base, refiner=refiner, embeddings=[folder])
+    (encoder,) = pipe.refiner.text_encoders                                       # bigG only
+    rows = encoder.model.embeddings.token_vectors(encoder.tokenizer("xlstyle"))[0, 1:3]   # (2, 128)
+    assert torch.equal(rows, clip_g)
+    code, _, err = run(["txt2img", "an xlstyle house", "--model", str(base), "--refiner", str(refiner),
+                        "--embeddings-dir", str(folder), "--steps", "2", "--width", "32", "--height", "32",
+                        "--out", str(tmp_path / "x.png"), "--no-progress"], capsys)
+    assert code == 0, err
+
+
 def test_wrong_model_and_bad_files_are_clear_errors(sd1, tmp_path):
     sdxl_file = tmp_path / "xl.safetensors"
     save_file({"clip_l": _vectors(1, 64, 1), "clip_g": _vectors(1, 128, 2)}, str(sdxl_file))

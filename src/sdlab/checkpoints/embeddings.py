@@ -107,11 +107,10 @@ def vectors_for(embedding: Embedding, encoders: Iterable[TextEncoder], *, partia
     chosen = []
     unused = list(embedding.vectors)
     for encoder in encoders:
-        match = next((v for v in unused if v.shape[1] == encoder.config.width), None)
-        if match is None:
+        index = next((i for i, v in enumerate(unused) if v.shape[1] == encoder.config.width), None)
+        if index is None:
             break
-        unused.remove(match)
-        chosen.append(match)
+        chosen.append(unused.pop(index))             # by position: `==` on tensors would compare elements
     if len(chosen) != len(encoders) or (unused and not partial):
         have = " + ".join(str(w) for w in embedding.widths())
         need = " + ".join(str(e.config.width) for e in encoders)
