@@ -52,6 +52,15 @@ from sdlab.server.service import Service
 
 router = APIRouter(prefix="/sdapi/v1")
 DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
+OPTION_DEFAULTS: dict[str, Any] = {
+    "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,       # applied to every later generation
+    "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
+}
+"""A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
+FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format")
+"""Options `GET options` reads from the server (the model new jobs get, PNG files), never stored."""
+BUILTIN_VAE = ("Automatic", "None")
+"""A1111's `sd_vae` choices that keep the checkpoint's own VAE; this server has no separate VAE files."""
 
 
 class Txt2ImgIn(NullsAreDefaults):
@@ -96,13 +105,16 @@ class Img2ImgIn(Txt2ImgIn):
 
 
 def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = None,
-             mask: Image.Image | None = None) -> GenerationRequest:
+             mask: Image.Image | None = None, options: dict[str, Any] | None = None) -> GenerationRequest:
+    """The generation `body` asks for, with A1111's settings: the server's `options` (`POST options`) under
+    the request's `override_settings` (A1111 sets those for the one request)."""
+    settings = {**OPTION_DEFAULTS, **(options or {}), **body.override_settings}
+    _check_vae(settings["sd_vae"], "override_settings.sd_vae" if "sd_vae" in body.override_settings else "sd_vae")
     if body.n_iter < 1 or body.batch_size < 1:
         raise BadRequest(f"batch_size and n_iter must be >= 1, got {body.batch_size} and {body.n_iter}", 422)
     sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index or DEFAULT_SAMPLER, body.scheduler)
     if schedule is not None:                        # A1111's timestep samplers ignore it; unset: `_generate`
         schedule = a1111_schedule(sampler, schedule)
-    clip_skip = body.override_settings.get("CLIP_stop_at_last_layers", 1)
     extra: dict[str, Any] = {}
     if body.subseed_strength:
         extra.update(subseed=body.subseed if body.subseed >= 0 else None, subseed_strength=body.subseed_strength)
@@ -118,9 +130,9 @@ def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = N
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
-        batch_size=body.batch_size * body.n_iter,
-        clip_skip=clip_skip, clip_skip_convention="a1111", eta=body.eta, s_noise=body.s_noise, controls=controls,
-        eta_noise_seed_delta=body.override_settings.get("eta_noise_seed_delta", 0), **extra,
+        batch_size=body.batch_size * body.n_iter, control_convention="a1111",
+        clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
+        s_noise=body.s_noise, controls=controls, eta_noise_seed_delta=settings["eta_noise_seed_delta"], **extra,
     )
 
 
@@ -210,7 +222,7 @@ def _stamp(t: float) -> str:
 async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
     controls = await asyncio.to_thread(_controls, service, body)
-    return await _generate(service, body, "txt2img", _request(body, controls))
+    return await _generate(service, body, "txt2img", _request(body, controls, options=service.options))
 
 
 def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None) -> tuple:
@@ -230,7 +242,7 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
         mask = ImageOps.invert(mask_levels(mask))
     controls = await asyncio.to_thread(_controls, service, body, init)
     return await _generate(service, body, "inpaint" if mask is not None else "img2img",
-                           _request(body, controls, init, mask))
+                           _request(body, controls, init, mask, service.options))
 
 
 @router.get("/progress")
@@ -269,9 +281,26 @@ def skip(request: Request) -> None:
 
 def _options(service: Service) -> dict[str, Any]:
     selected = service.host.selected
-    return {**service.options, "sd_model_checkpoint": selected.title, "sd_checkpoint_hash": selected.sha256,
-            "samples_format": "png", "sd_vae": "Automatic", "CLIP_stop_at_last_layers": 1,
-            "show_progress_every_n_steps": 1, "live_previews_enable": True}
+    return {**OPTION_DEFAULTS, **service.options, "sd_model_checkpoint": selected.title,
+            "sd_checkpoint_hash": selected.sha256, "samples_format": "png"}
+
+
+def _check_options(body: dict[str, Any]) -> None:
+    """The options a generation uses are refused when they are not values it can use (A1111 would fail
+    every later generation instead)."""
+    for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0)):
+        value = body.get(key, least)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise BadRequest(f"{key} must be an integer >= {least}, got {value!r}", 422)
+    _check_vae(body.get("sd_vae", BUILTIN_VAE[0]), "sd_vae")
+
+
+def _check_vae(name: Any, key: str) -> None:
+    """A1111's "Automatic" and "None" draw with the checkpoint's own VAE, as this server always does; a VAE
+    file (`GET sd-vae` lists none here) is refused rather than ignored."""
+    if name not in BUILTIN_VAE:
+        raise BadRequest(f"{key} {name!r}: this server has no separate VAE files (GET /sdapi/v1/sd-vae is "
+                         f"empty); {' and '.join(map(repr, BUILTIN_VAE))} draw with the checkpoint's own VAE")
 
 
 @router.get("/options")
@@ -282,14 +311,16 @@ def get_options(request: Request) -> dict[str, Any]:
 @router.post("/options")
 def set_options(body: dict[str, Any], request: Request) -> None:
     """`sd_model_checkpoint` switches the model new jobs use (loaded by the worker before its next job);
-    other options are remembered and echoed by GET but change nothing (docs/server.md)."""
+    `CLIP_stop_at_last_layers` and `eta_noise_seed_delta` apply to later generations (under a request's
+    `override_settings`); other options are remembered and echoed by GET but change nothing
+    (docs/server.md). Nothing is set when one value is refused."""
     service = service_of(request)
+    _check_options(body)
     if "sd_model_checkpoint" in body:
         checkpoint = service.checkpoint(body["sd_model_checkpoint"])
         _check_readable(checkpoint)
         service.host.selected = checkpoint
-    fixed = {"sd_model_checkpoint", "sd_checkpoint_hash", "samples_format"}
-    service.options.update({k: v for k, v in body.items() if k not in fixed})
+    service.options.update({k: v for k, v in body.items() if k not in FIXED_OPTIONS})
 
 
 def _check_readable(checkpoint: Checkpoint) -> None:
