@@ -1,6 +1,6 @@
-"""Applying ControlNets (sdlab.pipeline.control): diffusers' hint preprocessing, its start / end step rule,
-MultiControlNet sums scaled by strength, the step of each sampler call, the checks of a ControlInput, and
-the A1111 infotext lines."""
+"""Applying ControlNets (sdlab.pipeline.control): diffusers' hint preprocessing, its start / end step rule and
+A1111's, MultiControlNet sums scaled by strength, the step of each sampler call, the checks of a ControlInput,
+and the A1111 infotext lines."""
 
 from __future__ import annotations
 
@@ -46,6 +46,22 @@ def test_active_steps_follow_diffusers_controlnet_keep(start, end):
     for steps in (1, 3, 7, 20):
         keep = [1.0 - float(i / steps < start or (i + 1) / steps > end) for i in range(steps)]
         assert [float(control.active(i, steps)) for i in range(steps)] == keep
+
+
+def test_active_steps_under_a1111s_convention_follow_the_extensions_schedule():
+    """sd-webui-controlnet's guidance_schedule_handler: stopped when s / N < start or s / N > end, with s the
+    shared.state.sampling_step its sampler callback sets after each step's model calls (0 before the first)."""
+    def a1111(start, end, steps):
+        reported = [0] + list(range(steps - 1))             # what step i's calls read
+        return [i for i in range(steps) if not (reported[i] / steps < start or reported[i] / steps > end)]
+
+    for start, end in ((0.25, 0.5), (0.0, 0.3), (0.5, 1.0), (0.2, 0.2), (0.0, 0.0), (0.34, 0.66)):
+        control = PreparedControl(net=None, hint=torch.zeros(1), strength=1.0, start=start, end=end,
+                                  convention="a1111")
+        for steps in (1, 3, 7, 10, 20):
+            assert [i for i in range(steps) if control.active(i, steps)] == a1111(start, end, steps)
+    control = PreparedControl(net=None, hint=torch.zeros(1), strength=1.0, start=0.25, end=0.5, convention="a1111")
+    assert [i for i in range(10) if control.active(i, 10)] == [4, 5, 6]
 
 
 def test_each_call_gets_its_step_also_between_sigmas():
@@ -122,6 +138,11 @@ def test_control_input_checks(tmp_path):
                 dict(module="depth")):
         with pytest.raises(RequestError):
             check_control(ControlInput("a", "b", **bad))
+    (tmp_path / "a").write_bytes(b"")
+    one_step = ControlInput(tmp_path / "a", _picture(), start=0.5, end=0.5)     # A1111 takes start == end
+    assert check_control(one_step, convention="a1111") is one_step
+    with pytest.raises(RequestError, match=r"start <= end"):
+        check_control(ControlInput(tmp_path / "a", _picture(), start=0.6, end=0.5), convention="a1111")
 
 
 def test_prepare_refuses_wrong_family_missing_files_and_images(tmp_path):
@@ -160,3 +181,20 @@ def test_infotext_lines_are_a1111s(tmp_path):
     assert lines["ControlNet 1"].startswith("Module: none, Model: cn [")
     assert lines["ControlNet 1"].endswith("], Weight: 0.55, Guidance Start: 0.1, Guidance End: 0.75")
     assert load_controlnet(controls[0].net.origin).name == "cn"
+
+
+def test_the_step_convention_is_recorded_and_read_back():
+    """The parameters name the rule the controls' steps followed (`Control steps`), so `--from-png` redraws a
+    picture of the A1111 API by it; a file A1111 wrote reads as A1111's rule."""
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.request import GenerationRequest
+
+    request = GenerationRequest("a house", seed=1, width=64, height=64, sampler="Euler", schedule="normal",
+                                cfg_scale=5.0, steps=4, controls=(ControlInput("cn.safetensors", "x.png", 0.5, 0.0, 0.5),),
+                                control_convention="a1111")
+    written = {label: value for label, value in to_parameters(request).items() if value is not None}
+    assert written["Control steps"] == "a1111"
+    assert from_parameters({**written, "Version": "sdlab 0.1.0"})["control_convention"] == "a1111"
+    assert to_parameters(GenerationRequest("a house", seed=1, width=64, height=64))["Control steps"] is None
+    assert from_parameters({"Steps": "20", "Version": "v1.10.1"})["control_convention"] == "a1111"
+    assert "control_convention" not in from_parameters({"Steps": "20", "Version": "sdlab 0.1.0"})

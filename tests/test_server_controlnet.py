@@ -90,7 +90,13 @@ def test_controlnet_units_equal_the_cli(setup, tmp_path):
         "alwayson_scripts": {"controlnet": {"args": [unit, off]}}})
     assert response.status_code == 200, response.text
     served = _picture(base64.b64decode(response.json()["images"][0]))
-    _same(served, cli)
+    # A1111's step rule: with 3 steps and end 0.7 the extension runs the ControlNet at every step (it reads
+    # the step its callback last reported: 0, 0, 1), diffusers' at the first two; --from-png takes the rule
+    assert "Control steps: a1111" in served.info["parameters"]
+    assert not (np.asarray(served) == np.asarray(cli)).all()
+    (tmp_path / "served.png").write_bytes(base64.b64decode(response.json()["images"][0]))
+    _same(served, _cli(tmp_path, "--from-png", str(tmp_path / "served.png"),
+                       "--control", f"{setup['net']}:{setup['hint']}:0.8:0:0.7"))
     echoed = response.json()["parameters"]["alwayson_scripts"]["controlnet"]["args"][0]
     assert echoed["input_image"] is None and echoed["weight"] == 0.8
 

@@ -12,7 +12,9 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
 - a ControlNet runs only on the steps i (0-based, of N sampler steps) with i / N >= start and
   (i + 1) / N <= end (`control_guidance_start` / `control_guidance_end`). N counts the steps actually run,
   so img2img counts from its first noised step, as diffusers' img2img ControlNet pipeline does. Model calls
-  inside a step (second-order samplers) belong to that step.
+  inside a step (second-order samplers) belong to that step. Under A1111's convention (a request's
+  `control_convention="a1111"`, the A1111 API's units) the extension's rule holds instead:
+  start <= max(i - 1, 0) / N <= end (`PreparedControl.active`).
 
 The seam with the generate loop is two wrappers around the callables it already has:
 
@@ -75,16 +77,20 @@ def control_input(value: Any) -> ControlInput:
     raise RequestError(f"a control must be a ControlInput or (file, image[, strength[, start, end]]), got {value!r}")
 
 
-def check_control(control: ControlInput, index: int = 0) -> ControlInput:
-    """The control's numbers and preprocessor checked; a `RequestError` names what is wrong."""
+def check_control(control: ControlInput, index: int = 0, convention: str = "diffusers") -> ControlInput:
+    """The control's numbers and preprocessor checked; a `RequestError` names what is wrong. A1111's
+    convention takes start == end (one step or two), diffusers' refuses it (no step)."""
     name = f"control {index}"
     for what, value in (("strength", control.strength), ("start", control.start), ("end", control.end)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RequestError(f"{name}: {what} must be a finite number, got {value!r}")
     if not 0.0 <= control.strength <= MAX_STRENGTH:
         raise RequestError(f"{name}: strength must lie in [0, {MAX_STRENGTH:g}], got {control.strength}")
-    if not 0.0 <= control.start < control.end <= 1.0:
-        raise RequestError(f"{name}: need 0 <= start < end <= 1, got start {control.start}, end {control.end}")
+    ordered = control.start <= control.end if convention == "a1111" else control.start < control.end
+    if not (0.0 <= control.start and control.end <= 1.0 and ordered):
+        relation = "<=" if convention == "a1111" else "<"
+        raise RequestError(f"{name}: need 0 <= start {relation} end <= 1, got start {control.start}, "
+                           f"end {control.end}")
     if control.module not in PREPROCESSORS:
         raise RequestError(f"{name}: unknown preprocessor {control.module!r}; valid: {', '.join(PREPROCESSORS)}")
     if not isinstance(control.model, LoadedControlNet) and not Path(control.model).exists():
@@ -114,9 +120,14 @@ class PreparedControl:
     start: float
     end: float
     module: str = "none"
+    convention: str = "diffusers"   # the step rule: "diffusers" or "a1111"
 
     def active(self, step: int, steps: int) -> bool:
-        """diffusers' controlnet_keep: step i of N runs when i / N >= start and (i + 1) / N <= end."""
+        """Whether step i of N runs the control. diffusers' controlnet_keep: i / N >= start and
+        (i + 1) / N <= end. A1111's (`UnetHook.guidance_schedule_handler`): start <= s / N <= end with s the
+        sampler step its callback last reported, which is set after a step's model calls: i - 1 (0 at i = 0)."""
+        if self.convention == "a1111":
+            return self.start <= max(step - 1, 0) / steps <= self.end
         return not (step / steps < self.start or (step + 1) / steps > self.end)
 
     @property
@@ -140,14 +151,16 @@ def load_control_net(model: LoadedControlNet | str | os.PathLike[str], bundle: M
 
 
 def prepare_controls(
-    bundle: ModelBundle, controls: Sequence[ControlInput | Any], width: int, height: int
+    bundle: ModelBundle, controls: Sequence[ControlInput | Any], width: int, height: int,
+    convention: str = "diffusers",
 ) -> list[PreparedControl]:
     """Load (or take) each ControlNet, check it fits the bundle, read and preprocess its hint image.
-    `controls` may hold (file, image[, strength[, start, end]]) records (`control_input`)."""
+    `controls` may hold (file, image[, strength[, start, end]]) records (`control_input`); `convention` is
+    the request's `control_convention`."""
     prepared = []
     factor = bundle.vae_config.downsample_factor
     for index, control in enumerate(controls):
-        control = check_control(control_input(control), index)
+        control = check_control(control_input(control), index, convention)
         try:
             net = load_control_net(control.model, bundle)
         except CheckpointError as err:
@@ -160,7 +173,7 @@ def prepare_controls(
         image = preprocess(input_image(control.image, f"control {index} image"), control.module)
         hint = hint_tensor(image, width, height).to(next(bundle.unet.parameters()).device)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
-                                        float(control.end), control.module))
+                                        float(control.end), control.module, convention))
     return prepared
 
 

@@ -43,6 +43,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Mask blur": ("mask_blur", float),
     "Initial noise": ("init_noise", str),
     "Img2img steps": ("img2img_convention", str),
+    "Control steps": ("control_convention", str),
     "Timestep rounding": ("quantize_timesteps", bool),
     "Hires upscale": ("hr_scale", float),
     "Hires steps": ("hr_steps", int),
@@ -133,6 +134,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         **infotext_lines(req.controls),
+        "Control steps": req.control_convention if req.controls else None,
         "Refiner": None if refiner is None else refiner[0] + (f" [{refiner[1]}]" if refiner[1] else ""),
         "Refiner switch at": None if refiner is None else refiner[2],
         "Lora hashes": format_hashes((ref.name, ref.hash) for ref in loras),
@@ -205,11 +207,12 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _as_a1111_ran(fields: dict[str, Any]) -> None:
-    """Read a file AUTOMATIC1111 wrote as A1111 drew it: img2img steps and clip skip by its rules, and the
-    schedule it ran the sampler on. A missing `Schedule type` is the plain (uniform) one of the versions
-    before 1.9, which named Karras in the sampler ("DPM++ 2M Karras"); 1.9 and later always write it,
-    "Automatic" meaning the sampler's own default (`samplers.a1111_schedule`)."""
+    """Read a file AUTOMATIC1111 wrote as A1111 drew it: img2img steps, clip skip and the ControlNet steps
+    by its rules, and the schedule it ran the sampler on. A missing `Schedule type` is the plain (uniform)
+    one of the versions before 1.9, which named Karras in the sampler ("DPM++ 2M Karras"); 1.9 and later
+    always write it, "Automatic" meaning the sampler's own default (`samplers.a1111_schedule`)."""
     fields.setdefault("img2img_convention", "a1111")
     fields.setdefault("clip_skip_convention", "a1111")
+    fields.setdefault("control_convention", "a1111")
     if "sampler" in fields:
         fields["schedule"] = a1111_schedule(fields["sampler"], fields.get("schedule", "uniform"))

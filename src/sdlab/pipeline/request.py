@@ -52,6 +52,7 @@ MAX_ETA = 10.0                              # eta and s_noise; useful values are
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
 MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refiner was trained on 0..10
 CLIP_SKIP_CONVENTIONS = ("diffusers", "a1111")
+CONTROL_CONVENTIONS = ("diffusers", "a1111")
 
 
 class RequestError(ValueError):
@@ -131,6 +132,8 @@ class GenerationRequest:
     tiled_vae: bool | None = None           # None = tile above `tiling.DEFAULT_TILE_THRESHOLD_PIXELS`
     # ControlNets: `pipeline.control.ControlInput`s or (file, image[, strength[, start, end]]) records
     controls: tuple[Any, ...] = field(default=(), repr=False)
+    control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers' or A1111's
+                                            # (`PreparedControl.active`)
     # hires fix (A1111, txt2img; pipeline/hires.py): on when hr_scale or hr_width / hr_height is set
     hr_scale: float | None = None           # the second pass at this multiple (>= 1) of the first's size
     hr_width: int | None = None             # or at this size (A1111's hr_resize_x / y; one side alone keeps
@@ -317,6 +320,9 @@ def resolve(
     if r.clip_skip_convention not in CLIP_SKIP_CONVENTIONS:
         raise RequestError(f"unknown clip skip convention {r.clip_skip_convention!r}; valid: "
                            f"{', '.join(CLIP_SKIP_CONVENTIONS)}")
+    if r.control_convention not in CONTROL_CONVENTIONS:
+        raise RequestError(f"unknown ControlNet step convention {r.control_convention!r}; valid: "
+                           f"{', '.join(CONTROL_CONVENTIONS)}")
     if not _integer(r.eta_noise_seed_delta) or not 0 <= r.eta_noise_seed_delta <= MAX_SEED:
         raise RequestError(f"eta noise seed delta (ENSD) must be an integer in 0..{MAX_SEED}, "
                            f"got {r.eta_noise_seed_delta!r}")

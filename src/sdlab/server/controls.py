@@ -3,8 +3,10 @@ ControlNet folder, hint image decoded from base64, numbers and preprocessor chec
 
 A1111's ControlNet extension sends `alwayson_scripts: {"controlnet": {"args": [unit, ...]}}`, a unit being
 `{enabled, model, image | input_image, weight, guidance_start, guidance_end, module, ...}`; the native API
-sends `controls: [{model, image, strength, start, end, module}]`. Unit fields sdlab does not implement
-(resize_mode, control_mode, pixel_perfect, processor_res, threshold_a/b, low_vram, ...) are ignored.
+sends `controls: [{model, image, strength, start, end, module}]`. A1111's units select their steps by the
+extension's rule (the request's `control_convention="a1111"`), the native ones by diffusers'. Unit fields
+sdlab does not implement (resize_mode, control_mode, pixel_perfect, processor_res, threshold_a/b, low_vram,
+...) are ignored.
 """
 
 from __future__ import annotations
@@ -31,10 +33,8 @@ def module_name(module: Any) -> str:
                      "Module not found")
 
 
-def control(model: Any, image: Any, strength: Any, start: Any, end: Any, module: Any, index: int,
-            folder: ModelFolder, limits: Limits) -> ControlInput:
-    """One checked `ControlInput`; `BadRequest` names what is wrong (404 for an unknown model)."""
-    what = f"control {index}"
+def model_path(model: Any, what: str, folder: ModelFolder) -> str:
+    """The file of the ControlNet `model` names in the server's folder; `BadRequest` 404 when there is none."""
     if not isinstance(model, str) or not model or model == "None":
         raise BadRequest(f"{what}: model must name a ControlNet of this server", 422)
     found = folder.find(model)
@@ -42,15 +42,34 @@ def control(model: Any, image: Any, strength: Any, start: Any, end: Any, module:
         known = ", ".join(folder.titles()) or "none (start the server with --controlnet-dir)"
         raise BadRequest(f"{what}: unknown ControlNet model {model!r}; this server has: {known}", 404,
                          "ControlNet model not found")
-    if isinstance(image, dict):                 # the extension's {"image": ..., "mask": ...}
+    return str(found.path)
+
+
+def hint_image(image: Any, what: str, limits: Limits) -> Image.Image:
+    """The unit's hint picture: base64, the extension's `{"image": ..., "mask": ...}`, or a decoded picture."""
+    if isinstance(image, dict):
         image = image.get("image")
     if image is None or image == "":
         raise BadRequest(f"{what}: needs an image (base64)", 422)
-    picture = image if isinstance(image, Image.Image) else decode_image(image, f"{what} image", limits)
+    return image if isinstance(image, Image.Image) else decode_image(image, f"{what} image", limits)
+
+
+def checked(control: ControlInput, index: int, convention: str) -> ControlInput:
     try:
-        return check_control(ControlInput(str(found.path), picture, strength, start, end, module_name(module)), index)
+        return check_control(control, index, convention)
     except RequestError as err:
         raise BadRequest(str(err), 422) from None
+
+
+def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
+               init: Image.Image | None) -> ControlInput:
+    """One enabled unit as a checked `ControlInput`, its steps by A1111's rule (`control_convention`)."""
+    what = f"control {index}"
+    image = unit.get("image") or unit.get("input_image") or init
+    control = ControlInput(model_path(unit["model"], what, folder), hint_image(image, what, limits),
+                           unit.get("weight", 1.0), unit.get("guidance_start", 0.0), unit.get("guidance_end", 1.0),
+                           module_name(unit.get("module")))
+    return checked(control, index, "a1111")
 
 
 def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits,
@@ -71,13 +90,16 @@ def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits,
             raise BadRequest(f"a ControlNet unit must be an object, got {unit!r}", 422)
         if not unit.get("enabled", True) or unit.get("model") in (None, "", "None"):
             continue
-        image = unit.get("image") or unit.get("input_image") or init
-        controls.append(control(unit["model"], image, unit.get("weight", 1.0), unit.get("guidance_start", 0.0),
-                                unit.get("guidance_end", 1.0), unit.get("module"), len(controls), folder, limits))
+        controls.append(a1111_unit(unit, len(controls), folder, limits, init))
     return tuple(controls)
 
 
 def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits) -> tuple[ControlInput, ...]:
-    return tuple(control(item.get("model"), item.get("image"), item.get("strength", 1.0), item.get("start", 0.0),
-                         item.get("end", 1.0), item.get("module"), index, folder, limits)
-                 for index, item in enumerate(items))
+    controls = []
+    for index, item in enumerate(items):
+        what = f"control {index}"
+        control = ControlInput(model_path(item.get("model"), what, folder), hint_image(item.get("image"), what, limits),
+                               item.get("strength", 1.0), item.get("start", 0.0), item.get("end", 1.0),
+                               module_name(item.get("module")))
+        controls.append(checked(control, index, "diffusers"))
+    return tuple(controls)
