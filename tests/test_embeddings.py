@@ -92,6 +92,26 @@ def test_comfyui_syntax_and_weights_read_the_same_vectors(sd1, tmp_path):
     assert _max_err(a1111["context"], weighted["context"]) > 1e-4     # emphasis applies to embedding tokens
 
 
+@torch.no_grad()
+def test_comfyui_syntax_names_subfolders_and_drops_unknown_names(sd1, tmp_path, caplog):
+    (tmp_path / "styles").mkdir()
+    save_file({"emb_params": _vectors(2, 64, 1)}, str(tmp_path / "styles" / "ink.safetensors"))
+    embedded = install_embeddings(sd1, load_embeddings_dir(tmp_path, sd1))
+
+    def context(bundle, prompt):
+        return make_cond(bundle.text_encoders, bundle.family, prompt, "")[0]["context"]
+
+    a1111 = context(embedded, "a ink house")
+    for written in ("embedding:ink", "embedding:styles/ink", "embedding:Styles/ink.safetensors"):
+        assert _max_err(context(embedded, f"a {written} house"), a1111) == 0, written
+    plain = context(embedded, "a house")
+    for missing in ("embedding:nothere", "embedding:other/ink", "embedding:yles/ink"):   # ComfyUI drops them
+        caplog.clear()
+        assert _max_err(context(embedded, f"a {missing} house"), plain) == 0, missing
+        assert f"{missing} is not loaded" in caplog.text
+    assert _max_err(context(sd1, "a embedding:ink house"), context(sd1, "a house")) == 0    # none loaded
+
+
 def test_the_shared_tokenizer_and_other_bundles_are_unchanged(sd1, tmp_path):
     before = default_tokenizer().encode("a mystyle photo")
     embedded = install_embeddings(sd1, [load_embedding(_a1111_pt(tmp_path / "mystyle.pt", _vectors(2, 64, 1)))])

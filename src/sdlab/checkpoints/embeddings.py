@@ -8,8 +8,8 @@ File shapes (`.safetensors`, or weights-only `.pt` / `.bin` pickles; nothing pic
 - diffusers' `learned_embeds.bin` and other one-key files: {"<token>": (d,) or (n, d)}.
 
 A loaded embedding is named by its file's stem and used by writing that name in a prompt (A1111) or
-`embedding:name` (ComfyUI), in negative prompts too; each of its n vectors takes one of the 75 token places
-of a chunk. Installing gives every text encoder the vectors of its own width as token ids past the
+`embedding:name` / `embedding:subfolder/name` (ComfyUI), in negative prompts too; each of its n vectors
+takes one of the 75 token places of a chunk. Installing gives every text encoder the vectors of its own width as token ids past the
 vocabulary (as diffusers' `load_textual_inversion` appends rows to the token table) and a tokenizer that
 reads the name as those ids.
 """
@@ -42,11 +42,14 @@ class EmbeddingError(CheckpointError):
 
 @dataclass(frozen=True)
 class Embedding:
-    """`vectors` are the tensors of the file, (n, d) each: one per text-encoder width it was trained for."""
+    """`vectors` are the tensors of the file, (n, d) each: one per text-encoder width it was trained for.
+    `path_in_folder`: the file's path under the embeddings folder it was found in, '/'-separated, without
+    suffix (`styles/ink`, for ComfyUI's `embedding:styles/ink`); empty for a file loaded alone."""
 
     name: str
     vectors: tuple[Tensor, ...]
     path: Path
+    path_in_folder: str = ""
 
     @property
     def num_vectors(self) -> int:
@@ -127,6 +130,7 @@ def install_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding], *, 
     A name loaded again replaces the earlier vectors' words. `partial` as in `vectors_for`."""
     embeddings = list(embeddings)
     per_encoder = [vectors_for(e, bundle.text_encoders, partial=partial) for e in embeddings]   # checked first
+    paths = {e.name: e.path_in_folder for e in embeddings if e.path_in_folder}
     encoders = []
     for index, encoder in enumerate(bundle.text_encoders):
         table = encoder.model.embeddings
@@ -140,7 +144,7 @@ def install_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding], *, 
                 first = 0 if table.added_tokens is None else table.added_tokens.shape[0]
                 table.added_tokens = block if table.added_tokens is None else torch.cat([table.added_tokens, block])
             words[embedding.name] = tuple(range(vocab + first, vocab + first + block.shape[0]))
-        encoders.append(dataclasses.replace(encoder, tokenizer=encoder.tokenizer.with_added_words(words)))
+        encoders.append(dataclasses.replace(encoder, tokenizer=encoder.tokenizer.with_added_words(words, paths)))
     for embedding in embeddings:
         logger.info("embedding %s: %d vector(s) from %s", embedding.name, embedding.num_vectors, embedding.path)
     return dataclasses.replace(bundle, text_encoders=tuple(encoders))
@@ -189,13 +193,18 @@ def load_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> 
     usable = []
     for path in embedding_files(folder):
         try:
-            embedding = load_embedding(path)
+            embedding = dataclasses.replace(load_embedding(path), path_in_folder=_path_in_folder(path, folder))
             vectors_for(embedding, bundle.text_encoders)
         except CheckpointError as err:
             logger.warning("skipping %s", err)
             continue
         usable.append(embedding)
     return usable
+
+
+def _path_in_folder(path: Path, folder: str | os.PathLike[str]) -> str:
+    """`path` under `folder`, '/'-separated, without suffix: `styles/ink` for `folder/styles/ink.pt`."""
+    return path.relative_to(folder).with_suffix("").as_posix()
 
 
 __all__ = [

@@ -54,7 +54,8 @@ _PRETOKENIZE = regex.compile(
 )
 
 
-# ComfyUI's way to name an embedding in a prompt: `embedding:NAME` (NAME may carry the file's extension).
+# ComfyUI's way to name an embedding in a prompt: `embedding:NAME` (NAME may carry the file's extension and
+# the subfolder it lies in: `embedding:styles/ink.pt`).
 _EMBEDDING_SYNTAX = regex.compile(r"embedding:([^\s,()\[\]{}<>|:]+)", regex.IGNORECASE)
 _EMBEDDING_SUFFIX = regex.compile(r"\.(pt|pth|bin|safetensors)$", regex.IGNORECASE)
 
@@ -162,6 +163,7 @@ class CLIPTokenizer:
         self._cache_size = cache_size
         self._word_cache: dict[str, tuple[int, ...]] = {_BOS_TOKEN: (BOS_TOKEN_ID,), _EOS_TOKEN: (EOS_TOKEN_ID,)}
         self.added_words: dict[str, tuple[int, ...]] = {}          # see with_added_words
+        self.added_paths: dict[str, str] = {}                      # added word -> its file's path, see there
         self._added_by_first: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
 
     @cached_property
@@ -223,16 +225,12 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """BPE ids of ``text``: no begin/end tokens, no truncation (added words substituted, see
         ``with_added_words``)."""
-        if not self.added_words:
-            return self._bpe_ids(text)
         return [token for unit in self.encode_units(text) for token in unit]
 
     def encode_units(self, text: str) -> list[tuple[int, ...]]:
         """``encode(text)`` grouped into units: one 1-tuple per vocabulary token, and one tuple holding all the
         ids of each added word (a textual-inversion embedding's n vectors), which A1111 never splits
         between two 75-token chunks (``prompt_syntax.chunk_tokens``)."""
-        if not self.added_words:
-            return [(token,) for token in self._bpe_ids(text)]
         units: list[tuple[int, ...]] = []
         for i, part in enumerate(_EMBEDDING_SYNTAX.split(text)):
             if i % 2 == 0:
@@ -247,13 +245,18 @@ class CLIPTokenizer:
             ids.extend(self._word_ids(piece))
         return ids
 
-    def with_added_words(self, words: Mapping[str, Sequence[int]]) -> CLIPTokenizer:
+    def with_added_words(self, words: Mapping[str, Sequence[int]],
+                         paths: Mapping[str, str] | None = None) -> CLIPTokenizer:
         """A copy that reads each word of ``words`` (name -> its ids past the vocabulary, e.g. the vectors of a
         textual-inversion embedding) as those ids, where the name's own tokens occur in a prompt (A1111's
-        rule, also inside other text) or where it is written ``embedding:name`` (ComfyUI's, with or without
-        the file extension). The copy shares the vocabulary tables; this tokenizer is unchanged."""
+        rule, also inside other text) or where it is written ``embedding:name`` (ComfyUI's, see
+        ``_named_word``). ``paths`` (name -> the word's file under its embeddings folder, '/'-separated,
+        without suffix: ``styles/ink``) let ``embedding:styles/ink`` name it too; a word without one is its
+        own path. The copy shares the vocabulary tables; this tokenizer is unchanged."""
         twin = copy.copy(self)
         twin.added_words = {**self.added_words, **{name: tuple(ids) for name, ids in words.items()}}
+        twin.added_paths = {name: path for name, path in self.added_paths.items() if name not in words}
+        twin.added_paths.update(paths or {})
         by_first: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         for name, ids in twin.added_words.items():
             tokens = tuple(self._bpe_ids(name))
@@ -280,14 +283,18 @@ class CLIPTokenizer:
         return out
 
     def _named_word(self, name: str) -> list[tuple[int, ...]]:
-        """The unit of ComfyUI's ``embedding:name``, or the words of the text when no such word is loaded."""
-        stem = _EMBEDDING_SUFFIX.sub("", name)
-        for key in (name, stem):
-            for word, ids in self.added_words.items():
-                if word.lower() == key.lower():
-                    return [tuple(ids)]
-        logger.warning("embedding %r is not loaded; the text is read as words", name)
-        return [(token,) for token in self._bpe_ids(f"embedding:{name}")]
+        """The unit of ComfyUI's ``embedding:name``: the added word whose file ``name`` names, as ComfyUI's
+        ``load_embed`` joins it to the embeddings folder and to each of its subfolders (so ``ink`` or
+        ``styles/ink`` for ``styles/ink.pt``), with or without the file's suffix, any case. A name that
+        names no loaded word is left out of the prompt with a warning, as ComfyUI does."""
+        written = name.lower()
+        wanted = {written, _EMBEDDING_SUFFIX.sub("", written)}
+        for word, ids in self.added_words.items():
+            path = self.added_paths.get(word, word).lower()
+            if any(path == key or path.endswith(f"/{key}") for key in wanted):
+                return [ids]
+        logger.warning("embedding:%s is not loaded; it is left out of the prompt", name)
+        return []
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Text of ``ids`` (cleaned and lower-cased, as the model saw it); word ends become spaces."""
