@@ -40,6 +40,30 @@ def test_hint_matches_diffusers_control_image_processor():
         torch.testing.assert_close(hint_tensor(image, 48, 32), expected, atol=1e-6, rtol=0)
 
 
+def test_a_transparent_hint_is_laid_on_white_as_a1111s_hwc3(tmp_path):
+    """A drawing on a transparent canvas keeps its strokes: A1111's HWC3 computes color * alpha + 255 * (1 -
+    alpha); dropping the alpha would leave the canvas's (black) colour everywhere."""
+    from sdlab.pipeline.preprocess import preprocess
+
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (24, 40, 4), dtype=np.uint8)
+    rgba[:12, :, 3] = 0                                                         # half the canvas transparent
+    [control] = _controls(tmp_path, tiny_bundle("sd1"), strengths=(1.0,), ranges=((0.0, 1.0),))
+    color, alpha = rgba[..., :3].astype(np.float64), rgba[..., 3:].astype(np.float64) / 255.0
+    hwc3 = (color * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)       # A1111 annotator.util.HWC3
+    for image, expected in ((Image.fromarray(rgba), hwc3),
+                            (Image.fromarray(rgba[..., [0, 3]], "LA"), np.repeat(hwc3[..., :1], 3, axis=2))):
+        picture = ControlInput(control.net.origin, image)
+        [prepared] = prepare_controls(tiny_bundle("sd1"), [picture], 40, 24)
+        assert np.abs(prepared.hint[0].permute(1, 2, 0).numpy() * 255 - expected).max() <= 1
+    strokes = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    strokes.paste((0, 0, 0, 255), (14, 0, 18, 32))
+    [edges] = prepare_controls(tiny_bundle("sd1"), [ControlInput(control.net.origin, strokes, module="canny")], 32, 32)
+    assert torch.equal(edges.hint, hint_tensor(preprocess(Image.alpha_composite(
+        Image.new("RGBA", (32, 32), "white"), strokes).convert("RGB"), "canny"), 32, 32))
+    assert edges.hint.max() == 1.0
+
+
 @pytest.mark.parametrize("start,end", [(0.0, 1.0), (0.2, 0.8), (0.5, 1.0), (0.0, 0.3), (0.34, 0.66)])
 def test_active_steps_follow_diffusers_controlnet_keep(start, end):
     control = PreparedControl(net=None, hint=torch.zeros(1), strength=1.0, start=start, end=end)

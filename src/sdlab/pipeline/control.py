@@ -2,7 +2,9 @@
 
 Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetModel`):
 
-- the hint image is converted to RGB, resized to the output size with Lanczos and scaled to [0, 1];
+- the hint image is converted to RGB, resized to the output size with Lanczos and scaled to [0, 1]; one
+  with transparency is first laid on white by its alpha (A1111's `HWC3`; diffusers drops the alpha, which
+  turns a drawing on a transparent canvas black);
 - with classifier-free guidance the hint conditions both the conditional and the unconditional half
   (diffusers' default `guess_mode=False`; also A1111's "Balanced" control mode), except for a ControlNet that
   pools its residuals (the shuffle model, `global_pool_conditions`): its residuals go to the conditional rows
@@ -44,6 +46,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.images import on_white
 from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess
 from sdlab.pipeline.request import RequestError, input_image
 
@@ -98,6 +101,12 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
     if not isinstance(control.image, Image.Image) and not Path(control.image).exists():
         raise RequestError(f"{name}: the image {os.fspath(control.image)!r} does not exist")
     return control
+
+
+def flattened(image: Image.Image) -> Image.Image:
+    """A hint picture with transparency (RGBA, LA, a palette's transparent colour) laid on white by its alpha,
+    as A1111's `HWC3` lays an RGBA hint (`color * alpha + 255 * (1 - alpha)`); others unchanged."""
+    return on_white(image.convert("RGBA")) if image.has_transparency_data else image
 
 
 def hint_tensor(image: Image.Image, width: int, height: int) -> Tensor:
@@ -170,7 +179,7 @@ def prepare_controls(
                 f"control {index}: {net.origin} maps hints {net.config.hint_factor}x down, but this model's "
                 f"latents are {factor}x smaller than the picture"
             )
-        image = preprocess(input_image(control.image, f"control {index} image"), control.module)
+        image = preprocess(flattened(input_image(control.image, f"control {index} image")), control.module)
         hint = hint_tensor(image, width, height).to(next(bundle.unet.parameters()).device)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
                                         float(control.end), control.module, convention))
