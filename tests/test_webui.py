@@ -323,6 +323,45 @@ def test_cancel_a_second_job(page, base_url):
     assert page.execute_script("return window.__streams.max") == 1
 
 
+def test_two_tabs_each_show_and_cancel_their_own_jobs(page, base_url):
+    """Tab B's finished picture stays while tab A's job runs, B's Cancel stays off (and cancels nothing of
+    A's), and A's Cancel stops A's job: another tab's job shows in the queue list only."""
+    tab_b, tab_a = page, start_browser()
+    try:
+        open_page(tab_a, base_url)
+        set_value(tab_b, "prompt", "tab B picture")
+        set_value(tab_b, "steps", 3)
+        tab_b.find_element(By.ID, "generate").click()
+        wait(tab_b, lambda d: text(d, "infotext").startswith("tab B picture"), message="B's picture not shown")
+        b_results = [img.get_attribute("src") for img in tab_b.find_elements(By.CSS_SELECTOR, "#results img.result")]
+        assert b_results and text(tab_b, "progress-text").startswith("Done")
+
+        set_value(tab_a, "prompt", "tab A picture")
+        set_value(tab_a, "steps", 150)
+        tab_a.find_element(By.ID, "generate").click()
+        a_id = wait(tab_a, lambda d: [j["id"] for j in http_json(base_url, "/api/jobs")["jobs"]
+                                      if j["request"].get("prompt") == "tab A picture"], 20)[0]
+        wait(tab_a, lambda d: http_json(base_url, f"/api/jobs/{a_id}")["step"] >= 2, message="A's job never ran")
+        wait(tab_a, lambda d: text(d, "progress-text").startswith("Step"), 30, "A does not show its progress")
+        wait(tab_b, lambda d: d.find_elements(By.CSS_SELECTOR, f'#queue li[data-job-id="{a_id}"]'), 20,
+             "B's queue list does not show A's job")
+        assert [img.get_attribute("src") for img in tab_b.find_elements(By.CSS_SELECTOR, "#results img.result")] == b_results
+        assert text(tab_b, "infotext").startswith("tab B picture") and text(tab_b, "progress-text").startswith("Done")
+        assert not tab_b.find_element(By.ID, "cancel").is_enabled()
+        tab_b.execute_script("cancelShown()")                      # what B's Cancel button does
+        time.sleep(1)
+        assert http_json(base_url, f"/api/jobs/{a_id}")["status"] == "running"
+
+        assert tab_a.find_element(By.ID, "cancel").is_enabled()
+        tab_a.find_element(By.ID, "cancel").click()
+        wait(tab_a, lambda d: text(d, "progress-text") == "Cancelled", 30, "A's cancel not shown")
+        assert wait_job(base_url, a_id)["status"] == "cancelled"
+        assert [img.get_attribute("src") for img in tab_b.find_elements(By.CSS_SELECTOR, "#results img.result")] == b_results
+        assert text(tab_b, "infotext").startswith("tab B picture")
+    finally:
+        tab_a.quit()
+
+
 def test_reuse_settings_from_the_gallery(page, base_url):
     settings = {"mode": "txt2img", "prompt": "a large purple square in the top left", "negative_prompt": "blurry",
                 "steps": 5, "sampler": "Euler", "schedule": "normal", "cfg_scale": 4.5, "seed": 1234,

@@ -9,20 +9,37 @@ const ACTIVE = new Set(["queued", "running"]);
 const TERMINAL_EVENTS = new Set(["done", "failed", "cancelled", "interrupted"]);
 const MASK_COLOUR = "#ff3df5";   // how the painted mask shows on the image (it is sent as white on black)
 const LORA_TAG = /<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>/gi;
+const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser tab): this tab's jobs, over a reload
 
 const state = {
   mode: "txt2img",
   initImage: null,        // data URL of the image for img2img / inpaint
   maskPainted: false,
   loras: [],              // [{name, weight}]
-  follow: null,           // {id, source}: the one job whose event stream the page reads
-  submitted: new Set(),   // ids of jobs this page queued and has not seen end
-  activeIds: [],          // queued and running jobs at the last poll, oldest first
+  follow: null,           // {id, source}: the one job whose event stream the page reads (one of its own)
+  submitted: new Set(storedSubmitted()),   // ids of jobs this page queued and has not seen end
+  activeIds: [],          // queued and running jobs at the last poll, oldest first (every page's)
+  ownActiveIds: [],       // those this page queued: the only ones its viewer, progress and Cancel follow
   shownJob: null,         // id of the job the progress bar and viewer show
   lastSeed: null,
   clock: null,            // {id, i, t}: the first step seen of the followed job, for the time left
   jobsSignature: "",
 };
+
+// The ids of the jobs this tab queued, kept in its sessionStorage so a reload goes on following them;
+// another tab has its own (A1111 likewise gives each browser session its own task ids).
+function storedSubmitted() {
+  try { return JSON.parse(sessionStorage.getItem(SUBMITTED_KEY) || "[]"); } catch (_) { return []; }
+}
+
+function rememberSubmitted() {
+  try { sessionStorage.setItem(SUBMITTED_KEY, JSON.stringify([...state.submitted])); } catch (_) { /* private mode */ }
+}
+
+function forgetSubmitted(id) {
+  state.submitted.delete(id);
+  rememberSubmitted();
+}
 
 // ---------------------------------------------------------------- HTTP
 
@@ -434,6 +451,7 @@ async function generate() {
   try {
     const job = await api("/api/jobs", { method: "POST", body });
     state.submitted.add(job.id);
+    rememberSubmitted();
     if (!state.follow) {                       // nothing running: follow this one from its start
       state.shownJob = job.id;
       setProgress(0, 1, queuedText(job.position));
@@ -460,7 +478,7 @@ function parseEventData(event) {
   try { return event.data ? JSON.parse(event.data) : {}; } catch (_) { return {}; }
 }
 
-// The page follows one job's event stream at a time: the running job, else the next queued one.
+// The page follows one of its own jobs' event stream at a time: its running job, else its next queued one.
 // (A browser opens at most six connections to a server; one stream per queued job would use them up.)
 function followJob(id) {
   if (state.follow && state.follow.id === id) return;
@@ -519,7 +537,7 @@ function stopFollowing() {
 
 // A job the page waited for has ended: show it if it is the one on screen, then follow the next.
 async function jobEnded(id) {
-  state.submitted.delete(id);
+  forgetSubmitted(id);
   let job = null;
   try { job = await api(`/api/jobs/${encodeURIComponent(id)}`); } catch (err) { showError(err.message); }
   if (job && job.status === "done" && job.request && job.request.seed != null) state.lastSeed = job.request.seed;
@@ -570,9 +588,10 @@ async function cancelJob(id) {
   refreshJobs();
 }
 
-// The Cancel button: the job being followed (normally the running one), else the newest one waiting.
+// The Cancel button: this page's job being followed (normally its running one), else its newest one waiting;
+// never another page's job (the queue list cancels any job by its own button).
 function cancelShown() {
-  const id = state.follow ? state.follow.id : state.activeIds[state.activeIds.length - 1];
+  const id = state.follow ? state.follow.id : state.ownActiveIds[state.ownActiveIds.length - 1];
   if (id) cancelJob(id);
 }
 
@@ -692,9 +711,11 @@ function renderGallery(jobs) {
   }
 }
 
-// Poll the job list: queue view, gallery, which job to follow, and jobs that ended unseen
-// (cancelled while queued, or while no stream followed them).
+// Poll the job list: queue view, gallery, which of this page's jobs to follow, and its jobs that ended
+// unseen (cancelled while queued, or while no stream followed them). Other pages' jobs show in the queue
+// list only: they never take over this page's viewer, progress bar or Cancel button.
 async function refreshJobs(force = false) {
+  const queuedBefore = [...state.submitted];     // in the history by now (a job is stored when queued)
   let data;
   try {
     data = await api("/api/jobs");
@@ -705,14 +726,18 @@ async function refreshJobs(force = false) {
   const newestDone = jobs.find((j) => j.status === "done" && j.request && j.request.seed != null);
   if (state.lastSeed == null && newestDone) state.lastSeed = newestDone.request.seed;
   const active = jobs.filter((j) => ACTIVE.has(j.status)).reverse();     // oldest (next to run) first
+  const own = active.filter((j) => state.submitted.has(j.id));
   state.activeIds = active.map((j) => j.id);
-  $("cancel").disabled = active.length === 0;
-  const next = active.find((j) => j.status === "running") || active[0];
+  state.ownActiveIds = own.map((j) => j.id);
+  $("cancel").disabled = own.length === 0;
+  const next = own.find((j) => j.status === "running") || own[0];
   if (next) followJob(next.id);
   else stopFollowing();
+  const listed = new Set(jobs.map((j) => j.id));
+  for (const id of queuedBefore) if (!listed.has(id)) forgetSubmitted(id);     // gone from the history
   for (const job of jobs) {
     if (state.submitted.has(job.id) && !ACTIVE.has(job.status) && (!state.follow || state.follow.id !== job.id)) {
-      state.submitted.delete(job.id);
+      forgetSubmitted(job.id);
       if (job.status === "done" && job.request && job.request.seed != null) state.lastSeed = job.request.seed;
       if (state.shownJob === job.id) showJob(job);
     }
