@@ -92,6 +92,24 @@ def test_image_i_of_a_batch_is_the_single_run_with_seed_plus_i(bundles, family, 
     assert np.abs(_pixels(batch.images[:1]) - _pixels(batch.images[1:2])).max() > 10    # the seeds do differ
 
 
+@pytest.mark.parametrize("convention", ["diffusers", "comfyui", "a1111"])
+def test_img2img_start_noise_is_the_conventions_draw(bundles, monkeypatch, convention):
+    """diffusers' prepare_latents samples the posterior first, so the noise is each seed's second draw;
+    A1111's img2img takes it as the first (`sample`: x = self.rng.next()), the posterior sample after it."""
+    from sdlab.pipeline import generate as generate_module
+
+    starts = []
+    real = generate_module._start
+    monkeypatch.setattr(generate_module, "_start", lambda *a, **k: starts.append(real(*a, **k)) or starts[-1])
+    generate(bundles["sd1"], _request(init_image=_picture(), strength=0.7, batch_size=2, seed=40,
+                                      img2img_convention=convention))
+    shape = starts[0].noise.shape[1:]                                 # (4, h, w)
+    nth = 0 if convention == "a1111" else 1
+    generators = [torch.Generator().manual_seed(seed) for seed in (40, 41)]
+    noise = torch.stack([[torch.randn(shape, generator=g) for _ in range(2)][nth] for g in generators])
+    assert torch.equal(starts[0].noise.cpu(), noise)
+
+
 def test_same_seed_same_picture_and_random_seed_is_recorded(bundles):
     first = generate(bundles["sd1"], _request(sampler="Euler a"))
     again = generate(bundles["sd1"], _request(sampler="Euler a"))

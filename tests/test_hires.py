@@ -15,10 +15,11 @@ from safetensors.torch import save_file
 import sdlab
 from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.diffusion.discretization import discretize
+from sdlab.pipeline import generate as generate_module
 from sdlab.pipeline import plan as plan_module
-from sdlab.pipeline.generate import decode_latents, sample_latents
+from sdlab.pipeline.generate import decode_latents, encode_image, sample_latents
 from sdlab.pipeline.hires import find_upscaler, is_latent_upscaler
-from sdlab.pipeline.images import tensor_to_pil
+from sdlab.pipeline.images import pil_to_tensor, tensor_to_pil
 from sdlab.pipeline.infotext import from_parameters, to_parameters
 from sdlab.pipeline.memory import estimate_bytes
 from sdlab.pipeline.plan import make_plan
@@ -75,19 +76,31 @@ def test_latent_hires_equals_the_two_passes_by_hand(pipe, mode: str) -> None:
 
 
 @pytest.mark.parametrize("upscaler", ["Lanczos", "esrgan"])
-def test_pixel_hires_equals_txt2img_upscale_img2img_by_hand(pipe, esrgan_x2: Path, upscaler: str) -> None:
+def test_pixel_hires_equals_txt2img_resize_encode_and_latent_second_pass_by_hand(pipe, esrgan_x2: Path,
+                                                                                 upscaler: str) -> None:
+    """A1111's pixel path: decode, resize, encode (sdlab: the posterior mean), then the same second pass as after
+    a latent upscale, noised with each seed's first fresh draw."""
     name = str(esrgan_x2) if upscaler == "esrgan" else upscaler
     result = pipe.txt2img(PROMPT, **FIRST, hr_scale=2, hr_upscaler=name, hr_denoise=0.5)
     assert result.request.hr_steps == 0                                # 0: as many steps as the first pass
 
     network = load_upscaler(esrgan_x2) if upscaler == "esrgan" else upscaler
     firsts = pipe.txt2img(PROMPT, **FIRST)
-    by_hand = []
-    for image, seed in zip(firsts.images, firsts.seeds):              # image i: its own seed, batch of one
-        large = resize_image(image, network, (128, 128))
-        by_hand += pipe.img2img(PROMPT, large, strength=0.5, steps=4, seed=seed, sampler=firsts.request.sampler,
-                                img2img_convention="comfyui").images
+    pixels = pil_to_tensor([resize_image(image, network, (128, 128)) for image in firsts.images])  # (2, 3, 128, 128)
+    z = encode_image(pipe.bundle, pixels)                             # (2, 4, 32, 32) posterior means
+    second = make_plan(pipe.bundle, _second_request(firsts.request, 4, 0.5, (128, 128)), from_latent=True)
+    by_hand = tensor_to_pil(decode_latents(pipe.bundle, sample_latents(pipe.bundle, second, init_latent=z)))
     assert np.array_equal(_array(result.images), _array(by_hand))
+
+
+def test_pixel_second_pass_noise_is_each_seeds_first_fresh_draw(pipe, monkeypatch) -> None:
+    """A1111 `sample_hr_pass`: `noise = ImageRNG(shape, seeds, ...).next()` after the encode, for every upscaler."""
+    starts = []
+    real = generate_module._start
+    monkeypatch.setattr(generate_module, "_start", lambda *a, **k: starts.append(real(*a, **k)) or starts[-1])
+    pipe.txt2img(PROMPT, **FIRST, hr_scale=2, hr_upscaler="Lanczos", hr_steps=2)
+    noise = torch.stack([torch.randn((4, 32, 32), generator=torch.Generator().manual_seed(seed)) for seed in (7, 8)])
+    assert torch.equal(starts[-1].noise.cpu(), noise)
 
 
 def test_the_upscaler_changes_the_picture(pipe, esrgan_x2: Path) -> None:

@@ -23,7 +23,8 @@ image i equals a single run with seed + i, on any device. The draws follow diffu
 1. the VAE posterior sample of the init image, only when the start or the blend needs it (img2img;
    inpainting below strength 1; 4-channel inpainting at any strength); diffusers' 9-channel inpainting at
    strength 1 starts from pure noise and encodes no init image, and neither does sdlab;
-2. the initial noise;
+2. the initial noise (under A1111's img2img convention it comes before 1: A1111 takes the noise as each
+   seed's first draw and samples the posterior from another random state);
 3. the posterior sample of the masked image (9-channel inpainting models only);
 4. the sampler's step noise (ancestral / SDE samplers).
 
@@ -287,16 +288,25 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0
                                                               and req.img2img_convention != "a1111"))
     blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
+    # diffusers' prepare_latents samples the posterior, then the noise; A1111's img2img takes the noise as
+    # each seed's first draw (`sample`: x = self.rng.next()) and samples its posterior from another state
+    noise = _initial_noise(plan, generators, device) if req.img2img_convention == "a1111" else None
     if pixels is not None and (not from_noise or blends):
         image_latent = encode_image(bundle, pixels, generators, tiled=req.tiled_vae)           # (B, 4, h, w)
-
-    noise = per_image_noise(generators, torch.empty(plan.latent_shape, device=device))(sigmas[0], sigmas[0])  # (B, 4, h, w)
-    noise = variation_noise(noise, req.subseeds(), req.subseed_strength)                    # (B, 4, h, w)
+    if noise is None:
+        noise = _initial_noise(plan, generators, device)                                    # (B, 4, h, w)
     if from_noise:
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, from_noise=from_noise)
+
+
+def _initial_noise(plan: GenerationPlan, generators: list[torch.Generator], device: torch.device) -> Tensor:
+    """The unit noise of the first x, one draw per image's generator, with the request's variation seeds mixed in."""
+    req, sigma = plan.request, plan.sigmas[0]
+    noise = per_image_noise(generators, torch.empty(plan.latent_shape, device=device))(sigma, sigma)  # (B, 4, h, w)
+    return variation_noise(noise, req.subseeds(), req.subseed_strength)                              # (B, 4, h, w)
 
 
 def _guided_model(
@@ -467,24 +477,27 @@ def in_safe_vae_precision(bundle: ModelBundle, run: Callable[[], Tensor]) -> Ten
     return out
 
 
-def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Generator], *,
+def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Generator] | None = None, *,
                  tiled: bool | None = None) -> Tensor:
-    """Init image (1, 3, H, W) in [-1, 1] -> model-space latents (B, 4, h, w), one posterior sample per
-    image drawn from that image's generator (diffusers' `retrieve_latents(..., generator[i])`).
+    """Pictures in [-1, 1] -> model-space latents: with `generators`, one posterior sample of the init image
+    (1, 3, H, W) per generator, drawn from it (diffusers' `retrieve_latents(..., generator[i])`), (B, 4, h, w);
+    without, the posterior mean of each picture (B, 3, H, W) -> (B, 4, h, w), no draw.
 
     Pictures are encoded in tiles when `tiled` says so (None: large ones, `should_tile`), and then use the
     posterior mean (no draw): a tiled encode has no single posterior to sample from."""
     vae = bundle.vae
     height, width = pixels.shape[-2:]
     tile = tiled if tiled is not None else should_tile(height, width)
-    states = [g.get_state() for g in generators]         # a float32 retry draws what the first try drew
+    states = [g.get_state() for g in generators or ()]   # a float32 retry draws what the first try drew
 
     def encode() -> Tensor:
         x = pixels.to(vae.dtype)
         if tile:
             mean = encode_tiled(lambda tile: vae.encode(tile).mean, x, factor=bundle.vae_config.downsample_factor)
-            return mean.expand(len(generators), -1, -1, -1)
+            return mean if generators is None else mean.expand(len(generators), -1, -1, -1)
         posterior = vae.encode(x)
+        if generators is None:
+            return posterior.mean
         for generator, state in zip(generators, states):
             generator.set_state(state)
         return torch.cat([posterior.sample(g) for g in generators])                     # (B, 4, h, w)

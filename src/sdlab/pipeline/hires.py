@@ -7,18 +7,18 @@
                  - a pixel upscaler ("Lanczos", "Nearest", an ESRGAN-family file): the first pass's pictures
                    (8-bit, as `generate` returns them) resized as A1111's `resize_image` does (`resize_image`:
                    the upscaler runs only when the size grows, so a scale-1 pass starts from the first
-                   pass's own pictures); the second pass encodes them
+                   pass's own pictures); the VAE encodes them (the posterior mean)
     second pass  img2img at the final size with strength `hr_denoise` and `hr_steps` steps (0: the first pass's),
                  all of which run on a schedule stretched to steps / hr_denoise: A1111 hands the second pass
                  its step count, which takes its "img2img_fix_steps" path (sdlab's "comfyui" convention)
 
-Seeds (A1111 draws the second pass's noise from fresh generators on the same seeds and subseeds): image i's
-second pass is the img2img request of `second_pass_request` with the first pass's seed i (and subseed i).
-For a pixel upscaler that is exactly `pipe.img2img(prompt, upscaled_i, strength=hr_denoise, seed=seeds[i],
-batch_size=1, ...)`: posterior sample, then noise. For a latent upscaler it is the same request started
-`from_latent`: the noise is the generator's first draw (no VAE encode). A pixel upscale differs from A1111
-in two small ways: the first pass's pictures are rounded to 8 bits (A1111 truncates), and a crop (hr_width and
-hr_height of another aspect ratio) cuts the picture before encoding (A1111 cuts the encoded latent).
+Seeds: A1111 draws the second pass's noise from fresh generators on the same seeds and subseeds
+(`sample_hr_pass`: a new `ImageRNG`, whose first draw is the noise and whose later draws are the step
+noise). Both upscaler kinds therefore end in the same run: `second_pass_request` started `from_latent` on
+the upscaled latent, so the noise is each generator's first draw. A1111 samples the posterior of the
+upscaled pictures from its global random state, apart from the seeds' generators; sdlab takes the
+posterior mean and so draws nothing there. A pixel upscale differs from A1111 in one small way: the first
+pass's pictures are rounded to 8 bits (A1111 truncates).
 """
 
 from __future__ import annotations
@@ -32,8 +32,15 @@ import torch
 
 from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.generate import NonFiniteError, ProgressFn, decode_latents, generate, sample_latents
-from sdlab.pipeline.images import tensor_to_pil
+from sdlab.pipeline.generate import (
+    NonFiniteError,
+    ProgressFn,
+    decode_latents,
+    encode_image,
+    generate,
+    sample_latents,
+)
+from sdlab.pipeline.images import pil_to_tensor, tensor_to_pil
 from sdlab.pipeline.plan import GenerationPlan, make_plan
 from sdlab.pipeline.request import SIZE_MULTIPLE, GenerationRequest, GenerationResult, hires_sizes
 from sdlab.pipeline.upscale import (
@@ -105,37 +112,26 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
     upscaler = hires_upscaler(req, bundle) if upscaler is None else upscaler
     up, final = pass_sizes(req, factor)
     left, top = _crop_box(up, final, factor)
-    second = second_pass_request(req, factor)
     if isinstance(upscaler, str) and is_latent_upscaler(upscaler):
         latents = sample_latents(bundle, plan, progress=progress)                          # (B, C, h, w)
         z = upscale_latent(latents, up[1] // factor, up[0] // factor, upscaler)           # (B, C, H/f, W/f)
-        z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
-        second_plan = make_plan(bundle, second, from_latent=True)
-        z = sample_latents(bundle, second_plan, init_latent=z.contiguous(), progress=_offset(progress, plan.steps_run))
-        pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                           # (B, 3, H2, W2)
-        if not torch.isfinite(pixels).all():
-            raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
-        return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=req)
-
-    first = generate(bundle, plan, progress=progress).images
-    done, images = plan.steps_run, []
-    for i, (picture, seed, subseed) in enumerate(zip(first, req.seeds(), req.subseeds())):
-        large = resize_image(picture, upscaler, up)
-        large = large.crop((left * factor, top * factor, left * factor + final[0], top * factor + final[1]))
-        one = replace(second, init_image=large.convert("RGB"), batch_size=1, seed=seed,
-                      subseed=subseed if req.subseed_strength else req.subseed)
-        one_plan = make_plan(bundle, one)
-        images += generate(bundle, one_plan, progress=_offset(progress, done)).images
-        done += one_plan.steps_run
-    return GenerationResult(images=images, seeds=req.seeds(), request=req)
+    else:
+        first = generate(bundle, plan, progress=progress).images
+        pixels = pil_to_tensor([resize_image(picture, upscaler, up) for picture in first])  # (B, 3, H, W)
+        z = encode_image(bundle, pixels.to(bundle.device), tiled=req.tiled_vae)          # (B, C, H/f, W/f)
+    z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]            # (B, C, h2, w2)
+    second_plan = make_plan(bundle, second_pass_request(req, factor), from_latent=True)
+    z = sample_latents(bundle, second_plan, init_latent=z.contiguous(), progress=_offset(progress, plan.steps_run))
+    pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                               # (B, 3, H2, W2)
+    if not torch.isfinite(pixels).all():
+        raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
+    return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=req)
 
 
-def hires_steps(req: GenerationRequest, latent: bool | None = None) -> int:
-    """Sampler steps the second pass takes for the whole batch (for progress totals): `hr_steps` (unset or 0:
-    the first pass's) once after a latent upscaler, once per picture after a pixel one. `latent` defaults to
-    whether the resolved request's `hr_upscaler` is a latent mode."""
-    latent = is_latent_upscaler(req.hr_upscaler) if latent is None else latent
-    return (req.hr_steps or req.steps) * (1 if latent else req.batch_size)
+def hires_steps(req: GenerationRequest) -> int:
+    """Sampler steps the second pass takes for the whole batch (for progress totals): `hr_steps`, unset or 0
+    the first pass's, whatever the upscaler (one run for the batch)."""
+    return req.hr_steps or req.steps
 
 
 UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")

@@ -24,7 +24,6 @@ from torch import Tensor
 from sdlab.diffusion.discretization import steps_run
 from sdlab.pipeline.hires import hires_steps
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.pipeline.upscale import UpscaleError, canonical_latent_name
 from sdlab.server.inputs import JobSpec
 from sdlab.server.store import Store
 
@@ -144,21 +143,11 @@ def steps_of(spec: JobSpec) -> int:
     if request.init_image is None:
         if not request.hires:
             return request.steps
-        return request.steps + hires_steps(request, _latent(request.hr_upscaler))
+        return request.steps + hires_steps(request)
     try:
         return steps_run(request.steps, request.strength, request.img2img_convention)[1]
     except ValueError:
         return request.steps
-
-
-def _latent(upscaler: object) -> bool:
-    if upscaler is None:
-        return True                                 # the hires fix's default, "Latent"
-    try:
-        canonical_latent_name(str(upscaler))
-    except UpscaleError:
-        return False
-    return True
 
 
 RunFn = Callable[[Job], None]
