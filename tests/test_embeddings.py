@@ -234,6 +234,32 @@ def test_cli_uses_embeddings_dir_and_records_ti_hashes(tmp_path, capsys):
     assert np.array_equal(np.asarray(image.convert("RGB"), dtype=np.int16), pixels(tmp_path / "ti.png"))
 
 
+def test_ti_hashes_list_the_embeddings_the_encoded_text_used(tmp_path, capsys):
+    from bundle_fixtures import write_original
+    from cli_helpers import run
+
+    from sdlab.pipeline.png_info import embedding_hash, parse_parameters, read_parameters
+
+    model = write_original(tiny_bundle("sd1", seed=3), tmp_path / "tiny.safetensors", junk=False)
+    folder = tmp_path / "embeddings"
+    (folder / "v2").mkdir(parents=True)
+    _a1111_pt(folder / "detail.pt", _vectors(2, 64, 1))
+    save_file({"emb_params": _vectors(1, 64, 2)}, str(folder / "ink.safetensors"))
+    save_file({"emb_params": _vectors(1, 64, 3)}, str(folder / "v2" / "ink.safetensors"))   # the one used
+    lora = tmp_path / "loras" / "detail.safetensors"                                        # a LoRA named as an embedding
+    lora.parent.mkdir()
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 64), f"{key}.lora_up.weight": torch.zeros(64, 4)}, str(lora))
+
+    out = tmp_path / "x.png"
+    code, _, err = run(["txt2img", "a house, ink <lora:detail:0.5>", "--model", str(model), "--embeddings-dir",
+                        str(folder), "--lora-dir", str(lora.parent), "--steps", "1", "--width", "32", "--height", "32",
+                        "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert parse_parameters(read_parameters(out))["TI hashes"] == f"ink: {embedding_hash(folder / 'v2' / 'ink.safetensors')}"
+    assert "two embeddings are named ink" in err and str(folder / "ink.safetensors") in err   # the one left out
+
+
 def test_cli_refuses_an_embedding_file_for_another_model(tmp_path, capsys):
     from cli_helpers import run
 

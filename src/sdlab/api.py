@@ -32,7 +32,15 @@ from sdlab.pipeline.hires import generate_hires, hires_upscaler
 from sdlab.pipeline.memory import is_out_of_memory
 from sdlab.pipeline.plan import GenerationPlan, make_plan
 from sdlab.pipeline.presets import apply_preset
-from sdlab.pipeline.prompt_loras import LoraUse, default_lora_dirs, find_lora, patcher_for, request_loras, resolve_prompt_loras
+from sdlab.pipeline.prompt_loras import (
+    LoraUse,
+    default_lora_dirs,
+    find_lora,
+    patcher_for,
+    request_loras,
+    resolve_prompt_loras,
+    split_prompt_loras,
+)
 from sdlab.pipeline.request import (
     GenerationRequest,
     GenerationResult,
@@ -61,8 +69,11 @@ class Pipeline:
         self.embeddings = list(embeddings)
 
     def embeddings_used(self, request: GenerationRequest) -> list[Embedding]:
-        """The installed embeddings whose words occur in the request's prompt or negative prompt."""
-        return embeddings_used(self.bundle, self.embeddings, request.prompt, request.negative_prompt)
+        """The installed embeddings whose words occur in the text encoded for the request: the prompt without
+        its `<lora:...>` tags (A1111 takes them out before encoding) and the negative prompt (whose tags
+        stay text)."""
+        encoded_prompt, _ = split_prompt_loras(request.prompt)
+        return embeddings_used(self.bundle, self.embeddings, encoded_prompt, request.negative_prompt)
 
     def find_lora(self, name: str) -> Path | None:
         """The file a `<lora:NAME:...>` tag names: NAME.safetensors (.pt, .ckpt) in `lora_dirs` or their

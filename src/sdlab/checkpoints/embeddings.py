@@ -175,7 +175,8 @@ def embedding_files(folder: str | os.PathLike[str]) -> list[Path]:
 
 
 def load_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBundle) -> list[Embedding]:
-    """The embeddings of `sources`: a file is read and must fit `bundle`; a folder gives its fitting files."""
+    """The embeddings of `sources`: a file is read and must fit `bundle`; a folder gives its fitting files.
+    One embedding per name: of files with the same name (in two subfolders), the last one is kept."""
     found = []
     for source in sources:
         if Path(source).is_dir():
@@ -184,7 +185,20 @@ def load_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBund
             embedding = load_embedding(source)
             vectors_for(embedding, bundle.text_encoders)
             found.append(embedding)
-    return found
+    return _last_per_name(found)
+
+
+def _last_per_name(embeddings: Iterable[Embedding]) -> list[Embedding]:
+    """`embeddings` with each name once, at its last file (a later file of a name replaces the earlier one,
+    as in A1111's `register_embedding_by_name`), with a warning naming the file left out."""
+    by_name: dict[str, Embedding] = {}
+    for embedding in embeddings:
+        earlier = by_name.pop(embedding.name, None)
+        if earlier is not None:
+            logger.warning("two embeddings are named %s: %s is used, %s is left out", embedding.name,
+                           embedding.path, earlier.path)
+        by_name[embedding.name] = embedding
+    return list(by_name.values())
 
 
 def load_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> list[Embedding]:
