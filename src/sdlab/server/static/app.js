@@ -396,17 +396,46 @@ function fillForm(settings) {
   return unknown;
 }
 
-// A1111 infotext labels ("Steps", "CFG scale", "Size" or "Size-1"/"Size-2", ...) -> request-style settings.
+// A1111 parameter labels with a number -> request fields, as `sdlab txt2img --from-png` reads them
+// (pipeline/infotext.py); png-info splits a "WxH" value into "<label>-1" / "<label>-2".
+const NUMBER_LABELS = {
+  Steps: "steps", "CFG scale": "cfg_scale", Seed: "seed", "Size-1": "width", "Size-2": "height",
+  "Denoising strength": "strength", "Mask blur": "mask_blur", "Clip skip": "clip_skip", "Variation seed": "subseed",
+  "Variation seed strength": "subseed_strength", ENSD: "eta_noise_seed_delta", Eta: "eta", "Eta DDIM": "eta",
+  "CFG rescale": "guidance_rescale", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
+  "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
+};
+const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler"]);
+// Labels that describe the file rather than the drawing, or follow from what the form sends ("Initial noise":
+// the schedule's own convention, which sdlab writes for some schedules)
+const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes",
+  "Initial noise"]);
+// Values that change nothing: png-info's A1111 defaults for labels a text leaves out, and what this form sends
+const NO_OP_VALUES = {
+  "Hires sampler": "Use same sampler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "",
+  "Hires negative prompt": "", RNG: "GPU", "Schedule max sigma": "0", "Schedule min sigma": "0", "Schedule rho": "0",
+  "Img2img steps": "diffusers",
+};
+
+// A1111 infotext labels (png-info's `parameters`) -> request-style settings; the labels it cannot place
+// go to `unread` ("Label: value"), for the notice.
 function settingsFromParameters(p) {
   if ("prompt" in p && !("Prompt" in p)) return p;     // already request-style
-  const s = {};
+  const s = { unread: [] };
   const number = (v) => (v === undefined || v === null || v === "" || !Number.isFinite(Number(v)) ? undefined : Number(v));
   if ("Prompt" in p) s.prompt = String(p.Prompt);
   s.negative_prompt = String(p["Negative prompt"] ?? "");
-  s.steps = number(p.Steps);
-  s.cfg_scale = number(p["CFG scale"]);
-  s.seed = number(p.Seed);
-  s.strength = number(p["Denoising strength"]);
+  for (const [label, value] of Object.entries(p)) {
+    if (label in NUMBER_LABELS && number(value) !== undefined) s[NUMBER_LABELS[label]] = number(value);
+    else if (!TEXT_LABELS.has(label) && !NOTHING_TO_APPLY.has(label) && NO_OP_VALUES[label] !== String(value)) {
+      const text = `${label}: ${value}`;
+      s.unread.push(text.length > 60 ? text.slice(0, 59) + "\u2026" : text);
+    }
+  }
+  if (s.hr_scale != null || s.hr_width || s.hr_height) {   // A1111: the second pass's denoising strength
+    s.hr_denoise = s.strength;
+    delete s.strength;
+  }
   let sampler = p.Sampler;
   let schedule = p["Schedule type"];
   // older A1111 files name the schedule in the sampler; png-info then gives A1111's default "Automatic"
@@ -425,13 +454,39 @@ function settingsFromParameters(p) {
   if (p.Size) {
     const m = String(p.Size).toLowerCase().match(/^\s*(\d+)\s*x\s*(\d+)\s*$/);
     if (m) { s.width = Number(m[1]); s.height = Number(m[2]); }
-  } else if (p["Size-1"] !== undefined) {
-    s.width = number(p["Size-1"]);
-    s.height = number(p["Size-2"]);
   }
   if (p.Model) s.model = p.Model;
+  if (p["Hires upscaler"] !== undefined) s.hr_upscaler = p["Hires upscaler"];
   return s;
 }
+
+// The settings of request-style `s` the form has no control for, as the notice names them: the form draws
+// without them. `s` is a job's `request` (Reuse) or a PNG's parameters (`settingsFromParameters`).
+function settingsNotInForm(s) {
+  const notes = [];
+  if (s.hr_scale != null || s.hr_width || s.hr_height) {
+    const size = s.hr_width || s.hr_height ? `${s.hr_width || "auto"}x${s.hr_height || "auto"}` : `x${s.hr_scale}`;
+    const upscaler = s.hr_upscaler ? `, ${s.hr_upscaler}` : "";
+    notes.push(`hires fix (${size}, ${s.hr_steps || s.steps || "?"} steps, denoise ${s.hr_denoise ?? "?"}${upscaler})`);
+  }
+  if (s.clip_skip != null && Number(s.clip_skip) !== 1) notes.push(`clip skip ${s.clip_skip}`);
+  if (Number(s.subseed_strength) > 0) notes.push(`variation seed ${s.subseed ?? "?"} at strength ${s.subseed_strength}`);
+  if (Number(s.eta_noise_seed_delta)) notes.push(`ENSD ${s.eta_noise_seed_delta}`);
+  if (s.eta != null) notes.push(`eta ${s.eta}`);
+  if (s.s_noise != null && Number(s.s_noise) !== 1) notes.push(`s_noise ${s.s_noise}`);
+  if (Number(s.guidance_rescale)) notes.push(`CFG rescale ${s.guidance_rescale}`);
+  if (Array.isArray(s.controls) && s.controls.length) {
+    notes.push(`${s.controls.length} ControlNet unit${s.controls.length > 1 ? "s" : ""}`);
+  }
+  return [...notes, ...(s.unread || [])];
+}
+
+// Fill the form from request-style settings (Reuse, a dropped PNG); returns what it could not take.
+function applySettings(settings) {
+  return [...fillForm(settings), ...settingsNotInForm(settings)];
+}
+
+const notAvailable = (missing) => `not available here: ${missing.join(", ")} (the form draws without them)`;
 
 // ---------------------------------------------------------------- jobs
 
@@ -652,15 +707,9 @@ function reuseSettings(job) {
   showError("");
   const settings = { ...(job.request || {}), mode: undefined };
   if (job.request && job.request.model === undefined && job.model) settings.model = job.model;
-  const unknown = fillForm(settings);
-  const r = job.request || {};
-  if (r.hr_scale != null || r.hr_width || r.hr_height) {     // the form has no hires fix: say it is left out
-    const size = r.hr_width || r.hr_height ? `${r.hr_width || "auto"}x${r.hr_height || "auto"}` : `x${r.hr_scale}`;
-    unknown.push(`hires fix (${size}, ${r.hr_steps || r.steps || "?"} steps, denoise ${r.hr_denoise ?? "?"}): ` +
-                 "this form draws without it");
-  }
+  const missing = applySettings(settings);
   if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
-  showNotice(unknown.length ? `Not available here: ${unknown.join(", ")}` : "");
+  showNotice(missing.length ? `Settings reused; ${notAvailable(missing)}` : "");
 }
 
 function renderGallery(jobs) {
@@ -762,8 +811,8 @@ async function readParameters(file) {
       showError(`${file.name || "the image"} carries no generation parameters`);
       return;
     }
-    const unknown = fillForm(settingsFromParameters(parameters));
-    showNotice(`Settings read from ${file.name || "the image"}` + (unknown.length ? `; not available here: ${unknown.join(", ")}` : ""));
+    const missing = applySettings(settingsFromParameters(parameters));
+    showNotice(`Settings read from ${file.name || "the image"}` + (missing.length ? `; ${notAvailable(missing)}` : ""));
   } catch (err) {
     showError(`Cannot read the parameters: ${err.message}`);
   }
