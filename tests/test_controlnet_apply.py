@@ -7,11 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from diffusers import ControlNetModel
 from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
+from safetensors.torch import save_file
 
 from bundle_fixtures import tiny_bundle
-from controlnet_fixtures import diffusers_controlnet, write_layout
+from controlnet_fixtures import controlnet_config, diffusers_controlnet, write_layout
 from sdlab.checkpoints.controlnet import load_controlnet
 from sdlab.pipeline.control import (
     ControlInput,
@@ -185,14 +187,16 @@ def test_prepare_refuses_wrong_family_missing_files_and_images(tmp_path):
         prepare_controls(sd1, [ControlInput(sd1_path, tmp_path / "hint.png")], 64, 64)
     with pytest.raises(RequestError, match="control 0: the image .*nothing.png' does not exist"):
         prepare_controls(sd1, [ControlInput(sd1_path, tmp_path / "nothing.png")], 64, 64)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "sd.safetensors")
     with pytest.raises(RequestError, match="control 0: .*a Stable Diffusion checkpoint .* not a ControlNet"):
-        from safetensors.torch import save_file
-
-        save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}, tmp_path / "sd.safetensors")
         prepare_controls(sd1, [ControlInput(tmp_path / "sd.safetensors", _picture())], 64, 64)
     eight = write_layout(diffusers_controlnet(sd1.unet_config, 0), "diffusers-file", tmp_path)
     with pytest.raises(RequestError, match="maps hints 8x down"):
         prepare_controls(sd1, [ControlInput(eight, _picture())], 64, 64)
+    grey = ControlNetModel(**controlnet_config(sd1.unet_config, (16, 32)), conditioning_channels=1)
+    save_file({k: v.contiguous() for k, v in grey.state_dict().items()}, tmp_path / "grey.safetensors")
+    with pytest.raises(RequestError, match=r"control 0: .*grey.safetensors reads 1-channel hints; only RGB"):
+        prepare_controls(sd1, [ControlInput(tmp_path / "grey.safetensors", _picture())], 64, 64)
 
 
 def test_infotext_lines_are_a1111s(tmp_path):

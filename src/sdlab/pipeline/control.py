@@ -174,6 +174,9 @@ def prepare_controls(
             net = load_control_net(control.model, bundle)
         except CheckpointError as err:
             raise RequestError(f"control {index}: {err}") from None
+        if net.config.hint_channels != 3:
+            raise RequestError(f"control {index}: {net.origin} reads {net.config.hint_channels}-channel hints; "
+                               "only RGB hints are supported")
         if net.config.hint_factor != factor:
             raise RequestError(
                 f"control {index}: {net.origin} maps hints {net.config.hint_factor}x down, but this model's "
