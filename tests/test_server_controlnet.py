@@ -1,5 +1,5 @@
 """`sdlab serve` with ControlNet units (A1111's `alwayson_scripts.controlnet`, the native `controls`) and
-A1111's extras upscale: the pictures equal what `sdlab txt2img --control` and `upscale_image` make, models are
+A1111's extras upscale: the pictures equal what `sdlab txt2img --control` and `upscale_by` make, models are
 chosen by name from the server's folders only, bad units are 4xx."""
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def test_bad_units_are_refused(setup):
 
 def test_extra_single_image_upscales(setup):
     from sdlab.checkpoints.upscaler import load_upscaler
-    from sdlab.pipeline.upscale import upscale_image
+    from sdlab.pipeline.upscale import upscale_by
 
     url = setup["server"].url
     names = [row["name"] for row in httpx.get(url + "/sdapi/v1/upscalers", timeout=30).json()]
@@ -146,8 +146,8 @@ def test_extra_single_image_upscales(setup):
                           json={"image": image, "upscaler_1": "tinyx2", "upscaling_resize": 3})
     assert response.status_code == 200, response.text
     served = _picture(base64.b64decode(response.json()["image"]))
-    expected = upscale_image(source, load_upscaler(setup["upscaler"]), (60, 48))
-    assert served.size == (60, 48)
+    expected = upscale_by(source, load_upscaler(setup["upscaler"]), 3)      # A1111: 60 x 48 rounded down to 8
+    assert served.size == (56, 48)
     assert np.abs(np.asarray(served, dtype=np.int16) - np.asarray(expected, dtype=np.int16)).max() <= 1
 
     lanczos = httpx.post(url + "/sdapi/v1/extra-single-image", timeout=60, json={

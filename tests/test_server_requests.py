@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -363,3 +364,31 @@ def test_options_echo_what_was_set_and_clip_skip_applies_to_later_generations(cl
         assert per_request.status_code == 400 and "override_settings.sd_vae" in per_request.text, per_request.text
     finally:
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"})
+
+
+# ---------------------------------------------------------------- extras: A1111's Extras upscale
+
+
+def test_extras_upscale_sizes_and_none_are_a1111s(client):
+    """`ScriptPostprocessingUpscale`: "None" (the default) returns the picture; `Upscaler.upscale` rounds the
+    size down to 8 after its pass (Lanczos / Nearest by the scale), "Scale to" keeps the aspect (max scale)
+    and with crop pastes the result centred on a w x h canvas."""
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8))
+
+    def extras(**body) -> Image.Image:
+        response = client.post("/sdapi/v1/extra-single-image", json={"image": b64(picture), **body})
+        assert response.status_code == 200, response.text
+        return Image.open(io.BytesIO(base64.b64decode(response.json()["image"]))).convert("RGB")
+
+    def same(a: Image.Image, b: Image.Image) -> bool:
+        return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
+
+    lanczos, nearest = Image.Resampling.LANCZOS, Image.Resampling.NEAREST
+    assert same(extras(), picture) and same(extras(upscaler_1="None", upscaling_resize=3), picture)
+    by_2 = picture.resize((200, 150), lanczos).resize((200, 144), lanczos)
+    assert same(extras(upscaler_1="Lanczos"), by_2)
+    assert same(extras(upscaler_1="Nearest", upscaling_resize=1.5),
+                picture.resize((150, 112), nearest).resize((144, 112), lanczos))
+    to = dict(upscaler_1="Lanczos", resize_mode=1, upscaling_resize_w=200, upscaling_resize_h=100)
+    assert same(extras(**to, upscaling_crop=False), by_2)                          # max(200/100, 100/75) = 2
+    assert same(extras(**to, upscaling_crop=True), by_2.crop((0, 22, 200, 122)))   # pasted at (0, 50 - 72)

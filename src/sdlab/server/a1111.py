@@ -27,6 +27,7 @@ from fastapi import APIRouter, Request
 from PIL import Image, ImageOps
 from pydantic import ConfigDict, Field
 
+from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
 from sdlab.checkpoints.upscaler import load_upscaler
@@ -38,13 +39,14 @@ from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
 )
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, target_size, upscale_image
+from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, upscale_by
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
     PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, decode_base64, decode_image, fit_mask,
     sampler_and_schedule, scheduler_rows, unset_preset_fields,
 )
 from sdlab.server.jobs import Job, image_seeds
+from sdlab.server.model_folders import ModelFile
 from sdlab.server.native import service_of
 from sdlab.server.previews import jpeg_bytes
 from sdlab.server.registry import Checkpoint
@@ -400,7 +402,12 @@ class ExtraSingleIn(NullsAreDefaults):
 
 
 def _upscale(service: Service, body: ExtraSingleIn) -> dict[str, Any]:
-    """The picture upscaled (while no job runs) as a PNG keeping its parameters text; A1111's answer."""
+    """The picture upscaled (while no job runs) as a PNG keeping its parameters text; A1111's answer.
+
+    As A1111's Extras upscale (`scripts/postprocessing_upscale.py`): "None" returns the picture as it is; else
+    `Upscaler.upscale` by `upscaling_resize` or, in resize_mode 1, by max(w / W, h / H) (`upscale_by`: the
+    size rounded down to multiples of 8, the aspect ratio kept), then with `upscaling_crop` pasted centred
+    on a black w x h canvas."""
     raw = decode_base64(body.image, "image")
     image = decode_image(body.image, "image", service.config.limits)
     try:
@@ -414,34 +421,44 @@ def _upscale(service: Service, body: ExtraSingleIn) -> dict[str, Any]:
         if found is None:
             valid = ", ".join([*PLAIN_UPSCALER_NAMES, *service.upscalers.titles()])
             raise BadRequest(f"unknown upscaler {name!r}; this server has: {valid}", 404, "Upscaler not found")
-    crop = None
-    limit = 4 * service.config.limits.max_pixels
-    try:
-        if body.resize_mode == 1:
-            w, h = body.upscaling_resize_w, body.upscaling_resize_h
-            if w < 1 or h < 1:
-                raise BadRequest("resize_mode 1 needs upscaling_resize_w and upscaling_resize_h >= 1", 422)
-            _check_upscale_size(w, h, limit)
-            scale = max(w / image.width, h / image.height) if body.upscaling_crop else None
-            size = target_size(image.width, image.height, scale) if scale else (w, h)
-            crop = (w, h) if scale else None
-        else:
-            scale = body.upscaling_resize
-            if math.isfinite(scale) and scale > 0:      # as floats first: 64 x 1e308 does not fit an int
-                _check_upscale_size(image.width * scale, image.height * scale, limit)
-            size = target_size(image.width, image.height, scale)
-        _check_upscale_size(size[0], size[1], limit)
-        with service.host.busy:                         # never beside a generation
-            upscaler = load_upscaler(found.path, device=service.config.device) if found is not None else name
-            result = upscale_image(image.convert("RGB") if found is not None else image, upscaler, size)
-    except (UpscaleError, CheckpointError) as err:
-        raise BadRequest(str(err), 400) from None
-    if crop is not None and result.size != crop:
-        left, top = (result.width - crop[0]) // 2, (result.height - crop[1]) // 2
-        result = result.crop((left, top, left + crop[0], top + crop[1]))
+    result = image if name.lower() == "none" else _upscaled(service, body, image, name, found)
     blob = encode_image(result, "PNG", parameters)
     return {"html_info": f"<p>Upscaler: {html.escape(name)}, size: {result.width}x{result.height}</p>",
             "image": base64.b64encode(blob).decode("ascii")}
+
+
+def _upscaled(service: Service, body: ExtraSingleIn, image: Image.Image, name: str,
+              found: ModelFile | None) -> Image.Image:
+    """`image` through the plain resize `name` or the upscaler file `found` (A1111's
+    `ScriptPostprocessingUpscale.upscale`)."""
+    limit = 4 * service.config.limits.max_pixels
+    if body.resize_mode == 1:
+        w, h = body.upscaling_resize_w, body.upscaling_resize_h
+        if w < 1 or h < 1:
+            raise BadRequest("resize_mode 1 needs upscaling_resize_w and upscaling_resize_h >= 1", 422)
+        _check_upscale_size(w, h, limit)
+        scale = max(w / image.width, h / image.height)
+    else:
+        scale = body.upscaling_resize
+    if math.isfinite(scale) and scale > 0:              # as floats first: 64 x 1e308 does not fit an int
+        _check_upscale_size(image.width * scale, image.height * scale, limit)
+    try:
+        with service.host.busy:                         # never beside a generation
+            upscaler = load_upscaler(found.path, device=service.config.device) if found is not None else name
+            result = upscale_by(image.convert("RGB") if found is not None else image, upscaler, scale)
+    except (UpscaleError, CheckpointError) as err:
+        raise BadRequest(str(err), 400) from None
+    if body.resize_mode == 1 and body.upscaling_crop:
+        return _centred_on_canvas(result, body.upscaling_resize_w, body.upscaling_resize_h)
+    return result
+
+
+def _centred_on_canvas(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` pasted centred on a black `width` x `height` RGB canvas, as A1111's Extras crop does (a larger
+    picture is cut, a smaller one gets black borders)."""
+    canvas = Image.new("RGB", (width, height))
+    canvas.paste(image, (width // 2 - image.width // 2, height // 2 - image.height // 2))
+    return canvas
 
 
 def _check_upscale_size(width: float, height: float, limit: int) -> None:
@@ -461,12 +478,21 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
 
 @router.get("/embeddings")
 def embeddings(request: Request) -> dict[str, Any]:
-    """The loaded model's textual-inversion embeddings, in A1111's shape."""
+    """The loaded model's textual-inversion embeddings as A1111's `get_embeddings` lists them: `loaded`
+    (sorted by name, any case) and `skipped` (made for another model)."""
     pipe = service_of(request).host.pipe
-    loaded = {e.name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
-                       "shape": e.vectors[0].shape[1], "vectors": e.num_vectors}
-              for e in (pipe.embeddings if pipe is not None else [])}
-    return {"loaded": loaded, "skipped": {}}
+    if pipe is None:
+        return {"loaded": {}, "skipped": {}}
+    loaded = sorted(pipe.embeddings, key=lambda e: e.name.lower())
+    return {"loaded": {e.name: _embedding_item(e) for e in loaded},
+            "skipped": {e.name: _embedding_item(e) for e in pipe.skipped_embeddings}}
+
+
+def _embedding_item(embedding: Embedding) -> dict[str, Any]:
+    """A1111's item: `shape` is the vectors' width, both towers' summed for SDXL (clip_g + clip_l)."""
+    return {"step": embedding.step, "sd_checkpoint": embedding.sd_checkpoint,
+            "sd_checkpoint_name": embedding.sd_checkpoint_name, "shape": sum(embedding.widths()),
+            "vectors": embedding.num_vectors}
 
 
 @router.get("/scripts")
