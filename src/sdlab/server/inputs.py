@@ -220,12 +220,7 @@ def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str
         raise BadRequest(f"at most {limits.max_batch} images per request on this server, got {request.batch_size!r}")
     default_size = None if model is None else model.default_size
     factor = SIZE_MULTIPLE if model is None else model.vae_config.downsample_factor
-    width, height = request.width, request.height
-    if request.init_image is not None:
-        width = request.init_image.width if width is None else width
-        height = request.init_image.height if height is None else height
-    width = default_size if width is None else width
-    height = default_size if height is None else height
+    width, height = _first_pass_size(request, default_size)
     size_known = isinstance(width, int) and isinstance(height, int)
     if size_known:
         check_pixels(f"{width}x{height}", width, height, limits)
@@ -239,6 +234,15 @@ def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str
         for hr_width, hr_height in pass_sizes(resolved, factor):       # upscaled, then cropped
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
     return request
+
+
+def _first_pass_size(request: GenerationRequest, default_size: int | None) -> tuple[Any, Any]:
+    """(width, height) as asked: an unset side is the init image's, else `default_size` (None: not known yet)."""
+    width, height = request.width, request.height
+    if request.init_image is not None:
+        width = request.init_image.width if width is None else width
+        height = request.init_image.height if height is None else height
+    return (default_size if width is None else width), (default_size if height is None else height)
 
 
 def check_pixels(what: str, width: int, height: int, limits: Limits) -> None:
