@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
 import sdlab
@@ -98,3 +99,22 @@ def test_a_broken_upscaler_file_is_one_error_line(tmp_path: Path, capsys) -> Non
                         "--out", str(out), "--no-progress"], capsys)
     assert code == 2 and err.startswith("sdlab: error:") and len(err.strip().splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_from_png_warns_about_a1111s_own_hires_pass_settings(tmp_path: Path, capsys) -> None:
+    """A1111 writes Hires sampler / prompt / negative prompt / checkpoint / schedule type (and Forge its Hires CFG
+    Scale) for a second pass unlike the first; sdlab's second pass takes the first pass's, and says so."""
+    text = ("a red apple\nNegative prompt: ugly\nSteps: 2, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, "
+            "Seed: 5, Size: 64x64, Denoising strength: 0.5, Hires upscale: 1, Hires upscaler: Latent, "
+            "Hires checkpoint: Use same checkpoint, Hires sampler: DPM++ 2M, Hires schedule type: Karras, "
+            "Hires CFG Scale: 7.0, Hires prompt: a green pear, Hires negative prompt: blurry")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    recorded = tmp_path / "a1111.png"
+    Image.new("RGB", (64, 64)).save(recorded, pnginfo=info)
+    code, _, err = run(["txt2img", "--from-png", str(recorded), "--out", str(tmp_path / "b.png"), "--no-progress"],
+                       capsys)
+    assert code == 0, err
+    warning = next(line for line in err.splitlines() if "hires pass had its own" in line)
+    assert "Hires sampler 'DPM++ 2M', Hires prompt 'a green pear', Hires negative prompt 'blurry'" in warning
+    assert "checkpoint" not in warning and "CFG" not in warning and "schedule" not in warning   # the first pass's

@@ -578,10 +578,35 @@ def _check_model(recorded: dict[str, Any], name: str, hash_: str | None) -> None
                        name, f" (hash {hash_})" if hash_ else "")
 
 
+# A1111's settings of its own for the hires pass (labels it writes when they differ from the first pass's,
+# Forge's CFG always), with the first pass's label: sdlab's second pass runs with the first pass's
+HIRES_PASS_SETTINGS = {"Hires checkpoint": "Model", "Hires sampler": "Sampler", "Hires schedule type": "Schedule type",
+                       "Hires CFG Scale": "CFG scale", "Hires prompt": "Prompt", "Hires negative prompt": "Negative prompt"}
+
+
+def _own_hires_settings(recorded: dict[str, Any]) -> list[str]:
+    """The `HIRES_PASS_SETTINGS` labels the picture records with a value of their own ("Use same ..." and
+    the first pass's value are not)."""
+    own = []
+    for label, first in HIRES_PASS_SETTINGS.items():
+        value = _comparable(recorded.get(label, ""))
+        if value and not value.startswith("Use same") and value != _comparable(recorded.get(first, "")):
+            own.append(label)
+    return own
+
+
+def _comparable(value: Any) -> str:
+    """A recorded value as text to compare: a number by its value (7 and 7.0 alike), else stripped."""
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return str(value).strip()
+
+
 def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, vae: tuple | None, pipe, request) -> None:
     """Warn about what the --from-png picture was drawn with that this run does not have: its refiner, its
     standalone VAE, its textual-inversion embeddings (not found in --embeddings-dir), its ControlNets (not
-    given with --control)."""
+    given with --control), its hires pass's own sampler, prompts, CFG, schedule or checkpoint."""
     from sdlab.pipeline.infotext import parse_lora_hashes
 
     if recorded.get("VAE") and vae is None:
@@ -597,6 +622,10 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, vae
     controls = sorted(key for key in recorded if key.startswith("ControlNet "))
     if controls and not request.controls:
         logger.warning("the picture was drawn with %s; pass --control to redraw it", ", ".join(controls))
+    own = _own_hires_settings(recorded)
+    if own and request.hires:
+        logger.warning("the picture's hires pass had its own %s; sdlab's second pass runs with the first pass's, "
+                       "so the redraw differs", ", ".join(f"{label} {recorded[label]!r}" for label in own))
 
 
 def run_generate(args: argparse.Namespace) -> int:
