@@ -22,6 +22,7 @@ from sdlab.checkpoints.embeddings import (
     install_embeddings,
     load_embedding,
     load_embeddings_dir,
+    scan_embeddings_dir,
 )
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.models.tokenizer import default_tokenizer
@@ -197,8 +198,14 @@ def test_folder_loads_the_fitting_files_and_skips_the_rest(sd1, tmp_path):
     save_file({"emb_params": _vectors(2, 64, 2)}, str(tmp_path / "sub" / "other.safetensors"))
     save_file({"emb_params": _vectors(1, 768, 3)}, str(tmp_path / "sd15.safetensors"))
     (tmp_path / "notes.txt").write_text("not an embedding")
+    (tmp_path / "broken.pt").write_bytes(b"not a pickle")
     names = [e.name for e in load_embeddings_dir(tmp_path, sd1)]
     assert names == ["good", "other"]
+    found = scan_embeddings_dir(tmp_path, sd1)                     # A1111's loaded / skipped
+    assert [e.name for e in found.loaded] == names and [e.name for e in found.skipped] == ["sd15"]
+    good = found.loaded[0]                                         # the .pt's own fields
+    assert (good.step, good.sd_checkpoint, good.sd_checkpoint_name) == (500, "abcd", "model")
+    assert found.loaded[1].step is None and found.skipped[0].widths() == (768,)
 
 
 # --- the CLI and the Python API ----------------------------------------------------------------------------

@@ -60,6 +60,7 @@ def test_a1111_txt2img_equals_cli(sdlab_server, tmp_path):
 
 def test_embeddings_dir_words_and_ti_hashes_equal_cli(tmp_path):
     import torch
+    from safetensors.torch import save_file
 
     from server_fixtures import start_server
     from sdlab.api import shipped_model_path
@@ -69,7 +70,12 @@ def test_embeddings_dir_words_and_ti_hashes_equal_cli(tmp_path):
     folder = tmp_path / "embeddings"
     folder.mkdir()
     vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(3)) * 0.5
-    torch.save({"string_to_param": {"*": vectors}, "name": "zqstyle"}, folder / "zqstyle.pt")
+    torch.save({"string_to_param": {"*": vectors}, "name": "zqstyle", "step": 500, "sd_checkpoint": "abcd1234",
+                "sd_checkpoint_name": "base"}, folder / "zqstyle.pt")
+    (folder / "other").mkdir()                                              # made for other models: skipped
+    torch.save({"string_to_param": {"*": torch.zeros(3, width + 64)}, "name": "wide", "step": 1500,
+                "sd_checkpoint": None, "sd_checkpoint_name": "wider"}, folder / "other" / "wide.pt")
+    save_file({"clip_l": torch.zeros(1, width), "clip_g": torch.zeros(1, 128)}, str(folder / "other" / "xl.safetensors"))
     prompt = "a zqstyle star on a black background"
     cli = _cli(tmp_path, prompt, "--steps", "4", "--seed", "9", "--sampler", "DPM++ 2M", "--schedule", "karras",
                "--cfg", "5", "--embeddings-dir", str(folder))
@@ -82,6 +88,12 @@ def test_embeddings_dir_words_and_ti_hashes_equal_cli(tmp_path):
         assert response.status_code == 200, response.text
         _same(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))), cli)
         listed = httpx.get(server.url + "/sdapi/v1/embeddings", timeout=30).json()
-        assert listed["loaded"]["zqstyle"]["vectors"] == 2 and listed["loaded"]["zqstyle"]["shape"] == width
+        assert listed == {   # A1111's get_embeddings: the files' own fields; an SDXL shape is clip_l + clip_g
+            "loaded": {"zqstyle": {"step": 500, "sd_checkpoint": "abcd1234", "sd_checkpoint_name": "base",
+                                   "shape": width, "vectors": 2}},
+            "skipped": {"wide": {"step": 1500, "sd_checkpoint": None, "sd_checkpoint_name": "wider",
+                                 "shape": width + 64, "vectors": 3},
+                        "xl": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                               "shape": width + 128, "vectors": 1}}}
     finally:
         server.stop()

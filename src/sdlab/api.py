@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from sdlab.checkpoints.embeddings import Embedding, embeddings_used, install_embeddings, load_embeddings
+from sdlab.checkpoints.embeddings import Embedding, embeddings_used, find_embeddings, install_embeddings
 from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
 from sdlab.families.loaded import ModelBundle
@@ -58,15 +58,17 @@ class Pipeline:
     """A loaded model and the three ways to draw with it."""
 
     def __init__(self, bundle: ModelBundle, refiner: ModelBundle | None = None, refiner_switch: float = 0.8,
-                 embeddings: Sequence[Embedding] = ()) -> None:
+                 embeddings: Sequence[Embedding] = (), skipped_embeddings: Sequence[Embedding] = ()) -> None:
         """`refiner` (an SDXL refiner) takes over after the first `refiner_switch` of every schedule;
-        `embeddings` are the textual-inversion embeddings installed in `bundle` (their words)."""
+        `embeddings` are the textual-inversion embeddings installed in `bundle` (their words),
+        `skipped_embeddings` those of its folders that were made for another model."""
         check_refiner_switch(refiner_switch)
         self.bundle = bundle
         self.refiner = refiner
         self.refiner_switch = refiner_switch
         self.lora_dirs: list[Path] = []          # where prompt <lora:NAME:W> tags find NAME (`find_lora`)
         self.embeddings = list(embeddings)
+        self.skipped_embeddings = list(skipped_embeddings)
 
     def embeddings_used(self, request: GenerationRequest) -> list[Embedding]:
         """The installed embeddings whose words occur in the text encoded for the request: the prompt without
@@ -235,7 +237,8 @@ def load(
     good; `lora_dirs` are where prompt tags (`<lora:NAME:WEIGHT>`, merged per run) find their files
     (default: A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when they exist).
     `embeddings` are textual-inversion files or folders of them (a folder's files made for another model
-    are skipped); their names are then words of prompts (`Pipeline.embeddings` lists them).
+    are skipped: `Pipeline.skipped_embeddings`); their names are then words of prompts (`Pipeline.embeddings`
+    lists them).
     `compile=True` compiles the U-Net(s) with `torch.compile` on the first draw of each size, with a compile
     cache on disk that later processes reuse (`sdlab.utils.compile`).
     """
@@ -250,14 +253,14 @@ def load(
         apply_lora(bundle, lora_path, weight, lora=lora)
     if bundle.preset is None:  # an adapter that names how it draws (an LCM-LoRA: "lcm") sets the model's preset
         bundle = replace(bundle, preset=next(filter(None, (lora_preset(p) for p, _, _ in lora_files)), None))
-    found = load_embeddings(embeddings, bundle)
-    bundle = install_embeddings(bundle, found)
+    found = find_embeddings(embeddings, bundle)
+    bundle = install_embeddings(bundle, found.loaded)
     refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=bundle.dtype)
     if refined is not None:
-        refined = install_embeddings(refined, found, partial=True)
+        refined = install_embeddings(refined, found.loaded, partial=True)
     for loaded in (bundle, refined) if compile else ():
         if loaded is not None:
             compile_module(loaded.unet)
-    pipe = Pipeline(bundle, refined, refiner_switch, found)
+    pipe = Pipeline(bundle, refined, refiner_switch, found.loaded, found.skipped)
     pipe.lora_dirs = [Path(d) for d in (default_lora_dirs(path) if lora_dirs is None else lora_dirs)]
     return pipe

@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -44,12 +45,16 @@ class EmbeddingError(CheckpointError):
 class Embedding:
     """`vectors` are the tensors of the file, (n, d) each: one per text-encoder width it was trained for.
     `path_in_folder`: the file's path under the embeddings folder it was found in, '/'-separated, without
-    suffix (`styles/ink`, for ComfyUI's `embedding:styles/ink`); empty for a file loaded alone."""
+    suffix (`styles/ink`, for ComfyUI's `embedding:styles/ink`); empty for a file loaded alone.
+    `step`, `sd_checkpoint` (hash) and `sd_checkpoint_name`: what an A1111 `.pt` records of its training."""
 
     name: str
     vectors: tuple[Tensor, ...]
     path: Path
     path_in_folder: str = ""
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
 
     @property
     def num_vectors(self) -> int:
@@ -81,7 +86,7 @@ def _vector_tensors(tensors: Mapping[str, Tensor], path: Path) -> tuple[Tensor, 
 def load_embedding(path: str | os.PathLike[str]) -> Embedding:
     """Read one embedding file; the name is the file's stem."""
     path = Path(path)
-    tensors, _ = read_checkpoint(path, nested=True)
+    tensors, metadata = read_checkpoint(path, nested=True)
     vectors = []
     for tensor in _vector_tensors(tensors, path):
         tensor = tensor.detach()
@@ -99,7 +104,9 @@ def load_embedding(path: str | os.PathLike[str]) -> Embedding:
         raise EmbeddingError(f"{path}: {n} vectors; an embedding has 1 to {MAX_VECTORS}")
     if not all(bool(torch.isfinite(v).all()) for v in vectors):
         raise EmbeddingError(f"{path}: embedding holds NaN or infinite values")
-    return Embedding(name=path.stem, vectors=tuple(vectors), path=path)
+    step = metadata.get("step", "")
+    return Embedding(name=path.stem, vectors=tuple(vectors), path=path, step=int(step) if step.isdigit() else None,
+                     sd_checkpoint=metadata.get("sd_checkpoint"), sd_checkpoint_name=metadata.get("sd_checkpoint_name"))
 
 
 def vectors_for(embedding: Embedding, encoders: Iterable[TextEncoder], *, partial: bool = False) -> list[Tensor]:
@@ -174,18 +181,34 @@ def embedding_files(folder: str | os.PathLike[str]) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in EMBEDDING_SUFFIXES)
 
 
-def load_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBundle) -> list[Embedding]:
-    """The embeddings of `sources`: a file is read and must fit `bundle`; a folder gives its fitting files.
-    One embedding per name: of files with the same name (in two subfolders), the last one is kept."""
-    found = []
+class FoundEmbeddings(NamedTuple):
+    """Embeddings as A1111 sorts them: `loaded` fit the model (their names are words of prompts), `skipped`
+    were made for another model (A1111's /sdapi/v1/embeddings lists both)."""
+
+    loaded: list[Embedding]
+    skipped: list[Embedding]
+
+
+def find_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBundle) -> FoundEmbeddings:
+    """The embeddings of `sources`: a file is read and must fit `bundle`; a folder gives its files
+    (`scan_embeddings_dir`). One embedding per name: of files with the same name (in two subfolders), the
+    last one is kept."""
+    loaded, skipped = [], []
     for source in sources:
         if Path(source).is_dir():
-            found += load_embeddings_dir(source, bundle)
+            found = scan_embeddings_dir(source, bundle)
+            loaded += found.loaded
+            skipped += found.skipped
         else:
             embedding = load_embedding(source)
             vectors_for(embedding, bundle.text_encoders)
-            found.append(embedding)
-    return _last_per_name(found)
+            loaded.append(embedding)
+    return FoundEmbeddings(_last_per_name(loaded), list({e.name: e for e in skipped}.values()))
+
+
+def load_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBundle) -> list[Embedding]:
+    """The embeddings of `sources` that fit `bundle` (`find_embeddings`)."""
+    return find_embeddings(sources, bundle).loaded
 
 
 def _last_per_name(embeddings: Iterable[Embedding]) -> list[Embedding]:
@@ -201,19 +224,29 @@ def _last_per_name(embeddings: Iterable[Embedding]) -> list[Embedding]:
     return list(by_name.values())
 
 
-def load_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> list[Embedding]:
-    """Every embedding in `folder` that fits `bundle`'s text encoders. Files that are not embeddings or were
-    made for another model are skipped with a warning, as A1111 lists them as skipped."""
-    usable = []
+def scan_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> FoundEmbeddings:
+    """The embeddings in `folder`: those that fit `bundle`'s text encoders, and those made for another model
+    (skipped with a warning). Files that are not embeddings are left out with a warning."""
+    found = FoundEmbeddings([], [])
     for path in embedding_files(folder):
         try:
             embedding = dataclasses.replace(load_embedding(path), path_in_folder=_path_in_folder(path, folder))
-            vectors_for(embedding, bundle.text_encoders)
         except CheckpointError as err:
             logger.warning("skipping %s", err)
             continue
-        usable.append(embedding)
-    return usable
+        try:
+            vectors_for(embedding, bundle.text_encoders)
+        except EmbeddingError as err:
+            logger.warning("skipping %s", err)
+            found.skipped.append(embedding)
+            continue
+        found.loaded.append(embedding)
+    return found
+
+
+def load_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> list[Embedding]:
+    """Every embedding in `folder` that fits `bundle`'s text encoders (`scan_embeddings_dir`)."""
+    return scan_embeddings_dir(folder, bundle).loaded
 
 
 def _path_in_folder(path: Path, folder: str | os.PathLike[str]) -> str:
@@ -224,11 +257,14 @@ def _path_in_folder(path: Path, folder: str | os.PathLike[str]) -> str:
 __all__ = [
     "Embedding",
     "EmbeddingError",
+    "FoundEmbeddings",
     "embedding_files",
     "embeddings_used",
+    "find_embeddings",
     "install_embeddings",
     "load_embedding",
     "load_embeddings",
     "load_embeddings_dir",
+    "scan_embeddings_dir",
     "vectors_for",
 ]

@@ -13,7 +13,8 @@
     (`_check_torch_zip`): decompression bombs and big-endian files are refused before anything is unpacked;
     zip files whose records are all stored are memory-mapped, those with deflated records are read without
     mapping (a map would see the compressed bytes). A top-level `state_dict` entry (PyTorch Lightning,
-    CompVis) is unwrapped.
+    CompVis) is unwrapped. A pickle's metadata is its top-level text and number entries, as strings (an
+    A1111 embedding's `step`, `sd_checkpoint`, `sd_checkpoint_name`).
 Every failure is a `CheckpointError` with a one-line message.
 
 `write_safetensors_atomic(path, tensors, metadata)` writes a temporary file beside `path`, fsyncs it and
@@ -208,7 +209,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False) -> tu
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
     if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path, nested), {}
+        return _read_pickle(path, nested)
     # Unknown suffix: decide by content. A safetensors file starts with an 8-byte little-endian header size
     # followed by "{"; a torch zip checkpoint starts with "PK".
     with open(path, "rb") as f:
@@ -216,7 +217,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False) -> tu
     if len(head) == 9 and head[8:9] == b"{":
         return _read_safetensors(path)
     if zipfile.is_zipfile(path):
-        return _read_pickle(path, nested), {}
+        return _read_pickle(path, nested)
     raise CheckpointError(
         f"{path}: unknown checkpoint format (suffix {suffix or 'none'!r}); expected .safetensors, .ckpt, .pt, .pth or .bin"
     )
@@ -339,7 +340,7 @@ INERT_GLOBALS: dict[str, type] = {
 _STAND_INS = threading.Lock()   # torch's allowlist is one set: one load at a time adds and removes them
 
 
-def _read_pickle(path: Path, nested: bool = False) -> dict[str, Tensor]:
+def _read_pickle(path: Path, nested: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"      # what torch.load takes for its zip format
     mmap = _check_torch_zip(path) if is_zip else False
@@ -358,7 +359,14 @@ def _read_pickle(path: Path, nested: bool = False) -> dict[str, Tensor]:
                 "would run on load); convert the file to .safetensors with a tool you trust"
             ) from exc
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from exc
-    return _unwrap_state_dict(obj, path, nested)
+    tensors = _unwrap_state_dict(obj, path, nested)
+    return tensors, _plain_entries(obj)
+
+
+def _plain_entries(obj: Mapping) -> dict[str, str]:
+    """The top-level text and number entries of an unpickled dict, as strings: the pickle's metadata."""
+    return {key: str(value) for key, value in obj.items()
+            if isinstance(key, str) and isinstance(value, (str, int, float)) and not isinstance(value, bool)}
 
 
 def _unwrap_state_dict(obj: object, path: Path, nested: bool = False) -> dict[str, Tensor]:
