@@ -177,6 +177,38 @@ def test_pth_wrappers_load_safely(tmp_path: Path, wrapper: str) -> None:
         assert (ours.net(x) - descriptor.model(x)).abs().max().item() <= 1e-5
 
 
+def _compact_state(seed: int) -> dict[str, torch.Tensor]:
+    _spandrel_esrgan()
+    from spandrel.architectures.Compact import Compact
+
+    return _randomize(Compact(num_feat=FEATURES, num_conv=3, upscale=4).state_dict(), seed)
+
+
+WRAPS = {
+    "model_state_dict": lambda state: {"model_state_dict": state, "epoch": 3},
+    "params-ema": lambda state: {"params-ema": state},
+    "model": lambda state: {"model": state},
+    "net": lambda state: {"net": state},
+    "one key": lambda state: {"generator": state},
+    "module.": lambda state: {f"module.{k}": v for k, v in state.items()},
+    "netG.": lambda state: {f"netG.{k}": v for k, v in state.items()},
+    "net, module.": lambda state: {"net": {f"module.{k}": v for k, v in state.items()}},
+}
+
+
+@pytest.mark.parametrize("wrap", list(WRAPS))
+@pytest.mark.parametrize("layout", ["old", "new", "compact"])
+def test_spandrels_wrappers_and_prefixes_are_unwrapped(tmp_path: Path, layout: str, wrap: str) -> None:
+    """spandrel's canonicalize_state_dict (A1111's and ComfyUI's loader): wrapper keys, a lone key, and a
+    common module. / netG. prefix; an ESRGAN file's own model.N and a compact one's body.N stay as they are."""
+    state = {"old": old_arch_state(2, seed=5), "new": new_arch_state(2, seed=5), "compact": _compact_state(5)}[layout]
+    path = tmp_path / "wrapped.pth"
+    torch.save(WRAPS[wrap](state), path)
+    ours = load_upscaler(path).net.state_dict()
+    bare = upscaler_from_state(state).net.state_dict()
+    assert ours.keys() == bare.keys() and all(torch.equal(ours[k], bare[k]) for k in bare)
+
+
 def test_legacy_pickle_without_wrapper_loads(tmp_path: Path) -> None:
     """ESRGAN's own files: a bare state dict in torch's pre-1.6 (non-zip) format."""
     path = tmp_path / "ESRGAN_4x.pth"

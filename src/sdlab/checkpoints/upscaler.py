@@ -15,8 +15,10 @@ Three key layouts name the same RRDBNet (`sdlab.models.rrdbnet`, whose names are
 (n = number of upsample stages; in the old layout `model.<3i - 1>` is the parameter-free nearest upsample
 and `model.<3i + 1>` the LeakyReLU.) Every size is read from the tensors: features, growth channels,
 number of blocks and of upsample stages, in / out channels, and Real-ESRGAN's pixel-unshuffle (an input
-conv with 4x or 16x the output's channels: the x2 and x1 models). Training wrappers `params_ema` (preferred)
-and `params` are unwrapped. Files are read with `sdlab.checkpoints.io.read_checkpoint`, so a pickle that
+conv with 4x or 16x the output's channels: the x2 and x1 models). Wrappers are unwrapped as spandrel's
+`canonicalize_state_dict` does (what A1111 and ComfyUI load upscalers with): the tensors under the first of
+`model_state_dict`, `state_dict`, `params_ema`, `params-ema`, `params`, `model`, `net`, else under a lone
+top-level name, then without a common `module.` or `netG.` prefix (DataParallel, BasicSR). Files are read with `sdlab.checkpoints.io.read_checkpoint`, so a pickle that
 would run code is refused. Anything else (a Stable Diffusion checkpoint, ESRGAN+'s extra 1x1 convs, a
 missing or misshapen tensor) is a `CheckpointError` that says what was found.
 """
@@ -26,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +40,8 @@ from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.models.rrdbnet import RRDBNet, RRDBNetConfig
 from sdlab.models.srvgg import SRVGGConfig, SRVGGNetCompact
 
-_WRAPPERS = ("params_ema", "params")         # basicsr training files: EMA weights first
+_WRAPPERS = ("model_state_dict", "state_dict", "params_ema", "params-ema", "params", "model", "net")  # spandrel's order
+_PREFIXES = ("module.", "netG.")
 _BLOCK_NEW = re.compile(r"body\.(\d+)\.rdb([123])\.conv([1-5])\.(weight|bias)")
 _BLOCK_BSR = re.compile(r"RRDB_trunk\.(\d+)\.RDB([123])\.conv([1-5])\.(weight|bias)")
 _BLOCK_OLD = re.compile(r"model\.1\.sub\.(\d+)\.RDB([123])\.conv([1-5])\.0\.(weight|bias)")
@@ -62,13 +65,51 @@ class Upscaler:
 
 
 def _unwrap(keys: list[str]) -> dict[str, str]:
-    """Key without wrapper -> file key: those under `params_ema.` (else `params.`) when the file wraps them."""
-    for wrapper in _WRAPPERS:
-        prefix = wrapper + "."
-        inner = {k[len(prefix):]: k for k in keys if k.startswith(prefix)}
-        if inner:
-            return inner
-    return {k: k for k in keys}
+    """Key without wrappers -> file key, unwrapped as spandrel's `canonicalize_state_dict` (module docstring).
+
+    The file's nested dicts arrive flattened to dotted keys, where a wrapper looks like a layout's own first
+    name (an ESRGAN file's `model.N`, a compact one's `body.N`): the most unwrapped reading that names an
+    upscaler (`_layout`) wins, else the keys as they are."""
+    readings = [_without_prefixes(reading) for reading in _unwrapped({k: k for k in keys})]
+    return next((reading for reading in readings if _layout(reading)), readings[-1])
+
+
+def _unwrapped(keys: dict[str, str]) -> list[dict[str, str]]:
+    """spandrel's unwrapping of flattened keys, most unwrapped reading first: under the first wrapper present
+    (`_WRAPPERS`), then under a lone top-level name; each also left as it is."""
+    wrapper = next((w for w in _WRAPPERS if any(k.startswith(w + ".") for k in keys)), None)
+    readings = []
+    for stage in ([_under(keys, wrapper)] if wrapper else []) + [keys]:
+        tops = {k.split(".", 1)[0] for k in stage}
+        if len(tops) == 1:
+            readings.append(_under(stage, tops.pop()))
+        readings.append(stage)
+    return readings
+
+
+def _under(keys: dict[str, str], name: str) -> dict[str, str]:
+    """The keys inside `name.`, without it."""
+    return {k[len(name) + 1:]: file_key for k, file_key in keys.items() if k.startswith(name + ".")}
+
+
+def _without_prefixes(keys: dict[str, str]) -> dict[str, str]:
+    """`keys` without a prefix of `_PREFIXES` that all of them share (spandrel's `remove_common_prefix`)."""
+    for prefix in _PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            keys = {k[len(prefix):]: file_key for k, file_key in keys.items()}
+    return keys
+
+
+def _layout(names: Collection[str]) -> str | None:
+    """Which upscaler `names` lay out: "old" / "new" (the module docstring's table; BSRGAN counts as new),
+    "compact" (Real-ESRGAN's SRVGGNet: only `body.N`, PReLU weights at `body.1`), or None."""
+    if "model.0.weight" in names and any(_BLOCK_OLD.fullmatch(k) for k in names):
+        return "old"
+    if "conv_first.weight" in names and any(_BLOCK_NEW.fullmatch(k) or _BLOCK_BSR.fullmatch(k) for k in names):
+        return "new"
+    if "body.0.weight" in names and "body.1.weight" in names and all(_COMPACT.fullmatch(k) for k in names):
+        return "compact"
+    return None
 
 
 def _old_layout_names(keys: list[str], path: Path) -> dict[str, str]:
@@ -117,9 +158,10 @@ def rrdbnet_names(keys: list[str], path: str | os.PathLike[str] = "upscaler") ->
     names = list(inner)
     if any(".conv1x1." in k for k in names):
         raise CheckpointError(f"{path}: an ESRGAN+ file (extra conv1x1 layers); sdlab reads ESRGAN and Real-ESRGAN")
-    if "model.0.weight" in inner and any(_BLOCK_OLD.fullmatch(k) for k in names):
+    layout = _layout(names)
+    if layout == "old":
         mapped = _old_layout_names(names, path)
-    elif "conv_first.weight" in inner and any(_BLOCK_NEW.fullmatch(k) or _BLOCK_BSR.fullmatch(k) for k in names):
+    elif layout == "new":
         mapped = _new_layout_names(names, path)
     else:
         shown = ", ".join(names[:4])
@@ -130,9 +172,8 @@ def rrdbnet_names(keys: list[str], path: str | os.PathLike[str] = "upscaler") ->
 
 
 def _is_compact(keys: list[str]) -> bool:
-    """Real-ESRGAN's compact network: only `body.N.weight` / `.bias`, with PReLU weights at `body.1`."""
-    inner = _unwrap(keys)
-    return "body.0.weight" in inner and "body.1.weight" in inner and all(_COMPACT.fullmatch(k) for k in inner)
+    """Real-ESRGAN's compact network (`_layout`)."""
+    return _layout(_unwrap(keys)) == "compact"
 
 
 def compact_config(shapes: Mapping[str, torch.Size], path: str | os.PathLike[str] = "upscaler") -> SRVGGConfig:
