@@ -1,12 +1,16 @@
 """The web UI's form in a real headless browser (the helpers and fixtures of test_webui.py): a number box
-holding text that is not a number is an error, never a silent default; "Reuse" of a job and a dropped
-PNG fill the form alike and name each setting the form has no control for (the hires fix, clip skip, ...)."""
+holding text that is not a number is an error, never a silent default; the hires fix, clip skip and the
+variation seed reach the job; "Reuse" of a job and a dropped PNG fill the form alike, those controls
+included, and name each setting the form has no control for (ENSD, ControlNet units, ...)."""
 
 from __future__ import annotations
 
+import io
+
+from PIL import Image
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, base_url, browser, drop_file, http_bytes, http_json, open_page, page, png_with_parameters, sdlab_server,
-    set_value, text, value, wait, wait_job,
+    By, Select, base_url, browser, drop_file, http_bytes, http_json, job_by_prompt, open_page, option_values, page,
+    png_with_parameters, sdlab_server, set_value, text, value, wait, wait_job,
 )
 
 
@@ -28,19 +32,105 @@ def test_text_that_is_not_a_number_is_an_error(page, base_url):
     assert _jobs(base_url) == before                                    # nothing was sent
 
 
-def test_reuse_of_a_hires_job_says_the_hires_fix_is_left_out(page, base_url):
+def checked(driver, element_id: str) -> bool:
+    return driver.find_element(By.ID, element_id).is_selected()
+
+
+def set_slider(driver, element_id: str, number: float) -> None:
+    """A range input set as the end of a drag sets it."""
+    driver.execute_script("const s = document.getElementById(arguments[0]); s.value = arguments[1];"
+                          "s.dispatchEvent(new Event('input'));", element_id, number)
+
+
+def reuse(driver, base: str, job_id: str) -> None:
+    """Click the gallery's Reuse button of the job."""
+    open_page(driver, base)
+    card = f'#gallery [data-job-id="{job_id}"]'
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "the job is not in the gallery")
+    driver.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+
+
+def test_hires_fix_draws_the_upscaled_picture(page, base_url):
+    # off and folded by default, as in A1111; txt2img only
+    assert not checked(page, "enable_hr") and not page.find_element(By.ID, "hires-options").is_displayed()
+    page.find_element(By.ID, "tab-img2img").click()
+    assert not page.find_element(By.ID, "hires-section").is_displayed()
+    page.find_element(By.ID, "tab-txt2img").click()
+    page.find_element(By.ID, "enable_hr").click()
+    assert page.find_element(By.ID, "hires-options").is_displayed()
+    # A1111's defaults; the upscalers the hires fix takes: the latent modes, then the plain resizes
+    assert (value(page, "hr_scale"), value(page, "hr_width"), value(page, "hr_height"), value(page, "hr_steps"),
+            value(page, "hr_denoise"), value(page, "hr_upscaler")) == ("2", "0", "0", "0", "0.7", "Latent")
+    latent = [mode["name"] for mode in http_json(base_url, "/sdapi/v1/latent-upscale-modes")]
+    assert option_values(page, "hr_upscaler") == [*latent, "None", "Lanczos", "Nearest"]
+
+    prompt = "a hires red square"
+    set_value(page, "prompt", prompt)
+    set_value(page, "steps", 3)
+    set_value(page, "seed", 4)
+    set_value(page, "hr_scale", 1.5)
+    set_value(page, "hr_steps", 2)
+    set_slider(page, "hr_denoise", 0.55)
+    assert text(page, "hr_denoise-value") == "0.55"
+    Select(page.find_element(By.ID, "hr_upscaler")).select_by_value("Lanczos")
+    page.find_element(By.ID, "generate").click()
+    result = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
+    image = Image.open(io.BytesIO(http_bytes(base_url, result.get_attribute("src").replace(base_url, ""))))
+    assert image.size == (96, 96)
+    for field in ("Size: 64x64", "Hires upscale: 1.5", "Hires steps: 2", "Hires upscaler: Lanczos",
+                  "Denoising strength: 0.55"):
+        assert field in image.info["parameters"], (field, image.info["parameters"])
+    job = job_by_prompt(base_url, prompt)
+    assert (job["request"]["hr_scale"], job["request"]["hr_steps"], job["request"]["hr_denoise"]) == (1.5, 2, 0.55)
+
+    # "Resize width to" wins over the scale, the height follows the aspect ratio; unticked, nothing is sent
+    set_value(page, "hr_width", 80)
+    sent = page.execute_script("return collectRequest()")
+    assert (sent["hr_width"], sent["hr_height"], sent["hr_upscaler"]) == (80, 0, "Lanczos")
+    page.find_element(By.ID, "enable_hr").click()
+    assert not any(key.startswith("hr_") for key in page.execute_script("return collectRequest()"))
+
+
+def test_clip_skip_and_variation_seed_reach_the_job(page, base_url):
+    assert value(page, "clip_skip") == "1" and not checked(page, "seed-extra")
+    assert not page.find_element(By.ID, "seed-extra-options").is_displayed()
+    page.find_element(By.ID, "seed-extra").click()
+    assert (value(page, "subseed"), value(page, "subseed_strength")) == ("-1", "0")
+    prompt = "a varied blue circle"
+    set_value(page, "prompt", prompt)
+    set_value(page, "steps", 3)
+    set_value(page, "seed", 6)
+    set_value(page, "batch_size", 2)
+    set_value(page, "clip_skip", 2)
+    set_value(page, "subseed", 8)
+    set_slider(page, "subseed_strength", 0.25)
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results img.result")) == 2, message="no result")
+    job = job_by_prompt(base_url, prompt)
+    assert (job["request"]["clip_skip"], job["request"]["subseed"], job["request"]["subseed_strength"]) == (2, 8, 0.25)
+    for index, infotext in enumerate(job["infotexts"]):        # every picture keeps the seed, subseeds count up
+        for field in ("Seed: 6", f"Variation seed: {8 + index}", "Variation seed strength: 0.25", "Clip skip: 2"):
+            assert field in infotext, (field, infotext)
+    # unticked, the variation seed is left out (the values stay for the next time)
+    page.find_element(By.ID, "seed-extra").click()
+    sent = page.execute_script("return collectRequest()")
+    assert "subseed" not in sent and "subseed_strength" not in sent and sent["clip_skip"] == 2
+
+
+def test_reuse_of_a_hires_job_fills_the_hires_fix(page, base_url):
     job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "a hires reuse", "steps": 2, "seed": 3,
-                                                               "hr_scale": 1.5, "hr_steps": 2})["id"])
+                                                               "hr_scale": 1.5, "hr_steps": 2, "hr_denoise": 0.6,
+                                                               "hr_upscaler": "Nearest"})["id"])
     assert job["status"] == "done", job
-    open_page(page, base_url)
-    card = f'#gallery [data-job-id="{job["id"]}"]'
-    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "the job is not in the gallery")
-    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
-    wait(page, lambda d: "hires fix" in text(d, "notice"), 10, "no notice about the hires fix")
-    assert "x1.5" in text(page, "notice") and page.find_element(By.ID, "prompt").get_attribute("value") == "a hires reuse"
+    reuse(page, base_url, job["id"])
+    wait(page, lambda d: checked(d, "enable_hr"), 10, "the hires fix is not ticked")
+    assert (value(page, "hr_scale"), value(page, "hr_steps"), value(page, "hr_denoise"), value(page, "hr_upscaler"),
+            value(page, "hr_width"), value(page, "hr_height")) == ("1.5", "2", "0.6", "Nearest", "0", "0")
+    assert value(page, "prompt") == "a hires reuse" and text(page, "notice") == ""
+    assert page.find_element(By.ID, "hires-options").is_displayed()
 
 
-def test_a_dropped_png_names_every_setting_the_form_cannot_apply(page, base_url):
+def test_a_dropped_png_fills_hires_clip_skip_and_variation_and_names_the_rest(page, base_url):
     parameters = ("a red apple\nSteps: 4, Sampler: Euler, Schedule type: Uniform, CFG scale: 5, Seed: 3, Size: 64x48, "
                   "Model hash: 0123456789, Clip skip: 2, Variation seed: 9, Variation seed strength: 0.4, "
                   "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent, ENSD: 31337, "
@@ -49,28 +139,42 @@ def test_a_dropped_png_names_every_setting_the_form_cannot_apply(page, base_url)
     drop_file(page, png_with_parameters(parameters), "apple.png")
     wait(page, lambda d: text(d, "notice").startswith("Settings read from apple.png"), 20, "the PNG was not read")
     notice = text(page, "notice")
-    for note in ("hires fix (x2, 2 steps, denoise 0.5, Latent)", "clip skip 2", "variation seed 9 at strength 0.4",
-                 "ENSD 31337", "Emphasis: No norm", "ControlNet 0: Module: canny"):
+    for note in ("ENSD 31337", "Emphasis: No norm", "ControlNet 0: Module: canny"):
         assert note in notice, (note, notice)
-    for applied_or_no_op in ("Model hash", "Version", "RNG", "Hires sampler", "Mask blur", "Steps", "Seed"):
+    for applied_or_no_op in ("Model hash", "Version", "RNG", "Hires", "hires", "Clip skip", "clip skip", "Variation",
+                             "variation", "Mask blur", "Steps", "Seed"):
         assert applied_or_no_op not in notice, (applied_or_no_op, notice)
     assert (value(page, "steps"), value(page, "seed"), value(page, "width"), value(page, "height")) == ("4", "3", "64", "48")
     assert value(page, "mask_blur") == "3" and value(page, "sampler") == "Euler" and value(page, "schedule") == "uniform"
+    # the hires pass's Denoising strength is the hires fix's, not img2img's
+    assert checked(page, "enable_hr") and page.find_element(By.ID, "hires-options").is_displayed()
+    assert (value(page, "hr_scale"), value(page, "hr_steps"), value(page, "hr_denoise"), value(page, "hr_upscaler"),
+            value(page, "hr_width"), value(page, "hr_height")) == ("2", "2", "0.5", "Latent", "0", "0")
+    assert value(page, "strength") == "0.75" and value(page, "clip_skip") == "2"
+    assert checked(page, "seed-extra") and (value(page, "subseed"), value(page, "subseed_strength")) == ("9", "0.4")
+    assert text(page, "subseed_strength-value") == "0.40" and text(page, "hr_denoise-value") == "0.50"
+
+    # a Hires resize fills the resize boxes; an upscaler the server does not offer is named
+    drop_file(page, png_with_parameters("a pear\nSteps: 4, Seed: 3, Size: 64x48, Denoising strength: 0.45, "
+                                        "Hires resize: 96x0, Hires upscaler: 4x-UltraSharp"), "resized.png")
+    wait(page, lambda d: text(d, "notice").startswith("Settings read from resized.png"), 20, "the PNG was not read")
+    assert (value(page, "hr_width"), value(page, "hr_height"), value(page, "hr_denoise")) == ("96", "0", "0.45")
+    assert 'hires upscaler "4x-UltraSharp"' in text(page, "notice")
 
     # the form's own picture: everything applies, nothing to report
     job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "a plain one", "steps": 2, "seed": 5})["id"])
     drop_file(page, http_bytes(base_url, job["images"][0]), "plain.png")
     wait(page, lambda d: text(d, "notice").startswith("Settings read from plain.png"), 20, "the PNG was not read")
     assert text(page, "notice") == "Settings read from plain.png" and value(page, "prompt") == "a plain one"
+    assert not checked(page, "enable_hr") and not checked(page, "seed-extra") and value(page, "clip_skip") == "1"
 
 
-def test_reuse_names_the_clip_skip_and_variation_seed_it_leaves_out(page, base_url):
+def test_reuse_fills_the_clip_skip_and_variation_seed(page, base_url):
     job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "a varied one", "steps": 2, "seed": 3,
                                                                "clip_skip": 2, "subseed": 8, "subseed_strength": 0.25})["id"])
     assert job["status"] == "done", job
-    open_page(page, base_url)
-    card = f'#gallery [data-job-id="{job["id"]}"]'
-    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "the job is not in the gallery")
-    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
-    wait(page, lambda d: "clip skip 2" in text(d, "notice"), 10, "no notice about clip skip")
-    assert "variation seed 8 at strength 0.25" in text(page, "notice") and value(page, "seed") == "3"
+    reuse(page, base_url, job["id"])
+    wait(page, lambda d: checked(d, "seed-extra"), 10, "the variation seed is not ticked")
+    assert (value(page, "subseed"), value(page, "subseed_strength"), value(page, "clip_skip")) == ("8", "0.25", "2")
+    assert value(page, "seed") == "3" and text(page, "notice") == ""
+    assert not checked(page, "enable_hr")

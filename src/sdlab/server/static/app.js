@@ -1,5 +1,6 @@
 // sdlab web UI: plain JavaScript on sdlab's HTTP API (no build step).
-//   lists:    /sdapi/v1/sd-models, samplers, schedulers, loras, options; /sdapi/v1/png-info
+//   lists:    /sdapi/v1/sd-models, samplers, schedulers, loras, options, latent-upscale-modes, upscalers;
+//             /sdapi/v1/png-info
 //   jobs:     POST /api/jobs -> {id}; GET /api/jobs; GET/DELETE /api/jobs/{id};
 //             GET /api/jobs/{id}/events (Server-Sent Events: queued, started, step, done, failed, cancelled)
 "use strict";
@@ -10,6 +11,8 @@ const TERMINAL_EVENTS = new Set(["done", "failed", "cancelled", "interrupted"]);
 const MASK_COLOUR = "#ff3df5";   // how the painted mask shows on the image (it is sent as white on black)
 const LORA_TAG = /<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>/gi;
 const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser tab): this tab's jobs, over a reload
+// checkboxes that show their options (A1111's "Hires. fix" and seed "Extra"); unticked, the request leaves them out
+const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options" };
 
 const state = {
   mode: "txt2img",
@@ -127,6 +130,14 @@ async function loadLoras() {
   $("lora-add").disabled = !loras.length;
 }
 
+// The hires fix's upscalers: the latent modes ("Latent" first, A1111's default), then the plain resizes
+// (None, Lanczos, Nearest); the upscaler model files (those with a model_path) serve the Extras route only.
+async function loadHiresUpscalers() {
+  const [latent, upscalers] = await Promise.all([api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
+  const names = [...(latent || []), ...(upscalers || []).filter((u) => !u.model_path)].map((u) => u.name);
+  fillSelect($("hr_upscaler"), names.map((name) => ({ label: name, value: name })));
+}
+
 async function loadLists() {
   const results = await Promise.allSettled([
     loadModels(),
@@ -140,6 +151,7 @@ async function loadLists() {
         { blank: "Automatic" });
     }),
     loadLoras(),
+    loadHiresUpscalers(),
   ]);
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   if (failed.length) showError("Could not load the lists: " + failed.join("; "));
@@ -216,6 +228,7 @@ function setMode(mode) {
     tab.tabIndex = tab.dataset.mode === mode ? 0 : -1;      // the ARIA tabs pattern: arrows move between tabs
   }
   $("image-section").hidden = mode === "txt2img";
+  $("hires-section").hidden = mode !== "txt2img";             // A1111's hires fix is txt2img's only
   $("mask-tools").hidden = $("mask-options").hidden = mode !== "inpaint";
   $("mask-canvas").classList.toggle("disabled", mode !== "inpaint");
 }
@@ -314,6 +327,22 @@ function maskDataUrl() {
 
 const base64Of = (dataUrl) => String(dataUrl).replace(/^data:[^,]*,/, "");
 
+function setToggle(id, on) {
+  $(id).checked = on;
+  $(TOGGLES[id]).hidden = !on;
+}
+
+// A slider and the value shown beside it (<output id="ID-value">)
+function showSliderValue(id) {
+  $(`${id}-value`).textContent = Number($(id).value).toFixed(2);
+}
+
+function setSlider(id, value) {
+  if (value === undefined || value === null) return;
+  $(id).value = value;
+  showSliderValue(id);
+}
+
 // ---------------------------------------------------------------- request
 
 function numberField(id, { integer = false } = {}) {
@@ -330,6 +359,27 @@ function numberField(id, { integer = false } = {}) {
   return value;
 }
 
+// A number box's value, or the page's default for it (its value attribute) when it is empty
+function numberOrDefault(id, options) {
+  return numberField(id, options) ?? Number($(id).defaultValue);
+}
+
+// The hires fix (a second pass at a larger size): resize 0 = from "Upscale by", hires steps 0 = the first pass's
+function hiresRequest() {
+  return {
+    hr_upscaler: $("hr_upscaler").value || undefined,
+    hr_scale: numberOrDefault("hr_scale"),
+    hr_width: numberOrDefault("hr_width", { integer: true }),
+    hr_height: numberOrDefault("hr_height", { integer: true }),
+    hr_steps: numberOrDefault("hr_steps", { integer: true }),
+    hr_denoise: Number($("hr_denoise").value),
+  };
+}
+
+function variationRequest() {
+  return { subseed: numberOrDefault("subseed", { integer: true }), subseed_strength: Number($("subseed_strength").value) };
+}
+
 function collectRequest() {
   const prompt = takeLoraTags($("prompt").value);
   if (prompt !== $("prompt").value.trim()) $("prompt").value = prompt;
@@ -343,11 +393,14 @@ function collectRequest() {
     width: numberField("width", { integer: true }),
     height: numberField("height", { integer: true }),
     batch_size: numberField("batch_size", { integer: true }),
+    clip_skip: numberOrDefault("clip_skip", { integer: true }),
     loras: state.loras.map((l) => ({ name: l.name, weight: Number(l.weight) })),
   };
   if ($("model").value) body.model = $("model").value;   // the checkpoint's title, as /sdapi/v1/sd-models names it
   if ($("sampler").value) body.sampler = $("sampler").value;
   if ($("schedule").value) body.schedule = $("schedule").value;
+  if ($("seed-extra").checked) Object.assign(body, variationRequest());
+  if (state.mode === "txt2img" && $("enable_hr").checked) Object.assign(body, hiresRequest());
   if (state.mode !== "txt2img") {
     if (!state.initImage) throw new ApiError(`${state.mode} needs an initial image: choose or drop one`);
     body.init_image = base64Of(state.initImage);
@@ -368,7 +421,7 @@ function setField(id, value) {
 }
 
 // Fill the form from request-style settings ({prompt, negative_prompt, steps, sampler, ...}).
-// Returns the names of settings that did not fit a list (unknown sampler, schedule or model).
+// Returns the names of settings that did not fit a list (unknown sampler, schedule, model or hires upscaler).
 function fillForm(settings) {
   const unknown = [];
   state.loras = [];
@@ -385,16 +438,38 @@ function fillForm(settings) {
   setField("height", settings.height);
   setField("batch_size", settings.batch_size);
   setField("mask_blur", settings.mask_blur);
-  if (settings.strength != null) {
-    $("strength").value = settings.strength;
-    $("strength-value").textContent = Number(settings.strength).toFixed(2);
-  }
+  setField("clip_skip", settings.clip_skip);
+  setSlider("strength", settings.strength);
+  fillVariation(settings);
+  if (usesHires(settings)) fillHires(settings, unknown);
+  else setToggle("enable_hr", false);
   if (settings.sampler != null && !selectMatching($("sampler"), settings.sampler)) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
   if (settings.model && !selectMatching($("model"), settings.model)) unknown.push(`model "${settings.model}"`);
   if (settings.mode && ["txt2img", "img2img", "inpaint"].includes(settings.mode)) setMode(settings.mode);
   return unknown;
 }
+
+// A varied seed ticks "Variation seed" and fills it; without one, the box is unticked (the values stay)
+function fillVariation(settings) {
+  const varied = Number(settings.subseed_strength) > 0;
+  setToggle("seed-extra", varied);
+  if (!varied) return;
+  setField("subseed", settings.subseed);
+  setSlider("subseed_strength", settings.subseed_strength);
+}
+
+// Tick "Hires. fix" and fill it; a field the settings leave out takes the page's default (A1111's)
+function fillHires(settings, unknown) {
+  setToggle("enable_hr", true);
+  for (const id of ["hr_scale", "hr_width", "hr_height", "hr_steps"]) setField(id, settings[id] ?? $(id).defaultValue);
+  setSlider("hr_denoise", settings.hr_denoise ?? $("hr_denoise").defaultValue);
+  const upscaler = settings.hr_upscaler ?? $("hr_upscaler").options[0]?.value;
+  if (!selectMatching($("hr_upscaler"), upscaler)) unknown.push(`hires upscaler "${upscaler}"`);
+}
+
+// Whether request-style settings draw with the hires fix (A1111: Hires upscale, or a Hires resize side)
+const usesHires = (s) => s.hr_scale != null || Boolean(s.hr_width) || Boolean(s.hr_height);
 
 // A1111 parameter labels with a number -> request fields, as `sdlab txt2img --from-png` reads them
 // (pipeline/infotext.py); png-info splits a "WxH" value into "<label>-1" / "<label>-2".
@@ -432,7 +507,7 @@ function settingsFromParameters(p) {
       s.unread.push(text.length > 60 ? text.slice(0, 59) + "\u2026" : text);
     }
   }
-  if (s.hr_scale != null || s.hr_width || s.hr_height) {   // A1111: the second pass's denoising strength
+  if (usesHires(s)) {                                      // A1111: the second pass's denoising strength
     s.hr_denoise = s.strength;
     delete s.strength;
   }
@@ -464,13 +539,6 @@ function settingsFromParameters(p) {
 // without them. `s` is a job's `request` (Reuse) or a PNG's parameters (`settingsFromParameters`).
 function settingsNotInForm(s) {
   const notes = [];
-  if (s.hr_scale != null || s.hr_width || s.hr_height) {
-    const size = s.hr_width || s.hr_height ? `${s.hr_width || "auto"}x${s.hr_height || "auto"}` : `x${s.hr_scale}`;
-    const upscaler = s.hr_upscaler ? `, ${s.hr_upscaler}` : "";
-    notes.push(`hires fix (${size}, ${s.hr_steps || s.steps || "?"} steps, denoise ${s.hr_denoise ?? "?"}${upscaler})`);
-  }
-  if (s.clip_skip != null && Number(s.clip_skip) !== 1) notes.push(`clip skip ${s.clip_skip}`);
-  if (Number(s.subseed_strength) > 0) notes.push(`variation seed ${s.subseed ?? "?"} at strength ${s.subseed_strength}`);
   if (Number(s.eta_noise_seed_delta)) notes.push(`ENSD ${s.eta_noise_seed_delta}`);
   if (s.eta != null) notes.push(`eta ${s.eta}`);
   if (s.s_noise != null && Number(s.s_noise) !== 1) notes.push(`s_noise ${s.s_noise}`);
@@ -887,7 +955,9 @@ function setup() {
     else $("seed").value = state.lastSeed;
   });
   $("lora-add").addEventListener("click", () => addLora($("lora").value, Number($("lora-weight").value) || 0));
-  $("strength").addEventListener("input", () => { $("strength-value").textContent = Number($("strength").value).toFixed(2); });
+  for (const id of ["strength", "subseed_strength", "hr_denoise"]) $(id).addEventListener("input", () => showSliderValue(id));
+  for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));
+  $("subseed-random").addEventListener("click", () => { $("subseed").value = -1; });
   $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
   $("mask-clear").addEventListener("click", clearMask);
   $("init-image").addEventListener("change", async () => {
