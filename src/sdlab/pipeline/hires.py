@@ -75,7 +75,7 @@ def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | st
 
 
 def second_pass_request(req: GenerationRequest, factor: int) -> GenerationRequest:
-    """The img2img request of the second pass (no init image yet) of a resolved hires request: the final size,
+    """The img2img request of the second pass (run `from_latent`) of a resolved hires request: the final size,
     `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the same seeds, no hires fields, and
     the first pass's step count (prompt edits count on from it)."""
     _, (width, height) = pass_sizes(req, factor)
