@@ -245,8 +245,13 @@ def test_hostile_images_are_one_error_line(models, tmp_path, capsys):
 
 
 def _sdlab(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return _sdlab_python("-m", *args, **kwargs)
+
+
+def _sdlab_python(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`python ARGS...` with the source tree's sdlab."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=300, **kwargs)
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300, **kwargs)
 
 
 def test_version_and_python_dash_m_sdlab():
@@ -271,7 +276,15 @@ def test_the_command_exits_with_its_status_and_complete_files_without_interprete
     assert 'sdlab = "sdlab.command:run"' in scripts
 
 
-def test_the_command_line_is_imported_without_collections_and_runs_with_those_objects_frozen(monkeypatch):
+@pytest.fixture
+def sigint_kept() -> None:
+    """`sdlab.command.run` in this process: SIGINT's handler is put back afterwards."""
+    previous = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_the_command_line_is_imported_without_collections_and_runs_with_those_objects_frozen(monkeypatch, sigint_kept):
     """The console script turns the cyclic collector off while torch and the command line are imported, then
     freezes what they created (`gc.freeze`) and runs the command with the collector on."""
     import gc
@@ -300,6 +313,66 @@ def test_the_command_line_is_imported_without_collections_and_runs_with_those_ob
         gc.unfreeze()
     assert stop.value.code == 3
     assert seen["enabled"] and seen["frozen"] > 10_000, seen
+
+
+INTERRUPT_IMPORTING_TORCH = """
+import os, signal, sys
+
+
+class InterruptOnTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            os.kill(os.getpid(), signal.SIGINT)      # Ctrl-C while torch is being imported
+        return None
+
+
+sys.meta_path.insert(0, InterruptOnTorch())
+sys.argv = ["sdlab", "--help"]
+from sdlab.command import run
+
+run()
+"""
+
+
+def test_ctrl_c_while_the_command_line_is_imported_exits_130_with_one_line():
+    result = _sdlab_python("-c", INTERRUPT_IMPORTING_TORCH)
+    assert result.returncode == 130 and result.stderr == "sdlab: error: interrupted\n", result
+    assert result.stdout == ""
+
+
+def test_ctrl_c_while_the_arguments_are_parsed_exits_130_with_one_line(monkeypatch, capsys, sigint_kept):
+    import logging
+
+    import sdlab.cli
+    import sdlab.command
+
+    def parser_interrupted() -> None:
+        raise KeyboardInterrupt
+
+    def exit_now(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(sdlab.cli, "build_parser", parser_interrupted)
+    monkeypatch.setattr(sdlab.command.os, "_exit", exit_now)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+    with pytest.raises(SystemExit) as stop:
+        sdlab.command.run()
+    assert stop.value.code == 130 and capsys.readouterr().err == "sdlab: error: interrupted\n"
+
+
+def test_a_sigint_the_parent_ignores_stays_ignored(monkeypatch, sigint_kept):
+    import logging
+
+    import sdlab.cli
+    import sdlab.command
+
+    seen = []
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+    monkeypatch.setattr(sdlab.cli, "main", lambda: seen.append(signal.getsignal(signal.SIGINT)) or 0)
+    monkeypatch.setattr(sdlab.command.os, "_exit", lambda code: seen.append(signal.getsignal(signal.SIGINT)))
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sdlab.command.run()
+    assert seen == [signal.SIG_IGN, signal.SIG_IGN]
 
 
 def test_sigterm_during_generation_exits_143_and_leaves_no_file(models, tmp_path):

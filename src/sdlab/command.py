@@ -13,27 +13,68 @@ Two costs of a short process that the command line itself does not need to pay:
   streams and logging are flushed first. While another thread still runs (a server's worker finishing its
   job) the exit is the ordinary one, which waits for it.
 
-This module imports nothing heavy itself, so that the collector is off before torch is imported.
-`sdlab.cli.main` stays an ordinary function for callers in Python.
+Ctrl-C outside the command itself (`main` reports it while the command runs, removing any half-written
+file) ends the process the same way: one line, `sdlab: error: interrupted`, exit 130, no traceback. While
+torch and the command line are imported (one to three seconds) and once `main` has returned, SIGINT ends
+the process at once: nothing has been written yet, or everything has. No exception is raised inside an
+import, where a C extension interrupted halfway cannot be imported again. A Ctrl-C while the arguments are
+parsed, before `main`'s own handler, is caught here. A SIGINT the parent ignores (`nohup`, a background job
+of a script) stays ignored.
+
+This module imports nothing heavy itself, so that the collector is off before torch is imported, and it
+imports `logging` and `threading` only once the SIGINT handler is in place. `sdlab.cli.main` stays an
+ordinary function for callers in Python.
 """
 
 from __future__ import annotations
 
 import gc
-import logging
 import os
+import signal
 import sys
-import threading
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT      # 130, as `sdlab.cli.main` reports Ctrl-C
 
 
 def run() -> None:
+    sigint_is_default = signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if sigint_is_default:
+        signal.signal(signal.SIGINT, _exit_interrupted)
     gc.disable()
     try:
         from sdlab.cli import main
     finally:
         gc.freeze()
         gc.enable()
-    code = main()
+    if sigint_is_default:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        code = main()
+    except KeyboardInterrupt:   # while the arguments were parsed, before main's own handler
+        code = _report_interrupted()
+    if sigint_is_default:
+        signal.signal(signal.SIGINT, _exit_interrupted)
+    _exit(code)
+
+
+def _report_interrupted() -> int:
+    print("sdlab: error: interrupted", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _exit_interrupted(signum: int, frame: object) -> None:
+    """SIGINT outside the command: nothing to clean up, so the process ends here."""
+    try:
+        _report_interrupted()
+    finally:
+        os._exit(EXIT_INTERRUPTED)
+
+
+def _exit(code: int) -> None:
+    """End the process with `code`, skipping the interpreter's teardown unless another thread still runs."""
+    import logging
+    import threading
+
     if any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate()):
         sys.exit(code)
     logging.shutdown()

@@ -14,8 +14,9 @@
 Errors the user can fix (a bad file, a missing path, a full disk) print one line, `sdlab: error: ...`, on
 stderr and exit with status 2; anything else exits 1, also without a traceback unless `--debug` or
 `SDLAB_DEBUG=1`. Ctrl-C exits 130 and SIGTERM 143 (128 + the signal number, as a shell reports a killed
-process), after removing any half-written file. `sdlab train` installs its own SIGINT / SIGTERM handler while
-it runs (finish the step, write a checkpoint). Nothing runs at import time.
+process), after removing any half-written file; the `sdlab` process (`sdlab.command`) does the same for a
+Ctrl-C while torch and this package are imported. `sdlab train` installs its own SIGINT / SIGTERM handler
+while it runs (finish the step, write a checkpoint). Importing does no work beyond importing torch.
 """
 
 from __future__ import annotations
