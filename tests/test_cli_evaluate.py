@@ -96,6 +96,8 @@ def test_eval_limit_and_defaults_from_the_family(model, prompts, tmp_path, capsy
                                                       "prompt 4: no known"),
         ("# nothing but a comment\n", [], "no prompts"),
         (PROMPTS, ["--seeds", "0"], "at least 1"),
+        (PROMPTS, ["--limit", "0"], "--limit must be at least 1"),
+        (PROMPTS, ["--limit", "-1"], "--limit must be at least 1"),
     ],
 )
 def test_bad_input_is_one_error_line_and_no_report(model, tmp_path, capsys, text, extra, message) -> None:
@@ -114,6 +116,33 @@ def test_missing_prompt_file(model, tmp_path, capsys) -> None:
     code = main(["eval", str(tmp_path / "none.txt"), "--model", str(model), "--out", str(tmp_path / "eval")])
     assert code == 2
     assert "cannot read the prompt file" in capsys.readouterr().err
+
+
+def test_prompt_file_that_is_not_utf8(model, tmp_path, capsys) -> None:
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("a red apple on a blue background\ncaf\xe9 on a red background\n".encode("latin-1"))
+    code = main(["eval", str(path), "--model", str(model), "--out", str(tmp_path / "eval")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot read the prompt file {str(path)!r}: it is not UTF-8 text" in err
+
+
+def test_an_out_that_cannot_be_a_folder_is_refused_before_the_model_loads(model, prompts, tmp_path, capsys,
+                                                                          monkeypatch) -> None:
+    import sdlab.api
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(sdlab.api, "load", no_load)
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for out in (taken, taken / "eval"):
+        code = main(["eval", str(prompts), "--model", str(model), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("sdlab: error:") and err.count("\n") == 1, err
+        assert f"--out {out}" in err
+    assert taken.read_text() == ""
 
 
 def test_eval_shows_a_progress_bar_on_stderr(model, prompts, tmp_path, capsys) -> None:

@@ -58,9 +58,10 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", default=None, help="sigma schedule (default: the model's, as `sdlab txt2img`)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    p.add_argument("--limit", type=int, default=None, help="only the first N prompts (a quick look)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts, N >= 1 (a quick look)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
-    p.add_argument("--out", required=True, help="output folder for report.json and grid.png")
+    p.add_argument("--out", required=True, help="output folder for report.json and grid.png (made before the "
+                                                "model loads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run_evaluate)
 
@@ -91,10 +92,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UserError("--seeds and --steps must be at least 1")
     if args.first_seed < 0:
         raise UserError("--first-seed must be 0 or more")
+    if args.limit is not None and args.limit < 1:
+        raise UserError("--limit must be at least 1")
     try:
         prompts = read_prompt_file(args.prompts)
     except OSError as err:
         raise UserError(f"cannot read the prompt file {args.prompts!r}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"cannot read the prompt file {args.prompts!r}: it is not UTF-8 text (byte "
+                        f"{err.start}); save it as UTF-8") from None
     if args.limit is not None:
         prompts = prompts[: args.limit]
     if not prompts:
@@ -111,6 +117,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     dtype = dtype_from_name(args.dtype)
     finder = _lora_finder(args)
     loras = [_parse_lora(spec, finder) for spec in args.lora]
+    _make_out_folder(Path(args.out))
     try:
         pipe = load(args.model, dtype=dtype, loras=loras)  # no --model: the shipped model
     except RequestError as err:
@@ -138,3 +145,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'grid.png'}")
     return 0
 
+
+def _make_out_folder(out: Path) -> None:
+    """Make the `--out` folder before any picture is drawn, so that an `--out` that cannot be one (an
+    existing file, a path through a file, no permission) is refused before the work, not after it."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--out {out} is a file; name a folder for report.json and grid.png") from None
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot make the output folder ({err.strerror or err})") from None

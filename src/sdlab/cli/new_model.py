@@ -22,7 +22,7 @@ def add_new_model(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tiny", action="store_true",
                    help="reduced width (a few MB) instead of the released size; its native size is 64 px "
                         "(recorded in the file), not the family's 512 / 768 / 1024")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, 0 to 2**64 - 1 (default 0)")
     p.set_defaults(run=run_new_model)
 
 
@@ -30,9 +30,12 @@ def run_new_model(args: argparse.Namespace) -> int:
     from sdlab.checkpoints.create import new_bundle
     from sdlab.checkpoints.save import save_bundle
     from sdlab.cli.errors import UserError
+    from sdlab.pipeline.request import MAX_SEED
 
     if not args.out.endswith(".safetensors"):
         raise UserError(f"the output must be a .safetensors file, got {args.out!r}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UserError(f"--seed must be an integer in 0..{MAX_SEED}, got {args.seed}")
     bundle = new_bundle(args.family, tiny=args.tiny, seed=args.seed)
     save_bundle(bundle, args.out)
     print(args.out)
