@@ -155,13 +155,46 @@ def test_multicontrolnet_sums_scaled_residuals(tmp_path):
         torch.testing.assert_close(late(x, t, context, control_step=(9, 10)), plain, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mode, hires_pass, module", [
+    ("balanced", False, "none"), ("prompt", False, "none"), ("control", False, "none"),
+    ("balanced", True, "canny"), ("balanced", True, "none"), ("control", True, "canny"),
+])
+def test_control_modes_and_the_hires_pass_scale_residuals_as_a1111(tmp_path, mode, hires_pass, module):
+    """sd-webui-controlnet's hook.py: control_scales = [weight] * 13, or with soft injection ("My prompt is more
+    important", "ControlNet is more important", and a canny unit in the hires fix's second pass)
+    [weight * 0.825 ** (12 - i) for i in range(13)] (SDXL: the first 10); "ControlNet is more important" also
+    multiplies the control by cond_mark (0 on the negative prompt's rows)."""
+    from dataclasses import replace
+
+    bundle = tiny_bundle("sd1")
+    [control] = _controls(tmp_path, bundle, strengths=(0.7,), ranges=((0.0, 1.0),))
+    control = replace(control, control_mode=mode, hires_pass=hires_pass, module=module)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 32, 32, generator=gen)
+    t = torch.tensor([500.0, 500.0])
+    context = torch.randn(2, 77, bundle.unet_config.context_dim, generator=gen)
+    cond_mark = torch.tensor([0.0, 1.0])                                   # [uncond, cond], as CFG batches them
+    with torch.no_grad():
+        skips, middle = control.net.model(x, t, context, control.hint.expand(2, -1, -1, -1))
+        control_list = [*skips, middle]
+        soft = mode != "balanced" or (hires_pass and module == "canny")
+        scales = [0.7 * 0.825 ** float(12 - i) for i in range(13)] if soft else [0.7] * 13
+        if mode == "control":
+            control_list = [c * cond_mark.view(-1, 1, 1, 1) for c in control_list]
+        control_list = [c * scale for c, scale in zip(control_list, scales)]
+        expected = bundle.unet(x, t, context, control=(control_list[:-1], control_list[-1]))
+        actual = ControlledUNet(bundle.unet, [control])(x, t, context, cond_mark=cond_mark)
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=0)
+    assert control.scales(10) == (scales[:10] if soft else [0.7] * 10)       # SDXL's 9 skips and middle
+
+
 def test_control_input_checks(tmp_path):
     assert control_input(("a.safetensors", "hint.png", 0.5)).strength == 0.5
     assert control_input(["a", "b", 1.0, 0.1, 0.9]).end == 0.9
     with pytest.raises(RequestError):
         control_input("a.safetensors")
     for bad in (dict(strength=float("nan")), dict(strength=-1), dict(start=0.5, end=0.5), dict(end=1.5),
-                dict(module="depth")):
+                dict(module="depth"), dict(control_mode="Balanced")):
         with pytest.raises(RequestError):
             check_control(ControlInput("a", "b", **bad))
     (tmp_path / "a").write_bytes(b"")
@@ -208,6 +241,9 @@ def test_infotext_lines_are_a1111s(tmp_path):
     assert list(lines) == ["ControlNet 0", "ControlNet 1"]
     assert lines["ControlNet 1"].startswith("Module: none, Model: cn [")
     assert lines["ControlNet 1"].endswith("], Weight: 0.55, Guidance Start: 0.1, Guidance End: 0.75")
+    prompt_first = ControlInput(controls[1].net.origin, "x.png", 0.55, 0.1, 0.75, control_mode="prompt")
+    assert infotext_lines([prompt_first])["ControlNet 0"] == lines["ControlNet 1"] + (
+        ", Control Mode: My prompt is more important")
     assert load_controlnet(controls[0].net.origin).name == "cn"
 
 

@@ -134,6 +134,23 @@ def test_pooling_controlnet_conditions_the_prompt_rows_only(sd1, tmp_path, batch
     assert _max_diff(result.images, reference, against=_uint8(plain.images)) <= MAX_PIXEL_DIFF
 
 
+def test_a_canny_control_is_softly_injected_in_the_hires_pass_only(sd1, tmp_path, monkeypatch):
+    """A1111's hook.py forces soft injection for a canny unit in the hires fix's second pass (is_in_high_res_fix:
+    high_res_fix_forced_soft_injection); other preprocessors, and the first pass, keep their mode."""
+    from sdlab.pipeline.control import PreparedControl
+
+    ours, _, unet_config = sd1
+    [(_, path)] = _controlnet_files(tmp_path, unet_config, 1, "original")
+    seen, scales = [], PreparedControl.scales
+    monkeypatch.setattr(PreparedControl, "scales",
+                        lambda self, count: seen.append((self.hint.shape[-1], self.soft)) or scales(self, count))
+    for module, soft in (("canny", True), ("none", False)):
+        seen.clear()
+        ours.txt2img(PROMPT, NEGATIVE, steps=2, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, hr_scale=2,
+                     hr_denoise=0.5, controls=[ControlInput(path, _hint(0), module=module)], **EULER)
+        assert sorted(set(seen)) == [(SIZE, False), (2 * SIZE, soft)]
+
+
 def test_only_part_schedule_controls_read_each_calls_step(sd1, tmp_path, monkeypatch):
     """A control over the whole schedule (start 0, end 1) runs at every call without asking which step it
     is (that reads the call's sigma: a wait for the queue on a GPU); one limited to part of it asks."""

@@ -203,3 +203,30 @@ def test_missing_model_folders_are_one_error_line(tmp_path):
                                 capture_output=True, text=True, env=server_env(), timeout=120)
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [f"sdlab: error: the {option} {str(tmp_path / 'missing')!r} is not a folder"]
+
+
+def _units(tmp_path: Path, **fields):
+    """`a1111_controls` of one unit with `fields` on a folder holding one (unread) ControlNet file, `cn`."""
+    from sdlab.server.config import Limits
+    from sdlab.server.controls import a1111_controls
+    from sdlab.server.model_folders import CONTROLNET_SUFFIXES, ModelFolder
+
+    (tmp_path / "ControlNet").mkdir(exist_ok=True)
+    (tmp_path / "ControlNet" / "cn.safetensors").write_bytes(b"x")
+    folder = ModelFolder(tmp_path / "ControlNet", CONTROLNET_SUFFIXES, hashed=True)
+    unit = {"model": "cn", "image": Image.new("RGB", (8, 8)), **fields}
+    return a1111_controls({"controlnet": {"args": [unit]}}, folder, Limits())
+
+
+def test_a1111_control_mode_by_value_or_index(tmp_path):
+    """The extension's control_mode_from_value: a ControlMode value, or its index in the enum."""
+    from sdlab.server.inputs import BadRequest
+
+    for value, mode in ((None, "balanced"), (0, "balanced"), (1, "prompt"), (2, "control"), ("Balanced", "balanced"),
+                        ("My prompt is more important", "prompt"), ("ControlNet is more important", "control")):
+        assert _units(tmp_path, control_mode=value)[0].control_mode == mode
+    assert _units(tmp_path)[0].control_mode == "balanced"
+    for bad in (3, -1, True, "prompt", "balanced"):
+        with pytest.raises(BadRequest, match="control_mode") as refused:
+            _units(tmp_path, control_mode=bad)
+        assert refused.value.status == 422

@@ -11,6 +11,11 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
   only, the unconditional rows get none (diffusers turns guess mode on for it; A1111 multiplies them by
   `cond_mark`);
 - each ControlNet's residuals are multiplied by its strength; several ControlNets are summed;
+- A1111's control modes (`ControlInput.control_mode`): "balanced" is the above; "prompt" ("My prompt is more
+  important") scales residual k of the K residuals (the middle block's last: K = 13 for SD1 / SD2, 10 for
+  SDXL) by strength * 0.825 ** (12 - k) ("soft injection"); "control" ("ControlNet is more important") does
+  that on the prompt's rows only. In the hires fix's second pass a `canny` control is softly injected
+  whatever its mode, as A1111 does;
 - a ControlNet runs only on the steps i (0-based, of N sampler steps) with i / N >= start and
   (i + 1) / N <= end (`control_guidance_start` / `control_guidance_end`). N counts the steps actually run,
   so img2img counts from its first noised step, as diffusers' img2img ControlNet pipeline does. Model calls
@@ -51,13 +56,18 @@ from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess
 from sdlab.pipeline.request import RequestError, input_image
 
 MAX_STRENGTH = 10.0      # diffusers accepts any scale; A1111's slider stops at 2
+CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
+                 "control": "ControlNet is more important"}
+"""sdlab's names of A1111's control modes -> A1111's (its `ControlMode` values, in its order)."""
+SOFT_INJECTION_BASE = 0.825     # A1111: residual k of 13 scaled by 0.825 ** (12 - k)
 
 
 @dataclass(frozen=True)
 class ControlInput:
     """One ControlNet of a request: the network (a file, folder or loaded ControlNet), its hint image (a path
     or PIL image), how strongly and on which fraction of the steps it acts, and an optional preprocessor
-    (`module`: "none", "canny", "scribble", "lineart", "tile"; A1111's Module) applied to the image first."""
+    (`module`: "none", "canny", "scribble", "lineart", "tile"; A1111's Module) applied to the image first;
+    `control_mode` is A1111's (`CONTROL_MODES`)."""
 
     model: LoadedControlNet | str | os.PathLike[str]
     image: Image.Image | str | os.PathLike[str]
@@ -65,6 +75,7 @@ class ControlInput:
     start: float = 0.0
     end: float = 1.0
     module: str = "none"
+    control_mode: str = "balanced"
 
     @property
     def model_path(self) -> str:
@@ -94,6 +105,8 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
         relation = "<=" if convention == "a1111" else "<"
         raise RequestError(f"{name}: need 0 <= start {relation} end <= 1, got start {control.start}, "
                            f"end {control.end}")
+    if control.control_mode not in CONTROL_MODES:
+        raise RequestError(f"{name}: unknown control mode {control.control_mode!r}; valid: {', '.join(CONTROL_MODES)}")
     if control.module not in PREPROCESSORS:
         raise RequestError(f"{name}: unknown preprocessor {control.module!r}; valid: {', '.join(PREPROCESSORS)}")
     if not isinstance(control.model, LoadedControlNet) and not Path(control.model).exists():
@@ -121,7 +134,8 @@ def hint_tensor(image: Image.Image, width: int, height: int) -> Tensor:
 
 @dataclass(frozen=True)
 class PreparedControl:
-    """A control ready to run: the loaded network, its hint on the model's device, strength and step range."""
+    """A control ready to run: the loaded network, its hint on the model's device, strength and step range,
+    A1111's control mode, and whether it runs in a hires fix's second pass."""
 
     net: LoadedControlNet
     hint: Tensor                    # (1, 3, H, W) in [0, 1]
@@ -130,6 +144,8 @@ class PreparedControl:
     end: float
     module: str = "none"
     convention: str = "diffusers"   # the step rule: "diffusers" or "a1111"
+    control_mode: str = "balanced"
+    hires_pass: bool = False
 
     def active(self, step: int, steps: int) -> bool:
         """Whether step i of N runs the control. diffusers' controlnet_keep: i / N >= start and
@@ -141,8 +157,23 @@ class PreparedControl:
 
     @property
     def cond_only(self) -> bool:
-        """Whether the residuals go to the prompt's rows only: a pooling ControlNet's (module docstring)."""
-        return self.net.config.global_pool
+        """Whether the residuals go to the prompt's rows only: a pooling ControlNet's, or in A1111's "ControlNet
+        is more important" mode (its `cfg_injection`)."""
+        return self.net.config.global_pool or self.control_mode == "control"
+
+    @property
+    def soft(self) -> bool:
+        """Whether the residuals are softly injected: in A1111's modes other than "balanced", and for a canny
+        control in a hires fix's second pass (A1111's `high_res_fix_forced_soft_injection`, which it also
+        applies to mlsd, a preprocessor sdlab has not)."""
+        return self.control_mode != "balanced" or (self.hires_pass and "canny" in self.module)
+
+    def scales(self, count: int) -> list[float]:
+        """The factors of the control's `count` residuals, the middle block's last: the strength, or with soft
+        injection strength * 0.825 ** (12 - k) for residual k (A1111's 13 factors; SDXL takes the first 10)."""
+        if not self.soft:
+            return [self.strength] * count
+        return [self.strength * SOFT_INJECTION_BASE ** (12 - k) for k in range(count)]
 
 
 def load_control_net(model: LoadedControlNet | str | os.PathLike[str], bundle: ModelBundle) -> LoadedControlNet:
@@ -161,11 +192,11 @@ def load_control_net(model: LoadedControlNet | str | os.PathLike[str], bundle: M
 
 def prepare_controls(
     bundle: ModelBundle, controls: Sequence[ControlInput | Any], width: int, height: int,
-    convention: str = "diffusers",
+    convention: str = "diffusers", hires_pass: bool = False,
 ) -> list[PreparedControl]:
     """Load (or take) each ControlNet, check it fits the bundle, read and preprocess its hint image.
     `controls` may hold (file, image[, strength[, start, end]]) records (`control_input`); `convention` is
-    the request's `control_convention`."""
+    the request's `control_convention`; `hires_pass`: the controls act in a hires fix's second pass."""
     prepared = []
     factor = bundle.vae_config.downsample_factor
     for index, control in enumerate(controls):
@@ -185,7 +216,8 @@ def prepare_controls(
         image = preprocess(flattened(input_image(control.image, f"control {index} image")), control.module)
         hint = hint_tensor(image, width, height).to(next(bundle.unet.parameters()).device)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
-                                        float(control.end), control.module, convention))
+                                        float(control.end), control.module, convention, control.control_mode,
+                                        hires_pass))
     return prepared
 
 
@@ -222,11 +254,9 @@ class ControlledUNet:
             cfg = control.net.config
             hint = control.hint.expand(x.shape[0], -1, -1, -1)                     # (B, 3, H, W)
             residuals, mid = control.net.model(x[:, : cfg.unet.in_channels], t, context, hint, y)
-            scale = control.strength
-            if control.cond_only and cond_mark is not None:
-                scale = cond_mark.view(-1, 1, 1, 1) * control.strength                # (B, 1, 1, 1)
-            residuals = [r * scale for r in residuals]
-            mid = mid * scale
+            rows = cond_mark.view(-1, 1, 1, 1) if control.cond_only and cond_mark is not None else 1.0   # (B, 1, 1, 1)
+            outputs = [r * (scale * rows) for r, scale in zip([*residuals, mid], control.scales(len(residuals) + 1))]
+            residuals, mid = outputs[:-1], outputs[-1]
             if skips is None:
                 skips, middle = residuals, mid
             else:                                   # MultiControlNet: the sum of every ControlNet's residuals
@@ -276,7 +306,8 @@ def _number(value: float) -> str:
 def infotext_lines(controls: Sequence[ControlInput | PreparedControl]) -> dict[str, str]:
     """A1111 ControlNet extension labels and values, e.g. {"ControlNet 0": "Module: none, Model: NAME [hash],
     Weight: 1, Guidance Start: 0, Guidance End: 1"}: NAME is the file name without its suffix, hash A1111's
-    short model hash (`legacy_hash`). The infotext writer quotes each value."""
+    short model hash (`legacy_hash`); a control mode other than Balanced adds `Control Mode: ...` (A1111's
+    name). The infotext writer quotes each value."""
     lines = {}
     for index, control in enumerate(controls):
         path = control.net.origin if isinstance(control, PreparedControl) else control.model_path
@@ -287,5 +318,6 @@ def infotext_lines(controls: Sequence[ControlInput | PreparedControl]) -> dict[s
         lines[f"ControlNet {index}"] = (
             f"Module: {control.module}, Model: {model}, Weight: {_number(control.strength)}, "
             f"Guidance Start: {_number(control.start)}, Guidance End: {_number(control.end)}"
+            + ("" if control.control_mode == "balanced" else f", Control Mode: {CONTROL_MODES[control.control_mode]}")
         )
     return lines

@@ -354,7 +354,8 @@ def _guided_model(
     if embedded is not None:
         w = torch.full((req.batch_size,), req.cfg_scale - 1.0, device=device)                   # (B,)
         extra_cond["guidance_emb"] = guidance_scale_embedding(w, embedded)                      # (B, dim)
-    controls = prepare_controls(bundle, req.controls, req.width, req.height, req.control_convention)
+    controls = prepare_controls(bundle, req.controls, req.width, req.height, req.control_convention,
+                                hires_pass=req.first_pass_steps is not None)
     denoiser = Denoiser(controlled_unet(bundle.unet, controls), sampling, quantize=req.quantize_timesteps)
     if spans_part(controls):                            # else every control runs at every step
         denoiser = tag_steps(denoiser, sigmas)

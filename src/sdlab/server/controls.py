@@ -4,9 +4,9 @@ ControlNet folder, hint image decoded from base64, numbers and preprocessor chec
 A1111's ControlNet extension sends `alwayson_scripts: {"controlnet": {"args": [unit, ...]}}`, a unit being
 `{enabled, model, image | input_image, weight, guidance_start, guidance_end, module, ...}`; the native API
 sends `controls: [{model, image, strength, start, end, module}]`. A1111's units select their steps by the
-extension's rule (the request's `control_convention="a1111"`), the native ones by diffusers'. Unit fields
-sdlab does not implement (resize_mode, control_mode, pixel_perfect, processor_res, threshold_a/b, low_vram,
-...) are ignored.
+extension's rule (the request's `control_convention="a1111"`), the native ones by diffusers'; a unit's
+`control_mode` is A1111's. Unit fields sdlab does not implement (resize_mode, pixel_perfect, processor_res,
+threshold_a/b, low_vram, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from sdlab.pipeline.control import ControlInput, check_control
+from sdlab.pipeline.control import CONTROL_MODES, ControlInput, check_control
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import Limits
@@ -31,6 +31,22 @@ def module_name(module: Any) -> str:
         return module.strip().lower()
     raise BadRequest(f"unknown ControlNet module {module!r}; this server has: {', '.join(PREPROCESSORS)}", 422,
                      "Module not found")
+
+
+def control_mode(value: Any) -> str:
+    """A1111's `control_mode` -> sdlab's name (`CONTROL_MODES`): one of A1111's ControlMode values ("Balanced",
+    "My prompt is more important", "ControlNet is more important") or its index 0, 1, 2, as the extension's
+    `control_mode_from_value` takes it; null is Balanced."""
+    if value is None:
+        return "balanced"
+    names = list(CONTROL_MODES)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return names[value]
+    for name, label in CONTROL_MODES.items():
+        if value == label:
+            return name
+    valid = ", ".join(f"{label!r} ({index})" for index, label in enumerate(CONTROL_MODES.values()))
+    raise BadRequest(f"unknown ControlNet control_mode {value!r}; valid: {valid}", 422)
 
 
 def model_path(model: Any, what: str, folder: ModelFolder) -> str:
@@ -68,7 +84,7 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
     image = unit.get("image") or unit.get("input_image") or init
     control = ControlInput(model_path(unit["model"], what, folder), hint_image(image, what, limits),
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0), unit.get("guidance_end", 1.0),
-                           module_name(unit.get("module")))
+                           module_name(unit.get("module")), control_mode(unit.get("control_mode")))
     return checked(control, index, "a1111")
 
 
