@@ -21,7 +21,6 @@ from sdlab.checkpoints.embeddings import (
     EmbeddingError,
     install_embeddings,
     load_embedding,
-    load_embeddings_dir,
     scan_embeddings_dir,
 )
 from sdlab.checkpoints.errors import CheckpointError
@@ -97,7 +96,7 @@ def test_comfyui_syntax_and_weights_read_the_same_vectors(sd1, tmp_path):
 def test_comfyui_syntax_names_subfolders_and_drops_unknown_names(sd1, tmp_path, caplog):
     (tmp_path / "styles").mkdir()
     save_file({"emb_params": _vectors(2, 64, 1)}, str(tmp_path / "styles" / "ink.safetensors"))
-    embedded = install_embeddings(sd1, load_embeddings_dir(tmp_path, sd1))
+    embedded = install_embeddings(sd1, scan_embeddings_dir(tmp_path, sd1).loaded)
 
     def context(bundle, prompt):
         return make_cond(bundle.text_encoders, bundle.family, prompt, "")[0]["context"]
@@ -199,7 +198,7 @@ def test_folder_loads_the_fitting_files_and_skips_the_rest(sd1, tmp_path):
     save_file({"emb_params": _vectors(1, 768, 3)}, str(tmp_path / "sd15.safetensors"))
     (tmp_path / "notes.txt").write_text("not an embedding")
     (tmp_path / "broken.pt").write_bytes(b"not a pickle")
-    names = [e.name for e in load_embeddings_dir(tmp_path, sd1)]
+    names = [e.name for e in scan_embeddings_dir(tmp_path, sd1).loaded]
     assert names == ["good", "other"]
     found = scan_embeddings_dir(tmp_path, sd1)                     # A1111's loaded / skipped
     assert [e.name for e in found.loaded] == names and [e.name for e in found.skipped] == ["sd15"]

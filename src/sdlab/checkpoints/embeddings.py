@@ -206,11 +206,6 @@ def find_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBund
     return FoundEmbeddings(_last_per_name(loaded), list({e.name: e for e in skipped}.values()))
 
 
-def load_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBundle) -> list[Embedding]:
-    """The embeddings of `sources` that fit `bundle` (`find_embeddings`)."""
-    return find_embeddings(sources, bundle).loaded
-
-
 def _last_per_name(embeddings: Iterable[Embedding]) -> list[Embedding]:
     """`embeddings` with each name once, at its last file (a later file of a name replaces the earlier one,
     as in A1111's `register_embedding_by_name`), with a warning naming the file left out."""
@@ -244,11 +239,6 @@ def scan_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> 
     return found
 
 
-def load_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> list[Embedding]:
-    """Every embedding in `folder` that fits `bundle`'s text encoders (`scan_embeddings_dir`)."""
-    return scan_embeddings_dir(folder, bundle).loaded
-
-
 def _path_in_folder(path: Path, folder: str | os.PathLike[str]) -> str:
     """`path` under `folder`, '/'-separated, without suffix: `styles/ink` for `folder/styles/ink.pt`."""
     return path.relative_to(folder).with_suffix("").as_posix()
@@ -263,8 +253,6 @@ __all__ = [
     "find_embeddings",
     "install_embeddings",
     "load_embedding",
-    "load_embeddings",
-    "load_embeddings_dir",
     "scan_embeddings_dir",
     "vectors_for",
 ]
