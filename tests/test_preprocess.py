@@ -1,5 +1,5 @@
 """Hint preprocessors: canny (OpenCV's algorithm in numpy; compared with cv2 itself when it is installed),
-scribble / lineart as-is with threshold and invert, tile."""
+A1111's scribble, threshold and invert, tile."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from sdlab.pipeline.preprocess import PREPROCESSORS, canny, lines, preprocess, tile
+from sdlab.pipeline.preprocess import PREPROCESSORS, canny, preprocess, threshold, tile
 
 
 def _shapes(size: int = 96) -> Image.Image:
@@ -69,13 +69,27 @@ def test_canny_matches_opencv():
             assert mismatch <= 0.001   # 0 with OpenCV 5.1; the tan(22.5) rounding could flip a rare pixel
 
 
-def test_lines_threshold_and_invert():
-    pixels = np.array([[0, 100, 200, 255]], dtype=np.uint8)
+def test_scribble_threshold_and_invert_are_a1111s():
+    """sd-webui-controlnet's processor.py: simple_scribble `result[np.min(img, axis=2) < 127] = 255` (black
+    strokes on white -> white on black), threshold `result[np.min(img, axis=2) > thr_a] = 255` (thr_a 127),
+    invert `255 - HWC3(img)`."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    pixels[0, :3] = [[127, 200, 200], [128, 128, 255], [0, 0, 0]]
     image = Image.fromarray(pixels)
-    assert np.asarray(lines(image))[..., 0].tolist() == [[0, 100, 200, 255]]
-    assert np.asarray(lines(image, threshold=127))[..., 0].tolist() == [[0, 0, 255, 255]]
-    assert np.asarray(lines(image, threshold=127, invert=True))[..., 0].tolist() == [[255, 255, 0, 0]]
-    assert np.asarray(preprocess(image, "scribble_invert"))[..., 0].tolist() == [[255, 255, 0, 0]]
+    darkest = pixels.min(axis=2)
+    for module, white in (("scribble", darkest < 127), ("threshold", darkest > 127)):
+        expected = np.zeros_like(pixels)
+        expected[white] = 255
+        assert np.array_equal(np.asarray(preprocess(image, module)), expected)
+    assert np.array_equal(np.asarray(preprocess(image, "invert")), 255 - pixels)
+    assert np.array_equal(np.asarray(preprocess(image.convert("L"), "invert")),
+                          np.repeat(255 - np.asarray(image.convert("L"))[..., None], 3, axis=2))
+    assert np.asarray(threshold(image, 50))[..., 0].tolist() == np.where(darkest > 50, 255, 0).tolist()
+    drawing = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(drawing).ellipse([6, 6, 26, 26], outline="black", width=2)
+    hint = np.asarray(preprocess(drawing, "scribble"))
+    assert hint[0, 0].tolist() == [0, 0, 0] and hint[6, 16].tolist() == [255, 255, 255]
 
 
 def test_tile_blurs_at_the_same_size():
@@ -90,5 +104,6 @@ def test_tile_blurs_at_the_same_size():
 
 def test_unknown_preprocessor():
     assert "canny" in PREPROCESSORS and "none" in PREPROCESSORS
-    with pytest.raises(ValueError, match="unknown preprocessor"):
-        preprocess(_shapes(), "depth")
+    for network in ("depth", "lineart"):       # A1111's that run a network
+        with pytest.raises(ValueError, match=f"unknown preprocessor '{network}'; valid: none, canny, scribble"):
+            preprocess(_shapes(), network)

@@ -230,3 +230,17 @@ def test_a1111_control_mode_by_value_or_index(tmp_path):
         with pytest.raises(BadRequest, match="control_mode") as refused:
             _units(tmp_path, control_mode=bad)
         assert refused.value.status == 422
+
+
+def test_a1111_module_names_mean_what_they_mean_in_the_extension(tmp_path):
+    """A unit's module is the extension's preprocessor of that name (or its UI alias); one that runs a network
+    sdlab has not (lineart: the LineartDetector) is a 422 naming it, never another operation."""
+    from sdlab.server.inputs import BadRequest
+
+    for module, name in (("scribble", "scribble"), ("threshold", "threshold"), ("Invert", "invert"),
+                         ("invert (from white bg & black line)", "invert"), ("None", "none"), (None, "none")):
+        assert _units(tmp_path, module=module)[0].module == name
+    for module in ("lineart", "lineart_realistic", "depth_midas", 3):
+        with pytest.raises(BadRequest, match=f"unknown preprocessor {module!r}") as refused:
+            _units(tmp_path, module=module)
+        assert (refused.value.status, refused.value.detail) == (422, "Module not found")

@@ -104,7 +104,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                             "strength (default 1) and the fraction of the steps it acts on (default 0:1); repeatable")
         p.add_argument("--control-module", action="append", default=[], metavar="NAME",
                        help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
-                            "none (default), canny, scribble, lineart, tile; repeatable")
+                            "none (default), canny, scribble, threshold, invert, tile (A1111's meanings); repeatable")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -52,7 +52,7 @@ from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.images import on_white
-from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess
+from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess, unknown_preprocessor
 from sdlab.pipeline.request import RequestError, input_image
 
 MAX_STRENGTH = 10.0      # diffusers accepts any scale; A1111's slider stops at 2
@@ -66,7 +66,8 @@ SOFT_INJECTION_BASE = 0.825     # A1111: residual k of 13 scaled by 0.825 ** (12
 class ControlInput:
     """One ControlNet of a request: the network (a file, folder or loaded ControlNet), its hint image (a path
     or PIL image), how strongly and on which fraction of the steps it acts, and an optional preprocessor
-    (`module`: "none", "canny", "scribble", "lineart", "tile"; A1111's Module) applied to the image first;
+    (`module`, A1111's Module: "none", "canny", "scribble", "threshold", "invert", "tile"; `PREPROCESSORS`)
+    applied to the image first;
     `control_mode` is A1111's (`CONTROL_MODES`)."""
 
     model: LoadedControlNet | str | os.PathLike[str]
@@ -108,7 +109,7 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
     if control.control_mode not in CONTROL_MODES:
         raise RequestError(f"{name}: unknown control mode {control.control_mode!r}; valid: {', '.join(CONTROL_MODES)}")
     if control.module not in PREPROCESSORS:
-        raise RequestError(f"{name}: unknown preprocessor {control.module!r}; valid: {', '.join(PREPROCESSORS)}")
+        raise RequestError(f"{name}: {unknown_preprocessor(control.module)}")
     if not isinstance(control.model, LoadedControlNet) and not Path(control.model).exists():
         raise RequestError(f"{name}: the ControlNet {control.model_path!r} does not exist")
     if not isinstance(control.image, Image.Image) and not Path(control.image).exists():

@@ -1,12 +1,16 @@
-"""Hint-image preprocessors that need no downloaded weights: canny, scribble / lineart, tile.
+"""Hint-image preprocessors that need no downloaded weights: canny, scribble, threshold, invert, tile. The
+names shared with A1111's ControlNet extension mean what they mean there (its `global_state.py` /
+`processor.py`); its preprocessors that run a network (lineart, depth, openpose, ...) are not here.
 
 - `canny(image, low, high)`: OpenCV's `cv2.Canny(image, low, high)` (3x3 Sobel, L1 gradient magnitude, the
   colour channel with the largest magnitude at each pixel, non-maximum suppression in four directions,
   hysteresis: pixels above `high` start edges, 8-connected pixels above `low` continue them), white edges
   on black, as the reference ControlNet annotator; `blur` > 0 first applies the Gaussian blur that classic
   Canny has and OpenCV leaves to the caller.
-- `lines(image, threshold, invert)`: a scribble or line drawing used as it is, optionally binarised at
-  `threshold` and inverted (black strokes on white paper -> the white-on-black strokes the models expect).
+- `threshold(image, level, invert)`: white where the darkest channel is above `level`, black elsewhere
+  (A1111's `threshold`); inverted, white where it is below: A1111's `scribble` (`simple_scribble`), which
+  turns black strokes on white paper into the white-on-black strokes the scribble models read.
+- `invert(image)`: 255 minus every channel (A1111's `invert`, "from white bg & black line").
 - `tile(image, factor)`: the picture downscaled by `factor` and scaled back up (the blurred input of the
   tile ControlNet).
 """
@@ -16,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 
 # Sector bounds of the gradient direction (OpenCV's tan(22.5 deg) and tan(67.5 deg)).
 _TAN_22 = np.tan(np.pi / 8)
@@ -89,15 +93,17 @@ def canny(image: Image.Image, low: float = 100, high: float = 200, blur: float =
     return Image.fromarray(out).convert("RGB")
 
 
-def lines(image: Image.Image, threshold: int | None = None, invert: bool = False) -> Image.Image:
-    """A scribble / line drawing as the hint: grey levels kept, or binarised at `threshold` (0..255),
-    optionally inverted (for black strokes on white paper)."""
-    grey = np.asarray(image.convert("L"), dtype=np.uint8)
-    if threshold is not None:
-        grey = np.where(grey > threshold, 255, 0).astype(np.uint8)
-    if invert:
-        grey = 255 - grey
-    return Image.fromarray(grey).convert("RGB")
+def threshold(image: Image.Image, level: float = 127, invert: bool = False) -> Image.Image:
+    """White where the darkest channel of `image` is above `level` (0..255), black elsewhere; `invert`: white
+    where it is below (see the module docstring)."""
+    darkest = np.asarray(image.convert("RGB")).min(axis=2)                  # (H, W)
+    white = darkest < level if invert else darkest > level
+    return Image.fromarray(np.where(white, 255, 0).astype(np.uint8)).convert("RGB")
+
+
+def invert(image: Image.Image) -> Image.Image:
+    """`image` with every channel inverted (255 - value), as RGB."""
+    return ImageOps.invert(image.convert("RGB"))
 
 
 def tile(image: Image.Image, factor: float = 4.0) -> Image.Image:
@@ -113,16 +119,21 @@ def tile(image: Image.Image, factor: float = 4.0) -> Image.Image:
 PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "none": lambda image: image,
     "canny": canny,
-    "scribble": lambda image: lines(image, threshold=127),
-    "scribble_invert": lambda image: lines(image, threshold=127, invert=True),
-    "lineart": lines,
-    "lineart_invert": lambda image: lines(image, invert=True),
+    "scribble": lambda image: threshold(image, invert=True),
+    "threshold": threshold,
+    "invert": invert,
     "tile": tile,
 }
+
+
+def unknown_preprocessor(module: object) -> str:
+    """The message for a preprocessor sdlab has not, with the ones it has."""
+    return (f"unknown preprocessor {module!r}; valid: {', '.join(PREPROCESSORS)} (the ones that need no "
+            "downloaded network)")
 
 
 def preprocess(image: Image.Image, module: str) -> Image.Image:
     """`image` through the preprocessor called `module` (a key of `PREPROCESSORS`)."""
     if module not in PREPROCESSORS:
-        raise ValueError(f"unknown preprocessor {module!r}; valid: {', '.join(PREPROCESSORS)}")
+        raise ValueError(unknown_preprocessor(module))
     return PREPROCESSORS[module](image)

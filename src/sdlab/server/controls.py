@@ -16,21 +16,27 @@ from typing import Any
 from PIL import Image
 
 from sdlab.pipeline.control import CONTROL_MODES, ControlInput, check_control
-from sdlab.pipeline.preprocess import PREPROCESSORS
+from sdlab.pipeline.preprocess import PREPROCESSORS, unknown_preprocessor
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, decode_image
 from sdlab.server.model_folders import ModelFolder
 
 
+A1111_MODULE_ALIASES = {"invert (from white bg & black line)": "invert"}
+"""The extension's UI names (`preprocessor_aliases`) of the preprocessors sdlab has."""
+
+
 def module_name(module: Any) -> str:
-    """A1111's module name -> sdlab's preprocessor ("None" / null -> "none"); unknown ones are `BadRequest`."""
-    if module is None or (isinstance(module, str) and module.strip().lower() in ("", "none")):
+    """A1111's module name (or its UI alias) -> sdlab's preprocessor of the same meaning ("None" / null ->
+    "none"); one sdlab has not (lineart, depth, ... run networks) is a `BadRequest` naming it."""
+    name = module.strip().lower() if isinstance(module, str) else None
+    if module is None or name == "":
         return "none"
-    if isinstance(module, str) and module.strip().lower() in PREPROCESSORS:
-        return module.strip().lower()
-    raise BadRequest(f"unknown ControlNet module {module!r}; this server has: {', '.join(PREPROCESSORS)}", 422,
-                     "Module not found")
+    name = A1111_MODULE_ALIASES.get(name, name)
+    if name in PREPROCESSORS:
+        return name
+    raise BadRequest(f"ControlNet module: {unknown_preprocessor(module)}", 422, "Module not found")
 
 
 def control_mode(value: Any) -> str:

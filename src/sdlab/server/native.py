@@ -49,7 +49,7 @@ class ControlIn(BaseModel):
     strength: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    module: str = "none"                    # a preprocessor: none, canny, scribble, lineart, tile, ...
+    module: str = "none"                    # a preprocessor: none, canny, scribble, threshold, invert, tile
 
 
 class JobIn(NullsAreDefaults):
