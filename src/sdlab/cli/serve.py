@@ -33,8 +33,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                                             "words of prompts")
     p.add_argument("--controlnet-dir", help="ControlNets requests may name (default: <models-dir>/ControlNet when "
                    "it exists)")
-    p.add_argument("--upscalers-dir", help="upscaler models /sdapi/v1/extra-single-image may name (default: "
-                   "<models-dir>/ESRGAN when it exists)")
+    p.add_argument("--upscalers-dir", help="upscaler models the hires fix and /sdapi/v1/extra-single-image may "
+                   "name (default: <models-dir>/ESRGAN when it exists)")
     p.add_argument("--output-dir", default="outputs", help="pictures (images/) and the job history database "
                                                            "(default ./outputs)")
     auth = p.add_mutually_exclusive_group()

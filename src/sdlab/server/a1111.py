@@ -378,8 +378,8 @@ def sd_vae() -> list[dict[str, Any]]:
 
 @router.get("/upscalers")
 def upscalers(request: Request) -> list[dict[str, Any]]:
-    """The plain resizes (the hires fix offers these), then the `--upscalers-dir` model files, which only
-    `/extra-single-image` takes."""
+    """The plain resizes, then the `--upscalers-dir` model files by stem: the names the hires fix's
+    `hr_upscaler` (beside the latent modes) and `/extra-single-image`'s `upscaler_1` take."""
     rows = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
             for name in PLAIN_UPSCALER_NAMES]
     return rows + [{"name": f.title, "model_name": f.title, "model_path": str(f.path), "model_url": None, "scale": 4}

@@ -23,7 +23,7 @@ class ServerConfig:
     models_dir: Path | None = None          # checkpoints a client may switch to; LoRAs in its Lora/ or loras/
     embeddings_dir: Path | None = None      # textual-inversion embeddings, words of every prompt
     controlnet_dir: Path | None = None      # ControlNets a request may name
-    upscalers_dir: Path | None = None       # upscaler models /sdapi/v1/extra-single-image may name
+    upscalers_dir: Path | None = None       # upscaler models the hires fix and extra-single-image may name
     device: str = "cpu"
     max_queue: int = 16                     # jobs waiting (the running one not counted); more -> 429
     basic_auth: tuple[str, str] | None = None

@@ -29,6 +29,7 @@ from sdlab.pipeline.hires import pass_sizes
 from sdlab.pipeline.request import SIZE_MULTIPLE, GenerationRequest, RequestError, resolve
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 from sdlab.server.config import Limits
+from sdlab.server.model_folders import ModelFile, ModelFolder
 
 
 class BadRequest(Exception):
@@ -186,30 +187,46 @@ def fixed_seed(seed: Any) -> int:
 PLAIN_UPSCALER_NAMES = ("None", "Lanczos", "Nearest")          # A1111's spelling of PLAIN_UPSCALERS
 
 
-def check_upscaler(name: object) -> None:
-    """A client names a hires upscaler from the server's lists only: a latent mode or a plain resize, never
-    a file path (the pipeline would open any file a path names)."""
-    if name is None:
-        return
-    if isinstance(name, str):
-        try:
-            canonical_latent_name(name)
-            return
-        except UpscaleError:
-            if name.strip().lower() in PLAIN_UPSCALERS:
-                return
-    valid = ", ".join([*LATENT_UPSCALE_MODES, *PLAIN_UPSCALER_NAMES])
-    raise BadRequest(f"unknown hires upscaler {name!r}; this server offers: {valid}")
+def upscaler_file(name: object, upscalers: ModelFolder | None) -> ModelFile | None:
+    """The `--upscalers-dir` model a hires upscaler name picks (by the name `/sdapi/v1/upscalers` lists, or its
+    file name); None for a latent mode or a plain resize. Names are looked up in the folder only (the
+    pipeline would open any file a path names): any other name, a path among them, is a `BadRequest` listing
+    what this server offers, and so is a listed file that is gone."""
+    if name is None or (isinstance(name, str) and _is_named_upscaler(name)):
+        return None
+    found = upscalers.find(name) if isinstance(name, str) and upscalers is not None else None
+    if found is None:
+        models = upscalers.titles() if upscalers is not None else []
+        valid = ", ".join([*LATENT_UPSCALE_MODES, *PLAIN_UPSCALER_NAMES, *models])
+        raise BadRequest(f"unknown hires upscaler {name!r}; this server offers: {valid}")
+    if not found.path.is_file():
+        raise BadRequest(f"the hires upscaler {found.title!r} is no longer in the upscalers folder")
+    return found
+
+
+def _is_named_upscaler(name: str) -> bool:
+    """Whether `name` is a latent mode or a plain resize, in any spelling the pipeline takes."""
+    try:
+        canonical_latent_name(name)
+        return True
+    except UpscaleError:
+        return name.strip().lower() in PLAIN_UPSCALERS
+
+
+def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -> GenerationRequest:
+    """`request` as the pipeline reads it: the hires upscaler model `upscaler` (`upscaler_file`) by its file."""
+    return request if upscaler is None else replace(request, hr_upscaler=str(upscaler.path))
 
 
 def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str = "hr_steps",
-                  model: ModelBundle | None = None) -> GenerationRequest:
+                  model: ModelBundle | None = None, upscalers: ModelFolder | None = None) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
     in when it runs); `BadRequest` names the first problem (the hires pass's step count by `hr_steps_name`, the
     route's name for it). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
     on where known (loaded): its default side stands for an unset width / height and its VAE factor snaps the
-    sizes, so the hires pass is checked at the size it will draw."""
-    check_upscaler(getattr(request, "hr_upscaler", None))
+    sizes, so the hires pass is checked at the size it will draw. `upscalers`: the models a hires upscaler
+    may name besides the latent modes and plain resizes (`upscaler_file`)."""
+    upscaler = upscaler_file(request.hr_upscaler, upscalers)
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -226,8 +243,8 @@ def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str
         check_pixels(f"{width}x{height}", width, height, limits)
     try:
         split_lora_tags(request.prompt if isinstance(request.prompt, str) else "")
-        resolved = resolve(request, default_size=default_size or 64, default_sampler="Euler",
-                           default_schedule="normal", factor=factor)
+        resolved = resolve(with_upscaler_file(request, upscaler), default_size=default_size or 64,
+                           default_sampler="Euler", default_schedule="normal", factor=factor)
     except (RequestError, ValueError) as err:
         raise BadRequest(str(err)) from None
     if resolved.hires and size_known:       # unknown: the worker checks it once the model is loaded

@@ -33,7 +33,7 @@ class Service:
         self.upscalers = ModelFolder(config.upscalers_dir, UPSCALER_SUFFIXES, hashed=False)
         self.host = ModelHost(self.registry, config.device, config.embeddings_dir)
         self.images_dir = config.output_dir / IMAGES_FOLDER
-        self.runner = Runner(self.host, self.images_dir, config.limits)
+        self.runner = Runner(self.host, self.images_dir, config.limits, self.upscalers)
         self.queue = JobQueue(self.store, self.runner.run, config.max_queue, on_start=self.runner.warm)
         self.options: dict[str, Any] = {}           # A1111 options clients set that sdlab does not use
 
@@ -82,7 +82,7 @@ class Service:
                 raise BadRequest(f"the model names the preset {preset!r}: {err}", 422) from None
             spec = replace(spec, model_preset_fills=frozenset())
         request = check_request(replace(request, prompt=bare, seed=fixed_seed(request.seed)), self.config.limits,
-                                hr_steps_name, model=self.host.loaded_bundle(checkpoint))
+                                hr_steps_name, model=self.host.loaded_bundle(checkpoint), upscalers=self.upscalers)
         applied = {choice.name: choice.weight for choice in loras}
         as_written = all(applied.get(tag.name) == tag.weight for tag in tags)     # as `sdlab txt2img` records
         spec = replace(spec, request=request, loras=tuple(loras),

@@ -5,8 +5,10 @@ a client left unset come from the preset the model names, if any, then from the 
 
 `ModelHost` keeps one model loaded (the worker thread alone touches it). A job with another checkpoint
 or another set of LoRAs reloads it: LoRAs are merged into the weights, so a different set needs fresh
-weights. The pictures carry the same `parameters` text as the CLI's (model name and hash, LoRA tags and
-hashes), are written all or nothing, and are named `<job id>-<index>.png` in `<output>/images/`.
+weights. A hires upscaler named from `--upscalers-dir` is read from its file for the run only; the job
+and the pictures name it as the server lists it. The pictures carry the same `parameters` text as the
+CLI's (model name and hash, LoRA tags and hashes), are written all or nothing, and are named
+`<job id>-<index>.png` in `<output>/images/`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from sdlab.api import Pipeline, load
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.generate import ProgressFn
 from sdlab.pipeline.infotext import LoraRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
-from sdlab.pipeline.request import RequestError
+from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
 from sdlab.server.config import Limits
-from sdlab.server.inputs import BadRequest, check_request, with_preset
+from sdlab.server.inputs import BadRequest, check_request, upscaler_file, with_preset, with_upscaler_file
 from sdlab.server.jobs import Job, JobCancelled, steps_of
+from sdlab.server.model_folders import ModelFolder
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
 from sdlab.utils.threads import use_threads_for
@@ -80,10 +84,12 @@ class ModelHost:
 class Runner:
     """`run(job)`, the worker's job function."""
 
-    def __init__(self, host: ModelHost, images_dir: Path, limits: Limits | None = None) -> None:
+    def __init__(self, host: ModelHost, images_dir: Path, limits: Limits | None = None,
+                 upscalers: ModelFolder | None = None) -> None:
         self.host = host
         self.images_dir = images_dir
         self.limits = limits            # checked again once the model's default size is known
+        self.upscalers = upscalers      # the models a hires upscaler may name (`--upscalers-dir`)
         images_dir.mkdir(parents=True, exist_ok=True)
 
     def warm(self) -> None:
@@ -117,7 +123,7 @@ class Runner:
         _take_model_defaults(job, pipe.bundle)
         if self.limits is not None:     # the model's size and VAE factor: known only now when it was not loaded at submit
             try:
-                check_request(job.spec.request, self.limits, model=pipe.bundle)
+                check_request(job.spec.request, self.limits, model=pipe.bundle, upscalers=self.upscalers)
             except BadRequest as err:
                 raise RequestError(str(err)) from None
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
@@ -129,7 +135,7 @@ class Runner:
             job.preview = previewer.rgb(info.denoised[0]) if previewer is not None else None   # (h, w, 3)
             job.publish("step", {"i": job.step, "n": job.steps})
 
-        result = pipe.run(job.spec.request, progress=progress)
+        result = _run_with_upscaler_file(pipe, job.spec.request, self.upscalers, progress)
         if job.cancel.is_set():
             raise JobCancelled
         used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)]
@@ -143,6 +149,21 @@ class Runner:
         settings = dict(job.settings)
         settings.update(result.request.parameters())
         job.settings, job.images, job.infotexts, job.seeds = settings, names, texts, list(result.seeds)
+
+
+def _run_with_upscaler_file(pipe: Pipeline, request: GenerationRequest, upscalers: ModelFolder | None,
+                            progress: ProgressFn) -> GenerationResult:
+    """`pipe.run(request)` with a hires upscaler named from `upscalers` read from its file; the result's request
+    names it as `/sdapi/v1/upscalers` lists it, as the pictures' parameters do (A1111's `Hires upscaler`)."""
+    upscaler = upscaler_file(request.hr_upscaler, upscalers)
+    if upscaler is None:
+        return pipe.run(request, progress=progress)
+    try:
+        result = pipe.run(with_upscaler_file(request, upscaler), progress=progress)
+    except CheckpointError as err:      # a file the client chose: its error, without the server's path
+        reason = _without_paths(str(err), [(upscaler.path, upscaler.title)]).removeprefix(f"{upscaler.title}: ")
+        raise RequestError(f"the hires upscaler {upscaler.title!r} cannot be loaded: {reason}") from None
+    return replace(result, request=replace(result.request, hr_upscaler=upscaler.title))
 
 
 def _without_paths(text: str, names: list[tuple[Path, str]]) -> str:

@@ -1,0 +1,114 @@
+"""`sdlab serve`'s hires fix with an upscaler model of `--upscalers-dir`, named as `/sdapi/v1/upscalers` lists
+it (A1111's `hr_upscaler`): both APIs draw what `sdlab txt2img --hr-upscaler FILE` draws, the pictures and
+the job name the model (never its path); a path, an unknown name or a listed file that is gone is a 400
+and a file that cannot be loaded fails the job, without the server's paths."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import save_file
+
+from server_fixtures import run_job, server_env, start_server
+from test_upscale_models import new_arch_state
+
+PROMPT = "a hires red apple"
+NATIVE = {"prompt": PROMPT, "steps": 3, "seed": 11, "width": 64, "height": 64, "cfg_scale": 5, "sampler": "Euler",
+          "hr_scale": 2, "hr_steps": 2, "hr_denoise": 0.6}
+A1111 = {"prompt": PROMPT, "steps": 3, "seed": 11, "width": 64, "height": 64, "cfg_scale": 5, "sampler_name": "Euler",
+         "scheduler": "sgm_uniform",            # the CLI's default here (A1111's Automatic for Euler: uniform)
+         "enable_hr": True, "hr_scale": 2, "hr_second_pass_steps": 2, "denoising_strength": 0.6}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("server-hires-upscaler")
+    upscalers = root / "upscalers"
+    (upscalers / "sub").mkdir(parents=True)
+    save_file(new_arch_state(2), str(upscalers / "sub" / "tinyx2.safetensors"))
+    (upscalers / "broken.pth").write_bytes(b"not a pickle")
+    save_file(new_arch_state(2), str(upscalers / "removed.safetensors"))
+    server = start_server(root / "outputs", "--upscalers-dir", str(upscalers))
+    (upscalers / "removed.safetensors").unlink()                # listed at start, gone when a job runs
+    server.upscaler = upscalers / "sub" / "tinyx2.safetensors"
+    yield server
+    server.stop()
+
+
+def _picture(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+def _cli(tmp_path: Path, upscaler: Path) -> Image.Image:
+    out = tmp_path / "cli.png"
+    result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", PROMPT, "--steps", "3", "--seed", "11",
+                             "--width", "64", "--height", "64", "--cfg", "5", "--sampler", "Euler", "--hr-scale", "2",
+                             "--hr-steps", "2", "--hr-denoise", "0.6", "--hr-upscaler", str(upscaler),
+                             "--out", str(out), "--no-progress"],
+                            capture_output=True, text=True, env=server_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    return _picture(out.read_bytes())
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def test_both_apis_draw_the_hires_fix_with_a_listed_upscaler_model_as_the_cli(server, tmp_path):
+    names = [row["name"] for row in httpx.get(server.url + "/sdapi/v1/upscalers", timeout=30).json()]
+    assert names == ["None", "Lanczos", "Nearest", "broken", "removed", "tinyx2"]
+    cli = _cli(tmp_path, server.upscaler)
+    assert cli.size == (128, 128) and "Hires upscaler: tinyx2" in cli.info["parameters"]
+
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        job = run_job(client, {**NATIVE, "hr_upscaler": "tinyx2"}, timeout_s=300)
+        assert job["status"] == "done", job
+        assert job["request"]["hr_upscaler"] == "tinyx2"
+        native = _picture(client.get(job["images"][0]).content)
+        assert (_pixels(native) == _pixels(cli)).all()
+        assert native.info["parameters"] == cli.info["parameters"]
+        lanczos = run_job(client, {**NATIVE, "hr_upscaler": "Lanczos"}, timeout_s=300)
+        assert not (_pixels(_picture(client.get(lanczos["images"][0]).content)) == _pixels(cli)).all()
+
+    response = httpx.post(server.url + "/sdapi/v1/txt2img", timeout=300, json={**A1111, "hr_upscaler": "tinyx2"})
+    assert response.status_code == 200, response.text
+    served = _picture(base64.b64decode(response.json()["images"][0]))
+    assert (_pixels(served) == _pixels(cli)).all()
+    infotext = response.json()["info"]
+    assert "Hires upscaler: tinyx2" in served.info["parameters"] and "Hires upscaler: tinyx2" in infotext
+    assert str(server.upscaler.parent) not in infotext
+
+
+@pytest.mark.parametrize("api", ["native", "a1111"])
+def test_a_path_or_an_unknown_upscaler_is_refused_listing_the_models(server, api):
+    for name in (str(server.upscaler), "sub/tinyx2.safetensors", "../upscalers/sub/tinyx2", "tinyx4"):
+        if api == "native":
+            response = httpx.post(server.url + "/api/jobs", timeout=60, json={**NATIVE, "hr_upscaler": name})
+            message = response.json()["detail"]
+        else:
+            response = httpx.post(server.url + "/sdapi/v1/txt2img", timeout=60, json={**A1111, "hr_upscaler": name})
+            message = response.json()["errors"]
+        assert response.status_code == 400, (name, response.text)
+        assert f"unknown hires upscaler {name!r}" in message
+        assert message.endswith("Latent (nearest-exact), None, Lanczos, Nearest, broken, removed, tinyx2")
+
+
+def test_an_upscaler_model_that_cannot_be_loaded_or_is_gone_is_refused_without_the_servers_path(server):
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        broken = run_job(client, {**NATIVE, "hr_upscaler": "broken"}, timeout_s=300)
+        removed = client.post("/api/jobs", json={**NATIVE, "hr_upscaler": "removed"})
+    assert broken["status"] == "failed"
+    assert broken["error"].startswith("the hires upscaler 'broken' cannot be loaded: ")
+    assert str(server.upscaler.parents[1]) not in broken["error"], broken["error"]
+    assert removed.status_code == 400
+    assert removed.json()["detail"] == "the hires upscaler 'removed' is no longer in the upscalers folder"
