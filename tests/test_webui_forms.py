@@ -1,13 +1,17 @@
 """The web UI's form in a real headless browser (the helpers and fixtures of test_webui.py): a number box
-holding text that is not a number is an error, never a silent default; the hires fix, clip skip and the
-variation seed reach the job; "Reuse" of a job and a dropped PNG fill the form alike, those controls
+holding text that is not a number is an error, never a silent default; the hires fix (with the server's
+upscaler models too), clip skip and the variation seed reach the job; "Reuse" of a job and a dropped PNG fill the form alike, those controls
 included, and name each setting the form has no control for (ENSD, ControlNet units, ...)."""
 
 from __future__ import annotations
 
 import io
 
+import pytest
 from PIL import Image
+from safetensors.torch import save_file
+from server_fixtures import start_server
+from test_upscale_models import new_arch_state
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
     By, Select, base_url, browser, drop_file, http_bytes, http_json, job_by_prompt, open_page, option_values, page,
     png_with_parameters, sdlab_server, set_value, text, value, wait, wait_job,
@@ -89,6 +93,36 @@ def test_hires_fix_draws_the_upscaled_picture(page, base_url):
     assert (sent["hr_width"], sent["hr_height"], sent["hr_upscaler"]) == (80, 0, "Lanczos")
     page.find_element(By.ID, "enable_hr").click()
     assert not any(key.startswith("hr_") for key in page.execute_script("return collectRequest()"))
+
+
+@pytest.fixture(scope="module")
+def upscalers_server(tmp_path_factory):
+    """A server with a random-weight 2x Real-ESRGAN model in its --upscalers-dir."""
+    root = tmp_path_factory.mktemp("webui-upscalers")
+    (root / "ESRGAN").mkdir()
+    save_file(new_arch_state(2), str(root / "ESRGAN" / "tinyx2.safetensors"))
+    server = start_server(root / "outputs", "--upscalers-dir", str(root / "ESRGAN"))
+    yield server
+    server.stop()
+
+
+def test_hires_fix_offers_and_draws_with_the_servers_upscaler_models(browser, upscalers_server):
+    """As A1111's Upscaler select: the latent modes, then every name of /sdapi/v1/upscalers, models included."""
+    base = upscalers_server.url
+    open_page(browser, base)
+    latent = [mode["name"] for mode in http_json(base, "/sdapi/v1/latent-upscale-modes")]
+    wait(browser, lambda d: option_values(d, "hr_upscaler") == [*latent, "None", "Lanczos", "Nearest", "tinyx2"],
+         20, f"the hires upscalers are {option_values(browser, 'hr_upscaler')}")
+    browser.find_element(By.ID, "enable_hr").click()
+    prompt = "a hires square by a model"
+    set_value(browser, "prompt", prompt)
+    set_value(browser, "steps", 3)
+    set_value(browser, "hr_steps", 2)
+    Select(browser.find_element(By.ID, "hr_upscaler")).select_by_value("tinyx2")
+    browser.find_element(By.ID, "generate").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")
+    job = job_by_prompt(base, prompt)
+    assert job["request"]["hr_upscaler"] == "tinyx2" and "Hires upscaler: tinyx2" in job["infotexts"][0]
 
 
 def test_clip_skip_and_variation_seed_reach_the_job(page, base_url):

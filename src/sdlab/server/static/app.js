@@ -130,11 +130,11 @@ async function loadLoras() {
   $("lora-add").disabled = !loras.length;
 }
 
-// The hires fix's upscalers: the latent modes ("Latent" first, A1111's default), then the plain resizes
-// (None, Lanczos, Nearest); the upscaler model files (those with a model_path) serve the Extras route only.
+// The hires fix's upscalers, as A1111's: the latent modes ("Latent" first, A1111's default), then every
+// upscaler of /sdapi/v1/upscalers (the plain resizes None, Lanczos, Nearest, then the server's model files).
 async function loadHiresUpscalers() {
   const [latent, upscalers] = await Promise.all([api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
-  const names = [...(latent || []), ...(upscalers || []).filter((u) => !u.model_path)].map((u) => u.name);
+  const names = [...(latent || []), ...(upscalers || [])].map((u) => u.name);
   fillSelect($("hr_upscaler"), names.map((name) => ({ label: name, value: name })));
 }
 
