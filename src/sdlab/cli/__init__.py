@@ -11,12 +11,13 @@
     sdlab upscale IMAGE --model F [--scale S] --out OUT                    (cli/upscale.py)
     sdlab grid PROMPT --x FIELD=V1,V2 [--y ...] [--z ...] --out GRID.png  (cli/grid.py)
 
-Errors the user can fix (a bad file, a missing path, a full disk) print one line, `sdlab: error: ...`, on
-stderr and exit with status 2; anything else exits 1, also without a traceback unless `--debug` or
-`SDLAB_DEBUG=1`. Ctrl-C exits 130 and SIGTERM 143 (128 + the signal number, as a shell reports a killed
-process), after removing any half-written file; the `sdlab` process (`sdlab.command`) does the same for a
-Ctrl-C while torch and this package are imported. `sdlab train` installs its own SIGINT / SIGTERM handler
-while it runs (finish the step, write a checkpoint). Importing does no work beyond importing torch.
+Errors the user can fix (a bad file, a missing path, an output folder that cannot be written, a full disk:
+every error the system gives about a path) print one line, `sdlab: error: ...`, on stderr and exit with
+status 2; anything else exits 1, also without a traceback unless `--debug` or `SDLAB_DEBUG=1`. Ctrl-C
+exits 130 and SIGTERM 143 (128 + the signal number, as a shell reports a killed process), after removing
+any half-written file; the `sdlab` process (`sdlab.command`) does the same for a Ctrl-C while torch and
+this package are imported. `sdlab train` installs its own SIGINT / SIGTERM handler while it runs (finish
+the step, write a checkpoint). Importing does no work beyond importing torch.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.cli.errors import Terminated, UserError, is_disk_full
+from sdlab.cli.errors import Terminated, UserError, is_disk_full, path_error
 from sdlab.cli.evaluate import add_evaluate
 from sdlab.cli.generate import add_generate
 from sdlab.cli.grid import add_grid
@@ -41,6 +42,7 @@ from sdlab.cli.serve import add_serve
 from sdlab.cli.train import add_train
 from sdlab.cli.upscale import add_upscale
 from sdlab.utils import allocator
+from sdlab.utils.files import OutputFolderError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -111,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_raises():
             return args.run(args)
-    except (CheckpointError, UserError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except (CheckpointError, UserError, OutputFolderError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         if debug:
             raise
         _error(str(exc) or type(exc).__name__)
@@ -130,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if isinstance(exc, OSError) and is_disk_full(exc):
             _error(f"the disk is full: {exc.strerror} ({exc.filename or 'while writing'})")
+            return EXIT_USER_ERROR
+        if isinstance(exc, OSError) and exc.filename is not None:   # a path in the way, read-only, ...
+            _error(path_error(exc))
             return EXIT_USER_ERROR
         _error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
         return EXIT_INTERNAL_ERROR

@@ -23,3 +23,9 @@ def write_error(err: OSError, target: str | os.PathLike[str], detail: str = "") 
     if is_disk_full(err):
         return UserError(f"the disk is full: cannot write {target}; nothing was written{detail}")
     return UserError(f"cannot write {target}: {err.strerror or err}; nothing was written")
+
+
+def path_error(err: OSError) -> str:
+    """The one-line error for a file operation the system refused: the path(s), then why."""
+    paths = " -> ".join(str(path) for path in (err.filename, err.filename2) if path is not None)
+    return f"{paths}: {err.strerror or err}"

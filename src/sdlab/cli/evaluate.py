@@ -21,6 +21,7 @@ from pathlib import Path
 
 from sdlab.cli.errors import UserError
 from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
+from sdlab.utils.files import make_output_folder
 
 __all__ = ["add_evaluate", "format_summary", "run_evaluate"]
 
@@ -117,7 +118,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     dtype = dtype_from_name(args.dtype)
     finder = _lora_finder(args)
     loras = [_parse_lora(spec, finder) for spec in args.lora]
-    _make_out_folder(Path(args.out))
+    make_output_folder(args.out, "--out")
     try:
         pipe = load(args.model, dtype=dtype, loras=loras)  # no --model: the shipped model
     except RequestError as err:
@@ -144,14 +145,3 @@ def run_evaluate(args: argparse.Namespace) -> int:
     print(format_summary(report["summary"]))
     print(f"wrote {Path(args.out) / 'report.json'} and {Path(args.out) / 'grid.png'}")
     return 0
-
-
-def _make_out_folder(out: Path) -> None:
-    """Make the `--out` folder before any picture is drawn, so that an `--out` that cannot be one (an
-    existing file, a path through a file, no permission) is refused before the work, not after it."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"--out {out} is a file; name a folder for report.json and grid.png") from None
-    except OSError as err:
-        raise UserError(f"--out {out}: cannot make the output folder ({err.strerror or err})") from None

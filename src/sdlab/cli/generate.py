@@ -22,13 +22,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from sdlab.cli.errors import UserError, write_error
 from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
+from sdlab.utils.files import make_output_folder
 from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab")
@@ -321,12 +321,7 @@ def _output_paths(out: str, target: tuple[Path, str | None], prompt: str, seeds:
     """Where each image goes (`target`: `_output_target(out)`); checks the folder is writable and the names
     fit before any work is done."""
     folder, fmt = target
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sdlab-check-"):
-            pass
-    except OSError as err:
-        raise UserError(f"cannot write to the output folder {str(folder)!r}: {err.strerror or err}") from None
+    make_output_folder(folder)
     paths = _file_paths(Path(out), len(seeds)) if fmt else _folder_paths(folder, prompt, seeds)
     try:
         name_max = os.pathconf(folder, "PC_NAME_MAX")

@@ -27,15 +27,19 @@ def add_new_model(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_new_model(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from sdlab.checkpoints.create import new_bundle
     from sdlab.checkpoints.save import save_bundle
     from sdlab.cli.errors import UserError
     from sdlab.pipeline.request import MAX_SEED
+    from sdlab.utils.files import make_output_folder
 
     if not args.out.endswith(".safetensors"):
         raise UserError(f"the output must be a .safetensors file, got {args.out!r}")
     if not 0 <= args.seed <= MAX_SEED:
         raise UserError(f"--seed must be an integer in 0..{MAX_SEED}, got {args.seed}")
+    make_output_folder(Path(args.out).parent, "the output file's folder")   # before the weights are made
     bundle = new_bundle(args.family, tiny=args.tiny, seed=args.seed)
     save_bundle(bundle, args.out)
     print(args.out)

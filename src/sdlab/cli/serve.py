@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from sdlab.cli.errors import Terminated, UserError
+from sdlab.utils.files import make_output_folder
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -139,6 +140,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except RequestError as err:
         raise UserError(str(err)) from None
     limits = _limits(args)
+    make_output_folder(args.output_dir, "--output-dir")
 
     import uvicorn
 

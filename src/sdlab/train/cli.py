@@ -5,9 +5,10 @@ command; for direct use (tests, ``torchrun``) this module is runnable: ``python 
 M --data-dir D ...`` or ``torchrun --nproc_per_node=2 -m sdlab.train.cli ...``.
 
 Set-up order: settings (and, with ``--resume``, the checkpoint's stored settings under those given), the
-task, the dataset scan, the resume compatibility check, then the model and the long work. Every mistake
-found on the way is a `TrainError`: one ``sdlab: error: ...`` line and exit status 2. A run stopped by
-SIGINT / SIGTERM exits with 128 + the signal number (130 / 143) after writing its checkpoint and weights.
+task, the resume compatibility check, the dataset scan, the run folder (made, and a file written in it),
+then the model and the long work. Every mistake found on the way is a `TrainError`: one ``sdlab: error:
+...`` line and exit status 2. A run stopped by SIGINT / SIGTERM exits with 128 + the signal number (130 /
+143) after writing its checkpoint and weights.
 
 Tasks are plug-ins: ``--task NAME`` imports the module ``TASK_MODULES`` names (``sdlab.train.<NAME>_task``
 otherwise) and calls its ``build_task(config: TrainConfig, bundle: ModelBundle) -> TrainTask``. The text
@@ -46,6 +47,7 @@ from sdlab.train.distributed import DistContext, init_distributed, shutdown_dist
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import RunResult, check_resume, train
 from sdlab.train.run_checkpoint import ResumePoint, disk_full_as_error, find_resume_point
+from sdlab.utils.files import OutputFolderError, make_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +96,14 @@ def _scan(cfg: TrainConfig):
     return scan
 
 
+def _make_output_dir(folder: str) -> None:
+    """The run folder, made and written to once before the model loads."""
+    try:
+        make_output_folder(folder, "--output-dir")
+    except OutputFolderError as err:
+        raise TrainError(str(err)) from None
+
+
 def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: ResumePoint | None = None) -> RunResult:
     """Check, load the model, build task and data, train. Joins / leaves the torchrun process group when
     needed. ``resume``: the checkpoint ``cfg.resume`` names, when the caller has verified it already."""
@@ -104,13 +114,12 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
             missing = " and ".join(flag(k) for k in ("model", "data_dir") if getattr(cfg, k) is None)
             raise TrainError(f"sdlab train needs {missing} (or --resume latest with the run's --output-dir)")
         task_module = _task_module(cfg.task)
-        if Path(cfg.output_dir).exists() and not Path(cfg.output_dir).is_dir():
-            raise TrainError(f"--output-dir {cfg.output_dir} is a file, not a folder")
         if resume is None and cfg.resume is not None:
             resume = find_resume_point(Path(cfg.output_dir) / "checkpoints", cfg.resume)
         if resume is not None:
             check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
         scan = _scan(cfg)
+        _make_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
         bundle = load_bundle(cfg.model, device=ctx.device, dtype=torch.float32, family=cfg.family,
                              prediction=cfg.prediction, vae=cfg.vae)

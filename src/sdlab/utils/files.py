@@ -1,4 +1,5 @@
-"""Writing a file atomically: a reader sees the old file or the complete new one, never half of one.
+"""Writing a file atomically (a reader sees the old file or the complete new one, never half of one), and
+checking an output folder before any work.
 
 The content goes to a temporary file ``.<name>.<8 hex>.tmp`` in the target's folder (same file system, so
 the final ``os.replace`` is an atomic rename on POSIX and Windows). With ``fsync`` the temporary file is
@@ -6,16 +7,25 @@ flushed to disk before the rename and the folder after it, so a crash or a SIGKI
 either the previous file or the new one, at worst plus an orphan ``.*.tmp``. On any error the temporary
 file is removed and the target is left as it was. The temporary file is created like ``open()`` creates
 files (mode 0o666 minus the umask) and fails if the folder does not exist.
+
+A command checks where its output goes before the work that makes it (`make_output_folder`): the folder is
+made and a file created and deleted in it, so that a file in its path, a read-only file system or a missing
+permission is one `OutputFolderError` naming the folder at once, not an error after minutes of drawing.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["OutputFolderError", "atomic_write", "check_output_folder", "fsync_dir", "make_output_folder"]
+
+
+class OutputFolderError(Exception):
+    """Files cannot be written in an output folder; the message names it (by its option) and says why."""
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], object], *, fsync: bool = True) -> Path:
@@ -54,3 +64,33 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def make_output_folder(folder: str | os.PathLike[str], name: str = "the output folder") -> Path:
+    """Make `folder` (with its parents) when missing and create and delete a file in it; `name` is how the
+    error names it (``"--output-dir"``). Returns the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sdlab-check-"):
+            pass
+    except FileExistsError:   # mkdir(exist_ok=True) raises it only for the folder itself
+        raise OutputFolderError(f"{name} {folder} exists and is not a folder") from None
+    except OSError as err:
+        raise OutputFolderError(f"cannot write to {name} {folder}: {err.strerror or err}") from None
+    return folder
+
+
+def check_output_folder(folder: str | os.PathLike[str], name: str = "the output folder") -> None:
+    """`make_output_folder`, then remove the folders it made: the check alone, for a command that makes its
+    folders only when it writes."""
+    absolute = Path(folder).absolute()
+    missing = [f for f in (absolute, *absolute.parents) if not os.path.lexists(f)]   # deepest first
+    try:
+        make_output_folder(folder, name)
+    finally:
+        for made in missing:
+            try:
+                made.rmdir()
+            except OSError:   # not made here after all, or no longer empty
+                break
