@@ -107,6 +107,14 @@ def _serve(tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list[s
     return ["serve", "--output-dir", str(out), "--port", "0"]
 
 
+def _grid(tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import sdlab.api
+
+    monkeypatch.setattr(sdlab.api.Pipeline, "run", _never("a cell was drawn"))
+    return ["grid", PROMPT, "--x", "steps=1,2", "--out", str(tmp_path / "g.png"), "--keep-cells", str(out),
+            "--no-progress"]
+
+
 def _txt2img(tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     import sdlab.api
 
@@ -115,7 +123,7 @@ def _txt2img(tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list
 
 
 COMMANDS = {"new-model": (_new_model, "the output file's folder"), "train": (_train, "--output-dir"),
-            "eval": (_eval, "--out"), "serve": (_serve, "--output-dir"),
+            "eval": (_eval, "--out"), "serve": (_serve, "--output-dir"), "grid": (_grid, "--keep-cells"),
             "txt2img": (_txt2img, "the output folder")}
 
 
@@ -137,6 +145,16 @@ def test_an_unwritable_output_is_one_error_line_before_any_work(tmp_path: Path, 
     assert code == 2 and len(lines) == 1 and lines[0].startswith("sdlab: error:"), err
     assert name in lines[0] and "internal error" not in lines[0], lines
     assert taken.read_text() == "keep"
+
+
+def test_the_grid_names_an_unwritable_out_folder_before_drawing(tmp_path: Path, capsys, monkeypatch) -> None:
+    import sdlab.api
+
+    monkeypatch.setattr(sdlab.api.Pipeline, "run", _never("a cell was drawn"))
+    (tmp_path / "taken").write_text("keep")
+    code, _, err = run(["grid", PROMPT, "--x", "steps=1,2", "--out", str(tmp_path / "taken" / "g.png"),
+                        "--no-progress"], capsys)
+    assert code == 2 and f"the folder of --out {tmp_path / 'taken'} exists and is not a folder" in err, err
 
 
 # --- the top-level handler --------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's 
 is drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R). The grid
 carries the parameters of its first cell and A1111's plot fields (Script: X/Y/Z plot, X Type, X Values,
 Fixed X Values for a seed axis, ...); --keep-cells also writes each cell with its own. Everything is written
-at the end, all or nothing.
+at the end, all or nothing; the folders it goes to (--out's and --keep-cells) are checked before the model
+loads, and made only then.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from pathlib import Path
 
 from sdlab.cli.errors import UserError, write_error
 from sdlab.utils.dtypes import DTYPE_CHOICES
+from sdlab.utils.files import check_output_folder, make_output_folder
+
 
 def add_grid(subparsers: argparse._SubParsersAction) -> None:
     help_text = "draw an X/Y/Z plot: one labelled grid of pictures over up to three request fields"
@@ -115,12 +118,21 @@ def _check_requests(cells, plot) -> None:
 
 
 def _output_files(args: argparse.Namespace) -> None:
+    """The grid's file type and folders, checked before any work (folders are made only when writing)."""
     from sdlab.pipeline.png_info import IMAGE_SUFFIXES, image_format
 
     if image_format(args.out) is None:
         raise UserError(f"--out {args.out!r}: sdlab writes {', '.join(IMAGE_SUFFIXES)} files; name one of these")
-    if args.keep_cells and Path(args.keep_cells).exists() and not Path(args.keep_cells).is_dir():
-        raise UserError(f"--keep-cells {args.keep_cells!r} is a file, not a folder")
+    for folder, name in _output_folders(args).items():
+        check_output_folder(folder, name)
+
+
+def _output_folders(args: argparse.Namespace) -> dict[Path, str]:
+    """The folders the grid (and `--keep-cells`) writes to, each with how an error names it."""
+    folders = {Path(args.out).parent: "the folder of --out"}
+    if args.keep_cells:
+        folders[Path(args.keep_cells)] = "--keep-cells"
+    return folders
 
 
 def _cell_loras(args: argparse.Namespace, cells) -> dict[str, tuple]:
@@ -227,11 +239,11 @@ def run_grid(args: argparse.Namespace) -> int:
             i, j, k = index
             files.append((Path(args.keep_cells) / f"{n:03d}-x{i}-y{j}-z{k}.png",
                           encode_image(results[index].images[0], "PNG", texts[index])))
+    for folder, name in _output_folders(args).items():
+        make_output_folder(folder, name)
     try:
-        for folder in {path.parent for path, _ in files}:
-            folder.mkdir(parents=True, exist_ok=True)
         write_files_all_or_nothing(files, overwrite=True)
     except OSError as err:
-        raise write_error(err, out) from None
+        raise write_error(err, f"{out} and the cells in {args.keep_cells}" if args.keep_cells else out) from None
     print(out)
     return 0
