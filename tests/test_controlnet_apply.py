@@ -58,12 +58,14 @@ def test_a_transparent_hint_is_laid_on_white_as_a1111s_hwc3(tmp_path):
         picture = ControlInput(control.net.origin, image)
         [prepared] = prepare_controls(tiny_bundle("sd1"), [picture], 40, 24)
         assert np.abs(prepared.hint[0].permute(1, 2, 0).numpy() * 255 - expected).max() <= 1
+        assert torch.equal(hint_tensor(image, 40, 24), prepared.hint)
     strokes = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
     strokes.paste((0, 0, 0, 255), (14, 0, 18, 32))
     [edges] = prepare_controls(tiny_bundle("sd1"), [ControlInput(control.net.origin, strokes, module="canny")], 32, 32)
     assert torch.equal(edges.hint, hint_tensor(preprocess(Image.alpha_composite(
         Image.new("RGBA", (32, 32), "white"), strokes).convert("RGB"), "canny"), 32, 32))
     assert edges.hint.max() == 1.0
+    assert preprocess(strokes, "canny").getextrema()[0] == (0, 255)
 
 
 @pytest.mark.parametrize("start,end", [(0.0, 1.0), (0.2, 0.8), (0.5, 1.0), (0.0, 0.3), (0.34, 0.66)])

@@ -28,8 +28,9 @@ The seam with the generate loop is two wrappers around the callables it already 
     net = controlled_unet(bundle.unet, prepare_controls(bundle, controls, width, height))
     denoiser = tag_steps(Denoiser(net, ...), sigmas)    # passes control_step=(i, N) down to `net`
 
-and a `cond_mark` entry in the conditional and unconditional condition dicts (`prompt_marks`), which CFG
-batches as it batches the prompts, so the wrapper knows which rows are the prompt's.
+and, when a control acts on the prompt's rows only, a `cond_mark` entry in the conditional and unconditional
+condition dicts (`prompt_marks`), which CFG batches as it batches the prompts, so the wrapper knows which
+rows are the prompt's.
 """
 
 from __future__ import annotations
@@ -51,8 +52,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.images import on_white
-from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess, unknown_preprocessor
+from sdlab.pipeline.preprocess import PREPROCESSORS, flattened, preprocess, unknown_preprocessor
 from sdlab.pipeline.request import RequestError, input_image
 
 MAX_STRENGTH = 10.0      # diffusers accepts any scale; A1111's slider stops at 2
@@ -117,16 +117,10 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
     return control
 
 
-def flattened(image: Image.Image) -> Image.Image:
-    """A hint picture with transparency (RGBA, LA, a palette's transparent colour) laid on white by its alpha,
-    as A1111's `HWC3` lays an RGBA hint (`color * alpha + 255 * (1 - alpha)`); others unchanged."""
-    return on_white(image.convert("RGBA")) if image.has_transparency_data else image
-
-
 def hint_tensor(image: Image.Image, width: int, height: int) -> Tensor:
-    """Hint image -> (1, 3, height, width) float32 in [0, 1]: RGB, Lanczos resize (diffusers' control
-    image processor with do_normalize=False)."""
-    image = image.convert("RGB")
+    """Hint image -> (1, 3, height, width) float32 in [0, 1]: RGB (a transparent picture laid on white,
+    `flattened`), Lanczos resize (diffusers' control image processor with do_normalize=False)."""
+    image = flattened(image).convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
     pixels = np.asarray(image, dtype=np.float32) / 255.0                    # (H, W, 3)
@@ -214,7 +208,7 @@ def prepare_controls(
                 f"control {index}: {net.origin} maps hints {net.config.hint_factor}x down, but this model's "
                 f"latents are {factor}x smaller than the picture"
             )
-        image = preprocess(flattened(input_image(control.image, f"control {index} image")), control.module)
+        image = preprocess(input_image(control.image, f"control {index} image"), control.module)
         hint = hint_tensor(image, width, height).to(next(bundle.unet.parameters()).device)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
                                         float(control.end), control.module, convention, control.control_mode,
@@ -222,9 +216,13 @@ def prepare_controls(
     return prepared
 
 
-def prompt_marks(batch: int, device: torch.device | str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def prompt_marks(controls: Sequence[PreparedControl], batch: int,
+                 device: torch.device | str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """The `cond_mark` entries of the conditional and the unconditional condition dicts: (B,) ones and zeros
-    (A1111's `cond_mark`), batched by CFG with the prompts."""
+    (A1111's `cond_mark`), batched by CFG with the prompts; none when no control acts on the prompt's rows
+    only (`PreparedControl.cond_only`)."""
+    if not any(control.cond_only for control in controls):
+        return {}, {}
     return ({"cond_mark": torch.ones(batch, device=device)},
             {"cond_mark": torch.zeros(batch, device=device)})
 

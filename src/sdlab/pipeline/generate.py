@@ -359,11 +359,8 @@ def _guided_model(
     denoiser = Denoiser(controlled_unet(bundle.unet, controls), sampling, quantize=req.quantize_timesteps)
     if spans_part(controls):                            # else every control runs at every step
         denoiser = tag_steps(denoiser, sigmas)
-    extra_uncond: dict[str, Tensor] = {}
-    if controls:                                        # which rows are the prompt's (pooling ControlNets)
-        marks, uncond_marks = prompt_marks(req.batch_size, device)
-        extra_cond.update(marks)
-        extra_uncond.update(uncond_marks)
+    marks, extra_uncond = prompt_marks(controls, req.batch_size, device)   # which rows are the prompt's
+    extra_cond.update(marks)
     if bundle.family.is_inpaint:
         pixels, mask = start.pixels, start.mask
         if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)

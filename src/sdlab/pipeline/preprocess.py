@@ -1,6 +1,7 @@
 """Hint-image preprocessors that need no downloaded weights: canny, scribble, threshold, invert, tile. The
 names shared with A1111's ControlNet extension mean what they mean there (its `global_state.py` /
-`processor.py`); its preprocessors that run a network (lineart, depth, openpose, ...) are not here.
+`processor.py`); its preprocessors that run a network (lineart, depth, openpose, ...) are not here. Every
+one reads a picture with transparency laid on white by its alpha (`flattened`), as the extension's `HWC3`.
 
 - `canny(image, low, high)`: OpenCV's `cv2.Canny(image, low, high)` (3x3 Sobel, L1 gradient magnitude, the
   colour channel with the largest magnitude at each pixel, non-maximum suppression in four directions,
@@ -21,6 +22,8 @@ from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
+
+from sdlab.pipeline.images import on_white
 
 # Sector bounds of the gradient direction (OpenCV's tan(22.5 deg) and tan(67.5 deg)).
 _TAN_22 = np.tan(np.pi / 8)
@@ -126,6 +129,12 @@ PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
+def flattened(image: Image.Image) -> Image.Image:
+    """A picture with transparency (RGBA, LA, a palette's transparent colour) laid on white by its alpha, as
+    A1111's `HWC3` lays an RGBA hint (`color * alpha + 255 * (1 - alpha)`); others unchanged."""
+    return on_white(image.convert("RGBA")) if image.has_transparency_data else image
+
+
 def unknown_preprocessor(module: object) -> str:
     """The message for a preprocessor sdlab has not, with the ones it has."""
     return (f"unknown preprocessor {module!r}; valid: {', '.join(PREPROCESSORS)} (the ones that need no "
@@ -136,4 +145,4 @@ def preprocess(image: Image.Image, module: str) -> Image.Image:
     """`image` through the preprocessor called `module` (a key of `PREPROCESSORS`)."""
     if module not in PREPROCESSORS:
         raise ValueError(unknown_preprocessor(module))
-    return PREPROCESSORS[module](image)
+    return PREPROCESSORS[module](flattened(image))
