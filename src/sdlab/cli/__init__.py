@@ -105,7 +105,11 @@ def _sigterm_raises() -> Iterator[None]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 internal error, 2 user error, 130 / 143 signal)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as exc:   # an argument's own check (`cli.errors.utf8_text`)
+        _error(str(exc))
+        return EXIT_USER_ERROR
     allocator.tune()  # this process is sdlab's own: let glibc reuse activation-sized blocks
     debug = args.debug or os.environ.get("SDLAB_DEBUG", "") not in ("", "0")
     level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 
 class UserError(Exception):
@@ -29,3 +30,26 @@ def path_error(err: OSError) -> str:
     """The one-line error for a file operation the system refused: the path(s), then why."""
     paths = " -> ".join(str(path) for path in (err.filename, err.filename2) if path is not None)
     return f"{paths}: {err.strerror or err}"
+
+
+def utf8_text(what: str) -> Callable[[str], str]:
+    """The argparse type of text sdlab writes into its files as UTF-8 (a prompt), named `what` in errors.
+
+    Python reads each command-line byte that is not UTF-8 (a Latin-1 "é" from a script or a file) as a lone
+    surrogate, U+DC80 + the byte (`surrogateescape`), which no UTF-8 file can hold: such an argument is a
+    `UserError` while the arguments are parsed, before any model loads."""
+    def text(value: str) -> str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise UserError(f"{what} is not UTF-8 text: {_undecoded(value[err.start])} at character "
+                            f"{err.start + 1}; convert it to UTF-8 first (e.g. iconv -f latin1 -t utf-8)") from None
+        return value
+
+    return text
+
+
+def _undecoded(character: str) -> str:
+    """The command-line byte a lone surrogate stands for, else the surrogate itself."""
+    code = ord(character)
+    return f"the byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"the character U+{code:04X}"

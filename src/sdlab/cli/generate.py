@@ -26,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sdlab.cli.errors import UserError, write_error
+from sdlab.cli.errors import UserError, utf8_text, write_error
 from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
 from sdlab.utils.files import make_output_folder
 from sdlab.utils.threads import use_threads_for
@@ -42,8 +42,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         ("inpaint", "repaint the white area of a mask (or grow the canvas with --outpaint)"),
     ):
         p = subparsers.add_parser(mode, help=help_text, description=help_text)
-        p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax: (word:1.3), [word], BREAK)")
-        p.add_argument("--negative", help="negative prompt")
+        p.add_argument("prompt", nargs="?", type=utf8_text("the prompt"),
+                       help="the prompt (A1111 syntax: (word:1.3), [word], BREAK)")
+        p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
         p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
         p.add_argument("--vae", help="standalone VAE file that replaces the checkpoint's VAE")
         p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-from sdlab.cli.errors import UserError, write_error
+from sdlab.cli.errors import UserError, utf8_text, write_error
 from sdlab.utils.dtypes import DTYPE_CHOICES
 from sdlab.utils.files import check_output_folder, make_output_folder
 
@@ -33,14 +33,14 @@ from sdlab.utils.files import check_output_folder, make_output_folder
 def add_grid(subparsers: argparse._SubParsersAction) -> None:
     help_text = "draw an X/Y/Z plot: one labelled grid of pictures over up to three request fields"
     p = subparsers.add_parser("grid", help=help_text, description=help_text)
-    p.add_argument("prompt", help="the prompt (A1111 syntax)")
+    p.add_argument("prompt", type=utf8_text("the prompt"), help="the prompt (A1111 syntax)")
     for axis in ("x", "y", "z"):
-        p.add_argument(f"--{axis}", metavar="FIELD=V1,V2,...",
+        p.add_argument(f"--{axis}", type=utf8_text(f"--{axis}"), metavar="FIELD=V1,V2,...",
                        help=f"{axis.upper()} axis: sampler, schedule, steps, cfg, seed, width, height, clip_skip, "
                             "denoise or prompt_sr, with values or A1111 ranges (1-5, 1-10 (+2), 10-20 [3])")
     p.add_argument("--out", required=True, help="the grid picture (.png, .jpg, .webp)")
     p.add_argument("--keep-cells", metavar="DIR", help="also write each cell, with its own parameters, to DIR")
-    p.add_argument("--negative", help="negative prompt")
+    p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
     p.add_argument("--vae", help="standalone VAE file that replaces the checkpoint's VAE")
     p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")
