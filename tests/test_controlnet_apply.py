@@ -4,6 +4,8 @@ and the A1111 infotext lines."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,49 @@ def test_hint_matches_diffusers_control_image_processor():
     for image in (_picture(), _picture().convert("L"), _picture(64, 64).convert("RGBA")):
         expected = processor.preprocess(image, height=32, width=48)
         torch.testing.assert_close(hint_tensor(image, 48, 32), expected, atol=1e-6, rtol=0)
+
+
+def test_resize_modes_fit_the_hint_as_a1111s_detectmap_proc():
+    """A1111's geometry: "Crop and Resize" scales by max(h / H, w / W) (rounded to whole pixels) and cuts the
+    middle; "Resize and Fill" scales by the min and centres it on the median colour of the border pixels."""
+    from sdlab.pipeline.control import fit_hint
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (24, 48, 3), dtype=np.uint8)
+    pixels[:12, [0, -1]], pixels[0] = (10, 200, 30), (10, 200, 30)           # half the border each colour
+    pixels[12:, [0, -1]], pixels[-1] = (13, 203, 33), (13, 203, 33)
+    image = Image.fromarray(pixels)
+    lanczos = Image.Resampling.LANCZOS
+    crop = np.asarray(image.resize((64, 32), resample=lanczos))[:, 16:48]          # k = 32 / 24
+    assert np.array_equal(np.asarray(fit_hint(image, 32, 32, "crop")), crop)
+    fill = np.asarray(fit_hint(image, 32, 32, "fill"))                            # k = 32 / 48
+    assert np.array_equal(fill[8:24], np.asarray(image.resize((32, 16), resample=lanczos)))
+    assert (fill[:8] == (11, 201, 31)).all() and (fill[24:] == (11, 201, 31)).all()   # the median, truncated
+    assert np.array_equal(np.asarray(fit_hint(image, 32, 32, "resize")),
+                          np.asarray(image.resize((32, 32), resample=lanczos)))
+    assert fit_hint(image, 48, 24, "fill") is image
+    assert np.array_equal(np.asarray(fit_hint(image, 30, 40, "crop")),               # k = 40 / 24: 80 x 40
+                          np.asarray(image.resize((80, 40), resample=lanczos))[:, 25:55])
+
+
+def test_a1111_thresholds_reach_the_preprocessor(tmp_path):
+    """threshold_a / threshold_b are canny's low / high thresholds and threshold's level; unset: 100 / 200 and
+    127 (A1111's slider defaults); other preprocessors ignore them."""
+    from sdlab.pipeline.preprocess import canny, preprocess, threshold
+
+    picture = _picture(32, 32, seed=4)
+    assert preprocess(picture, "canny", 30, 90).tobytes() == canny(picture, 30, 90).tobytes()
+    assert preprocess(picture, "canny").tobytes() == canny(picture, 100, 200).tobytes()
+    assert preprocess(picture, "canny", None, 90).tobytes() == canny(picture, 90, 100).tobytes()
+    assert preprocess(picture, "threshold", 40).tobytes() == threshold(picture, 40).tobytes()
+    assert preprocess(picture, "invert", 40, 50).tobytes() == preprocess(picture, "invert").tobytes()
+    [control] = _controls(tmp_path, tiny_bundle("sd1"), strengths=(1.0,), ranges=((0.0, 1.0),))
+    edges = ControlInput(control.net.origin, picture, module="canny", threshold_a=30, threshold_b=90)
+    [prepared] = prepare_controls(tiny_bundle("sd1"), [edges], 32, 32)
+    assert torch.equal(prepared.hint, hint_tensor(canny(picture, 30, 90), 32, 32))
+    for bad in (-1.0, float("nan"), "50"):
+        with pytest.raises(RequestError, match="threshold_a must be a number >= 0"):
+            check_control(replace(edges, threshold_a=bad))
 
 
 def test_a_transparent_hint_is_laid_on_white_as_a1111s_hwc3(tmp_path):
@@ -166,8 +211,6 @@ def test_control_modes_and_the_hires_pass_scale_residuals_as_a1111(tmp_path, mod
     important", "ControlNet is more important", and a canny unit in the hires fix's second pass)
     [weight * 0.825 ** (12 - i) for i in range(13)] (SDXL: the first 10); "ControlNet is more important" also
     multiplies the control by cond_mark (0 on the negative prompt's rows)."""
-    from dataclasses import replace
-
     bundle = tiny_bundle("sd1")
     [control] = _controls(tmp_path, bundle, strengths=(0.7,), ranges=((0.0, 1.0),))
     control = replace(control, control_mode=mode, hires_pass=hires_pass, module=module)
@@ -236,17 +279,20 @@ def test_prepare_refuses_wrong_family_missing_files_and_images(tmp_path):
 
 def test_infotext_lines_are_a1111s(tmp_path):
     bundle = tiny_bundle("sd1")
-    controls = _controls(tmp_path, bundle, strengths=(1.0, 0.55), ranges=((0.0, 1.0), (0.1, 0.75)))
+    prepared = _controls(tmp_path, bundle, strengths=(1.0, 0.55), ranges=((0.0, 1.0), (0.1, 0.75)))
+    controls = [ControlInput(c.net.origin, "x.png", c.strength, c.start, c.end) for c in prepared]
     lines = infotext_lines(controls)
-    assert infotext_lines([ControlInput(controls[1].net.origin, "x.png", 0.55, 0.1, 0.75)]) == {
-        "ControlNet 0": lines["ControlNet 1"]}
     assert list(lines) == ["ControlNet 0", "ControlNet 1"]
     assert lines["ControlNet 1"].startswith("Module: none, Model: cn [")
-    assert lines["ControlNet 1"].endswith("], Weight: 0.55, Guidance Start: 0.1, Guidance End: 0.75")
-    prompt_first = ControlInput(controls[1].net.origin, "x.png", 0.55, 0.1, 0.75, control_mode="prompt")
-    assert infotext_lines([prompt_first])["ControlNet 0"] == lines["ControlNet 1"] + (
-        ", Control Mode: My prompt is more important")
-    assert load_controlnet(controls[0].net.origin).name == "cn"
+    assert lines["ControlNet 1"].endswith("], Weight: 0.55, Resize Mode: Just Resize, Guidance Start: 0.1, "
+                                          "Guidance End: 0.75")
+    model = lines["ControlNet 1"].split(", ")[1]
+    a1111 = replace(controls[1], module="canny", control_mode="prompt", threshold_a=50.0, threshold_b=120.0)
+    assert infotext_lines([a1111], "a1111")["ControlNet 0"] == (   # in the order of A1111's infotext_fields
+        f"Module: canny, {model}, Weight: 0.55, Resize Mode: Crop and Resize, Threshold A: 50, Threshold B: 120, "
+        "Guidance Start: 0.1, Guidance End: 0.75, Control Mode: My prompt is more important")
+    assert "Resize Mode: Resize and Fill" in infotext_lines([replace(a1111, resize_mode="fill")])["ControlNet 0"]
+    assert load_controlnet(controls[0].model_path).name == "cn"
 
 
 def test_the_step_convention_is_recorded_and_read_back():

@@ -47,12 +47,13 @@ def test_control_changes_the_picture_and_is_recorded(files, tmp_path, capsys):
     assert np.abs(pixels(plain) - pixels(controlled)).max() > 10
     params = parse_parameters(read_parameters(controlled))
     assert params["ControlNet 0"].startswith("Module: none, Model: control_cn [")
-    assert params["ControlNet 0"].endswith("], Weight: 0.9, Guidance Start: 0, Guidance End: 1")
+    assert params["ControlNet 0"].endswith("], Weight: 0.9, Resize Mode: Just Resize, Guidance Start: 0, "
+                                           "Guidance End: 1")
     code, _, stderr = run([*base, "--control", f"{spec}:1:0:0.5", "--control", f"{spec}:0.5:0.5:1",
                            "--out", str(two)], capsys)
     assert code == 0, stderr
     params = parse_parameters(read_parameters(two))
-    assert params["ControlNet 1"].endswith("Weight: 0.5, Guidance Start: 0.5, Guidance End: 1")
+    assert params["ControlNet 1"].endswith("Weight: 0.5, Resize Mode: Just Resize, Guidance Start: 0.5, Guidance End: 1")
 
 
 def test_img2img_takes_controls(files, tmp_path, capsys):

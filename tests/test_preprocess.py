@@ -47,8 +47,9 @@ def test_canny_thresholds_and_hysteresis():
     alone[20:, :] = 40
     assert not _edges(canny(Image.fromarray(alone), low=100, high=500)).any()   # weak and not connected
     assert _edges(canny(Image.fromarray(alone), low=100, high=150)).any()
+    assert _edges(canny(image, low=500, high=100)).tolist() == edges.tolist()    # swapped, as cv2.Canny
     with pytest.raises(ValueError):
-        canny(image, low=300, high=100)
+        canny(image, low=-1, high=100)
 
 
 def test_canny_blur_removes_noise_edges():

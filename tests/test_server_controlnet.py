@@ -244,3 +244,24 @@ def test_a1111_module_names_mean_what_they_mean_in_the_extension(tmp_path):
         with pytest.raises(BadRequest, match=f"unknown preprocessor {module!r}") as refused:
             _units(tmp_path, module=module)
         assert (refused.value.status, refused.value.detail) == (422, "Module not found")
+
+
+def test_a1111_resize_mode_and_thresholds(tmp_path):
+    """The extension's resize_mode_from_value (values, older aliases, indices; 3 and past the last: Just
+    Resize; unset: Crop and Resize, its default) and threshold_a / threshold_b (-1: the preprocessor's)."""
+    from sdlab.server.inputs import BadRequest
+
+    for value, mode in ((None, "crop"), (0, "resize"), (1, "crop"), (2, "fill"), (3, "resize"), (7, "resize"),
+                        ("Just Resize", "resize"), ("Crop and Resize", "crop"), ("Resize and Fill", "fill"),
+                        ("Inner Fit (Scale to Fit)", "crop"), ("Envelope (Outer Fit)", "fill")):
+        assert _units(tmp_path, resize_mode=value)[0].resize_mode == mode
+    assert _units(tmp_path)[0].resize_mode == "crop"
+    for bad in (-1, "crop", True):
+        with pytest.raises(BadRequest, match="resize_mode") as refused:
+            _units(tmp_path, resize_mode=bad)
+        assert refused.value.status == 422
+    unit = _units(tmp_path, module="canny", threshold_a=50, threshold_b=-1)[0]
+    assert (unit.threshold_a, unit.threshold_b) == (50, None)
+    with pytest.raises(BadRequest, match="threshold_b must be a number") as refused:
+        _units(tmp_path, module="canny", threshold_b="high")
+    assert refused.value.status == 422

@@ -4,7 +4,8 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
 
 - the hint image is converted to RGB, resized to the output size with Lanczos and scaled to [0, 1]; one
   with transparency is first laid on white by its alpha (A1111's `HWC3`; diffusers drops the alpha, which
-  turns a drawing on a transparent canvas black);
+  turns a drawing on a transparent canvas black). A1111's other resize modes (`ControlInput.resize_mode`,
+  `fit_hint`) crop or pad it to the output's aspect ratio instead of stretching it;
 - with classifier-free guidance the hint conditions both the conditional and the unconditional half
   (diffusers' default `guess_mode=False`; also A1111's "Balanced" control mode), except for a ControlNet that
   pools its residuals (the shuffle model, `global_pool_conditions`): its residuals go to the conditional rows
@@ -60,6 +61,11 @@ CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important"
                  "control": "ControlNet is more important"}
 """sdlab's names of A1111's control modes -> A1111's (its `ControlMode` values, in its order)."""
 SOFT_INJECTION_BASE = 0.825     # A1111: residual k of 13 scaled by 0.825 ** (12 - k)
+RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+"""sdlab's names of A1111's resize modes -> A1111's (its `ResizeMode` values, in its order)."""
+DEFAULT_RESIZE = {"diffusers": "resize", "a1111": "crop"}
+"""The resize mode of a control that names none, by the request's `control_convention`: diffusers stretches
+the hint; A1111's default is "Crop and Resize" (`ResizeMode.INNER_FIT`)."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,9 @@ class ControlInput:
     or PIL image), how strongly and on which fraction of the steps it acts, and an optional preprocessor
     (`module`, A1111's Module: "none", "canny", "scribble", "threshold", "invert", "tile"; `PREPROCESSORS`)
     applied to the image first;
-    `control_mode` is A1111's (`CONTROL_MODES`)."""
+    `control_mode` and `resize_mode` are A1111's (`CONTROL_MODES`, `RESIZE_MODES`; `resize_mode` None: the
+    request's convention's, `DEFAULT_RESIZE`), `threshold_a` / `threshold_b` its preprocessor parameters
+    (None: the preprocessor's default; `preprocess.PARAMETERS`)."""
 
     model: LoadedControlNet | str | os.PathLike[str]
     image: Image.Image | str | os.PathLike[str]
@@ -77,6 +85,9 @@ class ControlInput:
     end: float = 1.0
     module: str = "none"
     control_mode: str = "balanced"
+    resize_mode: str | None = None
+    threshold_a: float | None = None
+    threshold_b: float | None = None
 
     @property
     def model_path(self) -> str:
@@ -108,6 +119,12 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
                            f"end {control.end}")
     if control.control_mode not in CONTROL_MODES:
         raise RequestError(f"{name}: unknown control mode {control.control_mode!r}; valid: {', '.join(CONTROL_MODES)}")
+    if control.resize_mode is not None and control.resize_mode not in RESIZE_MODES:
+        raise RequestError(f"{name}: unknown resize mode {control.resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
+    for what, value in (("threshold_a", control.threshold_a), ("threshold_b", control.threshold_b)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0):
+            raise RequestError(f"{name}: {what} must be a number >= 0 or unset, got {value!r}")
     if control.module not in PREPROCESSORS:
         raise RequestError(f"{name}: {unknown_preprocessor(control.module)}")
     if not isinstance(control.model, LoadedControlNet) and not Path(control.model).exists():
@@ -117,12 +134,34 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
     return control
 
 
-def hint_tensor(image: Image.Image, width: int, height: int) -> Tensor:
+def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "resize") -> Image.Image:
+    """An RGB `image` at width x height by A1111's resize mode (`Script.detectmap_proc`): "resize" stretches it;
+    "crop" scales it by the larger of the two ratios (to whole pixels, rounded) and cuts the middle out;
+    "fill" scales it by the smaller and lays it in the middle of a canvas of the median colour of its border
+    pixels. Scaling is Lanczos (A1111's `high_quality_resize` picks OpenCV's cubic, area or nearest)."""
+    if image.size == (width, height):
+        return image
+    if resize_mode == "resize":
+        return image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    old_w, old_h = image.size
+    scale = (max if resize_mode == "crop" else min)(height / old_h, width / old_w)
+    new_w, new_h = round(old_w * scale), round(old_h * scale)
+    scaled = image.resize((new_w, new_h), resample=Image.Resampling.LANCZOS)
+    if resize_mode == "crop":
+        left, top = max(0, (new_w - width) // 2), max(0, (new_h - height) // 2)
+        return scaled.crop((left, top, left + width, top + height))
+    pixels = np.asarray(image)                                                       # (H, W, 3)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])   # (2W + 2H, 3)
+    canvas = Image.new("RGB", (width, height), tuple(np.median(border, axis=0).astype(np.uint8).tolist()))
+    canvas.paste(scaled, (max(0, (width - new_w) // 2), max(0, (height - new_h) // 2)))
+    return canvas
+
+
+def hint_tensor(image: Image.Image, width: int, height: int, resize_mode: str = "resize") -> Tensor:
     """Hint image -> (1, 3, height, width) float32 in [0, 1]: RGB (a transparent picture laid on white,
-    `flattened`), Lanczos resize (diffusers' control image processor with do_normalize=False)."""
-    image = flattened(image).convert("RGB")
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.Resampling.LANCZOS)
+    `flattened`), fitted to the size by `resize_mode` (`fit_hint`; "resize" is diffusers' control image
+    processor with do_normalize=False)."""
+    image = fit_hint(flattened(image).convert("RGB"), width, height, resize_mode)
     pixels = np.asarray(image, dtype=np.float32) / 255.0                    # (H, W, 3)
     return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
 
@@ -208,8 +247,10 @@ def prepare_controls(
                 f"control {index}: {net.origin} maps hints {net.config.hint_factor}x down, but this model's "
                 f"latents are {factor}x smaller than the picture"
             )
-        image = preprocess(input_image(control.image, f"control {index} image"), control.module)
-        hint = hint_tensor(image, width, height).to(next(bundle.unet.parameters()).device)
+        image = preprocess(input_image(control.image, f"control {index} image"), control.module,
+                           control.threshold_a, control.threshold_b)
+        resize_mode = control.resize_mode or DEFAULT_RESIZE[convention]
+        hint = hint_tensor(image, width, height, resize_mode).to(next(bundle.unet.parameters()).device)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
                                         float(control.end), control.module, convention, control.control_mode,
                                         hires_pass))
@@ -302,21 +343,24 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def infotext_lines(controls: Sequence[ControlInput | PreparedControl]) -> dict[str, str]:
-    """A1111 ControlNet extension labels and values, e.g. {"ControlNet 0": "Module: none, Model: NAME [hash],
-    Weight: 1, Guidance Start: 0, Guidance End: 1"}: NAME is the file name without its suffix, hash A1111's
-    short model hash (`legacy_hash`); a control mode other than Balanced adds `Control Mode: ...` (A1111's
-    name). The infotext writer quotes each value."""
+def infotext_lines(controls: Sequence[ControlInput], convention: str = "diffusers") -> dict[str, str]:
+    """A1111 ControlNet extension labels and values, in its order, e.g. {"ControlNet 0": "Module: none, Model:
+    NAME [hash], Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1"}: NAME is the file
+    name without its suffix, hash A1111's short model hash (`legacy_hash`); the resize mode is the one the
+    control ran with (`convention`: the request's `control_convention`); given thresholds add `Threshold A` /
+    `Threshold B`, a control mode other than Balanced `Control Mode`. The infotext writer quotes each value."""
     lines = {}
     for index, control in enumerate(controls):
-        path = control.net.origin if isinstance(control, PreparedControl) else control.model_path
+        path = control.model_path
         try:
             model = f"{(Path(path).stem if Path(path).is_file() else Path(path).name)} [{legacy_hash(path)}]"
         except OSError:
             model = Path(path).name
-        lines[f"ControlNet {index}"] = (
-            f"Module: {control.module}, Model: {model}, Weight: {_number(control.strength)}, "
-            f"Guidance Start: {_number(control.start)}, Guidance End: {_number(control.end)}"
-            + ("" if control.control_mode == "balanced" else f", Control Mode: {CONTROL_MODES[control.control_mode]}")
-        )
+        fields = {"Module": control.module, "Model": model, "Weight": _number(control.strength),
+                  "Resize Mode": RESIZE_MODES[control.resize_mode or DEFAULT_RESIZE[convention]],
+                  "Threshold A": control.threshold_a, "Threshold B": control.threshold_b,
+                  "Guidance Start": _number(control.start), "Guidance End": _number(control.end),
+                  "Control Mode": None if control.control_mode == "balanced" else CONTROL_MODES[control.control_mode]}
+        lines[f"ControlNet {index}"] = ", ".join(f"{label}: {_number(value) if isinstance(value, float) else value}"
+                                                 for label, value in fields.items() if value is not None)
     return lines

@@ -133,7 +133,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
-        **infotext_lines(req.controls),
+        **infotext_lines(req.controls, req.control_convention),
         "Control steps": req.control_convention if req.controls else None,
         "Refiner": None if refiner is None else refiner[0] + (f" [{refiner[1]}]" if refiner[1] else ""),
         "Refiner switch at": None if refiner is None else refiner[2],

@@ -5,9 +5,9 @@ one reads a picture with transparency laid on white by its alpha (`flattened`), 
 
 - `canny(image, low, high)`: OpenCV's `cv2.Canny(image, low, high)` (3x3 Sobel, L1 gradient magnitude, the
   colour channel with the largest magnitude at each pixel, non-maximum suppression in four directions,
-  hysteresis: pixels above `high` start edges, 8-connected pixels above `low` continue them), white edges
-  on black, as the reference ControlNet annotator; `blur` > 0 first applies the Gaussian blur that classic
-  Canny has and OpenCV leaves to the caller.
+  hysteresis: pixels above `high` start edges, 8-connected pixels above `low` continue them; a `low` above
+  `high` swaps them, as OpenCV does), white edges on black, as the reference ControlNet annotator; `blur` > 0
+  first applies the Gaussian blur that classic Canny has and OpenCV leaves to the caller.
 - `threshold(image, level, invert)`: white where the darkest channel is above `level`, black elsewhere
   (A1111's `threshold`); inverted, white where it is below: A1111's `scribble` (`simple_scribble`), which
   turns black strokes on white paper into the white-on-black strokes the scribble models read.
@@ -84,8 +84,9 @@ def _hysteresis(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
 
 def canny(image: Image.Image, low: float = 100, high: float = 200, blur: float = 0.0) -> Image.Image:
     """Canny edges of `image` as an RGB picture (white edges on black); see the module docstring."""
-    if not 0 <= low <= high:
-        raise ValueError(f"canny thresholds need 0 <= low <= high, got {low} and {high}")
+    if min(low, high) < 0:
+        raise ValueError(f"canny thresholds must be >= 0, got {low} and {high}")
+    low, high = sorted((low, high))
     if blur > 0:
         image = image.filter(ImageFilter.GaussianBlur(blur))
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)             # (H, W, 3) in 0..255
@@ -129,6 +130,11 @@ PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
+PARAMETERS: dict[str, tuple[float, ...]] = {"canny": (100.0, 200.0), "threshold": (127.0,)}
+"""The preprocessors that take A1111's `threshold_a` (and `threshold_b`), with its defaults: canny's low and
+high threshold, threshold's level."""
+
+
 def flattened(image: Image.Image) -> Image.Image:
     """A picture with transparency (RGBA, LA, a palette's transparent colour) laid on white by its alpha, as
     A1111's `HWC3` lays an RGBA hint (`color * alpha + 255 * (1 - alpha)`); others unchanged."""
@@ -141,8 +147,12 @@ def unknown_preprocessor(module: object) -> str:
             "downloaded network)")
 
 
-def preprocess(image: Image.Image, module: str) -> Image.Image:
-    """`image` through the preprocessor called `module` (a key of `PREPROCESSORS`)."""
+def preprocess(image: Image.Image, module: str, threshold_a: float | None = None,
+               threshold_b: float | None = None) -> Image.Image:
+    """`image` through the preprocessor called `module` (a key of `PREPROCESSORS`), with A1111's `threshold_a` /
+    `threshold_b` where it takes them (`PARAMETERS`; None: the default; others ignore them, as A1111's do)."""
     if module not in PREPROCESSORS:
         raise ValueError(unknown_preprocessor(module))
-    return PREPROCESSORS[module](flattened(image))
+    given = (threshold_a, threshold_b)
+    values = [default if value is None else value for default, value in zip(PARAMETERS.get(module, ()), given)]
+    return PREPROCESSORS[module](flattened(image), *values)

@@ -5,8 +5,8 @@ A1111's ControlNet extension sends `alwayson_scripts: {"controlnet": {"args": [u
 `{enabled, model, image | input_image, weight, guidance_start, guidance_end, module, ...}`; the native API
 sends `controls: [{model, image, strength, start, end, module}]`. A1111's units select their steps by the
 extension's rule (the request's `control_convention="a1111"`), the native ones by diffusers'; a unit's
-`control_mode` is A1111's. Unit fields sdlab does not implement (resize_mode, pixel_perfect, processor_res,
-threshold_a/b, low_vram, ...) are ignored.
+`control_mode`, `resize_mode` and `threshold_a` / `threshold_b` are A1111's. Unit fields sdlab does not
+implement (pixel_perfect, processor_res, low_vram, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image
 
-from sdlab.pipeline.control import CONTROL_MODES, ControlInput, check_control
+from sdlab.pipeline.control import CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, check_control
 from sdlab.pipeline.preprocess import PREPROCESSORS, unknown_preprocessor
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import Limits
@@ -55,6 +55,36 @@ def control_mode(value: Any) -> str:
     raise BadRequest(f"unknown ControlNet control_mode {value!r}; valid: {valid}", 422)
 
 
+A1111_RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shrink to Fit)": "Resize and Fill",
+                        "Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
+"""The extension's older names of its resize modes (`resize_mode_aliases`)."""
+
+
+def resize_mode(value: Any) -> str:
+    """A1111's `resize_mode` -> sdlab's name (`RESIZE_MODES`), as the extension's `resize_mode_from_value`
+    takes it: a ResizeMode value or an older alias, or its index (3, "Just Resize (Latent upscale)", and past
+    the last: Just Resize); null is its default, Crop and Resize."""
+    if value is None:
+        return DEFAULT_RESIZE["a1111"]
+    names = list(RESIZE_MODES)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return names[value] if value < len(names) else "resize"
+    label = A1111_RESIZE_ALIASES.get(value, value) if isinstance(value, str) else None
+    for name, known in RESIZE_MODES.items():
+        if label == known:
+            return name
+    valid = ", ".join(f"{known!r} ({index})" for index, known in enumerate(RESIZE_MODES.values()))
+    raise BadRequest(f"unknown ControlNet resize_mode {value!r}; valid: {valid}", 422)
+
+
+def slider(value: Any) -> Any:
+    """A unit's threshold_a / threshold_b: a negative number (the extension's -1) or null is the
+    preprocessor's default (None)."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
+        return None
+    return value
+
+
 def model_path(model: Any, what: str, folder: ModelFolder) -> str:
     """The file of the ControlNet `model` names in the server's folder; `BadRequest` 404 when there is none."""
     if not isinstance(model, str) or not model or model == "None":
@@ -90,7 +120,9 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
     image = unit.get("image") or unit.get("input_image") or init
     control = ControlInput(model_path(unit["model"], what, folder), hint_image(image, what, limits),
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0), unit.get("guidance_end", 1.0),
-                           module_name(unit.get("module")), control_mode(unit.get("control_mode")))
+                           module_name(unit.get("module")), control_mode(unit.get("control_mode")),
+                           resize_mode(unit.get("resize_mode")), slider(unit.get("threshold_a")),
+                           slider(unit.get("threshold_b")))
     return checked(control, index, "a1111")
 
 
