@@ -73,10 +73,9 @@ class ControlInput:
     """One ControlNet of a request: the network (a file, folder or loaded ControlNet), its hint image (a path
     or PIL image), how strongly and on which fraction of the steps it acts, and an optional preprocessor
     (`module`, A1111's Module: "none", "canny", "scribble", "threshold", "invert", "tile"; `PREPROCESSORS`)
-    applied to the image first;
-    `control_mode` and `resize_mode` are A1111's (`CONTROL_MODES`, `RESIZE_MODES`; `resize_mode` None: the
-    request's convention's, `DEFAULT_RESIZE`), `threshold_a` / `threshold_b` its preprocessor parameters
-    (None: the preprocessor's default; `preprocess.PARAMETERS`)."""
+    applied to the image first. `control_mode` and `resize_mode` are A1111's (`CONTROL_MODES`, `RESIZE_MODES`;
+    `resize_mode` None: the request's convention's, `DEFAULT_RESIZE`), `threshold_a` / `threshold_b` its
+    preprocessor parameters (None: the preprocessor's default; `preprocess.PARAMETERS`)."""
 
     model: LoadedControlNet | str | os.PathLike[str]
     image: Image.Image | str | os.PathLike[str]
