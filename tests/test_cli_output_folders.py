@@ -9,6 +9,7 @@ import errno
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from cli_helpers import run
 from sdlab.utils import files
@@ -122,9 +123,22 @@ def _txt2img(tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list
     return ["txt2img", PROMPT, "--steps", "2", "--out", f"{out}/", "--no-progress"]
 
 
+def _upscale(tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import sdlab.checkpoints.upscaler
+    import sdlab.pipeline.upscale
+
+    monkeypatch.setattr(sdlab.checkpoints.upscaler, "load_upscaler", _never("the upscaler was loaded"))
+    monkeypatch.setattr(sdlab.pipeline.upscale, "upscale_image", _never("the picture was upscaled"))
+    picture = tmp_path / "small.png"
+    Image.new("RGB", (16, 16)).save(picture)
+    model = tmp_path / "4x.safetensors"
+    model.write_bytes(b"never read")
+    return ["upscale", str(picture), "--model", str(model), "--out", str(out / "big.png")]
+
+
 COMMANDS = {"new-model": (_new_model, "the output file's folder"), "train": (_train, "--output-dir"),
             "eval": (_eval, "--out"), "serve": (_serve, "--output-dir"), "grid": (_grid, "--keep-cells"),
-            "txt2img": (_txt2img, "the output folder")}
+            "txt2img": (_txt2img, "the output folder"), "upscale": (_upscale, "the folder of --out")}
 
 
 @pytest.mark.parametrize("command", COMMANDS)

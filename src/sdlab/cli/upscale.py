@@ -6,7 +6,8 @@
 
 A `--scale` other than the model's follows A1111: model passes until the picture is large enough, then a
 Lanczos resize to the asked size (`sdlab.pipeline.upscale`). The input's A1111 `parameters` text is copied
-into the output. The file is written under a temporary name and renamed; a bad input writes nothing.
+into the output. The output's folder is checked before the model loads (made only when writing); the file is
+written under a temporary name and renamed; a bad input writes nothing.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from pathlib import Path
 
 from sdlab.cli.errors import UserError, write_error
 from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
+from sdlab.utils.files import check_output_folder, make_output_folder
 
 PLAIN_DEFAULT_SCALE = 4.0        # a plain resize without --scale: A1111's Extras default
+OUT_FOLDER = "the folder of --out"
 
 
 def add_upscale(subparsers: argparse._SubParsersAction) -> None:
@@ -73,6 +76,7 @@ def _check_options(args: argparse.Namespace) -> None:
         raise UserError("--tile and --tile-overlap must be >= 0")
     if args.tile and args.tile < 16:
         raise UserError(f"--tile {args.tile} is too small; use 16 or more pixels (0 = no tiling)")
+    check_output_folder(Path(args.out).parent, OUT_FOLDER)
 
 
 def _load(model: str, args: argparse.Namespace):
@@ -109,8 +113,8 @@ def run_upscale(args: argparse.Namespace) -> int:
         raise UserError(str(err)) from None
     out = Path(args.out)
     blob = encode_image(result, image_format(out), parameters)
+    make_output_folder(out.parent, OUT_FOLDER)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
         write_files_all_or_nothing([(out, blob)], overwrite=True)
     except OSError as err:
         raise write_error(err, out) from None
