@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from sdlab.cli import main
 
@@ -21,3 +21,11 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 def pixels(path: Path) -> np.ndarray:
     """The picture at `path` as (H, W, 3) int16, so differences do not wrap around."""
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def png_with_parameters(path: Path, parameters: str, size: tuple[int, int] = (64, 64)) -> Path:
+    """A blank picture at `path` whose `parameters` text chunk holds `parameters` (an A1111 / sdlab infotext)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    Image.new("RGB", size).save(path, pnginfo=info)
+    return path

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from bundle_fixtures import tiny_bundle, write_original
-from cli_helpers import pixels, run
+from cli_helpers import pixels, png_with_parameters, run
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 
 FAST = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
@@ -50,15 +50,10 @@ def test_txt2img_writes_png_with_parameters_and_regenerates_from_it(model, tmp_p
 
 
 def test_from_png_warns_about_embeddings_and_controlnets_it_does_not_have(model, tmp_path, capsys) -> None:
-    from PIL import PngImagePlugin
-
     text = ('a mystyle cat\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 32x32, '
             'ControlNet 0: "Module: none, Model: canny [12345678], Weight: 1", TI hashes: "mystyle: 0123456789ab", '
             'Version: sdlab 0.1.0')
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", text)
-    recorded = tmp_path / "recorded.png"
-    Image.new("RGB", (32, 32)).save(recorded, pnginfo=info)
+    recorded = png_with_parameters(tmp_path / "recorded.png", text, (32, 32))
     code, _, err = run(["txt2img", "--from-png", str(recorded), "--model", str(model),
                         "--out", str(tmp_path / "again.png"), "--no-progress"], capsys)
     assert code == 0

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
 import sdlab
-from cli_helpers import pixels, run
+from cli_helpers import pixels, png_with_parameters, run
 from sdlab.pipeline.png_info import read_parameters
 from test_upscale_models import new_arch_state
 
@@ -108,10 +107,7 @@ def test_from_png_warns_about_a1111s_own_hires_pass_settings(tmp_path: Path, cap
             "Seed: 5, Size: 64x64, Denoising strength: 0.5, Hires upscale: 1, Hires upscaler: Latent, "
             "Hires checkpoint: Use same checkpoint, Hires sampler: DPM++ 2M, Hires schedule type: Karras, "
             "Hires CFG Scale: 7.0, Hires prompt: a green pear, Hires negative prompt: blurry")
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", text)
-    recorded = tmp_path / "a1111.png"
-    Image.new("RGB", (64, 64)).save(recorded, pnginfo=info)
+    recorded = png_with_parameters(tmp_path / "a1111.png", text)
     code, _, err = run(["txt2img", "--from-png", str(recorded), "--out", str(tmp_path / "b.png"), "--no-progress"],
                        capsys)
     assert code == 0, err
