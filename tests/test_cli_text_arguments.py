@@ -1,10 +1,12 @@
 """Prompts on the command line must be UTF-8 text, as every file sdlab records them in is: a byte that is not
 (a Latin-1 "é" from a script, `"$(cat latin1.txt)"`) reaches Python as a lone surrogate, and is one
 `sdlab: error:` line naming the argument, exit status 2, while the arguments are parsed, before any model
-loads."""
+loads. `sdlab train`'s free text (preview prompts, the embedding's word and its start text) too, from the
+command line or a config file."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,16 +19,19 @@ from sdlab.cli.errors import UserError, utf8_text
 
 LATIN1 = os.fsdecode(b"caf\xe9 au lait")        # what Python makes of that argv byte: "caf\udce9 au lait"
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ["train", "--model", "m.safetensors", "--data-dir", "data", "--max-steps", "1"]
 
 
 @pytest.fixture
 def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     import sdlab.api
+    import sdlab.train.cli
 
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(sdlab.api, "load", load)
+    monkeypatch.setattr(sdlab.train.cli, "load_bundle", load)
 
 
 def test_utf8_text_keeps_any_unicode_text_and_names_the_byte_that_is_not() -> None:
@@ -45,6 +50,9 @@ def test_utf8_text_keeps_any_unicode_text_and_names_the_byte_that_is_not() -> No
     (["grid", LATIN1, "--x", "steps=1,2", "--out", "g.png"], "the prompt"),
     (["grid", "a cat", "--negative", LATIN1, "--x", "steps=1,2", "--out", "g.png"], "--negative"),
     (["grid", "a cat", "--y", f"prompt_sr={LATIN1}", "--x", "steps=1,2", "--out", "g.png"], "--y"),
+    ([*TRAIN, "--sample-every", "1", "--sample-prompts", "a cat", "--sample-prompts", LATIN1], "--sample-prompts"),
+    ([*TRAIN, "--task", "embedding", "--embedding-word", LATIN1], "--embedding-word"),
+    ([*TRAIN, "--task", "embedding", "--embedding-word", "<cat>", "--embedding-init", LATIN1], "--embedding-init"),
 ])
 def test_a_prompt_that_is_not_utf8_is_one_error_line_before_the_model_loads(tmp_path, capsys, monkeypatch, no_model,
                                                                            args, named) -> None:
@@ -53,6 +61,16 @@ def test_a_prompt_that_is_not_utf8_is_one_error_line_before_the_model_loads(tmp_
     assert code == 2 and out == "" and err.count("\n") == 1, err
     assert err.startswith(f"sdlab: error: {named} is not UTF-8 text: the byte 0xE9 at character "), err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_train_config_file_holding_a_lone_surrogate_is_one_error_line(tmp_path, capsys, monkeypatch,
+                                                                        no_model) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("run.json").write_text(json.dumps({"sample_every": 1, "sample_prompts": ["a cat", LATIN1]}))   # "\udce9"
+    code, out, err = run([*TRAIN, "--config", "run.json"], capsys)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("sdlab: error: --sample-prompts is not UTF-8 text: the byte 0xE9 at character 4"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
 
 
 def test_the_command_refuses_a_latin1_argv_byte(tmp_path) -> None:

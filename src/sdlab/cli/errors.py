@@ -6,6 +6,8 @@ import errno
 import os
 from collections.abc import Callable
 
+from sdlab.utils.text import not_utf8
+
 
 class UserError(Exception):
     """An error caused by the input (bad arguments, unreadable files): printed as one line, exit status 2."""
@@ -33,23 +35,13 @@ def path_error(err: OSError) -> str:
 
 
 def utf8_text(what: str) -> Callable[[str], str]:
-    """The argparse type of text sdlab writes into its files as UTF-8 (a prompt), named `what` in errors.
-
-    Python reads each command-line byte that is not UTF-8 (a Latin-1 "é" from a script or a file) as a lone
-    surrogate, U+DC80 + the byte (`surrogateescape`), which no UTF-8 file can hold: such an argument is a
-    `UserError` while the arguments are parsed, before any model loads."""
+    """The argparse type of text sdlab writes into its files as UTF-8 (a prompt), named `what` in errors: an
+    argument holding a byte that is not UTF-8 (`sdlab.utils.text.not_utf8`) is a `UserError` while the
+    arguments are parsed, before any model loads."""
     def text(value: str) -> str:
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise UserError(f"{what} is not UTF-8 text: {_undecoded(value[err.start])} at character "
-                            f"{err.start + 1}; convert it to UTF-8 first (e.g. iconv -f latin1 -t utf-8)") from None
+        problem = not_utf8(value, what)
+        if problem is not None:
+            raise UserError(problem)
         return value
 
     return text
-
-
-def _undecoded(character: str) -> str:
-    """The command-line byte a lone surrogate stands for, else the surrogate itself."""
-    code = ord(character)
-    return f"the byte 0x{code - 0xDC00:02X}" if 0xDC80 <= code <= 0xDCFF else f"the character U+{code:04X}"

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.train.errors import TrainError
+from sdlab.utils.text import not_utf8
 
 __all__ = ["RESUME_INVARIANTS", "TASK_SETTINGS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments",
            "config_from_args", "config_from_settings", "flag", "given_settings", "load_config_file", "merge_resumed"]
@@ -151,6 +152,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not holds(value):
                 raise TrainError(f"{flag(name)} must be {wanted}; got {value!r}")
+        for name in _TEXTS:
+            _check_text(name, getattr(self, name))
         _check_task_settings(self)
         shaping = [name for name in ("lora_alpha", "lora_conv", "lora_text_encoder") if getattr(self, name)]
         if shaping and self.lora_rank is None:
@@ -200,6 +203,18 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "sample_every": (lambda v: v >= 1, "at least 1"),
     "sample_steps": (lambda v: v >= 1, "at least 1"),
 }
+
+# free text (prompts, the embedding's word and the name its file records): UTF-8 text only, as every prompt in sdlab
+_TEXTS = ("embedding_word", "embedding_init", "sample_prompts")
+
+
+def _check_text(name: str, value: str | tuple[str, ...] | None) -> None:
+    """A `TrainError` naming the option when its text holds a byte that is not UTF-8 (`not_utf8`)."""
+    for text in (value,) if isinstance(value, str) else value or ():
+        problem = not_utf8(text, flag(name))
+        if problem is not None:
+            raise TrainError(problem)
+
 
 # What each task does, and the task-specific settings it reads (settings no task is listed with, such as the
 # optimiser's, data and checkpoint settings, apply to every task). A setting one task reads is refused for the
