@@ -104,12 +104,33 @@ def test_jsonl_lines_with_bad_names_or_bytes_are_skipped_and_counted(tmp_path):
              json.dumps({"file_name": 5, "text": "a number"}).encode(),
              json.dumps({"file_name": ["p1.png"], "text": "a list"}).encode(),
              b'{"file_name": "p1.png", "text": "caf\xe9"}',  # Latin-1, not UTF-8
+             b'{"file_name": "p1.png", "text": "caf\\udce9"}',  # JSON's escape of a lone surrogate, not UTF-8
              json.dumps([1, 2]).encode(),
              json.dumps({"file_name": "p1.png", "text": "a blue circle"}).encode()]
     (tmp_path / "metadata.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     scan = scan_dataset(tmp_path)
     assert [(s.path.name, s.caption) for s in scan.samples] == [("p0.png", "a red square"), ("p1.png", "a blue circle")]
-    assert scan.skipped["bad_metadata_line"] == 4
+    assert scan.skipped["bad_metadata_line"] == 5
+
+
+def test_caption_files_that_are_not_utf8_are_skipped_and_named(tmp_path, caplog):
+    folder = write_caption_folder(tmp_path / "data", n=3, size=16)
+    (folder / "img00.txt").write_bytes("café au lait".encode())
+    (folder / "img01.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(folder)
+    assert [(s.path.name, s.caption) for s in scan.samples] == [("img00.png", "café au lait"),
+                                                                 ("img02.png", "a green stripe")]
+    assert scan.skipped == {"bad_caption": 1}
+    assert f"its caption {folder / 'img01.txt'} is not UTF-8 text: the byte 0xE9 at byte 4" in caplog.text
+
+
+def test_a_dataset_without_utf8_captions_is_an_error_before_the_model_loads(tmp_path, capsys):
+    folder = write_caption_folder(tmp_path / "data", n=3, size=16)
+    for caption in folder.glob("*.txt"):
+        caption.write_bytes(b"caf\xe9")
+    code, _, err = _sdlab(capsys, "train", "--model", tmp_path / "never-read.safetensors", "--data-dir", folder)
+    assert code == 2 and "no usable training images (skipped: 3 bad_caption)" in _one_error_line(err)
 
 
 def test_native_resolution_is_the_default_and_far_sizes_warn(caplog):

@@ -4,9 +4,9 @@ Dataset layouts (the common trainer conventions):
   - ``image.png`` + ``image.txt`` (same name, the caption), in the folder or any subfolder;
   - a ``metadata.jsonl`` at the root, one ``{"file_name": "a.png", "text": "..."}`` per line (Hugging Face
     ``imagefolder``; ``caption`` is accepted for ``text``). When it exists it is the whole dataset.
-A file that PIL cannot open, or an empty / missing caption, is skipped with a warning and counted
-(`DatasetScan.skipped`); it is never fatal. An image that passes the scan but fails to decode later is
-replaced by the next sample of the stream and counted in ``TrainData.broken_at_load``.
+A file that PIL cannot open, an empty / missing caption, or a caption that is not UTF-8 text, is skipped with
+a warning and counted (`DatasetScan.skipped`); it is never fatal. An image that passes the scan but fails to
+decode later is replaced by the next sample of the stream and counted in ``TrainData.broken_at_load``.
 
 Order and sharding: the sample stream is an endless concatenation of per-epoch permutations drawn from
 ``(seed, epoch)``. Optimiser step ``s`` consumes stream positions ``[s*G, (s+1)*G)`` with
@@ -37,6 +37,7 @@ from torch import Tensor
 from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.pipeline.images import upright_8bit
 from sdlab.train.task import Batch
+from sdlab.utils.text import not_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,8 @@ def _jsonl_entry(root: Path, raw: bytes) -> tuple[Path, str | None] | None:
     if not isinstance(name, str) or not name.strip() or "\0" in name:
         return None
     caption = row.get("text", row.get("caption"))
+    if isinstance(caption, str) and not_utf8(caption, "text") is not None:   # an escaped lone surrogate
+        return None
     return root / name, caption if isinstance(caption, str) else None
 
 
@@ -133,6 +136,22 @@ def _read_jsonl(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, s
     return entries
 
 
+def _read_folder(root: Path, scan: DatasetScan) -> list[tuple[Path, str | None]]:
+    """(image, its same-name ``.txt`` caption or None) of every image under ``root``; an image whose caption
+    file is not UTF-8 text is skipped with a warning naming the file and counted as ``bad_caption``."""
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
+        txt = path.with_suffix(".txt")
+        try:
+            entries.append((path, txt.read_bytes().decode("utf-8") if txt.is_file() else None))
+        except UnicodeDecodeError as err:
+            logger.warning("skipping %s: its caption %s is not UTF-8 text: the byte 0x%02X at byte %d; convert it "
+                           "to UTF-8 first (e.g. iconv -f latin1 -t utf-8)", path, txt, err.object[err.start],
+                           err.start + 1)
+            scan.skipped["bad_caption"] += 1
+    return entries
+
+
 def scan_dataset(root: str | os.PathLike[str]) -> DatasetScan:
     """Find every usable (image, caption) pair under ``root`` (see module docstring), sorted by path."""
     root = Path(root)
@@ -140,13 +159,7 @@ def scan_dataset(root: str | os.PathLike[str]) -> DatasetScan:
         raise FileNotFoundError(f"dataset folder {root} does not exist")
     scan = DatasetScan(samples=[])
     meta = root / "metadata.jsonl"
-    if meta.is_file():
-        entries = _read_jsonl(root, meta, scan)
-    else:
-        entries = []
-        for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-            txt = path.with_suffix(".txt")
-            entries.append((path, txt.read_text(encoding="utf-8", errors="replace") if txt.is_file() else None))
+    entries = _read_jsonl(root, meta, scan) if meta.is_file() else _read_folder(root, scan)
     for path, caption in sorted(entries, key=lambda e: str(e[0])):
         caption = (caption or "").strip()
         if not _is_file(path):
