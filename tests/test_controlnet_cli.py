@@ -114,3 +114,77 @@ def test_control_module_preprocesses_the_matching_hint(files, tmp_path, capsys):
                            (["--control-module", "canny"], "1 --control-module for 0 --control")):
         code, _, stderr = run([*base, *extra, "--out", str(tmp_path / "bad.png")], capsys)
         assert code == 2 and message in stderr and not (tmp_path / "bad.png").exists()
+
+
+def _wide_hint(folder: Path) -> Path:
+    """A 48x32 hint: each resize mode fits it to a square picture differently."""
+    path = folder / "wide.png"
+    image = Image.new("RGB", (48, 32), "black")
+    ImageDraw.Draw(image).rectangle([4, 4, 44, 28], outline="white", width=3)
+    image.save(path)
+    return path
+
+
+def test_control_mode_and_resize_go_to_the_matching_control(files, tmp_path, capsys):
+    """--control-mode / --control-resize pair with the --control of the same rank, as --control-module does;
+    the picture records them and equals the Python API's with the same modes."""
+    from sdlab.pipeline.control import ControlInput
+
+    base = ["txt2img", "a red apple", "--model", str(files["model"]), *FAST]
+    spec = f"{files['net']}:{_wide_hint(tmp_path)}"
+    plain, moded = tmp_path / "plain.png", tmp_path / "moded.png"
+    assert run([*base, "--control", spec, "--control", spec, "--out", str(plain)], capsys)[0] == 0
+    code, _, stderr = run([*base, "--control", spec, "--control", spec, "--control-mode", "prompt",
+                           "--control-resize", "crop", "--control-resize", "fill", "--out", str(moded)], capsys)
+    assert code == 0, stderr
+    params = parse_parameters(read_parameters(moded))
+    assert "Resize Mode: Crop and Resize" in params["ControlNet 0"]
+    assert params["ControlNet 0"].endswith("Control Mode: My prompt is more important")
+    assert "Resize Mode: Resize and Fill" in params["ControlNet 1"] and "Control Mode" not in params["ControlNet 1"]
+    assert np.abs(pixels(plain) - pixels(moded)).max() > 0
+
+    import sdlab
+    pipe = sdlab.load(str(files["model"]))
+    controls = [ControlInput(files["net"], tmp_path / "wide.png", control_mode="prompt", resize_mode="crop"),
+                ControlInput(files["net"], tmp_path / "wide.png", resize_mode="fill")]
+    image = pipe.txt2img("a red apple", steps=3, width=32, height=32, seed=3, controls=controls).images[0]
+    assert np.array_equal(np.asarray(image.convert("RGB"), dtype=np.int16), pixels(moded))
+
+    for extra, message in ((["--control-mode", "prompt"], "1 --control-mode for 0 --control"),
+                           (["--control", spec, "--control-resize", "crop", "--control-resize", "fill"],
+                            "2 --control-resize for 1 --control"),
+                           (["--control", spec, "--control-mode", "Balanced"], "unknown control_mode 'Balanced'"),
+                           (["--control", spec, "--control-resize", "stretch"], "unknown resize_mode 'stretch'")):
+        code, _, stderr = run([*base, *extra, "--out", str(tmp_path / "bad.png")], capsys)
+        assert code == 2 and message in stderr and not (tmp_path / "bad.png").exists(), stderr
+
+
+def test_from_png_gives_a_control_the_recorded_modes(files, tmp_path, capsys):
+    """--from-png with --control redraws the picture with the modes its `ControlNet N` line records (A1111's
+    paste sets them on its N-th unit); a mode given on the line wins."""
+    base = ["txt2img", "--model", str(files["model"]), "--no-progress"]
+    spec = f"{files['net']}:{_wide_hint(tmp_path)}"
+    first, again, own = tmp_path / "first.png", tmp_path / "again.png", tmp_path / "own.png"
+    code, _, stderr = run([*base, "a red apple", *FAST, "--control", spec, "--control-mode", "control",
+                           "--control-resize", "fill", "--out", str(first)], capsys)
+    assert code == 0, stderr
+    code, _, stderr = run([*base, "--from-png", str(first), "--control", spec, "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert np.array_equal(pixels(first), pixels(again))
+    assert read_parameters(first) == read_parameters(again)
+    code, _, stderr = run([*base, "--from-png", str(first), "--control", spec, "--control-mode", "balanced",
+                           "--out", str(own)], capsys)
+    assert code == 0, stderr
+    line = parse_parameters(read_parameters(own))["ControlNet 0"]
+    assert "Control Mode" not in line and "Resize Mode: Resize and Fill" in line
+
+
+def test_recorded_modes_read_a1111s_labels():
+    from sdlab.pipeline.control import recorded_modes
+
+    line = ("Module: none, Model: cn [12345678], Weight: 1, Resize Mode: Scale to Fit (Inner Fit), "
+            "Guidance Start: 0, Guidance End: 1, Control Mode: ControlNet is more important")
+    assert recorded_modes(line) == {"control_mode": "control", "resize_mode": "crop"}
+    assert recorded_modes("Module: none, Model: cn [12345678], Weight: 1") == {}
+    with pytest.raises(ValueError, match="Control Mode 'Sideways'"):
+        recorded_modes("Module: none, Control Mode: Sideways")

@@ -106,6 +106,13 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--control-module", action="append", default=[], metavar="NAME",
                        help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
                             "none (default), canny, scribble, threshold, invert, tile (A1111's meanings); repeatable")
+        p.add_argument("--control-mode", action="append", default=[], metavar="MODE",
+                       help="A1111's control mode of the matching --control: balanced (default), prompt (\"My prompt "
+                            "is more important\"), control (\"ControlNet is more important\"); repeatable")
+        p.add_argument("--control-resize", action="append", default=[], metavar="MODE",
+                       help="how the hint image of the matching --control fits the picture (A1111's resize modes): "
+                            "resize (Just Resize: stretched; the default), crop (Crop and Resize), fill (Resize and "
+                            "Fill: padded with its border's colour); repeatable")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -415,9 +422,10 @@ def _parse_lora(spec: str, find: Callable[[str], Path | None] | None = None) -> 
     return path, value
 
 
-def _parse_control(spec: str, module: str = "none"):
-    """``FILE:IMAGE[:STRENGTH[:START:END]]`` -> a checked `ControlInput` with the image read. Numbers are
-    taken from the end, so the file and image paths may contain colons (split where both sides exist)."""
+def _parse_control(spec: str, **settings: Any):
+    """``FILE:IMAGE[:STRENGTH[:START:END]]`` -> a checked `ControlInput` with the image read and `settings`
+    (module, control_mode, resize_mode). Numbers are taken from the end, so the file and image paths may
+    contain colons (split where both sides exist)."""
     from sdlab.pipeline.control import ControlInput, check_control
     from sdlab.pipeline.request import RequestError
 
@@ -431,9 +439,43 @@ def _parse_control(spec: str, module: str = "none"):
     if not os.path.exists(file):
         raise UserError(f"the ControlNet {file!r} does not exist")
     try:
-        return check_control(ControlInput(file, _open_image(image, "control image"), *numbers, module=module))
+        return check_control(ControlInput(file, _open_image(image, "control image"), *numbers, **settings))
     except RequestError as err:
         raise UserError(f"--control {spec!r}: {err}") from None
+
+
+def _per_control(values: list[str], flag: str, count: int) -> list[str | None]:
+    """A per-control option's values (`--control-module`, ...), one for each of the `count` --control in
+    order: the first for the first, ...; None for the controls past the last given."""
+    if len(values) > count:
+        raise UserError(f"{len(values)} {flag} for {count} --control")
+    return [*values, *[None] * (count - len(values))]
+
+
+def _recorded_modes(recorded: dict[str, Any], index: int, source: str | None) -> dict[str, str]:
+    """The control / resize mode the --from-png picture's `ControlNet {index}` line records ({} without it)."""
+    from sdlab.pipeline.control import recorded_modes
+
+    line = f"ControlNet {index}"
+    try:
+        return recorded_modes(recorded[line]) if line in recorded else {}
+    except ValueError as err:
+        raise UserError(f"{source}: {line}'s {err}; pass --control-mode / --control-resize") from None
+
+
+def _controls(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
+    """The --control `ControlInput`s with their per-control options. A mode a control is not given takes the
+    one the --from-png picture's `ControlNet N` line records for it, as A1111's paste sets its N-th unit."""
+    count = len(args.control)
+    modules, modes, resizes = (_per_control(values, flag, count) for values, flag in (
+        (args.control_module, "--control-module"), (args.control_mode, "--control-mode"),
+        (args.control_resize, "--control-resize")))
+    controls = []
+    for index, (spec, module, mode, resize) in enumerate(zip(args.control, modules, modes, resizes)):
+        given = {key: value for key, value in (("control_mode", mode), ("resize_mode", resize)) if value is not None}
+        settings = {**_recorded_modes(recorded, index, args.from_png), **given}
+        controls.append(_parse_control(spec, module=module or "none", **settings))
+    return tuple(controls)
 
 
 _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -659,11 +701,9 @@ def run_generate(args: argparse.Namespace) -> int:
             raise UserError("inpaint needs --mask IMAGE or --outpaint L,R,T,B")
         options.setdefault("strength", 1.0)
 
-    if len(args.control_module) > len(args.control):
-        raise UserError(f"{len(args.control_module)} --control-module for {len(args.control)} --control")
-    if args.control:
-        modules = [*args.control_module, *["none"] * (len(args.control) - len(args.control_module))]
-        options["controls"] = tuple(_parse_control(spec, module) for spec, module in zip(args.control, modules))
+    controls = _controls(args, recorded)
+    if controls:
+        options["controls"] = controls
     try:
         request = GenerationRequest(**options)
     except TypeError as err:

@@ -66,6 +66,9 @@ RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Res
 DEFAULT_RESIZE = {"diffusers": "resize", "a1111": "crop"}
 """The resize mode of a control that names none, by the request's `control_convention`: diffusers stretches
 the hint; A1111's default is "Crop and Resize" (`ResizeMode.INNER_FIT`)."""
+A1111_RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shrink to Fit)": "Resize and Fill",
+                        "Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
+"""The ControlNet extension's older names of its resize modes (`resize_mode_aliases`)."""
 
 
 @dataclass(frozen=True)
@@ -117,9 +120,9 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
         raise RequestError(f"{name}: need 0 <= start {relation} end <= 1, got start {control.start}, "
                            f"end {control.end}")
     if control.control_mode not in CONTROL_MODES:
-        raise RequestError(f"{name}: unknown control mode {control.control_mode!r}; valid: {', '.join(CONTROL_MODES)}")
+        raise RequestError(f"{name}: unknown control_mode {control.control_mode!r}; valid: {', '.join(CONTROL_MODES)}")
     if control.resize_mode is not None and control.resize_mode not in RESIZE_MODES:
-        raise RequestError(f"{name}: unknown resize mode {control.resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
+        raise RequestError(f"{name}: unknown resize_mode {control.resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
     for what, value in (("threshold_a", control.threshold_a), ("threshold_b", control.threshold_b)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0):
@@ -363,3 +366,27 @@ def infotext_lines(controls: Sequence[ControlInput], convention: str = "diffuser
         lines[f"ControlNet {index}"] = ", ".join(f"{label}: {_number(value) if isinstance(value, float) else value}"
                                                  for label, value in fields.items() if value is not None)
     return lines
+
+
+def a1111_mode(label: Any, modes: dict[str, str]) -> str | None:
+    """sdlab's name (a key of `modes`: `CONTROL_MODES` or `RESIZE_MODES`) of the A1111 mode `label`, one of its
+    values or an older name of a resize mode (`A1111_RESIZE_ALIASES`); None for any other label."""
+    label = A1111_RESIZE_ALIASES.get(label, label) if isinstance(label, str) else None
+    return next((name for name, known in modes.items() if known == label), None)
+
+
+def recorded_modes(line: str) -> dict[str, str]:
+    """The `control_mode` / `resize_mode` a ControlNet infotext line records (`infotext_lines`), by sdlab's
+    names; a label the line lacks is absent. The line is read as the extension's `parse_unit` reads it: items
+    split at commas, each "Label: value". A mode sdlab has not is a ValueError."""
+    fields = dict(item.strip().split(": ", 1) for item in str(line).split(",") if ": " in item)
+    modes = {}
+    for label, key, names in (("Control Mode", "control_mode", CONTROL_MODES),
+                              ("Resize Mode", "resize_mode", RESIZE_MODES)):
+        if label not in fields:
+            continue
+        name = a1111_mode(fields[label], names)
+        if name is None:
+            raise ValueError(f"{label} {fields[label]!r} is not one of {', '.join(names.values())}")
+        modes[key] = name
+    return modes
