@@ -130,6 +130,39 @@ def test_bad_units_are_refused(setup):
     assert native.status_code == 404 and "nope" in native.json()["detail"]
 
 
+def _finished_job(client: httpx.Client, body: dict) -> dict:
+    """POST /api/jobs `body`, then the job once it has ended."""
+    response = client.post("/api/jobs", json=body)
+    assert response.status_code == 202, response.text
+    deadline = time.monotonic() + 300
+    while (job := client.get(f"/api/jobs/{response.json()['id']}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return job
+
+
+def test_native_controls_take_the_control_and_resize_modes(setup, tmp_path):
+    """A native `controls` entry's control_mode / resize_mode (sdlab's names) draw what `sdlab txt2img
+    --control-mode --control-resize` draws; another value is a 422 naming the field."""
+    wide = tmp_path / "wide.png"
+    Image.open(setup["hint"]).resize((96, 64)).save(wide)
+    cli = _cli(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
+               "--cfg", "5", "--sampler", "Euler", "--control", f"{setup['net']}:{wide}:0.8",
+               "--control-mode", "control", "--control-resize", "fill")
+    assert "Resize Mode: Resize and Fill" in cli.info["parameters"]
+    assert "Control Mode: ControlNet is more important" in cli.info["parameters"]
+    control = {"model": "tiny_canny", "image": _b64(wide), "strength": 0.8}
+    with httpx.Client(base_url=setup["server"].url, timeout=300) as client:
+        job = _finished_job(client, {**GEN, "sampler": "Euler", "controls": [
+            {**control, "control_mode": "control", "resize_mode": "fill"}]})
+        assert job["status"] == "done", job
+        _same(_picture(client.get(job["images"][0]).content), cli)
+        for field, bad in (("control_mode", "ControlNet is more important"), ("resize_mode", "Just Resize"),
+                           ("resize_mode", 1)):
+            refused = client.post("/api/jobs", json={**GEN, "controls": [{**control, field: bad}]})
+            assert refused.status_code == 422 and field in refused.json()["detail"], refused.text
+
+
 def test_extra_single_image_upscales(setup):
     from sdlab.checkpoints.upscaler import load_upscaler
     from sdlab.pipeline.upscale import upscale_by

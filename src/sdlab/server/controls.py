@@ -3,10 +3,11 @@ ControlNet folder, hint image decoded from base64, numbers and preprocessor chec
 
 A1111's ControlNet extension sends `alwayson_scripts: {"controlnet": {"args": [unit, ...]}}`, a unit being
 `{enabled, model, image | input_image, weight, guidance_start, guidance_end, module, ...}`; the native API
-sends `controls: [{model, image, strength, start, end, module}]`. A1111's units select their steps by the
-extension's rule (the request's `control_convention="a1111"`), the native ones by diffusers'; a unit's
-`control_mode`, `resize_mode` and `threshold_a` / `threshold_b` are A1111's. Unit fields sdlab does not
-implement (pixel_perfect, processor_res, low_vram, ...) are ignored.
+sends `controls: [{model, image, strength, start, end, module, control_mode, resize_mode}]`. A1111's units
+select their steps by the extension's rule (the request's `control_convention="a1111"`), the native ones by
+diffusers'; a unit's `control_mode`, `resize_mode` and `threshold_a` / `threshold_b` are A1111's, a native
+entry's modes are sdlab's names (`CONTROL_MODES`, `RESIZE_MODES`). Unit fields sdlab does not implement
+(pixel_perfect, processor_res, low_vram, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from typing import Any
 
 from PIL import Image
 
-from sdlab.pipeline.control import CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, check_control
+from sdlab.pipeline.control import (
+    CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control,
+)
 from sdlab.pipeline.preprocess import PREPROCESSORS, unknown_preprocessor
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import Limits
@@ -48,31 +51,25 @@ def control_mode(value: Any) -> str:
     names = list(CONTROL_MODES)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
         return names[value]
-    for name, label in CONTROL_MODES.items():
-        if value == label:
-            return name
+    name = a1111_mode(value, CONTROL_MODES)
+    if name is not None:
+        return name
     valid = ", ".join(f"{label!r} ({index})" for index, label in enumerate(CONTROL_MODES.values()))
     raise BadRequest(f"unknown ControlNet control_mode {value!r}; valid: {valid}", 422)
 
 
-A1111_RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fit (Shrink to Fit)": "Resize and Fill",
-                        "Scale to Fit (Inner Fit)": "Crop and Resize", "Envelope (Outer Fit)": "Resize and Fill"}
-"""The extension's older names of its resize modes (`resize_mode_aliases`)."""
-
-
 def resize_mode(value: Any) -> str:
     """A1111's `resize_mode` -> sdlab's name (`RESIZE_MODES`), as the extension's `resize_mode_from_value`
-    takes it: a ResizeMode value or an older alias, or its index (3, "Just Resize (Latent upscale)", and past
-    the last: Just Resize); null is its default, Crop and Resize."""
+    takes it: a ResizeMode value or an older alias (`A1111_RESIZE_ALIASES`), or its index (3, "Just Resize
+    (Latent upscale)", and past the last: Just Resize); null is its default, Crop and Resize."""
     if value is None:
         return DEFAULT_RESIZE["a1111"]
     names = list(RESIZE_MODES)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return names[value] if value < len(names) else "resize"
-    label = A1111_RESIZE_ALIASES.get(value, value) if isinstance(value, str) else None
-    for name, known in RESIZE_MODES.items():
-        if label == known:
-            return name
+    name = a1111_mode(value, RESIZE_MODES)
+    if name is not None:
+        return name
     valid = ", ".join(f"{known!r} ({index})" for index, known in enumerate(RESIZE_MODES.values()))
     raise BadRequest(f"unknown ControlNet resize_mode {value!r}; valid: {valid}", 422)
 
@@ -154,6 +151,7 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
         what = f"control {index}"
         control = ControlInput(model_path(item.get("model"), what, folder), hint_image(item.get("image"), what, limits),
                                item.get("strength", 1.0), item.get("start", 0.0), item.get("end", 1.0),
-                               module_name(item.get("module")))
+                               module_name(item.get("module")), item.get("control_mode", "balanced"),
+                               item.get("resize_mode"))
         controls.append(checked(control, index, "diffusers"))
     return tuple(controls)

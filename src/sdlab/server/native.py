@@ -50,6 +50,8 @@ class ControlIn(BaseModel):
     start: float = 0.0
     end: float = 1.0
     module: str = "none"                    # a preprocessor: none, canny, scribble, threshold, invert, tile
+    control_mode: str = "balanced"          # sdlab's names of A1111's control modes: balanced, prompt, control
+    resize_mode: str | None = None          # resize (the default), crop, fill: A1111's resize modes
 
 
 class JobIn(NullsAreDefaults):
