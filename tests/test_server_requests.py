@@ -249,6 +249,37 @@ def test_null_fields_take_their_defaults(client):
     assert client.post("/api/jobs", json={"prompt": "x", "no_such_field": None}).status_code == 422
 
 
+# ---------------------------------------------------------------- 7b. text that is not UTF-8
+
+NOT_UTF8 = "caf\udce9"      # JSON's "caf\\udce9": a Latin-1 byte as Python's surrogateescape reads it
+
+
+@pytest.mark.parametrize("path,body,named", [
+    ("/sdapi/v1/txt2img", {"prompt": NOT_UTF8, "steps": 2}, "prompt"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "negative_prompt": NOT_UTF8, "steps": 2}, "negative_prompt"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "styles": ["ok", NOT_UTF8], "steps": 2}, "styles[1]"),
+    ("/sdapi/v1/txt2img", {"prompt": "x", "steps": 2, "alwayson_scripts": {"controlnet": {"args": [{"module": NOT_UTF8}]}}},
+     "alwayson_scripts.controlnet.args[0].module"),
+    ("/sdapi/v1/img2img", {"prompt": NOT_UTF8, "steps": 2, "init_images": ["iVBORw0KGgo="]}, "prompt"),
+    ("/sdapi/v1/options", {"sd_vae": "Automatic", "my_note": NOT_UTF8}, "my_note"),
+    ("/api/jobs", {"prompt": NOT_UTF8, "steps": 2}, "prompt"),
+    ("/api/jobs", {"prompt": "x", "negative_prompt": NOT_UTF8, "steps": 2}, "negative_prompt"),
+    ("/api/jobs", {"prompt": "x", "loras": [{"name": NOT_UTF8}], "steps": 2}, "loras[0].name"),
+    ("/api/jobs", {"prompt": "x", "steps": 2, NOT_UTF8: 1}, "a field name in the request body"),
+])
+def test_text_that_is_not_utf8_is_a_422_naming_the_field_before_any_job(client, served, path, body, named):
+    server, _ = served
+    jobs = {job["id"] for job in client.get("/api/jobs").json()["jobs"]}
+    response = client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    message = response.json()["errors" if path.startswith("/sdapi/") else "detail"]
+    assert message.startswith(f"{named} is not UTF-8 text: the byte 0xE9 at character 4"), message
+    listed = client.get("/api/jobs")
+    assert listed.status_code == 200 and {job["id"] for job in listed.json()["jobs"]} == jobs      # none queued
+    assert "my_note" not in client.get("/sdapi/v1/options").json()
+    assert "Traceback" not in server.output()
+
+
 # ---------------------------------------------------------------- 8. info's seeds
 
 

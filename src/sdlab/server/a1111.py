@@ -42,8 +42,8 @@ from sdlab.pipeline.request import GenerationRequest
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, upscale_by
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
-    PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, decode_base64, decode_image, fit_mask,
-    sampler_and_schedule, scheduler_rows, unset_preset_fields,
+    PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64, decode_image,
+    fit_mask, sampler_and_schedule, scheduler_rows, unset_preset_fields,
 )
 from sdlab.server.jobs import Job, image_seeds
 from sdlab.server.model_folders import ModelFile
@@ -289,7 +289,8 @@ def _options(service: Service) -> dict[str, Any]:
 
 def _check_options(body: dict[str, Any]) -> None:
     """The options a generation uses are refused when they are not values it can use (A1111 would fail
-    every later generation instead)."""
+    every later generation instead); every option's text is UTF-8, as GET echoes it (`check_texts`)."""
+    check_texts(body)
     for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0)):
         value = body.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:

@@ -30,6 +30,7 @@ from sdlab.pipeline.request import SIZE_MULTIPLE, GenerationRequest, RequestErro
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 from sdlab.server.config import Limits
 from sdlab.server.model_folders import ModelFile, ModelFolder
+from sdlab.utils.text import not_utf8
 
 
 class BadRequest(Exception):
@@ -84,7 +85,7 @@ def with_preset(request: GenerationRequest, name: str, mode: str, fields: Collec
 class NullsAreDefaults(BaseModel):
     """A request body whose known fields that are null are left out, so they take their defaults: A1111 makes
     every request field optional (null = the default) and both APIs say null counts as unset. Unknown
-    fields stay, for the models that refuse them."""
+    fields stay, for the models that refuse them. Its text, every string at any depth, is UTF-8 (`check_texts`)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -92,6 +93,34 @@ class NullsAreDefaults(BaseModel):
         if not isinstance(data, dict):
             return data
         return {key: value for key, value in data.items() if value is not None or key not in cls.model_fields}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_utf8(cls, data: Any) -> Any:
+        check_texts(data)
+        return data
+
+
+def check_texts(data: Any, where: str = "") -> None:
+    """A 422 `BadRequest` naming the first string of a JSON body `data` (keys and values, at any depth;
+    `where`: the path to `data`) that is not UTF-8 text (`not_utf8`). JSON can escape a lone surrogate
+    (``"caf\\udce9"``, a Latin-1 byte as Python's `surrogateescape` reads it), which no picture's text,
+    job record or JSON answer can hold; refused here, it never reaches a job."""
+    if isinstance(data, str):
+        _check_text(data, where or "the request body")
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            _check_text(key, f"a field name in {where or 'the request body'}")
+            check_texts(value, f"{where}.{key}" if where else key)
+    elif isinstance(data, list):
+        for index, item in enumerate(data):
+            check_texts(item, f"{where}[{index}]")
+
+
+def _check_text(text: str, where: str) -> None:
+    problem = not_utf8(text, where)
+    if problem is not None:
+        raise BadRequest(problem, 422)
 
 
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
