@@ -95,7 +95,7 @@ def test_image_i_of_a_batch_is_the_single_run_with_seed_plus_i(bundles, family, 
 @pytest.mark.parametrize("convention", ["diffusers", "comfyui", "a1111"])
 def test_img2img_start_noise_is_the_conventions_draw(bundles, monkeypatch, convention):
     """diffusers' prepare_latents samples the posterior first, so the noise is each seed's second draw;
-    A1111's img2img takes it as the first (`sample`: x = self.rng.next()), the posterior sample after it."""
+    A1111's img2img takes it as the first (`sample`: x = self.rng.next())."""
     from sdlab.pipeline import generate as generate_module
 
     starts = []
@@ -108,6 +108,33 @@ def test_img2img_start_noise_is_the_conventions_draw(bundles, monkeypatch, conve
     generators = [torch.Generator().manual_seed(seed) for seed in (40, 41)]
     noise = torch.stack([[torch.randn(shape, generator=g) for _ in range(2)][nth] for g in generators])
     assert torch.equal(starts[0].noise.cpu(), noise)
+
+
+@pytest.mark.parametrize("family, pictures", [
+    ("sd1", dict(init_image=_picture(), strength=0.7)),
+    ("sd1", dict(init_image=_picture(), mask_image=_mask(), strength=0.7)),
+    ("sd1-inpaint", dict(init_image=_picture(), mask_image=_mask(), strength=0.7)),
+])
+def test_a1111_step_noise_follows_the_start_noise_in_each_seeds_generator(bundles, monkeypatch, family, pictures):
+    """A1111's `ImageRNG` gives each seed's start noise, then its ancestral step noise: the VAE posteriors
+    (init image, masked image) draw nothing from the seeds' generators in between."""
+    from sdlab.pipeline import generate as generate_module
+
+    step_noise = []
+    real = generate_module._run_sampler
+
+    def run(plan, model, x, sigmas, options, progress):
+        source = options["noise"]
+        return real(plan, model, x, sigmas, {**options, "noise": lambda *a: step_noise.append(source(*a))
+                                             or step_noise[-1]}, progress)
+
+    monkeypatch.setattr(generate_module, "_run_sampler", run)
+    generate(bundles[family], _request(sampler="Euler a", batch_size=2, seed=40, img2img_convention="a1111",
+                                       **pictures))
+    shape = step_noise[0].shape[1:]                                       # (4, h, w)
+    generators = [torch.Generator().manual_seed(seed) for seed in (40, 41)]
+    draws = torch.stack([torch.stack([torch.randn(shape, generator=g) for _ in range(2)]) for g in generators])
+    assert torch.equal(step_noise[0].cpu(), draws[:, 1])                  # (2, 4, h, w): each seed's second draw
 
 
 def test_same_seed_same_picture_and_random_seed_is_recorded(bundles):

@@ -23,10 +23,13 @@ image i equals a single run with seed + i, on any device. The draws follow diffu
 1. the VAE posterior sample of the init image, only when the start or the blend needs it (img2img;
    inpainting below strength 1; 4-channel inpainting at any strength); diffusers' 9-channel inpainting at
    strength 1 starts from pure noise and encodes no init image, and neither does sdlab;
-2. the initial noise (under A1111's img2img convention it comes before 1: A1111 takes the noise as each
-   seed's first draw and samples the posterior from another random state);
+2. the initial noise;
 3. the posterior sample of the masked image (9-channel inpainting models only);
 4. the sampler's step noise (ancestral / SDE samplers).
+
+Under A1111's img2img convention the initial noise is each seed's first draw and the step noise follows
+it directly (A1111's `ImageRNG`): A1111 samples its posteriors (1 and 3) from its global random state,
+apart from the seeds' generators, and sdlab takes the posterior means there, drawing nothing.
 
 Where diffusers differs (documented in tests/test_pipeline_parity.py): with ONE init image and a list of
 generators its inpainting pipeline encodes the (masked) image with generator 0 only and repeats that latent,
@@ -266,7 +269,7 @@ class _Start:
     x: Tensor                        # (B, 4, h, w) the sampler's x at sigmas[0]
     noise: Tensor                    # (B, 4, h, w) the unit noise in x
     pixels: Tensor | None            # (1, 3, H, W) init image in [-1, 1]
-    image_latent: Tensor | None      # (B, 4, h, w) posterior samples of the init image, when drawn
+    image_latent: Tensor | None      # (B, 4, h, w) the init image's posterior samples (means), when encoded
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
     from_noise: bool = False         # x is pure noise (no init latent in it)
 
@@ -288,18 +291,25 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0
                                                               and req.img2img_convention != "a1111"))
     blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
-    # diffusers' prepare_latents samples the posterior, then the noise; A1111's img2img takes the noise as
-    # each seed's first draw (`sample`: x = self.rng.next()) and samples its posterior from another state
-    noise = _initial_noise(plan, generators, device) if req.img2img_convention == "a1111" else None
+    # diffusers' prepare_latents samples the posterior, then the noise; under A1111's convention nothing is
+    # drawn for the posterior, so the noise is each seed's first draw (`sample`: x = self.rng.next())
     if pixels is not None and (not from_noise or blends):
-        image_latent = encode_image(bundle, pixels, generators, tiled=req.tiled_vae)           # (B, 4, h, w)
-    if noise is None:
-        noise = _initial_noise(plan, generators, device)                                    # (B, 4, h, w)
+        image_latent = encode_image(bundle, pixels, _posterior_generators(req, generators), tiled=req.tiled_vae)
+        image_latent = image_latent.expand(req.batch_size, -1, -1, -1)                      # (B, 4, h, w)
+    noise = _initial_noise(plan, generators, device)                                        # (B, 4, h, w)
     if from_noise:
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, from_noise=from_noise)
+
+
+def _posterior_generators(req: GenerationRequest,
+                          generators: list[torch.Generator]) -> list[torch.Generator] | None:
+    """The generators that VAE posterior samples are drawn from: the seeds' own (diffusers), or none under
+    A1111's img2img convention, which samples its posteriors from its global random state, apart from the
+    seeds' generators: sdlab takes the posterior mean there and draws nothing (`encode_image`)."""
+    return None if req.img2img_convention == "a1111" else generators
 
 
 def _initial_noise(plan: GenerationPlan, generators: list[torch.Generator], device: torch.device) -> Tensor:
@@ -366,7 +376,8 @@ def _guided_model(
         if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
             mask = torch.ones((1, 1, req.height, req.width), device=device)
             pixels = torch.zeros((1, 3, req.height, req.width), device=device)
-        extra = inpaint_channels(bundle, pixels, mask, generators, tiled=req.tiled_vae)      # (B, 5, h, w)
+        extra = inpaint_channels(bundle, pixels, mask, _posterior_generators(req, generators), tiled=req.tiled_vae)
+        extra = extra.expand(req.batch_size, -1, -1, -1)                                   # (B, 5, h, w)
         extra_cond["concat"] = extra_uncond["concat"] = extra
     if not composed:
         guided = needs_uncond(req.cfg_scale) and embedded is None
@@ -503,10 +514,10 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Gen
     return in_safe_vae_precision(bundle, encode).to(torch.float32) * bundle.scaling_factor
 
 
-def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor, generators: list[torch.Generator], *,
-                     tiled: bool | None = None) -> Tensor:
+def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor,
+                     generators: list[torch.Generator] | None, *, tiled: bool | None = None) -> Tensor:
     """The 5 extra input channels of 9-channel inpainting U-Nets: latent mask, then masked-image latent
-    (encoded in tiles as `encode_image` decides with `tiled`)."""
+    (`encode_image`: one posterior sample per generator, or the mean without; in tiles as `tiled` decides)."""
     factor = bundle.vae_config.downsample_factor
     masked_latent = encode_image(bundle, masked_image(pixels, mask), generators, tiled=tiled)  # (B, 4, h, w)
     small_mask = latent_mask(mask, factor).expand(masked_latent.shape[0], -1, -1, -1)    # (B, 1, h, w)
