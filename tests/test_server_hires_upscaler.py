@@ -1,7 +1,8 @@
 """`sdlab serve`'s hires fix with an upscaler model of `--upscalers-dir`, named as `/sdapi/v1/upscalers` lists
 it (A1111's `hr_upscaler`): both APIs draw what `sdlab txt2img --hr-upscaler FILE` draws, the pictures and
 the job name the model (never its path); a path, an unknown name or a listed file that is gone is a 400
-and a file that cannot be loaded fails the job, without the server's paths."""
+and a file that cannot be loaded fails the job, without the server's paths. Extras' upscale
+(`/sdapi/v1/extra-single-image`) refuses a listed file that is gone or cannot be loaded alike."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ import pytest
 from PIL import Image
 from safetensors.torch import save_file
 
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.upscaler import load_upscaler
+from sdlab.pipeline.request import GenerationRequest
+from sdlab.server.model_folders import UPSCALER_SUFFIXES, ModelFolder
+from sdlab.server.worker import HiresUpscaler, _run_with_upscaler
 from server_fixtures import run_job, server_env, start_server
 from test_upscale_models import new_arch_state
 
@@ -112,3 +118,30 @@ def test_an_upscaler_model_that_cannot_be_loaded_or_is_gone_is_refused_without_t
     assert str(server.upscaler.parents[1]) not in broken["error"], broken["error"]
     assert removed.status_code == 400
     assert removed.json()["detail"] == "the hires upscaler 'removed' is no longer in the upscalers folder"
+
+
+def test_extras_refuses_a_listed_upscaler_that_cannot_be_loaded_or_is_gone_without_the_servers_path(server):
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(buffer, "PNG")
+    image = base64.b64encode(buffer.getvalue()).decode("ascii")
+    answers = {name: httpx.post(server.url + "/sdapi/v1/extra-single-image", timeout=120,
+                                json={"image": image, "upscaler_1": name, "upscaling_resize": 2})
+               for name in ("broken", "removed")}
+    assert all(answer.status_code == 400 for answer in answers.values()), answers
+    broken, removed = (answers[name].json()["errors"] for name in ("broken", "removed"))
+    assert broken.startswith("the upscaler 'broken' cannot be loaded: ") and str(server.upscaler.parents[1]) not in broken
+    assert removed == "the upscaler 'removed' is no longer in the upscalers folder"
+
+
+def test_a_model_file_error_of_the_run_itself_is_not_blamed_on_the_hires_upscaler(tmp_path):
+    save_file(new_arch_state(2), str(tmp_path / "tinyx2.safetensors"))
+    folder = ModelFolder(tmp_path, UPSCALER_SUFFIXES, hashed=False)
+    upscaler = HiresUpscaler(folder.find("tinyx2"), load_upscaler(tmp_path / "tinyx2.safetensors"))
+
+    class FailingPipe:                  # a file the run reads past the upscaler (a prompt's LoRA, say) is broken
+        def run(self, request, progress=None, upscaler=None):
+            raise CheckpointError("other.safetensors: not a checkpoint")
+
+    request = GenerationRequest(prompt=PROMPT, hr_scale=2, hr_upscaler="tinyx2")
+    with pytest.raises(CheckpointError, match="other.safetensors"):
+        _run_with_upscaler(FailingPipe(), request, upscaler, progress=lambda info: None)

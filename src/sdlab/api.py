@@ -26,9 +26,10 @@ import torch
 from sdlab.checkpoints.embeddings import Embedding, embeddings_used, find_embeddings, install_embeddings
 from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
+from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
-from sdlab.pipeline.hires import generate_hires, hires_upscaler
+from sdlab.pipeline.hires import generate_hires
 from sdlab.pipeline.memory import is_out_of_memory
 from sdlab.pipeline.plan import GenerationPlan, make_plan
 from sdlab.pipeline.presets import apply_preset
@@ -98,10 +99,11 @@ class Pipeline:
         return plan
 
     def run(self, request: GenerationRequest | GenerationPlan, *, progress: ProgressFn | None = None,
-            loras: Sequence[LoraUse] = ()) -> GenerationResult:
+            loras: Sequence[LoraUse] = (), upscaler: Upscaler | None = None) -> GenerationResult:
         """Draw a plan from `resolve` (or a request, resolved here once). `progress(StepInfo)` is called once per
         step; an exception it raises stops the run and propagates. Running out of memory (past the estimate
-        checked up front) is a `RequestError`.
+        checked up front) is a `RequestError`. `upscaler`: the network of the hires upscaler file the request
+        names, loaded by the caller (else read from the file here).
 
         The prompt's `<lora:NAME:WEIGHT>` / `<lora:NAME:TE:UNET>` tags (A1111) are taken out of the encoded
         text and their files, with `loras`, merged into the model for this run only: the model's own
@@ -112,11 +114,11 @@ class Pipeline:
         if uses or loras:
             drawn = replace(plan, request=replace(plan.request, prompt=bare)) if uses else plan
             with patcher_for(self.bundle).using([*loras, *uses]):
-                result = self.run(drawn, progress=progress)     # its prompt has no tags left
+                result = self.run(drawn, progress=progress, upscaler=upscaler)     # its prompt has no tags left
             return replace(result, request=plan.request) if drawn is not plan else result
         try:
             if plan.request.hires:
-                return generate_hires(self.bundle, plan, hires_upscaler(plan.request, self.bundle), progress=progress)
+                return generate_hires(self.bundle, plan, upscaler, progress=progress)
             if self.refiner is not None:
                 return generate_with_refiner(self.bundle, self.refiner, plan, progress=progress)
             return generate(self.bundle, plan, progress=progress)

@@ -30,7 +30,6 @@ from pydantic import ConfigDict, Field
 from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
-from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import mask_levels, open_image
@@ -39,11 +38,12 @@ from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
 )
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, upscale_by
+from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, upscale_by
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
-    PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64, decode_image,
-    fit_mask, sampler_and_schedule, scheduler_rows, unset_preset_fields,
+    EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
+    decode_image, fit_mask, load_upscaler_file, sampler_and_schedule, scheduler_rows, unset_preset_fields,
+    upscaler_file,
 )
 from sdlab.server.jobs import Job, image_seeds
 from sdlab.server.model_folders import ModelFile
@@ -416,12 +416,7 @@ def _upscale(service: Service, body: ExtraSingleIn) -> dict[str, Any]:
     except Exception:                   # no readable parameters chunk: the picture still upscales
         parameters = None
     name = (body.upscaler_1 or "None").strip()
-    found = None
-    if name.lower() not in PLAIN_UPSCALERS:
-        found = service.upscalers.find(name)
-        if found is None:
-            valid = ", ".join([*PLAIN_UPSCALER_NAMES, *service.upscalers.titles()])
-            raise BadRequest(f"unknown upscaler {name!r}; this server has: {valid}", 404, "Upscaler not found")
+    found = upscaler_file(name, service.upscalers, EXTRAS_UPSCALER)
     result = image if name.lower() == "none" else _upscaled(service, body, image, name, found)
     blob = encode_image(result, "PNG", parameters)
     return {"html_info": f"<p>Upscaler: {html.escape(name)}, size: {result.width}x{result.height}</p>",
@@ -445,9 +440,9 @@ def _upscaled(service: Service, body: ExtraSingleIn, image: Image.Image, name: s
         _check_upscale_size(image.width * scale, image.height * scale, limit)
     try:
         with service.host.busy:                         # never beside a generation
-            upscaler = load_upscaler(found.path, device=service.config.device) if found is not None else name
+            upscaler = load_upscaler_file(found, EXTRAS_UPSCALER, service.config.device) if found is not None else name
             result = upscale_by(image.convert("RGB") if found is not None else image, upscaler, scale)
-    except (UpscaleError, CheckpointError) as err:
+    except UpscaleError as err:
         raise BadRequest(str(err), 400) from None
     if body.resize_mode == 1 and body.upscaling_crop:
         return _centred_on_canvas(result, body.upscaling_resize_w, body.upscaling_resize_h)

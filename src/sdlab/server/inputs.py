@@ -13,11 +13,15 @@ import random
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from pydantic import BaseModel, model_validator
 
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
@@ -216,30 +220,66 @@ def fixed_seed(seed: Any) -> int:
 PLAIN_UPSCALER_NAMES = ("None", "Lanczos", "Nearest")          # A1111's spelling of PLAIN_UPSCALERS
 
 
-def upscaler_file(name: object, upscalers: ModelFolder | None) -> ModelFile | None:
-    """The `--upscalers-dir` model a hires upscaler name picks (by the name `/sdapi/v1/upscalers` lists, or its
-    file name); None for a latent mode or a plain resize. Names are looked up in the folder only (the
-    pipeline would open any file a path names): any other name, a path among them, is a `BadRequest` listing
-    what this server offers, and so is a listed file that is gone."""
-    if name is None or (isinstance(name, str) and _is_named_upscaler(name)):
+@dataclass(frozen=True)
+class UpscalerUse:
+    """Where a client names an upscaler: what errors call it, whether A1111's latent modes are names it may take
+    besides the plain resizes and the `--upscalers-dir` models, and the answer to a name that is none of them."""
+    what: str
+    latent_modes: bool
+    unknown_status: int = 400
+    unknown_reason: str | None = None
+
+
+HIRES_UPSCALER = UpscalerUse("hires upscaler", latent_modes=True)
+EXTRAS_UPSCALER = UpscalerUse("upscaler", latent_modes=False, unknown_status=404, unknown_reason="Upscaler not found")
+
+
+def upscaler_file(name: object, upscalers: ModelFolder | None, use: UpscalerUse = HIRES_UPSCALER) -> ModelFile | None:
+    """The `--upscalers-dir` model an upscaler name picks (by the name `/sdapi/v1/upscalers` lists, or its file
+    name); None for a plain resize (or, where `use` takes them, a latent mode). Names are looked up in the
+    folder only (the pipeline would open any file a path names): any other name, a path among them, is a
+    `BadRequest` listing what this server offers, and so is a listed file that is gone."""
+    if name is None or (isinstance(name, str) and _is_named_upscaler(name, use.latent_modes)):
         return None
     found = upscalers.find(name) if isinstance(name, str) and upscalers is not None else None
     if found is None:
         models = upscalers.titles() if upscalers is not None else []
-        valid = ", ".join([*LATENT_UPSCALE_MODES, *PLAIN_UPSCALER_NAMES, *models])
-        raise BadRequest(f"unknown hires upscaler {name!r}; this server offers: {valid}")
+        valid = ", ".join([*(LATENT_UPSCALE_MODES if use.latent_modes else ()), *PLAIN_UPSCALER_NAMES, *models])
+        raise BadRequest(f"unknown {use.what} {name!r}; this server offers: {valid}", use.unknown_status,
+                         use.unknown_reason)
     if not found.path.is_file():
-        raise BadRequest(f"the hires upscaler {found.title!r} is no longer in the upscalers folder")
+        raise BadRequest(f"the {use.what} {found.title!r} is no longer in the upscalers folder")
     return found
 
 
-def _is_named_upscaler(name: str) -> bool:
-    """Whether `name` is a latent mode or a plain resize, in any spelling the pipeline takes."""
+def _is_named_upscaler(name: str, latent_modes: bool) -> bool:
+    """Whether `name` is a plain resize or (`latent_modes`) a latent mode, in any spelling the pipeline takes."""
+    if name.strip().lower() in PLAIN_UPSCALERS:
+        return True
     try:
         canonical_latent_name(name)
-        return True
+        return latent_modes
     except UpscaleError:
-        return name.strip().lower() in PLAIN_UPSCALERS
+        return False
+
+
+def load_upscaler_file(upscaler: ModelFile, use: UpscalerUse, device: str | torch.device,
+                       dtype: torch.dtype = torch.float32) -> Upscaler:
+    """The network of the `--upscalers-dir` model `upscaler` (`upscaler_file`); a file that cannot be loaded
+    (broken, or gone since) is a `BadRequest` naming it as clients know it, without the server's path."""
+    try:
+        return load_upscaler(upscaler.path, device=device, dtype=dtype)
+    except CheckpointError as err:
+        reason = without_paths(str(err), [(upscaler.path, upscaler.title)]).removeprefix(f"{upscaler.title}: ")
+        raise BadRequest(f"the {use.what} {upscaler.title!r} cannot be loaded: {reason}") from None
+
+
+def without_paths(text: str, names: list[tuple[Path, str]]) -> str:
+    """`text` with each file's absolute path replaced by the name clients know it by, so an error about a
+    client's choice does not show where the server keeps its files."""
+    for path, name in names:
+        text = text.replace(str(path), name)
+    return text
 
 
 def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -> GenerationRequest:
@@ -248,14 +288,13 @@ def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -
 
 
 def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str = "hr_steps",
-                  model: ModelBundle | None = None, upscalers: ModelFolder | None = None) -> GenerationRequest:
+                  model: ModelBundle | None = None, upscaler: ModelFile | None = None) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
     in when it runs); `BadRequest` names the first problem (the hires pass's step count by `hr_steps_name`, the
     route's name for it). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
     on where known (loaded): its default side stands for an unset width / height and its VAE factor snaps the
-    sizes, so the hires pass is checked at the size it will draw. `upscalers`: the models a hires upscaler
-    may name besides the latent modes and plain resizes (`upscaler_file`)."""
-    upscaler = upscaler_file(request.hr_upscaler, upscalers)
+    sizes, so the hires pass is checked at the size it will draw. `upscaler`: the model the hires upscaler
+    names (`upscaler_file`), None for a latent mode or a plain resize."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)

@@ -11,7 +11,7 @@ from sdlab.api import shipped_model_path
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import ServerConfig
-from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, check_request, fixed_seed, with_preset
+from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, check_request, fixed_seed, upscaler_file, with_preset
 from sdlab.server.jobs import Job, JobQueue
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.registry import Checkpoint, ModelRegistry
@@ -82,7 +82,8 @@ class Service:
                 raise BadRequest(f"the model names the preset {preset!r}: {err}", 422) from None
             spec = replace(spec, model_preset_fills=frozenset())
         request = check_request(replace(request, prompt=bare, seed=fixed_seed(request.seed)), self.config.limits,
-                                hr_steps_name, model=self.host.loaded_bundle(checkpoint), upscalers=self.upscalers)
+                                hr_steps_name, model=self.host.loaded_bundle(checkpoint),
+                                upscaler=upscaler_file(request.hr_upscaler, self.upscalers))
         applied = {choice.name: choice.weight for choice in loras}
         as_written = all(applied.get(tag.name) == tag.weight for tag in tags)     # as `sdlab txt2img` records
         spec = replace(spec, request=request, loras=tuple(loras),

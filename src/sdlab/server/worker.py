@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdlab.api import Pipeline, load
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn
@@ -28,9 +29,12 @@ from sdlab.pipeline.infotext import LoraRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
 from sdlab.server.config import Limits
-from sdlab.server.inputs import BadRequest, check_request, upscaler_file, with_preset, with_upscaler_file
+from sdlab.server.inputs import (
+    HIRES_UPSCALER, BadRequest, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
+    without_paths,
+)
 from sdlab.server.jobs import Job, JobCancelled, steps_of
-from sdlab.server.model_folders import ModelFolder
+from sdlab.server.model_folders import ModelFile, ModelFolder
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
 from sdlab.utils.threads import use_threads_for
@@ -117,15 +121,11 @@ class Runner:
             names = [(checkpoint.path, checkpoint.title)] + [(path, f"LoRA {path.name}") for path, _ in loras]
             named = ", ".join(repr(c.name) for c in job.spec.loras)
             what = f"the model {checkpoint.title!r}" + (f" with the LoRAs {named}" if loras else "")
-            reason = _without_paths(str(err), names).removeprefix(f"{checkpoint.title}: ")
+            reason = without_paths(str(err), names).removeprefix(f"{checkpoint.title}: ")
             raise RequestError(f"{what} cannot be loaded: {reason}") from None
         previewer = self.host.previewer
         _take_model_defaults(job, pipe.bundle)
-        if self.limits is not None:     # the model's size and VAE factor: known only now when it was not loaded at submit
-            try:
-                check_request(job.spec.request, self.limits, model=pipe.bundle, upscalers=self.upscalers)
-            except BadRequest as err:
-                raise RequestError(str(err)) from None
+        upscaler = self._hires_upscaler(job.spec.request, pipe.bundle)
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
 
         def progress(info: StepInfo) -> None:
@@ -135,7 +135,7 @@ class Runner:
             job.preview = previewer.rgb(info.denoised[0]) if previewer is not None else None   # (h, w, 3)
             job.publish("step", {"i": job.step, "n": job.steps})
 
-        result = _run_with_upscaler_file(pipe, job.spec.request, self.upscalers, progress)
+        result = _run_with_upscaler(pipe, job.spec.request, upscaler, progress)
         if job.cancel.is_set():
             raise JobCancelled
         used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)]
@@ -150,28 +150,37 @@ class Runner:
         settings.update(result.request.parameters())
         job.settings, job.images, job.infotexts, job.seeds = settings, names, texts, list(result.seeds)
 
+    def _hires_upscaler(self, request: GenerationRequest, bundle: ModelBundle) -> HiresUpscaler | None:
+        """The model a hires upscaler names in `request` (read from its file), after the request is checked
+        against the limits at the model's size; None for a latent mode or a plain resize. A problem with
+        either is the job's `RequestError`."""
+        try:
+            upscaler = upscaler_file(request.hr_upscaler, self.upscalers)
+            if self.limits is not None:     # the model's size and VAE factor: known only now when it was not loaded at submit
+                check_request(request, self.limits, model=bundle, upscaler=upscaler)
+            if upscaler is None:
+                return None
+            return HiresUpscaler(upscaler, load_upscaler_file(upscaler, HIRES_UPSCALER, bundle.device, bundle.dtype))
+        except BadRequest as err:
+            raise RequestError(str(err)) from None
 
-def _run_with_upscaler_file(pipe: Pipeline, request: GenerationRequest, upscalers: ModelFolder | None,
-                            progress: ProgressFn) -> GenerationResult:
-    """`pipe.run(request)` with a hires upscaler named from `upscalers` read from its file; the result's request
-    names it as `/sdapi/v1/upscalers` lists it, as the pictures' parameters do (A1111's `Hires upscaler`)."""
-    upscaler = upscaler_file(request.hr_upscaler, upscalers)
+
+@dataclass(frozen=True)
+class HiresUpscaler:
+    """An `--upscalers-dir` model a job's hires fix names, and its network."""
+    file: ModelFile
+    network: Upscaler
+
+
+def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscaler | None,
+                       progress: ProgressFn) -> GenerationResult:
+    """`pipe.run(request)`, with the hires upscaler model `upscaler` where the request names one; the result's
+    request names it as `/sdapi/v1/upscalers` lists it, as the pictures' parameters do (A1111's `Hires
+    upscaler`)."""
     if upscaler is None:
         return pipe.run(request, progress=progress)
-    try:
-        result = pipe.run(with_upscaler_file(request, upscaler), progress=progress)
-    except CheckpointError as err:      # a file the client chose: its error, without the server's path
-        reason = _without_paths(str(err), [(upscaler.path, upscaler.title)]).removeprefix(f"{upscaler.title}: ")
-        raise RequestError(f"the hires upscaler {upscaler.title!r} cannot be loaded: {reason}") from None
-    return replace(result, request=replace(result.request, hr_upscaler=upscaler.title))
-
-
-def _without_paths(text: str, names: list[tuple[Path, str]]) -> str:
-    """`text` with each file's absolute path replaced by the name clients know it by, so an error about a
-    client's choice does not show where the server keeps its files."""
-    for path, name in names:
-        text = text.replace(str(path), name)
-    return text
+    result = pipe.run(with_upscaler_file(request, upscaler.file), progress=progress, upscaler=upscaler.network)
+    return replace(result, request=replace(result.request, hr_upscaler=upscaler.file.title))
 
 
 def _take_model_defaults(job: Job, bundle: ModelBundle) -> None:
