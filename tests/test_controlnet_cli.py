@@ -179,6 +179,20 @@ def test_from_png_gives_a_control_the_recorded_modes(files, tmp_path, capsys):
     assert "Control Mode" not in line and "Resize Mode: Resize and Fill" in line
 
 
+def test_from_png_of_an_a1111_picture_takes_a_control_with_start_equal_to_end(files, tmp_path, capsys):
+    """A picture A1111 wrote is redrawn under A1111's ControlNet step rule, which takes start == end (one
+    step): the --control is checked with it, not refused by diffusers' start < end."""
+    from cli_helpers import png_with_parameters
+
+    recorded = png_with_parameters(tmp_path / "a1111.png", "a red apple\nSteps: 3, Sampler: Euler, CFG scale: 7, "
+                                   "Seed: 3, Size: 32x32", (32, 32))
+    out = tmp_path / "again.png"
+    code, _, stderr = run(["txt2img", "--model", str(files["model"]), "--no-progress", "--from-png", str(recorded),
+                           "--control", f"{files['net']}:{files['hint']}:1:0.5:0.5", "--out", str(out)], capsys)
+    assert code == 0, stderr
+    assert "Guidance Start: 0.5, Guidance End: 0.5" in parse_parameters(read_parameters(out))["ControlNet 0"]
+
+
 def test_recorded_modes_read_a1111s_labels():
     from sdlab.pipeline.control import recorded_modes
 

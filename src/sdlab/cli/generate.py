@@ -422,10 +422,10 @@ def _parse_lora(spec: str, find: Callable[[str], Path | None] | None = None) -> 
     return path, value
 
 
-def _parse_control(spec: str, **settings: Any):
-    """``FILE:IMAGE[:STRENGTH[:START:END]]`` -> a checked `ControlInput` with the image read and `settings`
-    (module, control_mode, resize_mode). Numbers are taken from the end, so the file and image paths may
-    contain colons (split where both sides exist)."""
+def _parse_control(spec: str, convention: str, **settings: Any):
+    """``FILE:IMAGE[:STRENGTH[:START:END]]`` -> a `ControlInput` checked under the request's control
+    `convention`, with the image read and `settings` (module, control_mode, resize_mode). Numbers are taken
+    from the end, so the file and image paths may contain colons (split where both sides exist)."""
     from sdlab.pipeline.control import ControlInput, check_control
     from sdlab.pipeline.request import RequestError
 
@@ -439,7 +439,8 @@ def _parse_control(spec: str, **settings: Any):
     if not os.path.exists(file):
         raise UserError(f"the ControlNet {file!r} does not exist")
     try:
-        return check_control(ControlInput(file, _open_image(image, "control image"), *numbers, **settings))
+        control = ControlInput(file, _open_image(image, "control image"), *numbers, **settings)
+        return check_control(control, convention=convention)
     except RequestError as err:
         raise UserError(f"--control {spec!r}: {err}") from None
 
@@ -463,9 +464,10 @@ def _recorded_modes(recorded: dict[str, Any], index: int, source: str | None) ->
         raise UserError(f"{source}: {line}'s {err}; pass --control-mode / --control-resize") from None
 
 
-def _controls(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
-    """The --control `ControlInput`s with their per-control options. A mode a control is not given takes the
-    one the --from-png picture's `ControlNet N` line records for it, as A1111's paste sets its N-th unit."""
+def _controls(args: argparse.Namespace, recorded: dict[str, Any], convention: str) -> tuple:
+    """The --control `ControlInput`s with their per-control options, checked under the request's control
+    `convention`. A mode a control is not given takes the one the --from-png picture's `ControlNet N` line
+    records for it, as A1111's paste sets its N-th unit."""
     count = len(args.control)
     modules, modes, resizes = (_per_control(values, flag, count) for values, flag in (
         (args.control_module, "--control-module"), (args.control_mode, "--control-mode"),
@@ -474,7 +476,7 @@ def _controls(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple:
     for index, (spec, module, mode, resize) in enumerate(zip(args.control, modules, modes, resizes)):
         given = {key: value for key, value in (("control_mode", mode), ("resize_mode", resize)) if value is not None}
         settings = {**_recorded_modes(recorded, index, args.from_png), **given}
-        controls.append(_parse_control(spec, module=module or "none", **settings))
+        controls.append(_parse_control(spec, convention, module=module or "none", **settings))
     return tuple(controls)
 
 
@@ -701,7 +703,7 @@ def run_generate(args: argparse.Namespace) -> int:
             raise UserError("inpaint needs --mask IMAGE or --outpaint L,R,T,B")
         options.setdefault("strength", 1.0)
 
-    controls = _controls(args, recorded)
+    controls = _controls(args, recorded, options.get("control_convention", GenerationRequest.control_convention))
     if controls:
         options["controls"] = controls
     try:
