@@ -108,7 +108,9 @@ def test_controlnet_units_equal_the_cli(setup, tmp_path):
             assert time.monotonic() < deadline
             time.sleep(0.1)
         assert job["status"] == "done", job
-        assert job["request"]["controls"][0]["model"] == "tiny_canny.safetensors"
+        assert job["request"]["controls"] == [{          # every setting it ran with, the image left out
+            "model": "tiny_canny.safetensors", "strength": 0.8, "start": 0.0, "end": 0.7, "module": "none",
+            "control_mode": "balanced", "resize_mode": "resize", "threshold_a": None, "threshold_b": None}]
         _same(_picture(client.get(job["images"][0]).content), cli)
 
 

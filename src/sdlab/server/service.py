@@ -3,11 +3,12 @@ submission both APIs share."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from sdlab.api import shipped_model_path
+from sdlab.pipeline.control import DEFAULT_RESIZE, ControlInput
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import ServerConfig
@@ -91,6 +92,13 @@ class Service:
         settings = {"mode": mode, "model": checkpoint.title,
                     "loras": [{"name": c.name, "weight": c.weight} for c in loras], **request.parameters()}
         if request.controls:
-            settings["controls"] = [{"model": Path(c.model_path).name, "strength": c.strength, "start": c.start,
-                                     "end": c.end, "module": c.module} for c in request.controls]
+            settings["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
         return self.queue.submit(spec, mode, checkpoint.title, settings)
+
+
+def _control_settings(control: ControlInput, convention: str) -> dict[str, Any]:
+    """A control as the job's request records it: every setting but its image, the model by its file name and
+    the resize mode it runs with (`convention`'s default when unset); thresholds left unset stay null."""
+    settings = {field.name: getattr(control, field.name) for field in fields(control) if field.name != "image"}
+    return {**settings, "model": Path(control.model_path).name,
+            "resize_mode": control.resize_mode or DEFAULT_RESIZE[convention]}
