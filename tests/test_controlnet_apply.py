@@ -295,6 +295,20 @@ def test_infotext_lines_are_a1111s(tmp_path):
     assert load_controlnet(controls[0].model_path).name == "cn"
 
 
+def test_a_control_given_as_a_record_is_written_as_its_controlinput():
+    """A request's controls may be (file, image[, strength[, start, end]]) records; its parameters name
+    them as the `ControlInput`s they stand for."""
+    from sdlab.pipeline.infotext import to_parameters
+    from sdlab.pipeline.request import GenerationRequest
+
+    def parameters(control):
+        request = GenerationRequest("a house", seed=1, width=64, height=64, controls=(control,))
+        return to_parameters(request)["ControlNet 0"]
+
+    assert parameters(("cn.safetensors", "x.png", 0.5, 0.1, 0.6)) == parameters(
+        ControlInput("cn.safetensors", "x.png", 0.5, 0.1, 0.6))
+
+
 def test_the_step_convention_is_recorded_and_read_back():
     """The parameters name the rule the controls' steps followed (`Control steps`), so `--from-png` redraws a
     picture of the A1111 API by it; a file A1111 wrote reads as A1111's rule."""

@@ -95,6 +95,10 @@ class ControlInput:
     def model_path(self) -> str:
         return self.model.origin if isinstance(self.model, LoadedControlNet) else os.fspath(self.model)
 
+    def resize_mode_under(self, convention: str) -> str:
+        """The resize mode the control runs with under the request's `control_convention`."""
+        return self.resize_mode or DEFAULT_RESIZE[convention]
+
 
 def control_input(value: Any) -> ControlInput:
     """A `ControlInput`, or a record (path, image[, strength[, start, end]]) turned into one."""
@@ -251,8 +255,8 @@ def prepare_controls(
             )
         image = preprocess(input_image(control.image, f"control {index} image"), control.module,
                            control.threshold_a, control.threshold_b)
-        resize_mode = control.resize_mode or DEFAULT_RESIZE[convention]
-        hint = hint_tensor(image, width, height, resize_mode).to(next(bundle.unet.parameters()).device)
+        hint = hint_tensor(image, width, height, control.resize_mode_under(convention))
+        hint = hint.to(next(bundle.unet.parameters()).device)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
                                         float(control.end), control.module, convention, control.control_mode,
                                         hires_pass))
@@ -345,21 +349,22 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def infotext_lines(controls: Sequence[ControlInput], convention: str = "diffusers") -> dict[str, str]:
+def infotext_lines(controls: Sequence[ControlInput | Any], convention: str = "diffusers") -> dict[str, str]:
     """A1111 ControlNet extension labels and values, in its order, e.g. {"ControlNet 0": "Module: none, Model:
     NAME [hash], Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1"}: NAME is the file
     name without its suffix, hash A1111's short model hash (`legacy_hash`); the resize mode is the one the
     control ran with (`convention`: the request's `control_convention`); given thresholds add `Threshold A` /
-    `Threshold B`, a control mode other than Balanced `Control Mode`. The infotext writer quotes each value."""
+    `Threshold B`, a control mode other than Balanced `Control Mode`. The infotext writer quotes each value.
+    `controls` may hold (file, image[, strength[, start, end]]) records (`control_input`)."""
     lines = {}
-    for index, control in enumerate(controls):
+    for index, control in enumerate(map(control_input, controls)):
         path = control.model_path
         try:
             model = f"{(Path(path).stem if Path(path).is_file() else Path(path).name)} [{legacy_hash(path)}]"
         except OSError:
             model = Path(path).name
         fields = {"Module": control.module, "Model": model, "Weight": _number(control.strength),
-                  "Resize Mode": RESIZE_MODES[control.resize_mode or DEFAULT_RESIZE[convention]],
+                  "Resize Mode": RESIZE_MODES[control.resize_mode_under(convention)],
                   "Threshold A": control.threshold_a, "Threshold B": control.threshold_b,
                   "Guidance Start": _number(control.start), "Guidance End": _number(control.end),
                   "Control Mode": None if control.control_mode == "balanced" else CONTROL_MODES[control.control_mode]}
