@@ -181,6 +181,12 @@ def test_the_grid_names_an_unwritable_out_folder_before_drawing(tmp_path: Path, 
      "sdlab: error: /mnt/ro/out: Read-only file system"),
     (OSError(errno.EXDEV, "Invalid cross-device link", "/a", None, "/b"), 2,
      "sdlab: error: /a -> /b: Invalid cross-device link"),
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/x/in.png"), 2,
+     "sdlab: error: /x/in.png: No such file or directory\n"),
+    (PermissionError(errno.EACCES, "Permission denied", "/x/out.png"), 2,
+     "sdlab: error: /x/out.png: Permission denied\n"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/x/folder"), 2, "sdlab: error: /x/folder: Is a directory\n"),
+    (FileNotFoundError("the hint is gone"), 2, "sdlab: error: the hint is gone\n"),
     (OSError(errno.EIO, "Input/output error"), 1, "sdlab: error: internal error: OSError:"),
 ])
 def test_an_os_error_about_a_path_is_a_user_error(capsys, monkeypatch, error: OSError, code: int, line: str) -> None:

@@ -41,12 +41,12 @@ from sdlab.cli.new_model import add_new_model
 from sdlab.cli.serve import add_serve
 from sdlab.cli.train import add_train
 from sdlab.cli.upscale import add_upscale
+from sdlab.command import report_interrupted
 from sdlab.utils import allocator
 from sdlab.utils.files import OutputFolderError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
-EXIT_INTERRUPTED = 128 + signal.SIGINT      # 130
 EXIT_TERMINATED = 128 + signal.SIGTERM      # 143
 
 
@@ -85,6 +85,14 @@ def _error(message: str) -> None:
     print(f"sdlab: error: {' '.join(str(message).split())}", file=sys.stderr)
 
 
+def _user_error_message(exc: Exception) -> str:
+    """The line of a user error: a file operation the system refused names its path(s) as any other does
+    (`path_error`), the rest their own message."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return path_error(exc)
+    return str(exc) or type(exc).__name__
+
+
 def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(signum)
 
@@ -120,14 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CheckpointError, UserError, OutputFolderError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         if debug:
             raise
-        _error(str(exc) or type(exc).__name__)
+        _error(_user_error_message(exc))
         return EXIT_USER_ERROR
     except BrokenPipeError:  # `sdlab inspect x | head`: the reader left; stay quiet at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_INTERNAL_ERROR
     except KeyboardInterrupt:
-        _error("interrupted")
-        return EXIT_INTERRUPTED
+        return report_interrupted()
     except Terminated:
         _error("terminated")
         return EXIT_TERMINATED
