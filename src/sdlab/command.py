@@ -51,13 +51,14 @@ def run() -> None:
     try:
         code = main()
     except KeyboardInterrupt:   # while the arguments were parsed, before main's own handler
-        code = _report_interrupted()
+        code = report_interrupted()
     if sigint_is_default:
         signal.signal(signal.SIGINT, _exit_interrupted)
     _exit(code)
 
 
-def _report_interrupted() -> int:
+def report_interrupted() -> int:
+    """Say that Ctrl-C ended the command (one line on stderr); the exit status that goes with it."""
     print("sdlab: error: interrupted", file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED
 
@@ -65,7 +66,7 @@ def _report_interrupted() -> int:
 def _exit_interrupted(signum: int, frame: object) -> None:
     """SIGINT outside the command: nothing to clean up, so the process ends here."""
     try:
-        _report_interrupted()
+        report_interrupted()
     finally:
         os._exit(EXIT_INTERRUPTED)
 
