@@ -4,8 +4,9 @@
     sdlab upscale photo.png --model 4x-UltraSharp.safetensors --scale 2 --out p2.png  # x4 pass, Lanczos to x2
     sdlab upscale photo.png --scale 2 --out p2.png                                   # Lanczos (also --model nearest)
 
-A `--scale` other than the model's follows A1111: model passes until the picture is large enough, then a
-Lanczos resize to the asked size (`sdlab.pipeline.upscale`). The input's A1111 `parameters` text is copied
+The size follows A1111's Extras (`Upscaler.upscale`, `sdlab.pipeline.upscale.upscale_by`): width and height
+times the scale, each rounded down to a multiple of 8; model passes until the picture is large enough (a
+first pass even at scale 1), then a Lanczos resize to that size. The input's A1111 `parameters` text is copied
 into the output. The output's folder is checked before the model loads (made only when writing); the file is
 written under a temporary name and renamed; a bad input writes nothing.
 """
@@ -32,7 +33,8 @@ def add_upscale(subparsers: argparse._SubParsersAction) -> None:
                    help="upscaler file (.safetensors, .pth, .pt: ESRGAN, Real-ESRGAN, BSRGAN), or lanczos / nearest "
                         "for a plain resize (default lanczos)")
     p.add_argument("--scale", type=float,
-                   help=f"output size / input size (default: the model's; {PLAIN_DEFAULT_SCALE:g} for a plain resize)")
+                   help=f"output size / input size, each side rounded down to a multiple of 8 as A1111's Extras "
+                        f"(default: the model's; {PLAIN_DEFAULT_SCALE:g} for a plain resize)")
     p.add_argument("--tile", type=int, default=192, help="tile side in input pixels, 0 = whole picture at once (default 192)")
     p.add_argument("--tile-overlap", type=int, default=32, help="pixels neighbouring tiles share (default 32)")
     p.add_argument("--out", required=True, help="output file (.png, .jpg, .webp); an existing file is replaced")
@@ -99,7 +101,7 @@ def _load(model: str, args: argparse.Namespace):
 
 def run_upscale(args: argparse.Namespace) -> int:
     from sdlab.pipeline.png_info import encode_image, image_format, write_files_all_or_nothing
-    from sdlab.pipeline.upscale import UpscaleError, target_size, upscale_image
+    from sdlab.pipeline.upscale import UpscaleError, upscale_by
 
     _check_options(args)
     image = _read_input(args.image)
@@ -107,8 +109,7 @@ def run_upscale(args: argparse.Namespace) -> int:
     upscaler, model_scale = _load(args.model, args)
     scale = args.scale if args.scale is not None else (model_scale or PLAIN_DEFAULT_SCALE)
     try:
-        size = target_size(image.width, image.height, scale)
-        result = upscale_image(image, upscaler, size, tile=args.tile, overlap=args.tile_overlap)
+        result = upscale_by(image, upscaler, scale, tile=args.tile, overlap=args.tile_overlap)
     except UpscaleError as err:
         raise UserError(str(err)) from None
     out = Path(args.out)
