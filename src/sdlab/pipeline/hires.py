@@ -79,7 +79,7 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the same seeds, no hires fields, and
     the first pass's step count (prompt edits count on from it)."""
     _, (width, height) = pass_sizes(req, factor)
-    return replace(req, width=width, height=height, steps=req.hr_steps or req.steps, strength=req.hr_denoise,
+    return replace(req, width=width, height=height, steps=hires_steps(req), strength=req.hr_denoise,
                    img2img_convention="comfyui", hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
                    hr_steps=None, hr_denoise=None, first_pass_steps=req.steps)
 
