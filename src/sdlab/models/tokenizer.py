@@ -286,15 +286,20 @@ class CLIPTokenizer:
         """The unit of ComfyUI's ``embedding:name``: the added word whose file ``name`` names, as ComfyUI's
         ``load_embed`` joins it to the embeddings folder and to each of its subfolders (so ``ink`` or
         ``styles/ink`` for ``styles/ink.pt``), with or without the file's suffix, any case. A name that
-        names no loaded word is left out of the prompt with a warning, as ComfyUI does."""
+        names no loaded word is left out of the prompt, as ComfyUI does (`unloaded_names` finds them)."""
         written = name.lower()
         wanted = {written, _EMBEDDING_SUFFIX.sub("", written)}
         for word, ids in self.added_words.items():
             path = self.added_paths.get(word, word).lower()
             if any(path == key or path.endswith(f"/{key}") for key in wanted):
                 return [ids]
-        logger.warning("embedding:%s is not loaded; it is left out of the prompt", name)
         return []
+
+    def unloaded_names(self, text: str) -> list[str]:
+        """The names of ``text``'s ``embedding:name`` words that name no loaded word (left out of the
+        prompt), each once, in order."""
+        names = _EMBEDDING_SYNTAX.split(text)[1::2]
+        return list(dict.fromkeys(name for name in names if not self._named_word(name)))
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Text of ``ids`` (cleaned and lower-cased, as the model saw it); word ends become spaces."""

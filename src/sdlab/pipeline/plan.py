@@ -112,6 +112,13 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
     return req
 
 
+def warn_of_unloaded_embeddings(bundle: ModelBundle, req: GenerationRequest) -> None:
+    """One warning for each `embedding:NAME` of the prompts that names no loaded embedding (it is left out)."""
+    tokenizer = bundle.text_encoders[0].tokenizer
+    for name in tokenizer.unloaded_names(f"{req.prompt}\n{req.negative_prompt}"):
+        logger.warning("embedding:%s is not loaded; it is left out of the prompt", name)
+
+
 def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None:
     """Log a warning when a side is more than `FAR_FROM_NATIVE` times off the model's native size: a model
     draws well near the size it was trained at (repeated subjects above it, mush below it)."""
@@ -195,6 +202,7 @@ def make_plan(
         _check_refiner_fits(bundle, refiner)
         _check_model(refiner, req, free, "the refiner")
     warn_if_far_from_native(bundle, req)
+    warn_of_unloaded_embeddings(bundle, req)
 
     sampler = get_sampler(req.sampler)
     guided = needs_uncond(req.cfg_scale) and bundle.unet_config.time_cond_proj_dim is None  # LCM: no CFG pass
