@@ -174,7 +174,7 @@ def _plain_resample(name: str) -> Image.Resampling:
     """The PIL filter of a plain resize's name ("Lanczos", "Nearest", "None"; any case)."""
     resample = PLAIN_UPSCALERS.get(name.strip().lower())
     if resample is None:
-        raise UpscaleError(f"unknown upscaler {name!r}; name an upscaler model file, Lanczos or Nearest")
+        raise UpscaleError(f"unknown upscaler {name!r}; name an upscaler model file, Lanczos, Nearest or None")
     return resample
 
 
