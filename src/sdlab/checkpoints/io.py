@@ -192,7 +192,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
-    """Tensors and string metadata of a `.safetensors` or weights-only pickle file (see module docstring).
+    """Tensors and string metadata of a `.safetensors` or weights-only pickle file (see module docstring):
+    a safetensors header's `__metadata__`, a pickle's top-level text and number entries as strings (an A1111
+    embedding's `name`, `step`, ...), so callers reading a pickle see them too; {} when there are none.
 
     `nested`: tensors inside nested dicts of a pickle are kept under dotted keys (an A1111 embedding's
     `string_to_param` -> `string_to_param.*`); by default only top-level tensors are read.
