@@ -53,7 +53,8 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.preprocess import PREPROCESSORS, flattened, preprocess, unknown_preprocessor
+from sdlab.pipeline.images import flattened
+from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess, unknown_preprocessor
 from sdlab.pipeline.request import RequestError, input_image
 
 MAX_STRENGTH = 10.0      # diffusers accepts any scale; A1111's slider stops at 2

@@ -92,6 +92,12 @@ def on_white(image: Image.Image) -> Image.Image:
     return flat.convert("RGB")
 
 
+def flattened(image: Image.Image) -> Image.Image:
+    """A picture with transparency (RGBA, LA, a palette's transparent colour) laid on white by its alpha, as
+    A1111's `HWC3` lays an RGBA hint (`color * alpha + 255 * (1 - alpha)`); others unchanged."""
+    return on_white(image.convert("RGBA")) if image.has_transparency_data else image
+
+
 def snap_size(width: int, height: int, multiple: int = 8) -> tuple[int, int]:
     """Round ``width`` and ``height`` down to multiples of ``multiple`` (the VAE factor), warning if changed.
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-from sdlab.pipeline.images import on_white
+from sdlab.pipeline.images import flattened
 
 # Sector bounds of the gradient direction (OpenCV's tan(22.5 deg) and tan(67.5 deg)).
 _TAN_22 = np.tan(np.pi / 8)
@@ -120,7 +120,7 @@ def tile(image: Image.Image, factor: float = 4.0) -> Image.Image:
     return small.resize(image.size, resample=Image.Resampling.BICUBIC)
 
 
-PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
+PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {            # (image, *PARAMETERS values)
     "none": lambda image: image,
     "canny": canny,
     "scribble": lambda image: threshold(image, invert=True),
@@ -133,12 +133,6 @@ PREPROCESSORS: dict[str, Callable[[Image.Image], Image.Image]] = {
 PARAMETERS: dict[str, tuple[float, ...]] = {"canny": (100.0, 200.0), "threshold": (127.0,)}
 """The preprocessors that take A1111's `threshold_a` (and `threshold_b`), with its defaults: canny's low and
 high threshold, threshold's level."""
-
-
-def flattened(image: Image.Image) -> Image.Image:
-    """A picture with transparency (RGBA, LA, a palette's transparent colour) laid on white by its alpha, as
-    A1111's `HWC3` lays an RGBA hint (`color * alpha + 255 * (1 - alpha)`); others unchanged."""
-    return on_white(image.convert("RGBA")) if image.has_transparency_data else image
 
 
 def unknown_preprocessor(module: object) -> str:
