@@ -203,16 +203,16 @@ def find_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBund
             embedding = load_embedding(source)
             vectors_for(embedding, bundle.text_encoders)
             loaded.append(embedding)
-    return FoundEmbeddings(_last_per_name(loaded), list({e.name: e for e in skipped}.values()))
+    return FoundEmbeddings(_last_per_name(loaded, warn=True), _last_per_name(skipped, warn=False))
 
 
-def _last_per_name(embeddings: Iterable[Embedding]) -> list[Embedding]:
+def _last_per_name(embeddings: Iterable[Embedding], *, warn: bool) -> list[Embedding]:
     """`embeddings` with each name once, at its last file (a later file of a name replaces the earlier one,
-    as in A1111's `register_embedding_by_name`), with a warning naming the file left out."""
+    as in A1111's `register_embedding_by_name`); with `warn`, a warning names the file left out."""
     by_name: dict[str, Embedding] = {}
     for embedding in embeddings:
         earlier = by_name.pop(embedding.name, None)
-        if earlier is not None:
+        if earlier is not None and warn:
             logger.warning("two embeddings are named %s: %s is used, %s is left out", embedding.name,
                            embedding.path, earlier.path)
         by_name[embedding.name] = embedding
