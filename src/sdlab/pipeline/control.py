@@ -119,9 +119,10 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
             raise RequestError(f"{name}: {what} must be a finite number, got {value!r}")
     if not 0.0 <= control.strength <= MAX_STRENGTH:
         raise RequestError(f"{name}: strength must lie in [0, {MAX_STRENGTH:g}], got {control.strength}")
-    ordered = control.start <= control.end if convention == "a1111" else control.start < control.end
+    strict = convention != "a1111"                                          # diffusers: start < end
+    ordered = control.start < control.end if strict else control.start <= control.end
     if not (0.0 <= control.start and control.end <= 1.0 and ordered):
-        relation = "<=" if convention == "a1111" else "<"
+        relation = "<" if strict else "<="
         raise RequestError(f"{name}: need 0 <= start {relation} end <= 1, got start {control.start}, "
                            f"end {control.end}")
     if control.control_mode not in CONTROL_MODES:

@@ -51,8 +51,9 @@ MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
 MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
 MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refiner was trained on 0..10
-CLIP_SKIP_CONVENTIONS = ("diffusers", "a1111")
-CONTROL_CONVENTIONS = ("diffusers", "a1111")
+LIBRARY_CONVENTIONS = ("diffusers", "a1111")  # the rules a setting follows where the two libraries differ
+CLIP_SKIP_CONVENTIONS = LIBRARY_CONVENTIONS
+CONTROL_CONVENTIONS = LIBRARY_CONVENTIONS
 
 
 class RequestError(ValueError):
