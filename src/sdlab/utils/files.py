@@ -11,6 +11,13 @@ files (mode 0o666 minus the umask) and fails if the folder does not exist.
 A command checks where its output goes before the work that makes it (`make_output_folder`): the folder is
 made and a file created and deleted in it, so that a file in its path, a read-only file system or a missing
 permission is one `OutputFolderError` naming the folder at once, not an error after minutes of drawing.
+Two policies, by what a command leaves when it fails:
+
+- made early (`make_output_folder` before the work): `txt2img` / `img2img` / `inpaint`, `evaluate`,
+  `new-model`, `serve` and `train`, whose folder is where their work lives from the start;
+- checked early, made only when writing (`check_output_folder` before the work, which removes the folders
+  it made, then `make_output_folder` when the file is written): `grid` and `upscale`, so that a run that
+  fails leaves no empty folder behind.
 """
 
 from __future__ import annotations
