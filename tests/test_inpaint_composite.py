@@ -161,7 +161,7 @@ def test_a1111_convention_blends_only_the_output_and_starts_from_the_noised_init
     inner = lambda x, sigma, **_: seen.append(x) or torch.zeros_like(x)               # noqa: E731
     x, known, mask = torch.randn(1, 4, 4, 4), torch.ones(1, 4, 4, 4), torch.zeros(1, 1, 4, 4)
     mask[..., :2] = 1
-    out = masked(inner, known, mask, torch.randn(1, 4, 4, 4), blend_input=False)(x, torch.ones(1))
+    out = masked(inner, known, mask, torch.randn(1, 4, 4, 4), blend_from_call=None)(x, torch.ones(1))
     assert torch.equal(seen[0], x) and torch.equal(out, mask * 0 + (1 - mask) * known)
 
     bundle = tiny_bundle("sd1")

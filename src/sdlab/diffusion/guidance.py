@@ -154,7 +154,7 @@ def blend_known(
 
 def masked(
     inner: DenoiseFn, x0_known: Tensor, mask: Tensor, noise: Tensor, noise_scaling: NoiseScaling | None = None,
-    *, blend_input: bool = True, blend_first: bool = True,
+    *, blend_from_call: int | None = 0,
 ) -> DenoiseFn:
     """Inpainting with an ordinary 4-channel model (latent blend), as a denoiser wrapper.
 
@@ -167,13 +167,14 @@ def masked(
     second call on (the blended sample), pixels outside the known region are updated identically by
     any per-pixel sampler, and with the known x0 pasted, a first-order or multistep step leaves the
     known region at x0_known + noise * sigma_next, which is diffusers' blend. The one difference is
-    the first call: diffusers feeds its initial latents unblended (``blend_first=False`` does the same); by
-    default ``masked`` blends them (ComfyUI). After the last
+    the first call: diffusers feeds its initial latents unblended (``blend_from_call=1`` does the same); by
+    default (0) ``masked`` blends them (ComfyUI). After the last
     step diffusers sets the known region to the clean x0_known; a sampler that ends at sigma 0 already has
     it there, and the pipeline sets it for those that end above 0 (DDIM, PLMS, TCD).
     ``noise_scaling`` is the model's forward process (``ModelSampling.noise_scaling``; default VE).
 
-    ``blend_input=False`` is A1111's default (``CFGDenoiser``, ``mask_before_denoising`` off): only the
+    ``blend_from_call``: the first model call (counted from 0) whose input is blended; None: none is. None is
+    A1111's default (``CFGDenoiser``, ``mask_before_denoising`` off): only the
     returned x0 is blended, the model sees x as the sampler has it (for ancestral and SDE samplers the known
     region then carries their fresh noise; for deterministic ones nothing changes).
     """
@@ -182,7 +183,7 @@ def masked(
 
     def inpaint(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
         nonlocal calls
-        blend = blend_input and (blend_first or calls > 0)
+        blend = blend_from_call is not None and calls >= blend_from_call
         calls += 1
         seen = blend_known(x, sigma, x0_known, mask, noise, noise_scaling) if blend else x
         x0 = inner(seen, sigma, **cond)                                                           # (B, C, h, w)

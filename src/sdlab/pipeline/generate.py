@@ -399,11 +399,17 @@ def _guided_model(
         ], first_call)
     if start.mask is not None and _blends_latent(bundle, req):
         small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(device)  # (1, 1, h, w)
-        # A1111 blends the output only; diffusers first blends after the first step (its pure noise unblended)
         model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling,
-                       blend_input=req.img2img_convention != "a1111",
-                       blend_first=not (start.from_noise and steps_done == 0 and req.img2img_convention == "diffusers"))
+                       blend_from_call=_blend_from_call(req, start, steps_done))
     return model
+
+
+def _blend_from_call(req: GenerationRequest, start: _Start, steps_done: int) -> int | None:
+    """The first model call whose input 4-channel inpainting blends (`guidance.masked`): A1111 blends the
+    output only (None); diffusers first blends after the first step (its pure noise unblended: 1); else 0."""
+    if req.img2img_convention == "a1111":
+        return None
+    return 1 if start.from_noise and steps_done == 0 and req.img2img_convention == "diffusers" else 0
 
 
 def _run_sampler(
