@@ -293,6 +293,18 @@ def test_ctrl_enter_generates_with_previews_and_final_image(page, base_url):
     assert severe_console_errors(page) == []
 
 
+def test_reuse_seed_takes_only_this_tabs_jobs(page, base_url):
+    """A job another client queued and finished shows in the gallery, but the seed button never takes its seed."""
+    other = http_json(base_url, "/api/jobs", {"prompt": "another tab's picture", "steps": 2, "seed": 4242})
+    assert wait_job(base_url, other["id"])["status"] == "done"
+    open_page(page, base_url)
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f'#gallery [data-job-id="{other["id"]}"][data-status="done"]'))
+    page.find_element(By.ID, "seed-random").click()
+    page.find_element(By.ID, "seed-reuse").click()
+    assert value(page, "seed") == "-1"
+    assert text(page, "notice") == "No finished job yet to take a seed from"
+
+
 def test_cancel_a_second_job(page, base_url):
     first, second = "a green circle on a white background", "a yellow heart at the bottom (to be cancelled)"
     set_value(page, "steps", 6)

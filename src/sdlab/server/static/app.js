@@ -24,7 +24,7 @@ const state = {
   activeIds: [],          // queued and running jobs at the last poll, oldest first (every page's)
   ownActiveIds: [],       // those this page queued: the only ones its viewer, progress and Cancel follow
   shownJob: null,         // id of the job the progress bar and viewer show
-  lastSeed: null,
+  lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
   clock: null,            // {id, i, t}: the first step seen of the followed job, for the time left
   jobsSignature: "",
 };
@@ -840,8 +840,6 @@ async function refreshJobs(force = false) {
     return;
   }
   const jobs = (data && data.jobs) || [];
-  const newestDone = jobs.find((j) => j.status === "done" && j.request && j.request.seed != null);
-  if (state.lastSeed == null && newestDone) state.lastSeed = newestDone.request.seed;
   const active = jobs.filter((j) => ACTIVE.has(j.status)).reverse();     // oldest (next to run) first
   const own = active.filter((j) => state.submitted.has(j.id));
   state.activeIds = active.map((j) => j.id);
