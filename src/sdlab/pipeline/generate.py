@@ -372,13 +372,7 @@ def _guided_model(
     marks, extra_uncond = prompt_marks(controls, req.batch_size, device)   # which rows are the prompt's
     extra_cond.update(marks)
     if bundle.family.is_inpaint:
-        pixels, mask = start.pixels, start.mask
-        if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
-            mask = torch.ones((1, 1, req.height, req.width), device=device)
-            pixels = torch.zeros((1, 3, req.height, req.width), device=device)
-        extra = inpaint_channels(bundle, pixels, mask, _posterior_generators(req, generators), tiled=req.tiled_vae)
-        extra = extra.expand(req.batch_size, -1, -1, -1)                                   # (B, 5, h, w)
-        extra_cond["concat"] = extra_uncond["concat"] = extra
+        extra_cond["concat"] = extra_uncond["concat"] = _inpaint_extra(bundle, req, start, generators)
     if not composed:
         guided = needs_uncond(req.cfg_scale) and embedded is None
         model = switch_at_calls([
@@ -386,22 +380,47 @@ def _guided_model(
                       req.cfg_scale, req.guidance_rescale))
             for end, cond, uncond in conditioning(parts[0][0], req.negative_prompt, guidance=guided)
         ], first_call)
-    else:                                               # each part and the negative: its own pass
-        if req.guidance_rescale:
-            logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
-        uncond_model = switch_at_calls([(end, partial(denoiser, **uncond, **extra_uncond))
-                                        for end, _, uncond in conditioning("", req.negative_prompt)], first_call)
-        weights = [weight for _, weight in parts]
-        model = switch_at_calls([
-            (end, composable_cfg([(partial(denoiser, **cond, **extra_cond), weight)
-                                  for cond, weight in zip(conds, weights)], uncond_model, req.cfg_scale))
-            for end, conds in merge_part_schedules([conditioning(text, guidance=False) for text, _ in parts])
-        ], first_call)
+    else:
+        model = _composed_model(denoiser, conditioning, parts, req, extra_cond, extra_uncond, first_call)
     if start.mask is not None and _blends_latent(bundle, req):
-        small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(device)  # (1, 1, h, w)
-        model = masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling,
-                       blend_from_call=_blend_from_call(req, start, steps_done))
+        model = _with_latent_blend(model, bundle, sampling, req, start, steps_done)
     return model
+
+
+def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
+                   generators: list[torch.Generator]) -> Tensor:
+    """The extra input channels of a 9-channel inpainting model (`inpaint_channels`), (B, 5, h, w)."""
+    pixels, mask = start.pixels, start.mask
+    if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
+        mask = torch.ones((1, 1, req.height, req.width), device=bundle.device)
+        pixels = torch.zeros((1, 3, req.height, req.width), device=bundle.device)
+    extra = inpaint_channels(bundle, pixels, mask, _posterior_generators(req, generators), tiled=req.tiled_vae)
+    return extra.expand(req.batch_size, -1, -1, -1)                                       # (B, 5, h, w)
+
+
+def _composed_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], parts: list[tuple[str, float]],
+                    req: GenerationRequest, extra_cond: dict[str, Tensor], extra_uncond: dict[str, Tensor],
+                    first_call: int) -> DenoiseFn:
+    """A1111's composable diffusion (a prompt with AND or a :WEIGHT): each part and the negative prompt run
+    their own pass, on their own prompt schedules (`conditioning`: `make_cond_schedule` with the run's options)."""
+    if req.guidance_rescale:
+        logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
+    uncond_model = switch_at_calls([(end, partial(denoiser, **uncond, **extra_uncond))
+                                    for end, _, uncond in conditioning("", req.negative_prompt)], first_call)
+    weights = [weight for _, weight in parts]
+    return switch_at_calls([
+        (end, composable_cfg([(partial(denoiser, **cond, **extra_cond), weight)
+                              for cond, weight in zip(conds, weights)], uncond_model, req.cfg_scale))
+        for end, conds in merge_part_schedules([conditioning(text, guidance=False) for text, _ in parts])
+    ], first_call)
+
+
+def _with_latent_blend(model: DenoiseFn, bundle: ModelBundle, sampling: ModelSampling, req: GenerationRequest,
+                       start: _Start, steps_done: int) -> DenoiseFn:
+    """`model` with the init image's latent blended into the kept region (`guidance.masked`)."""
+    small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(bundle.device)  # (1, 1, h, w)
+    return masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling,
+                  blend_from_call=_blend_from_call(req, start, steps_done))
 
 
 def _blend_from_call(req: GenerationRequest, start: _Start, steps_done: int) -> int | None:
