@@ -187,12 +187,12 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str) -> dict[str, Any]:
     """A1111's `Processed.js()` fields."""
     s = job.settings
     count = len(job.seeds) or max(1, s.get("batch_size") or 1)
-    variation = bool(s.get("subseed_strength"))
     # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
-    # = subseed + i, listed for the whole batch even when it was interrupted
-    seeds = job.seeds or image_seeds(s, count)[0]
-    subseed = s.get("subseed") if variation and s.get("subseed") is not None else body.subseed
-    subseeds = [subseed + i if subseed >= 0 else -1 for i in range(count)]
+    # = subseed + i, listed for the whole batch even when it was interrupted; without a variation seed the
+    # subseed asked for (-1 as asked)
+    seeds, subseeds = image_seeds(s, count)
+    seeds = job.seeds or seeds
+    subseeds = subseeds or [body.subseed + i if body.subseed >= 0 else -1 for i in range(count)]
     prompts = [s.get("prompt", "")] * count
     return {
         "prompt": s.get("prompt", ""), "all_prompts": prompts,
