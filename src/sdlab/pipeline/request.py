@@ -290,6 +290,16 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int)
                 hr_steps=steps, hr_denoise=denoise)
 
 
+def requested_size(request: GenerationRequest, default_size: int | None) -> tuple[Any, Any]:
+    """(width, height) as `request` asks for them, unchecked: an unset side is the init image's (img2img /
+    inpaint), else `default_size`."""
+    width, height = request.width, request.height
+    if request.init_image is not None:
+        width = request.init_image.width if width is None else width
+        height = request.init_image.height if height is None else height
+    return (default_size if width is None else width), (default_size if height is None else height)
+
+
 def resolve(
     request: GenerationRequest,
     *,
@@ -385,12 +395,7 @@ def resolve(
                 f"{r.img2img_convention} convention; the limit is {MAX_SCHEDULE}: raise the strength"
             )
 
-    width, height = r.width, r.height
-    if r.init_image is not None:        # img2img / inpaint default to the init image's size
-        width = r.init_image.width if width is None else width
-        height = r.init_image.height if height is None else height
-    width = default_size if width is None else width
-    height = default_size if height is None else height
+    width, height = requested_size(r, default_size)
     multiple = math.lcm(SIZE_MULTIPLE, factor)
     for name, side in (("width", width), ("height", height)):
         if not _integer(side) or not multiple <= side <= MAX_SIDE:

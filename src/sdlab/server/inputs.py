@@ -30,7 +30,7 @@ from sdlab.pipeline.images import mask_levels
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
-from sdlab.pipeline.request import SIZE_MULTIPLE, GenerationRequest, RequestError, resolve
+from sdlab.pipeline.request import SIZE_MULTIPLE, GenerationRequest, RequestError, requested_size, resolve
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 from sdlab.server.config import Limits
 from sdlab.server.model_folders import ModelFile, ModelFolder
@@ -305,7 +305,7 @@ def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str
         raise BadRequest(f"at most {limits.max_batch} images per request on this server, got {request.batch_size!r}")
     default_size = None if model is None else model.default_size
     factor = SIZE_MULTIPLE if model is None else model.vae_config.downsample_factor
-    width, height = _first_pass_size(request, default_size)
+    width, height = requested_size(request, default_size)      # default_size None: not known yet
     size_known = isinstance(width, int) and isinstance(height, int)
     if size_known:
         check_pixels(f"{width}x{height}", width, height, limits)
@@ -319,15 +319,6 @@ def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str
         for hr_width, hr_height in pass_sizes(resolved, factor):       # upscaled, then cropped
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
     return request
-
-
-def _first_pass_size(request: GenerationRequest, default_size: int | None) -> tuple[Any, Any]:
-    """(width, height) as asked: an unset side is the init image's, else `default_size` (None: not known yet)."""
-    width, height = request.width, request.height
-    if request.init_image is not None:
-        width = request.init_image.width if width is None else width
-        height = request.init_image.height if height is None else height
-    return (default_size if width is None else width), (default_size if height is None else height)
 
 
 def check_pixels(what: str, width: int, height: int, limits: Limits) -> None:
