@@ -46,16 +46,7 @@ def control_mode(value: Any) -> str:
     """A1111's `control_mode` -> sdlab's name (`CONTROL_MODES`): one of A1111's ControlMode values ("Balanced",
     "My prompt is more important", "ControlNet is more important") or its index 0, 1, 2, as the extension's
     `control_mode_from_value` takes it; null is Balanced."""
-    if value is None:
-        return "balanced"
-    names = list(CONTROL_MODES)
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
-        return names[value]
-    name = a1111_mode(value, CONTROL_MODES)
-    if name is not None:
-        return name
-    valid = ", ".join(f"{label!r} ({index})" for index, label in enumerate(CONTROL_MODES.values()))
-    raise BadRequest(f"unknown ControlNet control_mode {value!r}; valid: {valid}", 422)
+    return "balanced" if value is None else a1111_choice(value, CONTROL_MODES, "control_mode")
 
 
 def resize_mode(value: Any) -> str:
@@ -64,19 +55,29 @@ def resize_mode(value: Any) -> str:
     (Latent upscale)", and past the last: Just Resize); null is its default, Crop and Resize."""
     if value is None:
         return DEFAULT_RESIZE["a1111"]
-    names = list(RESIZE_MODES)
+    return a1111_choice(value, RESIZE_MODES, "resize_mode", past_last="resize")
+
+
+def a1111_choice(value: Any, modes: dict[str, str], field: str, past_last: str | None = None) -> str:
+    """sdlab's name (a key of `modes`) of the A1111 value a unit gives its `field`: an index into `modes`, or
+    a label (`a1111_mode`). An index past the last is `past_last` where the extension takes one; any other
+    value is a 422 listing the labels and their indices."""
+    names = list(modes)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return names[value] if value < len(names) else "resize"
-    name = a1111_mode(value, RESIZE_MODES)
+        if value < len(names):
+            return names[value]
+        if past_last is not None:
+            return past_last
+    name = a1111_mode(value, modes)
     if name is not None:
         return name
-    valid = ", ".join(f"{known!r} ({index})" for index, known in enumerate(RESIZE_MODES.values()))
-    raise BadRequest(f"unknown ControlNet resize_mode {value!r}; valid: {valid}", 422)
+    valid = ", ".join(f"{label!r} ({index})" for index, label in enumerate(modes.values()))
+    raise BadRequest(f"unknown ControlNet {field} {value!r}; valid: {valid}", 422)
 
 
-def slider(value: Any) -> Any:
-    """A unit's threshold_a / threshold_b: a negative number (the extension's -1) or null is the
-    preprocessor's default (None)."""
+def threshold_value(value: Any) -> Any:
+    """A unit's threshold_a / threshold_b as the preprocessor takes it: a negative number (the extension's -1)
+    or null is the preprocessor's default (None); any other value as given (checked with the control)."""
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
         return None
     return value
@@ -103,7 +104,9 @@ def hint_image(image: Any, what: str, limits: Limits) -> Image.Image:
     return image if isinstance(image, Image.Image) else decode_image(image, f"{what} image", limits)
 
 
-def checked(control: ControlInput, index: int, convention: str) -> ControlInput:
+def checked_control(control: ControlInput, index: int, convention: str) -> ControlInput:
+    """`control` (the request's `index`-th) checked by the pipeline's rules for `convention`
+    (`check_control`); a value it refuses is a 422 naming it."""
     try:
         return check_control(control, index, convention)
     except RequestError as err:
@@ -118,9 +121,9 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
     control = ControlInput(model_path(unit["model"], what, folder), hint_image(image, what, limits),
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0), unit.get("guidance_end", 1.0),
                            module_name(unit.get("module")), control_mode(unit.get("control_mode")),
-                           resize_mode(unit.get("resize_mode")), slider(unit.get("threshold_a")),
-                           slider(unit.get("threshold_b")))
-    return checked(control, index, "a1111")
+                           resize_mode(unit.get("resize_mode")), threshold_value(unit.get("threshold_a")),
+                           threshold_value(unit.get("threshold_b")))
+    return checked_control(control, index, "a1111")
 
 
 def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits,
@@ -153,5 +156,5 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
                                item.get("strength", 1.0), item.get("start", 0.0), item.get("end", 1.0),
                                module_name(item.get("module")), item.get("control_mode", "balanced"),
                                item.get("resize_mode"))
-        controls.append(checked(control, index, "diffusers"))
+        controls.append(checked_control(control, index, "diffusers"))
     return tuple(controls)
