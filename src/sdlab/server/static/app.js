@@ -14,6 +14,27 @@ const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser ta
 // checkboxes that show their options (A1111's "Hires. fix" and seed "Extra"); unticked, the request leaves them out
 const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options" };
 
+// A1111 parameter labels with a number -> request fields, as `sdlab txt2img --from-png` reads them
+// (pipeline/infotext.py); png-info splits a "WxH" value into "<label>-1" / "<label>-2".
+const NUMBER_LABELS = {
+  Steps: "steps", "CFG scale": "cfg_scale", Seed: "seed", "Size-1": "width", "Size-2": "height",
+  "Denoising strength": "strength", "Mask blur": "mask_blur", "Clip skip": "clip_skip", "Variation seed": "subseed",
+  "Variation seed strength": "subseed_strength", ENSD: "eta_noise_seed_delta", Eta: "eta", "Eta DDIM": "eta",
+  "CFG rescale": "guidance_rescale", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
+  "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
+};
+const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler"]);
+// Labels that describe the file rather than the drawing, or follow from what the form sends ("Initial noise":
+// the schedule's own convention, which sdlab writes for some schedules)
+const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes",
+  "Initial noise"]);
+// Values that change nothing: png-info's A1111 defaults for labels a text leaves out, and what this form sends
+const NO_OP_VALUES = {
+  "Hires sampler": "Use same sampler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "",
+  "Hires negative prompt": "", RNG: "GPU", "Schedule max sigma": "0", "Schedule min sigma": "0", "Schedule rho": "0",
+  "Img2img steps": "diffusers",
+};
+
 const state = {
   mode: "txt2img",
   initImage: null,        // data URL of the image for img2img / inpaint
@@ -420,6 +441,9 @@ function setField(id, value) {
   $(id).value = value;
 }
 
+// Whether request-style settings draw with the hires fix (A1111: Hires upscale, or a Hires resize side)
+const usesHires = (s) => s.hr_scale != null || Boolean(s.hr_width) || Boolean(s.hr_height);
+
 // Fill the form from request-style settings ({prompt, negative_prompt, steps, sampler, ...}).
 // Returns the names of settings that did not fit a list (unknown sampler, schedule, model or hires upscaler).
 function fillForm(settings) {
@@ -467,30 +491,6 @@ function fillHires(settings, unknown) {
   const upscaler = settings.hr_upscaler ?? $("hr_upscaler").options[0]?.value;
   if (!selectMatching($("hr_upscaler"), upscaler)) unknown.push(`hires upscaler "${upscaler}"`);
 }
-
-// Whether request-style settings draw with the hires fix (A1111: Hires upscale, or a Hires resize side)
-const usesHires = (s) => s.hr_scale != null || Boolean(s.hr_width) || Boolean(s.hr_height);
-
-// A1111 parameter labels with a number -> request fields, as `sdlab txt2img --from-png` reads them
-// (pipeline/infotext.py); png-info splits a "WxH" value into "<label>-1" / "<label>-2".
-const NUMBER_LABELS = {
-  Steps: "steps", "CFG scale": "cfg_scale", Seed: "seed", "Size-1": "width", "Size-2": "height",
-  "Denoising strength": "strength", "Mask blur": "mask_blur", "Clip skip": "clip_skip", "Variation seed": "subseed",
-  "Variation seed strength": "subseed_strength", ENSD: "eta_noise_seed_delta", Eta: "eta", "Eta DDIM": "eta",
-  "CFG rescale": "guidance_rescale", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
-  "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
-};
-const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler"]);
-// Labels that describe the file rather than the drawing, or follow from what the form sends ("Initial noise":
-// the schedule's own convention, which sdlab writes for some schedules)
-const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes",
-  "Initial noise"]);
-// Values that change nothing: png-info's A1111 defaults for labels a text leaves out, and what this form sends
-const NO_OP_VALUES = {
-  "Hires sampler": "Use same sampler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "",
-  "Hires negative prompt": "", RNG: "GPU", "Schedule max sigma": "0", "Schedule min sigma": "0", "Schedule rho": "0",
-  "Img2img steps": "diffusers",
-};
 
 // A1111 infotext labels (png-info's `parameters`) -> request-style settings; the labels it cannot place
 // go to `unread` ("Label: value"), for the notice.
