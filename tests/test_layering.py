@@ -27,7 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "api": {"pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
     "server": {"api", "pipeline", "checkpoints", "families", "diffusion", "models", "utils"},
     "cli": {"api", "server", "pipeline", "checkpoints", "families", "train", "tiny", "utils"},
-    "command": {"cli"},                      # the console script: the command line as a process
+    "command": {"cli", "utils"},             # the console script: the command line as a process
     "__main__": {"command"},                 # `python -m sdlab` is the console script
     "tiny": {"api", "pipeline", "checkpoints", "families", "diffusion", "models", "train", "utils"},
 }

@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 
-EXIT_INTERRUPTED = 128 + signal.SIGINT      # 130, as `sdlab.cli.main` reports Ctrl-C
+from sdlab.utils.interrupt import EXIT_INTERRUPTED, report_interrupted
 
 
 def run() -> None:
@@ -55,12 +55,6 @@ def run() -> None:
     if sigint_is_default:
         signal.signal(signal.SIGINT, _exit_interrupted)
     _exit(code)
-
-
-def report_interrupted() -> int:
-    """Say that Ctrl-C ended the command (one line on stderr); the exit status that goes with it."""
-    print("sdlab: error: interrupted", file=sys.stderr, flush=True)
-    return EXIT_INTERRUPTED
 
 
 def _exit_interrupted(signum: int, frame: object) -> None:

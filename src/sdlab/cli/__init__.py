@@ -41,7 +41,7 @@ from sdlab.cli.new_model import add_new_model
 from sdlab.cli.serve import add_serve
 from sdlab.cli.train import add_train
 from sdlab.cli.upscale import add_upscale
-from sdlab.command import report_interrupted
+from sdlab.utils.interrupt import report_interrupted
 from sdlab.utils import allocator
 from sdlab.utils.files import OutputFolderError
 
