@@ -193,6 +193,20 @@ def test_from_png_of_an_a1111_picture_takes_a_control_with_start_equal_to_end(fi
     assert "Guidance Start: 0.5, Guidance End: 0.5" in parse_parameters(read_parameters(out))["ControlNet 0"]
 
 
+def test_from_png_warns_of_the_recorded_units_no_control_redraws(files, tmp_path, capsys):
+    """Two recorded ControlNet units and one --control: the first redraws unit 0, unit 1 is named as left out."""
+    from cli_helpers import png_with_parameters
+
+    recorded = png_with_parameters(tmp_path / "two.png", "a red apple\nSteps: 3, Sampler: Euler, CFG scale: 7, "
+                                   'Seed: 3, Size: 32x32, ControlNet 0: "Module: none, Model: cn, Weight: 1", '
+                                   'ControlNet 1: "Module: none, Model: cn2, Weight: 1"', (32, 32))
+    code, _, stderr = run(["txt2img", "--model", str(files["model"]), "--no-progress", "--from-png", str(recorded),
+                           "--control", f"{files['net']}:{files['hint']}", "--out", str(tmp_path / "again.png")],
+                          capsys)
+    assert code == 0, stderr
+    assert "drawn with ControlNet 1;" in stderr and "ControlNet 0" not in stderr
+
+
 def test_recorded_modes_read_a1111s_labels():
     from sdlab.pipeline.control import recorded_modes
 

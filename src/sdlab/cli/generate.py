@@ -645,8 +645,8 @@ def _comparable(value: Any) -> str:
 
 def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, vae: tuple | None, pipe, request) -> None:
     """Warn about what the --from-png picture was drawn with that this run does not have: its refiner, its
-    standalone VAE, its textual-inversion embeddings (not found in --embeddings-dir), its ControlNets (not
-    given with --control), its hires pass's own sampler, prompts, CFG, schedule or checkpoint."""
+    standalone VAE, its textual-inversion embeddings (not found in --embeddings-dir), its ControlNet units past
+    the --controls given, its hires pass's own sampler, prompts, CFG, schedule or checkpoint."""
     from sdlab.pipeline.infotext import parse_lora_hashes
 
     if recorded.get("VAE") and vae is None:
@@ -659,9 +659,10 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, vae
     if missing:
         logger.warning("the picture used the embeddings %s, which are not loaded; pass --embeddings-dir with "
                        "them to redraw it", ", ".join(missing))
-    controls = sorted(key for key in recorded if key.startswith("ControlNet "))
-    if controls and not request.controls:
-        logger.warning("the picture was drawn with %s; pass --control to redraw it", ", ".join(controls))
+    units = sorted((key for key in recorded if key.startswith("ControlNet ")), key=lambda key: (len(key), key))
+    left_out = units[len(request.controls):]          # the N-th --control redraws the picture's ControlNet N
+    if left_out:
+        logger.warning("the picture was drawn with %s; pass a --control for each to redraw it", ", ".join(left_out))
     own = _own_hires_settings(recorded)
     if own and request.hires:
         logger.warning("the picture's hires pass had its own %s; sdlab's second pass runs with the first pass's, "
