@@ -147,6 +147,16 @@ def test_same_seed_same_picture_and_random_seed_is_recorded(bundles):
     assert np.array_equal(_pixels(drawn.images), _pixels(replay.images))
 
 
+def test_negative_seeds_other_than_minus_one_are_seeds():
+    """A1111 draws a random seed for -1 only (`get_fixed_seed`); -5 goes to `torch.manual_seed`, which reads it
+    as 2**64 - 5, and a batch counts up from it."""
+    assert _resolve(_request(seed=-5, batch_size=2)).seeds() == [-5, -4]
+    with_variation = _resolve(_request(seed=3, subseed=-7, subseed_strength=0.5))
+    assert with_variation.subseeds() == [-7]
+    noise = [torch.randn(3, generator=g) for g in generators_for([-5, 2**64 - 5])]
+    assert torch.equal(noise[0], noise[1])
+
+
 # ---------------------------------------------------------------------------------------------------------
 # every family, every mode
 
@@ -280,7 +290,8 @@ BAD_REQUESTS = [
     (dict(init_image=_picture(), mask_image=_mask().resize((8, 16))),
      "the mask is 8x16 but the image is 16x16; they must be the same size"),
     (dict(seed=1.5), "seed must be an integer"),
-    (dict(seed=2**64 - 1, batch_size=2), "past the largest seed"),
+    (dict(seed=2**64 - 1, batch_size=2), r"seed 18446744073709551615 \+ 1 is outside the seeds"),
+    (dict(seed=-(2**63) - 1), "is outside the seeds -9223372036854775808..18446744073709551615"),
     (dict(clip_skip=0), "clip skip must be an integer >= 1"),
     (dict(eta=-1.0), r"eta must lie in \[0, 10\], got -1.0"),
     (dict(mask_blur=-2.0), r"mask blur must lie in \[0, 256\]"),

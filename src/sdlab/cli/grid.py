@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import random
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -169,7 +168,7 @@ def run_grid(args: argparse.Namespace) -> int:
     from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_plot
     from sdlab.pipeline.infotext import to_parameters
     from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, image_format, write_files_all_or_nothing
-    from sdlab.pipeline.request import GenerationRequest, RequestError
+    from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 
     args.mode = "img2img" if args.init else "txt2img"
     _output_files(args)
@@ -180,8 +179,7 @@ def run_grid(args: argparse.Namespace) -> int:
         check_prompt_sr([axis for _, axis in plot.axes()], options["prompt"], options.get("negative_prompt", ""))
     except GridError as err:
         raise UserError(str(err)) from None
-    if options.get("seed") is None or options["seed"] < 0:
-        options["seed"] = random.randrange(2**32)         # one seed for every cell, as A1111 fixes it
+    options["seed"] = fixed_seed(options.get("seed"))     # one seed for every cell, as A1111 fixes it
     if args.init:
         options["init_image"] = _open_image(args.init, "init image")
     typed = plot.cells(options)                          # prompts as typed: each cell's LoRAs come from its own

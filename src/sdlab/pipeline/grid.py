@@ -221,7 +221,7 @@ def parse_axis(spec: str, *, rng: random.Random | None = None) -> Axis:
     values = parse_values(field, text)
     if field.name == "seed":
         rng = rng or random.Random()
-        values = [rng.randrange(4294967294) if v < 0 else v for v in values]
+        values = [rng.randrange(4294967294) if v == -1 else v for v in values]
     try:
         for value in values:
             _check_value(field, value)

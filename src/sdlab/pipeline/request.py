@@ -13,7 +13,8 @@ plainly right:
 - prompts: any length up to `MAX_PROMPT_CHARS` characters is accepted. Long prompts are encoded in
   chunks of 75 tokens (A1111's behaviour; diffusers would truncate at 77 tokens); longer text is refused,
   as it is almost always a pasted file, not a prompt.
-- seed: None or a negative number (A1111's -1) draws a random seed; image i of a batch uses seed + i.
+- seed: None or -1 draws a random seed (A1111's `get_fixed_seed`); image i of a batch uses seed + i. Other
+  negative seeds are seeds, as A1111 hands them to `torch.manual_seed` (which reads them modulo 2**64).
 - numbers must be finite and inside bounds far beyond any useful setting (`MAX_STEPS`, `MAX_CFG`,
   `MAX_ETA`, `MAX_MASK_BLUR`, ...): past them a picture is black or noise, or the run cannot fit in memory.
 - every other out-of-range value is a `RequestError` naming the value, what was given and what is valid.
@@ -44,7 +45,8 @@ MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always
 MAX_BATCH = 64
 MAX_SIDE = 8192
 SIZE_MULTIPLE = 8                           # pixel sides snap to multiples of lcm(8, VAE factor)
-MAX_SEED = 2**64 - 1                        # torch.Generator.manual_seed's range
+MAX_SEED = 2**64 - 1                        # torch.Generator.manual_seed's range: MIN_SEED..MAX_SEED
+MIN_SEED = -(2**63)
 MAX_STEPS = 1000                            # the training schedule's 1000 timesteps; more repeats them
 MAX_SCHEDULE = 10_000                       # img2img "comfyui" stretches the schedule to steps / strength
 MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
@@ -239,6 +241,18 @@ def hires_sizes(width: int, height: int, scale: float | None, hr_width: int | No
     return snap(up), snap(final)
 
 
+def fixed_seed(seed: int | None) -> int:
+    """The seed a run uses: None or -1 draw one now (A1111 `processing.get_fixed_seed`); any other is kept."""
+    return random.randrange(2**32) if seed is None or seed == -1 else seed
+
+
+def _batch_seed(name: str, seed: int, batch_size: int) -> int:
+    """`seed`, checked so that every image's seed + i is one torch's generators take."""
+    if not MIN_SEED <= seed <= MAX_SEED - (batch_size - 1):
+        raise RequestError(f"{name} {seed} + {batch_size - 1} is outside the seeds {MIN_SEED}..{MAX_SEED}")
+    return seed
+
+
 def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int) -> dict[str, Any]:
     """The checked hires fields (defaults filled in) of a request drawn at width x height."""
     if not r.hires:
@@ -406,14 +420,8 @@ def resolve(
             f"the mask is {r.mask_image.width}x{r.mask_image.height} but the image is "
             f"{r.init_image.width}x{r.init_image.height}; they must be the same size"
         )
-    seed = r.seed if r.seed is not None and r.seed >= 0 else random.randrange(2**32)
-    if seed + r.batch_size - 1 > MAX_SEED:
-        raise RequestError(f"seed {seed} + {r.batch_size - 1} is past the largest seed {MAX_SEED}")
-    subseed = None
-    if r.subseed_strength:
-        subseed = r.subseed if r.subseed is not None and r.subseed >= 0 else random.randrange(2**32)
-        if subseed + r.batch_size - 1 > MAX_SEED:
-            raise RequestError(f"subseed {subseed} + {r.batch_size - 1} is past the largest seed {MAX_SEED}")
+    seed = _batch_seed("seed", fixed_seed(r.seed), r.batch_size)
+    subseed = _batch_seed("subseed", fixed_seed(r.subseed), r.batch_size) if r.subseed_strength else None
     hires = _resolve_hires(r, width, height, multiple)
     return replace(
         r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,

@@ -119,7 +119,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = N
         schedule = a1111_schedule(sampler, schedule)
     extra: dict[str, Any] = {}
     if body.subseed_strength:
-        extra.update(subseed=body.subseed if body.subseed >= 0 else None, subseed_strength=body.subseed_strength)
+        extra.update(subseed=None if body.subseed == -1 else body.subseed, subseed_strength=body.subseed_strength)
     if body.enable_hr and init is None:             # A1111's hires fix: a second pass at a larger size
         extra.update(hr_scale=body.hr_scale, hr_width=body.hr_resize_x or None, hr_height=body.hr_resize_y or None,
                      hr_upscaler=body.hr_upscaler or None, hr_steps=body.hr_second_pass_steps or None,
@@ -192,7 +192,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str) -> dict[str, Any]:
     # subseed asked for (-1 as asked)
     seeds, subseeds = image_seeds(s, count)
     seeds = job.seeds or seeds
-    subseeds = subseeds or [body.subseed + i if body.subseed >= 0 else -1 for i in range(count)]
+    subseeds = subseeds or [-1 if body.subseed == -1 else body.subseed + i for i in range(count)]
     prompts = [s.get("prompt", "")] * count
     return {
         "prompt": s.get("prompt", ""), "all_prompts": prompts,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import random
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field, replace
@@ -208,13 +207,6 @@ def fit_mask(mask: Image.Image, init: Image.Image) -> Image.Image:
     if mask.size == init.size:
         return mask
     return mask_levels(mask).resize(init.size, resample=Image.Resampling.LANCZOS)
-
-
-def fixed_seed(seed: Any) -> int:
-    """The seed a job runs with: -1 / None draw one now, so the job's record names it from the start."""
-    if seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed < 0):
-        return random.randrange(2**32)
-    return seed
 
 
 PLAIN_UPSCALER_NAMES = ("None", "Lanczos", "Nearest")          # A1111's spelling of PLAIN_UPSCALERS

@@ -10,9 +10,9 @@ from typing import Any
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.control import DEFAULT_RESIZE, ControlInput
 from sdlab.pipeline.infotext import split_lora_tags
-from sdlab.pipeline.request import RequestError
+from sdlab.pipeline.request import RequestError, fixed_seed
 from sdlab.server.config import ServerConfig
-from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, check_request, fixed_seed, upscaler_file, with_preset
+from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, check_request, upscaler_file, with_preset
 from sdlab.server.jobs import Job, JobQueue
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.registry import Checkpoint, ModelRegistry
