@@ -23,7 +23,7 @@ from bundle_fixtures import TINY_VAE, randomize_, tiny_bundle, write_diffusers_f
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.checkpoints.load import load_bundle
-from sdlab.checkpoints.save import bundle_state_dict, save_bundle
+from sdlab.checkpoints.save import bundle_state_dict, prediction_markers, save_bundle
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.vae import AutoencoderKL
@@ -143,7 +143,8 @@ def test_save_load_round_trip_is_bit_identical(bundles, originals, tmp_path, nam
     assert_same_weights(first, second)
     assert second.prediction is first.prediction and second.scaling_factor == first.scaling_factor
     assert second.report.family_source == "metadata sdlab.family"
-    assert second.report.ignored == () and all(c.ignored == () for c in second.report.components)
+    assert set(second.report.ignored) == set(prediction_markers(first))     # ComfyUI's v_pred on the SD2-v file
+    assert all(c.ignored == () for c in second.report.components)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
         keys = set(f.keys())

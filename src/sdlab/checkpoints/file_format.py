@@ -3,7 +3,9 @@
 
 A whole model (`save_bundle`) records the format version, family, prediction type, latent scaling factor,
 every network's config as JSON (`sdlab.config`) and the hidden state each text encoder feeds the U-Net; the
-square side it was trained at goes in Stability's model-spec key `modelspec.resolution`. Single networks
+square side it was trained at goes in Stability's model-spec key `modelspec.resolution`, an eps or v prediction
+also in `modelspec.prediction_type` (Stability's model spec, as kohya writes it) and `modelspec.predict_key`
+(ComfyUI's checkpoint saver). Single networks
 written by training (`sdlab train --task vae`, the sdlab-tiny text task) record which network they hold
 (`sdlab.component`), which weights (`sdlab.weights`: "raw" or "ema") and their own config; U-Net training
 checkpoints record the family and whether the weights are the EMA ones (`sdlab.ema`).
@@ -22,6 +24,7 @@ from typing import Any
 from sdlab.checkpoints.components import ComponentConfig
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.validate import config_from_json
+from sdlab.diffusion.prediction import Prediction
 from sdlab.families import FamilySpec, ScheduleSpec
 from sdlab.families.base import HIDDEN_STATES
 from sdlab.families.loaded import ModelBundle
@@ -37,7 +40,8 @@ META_SCALING = "sdlab.scaling_factor"
 META_CONFIG = "sdlab.config"
 META_HIDDEN_STATES = "sdlab.text_hidden_states"
 META_RESOLUTION = "modelspec.resolution"    # Stability's model spec: "WxH" the model was trained at
-META_MODELSPEC_PREDICTION = "modelspec.prediction_type"
+META_MODELSPEC_PREDICTION = "modelspec.prediction_type"  # Stability's model spec: "epsilon" or "v"
+META_COMFY_PREDICTION = "modelspec.predict_key"         # ComfyUI's `save_checkpoint`: "epsilon" or "v"
 META_SCHEDULE = "sdlab.schedule"            # the model's own training schedule (JSON `ScheduleSpec`), if not
                                             # its family's
 FORMAT_VERSION = "1"
@@ -58,9 +62,19 @@ def config_to_json(cfg: ComponentConfig) -> dict[str, Any]:
     return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in fields(cfg)}
 
 
+# the prediction types the model spec names (it has no name for x0)
+_MODELSPEC_PREDICTIONS = {Prediction.EPS: "epsilon", Prediction.V: "v"}
+
+
+def prediction_metadata(prediction: Prediction) -> dict[str, str]:
+    """The model-spec prediction keys other tools read (kohya / Stability's and ComfyUI's), empty for x0."""
+    name = _MODELSPEC_PREDICTIONS.get(prediction)
+    return {META_MODELSPEC_PREDICTION: name, META_COMFY_PREDICTION: name} if name else {}
+
+
 def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
-    """The `__metadata__` sdlab writes: format version, family, prediction, scaling factor, configs, and the
-    hidden state each text encoder feeds the U-Net."""
+    """The `__metadata__` sdlab writes: format version, family, prediction (also in the model-spec keys),
+    scaling factor, configs, and the hidden state each text encoder feeds the U-Net."""
     configs = {
         "unet": config_to_json(bundle.unet_config),
         "vae": config_to_json(bundle.vae_config),
@@ -74,6 +88,7 @@ def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
         **native,
         **preset,
         **schedule,
+        **prediction_metadata(bundle.prediction),
         META_FORMAT: FORMAT_VERSION,
         META_FAMILY: bundle.family.name,
         META_PREDICTION: bundle.prediction.value,
@@ -191,6 +206,7 @@ def native_size(metadata: Mapping[str, str]) -> int | None:
 
 __all__ = [
     "FORMAT_VERSION",
+    "META_COMFY_PREDICTION",
     "META_COMPONENT",
     "META_CONFIG",
     "META_EMA",
@@ -211,6 +227,7 @@ __all__ = [
     "config_to_json",
     "named_preset",
     "native_size",
+    "prediction_metadata",
     "stored_configs",
     "stored_hidden_states",
     "stored_scaling_factor",

@@ -6,6 +6,11 @@ dict under its prefix, OpenCLIP towers converted back to OpenCLIP names (fused `
 `text_projection`). The metadata records the family, the prediction type, the latent scaling and every
 config as JSON (`sdlab.config`), so that loading it back needs no inference and no guessing: loading what
 this writes gives the same configs and bit-identical tensors. The file is written atomically.
+
+A v-prediction model also carries ComfyUI's empty marker tensors, as ComfyUI's checkpoint saver writes them
+(`comfy_extras/nodes_model_merging.save_checkpoint`): `v_pred`, and `ztsnr` beside it when the model's
+schedule has zero terminal SNR. ComfyUI (`supported_models.SDXL.model_type`) tells such a model from an eps
+one by these keys alone; sdlab reads its own metadata first.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import Tensor
 from sdlab.checkpoints.file_format import bundle_metadata
 from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.checkpoints.openclip import sdlab_to_openclip
+from sdlab.diffusion.prediction import Prediction
 from sdlab.families import TextEncoderSpec
 from sdlab.families.loaded import ModelBundle
 
@@ -44,9 +50,21 @@ def bundle_state_dict(bundle: ModelBundle, dtype: torch.dtype | None = None) -> 
     return out
 
 
+def prediction_markers(bundle: ModelBundle) -> dict[str, Tensor]:
+    """ComfyUI's marker keys for `bundle`'s prediction and schedule (empty for an eps or x0 model)."""
+    if bundle.prediction is not Prediction.V:
+        return {}
+    markers = {"v_pred": torch.tensor([])}                                          # (0,) float32
+    if bundle.schedule is not None and bundle.schedule.zero_terminal_snr:
+        markers["ztsnr"] = torch.tensor([])
+    return markers
+
+
 def save_bundle(bundle: ModelBundle, path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> Path:
-    """Write `bundle` to `path` (`.safetensors`) in the original layout, atomically. Returns the path."""
+    """Write `bundle` to `path` (`.safetensors`) in the original layout with its prediction markers, atomically.
+    Returns the path."""
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: sdlab saves only .safetensors files")
-    return write_safetensors_atomic(path, bundle_state_dict(bundle, dtype), bundle_metadata(bundle))
+    tensors = bundle_state_dict(bundle, dtype) | prediction_markers(bundle)
+    return write_safetensors_atomic(path, tensors, bundle_metadata(bundle))
