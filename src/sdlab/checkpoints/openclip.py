@@ -12,8 +12,15 @@ The conversion is a rename table plus two transforms (as ComfyUI's ``transformer
 - ``text_projection`` is stored (D, P) and applied as ``x @ P``, so it is the transpose of the
   ``nn.Linear(D, P, bias=False).weight`` (P, D) that sdlab uses.
 
-``logit_scale`` (the contrastive temperature) and ``attn_mask`` (a causal-mask buffer in some files) are
-known extras and are dropped; any other key is unknown and reported (:class:`UnknownKeysError`).
+Towers converted from Hugging Face ones by renaming (diffusers' ``convert_diffusers_to_original_sdxl.py``)
+hold the projection under its Hugging Face name ``text_projection.weight``, already in ``nn.Linear``
+layout: it is taken as is (ComfyUI's ``clip_text_transformers_convert``; diffusers' ``single_file_utils``
+transposes only the bare name). A tower holding both spellings is refused.
+
+``logit_scale`` (the contrastive temperature), ``attn_mask`` (a causal-mask buffer in some files) and the
+position-ids buffer that diffusers' conversion scripts leave under its Hugging Face name are known extras
+and are dropped (``sdlab.checkpoints.tolerated.OPENCLIP_TOLERATED``); any other key is unknown and
+reported (:class:`UnknownKeysError`).
 
 Converted tensors may share storage with the inputs (q/k/v are views of ``in_proj``); clone them
 before saving with safetensors, which refuses shared storage.
@@ -60,6 +67,8 @@ FUSED_QKV: dict[str, tuple[str, str, str]] = {
 }
 # transform 2: (D, P) matrix used as x @ P  <->  nn.Linear weight (P, D)
 TRANSPOSED: dict[str, str] = {"text_projection": "text_projection.weight"}
+# the projection as diffusers' SDXL conversion script leaves it: nn.Linear layout (P, D), sdlab's own name
+LINEAR_PROJECTION = "text_projection.weight"
 
 _OPENCLIP_BLOCK = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 _SDLAB_BLOCK = re.compile(r"encoder\.layers\.(\d+)\.(.+)")
@@ -88,8 +97,12 @@ def openclip_to_sdlab(state: Mapping[str, Tensor], *, ignore_unknown: bool = Fal
     """OpenCLIP text-tower keys (prefix removed) -> sdlab ``CLIPTextModel`` keys.
 
     Raises :class:`UnknownKeysError` listing keys outside the table (``ignore_unknown=True`` logs and drops
-    them instead). ``logit_scale`` and ``attn_mask`` are dropped.
+    them instead), and ValueError for a tower holding its projection under both names. The keys of
+    ``OPENCLIP_TOLERATED`` are dropped.
     """
+    if "text_projection" in state and LINEAR_PROJECTION in state:
+        raise ValueError("openclip_to_sdlab: the text projection is stored twice, as text_projection and "
+                         f"{LINEAR_PROJECTION}")
     out: dict[str, Tensor] = {}
     unknown: list[str] = []
     for key, value in state.items():
@@ -97,6 +110,8 @@ def openclip_to_sdlab(state: Mapping[str, Tensor], *, ignore_unknown: bool = Fal
             out[TOP_LEVEL_RENAMES[key]] = value
         elif key in TRANSPOSED:
             out[TRANSPOSED[key]] = value.t().contiguous()                     # (D, P) -> (P, D)
+        elif key == LINEAR_PROJECTION:
+            out[key] = value                                                  # (P, D) already
         elif key in OPENCLIP_TOLERATED:
             logger.debug("dropping %s", key)
         elif (match := _OPENCLIP_BLOCK.fullmatch(key)) is not None:
@@ -167,7 +182,6 @@ def _count_blocks(state: Mapping[str, Tensor], pattern: re.Pattern[str]) -> int:
 def config_from_openclip(state: Mapping[str, Tensor], *, head_width: int = 64) -> CLIPTextConfig:
     """CLIPTextConfig of an OpenCLIP text tower (keys without prefix); OpenCLIP towers use exact GELU."""
     vocab_size, width = state["token_embedding.weight"].shape
-    projection = state.get("text_projection")
     return CLIPTextConfig(
         vocab_size=vocab_size,
         max_positions=state["positional_embedding"].shape[0],
@@ -176,8 +190,17 @@ def config_from_openclip(state: Mapping[str, Tensor], *, head_width: int = 64) -
         heads=max(1, width // head_width),      # one head below 64 wide (no released tower is)
         mlp_width=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         activation="gelu",
-        projection_dim=projection.shape[1] if projection is not None else None,
+        projection_dim=_openclip_projection_dim(state),
     )
+
+
+def _openclip_projection_dim(state: Mapping[str, Tensor]) -> int | None:
+    """P of an OpenCLIP tower's projection: stored (D, P), or (P, D) as ``text_projection.weight``."""
+    if "text_projection" in state:
+        return state["text_projection"].shape[1]
+    if LINEAR_PROJECTION in state:
+        return state[LINEAR_PROJECTION].shape[0]
+    return None
 
 
 def config_from_hf(

@@ -22,8 +22,14 @@ __all__ = [
 SDLAB_TEXT_TOLERATED = frozenset({"embeddings.position_ids"})
 #: Hugging Face CLIP text keys (``text_model.`` removed): also ``CLIPModel``'s contrastive temperature
 HF_TEXT_TOLERATED = SDLAB_TEXT_TOLERATED | {"logit_scale"}
-#: OpenCLIP text-tower keys: the contrastive temperature and a causal-mask buffer some files carry
-OPENCLIP_TOLERATED = frozenset({"logit_scale", "attn_mask"})
+#: OpenCLIP text-tower keys: the contrastive temperature, a causal-mask buffer some files carry, and the
+#: position-ids buffer of a Hugging Face tower (transformers < 4.31 saved it) that diffusers' conversion
+#: scripts leave under its Hugging Face name: convert_diffusers_to_original_sdxl.py as is,
+#: convert_diffusers_to_original_stable_diffusion.py after prefixing every key with ``transformer.``
+OPENCLIP_TOLERATED = frozenset({
+    "logit_scale", "attn_mask",
+    "text_model.embeddings.position_ids", "transformer.text_model.embeddings.position_ids",
+})
 #: whole-file keys of single-file checkpoints outside every component: EMA copies, DDPM schedule buffers
 #: (sdlab rebuilds the schedule from the family), SGM's denoiser sigmas, and ComfyUI's v-prediction and
 #: zero-terminal-SNR markers (empty tensors; `sdlab.checkpoints.load` reads them by name)
