@@ -291,6 +291,16 @@ def _text_source(spec: TextEncoderSpec, build: Callable[[CLIPTextConfig], nn.Mod
     )
 
 
+def read_as_diffusers(te: TextEncoderSpec) -> TextEncoderSpec:
+    """`te` read as diffusers reads its text encoders: the final-norm output of every layer the tower holds.
+
+    diffusers' SD2 `text_encoder` is OpenCLIP-H without its last layer (23 of 24, `num_hidden_layers=23`), so
+    that output is SD2's "penultimate_norm" conditioning: such a tower is read at "last". SD1's "last" and
+    SDXL's "penultimate" stay: diffusers stores those towers whole and reads the same layers.
+    """
+    return replace(te, hidden_state="last") if te.hidden_state == "penultimate_norm" else te
+
+
 def read_diffusers_folder(path: Path, *, family: str | None = None) -> DiffusersFolder:
     """Detect the family of a diffusers folder and open each component (weights are read lazily)."""
     model_index = read_config_json(path / MODEL_INDEX)
@@ -310,13 +320,9 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
         folder = path / te.diffusers_folder
         if not folder.is_dir():
             raise CheckpointError(f"{path}: {spec.name} folder has no {te.diffusers_folder}/ for {te.name}")
-        if te.hidden_state == "penultimate_norm":
-            # diffusers' SD2 folders hold OpenCLIP-H without its last layer (23 of 24) and use the final-norm
-            # output of what is left, which is SD2's penultimate-layer conditioning. diffusers reads the
-            # final-norm output whatever the folder's layer count, so "last" is what it draws with even for a
-            # folder that keeps all 24 layers.
-            te = replace(te, hidden_state="last")
-        text.append((te, _text_source(te, spec.text_module, folder)))
+        # diffusers reads a folder's tower at its final-norm output whatever its layer count, so "last" is
+        # what it draws with even for a folder that keeps all of OpenCLIP-H's 24 layers
+        text.append((read_as_diffusers(te), _text_source(te, spec.text_module, folder)))
     scheduler_path = path / "scheduler" / "scheduler_config.json"
     scheduler = read_scheduler_config(
         read_config_json(scheduler_path) if scheduler_path.exists() else {}, spec.schedule, scheduler_path)

@@ -4,8 +4,10 @@ VAE files, opened as components ready to plan (the counterpart of `diffusers_fol
 `read_single_file` detects the family (the argument, else the file's `sdlab.family`, else the tensors),
 splits the keys into the family's components by their prefixes (`FamilySpec.components`), infers every config (or takes the one sdlab's saver stored in the
 metadata, confirmed against the tensors) and refuses keys that belong to no component and are not known
-junk. `load_vae_source` opens a standalone VAE (bare LDM keys, `first_stage_model.*`, diffusers names, or a
-diffusers VAE folder). Prediction type and scaling factor are resolved by the caller (`load.py`).
+junk. A text tower one layer short of the family's (SD2 written from a diffusers folder) is read as
+diffusers reads it. `load_vae_source` opens a standalone VAE (bare LDM keys, `first_stage_model.*`,
+diffusers names, or a diffusers VAE folder). Prediction type and scaling factor are resolved by the caller
+(`load.py`).
 """
 
 from __future__ import annotations
@@ -113,6 +115,15 @@ def _text_source(spec: TextEncoderSpec, build: Callable[[CLIPTextConfig], nn.Mod
     )
 
 
+def _hidden_state_for_layers(te: TextEncoderSpec, layers: int) -> TextEncoderSpec:
+    """`te` for a tower of `layers` layers. One that lacks the family's last layer is a tower from a diffusers
+    folder (diffusers' convert_diffusers_to_original_stable_diffusion.py writes SD2's 23 of OpenCLIP-H's 24)
+    and is read as diffusers reads it (`read_as_diffusers`): the final-norm output of all 23 is SD2's
+    conditioning, as diffusers' from_single_file (`last_hidden_state`), A1111 and ComfyUI (their 24-layer
+    towers run to the penultimate layer, the file's last, then the final norm) compute it."""
+    return diffusers_folder.read_as_diffusers(te) if layers == te.config.layers - 1 else te
+
+
 def _vae_source(origin: str, state: Mapping[str, Tensor], local: Mapping[str, str], stored: VAEConfig | None,
                 conventions: VAEConfig, ignored: tuple[str, ...] = (),
                 build: Callable[[VAEConfig], nn.Module] = AutoencoderKL) -> ComponentSource:
@@ -194,7 +205,8 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
         if not buckets[te.name]:
             raise _missing_component(path, spec, f"text encoder {te.name}", te.prefix)
         te_stored = stored["text_encoders"][i] if stored else None
-        text.append((te, _text_source(te, spec.text_module, origin, state, buckets[te.name], te_stored)))
+        source = _text_source(te, spec.text_module, origin, state, buckets[te.name], te_stored)
+        text.append((_hidden_state_for_layers(te, source.config.layers), source))
 
     return SingleFile(
         path=path, family=spec, family_source=family_source, unet=unet, vae=vae_source, text_encoders=tuple(text),
