@@ -144,19 +144,50 @@ def test_resume_applies_new_optimizer_settings_and_schedule(tmp_path, one_thread
     assert group["initial_lr"] == 1e-2
 
 
+def _resume_point(tmp_path, stored):
+    from sdlab.train.run_checkpoint import ResumePoint
+
+    return ResumePoint(path=tmp_path / "step-00000002.pt", step=2, config=stored.to_json(), global_batch=1, state=None)
+
+
 @pytest.mark.parametrize("base, setting, value", [
     ({"task": "embedding", "embedding_word": "zq"}, "embedding_init", "red"),
     ({"task": "vae"}, "vae_decoder_only", True),
+    # the model trained and the objective's target: another file, family, prediction type or VAE
+    ({"model": "base.safetensors"}, "model", "other.safetensors"),
+    ({"model": "base.safetensors"}, "family", "sd2"),
+    ({"family": "sd1"}, "family", "sdxl"),
+    ({}, "prediction", "v"),
+    ({"prediction": "v"}, "prediction", "eps"),
+    ({"prediction": "v"}, "prediction", None),
+    ({}, "vae", "other-vae.safetensors"),
+    ({"vae": "vae.safetensors"}, "vae", None),
+    ({"data_dir": "images"}, "data_dir", "other-images"),
 ])
 def test_resume_refuses_settings_it_cannot_apply(tmp_path, base, setting, value):
-    """A setting that only shapes the run's start (or its set of parameters) cannot change on resume: it is
-    refused rather than reported as changed and then ignored."""
+    """A setting that defines what is trained (the model, its prediction type, the data) or only shapes the
+    run's start (or its set of parameters) cannot change on resume: it is refused, naming it, rather than
+    reported as changed and then ignored or trained on for the rest of the run."""
     from sdlab.train.config import TrainConfig
     from sdlab.train.errors import TrainError
     from sdlab.train.loop import check_resume
-    from sdlab.train.run_checkpoint import ResumePoint
 
-    stored = TrainConfig(**base)
-    point = ResumePoint(path=tmp_path / "step-00000002.pt", step=2, config=stored.to_json(), global_batch=1, state=None)
+    point = _resume_point(tmp_path, TrainConfig(**base))
     with pytest.raises(TrainError, match=f"--{setting.replace('_', '-')} was"):
-        check_resume(point, TrainConfig(**base, **{setting: value}), global_batch=1)
+        check_resume(point, TrainConfig(**base | {setting: value}), global_batch=1)
+
+
+def test_resume_takes_a_setting_spelled_otherwise_but_read_alike(tmp_path, monkeypatch):
+    """The same prediction type or family under another name, and the same file or folder under another path
+    (relative, absolute, through a symlink), are no change."""
+    from sdlab.train.config import TrainConfig
+    from sdlab.train.loop import check_resume
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "base.safetensors").write_bytes(b"")
+    (tmp_path / "link.safetensors").symlink_to(tmp_path / "base.safetensors")
+    (tmp_path / "images").mkdir()
+    stored = TrainConfig(model="base.safetensors", data_dir="images", prediction="v", family="sd2")
+    now = TrainConfig(model=str(tmp_path / "link.safetensors"), data_dir="./images/", prediction="v_prediction",
+                      family="SD2")
+    check_resume(_resume_point(tmp_path, stored), now, global_batch=1)

@@ -234,6 +234,11 @@ def test_resume_latest_takes_the_stored_settings(tiny, tmp_path, capsys):
     # a different batch would change the data stream: refused, before loading anything
     code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--batch-size", "4")
     assert code == 2 and "images per step" in _one_error_line(err)
+    # another prediction type or model would change what the rest of the run trains: refused, naming it
+    code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--prediction", "v")
+    assert code == 2 and "--prediction was None, now 'v'" in _one_error_line(err)
+    code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--family", "sd2")
+    assert code == 2 and "--family was None, now 'sd2'" in _one_error_line(err)
 
     # nothing but the run folder and a longer run: model, data, batch, EMA, resolution come from the checkpoint
     code, stdout, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--max-steps", "3",

@@ -5,7 +5,8 @@ checkpoint being resumed (``--resume``), an optional config file (TOML or JSON, 
 and command-line options (``--field-name value``; booleans as ``--flag`` / ``--no-flag``). Each field
 carries its description (shown by ``sdlab train --help``) and, where the set is closed, its valid values.
 The resolved config is stored in every run checkpoint; ``--resume`` checks that the settings that define
-the data stream and the optimisation did not change. Every bad value is a `TrainError` naming the option.
+the model trained, the data stream and the objective did not change (`RESUME_INVARIANTS`). Every bad value
+is a `TrainError` naming the option.
 
 Batch terms: ``batch_size`` is the micro-batch of one process; one optimiser step consumes the *global*
 batch ``batch_size * grad_accum * world_size`` images.
@@ -17,6 +18,7 @@ import argparse
 import functools
 import json
 import math
+import os
 import tomllib
 import types
 import typing
@@ -24,11 +26,13 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sdlab.diffusion.prediction import Prediction
 from sdlab.train.errors import TrainError
 from sdlab.utils.text import not_utf8
 
 __all__ = ["RESUME_INVARIANTS", "TASK_SETTINGS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments",
-           "config_from_args", "config_from_settings", "flag", "given_settings", "load_config_file", "merge_resumed"]
+           "config_from_args", "config_from_settings", "flag", "given_settings", "load_config_file", "merge_resumed",
+           "resume_changes"]
 
 
 def setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -126,8 +130,9 @@ class TrainConfig:
     resume: str | None = setting(None, "continue a run: 'latest' takes the newest valid run checkpoint in "
                                        "<output-dir>/checkpoints (an older one when the newest is damaged) and "
                                        "every setting stored in it except those given again (they apply from the "
-                                       "resumed step; the lr follows the new schedule); or the path of a "
-                                       "run checkpoint (.pt). 'latest' with no checkpoint yet starts at step 0")
+                                       "resumed step; the lr follows the new schedule; those that define the "
+                                       "run, such as the model, data and objective, cannot change); or the path "
+                                       "of a run checkpoint (.pt). 'latest' with no checkpoint yet starts at step 0")
     save_dtype: str = setting("fp32", "dtype of the delivered weights", ("fp32", "fp16", "bf16"))
     log_every: int = setting(1, "write a log.csv row every N steps")
     sample_every: int | None = setting(None, "draw preview images every N steps (default: never)")
@@ -265,15 +270,46 @@ def _check_task_settings(cfg: TrainConfig) -> None:
                          f"{' / '.join(users)})")
 
 
-# Settings that must match when resuming: they define the data stream, the objective, the parameters or their
-# starting point. Every other setting given again applies from the resumed step on (the optimiser's and the LR
-# schedule's included: `sdlab.train.loop.apply_optimizer_settings`).
+# Settings that must match when resuming: they define the model trained (its file, family, prediction type and
+# VAE), the data stream, the objective, the parameters or their starting point. Every other setting given again
+# applies from the resumed step on (the optimiser's and the LR schedule's included:
+# `sdlab.train.loop.apply_optimizer_settings`).
 RESUME_INVARIANTS = (
-    "task", "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
+    "task", "model", "family", "prediction", "vae", "data_dir",
+    "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
     "lora_text_encoder", "lora_conv", "train_text_encoder", "embedding_word", "embedding_vectors", "embedding_init",
     "vae_decoder_only", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
     "lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay",
 )
+
+
+_PATH_SETTINGS = ("model", "vae", "data_dir")     # compared as the files / folder they name
+
+
+def _as_read(name: str, value: Any) -> Any:
+    """A run-defining setting as the run reads it: a path as the file or folder it names (relative parts and
+    symlinks resolved), a family or prediction type by what it names (``v`` and ``v_prediction`` alike)."""
+    if not isinstance(value, str):
+        return value
+    if name in _PATH_SETTINGS:
+        return os.path.realpath(value)
+    if name == "family":
+        return value.strip().lower()
+    if name == "prediction":
+        try:
+            return Prediction.parse(value)
+        except ValueError:      # not a prediction type: the load refuses it
+            return value
+    return value
+
+
+def resume_changes(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """The `RESUME_INVARIANTS` ``cfg`` changes from a run checkpoint's ``stored`` settings. A setting spelled
+    otherwise but read alike is no change, nor a resolution not yet resolved (None: the model's native size,
+    filled in once it loads); the batch counts as the global batch (`sdlab.train.loop.check_resume`)."""
+    now = cfg.to_json()
+    return [k for k in RESUME_INVARIANTS if k in stored and k != "batch_size"
+            and _as_read(k, stored[k]) != _as_read(k, now[k]) and not (k == "resolution" and now[k] is None)]
 
 
 def flag(name: str) -> str:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sdlab.train.config import RESUME_INVARIANTS, TrainConfig, flag
+from sdlab.train.config import TrainConfig, flag, resume_changes
 from sdlab.train.data import TrainData, generator_for
 from sdlab.train.distributed import DistContext, all_reduce_grads
 from sdlab.train.ema import EMA
@@ -149,10 +149,10 @@ def _load_run_state(modules: dict[str, nn.Module], state: dict[str, dict[str, to
 
 
 def check_resume(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> None:
-    """A `TrainError` when ``cfg`` changes a setting that defines the run's data stream or objective."""
+    """A `TrainError` when ``cfg`` changes a setting that defines the run: the model trained, its data stream or
+    objective (`resume_changes`)."""
     now = cfg.to_json()
-    changed = [k for k in RESUME_INVARIANTS if k in point.config and k != "batch_size"
-               and point.config[k] != now[k] and not (k == "resolution" and now[k] is None)]
+    changed = resume_changes(point.config, cfg)
     if changed:
         what = ", ".join(f"{flag(k)} was {point.config[k]!r}, now {now[k]!r}" for k in changed)
         raise TrainError(f"cannot resume from {point.path}: {what} (these define the run; leave them out to keep "
