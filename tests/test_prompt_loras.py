@@ -8,15 +8,20 @@ in LoRA folders, and merging a set into a bundle for one request with the weight
 - `LoraPatcher`: the text encoders change by the TE weight and the U-Net by the U-Net weight, exactly as
   `apply_lora` with those multipliers; restoring gives back the very tensors; the same set again computes
   nothing; another set replaces the first; an error inside `using` still restores.
+- One `Pipeline` shared by threads: runs take turns, so a LoRA merged for one run never reaches another.
 """
 
 from __future__ import annotations
 
+import threading
+
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from bundle_fixtures import tiny_bundle
+from sdlab.api import Pipeline
 from sdlab.checkpoints.lora import apply_lora
 from sdlab.pipeline import prompt_loras
 from sdlab.pipeline.prompt_loras import (
@@ -199,3 +204,40 @@ def test_a_name_tagged_twice_is_merged_twice_at_its_last_weights(tmp_path):
     assert len(changed) == 4
     for key in patched:
         torch.testing.assert_close(patched[key], expected[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lora_first", [True, False], ids=["lora-run-first", "plain-run-first"])
+def test_runs_from_two_threads_take_turns_and_draw_with_their_own_weights(tmp_path, lora_first):
+    """One `Pipeline` shared by two threads: the first run waits inside its first step for the second run to
+    take a step. The second must not (it waits for the first to end), and each picture equals its run alone:
+    a LoRA merged for one run never reaches the other."""
+    folder = tmp_path / "loras"
+    _lora_file(folder / "ink.safetensors", _small_lora(7))
+    pipe = Pipeline(tiny_bundle("sd1"))
+    pipe.lora_dirs = [folder]
+    options = dict(steps=2, seed=3, width=32, height=32, sampler="Euler", preset=None)
+    plain, tagged = "a red apple", "a red apple <lora:ink:1>"
+    alone = {prompt: np.asarray(pipe.txt2img(prompt, **options).images[0]) for prompt in (plain, tagged)}
+    assert not np.array_equal(alone[plain], alone[tagged])
+    first, second = (tagged, plain) if lora_first else (plain, tagged)
+
+    first_inside, second_stepped, overlapped = threading.Event(), threading.Event(), []
+
+    def hold_first_step(info) -> None:
+        if not first_inside.is_set():
+            first_inside.set()
+            overlapped.append(second_stepped.wait(timeout=2.0))
+
+    pictures = {}
+
+    def draw_first() -> None:
+        pictures[first] = np.asarray(pipe.txt2img(first, progress=hold_first_step, **options).images[0])
+
+    thread = threading.Thread(target=draw_first)
+    thread.start()
+    assert first_inside.wait(timeout=60)
+    pictures[second] = np.asarray(pipe.txt2img(second, progress=lambda info: second_stepped.set(), **options).images[0])
+    thread.join()
+    assert overlapped == [False]
+    for prompt in (plain, tagged):
+        np.testing.assert_array_equal(pictures[prompt], alone[prompt])

@@ -108,14 +108,19 @@ class Pipeline:
         The prompt's `<lora:NAME:WEIGHT>` / `<lora:NAME:TE:UNET>` tags (A1111) are taken out of the encoded
         text and their files, with `loras`, merged into the model for this run only: the model's own
         tensors are back afterwards, and the same set next time reuses its merged tensors
-        (`prompt_loras.LoraPatcher`). The result's request keeps the prompt as written."""
+        (`prompt_loras.LoraPatcher`). The result's request keeps the prompt as written.
+
+        A pipeline may be shared by threads: runs on one loaded model take turns (each holds the model from
+        its first step to its last), so every run draws with exactly its own LoRAs."""
         plan = request if isinstance(request, GenerationPlan) else self.resolve(request)
         bare, uses = request_loras(plan.request.prompt, plan.request.negative_prompt, self.find_lora)
-        if uses or loras:
-            drawn = replace(plan, request=replace(plan.request, prompt=bare)) if uses else plan
-            with patcher_for(self.bundle).using([*loras, *uses]):
-                result = self.run(drawn, progress=progress, upscaler=upscaler)     # its prompt has no tags left
-            return replace(result, request=plan.request) if drawn is not plan else result
+        drawn = replace(plan, request=replace(plan.request, prompt=bare)) if uses else plan    # no tags left
+        with patcher_for(self.bundle).using([*loras, *uses]):
+            result = self._draw(drawn, progress, upscaler)
+        return replace(result, request=plan.request) if drawn is not plan else result
+
+    def _draw(self, plan: GenerationPlan, progress: ProgressFn | None, upscaler: Upscaler | None) -> GenerationResult:
+        """Draw `plan` with the weights now in the model; running out of memory is a `RequestError`."""
         try:
             if plan.request.hires:
                 return generate_hires(self.bundle, plan, upscaler, progress=progress)

@@ -15,7 +15,9 @@ only (processing.py: ``parse_extra_network_prompts`` parses ``self.prompts``), s
 them, as A1111's Lora extension does: the original weight tensors are kept and put back (never
 recomputed by subtraction, so the model returns bit for bit), and the merged tensors of the last set are
 kept too, so the same set again costs no arithmetic. Files are read once while unchanged (path, size,
-mtime).
+mtime). The layers are shared by every thread that draws with the bundle, so a run holds the patcher's lock
+from its first step to its last (`LoraPatcher.using`), with or without LoRAs: runs on one bundle take turns,
+and no run ever sees another's merged weights.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import math
 import os
 import re
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -260,6 +263,7 @@ class LoraPatcher:
 
     def __init__(self, bundle) -> None:
         self.bundle = bundle
+        self.lock = threading.RLock()                         # held by whoever uses or swaps the layers
         self._originals: dict[nn.Parameter, Tensor] = {}    # the layers' own tensors while patched
         self._applied: tuple | None = None                    # the key of the set now in the layers
         self._cached: tuple[tuple, dict[nn.Parameter, Tensor]] | None = None   # last set's merged tensors
@@ -285,47 +289,54 @@ class LoraPatcher:
 
     def apply(self, uses: Sequence[LoraUse]) -> None:
         """Put the set `uses` into the layers (restoring any other set first); nothing when it is there."""
-        key = _use_key(uses)
-        if key == self._applied:
-            return
-        self.restore()
-        if not uses:
-            return
-        if self._cached is not None and self._cached[0] == key:
-            tensors = self._cached[1]
-        else:
-            self._cached = None                               # free the old set before computing the new
-            tensors = self._merged(uses)
-            self._cached = (key, tensors)
-        for param, tensor in tensors.items():
-            self._originals[param] = param.data
-            param.data = tensor
-        self._applied = key
-        logger.info("LoRAs applied: %s", ", ".join(f"{u.name or u.path}:{u.te_weight:g}:{u.unet_weight:g}" for u in uses))
+        with self.lock:
+            key = _use_key(uses)
+            if key == self._applied:
+                return
+            self.restore()
+            if not uses:
+                return
+            if self._cached is not None and self._cached[0] == key:
+                tensors = self._cached[1]
+            else:
+                self._cached = None                               # free the old set before computing the new
+                tensors = self._merged(uses)
+                self._cached = (key, tensors)
+            for param, tensor in tensors.items():
+                self._originals[param] = param.data
+                param.data = tensor
+            self._applied = key
+            logger.info("LoRAs applied: %s",
+                        ", ".join(f"{u.name or u.path}:{u.te_weight:g}:{u.unet_weight:g}" for u in uses))
 
     def restore(self) -> None:
         """Put the layers' own tensors back (a no-op when nothing is applied)."""
-        for param, original in self._originals.items():
-            param.data = original.to(param.device, param.dtype)
-        self._originals.clear()
-        self._applied = None
+        with self.lock:
+            for param, original in self._originals.items():
+                param.data = original.to(param.device, param.dtype)
+            self._originals.clear()
+            self._applied = None
 
     @contextlib.contextmanager
     def using(self, uses: Sequence[LoraUse]) -> Iterator[None]:
-        """The set `uses` in the layers for the block, the model's own weights after it (even on error)."""
-        self.apply(uses)
-        try:
-            yield
-        finally:
-            self.restore()
+        """The set `uses` (none: the model's own weights) in the layers for the block, the model's own weights
+        after it (even on error). The block holds the lock: another thread's `using` waits for it to end."""
+        with self.lock:
+            self.apply(uses)
+            try:
+                yield
+            finally:
+                self.restore()
 
 
 _PATCHERS: weakref.WeakKeyDictionary[nn.Module, LoraPatcher] = weakref.WeakKeyDictionary()
+_PATCHERS_LOCK = threading.Lock()          # two threads' first runs on a bundle get the same patcher
 
 
 def patcher_for(bundle) -> LoraPatcher:
     """The one `LoraPatcher` of `bundle` (kept while its U-Net lives)."""
-    patcher = _PATCHERS.get(bundle.unet)
-    if patcher is None or patcher.bundle is not bundle:
-        patcher = _PATCHERS[bundle.unet] = LoraPatcher(bundle)
-    return patcher
+    with _PATCHERS_LOCK:
+        patcher = _PATCHERS.get(bundle.unet)
+        if patcher is None or patcher.bundle is not bundle:
+            patcher = _PATCHERS[bundle.unet] = LoraPatcher(bundle)
+        return patcher
