@@ -117,6 +117,74 @@ def test_zero_snr_folder_warns_about_trailing_spacing(folder, caplog):
     assert "zero terminal SNR" in plan.report.to_json()["schedule"]
 
 
+def test_scheduler_classes_are_diffusers_own():
+    """`SCHEDULER_CLASSES` against diffusers' classes: each default spacing (or none), which ones apply
+    rescale_betas_zero_snr, and an sdlab sampler for each."""
+    import inspect
+
+    import diffusers
+
+    from sdlab.checkpoints.diffusers_scheduler import SCHEDULER_CLASSES
+    from sdlab.diffusion.samplers import get_sampler
+
+    for class_name, known in SCHEDULER_CLASSES.items():
+        parameters = inspect.signature(getattr(diffusers, class_name).__init__).parameters
+        spacing = parameters.get("timestep_spacing")
+        assert (spacing is not None) == known.spaced, class_name
+        assert spacing is None or spacing.default == known.spacing, class_name
+        assert ("rescale_betas_zero_snr" in parameters) == known.zero_snr, class_name
+        assert get_sampler(known.sampler).name == known.sampler
+
+
+ADVICE_CASES = {
+    "ddim_zero_snr": dict(_class_name="DDIMScheduler", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                          clip_sample=False, set_alpha_to_one=False),
+    "ddim_alpha_one": dict(_class_name="DDIMScheduler", timestep_spacing="trailing", clip_sample=False),
+    "euler_a_turbo": dict(_class_name="EulerAncestralDiscreteScheduler", timestep_spacing="trailing"),
+    "dpm_zero_snr_default_spacing": dict(_class_name="DPMSolverMultistepScheduler", rescale_betas_zero_snr=True),
+    "unipc_trailing": dict(_class_name="UniPCMultistepScheduler", timestep_spacing="trailing"),
+}
+
+
+@pytest.mark.parametrize("name", list(ADVICE_CASES))
+def test_folder_advice_names_the_settings_that_draw_its_picture(folder, caplog, name):
+    """The loader's advice for a trailing or zero-SNR folder names the sampler and schedule of the folder's own
+    scheduler class (its default spacing when the config gives none); drawn with them, sdlab's picture is
+    diffusers' pipeline's with that scheduler within 2/255."""
+    import re
+
+    import diffusers
+
+    config = _set_scheduler(folder, **ADVICE_CASES[name])
+    with caplog.at_level(logging.INFO, logger="sdlab"):
+        ours = sdlab.load(folder)
+    advice = [r.getMessage() for r in caplog.records if "diffusers draws this folder" in r.getMessage()]
+    assert len(advice) == 1, advice
+    sampler, schedule = re.search(r"sampler '([^']+)', schedule '([^']+)'", advice[0]).groups()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.scheduler = getattr(diffusers, config["_class_name"]).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompt, seed, steps = "a photograph of an astronaut riding a horse", 1234, 4
+    ref = pipe(prompt, num_inference_steps=steps, guidance_scale=7.0, width=SIZE, height=SIZE,
+               generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np").images
+    out = ours.txt2img(prompt, steps=steps, cfg_scale=7.0, seed=seed, width=SIZE, height=SIZE,
+                       sampler=sampler, schedule=schedule)
+    a = np.stack([np.asarray(i) for i in out.images]).astype(np.int16)
+    b = (ref * 255).round().astype(np.int16)
+    assert np.abs(a - b).max() <= 2, (sampler, schedule)
+
+
+def test_zero_snr_folder_advice_says_when_diffusers_ignores_zero_snr(folder, caplog):
+    """diffusers' HeunDiscreteScheduler has no rescale_betas_zero_snr: the advice says no setting gives its
+    picture, as sdlab samples the model's zero-SNR schedule."""
+    _set_scheduler(folder, _class_name="HeunDiscreteScheduler", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    with caplog.at_level(logging.INFO, logger="sdlab"):
+        plan_checkpoint(folder)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("sampler 'Heun', schedule 'trailing'" in w and "ignores rescale_betas_zero_snr" in w
+               for w in warnings), warnings
+
+
 def test_zero_snr_folder_draws_diffusers_picture(folder):
     """diffusers' pipeline with the folder's own EulerDiscreteScheduler(rescale_betas_zero_snr, trailing) and
     guidance rescale 0.7, against sdlab's Euler on the trailing schedule: the same picture within 2/255 (on the
