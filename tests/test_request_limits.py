@@ -11,6 +11,7 @@ import logging
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from bundle_fixtures import tiny_bundle, write_original
@@ -84,6 +85,27 @@ def test_absurd_values_are_refused_up_front(bundle, changes, message):
 
 def test_useful_values_stay_accepted(bundle):
     resolve_for(bundle, _request(steps=150, cfg_scale=30.0, eta=1.0, mask_blur=64.0))
+
+
+def test_numpy_scalars_count_as_python_numbers(bundle):
+    """NumPy's scalars (a seed from np.arange, a CFG from np.linspace) are taken wherever a Python int, float or
+    bool is, and resolve to the request of the same Python numbers: plain ints, floats (a NumPy float at its
+    shortest decimal) and bools, in the pairs and control records too."""
+    hint = Image.new("RGB", (SIZE, SIZE))
+    python = dict(steps=3, seed=7, cfg_scale=5.1, batch_size=2, height=SIZE, clip_skip=1, guidance_rescale=0.7,
+                  subseed=9, subseed_strength=0.3, eta=0.5, s_noise=1.0, original_size=(SIZE, SIZE),
+                  paste_back=True, quantize_timesteps=False, controls=(("cn.safetensors", hint, 0.5, 0.0, 1),))
+    numpy = dict(steps=np.int64(3), seed=np.uint64(7), cfg_scale=np.float32(5.1), batch_size=np.int32(2),
+                 height=np.int16(SIZE), clip_skip=np.int8(1), guidance_rescale=np.float32(0.7), subseed=np.int64(9),
+                 subseed_strength=np.float32(0.3), eta=np.float16(0.5), s_noise=np.float64(1.0),
+                 original_size=(np.int64(SIZE), np.int64(SIZE)), paste_back=np.True_, quantize_timesteps=np.False_,
+                 controls=(("cn.safetensors", hint, np.float32(0.5), np.float64(0.0), np.int64(1)),))
+    expected = resolve_for(bundle, _request(**python))
+    resolved = resolve_for(bundle, _request(**numpy))
+    assert resolved == expected and resolved.controls == expected.controls
+    assert {name: type(getattr(resolved, name)) for name in python} == {name: type(v) for name, v in python.items()}
+    assert [type(v) for v in resolved.original_size] == [int, int]
+    assert [type(v) for v in resolved.controls[0][2:]] == [float, float, int]
 
 
 @pytest.mark.parametrize("option", [["--steps", "1000000000"], ["--cfg", "1e308"], ["--eta", "1e308"]])

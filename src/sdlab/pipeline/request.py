@@ -15,19 +15,24 @@ plainly right:
   as it is almost always a pasted file, not a prompt.
 - seed: None or -1 draws a random seed (A1111's `get_fixed_seed`); image i of a batch uses seed + i. Other
   negative seeds are seeds, as A1111 hands them to `torch.manual_seed` (which reads them modulo 2**64).
-- numbers must be finite and inside bounds far beyond any useful setting (`MAX_STEPS`, `MAX_CFG`,
-  `MAX_ETA`, `MAX_MASK_BLUR`, ...): past them a picture is black or noise, or the run cannot fit in memory.
+- numbers: NumPy's scalars (`np.int64`, `np.float32`, `np.bool_`, ...; any `numbers.Integral` /
+  `numbers.Real`) count as Python ints, floats and bools, converted once as the request is resolved, so the
+  resolved request, the infotext and the PNG hold plain numbers. Numbers must be finite and inside bounds far
+  beyond any useful setting (`MAX_STEPS`, `MAX_CFG`, `MAX_ETA`, `MAX_MASK_BLUR`, ...): past them a picture is
+  black or noise, or the run cannot fit in memory.
 - every other out-of-range value is a `RequestError` naming the value, what was given and what is valid.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from sdlab.diffusion.discretization import (
@@ -190,6 +195,36 @@ class GenerationResult:
     request: GenerationRequest              # resolved: every default filled in
 
 
+def _plain_number(value: Any) -> Any:
+    """A bool, integer or real scalar of any type (NumPy's too) as a Python bool / int / float; a tuple or list
+    of them element by element; anything else as it is."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(str(value))                 # its shortest decimal: np.float32(0.7) is 0.7, not 0.69999998...
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_plain_number(item) for item in value)
+    return value
+
+
+def _plain_control(control: Any) -> Any:
+    """A control record (a tuple or a `ControlInput`) with its numbers plain (`_plain_number`)."""
+    if is_dataclass(control) and not isinstance(control, type):
+        return replace(control, **{f.name: _plain_number(getattr(control, f.name)) for f in fields(control) if f.init})
+    return _plain_number(control)
+
+
+def _plain_numbers(request: GenerationRequest) -> GenerationRequest:
+    """`request` with every number a Python bool, int or float (NumPy scalars converted), controls included."""
+    values = {f.name: _plain_number(getattr(request, f.name)) for f in fields(request) if f.name != "controls"}
+    controls = tuple(_plain_control(control) for control in request.controls)
+    return replace(request, **values, controls=controls)
+
+
 def _finite(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise RequestError(f"{name} must be a finite number, got {value!r}")
@@ -328,6 +363,7 @@ def resolve(
 
     `factor` is the VAE's downsampling factor; sizes snap to multiples of lcm(8, factor) (module docstring).
     """
+    request = _plain_numbers(request)
     r = request if request.steps is not None else replace(request, steps=default_steps)
     if not isinstance(r.prompt, str) or not isinstance(r.negative_prompt, str):
         raise RequestError("prompt and negative prompt must be text")
