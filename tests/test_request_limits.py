@@ -201,6 +201,18 @@ def test_unknown_and_unavailable_devices_are_request_errors(model, tmp_path, cap
             resolve_device(f"cuda:{torch.cuda.device_count()}")
 
 
+@pytest.mark.parametrize(("dtype", "loaded"), [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32),
+                                              ("auto", torch.float32), (torch.float64, torch.float64)])
+def test_load_takes_the_cli_dtype_names_and_float_dtypes(model, dtype, loaded):
+    assert sdlab.load(model, dtype=dtype).bundle.dtype == loaded        # auto: fp32 for a small model
+
+
+@pytest.mark.parametrize("dtype", ["float16", "half", "BF16", torch.int8, torch.bool, torch.complex64, 16])
+def test_load_refuses_other_dtypes_with_one_error_naming_the_argument(model, dtype):
+    with pytest.raises(RequestError, match=r"^dtype must be one of auto, fp32, fp16, bf16 or a torch dtype"):
+        sdlab.load(model, dtype=dtype)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # non-finite values while sampling
 

@@ -51,6 +51,7 @@ from sdlab.pipeline.request import (
     input_image,
 )
 from sdlab.utils.compile import compile_module
+from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
 
 _REQUEST_FIELDS = {f.name for f in fields(GenerationRequest)}
 
@@ -216,10 +217,24 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return parsed
 
 
+LOAD_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)   # the float dtypes a model runs in
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """`load`'s `dtype` as a torch dtype, or None to choose it per model: None or "auto", a name the CLI's
+    --dtype takes ("fp32", "fp16", "bf16"), or one of `LOAD_DTYPES`; anything else is a `RequestError`."""
+    if dtype is None or dtype in LOAD_DTYPES:
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPE_CHOICES:
+        return requested_dtype(dtype)
+    names = ", ".join(str(d) for d in LOAD_DTYPES)
+    raise RequestError(f"dtype must be one of {', '.join(DTYPE_CHOICES)} or a torch dtype ({names}), got {dtype!r}")
+
+
 def load(
     path: str | os.PathLike[str] | None = None,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: str | torch.dtype | None = None,
     vae: str | os.PathLike[str] | None = None,
     *,
     family: str | None = None,
@@ -234,9 +249,10 @@ def load(
     """Load a checkpoint (`.safetensors`, `.ckpt`, or a diffusers folder) into a `Pipeline`; without `path`,
     the model that ships with sdlab (sdlab-tiny, 64 px).
 
-    `dtype` None (the default) picks it for the model and the device: bf16 for SD1.5 / SD2 / SDXL-size
-    U-Nets on a CPU with native bf16 or on CUDA (faster, with the pixel difference measured in
-    docs/performance.md), fp32 for small models such as the shipped one (`sdlab.utils.dtypes.auto_dtype`).
+    `dtype` None or "auto" (the default) picks it for the model and the device: bf16 for SD1.5 / SD2 /
+    SDXL-size U-Nets on a CPU with native bf16 or on CUDA (faster, with the pixel difference measured in
+    docs/performance.md), fp32 for small models such as the shipped one (`sdlab.utils.dtypes.auto_dtype`);
+    else "fp32", "fp16", "bf16" (the CLI's names) or a torch dtype of `LOAD_DTYPES` (`resolve_dtype`).
     `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule.
@@ -250,6 +266,7 @@ def load(
     cache on disk that later processes reuse (`sdlab.utils.compile`).
     """
     device = resolve_device(device)
+    dtype = resolve_dtype(dtype)
     if path is None:
         path = shipped_model_path()
         if path is None:
