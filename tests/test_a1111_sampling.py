@@ -110,3 +110,17 @@ def test_a1111_clip_skip_moves_only_sd1s_text_encoder(family, kept):
     assert a1111.clip_skip == kept
     if family == "sd1":         # (the tiny SD2 / SDXL towers have too few layers for sdlab's own clip skip 2)
         assert resolve_for(bundle, GenerationRequest(prompt="x", clip_skip=2)).clip_skip == 2
+
+
+def test_a1111_clip_skip_ignores_sd2_read_from_a_diffusers_folder(tmp_path):
+    """A diffusers SD2 folder's tower is read at its last layer (it holds 23 of OpenCLIP-H's 24), yet the
+    model is SD2, whose A1111 encoder ignores clip skip: the family decides, not the loaded tower's rule."""
+    from bundle_fixtures import tiny_bundle, write_diffusers_folder
+    from sdlab.checkpoints.load import load_bundle
+    from sdlab.pipeline.plan import resolve_for
+
+    folder = write_diffusers_folder(tiny_bundle("sd2"), tmp_path / "sd2")
+    bundle = load_bundle(folder)
+    assert bundle.text_encoders[0].spec.hidden_state == "last"
+    request = GenerationRequest(prompt="x", clip_skip=2, clip_skip_convention="a1111")
+    assert resolve_for(bundle, request).clip_skip == 1

@@ -104,8 +104,9 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         default_cfg=family.default_cfg,
         default_steps=family.default_steps,
     )
+    # the family's usual layers, not the loaded towers' (a diffusers-layout SD2 tower is read at its last layer)
     if req.clip_skip != 1 and req.clip_skip_convention == "a1111" and any(
-            encoder.spec.hidden_state != "last" for encoder in bundle.text_encoders):
+            spec.hidden_state != "last" for spec in family.text_encoders):
         logger.info("clip skip %d ignored: A1111 moves only SD1's text encoder (its last layer) back", req.clip_skip)
         req = replace(req, clip_skip=1)
     _check_model(bundle, req, free)
