@@ -21,10 +21,8 @@ Random draws where diffusers' order is not sdlab's (and what is compared instead
   not the single run with seed + 1. sdlab draws per image. The inpainting cases give diffusers the image
   and the mask once per image of the batch, where it draws from generator i for image i, as sdlab does.
 - diffusers' 4-channel inpainting also encodes the masked image, a posterior draw it never uses, between
-  the initial noise and the step noise. That shifts only stochastic samplers' step noise, so the
-  4-channel case uses Euler (no step noise). It runs at strength 0.6: at strength 1 diffusers feeds its
-  first U-Net call the unblended pure noise, while sdlab's `masked` blends the known region at every call,
-  the first one included (see `sdlab.diffusion.guidance.masked`).
+  the initial noise and the step noise; sdlab makes the same draw under diffusers' convention, so an
+  ancestral sampler's step noise is diffusers' (`test_inpaint_4_channels_ancestral`).
 """
 
 from __future__ import annotations
@@ -39,12 +37,14 @@ from bundle_fixtures import as_released, init_picture, lower_right_mask, tiny_bu
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from PIL import Image
@@ -142,6 +142,8 @@ def _schedulers(pipe_config) -> dict[str, tuple[object, dict]]:
     return {
         "euler": (EulerDiscreteScheduler.from_config(config),
                   dict(sampler="Euler", schedule="leading", init_noise="vp")),
+        "euler_a": (EulerAncestralDiscreteScheduler.from_config(config),
+                    dict(sampler="Euler a", schedule="leading", init_noise="vp")),
         "ddim": (DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False),
                  dict(sampler="DDIM", schedule="ddim_leading", init_noise="vp")),
         "dpmpp_2m": (DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True),
@@ -246,6 +248,23 @@ def test_sd1_inpaint_4_channels(sd1, scheduler, strength):
     reference = inpaint([PROMPT] * BATCH, image=[image] * BATCH, mask_image=[mask] * BATCH,
                         strength=strength, negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
                         height=SIZE, generator=_generators(), output_type="np").images
+    ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS, cfg_scale=CFG,
+                             seed=SEED, batch_size=BATCH, paste_back=False, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize(("family", "strength"), [("sd1", 1.0), ("sd1", 0.6), ("sdxl", 1.0)])
+def test_inpaint_4_channels_ancestral(request, family, strength):
+    """diffusers encodes the masked image for a 4-channel U-Net too, drawing its posterior between the initial
+    noise and the step noise: Euler a's step noise is diffusers' only with that draw made."""
+    ours_pipe, pipe = request.getfixturevalue(family)
+    inpaint_class = StableDiffusionXLInpaintPipeline if family == "sdxl" else StableDiffusionInpaintPipeline
+    inpaint = _quiet(inpaint_class(**pipe.components))
+    inpaint.scheduler, options = _schedulers(pipe.scheduler.config)["euler_a"]
+    image, mask = init_picture(SIZE), lower_right_mask(SIZE)
+    reference = inpaint([PROMPT] * BATCH, image=[image] * BATCH, mask_image=[mask] * BATCH, strength=strength,
+                        negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=STEPS, guidance_scale=CFG,
+                        width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS, cfg_scale=CFG,
                              seed=SEED, batch_size=BATCH, paste_back=False, **options)
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF

@@ -15,7 +15,9 @@ call of the model card:
 
 diffusers runs no unconditional pass at guidance_scale <= 1; sdlab's preset CFG 1 does the same, so the
 negative prompt given to both plays no part. SD1 runs every preset at 1, 2 and 4 steps; SDXL every preset at
-2 steps (its added time / text embeddings, the second text tower).
+2 steps (its added time / text embeddings, the second text tower). Inpainting with SD1's 4-channel U-Net runs
+every preset at 4 steps (`StableDiffusionInpaintPipeline`; the mask and the picture given once per image, as in
+tests/test_pipeline_parity.py).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     LCMScheduler,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     TCDScheduler,
 )
+from bundle_fixtures import init_picture, lower_right_mask
 from test_pipeline_parity import (
     BATCH,
     MAX_PIXEL_DIFF,
@@ -76,11 +80,17 @@ def sdxl(tmp_path_factory):
     return sdlab.load(folder), _quiet(StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True))
 
 
+def _reference_scheduler(pipe, preset: str):
+    """The diffusers scheduler of `preset`'s model card, from the folder's scheduler config."""
+    cls, extra, _, _ = REFERENCES[preset]
+    config = {key: pipe.scheduler.config[key] for key in SD_SCHEDULER_KEYS}
+    return cls.from_config({**config, **extra})
+
+
 def _compare(pipes, preset: str, steps: int) -> int:
     ours_pipe, pipe = pipes
-    cls, extra, guidance, call = REFERENCES[preset]
-    config = {key: pipe.scheduler.config[key] for key in SD_SCHEDULER_KEYS}
-    pipe.scheduler = cls.from_config({**config, **extra})
+    _, _, guidance, call = REFERENCES[preset]
+    pipe.scheduler = _reference_scheduler(pipe, preset)
     reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH, num_inference_steps=steps,
                      guidance_scale=guidance, width=SIZE, height=SIZE, generator=_generators(), output_type="np",
                      **call).images
@@ -98,3 +108,18 @@ def test_sd1_preset_gives_the_diffusers_picture(sd1, preset, steps):
 @pytest.mark.parametrize("preset", list(REFERENCES))
 def test_sdxl_preset_gives_the_diffusers_picture(sdxl, preset):
     assert _compare(sdxl, preset, 2) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("preset", list(REFERENCES))
+def test_sd1_inpainting_preset_gives_the_diffusers_picture(sd1, preset):
+    ours_pipe, pipe = sd1
+    _, _, guidance, call = REFERENCES[preset]
+    inpaint = _quiet(StableDiffusionInpaintPipeline(**pipe.components))
+    inpaint.scheduler = _reference_scheduler(pipe, preset)
+    image, mask = init_picture(SIZE), lower_right_mask(SIZE)
+    reference = inpaint([PROMPT] * BATCH, image=[image] * BATCH, mask_image=[mask] * BATCH, strength=1.0,
+                        negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=4, guidance_scale=guidance,
+                        width=SIZE, height=SIZE, generator=_generators(), output_type="np", **call).images
+    options = apply_preset(preset, dict(steps=4, seed=SEED, batch_size=BATCH), mode="inpaint")
+    ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=1.0, paste_back=False, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF

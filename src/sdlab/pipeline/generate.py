@@ -24,17 +24,18 @@ image i equals a single run with seed + i, on any device. The draws follow diffu
    inpainting below strength 1; 4-channel inpainting at any strength); diffusers' 9-channel inpainting at
    strength 1 starts from pure noise and encodes no init image, and neither does sdlab;
 2. the initial noise;
-3. the posterior sample of the masked image (9-channel inpainting models only);
-4. the sampler's step noise (ancestral / SDE samplers).
+3. the posterior sample of the masked image: 9-channel inpainting models; and under diffusers' convention
+   4-channel inpainting too, whose U-Net never reads it (diffusers' inpainting pipelines encode the masked
+   image for every U-Net): there the latent-sized draw is made and dropped;
+4. the sampler's step noise (ancestral / SDE / LCM / TCD samplers).
 
 Under A1111's img2img convention the initial noise is each seed's first draw and the step noise follows
 it directly (A1111's `ImageRNG`): A1111 samples its posteriors (1 and 3) from its global random state,
 apart from the seeds' generators, and sdlab takes the posterior means there, drawing nothing.
 
 Where diffusers differs (documented in tests/test_pipeline_parity.py): with ONE init image and a list of
-generators its inpainting pipeline encodes the (masked) image with generator 0 only and repeats that latent,
-and its 4-channel inpainting encodes the masked image (an unused draw between 2 and 4). sdlab draws per
-image and never makes unused draws.
+generators its inpainting pipeline encodes the (masked) image with generator 0 only and repeats that latent.
+sdlab draws per image.
 
 Initial scale of pure noise (``GenerationRequest.init_noise``): "sigma_max" (A1111, ComfyUI) or "vp"
 (diffusers' ``init_noise_sigma`` of VP schedulers and Euler's leading spacing: sqrt(1 + sigma_max^2)); by
@@ -280,7 +281,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     to the init image's latent (or `init_latent`) at ``sigmas[0]``. Inpainting at strength 1 starts from pure
     noise as diffusers does, from the noised init latent under A1111's convention (A1111 always adds the
     noise to the init latent). The init image's latent is drawn also when only a 4-channel `refiner` blends
-    it in."""
+    it in. 4-channel inpainting under diffusers' convention then makes the masked image's unread draw."""
     device, req, sigmas = bundle.device, plan.request, plan.sigmas
     pixels = mask = None
     image_latent = None if init_latent is None else init_latent.to(device, torch.float32)  # (B, C, h, w)
@@ -297,11 +298,21 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
         image_latent = encode_image(bundle, pixels, _posterior_generators(req, generators), tiled=req.tiled_vae)
         image_latent = image_latent.expand(req.batch_size, -1, -1, -1)                      # (B, 4, h, w)
     noise = _initial_noise(plan, generators, device)                                        # (B, 4, h, w)
+    if mask is not None and not bundle.family.is_inpaint and req.img2img_convention == "diffusers":
+        _draw_unread_masked_image_sample(plan, generators)
     if from_noise:
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, from_noise=from_noise)
+
+
+def _draw_unread_masked_image_sample(plan: GenerationPlan, generators: list[torch.Generator]) -> None:
+    """The draw diffusers' inpainting pipelines make for a 4-channel U-Net, which never reads it: they
+    VAE-encode the masked image for every U-Net and sample its posterior from each image's generator
+    (`prepare_mask_latents`), one latent-sized normal draw per image between the initial noise and the
+    step noise. Drawn and dropped, so that the step noise (ancestral, SDE, LCM, TCD) is diffusers'."""
+    per_image_noise(generators, torch.empty(plan.latent_shape))()                           # (B, 4, h, w)
 
 
 def _posterior_generators(req: GenerationRequest,
