@@ -6,9 +6,10 @@ diffusers' StableDiffusionPipeline / StableDiffusionXLPipeline / StableDiffusion
 tiny U-Net / VAE configs. The HF tokenizer files are generated from sdlab's vocabulary.
 
 Conventions checked:
-- A1111 clip skip n == diffusers `clip_skip=n-1` (SD1, SDXL). diffusers applies clip skip to the prompt only,
-  never to the negative; A1111 (and sdlab) to both, so negatives are compared with the negative encoded as a
-  diffusers prompt.
+- A1111 clip skip n == diffusers `clip_skip=n-1` (SD1, SDXL). diffusers applies clip skip to the prompt only
+  and encodes the negative at the usual layer (`make_cond(..., negative_clip_skip=1)`, sdlab's diffusers
+  convention); A1111 applies it to both (`negative_clip_skip` left unset), compared with the negative
+  encoded as a diffusers prompt.
 - diffusers' SD2 text encoder is OpenCLIP-H without its last layer, read at `last_hidden_state`; a full
   sdlab tower read at "penultimate_norm" must give the same context.
 - SDXL's `y` equals the input of diffusers' `unet.add_embedding` (pooled text embedding + 256-wide
@@ -163,11 +164,14 @@ def test_sd1_matches_diffusers(sd1, prompt, negative):
 def test_sd1_clip_skip_is_diffusers_clip_skip_minus_one(sd1, clip_skip):
     encoder, pipe = sd1
     negative = NEGATIVES[1]
-    cond, uncond = make_cond([encoder], get_family("sd1"), ASTRONAUT, negative, clip_skip=clip_skip)
-    ref, _ = pipe.encode_prompt(ASTRONAUT, "cpu", 1, False, clip_skip=clip_skip - 1)
-    ref_neg, _ = pipe.encode_prompt(negative, "cpu", 1, False, clip_skip=clip_skip - 1)   # see module docstring
+    cond, uncond = make_cond([encoder], get_family("sd1"), ASTRONAUT, negative, clip_skip=clip_skip,
+                             negative_clip_skip=1)
+    ref, ref_neg = pipe.encode_prompt(ASTRONAUT, "cpu", 1, True, negative, clip_skip=clip_skip - 1)
     assert _max_err(cond["context"], ref) < TOL
-    assert _max_err(uncond["context"], ref_neg) < TOL
+    assert _max_err(uncond["context"], ref_neg) < TOL               # the negative at the usual layer
+    _, a1111_uncond = make_cond([encoder], get_family("sd1"), ASTRONAUT, negative, clip_skip=clip_skip)
+    moved, _ = pipe.encode_prompt(negative, "cpu", 1, False, clip_skip=clip_skip - 1)   # see module docstring
+    assert _max_err(a1111_uncond["context"], moved) < TOL
     plain, _ = pipe.encode_prompt(ASTRONAUT, "cpu", 1, False)
     assert _max_err(cond["context"], plain) > 1e-2                 # clip skip did change the conditioning
 
@@ -302,6 +306,18 @@ def test_sdxl_clip_skip_is_diffusers_clip_skip_minus_one(sdxl):
                                               clip_skip=1)
     assert _max_err(ours.context, ref) < TOL
     assert _max_err(ours.pooled, pooled) < TOL            # the pooled output always comes from the full tower
+
+
+@torch.no_grad()
+def test_sdxl_clip_skip_leaves_the_negative_at_the_usual_layer(sdxl):
+    encoders, pipe = sdxl
+    cond, uncond = make_cond(encoders, get_family("sdxl"), ASTRONAUT, NEGATIVES[1], clip_skip=2, negative_clip_skip=1,
+                             width=64, height=64)
+    ref, ref_neg, _, pooled_neg = pipe.encode_prompt(ASTRONAUT, device="cpu", negative_prompt=NEGATIVES[1],
+                                                     clip_skip=1)
+    assert _max_err(cond["context"], ref) < TOL
+    assert _max_err(uncond["context"], ref_neg) < TOL
+    assert _max_err(uncond["y"][:, :pooled_neg.shape[1]], pooled_neg) < TOL
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -204,6 +205,29 @@ def test_sdxl_txt2img_with_size_conditioning(sdxl):
                      **SDXL_SIZES).images
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
                              batch_size=BATCH, **SDXL_SIZES, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("clip_skip_convention", ["diffusers", "a1111"])
+@torch.no_grad()
+def test_sd1_clip_skip_with_a_negative_prompt(sd1, clip_skip_convention):
+    """diffusers' `clip_skip` moves the prompt only; A1111's clip skip moves the negative prompt too."""
+    ours_pipe, pipe = sd1
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    # diffusers 0.42's SD1 clip-skip path reads `text_encoder.text_model.final_layer_norm`, which transformers 5
+    # moved to the top level; a plain (unregistered) attribute restores the path it expects
+    object.__setattr__(pipe.text_encoder, "text_model", SimpleNamespace(final_layer_norm=pipe.text_encoder.final_layer_norm))
+    prompt_embeds, _ = pipe.encode_prompt(PROMPT, "cpu", 1, False, clip_skip=1)
+    negative_at = {"diffusers": None, "a1111": 1}[clip_skip_convention]
+    negative_embeds, _ = pipe.encode_prompt(NEGATIVE, "cpu", 1, False, clip_skip=negative_at)
+    reference = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, num_inference_steps=STEPS,
+                     guidance_scale=CFG, width=SIZE, height=SIZE, generator=_generators(1), output_type="np").images
+    if clip_skip_convention == "diffusers":       # what the call with clip_skip=1 draws
+        called = pipe(PROMPT, negative_prompt=NEGATIVE, clip_skip=1, num_inference_steps=STEPS, guidance_scale=CFG,
+                      width=SIZE, height=SIZE, generator=_generators(1), output_type="np").images
+        assert np.array_equal(_uint8(called), _uint8(reference))
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                             clip_skip=2, clip_skip_convention=clip_skip_convention, **options)
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 

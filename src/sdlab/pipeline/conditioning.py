@@ -21,7 +21,9 @@ a pooled output (SDXL), a pooled text vector:
    ================== ============================== ==============================================
 
    Layers past the one used are not run, unless the pooled output (which needs the whole tower) is
-   wanted. So A1111 clip skip ``n`` equals diffusers' ``clip_skip=n-1`` (SD1, SDXL).
+   wanted. So A1111 clip skip ``n`` equals diffusers' ``clip_skip=n-1`` (SD1, SDXL) for the prompt;
+   diffusers encodes the negative prompt at the usual layer whatever its ``clip_skip``, A1111 at the same
+   layer as the prompt (``make_cond``'s ``negative_clip_skip``).
 4. Emphasis (``apply_emphasis``, A1111 "Original") per chunk and per encoder, skipped for chunks whose
    weights are all 1, so an unweighted prompt gives exactly the plain encoding.
 5. Chunks are concatenated along the tokens (77 * n_chunks); SDXL's two encoders along the features
@@ -38,7 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -239,6 +241,19 @@ def encode_prompts(
     return repeat_to_common_length(results) if equal_length else results
 
 
+def _encode_each(
+    text_encoders: Sequence[TextEncoder], texts: Sequence[tuple[str, int]], *, emphasis: bool, with_pooled: bool
+) -> list[PromptEmbedding]:
+    """``(prompt, clip_skip)`` pairs encoded at their own lengths (``encode_prompts``), in order: one batched
+    pass per distinct clip skip."""
+    encoded: dict[int, Iterator[PromptEmbedding]] = {}
+    for skip in dict.fromkeys(skip for _, skip in texts):
+        prompts = [prompt for prompt, prompt_skip in texts if prompt_skip == skip]
+        encoded[skip] = iter(encode_prompts(text_encoders, prompts, clip_skip=skip, emphasis=emphasis,
+                                            with_pooled=with_pooled, equal_length=False))
+    return [next(encoded[skip]) for _, skip in texts]
+
+
 def repeat_to_common_length(
     embeddings: Sequence[PromptEmbedding], max_factor: int | None = None
 ) -> list[PromptEmbedding]:
@@ -357,6 +372,7 @@ def make_cond(
     target_size: tuple[int, int] | None = None,
     aesthetic_score: float = 6.0,
     negative_aesthetic_score: float = 2.5,
+    negative_clip_skip: int | None = None,
     zero_empty_negative: bool | None = None,
 ) -> tuple[Conditioning, Conditioning | None]:
     """U-Net conditioning ``(cond, uncond)`` for a prompt and its negative, each ``{"context": (B, T, D)}``
@@ -375,6 +391,8 @@ def make_cond(
     The zero context takes the positive's length. Its length does not matter: SD's cross-attention k / v
     projections have no bias, so zero tokens give zero keys and values and an attention output of 0 for
     any number of them (the same as A1111's 77 zero tokens run in a separate pass).
+
+    The negative is encoded at ``negative_clip_skip`` (None: ``clip_skip``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -382,10 +400,12 @@ def make_cond(
     zero_empty = conditioner.zero_empty_negative if zero_empty_negative is None else zero_empty_negative
     zero_negative = guidance and negative_prompt == "" and zero_empty
 
-    prompts = [prompt] if zero_negative or not guidance else [prompt, negative_prompt]
-    embeddings = repeat_to_common_length(encode_prompts(
-        encoders, prompts, clip_skip=clip_skip, emphasis=emphasis, with_pooled=conditioner.pooled, equal_length=False,
-    ), max_factor=MAX_REPEAT_FACTOR)
+    texts = [(prompt, clip_skip)]
+    if guidance and not zero_negative:
+        texts.append((negative_prompt, clip_skip if negative_clip_skip is None else negative_clip_skip))
+    embeddings = repeat_to_common_length(
+        _encode_each(encoders, texts, emphasis=emphasis, with_pooled=conditioner.pooled), max_factor=MAX_REPEAT_FACTOR,
+    )
     positive = embeddings[0]
     if not guidance:
         negative = None

@@ -363,6 +363,7 @@ def _guided_model(
         adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,
+        negative_clip_skip=_negative_clip_skip(req),
         width=req.width,
         height=req.height,
         original_size=req.original_size,
@@ -396,6 +397,12 @@ def _guided_model(
     if start.mask is not None and _blends_latent(bundle, req):
         model = _with_latent_blend(model, bundle, sampling, req, start, steps_done)
     return model
+
+
+def _negative_clip_skip(req: GenerationRequest) -> int:
+    """The negative prompt's clip skip: the prompt's under A1111's convention (A1111 encodes both at one
+    layer); the usual layer under diffusers', whose `encode_prompt` applies `clip_skip` to the prompt only."""
+    return req.clip_skip if req.clip_skip_convention == "a1111" else 1
 
 
 def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
