@@ -157,3 +157,32 @@ def test_shard_index_inside_the_folder_still_loads(folder):
     (unet / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {name: "part-1.safetensors" for name in names}}))
     assert plan_checkpoint(folder).report.family.name == "sd1"
+
+
+@pytest.fixture(scope="module")
+def sdxl_refiner_folder(tmp_path_factory) -> Path:
+    return write_diffusers_folder(tiny_bundle("sdxl-refiner", seed=4), tmp_path_factory.mktemp("refiner") / "pipe")
+
+
+@pytest.mark.parametrize(("value", "read"), [(False, False), (True, True), (None, None)])
+def test_force_zeros_for_empty_prompt_is_read_from_model_index(sdxl_refiner_folder, tmp_path, value, read):
+    folder = Path(shutil.copytree(sdxl_refiner_folder, tmp_path / "pipe"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index.pop("force_zeros_for_empty_prompt")
+    if value is not None:                                       # None: the folder does not say
+        index["force_zeros_for_empty_prompt"] = value
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert plan_checkpoint(folder).report.zero_empty_negative is read
+
+
+def test_force_zeros_for_empty_prompt_must_be_true_or_false(sdxl_refiner_folder, tmp_path):
+    folder = Path(shutil.copytree(sdxl_refiner_folder, tmp_path / "pipe"))
+    _edit(folder, "model_index.json", force_zeros_for_empty_prompt="no")
+    with pytest.raises(CheckpointError, match=r"model_index.json: force_zeros_for_empty_prompt must be true or false"):
+        plan_checkpoint(folder)
+
+
+def test_force_zeros_for_empty_prompt_is_not_read_for_a_family_that_never_zeroes(folder):
+    """SD1 / SD2 encode an empty negative prompt as "": diffusers' StableDiffusionPipeline has no such setting."""
+    _edit(folder, "model_index.json", force_zeros_for_empty_prompt=True)
+    assert plan_checkpoint(folder).report.zero_empty_negative is None

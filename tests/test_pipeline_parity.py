@@ -27,6 +27,7 @@ Random draws where diffusers' order is not sdlab's (and what is compared instead
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -291,6 +292,24 @@ def test_inpaint_4_channels_ancestral(request, family, strength):
                         width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS, cfg_scale=CFG,
                              seed=SEED, batch_size=BATCH, paste_back=False, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_refiner_folder_that_does_not_zero_an_empty_negative(tmp_path_factory):
+    """The released refiner folder's model_index.json says force_zeros_for_empty_prompt: false, so diffusers
+    encodes an empty negative prompt as "" there instead of a zero conditioning."""
+    folder = _folder(tmp_path_factory, "sdxl-refiner")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    ours_pipe = sdlab.load(folder)
+    assert ours_pipe.bundle.zero_empty_negative is False
+    pipe = _quiet(StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, local_files_only=True,
+                                                                   requires_aesthetics_score=True))
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    reference = pipe(PROMPT, image=init_picture(SIZE), strength=0.6, num_inference_steps=STEPS, guidance_scale=CFG,
+                     generator=_generators(1), output_type="np").images
+    ours = ours_pipe.img2img(PROMPT, init_picture(SIZE), strength=0.6, steps=STEPS, cfg_scale=CFG, seed=SEED,
+                             **options)
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 

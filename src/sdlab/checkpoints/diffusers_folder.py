@@ -1,6 +1,8 @@
 """Diffusers pipeline folders: `model_index.json` + one subfolder per component.
 
-    model_index.json                    `_class_name` (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)
+    model_index.json                    `_class_name` (StableDiffusionPipeline, StableDiffusionXLPipeline, ...);
+                                        SDXL's `force_zeros_for_empty_prompt` (an empty negative prompt is a
+                                        zero conditioning; absent: true, the family's rule)
     unet/config.json + weights          UNet2DConditionModel: converted with `diffusers_unet`
     vae/config.json + weights           AutoencoderKL: converted with `diffusers_vae`; `scaling_factor`
     text_encoder[_2]/config.json + ...  transformers CLIPTextModel(WithProjection): HF layout, the same names
@@ -93,6 +95,7 @@ class DiffusersFolder:
     schedule: ScheduleSpec | None = None    # scheduler_config.json's training schedule, where not the family's
     sampler: Mapping[str, Any] = field(default_factory=dict)   # its sampler settings (class, spacing, offset)
     native_size: int | None = None          # unet/config.json `sample_size` x the VAE factor, if square
+    zero_empty_negative: bool | None = None  # model_index.json `force_zeros_for_empty_prompt`, if it says
 
 
 class ShardedStateDict(LazyMapping):
@@ -342,7 +345,21 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
         schedule=scheduler.schedule,
         sampler=scheduler.sampler,
         native_size=_native_size(path / "unet" / "config.json", unet_json, vae.config.downsample_factor),
+        zero_empty_negative=_force_zeros_for_empty_prompt(path / MODEL_INDEX, model_index, spec),
     )
+
+
+def _force_zeros_for_empty_prompt(index_path: Path, model_index: Mapping[str, Any], spec: FamilySpec) -> bool | None:
+    """`force_zeros_for_empty_prompt` of `model_index.json`: whether diffusers' SDXL pipelines make an empty
+    negative prompt a zero conditioning (they default to true; the released refiner folder says false).
+    None where the folder does not say, or where the family never zeroes one (SD1 / SD2: diffusers'
+    StableDiffusionPipeline has no such setting)."""
+    value = model_index.get("force_zeros_for_empty_prompt")
+    if value is None or not spec.conditioner.zero_empty_negative:
+        return None
+    if not isinstance(value, bool):
+        raise CheckpointError(f"{index_path}: force_zeros_for_empty_prompt must be true or false, got {value!r}")
+    return value
 
 
 def _native_size(config_path: Path, unet_json: Mapping[str, Any], vae_factor: int) -> int | None:

@@ -26,6 +26,9 @@ alphas_cumprod at 4.897e-08, as ComfyUI and A1111 sample such files.
 
 Default picture size (`ModelBundle.native_size`): the metadata's `modelspec.resolution`, a diffusers folder's
 `unet/config.json` `sample_size` x the VAE factor; else the family's.
+
+Empty negative prompt (`ModelBundle.zero_empty_negative`; None: the family's, A1111's zeroing for SDXL): a
+diffusers folder's `model_index.json` `force_zeros_for_empty_prompt` (false in the released SDXL refiner's).
 """
 
 from __future__ import annotations
@@ -186,7 +189,8 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
                  scaling: float, unet: ComponentSource, vae: ComponentSource,
                  text: list[tuple[TextEncoderSpec, ComponentSource]], ignored: tuple[str, ...], total: int,
                  metadata: Mapping[str, str], *, native: int | None = None, schedule: ScheduleSpec | None = None,
-                 schedule_source: str | None = None, sampler: Mapping[str, Any] | None = None) -> CheckpointPlan:
+                 schedule_source: str | None = None, sampler: Mapping[str, Any] | None = None,
+                 zero_empty_negative: bool | None = None) -> CheckpointPlan:
     if unet.config.context_dim != sum(src.config.width for _, src in text):
         raise CheckpointError(
             f"{origin}: U-Net cross-attention width {unet.config.context_dim} does not match the text encoder "
@@ -205,7 +209,7 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
         source=origin, family=spec, family_source=family_source, prediction=pred, prediction_source=pred_source,
         scaling_factor=scaling, components=tuple(reports), ignored=ignored, total_keys=total, metadata=dict(metadata),
         native_size=native, schedule=schedule, schedule_source=schedule_source if schedule is not None else None,
-        sampler=dict(sampler or {}),
+        sampler=dict(sampler or {}), zero_empty_negative=zero_empty_negative,
     )
     return CheckpointPlan(report=report, unet=unet, vae=vae, text_encoders=tuple(text))
 
@@ -223,7 +227,8 @@ def _plan_diffusers_folder(
     return _finish_plan(str(path), spec, folder.family_source, pred, pred_source, scaling, folder.unet, vae_source,
                         list(folder.text_encoders), folder.ignored, folder.total_keys, {},
                         native=folder.native_size, schedule=folder.schedule,
-                        schedule_source="scheduler/scheduler_config.json", sampler=folder.sampler)
+                        schedule_source="scheduler/scheduler_config.json", sampler=folder.sampler,
+                        zero_empty_negative=folder.zero_empty_negative)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,6 +298,7 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
         scaling_factor=report.scaling_factor, unet_config=plan.unet.config, vae_config=plan.vae.config,
         source=report.source, report=report, native_size=report.native_size,
         preset=named_preset(report.metadata) or _own_preset(plan.unet.config), schedule=report.schedule,
+        zero_empty_negative=report.zero_empty_negative,
     ))
 
 

@@ -48,6 +48,7 @@ class LoadReport:
     schedule: ScheduleSpec | None = None    # the model's own training schedule (None: the family's)
     schedule_source: str | None = None      # where it came from ("ztsnr marker key", "scheduler_config.json")
     sampler: Mapping[str, Any] = field(default_factory=dict)   # a folder's scheduler class, spacing, offset
+    zero_empty_negative: bool | None = None  # a folder's force_zeros_for_empty_prompt (None: the family's)
 
     def to_json(self) -> dict[str, Any]:
         schedule = self.schedule or self.family.schedule

@@ -50,6 +50,9 @@ class ModelBundle:
     preset: str | None = None               # few-step preset the file names (metadata `sdlab.preset`), e.g. "lcm"
     schedule: ScheduleSpec | None = None    # training schedule the model declares (zero terminal SNR, ...);
                                             # None: its family's
+    zero_empty_negative: bool | None = None  # whether an empty negative prompt is a zero conditioning, as a
+                                            # diffusers folder says (`force_zeros_for_empty_prompt`); None:
+                                            # its family's (`ConditionerSpec.zero_empty_negative`)
 
     @property
     def text_configs(self) -> tuple[CLIPTextConfig, ...]:

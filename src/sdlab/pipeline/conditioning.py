@@ -384,10 +384,10 @@ def make_cond(
     (``repeat_to_common_length``, at most ``MAX_REPEAT_FACTOR`` times the shorter, else left at their own
     lengths for two U-Net passes): either way the U-Net sees each prompt as if alone, as A1111 by default
     and ComfyUI do. An empty negative prompt is encoded as "" for SD1/SD2; for
-    SDXL (``zero_empty_negative``, default: the family's ``conditioner.zero_empty_negative``) it becomes a zero context and a zero pooled
-    vector (diffusers' ``force_zeros_for_empty_prompt``, A1111's ``force_zero_embeddings``); the size
-    numbers stay, with ``negative_aesthetic_score`` for the refiner. Note that diffusers' refiner folder
-    sets ``force_zeros_for_empty_prompt`` to false: pass ``zero_empty_negative=False`` to match it.
+    SDXL (``zero_empty_negative``, default: the family's ``conditioner.zero_empty_negative``; a diffusers
+    folder's ``force_zeros_for_empty_prompt`` is the bundle's ``zero_empty_negative``) it becomes a zero
+    context and a zero pooled vector (diffusers' ``force_zeros_for_empty_prompt``, A1111's
+    ``force_zero_embeddings``); the size numbers stay, with ``negative_aesthetic_score`` for the refiner.
     The zero context takes the positive's length. Its length does not matter: SD's cross-attention k / v
     projections have no bias, so zero tokens give zero keys and values and an attention output of 0 for
     any number of them (the same as A1111's 77 zero tokens run in a separate pass).

@@ -371,6 +371,7 @@ def _guided_model(
         target_size=req.target_size,
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
+        zero_empty_negative=bundle.zero_empty_negative,
     )
     extra_cond: dict[str, Tensor] = {}
     if embedded is not None:

@@ -6,6 +6,8 @@ concatenated to 768 + 1280 = 2048 wide. The U-Net's added vector (`label_emb`) i
 projection (1280) + six 256-wide Fourier embeddings of original size, crop corner and target size.
 Refiner: bigG only (`conditioner.embedders.0.model.*`), context 1280, vector 2560 (1280 + five 256-wide
 embeddings: original size, crop corner, aesthetic score). Latents are scaled by 0.13025.
+An empty negative prompt is a zero context and pooled vector (`zero_empty_negative`: A1111's rule and diffusers'
+default), unless a diffusers folder sets `force_zeros_for_empty_prompt` to false (`ModelBundle.zero_empty_negative`).
 """
 
 from __future__ import annotations
