@@ -209,6 +209,24 @@ def test_sdxl_txt2img_with_size_conditioning(sdxl):
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
+NEGATIVE_SIZES = dict(negative_original_size=(40, 48), negative_crops_coords_top_left=(2, 6),
+                      negative_target_size=(24, 40))
+
+
+@pytest.mark.parametrize("negative_sizes", [
+    NEGATIVE_SIZES,
+    dict(negative_original_size=(40, 48)),          # one negative size alone: diffusers' txt2img ignores it
+])
+def test_sdxl_txt2img_with_negative_size_conditioning(sdxl, negative_sizes):
+    ours_pipe, pipe = sdxl
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
+                     height=SIZE, generator=_generators(1), output_type="np", **SDXL_SIZES, **negative_sizes).images
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                             **SDXL_SIZES, **negative_sizes, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
 @pytest.mark.parametrize("clip_skip_convention", ["diffusers", "a1111"])
 @torch.no_grad()
 def test_sd1_clip_skip_with_a_negative_prompt(sd1, clip_skip_convention):
@@ -292,6 +310,33 @@ def test_inpaint_4_channels_ancestral(request, family, strength):
                         width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS, cfg_scale=CFG,
                              seed=SEED, batch_size=BATCH, paste_back=False, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("sizes", [
+    dict(crops_coords_top_left=(4, 2)),             # the negative's crop corner stays (0, 0)
+    dict(**SDXL_SIZES, **NEGATIVE_SIZES),
+])
+def test_sdxl_refiner_img2img_negative_size_conditioning(sdxl_refiner, sizes):
+    ours_pipe, pipe = sdxl_refiner
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    reference = pipe(PROMPT, image=init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
+                     guidance_scale=CFG, generator=_generators(1), output_type="np", **sizes).images
+    ours = ours_pipe.img2img(PROMPT, init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
+                             cfg_scale=CFG, seed=SEED, **sizes, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_sdxl_img2img_negative_size_conditioning(sdxl):
+    """The base's img2img takes the negative sizes with the positive's crop corner."""
+    ours_pipe, pipe = sdxl
+    img2img = _quiet(StableDiffusionXLImg2ImgPipeline(**pipe.components))
+    img2img.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    reference = img2img(PROMPT, image=init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE,
+                        num_inference_steps=STEPS, guidance_scale=CFG, generator=_generators(1), output_type="np",
+                        **SDXL_SIZES, **NEGATIVE_SIZES).images
+    ours = ours_pipe.img2img(PROMPT, init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
+                             cfg_scale=CFG, seed=SEED, **SDXL_SIZES, **NEGATIVE_SIZES, **options)
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 

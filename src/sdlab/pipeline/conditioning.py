@@ -371,6 +371,9 @@ def make_cond(
     crops_coords_top_left: tuple[int, int] = (0, 0),
     target_size: tuple[int, int] | None = None,
     aesthetic_score: float = 6.0,
+    negative_original_size: tuple[int, int] | None = None,
+    negative_crops_coords_top_left: tuple[int, int] | None = None,
+    negative_target_size: tuple[int, int] | None = None,
     negative_aesthetic_score: float = 2.5,
     negative_clip_skip: int | None = None,
     zero_empty_negative: bool | None = None,
@@ -387,12 +390,14 @@ def make_cond(
     SDXL (``zero_empty_negative``, default: the family's ``conditioner.zero_empty_negative``; a diffusers
     folder's ``force_zeros_for_empty_prompt`` is the bundle's ``zero_empty_negative``) it becomes a zero
     context and a zero pooled vector (diffusers' ``force_zeros_for_empty_prompt``, A1111's
-    ``force_zero_embeddings``); the size numbers stay, with ``negative_aesthetic_score`` for the refiner.
+    ``force_zero_embeddings``); the size numbers stay.
     The zero context takes the positive's length. Its length does not matter: SD's cross-attention k / v
     projections have no bias, so zero tokens give zero keys and values and an attention output of 0 for
     any number of them (the same as A1111's 77 zero tokens run in a separate pass).
 
-    The negative is encoded at ``negative_clip_skip`` (None: ``clip_skip``).
+    The negative is encoded at ``negative_clip_skip`` (None: ``clip_skip``). Its size numbers are the
+    ``negative_*`` ones, each None taking the positive's value, with ``negative_aesthetic_score`` for the
+    refiner: which of them a diffusers pipeline uses is the caller's choice (``generate._negative_sizes``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -415,21 +420,23 @@ def make_cond(
     else:
         negative = embeddings[1]
 
-    def as_cond(embedding: PromptEmbedding, score: float) -> Conditioning:
+    def as_cond(embedding: PromptEmbedding, **sizes) -> Conditioning:
         cond = {"context": embedding.context.repeat(batch_size, 1, 1)}            # (B, T, D)
         if conditioner.added_vector:
-            sizes = sdxl_size_conds(
-                family, width=width, height=height, original_size=original_size,
-                crops_coords_top_left=crops_coords_top_left, target_size=target_size, aesthetic_score=score,
-            ).to(embedding.pooled.device)                                         # (1, K)
-            y = sdxl_vector(embedding.pooled, sizes)                               # (1, P + 256 K)
+            numbers = sdxl_size_conds(family, width=width, height=height, **sizes).to(embedding.pooled.device)  # (1, K)
+            y = sdxl_vector(embedding.pooled, numbers)                             # (1, P + 256 K)
             if adm_width is not None and y.shape[1] != adm_width:
                 raise ValueError(f"the added vector is {y.shape[1]} wide but the U-Net takes {adm_width}")
             cond["y"] = y.repeat(batch_size, 1)                                    # (B, adm)
         return cond
 
-    cond = as_cond(positive, aesthetic_score)
-    uncond = as_cond(negative, negative_aesthetic_score) if negative is not None else None
+    cond = as_cond(positive, original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                   target_size=target_size, aesthetic_score=aesthetic_score)
+    uncond = None if negative is None else as_cond(
+        negative, original_size=negative_original_size or original_size,
+        crops_coords_top_left=negative_crops_coords_top_left or crops_coords_top_left,
+        target_size=negative_target_size or target_size, aesthetic_score=negative_aesthetic_score,
+    )
     logger.debug(
         "conditioning: %s, %d chunk(s), context %s%s", family.name, positive.num_chunks,
         tuple(cond["context"].shape), ", zero uncond" if zero_negative else "",

@@ -371,6 +371,7 @@ def _guided_model(
         target_size=req.target_size,
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
+        **_negative_sizes(bundle, req, img2img=_starts_from_a_picture(start) or steps_done > 0),
         zero_empty_negative=bundle.zero_empty_negative,
     )
     extra_cond: dict[str, Tensor] = {}
@@ -400,10 +401,37 @@ def _guided_model(
     return model
 
 
+def _starts_from_a_picture(start: _Start) -> bool:
+    """img2img or inpainting: an init image, or a latent to start from (diffusers' img2img / inpaint pipelines)."""
+    return start.pixels is not None or start.image_latent is not None
+
+
 def _negative_clip_skip(req: GenerationRequest) -> int:
     """The negative prompt's clip skip: the prompt's under A1111's convention (A1111 encodes both at one
     layer); the usual layer under diffusers', whose `encode_prompt` applies `clip_skip` to the prompt only."""
     return req.clip_skip if req.clip_skip_convention == "a1111" else 1
+
+
+def _negative_sizes(bundle: ModelBundle, req: GenerationRequest, img2img: bool) -> dict[str, Any]:
+    """The negative prompt's SDXL size numbers (`make_cond`'s negative_* options; left out: the positive's)
+    from the request's negative_* fields, as diffusers' SDXL pipelines pick them:
+
+    - a model with an aesthetic score (the refiner, `requires_aesthetics_score`): the negative original
+      size and crop corner (StableDiffusionXLImg2Img / InpaintPipeline `_get_add_time_ids`);
+    - img2img, inpainting and the second half of a handoff (`img2img`): the negative original and target
+      size with the positive's crop corner (the same `_get_add_time_ids` without an aesthetic score);
+    - txt2img (StableDiffusionXLPipeline): all three when both negative sizes are given, else the
+      positive's numbers.
+    """
+    if bundle.family.is_refiner:
+        return dict(negative_original_size=req.negative_original_size,
+                    negative_crops_coords_top_left=req.negative_crops_coords_top_left)
+    if img2img:
+        return dict(negative_original_size=req.negative_original_size, negative_target_size=req.negative_target_size)
+    if req.negative_original_size is None or req.negative_target_size is None:
+        return {}
+    return dict(negative_original_size=req.negative_original_size, negative_target_size=req.negative_target_size,
+                negative_crops_coords_top_left=req.negative_crops_coords_top_left)
 
 
 def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,

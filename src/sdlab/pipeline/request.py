@@ -136,6 +136,12 @@ class GenerationRequest:
     crops_coords_top_left: tuple[int, int] = (0, 0)
     target_size: tuple[int, int] | None = None
     aesthetic_score: float = 6.0            # SDXL refiner
+    # the negative prompt's, used where diffusers' pipelines use them (generate._negative_sizes): the sizes
+    # (None = the positive's) in img2img / inpainting, and in txt2img when both are given; the crop corner
+    # with them in txt2img and for the refiner
+    negative_original_size: tuple[int, int] | None = None
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None
     negative_aesthetic_score: float = 2.5
     tiled_vae: bool | None = None           # None = tile above `tiling.DEFAULT_TILE_THRESHOLD_PIXELS`
     # ControlNets: `pipeline.control.ControlInput`s or (file, image[, strength[, start, end]]) records
@@ -398,6 +404,9 @@ def resolve(
     _pair("original_size", r.original_size, 1)
     _pair("target_size", r.target_size, 1)
     _pair("crops_coords_top_left", r.crops_coords_top_left, 0)
+    _pair("negative_original_size", r.negative_original_size, 1)
+    _pair("negative_target_size", r.negative_target_size, 1)
+    _pair("negative_crops_coords_top_left", r.negative_crops_coords_top_left, 0)
     if r.seed is not None and not _integer(r.seed):
         raise RequestError(f"seed must be an integer (or None / -1 for a random one), got {r.seed!r}")
     if r.subseed is not None and not _integer(r.subseed):
