@@ -9,11 +9,14 @@ in LoRA folders, and merging a set into a bundle for one request with the weight
   `apply_lora` with those multipliers; restoring gives back the very tensors; the same set again computes
   nothing; another set replaces the first; an error inside `using` still restores.
 - One `Pipeline` shared by threads: runs take turns, so a LoRA merged for one run never reaches another.
+- A pipeline dropped after a run is freed: the patcher of its bundle does not keep it alive.
 """
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -241,3 +244,14 @@ def test_runs_from_two_threads_take_turns_and_draw_with_their_own_weights(tmp_pa
     assert overlapped == [False]
     for prompt in (plain, tagged):
         np.testing.assert_array_equal(pictures[prompt], alone[prompt])
+
+
+def test_a_pipeline_dropped_after_a_run_frees_its_model():
+    """Every run takes the bundle's patcher (`patcher_for`), whose table keys on the U-Net weakly: the patcher
+    must not hold the model alive, or each model a server switches away from stays in memory."""
+    pipe = Pipeline(tiny_bundle("sd1"))
+    pipe.txt2img("a red apple", steps=1, seed=3, width=32, height=32, sampler="Euler", preset=None)
+    unet = weakref.ref(pipe.bundle.unet)
+    del pipe
+    gc.collect()
+    assert unet() is None

@@ -259,14 +259,21 @@ def _use_key(uses: Sequence[LoraUse]) -> tuple:
 
 
 class LoraPatcher:
-    """Swaps merged weights into a bundle's layers and the originals back (see the module docstring)."""
+    """Swaps merged weights into a bundle's layers and the originals back (see the module docstring). It
+    holds the bundle weakly: `patcher_for`'s table keeps a patcher only while the bundle's U-Net lives, so
+    the patcher must not keep the bundle (and its U-Net) alive itself."""
 
     def __init__(self, bundle) -> None:
-        self.bundle = bundle
+        self._bundle = weakref.ref(bundle)
         self.lock = threading.RLock()                         # held by whoever uses or swaps the layers
         self._originals: dict[nn.Parameter, Tensor] = {}    # the layers' own tensors while patched
         self._applied: tuple | None = None                    # the key of the set now in the layers
         self._cached: tuple[tuple, dict[nn.Parameter, Tensor]] | None = None   # last set's merged tensors
+
+    @property
+    def bundle(self):
+        """The bundle, or None once nothing else holds it."""
+        return self._bundle()
 
     @property
     def applied(self) -> bool:
