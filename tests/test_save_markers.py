@@ -97,3 +97,12 @@ def test_full_finetune_of_a_comfyui_vpred_zsnr_file_keeps_its_markers(tmp_path):
         tuned = load_bundle(tmp_path / "run" / name)
         assert tuned.prediction is Prediction.V and tuned.schedule is not None and tuned.schedule.zero_terminal_snr
         assert tuned.schedule.terminal == A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
+
+
+def test_comfyui_predict_key_alone_gives_the_prediction(tmp_path):
+    """A file whose only word on its prediction is ComfyUI's `modelspec.predict_key` metadata reads as that."""
+    tensors = bundle_state_dict(tiny_bundle("sd2", seed=3))
+    path = write_safetensors_atomic(tmp_path / "m.safetensors", tensors, metadata={"modelspec.predict_key": "v"})
+    loaded = load_bundle(path)
+    assert loaded.prediction is Prediction.V
+    assert loaded.report.prediction_source == "metadata modelspec.predict_key"

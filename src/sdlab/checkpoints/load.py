@@ -13,7 +13,7 @@ Two stages:
 
 Prediction type (ambiguous where a family's releases differ and the weights do not say, as SD2's 768-v
 models predict v and its base models eps: `FamilySpec.prediction_is_ambiguous`): the `prediction` argument,
-then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`), then a sidecar `<name>.yaml` with
+then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`, ComfyUI's `modelspec.predict_key`), then a sidecar `<name>.yaml` with
 `parameterization: "v"` (the CompVis config convention), then a `v_pred` marker key, then, for SD2 single
 files, ComfyUI's reading of the weights (`SD20.model_type`: v when the last output block's first
 transformer `norm1.bias` has a standard deviation above 0.09; released 768-v files do, 512 base files do not),
@@ -47,6 +47,7 @@ from sdlab.checkpoints import diffusers_folder
 from sdlab.checkpoints.components import ComponentSource, meta_view
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import (
+    META_COMFY_PREDICTION,
     META_MODELSPEC_PREDICTION,
     META_PREDICTION,
     META_SCHEDULE,
@@ -96,7 +97,7 @@ def resolve_prediction(
         return parse(argument, "prediction argument"), "argument"
     if diffusers_value is not None:
         return parse(diffusers_value, "scheduler_config.json"), "scheduler/scheduler_config.json prediction_type"
-    for key in (META_PREDICTION, META_MODELSPEC_PREDICTION):
+    for key in (META_PREDICTION, META_MODELSPEC_PREDICTION, META_COMFY_PREDICTION):
         if key in metadata:
             return parse(metadata[key], f"metadata {key}"), f"metadata {key}"
     sidecar = sidecar_of(path) if path is not None else None
