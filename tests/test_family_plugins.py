@@ -185,6 +185,8 @@ def test_kohya_names_come_from_the_family():
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta["ss_v2"] == "False"
     assert meta["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert kohya_metadata(get_family("sdlab-tiny"), "v", 4, 4.0)["ss_base_model_version"] == "sd_v1_v"
+    assert kohya_metadata(sd1, "eps", 4, 4.0)["modelspec.prediction_type"] == "epsilon"
+    assert "modelspec.prediction_type" not in kohya_metadata(sd1, "x0", 4, 4.0)     # the model spec has no x0
 
 
 def test_conditioners_say_what_make_cond_builds():

@@ -66,9 +66,14 @@ def config_to_json(cfg: ComponentConfig) -> dict[str, Any]:
 _MODELSPEC_PREDICTIONS = {Prediction.EPS: "epsilon", Prediction.V: "v"}
 
 
+def modelspec_prediction(prediction: Prediction) -> str | None:
+    """The model spec's name of `prediction` ("epsilon" / "v"); None for x0, which it does not name."""
+    return _MODELSPEC_PREDICTIONS.get(prediction)
+
+
 def prediction_metadata(prediction: Prediction) -> dict[str, str]:
     """The model-spec prediction keys other tools read (kohya / Stability's and ComfyUI's), empty for x0."""
-    name = _MODELSPEC_PREDICTIONS.get(prediction)
+    name = modelspec_prediction(prediction)
     return {META_MODELSPEC_PREDICTION: name, META_COMFY_PREDICTION: name} if name else {}
 
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from sdlab.checkpoints.diffusers_unet import unet_key_map
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.file_format import named_preset
+from sdlab.checkpoints.file_format import META_MODELSPEC_PREDICTION, modelspec_prediction, named_preset
 from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
 from sdlab.checkpoints.lycoris import FIELDS, merged_weight, module_kind
 from sdlab.diffusion.denoiser import Prediction
@@ -147,6 +147,7 @@ def kohya_metadata(family: FamilySpec, prediction: Prediction | str, rank: int, 
     prediction = Prediction.parse(prediction)
     size = resolution or family.size_for(prediction)
     names = family.kohya
+    spec_prediction = modelspec_prediction(prediction)
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(rank)),
@@ -160,7 +161,7 @@ def kohya_metadata(family: FamilySpec, prediction: Prediction | str, rank: int, 
         "modelspec.implementation": names.implementation,
         "modelspec.title": title,
         "modelspec.resolution": f"{size}x{size}",
-        "modelspec.prediction_type": "v" if prediction is Prediction.V else "epsilon",
+        **({META_MODELSPEC_PREDICTION: spec_prediction} if spec_prediction else {}),     # none for x0
     }
 
 
