@@ -1,11 +1,13 @@
 """`sdlab serve` as a process: a restart keeps the job history (jobs cut off are marked interrupted),
-authentication guards every route, binding beyond the loopback needs it, and the body-size limit."""
+stopping answers the clients waiting on jobs, an unusable history is a one-line error, authentication
+guards every route, binding beyond the loopback needs it, and the body-size limit."""
 
 from __future__ import annotations
 
 import base64
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -65,6 +67,57 @@ def test_sigterm_stops_the_server_without_an_error_line(tmp_path):
     server.stop()
     assert server.process.returncode == 143
     assert "sdlab serve: stopped" in server.output() and "error" not in server.output()
+
+
+def test_sigterm_answers_waiting_a1111_calls_and_records_the_running_job_interrupted(tmp_path):
+    """Stopping ends the jobs first: each A1111 call waiting on one gets A1111's error body with a 503 (no
+    traceback in the log), and the job running then is recorded `interrupted`, as a queued one, not as a
+    client's cancel."""
+    out = tmp_path / "outputs"
+    server = start_server(out)
+    answers: list[httpx.Response] = []
+
+    def wait_on_txt2img() -> None:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            answers.append(client.post("/sdapi/v1/txt2img", json={"prompt": "waits", "steps": 2}))
+
+    waiters = [threading.Thread(target=wait_on_txt2img) for _ in range(2)]
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        running_id = client.post("/api/jobs", json=LONG).json()["id"]
+        _wait_status(client, running_id, ("running",))
+        for waiter in waiters:
+            waiter.start()
+        deadline = time.monotonic() + 120
+        while client.get("/sdapi/v1/progress").json()["state"]["job_count"] < 1 + len(waiters):
+            assert time.monotonic() < deadline, "the A1111 calls were never queued"
+            time.sleep(0.05)
+    server.stop()
+    for waiter in waiters:
+        waiter.join()
+    assert server.process.returncode == 143
+    for answer in answers:
+        assert answer.status_code == 503
+        assert answer.json() == {"error": "HTTPException", "detail": "Service Unavailable", "body": "",
+                                 "errors": "the server stopped before this job finished"}
+    assert "Traceback" not in server.output() and "ERROR" not in server.output()
+    second = start_server(out)
+    try:
+        with httpx.Client(base_url=second.url, timeout=60) as client:
+            job = client.get(f"/api/jobs/{running_id}").json()
+            assert job["status"] == "interrupted" and job["error"] == "the server stopped before this job finished"
+            with client.stream("GET", f"/api/jobs/{running_id}/events") as stream:
+                assert [line for line in stream.iter_lines() if line][0] == "event: failed"
+    finally:
+        second.stop()
+
+
+def test_an_unusable_job_history_is_a_one_line_error_naming_it(tmp_path):
+    out = tmp_path / "outputs"
+    (out / "sdlab-server.sqlite").mkdir(parents=True)
+    result = subprocess.run([sys.executable, "-m", "sdlab", "serve", "--port", str(free_port()), "--output-dir",
+                             str(out)], capture_output=True, text=True, env=server_env(), timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"sdlab: error: cannot open the job history {out / 'sdlab-server.sqlite'}: ")
 
 
 def test_binding_beyond_loopback_without_auth_is_refused():

@@ -144,8 +144,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from sdlab.server.app import create_app
+    from sdlab.server.app import Server, create_app
     from sdlab.server.config import ServerConfig
+    from sdlab.server.store import StoreError
 
     config = ServerConfig(output_dir=Path(args.output_dir), model=Path(args.model) if args.model else None,
                           models_dir=Path(args.models_dir) if args.models_dir else None, device=args.device,
@@ -153,12 +154,16 @@ def run_serve(args: argparse.Namespace) -> int:
                           controlnet_dir=controlnet_dir, upscalers_dir=upscalers_dir,
                           max_queue=args.max_queue, basic_auth=basic, token=token, limits=limits)
     sock = _listen(args.host, args.port)
-    app = create_app(config, preload=True)
+    try:
+        app = create_app(config, preload=True)
+    except StoreError as err:
+        sock.close()
+        raise UserError(str(err)) from None
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     print(f"sdlab serve: http://{shown}:{port}/ (API: /sdapi/v1, /api/jobs; Ctrl+C stops)", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                           timeout_graceful_shutdown=5))
+    server = Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
+                                   timeout_graceful_shutdown=5), app.state.service)
     logging.getLogger("sdlab.server").setLevel(logging.INFO)
     try:
         server.run(sockets=[sock])

@@ -45,12 +45,13 @@ from sdlab.server.inputs import (
     decode_image, fit_mask, load_upscaler_file, sampler_and_schedule, scheduler_rows, unset_preset_fields,
     upscaler_file,
 )
-from sdlab.server.jobs import Job, image_seeds
+from sdlab.server.jobs import Job, Unavailable, image_seeds
 from sdlab.server.model_folders import ModelFile
 from sdlab.server.native import service_of
 from sdlab.server.previews import jpeg_bytes
 from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
+from sdlab.server.store import INTERRUPTED_ERROR
 
 router = APIRouter(prefix="/sdapi/v1")
 DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
@@ -152,12 +153,9 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     spec = JobSpec(request, model_preset_fills=unset_preset_fields(_given(body), request),
                    unset_schedule=a1111_schedule(request.sampler, None))
     job, _ = service.submit(spec, mode, model, hr_steps_name="hr_second_pass_steps")
-    queue = job.subscribe(asyncio.get_running_loop(), steps=False)
-    try:
-        while (await queue.get())[0] not in ("done", "failed", "cancelled"):
-            pass
-    finally:
-        job.unsubscribe(queue)
+    await _until_finished(job)
+    if job.status == "interrupted":
+        raise Unavailable(job.error)
     if job.status == "failed":
         raise BadRequest(job.error or "failed", 500 if (job.error or "").startswith("internal") else 400)
     images = []
@@ -170,6 +168,18 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
     return {"images": images, "parameters": echo, "info": json.dumps(_info(job, body, name))}
+
+
+async def _until_finished(job: Job) -> None:
+    """Wait for the job's final event; cancelled (uvicorn gives up waiting as the server stops) a 503."""
+    queue = job.subscribe(asyncio.get_running_loop(), steps=False)
+    try:
+        while (await queue.get())[0] not in ("done", "failed", "cancelled"):
+            pass
+    except asyncio.CancelledError:
+        raise Unavailable(INTERRUPTED_ERROR) from None
+    finally:
+        job.unsubscribe(queue)
 
 
 def _without_images(scripts: dict[str, Any]) -> dict[str, Any]:

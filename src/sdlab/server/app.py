@@ -1,4 +1,4 @@
-"""`create_app(config)`: the FastAPI application of `sdlab serve`.
+"""`create_app(config)`: the FastAPI application of `sdlab serve`, and the uvicorn `Server` that runs it.
 
 Routes: `/sdapi/v1/*` (a1111.py), `/api/*` (native.py), the web UI at `/` (static/index.html) and
 `/static/*`. Every route sits behind `guard.Guard` (auth, body size). Errors: `/sdapi` answers in A1111's
@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -22,8 +24,9 @@ from sdlab.server import a1111, native
 from sdlab.server.config import ServerConfig
 from sdlab.server.guard import Guard
 from sdlab.server.inputs import BadRequest
-from sdlab.server.jobs import QueueFull
+from sdlab.server.jobs import QueueFull, Unavailable
 from sdlab.server.service import Service
+from sdlab.server.store import StoreError
 
 STATIC = Path(__file__).parent / "static"
 logger = logging.getLogger("sdlab.server")
@@ -60,6 +63,21 @@ def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
     return guarded
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server, which ends the jobs first when it is told to stop (SIGTERM, Ctrl+C): the queued jobs
+    become `interrupted` at once and the running one at its next step, so the clients waiting on them get
+    their answers (an A1111 call a 503) while uvicorn still waits for open requests to finish
+    (`timeout_graceful_shutdown`), rather than being cut off after that wait."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await asyncio.to_thread(self.service.queue.stop_jobs)
+        await super().shutdown(sockets=sockets)
+
+
 def error_response(request: Request, status: int, detail, message: str = "", error: str = "HTTPException",
                    headers: dict | None = None) -> JSONResponse:
     if request.url.path.startswith("/sdapi/"):
@@ -77,6 +95,12 @@ def _error_handlers(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, err: QueueFull) -> JSONResponse:
         return error_response(request, 429, "Too Many Requests", str(err), headers={"Retry-After": "5"})
+
+    async def unavailable(request: Request, err: Unavailable | StoreError) -> JSONResponse:
+        return error_response(request, 503, "Service Unavailable", str(err))
+
+    app.add_exception_handler(Unavailable, unavailable)
+    app.add_exception_handler(StoreError, unavailable)      # the job history could not be read
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -1,10 +1,14 @@
 """Jobs, the bounded queue, and the one worker thread that runs them.
 
-A job goes queued -> running -> done | failed | cancelled (or `interrupted`, set on the next start when
-the server stopped under it). Its events (queued, started, step, done, failed, cancelled) go to every
-subscriber (an asyncio queue of the server's event loop); a subscriber that comes late gets the job's
-state first. Cancelling a queued job takes it out of the queue; cancelling a running one raises from the
-sampler's progress callback at the next step, so nothing is decoded or written.
+A job goes queued -> running -> done | failed | cancelled, or `interrupted` when the server stops under
+it (`JobQueue.stop_jobs`; on the next start when it could not record that). Its events (queued, started,
+step, done, failed, cancelled) go to every subscriber (an asyncio queue of the server's event loop); a
+subscriber that comes late gets the job's state first. Cancelling a queued job takes it out of the queue;
+cancelling a running one raises from the sampler's progress callback at the next step, so nothing is
+decoded or written.
+
+A history write that fails (a full disk, the database locked by another program) is logged and the job
+goes on: the worker keeps serving and every job still ends with its final event.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from sdlab.diffusion.discretization import steps_run
 from sdlab.pipeline.hires import hires_steps
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.inputs import JobSpec
-from sdlab.server.store import Store
+from sdlab.server.store import INTERRUPTED_ERROR, Store, StoreError
 
 logger = logging.getLogger("sdlab.server")
 
@@ -34,6 +38,10 @@ FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
 
 class QueueFull(Exception):
     """More jobs are waiting than `--max-queue` allows (HTTP 429)."""
+
+
+class Unavailable(Exception):
+    """The server takes no job now: it is stopping, or its job history cannot be written (HTTP 503)."""
 
 
 class JobCancelled(Exception):
@@ -164,7 +172,7 @@ class JobQueue:
         self._run = run
         self._on_start = on_start
         self._queue: collections.deque[Job] = collections.deque()
-        self._jobs: dict[str, Job] = {}             # queued and running jobs by id (finished ones: the store)
+        self._jobs: dict[str, Job] = {}     # queued and running jobs by id, and finished ones the store lacks
         self._condition = threading.Condition()
         self._stopping = False
         self.current: Job | None = None
@@ -174,23 +182,36 @@ class JobQueue:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """`stop_jobs`, then wait up to `timeout` seconds for the worker to end."""
+        self.stop_jobs()
+        self._thread.join(timeout)
+
+    def stop_jobs(self) -> None:
+        """Take no more jobs and end those there are as `interrupted`: the queued ones at once, the running
+        one at its next step. Their clients get their final events."""
         with self._condition:
             self._stopping = True
-            for job in self._queue:
-                job.cancel.set()
+            queued = list(self._queue)
+            self._queue.clear()
             if self.current is not None:
                 self.current.cancel.set()
             self._condition.notify_all()
-        self._thread.join(timeout)
+        for job in queued:
+            self._finish(job, "interrupted", INTERRUPTED_ERROR)
 
     def submit(self, spec: JobSpec, mode: str, model: str, settings: dict[str, Any]) -> tuple[Job, int]:
         """Queue a job; returns it and its position (0 = next). `QueueFull` past `max_queue` waiting jobs."""
         job = Job(id=uuid.uuid4().hex, mode=mode, model=model, spec=spec, created=time.time(),
                   steps=steps_of(spec), settings=settings)
         with self._condition:
+            if self._stopping:
+                raise Unavailable("the server is stopping")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} jobs are waiting, the most this server queues (--max-queue)")
-            self.store.save_job(job.record())
+            try:
+                self.store.save_job(job.record())
+            except StoreError as err:
+                raise Unavailable(str(err)) from None
             self._queue.append(job)
             self._jobs[job.id] = job
             position = len(self._queue) - 1
@@ -233,11 +254,27 @@ class JobQueue:
     def _finish(self, job: Job, status: str, error: str | None) -> None:
         job.status, job.error, job.finished = status, error, time.time()
         job.preview = None
-        self.store.save_job(job.record())
-        self._jobs.pop(job.id, None)
+        self._save(job)
         name, data = job.final_event() or ("failed", {"error": status})
         job.publish(name, data)
         job.finished_event.set()
+
+    def _save(self, job: Job) -> None:
+        """Write the job's row, then those of finished jobs an earlier write failed to store; a finished job
+        leaves memory once its row is written. A write that fails is logged, nothing more: the job goes on
+        (a finished one stays in memory for `get`), and a row left `queued` or `running` is marked
+        `interrupted` on the next start."""
+        with self._condition:
+            held = [other for other in self._jobs.values() if other is not job and other.status in FINAL_STATES]
+        for row in (job, *held):
+            try:
+                self.store.save_job(row.record())
+            except StoreError as err:
+                logger.error("job %s goes on without its history row: %s", row.id, err)
+                return
+            if row.status in FINAL_STATES:
+                with self._condition:
+                    self._jobs.pop(row.id, None)
 
     def _work(self) -> None:
         if self._on_start is not None:
@@ -254,20 +291,20 @@ class JobQueue:
                 job = self._queue.popleft()
                 self.current = job
                 job.status, job.started = "running", time.time()
-                self.store.save_job(job.record())
+            self._save(job)
             job.publish("started", job._started_data())
             status, error = "done", None
             try:
                 self._run(job)
-            except JobCancelled:
-                status = "cancelled"
+            except JobCancelled:                # by a client, or by `stop_jobs`
+                status, error = ("interrupted", INTERRUPTED_ERROR) if self._stopping else ("cancelled", None)
             except Exception as err:            # reported in the job, the worker keeps serving
                 status, error = "failed", _message(err)
                 if not isinstance(err, ValueError):
                     logger.exception("job %s failed", job.id)
             with self._condition:
                 self.current = None
-                self._finish(job, status, error)
+            self._finish(job, status, error)
 
 
 def _message(err: Exception) -> str:

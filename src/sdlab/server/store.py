@@ -1,7 +1,9 @@
 """The server's SQLite database (`sdlab-server.sqlite` in the output folder): the job history.
 
 Jobs are written when queued, started and finished (not per step), so a restart keeps the history; a job
-that was queued or running when the server stopped is marked `interrupted` on the next start.
+the server stopped under is recorded `interrupted` as it stops, or on the next start when it could not be
+(a crash, a failed write). A database that cannot be opened, read or written is a `StoreError` naming
+the file and why.
 """
 
 from __future__ import annotations
@@ -9,10 +11,14 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 DB_NAME = "sdlab-server.sqlite"
+BUSY_TIMEOUT_S = 30.0           # how long a write waits while another connection holds the file's write lock
+INTERRUPTED_ERROR = "the server stopped before this job finished"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -37,6 +43,17 @@ _JSON_COLUMNS = ("request", "images", "infotexts")
 _COLUMNS = ("id", "status", "mode", "model", "request", "images", "infotexts", "error", "created", "started",
             "finished", "step", "steps")
 UNFINISHED = ("queued", "running")
+_HINTS = {                      # sqlite3's error name -> what the user can do about it
+    "SQLITE_BUSY": "another program holds it (another sdlab serve on the same output folder?)",
+    "SQLITE_NOTADB": "move the file away to start a new history",
+    "SQLITE_CORRUPT": "move the file away to start a new history",
+    "SQLITE_CANTOPEN": "it must be a file this user can read and write",
+    "SQLITE_READONLY": "it must be a file this user can read and write",
+}
+
+
+class StoreError(Exception):
+    """The job history cannot be opened, read or written; the message names the file and why."""
 
 
 class Store:
@@ -46,15 +63,21 @@ class Store:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / DB_NAME
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")     # WAL: no fsync per commit, never corrupt
-            self._db.executescript(_SCHEMA)
-            self._db.execute(
-                f"UPDATE jobs SET status = 'interrupted', error = 'the server stopped before this job finished' "
-                f"WHERE status IN {UNFINISHED}"
-            )
+        try:
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False,
+                                       isolation_level=None)
+        except sqlite3.Error as err:
+            raise self._error("cannot open", err) from None
+        try:
+            with self._using("cannot open") as db:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=NORMAL")     # WAL: no fsync per commit, never corrupt
+                db.executescript(_SCHEMA)
+                db.execute(f"UPDATE jobs SET status = 'interrupted', error = ? WHERE status IN {UNFINISHED}",
+                           (INTERRUPTED_ERROR,))
+        except StoreError:
+            self._db.close()
+            raise
 
     def close(self) -> None:
         with self._lock:
@@ -63,24 +86,37 @@ class Store:
     def save_job(self, record: dict[str, Any]) -> None:
         """Insert or replace a job (`record` has every column; JSON columns as Python values)."""
         values = [json.dumps(record[c]) if c in _JSON_COLUMNS else record[c] for c in _COLUMNS]
-        with self._lock:
-            self._db.execute(
-                f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
-                values,
-            )
+        with self._using("cannot write") as db:
+            db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
+                       values)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            row = self._db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._using("cannot read") as db:
+            row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _record(row)
 
     def jobs(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` jobs, newest first."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._using("cannot read") as db:
+            rows = db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,)
             ).fetchall()
         return [_record(row) for row in rows]
+
+    @contextmanager
+    def _using(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock; an SQLite error in the block is a `StoreError` saying what failed
+        (`doing`: "cannot write", ...)."""
+        with self._lock:
+            try:
+                yield self._db
+            except sqlite3.Error as err:
+                raise self._error(doing, err) from None
+
+    def _error(self, doing: str, err: sqlite3.Error) -> StoreError:
+        """`StoreError`: "<doing> the job history <file>: <sqlite3's reason>[; what to do]"."""
+        hint = _HINTS.get(getattr(err, "sqlite_errorname", ""))    # the error's name: Python 3.11 and later
+        return StoreError(f"{doing} the job history {self.path}: {err}" + (f"; {hint}" if hint else ""))
 
 
 def _record(row: tuple) -> dict[str, Any]:

@@ -1,0 +1,139 @@
+"""The job queue and its history without HTTP or a model (a stand-in `run`): a history write that fails
+(another program holds the database's write lock) leaves the worker serving and every job ending with its
+final event; stopping records the queued and the running jobs `interrupted`, apart from a client's cancel;
+an A1111 call whose wait is cancelled (uvicorn giving up as the server stops) answers 503; a database that
+cannot be opened is one `StoreError` naming the file."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+
+import pytest
+
+from sdlab.pipeline.request import GenerationRequest
+from sdlab.server import a1111, store as store_module
+from sdlab.server.inputs import JobSpec
+from sdlab.server.jobs import Job, JobCancelled, JobQueue, Unavailable
+from sdlab.server.store import DB_NAME, INTERRUPTED_ERROR, Store, StoreError
+
+WAIT_S = 60.0
+
+
+def _spec() -> JobSpec:
+    return JobSpec(GenerationRequest("a red apple", steps=2))
+
+
+def _submit(queue: JobQueue) -> Job:
+    return queue.submit(_spec(), "txt2img", "model", {})[0]
+
+
+class OtherWriter:
+    """Another connection to the database, which can hold its write lock (as a DB browser or another server
+    can), from any thread."""
+
+    def __init__(self, path) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+
+    def hold(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def release(self) -> None:
+        self.db.execute("ROLLBACK")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)     # a locked write fails at once
+    opened = Store(tmp_path)
+    yield opened
+    opened.close()
+
+
+def test_a_failed_history_write_leaves_the_worker_serving(store):
+    other = OtherWriter(store.path)
+    jobs_run = []
+
+    def run(job: Job) -> None:
+        jobs_run.append(job)
+        if len(jobs_run) == 1:
+            other.hold()                        # the write of the first job's end fails
+
+    queue = JobQueue(store, run, max_queue=4)
+    queue.start()
+    try:
+        first = _submit(queue)
+        assert first.finished_event.wait(WAIT_S) and first.status == "done"
+        assert queue.get(first.id) is first                     # finished, its row not written yet
+        other.release()
+        second = _submit(queue)
+        assert second.finished_event.wait(WAIT_S) and second.status == "done"
+        assert store.job(first.id)["status"] == "done"          # written with the next write that succeeded
+        assert queue.get(first.id) is None
+    finally:
+        queue.stop()
+
+
+def test_a_job_submitted_while_the_history_is_locked_is_refused_as_unavailable(store):
+    queue = JobQueue(store, lambda job: None, max_queue=4)
+    other = OtherWriter(store.path)
+    other.hold()
+    with pytest.raises(Unavailable, match=f"cannot write the job history .*{DB_NAME}: database is locked"):
+        _submit(queue)
+    other.release()
+    assert queue.counts() == (0, 0) and store.jobs(10) == []
+
+
+def test_stopping_interrupts_the_running_and_the_queued_jobs_unlike_a_cancel(store):
+    started = threading.Event()
+
+    def run(job: Job) -> None:
+        started.set()
+        while not job.cancel.wait(0.01):
+            pass
+        raise JobCancelled
+
+    queue = JobQueue(store, run, max_queue=4)
+    queue.start()
+    cancelled = _submit(queue)
+    assert started.wait(WAIT_S)
+    queue.cancel(cancelled)
+    assert cancelled.finished_event.wait(WAIT_S) and cancelled.status == "cancelled"
+    started.clear()
+    running, queued = _submit(queue), _submit(queue)
+    assert started.wait(WAIT_S)
+    queue.stop()
+    for job in (running, queued):
+        assert job.finished_event.is_set()
+        assert (job.status, job.error) == ("interrupted", INTERRUPTED_ERROR)
+        assert job.final_event() == ("failed", {"error": INTERRUPTED_ERROR, "status": "interrupted"})
+        assert store.job(job.id)["status"] == "interrupted"
+    assert store.job(cancelled.id)["status"] == "cancelled"
+    with pytest.raises(Unavailable, match="stopping"):
+        _submit(queue)
+
+
+def test_an_a1111_wait_cut_off_at_shutdown_is_a_503_error():
+    job = Job(id="j", mode="txt2img", model="model", spec=_spec(), created=0.0)
+
+    async def cut_off() -> None:
+        waiting = asyncio.create_task(a1111._until_finished(job))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await waiting
+
+    with pytest.raises(Unavailable, match=INTERRUPTED_ERROR):
+        asyncio.run(cut_off())
+    assert job._subscribers == []
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda path: path.write_bytes(b"not a database" * 512), "file is not a database; move the file away"),
+    (lambda path: path.mkdir(), "unable to open database file"),
+])
+def test_an_unusable_history_is_one_error_naming_the_file(tmp_path, make, reason):
+    make(tmp_path / DB_NAME)
+    with pytest.raises(StoreError) as caught:
+        Store(tmp_path)
+    assert str(caught.value).startswith(f"cannot open the job history {tmp_path / DB_NAME}: {reason}")
