@@ -14,6 +14,8 @@ from PIL import Image
 
 from bundle_fixtures import tiny_bundle, write_original
 from cli_helpers import pixels, png_with_parameters, run
+from sdlab.pipeline import plan
+from sdlab.pipeline.plan import handoff_index
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 
 FAST = ["--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
@@ -195,3 +197,31 @@ def test_sdxl_with_refiner(tmp_path, capsys) -> None:
     assert "Refiner" not in Image.open(tmp_path / "plain.png").info["parameters"]
     code, _, err = run([*common, "--refiner", str(refiner), "--refiner-switch", "1.5", "--out", str(tmp_path / "x.png")], capsys)
     assert code != 0 and "refiner-switch" in err and not (tmp_path / "x.png").exists()
+
+
+def test_from_png_hands_off_to_the_refiner_by_the_pictures_rule(tmp_path, capsys, monkeypatch) -> None:
+    """--from-png takes the picture's `Refiner switch at` and the rule it was drawn by: A1111's for a picture
+    A1111 drew (`apply_refiner`: the nearest training timestep), the recorded `Refiner steps` for sdlab's. On
+    Uniform 21 steps, switch 0.8, diffusers' `denoising_end` hands off after 16 steps, A1111 after 17."""
+    base, refiner = tmp_path / "base.safetensors", tmp_path / "refiner.safetensors"
+    write_original(tiny_bundle("sdxl"), base, junk=False)
+    write_original(tiny_bundle("sdxl-refiner", seed=5), refiner, junk=False)
+    text = ("a castle\nSteps: 21, Sampler: Euler, Schedule type: Uniform, CFG scale: 5, Seed: 2, Size: 32x32, "
+            "Refiner: refiner [0123456789], Refiner switch at: 0.8, Version: v1.10.1")
+    drawn_by_a1111 = png_with_parameters(tmp_path / "a1111.png", text, (32, 32))
+    common = ["txt2img", "--model", str(base), "--refiner", str(refiner), "--no-progress"]
+
+    splits = []
+    monkeypatch.setattr(plan, "handoff_index", lambda *a: splits.append(handoff_index(*a)) or splits[-1])
+
+    def handoff(*args: str) -> tuple[int, dict]:
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*.png')))}.png"
+        assert run([*common, *args, "--out", str(out)], capsys)[0] == 0
+        return splits[-1], parse_parameters(read_parameters(out))
+
+    steps, params = handoff("--from-png", str(drawn_by_a1111))
+    assert steps == 17 and (params["Refiner switch at"], params["Refiner steps"]) == ("0.8", "a1111")
+    assert handoff("--from-png", str(tmp_path / "out0.png"))[0] == 17     # sdlab's picture names the rule
+    steps, params = handoff("a castle", "--steps", "21", "--schedule", "normal", "--sampler", "Euler",
+                            "--width", "32", "--height", "32", "--refiner-switch", "0.8")
+    assert steps == 16 and params["Refiner steps"] == "diffusers"

@@ -343,6 +343,40 @@ def test_handoff_index_is_diffusers_denoising_end(schedule, steps, switch_at):
     assert handoff_index(sigmas, noise_schedule, switch_at) == expected
 
 
+def _a1111_base_steps(sigmas, noise_schedule, switch_at) -> int:
+    """The steps A1111's `apply_refiner` (sd_samplers_common.py) leaves to the base, checked at each step's
+    call: k-diffusion's float32 training sigmas, the nearest to the call's sigma, and the refiner once
+    (999 - t) / 1000 is not below `switch_at`."""
+    alphas_cumprod = noise_schedule.alphas_cumprod.float()
+    model_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+    for step, sigma in enumerate(sigmas[:-1].float()):
+        timestep = torch.argmin(torch.abs(model_sigmas - sigma))
+        if not (999 - timestep) / 1000 < switch_at:
+            return step
+    return len(sigmas) - 1
+
+
+@pytest.mark.parametrize("schedule", ["normal", "karras", "exponential"])
+@pytest.mark.parametrize("steps", [8, 11, 21, 25, 26, 40])
+@pytest.mark.parametrize("switch_at", [0.5, 0.7, 0.8, 0.9])
+def test_handoff_index_a1111_is_apply_refiner(schedule, steps, switch_at):
+    noise_schedule = get_family("sdxl").schedule.build()
+    sigmas = get_discretization(schedule)(noise_schedule, steps)
+    assert handoff_index(sigmas, noise_schedule, switch_at, "a1111") == _a1111_base_steps(sigmas, noise_schedule,
+                                                                                            switch_at)
+
+
+def test_a1111s_handoff_rounds_the_timestep_to_the_nearest(bundles):
+    """Uniform ("normal") 21 steps, switch 0.8: step 16 starts at t = 199.8, below diffusers' cut-off of 200
+    (the refiner's), which A1111 rounds to 200, a completed ratio of 0.799 (the base's)."""
+    noise_schedule = get_family("sdxl").schedule.build()
+    sigmas = get_discretization("normal")(noise_schedule, 21)
+    assert handoff_index(sigmas, noise_schedule, 0.8) == 16
+    assert handoff_index(sigmas, noise_schedule, 0.8, "a1111") == 17
+    with pytest.raises(RequestError, match="unknown refiner switch convention 'comfyui'"):
+        Pipeline(bundles["sd1"], refiner_convention="comfyui")
+
+
 @pytest.mark.parametrize("sampler", ["Euler", "Euler a"])
 def test_refining_with_the_base_itself_is_one_plain_run(bundles, sampler):
     """Handing off to the same model on the same sigmas, with the generators continuing, changes nothing for

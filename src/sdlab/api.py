@@ -31,7 +31,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
 from sdlab.pipeline.hires import generate_hires
 from sdlab.pipeline.memory import is_out_of_memory
-from sdlab.pipeline.plan import GenerationPlan, make_plan
+from sdlab.pipeline.plan import GenerationPlan, check_refiner_convention, make_plan
 from sdlab.pipeline.presets import apply_preset
 from sdlab.pipeline.prompt_loras import (
     LoraUse,
@@ -60,14 +60,18 @@ class Pipeline:
     """A loaded model and the three ways to draw with it."""
 
     def __init__(self, bundle: ModelBundle, refiner: ModelBundle | None = None, refiner_switch: float = 0.8,
-                 embeddings: Sequence[Embedding] = (), skipped_embeddings: Sequence[Embedding] = ()) -> None:
-        """`refiner` (an SDXL refiner) takes over after the first `refiner_switch` of every schedule;
+                 embeddings: Sequence[Embedding] = (), skipped_embeddings: Sequence[Embedding] = (),
+                 refiner_convention: str = "diffusers") -> None:
+        """`refiner` (an SDXL refiner) takes over after the first `refiner_switch` of every schedule, at the
+        step `refiner_convention` picks ("diffusers": diffusers' `denoising_end`; "a1111": A1111's
+        `Refiner switch at`; `plan.handoff_index`);
         `embeddings` are the textual-inversion embeddings installed in `bundle` (their words),
         `skipped_embeddings` those of its folders that were made for another model."""
         check_refiner_switch(refiner_switch)
         self.bundle = bundle
         self.refiner = refiner
         self.refiner_switch = refiner_switch
+        self.refiner_convention = check_refiner_convention(refiner_convention)
         self.lora_dirs: list[Path] = []          # where prompt <lora:NAME:W> tags find NAME (`find_lora`)
         self.embeddings = list(embeddings)
         self.skipped_embeddings = list(skipped_embeddings)
@@ -95,7 +99,8 @@ class Pipeline:
         `RequestError` names the first bad value."""
         if self.refiner is not None and request.hires:
             raise RequestError("the hires fix does not run with an SDXL refiner; leave one of them out")
-        plan = make_plan(self.bundle, request, refiner=self.refiner, switch_at=self.refiner_switch)
+        plan = make_plan(self.bundle, request, refiner=self.refiner, switch_at=self.refiner_switch,
+                         refiner_convention=self.refiner_convention)
         resolve_prompt_loras(plan.request.prompt, self.find_lora)
         return plan
 
@@ -241,6 +246,7 @@ def load(
     prediction: str | None = None,
     refiner: str | os.PathLike[str] | None = None,
     refiner_switch: float = 0.8,
+    refiner_convention: str = "diffusers",
     loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
     lora_dirs: Sequence[str | os.PathLike[str]] | None = None,
     embeddings: Sequence[str | os.PathLike[str]] = (),
@@ -255,7 +261,8 @@ def load(
     else "fp32", "fp16", "bf16" (the CLI's names) or a torch dtype of `LOAD_DTYPES` (`resolve_dtype`).
     `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
-    `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule.
+    `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule, from the
+    step `refiner_convention` picks: "diffusers" (`denoising_end`) or "a1111" (A1111's `Refiner switch at`).
     `loras` are (LoRA / LyCORIS file, weight) pairs merged into the base model's weights, in order, for
     good; `lora_dirs` are where prompt tags (`<lora:NAME:WEIGHT>`, merged per run) find their files
     (default: A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when they exist).
@@ -285,6 +292,6 @@ def load(
     for loaded in (bundle, refined) if compile else ():
         if loaded is not None:
             compile_module(loaded.unet)
-    pipe = Pipeline(bundle, refined, refiner_switch, found.loaded, found.skipped)
+    pipe = Pipeline(bundle, refined, refiner_switch, found.loaded, found.skipped, refiner_convention)
     pipe.lora_dirs = [Path(d) for d in (default_lora_dirs(path) if lora_dirs is None else lora_dirs)]
     return pipe

@@ -50,8 +50,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")
         p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type (SD 2.x 768: v)")
         p.add_argument("--refiner", help="SDXL refiner checkpoint that finishes the schedule")
-        p.add_argument("--refiner-switch", type=float, default=0.8,
-                       help="fraction of the schedule the base model runs before the refiner (default 0.8)")
+        p.add_argument("--refiner-switch", type=float,
+                       help="fraction of the schedule the base model runs before the refiner (default: the "
+                            "--from-png picture's, else 0.8)")
         p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...); '
                        "LMS, PLMS and DPM++ 3M SDE need about 30 steps with guidance (LMS: 20 with karras)")
         p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
@@ -365,10 +366,33 @@ def _save_images(in_folder: bool, paths: list[Path], images: list, texts: list[s
     raise UserError(f"cannot find free file names in {paths[0].parent}")
 
 
+DEFAULT_REFINER_SWITCH = 0.8
+
+
+def _refiner_handoff(args: argparse.Namespace, recorded: dict[str, Any]) -> tuple[float, str]:
+    """Where the refiner takes over (`plan.handoff_index`): --refiner-switch, else the --from-png picture's
+    `Refiner switch at`, else 0.8; by the rule the picture was drawn with (A1111's for a picture A1111 drew,
+    `infotext.refiner_handoff`), else diffusers'."""
+    from sdlab.pipeline.infotext import refiner_handoff
+    from sdlab.pipeline.plan import check_refiner_convention
+    from sdlab.pipeline.request import RequestError, check_refiner_switch
+
+    try:
+        recorded_switch, convention = refiner_handoff(recorded) if recorded else (None, "diffusers")
+        if args.refiner_switch is not None:
+            switch = check_refiner_switch(args.refiner_switch, "--refiner-switch")
+        else:
+            switch = check_refiner_switch(DEFAULT_REFINER_SWITCH if recorded_switch is None else recorded_switch,
+                                          "the PNG's Refiner switch at")
+        return switch, check_refiner_convention(convention)
+    except (RequestError, ValueError) as err:
+        raise UserError(str(err)) from None
+
+
 def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = None,
-                   loras: list[tuple[str, float]] | None = None, lora_hashes: dict[str, str] | None = None):
+                   loras: list[tuple[str, float]] | None = None, lora_hashes: dict[str, str] | None = None,
+                   recorded: dict[str, Any] | None = None):
     from sdlab.api import RequestError, load, shipped_model_path
-    from sdlab.pipeline.request import check_refiner_switch
 
     dtype = requested_dtype(args.dtype)
     model = model or args.model or shipped_model_path()
@@ -377,10 +401,11 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
     if loras is None:
         finder = _lora_finder(args)
         loras = [_parse_lora(spec, finder) for spec in args.lora]
+    refiner_switch, refiner_convention = _refiner_handoff(args, recorded or {})
     try:
-        check_refiner_switch(args.refiner_switch, "--refiner-switch")
         pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
-                    prediction=args.prediction, refiner=args.refiner, refiner_switch=args.refiner_switch, loras=loras,
+                    prediction=args.prediction, refiner=args.refiner, refiner_switch=refiner_switch,
+                    refiner_convention=refiner_convention, loras=loras,
                     embeddings=getattr(args, "embeddings_dir", []), compile=getattr(args, "compile", False))
     except RequestError as err:     # e.g. a --device this torch cannot use
         raise UserError(str(err)) from None
@@ -643,7 +668,7 @@ def _comparable(value: Any) -> str:
         return str(value).strip()
 
 
-def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, vae: tuple | None, pipe, request) -> None:
+def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None, pipe, request) -> None:
     """Warn about what the --from-png picture was drawn with that this run does not have: its refiner, its
     standalone VAE, its textual-inversion embeddings (not found in --embeddings-dir), its ControlNet units past
     the --controls given, its hires pass's own sampler, prompts, CFG, schedule or checkpoint."""
@@ -652,8 +677,8 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, vae
     if recorded.get("VAE") and vae is None:
         logger.warning("the picture was decoded with the VAE %r; pass --vae FILE to redraw it", recorded["VAE"])
     if recorded.get("Refiner") and refiner is None:
-        logger.warning("the picture was finished by the refiner %r (switch at %s); pass --refiner FILE "
-                       "--refiner-switch to redraw it", recorded["Refiner"], recorded.get("Refiner switch at", "?"))
+        logger.warning("the picture was finished by the refiner %r (switch at %s); pass --refiner FILE to "
+                       "redraw it", recorded["Refiner"], recorded.get("Refiner switch at", "?"))
     loaded = {embedding.name for embedding in pipe.embeddings}
     missing = sorted(set(parse_lora_hashes(recorded.get("TI hashes"))) - loaded)
     if missing:
@@ -672,7 +697,7 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner: tuple | None, vae
 def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.images import pad_for_outpaint
-    from sdlab.pipeline.infotext import parse_lora_hashes, to_parameters
+    from sdlab.pipeline.infotext import RefinerRef, parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters
     from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError
 
@@ -714,11 +739,12 @@ def run_generate(args: argparse.Namespace) -> int:
     model = _recorded_model(args, recorded) if recorded else None
     if model is not None:
         logger.warning("using %s, the model the picture names (pass --model to choose another)", model)
-    pipe, model = _load_pipeline(args, model, loras, parse_lora_hashes(recorded.get("Lora hashes")))
+    pipe, model = _load_pipeline(args, model, loras, parse_lora_hashes(recorded.get("Lora hashes")), recorded)
     if pipe.bundle.preset and not recorded and not getattr(args, "preset", None):
         request = GenerationRequest(**_with_model_preset(options, pipe.bundle.preset, args.mode))
     name, hash_ = _identify_model(model)
-    refiner = None if args.refiner is None else (*_identify_model(args.refiner), args.refiner_switch)
+    refiner = None if args.refiner is None else RefinerRef(*_identify_model(args.refiner), pipe.refiner_switch,
+                                                           pipe.refiner_convention)
     vae = _standalone_vae(args)
     if recorded:
         _check_model(recorded, name, hash_)

@@ -60,6 +60,19 @@ class LoraRef:
     hash: str | None = None
 
 
+@dataclass(frozen=True)
+class RefinerRef:
+    """The SDXL refiner that finished a picture, as the parameters name it: its name and short hash (A1111's
+    `Refiner: name [hash]`), the fraction of the schedule the base ran (`Refiner switch at`) and the rule
+    that picked the handoff step from it (sdlab's `Refiner steps`: "diffusers" or "a1111",
+    `plan.handoff_index`)."""
+
+    name: str
+    hash: str | None
+    switch_at: float
+    convention: str
+
+
 def _format_weight(weight: float) -> str:
     return f"{weight:g}"
 
@@ -97,15 +110,15 @@ def parse_lora_hashes(value: Any) -> dict[str, str]:
 def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | None = None,
                   model_hash: str | None = None, loras: Sequence[LoraRef] = (),
                   prompt: str | None = None, embeddings: Sequence[tuple[str, str]] = (),
-                  refiner: tuple[str, str | None, float] | None = None,
+                  refiner: RefinerRef | None = None,
                   vae: tuple[str, str | None] | None = None) -> dict[str, Any]:
     """The labelled parameters of image `index` of a resolved request (its seed is seed + index).
 
     `loras` are the LoRAs merged into the model: each gets a `<lora:NAME:WEIGHT>` tag in the prompt
     (unless `prompt`, the text as the user wrote it, already has one) and its hash in `Lora hashes`.
     `embeddings` are the (name, hash) of the textual-inversion embeddings the prompts use (`TI hashes`).
-    `refiner` is the SDXL refiner that finished the schedule: (name, short hash, switch fraction), written as
-    A1111 writes it (`Refiner: name [hash]`, `Refiner switch at`). `vae` is a standalone VAE that replaced the
+    `refiner` is the SDXL refiner that finished the schedule, written as A1111 writes it (`Refiner: name
+    [hash]`, `Refiner switch at`) with the handoff rule (`Refiner steps`). `vae` is a standalone VAE that replaced the
     model's: (file name, short hash), A1111's `VAE hash` and `VAE`.
     """
     p: dict[str, Any] = {
@@ -135,8 +148,9 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         **infotext_lines(req.controls, req.control_convention),
         "Control steps": req.control_convention if req.controls else None,
-        "Refiner": None if refiner is None else refiner[0] + (f" [{refiner[1]}]" if refiner[1] else ""),
-        "Refiner switch at": None if refiner is None else refiner[2],
+        "Refiner": None if refiner is None else refiner.name + (f" [{refiner.hash}]" if refiner.hash else ""),
+        "Refiner switch at": None if refiner is None else refiner.switch_at,
+        "Refiner steps": None if refiner is None else refiner.convention,
         "Lora hashes": format_hashes((ref.name, ref.hash) for ref in loras),
         "TI hashes": format_hashes(embeddings),
         "Version": version_label(),
@@ -199,11 +213,29 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
             fields["schedule"] = schedule_from_a1111(fields["schedule"])
         except ValueError:  # one sdlab lacks: the request's check names it
             fields["schedule"] = schedule_key(fields["schedule"])
-    if not str(p.get("Version", "")).startswith("sdlab"):
+    if not drawn_by_sdlab(p):
         _as_a1111_ran(fields)
     if "schedule" in fields and fields["schedule"] is None:    # "Automatic" in sdlab's files: the model's default
         del fields["schedule"]
     return fields
+
+
+def drawn_by_sdlab(p: dict[str, Any]) -> bool:
+    """Whether sdlab wrote the parameters (its `Version` label); else they are read as A1111 drew them."""
+    return str(p.get("Version", "")).startswith("sdlab")
+
+
+def refiner_handoff(p: dict[str, Any]) -> tuple[float | None, str]:
+    """(`Refiner switch at`, or None when the parameters have none; the handoff rule): sdlab's files name the
+    rule (`Refiner steps`; diffusers' in files older than the label), A1111's files follow A1111's. A
+    switch value that is not a number raises ValueError."""
+    convention = str(p.get("Refiner steps") or ("diffusers" if drawn_by_sdlab(p) else "a1111"))
+    if "Refiner switch at" not in p:
+        return None, convention
+    try:
+        return float(p["Refiner switch at"]), convention
+    except (TypeError, ValueError):
+        raise ValueError(f"the PNG's 'Refiner switch at' value {p['Refiner switch at']!r} is not a number") from None
 
 
 def _as_a1111_ran(fields: dict[str, Any]) -> None:

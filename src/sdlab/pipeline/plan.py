@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FAR_FROM_NATIVE",
     "GenerationPlan",
+    "REFINER_CONVENTIONS",
+    "check_refiner_convention",
     "handoff_index",
     "make_plan",
     "request_sigmas",
@@ -54,6 +56,7 @@ __all__ = [
 ]
 
 FAR_FROM_NATIVE = 2.0       # warn when a side is more than this factor above or below the model's size
+REFINER_CONVENTIONS = ("diffusers", "a1111")   # how a refiner switch fraction picks the handoff step
 
 
 @dataclass(frozen=True, eq=False)
@@ -150,21 +153,50 @@ def request_sigmas(
     return sigmas.to(device)
 
 
-def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float) -> int:
-    """How many steps of `sigmas` the base model takes before the refiner takes over at ``sigmas[index]``.
+def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, convention: str = "diffusers") -> int:
+    """How many steps of `sigmas` the base model takes before the refiner takes over at ``sigmas[index]``,
+    by `convention` (`REFINER_CONVENTIONS`).
 
-    diffusers' ``denoising_end`` / ``denoising_start`` rule: with T training timesteps the cut-off is
+    "diffusers": the ``denoising_end`` / ``denoising_start`` rule: with T training timesteps the cut-off is
     ``round(T * (1 - switch_at))``; the base takes every step whose timestep is >= the cut-off and the
     refiner every step below it (``StableDiffusionXLPipeline`` / ``StableDiffusionXLImg2ImgPipeline``,
     ``discrete_timestep_cutoff``). A step's timestep is that of its starting sigma (``sigma_to_t``,
     fractional for Karras-like lists, as diffusers' Euler uses it). sdlab samplers count steps, not model
     calls, so second-order samplers never split inside a step (diffusers' "+1 for order 2" fix-up).
+    "a1111": ``apply_refiner`` (modules/sd_samplers_common.py), which A1111 checks at every model call: the
+    refiner takes over at the first call whose sigma's nearest training sigma (an integer timestep t) has
+    ``(T - 1 - t) / T >= switch_at``, in float32 as A1111 computes it (`_a1111_handoff`). A second-order
+    sampler's call inside a step never switches here: that step ends on the base.
     `sampling` is a `ModelSampling` (or a `NoiseSchedule`); `switch_at` lies strictly between 0 and 1.
     """
+    if convention == "a1111":
+        return _a1111_handoff(sigmas, sampling, switch_at)
     cutoff = round(sampling.num_timesteps * (1.0 - float(switch_at)))
     steps = sigmas[:-1].to(torch.float64).cpu()                                 # each step's starting sigma
     timesteps = sampling.sigma_to_t(steps)                                      # (steps,)
     return int((timesteps >= cutoff - 1e-3).sum())   # integer timesteps come back from sigma_to_t within ~1e-5
+
+
+def check_refiner_convention(convention: str) -> str:
+    """`convention` when it is one of `REFINER_CONVENTIONS`, else a `RequestError` listing them."""
+    if convention not in REFINER_CONVENTIONS:
+        raise RequestError(f"unknown refiner switch convention {convention!r}; valid: "
+                           f"{', '.join(REFINER_CONVENTIONS)}")
+    return convention
+
+
+def _a1111_handoff(sigmas: Tensor, sampling: ModelSampling, switch_at: float) -> int:
+    """A1111's handoff step (`handoff_index`): k-diffusion's training sigmas from float32 alphas_cumprod
+    (``DiscreteSchedule.sigmas``), the nearest one to each step's float32 sigma by absolute difference."""
+    schedule = getattr(sampling, "schedule", sampling)                       # a NoiseSchedule as it is
+    alphas_cumprod = schedule.alphas_cumprod.to(torch.float32).cpu()         # (T,)
+    training = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5                # (T,) ascending with t
+    starts = sigmas[:-1].to(torch.float32).cpu()                             # (steps,) each step's starting sigma
+    nearest = (training[None, :] - starts[:, None]).abs().argmin(dim=1)     # (steps,) integer timesteps
+    T = len(training)
+    completed = (T - 1 - nearest) / T                                        # (steps,) float32, as A1111's ratio
+    switched = (completed >= float(switch_at)).nonzero()                   # a Python float: compared in float32
+    return int(switched[0]) if len(switched) else len(starts)
 
 
 def _check_refiner_fits(base: ModelBundle, refiner: ModelBundle) -> None:
@@ -185,10 +217,12 @@ def make_plan(
     *,
     refiner: ModelBundle | None = None,
     switch_at: float = 0.8,
+    refiner_convention: str = "diffusers",
     from_latent: bool = False,
 ) -> GenerationPlan:
-    """Resolve `request` for `bundle` (and an SDXL `refiner` taking over after `switch_at` of the schedule)
-    into the plan the generate loop runs; a `RequestError` names the first bad value.
+    """Resolve `request` for `bundle` (and an SDXL `refiner` taking over after `switch_at` of the schedule,
+    the step picked by `refiner_convention`: `handoff_index`) into the plan the generate loop runs; a
+    `RequestError` names the first bad value.
 
     `from_latent`: the run starts from a latent the caller gives (`sample_latents(..., init_latent=z)`), noised
     at the img2img level of `request.strength` (the hires fix's second pass after a latent upscale)."""
@@ -200,6 +234,7 @@ def make_plan(
         check_memory(bundle, replace(req, width=width, height=height), free)
     if refiner is not None:
         check_refiner_switch(switch_at, "switch_at")
+        check_refiner_convention(refiner_convention)
         _check_refiner_fits(bundle, refiner)
         _check_model(refiner, req, free, "the refiner")
     warn_if_far_from_native(bundle, req)
@@ -223,7 +258,7 @@ def make_plan(
         mask = blur_mask(req.mask_image, req.mask_blur, (req.width, req.height))     # (1, 1, H, W)
     split = refiner_sampling = None
     if refiner is not None:
-        split = handoff_index(sigmas, sampling, switch_at)
+        split = handoff_index(sigmas, sampling, switch_at, refiner_convention)
         refiner_sampling = refiner.model_sampling
     return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
                           mask=mask, refiner_split=split, refiner_sampling=refiner_sampling, from_latent=from_latent)
