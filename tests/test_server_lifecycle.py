@@ -74,7 +74,7 @@ def test_sigterm_answers_waiting_a1111_calls_and_records_the_running_job_interru
     traceback in the log), and the job running then is recorded `interrupted`, as a queued one, not as a
     client's cancel."""
     out = tmp_path / "outputs"
-    server = start_server(out)
+    server = start_server(out, "--max-steps", "1000")           # a job that outlasts what comes before the stop
     answers: list[httpx.Response] = []
 
     def wait_on_txt2img() -> None:
@@ -83,7 +83,7 @@ def test_sigterm_answers_waiting_a1111_calls_and_records_the_running_job_interru
 
     waiters = [threading.Thread(target=wait_on_txt2img) for _ in range(2)]
     with httpx.Client(base_url=server.url, timeout=60) as client:
-        running_id = client.post("/api/jobs", json=LONG).json()["id"]
+        running_id = client.post("/api/jobs", json={**LONG, "steps": 1000}).json()["id"]
         _wait_status(client, running_id, ("running",))
         for waiter in waiters:
             waiter.start()
