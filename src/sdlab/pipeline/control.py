@@ -53,6 +53,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
+from sdlab.models.circular_padding import circular_padding
 from sdlab.pipeline.images import flattened
 from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess, unknown_preprocessor
 from sdlab.pipeline.request import RequestError, input_image
@@ -280,11 +281,13 @@ class ControlledUNet:
     """`net(x, t, context, y=None, control_step=(i, N), cond_mark=None)`: the U-Net with the residuals of
     every control active at step i added (`UNet.forward`'s `control`). Without `control_step` every control
     runs; `cond_mark` (B,) is 1 on the prompt's rows and 0 on the negative prompt's (`prompt_marks`), and
-    without it every row counts as the prompt's."""
+    without it every row counts as the prompt's. `circular`: the ControlNets pad circularly while they run
+    (A1111's Tiling, `models.circular_padding`), as the U-Net does in such a run."""
 
-    def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl]):
+    def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False):
         self.unet = unet
         self.controls = list(controls)
+        self.circular = circular
 
     def parameters(self):   # the Denoiser reads the net's dtype from its first parameter
         return self.unet.parameters()
@@ -301,7 +304,8 @@ class ControlledUNet:
                 continue
             cfg = control.net.config
             hint = control.hint.expand(x.shape[0], -1, -1, -1)                     # (B, 3, H, W)
-            residuals, mid = control.net.model(x[:, : cfg.unet.in_channels], t, context, hint, y)
+            with circular_padding(control.net.model, enabled=self.circular):
+                residuals, mid = control.net.model(x[:, : cfg.unet.in_channels], t, context, hint, y)
             rows = cond_mark.view(-1, 1, 1, 1) if control.cond_only and cond_mark is not None else 1.0   # (B, 1, 1, 1)
             outputs = [r * (scale * rows) for r, scale in zip([*residuals, mid], control.scales(len(residuals) + 1))]
             residuals, mid = outputs[:-1], outputs[-1]
@@ -314,9 +318,9 @@ class ControlledUNet:
         return self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb)
 
 
-def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl]) -> Any:
-    """`unet` itself without controls, else the `ControlledUNet` that applies them."""
-    return ControlledUNet(unet, controls) if controls else unet
+def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False) -> Any:
+    """`unet` itself without controls, else the `ControlledUNet` that applies them (`circular`: see there)."""
+    return ControlledUNet(unet, controls, circular) if controls else unet
 
 
 def step_of(sigma: Tensor | float, sigmas: Tensor) -> int:

@@ -51,6 +51,7 @@ import inspect
 from functools import partial
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,7 @@ from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.steps import StepInfo
+from sdlab.models.circular_padding import circular_padding
 from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.pipeline.control import controlled_unet, prepare_controls, prompt_marks, spans_part, tag_steps
@@ -105,6 +107,7 @@ __all__ = [
     "request_sigmas",
     "resolve_for",
     "sample_latents",
+    "tiling_padding",
     "warn_if_far_from_native",
 ]
 
@@ -135,8 +138,16 @@ def generate(
 ) -> GenerationResult:
     """Run one request (or a plan made for `bundle`) on `bundle`; returns PIL images and the resolved request."""
     plan = _as_plan(bundle, request)
-    latents = sample_latents(bundle, plan, progress=progress)   # (B, 4, h, w), model space
-    return GenerationResult(images=_pictures(bundle, plan, latents), seeds=plan.request.seeds(), request=plan.request)
+    with tiling_padding(plan.request, bundle):
+        latents = sample_latents(bundle, plan, progress=progress)   # (B, 4, h, w), model space
+        images = _pictures(bundle, plan, latents)
+    return GenerationResult(images=images, seeds=plan.request.seeds(), request=plan.request)
+
+
+def tiling_padding(req: GenerationRequest, *bundles: ModelBundle) -> AbstractContextManager[None]:
+    """A1111's Tiling (`req.tiling`) for the block: every padded convolution of the bundles' U-Nets and VAEs
+    pads circularly (`models.circular_padding`; the ControlNets: `ControlledUNet`)."""
+    return circular_padding(*(net for bundle in bundles for net in (bundle.unet, bundle.vae)), enabled=req.tiling)
 
 
 def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> list[Image.Image]:
@@ -169,9 +180,10 @@ def sample_latents(
             init_latent is not None and tuple(init_latent.shape) != plan.latent_shape):
         raise ValueError(f"init_latent goes with a plan made from_latent, of shape {plan.latent_shape}")
     generators = generators_for(plan.request.seeds())
-    start = _start(bundle, plan, generators, init_latent)
-    model = _guided_model(bundle, plan.sampling, plan.request, start, generators, plan.sigmas)
-    x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
+    with tiling_padding(plan.request, bundle):
+        start = _start(bundle, plan, generators, init_latent)
+        model = _guided_model(bundle, plan.sampling, plan.request, start, generators, plan.sigmas)
+        x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
     _check_finite(x, "the final latent", plan.request)
     return _keep_known(bundle, start, plan.sampling.inverse_noise_scaling(plan.sigmas[-1], x), plan.request)
 
@@ -236,21 +248,23 @@ def generate_with_refiner(
     req, sigmas, split = plan.request, plan.sigmas, plan.refiner_split
     logger.info("refiner handoff after %d of %d steps, at sigma %.4f", split, len(sigmas) - 1, float(sigmas[split]))
     generators = generators_for(req.seeds())
-    start = _start(base, plan, generators, refiner=refiner)
-    options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
-    x = start.x
-    if split > 0:
-        base_model = _guided_model(base, plan.sampling, req, start, generators, sigmas)
-        x = _run_sampler(plan, base_model, x, sigmas[: split + 1], options, progress)
-    if split < len(sigmas) - 1:
-        no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
-        refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, generators, sigmas,
-                                      steps_done=split)
-        x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
-    _check_finite(x, "the final latent", req)
-    last = refiner if split < len(sigmas) - 1 else base
-    latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x), req)  # (B, 4, h, w)
-    return GenerationResult(images=_pictures(refiner, plan, latents), seeds=req.seeds(), request=req)
+    with tiling_padding(req, base, refiner):
+        start = _start(base, plan, generators, refiner=refiner)
+        options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
+        x = start.x
+        if split > 0:
+            base_model = _guided_model(base, plan.sampling, req, start, generators, sigmas)
+            x = _run_sampler(plan, base_model, x, sigmas[: split + 1], options, progress)
+        if split < len(sigmas) - 1:
+            no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
+            refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, generators, sigmas,
+                                          steps_done=split)
+            x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
+        _check_finite(x, "the final latent", req)
+        last = refiner if split < len(sigmas) - 1 else base
+        latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x), req)
+        images = _pictures(refiner, plan, latents)
+    return GenerationResult(images=images, seeds=req.seeds(), request=req)
 
 
 def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
@@ -380,7 +394,8 @@ def _guided_model(
         extra_cond["guidance_emb"] = guidance_scale_embedding(w, embedded)                      # (B, dim)
     controls = prepare_controls(bundle, req.controls, req.width, req.height, req.control_convention,
                                 hires_pass=req.first_pass_steps is not None)
-    denoiser = Denoiser(controlled_unet(bundle.unet, controls), sampling, quantize=req.quantize_timesteps)
+    denoiser = Denoiser(controlled_unet(bundle.unet, controls, circular=req.tiling), sampling,
+                        quantize=req.quantize_timesteps)
     if spans_part(controls):                            # else every control runs at every step
         denoiser = tag_steps(denoiser, sigmas)
     marks, extra_uncond = prompt_marks(controls, req.batch_size, device)   # which rows are the prompt's

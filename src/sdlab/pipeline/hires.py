@@ -39,6 +39,7 @@ from sdlab.pipeline.generate import (
     encode_image,
     generate,
     sample_latents,
+    tiling_padding,
 )
 from sdlab.pipeline.images import pil_to_tensor, tensor_to_pil
 from sdlab.pipeline.plan import GenerationPlan, make_plan
@@ -112,17 +113,19 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
     upscaler = hires_upscaler(req, bundle) if upscaler is None else upscaler
     up, final = pass_sizes(req, factor)
     left, top = _crop_box(up, final, factor)
-    if isinstance(upscaler, str) and is_latent_upscaler(upscaler):
-        latents = sample_latents(bundle, plan, progress=progress)                          # (B, C, h, w)
-        z = upscale_latent(latents, up[1] // factor, up[0] // factor, upscaler)           # (B, C, H/f, W/f)
-    else:
-        first = generate(bundle, plan, progress=progress).images
-        pixels = pil_to_tensor([resize_image(picture, upscaler, up) for picture in first])  # (B, 3, H, W)
-        z = encode_image(bundle, pixels.to(bundle.device), tiled=req.tiled_vae)          # (B, C, H/f, W/f)
-    z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]            # (B, C, h2, w2)
-    second_plan = make_plan(bundle, second_pass_request(req, factor), from_latent=True)
-    z = sample_latents(bundle, second_plan, init_latent=z.contiguous(), progress=_offset(progress, plan.steps_run))
-    pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                               # (B, 3, H2, W2)
+    with tiling_padding(req, bundle):
+        if isinstance(upscaler, str) and is_latent_upscaler(upscaler):
+            latents = sample_latents(bundle, plan, progress=progress)                      # (B, C, h, w)
+            z = upscale_latent(latents, up[1] // factor, up[0] // factor, upscaler)       # (B, C, H/f, W/f)
+        else:
+            first = generate(bundle, plan, progress=progress).images
+            pixels = pil_to_tensor([resize_image(picture, upscaler, up) for picture in first])  # (B, 3, H, W)
+            z = encode_image(bundle, pixels.to(bundle.device), tiled=req.tiled_vae)      # (B, C, H/f, W/f)
+        z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
+        second_plan = make_plan(bundle, second_pass_request(req, factor), from_latent=True)
+        z = sample_latents(bundle, second_plan, init_latent=z.contiguous(),
+                           progress=_offset(progress, plan.steps_run))
+        pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                           # (B, 3, H2, W2)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
     return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=req)

@@ -45,6 +45,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Img2img steps": ("img2img_convention", str),
     "Control steps": ("control_convention", str),
     "Timestep rounding": ("quantize_timesteps", bool),
+    "Tiling": ("tiling", bool),
     "Hires upscale": ("hr_scale", float),
     "Hires steps": ("hr_steps", int),
     "Hires upscaler": ("hr_upscaler", str),
@@ -146,6 +147,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
+        "Tiling": "True" if req.tiling else None,            # A1111's label and value (processing.py)
         **infotext_lines(req.controls, req.control_convention),
         "Control steps": req.control_convention if req.controls else None,
         "Refiner": None if refiner is None else refiner.name + (f" [{refiner.hash}]" if refiner.hash else ""),

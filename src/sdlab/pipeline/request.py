@@ -143,7 +143,10 @@ class GenerationRequest:
     negative_crops_coords_top_left: tuple[int, int] = (0, 0)
     negative_target_size: tuple[int, int] | None = None
     negative_aesthetic_score: float = 2.5
-    tiled_vae: bool | None = None           # None = tile above `tiling.DEFAULT_TILE_THRESHOLD_PIXELS`
+    tiled_vae: bool | None = None           # None = tile above `tiling.DEFAULT_TILE_THRESHOLD_PIXELS` (never
+                                            # with `tiling`: a VAE tile cannot wrap around the picture)
+    tiling: bool = False                    # A1111's Tiling: a seamless picture, whose edges wrap around
+                                            # (every padded convolution pads circularly: models/circular_padding.py)
     # ControlNets: `pipeline.control.ControlInput`s or (file, image[, strength[, start, end]]) records
     controls: tuple[Any, ...] = field(default=(), repr=False)
     control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers' or A1111's
@@ -401,6 +404,11 @@ def resolve(
     _bounded("mask blur", r.mask_blur, 0.0, MAX_MASK_BLUR)
     if not isinstance(r.paste_back, bool):
         raise RequestError(f"paste_back must be True or False, got {r.paste_back!r}")
+    if not isinstance(r.tiling, bool):
+        raise RequestError(f"tiling must be True or False, got {r.tiling!r}")
+    if r.tiling and r.tiled_vae:
+        raise RequestError("a tiling picture's edges wrap around, which a tiled VAE cannot draw (each tile would "
+                           "wrap on itself); leave tiled_vae unset: the VAE then decodes the whole picture")
     _pair("original_size", r.original_size, 1)
     _pair("target_size", r.target_size, 1)
     _pair("crops_coords_top_left", r.crops_coords_top_left, 0)
@@ -472,4 +480,5 @@ def resolve(
         r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,
         width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed), **hires,
         init_image=None if r.init_image is None else on_white(r.init_image),
+        tiled_vae=False if r.tiling else r.tiled_vae,
     )
