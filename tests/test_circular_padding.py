@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle
+from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle, write_original
+from cli_helpers import pixels, run
 from controlnet_fixtures import ENCODERS, diffusers_controlnet, write_layout
 from test_pipeline_parity import CFG, MAX_PIXEL_DIFF, NEGATIVE, PROMPT, SEED, STEPS, _generators, _max_diff, _schedulers
 from test_pipeline_parity import sd1  # noqa: F401 (a fixture: sdlab's and diffusers' pipelines of one folder)
@@ -33,7 +34,7 @@ from sdlab.pipeline.generate import generate, generate_with_refiner
 from sdlab.pipeline.hires import generate_hires
 from sdlab.pipeline.infotext import from_parameters, to_parameters
 from sdlab.pipeline.plan import make_plan
-from sdlab.pipeline.png_info import format_parameters, parse_parameters
+from sdlab.pipeline.png_info import format_parameters, parse_parameters, read_parameters
 from sdlab.pipeline.request import GenerationRequest, RequestError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -363,3 +364,22 @@ def test_the_infotext_says_tiling_as_a1111_does_and_reads_it_back(tiny_sd1):
     assert "Tiling" not in plain and "tiling" not in from_parameters(parse_parameters(plain))
     a1111 = "a wall\nSteps: 20, Sampler: Euler, Seed: 1, Size: 512x512, Tiling: True, Version: v1.10.1"
     assert from_parameters(parse_parameters(a1111))["tiling"] is True
+
+
+
+def test_the_command_line_draws_records_and_redraws_a_tiling_picture(tmp_path, capsys):
+    model = tmp_path / "tiny-sd1.safetensors"
+    write_original(tiny_bundle("sd1"), model, junk=False)
+    fast = ["--model", str(model), "--steps", "2", "--width", "32", "--height", "32", "--seed", "3", "--no-progress"]
+    for mode, extra in (("txt2img", []), ("img2img", ["--init", str(tmp_path / "init.png")])):
+        init_picture(SIZE).save(tmp_path / "init.png")
+        tiled, plain, again = (tmp_path / f"{mode}-{name}.png" for name in ("tiled", "plain", "again"))
+        assert run([mode, "a wall", "--tiling", "--out", str(tiled), *fast, *extra], capsys)[0] == 0
+        assert run([mode, "a wall", "--out", str(plain), *fast, *extra], capsys)[0] == 0
+        assert parse_parameters(read_parameters(tiled))["Tiling"] == "True"
+        assert "Tiling" not in parse_parameters(read_parameters(plain))
+        assert np.abs(pixels(tiled) - pixels(plain)).max() > 20
+        assert run([mode, "--from-png", str(tiled), "--out", str(again), *fast, *extra], capsys)[0] == 0
+        assert np.array_equal(pixels(again), pixels(tiled))
+        assert run([mode, "--from-png", str(tiled), "--no-tiling", "--out", str(again), *fast, *extra], capsys)[0] == 0
+        assert np.array_equal(pixels(again), pixels(plain))

@@ -72,6 +72,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--batch-count", type=int, default=1, metavar="N",
                        help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")
         p.add_argument("--clip-skip", type=int, help="A1111 clip skip: 1 = usual layer, 2 = one layer back")
+        p.add_argument("--tiling", action=argparse.BooleanOptionalAction,
+                       help="A1111's Tiling: a seamless picture, whose left edge continues its right edge and top "
+                            "edge its bottom (a texture that tiles); --no-tiling turns off a --from-png picture's")
         p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
         p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
                        help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
@@ -239,6 +242,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "height": args.height,
         "batch_size": args.batch,
         "clip_skip": args.clip_skip,
+        "tiling": getattr(args, "tiling", None),
         "eta": args.eta,
         "eta_noise_seed_delta": getattr(args, "ensd", None),
         "strength": getattr(args, "strength", None),
