@@ -366,6 +366,18 @@ def test_the_infotext_says_tiling_as_a1111_does_and_reads_it_back(tiny_sd1):
     assert from_parameters(parse_parameters(a1111))["tiling"] is True
 
 
+def test_the_a1111_apis_tiling_field_and_option_reach_the_request():
+    from sdlab.server.a1111 import Txt2ImgIn, _check_options, _request as a1111_request
+    from sdlab.server.inputs import BadRequest
+
+    assert a1111_request(Txt2ImgIn(prompt="x")).tiling is False
+    assert a1111_request(Txt2ImgIn(prompt="x", tiling=True)).tiling is True
+    assert a1111_request(Txt2ImgIn(prompt="x", tiling=None), options={"tiling": True}).tiling is True   # opts
+    assert a1111_request(Txt2ImgIn(prompt="x", override_settings={"tiling": True})).tiling is True
+    assert a1111_request(Txt2ImgIn(prompt="x", tiling=False), options={"tiling": True}).tiling is False
+    with pytest.raises(BadRequest, match="tiling"):
+        _check_options({"tiling": "yes"})
+
 
 def test_the_command_line_draws_records_and_redraws_a_tiling_picture(tmp_path, capsys):
     model = tmp_path / "tiny-sd1.safetensors"

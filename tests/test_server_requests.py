@@ -394,6 +394,29 @@ def test_options_echo_what_was_set_and_clip_skip_applies_to_later_generations(cl
         client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"})
 
 
+def test_tiling_reaches_the_picture_from_both_apis_and_the_option(client):
+    """A1111's `tiling` field, its `tiling` option (`POST options`, under the field) and the native field all
+    draw a tiling picture, recorded as A1111 records it (`Tiling: True`)."""
+    body = {"prompt": "a wall", "steps": 2, "seed": 3}
+
+    def a1111_infotext(**changes) -> str:
+        response = client.post("/sdapi/v1/txt2img", json={**body, **changes})
+        assert response.status_code == 200, response.text
+        return json.loads(response.json()["info"])["infotexts"][0]
+
+    assert "Tiling: True" in a1111_infotext(tiling=True) and "Tiling" not in a1111_infotext()
+    try:
+        assert client.post("/sdapi/v1/options", json={"tiling": True}).status_code == 200
+        assert "Tiling: True" in a1111_infotext() and "Tiling" not in a1111_infotext(tiling=False)
+        assert client.post("/sdapi/v1/options", json={"tiling": "yes"}).status_code == 422
+    finally:
+        client.post("/sdapi/v1/options", json={"tiling": False})
+    native = client.post("/api/jobs", json={**body, "tiling": True})
+    assert native.status_code == 202, native.text
+    job = wait_for_job(client, native.json()["id"])
+    assert job["status"] == "done" and "Tiling: True" in job["infotexts"][0] and job["request"]["tiling"] is True
+
+
 # ---------------------------------------------------------------- extras: A1111's Extras upscale
 
 

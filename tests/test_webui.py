@@ -227,7 +227,7 @@ def page(browser, base_url):
 
 def test_page_loads_with_labelled_controls_and_lists(page, base_url):
     for control in ("prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed",
-                    "width", "height", "batch_size", "clip_skip", "subseed", "subseed_strength", "hr_upscaler",
+                    "width", "height", "batch_size", "clip_skip", "tiling", "subseed", "subseed_strength", "hr_upscaler",
                     "hr_scale", "hr_width", "hr_height", "hr_steps", "hr_denoise", "lora", "lora-weight", "strength",
                     "init-image", "brush-size"):
         label = page.find_elements(By.CSS_SELECTOR, f'label[for="{control}"]')
@@ -421,9 +421,12 @@ def test_reuse_settings_from_the_gallery(page, base_url):
 def test_dropped_png_fills_the_form_from_its_parameters(page, base_url, tmp_path):
     parameters = ("a tiny cat face in the bottom right\nNegative prompt: lowres, (text:1.2)\n"
                   "Steps: 17, Sampler: Euler a, Schedule type: Karras, CFG scale: 6.5, Seed: 424242, "
-                  "Size: 64x32, Model: sdlab-tiny, Version: v1.10.0")
+                  "Size: 64x32, Model: sdlab-tiny, Tiling: True, Version: v1.10.0")
     drop_file(page, png_with_parameters(parameters), "from-a1111.png")
     wait(page, lambda d: value(d, "seed") == "424242", 20, "the dropped PNG did not fill the form")
+    assert page.find_element(By.ID, "tiling").is_selected()
+    assert page.execute_script("return collectRequest().tiling") is True
+    assert "Tiling" not in text(page, "notice")                         # it found its control
     assert value(page, "prompt") == "a tiny cat face in the bottom right"
     assert value(page, "negative_prompt") == "lowres, (text:1.2)"
     assert value(page, "steps") == "17"
@@ -440,6 +443,7 @@ def test_dropped_png_fills_the_form_from_its_parameters(page, base_url, tmp_path
     page.find_element(By.ID, "png-info-file").send_keys(str(path))
     wait(page, lambda d: value(d, "seed") == "5", 20)
     assert (value(page, "prompt"), value(page, "sampler"), value(page, "schedule")) == ("a blue moon", "DPM++ 2M", "karras")
+    assert not page.find_element(By.ID, "tiling").is_selected()       # drawn without Tiling
     assert value(page, "negative_prompt") == ""
 
     # a PNG without parameters: a clear message, the form unchanged

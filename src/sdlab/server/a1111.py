@@ -56,7 +56,7 @@ from sdlab.server.store import INTERRUPTED_ERROR
 router = APIRouter(prefix="/sdapi/v1")
 DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
 OPTION_DEFAULTS: dict[str, Any] = {
-    "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0,       # applied to every later generation
+    "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "tiling": False,   # applied to every later generation
     "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
@@ -93,6 +93,7 @@ class Txt2ImgIn(NullsAreDefaults):
     hr_resize_y: int = 0
     hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
+    tiling: bool | None = None              # None: the `tiling` option (A1111's opts.tiling), False by default
     denoising_strength: float | None = 0.75   # A1111's API default (StableDiffusionProcessing*); its UI's is 0.7
     send_images: bool = True
     override_settings: dict[str, Any] = Field(default_factory=dict)
@@ -135,7 +136,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = N
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size * body.n_iter, control_convention="a1111",
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
-        s_noise=body.s_noise, controls=controls, eta_noise_seed_delta=settings["eta_noise_seed_delta"], **extra,
+        s_noise=body.s_noise, controls=controls, eta_noise_seed_delta=settings["eta_noise_seed_delta"],
+        tiling=settings["tiling"] if body.tiling is None else body.tiling, **extra,
     )
 
 
@@ -305,6 +307,8 @@ def _check_options(body: dict[str, Any]) -> None:
         value = body.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise BadRequest(f"{key} must be an integer >= {least}, got {value!r}", 422)
+    if not isinstance(body.get("tiling", False), bool):
+        raise BadRequest(f"tiling must be true or false, got {body['tiling']!r}", 422)
     _check_vae(body.get("sd_vae", BUILTIN_VAE[0]), "sd_vae")
 
 
@@ -324,9 +328,9 @@ def get_options(request: Request) -> dict[str, Any]:
 @router.post("/options")
 def set_options(body: dict[str, Any], request: Request) -> None:
     """`sd_model_checkpoint` switches the model new jobs use (loaded by the worker before its next job);
-    `CLIP_stop_at_last_layers` and `eta_noise_seed_delta` apply to later generations (under a request's
-    `override_settings`); other options are remembered and echoed by GET but change nothing
-    (docs/server.md). Nothing is set when one value is refused."""
+    `CLIP_stop_at_last_layers`, `eta_noise_seed_delta` and `tiling` apply to later generations (under a
+    request's `override_settings` and, for `tiling`, its own field); other options are remembered and echoed
+    by GET but change nothing (docs/server.md). Nothing is set when one value is refused."""
     service = service_of(request)
     _check_options(body)
     if "sd_model_checkpoint" in body:

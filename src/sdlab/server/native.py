@@ -85,6 +85,7 @@ class JobIn(NullsAreDefaults):
     hr_upscaler: str | None = None
     hr_steps: int | None = None
     hr_denoise: float | None = None
+    tiling: bool = False                    # a seamless picture, whose edges wrap around (A1111's Tiling)
     preset: str | None = None               # few-step settings (pipeline/presets.py); the fields given win
     loras: list[LoraIn] = Field(default_factory=list)
     controls: list[ControlIn] = Field(default_factory=list)
@@ -131,7 +132,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
-        steps=body.steps,
+        steps=body.steps, tiling=body.tiling,
     )
     unset = unset_preset_fields({key for key in body.model_fields_set if getattr(body, key) is not None}, generation)
     if body.preset:                                     # over the model's preset (the worker applies that one)

@@ -23,6 +23,8 @@ const NUMBER_LABELS = {
   "CFG rescale": "guidance_rescale", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
   "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
 };
+// A1111 labels with a True / False value -> request fields
+const SWITCH_LABELS = { Tiling: "tiling" };
 const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler"]);
 // Labels that describe the file rather than the drawing, or follow from what the form sends ("Initial noise":
 // the schedule's own convention, which sdlab writes for some schedules)
@@ -415,6 +417,7 @@ function collectRequest() {
     height: numberField("height", { integer: true }),
     batch_size: numberField("batch_size", { integer: true }),
     clip_skip: numberOrDefault("clip_skip", { integer: true }),
+    tiling: $("tiling").checked,
     loras: state.loras.map((l) => ({ name: l.name, weight: Number(l.weight) })),
   };
   if ($("model").value) body.model = $("model").value;   // the checkpoint's title, as /sdapi/v1/sd-models names it
@@ -463,6 +466,7 @@ function fillForm(settings) {
   setField("batch_size", settings.batch_size);
   setField("mask_blur", settings.mask_blur);
   setField("clip_skip", settings.clip_skip);
+  $("tiling").checked = settings.tiling === true;          // settings without it were drawn without
   setSlider("strength", settings.strength);
   fillVariation(settings);
   if (usesHires(settings)) fillHires(settings, unknown);
@@ -502,6 +506,7 @@ function settingsFromParameters(p) {
   s.negative_prompt = String(p["Negative prompt"] ?? "");
   for (const [label, value] of Object.entries(p)) {
     if (label in NUMBER_LABELS && number(value) !== undefined) s[NUMBER_LABELS[label]] = number(value);
+    else if (label in SWITCH_LABELS) s[SWITCH_LABELS[label]] = String(value).toLowerCase() === "true";
     else if (!TEXT_LABELS.has(label) && !NOTHING_TO_APPLY.has(label) && NO_OP_VALUES[label] !== String(value)) {
       const text = `${label}: ${value}`;
       s.unread.push(text.length > 60 ? text.slice(0, 59) + "\u2026" : text);
