@@ -76,6 +76,15 @@ class Pipeline:
         self.embeddings = list(embeddings)
         self.skipped_embeddings = list(skipped_embeddings)
 
+    def with_refiner(self, refiner: ModelBundle | None, refiner_switch: float = 0.8,
+                     refiner_convention: str = "diffusers") -> Pipeline:
+        """This pipeline's model (its embeddings, LoRA folders) with `refiner` taking over after
+        `refiner_switch` by `refiner_convention` (`__init__`), or with no refiner (None)."""
+        pipe = Pipeline(self.bundle, refiner, refiner_switch, self.embeddings, self.skipped_embeddings,
+                        refiner_convention)
+        pipe.lora_dirs = list(self.lora_dirs)
+        return pipe
+
     def embeddings_used(self, request: GenerationRequest) -> list[Embedding]:
         """The installed embeddings whose words occur in the text encoded for the request: the prompt without
         its `<lora:...>` tags (A1111 takes them out before encoding) and the negative prompt (whose tags
@@ -286,12 +295,17 @@ def load(
         bundle = replace(bundle, preset=next(filter(None, (lora_preset(p) for p, _, _ in lora_files)), None))
     found = find_embeddings(embeddings, bundle)
     bundle = install_embeddings(bundle, found.loaded)
-    refined = None if refiner is None else load_bundle(Path(refiner), device=device, dtype=bundle.dtype)
-    if refined is not None:
-        refined = install_embeddings(refined, found.loaded, partial=True)
+    refined = None if refiner is None else load_refiner(refiner, bundle, found.loaded)
     for loaded in (bundle, refined) if compile else ():
         if loaded is not None:
             compile_module(loaded.unet)
     pipe = Pipeline(bundle, refined, refiner_switch, found.loaded, found.skipped, refiner_convention)
     pipe.lora_dirs = [Path(d) for d in (default_lora_dirs(path) if lora_dirs is None else lora_dirs)]
     return pipe
+
+
+def load_refiner(path: str | os.PathLike[str], base: ModelBundle, embeddings: Sequence[Embedding] = ()) -> ModelBundle:
+    """An SDXL refiner checkpoint loaded to go with `base`: on its device, in its dtype, with those of the
+    base's textual-inversion `embeddings` that have vectors for the refiner's text encoder."""
+    refiner = load_bundle(Path(path), device=base.device, dtype=base.dtype)
+    return install_embeddings(refiner, embeddings, partial=True)

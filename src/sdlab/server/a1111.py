@@ -42,8 +42,8 @@ from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, upscale_b
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
-    decode_image, fit_mask, load_upscaler_file, sampler_and_schedule, scheduler_rows, unset_preset_fields,
-    upscaler_file,
+    decode_image, fit_mask, load_upscaler_file, refiner_choice, sampler_and_schedule, scheduler_rows,
+    unset_preset_fields, upscaler_file,
 )
 from sdlab.server.jobs import Job, Unavailable, image_seeds
 from sdlab.server.model_folders import ModelFile
@@ -62,6 +62,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
 FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format")
 """Options `GET options` reads from the server (the model new jobs get, PNG files), never stored."""
+REFINER_SWITCH = 0.8            # A1111's UI default of `refiner_switch_at` (its API has none: refiner from the start)
 BUILTIN_VAE = ("Automatic", "None")
 """A1111's `sd_vae` choices that keep the checkpoint's own VAE; this server has no separate VAE files."""
 
@@ -94,6 +95,8 @@ class Txt2ImgIn(NullsAreDefaults):
     hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
     tiling: bool | None = None              # None: the `tiling` option (A1111's opts.tiling), False by default
+    refiner_checkpoint: str | None = None   # a model of `sd-models` that finishes the schedule; "None": none
+    refiner_switch_at: float | None = None  # the fraction drawn before it (A1111's `apply_refiner`); unset: 0.8
     denoising_strength: float | None = 0.75   # A1111's API default (StableDiffusionProcessing*); its UI's is 0.7
     send_images: bool = True
     override_settings: dict[str, Any] = Field(default_factory=dict)
@@ -152,8 +155,10 @@ def _given(body: Txt2ImgIn) -> set[str]:
 
 async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
     model = body.override_settings.get("sd_model_checkpoint")
+    switch_at = REFINER_SWITCH if body.refiner_switch_at is None else body.refiner_switch_at
     spec = JobSpec(request, model_preset_fills=unset_preset_fields(_given(body), request),
-                   unset_schedule=a1111_schedule(request.sampler, None))
+                   unset_schedule=a1111_schedule(request.sampler, None),
+                   refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
     job, _ = service.submit(spec, mode, model, hr_steps_name="hr_second_pass_steps")
     await _until_finished(job)
     if job.status == "interrupted":
@@ -169,7 +174,18 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
         echo["init_images"], echo["mask"] = None, None
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
-    return {"images": images, "parameters": echo, "info": json.dumps(_info(job, body, name))}
+    extra = _refiner_parameters(service, job.settings)
+    return {"images": images, "parameters": echo, "info": json.dumps(_info(job, body, name, extra))}
+
+
+def _refiner_parameters(service: Service, settings: dict[str, Any]) -> dict[str, Any]:
+    """A1111's `extra_generation_params` of a job's refiner (`apply_refiner`): `Refiner` (name [hash]) and
+    `Refiner switch at`; none without one."""
+    refiner = service.registry.find(settings["refiner"]) if settings.get("refiner") else None
+    if refiner is None:
+        return {}
+    name = refiner.infotext_name + (f" [{refiner.hash}]" if refiner.hash else "")
+    return {"Refiner": name, "Refiner switch at": settings["refiner_switch"]}
 
 
 async def _until_finished(job: Job) -> None:
@@ -195,8 +211,8 @@ def _without_images(scripts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _info(job: Job, body: Txt2ImgIn, model_name: str) -> dict[str, Any]:
-    """A1111's `Processed.js()` fields."""
+def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A1111's `Processed.js()` fields; `extra`: more of its `extra_generation_params`."""
     s = job.settings
     count = len(job.seeds) or max(1, s.get("batch_size") or 1)
     # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
@@ -217,7 +233,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str) -> dict[str, Any]:
         "sd_model_name": model_name, "sd_model_hash": _hash_of_title(job.model),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": s.get("strength") if job.mode != "txt2img" else None,
-        "extra_generation_params": {"Schedule type": a1111_label(s.get("schedule"))},
+        "extra_generation_params": {"Schedule type": a1111_label(s.get("schedule")), **(extra or {})},
         "index_of_first_image": 0, "infotexts": job.infotexts, "styles": [], "job_timestamp": _stamp(job.created),
         "clip_skip": s.get("clip_skip", 1), "is_using_inpainting_conditioning": False, "version": version_label(),
         "interrupted": job.status == "cancelled",

@@ -29,7 +29,10 @@ from sdlab.pipeline.images import mask_levels
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
-from sdlab.pipeline.request import SIZE_MULTIPLE, GenerationRequest, RequestError, requested_size, resolve
+from sdlab.pipeline.plan import check_refiner_convention
+from sdlab.pipeline.request import (
+    SIZE_MULTIPLE, GenerationRequest, RequestError, check_refiner_switch, requested_size, resolve,
+)
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 from sdlab.server.config import Limits
 from sdlab.server.model_folders import ModelFile, ModelFolder
@@ -53,18 +56,46 @@ class LoraChoice:
 
 
 @dataclass(frozen=True)
+class RefinerChoice:
+    """An SDXL refiner a job names: a checkpoint of the server's list, the fraction of the schedule the base
+    model runs first and the rule that picks the handoff step from it (`plan.handoff_index`)."""
+    name: str
+    switch_at: float = 0.8
+    convention: str = "diffusers"
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """One generation as the worker runs it: the request (seed fixed), the model and the LoRAs by name."""
 
     request: GenerationRequest
     model: str | None = None                 # a registry name; None = the server's current model
     loras: tuple[LoraChoice, ...] = ()
+    refiner: RefinerChoice | None = None     # finishes the schedule (its name: the checkpoint's title once queued)
     prompt_to_record: str | None = None      # the prompt as written, LoRA tags included
     extra: dict[str, Any] = field(default_factory=dict)   # route-specific data (A1111's echo)
     model_preset_fills: frozenset[str] = frozenset()      # the fields the model's preset fills (if it names
                                                           # one): unset by the client and by an explicit preset
     unset_schedule: str | None = None        # a schedule still unset after the model's preset: A1111's
                                              # "Automatic" for the sampler on its routes; None: the family's
+
+
+NO_REFINER = ("", "None", "none")      # A1111's names of no refiner (`process_images_inner`)
+
+
+def refiner_choice(name: object, switch_at: object, convention: str, switch_field: str) -> RefinerChoice | None:
+    """The refiner a request names (None for none: null or `NO_REFINER`), its switch fraction checked (a 422
+    naming the route's `switch_field` outside (0, 1)); the name is looked up when the job is queued."""
+    if name is None or name in NO_REFINER:
+        return None
+    if not isinstance(name, str):
+        raise BadRequest(f"the refiner must be a model name, got {name!r}", 422)
+    if isinstance(switch_at, bool) or not isinstance(switch_at, (int, float)):
+        raise BadRequest(f"{switch_field} must be a number, got {switch_at!r}", 422)
+    try:
+        return RefinerChoice(name, check_refiner_switch(switch_at, switch_field), check_refiner_convention(convention))
+    except RequestError as err:
+        raise BadRequest(str(err), 422) from None
 
 
 PRESET_FIELDS = frozenset(key for preset in PRESETS.values() for mode in ("txt2img", "img2img")

@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
-    BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_image, fit_mask, schedule_name, unset_preset_fields,
-    with_preset,
+    BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_image, fit_mask, refiner_choice, schedule_name,
+    unset_preset_fields, with_preset,
 )
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
 from sdlab.server.previews import jpeg_data_url
@@ -86,6 +86,9 @@ class JobIn(NullsAreDefaults):
     hr_steps: int | None = None
     hr_denoise: float | None = None
     tiling: bool = False                    # a seamless picture, whose edges wrap around (A1111's Tiling)
+    refiner: str | None = None              # an SDXL refiner (a model's title or name) that finishes the schedule
+    refiner_switch: float = 0.8             # ... after this fraction of it drawn by `model`
+    refiner_convention: str = "diffusers"   # ... at the step diffusers' denoising_end picks, or "a1111"'s
     preset: str | None = None               # few-step settings (pipeline/presets.py); the fields given win
     loras: list[LoraIn] = Field(default_factory=list)
     controls: list[ControlIn] = Field(default_factory=list)
@@ -142,7 +145,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
             raise BadRequest(str(err), 422) from None
         unset = frozenset()
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras),
-                   model_preset_fills=unset)
+                   model_preset_fills=unset,
+                   refiner=refiner_choice(body.refiner, body.refiner_switch, body.refiner_convention, "refiner_switch"))
     job, position = service.submit(spec, body.mode, body.model)
     return {"id": job.id, "status": job.status, "position": position}
 

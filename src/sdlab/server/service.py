@@ -10,9 +10,11 @@ from typing import Any
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.control import DEFAULT_RESIZE, ControlInput
 from sdlab.pipeline.infotext import split_lora_tags
-from sdlab.pipeline.request import RequestError, fixed_seed
+from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.server.config import ServerConfig
-from sdlab.server.inputs import BadRequest, JobSpec, LoraChoice, check_request, upscaler_file, with_preset
+from sdlab.server.inputs import (
+    BadRequest, JobSpec, LoraChoice, RefinerChoice, check_request, upscaler_file, with_preset,
+)
 from sdlab.server.jobs import Job, JobQueue
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.registry import Checkpoint, ModelRegistry
@@ -45,23 +47,39 @@ class Service:
         self.queue.stop()
         self.store.close()
 
-    def checkpoint(self, name: str | None) -> Checkpoint:
-        """The checkpoint a request names (None: the selected one); `BadRequest` (404) for an unknown one."""
+    def checkpoint(self, name: str | None, what: str = "model") -> Checkpoint:
+        """The checkpoint a request names (None: the selected one); `BadRequest` (404) for an unknown one,
+        calling it `what`."""
         if name is None or name == "":
             return self.host.selected
         if not isinstance(name, str):
-            raise BadRequest(f"model must be a name, got {name!r}", 422)
+            raise BadRequest(f"{what} must be a name, got {name!r}", 422)
         found = self.registry.find(name)
         if found is None:
             titles = ", ".join(c.title for c in self.registry.checkpoints)
-            raise BadRequest(f"unknown model {name!r}; this server has: {titles}", 404, "Model not found")
+            raise BadRequest(f"unknown {what} {name!r}; this server has: {titles}", 404, "Model not found")
         return found
+
+    def refiner(self, choice: RefinerChoice | None, checkpoint: Checkpoint,
+                request: GenerationRequest) -> RefinerChoice | None:
+        """The refiner a job names, by the title of its checkpoint (a 404 for one not in the list); None for none
+        or for the job's own model (A1111's `apply_refiner` does not switch to the model already drawing). The
+        hires fix does not run with a refiner (a 400)."""
+        if choice is None:
+            return None
+        found = self.checkpoint(choice.name, "refiner")
+        if found == checkpoint:
+            return None
+        if request.hires:
+            raise BadRequest("the hires fix does not run with an SDXL refiner; leave one of them out")
+        return replace(choice, name=found.title)
 
     def submit(self, spec: JobSpec, mode: str, model: str | None, hr_steps_name: str = "hr_steps") -> tuple[Job, int]:
         """Check and queue a generation: the seed fixed, LoRA tags of the prompt taken out and looked up
         (`hr_steps_name`: what the route calls the hires pass's step count, for its error message)."""
         checkpoint = self.checkpoint(model)
         request = spec.request
+        refiner = self.refiner(spec.refiner, checkpoint, request)
         if not isinstance(request.prompt, str):
             raise BadRequest("prompt must be text", 422)
         try:
@@ -87,10 +105,13 @@ class Service:
                                 upscaler=upscaler_file(request.hr_upscaler, self.upscalers))
         applied = {choice.name: choice.weight for choice in loras}
         as_written = all(applied.get(tag.name) == tag.weight for tag in tags)     # as `sdlab txt2img` records
-        spec = replace(spec, request=request, loras=tuple(loras),
+        spec = replace(spec, request=request, loras=tuple(loras), refiner=refiner,
                        prompt_to_record=spec.request.prompt if as_written else bare)
         settings = {"mode": mode, "model": checkpoint.title,
                     "loras": [{"name": c.name, "weight": c.weight} for c in loras], **request.parameters()}
+        if refiner is not None:
+            settings.update(refiner=refiner.name, refiner_switch=refiner.switch_at,
+                            refiner_convention=refiner.convention)
         if request.controls:
             settings["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
         return self.queue.submit(spec, mode, checkpoint.title, settings)

@@ -3,9 +3,10 @@ per-step previews and cancellation, and write the pictures as `sdlab txt2img` wr
 a client left unset come from the preset the model names, if any, then from the model's family
 (`_take_model_defaults`).
 
-`ModelHost` keeps one model loaded (the worker thread alone touches it). A job with another checkpoint
-or another set of LoRAs reloads it: LoRAs are merged into the weights, so a different set needs fresh
-weights. A hires upscaler named from `--upscalers-dir` is read from its file for the run only; the job
+`ModelHost` keeps one model loaded (the worker thread alone touches it), and the SDXL refiner of the
+job's pair beside it. A job with another checkpoint or another set of LoRAs reloads it: LoRAs are merged
+into the weights, so a different set needs fresh weights. A job with another refiner, or none, lets the
+held one go first, so at most a base model and a refiner are in memory. A hires upscaler named from `--upscalers-dir` is read from its file for the run only; the job
 and the pictures name it as the server lists it. The pictures carry the same `parameters` text as the
 CLI's (model name and hash, LoRA tags and hashes), are written all or nothing, and are named
 `<job id>-<index>.png` in `<output>/images/`.
@@ -19,18 +20,18 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sdlab.api import Pipeline, load
+from sdlab.api import Pipeline, load, load_refiner
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn
-from sdlab.pipeline.infotext import LoraRef, to_parameters
+from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
 from sdlab.server.config import Limits
 from sdlab.server.inputs import (
-    HIRES_UPSCALER, BadRequest, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
+    HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
     without_paths,
 )
 from sdlab.server.jobs import Job, JobCancelled, steps_of
@@ -52,6 +53,8 @@ class ModelHost:
         self.selected: Checkpoint = registry.default
         self._key: tuple | None = None
         self.pipe: Pipeline | None = None
+        self._refiner_key: tuple | None = None
+        self._refiner: ModelBundle | None = None
         self.previewer: LatentPreviewer | None = None
         self.loading = threading.Event()
         self.timings: dict[str, float] = {}
@@ -68,12 +71,19 @@ class ModelHost:
         key, pipe = self._key, self.pipe                 # `pipeline` clears the key while it loads another
         return pipe.bundle.preset if pipe is not None and key == (checkpoint.path, ()) else None
 
-    def pipeline(self, checkpoint: Checkpoint, loras: tuple[tuple[Path, float], ...] = ()) -> Pipeline:
+    def pipeline(self, checkpoint: Checkpoint, loras: tuple[tuple[Path, float], ...] = (),
+                 refiner: Checkpoint | None = None, switch_at: float = 0.8, convention: str = "diffusers") -> Pipeline:
+        """The pipeline of `checkpoint` with `loras` merged and, with an SDXL `refiner`, that model loaded
+        beside it, taking over after `switch_at` by `convention` (`Pipeline.with_refiner`). What is loaded
+        stays while later jobs name the same; a model the job does not name is let go before another is
+        loaded, so at most a base model and a refiner are held."""
         key = (checkpoint.path, loras)
         if key != self._key or self.pipe is None:
             self.loading.set()
             try:
                 self.pipe, self._key = None, None
+                if refiner is None:
+                    self._refiner = None
                 started = time.perf_counter()
                 pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras],
                             embeddings=self.embeddings)
@@ -82,7 +92,23 @@ class ModelHost:
                 self.timings["load_s"] = time.perf_counter() - started
             finally:
                 self.loading.clear()
-        return self.pipe
+        refined = self._loaded_refiner(refiner, self.pipe)
+        return self.pipe if refined is None else self.pipe.with_refiner(refined, switch_at, convention)
+
+    def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline) -> ModelBundle | None:
+        """The bundle of `refiner` for `base` (its device, dtype and embeddings: `load_refiner`), loaded unless
+        it is held already; None (and nothing held) without one."""
+        key = None if refiner is None else (refiner.path, base.bundle.device, base.bundle.dtype)
+        if key != self._refiner_key or (refiner is not None and self._refiner is None):
+            self._refiner, self._refiner_key = None, None
+            if refiner is not None:
+                self.loading.set()
+                try:
+                    self._refiner = load_refiner(refiner.path, base.bundle, base.embeddings)
+                    self._refiner_key = key
+                finally:
+                    self.loading.clear()
+        return self._refiner
 
 
 class Runner:
@@ -115,14 +141,15 @@ class Runner:
                 raise RequestError(f"the LoRA {choice.name!r} is no longer in the models folder")
             loras.append((lora.path, choice.weight))
             refs.append(LoraRef(lora.name, choice.weight, lora.hash))
+        choice = job.spec.refiner
+        refiner = None if choice is None else registry.find(choice.name)
+        if choice is not None and refiner is None:
+            raise RequestError(f"the refiner {choice.name!r} is no longer in the models folder")
+        handoff = () if choice is None else (choice.switch_at, choice.convention)
         try:
-            pipe = self.host.pipeline(checkpoint, tuple(loras))
+            pipe = self.host.pipeline(checkpoint, tuple(loras), refiner, *handoff)
         except CheckpointError as err:      # a file the client chose: its error, without the server's paths
-            names = [(checkpoint.path, checkpoint.title)] + [(path, f"LoRA {path.name}") for path, _ in loras]
-            named = ", ".join(repr(c.name) for c in job.spec.loras)
-            what = f"the model {checkpoint.title!r}" + (f" with the LoRAs {named}" if loras else "")
-            reason = without_paths(str(err), names).removeprefix(f"{checkpoint.title}: ")
-            raise RequestError(f"{what} cannot be loaded: {reason}") from None
+            raise RequestError(_load_error(err, checkpoint, loras, job.spec.loras, refiner)) from None
         previewer = self.host.previewer
         _take_model_defaults(job, pipe.bundle)
         upscaler = self._hires_upscaler(job.spec.request, pipe.bundle)
@@ -141,7 +168,8 @@ class Runner:
         used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)]
         texts = [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
                                                  model_hash=checkpoint.hash, loras=refs,
-                                                 prompt=job.spec.prompt_to_record, embeddings=used))
+                                                 prompt=job.spec.prompt_to_record, embeddings=used,
+                                                 refiner=_refiner_ref(refiner, choice)))
                  for i in range(len(result.images))]
         blobs = [encode_image(image, "PNG", text) for image, text in zip(result.images, texts)]
         names = [f"{job.id}-{i}.png" for i in range(len(blobs))]
@@ -163,6 +191,26 @@ class Runner:
             return HiresUpscaler(upscaler, load_upscaler_file(upscaler, HIRES_UPSCALER, bundle.device, bundle.dtype))
         except BadRequest as err:
             raise RequestError(str(err)) from None
+
+
+def _refiner_ref(refiner: Checkpoint | None, choice: RefinerChoice | None) -> RefinerRef | None:
+    """The refiner as the pictures' parameters name it (A1111's `Refiner: name [hash]`, `Refiner switch at`)."""
+    if refiner is None or choice is None:
+        return None
+    return RefinerRef(refiner.infotext_name, refiner.hash, choice.switch_at, choice.convention)
+
+
+def _load_error(err: CheckpointError, checkpoint: Checkpoint, loras: list[tuple[Path, float]],
+                choices: tuple[LoraChoice, ...], refiner: Checkpoint | None) -> str:
+    """Why a job's model (with its LoRAs) or its refiner cannot be loaded, naming them by title, not path."""
+    if refiner is not None and str(refiner.path) in str(err):
+        reason = without_paths(str(err), [(refiner.path, refiner.title)]).removeprefix(f"{refiner.title}: ")
+        return f"the refiner {refiner.title!r} cannot be loaded: {reason}"
+    names = [(checkpoint.path, checkpoint.title)] + [(path, f"LoRA {path.name}") for path, _ in loras]
+    named = ", ".join(repr(c.name) for c in choices)
+    what = f"the model {checkpoint.title!r}" + (f" with the LoRAs {named}" if loras else "")
+    reason = without_paths(str(err), names).removeprefix(f"{checkpoint.title}: ")
+    return f"{what} cannot be loaded: {reason}"
 
 
 @dataclass(frozen=True)
