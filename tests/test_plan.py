@@ -65,14 +65,15 @@ class _Counter:
 
 @pytest.fixture()
 def counted(monkeypatch):
-    """Counters on every lookup a run could repeat: sampler, schedule build, free memory, mask blur."""
+    """Counters on every lookup a run could repeat: sampler, schedule build, free memory, the init picture
+    (resized, its mask blurred)."""
     counters = {
         "get_sampler": _Counter(plan_module.get_sampler),
         "available_bytes": _Counter(plan_module.available_bytes),
-        "blur_mask": _Counter(plan_module.blur_mask),
+        "init_picture": _Counter(plan_module.init_picture),
         "build": _Counter(ScheduleSpec.build),
     }
-    for name in ("get_sampler", "available_bytes", "blur_mask"):
+    for name in ("get_sampler", "available_bytes", "init_picture"):
         monkeypatch.setattr(plan_module, name, counters[name])
     monkeypatch.setattr(ScheduleSpec, "build", lambda self: counters["build"](self))
     return counters
@@ -109,13 +110,13 @@ def test_img2img_plan_holds_the_tail_and_inpaint_the_blurred_mask(bundles):
 
 @pytest.mark.parametrize("mode", ["txt2img", "img2img", "inpaint"])
 def test_running_a_plan_resolves_nothing_again(bundles, counted, mode):
-    """One sampler lookup, one schedule build, one memory reading and one blur per run, all in the plan."""
+    """One sampler lookup, one schedule build, one memory reading and one init picture per run, all in the plan."""
     extra = {"img2img": dict(init_image=_picture(), strength=0.6),
              "inpaint": dict(init_image=_picture(), mask_image=_mask(), mask_blur=1.5)}.get(mode, {})
     pipe = Pipeline(bundles["sd1"])
     plan = pipe.resolve(_request(**extra))
     made = {name: counter.calls for name, counter in counted.items()}
-    assert made == {"get_sampler": 1, "available_bytes": 1, "blur_mask": int(mode == "inpaint"), "build": 1}
+    assert made == {"get_sampler": 1, "available_bytes": 1, "init_picture": int(mode != "txt2img"), "build": 1}
     result = pipe.run(plan)
     assert {name: counter.calls for name, counter in counted.items()} == made      # nothing resolved again
     assert result.request is plan.request

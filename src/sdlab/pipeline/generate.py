@@ -8,6 +8,9 @@
             -> sampler -> latent -> VAE decode (tiled for large images) -> PIL images
             [-> inpainting: the original pasted back outside the blurred mask (A1111; pipeline/overlay.py)]
 
+The init picture and mask come from the plan as A1111 prepares them (`pipeline/init_picture.py`: resized by the
+resize mode, or the mask's region for Inpaint area "Only masked", filled by Masked content).
+
 Before any network runs, the request is resolved once into a `GenerationPlan` (`pipeline/plan.py`: the
 resolved request, sampler row, model sampling, sigmas, sizes, blurred mask, refiner split), which checks it
 against the model(s) (clip skip, memory); the loop only reads the plan. While sampling, every denoiser input
@@ -80,7 +83,8 @@ from sdlab.pipeline.images import (
     pil_to_tensor,
     tensor_to_pil,
 )
-from sdlab.pipeline.overlay import overlay_weight, paste_back
+from sdlab.pipeline.masked_content import masked_latent
+from sdlab.pipeline.overlay import apply_overlay
 from sdlab.pipeline.plan import (
     GenerationPlan,
     handoff_index,
@@ -91,6 +95,7 @@ from sdlab.pipeline.plan import (
 )
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
 from sdlab.pipeline.tiling import decode_tiled, encode_tiled, should_tile
+from sdlab.pipeline.upscale import upscale_latent
 
 logger = logging.getLogger(__name__)
 
@@ -151,7 +156,8 @@ def tiling_padding(req: GenerationRequest, *bundles: ModelBundle) -> AbstractCon
 
 
 def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> list[Image.Image]:
-    """Decode, check, and for inpainting paste the original back outside the mask (A1111's overlay)."""
+    """Decode, check, and for inpainting paste the original back outside the mask (A1111's overlay; for
+    Inpaint area "Only masked" the pictures go back into their region of the original first)."""
     req = plan.request
     images = decode_latents(bundle, latents, tiled=req.tiled_vae)                         # (B, 3, H, W)
     if not torch.isfinite(images).all():
@@ -160,9 +166,8 @@ def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> lis
             "no picture was made"
         )
     pictures = tensor_to_pil(images)
-    if plan.mask is not None and req.paste_back:
-        original = req.init_image.convert("RGB").resize((req.width, req.height), Image.Resampling.LANCZOS)
-        pictures = paste_back(pictures, original, overlay_weight(plan.mask))
+    if plan.picture is not None and plan.picture.overlay is not None and req.paste_back:
+        pictures = apply_overlay(pictures, plan.picture.overlay)
     return pictures
 
 
@@ -283,7 +288,7 @@ class _Start:
 
     x: Tensor                        # (B, 4, h, w) the sampler's x at sigmas[0]
     noise: Tensor                    # (B, 4, h, w) the unit noise in x
-    pixels: Tensor | None            # (1, 3, H, W) init image in [-1, 1]
+    pixels: Tensor | None            # (1, 3, H, W) init picture in [-1, 1] (`plan.picture`)
     image_latent: Tensor | None      # (B, 4, h, w) the init image's posterior samples (means), when encoded
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
     from_noise: bool = False         # x is pure noise (no init latent in it)
@@ -299,8 +304,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     device, req, sigmas = bundle.device, plan.request, plan.sigmas
     pixels = mask = None
     image_latent = None if init_latent is None else init_latent.to(device, torch.float32)  # (B, C, h, w)
-    if req.init_image is not None:
-        pixels = pil_to_tensor(req.init_image, size=(req.width, req.height)).to(device)       # (1, 3, H, W)
+    if plan.picture is not None:
+        pixels = pil_to_tensor(plan.picture.image).to(device)            # (1, 3, H, W); "latent" mode: its own size
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
     from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0
@@ -309,8 +314,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     # diffusers' prepare_latents samples the posterior, then the noise; under A1111's convention nothing is
     # drawn for the posterior, so the noise is each seed's first draw (`sample`: x = self.rng.next())
     if pixels is not None and (not from_noise or blends):
-        image_latent = encode_image(bundle, pixels, _posterior_generators(req, generators), tiled=req.tiled_vae)
-        image_latent = image_latent.expand(req.batch_size, -1, -1, -1)                      # (B, 4, h, w)
+        image_latent = _init_latent(bundle, plan, pixels, mask, generators)                 # (B, 4, h, w)
     noise = _initial_noise(plan, generators, device)                                        # (B, 4, h, w)
     if mask is not None and not bundle.family.is_inpaint and req.img2img_convention == "diffusers":
         _draw_unread_masked_image_sample(plan, generators)
@@ -319,6 +323,22 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, from_noise=from_noise)
+
+
+def _init_latent(bundle: ModelBundle, plan: GenerationPlan, pixels: Tensor, mask: Tensor | None,
+                 generators: list[torch.Generator]) -> Tensor:
+    """The init picture's latent (B, 4, h, w): `pixels` (1, 3, H, W) encoded (`encode_image`), interpolated to
+    the latent size for the "latent" resize mode (A1111: bilinear, its "Latent" upscaler), then with the
+    repainted area of `mask` (1, 1, H, W) as Masked content asks (`masked_latent`)."""
+    req = plan.request
+    latent = encode_image(bundle, pixels, _posterior_generators(req, generators), tiled=req.tiled_vae)
+    latent = latent.expand(req.batch_size, -1, -1, -1)                                      # (B, 4, h', w')
+    if req.resize_mode == "latent":
+        latent = upscale_latent(latent, *plan.latent_shape[-2:])                            # (B, 4, h, w)
+    if mask is None:
+        return latent
+    repaint = latent_mask(mask, bundle.vae_config.downsample_factor).to(latent)              # (1, 1, h, w)
+    return masked_latent(latent, repaint, req.inpaint_fill, req.seeds())
 
 
 def _draw_unread_masked_image_sample(plan: GenerationPlan, generators: list[torch.Generator]) -> None:

@@ -41,6 +41,8 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "ENSD": ("eta_noise_seed_delta", int),
     "CFG rescale": ("guidance_rescale", float),
     "Mask blur": ("mask_blur", float),
+    "Masked content": ("inpaint_fill", str),
+    "Masked area padding": ("inpaint_padding", int),
     "Initial noise": ("init_noise", str),
     "Img2img steps": ("img2img_convention", str),
     "Control steps": ("control_convention", str),
@@ -144,6 +146,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "ENSD": req.eta_noise_seed_delta or None,
         "CFG rescale": req.guidance_rescale or None,
         "Mask blur": req.mask_blur or None,
+        **_inpaint_parameters(req),
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
@@ -158,6 +161,19 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Version": version_label(),
     }
     return p
+
+
+def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
+    """A1111's inpainting labels (`StableDiffusionProcessingImg2Img.init`): Masked content unless it is
+    "original", Inpaint area "Only masked" with its Masked area padding (A1111 writes no "Whole picture" and
+    no resize mode)."""
+    if req.mask_image is None:
+        return {}
+    return {
+        "Inpaint area": "Only masked" if req.inpaint_only_masked else None,
+        "Masked area padding": req.inpaint_padding if req.inpaint_only_masked else None,
+        "Masked content": None if req.inpaint_fill == "original" else req.inpaint_fill,
+    }
 
 
 def _hires_parameters(req: GenerationRequest) -> dict[str, Any]:
@@ -199,6 +215,8 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         if min(width, height) <= 0:
             raise ValueError(f"the PNG's Size value {p['Size']!r} is not a positive WIDTHxHEIGHT")
         fields["width"], fields["height"] = width, height
+    if "Inpaint area" in p:
+        fields["inpaint_only_masked"] = _only_masked(p["Inpaint area"])
     if "Hires resize" in p:
         try:
             fields["hr_width"], fields["hr_height"] = (int(v) for v in str(p["Hires resize"]).lower().split("x"))
@@ -238,6 +256,14 @@ def refiner_handoff(p: dict[str, Any]) -> tuple[float | None, str]:
         return float(p["Refiner switch at"]), convention
     except (TypeError, ValueError):
         raise ValueError(f"the PNG's 'Refiner switch at' value {p['Refiner switch at']!r} is not a number") from None
+
+
+def _only_masked(area: Any) -> bool:
+    """A1111's Inpaint area label ("Only masked" / "Whole picture") as `inpaint_only_masked`."""
+    areas = {"only masked": True, "whole picture": False}
+    if str(area).strip().lower() not in areas:
+        raise ValueError(f"the PNG's 'Inpaint area' value {area!r} is not 'Only masked' or 'Whole picture'")
+    return areas[str(area).strip().lower()]
 
 
 def _as_a1111_ran(fields: dict[str, Any]) -> None:

@@ -6,7 +6,8 @@ A1111 (``processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_
    > 128 is white; any other keeps its grey levels) is blurred with a Gaussian of standard deviation
    ``mask_blur`` pixels, kernel ``2 * int(2.5 * mask_blur + 0.5) + 1`` taps, separately along x and y
    (``cv2.GaussianBlur``; borders reflect without repeating the edge pixel, cv2's default);
-2. the blurred mask ``m`` (0..255) is resized to the picture (Lanczos);
+2. the blurred mask ``m`` (0..255) is resized to the picture by the img2img resize mode (Lanczos for the
+   default "Just resize"; ``pipeline/init_picture.py``);
 3. sampling repaints where ``m >= 128`` (A1111 rounds the latent-sized mask; sdlab thresholds at pixel
    size and shrinks with nearest neighbour, as diffusers does);
 4. after decoding, the original is composited over the result with alpha ``1 - w``, where
@@ -14,11 +15,17 @@ A1111 (``processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_
    Outside the blurred mask (``w = 0``) every pixel is the original's, exactly; well inside (``w = 1``)
    every pixel is the decoded picture's; the blur's ramp blends the two.
 
+Inpaint area "Only masked" (``Overlay.region``): the picture drawn for the region is first resized into
+it by "Crop and resize" (``uncrop``), and the weight is the blurred mask itself at the picture's size
+(A1111's ``mask_for_overlay`` there is not doubled), so the ramp blends over the whole blur.
+
 diffusers' inpainting pipelines return the decoded picture without step 4 (``paste_back=False`` in a
 `GenerationRequest` gives that; their ``VaeImageProcessor.apply_overlay`` is step 4 without the doubling).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,8 +33,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdlab.pipeline.images import mask_levels
+from sdlab.pipeline.upscale import resize_image
 
-__all__ = ["blur_mask", "gaussian_kernel", "overlay_weight", "paste_back"]
+__all__ = ["Overlay", "apply_overlay", "blur_mask", "blurred_mask", "gaussian_kernel", "mask_tensor", "overlay_weight",
+           "paste_back"]
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -38,12 +47,9 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return taps / taps.sum()
 
 
-def blur_mask(mask_image: Image.Image, sigma: float, size: tuple[int, int]) -> torch.Tensor:
-    """A1111's inpainting mask: its levels (``mask_levels``), Gaussian-blurred by ``sigma`` pixels, resized to
-    ``size=(W, H)``.
-
-    Returns float32 (1, 1, H, W) in [0, 1], quantised to 1/255 as the uint8 image A1111 keeps; 1 = repaint.
-    """
+def blurred_mask(mask_image: Image.Image, sigma: float) -> Image.Image:
+    """A1111's inpainting mask at its own size: its levels (``mask_levels``), Gaussian-blurred by ``sigma``
+    pixels; a uint8 "L" image, white = repaint."""
     mask = mask_levels(mask_image)
     if sigma > 0:
         pixels = torch.from_numpy(np.asarray(mask, dtype=np.float64))[None, None]       # (1, 1, h, w)
@@ -51,9 +57,23 @@ def blur_mask(mask_image: Image.Image, sigma: float, size: tuple[int, int]) -> t
         for axis in (-1, -2):                                    # x, then y
             pixels = _convolve(pixels, kernel, axis)
         mask = Image.fromarray(pixels[0, 0].round().clamp(0, 255).to(torch.uint8).numpy())
+    return mask
+
+
+def mask_tensor(mask: Image.Image) -> torch.Tensor:
+    """A uint8 mask picture as float32 (1, 1, H, W) in [0, 1], 1 = repaint."""
+    return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None]
+
+
+def blur_mask(mask_image: Image.Image, sigma: float, size: tuple[int, int]) -> torch.Tensor:
+    """A1111's inpainting mask (``blurred_mask``) resized to ``size=(W, H)`` (Lanczos: A1111's "Just resize").
+
+    Returns float32 (1, 1, H, W) in [0, 1], quantised to 1/255 as the uint8 image A1111 keeps; 1 = repaint.
+    """
+    mask = blurred_mask(mask_image, sigma)
     if mask.size != tuple(size):
         mask = mask.resize(tuple(size), resample=Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]    # (1, 1, H, W)
+    return mask_tensor(mask)                                                            # (1, 1, H, W)
 
 
 def _convolve(pixels: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
@@ -86,3 +106,35 @@ def paste_back(decoded: list[Image.Image], original: Image.Image, weight: torch.
         mixed = base * (1.0 - w) + drawn * w
         out.append(Image.fromarray(np.rint(mixed).clip(0, 255).astype(np.uint8)))
     return out
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """What inpainting pastes its pictures onto (A1111's overlay image and ``paste_to``).
+
+    ``original`` is the init picture at the output size (RGB), ``weight`` (1, 1, H, W) how much of the drawn
+    picture each output pixel keeps, ``region`` (x1, y1, x2, y2) where the drawn picture goes for Inpaint area
+    "Only masked" (None: it is the whole output)."""
+
+    original: Image.Image
+    weight: torch.Tensor
+    region: tuple[int, int, int, int] | None = None
+
+
+def apply_overlay(decoded: list[Image.Image], overlay: Overlay) -> list[Image.Image]:
+    """The decoded pictures put back in their region (``uncrop``), then the original pasted over them
+    (``paste_back``): A1111's ``apply_overlay``."""
+    return paste_back([uncrop(image, overlay) for image in decoded], overlay.original, overlay.weight)
+
+
+def uncrop(image: Image.Image, overlay: Overlay) -> Image.Image:
+    """A picture drawn for "Only masked" in its place in the output (A1111's ``uncrop``): resized to its
+    region by "Crop and resize" (``upscale.resize_image``) over the original. A1111 lays it on a transparent
+    canvas instead; the pixels that differ are those outside the region, where the overlay keeps only the
+    original. Without a region, ``image`` itself."""
+    if overlay.region is None:
+        return image
+    x1, y1, x2, y2 = overlay.region
+    canvas = overlay.original.copy()
+    canvas.paste(resize_image(image.convert("RGB"), "None", (x2 - x1, y2 - y1), mode="crop"), (x1, y1))
+    return canvas

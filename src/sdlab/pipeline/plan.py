@@ -6,6 +6,9 @@
     plan.sampling     the model's noise parameterisation (`ModelSampling`)
     plan.sigmas       the noise levels the run visits, on the model's device (the img2img tail for an init image)
     plan.latent_shape (B, C, h, w) of the sampled latent
+    plan.picture      img2img / inpainting: the init picture at the size drawn, its mask and what the result is
+                      pasted onto (`pipeline/init_picture.py`: A1111's resize modes, Masked content "fill",
+                      Inpaint area), or None
     plan.mask         the blurred inpainting mask (1, 1, H, W) in [0, 1], or None
     plan.refiner_split / refiner_sampling   with an SDXL refiner: steps the base runs, the refiner's sampling
 
@@ -31,7 +34,7 @@ from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers
 from sdlab.pipeline.memory import available_bytes, check_memory
-from sdlab.pipeline.overlay import blur_mask
+from sdlab.pipeline.init_picture import InitPicture, init_picture
 from sdlab.pipeline.request import (
     SIZE_MULTIPLE,
     GenerationRequest,
@@ -68,10 +71,15 @@ class GenerationPlan:
     sampling: ModelSampling
     sigmas: Tensor                                  # (steps run + 1,) on the model's device
     latent_shape: tuple[int, int, int, int]         # (B, C, h, w)
-    mask: Tensor | None = None                      # (1, 1, H, W) blurred mask in [0, 1], 1 = repaint
+    picture: InitPicture | None = None              # img2img / inpainting: what is encoded and pasted onto
     refiner_split: int | None = None                # with a refiner: how many steps the base takes
     refiner_sampling: ModelSampling | None = None
     from_latent: bool = False                       # starts from a given latent (hires fix), not an init image
+
+    @property
+    def mask(self) -> Tensor | None:
+        """(1, 1, H, W) the blurred inpainting mask at the size drawn, in [0, 1], 1 = repaint; None without one."""
+        return None if self.picture is None else self.picture.mask
 
     @property
     def steps_run(self) -> int:
@@ -253,12 +261,13 @@ def make_plan(
     sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=True if from_latent else None)
     factor = bundle.vae_config.downsample_factor
     shape = (req.batch_size, bundle.unet_config.out_channels, req.height // factor, req.width // factor)
-    mask = None
-    if req.mask_image is not None:
-        mask = blur_mask(req.mask_image, req.mask_blur, (req.width, req.height))     # (1, 1, H, W)
+    picture = None if req.init_image is None else init_picture(req)
+    if req.mask_image is not None and picture.mask is None:      # "Only masked" with a blank mask: img2img
+        req = replace(req, mask_image=None)
     split = refiner_sampling = None
     if refiner is not None:
         split = handoff_index(sigmas, sampling, switch_at, refiner_convention)
         refiner_sampling = refiner.model_sampling
     return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
-                          mask=mask, refiner_split=split, refiner_sampling=refiner_sampling, from_latent=from_latent)
+                          picture=picture, refiner_split=split, refiner_sampling=refiner_sampling,
+                          from_latent=from_latent)

@@ -58,6 +58,9 @@ MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
 MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
 MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refiner was trained on 0..10
+RESIZE_MODES = ("resize", "crop", "fill", "latent")  # A1111's img2img resize_mode 0..3: Just resize, Crop and
+                                                    # resize, Resize and fill, Just resize (latent upscale)
+MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")   # A1111's inpainting_fill 0..3
 LIBRARY_CONVENTIONS = ("diffusers", "a1111")  # the rules a setting follows where the two libraries differ
 CLIP_SKIP_CONVENTIONS = LIBRARY_CONVENTIONS
 CONTROL_CONVENTIONS = LIBRARY_CONVENTIONS
@@ -127,8 +130,15 @@ class GenerationRequest:
     init_image: Image.Image | None = field(default=None, repr=False, compare=False)
     strength: float = 0.75
     img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui"
+    resize_mode: str = "resize"             # the init image to width x height: "resize", "crop", "fill", "latent"
+                                            # (A1111's resize modes; pipeline/init_picture.py)
     mask_image: Image.Image | None = field(default=None, repr=False, compare=False)
     mask_blur: float = 0.0                  # Gaussian sigma in pixels (A1111's mask blur; pipeline/overlay.py)
+    inpaint_fill: str = "original"          # the masked area starts as "fill", "original", "latent noise" or
+                                            # "latent nothing" (A1111's Masked content; pipeline/masked_content.py)
+    inpaint_only_masked: bool = False       # draw the mask's region alone at width x height, put back into the
+                                            # picture (A1111's Inpaint area "Only masked"; pipeline/inpaint_area.py)
+    inpaint_padding: int = 32               # pixels the region reaches past the mask (A1111's Only masked padding)
     paste_back: bool = True                 # inpainting: composite the original outside the mask (A1111);
                                             # False returns the decoded picture as diffusers' pipelines do
     # SDXL size conditioning, (height, width) / (top, left) in pixels; None = the image size / (0, 0)
@@ -348,6 +358,18 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int)
                 hr_steps=steps, hr_denoise=denoise)
 
 
+def _check_picture_options(r: GenerationRequest) -> None:
+    """The img2img / inpainting options A1111 names Resize mode, Masked content and Inpaint area."""
+    if r.resize_mode not in RESIZE_MODES:
+        raise RequestError(f"unknown resize mode {r.resize_mode!r}; valid: {', '.join(RESIZE_MODES)}")
+    if r.inpaint_fill not in MASKED_CONTENT:
+        raise RequestError(f"unknown masked content {r.inpaint_fill!r}; valid: {', '.join(MASKED_CONTENT)}")
+    if not isinstance(r.inpaint_only_masked, bool):
+        raise RequestError(f"inpaint_only_masked must be True or False, got {r.inpaint_only_masked!r}")
+    if not _integer(r.inpaint_padding) or not 0 <= r.inpaint_padding <= MAX_SIDE:
+        raise RequestError(f"inpaint_padding must be a number of pixels in 0..{MAX_SIDE}, got {r.inpaint_padding!r}")
+
+
 def requested_size(request: GenerationRequest, default_size: int | None) -> tuple[Any, Any]:
     """(width, height) as `request` asks for them, unchecked: an unset side is the init image's (img2img /
     inpaint), else `default_size`."""
@@ -446,6 +468,7 @@ def resolve(
         )
     if r.init_image is None and r.mask_image is not None:
         raise RequestError("a mask needs an init image to inpaint")
+    _check_picture_options(r)
     for what, image in (("init image", r.init_image), ("mask", r.mask_image)):
         if image is not None and not isinstance(image, Image.Image):   # `input_image` reads paths
             raise _not_a_picture(what, image)
@@ -472,6 +495,13 @@ def resolve(
         raise RequestError(
             f"the mask is {r.mask_image.width}x{r.mask_image.height} but the image is "
             f"{r.init_image.width}x{r.init_image.height}; they must be the same size"
+        )
+    if r.mask_image is not None and r.resize_mode == "latent" and not r.inpaint_only_masked and (
+            (width, height) != r.init_image.size):
+        raise RequestError(
+            f"resize mode 'latent' cannot inpaint a {r.init_image.width}x{r.init_image.height} picture at "
+            f"{width}x{height}: the mask and the picture pasted back are pixels, not latents (A1111 fails there "
+            "too); draw at the picture's size, or use resize mode 'resize', 'crop' or 'fill'"
         )
     seed = _batch_seed("seed", fixed_seed(r.seed), r.batch_size)
     subseed = _batch_seed("subseed", fixed_seed(r.subseed), r.batch_size) if r.subseed_strength else None

@@ -13,7 +13,8 @@ Pixel space, A1111's upscaler semantics (`upscale_image`):
 
 Two of A1111's own entry points sit on top: `upscale_by` is its `Upscaler.upscale` (Extras: the size
 rounded down to multiples of 8), `resize_image` its `images.resize_image` (the hires fix: the upscaler
-runs only when the picture is smaller than the target).
+runs only when the picture is smaller than the target; img2img's resize modes: just resize, crop and
+resize, resize and fill).
 
 Tiling (`run_upscaler`): the input is cut into `tile` x `tile` pixel tiles overlapping by `overlap`, each
 goes through the network alone, and the outputs are blended with linear ramps across the overlaps
@@ -231,13 +232,68 @@ def _resize_by(image: Image.Image, scale: float, resample: Image.Resampling) -> 
     return image.resize(target_size(image.width, image.height, scale), resample=resample)
 
 
-def resize_image(image: Image.Image, upscaler: Upscaler | str, size: tuple[int, int], *,
+RESIZE_MODES = ("resize", "crop", "fill")
+"""A1111's `images.resize_image` modes 0, 1, 2 by sdlab's names: Just resize, Crop and resize, Resize and fill."""
+
+
+def resize_image(image: Image.Image, upscaler: Upscaler | str, size: tuple[int, int], *, mode: str = "resize",
                  tile: int = DEFAULT_TILE, overlap: int = DEFAULT_OVERLAP) -> Image.Image:
-    """`image` at `size` (width, height) as A1111's `images.resize_image` (mode 0, what its hires fix calls) does:
-    the upscaler runs only on a picture smaller than `size` (cover scale max(w / W, h / H) > 1), by that scale
-    (`upscale_by`); Lanczos then gives `size`. "None" is a Lanczos resize alone."""
+    """`image` at `size` (width, height) as A1111's `images.resize_image` does (the hires fix: "resize"; img2img:
+    its resize mode, with "None", A1111's default img2img upscaler):
+
+    - "resize" stretches it: the upscaler runs only on a picture smaller than `size` (cover scale
+      max(w / W, h / H) > 1), by that scale (`upscale_by`); Lanczos then gives `size`. "None" is a Lanczos
+      resize alone;
+    - "crop" resizes it so that it covers `size` with its aspect ratio kept (the other side rounded down) and
+      cuts the middle out (`centred_on_canvas`);
+    - "fill" resizes it to fit inside `size` and lays it in the middle, its first and last rows (or columns)
+      stretched over the empty bands (`_fill_bands`).
+    """
     _check_size(*size)
+    if mode == "resize":
+        return _stretched(image, upscaler, size, tile, overlap)
+    width, height = size
+    ratio, source_ratio = width / height, image.width / image.height
+    spans_width = ratio > source_ratio if mode == "crop" else ratio < source_ratio
+    if spans_width:
+        inner = width, image.height * width // image.width
+    else:
+        inner = image.width * height // image.height, height
+    resized = _stretched(image, upscaler, inner, tile, overlap)
+    canvas = centred_on_canvas(resized, size)
+    if mode == "fill" and ratio != source_ratio:
+        _fill_bands(canvas, resized, above_and_below=ratio < source_ratio)
+    return canvas
+
+
+def _stretched(image: Image.Image, upscaler: Upscaler | str, size: tuple[int, int], tile: int,
+               overlap: int) -> Image.Image:
+    """`resize_image`'s "resize" (A1111's inner `resize`)."""
     scale = max(size[0] / image.width, size[1] / image.height)
     if scale > 1 and not (isinstance(upscaler, str) and upscaler.strip().lower() == "none"):
         image = upscale_by(image, upscaler, scale, tile=tile, overlap=overlap)
     return image if image.size == size else image.resize(size, resample=Image.Resampling.LANCZOS)
+
+
+def centred_on_canvas(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """`image` pasted centred on a black canvas of `size` in its mode (A1111's `resize_image` and Extras crop:
+    a larger picture is cut, a smaller one gets black borders)."""
+    canvas = Image.new(image.mode, size)
+    canvas.paste(image, (size[0] // 2 - image.width // 2, size[1] // 2 - image.height // 2))
+    return canvas
+
+
+def _fill_bands(canvas: Image.Image, inner: Image.Image, above_and_below: bool) -> None:
+    """"Resize and fill"'s bands: the empty rows above and below `inner` (or the columns left and right of it)
+    on `canvas` painted with its first and last row (column) stretched over them, as A1111 paints them (a
+    bicubic resize of the zero-height / zero-width box on that edge)."""
+    width, height = canvas.size
+    bicubic = Image.Resampling.BICUBIC
+    if above_and_below and (band := height // 2 - inner.height // 2) > 0:
+        canvas.paste(inner.resize((width, band), bicubic, box=(0, 0, width, 0)), (0, 0))
+        canvas.paste(inner.resize((width, band), bicubic, box=(0, inner.height, width, inner.height)),
+                     (0, band + inner.height))
+    elif not above_and_below and (band := width // 2 - inner.width // 2) > 0:
+        canvas.paste(inner.resize((band, height), bicubic, box=(0, 0, 0, height)), (0, 0))
+        canvas.paste(inner.resize((band, height), bicubic, box=(inner.width, 0, inner.width, height)),
+                     (band + inner.width, 0))
