@@ -32,6 +32,7 @@ from sdlab.utils.files import make_output_folder
 from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab")
+MASKED_CONTENT_FLAGS = ("fill", "original", "latent-noise", "latent-nothing")   # the request's, hyphenated
 
 
 
@@ -130,9 +131,22 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         if mode != "txt2img":
             p.add_argument("--init", help="init image (required, also with --from-png)")
             p.add_argument("--strength", type=float, help="how much to change the image, in (0, 1]")
+            p.add_argument("--resize-mode", choices=("resize", "crop", "fill", "latent"),
+                           help="how --init fits --width x --height (A1111's resize modes): resize stretches it (the "
+                                "default), crop covers the size and cuts the middle out, fill fits it inside and "
+                                "stretches its edges over the rest, latent stretches its latent (bilinear)")
         if mode == "inpaint":
             p.add_argument("--mask", help="mask image, white = repaint, same size as --init")
             p.add_argument("--mask-blur", type=float, help="Gaussian blur radius of the mask in pixels")
+            p.add_argument("--masked-content", choices=MASKED_CONTENT_FLAGS,
+                           help="what the masked area starts as (A1111's Masked content): original (the default), "
+                                "fill (the colours around it), latent-noise, latent-nothing")
+            p.add_argument("--only-masked", action=argparse.BooleanOptionalAction,
+                           help="draw only the mask's region, at --width x --height, and put it back into the picture "
+                                "(A1111's Inpaint area \"Only masked\"; default: the whole picture); --no-only-masked "
+                                "turns off a --from-png picture's")
+            p.add_argument("--only-masked-padding", type=int, metavar="N",
+                           help="pixels the --only-masked region reaches past the mask (default 32)")
             p.add_argument(
                 "--outpaint", metavar="L,R,T,B",
                 help="grow the canvas by these many pixels left,right,top,bottom and paint the new area "
@@ -220,6 +234,9 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
     for flag, value in (("--width", args.width), ("--height", args.height)):
         if value is not None and value <= 0:
             raise UserError(f"{flag} must be a positive number of pixels (a multiple of 8), got {value}")
+    padding = getattr(args, "only_masked_padding", None)
+    if padding is not None and padding < 0:
+        raise UserError(f"--only-masked-padding must be 0 or more pixels, got {padding}")
     if getattr(args, "preset", None):                # over --from-png's values, under the options given here
         from sdlab.pipeline.presets import get_preset
         from sdlab.pipeline.request import RequestError
@@ -228,6 +245,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
             options.update(get_preset(args.preset).options(getattr(args, "mode", "txt2img")))
         except RequestError as err:
             raise UserError(str(err)) from None
+    masked_content = getattr(args, "masked_content", None)           # the flag's spelling: "latent-noise"
     given = {
         "prompt": args.prompt,
         "negative_prompt": args.negative,
@@ -246,7 +264,11 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "eta": args.eta,
         "eta_noise_seed_delta": getattr(args, "ensd", None),
         "strength": getattr(args, "strength", None),
+        "resize_mode": getattr(args, "resize_mode", None),
         "mask_blur": getattr(args, "mask_blur", None),
+        "inpaint_fill": masked_content and masked_content.replace("-", " "),
+        "inpaint_only_masked": getattr(args, "only_masked", None),
+        "inpaint_padding": padding,
     }
     options.update({k: v for k, v in given.items() if v is not None})
     if options.get("prompt") is None:

@@ -1,0 +1,109 @@
+"""`sdlab img2img --resize-mode` and `sdlab inpaint --masked-content / --only-masked / --only-masked-padding`:
+the flags reach the request, the pictures record A1111's labels and `--from-png` redraws from them; the
+defaults are the whole picture from its original content, as before the flags existed; a bad value is one
+error. A reduced-width random SD1 file, 48 x 32 pictures drawn at 32 x 32, 2 steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import sdlab
+from bundle_fixtures import tiny_bundle, write_original
+from cli_helpers import pixels, run
+from sdlab.pipeline.png_info import read_parameters
+
+FAST = ["--steps", "2", "--seed", "3", "--sampler", "Euler", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("model") / "tiny-sd1.safetensors"
+    write_original(tiny_bundle("sd1"), path, junk=False)
+    return path
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    init, mask = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(init)
+    m = Image.new("L", (48, 32), 0)
+    m.paste(255, (28, 8, 40, 16))
+    m.save(mask)
+    return init, mask
+
+
+def test_inpaint_flags_are_recorded_and_redrawn(model, files, tmp_path, capsys) -> None:
+    init, mask = files
+    out = tmp_path / "a.png"
+    code, _, err = run(["inpaint", "a hat", "--init", str(init), "--mask", str(mask), "--model", str(model), "--width",
+                        "32", "--height", "32", "--mask-blur", "2", "--masked-content", "latent-noise", "--only-masked",
+                        "--only-masked-padding", "4", "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    assert Image.open(out).size == (48, 32)                        # Only masked: the picture's own size
+    assert "Inpaint area: Only masked, Masked area padding: 4, Masked content: latent noise" in read_parameters(out)
+    outside = np.ones((32, 48), dtype=bool)
+    outside[:, 14:] = False                                        # left of every region the mask can grow to
+    assert np.array_equal(pixels(out)[outside], pixels(init)[outside])
+
+    again = tmp_path / "b.png"
+    code, _, err = run(["inpaint", "--from-png", str(out), "--init", str(init), "--mask", str(mask), "--model",
+                        str(model), "--out", str(again), "--no-progress"], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(again), pixels(out))
+
+    whole = tmp_path / "c.png"
+    code, _, err = run(["inpaint", "--from-png", str(out), "--init", str(init), "--mask", str(mask), "--model",
+                        str(model), "--no-only-masked", "--masked-content", "original", "--out", str(whole),
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    assert Image.open(whole).size == (32, 32)
+    assert "Inpaint area" not in read_parameters(whole) and "Masked content" not in read_parameters(whole)
+
+
+def test_defaults_are_the_whole_picture_from_its_original_content(model, files, tmp_path, capsys) -> None:
+    init, mask = files
+    out = tmp_path / "a.png"
+    code, _, err = run(["inpaint", "a hat", "--init", str(init), "--mask", str(mask), "--model", str(model),
+                        "--width", "32", "--height", "32", "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    pipe = sdlab.load(model)
+    expected = pipe.inpaint("a hat", init, mask, width=32, height=32, steps=2, seed=3, sampler="Euler",
+                            inpaint_fill="original", inpaint_only_masked=False, resize_mode="resize")
+    assert np.array_equal(pixels(out), np.asarray(expected.images[0].convert("RGB"), dtype=np.int16))
+    assert "Masked content" not in read_parameters(out) and "Inpaint area" not in read_parameters(out)
+
+
+@pytest.mark.parametrize("mode", ["crop", "fill", "latent"])
+def test_img2img_resize_mode_reaches_the_request(model, files, tmp_path, capsys, mode) -> None:
+    init, _ = files
+    out = tmp_path / "a.png"
+    code, _, err = run(["img2img", "a hat", "--init", str(init), "--model", str(model), "--width", "32", "--height",
+                        "32", "--resize-mode", mode, "--strength", "0.5", "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    expected = sdlab.load(model).img2img("a hat", init, strength=0.5, width=32, height=32, steps=2, seed=3,
+                                         sampler="Euler", resize_mode=mode)
+    assert np.array_equal(pixels(out), np.asarray(expected.images[0].convert("RGB"), dtype=np.int16))
+
+
+@pytest.mark.parametrize("flag, value", [("--masked-content", "noise"), ("--resize-mode", "stretch")])
+def test_an_unknown_mode_is_refused_by_name(model, files, tmp_path, capsys, flag, value) -> None:
+    init, mask = files
+    with pytest.raises(SystemExit) as exit_:
+        run(["inpaint", "a hat", "--init", str(init), "--mask", str(mask), "--model", str(model), flag, value,
+             "--out", str(tmp_path / "x.png"), *FAST], capsys)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and f"argument {flag}: invalid choice: '{value}'" in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_negative_padding_is_one_error_and_no_file(model, files, tmp_path, capsys) -> None:
+    init, mask = files
+    out = tmp_path / "x.png"
+    code, _, err = run(["inpaint", "a hat", "--init", str(init), "--mask", str(mask), "--model", str(model),
+                        "--only-masked", "--only-masked-padding", "-1", "--out", str(out), *FAST], capsys)
+    assert code != 0 and err.count("sdlab: error:") == 1
+    assert "--only-masked-padding must be 0 or more pixels, got -1" in err and not out.exists()
