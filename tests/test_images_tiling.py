@@ -318,8 +318,9 @@ def test_tiled_vae_is_no_worse_than_diffusers_tiling_for_the_same_weights():
 
 
 def test_the_requests_tiled_vae_choice_holds_for_the_encode_too(monkeypatch):
-    """`tiled_vae=True` encodes in tiles (posterior mean) and False / None on a small picture draws one
-    posterior sample, as decoding follows the same choice; the request reaches the init image's encode."""
+    """A tiled encode samples its posterior with each generator as an untiled one does: a picture of one tile
+    gives the untiled sample exactly, and the mean without generators; the request reaches the init image's
+    encode."""
     from bundle_fixtures import init_picture, tiny_bundle
     from sdlab.diffusion.noise import generators_for
     from sdlab.pipeline import generate as generate_module
@@ -329,9 +330,11 @@ def test_the_requests_tiled_vae_choice_holds_for_the_encode_too(monkeypatch):
     bundle = tiny_bundle("sd1")
     pixels = torch.rand(1, 3, 32, 32) * 2 - 1
     mean = bundle.vae.encode(pixels).mean * bundle.scaling_factor                      # (1, 4, 16, 16)
-    torch.testing.assert_close(encode_image(bundle, pixels, generators_for([1]), tiled=True), mean)
+    torch.testing.assert_close(encode_image(bundle, pixels, tiled=True), mean, rtol=0, atol=0)
     sampled = encode_image(bundle, pixels, generators_for([1]), tiled=False)
-    assert not torch.allclose(sampled, mean) and torch.equal(sampled, encode_image(bundle, pixels, generators_for([1])))
+    assert not torch.allclose(sampled, mean)
+    assert torch.equal(sampled, encode_image(bundle, pixels, generators_for([1]), tiled=True))
+    assert torch.equal(sampled, encode_image(bundle, pixels, generators_for([1])))
 
     asked = []
     monkeypatch.setattr(generate_module, "encode_image",
@@ -340,3 +343,32 @@ def test_the_requests_tiled_vae_choice_holds_for_the_encode_too(monkeypatch):
         generate(bundle, GenerationRequest("x", steps=2, seed=1, width=32, height=32, init_image=init_picture(32),
                                            strength=0.5, tiled_vae=tiled, sampler="Euler"))
     assert asked == [True, False]
+
+
+def test_a_tiled_encode_samples_the_blended_posterior_with_each_generator(monkeypatch):
+    """As diffusers' tiled encode: the encoder's mean and log-variance are blended across the tiles, and each
+    image's generator draws its sample from that posterior (one latent-sized draw, as an untiled encode)."""
+    from functools import partial
+
+    from bundle_fixtures import tiny_bundle
+    from sdlab.diffusion.noise import generators_for
+    from sdlab.pipeline import generate as generate_module
+    from sdlab.pipeline.generate import encode_image
+
+    bundle = tiny_bundle("sd1")
+    vae, factor = bundle.vae, bundle.vae_config.downsample_factor
+    tiles = dict(tile=32, overlap=8, factor=factor)                       # 3 x 2 tiles of the tiny VAE (f=2)
+    monkeypatch.setattr(generate_module, "encode_tiled", partial(encode_tiled, **tiles))
+    pixels = torch.rand(1, 3, 64, 48, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        mean = encode_tiled(lambda x: vae.encode(x).mean, pixels, **tiles)             # (1, 4, 32, 24)
+        std = encode_tiled(lambda x: vae.encode(x).logvar, pixels, **tiles).mul(0.5).exp()
+    seeds = [5, 6]
+    generators = generators_for(seeds)
+    sampled = encode_image(bundle, pixels, generators, tiled=True)                     # (2, 4, 32, 24)
+    noise = torch.cat([torch.randn(mean.shape, generator=g) for g in generators_for(seeds)])
+    torch.testing.assert_close(sampled, (mean + std * noise) * bundle.scaling_factor)
+    after_untiled = generators_for(seeds)
+    encode_image(bundle, pixels, after_untiled, tiled=False)
+    assert all(torch.equal(a.get_state(), b.get_state()) for a, b in zip(generators, after_untiled))
+    torch.testing.assert_close(encode_image(bundle, pixels, tiled=True), mean * bundle.scaling_factor)

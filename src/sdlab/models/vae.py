@@ -382,16 +382,20 @@ class AutoencoderKL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.quant_conv.weight.dtype
 
-    def encode(self, img: Tensor) -> DiagonalGaussian:
-        """img (B, in_channels, H, W) in [-1, 1] -> raw (unscaled) posterior over (B, latent, H/f, W/f).
+    def moments(self, img: Tensor) -> Tensor:
+        """img (B, in_channels, H, W) in [-1, 1] -> the raw posterior's moments (B, 2 * latent, H/f, W/f): mean,
+        then log-variance (unclamped; ``DiagonalGaussian`` clamps it).
 
         H and W must be multiples of f. The input is cast to the model's dtype.
         """
         f = self.cfg.downsample_factor
         if img.shape[-2] % f or img.shape[-1] % f:
             raise ValueError(f"image size {tuple(img.shape[-2:])} is not a multiple of the VAE factor {f}")
-        moments = self.quant_conv(self.encoder(img.to(self.dtype)))  # (B, 2 * latent, H/f, W/f)
-        return DiagonalGaussian(moments)
+        return self.quant_conv(self.encoder(img.to(self.dtype)))  # (B, 2 * latent, H/f, W/f)
+
+    def encode(self, img: Tensor) -> DiagonalGaussian:
+        """img (B, in_channels, H, W) in [-1, 1] -> raw (unscaled) posterior over (B, latent, H/f, W/f)."""
+        return DiagonalGaussian(self.moments(img))
 
     def decode(self, z: Tensor) -> Tensor:
         """Raw latent (B, latent, h, w) -> img (B, out_channels, h*f, w*f), nominally in [-1, 1], unclamped."""

@@ -73,6 +73,7 @@ from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
 from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
+from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import controlled_unet, prepare_controls, prompt_marks, spans_part, tag_steps
 from sdlab.pipeline.conditioning import make_cond_schedule, merge_part_schedules
 from sdlab.pipeline.prompt_schedule import composable_parts
@@ -599,8 +600,9 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Gen
     (1, 3, H, W) per generator, drawn from it (diffusers' `retrieve_latents(..., generator[i])`), (B, 4, h, w);
     without, the posterior mean of each picture (B, 3, H, W) -> (B, 4, h, w), no draw.
 
-    Pictures are encoded in tiles when `tiled` says so (None: large ones, `should_tile`), and then use the
-    posterior mean (no draw): a tiled encode has no single posterior to sample from."""
+    Pictures are encoded in tiles when `tiled` says so (None: large ones, `should_tile`): the encoder's moments
+    (mean and log-variance) are blended across the tiles into one posterior, as diffusers' tiled encode does
+    (`AutoencoderKL._tiled_encode`), which is then sampled, or its mean taken, as an untiled one."""
     vae = bundle.vae
     height, width = pixels.shape[-2:]
     tile = tiled if tiled is not None else should_tile(height, width)
@@ -608,10 +610,9 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Gen
 
     def encode() -> Tensor:
         x = pixels.to(vae.dtype)
-        if tile:
-            mean = encode_tiled(lambda tile: vae.encode(tile).mean, x, factor=bundle.vae_config.downsample_factor)
-            return mean if generators is None else mean.expand(len(generators), -1, -1, -1)
-        posterior = vae.encode(x)
+        factor = bundle.vae_config.downsample_factor
+        moments = encode_tiled(vae.moments, x, factor=factor) if tile else vae.moments(x)  # (B, 2 * 4, h, w)
+        posterior = DiagonalGaussian(moments)
         if generators is None:
             return posterior.mean
         for generator, state in zip(generators, states):

@@ -131,10 +131,11 @@ def encode_tiled(
     overlap: int = 128,
     factor: int = 8,
 ) -> torch.Tensor:
-    """``encode`` (image (B, C, H, W) -> latent mean (B, c, H/factor, W/factor)) applied tile by tile.
+    """``encode`` (image (B, C, H, W) -> latent-sized maps (B, c, H/factor, W/factor)) applied tile by tile.
 
     ``tile`` and ``overlap`` are in image pixels and must be multiples of ``factor``; so must the image.
-    Pass the deterministic part of the encoder (the posterior mean): sampling noise per tile would not blend.
+    Pass the deterministic part of the encoder (the posterior's moments, sampled once the tiles are blended):
+    noise sampled per tile would not blend.
     """
     for name, value in (("tile", tile), ("overlap", overlap), ("height", x.shape[-2]), ("width", x.shape[-1])):
         if value % factor:
