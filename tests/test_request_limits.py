@@ -87,6 +87,18 @@ def test_useful_values_stay_accepted(bundle):
     resolve_for(bundle, _request(steps=150, cfg_scale=30.0, eta=1.0, mask_blur=64.0))
 
 
+@pytest.mark.parametrize("tiled_vae", ["false", "no", 0.5, 0, 1])
+def test_tiled_vae_must_be_a_bool_or_none(bundle, tiled_vae):
+    """A string such as "false" (from a JSON or form client) is refused, not read as truthy (the VAE would tile)."""
+    with pytest.raises(RequestError, match=r"tiled_vae must be True, False or None .*, got "):
+        resolve_for(bundle, _request(tiled_vae=tiled_vae))
+
+
+@pytest.mark.parametrize(("tiled_vae", "resolved"), [(None, None), (True, True), (False, False), (np.False_, False)])
+def test_tiled_vae_keeps_its_bool_or_none(bundle, tiled_vae, resolved):
+    assert resolve_for(bundle, _request(tiled_vae=tiled_vae)).tiled_vae is resolved
+
+
 def test_numpy_scalars_count_as_python_numbers(bundle):
     """NumPy's scalars (a seed from np.arange, a CFG from np.linspace) are taken wherever a Python int, float or
     bool is, and resolve to the request of the same Python numbers: plain ints, floats (a NumPy float at its

@@ -424,6 +424,8 @@ def resolve(
     _bounded("aesthetic score", r.aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
     _bounded("negative aesthetic score", r.negative_aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
     _bounded("mask blur", r.mask_blur, 0.0, MAX_MASK_BLUR)
+    if r.tiled_vae is not None and not isinstance(r.tiled_vae, bool):
+        raise RequestError(f"tiled_vae must be True, False or None (tile large pictures), got {r.tiled_vae!r}")
     if not isinstance(r.paste_back, bool):
         raise RequestError(f"paste_back must be True or False, got {r.paste_back!r}")
     if not isinstance(r.tiling, bool):
