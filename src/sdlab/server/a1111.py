@@ -37,8 +37,8 @@ from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
 )
-from sdlab.pipeline.request import GenerationRequest
-from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, upscale_by
+from sdlab.pipeline.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest
+from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
@@ -105,10 +105,38 @@ class Txt2ImgIn(NullsAreDefaults):
 
 class Img2ImgIn(Txt2ImgIn):
     init_images: list[str] = Field(default_factory=list)
+    resize_mode: int = 0                    # `RESIZE_LABELS`
     mask: str | None = None
     mask_blur: float = 4.0
     inpainting_mask_invert: int = 0
+    inpainting_fill: int = 0                # Masked content, `MASKED_CONTENT`: 0 fill (A1111's API default)
+    inpaint_full_res: bool = True           # Inpaint area: true "Only masked" (A1111's API default), false whole
+    inpaint_full_res_padding: int = 0
     include_init_images: bool = False
+
+
+RESIZE_LABELS = ("Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)")
+"""A1111's img2img resize modes 0..3 (sdlab's `RESIZE_MODES`)."""
+
+
+def _choice(value: int, names: tuple[str, ...], labels: tuple[str, ...], field: str) -> str:
+    """sdlab's name (of `names`) of A1111's index `value` of `field`; another value is a 422 naming them."""
+    if 0 <= value < len(names):
+        return names[value]
+    valid = ", ".join(f"{index} ({label})" for index, label in enumerate(labels))
+    raise BadRequest(f"{field} must be {valid}; got {value}", 422)
+
+
+def _picture_options(body: Img2ImgIn, masked: bool) -> dict[str, Any]:
+    """The request fields of A1111's resize mode and, with a mask, its Masked content and Inpaint area."""
+    resize_mode = _choice(body.resize_mode, RESIZE_MODES, RESIZE_LABELS, "resize_mode")
+    if not masked:
+        return {"resize_mode": resize_mode}
+    if body.inpaint_full_res_padding < 0:
+        raise BadRequest(f"inpaint_full_res_padding must be >= 0, got {body.inpaint_full_res_padding}", 422)
+    return {"resize_mode": resize_mode, "inpaint_only_masked": body.inpaint_full_res,
+            "inpaint_fill": _choice(body.inpainting_fill, MASKED_CONTENT, MASKED_CONTENT, "inpainting_fill"),
+            "inpaint_padding": body.inpaint_full_res_padding}
 
 
 def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = None,
@@ -131,7 +159,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = N
                      hr_denoise=body.denoising_strength)
     if init is not None:
         strength = 0.75 if body.denoising_strength is None else body.denoising_strength
-        extra.update(init_image=init, strength=strength, img2img_convention="a1111")
+        extra.update(init_image=init, strength=strength, img2img_convention="a1111",
+                     **_picture_options(body, mask is not None))
         if mask is not None:
             extra.update(mask_image=mask, mask_blur=body.mask_blur)
     return GenerationRequest(
@@ -474,17 +503,9 @@ def _upscaled(service: Service, body: ExtraSingleIn, image: Image.Image, name: s
             result = upscale_by(image.convert("RGB") if found is not None else image, upscaler, scale)
     except UpscaleError as err:
         raise BadRequest(str(err), 400) from None
-    if body.resize_mode == 1 and body.upscaling_crop:
-        return _centred_on_canvas(result, body.upscaling_resize_w, body.upscaling_resize_h)
+    if body.resize_mode == 1 and body.upscaling_crop:      # A1111's Extras crop: an RGB canvas
+        return centred_on_canvas(result.convert("RGB"), (body.upscaling_resize_w, body.upscaling_resize_h))
     return result
-
-
-def _centred_on_canvas(image: Image.Image, width: int, height: int) -> Image.Image:
-    """`image` pasted centred on a black `width` x `height` RGB canvas, as A1111's Extras crop does (a larger
-    picture is cut, a smaller one gets black borders)."""
-    canvas = Image.new("RGB", (width, height))
-    canvas.paste(image, (width // 2 - image.width // 2, height // 2 - image.height // 2))
-    return canvas
 
 
 def _check_upscale_size(width: float, height: float, limit: int) -> None:

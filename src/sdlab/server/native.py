@@ -73,8 +73,12 @@ class JobIn(NullsAreDefaults):
     batch_size: int = 1
     strength: float | None = None           # img2img 0.75, inpaint 1.0
     init_image: str | None = None           # base64 or data URL
+    resize_mode: str = "resize"             # init image to width x height: resize, crop, fill, latent (A1111's)
     mask_image: str | None = None           # white = repaint
     mask_blur: float = 0.0
+    inpaint_fill: str = "original"          # masked content: fill, original, latent noise, latent nothing
+    inpaint_only_masked: bool = False       # draw only the mask's region (A1111's Inpaint area "Only masked") ...
+    inpaint_padding: int = 32               # ... reaching this many pixels past the mask
     clip_skip: int = 1
     eta: float | None = None
     subseed: int | None = None              # variation seed (A1111); used when subseed_strength > 0
@@ -131,7 +135,9 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         prompt=body.prompt, negative_prompt=body.negative_prompt, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_image=init, mask_image=mask,
-        strength=strength, mask_blur=body.mask_blur, subseed=body.subseed if body.subseed_strength else None,
+        strength=strength, resize_mode=body.resize_mode, mask_blur=body.mask_blur, inpaint_fill=body.inpaint_fill,
+        inpaint_only_masked=body.inpaint_only_masked, inpaint_padding=body.inpaint_padding,
+        subseed=body.subseed if body.subseed_strength else None,
         subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),

@@ -1,0 +1,133 @@
+"""The img2img resize mode, Masked content and Inpaint area on both APIs: A1111's `resize_mode`,
+`inpainting_fill`, `inpaint_full_res` and `inpaint_full_res_padding` with A1111's API defaults (fill, Only
+masked, padding 0), the native API's `resize_mode`, `inpaint_fill`, `inpaint_only_masked`, `inpaint_padding`
+(the request's defaults), and a bad value as one 422. One real server (the shipped model, 64 px)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from server_fixtures import start_server, wait_for_job
+from sdlab.pipeline.inpaint_area import inpaint_region
+from sdlab.pipeline.overlay import blurred_mask
+from sdlab.server.a1111 import Img2ImgIn, _request
+from sdlab.server.inputs import BadRequest
+
+
+def _b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _picture() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+
+
+def _mask() -> Image.Image:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (36, 8, 52, 20))
+    return mask
+
+
+def _body(**fields) -> dict:
+    return {"prompt": "x", "steps": 2, "seed": 1, "init_images": [_b64(_picture())], "mask": _b64(_mask()), **fields}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the A1111 fields -> the request
+
+
+def test_a1111_defaults_are_fill_only_masked_padding_0_and_just_resize():
+    """A1111's API model takes StableDiffusionProcessingImg2Img's defaults: inpainting_fill 0 (fill),
+    inpaint_full_res True (Only masked), inpaint_full_res_padding 0, resize_mode 0."""
+    request = _request(Img2ImgIn(prompt="x"), init=_picture(), mask=_mask())
+    assert (request.inpaint_fill, request.inpaint_only_masked, request.inpaint_padding, request.resize_mode) == (
+        "fill", True, 0, "resize")
+    img2img = _request(Img2ImgIn(prompt="x"), init=_picture())
+    assert img2img.resize_mode == "resize" and img2img.inpaint_fill == "original"        # no mask: no inpainting
+
+
+@pytest.mark.parametrize("index, content", enumerate(["fill", "original", "latent noise", "latent nothing"]))
+def test_a1111_inpainting_fill_indices(index, content):
+    request = _request(Img2ImgIn(prompt="x", inpainting_fill=index, inpaint_full_res=False,
+                                 inpaint_full_res_padding=16), init=_picture(), mask=_mask())
+    assert (request.inpaint_fill, request.inpaint_only_masked, request.inpaint_padding) == (content, False, 16)
+
+
+@pytest.mark.parametrize("index, mode", enumerate(["resize", "crop", "fill", "latent"]))
+def test_a1111_resize_mode_indices(index, mode):
+    assert _request(Img2ImgIn(prompt="x", resize_mode=index), init=_picture()).resize_mode == mode
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"inpainting_fill": 4},
+     "inpainting_fill must be 0 (fill), 1 (original), 2 (latent noise), 3 (latent nothing); got 4"),
+    ({"resize_mode": -1}, "resize_mode must be 0 (Just resize), 1 (Crop and resize), 2 (Resize and fill), "
+                          "3 (Just resize (latent upscale)); got -1"),
+    ({"inpaint_full_res_padding": -8}, "inpaint_full_res_padding must be >= 0, got -8"),
+])
+def test_a1111_bad_values_are_a_422(fields, message):
+    with pytest.raises(BadRequest) as err:
+        _request(Img2ImgIn(prompt="x", **fields), init=_picture(), mask=_mask())
+    assert err.value.status == 422 and err.value.message == message
+
+
+# ---------------------------------------------------------------------------------------------------------
+# over HTTP
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory):
+    server = start_server(tmp_path_factory.mktemp("inpaint-options") / "outputs")
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c
+    server.stop()
+
+
+def test_a1111_inpainting_with_default_fields_fills_and_draws_only_the_masked_region(client):
+    response = client.post("/sdapi/v1/img2img", json=_body(width=32, height=32))
+    assert response.status_code == 200, response.text
+    infotext = json.loads(response.json()["info"])["infotexts"][0]
+    assert "Inpaint area: Only masked, Masked area padding: 0, Masked content: fill" in infotext
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
+    assert out.shape == (64, 64, 3)                                          # the picture's size, not 32 x 32
+    x1, y1, x2, y2 = inpaint_region(blurred_mask(_mask(), 4.0), 0, (32, 32))   # A1111's mask_blur default: 4
+    assert (x2 - x1, y2 - y1) < (64, 64)
+    outside = np.ones((64, 64), dtype=bool)
+    outside[y1:y2, x1:x2] = False
+    assert np.array_equal(out[outside], np.asarray(_picture())[outside])
+    assert not np.array_equal(out[8:20, 36:52], np.asarray(_picture())[8:20, 36:52])
+
+
+def test_a1111_whole_picture_with_original_content_writes_neither_label(client):
+    response = client.post("/sdapi/v1/img2img", json=_body(inpainting_fill=1, inpaint_full_res=False, resize_mode=1))
+    assert response.status_code == 200, response.text
+    infotext = json.loads(response.json()["info"])["infotexts"][0]
+    assert "Masked content" not in infotext and "Inpaint area" not in infotext
+
+
+def test_a1111_bad_masked_content_is_a_422(client):
+    response = client.post("/sdapi/v1/img2img", json=_body(inpainting_fill=7))
+    assert response.status_code == 422 and "inpainting_fill must be 0 (fill)" in response.text
+    assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0          # nothing was queued
+
+
+def test_native_api_takes_the_request_fields(client):
+    job = {"mode": "inpaint", "prompt": "x", "steps": 2, "seed": 1, "init_image": _b64(_picture()),
+           "mask_image": _b64(_mask()), "inpaint_fill": "latent nothing", "inpaint_only_masked": True,
+           "inpaint_padding": 8, "resize_mode": "crop", "width": 32, "height": 32}
+    created = client.post("/api/jobs", json=job)
+    assert created.status_code == 202, created.text
+    done = wait_for_job(client, created.json()["id"])
+    assert done["status"] == "done", done
+    assert "Inpaint area: Only masked, Masked area padding: 8, Masked content: latent nothing" in done["infotexts"][0]
+    bad = client.post("/api/jobs", json={**job, "inpaint_fill": "noise"})
+    assert bad.status_code in (400, 422) and "unknown masked content 'noise'" in bad.text
