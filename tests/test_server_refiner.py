@@ -42,6 +42,7 @@ def models(tmp_path_factory: pytest.TempPathFactory):
     write_original(tiny_bundle("sdxl"), folder / "base.safetensors", junk=False)
     write_original(tiny_bundle("sdxl-refiner", seed=5), folder / "refiner.safetensors", junk=False)
     write_original(tiny_bundle("sdxl-refiner", seed=9), folder / "other-refiner.safetensors", junk=False)
+    write_original(tiny_bundle("sd1"), folder / "sd1.safetensors", junk=False)
     return folder
 
 
@@ -133,6 +134,23 @@ def test_refiner_errors_are_4xx_before_any_job(client, route, body, status, said
     if route.startswith("/sdapi"):
         assert set(error) == {"error", "detail", "body", "errors"}
     assert len(client.get("/api/jobs").json()["jobs"]) == queued
+
+
+def test_a_refiner_of_another_latent_space_fails_its_job_with_a_400(client):
+    answer = client.post("/sdapi/v1/txt2img", json={**SETTINGS, "refiner_checkpoint": "sd1"})
+    assert answer.status_code == 400 and "scales latents" in answer.json()["errors"]
+
+
+def test_a1111_img2img_takes_the_refiner(client, models):
+    init = Image.new("RGB", (32, 32), (200, 80, 40))
+    buffer = io.BytesIO()
+    init.save(buffer, "PNG")
+    body = {**SETTINGS, "init_images": [base64.b64encode(buffer.getvalue()).decode()], "denoising_strength": 0.6,
+            "sampler_name": "Euler", "refiner_checkpoint": "refiner", "refiner_switch_at": 0.5}
+    answer = client.post("/sdapi/v1/img2img", json=body)
+    assert answer.status_code == 200, answer.text
+    served = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    assert "Refiner switch at: 0.5, Refiner steps: a1111" in served.info["parameters"]
 
 
 # ----------------------------------------------------------------------------------------------------------
