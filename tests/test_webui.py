@@ -229,7 +229,7 @@ def test_page_loads_with_labelled_controls_and_lists(page, base_url):
     for control in ("prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed",
                     "width", "height", "batch_size", "clip_skip", "tiling", "subseed", "subseed_strength", "hr_upscaler",
                     "hr_scale", "hr_width", "hr_height", "hr_steps", "hr_denoise", "lora", "lora-weight", "strength",
-                    "init-image", "brush-size"):
+                    "init-image", "brush-size", "refiner", "refiner_switch"):
         label = page.find_elements(By.CSS_SELECTOR, f'label[for="{control}"]')
         assert label, f"#{control} has no <label for>"
     samplers = {s["name"] for s in http_json(base_url, "/sdapi/v1/samplers")}
@@ -606,6 +606,49 @@ def test_model_and_lora_pickers_behind_basic_auth(browser, folder_server):
         assert severe_console_errors(browser) == []
     finally:
         browser.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {}})
+
+
+@pytest.fixture(scope="module")
+def refiner_server(tmp_path_factory):
+    """A server on a tiny random SDXL model with a tiny refiner beside it in --models-dir."""
+    from bundle_fixtures import tiny_bundle, write_original
+    from server_fixtures import start_server
+
+    models = tmp_path_factory.mktemp("webui-refiner") / "models"
+    models.mkdir()
+    write_original(tiny_bundle("sdxl"), models / "base.safetensors", junk=False)
+    write_original(tiny_bundle("sdxl-refiner", seed=5), models / "refiner.safetensors", junk=False)
+    server = start_server(models.parent / "outputs", "--models-dir", str(models), "--model", str(models / "base.safetensors"))
+    yield server
+    server.stop()
+
+
+def test_refiner_picker_draws_with_the_refiner_and_reuse_fills_it(browser, refiner_server):
+    base = refiner_server.url
+    open_page(browser, base)
+    browser.get_log("browser")
+    titles = {m["model_name"]: m["title"] for m in http_json(base, "/sdapi/v1/sd-models")}
+    assert set(option_values(browser, "refiner")) == set(titles.values())
+    assert not browser.find_element(By.ID, "refiner").is_displayed()          # until "Refiner" is ticked
+    browser.find_element(By.ID, "enable_refiner").click()
+    Select(browser.find_element(By.ID, "refiner")).select_by_value(titles["refiner"])
+    set_value(browser, "refiner_switch", 0.5)
+    browser.find_element(By.ID, "prompt").send_keys("a refined castle")
+    for field, number in (("steps", 4), ("seed", 3), ("width", 32), ("height", 32)):
+        set_value(browser, field, number)
+    browser.find_element(By.ID, "generate").click()
+    result = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
+    wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", result))
+    job = job_by_prompt(base, "a refined castle")
+    assert (job["request"]["refiner"], job["request"]["refiner_switch"]) == (titles["refiner"], 0.5)
+    assert "Refiner: refiner [" in Image.open(io.BytesIO(http_bytes(base, job["images"][0]))).info["parameters"]
+
+    browser.find_element(By.ID, "enable_refiner").click()                   # off: nothing sent
+    assert "refiner" not in browser.execute_script("return collectRequest()")
+    assert browser.execute_script("return fillForm(arguments[0])", job["request"]) == []
+    assert browser.find_element(By.ID, "enable_refiner").is_selected()
+    assert (value(browser, "refiner"), value(browser, "refiner_switch")) == (titles["refiner"], "0.5")
+    assert severe_console_errors(browser) == []
 
 
 # ---------------------------------------------------------------- screenshots

@@ -12,7 +12,7 @@ const MASK_COLOUR = "#ff3df5";   // how the painted mask shows on the image (it 
 const LORA_TAG = /<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>/gi;
 const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser tab): this tab's jobs, over a reload
 // checkboxes that show their options (A1111's "Hires. fix" and seed "Extra"); unticked, the request leaves them out
-const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options" };
+const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options", enable_refiner: "refiner-options" };
 
 // A1111 parameter labels with a number -> request fields, as `sdlab txt2img --from-png` reads them
 // (pipeline/infotext.py); png-info splits a "WxH" value into "<label>-1" / "<label>-2".
@@ -138,10 +138,12 @@ function fillSelect(select, items, { blank } = {}) {
 async function loadModels() {
   const [models, options] = await Promise.all([api("/sdapi/v1/sd-models"), api("/sdapi/v1/options").catch(() => ({}))]);
   const chosen = $("model").value;        // kept over a refresh when it is still there
-  fillSelect($("model"), (models || []).map((m) => ({
+  const items = (models || []).map((m) => ({
     label: m.title || m.model_name, value: m.title || m.model_name,
     data: { name: m.model_name, filename: m.filename || "", hash: m.hash || "" },
-  })));
+  }));
+  fillSelect($("model"), items);
+  fillSelect($("refiner"), items);          // a refiner is a model of the same list
   const current = options && options.sd_model_checkpoint;
   if (current && (!chosen || $("model").value !== chosen)) selectMatching($("model"), current);
 }
@@ -403,6 +405,11 @@ function variationRequest() {
   return { subseed: numberOrDefault("subseed", { integer: true }), subseed_strength: Number($("subseed_strength").value) };
 }
 
+// An SDXL refiner (a model of the list) that finishes the steps after "Switch at" of them
+function refinerRequest() {
+  return { refiner: $("refiner").value, refiner_switch: numberOrDefault("refiner_switch") };
+}
+
 function collectRequest() {
   const prompt = takeLoraTags($("prompt").value);
   if (prompt !== $("prompt").value.trim()) $("prompt").value = prompt;
@@ -425,6 +432,7 @@ function collectRequest() {
   if ($("schedule").value) body.schedule = $("schedule").value;
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
   if (state.mode === "txt2img" && $("enable_hr").checked) Object.assign(body, hiresRequest());
+  if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
   if (state.mode !== "txt2img") {
     if (!state.initImage) throw new ApiError(`${state.mode} needs an initial image: choose or drop one`);
     body.init_image = base64Of(state.initImage);
@@ -471,6 +479,7 @@ function fillForm(settings) {
   fillVariation(settings);
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
+  fillRefiner(settings, unknown);
   if (settings.sampler != null && !selectMatching($("sampler"), settings.sampler)) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
   if (settings.model && !selectMatching($("model"), settings.model)) unknown.push(`model "${settings.model}"`);
@@ -485,6 +494,14 @@ function fillVariation(settings) {
   if (!varied) return;
   setField("subseed", settings.subseed);
   setSlider("subseed_strength", settings.subseed_strength);
+}
+
+// Settings with a refiner tick "Refiner" and fill it; without one, the box is unticked (the values stay)
+function fillRefiner(settings, unknown) {
+  setToggle("enable_refiner", Boolean(settings.refiner));
+  if (!settings.refiner) return;
+  setField("refiner_switch", settings.refiner_switch ?? $("refiner_switch").defaultValue);
+  if (!selectMatching($("refiner"), settings.refiner)) unknown.push(`refiner "${settings.refiner}"`);
 }
 
 // Tick "Hires. fix" and fill it; a field the settings leave out takes the page's default (A1111's)
