@@ -387,6 +387,26 @@ def test_refining_with_the_base_itself_is_one_plain_run(bundles, sampler):
     assert np.abs(_pixels(plain.images) - _pixels(handed.images)).max() <= 1
 
 
+@pytest.mark.parametrize("sampler", ["DPM++ 2M", "Heun", "Euler a"])
+def test_a1111s_refiner_swaps_the_model_inside_one_sampler_run(bundles, sampler):
+    """A1111's `apply_refiner` swaps the model inside the running sampler: refined by the base itself, a
+    multistep or second-order sampler draws the plain run's picture (its history runs on), and progress counts
+    each step once; diffusers' rule restarts a multistep sampler at the handoff."""
+    from sdlab.pipeline.plan import make_plan
+
+    base = bundles["sdxl"]
+    request = _request(sampler=sampler, steps=6, batch_size=2, width=SIZE + 8)
+    plain = _pixels(generate(base, request).images)
+    steps = []
+    plan = make_plan(base, request, refiner=base, switch_at=0.6, refiner_convention="a1111")
+    assert 0 < plan.refiner_split < 6
+    swapped = generate_with_refiner(base, base, plan, progress=lambda info: steps.append(info.i))
+    assert np.abs(plain - _pixels(swapped.images)).max() <= 1 and steps == list(range(6))
+    if sampler == "DPM++ 2M":
+        restarted = generate_with_refiner(base, base, make_plan(base, request, refiner=base, switch_at=0.6))
+        assert np.abs(plain - _pixels(restarted.images)).max() > 1
+
+
 def test_refiner_handoff_runs_and_checks_its_inputs(bundles):
     steps = []
     result = generate_with_refiner(bundles["sdxl"], bundles["sdxl-refiner"], _request(steps=5, batch_size=2),

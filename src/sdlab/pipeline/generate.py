@@ -88,6 +88,7 @@ from sdlab.pipeline.masked_content import masked_latent
 from sdlab.pipeline.overlay import apply_overlay
 from sdlab.pipeline.plan import (
     GenerationPlan,
+    a1111_switches,
     handoff_index,
     make_plan,
     request_sigmas,
@@ -245,7 +246,9 @@ def generate_with_refiner(
     on the refiner's img2img pipeline: no noise is added at the handoff). Each model is guided with its own
     conditioning (the refiner's: bigG only, with the request's aesthetic scores). Image i keeps drawing from
     generator seed + i across the handoff, like passing the same generators to both diffusers pipelines.
-    Multistep samplers restart their history at the handoff, as a fresh diffusers scheduler does.
+    Multistep samplers restart their history at the handoff, as a fresh diffusers scheduler does. A plan made
+    with ``refiner_convention="a1111"`` runs one sampler over the whole schedule and swaps the model at the
+    first call A1111's rule hands over at (`_a1111_swapping_model`): the history runs on, as in A1111.
 
     A plan (`make_plan(base, request, refiner=refiner, switch_at=...)`) carries its own split; `switch_at`
     is then unused.
@@ -258,19 +261,39 @@ def generate_with_refiner(
         start = _start(base, plan, generators, refiner=refiner)
         options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
         x = start.x
-        if split > 0:
-            base_model = _guided_model(base, plan.sampling, req, start, generators, sigmas)
-            x = _run_sampler(plan, base_model, x, sigmas[: split + 1], options, progress)
+        base_model = _guided_model(base, plan.sampling, req, start, generators, sigmas) if split > 0 else None
+        refiner_model = None
         if split < len(sigmas) - 1:
             no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
             refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, generators, sigmas,
                                           steps_done=split)
-            x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
+        if plan.refiner_convention == "a1111" and base_model is not None and refiner_model is not None:
+            swapping = _a1111_swapping_model(base_model, refiner_model, plan.sampling, plan.refiner_switch_at)
+            x = _run_sampler(plan, swapping, x, sigmas, options, progress)
+        else:
+            if base_model is not None:
+                x = _run_sampler(plan, base_model, x, sigmas[: split + 1], options, progress)
+            if refiner_model is not None:
+                x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
         _check_finite(x, "the final latent", req)
         last = refiner if split < len(sigmas) - 1 else base
         latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x), req)
         images = _pictures(refiner, plan, latents)
     return GenerationResult(images=images, seeds=req.seeds(), request=req)
+
+
+def _a1111_swapping_model(base_model: DenoiseFn, refiner_model: DenoiseFn, sampling: ModelSampling,
+                          switch_at: float) -> DenoiseFn:
+    """One denoiser for A1111's refiner: `base_model` until the first call whose sigma `a1111_switches`,
+    `refiner_model` from that call on (A1111's ``apply_refiner`` swaps the model inside the running sampler,
+    so a multistep sampler keeps its history and a second-order step can end on the refiner)."""
+    swapped = False
+
+    def denoise(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
+        nonlocal swapped
+        swapped = swapped or bool(a1111_switches(sigma.flatten()[:1], sampling, switch_at)[0])
+        return (refiner_model if swapped else base_model)(x, sigma, **kwargs)
+    return denoise
 
 
 def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:

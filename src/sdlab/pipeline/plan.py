@@ -74,6 +74,8 @@ class GenerationPlan:
     picture: InitPicture | None = None              # img2img / inpainting: what is encoded and pasted onto
     refiner_split: int | None = None                # with a refiner: how many steps the base takes
     refiner_sampling: ModelSampling | None = None
+    refiner_switch_at: float | None = None          # the fraction the split came from
+    refiner_convention: str = "diffusers"           # "a1111": one sampler run, the model swapped at a call
     from_latent: bool = False                       # starts from a given latent (hires fix), not an init image
 
     @property
@@ -194,17 +196,24 @@ def check_refiner_convention(convention: str) -> str:
 
 
 def _a1111_handoff(sigmas: Tensor, sampling: ModelSampling, switch_at: float) -> int:
-    """A1111's handoff step (`handoff_index`): k-diffusion's training sigmas from float32 alphas_cumprod
-    (``DiscreteSchedule.sigmas``), the nearest one to each step's float32 sigma by absolute difference."""
+    """A1111's handoff step (`handoff_index`): the first step whose starting sigma switches (`a1111_switches`)."""
+    switched = a1111_switches(sigmas[:-1], sampling, switch_at).nonzero()
+    return int(switched[0]) if len(switched) else len(sigmas) - 1
+
+
+def a1111_switches(sigmas: Tensor, sampling: ModelSampling, switch_at: float) -> Tensor:
+    """Whether A1111's ``apply_refiner`` hands over at a model call at each of `sigmas` (bool, same shape):
+    k-diffusion's training sigmas from float32 alphas_cumprod (``DiscreteSchedule.sigmas``), the nearest one
+    to the float32 sigma by absolute difference (an integer timestep t), then ``(T - 1 - t) / T >= switch_at``
+    in float32."""
     schedule = getattr(sampling, "schedule", sampling)                       # a NoiseSchedule as it is
     alphas_cumprod = schedule.alphas_cumprod.to(torch.float32).cpu()         # (T,)
     training = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5                # (T,) ascending with t
-    starts = sigmas[:-1].to(torch.float32).cpu()                             # (steps,) each step's starting sigma
-    nearest = (training[None, :] - starts[:, None]).abs().argmin(dim=1)     # (steps,) integer timesteps
+    flat = sigmas.to(torch.float32).cpu().reshape(-1)                        # (n,)
+    nearest = (training[None, :] - flat[:, None]).abs().argmin(dim=1)        # (n,) integer timesteps
     T = len(training)
-    completed = (T - 1 - nearest) / T                                        # (steps,) float32, as A1111's ratio
-    switched = (completed >= float(switch_at)).nonzero()                   # a Python float: compared in float32
-    return int(switched[0]) if len(switched) else len(starts)
+    completed = (T - 1 - nearest) / T                                        # (n,) float32, as A1111's ratio
+    return (completed >= float(switch_at)).reshape(sigmas.shape)           # a Python float: compared in float32
 
 
 def _check_refiner_fits(base: ModelBundle, refiner: ModelBundle) -> None:
@@ -270,4 +279,5 @@ def make_plan(
         refiner_sampling = refiner.model_sampling
     return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
                           picture=picture, refiner_split=split, refiner_sampling=refiner_sampling,
-                          from_latent=from_latent)
+                          refiner_switch_at=None if refiner is None else switch_at,
+                          refiner_convention=refiner_convention, from_latent=from_latent)
