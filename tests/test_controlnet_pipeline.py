@@ -215,6 +215,38 @@ def test_controlnet_img2img(sd1, tmp_path):
     assert _max_diff(result.images, reference) <= MAX_PIXEL_DIFF
 
 
+@pytest.mark.parametrize("resize_mode", ["resize", "crop", "fill"])
+def test_only_masked_inpainting_hints_with_the_drawn_region(sd1, tmp_path, monkeypatch, resize_mode):
+    """Inpaint area "Only masked" draws a region of the picture at width x height; A1111's ControlNet extension
+    cuts the control image to that region (`try_crop_image_with_a1111_mask`): a control image that is the init
+    picture itself gives a hint that is the drawn crop, whatever the control's resize mode."""
+    from sdlab.pipeline import generate
+    from sdlab.pipeline.plan import make_plan
+
+    ours, _, unet_config = sd1
+    [(_, path)] = _controlnet_files(tmp_path, unet_config, 1, "original")
+    picture = _hint(1)                                                          # 48 x 40
+    mask = Image.new("L", picture.size, 0)
+    mask.paste(255, (28, 6, 40, 14))
+    hints, prepare = [], generate.prepare_controls
+
+    def recording_hints(*args, **kwargs):
+        prepared = prepare(*args, **kwargs)
+        hints.extend(control.hint for control in prepared)
+        return prepared
+
+    monkeypatch.setattr(generate, "prepare_controls", recording_hints)
+    request = GenerationRequest(PROMPT, init_image=picture, mask_image=mask, width=SIZE, height=SIZE, steps=2,
+                                seed=SEED, sampler="Euler", inpaint_only_masked=True, inpaint_padding=4,
+                                inpaint_fill="original", controls=(ControlInput(path, picture, 0.8,
+                                                                                resize_mode=resize_mode),))
+    plan = make_plan(ours.bundle, request)
+    assert plan.picture.overlay.region != (0, 0, *picture.size)
+    ours.run(plan)
+    crop = torch.from_numpy(np.asarray(plan.picture.image, dtype=np.float32) / 255).permute(2, 0, 1)   # (3, H, W)
+    torch.testing.assert_close(hints[0][0], crop, atol=1e-6, rtol=0)
+
+
 def test_sdxl_controlnet(tmp_path):
     bundle = tiny_bundle("sdxl", seed=11)
     folder = _released(write_diffusers_folder(bundle, tmp_path / "pipe"))

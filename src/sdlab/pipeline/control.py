@@ -22,7 +22,9 @@ Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetM
   so img2img counts from its first noised step, as diffusers' img2img ControlNet pipeline does. Model calls
   inside a step (second-order samplers) belong to that step. Under A1111's convention (a request's
   `control_convention="a1111"`, the A1111 API's units) the extension's rule holds instead:
-  start <= max(i - 1, 0) / N <= end (`PreparedControl.active`).
+  start <= max(i - 1, 0) / N <= end (`PreparedControl.active`);
+- under Inpaint area "Only masked" the U-Net draws a region of the picture, so the hint is that region of
+  the control image, as A1111's ControlNet extension cuts it (`cropped_to_region`).
 
 The seam with the generate loop is two wrappers around the callables it already has:
 
@@ -55,8 +57,10 @@ from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding
 from sdlab.pipeline.images import flattened
+from sdlab.pipeline.init_picture import IMG2IMG_UPSCALER
 from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess, unknown_preprocessor
 from sdlab.pipeline.request import RequestError, input_image
+from sdlab.pipeline.upscale import resize_image
 
 MAX_STRENGTH = 10.0      # diffusers accepts any scale; A1111's slider stops at 2
 CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",
@@ -175,6 +179,16 @@ def hint_tensor(image: Image.Image, width: int, height: int, resize_mode: str = 
     return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
+def cropped_to_region(image: Image.Image, picture_size: tuple[int, int], region: tuple[int, int, int, int],
+                      size: tuple[int, int], resize_mode: str) -> Image.Image:
+    """The part of a control image that an Inpaint area "Only masked" run draws, as A1111's ControlNet extension
+    cuts it (`try_crop_image_with_a1111_mask`): the image (RGB, on white) fitted to the picture's size by the
+    control's resize mode, cut to the drawn `region` (x1, y1, x2, y2) and resized to the drawing `size` by
+    "Resize and fill" (A1111's `images.resize_image`, modes 0-2, then 2)."""
+    image = resize_image(flattened(image).convert("RGB"), IMG2IMG_UPSCALER, picture_size, mode=resize_mode)
+    return resize_image(image.crop(region), IMG2IMG_UPSCALER, size, mode="fill")
+
+
 @dataclass(frozen=True)
 class PreparedControl:
     """A control ready to run: the loaded network, its hint on the model's device, strength and step range,
@@ -236,10 +250,13 @@ def load_control_net(model: LoadedControlNet | str | os.PathLike[str], bundle: M
 def prepare_controls(
     bundle: ModelBundle, controls: Sequence[ControlInput | Any], width: int, height: int,
     convention: str = "diffusers", hires_pass: bool = False,
+    region: tuple[int, int, int, int] | None = None, picture_size: tuple[int, int] | None = None,
 ) -> list[PreparedControl]:
     """Load (or take) each ControlNet, check it fits the bundle, read and preprocess its hint image.
     `controls` may hold (file, image[, strength[, start, end]]) records (`control_input`); `convention` is
-    the request's `control_convention`; `hires_pass`: the controls act in a hires fix's second pass."""
+    the request's `control_convention`; `hires_pass`: the controls act in a hires fix's second pass.
+    `region` (x1, y1, x2, y2) of a picture of `picture_size`: the run draws that region (Inpaint area "Only
+    masked"); each image is cut to it before its preprocessor runs, as A1111 does (`cropped_to_region`)."""
     prepared = []
     factor = bundle.vae_config.downsample_factor
     for index, control in enumerate(controls):
@@ -256,9 +273,12 @@ def prepare_controls(
                 f"control {index}: {net.origin} maps hints {net.config.hint_factor}x down, but this model's "
                 f"latents are {factor}x smaller than the picture"
             )
-        image = preprocess(input_image(control.image, f"control {index} image"), control.module,
-                           control.threshold_a, control.threshold_b)
-        hint = hint_tensor(image, width, height, control.resize_mode_under(convention))
+        resize_mode = control.resize_mode_under(convention)
+        image = input_image(control.image, f"control {index} image")
+        if region is not None:
+            image = cropped_to_region(image, picture_size, region, (width, height), resize_mode)
+        image = preprocess(image, control.module, control.threshold_a, control.threshold_b)
+        hint = hint_tensor(image, width, height, resize_mode)
         hint = hint.to(next(bundle.unet.parameters()).device)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
                                         float(control.end), control.module, convention, control.control_mode,

@@ -85,7 +85,7 @@ from sdlab.pipeline.images import (
     tensor_to_pil,
 )
 from sdlab.pipeline.masked_content import masked_latent
-from sdlab.pipeline.overlay import apply_overlay
+from sdlab.pipeline.overlay import Overlay, apply_overlay
 from sdlab.pipeline.plan import (
     GenerationPlan,
     a1111_switches,
@@ -316,6 +316,7 @@ class _Start:
     image_latent: Tensor | None      # (B, 4, h, w) the init image's posterior samples (means), when encoded
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
     from_noise: bool = False         # x is pure noise (no init latent in it)
+    overlay: Overlay | None = None   # inpainting's (`plan.picture`); its region: the part "Only masked" draws
 
 
 def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Generator],
@@ -346,7 +347,9 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
-    return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, from_noise=from_noise)
+    overlay = None if plan.picture is None else plan.picture.overlay
+    return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, from_noise=from_noise,
+                  overlay=overlay)
 
 
 def _init_latent(bundle: ModelBundle, plan: GenerationPlan, pixels: Tensor, mask: Tensor | None,
@@ -436,8 +439,11 @@ def _guided_model(
     if embedded is not None:
         w = torch.full((req.batch_size,), req.cfg_scale - 1.0, device=device)                   # (B,)
         extra_cond["guidance_emb"] = guidance_scale_embedding(w, embedded)                      # (B, dim)
+    overlay = start.overlay
     controls = prepare_controls(bundle, req.controls, req.width, req.height, req.control_convention,
-                                hires_pass=req.first_pass_steps is not None)
+                                hires_pass=req.first_pass_steps is not None,
+                                region=None if overlay is None else overlay.region,
+                                picture_size=None if overlay is None else overlay.original.size)
     denoiser = Denoiser(controlled_unet(bundle.unet, controls, circular=req.tiling), sampling,
                         quantize=req.quantize_timesteps)
     if spans_part(controls):                            # else every control runs at every step
