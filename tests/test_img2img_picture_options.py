@@ -243,13 +243,18 @@ def test_img2img_encodes_the_picture_resized_by_its_mode(pipe, mode):
     assert plan.picture.mask is None and plan.picture.overlay is None
 
 
-def test_latent_resize_mode_interpolates_the_init_latent(pipe):
-    """A1111's "Just resize (latent upscale)": the picture encoded at its own size, the latent resized bilinear."""
-    bundle = pipe.bundle
-    plan = make_plan(bundle, GenerationRequest("x", init_image=_picture(), width=32, height=24, resize_mode="latent",
-                                               strength=0.5, img2img_convention="a1111", steps=2, seed=1))
+@pytest.mark.parametrize(("size", "tiled_vae"), [((48, 32), None), ((49, 31), None), ((49, 31), True)])
+def test_latent_resize_mode_interpolates_the_init_latent(pipe, size, tiled_vae):
+    """A1111's "Just resize (latent upscale)": the picture encoded at its own size, the latent resized bilinear.
+    Any size: sides that are not multiples of the VAE factor (2 here) give floor(side / 2) latent pixels, as
+    A1111's encoder does; such a picture is encoded whole even when the VAE is asked to tile."""
+    bundle, picture = pipe.bundle, _picture(*size)
+    plan = make_plan(bundle, GenerationRequest("x", init_image=picture, width=32, height=24, resize_mode="latent",
+                                               strength=0.5, img2img_convention="a1111", steps=2, seed=1,
+                                               tiled_vae=tiled_vae))
     start = _start(bundle, plan, generators_for(plan.request.seeds()))
-    own = encode_image(bundle, pil_to_tensor(_picture()))                                  # (1, 4, 16, 24)
+    own = bundle.vae.moments(pil_to_tensor(picture))[:, :4] * bundle.scaling_factor       # (1, 4, 16 or 15, 24)
+    assert own.shape[-2:] == (size[1] // 2, size[0] // 2)
     expected = F.interpolate(own, size=(12, 16), mode="bilinear")                           # (1, 4, 12, 16)
     assert start.image_latent.shape == (1, 4, 12, 16)
     torch.testing.assert_close(start.image_latent, expected, rtol=0, atol=0)

@@ -98,6 +98,17 @@ def test_parity_with_diffusers(cfg: VAEConfig, size: int) -> None:
     assert_parity(cfg, size)
 
 
+def test_any_picture_size_encodes_as_diffusers() -> None:
+    """Sides that are not multiples of the factor (A1111's "latent" resize mode encodes a picture at its own
+    size): each downsampling rounds down, floor(side / f) latent pixels, the same moments as diffusers'."""
+    reference, ours = reference_pair(DEEP)
+    img = torch.rand(1, 3, 31, 49, generator=torch.Generator().manual_seed(4)) * 2 - 1     # f = 8
+    with torch.no_grad():
+        expected, moments = reference.encode(img).latent_dist.parameters, ours.moments(img)
+    assert moments.shape == (1, 2 * DEEP.latent_channels, 3, 6)
+    assert max_err(moments, expected) < TOL
+
+
 @pytest.mark.slow
 def test_full_size_parity_with_diffusers() -> None:
     assert_parity(SD_VAE, 128, batch=1)
@@ -257,9 +268,9 @@ def test_config_round_trip_and_scaling_factor() -> None:
         vae_config_from_diffusers({**sd15, "block_out_channels": [128, 192, 512, 512]})
 
 
-def test_rejects_image_size_not_multiple_of_factor() -> None:
+def test_reconstruction_rejects_image_size_not_multiple_of_factor() -> None:
     with pytest.raises(ValueError, match="multiple"):
-        AutoencoderKL(SMALL).encode(torch.zeros(1, 3, 31, 32))
+        AutoencoderKL(SMALL)(torch.zeros(1, 3, 31, 32))
 
 
 @pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")

@@ -383,15 +383,14 @@ class AutoencoderKL(nn.Module):
         return self.quant_conv.weight.dtype
 
     def moments(self, img: Tensor) -> Tensor:
-        """img (B, in_channels, H, W) in [-1, 1] -> the raw posterior's moments (B, 2 * latent, H/f, W/f): mean,
+        """img (B, in_channels, H, W) in [-1, 1] -> the raw posterior's moments (B, 2 * latent, H//f, W//f): mean,
         then log-variance (unclamped; ``DiagonalGaussian`` clamps it).
 
-        H and W must be multiples of f. The input is cast to the model's dtype.
+        Any H and W: each `Downsample` halves a side rounding down (its right / bottom pad), as in LDM and
+        diffusers, so a side that is not a multiple of f gives floor(side / f) latent pixels. The input is cast
+        to the model's dtype.
         """
-        f = self.cfg.downsample_factor
-        if img.shape[-2] % f or img.shape[-1] % f:
-            raise ValueError(f"image size {tuple(img.shape[-2:])} is not a multiple of the VAE factor {f}")
-        return self.quant_conv(self.encoder(img.to(self.dtype)))  # (B, 2 * latent, H/f, W/f)
+        return self.quant_conv(self.encoder(img.to(self.dtype)))  # (B, 2 * latent, H//f, W//f)
 
     def encode(self, img: Tensor) -> DiagonalGaussian:
         """img (B, in_channels, H, W) in [-1, 1] -> raw (unscaled) posterior over (B, latent, H/f, W/f)."""
@@ -407,7 +406,11 @@ class AutoencoderKL(nn.Module):
         sample_posterior: bool = True,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> tuple[Tensor, DiagonalGaussian]:
-        """Reconstruction for training: returns (decoded image, posterior)."""
+        """Reconstruction for training: returns (decoded image, posterior). The image's sides must be multiples
+        of f, so that the reconstruction has its size."""
+        f = self.cfg.downsample_factor
+        if img.shape[-2] % f or img.shape[-1] % f:
+            raise ValueError(f"image size {tuple(img.shape[-2:])} is not a multiple of the VAE factor {f}")
         posterior = self.encode(img)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior

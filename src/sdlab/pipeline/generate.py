@@ -631,15 +631,21 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Gen
 
     Pictures are encoded in tiles when `tiled` says so (None: large ones, `should_tile`): the encoder's moments
     (mean and log-variance) are blended across the tiles into one posterior, as diffusers' tiled encode does
-    (`AutoencoderKL._tiled_encode`), which is then sampled, or its mean taken, as an untiled one."""
+    (`AutoencoderKL._tiled_encode`), which is then sampled, or its mean taken, as an untiled one. A picture
+    whose sides are not multiples of the VAE factor (the "latent" resize mode encodes any size, h = H // f) is
+    encoded whole: tiles must start on latent pixels."""
     vae = bundle.vae
     height, width = pixels.shape[-2:]
     tile = tiled if tiled is not None else should_tile(height, width)
+    factor = bundle.vae_config.downsample_factor
+    if tile and (height % factor or width % factor):
+        logger.info("a %dx%d picture is encoded whole: VAE tiles need sides that are multiples of %d",
+                    width, height, factor)
+        tile = False
     states = [g.get_state() for g in generators or ()]   # a float32 retry draws what the first try drew
 
     def encode() -> Tensor:
         x = pixels.to(vae.dtype)
-        factor = bundle.vae_config.downsample_factor
         moments = encode_tiled(vae.moments, x, factor=factor) if tile else vae.moments(x)  # (B, 2 * 4, h, w)
         posterior = DiagonalGaussian(moments)
         if generators is None:

@@ -11,8 +11,8 @@ In A1111's order:
    itself, at the picture's size. A blank mask has no region: A1111 then draws img2img of the whole
    picture, and so does sdlab (the plan's request drops the mask);
 3. the picture (on white): resized to width x height by the resize mode (`RESIZE_MODES`: "resize",
-   "crop", "fill"; "latent" keeps its size: its latent is interpolated to the size instead, bilinear, after
-   encoding), or for "Only masked" cropped to the region and resized by "Resize and fill"; the overlay
+   "crop", "fill"; "latent" keeps its size, any size: its latent is interpolated to the size instead,
+   bilinear, after encoding), or for "Only masked" cropped to the region and resized by "Resize and fill"; the overlay
    keeps the picture before this crop;
 4. Masked content other than "original" paints the mask's area of that picture (``masked_content.fill``,
    by the mask of step 2); "latent noise" and "latent nothing" then replace that area of its latent once
