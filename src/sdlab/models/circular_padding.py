@@ -7,11 +7,13 @@ after the last, so it sees a torus:
     zeros:     0    0  | x0 x1 ... xn |  0    0
     circular:  xn-1 xn | x0 x1 ... xn |  x0   x1
 
-When every padded convolution of the U-Net, its ControlNets and the VAE wraps around, nothing in the
-networks knows where the picture ends (attention and GroupNorm see all positions alike), so the picture's
-left edge continues its right edge and its top its bottom: copies of it tile a plane without a seam. A1111
-does exactly this for a run with Tiling on (`sd_hijack.apply_circular`: padding_mode "circular" on every
-`Conv2d` of the model, "zeros" again after).
+When every padded convolution of the U-Net and the VAE wraps around, nothing in the networks knows where
+the picture ends (attention and GroupNorm see all positions alike), so the picture's left edge continues its
+right edge and its top its bottom: copies of it tile a plane without a seam. A1111 does this for a run with
+Tiling on (`sd_hijack.apply_circular`: padding_mode "circular" on every `Conv2d` of the SD model, "zeros"
+again after). sdlab wraps the ControlNets' convolutions too while they run (`ControlledUNet`), so that the
+hint's edges wrap with the picture's; that is sdlab's choice: the models of A1111's ControlNet extension are
+not part of the SD model that `apply_circular` walks, so they keep zero padding there.
 
 Convolutions that do not pad are left as they are: a 1x1 convolution has nothing to wrap, and the VAE
 encoder's downsampling pads its right and bottom with zeros itself before an unpadded convolution, in

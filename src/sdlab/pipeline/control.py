@@ -301,8 +301,8 @@ class ControlledUNet:
     """`net(x, t, context, y=None, control_step=(i, N), cond_mark=None)`: the U-Net with the residuals of
     every control active at step i added (`UNet.forward`'s `control`). Without `control_step` every control
     runs; `cond_mark` (B,) is 1 on the prompt's rows and 0 on the negative prompt's (`prompt_marks`), and
-    without it every row counts as the prompt's. `circular`: the ControlNets pad circularly while they run
-    (A1111's Tiling, `models.circular_padding`), as the U-Net does in such a run."""
+    without it every row counts as the prompt's. `circular`: under Tiling the ControlNets pad circularly while
+    they run, as the U-Net does (`models.circular_padding`): sdlab's choice, A1111 leaves them zero-padded."""
 
     def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False):
         self.unet = unet
