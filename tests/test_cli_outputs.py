@@ -318,6 +318,7 @@ def test_the_command_line_is_imported_without_collections_and_runs_with_those_ob
 INTERRUPT_IMPORTING_TORCH = """
 import os, signal, sys
 
+signal.signal(signal.SIGINT, signal.default_int_handler)    # a shell's Ctrl-C, whatever the test runner left
 
 class InterruptOnTorch:
     def find_spec(self, name, path=None, target=None):
