@@ -15,7 +15,7 @@ import pytest
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server import a1111, store as store_module
 from sdlab.server.inputs import JobSpec
-from sdlab.server.jobs import Job, JobCancelled, JobQueue, Unavailable
+from sdlab.server.jobs import Job, JobCancelled, JobQueue, QueueFull, Unavailable
 from sdlab.server.store import DB_NAME, INTERRUPTED_ERROR, Store, StoreError
 
 WAIT_S = 60.0
@@ -45,7 +45,8 @@ class OtherWriter:
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT_S", 0.05)     # a locked write fails at once
+    monkeypatch.setattr(store_module, "REQUEST_BUSY_TIMEOUT_S", 0.05)     # a locked write fails at once
+    monkeypatch.setattr(store_module, "WORKER_BUSY_TIMEOUT_S", 0.05)
     opened = Store(tmp_path)
     yield opened
     opened.close()
@@ -137,3 +138,100 @@ def test_an_unusable_history_is_one_error_naming_the_file(tmp_path, make, reason
     with pytest.raises(StoreError) as caught:
         Store(tmp_path)
     assert str(caught.value).startswith(f"cannot open the job history {tmp_path / DB_NAME}: {reason}")
+
+
+def _answers_before(done: threading.Event, call) -> bool:
+    """Whether `call()` returns before `done` is set."""
+    answered = threading.Event()
+    threading.Thread(target=lambda: (call(), answered.set()), daemon=True).start()
+    return answered.wait(WAIT_S) and not done.is_set()
+
+
+def test_a_submit_waiting_on_a_locked_history_holds_up_no_other_queue_call(store, monkeypatch):
+    writing, let_go, written = threading.Event(), threading.Event(), threading.Event()
+    save_job = store.save_job
+
+    def slow_save(record, **kwargs):                    # a write waiting on another program's lock
+        writing.set()
+        let_go.wait(WAIT_S)
+        written.set()
+        save_job(record, **kwargs)
+
+    queue = JobQueue(store, lambda job: None, max_queue=2)
+    queued = _submit(queue)
+    monkeypatch.setattr(store, "save_job", slow_save)
+    submitting = threading.Thread(target=_submit, args=(queue,), daemon=True)
+    submitting.start()
+    assert writing.wait(WAIT_S)
+    try:
+        assert _answers_before(written, queue.counts)
+        assert _answers_before(written, lambda: queue.get(queued.id))
+        with pytest.raises(QueueFull):                  # the place kept for the job being written counts
+            queue.submit(_spec(), "txt2img", "model", {})
+    finally:
+        let_go.set()
+    submitting.join(WAIT_S)
+    assert queue.counts() == (2, 0)
+
+
+def test_a_job_queued_as_the_server_stops_is_recorded_interrupted(store, monkeypatch):
+    save_job = store.save_job
+    queue = JobQueue(store, lambda job: None, max_queue=4)
+
+    def stop_meanwhile(record, **kwargs):
+        save_job(record, **kwargs)
+        if record["status"] == "queued":
+            queue.stop_jobs()
+
+    monkeypatch.setattr(store, "save_job", stop_meanwhile)
+    with pytest.raises(Unavailable, match="stopping"):
+        _submit(queue)
+    (row,) = store.jobs(10)
+    assert (row["status"], row["error"]) == ("interrupted", INTERRUPTED_ERROR)
+    assert queue.counts() == (0, 0)
+
+
+def test_the_worker_waits_longer_on_a_locked_history_than_a_request_and_holds_up_no_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "REQUEST_BUSY_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(store_module, "WORKER_BUSY_TIMEOUT_S", WAIT_S)
+    store = Store(tmp_path)
+    other = OtherWriter(store.path)
+    row = Job(id="j", mode="txt2img", model="model", spec=_spec(), created=0.0).record()
+    other.hold()
+    written = threading.Event()
+    threading.Thread(target=lambda: (store.save_job(row, by_worker=True), written.set()), daemon=True).start()
+    try:
+        with pytest.raises(StoreError, match="database is locked"):
+            store.save_job(row)                         # a request's write gives up
+        assert store.jobs(10) == [] and not written.is_set()    # reads answer while the worker's write waits
+    finally:
+        other.release()
+    assert written.wait(WAIT_S) and store.job("j")["status"] == "queued"
+    store.close()
+
+
+def test_an_a1111_call_submits_off_the_event_loop():
+    submitting, let_go = threading.Event(), threading.Event()
+
+    class LockedHistory:
+        def submit(self, *args, **kwargs):
+            submitting.set()
+            let_go.wait(WAIT_S)
+            raise Unavailable("cannot write the job history")
+
+    async def call_and_poll() -> bool:
+        call = asyncio.create_task(a1111._generate(LockedHistory(), a1111.Txt2ImgIn(), "txt2img",
+                                                   GenerationRequest("a red apple", sampler="Euler")))
+        await asyncio.to_thread(submitting.wait, WAIT_S)
+        loop_free = not let_go.is_set()                 # this coroutine ran while the submit waited
+        let_go.set()
+        with pytest.raises(Unavailable):
+            await call
+        return loop_free
+
+    timer = threading.Timer(WAIT_S, let_go.set)         # a submit on the loop ends the test instead of hanging it
+    timer.start()
+    try:
+        assert asyncio.run(call_and_poll())
+    finally:
+        timer.cancel()

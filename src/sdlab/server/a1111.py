@@ -188,7 +188,7 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     spec = JobSpec(request, model_preset_fills=unset_preset_fields(_given(body), request),
                    unset_schedule=a1111_schedule(request.sampler, None),
                    refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
-    job, _ = service.submit(spec, mode, model, hr_steps_name="hr_second_pass_steps")
+    job, _ = await asyncio.to_thread(service.submit, spec, mode, model, hr_steps_name="hr_second_pass_steps")
     await _until_finished(job)
     if job.status == "interrupted":
         raise Unavailable(job.error)

@@ -175,6 +175,7 @@ class JobQueue:
         self._jobs: dict[str, Job] = {}     # queued and running jobs by id, and finished ones the store lacks
         self._condition = threading.Condition()
         self._stopping = False
+        self._places_kept = 0               # jobs being submitted: their rows are being written
         self.current: Job | None = None
         self._thread = threading.Thread(target=self._work, name="sdlab-worker", daemon=True)
 
@@ -200,23 +201,48 @@ class JobQueue:
             self._finish(job, "interrupted", INTERRUPTED_ERROR)
 
     def submit(self, spec: JobSpec, mode: str, model: str, settings: dict[str, Any]) -> tuple[Job, int]:
-        """Queue a job; returns it and its position (0 = next). `QueueFull` past `max_queue` waiting jobs."""
+        """Queue a job; returns it and its position (0 = next). `QueueFull` past `max_queue` waiting jobs.
+
+        The job's row is written outside the queue's lock (a locked history holds up no other caller), in a
+        place in the queue kept for it meanwhile."""
         job = Job(id=uuid.uuid4().hex, mode=mode, model=model, spec=spec, created=time.time(),
                   steps=steps_of(spec), settings=settings)
+        self._keep_place()
+        try:
+            self.store.save_job(job.record())
+        except StoreError as err:
+            self._leave_place()
+            raise Unavailable(str(err)) from None
+        position = self._take_place(job)
+        if position is None:                # `stop_jobs` ran while the row was written
+            self._finish(job, "interrupted", INTERRUPTED_ERROR)
+            raise Unavailable("the server is stopping")
+        return job, position
+
+    def _keep_place(self) -> None:
+        """Keep a place in the queue for a job being submitted; `Unavailable` while stopping, `QueueFull`."""
         with self._condition:
             if self._stopping:
                 raise Unavailable("the server is stopping")
-            if len(self._queue) >= self.max_queue:
-                raise QueueFull(f"{len(self._queue)} jobs are waiting, the most this server queues (--max-queue)")
-            try:
-                self.store.save_job(job.record())
-            except StoreError as err:
-                raise Unavailable(str(err)) from None
+            waiting = len(self._queue) + self._places_kept
+            if waiting >= self.max_queue:
+                raise QueueFull(f"{waiting} jobs are waiting, the most this server queues (--max-queue)")
+            self._places_kept += 1
+
+    def _leave_place(self) -> None:
+        with self._condition:
+            self._places_kept -= 1
+
+    def _take_place(self, job: Job) -> int | None:
+        """Queue `job` in its kept place; its position, or None when the server stopped meanwhile."""
+        with self._condition:
+            self._places_kept -= 1
+            if self._stopping:
+                return None
             self._queue.append(job)
             self._jobs[job.id] = job
-            position = len(self._queue) - 1
             self._condition.notify_all()
-        return job, position
+            return len(self._queue) - 1
 
     def get(self, job_id: str) -> Job | None:
         with self._condition:
@@ -234,13 +260,14 @@ class JobQueue:
     def cancel(self, job: Job) -> str:
         """Cancel a queued job at once, a running one at its next step; returns the status after."""
         with self._condition:
-            if job in self._queue:
+            queued = job in self._queue
+            if queued:
                 self._queue.remove(job)
-                self._finish(job, "cancelled", None)
-                return job.status
-            if job.status == "running":
+            elif job.status == "running":
                 job.cancel.set()
-            return job.status
+        if queued:
+            self._finish(job, "cancelled", None)
+        return job.status
 
     def interrupt(self) -> bool:
         """Cancel the running job (A1111's interrupt); False when nothing runs."""
@@ -251,24 +278,25 @@ class JobQueue:
             job.cancel.set()
             return True
 
-    def _finish(self, job: Job, status: str, error: str | None) -> None:
+    def _finish(self, job: Job, status: str, error: str | None, by_worker: bool = False) -> None:
         job.status, job.error, job.finished = status, error, time.time()
         job.preview = None
-        self._save(job)
+        self._save(job, by_worker)
         name, data = job.final_event() or ("failed", {"error": status})
         job.publish(name, data)
         job.finished_event.set()
 
-    def _save(self, job: Job) -> None:
+    def _save(self, job: Job, by_worker: bool = False) -> None:
         """Write the job's row, then those of finished jobs an earlier write failed to store; a finished job
         leaves memory once its row is written. A write that fails is logged, nothing more: the job goes on
         (a finished one stays in memory for `get`), and a row left `queued` or `running` is marked
-        `interrupted` on the next start."""
+        `interrupted` on the next start. Never called under the queue's lock; `by_worker`: the worker's
+        write, which waits longer on a locked history (`Store.save_job`)."""
         with self._condition:
             held = [other for other in self._jobs.values() if other is not job and other.status in FINAL_STATES]
         for row in (job, *held):
             try:
-                self.store.save_job(row.record())
+                self.store.save_job(row.record(), by_worker=by_worker)
             except StoreError as err:
                 logger.error("job %s goes on without its history row: %s", row.id, err)
                 return
@@ -291,7 +319,7 @@ class JobQueue:
                 job = self._queue.popleft()
                 self.current = job
                 job.status, job.started = "running", time.time()
-            self._save(job)
+            self._save(job, by_worker=True)
             job.publish("started", job._started_data())
             status, error = "done", None
             try:
@@ -304,7 +332,7 @@ class JobQueue:
                     logger.exception("job %s failed", job.id)
             with self._condition:
                 self.current = None
-            self._finish(job, status, error)
+            self._finish(job, status, error, by_worker=True)
 
 
 def _message(err: Exception) -> str:

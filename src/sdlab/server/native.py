@@ -189,7 +189,7 @@ def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
 @router.get("/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request) -> StreamingResponse:
     service = service_of(request)
-    record, live = _find(service, job_id)
+    record, live = await asyncio.to_thread(_find, service, job_id)     # a history read: off the event loop
 
     async def stream():
         if live is None:                                # a job of an earlier run: its last event

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 DB_NAME = "sdlab-server.sqlite"
-BUSY_TIMEOUT_S = 30.0           # how long a write waits while another connection holds the file's write lock
+# How long a write waits while another program holds the file's write lock: briefly on a request's path (the
+# client gets a 503 and can retry), longer for the worker's writes (a job starts or ends), which nobody awaits.
+REQUEST_BUSY_TIMEOUT_S = 2.0
+WORKER_BUSY_TIMEOUT_S = 30.0
 INTERRUPTED_ERROR = "the server stopped before this job finished"
 
 _SCHEMA = """
@@ -56,60 +59,74 @@ class StoreError(Exception):
     """The job history cannot be opened, read or written; the message names the file and why."""
 
 
+class _Connection:
+    """One sqlite3 connection, shared by the server's threads under its lock (SQLite calls are short)."""
+
+    def __init__(self, path: Path, busy_timeout_s: float) -> None:
+        self.db = sqlite3.connect(path, timeout=busy_timeout_s, check_same_thread=False, isolation_level=None)
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
+
 class Store:
-    """One connection shared by the server's threads under a lock (SQLite calls are short)."""
+    """Two connections: the requests' (reads, and writes that wait `REQUEST_BUSY_TIMEOUT_S` at most) and the
+    worker's (writes that wait `WORKER_BUSY_TIMEOUT_S`), so a worker write that waits on a lock held by
+    another program holds up no request (in WAL mode reads do not wait on writers)."""
 
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / DB_NAME
-        self._lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, check_same_thread=False,
-                                       isolation_level=None)
+            self._requests = _Connection(self.path, REQUEST_BUSY_TIMEOUT_S)
+            self._worker = _Connection(self.path, WORKER_BUSY_TIMEOUT_S)
         except sqlite3.Error as err:
             raise self._error("cannot open", err) from None
         try:
-            with self._using("cannot open") as db:
+            with self._using("cannot open", self._worker) as db:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")     # WAL: no fsync per commit, never corrupt
                 db.executescript(_SCHEMA)
                 db.execute(f"UPDATE jobs SET status = 'interrupted', error = ? WHERE status IN {UNFINISHED}",
                            (INTERRUPTED_ERROR,))
         except StoreError:
-            self._db.close()
+            self.close()
             raise
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._requests.close()
+        self._worker.close()
 
-    def save_job(self, record: dict[str, Any]) -> None:
-        """Insert or replace a job (`record` has every column; JSON columns as Python values)."""
+    def save_job(self, record: dict[str, Any], *, by_worker: bool = False) -> None:
+        """Insert or replace a job (`record` has every column; JSON columns as Python values); `by_worker`:
+        on the worker's connection, which waits longer for a lock another program holds."""
         values = [json.dumps(record[c]) if c in _JSON_COLUMNS else record[c] for c in _COLUMNS]
-        with self._using("cannot write") as db:
+        with self._using("cannot write", self._worker if by_worker else self._requests) as db:
             db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})",
                        values)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
-        with self._using("cannot read") as db:
+        with self._using("cannot read", self._requests) as db:
             row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _record(row)
 
     def jobs(self, limit: int) -> list[dict[str, Any]]:
         """The newest `limit` jobs, newest first."""
-        with self._using("cannot read") as db:
+        with self._using("cannot read", self._requests) as db:
             rows = db.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,)
             ).fetchall()
         return [_record(row) for row in rows]
 
     @contextmanager
-    def _using(self, doing: str) -> Iterator[sqlite3.Connection]:
-        """The connection, under the lock; an SQLite error in the block is a `StoreError` saying what failed
-        (`doing`: "cannot write", ...)."""
-        with self._lock:
+    def _using(self, doing: str, connection: _Connection) -> Iterator[sqlite3.Connection]:
+        """The connection's database, under its lock; an SQLite error in the block is a `StoreError` saying
+        what failed (`doing`: "cannot write", ...)."""
+        with connection.lock:
             try:
-                yield self._db
+                yield connection.db
             except sqlite3.Error as err:
                 raise self._error(doing, err) from None
 
