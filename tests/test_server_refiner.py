@@ -13,13 +13,16 @@ import gc
 import io
 import json
 import re
+import shutil
 import uuid
 import weakref
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 import sdlab
 from bundle_fixtures import tiny_bundle, write_original
@@ -201,3 +204,22 @@ def test_progress_and_cancelling_run_across_the_handoff(models, tmp_path):
     with pytest.raises(JobCancelled):
         runner.run(job)
     assert job.step == 4 and not job.images
+
+
+def test_a_reloaded_base_gets_its_refiner_loaded_again_with_its_embeddings(models, tmp_path):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("base", "refiner"):
+        shutil.copyfile(models / f"{name}.safetensors", folder / f"{name}.safetensors")
+    write_original(tiny_bundle("sdxl", seed=4), folder / "other-base.safetensors", junk=False)
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    registry = ModelRegistry(folder / "base.safetensors", folder)
+    host = ModelHost(registry, "cpu", embeddings_dir=embeddings)
+    host.pipeline(registry.default, refiner=registry.find("refiner"))         # loaded with no embeddings
+    clip_g = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))   # (2, 128): bigG's width
+    save_file({"clip_l": torch.randn(2, 64), "clip_g": clip_g}, str(embeddings / "xlstyle.safetensors"))
+    pipe = host.pipeline(registry.find("other-base"), refiner=registry.find("refiner"))
+    (encoder,) = pipe.refiner.text_encoders                                   # bigG only
+    rows = encoder.model.embeddings.token_vectors(encoder.tokenizer("xlstyle"))[0, 1:3]   # (2, 128)
+    assert torch.equal(rows, clip_g)

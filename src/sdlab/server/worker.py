@@ -6,8 +6,10 @@ a client left unset come from the preset the model names, if any, then from the 
 `ModelHost` keeps one model loaded (the worker thread alone touches it), and the SDXL refiner of the
 job's pair beside it. A job with another checkpoint or another set of LoRAs reloads it: LoRAs are merged
 into the weights, so a different set needs fresh weights. A job with another refiner, or none, lets the
-held one go first, so at most a base model and a refiner are in memory. A hires upscaler named from `--upscalers-dir` is read from its file for the run only; the job
-and the pictures name it as the server lists it. The pictures carry the same `parameters` text as the
+held one go first, and so does a reload of the base (the refiner takes the base's device, dtype and
+embeddings), so at most a base model and a refiner are in memory. A hires upscaler named from
+`--upscalers-dir` is read from its file for the run only; the job and the pictures name it as the server
+lists it. The pictures carry the same `parameters` text as the
 CLI's (model name and hash, LoRA tags and hashes), are written all or nothing, and are named
 `<job id>-<index>.png` in `<output>/images/`.
 """
@@ -82,8 +84,7 @@ class ModelHost:
             self.loading.set()
             try:
                 self.pipe, self._key = None, None
-                if refiner is None:
-                    self._refiner = None
+                self._refiner, self._refiner_key = None, None       # loaded for the base let go (`_loaded_refiner`)
                 started = time.perf_counter()
                 pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras],
                             embeddings=self.embeddings)
@@ -97,8 +98,9 @@ class ModelHost:
 
     def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline) -> ModelBundle | None:
         """The bundle of `refiner` for `base` (its device, dtype and embeddings: `load_refiner`), loaded unless
-        it is held already; None (and nothing held) without one."""
-        key = None if refiner is None else (refiner.path, base.bundle.device, base.bundle.dtype)
+        it is held already; None (and nothing held) without one. The one held was loaded for this `base`:
+        `pipeline` lets it go whenever it loads another."""
+        key = None if refiner is None else refiner.path
         if key != self._refiner_key or (refiner is not None and self._refiner is None):
             self._refiner, self._refiner_key = None, None
             if refiner is not None:
