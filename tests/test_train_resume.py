@@ -14,6 +14,7 @@ noise.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -191,3 +192,30 @@ def test_resume_takes_a_setting_spelled_otherwise_but_read_alike(tmp_path, monke
     now = TrainConfig(model=str(tmp_path / "link.safetensors"), data_dir="./images/", prediction="v_prediction",
                       family="SD2")
     check_resume(_resume_point(tmp_path, stored), now, global_batch=1)
+
+
+def test_resume_from_another_directory_reads_the_files_the_run_started_with(tmp_path, monkeypatch):
+    """A run checkpoint stores its paths as the files and folders the run read, so a resume from another
+    directory keeps the run's data when --data-dir is left out, takes it given as another path, and refuses
+    a folder of the same relative name there; a checkpoint that stored a relative path reads it from here."""
+    from dataclasses import replace
+
+    from sdlab.train.config import TrainConfig, merge_resumed
+    from sdlab.train.errors import TrainError
+    from sdlab.train.loop import check_resume
+
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    for folder in (start / "images", elsewhere / "images"):
+        folder.mkdir(parents=True)
+    images = os.path.realpath(start / "images")
+    monkeypatch.chdir(start)
+    point = _resume_point(tmp_path, TrainConfig(data_dir="images"))            # the run starts here
+    monkeypatch.chdir(elsewhere)
+    check_resume(point, TrainConfig(data_dir=images), global_batch=1)
+    cfg, changed = merge_resumed(point.config, {"data_dir": images})
+    assert (cfg.data_dir, changed) == (images, {})
+    assert merge_resumed(point.config, {})[0].data_dir == images
+    with pytest.raises(TrainError, match="--data-dir was"):
+        check_resume(point, TrainConfig(data_dir="images"), global_batch=1)    # elsewhere/images
+    older = replace(point, config=point.config | {"data_dir": "images"})       # stored as typed
+    check_resume(older, TrainConfig(data_dir=str(elsewhere / "images")), global_batch=1)

@@ -171,7 +171,11 @@ class TrainConfig:
         return self.batch_size * self.grad_accum * world_size
 
     def to_json(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        """The settings as a run checkpoint stores them; a path (`_PATH_SETTINGS`) as the absolute real path of
+        the file or folder it names from this process's directory, so a resume from another directory reads,
+        and compares against, the files this run read."""
+        values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+        return values | {k: os.path.realpath(values[k]) for k in _PATH_SETTINGS if values[k] is not None}
 
 
 # field -> (check, what it must be); None always passes (optional settings)
@@ -288,7 +292,8 @@ _PATH_SETTINGS = ("model", "vae", "data_dir")     # compared as the files / fold
 
 def _as_read(name: str, value: Any) -> Any:
     """A run-defining setting as the run reads it: a path as the file or folder it names (relative parts and
-    symlinks resolved), a family or prediction type by what it names (``v`` and ``v_prediction`` alike)."""
+    symlinks resolved; a checkpoint stores it resolved, `TrainConfig.to_json`), a family or prediction type by
+    what it names (``v`` and ``v_prediction`` alike)."""
     if not isinstance(value, str):
         return value
     if name in _PATH_SETTINGS:
@@ -475,7 +480,8 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any]) -> tuple[TrainC
     Returns (config, {field: (stored value, new value)} for every setting that changed)."""
     known = {f.name for f in fields(TrainConfig)}
     values = {k: _coerce(k, v) for k, v in stored.items() if k in known and k != "resume"}
-    changed = {k: (values.get(k), v) for k, v in given.items() if k != "resume" and k in values and values[k] != v}
+    changed = {k: (values.get(k), v) for k, v in given.items()
+               if k != "resume" and k in values and _as_read(k, values[k]) != _as_read(k, v)}
     return config_from_settings(values | given), changed
 
 
