@@ -651,6 +651,50 @@ def test_refiner_picker_draws_with_the_refiner_and_reuse_fills_it(browser, refin
     assert severe_console_errors(browser) == []
 
 
+def test_reuse_keeps_the_refiners_handoff_rule(browser, refiner_server):
+    """A job of A1111's API hands over by A1111's rule: reusing it sends that rule again, a native job's
+    diffusers' rule; a dropped PNG's refiner takes the rule its parameters imply."""
+    base = refiner_server.url
+    open_page(browser, base)
+    browser.get_log("browser")
+    title = next(m["title"] for m in http_json(base, "/sdapi/v1/sd-models") if m["model_name"] == "refiner")
+    http_json(base, "/sdapi/v1/txt2img", {"prompt": "an a1111 castle", "steps": 4, "seed": 3, "width": 32,
+                                          "height": 32, "refiner_checkpoint": "refiner", "refiner_switch_at": 0.6})
+    job = job_by_prompt(base, "an a1111 castle")
+    assert job["request"]["refiner_convention"] == "a1111"
+    sent = "fillForm(arguments[0]); return collectRequest()"
+    assert browser.execute_script(sent, job["request"])["refiner_convention"] == "a1111"
+    native = {**job["request"], "refiner_convention": "diffusers"}
+    assert browser.execute_script(sent, native)["refiner_convention"] == "diffusers"
+    dropped = browser.execute_script(
+        "fillForm(settingsFromParameters(arguments[0])); return collectRequest()",
+        {"Prompt": "a castle", "Steps": "4", "Refiner": "refiner [0123abcd]", "Refiner switch at": "0.6"})
+    assert (dropped["refiner"], dropped["refiner_switch"], dropped["refiner_convention"]) == (title, 0.6, "a1111")
+    assert severe_console_errors(browser) == []
+
+
+def test_hires_fix_and_refiner_cannot_be_ticked_together(browser, refiner_server):
+    """The server draws the hires fix without a refiner: while one box is ticked the other is disabled with a
+    hint, and settings with both fill the hires fix and name the refiner as left out."""
+    open_page(browser, refiner_server.url)
+    browser.get_log("browser")
+    hires, refiner = browser.find_element(By.ID, "enable_hr"), browser.find_element(By.ID, "enable_refiner")
+    hires.click()
+    assert not refiner.is_enabled() and browser.find_element(By.ID, "enable_refiner-hint").is_displayed()
+    hires.click()
+    assert refiner.is_enabled() and not browser.find_element(By.ID, "enable_refiner-hint").is_displayed()
+    refiner.click()
+    assert not hires.is_enabled() and browser.find_element(By.ID, "enable_hr-hint").is_displayed()
+    refiner.click()
+    request = {"prompt": "a castle", "hr_scale": 2, "refiner": "refiner", "refiner_switch": 0.5}
+    assert browser.execute_script("return fillForm(arguments[0])", request) == [
+        'refiner "refiner" (not with the hires fix)']
+    assert hires.is_selected() and not refiner.is_selected() and not refiner.is_enabled()
+    sent = browser.execute_script("return collectRequest()")
+    assert sent["hr_scale"] == 2 and "refiner" not in sent
+    assert severe_console_errors(browser) == []
+
+
 # ---------------------------------------------------------------- screenshots
 
 

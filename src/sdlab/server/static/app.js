@@ -25,7 +25,8 @@ const NUMBER_LABELS = {
 };
 // A1111 labels with a True / False value -> request fields
 const SWITCH_LABELS = { Tiling: "tiling" };
-const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler"]);
+const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler",
+  "Refiner", "Refiner switch at", "Refiner steps"]);
 // Labels that describe the file rather than the drawing, or follow from what the form sends ("Initial noise":
 // the schedule's own convention, which sdlab writes for some schedules)
 const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes",
@@ -48,6 +49,7 @@ const state = {
   ownActiveIds: [],       // those this page queued: the only ones its viewer, progress and Cancel follow
   shownJob: null,         // id of the job the progress bar and viewer show
   lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
+  refinerConvention: "diffusers",   // the refiner's handoff rule: the native API's default, or the reused job's
   clock: null,            // {id, i, t}: the first step seen of the followed job, for the time left
   jobsSignature: "",
 };
@@ -256,6 +258,7 @@ function setMode(mode) {
   $("hires-section").hidden = mode !== "txt2img";             // A1111's hires fix is txt2img's only
   $("mask-tools").hidden = $("mask-options").hidden = mode !== "inpaint";
   $("mask-canvas").classList.toggle("disabled", mode !== "inpaint");
+  excludeHiresOrRefiner();
 }
 
 function readFile(file) {
@@ -355,6 +358,7 @@ const base64Of = (dataUrl) => String(dataUrl).replace(/^data:[^,]*,/, "");
 function setToggle(id, on) {
   $(id).checked = on;
   $(TOGGLES[id]).hidden = !on;
+  excludeHiresOrRefiner();
 }
 
 // A slider and the value shown beside it (<output id="ID-value">)
@@ -405,9 +409,24 @@ function variationRequest() {
   return { subseed: numberOrDefault("subseed", { integer: true }), subseed_strength: Number($("subseed_strength").value) };
 }
 
-// An SDXL refiner (a model of the list) that finishes the steps after "Switch at" of them
+// An SDXL refiner (a model of the list) that finishes the steps after "Switch at" of them, by the handoff
+// rule of the job or PNG the settings came from (A1111's or diffusers')
 function refinerRequest() {
-  return { refiner: $("refiner").value, refiner_switch: numberOrDefault("refiner_switch") };
+  return { refiner: $("refiner").value, refiner_switch: numberOrDefault("refiner_switch"),
+           refiner_convention: state.refinerConvention };
+}
+
+// The hires fix does not run with a refiner: while one is on, the other shows its hint and cannot be ticked
+// (txt2img's hires fix only: the other tabs draw without it)
+function excludeHiresOrRefiner() {
+  blockToggle("enable_refiner", state.mode === "txt2img" && $("enable_hr").checked);
+  blockToggle("enable_hr", $("enable_refiner").checked);
+}
+
+// A box blocked by the other: its hint shows, and unticked it is disabled (ticked, it stays free to untick)
+function blockToggle(id, blocked) {
+  $(id).disabled = blocked && !$(id).checked;
+  $(`${id}-hint`).hidden = !blocked;
 }
 
 function collectRequest() {
@@ -433,6 +452,9 @@ function collectRequest() {
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
   if (state.mode === "txt2img" && $("enable_hr").checked) Object.assign(body, hiresRequest());
   if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
+  if (body.hr_scale !== undefined && body.refiner) {
+    throw new ApiError("the hires fix does not run with an SDXL refiner: untick Hires. fix or Refiner");
+  }
   if (state.mode !== "txt2img") {
     if (!state.initImage) throw new ApiError(`${state.mode} needs an initial image: choose or drop one`);
     body.init_image = base64Of(state.initImage);
@@ -496,10 +518,14 @@ function fillVariation(settings) {
   setSlider("subseed_strength", settings.subseed_strength);
 }
 
-// Settings with a refiner tick "Refiner" and fill it; without one, the box is unticked (the values stay)
+// Settings with a refiner tick "Refiner" and fill it, keeping their handoff rule; without one, the box is
+// unticked (the values stay). Settings with the hires fix too tick the hires fix only (they cannot go together).
 function fillRefiner(settings, unknown) {
-  setToggle("enable_refiner", Boolean(settings.refiner));
+  const withHires = usesHires(settings);
+  setToggle("enable_refiner", Boolean(settings.refiner) && !withHires);
+  state.refinerConvention = settings.refiner_convention ?? "diffusers";
   if (!settings.refiner) return;
+  if (withHires) unknown.push(`refiner "${settings.refiner}" (not with the hires fix)`);
   setField("refiner_switch", settings.refiner_switch ?? $("refiner_switch").defaultValue);
   if (!selectMatching($("refiner"), settings.refiner)) unknown.push(`refiner "${settings.refiner}"`);
 }
@@ -554,7 +580,20 @@ function settingsFromParameters(p) {
   }
   if (p.Model) s.model = p.Model;
   if (p["Hires upscaler"] !== undefined) s.hr_upscaler = p["Hires upscaler"];
+  if (p.Refiner) Object.assign(s, refinerFromParameters(p));
   return s;
+}
+
+// A PNG's refiner (`Refiner: name [hash]`, `Refiner switch at`) and its handoff rule, as `sdlab txt2img
+// --from-png` reads it: sdlab's `Refiner steps`, else diffusers' in sdlab's files and A1111's in A1111's
+function refinerFromParameters(p) {
+  const drawnBySdlab = String(p.Version ?? "").startsWith("sdlab");
+  const switchAt = Number(p["Refiner switch at"]);
+  return {
+    refiner: String(p.Refiner).replace(/\s*\[[0-9a-f]+\]\s*$/i, ""),
+    refiner_switch: p["Refiner switch at"] !== undefined && Number.isFinite(switchAt) ? switchAt : undefined,
+    refiner_convention: String(p["Refiner steps"] || (drawnBySdlab ? "diffusers" : "a1111")),
+  };
 }
 
 // The settings of request-style `s` the form has no control for, as the notice names them: the form draws
