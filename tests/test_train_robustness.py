@@ -235,16 +235,19 @@ def test_resume_latest_takes_the_stored_settings(tiny, tmp_path, capsys):
     code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--batch-size", "4")
     assert code == 2 and "images per step" in _one_error_line(err)
     # another prediction type or model would change what the rest of the run trains: refused, naming it
+    # (the checkpoint stores the family and prediction type the load detected)
     code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--prediction", "v")
-    assert code == 2 and "--prediction was None, now 'v'" in _one_error_line(err)
+    assert code == 2 and "--prediction was 'eps', now 'v'" in _one_error_line(err)
     code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--family", "sd2")
-    assert code == 2 and "--family was None, now 'sd2'" in _one_error_line(err)
+    assert code == 2 and "--family was 'sd1', now 'sd2'" in _one_error_line(err)
 
     # nothing but the run folder and a longer run: model, data, batch, EMA, resolution come from the checkpoint
-    code, stdout, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--max-steps", "3",
-                               "--no-progress")
+    # the detected family and prediction named again, the run folder under another spelling: no change
+    code, stdout, err = _sdlab(capsys, "train", "--output-dir", f"{out}/", "--resume", "latest", "--max-steps", "3",
+                               "--no-progress", "--family", "sd1", "--prediction", "epsilon")
     assert code == 0, err
-    assert "resuming" in err and "from step 2 " in err and "--max-steps 2 -> 3" in err
+    assert "resuming" in err and "from step 2 " in err and "changed: --max-steps 2 -> 3" in err
+    assert "--output-dir" not in err and "--family" not in err and "--prediction" not in err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 3 and summary["resolution"] == CLI_RES and summary["ema_weights"]
     assert "to step 3" in stdout

@@ -296,7 +296,7 @@ def _as_read(name: str, value: Any) -> Any:
     what it names (``v`` and ``v_prediction`` alike)."""
     if not isinstance(value, str):
         return value
-    if name in _PATH_SETTINGS:
+    if name in _PATH_SETTINGS or name == "output_dir":
         return os.path.realpath(value)
     if name == "family":
         return value.strip().lower()
