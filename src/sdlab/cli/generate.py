@@ -72,7 +72,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--batch", type=int, help="images drawn together, one batch (default 1)")
         p.add_argument("--batch-count", type=int, default=1, metavar="N",
                        help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")
-        p.add_argument("--clip-skip", type=int, help="A1111 clip skip: 1 = usual layer, 2 = one layer back")
+        p.add_argument("--clip-skip", type=int,
+                       help="clip skip: 1 = the usual layer, 2 = one layer back, for the prompt only (diffusers' "
+                            "clip_skip=1); an A1111 picture's (--from-png) moves the negative too")
         p.add_argument("--tiling", action=argparse.BooleanOptionalAction,
                        help="A1111's Tiling: a seamless picture, whose left edge continues its right edge and top "
                             "edge its bottom (a texture that tiles); --no-tiling turns off a --from-png picture's")

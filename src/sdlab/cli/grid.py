@@ -52,7 +52,8 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of every cell unless an axis sets it (default: one random seed)")
     p.add_argument("--width", type=int, help="width in pixels (default: the family's)")
     p.add_argument("--height", type=int, help="height in pixels (default: the family's)")
-    p.add_argument("--clip-skip", type=int, help="A1111 clip skip")
+    p.add_argument("--clip-skip", type=int,
+                   help="clip skip: 1 = the usual layer, 2 = one layer back, for the prompt only (diffusers' clip_skip=1)")
     p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers")
     p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
                    help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
