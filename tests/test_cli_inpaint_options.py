@@ -107,3 +107,23 @@ def test_a_negative_padding_is_one_error_and_no_file(model, files, tmp_path, cap
                         "--only-masked", "--only-masked-padding", "-1", "--out", str(out), *FAST], capsys)
     assert code != 0 and err.count("sdlab: error:") == 1
     assert "--only-masked-padding must be 0 or more pixels, got -1" in err and not out.exists()
+
+
+def test_invert_mask_is_recorded_and_redrawn_from_png(model, files, tmp_path, capsys) -> None:
+    """--invert-mask repaints where the mask is black: A1111's Mask mode "Inpaint not masked", which
+    --from-png reads back (--no-invert-mask turns it off)."""
+    init, mask = files
+    inverted, again, plain = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    code, _, err = run(["inpaint", "a hat", "--init", str(init), "--mask", str(mask), "--model", str(model),
+                        "--invert-mask", "--out", str(inverted), *FAST], capsys)
+    assert code == 0, err
+    assert "Mask mode: Inpaint not masked" in read_parameters(inverted)
+    assert np.array_equal(pixels(inverted)[8:16, 28:40], pixels(init)[8:16, 28:40])    # the white area is kept
+    code, _, err = run(["inpaint", "--from-png", str(inverted), "--init", str(init), "--mask", str(mask), "--model",
+                        str(model), "--out", str(again), "--no-progress"], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(again), pixels(inverted))
+    code, _, err = run(["inpaint", "--from-png", str(inverted), "--init", str(init), "--mask", str(mask), "--model",
+                        str(model), "--no-invert-mask", "--out", str(plain), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "Mask mode" not in read_parameters(plain)

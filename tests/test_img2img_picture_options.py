@@ -8,6 +8,8 @@ Reduced-width random SD1 models, pictures of 32 to 48 pixels, 2 steps.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -394,3 +396,73 @@ def test_bad_values_are_one_request_error(pipe, options, message):
     with pytest.raises(RequestError) as err:
         pipe.resolve(GenerationRequest("x", init_image=_picture(), mask_image=_mask(), **options))
     assert message in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several init pictures, mask blur x / y, inverted masks, the initial noise multiplier
+
+
+def test_each_picture_of_the_batch_starts_from_its_own_init_image(pipe):
+    """A1111's several `init_images`: picture i draws init image i % N, in one batch and with its own seed;
+    outside the mask every picture is its own init image's."""
+    first, second = _picture(), Image.new("RGB", (48, 32), (0, 200, 0))
+    mask = _mask()
+    both = _inpaint(pipe, init_image=first, init_images=(first, second), mask_image=mask, batch_size=4,
+                    inpaint_fill="original").images
+    outside = np.asarray(blurred_mask(mask, 1.5)) == 0
+    for i, image in enumerate(both):
+        assert np.array_equal(_u8(image)[outside], _u8((first, second)[i % 2])[outside])
+    alone = _inpaint(pipe, init_image=second, mask_image=mask, seed=6, inpaint_fill="original").images[0]
+    assert np.abs(_u8(alone) - _u8(both[1])).max() <= 1                   # picture 1: seed 6, the second picture
+
+
+def test_more_init_images_than_pictures_or_of_two_sizes_are_refused(pipe):
+    with pytest.raises(RequestError, match="3 init images for a batch of 2"):
+        pipe.resolve(GenerationRequest("x", init_images=(_picture(),) * 3, batch_size=2, steps=2))
+    with pytest.raises(RequestError, match="share one size"):
+        pipe.resolve(GenerationRequest("x", init_images=(_picture(), _picture(32, 32)), batch_size=2, steps=2))
+
+
+def test_mask_blur_y_blurs_along_y_alone_and_0_leaves_an_axis_as_it_is():
+    stripes = Image.new("L", (32, 32), 0)
+    stripes.paste(255, (0, 12, 32, 20))                                   # varies along y only
+    assert np.array_equal(np.asarray(blurred_mask(stripes, 4.0, 0.0)), np.asarray(stripes))
+    along_y = np.asarray(blurred_mask(stripes, 0.0, 4.0))
+    assert not np.array_equal(along_y, np.asarray(stripes))
+    assert np.array_equal(along_y, np.asarray(blurred_mask(stripes, 4.0)))   # x's blur changes no row here
+
+
+def test_an_inverted_mask_repaints_where_the_mask_is_black_and_is_recorded(pipe):
+    inverted = _inpaint(pipe, invert_mask=True)
+    assert np.array_equal(_u8(inverted.images[0]), _u8(_inpaint(pipe, mask_image=ImageOps.invert(_mask())).images[0]))
+    labels = to_parameters(inverted.request)
+    assert labels["Mask mode"] == "Inpaint not masked"
+    assert from_parameters(parse_parameters(format_parameters(labels)))["invert_mask"] is True
+    assert to_parameters(_inpaint(pipe).request)["Mask mode"] is None          # None: left out of the text
+
+
+def test_uneven_mask_blur_is_recorded_by_axis():
+    """A1111 writes no Mask blur when x and y differ; sdlab writes Mask blur x / y and reads them back."""
+    request = GenerationRequest("x", init_image=_picture(), mask_image=_mask(), mask_blur=8.0, mask_blur_y=0.0,
+                                seed=1, steps=2, width=48, height=32)
+    labels = to_parameters(request)
+    assert labels["Mask blur"] is None and (labels["Mask blur x"], labels["Mask blur y"]) == (8.0, 0.0)
+    fields = from_parameters(parse_parameters(format_parameters(labels)))
+    assert (fields["mask_blur"], fields["mask_blur_y"]) == (8.0, 0.0)
+
+
+def test_the_noise_multiplier_scales_the_initial_noise_and_is_recorded(pipe):
+    """A1111's `sample`: x = rng.next() * initial_noise_multiplier, then init latent + x * sigma."""
+    def start(multiplier: float):
+        plan = make_plan(pipe.bundle, GenerationRequest("x", init_image=_picture(), steps=2, seed=5, sampler="Euler",
+                                                        img2img_convention="a1111", noise_multiplier=multiplier))
+        return plan, _start(pipe.bundle, plan, generators_for(plan.request.seeds()))
+
+    plan, half = start(0.5)
+    _, whole = start(1.0)
+    assert torch.equal(half.image_latent, whole.image_latent)
+    assert torch.allclose(half.x - half.image_latent, 0.5 * (whole.x - whole.image_latent), atol=1e-6)
+    labels = to_parameters(plan.request)
+    assert labels["Noise multiplier"] == 0.5
+    assert from_parameters(parse_parameters(format_parameters(labels)))["noise_multiplier"] == 0.5
+    assert to_parameters(replace(plan.request, noise_multiplier=1.0))["Noise multiplier"] is None

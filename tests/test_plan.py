@@ -70,10 +70,10 @@ def counted(monkeypatch):
     counters = {
         "get_sampler": _Counter(plan_module.get_sampler),
         "available_bytes": _Counter(plan_module.available_bytes),
-        "init_picture": _Counter(plan_module.init_picture),
+        "init_pictures": _Counter(plan_module.init_pictures),
         "build": _Counter(ScheduleSpec.build),
     }
-    for name in ("get_sampler", "available_bytes", "init_picture"):
+    for name in ("get_sampler", "available_bytes", "init_pictures"):
         monkeypatch.setattr(plan_module, name, counters[name])
     monkeypatch.setattr(ScheduleSpec, "build", lambda self: counters["build"](self))
     return counters
@@ -116,7 +116,7 @@ def test_running_a_plan_resolves_nothing_again(bundles, counted, mode):
     pipe = Pipeline(bundles["sd1"])
     plan = pipe.resolve(_request(**extra))
     made = {name: counter.calls for name, counter in counted.items()}
-    assert made == {"get_sampler": 1, "available_bytes": 1, "init_picture": int(mode != "txt2img"), "build": 1}
+    assert made == {"get_sampler": 1, "available_bytes": 1, "init_pictures": 1, "build": 1}
     result = pipe.run(plan)
     assert {name: counter.calls for name, counter in counted.items()} == made      # nothing resolved again
     assert result.request is plan.request

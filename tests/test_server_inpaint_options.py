@@ -48,23 +48,23 @@ def _body(**fields) -> dict:
 def test_a1111_defaults_are_fill_only_masked_padding_0_and_just_resize():
     """A1111's API model takes StableDiffusionProcessingImg2Img's defaults: inpainting_fill 0 (fill),
     inpaint_full_res True (Only masked), inpaint_full_res_padding 0, resize_mode 0."""
-    request = _request(Img2ImgIn(prompt="x"), init=_picture(), mask=_mask())
+    request = _request(Img2ImgIn(prompt="x"), inits=(_picture(),), mask=_mask())
     assert (request.inpaint_fill, request.inpaint_only_masked, request.inpaint_padding, request.resize_mode) == (
         "fill", True, 0, "resize")
-    img2img = _request(Img2ImgIn(prompt="x"), init=_picture())
+    img2img = _request(Img2ImgIn(prompt="x"), inits=(_picture(),))
     assert img2img.resize_mode == "resize" and img2img.inpaint_fill == "original"        # no mask: no inpainting
 
 
 @pytest.mark.parametrize("index, content", enumerate(["fill", "original", "latent noise", "latent nothing"]))
 def test_a1111_inpainting_fill_indices(index, content):
     request = _request(Img2ImgIn(prompt="x", inpainting_fill=index, inpaint_full_res=False,
-                                 inpaint_full_res_padding=16), init=_picture(), mask=_mask())
+                                 inpaint_full_res_padding=16), inits=(_picture(),), mask=_mask())
     assert (request.inpaint_fill, request.inpaint_only_masked, request.inpaint_padding) == (content, False, 16)
 
 
 @pytest.mark.parametrize("index, mode", enumerate(["resize", "crop", "fill", "latent"]))
 def test_a1111_resize_mode_indices(index, mode):
-    assert _request(Img2ImgIn(prompt="x", resize_mode=index), init=_picture()).resize_mode == mode
+    assert _request(Img2ImgIn(prompt="x", resize_mode=index), inits=(_picture(),)).resize_mode == mode
 
 
 @pytest.mark.parametrize("fields, message", [
@@ -76,7 +76,7 @@ def test_a1111_resize_mode_indices(index, mode):
 ])
 def test_a1111_bad_values_are_a_422(fields, message):
     with pytest.raises(BadRequest) as err:
-        _request(Img2ImgIn(prompt="x", **fields), init=_picture(), mask=_mask())
+        _request(Img2ImgIn(prompt="x", **fields), inits=(_picture(),), mask=_mask())
     assert err.value.status == 422 and err.value.message == message
 
 
@@ -131,3 +131,55 @@ def test_native_api_takes_the_request_fields(client):
     assert "Inpaint area: Only masked, Masked area padding: 8, Masked content: latent nothing" in done["infotexts"][0]
     bad = client.post("/api/jobs", json={**job, "inpaint_fill": "noise"})
     assert bad.status_code in (400, 422) and "unknown masked content 'noise'" in bad.text
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several init images, mask blur x / y, inverted masks, the initial noise multiplier, extra_generation_params
+
+
+@pytest.mark.parametrize("fields, blur", [({}, (4, 4)), ({"mask_blur_x": 0, "mask_blur_y": 0}, (0, 0)),
+                                          ({"mask_blur_x": 8, "mask_blur_y": 0}, (8, 0)),
+                                          ({"mask_blur": 3, "mask_blur_x": 8, "mask_blur_y": 0}, (3, 3))])
+def test_a1111_mask_blur_x_and_y_unless_mask_blur_sets_both(fields, blur):
+    request = _request(Img2ImgIn(prompt="x", **fields), inits=(_picture(),), mask=_mask())
+    assert (request.mask_blur, request.mask_blur_y) == blur
+
+
+def test_a1111_noise_multiplier_and_mask_invert_reach_the_request():
+    request = _request(Img2ImgIn(prompt="x", initial_noise_multiplier=0.5, inpainting_mask_invert=1),
+                       inits=(_picture(),), mask=_mask())
+    assert request.noise_multiplier == 0.5 and request.invert_mask is True
+    assert np.array_equal(np.asarray(request.mask_image), np.asarray(_mask()))   # inverted by the pipeline
+    assert _request(Img2ImgIn(prompt="x"), inits=(_picture(),)).noise_multiplier == 1.0
+
+
+def test_a1111_several_init_images_make_the_batch_and_more_than_batch_size_is_a_422():
+    inits = (_picture(), Image.new("RGB", (64, 64), (0, 200, 0)))
+    request = _request(Img2ImgIn(prompt="x", batch_size=4, n_iter=2), inits=inits)
+    assert request.batch_size == 4 and request.init_images == inits          # 2 per iteration, one per image
+    with pytest.raises(BadRequest) as err:
+        _request(Img2ImgIn(prompt="x", batch_size=1), inits=inits)
+    assert err.value.status == 422 and "bad number of images passed: 2; expecting 1 or less" in str(err.value)
+
+
+def test_a1111_each_init_image_draws_its_own_picture(client):
+    green = Image.new("RGB", (64, 64), (0, 200, 0))
+    response = client.post("/sdapi/v1/img2img", json=_body(init_images=[_b64(_picture()), _b64(green)], batch_size=2,
+                                                           inpaint_full_res=False))
+    assert response.status_code == 200, response.text
+    outside = np.asarray(blurred_mask(_mask(), 4.0)) == 0
+    pictures = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in response.json()["images"]]
+    assert np.array_equal(pictures[0][outside], np.asarray(_picture())[outside])
+    assert np.array_equal(pictures[1][outside], np.asarray(green)[outside])
+    assert json.loads(response.json()["info"])["batch_size"] == 2
+
+
+def test_a1111_info_lists_the_img2img_generation_params_and_the_mask_mode(client):
+    response = client.post("/sdapi/v1/img2img", json=_body(inpainting_mask_invert=1, initial_noise_multiplier=0.9))
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert info["extra_generation_params"] == {
+        "Schedule type": info["extra_generation_params"]["Schedule type"], "Denoising strength": 0.75,
+        "Mask mode": "Inpaint not masked", "Mask blur": 4.0, "Inpaint area": "Only masked",
+        "Masked area padding": 0, "Masked content": "fill", "Noise multiplier": 0.9}
+    assert "Mask mode: Inpaint not masked" in info["infotexts"][0] and "Noise multiplier: 0.9" in info["infotexts"][0]

@@ -140,6 +140,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         if mode == "inpaint":
             p.add_argument("--mask", help="mask image, white = repaint, same size as --init")
             p.add_argument("--mask-blur", type=float, help="Gaussian blur radius of the mask in pixels")
+            p.add_argument("--invert-mask", action=argparse.BooleanOptionalAction,
+                           help="repaint where the mask is black (A1111's Mask mode \"Inpaint not masked\"); "
+                                "--no-invert-mask turns off a --from-png picture's")
             p.add_argument("--masked-content", choices=MASKED_CONTENT_FLAGS,
                            help="what the masked area starts as (A1111's Masked content): original (the default), "
                                 "fill (the colours around it), latent-noise, latent-nothing")
@@ -268,11 +271,14 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "strength": getattr(args, "strength", None),
         "resize_mode": getattr(args, "resize_mode", None),
         "mask_blur": getattr(args, "mask_blur", None),
+        "invert_mask": getattr(args, "invert_mask", None),
         "inpaint_fill": masked_content and masked_content.replace("-", " "),
         "inpaint_only_masked": getattr(args, "only_masked", None),
         "inpaint_padding": padding,
     }
     options.update({k: v for k, v in given.items() if v is not None})
+    if given["mask_blur"] is not None:               # --mask-blur blurs both ways: not a --from-png picture's y
+        options.pop("mask_blur_y", None)
     if options.get("prompt") is None:
         raise UserError("a prompt is needed (or --from-png FILE)")
     if args.mode == "txt2img":

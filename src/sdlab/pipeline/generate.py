@@ -169,7 +169,8 @@ def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> lis
         )
     pictures = tensor_to_pil(images)
     if plan.picture is not None and plan.picture.overlay is not None and req.paste_back:
-        pictures = apply_overlay(pictures, plan.picture.overlay)
+        inputs = plan.pictures
+        pictures = [apply_overlay([picture], inputs[i % len(inputs)].overlay)[0] for i, picture in enumerate(pictures)]
     return pictures
 
 
@@ -312,7 +313,7 @@ class _Start:
 
     x: Tensor                        # (B, 4, h, w) the sampler's x at sigmas[0]
     noise: Tensor                    # (B, 4, h, w) the unit noise in x
-    pixels: Tensor | None            # (1, 3, H, W) init picture in [-1, 1] (`plan.picture`)
+    pixels: Tensor | None            # (N, 3, H, W) the N init pictures in [-1, 1] (`plan.pictures`)
     image_latent: Tensor | None      # (B, 4, h, w) the init image's posterior samples (means), when encoded
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
     from_noise: bool = False         # x is pure noise (no init latent in it)
@@ -330,7 +331,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     pixels = mask = None
     image_latent = None if init_latent is None else init_latent.to(device, torch.float32)  # (B, C, h, w)
     if plan.picture is not None:
-        pixels = pil_to_tensor(plan.picture.image).to(device)            # (1, 3, H, W); "latent" mode: its own size
+        pixels = torch.cat([pil_to_tensor(p.image) for p in plan.pictures]).to(device)   # (N, 3, H, W); "latent":
+                                                                                         # the pictures' own size
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
     from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0
@@ -341,6 +343,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     if pixels is not None and (not from_noise or blends):
         image_latent = _init_latent(bundle, plan, pixels, mask, generators)                 # (B, 4, h, w)
     noise = _initial_noise(plan, generators, device)                                        # (B, 4, h, w)
+    if pixels is not None:              # A1111's img2img `sample`: x = self.rng.next() * initial_noise_multiplier
+        noise = noise * req.noise_multiplier                                                # (B, 4, h, w)
     if mask is not None and not bundle.family.is_inpaint and req.img2img_convention == "diffusers":
         _draw_unread_masked_image_sample(plan, generators)
     if from_noise:
@@ -354,12 +358,13 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
 
 def _init_latent(bundle: ModelBundle, plan: GenerationPlan, pixels: Tensor, mask: Tensor | None,
                  generators: list[torch.Generator]) -> Tensor:
-    """The init picture's latent (B, 4, h, w): `pixels` (1, 3, H, W) encoded (`encode_image`), interpolated to
+    """The init pictures' latent (B, 4, h, w), picture i's of init picture i % N: `pixels` (N, 3, H, W) encoded
+    (`encode_image`), interpolated to
     the latent size for the "latent" resize mode (A1111: bilinear, its "Latent" upscaler), then with the
     repainted area of `mask` (1, 1, H, W) as Masked content asks (`masked_latent`)."""
     req = plan.request
     latent = encode_image(bundle, pixels, _posterior_generators(req, generators), tiled=req.tiled_vae)
-    latent = latent.expand(req.batch_size, -1, -1, -1)                                      # (B, 4, h', w')
+    latent = per_picture(latent, req.batch_size)                                           # (B, 4, h', w')
     if req.resize_mode == "latent":
         latent = upscale_latent(latent, *plan.latent_shape[-2:])                            # (B, 4, h, w)
     if mask is None:
@@ -507,7 +512,7 @@ def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
         mask = torch.ones((1, 1, req.height, req.width), device=bundle.device)
         pixels = torch.zeros((1, 3, req.height, req.width), device=bundle.device)
     extra = inpaint_channels(bundle, pixels, mask, _posterior_generators(req, generators), tiled=req.tiled_vae)
-    return extra.expand(req.batch_size, -1, -1, -1)                                       # (B, 5, h, w)
+    return per_picture(extra, req.batch_size)                                             # (B, 5, h, w)
 
 
 def _composed_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], parts: list[tuple[str, float]],
@@ -625,9 +630,9 @@ def in_safe_vae_precision(bundle: ModelBundle, run: Callable[[], Tensor]) -> Ten
 
 def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Generator] | None = None, *,
                  tiled: bool | None = None) -> Tensor:
-    """Pictures in [-1, 1] -> model-space latents: with `generators`, one posterior sample of the init image
-    (1, 3, H, W) per generator, drawn from it (diffusers' `retrieve_latents(..., generator[i])`), (B, 4, h, w);
-    without, the posterior mean of each picture (B, 3, H, W) -> (B, 4, h, w), no draw.
+    """Pictures in [-1, 1] -> model-space latents: with `generators`, one posterior sample of init picture
+    i % N of (N, 3, H, W) per generator i, drawn from it (diffusers' `retrieve_latents(..., generator[i])`),
+    (B, 4, h, w); without, the posterior mean of each picture (N, 3, H, W) -> (N, 4, h, w), no draw.
 
     Pictures are encoded in tiles when `tiled` says so (None: large ones, `should_tile`): the encoder's moments
     (mean and log-variance) are blended across the tiles into one posterior, as diffusers' tiled encode does
@@ -647,14 +652,19 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Gen
     def encode() -> Tensor:
         x = pixels.to(vae.dtype)
         moments = encode_tiled(vae.moments, x, factor=factor) if tile else vae.moments(x)  # (B, 2 * 4, h, w)
-        posterior = DiagonalGaussian(moments)
         if generators is None:
-            return posterior.mean
+            return DiagonalGaussian(moments).mean
         for generator, state in zip(generators, states):
             generator.set_state(state)
-        return torch.cat([posterior.sample(g) for g in generators])                     # (B, 4, h, w)
+        rows = per_picture(moments, len(generators))                                     # (B, 2 * 4, h, w)
+        return torch.cat([DiagonalGaussian(row[None]).sample(g) for row, g in zip(rows, generators)])  # (B, 4, h, w)
 
     return in_safe_vae_precision(bundle, encode).to(torch.float32) * bundle.scaling_factor
+
+
+def per_picture(rows: Tensor, batch_size: int) -> Tensor:
+    """(N, ...) rows, one per init picture, as (batch_size, ...): picture i's is row i % N."""
+    return rows[torch.arange(batch_size, device=rows.device) % rows.shape[0]]
 
 
 def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor,

@@ -41,6 +41,9 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "ENSD": ("eta_noise_seed_delta", int),
     "CFG rescale": ("guidance_rescale", float),
     "Mask blur": ("mask_blur", float),
+    "Mask blur x": ("mask_blur", float),   # sdlab's labels of unequal sigmas, where A1111 writes no Mask blur
+    "Mask blur y": ("mask_blur_y", float),
+    "Noise multiplier": ("noise_multiplier", float),
     "Masked content": ("inpaint_fill", str),
     "Masked area padding": ("inpaint_padding", int),
     "Initial noise": ("init_noise", str),
@@ -140,13 +143,12 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "VAE hash": None if vae is None else vae[1],
         "VAE": None if vae is None else vae[0],
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
-        "Denoising strength": req.hr_denoise if req.hires else req.strength if req.init_image is not None else None,
+        "Denoising strength": req.hr_denoise if req.hires else None,
         **_hires_parameters(req),
         "Eta": req.eta,
         "ENSD": req.eta_noise_seed_delta or None,
         "CFG rescale": req.guidance_rescale or None,
-        "Mask blur": req.mask_blur or None,
-        **_inpaint_parameters(req),
+        **img2img_parameters(req),
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
@@ -163,13 +165,29 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
     return p
 
 
+def img2img_parameters(req: GenerationRequest) -> dict[str, Any]:
+    """A1111's img2img labels, its `extra_generation_params` of an img2img run (None values are left out of
+    the text): Denoising strength, the inpainting labels (`_inpaint_parameters`) and Noise multiplier when not
+    1 (`StableDiffusionProcessingImg2Img.sample`); none for txt2img."""
+    if req.init_image is None:
+        return {}
+    return {"Denoising strength": req.strength, **_inpaint_parameters(req),
+            "Noise multiplier": req.noise_multiplier if req.noise_multiplier != 1.0 else None}
+
+
 def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
-    """A1111's inpainting labels (`StableDiffusionProcessingImg2Img.init`): Masked content unless it is
-    "original", Inpaint area "Only masked" with its Masked area padding (A1111 writes no "Whole picture" and
-    no resize mode)."""
+    """A1111's inpainting labels (`StableDiffusionProcessingImg2Img.init`): Mask mode "Inpaint not masked" for
+    an inverted mask, Mask blur when it blurs (A1111 writes it only when x and y are equal: sdlab writes its own
+    Mask blur x / y otherwise), Masked content unless it is "original", Inpaint area "Only masked" with its
+    Masked area padding (A1111 writes no "Whole picture" and no resize mode)."""
     if req.mask_image is None:
         return {}
+    uneven = req.mask_blur_y is not None and req.mask_blur_y != req.mask_blur
     return {
+        "Mask mode": "Inpaint not masked" if req.invert_mask else None,
+        "Mask blur": None if uneven else req.mask_blur or None,
+        "Mask blur x": req.mask_blur if uneven else None,
+        "Mask blur y": req.mask_blur_y if uneven else None,
         "Inpaint area": "Only masked" if req.inpaint_only_masked else None,
         "Masked area padding": req.inpaint_padding if req.inpaint_only_masked else None,
         "Masked content": None if req.inpaint_fill == "original" else req.inpaint_fill,
@@ -217,6 +235,8 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         fields["width"], fields["height"] = width, height
     if "Inpaint area" in p:
         fields["inpaint_only_masked"] = _only_masked(p["Inpaint area"])
+    if "Mask mode" in p:
+        fields["invert_mask"] = _inverted(p["Mask mode"])
     if "Hires resize" in p:
         try:
             fields["hr_width"], fields["hr_height"] = (int(v) for v in str(p["Hires resize"]).lower().split("x"))
@@ -264,6 +284,14 @@ def _only_masked(area: Any) -> bool:
     if str(area).strip().lower() not in areas:
         raise ValueError(f"the PNG's 'Inpaint area' value {area!r} is not 'Only masked' or 'Whole picture'")
     return areas[str(area).strip().lower()]
+
+
+def _inverted(mode: Any) -> bool:
+    """A1111's Mask mode label ("Inpaint masked" / "Inpaint not masked") as `invert_mask`."""
+    modes = {"inpaint masked": False, "inpaint not masked": True}
+    if str(mode).strip().lower() not in modes:
+        raise ValueError(f"the PNG's 'Mask mode' value {mode!r} is not 'Inpaint masked' or 'Inpaint not masked'")
+    return modes[str(mode).strip().lower()]
 
 
 def _as_a1111_ran(fields: dict[str, Any]) -> None:

@@ -2,7 +2,8 @@
 
 In A1111's order:
 
-1. the mask: its levels, Gaussian-blurred by ``mask_blur`` at the picture's size (``overlay.blurred_mask``);
+1. the mask: its levels, inverted for Mask mode "Inpaint not masked", Gaussian-blurred by ``mask_blur`` (along y
+   ``mask_blur_y`` when set) at the picture's size (``overlay.blurred_mask``);
 2. Inpaint area "Whole picture": the mask is resized to width x height by the resize mode; the overlay
    weight is twice it, clipped (``overlay.overlay_weight``).
    "Only masked" (``inpaint_only_masked``): the region is the blurred mask's bounding box grown by
@@ -21,6 +22,9 @@ In A1111's order:
 After decoding, "Only masked" puts each picture back into its region and every inpainting pastes the
 original over the result by the overlay weight (``overlay.apply_overlay``): the output then has the init
 picture's size, outside the region the picture itself.
+
+Several init pictures (A1111's ``init_images``, one per picture of the batch) are each prepared so, with the
+one mask (``init_pictures``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from sdlab.pipeline.upscale import resize_image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["InitPicture", "init_picture"]
+__all__ = ["InitPicture", "init_picture", "init_pictures"]
 
 IMG2IMG_UPSCALER = "None"   # A1111's `upscaler_for_img2img` default: resize modes resize with Lanczos alone
 
@@ -53,13 +57,20 @@ class InitPicture:
     overlay: Overlay | None = None   # what the decoded pictures are pasted onto
 
 
-def init_picture(req: GenerationRequest) -> InitPicture:
-    """The inputs of a resolved img2img / inpainting request (module docstring)."""
+def init_pictures(req: GenerationRequest) -> tuple[InitPicture, ...]:
+    """The inputs of each init picture of a resolved img2img / inpainting request (`init_pictures`), all
+    with its one mask."""
+    return tuple(init_picture(req, image) for image in req.init_pictures())
+
+
+def init_picture(req: GenerationRequest, image: Image.Image | None = None) -> InitPicture:
+    """The inputs of a resolved img2img / inpainting request (module docstring) for its init picture `image`
+    (None: `init_image`)."""
     size = (req.width, req.height)
-    picture = req.init_image.convert("RGB")
+    picture = (req.init_image if image is None else image).convert("RGB")
     if req.mask_image is None:
         return InitPicture(_resized(picture, req.resize_mode, size))
-    mask = blurred_mask(req.mask_image, req.mask_blur)                                 # "L" at the picture's size
+    mask = blurred_mask(req.mask_image, req.mask_blur, req.mask_blur_y, req.invert_mask)   # "L", the picture's size
     if not req.inpaint_only_masked:
         return _whole_picture(req, picture, mask)
     region = inpaint_region(mask, req.inpaint_padding, size)

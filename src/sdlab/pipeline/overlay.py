@@ -4,8 +4,10 @@ A1111 (``processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_
 
 1. the mask (``images.mask_levels``: an RGBA mask with transparency is its alpha channel made binary, alpha
    > 128 is white; any other keeps its grey levels) is blurred with a Gaussian of standard deviation
-   ``mask_blur`` pixels, kernel ``2 * int(2.5 * mask_blur + 0.5) + 1`` taps, separately along x and y
-   (``cv2.GaussianBlur``; borders reflect without repeating the edge pixel, cv2's default);
+   ``mask_blur`` pixels (A1111's ``mask_blur_x``; ``mask_blur_y`` along y), kernel
+   ``2 * int(2.5 * sigma + 0.5) + 1`` taps, separately along x and y (``cv2.GaussianBlur``; borders reflect
+   without repeating the edge pixel, cv2's default); an inverted mask (Mask mode "Inpaint not masked") is
+   inverted before;
 2. the blurred mask ``m`` (0..255) is resized to the picture by the img2img resize mode (Lanczos for the
    default "Just resize"; ``pipeline/init_picture.py``);
 3. sampling repaints where ``m >= 128`` (A1111 rounds the latent-sized mask; sdlab thresholds at pixel
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from sdlab.pipeline.images import mask_levels
 from sdlab.pipeline.upscale import resize_image
@@ -47,15 +49,20 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
     return taps / taps.sum()
 
 
-def blurred_mask(mask_image: Image.Image, sigma: float) -> Image.Image:
-    """A1111's inpainting mask at its own size: its levels (``mask_levels``), Gaussian-blurred by ``sigma``
-    pixels; a uint8 "L" image, white = repaint."""
+def blurred_mask(mask_image: Image.Image, sigma: float, sigma_y: float | None = None,
+                 invert: bool = False) -> Image.Image:
+    """A1111's inpainting mask at its own size: its levels (``mask_levels``), inverted when `invert` asks
+    (Mask mode "Inpaint not masked"), Gaussian-blurred by ``sigma`` pixels along x, then ``sigma_y`` along y
+    (None: ``sigma``; a sigma of 0 leaves its axis as it is); a uint8 "L" image, white = repaint."""
     mask = mask_levels(mask_image)
-    if sigma > 0:
+    if invert:
+        mask = ImageOps.invert(mask)
+    sigmas = (sigma, sigma if sigma_y is None else sigma_y)
+    if max(sigmas) > 0:
         pixels = torch.from_numpy(np.asarray(mask, dtype=np.float64))[None, None]       # (1, 1, h, w)
-        kernel = gaussian_kernel(sigma)
-        for axis in (-1, -2):                                    # x, then y
-            pixels = _convolve(pixels, kernel, axis)
+        for axis, axis_sigma in zip((-1, -2), sigmas):                  # x, then y
+            if axis_sigma > 0:
+                pixels = _convolve(pixels, gaussian_kernel(axis_sigma), axis)
         mask = Image.fromarray(pixels[0, 0].round().clamp(0, 255).to(torch.uint8).numpy())
     return mask
 

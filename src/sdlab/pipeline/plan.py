@@ -6,9 +6,9 @@
     plan.sampling     the model's noise parameterisation (`ModelSampling`)
     plan.sigmas       the noise levels the run visits, on the model's device (the img2img tail for an init image)
     plan.latent_shape (B, C, h, w) of the sampled latent
-    plan.picture      img2img / inpainting: the init picture at the size drawn, its mask and what the result is
-                      pasted onto (`pipeline/init_picture.py`: A1111's resize modes, Masked content "fill",
-                      Inpaint area), or None
+    plan.pictures     img2img / inpainting: each init picture at the size drawn, its mask and what the result
+                      is pasted onto (`pipeline/init_picture.py`: A1111's resize modes, Masked content "fill",
+                      Inpaint area); plan.picture the first, or None
     plan.mask         the blurred inpainting mask (1, 1, H, W) in [0, 1], or None
     plan.refiner_split / refiner_sampling   with an SDXL refiner: steps the base runs, the refiner's sampling
 
@@ -34,7 +34,7 @@ from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers
 from sdlab.pipeline.memory import available_bytes, check_memory
-from sdlab.pipeline.init_picture import InitPicture, init_picture
+from sdlab.pipeline.init_picture import InitPicture, init_pictures
 from sdlab.pipeline.request import (
     SIZE_MULTIPLE,
     GenerationRequest,
@@ -71,12 +71,18 @@ class GenerationPlan:
     sampling: ModelSampling
     sigmas: Tensor                                  # (steps run + 1,) on the model's device
     latent_shape: tuple[int, int, int, int]         # (B, C, h, w)
-    picture: InitPicture | None = None              # img2img / inpainting: what is encoded and pasted onto
+    pictures: tuple[InitPicture, ...] = ()          # img2img / inpainting: what is encoded and pasted onto,
+                                                    # one per init picture (picture i of the batch: i % len)
     refiner_split: int | None = None                # with a refiner: how many steps the base takes
     refiner_sampling: ModelSampling | None = None
     refiner_switch_at: float | None = None          # the fraction the split came from
     refiner_convention: str = "diffusers"           # "a1111": one sampler run, the model swapped at a call
     from_latent: bool = False                       # starts from a given latent (hires fix), not an init image
+
+    @property
+    def picture(self) -> InitPicture | None:
+        """The first init picture's inputs (the only one's but for several `init_images`); None for txt2img."""
+        return self.pictures[0] if self.pictures else None
 
     @property
     def mask(self) -> Tensor | None:
@@ -270,14 +276,14 @@ def make_plan(
     sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=True if from_latent else None)
     factor = bundle.vae_config.downsample_factor
     shape = (req.batch_size, bundle.unet_config.out_channels, req.height // factor, req.width // factor)
-    picture = None if req.init_image is None else init_picture(req)
-    if req.mask_image is not None and picture.mask is None:      # "Only masked" with a blank mask: img2img
+    pictures = init_pictures(req)
+    if req.mask_image is not None and pictures[0].mask is None:   # "Only masked" with a blank mask: img2img
         req = replace(req, mask_image=None)
     split = refiner_sampling = None
     if refiner is not None:
         split = handoff_index(sigmas, sampling, switch_at, refiner_convention)
         refiner_sampling = refiner.model_sampling
     return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
-                          picture=picture, refiner_split=split, refiner_sampling=refiner_sampling,
+                          pictures=pictures, refiner_split=split, refiner_sampling=refiner_sampling,
                           refiner_switch_at=None if refiner is None else switch_at,
                           refiner_convention=refiner_convention, from_latent=from_latent)

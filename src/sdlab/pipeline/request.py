@@ -57,6 +57,7 @@ MAX_SCHEDULE = 10_000                       # img2img "comfyui" stretches the sc
 MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
 MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
+MAX_NOISE_MULTIPLIER = 10.0                 # A1111's slider: 0.5..1.5
 MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refiner was trained on 0..10
 RESIZE_MODES = ("resize", "crop", "fill", "latent")  # A1111's img2img resize_mode 0..3: Just resize, Crop and
                                                     # resize, Resize and fill, Just resize (latent upscale)
@@ -128,12 +129,20 @@ class GenerationRequest:
     quantize_timesteps: bool = False        # round t to integers before the U-Net (diffusers' DPM-Solver)
     # img2img / inpainting
     init_image: Image.Image | None = field(default=None, repr=False, compare=False)
+    init_images: tuple[Image.Image, ...] = field(default=(), repr=False, compare=False)   # A1111's several
+                                            # init_images, one size: picture i starts from init_images[i % len],
+                                            # at most batch_size of them; resolve makes init_image the first
     strength: float = 0.75
+    noise_multiplier: float = 1.0           # img2img: the initial noise times this (A1111's initial noise multiplier)
     img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui"
     resize_mode: str = "resize"             # the init image to width x height: "resize", "crop", "fill", "latent"
                                             # (A1111's resize modes; pipeline/init_picture.py)
     mask_image: Image.Image | None = field(default=None, repr=False, compare=False)
     mask_blur: float = 0.0                  # Gaussian sigma in pixels (A1111's mask blur; pipeline/overlay.py)
+    mask_blur_y: float | None = None        # the sigma along y where it differs from mask_blur's, which is then
+                                            # x's alone (A1111's mask_blur_x / mask_blur_y); None: mask_blur
+    invert_mask: bool = False               # repaint where the mask is black (A1111's Mask mode "Inpaint not
+                                            # masked", inpainting_mask_invert)
     inpaint_fill: str = "original"          # the masked area starts as "fill", "original", "latent noise" or
                                             # "latent nothing" (A1111's Masked content; pipeline/masked_content.py)
     inpaint_only_masked: bool = False       # draw the mask's region alone at width x height, put back into the
@@ -182,6 +191,11 @@ class GenerationRequest:
         """Whether the hires fix runs: a txt2img request with hr_scale or hr_width / hr_height."""
         return self.hr_scale is not None or bool(self.hr_width) or bool(self.hr_height)
 
+    def init_pictures(self) -> tuple[Image.Image, ...]:
+        """The init pictures the batch draws from, picture i from the (i % len)-th: `init_images`, else
+        `init_image` alone; none for txt2img."""
+        return self.init_images or (() if self.init_image is None else (self.init_image,))
+
     def seeds(self) -> list[int]:
         """Image i's seed: seed + i; with a variation seed, as in A1111, every image keeps `seed` and the
         subseeds count up instead."""
@@ -200,8 +214,9 @@ class GenerationRequest:
 
     def parameters(self) -> dict[str, Any]:
         """The request as plain values (images left out), for metadata and logs."""
-        values = asdict(replace(self, init_image=None, mask_image=None, controls=()))
+        values = asdict(replace(self, init_image=None, init_images=(), mask_image=None, controls=()))
         values.pop("init_image")
+        values.pop("init_images")
         values.pop("mask_image")
         values.pop("controls")
         return values
@@ -370,6 +385,23 @@ def _check_picture_options(r: GenerationRequest) -> None:
         raise RequestError(f"inpaint_padding must be a number of pixels in 0..{MAX_SIDE}, got {r.inpaint_padding!r}")
 
 
+def _with_init_images(r: GenerationRequest) -> GenerationRequest:
+    """`r` with its several init pictures checked (pictures, one size, at most one per picture of the batch:
+    A1111's "bad number of images passed") and `init_image` the first of them."""
+    if not r.init_images:
+        return r
+    for image in r.init_images:
+        if not isinstance(image, Image.Image):
+            raise _not_a_picture("init image", image)
+    if len(r.init_images) > r.batch_size:
+        raise RequestError(f"{len(r.init_images)} init images for a batch of {r.batch_size}: "
+                           "one init image per picture at most")
+    sizes = {image.size for image in r.init_images}
+    if len(sizes) > 1:
+        raise RequestError(f"the init images must share one size, got {', '.join(f'{w}x{h}' for w, h in sizes)}")
+    return replace(r, init_images=tuple(r.init_images), init_image=r.init_images[0])
+
+
 def requested_size(request: GenerationRequest, default_size: int | None) -> tuple[Any, Any]:
     """(width, height) as `request` asks for them, unchecked: an unset side is the init image's (img2img /
     inpaint), else `default_size`."""
@@ -424,6 +456,11 @@ def resolve(
     _bounded("aesthetic score", r.aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
     _bounded("negative aesthetic score", r.negative_aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
     _bounded("mask blur", r.mask_blur, 0.0, MAX_MASK_BLUR)
+    if r.mask_blur_y is not None:
+        _bounded("mask blur y", r.mask_blur_y, 0.0, MAX_MASK_BLUR)
+    _bounded("noise multiplier", r.noise_multiplier, 0.0, MAX_NOISE_MULTIPLIER)
+    if not isinstance(r.invert_mask, bool):
+        raise RequestError(f"invert_mask must be True or False, got {r.invert_mask!r}")
     if r.tiled_vae is not None and not isinstance(r.tiled_vae, bool):
         raise RequestError(f"tiled_vae must be True, False or None (tile large pictures), got {r.tiled_vae!r}")
     if not isinstance(r.paste_back, bool):
@@ -468,6 +505,7 @@ def resolve(
         raise RequestError(
             f"unknown img2img convention {r.img2img_convention!r}; valid: {', '.join(IMG2IMG_CONVENTIONS)}"
         )
+    r = _with_init_images(r)
     if r.init_image is None and r.mask_image is not None:
         raise RequestError("a mask needs an init image to inpaint")
     _check_picture_options(r)
@@ -512,5 +550,6 @@ def resolve(
         r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,
         width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed), **hires,
         init_image=None if r.init_image is None else on_white(r.init_image),
+        init_images=tuple(on_white(image) for image in r.init_images),
         tiled_vae=False if r.tiling else r.tiled_vae,
     )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -24,7 +25,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from PIL import Image, ImageOps
+from PIL import Image
 from pydantic import ConfigDict, Field
 
 from sdlab.checkpoints.embeddings import Embedding
@@ -32,7 +33,8 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
 from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule
 from sdlab.diffusion.schedule_names import a1111_label
-from sdlab.pipeline.images import mask_levels, open_image
+from sdlab.pipeline.images import open_image
+from sdlab.pipeline.infotext import img2img_parameters
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
@@ -107,8 +109,11 @@ class Img2ImgIn(Txt2ImgIn):
     init_images: list[str] = Field(default_factory=list)
     resize_mode: int = 0                    # `RESIZE_LABELS`
     mask: str | None = None
-    mask_blur: float = 4.0
-    inpainting_mask_invert: int = 0
+    mask_blur: float | None = None          # set: both sigmas (A1111's setter); None: mask_blur_x / mask_blur_y
+    mask_blur_x: float = 4.0
+    mask_blur_y: float = 4.0
+    inpainting_mask_invert: int = 0         # 1: Mask mode "Inpaint not masked"
+    initial_noise_multiplier: float | None = None   # None: A1111's option's default, 1
     inpainting_fill: int = 0                # Masked content, `MASKED_CONTENT`: 0 fill (A1111's API default)
     inpaint_full_res: bool = True           # Inpaint area: true "Only masked" (A1111's API default), false whole
     inpaint_full_res_padding: int = 0
@@ -130,19 +135,31 @@ def _choice(value: int, names: tuple[str, ...], labels: tuple[str, ...], field: 
 def _picture_options(body: Img2ImgIn, masked: bool) -> dict[str, Any]:
     """The request fields of A1111's resize mode and, with a mask, its Masked content and Inpaint area."""
     resize_mode = _choice(body.resize_mode, RESIZE_MODES, RESIZE_LABELS, "resize_mode")
+    noise = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     if not masked:
-        return {"resize_mode": resize_mode}
+        return {"resize_mode": resize_mode, "noise_multiplier": noise}
     if body.inpaint_full_res_padding < 0:
         raise BadRequest(f"inpaint_full_res_padding must be >= 0, got {body.inpaint_full_res_padding}", 422)
-    return {"resize_mode": resize_mode, "inpaint_only_masked": body.inpaint_full_res,
+    blur_x, blur_y = (body.mask_blur_x, body.mask_blur_y) if body.mask_blur is None else (body.mask_blur,) * 2
+    return {"resize_mode": resize_mode, "noise_multiplier": noise, "inpaint_only_masked": body.inpaint_full_res,
             "inpaint_fill": _choice(body.inpainting_fill, MASKED_CONTENT, MASKED_CONTENT, "inpainting_fill"),
-            "inpaint_padding": body.inpaint_full_res_padding}
+            "inpaint_padding": body.inpaint_full_res_padding, "mask_blur": blur_x, "mask_blur_y": blur_y,
+            "invert_mask": bool(body.inpainting_mask_invert)}
 
 
-def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = None,
+def _batch_size(body: Txt2ImgIn, inits: tuple[Image.Image, ...]) -> int:
+    """A1111's batch size of `body` with the init pictures `inits`: one per picture when there are several
+    (`StableDiffusionProcessingImg2Img.init`), more than `batch_size` of them a 422."""
+    if len(inits) > body.batch_size:
+        raise BadRequest(f"bad number of images passed: {len(inits)}; expecting {body.batch_size} or less", 422)
+    return len(inits) if len(inits) > 1 else body.batch_size
+
+
+def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ...] = (),
              mask: Image.Image | None = None, options: dict[str, Any] | None = None) -> GenerationRequest:
     """The generation `body` asks for, with A1111's settings: the server's `options` (`POST options`) under
-    the request's `override_settings` (A1111 sets those for the one request)."""
+    the request's `override_settings` (A1111 sets those for the one request). Several init pictures `inits`
+    draw one picture each, in every iteration (A1111's `init_images`)."""
     settings = {**OPTION_DEFAULTS, **(options or {}), **body.override_settings}
     _check_vae(settings["sd_vae"], "override_settings.sd_vae" if "sd_vae" in body.override_settings else "sd_vae")
     if body.n_iter < 1 or body.batch_size < 1:
@@ -153,20 +170,20 @@ def _request(body: Txt2ImgIn, controls: tuple = (), init: Image.Image | None = N
     extra: dict[str, Any] = {}
     if body.subseed_strength:
         extra.update(subseed=None if body.subseed == -1 else body.subseed, subseed_strength=body.subseed_strength)
-    if body.enable_hr and init is None:             # A1111's hires fix: a second pass at a larger size
+    if body.enable_hr and not inits:             # A1111's hires fix: a second pass at a larger size
         extra.update(hr_scale=body.hr_scale, hr_width=body.hr_resize_x or None, hr_height=body.hr_resize_y or None,
                      hr_upscaler=body.hr_upscaler or None, hr_steps=body.hr_second_pass_steps or None,
                      hr_denoise=body.denoising_strength)
-    if init is not None:
+    if inits:
         strength = 0.75 if body.denoising_strength is None else body.denoising_strength
-        extra.update(init_image=init, strength=strength, img2img_convention="a1111",
-                     **_picture_options(body, mask is not None))
+        extra.update(init_image=inits[0], init_images=inits if len(inits) > 1 else (), strength=strength,
+                     img2img_convention="a1111", **_picture_options(body, mask is not None))
         if mask is not None:
-            extra.update(mask_image=mask, mask_blur=body.mask_blur)
+            extra.update(mask_image=mask)
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
-        batch_size=body.batch_size * body.n_iter, control_convention="a1111",
+        batch_size=_batch_size(body, inits) * body.n_iter, control_convention="a1111",
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
         s_noise=body.s_noise, controls=controls, eta_noise_seed_delta=settings["eta_noise_seed_delta"],
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **extra,
@@ -203,8 +220,19 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
         echo["init_images"], echo["mask"] = None, None
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
-    extra = _refiner_parameters(service, job.settings)
-    return {"images": images, "parameters": echo, "info": json.dumps(_info(job, body, name, extra))}
+    extra = {**_img2img_parameters(job, request), **_refiner_parameters(service, job.settings)}
+    info = _info(job, body, name, extra, batch_size=request.batch_size // body.n_iter)
+    return {"images": images, "parameters": echo, "info": json.dumps(info)}
+
+
+def _img2img_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
+    """A1111's `extra_generation_params` of an img2img job (Denoising strength, Mask blur, Inpaint area, ...:
+    `infotext.img2img_parameters`, as its infotext writes them): `request`'s pictures with the settings the
+    job drew with."""
+    images = {"init_image", "init_images", "mask_image", "controls"}
+    names = {f.name for f in dataclasses.fields(GenerationRequest)} - images
+    drawn = dataclasses.replace(request, **{k: v for k, v in job.settings.items() if k in names})
+    return {label: value for label, value in img2img_parameters(drawn).items() if value is not None}
 
 
 def _refiner_parameters(service: Service, settings: dict[str, Any]) -> dict[str, Any]:
@@ -240,8 +268,10 @@ def _without_images(scripts: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A1111's `Processed.js()` fields; `extra`: more of its `extra_generation_params`."""
+def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | None = None,
+          batch_size: int | None = None) -> dict[str, Any]:
+    """A1111's `Processed.js()` fields; `extra`: more of its `extra_generation_params`; `batch_size`: the
+    pictures per iteration (None: the body's)."""
     s = job.settings
     count = len(job.seeds) or max(1, s.get("batch_size") or 1)
     # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
@@ -257,7 +287,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
         "seed": seeds[0], "all_seeds": seeds, "subseed": subseeds[0], "all_subseeds": subseeds,
         "subseed_strength": s.get("subseed_strength") or 0,
         "width": s.get("width"), "height": s.get("height"), "sampler_name": s.get("sampler"),
-        "cfg_scale": s.get("cfg_scale"), "steps": s.get("steps"), "batch_size": body.batch_size,
+        "cfg_scale": s.get("cfg_scale"), "steps": s.get("steps"), "batch_size": batch_size or body.batch_size,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": _hash_of_title(job.model),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
@@ -292,16 +322,15 @@ def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None
 async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
     if not body.init_images:
-        raise BadRequest("img2img needs init_images (a list with one base64 image)", 422)
+        raise BadRequest("img2img needs init_images (a list of base64 images, one per picture or one for all)", 422)
     limits = service.config.limits
-    init = await asyncio.to_thread(decode_image, body.init_images[0], "init_images[0]", limits)
+    inits = tuple([await asyncio.to_thread(decode_image, image, f"init_images[{i}]", limits)
+                   for i, image in enumerate(body.init_images)])
     mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
-    mask = fit_mask(mask, init) if mask is not None else None
-    if mask is not None and body.inpainting_mask_invert:
-        mask = ImageOps.invert(mask_levels(mask))
-    controls = await asyncio.to_thread(_controls, service, body, init)
+    mask = fit_mask(mask, inits[0]) if mask is not None else None
+    controls = await asyncio.to_thread(_controls, service, body, inits[0])
     return await _generate(service, body, "inpaint" if mask is not None else "img2img",
-                           _request(body, controls, init, mask, service.options))
+                           _request(body, controls, inits, mask, service.options))
 
 
 @router.get("/progress")
