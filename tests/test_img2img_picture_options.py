@@ -20,7 +20,7 @@ from PIL import Image, ImageFilter, ImageOps
 from sdlab.api import Pipeline
 from sdlab.diffusion.noise import generators_for
 from sdlab.pipeline.generate import _start, encode_image
-from sdlab.pipeline.images import latent_mask, pil_to_tensor
+from sdlab.pipeline.images import a1111_latent_mask, latent_mask, pil_to_tensor
 from sdlab.pipeline.infotext import from_parameters, to_parameters
 from sdlab.pipeline.inpaint_area import inpaint_region
 from sdlab.pipeline.masked_content import fill
@@ -303,7 +303,7 @@ def test_latent_noise_is_each_seeds_first_draw_and_nothing_is_zero(pipe, content
                                 inpaint_fill=content, img2img_convention="a1111", strength=1.0, steps=2)
     plan = make_plan(bundle, request)
     start = _start(bundle, plan, generators_for(plan.request.seeds()))
-    repaint = latent_mask((plan.mask >= 0.5).float(), 2).bool().expand(2, 4, -1, -1)           # (2, 4, 16, 24)
+    repaint = a1111_latent_mask(plan.mask, (24, 16)).bool().expand(2, 4, -1, -1)                # (2, 4, 16, 24)
     assert 0 < repaint[0, 0].sum() < repaint[0, 0].numel()
     filled = fill(_picture(), blurred_mask(_mask(), 1.5))
     encoded = encode_image(bundle, pil_to_tensor(filled)).expand(2, -1, -1, -1)               # (2, 4, 16, 24)
@@ -466,3 +466,25 @@ def test_the_noise_multiplier_scales_the_initial_noise_and_is_recorded(pipe):
     assert labels["Noise multiplier"] == 0.5
     assert from_parameters(parse_parameters(format_parameters(labels)))["noise_multiplier"] == 0.5
     assert to_parameters(replace(plan.request, noise_multiplier=1.0))["Noise multiplier"] is None
+
+
+def _pil_latmask(mask: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """A1111's processing.py: latmask = init_mask.convert('RGB').resize(size) / 255, [0], np.around."""
+    return np.around(np.moveaxis(np.array(mask.convert("RGB").resize(size), dtype=np.float32), 2, 0) / 255)[0]
+
+
+@pytest.mark.parametrize("box, sigma", [((20, 20, 44, 44), 4.0), ((13, 13, 51, 51), 0.0), ((36, 8, 52, 20), 4.0)])
+def test_a1111_convention_repaints_a1111s_latent_cells_and_diffusers_its_own(pipe, box, sigma):
+    """Under A1111's img2img convention the latent cells kept and repainted are A1111's `latmask` (the blurred
+    mask resized with PIL's default resample, rounded); diffusers' convention keeps its nearest shrink."""
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, box)
+    for convention in ("a1111", "diffusers"):
+        request = GenerationRequest("x", init_image=_picture(64, 64), mask_image=mask, mask_blur=sigma, steps=2,
+                                    seed=1, img2img_convention=convention, strength=0.5)
+        plan = make_plan(pipe.bundle, request)
+        start = _start(pipe.bundle, plan, generators_for(plan.request.seeds()))
+        blurred = blurred_mask(mask, sigma)
+        expected = (_pil_latmask(blurred, (32, 32)) if convention == "a1111"
+                    else latent_mask((plan.mask >= 0.5).float(), 2)[0, 0].numpy())
+        assert np.array_equal(start.latent_mask[0, 0].numpy(), expected)

@@ -79,6 +79,7 @@ from sdlab.pipeline.conditioning import make_cond_schedule, merge_part_schedules
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
+    a1111_latent_mask,
     latent_mask,
     masked_image,
     pil_to_tensor,
@@ -211,7 +212,7 @@ def _keep_known(bundle: ModelBundle, start: _Start, latents: Tensor, req: Genera
     the known x0 into every denoised estimate, which is all a sampler ending at 0 returns)."""
     if start.mask is None or not _blends_latent(bundle, req):
         return latents
-    keep = 1 - latent_mask(start.mask, bundle.vae_config.downsample_factor).to(latents.device)  # (1, 1, h, w)
+    keep = 1 - start.latent_mask.to(latents.device)                                        # (1, 1, h, w)
     return latents + keep * (start.image_latent.to(latents.dtype) - latents)
 
 
@@ -316,6 +317,7 @@ class _Start:
     pixels: Tensor | None            # (N, 3, H, W) the N init pictures in [-1, 1] (`plan.pictures`)
     image_latent: Tensor | None      # (B, 4, h, w) the init image's posterior samples (means), when encoded
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
+    latent_mask: Tensor | None       # (1, 1, h, w) the latent cells repainted (`_latent_repaint`)
     from_noise: bool = False         # x is pure noise (no init latent in it)
     overlay: Overlay | None = None   # inpainting's (`plan.picture`); its region: the part "Only masked" draws
 
@@ -328,20 +330,21 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     noise to the init latent). The init image's latent is drawn also when only a 4-channel `refiner` blends
     it in. 4-channel inpainting under diffusers' convention then makes the masked image's unread draw."""
     device, req, sigmas = bundle.device, plan.request, plan.sigmas
-    pixels = mask = None
+    pixels = mask = small_mask = None
     image_latent = None if init_latent is None else init_latent.to(device, torch.float32)  # (B, C, h, w)
     if plan.picture is not None:
         pixels = torch.cat([pil_to_tensor(p.image) for p in plan.pictures]).to(device)   # (N, 3, H, W); "latent":
                                                                                          # the pictures' own size
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
+            small_mask = _latent_repaint(bundle, plan, mask)                                 # (1, 1, h, w)
     from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0
                                                               and req.img2img_convention != "a1111"))
     blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
     # diffusers' prepare_latents samples the posterior, then the noise; under A1111's convention nothing is
     # drawn for the posterior, so the noise is each seed's first draw (`sample`: x = self.rng.next())
     if pixels is not None and (not from_noise or blends):
-        image_latent = _init_latent(bundle, plan, pixels, mask, generators)                 # (B, 4, h, w)
+        image_latent = _init_latent(bundle, plan, pixels, small_mask, generators)           # (B, 4, h, w)
     noise = _initial_noise(plan, generators, device)                                        # (B, 4, h, w)
     if pixels is not None:              # A1111's img2img `sample`: x = self.rng.next() * initial_noise_multiplier
         noise = noise * req.noise_multiplier                                                # (B, 4, h, w)
@@ -352,25 +355,34 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
     overlay = None if plan.picture is None else plan.picture.overlay
-    return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, from_noise=from_noise,
-                  overlay=overlay)
+    return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, latent_mask=small_mask,
+                  from_noise=from_noise, overlay=overlay)
 
 
-def _init_latent(bundle: ModelBundle, plan: GenerationPlan, pixels: Tensor, mask: Tensor | None,
+def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> Tensor:
+    """The latent cells inpainting repaints (1, 1, h, w): under A1111's img2img convention A1111's (the blurred
+    mask resized bicubic and rounded, `a1111_latent_mask`), else diffusers' (the thresholded `mask`
+    (1, 1, H, W) shrunk with nearest neighbour, `latent_mask`)."""
+    if plan.request.img2img_convention == "a1111":
+        height, width = plan.latent_shape[-2:]
+        return a1111_latent_mask(plan.mask, (width, height)).to(mask.device)
+    return latent_mask(mask, bundle.vae_config.downsample_factor)
+
+
+def _init_latent(bundle: ModelBundle, plan: GenerationPlan, pixels: Tensor, repaint: Tensor | None,
                  generators: list[torch.Generator]) -> Tensor:
     """The init pictures' latent (B, 4, h, w), picture i's of init picture i % N: `pixels` (N, 3, H, W) encoded
     (`encode_image`), interpolated to
     the latent size for the "latent" resize mode (A1111: bilinear, its "Latent" upscaler), then with the
-    repainted area of `mask` (1, 1, H, W) as Masked content asks (`masked_latent`)."""
+    latent cells `repaint` (1, 1, h, w) as Masked content asks (`masked_latent`)."""
     req = plan.request
     latent = encode_image(bundle, pixels, _posterior_generators(req, generators), tiled=req.tiled_vae)
     latent = per_picture(latent, req.batch_size)                                           # (B, 4, h', w')
     if req.resize_mode == "latent":
         latent = upscale_latent(latent, *plan.latent_shape[-2:])                            # (B, 4, h, w)
-    if mask is None:
+    if repaint is None:
         return latent
-    repaint = latent_mask(mask, bundle.vae_config.downsample_factor).to(latent)              # (1, 1, h, w)
-    return masked_latent(latent, repaint, req.inpaint_fill, req.seeds())
+    return masked_latent(latent, repaint.to(latent), req.inpaint_fill, req.seeds())
 
 
 def _draw_unread_masked_image_sample(plan: GenerationPlan, generators: list[torch.Generator]) -> None:
@@ -535,7 +547,7 @@ def _composed_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], parts
 def _with_latent_blend(model: DenoiseFn, bundle: ModelBundle, sampling: ModelSampling, req: GenerationRequest,
                        start: _Start, steps_done: int) -> DenoiseFn:
     """`model` with the init image's latent blended into the kept region (`guidance.masked`)."""
-    small_mask = latent_mask(start.mask, bundle.vae_config.downsample_factor).to(bundle.device)  # (1, 1, h, w)
+    small_mask = start.latent_mask.to(bundle.device)                                          # (1, 1, h, w)
     return masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling,
                   blend_from_call=_blend_from_call(req, start, steps_done))
 

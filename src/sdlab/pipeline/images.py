@@ -11,7 +11,8 @@ diffusers' at 1/255:
 Masks: white (1) = repaint, black (0) = keep, as in diffusers and A1111. ``prepare_mask`` does what
 diffusers' inpaint pipeline does to a mask (resize with Lanczos, grayscale, / 255, binarize at 0.5);
 ``latent_mask`` shrinks it to the latent grid with nearest-neighbour ``interpolate``, as
-``StableDiffusionInpaintPipeline.prepare_mask_latents`` does; ``masked_image`` is
+``StableDiffusionInpaintPipeline.prepare_mask_latents`` does (``a1111_latent_mask``: as A1111 does, the soft
+mask resized bicubic and rounded); ``masked_image`` is
 ``image * (mask < 0.5)``, the input of the masked-image latent of 9-channel inpainting U-Nets. A mask
 with transparency (RGBA, alpha not all 255) counts by its alpha channel, as in A1111 (``mask_levels``).
 """
@@ -189,6 +190,16 @@ def latent_mask(mask: torch.Tensor, factor: int = 8) -> torch.Tensor:
     """Pixel mask (B, 1, H, W) -> latent mask (B, 1, H // factor, W // factor), nearest neighbour."""
     height, width = mask.shape[-2:]
     return F.interpolate(mask, size=(height // factor, width // factor))   # default mode: nearest
+
+
+def a1111_latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A1111's latent mask (``latmask`` of ``StableDiffusionProcessingImg2Img.init``): the blurred mask
+    (1, 1, H, W) in [0, 1] as its uint8 picture, resized to ``size=(w, h)`` with PIL's default resample
+    (bicubic), / 255 and rounded: (1, 1, h, w), 1 = repaint."""
+    pixels = (mask[0, 0] * 255).round().to(torch.uint8).cpu().numpy()                     # (H, W)
+    small = Image.fromarray(pixels).resize(tuple(size), resample=Image.Resampling.BICUBIC)
+    rounded = np.around(np.asarray(small, dtype=np.float32) / 255)                        # (h, w)
+    return torch.from_numpy(rounded)[None, None].to(mask.device)                          # (1, 1, h, w)
 
 
 def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

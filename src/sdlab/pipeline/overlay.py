@@ -10,8 +10,9 @@ A1111 (``processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_
    inverted before;
 2. the blurred mask ``m`` (0..255) is resized to the picture by the img2img resize mode (Lanczos for the
    default "Just resize"; ``pipeline/init_picture.py``);
-3. sampling repaints where ``m >= 128`` (A1111 rounds the latent-sized mask; sdlab thresholds at pixel
-   size and shrinks with nearest neighbour, as diffusers does);
+3. sampling repaints the latent cells where the mask resized to the latent size (bicubic, PIL's default) and
+   rounded is 1 (A1111's ``latmask``, under its img2img convention: ``images.a1111_latent_mask``); under
+   diffusers' convention where ``m >= 128`` at pixel size, shrunk with nearest neighbour, as diffusers does;
 4. after decoding, the original is composited over the result with alpha ``1 - w``, where
    ``w = min(2 m, 255) / 255`` (``mask_for_overlay``): ``out = original * (1 - w) + decoded * w``.
    Outside the blurred mask (``w = 0``) every pixel is the original's, exactly; well inside (``w = 1``)
