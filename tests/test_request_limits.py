@@ -73,7 +73,7 @@ def _one_error_line(code: int, err: str, *needles: str) -> None:
     (dict(eta=1e308), r"eta must lie in \[0, 10\], got 1e\+308"),
     (dict(eta=math.inf), "eta must be a finite number"),
     (dict(s_noise=1e308), r"s_noise must lie in \[0, 10\]"),
-    (dict(aesthetic_score=1e308), r"aesthetic score must lie in"),
+    (dict(aesthetic_score=1e308), r"aesthetic_score must lie in"),
     (dict(mask_blur=1e308), r"mask blur must lie in \[0, 256\]"),
     (dict(init_image=Image.new("RGB", (SIZE, SIZE)), strength=1e-6, steps=1000, img2img_convention="comfyui"),
      "schedule under the comfyui convention; the limit is 10000"),

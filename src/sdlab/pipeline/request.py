@@ -283,6 +283,18 @@ def _pair(name: str, value: Any, minimum: int) -> None:
         raise RequestError(f"{name} must be two integers >= {minimum} (height, width / top, left), got {value!r}")
 
 
+def check_sdxl_conditioning(r: GenerationRequest) -> None:
+    """SDXL's size and aesthetic conditioning checked; a `RequestError` names the first bad field."""
+    _bounded("aesthetic_score", r.aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
+    _bounded("negative_aesthetic_score", r.negative_aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
+    _pair("original_size", r.original_size, 1)
+    _pair("target_size", r.target_size, 1)
+    _pair("crops_coords_top_left", r.crops_coords_top_left, 0)
+    _pair("negative_original_size", r.negative_original_size, 1)
+    _pair("negative_target_size", r.negative_target_size, 1)
+    _pair("negative_crops_coords_top_left", r.negative_crops_coords_top_left, 0)
+
+
 DEFAULT_HR_DENOISE = 0.7                   # A1111's UI default for the hires fix's denoising strength
 DEFAULT_HR_UPSCALER = "Latent"
 
@@ -453,8 +465,6 @@ def resolve(
     cfg_scale = _bounded("CFG scale", default_cfg if r.cfg_scale is None else r.cfg_scale, -MAX_CFG, MAX_CFG)
     _bounded("guidance rescale", r.guidance_rescale, 0.0, 1.0)
     _bounded("s_noise", r.s_noise, 0.0, MAX_ETA)
-    _bounded("aesthetic score", r.aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
-    _bounded("negative aesthetic score", r.negative_aesthetic_score, -MAX_AESTHETIC, MAX_AESTHETIC)
     _bounded("mask blur", r.mask_blur, 0.0, MAX_MASK_BLUR)
     if r.mask_blur_y is not None:
         _bounded("mask blur y", r.mask_blur_y, 0.0, MAX_MASK_BLUR)
@@ -470,12 +480,7 @@ def resolve(
     if r.tiling and r.tiled_vae:
         raise RequestError("a tiling picture's edges wrap around, which a tiled VAE cannot draw (each tile would "
                            "wrap on itself); leave tiled_vae unset: the VAE then decodes the whole picture")
-    _pair("original_size", r.original_size, 1)
-    _pair("target_size", r.target_size, 1)
-    _pair("crops_coords_top_left", r.crops_coords_top_left, 0)
-    _pair("negative_original_size", r.negative_original_size, 1)
-    _pair("negative_target_size", r.negative_target_size, 1)
-    _pair("negative_crops_coords_top_left", r.negative_crops_coords_top_left, 0)
+    check_sdxl_conditioning(r)
     if r.seed is not None and not _integer(r.seed):
         raise RequestError(f"seed must be an integer (or None / -1 for a random one), got {r.seed!r}")
     if r.subseed is not None and not _integer(r.subseed):
