@@ -19,7 +19,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdlab.pipeline.request import GenerationRequest, RequestError
+from sdlab.pipeline.request import GenerationRequest, RequestError, check_sdxl_conditioning
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
     BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_image, fit_mask, refiner_choice, schedule_name,
@@ -93,9 +93,28 @@ class JobIn(NullsAreDefaults):
     refiner: str | None = None              # an SDXL refiner (a model's title or name) that finishes the schedule
     refiner_switch: float = 0.8             # ... after this fraction of it drawn by `model`
     refiner_convention: str = "diffusers"   # ... at the step diffusers' denoising_end picks, or "a1111"'s
+    # SDXL's micro-conditioning (diffusers' pipeline arguments): sizes [height, width], crop corners [top, left]
+    original_size: tuple[int, int] | None = None            # None: the picture's size
+    crops_coords_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None              # None: the picture's size
+    aesthetic_score: float = 6.0                            # the refiner's
+    negative_original_size: tuple[int, int] | None = None   # None: the positive's
+    negative_crops_coords_top_left: tuple[int, int] = (0, 0)
+    negative_target_size: tuple[int, int] | None = None     # None: the positive's
+    negative_aesthetic_score: float = 2.5
     preset: str | None = None               # few-step settings (pipeline/presets.py); the fields given win
     loras: list[LoraIn] = Field(default_factory=list)
     controls: list[ControlIn] = Field(default_factory=list)
+
+
+SDXL_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
+                     "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",
+                     "negative_aesthetic_score")
+
+
+def sdxl_conditioning(body: JobIn) -> dict[str, Any]:
+    """The job's SDXL conditioning fields, as `GenerationRequest` names them."""
+    return {name: getattr(body, name) for name in SDXL_CONDITIONING}
 
 
 def service_of(request: Request) -> Service:
@@ -141,8 +160,12 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
-        steps=body.steps, tiling=body.tiling,
+        steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body),
     )
+    try:
+        check_sdxl_conditioning(generation)
+    except RequestError as err:
+        raise BadRequest(str(err), 422) from None
     unset = unset_preset_fields({key for key in body.model_fields_set if getattr(body, key) is not None}, generation)
     if body.preset:                                     # over the model's preset (the worker applies that one)
         try:
