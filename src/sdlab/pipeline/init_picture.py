@@ -57,43 +57,60 @@ class InitPicture:
     overlay: Overlay | None = None   # what the decoded pictures are pasted onto
 
 
+@dataclass(frozen=True)
+class _MaskSide:
+    """The one mask's share of every init picture's inputs, prepared once per request."""
+
+    fill_mask: Image.Image                          # "L" at width x height: the area Masked content paints
+    mask: Tensor                                    # (1, 1, H, W) `fill_mask` as weights in [0, 1]
+    weight: Tensor                                  # (1, 1, H, W) the overlay weight
+    region: tuple[int, int, int, int] | None = None  # "Only masked": where the picture is cropped
+
+
 def init_pictures(req: GenerationRequest) -> tuple[InitPicture, ...]:
     """The inputs of each init picture of a resolved img2img / inpainting request (`init_pictures`), all
     with its one mask."""
-    return tuple(init_picture(req, image) for image in req.init_pictures())
+    mask_side = _mask_side(req)
+    return tuple(_picture_inputs(req, image, mask_side) for image in req.init_pictures())
 
 
 def init_picture(req: GenerationRequest, image: Image.Image | None = None) -> InitPicture:
     """The inputs of a resolved img2img / inpainting request (module docstring) for its init picture `image`
     (None: `init_image`)."""
-    size = (req.width, req.height)
-    picture = (req.init_image if image is None else image).convert("RGB")
+    return _picture_inputs(req, req.init_image if image is None else image, _mask_side(req))
+
+
+def _mask_side(req: GenerationRequest) -> _MaskSide | None:
+    """The mask's inputs (steps 1 and 2); None without a mask, or for "Only masked" with a blank one."""
     if req.mask_image is None:
-        return InitPicture(_resized(picture, req.resize_mode, size))
+        return None
+    size = (req.width, req.height)
     mask = blurred_mask(req.mask_image, req.mask_blur, req.mask_blur_y, req.invert_mask)   # "L", the picture's size
     if not req.inpaint_only_masked:
-        return _whole_picture(req, picture, mask)
+        resized = _resized(mask, req.resize_mode, size)
+        weights = mask_tensor(resized)                                                 # (1, 1, H, W)
+        return _MaskSide(resized, weights, overlay_weight(weights))
     region = inpaint_region(mask, req.inpaint_padding, size)
     if region is None:
         logger.info("the mask is blank: Only masked has no region to draw; drawing img2img of the whole picture")
-        return InitPicture(_resized(picture, req.resize_mode, size))
-    return _only_masked(req, picture, mask, region)
-
-
-def _whole_picture(req: GenerationRequest, picture: Image.Image, mask: Image.Image) -> InitPicture:
-    size = (req.width, req.height)
-    mask, picture = _resized(mask, req.resize_mode, size), _resized(picture, req.resize_mode, size)
-    weights = mask_tensor(mask)                                                        # (1, 1, H, W)
-    return InitPicture(_filled(req, picture, mask), weights, Overlay(picture, overlay_weight(weights)))
-
-
-def _only_masked(req: GenerationRequest, picture: Image.Image, mask: Image.Image,
-                 region: tuple[int, int, int, int]) -> InitPicture:
-    size = (req.width, req.height)
+        return None
     crop_mask = resize_image(mask.crop(region), IMG2IMG_UPSCALER, size, mode="fill")
-    crop = resize_image(picture.crop(region), IMG2IMG_UPSCALER, size, mode="fill")
-    overlay = Overlay(picture, mask_tensor(mask), region)
-    return InitPicture(_filled(req, crop, crop_mask), mask_tensor(crop_mask), overlay)
+    return _MaskSide(crop_mask, mask_tensor(crop_mask), mask_tensor(mask), region)
+
+
+def _picture_inputs(req: GenerationRequest, image: Image.Image, mask_side: _MaskSide | None) -> InitPicture:
+    """One init picture's inputs (steps 3 and 4) with the mask's share `mask_side`."""
+    size = (req.width, req.height)
+    picture = image.convert("RGB")
+    if mask_side is None:
+        return InitPicture(_resized(picture, req.resize_mode, size))
+    if mask_side.region is None:
+        picture = _resized(picture, req.resize_mode, size)
+        drawn = picture
+    else:
+        drawn = resize_image(picture.crop(mask_side.region), IMG2IMG_UPSCALER, size, mode="fill")
+    overlay = Overlay(picture, mask_side.weight, mask_side.region)
+    return InitPicture(_filled(req, drawn, mask_side.fill_mask), mask_side.mask, overlay)
 
 
 def _resized(image: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image:
