@@ -85,11 +85,13 @@ from sdlab.pipeline.images import (
     pil_to_tensor,
     tensor_to_pil,
 )
+from sdlab.pipeline.init_picture import InitPicture
 from sdlab.pipeline.masked_content import masked_latent
 from sdlab.pipeline.overlay import Overlay, apply_overlay
 from sdlab.pipeline.plan import (
     GenerationPlan,
     a1111_switches,
+    a1111_training_sigmas,
     handoff_index,
     make_plan,
     request_sigmas,
@@ -170,9 +172,17 @@ def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> lis
         )
     pictures = tensor_to_pil(images)
     if plan.picture is not None and plan.picture.overlay is not None and req.paste_back:
-        inputs = plan.pictures
-        pictures = [apply_overlay([picture], inputs[i % len(inputs)].overlay)[0] for i, picture in enumerate(pictures)]
+        pictures = _pasted_back(pictures, plan.pictures)
     return pictures
+
+
+def _pasted_back(pictures: list[Image.Image], inputs: tuple[InitPicture, ...]) -> list[Image.Image]:
+    """Picture i pasted onto the overlay of init picture i % N (`per_picture`'s rule), each overlay's
+    pictures in one `apply_overlay`."""
+    pasted = list(pictures)
+    for k, picture_inputs in enumerate(inputs):
+        pasted[k::len(inputs)] = apply_overlay(pictures[k::len(inputs)], picture_inputs.overlay)
+    return pasted
 
 
 @torch.no_grad()
@@ -289,11 +299,12 @@ def _a1111_swapping_model(base_model: DenoiseFn, refiner_model: DenoiseFn, sampl
     """One denoiser for A1111's refiner: `base_model` until the first call whose sigma `a1111_switches`,
     `refiner_model` from that call on (A1111's ``apply_refiner`` swaps the model inside the running sampler,
     so a multistep sampler keeps its history and a second-order step can end on the refiner)."""
+    training = a1111_training_sigmas(sampling)                               # (T,)
     swapped = False
 
     def denoise(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
         nonlocal swapped
-        swapped = swapped or bool(a1111_switches(sigma.flatten()[:1], sampling, switch_at)[0])
+        swapped = swapped or bool(a1111_switches(sigma.flatten()[:1], training, switch_at)[0])
         return (refiner_model if swapped else base_model)(x, sigma, **kwargs)
     return denoise
 

@@ -203,18 +203,22 @@ def check_refiner_convention(convention: str) -> str:
 
 def _a1111_handoff(sigmas: Tensor, sampling: ModelSampling, switch_at: float) -> int:
     """A1111's handoff step (`handoff_index`): the first step whose starting sigma switches (`a1111_switches`)."""
-    switched = a1111_switches(sigmas[:-1], sampling, switch_at).nonzero()
+    switched = a1111_switches(sigmas[:-1], a1111_training_sigmas(sampling), switch_at).nonzero()
     return int(switched[0]) if len(switched) else len(sigmas) - 1
 
 
-def a1111_switches(sigmas: Tensor, sampling: ModelSampling, switch_at: float) -> Tensor:
-    """Whether A1111's ``apply_refiner`` hands over at a model call at each of `sigmas` (bool, same shape):
-    k-diffusion's training sigmas from float32 alphas_cumprod (``DiscreteSchedule.sigmas``), the nearest one
-    to the float32 sigma by absolute difference (an integer timestep t), then ``(T - 1 - t) / T >= switch_at``
-    in float32."""
+def a1111_training_sigmas(sampling: ModelSampling) -> Tensor:
+    """k-diffusion's training sigmas from float32 alphas_cumprod (``DiscreteSchedule.sigmas``): (T,) float32 on
+    the CPU, ascending with t."""
     schedule = getattr(sampling, "schedule", sampling)                       # a NoiseSchedule as it is
     alphas_cumprod = schedule.alphas_cumprod.to(torch.float32).cpu()         # (T,)
-    training = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5                # (T,) ascending with t
+    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5                    # (T,)
+
+
+def a1111_switches(sigmas: Tensor, training: Tensor, switch_at: float) -> Tensor:
+    """Whether A1111's ``apply_refiner`` hands over at a model call at each of `sigmas` (bool, same shape):
+    the `training` sigma (`a1111_training_sigmas`) nearest to the float32 sigma by absolute difference (an
+    integer timestep t), then ``(T - 1 - t) / T >= switch_at`` in float32."""
     flat = sigmas.to(torch.float32).cpu().reshape(-1)                        # (n,)
     nearest = (training[None, :] - flat[:, None]).abs().argmin(dim=1)        # (n,) integer timesteps
     T = len(training)
