@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.api import shipped_model_path
-from sdlab.pipeline.control import DEFAULT_RESIZE, ControlInput
+from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.server.config import ServerConfig
@@ -122,4 +122,4 @@ def _control_settings(control: ControlInput, convention: str) -> dict[str, Any]:
     the resize mode it runs with (`convention`'s default when unset); thresholds left unset stay null."""
     settings = {field.name: getattr(control, field.name) for field in fields(control) if field.name != "image"}
     return {**settings, "model": Path(control.model_path).name,
-            "resize_mode": control.resize_mode or DEFAULT_RESIZE[convention]}
+            "resize_mode": control.resize_mode_under(convention)}
