@@ -79,6 +79,11 @@ class RefinerRef:
     convention: str
 
 
+def refiner_label(name: str, hash: str | None) -> str:
+    """A1111's `Refiner` value: the refiner's name and, when known, its short hash (`name [hash]`)."""
+    return name + (f" [{hash}]" if hash else "")
+
+
 def _format_weight(weight: float) -> str:
     return f"{weight:g}"
 
@@ -155,7 +160,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Tiling": "True" if req.tiling else None,            # A1111's label and value (processing.py)
         **infotext_lines(req.controls, req.control_convention),
         "Control steps": req.control_convention if req.controls else None,
-        "Refiner": None if refiner is None else refiner.name + (f" [{refiner.hash}]" if refiner.hash else ""),
+        "Refiner": None if refiner is None else refiner_label(refiner.name, refiner.hash),
         "Refiner switch at": None if refiner is None else refiner.switch_at,
         "Refiner steps": None if refiner is None else refiner.convention,
         "Lora hashes": format_hashes((ref.name, ref.hash) for ref in loras),

@@ -34,7 +34,7 @@ from sdlab.checkpoints.io import read_checkpoint
 from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
-from sdlab.pipeline.infotext import img2img_parameters
+from sdlab.pipeline.infotext import img2img_parameters, refiner_label
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
@@ -241,8 +241,8 @@ def _refiner_parameters(service: Service, settings: dict[str, Any]) -> dict[str,
     refiner = service.registry.find(settings["refiner"]) if settings.get("refiner") else None
     if refiner is None:
         return {}
-    name = refiner.infotext_name + (f" [{refiner.hash}]" if refiner.hash else "")
-    return {"Refiner": name, "Refiner switch at": settings["refiner_switch"]}
+    return {"Refiner": refiner_label(refiner.infotext_name, refiner.hash),
+            "Refiner switch at": settings["refiner_switch"]}
 
 
 async def _until_finished(job: Job) -> None:
