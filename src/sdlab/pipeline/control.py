@@ -55,7 +55,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
-from sdlab.models.circular_padding import circular_padding
+from sdlab.models.circular_padding import circular_padding, padded_convolutions
 from sdlab.pipeline.images import flattened
 from sdlab.pipeline.init_picture import IMG2IMG_UPSCALER
 from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess, unknown_preprocessor
@@ -307,7 +307,8 @@ class ControlledUNet:
     def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False):
         self.unet = unet
         self.controls = list(controls)
-        self.circular = circular
+        # each control's padded convolutions, found once: the ones Tiling makes circular while it runs
+        self.wrapped = [padded_convolutions(control.net.model) if circular else [] for control in self.controls]
 
     def parameters(self):   # the Denoiser reads the net's dtype from its first parameter
         return self.unet.parameters()
@@ -319,12 +320,12 @@ class ControlledUNet:
     ) -> Tensor:
         skips: list[Tensor] | None = None
         middle: Tensor | None = None
-        for control in self.controls:
+        for control, wrapped in zip(self.controls, self.wrapped):
             if control_step is not None and not control.active(*control_step):
                 continue
             cfg = control.net.config
             hint = control.hint.expand(x.shape[0], -1, -1, -1)                     # (B, 3, H, W)
-            with circular_padding(control.net.model, enabled=self.circular):
+            with circular_padding(*wrapped):
                 residuals, mid = control.net.model(x[:, : cfg.unet.in_channels], t, context, hint, y)
             rows = cond_mark.view(-1, 1, 1, 1) if control.cond_only and cond_mark is not None else 1.0   # (B, 1, 1, 1)
             outputs = [r * (scale * rows) for r, scale in zip([*residuals, mid], control.scales(len(residuals) + 1))]
