@@ -216,10 +216,12 @@ def test_a_reloaded_base_gets_its_refiner_loaded_again_with_its_embeddings(model
     embeddings.mkdir()
     registry = ModelRegistry(folder / "base.safetensors", folder)
     host = ModelHost(registry, "cpu", embeddings_dir=embeddings)
-    host.pipeline(registry.default, refiner=registry.find("refiner"))         # loaded with no embeddings
+    host.pipeline(registry.default, refiner=registry.find("refiner"),
+                  handoff=RefinerChoice("refiner"))         # loaded with no embeddings
     clip_g = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))   # (2, 128): bigG's width
     save_file({"clip_l": torch.randn(2, 64), "clip_g": clip_g}, str(embeddings / "xlstyle.safetensors"))
-    pipe = host.pipeline(registry.find("other-base"), refiner=registry.find("refiner"))
+    pipe = host.pipeline(registry.find("other-base"), refiner=registry.find("refiner"),
+                         handoff=RefinerChoice("refiner"))
     (encoder,) = pipe.refiner.text_encoders                                   # bigG only
     rows = encoder.model.embeddings.token_vectors(encoder.tokenizer("xlstyle"))[0, 1:3]   # (2, 128)
     assert torch.equal(rows, clip_g)

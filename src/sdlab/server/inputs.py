@@ -293,8 +293,8 @@ def load_upscaler_file(upscaler: ModelFile, use: UpscalerUse, device: str | torc
     try:
         return load_upscaler(upscaler.path, device=device, dtype=dtype)
     except CheckpointError as err:
-        reason = without_paths(str(err), [(upscaler.path, upscaler.title)]).removeprefix(f"{upscaler.title}: ")
-        raise BadRequest(f"the {use.what} {upscaler.title!r} cannot be loaded: {reason}") from None
+        what = f"the {use.what} {upscaler.title!r}"
+        raise BadRequest(load_failure(err, what, upscaler.title, [(upscaler.path, upscaler.title)])) from None
 
 
 def without_paths(text: str, names: list[tuple[Path, str]]) -> str:
@@ -303,6 +303,13 @@ def without_paths(text: str, names: list[tuple[Path, str]]) -> str:
     for path, name in names:
         text = text.replace(str(path), name)
     return text
+
+
+def load_failure(err: CheckpointError, what: str, title: str, names: list[tuple[Path, str]]) -> str:
+    """Why `what` (a client's choice, `title` its name) cannot be loaded: `err` with the files named as clients
+    know them (`without_paths`) and without its leading `title: `."""
+    reason = without_paths(str(err), names).removeprefix(f"{title}: ")
+    return f"{what} cannot be loaded: {reason}"
 
 
 def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -> GenerationRequest:

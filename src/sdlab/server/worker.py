@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -34,7 +36,7 @@ from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestE
 from sdlab.server.config import Limits
 from sdlab.server.inputs import (
     HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
-    without_paths,
+    load_failure,
 )
 from sdlab.server.jobs import Job, JobCancelled, steps_of
 from sdlab.server.model_folders import ModelFile, ModelFolder
@@ -74,15 +76,15 @@ class ModelHost:
         return pipe.bundle.preset if pipe is not None and key == (checkpoint.path, ()) else None
 
     def pipeline(self, checkpoint: Checkpoint, loras: tuple[tuple[Path, float], ...] = (),
-                 refiner: Checkpoint | None = None, switch_at: float = 0.8, convention: str = "diffusers") -> Pipeline:
+                 refiner: Checkpoint | None = None, handoff: RefinerChoice | None = None) -> Pipeline:
         """The pipeline of `checkpoint` with `loras` merged and, with an SDXL `refiner`, that model loaded
-        beside it, taking over after `switch_at` by `convention` (`Pipeline.with_refiner`). What is loaded
+        beside it, taking over as the job's `handoff` says (its switch_at and convention:
+        `Pipeline.with_refiner`). What is loaded
         stays while later jobs name the same; a model the job does not name is let go before another is
         loaded, so at most a base model and a refiner are held."""
         key = (checkpoint.path, loras)
         if key != self._key or self.pipe is None:
-            self.loading.set()
-            try:
+            with self._loading():
                 self.pipe, self._key = None, None
                 self._refiner, self._refiner_key = None, None       # loaded for the base let go (`_loaded_refiner`)
                 started = time.perf_counter()
@@ -91,26 +93,32 @@ class ModelHost:
                 previewer = LatentPreviewer.for_bundle(pipe.bundle)
                 self.pipe, self.previewer, self._key = pipe, previewer, key
                 self.timings["load_s"] = time.perf_counter() - started
-            finally:
-                self.loading.clear()
         refined = self._loaded_refiner(refiner, self.pipe)
-        return self.pipe if refined is None else self.pipe.with_refiner(refined, switch_at, convention)
+        if refined is None:
+            return self.pipe
+        return self.pipe.with_refiner(refined, handoff.switch_at, handoff.convention)
 
     def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline) -> ModelBundle | None:
         """The bundle of `refiner` for `base` (its device, dtype and embeddings: `load_refiner`), loaded unless
         it is held already; None (and nothing held) without one. The one held was loaded for this `base`:
         `pipeline` lets it go whenever it loads another."""
         key = None if refiner is None else refiner.path
-        if key != self._refiner_key or (refiner is not None and self._refiner is None):
+        if key != self._refiner_key:
             self._refiner, self._refiner_key = None, None
             if refiner is not None:
-                self.loading.set()
-                try:
+                with self._loading():
                     self._refiner = load_refiner(refiner.path, base.bundle, base.embeddings)
                     self._refiner_key = key
-                finally:
-                    self.loading.clear()
         return self._refiner
+
+    @contextmanager
+    def _loading(self) -> Iterator[None]:
+        """`loading` set while a model loads (the status the server reports), cleared however the load ends."""
+        self.loading.set()
+        try:
+            yield
+        finally:
+            self.loading.clear()
 
 
 class Runner:
@@ -147,9 +155,8 @@ class Runner:
         refiner = None if choice is None else registry.find(choice.name)
         if choice is not None and refiner is None:
             raise RequestError(f"the refiner {choice.name!r} is no longer in the models folder")
-        handoff = () if choice is None else (choice.switch_at, choice.convention)
         try:
-            pipe = self.host.pipeline(checkpoint, tuple(loras), refiner, *handoff)
+            pipe = self.host.pipeline(checkpoint, tuple(loras), refiner, choice)
         except CheckpointError as err:      # a file the client chose: its error, without the server's paths
             raise RequestError(_load_error(err, checkpoint, loras, job.spec.loras, refiner)) from None
         previewer = self.host.previewer
@@ -206,13 +213,11 @@ def _load_error(err: CheckpointError, checkpoint: Checkpoint, loras: list[tuple[
                 choices: tuple[LoraChoice, ...], refiner: Checkpoint | None) -> str:
     """Why a job's model (with its LoRAs) or its refiner cannot be loaded, naming them by title, not path."""
     if refiner is not None and str(refiner.path) in str(err):
-        reason = without_paths(str(err), [(refiner.path, refiner.title)]).removeprefix(f"{refiner.title}: ")
-        return f"the refiner {refiner.title!r} cannot be loaded: {reason}"
+        return load_failure(err, f"the refiner {refiner.title!r}", refiner.title, [(refiner.path, refiner.title)])
     names = [(checkpoint.path, checkpoint.title)] + [(path, f"LoRA {path.name}") for path, _ in loras]
     named = ", ".join(repr(c.name) for c in choices)
     what = f"the model {checkpoint.title!r}" + (f" with the LoRAs {named}" if loras else "")
-    reason = without_paths(str(err), names).removeprefix(f"{checkpoint.title}: ")
-    return f"{what} cannot be loaded: {reason}"
+    return load_failure(err, what, checkpoint.title, names)
 
 
 @dataclass(frozen=True)
