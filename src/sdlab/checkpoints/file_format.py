@@ -42,6 +42,8 @@ META_HIDDEN_STATES = "sdlab.text_hidden_states"
 META_RESOLUTION = "modelspec.resolution"    # Stability's model spec: "WxH" the model was trained at
 META_MODELSPEC_PREDICTION = "modelspec.prediction_type"  # Stability's model spec: "epsilon" or "v"
 META_COMFY_PREDICTION = "modelspec.predict_key"         # ComfyUI's `save_checkpoint`: "epsilon" or "v"
+COMFY_V_PRED_KEY = "v_pred"     # ComfyUI's empty marker tensors (`save_checkpoint`): a v-prediction model,
+COMFY_ZTSNR_KEY = "ztsnr"       # and one on the zero-terminal-SNR schedule
 META_SCHEDULE = "sdlab.schedule"            # the model's own training schedule (JSON `ScheduleSpec`), if not
                                             # its family's
 FORMAT_VERSION = "1"
@@ -210,6 +212,8 @@ def native_size(metadata: Mapping[str, str]) -> int | None:
 
 
 __all__ = [
+    "COMFY_V_PRED_KEY",
+    "COMFY_ZTSNR_KEY",
     "FORMAT_VERSION",
     "META_COMFY_PREDICTION",
     "META_COMPONENT",

@@ -47,6 +47,8 @@ from sdlab.checkpoints import diffusers_folder
 from sdlab.checkpoints.components import ComponentSource, meta_view
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import (
+    COMFY_V_PRED_KEY,
+    COMFY_ZTSNR_KEY,
     META_COMFY_PREDICTION,
     META_MODELSPEC_PREDICTION,
     META_PREDICTION,
@@ -105,7 +107,7 @@ def resolve_prediction(
         value = _sidecar_parameterization(sidecar)
         if value is not None:
             return parse(value, str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
-    if keys is not None and "v_pred" in keys:
+    if keys is not None and COMFY_V_PRED_KEY in keys:
         return Prediction.V, "v_pred marker key"
     if family.prediction_is_ambiguous:
         read = None if unet_state is None else _prediction_from_weights(unet_state)
@@ -150,7 +152,7 @@ def resolve_schedule(
     stored = stored_schedule(metadata)
     if stored is not None:
         return (None if stored == family.schedule else stored), f"metadata {META_SCHEDULE}"
-    if "ztsnr" not in keys:
+    if COMFY_ZTSNR_KEY not in keys:
         return None, None
     if prediction is not Prediction.V:
         logger.warning("the file carries the zero-terminal-SNR marker (ztsnr) but is drawn as %s-prediction: "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from sdlab.checkpoints.file_format import bundle_metadata
+from sdlab.checkpoints.file_format import COMFY_V_PRED_KEY, COMFY_ZTSNR_KEY, bundle_metadata
 from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.checkpoints.openclip import sdlab_to_openclip
 from sdlab.diffusion.prediction import Prediction
@@ -54,9 +54,9 @@ def prediction_markers(bundle: ModelBundle) -> dict[str, Tensor]:
     """ComfyUI's marker keys for `bundle`'s prediction and schedule (empty for an eps or x0 model)."""
     if bundle.prediction is not Prediction.V:
         return {}
-    markers = {"v_pred": torch.tensor([])}                                          # (0,) float32
+    markers = {COMFY_V_PRED_KEY: torch.tensor([])}                                  # (0,) float32
     if bundle.schedule is not None and bundle.schedule.zero_terminal_snr:
-        markers["ztsnr"] = torch.tensor([])
+        markers[COMFY_ZTSNR_KEY] = torch.tensor([])
     return markers
 
 

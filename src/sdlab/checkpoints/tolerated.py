@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from sdlab.checkpoints.file_format import COMFY_V_PRED_KEY, COMFY_ZTSNR_KEY
+
 __all__ = [
     "HF_TEXT_TOLERATED",
     "OPENCLIP_TOLERATED",
@@ -35,7 +37,8 @@ OPENCLIP_TOLERATED = frozenset({
 #: zero-terminal-SNR markers (empty tensors; `sdlab.checkpoints.load` reads them by name)
 SINGLE_FILE_TOLERATED = re.compile(
     r"model_ema\..*|betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*"
-    r"|lvlb_weights|logvar|denoiser\.sigmas|v_pred|ztsnr"
+    r"|lvlb_weights|logvar|denoiser\.sigmas"
+    rf"|{re.escape(COMFY_V_PRED_KEY)}|{re.escape(COMFY_ZTSNR_KEY)}"
 )
 #: extra keys of standalone VAE training files (besides SINGLE_FILE_TOLERATED)
 VAE_FILE_TOLERATED = re.compile(r"loss\..*|model_ema\..*")
