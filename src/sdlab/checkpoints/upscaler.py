@@ -150,15 +150,13 @@ def _new_layout_names(keys: list[str], path: Path) -> dict[str, str]:
     return out
 
 
-def rrdbnet_names(keys: list[str], path: str | os.PathLike[str] = "upscaler") -> dict[str, str]:
-    """File key -> `RRDBNet` name, for the keys of any layout of the module docstring's table (wrapped or
-    not); decided from the names alone, so a large file of another kind is refused before any tensor is read."""
-    path = Path(path)
-    inner = _unwrap(keys)
+def rrdbnet_names(inner: dict[str, str], layout: str | None, path: Path) -> dict[str, str]:
+    """File key -> `RRDBNet` name, for the unwrapped keys `inner` (`_unwrap`) of any layout of the module
+    docstring's table (`layout`, `_layout` of them); decided from the names alone, so a large file of another
+    kind is refused before any tensor is read."""
     names = list(inner)
     if any(".conv1x1." in k for k in names):
         raise CheckpointError(f"{path}: an ESRGAN+ file (extra conv1x1 layers); sdlab reads ESRGAN and Real-ESRGAN")
-    layout = _layout(names)
     if layout == "old":
         mapped = _old_layout_names(names, path)
     elif layout == "new":
@@ -169,11 +167,6 @@ def rrdbnet_names(keys: list[str], path: str | os.PathLike[str] = "upscaler") ->
                               f"model.0 + model.1.sub.N.RDBK or compact body.N tensors; it holds {len(names)} "
                               f"tensors: {shown}, ...)")
     return {inner[k]: v for k, v in mapped.items()}
-
-
-def _is_compact(keys: list[str]) -> bool:
-    """Real-ESRGAN's compact network (`_layout`)."""
-    return _layout(_unwrap(keys)) == "compact"
 
 
 def compact_config(shapes: Mapping[str, torch.Size], path: str | os.PathLike[str] = "upscaler") -> SRVGGConfig:
@@ -234,12 +227,13 @@ def upscaler_from_state(state: Mapping[str, Tensor], name: str = "upscaler", *, 
     """An `Upscaler` from a state dict in any supported layout (see the module docstring). A lazy state
     (`sdlab.checkpoints.io.LazyMapping`) is read only once names and shapes have been checked."""
     where = Path(path) if path is not None else Path(name)
-    keys = list(state)
-    compact = _is_compact(keys)
+    inner = _unwrap(list(state))
+    layout = _layout(inner)
+    compact = layout == "compact"
     if compact:
-        names = {file_key: ours for ours, file_key in _unwrap(keys).items()}
+        names = {file_key: ours for ours, file_key in inner.items()}
     else:
-        names = rrdbnet_names(keys, where)
+        names = rrdbnet_names(inner, layout, where)
     file_shapes = shapes_of(state)
     shapes = {ours: file_shapes[key] for key, ours in names.items()}
     with torch.device("meta"):
