@@ -551,10 +551,11 @@ def resolve(
     seed = _batch_seed("seed", fixed_seed(r.seed), r.batch_size)
     subseed = _batch_seed("subseed", fixed_seed(r.subseed), r.batch_size) if r.subseed_strength else None
     hires = _resolve_hires(r, width, height, multiple)
+    init_images = tuple(on_white(image) for image in r.init_images)
+    init_image = init_images[0] if init_images else None if r.init_image is None else on_white(r.init_image)
     return replace(
         r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,
         width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed), **hires,
-        init_image=None if r.init_image is None else on_white(r.init_image),
-        init_images=tuple(on_white(image) for image in r.init_images),
+        init_image=init_image, init_images=init_images,
         tiled_vae=False if r.tiling else r.tiled_vae,
     )
