@@ -57,10 +57,9 @@ from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
 from sdlab.pipeline.images import flattened
-from sdlab.pipeline.init_picture import IMG2IMG_UPSCALER
 from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess, unknown_preprocessor
 from sdlab.pipeline.request import RequestError, input_image
-from sdlab.pipeline.upscale import resize_image
+from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
 MAX_STRENGTH = 10.0      # diffusers accepts any scale; A1111's slider stops at 2
 CONTROL_MODES = {"balanced": "Balanced", "prompt": "My prompt is more important",

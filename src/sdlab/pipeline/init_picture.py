@@ -39,13 +39,11 @@ from sdlab.pipeline.inpaint_area import inpaint_region
 from sdlab.pipeline.masked_content import fill
 from sdlab.pipeline.overlay import Overlay, blurred_mask, mask_tensor, overlay_weight
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.pipeline.upscale import resize_image
+from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["InitPicture", "init_picture", "init_pictures"]
-
-IMG2IMG_UPSCALER = "None"   # A1111's `upscaler_for_img2img` default: resize modes resize with Lanczos alone
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from sdlab.pipeline.images import mask_levels
-from sdlab.pipeline.upscale import resize_image
+from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
 __all__ = ["Overlay", "apply_overlay", "blur_mask", "blurred_mask", "gaussian_kernel", "mask_tensor", "overlay_weight",
            "paste_back"]
@@ -144,5 +144,5 @@ def uncrop(image: Image.Image, overlay: Overlay) -> Image.Image:
         return image
     x1, y1, x2, y2 = overlay.region
     canvas = overlay.original.copy()
-    canvas.paste(resize_image(image.convert("RGB"), "None", (x2 - x1, y2 - y1), mode="crop"), (x1, y1))
+    canvas.paste(resize_image(image.convert("RGB"), IMG2IMG_UPSCALER, (x2 - x1, y2 - y1), mode="crop"), (x1, y1))
     return canvas

@@ -232,8 +232,7 @@ def _resize_by(image: Image.Image, scale: float, resample: Image.Resampling) -> 
     return image.resize(target_size(image.width, image.height, scale), resample=resample)
 
 
-RESIZE_MODES = ("resize", "crop", "fill")
-"""A1111's `images.resize_image` modes 0, 1, 2 by sdlab's names: Just resize, Crop and resize, Resize and fill."""
+IMG2IMG_UPSCALER = "None"   # A1111's `upscaler_for_img2img` default: resize modes resize with Lanczos alone
 
 
 def resize_image(image: Image.Image, upscaler: Upscaler | str, size: tuple[int, int], *, mode: str = "resize",
