@@ -44,8 +44,8 @@ from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_o
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
-    decode_image, fit_mask, load_upscaler_file, refiner_choice, sampler_and_schedule, scheduler_rows,
-    unset_preset_fields, upscaler_file,
+    decode_image, fit_mask, image_from_bytes, load_upscaler_file, refiner_choice, sampler_and_schedule,
+    scheduler_rows, unset_preset_fields, upscaler_file,
 )
 from sdlab.server.jobs import Job, Unavailable, image_seeds
 from sdlab.server.model_folders import ModelFile
@@ -498,7 +498,7 @@ def _upscale(service: Service, body: ExtraSingleIn) -> dict[str, Any]:
     size rounded down to multiples of 8, the aspect ratio kept), then with `upscaling_crop` pasted centred
     on a black w x h canvas."""
     raw = decode_base64(body.image, "image")
-    image = decode_image(body.image, "image", service.config.limits)
+    image = image_from_bytes(raw, "image", service.config.limits)
     try:
         parameters = read_parameters(io.BytesIO(raw))
     except Exception:                   # no readable parameters chunk: the picture still upscales

@@ -217,7 +217,11 @@ def decode_base64(data: Any, what: str) -> bytes:
 
 def decode_image(data: Any, what: str, limits: Limits) -> Image.Image:
     """A base64 string or `data:image/...;base64,` URL -> a loaded PIL image, or `BadRequest`."""
-    raw = decode_base64(data, what)
+    return image_from_bytes(decode_base64(data, what), what, limits)
+
+
+def image_from_bytes(raw: bytes, what: str, limits: Limits) -> Image.Image:
+    """An image file's bytes (`decode_base64`) -> a loaded PIL image, or `BadRequest`."""
     try:
         with Image.open(io.BytesIO(raw)) as image:
             if image.width * image.height > 4 * limits.max_pixels:
