@@ -239,9 +239,9 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"the PNG's Size value {p['Size']!r} is not a positive WIDTHxHEIGHT")
         fields["width"], fields["height"] = width, height
     if "Inpaint area" in p:
-        fields["inpaint_only_masked"] = _only_masked(p["Inpaint area"])
+        fields["inpaint_only_masked"] = _label_flag("Inpaint area", p["Inpaint area"], _INPAINT_AREAS)
     if "Mask mode" in p:
-        fields["invert_mask"] = _inverted(p["Mask mode"])
+        fields["invert_mask"] = _label_flag("Mask mode", p["Mask mode"], _MASK_MODES)
     if "Hires resize" in p:
         try:
             fields["hr_width"], fields["hr_height"] = (int(v) for v in str(p["Hires resize"]).lower().split("x"))
@@ -283,20 +283,18 @@ def refiner_handoff(p: dict[str, Any]) -> tuple[float | None, str]:
         raise ValueError(f"the PNG's 'Refiner switch at' value {p['Refiner switch at']!r} is not a number") from None
 
 
-def _only_masked(area: Any) -> bool:
-    """A1111's Inpaint area label ("Only masked" / "Whole picture") as `inpaint_only_masked`."""
-    areas = {"only masked": True, "whole picture": False}
-    if str(area).strip().lower() not in areas:
-        raise ValueError(f"the PNG's 'Inpaint area' value {area!r} is not 'Only masked' or 'Whole picture'")
-    return areas[str(area).strip().lower()]
+_INPAINT_AREAS = {"Only masked": True, "Whole picture": False}        # A1111's Inpaint area: inpaint_only_masked
+_MASK_MODES = {"Inpaint masked": False, "Inpaint not masked": True}    # A1111's Mask mode: invert_mask
 
 
-def _inverted(mode: Any) -> bool:
-    """A1111's Mask mode label ("Inpaint masked" / "Inpaint not masked") as `invert_mask`."""
-    modes = {"inpaint masked": False, "inpaint not masked": True}
-    if str(mode).strip().lower() not in modes:
-        raise ValueError(f"the PNG's 'Mask mode' value {mode!r} is not 'Inpaint masked' or 'Inpaint not masked'")
-    return modes[str(mode).strip().lower()]
+def _label_flag(label: str, value: Any, flags: dict[str, bool]) -> bool:
+    """An A1111 label's value (`flags`: its two spellings and what each sets; any case) as a bool."""
+    by_key = {spelling.lower(): flag for spelling, flag in flags.items()}
+    key = str(value).strip().lower()
+    if key not in by_key:
+        choices = " or ".join(f"'{spelling}'" for spelling in flags)
+        raise ValueError(f"the PNG's '{label}' value {value!r} is not {choices}")
+    return by_key[key]
 
 
 def _as_a1111_ran(fields: dict[str, Any]) -> None:
