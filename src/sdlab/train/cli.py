@@ -72,16 +72,11 @@ def _task_module(name: str) -> ModuleType:
         raise TrainError(f"--task {name!r} is not a training task (one of: {', '.join(TASK_MODULES)})") from None
 
 
-def _with_loaded_model(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
-    """``family`` / ``prediction`` None -> what the load detected, so the run checkpoints store it and a resume
-    that names the same family or prediction type again is no change (`config.resume_changes`)."""
-    return replace(cfg, family=cfg.family or bundle.family.name, prediction=cfg.prediction or bundle.prediction.value)
-
-
-def _with_stored_model_kind(cfg: TrainConfig, stored: dict) -> TrainConfig:
-    """``family`` / ``prediction`` left out of a resumed run's config -> the checkpoint's, as when the command
-    line leaves them out (a checkpoint stores what the load detected: `_with_loaded_model`)."""
-    return replace(cfg, family=cfg.family or stored.get("family"), prediction=cfg.prediction or stored.get("prediction"))
+def _with_model_kind(cfg: TrainConfig, family: str | None, prediction: str | None) -> TrainConfig:
+    """``family`` / ``prediction`` left out of ``cfg`` -> the ones given: a resumed run's checkpoint's, or what
+    the load detected, so the run checkpoints store it and a resume that names the same family or prediction
+    type again is no change (`config.resume_changes`)."""
+    return replace(cfg, family=cfg.family or family, prediction=cfg.prediction or prediction)
 
 
 def _with_native_resolution(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfig:
@@ -129,14 +124,15 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         if resume is None and cfg.resume is not None:
             resume = find_resume_point(Path(cfg.output_dir) / "checkpoints", cfg.resume)
         if resume is not None:
-            cfg = _with_stored_model_kind(cfg, resume.config)
+            cfg = _with_model_kind(cfg, resume.config.get("family"), resume.config.get("prediction"))
             check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
         scan = _scan(cfg)
         _make_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
         bundle = load_bundle(cfg.model, device=ctx.device, dtype=torch.float32, family=cfg.family,
                              prediction=cfg.prediction, vae=cfg.vae)
-        cfg = _with_native_resolution(_with_loaded_model(cfg, bundle), bundle)
+        cfg = _with_model_kind(cfg, bundle.family.name, bundle.prediction.value)
+        cfg = _with_native_resolution(cfg, bundle)
         task = task_module.build_task(cfg, bundle)
         cache = None
         if cfg.cache_latents:

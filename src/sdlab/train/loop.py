@@ -151,9 +151,9 @@ def _load_run_state(modules: dict[str, nn.Module], state: dict[str, dict[str, to
 def check_resume(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> None:
     """A `TrainError` when ``cfg`` changes a setting that defines the run: the model trained, its data stream or
     objective (`resume_changes`)."""
-    now = cfg.to_json()
     changed = resume_changes(point.config, cfg)
     if changed:
+        now = cfg.to_json()
         what = ", ".join(f"{flag(k)} was {point.config[k]!r}, now {now[k]!r}" for k in changed)
         raise TrainError(f"cannot resume from {point.path}: {what} (these define the run; leave them out to keep "
                          f"the checkpoint's, or start a new --output-dir)")
