@@ -12,6 +12,8 @@ __all__ = ["not_utf8"]
 
 def not_utf8(text: str, what: str) -> str | None:
     """Why `text` (named `what` in the message) is not UTF-8 text, or None when it is."""
+    if text.isascii():          # a flag check: ASCII is UTF-8, and long base64 images skip the encoding
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
