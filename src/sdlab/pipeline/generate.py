@@ -171,9 +171,14 @@ def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> lis
             "no picture was made"
         )
     pictures = tensor_to_pil(images)
-    if plan.picture is not None and plan.picture.overlay is not None and req.paste_back:
+    if _overlay(plan) is not None and req.paste_back:
         pictures = _pasted_back(pictures, plan.pictures)
     return pictures
+
+
+def _overlay(plan: GenerationPlan) -> Overlay | None:
+    """Inpainting's overlay (`plan.picture`'s); None without an init picture or a mask."""
+    return None if plan.picture is None else plan.picture.overlay
 
 
 def _pasted_back(pictures: list[Image.Image], inputs: tuple[InitPicture, ...]) -> list[Image.Image]:
@@ -201,7 +206,7 @@ def sample_latents(
     generators = generators_for(plan.request.seeds())
     with tiling_padding(plan.request, bundle):
         start = _start(bundle, plan, generators, init_latent)
-        model = _guided_model(bundle, plan.sampling, plan.request, start, generators, plan.sigmas)
+        model = _guided_model(bundle, plan.sampling, plan.request, start, _overlay(plan), generators, plan.sigmas)
         x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
     _check_finite(x, "the final latent", plan.request)
     return _keep_known(bundle, start, plan.sampling.inverse_noise_scaling(plan.sigmas[-1], x), plan.request)
@@ -273,12 +278,13 @@ def generate_with_refiner(
         start = _start(base, plan, generators, refiner=refiner)
         options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
         x = start.x
-        base_model = _guided_model(base, plan.sampling, req, start, generators, sigmas) if split > 0 else None
+        overlay = _overlay(plan)
+        base_model = _guided_model(base, plan.sampling, req, start, overlay, generators, sigmas) if split > 0 else None
         refiner_model = None
         if split < len(sigmas) - 1:
             no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
-            refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, generators, sigmas,
-                                          steps_done=split)
+            refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, overlay, generators,
+                                          sigmas, steps_done=split)
         if plan.refiner_convention == "a1111" and base_model is not None and refiner_model is not None:
             swapping = _a1111_swapping_model(base_model, refiner_model, plan.sampling, plan.refiner_switch_at)
             x = _run_sampler(plan, swapping, x, sigmas, options, progress)
@@ -330,7 +336,6 @@ class _Start:
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
     latent_mask: Tensor | None       # (1, 1, h, w) the latent cells repainted (`_latent_repaint`)
     from_noise: bool = False         # x is pure noise (no init latent in it)
-    overlay: Overlay | None = None   # inpainting's (`plan.picture`); its region: the part "Only masked" draws
 
 
 def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Generator],
@@ -365,9 +370,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
-    overlay = None if plan.picture is None else plan.picture.overlay
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, latent_mask=small_mask,
-                  from_noise=from_noise, overlay=overlay)
+                  from_noise=from_noise)
 
 
 def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> Tensor:
@@ -424,13 +428,15 @@ def _guided_model(
     sampling: ModelSampling,
     req: GenerationRequest,
     start: _Start,
+    overlay: Overlay | None,
     generators: list[torch.Generator],
     sigmas: Tensor,
     steps_done: int = 0,
 ) -> DenoiseFn:
     """The bundle's U-Net (with the request's ControlNets, on their fraction of `sigmas`' steps) as a
     CFG-guided denoiser with the request's conditioning and picture inputs; its prompt schedule counts on
-    after `steps_done` steps (a refiner's: the base's).
+    after `steps_done` steps (a refiner's: the base's). `overlay`: inpainting's (`_overlay`); its region is the
+    part "Only masked" draws, where the ControlNets' images are cut.
 
     A U-Net with a guidance embedding (LCM-distilled, `time_cond_proj_dim`) runs once per step on the prompt
     alone and takes the CFG scale as its input instead: the embedding of w = cfg_scale - 1 (diffusers'
@@ -467,7 +473,6 @@ def _guided_model(
     if embedded is not None:
         w = torch.full((req.batch_size,), req.cfg_scale - 1.0, device=device)                   # (B,)
         extra_cond["guidance_emb"] = guidance_scale_embedding(w, embedded)                      # (B, dim)
-    overlay = start.overlay
     controls = prepare_controls(bundle, req.controls, req.width, req.height, req.control_convention,
                                 hires_pass=req.first_pass_steps is not None,
                                 region=None if overlay is None else overlay.region,
