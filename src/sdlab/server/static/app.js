@@ -368,7 +368,7 @@ function showSliderValue(id) {
 
 function setSlider(id, value) {
   if (value === undefined || value === null) return;
-  $(id).value = value;
+  setField(id, value);
   showSliderValue(id);
 }
 
@@ -388,9 +388,12 @@ function numberField(id, { integer = false } = {}) {
   return value;
 }
 
-// A number box's value, or the page's default for it (its value attribute) when it is empty
+// `value`, or the page's default for the field `id` (its value attribute) when there is none
+const orDefault = (id, value) => value ?? $(id).defaultValue;
+
+// A number box's value, or the page's default for it when it is empty
 function numberOrDefault(id, options) {
-  return numberField(id, options) ?? Number($(id).defaultValue);
+  return Number(orDefault(id, numberField(id, options)));
 }
 
 // The hires fix (a second pass at a larger size): resize 0 = from "Upscale by", hires steps 0 = the first pass's
@@ -526,15 +529,15 @@ function fillRefiner(settings, unknown) {
   state.refinerConvention = settings.refiner_convention ?? "diffusers";
   if (!settings.refiner) return;
   if (withHires) unknown.push(`refiner "${settings.refiner}" (not with the hires fix)`);
-  setField("refiner_switch", settings.refiner_switch ?? $("refiner_switch").defaultValue);
+  setField("refiner_switch", orDefault("refiner_switch", settings.refiner_switch));
   if (!selectMatching($("refiner"), settings.refiner)) unknown.push(`refiner "${settings.refiner}"`);
 }
 
 // Tick "Hires. fix" and fill it; a field the settings leave out takes the page's default (A1111's)
 function fillHires(settings, unknown) {
   setToggle("enable_hr", true);
-  for (const id of ["hr_scale", "hr_width", "hr_height", "hr_steps"]) setField(id, settings[id] ?? $(id).defaultValue);
-  setSlider("hr_denoise", settings.hr_denoise ?? $("hr_denoise").defaultValue);
+  for (const id of ["hr_scale", "hr_width", "hr_height", "hr_steps"]) setField(id, orDefault(id, settings[id]));
+  setSlider("hr_denoise", orDefault("hr_denoise", settings.hr_denoise));
   const upscaler = settings.hr_upscaler ?? $("hr_upscaler").options[0]?.value;
   if (!selectMatching($("hr_upscaler"), upscaler)) unknown.push(`hires upscaler "${upscaler}"`);
 }
