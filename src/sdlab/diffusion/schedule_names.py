@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 
-__all__ = ["A1111_SCHEDULERS", "a1111_label", "schedule_from_a1111", "schedule_key"]
+__all__ = ["A1111_SCHEDULERS", "a1111_label", "schedule_from_a1111", "schedule_key", "split_a1111_sampler"]
 
 #: A1111 key -> (its label, the sdlab discretization; None for "automatic" = the model's default)
 A1111_SCHEDULERS: dict[str, tuple[str, str | None]] = {
@@ -23,6 +23,16 @@ A1111_SCHEDULERS: dict[str, tuple[str, str | None]] = {
     "normal": ("Normal", "normal"),
     "ddim": ("DDIM", "ddim_uniform"),
 }
+
+A1111_OTHER_SCHEDULERS = {"polyexponential": "Polyexponential", "kl_optimal": "KL Optimal",
+                          "align_your_steps": "Align Your Steps", "beta": "Beta"}
+"""A1111's schedulers sdlab does not have (key -> label): named so that a sampler name ending in one is refused
+as an unknown scheduler, not an unknown sampler."""
+
+_SUFFIXES = sorted({**{spelling: key for key, (label, _) in A1111_SCHEDULERS.items() for spelling in (key, label)},
+                    **{spelling: key for key, label in A1111_OTHER_SCHEDULERS.items() for spelling in (key, label)},
+                    "SGMUniform": "sgm_uniform"}.items(), key=lambda item: -len(item[0]))
+"""(spelling, A1111 key) of every A1111 scheduler's key, label and alias, the longest first."""
 
 _LABELS = {target: label for label, target in A1111_SCHEDULERS.values() if target is not None}
 
@@ -51,3 +61,15 @@ def schedule_from_a1111(name: str) -> str | None:
         return key
     valid = ", ".join([*A1111_SCHEDULERS, *sorted(set(DISCRETIZATIONS) - set(A1111_SCHEDULERS))])
     raise ValueError(f"unknown scheduler {name!r}; valid names: {valid}")
+
+
+def split_a1111_sampler(name: str) -> tuple[str, str] | None:
+    """An old A1111 sampler name that ends in a scheduler ("DPM++ 2M Karras", "Euler a sgm_uniform") -> (the
+    sampler's name, the scheduler's A1111 key), as A1111 1.9+'s `get_sampler_and_scheduler` splits it: the
+    key, label or alias of any of its schedulers, in any case, the longest that ends the name ("SGM Uniform"
+    before "Uniform"). None when no scheduler ends it."""
+    lowered = name.lower()
+    for spelling, key in _SUFFIXES:
+        if lowered.endswith(" " + spelling.lower()):
+            return name[: -len(spelling) - 1], key
+    return None

@@ -24,7 +24,7 @@ from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
-from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, schedule_from_a1111
+from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, schedule_from_a1111, split_a1111_sampler
 from sdlab.pipeline.images import mask_levels
 from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.presets import PRESETS, get_preset
@@ -184,7 +184,9 @@ def schedule_name(name: str | None) -> str | None:
 
 
 def sampler_and_schedule(name: str | None, scheduler: str | None) -> tuple[str | None, str | None]:
-    """(sampler, schedule); an old combined name ("DPM++ 2M Karras") gives its schedule when none is set."""
+    """(sampler, schedule); an old combined name ("DPM++ 2M Karras", "Euler a SGM Uniform": any A1111
+    scheduler, `split_a1111_sampler`) gives its schedule unless `scheduler` is set ("automatic" included),
+    as A1111's API keeps the request's scheduler."""
     schedule = schedule_name(scheduler)
     if name is None or name == "":
         return None, schedule
@@ -193,14 +195,14 @@ def sampler_and_schedule(name: str | None, scheduler: str | None) -> tuple[str |
     try:
         return get_sampler(name).name, schedule
     except ValueError as err:
-        for suffix in (" karras", " exponential"):
-            if name.lower().endswith(suffix):
-                try:
-                    base = get_sampler(name[: -len(suffix)]).name
-                except ValueError:
-                    break
-                return base, schedule or suffix.strip()
-        raise BadRequest(str(err), 404, "Sampler not found") from None
+        split = split_a1111_sampler(name)
+        try:
+            base = get_sampler(split[0]).name if split is not None else None
+        except ValueError:
+            base = None
+        if base is None:
+            raise BadRequest(str(err), 404, "Sampler not found") from None
+        return base, schedule if scheduler not in (None, "") else schedule_name(split[1])
 
 
 def decode_base64(data: Any, what: str) -> bytes:
