@@ -65,3 +65,79 @@ def test_a_suffixed_sampler_draws_as_sampler_and_scheduler(client):
     split, _ = txt2img(client, sampler_name="Euler a", scheduler="sgm_uniform")
     assert joined["images"] == split["images"]
     assert info["sampler_name"] == "Euler a" and info["extra_generation_params"]["Schedule type"] == "SGM Uniform"
+
+
+# ---------------------------------------------------------------- 2. A1111's other routes
+
+
+def png_b64(size: tuple[int, int], colour: tuple[int, int, int]) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("route", ["prompt-styles", "face-restorers", "hypernetworks", "realesrgan-models",
+                                   "script-info", "extensions"])
+def test_lists_of_what_sdlab_has_none_of_are_empty(client, route):
+    answer = client.get("/" + route)
+    assert answer.status_code == 200 and answer.json() == []
+
+
+def test_cmd_flags_and_memory_have_a1111s_shapes(client, sdlab_server):
+    flags = client.get("/cmd-flags").json()
+    assert flags["max_batch"] == 8 and flags["max_queue"] == 4 and flags["device"] == "cpu"
+    assert flags["output_dir"] == str(sdlab_server.output_dir) and flags["models_dir"] is None
+    assert not {"auth", "basic_auth", "token"} & flags.keys()
+    memory = client.get("/memory").json()
+    ram = memory["ram"]
+    assert 0 < ram["used"] < ram["total"] and ram["free"] == ram["total"] - ram["used"]
+    assert memory["cuda"] == {"error": "unavailable"}          # A1111's answer off CUDA
+
+
+def test_interrogate_says_sdlab_has_no_interrogator(client):
+    answer = client.post("/interrogate", json={"image": png_b64((8, 8), (1, 2, 3)), "model": "clip"})
+    assert answer.status_code == 501
+    assert answer.json()["detail"] == "sdlab has no interrogator" and "interrogat" in answer.json()["errors"]
+
+
+def test_extra_batch_images_upscales_each_as_extra_single_image(client):
+    pictures = [png_b64((16, 8), (200, 10, 10)), png_b64((8, 8), (10, 200, 10))]
+    fields = {"upscaler_1": "Lanczos", "upscaling_resize": 2}
+    batch = client.post("/extra-batch-images", json={**fields, "imageList": [{"data": p, "name": f"{i}.png"}
+                                                                             for i, p in enumerate(pictures)]})
+    assert batch.status_code == 200, batch.text
+    singles = [client.post("/extra-single-image", json={**fields, "image": p}).json()["image"] for p in pictures]
+    assert batch.json()["images"] == singles
+    sizes = [Image.open(io.BytesIO(base64.b64decode(b))).size for b in batch.json()["images"]]
+    assert sizes == [(32, 16), (16, 16)] and "Lanczos" in batch.json()["html_info"]
+    bad = client.post("/extra-batch-images", json={**fields, "imageList": [{"data": "not base64!", "name": "x"}]})
+    assert bad.status_code == 400 and "imageList[0].data" in bad.json()["errors"]
+
+
+def test_refresh_embeddings_unload_and_reload_checkpoint(tmp_path):
+    import torch
+
+    from server_fixtures import start_server
+    from sdlab.api import shipped_model_path
+    from sdlab.checkpoints.load import load_bundle
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    server = start_server(tmp_path / "served", "--embeddings-dir", str(folder))
+    try:
+        with httpx.Client(base_url=server.url + "/sdapi/v1", timeout=120) as api:
+            assert api.post("/reload-checkpoint").json() == {}
+            assert api.get("/embeddings").json() == {"loaded": {}, "skipped": {}}
+            width = load_bundle(shipped_model_path()).text_encoders[0].config.width
+            torch.save({"string_to_param": {"*": torch.zeros(2, width)}, "name": "zqstyle"}, folder / "zqstyle.pt")
+            assert api.get("/embeddings").json()["loaded"] == {}          # read as the model loads
+            refreshed = api.post("/refresh-embeddings")
+            assert refreshed.status_code == 200 and refreshed.json() is None
+            assert list(api.get("/embeddings").json()["loaded"]) == ["zqstyle"]
+            assert api.post("/refresh-vae").status_code == 200
+            assert api.post("/unload-checkpoint").json() == {}
+            assert api.get("/embeddings").json()["loaded"] == {}          # no model held
+            _, info = txt2img(api, prompt="a zqstyle cat")                # the next job loads it again
+            assert "TI hashes: " in info["infotexts"][0]
+    finally:
+        server.stop()

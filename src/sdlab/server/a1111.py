@@ -20,10 +20,13 @@ import html
 import io
 import json
 import math
+import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from fastapi import APIRouter, Request
 from PIL import Image
 from pydantic import ConfigDict, Field
@@ -44,7 +47,7 @@ from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_o
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
-    decode_image, fit_mask, image_from_bytes, load_upscaler_file, refiner_choice, sampler_and_schedule,
+    decode_image, fit_mask, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
     scheduler_rows, unset_preset_fields, upscaler_file,
 )
 from sdlab.server.jobs import Job, Unavailable, image_seeds
@@ -54,6 +57,7 @@ from sdlab.server.previews import jpeg_bytes
 from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR
+from sdlab.server.worker import ModelHost
 
 router = APIRouter(prefix="/sdapi/v1")
 DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
@@ -475,13 +479,12 @@ def upscalers(request: Request) -> list[dict[str, Any]]:
                    for f in service_of(request).upscalers.files]
 
 
-class ExtraSingleIn(NullsAreDefaults):
-    """A1111's `/extra-single-image` fields sdlab uses; face restoration, a second upscaler and the others
-    are accepted and ignored (docs/server.md)."""
+class ExtrasIn(NullsAreDefaults):
+    """A1111's Extras fields sdlab uses (`ExtrasBaseRequest`); face restoration, a second upscaler and the
+    others are accepted and ignored (docs/server.md)."""
 
     model_config = ConfigDict(extra="allow")
 
-    image: str
     resize_mode: int = 0                    # 0: by upscaling_resize, 1: to upscaling_resize_w x _h
     upscaling_resize: float = 2.0
     upscaling_resize_w: int = 0
@@ -490,15 +493,29 @@ class ExtraSingleIn(NullsAreDefaults):
     upscaler_1: str = "None"
 
 
-def _upscale(service: Service, body: ExtraSingleIn) -> dict[str, Any]:
-    """The picture upscaled (while no job runs) as a PNG keeping its parameters text; A1111's answer.
+class ExtraSingleIn(ExtrasIn):
+    image: str
+
+
+class FileData(NullsAreDefaults):
+    data: str
+    name: str = ""
+
+
+class ExtraBatchIn(ExtrasIn):
+    imageList: list[FileData]               # noqa: N815 (A1111's field name)
+
+
+def _upscale(service: Service, body: ExtrasIn, data: str, what: str) -> tuple[bytes, str]:
+    """The picture `data` (base64, the field `what`) upscaled (while no job runs) as a PNG keeping its
+    parameters text, and A1111's html_info line of it.
 
     As A1111's Extras upscale (`scripts/postprocessing_upscale.py`): "None" returns the picture as it is; else
     `Upscaler.upscale` by `upscaling_resize` or, in resize_mode 1, by max(w / W, h / H) (`upscale_by`: the
     size rounded down to multiples of 8, the aspect ratio kept), then with `upscaling_crop` pasted centred
     on a black w x h canvas."""
-    raw = decode_base64(body.image, "image")
-    image = image_from_bytes(raw, "image", service.config.limits)
+    raw = decode_base64(data, what)
+    image = image_from_bytes(raw, what, service.config.limits)
     try:
         parameters = read_parameters(io.BytesIO(raw))
     except Exception:                   # no readable parameters chunk: the picture still upscales
@@ -506,12 +523,15 @@ def _upscale(service: Service, body: ExtraSingleIn) -> dict[str, Any]:
     name = (body.upscaler_1 or "None").strip()
     found = upscaler_file(name, service.upscalers, EXTRAS_UPSCALER)
     result = image if name.lower() == "none" else _upscaled(service, body, image, name, found)
-    blob = encode_image(result, "PNG", parameters)
-    return {"html_info": f"<p>Upscaler: {html.escape(name)}, size: {result.width}x{result.height}</p>",
-            "image": base64.b64encode(blob).decode("ascii")}
+    return (encode_image(result, "PNG", parameters),
+            f"<p>Upscaler: {html.escape(name)}, size: {result.width}x{result.height}</p>")
 
 
-def _upscaled(service: Service, body: ExtraSingleIn, image: Image.Image, name: str,
+def _b64(blob: bytes) -> str:
+    return base64.b64encode(blob).decode("ascii")
+
+
+def _upscaled(service: Service, body: ExtrasIn, image: Image.Image, name: str,
               found: ModelFile | None) -> Image.Image:
     """`image` through the plain resize `name` or the upscaler file `found` (A1111's
     `ScriptPostprocessingUpscale.upscale`)."""
@@ -544,7 +564,17 @@ def _check_upscale_size(width: float, height: float, limit: int) -> None:
 
 @router.post("/extra-single-image")
 async def extra_single_image(body: ExtraSingleIn, request: Request) -> dict[str, Any]:
-    return await asyncio.to_thread(_upscale, service_of(request), body)
+    blob, info = await asyncio.to_thread(_upscale, service_of(request), body, body.image, "image")
+    return {"html_info": info, "image": _b64(blob)}
+
+
+@router.post("/extra-batch-images")
+async def extra_batch_images(body: ExtraBatchIn, request: Request) -> dict[str, Any]:
+    """Each picture of `imageList` as `extra-single-image` upscales it, in order."""
+    service = service_of(request)
+    done = [await asyncio.to_thread(_upscale, service, body, item.data, f"imageList[{i}].data")
+            for i, item in enumerate(body.imageList)]
+    return {"html_info": "".join(info for _, info in done), "images": [_b64(blob) for blob, _ in done]}
 
 
 @router.get("/latent-upscale-modes")
@@ -574,6 +604,125 @@ def _embedding_item(embedding: Embedding) -> dict[str, Any]:
 @router.get("/scripts")
 def scripts() -> dict[str, Any]:
     return {"txt2img": [], "img2img": []}
+
+
+@router.get("/prompt-styles")
+@router.get("/face-restorers")
+@router.get("/hypernetworks")
+@router.get("/realesrgan-models")
+@router.get("/script-info")
+@router.get("/extensions")
+def nothing_listed() -> list[dict[str, Any]]:
+    """A1111's lists of what sdlab has none of: prompt styles, face restorers, hypernetworks, Real-ESRGAN
+    models (its upscaler models are `GET upscalers`), scripts' arguments, extensions."""
+    return []
+
+
+@router.get("/cmd-flags")
+def cmd_flags(request: Request) -> dict[str, Any]:
+    """`sdlab serve`'s options, as A1111 lists its command-line flags (the credentials left out)."""
+    config = service_of(request).config
+    folders = {"model": config.model, "models_dir": config.models_dir, "embeddings_dir": config.embeddings_dir,
+               "controlnet_dir": config.controlnet_dir, "upscalers_dir": config.upscalers_dir,
+               "output_dir": config.output_dir}
+    limits = config.limits
+    return {**{name: None if path is None else str(path) for name, path in folders.items()},
+            "device": config.device, "max_queue": config.max_queue, "max_body_mb": limits.max_body_bytes >> 20,
+            "max_pixels": limits.max_pixels, "max_steps": limits.max_steps, "max_batch": limits.max_batch}
+
+
+@router.get("/memory")
+def memory(request: Request) -> dict[str, Any]:
+    """A1111's `get_memory`: `{ram, cuda}` in bytes."""
+    return {"ram": _ram(), "cuda": _cuda(service_of(request).config.device)}
+
+
+def _ram() -> dict[str, Any]:
+    """A1111's `ram`: this process's resident memory (`used`), the machine's (`total`) and their difference
+    (`free`), read from /proc and sysconf; `{error}` where the system has neither."""
+    try:
+        page = os.sysconf("SC_PAGE_SIZE")
+        total = page * os.sysconf("SC_PHYS_PAGES")
+        with open("/proc/self/statm") as statm:
+            used = int(statm.read().split()[1]) * page
+    except (OSError, ValueError, IndexError) as err:
+        return {"error": str(err)}
+    return {"free": total - used, "used": used, "total": total}
+
+
+def _cuda(device: str) -> dict[str, Any]:
+    """A1111's `cuda`: the card's free / used / total memory and PyTorch's allocator counters, for a server
+    that draws on CUDA; `{"error": "unavailable"}` on the CPU or MPS."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return {"error": "unavailable"}
+    free, total = torch.cuda.mem_get_info(device)
+    stats = torch.cuda.memory_stats(device)
+
+    def pair(name: str) -> dict[str, int]:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    return {"system": {"free": free, "used": total - free, "total": total}, "active": pair("active_bytes"),
+            "allocated": pair("allocated_bytes"), "reserved": pair("reserved_bytes"),
+            "inactive": pair("inactive_split_bytes"),
+            "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)}}
+
+
+@router.post("/interrogate")
+def interrogate() -> None:
+    raise BadRequest("sdlab has no interrogator (A1111's CLIP / DeepDanbooru caption of a picture); "
+                     "POST /sdapi/v1/interrogate is not served", 501, "sdlab has no interrogator")
+
+
+@router.post("/refresh-vae")
+def refresh_vae() -> None:
+    """Nothing to rescan: this server has no separate VAE files (`GET sd-vae` is empty)."""
+
+
+@router.post("/refresh-embeddings")
+async def refresh_embeddings(request: Request) -> None:
+    """Read `--embeddings-dir` anew: sdlab installs embeddings as it loads a model, so the loaded model is
+    loaded again (while no job runs); nothing without the folder or a loaded model."""
+    host = service_of(request).host
+    if host.embeddings and host.pipe is not None:
+        await asyncio.to_thread(_reload, service_of(request))
+
+
+@router.post("/unload-checkpoint")
+async def unload_checkpoint(request: Request) -> dict[str, Any]:
+    """The model is let go (while no job runs); the next job loads it again."""
+    host = service_of(request).host
+    await asyncio.to_thread(_holding_device, host, host.unload)
+    return {}
+
+
+@router.post("/reload-checkpoint")
+async def reload_checkpoint(request: Request) -> dict[str, Any]:
+    """The selected model is loaded now (while no job runs), if it is not loaded already."""
+    service = service_of(request)
+    await asyncio.to_thread(_holding_device, service.host, lambda: _load_selected(service))
+    return {}
+
+
+def _holding_device(host: ModelHost, action: Callable[[], None]) -> None:
+    with host.busy:                     # never beside a generation
+        action()
+
+
+def _reload(service: Service) -> None:
+    """The model let go and the selected one loaded from its file, while no job runs."""
+    with service.host.busy:
+        service.host.unload()
+        _load_selected(service)
+
+
+def _load_selected(service: Service) -> None:
+    """`host.pipeline` of the selected model; a file that cannot be loaded is a 400 naming it by its title."""
+    selected = service.host.selected
+    try:
+        service.host.pipeline(selected)
+    except CheckpointError as err:
+        raise BadRequest(load_failure(err, f"the model {selected.title!r}", selected.title,
+                                      [(selected.path, selected.title)])) from None
 
 
 class PngInfoIn(NullsAreDefaults):

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from sdlab.api import Pipeline, load, load_refiner
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import Upscaler
@@ -97,6 +99,14 @@ class ModelHost:
         if refined is None:
             return self.pipe
         return self.pipe.with_refiner(refined, handoff.switch_at, handoff.convention)
+
+    def unload(self) -> None:
+        """Let the model and the refiner go (A1111's unload-checkpoint): the next job, or `pipeline`, loads
+        its model again from the file, its embeddings folder read anew. Called while `busy` is held."""
+        self.pipe, self._key, self.previewer = None, None, None
+        self._refiner, self._refiner_key = None, None
+        if str(self.device).startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline) -> ModelBundle | None:
         """The bundle of `refiner` for `base` (its device, dtype and embeddings: `load_refiner`), loaded unless
