@@ -141,3 +141,27 @@ def test_refresh_embeddings_unload_and_reload_checkpoint(tmp_path):
             assert "TI hashes: " in info["infotexts"][0]
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- 3. the info JSON of a hires job
+
+
+@pytest.mark.parametrize("hires, labels", [
+    ({"hr_scale": 2, "hr_second_pass_steps": 2, "hr_upscaler": "Latent (nearest-exact)"},
+     {"Hires upscale": 2.0, "Hires steps": 2, "Hires upscaler": "Latent (nearest-exact)"}),
+    ({"hr_resize_x": 96, "hr_upscaler": "Lanczos"}, {"Hires resize": "96x0", "Hires upscaler": "Lanczos"}),
+])
+def test_info_carries_the_hires_labels_of_the_infotext(client, hires, labels):
+    """A1111 puts the hires labels into `p.extra_generation_params` (`Processed.js()`), beside the
+    denoising strength of the second pass."""
+    from sdlab.pipeline.png_info import parse_parameters
+
+    _, info = txt2img(client, enable_hr=True, denoising_strength=0.5, styles=["ink", "noir"], **hires)
+    extra = info["extra_generation_params"]
+    assert extra == {"Schedule type": "Uniform", "Denoising strength": 0.5, **labels}
+    written = parse_parameters(info["infotexts"][0])
+    assert {label: written[label] for label in extra} == extra
+    assert info["denoising_strength"] == 0.5 and info["styles"] == ["ink", "noir"]
+    _, plain = txt2img(client)
+    assert plain["extra_generation_params"] == {"Schedule type": "Uniform"} and plain["denoising_strength"] is None
+    assert plain["styles"] == []

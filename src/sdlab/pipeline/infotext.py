@@ -148,8 +148,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "VAE hash": None if vae is None else vae[1],
         "VAE": None if vae is None else vae[0],
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
-        "Denoising strength": req.hr_denoise if req.hires else None,
-        **_hires_parameters(req),
+        "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
+        **hires_parameters(req),
         "Eta": req.eta,
         "ENSD": req.eta_noise_seed_delta or None,
         "CFG rescale": req.guidance_rescale or None,
@@ -199,9 +199,10 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
     }
 
 
-def _hires_parameters(req: GenerationRequest) -> dict[str, Any]:
-    """A1111's hires fix labels: Hires upscale (or Hires resize WxH, 0 = unset), Hires steps (when set), Hires
-    upscaler (a model file by its stem, as A1111 names upscalers)."""
+def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
+    """A1111's hires fix labels, its `extra_generation_params` of a hires run (None values are left out of the
+    text): the second pass's Denoising strength, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
+    (when set), Hires upscaler (a model file by its stem, as A1111 names upscalers); none without it."""
     if not req.hires:
         return {}
     sized = bool(req.hr_width or req.hr_height)
@@ -209,6 +210,7 @@ def _hires_parameters(req: GenerationRequest) -> dict[str, Any]:
     if upscaler is not None and os.path.isfile(upscaler):
         upscaler = os.path.splitext(os.path.basename(upscaler))[0]
     return {
+        "Denoising strength": req.hr_denoise,
         "Hires upscale": None if sized else req.hr_scale,
         "Hires resize": f"{req.hr_width or 0}x{req.hr_height or 0}" if sized else None,
         "Hires steps": req.hr_steps or None,

@@ -37,7 +37,7 @@ from sdlab.checkpoints.io import read_checkpoint
 from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
-from sdlab.pipeline.infotext import img2img_parameters, refiner_label
+from sdlab.pipeline.infotext import hires_parameters, img2img_parameters, refiner_label
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
@@ -105,6 +105,7 @@ class Txt2ImgIn(NullsAreDefaults):
     refiner_switch_at: float | None = None  # the fraction drawn before it (A1111's `apply_refiner`); unset: 0.8
     denoising_strength: float | None = 0.75   # A1111's API default (StableDiffusionProcessing*); its UI's is 0.7
     send_images: bool = True
+    styles: list[str] = Field(default_factory=list)     # echoed in `info` (sdlab has no prompt styles)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # only "controlnet" is used
 
@@ -224,19 +225,20 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
         echo["init_images"], echo["mask"] = None, None
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
-    extra = {**_img2img_parameters(job, request), **_refiner_parameters(service, job.settings)}
+    extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job.settings)}
     info = _info(job, body, name, extra, batch_size=request.batch_size // body.n_iter)
     return {"images": images, "parameters": echo, "info": json.dumps(info)}
 
 
-def _img2img_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
-    """A1111's `extra_generation_params` of an img2img job (Denoising strength, Mask blur, Inpaint area, ...:
-    `infotext.img2img_parameters`, as its infotext writes them): `request`'s pictures with the settings the
-    job drew with."""
+def _drawn_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
+    """A1111's `extra_generation_params` of the hires fix and of an img2img job (Denoising strength, Hires
+    upscale, Mask blur, Inpaint area, ...: `infotext.hires_parameters` and `img2img_parameters`, as its
+    infotext writes them): `request`'s pictures with the settings the job drew with."""
     images = {"init_image", "init_images", "mask_image", "controls"}
     names = {f.name for f in dataclasses.fields(GenerationRequest)} - images
     drawn = dataclasses.replace(request, **{k: v for k, v in job.settings.items() if k in names})
-    return {label: value for label, value in img2img_parameters(drawn).items() if value is not None}
+    labels = {**hires_parameters(drawn), **img2img_parameters(drawn)}
+    return {label: value for label, value in labels.items() if value is not None}
 
 
 def _refiner_parameters(service: Service, settings: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +278,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
           batch_size: int | None = None) -> dict[str, Any]:
     """A1111's `Processed.js()` fields; `extra`: more of its `extra_generation_params`; `batch_size`: the
     pictures per iteration (None: the body's)."""
-    s = job.settings
+    s, extra = job.settings, extra or {}
     count = len(job.seeds) or max(1, s.get("batch_size") or 1)
     # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
     # = subseed + i, listed for the whole batch even when it was interrupted; without a variation seed the
@@ -295,9 +297,9 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": _hash_of_title(job.model),
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
-        "denoising_strength": s.get("strength") if job.mode != "txt2img" else None,
-        "extra_generation_params": {"Schedule type": a1111_label(s.get("schedule")), **(extra or {})},
-        "index_of_first_image": 0, "infotexts": job.infotexts, "styles": [], "job_timestamp": _stamp(job.created),
+        "denoising_strength": s.get("strength") if job.mode != "txt2img" else extra.get("Denoising strength"),
+        "extra_generation_params": {"Schedule type": a1111_label(s.get("schedule")), **extra},
+        "index_of_first_image": 0, "infotexts": job.infotexts, "styles": body.styles, "job_timestamp": _stamp(job.created),
         "clip_skip": s.get("clip_skip", 1), "is_using_inpainting_conditioning": False, "version": version_label(),
         "interrupted": job.status == "cancelled",
     }
