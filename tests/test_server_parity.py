@@ -97,3 +97,34 @@ def test_embeddings_dir_words_and_ti_hashes_equal_cli(tmp_path):
                                "shape": width + 128, "vectors": 1}}}
     finally:
         server.stop()
+
+
+def _served(server_url: str, body: dict) -> Image.Image:
+    with httpx.Client(base_url=server_url, timeout=120) as client:
+        created = client.post("/api/jobs", json=body)
+        assert created.status_code == 202, created.text
+        deadline = time.monotonic() + 120
+        while (job := client.get(f"/api/jobs/{created.json()['id']}").json())["status"] in ("queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert job["status"] == "done", job
+        return Image.open(io.BytesIO(client.get(job["images"][0]).content))
+
+
+def test_a_prompt_tags_lora_draws_with_its_preset_in_the_cli_the_api_and_the_server(sdlab_server, tmp_path):
+    import sdlab
+    import torch
+
+    # sdlab-tiny-lcm (beside the shipped model) names the "lcm" preset: a tag adds it as --lora does
+    prompt = "a red circle <lora:sdlab-tiny-lcm:0.6>"
+    cli = _cli(tmp_path, prompt, "--seed", "7")
+    assert "Sampler: LCM" in cli.info["parameters"] and "CFG scale: 1," in cli.info["parameters"]
+    _same(_served(sdlab_server.url, {"prompt": prompt, "seed": 7}), cli)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                     # as the CLI and the server here (OMP_NUM_THREADS=1): same sums
+    try:
+        drawn = sdlab.load().txt2img(prompt, seed=7)
+    finally:
+        torch.set_num_threads(threads)
+    assert (drawn.request.sampler, drawn.request.steps, drawn.request.cfg_scale) == ("LCM", 4, 1.0)
+    assert (np.asarray(drawn.images[0]) == np.asarray(cli.convert("RGB"))).all()

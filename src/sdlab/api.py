@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from sdlab.checkpoints.embeddings import Embedding, embeddings_used, find_embeddings, install_embeddings
+from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
 from sdlab.checkpoints.upscaler import Upscaler
@@ -98,6 +99,21 @@ class Pipeline:
         may replace it (e.g. with a server's own list of LoRAs)."""
         return find_lora(name, self.lora_dirs)
 
+    def preset_for(self, prompt: str) -> str | None:
+        """The few-step preset a request with `prompt` draws with when it asks for none: the model's (its file's,
+        or a LoRA's merged at load: `load`), else the first one a LoRA of the prompt's tags names (an
+        LCM-LoRA's "lcm"), so an adapter that names how it draws is drawn so whether it comes from `--lora`,
+        a native `loras` entry or a `<lora:...>` tag. None where none names one; a bad tag is `resolve`'s to
+        report."""
+        if self.bundle.preset is not None:
+            return self.bundle.preset
+        try:
+            _, tags = split_prompt_loras(prompt)
+            paths = [self.find_lora(tag.name) for tag in tags]
+            return next(filter(None, (lora_preset(path) for path in paths if path is not None)), None)
+        except (ValueError, CheckpointError):
+            return None
+
     def __repr__(self) -> str:
         return f"Pipeline({self.bundle.family.name}, {self.bundle.prediction.value}, {self.bundle.dtype})"
 
@@ -152,9 +168,9 @@ class Pipeline:
             ) from None
 
     def _call(self, prompt: str, options: dict[str, Any], progress: ProgressFn | None) -> GenerationResult:
-        # few-step settings (pipeline/presets.py): the preset asked for, else the one the model file names
-        # (preset=None: neither); the options given win
-        preset = options.pop("preset") if "preset" in options else self.bundle.preset
+        # few-step settings (pipeline/presets.py): the preset asked for, else the one the model file or a LoRA
+        # names (`preset_for`; preset=None: none); the options given win
+        preset = options.pop("preset") if "preset" in options else self.preset_for(prompt)
         if preset is not None:
             options = apply_preset(preset, options, "img2img" if "init_image" in options else "txt2img")
         unknown = sorted(set(options) - _REQUEST_FIELDS)

@@ -774,8 +774,9 @@ def run_generate(args: argparse.Namespace) -> int:
     if model is not None:
         logger.warning("using %s, the model the picture names (pass --model to choose another)", model)
     pipe, model = _load_pipeline(args, model, loras, parse_lora_hashes(recorded.get("Lora hashes")), recorded)
-    if pipe.bundle.preset and not recorded and not getattr(args, "preset", None):
-        request = GenerationRequest(**_with_model_preset(options, pipe.bundle.preset, args.mode))
+    preset = pipe.preset_for(options["prompt"])        # the model's, a --lora file's or a prompt tag's LoRA's
+    if preset and not recorded and not getattr(args, "preset", None):
+        request = GenerationRequest(**_with_model_preset(options, preset, args.mode))
     name, hash_ = _identify_model(model)
     refiner = None if args.refiner is None else RefinerRef(*_identify_model(args.refiner), pipe.refiner_switch,
                                                            pipe.refiner_convention)

@@ -189,8 +189,9 @@ def run_grid(args: argparse.Namespace) -> int:
     _check_requests(cells, plot)
 
     pipe, model = _load_pipeline(args, None, loras)
-    if pipe.bundle.preset and not args.preset:           # a file that names a preset (LCM-LoRA, Turbo), as txt2img
-        options = _with_model_preset(options, pipe.bundle.preset, args.mode)
+    preset = pipe.preset_for(options["prompt"])
+    if preset and not args.preset:                       # a file that names a preset (LCM-LoRA, Turbo), as txt2img
+        options = _with_model_preset(options, preset, args.mode)
         typed = plot.cells(options)
         cells = _for_pipeline(typed, cell_loras)
         _check_requests(cells, plot)
