@@ -165,3 +165,41 @@ def test_info_carries_the_hires_labels_of_the_infotext(client, hires, labels):
     _, plain = txt2img(client)
     assert plain["extra_generation_params"] == {"Schedule type": "Uniform"} and plain["denoising_strength"] is None
     assert plain["styles"] == []
+
+
+# ---------------------------------------------------------------- 4. override_settings_restore_afterwards
+
+
+def test_overrides_stay_when_the_request_says_not_to_restore_them(tmp_path):
+    """A1111's `process_images` restores the overridden options only `if p.override_settings_restore_afterwards`:
+    with false, the model, clip skip and ENSD stay for later requests and `GET options` shows them."""
+    import shutil
+
+    from server_fixtures import start_server
+    from sdlab.api import shipped_model_path
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(shipped_model_path(), models / "plain.safetensors")      # a second model to switch to
+    server = start_server(tmp_path / "served", "--models-dir", str(models))
+    try:
+        with httpx.Client(base_url=server.url + "/sdapi/v1", timeout=120) as api:
+            startup = api.get("/options").json()["sd_model_checkpoint"]
+            overrides = {"sd_model_checkpoint": "plain", "CLIP_stop_at_last_layers": 2, "eta_noise_seed_delta": 31337}
+            _, info = txt2img(api, sampler_name="Euler a", override_settings=overrides,
+                              override_settings_restore_afterwards=False)
+            assert info["sd_model_name"] == "plain" and "Clip skip: 2" in info["infotexts"][0]
+            options = api.get("/options").json()
+            assert options["sd_model_checkpoint"].startswith("plain.safetensors [") and options["sd_model_checkpoint"] != startup
+            assert (options["CLIP_stop_at_last_layers"], options["eta_noise_seed_delta"]) == (2, 31337)
+            _, later = txt2img(api, sampler_name="Euler a")
+            assert later["sd_model_name"] == "plain" and "Clip skip: 2, " in later["infotexts"][0]
+            assert "ENSD: 31337" in later["infotexts"][0]
+            _, restored = txt2img(api, override_settings={"CLIP_stop_at_last_layers": 3})
+            assert "Clip skip: 3" in restored["infotexts"][0]
+            assert api.get("/options").json()["CLIP_stop_at_last_layers"] == 2       # restored: the default
+            refused = api.post("/txt2img", json={"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": 0},
+                                                 "override_settings_restore_afterwards": False})
+            assert refused.status_code == 422 and api.get("/options").json()["CLIP_stop_at_last_layers"] == 2
+    finally:
+        server.stop()

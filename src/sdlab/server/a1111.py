@@ -107,6 +107,7 @@ class Txt2ImgIn(NullsAreDefaults):
     send_images: bool = True
     styles: list[str] = Field(default_factory=list)     # echoed in `info` (sdlab has no prompt styles)
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = True     # False: the overrides stay, as `POST options` sets them
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # only "controlnet" is used
 
 
@@ -210,7 +211,11 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     spec = JobSpec(request, model_preset_fills=unset_preset_fields(_given(body), request),
                    unset_schedule=a1111_schedule(request.sampler, None),
                    refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
+    kept = {} if body.override_settings_restore_afterwards else body.override_settings
+    selected = await asyncio.to_thread(_checked_options, service, kept) if kept else None
     job, _ = await asyncio.to_thread(service.submit, spec, mode, model, hr_steps_name="hr_second_pass_steps")
+    if kept:                            # A1111's `process_images` restores them only when asked to
+        _set_options(service, kept, selected)
     await _until_finished(job)
     if job.status == "interrupted":
         raise Unavailable(job.error)
@@ -412,11 +417,23 @@ def set_options(body: dict[str, Any], request: Request) -> None:
     request's `override_settings` and, for `tiling`, its own field); other options are remembered and echoed
     by GET but change nothing (docs/server.md). Nothing is set when one value is refused."""
     service = service_of(request)
+    _set_options(service, body, _checked_options(service, body))
+
+
+def _checked_options(service: Service, body: dict[str, Any]) -> Checkpoint | None:
+    """`body`'s options checked (`_check_options`) and the model it selects, a readable file, if it names one."""
     _check_options(body)
-    if "sd_model_checkpoint" in body:
-        checkpoint = service.checkpoint(body["sd_model_checkpoint"])
-        _check_readable(checkpoint)
-        service.host.selected = checkpoint
+    if "sd_model_checkpoint" not in body:
+        return None
+    checkpoint = service.checkpoint(body["sd_model_checkpoint"])
+    _check_readable(checkpoint)
+    return checkpoint
+
+
+def _set_options(service: Service, body: dict[str, Any], selected: Checkpoint | None) -> None:
+    """Set the options `_checked_options` passed: the model new jobs use (`selected`) and the others."""
+    if selected is not None:
+        service.host.selected = selected
     service.options.update({k: v for k, v in body.items() if k not in FIXED_OPTIONS})
 
 
