@@ -203,3 +203,17 @@ def test_overrides_stay_when_the_request_says_not_to_restore_them(tmp_path):
             assert refused.status_code == 422 and api.get("/options").json()["CLIP_stop_at_last_layers"] == 2
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------- 5. the subseed is drawn
+
+
+def test_info_subseed_is_drawn_for_minus_one_as_a1111s_get_fixed_seed(client):
+    """A1111 `process_images_inner`: subseed = get_fixed_seed(p.subseed) and all_subseeds = subseed + i,
+    whatever subseed_strength is; never -1."""
+    _, info = txt2img(client, batch_size=2, subseed=-1)
+    assert info["subseed"] >= 0 and info["all_subseeds"] == [info["subseed"], info["subseed"] + 1]
+    _, kept = txt2img(client, batch_size=2, subseed=40)
+    assert kept["all_subseeds"] == [40, 41]
+    _, varied = txt2img(client, batch_size=2, subseed=-1, subseed_strength=0.5)
+    assert varied["subseed"] >= 0 and f"Variation seed: {varied['subseed']}," in varied["infotexts"][0]

@@ -302,7 +302,8 @@ def test_an_interrupted_batch_lists_every_seed_of_the_batch():
     info = _info(job, body, "m")
     assert info["all_seeds"] == [7, 8, 9, 10] and info["seed"] == 7 and info["interrupted"]
     assert info["all_prompts"] == ["x"] * 4 and len(info["all_negative_prompts"]) == 4
-    assert info["all_subseeds"] == [-1] * 4
+    subseed = info["subseed"]               # drawn for -1, as A1111's get_fixed_seed
+    assert subseed >= 0 and info["all_subseeds"] == [subseed + i for i in range(4)]
 
 
 # ---------------------------------------------------------------- 9. a mask of another size

@@ -42,7 +42,7 @@ from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
 )
-from sdlab.pipeline.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest
+from sdlab.pipeline.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest, fixed_seed
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
@@ -286,11 +286,12 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
     s, extra = job.settings, extra or {}
     count = len(job.seeds) or max(1, s.get("batch_size") or 1)
     # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
-    # = subseed + i, listed for the whole batch even when it was interrupted; without a variation seed the
-    # subseed asked for (-1 as asked)
+    # = subseed + i, listed for the whole batch even when it was interrupted; the subseed is the one the job
+    # drew with, or without a variation seed the one asked for, drawn at random for -1 (`get_fixed_seed`)
     seeds, subseeds = image_seeds(s, count)
     seeds = job.seeds or seeds
-    subseeds = subseeds or [-1 if body.subseed == -1 else body.subseed + i for i in range(count)]
+    subseed = fixed_seed(body.subseed)
+    subseeds = subseeds or [subseed + i for i in range(count)]
     prompts = [s.get("prompt", "")] * count
     return {
         "prompt": s.get("prompt", ""), "all_prompts": prompts,
