@@ -217,3 +217,50 @@ def test_info_subseed_is_drawn_for_minus_one_as_a1111s_get_fixed_seed(client):
     assert kept["all_subseeds"] == [40, 41]
     _, varied = txt2img(client, batch_size=2, subseed=-1, subseed_strength=0.5)
     assert varied["subseed"] >= 0 and f"Variation seed: {varied['subseed']}," in varied["infotexts"][0]
+
+
+# ---------------------------------------------------------------- 6. png-info's defaults
+
+
+def a1111_defaults(res: dict) -> dict:
+    """The defaults A1111 1.10's `infotext_utils.parse_generation_parameters` fills in, transcribed (its
+    emphasis test reduced to whether a bracket weighs a word)."""
+    res = dict(res)
+    res.setdefault("Clip skip", "1")
+    if "Hires resize-1" not in res:
+        res["Hires resize-1"] = 0
+        res["Hires resize-2"] = 0
+    for key, value in (("Hires sampler", "Use same sampler"), ("Hires schedule type", "Use same scheduler"),
+                       ("Hires checkpoint", "Use same checkpoint"), ("Hires prompt", ""),
+                       ("Hires negative prompt", ""), ("Mask mode", "Inpaint masked"), ("Masked content", "original"),
+                       ("Inpaint area", "Whole picture"), ("Masked area padding", 32), ("RNG", "GPU"),
+                       ("Schedule type", "Automatic"), ("Schedule max sigma", 0), ("Schedule min sigma", 0),
+                       ("Schedule rho", 0), ("VAE Encoder", "Full"), ("VAE Decoder", "Full"), ("FP8 weight", "Disable")):
+        res.setdefault(key, value)
+    if "Cache FP16 weight for LoRA" not in res and res["FP8 weight"] != "Disable":
+        res["Cache FP16 weight for LoRA"] = False
+    if "Emphasis" not in res and any(c in res["Prompt"] + res["Negative prompt"] for c in "()[]"):
+        res["Emphasis"] = "Original"
+    res.setdefault("Refiner switch by sampling steps", False)
+    return res
+
+
+@pytest.mark.parametrize("text", [
+    "a cat\nNegative prompt: ugly\nSteps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 9, "
+    "Size: 512x768, Denoising strength: 0.5, Hires upscale: 2, Hires upscaler: Latent, Version: v1.10.1",
+    "a (cat:1.2)\nNegative prompt: [ugly]\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 9, Size: 64x64, "
+    "FP8 weight: Enable for SDXL, Mask mode: Inpaint not masked, Masked area padding: 8",
+    "a cat BREAK a dog\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 9, Size: 64x64",
+])
+def test_png_info_fills_in_a1111s_defaults(client, text):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    answer = client.post("/png-info", json={"image": base64.b64encode(buffer.getvalue()).decode()}).json()
+    parameters = answer["parameters"]
+    labels = {"Prompt", "Negative prompt"} | {item.split(":")[0] for item in text.splitlines()[-1].split(", ")}
+    written = {key: value for key, value in parameters.items() if key in labels or key[:-2] in labels}   # Size-1
+    assert parameters == a1111_defaults(written)

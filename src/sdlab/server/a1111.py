@@ -39,6 +39,7 @@ from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import hires_parameters, img2img_parameters, refiner_label
 from sdlab.pipeline.preprocess import PREPROCESSORS
+from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
 )
@@ -765,17 +766,21 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
 
 
 _SIZE_VALUE = re.compile(r"^(\d+)x(\d+)$")
-_A1111_DEFAULTS = {                     # what A1111's parser fills in for labels a text leaves out
+_A1111_DEFAULTS = {                     # what A1111 1.10's parser fills in for labels a text leaves out
     "Clip skip": "1", "Hires resize-1": 0, "Hires resize-2": 0, "Hires sampler": "Use same sampler",
-    "Hires checkpoint": "Use same checkpoint", "Hires prompt": "", "Hires negative prompt": "", "RNG": "GPU",
-    "Schedule type": "Automatic", "Schedule max sigma": 0, "Schedule min sigma": 0, "Schedule rho": 0,
+    "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "",
+    "Hires negative prompt": "", "Mask mode": "Inpaint masked", "Masked content": "original",
+    "Inpaint area": "Whole picture", "Masked area padding": 32, "RNG": "GPU", "Schedule type": "Automatic",
+    "Schedule max sigma": 0, "Schedule min sigma": 0, "Schedule rho": 0, "VAE Encoder": "Full",
+    "VAE Decoder": "Full", "FP8 weight": "Disable",
 }
 
 
 def a1111_parameters(text: str) -> dict[str, Any]:
     """A parameters text parsed with A1111's keys (`parse_generation_parameters` in `infotext_utils.py`):
     every `WxH` value becomes `<label>-1` / `<label>-2` (`Size-1`, `Size-2`, no `Size`), and the labels
-    missing from the text get A1111's defaults (`"Clip skip": "1"`, ...). Values keep sdlab's types."""
+    missing from the text get A1111's defaults (`"Clip skip": "1"`, ...: `_a1111_defaults`). Values keep
+    sdlab's types."""
     parsed: dict[str, Any] = {}
     for key, value in parse_parameters(text).items():
         m = _SIZE_VALUE.match(value) if isinstance(value, str) and key not in ("Prompt", "Negative prompt") else None
@@ -783,7 +788,28 @@ def a1111_parameters(text: str) -> dict[str, Any]:
             parsed[f"{key}-1"], parsed[f"{key}-2"] = m.group(1), m.group(2)
         else:
             parsed[key] = value
-    return {**parsed, **{key: value for key, value in _A1111_DEFAULTS.items() if key not in parsed}}
+    return {**parsed, **{key: value for key, value in _a1111_defaults(parsed).items() if key not in parsed}}
+
+
+def _a1111_defaults(parsed: dict[str, Any]) -> dict[str, Any]:
+    """A1111's defaults of the labels a text leaves out, in its order: `_A1111_DEFAULTS`, `Cache FP16 weight
+    for LoRA` with an FP8 weight other than "Disable", `Emphasis` "Original" when a prompt weighs a word
+    other than 1, and `Refiner switch by sampling steps`."""
+    defaults: dict[str, Any] = dict(_A1111_DEFAULTS)
+    if parsed.get("FP8 weight", "Disable") != "Disable":
+        defaults["Cache FP16 weight for LoRA"] = False
+    if _uses_emphasis(str(parsed.get("Prompt", ""))) or _uses_emphasis(str(parsed.get("Negative prompt", ""))):
+        defaults["Emphasis"] = "Original"
+    defaults["Refiner switch by sampling steps"] = False
+    return defaults
+
+
+def _uses_emphasis(prompt: str) -> bool:
+    """Whether A1111's prompt parser gives a piece of `prompt` a weight other than 1 (BREAK aside)."""
+    try:
+        return any(weight != 1.0 and text != "BREAK" for text, weight in parse_weighted(prompt))
+    except PromptError:                 # a weight past sdlab's bound: one other than 1
+        return True
 
 
 controlnet_router = APIRouter(prefix="/controlnet")     # the sd-webui-controlnet extension's routes
