@@ -1,6 +1,7 @@
 """Data parallelism of `python -m sdlab.train.cli` on a reduced-width SD1 checkpoint (CPU, gloo):
 torchrun with 2 processes == 1 process with the same global batch == 1 process with 2 accumulation
-micro-steps (the 1-process runs in-process; U-Net outputs of the trained weights within 1e-4 absolute and 2 % of what training changed).
+micro-steps (the 1-process runs in-process; U-Net outputs of the trained weights within 1e-4 absolute and 2 % of what training changed;
+the VAE task's reconstructions likewise).
 """
 
 from __future__ import annotations
@@ -8,8 +9,18 @@ from __future__ import annotations
 import torch
 
 from sdlab.checkpoints.load import load_bundle
+from sdlab.train.data import load_training_image
 from sdlab.train.run_checkpoint import list_checkpoints
-from train_fixtures import cli_args, max_weight_diff, run_cli, run_in_process, write_caption_folder, write_tiny_model
+from sdlab.train.vae_task import load_trained_vae
+from train_fixtures import (
+    CLI_RES,
+    cli_args,
+    max_weight_diff,
+    run_cli,
+    run_in_process,
+    write_caption_folder,
+    write_tiny_model,
+)
 
 
 def test_torchrun_two_gloo_processes_match_one_process(tmp_path, one_thread):
@@ -56,3 +67,33 @@ def test_torchrun_ends_cleanly_when_max_steps_is_a_multiple_of_checkpoint_every(
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [1, 2]
     assert (out / "final.safetensors").is_file()
     assert proc.stdout.count("sdlab: trained unet to step 2") == 1, proc.stdout
+
+
+def test_torchrun_vae_task_matches_one_process_and_accumulation(tmp_path, one_thread):
+    """The VAE task's posterior sample z ~ q(z|x) is drawn from each image's seed, so the trained VAE does not
+    depend on how the global batch is split over processes or accumulation micro-steps. Compared as functions:
+    the decoded posterior mean of the training images, against what training changed."""
+    data = write_caption_folder(tmp_path / "data", n=4, size=24)
+    model = write_tiny_model(tmp_path / "tiny-sd1.safetensors")
+    args = ("--task", "vae", "--max-steps", "3", "--checkpoint-every", "100", "--learning-rate", "1e-3",
+            "--lr-schedule", "constant")
+    one = tmp_path / "one"
+    run_in_process(one, model, data, "--batch-size", "4", *args)
+    accum = tmp_path / "accum"
+    run_in_process(accum, model, data, "--batch-size", "2", "--grad-accum", "2", *args)
+    two = tmp_path / "two"
+    run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29523",
+             *cli_args(two, model, data, "--batch-size", "2", *args)], timeout=180)
+    x = torch.stack([load_training_image(p, CLI_RES, center_crop=True, random_flip=False,
+                                         generator=torch.Generator()).pixels for p in sorted(data.glob("*.png"))])
+
+    def reconstruction(vae):
+        with torch.no_grad():
+            return vae.eval().decode(vae.encode(x).mode())  # (4, 3, H, W)
+
+    ref = reconstruction(load_trained_vae(one / "final.safetensors")[0])
+    change = float((ref - reconstruction(load_bundle(model).vae)).abs().max())
+    assert change > 1e-2
+    for other in (accum, two):
+        diff = float((reconstruction(load_trained_vae(other / "final.safetensors")[0]) - ref).abs().max())
+        assert diff < 1e-3 * change, (other.name, diff, change)

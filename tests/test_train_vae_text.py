@@ -31,6 +31,7 @@ from sdlab.train.losses import (
     sobel_gradients,
     ssim,
 )
+from sdlab.train.data import generator_for
 from sdlab.train.task import Batch, TrainTask
 from sdlab.tiny.text_task import (
     LogitScale,
@@ -192,8 +193,10 @@ def test_vae_loss_matches_its_formula():
     lc = VAELossConfig(pixel_loss="l1", kl_weight=1e-3, ssim_weight=0.2, gradient_weight=0.3)
     task = VAETask(TINY_VAE, lc)
     images, captions = shapes_dataset(4, seed=0)
-    loss, metrics = task.loss(Batch(images=images, captions=captions), torch.Generator().manual_seed(7))
-    x_hat, posterior = task.vae(images, generator=torch.Generator().manual_seed(7))
+    seeds = [11, 12, 13, 14]
+    loss, metrics = task.loss(Batch(images=images, captions=captions, seeds=seeds), torch.Generator().manual_seed(7))
+    # z ~ q(z|x) with each image's noise from its own seed (as the U-Net task's latents): the same whatever the split
+    x_hat, posterior = task.vae(images, generator=[generator_for(s, "posterior") for s in seeds])
     expected = (
         (x_hat - images).abs().mean()
         + 0.2 * (1 - ms_ssim(x_hat, images)).mean()
@@ -214,7 +217,7 @@ def test_critic_and_vae_each_get_only_their_own_gradient_from_one_backward():
     task = VAETask(TINY_VAE, lc)
     vae, critic = task.trainable_modules()["vae"], task.trainable_modules()["critic"]
     images, captions = shapes_dataset(4, seed=0)
-    loss, metrics = task.loss(Batch(images=images, captions=captions), torch.Generator().manual_seed(3))
+    loss, metrics = task.loss(Batch(images=images, captions=captions, seeds=[1, 2, 3, 4]), torch.Generator())
     loss.backward()
     assert int(critic.updates) == 1 and metrics["adversarial_weight"] > 0
     got_vae = {k: p.grad.clone() for k, p in vae.named_parameters()}
@@ -223,7 +226,7 @@ def test_critic_and_vae_each_get_only_their_own_gradient_from_one_backward():
     # the same objectives, written out separately
     for p in [*vae.parameters(), *critic.parameters()]:
         p.grad = None
-    x_hat, posterior = vae(images, generator=torch.Generator().manual_seed(3))
+    x_hat, posterior = vae(images, generator=[generator_for(s, "posterior") for s in (1, 2, 3, 4)])
     rec = (x_hat - images).abs().mean()
     vae_loss = rec + lc.kl_weight * posterior.kl().mean() / images[0].numel()
     for p in critic.parameters():

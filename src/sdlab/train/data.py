@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from sdlab.checkpoints.io import write_safetensors_atomic
+from sdlab.diffusion.loss import per_sample_normal
 from sdlab.pipeline.images import upright_8bit
 from sdlab.train.task import Batch
 from sdlab.utils.text import not_utf8
@@ -50,6 +51,8 @@ __all__ = [
     "TrainData",
     "derive_seed",
     "load_training_image",
+    "posterior_sample",
+    "sample_seeds",
     "scan_dataset",
 ]
 
@@ -65,6 +68,20 @@ def derive_seed(*parts: int | str) -> int:
 
 def generator_for(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def sample_seeds(batch: Batch, generator: torch.Generator) -> list[int]:
+    """The batch's per-sample seeds (`Batch.seeds`); for a batch built without them, one drawn per sample from
+    ``generator``."""
+    return batch.seeds or [int(torch.randint(0, 2**62, (), generator=generator)) for _ in range(len(batch))]
+
+
+def posterior_sample(mean: Tensor, std: Tensor, seeds: Sequence[int]) -> Tensor:
+    """z = mean + std * eps (B, C, h, w) float32, each image's eps ~ N(0, I) drawn from
+    ``generator_for(seed, "posterior")``: a sample's latent is the same in every task, cached or not, however
+    the global batch is split over processes and micro-steps."""
+    eps = per_sample_normal(mean.shape, [generator_for(s, "posterior") for s in seeds], device=mean.device)
+    return mean.float() + std.float() * eps
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -375,12 +392,10 @@ class TrainData:
         seeds = [seed for _, seed, _ in loaded]
         paths = [str(s.path) for s, _, _ in loaded]
         if self.latent_cache is not None:
-            scale = self.latent_cache.scaling_factor
-            latents = []
-            for _, seed, entry in loaded:
-                eps = torch.randn(entry["mean"].shape, generator=generator_for(seed, "posterior"))
-                latents.append((entry["mean"] + entry["std"] * eps) * scale)  # (C, h, w)
-            return Batch(images=None, captions=captions, latents=torch.stack(latents), paths=paths, seeds=seeds,
+            mean = torch.stack([e["mean"] for _, _, e in loaded])  # (B, C, h, w)
+            std = torch.stack([e["std"] for _, _, e in loaded])
+            latents = posterior_sample(mean, std, seeds) * self.latent_cache.scaling_factor
+            return Batch(images=None, captions=captions, latents=latents, paths=paths, seeds=seeds,
                          original_sizes=[tuple(int(v) for v in e["original_size"]) for _, _, e in loaded],
                          crops_top_left=[tuple(int(v) for v in e["crop_top_left"]) for _, _, e in loaded])
         return Batch(

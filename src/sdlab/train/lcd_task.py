@@ -51,7 +51,7 @@ from sdlab.diffusion.loss import per_sample_normal
 from sdlab.diffusion.model_sampling import DiscreteModelSampling
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import encode_captions
-from sdlab.train.data import generator_for
+from sdlab.train.data import generator_for, sample_seeds
 from sdlab.train.errors import TrainError
 from sdlab.train.task import Batch
 from sdlab.train.unet_task import UNetTask, UNetTaskOptions
@@ -261,8 +261,7 @@ class LCDTask(UNetTask):
     def pair(self, batch: Batch, generator: torch.Generator) -> LCDPair:
         """Draw n, w and the noise per image (from the sample's seed), run the teacher's guided DDIM step and
         return the student's and the target's consistency outputs."""
-        n = len(batch)
-        seeds = batch.seeds or [int(torch.randint(0, 2**62, (), generator=generator)) for _ in range(n)]
+        seeds = sample_seeds(batch, generator)
         gens = [generator_for(s, "lcd") for s in seeds]
         device = self.device
         z0 = self.latents(batch, seeds)  # (B, C, h, w) float32, scaled

@@ -79,7 +79,9 @@ class TrainTask(Protocol):
         ...
 
     def loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        """Scalar loss (mean over the batch) plus metrics to log; all randomness from ``generator``."""
+        """Scalar loss (mean over the batch) plus metrics to log. Random draws come from the samples' seeds
+        (`sdlab.train.data.sample_seeds`; ``generator`` only stands in for a batch without seeds), so that
+        they do not depend on the number of processes or micro-steps."""
         ...
 
     def save_weights(self, path: Path, ema: bool) -> None:

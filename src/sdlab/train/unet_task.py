@@ -37,7 +37,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet
 from sdlab.pipeline.conditioning import encode_captions, sdxl_size_conds
-from sdlab.train.data import generator_for
+from sdlab.train.data import generator_for, posterior_sample, sample_seeds
 from sdlab.train.errors import TrainError
 from sdlab.train.lora import LoRANetwork, save_lora_networks
 from sdlab.train.task import Batch
@@ -156,8 +156,7 @@ class UNetTask:
         # the text LoRA runs inside the text encoders' forward; its gradients are averaged by the loop
 
     def loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
-        n = len(batch)
-        seeds = batch.seeds or [int(torch.randint(0, 2**62, (), generator=generator)) for _ in range(n)]
+        seeds = sample_seeds(batch, generator)
         gens = [generator_for(s, "unet") for s in seeds]
         device = self.device
 
@@ -219,17 +218,14 @@ class UNetTask:
     # -- helpers ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def latents(self, batch: Batch, seeds: Sequence[int]) -> Tensor:
-        """Scaled training latents: the cached ones, or a posterior sample of the frozen VAE drawn from
-        ``generator_for(seed, "posterior")`` (the draw the latent cache uses too)."""
+        """Scaled training latents: the cached ones, or a posterior sample of the frozen VAE (`posterior_sample`,
+        the draw the latent cache uses too)."""
         if batch.latents is not None:
             return batch.latents.to(self.device, torch.float32)
         if batch.images is None:
             raise ValueError("a batch needs images or cached latents")
         posterior = self.bundle.vae.encode(batch.images.to(self.device))
-        eps = per_sample_normal(posterior.mean.shape, [generator_for(s, "posterior") for s in seeds],
-                                device=self.device, dtype=torch.float32)
-        z = posterior.mean.float() + posterior.std.float() * eps  # (B, C, h, w)
-        return z * self.bundle.scaling_factor
+        return posterior_sample(posterior.mean, posterior.std, seeds) * self.bundle.scaling_factor  # (B, C, h, w)
 
     def _vector(self, pooled: Tensor | None, batch: Batch, z0: Tensor) -> Tensor:
         """SDXL's y: pooled text + the size / crop (/ aesthetic score) embeddings of `sdxl_size_conds`, per
