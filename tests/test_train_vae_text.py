@@ -219,7 +219,7 @@ def test_critic_and_vae_each_get_only_their_own_gradient_from_one_backward():
     images, captions = shapes_dataset(4, seed=0)
     loss, metrics = task.loss(Batch(images=images, captions=captions, seeds=[1, 2, 3, 4]), torch.Generator())
     loss.backward()
-    assert int(critic.updates) == 1 and metrics["adversarial_weight"] > 0
+    assert metrics["adversarial_weight"] > 0
     got_vae = {k: p.grad.clone() for k, p in vae.named_parameters()}
     got_critic = {k: p.grad.clone() for k, p in critic.named_parameters()}
 
@@ -244,18 +244,20 @@ def test_critic_and_vae_each_get_only_their_own_gradient_from_one_backward():
         torch.testing.assert_close(p.grad, got_critic[k], rtol=1e-4, atol=1e-7)
 
 
-def test_adversarial_term_waits_for_its_start_and_the_count_is_a_saved_buffer():
+def test_adversarial_term_waits_for_its_start_in_optimizer_steps_and_the_count_is_a_saved_buffer():
+    """The start counts optimiser steps, not ``loss`` calls: 2 accumulation micro-steps per step (or 2
+    processes) start the adversarial term at the same step as 1."""
     lc = VAELossConfig(ssim_weight=0.0, gradient_weight=0.0, adversarial_weight=0.5, adversarial_start=2,
                        critic_channels=16, critic_layers=2)
     task = VAETask(TINY_VAE, lc)
     images, captions = shapes_dataset(2, seed=0)
-    weights = [task.loss(Batch(images=images, captions=captions), torch.Generator().manual_seed(i))[1]
-               ["adversarial_weight"] for i in range(3)]
-    assert weights[0] == 0 and weights[1] == 0 and weights[2] > 0
+    weights = []
+    for step in range(3):
+        weights.append([task.loss(Batch(images=images, captions=captions, seeds=[step, micro]), torch.Generator())[1]
+                        ["adversarial_weight"] for micro in range(2)])
+        task.after_optimizer_step()
+    assert weights[0] == [0, 0] and weights[1] == [0, 0] and min(weights[2]) > 0
     assert int(task.trainable_modules()["critic"].state_dict()["updates"]) == 3
-    with torch.no_grad():  # evaluation does not count
-        task.loss(Batch(images=images, captions=captions), torch.Generator().manual_seed(0))
-    assert int(task.trainable_modules()["critic"].updates) == 3
     assert PatchDiscriminator(3, 16, 2)(images).shape[1] == 1
 
 

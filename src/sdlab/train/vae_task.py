@@ -35,8 +35,9 @@ network exactly its own gradient. The critic's verdict on x_hat for the VAE term
 gradient statistics, so this equals two Adam optimisers with the loop's learning rate and betas (LDM uses
 the same learning rate for both); only the loop's global gradient-norm clipping and weight decay are
 shared. The critic trains from the first step (as a warm-up, it is ready when its verdict starts to
-count); ``adversarial_start`` counts its updates (training ``loss`` calls, i.e. micro-batches) in a
-buffer of the critic module, so it survives run checkpoints and resume with no help from the loop.
+count); ``adversarial_start`` counts its updates (optimiser steps, `after_optimizer_step`, so the start does
+not move with the number of processes or micro-steps) in a buffer of the critic module, so it survives run
+checkpoints and resume with no help from the loop.
 
 The deliverable (``save_weights``) is the bare AutoencoderKL state dict (original LDM names without the
 ``first_stage_model.`` prefix), its ``VAEConfig`` as JSON under ``sdlab.config`` and the latent scaling
@@ -180,6 +181,11 @@ class VAETask:
     def trainable_modules(self) -> dict[str, nn.Module]:
         return self._modules
 
+    def after_optimizer_step(self) -> None:
+        """Count the critic's update (what ``adversarial_start`` waits for)."""
+        if "critic" in self._modules:
+            _unwrap(self._modules["critic"]).updates += 1
+
     def loss(self, batch: Batch, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         if batch.images is None:
             raise ValueError("the VAE task needs images (cached latents cannot train a VAE)")
@@ -301,8 +307,6 @@ class VAETask:
         if training and started:
             last_layer = _unwrap(self._modules["vae"]).decoder.conv_out.weight
             weight = lc.adversarial_weight * adaptive_adversarial_weight(reconstruction, generator_loss, last_layer)
-        if training:
-            net.updates += 1
         metrics |= {
             "critic_loss": critic_loss.item(),
             "generator_loss": generator_loss.item(),
