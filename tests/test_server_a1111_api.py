@@ -264,3 +264,43 @@ def test_png_info_fills_in_a1111s_defaults(client, text):
     labels = {"Prompt", "Negative prompt"} | {item.split(":")[0] for item in text.splitlines()[-1].split(", ")}
     written = {key: value for key, value in parameters.items() if key in labels or key[:-2] in labels}   # Size-1
     assert parameters == a1111_defaults(written)
+
+
+# ---------------------------------------------------------------- 7. the eta label
+
+
+@pytest.mark.parametrize("sampler, eta, label", [
+    ("Euler", 1.0, None), ("DPM++ 2M", 1.0, None), ("LMS", 1.0, None), ("Heun", 1.0, None),   # take no eta
+    ("Euler a", 1.0, None), ("DPM++ SDE", 1.0, None),            # k-diffusion's default, 1
+    ("Euler a", 0.5, "Eta"), ("DPM++ 2M SDE", 0.0, "Eta"),
+    ("DDIM", 0.0, None), ("DDIM", 1.0, "Eta DDIM"), ("ddim", 0.3, "Eta DDIM"),
+    ("PLMS", 0.5, None), ("UniPC", 0.5, None),                   # A1111's plms / unipc take no eta
+])
+def test_the_eta_label_is_a1111s(sampler, eta, label):
+    """A1111's `Sampler.initialize`: `if 'eta' in inspect.signature(self.func).parameters: if self.eta !=
+    self.eta_default: p.extra_generation_params[self.eta_infotext_field] = self.eta`, the field "Eta"
+    (default 1.0) for k-diffusion samplers and "Eta DDIM" (default 0.0) for its timestep samplers."""
+    from sdlab.pipeline.infotext import to_parameters
+    from sdlab.pipeline.request import GenerationRequest
+
+    request = GenerationRequest("x", sampler=sampler, eta=eta, seed=1, steps=2, width=64, height=64, cfg_scale=5)
+    written = {key: value for key, value in to_parameters(request).items() if key.startswith("Eta") and value is not None}
+    assert written == ({} if label is None else {label: eta})
+
+
+@pytest.mark.parametrize("sampler, eta, label", [("DDIM", 1.0, "Eta DDIM"), ("Euler a", 0.5, "Eta")])
+def test_pictures_with_either_eta_label_draw_again_from_png(tmp_path, capsys, client, sampler, eta, label):
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import read_parameters
+
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    code, _, err = run(["txt2img", "a cat", "--sampler", sampler, "--eta", str(eta), "--steps", "3", "--seed", "5",
+                        "--out", str(first), "--no-progress"], capsys)
+    assert code == 0, err
+    text = read_parameters(first)
+    assert f", {label}: {eta:g}," in text
+    code, _, err = run(["txt2img", "--from-png", str(first), "--out", str(again), "--no-progress"], capsys)
+    assert code == 0, err
+    assert (pixels(first) == pixels(again)).all() and read_parameters(again) == text
+    shown = client.post("/png-info", json={"image": base64.b64encode(first.read_bytes()).decode()}).json()
+    assert shown["parameters"][label] == eta

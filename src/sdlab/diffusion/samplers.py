@@ -173,7 +173,8 @@ def get_sampler(name: str) -> SamplerSpec:
     return spec
 
 
-_A1111_TIMESTEP_SAMPLERS = frozenset({"DDIM", "PLMS", "UniPC"})
+A1111_TIMESTEP_SAMPLERS = frozenset({"DDIM", "PLMS", "UniPC"})
+"""A1111's CompVis timestep samplers (`sd_samplers_timesteps.py`): fixed timesteps, eta labelled `Eta DDIM`."""
 
 
 def a1111_schedule(sampler: str, schedule: str | None) -> str | None:
@@ -183,7 +184,7 @@ def a1111_schedule(sampler: str, schedule: str | None) -> str | None:
         spec = get_sampler(sampler)
     except ValueError:
         return schedule
-    if spec.a1111 in _A1111_TIMESTEP_SAMPLERS:
+    if spec.a1111 in A1111_TIMESTEP_SAMPLERS:
         return "ddim_uniform"
     return spec.a1111_automatic if schedule is None else schedule
 

@@ -12,13 +12,14 @@ it is encoded, as A1111 does.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES
-from sdlab.diffusion.samplers import a1111_schedule
+from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, a1111_schedule, get_sampler
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
@@ -37,7 +38,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Clip skip": ("clip_skip", int),
     "Denoising strength": ("strength", float),
     "Eta": ("eta", float),
-    "Eta DDIM": ("eta", float),            # A1111's label for DDIM / PLMS / UniPC (read only: sdlab writes Eta)
+    "Eta DDIM": ("eta", float),            # A1111's label for its timestep samplers' eta (DDIM's)
     "ENSD": ("eta_noise_seed_delta", int),
     "CFG rescale": ("guidance_rescale", float),
     "Mask blur": ("mask_blur", float),
@@ -150,7 +151,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
         **hires_parameters(req),
-        "Eta": req.eta,
+        **_eta_parameters(req),
         "ENSD": req.eta_noise_seed_delta or None,
         "CFG rescale": req.guidance_rescale or None,
         **img2img_parameters(req),
@@ -216,6 +217,22 @@ def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
         "Hires steps": req.hr_steps or None,
         "Hires upscaler": upscaler,
     }
+
+
+def _eta_parameters(req: GenerationRequest) -> dict[str, Any]:
+    """A1111's eta label (`Sampler.initialize`): only for a sampler whose function takes eta and only when
+    it differs from that function's default, `Eta DDIM` for A1111's timestep samplers, `Eta` for the others
+    (k-diffusion's); an eta left unset is the default. A sampler sdlab does not know keeps its eta as `Eta`."""
+    if req.eta is None:
+        return {}
+    try:
+        spec = get_sampler(req.sampler)
+    except (ValueError, AttributeError):
+        return {"Eta": req.eta}
+    taken = inspect.signature(spec.fn).parameters.get("eta")
+    if taken is None or req.eta == taken.default:
+        return {}
+    return {"Eta DDIM" if spec.a1111 in A1111_TIMESTEP_SAMPLERS else "Eta": req.eta}
 
 
 def from_parameters(p: dict[str, Any]) -> dict[str, Any]:

@@ -70,7 +70,8 @@ class ParametersError(ValueError):
 
 # Fields whose values are numbers; everything else is returned as text, as A1111 does.
 _INT_FIELDS = frozenset({"Steps", "Seed", "Clip skip", "Hires steps", "Variation seed", "ENSD"})
-_FLOAT_FIELDS = frozenset({"CFG scale", "Denoising strength", "Variation seed strength", "Hires upscale", "Eta"})
+_FLOAT_FIELDS = frozenset({"CFG scale", "Denoising strength", "Variation seed strength", "Hires upscale", "Eta",
+                           "Eta DDIM"})
 
 
 def version_label() -> str:
