@@ -304,3 +304,17 @@ def test_pictures_with_either_eta_label_draw_again_from_png(tmp_path, capsys, cl
     assert (pixels(first) == pixels(again)).all() and read_parameters(again) == text
     shown = client.post("/png-info", json={"image": base64.b64encode(first.read_bytes()).decode()}).json()
     assert shown["parameters"][label] == eta
+
+
+# ---------------------------------------------------------------- 8. the Extras defaults
+
+
+def test_extras_take_a1111s_defaults_and_resize_modes(client):
+    """A1111's `ExtrasBaseRequest`: `resize_mode: Literal[0, 1] = 0`, `upscaling_resize_w` / `_h` 512."""
+    picture = png_b64((64, 32), (90, 20, 200))
+    answer = client.post("/extra-single-image", json={"image": picture, "upscaler_1": "Lanczos", "resize_mode": 1})
+    assert answer.status_code == 200, answer.text
+    assert Image.open(io.BytesIO(base64.b64decode(answer.json()["image"]))).size == (512, 512)   # cropped to it
+    for mode in (2, 3, -1):
+        refused = client.post("/extra-single-image", json={"image": picture, "upscaler_1": "Lanczos", "resize_mode": mode})
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "resize_mode"]

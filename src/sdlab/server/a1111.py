@@ -24,7 +24,7 @@ import os
 import re
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from fastapi import APIRouter, Request
@@ -506,10 +506,10 @@ class ExtrasIn(NullsAreDefaults):
 
     model_config = ConfigDict(extra="allow")
 
-    resize_mode: int = 0                    # 0: by upscaling_resize, 1: to upscaling_resize_w x _h
+    resize_mode: Literal[0, 1] = 0          # 0: by upscaling_resize, 1: to upscaling_resize_w x _h
     upscaling_resize: float = 2.0
-    upscaling_resize_w: int = 0
-    upscaling_resize_h: int = 0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
     upscaling_crop: bool = True
     upscaler_1: str = "None"
 
