@@ -1,14 +1,17 @@
 """Data parallelism of `python -m sdlab.train.cli` on a reduced-width SD1 checkpoint (CPU, gloo):
 torchrun with 2 processes == 1 process with the same global batch == 1 process with 2 accumulation
 micro-steps (the 1-process runs in-process; U-Net outputs of the trained weights within 1e-4 absolute and 2 % of what training changed;
-the VAE task's reconstructions likewise).
+the VAE task's reconstructions likewise). The loop's own gradient all-reduce on a 2-process gloo group.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from sdlab.checkpoints.load import load_bundle
+from sdlab.train.distributed import all_reduce_grads
 from sdlab.train.data import load_training_image
 from sdlab.train.run_checkpoint import list_checkpoints
 from sdlab.train.vae_task import load_trained_vae
@@ -97,3 +100,37 @@ def test_torchrun_vae_task_matches_one_process_and_accumulation(tmp_path, one_th
     for other in (accum, two):
         diff = float((reconstruction(load_trained_vae(other / "final.safetensors")[0]) - ref).abs().max())
         assert diff < 1e-3 * change, (other.name, diff, change)
+
+
+def _all_reduce_then_step(rank: int, store: str, out: str) -> None:
+    """One rank: a loss that reaches ``used`` on both ranks, ``rank1_only`` on rank 1 and ``unused`` on none;
+    `all_reduce_grads`, then an AdamW step with weight decay. Saves the gradients and weights."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        m = nn.ModuleDict({"used": nn.Linear(2, 2), "rank1_only": nn.Linear(2, 2), "unused": nn.Linear(2, 2)})
+        x = torch.full((1, 2), float(rank + 1))
+        loss = m["used"](x).sum() + (m["rank1_only"](x).sum() if rank == 1 else 0)
+        loss.backward()
+        all_reduce_grads([m], 2)
+        grads = {k: p.grad.clone() if p.grad is not None else None for k, p in m.named_parameters()}
+        torch.optim.AdamW(m.parameters(), lr=0.1, weight_decay=0.5).step()
+        torch.save({"grads": grads, "weights": m.state_dict()}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_all_reduce_keeps_no_gradient_where_no_rank_has_one(tmp_path):
+    """As in one process: a parameter the loss reaches on no rank keeps ``grad`` None, so AdamW's weight decay
+    leaves it unchanged; one reached on some ranks gets the mean over all ranks (zero from the others)."""
+    torch.multiprocessing.spawn(_all_reduce_then_step, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    torch.manual_seed(0)
+    initial = nn.ModuleDict({"used": nn.Linear(2, 2), "rank1_only": nn.Linear(2, 2), "unused": nn.Linear(2, 2)})
+    for rank in (0, 1):
+        saved = torch.load(tmp_path / f"rank{rank}.pt")
+        grads, weights = saved["grads"], saved["weights"]
+        assert grads["unused.weight"] is None and grads["unused.bias"] is None
+        torch.testing.assert_close(weights["unused.weight"], initial["unused"].weight.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(grads["rank1_only.weight"], torch.full((2, 2), 2.0 / 2))  # rank 1's x = 2
+        torch.testing.assert_close(grads["used.weight"], torch.full((2, 2), (1.0 + 2.0) / 2))

@@ -96,13 +96,19 @@ def shutdown_distributed() -> None:
 
 def all_reduce_grads(modules: list[nn.Module], world_size: int) -> None:
     """Average the gradients of every trainable parameter over ranks (what DDP's hooks do), for modules
-    that were not run through a DDP wrapper."""
+    that were not run through a DDP wrapper. A parameter that no rank gave a gradient (one the loss never
+    reaches) keeps ``grad`` None, as in one process, so AdamW leaves it alone (no weight decay either)."""
     if world_size <= 1:
         return
-    for module in modules:
-        for p in module.parameters():
-            if p.requires_grad:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad.div_(world_size)
+    params = [p for module in modules for p in module.parameters() if p.requires_grad]
+    if not params:
+        return
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX)
+    for p, any_rank in zip(params, has_grad.tolist()):
+        if not any_rank:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad.div_(world_size)
