@@ -128,3 +128,17 @@ def test_a_prompt_tags_lora_draws_with_its_preset_in_the_cli_the_api_and_the_ser
         torch.set_num_threads(threads)
     assert (drawn.request.sampler, drawn.request.steps, drawn.request.cfg_scale) == ("LCM", 4, 1.0)
     assert (np.asarray(drawn.images[0]) == np.asarray(cli.convert("RGB"))).all()
+
+
+def test_a_tags_text_encoder_and_unet_weights_draw_as_in_the_cli(sdlab_server, tmp_path):
+    # sdlab-tiny-lcm changes the U-Net alone: its tag's second weight (A1111's unet) decides the picture
+    settings = ["--steps", "3", "--seed", "7", "--sampler", "Euler", "--schedule", "sgm_uniform", "--cfg", "5"]
+    body = {"steps": 3, "seed": 7, "sampler": "Euler", "schedule": "sgm_uniform", "cfg_scale": 5}
+    drawn = {}
+    for tag in ("<lora:sdlab-tiny-lcm:0.2:1.5>", "<lora:sdlab-tiny-lcm:te=0.2:unet=1.5>", "<lora:sdlab-tiny-lcm:0.2>"):
+        prompt = f"a red circle {tag}"
+        drawn[tag] = _served(sdlab_server.url, {"prompt": prompt, **body})
+        _same(drawn[tag], _cli(tmp_path, prompt, *settings))
+        assert prompt in drawn[tag].info["parameters"]
+    pixels = [np.asarray(image.convert("RGB")) for image in drawn.values()]
+    assert (pixels[0] == pixels[1]).all() and not (pixels[0] == pixels[2]).all()

@@ -84,6 +84,7 @@ class Pipeline:
         pipe = Pipeline(self.bundle, refiner, refiner_switch, self.embeddings, self.skipped_embeddings,
                         refiner_convention)
         pipe.lora_dirs = list(self.lora_dirs)
+        pipe.find_lora = self.find_lora          # this one's lookup, whether its folders' or an instance's own
         return pipe
 
     def embeddings_used(self, request: GenerationRequest) -> list[Embedding]:

@@ -590,23 +590,17 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
     """
     from sdlab.pipeline.infotext import LoraRef, parse_lora_hashes
     from sdlab.pipeline.png_info import lora_hash
-    from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras
+    from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
     from sdlab.pipeline.request import RequestError
 
     try:
-        _, tags = split_prompt_loras(prompt)
+        split_prompt_loras(prompt)
     except ValueError as err:
         raise UserError(str(err)) from None
     recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))
     finder = _lora_finder(args, recorded_hashes)                  # one search set for --lora names and tags
     files = [_parse_lora(spec, finder) for spec in args.lora]
-    weights = {Path(path).stem: weight for path, weight in files}
-    for_pipeline, to_record = prompt, prompt
-    for tag in tags:
-        if tag.name in weights:
-            for_pipeline = for_pipeline.replace(tag.text, "", 1)
-            if (tag.te_weight, tag.unet_weight) != (weights[tag.name],) * 2:
-                to_record = to_record.replace(tag.text, "", 1)     # recorded with the --lora weight instead
+    for_pipeline, to_record = without_merged_tags(prompt, {Path(path).stem: weight for path, weight in files})
     try:
         _, uses = resolve_prompt_loras(for_pipeline, finder)
     except RequestError as err:

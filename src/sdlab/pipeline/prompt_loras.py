@@ -30,7 +30,7 @@ import re
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +54,7 @@ __all__ = [
     "request_loras",
     "resolve_prompt_loras",
     "split_prompt_loras",
+    "without_merged_tags",
 ]
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -121,6 +122,21 @@ def split_prompt_loras(prompt: str) -> tuple[str, list[LoraTag]]:
     or with a weight that is not a number is a ValueError naming it."""
     tags = [_parse_tag(m) for m in _TAG.finditer(prompt)]
     return _TAG.sub("", prompt), tags
+
+
+def without_merged_tags(prompt: str, merged: Mapping[str, float]) -> tuple[str, str]:
+    """(the prompt the pipeline draws, the prompt to record) when the LoRAs `merged` (name -> weight) are
+    merged at load (`--lora`, the native API's `loras`): a tag of one of them is left out of the drawn prompt
+    (the load's weight wins, the LoRA is not merged twice) and, where its weights differ from that weight,
+    out of the recorded one too (the parameters then tag it at the weight it was drawn with). A bad tag is a
+    ValueError."""
+    drawn, recorded = prompt, prompt
+    for tag in split_prompt_loras(prompt)[1]:
+        if tag.name in merged:
+            drawn = drawn.replace(tag.text, "", 1)
+            if (tag.te_weight, tag.unet_weight) != (merged[tag.name],) * 2:
+                recorded = recorded.replace(tag.text, "", 1)
+    return drawn, recorded
 
 
 def _plain_name(name: str) -> bool:

@@ -9,11 +9,11 @@ from typing import Any
 
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.control import ControlInput
-from sdlab.pipeline.infotext import split_lora_tags
+from sdlab.pipeline.prompt_loras import split_prompt_loras, without_merged_tags
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
-    BadRequest, JobSpec, LoraChoice, RefinerChoice, check_request, upscaler_file, with_preset,
+    BadRequest, JobSpec, RefinerChoice, check_request, upscaler_file, with_preset,
 )
 from sdlab.server.jobs import Job, JobQueue
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
@@ -75,7 +75,9 @@ class Service:
         return replace(choice, name=found.title)
 
     def submit(self, spec: JobSpec, mode: str, model: str | None, hr_steps_name: str = "hr_steps") -> tuple[Job, int]:
-        """Check and queue a generation: the seed fixed, LoRA tags of the prompt taken out and looked up
+        """Check and queue a generation: the seed fixed, the LoRAs looked up: `loras` entries, merged when the
+        model loads, and the prompt's tags, which the pipeline merges for the run at both weights as
+        `sdlab txt2img` does (a tag of a `loras` entry's LoRA left out, as with `--lora`: `without_merged_tags`)
         (`hr_steps_name`: what the route calls the hires pass's step count, for its error message)."""
         checkpoint = self.checkpoint(model)
         request = spec.request
@@ -83,32 +85,27 @@ class Service:
         if not isinstance(request.prompt, str):
             raise BadRequest("prompt must be text", 422)
         try:
-            bare, tags = split_lora_tags(request.prompt)
+            drawn, to_record = without_merged_tags(request.prompt, {c.name: c.weight for c in spec.loras})
+            tags = split_prompt_loras(drawn)[1]
         except ValueError as err:
             raise BadRequest(str(err)) from None
-        loras = list(spec.loras)
-        named = {choice.name for choice in loras}
-        loras += [LoraChoice(tag.name, tag.weight) for tag in tags if tag.name not in named]
-        for choice in loras:
-            if self.registry.lora(choice.name) is None:
+        for name in [choice.name for choice in spec.loras] + [tag.name for tag in tags]:
+            if self.registry.lora(name) is None:
                 known = ", ".join(lora.name for lora in self.registry.loras) or "none"
-                raise BadRequest(f"unknown LoRA {choice.name!r}; this server has: {known}", 404, "LoRA not found")
-        preset = self.host.loaded_preset(checkpoint) if not loras else None
+                raise BadRequest(f"unknown LoRA {name!r}; this server has: {known}", 404, "LoRA not found")
+        preset = self.host.loaded_preset(checkpoint) if not spec.loras and not tags else None
         if preset and spec.model_preset_fills:     # known now: a queued job shows the settings it will run with
             try:
                 request = with_preset(request, preset, mode, spec.model_preset_fills)
             except RequestError as err:
                 raise BadRequest(f"the model names the preset {preset!r}: {err}", 422) from None
             spec = replace(spec, model_preset_fills=frozenset())
-        request = check_request(replace(request, prompt=bare, seed=fixed_seed(request.seed)), self.config.limits,
+        request = check_request(replace(request, prompt=drawn, seed=fixed_seed(request.seed)), self.config.limits,
                                 hr_steps_name, model=self.host.loaded_bundle(checkpoint),
                                 upscaler=upscaler_file(request.hr_upscaler, self.upscalers))
-        applied = {choice.name: choice.weight for choice in loras}
-        as_written = all(applied.get(tag.name) == tag.weight for tag in tags)     # as `sdlab txt2img` records
-        spec = replace(spec, request=request, loras=tuple(loras), refiner=refiner,
-                       prompt_to_record=spec.request.prompt if as_written else bare)
+        spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record)
         settings = {"mode": mode, "model": checkpoint.title,
-                    "loras": [{"name": c.name, "weight": c.weight} for c in loras], **request.parameters()}
+                    "loras": [{"name": c.name, "weight": c.weight} for c in spec.loras], **request.parameters()}
         if refiner is not None:
             settings.update(refiner=refiner.name, refiner_switch=refiner.switch_at,
                             refiner_convention=refiner.convention)

@@ -4,10 +4,12 @@ a client left unset come from the preset the model names, if any, then from the 
 (`_take_model_defaults`).
 
 `ModelHost` keeps one model loaded (the worker thread alone touches it), and the SDXL refiner of the
-job's pair beside it. A job with another checkpoint or another set of LoRAs reloads it: LoRAs are merged
-into the weights, so a different set needs fresh weights. A job with another refiner, or none, lets the
-held one go first, and so does a reload of the base (the refiner takes the base's device, dtype and
-embeddings), so at most a base model and a refiner are in memory. A hires upscaler named from
+job's pair beside it. A job with another checkpoint or another set of `loras` entries reloads it: those are
+merged into the weights, so a different set needs fresh weights. The prompt's `<lora:...>` tags are the
+pipeline's, as in `sdlab txt2img`: merged for the run at their text-encoder and U-Net weights, the model's
+own weights back after it (`Pipeline.run`), found among the server's LoRAs (`ModelHost.lora_file`). A job
+with another refiner, or none, lets the held one go first, and so does a reload of the base (the refiner
+takes the base's device, dtype and embeddings), so at most a base model and a refiner are in memory. A hires upscaler named from
 `--upscalers-dir` is read from its file for the run only; the job and the pictures name it as the server
 lists it. The pictures carry the same `parameters` text as the
 CLI's (model name and hash, LoRA tags and hashes), are written all or nothing, and are named
@@ -34,11 +36,12 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
+from sdlab.pipeline.prompt_loras import resolve_prompt_loras
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
 from sdlab.server.config import Limits
 from sdlab.server.inputs import (
     HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
-    load_failure,
+    load_failure, without_paths,
 )
 from sdlab.server.jobs import Job, JobCancelled, steps_of
 from sdlab.server.model_folders import ModelFile, ModelFolder
@@ -92,6 +95,7 @@ class ModelHost:
                 started = time.perf_counter()
                 pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras],
                             embeddings=self.embeddings)
+                pipe.find_lora = self.lora_file                     # prompt tags: the server's LoRAs alone
                 previewer = LatentPreviewer.for_bundle(pipe.bundle)
                 self.pipe, self.previewer, self._key = pipe, previewer, key
                 self.timings["load_s"] = time.perf_counter() - started
@@ -99,6 +103,12 @@ class ModelHost:
         if refined is None:
             return self.pipe
         return self.pipe.with_refiner(refined, handoff.switch_at, handoff.convention)
+
+    def lora_file(self, name: str) -> Path | None:
+        """The file of the LoRA a prompt tag names, from the server's list (`registry.loras`); None for one
+        not there."""
+        lora = self.registry.lora(name)
+        return None if lora is None else lora.path
 
     def unload(self) -> None:
         """Let the model and the refiner go (A1111's unload-checkpoint): the next job, or `pipeline`, loads
@@ -170,7 +180,7 @@ class Runner:
         except CheckpointError as err:      # a file the client chose: its error, without the server's paths
             raise RequestError(_load_error(err, checkpoint, loras, job.spec.loras, refiner)) from None
         previewer = self.host.previewer
-        _take_model_defaults(job, pipe.bundle)
+        _take_model_defaults(job, pipe)
         upscaler = self._hires_upscaler(job.spec.request, pipe.bundle)
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
 
@@ -181,9 +191,13 @@ class Runner:
             job.preview = previewer.rgb(info.denoised[0]) if previewer is not None else None   # (h, w, 3)
             job.publish("step", {"i": job.step, "n": job.steps})
 
-        result = _run_with_upscaler(pipe, job.spec.request, upscaler, progress)
+        try:
+            result = _run_with_upscaler(pipe, job.spec.request, upscaler, progress)
+        except RequestError as err:        # a tagged LoRA's file: named as the server lists it, not by its path
+            raise RequestError(without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])) from None
         if job.cancel.is_set():
             raise JobCancelled
+        refs += _tag_refs(result.request.prompt, self.host)
         used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)]
         texts = [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
                                                  model_hash=checkpoint.hash, loras=refs,
@@ -210,6 +224,13 @@ class Runner:
             return HiresUpscaler(upscaler, load_upscaler_file(upscaler, HIRES_UPSCALER, bundle.device, bundle.dtype))
         except BadRequest as err:
             raise RequestError(str(err)) from None
+
+
+def _tag_refs(prompt: str, host: ModelHost) -> list[LoraRef]:
+    """The LoRAs the prompt's tags merged for the run (`Pipeline.run`), as the pictures' parameters name them
+    (as `sdlab txt2img` does: each tag's name, text-encoder weight and hash)."""
+    _, uses = resolve_prompt_loras(prompt, host.lora_file)
+    return [LoraRef(use.name, use.te_weight, host.registry.lora(use.name).hash) for use in uses]
 
 
 def _refiner_ref(refiner: Checkpoint | None, choice: RefinerChoice | None) -> RefinerRef | None:
@@ -248,21 +269,23 @@ def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: Hir
     return replace(result, request=replace(result.request, hr_upscaler=upscaler.file.title))
 
 
-def _take_model_defaults(job: Job, bundle: ModelBundle) -> None:
+def _take_model_defaults(job: Job, pipe: Pipeline) -> None:
     """The settings the client left unset (`JobSpec.model_preset_fills`) from the preset the model's file
-    names (`ModelBundle.preset`: `sdlab.preset`, or "lcm-model" for an LCM model), then an unset step count
-    from the model family's default, as `sdlab txt2img` does, and an unset schedule from
-    `JobSpec.unset_schedule`; known once the model is loaded (the preset at submission when it already was,
-    `Service.submit`). The job's request, step count and recorded settings follow."""
+    names (`ModelBundle.preset`: `sdlab.preset`, or "lcm-model" for an LCM model) or else one of its LoRAs
+    (`Pipeline.preset_for`), then an unset step count from the model family's default, as `sdlab txt2img`
+    does, and an unset schedule from `JobSpec.unset_schedule`; known once the model is loaded (the preset at
+    submission when it already was, `Service.submit`). The job's request, step count and recorded settings
+    follow."""
     spec = job.spec
     request = spec.request
-    if bundle.preset and spec.model_preset_fills:
+    preset = pipe.preset_for(request.prompt)
+    if preset and spec.model_preset_fills:
         try:
-            request = with_preset(request, bundle.preset, job.mode, spec.model_preset_fills)
+            request = with_preset(request, preset, job.mode, spec.model_preset_fills)
         except RequestError as err:
-            raise RequestError(f"the model names the preset {bundle.preset!r}: {err}") from None
+            raise RequestError(f"the model names the preset {preset!r}: {err}") from None
     if request.steps is None:
-        request = replace(request, steps=bundle.family.default_steps)
+        request = replace(request, steps=pipe.bundle.family.default_steps)
     if request.schedule is None and spec.unset_schedule is not None:
         request = replace(request, schedule=spec.unset_schedule)
     if request is spec.request:
