@@ -46,10 +46,11 @@ def controlnet_config(cfg: UNetConfig, hint_widths: tuple[int, ...] = (16, 32, 9
 
 
 def diffusers_controlnet(cfg: UNetConfig, seed: int, *, hint_widths=(16, 32, 96, 256), std: float = 0.1,
-                         pooled: bool = False) -> ControlNetModel:
+                         pooled: bool = False, **config: Any) -> ControlNetModel:
     """A diffusers ControlNetModel with every parameter (zero convs included) drawn from N(0, std); `pooled`:
-    the shuffle model's `global_pool_conditions`."""
-    model = ControlNetModel(**controlnet_config(cfg, hint_widths), global_pool_conditions=pooled).eval()
+    the shuffle model's `global_pool_conditions`; `config`: ControlNetModel arguments that replace those of
+    `cfg`."""
+    model = ControlNetModel(**controlnet_config(cfg, hint_widths) | config, global_pool_conditions=pooled).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():

@@ -13,19 +13,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
-from bundle_fixtures import TINY_VAE, randomize_, tiny_bundle, write_diffusers_folder, write_original
+from bundle_fixtures import (
+    TINY_VAE, randomize_, tiny_bundle, tiny_unet_config, write_diffusers_folder, write_original,
+)
+from sdlab.checkpoints import create
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.save import bundle_state_dict, prediction_markers, save_bundle
 from sdlab.diffusion.denoiser import Prediction
+from sdlab.families import get_family
 from sdlab.families.loaded import ModelBundle
+from sdlab.models.layers import sdxl_vector
 from sdlab.models.vae import AutoencoderKL
 
 FAMILIES = ["sd1", "sd2", "sdxl", "sdxl-refiner", "sd1-inpaint"]
@@ -205,6 +211,45 @@ def test_diffusers_folder_matches_single_file(bundles, originals, tmp_path, name
     assert_same_weights(from_file, from_folder)
     hidden = [te.spec.hidden_state for te in from_folder.text_encoders]
     assert hidden == {"sd1": ["last"], "sdxl": ["penultimate", "penultimate"]}[name]
+
+
+@pytest.mark.parametrize("layers, down", [
+    ([0, 2], ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]),   # a level of 0 transformer layers ("mid")
+    ([0, 0], ["DownBlock2D", "DownBlock2D"]),                     # a middle block of 0 layers ("small")
+])
+def test_unets_with_transformers_of_no_layers_load_from_folders_and_files(tmp_path, layers, down):
+    """diffusers keeps a CrossAttn block's norm / proj_in / proj_out when it has 0 transformer layers (SDXL's
+    "small" and "mid" ControlNet layouts): such a U-Net loads from a diffusers folder and from an original
+    single file (detected by its structure) and gives diffusers' output."""
+    from diffusers import UNet2DConditionModel
+
+    empty = (0,) if down[0] == "CrossAttnDownBlock2D" else ()
+    cfg = replace(tiny_unet_config(get_family("sdxl")), transformer_depth=(0, layers[1] if empty else 0),
+                  transformer_depth_middle=layers[-1], empty_transformer_levels=empty)
+    built = create.new_bundle("sdxl", tiny=True, unet=cfg, seed=3)
+    randomize_(built.unet, 3)
+    folder = write_diffusers_folder(built, tmp_path / "pipeline")
+    written = json.loads((folder / "unet" / "config.json").read_text())
+    assert written["down_block_types"] == down and written["transformer_layers_per_block"][-1] == layers[-1]
+    reference = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    assert len(reference.mid_block.attentions[0].transformer_blocks) == layers[-1]
+    if empty:
+        assert len(reference.down_blocks[0].attentions[0].transformer_blocks) == 0
+    from_folder = load_bundle(folder, dtype=torch.float32)
+    from_file = load_bundle(write_original(from_folder, tmp_path / "model.safetensors"), dtype=torch.float32)
+    assert from_file.family.name == "sdxl" and from_folder.unet_config == cfg
+    # a U-Net that reads no text context ("small") shows no context width: the family's stands in
+    assert from_file.unet_config == (cfg if empty else replace(cfg, context_dim=get_family("sdxl").unet.context_dim))
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([250.0, 700.0])
+    ctx = torch.randn(2, 77, cfg.context_dim, generator=g)
+    pooled = torch.randn(2, cfg.adm_in_channels - 6 * 256, generator=g)
+    sizes = torch.tensor([[64.0, 64, 0, 0, 64, 64], [96.0, 64, 8, 0, 64, 64]])
+    with torch.no_grad():
+        expected = reference(x, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": sizes}).sample
+        for loaded in (from_folder, from_file):
+            actual = loaded.unet(x, t, ctx, sdxl_vector(pooled, sizes))
+            torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
 
 
 def test_sd2_diffusers_folder_fp16_variant_and_v_prediction(bundles, originals, tmp_path):

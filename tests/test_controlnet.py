@@ -75,6 +75,36 @@ def _residuals(model, x, t, context, hint, y, added):
     return model(x, t, context, hint, y)
 
 
+# SDXL's "mid" and "small" ControlNets: transformer levels of 0 layers, which diffusers builds with their norm,
+# proj_in and proj_out (and "small" has no cross-attention at all, so no tensor shows its text width)
+_NO_LAYERS = {
+    "mid": (["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], [0, 0, 1]),
+    "small": (["DownBlock2D"] * 3, [0, 0, 0]),
+    "empty": (["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"], [0, 0, 0]),
+}
+
+
+@pytest.mark.parametrize("layout", ["folder", "diffusers-file", "original"])
+@pytest.mark.parametrize("name", sorted(_NO_LAYERS))
+def test_controlnets_with_transformers_of_no_layers_match_diffusers(name, layout, tmp_path):
+    down, layers = _NO_LAYERS[name]
+    reference = diffusers_controlnet(ENCODERS["sdxl"], seed=0, down_block_types=down,
+                                     transformer_layers_per_block=layers)
+    assert len(reference.mid_block.attentions[0].transformer_blocks) == layers[-1]
+    path = write_layout(reference, layout, tmp_path)
+    loaded = load_controlnet(path, like=ENCODERS["sdxl"])
+    assert (loaded.config.unet.transformer_depth_middle, loaded.config.unet.cross_attends) == (layers[-1], name == "mid")
+    load_controlnet(path).check_compatible(ENCODERS["sdxl"])
+    with pytest.raises(CheckpointError, match="this ControlNet is for SDXL models"):
+        load_controlnet(path).check_compatible(ENCODERS["sd1"])
+    inputs = _inputs("sdxl")
+    down_residuals, mid = _reference_residuals(reference, *inputs)
+    residuals, middle = _residuals(loaded.model, *inputs)
+    assert mid.abs().max() > 0.1
+    for ours, theirs in zip([*residuals, middle], [*down_residuals, mid]):
+        assert (ours - theirs).abs().max() <= 1e-5 * max(1.0, float(theirs.abs().max()))
+
+
 def test_sd1_layout_has_12_skip_residuals_and_sdxl_9():
     """Full-size shapes, on the meta device: SD1 13 residuals (12 + middle), SDXL 10 (9 + middle)."""
     from sdlab.families import get_family

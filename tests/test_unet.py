@@ -9,6 +9,8 @@ conditioning with 256-wide size embeddings).
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,17 @@ SMALL = {
     "sdxl_refiner": UNetConfig(
         model_channels=64, channel_mult=(1, 2, 2, 1), transformer_depth=(0, 2, 2, 0), transformer_depth_middle=2,
         num_heads=None, head_dim=64, context_dim=96, use_linear_proj=True, adm_in_channels=POOLED + 5 * 256,
+    ),
+    # CrossAttn blocks with 0 transformer layers (norm, proj_in, proj_out, no blocks), as SDXL's "mid" and
+    # "small" ControlNets have them: at a level, and in the middle block
+    "sdxl_empty_level": UNetConfig(
+        model_channels=64, channel_mult=(1, 2, 2), transformer_depth=(0, 0, 2), empty_transformer_levels=(1,),
+        transformer_depth_middle=2, num_heads=None, head_dim=64, context_dim=96, use_linear_proj=True,
+        adm_in_channels=POOLED + 6 * 256,
+    ),
+    "sd1_empty_middle": UNetConfig(
+        model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 0), empty_transformer_levels=(0,),
+        transformer_depth_middle=0, num_heads=8, context_dim=48,
     ),
 }
 
@@ -104,6 +117,17 @@ FULL = {
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
             "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
         },
+    ),
+    # the layouts of diffusers/controlnet-canny-sdxl-1.0-mid and -small (as U-Nets): transformer levels of 0
+    # layers keep norm / proj_in / proj_out; "small" has no cross-attention at all
+    "sdxl_mid_layout": (
+        replace(SDXL, transformer_depth=(0, 0, 1), empty_transformer_levels=(1,), transformer_depth_middle=1),
+        _SDXL_JSON | {"transformer_layers_per_block": [0, 0, 1]},
+    ),
+    "sdxl_small_layout": (
+        replace(SDXL, transformer_depth=(0, 0, 0), transformer_depth_middle=0),
+        _SDXL_JSON | {"transformer_layers_per_block": [0, 0, 0], "down_block_types": ["DownBlock2D"] * 3,
+                      "up_block_types": ["UpBlock2D"] * 3},
     ),
 }
 

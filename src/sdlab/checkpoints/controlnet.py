@@ -85,7 +85,10 @@ class LoadedControlNet:
 
 
 def _check_fits(origin: str, mine: UNetConfig, theirs: UNetConfig, model_family: str | None = None) -> None:
-    if (mine.context_dim, mine.adm_in_channels, mine.use_linear_proj) != (
+    """The text-context width is compared only where this ControlNet reads the context (SDXL's "small"
+    ControlNet has no cross-attention)."""
+    context = theirs.context_dim if not mine.cross_attends else mine.context_dim
+    if (context, mine.adm_in_channels, mine.use_linear_proj) != (
         theirs.context_dim, theirs.adm_in_channels, theirs.use_linear_proj
     ):
         raise CheckpointError(
@@ -95,12 +98,16 @@ def _check_fits(origin: str, mine: UNetConfig, theirs: UNetConfig, model_family:
 
 
 def _signature(shapes: Mapping[str, torch.Size]) -> UNetConfig:
-    """A config holding only the conditioning widths that the tensors (under either naming) show."""
+    """A config holding only the conditioning widths that the tensors (under either naming) show; without
+    any cross-attention key, one whose transformers have no blocks (it reads no text context)."""
     to_k = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
     adm = shapes.get("label_emb.0.0.weight", shapes.get("add_embedding.linear_1.weight"))
+    no_blocks = {} if to_k is not None else {"transformer_depth": (0,) * len(_SD1_HEADS.channel_mult),
+                                             "transformer_depth_middle": 0}
     return replace(
         _SD1_HEADS,
+        **no_blocks,
         context_dim=int(to_k[1]) if to_k is not None and len(to_k) == 2 else -1,
         use_linear_proj=proj_in is not None and len(proj_in) == 2,
         adm_in_channels=int(adm[1]) if adm is not None and len(adm) == 2 else None,
@@ -115,7 +122,8 @@ def family_label(cfg: UNetConfig) -> str:
 
 
 def _widths(cfg: UNetConfig) -> str:
-    text = f"{cfg.context_dim} wide, {'Linear' if cfg.use_linear_proj else 'conv'} attention projections"
+    context = f"{cfg.context_dim} wide" if cfg.cross_attends else "not read"
+    text = f"{context}, {'Linear' if cfg.use_linear_proj else 'conv'} attention projections"
     return text + (f", vector {cfg.adm_in_channels}" if cfg.adm_in_channels is not None else "")
 
 

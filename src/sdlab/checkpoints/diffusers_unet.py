@@ -9,8 +9,10 @@ does), so every family and every reduced test model gets a complete map with no 
 
 Config traps handled here: diffusers' `attention_head_dim` is the NUMBER of heads per level (its
 `num_attention_heads` is the same thing, and the constructor refuses it), `transformer_layers_per_block[-1]`
-also sets the middle block's depth, and `upcast_attention` may be null. `time_cond_proj_dim` (LCM-distilled
-models) adds `time_embedding.cond_proj.weight`, sdlab's `time_embed.cond_proj.weight`.
+also sets the middle block's depth, a CrossAttn block (or the middle block) with 0 transformer layers still has
+its transformers' norm, proj_in and proj_out (sdlab's `empty_transformer_levels`, a middle depth of 0), and
+`upcast_attention` may be null. `time_cond_proj_dim` (LCM-distilled models) adds
+`time_embedding.cond_proj.weight`, sdlab's `time_embed.cond_proj.weight`.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
             dst = f"down_blocks.{level}"
             keys |= _resblock_keys(f"input_blocks.{index}.0", f"{dst}.resnets.{i}", ch != mult * mc)
             ch = mult * mc
-            if depth:
+            if cfg.has_transformer(level):
                 keys |= _transformer_keys(f"input_blocks.{index}.1", f"{dst}.attentions.{i}", depth)
             skip_channels.append(ch)
             index += 1
@@ -104,10 +106,10 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
             c_in = ch + skip_channels.pop()
             keys |= _resblock_keys(f"output_blocks.{index}.0", f"{dst}.resnets.{i}", c_in != mult * mc)
             ch = mult * mc
-            if depth:
+            if cfg.has_transformer(level):
                 keys |= _transformer_keys(f"output_blocks.{index}.1", f"{dst}.attentions.{i}", depth)
             if level and i == r:
-                upsample = 2 if depth else 1
+                upsample = 2 if cfg.has_transformer(level) else 1
                 keys |= _weight_and_bias(f"output_blocks.{index}.{upsample}.conv", f"{dst}.upsamplers.0.conv")
             index += 1
 
@@ -173,13 +175,13 @@ _DEFAULT_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownB
 _DEFAULT_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
 
-def _per_level(value: Any, levels: int, name: str) -> tuple[int, ...]:
+def _per_level(value: Any, levels: int, name: str, minimum: int = 1) -> tuple[int, ...]:
     """A per-level integer option: one int for every level, or a list of one int per level."""
     if isinstance(value, (list, tuple)):
         if len(value) != levels:
             raise ValueError(f"diffusers U-Net config: {name} has {len(value)} entries for {levels} levels")
-        return tuple(check_int(name, v) for v in value)
-    return (check_int(name, value),) * levels
+        return tuple(check_int(name, v, minimum) for v in value)
+    return (check_int(name, value, minimum),) * levels
 
 
 def _single(value: Any, name: str) -> int:
@@ -242,8 +244,10 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     layers_spec = config.get("transformer_layers_per_block", 1)
     if isinstance(layers_spec, (list, tuple)) and any(isinstance(n, (list, tuple)) for n in layers_spec):
         raise ValueError("diffusers U-Net config: per-layer transformer_layers_per_block is not supported")
-    layers = _per_level(layers_spec, levels, "transformer_layers_per_block")
+    # a CrossAttn block with 0 layers keeps its transformers' norm and projections (SDXL "small" ControlNets)
+    layers = _per_level(layers_spec, levels, "transformer_layers_per_block", minimum=0)
     depth = tuple(n if a else 0 for n, a in zip(layers, has_attention))
+    empty = tuple(level for level, (n, a) in enumerate(zip(layers, has_attention)) if a and not n)
 
     # Number of heads per level: `num_attention_heads` if given, else the misnamed `attention_head_dim`.
     heads_spec = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
@@ -274,6 +278,7 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         num_res_blocks=_single(config.get("layers_per_block", 2), "layers_per_block"),
         transformer_depth=depth,
         transformer_depth_middle=layers[-1],
+        empty_transformer_levels=empty,
         num_heads=num_heads,
         head_dim=head_dim,
         context_dim=_single(config.get("cross_attention_dim", 1280), "cross_attention_dim"),
@@ -292,12 +297,15 @@ DIFFUSERS_UNET_NAMES = {
     "in_channels": "in_channels", "out_channels": "out_channels", "model_channels": "block_out_channels[0]",
     "channel_mult": "block_out_channels", "num_res_blocks": "layers_per_block",
     "transformer_depth": "transformer_layers_per_block / down_block_types",
-    "transformer_depth_middle": "transformer_layers_per_block[-1]", "context_dim": "cross_attention_dim",
+    "transformer_depth_middle": "transformer_layers_per_block[-1]",
+    "empty_transformer_levels": "CrossAttn blocks of transformer_layers_per_block 0",
+    "context_dim": "cross_attention_dim",
     "use_linear_proj": "use_linear_projection", "adm_in_channels": "projection_class_embeddings_input_dim",
     "time_cond_proj_dim": "time_cond_proj_dim",
 }
 _DOWN_RESNET = re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight")
 _TRANSFORMER = re.compile(r"(down_blocks\.\d+|mid_block)\.attentions\.0\.transformer_blocks\.(\d+)\.norm1\.weight")
+_DOWN_PROJ_IN = re.compile(r"down_blocks\.(\d+)\.attentions\.0\.proj_in\.weight")
 
 
 def unet_config_from_diffusers_shapes(shapes: Mapping[str, torch.Size], declared: UNetConfig) -> UNetConfig:
@@ -322,6 +330,7 @@ def unet_config_from_diffusers_shapes(shapes: Mapping[str, torch.Size], declared
     for key in shapes:
         if m := _TRANSFORMER.fullmatch(key):
             depth[m.group(1)] = max(depth.get(m.group(1), 0), int(m.group(2)) + 1)
+    with_transformer = {int(m.group(1)) for key in shapes if (m := _DOWN_PROJ_IN.fullmatch(key))}
     mc = int(conv_in[0])
     counts = {len(v) for v in per_level.values()}
     to_k = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
@@ -337,6 +346,8 @@ def unet_config_from_diffusers_shapes(shapes: Mapping[str, torch.Size], declared
         num_res_blocks=counts.pop() if len(counts) == 1 else -1,
         transformer_depth=tuple(depth.get(f"down_blocks.{level}", 0) for level in sorted(per_level)),
         transformer_depth_middle=depth.get("mid_block", 0),
+        empty_transformer_levels=tuple(level for level in sorted(with_transformer)
+                                       if level in per_level and f"down_blocks.{level}" not in depth),
         context_dim=int(to_k[1]) if to_k is not None and len(to_k) == 2 else declared.context_dim,
         use_linear_proj=len(proj_in) == 2 if proj_in is not None else declared.use_linear_proj,
         adm_in_channels=int(add[1]) if add is not None and len(add) == 2 else None,
@@ -347,7 +358,7 @@ def unet_config_from_diffusers_shapes(shapes: Mapping[str, torch.Size], declared
 def _check_expressible(cfg: UNetConfig) -> None:
     """diffusers takes the middle block's depth from the last level; refuse configs where that conflicts."""
     last = cfg.transformer_depth[-1]
-    if last and last != cfg.transformer_depth_middle:
+    if cfg.has_transformer(len(cfg.transformer_depth) - 1) and last != cfg.transformer_depth_middle:
         raise ValueError(
             f"UNetConfig: diffusers cannot express last-level depth {last} with middle depth "
             f"{cfg.transformer_depth_middle}"
@@ -362,8 +373,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     """
     _check_expressible(cfg)
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
-    has_attention = [d > 0 for d in cfg.transformer_depth]
-    layers = [d if d else 1 for d in cfg.transformer_depth]
+    has_attention = [cfg.has_transformer(level) for level in range(len(channels))]
+    layers = [d if a else 1 for d, a in zip(cfg.transformer_depth, has_attention)]
     layers[-1] = cfg.transformer_depth_middle
     if cfg.num_heads is not None:
         heads: int | list[int] = cfg.num_heads

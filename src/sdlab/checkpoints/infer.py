@@ -46,8 +46,9 @@ def infer_unet_config(state: Mapping[str, torch.Size | Tensor], conventions: UNe
 
     Levels are found by walking `input_blocks`: ResBlocks (`.0.in_layers`) until a Downsample (`.0.op`);
     channel_mult from each level's ResBlock output width; transformer depth by counting
-    `transformer_blocks.K`; Linear vs conv projection from `proj_in.weight`'s rank; the guidance-embedding
-    width of LCM-distilled models from `time_embed.cond_proj.weight`.
+    `transformer_blocks.K` (a `proj_in` without blocks: a transformer of depth 0); Linear vs conv projection
+    from `proj_in.weight`'s rank; the guidance-embedding width of LCM-distilled models from
+    `time_embed.cond_proj.weight`. A U-Net without cross-attention keeps the conventions' context width.
     """
     shapes = shapes_of(state)
     conv_in = _need(shapes, "input_blocks.0.0.weight", "U-Net")
@@ -67,17 +68,17 @@ def infer_unet_config(state: Mapping[str, torch.Size | Tensor], conventions: UNe
     res_counts = {len(level) for level in levels}
     if len(res_counts) != 1 or 0 in res_counts:
         raise CheckpointError(f"cannot infer the U-Net architecture: ResBlocks per level {[len(lv) for lv in levels]}")
-    channel_mult, depth = [], []
-    for level in levels:
+    channel_mult, depth, empty = [], [], []
+    for number, level in enumerate(levels):
         width = int(shapes[f"input_blocks.{level[0]}.0.in_layers.2.weight"][0])
         if width % model_channels:
             raise CheckpointError(f"cannot infer the U-Net architecture: level width {width} is not a multiple of {model_channels}")
         channel_mult.append(width // model_channels)
         depth.append(_depth(shapes, f"input_blocks.{level[0]}"))
+        if not depth[-1] and f"input_blocks.{level[0]}.1.proj_in.weight" in shapes:   # a transformer without blocks
+            empty.append(number)
 
     context = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
-    if context is None:
-        raise CheckpointError("cannot infer the U-Net architecture: no cross-attention (attn2.to_k.weight) found")
     proj_in = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
     label_emb = shapes.get("label_emb.0.0.weight")
     cond_proj = shapes.get("time_embed.cond_proj.weight")  # LCM guidance embedding (Linear, no bias)
@@ -90,7 +91,8 @@ def infer_unet_config(state: Mapping[str, torch.Size | Tensor], conventions: UNe
         num_res_blocks=res_counts.pop(),
         transformer_depth=tuple(depth),
         transformer_depth_middle=_depth(shapes, "middle_block"),
-        context_dim=int(context[1]),
+        empty_transformer_levels=tuple(empty),
+        context_dim=int(context[1]) if context is not None else conventions.context_dim,
         use_linear_proj=proj_in is not None and len(proj_in) == 2,
         adm_in_channels=int(label_emb[1]) if label_emb is not None else None,
         time_cond_proj_dim=int(cond_proj[1]) if cond_proj is not None and len(cond_proj) == 2 else None,

@@ -194,7 +194,7 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
                  metadata: Mapping[str, str], *, native: int | None = None, schedule: ScheduleSpec | None = None,
                  schedule_source: str | None = None, sampler: Mapping[str, Any] | None = None,
                  zero_empty_negative: bool | None = None) -> CheckpointPlan:
-    if unet.config.context_dim != sum(src.config.width for _, src in text):
+    if unet.config.cross_attends and unet.config.context_dim != sum(src.config.width for _, src in text):
         raise CheckpointError(
             f"{origin}: U-Net cross-attention width {unet.config.context_dim} does not match the text encoder "
             f"width(s) {[src.config.width for _, src in text]} of {spec.name}"

@@ -22,8 +22,8 @@ from sdlab.models.vae import VAEConfig
 
 # Fields that the tensors show; the rest are conventions the file (or the family) must supply.
 UNET_SHAPE_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
-                     "transformer_depth", "transformer_depth_middle", "context_dim", "use_linear_proj",
-                     "adm_in_channels", "time_cond_proj_dim")
+                     "transformer_depth", "transformer_depth_middle", "empty_transformer_levels", "context_dim",
+                     "use_linear_proj", "adm_in_channels", "time_cond_proj_dim")
 VAE_SHAPE_FIELDS = ("in_channels", "out_channels", "latent_channels", "base_channels", "channel_mult", "num_res_blocks")
 TEXT_SHAPE_FIELDS = ("vocab_size", "max_positions", "width", "layers", "mlp_width", "projection_dim")
 
@@ -67,10 +67,11 @@ def _check_field(name: str, annotation: str, value: Any) -> None:
         if not isinstance(value, str):
             raise CheckpointError(f"{name}: expected a string, got {value!r}")
     elif annotation.startswith("tuple[int"):
-        if not isinstance(value, (list, tuple)) or not value:
+        may_be_empty = name.endswith(".empty_transformer_levels")
+        if not isinstance(value, (list, tuple)) or not (value or may_be_empty):
             raise CheckpointError(f"{name}: expected a non-empty list of integers, got {value!r}")
         for item in value:
-            check_int(name, item, 0 if name.endswith(".transformer_depth") else 1)
+            check_int(name, item, 0 if name.endswith((".transformer_depth", ".empty_transformer_levels")) else 1)
     else:  # a field type this module does not know: refuse rather than pass it through unchecked
         raise CheckpointError(f"{name}: cannot check a field of type {annotation}")
 
@@ -107,11 +108,10 @@ def check_unet(cfg: UNetConfig) -> None:
     if len(cfg.transformer_depth) != len(cfg.channel_mult):
         raise CheckpointError(f"UNetConfig.transformer_depth: {len(cfg.transformer_depth)} entries for "
                               f"{len(cfg.channel_mult)} levels")
-    if cfg.transformer_depth_middle < 1:
-        raise CheckpointError("UNetConfig.transformer_depth_middle: the middle block needs a transformer (>= 1)")
     widths = [cfg.model_channels * m for m in cfg.channel_mult]
     _divides("UNetConfig.norm_groups", cfg.norm_groups, [cfg.model_channels, *widths], "U-Net level")
-    attended = [w for w, d in zip(widths, cfg.transformer_depth) if d] + [widths[-1]]
+    depths = [*cfg.transformer_depth, cfg.transformer_depth_middle]
+    attended = [w for w, d in zip([*widths, widths[-1]], depths) if d]   # heads matter where blocks attend
     if cfg.num_heads is not None:
         _divides("UNetConfig.num_heads", cfg.num_heads, attended, "attention")
     elif cfg.head_dim is not None:

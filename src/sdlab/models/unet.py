@@ -5,7 +5,7 @@ Parameter names are those of CompVis LDM / Stability SGM `openaimodel.UNetModel`
 saves in the layout every other tool reads. With R = num_res_blocks and L = len(channel_mult) levels:
 
     input_blocks.0          conv_in (in_channels -> model_channels)                         at 1/1
-    input_blocks.1 .. R     level 0: [ResBlock, SpatialTransformer if transformer_depth[0]] at 1/1
+    input_blocks.1 .. R     level 0: [ResBlock, SpatialTransformer if level 0 has one] at 1/1
     input_blocks.R+1        Downsample (`.0.op`, stride-2 conv)                               1/1 -> 1/2
     input_blocks.R+2 ..     level 1: R more [ResBlock, SpatialTransformer?], then Downsample, ...
                             (no Downsample after the last level)
@@ -29,7 +29,10 @@ order by the output blocks.
 
 Inside a SpatialTransformer: norm (GroupNorm, eps 1e-6), proj_in (1x1 conv for SD1, Linear for SD2/SDXL),
 transformer_blocks.K = {norm1, attn1 (self), norm2, attn2 (cross, on the text context), norm3, ff (GEGLU)},
-proj_out, plus the residual. Attention heads: `cfg.heads_at(channels)`.
+proj_out, plus the residual. Attention heads: `cfg.heads_at(channels)`. A level has a SpatialTransformer when
+its `transformer_depth` is above 0 or it is one of `empty_transformer_levels`, whose transformers hold no
+blocks (x + proj_out(proj_in(norm(x))): diffusers' CrossAttn blocks with 0 transformer layers, as in SDXL's
+"small" and "mid" ControlNets); the middle block always has one, of `transformer_depth_middle` blocks (0 too).
 
 Speed: attention goes through `F.scaled_dot_product_attention` (fused kernels, no h*w x h*w matrix on the
 heap), feature maps stay channels-last so the token view costs no copy, and residuals are added in place
@@ -68,7 +71,8 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     transformer_depth: tuple[int, ...] = (1, 1, 1, 0)  # per level, 0 = no attention there (SDXL: 0, 2, 10)
-    transformer_depth_middle: int = 1            # SDXL base: 10
+    transformer_depth_middle: int = 1            # SDXL base: 10; 0: a transformer without blocks
+    empty_transformer_levels: tuple[int, ...] = ()  # depth-0 levels that still have a transformer without blocks
     num_heads: int | None = 8
     head_dim: int | None = None
     context_dim: int = 768                       # 1024 SD2, 2048 SDXL, 1280 SDXL refiner
@@ -83,6 +87,19 @@ class UNetConfig:
             raise ValueError("UNetConfig: set exactly one of num_heads and head_dim")
         if len(self.transformer_depth) != len(self.channel_mult):
             raise ValueError("UNetConfig: transformer_depth needs one entry per channel_mult level")
+        if any(not 0 <= level < len(self.transformer_depth) or self.transformer_depth[level]
+               for level in self.empty_transformer_levels):
+            raise ValueError(f"UNetConfig: empty_transformer_levels {list(self.empty_transformer_levels)} must name "
+                             f"levels of transformer_depth 0")
+
+    def has_transformer(self, level: int) -> bool:
+        """Whether the blocks of `level` have a SpatialTransformer (with `transformer_depth[level]` blocks)."""
+        return self.transformer_depth[level] > 0 or level in self.empty_transformer_levels
+
+    @property
+    def cross_attends(self) -> bool:
+        """Whether any transformer block reads the text context (SDXL's "small" ControlNet has none)."""
+        return any(self.transformer_depth) or self.transformer_depth_middle > 0
 
     @property
     def time_embed_dim(self) -> int:
@@ -271,7 +288,7 @@ class SpatialTransformer(nn.Module):
         self, channels: int, heads: int, depth: int, context_dim: int, linear_proj: bool, upcast: bool, groups: int
     ):
         super().__init__()
-        if channels % heads:
+        if depth and channels % heads:
             raise ValueError(f"SpatialTransformer: {channels} channels do not split into {heads} heads")
         self.linear_proj = linear_proj
         self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
@@ -350,7 +367,7 @@ def shared_rows(x: Tensor, emb: BlockEmbeddings, blocks: nn.ModuleList, context:
     prompt, one context row each), else B. Until the first text context the halves stay equal, so the layers
     before it (SD1.x / 2.x at the widest level: conv_in, a ResBlock, the first transformer's input
     projection and self-attention) run once for both. Only in CPU inference, where `emb.shared` holds, where
-    one of `blocks` (the input blocks) has a transformer, and not while hooks watch the layers before it
+    one of `blocks` (the input blocks) has a transformer block, and not while hooks watch the layers before it
     (they would see half a batch). x: (B, C, h, w), context: (B, T, C_ctx)"""
     half = len(x) // 2
     if (not (emb.shared and half and len(x) % 2 == 0 and len(context) == len(x))
@@ -359,8 +376,8 @@ def shared_rows(x: Tensor, emb: BlockEmbeddings, blocks: nn.ModuleList, context:
     for block in blocks:
         if any(cpu_kernels.has_hooks(module) for module in block.modules()):
             return len(x)
-        if any(isinstance(layer, SpatialTransformer) for layer in block):   # the rows part here
-            return half if torch.equal(x[:half], x[half:]) else len(x)
+        if any(isinstance(layer, SpatialTransformer) and len(layer.transformer_blocks) for layer in block):
+            return half if torch.equal(x[:half], x[half:]) else len(x)   # the rows part here
     return len(x)
 
 
@@ -418,8 +435,6 @@ def add_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
     (SDXL), `input_blocks` and `middle_block`. Returns the output width of each input block (the skips).
 
     Shared by `UNet` and the ControlNet (a trainable copy of this half, `sdlab.models.controlnet`)."""
-    if cfg.transformer_depth_middle < 1:
-        raise ValueError("UNet: the middle block always has a transformer (transformer_depth_middle >= 1)")
     mc, emb_dim = cfg.model_channels, cfg.time_embed_dim
     module.time_embed = TimeEmbed(mc, emb_dim, cfg.time_cond_proj_dim)
     if cfg.adm_in_channels is not None:  # SDXL: the vector conditioning is added to the time embedding
@@ -435,7 +450,7 @@ def add_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
         for _ in range(cfg.num_res_blocks):
             layers: list[nn.Module] = [_res(cfg, ch, mult * mc)]
             ch = mult * mc
-            if depth:
+            if cfg.has_transformer(level):
                 layers.append(_transformer(cfg, ch, depth))
             module.input_blocks.append(UNetBlock(layers))
             skip_channels.append(ch)
@@ -484,7 +499,7 @@ class UNet(nn.Module):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [_res(cfg, ch + skip_channels.pop(), mult * mc)]
                 ch = mult * mc
-                if depth:
+                if cfg.has_transformer(level):
                     layers.append(_transformer(cfg, ch, depth))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
