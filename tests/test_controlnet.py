@@ -171,6 +171,31 @@ def test_not_a_controlnet(tmp_path):
         load_controlnet(lora)
     with pytest.raises(CheckpointError, match="no such file"):
         load_controlnet(tmp_path / "missing.safetensors")
+    others = {   # key names of each kind's released files
+        "t2iadapter_canny_sd15v2.pth": ({"conv_in.weight": (320, 192, 3, 3), "body.0.block1.weight": (320, 320, 3, 3)},
+                                        "a T2I-Adapter, .* sdlab does not load T2I-Adapters"),
+        "t2iadapter_color_sd14v1.pth": ({"body.0.in_conv.weight": (320, 192, 1, 1)}, "a T2I-Adapter"),
+        "t2iadapter_style_sd14v1.pth": ({"style_embedding": (1, 8, 1024), "ln_post.weight": (1024,)}, "a T2I-Adapter"),
+        "t2i_diffusers.safetensors": ({"adapter.conv_in.weight": (320, 64, 3, 3),
+                                       "adapter.body.0.resnets.0.block1.weight": (320, 320, 3, 3)}, "a T2I-Adapter"),
+        "kohya_controllllite_xl_canny.safetensors": (
+            {"lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight": (32, 640)},
+            "a ControlNet-LLLite .* sdlab does not load ControlNet-LLLites"),
+        "ip-adapter_sd15.safetensors": ({"image_proj.proj.weight": (3072, 1024), "ip_adapter.1.to_k_ip.weight": (320, 768)},
+                                        "an IP-Adapter, .* sdlab does not load IP-Adapters"),
+    }
+    for name, (shapes, message) in others.items():
+        state = {key: torch.zeros(shape) for key, shape in shapes.items()}
+        if name.endswith(".safetensors"):
+            save_file(state, tmp_path / name)
+        else:
+            torch.save(state, tmp_path / name)
+        with pytest.raises(CheckpointError, match=message):
+            load_controlnet(tmp_path / name)
+    torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}},
+               tmp_path / "ip-adapter_sd15.bin")      # h94's .bin: two nested dicts
+    with pytest.raises(CheckpointError, match="an IP-Adapter, not a ControlNet"):
+        load_controlnet(tmp_path / "ip-adapter_sd15.bin")
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError):

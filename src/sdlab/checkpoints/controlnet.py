@@ -145,11 +145,24 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
 # reading
 
 
+# Other control networks, by the keys that mark their files: (what the file is, what they are, its marker keys).
+_OTHER_CONTROLS = (
+    ("a ControlNet-LLLite (kohya)", "ControlNet-LLLites", re.compile(r"lllite_")),
+    ("an IP-Adapter", "IP-Adapters", re.compile(r"(image_proj|ip_adapter)\.")),
+    # TencentARC's files (full: conv_in + body.N.block1; light: body.N.in_conv; style: style_embedding) and
+    # diffusers' T2IAdapter (adapter.*)
+    ("a T2I-Adapter", "T2I-Adapters", re.compile(r"(adapter\.)?body\.\d+\.|adapter\.conv_in\.|style_embedding$")),
+)
+
+
 def _not_a_controlnet(path: Path, keys: list[str]) -> CheckpointError:
+    other = next(((what, kind) for what, kind, marker in _OTHER_CONTROLS if any(marker.match(k) for k in keys)), None)
     if any(k.startswith("model.diffusion_model.") for k in keys):
         what = "a Stable Diffusion checkpoint (model.diffusion_model.* keys), not a ControlNet"
     elif any(k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k for k in keys):
         what = "a LoRA (lora_* keys), not a ControlNet"
+    elif other is not None:
+        what = f"{other[0]}, not a ControlNet; sdlab does not load {other[1]}"
     elif any(k.startswith(("down_blocks.", "conv_in.")) for k in keys) and not any("controlnet" in k for k in keys):
         what = "a diffusers U-Net, not a ControlNet"
     else:
@@ -267,7 +280,7 @@ def _read(path: Path) -> tuple[Mapping[str, Tensor], dict[str, Any] | None]:
         return component_weights(path), config
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
-    return read_checkpoint(path)[0], None
+    return read_checkpoint(path, nested=True)[0], None   # nested: an IP-Adapter .bin's two dicts, to name it
 
 
 def load_controlnet(
