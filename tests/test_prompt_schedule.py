@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 
 import numpy as np
 import pytest
@@ -226,12 +227,36 @@ def test_memo_keeps_a_few_sources_per_shape():
 
 def test_composable_parts_follow_a1111s_split_and_weights():
     """A1111 `get_multicond_prompt_list`: `re_AND` splits, `re_weight` reads a trailing `:WEIGHT` off each part
-    (also with no AND at all); an emphasis's weight inside brackets is not a part weight."""
-    assert composable_parts("a cat AND a dog :0.5") == [("a cat ", 1.0), (" a dog", 0.5)]
+    (also with no AND at all) and drops the part's trailing whitespace, weight or none; an emphasis's weight
+    inside brackets is not a part weight."""
+    assert composable_parts("a cat AND a dog :0.5") == [("a cat", 1.0), (" a dog", 0.5)]
     assert composable_parts("a cat:1.5") == [("a cat", 1.5)]
     assert composable_parts("(cat:1.5)") == [("(cat:1.5)", 1.0)]
-    assert composable_parts("x AND y AND z: -2") == [("x ", 1.0), (" y ", 1.0), (" z", -2.0)]
+    assert composable_parts("x AND y AND z: -2") == [("x", 1.0), (" y", 1.0), (" z", -2.0)]
     assert composable_parts("ANDROID and candy") == [("ANDROID and candy", 1.0)]
+
+
+def _a1111_multicond_parts(prompt: str) -> list[tuple[str, float]]:
+    """A1111 `prompt_parser.get_multicond_prompt_list` for one prompt (its `re_AND`, `re_weight` and loop)."""
+    re_and = re.compile(r"\bAND\b")
+    re_weight = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+    parts = []
+    for subprompt in re_and.split(prompt):
+        match = re_weight.search(subprompt)
+        text, weight = match.groups() if match is not None else (subprompt, 1.0)
+        parts.append((text, float(weight) if weight is not None else 1.0))
+    return parts
+
+
+@pytest.mark.parametrize("prompt", ["a AND b", "a cat \n AND\tdog\t\n", "  ", "x :2  AND y:  ", "a\nAND b :-1 \n",
+                                    "[cat:dog:3] c\\ ", "(a:1.2) \t"])
+def test_composable_parts_drop_trailing_whitespace_as_a1111(prompt):
+    """A part's trailing whitespace goes, weight or none: `[cat:dog:3] c\\ ` is `[cat:dog:3] c\\` in A1111, whose
+    final backslash leaves it without a schedule (the brackets then are emphasis)."""
+    parts = composable_parts(prompt)
+    assert parts == _a1111_multicond_parts(prompt)
+    if prompt.startswith("[cat"):
+        assert prompt_schedule(parts[0][0], 10) == [(10, "[cat:dog:3] c\\")]
 
 
 def _pixels(bundle, prompt: str, cfg_scale: float, **options) -> torch.Tensor:
@@ -261,7 +286,7 @@ def test_and_guides_toward_each_part(sd1):
         _pixels(sd1, "a red cat AND a blue dog :0.5", 5.0)
     finally:
         hook.remove()
-    cat = encode_prompt(sd1.text_encoders, "a red cat ").context
+    cat = encode_prompt(sd1.text_encoders, "a red cat").context
     dog = encode_prompt(sd1.text_encoders, " a blue dog").context
     ugly = encode_prompt(sd1.text_encoders, "ugly").context
     names = ["cat" if torch.allclose(c, cat, atol=1e-6) else "dog" if torch.allclose(c, dog, atol=1e-6)
@@ -283,7 +308,7 @@ def test_and_parts_of_different_lengths_are_padded_with_their_last_token_as_a111
         _pixels(sd1, f"a cat AND {long_part}", 5.0)
     finally:
         hook.remove()
-    cat = encode_prompt(sd1.text_encoders, "a cat ").context                      # (1, 77, D)
+    cat = encode_prompt(sd1.text_encoders, "a cat").context                       # (1, 77, D)
     house = encode_prompt(sd1.text_encoders, f" {long_part}").context             # (1, 154, D)
     ugly = encode_prompt(sd1.text_encoders, "ugly").context
     assert house.shape[1] == 154 and [c.shape[1] for c in contexts] == [77, 154, 154] * 3

@@ -255,16 +255,14 @@ _PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\
 
 def composable_parts(prompt: str) -> list[tuple[str, float]]:
     """A1111's composable-diffusion parts of ``prompt``: ``[(text, weight), ...]`` (module docstring;
-    ``prompt_parser.re_AND`` and ``re_weight``). A part without a weight is returned as written.
+    ``prompt_parser.re_AND`` and ``re_weight``). Each part's trailing whitespace is dropped, with or
+    without a weight, as ``re_weight`` drops it.
 
     >>> composable_parts("a cat AND a dog :0.5")
-    [('a cat ', 1.0), (' a dog', 0.5)]
+    [('a cat', 1.0), (' a dog', 0.5)]
     """
     parts = []
     for part in _AND.split(prompt):
-        match = _PART_WEIGHT.search(part)
-        if match is None or match.group(2) is None:
-            parts.append((part, 1.0))
-        else:
-            parts.append((match.group(1), float(match.group(2))))
+        text, weight = _PART_WEIGHT.search(part).groups()     # the pattern matches any text
+        parts.append((text, 1.0 if weight is None else float(weight)))
     return parts
