@@ -318,3 +318,31 @@ def test_extras_take_a1111s_defaults_and_resize_modes(client):
     for mode in (2, 3, -1):
         refused = client.post("/extra-single-image", json={"image": picture, "upscaler_1": "Lanczos", "resize_mode": mode})
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "resize_mode"]
+
+
+# ---------------------------------------------------------------- 9. A1111's names in errors, interrupt's answer
+
+
+@pytest.mark.parametrize("route, fields, named", [
+    ("txt2img", {"enable_hr": True, "hr_second_pass_steps": -1}, "hr_second_pass_steps must be"),
+    ("txt2img", {"enable_hr": True, "hr_second_pass_steps": 2000}, "hr_second_pass_steps must be"),  # --max-steps
+    ("txt2img", {"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength (the second pass's"),
+    ("txt2img", {"enable_hr": True, "hr_resize_x": -5}, "hr_resize_x must be"),
+    ("txt2img", {"cfg_scale": 1e9}, "cfg_scale must lie in"),
+    ("txt2img", {"subseed_strength": 2}, "subseed_strength (variation strength) must"),   # its own name kept
+    ("img2img", {"denoising_strength": 1.5}, "denoising_strength must lie in"),
+    ("img2img", {"initial_noise_multiplier": -1}, "initial_noise_multiplier must lie in"),
+    ("img2img", {"mask_blur": 1e9}, "mask_blur must lie in"),
+])
+def test_errors_name_the_a1111_field_the_client_sent(client, route, fields, named):
+    if route == "img2img":
+        fields = {"init_images": [png_b64((64, 64), (9, 9, 9))], "mask": png_b64((64, 64), (255, 255, 255)), **fields}
+    answer = client.post(f"/{route}", json={"prompt": "x", "steps": 2, **fields})
+    assert answer.status_code == 400 and answer.json()["errors"].startswith(named), answer.text
+    assert answer.json()["detail"] == answer.json()["errors"]
+
+
+def test_interrupt_answers_as_a1111(client):
+    """A1111's `interruptapi` returns {}; its `skip` returns None (null)."""
+    assert client.post("/interrupt").json() == {}
+    assert client.post("/skip").json() is None

@@ -214,14 +214,18 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
                    refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
     kept = {} if body.override_settings_restore_afterwards else body.override_settings
     selected = await asyncio.to_thread(_checked_options, service, kept) if kept else None
-    job, _ = await asyncio.to_thread(service.submit, spec, mode, model, hr_steps_name="hr_second_pass_steps")
+    try:
+        job, _ = await asyncio.to_thread(service.submit, spec, mode, model)
+    except BadRequest as err:
+        raise BadRequest(_a1111_named(err.message), err.status,
+                         _a1111_named(err.detail) if err.detail == err.message else err.detail) from None
     if kept:                            # A1111's `process_images` restores them only when asked to
         _set_options(service, kept, selected)
     await _until_finished(job)
     if job.status == "interrupted":
         raise Unavailable(job.error)
     if job.status == "failed":
-        raise BadRequest(job.error or "failed", 500 if (job.error or "").startswith("internal") else 400)
+        raise BadRequest(_a1111_named(job.error or "failed"), 500 if (job.error or "").startswith("internal") else 400)
     images = []
     if body.send_images:
         images = [base64.b64encode((service.images_dir / name).read_bytes()).decode("ascii") for name in job.images]
@@ -234,6 +238,21 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job.settings)}
     info = _info(job, body, name, extra, batch_size=request.batch_size // body.n_iter)
     return {"images": images, "parameters": echo, "info": json.dumps(info)}
+
+
+_A1111_FIELDS = {"hr_steps": "hr_second_pass_steps", "hr_denoise": "denoising_strength", "hr_width": "hr_resize_x",
+                 "hr_height": "hr_resize_y", "strength": "denoising_strength", "CFG scale": "cfg_scale",
+                 "noise multiplier": "initial_noise_multiplier", "mask blur y": "mask_blur_y", "mask blur": "mask_blur"}
+"""sdlab's names of the request fields its checks name -> the A1111 fields they come from."""
+_SDLAB_FIELD = re.compile(r"\b(hr_steps|hr_denoise|hr_width|hr_height)\b"
+                          r"|^(strength|CFG scale|noise multiplier|mask blur y|mask blur)\b")
+"""The names in an error message: the hires fields' anywhere, the others' (words of other senses too) where
+the message starts with the field it is about."""
+
+
+def _a1111_named(message: str) -> str:
+    """An error message of sdlab's request checks with the fields named as the A1111 client sent them."""
+    return _SDLAB_FIELD.sub(lambda m: _A1111_FIELDS[m.group(0)], message)
 
 
 def _drawn_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
@@ -370,8 +389,9 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
 
 
 @router.post("/interrupt")
-def interrupt(request: Request) -> None:
+def interrupt(request: Request) -> dict[str, Any]:
     service_of(request).queue.interrupt()
+    return {}                           # A1111's `interruptapi` answer (its `skip` answers null)
 
 
 @router.post("/skip")
