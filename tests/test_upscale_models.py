@@ -24,9 +24,11 @@ from sdlab.pipeline.upscale import (
     latent_mode,
     resize_image,
     run_upscaler,
+    upscale_by,
     upscale_image,
     upscale_latent,
 )
+from sdlab.pipeline.images import read_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -347,6 +349,34 @@ def test_alpha_is_resized_and_kept() -> None:
     image = Image.new("RGBA", (8, 8), (10, 20, 30, 128))
     out = run_upscaler(upscaler, image, tile=0)
     assert out.mode == "RGBA" and out.size == (16, 16) and out.getpixel((3, 3))[3] == 128
+    grey = upscaler_from_state(_randomize(_spandrel_esrgan().ESRGAN(in_nc=1, out_nc=1, num_filters=8, num_blocks=2,
+                                                                    scale=2).state_dict(), 4), "grey")
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (8, 10, 4), dtype=np.uint8)
+    image = Image.fromarray(pixels, "RGBA")
+    out = run_upscaler(grey, image, tile=0)           # a grey model: its L picture, and the alpha put back
+    assert out.mode == "LA" and out.size == (20, 16)
+    plain = run_upscaler(grey, image.convert("L"), tile=0)
+    assert np.array_equal(np.asarray(out.getchannel("L")), np.asarray(plain))
+    alpha = image.getchannel("A").resize((20, 16), Image.Resampling.LANCZOS)
+    assert np.array_equal(np.asarray(out.getchannel("A")), np.asarray(alpha))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_grey_pictures_are_scaled_as_files_are_read(channels: int, tmp_path: Path) -> None:
+    """A 16-bit greyscale picture given to the Python API is scaled to 8 bits as the CLI's reader scales it
+    from a file (`read_image`), not clipped to white by Pillow's convert."""
+    net = _spandrel_esrgan().ESRGAN(in_nc=channels, out_nc=channels, num_filters=8, num_blocks=2, scale=2)
+    upscaler = upscaler_from_state(_randomize(net.state_dict(), 5), "model")
+    wide = np.random.default_rng(1).integers(0, 65536, (9, 11), dtype=np.uint16)
+    picture = Image.fromarray(wide)                    # mode I;16
+    picture.save(tmp_path / "grey16.png")
+    as_read = read_image(tmp_path / "grey16.png")
+    assert as_read.mode == "L" and np.asarray(as_read).mean() < 200
+    for image in (picture, picture.convert("I")):
+        out = run_upscaler(upscaler, image, tile=0)
+        assert np.array_equal(np.asarray(out), np.asarray(run_upscaler(upscaler, as_read, tile=0)))
+        assert np.array_equal(np.asarray(upscale_by(image, upscaler, 2.0)), np.asarray(upscale_by(as_read, upscaler, 2.0)))
 
 
 @pytest.mark.parametrize("name", list(LATENT_UPSCALE_MODES))

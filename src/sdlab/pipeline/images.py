@@ -71,14 +71,18 @@ _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # 16-bit greyscale PNG 
 
 def upright_8bit(image: Image.Image) -> Image.Image:
     """A picture as it is meant to be seen, in 8 bits a channel (a new image): turned by its EXIF
-    orientation (a phone photo stored sideways; diffusers' ``load_image`` and A1111 do the same), and a
-    16-bit greyscale picture scaled to 0..255 (Pillow's ``convert`` would clip every value above 255 to
-    white)."""
-    image = ImageOps.exif_transpose(image)   # a copy, also when there is nothing to turn
-    if image.mode in _WIDE_MODES:
-        wide = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
-    return image
+    orientation (a phone photo stored sideways; diffusers' ``load_image`` and A1111 do the same), and
+    `eight_bit`."""
+    return eight_bit(ImageOps.exif_transpose(image))   # a copy, also when there is nothing to turn
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale picture scaled to 0..255 ("L"; Pillow's ``convert`` would clip every value above 255
+    to white); any other picture as it is."""
+    if image.mode not in _WIDE_MODES:
+        return image
+    wide = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
 
 
 def on_white(image: Image.Image) -> Image.Image:

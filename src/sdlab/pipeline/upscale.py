@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.models.cpu_memory import reusing_large_blocks
+from sdlab.pipeline.images import eight_bit
 from sdlab.pipeline.tiling import decode_tiled
 
 DEFAULT_TILE = 192              # input pixels per tile side (A1111's ESRGAN tile); 0 = no tiling
@@ -134,8 +135,11 @@ def _to_image(x: torch.Tensor) -> Image.Image:
 @torch.inference_mode()
 def run_upscaler(upscaler: Upscaler, image: Image.Image, *, tile: int = DEFAULT_TILE,
                  overlap: int = DEFAULT_OVERLAP) -> Image.Image:
-    """One pass of the network over `image`, tiled unless `tile` is 0. A 3-channel network sees RGB and the
-    alpha channel, if any, is resized with Lanczos; 1- and 4-channel networks see L and RGBA."""
+    """One pass of the network over `image`, tiled unless `tile` is 0. A 3-channel network sees RGB and a
+    1-channel one L, and the alpha channel, if any, is resized with Lanczos and put back (RGBA / LA); a
+    4-channel network sees RGBA. A 16-bit greyscale picture is scaled to 8 bits first, as files are read
+    (`eight_bit`)."""
+    image = eight_bit(image)
     config = upscaler.net.config
     if config.in_channels not in _MODES or config.out_channels not in _MODES:
         raise UpscaleError(f"the upscaler maps {config.in_channels} to {config.out_channels} channels; "
@@ -151,7 +155,7 @@ def run_upscaler(upscaler: Upscaler, image: Image.Image, *, tile: int = DEFAULT_
         y = _run_network(net, x, tile, overlap, fold, scale)                     # (1, C, sH, sW)
     out = _to_image(y)
     has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-    if config.out_channels == 3 and has_alpha:
+    if config.out_channels in (1, 3) and has_alpha:
         alpha = image.convert("RGBA").getchannel("A").resize(out.size, Image.Resampling.LANCZOS)
         out.putalpha(alpha)
     return out
