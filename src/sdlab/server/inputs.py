@@ -323,11 +323,11 @@ def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -
     return request if upscaler is None else replace(request, hr_upscaler=str(upscaler.path))
 
 
-def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str = "hr_steps",
-                  model: ModelBundle | None = None, upscaler: ModelFile | None = None) -> GenerationRequest:
+def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle | None = None,
+                  upscaler: ModelFile | None = None) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
-    in when it runs); `BadRequest` names the first problem (the hires pass's step count by `hr_steps_name`, the
-    route's name for it). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
+    in when it runs); `BadRequest` names the first problem by sdlab's field names (the A1111 routes rename
+    them, `a1111._a1111_named`). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
     on where known (loaded): its default side stands for an unset width / height and its VAE factor snaps the
     sizes, so the hires pass is checked at the size it will draw. `upscaler`: the model the hires upscaler
     names (`upscaler_file`), None for a latent mode or a plain resize."""
@@ -335,7 +335,7 @@ def check_request(request: GenerationRequest, limits: Limits, hr_steps_name: str
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
     if hr_steps is not None and (not isinstance(hr_steps, int) or hr_steps > limits.max_steps):
-        raise BadRequest(f"{hr_steps_name} must be an integer <= {limits.max_steps} (this server's limit), "
+        raise BadRequest(f"hr_steps must be an integer <= {limits.max_steps} (this server's limit), "
                          f"got {hr_steps!r}")
     if not isinstance(request.batch_size, int) or request.batch_size > limits.max_batch:
         raise BadRequest(f"at most {limits.max_batch} images per request on this server, got {request.batch_size!r}")

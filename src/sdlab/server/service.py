@@ -74,11 +74,10 @@ class Service:
             raise BadRequest("the hires fix does not run with an SDXL refiner; leave one of them out")
         return replace(choice, name=found.title)
 
-    def submit(self, spec: JobSpec, mode: str, model: str | None, hr_steps_name: str = "hr_steps") -> tuple[Job, int]:
+    def submit(self, spec: JobSpec, mode: str, model: str | None) -> tuple[Job, int]:
         """Check and queue a generation: the seed fixed, the LoRAs looked up: `loras` entries, merged when the
         model loads, and the prompt's tags, which the pipeline merges for the run at both weights as
-        `sdlab txt2img` does (a tag of a `loras` entry's LoRA left out, as with `--lora`: `without_merged_tags`)
-        (`hr_steps_name`: what the route calls the hires pass's step count, for its error message)."""
+        `sdlab txt2img` does (a tag of a `loras` entry's LoRA left out, as with `--lora`: `without_merged_tags`)."""
         checkpoint = self.checkpoint(model)
         request = spec.request
         refiner = self.refiner(spec.refiner, checkpoint, request)
@@ -101,7 +100,7 @@ class Service:
                 raise BadRequest(f"the model names the preset {preset!r}: {err}", 422) from None
             spec = replace(spec, model_preset_fills=frozenset())
         request = check_request(replace(request, prompt=drawn, seed=fixed_seed(request.seed)), self.config.limits,
-                                hr_steps_name, model=self.host.loaded_bundle(checkpoint),
+                                model=self.host.loaded_bundle(checkpoint),
                                 upscaler=upscaler_file(request.hr_upscaler, self.upscalers))
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record)
         settings = {"mode": mode, "model": checkpoint.title,
