@@ -178,6 +178,30 @@ def test_resume_refuses_settings_it_cannot_apply(tmp_path, base, setting, value)
         check_resume(point, TrainConfig(**base | {setting: value}), global_batch=1)
 
 
+def test_resume_with_another_process_count_says_what_changed_and_the_batch_that_fits(tmp_path):
+    """A run made by 2 processes x --batch-size 2, resumed by 1 process with the checkpoint's --batch-size (what
+    leaving it out gives): the error names the process counts and the --batch-size / --grad-accum that keep 4
+    images per step, not "leave --batch-size out" (which is what was done)."""
+    from dataclasses import replace
+
+    from sdlab.train.config import TrainConfig
+    from sdlab.train.errors import TrainError
+    from sdlab.train.loop import check_resume
+
+    point = replace(_resume_point(tmp_path, TrainConfig(batch_size=2)), global_batch=4)
+    with pytest.raises(TrainError) as err:
+        check_resume(point, TrainConfig(batch_size=2), global_batch=2)
+    message = str(err.value)
+    assert "x 2 processes" in message and "this run has 1 process" in message
+    assert "--batch-size 4 (or --grad-accum 2)" in message and "leave --batch-size out" not in message
+    check_resume(point, TrainConfig(batch_size=4), global_batch=4)                        # what it advises
+    check_resume(point, TrainConfig(batch_size=2, grad_accum=2), global_batch=4)
+    with pytest.raises(TrainError, match="3 processes cannot split evenly; resume it with 2 processes"):
+        check_resume(point, TrainConfig(batch_size=1), global_batch=3)
+    with pytest.raises(TrainError, match="leave --batch-size and --grad-accum out"):       # same processes
+        check_resume(point, TrainConfig(batch_size=4), global_batch=8)
+
+
 def test_resume_takes_a_setting_spelled_otherwise_but_read_alike(tmp_path, monkeypatch):
     """The same prediction type or family under another name, and the same file or folder under another path
     (relative, absolute, through a symlink), are no change."""

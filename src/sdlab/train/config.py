@@ -275,14 +275,15 @@ def _check_task_settings(cfg: TrainConfig) -> None:
 
 
 # Settings that must match when resuming: they define the model trained (its file, family, prediction type and
-# VAE), the data stream, the objective, the parameters or their starting point. Every other setting given again
-# applies from the resumed step on (the optimiser's and the LR schedule's included:
-# `sdlab.train.loop.apply_optimizer_settings`).
+# VAE), the data stream, the objective, the parameters or their starting point. The batch counts as the global
+# batch, --batch-size x --grad-accum x processes (`sdlab.train.loop.check_resume`): how it is split may change.
+# Every other setting given again applies from the resumed step on (the optimiser's and the LR schedule's
+# included: `sdlab.train.loop.apply_optimizer_settings`).
 RESUME_INVARIANTS = (
     "task", "model", "family", "prediction", "vae", "data_dir",
     "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
     "lora_text_encoder", "lora_conv", "train_text_encoder", "embedding_word", "embedding_vectors", "embedding_init",
-    "vae_decoder_only", "seed", "batch_size", "grad_accum", "min_snr_gamma", "offset_noise", "cache_latents",
+    "vae_decoder_only", "seed", "min_snr_gamma", "offset_noise", "cache_latents",
     "lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay",
 )
 
@@ -311,9 +312,9 @@ def _as_read(name: str, value: Any) -> Any:
 def resume_changes(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
     """The `RESUME_INVARIANTS` ``cfg`` changes from a run checkpoint's ``stored`` settings. A setting spelled
     otherwise but read alike is no change, nor a resolution not yet resolved (None: the model's native size,
-    filled in once it loads); the batch counts as the global batch (`sdlab.train.loop.check_resume`)."""
+    filled in once it loads)."""
     now = cfg.to_json()
-    return [k for k in RESUME_INVARIANTS if k in stored and k != "batch_size"
+    return [k for k in RESUME_INVARIANTS if k in stored
             and _as_read(k, stored[k]) != _as_read(k, now[k]) and not (k == "resolution" and now[k] is None)]
 
 

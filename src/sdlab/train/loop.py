@@ -158,9 +158,34 @@ def check_resume(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> Non
         raise TrainError(f"cannot resume from {point.path}: {what} (these define the run; leave them out to keep "
                          f"the checkpoint's, or start a new --output-dir)")
     if point.global_batch != global_batch:
-        raise TrainError(f"cannot resume from {point.path}: it trained on {point.global_batch} images per step "
-                         f"(--batch-size {point.config.get('batch_size')} x --grad-accum {point.config.get('grad_accum')}"
-                         f" x processes), this run would take {global_batch}; leave --batch-size out to keep it")
+        raise TrainError(f"cannot resume from {point.path}: {_batch_change(point, cfg, global_batch)}")
+
+
+def _processes(n: int) -> str:
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def _batch_change(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> str:
+    """What changed the images per step (the process count, or --batch-size / --grad-accum) and what to pass
+    to keep the checkpoint's."""
+    stored_batch, stored_accum = point.config.get("batch_size", 1), point.config.get("grad_accum", 1)
+    stored_world = point.global_batch // (stored_batch * stored_accum)
+    world = global_batch // (cfg.batch_size * cfg.grad_accum)
+    trained = (f"it trained on {point.global_batch} images per step (--batch-size {stored_batch} x --grad-accum "
+               f"{stored_accum} x {_processes(stored_world)})")
+    if world == stored_world:
+        return (f"{trained}, this run would take {global_batch} (--batch-size {cfg.batch_size} x --grad-accum "
+                f"{cfg.grad_accum}); leave --batch-size and --grad-accum out to keep the checkpoint's")
+    if point.global_batch % world:
+        return (f"{trained}, which {_processes(world)} cannot split evenly; resume it with {_processes(stored_world)} "
+                f"(or start a new --output-dir)")
+    per_process = point.global_batch // world
+    options = [f"--batch-size {per_process // cfg.grad_accum}"] if per_process % cfg.grad_accum == 0 else []
+    if per_process % cfg.batch_size == 0 and per_process // cfg.batch_size != cfg.grad_accum:
+        options.append(f"--grad-accum {per_process // cfg.batch_size}")
+    advice = options[0] + (f" (or {options[1]})" if len(options) > 1 else "") if options else \
+        f"--batch-size {per_process} --grad-accum 1"
+    return f"{trained}; this run has {_processes(world)}: give it {advice} to keep {point.global_batch} images per step"
 
 
 def _broadcast_params(modules: list[nn.Module]) -> None:
