@@ -212,3 +212,16 @@ def test_reuse_fills_the_clip_skip_and_variation_seed(page, base_url):
     assert (value(page, "subseed"), value(page, "subseed_strength"), value(page, "clip_skip")) == ("8", "0.25", "2")
     assert value(page, "seed") == "3" and text(page, "notice") == ""
     assert not checked(page, "enable_hr")
+
+
+def test_generate_sends_the_prompt_as_typed_with_its_lora_tags(page, base_url):
+    # spacing and line breaks kept; a tag with a U-Net weight of its own stays for the server to read
+    typed = "a red  circle,\n\nBREAK  on white <lora:sdlab-tiny-lcm:te=0.2:unet=1.5>"
+    page.find_element(By.ID, "prompt").send_keys(typed)
+    set_value(page, "steps", 2)
+    set_value(page, "seed", 7)
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: text(d, "progress-text").startswith("Done"), message="the job did not finish")
+    job = job_by_prompt(base_url, typed)
+    assert job["request"]["loras"] == [] and job["infotexts"][0].startswith(typed)
+    assert value(page, "prompt") == typed and page.find_elements(By.CSS_SELECTOR, "#lora-list li") == []

@@ -9,7 +9,6 @@ const $ = (id) => document.getElementById(id);
 const ACTIVE = new Set(["queued", "running"]);
 const TERMINAL_EVENTS = new Set(["done", "failed", "cancelled", "interrupted"]);
 const MASK_COLOUR = "#ff3df5";   // how the painted mask shows on the image (it is sent as white on black)
-const LORA_TAG = /<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>/gi;
 const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser tab): this tab's jobs, over a reload
 // checkboxes that show their options (A1111's "Hires. fix" and seed "Extra"); unticked, the request leaves them out
 const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options", enable_refiner: "refiner-options" };
@@ -236,16 +235,6 @@ function addLora(name, weight) {
   renderLoras();
 }
 
-// Move `<lora:name:w>` tags out of a prompt into the LoRA list (A1111's prompt syntax for LoRAs).
-function takeLoraTags(prompt) {
-  const text = String(prompt || "");
-  for (const match of text.matchAll(LORA_TAG)) {
-    const weight = match[2] === undefined || match[2].trim() === "" ? 1 : Number(match[2]);
-    addLora(match[1].trim(), Number.isFinite(weight) ? weight : 1);
-  }
-  return text.replace(LORA_TAG, "").replace(/\s{2,}/g, " ").trim();
-}
-
 // ---------------------------------------------------------------- mode, image and mask
 
 function setMode(mode) {
@@ -432,12 +421,12 @@ function blockToggle(id, blocked) {
   $(`${id}-hint`).hidden = !blocked;
 }
 
+// The request the form makes. The prompt goes as typed: its `<lora:...>` tags (A1111's syntax, one or two
+// weights) are the server's to read, as `sdlab txt2img` reads them.
 function collectRequest() {
-  const prompt = takeLoraTags($("prompt").value);
-  if (prompt !== $("prompt").value.trim()) $("prompt").value = prompt;
   const body = {
     mode: state.mode,
-    prompt,
+    prompt: $("prompt").value,
     negative_prompt: $("negative_prompt").value,
     steps: numberField("steps", { integer: true }),
     cfg_scale: numberField("cfg_scale"),
@@ -488,7 +477,7 @@ function fillForm(settings) {
   if (Array.isArray(settings.loras)) {
     for (const l of settings.loras) if (l && l.name) addLora(l.name, Number(l.weight ?? 1));
   }
-  if (settings.prompt !== undefined) $("prompt").value = takeLoraTags(settings.prompt);
+  setField("prompt", settings.prompt);
   renderLoras();
   setField("negative_prompt", settings.negative_prompt ?? "");
   setField("steps", settings.steps);
