@@ -127,6 +127,19 @@ class ModelCheckpoint:   # as the real one would be: code that must not run on l
 """
 
 
+def test_the_safetensors_header_length_is_checked_against_the_file_size(tmp_path: Path, tiny_file: Path):
+    """One checked header reader: a length past the end of the file (or past safetensors' own 100 MB limit)
+    is a CheckpointError naming the file before anything is sought or read."""
+    with open(tiny_file, "rb") as f:
+        header, data_start = ckpt_io.read_safetensors_header(f, tiny_file)
+    assert data_start == 8 + int.from_bytes(tiny_file.read_bytes()[:8], "little") and header
+    for content in (b"this is not a model", (200).to_bytes(8, "little") + b"{}", b"12345"):
+        junk = tmp_path / "junk.safetensors"
+        junk.write_bytes(content)
+        with open(junk, "rb") as f, pytest.raises(CheckpointError, match=r"junk\.safetensors: not a readable safetensors"):
+            ckpt_io.read_safetensors_header(f, junk)
+
+
 def test_checkpoints_with_lightning_callbacks_numpy_values_and_parameter_dicts(tmp_path: Path, monkeypatch):
     """What CompVis' sd-v1-*.ckpt (a Lightning callback class as a key, numpy scalars) and the textual_inversion
     repo's embeddings (a ParameterDict) carry beside their tensors: read without importing or running any of

@@ -151,6 +151,7 @@ def test_loras_are_recorded_and_reapplied_by_from_png(models, tmp_path, capsys):
     library = tmp_path / "library" / "styles"
     library.mkdir(parents=True)
     (elsewhere / lora.name).rename(library / "ink-v2.safetensors")
+    (library / "aaa-download.safetensors").write_bytes(b"<!DOCTYPE html>")     # searched first, skipped
     by_hash = tmp_path / "by-hash.png"
     code, _, err = run(["txt2img", "--from-png", str(typed), "--model", str(models["a"]), "--lora-dir",
                         str(tmp_path / "library"), "--out", str(by_hash), "--no-progress"], capsys)
@@ -162,6 +163,16 @@ def test_loras_are_recorded_and_reapplied_by_from_png(models, tmp_path, capsys):
                         "--out", str(tmp_path / "missing.png"), "--no-progress"], capsys)
     assert code == 2 and err.count("sdlab: error:") == 1 and "<lora:style:0.7>" in err and "--lora-dir" in err
     assert not (tmp_path / "missing.png").exists()
+
+
+def test_a_lora_that_is_not_safetensors_is_one_error_naming_it(models, tmp_path, capsys):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not a model")
+    out = tmp_path / "o.png"
+    code, _, err = run(["txt2img", "a red apple", "--model", str(models["a"]), *FAST, "--lora", str(junk),
+                        "--out", str(out)], capsys)
+    assert code == 2 and err.count("sdlab: error:") == 1 and not out.exists(), err
+    assert f"{junk}: not a readable safetensors file" in err and "internal error" not in err
 
 
 def test_from_png_warns_when_the_model_differs(models, tmp_path, capsys):

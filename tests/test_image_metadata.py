@@ -251,6 +251,22 @@ def test_lora_hash_is_a1111s_addnet_hash(tmp_path):
     assert lora_hash(other) == hashlib.sha256(data).hexdigest()[:12]
 
 
+@pytest.mark.parametrize("content", [b"this is not a model", b"<!DOCTYPE html><html></html>",
+                                     struct.pack("<Q", 1000) + b"{}", b"\x05\0\0"])
+def test_lora_hash_of_a_file_that_is_not_safetensors_is_one_error_naming_it(tmp_path, content):
+    """The header length is checked against the file's size before the hash seeks past it: an HTML page
+    or text saved as .safetensors is a CheckpointError naming the file (not EINVAL from the seek, nor the
+    hash of nothing), and a LoRA folder is searched around it."""
+    from sdlab.checkpoints.errors import CheckpointError
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"junk\.safetensors: not a readable safetensors file"):
+        lora_hash(junk)
+    assert png_info.readable_lora_hash(junk) is None
+    assert png_info.safetensors_metadata(junk) == {}
+
+
 def _safetensors(path: Path, metadata: dict[str, str] | None = None) -> Path:
     header = {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}
     if metadata:

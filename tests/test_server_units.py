@@ -65,6 +65,22 @@ def test_the_startup_models_own_lora_folders_are_listed(tmp_path):
     assert [c.name for c in registry.checkpoints] == ["m.safetensors"]
 
 
+def test_a_lora_that_is_not_safetensors_is_skipped_and_the_others_listed(tmp_path, caplog):
+    """A1111 lists the LoRAs it can read and still starts; a saved web page named .safetensors in the
+    LoRA folder is left out with a warning naming it."""
+    from safetensors.torch import save_file
+
+    model = tmp_path / "models" / "Stable-diffusion" / "m.safetensors"
+    model.parent.mkdir(parents=True)
+    save_file({"x": torch.zeros(1)}, str(model))
+    (tmp_path / "models" / "Lora").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "models" / "Lora" / "good.safetensors"))
+    (tmp_path / "models" / "Lora" / "junk.safetensors").write_bytes(b"<!DOCTYPE html><html></html>")
+    registry = ModelRegistry(model, tmp_path / "models")
+    assert [lora.name for lora in registry.loras] == ["good"]
+    assert "junk.safetensors: not a readable safetensors file" in caplog.text
+
+
 def test_store_marks_unfinished_jobs_interrupted_on_reopen(tmp_path):
     store = Store(tmp_path)
     for i, status in enumerate(("done", "running", "queued")):

@@ -37,6 +37,7 @@ import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+MAX_SAFETENSORS_HEADER = 100_000_000           # the safetensors library's own limit on a header's length
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -86,10 +88,8 @@ class LazyStateDict(LazyMapping):
         with safe_open(str(path), framework="pt", device="cpu") as f:   # validates the whole layout
             self._metadata = dict(f.metadata() or {})
         with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(header_len))
+            header, self._data_start = read_safetensors_header(f, path)
         header.pop("__metadata__", None)
-        self._data_start = 8 + header_len
         self._entries: dict[str, tuple[torch.Size, torch.dtype, int, int]] = {}
         for key, info in header.items():
             dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
@@ -189,6 +189,26 @@ def dtypes_of(state: Mapping[str, Tensor]) -> dict[str, torch.dtype]:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def read_safetensors_header(file: BinaryIO, name: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
+    """The JSON header of the safetensors data in the open binary `file`, and the offset where its tensor
+    data starts. The header's length (the first 8 bytes) is checked against the file's size before it is
+    read or sought past, so a file that is not safetensors (a saved web page, text, random bytes) is a
+    `CheckpointError` naming `name`, never an `OSError` from a seek past the largest offset."""
+    size = file.seek(0, os.SEEK_END)
+    file.seek(0)
+    (length,) = struct.unpack("<Q", file.read(8).ljust(8, b"\0"))
+    if size < 8 or length > MAX_SAFETENSORS_HEADER or 8 + length > size:
+        raise CheckpointError(f"{name}: not a readable safetensors file (its first 8 bytes give a header of "
+                              f"{length} bytes; the file holds {size})")
+    try:
+        header = json.loads(file.read(length))
+    except ValueError as exc:                     # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise CheckpointError(f"{name}: not a readable safetensors file (the header is not JSON: {_one_line(exc)})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{name}: not a readable safetensors file (the header is not a JSON object)")
+    return header, 8 + length
 
 
 def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:

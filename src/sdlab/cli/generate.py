@@ -558,7 +558,7 @@ def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]
 def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | None = None):
     """NAME -> its file: by name in the search folders, else (for --from-png) the file under the folders
     searched with subfolders whose LoRA hash is the one recorded for NAME (A1111 finds renamed files so)."""
-    from sdlab.pipeline.png_info import lora_hash
+    from sdlab.pipeline.png_info import readable_lora_hash
     from sdlab.pipeline.prompt_loras import find_lora
 
     deep, flat = _lora_search_dirs(args)
@@ -570,7 +570,8 @@ def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | Non
             return None
         for folder in deep:
             for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
-                if path.suffix.lower() in _LORA_SUFFIXES and path.is_file() and lora_hash(path).startswith(wanted):
+                if (path.suffix.lower() in _LORA_SUFFIXES and path.is_file()
+                        and (readable_lora_hash(path) or "").startswith(wanted)):       # unreadable: skipped
                     logger.warning("the LoRA %r is %s (found by its recorded hash %s)", name, path, wanted)
                     return path
         return None

@@ -39,6 +39,8 @@ from typing import Any, Mapping
 
 from PIL import Image, PngImagePlugin
 
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import read_safetensors_header
 from sdlab.pipeline.images import open_image
 from sdlab.utils.file_hashes import cached_hash
 from sdlab.utils.files import atomic_write, fsync_dir
@@ -373,26 +375,31 @@ def lora_hash(path: str | os.PathLike) -> str:
 def _addnet_hash(path: Path) -> str:
     with open(path, "rb") as file:
         if path.suffix.lower() == ".safetensors":
-            (header_size,) = struct.unpack("<Q", file.read(8).ljust(8, b"\0"))
-            file.seek(8 + header_size)
+            file.seek(read_safetensors_header(file, path)[1])
         return _sha256_rest(file, 1 << 20)[:12]
 
 
+def readable_lora_hash(path: str | os.PathLike) -> str | None:
+    """`lora_hash`, or None with a warning naming the file when it is not readable safetensors (a LoRA
+    folder is listed or searched around such a file, as A1111 lists what it can read)."""
+    try:
+        return lora_hash(path)
+    except CheckpointError as err:
+        logger.warning("skipping %s", err)
+        return None
+
+
 _GENERIC_STEM = re.compile(r"(final|last|model|checkpoint|diffusion_pytorch_model|step-?\d+)(-ema)?", re.IGNORECASE)
-_MAX_HEADER = 100 << 20                        # the safetensors library's own header limit
 
 
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a ``.safetensors`` file's header ({} when unreadable or absent)."""
     try:
         with open(path, "rb") as file:
-            (size,) = struct.unpack("<Q", file.read(8))
-            if size > _MAX_HEADER:
-                return {}
-            header = json.loads(file.read(size))
-    except (OSError, ValueError, struct.error):
+            header, _ = read_safetensors_header(file, path)
+    except (OSError, CheckpointError):
         return {}
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    meta = header.get("__metadata__")
     return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
 
 

@@ -10,16 +10,18 @@ loaded; symlinks that leave the models folder are skipped.
 A1111's identity of a checkpoint: `title` = `"<path under the folder> [<hash>]"`, `hash` = the first 10 hex
 digits of the whole file's SHA-256 (`sdlab.pipeline.png_info.model_hash`), `sha256` the full digest.
 Hashes come from `sdlab.pipeline.png_info` (`file_sha256`, `lora_hash`), cached per file version by
-`sdlab.utils.file_hashes`, so each file is read once until it changes.
+`sdlab.utils.file_hashes`, so each file is read once until it changes. A LoRA file that is not readable
+safetensors is left out of the list with a warning, as A1111 lists what it can read.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sdlab.pipeline.png_info import file_sha256, lora_hash, model_name, safetensors_metadata
+from sdlab.pipeline.png_info import file_sha256, model_name, readable_lora_hash, safetensors_metadata
 from sdlab.pipeline.prompt_loras import default_lora_dirs
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -98,10 +100,9 @@ class ModelRegistry:
             for folder in LORA_FOLDERS:
                 base = self.models_dir / folder
                 if base.is_dir():
-                    loras += [Lora(p, lora_hash(p)) for p in sorted(base.rglob("*"))
-                              if p.suffix.lower() in LORA_SUFFIXES and self._inside(p)]
+                    loras += _readable_loras(p for p in sorted(base.rglob("*")) if self._inside(p))
         for base in default_lora_dirs(self.startup_model):
-            loras += [Lora(p, lora_hash(p)) for p in sorted(base.glob("*")) if p.suffix.lower() in LORA_SUFFIXES]
+            loras += _readable_loras(sorted(base.glob("*")))
         with self._lock:
             self.checkpoints, self.loras = checkpoints, _unique_names(loras)
 
@@ -148,6 +149,16 @@ class ModelRegistry:
 
     def _checkpoint(self, path: Path, name: str) -> Checkpoint:
         return Checkpoint(path, name, file_sha256(path) if path.is_file() else None)
+
+
+def _readable_loras(paths: Iterable[Path]) -> list[Lora]:
+    """The LoRA files among `paths`, hashed; a file that is not readable safetensors is left out with a
+    warning (`readable_lora_hash`), as A1111 lists the LoRAs it can read and still starts."""
+    loras = []
+    for path in paths:
+        if path.suffix.lower() in LORA_SUFFIXES and path.is_file() and (hash_ := readable_lora_hash(path)):
+            loras.append(Lora(path, hash_))
+    return loras
 
 
 def _unique_names(loras: list[Lora]) -> list[Lora]:
