@@ -225,3 +225,11 @@ def test_generate_sends_the_prompt_as_typed_with_its_lora_tags(page, base_url):
     job = job_by_prompt(base_url, typed)
     assert job["request"]["loras"] == [] and job["infotexts"][0].startswith(typed)
     assert value(page, "prompt") == typed and page.find_elements(By.CSS_SELECTOR, "#lora-list li") == []
+
+
+def test_the_schedule_list_names_each_schedule_once(page, base_url):
+    labels = page.execute_script("return [...document.getElementById('schedule').options].map((o) => o.text)")
+    assert labels[0] == "Automatic" and value(page, "schedule") == ""          # unset: the sampler's own
+    assert len(labels) == len(set(labels)), labels
+    served = [s["name"] for s in http_json(base_url, "/sdapi/v1/schedulers") if s["name"] != "automatic"]
+    assert option_values(page, "schedule") == ["", *served]

@@ -172,9 +172,9 @@ async function loadLists() {
         label: s.name, value: s.name, data: { aliases: (s.aliases || []).join("\n") },
       })), { blank: "model default" });     // left out of the request: the model's preset or family default
     }),
-    api("/sdapi/v1/schedulers").then((schedulers) => {
-      fillSelect($("schedule"), (schedulers || []).map((s) => ({ label: s.label || s.name, value: s.name })),
-        { blank: "Automatic" });
+    api("/sdapi/v1/schedulers").then((schedulers) => {     // A1111's "automatic" is the blank entry: unset
+      fillSelect($("schedule"), (schedulers || []).filter((s) => s.name !== "automatic")
+        .map((s) => ({ label: s.label || s.name, value: s.name })), { blank: "Automatic" });
     }),
     loadLoras(),
     loadHiresUpscalers(),
