@@ -24,6 +24,7 @@ from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, sch
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import split_prompt_loras
+from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import GenerationRequest
 
 # A1111 label -> (request field, parser)
@@ -127,15 +128,16 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
     """The labelled parameters of image `index` of a resolved request (its seed is seed + index).
 
     `loras` are the LoRAs merged into the model: each gets a `<lora:NAME:WEIGHT>` tag in the prompt
-    (unless `prompt`, the text as the user wrote it, already has one) and its hash in `Lora hashes`.
+    (unless `prompt`, the text as the user wrote it, already has one) and its hash in `Lora hashes`. The
+    prompts are recorded without their comments (`strip_comments`), as A1111 records them.
     `embeddings` are the (name, hash) of the textual-inversion embeddings the prompts use (`TI hashes`).
     `refiner` is the SDXL refiner that finished the schedule, written as A1111 writes it (`Refiner: name
     [hash]`, `Refiner switch at`) with the handoff rule (`Refiner steps`). `vae` is a standalone VAE that replaced the
     model's: (file name, short hash), A1111's `VAE hash` and `VAE`.
     """
     p: dict[str, Any] = {
-        PROMPT: with_lora_tags(req.prompt if prompt is None else prompt, loras),
-        NEGATIVE_PROMPT: req.negative_prompt,
+        PROMPT: with_lora_tags(strip_comments(req.prompt if prompt is None else prompt), loras),
+        NEGATIVE_PROMPT: strip_comments(req.negative_prompt),
         "Steps": req.steps,
         "Sampler": req.sampler,
         "Schedule type": a1111_label(req.schedule),

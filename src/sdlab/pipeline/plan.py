@@ -35,6 +35,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
+from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import (
     SIZE_MULTIPLE,
     GenerationRequest,
@@ -112,7 +113,8 @@ def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRe
 
 
 def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) -> GenerationRequest:
-    """`resolve_for` against `free` bytes (None: the device cannot tell)."""
+    """`resolve_for` against `free` bytes (None: the device cannot tell). The prompts lose their comments
+    (`strip_comments`), as A1111 draws and records them."""
     family = bundle.family
     req = resolve(
         request,
@@ -123,6 +125,7 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         default_cfg=family.default_cfg,
         default_steps=family.default_steps,
     )
+    req = replace(req, prompt=strip_comments(req.prompt), negative_prompt=strip_comments(req.negative_prompt))
     # the family's usual layers, not the loaded towers' (a diffusers-layout SD2 tower is read at its last layer)
     if req.clip_skip != 1 and req.clip_skip_convention == "a1111" and any(
             spec.hidden_state != "last" for spec in family.text_encoders):

@@ -5,11 +5,13 @@ and merged into the model for one request, then taken out again exactly.
     a castle <lora:ink_style:0.5:1>            text encoders at 0.5, U-Net at 1 (A1111's te / unet)
     a castle <lora:ink_style:te=0.5:unet=1>    the same with names; <lyco:...> is an alias of <lora:...>
 
-`split_prompt_loras` takes the tags out of the text that is encoded (the rest of the prompt, spaces
-included, is kept as written). NAME is a file's stem: `find_lora` looks for ``NAME.safetensors`` (``.pt``,
-``.ckpt``) in each folder and its subfolders, then for a ``.safetensors`` whose kohya ``ss_output_name``
-is NAME. Tags in the negative prompt are not LoRAs: A1111 reads extra networks from the positive prompt
-only (processing.py: ``parse_extra_network_prompts`` parses ``self.prompts``), so a tag there stays text.
+`split_prompt_loras` takes the tags out of the text that is encoded, after the prompt's comments
+(`prompt_syntax.strip_comments`: A1111 removes them first, so a tag in a comment is never applied); the
+rest of the prompt, spaces included, is kept as written. NAME is a file's stem: `find_lora` looks for
+``NAME.safetensors`` (``.pt``, ``.ckpt``) in each folder and its subfolders, then for a ``.safetensors``
+whose kohya ``ss_output_name`` is NAME. Tags in the negative prompt are not LoRAs: A1111 reads extra
+networks from the positive prompt only (processing.py: ``parse_extra_network_prompts`` parses
+``self.prompts``), so a tag there stays text.
 
 `LoraPatcher` applies a set of (file, text-encoder weight, U-Net weight) to a bundle's layers and restores
 them, as A1111's Lora extension does: the original weight tensors are kept and put back (never
@@ -37,6 +39,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from sdlab.checkpoints.lora import bundle_lora_weights, load_lora_file
+from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import RequestError
 
 logger = logging.getLogger(__name__)
@@ -118,8 +121,9 @@ def _parse_tag(match: re.Match) -> LoraTag:
 
 
 def split_prompt_loras(prompt: str) -> tuple[str, list[LoraTag]]:
-    """(`prompt` without its ``<lora:...>`` / ``<lyco:...>`` tags, the tags in order). A tag without a name
-    or with a weight that is not a number is a ValueError naming it."""
+    """(`prompt` without its comments and its ``<lora:...>`` / ``<lyco:...>`` tags, the tags in order). A tag
+    without a name or with a weight that is not a number is a ValueError naming it."""
+    prompt = strip_comments(prompt)
     tags = [_parse_tag(m) for m in _TAG.finditer(prompt)]
     return _TAG.sub("", prompt), tags
 

@@ -1,6 +1,8 @@
-"""AUTOMATIC1111 prompt syntax: emphasis weights, ``BREAK``, 75-token chunks, and the emphasis math.
+"""AUTOMATIC1111 prompt syntax: comments, emphasis weights, ``BREAK``, 75-token chunks, and the emphasis math.
 
-Three steps, none of which needs a model:
+First ``strip_comments`` takes A1111's comments out of a prompt (A1111 1.8+, on by default: a ``#`` hides the
+rest of its line; ``modules/processing_scripts/comments.py``), before anything else reads it (LoRA tags,
+``AND``, prompt editing) and before it is recorded. Then three steps, none of which needs a model:
 
 1. ``parse_weighted(prompt)`` reads the emphasis syntax into ``[(text, weight), ...]``, behaving exactly
    like A1111's ``modules/prompt_parser.py::parse_prompt_attention``:
@@ -83,6 +85,8 @@ _ATTENTION_TOKEN = re.compile(
     re.X,
 )
 _BREAK_WORD = re.compile(r"\bBREAK\b")
+_COMMENT_LINE = re.compile("(^|\n)#[^\n]*(\n|$)")          # A1111's two patterns, in its order
+_COMMENT_END = re.compile("#[^\n]*(\n|$)")
 
 MAX_EMPHASIS_WEIGHT = 100.0      # |weight| of a run after its brackets multiply; more is an error
 MAX_BRACKET_DEPTH = 64           # brackets open around a run of text; more is an error (A1111 has no limit)
@@ -91,6 +95,17 @@ MAX_CHUNKS = 32                  # 75-token chunks per prompt (2,400 tokens); mo
 
 class PromptError(RequestError):
     """A prompt sdlab cannot encode: a malformed or absurd emphasis weight, or too many chunks."""
+
+
+def strip_comments(prompt: str) -> str:
+    """``prompt`` without its comments, as A1111's ``strip_comments``: a line that starts with ``#``, with the
+    newlines around it, becomes one newline, then the text from any other ``#`` to the end of its line (its
+    newline included) becomes one. No ``#`` is left, so stripping twice changes nothing.
+
+    >>> strip_comments("a red apple # TODO: green\\n# a line of its own\\n(masterpiece)")
+    'a red apple \\n(masterpiece)'
+    """
+    return _COMMENT_END.sub("\n", _COMMENT_LINE.sub("\n", prompt))
 
 
 def _excerpt(text: str, limit: int = 40) -> str:
