@@ -233,3 +233,35 @@ def test_the_schedule_list_names_each_schedule_once(page, base_url):
     assert len(labels) == len(set(labels)), labels
     served = [s["name"] for s in http_json(base_url, "/sdapi/v1/schedulers") if s["name"] != "automatic"]
     assert option_values(page, "schedule") == ["", *served]
+
+
+def generated(driver, base: str, prompt: str) -> dict:
+    """Click Generate and wait for the job the page queued with `prompt` to end."""
+    driver.find_element(By.ID, "generate").click()
+    wait(driver, lambda d: any(job["request"].get("prompt") == prompt for job in http_json(base, "/api/jobs")["jobs"]),
+         20, f"no job with the prompt {prompt!r}")
+    return wait_job(base, job_by_prompt(base, prompt)["id"])
+
+
+def test_seeds_past_two_to_the_53_stay_exact(page, base_url):
+    big = 2**53 + 1                                             # a JavaScript number would round it to 2**53
+    job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "a big seed", "steps": 1, "seed": big})["id"])
+    reuse(page, base_url, job["id"])
+    wait(page, lambda d: value(d, "seed") == str(big), 10, "Reuse did not fill the seed exactly")
+    assert f"seed {big}" in page.find_element(By.CSS_SELECTOR, f'#gallery [data-job-id="{job["id"]}"]').text
+    set_value(page, "prompt", "a big seed again")
+    assert generated(page, base_url, "a big seed again")["request"]["seed"] == big
+    # the largest seed the server takes draws; one past it is refused with the range, before any request
+    set_value(page, "seed", 2**64 - 1)
+    set_value(page, "prompt", "the largest seed")
+    largest = generated(page, base_url, "the largest seed")
+    assert largest["status"] == "done" and largest["request"]["seed"] == 2**64 - 1 and text(page, "error") == ""
+    drop_file(page, png_with_parameters(f"a dropped seed\nSteps: 2, Seed: {2**64 - 2}, Size: 64x64, "
+                                        f"Variation seed: {2**60 + 1}, Variation seed strength: 0.5"), "seed.png")
+    wait(page, lambda d: value(d, "seed") == str(2**64 - 2), 10, "the PNG's seed was not filled exactly")
+    assert value(page, "subseed") == str(2**60 + 1)
+    before = _jobs(base_url)
+    set_value(page, "seed", 2**64)
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: d.find_element(By.ID, "error").is_displayed(), 10, "no error")
+    assert f"from {-2**63} to {2**64 - 1} (-1: random)" in text(page, "error") and _jobs(base_url) == before

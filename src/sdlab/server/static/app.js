@@ -16,12 +16,20 @@ const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options"
 // A1111 parameter labels with a number -> request fields, as `sdlab txt2img --from-png` reads them
 // (pipeline/infotext.py); png-info splits a "WxH" value into "<label>-1" / "<label>-2".
 const NUMBER_LABELS = {
-  Steps: "steps", "CFG scale": "cfg_scale", Seed: "seed", "Size-1": "width", "Size-2": "height",
-  "Denoising strength": "strength", "Mask blur": "mask_blur", "Clip skip": "clip_skip", "Variation seed": "subseed",
+  Steps: "steps", "CFG scale": "cfg_scale", "Size-1": "width", "Size-2": "height",
+  "Denoising strength": "strength", "Mask blur": "mask_blur", "Clip skip": "clip_skip",
   "Variation seed strength": "subseed_strength", ENSD: "eta_noise_seed_delta", Eta: "eta", "Eta DDIM": "eta",
   "CFG rescale": "guidance_rescale", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
   "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
 };
+// A1111 labels of seeds -> request fields, kept as their digits (`parseJson`)
+const SEED_LABELS = { Seed: "seed", "Variation seed": "subseed" };
+// The seeds the server takes (pipeline/request.py MIN_SEED..MAX_SEED; -1 draws one)
+const MIN_SEED = -(2n ** 63n);
+const MAX_SEED = 2n ** 64n - 1n;
+// A seed in JSON, by its key; `parseJson` reads its digits as text: JavaScript's numbers hold integers exactly
+// only up to 2^53, and the server's seeds go up to 2^64 - 1
+const SEED_NUMBER = /("(?:seed|subseed|Seed|Variation seed)"\s*:\s*)(-?\d+)(?=\s*[,}\]])/g;
 // A1111 labels with a True / False value -> request fields
 const SWITCH_LABELS = { Tiling: "tiling" };
 const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler",
@@ -86,6 +94,9 @@ function detailText(detail) {
   return String(detail);
 }
 
+// JSON with every seed (`SEED_NUMBER`) as the text of its digits, exact however large
+const parseJson = (text) => JSON.parse(text.replace(SEED_NUMBER, '$1"$2"'));
+
 async function api(path, options = {}) {
   const init = { method: options.method || "GET", headers: {}, credentials: "same-origin" };
   if (options.body !== undefined) {
@@ -100,7 +111,7 @@ async function api(path, options = {}) {
   }
   const text = await response.text();
   let data = null;
-  try { data = text ? JSON.parse(text) : null; } catch (_) { data = null; }
+  try { data = text ? parseJson(text) : null; } catch (_) { data = null; }
   if (!response.ok) {
     let message = data ? detailText(data.detail ?? data.error ?? data) : text.trim();
     if (response.status === 429 && !message) message = "the queue is full; wait for a job to finish";
@@ -363,18 +374,35 @@ function setSlider(id, value) {
 
 // ---------------------------------------------------------------- request
 
-function numberField(id, { integer = false } = {}) {
+// A number box's label and text; a box holding text that is not a number ("abc", "1e400") reads as "": say
+// so, never send the default
+function typedNumber(id) {
   const field = $(id);
   const label = field.labels[0]?.textContent || id;
-  // a number box holding text that is not a number ("abc", "1e400") reads as "": say so, never send the default
   if (field.validity && field.validity.badInput) throw new ApiError(`${label}: the text typed is not a number`);
-  const raw = field.value.trim();
+  return { label, raw: field.value.trim() };
+}
+
+function numberField(id, { integer = false } = {}) {
+  const { label, raw } = typedNumber(id);
   if (raw === "") return undefined;
   const value = Number(raw);
   if (!Number.isFinite(value) || (integer && !Number.isInteger(value))) {
     throw new ApiError(`${label}: "${raw}" is not ${integer ? "a whole number" : "a number"}`);
   }
   return value;
+}
+
+// A seed box's value (undefined when empty): a number while JavaScript holds it exactly, else its digits as
+// text, which the native API takes too, so a seed past 2^53 is sent as typed
+function seedField(id) {
+  const { label, raw } = typedNumber(id);
+  if (raw === "") return undefined;
+  if (!/^-?\d+$/.test(raw) || BigInt(raw) < MIN_SEED || BigInt(raw) > MAX_SEED) {
+    throw new ApiError(`${label}: "${raw}" is not a seed: a whole number from ${MIN_SEED} to ${MAX_SEED} (-1: random)`);
+  }
+  const value = Number(raw);
+  return Number.isSafeInteger(value) ? value : BigInt(raw).toString();
 }
 
 // `value`, or the page's default for the field `id` (its value attribute) when there is none
@@ -398,7 +426,7 @@ function hiresRequest() {
 }
 
 function variationRequest() {
-  return { subseed: numberOrDefault("subseed", { integer: true }), subseed_strength: Number($("subseed_strength").value) };
+  return { subseed: seedField("subseed") ?? -1, subseed_strength: Number($("subseed_strength").value) };
 }
 
 // An SDXL refiner (a model of the list) that finishes the steps after "Switch at" of them, by the handoff
@@ -430,7 +458,7 @@ function collectRequest() {
     negative_prompt: $("negative_prompt").value,
     steps: numberField("steps", { integer: true }),
     cfg_scale: numberField("cfg_scale"),
-    seed: numberField("seed", { integer: true }) ?? -1,
+    seed: seedField("seed") ?? -1,
     width: numberField("width", { integer: true }),
     height: numberField("height", { integer: true }),
     batch_size: numberField("batch_size", { integer: true }),
@@ -540,7 +568,8 @@ function settingsFromParameters(p) {
   if ("Prompt" in p) s.prompt = String(p.Prompt);
   s.negative_prompt = String(p["Negative prompt"] ?? "");
   for (const [label, value] of Object.entries(p)) {
-    if (label in NUMBER_LABELS && number(value) !== undefined) s[NUMBER_LABELS[label]] = number(value);
+    if (label in SEED_LABELS && /^-?\d+$/.test(String(value).trim())) s[SEED_LABELS[label]] = String(value).trim();
+    else if (label in NUMBER_LABELS && number(value) !== undefined) s[NUMBER_LABELS[label]] = number(value);
     else if (label in SWITCH_LABELS) s[SWITCH_LABELS[label]] = String(value).toLowerCase() === "true";
     else if (!TEXT_LABELS.has(label) && !NOTHING_TO_APPLY.has(label) && NO_OP_VALUES[label] !== String(value)) {
       const text = `${label}: ${value}`;
