@@ -7,7 +7,9 @@ allocator that reuses large blocks inside a model's call (`cpu_memory`). It is
 built the first time a large bf16 model draws on such a CPU (`torch.utils.cpp_extension`: a C++ compiler and
 ninja; about 30 s once on 2 cores, into torch's extensions folder (`build_folder()`), keyed by the sources'
 path and contents, and imported from there afterwards); where it cannot be built, every caller falls back to
-PyTorch's own operations.
+PyTorch's own operations. Without a compiler on PATH nothing is tried (one line says so: install g++); a
+build that fails is remembered in its folder (`FAILED_MARKER`) and not tried again, nor said again, until
+the compiler or ninja changes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -25,11 +28,15 @@ from types import ModuleType
 import torch
 from torch.nn.modules import module as _module_hooks
 
+from sdlab.utils.files import atomic_write
+
 logger = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).with_name("kernels")
 SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_memory.cpp", "cpu_norm.cpp", "cpu_patch_product.cpp")
 HEADERS = ("amx.h", "simd.h")
+
+FAILED_MARKER = "build-failed"     # in a build's folder: the tools it failed with, then the line that said why
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
@@ -152,23 +159,84 @@ def _build() -> ModuleType | None:
     try:
         build = name()
         library = _library(build)
-        folder = library.parent
-        module = _import_built(library)
-        if module is None:
-            from torch.utils import cpp_extension   # ~70 ms to import: only to build
-
-            if not library.is_file():
-                logger.warning("building sdlab's bf16 CPU kernels (once; about 30 s)")
-            folder.mkdir(parents=True, exist_ok=True)
-            module = cpp_extension.load(name=build, sources=[str(FOLDER / s) for s in SOURCES],
-                                        extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                                        extra_ldflags=["-fopenmp"],   # OpenMP: at::parallel_for's threads
-                                        build_directory=str(folder), verbose=False)
-    except Exception as err:   # no compiler, no ninja, a build error, missing sources: PyTorch's operations instead
-        logger.warning("sdlab's CPU kernels could not be built (%s); using PyTorch's operations",
-                       str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__)
+        module = _import_built(library) or _build_once(build, library)
+    except Exception as err:   # missing sources, an unusable build folder: PyTorch's operations instead
+        logger.warning("sdlab's CPU kernels could not be loaded (%s); using PyTorch's operations", _error_line(err))
         return None
     return module if hasattr(module, "flash_attention_bf16") else None
+
+
+def _build_once(build: str, library: Path) -> ModuleType | None:
+    """The kernels built into `library`'s folder, or None with one line saying why: a missing compiler is
+    found before torch is asked (whose check prints a banner and whose ninja run costs every process), and
+    a failure is remembered (`FAILED_MARKER`), so later runs with the same tools neither retry nor repeat it."""
+    marker = library.parent / FAILED_MARKER
+    tools = _build_tools()
+    remembered = _read_marker(marker)
+    if remembered is not None and remembered[0] == tools:
+        logger.info("%s", remembered[1])
+        return None
+    compiler = os.environ.get("CXX", "c++")                  # the one torch's build runs
+    if shutil.which(compiler) is None:
+        reason = (f"no C++ compiler ({compiler!r} is not on PATH): sdlab's bf16 CPU kernels (attention, norms, "
+                  "AMX products) are off and PyTorch's operations draw instead; install g++ to have them built once")
+    else:
+        try:
+            return _compile(build, library)
+        except Exception as err:   # no ninja, a build error
+            reason = (f"sdlab's bf16 CPU kernels could not be built ({_error_line(err)}); using PyTorch's "
+                      f"operations (delete {marker} to try again)")
+    logger.warning("%s", reason)
+    _write_marker(marker, tools, reason)
+    return None
+
+
+def _compile(build: str, library: Path) -> ModuleType:
+    from torch.utils import cpp_extension   # ~70 ms to import: only to build
+
+    if not library.is_file():
+        logger.warning("building sdlab's bf16 CPU kernels (once; about 30 s)")
+    library.parent.mkdir(parents=True, exist_ok=True)
+    torch_log = logging.getLogger(cpp_extension.__name__)
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)               # its multi-line compiler banners: the failure says it in one
+    try:
+        return cpp_extension.load(name=build, sources=[str(FOLDER / s) for s in SOURCES],
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                                  extra_ldflags=["-fopenmp"],   # OpenMP: at::parallel_for's threads
+                                  build_directory=str(library.parent), verbose=False)
+    finally:
+        torch_log.setLevel(level)
+
+
+def _build_tools() -> str:
+    """The compiler and ninja a build would run, as found on PATH (resolved): a failed build is tried again
+    once either changes."""
+    found = (shutil.which(tool) for tool in (os.environ.get("CXX", "c++"), "ninja"))
+    return " ".join(os.path.realpath(path) if path else "-" for path in found)
+
+
+def _read_marker(marker: Path) -> tuple[str, str] | None:
+    """(tools, reason) of a remembered failed build, None where there is none."""
+    try:
+        tools, _, reason = marker.read_text(encoding="utf-8").partition("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return tools, reason.strip()
+
+
+def _write_marker(marker: Path, tools: str, reason: str) -> None:
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(marker, lambda path: path.write_text(f"{tools}\n{reason}\n", encoding="utf-8"), fsync=False)
+    except OSError as err:        # a read-only cache: the next run tries again
+        logger.debug("cannot remember the failed build in %s: %s", marker, err)
+
+
+def _error_line(err: BaseException) -> str:
+    """The line of a build error that says what went wrong: the compiler's first `error:` line, else the last."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return next((line for line in lines if "error:" in line), lines[-1] if lines else type(err).__name__)
 
 
 def _import_built(path: Path) -> ModuleType | None:
