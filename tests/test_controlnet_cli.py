@@ -110,7 +110,7 @@ def test_control_module_preprocesses_the_matching_hint(files, tmp_path, capsys):
     code, _, stderr = run([*base, "--control", f"{files['net']}:{edges}", "--out", str(by_hand)], capsys)
     assert code == 0, stderr
     assert np.array_equal(pixels(by_flag), pixels(by_hand))
-    for extra, message in ((["--control", spec, "--control-module", "sobel"], "unknown preprocessor"),
+    for extra, message in ((["--control", spec, "--control-module", "sobel"], "sdlab has no preprocessor 'sobel'"),
                            (["--control-module", "canny"], "1 --control-module for 0 --control")):
         code, _, stderr = run([*base, *extra, "--out", str(tmp_path / "bad.png")], capsys)
         assert code == 2 and message in stderr and not (tmp_path / "bad.png").exists()

@@ -1,5 +1,6 @@
 """Hint preprocessors: canny (OpenCV's algorithm in numpy; compared with cv2 itself when it is installed),
-A1111's scribble, threshold and invert, tile."""
+A1111's scribble, threshold, invert and tile_resample (OpenCV's INTER_AREA in numpy; compared with cv2 when
+it is installed), tile."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from sdlab.pipeline.preprocess import PREPROCESSORS, canny, preprocess, threshold, tile
+from sdlab.pipeline.preprocess import PREPROCESSORS, canny, preprocess, threshold, tile, tile_resample
 
 
 def _shapes(size: int = 96) -> Image.Image:
@@ -105,6 +106,50 @@ def test_tile_blurs_at_the_same_size():
 
 def test_unknown_preprocessor():
     assert "canny" in PREPROCESSORS and "none" in PREPROCESSORS
-    for network in ("depth", "lineart"):       # A1111's that run a network
-        with pytest.raises(ValueError, match=f"unknown preprocessor '{network}'; valid: none, canny, scribble"):
-            preprocess(_shapes(), network)
+    for name in ("depth", "lineart", "shuffle", "blur_gaussian"):   # A1111's that sdlab does not reproduce
+        with pytest.raises(ValueError, match=f"sdlab has no preprocessor '{name}'; it has none, canny, scribble"):
+            preprocess(_shapes(), name)
+
+
+def _extensions_tile_resample(img: np.ndarray, resize, thr_a: float = 1.0) -> np.ndarray:
+    """sd-webui-controlnet's `tile_resample` (scripts/processor.py), its lines as written there (`HWC3` of an
+    RGB picture is the picture); `resize(img, (W, H))` is its `cv2.resize(..., interpolation=cv2.INTER_AREA)`."""
+    if thr_a < 1.1:
+        return img
+    H, W, C = img.shape
+    H = int(float(H) / float(thr_a))
+    W = int(float(W) / float(thr_a))
+    img = resize(img, (W, H))
+    return img
+
+
+def test_tile_resample_is_the_extensions():
+    """Its default rate (1) gives the picture itself; from 1.1 on it shrinks by the rate with OpenCV's INTER_AREA:
+    whole factors average blocks (2 x 2 rounding halves up), others weigh the covered parts of pixels."""
+    image = _shapes()
+    for rate in (None, 1.0, 1.09):
+        assert np.array_equal(np.asarray(preprocess(image, "tile_resample", rate)), np.asarray(image))
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (10, 14, 3), dtype=np.uint8)
+    pixels[0, :2] = [[1, 1, 1], [2, 2, 2]]            # a 2 x 2 block summing to 6 (+2 >> 2: 2)
+    pixels[1, :2] = [[1, 1, 1], [2, 2, 2]]
+    blocks = (pixels.astype(int).reshape(5, 2, 7, 2, 3).sum(axis=(1, 3)) + 2) >> 2
+    halved = preprocess(Image.fromarray(pixels), "tile_resample", 2.0)
+    assert halved.size == (7, 5) and np.array_equal(np.asarray(halved), blocks) and blocks[0, 0, 0] == 2
+    row = np.array([[[0] * 3, [90] * 3, [180] * 3]], dtype=np.uint8)   # 3 -> 2 pixels: cells of 1.5 pixels
+    assert np.asarray(tile_resample(Image.fromarray(row).resize((3, 2), Image.NEAREST), 1.5))[0, :, 0].tolist() \
+        == [30, 150]                                   # (0 + 90 / 2) / 1.5, (90 / 2 + 180) / 1.5
+    assert tile_resample(image, 8).size == (12, 12)
+    with pytest.raises(ValueError, match="a rate of 200 leaves no pixel of a 96x96 picture"):
+        tile_resample(image, 200)
+
+
+def test_tile_resample_matches_the_extension_with_opencv():
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(4)
+    area = lambda img, size: cv2.resize(img, size, interpolation=cv2.INTER_AREA)   # noqa: E731
+    for shape in ((64, 80, 3), (37, 53, 3), (100, 100, 3)):
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        for rate in (1.0, 1.1, 1.5, 2.0, 2.37, 3.0, 4.0, 5.5, 8.0):
+            expected = _extensions_tile_resample(pixels, area, rate)
+            assert np.array_equal(np.asarray(preprocess(Image.fromarray(pixels), "tile_resample", rate)), expected)

@@ -275,10 +275,14 @@ def test_a1111_module_names_mean_what_they_mean_in_the_extension(tmp_path):
     for module, name in (("scribble", "scribble"), ("threshold", "threshold"), ("Invert", "invert"),
                          ("invert (from white bg & black line)", "invert"), ("None", "none"), (None, "none")):
         assert _units(tmp_path, module=module)[0].module == name
-    for module in ("lineart", "lineart_realistic", "depth_midas", 3):
-        with pytest.raises(BadRequest, match=f"unknown preprocessor {module!r}") as refused:
+    for module in ("lineart", "lineart_realistic", "depth_midas", 3, "shuffle", "blur_gaussian", "tile_colorfix",
+                   "reference_only"):
+        with pytest.raises(BadRequest, match=f"sdlab has no preprocessor {module!r}; it has none, canny") as refused:
             _units(tmp_path, module=module)
         assert (refused.value.status, refused.value.detail) == (422, "Module not found")
+        assert "downloaded" not in str(refused.value)
+    unit = _units(tmp_path, module="tile_resample", threshold_a=2.5)[0]
+    assert (unit.module, unit.threshold_a) == ("tile_resample", 2.5)
 
 
 def test_a1111_resize_mode_and_thresholds(tmp_path):

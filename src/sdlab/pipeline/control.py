@@ -80,7 +80,8 @@ A1111_RESIZE_ALIASES = {"Inner Fit (Scale to Fit)": "Crop and Resize", "Outer Fi
 class ControlInput:
     """One ControlNet of a request: the network (a file, folder or loaded ControlNet), its hint image (a path
     or PIL image), how strongly and on which fraction of the steps it acts, and an optional preprocessor
-    (`module`, A1111's Module: "none", "canny", "scribble", "threshold", "invert", "tile"; `PREPROCESSORS`)
+    (`module`, A1111's Module: "none", "canny", "scribble", "threshold", "invert", "tile_resample", or sdlab's
+    "tile"; `PREPROCESSORS`)
     applied to the image first. `control_mode` and `resize_mode` are A1111's (`CONTROL_MODES`, `RESIZE_MODES`;
     `resize_mode` None: the request's convention's, `DEFAULT_RESIZE`), `threshold_a` / `threshold_b` its
     preprocessor parameters (None: the preprocessor's default; `preprocess.PARAMETERS`)."""
@@ -276,7 +277,10 @@ def prepare_controls(
         image = input_image(control.image, f"control {index} image")
         if region is not None:
             image = cropped_to_region(image, picture_size, region, (width, height), resize_mode)
-        image = preprocess(image, control.module, control.threshold_a, control.threshold_b)
+        try:
+            image = preprocess(image, control.module, control.threshold_a, control.threshold_b)
+        except ValueError as err:
+            raise RequestError(f"control {index}: {err}") from None
         hint = hint_tensor(image, width, height, resize_mode)
         hint = hint.to(next(bundle.unet.parameters()).device)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),

@@ -1,6 +1,8 @@
-"""Hint-image preprocessors that need no downloaded weights: canny, scribble, threshold, invert, tile. The
-names shared with A1111's ControlNet extension mean what they mean there (its `global_state.py` /
-`processor.py`); its preprocessors that run a network (lineart, depth, openpose, ...) are not here. Every
+"""Hint-image preprocessors that need no downloaded weights: canny, scribble, threshold, invert, tile_resample,
+tile. The names shared with A1111's ControlNet extension mean what they mean there (its `global_state.py` /
+`processor.py`); its preprocessors that run a network (lineart, depth, openpose, ...) are not here, nor those
+that do more than make a picture or that sdlab does not reproduce exactly (shuffle's random warp,
+blur_gaussian at its preprocessor resolution, tile_colorfix's colour fix while sampling, reference_*). Every
 one reads a picture with transparency laid on white by its alpha (`flattened`), as the extension's `HWC3`.
 
 - `canny(image, low, high)`: OpenCV's `cv2.Canny(image, low, high)` (3x3 Sobel, L1 gradient magnitude, the
@@ -12,12 +14,16 @@ one reads a picture with transparency laid on white by its alpha (`flattened`), 
   (A1111's `threshold`); inverted, white where it is below: A1111's `scribble` (`simple_scribble`), which
   turns black strokes on white paper into the white-on-black strokes the scribble models read.
 - `invert(image)`: 255 minus every channel (A1111's `invert`, "from white bg & black line").
-- `tile(image, factor)`: the picture downscaled by `factor` and scaled back up (the blurred input of the
-  tile ControlNet).
+- `tile_resample(image, rate)`: the extension's `tile_resample`: the picture itself at a rate below 1.1 (its
+  default, 1), else shrunk to int(H / rate) x int(W / rate) by OpenCV's INTER_AREA (`area_resize`); the hint
+  is then fitted to the picture's size as every hint is.
+- `tile(image, factor)`: sdlab's own (the extension has no `tile`), the picture downscaled by `factor` (4)
+  and scaled back up (a blurred input for the tile ControlNet at the picture's size).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -120,25 +126,88 @@ def tile(image: Image.Image, factor: float = 4.0) -> Image.Image:
     return small.resize(image.size, resample=Image.Resampling.BICUBIC)
 
 
+def _area_terms(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """OpenCV's `computeResizeAreaTab` along one axis: every (target index, source index, weight) term, in its
+    order. Target pixel d covers source [d s, (d + 1) s), s = 1 / (target / source) as OpenCV computes it; a
+    source pixel counts by the part of it covered, over the cell's width."""
+    scale = 1.0 / (target / source)
+    terms: list[tuple[int, int, float]] = []
+    for d in range(target):
+        start, end = d * scale, d * scale + scale
+        cell = min(scale, source - start)
+        last = min(math.floor(end), source - 1)
+        first = min(math.ceil(start), last)
+        if first - start > 1e-3:
+            terms.append((d, first - 1, (first - start) / cell))
+        terms += [(d, s, 1.0 / cell) for s in range(first, last)]
+        if end - last > 1e-3:
+            terms.append((d, last, min(end - last, 1.0, cell) / cell))
+    d_index, s_index, weight = zip(*terms)
+    return np.array(d_index), np.array(s_index), np.array(weight, dtype=np.float32)
+
+
+def _area_pass(x: np.ndarray, axis: int, target: int) -> np.ndarray:
+    """x (float32) shrunk along `axis` to `target` by `_area_terms`, each target a float32 sum of its terms
+    in their order (OpenCV's `ResizeArea_Invoker`)."""
+    d, s, w = _area_terms(x.shape[axis], target)
+    x = np.moveaxis(x, axis, 0)
+    out = np.zeros((target, *x.shape[1:]), dtype=np.float32)
+    rank = np.arange(len(d)) - np.searchsorted(d, d)            # each term's place among its target's
+    for j in range(rank.max() + 1):
+        pick = rank == j
+        out[d[pick]] = out[d[pick]] + x[s[pick]] * w[pick].reshape(-1, *(1,) * (x.ndim - 1))
+    return np.moveaxis(out, 0, axis)
+
+
+def area_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`cv2.resize(pixels, (width, height), interpolation=cv2.INTER_AREA)` for shrinking a uint8 (H, W, C)
+    picture, bit for bit: whole factors average their blocks (2 x 2 as (sum + 2) >> 2, others as
+    float(sum) / area rounded half to even), other factors weigh the covered parts in float32, rows then
+    columns, rounded half to even."""
+    rows, cols = pixels.shape[:2]
+    scale_x, scale_y = 1.0 / (width / cols), 1.0 / (height / rows)
+    fold_x, fold_y = round(scale_x), round(scale_y)
+    if abs(scale_x - fold_x) < np.finfo(float).eps and abs(scale_y - fold_y) < np.finfo(float).eps:
+        sums = pixels.astype(np.int64).reshape(height, fold_y, width, fold_x, -1).sum(axis=(1, 3))
+        if (fold_x, fold_y) == (2, 2):
+            out = (sums + 2) >> 2
+        else:
+            out = np.rint(sums.astype(np.float32) * np.float32(1.0 / (fold_x * fold_y)))
+    else:
+        out = np.rint(_area_pass(_area_pass(pixels.astype(np.float32), 1, width), 0, height))
+    return np.clip(out, 0, 255).astype(np.uint8).reshape(height, width, *pixels.shape[2:])
+
+
+def tile_resample(image: Image.Image, rate: float = 1.0) -> Image.Image:
+    """The extension's `tile_resample` (see the module docstring): `image` as RGB, shrunk by `rate` from 1.1 on."""
+    image = image.convert("RGB")
+    if rate < 1.1:
+        return image
+    width, height = int(image.width / rate), int(image.height / rate)
+    if min(width, height) < 1:
+        raise ValueError(f"tile_resample: a rate of {rate:g} leaves no pixel of a {image.width}x{image.height} picture")
+    return Image.fromarray(area_resize(np.asarray(image), width, height))
+
+
 PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {            # (image, *PARAMETERS values)
     "none": lambda image: image,
     "canny": canny,
     "scribble": lambda image: threshold(image, invert=True),
     "threshold": threshold,
     "invert": invert,
+    "tile_resample": tile_resample,
     "tile": tile,
 }
 
 
-PARAMETERS: dict[str, tuple[float, ...]] = {"canny": (100.0, 200.0), "threshold": (127.0,)}
-"""The preprocessors that take A1111's `threshold_a` (and `threshold_b`), with its defaults: canny's low and
-high threshold, threshold's level."""
+PARAMETERS: dict[str, tuple[float, ...]] = {"canny": (100.0, 200.0), "threshold": (127.0,), "tile_resample": (1.0,)}
+"""The preprocessors that take A1111's `threshold_a` (and `threshold_b`), with their defaults: canny's low and
+high threshold, threshold's level, tile_resample's down-sampling rate."""
 
 
 def unknown_preprocessor(module: object) -> str:
     """The message for a preprocessor sdlab has not, with the ones it has."""
-    return (f"unknown preprocessor {module!r}; valid: {', '.join(PREPROCESSORS)} (the ones that need no "
-            "downloaded network)")
+    return f"sdlab has no preprocessor {module!r}; it has {', '.join(PREPROCESSORS)}"
 
 
 def preprocess(image: Image.Image, module: str, threshold_a: float | None = None,
