@@ -265,3 +265,18 @@ def test_seeds_past_two_to_the_53_stay_exact(page, base_url):
     page.find_element(By.ID, "generate").click()
     wait(page, lambda d: d.find_element(By.ID, "error").is_displayed(), 10, "no error")
     assert f"from {-2**63} to {2**64 - 1} (-1: random)" in text(page, "error") and _jobs(base_url) == before
+
+
+def test_a_side_that_is_not_a_multiple_of_8_is_an_error(page, base_url):
+    page.find_element(By.ID, "prompt").send_keys("a side of 63")
+    before = _jobs(base_url)
+    for field, typed, advice in (("width", 63, "use 56 or 64"), ("height", 4, "use 8"), ("hr_width", 100, "use 96 or 104")):
+        set_value(page, "width", 64)
+        set_value(page, "height", 64)
+        if field == "hr_width":
+            page.find_element(By.ID, "enable_hr").click()
+        set_value(page, field, typed)
+        page.find_element(By.ID, "generate").click()
+        wait(page, lambda d: "multiple of 8" in text(d, "error"), 10, f"{field} {typed}: no error")
+        assert advice in text(page, "error"), text(page, "error")
+    assert _jobs(base_url) == before                                    # nothing was sent

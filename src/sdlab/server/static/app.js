@@ -405,6 +405,19 @@ function seedField(id) {
   return Number.isSafeInteger(value) ? value : BigInt(raw).toString();
 }
 
+// A picture's side in pixels (undefined when empty): a multiple of 8, as the model draws them and A1111's
+// sliders step (the server would round it down, as `sdlab txt2img` does with a warning); 0 and less are the
+// server's to refuse
+function sideField(id) {
+  const value = numberField(id, { integer: true });
+  if (value > 0 && value % 8) {
+    const below = value - (value % 8);
+    throw new ApiError(`${typedNumber(id).label}: ${value} is not a multiple of 8 (pictures are drawn in steps of `
+      + `8 pixels); use ${below ? `${below} or ` : ""}${below + 8}`);
+  }
+  return value;
+}
+
 // `value`, or the page's default for the field `id` (its value attribute) when there is none
 const orDefault = (id, value) => value ?? $(id).defaultValue;
 
@@ -418,8 +431,8 @@ function hiresRequest() {
   return {
     hr_upscaler: $("hr_upscaler").value || undefined,
     hr_scale: numberOrDefault("hr_scale"),
-    hr_width: numberOrDefault("hr_width", { integer: true }),
-    hr_height: numberOrDefault("hr_height", { integer: true }),
+    hr_width: Number(orDefault("hr_width", sideField("hr_width"))),
+    hr_height: Number(orDefault("hr_height", sideField("hr_height"))),
     hr_steps: numberOrDefault("hr_steps", { integer: true }),
     hr_denoise: Number($("hr_denoise").value),
   };
@@ -459,8 +472,8 @@ function collectRequest() {
     steps: numberField("steps", { integer: true }),
     cfg_scale: numberField("cfg_scale"),
     seed: seedField("seed") ?? -1,
-    width: numberField("width", { integer: true }),
-    height: numberField("height", { integer: true }),
+    width: sideField("width"),
+    height: sideField("height"),
     batch_size: numberField("batch_size", { integer: true }),
     clip_skip: numberOrDefault("clip_skip", { integer: true }),
     tiling: $("tiling").checked,
