@@ -346,3 +346,22 @@ def test_interrupt_answers_as_a1111(client):
     """A1111's `interruptapi` returns {}; its `skip` returns None (null)."""
     assert client.post("/interrupt").json() == {}
     assert client.post("/skip").json() is None
+
+
+def test_n_iter_draws_its_batches_one_after_another(client, sdlab_server):
+    """A1111's `process_images_inner` draws `n_iter` batches of `batch_size` in turn, the seeds numbered
+    across them (`all_seeds`, `all_subseeds`); so `--max-batch` (8 here) bounds `batch_size` alone."""
+    body, info = txt2img(client, batch_size=3, n_iter=3, seed=100)
+    assert len(body["images"]) == 9 and info["all_seeds"] == list(range(100, 109)) and info["batch_size"] == 3
+    second, _ = txt2img(client, batch_size=3, seed=103)
+    assert body["images"][3:6] == second["images"]              # the same pictures, parameters text included
+    job = httpx.get(sdlab_server.url + "/api/jobs?limit=1").json()["jobs"][0]
+    assert job["steps"] == 2 and job["request"]["batch_size"] == 3        # the later request
+    varied, info = txt2img(client, batch_size=2, n_iter=2, seed=7, subseed=50, subseed_strength=0.3)
+    assert info["all_seeds"] == [7] * 4 and info["all_subseeds"] == [50, 51, 52, 53]
+    later, _ = txt2img(client, batch_size=2, seed=7, subseed=52, subseed_strength=0.3)
+    assert varied["images"][2:] == later["images"]
+    job = httpx.get(sdlab_server.url + "/api/jobs?limit=2").json()["jobs"][1]
+    assert job["steps"] == 2 * 2 and job["request"]["batch_count"] == 2 and len(job["images"]) == 4
+    refused = client.post("/txt2img", json={"prompt": "x", "batch_size": 9})
+    assert refused.status_code == 400 and "at most 8 images" in refused.json()["errors"]

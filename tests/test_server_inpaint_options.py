@@ -156,7 +156,7 @@ def test_a1111_noise_multiplier_and_mask_invert_reach_the_request():
 def test_a1111_several_init_images_make_the_batch_and_more_than_batch_size_is_a_422():
     inits = (_picture(), Image.new("RGB", (64, 64), (0, 200, 0)))
     request = _request(Img2ImgIn(prompt="x", batch_size=4, n_iter=2), inits=inits)
-    assert request.batch_size == 4 and request.init_images == inits          # 2 per iteration, one per image
+    assert request.batch_size == 2 and request.init_images == inits          # one per image, in each iteration
     with pytest.raises(BadRequest) as err:
         _request(Img2ImgIn(prompt="x", batch_size=1), inits=inits)
     assert err.value.status == 422 and "bad number of images passed: 2; expecting 1 or less" in str(err.value)

@@ -234,6 +234,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
             raise UserError(str(err)) from None
     if getattr(args, "threads", None) is not None and not 1 <= args.threads <= 1024:
         raise UserError(f"--threads must be 1 to 1024, got {args.threads}")
+    from sdlab.pipeline.request import MAX_BATCH_COUNT
+
     if not 1 <= getattr(args, "batch_count", 1) <= MAX_BATCH_COUNT:
         raise UserError(f"--batch-count must be 1 to {MAX_BATCH_COUNT}, got {args.batch_count}")
     for flag, value in (("--width", args.width), ("--height", args.height)):
@@ -540,7 +542,6 @@ def _controls(args: argparse.Namespace, recorded: dict[str, Any], convention: st
 
 
 _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-MAX_BATCH_COUNT = 1000
 
 
 def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]:
@@ -728,7 +729,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.images import pad_for_outpaint
     from sdlab.pipeline.infotext import RefinerRef, parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters
-    from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError
+    from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError, next_batch
 
     target = _output_target(args.out)                         # a bad --out is refused before any work
     recorded = _recorded_parameters(args)
@@ -781,7 +782,7 @@ def run_generate(args: argparse.Namespace) -> int:
         _warn_what_is_not_given(recorded, refiner, vae, pipe, request)
     try:
         plan = pipe.resolve(request)                          # resolved once: the run and the infotext use it
-        plans = [plan] + [pipe.resolve(_next_batch(plan.request, k)) for k in range(1, args.batch_count)]
+        plans = [plan] + [pipe.resolve(next_batch(plan.request, k)) for k in range(1, args.batch_count)]
     except RequestError as err:
         raise UserError(str(err)) from None
     seeds = [seed for p in plans for seed in p.request.seeds()]
@@ -815,14 +816,3 @@ def run_generate(args: argparse.Namespace) -> int:
     for path in _save_images(in_folder, paths, images, texts, plan.request.prompt, seeds):
         print(path)
     return 0
-
-
-def _next_batch(request, k: int):
-    """Batch `k` of `--batch-count` (A1111's n_iter): the seeds (or, with a variation seed, the subseeds)
-    continue after the first batch's."""
-    from dataclasses import replace
-
-    step = k * request.batch_size
-    if request.subseed_strength:
-        return replace(request, subseed=request.subseed + step)
-    return replace(request, seed=request.seed + step)

@@ -45,7 +45,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body-mb", type=float, default=50, help="largest request body in MiB (default 50)")
     p.add_argument("--max-pixels", type=int, default=2048 * 2048, help="largest width x height (default 2048x2048)")
     p.add_argument("--max-steps", type=int, default=150, help="most sampling steps per request (default 150)")
-    p.add_argument("--max-batch", type=int, default=8, help="most images per request (default 8)")
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="most images drawn together, a batch (default 8; A1111's n_iter batches run one after another)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.set_defaults(run=run_serve)
 

@@ -48,6 +48,7 @@ from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, Upscal
 
 MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always a mistake (a pasted file)
 MAX_BATCH = 64
+MAX_BATCH_COUNT = 1000                      # batches drawn one after another (A1111's n_iter, --batch-count)
 MAX_SIDE = 8192
 SIZE_MULTIPLE = 8                           # pixel sides snap to multiples of lcm(8, VAE factor)
 MAX_SEED = 2**64 - 1                        # torch.Generator.manual_seed's range: MIN_SEED..MAX_SEED
@@ -325,6 +326,16 @@ def hires_sizes(width: int, height: int, scale: float | None, hr_width: int | No
 def fixed_seed(seed: int | None) -> int:
     """The seed a run uses: None or -1 draw one now (A1111 `processing.get_fixed_seed`); any other is kept."""
     return random.randrange(2**32) if seed is None or seed == -1 else seed
+
+
+def next_batch(request: GenerationRequest, k: int) -> GenerationRequest:
+    """Batch `k` of a batch count (A1111's n_iter, `sdlab txt2img --batch-count`) after the resolved
+    `request`, batch 0: its seeds (or, with a variation seed, its subseeds) continue after those of the
+    batches before, as A1111 numbers `all_seeds` / `all_subseeds`."""
+    step = k * request.batch_size
+    if request.subseed_strength:
+        return replace(request, subseed=request.subseed + step)
+    return replace(request, seed=request.seed + step)
 
 
 def _batch_seed(name: str, seed: int, batch_size: int) -> int:

@@ -43,7 +43,7 @@ from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
 )
-from sdlab.pipeline.request import MASKED_CONTENT, RESIZE_MODES, GenerationRequest, fixed_seed
+from sdlab.pipeline.request import MASKED_CONTENT, MAX_BATCH_COUNT, RESIZE_MODES, GenerationRequest, fixed_seed
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
@@ -166,11 +166,13 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
              mask: Image.Image | None = None, options: dict[str, Any] | None = None) -> GenerationRequest:
     """The generation `body` asks for, with A1111's settings: the server's `options` (`POST options`) under
     the request's `override_settings` (A1111 sets those for the one request). Several init pictures `inits`
-    draw one picture each, in every iteration (A1111's `init_images`)."""
+    draw one picture each, in every iteration (A1111's `init_images`); the `n_iter` iterations are the job's
+    batch count (`_generate`)."""
     settings = {**OPTION_DEFAULTS, **(options or {}), **body.override_settings}
     _check_vae(settings["sd_vae"], "override_settings.sd_vae" if "sd_vae" in body.override_settings else "sd_vae")
-    if body.n_iter < 1 or body.batch_size < 1:
-        raise BadRequest(f"batch_size and n_iter must be >= 1, got {body.batch_size} and {body.n_iter}", 422)
+    if body.batch_size < 1 or not 1 <= body.n_iter <= MAX_BATCH_COUNT:
+        raise BadRequest(f"batch_size must be >= 1 and n_iter 1..{MAX_BATCH_COUNT}, got {body.batch_size} and "
+                         f"{body.n_iter}", 422)
     sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index or DEFAULT_SAMPLER, body.scheduler)
     if schedule is not None:                        # A1111's timestep samplers ignore it; unset: `_generate`
         schedule = a1111_schedule(sampler, schedule)
@@ -190,7 +192,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
     return GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
-        batch_size=_batch_size(body, inits) * body.n_iter, control_convention="a1111",
+        batch_size=_batch_size(body, inits), control_convention="a1111",
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
         s_noise=body.s_noise, controls=controls, eta_noise_seed_delta=settings["eta_noise_seed_delta"],
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **extra,
@@ -209,7 +211,7 @@ def _given(body: Txt2ImgIn) -> set[str]:
 async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
     model = body.override_settings.get("sd_model_checkpoint")
     switch_at = REFINER_SWITCH if body.refiner_switch_at is None else body.refiner_switch_at
-    spec = JobSpec(request, model_preset_fills=unset_preset_fields(_given(body), request),
+    spec = JobSpec(request, batch_count=body.n_iter, model_preset_fills=unset_preset_fields(_given(body), request),
                    unset_schedule=a1111_schedule(request.sampler, None),
                    refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
     kept = {} if body.override_settings_restore_afterwards else body.override_settings
@@ -236,7 +238,7 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
     extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job.settings)}
-    info = _info(job, body, name, extra, batch_size=request.batch_size // body.n_iter)
+    info = _info(job, body, name, extra, batch_size=request.batch_size)
     return {"images": images, "parameters": echo, "info": json.dumps(info)}
 
 
@@ -304,7 +306,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
     """A1111's `Processed.js()` fields; `extra`: more of its `extra_generation_params`; `batch_size`: the
     pictures per iteration (None: the body's)."""
     s, extra = job.settings, extra or {}
-    count = len(job.seeds) or max(1, s.get("batch_size") or 1)
+    count = len(job.seeds) or max(1, s.get("batch_size") or 1) * s.get("batch_count", 1)
     # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
     # = subseed + i, listed for the whole batch even when it was interrupted; the subseed is the one the job
     # drew with, or without a variation seed the one asked for, drawn at random for -1 (`get_fixed_seed`)

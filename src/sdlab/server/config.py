@@ -13,7 +13,8 @@ class Limits:
     max_body_bytes: int = 50 << 20          # a 2048x2048 PNG as base64 is ~16 MiB
     max_pixels: int = 2048 * 2048           # width x height of one picture
     max_steps: int = 150
-    max_batch: int = 8                      # images per request (A1111: batch_size x n_iter)
+    max_batch: int = 8                      # pictures drawn together (A1111's batch_size; its n_iter
+                                            # batches are drawn one after another)
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ class JobSpec:
     """One generation as the worker runs it: the request (seed fixed), the model and the LoRAs by name."""
 
     request: GenerationRequest
+    batch_count: int = 1                     # batches of request.batch_size drawn one after another (A1111's
+                                             # n_iter), the seeds continuing (`request.next_batch`)
     model: str | None = None                 # a registry name; None = the server's current model
     loras: tuple[LoraChoice, ...] = ()
     refiner: RefinerChoice | None = None     # finishes the schedule (its name: the checkpoint's title once queued)
@@ -338,7 +340,8 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
         raise BadRequest(f"hr_steps must be an integer <= {limits.max_steps} (this server's limit), "
                          f"got {hr_steps!r}")
     if not isinstance(request.batch_size, int) or request.batch_size > limits.max_batch:
-        raise BadRequest(f"at most {limits.max_batch} images per request on this server, got {request.batch_size!r}")
+        raise BadRequest(f"at most {limits.max_batch} images per batch on this server (--max-batch), got "
+                         f"{request.batch_size!r}")
     default_size = None if model is None else model.default_size
     factor = SIZE_MULTIPLE if model is None else model.vae_config.downsample_factor
     width, height = requested_size(request, default_size)      # default_size None: not known yet

@@ -142,10 +142,13 @@ def image_url(name: str) -> str:
 
 
 def steps_of(spec: JobSpec) -> int:
-    """How many sampler steps (progress callbacks) the job's request runs, both passes of the hires fix
-    counted (as A1111's progress counts them); 0 while it leaves the count to the model's default (filled
-    in when the model is loaded)."""
-    request = spec.request
+    """How many sampler steps (progress callbacks) the job runs, both passes of the hires fix counted in
+    each of its batches (as A1111's progress counts them); 0 while it leaves the count to the model's
+    default (filled in when the model is loaded)."""
+    return _batch_steps(spec.request) * spec.batch_count
+
+
+def _batch_steps(request: GenerationRequest) -> int:
     if request.steps is None:
         return 0
     if request.init_image is None:

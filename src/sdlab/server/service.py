@@ -105,6 +105,8 @@ class Service:
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record)
         settings = {"mode": mode, "model": checkpoint.title,
                     "loras": [{"name": c.name, "weight": c.weight} for c in spec.loras], **request.parameters()}
+        if spec.batch_count > 1:
+            settings["batch_count"] = spec.batch_count
         if refiner is not None:
             settings.update(refiner=refiner.name, refiner_switch=refiner.switch_at,
                             refiner_convention=refiner.convention)

@@ -37,7 +37,7 @@ from sdlab.pipeline.generate import ProgressFn
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras
-from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
+from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError, next_batch
 from sdlab.server.config import Limits
 from sdlab.server.inputs import (
     HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
@@ -192,24 +192,25 @@ class Runner:
             job.publish("step", {"i": job.step, "n": job.steps})
 
         try:
-            result = _run_with_upscaler(pipe, job.spec.request, upscaler, progress)
+            results = _run_batches(pipe, job, upscaler, progress)
         except RequestError as err:        # a tagged LoRA's file: named as the server lists it, not by its path
             raise RequestError(without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])) from None
-        if job.cancel.is_set():
-            raise JobCancelled
-        refs += _tag_refs(result.request.prompt, self.host)
-        used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)]
+        first = results[0].request
+        refs += _tag_refs(first.prompt, self.host)
+        used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(first)]
         texts = [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
                                                  model_hash=checkpoint.hash, loras=refs,
                                                  prompt=job.spec.prompt_to_record, embeddings=used,
                                                  refiner=_refiner_ref(refiner, choice)))
-                 for i in range(len(result.images))]
-        blobs = [encode_image(image, "PNG", text) for image, text in zip(result.images, texts)]
+                 for result in results for i in range(len(result.images))]
+        images = [image for result in results for image in result.images]
+        blobs = [encode_image(image, "PNG", text) for image, text in zip(images, texts)]
         names = [f"{job.id}-{i}.png" for i in range(len(blobs))]
         write_files_all_or_nothing([(self.images_dir / n, b) for n, b in zip(names, blobs)], overwrite=False)
         settings = dict(job.settings)
-        settings.update(result.request.parameters())
-        job.settings, job.images, job.infotexts, job.seeds = settings, names, texts, list(result.seeds)
+        settings.update(first.parameters())
+        job.settings, job.images, job.infotexts = settings, names, texts
+        job.seeds = [seed for result in results for seed in result.seeds]
 
     def _hires_upscaler(self, request: GenerationRequest, bundle: ModelBundle) -> HiresUpscaler | None:
         """The model a hires upscaler names in `request` (read from its file), after the request is checked
@@ -267,6 +268,20 @@ def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: Hir
         return pipe.run(request, progress=progress)
     result = pipe.run(with_upscaler_file(request, upscaler.file), progress=progress, upscaler=upscaler.network)
     return replace(result, request=replace(result.request, hr_upscaler=upscaler.file.title))
+
+
+def _run_batches(pipe: Pipeline, job: Job, upscaler: HiresUpscaler | None,
+                 progress: ProgressFn) -> list[GenerationResult]:
+    """The job's batches one after another (`JobSpec.batch_count`, A1111's n_iter), each after the first from
+    its resolved request with the seeds continuing (`next_batch`, as `sdlab txt2img --batch-count`); a cancel
+    stops them between steps and between batches."""
+    results: list[GenerationResult] = []
+    for k in range(job.spec.batch_count):
+        request = job.spec.request if k == 0 else next_batch(results[0].request, k)
+        results.append(_run_with_upscaler(pipe, request, upscaler, progress))
+        if job.cancel.is_set():
+            raise JobCancelled
+    return results
 
 
 def _take_model_defaults(job: Job, pipe: Pipeline) -> None:
