@@ -156,8 +156,8 @@ def test_jpeg_too_long_for_exif_is_a_clear_error():
 # --- LoRA tags, hashes, model names ----------------------------------------------------------------------------
 
 def test_lora_tags_split_and_added_like_a1111():
-    bare, refs = split_lora_tags("a cat <lora:style:0.8>, <lora:detail> <LORA:x:0.5:0.2>")
-    assert bare == "a cat ,  " and refs == [LoraRef("style", 0.8), LoraRef("detail", 1.0), LoraRef("x", 0.5)]
+    bare, refs = split_lora_tags("a cat <lora:style:0.8>, <lora:detail> <lyco:x:0.5:0.2> <LORA:y:1>")
+    assert bare == "a cat ,   " and refs == [LoraRef("style", 0.8), LoraRef("detail", 1.0), LoraRef("x", 0.5)]
     with pytest.raises(ValueError, match="WEIGHT"):
         split_lora_tags("a <lora:style:abc>")
     assert with_lora_tags("a cat <lora:style:0.8>", [LoraRef("style", 0.8), LoraRef("b", 0.25)]) == \

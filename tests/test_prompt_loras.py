@@ -15,6 +15,7 @@ in LoRA folders, and merging a set into a bundle for one request with the weight
 from __future__ import annotations
 
 import gc
+import re
 import threading
 import weakref
 
@@ -50,11 +51,51 @@ TE_Q = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
     ("<lora:ink>, a castle", ", a castle", [LoraTag("ink", 1.0, 1.0, "<lora:ink>")]),
     ("x <lora:ink:0.5:1.5> y", "x  y", [LoraTag("ink", 0.5, 1.5, "<lora:ink:0.5:1.5>")]),
     ("<lora:ink:te=0.25:unet=-1>", "", [LoraTag("ink", 0.25, -1.0, "<lora:ink:te=0.25:unet=-1>")]),
-    ("<LyCo:my style:0.3> z", " z", [LoraTag("my style", 0.3, 0.3, "<LyCo:my style:0.3>")]),
-    ("(a:1.2) <hypernet:h:1> [b]", "(a:1.2) <hypernet:h:1> [b]", []),
+    ("<lyco:my style:0.3> z", " z", [LoraTag("my style", 0.3, 0.3, "<lyco:my style:0.3>")]),
+    ("(a:1.2) <hypernet:h:1> [b]", "(a:1.2)  [b]", []),
 ])
 def test_tags_follow_a1111_syntax(prompt, bare, tags):
     assert split_prompt_loras(prompt) == (bare, tags)
+
+
+def _a1111_extra_networks(prompt: str) -> tuple[str, list[tuple[str, list[str]]]]:
+    """A1111 `extra_networks.parse_prompt` (its `re_extra_net` and `found`) and the kinds `activate` applies:
+    `extra_network_registry.get(name)`, which holds the Lora extension's `lora` and its alias `lyco`."""
+    re_extra_net = re.compile(r"<(\w+):([^>]+)>")
+    found = []
+
+    def keep(m):
+        found.append((m.group(1), m.group(2).split(":")))
+        return ""
+
+    text = re.sub(re_extra_net, keep, prompt)
+    registry = {"lora", "lyco"}
+    return text, [(args[0], args[1:]) for name, args in found if name in registry]
+
+
+EXTRA_NETWORK_PROMPTS = [
+    "a castle <lora:ink:0.8>", "<lyco:ink:0.7>", "<LORA:ink:1> castle", "<Lora:ink:1>", "<LyCo:ink:1>",
+    "<hypernet:anime:1> castle", "<embedding:foo>", "<lora: ink :0.5>", "<lora:ink:0.5", "<lora:ink:1>>",
+    "<lora:ink:1><lora:ink:0.5>", "<lora:my-style.v2:1>", "<x-y:z>", "<lora:ink:1:0.5>", "[<lora:a:1>:<lora:b:1>:0.5]",
+    "a <hypernet:h:1> b <lora:ink:0.3> c <lyco:x:te=1:unet=0.5>", "<_:x> <a1:b> <é:x>", "<lora:a\nb:1>",
+]
+
+
+@pytest.mark.parametrize("prompt", EXTRA_NETWORK_PROMPTS)
+def test_every_extra_network_tag_leaves_the_prompt_and_only_lora_lyco_apply(prompt):
+    bare, tags = split_prompt_loras(prompt)
+    text, applied = _a1111_extra_networks(prompt)
+    assert bare == text
+    assert [tag.name for tag in tags] == [name.strip() for name, _ in applied]
+
+
+def test_unapplied_kinds_are_warned_of_once(caplog, monkeypatch):
+    monkeypatch.setattr(prompt_loras, "_warned_kinds", set())
+    with caplog.at_level("WARNING", logger="sdlab.pipeline.prompt_loras"):
+        for _ in range(3):
+            split_prompt_loras("<hypernet:a:1> <hypernet:b:0.5> <LORA:ink:1> <lora:ink:1>")
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "'hypernet'" in messages[0] and "'LORA'" in messages[1], messages
 
 
 @pytest.mark.parametrize("prompt", ["<lora:ink:abc>", "<lora:ink:nan>", "<lora::1>", "<lora:ink:te=x>"])

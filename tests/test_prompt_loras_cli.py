@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 import sdlab
 import sdlab.api as sdlab_api
 from bundle_fixtures import tiny_bundle, write_original
+from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
 from sdlab.cli import main
 from sdlab.pipeline import prompt_loras
 from sdlab.pipeline.png_info import lora_hash, parse_parameters, read_parameters
@@ -114,6 +116,30 @@ def test_negative_prompt_tags_are_text_as_in_a1111(model, tmp_path):
     with_folder = sdlab.load(model, lora_dirs=[folder]).txt2img("a cat", "<lora:style:1> blurry", **OPTIONS)
     without = sdlab.load(model, lora_dirs=[]).txt2img("a cat", "<lora:style:1> blurry", **OPTIONS)
     assert np.array_equal(_pixels(with_folder), _pixels(without))
+
+
+def test_other_extra_network_tags_are_left_out_unapplied_as_in_a1111(model, tmp_path):
+    """`<hypernet:...>`, `<LORA:...>` (A1111 reads only lower-case lora / lyco): out of the encoded text, no
+    LoRA looked up (none of these names exists), the picture the prompt without them draws."""
+    pipe = sdlab.load(model, lora_dirs=[tmp_path])
+    tagged = pipe.txt2img("a cat <hypernet:anime:1> <LORA:nothere:1><embedding:x>", **OPTIONS)
+    bare = pipe.txt2img("a cat  ", **OPTIONS)
+    assert np.array_equal(_pixels(tagged), _pixels(bare))
+    assert tagged.request.prompt == "a cat <hypernet:anime:1> <LORA:nothere:1><embedding:x>"
+
+
+def test_a1111_api_disable_extra_networks_takes_the_tags_out_unapplied(sdlab_server):
+    """A1111's `disable_extra_networks`: the tags leave the prompt and none is applied (a LoRA the server does
+    not have is then no 404); without it the same request names the missing LoRA."""
+    fields = {"steps": 2, "seed": 3, "width": 64, "height": 64}
+    with httpx.Client(base_url=sdlab_server.url + "/sdapi/v1", timeout=120) as client:
+        disabled = client.post("/txt2img", json={"prompt": "a cat <lora:nothere:1> <hypernet:x:1>",
+                                                 "disable_extra_networks": True, **fields})
+        plain = client.post("/txt2img", json={"prompt": "a cat  ", **fields})
+        enabled = client.post("/txt2img", json={"prompt": "a cat <lora:nothere:1>", **fields})
+    assert disabled.status_code == plain.status_code == 200, disabled.text
+    assert disabled.json()["images"] == plain.json()["images"]
+    assert enabled.status_code == 404 and "nothere" in enabled.text
 
 
 def test_missing_or_non_lora_names_fail_before_drawing(model, tmp_path, monkeypatch):

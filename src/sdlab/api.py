@@ -138,15 +138,16 @@ class Pipeline:
         names, loaded by the caller (else read from the file here).
 
         The prompt's `<lora:NAME:WEIGHT>` / `<lora:NAME:TE:UNET>` tags (A1111) are taken out of the encoded
-        text and their files, with `loras`, merged into the model for this run only: the model's own
-        tensors are back afterwards, and the same set next time reuses its merged tensors
-        (`prompt_loras.LoraPatcher`). The result's request keeps the prompt as written.
+        text, with every other extra-network tag (not applied, as A1111 skips a kind it does not know:
+        `prompt_loras.split_prompt_loras`), and their files, with `loras`, merged into the model for this
+        run only: the model's own tensors are back afterwards, and the same set next time reuses its merged
+        tensors (`prompt_loras.LoraPatcher`). The result's request keeps the prompt as written.
 
         A pipeline may be shared by threads: runs on one loaded model take turns (each holds the model from
         its first step to its last), so every run draws with exactly its own LoRAs."""
         plan = request if isinstance(request, GenerationPlan) else self.resolve(request)
         bare, uses = request_loras(plan.request.prompt, plan.request.negative_prompt, self.find_lora)
-        drawn = replace(plan, request=replace(plan.request, prompt=bare)) if uses else plan    # no tags left
+        drawn = plan if bare == plan.request.prompt else replace(plan, request=replace(plan.request, prompt=bare))
         with patcher_for(self.bundle).using([*loras, *uses]):
             result = self._draw(drawn, progress, upscaler)
         return replace(result, request=plan.request) if drawn is not plan else result

@@ -7,7 +7,10 @@ and merged into the model for one request, then taken out again exactly.
 
 `split_prompt_loras` takes the tags out of the text that is encoded, after the prompt's comments
 (`prompt_syntax.strip_comments`: A1111 removes them first, so a tag in a comment is never applied); the
-rest of the prompt, spaces included, is kept as written. NAME is a file's stem: `find_lora` looks for
+rest of the prompt, spaces included, is kept as written. Every other extra-network tag ``<KIND:...>``
+(A1111's ``extra_networks.parse_prompt`` pattern) is taken out too and not applied, with one warning per
+kind, as A1111 skips a kind it has no network for: only ``lora`` and its alias ``lyco`` are applied, in
+A1111's lower case (``<LORA:...>`` is an unknown kind there). NAME is a file's stem: `find_lora` looks for
 ``NAME.safetensors`` (``.pt``, ``.ckpt``) in each folder and its subfolders, then for a ``.safetensors``
 whose kohya ``ss_output_name`` is NAME. Tags in the negative prompt are not LoRAs: A1111 reads extra
 networks from the positive prompt only (processing.py: ``parse_extra_network_prompts`` parses
@@ -57,14 +60,18 @@ __all__ = [
     "request_loras",
     "resolve_prompt_loras",
     "split_prompt_loras",
+    "without_extra_networks",
     "without_merged_tags",
 ]
 
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 LORA_FOLDER_NAMES = ("Lora", "loras")          # A1111's models/Lora, ComfyUI's models/loras
 
-# A1111's extra-network syntax (modules/extra_networks.py: ``<(\w+):([^>]+)>``), for the lora / lyco kinds
-_TAG = re.compile(r"<(lora|lyco):([^>]+)>", re.IGNORECASE)
+# A1111's extra-network syntax (modules/extra_networks.py: ``re_extra_net``); the kinds applied are its Lora
+# extension's, looked up by exact name (``extra_network_registry``)
+_EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+_LORA_KINDS = ("lora", "lyco")
+_warned_kinds: set[str] = set()            # extra-network kinds already warned of (once each per process)
 
 
 @dataclass(frozen=True)
@@ -121,11 +128,31 @@ def _parse_tag(match: re.Match) -> LoraTag:
 
 
 def split_prompt_loras(prompt: str) -> tuple[str, list[LoraTag]]:
-    """(`prompt` without its comments and its ``<lora:...>`` / ``<lyco:...>`` tags, the tags in order). A tag
-    without a name or with a weight that is not a number is a ValueError naming it."""
+    """(`prompt` without its comments and its extra-network tags, its ``<lora:...>`` / ``<lyco:...>`` tags in
+    order); a tag of another kind is not applied, with a warning (module docstring). A LoRA tag without a
+    name or with a weight that is not a number is a ValueError naming it."""
     prompt = strip_comments(prompt)
-    tags = [_parse_tag(m) for m in _TAG.finditer(prompt)]
-    return _TAG.sub("", prompt), tags
+    tags = []
+    for match in _EXTRA_NETWORK.finditer(prompt):
+        if match.group(1) in _LORA_KINDS:
+            tags.append(_parse_tag(match))
+        else:
+            _warn_unapplied(match.group(1), match.group(0))
+    return _EXTRA_NETWORK.sub("", prompt), tags
+
+
+def without_extra_networks(prompt: str) -> str:
+    """`prompt` without its comments and its extra-network tags, none applied: A1111's
+    ``disable_extra_networks``, which still takes the tags out of the text."""
+    return _EXTRA_NETWORK.sub("", strip_comments(prompt))
+
+
+def _warn_unapplied(kind: str, tag: str) -> None:
+    if kind not in _warned_kinds:
+        _warned_kinds.add(kind)
+        logger.warning("%s: extra networks of the kind %r are not applied (sdlab applies <lora:...> and "
+                       "<lyco:...>, in lower case as A1111 reads them); such tags are left out of the prompt",
+                       tag, kind)
 
 
 def without_merged_tags(prompt: str, merged: Mapping[str, float]) -> tuple[str, str]:
@@ -235,7 +262,7 @@ def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Seque
     except ValueError as err:
         raise RequestError(str(err)) from None
     if not tags:
-        return prompt, []
+        return bare, []
     lookup = find if callable(find) else (lambda name: find_lora(name, find))
     last = {tag.name: tag for tag in tags}                  # a name's weights: its last tag's (A1111)
     paths: dict[str, Path] = {}
@@ -265,9 +292,10 @@ def request_loras(prompt: str, negative_prompt: str,
                   find: Callable[[str], Path | None] | Sequence[str | os.PathLike[str]]) -> tuple[str, list[LoraUse]]:
     """`resolve_prompt_loras` of a request's prompt; tags in the negative prompt stay text (A1111), with a
     warning."""
-    if isinstance(negative_prompt, str) and _TAG.search(negative_prompt):
-        logger.warning("LoRA tags in the negative prompt are not applied (as in A1111): %s",
-                       ", ".join(m.group(0) for m in _TAG.finditer(negative_prompt)))
+    if isinstance(negative_prompt, str):
+        tags = [m.group(0) for m in _EXTRA_NETWORK.finditer(negative_prompt) if m.group(1) in _LORA_KINDS]
+        if tags:
+            logger.warning("LoRA tags in the negative prompt are not applied (as in A1111): %s", ", ".join(tags))
     return resolve_prompt_loras(prompt, find)
 
 

@@ -39,6 +39,7 @@ from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import hires_parameters, img2img_parameters, refiner_label
 from sdlab.pipeline.preprocess import PREPROCESSORS
+from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
@@ -110,6 +111,7 @@ class Txt2ImgIn(NullsAreDefaults):
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True     # False: the overrides stay, as `POST options` sets them
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # only "controlnet" is used
+    disable_extra_networks: bool = False    # True: the prompt's <kind:...> tags taken out, none applied
 
 
 class Img2ImgIn(Txt2ImgIn):
@@ -190,7 +192,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         if mask is not None:
             extra.update(mask_image=mask)
     return GenerationRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
+        prompt=without_extra_networks(body.prompt) if body.disable_extra_networks else body.prompt,
+        negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111",
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
