@@ -38,11 +38,15 @@ const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule t
 // the schedule's own convention, which sdlab writes for some schedules)
 const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes",
   "Initial noise"]);
-// Values that change nothing: png-info's A1111 defaults for labels a text leaves out, and what this form sends
+// Values that change nothing: png-info's A1111 (1.10) defaults for labels a text leaves out, and what this form
+// sends
 const NO_OP_VALUES = {
-  "Hires sampler": "Use same sampler", "Hires checkpoint": "Use same checkpoint", "Hires prompt": "",
-  "Hires negative prompt": "", RNG: "GPU", "Schedule max sigma": "0", "Schedule min sigma": "0", "Schedule rho": "0",
-  "Img2img steps": "diffusers",
+  "Hires sampler": "Use same sampler", "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint",
+  "Hires prompt": "", "Hires negative prompt": "", RNG: "GPU", "Schedule max sigma": "0", "Schedule min sigma": "0",
+  "Schedule rho": "0", "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
+  "Cache FP16 weight for LoRA": "false", "Refiner switch by sampling steps": "false", Emphasis: "Original",
+  "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
+  "Masked area padding": "32", "Img2img steps": "diffusers",
 };
 
 const state = {
