@@ -205,7 +205,7 @@ def test_malicious_pickles_never_run(tmp_path: Path):
 def test_pickle_without_tensors(tmp_path: Path):
     path = tmp_path / "nothing.ckpt"
     torch.save({"epoch": 3, "note": "no weights"}, path)
-    _one_line_error(path, "holds no tensors")
+    _one_line_error(path, "no tensors at the top level")
     path2 = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], path2)
     _one_line_error(path2, "holds a list, not a dict of tensors")

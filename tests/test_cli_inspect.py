@@ -166,3 +166,79 @@ def test_sidecar_yaml_with_tags_or_bad_syntax_is_refused(sd2_file: Path, tmp_pat
     (tmp_path / "model.yaml").write_text("model: [unclosed\n")
     assert main(["inspect", str(path)]) == 2
     assert "model.yaml: not valid YAML" in capsys.readouterr().err
+
+
+def _real_esrgan_x4(features: int = 8, growth: int = 4) -> dict[str, torch.Tensor]:
+    """A Real-ESRGAN x4 (new-arch) state dict of one RRDB, as `RealESRGAN_x4plus.pth` names its tensors."""
+    convs = {name: (features, features) for name in ("conv_body", "conv_up1", "conv_up2", "conv_hr")}
+    convs |= {"conv_first": (features, 3), "conv_last": (3, features)}
+    convs |= {f"body.0.rdb{k}.conv{j}": (features if j == 5 else growth, features + (j - 1) * growth)
+              for k in (1, 2, 3) for j in range(1, 6)}
+    state = {}
+    for name, (c_out, c_in) in convs.items():
+        state[f"{name}.weight"], state[f"{name}.bias"] = torch.randn(c_out, c_in, 3, 3) * 0.01, torch.zeros(c_out)
+    return state
+
+
+@pytest.fixture(scope="module")
+def other_kinds(tmp_path_factory) -> dict[str, Path]:
+    """One file of each kind sdlab reads besides whole models, in the layouts people share them in."""
+    from safetensors.torch import save_file
+
+    from bundle_fixtures import write_diffusers_folder
+    from controlnet_fixtures import diffusers_controlnet, write_layout
+
+    folder = tmp_path_factory.mktemp("kinds")
+    files = {"lora": folder / "style.safetensors", "a1111-embedding": folder / "cat-toy.pt",
+             "sdxl-embedding": folder / "ink.safetensors", "vae": folder / "vae.safetensors",
+             "upscaler": folder / "RealESRGAN_x4plus.pth"}
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.randn(4, 32),
+               "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.randn(32, 4),
+               "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(2.0),
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(4, 32),
+               "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.randn(64, 4)},
+              str(files["lora"]), {"ss_base_model_version": "sd_v1", "ss_network_dim": "4"})
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(3, 768)}, "name": "cat-toy",
+                "step": 500, "sd_checkpoint_name": "v1-5-pruned-emaonly"}, files["a1111-embedding"])
+    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, str(files["sdxl-embedding"]))
+    bundle = tiny_bundle("sd1")
+    full = write_original(bundle, folder / "full.safetensors", junk=False)
+    from safetensors import safe_open
+
+    with safe_open(str(full), "pt") as f:
+        save_file({k: f.get_tensor(k) for k in f.keys() if k.startswith("first_stage_model.")}, str(files["vae"]))
+    torch.save({"params_ema": _real_esrgan_x4()}, files["upscaler"])
+    (folder / "cn").mkdir()
+    files["controlnet"] = write_layout(diffusers_controlnet(bundle.unet_config, 5, hint_widths=(16, 32)), "original",
+                                       folder / "cn")
+    write_diffusers_folder(bundle, folder / "pipeline")
+    files["unet-folder"], files["vae-folder"] = folder / "pipeline" / "unet", folder / "pipeline" / "vae"
+    return files
+
+
+@pytest.mark.parametrize("name, kind, facts, use", [
+    ("lora", "LoRA", ["modules         2 (U-Net 1, text encoder 1)", "rank            4", "alpha           2.0",
+                      "trained for     sd_v1"], "--lora FILE"),
+    ("a1111-embedding", "textual-inversion embedding", ["vectors         3", "width           768 (sd1)",
+                                                        "trained steps   500", "trained on      v1-5-pruned-emaonly"],
+     "--embeddings-dir"),
+    ("sdxl-embedding", "textual-inversion embedding", ["vectors         2", "width           768 + 1280 (sdxl)"],
+     "--embeddings-dir"),
+    ("vae", "VAE", ["latent          4 channels"], "--vae"),
+    ("upscaler", "upscaler", ["architecture    RRDBNet", "scale           4x", "features        8"], "sdlab upscale"),
+    ("controlnet", "ControlNet", ["layout          original", "hint            3 channels"], "--control"),
+    ("vae-folder", "VAE", ["latent          4 channels"], "--vae"),
+    ("unet-folder", "diffusers UNet2DConditionModel folder (one part of a pipeline)", ["in_channels     4"],
+     "--model with the whole pipeline: "),
+])
+def test_inspect_says_what_a_file_that_is_not_a_whole_model_is(other_kinds, capsys, name, kind, facts, use):
+    """A LoRA, an embedding (an A1111 .pt nests its tensors), a VAE, a Real-ESRGAN .pth (under params_ema),
+    a ControlNet or one folder of a diffusers pipeline: described as what the reader that loads it finds,
+    with the option that takes it, not refused for lacking a U-Net."""
+    assert main(["inspect", str(other_kinds[name])]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"kind            {kind}\n" in out and f"use             {use}" in out, out
+    for fact in facts:
+        assert fact in out, (fact, out)
+    assert main(["inspect", "--json", str(other_kinds[name])]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == kind

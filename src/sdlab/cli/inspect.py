@@ -1,6 +1,9 @@
 """`sdlab inspect [PATH]`: what sdlab sees in a checkpoint, read from names, shapes and metadata only.
 
 Without a path it describes the model that ships inside the package (the one `sdlab txt2img` draws with).
+A file that is not a whole model (a LoRA, a ControlNet, a VAE, an upscaler, an embedding, one component
+folder of a diffusers pipeline) is described as that kind, with the option that takes it
+(`sdlab.checkpoints.other_kinds`).
 """
 
 from __future__ import annotations
@@ -14,11 +17,12 @@ from sdlab.families import family_names
 def add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect",
-        help="describe a checkpoint: family, prediction type, configs, parameter counts, dtypes, keys",
+        help="describe a checkpoint: family, prediction type, configs, parameter counts, dtypes, keys (or what a "
+        "LoRA, ControlNet, VAE, upscaler or embedding file is)",
         description="Read a checkpoint's names, shapes and metadata (no weights) and describe what sdlab sees.",
     )
-    p.add_argument("path", nargs="?", help="a .safetensors / .ckpt file or a diffusers folder (default: the "
-                   "model shipped with sdlab)")
+    p.add_argument("path", nargs="?", help="a .safetensors / .ckpt / .pt / .pth / .bin file or a diffusers folder "
+                   "(default: the model shipped with sdlab)")
     p.add_argument("--family", choices=family_names(), help="skip detection and treat the file as this family")
     p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type")
     p.add_argument("--vae", help="a standalone VAE file or diffusers VAE folder to use instead of the file's own")
@@ -58,13 +62,22 @@ def _format_inspect(report: dict) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     from sdlab.api import shipped_model_path
+    from sdlab.checkpoints.errors import CheckpointError
     from sdlab.checkpoints.load import plan_checkpoint
+    from sdlab.checkpoints.other_kinds import describe_other_kind, format_description
     from sdlab.cli.errors import UserError
 
     path = args.path or shipped_model_path()
     if path is None:
         raise UserError("no path given and this sdlab install has no built-in model; pass a checkpoint PATH")
-    plan = plan_checkpoint(path, family=args.family, prediction=args.prediction, vae=args.vae)
+    try:
+        plan = plan_checkpoint(path, family=args.family, prediction=args.prediction, vae=args.vae)
+    except CheckpointError:
+        described = describe_other_kind(path)               # a LoRA, a VAE, ...: what it is, not what it lacks
+        if described is None:
+            raise
+        print(json.dumps(described, indent=2) if args.json else format_description(described))
+        return 0
     report = plan.report.to_json()
     report["total_parameters"] = sum(c["parameters"] for c in report["components"])
     print(json.dumps(report, indent=2) if args.json else _format_inspect(report))

@@ -1,0 +1,163 @@
+"""What a file that is not a whole model is: a LoRA, a ControlNet, a VAE, an upscaler, a textual-inversion
+embedding, or one component folder of a diffusers pipeline (`sdlab inspect` on it).
+
+Each kind is recognised by the reader that loads it for generation (`load_lora_file`, `load_controlnet`,
+`load_vae_source`, `load_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
+takes any single 2-D tensor), so what is described here is what `--lora`, `--control`, `--vae`,
+`sdlab upscale --model` and `--embeddings-dir` would load. Every description has the same fields:
+`source`, `kind`, `facts` (name -> text) and `use` (the option that takes the file).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import shapes_of
+
+Description = dict[str, Any]
+
+_LORA_PARTS = {"unet": "U-Net", "te": "text encoder", "te1": "text encoder 1", "te2": "text encoder 2"}
+
+
+def describe_other_kind(path: str | os.PathLike[str]) -> Description | None:
+    """The description of `path` by the first reader that accepts it (module docstring); None when none does."""
+    path = Path(path)
+    readers: tuple[Callable[[Path], Description], ...] = (_lora, _controlnet, _vae, _upscaler, _embedding, _component)
+    for describe in readers:
+        try:
+            return {"source": str(path), **describe(path)}
+        except CheckpointError:
+            continue
+    return None
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+def _values(values) -> str:
+    """Distinct values, sorted, as text: "32" or "4, 8, 16"."""
+    return ", ".join(str(v) for v in sorted(set(values)))
+
+
+def _lora(path: Path) -> Description:
+    from sdlab.checkpoints.io import read_checkpoint
+    from sdlab.checkpoints.lora import load_lora_file
+    from sdlab.checkpoints.lycoris import module_kind
+
+    modules = load_lora_file(path)
+    metadata = read_checkpoint(path)[1]
+    parts = Counter(_LORA_PARTS.get(name.split("_")[1], "other") if name.startswith("lora_") else "other"
+                    for name in modules)
+    facts = {
+        "modules": f"{len(modules)} ({', '.join(f'{part} {n}' for part, n in sorted(parts.items()))})",
+        "module kinds": _values(module_kind(m) for m in modules.values()),
+        "parameters": _count(sum(t.numel() for m in modules.values() for f, t in m.items() if f != "alpha")),
+    }
+    ranks = [m["down"].shape[0] for m in modules.values() if "down" in m]
+    if ranks:
+        facts["rank"] = _values(ranks)
+    alphas = [round(float(m["alpha"]), 4) for m in modules.values() if "alpha" in m]
+    if alphas:
+        facts["alpha"] = _values(alphas)
+    for key, label in (("ss_base_model_version", "trained for"), ("modelspec.architecture", "architecture"),
+                       ("ss_output_name", "name")):
+        if metadata.get(key):
+            facts[label] = metadata[key]
+    return {"kind": "LoRA", "facts": facts,
+            "use": "--lora FILE[:WEIGHT], or <lora:NAME:WEIGHT> in the prompt with the file in --lora-dir"}
+
+
+def _controlnet(path: Path) -> Description:
+    from sdlab.checkpoints.controlnet import load_controlnet
+
+    loaded = load_controlnet(path, dtype=torch.bfloat16)          # bf16: half the memory of a check in fp32
+    cfg = loaded.config
+    facts = {"for": f"{loaded.family} models", "layout": loaded.layout,
+             "hint": f"{cfg.hint_channels} channels{', BGR' if cfg.hint_bgr else ''}"
+                     f"{', pooled (shuffle)' if cfg.global_pool else ''}",
+             "parameters": _count(sum(p.numel() for p in loaded.model.parameters()))}
+    return {"kind": "ControlNet", "facts": facts, "use": "--control FILE:IMAGE[:STRENGTH]"}
+
+
+def _vae(path: Path) -> Description:
+    from sdlab.checkpoints.single_file import load_vae_source
+
+    source = load_vae_source(path)
+    cfg = source.config
+    _, parameters = source.check()
+    facts = {"latent": f"{cfg.latent_channels} channels, 1/{cfg.downsample_factor} of the picture's size",
+             "widths": _values(cfg.base_channels * m for m in cfg.channel_mult),
+             "parameters": _count(parameters)}
+    return {"kind": "VAE", "facts": facts, "use": "--vae PATH (in place of the model's own VAE)"}
+
+
+def _upscaler(path: Path) -> Description:
+    from sdlab.checkpoints.upscaler import load_upscaler
+
+    net = load_upscaler(path).net
+    cfg = net.config
+    facts = {"architecture": type(net).__name__, "scale": f"{cfg.scale}x", "features": str(cfg.features),
+             "parameters": _count(sum(p.numel() for p in net.parameters()))}
+    return {"kind": "upscaler", "facts": facts, "use": "sdlab upscale IMAGE --model FILE (or the hires fix's upscaler)"}
+
+
+def _embedding(path: Path) -> Description:
+    from sdlab.checkpoints.embeddings import load_embedding
+
+    embedding = load_embedding(path)
+    widths = embedding.widths()
+    families = _families_with_text_widths(widths)
+    if not families:                      # any lone 2-D tensor reads as vectors: only a family's widths count
+        raise CheckpointError(f"{path}: no model family has text encoders {widths} wide")
+    facts = {"vectors": str(embedding.num_vectors), "width": " + ".join(map(str, widths)) + f" ({', '.join(families)})"}
+    if embedding.step is not None:
+        facts["trained steps"] = str(embedding.step)
+    if embedding.sd_checkpoint_name:
+        facts["trained on"] = embedding.sd_checkpoint_name
+    return {"kind": "textual-inversion embedding", "facts": facts,
+            "use": f"--embeddings-dir DIR (the file in DIR), then {embedding.name!r} in the prompt"}
+
+
+def _families_with_text_widths(widths: tuple[int, ...]) -> list[str]:
+    """The model families (inpainting variants left out) whose text encoders have these widths, in order."""
+    from sdlab.families import registered_families
+
+    return [spec.name for spec in registered_families() if not spec.name.endswith("-inpaint")
+            and tuple(te.config.width for te in spec.text_encoders) == widths]
+
+
+def _component(path: Path) -> Description:
+    """One component folder of a diffusers pipeline (`unet/`, `text_encoder/`): what its config.json says."""
+    from sdlab.checkpoints.diffusers_folder import component_weights, read_config_json
+
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a folder")
+    config = read_config_json(path / "config.json")
+    shown = ("in_channels", "out_channels", "cross_attention_dim", "sample_size", "block_out_channels",
+             "latent_channels", "hidden_size", "num_hidden_layers", "projection_dim")
+    facts: dict[str, str] = {key: str(config[key]) for key in shown if config.get(key) is not None}
+    facts["parameters"] = _count(sum(s.numel() for s in shapes_of(component_weights(path)).values()))
+    pipeline = path.resolve().parent
+    where = pipeline if (pipeline / "model_index.json").is_file() else "the folder above it with model_index.json"
+    name = config.get("_class_name") or next(iter(config.get("architectures") or []), "component")
+    return {"kind": f"diffusers {name} folder (one part of a pipeline)", "facts": facts,
+            "use": f"--model with the whole pipeline: {where}"}
+
+
+def format_description(description: Mapping[str, Any]) -> str:
+    """The text `sdlab inspect` prints for a description (`describe_other_kind`)."""
+    lines = [f"{'file':<16}{description['source']}", f"{'kind':<16}{description['kind']}"]
+    lines += [f"{name:<15} {value}" for name, value in description["facts"].items()]
+    lines.append(f"{'use':<16}{description['use']}")
+    return "\n".join(lines)
+
+
+__all__ = ["describe_other_kind", "format_description"]
