@@ -133,6 +133,19 @@ def test_native_api_takes_the_request_fields(client):
     assert bad.status_code in (400, 422) and "unknown masked content 'noise'" in bad.text
 
 
+def test_native_invert_mask_repaints_the_black_part(client):
+    job = {"mode": "inpaint", "prompt": "x", "steps": 2, "seed": 1, "init_image": _b64(_picture())}
+    drawn = []
+    for mask, invert in ((_mask(), True), (Image.eval(_mask(), lambda v: 255 - v), False)):
+        created = client.post("/api/jobs", json={**job, "mask_image": _b64(mask), "invert_mask": invert})
+        assert created.status_code == 202, created.text
+        done = wait_for_job(client, created.json()["id"])
+        assert done["status"] == "done" and done["request"]["invert_mask"] is invert, done
+        drawn.append(client.get(done["images"][0]).content)
+        assert ("Mask mode: Inpaint not masked" in done["infotexts"][0]) is invert
+    assert np.array_equal(*(np.asarray(Image.open(io.BytesIO(png))) for png in drawn))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # several init images, mask blur x / y, inverted masks, the initial noise multiplier, extra_generation_params
 

@@ -1,11 +1,17 @@
 """Data parallelism of `python -m sdlab.train.cli` on a reduced-width SD1 checkpoint (CPU, gloo):
 torchrun with 2 processes == 1 process with the same global batch == 1 process with 2 accumulation
 micro-steps (the 1-process runs in-process; U-Net outputs of the trained weights within 1e-4 absolute and 2 % of what training changed;
-the VAE task's reconstructions likewise). The loop's own gradient all-reduce on a 2-process gloo group.
+the VAE task's reconstructions likewise). The loop's own gradient all-reduce on a 2-process gloo group. One
+message for a failure, whichever process meets it.
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -18,6 +24,7 @@ from sdlab.train.vae_task import load_trained_vae
 from train_fixtures import (
     CLI_RES,
     cli_args,
+    cli_env,
     max_weight_diff,
     run_cli,
     run_in_process,
@@ -134,3 +141,61 @@ def test_all_reduce_keeps_no_gradient_where_no_rank_has_one(tmp_path):
         torch.testing.assert_close(weights["unused.weight"], initial["unused"].weight.detach(), rtol=0, atol=0)
         torch.testing.assert_close(grads["rank1_only.weight"], torch.full((2, 2), 2.0 / 2))  # rank 1's x = 2
         torch.testing.assert_close(grads["used.weight"], torch.full((2, 2), (1.0 + 2.0) / 2))
+
+
+RANK0_FAILS = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    import sdlab.train.loop as loop
+    from sdlab.train.cli import main
+    from sdlab.train.errors import TrainError
+
+    def failing(*args, **kwargs):
+        raise TrainError("cannot write the run checkpoint: simulated")
+
+    rank = os.environ["RANK"]
+    if rank == "0":  # only rank 0 writes, so only rank 0 meets this; rank 1 waits for it in a barrier
+        loop.save_run_checkpoint = failing
+    status = main(sys.argv[1:])
+    Path(os.environ["STATUS_DIR"], f"rank{rank}").write_text(str(status))
+    if rank == "0":
+        time.sleep(20)  # until rank 1 has recorded its status too (torchrun then stops this one)
+    sys.exit(status)
+""")
+
+
+def _torchrun(script: list[str], port: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(port), *script], env=cli_env() | (env or {}), capture_output=True, text=True,
+                          timeout=180)
+
+
+def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("sdlab: error:")]
+
+
+def test_torchrun_failure_of_one_rank_is_one_message_and_the_other_exits_quietly_with_its_status(tmp_path):
+    """Rank 0 fails alone (its checkpoint write): its one line; rank 1, whose barrier then loses its peer, says
+    nothing (no "internal error: ... Connection closed by peer") and exits with the same status 2. The set-up
+    logs every rank makes appear once."""
+    data = write_caption_folder(tmp_path / "data", n=4, size=16)
+    model = write_tiny_model(tmp_path / "tiny-sd1.safetensors")
+    (tmp_path / "rank0_fails.py").write_text(RANK0_FAILS)
+    args = cli_args(tmp_path / "run", model, data, "--batch-size", "1", "--max-steps", "2", "--checkpoint-every", "1")
+    proc = _torchrun([str(tmp_path / "rank0_fails.py"), *args[2:]], 29527, {"STATUS_DIR": str(tmp_path)})
+    assert _error_lines(proc) == ["sdlab: error: cannot write the run checkpoint: simulated"], proc.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
+    assert proc.stderr.count("samples, skipped") == 1 and proc.stderr.count("loaded ") == 1, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mistake", [("--embedding-word", "foo"), ("--model", "nothere.safetensors")],
+                         ids=["setting", "model"])
+def test_torchrun_mistake_every_rank_meets_is_one_error_line(tmp_path, mistake):
+    """A mistake found by every process (a setting refused before the process group forms, a model file not
+    found after it) gives one `sdlab: error:` line, not one per process."""
+    data = write_caption_folder(tmp_path / "data", n=4, size=16)
+    args = cli_args(tmp_path / "run", tmp_path / "tiny.safetensors", data, "--max-steps", "1", *mistake)
+    proc = _torchrun(args, 29529)
+    assert proc.returncode != 0
+    (line,) = _error_lines(proc)
+    assert mistake[1] in line, proc.stderr[-3000:]

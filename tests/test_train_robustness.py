@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -251,3 +252,15 @@ def test_resume_latest_takes_the_stored_settings(tiny, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == 3 and summary["resolution"] == CLI_RES and summary["ema_weights"]
     assert "to step 3" in stdout
+
+
+def test_a_loss_that_becomes_nan_is_one_error_line_without_a_warning(tiny, tmp_path, capsys):
+    """The message reads the loss without autograd's 'Converting a tensor with requires_grad=True to a scalar'
+    warning (one per process under torchrun) before it."""
+    model, data = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, _, err = _sdlab(capsys, "train", "--model", model, "--data-dir", data, "--output-dir", tmp_path / "run",
+                              "--resolution", CLI_RES, "--no-progress", "--num-workers", "1", "--device", "cpu",
+                              "--max-steps", "6", "--learning-rate", "1e30", "--lr-schedule", "constant")
+    assert code == 2 and "the loss became nan" in _one_error_line(err)

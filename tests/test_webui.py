@@ -229,7 +229,8 @@ def test_page_loads_with_labelled_controls_and_lists(page, base_url):
     for control in ("prompt", "negative_prompt", "model", "sampler", "schedule", "steps", "cfg_scale", "seed",
                     "width", "height", "batch_size", "clip_skip", "tiling", "subseed", "subseed_strength", "hr_upscaler",
                     "hr_scale", "hr_width", "hr_height", "hr_steps", "hr_denoise", "lora", "lora-weight", "strength",
-                    "init-image", "brush-size", "refiner", "refiner_switch"):
+                    "init-image", "brush-size", "refiner", "refiner_switch", "resize_mode", "mask_blur", "invert_mask",
+                    "inpaint_fill", "inpaint_only_masked", "inpaint_padding"):
         label = page.find_elements(By.CSS_SELECTOR, f'label[for="{control}"]')
         assert label, f"#{control} has no <label for>"
     samplers = {s["name"] for s in http_json(base_url, "/sdapi/v1/samplers")}

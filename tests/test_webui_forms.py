@@ -5,8 +5,10 @@ included, and name each setting the form has no control for (ENSD, ControlNet un
 
 from __future__ import annotations
 
+import base64
 import io
 
+import httpx
 import pytest
 from PIL import Image
 from safetensors.torch import save_file
@@ -14,7 +16,7 @@ from server_fixtures import start_server
 from test_upscale_models import new_arch_state
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
     By, Select, base_url, browser, drop_file, http_bytes, http_json, job_by_prompt, open_page, option_values, page,
-    png_with_parameters, sdlab_server, set_value, text, value, wait, wait_job,
+    paint_stroke, png_with_parameters, sdlab_server, set_value, text, value, wait, wait_job,
 )
 
 
@@ -280,3 +282,68 @@ def test_a_side_that_is_not_a_multiple_of_8_is_an_error(page, base_url):
         wait(page, lambda d: "multiple of 8" in text(d, "error"), 10, f"{field} {typed}: no error")
         assert advice in text(page, "error"), text(page, "error")
     assert _jobs(base_url) == before                                    # nothing was sent
+
+
+INPAINT_BOX = {"resize_mode": "crop", "invert_mask": "true", "inpaint_fill": "latent noise",
+               "inpaint_only_masked": "true"}
+
+
+def png_bytes(size=(64, 64), colour=(30, 60, 160), box=None) -> bytes:
+    image = Image.new("RGB", size, colour)
+    if box is not None:
+        image.paste((255, 255, 255), box)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_the_inpaint_box_reaches_the_job_and_reuse_fills_it(page, base_url):
+    page.find_element(By.ID, "tab-inpaint").click()
+    drop_file(page, png_bytes(), "init.png", "init-drop")
+    wait(page, lambda d: d.find_element(By.ID, "mask-canvas").is_displayed(), 10, "the image was not taken")
+    paint_stroke(page, -60, 60)
+    for field, option in INPAINT_BOX.items():
+        Select(page.find_element(By.ID, field)).select_by_value(option)
+    set_value(page, "inpaint_padding", 8)
+    set_value(page, "mask_blur", 2)
+    set_value(page, "steps", 2)
+    set_value(page, "prompt", "an inpainted one")
+    job = generated(page, base_url, "an inpainted one")
+    assert job["status"] == "done", job
+    request = job["request"]
+    assert (request["resize_mode"], request["invert_mask"], request["inpaint_fill"], request["inpaint_only_masked"],
+            request["inpaint_padding"], request["mask_blur"]) == ("crop", True, "latent noise", True, 8, 2)
+
+    reuse(page, base_url, job["id"])                                   # a fresh page: the form's defaults first
+    wait(page, lambda d: value(d, "prompt") == "an inpainted one", 10, "the settings were not reused")
+    assert {field: value(page, field) for field in INPAINT_BOX} == INPAINT_BOX
+    assert (value(page, "inpaint_padding"), value(page, "mask_blur"), text(page, "notice")) == ("8", "2", "")
+
+
+def test_reuse_and_a_dropped_png_name_alike_what_the_form_lacks(page, base_url):
+    init = base64.b64encode(png_bytes()).decode()
+    mask = base64.b64encode(png_bytes(colour=(0, 0, 0), box=(16, 16, 48, 48))).decode()
+    response = httpx.post(base_url + "/sdapi/v1/img2img", timeout=120, json={
+        "prompt": "an A1111 inpaint", "steps": 2, "init_images": [init], "mask": mask, "inpainting_mask_invert": 1,
+        "inpainting_fill": 2, "inpaint_full_res": True, "inpaint_full_res_padding": 4,
+        "initial_noise_multiplier": 0.9})
+    assert response.status_code == 200, response.text
+    job = job_by_prompt(base_url, "an A1111 inpaint")
+    reuse(page, base_url, job["id"])
+    wait(page, lambda d: text(d, "notice").startswith("Settings reused"), 10, "no notice")
+    reused = text(page, "notice")
+    for note in ("Img2img steps a1111", "Noise multiplier 0.9"):
+        assert note in reused, (note, reused)
+    assert (value(page, "invert_mask"), value(page, "inpaint_fill"), value(page, "inpaint_only_masked"),
+            value(page, "inpaint_padding")) == ("true", "latent noise", "true", "4")
+    open_page(page, base_url)
+    drop_file(page, http_bytes(base_url, job["images"][0]), "a1111.png")
+    wait(page, lambda d: text(d, "notice").startswith("Settings read from a1111.png"), 10, "the PNG was not read")
+    assert text(page, "notice").split("; ", 1)[1] == reused.split("; ", 1)[1]
+    assert (value(page, "invert_mask"), value(page, "inpaint_fill"), value(page, "inpaint_only_masked"),
+            value(page, "inpaint_padding")) == ("true", "latent noise", "true", "4")
+    # any other field the form lacks is named once it holds something
+    named = page.execute_script("return settingsNotInForm(arguments[0])",
+                                {**job["request"], "original_size": [96, 96], "mask_blur_y": 7, "controls": [{}],
+                                 "some_new_field": 3})
+    assert {"original_size [96,96]", "Mask blur y 7", "1 ControlNet unit", "some_new_field 3"} <= set(named), named

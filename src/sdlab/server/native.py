@@ -75,6 +75,7 @@ class JobIn(NullsAreDefaults):
     init_image: str | None = None           # base64 or data URL
     resize_mode: str = "resize"             # init image to width x height: resize, crop, fill, latent (A1111's)
     mask_image: str | None = None           # white = repaint
+    invert_mask: bool = False               # repaint the black part instead (A1111's Mask mode "Inpaint not masked")
     mask_blur: float = 0.0
     inpaint_fill: str = "original"          # masked content: fill, original, latent noise, latent nothing
     inpaint_only_masked: bool = False       # draw only the mask's region (A1111's Inpaint area "Only masked") ...
@@ -154,7 +155,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         prompt=body.prompt, negative_prompt=body.negative_prompt, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_image=init, mask_image=mask,
-        strength=strength, resize_mode=body.resize_mode, mask_blur=body.mask_blur, inpaint_fill=body.inpaint_fill,
+        strength=strength, resize_mode=body.resize_mode, mask_blur=body.mask_blur, invert_mask=body.invert_mask,
+        inpaint_fill=body.inpaint_fill,
         inpaint_only_masked=body.inpaint_only_masked, inpaint_padding=body.inpaint_padding,
         subseed=body.subseed if body.subseed_strength else None,
         subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,

@@ -8,7 +8,9 @@ Set-up order: settings (and, with ``--resume``, the checkpoint's stored settings
 task, the resume compatibility check, the dataset scan, the run folder (made, and a file written in it),
 then the model and the long work. Every mistake found on the way is a `TrainError`: one ``sdlab: error:
 ...`` line and exit status 2. A run stopped by SIGINT / SIGTERM exits with 128 + the signal number (130 /
-143) after writing its checkpoint and weights.
+143) after writing its checkpoint and weights. Under torchrun one process reports a failure (the first to
+fail; rank 0 for a set-up mistake every process meets) and the others exit with its status saying nothing,
+and only rank 0 logs what every process would log alike.
 
 Tasks are plug-ins: ``--task NAME`` imports the module ``TASK_MODULES`` names (``sdlab.train.<NAME>_task``
 otherwise) and calls its ``build_task(config: TrainConfig, bundle: ModelBundle) -> TrainTask``. The text
@@ -18,7 +20,9 @@ task lives in ``sdlab.tiny`` beside the image tower it trains against; it is nam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import logging
 import os
@@ -43,7 +47,7 @@ from sdlab.train.config import (
     merge_resumed,
 )
 from sdlab.train.data import LatentCache, TrainData, scan_dataset
-from sdlab.train.distributed import DistContext, init_distributed, shutdown_distributed
+from sdlab.train.distributed import DistContext, init_distributed, reporting_failure, shutdown_distributed
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import RunResult, check_resume, train
 from sdlab.train.run_checkpoint import ResumePoint, disk_full_as_error, find_resume_point
@@ -60,6 +64,32 @@ TASK_MODULES = {"unet": "sdlab.train.unet_task", "vae": "sdlab.train.vae_task", 
 
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+class _AnotherProcessReports(Exception):
+    """This torchrun process fails with (or because of) a failure another process reports: exit quietly."""
+
+    def __init__(self, status: int):
+        super().__init__(f"another process reports the failure (exit status {status})")
+        self.status = status
+
+
+def _exit_status(exc: BaseException) -> int:
+    """The exit status `main` gives ``exc``: 130 for an interrupt, 2 for a mistake, 1 for a bug."""
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    mistakes = (TrainError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError)
+    return 2 if isinstance(exc, mistakes) else 1
+
+
+def _quiet_unless_reporting(exc: BaseException) -> None:
+    """Under torchrun, `_AnotherProcessReports` (from ``exc``) unless this process is the one to report a
+    failure (`distributed.reporting_failure`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    status = reporting_failure(int(os.environ.get("RANK", "0")), _exit_status(exc))
+    if status is not None:
+        raise _AnotherProcessReports(status) from exc
 
 
 def _task_module(name: str) -> ModuleType:
@@ -155,6 +185,9 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
         return result
+    except (Exception, KeyboardInterrupt) as exc:
+        _quiet_unless_reporting(exc)  # decided before the group closes, while the other processes can learn it
+        raise
     finally:
         if own_group:
             shutdown_distributed()
@@ -205,10 +238,17 @@ def final_line(result: RunResult, cfg: TrainConfig) -> str:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """The `sdlab train` action: exit status 0, 2 (a `TrainError`, printed as one line) or 128 + signal."""
+    """The `sdlab train` action: exit status 0, 2 (a `TrainError`, printed as one line) or 128 + signal. Under
+    torchrun one process reports a failure; the others exit with its status and say nothing."""
     try:
-        cfg, point = resolve_settings(args)
+        try:
+            cfg, point = resolve_settings(args)
+        except (Exception, KeyboardInterrupt) as exc:
+            _quiet_unless_reporting(exc)
+            raise
         result = run_from_config(cfg, resume=point)
+    except _AnotherProcessReports as exc:
+        return exc.status
     except TrainError as exc:
         if getattr(args, "debug", False) or os.environ.get("SDLAB_DEBUG", "") not in ("", "0"):
             raise
@@ -219,16 +259,32 @@ def run_train(args: argparse.Namespace) -> int:
     return 128 + result.stop_signal if result.interrupted and result.stop_signal else 0
 
 
+def _configure_logging() -> None:
+    """INFO and up on stderr from rank 0. Another torchrun process logs only errors and what no other process
+    sees (records with ``extra={"per_rank": True}``: an image of its share that fails to load), after its rank,
+    so that the set-up messages every process logs appear once."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"rank {rank}: %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(lambda record: record.levelno >= logging.ERROR or getattr(record, "per_rank", False))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m sdlab.train.cli`` / torchrun: `run_train` with the `sdlab` command's error reporting (exit
     status 2 for a mistake, 1 for an internal error, both one ``sdlab: error:`` line; ``SDLAB_DEBUG=1``
     raises instead)."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     parser = argparse.ArgumentParser(prog="python -m sdlab.train.cli", description="sdlab train", epilog=TRAIN_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
     try:
-        return run_train(parser.parse_args(argv))
+        with contextlib.nullcontext() if _is_main_process() else contextlib.redirect_stderr(io.StringIO()):
+            args = parser.parse_args(argv)  # a usage error: rank 0 prints it
+        return run_train(args)
     except (CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
         print(f"sdlab: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2

@@ -382,7 +382,8 @@ class TrainData:
                                             random_flip=self.random_flip, generator=g)
                 return sample, seed, image
             except Exception as exc:  # a file that passed the scan but cannot be decoded now
-                logger.warning("skipping %s at step %d: %s", sample.path, step, " ".join(str(exc).split()))
+                logger.warning("skipping %s at step %d: %s", sample.path, step, " ".join(str(exc).split()),
+                               extra={"per_rank": True})  # only this process loads it (`train.cli` logging)
                 self.broken_at_load[str(sample.path)] += 1
         raise RuntimeError("no sample of the dataset can be loaded")
 

@@ -18,7 +18,9 @@ from sdlab.train.errors import TrainError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DistContext", "all_reduce_grads", "init_distributed", "resolve_device"]
+__all__ = ["DistContext", "all_reduce_grads", "init_distributed", "reporting_failure", "resolve_device"]
+
+_FAILURE_KEY = "sdlab/failure"
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,25 @@ def init_distributed(device_name: str = "auto") -> DistContext:
         dist.init_process_group(backend=backend)
         logger.info("rank %d/%d joined the %s process group on %s", rank, world, backend, device)
     return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def reporting_failure(rank: int, status: int) -> int | None:
+    """Which process of a torchrun run reports a failure, so that one mistake gives one message: None when this
+    one (failing with exit ``status``) does, else the status to exit with quietly, the reporting process's.
+
+    Once the process group exists, the first process to fail reports: its rank and status go into the group's
+    store, and a process that fails after it (typically a collective that lost that peer) finds them there.
+    Before that, every process meets the same set-up mistake, and rank 0 reports it. A store that cannot be
+    reached has lost its host, a process that failed first: status 1."""
+    if not dist.is_initialized():
+        return None if rank == 0 else status
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        first = store.compare_set(_FAILURE_KEY, "", f"{rank}:{status}").decode()
+    except Exception:  # the store's host has exited
+        return 1
+    first_rank, first_status = (int(v) for v in first.split(":"))
+    return None if first_rank == rank else first_status
 
 
 def shutdown_distributed() -> None:

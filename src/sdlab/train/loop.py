@@ -319,8 +319,8 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
             with sync, autocast:
                 loss, _metrics = task.loss(batch.to(ctx.device), generator)
             if not torch.isfinite(loss):
-                raise TrainError(f"the loss became {float(loss)} at step {step_i + 1} (images {batch.paths}); "
-                                 f"a lower --learning-rate or --max-grad-norm may help")
+                raise TrainError(f"the loss became {float(loss.detach())} at step {step_i + 1} (images "
+                                 f"{batch.paths}); a lower --learning-rate or --max-grad-norm may help")
             (loss / cfg.grad_accum).backward()
             micro_losses.append(float(loss.detach()))
             if not last_micro:

@@ -17,10 +17,18 @@ const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options"
 // (pipeline/infotext.py); png-info splits a "WxH" value into "<label>-1" / "<label>-2".
 const NUMBER_LABELS = {
   Steps: "steps", "CFG scale": "cfg_scale", "Size-1": "width", "Size-2": "height",
-  "Denoising strength": "strength", "Mask blur": "mask_blur", "Clip skip": "clip_skip",
-  "Variation seed strength": "subseed_strength", ENSD: "eta_noise_seed_delta", Eta: "eta", "Eta DDIM": "eta",
-  "CFG rescale": "guidance_rescale", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
+  "Denoising strength": "strength", "Mask blur": "mask_blur", "Mask blur x": "mask_blur", "Mask blur y": "mask_blur_y",
+  "Masked area padding": "inpaint_padding", "Clip skip": "clip_skip", "Variation seed strength": "subseed_strength",
+  ENSD: "eta_noise_seed_delta", Eta: "eta", "Eta DDIM": "eta", "CFG rescale": "guidance_rescale",
+  "Noise multiplier": "noise_multiplier", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
   "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
+};
+// A1111 labels with a word -> request fields taking it as it is
+const WORD_LABELS = { "Masked content": "inpaint_fill", "Img2img steps": "img2img_convention" };
+// A1111 labels with one of two words -> request fields, true for the first (infotext.py _INPAINT_AREAS, _MASK_MODES)
+const CHOICE_LABELS = {
+  "Inpaint area": ["inpaint_only_masked", "only masked", "whole picture"],
+  "Mask mode": ["invert_mask", "inpaint not masked", "inpaint masked"],
 };
 // A1111 labels of seeds -> request fields, kept as their digits (`parseJson`)
 const SEED_LABELS = { Seed: "seed", "Variation seed": "subseed" };
@@ -45,9 +53,34 @@ const NO_OP_VALUES = {
   "Hires prompt": "", "Hires negative prompt": "", RNG: "GPU", "Schedule max sigma": "0", "Schedule min sigma": "0",
   "Schedule rho": "0", "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
   "Cache FP16 weight for LoRA": "false", "Refiner switch by sampling steps": "false", Emphasis: "Original",
-  "Mask mode": "Inpaint masked", "Masked content": "original", "Inpaint area": "Whole picture",
-  "Masked area padding": "32", "Img2img steps": "diffusers",
 };
+// Request fields the form has no control for, with the notice's name of each (A1111's label where it has
+// one), the value that changes nothing (the API's default) and when another value changes nothing either
+// (`unused`): a reused job's or a dropped PNG's other value is named, the form drawing without it. A field
+// the form lacks that is not here is named whenever it holds something (`isEmpty`).
+const withoutInitImage = (s) => s.mode === "txt2img";
+const NOT_IN_FORM = {
+  eta_noise_seed_delta: { name: "ENSD", none: 0 },
+  eta: { name: "Eta", none: null },
+  s_noise: { name: "s_noise", none: 1 },
+  guidance_rescale: { name: "CFG rescale", none: 0 },
+  noise_multiplier: { name: "Noise multiplier", none: 1, unused: withoutInitImage },
+  img2img_convention: { name: "Img2img steps", none: "diffusers", unused: withoutInitImage },
+  mask_blur_y: { name: "Mask blur y", none: null, unused: (s) => s.mask_blur_y === s.mask_blur },
+  clip_skip_convention: { name: "Clip skip rule", none: "diffusers", unused: (s) => Number(s.clip_skip ?? 1) === 1 },
+  control_convention: { name: "Control steps", none: "diffusers", unused: (s) => !(s.controls || []).length },
+  quantize_timesteps: { name: "Timestep rounding", none: false },
+  paste_back: { name: "paste_back", none: true },
+  tiled_vae: { name: "tiled_vae", none: null },
+  batch_count: { name: "Batch count", none: 1 },
+  aesthetic_score: { name: "aesthetic_score", none: 6 },
+  negative_aesthetic_score: { name: "negative_aesthetic_score", none: 2.5 },
+  crops_coords_top_left: { name: "crops_coords_top_left", none: [0, 0] },
+  negative_crops_coords_top_left: { name: "negative_crops_coords_top_left", none: [0, 0] },
+};
+// Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule), follow from what it
+// sends (the schedule's initial noise, the hires pass's own count) or list the PNG's unread labels
+const KEPT_APART = new Set(["mode", "model", "loras", "refiner_convention", "init_noise", "first_pass_steps", "unread"]);
 
 const state = {
   mode: "txt2img",
@@ -422,8 +455,15 @@ function sideField(id) {
   return value;
 }
 
-// `value`, or the page's default for the field `id` (its value attribute) when there is none
-const orDefault = (id, value) => value ?? $(id).defaultValue;
+// The page's default of the field `id`: a box's value attribute, a list's option marked selected (else its first)
+function pageDefault(id) {
+  const field = $(id);
+  if (field.tagName !== "SELECT") return field.defaultValue;
+  return ([...field.options].find((option) => option.defaultSelected) || field.options[0])?.value;
+}
+
+// `value`, or the page's default for the field `id` when there is none
+const orDefault = (id, value) => value ?? pageDefault(id);
 
 // A number box's value, or the page's default for it when it is empty
 function numberOrDefault(id, options) {
@@ -444,6 +484,19 @@ function hiresRequest() {
 
 function variationRequest() {
   return { subseed: seedField("subseed") ?? -1, subseed_strength: Number($("subseed_strength").value) };
+}
+
+// The painted mask and the inpaint box: A1111's Mask blur, Mask mode, Masked content and Inpaint area (Only
+// masked, with its padding)
+function inpaintRequest() {
+  return {
+    mask_image: base64Of(maskDataUrl()),
+    mask_blur: numberField("mask_blur") ?? 0,
+    invert_mask: $("invert_mask").value === "true",
+    inpaint_fill: $("inpaint_fill").value,
+    inpaint_only_masked: $("inpaint_only_masked").value === "true",
+    inpaint_padding: numberOrDefault("inpaint_padding", { integer: true }),
+  };
 }
 
 // An SDXL refiner (a model of the list) that finishes the steps after "Switch at" of them, by the handoff
@@ -496,11 +549,11 @@ function collectRequest() {
     if (!state.initImage) throw new ApiError(`${state.mode} needs an initial image: choose or drop one`);
     body.init_image = base64Of(state.initImage);
     body.strength = Number($("strength").value);
+    body.resize_mode = $("resize_mode").value;
   }
   if (state.mode === "inpaint") {
     if (!state.maskPainted) throw new ApiError("inpaint needs a mask: paint the area to repaint on the image");
-    body.mask_image = base64Of(maskDataUrl());
-    body.mask_blur = numberField("mask_blur") ?? 0;
+    Object.assign(body, inpaintRequest());
   }
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   return body;
@@ -531,10 +584,10 @@ function fillForm(settings) {
   setField("width", settings.width);
   setField("height", settings.height);
   setField("batch_size", settings.batch_size);
-  setField("mask_blur", settings.mask_blur);
   setField("clip_skip", settings.clip_skip);
   $("tiling").checked = settings.tiling === true;          // settings without it were drawn without
   setSlider("strength", settings.strength);
+  fillImageOptions(settings, unknown);
   fillVariation(settings);
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
@@ -542,8 +595,19 @@ function fillForm(settings) {
   if (settings.sampler != null && !selectMatching($("sampler"), settings.sampler)) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
   if (settings.model && !selectMatching($("model"), settings.model)) unknown.push(`model "${settings.model}"`);
-  if (settings.mode && ["txt2img", "img2img", "inpaint"].includes(settings.mode)) setMode(settings.mode);
   return unknown;
+}
+
+// The init image's Resize mode (kept when the settings have none: A1111 records none) and the inpaint box,
+// whose settings left out take the page's defaults (A1111 records only those that differ)
+function fillImageOptions(settings, unknown) {
+  const lists = { resize_mode: settings.resize_mode, inpaint_fill: orDefault("inpaint_fill", settings.inpaint_fill),
+    invert_mask: String(settings.invert_mask === true), inpaint_only_masked: String(settings.inpaint_only_masked === true) };
+  for (const [id, wanted] of Object.entries(lists)) {
+    if (wanted != null && !selectMatching($(id), wanted)) unknown.push(`${$(id).labels[0].textContent} "${wanted}"`);
+  }
+  setField("mask_blur", orDefault("mask_blur", settings.mask_blur));
+  setField("inpaint_padding", orDefault("inpaint_padding", settings.inpaint_padding));
 }
 
 // A varied seed ticks "Variation seed" and fills it; without one, the box is unticked (the values stay)
@@ -582,12 +646,15 @@ function settingsFromParameters(p) {
   if ("prompt" in p && !("Prompt" in p)) return p;     // already request-style
   const s = { unread: [] };
   const number = (v) => (v === undefined || v === null || v === "" || !Number.isFinite(Number(v)) ? undefined : Number(v));
+  const choice = (label, v) => ({ [CHOICE_LABELS[label][1]]: true, [CHOICE_LABELS[label][2]]: false })[String(v).trim().toLowerCase()];
   if ("Prompt" in p) s.prompt = String(p.Prompt);
   s.negative_prompt = String(p["Negative prompt"] ?? "");
   for (const [label, value] of Object.entries(p)) {
     if (label in SEED_LABELS && /^-?\d+$/.test(String(value).trim())) s[SEED_LABELS[label]] = String(value).trim();
     else if (label in NUMBER_LABELS && number(value) !== undefined) s[NUMBER_LABELS[label]] = number(value);
     else if (label in SWITCH_LABELS) s[SWITCH_LABELS[label]] = String(value).toLowerCase() === "true";
+    else if (label in WORD_LABELS) s[WORD_LABELS[label]] = String(value).trim();
+    else if (label in CHOICE_LABELS && choice(label, value) !== undefined) s[CHOICE_LABELS[label][0]] = choice(label, value);
     else if (!TEXT_LABELS.has(label) && !NOTHING_TO_APPLY.has(label) && NO_OP_VALUES[label] !== String(value)) {
       const text = `${label}: ${value}`;
       s.unread.push(text.length > 60 ? text.slice(0, 59) + "\u2026" : text);
@@ -635,18 +702,24 @@ function refinerFromParameters(p) {
 }
 
 // The settings of request-style `s` the form has no control for, as the notice names them: the form draws
-// without them. `s` is a job's `request` (Reuse) or a PNG's parameters (`settingsFromParameters`).
+// without them. `s` is a job's `request` (Reuse) or a PNG's parameters (`settingsFromParameters`), the
+// same rule for both: every field that is not a control of the form (by its id) nor `KEPT_APART`, unless its
+// value changes nothing (`NOT_IN_FORM`), then the PNG's labels the page cannot place.
 function settingsNotInForm(s) {
   const notes = [];
-  if (Number(s.eta_noise_seed_delta)) notes.push(`ENSD ${s.eta_noise_seed_delta}`);
-  if (s.eta != null) notes.push(`eta ${s.eta}`);
-  if (s.s_noise != null && Number(s.s_noise) !== 1) notes.push(`s_noise ${s.s_noise}`);
-  if (Number(s.guidance_rescale)) notes.push(`CFG rescale ${s.guidance_rescale}`);
-  if (Array.isArray(s.controls) && s.controls.length) {
-    notes.push(`${s.controls.length} ControlNet unit${s.controls.length > 1 ? "s" : ""}`);
+  for (const [key, value] of Object.entries(s)) {
+    if (KEPT_APART.has(key) || $("settings").contains(document.getElementById(key))) continue;
+    const known = NOT_IN_FORM[key];
+    if (known ? sameValue(value, known.none) || known.unused?.(s) : isEmpty(value)) continue;
+    notes.push(key === "controls" ? `${value.length} ControlNet unit${value.length > 1 ? "s" : ""}`
+      : `${known?.name ?? key} ${typeof value === "object" ? JSON.stringify(value) : value}`);
   }
   return [...notes, ...(s.unread || [])];
 }
+
+const isEmpty = (value) => value == null || value === false || value === 0 || value === ""
+  || (Array.isArray(value) && !value.length);
+const sameValue = (a, b) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null) || Number(a) === b;
 
 // Fill the form from request-style settings (Reuse, a dropped PNG); returns what it could not take.
 function applySettings(settings) {
@@ -872,7 +945,7 @@ async function imageToInit(url) {
 
 function reuseSettings(job) {
   showError("");
-  const settings = { ...(job.request || {}), mode: undefined };
+  const settings = { ...(job.request || {}) };       // its mode tells the notice what applies; the tab stays
   if (job.request && job.request.model === undefined && job.model) settings.model = job.model;
   const missing = applySettings(settings);
   if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
