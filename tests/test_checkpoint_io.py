@@ -206,6 +206,8 @@ def test_pickle_without_tensors(tmp_path: Path):
     path = tmp_path / "nothing.ckpt"
     torch.save({"epoch": 3, "note": "no weights"}, path)
     _one_line_error(path, "no tensors at the top level")
+    with pytest.raises(CheckpointError, match=r"nothing\.ckpt: no tensors \(its keys: epoch, note\)"):
+        read_checkpoint(path, nested=True)                       # nested dicts read too: none anywhere
     path2 = tmp_path / "list.pt"
     torch.save([torch.zeros(1)], path2)
     _one_line_error(path2, "holds a list, not a dict of tensors")

@@ -403,7 +403,8 @@ def _unwrap_state_dict(obj: object, path: Path, nested: bool = False) -> dict[st
     if dropped:
         logger.info("%s: ignoring %d non-tensor entries: %s", path.name, len(dropped), ", ".join(map(str, dropped[:8])))
     if not tensors:
-        raise CheckpointError(f"{path}: no tensors at the top level (its keys: {', '.join(map(str, list(obj)[:10]))})")
+        where = "" if nested else " at the top level"              # nested dicts are read only where asked
+        raise CheckpointError(f"{path}: no tensors{where} (its keys: {', '.join(map(str, list(obj)[:10]))})")
     return tensors
 
 
