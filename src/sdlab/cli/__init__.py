@@ -26,10 +26,12 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.cli.errors import Terminated, UserError, is_disk_full, path_error
@@ -70,8 +72,22 @@ def package_version() -> str:
         return __version__
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse with sdlab's error line: a bad option value or choice is a `UserError` (`sdlab: error: ...`,
+    exit 2, naming the command whose --help lists the options), not argparse's usage block; and a value that
+    starts with a minus and a digit (`--outpaint -8,0,0,0`) is read as a value, as Python 3.13's argparse
+    reads it, not as an unknown option. Subcommands' parsers are made of the same class."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"-\.?\d")
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} ({self.prog} --help lists the options)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdlab", description="Stable Diffusion from scratch in PyTorch.")
+    parser = CommandParser(prog="sdlab", description="Stable Diffusion from scratch in PyTorch.")
     parser.add_argument("--version", action="version", version=f"sdlab {package_version()}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks (also SDLAB_DEBUG=1)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
@@ -114,8 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 internal error, 2 user error, 130 / 143 signal)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except UserError as exc:   # an argument's own check (`cli.errors.utf8_text`)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            raise UserError(f"unrecognized arguments: {' '.join(unknown)} (sdlab {args.command} --help lists the options)")
+    except UserError as exc:   # argparse's own errors (`CommandParser`) and an argument's check (`cli.errors.utf8_text`)
         _error(str(exc))
         return EXIT_USER_ERROR
     allocator.tune()  # this process is sdlab's own: let glibc reuse activation-sized blocks
