@@ -113,6 +113,55 @@ def test_a_transparent_hint_is_laid_on_white_as_a1111s_hwc3(tmp_path):
     assert preprocess(strokes, "canny").getextrema()[0] == (0, 255)
 
 
+def _extensions_inpaint_hint(color: np.ndarray, mask: np.ndarray) -> torch.Tensor:
+    """sd-webui-controlnet's inpaint hint at the picture's size, its lines transcribed: the unit's RGBA input
+    (`np.concatenate([color, mask[:, :, 0:1]], axis=2)`), `detectmap_proc`'s mask threshold
+    (`(inpaint_mask > 127).astype(np.float32) * 255.0`), `get_pytorch_control` (/ 255), and the hook's
+    "ControlNet inpaint protocol": `m = (m > 0.5).float(); hint = c * (1 - m) - m`."""
+    rgba = np.concatenate([color, mask[:, :, 0:1]], axis=2).astype(np.float32)
+    rgba[:, :, 3] = (rgba[:, :, 3] > 127).astype(np.float32) * 255.0
+    hint = torch.from_numpy(rgba / 255.0).permute(2, 0, 1)[None]
+    c, m = hint[:, 0:3], hint[:, 3:4]
+    m = (m > 0.5).float()
+    return c * (1 - m) - m
+
+
+def test_inpaint_hints_are_the_extensions(tmp_path):
+    """inpaint (inpaint_global_harmonious) and inpaint_only: -1 where the mask (the unit's, else an inpainting
+    run's as the extension's prepare_mask reads it) is above 127, the control image's [0, 1] colour elsewhere;
+    an RGBA control image is laid on white (its alpha is no mask to the extension). inpaint_only outside an
+    inpainting run is refused: there the extension also pastes the control image back after decoding."""
+    from PIL import ImageFilter
+
+    from sdlab.pipeline.control import inpaint_mask
+
+    [control] = _controls(tmp_path, tiny_bundle("sd1"), strengths=(1.0,), ranges=((0.0, 1.0),))
+    bundle, picture = tiny_bundle("sd1"), _picture(40, 24, seed=5)
+    mask = np.zeros((24, 40), dtype=np.uint8)
+    mask[5:15, 10:30], mask[0, 0], mask[1, 1] = 255, 127, 128          # 127 is not masked, 128 is
+    expected = _extensions_inpaint_hint(np.asarray(picture), np.stack([mask] * 3, axis=2))
+    assert float(expected.min()) == -1.0 and float(expected[expected >= 0].max()) <= 1.0
+    for module in ("inpaint", "inpaint_only"):
+        unit = ControlInput(control.net.origin, picture, module=module, mask=Image.fromarray(mask))
+        [prepared] = prepare_controls(bundle, [unit], 40, 24, mask=Image.new("L", (40, 24)))
+        assert torch.equal(prepared.hint, expected)
+    run_mask = Image.fromarray(mask).convert("RGB")                  # the run's mask, blurred and inverted
+    as_read = run_mask.convert("L").filter(ImageFilter.GaussianBlur(4))
+    inverted = Image.fromarray(255 - np.asarray(as_read))
+    assert np.array_equal(np.asarray(inpaint_mask(run_mask, invert=True, blur=4)), np.asarray(inverted))
+    unit = ControlInput(control.net.origin, picture, module="inpaint")
+    [prepared] = prepare_controls(bundle, [unit], 40, 24, mask=inpaint_mask(run_mask, invert=True, blur=4))
+    assert torch.equal(prepared.hint, _extensions_inpaint_hint(np.asarray(picture), np.asarray(inverted)[..., None]))
+    [plain] = prepare_controls(bundle, [unit], 40, 24)                # no mask anywhere: nothing masked
+    assert torch.equal(plain.hint, hint_tensor(picture, 40, 24))
+    rgba = np.concatenate([np.asarray(picture), np.full((24, 40, 1), 255, np.uint8)], axis=2)
+    rgba[:12, :, 3] = 0
+    [transparent] = prepare_controls(bundle, [replace(unit, image=Image.fromarray(rgba))], 40, 24)
+    assert float(transparent.hint.min()) >= 0.0 and torch.equal(transparent.hint[..., :12, :], torch.ones(1, 3, 12, 40))
+    with pytest.raises(RequestError, match="inpaint_only outside an inpainting run"):
+        prepare_controls(bundle, [replace(unit, module="inpaint_only", mask=Image.fromarray(mask))], 40, 24)
+
+
 @pytest.mark.parametrize("start,end", [(0.0, 1.0), (0.2, 0.8), (0.5, 1.0), (0.0, 0.3), (0.34, 0.66)])
 def test_active_steps_follow_diffusers_controlnet_keep(start, end):
     control = PreparedControl(net=None, hint=torch.zeros(1), strength=1.0, start=start, end=end)

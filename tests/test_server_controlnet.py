@@ -285,6 +285,27 @@ def test_a1111_module_names_mean_what_they_mean_in_the_extension(tmp_path):
     assert (unit.module, unit.threshold_a) == ("tile_resample", 2.5)
 
 
+def test_a1111_inpaint_units_take_their_mask_as_the_extension_does(tmp_path):
+    """inpaint_global_harmonious is the extension's UI name of `inpaint`; an inpaint unit's mask is its `mask`
+    (or `mask_image`, or its `{image, mask}` object's), all black when it brings its own image without one (the
+    extension's zero mask), and the run's when it takes img2img's init image (None here)."""
+    from sdlab.server.config import Limits
+    from sdlab.server.controls import a1111_controls
+    from sdlab.server.model_folders import CONTROLNET_SUFFIXES, ModelFolder
+
+    mask = Image.new("L", (8, 8), 255)
+    for fields in ({"mask": mask}, {"mask_image": mask}, {"image": {"image": Image.new("RGB", (8, 8)), "mask": mask}}):
+        [unit] = _units(tmp_path, module="inpaint_global_harmonious", **fields)
+        assert unit.module == "inpaint" and unit.mask is mask
+    [unit] = _units(tmp_path, module="inpaint_only")
+    assert unit.mask.size == (8, 8) and unit.mask.getextrema() == (0, 0)
+    assert _units(tmp_path, module="canny", mask=mask)[0].mask is None
+    folder = ModelFolder(tmp_path / "ControlNet", CONTROLNET_SUFFIXES, hashed=True)
+    [unit] = a1111_controls({"controlnet": {"args": [{"model": "cn", "image": "", "module": "inpaint"}]}}, folder,
+                            Limits(), init=Image.new("RGB", (8, 8)))
+    assert unit.mask is None
+
+
 def test_a1111_resize_mode_and_thresholds(tmp_path):
     """The extension's resize_mode_from_value (values, older aliases, indices; 3 and past the last: Just
     Resize; unset: Crop and Resize, its default) and threshold_a / threshold_b (-1: the preprocessor's)."""

@@ -96,7 +96,8 @@ class ControlNet(nn.Module):
         self, x: Tensor, t: Tensor, context: Tensor, hint: Tensor, y: Tensor | None = None
     ) -> tuple[list[Tensor], Tensor]:
         """x: (B, in_channels, h, w) latent as the U-Net gets it; t: (B,) or () timesteps; context: (B, T, C);
-        hint: (B, hint_channels, h * f, w * f) in [0, 1], f = `cfg.hint_factor`; y: SDXL vector or None.
+        hint: (B, hint_channels, h * f, w * f) in [0, 1] (-1 at an inpaint hint's masked pixels), f =
+        `cfg.hint_factor`; y: SDXL vector or None.
 
         Returns one residual per input block (shaped as its output) and the middle residual, in the
         parameters' dtype."""

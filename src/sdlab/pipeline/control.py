@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
 from sdlab.checkpoints.controlnet import LoadedControlNet, legacy_hash, load_controlnet
@@ -56,8 +56,8 @@ from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
-from sdlab.pipeline.images import flattened
-from sdlab.pipeline.preprocess import PREPROCESSORS, preprocess, unknown_preprocessor
+from sdlab.pipeline.images import eight_bit, flattened
+from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, preprocess, unknown_preprocessor
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
@@ -84,7 +84,9 @@ class ControlInput:
     "tile"; `PREPROCESSORS`)
     applied to the image first. `control_mode` and `resize_mode` are A1111's (`CONTROL_MODES`, `RESIZE_MODES`;
     `resize_mode` None: the request's convention's, `DEFAULT_RESIZE`), `threshold_a` / `threshold_b` its
-    preprocessor parameters (None: the preprocessor's default; `preprocess.PARAMETERS`)."""
+    preprocessor parameters (None: the preprocessor's default; `preprocess.PARAMETERS`). `mask` (a picture or
+    path, white = masked; its first channel) is the unit's mask of the inpaint preprocessors (`inpaint_hint`);
+    without one an inpainting run's mask serves."""
 
     model: LoadedControlNet | str | os.PathLike[str]
     image: Image.Image | str | os.PathLike[str]
@@ -96,6 +98,7 @@ class ControlInput:
     resize_mode: str | None = None
     threshold_a: float | None = None
     threshold_b: float | None = None
+    mask: Image.Image | str | os.PathLike[str] | None = None
 
     @property
     def model_path(self) -> str:
@@ -144,14 +147,18 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
         raise RequestError(f"{name}: the ControlNet {control.model_path!r} does not exist")
     if not isinstance(control.image, Image.Image) and not Path(control.image).exists():
         raise RequestError(f"{name}: the image {os.fspath(control.image)!r} does not exist")
+    if isinstance(control.mask, (str, os.PathLike)) and not Path(control.mask).exists():
+        raise RequestError(f"{name}: the mask {os.fspath(control.mask)!r} does not exist")
     return control
 
 
-def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "resize") -> Image.Image:
+def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "resize",
+             background: tuple[int, int, int] | None = None) -> Image.Image:
     """An RGB `image` at width x height by A1111's resize mode (`Script.detectmap_proc`): "resize" stretches it;
     "crop" scales it by the larger of the two ratios (to whole pixels, rounded) and cuts the middle out;
-    "fill" scales it by the smaller and lays it in the middle of a canvas of the median colour of its border
-    pixels. Scaling is Lanczos (A1111's `high_quality_resize` picks OpenCV's cubic, area or nearest)."""
+    "fill" scales it by the smaller and lays it in the middle of a canvas of `background`, by default the
+    median colour of its border pixels. Scaling is Lanczos (A1111's `high_quality_resize` picks OpenCV's
+    cubic, area or nearest)."""
     if image.size == (width, height):
         return image
     if resize_mode == "resize":
@@ -163,9 +170,11 @@ def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "re
     if resize_mode == "crop":
         left, top = max(0, (new_w - width) // 2), max(0, (new_h - height) // 2)
         return scaled.crop((left, top, left + width, top + height))
-    pixels = np.asarray(image)                                                       # (H, W, 3)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])   # (2W + 2H, 3)
-    canvas = Image.new("RGB", (width, height), tuple(np.median(border, axis=0).astype(np.uint8).tolist()))
+    if background is None:
+        pixels = np.asarray(image)                                                   # (H, W, 3)
+        border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])   # (2W + 2H, 3)
+        background = tuple(np.median(border, axis=0).astype(np.uint8).tolist())
+    canvas = Image.new("RGB", (width, height), background)
     canvas.paste(scaled, (max(0, (width - new_w) // 2), max(0, (height - new_h) // 2)))
     return canvas
 
@@ -177,6 +186,30 @@ def hint_tensor(image: Image.Image, width: int, height: int, resize_mode: str = 
     image = fit_hint(flattened(image).convert("RGB"), width, height, resize_mode)
     pixels = np.asarray(image, dtype=np.float32) / 255.0                    # (H, W, 3)
     return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def inpaint_mask(mask_image: Image.Image | None, invert: bool = False, blur: float = 0.0) -> Image.Image | None:
+    """An inpainting run's mask as the ControlNet extension reads it for its inpaint preprocessors
+    (`prepare_mask`): greyscale (`convert("L")`), inverted for "Inpaint not masked", blurred by PIL's Gaussian
+    of radius `blur` (A1111's mask blur); None without a mask."""
+    if mask_image is None:
+        return None
+    mask = eight_bit(mask_image).convert("L")
+    if invert:
+        mask = ImageOps.invert(mask)
+    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
+
+
+def inpaint_hint(hint: Tensor, mask: Image.Image, resize_mode: str = "resize") -> Tensor:
+    """The ControlNet extension's inpaint hint: `hint` (1, 3, H, W) in [0, 1] with -1 where `mask` (its first
+    channel, fitted to the hint's size as the hint was, `fit_hint`) is above 127, as its `detectmap_proc`
+    thresholds the mask and its hook forms `c * (1 - m) - m`; the other pixels keep their [0, 1] colour.
+    "Resize and Fill" masks the bands it adds (the extension's border alpha of 255: outpainting)."""
+    height, width = hint.shape[-2:]
+    mask = eight_bit(mask).convert("RGB")
+    fitted = fit_hint(mask, width, height, resize_mode, background=(255, 255, 255))
+    masked = torch.from_numpy(np.asarray(fitted)[..., 0] > 127).to(hint.device)    # (H, W)
+    return torch.where(masked, torch.tensor(-1.0, dtype=hint.dtype, device=hint.device), hint)
 
 
 def cropped_to_region(image: Image.Image, picture_size: tuple[int, int], region: tuple[int, int, int, int],
@@ -195,7 +228,7 @@ class PreparedControl:
     A1111's control mode, and whether it runs in a hires fix's second pass."""
 
     net: LoadedControlNet
-    hint: Tensor                    # (1, 3, H, W) in [0, 1]
+    hint: Tensor                    # (1, 3, H, W) in [0, 1]; -1 at an inpaint hint's masked pixels
     strength: float
     start: float
     end: float
@@ -251,12 +284,15 @@ def prepare_controls(
     bundle: ModelBundle, controls: Sequence[ControlInput | Any], width: int, height: int,
     convention: str = "diffusers", hires_pass: bool = False,
     region: tuple[int, int, int, int] | None = None, picture_size: tuple[int, int] | None = None,
+    mask: Image.Image | None = None,
 ) -> list[PreparedControl]:
     """Load (or take) each ControlNet, check it fits the bundle, read and preprocess its hint image.
     `controls` may hold (file, image[, strength[, start, end]]) records (`control_input`); `convention` is
     the request's `control_convention`; `hires_pass`: the controls act in a hires fix's second pass.
     `region` (x1, y1, x2, y2) of a picture of `picture_size`: the run draws that region (Inpaint area "Only
-    masked"); each image is cut to it before its preprocessor runs, as A1111 does (`cropped_to_region`)."""
+    masked"); each image (and inpaint mask) is cut to it before its preprocessor runs, as A1111 does
+    (`cropped_to_region`). `mask`: an inpainting run's mask as the inpaint preprocessors read it
+    (`inpaint_mask`), for the controls that bring none."""
     prepared = []
     factor = bundle.vae_config.downsample_factor
     for index, control in enumerate(controls):
@@ -282,11 +318,33 @@ def prepare_controls(
         except ValueError as err:
             raise RequestError(f"control {index}: {err}") from None
         hint = hint_tensor(image, width, height, resize_mode)
+        if control.module in INPAINT_MODULES:
+            hint = _masked_hint(hint, control, index, mask, region, picture_size, resize_mode)
         hint = hint.to(next(bundle.unet.parameters()).device)
         prepared.append(PreparedControl(net, hint, float(control.strength), float(control.start),
                                         float(control.end), control.module, convention, control.control_mode,
                                         hires_pass))
     return prepared
+
+
+def _masked_hint(hint: Tensor, control: ControlInput, index: int, run_mask: Image.Image | None,
+                 region: tuple[int, int, int, int] | None, picture_size: tuple[int, int] | None,
+                 resize_mode: str) -> Tensor:
+    """An inpaint control's hint (`inpaint_hint`) under its own mask, else the run's; unmasked without either,
+    as the extension's zero mask. `inpaint_only` stands for `inpaint` in an inpainting run (the extension falls
+    back to it there); outside one it also blends the decoded picture with the control image, which sdlab
+    does not, so it is refused."""
+    if control.module == "inpaint_only" and run_mask is None:
+        raise RequestError(f"control {index}: inpaint_only outside an inpainting run also pastes the control image "
+                           "over the picture outside the mask, which sdlab does not do; use inpaint "
+                           "(inpaint_global_harmonious), or give the run a mask")
+    mask = run_mask if control.mask is None else input_image(control.mask, f"control {index} mask")
+    if mask is None:
+        return hint
+    mask = eight_bit(mask).convert("RGB")
+    if region is not None:
+        mask = cropped_to_region(mask, picture_size, region, tuple(reversed(hint.shape[-2:])), resize_mode)
+    return inpaint_hint(hint, mask, resize_mode)
 
 
 def prompt_marks(controls: Sequence[PreparedControl], batch: int,

@@ -74,7 +74,9 @@ from sdlab.models.circular_padding import circular_padding
 from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.models.vae import DiagonalGaussian
-from sdlab.pipeline.control import controlled_unet, prepare_controls, prompt_marks, spans_part, tag_steps
+from sdlab.pipeline.control import (
+    controlled_unet, inpaint_mask, prepare_controls, prompt_marks, spans_part, tag_steps,
+)
 from sdlab.pipeline.conditioning import make_cond_schedule, merge_part_schedules
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.finite import FiniteWatch
@@ -476,7 +478,8 @@ def _guided_model(
     controls = prepare_controls(bundle, req.controls, req.width, req.height, req.control_convention,
                                 hires_pass=req.first_pass_steps is not None,
                                 region=None if overlay is None else overlay.region,
-                                picture_size=None if overlay is None else overlay.original.size)
+                                picture_size=None if overlay is None else overlay.original.size,
+                                mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur))
     denoiser = Denoiser(controlled_unet(bundle.unet, controls, circular=req.tiling), sampling,
                         quantize=req.quantize_timesteps)
     if spans_part(controls):                            # else every control runs at every step

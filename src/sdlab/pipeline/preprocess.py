@@ -19,6 +19,8 @@ one reads a picture with transparency laid on white by its alpha (`flattened`), 
   is then fitted to the picture's size as every hint is.
 - `tile(image, factor)`: sdlab's own (the extension has no `tile`), the picture downscaled by `factor` (4)
   and scaled back up (a blurred input for the tile ControlNet at the picture's size).
+- `inpaint` (the extension's `inpaint_global_harmonious`) and `inpaint_only`: the picture itself; the hint
+  then takes -1 where the control's mask is (`INPAINT_MODULES`, `pipeline.control.inpaint_hint`).
 """
 
 from __future__ import annotations
@@ -197,7 +199,11 @@ PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {            # (image, *P
     "invert": invert,
     "tile_resample": tile_resample,
     "tile": tile,
+    "inpaint": lambda image: image,
+    "inpaint_only": lambda image: image,
 }
+INPAINT_MODULES = ("inpaint", "inpaint_only")
+"""The preprocessors whose hint is masked: -1 where the control's mask is white (the v1.1 inpaint ControlNet)."""
 
 
 PARAMETERS: dict[str, tuple[float, ...]] = {"canny": (100.0, 200.0), "threshold": (127.0,), "tile_resample": (1.0,)}

@@ -19,14 +19,14 @@ from PIL import Image
 from sdlab.pipeline.control import (
     CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control,
 )
-from sdlab.pipeline.preprocess import PREPROCESSORS, unknown_preprocessor
+from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, unknown_preprocessor
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, decode_image
 from sdlab.server.model_folders import ModelFolder
 
 
-A1111_MODULE_ALIASES = {"invert (from white bg & black line)": "invert"}
+A1111_MODULE_ALIASES = {"invert (from white bg & black line)": "invert", "inpaint_global_harmonious": "inpaint"}
 """The extension's UI names (`preprocessor_aliases`) of the preprocessors sdlab has."""
 
 
@@ -113,16 +113,28 @@ def checked_control(control: ControlInput, index: int, convention: str) -> Contr
         raise BadRequest(str(err), 422) from None
 
 
+def unit_mask(unit: dict[str, Any], own: Any, image: Image.Image, what: str, limits: Limits) -> Image.Image | None:
+    """An inpaint unit's mask, as the extension reads it: its `mask` (or `mask_image`, or its own image's
+    `{image, mask}` object's), else all black (nothing masked) when the unit brings its own image (`own`,
+    decoded as `image`); None when it takes img2img's init image, whose mask is then the run's."""
+    mask = unit.get("mask") or unit.get("mask_image") or (own.get("mask") if isinstance(own, dict) else None)
+    if mask:
+        return mask if isinstance(mask, Image.Image) else decode_image(mask, f"{what} mask", limits)
+    return None if own is None else Image.new("L", image.size)
+
+
 def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
                init: Image.Image | None) -> ControlInput:
     """One enabled unit as a checked `ControlInput`, its steps by A1111's rule (`control_convention`)."""
     what = f"control {index}"
-    image = unit.get("image") or unit.get("input_image") or init
-    control = ControlInput(model_path(unit["model"], what, folder), hint_image(image, what, limits),
+    own = unit.get("image") or unit.get("input_image") or None
+    module, image = module_name(unit.get("module")), hint_image(own or init, what, limits)
+    mask = unit_mask(unit, own, image, what, limits) if module in INPAINT_MODULES else None
+    control = ControlInput(model_path(unit["model"], what, folder), image,
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0), unit.get("guidance_end", 1.0),
-                           module_name(unit.get("module")), control_mode(unit.get("control_mode")),
+                           module, control_mode(unit.get("control_mode")),
                            resize_mode(unit.get("resize_mode")), threshold_value(unit.get("threshold_a")),
-                           threshold_value(unit.get("threshold_b")))
+                           threshold_value(unit.get("threshold_b")), mask)
     return checked_control(control, index, "a1111")
 
 

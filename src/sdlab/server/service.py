@@ -116,8 +116,10 @@ class Service:
 
 
 def _control_settings(control: ControlInput, convention: str) -> dict[str, Any]:
-    """A control as the job's request records it: every setting but its image, the model by its file name and
-    the resize mode it runs with (`convention`'s default when unset); thresholds left unset stay null."""
-    settings = {field.name: getattr(control, field.name) for field in fields(control) if field.name != "image"}
+    """A control as the job's request records it: every setting but its pictures (image, mask), the model by its
+    file name and the resize mode it runs with (`convention`'s default when unset); thresholds left unset stay
+    null."""
+    settings = {field.name: getattr(control, field.name) for field in fields(control)
+                if field.name not in ("image", "mask")}
     return {**settings, "model": Path(control.model_path).name,
             "resize_mode": control.resize_mode_under(convention)}
