@@ -88,6 +88,13 @@ def test_config_file_mistakes_name_the_file_and_key(tmp_path, capsys):
         TrainConfig(max_steps="10")
 
 
+def test_a_data_dir_that_is_a_file_is_named_as_not_a_folder(tmp_path, capsys):
+    picture = tmp_path / "red.png"
+    pattern_image(0, 16).save(picture)
+    code, _, err = _sdlab(capsys, "train", "--model", tmp_path / "never-read.safetensors", "--data-dir", picture)
+    assert code == 2 and f"dataset folder {picture} is not a folder" in _one_error_line(err)
+
+
 def test_empty_dataset_is_an_error_before_the_model_loads(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

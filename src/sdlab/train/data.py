@@ -173,7 +173,7 @@ def scan_dataset(root: str | os.PathLike[str]) -> DatasetScan:
     """Find every usable (image, caption) pair under ``root`` (see module docstring), sorted by path."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist")
+        raise FileNotFoundError(f"dataset folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
     scan = DatasetScan(samples=[])
     meta = root / "metadata.jsonl"
     entries = _read_jsonl(root, meta, scan) if meta.is_file() else _read_folder(root, scan)
