@@ -51,6 +51,7 @@ def _one_error_line(err: str) -> str:
 @pytest.mark.parametrize(("options", "named"), [
     (["--learning-rate", "abc"], "--learning-rate"),
     (["--max-steps", "-5"], "--max-steps"),
+    (["--max-steps", "0"], "--max-steps must be at least 1; got 0"),           # no run that trains nothing
     (["--max-steps", "1.5"], "--max-steps"),
     (["--mixed-precision", "fp16"], "--mixed-precision"),
     (["--lr-schedule", "linear"], "--lr-schedule"),

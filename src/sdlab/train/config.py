@@ -194,7 +194,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lcd_w_max": (lambda v: v >= 0, "at least 0"),
     "lcd_huber_c": (lambda v: v > 0, "positive"),
     "lcd_target_decay": (lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
-    "max_steps": (lambda v: v >= 0, "at least 0"),
+    "max_steps": (lambda v: v >= 1, "at least 1"),
     "batch_size": (lambda v: v >= 1, "at least 1"),
     "grad_accum": (lambda v: v >= 1, "at least 1"),
     "learning_rate": (lambda v: v > 0, "positive"),
