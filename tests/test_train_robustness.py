@@ -96,6 +96,15 @@ def test_a_data_dir_that_is_a_file_is_named_as_not_a_folder(tmp_path, capsys):
     assert code == 2 and f"dataset folder {picture} is not a folder" in _one_error_line(err)
 
 
+def test_resume_latest_of_an_empty_run_without_a_model_is_one_error(tmp_path, capsys):
+    """Nothing to resume and nothing to start from: one line saying both, not a 'starting at step 0' warning
+    followed by an error that asks for --model."""
+    code, _, err = _sdlab(capsys, "train", "--output-dir", tmp_path / "run", "--resume", "latest")
+    line = _one_error_line(err)
+    assert code == 2 and "--resume latest: no run checkpoint in" in line and "needs --model and --data-dir" in line
+    assert "starting at step 0" not in err
+
+
 def test_empty_dataset_is_an_error_before_the_model_loads(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -202,6 +202,10 @@ def resolve_settings(args: argparse.Namespace) -> tuple[TrainConfig, ResumePoint
     output_dir = Path(given.get("output_dir", TrainConfig.output_dir))
     point = find_resume_point(output_dir / "checkpoints", given["resume"])
     if point is None:
+        missing = " and ".join(flag(k) for k in ("model", "data_dir") if given.get(k) is None)
+        if missing:                          # nothing to resume and nothing to start from
+            raise TrainError(f"--resume {given['resume']}: no run checkpoint in {output_dir / 'checkpoints'}; "
+                             f"a new run there needs {missing}")
         logger.warning("no run checkpoint in %s: starting at step 0", output_dir / "checkpoints")
         return config_from_settings(given), None
     if given["resume"] == "latest":
