@@ -83,6 +83,15 @@ def test_absurd_values_are_refused_up_front(bundle, changes, message):
         resolve_for(bundle, _request(**changes))
 
 
+def test_a_size_taken_from_a_tiny_init_image_says_so(bundle):
+    """A width no one gave (img2img takes the init image's) is named as the init image's, not as if typed."""
+    tiny = Image.new("RGB", (1, 64))
+    with pytest.raises(RequestError, match=r"width must be an integer in 8\.\.8192, got 1 \(the init image's width"):
+        resolve_for(bundle, _request(init_image=tiny, width=None, height=None))
+    with pytest.raises(RequestError, match=r"width must be an integer in 8\.\.8192, got 4$"):
+        resolve_for(bundle, _request(init_image=tiny, width=4, height=None))
+
+
 def test_useful_values_stay_accepted(bundle):
     resolve_for(bundle, _request(steps=150, cfg_scale=30.0, eta=1.0, mask_blur=64.0))
 

@@ -545,7 +545,9 @@ def resolve(
     multiple = math.lcm(SIZE_MULTIPLE, factor)
     for name, side in (("width", width), ("height", height)):
         if not _integer(side) or not multiple <= side <= MAX_SIDE:
-            raise RequestError(f"{name} must be an integer in {multiple}..{MAX_SIDE}, got {side!r}")
+            taken = (f" (the init image's {name}, as the {name} was not given: set width and height to draw it at "
+                     "another size)") if getattr(r, name) is None and r.init_image is not None else ""
+            raise RequestError(f"{name} must be an integer in {multiple}..{MAX_SIDE}, got {side!r}{taken}")
     width, height = snap_size(width, height, multiple)
     if r.mask_image is not None and r.mask_image.size != r.init_image.size:
         raise RequestError(
