@@ -24,3 +24,19 @@ def test_the_largest_seed_makes_a_model(tmp_path, capsys) -> None:
     out = tmp_path / "model.safetensors"
     assert main(["new-model", str(out), "--tiny", "--family", "sdlab-tiny", "--seed", str(2**64 - 1)]) == 0
     assert out.exists()
+
+
+def test_a_full_disk_names_the_file_that_could_not_be_written(tmp_path, capsys, monkeypatch) -> None:
+    """The write's own OSError names no file (ENOSPC from a write call): the line names the output."""
+    import errno
+
+    import sdlab.checkpoints.save
+
+    def full_disk(bundle, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sdlab.checkpoints.save, "save_bundle", full_disk)
+    out = tmp_path / "model.safetensors"
+    code = main(["new-model", str(out), "--tiny"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"sdlab: error: the disk is full: cannot write {out}; nothing was written\n"

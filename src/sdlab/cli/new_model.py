@@ -31,7 +31,7 @@ def run_new_model(args: argparse.Namespace) -> int:
 
     from sdlab.checkpoints.create import new_bundle
     from sdlab.checkpoints.save import save_bundle
-    from sdlab.cli.errors import UserError
+    from sdlab.cli.errors import UserError, write_error
     from sdlab.pipeline.request import MAX_SEED
     from sdlab.utils.files import make_output_folder
 
@@ -41,6 +41,9 @@ def run_new_model(args: argparse.Namespace) -> int:
         raise UserError(f"--seed must be an integer in 0..{MAX_SEED}, got {args.seed}")
     make_output_folder(Path(args.out).parent, "the output file's folder")   # before the weights are made
     bundle = new_bundle(args.family, tiny=args.tiny, seed=args.seed)
-    save_bundle(bundle, args.out)
+    try:
+        save_bundle(bundle, args.out)
+    except OSError as err:                   # a full disk: no file named by the write itself
+        raise write_error(err, args.out) from None
     print(args.out)
     return 0
