@@ -18,7 +18,7 @@ import torch
 from bundle_fixtures import tiny_bundle
 
 from sdlab.diffusion.guidance import cfg, switch_at_calls
-from sdlab.pipeline.conditioning import encode_prompt, make_cond_schedule
+from sdlab.pipeline.conditioning import encode_prompt, make_cond_schedule, prompt_chunks
 from sdlab.pipeline.generate import generate
 from sdlab.pipeline.hires import generate_hires
 from sdlab.pipeline.plan import make_plan
@@ -150,6 +150,11 @@ def sd1():
     return tiny_bundle("sd1", seed=0)
 
 
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_bundle("sdxl", seed=0)
+
+
 @torch.no_grad()
 def test_schedule_conds_equal_each_prompt_alone(sd1):
     schedule = make_cond_schedule(sd1.text_encoders, sd1.family, "a [red cat:blue dog:0.5] on a sofa", "[ugly|blurry]",
@@ -163,6 +168,78 @@ def test_schedule_conds_equal_each_prompt_alone(sd1):
     assert schedule[0][2] is schedule[2][2]                     # a text pair is encoded once, its tensors shared
     plain = make_cond_schedule(sd1.text_encoders, sd1.family, "a red cat", "ugly", steps=4)
     assert len(plain) == 1 and plain[0][0] == 4
+
+
+def _a1111_schedule_contexts(encoders, prompt: str, steps: int) -> list[tuple[int, torch.Tensor]]:
+    """A1111 `prompt_parser.get_learned_conditioning` for one prompt: the texts of its schedule
+    (`prompt_schedule` = A1111's `get_learned_conditioning_prompt_schedules`, checked above) as one batch of
+    `sd_hijack_clip.FrozenCLIPEmbedderWithCustomWordsBase.forward`, per text encoder (SDXL's towers are two
+    embedders): chunk i of every text, `empty_chunk()` where a text has none, then
+    `sd_emphasis.EmphasisOriginal` on that chunk's batch. `encode_with_transformers` is the tower's plain
+    hidden state, sdlab's `encode_prompt(..., emphasis=False)` (checked against transformers elsewhere)."""
+    schedule = prompt_schedule(prompt, steps)
+    texts = [text for _, text in schedule]
+    batch_chunks = [prompt_chunks(text, encoders[0].tokenizer) for text in texts]
+    chunk_count = max(len(x) for x in batch_chunks)
+    towers = []
+    for encoder in encoders:
+        def plain(text, i):
+            return encode_prompt([encoder], text, emphasis=False).context[:, 77 * i : 77 * (i + 1)]   # (1, 77, D)
+        zs = []
+        for i in range(chunk_count):
+            z = torch.cat([plain(text, i) if i < len(chunks) else plain("", 0)
+                           for text, chunks in zip(texts, batch_chunks)])
+            multipliers = torch.tensor([[1.0, *chunks[i].weights, 1.0] if i < len(chunks) else [1.0] * 77
+                                        for chunks in batch_chunks])
+            original_mean = z.mean()                                                    # EmphasisOriginal
+            z = z * multipliers.reshape(multipliers.shape + (1,)).expand(z.shape)
+            new_mean = z.mean()
+            z = z * (original_mean / new_mean)
+            zs.append(z)
+        towers.append(torch.hstack(zs))                                                 # (len(texts), 77 n, D)
+    z = torch.cat(towers, dim=-1)
+    return [(end, z[j : j + 1]) for j, (end, _) in enumerate(schedule)]
+
+
+def _a1111_at(schedule: list[tuple[int, torch.Tensor]], step: int) -> torch.Tensor:
+    return next((z for end, z in schedule if step <= end), schedule[0][1])
+
+
+LONG = ", ".join(["a red apple"] * 30)                                   # 2 chunks
+SCHEDULED_PROMPTS = [
+    ("a (red:1.5) apple on a [blue:green:0.5] background", "[ugly|(blurry:1.3)]", 10),
+    ("a (cat:1.4) [on a dark blue background|]", "", 5),                  # alternation: entries counted
+    (f"[{LONG}:a cat:0.5]", f"[(bad hands:1.2)|{LONG}]", 4),              # an empty chunk pads the short texts
+    (f"[({LONG}:1.1):a (cat:0.7):3] BREAK x [y|z]", "lowres", 6),
+]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("prompt, negative, steps", SCHEDULED_PROMPTS,
+                         ids=["edit-emphasis", "alternation", "chunk-counts", "break-nested"])
+@torch.no_grad()
+def test_schedule_texts_are_encoded_as_one_a1111_batch(family, prompt, negative, steps, sd1, sdxl):
+    """Each side's schedule texts as A1111 encodes them together: padded with the encoded empty chunk to the
+    longest one's chunk count, one emphasis mean per chunk over all of them (an alternation's text counting
+    once per step it lasts), on each tower; the pooled vector (SDXL) stays each text's first chunk's."""
+    bundle = {"sd1": sd1, "sdxl": sdxl}[family]
+    encoders = bundle.text_encoders
+    schedule = make_cond_schedule(encoders, bundle.family, prompt, negative, steps=steps, width=64, height=64)
+    cond_ref = _a1111_schedule_contexts(encoders, prompt, steps)
+    uncond_ref = _a1111_schedule_contexts(encoders, negative, steps) if negative else None
+    def check(context, expected):            # a context may be repeated to the other side's length (unchanged)
+        assert context.shape[1] % expected.shape[1] == 0
+        torch.testing.assert_close(context, expected.repeat(1, context.shape[1] // expected.shape[1], 1),
+                                   rtol=0, atol=2e-5)
+
+    for end, cond, uncond in schedule:
+        check(cond["context"], _a1111_at(cond_ref, end))
+        if uncond_ref is not None:
+            check(uncond["context"], _a1111_at(uncond_ref, end))
+        if family == "sdxl":
+            text = next(text for e, text in prompt_schedule(prompt, steps) if end <= e)
+            alone = encode_prompt(encoders, text, with_pooled=True).pooled
+            torch.testing.assert_close(cond["y"][:, : alone.shape[1]], alone, rtol=0, atol=1e-6)
 
 
 def test_switch_at_calls_counts_calls_as_a1111():

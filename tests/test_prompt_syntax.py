@@ -190,7 +190,9 @@ def test_chunking_with_the_clip_tokenizer_and_open_clip_padding():
 
 # --- emphasis -------------------------------------------------------------------------------------
 
-def test_apply_emphasis_keeps_each_rows_mean_and_scales_tokens():
+def test_apply_emphasis_keeps_the_batchs_mean_and_scales_tokens():
+    """One mean over the batch, as A1111's EmphasisOriginal takes it (`z.mean()`); `counts` weigh each row
+    as that many copies of it in the batch."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(2, 77, 32, generator=g) + 0.3                    # (B, 77, D)
     weights = torch.ones(2, 77)
@@ -198,9 +200,11 @@ def test_apply_emphasis_keeps_each_rows_mean_and_scales_tokens():
     weights[1, 10] = 0.5
     out = apply_emphasis(hidden, weights)
     assert out.shape == hidden.shape
-    torch.testing.assert_close(out.mean(dim=(1, 2)), hidden.mean(dim=(1, 2)), rtol=0, atol=1e-6)
-    scale = hidden.mean(dim=(1, 2)) / (hidden * weights[..., None]).mean(dim=(1, 2))   # (B,)
-    torch.testing.assert_close(out, hidden * weights[..., None] * scale[:, None, None])
+    torch.testing.assert_close(out.mean(), hidden.mean(), rtol=0, atol=1e-6)
+    scale = hidden.mean() / (hidden * weights[..., None]).mean()
+    torch.testing.assert_close(out, hidden * weights[..., None] * scale)
+    repeated = apply_emphasis(hidden[[0, 0, 0, 1]], weights[[0, 0, 0, 1]])                 # row 0 three times
+    torch.testing.assert_close(apply_emphasis(hidden, weights, torch.tensor([3, 1])), repeated[2:])
 
 
 def test_apply_emphasis_matches_a1111_original_for_one_prompt_and_is_identity_at_weight_one():

@@ -25,7 +25,10 @@ a pooled output (SDXL), a pooled text vector:
    diffusers encodes the negative prompt at the usual layer whatever its ``clip_skip``, A1111 at the same
    layer as the prompt (``make_cond``'s ``negative_clip_skip``).
 4. Emphasis (``apply_emphasis``, A1111 "Original") per chunk and per encoder, skipped for chunks whose
-   weights are all 1, so an unweighted prompt gives exactly the plain encoding.
+   weights are all 1, so an unweighted prompt gives exactly the plain encoding. The texts of one prompt's
+   schedule (``[from:to:when]``, ``[a|b]``) are encoded together, as A1111 encodes them
+   (``encode_schedule``): each padded to the longest one's chunk count with encodings of A1111's empty
+   chunk, and emphasis restoring one mean per chunk position over all of them.
 5. Chunks are concatenated along the tokens (77 * n_chunks); SDXL's two encoders along the features
    (768 + 1280 = 2048). The pooled vector is the last encoder's (bigG's) projected output of the FIRST
    chunk, as A1111 (``zs[0].pooled``).
@@ -40,8 +43,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -69,6 +74,7 @@ __all__ = [
     "encode_captions",
     "encode_prompt",
     "encode_prompts",
+    "encode_schedule",
     "hidden_state_layers",
     "make_cond",
     "make_cond_schedule",
@@ -79,10 +85,12 @@ __all__ = [
 ]
 
 TOKENS_PER_CHUNK = CHUNK_LENGTH + 2          # begin + 75 + end = 77 encoder positions
+EMPTY_CHUNK = Chunk((EOS_TOKEN_ID,) * CHUNK_LENGTH, (1.0,) * CHUNK_LENGTH, 0)   # A1111's `empty_chunk()`
 MAX_REPEAT_FACTOR = 4                         # make_cond repeats a context to at most 4x the shorter one (ComfyUI)
 
 Conditioning = dict[str, Tensor]             # U-Net keyword arguments: "context" (B, T, D), SDXL "y" (B, adm)
 CondSchedule = list[tuple[int, Conditioning, "Conditioning | None"]]   # (end_at_step, cond, uncond), by step
+EmphasisBatches = Sequence[tuple[Sequence[int], Sequence[int]]]     # (rows, how many times each row counts)
 
 
 @dataclass(frozen=True)
@@ -163,10 +171,12 @@ def _encode_inputs(
     weights: Tensor | None,
     clip_skip: int,
     with_pooled: bool,
+    batches: EmphasisBatches | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run every encoder on its inputs ``input_ids(encoder)`` (n, 77): hidden states by the encoder's rule
-    (``hidden_state_layers``), emphasis ``weights`` (n, 77) where a row is not all 1, features concatenated,
-    (n, 77, D_1 + D_2 ...); and with ``with_pooled`` the last encoder's projected pooled output (n, P)."""
+    (``hidden_state_layers``), emphasis ``weights`` (n, 77) over each of A1111's ``batches`` (``_emphasized``),
+    features concatenated, (n, 77, D_1 + D_2 ...); and with ``with_pooled`` the last encoder's projected
+    pooled output (n, P)."""
     if not text_encoders:
         raise ValueError("encoding a prompt needs at least one text encoder")
     hiddens, pooled = [], None
@@ -181,7 +191,7 @@ def _encode_inputs(
             ran_exactly = len(out.hidden_states) - 1 == used
             hidden = out.last_hidden_state if ran_exactly else model.final_layer_norm(hidden)
         if weights is not None:
-            hidden = _emphasized(hidden, weights.to(device))
+            hidden = _emphasized(hidden, weights.to(device), batches)
         hiddens.append(hidden.to(hiddens[0].dtype) if hiddens else hidden)
         if wants_pooled:
             if out.pooled is None:
@@ -190,18 +200,23 @@ def _encode_inputs(
     return torch.cat(hiddens, dim=-1), pooled                                      # (n, 77, D_1 + D_2 ...)
 
 
-def _emphasized(hidden: Tensor, weights: Tensor) -> Tensor:
-    """A1111 emphasis on the rows (chunks) of ``hidden`` (n, 77, D) whose ``weights`` (n, 77) are not all 1."""
-    weighted = (weights != 1.0).any(dim=1)                                         # (n,)
-    if not weighted.any():
-        return hidden
-    rows = weighted.nonzero().squeeze(1)
-    hidden = hidden.clone()
-    emphasized = apply_emphasis(hidden[rows], weights[rows])                       # (k, 77, D)
-    if not torch.isfinite(emphasized).all() and torch.isfinite(hidden[rows]).all():
-        raise PromptError("the prompt's emphasis weights make its text encoding overflow; use weights nearer 1")
-    hidden[rows] = emphasized
-    return hidden
+def _emphasized(hidden: Tensor, weights: Tensor, batches: EmphasisBatches | None) -> Tensor:
+    """A1111 emphasis on the rows (chunks) of ``hidden`` (n, 77, D) with ``weights`` (n, 77): one mean per
+    batch of rows A1111 encodes together (``batches``: each one's rows and how many times each row counts in
+    it; None: every row alone), a batch whose weights are all 1 left as it is."""
+    if batches is None:
+        batches = [([row], [1]) for row in range(len(hidden))]
+    out = hidden
+    for rows, counts in batches:
+        index = torch.tensor(rows, device=hidden.device)
+        if (weights[index] == 1.0).all():
+            continue
+        emphasized = apply_emphasis(hidden[index], weights[index], torch.tensor(counts))   # (k, 77, D)
+        if not torch.isfinite(emphasized).all() and torch.isfinite(hidden[index]).all():
+            raise PromptError("the prompt's emphasis weights make its text encoding overflow; use weights nearer 1")
+        out = hidden.clone() if out is hidden else out
+        out[index] = emphasized
+    return out
 
 
 def encode_prompts(
@@ -239,6 +254,46 @@ def encode_prompts(
         results.append(PromptEmbedding(context=context, pooled=first_pooled))
         start += n
     return repeat_to_common_length(results) if equal_length else results
+
+
+def encode_schedule(
+    text_encoders: Sequence[TextEncoder],
+    texts: Sequence[str],
+    *,
+    clip_skip: int = 1,
+    emphasis: bool = True,
+    with_pooled: bool = False,
+) -> dict[str, PromptEmbedding]:
+    """The texts of one prompt's schedule (every entry's text, in order: ``prompt_schedule``) encoded as A1111
+    encodes them, as one batch (``prompt_parser.get_learned_conditioning`` hands them together to
+    ``FrozenCLIPEmbedderWithCustomWords.forward``), and each distinct text's embedding:
+
+    - every text gets the chunk count of the longest, the chunks a shorter one lacks being the encoding of
+      A1111's empty chunk (begin and 76 end tokens; the pad id after the first end token);
+    - emphasis restores one mean per chunk position over the whole batch, a text counting once per entry
+      (``apply_emphasis``: every row is rescaled, unweighted texts and empty chunks too).
+
+    Each distinct text is encoded once. A single text (a prompt without schedule) is its ``encode_prompt``.
+    """
+    if not text_encoders:
+        raise ValueError("encode_schedule needs at least one text encoder")
+    counts = Counter(texts)
+    distinct = list(counts)
+    per_text = [prompt_chunks(text, text_encoders[0].tokenizer) for text in distinct]
+    n, m = max(len(chunks) for chunks in per_text), len(distinct)
+    rows = [chunks[i] if i < len(chunks) else EMPTY_CHUNK for i in range(n) for chunks in per_text]   # by position
+    batches = [(range(i * m, (i + 1) * m), [counts[text] for text in distinct]) for i in range(n)]
+    features, pooled = _encode_inputs(
+        text_encoders, lambda encoder: chunk_input_ids(rows, encoder.spec.pad_token_id),
+        weights=_chunk_weights(rows) if emphasis else None, clip_skip=clip_skip, with_pooled=with_pooled,
+        batches=batches,
+    )                                                                              # (n m, 77, D), (n m, P)
+    grid = features.reshape(n, m, TOKENS_PER_CHUNK, -1)                            # (n, m, 77, D)
+    return {
+        text: PromptEmbedding(context=grid[:, j].reshape(1, n * TOKENS_PER_CHUNK, -1),   # (1, 77 n, D)
+                              pooled=pooled[j : j + 1] if pooled is not None else None)  # (1, P): first chunk's
+        for j, text in enumerate(distinct)
+    }
 
 
 def _encode_each(
@@ -377,6 +432,7 @@ def make_cond(
     negative_aesthetic_score: float = 2.5,
     negative_clip_skip: int | None = None,
     zero_empty_negative: bool | None = None,
+    encoded: Sequence[PromptEmbedding] | None = None,
 ) -> tuple[Conditioning, Conditioning | None]:
     """U-Net conditioning ``(cond, uncond)`` for a prompt and its negative, each ``{"context": (B, T, D)}``
     plus ``"y": (B, adm)`` for SDXL (``sdxl_vector(pooled, size_conds)``); ``uncond`` is None without
@@ -398,19 +454,20 @@ def make_cond(
     The negative is encoded at ``negative_clip_skip`` (None: ``clip_skip``). Its size numbers are the
     ``negative_*`` ones, each None taking the positive's value, with ``negative_aesthetic_score`` for the
     refiner: which of them a diffusers pipeline uses is the caller's choice (``generate._negative_sizes``).
+    ``encoded``: the prompt's embedding, then the negative's where one is encoded, when the caller has them
+    (``make_cond_schedule``, which encodes each side's schedule texts together).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     conditioner = family.conditioner
-    zero_empty = conditioner.zero_empty_negative if zero_empty_negative is None else zero_empty_negative
-    zero_negative = guidance and negative_prompt == "" and zero_empty
+    zero_negative = _zero_negative(family, negative_prompt, guidance, zero_empty_negative)
 
-    texts = [(prompt, clip_skip)]
-    if guidance and not zero_negative:
-        texts.append((negative_prompt, clip_skip if negative_clip_skip is None else negative_clip_skip))
-    embeddings = repeat_to_common_length(
-        _encode_each(encoders, texts, emphasis=emphasis, with_pooled=conditioner.pooled), max_factor=MAX_REPEAT_FACTOR,
-    )
+    if encoded is None:
+        texts = [(prompt, clip_skip)]
+        if guidance and not zero_negative:
+            texts.append((negative_prompt, clip_skip if negative_clip_skip is None else negative_clip_skip))
+        encoded = _encode_each(encoders, texts, emphasis=emphasis, with_pooled=conditioner.pooled)
+    embeddings = repeat_to_common_length(encoded, max_factor=MAX_REPEAT_FACTOR)
     positive = embeddings[0]
     if not guidance:
         negative = None
@@ -444,6 +501,13 @@ def make_cond(
     return cond, uncond
 
 
+def _zero_negative(family: FamilySpec, negative_prompt: str, guidance: bool, zero_empty_negative: bool | None) -> bool:
+    """Whether the negative is a zero context (``make_cond``): an empty one under guidance, where the family (or
+    ``zero_empty_negative``) says so."""
+    zero_empty = family.conditioner.zero_empty_negative if zero_empty_negative is None else zero_empty_negative
+    return guidance and negative_prompt == "" and zero_empty
+
+
 def make_cond_schedule(
     encoders: Sequence[TextEncoder],
     family: FamilySpec,
@@ -452,6 +516,11 @@ def make_cond_schedule(
     *,
     steps: int,
     hires_steps: int | None = None,
+    clip_skip: int = 1,
+    negative_clip_skip: int | None = None,
+    emphasis: bool = True,
+    guidance: bool = True,
+    zero_empty_negative: bool | None = None,
     **options,
 ) -> CondSchedule:
     """``make_cond`` at every step of A1111's prompt schedules (``prompt_schedule``: ``[from:to:when]``,
@@ -459,11 +528,19 @@ def make_cond_schedule(
     after ``steps``): ``[(end_at_step, cond, uncond), ...]``, one entry per run of steps whose texts are the
     same, the last ending at the schedule's length. The guided denoiser uses an entry up to and including
     model call ``end_at_step`` (counted from 0; ``guidance.switch_at_calls``). A prompt without that syntax
-    gives one entry, the conditioning of ``make_cond``. Each distinct pair of texts is encoded once, and the
-    entries of a text share its tensors (the generation memo keeps their keys and values). A1111's ``AND``
-    is split off before (``prompt_schedule.composable_parts``, one schedule a part)."""
+    gives one entry, the conditioning of ``make_cond``. The prompt's schedule texts are encoded together, as
+    A1111 encodes them, and so are the negative's (``encode_schedule``: the chunk count of each side's
+    longest text, one emphasis mean over each side's texts); each distinct text once, and the entries of a
+    text share its tensors (the generation memo keeps their keys and values). A1111's ``AND`` is split off
+    before (``prompt_schedule.composable_parts``, one schedule a part, encoded apart as A1111 does)."""
     positive = prompt_schedule(prompt, steps, hires_steps)
     negative = prompt_schedule(negative_prompt, steps, hires_steps)
+    encode = partial(encode_schedule, encoders, emphasis=emphasis, with_pooled=family.conditioner.pooled)
+    prompt_texts = encode([text for _, text in positive], clip_skip=clip_skip)
+    negative_texts: dict[str, PromptEmbedding] = {}
+    if guidance and not _zero_negative(family, negative_prompt, guidance, zero_empty_negative):
+        negative_texts = encode([text for _, text in negative],
+                                clip_skip=clip_skip if negative_clip_skip is None else negative_clip_skip)
     made: dict[tuple[str, str], tuple[Conditioning, Conditioning | None]] = {}
     shared: dict[tuple, Conditioning] = {}        # one dict (one set of tensors) per side, text and length
     schedule: CondSchedule = []
@@ -474,7 +551,9 @@ def make_cond_schedule(
             schedule[-1] = (end, *schedule[-1][1:])
             continue
         if texts not in made:
-            cond, uncond = make_cond(encoders, family, *texts, **options)
+            encoded = [prompt_texts[texts[0]], *([negative_texts[texts[1]]] if negative_texts else [])]
+            cond, uncond = make_cond(encoders, family, *texts, guidance=guidance, zero_empty_negative=zero_empty_negative,
+                                     encoded=encoded, **options)
             cond = shared.setdefault((0, texts[0], cond["context"].shape), cond)
             if uncond is not None:
                 uncond = shared.setdefault((1, texts[1], uncond["context"].shape), uncond)

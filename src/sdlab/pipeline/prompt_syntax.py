@@ -40,17 +40,17 @@ rest of its line; ``modules/processing_scripts/comments.py``), before anything e
    U-Net with 77 * n tokens).
 
 3. ``apply_emphasis(hidden, weights)`` is A1111's default ("Original") emphasis, applied to the text
-   encoder's output z of one chunk, z of shape (B, 77, D) and weights w of shape (B, 77):
+   encoder's output z of one batch of chunks, z of shape (B, 77, D) and weights w of shape (B, 77):
 
        z' = z * w[..., None]
        z'' = z' * (mean(z) / mean(z'))
 
-   Each token's hidden state is scaled by its weight, then the whole chunk is rescaled so that the mean
+   Each token's hidden state is scaled by its weight, then the whole batch is rescaled so that the mean
    over all of its elements is what it was before weighting (A1111 ``sd_emphasis.EmphasisOriginal``;
    without the rescale, large weights push the conditioning out of the range the U-Net was trained on).
-   One deliberate difference: the means are taken per batch row, where A1111 takes a single mean over the
-   whole batch. For a batch of one prompt (how A1111 encodes cond and uncond) the two are identical; per
-   row keeps each image of a batch independent of the other prompts in it.
+   The batch is what A1111 encodes together: one chunk of a prompt alone, or the same chunk of each text
+   of one prompt's schedule (``conditioning.encode_schedule``); the prompts of different pictures never
+   share a mean, so each picture of a batch stays independent of the others.
 """
 
 from __future__ import annotations
@@ -308,16 +308,20 @@ def chunk_tokens(
     return chunks
 
 
-def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """A1111 "Original" emphasis: scale each token's hidden state, then restore each row's mean.
+def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
+    """A1111 "Original" emphasis on one batch: scale each token's hidden state, then restore the batch's mean.
 
-    hidden: (B, T, D) text-encoder output of one chunk (T = 77); weights: (B, T) per-token multipliers.
-    Returns (B, T, D) in the dtype of ``hidden``; the means are computed in float32.
+    hidden: (B, T, D) text-encoder output of one batch of chunks (T = 77); weights: (B, T) per-token
+    multipliers; counts: (B,) how many rows of A1111's batch each row stands for (a text that several
+    entries of a prompt schedule share), 1 each when None. Returns (B, T, D) in the dtype of ``hidden``;
+    the means are computed in float32.
     """
     if hidden.shape[:2] != weights.shape:
         raise ValueError(f"weights {tuple(weights.shape)} do not match hidden states {tuple(hidden.shape)}")
     z = hidden.float()                                                        # (B, T, D)
-    original_mean = z.mean(dim=(1, 2), keepdim=True)                          # (B, 1, 1)
+    counts = torch.ones(len(z)) if counts is None else counts
+    counts = counts.to(device=z.device, dtype=z.dtype)                        # (B,)
+    original_mean = (z.mean(dim=(1, 2)) * counts).sum() / counts.sum()       # ()
     weighted = z * weights.to(device=z.device, dtype=z.dtype).unsqueeze(-1)   # (B, T, D)
-    new_mean = weighted.mean(dim=(1, 2), keepdim=True)                        # (B, 1, 1)
+    new_mean = (weighted.mean(dim=(1, 2)) * counts).sum() / counts.sum()     # ()
     return (weighted * (original_mean / new_mean)).to(hidden.dtype)          # (B, T, D)
