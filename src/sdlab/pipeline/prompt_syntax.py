@@ -255,8 +255,11 @@ def chunk_tokens(
     vectors), moved whole to the next chunk when it does not fit in the current one, as A1111's
     ``tokenize_line`` moves an embedding. Each piece is encoded on its own, as A1111 does.
     ``comma_padding_backtrack=0`` (or ``comma_id=None``) disables moving the
-    words after the last comma of a full chunk into the next one. More than ``max_chunks`` chunks (the text
-    encoder and the U-Net's cross-attention grow with each) is a ``PromptError``.
+    words after the last comma of a full chunk into the next one. An embedding among the moved words moves
+    with its vectors; A1111's ``tokenize_line`` leaves its ``fixes`` in the old chunk (its vectors land on
+    that chunk's padding and the moved placeholders read as token 0), a bug sdlab does not copy. More than
+    ``max_chunks`` chunks (the text encoder and the U-Net's cross-attention grow with each) is a
+    ``PromptError``.
     """
     chunks: list[Chunk] = []
     ids: list[int] = []
