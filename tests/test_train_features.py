@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -175,11 +176,15 @@ def test_sample_every_writes_preview_pngs_through_generate(sd1, tmp_path, monkey
         return real_generate(bundle, request, *args, **kwargs)
 
     monkeypatch.setattr(generate_module, "generate", spying_generate)
+    renamed = []                                             # atomic writes: a temporary file renamed into place
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(dst).name) or real_replace(src, dst))
     out = tmp_path / "run"
     run_from_config(_config(out, model, data_dir, sample_every=1, sample_prompts=("a red square", "a blue circle"),
                             sample_steps=2, sample_cfg=3.0, sample_seed=7))
     names = sorted(p.name for p in (out / "samples").iterdir())
     assert names == [f"step-{s:08d}-{i:02d}.png" for s in (1, 2) for i in (0, 1)]
+    assert set(names) | {"summary.json"} <= set(renamed)
     for name in names:
         with Image.open(out / "samples" / name) as im:
             assert im.format == "PNG" and im.size == (RES, RES)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -287,12 +289,16 @@ def test_vae_save_weights_layout_metadata_and_scaling_factor(tmp_path):
     assert load_trained_vae(tmp_path / "fixed.safetensors")[1] == pytest.approx(0.18215)
 
 
-def test_vae_preview_writes_originals_over_reconstructions(tmp_path):
+def test_vae_preview_writes_originals_over_reconstructions(tmp_path, monkeypatch):
     task = VAETask(TINY_VAE)
     images, captions = shapes_dataset(3, seed=0)
     task.loss(Batch(images=images, captions=captions), torch.Generator().manual_seed(0))
+    renamed = []                                             # written atomically: a temporary file renamed into place
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(Path(dst)) or real_replace(src, dst))
     task.preview(tmp_path, 12)
     assert Image.open(tmp_path / "vae_000012.png").size == (3 * 32, 2 * 32)
+    assert renamed == [tmp_path / "vae_000012.png"]
 
 
 def test_decoder_only_keeps_the_encoder_and_its_latents():

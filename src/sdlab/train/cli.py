@@ -51,7 +51,7 @@ from sdlab.train.distributed import DistContext, init_distributed, reporting_fai
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import RunResult, check_resume, train
 from sdlab.train.run_checkpoint import ResumePoint, disk_full_as_error, find_resume_point
-from sdlab.utils.files import OutputFolderError, make_output_folder
+from sdlab.utils.files import OutputFolderError, atomic_write, make_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
                        "skipped": result.skipped, "images_per_second": result.images_per_second,
                        "seconds_per_step": result.seconds_per_step, "resolution": cfg.resolution}
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write(Path(cfg.output_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         return result
     except (Exception, KeyboardInterrupt) as exc:
         _quiet_unless_reporting(exc)  # decided before the group closes, while the other processes can learn it

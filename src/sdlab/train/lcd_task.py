@@ -243,6 +243,7 @@ class LCDTask(UNetTask):
         if not opts.sample_prompts:
             return
         from sdlab.pipeline.generate import generate  # the pipeline layer; imported when previews are asked for
+        from sdlab.pipeline.png_info import save_png_atomic
         from sdlab.pipeline.request import GenerationRequest
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -253,7 +254,7 @@ class LCDTask(UNetTask):
                 request = GenerationRequest(prompt=prompt, steps=opts.sample_steps, sampler="LCM",
                                             cfg_scale=opts.sample_cfg, seed=opts.sample_seed + i,
                                             width=opts.resolution, height=opts.resolution)
-                generate(self.bundle, request).images[0].save(out_dir / f"step-{step:08d}-{i:02d}.png")
+                save_png_atomic(generate(self.bundle, request).images[0], out_dir / f"step-{step:08d}-{i:02d}.png", None)
         finally:
             self.bundle.unet.train(was_training)
 

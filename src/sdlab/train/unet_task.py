@@ -200,6 +200,7 @@ class UNetTask:
         if not self.options.sample_prompts:
             return
         from sdlab.pipeline.generate import generate  # the pipeline layer; imported when previews are asked for
+        from sdlab.pipeline.png_info import save_png_atomic
         from sdlab.pipeline.request import GenerationRequest
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +212,7 @@ class UNetTask:
                 request = GenerationRequest(prompt=prompt, steps=self.options.sample_steps, cfg_scale=self.options.sample_cfg,
                                             seed=self.options.sample_seed + i, width=size, height=size)
                 result = generate(self.bundle, request)
-                result.images[0].save(out_dir / f"step-{step:08d}-{i:02d}.png")
+                save_png_atomic(result.images[0], out_dir / f"step-{step:08d}-{i:02d}.png", None)
         finally:
             self.bundle.unet.train(was_training)
 

@@ -71,6 +71,7 @@ from sdlab.checkpoints.io import read_checkpoint, write_safetensors_atomic
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.vae import AutoencoderKL, VAEConfig
 from sdlab.pipeline.images import tensor_to_pil
+from sdlab.pipeline.png_info import save_png_atomic
 from sdlab.train.config import TrainConfig
 from sdlab.train.data import posterior_sample, sample_seeds
 from sdlab.train.losses import (
@@ -260,7 +261,7 @@ class VAETask:
             grid.paste(tile, ((i % n) * w, (i // n) * h))
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        grid.save(out_dir / f"vae_{step:06d}.png")
+        save_png_atomic(grid, out_dir / f"vae_{step:06d}.png", None)
 
     # -- latent scaling ----------------------------------------------------------------------------------
     def scaling_factor(self) -> float:
