@@ -26,7 +26,6 @@ from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, schedule_from_a1111, split_a1111_sampler
 from sdlab.pipeline.images import mask_levels
-from sdlab.pipeline.infotext import split_lora_tags
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
 from sdlab.pipeline.plan import check_refiner_convention
@@ -349,7 +348,6 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     if size_known:
         check_pixels(f"{width}x{height}", width, height, limits)
     try:
-        split_lora_tags(request.prompt if isinstance(request.prompt, str) else "")
         resolved = resolve(with_upscaler_file(request, upscaler), default_size=default_size or 64,
                            default_sampler="Euler", default_schedule="normal", factor=factor)
     except (RequestError, ValueError) as err:
