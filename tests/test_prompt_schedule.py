@@ -242,6 +242,21 @@ def test_schedule_texts_are_encoded_as_one_a1111_batch(family, prompt, negative,
             torch.testing.assert_close(cond["y"][:, : alone.shape[1]], alone, rtol=0, atol=1e-6)
 
 
+@torch.no_grad()
+def test_schedule_texts_are_encoded_one_chunk_position_at_a_time(sd1):
+    """A1111's forward runs one chunk position at a time over the batch's texts: a 3-chunk prompt with 2 x 3
+    alternations (6 distinct texts) makes encoder calls of 6 rows, not one call of 6 texts x 3 chunks."""
+    rows = []
+    handle = sd1.text_encoders[0].model.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    try:
+        prompt = f"{', '.join(['a red apple'] * 40)} [a|b] [c|d|e]"
+        assert len(prompt_chunks(prompt, sd1.text_encoders[0].tokenizer)) == 3
+        make_cond_schedule(sd1.text_encoders, sd1.family, prompt, "ugly", steps=12)
+    finally:
+        handle.remove()
+    assert rows == [6, 6, 6, 1]                                   # the prompt's 3 positions, then the negative
+
+
 def test_switch_at_calls_counts_calls_as_a1111():
     seen = []
     models = [(2, lambda x, sigma: seen.append("a") or x), (5, lambda x, sigma: seen.append("b") or x)]

@@ -7,7 +7,8 @@ a pooled output (SDXL), a pooled text vector:
    75 weighted token ids. This is done once: every CLIP tokenizer shares one vocabulary.
 2. Each chunk becomes one 77-position encoder input ``[49406] + 75 ids + [49407]``; everything after the
    end token that follows the real tokens is the encoder's pad id (49407 for CLIP-L, 0 for OpenCLIP), as
-   A1111's ``process_tokens`` does. Chunks are encoded as a batch, one forward pass per encoder.
+   A1111's ``process_tokens`` does. As in A1111's ``forward``, the encoders run one chunk position at a
+   time, every text's chunk at that position in one batch (``_encode_batches``).
 3. The hidden state named by the encoder's ``TextEncoderSpec.hidden_state`` is taken, with A1111's clip
    skip ``n`` (1 = the family's usual layer, each step one layer further back):
 
@@ -168,15 +169,14 @@ def _encode_inputs(
     text_encoders: Sequence[TextEncoder],
     input_ids: Callable[[TextEncoder], Tensor],
     *,
-    weights: Tensor | None,
+    weighting: tuple[Tensor, EmphasisBatches] | None,
     clip_skip: int,
     with_pooled: bool,
-    batches: EmphasisBatches | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Run every encoder on its inputs ``input_ids(encoder)`` (n, 77): hidden states by the encoder's rule
-    (``hidden_state_layers``), emphasis ``weights`` (n, 77) over each of A1111's ``batches`` (``_emphasized``),
-    features concatenated, (n, 77, D_1 + D_2 ...); and with ``with_pooled`` the last encoder's projected
-    pooled output (n, P)."""
+    (``hidden_state_layers``), emphasis ``weighting`` (weights (n, 77) and A1111's batches of rows:
+    ``_emphasized``), features concatenated, (n, 77, D_1 + D_2 ...); and with ``with_pooled`` the last
+    encoder's projected pooled output (n, P)."""
     if not text_encoders:
         raise ValueError("encoding a prompt needs at least one text encoder")
     hiddens, pooled = [], None
@@ -190,7 +190,8 @@ def _encode_inputs(
         if norm:
             ran_exactly = len(out.hidden_states) - 1 == used
             hidden = out.last_hidden_state if ran_exactly else model.final_layer_norm(hidden)
-        if weights is not None:
+        if weighting is not None:
+            weights, batches = weighting
             hidden = _emphasized(hidden, weights.to(device), batches)
         hiddens.append(hidden.to(hiddens[0].dtype) if hiddens else hidden)
         if wants_pooled:
@@ -200,12 +201,10 @@ def _encode_inputs(
     return torch.cat(hiddens, dim=-1), pooled                                      # (n, 77, D_1 + D_2 ...)
 
 
-def _emphasized(hidden: Tensor, weights: Tensor, batches: EmphasisBatches | None) -> Tensor:
+def _emphasized(hidden: Tensor, weights: Tensor, batches: EmphasisBatches) -> Tensor:
     """A1111 emphasis on the rows (chunks) of ``hidden`` (n, 77, D) with ``weights`` (n, 77): one mean per
     batch of rows A1111 encodes together (``batches``: each one's rows and how many times each row counts in
-    it; None: every row alone), a batch whose weights are all 1 left as it is."""
-    if batches is None:
-        batches = [([row], [1]) for row in range(len(hidden))]
+    it), a batch whose weights are all 1 left as it is."""
     out = hidden
     for rows, counts in batches:
         index = torch.tensor(rows, device=hidden.device)
@@ -219,6 +218,62 @@ def _emphasized(hidden: Tensor, weights: Tensor, batches: EmphasisBatches | None
     return out
 
 
+def _encode_batches(
+    text_encoders: Sequence[TextEncoder],
+    batches: Sequence[Sequence[str]],
+    *,
+    clip_skip: int,
+    emphasis: bool,
+    with_pooled: bool,
+) -> list[dict[str, PromptEmbedding]]:
+    """Each batch of texts encoded as A1111's ``FrozenCLIPEmbedderWithCustomWords.forward`` encodes a batch,
+    and each distinct text's embedding, batch by batch:
+
+    - every text of a batch gets the chunk count of the batch's longest, the chunks a shorter one lacks being
+      the encoding of A1111's empty chunk (begin and 76 end tokens; the pad id after the first end token);
+    - emphasis restores one mean per chunk position over the batch, a text counting once per time it is in
+      the batch (``apply_emphasis``: every row is rescaled, unweighted texts and empty chunks too);
+    - the pooled vector (``with_pooled``) is the first chunk's, as A1111 (``zs[0].pooled``).
+
+    As in A1111, the encoders run one chunk position at a time, over the distinct texts of every batch that
+    reaches it: the layers' hidden states held at once are one chunk's per distinct text, whatever the
+    prompt's length. Only the first position runs the last encoder to its end for the pooled vector.
+    """
+    if not text_encoders:
+        raise ValueError("encoding a prompt needs at least one text encoder")
+    tokenizer = text_encoders[0].tokenizer       # one shared vocabulary; each encoder applies its own pad id
+    counts = [Counter(texts) for texts in batches]
+    chunks = [{text: prompt_chunks(text, tokenizer) for text in batch} for batch in counts]
+    lengths = [max(len(text_chunks) for text_chunks in batch.values()) for batch in chunks]
+    columns: list[list[Tensor]] = [[] for _ in batches]      # each batch's features, chunk position by position
+    first_pooled: list[Tensor | None] = [None] * len(batches)
+    for position in range(max(lengths, default=0)):
+        live = [b for b, length in enumerate(lengths) if position < length]
+        rows = [text_chunks[position] if position < len(text_chunks) else EMPTY_CHUNK
+                for b in live for text_chunks in chunks[b].values()]
+        sizes = [len(chunks[b]) for b in live]
+        starts = [sum(sizes[:k]) for k in range(len(live))]
+        emphasis_batches = [(range(start, start + size), list(counts[b].values()))
+                            for b, start, size in zip(live, starts, sizes)]
+        features, pooled = _encode_inputs(
+            text_encoders, lambda encoder: chunk_input_ids(rows, encoder.spec.pad_token_id),
+            weighting=(_chunk_weights(rows), emphasis_batches) if emphasis else None, clip_skip=clip_skip,
+            with_pooled=with_pooled and position == 0,
+        )                                                                          # (k, 77, D), (k, P)
+        for b, part in zip(live, features.split(sizes)):
+            columns[b].append(part)
+        if pooled is not None:
+            for b, part in zip(live, pooled.split(sizes)):
+                first_pooled[b] = part
+    return [
+        {text: PromptEmbedding(
+            context=torch.cat([column[j : j + 1] for column in columns[b]], dim=1),      # (1, 77 n, D)
+            pooled=None if first_pooled[b] is None else first_pooled[b][j : j + 1])       # (1, P)
+         for j, text in enumerate(chunks[b])}
+        for b in range(len(batches))
+    ]
+
+
 def encode_prompts(
     text_encoders: Sequence[TextEncoder],
     prompts: Sequence[str],
@@ -228,7 +283,8 @@ def encode_prompts(
     with_pooled: bool = False,
     equal_length: bool = True,
 ) -> list[PromptEmbedding]:
-    """Encode several prompts with one forward pass per encoder (see module docstring).
+    """Encode several prompts, each as A1111 encodes it alone, at its own chunk count (``_encode_batches``,
+    one batch a prompt; see module docstring).
 
     ``equal_length`` repeats each prompt's context up to the least common multiple of the chunk counts
     (``repeat_to_common_length``), so that all contexts have the same number of tokens and attend exactly as
@@ -236,23 +292,9 @@ def encode_prompts(
     ``with_pooled`` runs the last encoder to its end and returns its projected pooled output (SDXL): the
     first chunk's, as A1111 (``zs[0].pooled``).
     """
-    if not text_encoders:
-        raise ValueError("encode_prompts needs at least one text encoder")
-    tokenizer = text_encoders[0].tokenizer       # one shared vocabulary; each encoder applies its own pad id
-    per_prompt = [prompt_chunks(p, tokenizer) for p in prompts]
-    flat = [chunk for chunks in per_prompt for chunk in chunks]
-    features, pooled = _encode_inputs(
-        text_encoders, lambda encoder: chunk_input_ids(flat, encoder.spec.pad_token_id),
-        weights=_chunk_weights(flat) if emphasis else None, clip_skip=clip_skip, with_pooled=with_pooled,
-    )                                                                              # (n, 77, D), (n, P)
-
-    results, start = [], 0
-    for chunks in per_prompt:
-        n = len(chunks)
-        context = features[start : start + n].reshape(1, n * TOKENS_PER_CHUNK, -1)   # (1, 77 n, D)
-        first_pooled = pooled[start : start + 1] if pooled is not None else None  # (1, P)
-        results.append(PromptEmbedding(context=context, pooled=first_pooled))
-        start += n
+    encoded = _encode_batches(text_encoders, [[prompt] for prompt in prompts], clip_skip=clip_skip,
+                              emphasis=emphasis, with_pooled=with_pooled)
+    results = [by_text[prompt] for by_text, prompt in zip(encoded, prompts)]
     return repeat_to_common_length(results) if equal_length else results
 
 
@@ -266,34 +308,11 @@ def encode_schedule(
 ) -> dict[str, PromptEmbedding]:
     """The texts of one prompt's schedule (every entry's text, in order: ``prompt_schedule``) encoded as A1111
     encodes them, as one batch (``prompt_parser.get_learned_conditioning`` hands them together to
-    ``FrozenCLIPEmbedderWithCustomWords.forward``), and each distinct text's embedding:
-
-    - every text gets the chunk count of the longest, the chunks a shorter one lacks being the encoding of
-      A1111's empty chunk (begin and 76 end tokens; the pad id after the first end token);
-    - emphasis restores one mean per chunk position over the whole batch, a text counting once per entry
-      (``apply_emphasis``: every row is rescaled, unweighted texts and empty chunks too).
-
+    ``FrozenCLIPEmbedderWithCustomWords.forward``: ``_encode_batches``), and each distinct text's embedding.
     Each distinct text is encoded once. A single text (a prompt without schedule) is its ``encode_prompt``.
     """
-    if not text_encoders:
-        raise ValueError("encode_schedule needs at least one text encoder")
-    counts = Counter(texts)
-    distinct = list(counts)
-    per_text = [prompt_chunks(text, text_encoders[0].tokenizer) for text in distinct]
-    n, m = max(len(chunks) for chunks in per_text), len(distinct)
-    rows = [chunks[i] if i < len(chunks) else EMPTY_CHUNK for i in range(n) for chunks in per_text]   # by position
-    batches = [(range(i * m, (i + 1) * m), [counts[text] for text in distinct]) for i in range(n)]
-    features, pooled = _encode_inputs(
-        text_encoders, lambda encoder: chunk_input_ids(rows, encoder.spec.pad_token_id),
-        weights=_chunk_weights(rows) if emphasis else None, clip_skip=clip_skip, with_pooled=with_pooled,
-        batches=batches,
-    )                                                                              # (n m, 77, D), (n m, P)
-    grid = features.reshape(n, m, TOKENS_PER_CHUNK, -1)                            # (n, m, 77, D)
-    return {
-        text: PromptEmbedding(context=grid[:, j].reshape(1, n * TOKENS_PER_CHUNK, -1),   # (1, 77 n, D)
-                              pooled=pooled[j : j + 1] if pooled is not None else None)  # (1, P): first chunk's
-        for j, text in enumerate(distinct)
-    }
+    return _encode_batches(text_encoders, [texts], clip_skip=clip_skip, emphasis=emphasis,
+                           with_pooled=with_pooled)[0]
 
 
 def _encode_each(
@@ -349,7 +368,7 @@ def encode_captions(
     rule, clip skip 1, feature concatenation and pooled output), so a plain caption of at most 75 tokens
     conditions the U-Net in training exactly as the same prompt does in ``make_cond``."""
     return _encode_inputs(
-        text_encoders, lambda encoder: encoder.tokenizer(list(captions)), weights=None, clip_skip=1,
+        text_encoders, lambda encoder: encoder.tokenizer(list(captions)), weighting=None, clip_skip=1,
         with_pooled=with_pooled,
     )
 
