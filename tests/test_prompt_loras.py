@@ -36,6 +36,7 @@ from sdlab.pipeline.prompt_loras import (
     patcher_for,
     resolve_prompt_loras,
     split_prompt_loras,
+    without_merged_tags,
 )
 from sdlab.pipeline.request import RequestError
 
@@ -296,3 +297,16 @@ def test_a_pipeline_dropped_after_a_run_frees_its_model():
     del pipe
     gc.collect()
     assert unet() is None
+
+
+@pytest.mark.parametrize("prompt, weight, drawn, recorded", [
+    ("# old: <lora:ink:1>\na castle <lora:ink:1>", 1.0, "\na castle ", "\na castle <lora:ink:1>"),
+    ("# <lora:ink:1>\n<lora:ink:1> <lora:ink:1>", 1.0, "\n ", "\n<lora:ink:1> <lora:ink:1>"),
+    ("# old: <lora:ink:0.5>\na castle <lora:ink:0.5>", 0.7, "\na castle ", "\na castle "),
+])
+def test_a_merged_loras_tag_is_left_out_where_it_applies_not_in_a_comment(prompt, weight, drawn, recorded):
+    """`without_merged_tags` leaves out the tags of a LoRA merged at load (`--lora`, the native `loras`) from
+    the prompt the pipeline reads, without its comments: a commented-out copy of the tag taken out instead
+    would leave the live one to be merged a second time for the run."""
+    assert without_merged_tags(prompt, {"ink": weight}) == (drawn, recorded)
+    assert split_prompt_loras(drawn)[1] == []

@@ -159,10 +159,11 @@ def without_merged_tags(prompt: str, merged: Mapping[str, float]) -> tuple[str, 
     """(the prompt the pipeline draws, the prompt to record) when the LoRAs `merged` (name -> weight) are
     merged at load (`--lora`, the native API's `loras`): a tag of one of them is left out of the drawn prompt
     (the load's weight wins, the LoRA is not merged twice) and, where its weights differ from that weight,
-    out of the recorded one too (the parameters then tag it at the weight it was drawn with). A bad tag is a
-    ValueError."""
-    drawn, recorded = prompt, prompt
-    for tag in split_prompt_loras(prompt)[1]:
+    out of the recorded one too (the parameters then tag it at the weight it was drawn with). Both are the
+    prompt without its comments (`strip_comments`, as the pipeline and the parameters read it), so a tag left
+    out is the one that applies, never a commented-out copy of it. A bad tag is a ValueError."""
+    drawn = recorded = strip_comments(prompt)
+    for tag in split_prompt_loras(drawn)[1]:
         if tag.name in merged:
             drawn = drawn.replace(tag.text, "", 1)
             if (tag.te_weight, tag.unet_weight) != (merged[tag.name],) * 2:
