@@ -214,3 +214,23 @@ def test_a1111_hires_fix_without_a_denoising_strength_takes_a1111s_api_default()
 
     assert _request(Txt2ImgIn(prompt="x", enable_hr=True)).hr_denoise == 0.75
     assert _request(Txt2ImgIn(prompt="x", enable_hr=True, denoising_strength=0.4)).hr_denoise == 0.4
+
+
+@pytest.mark.parametrize("restore", [True, False])
+@pytest.mark.parametrize("override, named", [
+    ({"CLIP_stop_at_last_layers": 0}, "override_settings.CLIP_stop_at_last_layers must be an integer >= 1, got 0"),
+    ({"CLIP_stop_at_last_layers": "2"}, "override_settings.CLIP_stop_at_last_layers must be an integer >= 1"),
+    ({"CLIP_stop_at_last_layers": 1.5}, "override_settings.CLIP_stop_at_last_layers must be an integer >= 1"),
+    ({"eta_noise_seed_delta": -1}, "override_settings.eta_noise_seed_delta must be an integer >= 0"),
+    ({"tiling": "yes"}, "override_settings.tiling must be true or false"),
+])
+def test_override_settings_have_one_check_whatever_restore_afterwards_says(override, named, restore):
+    """A1111's override_settings are checked by `POST options`' rules for every request (a 422 naming the
+    field as sent), not by those rules with `override_settings_restore_afterwards: false` and by the
+    request's own (a 400 about "clip skip") with the default true."""
+    from sdlab.server.a1111 import Txt2ImgIn, _request
+
+    body = Txt2ImgIn(prompt="x", override_settings=override, override_settings_restore_afterwards=restore)
+    with pytest.raises(BadRequest) as refused:
+        _request(body)
+    assert refused.value.status == 422 and str(refused.value).startswith(named), str(refused.value)

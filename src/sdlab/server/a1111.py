@@ -169,9 +169,10 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
     """The generation `body` asks for, with A1111's settings: the server's `options` (`POST options`) under
     the request's `override_settings` (A1111 sets those for the one request). Several init pictures `inits`
     draw one picture each, in every iteration (A1111's `init_images`); the `n_iter` iterations are the job's
-    batch count (`_generate`)."""
+    batch count (`_generate`). The overrides are checked as `POST options` checks options, whether or not they
+    stay afterwards."""
+    _check_options(body.override_settings, "override_settings.")
     settings = {**OPTION_DEFAULTS, **(options or {}), **body.override_settings}
-    _check_vae(settings["sd_vae"], "override_settings.sd_vae" if "sd_vae" in body.override_settings else "sd_vae")
     if body.batch_size < 1 or not 1 <= body.n_iter <= MAX_BATCH_COUNT:
         raise BadRequest(f"batch_size must be >= 1 and n_iter 1..{MAX_BATCH_COUNT}, got {body.batch_size} and "
                          f"{body.n_iter}", 422)
@@ -218,7 +219,7 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
                    unset_schedule=a1111_schedule(request.sampler, None),
                    refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
     kept = {} if body.override_settings_restore_afterwards else body.override_settings
-    selected = await asyncio.to_thread(_checked_options, service, kept) if kept else None
+    selected = await asyncio.to_thread(_selected_model, service, kept) if kept else None     # checked: `_request`
     try:
         job, _ = await asyncio.to_thread(service.submit, spec, mode, model)
     except BadRequest as err:
@@ -411,17 +412,18 @@ def _options(service: Service) -> dict[str, Any]:
             "sd_checkpoint_hash": selected.sha256, "samples_format": "png"}
 
 
-def _check_options(body: dict[str, Any]) -> None:
+def _check_options(body: dict[str, Any], where: str = "") -> None:
     """The options a generation uses are refused when they are not values it can use (A1111 would fail
-    every later generation instead); every option's text is UTF-8, as GET echoes it (`check_texts`)."""
-    check_texts(body)
+    every later generation instead); every option's text is UTF-8, as GET echoes it (`check_texts`). Errors
+    name each option as sent: `where` and its key (`override_settings.` in a generation request)."""
+    check_texts(body, where.rstrip("."))
     for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0)):
         value = body.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
-            raise BadRequest(f"{key} must be an integer >= {least}, got {value!r}", 422)
+            raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r}", 422)
     if not isinstance(body.get("tiling", False), bool):
-        raise BadRequest(f"tiling must be true or false, got {body['tiling']!r}", 422)
-    _check_vae(body.get("sd_vae", BUILTIN_VAE[0]), "sd_vae")
+        raise BadRequest(f"{where}tiling must be true or false, got {body['tiling']!r}", 422)
+    _check_vae(body.get("sd_vae", BUILTIN_VAE[0]), f"{where}sd_vae")
 
 
 def _check_vae(name: Any, key: str) -> None:
@@ -444,12 +446,12 @@ def set_options(body: dict[str, Any], request: Request) -> None:
     request's `override_settings` and, for `tiling`, its own field); other options are remembered and echoed
     by GET but change nothing (docs/server.md). Nothing is set when one value is refused."""
     service = service_of(request)
-    _set_options(service, body, _checked_options(service, body))
-
-
-def _checked_options(service: Service, body: dict[str, Any]) -> Checkpoint | None:
-    """`body`'s options checked (`_check_options`) and the model it selects, a readable file, if it names one."""
     _check_options(body)
+    _set_options(service, body, _selected_model(service, body))
+
+
+def _selected_model(service: Service, body: dict[str, Any]) -> Checkpoint | None:
+    """The model the options `body` select, a readable file, if they name one."""
     if "sd_model_checkpoint" not in body:
         return None
     checkpoint = service.checkpoint(body["sd_model_checkpoint"])
@@ -458,7 +460,7 @@ def _checked_options(service: Service, body: dict[str, Any]) -> Checkpoint | Non
 
 
 def _set_options(service: Service, body: dict[str, Any], selected: Checkpoint | None) -> None:
-    """Set the options `_checked_options` passed: the model new jobs use (`selected`) and the others."""
+    """Set the options `_check_options` passed: the model new jobs use (`selected`) and the others."""
     if selected is not None:
         service.host.selected = selected
     service.options.update({k: v for k, v in body.items() if k not in FIXED_OPTIONS})
