@@ -285,25 +285,73 @@ def test_a1111_module_names_mean_what_they_mean_in_the_extension(tmp_path):
     assert (unit.module, unit.threshold_a) == ("tile_resample", 2.5)
 
 
+def _extension_inpaint_alpha(unit_image: np.ndarray | None, unit_mask: np.ndarray | None, init: np.ndarray | None,
+                             run_mask: np.ndarray | None) -> np.ndarray:
+    """The mask (alpha) the ControlNet extension gives an inpaint unit's input: Mikubill/sd-webui-controlnet
+    scripts/controlnet.py, transcribed: `image_dict_from_any` (no mask: zeros), `choose_input_image` (a unit
+    image's mask counts when `have_mask`; none: the init image, three channels) and `process` (without a mask
+    that `image_has_mask`, the run's `prepare_mask` of the same size)."""
+    if unit_image is None:                                      # use img2img init_image as default
+        input_image = init
+    else:
+        mask = np.zeros_like(unit_image, dtype=np.uint8) if unit_mask is None else unit_mask
+        while len(mask.shape) < 3:
+            mask = mask[..., np.newaxis]
+        have_mask = not ((mask[:, :, 0] == 0).all() or (mask[:, :, 0] == 255).all())
+        alpha = mask[:, :, 0:1] if have_mask else np.zeros_like(unit_image)[:, :, 0:1]
+        input_image = np.concatenate([unit_image, alpha], axis=2)
+    image_has_mask = input_image.ndim == 3 and input_image.shape[2] == 4 and np.max(input_image[:, :, 3]) > 127
+    if not image_has_mask and run_mask is not None:
+        if run_mask.shape[0] == input_image.shape[0] and run_mask.shape[1] == input_image.shape[1]:
+            input_image = np.concatenate([input_image[:, :, 0:3], run_mask[:, :, None]], axis=2)
+    return input_image[:, :, 3] if input_image.shape[2] == 4 else np.zeros(input_image.shape[:2], np.uint8)
+
+
 def test_a1111_inpaint_units_take_their_mask_as_the_extension_does(tmp_path):
-    """inpaint_global_harmonious is the extension's UI name of `inpaint`; an inpaint unit's mask is its `mask`
-    (or `mask_image`, or its `{image, mask}` object's), all black when it brings its own image without one (the
-    extension's zero mask), and the run's when it takes img2img's init image (None here)."""
+    """An inpaint unit's mask is its `mask` (or `mask_image`, or its `{image, mask}` object's) where the extension
+    reads one there; without one, or with a uniform one (all black, all white) or one nowhere above 127, the
+    inpainting run's mask where it has the unit image's size, else none: the pixels sdlab's hint masks (-1)
+    are those above 127 in the extension's alpha (`_extension_inpaint_alpha`), inpaint_global_harmonious
+    being the extension's UI name of `inpaint`."""
+    from sdlab.pipeline.control import _masked_hint, hint_tensor, inpaint_mask
     from sdlab.server.config import Limits
     from sdlab.server.controls import a1111_controls
     from sdlab.server.model_folders import CONTROLNET_SUFFIXES, ModelFolder
 
-    mask = Image.new("L", (8, 8), 255)
-    for fields in ({"mask": mask}, {"mask_image": mask}, {"image": {"image": Image.new("RGB", (8, 8)), "mask": mask}}):
-        [unit] = _units(tmp_path, module="inpaint_global_harmonious", **fields)
-        assert unit.module == "inpaint" and unit.mask is mask
-    [unit] = _units(tmp_path, module="inpaint_only")
-    assert unit.mask.size == (8, 8) and unit.mask.getextrema() == (0, 0)
-    assert _units(tmp_path, module="canny", mask=mask)[0].mask is None
+    (tmp_path / "ControlNet").mkdir()
+    (tmp_path / "ControlNet" / "cn.safetensors").write_bytes(b"x")
     folder = ModelFolder(tmp_path / "ControlNet", CONTROLNET_SUFFIXES, hashed=True)
-    [unit] = a1111_controls({"controlnet": {"args": [{"model": "cn", "image": "", "module": "inpaint"}]}}, folder,
-                            Limits(), init=Image.new("RGB", (8, 8)))
-    assert unit.mask is None
+    init = Image.new("RGB", (16, 16), (90, 90, 90))
+    own = Image.new("RGB", (16, 16), (20, 160, 40))
+    run_mask = Image.new("L", (16, 16), 0)
+    ImageDraw.Draw(run_mask).rectangle((4, 4, 11, 11), fill=255)
+    left = Image.new("L", (16, 16), 0)
+    ImageDraw.Draw(left).rectangle((0, 0, 5, 15), fill=255)
+    faint = Image.new("L", (16, 16), 0)
+    ImageDraw.Draw(faint).rectangle((0, 0, 5, 15), fill=100)
+    uniform = [Image.new("L", (16, 16), 255), Image.new("L", (16, 16), 0)]
+    cases = [("", None, init, run_mask), (own, None, init, run_mask), (own, uniform[0], init, run_mask),
+             (own, uniform[1], init, run_mask), (own, left, init, run_mask), (own, faint, init, run_mask),
+             (own, left.convert("RGB"), init, run_mask), (own, None, None, None), (own, left, None, None),
+             (Image.new("RGB", (24, 24)), None, init, run_mask), (init, uniform[0], init, None)]
+    for image, mask, run_init, run in cases:
+        for module in ("inpaint_global_harmonious", "inpaint_only"):
+            fields = {} if mask is None else {"mask": mask}
+            if mask is not None and image is init:
+                fields = {"image": {"image": image, "mask": mask}}
+            unit = {"model": "cn", "image": image, "module": module, **fields}
+            [control] = a1111_controls({"controlnet": {"args": [unit]}}, folder, Limits(), init=run_init)
+            if run is None and module == "inpaint_only":
+                continue                                        # refused outside an inpainting run
+            width, height = control.image.size
+            hint = hint_tensor(control.image.convert("RGB"), width, height, "resize")
+            masked = _masked_hint(hint, control, 0, inpaint_mask(run), None, None, "resize")[0, 0] == -1
+            alpha = _extension_inpaint_alpha(None if image == "" else np.asarray(image),
+                                             None if mask is None else np.asarray(mask),
+                                             np.asarray(run_init) if run_init is not None else None,
+                                             None if run is None else np.asarray(inpaint_mask(run)))
+            assert np.array_equal(masked.numpy(), alpha > 127), (image, mask, module)
+    assert _units(tmp_path, module="canny", mask=left)[0].mask is None
 
 
 def test_a1111_resize_mode_and_thresholds(tmp_path):

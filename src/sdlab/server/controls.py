@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from sdlab.pipeline.control import (
     CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control,
 )
+from sdlab.pipeline.images import eight_bit
 from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, unknown_preprocessor
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import Limits
@@ -113,14 +115,27 @@ def checked_control(control: ControlInput, index: int, convention: str) -> Contr
         raise BadRequest(str(err), 422) from None
 
 
-def unit_mask(unit: dict[str, Any], own: Any, image: Image.Image, what: str, limits: Limits) -> Image.Image | None:
-    """An inpaint unit's mask, as the extension reads it: its `mask` (or `mask_image`, or its own image's
-    `{image, mask}` object's), else all black (nothing masked) when the unit brings its own image (`own`,
-    decoded as `image`); None when it takes img2img's init image, whose mask is then the run's."""
+def unit_mask(unit: dict[str, Any], own: Any, image: Image.Image, init: Image.Image | None, what: str,
+              limits: Limits) -> Image.Image | None:
+    """An inpaint unit's mask, as the extension reads it (`choose_input_image`, then `process`): its `mask` (or
+    `mask_image`, or its own image's `{image, mask}` object's) where that is one (`masks_something`); else
+    None, the inpainting run's mask (`control._masked_hint`), where the run's mask fits the unit's picture
+    (`image`, the unit's own, `own`, or img2img's init image `init`, whose size the run's mask has); else
+    all black (nothing masked)."""
     mask = unit.get("mask") or unit.get("mask_image") or (own.get("mask") if isinstance(own, dict) else None)
     if mask:
-        return mask if isinstance(mask, Image.Image) else decode_image(mask, f"{what} mask", limits)
-    return None if own is None else Image.new("L", image.size)
+        mask = mask if isinstance(mask, Image.Image) else decode_image(mask, f"{what} mask", limits)
+        if masks_something(mask):
+            return mask
+    return None if init is None or image.size == init.size else Image.new("L", image.size)
+
+
+def masks_something(mask: Image.Image) -> bool:
+    """Whether the extension takes `mask` for a unit's mask: its first channel is not all 0 or all 255
+    (`choose_input_image`'s `have_mask`) and is above 127 somewhere (`image_has_mask`); a uniform one is no
+    mask, and the run's serves."""
+    first = np.asarray(eight_bit(mask).convert("RGB"))[..., 0]
+    return not ((first == 0).all() or (first == 255).all()) and first.max() > 127
 
 
 def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
@@ -129,7 +144,7 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
     what = f"control {index}"
     own = unit.get("image") or unit.get("input_image") or None
     module, image = module_name(unit.get("module")), hint_image(own or init, what, limits)
-    mask = unit_mask(unit, own, image, what, limits) if module in INPAINT_MODULES else None
+    mask = unit_mask(unit, own, image, init, what, limits) if module in INPAINT_MODULES else None
     control = ControlInput(model_path(unit["model"], what, folder), image,
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0), unit.get("guidance_end", 1.0),
                            module, control_mode(unit.get("control_mode")),
