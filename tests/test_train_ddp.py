@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch import nn
 
 from sdlab.checkpoints.load import load_bundle
-from sdlab.train.distributed import all_reduce_grads
+from sdlab.train.distributed import all_reduce_grads, resolve_device
+from sdlab.train.errors import TrainError
 from sdlab.train.data import load_training_image
 from sdlab.train.run_checkpoint import list_checkpoints
 from sdlab.train.vae_task import load_trained_vae
@@ -188,14 +189,65 @@ def test_torchrun_failure_of_one_rank_is_one_message_and_the_other_exits_quietly
     assert proc.stderr.count("samples, skipped") == 1 and proc.stderr.count("loaded ") == 1, proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("mistake", [("--embedding-word", "foo"), ("--model", "nothere.safetensors")],
-                         ids=["setting", "model"])
+@pytest.mark.parametrize("mistake", [("--embedding-word", "foo"), ("--device", "cuda:99"),
+                                     ("--model", "nothere.safetensors")], ids=["setting", "device", "model"])
 def test_torchrun_mistake_every_rank_meets_is_one_error_line(tmp_path, mistake):
-    """A mistake found by every process (a setting refused before the process group forms, a model file not
-    found after it) gives one `sdlab: error:` line, not one per process."""
+    """A mistake found by every process (a setting refused before the process group forms, a device no
+    machine has while joining it, a model file not found after it) gives one `sdlab: error:` line, not one
+    per process."""
     data = write_caption_folder(tmp_path / "data", n=4, size=16)
     args = cli_args(tmp_path / "run", tmp_path / "tiny.safetensors", data, "--max-steps", "1", *mistake)
     proc = _torchrun(args, 29529)
     assert proc.returncode != 0
     (line,) = _error_lines(proc)
     assert mistake[1] in line, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("local_rank, reports", [("0", True), ("1", False)])
+def test_a_set_up_mistake_before_the_group_is_reported_by_each_machines_first_process(tmp_path, capsys, monkeypatch,
+                                                                                       local_rank, reports):
+    """Before the process group forms, rank 1 cannot learn whether rank 0 failed too. A mistake there (a
+    --config file missing) comes from the command line and the machine's files, so every process of a machine
+    meets it: rank 1 as the first process of a second machine (local rank 0) says why, rank 1 beside rank 0
+    (local rank 1) exits with the same status quietly."""
+    from sdlab.train.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    data = write_caption_folder(tmp_path / "data", n=1, size=16)
+    args = cli_args(tmp_path / "run", tmp_path / "tiny.safetensors", data, "--config", str(tmp_path / "node.toml"))
+    assert main(args[2:]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sdlab: error:")]
+    assert lines == ([f"sdlab: error: --config {tmp_path / 'node.toml'}: no such file"] if reports else [])
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_a_failure_that_is_no_mistake_before_the_group_is_reported_by_its_process(capsys, monkeypatch, local_rank):
+    """A failure that may be this process's alone (not a mistake in the settings, files or device) is reported
+    by the process that meets it, whatever its rank."""
+    from sdlab.train import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+    def lost(*args):
+        raise RuntimeError("simulated: this process lost its network")
+
+    monkeypatch.setattr(cli, "init_distributed", lost)
+    assert cli.main(["--model", "m.safetensors", "--data-dir", ".", "--device", "cpu"]) == 1
+    assert "simulated: this process lost its network" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda"])
+def test_a_cuda_index_from_the_local_rank_is_refused_alike_by_every_process_of_the_machine(monkeypatch, name):
+    """4 processes on a machine with 2 CUDA devices: local ranks 0 and 1 would get one, 2 and 3 not. The
+    machine's first process refuses it too, so that it reports the mistake for all of them."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(name, 1, 2) == torch.device("cuda:1")
+    for local_rank in range(4):
+        with pytest.raises(TrainError, match="the 4 processes on this machine need a CUDA device each"):
+            resolve_device(name, local_rank, 4)
+    assert resolve_device("cuda:1", 3, 4) == torch.device("cuda:1")

@@ -9,8 +9,9 @@ task, the resume compatibility check, the dataset scan, the run folder (made, an
 then the model and the long work. Every mistake found on the way is a `TrainError`: one ``sdlab: error:
 ...`` line and exit status 2. A run stopped by SIGINT / SIGTERM exits with 128 + the signal number (130 /
 143) after writing its checkpoint and weights. Under torchrun one process reports a failure (the first to
-fail; rank 0 for a set-up mistake every process meets) and the others exit with its status saying nothing,
-and only rank 0 logs what every process would log alike.
+fail; before the process group forms, each machine's first process for a set-up mistake, which every process
+of a machine meets, and the failing process for anything else) and the others exit with its status saying
+nothing, and only rank 0 logs what every process would log alike.
 
 Tasks are plug-ins: ``--task NAME`` imports the module ``TASK_MODULES`` names (``sdlab.train.<NAME>_task``
 otherwise) and calls its ``build_task(config: TrainConfig, bundle: ModelBundle) -> TrainTask``. The text
@@ -87,7 +88,8 @@ def _quiet_unless_reporting(exc: BaseException) -> None:
     failure (`distributed.reporting_failure`)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
-    status = reporting_failure(int(os.environ.get("RANK", "0")), _exit_status(exc))
+    status = reporting_failure(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+                               _exit_status(exc))
     if status is not None:
         raise _AnotherProcessReports(status) from exc
 
@@ -145,8 +147,8 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
     """Check, load the model, build task and data, train. Joins / leaves the torchrun process group when
     needed. ``resume``: the checkpoint ``cfg.resume`` names, when the caller has verified it already."""
     own_group = ctx is None
-    ctx = ctx or init_distributed(cfg.device)
     try:
+        ctx = ctx or init_distributed(cfg.device)
         if cfg.model is None or cfg.data_dir is None:
             missing = " and ".join(flag(k) for k in ("model", "data_dir") if getattr(cfg, k) is None)
             raise TrainError(f"sdlab train needs {missing} (or --resume latest with the run's --output-dir)")

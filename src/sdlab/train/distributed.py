@@ -59,21 +59,28 @@ class DistContext:
         return int(t.item())
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" -> cuda:<local_rank> when CUDA is available, else cpu."""
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+def resolve_device(name: str, local_rank: int = 0, local_world_size: int = 1) -> torch.device:
+    """"auto" -> cuda:<local_rank> when CUDA is available, else cpu; "cuda" -> cuda:<local_rank>. A CUDA index
+    taken from the local rank needs a device for each of the machine's ``local_world_size`` processes, so
+    that a machine with too few is refused alike by every process on it."""
+    requested = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
     try:
-        device = torch.device(name)
+        device = torch.device(requested)
     except RuntimeError:
         raise TrainError(f"--device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise TrainError(f"--device {name}: this torch build or machine has no CUDA device (use cpu or auto)")
-    if device.type == "cuda" and device.index >= torch.cuda.device_count():
-        raise TrainError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    count = torch.cuda.device_count()
+    if device.index is not None:
+        if device.index >= count:
+            raise TrainError(f"--device {name}: there are only {count} CUDA device(s)")
+        return device
+    if local_world_size > count:
+        raise TrainError(f"--device {name}: the {local_world_size} processes on this machine need a CUDA device "
+                         f"each, and there are only {count}")
+    return torch.device(f"cuda:{local_rank}")
 
 
 def init_distributed(device_name: str = "auto") -> DistContext:
@@ -81,7 +88,7 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
@@ -91,16 +98,19 @@ def init_distributed(device_name: str = "auto") -> DistContext:
     return DistContext(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
-def reporting_failure(rank: int, status: int) -> int | None:
+def reporting_failure(rank: int, local_rank: int, status: int) -> int | None:
     """Which process of a torchrun run reports a failure, so that one mistake gives one message: None when this
     one (failing with exit ``status``) does, else the status to exit with quietly, the reporting process's.
 
     Once the process group exists, the first process to fail reports: its rank and status go into the group's
     store, and a process that fails after it (typically a collective that lost that peer) finds them there.
-    Before that, every process meets the same set-up mistake, and rank 0 reports it. A store that cannot be
-    reached has lost its host, a process that failed first: status 1."""
+    A store that cannot be reached has lost its host, a process that failed first: status 1.
+    Before that, a mistake or an interrupt (status 2, 130) comes from the command line, the machine's files
+    and devices, or a signal to the machine's processes: every process of a machine meets it, and the
+    machine's first process (local rank 0) reports it. Anything else (a bug, a group that cannot form) may be
+    this process's alone, and it reports it."""
     if not dist.is_initialized():
-        return None if rank == 0 else status
+        return status if local_rank != 0 and status != 1 else None
     try:
         store = dist.distributed_c10d._get_default_store()
         first = store.compare_set(_FAILURE_KEY, "", f"{rank}:{status}").decode()
