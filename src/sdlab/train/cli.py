@@ -60,6 +60,8 @@ __all__ = ["main", "run_from_config", "run_train"]
 
 TASK_MODULES = {"unet": "sdlab.train.unet_task", "vae": "sdlab.train.vae_task", "text": "sdlab.tiny.text_task",
                 "embedding": "sdlab.train.embedding_task", "lcd": "sdlab.train.lcd_task"}
+# what `main` reports as one line with exit status 2 (`_exit_status`); anything else is a bug (status 1)
+USER_MISTAKES = (TrainError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError)
 
 
 
@@ -79,8 +81,7 @@ def _exit_status(exc: BaseException) -> int:
     """The exit status `main` gives ``exc``: 130 for an interrupt, 2 for a mistake, 1 for a bug."""
     if isinstance(exc, KeyboardInterrupt):
         return 130
-    mistakes = (TrainError, CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError)
-    return 2 if isinstance(exc, mistakes) else 1
+    return 2 if isinstance(exc, USER_MISTAKES) else 1
 
 
 def _quiet_unless_reporting(exc: BaseException) -> None:
@@ -291,9 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.nullcontext() if _is_main_process() else contextlib.redirect_stderr(io.StringIO()):
             args = parser.parse_args(argv)  # a usage error: rank 0 prints it
         return run_train(args)
-    except (CheckpointError, FileNotFoundError, PermissionError, IsADirectoryError) as exc:
+    except USER_MISTAKES as exc:
         print(f"sdlab: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 2
+        return _exit_status(exc)
     except KeyboardInterrupt:  # before the training loop handles signals itself
         print("sdlab: error: interrupted", file=sys.stderr)
         return 130
