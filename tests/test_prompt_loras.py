@@ -38,7 +38,7 @@ from sdlab.pipeline.prompt_loras import (
     split_prompt_loras,
     without_merged_tags,
 )
-from sdlab.pipeline.request import RequestError
+from sdlab.pipeline.request import GenerationRequest, RequestError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -310,3 +310,21 @@ def test_a_merged_loras_tag_is_left_out_where_it_applies_not_in_a_comment(prompt
     would leave the live one to be merged a second time for the run."""
     assert without_merged_tags(prompt, {"ink": weight}) == (drawn, recorded)
     assert split_prompt_loras(drawn)[1] == []
+
+
+def test_a_pipelines_lora_lookup_is_given_at_load_and_kept_by_with_refiner(tmp_path):
+    """A lookup of tag names (a server's list of LoRAs, the CLI's search) is the pipeline's from its making,
+    `load(find_lora=...)` or the constructor, never an attribute set afterwards; `with_refiner` keeps it, and
+    the folders too."""
+    import sdlab
+
+    path = _lora_file(tmp_path / "kept" / "a-file-of-another-name.safetensors", _small_lora(5))
+    lookup = {"ink": path}.get
+    loaded = sdlab.load(find_lora=lookup, lora_dirs=[tmp_path / "none"])
+    made = Pipeline(tiny_bundle("sd1"), find_lora=lookup)
+    for pipe in (loaded, loaded.with_refiner(None), made, made.with_refiner(None, 0.5)):
+        assert pipe.find_lora("ink") == path and pipe.find_lora("other") is None
+    assert loaded.with_refiner(None).lora_dirs == [tmp_path / "none"]
+    made.resolve(GenerationRequest("a <lora:ink:1>", steps=1, width=32, height=32))     # found: no RequestError
+    folders = Pipeline(tiny_bundle("sd1"), lora_dirs=[path.parent])
+    assert folders.with_refiner(None).find_lora("a-file-of-another-name") == path

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import fields, replace
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -62,30 +62,31 @@ class Pipeline:
 
     def __init__(self, bundle: ModelBundle, refiner: ModelBundle | None = None, refiner_switch: float = 0.8,
                  embeddings: Sequence[Embedding] = (), skipped_embeddings: Sequence[Embedding] = (),
-                 refiner_convention: str = "diffusers") -> None:
+                 refiner_convention: str = "diffusers", lora_dirs: Sequence[str | os.PathLike[str]] = (),
+                 find_lora: Callable[[str], Path | None] | None = None) -> None:
         """`refiner` (an SDXL refiner) takes over after the first `refiner_switch` of every schedule, at the
         step `refiner_convention` picks ("diffusers": diffusers' `denoising_end`; "a1111": A1111's
         `Refiner switch at`; `plan.handoff_index`);
         `embeddings` are the textual-inversion embeddings installed in `bundle` (their words),
-        `skipped_embeddings` those of its folders that were made for another model."""
+        `skipped_embeddings` those of its folders that were made for another model;
+        `lora_dirs` are where prompt `<lora:NAME:W>` tags find NAME, unless `find_lora` (NAME -> its file, or
+        None) looks them up instead (`find_lora`)."""
         check_refiner_switch(refiner_switch)
         self.bundle = bundle
         self.refiner = refiner
         self.refiner_switch = refiner_switch
         self.refiner_convention = check_refiner_convention(refiner_convention)
-        self.lora_dirs: list[Path] = []          # where prompt <lora:NAME:W> tags find NAME (`find_lora`)
+        self.lora_dirs = [Path(d) for d in lora_dirs]
+        self._find_lora = find_lora
         self.embeddings = list(embeddings)
         self.skipped_embeddings = list(skipped_embeddings)
 
     def with_refiner(self, refiner: ModelBundle | None, refiner_switch: float = 0.8,
                      refiner_convention: str = "diffusers") -> Pipeline:
-        """This pipeline's model (its embeddings, LoRA folders) with `refiner` taking over after
+        """This pipeline's model (its embeddings, LoRA folders and lookup) with `refiner` taking over after
         `refiner_switch` by `refiner_convention` (`__init__`), or with no refiner (None)."""
-        pipe = Pipeline(self.bundle, refiner, refiner_switch, self.embeddings, self.skipped_embeddings,
-                        refiner_convention)
-        pipe.lora_dirs = list(self.lora_dirs)
-        pipe.find_lora = self.find_lora          # this one's lookup, whether its folders' or an instance's own
-        return pipe
+        return Pipeline(self.bundle, refiner, refiner_switch, self.embeddings, self.skipped_embeddings,
+                        refiner_convention, self.lora_dirs, self._find_lora)
 
     def embeddings_used(self, request: GenerationRequest) -> list[Embedding]:
         """The installed embeddings whose words occur in the text encoded for the request: the prompt without
@@ -95,9 +96,11 @@ class Pipeline:
         return embeddings_used(self.bundle, self.embeddings, encoded_prompt, request.negative_prompt)
 
     def find_lora(self, name: str) -> Path | None:
-        """The file a `<lora:NAME:...>` tag names: NAME.safetensors (.pt, .ckpt) in `lora_dirs` or their
-        subfolders, or the file whose kohya `ss_output_name` is NAME (`prompt_loras.find_lora`). An instance
-        may replace it (e.g. with a server's own list of LoRAs)."""
+        """The file a `<lora:NAME:...>` tag names: the lookup the pipeline was made with (e.g. a server's own
+        list of LoRAs), else NAME.safetensors (.pt, .ckpt) in `lora_dirs` or their subfolders, or the file whose
+        kohya `ss_output_name` is NAME (`prompt_loras.find_lora`)."""
+        if self._find_lora is not None:
+            return self._find_lora(name)
         return find_lora(name, self.lora_dirs)
 
     def preset_for(self, prompt: str) -> str | None:
@@ -276,6 +279,7 @@ def load(
     refiner_convention: str = "diffusers",
     loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
     lora_dirs: Sequence[str | os.PathLike[str]] | None = None,
+    find_lora: Callable[[str], Path | None] | None = None,
     embeddings: Sequence[str | os.PathLike[str]] = (),
     compile: bool = False,
 ) -> Pipeline:
@@ -292,7 +296,8 @@ def load(
     step `refiner_convention` picks: "diffusers" (`denoising_end`) or "a1111" (A1111's `Refiner switch at`).
     `loras` are (LoRA / LyCORIS file, weight) pairs merged into the base model's weights, in order, for
     good; `lora_dirs` are where prompt tags (`<lora:NAME:WEIGHT>`, merged per run) find their files
-    (default: A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when they exist).
+    (default: A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when they exist), or
+    `find_lora` finds them instead: NAME -> its file, or None (a server's list, the CLI's search).
     `embeddings` are textual-inversion files or folders of them (a folder's files made for another model
     are skipped: `Pipeline.skipped_embeddings`); their names are then words of prompts (`Pipeline.embeddings`
     lists them).
@@ -317,9 +322,8 @@ def load(
     for loaded in (bundle, refined) if compile else ():
         if loaded is not None:
             compile_module(loaded.unet)
-    pipe = Pipeline(bundle, refined, refiner_switch, found.loaded, found.skipped, refiner_convention)
-    pipe.lora_dirs = [Path(d) for d in (default_lora_dirs(path) if lora_dirs is None else lora_dirs)]
-    return pipe
+    return Pipeline(bundle, refined, refiner_switch, found.loaded, found.skipped, refiner_convention,
+                    default_lora_dirs(path) if lora_dirs is None else lora_dirs, find_lora)
 
 
 def load_refiner(path: str | os.PathLike[str], base: ModelBundle, embeddings: Sequence[Embedding] = ()) -> ModelBundle:

@@ -442,10 +442,10 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
         pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
                     prediction=args.prediction, refiner=args.refiner, refiner_switch=refiner_switch,
                     refiner_convention=refiner_convention, loras=loras,
+                    find_lora=_lora_finder(args, lora_hashes),      # prompt tags: as `_resolve_loras` found them
                     embeddings=getattr(args, "embeddings_dir", []), compile=getattr(args, "compile", False))
     except RequestError as err:     # e.g. a --device this torch cannot use
         raise UserError(str(err)) from None
-    pipe.find_lora = _lora_finder(args, lora_hashes)          # prompt tags: as `_resolve_loras` found them
     use_threads_for(pipe.bundle.unet, pipe.bundle.device, getattr(args, "threads", None))
     return pipe, model
 

@@ -94,8 +94,7 @@ class ModelHost:
                 self._refiner, self._refiner_key = None, None       # loaded for the base let go (`_loaded_refiner`)
                 started = time.perf_counter()
                 pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras],
-                            embeddings=self.embeddings)
-                pipe.find_lora = self.lora_file                     # prompt tags: the server's LoRAs alone
+                            find_lora=self.lora_file, embeddings=self.embeddings)   # tags: the server's LoRAs alone
                 previewer = LatentPreviewer.for_bundle(pipe.bundle)
                 self.pipe, self.previewer, self._key = pipe, previewer, key
                 self.timings["load_s"] = time.perf_counter() - started
