@@ -254,3 +254,67 @@ def test_grid_prompt_sr_over_a_lora_weight(model, tmp_path, capsys):
     assert np.array_equal(np.asarray(_open(drawn[1])), np.asarray(_open(tagged)))
     assert not np.array_equal(np.asarray(_open(plain)), np.asarray(_open(tagged)))
     assert parse_parameters(read_parameters(drawn[1]))["Prompt"] == "a cat <lora:style:0.9>"
+
+
+def _service(model: Path, tmp_path: Path):
+    """An in-process server (`Service`, not started) with `model` and a LoRA `style` in its --models-dir."""
+    import shutil
+
+    from sdlab.server.config import ServerConfig
+    from sdlab.server.service import Service
+
+    models = tmp_path / "models"
+    (models / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(model, models / "Stable-diffusion" / "tiny.safetensors")
+    style = _write_lora(models / "Lora" / "style.safetensors", seed=6)
+    config = ServerConfig(tmp_path / "served", model=models / "Stable-diffusion" / "tiny.safetensors", models_dir=models)
+    return Service(config), style
+
+
+def test_a_name_tagged_twice_is_named_once_by_the_cli_and_the_server(model, tmp_path, capsys):
+    """A1111 keeps `Lora hashes` in a dict, one entry per name: a name tagged twice (merged twice, at its last
+    tag's weight) is named once. `sdlab txt2img` and the server resolve a prompt's tags with one helper
+    (`infotext.tag_loras`), the server when the job is submitted, with the hash of the LoRA it found."""
+    from sdlab.pipeline.infotext import LoraRef
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec
+
+    prompt = "a cat <lora:style:0.5> on a mat <lora:style:0.3>"
+    folder = tmp_path / "loras"
+    style = _write_lora(folder / "style.safetensors", seed=6)
+    out = tmp_path / "cli.png"
+    code, err = _run(["txt2img", prompt, "--model", str(model), "--lora-dir", str(folder), *FAST, "--out", str(out)],
+                     capsys)
+    assert code == 0, err
+    assert parse_parameters(read_parameters(out))["Lora hashes"] == f"style: {lora_hash(style)}"
+    service, served = _service(model, tmp_path)
+    try:
+        job, _ = service.submit(JobSpec(GenerationRequest(prompt, sampler="Euler", **OPTIONS)), "txt2img", None)
+        assert job.spec.tag_loras == (LoraRef("style", 0.3, lora_hash(served)),)
+    finally:
+        service.store.close()
+
+
+def test_a_lora_gone_from_the_server_during_its_run_fails_no_job(model, tmp_path):
+    """The pictures name the tag LoRAs found when the job was submitted: a `refresh-loras` that no longer finds
+    the file once it is merged (moved away mid-run here) leaves the finished job and its parameters alone."""
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec
+
+    service, style = _service(model, tmp_path)
+    try:
+        job, _ = service.submit(JobSpec(GenerationRequest("a cat <lora:style:0.5>", sampler="Euler", **OPTIONS)),
+                                "txt2img", None)
+        expected = f'Lora hashes: "style: {lora_hash(style)}"'
+
+        def move_it_away(name: str, data: dict) -> None:
+            if name == "step" and style.exists():
+                style.rename(style.with_suffix(".moved"))
+                service.registry.refresh()
+
+        job.publish = move_it_away
+        service.runner.run(job)
+        assert service.registry.lora("style") is None and len(job.images) == 1
+        assert expected in job.infotexts[0]
+    finally:
+        service.store.close()

@@ -590,9 +590,9 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
     file cannot be found or is not a LoRA is an error before any work, never silently dropped; a file
     whose hash differs from the recorded `Lora hashes` is a warning. The prompt is recorded as typed.
     """
-    from sdlab.pipeline.infotext import LoraRef, parse_lora_hashes
+    from sdlab.pipeline.infotext import LoraRef, parse_lora_hashes, tag_loras
     from sdlab.pipeline.png_info import lora_hash
-    from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
+    from sdlab.pipeline.prompt_loras import split_prompt_loras
     from sdlab.pipeline.request import RequestError
 
     try:
@@ -602,23 +602,20 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
     recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))
     finder = _lora_finder(args, recorded_hashes)                  # one search set for --lora names and tags
     files = [_parse_lora(spec, finder) for spec in args.lora]
-    for_pipeline, to_record = without_merged_tags(prompt, {Path(path).stem: weight for path, weight in files})
     try:
-        _, uses = resolve_prompt_loras(for_pipeline, finder)
+        for_pipeline, to_record, tag_refs = tag_loras(prompt, {Path(path).stem: weight for path, weight in files},
+                                                      finder, lora_hash)
     except RequestError as err:
         deep, flat = _lora_search_dirs(args)
         where = ", ".join(str(d) for d in [*deep, *flat])
         raise UserError(f"{err} (searched {where}); pass --lora FILE:WEIGHT or --lora-dir DIR "
                         "(or a prompt without the tag)") from None
-    refs = []
-    named = [*((Path(path).stem, path, weight) for path, weight in files), *((u.name, u.path, u.te_weight) for u in uses)]
-    for name, path, weight in named:
-        hash_ = lora_hash(path)
-        wanted = recorded_hashes.get(name, "").lower()
-        if wanted and not hash_.startswith(wanted[:12]):
-            logger.warning("the LoRA %s has hash %s but the picture was drawn with a LoRA %r of hash %s",
-                           path, hash_, name, wanted)
-        refs.append(LoraRef(name, weight, hash_))
+    refs = [LoraRef(Path(path).stem, weight, lora_hash(path)) for path, weight in files] + tag_refs
+    for ref in refs:
+        wanted = recorded_hashes.get(ref.name, "").lower()
+        if wanted and not ref.hash.startswith(wanted[:12]):
+            logger.warning("the LoRA %r found has hash %s but the picture was drawn with one of hash %s",
+                           ref.name, ref.hash, wanted)
     return for_pipeline, files, refs, to_record
 
 

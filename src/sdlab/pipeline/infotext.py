@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES
@@ -23,7 +24,7 @@ from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, a1111_schedule, ge
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
-from sdlab.pipeline.prompt_loras import split_prompt_loras
+from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import GenerationRequest
 
@@ -95,6 +96,22 @@ def split_lora_tags(prompt: str) -> tuple[str, list[LoraRef]]:
     weight), read by `prompt_loras.split_prompt_loras`. A bad weight raises ValueError."""
     bare, tags = split_prompt_loras(prompt)
     return bare, [LoraRef(tag.name, tag.te_weight) for tag in tags]
+
+
+def tag_loras(prompt: str, merged: Mapping[str, float], find: Callable[[str], Path | None],
+              hash_of: Callable[[Path], str | None]) -> tuple[str, str, list[LoraRef]]:
+    """A prompt's `<lora:...>` tags resolved once, as `sdlab txt2img` and the server both resolve them: (the
+    prompt the pipeline draws, the prompt to record: `without_merged_tags` of the LoRAs `merged` at load,
+    name -> weight; the LoRAs the drawn prompt's tags merge, as the parameters name them). Each tag's file is
+    found by `find` and read (`resolve_prompt_loras`: a missing or unreadable one is a RequestError, a bad
+    tag a ValueError); its ref carries the hash `hash_of` gives the file found, one ref per name as A1111's
+    `Lora hashes` (a name tagged twice is merged twice, at its last tag's weight)."""
+    drawn, recorded = without_merged_tags(prompt, merged)
+    refs: dict[str, LoraRef] = {}
+    for use in resolve_prompt_loras(drawn, find)[1]:
+        if use.name not in refs:
+            refs[use.name] = LoraRef(use.name, use.te_weight, hash_of(use.path))
+    return drawn, recorded, list(refs.values())
 
 
 def with_lora_tags(prompt: str, loras: Sequence[LoraRef]) -> str:

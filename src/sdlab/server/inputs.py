@@ -26,6 +26,7 @@ from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, schedule_from_a1111, split_a1111_sampler
 from sdlab.pipeline.images import mask_levels
+from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
 from sdlab.pipeline.plan import check_refiner_convention
@@ -74,6 +75,7 @@ class JobSpec:
     loras: tuple[LoraChoice, ...] = ()
     refiner: RefinerChoice | None = None     # finishes the schedule (its name: the checkpoint's title once queued)
     prompt_to_record: str | None = None      # the prompt as written, LoRA tags included
+    tag_loras: tuple[LoraRef, ...] = ()      # the LoRAs its tags merge, as the parameters name them
     extra: dict[str, Any] = field(default_factory=dict)   # route-specific data (A1111's echo)
     model_preset_fills: frozenset[str] = frozenset()      # the fields the model's preset fills (if it names
                                                           # one): unset by the client and by an explicit preset

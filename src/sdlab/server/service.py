@@ -9,15 +9,15 @@ from typing import Any
 
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.control import ControlInput
-from sdlab.pipeline.prompt_loras import split_prompt_loras, without_merged_tags
+from sdlab.pipeline.infotext import tag_loras
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
-    BadRequest, JobSpec, RefinerChoice, check_request, upscaler_file, with_preset,
+    BadRequest, JobSpec, RefinerChoice, check_request, upscaler_file, with_preset, without_paths,
 )
 from sdlab.server.jobs import Job, JobQueue
 from sdlab.server.model_folders import CONTROLNET_SUFFIXES, UPSCALER_SUFFIXES, ModelFolder
-from sdlab.server.registry import Checkpoint, ModelRegistry
+from sdlab.server.registry import Checkpoint, Lora, ModelRegistry
 from sdlab.server.store import Store
 from sdlab.server.worker import ModelHost, Runner
 
@@ -46,6 +46,14 @@ class Service:
     def stop(self) -> None:
         self.queue.stop()
         self.store.close()
+
+    def _lora(self, name: str) -> Lora:
+        """The LoRA a request names; `BadRequest` (404) for one not in the server's list."""
+        lora = self.registry.lora(name)
+        if lora is None:
+            known = ", ".join(lora.name for lora in self.registry.loras) or "none"
+            raise BadRequest(f"unknown LoRA {name!r}; this server has: {known}", 404, "LoRA not found")
+        return lora
 
     def checkpoint(self, name: str | None, what: str = "model") -> Checkpoint:
         """The checkpoint a request names (None: the selected one); `BadRequest` (404) for an unknown one,
@@ -77,21 +85,28 @@ class Service:
     def submit(self, spec: JobSpec, mode: str, model: str | None) -> tuple[Job, int]:
         """Check and queue a generation: the seed fixed, the LoRAs looked up: `loras` entries, merged when the
         model loads, and the prompt's tags, which the pipeline merges for the run at both weights as
-        `sdlab txt2img` does (a tag of a `loras` entry's LoRA left out, as with `--lora`: `without_merged_tags`)."""
+        `sdlab txt2img` does (a tag of a `loras` entry's LoRA left out, as with `--lora`), read and named for
+        the parameters now (`infotext.tag_loras`)."""
         checkpoint = self.checkpoint(model)
         request = spec.request
         refiner = self.refiner(spec.refiner, checkpoint, request)
         if not isinstance(request.prompt, str):
             raise BadRequest("prompt must be text", 422)
+        for choice in spec.loras:
+            self._lora(choice.name)
+        hashes: dict[Path, str] = {}
+
+        def tag_lora(name: str) -> Path:
+            lora = self._lora(name)
+            hashes[lora.path] = lora.hash
+            return lora.path
+
         try:
-            drawn, to_record = without_merged_tags(request.prompt, {c.name: c.weight for c in spec.loras})
-            tags = split_prompt_loras(drawn)[1]
-        except ValueError as err:
-            raise BadRequest(str(err)) from None
-        for name in [choice.name for choice in spec.loras] + [tag.name for tag in tags]:
-            if self.registry.lora(name) is None:
-                known = ", ".join(lora.name for lora in self.registry.loras) or "none"
-                raise BadRequest(f"unknown LoRA {name!r}; this server has: {known}", 404, "LoRA not found")
+            drawn, to_record, tags = tag_loras(request.prompt, {c.name: c.weight for c in spec.loras}, tag_lora,
+                                               hashes.get)
+        except (ValueError, RequestError) as err:       # a bad tag, a file that is not a LoRA
+            names = [(lora.path, lora.name) for lora in self.registry.loras]
+            raise BadRequest(without_paths(str(err), names)) from None
         preset = self.host.loaded_preset(checkpoint) if not spec.loras and not tags else None
         if preset and spec.model_preset_fills:     # known now: a queued job shows the settings it will run with
             try:
@@ -102,7 +117,7 @@ class Service:
         request = check_request(replace(request, prompt=drawn, seed=fixed_seed(request.seed)), self.config.limits,
                                 model=self.host.loaded_bundle(checkpoint),
                                 upscaler=upscaler_file(request.hr_upscaler, self.upscalers))
-        spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record)
+        spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags))
         settings = {"mode": mode, "model": checkpoint.title,
                     "loras": [{"name": c.name, "weight": c.weight} for c in spec.loras], **request.parameters()}
         if spec.batch_count > 1:

@@ -36,7 +36,6 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
-from sdlab.pipeline.prompt_loras import resolve_prompt_loras
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError, next_batch
 from sdlab.server.config import Limits
 from sdlab.server.inputs import (
@@ -195,7 +194,7 @@ class Runner:
         except RequestError as err:        # a tagged LoRA's file: named as the server lists it, not by its path
             raise RequestError(without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])) from None
         first = results[0].request
-        refs += _tag_refs(first.prompt, self.host)
+        refs += job.spec.tag_loras
         used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(first)]
         texts = [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
                                                  model_hash=checkpoint.hash, loras=refs,
@@ -224,13 +223,6 @@ class Runner:
             return HiresUpscaler(upscaler, load_upscaler_file(upscaler, HIRES_UPSCALER, bundle.device, bundle.dtype))
         except BadRequest as err:
             raise RequestError(str(err)) from None
-
-
-def _tag_refs(prompt: str, host: ModelHost) -> list[LoraRef]:
-    """The LoRAs the prompt's tags merged for the run (`Pipeline.run`), as the pictures' parameters name them
-    (as `sdlab txt2img` does: each tag's name, text-encoder weight and hash)."""
-    _, uses = resolve_prompt_loras(prompt, host.lora_file)
-    return [LoraRef(use.name, use.te_weight, host.registry.lora(use.name).hash) for use in uses]
 
 
 def _refiner_ref(refiner: Checkpoint | None, choice: RefinerChoice | None) -> RefinerRef | None:
