@@ -318,3 +318,25 @@ def test_a_lora_gone_from_the_server_during_its_run_fails_no_job(model, tmp_path
         assert expected in job.infotexts[0]
     finally:
         service.store.close()
+
+
+def test_the_server_holds_no_merged_tensors_or_lora_files_between_jobs(model, tmp_path):
+    """Between jobs the server holds its models alone (the worker's docstring): a job's prompt-tag LoRAs leave
+    neither the patcher's merged tensors (a second copy of every layer they change) nor the files read."""
+    from sdlab.pipeline.prompt_loras import patcher_for
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec
+
+    service, style = _service(model, tmp_path)
+    try:
+        job, _ = service.submit(JobSpec(GenerationRequest("a cat <lora:style:0.5>", sampler="Euler", **OPTIONS)),
+                                "txt2img", None)
+        during = []
+        job.publish = lambda name, data: during.append(
+            (patcher_for(service.host.pipe.bundle)._cached is not None, len(prompt_loras._FILE_CACHE)))
+        service.runner.run(job)
+        assert during[0][0] and during[0][1] >= 1 and job.images                # merged and read for the run
+        patcher = patcher_for(service.host.pipe.bundle)
+        assert patcher._cached is None and not patcher.applied and not prompt_loras._FILE_CACHE
+    finally:
+        service.store.close()

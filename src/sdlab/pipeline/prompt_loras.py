@@ -19,10 +19,11 @@ networks from the positive prompt only (processing.py: ``parse_extra_network_pro
 `LoraPatcher` applies a set of (file, text-encoder weight, U-Net weight) to a bundle's layers and restores
 them, as A1111's Lora extension does: the original weight tensors are kept and put back (never
 recomputed by subtraction, so the model returns bit for bit), and the merged tensors of the last set are
-kept too, so the same set again costs no arithmetic. Files are read once while unchanged (path, size,
-mtime). The layers are shared by every thread that draws with the bundle, so a run holds the patcher's lock
-from its first step to its last (`LoraPatcher.using`), with or without LoRAs: runs on one bundle take turns,
-and no run ever sees another's merged weights.
+kept too, so the same set again costs no arithmetic, until `LoraPatcher.forget`. Files are read once while
+unchanged (path, size, mtime), the last few kept until `forget_read_loras`. The layers are shared by every
+thread that draws with the bundle, so a run holds the patcher's lock from its first step to its last
+(`LoraPatcher.using`), with or without LoRAs: runs on one bundle take turns, and no run ever sees another's
+merged weights.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ __all__ = [
     "LoraUse",
     "default_lora_dirs",
     "find_lora",
+    "forget_read_loras",
     "patcher_for",
     "read_lora",
     "request_loras",
@@ -229,6 +231,7 @@ def default_lora_dirs(model: str | os.PathLike[str] | None) -> list[Path]:
 
 _FILE_CACHE: OrderedDict[tuple, dict[str, dict[str, Tensor]]] = OrderedDict()
 _FILE_CACHE_SIZE = 8
+_FILE_CACHE_LOCK = threading.Lock()        # a server reads tags as jobs are submitted, beside the worker
 
 
 def _file_key(path: Path) -> tuple:
@@ -239,14 +242,22 @@ def _file_key(path: Path) -> tuple:
 def read_lora(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
     """`load_lora_file(path)`, kept while the file is unchanged (the last few files)."""
     key = _file_key(Path(path))
-    if key in _FILE_CACHE:
-        _FILE_CACHE.move_to_end(key)
-        return _FILE_CACHE[key]
+    with _FILE_CACHE_LOCK:
+        if key in _FILE_CACHE:
+            _FILE_CACHE.move_to_end(key)
+            return _FILE_CACHE[key]
     lora = load_lora_file(path)
-    _FILE_CACHE[key] = lora
-    while len(_FILE_CACHE) > _FILE_CACHE_SIZE:
-        _FILE_CACHE.popitem(last=False)
+    with _FILE_CACHE_LOCK:
+        _FILE_CACHE[key] = lora
+        while len(_FILE_CACHE) > _FILE_CACHE_SIZE:
+            _FILE_CACHE.popitem(last=False)
     return lora
+
+
+def forget_read_loras() -> None:
+    """Let go the LoRA files `read_lora` keeps (the next read of each reads its file again)."""
+    with _FILE_CACHE_LOCK:
+        _FILE_CACHE.clear()
 
 
 def resolve_prompt_loras(prompt: str, find: Callable[[str], Path | None] | Sequence[str | os.PathLike[str]],
@@ -364,6 +375,12 @@ class LoraPatcher:
             self._applied = key
             logger.info("LoRAs applied: %s",
                         ", ".join(f"{u.name or u.path}:{u.te_weight:g}:{u.unet_weight:g}" for u in uses))
+
+    def forget(self) -> None:
+        """Let go the merged tensors kept for the last set (its next `apply` computes them again); the layers
+        keep what is in them now."""
+        with self.lock:
+            self._cached = None
 
     def restore(self) -> None:
         """Put the layers' own tensors back (a no-op when nothing is applied)."""

@@ -7,7 +7,8 @@ a client left unset come from the preset the model names, if any, then from the 
 job's pair beside it. A job with another checkpoint or another set of `loras` entries reloads it: those are
 merged into the weights, so a different set needs fresh weights. The prompt's `<lora:...>` tags are the
 pipeline's, as in `sdlab txt2img`: merged for the run at their text-encoder and U-Net weights, the model's
-own weights back after it (`Pipeline.run`), found among the server's LoRAs (`ModelHost.lora_file`). A job
+own weights back after it (`Pipeline.run`), found among the server's LoRAs (`ModelHost.lora_file`); their
+merged tensors and files are let go after the job (`ModelHost.forget_tag_loras`). A job
 with another refiner, or none, lets the held one go first, and so does a reload of the base (the refiner
 takes the base's device, dtype and embeddings), so at most a base model and a refiner are in memory. A hires upscaler named from
 `--upscalers-dir` is read from its file for the run only; the job and the pictures name it as the server
@@ -36,6 +37,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
+from sdlab.pipeline.prompt_loras import forget_read_loras, patcher_for
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError, next_batch
 from sdlab.server.config import Limits
 from sdlab.server.inputs import (
@@ -108,6 +110,14 @@ class ModelHost:
         lora = self.registry.lora(name)
         return None if lora is None else lora.path
 
+    def forget_tag_loras(self) -> None:
+        """Let go what a job's prompt-tag LoRAs leave behind (`Pipeline.run` has put the model's own weights
+        back): the merged tensors the model's patcher keeps for the last set, beside every layer they change,
+        and the LoRA files read (`prompt_loras`). Between jobs the models alone are held."""
+        if self.pipe is not None:
+            patcher_for(self.pipe.bundle).forget()
+        forget_read_loras()
+
     def unload(self) -> None:
         """Let the model and the refiner go (A1111's unload-checkpoint): the next job, or `pipeline`, loads
         its model again from the file, its embeddings folder read anew. Called while `busy` is held."""
@@ -155,7 +165,10 @@ class Runner:
 
     def run(self, job: Job) -> None:
         with self.host.busy:
-            self._run(job)
+            try:
+                self._run(job)
+            finally:
+                self.host.forget_tag_loras()
 
     def _run(self, job: Job) -> None:
         registry = self.host.registry
