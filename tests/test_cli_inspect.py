@@ -209,8 +209,13 @@ def other_kinds(tmp_path_factory) -> dict[str, Path]:
         save_file({k: f.get_tensor(k) for k in f.keys() if k.startswith("first_stage_model.")}, str(files["vae"]))
     torch.save({"params_ema": _real_esrgan_x4()}, files["upscaler"])
     (folder / "cn").mkdir()
-    files["controlnet"] = write_layout(diffusers_controlnet(bundle.unet_config, 5, hint_widths=(16, 32)), "original",
-                                       folder / "cn")
+    (folder / "cn-pth").mkdir()
+    controlnet = diffusers_controlnet(bundle.unet_config, 5, hint_widths=(16, 32))
+    files["controlnet"] = write_layout(controlnet, "original", folder / "cn")
+    files["controlnet-pth"] = write_layout(controlnet, "original-pth", folder / "cn-pth")
+    files["compact-upscaler"] = folder / "realesr-general-x4v3.safetensors"
+    save_file({"body.0.weight": torch.randn(8, 3, 3, 3), "body.0.bias": torch.zeros(8), "body.1.weight": torch.ones(8),
+               "body.2.weight": torch.randn(48, 8, 3, 3), "body.2.bias": torch.zeros(48)}, str(files["compact-upscaler"]))
     write_diffusers_folder(bundle, folder / "pipeline")
     files["unet-folder"], files["vae-folder"] = folder / "pipeline" / "unet", folder / "pipeline" / "vae"
     return files
@@ -227,6 +232,8 @@ def other_kinds(tmp_path_factory) -> dict[str, Path]:
     ("vae", "VAE", ["latent          4 channels"], "--vae"),
     ("upscaler", "upscaler", ["architecture    RRDBNet", "scale           4x", "features        8"], "sdlab upscale"),
     ("controlnet", "ControlNet", ["layout          original", "hint            3 channels"], "--control"),
+    ("controlnet-pth", "ControlNet", ["layout          original", "hint            3 channels"], "--control"),
+    ("compact-upscaler", "upscaler", ["architecture    SRVGGNetCompact", "scale           4x"], "sdlab upscale"),
     ("vae-folder", "VAE", ["latent          4 channels"], "--vae"),
     ("unet-folder", "diffusers UNet2DConditionModel folder (one part of a pipeline)", ["in_channels     4"],
      "--model with the whole pipeline: "),
@@ -242,3 +249,30 @@ def test_inspect_says_what_a_file_that_is_not_a_whole_model_is(other_kinds, caps
         assert fact in out, (fact, out)
     assert main(["inspect", "--json", str(other_kinds[name])]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == kind
+
+
+@pytest.mark.parametrize("name", ["lora", "controlnet", "controlnet-pth", "upscaler", "compact-upscaler"])
+def test_inspect_reads_names_shapes_and_metadata_not_weights(other_kinds, capsys, monkeypatch, name):
+    """A LoRA, ControlNet or upscaler is described from names and shapes: no network gets weights, and of a
+    safetensors file only a LoRA's alphas are read. Its parameter count is still every parameter's."""
+    from sdlab.checkpoints import io
+
+    read = []
+    monkeypatch.setattr(io.LazyStateDict, "__getitem__", lambda self, key: read.append(key) or torch.zeros(()))
+    monkeypatch.setattr(io.LazyStateDict, "read_as", lambda self, key, dtype: read.append(key) or torch.zeros(()))
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", lambda *args, **kwargs: pytest.fail("weights loaded"))
+    assert main(["inspect", "--json", str(other_kinds[name])]) == 0, capsys.readouterr().err
+    assert all(key.endswith(".alpha") for key in read), read
+    monkeypatch.undo()
+    parameters = json.loads(capsys.readouterr().out)["facts"]["parameters"]
+    if name.startswith("controlnet"):
+        from sdlab.checkpoints.controlnet import load_controlnet
+
+        expected = sum(p.numel() for p in load_controlnet(other_kinds[name]).model.parameters())
+    elif name.endswith("upscaler"):
+        from sdlab.checkpoints.upscaler import load_upscaler
+
+        expected = sum(p.numel() for p in load_upscaler(other_kinds[name]).net.parameters())
+    else:
+        expected = 4 * 32 + 32 * 4 + 4 * 32 + 64 * 4
+    assert parameters.replace(",", "") == str(expected)

@@ -272,7 +272,7 @@ def _original_pooling(path: Path) -> bool:
     return path.stem.lower().endswith(("_shuffle", "_shuffle_fp16"))
 
 
-def _read(path: Path) -> tuple[Mapping[str, Tensor], dict[str, Any] | None]:
+def _read(path: Path, shapes_only: bool) -> tuple[Mapping[str, Tensor], dict[str, Any] | None]:
     if path.is_dir():
         config = read_config_json(path / "config.json")
         if config.get("_class_name") not in (None, "ControlNetModel"):
@@ -280,22 +280,33 @@ def _read(path: Path) -> tuple[Mapping[str, Tensor], dict[str, Any] | None]:
         return component_weights(path), config
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
-    return read_checkpoint(path, nested=True)[0], None   # nested: an IP-Adapter .bin's two dicts, to name it
+    # nested: an IP-Adapter .bin's two dicts, to name it
+    return read_checkpoint(path, nested=True, shapes_only=shapes_only)[0], None
 
 
-def load_controlnet(
+@dataclass(frozen=True)
+class ControlNetFile:
+    """A ControlNet file or folder read from its names and shapes: its config, and its tensors under sdlab's
+    names (not read yet from a safetensors file; on the meta device from a pickle read ``shapes_only``)."""
+
+    config: ControlNetConfig
+    tensors: Mapping[str, Tensor]
+    origin: str
+    layout: str                     # "original" | "diffusers"
+
+
+def read_controlnet(
     path: str | os.PathLike[str],
     *,
     like: UNetConfig | None = None,
     like_family: str | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> LoadedControlNet:
-    """Read a ControlNet file or diffusers folder (module docstring); `like` is the config of the U-Net it
-    will run with (its conventions, and a compatibility check naming it `like_family`). Raises
-    `CheckpointError` with one line."""
+    shapes_only: bool = False,
+) -> ControlNetFile:
+    """What a ControlNet file or diffusers folder holds (module docstring), from names and shapes; `like` is
+    the config of the U-Net it will run with (its conventions, and a compatibility check naming it
+    `like_family`). Raises `CheckpointError` with one line."""
     path = Path(path)
-    state, config_json = _read(path)
+    state, config_json = _read(path, shapes_only)
     bgr = pool = False
     declared = None
     if config_json is not None:
@@ -334,16 +345,29 @@ def load_controlnet(
     hint_channels, widths = _hint_widths(local_shapes, path)
     cfg = ControlNetConfig(unet=encoder, hint_channels=hint_channels, hint_widths=widths, hint_bgr=bgr, global_pool=pool)
 
-    tensors = _Renamed(state, names)
     _check_keys(cfg, local_shapes, path)
+    return ControlNetFile(config=cfg, tensors=_Renamed(state, names), origin=str(path), layout=layout)
+
+
+def load_controlnet(
+    path: str | os.PathLike[str],
+    *,
+    like: UNetConfig | None = None,
+    like_family: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> LoadedControlNet:
+    """Read a ControlNet file or diffusers folder (`read_controlnet`) and load its weights as `dtype` on
+    `device`. Raises `CheckpointError` with one line."""
+    found = read_controlnet(path, like=like, like_family=like_family)
     with meta_device_without_init():
-        model = ControlNet(cfg)
-    model.load_state_dict(CastingView(tensors, dtype, device), strict=True, assign=True)
+        model = ControlNet(found.config)
+    model.load_state_dict(CastingView(found.tensors, dtype, device), strict=True, assign=True)
     model.to(memory_format=torch.channels_last).eval()
     bad = nonfinite_tensors(model)
     if bad:
         raise CheckpointError(f"{path}: {len(bad)} ControlNet tensors hold NaN or infinite values ({', '.join(bad[:3])})")
-    return LoadedControlNet(model=model, config=cfg, origin=str(path), layout=layout)
+    return LoadedControlNet(model=model, config=found.config, origin=found.origin, layout=found.layout)
 
 
 def _check_keys(cfg: ControlNetConfig, shapes: Mapping[str, torch.Size], path: Path) -> None:

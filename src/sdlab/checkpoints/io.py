@@ -174,6 +174,13 @@ def shapes_of(state: Mapping[str, Tensor | torch.Size]) -> dict[str, torch.Size]
     return {k: (v.shape if isinstance(v, Tensor) else torch.Size(v)) for k, v in state.items()}
 
 
+def meta_tensor(state: Mapping[str, Tensor], key: str) -> Tensor:
+    """`state[key]` on the meta device (its shape and dtype, no data), read from nothing in a `LazyMapping`."""
+    if isinstance(state, LazyMapping):
+        return torch.empty(state.shape(key), dtype=state.dtype(key), device="meta")
+    return state[key].to("meta")
+
+
 def read_as(state: Mapping[str, Tensor], key: str, dtype: torch.dtype) -> Tensor:
     """`state[key]` converted to `dtype`; a `LazyMapping` may convert straight from its file."""
     return state.read_as(key, dtype) if isinstance(state, LazyMapping) else state[key].to(dtype)
@@ -211,13 +218,16 @@ def read_safetensors_header(file: BinaryIO, name: str | os.PathLike[str]) -> tup
     return header, 8 + length
 
 
-def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
+def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False,
+                    shapes_only: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
     """Tensors and string metadata of a `.safetensors` or weights-only pickle file (see module docstring):
     a safetensors header's `__metadata__`, a pickle's top-level text and number entries as strings (an A1111
     embedding's `name`, `step`, ...), so callers reading a pickle see them too; {} when there are none.
 
     `nested`: tensors inside nested dicts of a pickle are kept under dotted keys (an A1111 embedding's
     `string_to_param` -> `string_to_param.*`); by default only top-level tensors are read.
+    `shapes_only`: a pickle's tensors on the meta device (names, shapes and dtypes; a zip checkpoint's weights
+    are then not read, a legacy pickle's are read as they stream past); a safetensors file reads none anyway.
     """
     path = Path(path)
     if not path.exists():
@@ -231,7 +241,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False) -> tu
     if suffix in SAFETENSORS_SUFFIXES:
         return _read_safetensors(path)
     if suffix in PICKLE_SUFFIXES:
-        return _read_pickle(path, nested)
+        return _read_pickle(path, nested, shapes_only)
     # Unknown suffix: decide by content. A safetensors file starts with an 8-byte little-endian header size
     # followed by "{"; a torch zip checkpoint starts with "PK".
     with open(path, "rb") as f:
@@ -239,7 +249,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, nested: bool = False) -> tu
     if len(head) == 9 and head[8:9] == b"{":
         return _read_safetensors(path)
     if zipfile.is_zipfile(path):
-        return _read_pickle(path, nested)
+        return _read_pickle(path, nested, shapes_only)
     raise CheckpointError(
         f"{path}: unknown checkpoint format (suffix {suffix or 'none'!r}); expected .safetensors, .ckpt, .pt, .pth or .bin"
     )
@@ -362,15 +372,17 @@ INERT_GLOBALS: dict[str, type] = {
 _STAND_INS = threading.Lock()   # torch's allowlist is one set: one load at a time adds and removes them
 
 
-def _read_pickle(path: Path, nested: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"      # what torch.load takes for its zip format
     mmap = _check_torch_zip(path) if is_zip else False
     try:
         with _STAND_INS, warnings.catch_warnings(), torch.serialization.safe_globals(
                 [(stand_in, name) for name, stand_in in INERT_GLOBALS.items()]):
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)  # torch asks
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)   # to "file an issue" about them
+            # torch asks to "file an issue" about old pickle protocols
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(path, map_location="meta" if shapes_only else "cpu", weights_only=True,
+                             mmap=mmap and not shapes_only)
     except Exception as exc:
         message = str(exc)
         refusal = _REFUSAL.search(message)

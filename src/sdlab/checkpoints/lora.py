@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from sdlab.checkpoints.diffusers_unet import unet_key_map
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import META_MODELSPEC_PREDICTION, modelspec_prediction, named_preset
-from sdlab.checkpoints.io import read_checkpoint, read_safetensors_header, write_safetensors_atomic
+from sdlab.checkpoints.io import meta_tensor, read_checkpoint, read_safetensors_header, write_safetensors_atomic
 from sdlab.checkpoints.lycoris import FIELDS, merged_weight, module_kind
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import FamilySpec
@@ -248,11 +248,13 @@ def _unsupported_kind(state: Mapping[str, Tensor]) -> str | None:
     return None
 
 
-def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:
+def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dict[str, dict[str, Tensor]]:
     """kohya name -> {field: tensor} (fields of `sdlab.checkpoints.lycoris`: "down", "up", "alpha" for a
     LoRA; "hada_w1_a", ... for LyCORIS kinds) from a LoRA / LyCORIS file in kohya, LyCORIS, diffusers or peft
     naming. A file that is not one (a full checkpoint, an empty or unreadable file), or a module with
-    missing or non-finite tensors, is a `CheckpointError` naming it."""
+    missing or non-finite tensors, is a `CheckpointError` naming it. Without `weights`, every tensor but the
+    alphas is on the meta device: a safetensors file is read from its header and alphas only, and values
+    are not checked (`sdlab inspect`)."""
     state, metadata = read_checkpoint(path)
     peft = _peft_configs(path, metadata)
     groups: dict[str, dict[str, str]] = {}
@@ -277,7 +279,8 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
                        path, len(others), ", ".join(others[:3]))
     lora: dict[str, dict[str, Tensor]] = {}
     for name, g in modules.items():
-        entry = {field: state[key] for field, key in g.items()}
+        entry = {field: state[key] if weights or field == "alpha" else meta_tensor(state, key)
+                 for field, key in g.items()}
         if _MAGNITUDE in g.get("dora_scale", ""):     # peft: (out,) for a Linear, (1, out, 1, 1) for a conv
             entry["dora_scale"] = entry["dora_scale"].flatten()
         if peft and "down" in entry and "alpha" not in entry:
@@ -290,7 +293,7 @@ def load_lora_file(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]
             raise CheckpointError(f"{path}: module {name}: {exc}") from None
         if any(not t.is_floating_point() for f, t in entry.items() if f not in ("on_input", "alpha")):  # alpha: any number
             raise CheckpointError(f"{path}: LoRA module {name} has non-floating-point weights")
-        if not all(bool(torch.isfinite(t.to(torch.float32)).all()) for t in entry.values()):
+        if weights and not all(bool(torch.isfinite(t.to(torch.float32)).all()) for t in entry.values()):
             raise CheckpointError(f"{path}: LoRA module {name} has NaN or infinite weights")
         kohya = _kohya_module_name(name)
         if kohya in lora:

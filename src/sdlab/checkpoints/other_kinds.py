@@ -1,11 +1,14 @@
 """What a file that is not a whole model is: a LoRA, a ControlNet, a VAE, an upscaler, a textual-inversion
 embedding, or one component folder of a diffusers pipeline (`sdlab inspect` on it).
 
-Each kind is recognised by the reader that loads it for generation (`load_lora_file`, `load_controlnet`,
-`load_vae_source`, `load_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
+Each kind is recognised by the reader that loads it for generation (`load_lora_file`, `read_controlnet`,
+`load_vae_source`, `read_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
 takes any single 2-D tensor), so what is described here is what `--lora`, `--control`, `--vae`,
-`sdlab upscale --model` and `--embeddings-dir` would load. Every description has the same fields:
-`source`, `kind`, `facts` (name -> text) and `use` (the option that takes the file).
+`sdlab upscale --model` and `--embeddings-dir` would load. The readers go by names, shapes and metadata
+(a LoRA's alphas, an embedding's vectors: a few numbers): the weights of a LoRA, ControlNet, VAE or
+upscaler are not read (from a pickle, where its format lets torch skip them), nor checked for NaN. Every
+description has the same fields: `source`, `kind`, `facts` (name -> text) and `use` (the option that takes
+the file).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import shapes_of
@@ -52,7 +54,7 @@ def _lora(path: Path) -> Description:
     from sdlab.checkpoints.lora import load_lora_file
     from sdlab.checkpoints.lycoris import module_kind
 
-    modules = load_lora_file(path)
+    modules = load_lora_file(path, weights=False)
     metadata = read_checkpoint(path)[1]
     parts = Counter(_LORA_PARTS.get(name.split("_")[1], "other") if name.startswith("lora_") else "other"
                     for name in modules)
@@ -76,14 +78,18 @@ def _lora(path: Path) -> Description:
 
 
 def _controlnet(path: Path) -> Description:
-    from sdlab.checkpoints.controlnet import load_controlnet
+    from sdlab.checkpoints.components import meta_device_without_init
+    from sdlab.checkpoints.controlnet import family_label, read_controlnet
+    from sdlab.models.controlnet import ControlNet
 
-    loaded = load_controlnet(path, dtype=torch.bfloat16)          # bf16: half the memory of a check in fp32
-    cfg = loaded.config
-    facts = {"for": f"{loaded.family} models", "layout": loaded.layout,
+    found = read_controlnet(path, shapes_only=True)
+    cfg = found.config
+    with meta_device_without_init():
+        parameters = sum(p.numel() for p in ControlNet(cfg).parameters())
+    facts = {"for": f"{family_label(cfg.unet)} models", "layout": found.layout,
              "hint": f"{cfg.hint_channels} channels{', BGR' if cfg.hint_bgr else ''}"
                      f"{', pooled (shuffle)' if cfg.global_pool else ''}",
-             "parameters": _count(sum(p.numel() for p in loaded.model.parameters()))}
+             "parameters": _count(parameters)}
     return {"kind": "ControlNet", "facts": facts, "use": "--control FILE:IMAGE[:STRENGTH]"}
 
 
@@ -100,9 +106,9 @@ def _vae(path: Path) -> Description:
 
 
 def _upscaler(path: Path) -> Description:
-    from sdlab.checkpoints.upscaler import load_upscaler
+    from sdlab.checkpoints.upscaler import read_upscaler
 
-    net = load_upscaler(path).net
+    net = read_upscaler(path)
     cfg = net.config
     facts = {"architecture": type(net).__name__, "scale": f"{cfg.scale}x", "features": str(cfg.features),
              "parameters": _count(sum(p.numel() for p in net.parameters()))}

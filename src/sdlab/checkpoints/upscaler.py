@@ -222,11 +222,9 @@ def _check_values(tensors: Mapping[str, Tensor], path: Path) -> None:
             raise CheckpointError(f"{path}: tensor {key} holds NaN or infinite values")
 
 
-def upscaler_from_state(state: Mapping[str, Tensor], name: str = "upscaler", *, path: str | os.PathLike[str] | None = None,
-                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Upscaler:
-    """An `Upscaler` from a state dict in any supported layout (see the module docstring). A lazy state
-    (`sdlab.checkpoints.io.LazyMapping`) is read only once names and shapes have been checked."""
-    where = Path(path) if path is not None else Path(name)
+def _network(state: Mapping[str, Tensor], where: Path) -> tuple[RRDBNet | SRVGGNetCompact, dict[str, str]]:
+    """The network a state dict in any supported layout (module docstring) describes, on the meta device, and
+    file key -> the network's name, from names and shapes only."""
     inner = _unwrap(list(state))
     layout = _layout(inner)
     compact = layout == "compact"
@@ -239,10 +237,27 @@ def upscaler_from_state(state: Mapping[str, Tensor], name: str = "upscaler", *, 
     with torch.device("meta"):
         net = SRVGGNetCompact(compact_config(shapes, where)) if compact else RRDBNet(config_from_shapes(shapes, where))
     _check_shapes(net, shapes, where)
+    return net, names
+
+
+def upscaler_from_state(state: Mapping[str, Tensor], name: str = "upscaler", *, path: str | os.PathLike[str] | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Upscaler:
+    """An `Upscaler` from a state dict in any supported layout (see the module docstring). A lazy state
+    (`sdlab.checkpoints.io.LazyMapping`) is read only once names and shapes have been checked."""
+    where = Path(path) if path is not None else Path(name)
+    net, names = _network(state, where)
     tensors = {ours: state[key] for key, ours in names.items()}
     _check_values(tensors, where)
     net.load_state_dict(tensors, assign=True)
     return Upscaler(net.to(device=device, dtype=dtype).eval().requires_grad_(False), name)
+
+
+def read_upscaler(path: str | os.PathLike[str]) -> RRDBNet | SRVGGNetCompact:
+    """The network an upscaler file describes, on the meta device: read from its names and shapes only (a
+    pickle's tensors on the meta device too), as `load_upscaler` would build it."""
+    path = Path(path)
+    state, _ = read_checkpoint(path, nested=True, shapes_only=True)
+    return _network(state, path)[0]
 
 
 def load_upscaler(path: str | os.PathLike[str], *, device: str | torch.device = "cpu",
