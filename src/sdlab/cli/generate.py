@@ -726,7 +726,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.images import pad_for_outpaint
     from sdlab.pipeline.infotext import RefinerRef, parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters
-    from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError, next_batch
+    from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError, check_batch_seeds, next_batch
 
     target = _output_target(args.out)                         # a bad --out is refused before any work
     recorded = _recorded_parameters(args)
@@ -779,6 +779,7 @@ def run_generate(args: argparse.Namespace) -> int:
         _warn_what_is_not_given(recorded, refiner, vae, pipe, request)
     try:
         plan = pipe.resolve(request)                          # resolved once: the run and the infotext use it
+        check_batch_seeds(plan.request, args.batch_count)
         plans = [plan] + [pipe.resolve(next_batch(plan.request, k)) for k in range(1, args.batch_count)]
     except RequestError as err:
         raise UserError(str(err)) from None

@@ -338,6 +338,15 @@ def next_batch(request: GenerationRequest, k: int) -> GenerationRequest:
     return replace(request, seed=request.seed + step)
 
 
+def check_batch_seeds(request: GenerationRequest, batch_count: int) -> None:
+    """The seeds of `batch_count` batches of the resolved `request` (batch 0), checked before any is drawn: seed
+    + 0 .. seed + batch_count x batch_size - 1 (`next_batch`; with a variation seed the subseeds, the seed
+    being every picture's) must be seeds torch's generators take, else a `RequestError` as `resolve`'s for
+    one batch."""
+    name = "subseed" if request.subseed_strength else "seed"
+    _batch_seed(name, getattr(request, name), batch_count * request.batch_size)
+
+
 def _batch_seed(name: str, seed: int, batch_size: int) -> int:
     """`seed`, checked so that every image's seed + i is one torch's generators take."""
     if not MIN_SEED <= seed <= MAX_SEED - (batch_size - 1):

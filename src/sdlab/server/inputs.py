@@ -31,7 +31,7 @@ from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
 from sdlab.pipeline.plan import check_refiner_convention
 from sdlab.pipeline.request import (
-    SIZE_MULTIPLE, GenerationRequest, RequestError, check_refiner_switch, requested_size, resolve,
+    SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch, requested_size, resolve,
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
 from sdlab.server.config import Limits
@@ -327,13 +327,14 @@ def with_upscaler_file(request: GenerationRequest, upscaler: ModelFile | None) -
 
 
 def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle | None = None,
-                  upscaler: ModelFile | None = None) -> GenerationRequest:
+                  upscaler: ModelFile | None = None, batch_count: int = 1) -> GenerationRequest:
     """`request` checked against the server's limits and sdlab's own rules (the model's defaults are filled
     in when it runs); `BadRequest` names the first problem by sdlab's field names (the A1111 routes rename
     them, `a1111._a1111_named`). `--max-steps` and `--max-pixels` hold for either pass. `model`, the model it runs
     on where known (loaded): its default side stands for an unset width / height and its VAE factor snaps the
     sizes, so the hires pass is checked at the size it will draw. `upscaler`: the model the hires upscaler
-    names (`upscaler_file`), None for a latent mode or a plain resize."""
+    names (`upscaler_file`), None for a latent mode or a plain resize. `batch_count`: the batches drawn one after
+    another (A1111's n_iter), whose seeds are all checked now (`check_batch_seeds`)."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -352,6 +353,7 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     try:
         resolved = resolve(with_upscaler_file(request, upscaler), default_size=default_size or 64,
                            default_sampler="Euler", default_schedule="normal", factor=factor)
+        check_batch_seeds(resolved, batch_count)
     except (RequestError, ValueError) as err:
         raise BadRequest(str(err)) from None
     if resolved.hires and size_known:       # unknown: the worker checks it once the model is loaded

@@ -116,7 +116,8 @@ class Service:
             spec = replace(spec, model_preset_fills=frozenset())
         request = check_request(replace(request, prompt=drawn, seed=fixed_seed(request.seed)), self.config.limits,
                                 model=self.host.loaded_bundle(checkpoint),
-                                upscaler=upscaler_file(request.hr_upscaler, self.upscalers))
+                                upscaler=upscaler_file(request.hr_upscaler, self.upscalers),
+                                batch_count=spec.batch_count)
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags))
         settings = {"mode": mode, "model": checkpoint.title,
                     "loras": [{"name": c.name, "weight": c.weight} for c in spec.loras], **request.parameters()}
