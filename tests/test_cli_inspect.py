@@ -224,12 +224,12 @@ def other_kinds(tmp_path_factory) -> dict[str, Path]:
 @pytest.mark.parametrize("name, kind, facts, use", [
     ("lora", "LoRA", ["modules         2 (U-Net 1, text encoder 1)", "rank            4", "alpha           2.0",
                       "trained for     sd_v1"], "--lora FILE"),
-    ("a1111-embedding", "textual-inversion embedding", ["vectors         3", "width           768 (sd1)",
+    ("a1111-embedding", "textual-inversion embedding", ["vectors         3", "width           768\nfor             sd1\n",
                                                         "trained steps   500", "trained on      v1-5-pruned-emaonly"],
      "--embeddings-dir"),
-    ("sdxl-embedding", "textual-inversion embedding", ["vectors         2", "width           768 + 1280 (sdxl)"],
+    ("sdxl-embedding", "textual-inversion embedding", ["vectors         2", "width           768 + 1280\nfor             sdxl\n"],
      "--embeddings-dir"),
-    ("vae", "VAE", ["latent          4 channels"], "--vae"),
+    ("vae", "VAE", ["latent          4 channels\ndownsampling    1/2 of the picture's size"], "--vae"),
     ("upscaler", "upscaler", ["architecture    RRDBNet", "scale           4x", "features        8"], "sdlab upscale"),
     ("controlnet", "ControlNet", ["layout          original", "hint            3 channels"], "--control"),
     ("controlnet-pth", "ControlNet", ["layout          original", "hint            3 channels"], "--control"),
@@ -249,6 +249,28 @@ def test_inspect_says_what_a_file_that_is_not_a_whole_model_is(other_kinds, caps
         assert fact in out, (fact, out)
     assert main(["inspect", "--json", str(other_kinds[name])]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == kind
+
+
+@pytest.mark.parametrize("name, facts", [
+    ("lora", {"modules": {"U-Net": 1, "text encoder": 1}, "module kinds": ["lora"], "parameters": 640, "rank": [4],
+              "alpha": [2.0], "trained for": "sd_v1"}),
+    ("a1111-embedding", {"vectors": 3, "width": [768], "for": ["sd1"], "trained steps": 500,
+                         "trained on": "v1-5-pruned-emaonly"}),
+    ("sdxl-embedding", {"vectors": 2, "width": [768, 1280], "for": ["sdxl"]}),
+    ("vae", {"latent": 4, "downsampling": 2, "widths": [32, 64], "parameters": 658_375}),
+    ("upscaler", {"architecture": "RRDBNet", "scale": 4, "features": 8}),
+    ("compact-upscaler", {"architecture": "SRVGGNetCompact", "scale": 4, "features": 8, "parameters": 3_736}),
+    ("controlnet", {"layout": "original", "hint": 3}),
+    ("unet-folder", {"in_channels": 4}),
+])
+def test_inspect_json_gives_numbers_as_numbers(other_kinds, capsys, name, facts):
+    """`inspect --json` on a file that is not a whole model: counts, sizes and scales are JSON numbers (lists of
+    them where a file has several), as a whole model's parameter counts are."""
+    assert main(["inspect", "--json", str(other_kinds[name])]) == 0
+    given = json.loads(capsys.readouterr().out)["facts"]
+    assert {key: given[key] for key in facts} == facts
+    assert not [value for value in given.values() if isinstance(value, str) and value.replace(",", "").isdigit()]
+    assert type(given.get("parameters", 0)) is int
 
 
 @pytest.mark.parametrize("name", ["lora", "controlnet", "controlnet-pth", "upscaler", "compact-upscaler"])
@@ -275,4 +297,4 @@ def test_inspect_reads_names_shapes_and_metadata_not_weights(other_kinds, capsys
         expected = sum(p.numel() for p in load_upscaler(other_kinds[name]).net.parameters())
     else:
         expected = 4 * 32 + 32 * 4 + 4 * 32 + 64 * 4
-    assert parameters.replace(",", "") == str(expected)
+    assert parameters == expected

@@ -7,8 +7,9 @@ takes any single 2-D tensor), so what is described here is what `--lora`, `--con
 `sdlab upscale --model` and `--embeddings-dir` would load. The readers go by names, shapes and metadata
 (a LoRA's alphas, an embedding's vectors: a few numbers): the weights of a LoRA, ControlNet, VAE or
 upscaler are not read (from a pickle, where its format lets torch skip them), nor checked for NaN. Every
-description has the same fields: `source`, `kind`, `facts` (name -> text) and `use` (the option that takes
-the file).
+description has the same fields: `source`, `kind`, `facts` (name -> a number, a list of numbers, a count per
+part or text, as `inspect --json` gives them; `format_description` writes each as text) and `use` (the option
+that takes the file).
 """
 
 from __future__ import annotations
@@ -40,13 +41,9 @@ def describe_other_kind(path: str | os.PathLike[str]) -> Description | None:
     return None
 
 
-def _count(n: int) -> str:
-    return f"{n:,}"
-
-
-def _values(values) -> str:
-    """Distinct values, sorted, as text: "32" or "4, 8, 16"."""
-    return ", ".join(str(v) for v in sorted(set(values)))
+def _values(values) -> list:
+    """Distinct values, sorted: [32] or [4, 8, 16]."""
+    return sorted(set(values))
 
 
 def _lora(path: Path) -> Description:
@@ -59,9 +56,9 @@ def _lora(path: Path) -> Description:
     parts = Counter(_LORA_PARTS.get(name.split("_")[1], "other") if name.startswith("lora_") else "other"
                     for name in modules)
     facts = {
-        "modules": f"{len(modules)} ({', '.join(f'{part} {n}' for part, n in sorted(parts.items()))})",
+        "modules": dict(sorted(parts.items())),
         "module kinds": _values(module_kind(m) for m in modules.values()),
-        "parameters": _count(sum(t.numel() for m in modules.values() for f, t in m.items() if f != "alpha")),
+        "parameters": sum(t.numel() for m in modules.values() for f, t in m.items() if f != "alpha"),
     }
     ranks = [m["down"].shape[0] for m in modules.values() if "down" in m]
     if ranks:
@@ -86,10 +83,12 @@ def _controlnet(path: Path) -> Description:
     cfg = found.config
     with meta_device_without_init():
         parameters = sum(p.numel() for p in ControlNet(cfg).parameters())
-    facts = {"for": f"{family_label(cfg.unet)} models", "layout": found.layout,
-             "hint": f"{cfg.hint_channels} channels{', BGR' if cfg.hint_bgr else ''}"
-                     f"{', pooled (shuffle)' if cfg.global_pool else ''}",
-             "parameters": _count(parameters)}
+    facts = {"for": f"{family_label(cfg.unet)} models", "layout": found.layout, "hint": cfg.hint_channels}
+    if cfg.hint_bgr:
+        facts["hint order"] = "BGR"
+    if cfg.global_pool:
+        facts["residuals"] = "pooled over the picture (shuffle)"
+    facts["parameters"] = parameters
     return {"kind": "ControlNet", "facts": facts, "use": "--control FILE:IMAGE[:STRENGTH]"}
 
 
@@ -99,9 +98,8 @@ def _vae(path: Path) -> Description:
     source = load_vae_source(path)
     cfg = source.config
     _, parameters = source.check()
-    facts = {"latent": f"{cfg.latent_channels} channels, 1/{cfg.downsample_factor} of the picture's size",
-             "widths": _values(cfg.base_channels * m for m in cfg.channel_mult),
-             "parameters": _count(parameters)}
+    facts = {"latent": cfg.latent_channels, "downsampling": cfg.downsample_factor,
+             "widths": _values(cfg.base_channels * m for m in cfg.channel_mult), "parameters": parameters}
     return {"kind": "VAE", "facts": facts, "use": "--vae PATH (in place of the model's own VAE)"}
 
 
@@ -110,8 +108,8 @@ def _upscaler(path: Path) -> Description:
 
     net = read_upscaler(path)
     cfg = net.config
-    facts = {"architecture": type(net).__name__, "scale": f"{cfg.scale}x", "features": str(cfg.features),
-             "parameters": _count(sum(p.numel() for p in net.parameters()))}
+    facts = {"architecture": type(net).__name__, "scale": cfg.scale, "features": cfg.features,
+             "parameters": sum(p.numel() for p in net.parameters())}
     return {"kind": "upscaler", "facts": facts, "use": "sdlab upscale IMAGE --model FILE (or the hires fix's upscaler)"}
 
 
@@ -123,9 +121,9 @@ def _embedding(path: Path) -> Description:
     families = _families_with_text_widths(widths)
     if not families:                      # any lone 2-D tensor reads as vectors: only a family's widths count
         raise CheckpointError(f"{path}: no model family has text encoders {widths} wide")
-    facts = {"vectors": str(embedding.num_vectors), "width": " + ".join(map(str, widths)) + f" ({', '.join(families)})"}
+    facts = {"vectors": embedding.num_vectors, "width": list(widths), "for": families}
     if embedding.step is not None:
-        facts["trained steps"] = str(embedding.step)
+        facts["trained steps"] = embedding.step
     if embedding.sd_checkpoint_name:
         facts["trained on"] = embedding.sd_checkpoint_name
     return {"kind": "textual-inversion embedding", "facts": facts,
@@ -149,8 +147,8 @@ def _component(path: Path) -> Description:
     config = read_config_json(path / "config.json")
     shown = ("in_channels", "out_channels", "cross_attention_dim", "sample_size", "block_out_channels",
              "latent_channels", "hidden_size", "num_hidden_layers", "projection_dim")
-    facts: dict[str, str] = {key: str(config[key]) for key in shown if config.get(key) is not None}
-    facts["parameters"] = _count(sum(s.numel() for s in shapes_of(component_weights(path)).values()))
+    facts: dict[str, Any] = {key: config[key] for key in shown if config.get(key) is not None}
+    facts["parameters"] = sum(s.numel() for s in shapes_of(component_weights(path)).values())
     pipeline = path.resolve().parent
     where = pipeline if (pipeline / "model_index.json").is_file() else "the folder above it with model_index.json"
     name = config.get("_class_name") or next(iter(config.get("architectures") or []), "component")
@@ -158,10 +156,32 @@ def _component(path: Path) -> Description:
             "use": f"--model with the whole pipeline: {where}"}
 
 
+# how a fact reads as text where its value alone does not say it
+_TEXT: dict[str, Callable[[Any], str]] = {
+    "modules": lambda parts: f"{sum(parts.values())} ({', '.join(f'{part} {n}' for part, n in parts.items())})",
+    "hint": "{} channels".format,
+    "latent": "{} channels".format,
+    "downsampling": "1/{} of the picture's size".format,
+    "scale": "{}x".format,
+    "width": lambda widths: " + ".join(map(str, widths)),
+}
+
+
+def _fact_text(name: str, value: Any) -> str:
+    """A fact's value as text: by `_TEXT`, else an integer with thousands separators, a list comma-separated."""
+    if name in _TEXT:
+        return _TEXT[name](value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    return str(value)
+
+
 def format_description(description: Mapping[str, Any]) -> str:
     """The text `sdlab inspect` prints for a description (`describe_other_kind`)."""
     lines = [f"{'file':<16}{description['source']}", f"{'kind':<16}{description['kind']}"]
-    lines += [f"{name:<15} {value}" for name, value in description["facts"].items()]
+    lines += [f"{name:<15} {_fact_text(name, value)}" for name, value in description["facts"].items()]
     lines.append(f"{'use':<16}{description['use']}")
     return "\n".join(lines)
 
