@@ -178,6 +178,12 @@ def test_not_a_controlnet(tmp_path):
         "t2iadapter_style_sd14v1.pth": ({"style_embedding": (1, 8, 1024), "ln_post.weight": (1024,)}, "a T2I-Adapter"),
         "t2i_diffusers.safetensors": ({"adapter.conv_in.weight": (320, 64, 3, 3),
                                        "adapter.body.0.resnets.0.block1.weight": (320, 320, 3, 3)}, "a T2I-Adapter"),
+        "t2i_diffusers_light.safetensors": ({"adapter.body.0.in_conv.weight": (320, 192, 1, 1),
+                                             "adapter.body.0.resnets.0.block1.weight": (320, 320, 3, 3),
+                                             "adapter.body.0.out_conv.weight": (320, 320, 1, 1)}, "a T2I-Adapter"),
+        "t2iadapter_sketch_sd14v1.pth": ({"body.0.block1.weight": (320, 320, 3, 3), "body.0.block2.weight": (320, 320, 3, 3),
+                                          "body.3.in_conv.weight": (640, 320, 3, 3), "body.3.down_opt.op.weight": (320, 320, 3, 3),
+                                          "conv_in.weight": (320, 64, 3, 3)}, "a T2I-Adapter"),
         "kohya_controllllite_xl_canny.safetensors": (
             {"lllite_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.down.0.weight": (32, 640)},
             "a ControlNet-LLLite .* sdlab does not load ControlNet-LLLites"),
@@ -191,6 +197,21 @@ def test_not_a_controlnet(tmp_path):
         else:
             torch.save(state, tmp_path / name)
         with pytest.raises(CheckpointError, match=message):
+            load_controlnet(tmp_path / name)
+    upscalers = {   # Real-ESRGAN's key names (new arch: body.N.rdbK; compact SRVGG: body.N) and ESRGAN's old arch
+        "RealESRGAN_x4plus.safetensors": {"conv_first.weight": (64, 3, 3, 3), "body.0.rdb1.conv1.weight": (32, 64, 3, 3),
+                                          "body.0.rdb3.conv5.bias": (64,), "conv_body.weight": (64, 64, 3, 3),
+                                          "conv_up1.weight": (64, 64, 3, 3), "conv_hr.weight": (64, 64, 3, 3),
+                                          "conv_last.weight": (3, 64, 3, 3)},
+        "realesr-general-x4v3.safetensors": {"body.0.weight": (64, 3, 3, 3), "body.0.bias": (64,), "body.1.weight": (64,),
+                                             "body.34.weight": (48, 64, 3, 3), "body.34.bias": (48,)},
+        "4x_foolhardy_Remacri.safetensors": {"model.0.weight": (64, 3, 3, 3),
+                                             "model.1.sub.0.RDB1.conv1.0.weight": (32, 64, 3, 3),
+                                             "model.1.sub.23.weight": (64, 64, 3, 3), "model.10.weight": (3, 64, 3, 3)},
+    }
+    for name, shapes in upscalers.items():
+        save_file({key: torch.zeros(shape) for key, shape in shapes.items()}, tmp_path / name)
+        with pytest.raises(CheckpointError, match=r"not a ControlNet: no input_hint_block\.0\.weight"):
             load_controlnet(tmp_path / name)
     torch.save({"image_proj": {"proj.weight": torch.zeros(4, 4)}, "ip_adapter": {"1.to_k_ip.weight": torch.zeros(4, 4)}},
                tmp_path / "ip-adapter_sd15.bin")      # h94's .bin: two nested dicts

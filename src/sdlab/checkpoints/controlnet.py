@@ -149,9 +149,11 @@ def legacy_hash(path: str | os.PathLike[str]) -> str:
 _OTHER_CONTROLS = (
     ("a ControlNet-LLLite (kohya)", "ControlNet-LLLites", re.compile(r"lllite_")),
     ("an IP-Adapter", "IP-Adapters", re.compile(r"(image_proj|ip_adapter)\.")),
-    # TencentARC's files (full: conv_in + body.N.block1; light: body.N.in_conv; style: style_embedding) and
-    # diffusers' T2IAdapter (adapter.*)
-    ("a T2I-Adapter", "T2I-Adapters", re.compile(r"(adapter\.)?body\.\d+\.|adapter\.conv_in\.|style_embedding$")),
+    # TencentARC's files (full: body.N.block1 / block2 / in_conv; light: body.N.in_conv / out_conv; style:
+    # style_embedding) and diffusers' T2IAdapter (adapter.conv_in, adapter.body.N.resnets / in_conv); an
+    # upscaler's body.N.rdbK (Real-ESRGAN) or body.N (compact SRVGG) is none of them
+    ("a T2I-Adapter", "T2I-Adapters",
+     re.compile(r"(adapter\.)?body\.\d+\.(block1|block2|in_conv|out_conv|resnets)\.|adapter\.conv_in\.|style_embedding$")),
 )
 
 
