@@ -28,7 +28,6 @@ writes, and `write_lora_file` adds kohya's ``sshs_*`` hashes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ from torch import Tensor, nn
 from sdlab.checkpoints.diffusers_unet import unet_key_map
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import META_MODELSPEC_PREDICTION, modelspec_prediction, named_preset
-from sdlab.checkpoints.io import meta_tensor, read_checkpoint, read_safetensors_header, write_safetensors_atomic
+from sdlab.checkpoints.io import meta_tensor, read_checkpoint, write_safetensors_atomic
 from sdlab.checkpoints.lycoris import FIELDS, merged_weight, module_kind
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import FamilySpec
@@ -170,7 +169,7 @@ def _kohya_hashes(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) ->
     """kohya's ``sshs_model_hash`` (sha256 of the tensor data) and ``sshs_legacy_hash`` (8 hex digits of the
     sha256 of 64 KiB at 1 MiB into the file written with only the ``ss_*`` metadata)."""
     blob = safetensors.torch.save(dict(tensors), {k: v for k, v in metadata.items() if k.startswith("ss_")})
-    _, data_start = read_safetensors_header(io.BytesIO(blob), "the LoRA being written")
+    data_start = 8 + int.from_bytes(blob[:8], "little")     # safetensors' own bytes: header length, header, data
     return {"sshs_model_hash": hashlib.sha256(blob[data_start:]).hexdigest(),
             "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
 
