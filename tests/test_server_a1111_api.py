@@ -86,6 +86,7 @@ def test_lists_of_what_sdlab_has_none_of_are_empty(client, route):
 def test_cmd_flags_and_memory_have_a1111s_shapes(client, sdlab_server):
     flags = client.get("/cmd-flags").json()
     assert flags["max_batch"] == 8 and flags["max_queue"] == 4 and flags["device"] == "cpu"
+    assert flags["max_images"] == 100
     assert flags["output_dir"] == str(sdlab_server.output_dir) and flags["models_dir"] is None
     assert not {"auth", "basic_auth", "token"} & flags.keys()
     memory = client.get("/memory").json()
@@ -353,8 +354,9 @@ def test_n_iter_draws_its_batches_one_after_another(client, sdlab_server):
     across them (`all_seeds`, `all_subseeds`); so `--max-batch` (8 here) bounds `batch_size` alone."""
     body, info = txt2img(client, batch_size=3, n_iter=3, seed=100)
     assert len(body["images"]) == 9 and info["all_seeds"] == list(range(100, 109)) and info["batch_size"] == 3
+    first, _ = txt2img(client, batch_size=3, seed=100)
     second, _ = txt2img(client, batch_size=3, seed=103)
-    assert body["images"][3:6] == second["images"]              # the same pictures, parameters text included
+    assert body["images"][:3] == first["images"] and body["images"][3:6] == second["images"]   # parameters too
     job = httpx.get(sdlab_server.url + "/api/jobs?limit=1").json()["jobs"][0]
     assert job["steps"] == 2 and job["request"]["batch_size"] == 3        # the later request
     varied, info = txt2img(client, batch_size=2, n_iter=2, seed=7, subseed=50, subseed_strength=0.3)
@@ -365,3 +367,7 @@ def test_n_iter_draws_its_batches_one_after_another(client, sdlab_server):
     assert job["steps"] == 2 * 2 and job["request"]["batch_count"] == 2 and len(job["images"]) == 4
     refused = client.post("/txt2img", json={"prompt": "x", "batch_size": 9})
     assert refused.status_code == 400 and "at most 8 images" in refused.json()["errors"]
+    refused = client.post("/txt2img", json={"prompt": "x", "batch_size": 8, "n_iter": 1000})
+    assert refused.status_code == 400, refused.text
+    assert refused.json()["errors"] == ("at most 100 images per request on this server (--max-images), got "
+                                        "batch_size 8 x n_iter 1000")

@@ -47,6 +47,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, default=150, help="most sampling steps per request (default 150)")
     p.add_argument("--max-batch", type=int, default=8,
                    help="most images drawn together, a batch (default 8; A1111's n_iter batches run one after another)")
+    p.add_argument("--max-images", type=int, default=100,
+                   help="most images of one request, every batch's (A1111's batch_size x n_iter; default 100)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.set_defaults(run=run_serve)
 
@@ -81,13 +83,14 @@ def _limits(args: argparse.Namespace):
     from sdlab.server.config import Limits
 
     for flag, value in (("--max-queue", args.max_queue), ("--max-pixels", args.max_pixels),
-                        ("--max-steps", args.max_steps), ("--max-batch", args.max_batch)):
+                        ("--max-steps", args.max_steps), ("--max-batch", args.max_batch),
+                        ("--max-images", args.max_images)):
         if value < (0 if flag == "--max-queue" else 1):
             raise UserError(f"{flag} must be positive, got {value}")
     if not args.max_body_mb > 0:
         raise UserError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     return Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
-                  max_steps=args.max_steps, max_batch=args.max_batch)
+                  max_steps=args.max_steps, max_batch=args.max_batch, max_images=args.max_images)
 
 
 def _listen(host: str, port: int) -> socket.socket:

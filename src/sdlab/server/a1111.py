@@ -247,13 +247,13 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
 
 
 _A1111_FIELDS = {"hr_steps": "hr_second_pass_steps", "hr_denoise": "denoising_strength", "hr_width": "hr_resize_x",
-                 "hr_height": "hr_resize_y", "strength": "denoising_strength", "CFG scale": "cfg_scale",
+                 "hr_height": "hr_resize_y", "batch_count": "n_iter", "strength": "denoising_strength", "CFG scale": "cfg_scale",
                  "noise multiplier": "initial_noise_multiplier", "mask blur y": "mask_blur_y", "mask blur": "mask_blur"}
 """sdlab's names of the request fields its checks name -> the A1111 fields they come from."""
-_SDLAB_FIELD = re.compile(r"\b(hr_steps|hr_denoise|hr_width|hr_height)\b"
+_SDLAB_FIELD = re.compile(r"\b(hr_steps|hr_denoise|hr_width|hr_height|batch_count)\b"
                           r"|^(strength|CFG scale|noise multiplier|mask blur y|mask blur)\b")
-"""The names in an error message: the hires fields' anywhere, the others' (words of other senses too) where
-the message starts with the field it is about."""
+"""The names in an error message: the hires fields' and batch_count anywhere, the others' (words of other senses
+too) where the message starts with the field it is about."""
 
 
 def _a1111_named(message: str) -> str:
@@ -676,7 +676,8 @@ def cmd_flags(request: Request) -> dict[str, Any]:
     limits = config.limits
     return {**{name: None if path is None else str(path) for name, path in folders.items()},
             "device": config.device, "max_queue": config.max_queue, "max_body_mb": limits.max_body_bytes >> 20,
-            "max_pixels": limits.max_pixels, "max_steps": limits.max_steps, "max_batch": limits.max_batch}
+            "max_pixels": limits.max_pixels, "max_steps": limits.max_steps, "max_batch": limits.max_batch,
+            "max_images": limits.max_images}
 
 
 @router.get("/memory")

@@ -15,6 +15,7 @@ class Limits:
     max_steps: int = 150
     max_batch: int = 8                      # pictures drawn together (A1111's batch_size; its n_iter
                                             # batches are drawn one after another)
+    max_images: int = 100                   # pictures of one request, every batch's (batch_size x n_iter)
 
 
 @dataclass(frozen=True)

@@ -334,7 +334,8 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     on where known (loaded): its default side stands for an unset width / height and its VAE factor snaps the
     sizes, so the hires pass is checked at the size it will draw. `upscaler`: the model the hires upscaler
     names (`upscaler_file`), None for a latent mode or a plain resize. `batch_count`: the batches drawn one after
-    another (A1111's n_iter), whose seeds are all checked now (`check_batch_seeds`)."""
+    another (A1111's n_iter), whose pictures count against `--max-images` and whose seeds are all checked now
+    (`check_batch_seeds`)."""
     if request.steps is not None and (not isinstance(request.steps, int) or request.steps > limits.max_steps):
         raise BadRequest(f"steps must be an integer <= {limits.max_steps} (this server's limit), got {request.steps!r}")
     hr_steps = getattr(request, "hr_steps", None)
@@ -344,6 +345,9 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     if not isinstance(request.batch_size, int) or request.batch_size > limits.max_batch:
         raise BadRequest(f"at most {limits.max_batch} images per batch on this server (--max-batch), got "
                          f"{request.batch_size!r}")
+    if request.batch_size * batch_count > limits.max_images:
+        raise BadRequest(f"at most {limits.max_images} images per request on this server (--max-images), got "
+                         f"batch_size {request.batch_size} x batch_count {batch_count}")
     default_size = None if model is None else model.default_size
     factor = SIZE_MULTIPLE if model is None else model.vae_config.downsample_factor
     width, height = requested_size(request, default_size)      # default_size None: not known yet

@@ -13,8 +13,8 @@ with another refiner, or none, lets the held one go first, and so does a reload 
 takes the base's device, dtype and embeddings), so at most a base model and a refiner are in memory. A hires upscaler named from
 `--upscalers-dir` is read from its file for the run only; the job and the pictures name it as the server
 lists it. The pictures carry the same `parameters` text as the
-CLI's (model name and hash, LoRA tags and hashes), are written all or nothing, and are named
-`<job id>-<index>.png` in `<output>/images/`.
+CLI's (model name and hash, LoRA tags and hashes), are written batch by batch as each is drawn (A1111's
+n_iter), each batch all or nothing, and are named `<job id>-<index>.png` in `<output>/images/`.
 """
 
 from __future__ import annotations
@@ -202,26 +202,33 @@ class Runner:
             job.preview = previewer.rgb(info.denoised[0]) if previewer is not None else None   # (h, w, 3)
             job.publish("step", {"i": job.step, "n": job.steps})
 
+        refs += job.spec.tag_loras
+        used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(job.spec.request)]
+
+        def parameters(result: GenerationResult) -> list[str]:
+            return [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
+                                                    model_hash=checkpoint.hash, loras=refs,
+                                                    prompt=job.spec.prompt_to_record, embeddings=used,
+                                                    refiner=_refiner_ref(refiner, choice)))
+                    for i in range(len(result.images))]
+
         try:
-            results = _run_batches(pipe, job, upscaler, progress)
+            first = _resolved(pipe, job.spec.request, upscaler)
+            job.settings = {**job.settings, **first.parameters()}
+            for result in _batches(pipe, job, first, upscaler, progress):
+                self._write_batch(job, result, parameters(result))
         except RequestError as err:        # a tagged LoRA's file: named as the server lists it, not by its path
             raise RequestError(without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])) from None
-        first = results[0].request
-        refs += job.spec.tag_loras
-        used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(first)]
-        texts = [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
-                                                 model_hash=checkpoint.hash, loras=refs,
-                                                 prompt=job.spec.prompt_to_record, embeddings=used,
-                                                 refiner=_refiner_ref(refiner, choice)))
-                 for result in results for i in range(len(result.images))]
-        images = [image for result in results for image in result.images]
-        blobs = [encode_image(image, "PNG", text) for image, text in zip(images, texts)]
-        names = [f"{job.id}-{i}.png" for i in range(len(blobs))]
+
+    def _write_batch(self, job: Job, result: GenerationResult, texts: list[str]) -> None:
+        """A drawn batch's pictures written with their parameters `texts` (all or nothing) as the job's next files
+        and added to the job: no batch's pictures stay in memory while the next is drawn."""
+        start = len(job.images)
+        names = [f"{job.id}-{start + i}.png" for i in range(len(texts))]
+        blobs = [encode_image(image, "PNG", text) for image, text in zip(result.images, texts)]
         write_files_all_or_nothing([(self.images_dir / n, b) for n, b in zip(names, blobs)], overwrite=False)
-        settings = dict(job.settings)
-        settings.update(first.parameters())
-        job.settings, job.images, job.infotexts = settings, names, texts
-        job.seeds = [seed for result in results for seed in result.seeds]
+        job.images, job.infotexts = job.images + names, job.infotexts + texts
+        job.seeds = job.seeds + result.seeds
 
     def _hires_upscaler(self, request: GenerationRequest, bundle: ModelBundle) -> HiresUpscaler | None:
         """The model a hires upscaler names in `request` (read from its file), after the request is checked
@@ -274,18 +281,23 @@ def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: Hir
     return replace(result, request=replace(result.request, hr_upscaler=upscaler.file.title))
 
 
-def _run_batches(pipe: Pipeline, job: Job, upscaler: HiresUpscaler | None,
-                 progress: ProgressFn) -> list[GenerationResult]:
-    """The job's batches one after another (`JobSpec.batch_count`, A1111's n_iter), each after the first from
-    its resolved request with the seeds continuing (`next_batch`, as `sdlab txt2img --batch-count`); a cancel
-    stops them between steps and between batches."""
-    results: list[GenerationResult] = []
+def _resolved(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscaler | None) -> GenerationRequest:
+    """`request` as `pipe` resolves it (`Pipeline.resolve`), its hires upscaler model named as
+    `/sdapi/v1/upscalers` lists it: the request of the job's first batch as its pictures record it."""
+    resolved = pipe.resolve(with_upscaler_file(request, None if upscaler is None else upscaler.file)).request
+    return resolved if upscaler is None else replace(resolved, hr_upscaler=upscaler.file.title)
+
+
+def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: HiresUpscaler | None,
+             progress: ProgressFn) -> Iterator[GenerationResult]:
+    """The job's batches drawn one after another (`JobSpec.batch_count`, A1111's n_iter) from the first's
+    resolved request `first`, the seeds continuing (`next_batch`, as `sdlab txt2img --batch-count`). A cancel
+    stops them between steps (`JobCancelled` from `progress`) and before a batch starts, as A1111's
+    `process_images_inner` checks `state.interrupted` at each iteration."""
     for k in range(job.spec.batch_count):
-        request = job.spec.request if k == 0 else next_batch(results[0].request, k)
-        results.append(_run_with_upscaler(pipe, request, upscaler, progress))
         if job.cancel.is_set():
             raise JobCancelled
-    return results
+        yield _run_with_upscaler(pipe, next_batch(first, k), upscaler, progress)
 
 
 def _take_model_defaults(job: Job, pipe: Pipeline) -> None:
