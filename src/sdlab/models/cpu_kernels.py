@@ -8,8 +8,10 @@ built the first time a large bf16 model draws on such a CPU (`torch.utils.cpp_ex
 ninja; about 30 s once on 2 cores, into torch's extensions folder (`build_folder()`), keyed by the sources'
 path and contents, and imported from there afterwards); where it cannot be built, every caller falls back to
 PyTorch's own operations. Without a compiler on PATH nothing is tried (one line says so: install g++); a
-build that fails is remembered in its folder (`FAILED_MARKER`) and not tried again, nor said again, until
-the compiler or ninja changes.
+build that fails is remembered in its folder (`FAILED_MARKER`) and not tried again until the compiler, ninja
+or Python's headers change or a day has passed (a fix nothing here can see: OpenMP installed, disk space
+freed); each process that would use the kernels says in one line that they are off, why, and where that is
+remembered.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import logging
 import os
 import shutil
 import sys
+import sysconfig
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -36,7 +40,10 @@ FOLDER = Path(__file__).with_name("kernels")
 SOURCES = ("bindings.cpp", "cpu_attention.cpp", "cpu_memory.cpp", "cpu_norm.cpp", "cpu_patch_product.cpp")
 HEADERS = ("amx.h", "simd.h")
 
-FAILED_MARKER = "build-failed"     # in a build's folder: the tools it failed with, then the line that said why
+FAILED_MARKER = "build-failed"     # in a build's folder: the inputs it failed with, then the line that said why
+RETRY_AFTER = 24 * 3600            # seconds after which a remembered failure is tried again
+_REMEMBERED = (" [remembered in {}: tried again after a day or once the compiler, ninja or Python's headers change;"
+               " delete it to try now]")
 
 _lock = threading.Lock()
 _state: dict[str, ModuleType | None] = {}
@@ -169,12 +176,13 @@ def _build() -> ModuleType | None:
 def _build_once(build: str, library: Path) -> ModuleType | None:
     """The kernels built into `library`'s folder, or None with one line saying why: a missing compiler is
     found before torch is asked (whose check prints a banner and whose ninja run costs every process), and
-    a failure is remembered (`FAILED_MARKER`), so later runs with the same tools neither retry nor repeat it."""
+    a failure is remembered (`FAILED_MARKER`): a later run with the same build inputs (`_build_inputs`) within
+    `RETRY_AFTER` does not try again, and says that the kernels are off, why, and where that is remembered."""
     marker = library.parent / FAILED_MARKER
-    tools = _build_tools()
+    inputs = _build_inputs()
     remembered = _read_marker(marker)
-    if remembered is not None and remembered[0] == tools:
-        logger.info("%s", remembered[1])
+    if remembered is not None and remembered[0] == inputs and time.time() - remembered[2] < RETRY_AFTER:
+        logger.warning("%s%s", remembered[1], _REMEMBERED.format(marker))
         return None
     compiler = os.environ.get("CXX", "c++")                  # the one torch's build runs
     if shutil.which(compiler) is None:
@@ -184,10 +192,8 @@ def _build_once(build: str, library: Path) -> ModuleType | None:
         try:
             return _compile(build, library)
         except Exception as err:   # no ninja, a build error
-            reason = (f"sdlab's bf16 CPU kernels could not be built ({_error_line(err)}); using PyTorch's "
-                      f"operations (delete {marker} to try again)")
-    logger.warning("%s", reason)
-    _write_marker(marker, tools, reason)
+            reason = f"sdlab's bf16 CPU kernels could not be built ({_error_line(err)}); using PyTorch's operations"
+    logger.warning("%s%s", reason, _REMEMBERED.format(marker) if _write_marker(marker, inputs, reason) else "")
     return None
 
 
@@ -209,28 +215,36 @@ def _compile(build: str, library: Path) -> ModuleType:
         torch_log.setLevel(level)
 
 
-def _build_tools() -> str:
-    """The compiler and ninja a build would run, as found on PATH (resolved): a failed build is tried again
-    once either changes."""
+def _build_inputs() -> str:
+    """What a build's outcome depends on beyond its folder's `name()` (sources, CPU, torch and Python
+    versions): the compiler and ninja it would run, as found on PATH (resolved), and Python's headers (the
+    folder of `Python.h`, "-" where it is missing: a Debian / Ubuntu Python without python3-dev). A failed
+    build is tried again once any of them changes."""
     found = (shutil.which(tool) for tool in (os.environ.get("CXX", "c++"), "ninja"))
-    return " ".join(os.path.realpath(path) if path else "-" for path in found)
+    include = Path(sysconfig.get_paths()["include"])
+    headers = str(include) if (include / "Python.h").is_file() else "-"
+    return " ".join([*(os.path.realpath(path) if path else "-" for path in found), headers])
 
 
-def _read_marker(marker: Path) -> tuple[str, str] | None:
-    """(tools, reason) of a remembered failed build, None where there is none."""
+def _read_marker(marker: Path) -> tuple[str, str, float] | None:
+    """(build inputs, reason, time written) of a remembered failed build, None where there is none."""
     try:
-        tools, _, reason = marker.read_text(encoding="utf-8").partition("\n")
+        inputs, _, reason = marker.read_text(encoding="utf-8").partition("\n")
+        written = marker.stat().st_mtime
     except (OSError, UnicodeDecodeError):
         return None
-    return tools, reason.strip()
+    return inputs, reason.strip(), written
 
 
-def _write_marker(marker: Path, tools: str, reason: str) -> None:
+def _write_marker(marker: Path, inputs: str, reason: str) -> bool:
+    """Remember a failed build; False where it cannot be (a read-only cache: the next run tries again)."""
     try:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(marker, lambda path: path.write_text(f"{tools}\n{reason}\n", encoding="utf-8"), fsync=False)
-    except OSError as err:        # a read-only cache: the next run tries again
+        atomic_write(marker, lambda path: path.write_text(f"{inputs}\n{reason}\n", encoding="utf-8"), fsync=False)
+    except OSError as err:
         logger.debug("cannot remember the failed build in %s: %s", marker, err)
+        return False
+    return True
 
 
 def _error_line(err: BaseException) -> str:
