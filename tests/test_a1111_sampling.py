@@ -51,19 +51,20 @@ def test_img2img_brownian_tree_spans_the_whole_schedule_except_in_comfyui(name, 
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("a1111, comfy", [("DPM2", "dpm_2"), ("DPM2 a", "dpm_2_ancestral"),
-                                          ("DPM++ 3M SDE", "dpmpp_3m_sde")])
-def test_a1111_drops_the_next_to_last_sigma_where_its_rows_say_so(a1111, comfy):
+@pytest.mark.parametrize("a1111, comfy, comfy_drops", [("DPM2", "dpm_2", True), ("DPM2 a", "dpm_2_ancestral", True),
+                                                       ("DPM++ 3M SDE", "dpmpp_3m_sde", False)])
+def test_a1111_drops_the_next_to_last_sigma_where_its_rows_say_so(a1111, comfy, comfy_drops):
     """A1111's `get_sigmas`: `discard_next_to_last_sigma` rows build steps + 1 sigmas and drop the next-to-last;
-    img2img takes its tail from that list. ComfyUI's samplers of the same names run the plain list."""
+    img2img takes its tail from that list. ComfyUI's KSampler drops it for dpm_2 and dpm_2_ancestral too
+    (`DISCARD_PENULTIMATE_SIGMA_SAMPLERS`), not for dpmpp_3m_sde."""
     steps = 6
     kd = KD.get_sigmas_karras(steps + 1, SAMPLING.sigma_min, SAMPLING.sigma_max)     # (steps + 2,)
     a1111_sigmas = torch.cat([kd[:-2], kd[-1:]])
     ours = request_sigmas(SAMPLING, get_sampler(a1111), _request(a1111, steps))
     torch.testing.assert_close(ours, a1111_sigmas, rtol=1e-6, atol=0)
     comfy_sigmas = request_sigmas(SAMPLING, get_sampler(comfy), _request(comfy, steps))
-    torch.testing.assert_close(comfy_sigmas, KD.get_sigmas_karras(steps, SAMPLING.sigma_min, SAMPLING.sigma_max),
-                               rtol=1e-6, atol=0)
+    plain = KD.get_sigmas_karras(steps, SAMPLING.sigma_min, SAMPLING.sigma_max)
+    torch.testing.assert_close(comfy_sigmas, a1111_sigmas if comfy_drops else plain, rtol=1e-6, atol=0)
     tail = request_sigmas(SAMPLING, get_sampler(a1111), _request(a1111, steps, init_image=Image.new("RGB", (64, 64)),
                                                                   strength=0.5, img2img_convention="a1111"))
     t_enc = int(0.5 * steps)

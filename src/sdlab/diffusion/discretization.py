@@ -445,8 +445,9 @@ def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str
     """Build discretization ``name``; a plain diffusers spacing name (``SPACINGS``) takes the spacing of the
     diffusers scheduler family ``scheduler`` (the sampler's ``SamplerSpec.spacing``), other names ignore it.
 
-    ``discard_penultimate`` (A1111's DPM2, DPM2 a and DPM++ 3M SDE, ``SamplerSpec.discard_penultimate``):
-    build ``steps + 1`` sigmas and drop the next-to-last, as A1111's ``get_sigmas`` does, so the last step
+    ``discard_penultimate`` (``SamplerSpec.discard_penultimate``: A1111's DPM2, DPM2 a and DPM++ 3M SDE,
+    ComfyUI's dpm_2, dpm_2_ancestral, uni_pc and uni_pc_bh2): build ``steps + 1`` sigmas and drop the
+    next-to-last, as A1111's ``get_sigmas`` and ComfyUI's ``KSampler.calculate_sigmas`` do, so the last step
     runs from a larger sigma to the end; diffusers' own spacings keep their schedulers' grids."""
     key = name.strip().lower()
     if key in SPACINGS:

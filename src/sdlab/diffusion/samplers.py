@@ -25,9 +25,10 @@ and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for
   Euler's serves the k-diffusion samplers diffusers lacks (DPM++ 2S a);
 - how many steps it needs before its picture settles (``min_steps``, ``min_steps_karras`` with a Karras
   schedule; a warning below that);
-- whether A1111 drops the next-to-last sigma of the schedule (``discard_penultimate``: its DPM2, DPM2 a and
-  DPM++ 3M SDE; ComfyUI's ``dpm_2``, ``dpm_2_ancestral`` and ``dpmpp_3m_sde`` do not, so they are rows of their
-  own);
+- whether the schedule's next-to-last sigma is dropped (``discard_penultimate``): A1111 drops it for its DPM2,
+  DPM2 a and DPM++ 3M SDE (the ``discard_next_to_last_sigma`` option of their rows), ComfyUI's KSampler for
+  ``dpm_2``, ``dpm_2_ancestral``, ``uni_pc`` and ``uni_pc_bh2`` (``DISCARD_PENULTIMATE_SIGMA_SAMPLERS``), not
+  for ``dpmpp_3m_sde``, which is therefore a row of its own;
 - which schedule AUTOMATIC1111 (1.9+) runs it on when the schedule is "Automatic" (``a1111_automatic``, the
   ``scheduler`` option of its row in A1111's ``sd_samplers_kdiffusion``; for rows without one the model's
   uniform sigmas, ``uniform`` = ``normal``). ``a1111_schedule`` applies that rule and A1111's other one:
@@ -83,7 +84,7 @@ class SamplerSpec:
     min_steps: int = 1                  # fewer steps can give a broken picture with guidance (module docstring)
     min_steps_karras: int | None = None  # the minimum with a Karras schedule, where it differs
     a1111_automatic: str = "uniform"    # the schedule A1111 1.9+'s "Automatic" runs it on (its sampler options)
-    discard_penultimate: bool = False   # A1111 drops the next-to-last sigma (its row's option; not ComfyUI)
+    discard_penultimate: bool = False   # the next-to-last sigma is dropped (A1111's row option, ComfyUI's KSampler)
     calls_per_step: int = 1             # model calls a step makes (A1111 schedules prompt edits over them)
 
     @property
@@ -104,14 +105,14 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec("Euler", "euler", K.sample_euler),
     SamplerSpec("Euler a", "euler_ancestral", K.sample_euler_ancestral, noise=_GAUSS),
     SamplerSpec("Heun", "heun", K.sample_heun, calls_per_step=2),
-    # A1111's DPM2 / DPM2 a / DPM++ 3M SDE drop the next-to-last sigma, ComfyUI's do not: a row each
-    SamplerSpec("DPM2", None, K.sample_dpm_2, a1111_automatic=_KARRAS, discard_penultimate=True, calls_per_step=2),
-    SamplerSpec(None, "dpm_2", K.sample_dpm_2, calls_per_step=2),
+    # A1111 and ComfyUI both drop the next-to-last sigma for DPM2 and DPM2 a
     SamplerSpec(
-        "DPM2 a", None, K.sample_dpm_2_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS, discard_penultimate=True,
-        calls_per_step=2,
+        "DPM2", "dpm_2", K.sample_dpm_2, a1111_automatic=_KARRAS, discard_penultimate=True, calls_per_step=2,
     ),
-    SamplerSpec(None, "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS, calls_per_step=2),
+    SamplerSpec(
+        "DPM2 a", "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS,
+        discard_penultimate=True, calls_per_step=2,
+    ),
     SamplerSpec("LMS", "lms", K.sample_lms, min_steps=30, min_steps_karras=20),
     SamplerSpec("DPM++ 2M", "dpmpp_2m", K.sample_dpmpp_2m, spacing=_DPM, a1111_automatic=_KARRAS),
     SamplerSpec(
@@ -130,6 +131,7 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     ),
     # deterministic DPM++ 2S, diffusers' DPMSolverSinglestep; not in A1111
     SamplerSpec("DPM++ 2S", "dpmpp_2s", K.sample_dpmpp_2s, spacing=_DPM),
+    # A1111's DPM++ 3M SDE drops the next-to-last sigma, ComfyUI's does not: a row each
     SamplerSpec(
         "DPM++ 3M SDE", None, K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30,
         a1111_automatic=_EXP, discard_penultimate=True,
@@ -145,10 +147,15 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # TCDScheduler: LCM's grid (original_inference_steps=50), steps to integer timesteps, ends at alphas_cumprod[0]
     SamplerSpec("TCD", "tcd", L.sample_tcd, noise=_GAUSS, final_sigma="first_alpha", wants_sigma_to_t=True,
                 wants_t_to_sigma=True, spacing="lcm", max_eta=1.0),
-    # UniPCMultistepScheduler (final_sigmas_type="zero"); ComfyUI's UniPC runs order 3 with bh1 or bh2
+    # UniPCMultistepScheduler (final_sigmas_type="zero"); ComfyUI's UniPC runs order 3 with bh1 or bh2, and its
+    # KSampler drops the next-to-last sigma for it
     SamplerSpec("UniPC", None, L.sample_unipc, spacing=_DPM),
-    SamplerSpec(None, "uni_pc", partial(L.sample_unipc, order=3, variant="bh1"), spacing=_DPM),
-    SamplerSpec(None, "uni_pc_bh2", partial(L.sample_unipc, order=3, variant="bh2"), spacing=_DPM),
+    SamplerSpec(
+        None, "uni_pc", partial(L.sample_unipc, order=3, variant="bh1"), spacing=_DPM, discard_penultimate=True,
+    ),
+    SamplerSpec(
+        None, "uni_pc_bh2", partial(L.sample_unipc, order=3, variant="bh2"), spacing=_DPM, discard_penultimate=True,
+    ),
 )
 """Every sampler, one row each."""
 

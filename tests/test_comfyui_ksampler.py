@@ -1,0 +1,62 @@
+"""ComfyUI's KSampler: the sigmas each of its sampler names runs on, and the samplers that ComfyUI runs its own way.
+
+The reference is ComfyUI's code transcribed in ``comfy_reference.py``; sdlab's sigmas come from the request path
+(``plan.request_sigmas``, which applies the sampler row's options and the "comfyui" img2img cut).
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+import comfy_reference as C
+from sdlab.diffusion.model_sampling import DiscreteModelSampling
+from sdlab.diffusion.samplers import get_sampler
+from sdlab.diffusion.schedules import NoiseSchedule
+from sdlab.pipeline.plan import request_sigmas
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+KSAMPLER_NAMES = [
+    "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde",
+    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm", "lcm", "uni_pc", "uni_pc_bh2",
+]
+SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform"]
+STEPS = (1, 2, 3, 7, 10, 20)
+DENOISE = (None, 0.9, 0.5, 0.33)
+
+
+@pytest.fixture(scope="module")
+def comfy():
+    return C.ModelSamplingDiscrete()
+
+
+def sdlab_sigmas(sampler: str, schedule: str, steps: int, denoise: float | None = None) -> torch.Tensor:
+    """The sigmas a request for `sampler` on `schedule` runs on, ComfyUI's `denoise` as the img2img strength."""
+    request = types.SimpleNamespace(schedule=schedule, steps=steps, init_image=None if denoise is None else object(),
+                                    strength=denoise, img2img_convention="comfyui")
+    return request_sigmas(DiscreteModelSampling(NoiseSchedule.sd(), "eps"), get_sampler(sampler), request)
+
+
+def assert_same_sigmas(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    assert ours.shape == reference.shape, (ours, reference)
+    torch.testing.assert_close(ours, reference.float(), rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("sampler", KSAMPLER_NAMES)
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_ksampler_sigmas(comfy, sampler, scheduler):
+    """Every ComfyUI sampler name on every scheduler: dpm_2, dpm_2_ancestral, uni_pc and uni_pc_bh2 drop the
+    penultimate sigma (KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS), before the denoise cut."""
+    for steps in STEPS:
+        for denoise in DENOISE:
+            reference = C.ksampler_sigmas(comfy, sampler, scheduler, steps, denoise)
+            assert_same_sigmas(sdlab_sigmas(sampler, scheduler, steps, denoise), reference)
+
+
+def test_discarding_samplers_end_on_a_larger_step(comfy):
+    """Karras, 3 steps: ComfyUI's dpm_2 runs 14.61 -> 3.17 -> 0.447 -> 0, not 14.61 -> 1.27 -> 0.0292 -> 0."""
+    ours = sdlab_sigmas("dpm_2", "karras", 3)
+    torch.testing.assert_close(ours, torch.tensor([14.6146, 3.1686, 0.4469, 0.0]), rtol=1e-4, atol=0)
