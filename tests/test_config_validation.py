@@ -20,7 +20,9 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import bundle_metadata
 from sdlab.checkpoints.load import load_bundle, plan_checkpoint
 from sdlab.checkpoints.save import bundle_state_dict
+from sdlab.checkpoints.validate import config_from_json
 from sdlab.cli import main
+from sdlab.models.unet import UNetConfig
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,24 @@ def test_good_sdlab_config_still_loads_as_stored(saved, tmp_path):
     report = plan_checkpoint(path).report
     assert report.family_source == "metadata sdlab.family"
     assert report.components[0].config == tiny_bundle("sd1").unet_config
+
+
+# The UNetConfig fields sdlab knew before empty_transformer_levels (87800ea `models/unet.py`), whose
+# `validate.config_from_json` refused any other: "UNetConfig: unknown fields [...]".
+UNET_FIELDS_BEFORE_EMPTY_LEVELS = {"in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
+                                   "transformer_depth", "transformer_depth_middle", "num_heads", "head_dim",
+                                   "context_dim", "use_linear_proj", "adm_in_channels", "upcast_attention",
+                                   "norm_groups", "time_cond_proj_dim"}
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_model_without_empty_transformer_levels_is_saved_as_older_sdlab_reads_it(saved, family):
+    """`empty_transformer_levels` is written only where a U-Net has such levels, so a file without them holds
+    only fields older sdlab versions know, and reads back the same."""
+    metadata = saved[1] if family == "sd1" else bundle_metadata(tiny_bundle(family))
+    unet = json.loads(metadata["sdlab.config"])["unet"]
+    assert set(unet) <= UNET_FIELDS_BEFORE_EMPTY_LEVELS
+    assert config_from_json(UNetConfig, unet) == tiny_bundle(family).unet_config
 
 
 # --- standalone VAE files written by `sdlab train --task vae` (item 6) ------------------------------------

@@ -61,7 +61,12 @@ META_LOGIT_SCALE = "sdlab.logit_scale"      # sdlab-tiny image tower: the contra
 
 
 def config_to_json(cfg: ComponentConfig) -> dict[str, Any]:
-    return {f.name: (list(v) if isinstance(v := getattr(cfg, f.name), tuple) else v) for f in fields(cfg)}
+    """A config's fields as JSON values. A field added after files were first written (``saved_when_set`` in
+    its metadata) is left out at its default, so a file that uses no newer feature loads in the sdlab versions
+    before it (which refuse fields they do not know); reading it back takes the default."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)
+              if not (f.metadata.get("saved_when_set") and getattr(cfg, f.name) == f.default)}
+    return {name: list(v) if isinstance(v, tuple) else v for name, v in values.items()}
 
 
 # the prediction types the model spec names (it has no name for x0)

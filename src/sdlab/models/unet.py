@@ -46,7 +46,7 @@ sets `time_cond_proj_dim`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,8 @@ class UNetConfig:
     num_res_blocks: int = 2
     transformer_depth: tuple[int, ...] = (1, 1, 1, 0)  # per level, 0 = no attention there (SDXL: 0, 2, 10)
     transformer_depth_middle: int = 1            # SDXL base: 10; 0: a transformer without blocks
-    empty_transformer_levels: tuple[int, ...] = ()  # depth-0 levels that still have a transformer without blocks
+    # depth-0 levels that still have a transformer without blocks; saved only when set (`config_to_json`)
+    empty_transformer_levels: tuple[int, ...] = field(default=(), metadata={"saved_when_set": True})
     num_heads: int | None = 8
     head_dim: int | None = None
     context_dim: int = 768                       # 1024 SD2, 2048 SDXL, 1280 SDXL refiner
