@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from bundle_fixtures import tiny_bundle
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sdlab.checkpoints.errors import CheckpointError
@@ -121,6 +122,34 @@ def test_a_model_without_empty_transformer_levels_is_saved_as_older_sdlab_reads_
     unet = json.loads(metadata["sdlab.config"])["unet"]
     assert set(unet) <= UNET_FIELDS_BEFORE_EMPTY_LEVELS
     assert config_from_json(UNetConfig, unet) == tiny_bundle(family).unet_config
+
+
+def _without_cross_attention(family: str, tmp_path: Path) -> tuple[Path, UNetConfig]:
+    """A tiny model whose U-Net has transformers without blocks at every level and in the middle (SDXL's
+    "small" ControlNet layout): no tensor shows the text width its config declares."""
+    from dataclasses import replace
+
+    from sdlab.checkpoints.create import new_bundle, tiny_unet_config
+    from sdlab.checkpoints.save import save_bundle
+    from sdlab.families import get_family
+
+    base = tiny_unet_config(get_family(family))
+    levels = len(base.transformer_depth)
+    cfg = replace(base, transformer_depth=(0,) * levels, empty_transformer_levels=tuple(range(1, levels)),
+                  transformer_depth_middle=0)
+    return save_bundle(new_bundle(family, tiny=True, unet=cfg), tmp_path / f"{family}.safetensors"), cfg
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_unet_without_cross_attention_that_sdlab_saved_loads_back(tmp_path, family):
+    """Without attn2.to_k the tensors cannot show the text width, so the declared one stands (before: "UNetConfig.
+    context_dim: declares 192 but the weights have 2048", the family's default standing in for the tensors);
+    the levels without blocks are written, as older sdlab could not read them anyway."""
+    path, cfg = _without_cross_attention(family, tmp_path)
+    report = plan_checkpoint(path).report
+    assert report.components[0].config == cfg
+    with safe_open(str(path), "pt") as f:
+        assert json.loads(f.metadata()["sdlab.config"])["unet"]["empty_transformer_levels"] == [1]
 
 
 # --- standalone VAE files written by `sdlab train --task vae` (item 6) ------------------------------------

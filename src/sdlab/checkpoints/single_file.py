@@ -43,10 +43,10 @@ from sdlab.checkpoints.tolerated import (
 )
 from sdlab.checkpoints.validate import (
     TEXT_SHAPE_FIELDS,
-    UNET_SHAPE_FIELDS,
     VAE_SHAPE_FIELDS,
     check_buildable,
     check_declared,
+    unet_shape_fields,
 )
 from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.models.clip import CLIPTextConfig
@@ -181,8 +181,8 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
             raise CheckpointError(f"{path}: the U-Net holds {local} twice ({unet_local[local]} and {key})")
         unet_local[local] = key
     unet_sub = SubStateDict(state, unet_local)
-    unet_config = _confirmed(stored["unet"] if stored else None, infer_unet_config(shapes_of(unet_sub), spec.unet),
-                             UNET_SHAPE_FIELDS)
+    found_unet = infer_unet_config(shapes_of(unet_sub), spec.unet)
+    unet_config = _confirmed(stored["unet"] if stored else None, found_unet, unet_shape_fields(found_unet))
     unet = ComponentSource("unet", spec.unet_module, origin, unet_sub, dict, unet_config)
 
     if vae is not None:

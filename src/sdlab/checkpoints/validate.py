@@ -159,5 +159,11 @@ def check_declared(declared: Any, found: Any, names: Iterable[str], aliases: Map
             raise CheckpointError(f"{label}: declares {_show(want)} but the weights have {_show(have)}")
 
 
+def unet_shape_fields(found: UNetConfig) -> tuple[str, ...]:
+    """The fields of `UNET_SHAPE_FIELDS` that the tensors of the U-Net `found` show: the text width only where
+    a transformer block reads the text (attn2.to_k); a U-Net without one keeps the width its file declares."""
+    return UNET_SHAPE_FIELDS if found.cross_attends else tuple(f for f in UNET_SHAPE_FIELDS if f != "context_dim")
+
+
 def _show(value: Any) -> str:
     return str(list(value)) if isinstance(value, tuple) else repr(value)
