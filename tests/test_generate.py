@@ -287,8 +287,6 @@ BAD_REQUESTS = [
     (dict(init_image=_picture(), strength=math.nan), "strength must be a finite number"),
     (dict(init_image=_picture(), strength=0.1, steps=5), "runs no step .*raise the strength or the steps"),
     (dict(mask_image=_mask()), "a mask needs an init image"),
-    (dict(init_image=_picture(), mask_image=_mask().resize((8, 16))),
-     "the mask is 8x16 but the image is 16x16; they must be the same size"),
     (dict(seed=1.5), "seed must be an integer"),
     (dict(seed=2**64 - 1, batch_size=2), r"seed 18446744073709551615 \+ 1 is outside the seeds"),
     (dict(seed=-(2**63) - 1), "is outside the seeds -9223372036854775808..18446744073709551615"),

@@ -321,6 +321,29 @@ def test_sd1_inpaint_9_channels(sd1_inpaint, strength, tiled_vae):
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
+def _soft_mask(size: int):
+    """`lower_right_mask` with a grey ramp across the rows above it: its resampling shows in the picture."""
+    mask = np.asarray(lower_right_mask(size)).copy()                                # (size, size) uint8
+    mask[size // 4: size // 2] = np.linspace(0, 255, size).round().astype(np.uint8)
+    return Image.fromarray(mask)
+
+
+@pytest.mark.parametrize(("mask_side", "draw_size"), [(64, None), (20, None), (64, (48, 40)), (20, (24, 16))])
+def test_sd1_inpaint_with_a_mask_of_another_size(sd1_inpaint, mask_side, draw_size):
+    """A mask of another size than the picture is resized as diffusers' mask processor resizes it: straight to
+    the drawing size, with Lanczos (measured: max 1; the mask first fitted to the picture: max 34 and 36 at the other drawing sizes)."""
+    ours_pipe, pipe = sd1_inpaint
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    image, mask = init_picture(SIZE), _soft_mask(mask_side)
+    width, height = draw_size or image.size
+    reference = pipe(PROMPT, image=image, mask_image=mask, strength=0.75, negative_prompt=NEGATIVE,
+                     num_inference_steps=STEPS, guidance_scale=CFG, width=width, height=height,
+                     generator=_generators(1), output_type="np").images
+    ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=0.75, steps=STEPS, cfg_scale=CFG, seed=SEED,
+                             width=width, height=height, paste_back=False, **options)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
 @pytest.mark.parametrize("scheduler", ["euler", "ddim"])   # DDIM ends at sigma_min: the kept region is reset
 @pytest.mark.parametrize("strength", [0.6, 1.0])            # 1.0: pure noise, first blended after the first step
 def test_sd1_inpaint_4_channels(sd1, scheduler, strength):

@@ -214,7 +214,8 @@ class Pipeline:
         progress: ProgressFn | None = None,
         **options: Any,
     ) -> GenerationResult:
-        """Repaint the white area of `mask_image` (same size as `init_image`); black is kept."""
+        """Repaint the white area of `mask_image` (one of another size than `init_image` is resized with it, as
+        diffusers and A1111 resize it); black is kept."""
         image = input_image(init_image, "init image")
         mask = input_image(mask_image, "mask")
         return self._call(

@@ -138,7 +138,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                                 "default), crop covers the size and cuts the middle out, fill fits it inside and "
                                 "stretches its edges over the rest, latent stretches its latent (bilinear)")
         if mode == "inpaint":
-            p.add_argument("--mask", help="mask image, white = repaint, same size as --init")
+            p.add_argument("--mask", help="mask image, white = repaint; one of another size than --init is "
+                                          "resized with it")
             p.add_argument("--mask-blur", type=float, help="Gaussian blur radius of the mask in pixels")
             p.add_argument("--invert-mask", action=argparse.BooleanOptionalAction,
                            help="repaint where the mask is black (A1111's Mask mode \"Inpaint not masked\"); "

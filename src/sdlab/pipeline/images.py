@@ -165,6 +165,15 @@ def mask_levels(mask_image: Image.Image) -> Image.Image:
     return mask_image if mask_image.mode == "L" else mask_image.convert("L")
 
 
+def fit_mask(mask_image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The mask at ``size=(W, H)``: one of another size becomes its levels (``mask_levels``) resized with
+    Lanczos, the resampling of diffusers' mask processor and of A1111 for an "L" picture
+    (``images.resize_image``); one of that size is returned as it is."""
+    if mask_image.size == tuple(size):
+        return mask_image
+    return mask_levels(mask_image).resize(tuple(size), resample=Image.Resampling.LANCZOS)
+
+
 def prepare_mask(
     mask_image: Image.Image,
     size: tuple[int, int],

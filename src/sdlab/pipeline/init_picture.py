@@ -3,10 +3,11 @@
 In A1111's order:
 
 1. the mask: its levels, inverted for Mask mode "Inpaint not masked", Gaussian-blurred by ``mask_blur`` (along y
-   ``mask_blur_y`` when set) at the picture's size (``overlay.blurred_mask``);
-2. Inpaint area "Whole picture": the mask is resized to width x height by the resize mode; the overlay
-   weight is twice it, clipped (``overlay.overlay_weight``).
-   "Only masked" (``inpaint_only_masked``): the region is the blurred mask's bounding box grown by
+   ``mask_blur_y`` when set) at its own size (``overlay.blurred_mask``), which may differ from the picture's;
+2. Inpaint area "Whole picture": the mask is resized to width x height by the resize mode (Lanczos, as diffusers
+   resizes it; "latent": stretched); the overlay weight is twice it, clipped (``overlay.overlay_weight``).
+   "Only masked" (``inpaint_only_masked``): the mask stretched to the picture's size (``images.fit_mask``), the
+   region is the blurred mask's bounding box grown by
    ``inpaint_padding``, then to the aspect of width x height (``inpaint_area.inpaint_region``); the mask's
    crop is resized to width x height by "Resize and fill", and the overlay weight is the blurred mask
    itself, at the picture's size. A blank mask has no region: A1111 then draws img2img of the whole
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from PIL import Image
 from torch import Tensor
 
+from sdlab.pipeline.images import fit_mask
 from sdlab.pipeline.inpaint_area import inpaint_region
 from sdlab.pipeline.masked_content import fill
 from sdlab.pipeline.overlay import Overlay, blurred_mask, mask_tensor, overlay_weight
@@ -83,11 +85,12 @@ def _mask_side(req: GenerationRequest) -> _MaskSide | None:
     if req.mask_image is None:
         return None
     size = (req.width, req.height)
-    mask = blurred_mask(req.mask_image, req.mask_blur, req.mask_blur_y, req.invert_mask)   # "L", the picture's size
+    mask = blurred_mask(req.mask_image, req.mask_blur, req.mask_blur_y, req.invert_mask)   # "L", the mask's size
     if not req.inpaint_only_masked:
-        resized = _resized(mask, req.resize_mode, size)
+        resized = fit_mask(mask, size) if req.resize_mode == "latent" else _resized(mask, req.resize_mode, size)
         weights = mask_tensor(resized)                                                 # (1, 1, H, W)
         return _MaskSide(resized, weights, overlay_weight(weights))
+    mask = fit_mask(mask, req.init_image.size)                                          # the region's coordinates
     region = inpaint_region(mask, req.inpaint_padding, size)
     if region is None:
         logger.info("the mask is blank: Only masked has no region to draw; drawing img2img of the whole picture")

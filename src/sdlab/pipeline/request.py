@@ -558,11 +558,6 @@ def resolve(
                      "another size)") if getattr(r, name) is None and r.init_image is not None else ""
             raise RequestError(f"{name} must be an integer in {multiple}..{MAX_SIDE}, got {side!r}{taken}")
     width, height = snap_size(width, height, multiple)
-    if r.mask_image is not None and r.mask_image.size != r.init_image.size:
-        raise RequestError(
-            f"the mask is {r.mask_image.width}x{r.mask_image.height} but the image is "
-            f"{r.init_image.width}x{r.init_image.height}; they must be the same size"
-        )
     if r.mask_image is not None and r.resize_mode == "latent" and not r.inpaint_only_masked and (
             (width, height) != r.init_image.size):
         raise RequestError(

@@ -49,7 +49,7 @@ from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_o
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
-    decode_image, fit_mask, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
+    decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
     scheduler_rows, unset_preset_fields, upscaler_file,
 )
 from sdlab.server.jobs import Job, Unavailable, image_seeds
@@ -365,7 +365,6 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     inits = tuple([await asyncio.to_thread(decode_image, image, f"init_images[{i}]", limits)
                    for i, image in enumerate(body.init_images)])
     mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
-    mask = fit_mask(mask, inits[0]) if mask is not None else None
     controls = await asyncio.to_thread(_controls, service, body, inits[0])
     return await _generate(service, body, "inpaint" if mask is not None else "img2img",
                            _request(body, controls, inits, mask, service.options))

@@ -25,7 +25,6 @@ from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, schedule_from_a1111, split_a1111_sampler
-from sdlab.pipeline.images import mask_levels
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
@@ -238,15 +237,6 @@ def image_from_bytes(raw: bytes, what: str, limits: Limits) -> Image.Image:
         raise
     except Exception as err:            # Pillow raises many types on corrupt data, all "not an image"
         raise BadRequest(f"{what} is not a readable image: {err}", 400, "Invalid encoded image") from None
-
-
-def fit_mask(mask: Image.Image, init: Image.Image) -> Image.Image:
-    """The mask at the init image's size: one of another size is resized to it (Lanczos, after
-    `mask_levels`), as A1111 resizes the mask to the picture (`images.resize_image(resize_mode, image_mask,
-    width, height)`) instead of refusing it."""
-    if mask.size == init.size:
-        return mask
-    return mask_levels(mask).resize(init.size, resample=Image.Resampling.LANCZOS)
 
 
 PLAIN_UPSCALER_NAMES = ("None", "Lanczos", "Nearest")          # A1111's spelling of PLAIN_UPSCALERS

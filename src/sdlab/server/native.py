@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sdlab.pipeline.request import GenerationRequest, RequestError, check_sdxl_conditioning
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
-    BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_image, fit_mask, refiner_choice, schedule_name,
+    BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_image, refiner_choice, schedule_name,
     unset_preset_fields, with_preset,
 )
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
@@ -145,7 +145,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     if body.mode == "inpaint":
         if body.mask_image is None:
             raise BadRequest("inpaint needs mask_image (white = repaint)", 422)
-        mask = fit_mask(decode_image(body.mask_image, "mask_image", limits), init)
+        mask = decode_image(body.mask_image, "mask_image", limits)
     strength = body.strength if body.strength is not None else (1.0 if body.mode == "inpaint" else 0.75)
     try:
         schedule = schedule_name(body.schedule)         # sdlab's names and A1111's ("SGM Uniform", "automatic")
