@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import comfy_reference as C
+import sampler_harness as H
 from sdlab.diffusion.model_sampling import DiscreteModelSampling
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedules import NoiseSchedule
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 KSAMPLER_NAMES = [
     "euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde",
-    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm", "lcm", "uni_pc", "uni_pc_bh2",
+    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm", "lcm", "ddim", "uni_pc", "uni_pc_bh2",
 ]
 SCHEDULERS = ["normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform"]
 STEPS = (1, 2, 3, 7, 10, 20)
@@ -60,3 +61,28 @@ def test_discarding_samplers_end_on_a_larger_step(comfy):
     """Karras, 3 steps: ComfyUI's dpm_2 runs 14.61 -> 3.17 -> 0.447 -> 0, not 14.61 -> 1.27 -> 0.0292 -> 0."""
     ours = sdlab_sigmas("dpm_2", "karras", 3)
     torch.testing.assert_close(ours, torch.tensor([14.6146, 3.1686, 0.4469, 0.0]), rtol=1e-4, atol=0)
+
+
+@pytest.fixture(scope="module")
+def kd():
+    return H.load_k_diffusion_sampling()
+
+
+def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The exact denoiser of data ~ N(0.5, 0.8^2) per element."""
+    s2 = sigma.reshape(-1, 1, 1, 1).to(x.dtype) ** 2
+    return (0.64 * x + 0.5 * s2) / (0.64 + s2)
+
+
+@pytest.mark.parametrize("scheduler", ["simple", "sgm_uniform", "ddim_uniform", "karras", "normal"])
+def test_ddim_is_euler_on_the_ksampler_sigmas(comfy, kd, scheduler):
+    """`sampler_object("ddim")` is `ksampler("euler", ...)`: Euler on the KSampler's sigmas, which end at 0 (A1111's
+    DDIM, "DDIM", ends at alphas_cumprod[0])."""
+    spec = get_sampler("ddim")
+    for steps in (1, 3, 10):
+        reference_sigmas = C.ksampler_sigmas(comfy, "ddim", scheduler, steps)
+        sigmas = sdlab_sigmas("ddim", scheduler, steps)
+        assert_same_sigmas(sigmas, reference_sigmas)
+        x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(steps)) * sigmas[0]
+        reference = kd.sample_euler(gaussian_denoiser, x.clone(), reference_sigmas, disable=True)
+        torch.testing.assert_close(spec.fn(gaussian_denoiser, x.clone(), sigmas), reference, rtol=1e-5, atol=1e-5)

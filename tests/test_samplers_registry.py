@@ -23,31 +23,45 @@ COMFY_NAMES = [
 ]
 
 
+SAME_WORD = {"ddim"}
+"""Words A1111 and ComfyUI both use, for two samplers: the exact spelling picks, any other case is A1111's."""
+
+
 @pytest.mark.parametrize("name", A1111_NAMES + COMFY_NAMES)
 def test_every_known_name_resolves_in_any_case(name: str) -> None:
     spec = get_sampler(name)
+    assert get_sampler(f"  {name} ") is spec
+    if name.casefold() in SAME_WORD:
+        return
     assert get_sampler(name.upper()) is spec
     assert get_sampler(f"  {name.lower()} ") is spec
+
+
+def test_a1111_and_comfyui_ddim_are_two_samplers() -> None:
+    """A1111's DDIM ends at alphas_cumprod[0]; ComfyUI's `ddim` is `ksampler("euler")` on sigmas ending at 0."""
+    a1111, comfy = get_sampler("DDIM"), get_sampler("ddim")
+    assert a1111.name == "DDIM" and a1111.final_sigma == "first_alpha" and a1111.fn.__name__ == "sample_ddim"
+    assert comfy.name == "ddim" and comfy.final_sigma == "zero" and comfy.fn is get_sampler("euler").fn
+    assert get_sampler("Ddim") is a1111 and get_sampler(" ddim ") is comfy
 
 
 def test_aliases_point_at_the_same_sampler() -> None:
     assert get_sampler("euler_ancestral") is get_sampler("Euler a")
     assert get_sampler("dpmpp_2m") is get_sampler("DPM++ 2M")
-    assert get_sampler("ddim").final_sigma == "first_alpha"
     assert get_sampler("DPM++ SDE").noise == "brownian"
     assert get_sampler("Euler").noise == "none"
     assert get_sampler("LCM").wants_sigma_to_t
 
 
 def test_one_row_per_sampler_and_one_name_per_row() -> None:
-    # no name in two rows ("Euler" and "euler" fold together within one row)
+    # no name in two rows ("Euler" and "euler" fold together within one row) but A1111's and ComfyUI's DDIM
     names = [name for spec in SAMPLER_TABLE for name in {n.casefold() for n in (spec.a1111, spec.comfy) if n}]
-    assert len(names) == len(set(names))
+    assert sorted(name for name in set(names) if names.count(name) > 1) == sorted(SAME_WORD)
     rows_of: dict[int, list] = {}
     for spec in SAMPLER_TABLE:
         rows_of.setdefault(id(spec.fn), []).append(spec)
-    for rows in rows_of.values():   # a function in two rows only where A1111 runs it on other sigmas than ComfyUI
-        assert len(rows) == 1 or sorted(row.discard_penultimate for row in rows) == [False, True]
+    for rows in rows_of.values():   # a function in two rows only where they run it on other sigmas
+        assert len({(row.discard_penultimate, row.final_sigma, row.spacing) for row in rows}) == len(rows)
     assert [spec.name for spec in SAMPLER_TABLE if spec.a1111] == list(SAMPLERS)
     assert all(get_sampler(spec.name) is spec for spec in SAMPLER_TABLE)
 

@@ -274,7 +274,8 @@ def test_png_info_fills_in_a1111s_defaults(client, text):
     ("Euler", 1.0, None), ("DPM++ 2M", 1.0, None), ("LMS", 1.0, None), ("Heun", 1.0, None),   # take no eta
     ("Euler a", 1.0, None), ("DPM++ SDE", 1.0, None),            # k-diffusion's default, 1
     ("Euler a", 0.5, "Eta"), ("DPM++ 2M SDE", 0.0, "Eta"),
-    ("DDIM", 0.0, None), ("DDIM", 1.0, "Eta DDIM"), ("ddim", 0.3, "Eta DDIM"),
+    ("DDIM", 0.0, None), ("DDIM", 1.0, "Eta DDIM"), ("Ddim", 0.3, "Eta DDIM"),
+    ("ddim", 0.3, None),                                         # ComfyUI's ddim: Euler, which takes no eta
     ("PLMS", 0.5, None), ("UniPC", 0.5, None),                   # A1111's plms / unipc take no eta
 ])
 def test_the_eta_label_is_a1111s(sampler, eta, label):

@@ -2,8 +2,9 @@
 
 Names are AUTOMATIC1111's display names ("Euler a", "DPM++ 2M") and ComfyUI's snake-case names
 ("euler_ancestral", "dpmpp_2m"); ``get_sampler`` looks either up, ignoring case and surrounding space,
-and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for any other. Each row
-(``SamplerSpec``) says
+and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for any other. Where the two
+programs give one word to two samplers, the exact spelling decides: "DDIM" is A1111's DDIM, "ddim" ComfyUI's
+(Euler on the plain sigmas); any other case is A1111's. Each row (``SamplerSpec``) says
 
 - which function runs it (``sampling_k`` for the sigma-space k-diffusion samplers, ``sampling_ldm`` for
   the timestep family; every one is ``fn(model, x, sigmas, *, noise, callback, **options) -> x``);
@@ -138,7 +139,9 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     ),
     SamplerSpec(None, "dpmpp_3m_sde", K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30),
     # CompVis, diffusers set_alpha_to_one=False: DDIM and PLMS end at alphas_cumprod[0]
-    SamplerSpec("DDIM", "ddim", L.sample_ddim, noise=_GAUSS, final_sigma="first_alpha", spacing=_DDIM),
+    SamplerSpec("DDIM", None, L.sample_ddim, noise=_GAUSS, final_sigma="first_alpha", spacing=_DDIM),
+    # ComfyUI's ddim (sampler_object("ddim")) is ksampler("euler"): Euler on the KSampler's sigmas, ending at 0
+    SamplerSpec(None, "ddim", K.sample_euler, spacing=_DDIM),
     SamplerSpec("PLMS", "plms", L.sample_plms, final_sigma="first_alpha", spacing=_DDIM, min_steps=30),
     # DDPMScheduler: alpha_prod_t_prev = 1 after the last timestep
     SamplerSpec("DDPM", "ddpm", L.sample_ddpm, noise=_GAUSS, spacing=_DDIM),
@@ -162,9 +165,13 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
 SAMPLERS: dict[str, SamplerSpec] = {spec.a1111: spec for spec in SAMPLER_TABLE if spec.a1111}
 """A1111 display name -> row (the samplers a user picks from a list)."""
 
-_BY_NAME: dict[str, SamplerSpec] = {
-    name.casefold(): spec for spec in SAMPLER_TABLE for name in (spec.a1111, spec.comfy) if name
-}
+_COMFY: dict[str, SamplerSpec] = {spec.comfy: spec for spec in SAMPLER_TABLE if spec.comfy}
+
+_BY_SPELLING: dict[str, SamplerSpec] = {**_COMFY, **SAMPLERS}
+"""Every name as written: A1111's and ComfyUI's spellings of one word ("DDIM", "ddim") are two rows."""
+
+_BY_NAME: dict[str, SamplerSpec] = {name.casefold(): spec for name, spec in _BY_SPELLING.items()}
+"""Every name, case folded; a word both programs use is A1111's (its name comes later in `_BY_SPELLING`)."""
 
 
 def sampler_names() -> list[str]:
@@ -173,8 +180,9 @@ def sampler_names() -> list[str]:
 
 
 def get_sampler(name: str) -> SamplerSpec:
-    """Look a sampler up by A1111 or ComfyUI name, ignoring case; the error lists the valid names."""
-    spec = _BY_NAME.get(name.strip().casefold())
+    """Look a sampler up by A1111 or ComfyUI name: its exact spelling, else ignoring case (module docstring);
+    the error lists the valid names."""
+    spec = _BY_SPELLING.get(name.strip()) or _BY_NAME.get(name.strip().casefold())
     if spec is None:
         raise UnknownSamplerError(f"unknown sampler {name!r}; valid names: {', '.join(sampler_names())}")
     return spec
