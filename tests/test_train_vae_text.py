@@ -33,7 +33,7 @@ from sdlab.train.losses import (
     sobel_gradients,
     ssim,
 )
-from sdlab.train.data import generator_for
+from sdlab.train.data import generator_for, posterior_generators, posterior_sample
 from sdlab.train.task import Batch, TrainTask
 from sdlab.tiny.text_task import (
     LogitScale,
@@ -196,9 +196,14 @@ def test_vae_loss_matches_its_formula():
     task = VAETask(TINY_VAE, lc)
     images, captions = shapes_dataset(4, seed=0)
     seeds = [11, 12, 13, 14]
+    calls = []
+    hook = task.vae.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs), with_kwargs=True)
     loss, metrics = task.loss(Batch(images=images, captions=captions, seeds=seeds), torch.Generator().manual_seed(7))
-    # z ~ q(z|x) with each image's noise from its own seed (as the U-Net task's latents): the same whatever the split
-    x_hat, posterior = task.vae(images, generator=[generator_for(s, "posterior") for s in seeds])
+    hook.remove()
+    assert len(calls) == 1                                 # the VAE's own forward: encode, posterior draw, decode
+    # z ~ q(z|x) with each image's noise from its own seed, the U-Net task's latents' draw: the same whatever the split
+    posterior = task.vae.encode(images)
+    x_hat = task.vae.decode(posterior_sample(posterior.mean, posterior.std, seeds))
     expected = (
         (x_hat - images).abs().mean()
         + 0.2 * (1 - ms_ssim(x_hat, images)).mean()
@@ -208,6 +213,19 @@ def test_vae_loss_matches_its_formula():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert metrics["loss"] == pytest.approx(loss.item())
     assert isinstance(task, TrainTask)
+
+
+def test_the_posterior_draw_of_the_vae_is_the_one_of_training_latents():
+    """One draw: the VAE's posterior sample from each image's generator (the VAE task's forward) is bit for bit
+    the training latents' `posterior_sample` (the U-Net task, the latent cache), and diffusers' formula."""
+    vae = AutoencoderKL(TINY_VAE)
+    images, _ = shapes_dataset(3, seed=1)
+    posterior = vae.encode(images)
+    seeds = [5, 6, 7]
+    drawn = posterior.sample(posterior_generators(seeds))
+    assert torch.equal(drawn, posterior_sample(posterior.mean, posterior.std, seeds))
+    eps = torch.cat([torch.randn((1, *posterior.mean.shape[1:]), generator=generator_for(s, "posterior")) for s in seeds])
+    assert torch.equal(drawn, posterior.mean + posterior.std * eps)      # diffusers: self.mean + self.std * sample
 
 
 def test_critic_and_vae_each_get_only_their_own_gradient_from_one_backward():
@@ -228,7 +246,7 @@ def test_critic_and_vae_each_get_only_their_own_gradient_from_one_backward():
     # the same objectives, written out separately
     for p in [*vae.parameters(), *critic.parameters()]:
         p.grad = None
-    x_hat, posterior = vae(images, generator=[generator_for(s, "posterior") for s in (1, 2, 3, 4)])
+    x_hat, posterior = vae(images, generator=posterior_generators([1, 2, 3, 4]))
     rec = (x_hat - images).abs().mean()
     vae_loss = rec + lc.kl_weight * posterior.kl().mean() / images[0].numel()
     for p in critic.parameters():

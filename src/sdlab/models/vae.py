@@ -99,6 +99,13 @@ def _randn(shape: tuple[int, ...], generator, device: torch.device, dtype: torch
     return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
+def posterior_draw(mean: Tensor, std: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    """z = mean + std * eps (B, C, h, w), eps ~ N(0, I) drawn as diffusers' ``randn_tensor`` draws it (``_randn``), in
+    the dtype of ``mean``: diffusers' ``DiagonalGaussianDistribution.sample``. sdlab's one posterior draw
+    (`DiagonalGaussian.sample`; training's per-image draw, ``train.data.posterior_sample``)."""
+    return mean + std * _randn(tuple(mean.shape), generator, mean.device, mean.dtype)
+
+
 class DiagonalGaussian:
     """The posterior q(z | x) = N(mean, diag(exp(logvar))) that the encoder outputs (raw, unscaled latent).
 
@@ -119,9 +126,8 @@ class DiagonalGaussian:
         return torch.exp(self.logvar)
 
     def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
-        """z = mean + std * eps, eps ~ N(0, I) drawn as diffusers' ``randn_tensor`` does (see ``_randn``)."""
-        eps = _randn(tuple(self.mean.shape), generator, self.mean.device, self.mean.dtype)  # (B, C, h, w)
-        return torch.addcmul(self.mean, self.std, eps)
+        """z = mean + std * eps (`posterior_draw`)."""
+        return posterior_draw(self.mean, self.std, generator)
 
     def mode(self) -> Tensor:
         return self.mean

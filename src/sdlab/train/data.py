@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from sdlab.checkpoints.io import write_safetensors_atomic
-from sdlab.diffusion.loss import per_sample_normal
+from sdlab.models.vae import posterior_draw
 from sdlab.pipeline.images import upright_8bit
 from sdlab.train.task import Batch
 from sdlab.utils.text import not_utf8
@@ -51,6 +51,7 @@ __all__ = [
     "TrainData",
     "derive_seed",
     "load_training_image",
+    "posterior_generators",
     "posterior_sample",
     "sample_seeds",
     "scan_dataset",
@@ -76,12 +77,16 @@ def sample_seeds(batch: Batch, generator: torch.Generator) -> list[int]:
     return batch.seeds or [int(torch.randint(0, 2**62, (), generator=generator)) for _ in range(len(batch))]
 
 
+def posterior_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """The generator of each image's posterior noise, ``generator_for(seed, "posterior")``: a sample's latent is the
+    same in every task, cached or not, however the global batch is split over processes and micro-steps."""
+    return [generator_for(seed, "posterior") for seed in seeds]
+
+
 def posterior_sample(mean: Tensor, std: Tensor, seeds: Sequence[int]) -> Tensor:
-    """z = mean + std * eps (B, C, h, w) float32, each image's eps ~ N(0, I) drawn from
-    ``generator_for(seed, "posterior")``: a sample's latent is the same in every task, cached or not, however
-    the global batch is split over processes and micro-steps."""
-    eps = per_sample_normal(mean.shape, [generator_for(s, "posterior") for s in seeds], device=mean.device)
-    return mean.float() + std.float() * eps
+    """z = mean + std * eps (B, C, h, w) float32, the VAE's own draw (`posterior_draw`) with each image's eps from
+    its `posterior_generators` (what the VAE task's forward draws from too)."""
+    return posterior_draw(mean.float(), std.float(), posterior_generators(seeds))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ from sdlab.models.vae import AutoencoderKL, VAEConfig
 from sdlab.pipeline.images import tensor_to_pil
 from sdlab.pipeline.png_info import save_png_atomic
 from sdlab.train.config import TrainConfig
-from sdlab.train.data import posterior_sample, sample_seeds
+from sdlab.train.data import posterior_generators, sample_seeds
 from sdlab.train.losses import (
     PatchDiscriminator,
     adaptive_adversarial_weight,
@@ -102,7 +102,7 @@ class VAELossConfig:
     adversarial_start: int = 50_001          # critic updates before its verdict reaches the VAE (LDM: 50001)
     critic_channels: int = 64
     critic_layers: int = 3
-    sample_posterior: bool = True            # decode z ~ q(z|x) (LDM; `posterior_sample`) rather than its mean
+    sample_posterior: bool = True            # decode z ~ q(z|x) (LDM; `posterior_generators`) rather than its mean
     scaling_sample_size: int = 64            # training images kept to estimate the latent scaling factor
 
     def __post_init__(self) -> None:
@@ -196,12 +196,8 @@ class VAETask:
         training = torch.is_grad_enabled()
         if training:
             self._remember(x)
-        posterior = vae.encode(x)
-        if lc.sample_posterior:
-            z = posterior_sample(posterior.mean, posterior.std, sample_seeds(batch, generator))  # (B, C, h, w)
-        else:
-            z = posterior.mode()
-        x_hat = vae.decode(z)  # (B, 3, H, W)
+        noise = posterior_generators(sample_seeds(batch, generator)) if lc.sample_posterior else None
+        x_hat, posterior = vae(x, sample_posterior=lc.sample_posterior, generator=noise)  # (B, 3, H, W)
 
         if lc.pixel_loss == "l1":
             pixel = (x_hat - x).abs().flatten(1).mean(1)  # (B,)
