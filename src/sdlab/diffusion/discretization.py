@@ -185,7 +185,7 @@ def ddim_timesteps(
 
     Differs from Euler's only for ``linspace``, which DDIM rounds to integers. Note that diffusers'
     DDIM steps from t to ``t - T // steps``, which is the next listed timestep only for ``leading``
-    spacing; the sigma list of ``diffusers_ddim_sigmas`` always steps to the next listed timestep.
+    spacing, and for ``trailing`` when the steps divide T; the sigma list of ``diffusers_ddim_sigmas`` always steps to the next listed timestep.
     """
     steps = _check_steps(steps)
     if steps > num_train_timesteps:
