@@ -19,7 +19,8 @@ def add_inspect(subparsers: argparse._SubParsersAction) -> None:
         "inspect",
         help="describe a checkpoint: family, prediction type, configs, parameter counts, dtypes, keys (or what a "
         "LoRA, ControlNet, VAE, upscaler or embedding file is)",
-        description="Read a checkpoint's names, shapes and metadata (no weights) and describe what sdlab sees.",
+        description="Read a checkpoint's names, shapes and metadata (no weights: a LoRA's alphas and an embedding's "
+        "vectors are the only values read) and describe what sdlab sees.",
     )
     p.add_argument("path", nargs="?", help="a .safetensors / .ckpt / .pt / .pth / .bin file or a diffusers folder "
                    "(default: the model shipped with sdlab)")
