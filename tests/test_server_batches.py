@@ -1,7 +1,13 @@
 """A job of several batches on `sdlab serve` (A1111's `n_iter`, the job's `batch_count`), in process: every
-batch's seeds are checked before the first is drawn, as `sdlab txt2img --batch-count` checks them."""
+batch's seeds are checked before the first is drawn, as `sdlab txt2img --batch-count` checks them; the
+pictures of a request are bounded (`--max-images`) and each batch's are written as it is drawn; an interrupt
+keeps the batches finished before it and a skip stops the running batch alone, as A1111's."""
 
 from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
 
 import pytest
 
@@ -9,6 +15,7 @@ from cli_helpers import run
 from sdlab.pipeline.request import MAX_SEED, GenerationRequest
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import BadRequest, JobSpec
+from sdlab.server.jobs import JobCancelled
 from sdlab.server.service import Service
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -73,3 +80,84 @@ def test_each_batch_is_written_as_it_is_drawn(service):
     assert job.images == [f"{job.id}-{i}.png" for i in range(6)] and job.seeds == list(range(40, 46))
     assert [text.count("Seed: ") for text in job.infotexts] == [1] * 6
     assert [int(text.split("Seed: ")[1].split(",")[0]) for text in job.infotexts] == job.seeds
+
+
+def _job(service: Service, count: int = 3):
+    """A queued job of `count` batches of 2 pictures (2 steps each, seeds from 40), made the running one as the
+    worker makes it (`JobQueue.current`), so that interrupt and skip reach it; `runner.run(job)` runs it."""
+    job, _ = service.submit(JobSpec(GenerationRequest("a castle", **FAST, seed=40, batch_size=2), batch_count=count),
+                            "txt2img", None)
+    service.queue.current = job
+    return job
+
+
+def _at_step(job, step: int, action) -> list[int]:
+    """The steps the job reports (a list filled as it runs); `action()` once it has reported `step`."""
+    steps: list[int] = []
+
+    def publish(name: str, data: dict) -> None:
+        if name == "step":
+            steps.append(data["i"])
+            if data["i"] == step:
+                action()
+
+    job.publish = publish
+    return steps
+
+
+def test_an_interrupt_keeps_the_batches_finished_before_it(service):
+    """An interrupt in batch 1 of 3 stops it (nothing of it written) and the batches after it; batch 0, drawn
+    before, keeps its pictures and seeds, as A1111's n_iter loop keeps the iterations before `interrupted`."""
+    job = _job(service)
+    steps = _at_step(job, 3, service.queue.interrupt)                      # batch 1's first step
+    with pytest.raises(JobCancelled):
+        service.runner.run(job)
+    assert steps == [1, 2, 3] and job.seeds == [40, 41] and len(job.infotexts) == 2
+    assert job.images == [f"{job.id}-0.png", f"{job.id}-1.png"]
+    assert sorted(path.name for path in service.images_dir.iterdir()) == job.images
+
+
+def test_skip_stops_the_running_batch_alone(service):
+    """A1111's skip ends the current iteration of n_iter and the next goes on: skipped in batch 1, batch 2 is
+    drawn (the pictures of a request at seed 44) and batch 1 writes nothing; the progress counts its steps as
+    run. A skip after a batch's last step skips nothing (A1111 clears `skipped` as an iteration starts)."""
+    job = _job(service)
+    steps = _at_step(job, 3, service.queue.skip)
+    service.runner.run(job)
+    assert steps == [1, 2, 3, 5, 6] and job.step == job.steps == 6
+    assert job.seeds == [40, 41, 44, 45] and len(job.images) == 4
+    alone = _job(service, count=1)
+    alone.spec = replace(alone.spec, request=replace(alone.spec.request, seed=44))
+    alone.settings = {**alone.settings, "seed": 44}
+    service.runner.run(alone)
+    pictures = [(service.images_dir / name).read_bytes() for name in job.images[2:]]
+    assert pictures == [(service.images_dir / name).read_bytes() for name in alone.images]   # parameters too
+    late = _job(service)
+    _at_step(late, 2, service.queue.skip)                                   # batch 0's last step
+    service.runner.run(late)
+    assert late.seeds == list(range(40, 46))
+
+
+def test_an_interrupted_a1111_request_answers_with_the_batches_drawn(tmp_path, monkeypatch):
+    """The A1111 answer to an n_iter request interrupted between batches: the pictures of the batches drawn,
+    `interrupted`, their infotexts, and (as A1111's) every seed of the request in `all_seeds`."""
+    from sdlab.server.a1111 import Txt2ImgIn, _generate, _request
+
+    service = Service(ServerConfig(tmp_path / "served"))
+    write = service.runner._write_batch
+
+    def write_then_interrupt(job, result, texts) -> None:
+        write(job, result, texts)
+        service.queue.interrupt()
+
+    monkeypatch.setattr(service.runner, "_write_batch", write_then_interrupt)
+    service.start()
+    try:
+        body = Txt2ImgIn(prompt="a castle", steps=2, width=32, height=32, cfg_scale=5, sampler_name="Euler", seed=40,
+                         batch_size=2, n_iter=3)
+        answer = asyncio.run(_generate(service, body, "txt2img", _request(body)))
+    finally:
+        service.stop()
+    info = json.loads(answer["info"])
+    assert len(answer["images"]) == 2 and info["interrupted"] and len(info["infotexts"]) == 2
+    assert info["all_seeds"] == list(range(40, 46)) and "Seed: 41," in info["infotexts"][1]

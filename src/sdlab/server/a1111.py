@@ -310,12 +310,13 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
     """A1111's `Processed.js()` fields; `extra`: more of its `extra_generation_params`; `batch_size`: the
     pictures per iteration (None: the body's)."""
     s, extra = job.settings, extra or {}
-    count = len(job.seeds) or max(1, s.get("batch_size") or 1) * s.get("batch_count", 1)
+    count = max(1, s.get("batch_size") or 1) * s.get("batch_count", 1)
     # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
-    # = subseed + i, listed for the whole batch even when it was interrupted; the subseed is the one the job
-    # drew with, or without a variation seed the one asked for, drawn at random for -1 (`get_fixed_seed`)
+    # = subseed + i, listed for every picture of every iteration even when some were interrupted or skipped;
+    # the subseed is the one the job drew with, or without a variation seed the one asked for, drawn at random
+    # for -1 (`get_fixed_seed`)
     seeds, subseeds = image_seeds(s, count)
-    seeds = job.seeds or seeds
+    seeds = job.seeds if len(job.seeds) == count else seeds
     subseed = fixed_seed(body.subseed)
     subseeds = subseeds or [subseed + i for i in range(count)]
     prompts = [s.get("prompt", "")] * count
@@ -382,8 +383,8 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
     step, steps = job.step, job.steps   # read once: the worker counts on while this answers
     done = min(1.0, step / steps) if steps else 0.0     # steps counts both passes of the hires fix (jobs.steps_of)
     elapsed = time.time() - (job.started or time.time())
-    state.update(job=f"task({job.id})", interrupted=job.cancel.is_set(), job_timestamp=_stamp(job.created),
-                 sampling_step=step, sampling_steps=steps)
+    state.update(job=f"task({job.id})", interrupted=job.cancel.is_set(), skipped=job.skip.is_set(),
+                 job_timestamp=_stamp(job.created), sampling_step=step, sampling_steps=steps)
     preview = job.preview
     image = None
     if preview is not None and not skip_current_image:
@@ -401,8 +402,8 @@ def interrupt(request: Request) -> dict[str, Any]:
 
 @router.post("/skip")
 def skip(request: Request) -> None:
-    """A1111 skips the current image of a batch; here a job is one batch, so skip stops it like interrupt."""
-    service_of(request).queue.interrupt()
+    """A1111's skip: the running job's current batch (an iteration of its n_iter) stops, the next goes on."""
+    service_of(request).queue.skip()
 
 
 def _options(service: Service) -> dict[str, Any]:

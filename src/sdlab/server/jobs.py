@@ -4,8 +4,10 @@ A job goes queued -> running -> done | failed | cancelled, or `interrupted` when
 it (`JobQueue.stop_jobs`; on the next start when it could not record that). Its events (queued, started,
 step, done, failed, cancelled) go to every subscriber (an asyncio queue of the server's event loop); a
 subscriber that comes late gets the job's state first. Cancelling a queued job takes it out of the queue;
-cancelling a running one raises from the sampler's progress callback at the next step, so nothing is
-decoded or written.
+cancelling a running one raises from the sampler's progress callback at the next step, so nothing of the
+batch it stops is decoded or written, and no later batch starts; the batches it finished (A1111's n_iter)
+keep their pictures. A skip (A1111's) stops the running batch alone in the same way, and the job goes on
+with its next one.
 
 A history write that fails (a full disk, the database locked by another program) is logged and the job
 goes on: the worker keeps serving and every job still ends with its final event.
@@ -48,6 +50,10 @@ class JobCancelled(Exception):
     """Raised from the progress callback to stop a running job between steps."""
 
 
+class BatchSkipped(Exception):
+    """Raised from the progress callback to stop the running batch of a job between steps (A1111's skip)."""
+
+
 @dataclass
 class Job:
     id: str
@@ -66,6 +72,7 @@ class Job:
     error: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
+    skip: threading.Event = field(default_factory=threading.Event)      # its running batch only (`JobQueue.skip`)
     finished_event: threading.Event = field(default_factory=threading.Event)
     preview: Tensor | None = None               # (h, w, 3) uint8, the latest step's x0 estimate
     _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = field(default_factory=list)
@@ -279,6 +286,16 @@ class JobQueue:
             if job is None:
                 return False
             job.cancel.set()
+            return True
+
+    def skip(self) -> bool:
+        """Stop the running job's current batch, the job going on with its next (A1111's skip, which ends the
+        current iteration of its n_iter); False when nothing runs."""
+        with self._condition:
+            job = self.current
+            if job is None:
+                return False
+            job.skip.set()
             return True
 
     def _finish(self, job: Job, status: str, error: str | None, by_worker: bool = False) -> None:

@@ -44,7 +44,7 @@ from sdlab.server.inputs import (
     HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
     load_failure, without_paths,
 )
-from sdlab.server.jobs import Job, JobCancelled, steps_of
+from sdlab.server.jobs import BatchSkipped, Job, JobCancelled, steps_of
 from sdlab.server.model_folders import ModelFile, ModelFolder
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
@@ -198,6 +198,8 @@ class Runner:
         def progress(info: StepInfo) -> None:
             if job.cancel.is_set():
                 raise JobCancelled
+            if job.skip.is_set():
+                raise BatchSkipped
             job.step += 1
             job.preview = previewer.rgb(info.denoised[0]) if previewer is not None else None   # (h, w, 3)
             job.publish("step", {"i": job.step, "n": job.steps})
@@ -291,13 +293,20 @@ def _resolved(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscale
 def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: HiresUpscaler | None,
              progress: ProgressFn) -> Iterator[GenerationResult]:
     """The job's batches drawn one after another (`JobSpec.batch_count`, A1111's n_iter) from the first's
-    resolved request `first`, the seeds continuing (`next_batch`, as `sdlab txt2img --batch-count`). A cancel
-    stops them between steps (`JobCancelled` from `progress`) and before a batch starts, as A1111's
-    `process_images_inner` checks `state.interrupted` at each iteration."""
+    resolved request `first`, the seeds continuing (`next_batch`, as `sdlab txt2img --batch-count`). As in
+    A1111's `process_images_inner`, a cancel stops them (between steps: `JobCancelled` from `progress`; before a
+    batch starts), and a skip stops the running batch alone (`BatchSkipped`: none of its pictures; its steps
+    counted as run), one that comes between batches skipping nothing."""
     for k in range(job.spec.batch_count):
         if job.cancel.is_set():
             raise JobCancelled
-        yield _run_with_upscaler(pipe, next_batch(first, k), upscaler, progress)
+        job.skip.clear()
+        try:
+            result = _run_with_upscaler(pipe, next_batch(first, k), upscaler, progress)
+        except BatchSkipped:
+            job.step = job.steps * (k + 1) // job.spec.batch_count
+            continue
+        yield result
 
 
 def _take_model_defaults(job: Job, pipe: Pipeline) -> None:
