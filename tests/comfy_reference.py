@@ -167,3 +167,148 @@ def ksampler_sigmas(s, sampler, scheduler, steps, denoise=None):
         return ksampler_calculate_sigmas(steps)
     new_steps = int(steps / denoise)
     return ksampler_calculate_sigmas(new_steps)[-(steps + 1):]
+
+
+# -- comfy/extra_samplers/uni_pc.py: sample_unipc with the parts of UniPC it runs (multistep, predict_x0, no
+#    thresholding, the "noise" model of SigmaConvert)
+class SigmaConvert:
+    def marginal_log_mean_coeff(self, sigma):
+        return 0.5 * torch.log(1 / ((sigma * sigma) + 1))
+
+    def marginal_alpha(self, t):
+        return torch.exp(self.marginal_log_mean_coeff(t))
+
+    def marginal_std(self, t):
+        return torch.sqrt(1. - torch.exp(2. * self.marginal_log_mean_coeff(t)))
+
+    def marginal_lambda(self, t):
+        log_mean_coeff = self.marginal_log_mean_coeff(t)
+        log_std = 0.5 * torch.log(1. - torch.exp(2. * log_mean_coeff))
+        return log_mean_coeff - log_std
+
+
+def _expand_dims(v, dims):
+    return v[(...,) + (None,) * (dims - 1)]
+
+
+class UniPC:
+    def __init__(self, model, noise_schedule, variant):
+        self.model, self.noise_schedule, self.variant = model, noise_schedule, variant
+
+    def model_fn(self, x, t):
+        """data_prediction_fn of the wrapped "noise" model: predict_eps_sigma on the VE input."""
+        sigma = t.view(t.shape[:1] + (1,) * (x.ndim - 1))
+        x_ve = x * ((sigma ** 2 + 1.0) ** 0.5)
+        noise = (x_ve - self.model(x_ve, t)) / sigma
+        alpha_t, sigma_t = self.noise_schedule.marginal_alpha(t), self.noise_schedule.marginal_std(t)
+        return (x - _expand_dims(sigma_t, x.dim()) * noise) / _expand_dims(alpha_t, x.dim())
+
+    def multistep_uni_pc_bh_update(self, x, model_prev_list, t_prev_list, t, order, x_t=None, use_corrector=True):
+        ns = self.noise_schedule
+        dims = x.dim()
+        t_prev_0 = t_prev_list[-1]
+        lambda_prev_0 = ns.marginal_lambda(t_prev_0)
+        lambda_t = ns.marginal_lambda(t)
+        model_prev_0 = model_prev_list[-1]
+        sigma_prev_0, sigma_t = ns.marginal_std(t_prev_0), ns.marginal_std(t)
+        alpha_t = torch.exp(ns.marginal_log_mean_coeff(t))
+        h = lambda_t - lambda_prev_0
+        rks = []
+        D1s = []
+        for i in range(1, order):
+            t_prev_i = t_prev_list[-(i + 1)]
+            model_prev_i = model_prev_list[-(i + 1)]
+            lambda_prev_i = ns.marginal_lambda(t_prev_i)
+            rk = ((lambda_prev_i - lambda_prev_0) / h)[0]
+            rks.append(rk)
+            D1s.append((model_prev_i - model_prev_0) / rk)
+        rks.append(1.)
+        rks = torch.tensor(rks, device=x.device)
+        R = []
+        b = []
+        hh = -h[0]
+        h_phi_1 = torch.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        factorial_i = 1
+        B_h = hh if self.variant == 'bh1' else torch.expm1(hh)
+        for i in range(1, order + 1):
+            R.append(torch.pow(rks, i - 1))
+            b.append(h_phi_k * factorial_i / B_h)
+            factorial_i *= (i + 1)
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        R = torch.stack(R)
+        b = torch.tensor(b, device=x.device)
+        use_predictor = len(D1s) > 0 and x_t is None
+        if len(D1s) > 0:
+            D1s = torch.stack(D1s, dim=1)
+            if x_t is None:
+                if order == 2:
+                    rhos_p = torch.tensor([0.5], device=b.device)
+                else:
+                    rhos_p = torch.linalg.solve(R[:-1, :-1], b[:-1])
+        else:
+            D1s = None
+        if use_corrector:
+            if order == 1:
+                rhos_c = torch.tensor([0.5], device=b.device)
+            else:
+                rhos_c = torch.linalg.solve(R, b)
+        model_t = None
+        x_t_ = _expand_dims(sigma_t / sigma_prev_0, dims) * x - _expand_dims(alpha_t * h_phi_1, dims) * model_prev_0
+        if x_t is None:
+            pred_res = torch.einsum('k,bkchw->bchw', rhos_p, D1s) if use_predictor else 0
+            x_t = x_t_ - _expand_dims(alpha_t * B_h, dims) * pred_res
+        if use_corrector:
+            model_t = self.model_fn(x_t, t)
+            corr_res = torch.einsum('k,bkchw->bchw', rhos_c[:-1], D1s) if D1s is not None else 0
+            D1_t = (model_t - model_prev_0)
+            x_t = x_t_ - _expand_dims(alpha_t * B_h, dims) * (corr_res + rhos_c[-1] * D1_t)
+        return x_t, model_t
+
+    def sample(self, x, timesteps, order=3, lower_order_final=True):
+        steps = len(timesteps) - 1
+        assert steps >= order
+        for step_index in range(steps):
+            if step_index == 0:
+                vec_t = timesteps[0].expand((x.shape[0]))
+                model_prev_list = [self.model_fn(x, vec_t)]
+                t_prev_list = [vec_t]
+            elif step_index < order:
+                init_order = step_index
+                vec_t = timesteps[init_order].expand(x.shape[0])
+                x, model_x = self.multistep_uni_pc_bh_update(x, model_prev_list, t_prev_list, vec_t, init_order,
+                                                             use_corrector=True)
+                if model_x is None:
+                    model_x = self.model_fn(x, vec_t)
+                model_prev_list.append(model_x)
+                t_prev_list.append(vec_t)
+            else:
+                extra_final_step = 1 if step_index == (steps - 1) else 0
+                for step in range(step_index, step_index + 1 + extra_final_step):
+                    vec_t = timesteps[step].expand(x.shape[0])
+                    step_order = min(order, steps + 1 - step) if lower_order_final else order
+                    use_corrector = step != steps
+                    x, model_x = self.multistep_uni_pc_bh_update(x, model_prev_list, t_prev_list, vec_t, step_order,
+                                                                 use_corrector=use_corrector)
+                    for i in range(order - 1):
+                        t_prev_list[i] = t_prev_list[i + 1]
+                        model_prev_list[i] = model_prev_list[i + 1]
+                    t_prev_list[-1] = vec_t
+                    if step < steps:
+                        if model_x is None:
+                            model_x = self.model_fn(x, vec_t)
+                        model_prev_list[-1] = model_x
+        return x
+
+
+def sample_unipc(model, x, sigmas, variant="bh1"):
+    """ComfyUI's `uni_pc` (variant bh1) and `uni_pc_bh2`: `model(x, sigma) -> denoised`, x and the result in VE."""
+    timesteps = sigmas.clone()
+    if sigmas[-1] < 0.001:
+        timesteps[-1] = 0.001
+    ns = SigmaConvert()
+    x = x / torch.sqrt(1.0 + timesteps[0] ** 2.0)
+    order = min(3, len(timesteps) - 2)
+    x = UniPC(model, ns, variant).sample(x, timesteps=timesteps, order=order, lower_order_final=True)
+    x /= ns.marginal_alpha(timesteps[-1])
+    return x

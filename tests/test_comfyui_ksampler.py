@@ -86,3 +86,19 @@ def test_ddim_is_euler_on_the_ksampler_sigmas(comfy, kd, scheduler):
         x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(steps)) * sigmas[0]
         reference = kd.sample_euler(gaussian_denoiser, x.clone(), reference_sigmas, disable=True)
         torch.testing.assert_close(spec.fn(gaussian_denoiser, x.clone(), sigmas), reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler, variant", [("uni_pc", "bh1"), ("uni_pc_bh2", "bh2")])
+@pytest.mark.parametrize("scheduler", ["karras", "normal", "simple"])
+def test_uni_pc_matches_comfyui(comfy, sampler, variant, scheduler):
+    """ComfyUI's `sample_unipc` on its KSampler's sigmas: order min(3, steps - 1), and a last sigma of 0 replaced
+    by 0.001, where it returns x (not the denoised estimate). The reference runs in float64: in float32 its VP
+    noise level at 0.001, sqrt(1 - exp(2 log alpha)), loses a few per cent to cancellation (7e-5 in x)."""
+    spec = get_sampler(sampler)
+    for steps in (2, 3, 4, 10, 20):
+        sigmas = sdlab_sigmas(sampler, scheduler, steps)
+        reference_sigmas = C.ksampler_sigmas(comfy, sampler, scheduler, steps)
+        assert_same_sigmas(sigmas, reference_sigmas)
+        x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(steps)) * sigmas[0]
+        reference = C.sample_unipc(gaussian_denoiser, x.double(), reference_sigmas.double(), variant).float()
+        torch.testing.assert_close(spec.fn(gaussian_denoiser, x.clone(), sigmas), reference, rtol=1e-5, atol=1e-5)

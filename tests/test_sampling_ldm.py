@@ -162,8 +162,8 @@ def test_registries_and_final_sigma_conventions():
     # diffusers' own defaults agree with the table
     assert DDPMScheduler().one == 1.0 and get_sampler("DDPM").final_sigma == "zero"
     assert UniPCMultistepScheduler().config.final_sigmas_type == "zero" and get_sampler("UniPC").final_sigma == "zero"
-    assert get_sampler("uni_pc").fn.keywords == {"order": 3, "variant": "bh1"}
-    assert get_sampler("uni_pc_bh2").fn.keywords == {"order": 3, "variant": "bh2"}
+    assert get_sampler("uni_pc").fn.keywords == {"order": 3, "variant": "bh1", "min_last_sigma": 0.001}
+    assert get_sampler("uni_pc_bh2").fn.keywords == {"order": 3, "variant": "bh2", "min_last_sigma": 0.001}
 
 
 def test_to_ddpm_latent():

@@ -100,6 +100,7 @@ class SamplerSpec:
 
 _GAUSS, _BROWNIAN, _DPM, _DDIM = "gaussian", "brownian", "dpm_solver", "ddim"
 _KARRAS, _EXP = "karras", "exponential"
+COMFY_UNIPC_END = 0.001  # comfy/extra_samplers/uni_pc.py sample_unipc: `if sigmas[-1] < 0.001: timesteps[-1] = 0.001`
 
 SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # A1111 name, ComfyUI name, function, then what differs from the defaults (no noise, final sigma 0, ...)
@@ -150,14 +151,16 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # TCDScheduler: LCM's grid (original_inference_steps=50), steps to integer timesteps, ends at alphas_cumprod[0]
     SamplerSpec("TCD", "tcd", L.sample_tcd, noise=_GAUSS, final_sigma="first_alpha", wants_sigma_to_t=True,
                 wants_t_to_sigma=True, spacing="lcm", max_eta=1.0),
-    # UniPCMultistepScheduler (final_sigmas_type="zero"); ComfyUI's UniPC runs order 3 with bh1 or bh2, and its
-    # KSampler drops the next-to-last sigma for it
+    # UniPCMultistepScheduler (final_sigmas_type="zero"); ComfyUI's UniPC runs order 3 with bh1 or bh2, ends at
+    # sigma 0.001 instead of 0, and its KSampler drops the next-to-last sigma for it
     SamplerSpec("UniPC", None, L.sample_unipc, spacing=_DPM),
     SamplerSpec(
-        None, "uni_pc", partial(L.sample_unipc, order=3, variant="bh1"), spacing=_DPM, discard_penultimate=True,
+        None, "uni_pc", partial(L.sample_unipc, order=3, variant="bh1", min_last_sigma=COMFY_UNIPC_END),
+        spacing=_DPM, discard_penultimate=True,
     ),
     SamplerSpec(
-        None, "uni_pc_bh2", partial(L.sample_unipc, order=3, variant="bh2"), spacing=_DPM, discard_penultimate=True,
+        None, "uni_pc_bh2", partial(L.sample_unipc, order=3, variant="bh2", min_last_sigma=COMFY_UNIPC_END),
+        spacing=_DPM, discard_penultimate=True,
     ),
 )
 """Every sampler, one row each."""

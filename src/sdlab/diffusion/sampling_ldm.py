@@ -433,6 +433,7 @@ def sample_unipc(
     variant: str = "bh2",
     lower_order_final: bool = True,
     disable_corrector: Sequence[int] = (),
+    min_last_sigma: float = 0.0,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023): multistep predictor UniP with the corrector UniC, on data predictions.
 
@@ -451,10 +452,15 @@ def sample_unipc(
     lower_order_final, ``final_sigmas_type="zero"``); pass the
     scheduler's ``sigmas``. ComfyUI's ``uni_pc`` / ``uni_pc_bh2`` are order 3 with bh1 / bh2
     (rows of the sampler table); A1111's "UniPC" settings default to bh1 and order 3 as well.
+
+    ``min_last_sigma``: a last sigma below it is raised to it, and the result is x there (ComfyUI's
+    ``sample_unipc`` ends at 0.001 instead of 0 and returns that x; its other order rule, min(3, steps - 1),
+    gives the orders above). With one step ComfyUI's never moves x; this takes the first-order step.
     """
     if order < 1:
         raise ValueError(f"UniPC order must be >= 1, got {order}")
     sigma_values = _check_sigmas(sigmas)
+    sigma_values[-1] = max(sigma_values[-1], min_last_sigma)
     n_steps = len(sigma_values) - 1
     history: list[tuple[Tensor, float]] = []  # (data prediction, lambda), newest last, at most `order`
     x_prev: Tensor | None = None  # x at the previous sigma (after its correction)
