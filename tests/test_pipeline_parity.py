@@ -43,6 +43,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     PNDMScheduler,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -374,6 +375,43 @@ def test_inpaint_4_channels_ancestral(request, family, strength):
     ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS, cfg_scale=CFG,
                              seed=SEED, batch_size=BATCH, paste_back=False, **options)
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def _noised_at_the_samples_sigma(scheduler: KDPM2DiscreteScheduler) -> KDPM2DiscreteScheduler:
+    """`scheduler` whose `add_noise` after a first-order half step noises to the interpolated sigma, where the
+    sample and the next U-Net call are, instead of the next full sigma (`sigmas[step_index]`)."""
+    full_sigma = scheduler.add_noise
+
+    def add_noise(original, noise, timesteps):
+        if scheduler.step_index is not None and not scheduler.state_in_first_order:
+            return original + noise * scheduler.sigmas_interpol[scheduler.step_index].to(original)
+        return full_sigma(original, noise, timesteps)
+
+    scheduler.add_noise = add_noise
+    return scheduler
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_sd1_inpaint_4_channels_dpm2_blends_at_the_calls_sigma(sd1, strength):
+    """README's known difference (4): in 4-channel inpainting diffusers' KDPM2 noises the kept region to the
+    next full sigma before its midpoint call; sdlab noises it to the call's sigma, and is diffusers' picture once
+    diffusers does so too (measured: max 1; as diffusers is, max 65 and 71)."""
+    ours_pipe, pipe = sd1
+    inpaint = _quiet(StableDiffusionInpaintPipeline(**pipe.components))
+    config = {key: pipe.scheduler.config[key] for key in SD_SCHEDULER_KEYS}
+    image, mask = init_picture(SIZE), lower_right_mask(SIZE)
+    ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS, cfg_scale=CFG, seed=SEED,
+                             paste_back=False, sampler="DPM2", schedule="leading")
+    pictures = []
+    for scheduler in (KDPM2DiscreteScheduler.from_config(config),
+                      _noised_at_the_samples_sigma(KDPM2DiscreteScheduler.from_config(config))):
+        inpaint.scheduler = scheduler
+        pictures.append(inpaint(PROMPT, image=image, mask_image=mask, strength=strength, negative_prompt=NEGATIVE,
+                                num_inference_steps=STEPS, guidance_scale=CFG, generator=_generators(1),
+                                output_type="np").images)
+    as_is, at_the_calls_sigma = pictures
+    assert _max_diff(ours.images, at_the_calls_sigma) <= MAX_PIXEL_DIFF
+    assert _max_diff(ours.images, as_is) > 10 * MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize("sizes", [

@@ -168,7 +168,8 @@ def masked(
     any per-pixel sampler, and with the known x0 pasted, a first-order or multistep step leaves the
     known region at x0_known + noise * sigma_next, which is diffusers' blend. The one difference is
     the first call: diffusers feeds its initial latents unblended (``blend_from_call=1`` does the same); by
-    default (0) ``masked`` blends them (ComfyUI). After the last
+    default (0) ``masked`` blends them (ComfyUI). (diffusers' KDPM2 also departs from its own method: before
+    its midpoint call it noises the known region to the next full sigma, not the call's; README.) After the last
     step diffusers sets the known region to the clean x0_known; a sampler that ends at sigma 0 already has
     it there, and the pipeline sets it for those that end above 0 (DDIM, PLMS, TCD).
     ``noise_scaling`` is the model's forward process (``ModelSampling.noise_scaling``; default VE).
