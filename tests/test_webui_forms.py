@@ -347,3 +347,62 @@ def test_reuse_and_a_dropped_png_name_alike_what_the_form_lacks(page, base_url):
                                 {**job["request"], "original_size": [96, 96], "mask_blur_y": 7, "controls": [{}],
                                  "some_new_field": 3})
     assert {"original_size [96,96]", "Mask blur y 7", "1 ControlNet unit", "some_new_field 3"} <= set(named), named
+
+
+# The page's tables, read from app.js as the browser evaluates it (BigInt seeds as their digits)
+PAGE_TABLES = """return {
+  numbers: NUMBER_LABELS, words: WORD_LABELS, choices: CHOICE_LABELS, seeds: SEED_LABELS, switches: SWITCH_LABELS,
+  texts: [...TEXT_LABELS], nothing: [...NOTHING_TO_APPLY], noOps: NO_OP_VALUES,
+  notInForm: Object.fromEntries(Object.entries(NOT_IN_FORM).map(([key, entry]) => [key, entry.none])),
+  seedRange: [String(MIN_SEED), String(MAX_SEED)],
+};"""
+
+
+def _as_js_string(value) -> str:
+    """JavaScript's `String(value)` of a JSON value png-info answers with (the page compares labels so)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def test_the_pages_label_and_default_tables_are_pythons(page):
+    """app.js repeats Python's tables to read a dropped PNG and a reused job: the labels `sdlab txt2img
+    --from-png` reads (`infotext._FIELDS`, the two-word labels, png-info's split sizes), png-info's A1111
+    defaults (`a1111._a1111_defaults`), the request's defaults of the fields the form has no control for
+    (`GenerationRequest`, `JobSpec.batch_count`) and the seed range (`request.MIN_SEED`, `MAX_SEED`). A label
+    or default added in Python and not in the page fails here, not silently on a user's PNG."""
+    import dataclasses
+
+    from sdlab.pipeline.infotext import _FIELDS, from_parameters
+    from sdlab.pipeline.request import MAX_SEED, MIN_SEED, GenerationRequest
+    from sdlab.server.a1111 import _a1111_defaults
+    from sdlab.server.inputs import JobSpec
+
+    js = page.execute_script(PAGE_TABLES)
+    applied = {**js["numbers"], **js["words"], **js["seeds"], **js["switches"],
+               **{label: choice[0] for label, choice in js["choices"].items()}}
+    for label, (field, kind) in _FIELDS.items():           # each label the page applies, or names as it is
+        if label in applied:
+            table = js["switches"] if kind is bool else js["words"] if kind is str else (
+                js["seeds"] if label in js["seeds"] else js["numbers"])
+            assert table.get(label) == field, (label, field)
+        else:
+            assert label in js["texts"] or label in js["nothing"] or field in js["notInForm"], label
+    split = {f"{label}-{i}": label for label in ("Size", "Hires resize") for i in (1, 2)}   # png-info's WxH
+    for label, field in applied.items():
+        if label in split:
+            value = "64x48" if label.endswith("1") else "48x64"
+            assert from_parameters({split[label]: value})[field] == 64, label
+        elif label in js["choices"]:
+            _, yes, no = js["choices"][label]
+            assert from_parameters({label: yes.title()})[field] is True and from_parameters({label: no})[field] is False
+        else:
+            assert _FIELDS[label][0] == field, label
+    defaults = _a1111_defaults({"FP8 weight": "Enable", "Prompt": "(a:1.2)"})      # the conditional ones too
+    for label, value in defaults.items():
+        assert js["noOps"].get(label) == _as_js_string(value) or label in applied or label in js["texts"], label
+    assert set(js["noOps"]) <= set(defaults)
+    request = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
+    request["batch_count"] = JobSpec.batch_count
+    for field, none in js["notInForm"].items():
+        python = request[field]
+        assert (list(python) if isinstance(python, tuple) else python) == none, field
+    assert js["seedRange"] == [str(MIN_SEED), str(MAX_SEED)]

@@ -13,6 +13,8 @@ const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser ta
 // checkboxes that show their options (A1111's "Hires. fix" and seed "Extra"); unticked, the request leaves them out
 const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options", enable_refiner: "refiner-options" };
 
+// The tables down to NOT_IN_FORM repeat Python's (labels, defaults, seed range); a test compares them
+// (tests/test_webui_forms.py::test_the_pages_label_and_default_tables_are_pythons).
 // A1111 parameter labels with a number -> request fields, as `sdlab txt2img --from-png` reads them
 // (pipeline/infotext.py); png-info splits a "WxH" value into "<label>-1" / "<label>-2".
 const NUMBER_LABELS = {
