@@ -247,8 +247,9 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
 
 
 _A1111_FIELDS = {"hr_steps": "hr_second_pass_steps", "hr_denoise": "denoising_strength", "hr_width": "hr_resize_x",
-                 "hr_height": "hr_resize_y", "batch_count": "n_iter", "strength": "denoising_strength", "CFG scale": "cfg_scale",
-                 "noise multiplier": "initial_noise_multiplier", "mask blur y": "mask_blur_y", "mask blur": "mask_blur"}
+                 "hr_height": "hr_resize_y", "strength": "denoising_strength", "CFG scale": "cfg_scale",
+                 "noise multiplier": "initial_noise_multiplier", "mask blur y": "mask_blur_y", "mask blur": "mask_blur",
+                 "batch_count": "n_iter"}
 """sdlab's names of the request fields its checks name -> the A1111 fields they come from."""
 _SDLAB_FIELD = re.compile(r"\b(hr_steps|hr_denoise|hr_width|hr_height|batch_count)\b"
                           r"|^(strength|CFG scale|noise multiplier|mask blur y|mask blur)\b")
