@@ -232,21 +232,28 @@ def test_ddim_uniform_matches_comfyui(steps, kd_schedule, sched64):
 
 
 # -- registry, validation, img2img, initial noise ---------------------------------------------
+RAMPS = {"karras", "exponential", "normal", "uniform", "polyexponential", "kl_optimal", "a1111_beta",
+         "align_your_steps", "align_your_steps_sdxl"}
+"""Schedules whose own levels run down to sigma_min (or just below it)."""
+
+
 @pytest.mark.parametrize("name", sorted(DISCRETIZATIONS))
 def test_every_discretization_is_descending_and_ends_at_final(name, sched64):
     for steps in (1, 5, 20):
         sigmas = get_discretization(name)(sched64, steps)
         assert sigmas.dtype == torch.float32
-        if name != "ddim_uniform":
+        if name not in ("ddim_uniform", "beta"):        # these two leave out repeated levels, as ComfyUI's
             assert sigmas.shape == (steps + 1,)
+        assert bool((sigmas[1:] < sigmas[:-1]).all())
+        if name == "a1111_kl_optimal":                 # A1111's "KL Optimal" ends at sigma_min itself
+            assert sigmas[-1].item() == pytest.approx(sched64.sigma_min, rel=1e-6)
+            continue
         assert sigmas[-1] == 0 and bool((sigmas[:-1] > 0).all())
-        assert bool((sigmas[1:] <= sigmas[:-1]).all())
         ending = get_discretization(name)(sched64, steps, final="first_alpha")
-        ramp = name in ("karras", "exponential", "normal", "uniform")
-        if ramp:
+        if name in RAMPS:
             assert bool((ending[1:] < ending[:-1]).all())           # every requested step has a length
-        if ramp and steps > 1:                            # already at sigma_min: then 0, not sigma_min twice
-            assert ending[-1] == 0 and ending[-2].item() == pytest.approx(sched64.sigma_min, rel=1e-5)
+        if name in RAMPS and sigmas[-2].item() <= sched64.sigma_min * (1 + 1e-6):
+            assert ending[-1] == 0 and torch.equal(ending[:-1], sigmas[:-1])   # then 0, not sigma_min twice
         else:                                             # diffusers' spacings keep theirs, as diffusers does
             assert ending[-1].item() == pytest.approx(sched64.sigma_min, rel=1e-6)
 

@@ -182,16 +182,19 @@ def test_every_schedule_is_written_as_a1111_labels_it_and_reads_back(schedule):
                             width=64, height=64)
     written = parse_parameters(format_parameters(to_parameters(req)))["Schedule type"]
     expected = {"karras": "Karras", "sgm_uniform": "SGM Uniform", "ddim_uniform": "DDIM", "uniform": "Uniform",
-                "normal": "Normal", "simple": "Simple", "exponential": "Exponential"}
+                "normal": "Normal", "simple": "Simple", "exponential": "Exponential",
+                "polyexponential": "Polyexponential", "a1111_kl_optimal": "KL Optimal", "align_your_steps": "Align Your Steps", "a1111_beta": "Beta",
+                "turbo": "Turbo", "align_your_steps_sdxl": "Align Your Steps"}
     assert written == expected.get(schedule, schedule)
-    assert from_parameters({"Schedule type": written})["schedule"] == schedule
+    read = from_parameters({"Schedule type": written})["schedule"]   # A1111's one AYS label: SDXL's for SDXL
+    assert read == ("align_your_steps" if schedule == "align_your_steps_sdxl" else schedule)
 
 
 def test_a1111_schedule_labels_and_keys_read_as_sdlabs_names():
     read = {name: from_parameters({"Schedule type": name}).get("schedule")
-            for name in ("SGM Uniform", "sgm_uniform", "DDIM", "Automatic", "Align Your Steps")}
+            for name in ("SGM Uniform", "sgm_uniform", "DDIM", "Automatic", "Align Your Steps", "Beta", "beta")}
     assert read == {"SGM Uniform": "sgm_uniform", "sgm_uniform": "sgm_uniform", "DDIM": "ddim_uniform",
-                    "Automatic": None, "Align Your Steps": "align_your_steps"}  # unknown: the request names it
+                    "Automatic": None, "Align Your Steps": "align_your_steps", "Beta": "a1111_beta", "beta": "beta"}
 
 
 @pytest.mark.parametrize("recorded, schedule", [

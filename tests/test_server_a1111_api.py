@@ -44,6 +44,8 @@ def txt2img(client: httpx.Client, **fields) -> tuple[dict, dict]:
     ("Euler SGMUniform", ("Euler", "sgm_uniform")),         # A1111's alias
     ("DPM++ 2M SDE Exponential", ("DPM++ 2M SDE", "exponential")),
     ("DPM++ 2M SDE", ("DPM++ 2M SDE", None)),               # a sampler's own name is never split
+    ("Euler a Beta", ("Euler a", "a1111_beta")),            # A1111's Beta and KL Optimal, not ComfyUI's
+    ("Euler kl_optimal", ("Euler", "a1111_kl_optimal")),
 ])
 def test_old_sampler_names_take_any_a1111_scheduler(name, split):
     assert sampler_and_schedule(name, None) == split
@@ -52,9 +54,6 @@ def test_old_sampler_names_take_any_a1111_scheduler(name, split):
 def test_an_explicit_scheduler_wins_over_the_names_suffix():
     assert sampler_and_schedule("Euler SGM Uniform", "karras") == ("Euler", "karras")
     assert sampler_and_schedule("Euler Karras", "Automatic") == ("Euler", None)    # A1111 keeps "Automatic" too
-    with pytest.raises(BadRequest) as err:          # an A1111 scheduler sdlab lacks: named as the scheduler
-        sampler_and_schedule("Euler Beta", None)
-    assert err.value.status == 404 and err.value.detail == "Scheduler not found"
     with pytest.raises(BadRequest) as err:
         sampler_and_schedule("Nope SGM Uniform", None)
     assert err.value.status == 404 and err.value.detail == "Sampler not found"

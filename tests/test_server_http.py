@@ -152,7 +152,7 @@ def test_a1111_unknown_sampler_and_scheduler(client):
     response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "sampler_name": "Nope"})
     assert response.status_code == 404
     assert response.json()["detail"] == "Sampler not found" and "valid names" in response.json()["errors"]
-    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "scheduler": "polyexponential"})
+    response = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "scheduler": "karras_exponential"})
     assert response.status_code == 404 and response.json()["detail"] == "Scheduler not found"
     response = client.post("/api/jobs", json={"prompt": "x", "sampler": "Nope"})
     assert response.status_code == 400 and "unknown sampler" in response.json()["detail"]

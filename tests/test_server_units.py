@@ -149,7 +149,7 @@ def test_a1111_scheduler_and_sampler_names():
     assert sampler_and_schedule("DPM++ 2M Karras", None) == ("DPM++ 2M", "karras")
     assert sampler_and_schedule("DPM++ 2M Karras", "exponential") == ("DPM++ 2M", "exponential")
     assert sampler_and_schedule("euler_ancestral", "") == ("Euler a", None)
-    for call, detail in ((lambda: schedule_name("beta"), "Scheduler not found"),
+    for call, detail in ((lambda: schedule_name("karras_exponential"), "Scheduler not found"),
                          (lambda: sampler_and_schedule("Nope Karras", None), "Sampler not found")):
         with pytest.raises(BadRequest) as err:
             call()

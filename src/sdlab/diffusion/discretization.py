@@ -1,9 +1,9 @@
 """Discretizations: which noise levels a sampler visits, chosen independently of the sampler.
 
 Every function here has the signature ``fn(schedule, steps, *, final="zero", **options) -> sigmas``
-and returns a descending float32 tensor of length ``steps + 1`` (one exception: ``ddim_uniform``,
-see there). A sampler takes ``steps`` steps ``sigmas[i] -> sigmas[i+1]``; the last entry is the
-"final sigma":
+and returns a descending float32 tensor of length ``steps + 1`` (exceptions, as their references:
+``ddim_uniform`` and ``beta`` can give another number of steps, ``a1111_kl_optimal`` ends at sigma_min).
+A sampler takes ``steps`` steps ``sigmas[i] -> sigmas[i+1]``; the last entry is the "final sigma":
 
 - ``final="zero"`` (default): 0, the clean sample (k-diffusion, ComfyUI, A1111, diffusers Euler/DPM).
 - ``final="first_alpha"``: sigma(t=0) = sqrt((1 - ac[0]) / ac[0]), the convention of the original
@@ -40,6 +40,16 @@ k-diffusion / ComfyUI (``comfy/samplers.py``) / A1111 (``modules/sd_schedulers.p
   ``sgm_uniform``   the same at t = linspace(T-1, 0, n+1)[:-1] (Stability's generative-models)
   ``simple``        sigmas[T - 1 - int(i * T / n)] for i < n (ComfyUI ``simple``)
   ``ddim_uniform``  sigmas[1 + k * max(T // n, 1)] for every such index < T, descending (ComfyUI)
+  ``beta``          sigmas[rint(ppf(1 - i/n) * (T-1))], Beta(0.6, 0.6) quantiles, repeats left out (ComfyUI)
+  ``linear_quadratic``  s_max * (1 - s_i), s linear then quadratic (ComfyUI, from Mochi)
+  ``kl_optimal``    tan(linspace(atan s_max, atan s_min, n)) (ComfyUI)
+  ``polyexponential``  exp(log s_min + linspace(1, 0, n)^rho * (log s_max - log s_min)), rho = 1 (A1111)
+  ``align_your_steps`` / ``_sdxl``  NVIDIA's 10-step lists, log-linearly interpolated to n (A1111)
+  ``turbo``         sigmas[round(k T / n) - 1], k = n..1 (Forge)
+  ``a1111_beta``    s_min + ppf(1 - linspace(0, 1, n)) * (s_max - s_min): A1111's "Beta", linear in sigma
+  ``a1111_kl_optimal``  the atan ramp on n + 1 points, ending at s_min: A1111's "KL Optimal"
+  A1111 and ComfyUI give "beta" and "kl_optimal" to different schedules: the plain names are ComfyUI's,
+  A1111's labels "Beta" and "KL Optimal" pick its own (``schedule_names``).
 
 Two exceptions in ComfyUI (``normal`` and ``ddim_uniform`` change the step count when the model's
 sigma(t=0) is ~0) cannot trigger here: ``NoiseSchedule`` guarantees sigma_min > 0.
@@ -49,8 +59,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -398,6 +410,160 @@ def ddim_uniform_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "ze
     return _finish(schedule.sigmas[index], schedule, final)
 
 
+# -- the Beta distribution's quantiles (the beta schedules), without scipy --------------------------------
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function (modified Lentz; Numerical Recipes 6.4)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    value = d
+    for m in range(1, 1000):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            value *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return value
+
+
+def _beta_cdf(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), the CDF of Beta(a, b), in float64."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - front * _beta_continued_fraction(b, a, 1.0 - x) / b
+
+
+def beta_ppf(q: float, a: float, b: float) -> float:
+    """The q-quantile of Beta(a, b) (``scipy.stats.beta.ppf``): the CDF inverted by bisection to float64
+    resolution (|error| < 1e-15). The median of a symmetric one is 1/2 exactly: ComfyUI's ``beta`` rounds
+    ``ppf * 999``, where scipy's median of Beta(0.6, 0.6), 0.5000000000000001, gives 500 as 1/2 does (half to
+    even) and a value a hair below 1/2 would give 499."""
+    if not 0.0 < q < 1.0:
+        return min(max(q, 0.0), 1.0)
+    if a == b and q == 0.5:
+        return 0.5
+    low, high = 0.0, 1.0
+    while True:
+        middle = 0.5 * (low + high)
+        if middle in (low, high):
+            return middle
+        low, high = (middle, high) if _beta_cdf(middle, a, b) < q else (low, middle)
+
+
+# -- more ComfyUI / A1111 schedule types ------------------------------------------------------------------
+def beta_sigmas(schedule: NoiseSchedule, steps: int, *, alpha: float = 0.6, beta: float = 0.6,
+                final: str = "zero") -> Tensor:
+    """ComfyUI ``beta`` (Lee et al. 2024, "Beta Sampling is All You Need"): the training sigmas at timesteps
+    ``rint(ppf(1 - i / steps) * (T - 1))``, i < steps, ppf the Beta(alpha, beta) quantile. As in ComfyUI, a
+    timestep equal to the one before is left out, so a fine grid can give fewer steps than asked."""
+    steps = _check_steps(steps)
+    top = schedule.num_timesteps - 1
+    timesteps = [round(beta_ppf(1.0 - i * (1.0 / steps), alpha, beta) * top) for i in range(steps)]  # numpy.rint
+    distinct = [t for i, t in enumerate(timesteps) if i == 0 or t != timesteps[i - 1]]
+    return _finish(schedule.sigmas[torch.tensor(distinct)], schedule, final)
+
+
+def a1111_beta_sigmas(schedule: NoiseSchedule, steps: int, *, alpha: float = 0.6, beta: float = 0.6,
+                      sigma_min: float | None = None, sigma_max: float | None = None, final: str = "zero") -> Tensor:
+    """A1111's "Beta": ``sigma_min + ppf(q) * (sigma_max - sigma_min)`` at q = 1 - linspace(0, 1, steps), linear
+    in sigma between the model's ends (ComfyUI's ``beta`` picks training timesteps instead)."""
+    steps = _check_steps(steps)
+    lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
+    quantiles = torch.tensor([beta_ppf(1.0 - float(q), alpha, beta) for q in _linspace64(0, 1, steps)])
+    return _finish_ramp(lo + quantiles * (hi - lo), schedule, final)
+
+
+def linear_quadratic_sigmas(schedule: NoiseSchedule, steps: int, *, threshold_noise: float = 0.025,
+                            linear_steps: int | None = None, final: str = "zero") -> Tensor:
+    """ComfyUI ``linear_quadratic`` (Mochi's schedule): sigma_max * (1 - s_i), s rising linearly from 0 to
+    ``threshold_noise`` over ``linear_steps`` (default steps // 2) steps, then along a parabola that reaches 1
+    at the last step. One step: sigma_max."""
+    steps = _check_steps(steps)
+    if steps == 1:
+        rise = [0.0]
+    else:
+        linear_steps = steps // 2 if linear_steps is None else linear_steps
+        quadratic_steps = steps - linear_steps
+        step_diff = linear_steps - threshold_noise * steps
+        quadratic = step_diff / (linear_steps * quadratic_steps**2)
+        linear = threshold_noise / linear_steps - 2 * step_diff / quadratic_steps**2
+        const = quadratic * linear_steps**2
+        rise = [i * threshold_noise / linear_steps for i in range(linear_steps)]
+        rise += [quadratic * i**2 + linear * i + const for i in range(linear_steps, steps)]
+    levels = torch.tensor([1.0 - value for value in rise], dtype=torch.float64) * schedule.sigma_max
+    return _finish(levels, schedule, final)
+
+
+def _tan_ramp(points: int, sigma_min: float, sigma_max: float) -> Tensor:
+    """tan of ``points`` values from atan(sigma_max) to atan(sigma_min), evenly spaced."""
+    ramp = _linspace64(0, 1, points)
+    return (ramp * math.atan(sigma_min) + (1 - ramp) * math.atan(sigma_max)).tan()
+
+
+def kl_optimal_sigmas(schedule: NoiseSchedule, steps: int, *, sigma_min: float | None = None,
+                      sigma_max: float | None = None, final: str = "zero") -> Tensor:
+    """ComfyUI ``kl_optimal`` (Sabour et al. 2024, "Align Your Steps", its KL-optimal schedule): ``steps``
+    sigmas evenly spaced in atan(sigma) from sigma_max to sigma_min. One step: sigma_max (ComfyUI's 0 / 0
+    gives NaN there)."""
+    steps = _check_steps(steps)
+    lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
+    return _finish_ramp(_tan_ramp(steps, lo, hi), schedule, final)
+
+
+def a1111_kl_optimal_sigmas(schedule: NoiseSchedule, steps: int, *, sigma_min: float | None = None,
+                            sigma_max: float | None = None, final: str = "zero") -> Tensor:
+    """A1111's "KL Optimal": the same atan ramp on ``steps + 1`` points, so its last sigma is sigma_min, with
+    no 0 after it, whatever ``final`` says (the one schedule here that ends above 0 by itself)."""
+    steps = _check_steps(steps)
+    lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
+    return _tan_ramp(steps + 1, lo, hi).to(torch.float32)
+
+
+def polyexponential_sigmas(schedule: NoiseSchedule, steps: int, *, rho: float = 1.0, sigma_min: float | None = None,
+                           sigma_max: float | None = None, final: str = "zero") -> Tensor:
+    """A1111's "Polyexponential" (k-diffusion ``get_sigmas_polyexponential``): log sigma from log sigma_max to
+    log sigma_min along ``linspace(1, 0, steps) ** rho``; A1111's default rho 1 is ``exponential``."""
+    steps = _check_steps(steps)
+    lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
+    ramp = _linspace64(1, 0, steps) ** rho
+    return _finish_ramp((ramp * (math.log(hi) - math.log(lo)) + math.log(lo)).exp(), schedule, final)
+
+
+AYS_SD1 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
+AYS_SDXL = (14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029)
+"""NVIDIA's published Align Your Steps sigmas (10 steps) for SD 1.5 and SDXL, as A1111 rounds them."""
+
+
+def align_your_steps_sigmas(schedule: NoiseSchedule, steps: int, *, levels: tuple[float, ...] = AYS_SD1,
+                            final: str = "zero") -> Tensor:
+    """A1111's "Align Your Steps" (Sabour et al. 2024): ``levels`` as published when they are ``steps`` many,
+    else interpolated to ``steps`` sigmas linearly in log sigma over evenly spaced positions (its
+    ``loglinear_interp``); then the final sigma. SD1's levels, or SDXL's (``align_your_steps_sdxl``)."""
+    steps = _check_steps(steps)
+    if steps == len(levels):
+        return _finish_ramp(torch.tensor(levels, dtype=torch.float64), schedule, final)
+    log_levels = np.log(np.array(levels[::-1]))
+    positions = np.linspace(0, 1, len(levels))
+    interpolated = np.exp(np.interp(np.linspace(0, 1, steps), positions, log_levels))[::-1].copy()
+    return _finish_ramp(torch.from_numpy(interpolated), schedule, final)
+
+
+def turbo_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
+    """Forge's "Turbo" (SD-Turbo's schedule): the training sigmas at timesteps ``round(k * T / steps) - 1``,
+    k = steps .. 1 (float32 and half-to-even rounding, as Forge computes them)."""
+    steps = _check_steps(steps)
+    top = schedule.num_timesteps
+    timesteps = (torch.arange(1, steps + 1) * float(top / steps) - 1).flip(0).round().long().clip(0, top - 1)
+    return _finish(schedule.sigmas[timesteps], schedule, final)
+
+
 # -- registry ---------------------------------------------------------------------------------
 def _with_spacing(fn: Discretization, spacing: str) -> Discretization:
     def discretize(schedule: NoiseSchedule, steps: int, **options: Any) -> Tensor:
@@ -429,6 +595,15 @@ DISCRETIZATIONS: dict[str, Discretization] = {
     "sgm_uniform": sgm_uniform_sigmas,
     "simple": simple_sigmas,
     "ddim_uniform": ddim_uniform_sigmas,
+    "beta": beta_sigmas,
+    "linear_quadratic": linear_quadratic_sigmas,
+    "kl_optimal": kl_optimal_sigmas,
+    "polyexponential": polyexponential_sigmas,
+    "align_your_steps": align_your_steps_sigmas,
+    "align_your_steps_sdxl": partial(align_your_steps_sigmas, levels=AYS_SDXL),
+    "turbo": turbo_sigmas,
+    "a1111_beta": a1111_beta_sigmas,            # A1111's "Beta" and "KL Optimal" are other schedules than ComfyUI's
+    "a1111_kl_optimal": a1111_kl_optimal_sigmas,
 }
 
 

@@ -126,6 +126,8 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         default_steps=family.default_steps,
     )
     req = replace(req, prompt=strip_comments(req.prompt), negative_prompt=strip_comments(req.negative_prompt))
+    if req.schedule == "align_your_steps" and family.is_sdxl:     # A1111 takes the SDXL levels for SDXL
+        req = replace(req, schedule="align_your_steps_sdxl")
     # the family's usual layers, not the loaded towers' (a diffusers-layout SD2 tower is read at its last layer)
     if req.clip_skip != 1 and req.clip_skip_convention == "a1111" and any(
             spec.hidden_state != "last" for spec in family.text_encoders):

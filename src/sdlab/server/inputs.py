@@ -24,7 +24,7 @@ from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
-from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, schedule_from_a1111, split_a1111_sampler
+from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name, schedule_from_a1111, split_a1111_sampler
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
@@ -165,9 +165,10 @@ _WHITESPACE = re.compile(r"[ \t\r\n\f\v]+")
 
 def scheduler_rows() -> list[dict[str, Any]]:
     """`/sdapi/v1/schedulers`: A1111's rows sdlab implements, then sdlab's other discretizations."""
-    rows = [{"name": name, "label": label, "aliases": None, "default_rho": 7.0 if name == "karras" else -1,
-             "need_inner_model": False} for name, (label, _) in A1111_SCHEDULERS.items()]
-    known = {target for _, target in A1111_SCHEDULERS.values()} | set(A1111_SCHEDULERS)
+    rows = [{"name": a1111_name(key), "label": label, "aliases": None,
+             "default_rho": {"karras": 7.0, "polyexponential": 1.0}.get(key, -1), "need_inner_model": False}
+            for key, (label, _) in A1111_SCHEDULERS.items()]
+    known = {target for _, target in A1111_SCHEDULERS.values()} | {row["name"] for row in rows}
     rows += [{"name": name, "label": name, "aliases": None, "default_rho": -1, "need_inner_model": False}
              for name in sorted(DISCRETIZATIONS) if name not in known]
     return rows
