@@ -150,3 +150,17 @@ def test_calls_per_step_is_what_the_sampler_makes(name):
     noise = (lambda sigma, sigma_next: torch.zeros(1, 1, 2, 2)) if spec.stochastic else None  # noqa: E731
     spec.fn(model, torch.ones(1, 1, 2, 2), sigmas, **({"noise": noise} if noise else {}))
     assert len(calls) == spec.calls_per_step * 3
+
+
+@pytest.mark.parametrize("alias, name", [("dpmpp_sde_gpu", "DPM++ SDE"), ("dpmpp_2m_sde_gpu", "DPM++ 2M SDE"),
+                                         ("dpmpp_2m_sde_heun_gpu", "DPM++ 2M SDE Heun"),
+                                         ("dpmpp_3m_sde_gpu", "dpmpp_3m_sde")])
+def test_comfyui_gpu_names_are_the_plain_samplers(alias, name) -> None:
+    """ComfyUI's `_gpu` samplers differ only in the device of their Brownian tree; sdlab draws its tree as for the
+    plain names. The A1111 API's sampler list (and so the web UI's) carries them as aliases."""
+    from sdlab.server.a1111 import samplers
+
+    assert get_sampler(alias) is get_sampler(name) and get_sampler(alias.upper()) is get_sampler(name)
+    assert alias in sampler_names()
+    assert alias in {row["name"]: row["aliases"] for row in samplers()}[name]
+    assert get_sampler("dpmpp_3m_sde_gpu").discard_penultimate is False    # ComfyUI's 3M SDE, not A1111's

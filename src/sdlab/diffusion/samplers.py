@@ -4,7 +4,11 @@ Names are AUTOMATIC1111's display names ("Euler a", "DPM++ 2M") and ComfyUI's sn
 ("euler_ancestral", "dpmpp_2m"); ``get_sampler`` looks either up, ignoring case and surrounding space,
 and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for any other. Where the two
 programs give one word to two samplers, the exact spelling decides: "DDIM" is A1111's DDIM, "ddim" ComfyUI's
-(Euler on the plain sigmas); any other case is A1111's. Each row (``SamplerSpec``) says
+(Euler on the plain sigmas); any other case is A1111's. ComfyUI's ``_gpu`` names (``dpmpp_sde_gpu``,
+``dpmpp_2m_sde_gpu``, ``dpmpp_2m_sde_heun_gpu``, ``dpmpp_3m_sde_gpu``) are aliases of the plain ones: they
+differ only in the device ComfyUI draws the Brownian tree on, and sdlab draws it where it draws every SDE
+sampler's (``BrownianTreeNoise`` on the latent's device, one tree per image seed), so a picture follows
+sdlab's seeding whichever name runs it. Each row (``SamplerSpec``) says
 
 - which function runs it (``sampling_k`` for the sigma-space k-diffusion samplers, ``sampling_ldm`` for
   the timestep family; every one is ``fn(model, x, sigmas, *, noise, callback, **options) -> x``);
@@ -87,11 +91,17 @@ class SamplerSpec:
     a1111_automatic: str = "uniform"    # the schedule A1111 1.9+'s "Automatic" runs it on (its sampler options)
     discard_penultimate: bool = False   # the next-to-last sigma is dropped (A1111's row option, ComfyUI's KSampler)
     calls_per_step: int = 1             # model calls a step makes (A1111 schedules prompt edits over them)
+    comfy_aliases: tuple[str, ...] = ()  # ComfyUI's other names of the row (its _gpu variants)
 
     @property
     def name(self) -> str:
         """The canonical name: A1111's, else ComfyUI's."""
         return self.a1111 or self.comfy  # type: ignore[return-value]
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        """The row's names besides `name`: ComfyUI's name of an A1111 row, ComfyUI's aliases."""
+        return tuple(n for n in (self.comfy, *self.comfy_aliases) if n and n != self.name)
 
     @property
     def stochastic(self) -> bool:
@@ -119,13 +129,15 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec("DPM++ 2M", "dpmpp_2m", K.sample_dpmpp_2m, spacing=_DPM, a1111_automatic=_KARRAS),
     SamplerSpec(
         "DPM++ 2M SDE", "dpmpp_2m_sde", K.sample_dpmpp_2m_sde, noise=_BROWNIAN, spacing=_DPM, a1111_automatic=_EXP,
+        comfy_aliases=("dpmpp_2m_sde_gpu",),
     ),
     SamplerSpec(
         "DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", partial(K.sample_dpmpp_2m_sde, solver_type="heun"),
-        noise=_BROWNIAN, spacing=_DPM, a1111_automatic=_EXP,
+        noise=_BROWNIAN, spacing=_DPM, a1111_automatic=_EXP, comfy_aliases=("dpmpp_2m_sde_heun_gpu",),
     ),
     SamplerSpec(
         "DPM++ SDE", "dpmpp_sde", K.sample_dpmpp_sde, noise=_BROWNIAN, a1111_automatic=_KARRAS, calls_per_step=2,
+        comfy_aliases=("dpmpp_sde_gpu",),
     ),
     SamplerSpec(
         "DPM++ 2S a", "dpmpp_2s_ancestral", K.sample_dpmpp_2s_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS,
@@ -138,7 +150,10 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
         "DPM++ 3M SDE", None, K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30,
         a1111_automatic=_EXP, discard_penultimate=True,
     ),
-    SamplerSpec(None, "dpmpp_3m_sde", K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30),
+    SamplerSpec(
+        None, "dpmpp_3m_sde", K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30,
+        comfy_aliases=("dpmpp_3m_sde_gpu",),
+    ),
     # CompVis, diffusers set_alpha_to_one=False: DDIM and PLMS end at alphas_cumprod[0]
     SamplerSpec("DDIM", None, L.sample_ddim, noise=_GAUSS, final_sigma="first_alpha", spacing=_DDIM),
     # ComfyUI's ddim (sampler_object("ddim")) is ksampler("euler"): Euler on the KSampler's sigmas, ending at 0
@@ -168,7 +183,9 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
 SAMPLERS: dict[str, SamplerSpec] = {spec.a1111: spec for spec in SAMPLER_TABLE if spec.a1111}
 """A1111 display name -> row (the samplers a user picks from a list)."""
 
-_COMFY: dict[str, SamplerSpec] = {spec.comfy: spec for spec in SAMPLER_TABLE if spec.comfy}
+_COMFY: dict[str, SamplerSpec] = {
+    name: spec for spec in SAMPLER_TABLE for name in (spec.comfy, *spec.comfy_aliases) if name
+}
 
 _BY_SPELLING: dict[str, SamplerSpec] = {**_COMFY, **SAMPLERS}
 """Every name as written: A1111's and ComfyUI's spellings of one word ("DDIM", "ddim") are two rows."""
@@ -179,7 +196,7 @@ _BY_NAME: dict[str, SamplerSpec] = {name.casefold(): spec for name, spec in _BY_
 
 def sampler_names() -> list[str]:
     """Every accepted name: display names first, then the ComfyUI names."""
-    return list(SAMPLERS) + sorted(spec.comfy for spec in SAMPLER_TABLE if spec.comfy)
+    return list(SAMPLERS) + sorted(_COMFY)
 
 
 def get_sampler(name: str) -> SamplerSpec:

@@ -489,8 +489,7 @@ def sd_models(request: Request) -> list[dict[str, Any]]:
 
 @router.get("/samplers")
 def samplers() -> list[dict[str, Any]]:
-    return [{"name": spec.name, "aliases": [spec.comfy] if spec.comfy and spec.a1111 else [], "options": {}}
-            for spec in SAMPLER_TABLE]
+    return [{"name": spec.name, "aliases": list(spec.aliases), "options": {}} for spec in SAMPLER_TABLE]
 
 
 @router.get("/schedulers")
