@@ -312,3 +312,196 @@ def sample_unipc(model, x, sigmas, variant="bh1"):
     x = UniPC(model, ns, variant).sample(x, timesteps=timesteps, order=order, lower_order_final=True)
     x /= ns.marginal_alpha(timesteps[-1])
     return x
+
+
+# -- comfy/k_diffusion/sampling.py: the samplers ComfyUI adds (progress bars and callbacks left out) --------------
+def to_d(x, sigma, denoised):
+    return (x - denoised) / sigma
+
+
+def get_ancestral_step(sigma_from, sigma_to, eta=1.):
+    if not eta:
+        return sigma_to, 0.
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+@torch.no_grad()
+def sample_heunpp2(model, x, sigmas, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.):
+    s_in = x.new_ones([x.shape[0]])
+    s_end = sigmas[-1]
+    for i in range(len(sigmas) - 1):
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+        eps = torch.randn_like(x) * s_noise
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in)
+        d = to_d(x, sigma_hat, denoised)
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == s_end:
+            x = x + d * dt
+        elif sigmas[i + 2] == s_end:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in)
+            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
+            w = 2 * sigmas[0]
+            w2 = sigmas[i + 1] / w
+            w1 = 1 - w2
+            d_prime = d * w1 + d_2 * w2
+            x = x + d_prime * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in)
+            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
+            dt_2 = sigmas[i + 2] - sigmas[i + 1]
+            x_3 = x_2 + d_2 * dt_2
+            denoised_3 = model(x_3, sigmas[i + 2] * s_in)
+            d_3 = to_d(x_3, sigmas[i + 2], denoised_3)
+            w = 3 * sigmas[0]
+            w2 = sigmas[i + 1] / w
+            w3 = sigmas[i + 2] / w
+            w1 = 1 - w2 - w3
+            d_prime = w1 * d + w2 * d_2 + w3 * d_3
+            x = x + d_prime * dt
+    return x
+
+
+def sample_ipndm(model, x, sigmas, max_order=4):
+    s_in = x.new_ones([x.shape[0]])
+    x_next = x
+    buffer_model = []
+    for i in range(len(sigmas) - 1):
+        t_cur = sigmas[i]
+        t_next = sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            x_next = x_cur + (t_next - t_cur) * (3 * d_cur - buffer_model[-1]) / 2
+        elif order == 3:
+            x_next = x_cur + (t_next - t_cur) * (23 * d_cur - 16 * buffer_model[-1] + 5 * buffer_model[-2]) / 12
+        elif order == 4:
+            x_next = x_cur + (t_next - t_cur) * (55 * d_cur - 59 * buffer_model[-1] + 37 * buffer_model[-2]
+                                                 - 9 * buffer_model[-3]) / 24
+        if len(buffer_model) == max_order - 1:
+            for k in range(max_order - 2):
+                buffer_model[k] = buffer_model[k + 1]
+            buffer_model[-1] = d_cur
+        else:
+            buffer_model.append(d_cur)
+    return x_next
+
+
+def sample_ipndm_v(model, x, sigmas, max_order=4):
+    s_in = x.new_ones([x.shape[0]])
+    x_next = x
+    t_steps = sigmas
+    buffer_model = []
+    for i in range(len(sigmas) - 1):
+        t_cur = sigmas[i]
+        t_next = sigmas[i + 1]
+        x_cur = x_next
+        denoised = model(x_cur, t_cur * s_in)
+        d_cur = (x_cur - denoised) / t_cur
+        order = min(max_order, i + 1)
+        if t_next == 0:
+            x_next = denoised
+        elif order == 1:
+            x_next = x_cur + (t_next - t_cur) * d_cur
+        elif order == 2:
+            h_n = (t_next - t_cur)
+            h_n_1 = (t_cur - t_steps[i - 1])
+            coeff1 = (2 + (h_n / h_n_1)) / 2
+            coeff2 = -(h_n / h_n_1) / 2
+            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer_model[-1])
+        elif order == 3:
+            h_n = (t_next - t_cur)
+            h_n_1 = (t_cur - t_steps[i - 1])
+            h_n_2 = (t_steps[i - 1] - t_steps[i - 2])
+            temp = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp
+            coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp
+            coeff3 = temp * h_n_1 / h_n_2
+            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer_model[-1] + coeff3 * buffer_model[-2])
+        elif order == 4:
+            h_n = (t_next - t_cur)
+            h_n_1 = (t_cur - t_steps[i - 1])
+            h_n_2 = (t_steps[i - 1] - t_steps[i - 2])
+            h_n_3 = (t_steps[i - 2] - t_steps[i - 3])
+            temp1 = (1 - h_n / (3 * (h_n + h_n_1)) * (h_n * (h_n + h_n_1)) / (h_n_1 * (h_n_1 + h_n_2))) / 2
+            temp2 = ((1 - h_n / (3 * (h_n + h_n_1))) / 2 + (1 - h_n / (2 * (h_n + h_n_1))) * h_n / (6 * (h_n + h_n_1 + h_n_2))) \
+                * (h_n * (h_n + h_n_1) * (h_n + h_n_1 + h_n_2)) / (h_n_1 * (h_n_1 + h_n_2) * (h_n_1 + h_n_2 + h_n_3))
+            coeff1 = (2 + (h_n / h_n_1)) / 2 + temp1 + temp2
+            coeff2 = -(h_n / h_n_1) / 2 - (1 + h_n_1 / h_n_2) * temp1 \
+                - (1 + (h_n_1 / h_n_2) + (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3)))) * temp2
+            coeff3 = temp1 * h_n_1 / h_n_2 \
+                + ((h_n_1 / h_n_2) + (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))) * (1 + h_n_2 / h_n_3)) * temp2
+            coeff4 = -temp2 * (h_n_1 * (h_n_1 + h_n_2) / (h_n_2 * (h_n_2 + h_n_3))) * h_n_1 / h_n_2
+            x_next = x_cur + (t_next - t_cur) * (coeff1 * d_cur + coeff2 * buffer_model[-1] + coeff3 * buffer_model[-2]
+                                                 + coeff4 * buffer_model[-3])
+        if len(buffer_model) == max_order - 1:
+            for k in range(max_order - 2):
+                buffer_model[k] = buffer_model[k + 1]
+            buffer_model[-1] = d_cur.detach()
+        else:
+            buffer_model.append(d_cur.detach())
+    return x_next
+
+
+@torch.no_grad()
+def res_multistep(model, x, sigmas, s_noise=1., noise_sampler=None, eta=1.):
+    """`res_multistep` without its cfg_pp branch (`sample_res_multistep`: eta 0; `_ancestral`: eta 1)."""
+    s_in = x.new_ones([x.shape[0]])
+    sigma_fn = lambda t: t.neg().exp()                      # noqa: E731
+    t_fn = lambda sigma: sigma.log().neg()                  # noqa: E731
+    phi1_fn = lambda t: torch.expm1(t) / t                  # noqa: E731
+    phi2_fn = lambda t: (phi1_fn(t) - 1.0) / t              # noqa: E731
+    old_sigma_down = None
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0 or old_denoised is None:
+            d = to_d(x, sigmas[i], denoised)
+            dt = sigma_down - sigmas[i]
+            x = x + d * dt
+        else:
+            t, t_old, t_next, t_prev = t_fn(sigmas[i]), t_fn(old_sigma_down), t_fn(sigma_down), t_fn(sigmas[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t_old) / h
+            phi1_val, phi2_val = phi1_fn(-h), phi2_fn(-h)
+            b1 = torch.nan_to_num(phi1_val - phi2_val / c2, nan=0.0)
+            b2 = torch.nan_to_num(phi2_val / c2, nan=0.0)
+            x = sigma_fn(h) * x + h * (b1 * denoised + b2 * old_denoised)
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+        old_denoised = denoised
+        old_sigma_down = sigma_down
+    return x
+
+
+@torch.no_grad()
+def sample_gradient_estimation(model, x, sigmas, ge_gamma=2.):
+    """`sample_gradient_estimation` without its cfg_pp branch."""
+    s_in = x.new_ones([x.shape[0]])
+    old_d = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        d = to_d(x, sigmas[i], denoised)
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if i >= 1:
+                d_bar = (ge_gamma - 1) * (d - old_d)
+                x = x + d_bar * dt
+        old_d = d
+    return x

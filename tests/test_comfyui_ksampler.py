@@ -71,10 +71,13 @@ def kd():
     return H.load_k_diffusion_sampling()
 
 
-def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """The exact denoiser of data ~ N(0.5, 0.8^2) per element."""
+def mixture_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The exact denoiser (posterior mean) of data 0.5 N(-1, 0.3^2) + 0.5 N(1, 0.3^2) per element: nonlinear in x,
+    so no sampler's weights can cancel out."""
     s2 = sigma.reshape(-1, 1, 1, 1).to(x.dtype) ** 2
-    return (0.64 * x + 0.5 * s2) / (0.64 + s2)
+    means = torch.tensor([-1.0, 1.0], dtype=x.dtype).reshape(2, 1, 1, 1, 1)
+    weights = torch.softmax(-((x - means) ** 2) / (2 * (0.09 + s2)), dim=0)           # (2, B, C, h, w)
+    return (weights * (means * s2 + x * 0.09) / (0.09 + s2)).sum(0)
 
 
 @pytest.mark.parametrize("scheduler", ["simple", "sgm_uniform", "ddim_uniform", "karras", "normal"])
@@ -87,8 +90,8 @@ def test_ddim_is_euler_on_the_ksampler_sigmas(comfy, kd, scheduler):
         sigmas = sdlab_sigmas("ddim", scheduler, steps)
         assert_same_sigmas(sigmas, reference_sigmas)
         x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(steps)) * sigmas[0]
-        reference = kd.sample_euler(gaussian_denoiser, x.clone(), reference_sigmas, disable=True)
-        torch.testing.assert_close(spec.fn(gaussian_denoiser, x.clone(), sigmas), reference, rtol=1e-5, atol=1e-5)
+        reference = kd.sample_euler(mixture_denoiser, x.clone(), reference_sigmas, disable=True)
+        torch.testing.assert_close(spec.fn(mixture_denoiser, x.clone(), sigmas), reference, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("sampler, variant", [("uni_pc", "bh1"), ("uni_pc_bh2", "bh2")])
@@ -103,5 +106,52 @@ def test_uni_pc_matches_comfyui(comfy, sampler, variant, scheduler):
         reference_sigmas = C.ksampler_sigmas(comfy, sampler, scheduler, steps)
         assert_same_sigmas(sigmas, reference_sigmas)
         x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(steps)) * sigmas[0]
-        reference = C.sample_unipc(gaussian_denoiser, x.double(), reference_sigmas.double(), variant).float()
-        torch.testing.assert_close(spec.fn(gaussian_denoiser, x.clone(), sigmas), reference, rtol=1e-5, atol=1e-5)
+        reference = C.sample_unipc(mixture_denoiser, x.double(), reference_sigmas.double(), variant).float()
+        torch.testing.assert_close(spec.fn(mixture_denoiser, x.clone(), sigmas), reference, rtol=1e-5, atol=1e-5)
+
+
+def noise_source(seed: int, like: torch.Tensor):
+    """Unit Gaussian noise drawn from its own generator, one draw per call (both runs get one alike)."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda sigma, sigma_next: torch.randn(like.shape, generator=generator, dtype=like.dtype)
+
+
+COMFY_OWN = [  # (name, ComfyUI's function, its options, whether it draws noise)
+    ("ipndm", C.sample_ipndm, {}, False),
+    ("ipndm_v", C.sample_ipndm_v, {}, False),
+    ("heunpp2", C.sample_heunpp2, {}, False),
+    ("res_multistep", C.res_multistep, {"eta": 0.0}, False),
+    ("res_multistep_ancestral", C.res_multistep, {"eta": 1.0}, True),
+    ("gradient_estimation", C.sample_gradient_estimation, {}, False),
+]
+
+
+@pytest.mark.parametrize("name, reference_fn, options, noisy", COMFY_OWN, ids=[case[0] for case in COMFY_OWN])
+@pytest.mark.parametrize("scheduler", ["karras", "normal", "simple"])
+def test_comfyuis_own_samplers(comfy, name, reference_fn, options, noisy, scheduler):
+    """ComfyUI's samplers beyond k-diffusion's (comfy/k_diffusion/sampling.py), both on its KSampler sigmas (the
+    mixture's steep posterior near sigma 0 would turn the 1e-6 of two sigma lists into 3e-5)."""
+    spec = get_sampler(name)
+    for steps in (1, 2, 3, 4, 5, 10, 20):
+        reference_sigmas = C.ksampler_sigmas(comfy, name, scheduler, steps)
+        assert_same_sigmas(sdlab_sigmas(name, scheduler, steps), reference_sigmas)
+        x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(steps)) * reference_sigmas[0]
+        ours = spec.fn(mixture_denoiser, x.clone(), reference_sigmas, **({"noise": noise_source(7, x)} if noisy else {}))
+        extra = {"noise_sampler": noise_source(7, x)} if "eta" in options else {}
+        reference = reference_fn(mixture_denoiser, x.clone(), reference_sigmas, **options, **extra)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=2e-5, msg=f"{steps} steps")
+
+
+@pytest.mark.parametrize("name, eta", [("dpm_fast", 0.0), ("DPM fast", 1.0)])
+def test_dpm_fast_matches_k_diffusion(kd, name, eta):
+    """k-diffusion's sample_dpm_fast as ComfyUI calls it (sigma_min = the last positive sigma, sigma_max =
+    sigmas[0], n = the steps) and A1111 (its eta default 1, the model's sigma_min / sigma_max: the ends of its
+    Karras list from 2 steps on; a 1-step list has no second end, where k-diffusion refuses eta)."""
+    spec = get_sampler(name)
+    for steps in (1, 2, 3, 4, 7, 10, 20)[1 if eta else 0:]:
+        sigmas = sdlab_sigmas(name, "karras", steps)
+        x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(steps)) * sigmas[0]
+        ours = spec.fn(mixture_denoiser, x.clone(), sigmas, noise=noise_source(7, x))
+        reference = kd.sample_dpm_fast(mixture_denoiser, x.clone(), float(sigmas[-2]), float(sigmas[0]), steps,
+                                       disable=True, eta=eta, noise_sampler=noise_source(7, x))
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=2e-5, msg=f"{steps} steps")

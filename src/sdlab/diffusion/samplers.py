@@ -10,8 +10,9 @@ differ only in the device ComfyUI draws the Brownian tree on, and sdlab draws it
 sampler's (``BrownianTreeNoise`` on the latent's device, one tree per image seed), so a picture follows
 sdlab's seeding whichever name runs it. Each row (``SamplerSpec``) says
 
-- which function runs it (``sampling_k`` for the sigma-space k-diffusion samplers, ``sampling_ldm`` for
-  the timestep family; every one is ``fn(model, x, sigmas, *, noise, callback, **options) -> x``);
+- which function runs it (``sampling_k`` for the sigma-space k-diffusion samplers, ``sampling_comfy`` for
+  those ComfyUI adds, ``sampling_ldm`` for the timestep family; every one is
+  ``fn(model, x, sigmas, *, noise, callback, **options) -> x``);
 - which final sigma its reference ends at (``"zero"``, or ``"first_alpha"`` = sigma(t=0) for the
   original DDIM/PLMS code, CompVis and diffusers ``set_alpha_to_one=False``: the loop then divides the
   result by sqrt(1 + sigma_final^2), ``sampling_ldm.to_ddpm_latent``);
@@ -60,6 +61,7 @@ from functools import partial
 
 from torch import Tensor
 
+from sdlab.diffusion import sampling_comfy as C
 from sdlab.diffusion import sampling_k as K
 from sdlab.diffusion import sampling_ldm as L
 
@@ -143,6 +145,9 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
         "DPM++ 2S a", "dpmpp_2s_ancestral", K.sample_dpmpp_2s_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS,
         calls_per_step=2,
     ),
+    # DPM-Solver-Fast on its own grid between the schedule's ends; A1111 runs it ancestral (its eta default 1)
+    SamplerSpec("DPM fast", None, partial(K.sample_dpm_fast, eta=1.0), noise=_GAUSS),
+    SamplerSpec(None, "dpm_fast", K.sample_dpm_fast, noise=_GAUSS),
     # deterministic DPM++ 2S, diffusers' DPMSolverSinglestep; not in A1111
     SamplerSpec("DPM++ 2S", "dpmpp_2s", K.sample_dpmpp_2s, spacing=_DPM),
     # A1111's DPM++ 3M SDE drops the next-to-last sigma, ComfyUI's does not: a row each
@@ -166,6 +171,13 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # TCDScheduler: LCM's grid (original_inference_steps=50), steps to integer timesteps, ends at alphas_cumprod[0]
     SamplerSpec("TCD", "tcd", L.sample_tcd, noise=_GAUSS, final_sigma="first_alpha", wants_sigma_to_t=True,
                 wants_t_to_sigma=True, spacing="lcm", max_eta=1.0),
+    # ComfyUI's own (sampling_comfy); res_multistep draws noise only with eta > 0, as DDIM
+    SamplerSpec(None, "ipndm", C.sample_ipndm),
+    SamplerSpec(None, "ipndm_v", C.sample_ipndm_v),
+    SamplerSpec(None, "heunpp2", C.sample_heunpp2, calls_per_step=3),
+    SamplerSpec(None, "res_multistep", C.sample_res_multistep, noise=_GAUSS),
+    SamplerSpec(None, "res_multistep_ancestral", partial(C.sample_res_multistep, eta=1.0), noise=_GAUSS),
+    SamplerSpec(None, "gradient_estimation", C.sample_gradient_estimation),
     # UniPCMultistepScheduler (final_sigmas_type="zero"); ComfyUI's UniPC runs order 3 with bh1 or bh2, ends at
     # sigma 0.001 instead of 0, and its KSampler drops the next-to-last sigma for it
     SamplerSpec("UniPC", None, L.sample_unipc, spacing=_DPM),

@@ -607,3 +607,83 @@ def sample_dpmpp_3m_sde(
         denoised_1, denoised_2 = denoised, denoised_1
         h_1, h_2 = h, h_1
     return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPM-Solver (Lu et al. 2022) with its own grid
+
+
+def _dpm_solver_step(eps_at, x: Tensor, t: Tensor, t_next: Tensor, order: int, eps: Tensor) -> Tensor:
+    """One DPM-Solver-1/2/3 step (Lu et al. 2022, Alg. 1-2 with r1 = 1/2, resp. r1 = 1/3, r2 = 2/3) from t to
+    t_next in t = -log sigma (0-dim float32 tensors, k-diffusion's arithmetic); ``eps`` is the noise prediction
+    at (x, t) and ``eps_at(x, t)`` evaluates one."""
+    h = t_next - t
+    sigma_next = t_next.neg().exp()
+    x_first = x - sigma_next * h.expm1() * eps
+    if order == 1:
+        return x_first
+    r1 = 1 / 2 if order == 2 else 1 / 3
+    s1 = t + r1 * h
+    eps_r1 = eps_at(x - s1.neg().exp() * (r1 * h).expm1() * eps, s1)
+    if order == 2:
+        return x_first - sigma_next / (2 * r1) * h.expm1() * (eps_r1 - eps)
+    r2 = 2 / 3
+    s2 = t + r2 * h
+    u2 = x - s2.neg().exp() * (r2 * h).expm1() * eps \
+        - s2.neg().exp() * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps)
+    eps_r2 = eps_at(u2, s2)
+    return x_first - sigma_next / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+
+
+def dpm_fast_orders(calls: int) -> list[int]:
+    """The step orders of DPM-Solver-Fast for ``calls`` model calls: order 3 but for the last one or two steps."""
+    m = calls // 3 + 1
+    return [3] * (m - 2) + [2, 1] if calls % 3 == 0 else [3] * (m - 1) + [calls % 3]
+
+
+@torch.no_grad()
+def sample_dpm_fast(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver-Fast (Lu et al. 2022, section 3.4; k-diffusion's ``sample_dpm_fast``): ``len(sigmas) - 1``
+    model calls in steps of ``dpm_fast_orders`` on a grid uniform in t = -log sigma from ``sigmas[0]`` to the
+    smallest positive sigma, where it ends: the result is x there, and the list's other levels are not visited
+    (A1111 and ComfyUI pass only these two ends). ``eta > 0``: each step goes down to ``ancestral_step``'s
+    sigma_down (not below the grid's end) and adds fresh noise up to the step's end, the last step's too.
+    ``callback`` once per model call. The grid and coefficients are float32, as k-diffusion computes them."""
+    if eta:
+        noise = require_noise(noise, "DPM fast", "eta > 0")
+    orders = dpm_fast_orders(len(sigmas) - 1)
+    ends = torch.stack([sigmas[0], sigmas[sigmas > 0].min()]).float().cpu().log().neg()   # t of the two ends
+    ts = torch.linspace(ends[0], ends[1], len(orders) + 1)                                # (steps + 1,)
+    reported = 0
+    step_end = 0.0
+
+    def eps_at(x_in: Tensor, t: Tensor) -> Tensor:
+        nonlocal reported
+        sigma = t.neg().exp()
+        denoised = model(x_in, sigma_batch(float(sigma), x_in, sigmas))  # (B, C, h, w)
+        report_step(callback, reported, x_in, float(sigma), step_end, denoised)
+        reported += 1
+        return (x_in - denoised) / sigma.to(x_in.device)
+
+    for i, order in enumerate(orders):
+        t, t_next = ts[i], ts[i + 1]
+        step_end = float(t_next.neg().exp())
+        t_down = t_next
+        if eta:     # down to sigma_down, not below the grid's end, then noise up to the step's end
+            sigma_down, _ = ancestral_step(t.neg().exp(), t_next.neg().exp(), eta)
+            t_down = torch.minimum(ts[-1], torch.tensor(sigma_down).log().neg())
+        x = _dpm_solver_step(eps_at, x, t, t_down, order, eps_at(x, t))
+        sigma_up = (t_next.neg().exp() ** 2 - t_down.neg().exp() ** 2).clamp_min(0) ** 0.5
+        if sigma_up > 0:
+            fresh = noise(sigmas.new_tensor(float(t.neg().exp())), sigmas.new_tensor(step_end))  # type: ignore[misc]
+            x = x + sigma_up.to(x.device) * s_noise * fresh
+    return x

@@ -121,8 +121,9 @@ def sample_ddim(
 # PLMS
 # --------------------------------------------------------------------------------------------------
 
-# Adams-Bashforth weights on eps, newest first (constant: the "pseudo" method steps in timestep index).
-_ADAMS_BASHFORTH = {
+# Adams-Bashforth weights of equal steps, newest first: PLMS applies them to eps (its "pseudo" method steps in
+# timestep index), iPNDM (`sampling_comfy`) to the ODE derivative.
+ADAMS_BASHFORTH = {
     1: (1.0,),
     2: (3 / 2, -1 / 2),
     3: (23 / 12, -16 / 12, 5 / 12),
@@ -149,7 +150,7 @@ def sample_plms(
       then redo the step from x with the average of the two (an extra model evaluation; it is Heun
       in sigma). Only eps_0 enters the history.
     - later steps: Adams-Bashforth of order 2, 3, 4 over the newest eps values with the constant
-      weights of ``_ADAMS_BASHFORTH`` (equal steps in timestep index, not in sigma: "pseudo").
+      weights of ``ADAMS_BASHFORTH`` (equal steps in timestep index, not in sigma: "pseudo").
 
     Takes the plain descending sigmas (timesteps' sigmas, then the final sigma) and makes the extra
     evaluation itself. Correspondence with diffusers ``PNDMScheduler(skip_prk_steps=True)``: its
@@ -180,7 +181,7 @@ def sample_plms(
             eps_prime = (eps + eps_euler) / 2
         else:
             history = [eps, *reversed(old_eps)]  # newest first
-            weights = _ADAMS_BASHFORTH[len(history)]
+            weights = ADAMS_BASHFORTH[len(history)]
             eps_prime = sum(w * e for w, e in zip(weights, history))
         x = x + (sigma_next - sigma) * eps_prime
         old_eps = [*old_eps, eps][-3:]

@@ -1,0 +1,223 @@
+"""The samplers ComfyUI adds to k-diffusion's (``comfy/k_diffusion/sampling.py``), in sigma space.
+
+Conventions are ``sampling_k``'s: variance-exploding sigmas, ``model(x, sigma (B,)) -> denoised``, noise only
+from an explicit source, ``callback`` once per step. Each function is ComfyUI's method on the sigmas given:
+
+- ``sample_ipndm``: improved PNDM (Zhang & Chen 2023, zju-pi/diff-sampler), Adams-Bashforth of order up to 4
+  on the ODE derivative ``d = (x - D) / sigma`` with the weights of equal steps, warming up from Euler;
+- ``sample_ipndm_v``: the same with the weights of the actual (variable) steps;
+- ``sample_heunpp2``: Heun++ (sd-webui-samplers-scheduler): a third evaluation two levels ahead, the slopes
+  weighted by their sigmas relative to the first one;
+- ``sample_res_multistep``: RES, the second-order multistep exponential integrator of Zhang et al. 2023
+  (arXiv 2308.02157), deterministic or ancestral (``eta``);
+- ``sample_gradient_estimation``: Euler with the gradient estimate of Permenter & Yuan 2024 (``ge_gamma``).
+
+A step to sigma 0 is a plain Euler step (the denoised estimate) where ComfyUI's is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from sdlab.diffusion.denoiser import DenoiseFn
+from sdlab.diffusion.noise import NoiseSource
+from sdlab.diffusion.sampling_ldm import ADAMS_BASHFORTH
+from sdlab.diffusion.steps import (
+    StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d, within_step,
+)
+
+__all__ = ["sample_gradient_estimation", "sample_heunpp2", "sample_ipndm", "sample_ipndm_v", "sample_res_multistep"]
+
+
+def _keep_last(history: list[Tensor], d: Tensor, size: int) -> list[Tensor]:
+    """``history`` with ``d`` appended, at most ``size`` long (the oldest dropped)."""
+    return [*history, d][-size:] if size > 0 else []
+
+
+@torch.no_grad()
+def sample_ipndm(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    max_order: int = 4,
+) -> Tensor:
+    """iPNDM: ``x += (sigma' - sigma) * sum_k w_k d_k`` with Adams-Bashforth's fixed weights on the last
+    ``min(max_order, i + 1)`` derivatives (newest first); one model call per step."""
+    levels = sigmas.tolist()
+    history: list[Tensor] = []  # earlier derivatives, oldest first
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        d = to_d(x, sigma, denoised)
+        weights = ADAMS_BASHFORTH[min(max_order, i + 1)]
+        slope = sum(w * d_k for w, d_k in zip(weights, [d, *reversed(history)]))
+        x_next = denoised if sigma_next == 0 else x + (sigma_next - sigma) * slope
+        history = _keep_last(history, d, max_order - 1)
+        x = x_next
+    return x
+
+
+def _ipndm_v_weights(levels: list[float], i: int, order: int) -> tuple[float, ...]:
+    """The variable-step Adams-Bashforth weights of iPNDM-v for the step ``levels[i] -> levels[i + 1]``, newest
+    derivative first (zju-pi/diff-sampler's closed forms for orders 1-4)."""
+    h = [levels[i + 1] - levels[i]] + [levels[i - k] - levels[i - k - 1] for k in range(order - 1)]
+    if order == 1:
+        return (1.0,)
+    r1 = h[0] / h[1]
+    if order == 2:
+        return (1 + r1 / 2, -r1 / 2)
+    temp1 = (1 - h[0] / (3 * (h[0] + h[1])) * (h[0] * (h[0] + h[1])) / (h[1] * (h[1] + h[2]))) / 2
+    if order == 3:
+        return ((2 + r1) / 2 + temp1, -r1 / 2 - (1 + h[1] / h[2]) * temp1, temp1 * h[1] / h[2])
+    span = h[0] + h[1] + h[2]
+    temp2 = ((1 - h[0] / (3 * (h[0] + h[1]))) / 2 + (1 - h[0] / (2 * (h[0] + h[1]))) * h[0] / (6 * span)) \
+        * (h[0] * (h[0] + h[1]) * span) / (h[1] * (h[1] + h[2]) * (h[1] + h[2] + h[3]))
+    ratio = h[1] * (h[1] + h[2]) / (h[2] * (h[2] + h[3]))
+    return (
+        (2 + r1) / 2 + temp1 + temp2,
+        -r1 / 2 - (1 + h[1] / h[2]) * temp1 - (1 + h[1] / h[2] + ratio) * temp2,
+        temp1 * h[1] / h[2] + (h[1] / h[2] + ratio * (1 + h[2] / h[3])) * temp2,
+        -temp2 * ratio * h[1] / h[2],
+    )
+
+
+@torch.no_grad()
+def sample_ipndm_v(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    max_order: int = 4,
+) -> Tensor:
+    """iPNDM-v: iPNDM with the Adams-Bashforth weights of the actual step sizes (``_ipndm_v_weights``)."""
+    levels = sigmas.tolist()
+    history: list[Tensor] = []  # earlier derivatives, oldest first
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        d = to_d(x, sigma, denoised)
+        if sigma_next == 0:
+            x_next = denoised
+        else:
+            weights = _ipndm_v_weights(levels, i, min(max_order, i + 1))
+            x_next = x + (sigma_next - sigma) * sum(w * d_k for w, d_k in zip(weights, [d, *reversed(history)]))
+        history = _keep_last(history, d, max_order - 1)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_heunpp2(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """Heun++: from each level an Euler predictor to the next and, unless the level after it is the last, a
+    second one on to that level; the step takes the slopes weighted by w_k = sigma_k / (n sigma_0) for the
+    n - 1 looked-ahead levels (n = 3, or 2 for plain Heun), the current slope taking the rest. The step onto
+    the last level is Euler's (three, two and one model calls)."""
+    levels = sigmas.tolist()
+    first, end = levels[0], levels[-1]
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        d = to_d(x, sigma, denoised)
+        dt = sigma_next - sigma
+        if sigma_next == end:
+            x = x + d * dt
+            continue
+        ahead = [sigma_next] if levels[i + 2] == end else [sigma_next, levels[i + 2]]
+        slopes, x_k, at = [d], x, sigma
+        for level in ahead:                         # Euler predictors on to each level looked at
+            x_k = x_k + slopes[-1] * (level - at)
+            with within_step(i):
+                slopes.append(to_d(x_k, level, model(x_k, sigma_batch(level, x, sigmas))))
+            at = level
+        weights = [level / ((len(ahead) + 1) * first) for level in ahead]
+        d_prime = (1 - sum(weights)) * d + sum(w * d_k for w, d_k in zip(weights, slopes[1:]))
+        x = x + d_prime * dt
+    return x
+
+
+@torch.no_grad()
+def sample_res_multistep(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """RES multistep: in t = -log sigma, from t to t' = -log sigma_down (``ancestral_step`` with ``eta``),
+    ``x' = e^-h x + h (b1 D + b2 D_old)`` with h = t' - t, c2 = (t_prev - t_old) / h (t_old: the previous
+    step's sigma_down), ``b2 = phi2(-h) / c2``, ``b1 = phi1(-h) - b2``; Euler on the first step and to sigma 0;
+    then ``sigma_up`` of fresh noise (``eta > 0``: ComfyUI's ``res_multistep_ancestral``)."""
+    if eta:
+        noise = require_noise(noise, "res_multistep_ancestral", "eta > 0")
+    levels, ref = sigmas.tolist(), sigmas.detach().cpu()
+    old_denoised: Tensor | None = None
+    old_sigma_down = 0.0
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        if sigma_down == 0 or old_denoised is None:
+            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+        else:
+            h = math.log(sigma) - math.log(sigma_down)
+            c2 = (math.log(old_sigma_down) - math.log(levels[i - 1])) / h
+            phi1 = math.expm1(-h) / -h
+            phi2 = (phi1 - 1.0) / -h
+            b2 = phi2 / c2
+            x = math.exp(-h) * x + h * ((phi1 - b2) * denoised + b2 * old_denoised)
+        if sigma_next > 0 and sigma_up > 0:
+            x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)  # type: ignore[misc]
+        old_denoised, old_sigma_down = denoised, sigma_down
+    return x
+
+
+@torch.no_grad()
+def sample_gradient_estimation(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    ge_gamma: float = 2.0,
+) -> Tensor:
+    """Gradient estimation: an Euler step, then from the second step on ``(ge_gamma - 1) (d - d_old) dt``
+    more; the step to sigma 0 returns the denoised estimate."""
+    levels = sigmas.tolist()
+    old_d: Tensor | None = None
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        d = to_d(x, sigma, denoised)
+        dt = sigma_next - sigma
+        if sigma_next == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if old_d is not None:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
+    return x
