@@ -59,6 +59,15 @@ def test_an_explicit_scheduler_wins_over_the_names_suffix():
     assert err.value.status == 404 and err.value.detail == "Sampler not found"
 
 
+@pytest.mark.parametrize("scheduler, schedule", [
+    ("beta", "a1111_beta"), ("Beta", "a1111_beta"), ("kl_optimal", "a1111_kl_optimal"),
+    ("KL Optimal", "a1111_kl_optimal"), ("sgm_uniform", "sgm_uniform"), ("linear_quadratic", "linear_quadratic"),
+])
+def test_the_scheduler_field_takes_a1111s_keys_as_a1111s_schedules(scheduler, schedule):
+    """A1111's API key "beta" is its Beta (linear in sigma), not ComfyUI's beta that sdlab's own name is."""
+    assert sampler_and_schedule("Euler", scheduler) == ("Euler", schedule)
+
+
 def test_a_suffixed_sampler_draws_as_sampler_and_scheduler(client):
     joined, info = txt2img(client, sampler_name="Euler a SGM Uniform")
     split, _ = txt2img(client, sampler_name="Euler a", scheduler="sgm_uniform")

@@ -24,7 +24,9 @@ from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.discretization import DISCRETIZATIONS
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
-from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name, schedule_from_a1111, split_a1111_sampler
+from sdlab.diffusion.schedule_names import (
+    A1111_SCHEDULERS, a1111_name, schedule_from_a1111, schedule_key, split_a1111_sampler,
+)
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
@@ -189,7 +191,10 @@ def schedule_name(name: str | None) -> str | None:
 def sampler_and_schedule(name: str | None, scheduler: str | None) -> tuple[str | None, str | None]:
     """(sampler, schedule); an old combined name ("DPM++ 2M Karras", "Euler a SGM Uniform": any A1111
     scheduler, `split_a1111_sampler`) gives its schedule unless `scheduler` is set ("automatic" included),
-    as A1111's API keeps the request's scheduler."""
+    as A1111's API keeps the request's scheduler. A1111's keys mean A1111's schedules here: "beta" and
+    "kl_optimal" are its Beta and KL Optimal (`a1111_name`), not ComfyUI's that sdlab's own names are."""
+    if isinstance(scheduler, str) and schedule_key(scheduler) in A1111_SCHEDULERS:
+        scheduler = a1111_name(schedule_key(scheduler))
     schedule = schedule_name(scheduler)
     if name is None or name == "":
         return None, schedule
