@@ -18,6 +18,7 @@ A step to sigma 0 is a plain Euler step (the denoised estimate) where ComfyUI's 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,6 +38,34 @@ def _keep_last(history: list[Tensor], d: Tensor, size: int) -> list[Tensor]:
     return [*history, d][-size:] if size > 0 else []
 
 
+def _adams_bashforth_steps(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    callback: StepCallback | None,
+    max_order: int,
+    weights_of: Callable[[list[float], int, int], Sequence[float]],
+) -> Tensor:
+    """``x += (sigma' - sigma) * sum_k w_k d_k`` over the last ``min(max_order, i + 1)`` derivatives (newest
+    first), the weights ``weights_of(levels, i, order)``; a step to sigma 0 is the denoised estimate; one model
+    call per step."""
+    levels = sigmas.tolist()
+    history: list[Tensor] = []  # earlier derivatives, oldest first
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        d = to_d(x, sigma, denoised)
+        if sigma_next == 0:
+            x_next = denoised
+        else:
+            weights = weights_of(levels, i, min(max_order, i + 1))
+            x_next = x + (sigma_next - sigma) * sum(w * d_k for w, d_k in zip(weights, [d, *reversed(history)]))
+        history = _keep_last(history, d, max_order - 1)
+        x = x_next
+    return x
+
+
 @torch.no_grad()
 def sample_ipndm(
     model: DenoiseFn,
@@ -47,21 +76,9 @@ def sample_ipndm(
     callback: StepCallback | None = None,
     max_order: int = 4,
 ) -> Tensor:
-    """iPNDM: ``x += (sigma' - sigma) * sum_k w_k d_k`` with Adams-Bashforth's fixed weights on the last
-    ``min(max_order, i + 1)`` derivatives (newest first); one model call per step."""
-    levels = sigmas.tolist()
-    history: list[Tensor] = []  # earlier derivatives, oldest first
-    for i in range(len(levels) - 1):
-        sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
-        report_step(callback, i, x, sigma, sigma_next, denoised)
-        d = to_d(x, sigma, denoised)
-        weights = ADAMS_BASHFORTH[min(max_order, i + 1)]
-        slope = sum(w * d_k for w, d_k in zip(weights, [d, *reversed(history)]))
-        x_next = denoised if sigma_next == 0 else x + (sigma_next - sigma) * slope
-        history = _keep_last(history, d, max_order - 1)
-        x = x_next
-    return x
+    """iPNDM: Adams-Bashforth's fixed weights (those of equal steps) on the ODE derivatives."""
+    return _adams_bashforth_steps(model, x, sigmas, callback, max_order,
+                                  lambda levels, i, order: ADAMS_BASHFORTH[order])
 
 
 def _ipndm_v_weights(levels: list[float], i: int, order: int) -> tuple[float, ...]:
@@ -99,21 +116,7 @@ def sample_ipndm_v(
     max_order: int = 4,
 ) -> Tensor:
     """iPNDM-v: iPNDM with the Adams-Bashforth weights of the actual step sizes (``_ipndm_v_weights``)."""
-    levels = sigmas.tolist()
-    history: list[Tensor] = []  # earlier derivatives, oldest first
-    for i in range(len(levels) - 1):
-        sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
-        report_step(callback, i, x, sigma, sigma_next, denoised)
-        d = to_d(x, sigma, denoised)
-        if sigma_next == 0:
-            x_next = denoised
-        else:
-            weights = _ipndm_v_weights(levels, i, min(max_order, i + 1))
-            x_next = x + (sigma_next - sigma) * sum(w * d_k for w, d_k in zip(weights, [d, *reversed(history)]))
-        history = _keep_last(history, d, max_order - 1)
-        x = x_next
-    return x
+    return _adams_bashforth_steps(model, x, sigmas, callback, max_order, _ipndm_v_weights)
 
 
 @torch.no_grad()
