@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -69,12 +70,20 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+QUIET_EXIT_DELAY_S = 3.0
+"""How long a process that leaves the report of a mistake met before the process group forms (which every
+process meets at once) waits before it exits: torchrun stops every process once one has exited with a failure,
+so a quiet process that exited at once could stop the reporting one before its line is written. After the
+group forms a quiet process learns of the failure when the reporting one has already failed, and exits at once."""
+
+
 class _AnotherProcessReports(Exception):
     """This torchrun process fails with (or because of) a failure another process reports: exit quietly."""
 
-    def __init__(self, status: int):
+    def __init__(self, status: int, wait: bool):
         super().__init__(f"another process reports the failure (exit status {status})")
         self.status = status
+        self.wait = wait   # before the group forms: let the reporting process write its line first
 
 
 def _exit_status(exc: BaseException) -> int:
@@ -92,7 +101,7 @@ def _quiet_unless_reporting(exc: BaseException) -> None:
     status = reporting_failure(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
                                _exit_status(exc))
     if status is not None:
-        raise _AnotherProcessReports(status) from exc
+        raise _AnotherProcessReports(status, wait=not torch.distributed.is_initialized()) from exc
 
 
 def _task_module(name: str) -> ModuleType:
@@ -255,6 +264,8 @@ def run_train(args: argparse.Namespace) -> int:
             raise
         result = run_from_config(cfg, resume=point)
     except _AnotherProcessReports as exc:
+        if exc.wait:
+            time.sleep(QUIET_EXIT_DELAY_S)
         return exc.status
     except TrainError as exc:
         if getattr(args, "debug", False) or os.environ.get("SDLAB_DEBUG", "") not in ("", "0"):
