@@ -139,7 +139,7 @@ def test_generate_warns_about_too_few_steps_only_with_guidance(caplog) -> None:
 
 
 @pytest.mark.parametrize("name", ["Heun", "DPM2", "dpm_2", "DPM2 a", "dpm_2_ancestral", "DPM++ 2S a", "DPM++ SDE",
-                                  "DPM++ 2S", "Euler", "Euler a", "LMS", "DPM++ 2M", "DPM++ 2M SDE"])
+                                  "DPM++ 2S", "Euler", "Euler a", "LMS", "DPM++ 2M", "DPM++ 2M SDE", "Restart", "deis"])
 def test_calls_per_step_is_what_the_sampler_makes(name):
     """`calls_per_step` (A1111 schedules prompt edits over every model call) counted on a schedule whose
     steps all end above 0 (where Heun and DPM2 take their second call)."""

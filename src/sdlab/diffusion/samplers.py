@@ -148,6 +148,12 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # DPM-Solver-Fast on its own grid between the schedule's ends; A1111 runs it ancestral (its eta default 1)
     SamplerSpec("DPM fast", None, partial(K.sample_dpm_fast, eta=1.0), noise=_GAUSS),
     SamplerSpec(None, "dpm_fast", K.sample_dpm_fast, noise=_GAUSS),
+    # DPM-Solver-12/23 with adaptive steps between the same ends, ancestral in A1111. Its model calls follow the
+    # picture; A1111 schedules prompt edits over `steps` of them (calls_per_step 1), then falls back to the first prompt
+    SamplerSpec("DPM adaptive", None, partial(K.sample_dpm_adaptive, eta=1.0), noise=_GAUSS),
+    SamplerSpec(None, "dpm_adaptive", K.sample_dpm_adaptive, noise=_GAUSS),
+    # A1111's Restart (sd_samplers_extra): Heun's steps, from 20 steps on its own Karras list with restarts
+    SamplerSpec("Restart", None, K.sample_restart, noise=_GAUSS, a1111_automatic=_KARRAS, calls_per_step=2),
     # deterministic DPM++ 2S, diffusers' DPMSolverSinglestep; not in A1111
     SamplerSpec("DPM++ 2S", "dpmpp_2s", K.sample_dpmpp_2s, spacing=_DPM),
     # A1111's DPM++ 3M SDE drops the next-to-last sigma, ComfyUI's does not: a row each
@@ -174,6 +180,7 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # ComfyUI's own (sampling_comfy); res_multistep draws noise only with eta > 0, as DDIM
     SamplerSpec(None, "ipndm", C.sample_ipndm),
     SamplerSpec(None, "ipndm_v", C.sample_ipndm_v),
+    SamplerSpec(None, "deis", C.sample_deis),
     SamplerSpec(None, "heunpp2", C.sample_heunpp2, calls_per_step=3),
     SamplerSpec(None, "res_multistep", C.sample_res_multistep, noise=_GAUSS),
     SamplerSpec(None, "res_multistep_ancestral", partial(C.sample_res_multistep, eta=1.0), noise=_GAUSS),

@@ -6,6 +6,7 @@ from an explicit source, ``callback`` once per step. Each function is ComfyUI's 
 - ``sample_ipndm``: improved PNDM (Zhang & Chen 2023, zju-pi/diff-sampler), Adams-Bashforth of order up to 4
   on the ODE derivative ``d = (x - D) / sigma`` with the weights of equal steps, warming up from Euler;
 - ``sample_ipndm_v``: the same with the weights of the actual (variable) steps;
+- ``sample_deis``: the same with DEIS's weights, integrals of the Lagrange polynomials (``sdlab.diffusion.deis``);
 - ``sample_heunpp2``: Heun++ (sd-webui-samplers-scheduler): a third evaluation two levels ahead, the slopes
   weighted by their sigmas relative to the first one;
 - ``sample_res_multistep``: RES, the second-order multistep exponential integrator of Zhang et al. 2023
@@ -23,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from sdlab.diffusion.deis import deis_coefficients
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.noise import NoiseSource
 from sdlab.diffusion.sampling_ldm import ADAMS_BASHFORTH
@@ -30,7 +32,10 @@ from sdlab.diffusion.steps import (
     StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d, within_step,
 )
 
-__all__ = ["sample_gradient_estimation", "sample_heunpp2", "sample_ipndm", "sample_ipndm_v", "sample_res_multistep"]
+__all__ = [
+    "sample_deis", "sample_gradient_estimation", "sample_heunpp2", "sample_ipndm", "sample_ipndm_v",
+    "sample_res_multistep",
+]
 
 
 def _keep_last(history: list[Tensor], d: Tensor, size: int) -> list[Tensor]:
@@ -117,6 +122,23 @@ def sample_ipndm_v(
 ) -> Tensor:
     """iPNDM-v: iPNDM with the Adams-Bashforth weights of the actual step sizes (``_ipndm_v_weights``)."""
     return _adams_bashforth_steps(model, x, sigmas, callback, max_order, _ipndm_v_weights)
+
+
+@torch.no_grad()
+def sample_deis(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    max_order: int = 3,
+) -> Tensor:
+    """DEIS (tAB, ComfyUI's ``deis``): the Adams-Bashforth steps with ``deis.deis_coefficients``' weights C_j
+    over the step size (Euler's where it has none: the first step, the step to sigma 0)."""
+    coefficients = deis_coefficients(sigmas, max_order)
+    return _adams_bashforth_steps(model, x, sigmas, callback, max_order, lambda levels, i, order: [
+        c / (levels[i + 1] - levels[i]) for c in coefficients[i]] or [1.0])
 
 
 @torch.no_grad()

@@ -157,21 +157,26 @@ def sample_heun(
     """
     levels, churn = sigmas.tolist(), (s_churn, s_tmin, s_tmax, s_noise)
     for i in range(len(levels) - 1):
-        sigma, sigma_next = levels[i], levels[i + 1]
-        x, sigma_hat = _churn(x, sigmas, i, sigma, noise, "Heun", churn)
-        denoised = model(x, sigma_batch(sigma_hat, x, sigmas))  # (B, C, h, w)
-        report_step(callback, i, x, sigma_hat, sigma_next, denoised)
-        d = to_d(x, sigma_hat, denoised)
-        dt = sigma_next - sigma_hat
-        if sigma_next == 0:
-            x = x + d * dt
-            continue
-        x_pred = x + d * dt
-        with within_step(i):
-            denoised_pred = model(x_pred, sigma_batch(sigma_next, x, sigmas))
-        d_pred = to_d(x_pred, sigma_next, denoised_pred)
-        x = x + (d + d_pred) / 2 * dt
+        x, sigma_hat = _churn(x, sigmas, i, levels[i], noise, "Heun", churn)
+        x = _heun_step(model, x, sigma_hat, levels[i + 1], i, sigmas, callback)
     return x
+
+
+def _heun_step(model: DenoiseFn, x: Tensor, sigma: float, sigma_next: float, i: int, sigmas: Tensor,
+               callback: StepCallback | None) -> Tensor:
+    """Step ``i`` of Heun from ``sigma`` to ``sigma_next``: the model at both ends (the second call declared
+    inside step ``i``), the mean slope; Euler's step (one call) when ``sigma_next`` is 0."""
+    denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+    report_step(callback, i, x, sigma, sigma_next, denoised)
+    d = to_d(x, sigma, denoised)
+    dt = sigma_next - sigma
+    if sigma_next == 0:
+        return x + d * dt
+    x_pred = x + d * dt
+    with within_step(i):
+        denoised_pred = model(x_pred, sigma_batch(sigma_next, x, sigmas))
+    d_pred = to_d(x_pred, sigma_next, denoised_pred)
+    return x + (d + d_pred) / 2 * dt
 
 
 @torch.no_grad()
@@ -613,26 +618,35 @@ def sample_dpmpp_3m_sde(
 # DPM-Solver (Lu et al. 2022) with its own grid
 
 
-def _dpm_solver_step(eps_at, x: Tensor, t: Tensor, t_next: Tensor, order: int, eps: Tensor) -> Tensor:
-    """One DPM-Solver-1/2/3 step (Lu et al. 2022, Alg. 1-2 with r1 = 1/2, resp. r1 = 1/3, r2 = 2/3) from t to
-    t_next in t = -log sigma (0-dim float32 tensors, k-diffusion's arithmetic); ``eps`` is the noise prediction
-    at (x, t) and ``eps_at(x, t)`` evaluates one."""
+def _dpm_solver_orders(
+    eps_at, x: Tensor, t: Tensor, t_next: Tensor, order: int, eps: Tensor, r1: float
+) -> list[Tensor]:
+    """The results of DPM-Solver-1 up to DPM-Solver-``order`` (Lu et al. 2022, Alg. 1-2; r2 = 2/3) for one step
+    from t to t_next in t = -log sigma (0-dim float32 tensors, k-diffusion's arithmetic), sharing their model
+    calls: the second order's intermediate point at ``r1``, which the third order reuses. ``eps`` is the noise
+    prediction at (x, t) and ``eps_at(x, t)`` evaluates one."""
     h = t_next - t
     sigma_next = t_next.neg().exp()
-    x_first = x - sigma_next * h.expm1() * eps
+    results = [x - sigma_next * h.expm1() * eps]
     if order == 1:
-        return x_first
-    r1 = 1 / 2 if order == 2 else 1 / 3
+        return results
     s1 = t + r1 * h
     eps_r1 = eps_at(x - s1.neg().exp() * (r1 * h).expm1() * eps, s1)
+    results.append(results[0] - sigma_next / (2 * r1) * h.expm1() * (eps_r1 - eps))
     if order == 2:
-        return x_first - sigma_next / (2 * r1) * h.expm1() * (eps_r1 - eps)
+        return results
     r2 = 2 / 3
     s2 = t + r2 * h
     u2 = x - s2.neg().exp() * (r2 * h).expm1() * eps \
         - s2.neg().exp() * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps)
     eps_r2 = eps_at(u2, s2)
-    return x_first - sigma_next / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+    results.append(results[0] - sigma_next / r2 * (h.expm1() / h - 1) * (eps_r2 - eps))
+    return results
+
+
+def _dpm_solver_step(eps_at, x: Tensor, t: Tensor, t_next: Tensor, order: int, eps: Tensor) -> Tensor:
+    """One DPM-Solver-1/2/3 step (r1 = 1/2 for order 2, r1 = 1/3 for order 3), ``_dpm_solver_orders``'s last."""
+    return _dpm_solver_orders(eps_at, x, t, t_next, order, eps, 1 / 2 if order == 2 else 1 / 3)[-1]
 
 
 def dpm_fast_orders(calls: int) -> list[int]:
@@ -686,4 +700,158 @@ def sample_dpm_fast(
         if sigma_up > 0:
             fresh = noise(sigmas.new_tensor(float(t.neg().exp())), sigmas.new_tensor(step_end))  # type: ignore[misc]
             x = x + sigma_up.to(x.device) * s_noise * fresh
+    return x
+
+
+class _StepSizeController:
+    """k-diffusion's PID controller of the step size h (Söderlind 2003): with ``b = (p + i + d, -(p + 2d), d) /
+    order`` and the last inverse errors ``e0, e1, e2``, ``h *= 1 + atan(e0^b0 e1^b1 e2^b2 - 1)``; the step is
+    accepted when that factor is at least ``accept_safety`` (only accepted errors move into e1, e2)."""
+
+    def __init__(self, h: float, pcoeff: float, icoeff: float, dcoeff: float, order: float, accept_safety: float):
+        self.h = h
+        self.b = ((pcoeff + icoeff + dcoeff) / order, -(pcoeff + 2 * dcoeff) / order, dcoeff / order)
+        self.accept_safety = accept_safety
+        self.inverse_errors: list[float] = []
+
+    def propose(self, error: float) -> bool:
+        inverse = 1 / (error + 1e-8)
+        if not self.inverse_errors:
+            self.inverse_errors = [inverse] * 3
+        self.inverse_errors[0] = inverse
+        e0, e1, e2 = self.inverse_errors
+        factor = 1 + math.atan(e0 ** self.b[0] * e1 ** self.b[1] * e2 ** self.b[2] - 1)
+        accept = factor >= self.accept_safety
+        if accept:
+            self.inverse_errors[1:] = [e0, e1]
+        self.h *= factor
+        return accept
+
+
+@torch.no_grad()
+def sample_dpm_adaptive(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    order: int = 3,
+    rtol: float = 0.05,
+    atol: float = 0.0078,
+    h_init: float = 0.05,
+    pcoeff: float = 0.0,
+    icoeff: float = 1.0,
+    dcoeff: float = 0.0,
+    accept_safety: float = 0.81,
+    eta: float = 0.0,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """DPM-Solver-12 / -23 with adaptive step size (Lu et al. 2022, section 3.3; k-diffusion's
+    ``sample_dpm_adaptive``) in t = -log sigma from ``sigmas[0]`` to the smallest positive sigma, where it ends
+    (the result is x there; A1111 and ComfyUI pass only these two ends). Each try makes ``order`` model calls:
+    the orders ``order - 1`` and ``order`` from the same calls (``_dpm_solver_orders``, r1 = 1/3 for order 3);
+    their difference, scaled by ``max(atol, rtol * max(|x_low|, |x_prev_low|))``, is the error (RMS) the
+    controller (``_StepSizeController``) accepts or refuses. ``eta > 0``: an accepted step goes down to
+    ``ancestral_step``'s sigma_down (not below the end) and adds fresh noise up to the step's end.
+
+    The model call count follows the picture, not ``len(sigmas) - 1``. ``callback`` reports the list's steps
+    instead: step ``i`` once the solver has passed its end ``sigmas[i + 1]`` (several at once after a long
+    step; the rest when it ends), with the latest accepted try's x, sigmas and denoised estimate, so that
+    progress counts ``len(sigmas) - 1`` steps. A list with one positive sigma leaves nothing to solve: x comes
+    back as it is, without a model call or report. Float32 0-dim arithmetic, as k-diffusion's."""
+    if order not in (2, 3):
+        raise ValueError(f"DPM adaptive's order is 2 or 3, not {order}")
+    if eta:
+        noise = require_noise(noise, "DPM adaptive", "eta > 0")
+    levels = sigmas.tolist()
+    t_start, t_end = torch.stack([sigmas[0], sigmas[sigmas > 0].min()]).float().cpu().log().neg()
+    step_ends = [-math.log(level) if level > 0 else math.inf for level in levels[1:]]   # t where step i ends
+    tolerance = (torch.tensor(atol), torch.tensor(rtol))
+    controller = _StepSizeController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+    s, x_prev, reported, seen = t_start, x, 0, None
+
+    def eps_at(x_in: Tensor, t: Tensor) -> Tensor:
+        sigma = t.neg().exp()
+        return (x_in - model(x_in, sigma_batch(float(sigma), x_in, sigmas))) / sigma.to(x_in.device)
+
+    while s < t_end - 1e-5:
+        t = torch.minimum(t_end, s + controller.h)
+        t_down = t
+        if eta:     # down to sigma_down, not below the end, then noise up to the step's end
+            sigma_down, _ = ancestral_step(s.neg().exp(), t.neg().exp(), eta)
+            t_down = torch.minimum(t_end, torch.tensor(sigma_down).log().neg())
+        eps = eps_at(x, s)
+        denoised = x - s.neg().exp().to(x.device) * eps
+        x_low, x_high = _dpm_solver_orders(eps_at, x, s, t_down, order, eps, 1 / 3 if order == 3 else 1 / 2)[-2:]
+        delta = torch.maximum(tolerance[0], tolerance[1] * torch.maximum(x_low.abs(), x_prev.abs()))
+        if not controller.propose(float(torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5)):
+            continue
+        seen = (x, float(s.neg().exp()), float(t.neg().exp()), denoised)
+        x_prev, x = x_low, x_high
+        sigma_up = (t.neg().exp() ** 2 - t_down.neg().exp() ** 2) ** 0.5
+        if sigma_up > 0:
+            x = x + sigma_up.to(x.device) * s_noise * noise(s.neg().exp(), t.neg().exp())  # type: ignore[misc]
+        s = t
+        while reported < len(step_ends) and float(s) >= step_ends[reported] - 1e-5:
+            report_step(callback, reported, *seen)
+            reported += 1
+    for i in range(reported, len(step_ends) if seen is not None else reported):
+        report_step(callback, i, *seen)  # type: ignore[misc]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Restart (Xu et al. 2023, arXiv 2306.14878), as AUTOMATIC1111 runs it (modules/sd_samplers_extra.py)
+
+
+def _karras_float32(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
+    """k-diffusion's ``get_sigmas_karras``: n levels in float32, then 0."""
+    ramp = torch.linspace(0, 1, n)
+    min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return torch.cat([(max_inv + ramp * (min_inv - max_inv)) ** rho, ramp.new_zeros(1)])
+
+
+def restart_steps(sigmas: Tensor) -> list[tuple[float, float]]:
+    """The (from, to) sigma pairs A1111's Restart steps through for ``sigmas`` (its ``step_list``), as many as
+    ``len(sigmas) - 1``. Below 20 steps, the list's own steps. From 20 on, a Karras list (rho 7) of
+    ``steps - k n`` levels between the list's first and last positive sigma replaces the list, and after the
+    step onto its level nearest 0.1 the sampler goes n times back up to its level nearest 2 and down again in the
+    k steps of a Karras list of k + 1 levels: k, n = 9, 1, or steps // 4, 2 from 36 steps."""
+    levels = sigmas.float().cpu()
+    steps = len(levels) - 1
+    if steps >= 20:
+        k, n = (9, 1) if steps < 36 else (steps // 4, 2)
+        levels = _karras_float32(steps - k * n, float(levels[-2]), float(levels[0]))
+    plan = list(zip(levels.tolist()[:-1], levels.tolist()[1:]))
+    if steps >= 20:
+        low, high = int((levels - 0.1).abs().argmin()), int((levels - 2).abs().argmin())
+        if high < low:
+            loop = _karras_float32(k + 1, float(levels[low]), float(levels[high]))[:-1].tolist()
+            plan[low:low] = list(zip(loop[:-1], loop[1:])) * n
+    return plan
+
+
+@torch.no_grad()
+def sample_restart(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    s_noise: float = 1.0,
+) -> Tensor:
+    """Restart sampling (A1111's ``restart_sampler``): Heun's steps (``_heun_step``) through ``restart_steps``;
+    where a step starts above the last one's end, fresh noise raises x to it first,
+    ``x += s_noise sqrt(sigma^2 - sigma_last^2) n``. Each step's calls are declared inside it (``within_step``),
+    ``callback`` once per step: ``len(sigmas) - 1`` steps of two calls (the last one's: one)."""
+    last = math.inf
+    for i, (sigma, sigma_next) in enumerate(restart_steps(sigmas)):
+        if sigma > last:
+            source = require_noise(noise, "Restart", "it adds noise at each restart")
+            x = x + source(sigmas.new_tensor(last), sigmas.new_tensor(sigma)) * s_noise * math.sqrt(sigma**2 - last**2)
+        with within_step(i):
+            x = _heun_step(model, x, sigma, sigma_next, i, sigmas, callback)
+        last = sigma_next
     return x
