@@ -4,12 +4,14 @@
 2023, sec. 3.4); ``masked`` keeps the known region of an image while a 4-channel model inpaints the rest;
 ``switch_at_calls`` changes the conditioning during sampling (A1111's prompt editing); ``composable_cfg``
 guides toward several prompts at once (A1111's ``AND``). All only see ``denoise(x, sigma, **cond) -> x0``.
+``with_unguided`` lets a sampler read the unguided prediction a guided call started from (the CFG++ samplers).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -17,10 +19,45 @@ from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
-__all__ = ["blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "rescale_guidance", "switch_at_calls"]
+__all__ = [
+    "blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "rescale_guidance", "switch_at_calls",
+    "with_unguided",
+]
 
 NoiseScaling = Callable[..., Tensor]
 """``(sigma, noise, latent) -> latent noised to sigma``: the model's forward process (``ModelSampling.noise_scaling``)."""
+
+_UNGUIDED: ContextVar[list[Tensor] | None] = ContextVar("sdlab_unguided", default=None)
+"""Inside ``with_unguided``'s call: where guidance leaves its unguided prediction."""
+
+
+def with_unguided(model: DenoiseFn) -> Callable[..., tuple[Tensor, Tensor]]:
+    """``model`` as ``(x, sigma, **cond) -> (x0, x0_u)``: its guided prediction and the unguided one the guidance
+    started from, with no extra model call (the CFG++ samplers step with both; ComfyUI reads x0_u through a
+    ``sampler_post_cfg_function``).
+
+    During the call, guidance (``cfg``, ``composable_cfg``) runs its unconditional pass at every scale, 1 and below
+    included, with ``x0 = x0_u + scale * (x0_c - x0_u)``: what ComfyUI's CFG++ samplers ask of it
+    (``disable_cfg1_optimization``); ``masked`` pastes the known region into x0_u as into x0. Where no guidance runs
+    (no negative conditioning, a guidance-embedded model, a bare denoiser) x0_u is x0.
+    """
+    def both(x: Tensor, sigma: Tensor, **cond: Any) -> tuple[Tensor, Tensor]:
+        left: list[Tensor] = []
+        token = _UNGUIDED.set(left)
+        try:
+            x0 = model(x, sigma, **cond)                                                 # (B, C, h, w)
+        finally:
+            _UNGUIDED.reset(token)
+        return x0, (left[-1] if left else x0)
+
+    return both
+
+
+def _leave_unguided(x0_u: Tensor) -> None:
+    """Hand ``x0_u`` to the ``with_unguided`` call in progress, if any."""
+    left = _UNGUIDED.get()
+    if left is not None:
+        left.append(x0_u)
 
 
 def _batch_view(values: Tensor, like: Tensor) -> Tensor:
@@ -59,8 +96,9 @@ def _cat_conds(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> dict[str, 
     return merged
 
 
-def needs_uncond(scale: float) -> bool:
-    """Whether guidance at ``scale`` runs the unconditional pass: only above 1.
+def needs_uncond(scale: float, cfg_pp: bool = False) -> bool:
+    """Whether guidance at ``scale`` runs the unconditional pass: only above 1, or for a CFG++ sampler (``cfg_pp``:
+    it steps with the unconditional prediction itself, at every scale, as ComfyUI runs it; ``with_unguided``).
 
     At or below 1 the denoiser is the conditional prediction alone, one network call per step, as in
     diffusers (``do_classifier_free_guidance = guidance_scale > 1``). That is what the few-step models
@@ -68,7 +106,7 @@ def needs_uncond(scale: float) -> bool:
     diffusers, CFG 1 in A1111 / ComfyUI; both give the same picture here. (A1111 and ComfyUI would
     extrapolate toward the unconditional picture below 1: at 0 they draw the negative prompt.)
     """
-    return float(scale) > 1.0
+    return cfg_pp or float(scale) > 1.0
 
 
 def cfg(
@@ -86,7 +124,8 @@ def cfg(
     diffusers does). Cond and uncond run in ONE forward pass, concatenated along the batch as
     [uncond, cond] (every tensor in the dicts: ``context``, ``y``, ``concat``...); when a pair of tensors
     cannot be concatenated (different token lengths) they run as two passes. With ``scale <= 1``
-    (``needs_uncond``) or ``uncond is None`` only the conditional pass runs: x0 = x0_c.
+    (``needs_uncond``) or ``uncond is None`` only the conditional pass runs: x0 = x0_c; inside a ``with_unguided``
+    call (a CFG++ sampler) the unconditional pass runs at every scale and x0_u is handed to it.
 
     ``rescale`` (phi) applies guidance rescale in the space of ``rescale_space``: by default the wrapped
     denoiser's own (the scalings of its ``sampling``; eps when it has none), i.e. on the network's own
@@ -106,11 +145,10 @@ def cfg(
     else:
         scalings = sampling.scalings
     cond = dict(cond)
-    run_uncond = uncond is not None and needs_uncond(scale)
-    batched = _cat_conds(uncond, cond) if run_uncond else None
+    batched = _cat_conds(uncond, cond) if uncond is not None else None
 
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
-        if not run_uncond:
+        if uncond is None or not needs_uncond(scale, cfg_pp=_UNGUIDED.get() is not None):
             return denoiser(x, sigma, **cond, **extra)
         sigma_b = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
         if batched is not None:
@@ -119,6 +157,7 @@ def cfg(
         else:
             x0_u = denoiser(x, sigma_b, **uncond, **extra)
             x0_c = denoiser(x, sigma_b, **cond, **extra)
+        _leave_unguided(x0_u)
         x0 = x0_u + scale * (x0_c - x0_u)  # (B, C, h, w)
         if rescale == 0.0:
             return x0
@@ -178,6 +217,10 @@ def masked(
     A1111's default (``CFGDenoiser``, ``mask_before_denoising`` off): only the
     returned x0 is blended, the model sees x as the sampler has it (for ancestral and SDE samplers the known
     region then carries their fresh noise; for deterministic ones nothing changes).
+
+    Inside a ``with_unguided`` call the unguided prediction gets ``x0_known`` in the known region too, so a CFG++
+    sampler moves that region as any sampler does (ComfyUI pastes into the guided x0 only; in the region drawn the
+    two agree at every call whose input is blended).
     """
 
     calls = 0
@@ -187,7 +230,10 @@ def masked(
         blend = blend_from_call is not None and calls >= blend_from_call
         calls += 1
         seen = blend_known(x, sigma, x0_known, mask, noise, noise_scaling) if blend else x
+        left = _UNGUIDED.get()
         x0 = inner(seen, sigma, **cond)                                                           # (B, C, h, w)
+        if left:                                                                  # with_unguided's x0_u
+            left[-1] = mask * left[-1] + (1 - mask) * x0_known
         return mask * x0 + (1 - mask) * x0_known
 
     return inpaint
@@ -229,6 +275,7 @@ def composable_cfg(parts: Sequence[tuple[DenoiseFn, float]], uncond: DenoiseFn, 
 
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
         x0_u = uncond(x, sigma, **extra)                                          # (B, C, h, w)
+        _leave_unguided(x0_u)
         x0 = x0_u
         for part, weight in parts:
             x0 = x0 + (part(x, sigma, **extra) - x0_u) * (weight * scale)

@@ -39,7 +39,9 @@ sdlab's seeding whichever name runs it. Each row (``SamplerSpec``) says
   ``scheduler`` option of its row in A1111's ``sd_samplers_kdiffusion``; for rows without one the model's
   uniform sigmas, ``uniform`` = ``normal``). ``a1111_schedule`` applies that rule and A1111's other one:
   its timestep samplers (DDIM, PLMS, UniPC: ``sd_samplers_timesteps``) ignore the schedule and step on
-  ``range(0, 1000, 1000 // steps) + 1``, sdlab's ``ddim_uniform``.
+  ``range(0, 1000, 1000 // steps) + 1``, sdlab's ``ddim_uniform``;
+- whether it steps with the unguided prediction as well as the guided one (``cfg_pp``, the CFG++ samplers:
+  ``guidance.with_unguided``), so that the loop encodes the negative prompt at any CFG scale.
 
 Minimum steps. LMS (Adams-Bashforth of order 4 in sigma), PLMS (order 4 in timestep index) and DPM++ 3M
 SDE (third order) are exact copies of their references (k-diffusion, diffusers) and converge, but with
@@ -94,6 +96,7 @@ class SamplerSpec:
     discard_penultimate: bool = False   # the next-to-last sigma is dropped (A1111's row option, ComfyUI's KSampler)
     calls_per_step: int = 1             # model calls a step makes (A1111 schedules prompt edits over them)
     comfy_aliases: tuple[str, ...] = ()  # ComfyUI's other names of the row (its _gpu variants)
+    cfg_pp: bool = False                # steps with the unguided prediction too (CFG++): an uncond pass at any CFG
 
     @property
     def name(self) -> str:
@@ -185,6 +188,17 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec(None, "res_multistep", C.sample_res_multistep, noise=_GAUSS),
     SamplerSpec(None, "res_multistep_ancestral", partial(C.sample_res_multistep, eta=1.0), noise=_GAUSS),
     SamplerSpec(None, "gradient_estimation", C.sample_gradient_estimation),
+    # CFG++ (sampling_comfy): ComfyUI's *_cfg_pp; Forge's "Euler CFG++", "Euler a CFG++", "DPM++ 2M CFG++" are the same
+    SamplerSpec("Euler CFG++", "euler_cfg_pp", C.sample_euler_cfg_pp, cfg_pp=True),
+    SamplerSpec("Euler a CFG++", "euler_ancestral_cfg_pp", C.sample_euler_ancestral_cfg_pp, noise=_GAUSS, cfg_pp=True),
+    SamplerSpec("DPM++ 2M CFG++", "dpmpp_2m_cfg_pp", C.sample_dpmpp_2m_cfg_pp, spacing=_DPM, a1111_automatic=_KARRAS,
+                cfg_pp=True),
+    SamplerSpec(None, "dpmpp_2s_ancestral_cfg_pp", C.sample_dpmpp_2s_ancestral_cfg_pp, noise=_GAUSS, calls_per_step=2,
+                cfg_pp=True),
+    SamplerSpec(None, "res_multistep_cfg_pp", partial(C.sample_res_multistep, cfg_pp=True), noise=_GAUSS, cfg_pp=True),
+    SamplerSpec(None, "res_multistep_ancestral_cfg_pp", partial(C.sample_res_multistep, eta=1.0, cfg_pp=True),
+                noise=_GAUSS, cfg_pp=True),
+    SamplerSpec(None, "gradient_estimation_cfg_pp", partial(C.sample_gradient_estimation, cfg_pp=True), cfg_pp=True),
     # UniPCMultistepScheduler (final_sigmas_type="zero"); ComfyUI's UniPC runs order 3 with bh1 or bh2, ends at
     # sigma 0.001 instead of 0, and its KSampler drops the next-to-last sigma for it
     SamplerSpec("UniPC", None, L.sample_unipc, spacing=_DPM),

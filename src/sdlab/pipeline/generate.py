@@ -489,7 +489,7 @@ def _guided_model(
     if bundle.family.is_inpaint:
         extra_cond["concat"] = extra_uncond["concat"] = _inpaint_extra(bundle, req, start, generators)
     if not composed:
-        guided = needs_uncond(req.cfg_scale) and embedded is None
+        guided = needs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp) and embedded is None
         model = switch_at_calls([
             (end, cfg(denoiser, {**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond},
                       req.cfg_scale, req.guidance_rescale))

@@ -27,6 +27,7 @@ import os
 import torch
 
 from sdlab.diffusion.guidance import needs_uncond
+from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.pipeline.tiling import should_tile
@@ -45,7 +46,7 @@ def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:
     factor = bundle.vae_config.downsample_factor
     height, width, batch = req.height, req.width, req.batch_size
     positions = (height // factor) * (width // factor)
-    rows = batch * (2 if needs_uncond(req.cfg_scale) else 1)
+    rows = batch * (2 if needs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp) else 1)
     unet = bundle.unet_config
     attends_first = unet.transformer_depth[0] > 0
     unet_bytes = UNET_PER_ELEMENT[attends_first] * rows * positions * unet.model_channels * element

@@ -273,7 +273,7 @@ def make_plan(
     warn_of_unloaded_embeddings(bundle, req)
 
     sampler = get_sampler(req.sampler)
-    guided = needs_uncond(req.cfg_scale) and bundle.unet_config.time_cond_proj_dim is None  # LCM: no CFG pass
+    guided = needs_uncond(req.cfg_scale, sampler.cfg_pp) and bundle.unet_config.time_cond_proj_dim is None  # LCM: none
     advice = steps_warning(sampler, req.steps, req.schedule) if guided else None
     if advice:
         logger.warning(advice)
