@@ -59,10 +59,10 @@ def _add_adapters(pipe, **config) -> dict:
     return arguments
 
 
-def _compare(folder, lora_file, reference_pipe):
-    """Max differences (U-Net, each text encoder) between sdlab's merge and diffusers' adapter, and the
-    LoRA's effect on the reference U-Net output."""
-    bundle = sdlab.load(folder, dtype=torch.float32, loras=[(str(lora_file), 1.0)]).bundle
+def _compare(folder, lora_file, reference_pipe, weight: float = 1.0):
+    """Max differences (U-Net, each text encoder) between sdlab's merge at `weight` and diffusers' adapter,
+    and the LoRA's effect on the reference U-Net output."""
+    bundle = sdlab.load(folder, dtype=torch.float32, loras=[(str(lora_file), weight)]).bundle
     base = sdlab.load(folder, dtype=torch.float32).bundle
     g = torch.Generator().manual_seed(0)
     cfg = bundle.unet_config
@@ -168,4 +168,29 @@ def test_peft_dora_file_merges_as_dora(tmp_path):
     assert effect > 1.0
     assert diffs[0] < 1e-4, diffs
     diffs, _ = _compare(tmp_path / "pipe", lora_file, pipe)
+    assert max(diffs) < 1e-4, diffs
+
+
+@pytest.mark.parametrize("weight", [0.5, -0.5])
+def test_peft_dora_file_at_a_weight_merges_as_peft_scales_it(tmp_path, weight):
+    """At a weight w, peft scales the LoRA product before renormalising to the magnitude (diffusers'
+    ``fuse_lora(lora_scale=w)``, ``set_adapters``: ``W' = m * (W + w s B A) / ||W + w s B A||``), where
+    A1111 / ComfyUI's DoRA rule for ``dora_scale`` scales the whole change (neither reads
+    ``lora_magnitude_vector``). sdlab's merge at w gives the U-Net diffusers' fused outputs and the U-Net and
+    text encoder those of the saving model with its layers scaled by w, within 1e-4 of their scale
+    (measured ~3e-5); A1111's rule is off by ~1.4 here."""
+    from diffusers.utils.peft_utils import scale_lora_layers
+
+    _, pipe = _pipeline("sd1", tmp_path / "pipe")
+    type(pipe).save_lora_weights(tmp_path / "lora", **_add_adapters(pipe, use_dora=True))
+    lora_file = tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+    _, reference = _pipeline("sd1", tmp_path / "pipe")
+    reference.load_lora_weights(str(lora_file))
+    reference.fuse_lora(lora_scale=weight)
+    diffs, effect = _compare(tmp_path / "pipe", lora_file, reference, weight)
+    assert effect > 1.0
+    assert diffs[0] < 1e-4, diffs
+    for model in (pipe.unet, pipe.text_encoder):
+        scale_lora_layers(model, weight)
+    diffs, _ = _compare(tmp_path / "pipe", lora_file, pipe, weight)
     assert max(diffs) < 1e-4, diffs

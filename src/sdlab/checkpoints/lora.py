@@ -17,8 +17,9 @@ Reading accepts both U-Net conventions for every family (files converted by othe
 ``lora_te1_`` for a single text encoder (diffusers' kohya converter writes it). Files in diffusers / peft
 naming carry no ``alpha`` tensors: their scale is the peft config's ``lora_alpha / r`` (per module where
 ``alpha_pattern`` / ``rank_pattern`` name it; ``lora_alpha / sqrt(r)`` with rsLoRA) from the
-``lora_adapter_metadata`` diffusers writes, else 1; their DoRA magnitudes (``lora_magnitude_vector``)
-merge as a ``dora_scale`` of one norm per output row. ComfyUI's own naming (``diffusion_model.<SGM path>``,
+``lora_adapter_metadata`` diffusers writes, else 1; their DoRA magnitudes (``lora_magnitude_vector``, one
+norm per output row) merge as peft merges them at a weight (`sdlab.checkpoints.lycoris`: the weight scales
+the LoRA product before the rows are renormalised). ComfyUI's own naming (``diffusion_model.<SGM path>``,
 ``text_encoders.clip_l.transformer.<HF path>``, as its LoraSave node writes) and SimpleTuner's
 ``lycoris_<diffusers path>`` name the same layers.
 Training writes these files with `sdlab.train.lora`; `kohya_metadata` gives the ``ss_*`` metadata kohya
@@ -183,15 +184,15 @@ def write_lora_file(path: str | os.PathLike[str], tensors: Mapping[str, Tensor],
 # --- reading -------------------------------------------------------------------------------------------
 
 # key suffix -> field (`sdlab.checkpoints.lycoris`), most specific first: kohya / LyCORIS, peft
-# (``lora_A`` / ``lora_B``; DoRA's ``lora_magnitude_vector``, one norm per output row: LyCORIS's
-# ``dora_scale`` with ``wd_on_out``, as diffusers and peft read it), diffusers' older
+# (``lora_A`` / ``lora_B``; DoRA's ``lora_magnitude_vector``, one norm per output row, merged by peft's rule:
+# A1111 and ComfyUI read only ``dora_scale``), diffusers' older
 # ``lora.down`` / attention-processor ``to_q_lora.down`` names
 _MAGNITUDE = ".lora_magnitude_vector"
 _SUFFIXES = (
     (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),
     (".lora_A.default.weight", "down"), (".lora_B.default.weight", "up"),
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),
-    (_MAGNITUDE + ".default.weight", "dora_scale"), (_MAGNITUDE + ".weight", "dora_scale"), (_MAGNITUDE, "dora_scale"),
+    (_MAGNITUDE + ".default.weight", "magnitude"), (_MAGNITUDE + ".weight", "magnitude"), (_MAGNITUDE, "magnitude"),
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),
@@ -280,8 +281,8 @@ def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dic
     for name, g in modules.items():
         entry = {field: state[key] if weights or field == "alpha" else meta_tensor(state, key)
                  for field, key in g.items()}
-        if _MAGNITUDE in g.get("dora_scale", ""):     # peft: (out,) for a Linear, (1, out, 1, 1) for a conv
-            entry["dora_scale"] = entry["dora_scale"].flatten()
+        if "magnitude" in entry:                      # peft: (out,) for a Linear, (1, out, 1, 1) for a conv
+            entry["magnitude"] = entry["magnitude"].flatten()
         if peft and "down" in entry and "alpha" not in entry:
             alpha = _peft_alpha(peft, name, entry["down"].shape[0])
             if alpha is not None:
@@ -385,9 +386,10 @@ def _merged_weight(name: str, module: Mapping[str, Tensor], weight: Tensor,
             latent, delta_bias = merged_weight(module, weight[:, :_LATENT_IN], multiplier)   # (out, 4, kh, kw)
         except ValueError:
             raise error from None
-        if "dora_scale" not in module and module_kind(module) != "ia3":
+        dora = "dora_scale" in module or "magnitude" in module
+        if not dora and module_kind(module) != "ia3":
             return torch.cat([latent, weight[:, _LATENT_IN:]], dim=1), delta_bias
-        reason = f"a {_LATENT_IN}-channel {'DoRA' if 'dora_scale' in module else '(IA)^3'} module"
+        reason = f"a {_LATENT_IN}-channel {'DoRA' if dora else '(IA)^3'} module"
     else:
         padded = torch.nn.functional.pad(weight, (0, 0, 0, 0, 0, _INPAINT_IN - _LATENT_IN))
         try:

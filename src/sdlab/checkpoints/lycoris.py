@@ -29,6 +29,10 @@ a file has no ``alpha``).
 - DoRA (``dora_scale`` beside any of the above): ``W' = W + m * ((W + dW) * dora_scale / ||W + dW|| - W)``,
   the norm taken over every axis where ``dora_scale`` has size 1 (LyCORIS ``wd_on_out``: one norm per
   output row, shape (out, 1, ...); A1111 / ComfyUI's layout: one per input column, shape (1, in, ...)).
+- peft's DoRA (``magnitude``, peft's ``lora_magnitude_vector``, one norm per output row, beside a LoRA):
+  ``W' = W_m * magnitude / ||W_m||`` with ``W_m = W + m * dW``, as peft merges it at a scale (diffusers'
+  ``fuse_lora(lora_scale=m)``, ``set_adapters``): the multiplier scales the LoRA product, then the rows are
+  renormalised, where A1111 / ComfyUI's rule above scales the whole change (the two agree at 1).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ FIELDS: dict[str, str | None] = {
     "lokr_w2_b": "lokr", "lokr_t2": "lokr",
     "weight": "ia3", "on_input": "ia3",
     "diff": "full", "diff_b": "full",
-    "alpha": None, "dora_scale": None,
+    "alpha": None, "dora_scale": None, "magnitude": None,
 }
 
 # kind -> the fields it needs (one of each tuple)
@@ -157,22 +161,31 @@ def module_delta(module: Mapping[str, Tensor], weight: Tensor) -> tuple[Tensor, 
         raise ValueError(f"{kind} tensors ({sizes}) do not fit the layer's weight {tuple(shape)}") from exc
 
 
+def _renormalised(merged: Tensor, scale: Tensor, per_output: bool) -> Tensor:
+    """``merged * scale / ||merged||``, the norm taken per output row (`per_output`) or per input column."""
+    if per_output:
+        norm = merged.flatten(1).norm(dim=1).reshape(-1, *([1] * (merged.ndim - 1)))     # (out, 1, ...)
+        scale = scale.reshape(-1, *([1] * (merged.ndim - 1)))
+    else:
+        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *([1] * (merged.ndim - 2)))  # (1, in, ...)
+        scale = scale.reshape(1, -1, *([1] * (merged.ndim - 2)))
+    return merged * (scale / norm)
+
+
 def merged_weight(module: Mapping[str, Tensor], weight: Tensor, multiplier: float) -> tuple[Tensor, Tensor | None]:
     """(the new weight, in float32; db to add to the bias or None) after merging `module` at `multiplier`."""
     w = weight.to(torch.float32)
     delta, delta_bias = module_delta(module, weight)
+    delta_bias = None if delta_bias is None else multiplier * delta_bias
+    if "magnitude" in module:                                                         # peft's DoRA
+        magnitude = _f32(module, "magnitude")
+        if magnitude.numel() != w.shape[0]:
+            raise ValueError(f"lora_magnitude_vector {tuple(magnitude.shape)} does not fit the weight {tuple(w.shape)}")
+        return _renormalised(w + multiplier * delta, magnitude, per_output=True), delta_bias
     if "dora_scale" not in module:
-        return w + multiplier * delta, None if delta_bias is None else multiplier * delta_bias
+        return w + multiplier * delta, delta_bias
     dora = _f32(module, "dora_scale")
     if dora.numel() not in (w.shape[0], w.shape[1]):
         raise ValueError(f"dora_scale {tuple(dora.shape)} fits neither axis of the weight {tuple(w.shape)}")
     per_output = dora.numel() == w.shape[0] and (dora.ndim == 1 or dora.shape[0] == w.shape[0])
-    merged = w + delta
-    if per_output:
-        norm = merged.flatten(1).norm(dim=1).reshape(-1, *([1] * (w.ndim - 1)))      # (out, 1, ...)
-        dora = dora.reshape(-1, *([1] * (w.ndim - 1)))
-    else:
-        norm = merged.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *([1] * (w.ndim - 2)))  # (1, in, ...)
-        dora = dora.reshape(1, -1, *([1] * (w.ndim - 2)))
-    rescaled = merged * (dora / norm)
-    return w + multiplier * (rescaled - w), None if delta_bias is None else multiplier * delta_bias
+    return w + multiplier * (_renormalised(w + delta, dora, per_output) - w), delta_bias
