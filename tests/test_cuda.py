@@ -8,7 +8,8 @@ Skipped where torch sees no CUDA device (CI has none); run on a GPU machine with
   `FP32_MAX`/255 per pixel; half precision within `HALF_BOUNDS` (max and mean per pixel: both sides round
   differently in 8 or 11 mantissa bits, and the differences grow over the steps).
 - sdlab CUDA fp32 against sdlab CPU fp32 (cuDNN's convolutions may run in TF32, PyTorch's default) for
-  txt2img (DPM++ 2M and the ancestral Euler a), img2img, inpainting and the hires fix: within `FP32_MAX`.
+  txt2img (DPM++ 2M, the ancestral Euler a and the SDE sampler DPM++ 2M SDE), img2img, inpainting and the hires
+  fix: within `FP32_MAX`.
 - `sdlab txt2img --device cuda` writes its picture; `sdlab.load(device="cuda")` without a dtype picks the
   dtype `auto_dtype` names for CUDA; a LoRA training run steps on CUDA with bf16 autocast.
 """
@@ -75,6 +76,8 @@ def _sdlab_pixels(folder: Path, device: str, dtype: torch.dtype, mode: str = "tx
         result = pipe.txt2img(PROMPT, NEGATIVE, width=SIZE, height=SIZE, **options)
     elif mode == "ancestral":                   # step noise drawn on the CPU and uploaded every step
         result = pipe.txt2img(PROMPT, NEGATIVE, width=SIZE, height=SIZE, **{**options, "sampler": "Euler a"})
+    elif mode == "sde":                         # Brownian trees on the CPU, each increment uploaded
+        result = pipe.txt2img(PROMPT, NEGATIVE, width=SIZE, height=SIZE, **{**options, "sampler": "DPM++ 2M SDE"})
     elif mode == "hires":
         result = pipe.txt2img(PROMPT, NEGATIVE, width=SIZE // 2, height=SIZE // 2, hr_scale=2, hr_denoise=0.5, **options)
     elif mode == "img2img":
@@ -101,7 +104,7 @@ def test_txt2img_on_cuda_matches_diffusers_on_cuda(folder, dtype):
         assert diff.max() <= most and diff.mean() <= mean
 
 
-@pytest.mark.parametrize("mode", ["txt2img", "ancestral", "img2img", "inpaint", "hires"])
+@pytest.mark.parametrize("mode", ["txt2img", "ancestral", "sde", "img2img", "inpaint", "hires"])
 def test_cuda_fp32_matches_cpu_fp32(folder, mode):
     ours = _sdlab_pixels(folder, "cuda", torch.float32, mode)
     diff = np.abs(ours - _sdlab_pixels(folder, "cpu", torch.float32, mode))

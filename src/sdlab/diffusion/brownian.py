@@ -7,7 +7,9 @@ diffusers' ``DPMSolverSDEScheduler`` both draw it from ``torchsde``'s Brownian i
 ("halfway") splitting, ``tol=1e-6`` and ``pool_size=24``, one tree per image seeded by that image's
 seed, over ``[sigma_min, sigma_max]`` of the sigma schedule (smallest non-zero and largest sigma).
 ``BrownianTreeNoise`` builds exactly that tree, so the same seed gives the same noise as both
-references, and image i depends only on ``seeds[i]``.
+references, and image i depends only on ``seeds[i]``. The trees are built and queried on the CPU and each
+increment is moved to the latent's device (ComfyUI's ``BrownianTreeNoiseSampler(..., cpu=True)`` of its plain
+SDE sampler names): a tree on a GPU would draw from that device's generator, another picture for the seed.
 
 Returned noise is normalised to unit variance: ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``.
 
@@ -42,7 +44,7 @@ class BrownianTreeNoise:
     """A ``NoiseSource`` answering ``noise(sigma, sigma_next)`` from one Brownian tree per image.
 
     Args:
-        like: a latent (B, C, h, w); the trees draw (C, h, w) in its dtype and on its device.
+        like: a latent (B, C, h, w); the trees draw (C, h, w) in its dtype on the CPU, moved to its device.
         sigma_min, sigma_max: the interval the trees span; queries must stay inside it.
         seeds: one integer seed per image (the tree's entropy).
     """
@@ -54,13 +56,14 @@ class BrownianTreeNoise:
             raise ValueError(f"got {len(seeds)} seeds for a batch of {like.shape[0]}")
         t0, t1, self._sign = _sorted(torch.as_tensor(sigma_min), torch.as_tensor(sigma_max))
         self._ends = (round(float(t0), _DIGITS), round(float(t1), _DIGITS))  # as the tree keeps them
+        self._device = like.device
         self._trees = [
             torchsde.BrownianInterval(
                 t0=t0,
                 t1=t1,
                 size=tuple(like.shape[1:]),
                 dtype=like.dtype,
-                device=like.device,
+                device="cpu",
                 entropy=int(seed),
                 tol=_TOL,
                 pool_size=_POOL_SIZE,
@@ -78,7 +81,8 @@ class BrownianTreeNoise:
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         lo, hi, sign = _sorted(t0, t1)
         lo, hi = self._query_time(lo), self._query_time(hi)
-        w = torch.stack([tree(lo, hi) for tree in self._trees]) * (self._sign * sign)  # (B, C, h, w)
+        w = torch.stack([tree(lo, hi) for tree in self._trees]).to(self._device)  # (B, C, h, w)
+        w = w * (self._sign * sign)
         return w / (t1 - t0).abs().sqrt()
 
     def _query_time(self, t: Tensor) -> float:

@@ -6,9 +6,9 @@ and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for
 programs give one word to two samplers, the exact spelling decides: "DDIM" is A1111's DDIM, "ddim" ComfyUI's
 (Euler on the plain sigmas); any other case is A1111's. ComfyUI's ``_gpu`` names (``dpmpp_sde_gpu``,
 ``dpmpp_2m_sde_gpu``, ``dpmpp_2m_sde_heun_gpu``, ``dpmpp_3m_sde_gpu``) are aliases of the plain ones: they
-differ only in the device ComfyUI draws the Brownian tree on, and sdlab draws it where it draws every SDE
-sampler's (``BrownianTreeNoise`` on the latent's device, one tree per image seed), so a picture follows
-sdlab's seeding whichever name runs it. Each row (``SamplerSpec``) says
+differ only in the device ComfyUI draws the Brownian tree on, and sdlab draws every SDE sampler's on the CPU
+(``BrownianTreeNoise``, one tree per image seed, as ComfyUI's plain names), so a seed draws one picture on any
+device whichever name runs it. Each row (``SamplerSpec``) says
 
 - which function runs it (``sampling_k`` for the sigma-space k-diffusion samplers, ``sampling_comfy`` for
   those ComfyUI adds, ``sampling_ldm`` for the timestep family; every one is
