@@ -416,11 +416,58 @@ def test_each_picture_of_the_batch_starts_from_its_own_init_image(pipe):
     assert np.abs(_u8(alone) - _u8(both[1])).max() <= 1                   # picture 1: seed 6, the second picture
 
 
-def test_more_init_images_than_pictures_or_of_two_sizes_are_refused(pipe):
+def test_more_init_images_than_pictures_are_refused(pipe):
     with pytest.raises(RequestError, match="3 init images for a batch of 2"):
         pipe.resolve(GenerationRequest("x", init_images=(_picture(),) * 3, batch_size=2, steps=2))
-    with pytest.raises(RequestError, match="share one size"):
-        pipe.resolve(GenerationRequest("x", init_images=(_picture(), _picture(32, 32)), batch_size=2, steps=2))
+
+
+@pytest.mark.parametrize("mode", ["resize", "crop", "fill"])
+def test_init_images_of_several_sizes_are_each_resized_by_the_mode(pipe, mode):
+    """A1111's `StableDiffusionProcessingImg2Img.init` brings every init image to width x height
+    (`images.resize_image(self.resize_mode, image, self.width, self.height)`) before it batches them."""
+    inits = (_picture(), _picture(30, 30))
+    plan = pipe.resolve(GenerationRequest("x", init_images=inits, batch_size=2, width=32, height=24, resize_mode=mode))
+    index = ["resize", "crop", "fill"].index(mode)
+    for picture, init in zip(plan.pictures, inits):
+        assert np.array_equal(_u8(picture.image), _u8(a1111_resize_image(index, init, 32, 24)))
+    drawn = pipe.img2img("x", inits[0], init_images=inits, batch_size=2, width=32, height=24, resize_mode=mode,
+                         steps=2, seed=5, sampler="Euler", img2img_convention="a1111").images
+    alone = pipe.img2img("x", inits[1], width=32, height=24, resize_mode=mode, steps=2, seed=6, sampler="Euler",
+                         img2img_convention="a1111").images[0]
+    assert [image.size for image in drawn] == [(32, 24)] * 2 and np.abs(_u8(drawn[1]) - _u8(alone)).max() <= 1
+
+
+def test_only_masked_crops_each_init_image_at_the_first_ones_region_as_a1111(pipe):
+    """"Only masked" does not resize the init images first: A1111 crops each at the mask's crop region and
+    resizes the crop by "Resize and fill", its overlay the blurred mask resized to that picture."""
+    first, second = _picture(), _picture(40, 36)
+    options = dict(inpaint_only_masked=True, inpaint_padding=4, width=32, height=32, inpaint_fill="original")
+    plan = pipe.resolve(GenerationRequest("x", init_images=(first, second), batch_size=2, mask_image=_mask(),
+                                          mask_blur=1.5, **options))
+    blurred = blurred_mask(_mask(), 1.5)
+    region = a1111_expand_crop_region(a1111_get_crop_region_v2(blurred, 4), 32, 32, 48, 32)
+    assert np.array_equal(_u8(plan.pictures[1].image), _u8(a1111_resize_image(2, second.crop(region), 32, 32)))
+    drawn = _inpaint(pipe, init_images=(first, second), batch_size=2, paste_back=False, **options).images
+    pasted = _inpaint(pipe, init_images=(first, second), batch_size=2, **options).images
+    x1, y1, x2, y2 = region
+    overlay = a1111_only_masked_overlay(second, a1111_resize_image(0, blurred, *second.size))
+    expected = a1111_apply_overlay(drawn[1], (x1, y1, x2 - x1, y2 - y1), overlay)
+    assert pasted[1].size == second.size and np.abs(_u8(pasted[1]) - _u8(expected)).max() <= 1
+
+
+def test_init_images_of_several_sizes_without_one_size_to_draw_them_at_are_refused(pipe):
+    inits = (_picture(), _picture(32, 32))
+    with pytest.raises(RequestError, match=r"several sizes \(32x32, 48x32\) need width and height"):
+        pipe.resolve(GenerationRequest("x", init_images=inits, batch_size=2, width=32, steps=2))
+    with pytest.raises(RequestError, match="resize mode 'latent' encodes each init image at its own size"):
+        pipe.resolve(GenerationRequest("x", init_images=inits, batch_size=2, width=32, height=32, resize_mode="latent"))
+    blank = Image.new("L", (48, 32), 0)                     # "Only masked" without a region: A1111 keeps the sizes
+    with pytest.raises(RequestError, match="resize mode 'latent' encodes each init image at its own size"):
+        pipe.resolve(GenerationRequest("x", init_images=inits, batch_size=2, width=32, height=32, resize_mode="latent",
+                                       mask_image=blank, inpaint_only_masked=True))
+    cropped = pipe.resolve(GenerationRequest("x", init_images=inits, batch_size=2, width=32, height=32,
+                                             resize_mode="latent", mask_image=_mask(), inpaint_only_masked=True))
+    assert [picture.image.size for picture in cropped.pictures] == [(32, 32)] * 2
 
 
 def test_mask_blur_y_blurs_along_y_alone_and_0_leaves_an_axis_as_it_is():

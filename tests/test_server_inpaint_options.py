@@ -187,6 +187,29 @@ def test_a1111_each_init_image_draws_its_own_picture(client):
     assert json.loads(response.json()["info"])["batch_size"] == 2
 
 
+@pytest.mark.parametrize("resize_mode", [0, 1, 2])
+def test_a1111_init_images_of_several_sizes_are_each_resized_to_width_x_height(client, resize_mode):
+    """A1111 resizes each init image to width x height before batching them (`StableDiffusionProcessingImg2Img
+    .init`): picture i is what init image i alone draws with seed + i."""
+    wide = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    body = {"prompt": "x", "steps": 2, "seed": 1, "width": 64, "height": 64, "resize_mode": resize_mode}
+    response = client.post("/sdapi/v1/img2img", json={**body, "batch_size": 2,
+                                                      "init_images": [_b64(_picture()), _b64(wide)]})
+    assert response.status_code == 200, response.text
+    alone = client.post("/sdapi/v1/img2img", json={**body, "seed": 2, "init_images": [_b64(wide)]})
+    pictures = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")).astype(int)
+                for b in response.json()["images"] + alone.json()["images"]]
+    assert [p.shape for p in pictures] == [(64, 64, 3)] * 3 and np.abs(pictures[1] - pictures[2]).max() <= 1
+
+
+def test_a1111_latent_resize_of_init_images_of_several_sizes_is_a_400_naming_it(client):
+    wide = Image.new("RGB", (96, 64), (0, 200, 0))
+    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "batch_size": 2, "resize_mode": 3,
+                                                      "width": 64, "height": 64,
+                                                      "init_images": [_b64(_picture()), _b64(wide)]})
+    assert response.status_code == 400 and "resize mode 'latent' encodes each init image at its own size" in response.text
+
+
 def test_a1111_info_lists_the_img2img_generation_params_and_the_mask_mode(client):
     response = client.post("/sdapi/v1/img2img", json=_body(inpainting_mask_invert=1, initial_noise_multiplier=0.9))
     assert response.status_code == 200, response.text

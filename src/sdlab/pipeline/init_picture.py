@@ -25,7 +25,9 @@ original over the result by the overlay weight (``overlay.apply_overlay``): the 
 picture's size, outside the region the picture itself.
 
 Several init pictures (A1111's ``init_images``, one per picture of the batch) are each prepared so, with the
-one mask (``init_pictures``).
+one mask (``init_pictures``), whatever their sizes: each is resized to width x height by the resize mode, or for
+"Only masked" cropped to the region (found on the first picture, the same coordinates on every picture, as
+A1111 crops each at the mask's ``crop_region``), its overlay weight the blurred mask fitted to its own size.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from sdlab.pipeline.images import fit_mask
 from sdlab.pipeline.inpaint_area import inpaint_region
 from sdlab.pipeline.masked_content import fill
 from sdlab.pipeline.overlay import Overlay, blurred_mask, mask_tensor, overlay_weight
-from sdlab.pipeline.request import GenerationRequest
+from sdlab.pipeline.request import GenerationRequest, check_one_size
 from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
 logger = logging.getLogger(__name__)
@@ -63,15 +65,19 @@ class _MaskSide:
 
     fill_mask: Image.Image                          # "L" at width x height: the area Masked content paints
     mask: Tensor                                    # (1, 1, H, W) `fill_mask` as weights in [0, 1]
-    weight: Tensor                                  # (1, 1, H, W) the overlay weight
+    weight: Tensor | None                           # (1, 1, H, W) the overlay weight; "Only masked": None,
+                                                    # each picture's own (`_overlay_weight`)
     region: tuple[int, int, int, int] | None = None  # "Only masked": where the picture is cropped
+    blurred: Image.Image | None = None              # "Only masked": the blurred mask ("L", its own size)
 
 
 def init_pictures(req: GenerationRequest) -> tuple[InitPicture, ...]:
     """The inputs of each init picture of a resolved img2img / inpainting request (`init_pictures`), all
     with its one mask."""
     mask_side = _mask_side(req)
-    return tuple(_picture_inputs(req, image, mask_side) for image in req.init_pictures())
+    pictures = tuple(_picture_inputs(req, image, mask_side) for image in req.init_pictures())
+    check_one_size({picture.image.size for picture in pictures})     # "latent" with a blank "Only masked" mask
+    return pictures
 
 
 def init_picture(req: GenerationRequest, image: Image.Image | None = None) -> InitPicture:
@@ -85,18 +91,19 @@ def _mask_side(req: GenerationRequest) -> _MaskSide | None:
     if req.mask_image is None:
         return None
     size = (req.width, req.height)
-    mask = blurred_mask(req.mask_image, req.mask_blur, req.mask_blur_y, req.invert_mask)   # "L", the mask's size
+    blurred = blurred_mask(req.mask_image, req.mask_blur, req.mask_blur_y, req.invert_mask)   # "L", its own size
     if not req.inpaint_only_masked:
-        resized = fit_mask(mask, size) if req.resize_mode == "latent" else _resized(mask, req.resize_mode, size)
+        resized = (fit_mask(blurred, size) if req.resize_mode == "latent"
+                   else _resized(blurred, req.resize_mode, size))
         weights = mask_tensor(resized)                                                 # (1, 1, H, W)
         return _MaskSide(resized, weights, overlay_weight(weights))
-    mask = fit_mask(mask, req.init_image.size)                                          # the region's coordinates
+    mask = fit_mask(blurred, req.init_image.size)                                       # the region's coordinates
     region = inpaint_region(mask, req.inpaint_padding, size)
     if region is None:
         logger.info("the mask is blank: Only masked has no region to draw; drawing img2img of the whole picture")
         return None
     crop_mask = resize_image(mask.crop(region), IMG2IMG_UPSCALER, size, mode="fill")
-    return _MaskSide(crop_mask, mask_tensor(crop_mask), mask_tensor(mask), region)
+    return _MaskSide(crop_mask, mask_tensor(crop_mask), None, region, blurred)
 
 
 def _picture_inputs(req: GenerationRequest, image: Image.Image, mask_side: _MaskSide | None) -> InitPicture:
@@ -110,8 +117,16 @@ def _picture_inputs(req: GenerationRequest, image: Image.Image, mask_side: _Mask
         drawn = picture
     else:
         drawn = resize_image(picture.crop(mask_side.region), IMG2IMG_UPSCALER, size, mode="fill")
-    overlay = Overlay(picture, mask_side.weight, mask_side.region)
+    overlay = Overlay(picture, _overlay_weight(mask_side, picture.size), mask_side.region)
     return InitPicture(_filled(req, drawn, mask_side.fill_mask), mask_side.mask, overlay)
+
+
+def _overlay_weight(mask_side: _MaskSide, size: tuple[int, int]) -> Tensor:
+    """The overlay weight of a picture of `size`: "Only masked"'s is the blurred mask fitted to that size
+    (A1111 resizes ``mask_for_overlay`` to each init picture), the whole picture's the shared one."""
+    if mask_side.blurred is None:
+        return mask_side.weight
+    return mask_tensor(fit_mask(mask_side.blurred, size))
 
 
 def _resized(image: Image.Image, mode: str, size: tuple[int, int]) -> Image.Image:

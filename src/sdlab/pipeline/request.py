@@ -131,8 +131,9 @@ class GenerationRequest:
     # img2img / inpainting
     init_image: Image.Image | None = field(default=None, repr=False, compare=False)
     init_images: tuple[Image.Image, ...] = field(default=(), repr=False, compare=False)   # A1111's several
-                                            # init_images, one size: picture i starts from init_images[i % len],
-                                            # at most batch_size of them; resolve makes init_image the first
+                                            # init_images, each resized to width x height: picture i starts from
+                                            # init_images[i % len], at most batch_size of them; resolve makes
+                                            # init_image the first
     strength: float = 0.75
     noise_multiplier: float = 1.0           # img2img: the initial noise times this (A1111's initial noise multiplier)
     img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui"
@@ -418,8 +419,9 @@ def _check_picture_options(r: GenerationRequest) -> None:
 
 
 def _with_init_images(r: GenerationRequest) -> GenerationRequest:
-    """`r` with its several init pictures checked (pictures, one size, at most one per picture of the batch:
-    A1111's "bad number of images passed") and `init_image` the first of them."""
+    """`r` with its several init pictures checked (pictures, at most one per picture of the batch: A1111's
+    "bad number of images passed"; of several sizes only where they can be drawn at one) and `init_image` the
+    first of them."""
     if not r.init_images:
         return r
     for image in r.init_images:
@@ -430,8 +432,30 @@ def _with_init_images(r: GenerationRequest) -> GenerationRequest:
                            "one init image per picture at most")
     sizes = {image.size for image in r.init_images}
     if len(sizes) > 1:
-        raise RequestError(f"the init images must share one size, got {', '.join(f'{w}x{h}' for w, h in sizes)}")
+        _check_several_sizes(r, sizes)
     return replace(r, init_images=tuple(r.init_images), init_image=r.init_images[0])
+
+
+def _check_several_sizes(r: GenerationRequest, sizes: set[tuple[int, int]]) -> None:
+    """Init pictures of several `sizes` are each brought to width x height (A1111's
+    `StableDiffusionProcessingImg2Img.init`: resize modes "resize", "crop", "fill", or "Only masked"'s crop of
+    each), so the request must name that size; "latent" keeps each picture's own size, which one batch
+    cannot hold (A1111 fails there too), unless "Only masked" crops them (`check_one_size` checks the blank
+    mask's case)."""
+    listed = ", ".join(f"{w}x{h}" for w, h in sorted(sizes))
+    if r.width is None or r.height is None:
+        raise RequestError(f"init images of several sizes ({listed}) need width and height, the size to draw "
+                           "them all at; an unset side is the init image's")
+    if r.resize_mode == "latent" and not (r.mask_image is not None and r.inpaint_only_masked):
+        check_one_size(sizes)
+
+
+def check_one_size(sizes: set[tuple[int, int]]) -> None:
+    """The pictures the resize mode "latent" encodes at their own `sizes` must share one."""
+    if len(sizes) > 1:
+        listed = ", ".join(f"{w}x{h}" for w, h in sorted(sizes))
+        raise RequestError(f"resize mode 'latent' encodes each init image at its own size, and these differ "
+                           f"({listed}): use resize mode 'resize', 'crop' or 'fill', or init images of one size")
 
 
 def requested_size(request: GenerationRequest, default_size: int | None) -> tuple[Any, Any]:
