@@ -54,6 +54,17 @@ def test_what_the_user_gives_wins_and_none_is_unset():
         get_preset("fast")
 
 
+def test_the_preset_eta_goes_with_its_sampler():
+    """TCD's eta (its gamma) is no other sampler's: Euler a would run at ancestral eta 0.3, DDIM stochastic."""
+    assert apply_preset("tcd", {"sampler": "Euler a"}) == {"sampler": "Euler a", "schedule": "trailing", "steps": 4,
+                                                           "cfg_scale": 1.0}
+    assert "eta" not in apply_preset("tcd", {"sampler": "DDIM"}) and "eta" not in apply_preset("tcd", {"sampler": "?"})
+    assert apply_preset("tcd", {"sampler": "tcd"})["eta"] == 0.3 == apply_preset("tcd", {"sampler": None})["eta"]
+    assert apply_preset("tcd", {"sampler": "Euler a", "eta": 0.5})["eta"] == 0.5           # an eta given still wins
+    assert "eta" not in _options_from_args(_parsed("txt2img", "a fox", "--preset", "tcd", "--sampler", "Euler a"))
+    assert _options_from_args(_parsed("txt2img", "a fox", "--preset", "tcd", "--sampler", "TCD"))["eta"] == 0.3
+
+
 def _parsed(*argv: str):
     return build_parser().parse_args(list(argv))
 
@@ -106,6 +117,8 @@ def test_native_api_preset_field():
     request = _native_job({"prompt": "a fox", "preset": "lcm", "steps": 20, "cfg_scale": 1.5})   # given: they win
     assert (request.sampler, request.steps, request.cfg_scale) == ("LCM", 20, 1.5)
     assert _native_job({"prompt": "a fox"}).steps is None                   # no preset: the model's default steps
+    assert _native_job({"prompt": "a fox", "preset": "tcd"}).eta == 0.3
+    assert _native_job({"prompt": "a fox", "preset": "tcd", "sampler": "Euler a"}).eta is None    # Euler a's own
     with pytest.raises(BadRequest, match="unknown preset"):
         _native_job({"prompt": "a fox", "preset": "warp"})
 
@@ -119,5 +132,6 @@ def test_python_api_preset_option():
     from PIL import Image
     picture = Image.new("RGB", (64, 64), (120, 40, 200))
     assert pipe.img2img("a fox", picture, preset="turbo", seed=1).request.steps == 2
+    assert pipe.txt2img("a fox", preset="tcd", sampler="Euler a", steps=1, seed=1).request.eta is None
     with pytest.raises(RequestError, match="unknown preset"):
         pipe.txt2img("a fox", preset="rapid")

@@ -110,6 +110,21 @@ def test_sdxl_preset_gives_the_diffusers_picture(sdxl, preset):
     assert _compare(sdxl, preset, 2) <= MAX_PIXEL_DIFF
 
 
+# another sampler under a preset: diffusers' picture for that sampler on the preset's trailing grid, at its own eta
+OTHER_SAMPLERS = {"Euler a": "turbo", "DDIM": "hyper"}      # the preset whose reference scheduler is that sampler's
+
+
+@pytest.mark.parametrize("sampler", list(OTHER_SAMPLERS))
+def test_sd1_another_sampler_under_the_tcd_preset_runs_at_its_own_eta(sd1, sampler):
+    ours_pipe, pipe = sd1
+    pipe.scheduler = _reference_scheduler(pipe, OTHER_SAMPLERS[sampler])
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH, num_inference_steps=4,
+                     guidance_scale=0.0, width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, preset="tcd", sampler=sampler, steps=4, seed=SEED, width=SIZE,
+                             height=SIZE, batch_size=BATCH)
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
 @pytest.mark.parametrize("preset", list(REFERENCES))
 def test_sd1_inpainting_preset_gives_the_diffusers_picture(sd1, preset):
     ours_pipe, pipe = sd1

@@ -149,5 +149,7 @@ def test_unset_fields_and_filling_them():
     unset = unset_preset_fields({"prompt", "sampler", "schedule"}, request)
     assert unset == {"schedule", "steps", "cfg_scale", "eta"}                # a None counts as unset
     filled = with_preset(request, "tcd", "txt2img", unset)
-    assert (filled.sampler, filled.schedule, filled.steps, filled.cfg_scale, filled.eta) == ("Euler", "trailing", 4, 1.0, 0.3)
+    # the given sampler keeps its own eta: TCD's (its gamma) is no other sampler's
+    assert (filled.sampler, filled.schedule, filled.steps, filled.cfg_scale, filled.eta) == ("Euler", "trailing", 4, 1.0, None)
+    assert with_preset(replace(request, sampler=None), "tcd", "txt2img", unset | {"sampler"}).eta == 0.3
     assert with_preset(request, "turbo", "img2img", {"steps"}).steps == 2

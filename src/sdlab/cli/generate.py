@@ -250,7 +250,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         from sdlab.pipeline.request import RequestError
 
         try:
-            options.update(get_preset(args.preset).options(getattr(args, "mode", "txt2img")))
+            options.update(get_preset(args.preset).options(getattr(args, "mode", "txt2img"), args.sampler))
         except RequestError as err:
             raise UserError(str(err)) from None
     masked_content = getattr(args, "masked_content", None)           # the flag's spelling: "latent-noise"

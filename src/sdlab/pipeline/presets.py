@@ -3,10 +3,11 @@
     sdlab txt2img "a fox" --model sdxl_turbo.safetensors --preset turbo
     sdlab txt2img "a fox" --model sd15.safetensors --lora lcm-lora-sdv1-5.safetensors --preset lcm
 
-A preset only fills settings: every option the user gives wins over it (``apply_preset``). The values follow
-the model cards' diffusers examples (``guidance_scale=0`` there is CFG 1 here: at or below 1 sdlab runs the
-conditional prediction alone, ``sdlab.diffusion.guidance.needs_uncond``); each preset draws the picture of
-the diffusers scheduler named in its row (tests/test_presets_parity.py, at 1, 2 and 4 steps):
+A preset only fills settings: every option the user gives wins over it (``apply_preset``), and its eta
+belongs to its sampler (TCD's gamma): a request naming another sampler runs that one with its own eta. The
+values follow the model cards' diffusers examples (``guidance_scale=0`` there is CFG 1 here: at or below 1
+sdlab runs the conditional prediction alone, ``sdlab.diffusion.guidance.needs_uncond``); each preset draws
+the picture of the diffusers scheduler named in its row (tests/test_presets_parity.py, at 1, 2 and 4 steps):
 
 =========  ==========================================================  =========  ===========================
 preset     published for (diffusers scheduler)                        sampler    steps / CFG / eta
@@ -34,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sdlab.diffusion.samplers import get_sampler
 from sdlab.pipeline.request import RequestError
 
 __all__ = ["PRESETS", "Preset", "apply_preset", "get_preset", "preset_names"]
@@ -52,13 +54,25 @@ class Preset:
     img2img_steps: int | None = None    # img2img / inpaint steps where they differ from `steps`
     published_for: str = ""
 
-    def options(self, mode: str = "txt2img") -> dict[str, Any]:
-        """The `GenerationRequest` keyword arguments this preset sets in ``mode`` (txt2img, img2img, inpaint)."""
+    def options(self, mode: str = "txt2img", sampler: str | None = None) -> dict[str, Any]:
+        """The `GenerationRequest` keyword arguments this preset sets in ``mode`` (txt2img, img2img, inpaint)
+        for a request that names ``sampler`` (None: none). The eta is its sampler's setting (TCD's gamma): a
+        request that runs another sampler gets none, so that sampler runs with its own default."""
         steps = self.img2img_steps if mode != "txt2img" and self.img2img_steps is not None else self.steps
         options: dict[str, Any] = dict(sampler=self.sampler, schedule=self.schedule, steps=steps, cfg_scale=self.cfg_scale)
-        if self.eta is not None:
+        if self.eta is not None and self.runs_own_sampler(sampler):
             options["eta"] = self.eta
         return options
+
+    def runs_own_sampler(self, sampler: str | None) -> bool:
+        """Whether a request that names ``sampler`` (None: none, the preset's) runs the preset's sampler; a name
+        no sampler has is another sampler (the request's check reports it)."""
+        if sampler is None:
+            return True
+        try:
+            return get_sampler(sampler) is get_sampler(self.sampler)
+        except ValueError:
+            return False
 
 
 PRESETS: dict[str, Preset] = {
@@ -91,10 +105,10 @@ def apply_preset(name: str | None, given: Mapping[str, Any], mode: str = "txt2im
     """``given`` (request keyword arguments) over the preset's settings: what the user sets wins.
 
     ``None`` values in ``given`` count as unset; without a preset (``name`` None or "") ``given`` is returned
-    as a dict, unchanged.
+    as a dict, unchanged. A sampler given other than the preset's runs without the preset's eta (`Preset.options`).
     """
     if not name:
         return dict(given)
-    options = get_preset(name).options(mode)
+    options = get_preset(name).options(mode, given.get("sampler"))
     options.update({key: value for key, value in given.items() if value is not None})
     return options

@@ -115,8 +115,8 @@ def unset_preset_fields(given: Collection[str], request: GenerationRequest) -> f
 def with_preset(request: GenerationRequest, name: str, mode: str, fields: Collection[str]) -> GenerationRequest:
     """`request` with `fields` (those the client left unset) taken from the preset `name` in `mode`; one
     rule for every route: the fields given win, then the request's preset, then the model's, then the
-    defaults. An unknown name is a `RequestError`."""
-    options = get_preset(name).options(mode)
+    defaults; a sampler given other than the preset's runs without its eta. An unknown name is a `RequestError`."""
+    options = get_preset(name).options(mode, None if "sampler" in fields else request.sampler)
     return replace(request, **{key: value for key, value in options.items() if key in fields})
 
 
