@@ -202,6 +202,23 @@ def test_a1111_init_images_of_several_sizes_are_each_resized_to_width_x_height(c
     assert [p.shape for p in pictures] == [(64, 64, 3)] * 3 and np.abs(pictures[1] - pictures[2]).max() <= 1
 
 
+def test_a1111_img2img_without_a_size_draws_at_the_models_default_size(client):
+    """docs/server.md: unset width / height take the loaded model's defaults (64 px for the shipped model), as
+    A1111's API takes its 512 for any init image; the native API keeps the init image's size."""
+    wide = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 96, 3), dtype=np.uint8))
+    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "init_images": [_b64(wide)]})
+    assert response.status_code == 200, response.text
+    info = json.loads(response.json()["info"])
+    assert (info["width"], info["height"]) == (64, 64) and "Size: 64x64" in info["infotexts"][0]
+    assert Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).size == (64, 64)
+    mixed = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "batch_size": 2,
+                                                   "init_images": [_b64(wide), _b64(_picture())]})
+    assert mixed.status_code == 200, mixed.text
+    native = client.post("/api/jobs", json={"mode": "img2img", "prompt": "x", "steps": 2, "init_image": _b64(wide)})
+    job = wait_for_job(client, native.json()["id"])
+    assert (job["request"]["width"], job["request"]["height"]) == (96, 40)
+
+
 def test_a1111_latent_resize_of_init_images_of_several_sizes_is_a_400_naming_it(client):
     wide = Image.new("RGB", (96, 64), (0, 200, 0))
     response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "batch_size": 2, "resize_mode": 3,

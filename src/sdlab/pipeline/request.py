@@ -9,7 +9,7 @@ plainly right:
   model; the VAE factor itself when that is larger) are rounded DOWN to one, with a logged warning
   (A1111's and diffusers' grid; rounding down never grows the picture); a side smaller than one
   multiple, or above `MAX_SIDE`, is an error. img2img / inpainting default to the init image's size
-  (then snapped), txt2img to the family's size.
+  (then snapped; `size_convention="a1111"`: the family's, as A1111's API), txt2img to the family's size.
 - prompts: any length up to `MAX_PROMPT_CHARS` characters is accepted. Long prompts are encoded in
   chunks of 75 tokens (A1111's behaviour; diffusers would truncate at 77 tokens); longer text is refused,
   as it is almost always a pasted file, not a prompt.
@@ -66,6 +66,7 @@ MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")   # A111
 LIBRARY_CONVENTIONS = ("diffusers", "a1111")  # the rules a setting follows where the two libraries differ
 CLIP_SKIP_CONVENTIONS = LIBRARY_CONVENTIONS
 CONTROL_CONVENTIONS = LIBRARY_CONVENTIONS
+SIZE_CONVENTIONS = LIBRARY_CONVENTIONS
 
 
 class RequestError(ValueError):
@@ -118,6 +119,9 @@ class GenerationRequest:
     subseed_strength: float = 0.0           # 0 = off; the initial noise moves toward the subseed's by this
     width: int | None = None
     height: int | None = None
+    size_convention: str = "diffusers"      # img2img / inpainting's unset width / height: the init image's
+                                            # ("diffusers"), or the family's default size as txt2img's ("a1111":
+                                            # A1111's API, whose width / height default to 512 for any picture)
     batch_size: int = 1
     clip_skip: int = 1                      # A1111 numbering: 1 = the family's usual layer, 2 = one back
     clip_skip_convention: str = "diffusers"  # "a1111": only encoders whose usual layer is the last (SD1's) move
@@ -430,10 +434,11 @@ def _with_init_images(r: GenerationRequest) -> GenerationRequest:
     if len(r.init_images) > r.batch_size:
         raise RequestError(f"{len(r.init_images)} init images for a batch of {r.batch_size}: "
                            "one init image per picture at most")
+    r = replace(r, init_images=tuple(r.init_images), init_image=r.init_images[0])
     sizes = {image.size for image in r.init_images}
     if len(sizes) > 1:
         _check_several_sizes(r, sizes)
-    return replace(r, init_images=tuple(r.init_images), init_image=r.init_images[0])
+    return r
 
 
 def _check_several_sizes(r: GenerationRequest, sizes: set[tuple[int, int]]) -> None:
@@ -443,9 +448,9 @@ def _check_several_sizes(r: GenerationRequest, sizes: set[tuple[int, int]]) -> N
     cannot hold (A1111 fails there too), unless "Only masked" crops them (`check_one_size` checks the blank
     mask's case)."""
     listed = ", ".join(f"{w}x{h}" for w, h in sorted(sizes))
-    if r.width is None or r.height is None:
+    if _size_of_init(r) and (r.width is None or r.height is None):
         raise RequestError(f"init images of several sizes ({listed}) need width and height, the size to draw "
-                           "them all at; an unset side is the init image's")
+                           "them all at; an unset side is the first init image's")
     if r.resize_mode == "latent" and not (r.mask_image is not None and r.inpaint_only_masked):
         check_one_size(sizes)
 
@@ -458,11 +463,16 @@ def check_one_size(sizes: set[tuple[int, int]]) -> None:
                            f"({listed}): use resize mode 'resize', 'crop' or 'fill', or init images of one size")
 
 
+def _size_of_init(request: GenerationRequest) -> bool:
+    """Whether an unset side is the init image's (img2img / inpainting under the "diffusers" size convention)."""
+    return request.init_image is not None and request.size_convention == "diffusers"
+
+
 def requested_size(request: GenerationRequest, default_size: int | None) -> tuple[Any, Any]:
     """(width, height) as `request` asks for them, unchecked: an unset side is the init image's (img2img /
-    inpaint), else `default_size`."""
+    inpaint under the "diffusers" size convention), else `default_size`."""
     width, height = request.width, request.height
-    if request.init_image is not None:
+    if _size_of_init(request):
         width = request.init_image.width if width is None else width
         height = request.init_image.height if height is None else height
     return (default_size if width is None else width), (default_size if height is None else height)
@@ -500,6 +510,8 @@ def resolve(
     if r.clip_skip_convention not in CLIP_SKIP_CONVENTIONS:
         raise RequestError(f"unknown clip skip convention {r.clip_skip_convention!r}; valid: "
                            f"{', '.join(CLIP_SKIP_CONVENTIONS)}")
+    if r.size_convention not in SIZE_CONVENTIONS:
+        raise RequestError(f"unknown size convention {r.size_convention!r}; valid: {', '.join(SIZE_CONVENTIONS)}")
     if r.control_convention not in CONTROL_CONVENTIONS:
         raise RequestError(f"unknown ControlNet step convention {r.control_convention!r}; valid: "
                            f"{', '.join(CONTROL_CONVENTIONS)}")
@@ -579,7 +591,7 @@ def resolve(
     for name, side in (("width", width), ("height", height)):
         if not _integer(side) or not multiple <= side <= MAX_SIDE:
             taken = (f" (the init image's {name}, as the {name} was not given: set width and height to draw it at "
-                     "another size)") if getattr(r, name) is None and r.init_image is not None else ""
+                     "another size)") if getattr(r, name) is None and _size_of_init(r) else ""
             raise RequestError(f"{name} must be an integer in {multiple}..{MAX_SIDE}, got {side!r}{taken}")
     width, height = snap_size(width, height, multiple)
     if r.mask_image is not None and r.resize_mode == "latent" and not r.inpaint_only_masked and (

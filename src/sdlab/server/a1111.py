@@ -7,8 +7,9 @@ Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 4
 an unknown scheduler 404 "Scheduler not found" (A1111 itself falls back to "Automatic"; sdlab refuses). The
 scheduler "Automatic" or none is A1111's choice for the sampler (Karras for DPM++ 2M, uniform for Euler, ...:
 `samplers.a1111_schedule`), and DDIM / PLMS / UniPC step on A1111's fixed timesteps whatever the scheduler.
-Unset width / height / CFG / steps take the loaded model's defaults rather than A1111's 512 / 7 / 20; on a model
-that names a few-step preset the unset sampler, scheduler, steps, CFG and eta are the preset's.
+Unset width / height / CFG / steps take the loaded model's defaults rather than A1111's 512 / 7 / 20 (img2img's
+sizes too, not the init picture's: `size_convention="a1111"`); on a model that names a few-step preset the unset
+sampler, scheduler, steps, CFG and eta are the preset's.
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
     if inits:
         strength = 0.75 if body.denoising_strength is None else body.denoising_strength
         extra.update(init_image=inits[0], init_images=inits if len(inits) > 1 else (), strength=strength,
-                     img2img_convention="a1111", **_picture_options(body, mask is not None))
+                     img2img_convention="a1111", size_convention="a1111", **_picture_options(body, mask is not None))
         if mask is not None:
             extra.update(mask_image=mask)
     return GenerationRequest(

@@ -81,8 +81,10 @@ const NOT_IN_FORM = {
   negative_crops_coords_top_left: { name: "negative_crops_coords_top_left", none: [0, 0] },
 };
 // Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule), follow from what it
-// sends (the schedule's initial noise, the hires pass's own count) or list the PNG's unread labels
-const KEPT_APART = new Set(["mode", "model", "loras", "refiner_convention", "init_noise", "first_pass_steps", "unread"]);
+// sends (the schedule's initial noise, the hires pass's own count, the rule of an unset size: a job records its
+// size) or list the PNG's unread labels
+const KEPT_APART = new Set(["mode", "model", "loras", "refiner_convention", "init_noise", "first_pass_steps",
+  "size_convention", "unread"]);
 
 const state = {
   mode: "txt2img",
