@@ -194,3 +194,37 @@ def test_peft_dora_file_at_a_weight_merges_as_peft_scales_it(tmp_path, weight):
         scale_lora_layers(model, weight)
     diffs, _ = _compare(tmp_path / "pipe", lora_file, pipe, weight)
     assert max(diffs) < 1e-4, diffs
+
+
+def test_old_diffusers_attention_processor_file(tmp_path):
+    """diffusers <= 0.20 (``train_dreambooth_lora --train_text_encoder``) saved attention-processor names:
+    ``unet.<path>.attn1.processor.to_q_lora.down.weight`` and, in the text encoder,
+    ``text_encoder.<path>.self_attn.to_q_lora.down.weight`` (to_k / to_v / to_out), which diffusers' loader
+    reads as ``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj`` (state_dict_utils.py DIFFUSERS_OLD_TO_PEFT).
+    sdlab's merge gives the U-Net's and the text encoder's outputs of `load_lora_weights` within 1e-4 of
+    their scale (measured ~5e-6); with the text-encoder modules unmatched the text encoder was off by 1.45."""
+    from safetensors.torch import save_file
+
+    _, pipe = _pipeline("sd1", tmp_path / "pipe")
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    attention = [(f"unet.{path}.processor", {"to_q": m.to_q, "to_k": m.to_k, "to_v": m.to_v, "to_out": m.to_out[0]})
+                 for path, m in pipe.unet.named_modules() if path.endswith((".attn1", ".attn2"))]
+    attention += [(f"text_encoder.text_model.{path.removeprefix('text_model.')}",   # transformers 5 drops text_model
+                   {"to_q": m.q_proj, "to_k": m.k_proj, "to_v": m.v_proj, "to_out": m.out_proj})
+                  for path, m in pipe.text_encoder.named_modules() if path.endswith(".self_attn")]
+    for module, projections in attention:
+        for name, linear in projections.items():
+            out, in_ = linear.weight.shape
+            state[f"{module}.{name}_lora.down.weight"] = torch.randn(4, in_, generator=g) * 0.3
+            state[f"{module}.{name}_lora.up.weight"] = torch.randn(out, 4, generator=g) * 0.3
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.to_out_lora.up.weight" in state
+    lora_file = tmp_path / "old.safetensors"
+    save_file(state, str(lora_file))
+    _, reference = _pipeline("sd1", tmp_path / "pipe")
+    reference.load_lora_weights(str(lora_file))
+    with torch.no_grad():
+        text_effect = (reference.text_encoder(IDS).last_hidden_state - pipe.text_encoder(IDS).last_hidden_state)
+    diffs, effect = _compare(tmp_path / "pipe", lora_file, reference)
+    assert effect > 1.0 and float(text_effect.abs().max()) > 0.5, (effect, text_effect.abs().max())
+    assert max(diffs) < 1e-4, diffs

@@ -19,7 +19,10 @@ naming carry no ``alpha`` tensors: their scale is the peft config's ``lora_alpha
 ``alpha_pattern`` / ``rank_pattern`` name it; ``lora_alpha / sqrt(r)`` with rsLoRA) from the
 ``lora_adapter_metadata`` diffusers writes, else 1; their DoRA magnitudes (``lora_magnitude_vector``, one
 norm per output row) merge as peft merges them at a weight (`sdlab.checkpoints.lycoris`: the weight scales
-the LoRA product before the rows are renormalised). ComfyUI's own naming (``diffusion_model.<SGM path>``,
+the LoRA product before the rows are renormalised). diffusers' older attention-processor names
+(``unet...attn1.processor.to_q_lora.down.weight``; in a text encoder ``...self_attn.to_q_lora.down.weight``,
+``to_k`` / ``to_v`` / ``to_out`` for ``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj``) name the layers
+diffusers applies them to. ComfyUI's own naming (``diffusion_model.<SGM path>``,
 ``text_encoders.clip_l.transformer.<HF path>``, as its LoraSave node writes) and SimpleTuner's
 ``lycoris_<diffusers path>`` name the same layers.
 Training writes these files with `sdlab.train.lora`; `kohya_metadata` gives the ``ss_*`` metadata kohya
@@ -207,6 +210,8 @@ _TEXT_PREFIXES = (("text_encoder_2.", "lora_te2_"), ("text_encoder.", "lora_te_"
                   ("diffusion_model.", UNET_PREFIX), ("text_encoders.clip_l.transformer.", "lora_te1_"),
                   ("text_encoders.clip_h.transformer.", "lora_te_"), ("text_encoders.clip_g.transformer.", "lora_te2_"))
 _LYCORIS_PREFIX = "lycoris_"     # SimpleTuner's LyCORIS files: lycoris_ + the diffusers path (ComfyUI reads them)
+# diffusers' older text-encoder attention names -> Hugging Face's (state_dict_utils.py DIFFUSERS_OLD_TO_PEFT)
+_OLD_TEXT_ATTENTION = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -219,9 +224,10 @@ def _split_key(key: str) -> tuple[str, str] | None:
 def _kohya_module_name(name: str) -> str:
     """A module name of any supported naming -> kohya's: ``lora_*`` names are kept, ``lycoris_*`` become
     ``lora_unet_*``; diffusers / peft names (``unet.down_blocks.0...to_q``, ``text_encoder.text_model...q_proj``,
-    bare U-Net paths as ``save_attn_procs`` writes them, ``...attn1.processor.to_out``) and ComfyUI's
-    (``diffusion_model.input_blocks...``, ``text_encoders.clip_l.transformer.text_model...``) become
-    ``lora_unet_`` / ``lora_te_`` / ``lora_te1_`` / ``lora_te2_`` + the path with underscores."""
+    bare U-Net paths as ``save_attn_procs`` writes them, ``...attn1.processor.to_out``; a text encoder's
+    ``...self_attn.to_q``, read as ``q_proj``) and ComfyUI's (``diffusion_model.input_blocks...``,
+    ``text_encoders.clip_l.transformer.text_model...``) become ``lora_unet_`` / ``lora_te_`` / ``lora_te1_``
+    / ``lora_te2_`` + the path with underscores."""
     if name.startswith("lora_"):
         return name
     if name.startswith(_LYCORIS_PREFIX):
@@ -233,7 +239,10 @@ def _kohya_module_name(name: str) -> str:
             name, prefix = name[len(start):], kohya_prefix
             break
     name = name.replace(".processor.", ".")
-    if name.endswith(".to_out"):                                   # attention processors' to_out_lora
+    head, _, last = name.rpartition(".")
+    if prefix != UNET_PREFIX and last in _OLD_TEXT_ATTENTION:      # diffusers' older text-encoder names
+        name = f"{head}.{_OLD_TEXT_ATTENTION[last]}"
+    elif last == "to_out":                                         # attention processors' to_out_lora
         name += ".0"
     return kohya_name(prefix, name)
 
