@@ -21,7 +21,10 @@ import pytest
 import torch
 import torchsde
 
+import sdlab
 from sdlab.diffusion.brownian import BrownianTreeNoise
+from sdlab.diffusion.samplers import get_sampler
+from sdlab.pipeline import generate as G
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -69,6 +72,135 @@ class BrownianTreeNoiseSampler:
     def __call__(self, sigma, sigma_next):
         t0, t1 = torch.as_tensor(sigma), torch.as_tensor(sigma_next)
         return self.tree(t0, t1) / (t1 - t0).abs().sqrt()
+
+
+def default_noise_sampler(x, seed=None):
+    """comfy/k_diffusion/sampling.py ``default_noise_sampler``: a generator of its own, seeded seed + 1 on the CPU
+    (the seed itself on a GPU, whose numbers no CPU draws)."""
+    if seed is not None:
+        if x.device == torch.device("cpu"):
+            seed += 1
+        generator = torch.Generator(device=x.device)
+        generator.manual_seed(seed)
+    else:
+        generator = None
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
+                                                 generator=generator)
+
+
+def eps_noise_scaling(sigma, noise, latent_image, max_denoise=False):
+    """comfy/model_sampling.py ``EPS.noise_scaling`` (V_PREDICTION inherits it)."""
+    if max_denoise:
+        noise = noise * torch.sqrt(1.0 + sigma ** 2.0)
+    else:
+        noise = noise * sigma
+    noise += latent_image
+    return noise
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, noise_sampler=None):
+    """comfy/k_diffusion/sampling.py ``sample_lcm`` (s_noise 1, no noise clip): the denoiser's x0, re-noised."""
+    extra_args = {} if extra_args is None else extra_args
+    seed = extra_args.get("seed", None)
+    noise_sampler = default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(max(1, len(sigmas) - 1)):
+        denoised = model(x, sigmas[i] * s_in)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            noise = noise_sampler(sigmas[i], sigmas[i + 1])
+            x = eps_noise_scaling(sigmas[i + 1], noise, x)
+    return x
+
+
+def mixture_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The exact denoiser of data 0.5 N(-1, 0.3^2) + 0.5 N(1, 0.3^2) per element (nonlinear in x)."""
+    s2 = sigma.reshape(-1, 1, 1, 1).to(x.dtype) ** 2
+    means = torch.tensor([-1.0, 1.0], dtype=x.dtype).reshape(2, 1, 1, 1, 1)
+    weights = torch.softmax(-((x - means) ** 2) / (2 * (0.09 + s2)), dim=0)           # (2, B, C, h, w)
+    return (weights * (means * s2 + x * 0.09) / (0.09 + s2)).sum(0)
+
+
+def unit_noise(seed: int, like: torch.Tensor):
+    """Unit Gaussian noise from a generator of its own, one draw per call."""
+    generator = torch.Generator().manual_seed(seed)
+    return lambda sigma, sigma_next: torch.randn(like.shape, generator=generator, dtype=like.dtype)
+
+
+# -- sdlab's run on the shipped sdlab-tiny, caught at its sampler ------------------------------------------------
+PROMPT = "a red apple on a light blue background"
+SEED = 1
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return sdlab.load()                                  # the shipped sdlab-tiny: v-prediction, SD's schedule, 64 px
+
+
+def sdlab_run(monkeypatch, pipe, mode: str = "txt2img", *args, **options) -> dict:
+    """Run `pipe.<mode>` and catch what its sampler got: the guided denoiser, the start x, the sigmas, every noise
+    draw the sampler made (in order) and the latent it returned."""
+    caught: dict = {}
+    real = G._run_sampler
+
+    def spy(plan, model, x, sigmas, sampler_options, progress):
+        draws = []
+        noise = sampler_options.get("noise")
+        if noise is not None:
+            def recorded(sigma, sigma_next):
+                draws.append(noise(sigma, sigma_next))
+                return draws[-1]
+            sampler_options = {**sampler_options, "noise": recorded}
+        out = real(plan, model, x, sigmas, sampler_options, progress)
+        caught.update(model=model, x=x.clone(), sigmas=sigmas.clone(), draws=draws, out=out.clone(), plan=plan)
+        return out
+
+    monkeypatch.setattr(G, "_run_sampler", spy)
+    getattr(pipe, mode)(PROMPT, *args, **{"seed": SEED, "cfg_scale": 5.0, **options})
+    return caught
+
+
+def replayed(draws: list):
+    """A noise source giving `draws` back in order."""
+    it = iter(draws)
+    return lambda sigma, sigma_next: next(it)
+
+
+def assert_same_latents(ours: torch.Tensor, reference: torch.Tensor) -> None:
+    assert ours.abs().max() > 0.1, "an empty latent would prove nothing"
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+# -- lcm: ComfyUI's sample_lcm, without LCMScheduler's boundary scalings --------------------------------------------
+@pytest.mark.parametrize("schedule", ["karras", "normal", "exponential"])
+def test_comfyuis_lcm_takes_the_denoisers_estimate(schedule):
+    """ComfyUI's `lcm` (comfy/k_diffusion/sampling.py sample_lcm) steps x = denoised, re-noised to the next sigma:
+    the consistency scalings c_skip / c_out of diffusers' LCMScheduler (and A1111's "LCM") are not applied, which on
+    schedules ending at sigma_min (t = 0, c_out = 0) would return the noisy sample. "LCM" keeps them."""
+    from sdlab.diffusion.discretization import discretize
+    from sdlab.diffusion.schedules import NoiseSchedule
+
+    schedule_table = NoiseSchedule.sd()
+    sigmas = discretize(schedule, schedule_table, 8)
+    x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)) * sigmas[0]
+    comfy, a1111 = get_sampler("lcm"), get_sampler("LCM")
+    assert not comfy.wants_sigma_to_t and a1111.wants_sigma_to_t    # what the loop passes the row (_sampler_options)
+    ours = comfy.fn(mixture_denoiser, x.clone(), sigmas, noise=unit_noise(7, x))
+    reference = sample_lcm(mixture_denoiser, x.clone(), sigmas, noise_sampler=unit_noise(7, x))
+    assert_same_latents(ours, reference)
+    scaled = a1111.fn(mixture_denoiser, x.clone(), sigmas, noise=unit_noise(7, x), sigma_to_t=schedule_table.sigma_to_t)
+    assert (scaled - reference).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("schedule", ["karras", "sgm_uniform"])
+def test_comfyuis_lcm_on_the_tiny_model(monkeypatch, tiny, schedule):
+    """The shipped model, 8 steps at CFG 1: sdlab's `lcm` run is ComfyUI's sample_lcm on its denoiser, its start and
+    its noise draws (the step scalings alone; the noise conventions are tested below). Before, karras ended 5/255
+    (max) off ComfyUI's picture."""
+    run = sdlab_run(monkeypatch, tiny, sampler="lcm", schedule=schedule, steps=8, cfg_scale=1.0)
+    reference = sample_lcm(run["model"], run["x"].clone(), run["sigmas"], noise_sampler=replayed(run["draws"]))
+    assert_same_latents(run["out"], reference)
 
 
 # -- the SDE samplers' Brownian tree ------------------------------------------------------------------------------

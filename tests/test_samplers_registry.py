@@ -23,7 +23,7 @@ COMFY_NAMES = [
 ]
 
 
-SAME_WORD = {"ddim"}
+SAME_WORD = {"ddim", "lcm"}
 """Words A1111 and ComfyUI both use, for two samplers: the exact spelling picks, any other case is A1111's."""
 
 
@@ -50,18 +50,19 @@ def test_aliases_point_at_the_same_sampler() -> None:
     assert get_sampler("dpmpp_2m") is get_sampler("DPM++ 2M")
     assert get_sampler("DPM++ SDE").noise == "brownian"
     assert get_sampler("Euler").noise == "none"
-    assert get_sampler("LCM").wants_sigma_to_t
+    assert get_sampler("LCM").wants_sigma_to_t and not get_sampler("lcm").wants_sigma_to_t   # ComfyUI's: unscaled
 
 
 def test_one_row_per_sampler_and_one_name_per_row() -> None:
-    # no name in two rows ("Euler" and "euler" fold together within one row) but A1111's and ComfyUI's DDIM
+    # no name in two rows ("Euler" and "euler" fold together within one row) but A1111's and ComfyUI's DDIM, LCM
     names = [name for spec in SAMPLER_TABLE for name in {n.casefold() for n in (spec.a1111, spec.comfy) if n}]
     assert sorted(name for name in set(names) if names.count(name) > 1) == sorted(SAME_WORD)
     rows_of: dict[int, list] = {}
     for spec in SAMPLER_TABLE:
         rows_of.setdefault(id(spec.fn), []).append(spec)
-    for rows in rows_of.values():   # a function in two rows only where they run it on other sigmas
-        assert len({(row.discard_penultimate, row.final_sigma, row.spacing) for row in rows}) == len(rows)
+    for rows in rows_of.values():   # a function in two rows only where they run it on other sigmas or options
+        assert len({(row.discard_penultimate, row.final_sigma, row.spacing, row.wants_sigma_to_t)
+                    for row in rows}) == len(rows)
     assert [spec.name for spec in SAMPLER_TABLE if spec.a1111] == list(SAMPLERS)
     assert all(get_sampler(spec.name) is spec for spec in SAMPLER_TABLE)
 

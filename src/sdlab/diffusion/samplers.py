@@ -4,7 +4,8 @@ Names are AUTOMATIC1111's display names ("Euler a", "DPM++ 2M") and ComfyUI's sn
 ("euler_ancestral", "dpmpp_2m"); ``get_sampler`` looks either up, ignoring case and surrounding space,
 and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for any other. Where the two
 programs give one word to two samplers, the exact spelling decides: "DDIM" is A1111's DDIM, "ddim" ComfyUI's
-(Euler on the plain sigmas); any other case is A1111's. ComfyUI's ``_gpu`` names (``dpmpp_sde_gpu``,
+(Euler on the plain sigmas), "LCM" diffusers' LCMScheduler, "lcm" ComfyUI's (no boundary scalings); any
+other case is A1111's. ComfyUI's ``_gpu`` names (``dpmpp_sde_gpu``,
 ``dpmpp_2m_sde_gpu``, ``dpmpp_2m_sde_heun_gpu``, ``dpmpp_3m_sde_gpu``) are aliases of the plain ones: they
 differ only in the device ComfyUI draws the Brownian tree on, and sdlab draws every SDE sampler's on the CPU
 (``BrownianTreeNoise``, one tree per image seed, as ComfyUI's plain names), so a seed draws one picture on any
@@ -175,8 +176,10 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec("PLMS", "plms", L.sample_plms, final_sigma="first_alpha", spacing=_DDIM, min_steps=30),
     # DDPMScheduler: alpha_prod_t_prev = 1 after the last timestep
     SamplerSpec("DDPM", "ddpm", L.sample_ddpm, noise=_GAUSS, spacing=_DDIM),
-    # LCMScheduler returns the denoised sample at the last step
-    SamplerSpec("LCM", "lcm", L.sample_lcm, noise=_GAUSS, wants_sigma_to_t=True, spacing="lcm"),
+    # LCMScheduler returns the denoised sample at the last step; "LCM" applies its boundary scalings of the timestep
+    # (A1111's LCM too, on its 50-timestep table), ComfyUI's lcm takes the denoiser's x0 as it is (its sample_lcm)
+    SamplerSpec("LCM", None, L.sample_lcm, noise=_GAUSS, wants_sigma_to_t=True, spacing="lcm"),
+    SamplerSpec(None, "lcm", L.sample_lcm, noise=_GAUSS, spacing="lcm"),
     # TCDScheduler: LCM's grid (original_inference_steps=50), steps to integer timesteps, ends at alphas_cumprod[0]
     SamplerSpec("TCD", "tcd", L.sample_tcd, noise=_GAUSS, final_sigma="first_alpha", wants_sigma_to_t=True,
                 wants_t_to_sigma=True, spacing="lcm", max_eta=1.0),
