@@ -106,6 +106,31 @@ def test_bad_files_give_one_line_and_exit_2(tmp_path: Path, capsys):
     assert not (tmp_path / "pwned").exists()
 
 
+
+_TO_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+@pytest.mark.parametrize("name, tensors, message", [
+    ("oft", {f"{_TO_Q}.oft_blocks": torch.randn(4, 8, 8), f"{_TO_Q}.alpha": torch.tensor(1.0)},
+     "a LyCORIS OFT / BOFT file"),
+    ("diag-oft", {f"{_TO_Q}.oft_diag": torch.randn(4, 8, 8)}, "a LyCORIS OFT / BOFT file"),
+    ("glora", {f"{_TO_Q}.{f}.weight": torch.randn(4, 32) for f in ("a1", "a2", "b1", "b2")}, "a LyCORIS GLoRA file"),
+    ("no-down", {f"{_TO_Q}.lora_up.weight": torch.randn(32, 4), f"{_TO_Q}.alpha": torch.tensor(1.0)},
+     f"module {_TO_Q}: a lora module without down"),
+], ids=["oft", "diag-oft", "glora", "no-down"])
+def test_a_lora_sdlab_cannot_merge_gets_the_lora_readers_error(tmp_path: Path, capsys, name, tensors, message):
+    """An OFT / BOFT / GLoRA file or a LoRA module without its down is the error `--lora` gives, not the
+    whole-model "no key starting with model.diffusion_model." error."""
+    from sdlab.checkpoints.io import write_safetensors_atomic
+
+    path = write_safetensors_atomic(tmp_path / f"{name}.safetensors", tensors)
+    assert main(["inspect", str(path)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert captured.out == "" and len(lines) == 1 and "Traceback" not in captured.err, captured.err
+    assert lines[0].startswith(f"sdlab: error: {path}: ") and message in lines[0], lines[0]
+    assert "model.diffusion_model" not in lines[0]
+
 def test_debug_shows_the_exception(tmp_path: Path):
     (tmp_path / "empty.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="file is empty"):

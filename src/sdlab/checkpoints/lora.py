@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "UNET_PREFIX",
+    "UnusableLoRAError",
     "apply_lora",
     "bundle_lora_weights",
     "kohya_metadata",
@@ -257,11 +258,17 @@ def _unsupported_kind(state: Mapping[str, Tensor]) -> str | None:
     return None
 
 
+class UnusableLoRAError(CheckpointError):
+    """A file with LoRA / LyCORIS keys that sdlab cannot merge: a kind it does not read (OFT, GLoRA) or a
+    module with missing, non-numeric or non-finite tensors."""
+
+
 def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dict[str, dict[str, Tensor]]:
     """kohya name -> {field: tensor} (fields of `sdlab.checkpoints.lycoris`: "down", "up", "alpha" for a
     LoRA; "hada_w1_a", ... for LyCORIS kinds) from a LoRA / LyCORIS file in kohya, LyCORIS, diffusers or peft
-    naming. A file that is not one (a full checkpoint, an empty or unreadable file), or a module with
-    missing or non-finite tensors, is a `CheckpointError` naming it. Without `weights`, every tensor but the
+    naming. A file that is not one (a full checkpoint, an empty or unreadable file) is a `CheckpointError`
+    naming it; one of an unsupported kind, or a module with missing or non-finite tensors, an
+    `UnusableLoRAError`. Without `weights`, every tensor but the
     alphas is on the meta device: a safetensors file is read from its header and alphas only, and values
     are not checked (`sdlab inspect`)."""
     state, metadata = read_checkpoint(path)
@@ -275,7 +282,7 @@ def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dic
     if not modules:
         unsupported = _unsupported_kind(state)
         if unsupported:
-            raise CheckpointError(f"{path}: a LyCORIS {unsupported} file ({', '.join(list(state)[:2])}); sdlab "
+            raise UnusableLoRAError(f"{path}: a LyCORIS {unsupported} file ({', '.join(list(state)[:2])}); sdlab "
                                   f"merges LoRA / LoCon, LoHa, LoKr, (IA)^3, full diffs and DoRA, not {unsupported}")
         raise CheckpointError(
             f"{path}: not a LoRA file: no LoRA / LyCORIS module keys ('<name>.lora_down.weight', "
@@ -299,14 +306,14 @@ def load_lora_file(path: str | os.PathLike[str], *, weights: bool = True) -> dic
         try:
             module_kind(entry)
         except ValueError as exc:
-            raise CheckpointError(f"{path}: module {name}: {exc}") from None
+            raise UnusableLoRAError(f"{path}: module {name}: {exc}") from None
         if any(not t.is_floating_point() for f, t in entry.items() if f not in ("on_input", "alpha")):  # alpha: any number
-            raise CheckpointError(f"{path}: LoRA module {name} has non-floating-point weights")
+            raise UnusableLoRAError(f"{path}: LoRA module {name} has non-floating-point weights")
         if weights and not all(bool(torch.isfinite(t.to(torch.float32)).all()) for t in entry.values()):
-            raise CheckpointError(f"{path}: LoRA module {name} has NaN or infinite weights")
+            raise UnusableLoRAError(f"{path}: LoRA module {name} has NaN or infinite weights")
         kohya = _kohya_module_name(name)
         if kohya in lora:
-            raise CheckpointError(f"{path}: two modules for the layer {kohya} ({name} and another naming)")
+            raise UnusableLoRAError(f"{path}: two modules for the layer {kohya} ({name} and another naming)")
         lora[kohya] = entry
     return lora
 

@@ -4,9 +4,10 @@ embedding, or one component folder of a diffusers pipeline (`sdlab inspect` on i
 Each kind is recognised by the reader that loads it for generation (`load_lora_file`, `read_controlnet`,
 `load_vae_source`, `read_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
 takes any single 2-D tensor), so what is described here is what `--lora`, `--control`, `--vae`,
-`sdlab upscale --model` and `--embeddings-dir` would load. The readers go by names, shapes and metadata
-(a LoRA's alphas, an embedding's vectors: a few numbers): the weights of a LoRA, ControlNet, VAE or
-upscaler are not read (from a pickle, where its format lets torch skip them), nor checked for NaN. Every
+`sdlab upscale --model` and `--embeddings-dir` would load; a file with LoRA keys that no reader accepts
+gets the LoRA reader's error (an OFT / GLoRA file, a module without its ``lora_down``), as `--lora` gives
+it. The readers go by names, shapes and metadata (a LoRA's alphas, an embedding's vectors: a few
+numbers): the weights of a LoRA, ControlNet, VAE or upscaler are not read (from a pickle, where its format lets torch skip them), nor checked for NaN. Every
 description has the same fields: `source`, `kind`, `facts` (name -> a number, a list of numbers, a count per
 part or text, as `inspect --json` gives them; `format_description` writes each as text) and `use` (the option
 that takes the file).
@@ -30,14 +31,22 @@ _LORA_PARTS = {"unet": "U-Net", "te": "text encoder", "te1": "text encoder 1", "
 
 
 def describe_other_kind(path: str | os.PathLike[str]) -> Description | None:
-    """The description of `path` by the first reader that accepts it (module docstring); None when none does."""
+    """The description of `path` by the first reader that accepts it (module docstring); None when none does,
+    or the `UnusableLoRAError` of a file with LoRA keys sdlab cannot merge."""
+    from sdlab.checkpoints.lora import UnusableLoRAError
+
     path = Path(path)
     readers: tuple[Callable[[Path], Description], ...] = (_lora, _controlnet, _vae, _upscaler, _embedding, _component)
+    unusable_lora = None
     for describe in readers:
         try:
             return {"source": str(path), **describe(path)}
+        except UnusableLoRAError as exc:
+            unusable_lora = exc
         except CheckpointError:
             continue
+    if unusable_lora is not None:
+        raise unusable_lora
     return None
 
 
