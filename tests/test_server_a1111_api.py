@@ -10,6 +10,7 @@ import io
 import json
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -328,6 +329,50 @@ def test_extras_take_a1111s_defaults_and_resize_modes(client):
     for mode in (2, 3, -1):
         refused = client.post("/extra-single-image", json={"image": picture, "upscaler_1": "Lanczos", "resize_mode": mode})
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "resize_mode"]
+
+
+# ---------------------------------------------------------------- 8b. samples_format
+
+
+def a1111_encode_pil_to_base64(image: Image.Image, samples_format: str, jpeg_quality: int) -> Image.Image:
+    """A1111's `api.encode_pil_to_base64` (its JPEG / WebP branch, without piexif's EXIF), decoded again."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if samples_format.lower() in ("jpg", "jpeg") else "WEBP", quality=jpeg_quality)
+    return Image.open(buffer)
+
+
+def test_samples_format_sets_the_base64_pictures_format_as_a1111s_encode_pil_to_base64(client):
+    """A1111 answers every picture in `opts.samples_format` (jpg / jpeg / webp at `opts.jpeg_quality`, the
+    parameters in the EXIF UserComment; png with its text chunk), read after the request's own overrides
+    are restored, as its txt2img encodes once `process_images` has restored them."""
+    from sdlab.pipeline.png_info import read_parameters
+
+    png, _ = txt2img(client, seed=11)
+    drawn = Image.open(io.BytesIO(base64.b64decode(png["images"][0])))
+    try:
+        for samples_format, quality, magic in (("jpg", 80, b"\xff\xd8"), ("WEBP", 60, b"RIFF")):
+            assert client.post("/options", json={"samples_format": samples_format, "jpeg_quality": quality}).status_code == 200
+            assert client.get("/options").json()["samples_format"] == samples_format
+            body, info = txt2img(client, seed=11)
+            raw = base64.b64decode(body["images"][0])
+            assert raw.startswith(magic) and read_parameters(io.BytesIO(raw)) == info["infotexts"][0]
+            expected = a1111_encode_pil_to_base64(drawn.convert("RGB"), samples_format, quality)
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(raw))), np.asarray(expected))
+            extras = client.post("/extra-single-image", json={"image": png["images"][0]}).json()["image"]
+            assert base64.b64decode(extras).startswith(magic)
+        overridden, _ = txt2img(client, seed=11, override_settings={"samples_format": "png"})
+        assert base64.b64decode(overridden["images"][0]).startswith(b"RIFF")        # restored before encoding
+        kept, _ = txt2img(client, seed=11, override_settings={"samples_format": "png"},
+                          override_settings_restore_afterwards=False)
+        assert kept["images"] == png["images"] and client.get("/options").json()["samples_format"] == "png"
+        for body in ({"samples_format": "gif"}, {"samples_format": 3}, {"jpeg_quality": 0}):
+            refused = client.post("/options", json=body)
+            assert refused.status_code == 422 and next(iter(body)) in refused.json()["errors"]
+            refused = client.post("/txt2img", json={"prompt": "x", "override_settings": body})
+            assert refused.status_code == 422 and f"override_settings.{next(iter(body))}" in refused.json()["errors"]
+        assert client.get("/options").json()["samples_format"] == "png"
+    finally:
+        client.post("/options", json={"samples_format": "png", "jpeg_quality": 80})
 
 
 # ---------------------------------------------------------------- 9. A1111's names in errors, interrupt's answer

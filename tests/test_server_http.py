@@ -275,7 +275,8 @@ def test_progress_preview_and_interrupt(client):
     progress = client.get("/sdapi/v1/progress").json()
     assert set(progress) >= {"progress", "eta_relative", "state", "current_image", "textinfo"}
     assert set(progress["state"]) >= {"job_count", "sampling_step", "sampling_steps", "interrupted", "skipped"}
-    assert Image.open(io.BytesIO(base64.b64decode(progress["current_image"]))).size[0] >= 8
+    preview = Image.open(io.BytesIO(base64.b64decode(progress["current_image"])))
+    assert preview.size[0] >= 8 and preview.format == "PNG"          # A1111's samples_format, png by default
     assert client.post("/sdapi/v1/interrupt").status_code == 200
     assert wait(client, job_id)["status"] == "cancelled"
     assert client.post("/sdapi/v1/interrupt").status_code == 200            # nothing running: still fine

@@ -264,11 +264,11 @@ def image_format(path: str | os.PathLike) -> str | None:
     return IMAGE_SUFFIXES.get(Path(path).suffix.lower())
 
 
-def encode_image(image: Image.Image, fmt: str, parameters: str | None) -> bytes:
+def encode_image(image: Image.Image, fmt: str, parameters: str | None, quality: int = 95) -> bytes:
     """The bytes of ``image`` as a PNG (``parameters`` text chunk) or a JPEG / WebP (EXIF UserComment).
 
-    JPEG and WebP are written at quality 95; a JPEG's EXIF holds at most 64 KiB (about 32,000 characters
-    of parameters): longer text raises ``ParametersError``.
+    JPEG and WebP are written at ``quality`` (95 unless given); a JPEG's EXIF holds at most 64 KiB (about
+    32,000 characters of parameters): longer text raises ``ParametersError``.
     """
     buffer = io.BytesIO()
     if fmt == "PNG":
@@ -283,7 +283,7 @@ def encode_image(image: Image.Image, fmt: str, parameters: str | None) -> bytes:
     if fmt == "JPEG" and len(exif) > 65_000:
         raise ParametersError(f"the parameters ({len(parameters or '')} characters) do not fit in a JPEG's "
                               "64 KiB EXIF block; write a .png or a .webp")
-    image.convert("RGB").save(buffer, format=fmt, quality=95, exif=exif)
+    image.convert("RGB").save(buffer, format=fmt, quality=quality, exif=exif)
     return buffer.getvalue()
 
 

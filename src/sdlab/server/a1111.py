@@ -2,7 +2,8 @@
 the fields that are accepted but ignored).
 
 txt2img / img2img run through the same queue as the native API and answer when the job is done:
-`{images: [base64 PNG with the parameters chunk], parameters: <the request>, info: <JSON string>}`.
+`{images: [base64 PNG with the parameters chunk], parameters: <the request>, info: <JSON string>}` (JPEG / WebP
+under the option `samples_format`, as A1111's `encode_pil_to_base64`).
 Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 404 "Sampler not found",
 an unknown scheduler 404 "Scheduler not found" (A1111 itself falls back to "Automatic"; sdlab refuses). The
 scheduler "Automatic" or none is A1111's choice for the sampler (Karras for DPM++ 2M, uniform for Euler, ...:
@@ -43,7 +44,7 @@ from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.png_info import (
-    PARAMETERS_KEY, encode_image, parse_parameters, read_parameters, version_label,
+    PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, read_parameters, version_label,
 )
 from sdlab.pipeline.request import MASKED_CONTENT, MAX_BATCH_COUNT, RESIZE_MODES, GenerationRequest, fixed_seed
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
@@ -56,7 +57,7 @@ from sdlab.server.inputs import (
 from sdlab.server.jobs import Job, Unavailable, image_seeds
 from sdlab.server.model_folders import ModelFile
 from sdlab.server.native import service_of
-from sdlab.server.previews import jpeg_bytes
+from sdlab.server.previews import preview_image
 from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR
@@ -66,11 +67,14 @@ router = APIRouter(prefix="/sdapi/v1")
 DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
 OPTION_DEFAULTS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "tiling": False,   # applied to every later generation
+    "samples_format": "png", "jpeg_quality": 80,        # the base64 pictures' format (`_base64_picture`)
     "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
-FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash", "samples_format")
-"""Options `GET options` reads from the server (the model new jobs get, PNG files), never stored."""
+FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash")
+"""Options `GET options` reads from the server (the model new jobs get), never stored."""
+SAMPLES_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
+"""A1111's `samples_format` values (any case) -> the format its `encode_pil_to_base64` writes."""
 REFINER_SWITCH = 0.8            # A1111's UI default of `refiner_switch_at` (its API has none: refiner from the start)
 BUILTIN_VAE = ("Automatic", "None")
 """A1111's `sd_vae` choices that keep the checkpoint's own VAE; this server has no separate VAE files."""
@@ -235,7 +239,9 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
         raise BadRequest(_a1111_named(job.error or "failed"), 500 if (job.error or "").startswith("internal") else 400)
     images = []
     if body.send_images:
-        images = [base64.b64encode((service.images_dir / name).read_bytes()).decode("ascii") for name in job.images]
+        options = _options(service)         # as A1111 encodes: after the request's overrides are restored
+        images = [_stored_picture(service.images_dir / name, text, options)
+                  for name, text in zip(job.images, job.infotexts)]
     echo = body.model_dump()
     echo["alwayson_scripts"] = _without_images(body.alwayson_scripts)
     if isinstance(body, Img2ImgIn) and not body.include_init_images:
@@ -261,6 +267,28 @@ too) where the message starts with the field it is about."""
 def _a1111_named(message: str) -> str:
     """An error message of sdlab's request checks with the fields named as the A1111 client sent them."""
     return _SDLAB_FIELD.sub(lambda m: _A1111_FIELDS[m.group(0)], message)
+
+
+def _stored_picture(path: os.PathLike, parameters: str, options: dict[str, Any]) -> str:
+    """A picture the worker wrote (a PNG with its `parameters` text) in base64, in the options' samples_format
+    (`_base64_picture`; a PNG as it was written)."""
+    if SAMPLES_FORMATS[options["samples_format"].lower()] == "PNG":
+        with open(path, "rb") as file:
+            return _b64(file.read())
+    with open_image(path) as image:
+        return _base64_picture(image, parameters, options)
+
+
+def _base64_picture(image: Image.Image, parameters: str | None, options: dict[str, Any]) -> str:
+    """`image` in base64 as A1111's `encode_pil_to_base64` writes it under the options: a PNG with its
+    `parameters` text chunk, or for samples_format jpg / jpeg / webp a JPEG / WebP at `jpeg_quality` with the
+    text in its EXIF UserComment."""
+    fmt = SAMPLES_FORMATS[options["samples_format"].lower()]
+    try:
+        return _b64(encode_image(image, fmt, parameters, quality=options["jpeg_quality"]))
+    except ParametersError:
+        raise BadRequest(f"the parameters text ({len(parameters or '')} characters) does not fit a JPEG's 64 KiB "
+                         "EXIF block: set the option samples_format to png or webp") from None
 
 
 def _drawn_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
@@ -390,7 +418,7 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
     preview = job.preview
     image = None
     if preview is not None and not skip_current_image:
-        image = base64.b64encode(jpeg_bytes(preview)).decode("ascii")
+        image = _base64_picture(preview_image(preview), None, _options(service))
     eta = max(0.0, elapsed / done - elapsed) if done > 0 else 0.0
     return {"progress": min(1.0, max(0.01, done)), "eta_relative": eta,
             "state": state, "current_image": image, "textinfo": f"step {step}/{steps}"}
@@ -411,7 +439,7 @@ def skip(request: Request) -> None:
 def _options(service: Service) -> dict[str, Any]:
     selected = service.host.selected
     return {**OPTION_DEFAULTS, **service.options, "sd_model_checkpoint": selected.title,
-            "sd_checkpoint_hash": selected.sha256, "samples_format": "png"}
+            "sd_checkpoint_hash": selected.sha256}
 
 
 def _check_options(body: dict[str, Any], where: str = "") -> None:
@@ -425,6 +453,13 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
             raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r}", 422)
     if not isinstance(body.get("tiling", False), bool):
         raise BadRequest(f"{where}tiling must be true or false, got {body['tiling']!r}", 422)
+    samples_format = body.get("samples_format", "png")
+    if not isinstance(samples_format, str) or samples_format.lower() not in SAMPLES_FORMATS:
+        raise BadRequest(f"{where}samples_format must be {', '.join(SAMPLES_FORMATS)} (any case), "
+                         f"got {samples_format!r}", 422)
+    quality = body.get("jpeg_quality", 80)
+    if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
+        raise BadRequest(f"{where}jpeg_quality must be an integer in 1..100, got {quality!r}", 422)
     _check_vae(body.get("sd_vae", BUILTIN_VAE[0]), f"{where}sd_vae")
 
 
@@ -445,8 +480,9 @@ def get_options(request: Request) -> dict[str, Any]:
 def set_options(body: dict[str, Any], request: Request) -> None:
     """`sd_model_checkpoint` switches the model new jobs use (loaded by the worker before its next job);
     `CLIP_stop_at_last_layers`, `eta_noise_seed_delta` and `tiling` apply to later generations (under a
-    request's `override_settings` and, for `tiling`, its own field); other options are remembered and echoed
-    by GET but change nothing (docs/server.md). Nothing is set when one value is refused."""
+    request's `override_settings` and, for `tiling`, its own field), `samples_format` and `jpeg_quality` to the
+    base64 pictures answered from now on; other options are remembered and echoed by GET but change nothing
+    (docs/server.md). Nothing is set when one value is refused."""
     service = service_of(request)
     _check_options(body)
     _set_options(service, body, _selected_model(service, body))
@@ -555,9 +591,10 @@ class ExtraBatchIn(ExtrasIn):
     imageList: list[FileData]               # noqa: N815 (A1111's field name)
 
 
-def _upscale(service: Service, body: ExtrasIn, data: str, what: str) -> tuple[bytes, str]:
-    """The picture `data` (base64, the field `what`) upscaled (while no job runs) as a PNG keeping its
-    parameters text, and A1111's html_info line of it.
+def _upscale(service: Service, body: ExtrasIn, data: str, what: str) -> tuple[str, str]:
+    """The picture `data` (base64, the field `what`) upscaled (while no job runs), in base64 keeping its
+    parameters text (`_base64_picture`: a PNG unless samples_format says otherwise), and A1111's html_info
+    line of it.
 
     As A1111's Extras upscale (`scripts/postprocessing_upscale.py`): "None" returns the picture as it is; else
     `Upscaler.upscale` by `upscaling_resize` or, in resize_mode 1, by max(w / W, h / H) (`upscale_by`: the
@@ -572,7 +609,7 @@ def _upscale(service: Service, body: ExtrasIn, data: str, what: str) -> tuple[by
     name = (body.upscaler_1 or "None").strip()
     found = upscaler_file(name, service.upscalers, EXTRAS_UPSCALER)
     result = image if name.lower() == "none" else _upscaled(service, body, image, name, found)
-    return (encode_image(result, "PNG", parameters),
+    return (_base64_picture(result, parameters, _options(service)),
             f"<p>Upscaler: {html.escape(name)}, size: {result.width}x{result.height}</p>")
 
 
@@ -613,8 +650,8 @@ def _check_upscale_size(width: float, height: float, limit: int) -> None:
 
 @router.post("/extra-single-image")
 async def extra_single_image(body: ExtraSingleIn, request: Request) -> dict[str, Any]:
-    blob, info = await asyncio.to_thread(_upscale, service_of(request), body, body.image, "image")
-    return {"html_info": info, "image": _b64(blob)}
+    image, info = await asyncio.to_thread(_upscale, service_of(request), body, body.image, "image")
+    return {"html_info": info, "image": image}
 
 
 @router.post("/extra-batch-images")
@@ -623,7 +660,7 @@ async def extra_batch_images(body: ExtraBatchIn, request: Request) -> dict[str, 
     service = service_of(request)
     done = [await asyncio.to_thread(_upscale, service, body, item.data, f"imageList[{i}].data")
             for i, item in enumerate(body.imageList)]
-    return {"html_info": "".join(info for _, info in done), "images": [_b64(blob) for blob, _ in done]}
+    return {"html_info": "".join(info for _, info in done), "images": [image for image, _ in done]}
 
 
 @router.get("/latent-upscale-modes")

@@ -112,10 +112,15 @@ def jpeg_data_url(rgb: Tensor, min_side: int = 64) -> str:
 
 
 def jpeg_bytes(rgb: Tensor, min_side: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    preview_image(rgb, min_side).save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def preview_image(rgb: Tensor, min_side: int = 64) -> Image.Image:
+    """A (h, w, 3) uint8 preview as a picture, scaled up (bilinear, by a whole factor) to `min_side` at least."""
     image = Image.fromarray(rgb.numpy(), "RGB")
     scale = max(1, -(-min_side // max(1, min(image.size))))
     if scale > 1:
         image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BILINEAR)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=85)
-    return buffer.getvalue()
+    return image
