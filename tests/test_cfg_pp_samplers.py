@@ -473,7 +473,7 @@ def test_cli_draws_comfyuis_picture(tmp_path, capsys, monkeypatch):
     assert parse_parameters(read_parameters(tmp_path / "ours.png"))["Sampler"] == label
     with monkeypatch.context() as patch:
         patch.setattr(generate_module, "_run_sampler", _comfy_in_place_of_sdlab(name))
-        code, _, err = run([*args, "--sampler", name, "--out", str(tmp_path / "comfy.png")], capsys)
+        code, _, err = run([*args, "--sampler", label, "--out", str(tmp_path / "comfy.png")], capsys)  # same noise
     assert code == 0, err
     assert np.abs(pixels(tmp_path / "ours.png") - pixels(tmp_path / "comfy.png")).max() <= 1
     plain = name.removesuffix("_cfg_pp")

@@ -114,6 +114,34 @@ def sample_lcm(model, x, sigmas, extra_args=None, noise_sampler=None):
     return x
 
 
+def get_ancestral_step(sigma_from, sigma_to, eta=1.):
+    """comfy/k_diffusion/sampling.py ``get_ancestral_step``."""
+    if not eta:
+        return sigma_to, 0.
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, eta=1., s_noise=1., noise_sampler=None):
+    """comfy/k_diffusion/sampling.py ``sample_euler_ancestral`` (its EPS / V branch: not a CONST model)."""
+    extra_args = {} if extra_args is None else extra_args
+    seed = extra_args.get("seed", None)
+    noise_sampler = default_noise_sampler(x, seed=seed) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0:
+            x = denoised
+        else:
+            d = (x - denoised) / sigmas[i]
+            dt = sigma_down - sigmas[i]
+            x = x + d * dt + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
 def mixture_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """The exact denoiser of data 0.5 N(-1, 0.3^2) + 0.5 N(1, 0.3^2) per element (nonlinear in x)."""
     s2 = sigma.reshape(-1, 1, 1, 1).to(x.dtype) ** 2
@@ -201,6 +229,35 @@ def test_comfyuis_lcm_on_the_tiny_model(monkeypatch, tiny, schedule):
     run = sdlab_run(monkeypatch, tiny, sampler="lcm", schedule=schedule, steps=8, cfg_scale=1.0)
     reference = sample_lcm(run["model"], run["x"].clone(), run["sigmas"], noise_sampler=replayed(run["draws"]))
     assert_same_latents(run["out"], reference)
+
+
+# -- step noise: ComfyUI's default_noise_sampler, a CPU generator seeded seed + 1 ----------------------------------
+def test_comfyuis_ancestral_step_noise_on_the_tiny_model(monkeypatch, tiny):
+    """`euler_ancestral` on the shipped model, 20 karras steps at CFG 5: from sdlab's start, ComfyUI's
+    sample_euler_ancestral with its step noise (extra_args seed: default_noise_sampler, seed + 1 on the CPU) gives
+    sdlab's latents. Before, sdlab continued the seed's generator after the initial noise: 209/255 max off ComfyUI's
+    picture (mean 5.1)."""
+    run = sdlab_run(monkeypatch, tiny, sampler="euler_ancestral", schedule="karras", steps=20)
+    reference = sample_euler_ancestral(run["model"], run["x"].clone(), run["sigmas"], extra_args={"seed": SEED})
+    assert_same_latents(run["out"], reference)
+
+
+@pytest.mark.parametrize("sampler", ["dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm", "lcm", "res_multistep_ancestral"])
+def test_comfyui_spelt_samplers_draw_comfyuis_step_noise(monkeypatch, tiny, sampler):
+    """Every ComfyUI sampler that takes default_noise_sampler(x, seed) draws its stream (a (B, C, h, w) draw per call
+    from a generator seeded seed + 1) on the CPU; with batch 1 that is sdlab's image-0 stream, bit for bit."""
+    run = sdlab_run(monkeypatch, tiny, sampler=sampler, schedule="karras", steps=4)
+    comfy = default_noise_sampler(run["x"], SEED)
+    assert run["draws"] and all(torch.equal(draw, comfy(None, None)) for draw in run["draws"])
+
+
+def test_a1111_names_keep_the_seeds_stream(monkeypatch, tiny):
+    """"Euler a" (A1111's spelling) keeps A1111's and diffusers' rule: the step noise continues the seed's generator
+    after the initial noise."""
+    run = sdlab_run(monkeypatch, tiny, sampler="Euler a", schedule="karras", steps=4)
+    generator = torch.Generator().manual_seed(SEED)
+    assert torch.equal(torch.randn(run["x"].shape, generator=generator) * run["sigmas"][0], run["x"])
+    assert all(torch.equal(draw, torch.randn(draw.shape, generator=generator)) for draw in run["draws"])
 
 
 # -- the SDE samplers' Brownian tree ------------------------------------------------------------------------------

@@ -69,8 +69,8 @@ from sdlab.diffusion import sampling_k as K
 from sdlab.diffusion import sampling_ldm as L
 
 __all__ = [
-    "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "a1111_schedule", "get_sampler", "sampler_names",
-    "steps_warning",
+    "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "a1111_schedule", "comfyui_spelling", "get_sampler",
+    "sampler_names", "steps_warning",
 ]
 
 
@@ -242,6 +242,13 @@ def get_sampler(name: str) -> SamplerSpec:
     if spec is None:
         raise UnknownSamplerError(f"unknown sampler {name!r}; valid names: {', '.join(sampler_names())}")
     return spec
+
+
+def comfyui_spelling(name: str) -> bool:
+    """Whether ``name`` is written as ComfyUI writes one of its samplers (``euler_ancestral``, ``dpmpp_2m``, ``lcm``;
+    not "Euler a", "EULER" or "DPM++ 2M"): a request naming a sampler so runs under ComfyUI's conventions
+    (``pipeline.request.resolve``)."""
+    return name.strip() in _COMFY
 
 
 A1111_TIMESTEP_SAMPLERS = frozenset({"DDIM", "PLMS", "UniPC"})

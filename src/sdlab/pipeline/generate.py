@@ -30,7 +30,8 @@ image i equals a single run with seed + i, on any device. The draws follow diffu
 3. the posterior sample of the masked image: 9-channel inpainting models; and under diffusers' convention
    4-channel inpainting too, whose U-Net never reads it (diffusers' inpainting pipelines encode the masked
    image for every U-Net): there the latent-sized draw is made and dropped;
-4. the sampler's step noise (ancestral / SDE / LCM / TCD samplers).
+4. the sampler's step noise (ancestral / SDE / LCM / TCD samplers); with an ENSD (A1111's, and 1 for a sampler
+   spelt as ComfyUI spells it: ComfyUI's ``default_noise_sampler``) from fresh generators seeded seed + i + ENSD.
 
 Under A1111's img2img convention the initial noise is each seed's first draw and the step noise follows
 it directly (A1111's `ImageRNG`): A1111 samples its posteriors (1 and 3) from its global random state,

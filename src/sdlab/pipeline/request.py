@@ -15,6 +15,10 @@ plainly right:
   as it is almost always a pasted file, not a prompt.
 - seed: None or -1 draws a random seed (A1111's `get_fixed_seed`); image i of a batch uses seed + i. Other
   negative seeds are seeds, as A1111 hands them to `torch.manual_seed` (which reads them modulo 2**64).
+- sampler: a name spelt as ComfyUI spells it (`euler_ancestral`, not "Euler a": `samplers.comfyui_spelling`)
+  asks for ComfyUI's KSampler conventions, so that image i is ComfyUI's one-picture run with seed + i: a
+  sampler that draws Gaussian step noise draws it from a generator seeded seed + 1 (ComfyUI's
+  `default_noise_sampler` on the CPU: A1111's ENSD of 1) unless an ENSD is given.
 - numbers: NumPy's scalars (`np.int64`, `np.float32`, `np.bool_`, ...; any `numbers.Integral` /
   `numbers.Real`) count as Python ints, floats and bools, converted once as the request is resolved, so the
   resolved request, the infotext and the PNG hold plain numbers. Numbers must be finite and inside bounds far
@@ -41,7 +45,7 @@ from sdlab.diffusion.discretization import (
     default_init_noise,
     steps_run,
 )
-from sdlab.diffusion.samplers import get_sampler
+from sdlab.diffusion.samplers import comfyui_spelling, get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.images import on_white, read_image, snap_size
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
@@ -127,6 +131,7 @@ class GenerationRequest:
     clip_skip_convention: str = "diffusers"  # "a1111": only encoders whose usual layer is the last (SD1's) move
                                             # back, as A1111 does; SD2 / SDXL ignore it there (plan._resolve)
     eta_noise_seed_delta: int = 0           # A1111's ENSD: step noise drawn from seed + this after the initial noise
+                                            # (0 with a ComfyUI-spelt sampler: 1, ComfyUI's rule; module docstring)
     eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
     s_noise: float = 1.0
     init_noise: str | None = None           # "sigma_max" (A1111, ComfyUI) or "vp"; None = the schedule's
@@ -562,6 +567,9 @@ def resolve(
     init_noise = default_init_noise(schedule, spec.spacing) if r.init_noise is None else r.init_noise
     if init_noise not in INIT_NOISE_CONVENTIONS:
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
+    comfyui = r.sampler is not None and comfyui_spelling(r.sampler)       # ComfyUI's conventions (module docstring)
+    if comfyui and spec.noise == "gaussian" and not r.eta_noise_seed_delta:
+        r = replace(r, eta_noise_seed_delta=1)
     if r.img2img_convention not in IMG2IMG_CONVENTIONS:
         raise RequestError(
             f"unknown img2img convention {r.img2img_convention!r}; valid: {', '.join(IMG2IMG_CONVENTIONS)}"
