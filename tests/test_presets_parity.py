@@ -125,6 +125,17 @@ def test_sd1_another_sampler_under_the_tcd_preset_runs_at_its_own_eta(sd1, sampl
     assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
+def test_sd1_lcm_sampler_without_a_schedule_is_lcmschedulers_picture(sd1):
+    """`--sampler LCM --steps 4 --cfg 1`: LCMScheduler's grid, not the family's Karras (tests/test_lcm_schedules.py)."""
+    ours_pipe, pipe = sd1
+    pipe.scheduler = _reference_scheduler(pipe, "lcm")
+    reference = pipe(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH, num_inference_steps=4,
+                     guidance_scale=1.0, width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, sampler="LCM", steps=4, cfg_scale=1.0, seed=SEED, width=SIZE,
+                             height=SIZE, batch_size=BATCH)
+    assert ours.request.schedule == "trailing" and _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
 @pytest.mark.parametrize("preset", list(REFERENCES))
 def test_sd1_inpainting_preset_gives_the_diffusers_picture(sd1, preset):
     ours_pipe, pipe = sd1

@@ -48,6 +48,8 @@ k-diffusion / ComfyUI (``comfy/samplers.py``) / A1111 (``modules/sd_schedulers.p
   ``turbo``         sigmas[round(k T / n) - 1], k = n..1 (Forge)
   ``a1111_beta``    s_min + ppf(1 - linspace(0, 1, n)) * (s_max - s_min): A1111's "Beta", linear in sigma
   ``a1111_kl_optimal``  the atan ramp on n + 1 points, ending at s_min: A1111's "KL Optimal"
+  ``a1111_lcm``     sigma(t) log-interpolated on the 50 LCM timesteps 19, 39, ..., 999 at evenly spaced
+                    indices: A1111's LCM sampler's "Automatic" / "Uniform" grid, ending at t = 19
   A1111 and ComfyUI give "beta" and "kl_optimal" to different schedules: the plain names are ComfyUI's,
   A1111's labels "Beta" and "KL Optimal" pick its own (``schedule_names``).
 
@@ -249,6 +251,24 @@ def lcm_timesteps(steps: int, *, original_steps: int = LCM_ORIGINAL_STEPS, num_t
     origin = (torch.arange(1, original_steps + 1, dtype=torch.int64) * stride - 1).flip(0)  # (original_steps,)
     index = _linspace64(0, original_steps, steps + 1)[:-1].floor().long()                  # endpoint=False
     return origin[index]
+
+
+def a1111_lcm_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
+    """A1111's LCM sampler's grid (its "Automatic", "Uniform" and "Normal": ``LCMCompVisDenoiser.get_sigmas``).
+
+    A1111's LCM denoiser holds only the training sigmas at the 50 distillation timesteps t = 19, 39, ..., 999
+    (every (T / 50)-th, ending at T-1); ``steps`` points evenly spaced over that table's index, from its top to
+    its bottom, interpolate it in log sigma. The last step starts at t = 19 (sigma 0.1345 on SD's schedule),
+    where the boundary scalings still keep the model's x0, not at t = 0.
+    """
+    steps = _check_steps(steps)
+    stride = schedule.num_timesteps // LCM_ORIGINAL_STEPS
+    timesteps = schedule.num_timesteps - 1 - stride * torch.arange(LCM_ORIGINAL_STEPS).flip(0)  # (50,) ascending
+    log_table = schedule.sigmas.to(torch.float64).cpu()[timesteps].log()                      # (50,)
+    index = _linspace64(LCM_ORIGINAL_STEPS - 1, 0, steps)
+    low, high = index.floor().long(), index.ceil().long()
+    w = index - low.to(torch.float64)
+    return _finish(((1 - w) * log_table[low] + w * log_table[high]).exp(), schedule, final)
 
 
 def _euler_spacing_sigmas(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int) -> Tensor:
@@ -604,6 +624,7 @@ DISCRETIZATIONS: dict[str, Discretization] = {
     "turbo": turbo_sigmas,
     "a1111_beta": a1111_beta_sigmas,            # A1111's "Beta" and "KL Optimal" are other schedules than ComfyUI's
     "a1111_kl_optimal": a1111_kl_optimal_sigmas,
+    "a1111_lcm": a1111_lcm_sigmas,              # A1111's LCM sampler runs on its own 50-timestep table
 }
 
 
