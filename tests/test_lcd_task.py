@@ -297,6 +297,13 @@ def test_resume_continues_bit_for_bit_with_the_target_network(tiny_run_inputs, t
             for d in (straight, resumed)]
     assert all(torch.equal(ends[0][k], ends[1][k]) for k in ends[0])
     assert max_weight_diff(straight / "final.safetensors", model) > 0  # it trained
+    # the distilled model names how it draws: the LCM preset's sampler, grid, steps and CFG
+    import sdlab
+
+    assert [load_bundle(straight / name).preset for name in ("final.safetensors", "final-ema.safetensors")] == ["lcm"] * 2
+    result = sdlab.load(straight / "final.safetensors").txt2img("a red apple", width=16, height=16)
+    assert (result.request.sampler, result.request.schedule, result.request.steps, result.request.cfg_scale) == (
+        "LCM", "trailing", 4, 1.0)
 
 
 def _log(run: Path) -> list[tuple[float, float]]:

@@ -34,7 +34,8 @@ adapter that ships beside the base model instead of a second U-Net.
 
 Sampling: sdlab's "LCM" sampler (``sample_lcm``). At its timesteps (999, 759, 499, 259 for 4 steps) c_skip
 is below 4e-8, so what it uses is the student's plain x0 prediction; sample at CFG scale 1 (the teacher's
-guidance is distilled in).
+guidance is distilled in). Both deliverables name the ``lcm`` preset (``sdlab.preset``: LCM, its trailing
+grid, 4 steps, CFG 1), so they are drawn so when the request does not say otherwise.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class LCDTask(UNetTask):
 
     name = "lcd"
     ddp_names = ("unet", "lora_unet")
-    lora_preset = "lcm"   # an LCM-LoRA is drawn with the LCM sampler, 4 steps, CFG 1
+    preset = "lcm"        # the distilled model or LCM-LoRA is drawn with the LCM sampler, trailing, 4 steps, CFG 1
 
     def __init__(self, bundle: ModelBundle, options: LCDOptions | None = None):
         self.lcd = options or LCDOptions()

@@ -106,7 +106,7 @@ class UNetTask:
     name = "unet"
     ddp_names = ("unet", "lora_unet")  # trainable modules whose forward `loss` runs through `bind_wrapped`
     trains_text_input = False          # True when something before the text towers learns (embedding task)
-    lora_preset: str | None = None     # the preset a delivered LoRA names (`sdlab.preset`): how it is drawn
+    preset: str | None = None          # the preset the delivered model or LoRA names (`sdlab.preset`): how it is drawn
 
     def __init__(self, bundle: ModelBundle, options: UNetTaskOptions | None = None):
         self.options = options or UNetTaskOptions()
@@ -191,9 +191,10 @@ class UNetTask:
             save_lora_networks(path, networks, self.bundle.family, self.prediction, dtype=dtype,
                                resolution=self.options.resolution,
                                metadata={META_FAMILY: self.bundle.family.name, META_EMA: str(bool(ema)),
-                                         **({META_PRESET: self.lora_preset} if self.lora_preset else {})})
+                                         **({META_PRESET: self.preset} if self.preset else {})})
         else:
-            save_bundle(self.bundle, path, dtype=None if dtype == torch.float32 else dtype)
+            bundle = replace(self.bundle, preset=self.preset or self.bundle.preset)
+            save_bundle(bundle, path, dtype=None if dtype == torch.float32 else dtype)
 
     def preview(self, out_dir: Path, step: int) -> None:
         """Sample each fixed prompt with the generate pipeline (EMA weights swapped in by the loop)."""
