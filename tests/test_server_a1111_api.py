@@ -6,6 +6,7 @@ error messages and answers of the control routes. The session server runs the sh
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 
@@ -373,6 +374,110 @@ def test_samples_format_sets_the_base64_pictures_format_as_a1111s_encode_pil_to_
         assert client.get("/options").json()["samples_format"] == "png"
     finally:
         client.post("/options", json={"samples_format": "png", "jpeg_quality": 80})
+
+
+# ---------------------------------------------------------------- 8c. the parameters echo
+
+
+@dataclasses.dataclass
+class A1111Processing:                  # modules/processing.py StableDiffusionProcessing (1.10), its init fields
+    sd_model: object = None
+    outpath_samples: str = None
+    outpath_grids: str = None
+    prompt: str = ""
+    prompt_for_display: str = None
+    negative_prompt: str = ""
+    styles: list = None
+    seed: int = -1
+    subseed: int = -1
+    subseed_strength: float = 0
+    seed_resize_from_h: int = -1
+    seed_resize_from_w: int = -1
+    seed_enable_extras: bool = True
+    sampler_name: str = None
+    scheduler: str = None
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    restore_faces: bool = None
+    tiling: bool = None
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    extra_generation_params: dict = None
+    overlay_images: list = None
+    eta: float = None
+    do_not_reload_embeddings: bool = False
+    denoising_strength: float = None
+    ddim_discretize: str = None
+    s_min_uncond: float = None
+    s_churn: float = None
+    s_tmax: float = None
+    s_tmin: float = None
+    s_noise: float = None
+    override_settings: dict = None
+    override_settings_restore_afterwards: bool = True
+    sampler_index: int = None
+    refiner_checkpoint: str = None
+    refiner_switch_at: float = None
+    disable_extra_networks: bool = False
+    firstpass_image: object = None
+    comments: dict = None
+
+
+@dataclasses.dataclass
+class A1111Img2Img(A1111Processing):     # StableDiffusionProcessingImg2Img
+    init_images: list = None
+    resize_mode: int = 0
+    denoising_strength: float = 0.75
+    image_cfg_scale: float = None
+    mask: object = None
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    mask_blur: int = None                # a property in A1111: the API model's default is None
+    mask_round: bool = True
+    inpainting_fill: int = 0
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    initial_noise_multiplier: float = None
+    latent_mask: object = None
+    force_task_id: str = None
+
+
+A1111_API_NOT_ALLOWED = ["self", "kwargs", "sd_model", "outpath_samples", "outpath_grids", "sampler_index",
+                         "extra_generation_params", "overlay_images", "do_not_reload_embeddings", "seed_enable_extras",
+                         "prompt_for_display", "sampler_noise_scheduler_override", "ddim_discretize"]
+A1111_IMG2IMG_ADDED = {"sampler_index": "Euler", "init_images": None, "denoising_strength": 0.75, "mask": None,
+                       "include_init_images": False, "script_name": None, "script_args": [], "send_images": True,
+                       "save_images": False, "alwayson_scripts": {}, "force_task_id": None, "infotext": None}
+
+
+def a1111_img2img_request_defaults() -> dict:
+    """modules/api/models.py `PydanticModelGenerator` of StableDiffusionImg2ImgProcessingAPI: the processing
+    class's __init__ arguments but the API_NOT_ALLOWED, then the added fields, with their defaults."""
+    import inspect
+
+    fields = {name: p.default for name, p in inspect.signature(A1111Img2Img.__init__).parameters.items()
+              if name not in A1111_API_NOT_ALLOWED}
+    return {**fields, **A1111_IMG2IMG_ADDED}
+
+
+def test_parameters_echo_a1111s_whole_request_model(client):
+    """A1111 answers `parameters=vars(img2imgreq)`: every field of its request model, as sent (null too) or
+    at its default (sampler_index "Euler", steps 50, cfg_scale 7.0, width 512, ...), none it lacks."""
+    sent = {"prompt": "a cat", "steps": 2, "seed": 3, "sampler_name": "Euler a", "cfg_scale": None, "tiling": False,
+            "restore_faces": False, "enable_hr": True, "not_a1111s": 1, "init_images": [png_b64((64, 64), (9, 9, 9))]}
+    answer = client.post("/img2img", json=sent)
+    assert answer.status_code == 200, answer.text
+    a1111s = {key: value for key, value in sent.items() if key not in ("enable_hr", "not_a1111s")}
+    expected = {**a1111_img2img_request_defaults(), **a1111s, "init_images": None}     # not include_init_images
+    assert answer.json()["parameters"] == expected
+    body, _ = txt2img(client)
+    assert body["parameters"]["sampler_index"] == "Euler" and body["parameters"]["hr_negative_prompt"] == ""
+    assert body["parameters"]["denoising_strength"] == 0.75 and "mask" not in body["parameters"]
 
 
 # ---------------------------------------------------------------- 9. A1111's names in errors, interrupt's answer

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from fastapi import APIRouter, Request
 from PIL import Image
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, PrivateAttr, ValidatorFunctionWrapHandler, model_validator
 
 from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
@@ -80,10 +80,40 @@ BUILTIN_VAE = ("Automatic", "None")
 """A1111's `sd_vae` choices that keep the checkpoint's own VAE; this server has no separate VAE files."""
 
 
+_A1111_PROCESSING = {                  # StableDiffusionProcessing's __init__ arguments the API takes, A1111 1.10
+    "prompt": "", "negative_prompt": "", "styles": None, "seed": -1, "subseed": -1, "subseed_strength": 0,
+    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": None, "scheduler": None, "batch_size": 1,
+    "n_iter": 1, "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "restore_faces": None, "tiling": None,
+    "do_not_save_samples": False, "do_not_save_grid": False, "eta": None, "denoising_strength": None,
+    "s_min_uncond": None, "s_churn": None, "s_tmax": None, "s_tmin": None, "s_noise": None,
+    "override_settings": None, "override_settings_restore_afterwards": True, "refiner_checkpoint": None,
+    "refiner_switch_at": None, "disable_extra_networks": False, "firstpass_image": None, "comments": None,
+}
+_A1111_API_FIELDS = {                  # the fields modules/api/models.py adds to both request models
+    "sampler_index": "Euler", "script_name": None, "script_args": [], "send_images": True, "save_images": False,
+    "alwayson_scripts": {}, "force_task_id": None, "infotext": None,
+}
+A1111_TXT2IMG_FIELDS = {
+    **_A1111_PROCESSING, "enable_hr": False, "denoising_strength": 0.75, "firstphase_width": 0,
+    "firstphase_height": 0, "hr_scale": 2.0, "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0,
+    "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
+    "hr_negative_prompt": "", **_A1111_API_FIELDS,
+}
+"""A1111's `StableDiffusionTxt2ImgProcessingAPI`: every field and its default."""
+A1111_IMG2IMG_FIELDS = {
+    **_A1111_PROCESSING, "init_images": None, "resize_mode": 0, "denoising_strength": 0.75, "image_cfg_scale": None,
+    "mask": None, "mask_blur_x": 4, "mask_blur_y": 4, "mask_blur": None, "mask_round": True, "inpainting_fill": 0,
+    "inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0,
+    "initial_noise_multiplier": None, "latent_mask": None, **_A1111_API_FIELDS, "include_init_images": False,
+}
+"""A1111's `StableDiffusionImg2ImgProcessingAPI`: every field and its default."""
+
+
 class Txt2ImgIn(NullsAreDefaults):
     """The fields sdlab uses; any other A1111 field is accepted and ignored."""
 
     model_config = ConfigDict(extra="allow")
+    _sent_nulls: frozenset[str] = PrivateAttr(default=frozenset())   # the fields sent as null (`_echo`)
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -117,6 +147,15 @@ class Txt2ImgIn(NullsAreDefaults):
     override_settings_restore_afterwards: bool = True     # False: the overrides stay, as `POST options` sets them
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # only "controlnet" is used
     disable_extra_networks: bool = False    # True: the prompt's <kind:...> tags taken out, none applied
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _note_nulls(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Txt2ImgIn:
+        """The body, knowing which fields were sent as null (they take their defaults, but A1111 echoes null)."""
+        body = handler(data)
+        if isinstance(data, dict):
+            body._sent_nulls = frozenset(key for key, value in data.items() if value is None)
+        return body
 
 
 class Img2ImgIn(Txt2ImgIn):
@@ -242,15 +281,26 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
         options = _options(service)         # as A1111 encodes: after the request's overrides are restored
         images = [_stored_picture(service.images_dir / name, text, options)
                   for name, text in zip(job.images, job.infotexts)]
-    echo = body.model_dump()
-    echo["alwayson_scripts"] = _without_images(body.alwayson_scripts)
-    if isinstance(body, Img2ImgIn) and not body.include_init_images:
-        echo["init_images"], echo["mask"] = None, None
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
     extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job.settings)}
     info = _info(job, body, name, extra, batch_size=request.batch_size)
-    return {"images": images, "parameters": echo, "info": json.dumps(info)}
+    return {"images": images, "parameters": _echo(body), "info": json.dumps(info)}
+
+
+def _echo(body: Txt2ImgIn) -> dict[str, Any]:
+    """A1111's `parameters`, `vars(request)` of its request model: what the client sent (null included) over
+    the model's defaults (`A1111_TXT2IMG_FIELDS`, `A1111_IMG2IMG_FIELDS`), fields the model lacks left out;
+    ControlNet units without their images (`_without_images`), and img2img's init_images and mask only with
+    include_init_images, as A1111 answers."""
+    fields = A1111_IMG2IMG_FIELDS if isinstance(body, Img2ImgIn) else A1111_TXT2IMG_FIELDS
+    sent = {**body.model_dump(include=body.model_fields_set), **dict.fromkeys(body._sent_nulls)}
+    echo = {key: sent.get(key, default) for key, default in fields.items()}
+    if echo["alwayson_scripts"]:
+        echo["alwayson_scripts"] = _without_images(echo["alwayson_scripts"])
+    if isinstance(body, Img2ImgIn) and not body.include_init_images:
+        echo["init_images"], echo["mask"] = None, None
+    return echo
 
 
 _A1111_FIELDS = {"hr_steps": "hr_second_pass_steps", "hr_denoise": "denoising_strength", "hr_width": "hr_resize_x",
