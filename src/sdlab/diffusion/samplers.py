@@ -23,7 +23,7 @@ device whichever name runs it. Each row (``SamplerSpec``) says
   uses a Brownian tree too, its DPMSolverMultistep SDE variants do not). DDIM draws only when eta > 0;
   Euler / Heun / DPM2 draw only with churn (``s_churn > 0``) and count as deterministic;
 - whether it wants the schedule's ``sigma_to_t`` (LCM's boundary scalings depend on the timestep) and
-  ``t_to_sigma`` (TCD jumps to an integer training timestep);
+  ``t_to_sigma`` (TCD jumps to an integer training timestep, SA-Solver's SDE interval is one of timesteps);
 - which diffusers scheduler family's timestep spacing it takes when a diffusers spacing (``leading``,
   ``trailing``, ``linspace``) is named (``spacing``, see ``discretization.diffusers_spacing_sigmas``):
   the family of the diffusers scheduler that implements it. diffusers' DPMSolverMultistep (2M, 2M SDE,
@@ -191,6 +191,14 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec(None, "res_multistep", C.sample_res_multistep, noise=_GAUSS),
     SamplerSpec(None, "res_multistep_ancestral", partial(C.sample_res_multistep, eta=1.0), noise=_GAUSS),
     SamplerSpec(None, "gradient_estimation", C.sample_gradient_estimation),
+    # ComfyUI's SDE solvers (sampling_comfy), fresh Gaussian noise within each step; SA-Solver is an SDE between two
+    # of the model's timesteps (t_to_sigma), an ODE elsewhere
+    SamplerSpec(None, "er_sde", C.sample_er_sde, noise=_GAUSS),
+    SamplerSpec(None, "seeds_2", C.sample_seeds_2, noise=_GAUSS, calls_per_step=2),
+    SamplerSpec(None, "seeds_3", C.sample_seeds_3, noise=_GAUSS, calls_per_step=3),
+    SamplerSpec(None, "sa_solver", C.sample_sa_solver, noise=_GAUSS, wants_t_to_sigma=True),
+    SamplerSpec(None, "sa_solver_pece", partial(C.sample_sa_solver, use_pece=True), noise=_GAUSS,
+                wants_t_to_sigma=True, calls_per_step=2),
     # CFG++ (sampling_comfy): ComfyUI's *_cfg_pp; Forge's "Euler CFG++", "Euler a CFG++", "DPM++ 2M CFG++" are the same
     SamplerSpec("Euler CFG++", "euler_cfg_pp", C.sample_euler_cfg_pp, cfg_pp=True),
     SamplerSpec("Euler a CFG++", "euler_ancestral_cfg_pp", C.sample_euler_ancestral_cfg_pp, noise=_GAUSS, cfg_pp=True),

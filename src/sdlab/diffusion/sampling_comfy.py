@@ -19,6 +19,15 @@ but renoise along the unguided one D_u (``guidance.with_unguided``): Euler's ``x
 ``sample_dpmpp_2s_ancestral_cfg_pp``, and ``cfg_pp=True`` of ``sample_res_multistep`` and
 ``sample_gradient_estimation``. They take ComfyUI's variance-exploding branch (alpha = 1).
 
+ComfyUI's SDE solvers in data prediction, their variance-exploding branch too (half-log-SNR lambda = -log sigma):
+
+- ``sample_er_sde``: ER-SDE-Solver-3 (Cui et al. 2023, arXiv 2309.06169), third order from the third step on;
+- ``sample_seeds_2`` / ``sample_seeds_3``: SEEDS of two and three stages (Gonzalez et al. 2023, arXiv 2305.14267);
+- ``sample_sa_solver``: SA-Solver (Xue et al. 2023, arXiv 2309.05019), stochastic Adams predictor-corrector,
+  ``use_pece=True`` re-evaluating the corrected state (``sa_solver_pece``), weights from ``sdlab.diffusion.sa_solver``.
+
+Each draws its fresh Gaussian noise from the ``noise`` source, in ComfyUI's order and with its sigmas.
+
 A step to sigma 0 is a plain Euler step (the denoised estimate) where ComfyUI's is.
 """
 
@@ -34,14 +43,16 @@ from sdlab.diffusion.deis import deis_coefficients
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.guidance import with_unguided
 from sdlab.diffusion.noise import NoiseSource
+from sdlab.diffusion.sa_solver import adams_weights, comfy_percent_to_sigma, tau_interval
 from sdlab.diffusion.sampling_ldm import ADAMS_BASHFORTH
 from sdlab.diffusion.steps import (
     StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d, within_step,
 )
 
 __all__ = [
-    "sample_deis", "sample_dpmpp_2m_cfg_pp", "sample_dpmpp_2s_ancestral_cfg_pp", "sample_euler_ancestral_cfg_pp",
-    "sample_gradient_estimation", "sample_heunpp2", "sample_ipndm", "sample_ipndm_v", "sample_res_multistep",
+    "sample_deis", "sample_dpmpp_2m_cfg_pp", "sample_dpmpp_2s_ancestral_cfg_pp", "sample_er_sde",
+    "sample_euler_ancestral_cfg_pp", "sample_gradient_estimation", "sample_heunpp2", "sample_ipndm", "sample_ipndm_v",
+    "sample_res_multistep", "sample_sa_solver", "sample_seeds_2", "sample_seeds_3",
 ]
 
 
@@ -374,3 +385,275 @@ def sample_dpmpp_2s_ancestral_cfg_pp(
             x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)  # type: ignore[misc]
         x = x + (denoised - unguided)
     return x
+
+
+def _er_sde_noise_scaler(lam: Tensor) -> Tensor:
+    """ER-SDE-Solver-3's noise scale function ``lambda (e^(lambda^0.3) + 10)`` (ComfyUI's default)."""
+    return lam * ((lam**0.3).exp() + 10.0)
+
+
+ER_SDE_POINTS = 200
+"""The points of the Riemann sums of ER-SDE's second and third stage (ComfyUI's ``num_integration_points``)."""
+
+
+@torch.no_grad()
+def sample_er_sde(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    s_noise: float = 1.0,
+    max_stage: int = 3,
+    noise_scaler: Callable[[Tensor], Tensor] = _er_sde_noise_scaler,
+) -> Tensor:
+    """ER-SDE-Solver-3 (Cui et al. 2023, arXiv 2309.06169; ComfyUI's ``er_sde``) in lambda = sigma: with
+    r = f(sigma') / f(sigma) (f: ``noise_scaler``), ``x' = r x + (1 - r) D``, from the second step on plus the
+    first difference of D over sigma times ``dt + f(sigma') S1``, from the third the second difference times
+    ``dt^2 / 2 + f(sigma') S2`` (S1, S2: Riemann sums of 1 / f and (lambda - sigma) / f over the step); then
+    ``sqrt(sigma'^2 - r^2 sigma^2)`` of fresh noise, drawn at every step to a positive sigma while s_noise > 0.
+    The step to sigma 0 returns D."""
+    if s_noise > 0:
+        noise = require_noise(noise, "er_sde", "s_noise > 0")
+    levels = sigmas.tolist()
+    points = torch.arange(ER_SDE_POINTS, dtype=torch.float32)    # (200,): the sums run in float32, as ComfyUI's
+    old_denoised: Tensor | None = None
+    old_difference: Tensor | None = None
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))                              # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        if sigma_next == 0:
+            x = denoised
+        else:
+            lam, lam_next = torch.tensor(sigma, dtype=torch.float64), torch.tensor(sigma_next, dtype=torch.float64)
+            scale_next = noise_scaler(lam_next)
+            r = float(scale_next / noise_scaler(lam))
+            x = r * x + (1 - r) * denoised
+            stage = min(max_stage, i + 1)
+            if stage >= 2:
+                dt = sigma_next - sigma
+                width = torch.tensor(-dt / ER_SDE_POINTS, dtype=torch.float64)
+                at = lam_next + points * width                                          # (200,) float32
+                scaled = noise_scaler(at)
+                difference = (denoised - old_denoised) / (sigma - levels[i - 1])        # type: ignore[operator]
+                x = x + (dt + float((1 / scaled).sum() * width * scale_next)) * difference
+                if stage >= 3:
+                    s_u = float(((at - sigma) / scaled).sum() * width * scale_next)
+                    second = (difference - old_difference) / ((sigma - levels[i - 2]) / 2)  # type: ignore[operator]
+                    x = x + (dt**2 / 2 + s_u) * second
+                old_difference = difference
+            if s_noise > 0:
+                spread = math.sqrt(max(sigma_next**2 - sigma**2 * r**2, 0.0))
+                x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * spread)            # type: ignore[misc]
+        old_denoised = denoised
+    return x
+
+
+def _phi_1(h: float) -> float:
+    """``h phi_1(h) = e^h - 1`` (ComfyUI's ``ei_h_phi_1``)."""
+    return math.expm1(h)
+
+
+def _phi_2(h: float) -> float:
+    """``h phi_2(h) = (e^h - 1 - h) / h`` (ComfyUI's ``ei_h_phi_2``)."""
+    return (math.expm1(h) - h) / h
+
+
+class _SeedsNoise:
+    """SEEDS' noise along one step: each stage's Gaussian increment decays with the step's exponential and adds
+    fresh noise for its own segment, so the last stage's noise carries the earlier ones (ComfyUI's ``sde_noise``)."""
+
+    def __init__(self, noise: NoiseSource | None, sigmas: Tensor, rate: float) -> None:
+        self.noise, self.sigmas, self.rate = noise, sigmas, rate    # rate: h eta
+        self.total: Tensor | float = 0.0
+
+    def segment(self, r_from: float, r_to: float, sigma_from: float, sigma_to: float) -> Tensor:
+        """The noise from r_from h to r_to h into the step, at unit scale."""
+        factor = (r_from - r_to) * self.rate
+        fresh = self.noise(self.sigmas.new_tensor(sigma_from), self.sigmas.new_tensor(sigma_to))  # type: ignore[misc]
+        self.total = self.total * math.exp(factor) + math.sqrt(-math.expm1(2 * factor)) * fresh
+        return self.total  # type: ignore[return-value]
+
+
+def _seeds_stage(x: Tensor, sigma: float, sigma_to: float, r: float, h: float, eta: float,
+                 weighted: Tensor) -> Tensor:
+    """``x`` carried from sigma to the stage at ``r h``: ``(sigma_to / sigma) e^(-r h eta) x - weighted``."""
+    return (sigma_to / sigma) * math.exp(-r * h * eta) * x - weighted
+
+
+@torch.no_grad()
+def sample_seeds_2(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+    solver_type: str = "phi_1",
+) -> Tensor:
+    """SEEDS-2 (Gonzalez et al. 2023, arXiv 2305.14267; ComfyUI's ``seeds_2``): in lambda = -log sigma, h =
+    lambda' - lambda, a first stage at lambda + r h, ``x_2 = (sigma_2 / sigma) e^(-r h eta) x - expm1(-r h (1 +
+    eta)) D`` plus its noise, then the step with D and D_2 mixed (``phi_1``: D + (D_2 - D) / (2 r); ``phi_2``: the
+    exponential integrator's b1, b2) plus the noise of both segments; two model calls a step, the step to sigma 0
+    returns D. ``eta`` sets the SDE's strength (0: the ODE)."""
+    if solver_type not in ("phi_1", "phi_2"):
+        raise ValueError(f"solver_type must be 'phi_1' or 'phi_2', got {solver_type!r}")
+    inject = eta > 0 and s_noise > 0
+    if inject:
+        noise = require_noise(noise, "seeds_2", "eta > 0")
+    levels = sigmas.tolist()
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))                              # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = math.log(sigma) - math.log(sigma_next)
+        h_eta = h * (eta + 1)
+        sigma_2 = math.exp(math.log(sigma) - r * h)
+        step_noise = _SeedsNoise(noise, sigmas, h * eta)
+        x_2 = _seeds_stage(x, sigma, sigma_2, r, h, eta, _phi_1(-r * h_eta) * denoised)
+        if inject:
+            x_2 = x_2 + step_noise.segment(0.0, r, sigma, sigma_2) * (sigma_2 * s_noise)
+        denoised_2 = model(x_2, sigma_batch(sigma_2, x, sigmas))
+        if solver_type == "phi_1":
+            weighted = _phi_1(-h_eta) * torch.lerp(denoised, denoised_2, 1 / (2 * r))
+        else:
+            b2 = _phi_2(-h_eta) / r
+            weighted = (_phi_1(-h_eta) - b2) * denoised + b2 * denoised_2
+        x = _seeds_stage(x, sigma, sigma_next, 1.0, h, eta, weighted)
+        if inject:
+            x = x + step_noise.segment(r, 1.0, sigma_2, sigma_next) * (sigma_next * s_noise)
+    return x
+
+
+@torch.no_grad()
+def sample_seeds_3(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r_1: float = 1.0 / 3,
+    r_2: float = 2.0 / 3,
+) -> Tensor:
+    """SEEDS-3 (ComfyUI's ``seeds_3``): ``sample_seeds_2``'s stages at lambda + r_1 h and lambda + r_2 h (the second
+    from D and D_2 with the weights of phi_2), the step from D and D_3; each stage adds its segment's noise; three
+    model calls a step, the step to sigma 0 returns D."""
+    inject = eta > 0 and s_noise > 0
+    if inject:
+        noise = require_noise(noise, "seeds_3", "eta > 0")
+    levels = sigmas.tolist()
+    for i in range(len(levels) - 1):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x, sigma_batch(sigma, x, sigmas))                              # (B, C, h, w)
+        report_step(callback, i, x, sigma, sigma_next, denoised)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = math.log(sigma) - math.log(sigma_next)
+        h_eta = h * (eta + 1)
+        sigma_2, sigma_3 = (math.exp(math.log(sigma) - r * h) for r in (r_1, r_2))
+        step_noise = _SeedsNoise(noise, sigmas, h * eta)
+        x_2 = _seeds_stage(x, sigma, sigma_2, r_1, h, eta, _phi_1(-r_1 * h_eta) * denoised)
+        if inject:
+            x_2 = x_2 + step_noise.segment(0.0, r_1, sigma, sigma_2) * (sigma_2 * s_noise)
+        denoised_2 = model(x_2, sigma_batch(sigma_2, x, sigmas))
+        a2 = r_2 / r_1 * _phi_2(-r_2 * h_eta)
+        x_3 = _seeds_stage(x, sigma, sigma_3, r_2, h, eta, (_phi_1(-r_2 * h_eta) - a2) * denoised + a2 * denoised_2)
+        if inject:
+            x_3 = x_3 + step_noise.segment(r_1, r_2, sigma_2, sigma_3) * (sigma_3 * s_noise)
+        denoised_3 = model(x_3, sigma_batch(sigma_3, x, sigmas))
+        b3 = _phi_2(-h_eta) / r_2
+        x = _seeds_stage(x, sigma, sigma_next, 1.0, h, eta, (_phi_1(-h_eta) - b3) * denoised + b3 * denoised_3)
+        if inject:
+            x = x + step_noise.segment(r_2, 1.0, sigma_3, sigma_next) * (sigma_next * s_noise)
+    return x
+
+
+SA_SOLVER_SDE_PERCENTS = (0.2, 0.8)
+"""Where ComfyUI's KSampler runs SA-Solver as an SDE: from percent_to_sigma(0.2) down to percent_to_sigma(0.8)."""
+
+
+@torch.no_grad()
+def sample_sa_solver(
+    model: DenoiseFn,
+    x: Tensor,
+    sigmas: Tensor,
+    *,
+    noise: NoiseSource | None = None,
+    callback: StepCallback | None = None,
+    t_to_sigma: Callable[[Tensor], Tensor] | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    predictor_order: int = 3,
+    corrector_order: int = 4,
+    use_pece: bool = False,
+) -> Tensor:
+    """SA-Solver (Xue et al. 2023; ComfyUI's ``sa_solver``): a stochastic Adams predictor of order up to
+    ``predictor_order`` on the last denoised estimates, each step first corrected with the new estimate by a
+    stochastic Adams-Moulton corrector of order up to ``corrector_order`` (not on the first step, nor the last
+    unless ``use_pece``); weights from ``sa_solver.adams_weights`` in lambda = -log sigma. The noise strength tau
+    is ``eta`` for the sigmas between ComfyUI's percent_to_sigma(0.2) and (0.8) of the model (``t_to_sigma``),
+    0 elsewhere; the predictor's noise ``sigma' sqrt(1 - e^(-2 tau^2 h))`` carries into the corrected state. With
+    a schedule ending at 0 the orders fall towards the end (the predictor's to the steps left after this one).
+    ``use_pece`` (``sa_solver_pece``): the corrected state is evaluated again (two model calls a step)."""
+    if len(sigmas) <= 1:
+        return x
+    if t_to_sigma is None:
+        raise ValueError("sa_solver needs the model's t_to_sigma: its SDE interval is a range of the model's timesteps")
+    tau_of = tau_interval(*(comfy_percent_to_sigma(t_to_sigma, p) for p in SA_SOLVER_SDE_PERCENTS), eta)
+    levels = sigmas.tolist()
+    lambdas = [-math.log(s) if s > 0 else math.inf for s in levels]
+    last = len(levels) - 1
+    lower_order_to_end = levels[-1] == 0
+    history: list[Tensor] = []  # denoised estimates, oldest first
+    x_pred, tau, h = x, 0.0, 0.0
+    step_noise: Tensor | None = None
+    for i in range(last):
+        sigma, sigma_next = levels[i], levels[i + 1]
+        denoised = model(x_pred, sigma_batch(sigma, x, sigmas))                         # (B, C, h, w)
+        report_step(callback, i, x_pred, sigma, sigma_next, denoised)
+        history = _keep_last(history, denoised, max(predictor_order, corrector_order))
+        order = min(predictor_order, len(history))
+        corrector = 0 if i == 0 or (sigma_next == 0 and not use_pece) else min(corrector_order, len(history))
+        if lower_order_to_end:
+            order, corrector = min(order, last - 1 - i), min(corrector, last - i)
+        if corrector == 0:
+            x = x_pred
+        else:
+            weights = adams_weights(lambdas[i - corrector + 1:i + 1], lambdas[i - 1], lambdas[i], tau)
+            x = (sigma / levels[i - 1]) * math.exp(-(tau**2) * h) * x + _weighted(weights, history[-corrector:])
+            if step_noise is not None:
+                x = x + step_noise
+            if use_pece:
+                denoised = model(x, sigma_batch(sigma, x, sigmas))
+                history[-1] = denoised
+        if sigma_next == 0:
+            x_pred = denoised
+            continue
+        tau = tau_of(sigma_next)
+        weights = adams_weights(lambdas[i - order + 1:i + 1], lambdas[i], lambdas[i + 1], tau)
+        h = lambdas[i + 1] - lambdas[i]
+        x_pred = (sigma_next / sigma) * math.exp(-(tau**2) * h) * x + _weighted(weights, history[-order:])
+        step_noise = None
+        if tau > 0 and s_noise > 0:
+            source = require_noise(noise, "sa_solver", "eta > 0")
+            step_noise = source(sigmas[i], sigmas[i + 1]) * (sigma_next * math.sqrt(-math.expm1(-2 * tau**2 * h))
+                                                              * s_noise)
+            x_pred = x_pred + step_noise
+    return x_pred
+
+
+def _weighted(weights: Sequence[float], estimates: Sequence[Tensor]) -> Tensor:
+    """``sum_j w_j D_j``."""
+    return sum(w * d for w, d in zip(weights, estimates))  # type: ignore[return-value]
