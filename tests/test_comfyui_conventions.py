@@ -74,6 +74,40 @@ class BrownianTreeNoiseSampler:
         return self.tree(t0, t1) / (t1 - t0).abs().sqrt()
 
 
+def prepare_noise(latent_image, seed):
+    """comfy/sample.py ``prepare_noise`` (no batch_index): the seed's first draw, the whole batch at once."""
+    generator = torch.manual_seed(seed)
+    return torch.randn(latent_image.size(), dtype=latent_image.dtype, layout=latent_image.layout, generator=generator,
+                       device="cpu")
+
+
+def max_denoise(model_sigma_max, sigmas):
+    """comfy/samplers.py ``Sampler.max_denoise``."""
+    max_sigma = float(model_sigma_max)
+    sigma = float(sigmas[0])
+    return math.isclose(max_sigma, sigma, rel_tol=1e-05) or sigma > max_sigma
+
+
+def ksampler(sampler_function, model, sigmas, seed, latent_image, model_sigma_max):
+    """comfy/samplers.py ``KSAMPLER.sample`` as ``nodes.common_ksampler`` calls it (no mask): the noise of
+    ``prepare_noise``, scaled by ``noise_scaling`` (with ``max_denoise``) and added to the latent, then the sampler
+    with the seed in its extra_args."""
+    noise = prepare_noise(latent_image, seed)
+    x = eps_noise_scaling(sigmas[0], noise, latent_image.clone(), max_denoise(model_sigma_max, sigmas))
+    return sampler_function(model, x, sigmas, extra_args={"seed": seed})
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None):
+    """comfy/k_diffusion/sampling.py ``sample_euler`` (no churn, ComfyUI's KSampler default)."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
 def default_noise_sampler(x, seed=None):
     """comfy/k_diffusion/sampling.py ``default_noise_sampler``: a generator of its own, seeded seed + 1 on the CPU
     (the seed itself on a GPU, whose numbers no CPU draws)."""
@@ -228,6 +262,52 @@ def test_comfyuis_lcm_on_the_tiny_model(monkeypatch, tiny, schedule):
     (max) off ComfyUI's picture."""
     run = sdlab_run(monkeypatch, tiny, sampler="lcm", schedule=schedule, steps=8, cfg_scale=1.0)
     reference = sample_lcm(run["model"], run["x"].clone(), run["sigmas"], noise_sampler=replayed(run["draws"]))
+    assert_same_latents(run["out"], reference)
+
+
+# -- the start: ComfyUI's noise_scaling with max_denoise ------------------------------------------------------------
+@pytest.mark.parametrize("schedule, denoise", [("karras", None), ("normal", None), ("ddim_uniform", None),
+                                               ("karras", 0.6), ("simple", 1.0)])
+def test_the_start_is_comfyuis_noise_scaling(schedule, denoise):
+    """ComfyUI's KSAMPLER.sample starts from noise * sqrt(1 + sigma^2) + latent where sigmas[0] is the model's
+    sigma_max (Sampler.max_denoise; denoise 1 with an init latent too), else noise * sigma + latent (ddim_uniform's
+    first sigma, 14.37 at 20 steps, lies below 14.61; img2img below denoise 1). sdlab's "comfyui" convention."""
+    import comfy_reference as C
+    from sdlab.diffusion.model_sampling import DiscreteModelSampling
+    from sdlab.diffusion.schedules import NoiseSchedule
+
+    sampling = DiscreteModelSampling(NoiseSchedule.sd(), "v")
+    sigmas = C.ksampler_sigmas(C.ModelSamplingDiscrete(), "euler", schedule, 20, denoise)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2))
+    latent = torch.zeros_like(noise) if denoise is None else torch.randn(noise.shape, generator=torch.Generator())
+    reference = eps_noise_scaling(sigmas[0], noise, latent.clone(), max_denoise(sampling.sigma_max, sigmas))
+    ours = sampling.noise_scaling(sigmas[0], noise, None if denoise is None else latent, init_noise="comfyui")
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_comfyui_names_take_comfyuis_start_by_default():
+    """The rule resolve applies: a ComfyUI spelling on a non-diffusers schedule starts by ComfyUI's rule; an A1111
+    spelling at sigma_max; a diffusers spacing as its diffusers scheduler, whatever the spelling."""
+    from sdlab.pipeline.request import GenerationRequest, resolve
+
+    def init_noise(sampler, schedule):
+        request = GenerationRequest("x", sampler=sampler, schedule=schedule, seed=1)
+        return resolve(request, default_size=64, default_sampler="dpmpp_2m", default_schedule="karras",
+                       factor=8).init_noise
+
+    assert [init_noise("euler", "karras"), init_noise("Euler", "karras"), init_noise(None, "karras")] == \
+        ["comfyui", "sigma_max", "sigma_max"]
+    assert init_noise("euler", "leading") == init_noise("Euler", "leading") == "vp"
+
+
+@pytest.mark.parametrize("schedule", ["karras", "ddim_uniform"])
+def test_comfyuis_txt2img_on_the_tiny_model(monkeypatch, tiny, schedule):
+    """`euler` on the shipped model, 20 steps at CFG 5: ComfyUI's whole KSampler (prepare_noise, noise_scaling
+    with max_denoise, sample_euler) on sdlab's denoiser gives sdlab's latents. Before, sdlab started karras at
+    noise * sigma_max: 1/255 max off ComfyUI's picture (the factor is 1.0023)."""
+    run = sdlab_run(monkeypatch, tiny, sampler="euler", schedule=schedule, steps=20)
+    reference = ksampler(sample_euler, run["model"], run["sigmas"], SEED, torch.zeros_like(run["x"]),
+                         tiny.bundle.model_sampling.sigma_max)
     assert_same_latents(run["out"], reference)
 
 

@@ -480,6 +480,63 @@ def test_parameters_echo_a1111s_whole_request_model(client):
     assert body["parameters"]["denoising_strength"] == 0.75 and "mask" not in body["parameters"]
 
 
+# ---------------------------------------------------------------- 8d. progress by A1111's batches
+
+
+def a1111_progress_states(n_iter: int, passes: tuple[int, ...]):
+    """A1111's `shared.state` after each sampler step: `process_images_inner` runs n_iter batches and calls
+    `state.nextjob()` after each, the hires fix's `sample_hr_pass` calls it before its pass (and `init`
+    doubles job_count), the sampler sets `sampling_steps` and counts `sampling_step`; `progressapi`'s progress."""
+    job_count = n_iter * len(passes)
+    job_no = 0
+    for _ in range(n_iter):
+        for steps in passes:
+            for step in range(1, steps + 1):
+                progress = 0.01 + job_no / job_count + 1 / job_count * step / steps
+                yield (job_count, job_no, step, steps), min(progress, 1)
+            job_no += 1
+
+
+@pytest.mark.parametrize("fields, n_iter", [({"steps": 4}, 3), ({"steps": 3, "hr_scale": 2, "hr_steps": 5}, 2),
+                                            ({"steps": 10, "init_image": Image.new("RGB", (8, 8)), "strength": 0.5,
+                                              "img2img_convention": "a1111"}, 2)])
+def test_progress_counts_a1111s_batches_and_passes(fields, n_iter):
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.a1111 import _a1111_jobs
+    from sdlab.server.inputs import JobSpec
+    from sdlab.server.jobs import pass_steps
+
+    spec = JobSpec(GenerationRequest("x", **fields), batch_count=n_iter)
+    passes = pass_steps(spec.request)
+    assert passes == {3: (3, 5), 4: (4,), 10: (6,)}[fields["steps"]]          # img2img: int(10 x 0.5) + 1
+    for step, (state, _) in enumerate(a1111_progress_states(n_iter, passes), start=1):
+        assert _a1111_jobs(spec, step) == state, step
+
+
+def test_progress_during_n_iter_is_a1111s(client):
+    """A1111's progressapi during an n_iter job: job_count = n_iter, job_no the batch, sampling_steps a batch's
+    steps, progress = 0.01 + job_no / job_count + sampling_step / sampling_steps / job_count."""
+    import threading
+
+    result = {}
+    body = {"prompt": "batches", "steps": 60, "n_iter": 3, "width": 64, "height": 64}
+    worker = threading.Thread(target=lambda: result.update(r=client.post("/txt2img", json=body)))
+    worker.start()
+    seen = []
+    while worker.is_alive():
+        progress = client.get("/progress").json()
+        if progress["state"]["sampling_steps"]:
+            seen.append(progress)
+    worker.join()
+    assert result["r"].status_code == 200 and seen
+    for progress in seen:
+        state = progress["state"]
+        assert (state["job_count"], state["sampling_steps"]) == (3, 60) and 0 <= state["job_no"] < 3
+        expected = 0.01 + state["job_no"] / 3 + state["sampling_step"] / 60 / 3
+        assert progress["progress"] == pytest.approx(min(expected, 1))
+    assert len({progress["state"]["job_no"] for progress in seen}) >= 2
+
+
 # ---------------------------------------------------------------- 9. A1111's names in errors, interrupt's answer
 
 

@@ -88,7 +88,7 @@ def test_sigterm_answers_waiting_a1111_calls_and_records_the_running_job_interru
         for waiter in waiters:
             waiter.start()
         deadline = time.monotonic() + 120
-        while client.get("/sdapi/v1/progress").json()["state"]["job_count"] < 1 + len(waiters):
+        while sum(job["status"] == "queued" for job in client.get("/api/jobs").json()["jobs"]) < len(waiters):
             assert time.monotonic() < deadline, "the A1111 calls were never queued"
             time.sleep(0.05)
     server.stop()

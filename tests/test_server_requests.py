@@ -146,10 +146,12 @@ def test_progress_counts_both_hires_passes(client, body, total):
         progress = client.get("/sdapi/v1/progress").json()
         state = progress["state"]
         if state["sampling_steps"]:
-            seen.append((progress["progress"], progress["eta_relative"], state["sampling_step"], state["sampling_steps"]))
+            seen.append((progress["progress"], progress["eta_relative"], state))
     assert job["status"] == "done" and job["step"] == job["steps"] == total, job
-    for done, eta, step, steps in seen:
-        assert 0 <= done <= 1 and eta >= 0 and step <= steps == total, seen
+    passes = (body["steps"], total - body["steps"])          # A1111 counts each pass as a job of its own
+    for done, eta, state in seen:
+        assert 0 <= done <= 1 and eta >= 0 and state["job_count"] == 2, seen
+        assert state["sampling_step"] <= state["sampling_steps"] == passes[state["job_no"]], seen
 
 
 def test_a1111_progress_during_the_hires_pass(client):
@@ -168,9 +170,11 @@ def test_a1111_progress_during_the_hires_pass(client):
     assert samples, "the job was never seen running"
     for progress in samples:
         state = progress["state"]
-        assert state["sampling_steps"] == 2 + MAX_STEPS and state["sampling_step"] <= state["sampling_steps"]
+        assert state["job_count"] == 2 and state["sampling_steps"] == (2, MAX_STEPS)[state["job_no"]]
+        assert state["sampling_step"] <= state["sampling_steps"]
         assert 0 <= progress["progress"] <= 1 and progress["eta_relative"] >= 0
-        assert progress["textinfo"] == f"step {state['sampling_step']}/{2 + MAX_STEPS}"
+        done = state["job_no"] * 2 + state["sampling_step"]         # the whole job's steps, the first pass's 2 in
+        assert progress["textinfo"] == f"step {done}/{2 + MAX_STEPS}"
 
 
 # ---------------------------------------------------------------- 5. base64 with line breaks

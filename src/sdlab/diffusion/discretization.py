@@ -721,41 +721,55 @@ def img2img_sigmas(
 
 
 # -- initial noise scale ----------------------------------------------------------------------
-INIT_NOISE_CONVENTIONS = ("sigma_max", "vp", "diffusers_leading")
+INIT_NOISE_CONVENTIONS = ("sigma_max", "vp", "diffusers_leading", "comfyui")
 DIFFUSERS_NAMES = tuple(_DIFFUSERS_DISCRETIZATIONS)
 
 
-def default_init_noise(name: str, scheduler: str = "euler") -> str:
+def default_init_noise(name: str, scheduler: str = "euler", *, comfyui: bool = False) -> str:
     """The initial-noise convention that schedule ``name`` brings when the caller sets none.
 
     The one rule (``GenerationRequest.init_noise=None`` resolves through here): a schedule named the
     diffusers way (``DIFFUSERS_NAMES``) starts as the diffusers scheduler of the sampler does (its
     ``init_noise_sigma``); every A1111 / ComfyUI name (karras, exponential, normal, simple, ...) starts
-    at ``"sigma_max"`` as A1111 and ComfyUI do. diffusers' Euler family (``scheduler="euler"``) starts at
+    at ``"sigma_max"`` as A1111 does, or, for a sampler spelt as ComfyUI spells it (``comfyui``), by
+    ComfyUI's KSampler rule, ``"comfyui"``. diffusers' Euler family (``scheduler="euler"``) starts at
     sigma_max for ``trailing`` / ``linspace`` and at ``"vp"`` otherwise (``leading``, its karras /
     exponential options); the schedulers that work in VP scaling (``dpm_solver``, ``ddim``, ``lcm``, and
     every ``ddim_*`` name) start from unit VP noise, ``"vp"``.
     """
     name = name.strip().lower()
     if name not in DIFFUSERS_NAMES:
-        return "sigma_max"
+        return "comfyui" if comfyui else "sigma_max"
     if scheduler == "euler" and name in ("trailing", "linspace"):
         return "sigma_max"
     return "vp"
 
 
-def initial_noise_sigma(sigmas: Tensor, convention: str = "sigma_max") -> float:
+def comfyui_max_denoise(first_sigma: float, sigma_max: float) -> bool:
+    """ComfyUI's ``Sampler.max_denoise`` (comfy/samplers.py): whether a run starts at the model's ``sigma_max``
+    (to a relative 1e-5) or above it."""
+    return math.isclose(sigma_max, first_sigma, rel_tol=1e-05) or first_sigma > sigma_max
+
+
+def initial_noise_sigma(sigmas: Tensor, convention: str = "sigma_max", sigma_max: float | None = None) -> float:
     """Factor for unit noise to give x at ``sigmas[0]`` in VE scaling: ``x_T = noise * factor``.
 
-    - ``sigma_max`` (k-diffusion, A1111, ComfyUI, diffusers Euler with ``linspace``/``trailing``
-      spacing): ``sigmas[0]``.
+    - ``sigma_max`` (k-diffusion, A1111, diffusers Euler with ``linspace``/``trailing`` spacing):
+      ``sigmas[0]``.
     - ``vp``: ``sqrt(sigmas[0]^2 + 1)``. DDIM/DDPM/PLMS/DPM-Solver/UniPC start from x_T = noise in VP
       scaling, whose VE equivalent is noise * sqrt(1 + sigma_max^2). diffusers' Euler-family schedulers
       use this for ``leading`` spacing (``init_noise_sigma``); ``diffusers_leading`` is an alias.
+    - ``comfyui`` (ComfyUI's KSampler: ``EPS.noise_scaling`` with ``max_denoise``): ``vp``'s factor when
+      ``sigmas[0]`` is the model's ``sigma_max`` (``comfyui_max_denoise``), else ``sigmas[0]``, as for
+      ``ddim_uniform``, whose first sigma lies below it. Needs the model's ``sigma_max``.
 
     Which one a request gets by default: ``default_init_noise``.
     """
     top = float(sigmas[0])
+    if convention == "comfyui":
+        if sigma_max is None:
+            raise ValueError("the comfyui initial-noise convention needs the model's sigma_max")
+        convention = "vp" if comfyui_max_denoise(top, sigma_max) else "sigma_max"
     if convention == "sigma_max":
         return top
     if convention in ("vp", "diffusers_leading"):

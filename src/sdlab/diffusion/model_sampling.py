@@ -131,10 +131,13 @@ class DiscreteModelSampling:
         self, sigma: Tensor | float, noise: Tensor, latent: Tensor | None = None, *, init_noise: str = "sigma_max"
     ) -> Tensor:
         """``latent + sigma * noise``; pure noise is scaled by ``initial_noise_sigma(sigma, init_noise)``
-        (``"sigma_max"``: sigma; ``"vp"``: sqrt(sigma^2 + 1), unit noise in VP scaling)."""
-        if latent is None:
-            return noise * initial_noise_sigma(torch.as_tensor(sigma).reshape(1), init_noise)
-        return latent + noise * _per_image(sigma, noise)
+        (``"sigma_max"``: sigma; ``"vp"``: sqrt(sigma^2 + 1), unit noise in VP scaling). ComfyUI's rule
+        (``"comfyui"``: sqrt(sigma^2 + 1) at the model's sigma_max) scales the noise with a latent too, as its
+        ``EPS.noise_scaling(sigma, noise, latent_image, max_denoise)`` does."""
+        if latent is not None and init_noise != "comfyui":
+            return latent + noise * _per_image(sigma, noise)
+        start = noise * initial_noise_sigma(torch.as_tensor(sigma).reshape(1), init_noise, self.sigma_max)
+        return start if latent is None else latent + start
 
     def inverse_noise_scaling(self, sigma: Tensor | float, x: Tensor) -> Tensor:
         """The VP latent of x: ``x / sqrt(1 + sigma^2)``, identity at sigma 0 (DDIM / PLMS end above 0)."""

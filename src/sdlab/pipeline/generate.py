@@ -41,11 +41,12 @@ Where diffusers differs (documented in tests/test_pipeline_parity.py): with ONE 
 generators its inpainting pipeline encodes the (masked) image with generator 0 only and repeats that latent.
 sdlab draws per image.
 
-Initial scale of pure noise (``GenerationRequest.init_noise``): "sigma_max" (A1111, ComfyUI) or "vp"
-(diffusers' ``init_noise_sigma`` of VP schedulers and Euler's leading spacing: sqrt(1 + sigma_max^2)); by
-default the schedule's convention (``discretization.default_init_noise``). Inpainting at
-strength 1 starts from pure noise, as diffusers' inpainting pipelines do; img2img always starts from the
-image latent plus noise at sigmas[0] (diffusers' ``add_noise``), strength 1 included.
+Initial scale of pure noise (``GenerationRequest.init_noise``): "sigma_max" (A1111), "vp" (diffusers'
+``init_noise_sigma`` of VP schedulers and Euler's leading spacing: sqrt(1 + sigma_max^2)) or "comfyui"
+(ComfyUI's KSampler: "vp"'s where the run starts at the model's sigma_max, else sigma_max's); by default the
+schedule's convention (``discretization.default_init_noise``). Inpainting at strength 1 starts from pure
+noise, as diffusers' inpainting pipelines do; img2img always starts from the image latent plus noise at
+sigmas[0] (diffusers' ``add_noise``), strength 1 included, where ComfyUI's rule scales that noise too.
 """
 
 from __future__ import annotations
@@ -372,7 +373,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
     if from_noise:
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
-        x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent)
+        x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent, init_noise=req.init_noise)
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, latent_mask=small_mask,
                   from_noise=from_noise)
 

@@ -18,7 +18,8 @@ plainly right:
 - sampler: a name spelt as ComfyUI spells it (`euler_ancestral`, not "Euler a": `samplers.comfyui_spelling`)
   asks for ComfyUI's KSampler conventions, so that image i is ComfyUI's one-picture run with seed + i: a
   sampler that draws Gaussian step noise draws it from a generator seeded seed + 1 (ComfyUI's
-  `default_noise_sampler` on the CPU: A1111's ENSD of 1) unless an ENSD is given.
+  `default_noise_sampler` on the CPU: A1111's ENSD of 1) unless an ENSD is given; the start noise is scaled
+  by ComfyUI's rule (`init_noise="comfyui"`, for a schedule not named the diffusers way) unless one is given.
 - numbers: NumPy's scalars (`np.int64`, `np.float32`, `np.bool_`, ...; any `numbers.Integral` /
   `numbers.Real`) count as Python ints, floats and bools, converted once as the request is resolved, so the
   resolved request, the infotext and the PNG hold plain numbers. Numbers must be finite and inside bounds far
@@ -134,7 +135,7 @@ class GenerationRequest:
                                             # (0 with a ComfyUI-spelt sampler: 1, ComfyUI's rule; module docstring)
     eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
     s_noise: float = 1.0
-    init_noise: str | None = None           # "sigma_max" (A1111, ComfyUI) or "vp"; None = the schedule's
+    init_noise: str | None = None           # "sigma_max" (A1111), "vp" or "comfyui"; None = the schedule's
                                             # convention (discretization.default_init_noise)
     quantize_timesteps: bool = False        # round t to integers before the U-Net (diffusers' DPM-Solver)
     # img2img / inpainting
@@ -564,10 +565,10 @@ def resolve(
     except ValueError as err:
         raise RequestError(str(err).replace("scheduler", "schedule", 1)) from None
     schedule = schedule or default_schedule
-    init_noise = default_init_noise(schedule, spec.spacing) if r.init_noise is None else r.init_noise
+    comfyui = r.sampler is not None and comfyui_spelling(r.sampler)       # ComfyUI's conventions (module docstring)
+    init_noise = default_init_noise(schedule, spec.spacing, comfyui=comfyui) if r.init_noise is None else r.init_noise
     if init_noise not in INIT_NOISE_CONVENTIONS:
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
-    comfyui = r.sampler is not None and comfyui_spelling(r.sampler)       # ComfyUI's conventions (module docstring)
     if comfyui and spec.noise == "gaussian" and not r.eta_noise_seed_delta:
         r = replace(r, eta_noise_seed_delta=1)
     if r.img2img_convention not in IMG2IMG_CONVENTIONS:

@@ -54,7 +54,7 @@ from sdlab.server.inputs import (
     decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
     scheduler_rows, unset_preset_fields, upscaler_file,
 )
-from sdlab.server.jobs import Job, Unavailable, image_seeds
+from sdlab.server.jobs import Job, Unavailable, image_seeds, pass_steps
 from sdlab.server.model_folders import ModelFile
 from sdlab.server.native import service_of
 from sdlab.server.previews import preview_image
@@ -453,6 +453,7 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
 
 @router.get("/progress")
 def progress(request: Request, skip_current_image: bool = False) -> dict[str, Any]:
+    """A1111's `progressapi` of the running job (`_a1111_jobs`); idle, `job_count` is the jobs queued."""
     service = service_of(request)
     queued, running = service.queue.counts()
     job = service.queue.current
@@ -461,17 +462,37 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
     if job is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
     step, steps = job.step, job.steps   # read once: the worker counts on while this answers
-    done = min(1.0, step / steps) if steps else 0.0     # steps counts both passes of the hires fix (jobs.steps_of)
+    job_count, job_no, sampling_step, sampling_steps = _a1111_jobs(job.spec, step)
+    done = 0.01 + job_no / job_count        # A1111's progressapi: over the whole job
+    if sampling_steps:
+        done += sampling_step / sampling_steps / job_count
     elapsed = time.time() - (job.started or time.time())
     state.update(job=f"task({job.id})", interrupted=job.cancel.is_set(), skipped=job.skip.is_set(),
-                 job_timestamp=_stamp(job.created), sampling_step=step, sampling_steps=steps)
+                 job_timestamp=_stamp(job.created), job_count=job_count, job_no=job_no, sampling_step=sampling_step,
+                 sampling_steps=sampling_steps)
     preview = job.preview
     image = None
     if preview is not None and not skip_current_image:
         image = _base64_picture(preview_image(preview), None, _options(service))
-    eta = max(0.0, elapsed / done - elapsed) if done > 0 else 0.0
-    return {"progress": min(1.0, max(0.01, done)), "eta_relative": eta,
+    return {"progress": min(1.0, done), "eta_relative": max(0.0, elapsed / done - elapsed),
             "state": state, "current_image": image, "textinfo": f"step {step}/{steps}"}
+
+
+def _a1111_jobs(spec: JobSpec, step: int) -> tuple[int, int, int, int]:
+    """A1111's (job_count, job_no, sampling_step, sampling_steps) of a job at its `step`-th sampler step: each
+    batch of its n_iter is one of A1111's jobs, each pass of the hires fix one of its own (A1111 doubles
+    job_count for it), and the steps are those of the pass running (`jobs.pass_steps`)."""
+    passes = pass_steps(spec.request)
+    count = spec.batch_count * max(1, len(passes))
+    if not passes or step <= 0:
+        return count, 0, 0, passes[0] if passes else 0
+    per_batch = sum(passes)
+    batch = min((step - 1) // per_batch, spec.batch_count - 1)
+    within, part = min(step - batch * per_batch, per_batch), 0
+    while within > passes[part] and part < len(passes) - 1:
+        within -= passes[part]
+        part += 1
+    return count, batch * len(passes) + part, within, passes[part]
 
 
 @router.post("/interrupt")

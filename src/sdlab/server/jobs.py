@@ -152,20 +152,20 @@ def steps_of(spec: JobSpec) -> int:
     """How many sampler steps (progress callbacks) the job runs, both passes of the hires fix counted in
     each of its batches (as A1111's progress counts them); 0 while it leaves the count to the model's
     default (filled in when the model is loaded)."""
-    return _batch_steps(spec.request) * spec.batch_count
+    return sum(pass_steps(spec.request)) * spec.batch_count
 
 
-def _batch_steps(request: GenerationRequest) -> int:
+def pass_steps(request: GenerationRequest) -> tuple[int, ...]:
+    """The sampler steps of each pass of one batch of `request`: its one pass, or the hires fix's two; none
+    while the step count is left to the model's default."""
     if request.steps is None:
-        return 0
+        return ()
     if request.init_image is None:
-        if not request.hires:
-            return request.steps
-        return request.steps + hires_steps(request)
+        return (request.steps, hires_steps(request)) if request.hires else (request.steps,)
     try:
-        return steps_run(request.steps, request.strength, request.img2img_convention)[1]
+        return (steps_run(request.steps, request.strength, request.img2img_convention)[1],)
     except ValueError:
-        return request.steps
+        return (request.steps,)
 
 
 RunFn = Callable[[Job], None]
