@@ -38,9 +38,11 @@ device whichever name runs it. Each row (``SamplerSpec``) says
   for ``dpmpp_3m_sde``, which is therefore a row of its own;
 - which schedule AUTOMATIC1111 (1.9+) runs it on when the schedule is "Automatic" (``a1111_automatic``, the
   ``scheduler`` option of its row in A1111's ``sd_samplers_kdiffusion``; for rows without one the model's
-  uniform sigmas, ``uniform`` = ``normal``). ``a1111_schedule`` applies that rule and A1111's other one:
+  uniform sigmas, ``uniform`` = ``normal``). ``a1111_schedule`` applies that rule and A1111's other ones:
   its timestep samplers (DDIM, PLMS, UniPC: ``sd_samplers_timesteps``) ignore the schedule and step on
-  ``range(0, 1000, 1000 // steps) + 1``, sdlab's ``ddim_uniform``;
+  ``range(0, 1000, 1000 // steps) + 1``, sdlab's ``ddim_uniform``, and its LCM's uniform sigmas are those
+  of its 50 LCM timesteps, ``a1111_lcm``. A request that names no schedule runs LCM and TCD on their own
+  grid (``default_schedule``), any other sampler on the model's default;
 - whether it steps with the unguided prediction as well as the guided one (``cfg_pp``, the CFG++ samplers:
   ``guidance.with_unguided``), so that the loop encodes the negative prompt at any CFG scale.
 
@@ -112,6 +114,12 @@ class SamplerSpec:
     @property
     def stochastic(self) -> bool:
         return self.noise != "none"
+
+    @property
+    def default_schedule(self) -> str | None:
+        """The schedule it runs on when a request names none: LCM's and TCD's own grid (``trailing``, which their
+        ``lcm`` spacing reads as LCMScheduler's 50-step distillation grid), else None (the model's default)."""
+        return "trailing" if self.spacing == "lcm" else None
 
 
 _GAUSS, _BROWNIAN, _DPM, _DDIM = "gaussian", "brownian", "dpm_solver", "ddim"
@@ -262,6 +270,10 @@ def comfyui_spelling(name: str) -> bool:
 A1111_TIMESTEP_SAMPLERS = frozenset({"DDIM", "PLMS", "UniPC"})
 """A1111's CompVis timestep samplers (`sd_samplers_timesteps.py`): fixed timesteps, eta labelled `Eta DDIM`."""
 
+A1111_LCM = "LCM"
+"""A1111's LCM sampler (`sd_samplers_lcm.py`): its denoiser's table holds LCM's 50 distillation timesteps, so its
+"Automatic" (the denoiser's own grid), "Uniform" and "Normal" are sdlab's ``a1111_lcm``, ending at t = 19."""
+
 
 def a1111_schedule(sampler: str, schedule: str | None) -> str | None:
     """The schedule AUTOMATIC1111 runs ``sampler`` on when asked for ``schedule`` (None: "Automatic"); the
@@ -272,7 +284,10 @@ def a1111_schedule(sampler: str, schedule: str | None) -> str | None:
         return schedule
     if spec.a1111 in A1111_TIMESTEP_SAMPLERS:
         return "ddim_uniform"
-    return spec.a1111_automatic if schedule is None else schedule
+    schedule = spec.a1111_automatic if schedule is None else schedule
+    if spec.a1111 == A1111_LCM and schedule in ("uniform", "normal"):
+        return "a1111_lcm"
+    return schedule
 
 
 def steps_warning(spec: SamplerSpec, steps: int, schedule: str) -> str | None:

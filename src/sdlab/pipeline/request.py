@@ -564,7 +564,7 @@ def resolve(
         schedule = schedule_from_a1111(r.schedule) if r.schedule else None
     except ValueError as err:
         raise RequestError(str(err).replace("scheduler", "schedule", 1)) from None
-    schedule = schedule or default_schedule
+    schedule = schedule or spec.default_schedule or default_schedule      # LCM, TCD: their own grid
     comfyui = r.sampler is not None and comfyui_spelling(r.sampler)       # ComfyUI's conventions (module docstring)
     init_noise = default_init_noise(schedule, spec.spacing, comfyui=comfyui) if r.init_noise is None else r.init_noise
     if init_noise not in INIT_NOISE_CONVENTIONS:
