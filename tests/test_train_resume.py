@@ -202,6 +202,26 @@ def test_resume_with_another_process_count_says_what_changed_and_the_batch_that_
         check_resume(point, TrainConfig(batch_size=4), global_batch=8)
 
 
+def test_resume_with_another_batch_names_the_batch_size_or_grad_accum_that_keeps_it(tmp_path):
+    """Same processes, another --batch-size or --grad-accum: the error names the value that keeps the global
+    batch with the other one as given (README: "the `--batch-size` or `--grad-accum` that keeps it")."""
+    from dataclasses import replace
+
+    from sdlab.train.config import TrainConfig
+    from sdlab.train.errors import TrainError
+    from sdlab.train.loop import check_resume
+
+    point = replace(_resume_point(tmp_path, TrainConfig(batch_size=2, grad_accum=2)), global_batch=4)
+    for given, advice in (({"batch_size": 4}, "give it --batch-size 2 (or --grad-accum 1)"),
+                          ({"grad_accum": 4}, "give it --batch-size 1 (or --grad-accum 2)"),
+                          ({"batch_size": 3}, "give it --batch-size 2 (or leave"),
+                          ({"batch_size": 3, "grad_accum": 3}, "give it --batch-size 4 --grad-accum 1")):
+        cfg = TrainConfig(**{"batch_size": 2, "grad_accum": 2} | given)
+        with pytest.raises(TrainError) as err:
+            check_resume(point, cfg, global_batch=cfg.batch_size * cfg.grad_accum)
+        assert advice in str(err.value) and "to keep 4 images per step" in str(err.value)
+
+
 def test_resume_takes_a_setting_spelled_otherwise_but_read_alike(tmp_path, monkeypatch):
     """The same prediction type or family under another name, and the same file or folder under another path
     (relative, absolute, through a symlink), are no change."""

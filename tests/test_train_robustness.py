@@ -252,6 +252,7 @@ def test_resume_latest_takes_the_stored_settings(tiny, tmp_path, capsys):
     # a different batch would change the data stream: refused, before loading anything
     code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--batch-size", "4")
     assert code == 2 and "images per step" in _one_error_line(err)
+    assert "resuming" not in err                               # a refused resume is not announced first
     # another prediction type or model would change what the rest of the run trains: refused, naming it
     # (the checkpoint stores the family and prediction type the load detected)
     code, _, err = _sdlab(capsys, "train", "--output-dir", out, "--resume", "latest", "--prediction", "v")

@@ -153,9 +153,11 @@ def _make_output_dir(folder: str) -> None:
         raise TrainError(str(err)) from None
 
 
-def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: ResumePoint | None = None) -> RunResult:
+def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: ResumePoint | None = None,
+                    resuming: str | None = None) -> RunResult:
     """Check, load the model, build task and data, train. Joins / leaves the torchrun process group when
-    needed. ``resume``: the checkpoint ``cfg.resume`` names, when the caller has verified it already."""
+    needed. ``resume``: the checkpoint ``cfg.resume`` names, when the caller has verified it already;
+    ``resuming``: the line that announces it (`resolve_settings`), said once the checkpoint fits the run."""
     own_group = ctx is None
     try:
         ctx = ctx or init_distributed(cfg.device)
@@ -168,6 +170,8 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         if resume is not None:
             cfg = _with_model_kind(cfg, resume.config.get("family"), resume.config.get("prediction"))
             check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
+            if resuming and ctx.is_main:
+                print(resuming, file=sys.stderr)
         scan = _scan(cfg)
         _make_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
@@ -205,12 +209,12 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
             shutdown_distributed()
 
 
-def resolve_settings(args: argparse.Namespace) -> tuple[TrainConfig, ResumePoint | None]:
+def resolve_settings(args: argparse.Namespace) -> tuple[TrainConfig, ResumePoint | None, str | None]:
     """The run's config from the command line; with ``--resume``, the checkpoint's stored settings under
-    the ones given (each change noted on stderr)."""
+    the ones given, and the line that announces the resume with each change."""
     given = given_settings(args)
     if given.get("resume") is None:
-        return config_from_settings(given), None
+        return config_from_settings(given), None, None
     output_dir = Path(given.get("output_dir", TrainConfig.output_dir))
     point = find_resume_point(output_dir / "checkpoints", given["resume"])
     if point is None:
@@ -219,18 +223,16 @@ def resolve_settings(args: argparse.Namespace) -> tuple[TrainConfig, ResumePoint
             raise TrainError(f"--resume {given['resume']}: no run checkpoint in {output_dir / 'checkpoints'}; "
                              f"a new run there needs {missing}")
         logger.warning("no run checkpoint in %s: starting at step 0", output_dir / "checkpoints")
-        return config_from_settings(given), None
+        return config_from_settings(given), None, None
     if given["resume"] == "latest":
         given["output_dir"] = str(output_dir)  # where it was found, wherever the run was first written
     elif "output_dir" not in given:
         run_dir = point.path.parent.parent if point.path.parent.name == "checkpoints" else None
         given["output_dir"] = str(run_dir or point.config.get("output_dir", TrainConfig.output_dir))
     cfg, changed = merge_resumed(point.config, given)
-    if _is_main_process():
-        note = "; changed: " + ", ".join(f"{flag(k)} {old} -> {new}" for k, (old, new) in changed.items()) if changed else ""
-        print(f"sdlab: resuming {cfg.output_dir} from step {point.step} ({point.path.name}) to step {cfg.max_steps}"
-              f"{note}", file=sys.stderr)
-    return cfg, point
+    note = "; changed: " + ", ".join(f"{flag(k)} {old} -> {new}" for k, (old, new) in changed.items()) if changed else ""
+    return cfg, point, (f"sdlab: resuming {cfg.output_dir} from step {point.step} ({point.path.name}) to step "
+                        f"{cfg.max_steps}{note}")
 
 
 def _duration(seconds: float) -> str:
@@ -258,11 +260,11 @@ def run_train(args: argparse.Namespace) -> int:
     torchrun one process reports a failure; the others exit with its status and say nothing."""
     try:
         try:
-            cfg, point = resolve_settings(args)
+            cfg, point, resuming = resolve_settings(args)
         except (Exception, KeyboardInterrupt) as exc:
             _quiet_unless_reporting(exc)
             raise
-        result = run_from_config(cfg, resume=point)
+        result = run_from_config(cfg, resume=point, resuming=resuming)
     except _AnotherProcessReports as exc:
         if exc.wait:
             time.sleep(QUIET_EXIT_DELAY_S)

@@ -166,26 +166,33 @@ def _processes(n: int) -> str:
 
 
 def _batch_change(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> str:
-    """What changed the images per step (the process count, or --batch-size / --grad-accum) and what to pass
-    to keep the checkpoint's."""
+    """What changed the images per step (the process count, or --batch-size / --grad-accum) and the
+    --batch-size or --grad-accum that keeps the checkpoint's."""
     stored_batch, stored_accum = point.config.get("batch_size", 1), point.config.get("grad_accum", 1)
     stored_world = point.global_batch // (stored_batch * stored_accum)
     world = global_batch // (cfg.batch_size * cfg.grad_accum)
     trained = (f"it trained on {point.global_batch} images per step (--batch-size {stored_batch} x --grad-accum "
                f"{stored_accum} x {_processes(stored_world)})")
+    keep = f"to keep {point.global_batch} images per step"
     if world == stored_world:
         return (f"{trained}, this run would take {global_batch} (--batch-size {cfg.batch_size} x --grad-accum "
-                f"{cfg.grad_accum}); leave --batch-size and --grad-accum out to keep the checkpoint's")
+                f"{cfg.grad_accum}); give it {_batch_advice(point.global_batch // world, cfg)} (or leave "
+                f"--batch-size and --grad-accum out) {keep}")
     if point.global_batch % world:
         return (f"{trained}, which {_processes(world)} cannot split evenly; resume it with {_processes(stored_world)} "
                 f"(or start a new --output-dir)")
-    per_process = point.global_batch // world
+    return f"{trained}; this run has {_processes(world)}: give it {_batch_advice(point.global_batch // world, cfg)} {keep}"
+
+
+def _batch_advice(per_process: int, cfg: TrainConfig) -> str:
+    """The --batch-size (for this --grad-accum) or the --grad-accum (for this --batch-size) that makes
+    ``per_process`` images per step and process; both where both can."""
     options = [f"--batch-size {per_process // cfg.grad_accum}"] if per_process % cfg.grad_accum == 0 else []
     if per_process % cfg.batch_size == 0 and per_process // cfg.batch_size != cfg.grad_accum:
         options.append(f"--grad-accum {per_process // cfg.batch_size}")
-    advice = options[0] + (f" (or {options[1]})" if len(options) > 1 else "") if options else \
-        f"--batch-size {per_process} --grad-accum 1"
-    return f"{trained}; this run has {_processes(world)}: give it {advice} to keep {point.global_batch} images per step"
+    if not options:
+        return f"--batch-size {per_process} --grad-accum 1"
+    return options[0] + (f" (or {options[1]})" if len(options) > 1 else "")
 
 
 def _broadcast_params(modules: list[nn.Module]) -> None:
