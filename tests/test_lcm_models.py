@@ -35,7 +35,10 @@ from test_pipeline_parity import (
 )
 
 import sdlab
-from bundle_fixtures import randomize_, tiny_bundle, write_diffusers_folder, write_original
+from bundle_fixtures import init_picture, lower_right_mask, randomize_, tiny_bundle, write_diffusers_folder, write_original
+from sdlab.diffusion.discretization import lcm_timesteps
+from sdlab.pipeline.plan import resolve_for
+from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.checkpoints.diffusers_unet import (
     unet_config_from_diffusers,
     unet_config_to_diffusers,
@@ -203,6 +206,50 @@ def test_picture_is_the_lcm_pipeline(pipes, steps):
     if steps == 2:                                       # the CFG scale reaches the network: w = cfg - 1
         other = ours_pipe.txt2img(PROMPT, cfg_scale=2.0, **options)
         assert _max_diff(other.images, reference) > MAX_PIXEL_DIFF
+
+
+@pytest.mark.parametrize("steps, strength", [(4, 0.3), (4, 0.5), (2, 0.8), (4, 1.0)])
+def test_img2img_is_the_lcm_img2img_pipeline(folder, pipes, steps, strength):
+    """diffusers draws an LCM model's img2img with LatentConsistencyModelImg2ImgPipeline (AutoPipelineForImage2Image's
+    choice), whose LCMScheduler takes the strength itself: all `steps` run on the grid of its lowest int(50 strength)
+    distillation timesteps (strength 0.5 at 4 steps: 499, 379, 259, 139), not int(steps strength) of the full grid."""
+    from diffusers import LatentConsistencyModelImg2ImgPipeline
+
+    ours_pipe, txt2img = pipes
+    pipe = _quiet(LatentConsistencyModelImg2ImgPipeline(**txt2img.components))
+    picture = init_picture(SIZE)
+    reference = pipe(PROMPT, image=picture, strength=strength, num_images_per_prompt=BATCH, num_inference_steps=steps,
+                     guidance_scale=GUIDANCE, generator=_generators(), output_type="np").images
+    ours = ours_pipe.img2img(PROMPT, picture, strength=strength, steps=steps, seed=SEED, batch_size=BATCH)
+    assert ours.request.img2img_convention == "lcm"
+    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_lcm_img2img_grid_is_lcmschedulers():
+    for steps, strength in ((4, 0.5), (4, 0.3), (1, 0.02), (8, 0.77), (50, 1.0), (3, 0.13)):
+        scheduler = LCMScheduler()
+        scheduler.set_timesteps(steps, strength=strength)
+        assert lcm_timesteps(steps, strength=strength).tolist() == scheduler.timesteps.tolist(), (steps, strength)
+    with pytest.raises(ValueError, match="keeps 2 of LCM's 50 distillation timesteps, fewer than the 4 steps"):
+        lcm_timesteps(4, strength=0.05)                 # diffusers refuses it too (skipping_step < 1)
+
+
+def test_img2img_conventions_of_an_lcm_model(pipes):
+    ours_pipe, _ = pipes
+    picture = init_picture(SIZE)
+    with pytest.raises(RequestError, match="keeps 2 of LCM's 50 distillation timesteps, fewer than the 4 steps"):
+        ours_pipe.img2img(PROMPT, picture, strength=0.05, seed=SEED)
+    asked = ours_pipe.img2img(PROMPT, picture, strength=0.5, steps=2, seed=SEED, img2img_convention="a1111")
+    assert asked.request.img2img_convention == "a1111"                                  # a convention named wins
+    other = ours_pipe.img2img(PROMPT, picture, strength=0.5, steps=2, seed=SEED, sampler="Euler a")
+    assert other.request.img2img_convention == "diffusers"                              # not LCMScheduler's grid
+    masked = ours_pipe.inpaint(PROMPT, picture, lower_right_mask(SIZE), strength=0.5, steps=2, seed=SEED)
+    assert masked.request.img2img_convention == "diffusers"                             # no LCM inpainting pipeline
+    with pytest.raises(RequestError, match="does not inpaint"):
+        ours_pipe.inpaint(PROMPT, picture, lower_right_mask(SIZE), strength=0.5, steps=2, img2img_convention="lcm")
+    lora_route = GenerationRequest(PROMPT, init_image=picture, strength=0.5, **get_preset("lcm").options("img2img"))
+    assert resolve_for(tiny_bundle("sd1"), lora_route).img2img_convention == "diffusers"   # no guidance embedding:
+                                                                    # StableDiffusionImg2ImgPipeline + LCMScheduler
 
 
 def test_cli_draws_with_the_lcm_model_preset_and_the_given_cfg_wins(folder, tmp_path, capsys):

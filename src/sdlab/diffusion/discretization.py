@@ -238,19 +238,33 @@ def dpm_solver_timesteps(
 LCM_ORIGINAL_STEPS = 50  # LCMScheduler's original_inference_steps: the distillation grid
 
 
-def lcm_timesteps(steps: int, *, original_steps: int = LCM_ORIGINAL_STEPS, num_train_timesteps: int = 1000) -> Tensor:
+def lcm_timesteps(steps: int, *, original_steps: int = LCM_ORIGINAL_STEPS, num_train_timesteps: int = 1000,
+                  strength: float = 1.0) -> Tensor:
     """Timesteps of diffusers' ``LCMScheduler.set_timesteps`` (int64, descending; it has no spacing option).
 
     Every ``original_steps / steps``-th (floored) of the distillation grid t = 999, 979, ..., 19 (k - 1 for
-    k = 20, ..., 1000 with ``original_steps`` = 50), starting at its top.
+    k = 20, ..., 1000 with ``original_steps`` = 50), starting at its top. With a ``strength`` below 1 (its
+    img2img option) the grid keeps its lowest ``int(original_steps * strength)`` timesteps (`_lcm_kept`) and
+    the steps are spread over those: strength 0.5 at 4 steps gives 499, 379, 259, 139.
     """
     steps = _check_steps(steps)
     if steps > original_steps:
         raise ValueError(f"LCM takes at most {original_steps} steps (its distillation grid), got {steps}")
+    kept = _lcm_kept(steps, strength, original_steps)
     stride = num_train_timesteps // original_steps
-    origin = (torch.arange(1, original_steps + 1, dtype=torch.int64) * stride - 1).flip(0)  # (original_steps,)
-    index = _linspace64(0, original_steps, steps + 1)[:-1].floor().long()                  # endpoint=False
+    origin = (torch.arange(1, kept + 1, dtype=torch.int64) * stride - 1).flip(0)  # (kept,)
+    index = _linspace64(0, kept, steps + 1)[:-1].floor().long()                  # endpoint=False
     return origin[index]
+
+
+def _lcm_kept(steps: int, strength: float, original_steps: int = LCM_ORIGINAL_STEPS) -> int:
+    """How many distillation timesteps LCMScheduler keeps at ``strength``, ``int(original_steps * strength)``;
+    a ValueError when they are fewer than ``steps`` (each step takes one of them)."""
+    kept = int(original_steps * strength)
+    if kept < steps:
+        raise ValueError(f"strength {strength} keeps {kept} of LCM's {original_steps} distillation timesteps, fewer "
+                         f"than the {steps} steps; lower the steps or raise the strength")
+    return kept
 
 
 def a1111_lcm_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
@@ -655,7 +669,7 @@ def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str
 
 
 # -- starting part-way (img2img) --------------------------------------------------------------
-IMG2IMG_CONVENTIONS = ("diffusers", "a1111", "comfyui")
+IMG2IMG_CONVENTIONS = ("diffusers", "a1111", "comfyui", "lcm")
 
 
 def _check_strength(strength: float, convention: str = "diffusers") -> float:
@@ -677,6 +691,9 @@ def steps_run(steps: int, strength: float, convention: str = "diffusers") -> tup
       (``sigmas[steps - t_enc - 1:]``, capped at ``steps``); strength 0 runs one step, at the lowest sigma.
     - ``comfyui`` (``denoise``; also A1111 with "img2img_fix_steps"): total = int(steps / strength),
       run = steps: the requested steps all run, on a stretched schedule.
+    - ``lcm`` (``LatentConsistencyModelImg2ImgPipeline``, diffusers' pipeline for a full LCM model):
+      total = run = steps, every step on LCM's grid cut by strength (``lcm_img2img_sigmas``); the grid
+      must keep at least ``steps`` of its 50 timesteps.
     """
     steps = _check_steps(steps)
     strength = _check_strength(strength, convention)
@@ -689,6 +706,9 @@ def steps_run(steps: int, strength: float, convention: str = "diffusers") -> tup
     elif convention == "comfyui":
         total = int(steps / strength) if strength < 1.0 else steps
         run = steps
+    elif convention == "lcm":
+        _lcm_kept(steps, strength)
+        total = run = steps
     else:
         raise ValueError(f"unknown img2img convention {convention!r}; expected one of {', '.join(IMG2IMG_CONVENTIONS)}")
     if run < 1:
@@ -703,8 +723,8 @@ def partial_sigmas(sigmas: Tensor, strength: float, convention: str = "diffusers
     ``comfyui`` needs a longer schedule: use ``img2img_sigmas``). Diffusers' ``timesteps[t_start *
     order:]`` is the same cut for a sigma list: sdlab samplers count steps, not model calls.
     """
-    if convention == "comfyui":
-        raise ValueError("the comfyui convention stretches the schedule; use img2img_sigmas")
+    if convention in ("comfyui", "lcm"):
+        raise ValueError(f"the {convention} convention builds a schedule of its own; use img2img_sigmas")
     steps = sigmas.shape[0] - 1
     _, run = steps_run(steps, strength, convention)
     return sigmas[steps - run :]
@@ -715,9 +735,26 @@ def img2img_sigmas(
 ) -> Tensor:
     """Build discretization ``name`` for an img2img run (``discretize``'s options); ``result[0]`` is the
     sigma to noise the image to."""
+    if convention == "lcm":
+        return lcm_img2img_sigmas(name, schedule, steps, strength, **options)
     total, run = steps_run(steps, strength, convention)
     sigmas = discretize(name, schedule, total, **options)
     return sigmas[-(run + 1) :]
+
+
+def lcm_img2img_sigmas(name: str, schedule: NoiseSchedule, steps: int, strength: float, *, scheduler: str = "euler",
+                       final: str = "zero", discard_penultimate: bool = False) -> Tensor:
+    """The ``lcm`` img2img convention, ``LatentConsistencyModelImg2ImgPipeline``'s: LCMScheduler takes the
+    strength itself (``set_timesteps(steps, strength=strength)``: ``lcm_timesteps``) and every step runs, from
+    the first timestep. It needs that grid: the LCM or TCD sampler (``scheduler="lcm"``) on a diffusers spacing
+    name, which keeps its grid whole (``discard_penultimate`` does not apply, as in ``discretize``)."""
+    if name.strip().lower() not in SPACINGS or scheduler != "lcm":
+        raise ValueError(f"the lcm img2img convention is LCMScheduler's: it takes the LCM or TCD sampler on a "
+                         f"diffusers spacing (trailing), got schedule {name!r} and a sampler of diffusers' "
+                         f"{scheduler!r} family")
+    steps_run(steps, strength, "lcm")
+    t = lcm_timesteps(steps, strength=strength, num_train_timesteps=schedule.num_timesteps)
+    return _finish(_interp_sigmas(schedule, t.to(torch.float64)), schedule, final)
 
 
 # -- initial noise scale ----------------------------------------------------------------------

@@ -124,6 +124,7 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         factor=bundle.vae_config.downsample_factor,
         default_cfg=family.default_cfg,
         default_steps=family.default_steps,
+        guidance_embedding=bundle.unet_config.time_cond_proj_dim is not None,
     )
     req = replace(req, prompt=strip_comments(req.prompt), negative_prompt=strip_comments(req.negative_prompt))
     if req.schedule == "align_your_steps" and family.is_sdxl:     # A1111 takes the SDXL levels for SDXL

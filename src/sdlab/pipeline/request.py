@@ -43,10 +43,11 @@ from PIL import Image
 from sdlab.diffusion.discretization import (
     IMG2IMG_CONVENTIONS,
     INIT_NOISE_CONVENTIONS,
+    SPACINGS,
     default_init_noise,
     steps_run,
 )
-from sdlab.diffusion.samplers import comfyui_spelling, get_sampler
+from sdlab.diffusion.samplers import SamplerSpec, comfyui_spelling, get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.images import on_white, read_image, snap_size
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
@@ -146,7 +147,7 @@ class GenerationRequest:
                                             # init_image the first
     strength: float = 0.75
     noise_multiplier: float = 1.0           # img2img: the initial noise times this (A1111's initial noise multiplier)
-    img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui"
+    img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui", "lcm"
     resize_mode: str = "resize"             # the init image to width x height: "resize", "crop", "fill", "latent"
                                             # (A1111's resize modes; pipeline/init_picture.py)
     mask_image: Image.Image | None = field(default=None, repr=False, compare=False)
@@ -484,6 +485,21 @@ def requested_size(request: GenerationRequest, default_size: int | None) -> tupl
     return (default_size if width is None else width), (default_size if height is None else height)
 
 
+def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: str, guidance_embedding: bool) -> str:
+    """The img2img convention `r` runs under: the one it names, except diffusers' for a model with a guidance
+    embedding (a full LCM model) drawn by the LCM sampler (`spec`, diffusers' LCMScheduler) on its grid (a
+    diffusers spacing `schedule`) without a mask: diffusers draws such a model with
+    `LatentConsistencyModelImg2ImgPipeline`, whose LCMScheduler takes the strength itself ("lcm",
+    `discretization.steps_run`). "lcm" does not inpaint."""
+    if r.img2img_convention == "lcm" and r.mask_image is not None:
+        raise RequestError("the lcm img2img convention (LatentConsistencyModelImg2ImgPipeline's) does not inpaint; "
+                           "use diffusers, a1111 or comfyui")
+    if (guidance_embedding and r.img2img_convention == "diffusers" and r.mask_image is None
+            and spec.name == "LCM" and schedule in SPACINGS):
+        return "lcm"
+    return r.img2img_convention
+
+
 def resolve(
     request: GenerationRequest,
     *,
@@ -493,10 +509,13 @@ def resolve(
     factor: int,
     default_cfg: float = 7.0,
     default_steps: int = 20,
+    guidance_embedding: bool = False,
 ) -> GenerationRequest:
     """Fill defaults and validate; raises `RequestError` with one clear message per problem.
 
     `factor` is the VAE's downsampling factor; sizes snap to multiples of lcm(8, factor) (module docstring).
+    `guidance_embedding`: the model takes the CFG scale as an input (a full LCM model), whose img2img under
+    diffusers' convention is diffusers' own pipeline for it (`img2img_convention_for`).
     """
     request = _plain_numbers(request)
     r = request if request.steps is not None else replace(request, steps=default_steps)
@@ -575,6 +594,7 @@ def resolve(
         raise RequestError(
             f"unknown img2img convention {r.img2img_convention!r}; valid: {', '.join(IMG2IMG_CONVENTIONS)}"
         )
+    r = replace(r, img2img_convention=img2img_convention_for(r, spec, schedule, guidance_embedding))
     r = _with_init_images(r)
     if r.init_image is None and r.mask_image is not None:
         raise RequestError("a mask needs an init image to inpaint")

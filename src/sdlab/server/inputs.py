@@ -352,7 +352,8 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
         check_pixels(f"{width}x{height}", width, height, limits)
     try:
         resolved = resolve(with_upscaler_file(request, upscaler), default_size=default_size or 64,
-                           default_sampler="Euler", default_schedule="normal", factor=factor)
+                           default_sampler="Euler", default_schedule="normal", factor=factor,
+                           guidance_embedding=model is not None and model.unet_config.time_cond_proj_dim is not None)
         check_batch_seeds(resolved, batch_count)
     except (RequestError, ValueError) as err:
         raise BadRequest(str(err)) from None
