@@ -157,6 +157,7 @@ def test_loras_are_recorded_and_reapplied_by_from_png(models, tmp_path, capsys):
                         str(tmp_path / "library"), "--out", str(by_hash), "--no-progress"], capsys)
     assert code == 0, err
     assert "ink-v2.safetensors" in err and np.array_equal(pixels(styled), pixels(by_hash))
+    assert err.count("found by its recorded hash") == 1                  # said once, however often it is looked up
 
     # a LoRA that cannot be found is an error, never a silent redraw without it
     code, _, err = run(["txt2img", "--from-png", str(styled), "--model", str(models["a"]),

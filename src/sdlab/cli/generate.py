@@ -17,6 +17,7 @@ an input is bad.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -560,7 +561,6 @@ def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]
 def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | None = None):
     """NAME -> its file: by name in the search folders, else (for --from-png) the file under the folders
     searched with subfolders whose LoRA hash is the one recorded for NAME (A1111 finds renamed files so)."""
-    from sdlab.pipeline.png_info import readable_lora_hash
     from sdlab.pipeline.prompt_loras import find_lora
 
     deep, flat = _lora_search_dirs(args)
@@ -568,17 +568,24 @@ def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | Non
 
     def by_hash(name: str) -> Path | None:
         wanted = hashes.get(name, "").lower()[:12]
-        if not wanted:
-            return None
-        for folder in deep:
-            for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
-                if (path.suffix.lower() in _LORA_SUFFIXES and path.is_file()
-                        and (readable_lora_hash(path) or "").startswith(wanted)):       # unreadable: skipped
-                    logger.warning("the LoRA %r is %s (found by its recorded hash %s)", name, path, wanted)
-                    return path
-        return None
+        return _lora_by_hash(name, wanted, tuple(deep)) if wanted else None
 
     return lambda name: find_lora(name, deep) or find_lora(name, flat, recursive=False) or by_hash(name)
+
+
+@functools.cache
+def _lora_by_hash(name: str, wanted: str, folders: tuple[Path, ...]) -> Path | None:
+    """The first LoRA file under `folders` (subfolders too) whose hash starts with `wanted`, searched and said
+    once per NAME: a run looks its LoRAs up more than once (the prompt, the preset, the request, the draw)."""
+    from sdlab.pipeline.png_info import readable_lora_hash
+
+    for folder in folders:
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
+            if (path.suffix.lower() in _LORA_SUFFIXES and path.is_file()
+                    and (readable_lora_hash(path) or "").startswith(wanted)):       # unreadable: skipped
+                logger.warning("the LoRA %r is %s (found by its recorded hash %s)", name, path, wanted)
+                return path
+    return None
 
 
 def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, Any]):
