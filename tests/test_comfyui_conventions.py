@@ -311,6 +311,59 @@ def test_comfyuis_txt2img_on_the_tiny_model(monkeypatch, tiny, schedule):
     assert_same_latents(run["out"], reference)
 
 
+# -- img2img: ComfyUI's denoise -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler, schedule, denoise", [("euler", "karras", 0.6), ("euler_ancestral", "normal", 0.5),
+                                                         ("euler", "sgm_uniform", 0.75)])
+def test_comfyuis_img2img_on_the_tiny_model(monkeypatch, tiny, sampler, schedule, denoise):
+    """img2img with a ComfyUI name is ComfyUI's KSampler at `denoise`: all 20 steps on the last 21 sigmas of a
+    int(20 / denoise)-step schedule (KSampler.set_steps), from latent + prepare_noise's first draw * sigmas[0]
+    (not max_denoise), the step noise seeded seed + 1. The latent is the init picture's posterior mean: ComfyUI's
+    VAE encode samples the posterior from torch's global state (DiagonalGaussianRegularizer(sample=True),
+    DiagonalGaussianDistribution.sample), which no seed reproduces. Before, sdlab ran int(20 * denoise) steps of
+    the 20-step schedule from its seed's second draw: 145/255 max off ComfyUI's picture (euler, karras, 0.6)."""
+    import comfy_reference as C
+    from bundle_fixtures import init_picture
+
+    init = init_picture(64)
+    run = sdlab_run(monkeypatch, tiny, "img2img", init, denoise, sampler=sampler, schedule=schedule, steps=20)
+    sigmas = C.ksampler_sigmas(C.ModelSamplingDiscrete(), sampler, schedule, 20, denoise)
+    torch.testing.assert_close(run["sigmas"], sigmas, rtol=2e-6, atol=0)
+    latent = G.encode_image(tiny.bundle, G.pil_to_tensor(init))                  # (1, 4, h, w): the posterior mean
+    sampler_function = {"euler": sample_euler, "euler_ancestral": sample_euler_ancestral}[sampler]
+    reference = ksampler(sampler_function, run["model"], sigmas, SEED, latent, tiny.bundle.model_sampling.sigma_max)
+    assert_same_latents(run["out"], reference)
+
+
+def test_comfyui_names_take_comfyuis_denoise_rule():
+    """resolve gives a ComfyUI spelling ComfyUI's step rule for img2img ("comfyui"), an A1111 spelling diffusers',
+    and keeps A1111's when it is asked for (its API does)."""
+    from PIL import Image
+
+    from sdlab.pipeline.request import GenerationRequest, resolve
+
+    def convention(sampler, **options):
+        request = GenerationRequest("x", sampler=sampler, init_image=Image.new("RGB", (64, 64)), seed=1, **options)
+        return resolve(request, default_size=64, default_sampler="dpmpp_2m", default_schedule="karras",
+                       factor=8).img2img_convention
+
+    assert [convention("dpmpp_2m"), convention("DPM++ 2M"), convention(None)] == ["comfyui", "diffusers", "diffusers"]
+    assert convention("dpmpp_2m", img2img_convention="a1111") == "a1111"
+
+
+def test_comfyuis_inpainting_start_on_the_tiny_model(monkeypatch, tiny):
+    """Inpainting at denoise 1 with a ComfyUI name starts as ComfyUI's KSampler does: the init latent (its posterior
+    mean) plus the seed's first draw * sqrt(1 + sigma_max^2), not from pure noise as diffusers' pipelines."""
+    from bundle_fixtures import init_picture, lower_right_mask
+
+    init = init_picture(64)
+    run = sdlab_run(monkeypatch, tiny, "inpaint", init, lower_right_mask(64), sampler="euler", schedule="karras",
+                    steps=4, strength=1.0)
+    latent = G.encode_image(tiny.bundle, G.pil_to_tensor(init))
+    noise = prepare_noise(latent, SEED)
+    expected = eps_noise_scaling(run["sigmas"][0], noise, latent.clone(), max_denoise=True)
+    torch.testing.assert_close(run["x"], expected, rtol=1e-5, atol=1e-5)
+
+
 # -- step noise: ComfyUI's default_noise_sampler, a CPU generator seeded seed + 1 ----------------------------------
 def test_comfyuis_ancestral_step_noise_on_the_tiny_model(monkeypatch, tiny):
     """`euler_ancestral` on the shipped model, 20 karras steps at CFG 5: from sdlab's start, ComfyUI's

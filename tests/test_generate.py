@@ -95,7 +95,8 @@ def test_image_i_of_a_batch_is_the_single_run_with_seed_plus_i(bundles, family, 
 @pytest.mark.parametrize("convention", ["diffusers", "comfyui", "a1111"])
 def test_img2img_start_noise_is_the_conventions_draw(bundles, monkeypatch, convention):
     """diffusers' prepare_latents samples the posterior first, so the noise is each seed's second draw;
-    A1111's img2img takes it as the first (`sample`: x = self.rng.next())."""
+    A1111's img2img takes it as the first (`sample`: x = self.rng.next()), and so does ComfyUI's (prepare_noise;
+    both sample the posterior from their global random state)."""
     from sdlab.pipeline import generate as generate_module
 
     starts = []
@@ -104,7 +105,7 @@ def test_img2img_start_noise_is_the_conventions_draw(bundles, monkeypatch, conve
     generate(bundles["sd1"], _request(init_image=_picture(), strength=0.7, batch_size=2, seed=40,
                                       img2img_convention=convention))
     shape = starts[0].noise.shape[1:]                                 # (4, h, w)
-    nth = 0 if convention == "a1111" else 1
+    nth = 0 if convention in ("a1111", "comfyui") else 1
     generators = [torch.Generator().manual_seed(seed) for seed in (40, 41)]
     noise = torch.stack([[torch.randn(shape, generator=g) for _ in range(2)][nth] for g in generators])
     assert torch.equal(starts[0].noise.cpu(), noise)

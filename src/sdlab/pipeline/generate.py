@@ -35,7 +35,9 @@ image i equals a single run with seed + i, on any device. The draws follow diffu
 
 Under A1111's img2img convention the initial noise is each seed's first draw and the step noise follows
 it directly (A1111's `ImageRNG`): A1111 samples its posteriors (1 and 3) from its global random state,
-apart from the seeds' generators, and sdlab takes the posterior means there, drawing nothing.
+apart from the seeds' generators, and sdlab takes the posterior means there, drawing nothing. So does
+ComfyUI (its VAE encode samples the posterior with ``torch.randn`` on the global state), whose initial noise
+is the seed's first draw (``prepare_noise``): under its convention too sdlab draws no posterior.
 
 Where diffusers differs (documented in tests/test_pipeline_parity.py): with ONE init image and a list of
 generators its inpainting pipeline encodes the (masked) image with generator 0 only and repeats that latent.
@@ -346,8 +348,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
            init_latent: Tensor | None = None, refiner: ModelBundle | None = None) -> _Start:
     """The first x: the model's forward process (``plan.sampling.noise_scaling``) applied to pure noise, or
     to the init image's latent (or `init_latent`) at ``sigmas[0]``. Inpainting at strength 1 starts from pure
-    noise as diffusers does, from the noised init latent under A1111's convention (A1111 always adds the
-    noise to the init latent). The init image's latent is drawn also when only a 4-channel `refiner` blends
+    noise as diffusers does, from the noised init latent under A1111's and ComfyUI's conventions (both always
+    add the noise to the init latent). The init image's latent is drawn also when only a 4-channel `refiner` blends
     it in. 4-channel inpainting under diffusers' convention then makes the masked image's unread draw."""
     device, req, sigmas = bundle.device, plan.request, plan.sigmas
     pixels = mask = small_mask = None
@@ -359,7 +361,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
             small_mask = _latent_repaint(bundle, plan, mask)                                 # (1, 1, h, w)
     from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0
-                                                              and req.img2img_convention != "a1111"))
+                                                              and req.img2img_convention not in ("a1111", "comfyui")))
     blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
     # diffusers' prepare_latents samples the posterior, then the noise; under A1111's convention nothing is
     # drawn for the posterior, so the noise is each seed's first draw (`sample`: x = self.rng.next())
@@ -415,9 +417,9 @@ def _draw_unread_masked_image_sample(plan: GenerationPlan, generators: list[torc
 def _posterior_generators(req: GenerationRequest,
                           generators: list[torch.Generator]) -> list[torch.Generator] | None:
     """The generators that VAE posterior samples are drawn from: the seeds' own (diffusers), or none under
-    A1111's img2img convention, which samples its posteriors from its global random state, apart from the
-    seeds' generators: sdlab takes the posterior mean there and draws nothing (`encode_image`)."""
-    return None if req.img2img_convention == "a1111" else generators
+    A1111's and ComfyUI's img2img conventions, which sample their posteriors from their global random state,
+    apart from the seeds' generators: sdlab takes the posterior mean there and draws nothing (`encode_image`)."""
+    return None if req.img2img_convention in ("a1111", "comfyui") else generators
 
 
 def _initial_noise(plan: GenerationPlan, generators: list[torch.Generator], device: torch.device) -> Tensor:

@@ -19,7 +19,8 @@ plainly right:
   asks for ComfyUI's KSampler conventions, so that image i is ComfyUI's one-picture run with seed + i: a
   sampler that draws Gaussian step noise draws it from a generator seeded seed + 1 (ComfyUI's
   `default_noise_sampler` on the CPU: A1111's ENSD of 1) unless an ENSD is given; the start noise is scaled
-  by ComfyUI's rule (`init_noise="comfyui"`, for a schedule not named the diffusers way) unless one is given.
+  by ComfyUI's rule (`init_noise="comfyui"`, for a schedule not named the diffusers way) unless one is given;
+  img2img's strength is ComfyUI's `denoise` (`img2img_convention="comfyui"`) unless A1111's is asked for.
 - numbers: NumPy's scalars (`np.int64`, `np.float32`, `np.bool_`, ...; any `numbers.Integral` /
   `numbers.Real`) count as Python ints, floats and bools, converted once as the request is resolved, so the
   resolved request, the infotext and the PNG hold plain numbers. Numbers must be finite and inside bounds far
@@ -590,6 +591,8 @@ def resolve(
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
     if comfyui and spec.noise == "gaussian" and not r.eta_noise_seed_delta:
         r = replace(r, eta_noise_seed_delta=1)
+    if comfyui and r.img2img_convention == "diffusers":                  # ComfyUI's denoise (KSampler.set_steps)
+        r = replace(r, img2img_convention="comfyui")
     if r.img2img_convention not in IMG2IMG_CONVENTIONS:
         raise RequestError(
             f"unknown img2img convention {r.img2img_convention!r}; valid: {', '.join(IMG2IMG_CONVENTIONS)}"
