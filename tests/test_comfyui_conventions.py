@@ -384,6 +384,16 @@ def test_comfyui_spelt_samplers_draw_comfyuis_step_noise(monkeypatch, tiny, samp
     assert run["draws"] and all(torch.equal(draw, comfy(None, None)) for draw in run["draws"])
 
 
+def test_a_batch_is_comfyuis_one_picture_runs(monkeypatch, tiny):
+    """README: in a batch, image i is ComfyUI's one-picture run with seed + i (ComfyUI's own batch draws one tensor
+    from the seed and one a step from seed + 1, which is none of them). sdlab's batch of 2 with euler_ancestral
+    equals its runs with seeds 1 and 2 (each ComfyUI's picture, above), up to batched float rounding (1e-4)."""
+    batch = sdlab_run(monkeypatch, tiny, sampler="euler_ancestral", schedule="karras", steps=6, batch_size=2)["out"]
+    for i in range(2):
+        single = sdlab_run(monkeypatch, tiny, sampler="euler_ancestral", schedule="karras", steps=6, seed=SEED + i)
+        torch.testing.assert_close(batch[i:i + 1], single["out"], rtol=1e-4, atol=1e-4)
+
+
 def test_a1111_names_keep_the_seeds_stream(monkeypatch, tiny):
     """"Euler a" (A1111's spelling) keeps A1111's and diffusers' rule: the step noise continues the seed's generator
     after the initial noise."""
