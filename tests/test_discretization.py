@@ -317,6 +317,35 @@ def test_img2img_conventions():
         partial_sigmas(full, 0.5, "comfyui")
 
 
+def a1111_setup_img2img_steps(steps, denoising_strength, img2img_fix_steps):
+    """A1111 1.10 sd_samplers_common.setup_img2img_steps with p.steps = steps and no steps passed."""
+    if img2img_fix_steps:
+        requested_steps = steps
+        steps = int(requested_steps / min(denoising_strength, 0.999)) if denoising_strength > 0 else 0
+        t_enc = requested_steps - 1
+    else:
+        steps = steps
+        t_enc = int(min(denoising_strength, 0.999) * steps)
+    return steps, t_enc
+
+
+@pytest.mark.parametrize("steps", [1, 7, 20, 50])
+@pytest.mark.parametrize("strength", [0.05, 0.3, 0.75, 0.9995, 1.0])
+@pytest.mark.parametrize("fix_steps", [False, True])
+def test_a1111_conventions_are_setup_img2img_steps(steps, strength, fix_steps):
+    """A1111's KDiffusionSampler.sample_img2img runs sigma_sched = get_sigmas(p, steps)[steps - t_enc - 1:] with
+    (steps, t_enc) from setup_img2img_steps: option img2img_fix_steps is the a1111_fix_steps convention."""
+    convention = "a1111_fix_steps" if fix_steps else "a1111"
+    total, t_enc = a1111_setup_img2img_steps(steps, strength, fix_steps)
+    assert steps_run(steps, strength, convention) == (total, t_enc + 1)
+    sched = NoiseSchedule.sd()
+    expected = get_discretization("karras")(sched, total)[total - t_enc - 1:]
+    assert torch.equal(img2img_sigmas("karras", sched, steps, strength, convention), expected)
+    if fix_steps:
+        with pytest.raises(ValueError, match="img2img_sigmas"):
+            partial_sigmas(expected, strength, convention)
+
+
 @pytest.mark.parametrize("spacing", SPACINGS)
 def test_initial_noise_sigma_matches_diffusers(spacing, sched32):
     ref = _euler(_config("sdxl", timestep_spacing=spacing))

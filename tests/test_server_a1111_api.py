@@ -537,6 +537,41 @@ def test_progress_during_n_iter_is_a1111s(client):
     assert len({progress["state"]["job_no"] for progress in seen}) >= 2
 
 
+# ---------------------------------------------------------------- 8e. options that change img2img
+
+
+def test_img2img_fix_steps_and_initial_noise_multiplier_options_are_a1111s(client, sdlab_server):
+    """A1111 reads opts.img2img_fix_steps as it samples (`setup_img2img_steps`: all the steps run, on a
+    stretched schedule), so a request's override_settings of it count; it reads opts.initial_noise_multiplier
+    for a request that leaves it unset as it makes the processing object (`__post_init__`), before a
+    request's override_settings apply."""
+    body = {"prompt": "x", "steps": 10, "seed": 4, "denoising_strength": 0.5,
+            "init_images": [png_b64((64, 64), (90, 20, 200))]}
+
+    def img2img(**fields) -> tuple[list, str, int]:
+        answer = client.post("/img2img", json={**body, **fields})
+        assert answer.status_code == 200, answer.text
+        job = httpx.get(sdlab_server.url + "/api/jobs?limit=1").json()["jobs"][0]
+        return answer.json()["images"], json.loads(answer.json()["info"])["infotexts"][0], job["steps"]
+
+    plain, text, steps = img2img()
+    assert steps == 6 and "Noise multiplier" not in text                # int(10 x 0.5) + 1
+    try:
+        assert client.post("/options", json={"img2img_fix_steps": True, "initial_noise_multiplier": 0.5}).status_code == 200
+        fixed, text, steps = img2img()
+        assert steps == 10 and "Noise multiplier: 0.5" in text and fixed != plain
+        own, text, _ = img2img(initial_noise_multiplier=1.0)                  # the request's own value wins
+        assert "Noise multiplier" not in text and own != fixed
+        client.post("/options", json={"img2img_fix_steps": False, "initial_noise_multiplier": 1.0})
+        overridden, text, steps = img2img(override_settings={"img2img_fix_steps": True, "initial_noise_multiplier": 0.5})
+        assert steps == 10 and overridden == own                              # the noise multiplier: not yet set
+        for bad in ({"img2img_fix_steps": 1}, {"initial_noise_multiplier": -1}, {"initial_noise_multiplier": True}):
+            refused = client.post("/options", json=bad)
+            assert refused.status_code == 422 and next(iter(bad)) in refused.json()["errors"]
+    finally:
+        client.post("/options", json={"img2img_fix_steps": False, "initial_noise_multiplier": 1.0})
+
+
 # ---------------------------------------------------------------- 9. A1111's names in errors, interrupt's answer
 
 

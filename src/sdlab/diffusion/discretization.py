@@ -71,6 +71,7 @@ from torch import Tensor
 from sdlab.diffusion.schedules import NoiseSchedule
 
 __all__ = [
+    "A1111_IMG2IMG",
     "DIFFUSERS_NAMES",
     "DISCRETIZATIONS",
     "FINAL_SIGMAS",
@@ -669,7 +670,9 @@ def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str
 
 
 # -- starting part-way (img2img) --------------------------------------------------------------
-IMG2IMG_CONVENTIONS = ("diffusers", "a1111", "comfyui", "lcm")
+IMG2IMG_CONVENTIONS = ("diffusers", "a1111", "comfyui", "lcm", "a1111_fix_steps")
+A1111_IMG2IMG = ("a1111", "a1111_fix_steps")
+"""The conventions that draw img2img as A1111 does (its noise, latent mask and blending), differing in the steps."""
 
 
 def _check_strength(strength: float, convention: str = "diffusers") -> float:
@@ -689,8 +692,10 @@ def steps_run(steps: int, strength: float, convention: str = "diffusers") -> tup
       (``init_timestep``; the first ``steps - run`` steps are skipped).
     - ``a1111`` (default settings): total = steps, run = int(min(strength, 0.999) * steps) + 1
       (``sigmas[steps - t_enc - 1:]``, capped at ``steps``); strength 0 runs one step, at the lowest sigma.
-    - ``comfyui`` (``denoise``; also A1111 with "img2img_fix_steps"): total = int(steps / strength),
-      run = steps: the requested steps all run, on a stretched schedule.
+    - ``a1111_fix_steps`` (A1111 with its option "img2img_fix_steps", ``setup_img2img_steps``): total =
+      int(steps / min(strength, 0.999)), run = steps: every requested step runs, on a stretched schedule.
+    - ``comfyui`` (``denoise``): total = int(steps / strength), run = steps: the requested steps all run, on
+      a stretched schedule.
     - ``lcm`` (``LatentConsistencyModelImg2ImgPipeline``, diffusers' pipeline for a full LCM model):
       total = run = steps, every step on LCM's grid cut by strength (``lcm_img2img_sigmas``); the grid
       must keep at least ``steps`` of its 50 timesteps.
@@ -703,6 +708,9 @@ def steps_run(steps: int, strength: float, convention: str = "diffusers") -> tup
     elif convention == "a1111":
         run = min(int(min(strength, 0.999) * steps) + 1, steps)
         total = steps
+    elif convention == "a1111_fix_steps":
+        total = int(steps / min(strength, 0.999))
+        run = steps
     elif convention == "comfyui":
         total = int(steps / strength) if strength < 1.0 else steps
         run = steps
@@ -723,7 +731,7 @@ def partial_sigmas(sigmas: Tensor, strength: float, convention: str = "diffusers
     ``comfyui`` needs a longer schedule: use ``img2img_sigmas``). Diffusers' ``timesteps[t_start *
     order:]`` is the same cut for a sigma list: sdlab samplers count steps, not model calls.
     """
-    if convention in ("comfyui", "lcm"):
+    if convention in ("comfyui", "lcm", "a1111_fix_steps"):
         raise ValueError(f"the {convention} convention builds a schedule of its own; use img2img_sigmas")
     steps = sigmas.shape[0] - 1
     _, run = steps_run(steps, strength, convention)

@@ -59,7 +59,7 @@ from functools import partial
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -69,6 +69,7 @@ from torch import Tensor
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
+from sdlab.diffusion.discretization import A1111_IMG2IMG, steps_run
 from sdlab.diffusion.guidance import cfg, composable_cfg, masked, needs_uncond, switch_at_calls
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
@@ -223,7 +224,7 @@ def _blends_latent(bundle: ModelBundle, req: GenerationRequest) -> bool:
     `_keep_known`): always for an ordinary model; for a 9-channel inpainting model under A1111's img2img
     convention, as A1111 blends for every model (`CFGDenoiser`: ``init_latent * mask + nmask * denoised``),
     where diffusers' inpainting pipelines leave it to the model."""
-    return not bundle.family.is_inpaint or req.img2img_convention == "a1111"
+    return not bundle.family.is_inpaint or req.img2img_convention in A1111_IMG2IMG
 
 
 def _keep_known(bundle: ModelBundle, start: _Start, latents: Tensor, req: GenerationRequest) -> Tensor:
@@ -360,8 +361,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
             small_mask = _latent_repaint(bundle, plan, mask)                                 # (1, 1, h, w)
-    from_noise = image_latent is None and (pixels is None or (mask is not None and req.strength == 1.0
-                                                              and req.img2img_convention not in ("a1111", "comfyui")))
+    from_noise = image_latent is None and (pixels is None or (
+        mask is not None and req.strength == 1.0 and req.img2img_convention not in (*A1111_IMG2IMG, "comfyui")))
     blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
     # diffusers' prepare_latents samples the posterior, then the noise; under A1111's convention nothing is
     # drawn for the posterior, so the noise is each seed's first draw (`sample`: x = self.rng.next())
@@ -384,7 +385,7 @@ def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> 
     """The latent cells inpainting repaints (1, 1, h, w): under A1111's img2img convention A1111's (the blurred
     mask resized bicubic and rounded, `a1111_latent_mask`), else diffusers' (the thresholded `mask`
     (1, 1, H, W) shrunk with nearest neighbour, `latent_mask`)."""
-    if plan.request.img2img_convention == "a1111":
+    if plan.request.img2img_convention in A1111_IMG2IMG:
         height, width = plan.latent_shape[-2:]
         return a1111_latent_mask(plan.mask, (width, height)).to(mask.device)
     return latent_mask(mask, bundle.vae_config.downsample_factor)
@@ -419,7 +420,7 @@ def _posterior_generators(req: GenerationRequest,
     """The generators that VAE posterior samples are drawn from: the seeds' own (diffusers), or none under
     A1111's and ComfyUI's img2img conventions, which sample their posteriors from their global random state,
     apart from the seeds' generators: sdlab takes the posterior mean there and draws nothing (`encode_image`)."""
-    return None if req.img2img_convention in ("a1111", "comfyui") else generators
+    return None if req.img2img_convention in (*A1111_IMG2IMG, "comfyui") else generators
 
 
 def _initial_noise(plan: GenerationPlan, generators: list[torch.Generator], device: torch.device) -> Tensor:
@@ -578,7 +579,7 @@ def _with_latent_blend(model: DenoiseFn, bundle: ModelBundle, sampling: ModelSam
 def _blend_from_call(req: GenerationRequest, start: _Start, steps_done: int) -> int | None:
     """The first model call whose input 4-channel inpainting blends (`guidance.masked`): A1111 blends the
     output only (None); diffusers first blends after the first step (its pure noise unblended: 1); else 0."""
-    if req.img2img_convention == "a1111":
+    if req.img2img_convention in A1111_IMG2IMG:
         return None
     return 1 if start.from_noise and steps_done == 0 and req.img2img_convention == "diffusers" else 0
 
@@ -615,11 +616,13 @@ def _finite_only(model: DenoiseFn, watch: FiniteWatch) -> DenoiseFn:
 def _brownian_span(plan: GenerationPlan) -> Tensor:
     """The sigmas the SDE samplers' Brownian tree spans: for img2img (and a hires pass) A1111 and diffusers
     span the whole schedule the tail was cut from (A1111 `sample_img2img` makes its noise sampler from all of
-    `get_sigmas`; DPMSolverSDEScheduler from all of `set_timesteps`), ComfyUI the sigmas it runs."""
+    `get_sigmas`, stretched with img2img_fix_steps; DPMSolverSDEScheduler from all of `set_timesteps`), ComfyUI
+    the sigmas it runs."""
     req = plan.request
     if not (plan.from_latent or req.init_image is not None) or req.img2img_convention == "comfyui":
         return plan.sigmas
-    return request_sigmas(plan.sampling, plan.sampler, req, plan.sigmas.device, img2img=False)
+    total, _ = steps_run(req.steps, req.strength, req.img2img_convention)
+    return request_sigmas(plan.sampling, plan.sampler, replace(req, steps=total), plan.sigmas.device, img2img=False)
 
 
 def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[torch.Generator]) -> dict[str, Any]:

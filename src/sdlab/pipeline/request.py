@@ -148,7 +148,8 @@ class GenerationRequest:
                                             # init_image the first
     strength: float = 0.75
     noise_multiplier: float = 1.0           # img2img: the initial noise times this (A1111's initial noise multiplier)
-    img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui", "lcm"
+    img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui", "lcm",
+                                            # "a1111_fix_steps" (A1111's img2img_fix_steps option)
     resize_mode: str = "resize"             # the init image to width x height: "resize", "crop", "fill", "latent"
                                             # (A1111's resize modes; pipeline/init_picture.py)
     mask_image: Image.Image | None = field(default=None, repr=False, compare=False)

@@ -46,7 +46,9 @@ from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, read_parameters, version_label,
 )
-from sdlab.pipeline.request import MASKED_CONTENT, MAX_BATCH_COUNT, RESIZE_MODES, GenerationRequest, fixed_seed
+from sdlab.pipeline.request import (
+    MASKED_CONTENT, MAX_BATCH_COUNT, MAX_NOISE_MULTIPLIER, RESIZE_MODES, GenerationRequest, fixed_seed,
+)
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.controls import a1111_controls
 from sdlab.server.inputs import (
@@ -68,6 +70,7 @@ DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
 OPTION_DEFAULTS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "tiling": False,   # applied to every later generation
     "samples_format": "png", "jpeg_quality": 80,        # the base64 pictures' format (`_base64_picture`)
+    "img2img_fix_steps": False, "initial_noise_multiplier": 1.0,     # img2img's step rule and noise (`_request`)
     "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
@@ -185,10 +188,11 @@ def _choice(value: int, names: tuple[str, ...], labels: tuple[str, ...], field: 
     raise BadRequest(f"{field} must be {valid}; got {value}", 422)
 
 
-def _picture_options(body: Img2ImgIn, masked: bool) -> dict[str, Any]:
-    """The request fields of A1111's resize mode and, with a mask, its Masked content and Inpaint area."""
+def _picture_options(body: Img2ImgIn, masked: bool, noise_option: float) -> dict[str, Any]:
+    """The request fields of A1111's resize mode, noise multiplier (unset: the option's, `noise_option`) and,
+    with a mask, its Masked content and Inpaint area."""
     resize_mode = _choice(body.resize_mode, RESIZE_MODES, RESIZE_LABELS, "resize_mode")
-    noise = 1.0 if body.initial_noise_multiplier is None else body.initial_noise_multiplier
+    noise = noise_option if body.initial_noise_multiplier is None else body.initial_noise_multiplier
     if not masked:
         return {"resize_mode": resize_mode, "noise_multiplier": noise}
     if body.inpaint_full_res_padding < 0:
@@ -232,8 +236,12 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
                      hr_denoise=body.denoising_strength)
     if inits:
         strength = 0.75 if body.denoising_strength is None else body.denoising_strength
+        # A1111 reads initial_noise_multiplier as it makes the processing object, before the overrides apply
+        noise = {**OPTION_DEFAULTS, **(options or {})}["initial_noise_multiplier"]
+        steps_rule = "a1111_fix_steps" if settings["img2img_fix_steps"] else "a1111"     # setup_img2img_steps
         extra.update(init_image=inits[0], init_images=inits if len(inits) > 1 else (), strength=strength,
-                     img2img_convention="a1111", size_convention="a1111", **_picture_options(body, mask is not None))
+                     img2img_convention=steps_rule, size_convention="a1111",
+                     **_picture_options(body, mask is not None, noise))
         if mask is not None:
             extra.update(mask_image=mask)
     return GenerationRequest(
@@ -528,6 +536,12 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     if not isinstance(samples_format, str) or samples_format.lower() not in SAMPLES_FORMATS:
         raise BadRequest(f"{where}samples_format must be {', '.join(SAMPLES_FORMATS)} (any case), "
                          f"got {samples_format!r}", 422)
+    if not isinstance(body.get("img2img_fix_steps", False), bool):
+        raise BadRequest(f"{where}img2img_fix_steps must be true or false, got {body['img2img_fix_steps']!r}", 422)
+    noise = body.get("initial_noise_multiplier", 1.0)
+    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= MAX_NOISE_MULTIPLIER:
+        raise BadRequest(f"{where}initial_noise_multiplier must be a number in 0..{MAX_NOISE_MULTIPLIER:g}, "
+                         f"got {noise!r}", 422)
     quality = body.get("jpeg_quality", 80)
     if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
         raise BadRequest(f"{where}jpeg_quality must be an integer in 1..100, got {quality!r}", 422)
@@ -551,8 +565,9 @@ def get_options(request: Request) -> dict[str, Any]:
 def set_options(body: dict[str, Any], request: Request) -> None:
     """`sd_model_checkpoint` switches the model new jobs use (loaded by the worker before its next job);
     `CLIP_stop_at_last_layers`, `eta_noise_seed_delta` and `tiling` apply to later generations (under a
-    request's `override_settings` and, for `tiling`, its own field), `samples_format` and `jpeg_quality` to the
-    base64 pictures answered from now on; other options are remembered and echoed by GET but change nothing
+    request's `override_settings` and, for `tiling`, its own field), `img2img_fix_steps` and
+    `initial_noise_multiplier` to later img2img requests (`_request`), `samples_format` and `jpeg_quality` to
+    the base64 pictures answered from now on; other options are remembered and echoed by GET but change nothing
     (docs/server.md). Nothing is set when one value is refused."""
     service = service_of(request)
     _check_options(body)
