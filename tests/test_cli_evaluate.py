@@ -194,3 +194,26 @@ def test_eval_with_a_lora_draws_the_merged_model(model, prompts, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("sdlab: error:"), err
     assert not (tmp_path / "missing" / "report.json").exists()
+
+
+def test_eval_preset_draws_at_the_preset_s_settings(model, prompts, tmp_path, capsys) -> None:
+    """`--preset lcm` scores the pictures `--sampler LCM --schedule trailing --steps 4 --cfg 1` draws (an
+    intermediate LCM-LoRA checkpoint is scored at the settings it is trained for, as txt2img's --preset);
+    an unknown name is refused before the model loads."""
+    import numpy as np
+
+    grids = {}
+    for name, extra in (("preset", ["--preset", "lcm"]),
+                        ("given", ["--sampler", "LCM", "--schedule", "trailing", "--steps", "4", "--cfg", "1"]),
+                        ("default", ["--steps", "4"])):
+        out = tmp_path / name
+        assert main(["eval", str(prompts), "--model", str(model), "--seeds", "1", "--limit", "1", "--no-progress",
+                     "--out", str(out), *extra]) == 0
+        with Image.open(out / "grid.png") as grid:
+            grids[name] = np.asarray(grid.convert("RGB"), dtype=np.int16)
+    assert np.array_equal(grids["preset"], grids["given"]) and not np.array_equal(grids["preset"], grids["default"])
+    capsys.readouterr()
+    code = main(["eval", str(prompts), "--model", str(model), "--preset", "fast", "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown preset 'fast'" in err
+    assert not (tmp_path / "bad").exists()

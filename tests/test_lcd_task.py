@@ -266,6 +266,35 @@ def test_lcm_lora_run_delivers_a_lora_that_generation_merges_to_the_trained_netw
     assert (result.request.sampler, result.request.steps, result.request.cfg_scale) == ("LCM", 4, 1.0)
 
 
+def test_an_intermediate_lcm_lora_checkpoint_exports_as_the_run_s_final_file_does(tiny_run_inputs, tmp_path, capsys):
+    """docs/training.md: `sdlab train --resume CHECKPOINT --output-dir DIR --max-steps STEP` writes that step's
+    LoRA as DIR/final.safetensors with the run's metadata, so it names the `lcm` preset and draws with LCM,
+    4 steps, CFG 1 as the run's own final file does (a LoRA written by `LoRANetwork.save` alone names none)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import sdlab
+    from sdlab.cli import main
+    from sdlab.train.lora import LoRANetwork
+
+    _, model, data = tiny_run_inputs
+    run = tmp_path / "run"
+    run_in_process(run, model, data, *LCD, "--lora-rank", "4", "--lora-conv", "--batch-size", "2",
+                   "--max-steps", "2", "--checkpoint-every", "1", "--keep-checkpoints", "2")
+    step1 = dict(list_checkpoints(run / "checkpoints"))[1]
+    assert main(["train", "--resume", str(step1), "--output-dir", str(tmp_path / "step1"), "--max-steps", "1",
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    exported = tmp_path / "step1" / "final.safetensors"
+    network = LoRANetwork.for_unet(load_bundle(model).unet, 4, convs=True)
+    network.load_state_dict(load_run_checkpoint(step1)["modules"]["lora_unet"])
+    written = load_file(exported)
+    assert all(torch.equal(written[k], v) for k, v in network.lora_state_dict().items())     # step 1's LoRA
+    assert safe_open(exported, "pt").metadata()["sdlab.preset"] == "lcm"
+    result = sdlab.load(model, loras=[(exported, 1.0)]).txt2img("a red apple", width=16, height=16)
+    assert (result.request.sampler, result.request.steps, result.request.cfg_scale) == ("LCM", 4, 1.0)
+
+
 # --- runs of the training loop ------------------------------------------------------------------------------
 
 LCD = ("--task", "lcd", "--checkpoint-every", "3", "--learning-rate", "1e-4", "--lr-schedule", "constant",

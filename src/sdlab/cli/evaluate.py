@@ -58,6 +58,10 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sampler", default=None, help="sampler name (default: the model's, as `sdlab txt2img`)")
     p.add_argument("--schedule", default=None, help="sigma schedule (default: the model's, as `sdlab txt2img`)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
+    p.add_argument("--preset", metavar="NAME",
+                   help="few-step settings (sampler, schedule, steps, CFG, eta) of a distilled model or LoRA: turbo, "
+                        "lcm, lightning, hyper, tcd, lcm-model; options given here win (default: the one the model "
+                        "or LoRA names, as `sdlab txt2img`)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts, N >= 1 (a quick look)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
@@ -85,6 +89,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from sdlab.api import RequestError, load
     from sdlab.cli.generate import _lora_finder, _parse_lora
+    from sdlab.pipeline.presets import get_preset
     from sdlab.tiny.datasets.captions import read_prompt
     from sdlab.tiny.evaluation import evaluate, read_prompt_file
     from sdlab.utils.threads import use_threads_for
@@ -95,6 +100,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise UserError("--first-seed must be 0 or more")
     if args.limit is not None and args.limit < 1:
         raise UserError("--limit must be at least 1")
+    if args.preset is not None:
+        try:
+            get_preset(args.preset)
+        except RequestError as err:
+            raise UserError(f"--preset: {err}") from None
     try:
         prompts = read_prompt_file(args.prompts)
     except OSError as err:
@@ -129,7 +139,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     def generate(prompt: str, seed: int):
         given = {"steps": args.steps, "sampler": args.sampler, "schedule": args.schedule, "cfg_scale": args.cfg,
-                 "width": args.size, "height": args.size}
+                 "width": args.size, "height": args.size, "preset": args.preset}
         options = {"seed": seed, **{k: v for k, v in given.items() if v is not None}}
         try:
             image = pipe.txt2img(prompt, **options).images[0]
