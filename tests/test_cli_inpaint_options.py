@@ -125,3 +125,19 @@ def test_invert_mask_is_recorded_and_redrawn_from_png(model, files, tmp_path, ca
                         str(model), "--no-invert-mask", "--out", str(plain), "--no-progress"], capsys)
     assert code == 0, err
     assert "Mask mode" not in read_parameters(plain)
+
+
+def test_help_says_what_mask_blur_and_strength_are_and_their_defaults(capsys):
+    """--mask-blur is A1111's Mask blur, the Gaussian's standard deviation (sigma of cv2.GaussianBlur with
+    2 * int(2.5 * sigma + 0.5) + 1 taps, `pipeline/overlay.py`), default 0; --strength defaults to 0.75 for
+    img2img and 1 for inpaint."""
+    from sdlab.cli import main
+
+    texts = {}
+    for mode in ("img2img", "inpaint"):
+        with pytest.raises(SystemExit):
+            main([mode, "--help"])
+        texts[mode] = " ".join(capsys.readouterr().out.split())
+    assert "standard deviation in pixels of the Gaussian blur" in texts["inpaint"]
+    assert "default 0, no blur" in texts["inpaint"] and "radius" not in texts["inpaint"]
+    assert "in (0, 1] (default 1," in texts["inpaint"] and "in (0, 1] (default 0.75," in texts["img2img"]

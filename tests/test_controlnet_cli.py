@@ -216,3 +216,17 @@ def test_recorded_modes_read_a1111s_labels():
     assert recorded_modes("Module: none, Model: cn [12345678], Weight: 1") == {}
     with pytest.raises(ValueError, match="Control Mode 'Sideways'"):
         recorded_modes("Module: none, Control Mode: Sideways")
+
+
+def test_help_names_every_preprocessor(capsys):
+    """--control-module's help lists every module sdlab accepts (`PREPROCESSORS`), as the error for an
+    unknown one does."""
+    from sdlab.cli import main
+    from sdlab.pipeline.preprocess import PREPROCESSORS
+
+    for mode in ("txt2img", "img2img", "inpaint"):
+        with pytest.raises(SystemExit):
+            main([mode, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        listed = text[text.index("--control-module NAME preprocessor"):text.index("--control-mode MODE A1111")]
+        assert all(f" {name}" in listed for name in PREPROCESSORS), listed

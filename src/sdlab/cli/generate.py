@@ -113,7 +113,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                             "strength (default 1) and the fraction of the steps it acts on (default 0:1); repeatable")
         p.add_argument("--control-module", action="append", default=[], metavar="NAME",
                        help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
-                            "none (default), canny, scribble, threshold, invert, tile (A1111's meanings); repeatable")
+                            "none (default), canny, scribble, threshold, invert, tile_resample, inpaint, inpaint_only "
+                            "(A1111's meanings) or tile (sdlab's: down 4x and back); repeatable")
         p.add_argument("--control-mode", action="append", default=[], metavar="MODE",
                        help="A1111's control mode of the matching --control: balanced (default), prompt (\"My prompt "
                             "is more important\"), control (\"ControlNet is more important\"); repeatable")
@@ -133,7 +134,9 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
             _add_hires_flags(p)
         if mode != "txt2img":
             p.add_argument("--init", help="init image (required, also with --from-png)")
-            p.add_argument("--strength", type=float, help="how much to change the image, in (0, 1]")
+            p.add_argument("--strength", type=float,
+                           help="how much to change the image, in (0, 1] (default "
+                                f"{'1' if mode == 'inpaint' else '0.75'}, or the --from-png picture's)")
             p.add_argument("--resize-mode", choices=("resize", "crop", "fill", "latent"),
                            help="how --init fits --width x --height (A1111's resize modes): resize stretches it (the "
                                 "default), crop covers the size and cuts the middle out, fill fits it inside and "
@@ -141,7 +144,10 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         if mode == "inpaint":
             p.add_argument("--mask", help="mask image, white = repaint; one of another size than --init is "
                                           "resized with it")
-            p.add_argument("--mask-blur", type=float, help="Gaussian blur radius of the mask in pixels")
+            p.add_argument("--mask-blur", type=float, metavar="SIGMA",
+                           help="A1111's Mask blur: the standard deviation in pixels of the Gaussian blur of the mask "
+                                "(a kernel of 2*int(2.5*SIGMA+0.5)+1 taps, as cv2's; default 0, no blur, or the "
+                                "--from-png picture's; A1111's UI starts at 4)")
             p.add_argument("--invert-mask", action=argparse.BooleanOptionalAction,
                            help="repaint where the mask is black (A1111's Mask mode \"Inpaint not masked\"); "
                                 "--no-invert-mask turns off a --from-png picture's")
