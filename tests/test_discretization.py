@@ -308,8 +308,13 @@ def test_img2img_conventions():
     assert steps_run(20, 0.0, "a1111") == (20, 1)
     assert torch.equal(partial_sigmas(full[-21:], 0.0, "a1111"), full[-2:])
     for bad in (-0.1, math.nan):
-        with pytest.raises(ValueError, match=r"strength must lie in \[0, 1\]"):
+        with pytest.raises(ValueError, match=r"strength must lie in \[0, inf\)"):
             steps_run(20, bad, "a1111")
+    # A1111 takes any strength above 1 (float noise as 1.0000001 too): its steps read min(strength, 0.999)
+    for convention in ("a1111", "a1111_fix_steps"):
+        assert steps_run(20, 1.0000001, convention) == steps_run(20, 1.5, convention) == steps_run(20, 1.0, convention)
+    with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\]"):
+        steps_run(20, 1.0000001, "comfyui")
     for convention in ("diffusers", "comfyui"):
         with pytest.raises(ValueError, match="strength"):
             steps_run(20, 0.0, convention)

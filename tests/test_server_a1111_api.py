@@ -582,7 +582,7 @@ def test_img2img_fix_steps_and_initial_noise_multiplier_options_are_a1111s(clien
     ("txt2img", {"enable_hr": True, "hr_resize_x": -5}, "hr_resize_x must be"),
     ("txt2img", {"cfg_scale": 1e9}, "cfg_scale must lie in"),
     ("txt2img", {"subseed_strength": 2}, "subseed_strength (variation strength) must"),   # its own name kept
-    ("img2img", {"denoising_strength": 1.5}, "denoising_strength must lie in"),
+    ("img2img", {"denoising_strength": -0.5}, "denoising_strength must lie in"),
     ("img2img", {"initial_noise_multiplier": -1}, "initial_noise_multiplier must lie in"),
     ("img2img", {"mask_blur": 1e9}, "mask_blur must lie in"),
 ])
@@ -592,6 +592,32 @@ def test_errors_name_the_a1111_field_the_client_sent(client, route, fields, name
     answer = client.post(f"/{route}", json={"prompt": "x", "steps": 2, **fields})
     assert answer.status_code == 400 and answer.json()["errors"].startswith(named), answer.text
     assert answer.json()["detail"] == answer.json()["errors"]
+
+
+@pytest.mark.parametrize("strength", [1.0000001, 1.5])
+def test_img2img_denoising_strength_above_1_draws_as_1_as_a1111(client, strength):
+    """A1111 takes any denoising_strength: setup_img2img_steps reads min(denoising_strength, 0.999), and the
+    value itself is recorded (extra_generation_params["Denoising strength"])."""
+    body = {"prompt": "x", "steps": 3, "seed": 2, "init_images": [png_b64((64, 64), (90, 20, 200))]}
+    above = client.post("/img2img", json={**body, "denoising_strength": strength})
+    assert above.status_code == 200, above.text
+    one = client.post("/img2img", json={**body, "denoising_strength": 1})
+    pictures = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))) for r in (above, one)]
+    assert np.array_equal(*pictures)
+    info = json.loads(above.json()["info"])
+    assert info["denoising_strength"] == strength and f"Denoising strength: {strength}," in info["infotexts"][0]
+
+
+@pytest.mark.parametrize("field", ["init_images", "mask"])
+def test_an_image_url_is_refused_by_name(client, field):
+    """A1111's decode_base64_to_image fetches an http(s) URL (opts.api_enable_requests); sdlab fetches
+    nothing and says so, with A1111's detail for a server that does not fetch."""
+    url = "https://example.com/picture.png"
+    body = {"prompt": "x", "steps": 2, "init_images": [png_b64((64, 64), (9, 9, 9))]}
+    body[field] = [url] if field == "init_images" else url
+    answer = client.post("/img2img", json=body)
+    assert answer.status_code == 400 and answer.json()["detail"] == "Requests not allowed"
+    assert "is an http(s) URL: this server does not fetch pictures" in answer.json()["errors"]
 
 
 def test_interrupt_answers_as_a1111(client):

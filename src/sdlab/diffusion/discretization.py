@@ -676,11 +676,13 @@ A1111_IMG2IMG = ("a1111", "a1111_fix_steps")
 
 
 def _check_strength(strength: float, convention: str = "diffusers") -> float:
-    """A strength in (0, 1]; [0, 1] under the a1111 convention, where 0 still runs one step (at the lowest
-    sigma), as A1111's img2img does."""
+    """A strength in (0, 1]; from 0 under the a1111 convention, where 0 still runs one step (at the lowest
+    sigma), as A1111's img2img does. A1111's conventions take any strength above 1 too, and run it as 1 (their
+    steps read min(strength, 0.999))."""
     low = 0.0 if convention == "a1111" else math.nextafter(0.0, 1.0)
-    if not (low <= strength <= 1.0):
-        interval = "[0, 1]" if low == 0.0 else "(0, 1]"
+    high = math.inf if convention in A1111_IMG2IMG else 1.0
+    if not (low <= strength <= high):
+        interval = ("[0, " if low == 0.0 else "(0, ") + ("inf)" if high == math.inf else "1]")
         raise ValueError(f"strength must lie in {interval} under the {convention} convention, got {strength!r}")
     return float(strength)
 

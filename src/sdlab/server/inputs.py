@@ -216,9 +216,13 @@ def sampler_and_schedule(name: str | None, scheduler: str | None) -> tuple[str |
 def decode_base64(data: Any, what: str) -> bytes:
     """The bytes of a base64 string or `data:image/...;base64,` URL, or `BadRequest`. Line breaks and other
     whitespace are skipped, as A1111's `b64decode` skips them (MIME-wrapped base64: Python's `encodebytes`,
-    `base64 FILE`, `openssl base64`); any other character that is not base64 is refused."""
+    `base64 FILE`, `openssl base64`); any other character that is not base64 is refused, and an http(s) URL,
+    which A1111 fetches, is refused by name (A1111's "Requests not allowed")."""
     if not isinstance(data, str):
         raise BadRequest(f"{what} must be a base64 string or a data URL, got {type(data).__name__}", 422)
+    if data.lstrip()[:8].lower().startswith(("http://", "https://")):      # A1111 fetches these; sdlab never does
+        raise BadRequest(f"{what} is an http(s) URL: this server does not fetch pictures; send the picture itself, "
+                         "base64 or a data:image/...;base64, URL", 400, "Requests not allowed")
     try:
         return base64.b64decode(_WHITESPACE.sub("", _DATA_URL.sub("", data.strip(), count=1)), validate=True)
     except (binascii.Error, ValueError):
