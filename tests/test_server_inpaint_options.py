@@ -235,4 +235,5 @@ def test_a1111_info_lists_the_img2img_generation_params_and_the_mask_mode(client
         "Schedule type": info["extra_generation_params"]["Schedule type"], "Denoising strength": 0.75,
         "Mask mode": "Inpaint not masked", "Mask blur": 4.0, "Inpaint area": "Only masked",
         "Masked area padding": 0, "Masked content": "fill", "Noise multiplier": 0.9}
+    assert type(info["extra_generation_params"]["Mask blur"]) is int             # A1111's mask_blur_x: an int
     assert "Mask mode: Inpaint not masked" in info["infotexts"][0] and "Noise multiplier: 0.9" in info["infotexts"][0]

@@ -165,9 +165,9 @@ class Img2ImgIn(Txt2ImgIn):
     init_images: list[str] = Field(default_factory=list)
     resize_mode: int = 0                    # `RESIZE_LABELS`
     mask: str | None = None
-    mask_blur: float | None = None          # set: both sigmas (A1111's setter); None: mask_blur_x / mask_blur_y
-    mask_blur_x: float = 4.0
-    mask_blur_y: float = 4.0
+    mask_blur: int | float | None = None    # set: both sigmas (A1111's setter); None: mask_blur_x / mask_blur_y
+    mask_blur_x: int | float = 4            # A1111's are ints (its "Mask blur" label too); sdlab takes fractions
+    mask_blur_y: int | float = 4
     inpainting_mask_invert: int = 0         # 1: Mask mode "Inpaint not masked"
     initial_noise_multiplier: float | None = None   # None: A1111's option's default, 1
     inpainting_fill: int = 0                # Masked content, `MASKED_CONTENT`: 0 fill (A1111's API default)
