@@ -350,6 +350,21 @@ def test_comfyui_names_take_comfyuis_denoise_rule():
     assert convention("dpmpp_2m", img2img_convention="a1111") == "a1111"
 
 
+def test_the_servers_progress_counts_comfyuis_denoise_steps():
+    """The native API counts a job's steps (progress, previews) before the request is resolved: a ComfyUI-named
+    img2img job runs all its steps (ComfyUI's denoise), an A1111-named one diffusers' int(steps * strength)."""
+    from PIL import Image
+
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.jobs import pass_steps
+
+    def steps(sampler):
+        return pass_steps(GenerationRequest("x", sampler=sampler, steps=20, strength=0.5,
+                                            init_image=Image.new("RGB", (64, 64))))
+
+    assert (steps("euler"), steps("Euler"), steps(None)) == ((20,), (10,), (10,))
+
+
 def test_comfyuis_inpainting_start_on_the_tiny_model(monkeypatch, tiny):
     """Inpainting at denoise 1 with a ComfyUI name starts as ComfyUI's KSampler does: the init latent (its posterior
     mean) plus the seed's first draw * sqrt(1 + sigma_max^2), not from pure noise as diffusers' pipelines."""

@@ -502,6 +502,13 @@ def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: st
     return r.img2img_convention
 
 
+def img2img_convention_asked(request: GenerationRequest) -> str:
+    """The img2img convention `request` asks for: the one it names, or ComfyUI's ("comfyui", its `denoise`)
+    where it names diffusers' (the default) and its sampler is spelt as ComfyUI spells it (module docstring)."""
+    comfyui = request.sampler is not None and comfyui_spelling(request.sampler)
+    return "comfyui" if comfyui and request.img2img_convention == "diffusers" else request.img2img_convention
+
+
 def resolve(
     request: GenerationRequest,
     *,
@@ -592,8 +599,7 @@ def resolve(
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
     if comfyui and spec.noise == "gaussian" and not r.eta_noise_seed_delta:
         r = replace(r, eta_noise_seed_delta=1)
-    if comfyui and r.img2img_convention == "diffusers":                  # ComfyUI's denoise (KSampler.set_steps)
-        r = replace(r, img2img_convention="comfyui")
+    r = replace(r, img2img_convention=img2img_convention_asked(r))      # ComfyUI's denoise for its spellings
     if r.img2img_convention not in IMG2IMG_CONVENTIONS:
         raise RequestError(
             f"unknown img2img convention {r.img2img_convention!r}; valid: {', '.join(IMG2IMG_CONVENTIONS)}"

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from sdlab.diffusion.discretization import steps_run
 from sdlab.pipeline.hires import hires_steps
-from sdlab.pipeline.request import GenerationRequest
+from sdlab.pipeline.request import GenerationRequest, img2img_convention_asked
 from sdlab.server.inputs import JobSpec
 from sdlab.server.store import INTERRUPTED_ERROR, Store, StoreError
 
@@ -163,7 +163,7 @@ def pass_steps(request: GenerationRequest) -> tuple[int, ...]:
     if request.init_image is None:
         return (request.steps, hires_steps(request)) if request.hires else (request.steps,)
     try:
-        return (steps_run(request.steps, request.strength, request.img2img_convention)[1],)
+        return (steps_run(request.steps, request.strength, img2img_convention_asked(request))[1],)
     except ValueError:
         return (request.steps,)
 
