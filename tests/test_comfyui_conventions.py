@@ -9,8 +9,9 @@ The reference is ComfyUI's code, transcribed below from Comfy-Org/ComfyUI (each 
 
 Two levels: the toy mixture denoiser for the pieces, and the shipped sdlab-tiny model for the whole run, where
 sdlab's own guided denoiser (caught from its run) drives the transcribed KSampler, so the two runs differ only
-in the conventions. Every comparison is of latents in float32 at 1e-5 (relative and absolute, on latents of
-size ~1): the same operations in the same order, so any convention change is orders of magnitude above it.
+in the conventions. Comparisons are of latents in float32 at 1e-5 (relative and absolute, on latents of size
+~1; a batch against single runs at 1e-4, for batched rounding): the same operations in the same order, so any
+convention change is orders of magnitude above it.
 """
 
 from __future__ import annotations
