@@ -284,7 +284,7 @@ BAD_REQUESTS = [
     (dict(img2img_convention="forge", init_image=_picture()), "unknown img2img convention 'forge'; valid: diffusers"),
     (dict(init_image=_picture(), strength=0.0), r"strength must lie in \(0, 1\] under the diffusers convention, got 0.0"),
     (dict(init_image=_picture(), strength=1.5), r"strength must lie in \(0, 1\] under the diffusers convention, got 1.5"),
-    (dict(init_image=_picture(), strength=-0.1, img2img_convention="a1111"), r"strength must lie in \[0, 1\]"),
+    (dict(init_image=_picture(), strength=-0.1, img2img_convention="a1111"), r"strength must lie in \[0, inf\)"),
     (dict(init_image=_picture(), strength=math.nan), "strength must be a finite number"),
     (dict(init_image=_picture(), strength=0.1, steps=5), "runs no step .*raise the strength or the steps"),
     (dict(mask_image=_mask()), "a mask needs an init image"),
