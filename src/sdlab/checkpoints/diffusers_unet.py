@@ -12,7 +12,11 @@ Config traps handled here: diffusers' `attention_head_dim` is the NUMBER of head
 also sets the middle block's depth, a CrossAttn block (or the middle block) with 0 transformer layers still has
 its transformers' norm, proj_in and proj_out (sdlab's `empty_transformer_levels`, a middle depth of 0), and
 `upcast_attention` may be null. `time_cond_proj_dim` (LCM-distilled models) adds
-`time_embedding.cond_proj.weight`, sdlab's `time_embed.cond_proj.weight`.
+`time_embedding.cond_proj.weight`, sdlab's `time_embed.cond_proj.weight`. Asymmetric U-Nets (SSD-1B, Vega): a
+`transformer_layers_per_block` given per layer, `reverse_transformer_layers_per_block` (every up block's depths,
+per layer; without it the up blocks mirror the down blocks' levels) and the ResNet-only `UNetMidBlock2D` become
+`input_depths`, `output_depths` and `middle_transformer`; the middle's depth is then the last level's first
+layer's, as diffusers reads it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import torch
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.validate import check_int, check_unet
 from sdlab.models.layers import SDXL_SIZE_EMBED_DIM
-from sdlab.models.unet import UNetConfig
+from sdlab.models.unet import UNetConfig, block_depths
 
 # LDM ResBlock layer -> diffusers ResnetBlock2D layer (each has .weight and .bias).
 _RESBLOCK_LAYERS = {
@@ -80,13 +84,13 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
     keys |= _weight_and_bias("input_blocks.0.0", "conv_in")
 
     index, ch, skip_channels = 1, mc, [mc]
-    for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
+    for level, mult in enumerate(cfg.channel_mult):
         for i in range(r):
             dst = f"down_blocks.{level}"
             keys |= _resblock_keys(f"input_blocks.{index}.0", f"{dst}.resnets.{i}", ch != mult * mc)
             ch = mult * mc
             if cfg.has_transformer(level):
-                keys |= _transformer_keys(f"input_blocks.{index}.1", f"{dst}.attentions.{i}", depth)
+                keys |= _transformer_keys(f"input_blocks.{index}.1", f"{dst}.attentions.{i}", cfg.input_depth(level, i))
             skip_channels.append(ch)
             index += 1
         if level != levels - 1:
@@ -95,19 +99,20 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
             index += 1
 
     keys |= _resblock_keys("middle_block.0", "mid_block.resnets.0", False)
-    keys |= _transformer_keys("middle_block.1", "mid_block.attentions.0", cfg.transformer_depth_middle)
-    keys |= _resblock_keys("middle_block.2", "mid_block.resnets.1", False)
+    if cfg.middle_transformer:
+        keys |= _transformer_keys("middle_block.1", "mid_block.attentions.0", cfg.transformer_depth_middle)
+        keys |= _resblock_keys("middle_block.2", "mid_block.resnets.1", False)
 
     index = 0
     for up, level in enumerate(reversed(range(levels))):
-        mult, depth = cfg.channel_mult[level], cfg.transformer_depth[level]
+        mult = cfg.channel_mult[level]
         for i in range(r + 1):
             dst = f"up_blocks.{up}"
             c_in = ch + skip_channels.pop()
             keys |= _resblock_keys(f"output_blocks.{index}.0", f"{dst}.resnets.{i}", c_in != mult * mc)
             ch = mult * mc
             if cfg.has_transformer(level):
-                keys |= _transformer_keys(f"output_blocks.{index}.1", f"{dst}.attentions.{i}", depth)
+                keys |= _transformer_keys(f"output_blocks.{index}.1", f"{dst}.attentions.{i}", cfg.output_depth(level, i))
             if level and i == r:
                 upsample = 2 if cfg.has_transformer(level) else 1
                 keys |= _weight_and_bias(f"output_blocks.{index}.{upsample}.conv", f"{dst}.upsamplers.0.conv")
@@ -164,13 +169,13 @@ _UNSUPPORTED_OPTIONS: dict[str, Any] = {
     "resnet_out_scale_factor": 1.0,
     "resnet_skip_time_act": False,
     "resnet_time_scale_shift": "default",
-    "reverse_transformer_layers_per_block": None,
     "time_embedding_act_fn": None,
     "time_embedding_dim": None,
     "time_embedding_type": "positional",
     "timestep_post_act": None,
     "attention_type": "default",
 }
+_MID_BLOCKS = {"UNetMidBlock2DCrossAttn": True, "UNetMidBlock2D": False}   # mid block -> whether it has a transformer
 _DEFAULT_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _DEFAULT_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
 
@@ -184,12 +189,32 @@ def _per_level(value: Any, levels: int, name: str, minimum: int = 1) -> tuple[in
     return (check_int(name, value, minimum),) * levels
 
 
+def _block_depths(value: Any, levels: int, blocks: int, name: str) -> list[tuple[int, ...]]:
+    """diffusers' transformer_layers_per_block (or its reverse, per up block): for each of the `levels` blocks, the
+    transformer depth of each of its `blocks` layers, from one int for all, or a list of an int or a list per layer."""
+    entries = value if isinstance(value, (list, tuple)) else [value] * levels
+    if len(entries) != levels:
+        raise ValueError(f"diffusers U-Net config: {name} has {len(entries)} entries for {levels} blocks")
+    depths = []
+    for entry in entries:
+        if not isinstance(entry, (list, tuple)):
+            entry = [entry] * blocks
+        if len(entry) != blocks:
+            raise ValueError(f"diffusers U-Net config: {name} gives {len(entry)} layers to a block of {blocks}")
+        depths.append(tuple(check_int(name, n, 0) for n in entry))
+    return depths
+
+
 def _single(value: Any, name: str) -> int:
     if isinstance(value, (list, tuple)):
         if not value or len(set(map(repr, value))) != 1:
             raise ValueError(f"diffusers U-Net config: sdlab needs one {name} for all levels, got {value}")
         value = value[0]
     return check_int(name, value)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _names(config: Mapping[str, Any], key: str, default: tuple[str, ...]) -> tuple[str, ...]:
@@ -238,21 +263,31 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
     if up != expected_up or len(down) != levels:
         raise ValueError(f"diffusers U-Net config: up blocks {up} do not mirror down blocks {down}")
     mid = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
-    if mid != "UNetMidBlock2DCrossAttn":
+    if mid not in _MID_BLOCKS:
         raise ValueError(f"diffusers U-Net config: mid block {mid!r} is not supported")
+    middle_transformer = _MID_BLOCKS[mid]
 
-    layers_spec = config.get("transformer_layers_per_block", 1)
-    if isinstance(layers_spec, (list, tuple)) and any(isinstance(n, (list, tuple)) for n in layers_spec):
-        raise ValueError("diffusers U-Net config: per-layer transformer_layers_per_block is not supported")
+    blocks = _single(config.get("layers_per_block", 2), "layers_per_block")
+    down_layers = config.get("transformer_layers_per_block", 1)
+    down_depths = _block_depths(down_layers, levels, blocks, "transformer_layers_per_block")
+    up_layers = config.get("reverse_transformer_layers_per_block")
+    if up_layers is None and any(isinstance(n, (list, tuple)) for n in _as_list(down_layers)):
+        raise ValueError("diffusers U-Net config: a per-layer transformer_layers_per_block needs "
+                         "reverse_transformer_layers_per_block (diffusers refuses it too)")
+    up_depths = ([(d[0],) * (blocks + 1) for d in reversed(down_depths)] if up_layers is None
+                 else _block_depths(up_layers, levels, blocks + 1, "reverse_transformer_layers_per_block"))
+    up_depths.reverse()                                                   # by level, as down_depths
     # a CrossAttn block with 0 layers keeps its transformers' norm and projections (SDXL "small" ControlNets)
-    layers = _per_level(layers_spec, levels, "transformer_layers_per_block", minimum=0)
-    depth = tuple(n if a else 0 for n, a in zip(layers, has_attention))
-    empty = tuple(level for level, (n, a) in enumerate(zip(layers, has_attention)) if a and not n)
+    depth = tuple(d[0] if a else 0 for d, a in zip(down_depths, has_attention))
+    empty = tuple(level for level, (d, a) in enumerate(zip(down_depths, has_attention)) if a and not d[0])
+    inputs = tuple(n if a else 0 for d, a in zip(down_depths, has_attention) for n in d)
+    outputs = tuple(n if a else 0 for d, a in reversed(list(zip(up_depths, has_attention))) for n in d)
+    attends = [a and max(*d, *u) > 0 for d, u, a in zip(down_depths, up_depths, has_attention)]
 
     # Number of heads per level: `num_attention_heads` if given, else the misnamed `attention_head_dim`.
     heads_spec = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
     heads = _per_level(heads_spec, levels, "attention_head_dim")
-    attended = [level for level in range(levels) if depth[level]] + [levels - 1]  # the middle uses the last
+    attended = [level for level in range(levels) if attends[level]] + [levels - 1]  # the middle uses the last
     widths = {channels[level] // heads[level] for level in attended}
     counts = {heads[level] for level in attended}
     if isinstance(heads_spec, int) or (len(counts) == 1 and len(widths) != 1):
@@ -275,10 +310,13 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> UNetConfig:
         out_channels=check_int("out_channels", config.get("out_channels", 4)),
         model_channels=mc,
         channel_mult=tuple(c // mc for c in channels),
-        num_res_blocks=_single(config.get("layers_per_block", 2), "layers_per_block"),
+        num_res_blocks=blocks,
         transformer_depth=depth,
-        transformer_depth_middle=layers[-1],
+        transformer_depth_middle=down_depths[-1][0] if middle_transformer else 0,   # diffusers' [-1] (its [0])
         empty_transformer_levels=empty,
+        input_depths=block_depths(inputs, depth, blocks),
+        output_depths=block_depths(outputs, depth[::-1], blocks + 1),
+        middle_transformer=middle_transformer,
         num_heads=num_heads,
         head_dim=head_dim,
         context_dim=_single(config.get("cross_attention_dim", 1280), "cross_attention_dim"),
@@ -302,9 +340,13 @@ DIFFUSERS_UNET_NAMES = {
     "context_dim": "cross_attention_dim",
     "use_linear_proj": "use_linear_projection", "adm_in_channels": "projection_class_embeddings_input_dim",
     "time_cond_proj_dim": "time_cond_proj_dim",
+    "input_depths": "transformer_layers_per_block (per layer)",
+    "output_depths": "reverse_transformer_layers_per_block",
+    "middle_transformer": "mid_block_type",
 }
 _DOWN_RESNET = re.compile(r"down_blocks\.(\d+)\.resnets\.(\d+)\.conv1\.weight")
-_TRANSFORMER = re.compile(r"(down_blocks\.\d+|mid_block)\.attentions\.0\.transformer_blocks\.(\d+)\.norm1\.weight")
+_TRANSFORMER = re.compile(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)"
+                          r"\.norm1\.weight")
 _DOWN_PROJ_IN = re.compile(r"down_blocks\.(\d+)\.attentions\.0\.proj_in\.weight")
 
 
@@ -326,39 +368,51 @@ def unet_config_from_diffusers_shapes(shapes: Mapping[str, torch.Size], declared
                 widths[level] = int(shape[0])
     if not per_level or sorted(per_level) != list(range(len(per_level))) or sorted(widths) != sorted(per_level):
         raise CheckpointError(f"the U-Net weights have down_blocks levels {sorted(per_level)}")
-    depth: dict[str, int] = {}
+    depth: dict[str, int] = {}                 # "down_blocks.L.attentions.I" (and up_blocks, mid_block) -> blocks
     for key in shapes:
         if m := _TRANSFORMER.fullmatch(key):
-            depth[m.group(1)] = max(depth.get(m.group(1), 0), int(m.group(2)) + 1)
+            block = f"{m.group(1)}.attentions.{m.group(2)}"
+            depth[block] = max(depth.get(block, 0), int(m.group(3)) + 1)
     with_transformer = {int(m.group(1)) for key in shapes if (m := _DOWN_PROJ_IN.fullmatch(key))}
     mc = int(conv_in[0])
     counts = {len(v) for v in per_level.values()}
+    blocks, levels = (counts.pop() if len(counts) == 1 else -1), len(per_level)
+    level_depths = tuple(depth.get(f"down_blocks.{level}.attentions.0", 0) for level in range(levels))
+    inputs = [depth.get(f"down_blocks.{level}.attentions.{i}", 0) for level in range(levels) for i in range(blocks)]
+    outputs = [depth.get(f"up_blocks.{up}.attentions.{i}", 0) for up in range(levels) for i in range(blocks + 1)]
     to_k = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
     conv_out, add = shapes.get("conv_out.weight"), shapes.get("add_embedding.linear_1.weight")
     cond_proj = shapes.get("time_embedding.cond_proj.weight")
-    return replace(
-        declared,
-        in_channels=int(conv_in[1]),
-        out_channels=int(conv_out[0]) if conv_out is not None else declared.out_channels,
-        model_channels=mc,
-        channel_mult=tuple(widths[level] // mc if widths[level] % mc == 0 else -widths[level] for level in sorted(widths)),
-        num_res_blocks=counts.pop() if len(counts) == 1 else -1,
-        transformer_depth=tuple(depth.get(f"down_blocks.{level}", 0) for level in sorted(per_level)),
-        transformer_depth_middle=depth.get("mid_block", 0),
-        empty_transformer_levels=tuple(level for level in sorted(with_transformer)
-                                       if level in per_level and f"down_blocks.{level}" not in depth),
-        context_dim=int(to_k[1]) if to_k is not None and len(to_k) == 2 else declared.context_dim,
-        use_linear_proj=len(proj_in) == 2 if proj_in is not None else declared.use_linear_proj,
-        adm_in_channels=int(add[1]) if add is not None and len(add) == 2 else None,
-        time_cond_proj_dim=int(cond_proj[1]) if cond_proj is not None and len(cond_proj) == 2 else None,
-    )
+    try:
+        return replace(
+            declared,
+            in_channels=int(conv_in[1]),
+            out_channels=int(conv_out[0]) if conv_out is not None else declared.out_channels,
+            model_channels=mc,
+            channel_mult=tuple(widths[level] // mc if widths[level] % mc == 0 else -widths[level]
+                               for level in sorted(widths)),
+            num_res_blocks=blocks,
+            transformer_depth=level_depths,
+            transformer_depth_middle=depth.get("mid_block.attentions.0", 0),
+            empty_transformer_levels=tuple(level for level in sorted(with_transformer)
+                                           if level in per_level and not level_depths[level]),
+            input_depths=block_depths(inputs, level_depths, blocks),
+            output_depths=block_depths(outputs, level_depths[::-1], blocks + 1),
+            middle_transformer="mid_block.attentions.0.proj_in.weight" in shapes,
+            context_dim=int(to_k[1]) if to_k is not None and len(to_k) == 2 else declared.context_dim,
+            use_linear_proj=len(proj_in) == 2 if proj_in is not None else declared.use_linear_proj,
+            adm_in_channels=int(add[1]) if add is not None and len(add) == 2 else None,
+            time_cond_proj_dim=int(cond_proj[1]) if cond_proj is not None and len(cond_proj) == 2 else None,
+        )
+    except ValueError as exc:       # blocks the config cannot hold (transformers where a level has none, ...)
+        raise CheckpointError(f"the U-Net weights: {exc}") from None
 
 
 def _check_expressible(cfg: UNetConfig) -> None:
     """diffusers takes the middle block's depth from the last level; refuse configs where that conflicts."""
-    last = cfg.transformer_depth[-1]
-    if cfg.has_transformer(len(cfg.transformer_depth) - 1) and last != cfg.transformer_depth_middle:
+    last, attends = cfg.transformer_depth[-1], cfg.has_transformer(len(cfg.transformer_depth) - 1)
+    if cfg.middle_transformer and attends and last != cfg.transformer_depth_middle:
         raise ValueError(
             f"UNetConfig: diffusers cannot express last-level depth {last} with middle depth "
             f"{cfg.transformer_depth_middle}"
@@ -374,8 +428,12 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
     _check_expressible(cfg)
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
     has_attention = [cfg.has_transformer(level) for level in range(len(channels))]
-    layers = [d if a else 1 for d, a in zip(cfg.transformer_depth, has_attention)]
-    layers[-1] = cfg.transformer_depth_middle
+    layers: list[Any] = [d if a else 1 for d, a in zip(cfg.transformer_depth, has_attention)]
+    if cfg.middle_transformer:
+        layers[-1] = cfg.transformer_depth_middle
+    if cfg.input_depths:        # per layer; diffusers then takes the middle's depth from the last level's first
+        layers = [[cfg.input_depth(level, i) for i in range(cfg.num_res_blocks)] if a else layers[level]
+                  for level, a in enumerate(has_attention)]
     if cfg.num_heads is not None:
         heads: int | list[int] = cfg.num_heads
     else:
@@ -387,9 +445,9 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         "block_out_channels": channels,
         "layers_per_block": cfg.num_res_blocks,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in has_attention],
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
+        "mid_block_type": "UNetMidBlock2DCrossAttn" if cfg.middle_transformer else "UNetMidBlock2D",
         "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(has_attention)],
-        "transformer_layers_per_block": layers[0] if len(set(layers)) == 1 else layers,
+        "transformer_layers_per_block": layers if cfg.input_depths or len(set(layers)) > 1 else layers[0],
         "attention_head_dim": heads,
         "cross_attention_dim": cfg.context_dim,
         "use_linear_projection": cfg.use_linear_proj,
@@ -411,4 +469,8 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict[str, Any]:
         }
     if cfg.time_cond_proj_dim is not None:
         config["time_cond_proj_dim"] = cfg.time_cond_proj_dim
+    if cfg.input_depths or cfg.output_depths:   # an asymmetric U-Net: every up block's depth per layer
+        config["reverse_transformer_layers_per_block"] = [
+            [cfg.output_depth(level, i) for i in range(cfg.num_res_blocks + 1)] if a else 1
+            for level, a in reversed(list(enumerate(has_attention)))]
     return config

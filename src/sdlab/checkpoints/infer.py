@@ -21,7 +21,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import shapes_of
 from sdlab.checkpoints.openclip import config_from_hf
 from sdlab.models.clip import CLIPTextConfig
-from sdlab.models.unet import UNetConfig
+from sdlab.models.unet import UNetConfig, block_depths
 from sdlab.models.vae import VAEConfig
 
 _INPUT_BLOCK = re.compile(r"input_blocks\.(\d+)\.")
@@ -46,7 +46,8 @@ def infer_unet_config(state: Mapping[str, torch.Size | Tensor], conventions: UNe
 
     Levels are found by walking `input_blocks`: ResBlocks (`.0.in_layers`) until a Downsample (`.0.op`);
     channel_mult from each level's ResBlock output width; transformer depth by counting
-    `transformer_blocks.K` (a `proj_in` without blocks: a transformer of depth 0); Linear vs conv projection
+    `transformer_blocks.K` (a `proj_in` without blocks: a transformer of depth 0), block by block where the
+    blocks of a level differ (SSD-1B, Vega), and a middle block without transformer; Linear vs conv projection
     from `proj_in.weight`'s rank; the guidance-embedding width of LCM-distilled models from
     `time_embed.cond_proj.weight`. A U-Net without cross-attention keeps the conventions' context width.
     """
@@ -77,26 +78,35 @@ def infer_unet_config(state: Mapping[str, torch.Size | Tensor], conventions: UNe
         depth.append(_depth(shapes, f"input_blocks.{level[0]}"))
         if not depth[-1] and f"input_blocks.{level[0]}.1.proj_in.weight" in shapes:   # a transformer without blocks
             empty.append(number)
+    blocks = res_counts.pop()
+    inputs = [_depth(shapes, f"input_blocks.{index}") for level in levels for index in level]
+    outputs = [_depth(shapes, f"output_blocks.{index}") for index in range(len(levels) * (blocks + 1))]
 
     context = next((s for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
     proj_in = next((s for k, s in shapes.items() if k.endswith(".proj_in.weight")), None)
     label_emb = shapes.get("label_emb.0.0.weight")
     cond_proj = shapes.get("time_embed.cond_proj.weight")  # LCM guidance embedding (Linear, no bias)
-    return replace(
-        conventions,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        model_channels=model_channels,
-        channel_mult=tuple(channel_mult),
-        num_res_blocks=res_counts.pop(),
-        transformer_depth=tuple(depth),
-        transformer_depth_middle=_depth(shapes, "middle_block"),
-        empty_transformer_levels=tuple(empty),
-        context_dim=int(context[1]) if context is not None else conventions.context_dim,
-        use_linear_proj=proj_in is not None and len(proj_in) == 2,
-        adm_in_channels=int(label_emb[1]) if label_emb is not None else None,
-        time_cond_proj_dim=int(cond_proj[1]) if cond_proj is not None and len(cond_proj) == 2 else None,
-    )
+    try:
+        return replace(
+            conventions,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            model_channels=model_channels,
+            channel_mult=tuple(channel_mult),
+            num_res_blocks=blocks,
+            transformer_depth=tuple(depth),
+            transformer_depth_middle=_depth(shapes, "middle_block"),
+            empty_transformer_levels=tuple(empty),
+            input_depths=block_depths(inputs, tuple(depth), blocks),
+            output_depths=block_depths(outputs, tuple(depth[::-1]), blocks + 1),
+            middle_transformer=any(k.startswith("middle_block.1.") for k in shapes),
+            context_dim=int(context[1]) if context is not None else conventions.context_dim,
+            use_linear_proj=proj_in is not None and len(proj_in) == 2,
+            adm_in_channels=int(label_emb[1]) if label_emb is not None else None,
+            time_cond_proj_dim=int(cond_proj[1]) if cond_proj is not None and len(cond_proj) == 2 else None,
+        )
+    except ValueError as exc:       # blocks a U-Net config cannot hold (transformers where a level has none, ...)
+        raise CheckpointError(f"cannot infer the U-Net architecture: {exc}") from None
 
 
 def infer_vae_config(state: Mapping[str, torch.Size | Tensor], conventions: VAEConfig) -> VAEConfig:

@@ -22,13 +22,15 @@ from sdlab.models.vae import VAEConfig
 
 # Fields that the tensors show; the rest are conventions the file (or the family) must supply.
 UNET_SHAPE_FIELDS = ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
-                     "transformer_depth", "transformer_depth_middle", "empty_transformer_levels", "context_dim",
-                     "use_linear_proj", "adm_in_channels", "time_cond_proj_dim")
+                     "transformer_depth", "transformer_depth_middle", "empty_transformer_levels", "input_depths",
+                     "output_depths", "middle_transformer", "context_dim", "use_linear_proj", "adm_in_channels",
+                     "time_cond_proj_dim")
 VAE_SHAPE_FIELDS = ("in_channels", "out_channels", "latent_channels", "base_channels", "channel_mult", "num_res_blocks")
 TEXT_SHAPE_FIELDS = ("vocab_size", "max_positions", "width", "layers", "mlp_width", "projection_dim")
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 _NON_NEGATIVE = frozenset({"eos_token_id", "transformer_depth_middle"})   # ints that may be 0
+_MAY_BE_EMPTY = (".empty_transformer_levels", ".input_depths", ".output_depths")   # lists of ints >= 0, maybe empty
 MAX_INT = 1 << 24                                                         # far above any real width or count
 
 
@@ -67,11 +69,11 @@ def _check_field(name: str, annotation: str, value: Any) -> None:
         if not isinstance(value, str):
             raise CheckpointError(f"{name}: expected a string, got {value!r}")
     elif annotation.startswith("tuple[int"):
-        may_be_empty = name.endswith(".empty_transformer_levels")
+        may_be_empty = name.endswith(_MAY_BE_EMPTY)
         if not isinstance(value, (list, tuple)) or not (value or may_be_empty):
             raise CheckpointError(f"{name}: expected a non-empty list of integers, got {value!r}")
         for item in value:
-            check_int(name, item, 0 if name.endswith((".transformer_depth", ".empty_transformer_levels")) else 1)
+            check_int(name, item, 0 if name.endswith((".transformer_depth", *_MAY_BE_EMPTY)) else 1)
     else:  # a field type this module does not know: refuse rather than pass it through unchecked
         raise CheckpointError(f"{name}: cannot check a field of type {annotation}")
 
@@ -110,7 +112,9 @@ def check_unet(cfg: UNetConfig) -> None:
                               f"{len(cfg.channel_mult)} levels")
     widths = [cfg.model_channels * m for m in cfg.channel_mult]
     _divides("UNetConfig.norm_groups", cfg.norm_groups, [cfg.model_channels, *widths], "U-Net level")
-    depths = [*cfg.transformer_depth, cfg.transformer_depth_middle]
+    r = cfg.num_res_blocks
+    depths = [max([cfg.input_depth(level, i) for i in range(r)] + [cfg.output_depth(level, i) for i in range(r + 1)])
+              for level in range(len(widths))] + [cfg.transformer_depth_middle]
     attended = [w for w, d in zip([*widths, widths[-1]], depths) if d]   # heads matter where blocks attend
     if cfg.num_heads is not None:
         _divides("UNetConfig.num_heads", cfg.num_heads, attended, "attention")

@@ -9,7 +9,8 @@ saves in the layout every other tool reads. With R = num_res_blocks and L = len(
     input_blocks.R+1        Downsample (`.0.op`, stride-2 conv)                               1/1 -> 1/2
     input_blocks.R+2 ..     level 1: R more [ResBlock, SpatialTransformer?], then Downsample, ...
                             (no Downsample after the last level)
-    middle_block            .0 ResBlock, .1 SpatialTransformer(transformer_depth_middle), .2 ResBlock
+    middle_block            .0 ResBlock, .1 SpatialTransformer(transformer_depth_middle), .2 ResBlock (or .0
+                            alone: `middle_transformer` False, diffusers' UNetMidBlock2D)
     output_blocks.0 .. R    level L-1: [ResBlock(on concat with a skip), SpatialTransformer?], the last
                             of the R+1 also gets Upsample (`.conv`) at index 1 or 2 (after the transformer)
     output_blocks.R+1 ..    level L-2, ... down to level 0 (which has no Upsample)
@@ -32,7 +33,10 @@ transformer_blocks.K = {norm1, attn1 (self), norm2, attn2 (cross, on the text co
 proj_out, plus the residual. Attention heads: `cfg.heads_at(channels)`. A level has a SpatialTransformer when
 its `transformer_depth` is above 0 or it is one of `empty_transformer_levels`, whose transformers hold no
 blocks (x + proj_out(proj_in(norm(x))): diffusers' CrossAttn blocks with 0 transformer layers, as in SDXL's
-"small" and "mid" ControlNets); the middle block always has one, of `transformer_depth_middle` blocks (0 too).
+"small" and "mid" ControlNets); the middle block has one, of `transformer_depth_middle` blocks (0 too), unless
+`middle_transformer` is False. An asymmetric U-Net (SSD-1B, Segmind Vega) gives each block of a level with
+transformers its own depth (`input_depths`, `output_depths`: the distilled models dropped transformer blocks
+from some blocks only).
 
 Speed: attention goes through `F.scaled_dot_product_attention` (fused kernels, no h*w x h*w matrix on the
 heap), feature maps stay channels-last so the token view costs no copy, and residuals are added in place
@@ -74,6 +78,13 @@ class UNetConfig:
     transformer_depth_middle: int = 1            # SDXL base: 10; 0: a transformer without blocks
     # depth-0 levels that still have a transformer without blocks; saved only when set (`config_to_json`)
     empty_transformer_levels: tuple[int, ...] = field(default=(), metadata={"saved_when_set": True})
+    # asymmetric U-Nets (SSD-1B, Segmind Vega: diffusers' per-layer transformer_layers_per_block and
+    # reverse_transformer_layers_per_block): the depth of every block's transformer, in the order the blocks are
+    # built, where one differs from its level's `transformer_depth`; empty: none does (`input_depth`, `output_depth`)
+    input_depths: tuple[int, ...] = field(default=(), metadata={"saved_when_set": True})     # L x R, level 0 first
+    output_depths: tuple[int, ...] = field(default=(), metadata={"saved_when_set": True})    # L x (R + 1), last first
+    # False: the middle block is one ResBlock, without transformer (diffusers' UNetMidBlock2D: SSD-1B, Vega)
+    middle_transformer: bool = field(default=True, metadata={"saved_when_set": True})
     num_heads: int | None = 8
     head_dim: int | None = None
     context_dim: int = 768                       # 1024 SD2, 2048 SDXL, 1280 SDXL refiner
@@ -92,15 +103,39 @@ class UNetConfig:
                for level in self.empty_transformer_levels):
             raise ValueError(f"UNetConfig: empty_transformer_levels {list(self.empty_transformer_levels)} must name "
                              f"levels of transformer_depth 0")
+        levels, blocks = len(self.channel_mult), self.num_res_blocks
+        for name, per_level in (("input_depths", blocks), ("output_depths", blocks + 1)):
+            depths = getattr(self, name)
+            if depths and len(depths) != levels * per_level:
+                raise ValueError(f"UNetConfig: {name} needs {levels * per_level} entries (one per block), got {len(depths)}")
+        if any(self.input_depth(level, i) for level in range(levels) for i in range(blocks)
+               if not self.has_transformer(level)) or any(
+                self.output_depth(level, i) for level in range(levels) for i in range(blocks + 1)
+                if not self.has_transformer(level)):
+            raise ValueError("UNetConfig: input_depths / output_depths give transformer blocks to a level without "
+                             "transformers")
+        if not self.middle_transformer and self.transformer_depth_middle:
+            raise ValueError("UNetConfig: a middle block without transformer has transformer_depth_middle 0")
 
     def has_transformer(self, level: int) -> bool:
-        """Whether the blocks of `level` have a SpatialTransformer (with `transformer_depth[level]` blocks)."""
+        """Whether the blocks of `level` have a SpatialTransformer (each with its `input_depth` / `output_depth`
+        blocks: `transformer_depth[level]` unless the U-Net is asymmetric)."""
         return self.transformer_depth[level] > 0 or level in self.empty_transformer_levels
+
+    def input_depth(self, level: int, index: int) -> int:
+        """The transformer depth of ResBlock `index` (0 .. R-1) of input `level`."""
+        return self.input_depths[level * self.num_res_blocks + index] if self.input_depths else self.transformer_depth[level]
+
+    def output_depth(self, level: int, index: int) -> int:
+        """The transformer depth of output block `index` (0 .. R) of `level`."""
+        if not self.output_depths:
+            return self.transformer_depth[level]
+        return self.output_depths[(len(self.channel_mult) - 1 - level) * (self.num_res_blocks + 1) + index]
 
     @property
     def cross_attends(self) -> bool:
         """Whether any transformer block reads the text context (SDXL's "small" ControlNet has none)."""
-        return any(self.transformer_depth) or self.transformer_depth_middle > 0
+        return any((*self.transformer_depth, *self.input_depths, *self.output_depths, self.transformer_depth_middle))
 
     @property
     def time_embed_dim(self) -> int:
@@ -109,6 +144,12 @@ class UNetConfig:
     def heads_at(self, channels: int) -> int:
         """Number of attention heads in a transformer `channels` wide."""
         return self.num_heads if self.num_heads is not None else channels // self.head_dim
+
+
+def block_depths(depths: tuple[int, ...], level_depths: tuple[int, ...], per_level: int) -> tuple[int, ...]:
+    """`depths`, one per block in build order (`per_level` blocks for each of `level_depths`, the levels' depths in
+    that order), as `UNetConfig.input_depths` / `output_depths` keep them: empty when every block has its level's."""
+    return () if tuple(depths) == tuple(d for d in level_depths for _ in range(per_level)) else tuple(depths)
 
 
 TRANSFORMER_NORM_EPS = 1e-6  # SpatialTransformer's GroupNorm; ResBlocks and `out` use PyTorch's 1e-5
@@ -447,21 +488,22 @@ def add_encoder(module: nn.Module, cfg: UNetConfig) -> list[int]:
     skip_channels = [mc]
     ch = mc
     last_level = len(cfg.channel_mult) - 1
-    for level, (mult, depth) in enumerate(zip(cfg.channel_mult, cfg.transformer_depth)):
-        for _ in range(cfg.num_res_blocks):
+    for level, mult in enumerate(cfg.channel_mult):
+        for i in range(cfg.num_res_blocks):
             layers: list[nn.Module] = [_res(cfg, ch, mult * mc)]
             ch = mult * mc
             if cfg.has_transformer(level):
-                layers.append(_transformer(cfg, ch, depth))
+                layers.append(_transformer(cfg, ch, cfg.input_depth(level, i)))
             module.input_blocks.append(UNetBlock(layers))
             skip_channels.append(ch)
         if level != last_level:
             module.input_blocks.append(UNetBlock([Downsample(ch)]))
             skip_channels.append(ch)
 
-    module.middle_block = UNetBlock(
-        [_res(cfg, ch, ch), _transformer(cfg, ch, cfg.transformer_depth_middle), _res(cfg, ch, ch)]
-    )
+    middle: list[nn.Module] = [_res(cfg, ch, ch)]
+    if cfg.middle_transformer:
+        middle += [_transformer(cfg, ch, cfg.transformer_depth_middle), _res(cfg, ch, ch)]
+    module.middle_block = UNetBlock(middle)
     return skip_channels
 
 
@@ -496,12 +538,12 @@ class UNet(nn.Module):
 
         self.output_blocks = nn.ModuleList()
         for level in reversed(range(len(cfg.channel_mult))):
-            mult, depth = cfg.channel_mult[level], cfg.transformer_depth[level]
+            mult = cfg.channel_mult[level]
             for i in range(cfg.num_res_blocks + 1):
                 layers = [_res(cfg, ch + skip_channels.pop(), mult * mc)]
                 ch = mult * mc
                 if cfg.has_transformer(level):
-                    layers.append(_transformer(cfg, ch, depth))
+                    layers.append(_transformer(cfg, ch, cfg.output_depth(level, i)))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(UNetBlock(layers))
