@@ -249,3 +249,120 @@ def test_the_grid_records_a1111_plot_fields(tmp_path: Path, capsys) -> None:
     assert "Fixed Y Values" not in grid and "Fixed Z Values" not in grid
     assert text.rstrip().endswith(grid["Version"]) and text.index("Script: X/Y/Z plot") > text.index("Model:")
     assert "Script" not in parse_parameters(read_parameters(cells / "001-x1-y0-z0.png"))     # cells: their own
+
+
+def test_cells_take_txt2img_s_other_options_as_txt2img_draws_them(tmp_path: Path, capsys) -> None:
+    """README: every other option as in txt2img. Threads, tiling, a variation seed, the hires fix, a batch and a
+    batch count: each cell's pictures are txt2img's with those options, and the cell shows them as A1111's
+    batch grid (2 x 2 for 4 pictures)."""
+    from sdlab.pipeline.grid import cell_picture
+
+    options = ["--seed", "5", "--cfg", "4", "--threads", "1", "--tiling", "--subseed", "7", "--subseed-strength",
+               "0.3", "--hr-scale", "1.5", "--hr-steps", "1", "--hr-denoise", "0.5", "--batch", "2",
+               "--batch-count", "2"]
+    out, cells = tmp_path / "grid.png", tmp_path / "cells"
+    code, _, err = run(["grid", PROMPT, "--x", "steps=2,3", *options, "--out", str(out), "--keep-cells", str(cells),
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    sheet = pixels(out)
+    layout = grid_layout((192, 192), 2, 1, ["Steps: 2", "Steps: 3"], [""])
+    assert sheet.shape == (layout.top + 192, layout.left + 2 * 192, 3)
+    for i, steps in enumerate(["2", "3"]):
+        code, _, err = run(["txt2img", PROMPT, "--steps", steps, *options, "--no-progress",
+                            "--out", str(tmp_path / f"single{i}.png")], capsys)
+        assert code == 0, err
+        singles = [tmp_path / f"single{i}-{m}.png" for m in range(4)]
+        for m, single in enumerate(singles):
+            kept = cells / f"{i:03d}-x{i}-y0-z0-{m}.png"
+            assert np.array_equal(pixels(kept), pixels(single)), (steps, m)
+            assert parse_parameters(read_parameters(kept)) == parse_parameters(read_parameters(single))
+        want = np.asarray(cell_picture([Image.open(s).convert("RGB") for s in singles]), dtype=np.int16)
+        left = layout.left + 192 * i
+        assert np.array_equal(sheet[layout.top:, left:left + 192], want), steps
+    recorded = parse_parameters(read_parameters(out))
+    assert recorded["Tiling"] == "True" and recorded["Variation seed"] == 7 and recorded["Hires upscale"] == 1.5
+
+
+def test_a_one_image_cell_is_its_image_and_a_batch_a1111_s_batch_grid() -> None:
+    """`cell_picture`: A1111's `images.image_grid` at its default settings (round(sqrt(n)) rows, white where a
+    row is short), transcribed here as the reference."""
+    import math
+
+    from sdlab.pipeline.grid import cell_picture
+
+    def a1111_image_grid(imgs):                          # modules/images.py, opts.n_rows = -1, #ffffff
+        rows = round(math.sqrt(len(imgs)))
+        rows = min(rows, len(imgs))
+        cols = math.ceil(len(imgs) / rows)
+        w, h = map(max, zip(*(img.size for img in imgs)))
+        grid = Image.new("RGB", size=(cols * w, rows * h), color=(255, 255, 255))
+        for i, img in enumerate(imgs):
+            img_w, img_h = img.size
+            w_offset, h_offset = 0 if img_w == w else (w - img_w) // 2, 0 if img_h == h else (h - img_h) // 2
+            grid.paste(img, box=(i % cols * w + w_offset, i // cols * h + h_offset))
+        return grid
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)) for _ in range(5)]
+    assert cell_picture(images[:1]) is images[0]
+    for n in (2, 3, 4, 5):
+        assert np.array_equal(np.asarray(cell_picture(images[:n])), np.asarray(a1111_image_grid(images[:n]))), n
+
+
+def test_cells_take_a_refiner_and_controlnets_as_txt2img(tmp_path: Path, capsys) -> None:
+    """--refiner / --refiner-switch and --control / --control-module in a grid: each cell is txt2img's picture
+    with them, recorded as txt2img records them."""
+    from PIL import ImageDraw
+
+    from bundle_fixtures import tiny_bundle, write_original
+    from controlnet_fixtures import diffusers_controlnet, write_layout
+
+    base, refiner = tmp_path / "base.safetensors", tmp_path / "refiner.safetensors"
+    write_original(tiny_bundle("sdxl"), base, junk=False)
+    write_original(tiny_bundle("sdxl-refiner", seed=5), refiner, junk=False)
+    (tmp_path / "net").mkdir()
+    net = write_layout(diffusers_controlnet(tiny_bundle("sdxl").unet_config, 5, hint_widths=(16, 32)), "original",
+                       tmp_path / "net")
+    hint = tmp_path / "hint.png"
+    image = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(image).rectangle([6, 6, 24, 24], outline="black", width=3)
+    image.save(hint)
+    options = ["--model", str(base), "--seed", "2", "--sampler", "Euler", "--width", "32", "--height", "32",
+               "--refiner", str(refiner), "--refiner-switch", "0.5", "--control", f"{net}:{hint}:0.8",
+               "--control-module", "invert"]
+    cells = tmp_path / "cells"
+    code, _, err = run(["grid", "a castle", "--x", "steps=2,3", *options, "--out", str(tmp_path / "g.png"),
+                        "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    single = tmp_path / "single.png"
+    code, _, err = run(["txt2img", "a castle", "--steps", "3", *options, "--no-progress", "--out", str(single)], capsys)
+    assert code == 0, err
+    kept = cells / "001-x1-y0-z0.png"
+    assert np.array_equal(pixels(kept), pixels(single))
+    recorded = parse_parameters(read_parameters(kept))
+    assert recorded == parse_parameters(read_parameters(single))
+    assert "Refiner" in recorded and recorded["ControlNet 0"].startswith("Module: invert")
+
+
+def test_grid_compiles_the_u_net_with_compile(tmp_path: Path, capsys, monkeypatch) -> None:
+    """--compile reaches the load as txt2img's does (the compiled run itself is tested in test_compile.py)."""
+    import sdlab.api
+
+    asked = {}
+
+    def load(*args, **kwargs):
+        asked.update(kwargs)
+        raise sdlab.api.RequestError("stopped before loading")
+
+    monkeypatch.setattr(sdlab.api, "load", load)
+    code, _, err = run(["grid", PROMPT, "--x", "steps=2,3", "--compile", "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "stopped before loading" in err and asked["compile"] is True
+
+
+def test_the_hires_fix_with_init_is_refused(tmp_path: Path, capsys) -> None:
+    """A grid with --init draws img2img cells, which have no hires fix: refused in one line, not ignored."""
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64)).save(init)
+    code, _, err = run(["grid", PROMPT, "--init", str(init), "--x", "steps=2,3", "--hr-scale", "2",
+                        "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "--hr-scale: the hires fix is txt2img's" in err and err.count("\n") == 1

@@ -47,125 +47,150 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("prompt", nargs="?", type=utf8_text("the prompt"),
                        help="the prompt (A1111 syntax: (word:1.3), [word], BREAK)")
         p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
-        p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
-        p.add_argument("--vae", help="standalone VAE file that replaces the checkpoint's VAE")
-        p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")
-        p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type (SD 2.x 768: v)")
-        p.add_argument("--refiner", help="SDXL refiner checkpoint that finishes the schedule")
-        p.add_argument("--refiner-switch", type=float,
-                       help="fraction of the schedule the base model runs before the refiner (default: the "
-                            "--from-png picture's, else 0.8)")
-        p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...); '
-                       "LMS, PLMS and DPM++ 3M SDE need about 30 steps with guidance (LMS: 20 with karras)")
-        p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
-                       "(default: the model's, sgm_uniform for sdlab-tiny, karras for SD)")
-        p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 14 for sdlab-tiny, 20 for SD)")
-        p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg",
-                       help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
-        p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
-        p.add_argument("--subseed", type=int, metavar="SEED",
-                       help="variation seed (A1111): with --subseed-strength, image i's noise moves toward the noise "
-                            "of SEED + i while every image keeps --seed (default: random)")
-        p.add_argument("--subseed-strength", type=float, metavar="S",
-                       help="how far toward the variation seed's noise, 0 (off, the default) to 1")
-        p.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the family's)")
-        p.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the family's)")
-        p.add_argument("--batch", type=int, help="images drawn together, one batch (default 1)")
-        p.add_argument("--batch-count", type=int, default=1, metavar="N",
-                       help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")
-        p.add_argument("--clip-skip", type=int,
-                       help="clip skip: 1 = the usual layer, 2 = one layer back, for the prompt only (diffusers' "
-                            "clip_skip=1); an A1111 picture's (--from-png) moves the negative too")
-        p.add_argument("--tiling", action=argparse.BooleanOptionalAction,
-                       help="A1111's Tiling: a seamless picture, whose left edge continues its right edge and top "
-                            "edge its bottom (a texture that tiles); --no-tiling turns off a --from-png picture's")
-        p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
-        p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
-                       help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
-        p.add_argument("--preset", metavar="NAME",
-                       help="few-step settings (sampler, schedule, steps, CFG, eta) of a distilled model or LoRA: "
-                            "turbo, lcm, lightning, hyper, tcd, lcm-model; options given here win (docs/few-step.md)")
+        _add_model_flags(p)
+        _add_sampling_flags(p)
         p.add_argument("--out", default="outputs",
                        help="output file (.png, .jpg, .webp; a batch adds -0, -1, ...; an existing file is replaced) "
                             "or a folder, where files are numbered 00012-SEED-PROMPT.png and never replaced "
                             "(default: ./outputs)")
-        p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-        p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                       help="weight dtype; auto (default): bf16 for SD1.5 / SDXL-size models on a CPU with native "
-                            "bf16 or on CUDA, fp32 for small models (docs/performance.md)")
-        p.add_argument(
-            "--lora", action="append", default=[], metavar="FILE:WEIGHT",
-            help="merge a LoRA file (kohya / A1111 format), or the LoRA of that name in the LoRA folders, at "
-                 "WEIGHT (default 1); repeatable",
-        )
+        _add_run_flags(p)
         p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                        help="where --from-png looks for the picture's model, by name or by its recorded hash "
                             "(subfolders too); repeatable")
-        p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
-                       help="textual-inversion embeddings (.safetensors / .pt / .bin, subfolders too): each file's "
-                            "name is a word of the prompt (or embedding:NAME); repeatable")
-        p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
-                       help="where <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags of the prompt (or of --from-png) "
-                            "find NAME.safetensors, subfolders included; repeatable (also searched: models/Lora "
-                            "beside the --model's folder, the --from-png file's folder, the current folder)")
-        p.add_argument("--control", action="append", default=[], metavar="FILE:IMAGE[:STRENGTH[:START:END]]",
-                       help="a ControlNet (original or diffusers file / folder) and its hint image, with its "
-                            "strength (default 1) and the fraction of the steps it acts on (default 0:1); repeatable")
-        p.add_argument("--control-module", action="append", default=[], metavar="NAME",
-                       help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
-                            "none (default), canny, scribble, threshold, invert, tile_resample, inpaint, inpaint_only "
-                            "(A1111's meanings) or tile (sdlab's: down 4x and back); repeatable")
-        p.add_argument("--control-mode", action="append", default=[], metavar="MODE",
-                       help="A1111's control mode of the matching --control: balanced (default), prompt (\"My prompt "
-                            "is more important\"), control (\"ControlNet is more important\"); repeatable")
-        p.add_argument("--control-resize", action="append", default=[], metavar="MODE",
-                       help="how the hint image of the matching --control fits the picture (A1111's resize modes): "
-                            "resize (Just Resize: stretched; the default), crop (Crop and Resize), fill (Resize and "
-                            "Fill: padded with its border's colour); repeatable")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
-        p.add_argument("--threads", type=int, metavar="N",
-                       help="CPU threads (default: all cores; for small models such as the shipped one the free "
-                            "cores, at most 2; OMP_NUM_THREADS also sets it)")
-        p.add_argument("--compile", action="store_true",
-                       help="torch.compile the U-Net (slow first run of each size; kept in a cache for later runs)")
         if mode == "txt2img":
             _add_hires_flags(p)
-        if mode != "txt2img":
-            p.add_argument("--init", help="init image (required, also with --from-png)")
-            p.add_argument("--strength", type=float,
-                           help="how much to change the image, in (0, 1] (default "
-                                f"{'1' if mode == 'inpaint' else '0.75'}, or the --from-png picture's)")
-            p.add_argument("--resize-mode", choices=("resize", "crop", "fill", "latent"),
-                           help="how --init fits --width x --height (A1111's resize modes): resize stretches it (the "
-                                "default), crop covers the size and cuts the middle out, fill fits it inside and "
-                                "stretches its edges over the rest, latent stretches its latent (bilinear)")
+        else:
+            _add_init_flags(p, "init image (required, also with --from-png)", "1" if mode == "inpaint" else "0.75")
         if mode == "inpaint":
-            p.add_argument("--mask", help="mask image, white = repaint; one of another size than --init is "
-                                          "resized with it")
-            p.add_argument("--mask-blur", type=float, metavar="SIGMA",
-                           help="A1111's Mask blur: the standard deviation in pixels of the Gaussian blur of the mask "
-                                "(a kernel of 2*int(2.5*SIGMA+0.5)+1 taps, as cv2's; default 0, no blur, or the "
-                                "--from-png picture's; A1111's UI starts at 4)")
-            p.add_argument("--invert-mask", action=argparse.BooleanOptionalAction,
-                           help="repaint where the mask is black (A1111's Mask mode \"Inpaint not masked\"); "
-                                "--no-invert-mask turns off a --from-png picture's")
-            p.add_argument("--masked-content", choices=MASKED_CONTENT_FLAGS,
-                           help="what the masked area starts as (A1111's Masked content): original (the default), "
-                                "fill (the colours around it), latent-noise, latent-nothing")
-            p.add_argument("--only-masked", action=argparse.BooleanOptionalAction,
-                           help="draw only the mask's region, at --width x --height, and put it back into the picture "
-                                "(A1111's Inpaint area \"Only masked\"; default: the whole picture); --no-only-masked "
-                                "turns off a --from-png picture's")
-            p.add_argument("--only-masked-padding", type=int, metavar="N",
-                           help="pixels the --only-masked region reaches past the mask (default 32)")
-            p.add_argument(
-                "--outpaint", metavar="L,R,T,B",
-                help="grow the canvas by these many pixels left,right,top,bottom and paint the new area "
-                     "(trimmed so that the canvas is a multiple of 8 pixels)",
-            )
+            _add_inpaint_flags(p)
         p.set_defaults(run=run_generate, mode=mode)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The model drawing: its file, VAE, family, prediction type and SDXL refiner (`sdlab grid` shares them)."""
+    p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
+    p.add_argument("--vae", help="standalone VAE file that replaces the checkpoint's VAE")
+    p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")
+    p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type (SD 2.x 768: v)")
+    p.add_argument("--refiner", help="SDXL refiner checkpoint that finishes the schedule")
+    p.add_argument("--refiner-switch", type=float,
+                   help="fraction of the schedule the base model runs before the refiner (default: the "
+                        "--from-png picture's, else 0.8)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The settings of the pictures drawn: sampler to preset (`sdlab grid` shares them)."""
+    p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...); '
+                   "LMS, PLMS and DPM++ 3M SDE need about 30 steps with guidance (LMS: 20 with karras)")
+    p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
+                   "(default: the model's, sgm_uniform for sdlab-tiny, karras for SD)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 14 for sdlab-tiny, 20 for SD)")
+    p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg",
+                   help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
+    p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
+    p.add_argument("--subseed", type=int, metavar="SEED",
+                   help="variation seed (A1111): with --subseed-strength, image i's noise moves toward the noise "
+                        "of SEED + i while every image keeps --seed (default: random)")
+    p.add_argument("--subseed-strength", type=float, metavar="S",
+                   help="how far toward the variation seed's noise, 0 (off, the default) to 1")
+    p.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the family's)")
+    p.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the family's)")
+    p.add_argument("--batch", type=int, help="images drawn together, one batch (default 1)")
+    p.add_argument("--batch-count", type=int, default=1, metavar="N",
+                   help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")
+    p.add_argument("--clip-skip", type=int,
+                   help="clip skip: 1 = the usual layer, 2 = one layer back, for the prompt only (diffusers' "
+                        "clip_skip=1); an A1111 picture's (--from-png) moves the negative too")
+    p.add_argument("--tiling", action=argparse.BooleanOptionalAction,
+                   help="A1111's Tiling: a seamless picture, whose left edge continues its right edge and top "
+                        "edge its bottom (a texture that tiles); --no-tiling turns off a --from-png picture's")
+    p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
+    p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
+                   help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
+    p.add_argument("--preset", metavar="NAME",
+                   help="few-step settings (sampler, schedule, steps, CFG, eta) of a distilled model or LoRA: "
+                        "turbo, lcm, lightning, hyper, tcd, lcm-model; options given here win (docs/few-step.md)")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Device, dtype, LoRAs, embeddings, ControlNets, progress, threads and compile (`sdlab grid` shares them)."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="weight dtype; auto (default): bf16 for SD1.5 / SDXL-size models on a CPU with native "
+                        "bf16 or on CUDA, fp32 for small models (docs/performance.md)")
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="FILE:WEIGHT",
+        help="merge a LoRA file (kohya / A1111 format), or the LoRA of that name in the LoRA folders, at "
+             "WEIGHT (default 1); repeatable",
+    )
+    p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
+                   help="textual-inversion embeddings (.safetensors / .pt / .bin, subfolders too): each file's "
+                        "name is a word of the prompt (or embedding:NAME); repeatable")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="where <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags of the prompt (or of --from-png) "
+                        "find NAME.safetensors, subfolders included; repeatable (also searched: models/Lora "
+                        "beside the --model's folder, the --from-png file's folder, the current folder)")
+    p.add_argument("--control", action="append", default=[], metavar="FILE:IMAGE[:STRENGTH[:START:END]]",
+                   help="a ControlNet (original or diffusers file / folder) and its hint image, with its "
+                        "strength (default 1) and the fraction of the steps it acts on (default 0:1); repeatable")
+    p.add_argument("--control-module", action="append", default=[], metavar="NAME",
+                   help="preprocessor of the hint image of the matching --control (the first for the first, ...): "
+                        "none (default), canny, scribble, threshold, invert, tile_resample, inpaint, inpaint_only "
+                        "(A1111's meanings) or tile (sdlab's: down 4x and back); repeatable")
+    p.add_argument("--control-mode", action="append", default=[], metavar="MODE",
+                   help="A1111's control mode of the matching --control: balanced (default), prompt (\"My prompt "
+                        "is more important\"), control (\"ControlNet is more important\"); repeatable")
+    p.add_argument("--control-resize", action="append", default=[], metavar="MODE",
+                   help="how the hint image of the matching --control fits the picture (A1111's resize modes): "
+                        "resize (Just Resize: stretched; the default), crop (Crop and Resize), fill (Resize and "
+                        "Fill: padded with its border's colour); repeatable")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads (default: all cores; for small models such as the shipped one the free "
+                        "cores, at most 2; OMP_NUM_THREADS also sets it)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net (slow first run of each size; kept in a cache for later runs)")
+
+
+def _add_init_flags(p: argparse.ArgumentParser, init_help: str, strength_default: str) -> None:
+    """--init, --strength and --resize-mode (img2img's and inpaint's; `sdlab grid`'s with --init)."""
+    p.add_argument("--init", help=init_help)
+    p.add_argument("--strength", type=float,
+                   help=f"how much to change the image, in (0, 1] (default {strength_default}, or the --from-png "
+                        "picture's)")
+    p.add_argument("--resize-mode", choices=("resize", "crop", "fill", "latent"),
+                   help="how --init fits --width x --height (A1111's resize modes): resize stretches it (the "
+                        "default), crop covers the size and cuts the middle out, fill fits it inside and "
+                        "stretches its edges over the rest, latent stretches its latent (bilinear)")
+
+
+def _add_inpaint_flags(p: argparse.ArgumentParser) -> None:
+    """The mask, its blur and mode, the masked area's content, "Only masked" and --outpaint."""
+    p.add_argument("--mask", help="mask image, white = repaint; one of another size than --init is "
+                                  "resized with it")
+    p.add_argument("--mask-blur", type=float, metavar="SIGMA",
+                   help="A1111's Mask blur: the standard deviation in pixels of the Gaussian blur of the mask "
+                        "(a kernel of 2*int(2.5*SIGMA+0.5)+1 taps, as cv2's; default 0, no blur, or the "
+                        "--from-png picture's; A1111's UI starts at 4)")
+    p.add_argument("--invert-mask", action=argparse.BooleanOptionalAction,
+                   help="repaint where the mask is black (A1111's Mask mode \"Inpaint not masked\"); "
+                        "--no-invert-mask turns off a --from-png picture's")
+    p.add_argument("--masked-content", choices=MASKED_CONTENT_FLAGS,
+                   help="what the masked area starts as (A1111's Masked content): original (the default), "
+                        "fill (the colours around it), latent-noise, latent-nothing")
+    p.add_argument("--only-masked", action=argparse.BooleanOptionalAction,
+                   help="draw only the mask's region, at --width x --height, and put it back into the picture "
+                        "(A1111's Inpaint area \"Only masked\"; default: the whole picture); --no-only-masked "
+                        "turns off a --from-png picture's")
+    p.add_argument("--only-masked-padding", type=int, metavar="N",
+                   help="pixels the --only-masked region reaches past the mask (default 32)")
+    p.add_argument(
+        "--outpaint", metavar="L,R,T,B",
+        help="grow the canvas by these many pixels left,right,top,bottom and paint the new area "
+             "(trimmed so that the canvas is a multiple of 8 pixels)",
+    )
 
 
 def _add_hires_flags(p: argparse.ArgumentParser) -> None:
@@ -649,6 +674,15 @@ def _standalone_vae(args: argparse.Namespace) -> tuple[str, str | None] | None:
     return Path(args.vae).name, model_hash(args.vae) if os.path.isfile(args.vae) else None
 
 
+def _refiner_ref(args: argparse.Namespace, pipe):
+    """The --refiner as `to_parameters` records it (name, hash, the switch and handoff rule the pipeline runs)."""
+    from sdlab.pipeline.infotext import RefinerRef
+
+    if args.refiner is None:
+        return None
+    return RefinerRef(*_identify_model(args.refiner), pipe.refiner_switch, pipe.refiner_convention)
+
+
 def _recorded_model(args: argparse.Namespace, recorded: dict[str, Any]) -> str | None:
     """Without --model: the model the PNG names, when NAME.safetensors / .ckpt / NAME/ is beside it, here or in
     a --models-dir; else the file under a --models-dir whose hash is the recorded `Model hash` (A1111's
@@ -738,7 +772,7 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None
 def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.images import pad_for_outpaint
-    from sdlab.pipeline.infotext import RefinerRef, parse_lora_hashes, to_parameters
+    from sdlab.pipeline.infotext import parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters
     from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError, check_batch_seeds, next_batch
 
@@ -785,8 +819,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if preset and not recorded and not getattr(args, "preset", None):
         request = GenerationRequest(**_with_model_preset(options, preset, args.mode))
     name, hash_ = _identify_model(model)
-    refiner = None if args.refiner is None else RefinerRef(*_identify_model(args.refiner), pipe.refiner_switch,
-                                                           pipe.refiner_convention)
+    refiner = _refiner_ref(args, pipe)
     vae = _standalone_vae(args)
     if recorded:
         _check_model(recorded, name, hash_)

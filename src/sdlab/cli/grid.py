@@ -4,14 +4,17 @@
     sdlab grid "a red apple" --x "cfg=3-9 (+2)" --y seed=1-4 --z "prompt_sr=apple,pear" --out grid.png
     sdlab grid "a cat" --init photo.png --x denoise=0.3,0.5,0.7 --out grid.png --keep-cells cells/
 
-Every other option is txt2img's (img2img's with --init); a cell is exactly the picture `sdlab txt2img` draws
-with its settings. Without --seed (or a seed axis) one random seed serves every cell. Axes, values and
-ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's request before the first
-is drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R). The grid
-carries the parameters of its first cell and A1111's plot fields (Script: X/Y/Z plot, X Type, X Values,
-Fixed X Values for a seed axis, ...); --keep-cells also writes each cell with its own. Everything is written
-at the end, all or nothing; the folders it goes to (--out's and --keep-cells) are checked before the model
-loads, and made only then.
+Every other option is txt2img's (img2img's with --init), defined once for both (`cli/generate.py`), and sets
+every cell unless an axis sets it; a cell is exactly the picture `sdlab txt2img` draws with its settings, or
+with --batch / --batch-count its pictures, shown as A1111's batch grid. --from-png and --models-dir, which
+redraw one picture, are txt2img's alone. Without --seed (or a seed axis) one random seed serves every cell,
+and with --subseed-strength one random variation seed. Axes, values and ranges are checked before the model
+loads (`sdlab.pipeline.grid`); every cell's request before the first is drawn. Each cell applies and records
+the <lora:...> tags of its own prompt (after Prompt S/R). The grid carries the parameters of its first cell
+and A1111's plot fields (Script: X/Y/Z plot, X Type, X Values, Fixed X Values for a seed axis, ...);
+--keep-cells also writes each cell's pictures with their own. Everything is written at the end, all or
+nothing; the folders it goes to (--out's and --keep-cells) are checked before the model loads, and made only
+then.
 """
 
 from __future__ import annotations
@@ -21,58 +24,39 @@ import contextlib
 import logging
 import sys
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 from sdlab.cli.errors import UserError, utf8_text, write_error
-from sdlab.utils.dtypes import DTYPE_CHOICES
 from sdlab.utils.files import check_output_folder, make_output_folder
 
 
 def add_grid(subparsers: argparse._SubParsersAction) -> None:
+    from sdlab.cli.generate import (
+        _add_hires_flags, _add_init_flags, _add_model_flags, _add_run_flags, _add_sampling_flags,
+    )
+
     help_text = "draw an X/Y/Z plot: one labelled grid of pictures over up to three request fields"
-    p = subparsers.add_parser("grid", help=help_text, description=help_text)
+    p = subparsers.add_parser("grid", help=help_text, description=f"{help_text}. {OPTIONS_TEXT}")
     p.add_argument("prompt", type=utf8_text("the prompt"), help="the prompt (A1111 syntax)")
     for axis in ("x", "y", "z"):
         p.add_argument(f"--{axis}", type=utf8_text(f"--{axis}"), metavar="FIELD=V1,V2,...",
                        help=f"{axis.upper()} axis: sampler, schedule, steps, cfg, seed, width, height, clip_skip, "
                             "denoise or prompt_sr, with values or A1111 ranges (1-5, 1-10 (+2), 10-20 [3])")
     p.add_argument("--out", required=True, help="the grid picture (.png, .jpg, .webp)")
-    p.add_argument("--keep-cells", metavar="DIR", help="also write each cell, with its own parameters, to DIR")
+    p.add_argument("--keep-cells", metavar="DIR", help="also write each cell's pictures, with their own parameters, "
+                                                       "to DIR")
     p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
-    p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
-    p.add_argument("--vae", help="standalone VAE file that replaces the checkpoint's VAE")
-    p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")
-    p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type")
-    p.add_argument("--sampler", help="sampler of every cell unless an axis sets it")
-    p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, ...")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the model's, as sdlab txt2img)")
-    p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg",
-                   help="classifier-free guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, help="seed of every cell unless an axis sets it (default: one random seed)")
-    p.add_argument("--width", type=int, help="width in pixels (default: the family's)")
-    p.add_argument("--height", type=int, help="height in pixels (default: the family's)")
-    p.add_argument("--clip-skip", type=int,
-                   help="clip skip: 1 = the usual layer, 2 = one layer back, for the prompt only (diffusers' clip_skip=1)")
-    p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers")
-    p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
-                   help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
-    p.add_argument("--preset", metavar="NAME",
-                   help="few-step settings of a distilled model or LoRA (turbo, lcm, lightning, hyper, tcd, "
-                        "lcm-model) under every cell; options and axes win (default: the one the model names)")
-    p.add_argument("--init", help="init image: every cell is an img2img of it")
-    p.add_argument("--strength", type=float, help="img2img strength in (0, 1] (with --init)")
-    p.add_argument("--lora", action="append", default=[], metavar="FILE:WEIGHT", help="merge a LoRA file; repeatable")
-    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
-                   help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors; repeatable")
-    p.add_argument("--embeddings-dir", action="append", default=[], metavar="DIR",
-                   help="textual-inversion embeddings whose file names are words of the prompt; repeatable")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
-    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="weight dtype; auto (default): bf16 for large models on a CPU with native bf16 or on CUDA, "
-                        "fp32 for small ones")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run_grid, from_png=None, batch=None, mask_blur=None, refiner=None, refiner_switch=0.8)
+    _add_model_flags(p)
+    _add_sampling_flags(p)
+    _add_run_flags(p)
+    _add_hires_flags(p)
+    _add_init_flags(p, "init image: every cell is an img2img of it", "0.75")
+    p.set_defaults(run=run_grid, from_png=None)
+
+
+OPTIONS_TEXT = ("The options after the axes are txt2img's (img2img's with --init) and set every cell unless an axis "
+                "sets it; without --seed one random seed serves every cell. --from-png and --models-dir are "
+                "txt2img's alone.")
 
 
 def _plot(args: argparse.Namespace):
@@ -104,15 +88,17 @@ def _quiet_size_warnings() -> Iterator[None]:
         images_logger.disabled = before
 
 
-def _check_requests(cells, plot) -> None:
-    """Every cell's request through the model-free checks (`request.resolve`) before anything loads."""
-    from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
+def _check_requests(cells, plot, batch_count: int) -> None:
+    """Every cell's request through the model-free checks (`request.resolve`, the seeds of its --batch-count
+    batches) before anything loads."""
+    from sdlab.pipeline.request import GenerationRequest, RequestError, check_batch_seeds, resolve
 
     for index, options in cells:
         try:
             with _quiet_size_warnings():
-                resolve(GenerationRequest(**options), default_size=64, default_sampler="Euler",
-                        default_schedule="karras", factor=8)
+                resolved = resolve(GenerationRequest(**options), default_size=64, default_sampler="Euler",
+                                   default_schedule="karras", factor=8)
+            check_batch_seeds(resolved, batch_count)
         except RequestError as err:
             raise UserError(f"the grid cell {', '.join(plot.labels(index))}: {err}") from None
 
@@ -161,18 +147,35 @@ def _grid_parameters(first: dict, plot) -> dict:
     return {**parameters, **plot.parameters(), "Version": first.get("Version")}
 
 
+def _check_hires(args: argparse.Namespace) -> None:
+    """The hires fix is txt2img's: a grid with --init draws img2img cells, which have none."""
+    given = [flag for flag, value in (("--hr-scale", args.hr_scale), ("--hr-size", args.hr_size),
+                                      ("--hr-upscaler", args.hr_upscaler), ("--hr-steps", args.hr_steps),
+                                      ("--hr-denoise", args.hr_denoise)) if value is not None]
+    if args.init and given:
+        raise UserError(f"{', '.join(given)}: the hires fix is txt2img's; a grid with --init draws img2img cells")
+
+
+def _image_names(number: int, index, count: int) -> list[str]:
+    """--keep-cells' file names of the `count` pictures of cell `number` at `index` (x, y, z); a batch adds
+    -0, -1, ... as txt2img's --out does."""
+    stem = f"{number:03d}-x{index[0]}-y{index[1]}-z{index[2]}"
+    return [f"{stem}.png"] if count == 1 else [f"{stem}-{m}.png" for m in range(count)]
+
+
 def run_grid(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import (
-        _identify_model, _load_pipeline, _open_image, _options_from_args, _resolve_loras, _standalone_vae,
-        _with_model_preset,
+        _controls, _identify_model, _load_pipeline, _open_image, _options_from_args, _refiner_ref, _resolve_loras,
+        _standalone_vae, _with_model_preset,
     )
-    from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_plot
+    from sdlab.pipeline.grid import GridError, cell_picture, check_prompt_sr
     from sdlab.pipeline.infotext import to_parameters
     from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, image_format, write_files_all_or_nothing
-    from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
+    from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed, next_batch
 
     args.mode = "img2img" if args.init else "txt2img"
     _output_files(args)
+    _check_hires(args)
     plot = _plot(args)
     options = _options_from_args(args, {})
     _, loras, _, _ = _resolve_loras(args, options["prompt"], {})        # the --lora files, merged at load
@@ -181,12 +184,17 @@ def run_grid(args: argparse.Namespace) -> int:
     except GridError as err:
         raise UserError(str(err)) from None
     options["seed"] = fixed_seed(options.get("seed"))     # one seed for every cell, as A1111 fixes it
+    if options.get("subseed_strength"):                  # and one variation seed
+        options["subseed"] = fixed_seed(options.get("subseed"))
     if args.init:
         options["init_image"] = _open_image(args.init, "init image")
+    controls = _controls(args, {}, options.get("control_convention", GenerationRequest.control_convention))
+    if controls:
+        options["controls"] = controls
     typed = plot.cells(options)                          # prompts as typed: each cell's LoRAs come from its own
     cell_loras = _cell_loras(args, typed)
     cells = _for_pipeline(typed, cell_loras)
-    _check_requests(cells, plot)
+    _check_requests(cells, plot, args.batch_count)
 
     pipe, model = _load_pipeline(args, None, loras)
     preset = pipe.preset_for(options["prompt"])
@@ -194,9 +202,10 @@ def run_grid(args: argparse.Namespace) -> int:
         options = _with_model_preset(options, preset, args.mode)
         typed = plot.cells(options)
         cells = _for_pipeline(typed, cell_loras)
-        _check_requests(cells, plot)
+        _check_requests(cells, plot, args.batch_count)
     name, hash_ = _identify_model(model)
     vae = _standalone_vae(args)
+    refiner = _refiner_ref(args, pipe)
     try:
         for _, cell in cells:                                # the model's checks too (clip skip, memory)
             with _quiet_size_warnings():
@@ -209,36 +218,42 @@ def run_grid(args: argparse.Namespace) -> int:
 
         bar = tqdm(total=len(cells), desc="grid", unit="cell", file=sys.stderr, leave=False)
 
-    def run_cell(request: GenerationRequest):
-        result = pipe.run(replace(request, prompt=cell_loras[request.prompt][0]))
+    def draw_cell(cell: dict) -> list:
+        """The cell's batches (`GenerationResult`s), drawn as `sdlab txt2img --batch-count` draws them."""
+        plan = pipe.resolve(GenerationRequest(**cell))
+        plans = [plan] + [pipe.resolve(next_batch(plan.request, k)) for k in range(1, args.batch_count)]
+        results = [pipe.run(p) for p in plans]
         if bar is not None:
             bar.update(1)
-        return result
+        return results
 
     try:
-        sheet, results = draw_plot(run_cell, options, plot)
+        drawn = {index: draw_cell(cell) for index, cell in cells}
     except RequestError as err:
         raise UserError(str(err)) from None
     finally:
         if bar is not None:
             bar.close()
-    parameters = {}
+    images = {index: [image for result in results for image in result.images] for index, results in drawn.items()}
+    sheet = plot.sheet({index: cell_picture(pictures) for index, pictures in images.items()})
+    texts = {}
     for index, cell in typed:
         _, refs, to_record = cell_loras[cell["prompt"]]
-        result = results[index]
-        parameters[index] = to_parameters(
-            result.request, model_name=name, model_hash=hash_, loras=refs, prompt=to_record, vae=vae,
-            embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)])
-    texts = {index: format_parameters(p) for index, p in parameters.items()}
+        texts[index] = [
+            to_parameters(result.request, index=i, model_name=name, model_hash=hash_, loras=refs, prompt=to_record,
+                          vae=vae, refiner=refiner,
+                          embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)])
+            for result in drawn[index] for i in range(len(result.images))]
 
     out = Path(args.out)
-    text = format_parameters(_grid_parameters(parameters[(0, 0, 0)], plot))
+    text = format_parameters(_grid_parameters(texts[(0, 0, 0)][0], plot))
     files = [(out, encode_image(sheet, image_format(out), text))]
     if args.keep_cells:
         for n, (index, _) in enumerate(cells):
-            i, j, k = index
-            files.append((Path(args.keep_cells) / f"{n:03d}-x{i}-y{j}-z{k}.png",
-                          encode_image(results[index].images[0], "PNG", texts[index])))
+            for file_name, image, parameters in zip(_image_names(n, index, len(images[index])), images[index],
+                                                    texts[index]):
+                files.append((Path(args.keep_cells) / file_name,
+                              encode_image(image, "PNG", format_parameters(parameters))))
     for folder, name in _output_folders(args).items():
         make_output_folder(folder, name)
     try:

@@ -33,7 +33,8 @@ rows=1)`, the titles in one band as high as the tallest). Cells of different siz
 
 `Plot(x, y, z)` holds the axes: `cells(options)` gives each cell's request options, `sheet(images)` the
 picture, `parameters()` A1111's plot fields for the picture's parameters (Script: X/Y/Z plot, X Type, ...),
-and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request.
+and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request. A cell drawn
+as a batch shows its images as A1111's batch grid (`cell_picture`).
 """
 
 from __future__ import annotations
@@ -307,9 +308,26 @@ class Plot:
 def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dict[str, Any],
               plot: Plot) -> tuple[Image.Image, dict[Index, GenerationResult]]:
     """Draw every cell with `run` (e.g. `Pipeline.run`) from `options` (GenerationRequest keyword arguments;
-    give a seed, or each cell draws its own) and lay them out: (the sheet, each cell's result)."""
+    give a seed, or each cell draws its own) and lay them out: (the sheet, each cell's result). A cell of
+    several images (a `batch_size`) shows them as `cell_picture` lays them out."""
     results = {index: run(GenerationRequest(**cell)) for index, cell in plot.cells(options)}
-    return plot.sheet({index: result.images[0] for index, result in results.items()}), results
+    return plot.sheet({index: cell_picture(result.images) for index, result in results.items()}), results
+
+
+def cell_picture(images: list[Image.Image]) -> Image.Image:
+    """A cell's picture: its image, or its images in one grid, as A1111's plot shows a cell drawn as a batch
+    (the batch grid `process_images` returns first, `images.image_grid` at its default settings:
+    round(sqrt(n)) rows, the columns they need, on white, each image centred in a slot of the largest's size)."""
+    if len(images) == 1:
+        return images[0]
+    rows = min(round(math.sqrt(len(images))), len(images))
+    columns = math.ceil(len(images) / rows)
+    width, height = max(image.width for image in images), max(image.height for image in images)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for i, image in enumerate(images):
+        left, top = (width - image.width) // 2, (height - image.height) // 2
+        grid.paste(image.convert("RGB"), ((i % columns) * width + left, (i // columns) * height + top))
+    return grid
 
 
 # ------------------------------------------------------------------------------------------------------
