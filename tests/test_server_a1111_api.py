@@ -594,6 +594,18 @@ def test_errors_name_the_a1111_field_the_client_sent(client, route, fields, name
     assert answer.json()["detail"] == answer.json()["errors"]
 
 
+@pytest.mark.parametrize("fix_steps, strength, message", [
+    (True, 0, "denoising_strength must lie in (0, inf) with the option img2img_fix_steps, got 0.0"),
+    (False, -0.5, "denoising_strength must lie in [0, inf), got -0.5"),
+])
+def test_errors_name_the_img2img_step_rule_by_a1111s_option(client, fix_steps, strength, message):
+    """The client chose the step rule with A1111's option img2img_fix_steps, never by sdlab's convention names."""
+    answer = client.post("/img2img", json={"prompt": "x", "steps": 2, "denoising_strength": strength,
+                                           "init_images": [png_b64((64, 64), (9, 9, 9))],
+                                           "override_settings": {"img2img_fix_steps": fix_steps}})
+    assert answer.status_code == 400 and answer.json()["errors"] == message, answer.text
+
+
 @pytest.mark.parametrize("strength", [1.0000001, 1.5])
 def test_img2img_denoising_strength_above_1_draws_as_1_as_a1111(client, strength):
     """A1111 takes any denoising_strength: setup_img2img_steps reads min(denoising_strength, 0.999), and the

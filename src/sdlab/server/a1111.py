@@ -322,8 +322,17 @@ _SDLAB_FIELD = re.compile(r"\b(hr_steps|hr_denoise|hr_width|hr_height|batch_coun
 too) where the message starts with the field it is about."""
 
 
+_A1111_STEP_RULES = {" under the a1111_fix_steps convention": " with the option img2img_fix_steps",
+                     " under the a1111 convention": ""}
+"""sdlab's img2img conventions in an error message -> the A1111 option that chose them (`_request`): none for
+A1111's default rule."""
+
+
 def _a1111_named(message: str) -> str:
-    """An error message of sdlab's request checks with the fields named as the A1111 client sent them."""
+    """An error message of sdlab's request checks with the fields named as the A1111 client sent them, and the
+    img2img step rule as the option that sets it (`_A1111_STEP_RULES`)."""
+    for convention, option in _A1111_STEP_RULES.items():
+        message = message.replace(convention, option)
     return _SDLAB_FIELD.sub(lambda m: _A1111_FIELDS[m.group(0)], message)
 
 
