@@ -403,3 +403,36 @@ def test_dpm_adaptive_prompt_edits_count_model_calls_as_a1111(bundle, monkeypatc
     generate(bundle, request)
     assert len(runs) > 7
     assert runs == [0] * 4 + [1] * 3 + [0] * (len(runs) - 7)
+
+
+def test_restart_keeps_the_end_of_a_slice_above_0():
+    """A list that ends above 0 (the base's share before diffusers' refiner handoff, ``sigmas[:split + 1]``)
+    keeps its end from 20 steps on: as many steps, the last onto the slice's end, none below it."""
+    sigmas = sd_sigmas("karras", 40)
+    for split in (10, 20, 25, 36):
+        plan = restart_steps(sigmas[: split + 1])
+        end = float(sigmas[split])
+        assert len(plan) == split and plan[-1][1] == pytest.approx(end)
+        assert min(level for step in plan for level in step) == pytest.approx(end)
+
+
+def test_restart_base_stops_at_the_refiner_handoff(monkeypatch):
+    """Tiny SDXL base + refiner, Restart at 32 steps (20 on the base): every base call is at or above the handoff
+    sigma, the refiner's first call is there, and no call is at sigma 0 (a 0 -> 0 step)."""
+    base, refiner = tiny_bundle("sdxl", seed=25), tiny_bundle("sdxl-refiner", seed=45)
+    spec = get_sampler("Restart")
+    runs: list[tuple[float, list[float]]] = []
+
+    def recording(model, x, sigmas, noise, callback=None):
+        calls: list[float] = []
+        runs.append((float(sigmas[-1]), calls))
+        return spec.fn(lambda x, sigma, **kw: calls.append(float(sigma[0])) or model(x, sigma, **kw), x, sigmas,
+                       noise=noise, callback=callback)
+
+    monkeypatch.setitem(samplers._BY_SPELLING, "Restart", dataclasses.replace(spec, fn=recording))
+    request = GenerationRequest("a cube", sampler="Restart", steps=32, seed=7, width=32, height=32)
+    G.generate_with_refiner(base, refiner, request)
+    (handoff, base_calls), (end, refiner_calls) = runs
+    assert end == 0 and handoff > 0
+    assert min(base_calls) == pytest.approx(handoff) and refiner_calls[0] == pytest.approx(handoff)
+    assert 0 not in base_calls + refiner_calls

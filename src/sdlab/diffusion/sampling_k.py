@@ -812,17 +812,27 @@ def _karras_float32(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0
     return torch.cat([(max_inv + ramp * (min_inv - max_inv)) ** rho, ramp.new_zeros(1)])
 
 
+def _restart_levels(levels: Tensor, steps: int) -> Tensor:
+    """The Karras list (rho 7) of ``steps`` steps that replaces ``levels`` from 20 steps on: A1111's, with
+    ``steps`` levels from the first down to the last positive sigma and then 0, for a list that ends at 0; for a
+    slice that ends above 0 (the base's share before a refiner handoff), ``steps + 1`` levels from the first
+    sigma down to the slice's own end, so that the slice still ends where the next model starts."""
+    if levels[-1] == 0:
+        return _karras_float32(steps, float(levels[-2]), float(levels[0]))
+    return _karras_float32(steps + 1, float(levels[-1]), float(levels[0]))[:-1]
+
+
 def restart_steps(sigmas: Tensor) -> list[tuple[float, float]]:
     """The (from, to) sigma pairs A1111's Restart steps through for ``sigmas`` (its ``step_list``), as many as
-    ``len(sigmas) - 1``. Below 20 steps, the list's own steps. From 20 on, a Karras list (rho 7) of
-    ``steps - k n`` levels between the list's first and last positive sigma replaces the list, and after the
-    step onto its level nearest 0.1 the sampler goes n times back up to its level nearest 2 and down again in the
-    k steps of a Karras list of k + 1 levels: k, n = 9, 1, or steps // 4, 2 from 36 steps."""
+    ``len(sigmas) - 1``. Below 20 steps, the list's own steps. From 20 on, a Karras list of ``steps - k n``
+    steps with the list's ends (``_restart_levels``) replaces the list, and after the step onto its level
+    nearest 0.1 the sampler goes n times back up to its level nearest 2 and down again in the k steps of a
+    Karras list of k + 1 levels: k, n = 9, 1, or steps // 4, 2 from 36 steps."""
     levels = sigmas.float().cpu()
     steps = len(levels) - 1
     if steps >= 20:
         k, n = (9, 1) if steps < 36 else (steps // 4, 2)
-        levels = _karras_float32(steps - k * n, float(levels[-2]), float(levels[0]))
+        levels = _restart_levels(levels, steps - k * n)
     plan = list(zip(levels.tolist()[:-1], levels.tolist()[1:]))
     if steps >= 20:
         low, high = int((levels - 0.1).abs().argmin()), int((levels - 2).abs().argmin())
