@@ -376,6 +376,28 @@ def test_samples_format_sets_the_base64_pictures_format_as_a1111s_encode_pil_to_
         client.post("/options", json={"samples_format": "png", "jpeg_quality": 80})
 
 
+def test_a_jpeg_whose_parameters_overflow_its_exif_is_answered_without_them(client, caplog):
+    """Prompts within sdlab's limits can make a parameters text past a JPEG's 64 KiB EXIF block (A1111's
+    encode_pil_to_base64 fails there: "EXIF data is too long"). The job ran and was stored, so its pictures are
+    answered, as JPEGs without the text (a logged warning); the PNG in images/ keeps the text."""
+    from sdlab.pipeline.png_info import read_parameters
+    from sdlab.server.a1111 import _base64_picture
+
+    prompts = {"prompt": "photograph " * 1800, "negative_prompt": "landscape " * 1900}
+    try:
+        assert client.post("/options", json={"samples_format": "jpg"}).status_code == 200
+        body, info = txt2img(client, steps=1, **prompts)
+    finally:
+        client.post("/options", json={"samples_format": "png"})
+    raw = base64.b64decode(body["images"][0])
+    assert raw.startswith(b"\xff\xd8") and read_parameters(io.BytesIO(raw)) is None
+    assert len(info["infotexts"][0]) > 32_500 and info["infotexts"][0].startswith("photograph")
+    with caplog.at_level("WARNING", logger="sdlab.server"):
+        answer = _base64_picture(Image.new("RGB", (8, 8)), info["infotexts"][0], {"samples_format": "jpg",
+                                                                                   "jpeg_quality": 80})
+    assert base64.b64decode(answer).startswith(b"\xff\xd8") and "does not fit a JPEG's 64 KiB EXIF" in caplog.text
+
+
 # ---------------------------------------------------------------- 8c. the parameters echo
 
 

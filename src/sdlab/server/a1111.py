@@ -21,6 +21,7 @@ import dataclasses
 import html
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -66,6 +67,7 @@ from sdlab.server.store import INTERRUPTED_ERROR
 from sdlab.server.worker import ModelHost
 
 router = APIRouter(prefix="/sdapi/v1")
+logger = logging.getLogger("sdlab.server")
 DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
 OPTION_DEFAULTS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "tiling": False,   # applied to every later generation
@@ -349,13 +351,16 @@ def _stored_picture(path: os.PathLike, parameters: str, options: dict[str, Any])
 def _base64_picture(image: Image.Image, parameters: str | None, options: dict[str, Any]) -> str:
     """`image` in base64 as A1111's `encode_pil_to_base64` writes it under the options: a PNG with its
     `parameters` text chunk, or for samples_format jpg / jpeg / webp a JPEG / WebP at `jpeg_quality` with the
-    text in its EXIF UserComment."""
+    text in its EXIF UserComment. A text too long for a JPEG's EXIF block (A1111 fails there) is left out, with
+    a logged warning: the picture was drawn, and its PNG in `images/` keeps the text."""
     fmt = SAMPLES_FORMATS[options["samples_format"].lower()]
     try:
         return _b64(encode_image(image, fmt, parameters, quality=options["jpeg_quality"]))
     except ParametersError:
-        raise BadRequest(f"the parameters text ({len(parameters or '')} characters) does not fit a JPEG's 64 KiB "
-                         "EXIF block: set the option samples_format to png or webp") from None
+        logger.warning("the parameters text (%d characters) does not fit a JPEG's 64 KiB EXIF block: the JPEG "
+                       "answered goes without it (the PNG in images/ keeps it; samples_format png or webp keeps "
+                       "it too)", len(parameters or ""))
+        return _b64(encode_image(image, fmt, None, quality=options["jpeg_quality"]))
 
 
 def _drawn_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
