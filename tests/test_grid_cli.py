@@ -66,6 +66,37 @@ def test_cells_follow_the_preset_as_txt2img_does(tmp_path: Path, capsys, options
         assert np.array_equal(pixels(kept), want), steps
 
 
+def _tcd_lora(folder: Path) -> Path:
+    """The shipped LCM-LoRA saved as a LoRA whose file names the tcd preset (TCD-LoRA's eta 0.3, its gamma)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    import sdlab
+
+    shipped = Path(sdlab.__file__).parent / "models" / "data" / "loras" / "sdlab-tiny-lcm.safetensors"
+    with safe_open(str(shipped), "pt") as f:
+        metadata = {**f.metadata(), "sdlab.preset": "tcd"}
+    save_file(load_file(str(shipped)), str(folder / "tiny-tcd.safetensors"), metadata=metadata)
+    return folder / "tiny-tcd.safetensors"
+
+
+@pytest.mark.parametrize("by", ["--preset", "the LoRA"])
+def test_a_preset_eta_goes_with_each_cells_sampler(tmp_path: Path, capsys, by: str) -> None:
+    """TCD's eta is its sampler's (5656ba6): the Euler a cell of a sampler axis runs Euler a at its own eta, the
+    picture `sdlab txt2img --sampler "Euler a"` draws under the same preset, and the TCD cell at TCD's 0.3."""
+    options = ["--preset", "tcd"] if by == "--preset" else ["--lora", str(_tcd_lora(tmp_path))]
+    cells = tmp_path / "cells"
+    code, _, err = run(["grid", PROMPT, "--x", "sampler=TCD,Euler a", *options, "--steps", "2", "--seed", "5",
+                        "--out", str(tmp_path / "g.png"), "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    for i, sampler in enumerate(["TCD", "Euler a"]):
+        kept = cells / f"{i:03d}-x{i}-y0-z0.png"
+        want = _txt2img(tmp_path, capsys, f"single-{i}.png", PROMPT, "--sampler", sampler, *options, "--steps", "2",
+                        "--seed", "5")
+        assert np.array_equal(pixels(kept), want), sampler
+        assert "Eta" not in parse_parameters(read_parameters(kept))      # each sampler at its default eta
+
+
 def test_prompt_sr_and_z_axis(tmp_path: Path, capsys) -> None:
     out = tmp_path / "grid.png"
     code, _, err = run(["grid", PROMPT, "--x", "prompt_sr=apple,star", "--z", "seed=1,2", "--steps", "2",

@@ -254,8 +254,10 @@ def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return parse_parameters(text)
 
 
-def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
-    """GenerationRequest keyword arguments: the PNG's parameters, then every option given on the line."""
+def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = None,
+                       with_preset: bool = True) -> dict[str, Any]:
+    """GenerationRequest keyword arguments: the PNG's parameters, then --preset's settings (its name checked;
+    left out without `with_preset`: `sdlab grid` puts them under each cell's), then every option given on the line."""
     from sdlab.pipeline.infotext import from_parameters
 
     options: dict[str, Any] = {}
@@ -282,9 +284,11 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         from sdlab.pipeline.request import RequestError
 
         try:
-            options.update(get_preset(args.preset).options(getattr(args, "mode", "txt2img"), args.sampler))
+            preset = get_preset(args.preset)
         except RequestError as err:
             raise UserError(str(err)) from None
+        if with_preset:
+            options.update(preset.options(getattr(args, "mode", "txt2img"), args.sampler))
     masked_content = getattr(args, "masked_content", None)           # the flag's spelling: "latent-noise"
     given = {
         "prompt": args.prompt,
@@ -484,7 +488,8 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
 
 
 def _with_model_preset(options: dict[str, Any], preset: str, mode: str) -> dict[str, Any]:
-    """The request options over the settings of the preset the model file names."""
+    """The request options over the settings of the preset the model file names (or of --preset, checked by
+    `_options_from_args`, under `sdlab grid`'s cells)."""
     from sdlab.pipeline.presets import apply_preset
     from sdlab.pipeline.request import RequestError
 

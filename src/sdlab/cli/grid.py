@@ -121,6 +121,15 @@ def _output_folders(args: argparse.Namespace) -> dict[Path, str]:
     return folders
 
 
+def _cells(plot, options: dict, preset: str | None, mode: str) -> list:
+    """Each cell's request options, prompts as typed: the axes over the options given, then the settings of
+    `preset` (--preset's, or the one the model or a LoRA names; None: none) under the cell's, as txt2img puts
+    them under its options, so that the preset's eta goes with the cell's sampler (TCD's gamma is no other's)."""
+    from sdlab.cli.generate import _with_model_preset
+
+    return [(index, _with_model_preset(cell, preset, mode)) for index, cell in plot.cells(options)]
+
+
 def _cell_loras(args: argparse.Namespace, cells) -> dict[str, tuple]:
     """Each cell prompt (as typed, after Prompt S/R) -> `_resolve_loras`' (prompt for the pipeline, `LoraRef`s,
     prompt to record): a cell applies and records the `<lora:...>` tags of its own prompt, as A1111 draws and
@@ -166,7 +175,7 @@ def _image_names(number: int, index, count: int) -> list[str]:
 def run_grid(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import (
         _controls, _identify_model, _load_pipeline, _open_image, _options_from_args, _refiner_ref, _resolve_loras,
-        _standalone_vae, _with_model_preset,
+        _standalone_vae,
     )
     from sdlab.pipeline.grid import GridError, cell_picture, check_prompt_sr
     from sdlab.pipeline.infotext import to_parameters
@@ -177,7 +186,7 @@ def run_grid(args: argparse.Namespace) -> int:
     _output_files(args)
     _check_hires(args)
     plot = _plot(args)
-    options = _options_from_args(args, {})
+    options = _options_from_args(args, {}, with_preset=False)      # the preset goes under each cell's (`_cells`)
     _, loras, _, _ = _resolve_loras(args, options["prompt"], {})        # the --lora files, merged at load
     try:
         check_prompt_sr([axis for _, axis in plot.axes()], options["prompt"], options.get("negative_prompt", ""))
@@ -191,7 +200,7 @@ def run_grid(args: argparse.Namespace) -> int:
     controls = _controls(args, {}, options.get("control_convention", GenerationRequest.control_convention))
     if controls:
         options["controls"] = controls
-    typed = plot.cells(options)                          # prompts as typed: each cell's LoRAs come from its own
+    typed = _cells(plot, options, args.preset, args.mode)      # each cell's LoRAs come from its own prompt
     cell_loras = _cell_loras(args, typed)
     cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot, args.batch_count)
@@ -199,8 +208,7 @@ def run_grid(args: argparse.Namespace) -> int:
     pipe, model = _load_pipeline(args, None, loras)
     preset = pipe.preset_for(options["prompt"])
     if preset and not args.preset:                       # a file that names a preset (LCM-LoRA, Turbo), as txt2img
-        options = _with_model_preset(options, preset, args.mode)
-        typed = plot.cells(options)
+        typed = _cells(plot, options, preset, args.mode)
         cells = _for_pipeline(typed, cell_loras)
         _check_requests(cells, plot, args.batch_count)
     name, hash_ = _identify_model(model)
