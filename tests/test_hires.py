@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 
 import sdlab
 from sdlab.checkpoints.upscaler import load_upscaler
+from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.discretization import discretize
 from sdlab.pipeline import generate as generate_module
 from sdlab.pipeline import plan as plan_module
@@ -54,7 +55,7 @@ def _second_request(first: GenerationRequest, steps: int, denoise: float, size: 
     """The second pass as a user would write it: img2img at `size`, every `steps` run (A1111's fix-steps path)."""
     return GenerationRequest(PROMPT, steps=steps, seed=first.seed, batch_size=first.batch_size, sampler=first.sampler,
                              schedule=first.schedule, cfg_scale=first.cfg_scale, width=size[0], height=size[1],
-                             strength=denoise, img2img_convention="comfyui")
+                             strength=denoise, img2img_convention="a1111_fix_steps")
 
 
 @pytest.mark.parametrize("mode", ["Latent", "Latent (bicubic antialiased)", "Latent (nearest)"])
@@ -141,12 +142,43 @@ def test_variation_seeds_carry_into_the_second_pass(pipe) -> None:
 
 def test_second_pass_schedule_is_a1111s_fix_steps_tail(pipe) -> None:
     """A1111 hands the second pass its steps: a schedule of int(steps / denoise) steps whose last `steps` run."""
-    request = GenerationRequest(PROMPT, steps=6, seed=1, width=64, height=64, strength=0.4, img2img_convention="comfyui")
+    request = GenerationRequest(PROMPT, steps=6, seed=1, width=64, height=64, strength=0.4,
+                                img2img_convention="a1111_fix_steps")
     plan = make_plan(pipe.bundle, request, from_latent=True)
     full = discretize(plan.request.schedule, pipe.bundle.model_sampling.schedule, 15, final=plan.sampler.final_sigma,
                       scheduler=plan.sampler.spacing)
     assert plan.steps_run == 6
     assert torch.allclose(plan.sigmas.cpu(), full[-7:])
+
+
+@pytest.mark.parametrize("denoise, stretched", [(0.5, 6), (1.5, 3)])
+def test_the_second_pass_brownian_tree_spans_a1111s_whole_stretched_schedule(pipe, monkeypatch, denoise,
+                                                                             stretched) -> None:
+    """A1111's `sample_hr_pass` calls `sample_img2img(..., steps=hr_second_pass_steps)`, whose
+    `setup_img2img_steps` stretches the schedule to int(steps / min(denoising_strength, 0.999)) and whose SDE
+    noise sampler spans all of it (`create_noise_sampler(x, sigmas, p)` with `sigmas = self.get_sigmas(p,
+    steps)`: `sigma_min, sigma_max = sigmas[sigmas > 0].min(), sigmas.max()`), not only the steps that run."""
+    spans, for_sigmas = [], BrownianTreeNoise.for_sigmas
+    spy = lambda like, sigmas, seeds: spans.append(sigmas) or for_sigmas(like, sigmas, seeds)    # noqa: E731
+    monkeypatch.setattr(BrownianTreeNoise, "for_sigmas", staticmethod(spy))
+    pipe.txt2img(PROMPT, steps=4, seed=7, sampler="DPM++ 2M SDE", hr_scale=2, hr_steps=3, hr_denoise=denoise)
+    plan = pipe.resolve(GenerationRequest(PROMPT, steps=4, seed=7, sampler="DPM++ 2M SDE"))
+    a1111 = discretize(plan.request.schedule, pipe.bundle.model_sampling.schedule, stretched,
+                       final=plan.sampler.final_sigma, scheduler=plan.sampler.spacing)
+    second = spans[1].cpu().double()
+    assert [float(second[second > 0].min()), float(second.max())] == \
+        pytest.approx([float(a1111[a1111 > 0].min()), float(a1111.max())])
+
+
+def test_hr_denoise_above_1_draws_as_1_and_is_recorded_as_given(pipe) -> None:
+    """A1111's hires pass reads min(denoising_strength, 0.999) (`setup_img2img_steps`) and records the value sent,
+    as its img2img does."""
+    options = dict(steps=3, seed=2, hr_scale=1.5, hr_steps=2)
+    above = pipe.txt2img(PROMPT, **options, hr_denoise=1.0000001)
+    one = pipe.txt2img(PROMPT, **options, hr_denoise=1.0)
+    assert np.array_equal(_array(above.images), _array(one.images))
+    assert above.request.hr_denoise == 1.0000001
+    assert "Denoising strength: 1.0000001, " in format_parameters(to_parameters(above.request))
 
 
 def test_sizes_follow_a1111s_target_resolution() -> None:
@@ -195,7 +227,7 @@ def test_infotext_has_a1111s_keys_and_reads_back(pipe, esrgan_x2: Path) -> None:
     (dict(hr_scale=200), "each side must lie in"),
     (dict(hr_width=9000), "each side must lie in"),
     (dict(hr_scale=2, hr_denoise=0.0), "hr_denoise"),
-    (dict(hr_scale=2, hr_denoise=1.5), "hr_denoise"),
+    (dict(hr_scale=2, hr_denoise=-0.5), "hr_denoise"),
     (dict(hr_scale=2, hr_steps=-1), "hr_steps"),
     (dict(hr_steps=5), "need hr_scale"),
     (dict(hr_upscaler="Lanczos"), "need hr_scale"),

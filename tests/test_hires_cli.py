@@ -77,7 +77,7 @@ def test_hr_size_round_trip_and_flags_override_the_png(tmp_path: Path, capsys) -
     (["--hr-scale", "0.5"], "hr_scale must be at least 1"),
     (["--hr-scale", "300"], "each side must lie in"),
     (["--hr-scale", "2", "--hr-denoise", "0"], "hr_denoise"),
-    (["--hr-scale", "2", "--hr-denoise", "1.01"], "hr_denoise"),
+    (["--hr-scale", "2", "--hr-denoise=-0.5"], "hr_denoise"),
     (["--hr-size", "big"], "--hr-size wants WIDTHxHEIGHT"),
     (["--hr-size", "0x0"], "--hr-size wants pixel counts"),
     (["--hr-steps", "4"], "need hr_scale"),

@@ -600,7 +600,7 @@ def test_img2img_fix_steps_and_initial_noise_multiplier_options_are_a1111s(clien
 @pytest.mark.parametrize("route, fields, named", [
     ("txt2img", {"enable_hr": True, "hr_second_pass_steps": -1}, "hr_second_pass_steps must be"),
     ("txt2img", {"enable_hr": True, "hr_second_pass_steps": 2000}, "hr_second_pass_steps must be"),  # --max-steps
-    ("txt2img", {"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength (the second pass's"),
+    ("txt2img", {"enable_hr": True, "denoising_strength": -0.5}, "denoising_strength (the second pass's"),
     ("txt2img", {"enable_hr": True, "hr_resize_x": -5}, "hr_resize_x must be"),
     ("txt2img", {"cfg_scale": 1e9}, "cfg_scale must lie in"),
     ("txt2img", {"subseed_strength": 2}, "subseed_strength (variation strength) must"),   # its own name kept
@@ -640,6 +640,17 @@ def test_img2img_denoising_strength_above_1_draws_as_1_as_a1111(client, strength
     assert np.array_equal(*pictures)
     info = json.loads(above.json()["info"])
     assert info["denoising_strength"] == strength and f"Denoising strength: {strength}," in info["infotexts"][0]
+
+
+def test_hires_denoising_strength_above_1_draws_as_1_as_a1111(client):
+    """A1111's hires pass takes any denoising_strength too: `sample_hr_pass` -> `setup_img2img_steps` reads
+    min(denoising_strength, 0.999); the value sent is recorded."""
+    body = {"prompt": "x", "steps": 2, "seed": 1, "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2}
+    above, info = txt2img(client, **body, denoising_strength=1.0000001)
+    one, _ = txt2img(client, **body, denoising_strength=1)
+    pictures = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r["images"][0])))) for r in (above, one)]
+    assert np.array_equal(*pictures)
+    assert info["denoising_strength"] == 1.0000001 and "Denoising strength: 1.0000001," in info["infotexts"][0]
 
 
 @pytest.mark.parametrize("field", ["init_images", "mask"])

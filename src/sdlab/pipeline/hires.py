@@ -9,8 +9,10 @@
                    the upscaler runs only when the size grows, so a scale-1 pass starts from the first
                    pass's own pictures); the VAE encodes them (the posterior mean)
     second pass  img2img at the final size with strength `hr_denoise` and `hr_steps` steps (0: the first pass's),
-                 all of which run on a schedule stretched to steps / hr_denoise: A1111 hands the second pass
-                 its step count, which takes its "img2img_fix_steps" path (sdlab's "comfyui" convention)
+                 all of which run on a schedule stretched to steps / min(hr_denoise, 0.999): A1111 hands the
+                 second pass its step count, which takes its "img2img_fix_steps" path (sdlab's "a1111_fix_steps"
+                 convention, `HIRES_IMG2IMG`): hr_denoise above 1 draws as 1, and the SDE samplers' Brownian
+                 tree spans the whole stretched schedule (A1111's `create_noise_sampler` of `get_sigmas`)
 
 Seeds: A1111 draws the second pass's noise from fresh generators on the same seeds and subseeds
 (`sample_hr_pass`: a new `ImageRNG`, whose first draw is the noise and whose later draws are the step
@@ -43,7 +45,7 @@ from sdlab.pipeline.generate import (
 )
 from sdlab.pipeline.images import pil_to_tensor, tensor_to_pil
 from sdlab.pipeline.plan import GenerationPlan, make_plan
-from sdlab.pipeline.request import SIZE_MULTIPLE, GenerationRequest, GenerationResult, hires_sizes
+from sdlab.pipeline.request import HIRES_IMG2IMG, SIZE_MULTIPLE, GenerationRequest, GenerationResult, hires_sizes
 from sdlab.pipeline.upscale import (
     LATENT_UPSCALE_MODES,
     PLAIN_UPSCALERS,
@@ -81,7 +83,7 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     the first pass's step count (prompt edits count on from it)."""
     _, (width, height) = pass_sizes(req, factor)
     return replace(req, width=width, height=height, steps=hires_steps(req), strength=req.hr_denoise,
-                   img2img_convention="comfyui", hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
+                   img2img_convention=HIRES_IMG2IMG, hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
                    hr_steps=None, hr_denoise=None, first_pass_steps=req.steps)
 
 

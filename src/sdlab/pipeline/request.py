@@ -61,6 +61,7 @@ SIZE_MULTIPLE = 8                           # pixel sides snap to multiples of l
 MAX_SEED = 2**64 - 1                        # torch.Generator.manual_seed's range: MIN_SEED..MAX_SEED
 MIN_SEED = -(2**63)
 MAX_STEPS = 1000                            # the training schedule's 1000 timesteps; more repeats them
+HIRES_IMG2IMG = "a1111_fix_steps"           # the hires pass's img2img convention: A1111's setup_img2img_steps
 MAX_SCHEDULE = 10_000                       # img2img "comfyui" stretches the schedule to steps / strength
 MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
 MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
@@ -192,7 +193,8 @@ class GenerationRequest:
     hr_upscaler: str | None = None          # latent mode ("Latent", "Latent (bicubic)", ...), "Lanczos", "Nearest"
                                             # or an upscaler model file; None = "Latent"
     hr_steps: int | None = None             # second-pass steps; None / 0 = the first pass's
-    hr_denoise: float | None = None         # second-pass denoising strength in (0, 1]; None = 0.7 (A1111's UI)
+    hr_denoise: float | None = None         # second-pass denoising strength in (0, 1] (above 1 draws as 1, as
+                                            # A1111's); None = 0.7 (A1111's UI)
     first_pass_steps: int | None = None     # set on a hires second pass: A1111's prompt edits count on from it
 
     @property
@@ -397,9 +399,9 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int)
     if not _integer(steps) or not 0 <= steps <= MAX_STEPS:
         raise RequestError(f"hr_steps must be an integer in 0..{MAX_STEPS} (0 = the first pass's), got {r.hr_steps!r}")
     denoise = DEFAULT_HR_DENOISE if r.hr_denoise is None else _finite("hr_denoise", r.hr_denoise)
-    if not 0.0 < denoise <= 1.0:
-        raise RequestError(f"hr_denoise (the second pass's denoising strength) must lie in (0, 1], got {r.hr_denoise}")
-    total, _ = steps_run(steps or r.steps, denoise, "comfyui")
+    if not denoise > 0.0:           # above 1 draws as 1 (A1111's min(strength, 0.999): `HIRES_IMG2IMG`)
+        raise RequestError(f"hr_denoise (the second pass's denoising strength) must be above 0, got {r.hr_denoise}")
+    total, _ = steps_run(steps or r.steps, denoise, HIRES_IMG2IMG)
     if total > MAX_SCHEDULE:
         raise RequestError(f"{steps or r.steps} hires steps at hr_denoise {denoise} make a {total}-step schedule; "
                            f"the limit is {MAX_SCHEDULE}: raise hr_denoise")
