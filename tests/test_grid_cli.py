@@ -397,3 +397,17 @@ def test_the_hires_fix_with_init_is_refused(tmp_path: Path, capsys) -> None:
     code, _, err = run(["grid", PROMPT, "--init", str(init), "--x", "steps=2,3", "--hr-scale", "2",
                         "--out", str(tmp_path / "g.png")], capsys)
     assert code == 2 and "--hr-scale: the hires fix is txt2img's" in err and err.count("\n") == 1
+
+
+def test_grid_help_points_at_no_option_it_lacks() -> None:
+    """The option texts txt2img and grid share (`cli/generate.py` `_add_*_flags`) speak of --from-png only where
+    the command has it; the grid's description says it is not the grid's."""
+    from sdlab.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices
+    grid_texts = [action.help or "" for action in commands["grid"]._actions]
+    assert not [text for text in grid_texts if "--from-png" in text]
+    for command in ("txt2img", "img2img"):
+        texts = {action.dest: action.help or "" for action in commands[command]._actions}
+        assert all("--from-png" in texts[dest] for dest in ("refiner_switch", "clip_skip", "tiling", "lora_dir")), command
+    assert "--from-png" in {action.dest: action.help for action in commands["img2img"]._actions}["strength"]

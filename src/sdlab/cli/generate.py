@@ -47,13 +47,13 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("prompt", nargs="?", type=utf8_text("the prompt"),
                        help="the prompt (A1111 syntax: (word:1.3), [word], BREAK)")
         p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
-        _add_model_flags(p)
-        _add_sampling_flags(p)
+        _add_model_flags(p, from_png=True)
+        _add_sampling_flags(p, from_png=True)
         p.add_argument("--out", default="outputs",
                        help="output file (.png, .jpg, .webp; a batch adds -0, -1, ...; an existing file is replaced) "
                             "or a folder, where files are numbered 00012-SEED-PROMPT.png and never replaced "
                             "(default: ./outputs)")
-        _add_run_flags(p)
+        _add_run_flags(p, from_png=True)
         p.add_argument("--models-dir", action="append", default=[], metavar="DIR",
                        help="where --from-png looks for the picture's model, by name or by its recorded hash "
                             "(subfolders too); repeatable")
@@ -62,26 +62,34 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         if mode == "txt2img":
             _add_hires_flags(p)
         else:
-            _add_init_flags(p, "init image (required, also with --from-png)", "1" if mode == "inpaint" else "0.75")
+            _add_init_flags(p, "init image (required, also with --from-png)", "1" if mode == "inpaint" else "0.75",
+                            from_png=True)
         if mode == "inpaint":
             _add_inpaint_flags(p)
         p.set_defaults(run=run_generate, mode=mode)
 
 
-def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    """The model drawing: its file, VAE, family, prediction type and SDXL refiner (`sdlab grid` shares them)."""
+def _if_from_png(from_png: bool, text: str) -> str:
+    """`text`, a help text's words on --from-png, for a command that has it (not `sdlab grid`); else nothing."""
+    return text if from_png else ""
+
+
+def _add_model_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
+    """The model drawing: its file, VAE, family, prediction type and SDXL refiner (`sdlab grid` shares them;
+    `from_png`: the command has --from-png)."""
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
     p.add_argument("--vae", help="standalone VAE file that replaces the checkpoint's VAE")
     p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")
     p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type (SD 2.x 768: v)")
     p.add_argument("--refiner", help="SDXL refiner checkpoint that finishes the schedule")
     p.add_argument("--refiner-switch", type=float,
-                   help="fraction of the schedule the base model runs before the refiner (default: the "
-                        "--from-png picture's, else 0.8)")
+                   help="fraction of the schedule the base model runs before the refiner (default 0.8"
+                        + _if_from_png(from_png, ", or the --from-png picture's") + ")")
 
 
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    """The settings of the pictures drawn: sampler to preset (`sdlab grid` shares them)."""
+def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
+    """The settings of the pictures drawn: sampler to preset (`sdlab grid` shares them; `from_png`: the command
+    has --from-png)."""
     p.add_argument("--sampler", help='sampler, A1111 or ComfyUI name ("DPM++ 2M", "euler_ancestral", ...); '
                    "LMS, PLMS and DPM++ 3M SDE need about 30 steps with guidance (LMS: 20 with karras)")
     p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
@@ -102,10 +110,12 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
                    help="batches drawn one after another (A1111's batch count); seeds continue (default 1)")
     p.add_argument("--clip-skip", type=int,
                    help="clip skip: 1 = the usual layer, 2 = one layer back, for the prompt only (diffusers' "
-                        "clip_skip=1); an A1111 picture's (--from-png) moves the negative too")
+                        "clip_skip=1)"
+                        + _if_from_png(from_png, "; an A1111 picture's (--from-png) moves the negative too"))
     p.add_argument("--tiling", action=argparse.BooleanOptionalAction,
                    help="A1111's Tiling: a seamless picture, whose left edge continues its right edge and top "
-                        "edge its bottom (a texture that tiles); --no-tiling turns off a --from-png picture's")
+                        "edge its bottom (a texture that tiles)"
+                        + _if_from_png(from_png, "; --no-tiling turns off a --from-png picture's"))
     p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
     p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
                    help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
@@ -114,8 +124,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
                         "turbo, lcm, lightning, hyper, tcd, lcm-model; options given here win (docs/few-step.md)")
 
 
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    """Device, dtype, LoRAs, embeddings, ControlNets, progress, threads and compile (`sdlab grid` shares them)."""
+def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
+    """Device, dtype, LoRAs, embeddings, ControlNets, progress, threads and compile (`sdlab grid` shares them;
+    `from_png`: the command has --from-png)."""
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                    help="weight dtype; auto (default): bf16 for SD1.5 / SDXL-size models on a CPU with native "
@@ -129,9 +140,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="textual-inversion embeddings (.safetensors / .pt / .bin, subfolders too): each file's "
                         "name is a word of the prompt (or embedding:NAME); repeatable")
     p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
-                   help="where <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags of the prompt (or of --from-png) "
-                        "find NAME.safetensors, subfolders included; repeatable (also searched: models/Lora "
-                        "beside the --model's folder, the --from-png file's folder, the current folder)")
+                   help="where <lora:NAME:WEIGHT> / <lora:NAME:TE:UNET> tags of the prompt"
+                        + _if_from_png(from_png, " (or of --from-png)") + " find NAME.safetensors, subfolders "
+                        "included; repeatable (also searched: models/Lora beside the --model's folder, "
+                        + _if_from_png(from_png, "the --from-png file's folder, ") + "the current folder)")
     p.add_argument("--control", action="append", default=[], metavar="FILE:IMAGE[:STRENGTH[:START:END]]",
                    help="a ControlNet (original or diffusers file / folder) and its hint image, with its "
                         "strength (default 1) and the fraction of the steps it acts on (default 0:1); repeatable")
@@ -154,12 +166,13 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the U-Net (slow first run of each size; kept in a cache for later runs)")
 
 
-def _add_init_flags(p: argparse.ArgumentParser, init_help: str, strength_default: str) -> None:
-    """--init, --strength and --resize-mode (img2img's and inpaint's; `sdlab grid`'s with --init)."""
+def _add_init_flags(p: argparse.ArgumentParser, init_help: str, strength_default: str, from_png: bool) -> None:
+    """--init, --strength and --resize-mode (img2img's and inpaint's; `sdlab grid`'s with --init; `from_png`: the
+    command has --from-png)."""
     p.add_argument("--init", help=init_help)
     p.add_argument("--strength", type=float,
-                   help=f"how much to change the image, in (0, 1] (default {strength_default}, or the --from-png "
-                        "picture's)")
+                   help=f"how much to change the image, in (0, 1] (default {strength_default}"
+                        + _if_from_png(from_png, ", or the --from-png picture's") + ")")
     p.add_argument("--resize-mode", choices=("resize", "crop", "fill", "latent"),
                    help="how --init fits --width x --height (A1111's resize modes): resize stretches it (the "
                         "default), crop covers the size and cuts the middle out, fill fits it inside and "

@@ -7,7 +7,7 @@
 Every other option is txt2img's (img2img's with --init), defined once for both (`cli/generate.py`), and sets
 every cell unless an axis sets it; a cell is exactly the picture `sdlab txt2img` draws with its settings, or
 with --batch / --batch-count its pictures, shown as A1111's batch grid. --from-png and --models-dir, which
-redraw one picture, are txt2img's alone. Without --seed (or a seed axis) one random seed serves every cell,
+redraw one picture, are not the grid's. Without --seed (or a seed axis) one random seed serves every cell,
 and with --subseed-strength one random variation seed. Axes, values and ranges are checked before the model
 loads (`sdlab.pipeline.grid`); every cell's request before the first is drawn. Each cell applies and records
 the <lora:...> tags of its own prompt (after Prompt S/R). The grid carries the parameters of its first cell
@@ -46,17 +46,17 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-cells", metavar="DIR", help="also write each cell's pictures, with their own parameters, "
                                                        "to DIR")
     p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
-    _add_model_flags(p)
-    _add_sampling_flags(p)
-    _add_run_flags(p)
+    _add_model_flags(p, from_png=False)
+    _add_sampling_flags(p, from_png=False)
+    _add_run_flags(p, from_png=False)
     _add_hires_flags(p)
-    _add_init_flags(p, "init image: every cell is an img2img of it", "0.75")
+    _add_init_flags(p, "init image: every cell is an img2img of it", "0.75", from_png=False)
     p.set_defaults(run=run_grid, from_png=None)
 
 
 OPTIONS_TEXT = ("The options after the axes are txt2img's (img2img's with --init) and set every cell unless an axis "
-                "sets it; without --seed one random seed serves every cell. --from-png and --models-dir are "
-                "txt2img's alone.")
+                "sets it; without --seed one random seed serves every cell. --from-png and --models-dir, which "
+                "redraw one picture, are not the grid's.")
 
 
 def _plot(args: argparse.Namespace):
