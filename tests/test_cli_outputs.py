@@ -166,6 +166,26 @@ def test_loras_are_recorded_and_reapplied_by_from_png(models, tmp_path, capsys):
     assert not (tmp_path / "missing.png").exists()
 
 
+def test_a_lora_search_by_hash_starts_afresh_each_run(models, tmp_path, capsys):
+    """What a run found (or did not find) by a recorded hash is its own: a LoRA put into the folder after a run
+    that missed it is found by the next run in the same process (sdlab.api users, tests, a long-lived host)."""
+    lora = _lora(tmp_path / "style.safetensors")
+    pictures, library = tmp_path / "pictures", tmp_path / "library"
+    pictures.mkdir()
+    library.mkdir()
+    styled = pictures / "styled.png"
+    assert run(["txt2img", "a red apple", "--model", str(models["a"]), *FAST, "--lora", f"{lora}:0.7",
+                "--out", str(styled)], capsys)[0] == 0
+    redraw = ["txt2img", "--from-png", str(styled), "--model", str(models["a"]), "--lora-dir", str(library),
+              "--no-progress", "--out"]
+    code, _, err = run([*redraw, str(tmp_path / "missed.png")], capsys)
+    assert code == 2 and "<lora:style:0.7>" in err, err
+    lora.rename(library / "style-renamed.safetensors")
+    code, _, err = run([*redraw, str(tmp_path / "found.png")], capsys)
+    assert code == 0, err
+    assert err.count("found by its recorded hash") == 1 and np.array_equal(pixels(styled), pixels(tmp_path / "found.png"))
+
+
 def test_a_lora_that_is_not_safetensors_is_one_error_naming_it(models, tmp_path, capsys):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"this is not a model")

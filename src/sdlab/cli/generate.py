@@ -17,7 +17,6 @@ an input is bad.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import math
 import os
@@ -476,23 +475,25 @@ def _refiner_handoff(args: argparse.Namespace, recorded: dict[str, Any]) -> tupl
 
 
 def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = None,
-                   loras: list[tuple[str, float]] | None = None, lora_hashes: dict[str, str] | None = None,
+                   loras: list[tuple[str, float]] | None = None, finder: Callable[[str], Path | None] | None = None,
                    recorded: dict[str, Any] | None = None):
+    """The pipeline of `model` (else --model, else the shipped one) with the `loras` merged (else --lora's),
+    finding its prompts' LoRA tags with `finder` (the run's `_lora_finder`, else a new one), and the model."""
     from sdlab.api import RequestError, load, shipped_model_path
 
     dtype = requested_dtype(args.dtype)
     model = model or args.model or shipped_model_path()
     if model is None:
         raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")
+    finder = finder or _lora_finder(args)
     if loras is None:
-        finder = _lora_finder(args)
         loras = [_parse_lora(spec, finder) for spec in args.lora]
     refiner_switch, refiner_convention = _refiner_handoff(args, recorded or {})
     try:
         pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
                     prediction=args.prediction, refiner=args.refiner, refiner_switch=refiner_switch,
                     refiner_convention=refiner_convention, loras=loras,
-                    find_lora=_lora_finder(args, lora_hashes),      # prompt tags: as `_resolve_loras` found them
+                    find_lora=finder,                   # prompt tags: as `_resolve_loras` found them, once
                     embeddings=getattr(args, "embeddings_dir", []), compile=getattr(args, "compile", False))
     except RequestError as err:     # e.g. a --device this torch cannot use
         raise UserError(str(err)) from None
@@ -609,23 +610,26 @@ def _lora_search_dirs(args: argparse.Namespace) -> tuple[list[Path], list[Path]]
 
 def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | None = None):
     """NAME -> its file: by name in the search folders, else (for --from-png) the file under the folders
-    searched with subfolders whose LoRA hash is the one recorded for NAME (A1111 finds renamed files so)."""
+    searched with subfolders whose LoRA hash is the one recorded for NAME (A1111 finds renamed files so).
+    A run makes one finder: it looks its LoRAs up more than once (the prompt, the preset, the request, the
+    draw), and the finder searches each NAME by hash, and says what it found, once."""
     from sdlab.pipeline.prompt_loras import find_lora
 
     deep, flat = _lora_search_dirs(args)
     hashes = recorded_hashes or {}
+    found_by_hash: dict[str, Path | None] = {}
 
     def by_hash(name: str) -> Path | None:
         wanted = hashes.get(name, "").lower()[:12]
-        return _lora_by_hash(name, wanted, tuple(deep)) if wanted else None
+        if wanted and name not in found_by_hash:
+            found_by_hash[name] = _lora_by_hash(name, wanted, deep)
+        return found_by_hash.get(name)
 
     return lambda name: find_lora(name, deep) or find_lora(name, flat, recursive=False) or by_hash(name)
 
 
-@functools.cache
-def _lora_by_hash(name: str, wanted: str, folders: tuple[Path, ...]) -> Path | None:
-    """The first LoRA file under `folders` (subfolders too) whose hash starts with `wanted`, searched and said
-    once per NAME: a run looks its LoRAs up more than once (the prompt, the preset, the request, the draw)."""
+def _lora_by_hash(name: str, wanted: str, folders: list[Path]) -> Path | None:
+    """The first LoRA file under `folders` (subfolders too) whose hash starts with `wanted`, said as NAME's."""
     from sdlab.pipeline.png_info import readable_lora_hash
 
     for folder in folders:
@@ -637,12 +641,14 @@ def _lora_by_hash(name: str, wanted: str, folders: tuple[Path, ...]) -> Path | N
     return None
 
 
-def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, Any]):
+def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, Any],
+                   finder: Callable[[str], Path | None]):
     """(prompt for the pipeline, `--lora` (file, weight) pairs merged at load, `LoraRef`s to record, prompt
     to record).
 
     `--lora FILE:WEIGHT` files are merged when the model loads; each `<lora:NAME:...>` tag of the prompt is
-    merged by the pipeline for the run (`Pipeline.run`), found in `_lora_search_dirs`, unless a `--lora`
+    merged by the pipeline for the run (`Pipeline.run`), found by `finder` (the run's `_lora_finder`, with the
+    `recorded` Lora hashes) in `_lora_search_dirs`, unless a `--lora`
     file has that name (the command line wins: the tag is left out of the pipeline's prompt). A tag whose
     file cannot be found or is not a LoRA is an error before any work, never silently dropped; a file
     whose hash differs from the recorded `Lora hashes` is a warning. The prompt is recorded as typed.
@@ -657,8 +663,7 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
     except ValueError as err:
         raise UserError(str(err)) from None
     recorded_hashes = parse_lora_hashes(recorded.get("Lora hashes"))
-    finder = _lora_finder(args, recorded_hashes)                  # one search set for --lora names and tags
-    files = [_parse_lora(spec, finder) for spec in args.lora]
+    files = [_parse_lora(spec, finder) for spec in args.lora]     # one search set for --lora names and tags
     try:
         for_pipeline, to_record, tag_refs = tag_loras(prompt, {Path(path).stem: weight for path, weight in files},
                                                       finder, lora_hash)
@@ -797,7 +802,8 @@ def run_generate(args: argparse.Namespace) -> int:
     target = _output_target(args.out)                         # a bad --out is refused before any work
     recorded = _recorded_parameters(args)
     options = _options_from_args(args, recorded)
-    options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], recorded)
+    finder = _lora_finder(args, parse_lora_hashes(recorded.get("Lora hashes")))
+    options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], recorded, finder)
     if args.mode != "txt2img":
         if not args.init:
             raise UserError(f"{args.mode} needs --init IMAGE")
@@ -832,7 +838,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model = _recorded_model(args, recorded) if recorded else None
     if model is not None:
         logger.warning("using %s, the model the picture names (pass --model to choose another)", model)
-    pipe, model = _load_pipeline(args, model, loras, parse_lora_hashes(recorded.get("Lora hashes")), recorded)
+    pipe, model = _load_pipeline(args, model, loras, finder, recorded)
     preset = pipe.preset_for(options["prompt"])        # the model's, a --lora file's or a prompt tag's LoRA's
     if preset and not recorded and not getattr(args, "preset", None):
         request = GenerationRequest(**_with_model_preset(options, preset, args.mode))

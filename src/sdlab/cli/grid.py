@@ -130,7 +130,7 @@ def _cells(plot, options: dict, preset: str | None, mode: str) -> list:
     return [(index, _with_model_preset(cell, preset, mode)) for index, cell in plot.cells(options)]
 
 
-def _cell_loras(args: argparse.Namespace, cells) -> dict[str, tuple]:
+def _cell_loras(args: argparse.Namespace, cells, finder) -> dict[str, tuple]:
     """Each cell prompt (as typed, after Prompt S/R) -> `_resolve_loras`' (prompt for the pipeline, `LoraRef`s,
     prompt to record): a cell applies and records the `<lora:...>` tags of its own prompt, as A1111 draws and
     records each cell (an S/R may add, remove or swap a tag); errors (a missing LoRA) before any work."""
@@ -139,7 +139,7 @@ def _cell_loras(args: argparse.Namespace, cells) -> dict[str, tuple]:
     resolved = {}
     for _, cell in cells:
         if cell["prompt"] not in resolved:
-            for_pipeline, _, refs, to_record = _resolve_loras(args, cell["prompt"], {})
+            for_pipeline, _, refs, to_record = _resolve_loras(args, cell["prompt"], {}, finder)
             resolved[cell["prompt"]] = (for_pipeline, refs, to_record)
     return resolved
 
@@ -174,8 +174,8 @@ def _image_names(number: int, index, count: int) -> list[str]:
 
 def run_grid(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import (
-        _controls, _identify_model, _load_pipeline, _open_image, _options_from_args, _refiner_ref, _resolve_loras,
-        _standalone_vae,
+        _controls, _identify_model, _load_pipeline, _lora_finder, _open_image, _options_from_args, _refiner_ref,
+        _resolve_loras, _standalone_vae,
     )
     from sdlab.pipeline.grid import GridError, cell_picture, check_prompt_sr
     from sdlab.pipeline.infotext import to_parameters
@@ -187,7 +187,8 @@ def run_grid(args: argparse.Namespace) -> int:
     _check_hires(args)
     plot = _plot(args)
     options = _options_from_args(args, {}, with_preset=False)      # the preset goes under each cell's (`_cells`)
-    _, loras, _, _ = _resolve_loras(args, options["prompt"], {})        # the --lora files, merged at load
+    finder = _lora_finder(args)                          # the run's: --lora names, every cell's tags, the draws
+    _, loras, _, _ = _resolve_loras(args, options["prompt"], {}, finder)    # the --lora files, merged at load
     try:
         check_prompt_sr([axis for _, axis in plot.axes()], options["prompt"], options.get("negative_prompt", ""))
     except GridError as err:
@@ -201,11 +202,11 @@ def run_grid(args: argparse.Namespace) -> int:
     if controls:
         options["controls"] = controls
     typed = _cells(plot, options, args.preset, args.mode)      # each cell's LoRAs come from its own prompt
-    cell_loras = _cell_loras(args, typed)
+    cell_loras = _cell_loras(args, typed, finder)
     cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot, args.batch_count)
 
-    pipe, model = _load_pipeline(args, None, loras)
+    pipe, model = _load_pipeline(args, None, loras, finder)
     preset = pipe.preset_for(options["prompt"])
     if preset and not args.preset:                       # a file that names a preset (LCM-LoRA, Turbo), as txt2img
         typed = _cells(plot, options, preset, args.mode)
