@@ -17,13 +17,14 @@ the torch at hand.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSource", "generators_for", "initial_noise", "per_image_noise"]
+__all__ = ["NoiseSource", "generators_for", "image_noise", "initial_noise", "per_image_noise"]
 
 
 class NoiseSource(Protocol):
@@ -78,6 +79,22 @@ class _PerImageNoise:
     def __call__(self, sigma: Tensor | None = None, sigma_next: Tensor | None = None) -> Tensor:
         noise = _draw(self.generators, self.image_shape, self.draw_dtype)  # (B, C, h, w)
         return _upload(noise, self.device, self.dtype)
+
+    def image(self, i: int) -> _PerImageNoise:
+        """Image i's stream alone: its generator's draws, (1, C, h, w)."""
+        alone = copy.copy(self)
+        alone.generators = self.generators[i:i + 1]
+        return alone
+
+
+def image_noise(noise: NoiseSource, i: int) -> NoiseSource:
+    """Image i's noise alone, (1, C, h, w), for a sampler whose images step apart: a source that keeps one
+    stream per image (``per_image_noise``) hands over image i's (so image i draws only when it steps); any
+    other gives row i of its draw, which for a Brownian tree is image i's increment whenever it is asked."""
+    own = getattr(noise, "image", None)
+    if own is not None:
+        return own(i)
+    return lambda sigma, sigma_next: noise(sigma, sigma_next)[i:i + 1]
 
 
 def _upload(noise: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

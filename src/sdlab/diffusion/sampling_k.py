@@ -21,13 +21,14 @@ ComfyUI's), noise kinds and the lookup live in the sampler table, ``sdlab.diffus
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from sdlab.diffusion.denoiser import DenoiseFn
-from sdlab.diffusion.noise import NoiseSource
+from sdlab.diffusion.noise import NoiseSource, image_noise
 from sdlab.diffusion.steps import (
     StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d, within_step,
 )
@@ -755,50 +756,91 @@ def sample_dpm_adaptive(
     controller (``_StepSizeController``) accepts or refuses. ``eta > 0``: an accepted step goes down to
     ``ancestral_step``'s sigma_down (not below the end) and adds fresh noise up to the step's end.
 
-    The model call count follows the picture, not ``len(sigmas) - 1``. ``callback`` reports the list's steps
-    instead: step ``i`` once the solver has passed its end ``sigmas[i + 1]`` (several at once after a long
-    step; the rest when it ends), with the latest accepted try's x, sigmas and denoised estimate, so that
-    progress counts ``len(sigmas) - 1`` steps. A list with one positive sigma leaves nothing to solve: x comes
-    back as it is, without a model call or report. Float32 0-dim arithmetic, as k-diffusion's."""
+    Each image has its own step size and error (k-diffusion's one RMS and step size for the whole batch tie
+    each image's steps to the others'): the images try their steps together, one model call for the batch at
+    each image's own sigma, and an image that has reached the end waits there (its rows are not changed) while
+    the others go on; its step noise comes from its own stream (``image_noise``). So image i is the
+    one-picture run of its own x, calls and all, as k-diffusion's for a batch of one.
+
+    The model call count follows the pictures, not ``len(sigmas) - 1``. ``callback`` reports the list's steps
+    instead: step ``i`` once every image has passed its end ``sigmas[i + 1]`` (several at once after a long
+    step; the rest when it ends), with each image's latest accepted try's x and denoised estimate and the
+    sigmas of the image furthest behind, so that progress counts ``len(sigmas) - 1`` steps. A list with one
+    positive sigma leaves nothing to solve: x comes back as it is, without a model call or report. Float32
+    0-dim arithmetic per image, as k-diffusion's."""
     if order not in (2, 3):
         raise ValueError(f"DPM adaptive's order is 2 or 3, not {order}")
     if eta:
         noise = require_noise(noise, "DPM adaptive", "eta > 0")
+    images = range(x.shape[0])
     levels = sigmas.tolist()
     t_start, t_end = torch.stack([sigmas[0], sigmas[sigmas > 0].min()]).float().cpu().log().neg()
     step_ends = [-math.log(level) if level > 0 else math.inf for level in levels[1:]]   # t where step i ends
     tolerance = (torch.tensor(atol), torch.tensor(rtol))
-    controller = _StepSizeController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
-    s, x_prev, reported, seen = t_start, x, 0, None
+    controllers = [_StepSizeController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
+                   for _ in images]
+    sources = [image_noise(noise, i) for i in images] if eta else []
+    s = [t_start for _ in images]                                     # where each image is
+    x_prev, reported = x, 0
+    seen: tuple[Tensor, Tensor] | None = None           # each image's latest accepted try: its x and estimate
+    seen_sigmas = [(0.0, 0.0) for _ in images]          # and that try's sigmas
+
+    def per_image(values: Sequence[Tensor | bool]) -> Tensor:           # one value per image -> (B, 1, 1, 1)
+        return torch.stack([torch.as_tensor(v) for v in values]).reshape(-1, *[1] * (x.ndim - 1)).to(x.device)
 
     def eps_at(x_in: Tensor, t: Tensor) -> Tensor:
-        sigma = t.neg().exp()
-        return (x_in - model(x_in, sigma_batch(float(sigma), x_in, sigmas))) / sigma.to(x_in.device)
+        sigma = t.neg().exp()                                                               # (B, 1, 1, 1)
+        x_in = torch.where(running, x_in, x)                              # an image at the end waits there
+        return (x_in - model(x_in, sigma.reshape(-1).to(sigmas.dtype))) / sigma
 
-    while s < t_end - 1e-5:
-        t = torch.minimum(t_end, s + controller.h)
-        t_down = t
-        if eta:     # down to sigma_down, not below the end, then noise up to the step's end
-            sigma_down, _ = ancestral_step(s.neg().exp(), t.neg().exp(), eta)
-            t_down = torch.minimum(t_end, torch.tensor(sigma_down).log().neg())
-        eps = eps_at(x, s)
-        denoised = x - s.neg().exp().to(x.device) * eps
-        x_low, x_high = _dpm_solver_orders(eps_at, x, s, t_down, order, eps, 1 / 3 if order == 3 else 1 / 2)[-2:]
-        delta = torch.maximum(tolerance[0], tolerance[1] * torch.maximum(x_low.abs(), x_prev.abs()))
-        if not controller.propose(float(torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5)):
+    while any(still := [bool(s_i < t_end - 1e-5) for s_i in s]):
+        running = per_image(still)
+        t = [torch.minimum(t_end, s_i + c.h) if go else s_i for s_i, c, go in zip(s, controllers, still)]
+        t_down = [_adaptive_step_end(s_i, t_i, t_end, eta) for s_i, t_i in zip(s, t)]
+        s_b = per_image(s)
+        eps = eps_at(x, s_b)
+        denoised = x - s_b.neg().exp() * eps
+        x_low, x_high = _dpm_solver_orders(eps_at, x, s_b, per_image(t_down), order, eps,
+                                           1 / 3 if order == 3 else 1 / 2)[-2:]
+        errors = (x_low - x_high) / torch.maximum(tolerance[0], tolerance[1] * torch.maximum(x_low.abs(), x_prev.abs()))
+        accepted = [go and c.propose(float(torch.linalg.norm(errors[i]) / errors[i].numel() ** 0.5))
+                    for i, (go, c) in enumerate(zip(still, controllers))]
+        if not any(accepted):
             continue
-        seen = (x, float(s.neg().exp()), float(t.neg().exp()), denoised)
-        x_prev, x = x_low, x_high
-        sigma_up = (t.neg().exp() ** 2 - t_down.neg().exp() ** 2) ** 0.5
-        if sigma_up > 0:
-            x = x + sigma_up.to(x.device) * s_noise * noise(s.neg().exp(), t.neg().exp())  # type: ignore[misc]
-        s = t
-        while reported < len(step_ends) and float(s) >= step_ends[reported] - 1e-5:
-            report_step(callback, reported, *seen)
+        if eta:
+            x_high = x_high + torch.cat([_adaptive_noise(sources[i], s[i], t[i], t_down[i], s_noise, x[i:i + 1])
+                                         if accepted[i] else torch.zeros_like(x[i:i + 1]) for i in images])
+        keep = per_image(accepted)
+        seen = (torch.where(keep, x, seen[0]), torch.where(keep, denoised, seen[1])) if seen else (x, denoised)
+        seen_sigmas = [(float(s[i].neg().exp()), float(t[i].neg().exp())) if accepted[i] else seen_sigmas[i]
+                       for i in images]
+        x_prev, x = torch.where(keep, x_low, x_prev), torch.where(keep, x_high, x)
+        s = [t_i if a else s_i for s_i, t_i, a in zip(s, t, accepted)]
+        behind = min(images, key=lambda i: float(s[i]))
+        while reported < len(step_ends) and float(s[behind]) >= step_ends[reported] - 1e-5:
+            report_step(callback, reported, seen[0], *seen_sigmas[behind], seen[1])
             reported += 1
     for i in range(reported, len(step_ends) if seen is not None else reported):
-        report_step(callback, i, *seen)  # type: ignore[misc]
+        report_step(callback, i, seen[0], *seen_sigmas[behind], seen[1])  # type: ignore[index]
     return x
+
+
+def _adaptive_step_end(s: Tensor, t: Tensor, t_end: Tensor, eta: float) -> Tensor:
+    """Where DPM adaptive's try from s towards t lands before its noise: t, or with ``eta`` the step's
+    sigma_down (``ancestral_step``), not below the end."""
+    if not eta:
+        return t
+    sigma_down, _ = ancestral_step(s.neg().exp(), t.neg().exp(), eta)
+    return torch.minimum(t_end, torch.tensor(sigma_down).log().neg())
+
+
+def _adaptive_noise(source: NoiseSource, s: Tensor, t: Tensor, t_down: Tensor, s_noise: float, like: Tensor
+                    ) -> Tensor:
+    """The fresh noise an accepted DPM adaptive step adds from sigma_down up to its end: one image's."""
+    sigma_up = (t.neg().exp() ** 2 - t_down.neg().exp() ** 2) ** 0.5
+    if not sigma_up > 0:
+        return torch.zeros_like(like)
+    return sigma_up.to(like.device) * s_noise * source(s.neg().exp(), t.neg().exp())
 
 
 # ----------------------------------------------------------------------------------------------------------
