@@ -351,17 +351,17 @@ def test_comfyui_names_take_comfyuis_denoise_rule():
     assert convention("dpmpp_2m", img2img_convention="a1111") == "a1111"
 
 
-def test_the_servers_progress_counts_comfyuis_denoise_steps():
-    """The native API counts a job's steps (progress, previews) before the request is resolved: a ComfyUI-named
-    img2img job runs all its steps (ComfyUI's denoise), an A1111-named one diffusers' int(steps * strength)."""
+def test_the_servers_progress_counts_comfyuis_denoise_steps(tiny):
+    """The server counts a job's steps (progress, step events) from its resolved plan: a ComfyUI-named img2img
+    job runs all its steps (ComfyUI's denoise), an A1111-named one diffusers' int(steps * strength)."""
     from PIL import Image
 
     from sdlab.pipeline.request import GenerationRequest
     from sdlab.server.jobs import pass_steps
 
     def steps(sampler):
-        return pass_steps(GenerationRequest("x", sampler=sampler, steps=20, strength=0.5,
-                                            init_image=Image.new("RGB", (64, 64))))
+        return pass_steps(tiny.resolve(GenerationRequest("x", sampler=sampler, steps=20, strength=0.5,
+                                                         init_image=Image.new("RGB", (64, 64)))))
 
     assert (steps("euler"), steps("Euler"), steps(None)) == ((20,), (10,), (10,))
 

@@ -519,20 +519,24 @@ def a1111_progress_states(n_iter: int, passes: tuple[int, ...]):
             job_no += 1
 
 
-@pytest.mark.parametrize("fields, n_iter", [({"steps": 4}, 3), ({"steps": 3, "hr_scale": 2, "hr_steps": 5}, 2),
-                                            ({"steps": 10, "init_image": Image.new("RGB", (8, 8)), "strength": 0.5,
-                                              "img2img_convention": "a1111"}, 2)])
-def test_progress_counts_a1111s_batches_and_passes(fields, n_iter):
+@pytest.mark.parametrize("fields, n_iter, passes", [
+    ({"steps": 4}, 3, (4,)), ({"steps": 3, "hr_scale": 2, "hr_steps": 5}, 2, (3, 5)),
+    ({"steps": 10, "init_image": Image.new("RGB", (64, 64)), "strength": 0.5, "img2img_convention": "a1111"}, 2,
+     (6,)),                                                                    # int(10 x 0.5) + 1
+])
+def test_progress_counts_a1111s_batches_and_passes(fields, n_iter, passes):
+    """The passes' steps are the resolved plan's (`jobs.pass_steps`), as the worker counts them."""
+    import sdlab
     from sdlab.pipeline.request import GenerationRequest
     from sdlab.server.a1111 import _a1111_jobs
     from sdlab.server.inputs import JobSpec
     from sdlab.server.jobs import pass_steps
 
     spec = JobSpec(GenerationRequest("x", **fields), batch_count=n_iter)
-    passes = pass_steps(spec.request)
-    assert passes == {3: (3, 5), 4: (4,), 10: (6,)}[fields["steps"]]          # img2img: int(10 x 0.5) + 1
+    assert pass_steps(sdlab.load().resolve(spec.request)) == passes
+    assert _a1111_jobs(spec, (), 0) == (n_iter * len(passes), 0, 0, 0)        # not resolved yet
     for step, (state, _) in enumerate(a1111_progress_states(n_iter, passes), start=1):
-        assert _a1111_jobs(spec, step) == state, step
+        assert _a1111_jobs(spec, passes, step) == state, step
 
 
 def test_progress_during_n_iter_is_a1111s(client):

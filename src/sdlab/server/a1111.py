@@ -57,7 +57,7 @@ from sdlab.server.inputs import (
     decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
     scheduler_rows, unset_preset_fields, upscaler_file,
 )
-from sdlab.server.jobs import Job, Unavailable, image_seeds, pass_steps
+from sdlab.server.jobs import Job, Unavailable, image_seeds
 from sdlab.server.model_folders import ModelFile
 from sdlab.server.native import service_of
 from sdlab.server.previews import preview_image
@@ -483,8 +483,8 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
     if job is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-    step, steps = job.step, job.steps   # read once: the worker counts on while this answers
-    job_count, job_no, sampling_step, sampling_steps = _a1111_jobs(job.spec, step)
+    step, steps, passes = job.step, job.steps, job.passes   # read once: the worker counts on while this answers
+    job_count, job_no, sampling_step, sampling_steps = _a1111_jobs(job.spec, passes, step)
     done = 0.01 + job_no / job_count        # A1111's progressapi: over the whole job
     if sampling_steps:
         done += sampling_step / sampling_steps / job_count
@@ -500,12 +500,12 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
             "state": state, "current_image": image, "textinfo": f"step {step}/{steps}"}
 
 
-def _a1111_jobs(spec: JobSpec, step: int) -> tuple[int, int, int, int]:
+def _a1111_jobs(spec: JobSpec, passes: tuple[int, ...], step: int) -> tuple[int, int, int, int]:
     """A1111's (job_count, job_no, sampling_step, sampling_steps) of a job at its `step`-th sampler step: each
     batch of its n_iter is one of A1111's jobs, each pass of the hires fix one of its own (A1111 doubles
-    job_count for it), and the steps are those of the pass running (`jobs.pass_steps`)."""
-    passes = pass_steps(spec.request)
-    count = spec.batch_count * max(1, len(passes))
+    job_count for it), and the steps are those of the pass running, of the steps each pass of a batch runs
+    (`Job.passes`, none until the worker has resolved the job)."""
+    count = spec.batch_count * (2 if spec.request.hires else 1)
     if not passes or step <= 0:
         return count, 0, 0, passes[0] if passes else 0
     per_batch = sum(passes)

@@ -27,9 +27,9 @@ from typing import Any
 
 from torch import Tensor
 
-from sdlab.diffusion.discretization import steps_run
 from sdlab.pipeline.hires import hires_steps
-from sdlab.pipeline.request import GenerationRequest, img2img_convention_asked
+from sdlab.pipeline.plan import GenerationPlan
+from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.inputs import JobSpec
 from sdlab.server.store import INTERRUPTED_ERROR, Store, StoreError
 
@@ -65,7 +65,8 @@ class Job:
     started: float | None = None
     finished: float | None = None
     step: int = 0
-    steps: int = 0
+    steps: int = 0                              # every sampler step of the job; 0 until it is resolved (`count_steps`)
+    passes: tuple[int, ...] = ()                # the sampler steps of each pass of one batch (`pass_steps`)
     images: list[str] = field(default_factory=list)      # file names in the output folder
     infotexts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
@@ -84,6 +85,13 @@ class Job:
                 "request": self.settings, "images": self.images, "infotexts": self.infotexts,
                 "error": self.error, "created": self.created, "started": self.started,
                 "finished": self.finished, "step": self.step, "steps": self.steps}
+
+    def count_steps(self, plan: GenerationPlan) -> None:
+        """The job's step counts from the resolved `plan` of its first batch (the worker's, before the first
+        step): each pass's of a batch, and all its batches' steps, both passes of the hires fix counted in each
+        (as A1111's progress counts them)."""
+        self.passes = pass_steps(plan)
+        self.steps = sum(self.passes) * self.spec.batch_count
 
     def final_event(self) -> tuple[str, dict[str, Any]] | None:
         return final_event(self.record()) if self.status in FINAL_STATES else None
@@ -148,24 +156,10 @@ def image_url(name: str) -> str:
     return f"/api/images/{name}"
 
 
-def steps_of(spec: JobSpec) -> int:
-    """How many sampler steps (progress callbacks) the job runs, both passes of the hires fix counted in
-    each of its batches (as A1111's progress counts them); 0 while it leaves the count to the model's
-    default (filled in when the model is loaded)."""
-    return sum(pass_steps(spec.request)) * spec.batch_count
-
-
-def pass_steps(request: GenerationRequest) -> tuple[int, ...]:
-    """The sampler steps of each pass of one batch of `request`: its one pass, or the hires fix's two; none
-    while the step count is left to the model's default."""
-    if request.steps is None:
-        return ()
-    if request.init_image is None:
-        return (request.steps, hires_steps(request)) if request.hires else (request.steps,)
-    try:
-        return (steps_run(request.steps, request.strength, img2img_convention_asked(request))[1],)
-    except ValueError:
-        return (request.steps,)
+def pass_steps(plan: GenerationPlan) -> tuple[int, ...]:
+    """The sampler steps (progress callbacks) of each pass of one batch of a resolved `plan`: the steps its
+    sigmas run, then with the hires fix the second pass's (`hires_steps`, every one of which runs)."""
+    return (plan.steps_run, hires_steps(plan.request)) if plan.request.hires else (plan.steps_run,)
 
 
 RunFn = Callable[[Job], None]
@@ -215,8 +209,7 @@ class JobQueue:
 
         The job's row is written outside the queue's lock (a locked history holds up no other caller), in a
         place in the queue kept for it meanwhile."""
-        job = Job(id=uuid.uuid4().hex, mode=mode, model=model, spec=spec, created=time.time(),
-                  steps=steps_of(spec), settings=settings)
+        job = Job(id=uuid.uuid4().hex, mode=mode, model=model, spec=spec, created=time.time(), settings=settings)
         self._keep_place()
         try:
             self.store.save_job(job.record())

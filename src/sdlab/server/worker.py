@@ -36,6 +36,7 @@ from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
+from sdlab.pipeline.plan import GenerationPlan
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
 from sdlab.pipeline.prompt_loras import forget_read_loras, patcher_for
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError, next_batch
@@ -44,7 +45,7 @@ from sdlab.server.inputs import (
     HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
     load_failure, without_paths,
 )
-from sdlab.server.jobs import BatchSkipped, Job, JobCancelled, steps_of
+from sdlab.server.jobs import BatchSkipped, Job, JobCancelled
 from sdlab.server.model_folders import ModelFile, ModelFolder
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
@@ -215,9 +216,10 @@ class Runner:
                     for i in range(len(result.images))]
 
         try:
-            first = _resolved(pipe, job.spec.request, upscaler)
-            job.settings = {**job.settings, **first.parameters()}
-            for result in _batches(pipe, job, first, upscaler, progress):
+            plan = _resolved(pipe, job.spec.request, upscaler)
+            job.count_steps(plan)               # the steps it runs, as resolved: its progress and step events
+            job.settings = {**job.settings, **plan.request.parameters()}
+            for result in _batches(pipe, job, plan.request, upscaler, progress):
                 self._write_batch(job, result, parameters(result))
         except RequestError as err:        # a tagged LoRA's file: named as the server lists it, not by its path
             raise RequestError(without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])) from None
@@ -283,11 +285,11 @@ def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: Hir
     return replace(result, request=replace(result.request, hr_upscaler=upscaler.file.title))
 
 
-def _resolved(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscaler | None) -> GenerationRequest:
-    """`request` as `pipe` resolves it (`Pipeline.resolve`), its hires upscaler model named as
-    `/sdapi/v1/upscalers` lists it: the request of the job's first batch as its pictures record it."""
-    resolved = pipe.resolve(with_upscaler_file(request, None if upscaler is None else upscaler.file)).request
-    return resolved if upscaler is None else replace(resolved, hr_upscaler=upscaler.file.title)
+def _resolved(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscaler | None) -> GenerationPlan:
+    """The plan of the job's first batch, `request` as `pipe` resolves it (`Pipeline.resolve`), its request's
+    hires upscaler model named as `/sdapi/v1/upscalers` lists it: the request its pictures record."""
+    plan = pipe.resolve(with_upscaler_file(request, None if upscaler is None else upscaler.file))
+    return plan if upscaler is None else replace(plan, request=replace(plan.request, hr_upscaler=upscaler.file.title))
 
 
 def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: HiresUpscaler | None,
@@ -314,8 +316,7 @@ def _take_model_defaults(job: Job, pipe: Pipeline) -> None:
     names (`ModelBundle.preset`: `sdlab.preset`, or "lcm-model" for an LCM model) or else one of its LoRAs
     (`Pipeline.preset_for`), then an unset step count from the model family's default, as `sdlab txt2img`
     does, and an unset schedule from `JobSpec.unset_schedule`; known once the model is loaded (the preset at
-    submission when it already was, `Service.submit`). The job's request, step count and recorded settings
-    follow."""
+    submission when it already was, `Service.submit`). The job's request and recorded settings follow."""
     spec = job.spec
     request = spec.request
     preset = pipe.preset_for(request.prompt)
@@ -331,5 +332,4 @@ def _take_model_defaults(job: Job, pipe: Pipeline) -> None:
     if request is spec.request:
         return
     job.spec = replace(spec, request=request, model_preset_fills=frozenset())
-    job.steps = steps_of(job.spec)
     job.settings = {**job.settings, **request.parameters()}
