@@ -200,6 +200,23 @@ def test_python_api_draw_plot_matches_txt2img() -> None:
     assert sheet.width == 2 * 2 * 64 and sheet.height > 64                # two Z sub-grids side by side
 
 
+def test_python_api_draw_cells_draws_a_batch_count_as_sdlab_grid() -> None:
+    """`draw_cells`, the one drawing loop (`draw_plot` and `sdlab grid` draw with it): each cell as `batch_count`
+    batches whose seeds continue, every batch's result kept, the cell shown as A1111's batch grid."""
+    import sdlab
+    from sdlab.pipeline.grid import Plot, draw_cells, parse_axis
+
+    pipe = sdlab.load()
+    plot = Plot(parse_axis("steps=2,3"))
+    sheet, results = draw_cells(pipe.run, plot, plot.cells({"prompt": PROMPT, "seed": 4}), batch_count=2)
+    assert [[result.request.seed for result in results[(i, 0, 0)]] for i in range(2)] == [[4, 5], [4, 5]]
+    want = pipe.txt2img(PROMPT, steps=3, seed=5).images[0]
+    assert np.array_equal(np.asarray(results[(1, 0, 0)][1].images[0]), np.asarray(want))
+    layout = grid_layout((128, 64), 2, 1, ["Steps: 2", "Steps: 3"], [""])     # a cell: its 2 pictures in a row
+    assert sheet.size == layout.size
+    assert np.array_equal(np.asarray(sheet)[layout.top:, layout.left + 128 + 64:], np.asarray(want))
+
+
 def test_axes_must_start_at_x(tmp_path: Path, capsys) -> None:
     code, _, err = run(["grid", PROMPT, "--y", "steps=2,3", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 2 and "--x" in err

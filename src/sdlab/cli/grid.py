@@ -177,10 +177,10 @@ def run_grid(args: argparse.Namespace) -> int:
         _controls, _identify_model, _load_pipeline, _lora_finder, _open_image, _options_from_args, _refiner_ref,
         _resolve_loras, _standalone_vae,
     )
-    from sdlab.pipeline.grid import GridError, cell_picture, check_prompt_sr
+    from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_cells
     from sdlab.pipeline.infotext import to_parameters
     from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, image_format, write_files_all_or_nothing
-    from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed, next_batch
+    from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 
     args.mode = "img2img" if args.init else "txt2img"
     _output_files(args)
@@ -225,26 +225,23 @@ def run_grid(args: argparse.Namespace) -> int:
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cells), desc="grid", unit="cell", file=sys.stderr, leave=False)
+        bar = tqdm(total=len(cells) * args.batch_count, desc="grid", unit="batch", file=sys.stderr, leave=False)
 
-    def draw_cell(cell: dict) -> list:
-        """The cell's batches (`GenerationResult`s), drawn as `sdlab txt2img --batch-count` draws them."""
-        plan = pipe.resolve(GenerationRequest(**cell))
-        plans = [plan] + [pipe.resolve(next_batch(plan.request, k)) for k in range(1, args.batch_count)]
-        results = [pipe.run(p) for p in plans]
+    def draw(request: GenerationRequest):
+        """One batch of a cell, as `sdlab txt2img` draws it."""
+        result = pipe.run(request)
         if bar is not None:
             bar.update(1)
-        return results
+        return result
 
     try:
-        drawn = {index: draw_cell(cell) for index, cell in cells}
+        sheet, drawn = draw_cells(draw, plot, cells, args.batch_count)
     except RequestError as err:
         raise UserError(str(err)) from None
     finally:
         if bar is not None:
             bar.close()
     images = {index: [image for result in results for image in result.images] for index, results in drawn.items()}
-    sheet = plot.sheet({index: cell_picture(pictures) for index, pictures in images.items()})
     texts = {}
     for index, cell in typed:
         _, refs, to_record = cell_loras[cell["prompt"]]

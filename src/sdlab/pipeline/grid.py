@@ -34,7 +34,9 @@ rows=1)`, the titles in one band as high as the tallest). Cells of different siz
 `Plot(x, y, z)` holds the axes: `cells(options)` gives each cell's request options, `sheet(images)` the
 picture, `parameters()` A1111's plot fields for the picture's parameters (Script: X/Y/Z plot, X Type, ...),
 and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request. A cell drawn
-as a batch shows its images as A1111's batch grid (`cell_picture`).
+as a batch shows its images as A1111's batch grid (`cell_picture`). `draw_cells(pipe.run, plot, cells,
+batch_count)`, what `sdlab grid` and `draw_plot` draw with, takes each cell's options as the caller made
+them and draws each cell as a batch count, giving every batch's result.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
-from sdlab.pipeline.request import GenerationRequest, GenerationResult
+from sdlab.pipeline.request import GenerationRequest, GenerationResult, next_batch
 
 MAX_CELLS = 256
 
@@ -309,9 +311,25 @@ def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dic
               plot: Plot) -> tuple[Image.Image, dict[Index, GenerationResult]]:
     """Draw every cell with `run` (e.g. `Pipeline.run`) from `options` (GenerationRequest keyword arguments;
     give a seed, or each cell draws its own) and lay them out: (the sheet, each cell's result). A cell of
-    several images (a `batch_size`) shows them as `cell_picture` lays them out."""
-    results = {index: run(GenerationRequest(**cell)) for index, cell in plot.cells(options)}
-    return plot.sheet({index: cell_picture(result.images) for index, result in results.items()}), results
+    several images (a `batch_size`) shows them as `cell_picture` lays them out; `draw_cells` draws cells of
+    several batches."""
+    sheet, results = draw_cells(run, plot, plot.cells(options))
+    return sheet, {index: batches[0] for index, batches in results.items()}
+
+
+def draw_cells(run: Callable[[GenerationRequest], GenerationResult], plot: Plot, cells: list[tuple[Index, dict]],
+               batch_count: int = 1) -> tuple[Image.Image, dict[Index, list[GenerationResult]]]:
+    """Draw `cells` (each (x, y, z) and its GenerationRequest keyword arguments: `plot.cells(options)`, or cells
+    made from them, as `sdlab grid` makes them) with `run`, each as `batch_count` batches whose seeds continue
+    (`next_batch`, as `sdlab txt2img --batch-count`), and lay them out, a cell's pictures as `cell_picture`
+    does: (the sheet, each cell's results, one per batch, whose requests give each picture's parameters)."""
+    results = {}
+    for index, cell in cells:
+        first = run(GenerationRequest(**cell))
+        results[index] = [first, *(run(next_batch(first.request, k)) for k in range(1, batch_count))]
+    pictures = {index: cell_picture([image for result in batches for image in result.images])
+                for index, batches in results.items()}
+    return plot.sheet(pictures), results
 
 
 def cell_picture(images: list[Image.Image]) -> Image.Image:
