@@ -7,6 +7,8 @@ prompt unused; above 1 the unconditional half runs in the same batched call.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from bundle_fixtures import tiny_bundle
 from sdlab.diffusion.denoiser import Denoiser
 from sdlab.diffusion.guidance import cfg, needs_uncond
 from sdlab.diffusion.model_sampling import DiscreteModelSampling
+from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.pipeline.generate import generate
 from sdlab.pipeline.memory import estimate_bytes
@@ -92,10 +95,20 @@ def test_generate_below_one_calls_the_unet_once_per_step_and_draws_the_condition
     assert guided_batches == [4] * STEPS and not np.array_equal(picture, guided)
 
 
-def test_memory_estimate_counts_one_row_per_image_without_guidance(bundle):
-    def resolved(scale: float) -> GenerationRequest:
-        return resolve(GenerationRequest("x", cfg_scale=scale, width=64, height=64, batch_size=2), default_size=64,
-                       default_sampler="Euler", default_schedule="normal", factor=2)
+def _resolved(scale: float, sampler: str = "Euler") -> GenerationRequest:
+    return resolve(GenerationRequest("x", cfg_scale=scale, width=64, height=64, batch_size=2, sampler=sampler),
+                   default_size=64, default_sampler="Euler", default_schedule="normal", factor=2)
 
-    assert estimate_bytes(bundle, resolved(0.0)) == estimate_bytes(bundle, resolved(1.0))
-    assert estimate_bytes(bundle, resolved(0.0)) < estimate_bytes(bundle, resolved(3.0))
+
+def test_memory_estimate_counts_one_row_per_image_without_guidance(bundle):
+    assert estimate_bytes(bundle, _resolved(0.0)) == estimate_bytes(bundle, _resolved(1.0))
+    assert estimate_bytes(bundle, _resolved(0.0)) < estimate_bytes(bundle, _resolved(3.0))
+
+
+def test_memory_estimate_counts_one_row_per_image_on_a_guidance_embedded_unet(bundle):
+    """A U-Net that takes the CFG scale as an input (LCM-distilled) runs no negative pass at CFG 8.5, nor under a
+    CFG++ sampler: one row per image, as generate runs it."""
+    lcm = replace(bundle, unet_config=replace(bundle.unet_config, time_cond_proj_dim=32))
+    for sampler in ("Euler", "euler_cfg_pp"):
+        assert not lcm.runs_uncond(8.5, get_sampler(sampler).cfg_pp) and bundle.runs_uncond(8.5)
+        assert estimate_bytes(lcm, _resolved(8.5, sampler)) == estimate_bytes(bundle, _resolved(1.0))

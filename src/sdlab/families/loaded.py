@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from sdlab.diffusion.denoiser import Prediction
+from sdlab.diffusion.guidance import needs_uncond
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.families.base import FamilySpec, ScheduleSpec, TextEncoderSpec
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
@@ -77,6 +78,12 @@ class ModelBundle:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def runs_uncond(self, cfg_scale: float, cfg_pp: bool = False) -> bool:
+        """Whether guidance at `cfg_scale` runs the negative prompt's U-Net pass: where ``needs_uncond`` says so
+        (CFG above 1, or a CFG++ sampler), never on a U-Net that takes the CFG scale as an input instead (a
+        guidance embedding, ``time_cond_proj_dim``: LCM-distilled models)."""
+        return needs_uncond(cfg_scale, cfg_pp) and self.unet_config.time_cond_proj_dim is None
 
 
 __all__ = ["ModelBundle", "TextEncoder"]

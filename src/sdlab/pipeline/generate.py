@@ -70,7 +70,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import A1111_IMG2IMG, steps_run
-from sdlab.diffusion.guidance import cfg, composable_cfg, masked, needs_uncond, switch_at_calls
+from sdlab.diffusion.guidance import cfg, composable_cfg, masked, switch_at_calls
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.samplers import get_sampler
@@ -494,7 +494,7 @@ def _guided_model(
     if bundle.family.is_inpaint:
         extra_cond["concat"] = extra_uncond["concat"] = _inpaint_extra(bundle, req, start, generators)
     if not composed:
-        guided = needs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp) and embedded is None
+        guided = bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp)
         model = switch_at_calls([
             (end, cfg(denoiser, {**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond},
                       req.cfg_scale, req.guidance_rescale))

@@ -4,10 +4,11 @@ A request that cannot fit is refused with a `RequestError` that says how much it
 free, instead of running for minutes and then dying in the allocator (or pushing the machine into swap).
 The estimate counts what dominates a run, in the bundle's dtype (``e`` bytes per element):
 
-- U-Net, one forward over ``rows = B`` (``2B`` with CFG) latents of ``N = h * w`` positions: about
-  ``UNET_PER_ELEMENT * rows * N * c0 * e`` where ``c0`` is the first level's width. Its widest moments are
-  the transformer blocks' feed-forward (GEGLU holds 8 x the channels per position) and the skip connections
-  kept for the decoder half; without attention at the first level (SDXL) the first level is lighter.
+- U-Net, one forward over ``rows = B`` (``2B`` with the negative pass, `ModelBundle.runs_uncond`) latents of
+  ``N = h * w`` positions: about ``UNET_PER_ELEMENT * rows * N * c0 * e`` where ``c0`` is the first level's
+  width. Its widest moments are the transformer blocks' feed-forward (GEGLU holds 8 x the channels per
+  position) and the skip connections kept for the decoder half; without attention at the first level (SDXL)
+  the first level is lighter.
   Attention itself goes through fused kernels that never hold the ``N x N`` score matrix.
 - VAE decode (and encode for an init image): about ``VAE_PER_ELEMENT * B * H * W * c * e`` at full
   resolution, where ``c`` is the VAE's top-level width, or that for one tile when the picture is tiled, plus
@@ -26,7 +27,6 @@ import os
 
 import torch
 
-from sdlab.diffusion.guidance import needs_uncond
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.request import GenerationRequest, RequestError
@@ -46,7 +46,7 @@ def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:
     factor = bundle.vae_config.downsample_factor
     height, width, batch = req.height, req.width, req.batch_size
     positions = (height // factor) * (width // factor)
-    rows = batch * (2 if needs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp) else 1)
+    rows = batch * (2 if bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp) else 1)
     unet = bundle.unet_config
     attends_first = unet.transformer_depth[0] > 0
     unet_bytes = UNET_PER_ELEMENT[attends_first] * rows * positions * unet.model_channels * element

@@ -28,7 +28,6 @@ import torch
 from torch import Tensor
 
 from sdlab.diffusion.discretization import discretize, img2img_sigmas
-from sdlab.diffusion.guidance import needs_uncond
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
 from sdlab.families.loaded import ModelBundle
@@ -274,7 +273,7 @@ def make_plan(
     warn_of_unloaded_embeddings(bundle, req)
 
     sampler = get_sampler(req.sampler)
-    guided = needs_uncond(req.cfg_scale, sampler.cfg_pp) and bundle.unet_config.time_cond_proj_dim is None  # LCM: none
+    guided = bundle.runs_uncond(req.cfg_scale, sampler.cfg_pp)
     advice = steps_warning(sampler, req.steps, req.schedule) if guided else None
     if advice:
         logger.warning(advice)
