@@ -79,6 +79,7 @@ __all__ = [
     "INIT_NOISE_CONVENTIONS",
     "Discretization",
     "SPACING_SCHEDULERS",
+    "UI_IMG2IMG",
     "ddim_timesteps",
     "ddim_uniform_sigmas",
     "default_init_noise",
@@ -673,11 +674,15 @@ def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str
 IMG2IMG_CONVENTIONS = ("diffusers", "a1111", "comfyui", "lcm", "a1111_fix_steps")
 A1111_IMG2IMG = ("a1111", "a1111_fix_steps")
 """The conventions that draw img2img as A1111 does (its noise, latent mask and blending), differing in the steps."""
+UI_IMG2IMG = (*A1111_IMG2IMG, "comfyui")
+"""A1111's and ComfyUI's conventions: they take the init image's VAE posterior mean (both UIs sample the
+posterior from their global random state, which no seed reproduces), and their inpainting at strength 1 starts
+from the image latent plus noise, where diffusers' starts from pure noise."""
 
 
 def _check_strength(strength: float, convention: str = "diffusers") -> float:
     """A strength in (0, 1]; from 0 under the a1111 convention, where 0 still runs one step (at the lowest
-    sigma), as A1111's img2img does. A1111's conventions take any strength above 1 too, and run it as 1 (their
+    sigma), as A1111's img2img does (not a1111_fix_steps, whose schedule is steps / strength long). A1111's conventions take any strength above 1 too, and run it as 1 (their
     steps read min(strength, 0.999))."""
     low = 0.0 if convention == "a1111" else math.nextafter(0.0, 1.0)
     high = math.inf if convention in A1111_IMG2IMG else 1.0

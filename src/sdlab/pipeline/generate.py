@@ -69,7 +69,7 @@ from torch import Tensor
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
-from sdlab.diffusion.discretization import A1111_IMG2IMG, steps_run
+from sdlab.diffusion.discretization import A1111_IMG2IMG, UI_IMG2IMG, steps_run
 from sdlab.diffusion.guidance import cfg, composable_cfg, masked, switch_at_calls
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
@@ -362,7 +362,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Gen
             mask = (plan.mask >= 0.5).to(torch.float32).to(device)
             small_mask = _latent_repaint(bundle, plan, mask)                                 # (1, 1, h, w)
     from_noise = image_latent is None and (pixels is None or (
-        mask is not None and req.strength == 1.0 and req.img2img_convention not in (*A1111_IMG2IMG, "comfyui")))
+        mask is not None and req.strength == 1.0 and req.img2img_convention not in UI_IMG2IMG))
     blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
     # diffusers' prepare_latents samples the posterior, then the noise; under A1111's convention nothing is
     # drawn for the posterior, so the noise is each seed's first draw (`sample`: x = self.rng.next())
@@ -420,7 +420,7 @@ def _posterior_generators(req: GenerationRequest,
     """The generators that VAE posterior samples are drawn from: the seeds' own (diffusers), or none under
     A1111's and ComfyUI's img2img conventions, which sample their posteriors from their global random state,
     apart from the seeds' generators: sdlab takes the posterior mean there and draws nothing (`encode_image`)."""
-    return None if req.img2img_convention in (*A1111_IMG2IMG, "comfyui") else generators
+    return None if req.img2img_convention in UI_IMG2IMG else generators
 
 
 def _initial_noise(plan: GenerationPlan, generators: list[torch.Generator], device: torch.device) -> Tensor:
