@@ -682,8 +682,8 @@ from the image latent plus noise, where diffusers' starts from pure noise."""
 
 def _check_strength(strength: float, convention: str = "diffusers") -> float:
     """A strength in (0, 1]; from 0 under the a1111 convention, where 0 still runs one step (at the lowest
-    sigma), as A1111's img2img does (not a1111_fix_steps, whose schedule is steps / strength long). A1111's conventions take any strength above 1 too, and run it as 1 (their
-    steps read min(strength, 0.999))."""
+    sigma), as A1111's img2img does (not a1111_fix_steps, whose schedule is steps / strength long). A1111's
+    conventions take any strength above 1 too, and run it as 1 (their steps read min(strength, 0.999))."""
     low = 0.0 if convention == "a1111" else math.nextafter(0.0, 1.0)
     high = math.inf if convention in A1111_IMG2IMG else 1.0
     if not (low <= strength <= high):
