@@ -6,10 +6,12 @@ Gradients for Neural SDEs": the Brownian Interval). k-diffusion's ``BrownianTree
 diffusers' ``DPMSolverSDEScheduler`` both draw it from ``torchsde``'s Brownian interval with midpoint
 ("halfway") splitting, ``tol=1e-6`` and ``pool_size=24``, one tree per image seeded by that image's
 seed, over ``[sigma_min, sigma_max]`` of the sigma schedule (smallest non-zero and largest sigma).
-``BrownianTreeNoise`` builds exactly that tree, so the same seed gives the same noise as both
-references, and image i depends only on ``seeds[i]``. The trees are built and queried on the CPU and each
-increment is moved to the latent's device (ComfyUI's ``BrownianTreeNoiseSampler(..., cpu=True)`` of its plain
-SDE sampler names): a tree on a GPU would draw from that device's generator, another picture for the seed.
+``BrownianTreeNoise`` builds exactly that tree, and image i depends only on ``seeds[i]``. The trees are built
+and queried on the CPU and each increment is moved to the latent's device (ComfyUI's
+``BrownianTreeNoiseSampler(..., cpu=True)`` of its plain SDE sampler names), so a seed gives the same noise on
+every device: the references' noise on the CPU. k-diffusion (A1111) and diffusers build their trees on the
+latent's device; on a GPU theirs draw from that device's generator, another picture for the seed, which sdlab
+does not reproduce.
 
 Returned noise is normalised to unit variance: ``(W(t1) - W(t0)) / sqrt(|t1 - t0|)``.
 
