@@ -237,6 +237,33 @@ def test_native_img2img_and_inpaint(client):
     assert client.post("/api/jobs", json={"mode": "img2img", "prompt": "x"}).status_code == 422
 
 
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+def test_a_jobs_record_draws_it_again_a_comfyui_spelt_one_too(client, mode):
+    """A ComfyUI-spelt sampler draws under ComfyUI's conventions and is recorded under A1111's name with them
+    (ENSD 1, ComfyUI's initial noise and img2img steps); the native API takes them back, so the record alone
+    (every field of it the API has, the init picture aside) draws the same picture."""
+    from sdlab.server.native import JobIn
+
+    extra = {"mode": "img2img", "strength": 0.5, "init_image": png_b64(Image.new("RGB", (64, 64), (20, 160, 40)))}
+    first = wait(client, client.post("/api/jobs", json={"prompt": "a redraw", "steps": 3, "seed": 5,
+                                                        "sampler": "euler_ancestral",
+                                                        **(extra if mode == "img2img" else {})}).json()["id"])
+    record = first["request"]
+    assert (record["sampler"], record["eta_noise_seed_delta"], record["init_noise"], record["img2img_convention"]) == \
+        ("Euler a", 1, "comfyui", "comfyui")
+    body = {key: value for key, value in record.items() if key in JobIn.model_fields and value is not None}
+    body.update(extra if mode == "img2img" else {})
+    created = client.post("/api/jobs", json=body)
+    assert created.status_code == 202, created.text
+    again = wait(client, created.json()["id"])
+    pictures = [np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]).content))) for job in (first, again)]
+    assert np.array_equal(*pictures) and again["infotexts"] == first["infotexts"]
+    for field, bad in (("eta_noise_seed_delta", -1), ("init_noise", "loud"), ("img2img_convention", "sideways")):
+        refused = client.post("/api/jobs", json={**body, field: bad})
+        assert refused.status_code == 400 and ("ENSD" if field == "eta_noise_seed_delta" else repr(bad)) in \
+            refused.json()["detail"], refused.text
+
+
 def test_cancel_running_job_stops_within_a_step_and_writes_nothing(client, sdlab_server):
     job_id = client.post("/api/jobs", json=LONG).json()["id"]
     running = wait_running(client, job_id, min_step=2)

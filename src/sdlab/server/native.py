@@ -82,6 +82,11 @@ class JobIn(NullsAreDefaults):
     inpaint_padding: int = 32               # ... reaching this many pixels past the mask
     clip_skip: int = 1
     eta: float | None = None
+    # the drawing conventions a job records, so that its record draws it again (a ComfyUI-spelt sampler's are
+    # recorded under A1111's name: `GenerationRequest`'s module docstring)
+    eta_noise_seed_delta: int = 0           # A1111's ENSD: step noise from seed + this (ComfyUI's spellings: 1)
+    init_noise: str | None = None           # the start noise's scale: sigma_max, vp, diffusers_leading, comfyui
+    img2img_convention: str = "diffusers"   # strength -> steps: diffusers, a1111, a1111_fix_steps, comfyui, lcm
     subseed: int | None = None              # variation seed (A1111); used when subseed_strength > 0
     subseed_strength: float = 0.0
     hr_scale: float | None = None           # hires fix (txt2img): a second pass at this multiple ...
@@ -154,7 +159,9 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     generation = GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
-        batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_image=init, mask_image=mask,
+        batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta,
+        eta_noise_seed_delta=body.eta_noise_seed_delta, init_noise=body.init_noise,
+        img2img_convention=body.img2img_convention, init_image=init, mask_image=mask,
         strength=strength, resize_mode=body.resize_mode, mask_blur=body.mask_blur, invert_mask=body.invert_mask,
         inpaint_fill=body.inpaint_fill,
         inpaint_only_masked=body.inpaint_only_masked, inpaint_padding=body.inpaint_padding,

@@ -26,7 +26,9 @@ const NUMBER_LABELS = {
   "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
 };
 // A1111 labels with a word -> request fields taking it as it is
-const WORD_LABELS = { "Masked content": "inpaint_fill", "Img2img steps": "img2img_convention" };
+const WORD_LABELS = {
+  "Masked content": "inpaint_fill", "Img2img steps": "img2img_convention", "Initial noise": "init_noise",
+};
 // A1111 labels with one of two words -> request fields, true for the first (infotext.py _INPAINT_AREAS, _MASK_MODES)
 const CHOICE_LABELS = {
   "Inpaint area": ["inpaint_only_masked", "only masked", "whole picture"],
@@ -44,10 +46,8 @@ const SEED_NUMBER = /("(?:seed|subseed|Seed|Variation seed)"\s*:\s*)(-?\d+)(?=\s
 const SWITCH_LABELS = { Tiling: "tiling" };
 const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler",
   "Refiner", "Refiner switch at", "Refiner steps"]);
-// Labels that describe the file rather than the drawing, or follow from what the form sends ("Initial noise":
-// the schedule's own convention, which sdlab writes for some schedules)
-const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes",
-  "Initial noise"]);
+// Labels that describe the file rather than the drawing
+const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes"]);
 // Values that change nothing: png-info's A1111 (1.10) defaults for labels a text leaves out, and what this form
 // sends
 const NO_OP_VALUES = {
@@ -62,12 +62,10 @@ const NO_OP_VALUES = {
 // the form lacks that is not here is named whenever it holds something (`isEmpty`).
 const withoutInitImage = (s) => s.mode === "txt2img";
 const NOT_IN_FORM = {
-  eta_noise_seed_delta: { name: "ENSD", none: 0 },
   eta: { name: "Eta", none: null },
   s_noise: { name: "s_noise", none: 1 },
   guidance_rescale: { name: "CFG rescale", none: 0 },
   noise_multiplier: { name: "Noise multiplier", none: 1, unused: withoutInitImage },
-  img2img_convention: { name: "Img2img steps", none: "diffusers", unused: withoutInitImage },
   mask_blur_y: { name: "Mask blur y", none: null, unused: (s) => s.mask_blur_y === s.mask_blur },
   clip_skip_convention: { name: "Clip skip rule", none: "diffusers", unused: (s) => Number(s.clip_skip ?? 1) === 1 },
   control_convention: { name: "Control steps", none: "diffusers", unused: (s) => !(s.controls || []).length },
@@ -80,11 +78,16 @@ const NOT_IN_FORM = {
   crops_coords_top_left: { name: "crops_coords_top_left", none: [0, 0] },
   negative_crops_coords_top_left: { name: "negative_crops_coords_top_left", none: [0, 0] },
 };
-// Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule), follow from what it
-// sends (the schedule's initial noise, the hires pass's own count, the rule of an unset size: a job records its
-// size) or list the PNG's unread labels
-const KEPT_APART = new Set(["mode", "model", "loras", "refiner_convention", "init_noise", "first_pass_steps",
-  "size_convention", "unread"]);
+// The drawing conventions the form has no control for, with the API's value when unset: a reused job's or a
+// dropped PNG's other values are kept (`state.conventions`) and sent until another sampler or schedule is picked,
+// as they go with the two (a ComfyUI-spelt sampler, "euler_ancestral", is recorded as "Euler a" with ENSD 1,
+// ComfyUI's initial noise and its img2img steps; the initial noise follows the schedule too)
+const CONVENTIONS = { eta_noise_seed_delta: 0, init_noise: null, img2img_convention: "diffusers" };
+// Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule, `CONVENTIONS`), follow
+// from what it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the
+// PNG's unread labels
+const KEPT_APART = new Set(["mode", "model", "loras", "refiner_convention", ...Object.keys(CONVENTIONS),
+  "first_pass_steps", "size_convention", "unread"]);
 
 const state = {
   mode: "txt2img",
@@ -98,6 +101,8 @@ const state = {
   shownJob: null,         // id of the job the progress bar and viewer show
   lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
   refinerConvention: "diffusers",   // the refiner's handoff rule: the native API's default, or the reused job's
+  conventions: {},        // the reused job's or dropped PNG's `CONVENTIONS` that are not the API's, until another
+                          // sampler or schedule is picked
   clock: null,            // {id, i, t}: the first step seen of the followed job, for the time left
   jobsSignature: "",
 };
@@ -546,6 +551,7 @@ function collectRequest() {
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
   if (state.mode === "txt2img" && $("enable_hr").checked) Object.assign(body, hiresRequest());
   if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
+  Object.assign(body, conventionsRequest());
   if (body.hr_scale !== undefined && body.refiner) {
     throw new ApiError("the hires fix does not run with an SDXL refiner: untick Hires. fix or Refiner");
   }
@@ -561,6 +567,21 @@ function collectRequest() {
   }
   for (const key of Object.keys(body)) if (body[key] === undefined) delete body[key];
   return body;
+}
+
+// The kept `CONVENTIONS`, but for inpainting not LCM's img2img steps, which do not inpaint: the server draws a
+// full LCM model's inpainting under diffusers' rule, as it does when none is sent
+function conventionsRequest() {
+  const kept = { ...state.conventions };
+  if (state.mode === "inpaint" && kept.img2img_convention === "lcm") delete kept.img2img_convention;
+  return kept;
+}
+
+// Keep the settings' `CONVENTIONS` that are not the API's (`state.conventions`)
+function keepConventions(settings) {
+  state.conventions = Object.fromEntries(Object.entries(CONVENTIONS)
+    .filter(([key, none]) => settings[key] != null && !sameValue(settings[key], none))
+    .map(([key]) => [key, settings[key]]));
 }
 
 function setField(id, value) {
@@ -596,6 +617,7 @@ function fillForm(settings) {
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
   fillRefiner(settings, unknown);
+  keepConventions(settings);
   if (settings.sampler != null && !selectMatching($("sampler"), settings.sampler)) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
   if (settings.model && !selectMatching($("model"), settings.model)) unknown.push(`model "${settings.model}"`);
@@ -1131,6 +1153,7 @@ function setup() {
   $("lora-add").addEventListener("click", () => addLora($("lora").value, Number($("lora-weight").value) || 0));
   for (const id of ["strength", "subseed_strength", "hr_denoise"]) $(id).addEventListener("input", () => showSliderValue(id));
   for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));
+  for (const id of ["sampler", "schedule"]) $(id).addEventListener("change", () => { state.conventions = {}; });
   $("subseed-random").addEventListener("click", () => { $("subseed").value = -1; });
   $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
   $("mask-clear").addEventListener("click", clearMask);
