@@ -2,8 +2,9 @@
 the fields that are accepted but ignored).
 
 txt2img / img2img run through the same queue as the native API and answer when the job is done:
-`{images: [base64 PNG with the parameters chunk], parameters: <the request>, info: <JSON string>}` (JPEG / WebP
-under the option `samples_format`, as A1111's `encode_pil_to_base64`).
+`{images: [base64 picture with the parameters text], parameters: <the request>, info: <JSON string>}`, the
+pictures a PNG with its text chunk unless the option `samples_format` asks for JPEG / WebP (the text in their
+EXIF), as A1111's `encode_pil_to_base64`; the /progress preview and Extras follow the option too.
 Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 404 "Sampler not found",
 an unknown scheduler 404 "Scheduler not found" (A1111 itself falls back to "Automatic"; sdlab refuses). The
 scheduler "Automatic" or none is A1111's choice for the sampler (Karras for DPM++ 2M, uniform for Euler, ...:
