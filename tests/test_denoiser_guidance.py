@@ -205,10 +205,23 @@ def test_cfg_rejects_non_finite_scale(scale, schedule):
 
 
 def test_cfg_rejects_mismatched_keys(schedule):
+    """A pair that cannot run as one batch is refused at its first guided call, before the network runs."""
     cond, uncond = _conds()
     del uncond["y"]
+    net = RecordingNet()
     with pytest.raises(ValueError, match="same keys"):
-        cfg(Denoiser(RecordingNet(), DiscreteModelSampling(schedule, "eps")), cond, uncond, 5.0)
+        cfg(Denoiser(net, DiscreteModelSampling(schedule, "eps")), cond, uncond, 5.0)(_x(), torch.tensor([5.0, 0.5]))
+    assert net.calls == []
+
+
+def test_cfg_leaves_a_pair_it_does_not_run_unbatched(schedule):
+    """At scale 1 the negative pass never runs, so cfg neither batches nor checks the pair: options that could not
+    share a batch (here a key the prompt lacks) are no error, and the result is the conditional prediction."""
+    cond, uncond = _conds()
+    del uncond["y"]
+    x, sigma = _x(), torch.tensor([5.0, 0.5])
+    denoiser = Denoiser(RecordingNet(), DiscreteModelSampling(schedule, "eps"))
+    torch.testing.assert_close(cfg(denoiser, cond, uncond, 1.0)(x, sigma), denoiser(x, sigma, **cond))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
+from functools import cache
 from typing import Any
 
 import torch
@@ -145,14 +146,14 @@ def cfg(
     else:
         scalings = sampling.scalings
     cond = dict(cond)
-    batched = _cat_conds(uncond, cond) if uncond is not None else None
+    batched = cache(lambda: _cat_conds(uncond, cond))     # [uncond, cond] as one batch: at the first guided call
 
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
         if uncond is None or not needs_uncond(scale, cfg_pp=_UNGUIDED.get() is not None):
             return denoiser(x, sigma, **cond, **extra)
         sigma_b = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
-        if batched is not None:
-            both = denoiser(torch.cat([x, x]), torch.cat([sigma_b, sigma_b]), **batched, **extra)  # (2B, C, h, w)
+        if (both_conds := batched()) is not None:
+            both = denoiser(torch.cat([x, x]), torch.cat([sigma_b, sigma_b]), **both_conds, **extra)  # (2B, C, h, w)
             x0_u, x0_c = both.chunk(2)
         else:
             x0_u = denoiser(x, sigma_b, **uncond, **extra)
