@@ -84,7 +84,8 @@ class JobIn(NullsAreDefaults):
     eta: float | None = None
     # the drawing conventions a job records, so that its record draws it again (a ComfyUI-spelt sampler's are
     # recorded under A1111's name: `GenerationRequest`'s module docstring)
-    eta_noise_seed_delta: int = 0           # A1111's ENSD: step noise from seed + this (ComfyUI's spellings: 1)
+    eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise from seed + this; unset: the request's
+                                            # (1 for a ComfyUI spelling that draws step noise, else 0)
     init_noise: str | None = None           # the start noise's scale: sigma_max, vp, diffusers_leading, comfyui
     img2img_convention: str = "diffusers"   # strength -> steps: diffusers, a1111, a1111_fix_steps, comfyui, lcm
     subseed: int | None = None              # variation seed (A1111); used when subseed_strength > 0
@@ -123,6 +124,11 @@ def sdxl_conditioning(body: JobIn) -> dict[str, Any]:
     return {name: getattr(body, name) for name in SDXL_CONDITIONING}
 
 
+def _ensd(body: JobIn) -> dict[str, int]:
+    """The job's ENSD as `GenerationRequest` takes it: none when unset, which the request's rule fills in."""
+    return {} if body.eta_noise_seed_delta is None else {"eta_noise_seed_delta": body.eta_noise_seed_delta}
+
+
 def service_of(request: Request) -> Service:
     return request.app.state.service
 
@@ -159,8 +165,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     generation = GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
-        batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta,
-        eta_noise_seed_delta=body.eta_noise_seed_delta, init_noise=body.init_noise,
+        batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_noise=body.init_noise,
         img2img_convention=body.img2img_convention, init_image=init, mask_image=mask,
         strength=strength, resize_mode=body.resize_mode, mask_blur=body.mask_blur, invert_mask=body.invert_mask,
         inpaint_fill=body.inpaint_fill,
@@ -169,7 +174,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
-        steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body),
+        steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),
     )
     try:
         check_sdxl_conditioning(generation)

@@ -82,7 +82,7 @@ const NOT_IN_FORM = {
 // dropped PNG's other values are kept (`state.conventions`) and sent until another sampler or schedule is picked,
 // as they go with the two (a ComfyUI-spelt sampler, "euler_ancestral", is recorded as "Euler a" with ENSD 1,
 // ComfyUI's initial noise and its img2img steps; the initial noise follows the schedule too)
-const CONVENTIONS = { eta_noise_seed_delta: 0, init_noise: null, img2img_convention: "diffusers" };
+const CONVENTIONS = { eta_noise_seed_delta: null, init_noise: null, img2img_convention: "diffusers" };
 // Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule, `CONVENTIONS`), follow
 // from what it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the
 // PNG's unread labels
