@@ -38,7 +38,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidatorFunctionWrapHandle
 from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
-from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule
+from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule, comfyui_spelling
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import hires_parameters, img2img_parameters, refiner_label
@@ -241,7 +241,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         strength = 0.75 if body.denoising_strength is None else body.denoising_strength
         # A1111 reads initial_noise_multiplier as it makes the processing object, before the overrides apply
         noise = {**OPTION_DEFAULTS, **(options or {})}["initial_noise_multiplier"]
-        steps_rule = "a1111_fix_steps" if settings["img2img_fix_steps"] else "a1111"     # setup_img2img_steps
+        steps_rule = _img2img_steps_rule(settings, sampler)
         extra.update(init_image=inits[0], init_images=inits if len(inits) > 1 else (), strength=strength,
                      img2img_convention=steps_rule, size_convention="a1111",
                      **_picture_options(body, mask is not None, noise))
@@ -253,9 +253,25 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111",
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
-        s_noise=body.s_noise, controls=controls, eta_noise_seed_delta=settings["eta_noise_seed_delta"],
+        s_noise=body.s_noise, controls=controls, **_ensd(settings),
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **extra,
     )
+
+
+def _img2img_steps_rule(settings: dict[str, Any], sampler: str) -> str:
+    """img2img's step rule under A1111's options `settings`: `img2img_fix_steps` on, A1111's fixed steps; off
+    (its default), A1111's `setup_img2img_steps`, or ComfyUI's denoise for a sampler spelt as ComfyUI spells it,
+    as on every route (`request.img2img_convention_asked`)."""
+    if settings["img2img_fix_steps"]:
+        return "a1111_fix_steps"
+    return "comfyui" if comfyui_spelling(sampler) else "a1111"
+
+
+def _ensd(settings: dict[str, Any]) -> dict[str, int]:
+    """The `eta_noise_seed_delta` option as a request field, left unset at 0 (A1111's default) so that the
+    request's rule holds, as on every route: 1 for a ComfyUI-spelt sampler that draws step noise, else 0."""
+    ensd = settings["eta_noise_seed_delta"]
+    return {"eta_noise_seed_delta": ensd} if ensd else {}
 
 
 def _given(body: Txt2ImgIn) -> set[str]:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, model_validator
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.discretization import DISCRETIZATIONS
-from sdlab.diffusion.samplers import get_sampler
+from sdlab.diffusion.samplers import comfyui_spelling, get_sampler
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import (
     A1111_SCHEDULERS, a1111_name, schedule_from_a1111, schedule_key, split_a1111_sampler,
@@ -192,7 +192,8 @@ def sampler_and_schedule(name: str | None, scheduler: str | None) -> tuple[str |
     """(sampler, schedule); an old combined name ("DPM++ 2M Karras", "Euler a SGM Uniform": any A1111
     scheduler, `split_a1111_sampler`) gives its schedule unless `scheduler` is set ("automatic" included),
     as A1111's API keeps the request's scheduler. A1111's keys mean A1111's schedules here: "beta" and
-    "kl_optimal" are its Beta and KL Optimal (`a1111_name`), not ComfyUI's that sdlab's own names are."""
+    "kl_optimal" are its Beta and KL Optimal (`a1111_name`), not ComfyUI's that sdlab's own names are. The
+    sampler keeps a ComfyUI spelling (`sampler_as_asked`), which brings ComfyUI's conventions here too."""
     if isinstance(scheduler, str) and schedule_key(scheduler) in A1111_SCHEDULERS:
         scheduler = a1111_name(schedule_key(scheduler))
     schedule = schedule_name(scheduler)
@@ -201,16 +202,24 @@ def sampler_and_schedule(name: str | None, scheduler: str | None) -> tuple[str |
     if not isinstance(name, str):
         raise BadRequest(f"sampler must be a name, got {name!r}", 422)
     try:
-        return get_sampler(name).name, schedule
+        return sampler_as_asked(name), schedule
     except ValueError as err:
         split = split_a1111_sampler(name)
         try:
-            base = get_sampler(split[0]).name if split is not None else None
+            base = sampler_as_asked(split[0]) if split is not None else None
         except ValueError:
             base = None
         if base is None:
             raise BadRequest(str(err), 404, "Sampler not found") from None
         return base, schedule if scheduler not in (None, "") else schedule_name(split[1])
+
+
+def sampler_as_asked(name: str) -> str:
+    """A sampler's name as a request keeps it: a ComfyUI spelling as written (`samplers.comfyui_spelling`: its
+    conventions follow from it in `request.resolve`, as on every route), any other name as sdlab names the
+    sampler; an unknown one is `UnknownSamplerError`."""
+    spec = get_sampler(name)
+    return name.strip() if comfyui_spelling(name) else spec.name
 
 
 def decode_base64(data: Any, what: str) -> bytes:
