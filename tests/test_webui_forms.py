@@ -385,6 +385,30 @@ def test_reuse_of_a_comfyui_spelt_job_draws_the_same_picture(page, base_url):
     assert page.execute_script("return conventionsRequest()") == {}
 
 
+def test_a_dropped_png_of_a_cfg_pp_picture_recorded_under_forges_label_draws_it_again(page, base_url):
+    """`euler_cfg_pp` is recorded under its Forge twin's label, "Euler CFG++", with the initial noise its spelling
+    chose ("Initial noise: comfyui"); a dropped PNG of it keeps that and sends it with the form, so Generate
+    draws the same picture, where the label alone starts from A1111's sigma_max and draws another."""
+    prompt = "a cfg++ drop"
+    job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": prompt, "steps": 3, "seed": 5,
+                                                               "sampler": "euler_cfg_pp"})["id"])
+    assert job["status"] == "done" and job["request"]["sampler"] == "Euler CFG++", job
+    label_alone = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "a cfg++ label", "steps": 3,
+                                                                       "seed": 5, "sampler": "Euler CFG++"})["id"])
+    assert not np.array_equal(_pixels_of(base_url, label_alone), _pixels_of(base_url, job))
+    open_page(page, base_url)
+    drop_file(page, http_bytes(base_url, job["images"][0]), "cfgpp.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from cfgpp.png", 20, "the PNG was not read cleanly")
+    assert value(page, "sampler") == "Euler CFG++"
+    assert page.execute_script("return conventionsRequest()") == {"init_noise": "comfyui"}
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: len([j for j in http_json(base_url, "/api/jobs")["jobs"] if j["request"].get("prompt") == prompt])
+         == 2, 20, "the form queued no job")
+    again = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])
+    assert again["id"] != job["id"] and again["status"] == "done", again
+    assert np.array_equal(_pixels_of(base_url, again), _pixels_of(base_url, job))
+
+
 # The page's tables, read from app.js as the browser evaluates it (BigInt seeds as their digits)
 PAGE_TABLES = """return {
   numbers: NUMBER_LABELS, words: WORD_LABELS, choices: CHOICE_LABELS, seeds: SEED_LABELS, switches: SWITCH_LABELS,
