@@ -214,7 +214,8 @@ def _add_hires_flags(p: argparse.ArgumentParser) -> None:
                    help='"Latent" (default), "Latent (bicubic)", "Latent (antialiased)", "Latent (nearest)", ..., '
                         "Lanczos, Nearest, or an upscaler model file (ESRGAN / Real-ESRGAN)")
     p.add_argument("--hr-steps", type=int, metavar="N", help="second-pass steps (default 0: as many as the first pass)")
-    p.add_argument("--hr-denoise", type=float, metavar="D", help="second-pass denoising strength in (0, 1] (default 0.7)")
+    p.add_argument("--hr-denoise", type=float, metavar="D",
+                   help="second-pass denoising strength above 0; above 1 draws as 1 (default 0.7)")
 
 
 def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
