@@ -15,9 +15,9 @@ from an explicit source, ``callback`` once per step. Each function is ComfyUI's 
 
 The CFG++ samplers (Chung et al. 2024, arXiv 2406.08070; ComfyUI's ``*_cfg_pp``) step from the guided estimate D
 but renoise along the unguided one D_u (``guidance.with_unguided``): Euler's ``x' = D + sigma' (x - D_u) / sigma``.
-``sample_euler_ancestral_cfg_pp`` (eta 0: ``euler_cfg_pp``), ``sample_dpmpp_2m_cfg_pp``,
-``sample_dpmpp_2s_ancestral_cfg_pp``, and ``cfg_pp=True`` of ``sample_res_multistep`` and
-``sample_gradient_estimation``. They take ComfyUI's variance-exploding branch (alpha = 1).
+``sample_euler_ancestral_cfg_pp`` (eta 0: ``euler_cfg_pp``), ``sample_dpmpp_2m_cfg_pp`` and
+``sample_dpmpp_2s_ancestral_cfg_pp`` are ``cfg_pp=True`` of ``sampling_k``'s samplers, the other two that of
+``sample_res_multistep`` and ``sample_gradient_estimation``. They take ComfyUI's variance-exploding branch (alpha = 1).
 
 ComfyUI's SDE solvers in data prediction, their variance-exploding branch too (half-log-SNR lambda = -log sigma):
 
@@ -41,12 +41,12 @@ from torch import Tensor
 
 from sdlab.diffusion.deis import deis_coefficients
 from sdlab.diffusion.denoiser import DenoiseFn
-from sdlab.diffusion.guidance import with_unguided
 from sdlab.diffusion.noise import NoiseSource
 from sdlab.diffusion.sa_solver import adams_weights, comfy_percent_to_sigma, tau_interval
+from sdlab.diffusion.sampling_k import sample_dpmpp_2m, sample_dpmpp_2s_ancestral, sample_euler_ancestral
 from sdlab.diffusion.sampling_ldm import ADAMS_BASHFORTH
 from sdlab.diffusion.steps import (
-    StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d, within_step,
+    StepCallback, ancestral_step, predictions, report_step, require_noise, sigma_batch, to_d, within_step,
 )
 
 __all__ = [
@@ -54,14 +54,6 @@ __all__ = [
     "sample_euler_ancestral_cfg_pp", "sample_gradient_estimation", "sample_heunpp2", "sample_ipndm", "sample_ipndm_v",
     "sample_res_multistep", "sample_sa_solver", "sample_seeds_2", "sample_seeds_3",
 ]
-
-
-def _predictions(model: DenoiseFn, cfg_pp: bool) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """``(x, sigma) -> (D, D_u)``: with ``cfg_pp`` the guided and the unguided prediction (``with_unguided``), else
-    D twice (the call guides as it would for any sampler)."""
-    if cfg_pp:
-        return with_unguided(model)
-    return lambda x, sigma: (denoised := model(x, sigma), denoised)
 
 
 def _keep_last(history: list[Tensor], d: Tensor, size: int) -> list[Tensor]:
@@ -224,7 +216,7 @@ def sample_res_multistep(
     its Euler step is ``D + sigma_down (x - D_u) / sigma``."""
     if eta:
         noise = require_noise(noise, "res_multistep_ancestral", "eta > 0")
-    predict = _predictions(model, cfg_pp)
+    predict = predictions(model, cfg_pp)
     levels, ref = sigmas.tolist(), sigmas.detach().cpu()
     old_denoised: Tensor | None = None
     old_sigma_down = 0.0
@@ -265,7 +257,7 @@ def sample_gradient_estimation(
     """Gradient estimation: an Euler step, then from the second step on ``(ge_gamma - 1) (d - d_old) dt``
     more; the step to sigma 0 returns the denoised estimate. ``cfg_pp``: CFG++ (``gradient_estimation_cfg_pp``),
     d from the unguided D_u and the Euler step ``D + sigma' d``."""
-    predict = _predictions(model, cfg_pp)
+    predict = predictions(model, cfg_pp)
     levels = sigmas.tolist()
     old_d: Tensor | None = None
     for i in range(len(levels) - 1):
@@ -284,35 +276,13 @@ def sample_gradient_estimation(
     return x
 
 
-@torch.no_grad()
-def sample_euler_ancestral_cfg_pp(
-    model: DenoiseFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    noise: NoiseSource | None = None,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Tensor:
+def sample_euler_ancestral_cfg_pp(model: DenoiseFn, x: Tensor, sigmas: Tensor, *, noise: NoiseSource | None = None,
+                                  callback: StepCallback | None = None, eta: float = 1.0,
+                                  s_noise: float = 1.0) -> Tensor:
     """Euler a CFG++: ``x' = D + sigma_down (x - D_u) / sigma`` (``ancestral_step`` with ``eta``), then
     ``sigma_up`` of fresh noise; the step to sigma 0 returns D. ``eta=0`` is ``euler_cfg_pp``."""
-    if eta and s_noise:
-        noise = require_noise(noise, "euler_ancestral_cfg_pp", "eta > 0")
-    predict = with_unguided(model)
-    levels, ref = sigmas.tolist(), sigmas.detach().cpu()
-    for i in range(len(levels) - 1):
-        sigma, sigma_next = levels[i], levels[i + 1]
-        denoised, unguided = predict(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w) each
-        report_step(callback, i, x, sigma, sigma_next, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
-        sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
-        x = denoised + sigma_down * to_d(x, sigma, unguided)
-        if sigma_up > 0 and s_noise > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)  # type: ignore[misc]
-    return x
+    return sample_euler_ancestral(model, x, sigmas, noise=noise, callback=callback, eta=eta, s_noise=s_noise,
+                                  cfg_pp=True)
 
 
 def sample_euler_cfg_pp(model: DenoiseFn, x: Tensor, sigmas: Tensor, *, noise: NoiseSource | None = None,
@@ -321,70 +291,21 @@ def sample_euler_cfg_pp(model: DenoiseFn, x: Tensor, sigmas: Tensor, *, noise: N
     return sample_euler_ancestral_cfg_pp(model, x, sigmas, callback=callback, eta=0.0, s_noise=0.0)
 
 
-@torch.no_grad()
-def sample_dpmpp_2m_cfg_pp(
-    model: DenoiseFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    noise: NoiseSource | None = None,
-    callback: StepCallback | None = None,
-) -> Tensor:
+def sample_dpmpp_2m_cfg_pp(model: DenoiseFn, x: Tensor, sigmas: Tensor, *, noise: NoiseSource | None = None,
+                           callback: StepCallback | None = None) -> Tensor:
     """DPM++ 2M CFG++: ``x' = D - e^-h D_u + e^-h x - expm1(-h) (D - D_u_old) / (2 r)`` with h = log(sigma / sigma'),
     r = h_last / h and D_u_old the previous step's D_u; no last term on the first step and to sigma 0 (x' = D)."""
-    predict = with_unguided(model)
-    levels = sigmas.tolist()
-    old_unguided: Tensor | None = None
-    for i in range(len(levels) - 1):
-        sigma, sigma_next = levels[i], levels[i + 1]
-        denoised, unguided = predict(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w) each
-        report_step(callback, i, x, sigma, sigma_next, denoised)
-        decay = sigma_next / sigma                                                       # e^-h
-        mix = -decay * unguided
-        if old_unguided is not None and sigma_next > 0:
-            h, h_last = math.log(sigma / sigma_next), math.log(levels[i - 1] / sigma)
-            mix = mix - (decay - 1.0) * (h / (2 * h_last)) * (denoised - old_unguided)
-        x = denoised + mix + decay * x
-        old_unguided = unguided
-    return x
+    return sample_dpmpp_2m(model, x, sigmas, callback=callback, cfg_pp=True)
 
 
-@torch.no_grad()
-def sample_dpmpp_2s_ancestral_cfg_pp(
-    model: DenoiseFn,
-    x: Tensor,
-    sigmas: Tensor,
-    *,
-    noise: NoiseSource | None = None,
-    callback: StepCallback | None = None,
-    eta: float = 1.0,
-    s_noise: float = 1.0,
-) -> Tensor:
+def sample_dpmpp_2s_ancestral_cfg_pp(model: DenoiseFn, x: Tensor, sigmas: Tensor, *, noise: NoiseSource | None = None,
+                                     callback: StepCallback | None = None, eta: float = 1.0,
+                                     s_noise: float = 1.0) -> Tensor:
     """DPM++ 2S a CFG++: DPM++ 2S a's step (``sample_dpmpp_2s_ancestral``) on the unguided predictions, D_u at
     sigma and the midpoint call's D_u, then ``sigma_up`` of fresh noise, then x moved by this step's guidance
     D - D_u; the step to sigma_down 0 lands on D."""
-    if eta:
-        noise = require_noise(noise, "dpmpp_2s_ancestral_cfg_pp", "eta > 0")
-    predict = with_unguided(model)
-    levels, ref = sigmas.tolist(), sigmas.detach().cpu()
-    for i in range(len(levels) - 1):
-        sigma, sigma_next = levels[i], levels[i + 1]
-        denoised, unguided = predict(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w) each
-        sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
-        report_step(callback, i, x, sigma, sigma_next, denoised)
-        if sigma_down == 0:
-            x = x + to_d(x, sigma, unguided) * (sigma_down - sigma)
-        else:
-            t, t_next = -math.log(sigma), -math.log(sigma_down)
-            h = t_next - t
-            sigma_mid = math.exp(-(t + h / 2))
-            x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * unguided
-            _, unguided_mid = predict(x_mid, sigma_batch(sigma_mid, x, sigmas))
-            x = (sigma_down / sigma) * x - math.expm1(-h) * unguided_mid
-        if sigma_next > 0 and sigma_up > 0:
-            x = x + noise(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)  # type: ignore[misc]
-        x = x + (denoised - unguided)
-    return x
+    return sample_dpmpp_2s_ancestral(model, x, sigmas, noise=noise, callback=callback, eta=eta, s_noise=s_noise,
+                                     cfg_pp=True)
 
 
 def _er_sde_noise_scaler(lam: Tensor) -> Tensor:

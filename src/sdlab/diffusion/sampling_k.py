@@ -30,7 +30,7 @@ from torch import Tensor
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.noise import NoiseSource, image_noise
 from sdlab.diffusion.steps import (
-    StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d, within_step,
+    StepCallback, ancestral_step, predictions, report_step, require_noise, sigma_batch, to_d, within_step,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -118,23 +118,28 @@ def sample_euler_ancestral(
     callback: StepCallback | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
+    cfg_pp: bool = False,
 ) -> Tensor:
     """Euler a: ancestral sampling with Euler steps.
 
     Per step: one model call, Euler step down to ``sigma_down``, then add ``sigma_up`` of fresh noise
-    (noise is drawn only when ``sigma_next > 0``).
+    (noise is drawn only when ``sigma_next > 0``). ``cfg_pp``: CFG++ (ComfyUI's ``euler_ancestral_cfg_pp``),
+    d from the unguided D_u and the step ``x' = D + sigma_down d``; no noise is drawn at ``s_noise`` 0.
     """
-    if eta:
-        noise = require_noise(noise, "Euler a", "eta > 0")
+    draws_noise = eta and (s_noise or not cfg_pp)
+    if draws_noise:
+        noise = require_noise(noise, "euler_ancestral_cfg_pp" if cfg_pp else "Euler a", "eta > 0")
+    predict = predictions(model, cfg_pp)
     levels, ref = sigmas.tolist(), sigmas.detach().cpu()
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        denoised, unguided = predict(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w) each
         sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
         report_step(callback, i, x, sigma, sigma_next, denoised)
-        d = to_d(x, sigma, denoised)
-        x = x + d * (sigma_down - sigma)
-        x = _renoise(x, noise, sigmas, i, sigma_up, s_noise)
+        d = to_d(x, sigma, unguided)
+        x = denoised + d * sigma_down if cfg_pp else x + d * (sigma_down - sigma)
+        if draws_noise:
+            x = _renoise(x, noise, sigmas, i, sigma_up, s_noise)
     return x
 
 
@@ -331,31 +336,36 @@ def sample_dpmpp_2s_ancestral(
     callback: StepCallback | None = None,
     eta: float = 1.0,
     s_noise: float = 1.0,
+    cfg_pp: bool = False,
 ) -> Tensor:
     """DPM++ 2S a: DPM-Solver++(2S) single-step second order (Lu et al. 2022, Alg. 1 with r = 1/2), ancestral.
 
     Per step: model call at ``sigma``; first-order step to the log-midpoint of ``sigma`` and ``sigma_down``;
     model call there; full step using the midpoint estimate; then ``sigma_up`` of fresh noise when
-    ``sigma_next > 0``. The last step (``sigma_down == 0``) is a plain Euler step.
+    ``sigma_next > 0``. The last step (``sigma_down == 0``) is a plain Euler step. ``cfg_pp``: CFG++ (ComfyUI's
+    ``dpmpp_2s_ancestral_cfg_pp``), the step on the unguided predictions D_u, then x moved by the guidance D - D_u.
     """
     if eta:
-        noise = require_noise(noise, "DPM++ 2S a", "eta > 0")
+        noise = require_noise(noise, "dpmpp_2s_ancestral_cfg_pp" if cfg_pp else "DPM++ 2S a", "eta > 0")
+    predict = predictions(model, cfg_pp)
     levels, ref = sigmas.tolist(), sigmas.detach().cpu()
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        denoised, unguided = predict(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w) each
         sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
         report_step(callback, i, x, sigma, sigma_next, denoised)
         if sigma_down == 0:
-            x = x + to_d(x, sigma, denoised) * (sigma_down - sigma)
+            x = x + to_d(x, sigma, unguided) * (sigma_down - sigma)
         else:
             t, t_next = -math.log(sigma), -math.log(sigma_down)
             h = t_next - t
             sigma_mid = math.exp(-(t + h / 2))
-            x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * denoised
-            denoised_mid = model(x_mid, sigma_batch(sigma_mid, x, sigmas))
-            x = (sigma_down / sigma) * x - math.expm1(-h) * denoised_mid
+            x_mid = (sigma_mid / sigma) * x - math.expm1(-h / 2) * unguided
+            _, unguided_mid = predict(x_mid, sigma_batch(sigma_mid, x, sigmas))
+            x = (sigma_down / sigma) * x - math.expm1(-h) * unguided_mid
         x = _renoise(x, noise, sigmas, i, sigma_up, s_noise)
+        if cfg_pp:
+            x = x + (denoised - unguided)
     return x
 
 
@@ -481,19 +491,23 @@ def sample_dpmpp_2m(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
+    cfg_pp: bool = False,
 ) -> Tensor:
     """DPM++ 2M: DPM-Solver++(2M) multistep second order (Lu et al. 2022, Alg. 2).
 
     Per step: one model call; the first step and the final step to ``sigma_next == 0`` are first order
     (diffusers' ``lower_order_final``); other steps extrapolate ``D`` linearly in t from the previous step:
-    ``D_d = (1 + 1/2r) D_i - 1/2r D_{i-1}``, ``r = h_{i-1} / h_i``.
+    ``D_d = (1 + 1/2r) D_i - 1/2r D_{i-1}``, ``r = h_{i-1} / h_i``. ``cfg_pp``: CFG++ (ComfyUI's
+    ``dpmpp_2m_cfg_pp``, ``x' = D - e^-h D_u + e^-h x - expm1(-h) (D - D_u_old) / 2r``): this step from x moved by
+    the guidance D - D_u, with the unguided D_u as the previous step's D.
     """
+    predict = predictions(model, cfg_pp)
     levels = sigmas.tolist()
     old_denoised: Tensor | None = None
     h_last = 0.0
     for i in range(len(levels) - 1):
         sigma, sigma_next = levels[i], levels[i + 1]
-        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        denoised, unguided = predict(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w) each
         report_step(callback, i, x, sigma, sigma_next, denoised)
         if sigma_next == 0:
             x = denoised  # first-order step to sigma = 0: (0 / sigma) * x + 1 * D
@@ -504,9 +518,11 @@ def sample_dpmpp_2m(
             else:
                 half_inv_r = h / (2 * h_last)
                 denoised_d = (1 + half_inv_r) * denoised - half_inv_r * old_denoised
+            if cfg_pp:
+                x = x + (denoised - unguided)
             x = (sigma_next / sigma) * x - math.expm1(-h) * denoised_d
             h_last = h
-        old_denoised = denoised
+        old_denoised = unguided
     return x
 
 

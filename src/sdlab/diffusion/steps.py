@@ -6,6 +6,7 @@
   samplers, DDIM with eta > 0, DPM++ SDE);
 - ``sigma_batch`` and ``require_noise``: one sigma per batch item, and the error a stochastic sampler
   raises without a noise source;
+- ``predictions``: a step's guided and unguided prediction (D twice, or D and D_u for a CFG++ sampler);
 - ``within_step`` / ``step_of_call``: a model call a step makes at the next step's sigma (Heun's corrector,
   PLMS's first improved-Euler call) says which step it belongs to, since its sigma cannot (ControlNet
   start / end count steps: ``pipeline.control.tag_steps``).
@@ -21,11 +22,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sdlab.diffusion.denoiser import DenoiseFn
+from sdlab.diffusion.guidance import with_unguided
 from sdlab.diffusion.noise import NoiseSource
 
 __all__ = [
-    "StepCallback", "StepInfo", "ancestral_step", "report_step", "require_noise", "sigma_batch", "step_of_call",
-    "to_d", "within_step",
+    "StepCallback", "StepInfo", "ancestral_step", "predictions", "report_step", "require_noise", "sigma_batch",
+    "step_of_call", "to_d", "within_step",
 ]
 
 _STEP_OF_CALL: ContextVar[int | None] = ContextVar("sdlab_step_of_call", default=None)
@@ -93,6 +96,14 @@ def require_noise(noise: NoiseSource | None, sampler: str, why: str) -> NoiseSou
             "(e.g. per-image seeded Gaussian noise, or a Brownian tree for the SDE samplers)"
         )
     return noise
+
+
+def predictions(model: DenoiseFn, cfg_pp: bool) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """``(x, sigma) -> (D, D_u)``: with ``cfg_pp`` the guided and the unguided prediction (``with_unguided``), else
+    D twice (the call guides as it would for any sampler)."""
+    if cfg_pp:
+        return with_unguided(model)
+    return lambda x, sigma: (denoised := model(x, sigma), denoised)
 
 
 def sigma_batch(sigma: float, x: Tensor, like: Tensor) -> Tensor:
