@@ -419,6 +419,51 @@ def test_a1111_names_keep_the_seeds_stream(monkeypatch, tiny):
     assert all(torch.equal(draw, torch.randn(draw.shape, generator=generator)) for draw in run["draws"])
 
 
+def test_an_ensd_of_0_turns_comfyuis_step_noise_off(monkeypatch, tiny):
+    """ENSD 0 given with a ComfyUI spelling is kept: the step noise continues the seed's generator, as with no
+    ENSD under A1111's names (before, 0 read as unset and became 1)."""
+    run = sdlab_run(monkeypatch, tiny, sampler="euler_ancestral", schedule="karras", steps=4, eta_noise_seed_delta=0)
+    assert run["plan"].request.eta_noise_seed_delta == 0 and run["draws"]
+    generator = torch.Generator().manual_seed(SEED)
+    torch.randn(run["x"].shape, generator=generator)                                  # the initial noise
+    assert all(torch.equal(draw, torch.randn(draw.shape, generator=generator)) for draw in run["draws"])
+
+
+@pytest.mark.parametrize("sampler, eta, ensd", [
+    ("euler_ancestral", None, 1), ("euler_ancestral", 0.0, 0), ("dpm_adaptive", None, 0), ("dpm_adaptive", 1.0, 1),
+    ("res_multistep", None, 0), ("res_multistep_ancestral", None, 1), ("er_sde", None, 1), ("euler", None, 0),
+    ("dpmpp_2m_sde", None, 0), ("Euler a", None, 0),
+])
+def test_comfyuis_ensd_of_1_goes_with_the_samplers_that_draw_step_noise(sampler, eta, ensd):
+    """An unset ENSD resolves to 1 only for a ComfyUI spelling that draws Gaussian step noise at its eta (not a
+    deterministic one, an eta of 0, or a Brownian tree, which the seeds seed)."""
+    from sdlab.pipeline.request import GenerationRequest, resolve
+
+    request = GenerationRequest("x", sampler=sampler, eta=eta, seed=1)
+    resolved = resolve(request, default_size=64, default_sampler="Euler", default_schedule="karras", factor=8)
+    assert resolved.eta_noise_seed_delta == ensd
+
+
+@pytest.mark.parametrize("sampler, ensd, label", [
+    ("euler_ancestral", None, 1), ("euler_ancestral", 0, None), ("euler_ancestral", 7, 7), ("er_sde", 0, 0),
+    ("er_sde", None, 1), ("dpm_adaptive", None, None), ("res_multistep", None, None), ("Euler", 31337, None),
+    ("Euler a", 31337, 31337),
+])
+def test_the_ensd_is_recorded_where_it_draws_and_read_back_to_the_same_picture(tiny, sampler, ensd, label):
+    """The infotext's ENSD: where the sampler draws Gaussian step noise (A1111's is_sampler_using_eta_noise_seed_delta),
+    unless it is 0 under an A1111 name (a ComfyUI-spelt sampler is recorded under its A1111 name where it has one);
+    --from-png (`from_parameters`) reads it back to the same picture."""
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+
+    given = {} if ensd is None else {"eta_noise_seed_delta": ensd}
+    result = tiny.txt2img(PROMPT, sampler=sampler, steps=3, seed=SEED, width=64, height=64, **given)
+    parameters = to_parameters(result.request)
+    assert parameters.get("ENSD") == label
+    again = tiny.txt2img(**from_parameters(parse_parameters(format_parameters(parameters))))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(result.images, again.images))
+
+
 # -- the SDE samplers' Brownian tree ------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:Should have tb<=t1")   # ComfyUI queries its float32 sigma_max past the tree
 def test_brownian_trees_are_cpu_trees_moved_to_the_latents_device(monkeypatch):

@@ -60,6 +60,7 @@ Adding a sampler = writing its function and adding one row to ``SAMPLER_TABLE``.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -114,6 +115,15 @@ class SamplerSpec:
     @property
     def stochastic(self) -> bool:
         return self.noise != "none"
+
+    def draws_step_noise(self, eta: float | None = None) -> bool:
+        """Whether it draws Gaussian step noise (the noise an ENSD reseeds) at ``eta`` (None: its function's
+        default): a row whose function takes an eta draws none at eta 0 (DDIM, ``res_multistep``, ``dpm_fast``
+        and ``dpm_adaptive`` by default); the SDE rows' Brownian trees are seeded with the seeds themselves."""
+        if self.noise != "gaussian":
+            return False
+        taken = inspect.signature(self.fn).parameters.get("eta")
+        return taken is None or (taken.default if eta is None else eta) > 0
 
     @property
     def default_schedule(self) -> str | None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES
-from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, a1111_schedule, get_sampler
+from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, a1111_schedule, comfyui_spelling, get_sampler
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
@@ -171,7 +171,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
         **hires_parameters(req),
         **_eta_parameters(req),
-        "ENSD": req.eta_noise_seed_delta or None,
+        "ENSD": _ensd(req),
         "CFG rescale": req.guidance_rescale or None,
         **img2img_parameters(req),
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
@@ -236,6 +236,22 @@ def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
         "Hires steps": req.hr_steps or None,
         "Hires upscaler": upscaler,
     }
+
+
+def _ensd(req: GenerationRequest) -> int | None:
+    """A1111's ENSD label, where the sampler draws Gaussian step noise at the request's eta (A1111's
+    `is_sampler_using_eta_noise_seed_delta`; `SamplerSpec.draws_step_noise`): not 0 under an A1111 name (a
+    ComfyUI-spelt sampler is recorded under its A1111 name where it has one), where an unset ENSD is 0, but 0 too
+    under a ComfyUI-only name, where an unset one is 1 (`request.default_ensd`). A sampler sdlab does not know
+    keeps any ENSD but 0."""
+    ensd = req.eta_noise_seed_delta or 0
+    try:
+        spec = get_sampler(req.sampler)
+    except (ValueError, AttributeError):
+        return ensd or None
+    if not spec.draws_step_noise(req.eta):
+        return None
+    return ensd if ensd or comfyui_spelling(req.sampler) else None
 
 
 def _eta_parameters(req: GenerationRequest) -> dict[str, Any]:

@@ -17,10 +17,11 @@ plainly right:
   negative seeds are seeds, as A1111 hands them to `torch.manual_seed` (which reads them modulo 2**64).
 - sampler: a name spelt as ComfyUI spells it (`euler_ancestral`, not "Euler a": `samplers.comfyui_spelling`)
   asks for ComfyUI's KSampler conventions, so that image i is ComfyUI's one-picture run with seed + i: a
-  sampler that draws Gaussian step noise draws it from a generator seeded seed + 1 (ComfyUI's
-  `default_noise_sampler` on the CPU: A1111's ENSD of 1) unless an ENSD is given; the start noise is scaled
-  by ComfyUI's rule (`init_noise="comfyui"`, for a schedule not named the diffusers way) unless one is given;
-  img2img's strength is ComfyUI's `denoise` (`img2img_convention="comfyui"`) unless A1111's is asked for.
+  sampler that draws Gaussian step noise at its eta draws it from a generator seeded seed + 1 (ComfyUI's
+  `default_noise_sampler` on the CPU: A1111's ENSD of 1, `default_ensd`) unless an ENSD is given, 0 included;
+  the start noise is scaled by ComfyUI's rule (`init_noise="comfyui"`, for a schedule not named the diffusers
+  way) unless one is given; img2img's strength is ComfyUI's `denoise` (`img2img_convention="comfyui"`) unless
+  A1111's is asked for.
 - numbers: NumPy's scalars (`np.int64`, `np.float32`, `np.bool_`, ...; any `numbers.Integral` /
   `numbers.Real`) count as Python ints, floats and bools, converted once as the request is resolved, so the
   resolved request, the infotext and the PNG hold plain numbers. Numbers must be finite and inside bounds far
@@ -134,8 +135,8 @@ class GenerationRequest:
     clip_skip: int = 1                      # A1111 numbering: 1 = the family's usual layer, 2 = one back
     clip_skip_convention: str = "diffusers"  # "a1111": only encoders whose usual layer is the last (SD1's) move
                                             # back, as A1111 does; SD2 / SDXL ignore it there (plan._resolve)
-    eta_noise_seed_delta: int = 0           # A1111's ENSD: step noise drawn from seed + this after the initial noise
-                                            # (0 with a ComfyUI-spelt sampler: 1, ComfyUI's rule; module docstring)
+    eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise drawn from seed + this after the initial
+                                            # noise; None: `default_ensd` (1 for a ComfyUI spelling that draws it)
     eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
     s_noise: float = 1.0
     init_noise: str | None = None           # "sigma_max" (A1111), "vp" or "comfyui"; None = the schedule's
@@ -227,7 +228,7 @@ class GenerationRequest:
     def step_noise_seeds(self) -> list[int]:
         """The seeds of the per-step noise generators: each image's seed, moved by A1111's ENSD when set
         (A1111 `ImageRNG.first` reseeds its generators with seed + ENSD once the initial noise is drawn)."""
-        return [(seed + self.eta_noise_seed_delta) % (MAX_SEED + 1) for seed in self.seeds()]
+        return [(seed + (self.eta_noise_seed_delta or 0)) % (MAX_SEED + 1) for seed in self.seeds()]
 
     def parameters(self) -> dict[str, Any]:
         """The request as plain values (images left out), for metadata and logs."""
@@ -504,6 +505,13 @@ def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: st
     return r.img2img_convention
 
 
+def default_ensd(sampler: str | None, spec: SamplerSpec, eta: float | None) -> int:
+    """The ENSD of a request that sets none: 1 for a sampler spelt as ComfyUI spells it (`sampler`, the name asked
+    for) that draws Gaussian step noise at `eta` (`SamplerSpec.draws_step_noise`; ComfyUI's
+    `default_noise_sampler`, seeded seed + 1), else 0: the step noise continues the seeds' generators."""
+    return 1 if sampler is not None and comfyui_spelling(sampler) and spec.draws_step_noise(eta) else 0
+
+
 def img2img_convention_asked(request: GenerationRequest) -> str:
     """The img2img convention `request` asks for: the one it names, or ComfyUI's ("comfyui", its `denoise`)
     where it names diffusers' (the default) and its sampler is spelt as ComfyUI spells it (module docstring)."""
@@ -551,7 +559,8 @@ def resolve(
     if r.control_convention not in CONTROL_CONVENTIONS:
         raise RequestError(f"unknown ControlNet step convention {r.control_convention!r}; valid: "
                            f"{', '.join(CONTROL_CONVENTIONS)}")
-    if not _integer(r.eta_noise_seed_delta) or not 0 <= r.eta_noise_seed_delta <= MAX_SEED:
+    if r.eta_noise_seed_delta is not None and (
+            not _integer(r.eta_noise_seed_delta) or not 0 <= r.eta_noise_seed_delta <= MAX_SEED):
         raise RequestError(f"eta noise seed delta (ENSD) must be an integer in 0..{MAX_SEED}, "
                            f"got {r.eta_noise_seed_delta!r}")
     cfg_scale = _bounded("CFG scale", default_cfg if r.cfg_scale is None else r.cfg_scale, -MAX_CFG, MAX_CFG)
@@ -599,8 +608,8 @@ def resolve(
     init_noise = default_init_noise(schedule, spec.spacing, comfyui=comfyui) if r.init_noise is None else r.init_noise
     if init_noise not in INIT_NOISE_CONVENTIONS:
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
-    if comfyui and spec.noise == "gaussian" and not r.eta_noise_seed_delta:
-        r = replace(r, eta_noise_seed_delta=1)
+    if r.eta_noise_seed_delta is None:
+        r = replace(r, eta_noise_seed_delta=default_ensd(r.sampler, spec, r.eta))
     r = replace(r, img2img_convention=img2img_convention_asked(r))      # ComfyUI's denoise for its spellings
     if r.img2img_convention not in IMG2IMG_CONVENTIONS:
         raise RequestError(
