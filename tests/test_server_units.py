@@ -148,7 +148,9 @@ def test_a1111_scheduler_and_sampler_names():
         ["karras", "sgm_uniform", None, "ddim_uniform", "leading", None, None]
     assert sampler_and_schedule("DPM++ 2M Karras", None) == ("DPM++ 2M", "karras")
     assert sampler_and_schedule("DPM++ 2M Karras", "exponential") == ("DPM++ 2M", "exponential")
-    assert sampler_and_schedule("euler_ancestral", "") == ("Euler a", None)
+    assert sampler_and_schedule("euler a", "") == ("Euler a", None)                # an A1111 name: sdlab's spelling
+    assert sampler_and_schedule("euler_ancestral", "") == ("euler_ancestral", None)  # ComfyUI's: kept, its conventions
+    assert sampler_and_schedule("euler_ancestral Karras", None) == ("euler_ancestral", "karras")
     for call, detail in ((lambda: schedule_name("karras_exponential"), "Scheduler not found"),
                          (lambda: sampler_and_schedule("Nope Karras", None), "Sampler not found")):
         with pytest.raises(BadRequest) as err:
