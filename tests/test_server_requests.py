@@ -140,24 +140,34 @@ def test_progress_counts_both_hires_passes(client, body, total):
     created = client.post("/api/jobs", json={"prompt": "a slow one", "width": 64, "height": 64, **body})
     assert created.status_code == 202, created.text
     job_id = created.json()["id"]
-    assert client.get(f"/api/jobs/{job_id}").json()["steps"] == total
-    seen = []
+    seen, counted = [], set()
     while (job := client.get(f"/api/jobs/{job_id}").json())["status"] in ("queued", "running"):
+        counted.add(job["steps"])                               # 0 until the worker has resolved the job
         progress = client.get("/sdapi/v1/progress").json()
         state = progress["state"]
         if state["sampling_steps"]:
             seen.append((progress["progress"], progress["eta_relative"], state))
     assert job["status"] == "done" and job["step"] == job["steps"] == total, job
+    assert counted <= {0, total}, counted                       # while it runs, its whole count or none yet
     passes = (body["steps"], total - body["steps"])          # A1111 counts each pass as a job of its own
     for done, eta, state in seen:
         assert 0 <= done <= 1 and eta >= 0 and state["job_count"] == 2, seen
         assert state["sampling_step"] <= state["sampling_steps"] == passes[state["job_no"]], seen
 
 
+def wait_until_idle(client: httpx.Client, timeout: float = 120) -> None:
+    """Until the server runs and queues no job (A1111's idle /progress: job_count 0)."""
+    deadline = time.monotonic() + timeout
+    while client.get("/sdapi/v1/progress").json()["state"]["job_count"]:
+        assert time.monotonic() < deadline, "the server never went idle"
+        time.sleep(0.05)
+
+
 def test_a1111_progress_during_the_hires_pass(client):
     result = {}
     body = {"prompt": "hires progress", "steps": 2, "enable_hr": True, "hr_second_pass_steps": MAX_STEPS,
             "denoising_strength": 1}
+    wait_until_idle(client)                 # every /progress below is of this request's job
     worker = threading.Thread(target=lambda: result.update(r=client.post("/sdapi/v1/txt2img", json=body)))
     worker.start()
     samples = []
