@@ -401,9 +401,10 @@ def test_comfyui_spelt_samplers_draw_comfyuis_step_noise(monkeypatch, tiny, samp
 
 
 def test_a_batch_is_comfyuis_one_picture_runs(monkeypatch, tiny):
-    """README: in a batch, image i is ComfyUI's one-picture run with seed + i (ComfyUI's own batch draws one tensor
-    from the seed and one a step from seed + 1, which is none of them). sdlab's batch of 2 with euler_ancestral
-    equals its runs with seeds 1 and 2 (each ComfyUI's picture, above), up to batched float rounding (1e-4)."""
+    """docs/samplers.md: in a batch, image i is ComfyUI's one-picture run with seed + i (ComfyUI's own batch
+    draws one tensor from the seed and one a step from seed + 1, which is none of them). sdlab's batch of 2 with
+    euler_ancestral equals its runs with seeds 1 and 2 (each ComfyUI's picture, above), up to batched float
+    rounding (1e-4)."""
     batch = sdlab_run(monkeypatch, tiny, sampler="euler_ancestral", schedule="karras", steps=6, batch_size=2)["out"]
     for i in range(2):
         single = sdlab_run(monkeypatch, tiny, sampler="euler_ancestral", schedule="karras", steps=6, seed=SEED + i)

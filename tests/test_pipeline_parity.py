@@ -393,7 +393,7 @@ def _noised_at_the_samples_sigma(scheduler: KDPM2DiscreteScheduler) -> KDPM2Disc
 
 @pytest.mark.parametrize("strength", [0.6, 1.0])
 def test_sd1_inpaint_4_channels_dpm2_blends_at_the_calls_sigma(sd1, strength):
-    """README's known difference (4): in 4-channel inpainting diffusers' KDPM2 noises the kept region to the
+    """docs/samplers.md's known difference (4): in 4-channel inpainting diffusers' KDPM2 noises the kept region to the
     next full sigma before its midpoint call; sdlab noises it to the call's sigma, and is diffusers' picture once
     diffusers does so too (measured: max 1; as diffusers is, max 65 and 71)."""
     ours_pipe, pipe = sd1
