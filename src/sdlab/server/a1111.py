@@ -500,7 +500,8 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
     if job is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-    step, steps, passes = job.step, job.steps, job.passes   # read once: the worker counts on while this answers
+    passes = job.passes                 # first: once set, `steps` is too (`Job.count_steps` sets them in turn)
+    step, steps = job.step, job.steps   # read once: the worker counts on while this answers
     job_count, job_no, sampling_step, sampling_steps = _a1111_jobs(job.spec, passes, step)
     done = 0.01 + job_no / job_count        # A1111's progressapi: over the whole job
     if sampling_steps:

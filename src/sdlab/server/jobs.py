@@ -90,8 +90,9 @@ class Job:
         """The job's step counts from the resolved `plan` of its first batch (the worker's, before the first
         step): each pass's of a batch, and all its batches' steps, both passes of the hires fix counted in each
         (as A1111's progress counts them)."""
-        self.passes = pass_steps(plan)
-        self.steps = sum(self.passes) * self.spec.batch_count
+        passes = pass_steps(plan)
+        self.steps = sum(passes) * self.spec.batch_count
+        self.passes = passes        # last: a reader that reads `passes` first and sees them sees the total
 
     def final_event(self) -> tuple[str, dict[str, Any]] | None:
         return final_event(self.record()) if self.status in FINAL_STATES else None
