@@ -495,7 +495,9 @@ def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: st
     embedding (a full LCM model) drawn by the LCM sampler (`spec`, diffusers' LCMScheduler) on its grid (a
     diffusers spacing `schedule`) without a mask: diffusers draws such a model with
     `LatentConsistencyModelImg2ImgPipeline`, whose LCMScheduler takes the strength itself ("lcm",
-    `discretization.steps_run`). "lcm" does not inpaint."""
+    `discretization.steps_run`). "lcm" does not inpaint. ComfyUI's spellings ask for ComfyUI's denoise
+    (`img2img_convention_asked`)."""
+    r = replace(r, img2img_convention=img2img_convention_asked(r))
     if r.img2img_convention == "lcm" and r.mask_image is not None:
         raise RequestError("the lcm img2img convention (LatentConsistencyModelImg2ImgPipeline's) does not inpaint; "
                            "use diffusers, a1111 or comfyui")
@@ -610,7 +612,6 @@ def resolve(
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
     if r.eta_noise_seed_delta is None:
         r = replace(r, eta_noise_seed_delta=default_ensd(r.sampler, spec, r.eta))
-    r = replace(r, img2img_convention=img2img_convention_asked(r))      # ComfyUI's denoise for its spellings
     if r.img2img_convention not in IMG2IMG_CONVENTIONS:
         raise RequestError(
             f"unknown img2img convention {r.img2img_convention!r}; valid: {', '.join(IMG2IMG_CONVENTIONS)}"
