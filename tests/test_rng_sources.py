@@ -1,8 +1,10 @@
 """A1111's random sources ("CPU", "GPU", "NV") and "Seed resize from".
 
-Reference: AUTOMATIC1111/stable-diffusion-webui ``modules/rng_philox.py`` (``Generator``, ``philox4_32``,
-``box_muller``), transcribed below as `_A1111Philox`; its docstring's numbers are CUDA's ``torch.randn((3, 4))``
-after ``torch.manual_seed(0)``.
+References (AUTOMATIC1111/stable-diffusion-webui), transcribed below:
+- ``modules/rng_philox.py`` (``Generator``, ``philox4_32``, ``box_muller``) as `_A1111Philox`; its docstring's
+  numbers are CUDA's ``torch.randn((3, 4))`` after ``torch.manual_seed(0)``;
+- ``modules/rng.py`` (``ImageRNG.first`` / ``next``, ``randn``, ``slerp``) as `_A1111ImageRNG`, with
+  ``opts.randn_source`` "NV" (``create_generator`` and ``randn`` then make `_A1111Philox` generators).
 """
 
 from __future__ import annotations
@@ -13,7 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+import sdlab
+import sdlab.pipeline.generate as generate_module
+from sdlab.diffusion.noise import generators_for, initial_noise
 from sdlab.diffusion.philox import PhiloxGenerator
+from sdlab.pipeline.generate import sample_latents
+from sdlab.pipeline.request import GenerationRequest, RequestError
 
 # --- AUTOMATIC1111/stable-diffusion-webui modules/rng_philox.py, transcribed -------------------------------
 _philox_m = [0xD2511F53, 0xCD9E8D57]
@@ -105,3 +112,153 @@ def test_philox_sdxl_latent_speed():
     for _ in range(4):
         generator.randn((4, 128, 128))
     assert (time.perf_counter() - start) / 4 < 0.5
+
+
+# --- AUTOMATIC1111/stable-diffusion-webui modules/rng.py, transcribed for opts.randn_source == "NV" ---------
+def _a1111_randn(seed, shape, generator=None):
+    return torch.from_numpy((generator or _A1111Philox(seed)).randn(shape))
+
+
+def _a1111_slerp(val, low, high):
+    low_norm = low / torch.norm(low, dim=1, keepdim=True)
+    high_norm = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_norm * high_norm).sum(1)
+    if dot.mean() > 0.9995:
+        return low * val + high * (1 - val)
+    omega = torch.acos(dot)
+    so = torch.sin(omega)
+    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
+
+
+class _A1111ImageRNG:
+    def __init__(self, shape, seeds, subseeds=None, subseed_strength=0.0, seed_resize_from_h=0, seed_resize_from_w=0,
+                 eta_noise_seed_delta=0):
+        self.shape = shape
+        self.seeds = seeds
+        self.subseeds = subseeds
+        self.subseed_strength = subseed_strength
+        self.seed_resize_from_h = seed_resize_from_h
+        self.seed_resize_from_w = seed_resize_from_w
+        self.eta_noise_seed_delta = eta_noise_seed_delta                  # shared.opts.eta_noise_seed_delta
+        self.generators = [_A1111Philox(seed) for seed in seeds]
+        self.is_first = True
+
+    def first(self):
+        noise_shape = self.shape if self.seed_resize_from_h <= 0 or self.seed_resize_from_w <= 0 else (
+            self.shape[0], self.seed_resize_from_h // 8, self.seed_resize_from_w // 8)
+        xs = []
+        for i, (seed, generator) in enumerate(zip(self.seeds, self.generators)):
+            subnoise = None
+            if self.subseeds is not None and self.subseed_strength != 0:
+                subseed = 0 if i >= len(self.subseeds) else self.subseeds[i]
+                subnoise = _a1111_randn(subseed, noise_shape)
+            if noise_shape != self.shape:
+                noise = _a1111_randn(seed, noise_shape)
+            else:
+                noise = _a1111_randn(seed, self.shape, generator=generator)
+            if subnoise is not None:
+                noise = _a1111_slerp(self.subseed_strength, noise, subnoise)
+            if noise_shape != self.shape:
+                x = _a1111_randn(seed, self.shape, generator=generator)
+                dx = (self.shape[2] - noise_shape[2]) // 2
+                dy = (self.shape[1] - noise_shape[1]) // 2
+                w = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
+                h = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
+                tx = 0 if dx < 0 else dx
+                ty = 0 if dy < 0 else dy
+                dx = max(-dx, 0)
+                dy = max(-dy, 0)
+                x[:, ty:ty + h, tx:tx + w] = noise[:, dy:dy + h, dx:dx + w]
+                noise = x
+            xs.append(noise)
+        if self.eta_noise_seed_delta:
+            self.generators = [_A1111Philox(seed + self.eta_noise_seed_delta) for seed in self.seeds]
+        return torch.stack(xs)
+
+    def next(self):
+        if self.is_first:
+            self.is_first = False
+            return self.first()
+        return torch.stack([_a1111_randn(None, self.shape, generator=generator) for generator in self.generators])
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdlab.load()
+
+
+def _a1111_noise_run(pipe, request, monkeypatch):
+    """The final latents of `request` drawn with rng "CPU", its initial and step noise replaced by the transcribed
+    A1111 ImageRNG's (NV): ``x = rng.next()`` first, then one ``rng.next()`` per step noise."""
+    plan = pipe.resolve(request)
+    req = plan.request
+    reference = _A1111ImageRNG(plan.latent_shape[1:], req.seeds(), req.subseeds(), req.subseed_strength,
+                               0, 0, req.eta_noise_seed_delta)
+    monkeypatch.setattr(generate_module, "_initial_noise", lambda plan, generators, device: reference.next())
+    monkeypatch.setattr(generate_module, "per_image_noise", lambda generators, like: lambda *sigmas: reference.next())
+    latents = sample_latents(pipe.bundle, pipe.resolve(GenerationRequest(**{**vars(request), "rng": "CPU"})))
+    monkeypatch.undo()
+    return latents
+
+
+NV_CASES = {
+    "seed": dict(seed=5, batch_size=2),
+    "ensd": dict(seed=5, batch_size=2, eta_noise_seed_delta=31337),
+    "subseed": dict(seed=7, subseed=40, subseed_strength=0.3, batch_size=2),
+}
+
+
+@pytest.mark.parametrize("case", NV_CASES)
+def test_nv_txt2img_is_a1111s_image_rng(pipe, case, monkeypatch):
+    request = GenerationRequest(prompt="a red apple", sampler="Euler a", steps=4, width=64, height=64, rng="NV",
+                                **NV_CASES[case])
+    ours = sample_latents(pipe.bundle, pipe.resolve(request))
+    assert torch.equal(ours, _a1111_noise_run(pipe, request, monkeypatch))
+    cpu = sample_latents(pipe.bundle, pipe.resolve(GenerationRequest(**{**vars(request), "rng": "CPU"})))
+    assert (ours - cpu).abs().max() > 0.1                                # another picture than the CPU source's
+
+
+def test_gpu_off_cuda_draws_the_nv_numbers(pipe):
+    request = GenerationRequest(prompt="a red apple", sampler="Euler a", steps=3, width=64, height=64, seed=9)
+    nv = sample_latents(pipe.bundle, pipe.resolve(GenerationRequest(**{**vars(request), "rng": "NV"})))
+    gpu = sample_latents(pipe.bundle, pipe.resolve(GenerationRequest(**{**vars(request), "rng": "gpu"})))
+    assert torch.equal(nv, gpu)
+    assert all(isinstance(g, PhiloxGenerator) for g in generators_for([1, 2], "GPU", "cpu"))
+    assert all(isinstance(g, torch.Generator) for g in generators_for([1, 2], "CPU", "cpu"))
+
+
+def test_cpu_default_is_the_cpu_generators(pipe, monkeypatch):
+    """The default source draws every number from seeded CPU torch generators, as before the field existed:
+    the run equals one whose initial and step noise come straight from ``torch.randn`` of such generators."""
+    request = GenerationRequest(prompt="a red apple", sampler="Euler a", steps=4, width=64, height=64, seed=11,
+                                batch_size=2, eta_noise_seed_delta=3)
+    plan = pipe.resolve(request)
+    assert plan.request.rng == "CPU"
+    ours = sample_latents(pipe.bundle, plan)
+    shape = plan.latent_shape[1:]
+    first = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    steps = [torch.Generator().manual_seed(s) for s in (14, 15)]
+    start = torch.stack([torch.randn(shape, generator=g) for g in first])
+    monkeypatch.setattr(generate_module, "_initial_noise", lambda plan, generators, device: start)
+    monkeypatch.setattr(generate_module, "per_image_noise", lambda generators, like: lambda *sigmas: torch.stack(
+        [torch.randn(shape, generator=g) for g in steps]))
+    assert torch.equal(ours, sample_latents(pipe.bundle, plan))
+
+
+def test_latent_noise_fill_follows_the_source():
+    latent, repaint = torch.zeros(2, 4, 8, 8), torch.ones(1, 1, 8, 8)
+    from sdlab.pipeline.masked_content import masked_latent
+    filled = masked_latent(latent, repaint, "latent noise", [3, 4], "NV")
+    assert torch.equal(filled, torch.stack([_a1111_randn(s, (4, 8, 8)) for s in (3, 4)]))
+    assert torch.equal(masked_latent(latent, repaint, "latent noise", [3, 4]), initial_noise((2, 4, 8, 8), [3, 4]))
+
+
+@pytest.mark.parametrize("value, expected", [("nv", "NV"), ("Gpu", "GPU"), ("CPU", "CPU")])
+def test_rng_names_any_case(pipe, value, expected):
+    assert pipe.resolve(GenerationRequest(prompt="x", rng=value)).request.rng == expected
+
+
+def test_unknown_rng_is_a_request_error(pipe):
+    with pytest.raises(RequestError, match="random source"):
+        pipe.resolve(GenerationRequest(prompt="x", rng="TPU"))

@@ -1,9 +1,17 @@
-"""Explicit, batch-reproducible noise: every random draw comes from a per-image CPU generator.
+"""Explicit, batch-reproducible noise: every random draw comes from a per-image generator.
 
-Image i of a batch always gets the same noise for the same seed, whatever the batch size or the
-device: draws are made on the CPU from image i's own ``torch.Generator`` and then moved. This is
-diffusers' ``randn_tensor`` with a list of CPU generators (image i drawn as a ``(1, C, h, w)`` tensor
-from generator i).
+Image i of a batch always gets the same noise for the same seed, whatever the batch size: draws are made
+from image i's own generator (`generators_for`) and then moved. The generator is the request's random
+source (`RNG_SOURCES`, A1111's "Random number generator source" option, ``randn_source``):
+
+- "CPU" (sdlab's default): a seeded CPU ``torch.Generator``, the same noise on every device. This is
+  diffusers' ``randn_tensor`` with a list of CPU generators (image i drawn as a ``(1, C, h, w)`` tensor
+  from generator i).
+- "NV": a `PhiloxGenerator` (``diffusion/philox.py``), the numbers an NVIDIA GPU's ``torch.randn`` draws,
+  computed on the CPU: the same noise on every device.
+- "GPU": on a CUDA device that device's own seeded ``torch.Generator``, as A1111 draws; on any other device
+  the Philox numbers, since A1111's "GPU" pictures are drawn by NVIDIA GPUs (A1111 itself on a CPU or a Mac
+  draws them on the CPU instead, as "CPU").
 
 Draw dtype: sdlab draws in float32 and casts (A1111 and ComfyUI do the same), so a seed draws the same
 noise in every dtype and with every torch. diffusers draws directly in the pipeline dtype, and whether a
@@ -24,7 +32,13 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-__all__ = ["NoiseSource", "generators_for", "image_noise", "initial_noise", "per_image_noise"]
+from sdlab.diffusion.philox import PhiloxGenerator
+
+__all__ = ["RNG_SOURCES", "Generator", "NoiseSource", "draw", "generators_for", "image_noise", "initial_noise",
+           "per_image_noise"]
+
+RNG_SOURCES = ("CPU", "GPU", "NV")            # A1111's randn_source values
+Generator = torch.Generator | PhiloxGenerator
 
 
 class NoiseSource(Protocol):
@@ -36,14 +50,26 @@ class NoiseSource(Protocol):
     def __call__(self, sigma: Tensor, sigma_next: Tensor) -> Tensor: ...
 
 
-def generators_for(seeds: Sequence[int]) -> list[torch.Generator]:
-    """One seeded CPU generator per image."""
-    return [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+def generators_for(seeds: Sequence[int], rng: str = "CPU", device: torch.device | str = "cpu") -> list[Generator]:
+    """One seeded generator per image of the random source `rng` (module docstring) for a run on `device`."""
+    device = torch.device(device)
+    if rng == "NV" or (rng == "GPU" and device.type != "cuda"):
+        return [PhiloxGenerator(seed) for seed in seeds]
+    where = device if rng == "GPU" else torch.device("cpu")
+    return [torch.Generator(where).manual_seed(int(seed)) for seed in seeds]
 
 
-def _draw(generators: Sequence[torch.Generator], image_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """Image i from generator i, each ``(1, *image_shape)`` in ``dtype`` on the CPU, concatenated."""
-    return torch.cat([torch.randn((1, *image_shape), generator=g, dtype=dtype) for g in generators])
+def draw(generator: Generator, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+    """The generator's next standard normal draw of `shape` in `dtype`, on the generator's device (a
+    `PhiloxGenerator` draws float32, cast)."""
+    if isinstance(generator, PhiloxGenerator):
+        return generator.randn(shape).to(dtype)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+
+
+def _draw(generators: Sequence[Generator], image_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """Image i from generator i, each ``(1, *image_shape)`` in ``dtype`` on the generators' device, concatenated."""
+    return torch.cat([draw(g, (1, *image_shape), dtype) for g in generators])
 
 
 def initial_noise(
@@ -53,21 +79,23 @@ def initial_noise(
     device: torch.device | str = "cpu",
     *,
     draw_dtype: torch.dtype = torch.float32,
+    rng: str = "CPU",
 ) -> Tensor:
-    """Unit Gaussian noise of ``shape`` (B, C, h, w); image i seeded by ``seeds[i]``.
+    """Unit Gaussian noise of ``shape`` (B, C, h, w); image i the first draw of ``seeds[i]``'s generator of the
+    random source `rng`.
 
-    Equals diffusers' ``randn_tensor(shape, generator=[Generator('cpu').manual_seed(s) for s in seeds])``.
+    "CPU" equals diffusers' ``randn_tensor(shape, generator=[Generator('cpu').manual_seed(s) for s in seeds])``.
     """
     if len(seeds) != shape[0]:
         raise ValueError(f"got {len(seeds)} seeds for a batch of {shape[0]}")
-    noise = _draw(generators_for(seeds), tuple(shape[1:]), draw_dtype)                # (B, C, h, w)
+    noise = _draw(generators_for(seeds, rng, device), tuple(shape[1:]), draw_dtype)  # (B, C, h, w)
     return _upload(noise, torch.device(device), dtype)
 
 
 class _PerImageNoise:
     """A ``NoiseSource`` drawing each image's step noise from its own generator, in call order."""
 
-    def __init__(self, generators: Sequence[torch.Generator], like: Tensor, draw_dtype: torch.dtype) -> None:
+    def __init__(self, generators: Sequence[Generator], like: Tensor, draw_dtype: torch.dtype) -> None:
         if len(generators) != like.shape[0]:
             raise ValueError(f"got {len(generators)} generators for a batch of {like.shape[0]}")
         self.generators = list(generators)
@@ -98,16 +126,16 @@ def image_noise(noise: NoiseSource, i: int) -> NoiseSource:
 
 
 def _upload(noise: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """CPU-drawn noise in `dtype` on `device`. To CUDA from pinned memory without blocking: a copy from
-    ordinary (pageable) memory first waits for the whole GPU queue, which would be once per sampler step.
-    The cast happens on the CPU, so the pinned tensor is what is copied."""
-    if device.type == "cuda":
+    """Drawn noise in `dtype` on `device`. From the CPU to CUDA from pinned memory without blocking: a copy
+    from ordinary (pageable) memory first waits for the whole GPU queue, which would be once per sampler
+    step. The cast happens on the CPU, so the pinned tensor is what is copied."""
+    if device.type == "cuda" and noise.device.type == "cpu":
         return noise.to(dtype).pin_memory().to(device, non_blocking=True)
     return noise.to(device=device, dtype=dtype)
 
 
 def per_image_noise(
-    generators: Sequence[torch.Generator], like: Tensor, *, draw_dtype: torch.dtype = torch.float32
+    generators: Sequence[Generator], like: Tensor, *, draw_dtype: torch.dtype = torch.float32
 ) -> NoiseSource:
     """Noise source for ancestral/SDE steps: image i's noise comes from ``generators[i]``.
 
@@ -131,11 +159,13 @@ def slerp_a1111(strength: float, low: Tensor, high: Tensor) -> Tensor:
     return (torch.sin((1.0 - strength) * omega) / so).unsqueeze(1) * low + (torch.sin(strength * omega) / so).unsqueeze(1) * high
 
 
-def variation_noise(noise: Tensor, subseeds: Sequence[int], strength: float) -> Tensor:
+def variation_noise(noise: Tensor, subseeds: Sequence[int], strength: float, rng: str = "CPU") -> Tensor:
     """``noise`` (B, C, h, w) with image i blended toward the noise of ``subseeds[i]`` by ``strength``
-    (A1111's variation seed; the subseed noise is drawn on the CPU in float32 like the main noise)."""
+    (A1111's variation seed; the subseed noise is the first float32 draw of a fresh generator of the random
+    source `rng`, like the main noise; blended on the CPU)."""
     if strength == 0:
         return noise
-    sub = _draw(generators_for(subseeds), tuple(noise.shape[1:]), torch.float32)      # (B, C, h, w)
+    subseed_generators = generators_for(subseeds, rng, noise.device)
+    sub = _draw(subseed_generators, tuple(noise.shape[1:]), torch.float32).cpu()        # (B, C, h, w)
     mixed = [slerp_a1111(strength, n.float().cpu(), s) for n, s in zip(noise, sub)]
     return torch.stack(mixed).to(device=noise.device, dtype=noise.dtype)              # (B, C, h, w)

@@ -20,8 +20,9 @@ instead of a black picture (on CUDA one model call later, so that the check neve
 
 The modes differ only in the starting x, the sigma slice and the optional mask.
 
-Random numbers. Image i of a batch draws everything from its own CPU generator seeded with seed + i, so
-image i equals a single run with seed + i, on any device. The draws follow diffusers' pipelines in order:
+Random numbers. Image i of a batch draws everything from its own generator seeded with seed + i, of the
+request's random source (`rng`: a CPU generator by default, `diffusion/noise.py`), so image i equals a single
+run with seed + i. The draws follow diffusers' pipelines in order:
 
 1. the VAE posterior sample of the init image, only when the start or the blend needs it (img2img;
    inpainting below strength 1; 4-channel inpainting at any strength); diffusers' 9-channel inpainting at
@@ -72,7 +73,7 @@ from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import A1111_IMG2IMG, UI_IMG2IMG, steps_run
 from sdlab.diffusion.guidance import cfg, composable_cfg, masked, switch_at_calls
 from sdlab.diffusion.model_sampling import ModelSampling
-from sdlab.diffusion.noise import generators_for, per_image_noise, variation_noise
+from sdlab.diffusion.noise import Generator, draw, generators_for, per_image_noise, variation_noise
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
@@ -210,7 +211,7 @@ def sample_latents(
     if (init_latent is not None) != plan.from_latent or (
             init_latent is not None and tuple(init_latent.shape) != plan.latent_shape):
         raise ValueError(f"init_latent goes with a plan made from_latent, of shape {plan.latent_shape}")
-    generators = generators_for(plan.request.seeds())
+    generators = generators_for(plan.request.seeds(), plan.request.rng, bundle.device)
     with tiling_padding(plan.request, bundle):
         start = _start(bundle, plan, generators, init_latent)
         model = _guided_model(bundle, plan.sampling, plan.request, start, _overlay(plan), generators, plan.sigmas)
@@ -280,7 +281,7 @@ def generate_with_refiner(
     plan = _as_plan(base, request, refiner, switch_at)
     req, sigmas, split = plan.request, plan.sigmas, plan.refiner_split
     logger.info("refiner handoff after %d of %d steps, at sigma %.4f", split, len(sigmas) - 1, float(sigmas[split]))
-    generators = generators_for(req.seeds())
+    generators = generators_for(req.seeds(), req.rng, base.device)
     with tiling_padding(req, base, refiner):
         start = _start(base, plan, generators, refiner=refiner)
         options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
@@ -345,7 +346,7 @@ class _Start:
     from_noise: bool = False         # x is pure noise (no init latent in it)
 
 
-def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[torch.Generator],
+def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator],
            init_latent: Tensor | None = None, refiner: ModelBundle | None = None) -> _Start:
     """The first x: the model's forward process (``plan.sampling.noise_scaling``) applied to pure noise, or
     to the init image's latent (or `init_latent`) at ``sigmas[0]``. Inpainting at strength 1 starts from pure
@@ -392,7 +393,7 @@ def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> 
 
 
 def _init_latent(bundle: ModelBundle, plan: GenerationPlan, pixels: Tensor, repaint: Tensor | None,
-                 generators: list[torch.Generator]) -> Tensor:
+                 generators: list[Generator]) -> Tensor:
     """The init pictures' latent (B, 4, h, w), picture i's of init picture i % N: `pixels` (N, 3, H, W) encoded
     (`encode_image`), interpolated to
     the latent size for the "latent" resize mode (A1111: bilinear, its "Latent" upscaler), then with the
@@ -404,10 +405,10 @@ def _init_latent(bundle: ModelBundle, plan: GenerationPlan, pixels: Tensor, repa
         latent = upscale_latent(latent, *plan.latent_shape[-2:])                            # (B, 4, h, w)
     if repaint is None:
         return latent
-    return masked_latent(latent, repaint.to(latent), req.inpaint_fill, req.seeds())
+    return masked_latent(latent, repaint.to(latent), req.inpaint_fill, req.seeds(), req.rng)
 
 
-def _draw_unread_masked_image_sample(plan: GenerationPlan, generators: list[torch.Generator]) -> None:
+def _draw_unread_masked_image_sample(plan: GenerationPlan, generators: list[Generator]) -> None:
     """The draw diffusers' inpainting pipelines make for a 4-channel U-Net, which never reads it: they
     VAE-encode the masked image for every U-Net and sample its posterior from each image's generator
     (`prepare_mask_latents`), one latent-sized normal draw per image between the initial noise and the
@@ -416,18 +417,18 @@ def _draw_unread_masked_image_sample(plan: GenerationPlan, generators: list[torc
 
 
 def _posterior_generators(req: GenerationRequest,
-                          generators: list[torch.Generator]) -> list[torch.Generator] | None:
+                          generators: list[Generator]) -> list[Generator] | None:
     """The generators that VAE posterior samples are drawn from: the seeds' own (diffusers), or none under
     A1111's and ComfyUI's img2img conventions, which sample their posteriors from their global random state,
     apart from the seeds' generators: sdlab takes the posterior mean there and draws nothing (`encode_image`)."""
     return None if req.img2img_convention in UI_IMG2IMG else generators
 
 
-def _initial_noise(plan: GenerationPlan, generators: list[torch.Generator], device: torch.device) -> Tensor:
+def _initial_noise(plan: GenerationPlan, generators: list[Generator], device: torch.device) -> Tensor:
     """The unit noise of the first x, one draw per image's generator, with the request's variation seeds mixed in."""
     req, sigma = plan.request, plan.sigmas[0]
     noise = per_image_noise(generators, torch.empty(plan.latent_shape, device=device))(sigma, sigma)  # (B, 4, h, w)
-    return variation_noise(noise, req.subseeds(), req.subseed_strength)                              # (B, 4, h, w)
+    return variation_noise(noise, req.subseeds(), req.subseed_strength, req.rng)                     # (B, 4, h, w)
 
 
 def _guided_model(
@@ -436,7 +437,7 @@ def _guided_model(
     req: GenerationRequest,
     start: _Start,
     overlay: Overlay | None,
-    generators: list[torch.Generator],
+    generators: list[Generator],
     sigmas: Tensor,
     steps_done: int = 0,
 ) -> DenoiseFn:
@@ -541,7 +542,7 @@ def _negative_sizes(bundle: ModelBundle, req: GenerationRequest, img2img: bool) 
 
 
 def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
-                   generators: list[torch.Generator]) -> Tensor:
+                   generators: list[Generator]) -> Tensor:
     """The extra input channels of a 9-channel inpainting model (`inpaint_channels`), (B, 5, h, w)."""
     pixels, mask = start.pixels, start.mask
     if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
@@ -625,15 +626,15 @@ def _brownian_span(plan: GenerationPlan) -> Tensor:
     return request_sigmas(plan.sampling, plan.sampler, replace(req, steps=total), plan.sigmas.device, img2img=False)
 
 
-def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[torch.Generator]) -> dict[str, Any]:
+def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator]) -> dict[str, Any]:
     """Keyword arguments of the plan's sampler: its noise source and the options it accepts."""
     sampler, req = plan.sampler, plan.request
     options: dict[str, Any] = {}
     if sampler.noise == "brownian":
         options["noise"] = BrownianTreeNoise.for_sigmas(x, _brownian_span(plan), req.seeds())
     elif sampler.noise == "gaussian":    # after the initial noise: the same generators, or reseeded by ENSD
-        options["noise"] = per_image_noise(generators_for(req.step_noise_seeds()) if req.eta_noise_seed_delta
-                                           else generators, x)
+        options["noise"] = per_image_noise(generators_for(req.step_noise_seeds(), req.rng, x.device)
+                                           if req.eta_noise_seed_delta else generators, x)
     if req.eta is not None:
         options["eta"] = req.eta
     if req.s_noise != 1.0:
@@ -666,7 +667,7 @@ def in_safe_vae_precision(bundle: ModelBundle, run: Callable[[], Tensor]) -> Ten
     return out
 
 
-def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Generator] | None = None, *,
+def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[Generator] | None = None, *,
                  tiled: bool | None = None) -> Tensor:
     """Pictures in [-1, 1] -> model-space latents: with `generators`, one posterior sample of init picture
     i % N of (N, 3, H, W) per generator i, drawn from it (diffusers' `retrieve_latents(..., generator[i])`),
@@ -695,9 +696,17 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[torch.Gen
         for generator, state in zip(generators, states):
             generator.set_state(state)
         rows = per_picture(moments, len(generators))                                     # (B, 2 * 4, h, w)
-        return torch.cat([DiagonalGaussian(row[None]).sample(g) for row, g in zip(rows, generators)])  # (B, 4, h, w)
+        return torch.cat([_posterior_sample(DiagonalGaussian(row[None]), g) for row, g in zip(rows, generators)])
 
     return in_safe_vae_precision(bundle, encode).to(torch.float32) * bundle.scaling_factor
+
+
+def _posterior_sample(posterior: DiagonalGaussian, generator: Generator) -> Tensor:
+    """One sample of `posterior` (1, 4, h, w), its noise the generator's next draw: diffusers' own draw in the
+    posterior's dtype from a torch generator, a float32 draw cast from a Philox one (`noise.draw`)."""
+    if isinstance(generator, torch.Generator):
+        return posterior.sample(generator)
+    return posterior.mean + posterior.std * draw(generator, tuple(posterior.mean.shape)).to(posterior.mean)
 
 
 def per_picture(rows: Tensor, batch_size: int) -> Tensor:
@@ -706,7 +715,7 @@ def per_picture(rows: Tensor, batch_size: int) -> Tensor:
 
 
 def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor,
-                     generators: list[torch.Generator] | None, *, tiled: bool | None = None) -> Tensor:
+                     generators: list[Generator] | None, *, tiled: bool | None = None) -> Tensor:
     """The 5 extra input channels of 9-channel inpainting U-Nets: latent mask, then masked-image latent
     (`encode_image`: one posterior sample per generator, or the mean without; in tiles as `tiled` decides)."""
     factor = bundle.vae_config.downsample_factor

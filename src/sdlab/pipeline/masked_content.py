@@ -5,7 +5,8 @@
 - "original": the picture as it is;
 - "latent noise": filled as "fill", then the masked area of the init latent replaced by each image's seed's
   first draw, a unit Gaussian (`masked_latent`; A1111's ``create_random_tensors(shape, seeds)`` in
-  ``StableDiffusionProcessingImg2Img.init``: fresh generators of the batch's seeds, apart from the run's);
+  ``StableDiffusionProcessingImg2Img.init``: fresh generators of the batch's seeds and the run's random
+  source, apart from the run's generators);
 - "latent nothing": filled as "fill", then the masked area of the init latent set to zero.
 
 Where the init latent starts the run (A1111's img2img convention at any strength, diffusers' below 1)
@@ -44,12 +45,12 @@ def fill(picture: Image.Image, mask: Image.Image) -> Image.Image:
     return filled.convert("RGB")
 
 
-def masked_latent(latent: Tensor, repaint: Tensor, content: str, seeds: Sequence[int]) -> Tensor:
+def masked_latent(latent: Tensor, repaint: Tensor, content: str, seeds: Sequence[int], rng: str = "CPU") -> Tensor:
     """The init latent (B, C, h, w) with its repainted area (`repaint` (1, 1, h, w), 1 = repaint) as "latent
-    noise" (image i: the first draw of a generator seeded with ``seeds[i]``) or "latent nothing" (zero) asks;
-    any other content leaves it as it is."""
+    noise" (image i: the first draw of a generator of the random source `rng` seeded with ``seeds[i]``) or
+    "latent nothing" (zero) asks; any other content leaves it as it is."""
     if content == "latent noise":
-        noise = initial_noise(tuple(latent.shape), seeds, latent.dtype, latent.device)          # (B, C, h, w)
+        noise = initial_noise(tuple(latent.shape), seeds, latent.dtype, latent.device, rng=rng)  # (B, C, h, w)
         return latent * (1 - repaint) + noise * repaint
     if content == "latent nothing":
         return latent * (1 - repaint)

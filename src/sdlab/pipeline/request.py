@@ -49,6 +49,7 @@ from sdlab.diffusion.discretization import (
     default_init_noise,
     steps_run,
 )
+from sdlab.diffusion.noise import RNG_SOURCES
 from sdlab.diffusion.samplers import SamplerSpec, comfyui_spelling, get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.images import on_white, read_image, snap_size
@@ -126,6 +127,9 @@ class GenerationRequest:
     seed: int | None = None                 # image i uses seed + i; None draws a random seed
     subseed: int | None = None              # A1111's variation seed (image i: subseed + i); None = random
     subseed_strength: float = 0.0           # 0 = off; the initial noise moves toward the subseed's by this
+    rng: str = "CPU"                        # the noise's random source, A1111's randn_source: "CPU", "GPU" (the
+                                            # CUDA device's generator; elsewhere "NV"'s numbers) or "NV" (CUDA's
+                                            # numbers on any device); any case (diffusion/noise.py)
     width: int | None = None
     height: int | None = None
     size_convention: str = "diffusers"      # img2img / inpainting's unset width / height: the init image's
@@ -338,6 +342,15 @@ def hires_sizes(width: int, height: int, scale: float | None, hr_width: int | No
         up = final = (int(width * scale), int(height * scale))
     snap = lambda size: (size[0] - size[0] % multiple, size[1] - size[1] % multiple)  # noqa: E731
     return snap(up), snap(final)
+
+
+def rng_source(value: Any) -> str:
+    """A random source as A1111 labels it (`RNG_SOURCES`: "CPU", "GPU", "NV") from any case; else a
+    `RequestError`."""
+    key = value.strip().upper() if isinstance(value, str) else value
+    if key not in RNG_SOURCES:
+        raise RequestError(f"unknown random source (rng) {value!r}; valid: {', '.join(RNG_SOURCES)}")
+    return key
 
 
 def fixed_seed(seed: int | None) -> int:
@@ -590,6 +603,7 @@ def resolve(
         raise RequestError(f"subseed must be an integer (or None / -1 for a random one), got {r.subseed!r}")
     if not 0.0 <= _finite("subseed_strength", r.subseed_strength) <= 1.0:
         raise RequestError(f"subseed_strength (variation strength) must lie in [0, 1], got {r.subseed_strength}")
+    rng = rng_source(r.rng)
     if r.eta is not None:
         _bounded("eta", r.eta, 0.0, MAX_ETA)
     if not isinstance(r.sampler, (str, type(None))) or not isinstance(r.schedule, (str, type(None))):
@@ -659,7 +673,8 @@ def resolve(
     init_image = init_images[0] if init_images else None if r.init_image is None else on_white(r.init_image)
     return replace(
         r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,
-        width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed), **hires,
+        width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed), rng=rng,
+        **hires,
         init_image=init_image, init_images=init_images,
         tiled_vae=False if r.tiling else r.tiled_vae,
     )
