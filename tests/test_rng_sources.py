@@ -193,9 +193,11 @@ def _a1111_noise_run(pipe, request, monkeypatch):
     A1111 ImageRNG's (NV): ``x = rng.next()`` first, then one ``rng.next()`` per step noise."""
     plan = pipe.resolve(request)
     req = plan.request
+    scale = 8 // pipe.bundle.vae_config.downsample_factor   # A1111's // 8 is its models' VAE factor; the tiny one's is 4
     reference = _A1111ImageRNG(plan.latent_shape[1:], req.seeds(), req.subseeds(), req.subseed_strength,
-                               0, 0, req.eta_noise_seed_delta)
-    monkeypatch.setattr(generate_module, "_initial_noise", lambda plan, generators, device: reference.next())
+                               req.seed_resize_from_h * scale, req.seed_resize_from_w * scale,
+                               req.eta_noise_seed_delta)
+    monkeypatch.setattr(generate_module, "_initial_noise", lambda *args: reference.next())
     monkeypatch.setattr(generate_module, "per_image_noise", lambda generators, like: lambda *sigmas: reference.next())
     latents = sample_latents(pipe.bundle, pipe.resolve(GenerationRequest(**{**vars(request), "rng": "CPU"})))
     monkeypatch.undo()
@@ -206,6 +208,9 @@ NV_CASES = {
     "seed": dict(seed=5, batch_size=2),
     "ensd": dict(seed=5, batch_size=2, eta_noise_seed_delta=31337),
     "subseed": dict(seed=7, subseed=40, subseed_strength=0.3, batch_size=2),
+    "resize smaller": dict(seed=3, batch_size=2, seed_resize_from_w=40, seed_resize_from_h=88),
+    "resize with subseed": dict(seed=3, subseed=8, subseed_strength=0.6, seed_resize_from_w=96,
+                                seed_resize_from_h=48, eta_noise_seed_delta=5),
 }
 
 
@@ -240,7 +245,7 @@ def test_cpu_default_is_the_cpu_generators(pipe, monkeypatch):
     first = [torch.Generator().manual_seed(s) for s in (11, 12)]
     steps = [torch.Generator().manual_seed(s) for s in (14, 15)]
     start = torch.stack([torch.randn(shape, generator=g) for g in first])
-    monkeypatch.setattr(generate_module, "_initial_noise", lambda plan, generators, device: start)
+    monkeypatch.setattr(generate_module, "_initial_noise", lambda *args: start)
     monkeypatch.setattr(generate_module, "per_image_noise", lambda generators, like: lambda *sigmas: torch.stack(
         [torch.randn(shape, generator=g) for g in steps]))
     assert torch.equal(ours, sample_latents(pipe.bundle, plan))
@@ -262,3 +267,31 @@ def test_rng_names_any_case(pipe, value, expected):
 def test_unknown_rng_is_a_request_error(pipe):
     with pytest.raises(RequestError, match="random source"):
         pipe.resolve(GenerationRequest(prompt="x", rng="TPU"))
+
+
+@pytest.mark.parametrize("rng", ["CPU", "NV"])
+def test_seed_resize_keeps_the_small_pictures_noise_at_the_centre(pipe, rng):
+    """Noise drawn at 64x64 with "Seed resize from: 64x64" at 96x80: its centre is the 64x64 run's noise, its
+    border the generator's first draw at 96x80, and the generator then draws on from there."""
+    factor = pipe.bundle.vae_config.downsample_factor                    # 4: latents 16x16 and 24x20
+    common = dict(prompt="x", seed=21, subseed=4, subseed_strength=0.5, rng=rng)
+    small_plan = pipe.resolve(GenerationRequest(width=64, height=64, **common))
+    big_plan = pipe.resolve(GenerationRequest(width=96, height=80, seed_resize_from_w=64, seed_resize_from_h=64,
+                                              **common))
+    cpu = torch.device("cpu")
+    small = generate_module._initial_noise(small_plan, generators_for([21], rng), cpu, factor)  # (1, 4, 16, 16)
+    generators = generators_for([21], rng)
+    big = generate_module._initial_noise(big_plan, generators, cpu, factor)                    # (1, 4, 20, 24)
+    assert torch.equal(big[..., 2:18, 4:20], small)
+    plain = generators_for([21], rng)[0]
+    whole = generate_module.draw(plain, (1, 4, 20, 24))
+    assert torch.equal(big[..., 0, :], whole[..., 0, :]) and torch.equal(big[..., :, 0], whole[..., :, 0])
+    assert torch.equal(generate_module.draw(generators[0], (2,)), generate_module.draw(plain, (2,)))
+
+
+def test_seed_resize_off_and_checked(pipe):
+    plan = pipe.resolve(GenerationRequest(prompt="x", seed_resize_from_w=-1, seed_resize_from_h=512))
+    assert (plan.request.seed_resize_from_w, plan.request.seed_resize_from_h) == (0, 0)
+    for bad in (dict(seed_resize_from_w=2, seed_resize_from_h=64), dict(seed_resize_from_w=64.5, seed_resize_from_h=64)):
+        with pytest.raises(RequestError, match="seed_resize_from_w"):
+            pipe.resolve(GenerationRequest(prompt="x", **bad))

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from sdlab.diffusion.philox import PhiloxGenerator
 
-__all__ = ["RNG_SOURCES", "Generator", "NoiseSource", "draw", "generators_for", "image_noise", "initial_noise",
-           "per_image_noise"]
+__all__ = ["RNG_SOURCES", "Generator", "NoiseSource", "draw", "first_noise", "generators_for", "image_noise",
+           "initial_noise", "per_image_noise"]
 
 RNG_SOURCES = ("CPU", "GPU", "NV")            # A1111's randn_source values
 Generator = torch.Generator | PhiloxGenerator
@@ -169,3 +169,32 @@ def variation_noise(noise: Tensor, subseeds: Sequence[int], strength: float, rng
     sub = _draw(subseed_generators, tuple(noise.shape[1:]), torch.float32).cpu()        # (B, C, h, w)
     mixed = [slerp_a1111(strength, n.float().cpu(), s) for n, s in zip(noise, sub)]
     return torch.stack(mixed).to(device=noise.device, dtype=noise.dtype)              # (B, C, h, w)
+
+
+def first_noise(generators: Sequence[Generator], like: Tensor, seeds: Sequence[int], subseeds: Sequence[int],
+                subseed_strength: float, rng: str = "CPU", resize_from: tuple[int, int] | None = None) -> Tensor:
+    """The unit noise of the first x (B, C, h, w) shaped like `like`, A1111's ``ImageRNG.first``: image i's
+    generator's first draw blended toward its subseed's noise (`variation_noise`). With `resize_from` (h', w')
+    latent pixels (A1111's "Seed resize from"), the seed's noise at that size (a fresh generator's first draw,
+    blended toward the subseed's at that size) is placed at the centre of the generator's first draw at the
+    full size (`place_centred`), so that a picture keeps its composition at another size."""
+    if resize_from is None or tuple(resize_from) == tuple(like.shape[-2:]):
+        return variation_noise(per_image_noise(generators, like)(), subseeds, subseed_strength, rng)
+    small_shape = (like.shape[0], like.shape[1], *resize_from)
+    small = initial_noise(small_shape, seeds, like.dtype, like.device, rng=rng)            # (B, C, h', w')
+    small = variation_noise(small, subseeds, subseed_strength, rng)
+    return place_centred(per_image_noise(generators, like)(), small)                      # (B, C, h, w)
+
+
+def place_centred(noise: Tensor, small: Tensor) -> Tensor:
+    """`noise` (B, C, h, w) with `small` (B, C, h', w') written over its centre, cut to its centre where it is
+    larger, by A1111's offsets (``ImageRNG.first``): floor((h - h') / 2) (for a larger `small` whose size
+    differs by an odd number, the last row / column of `noise` stays)."""
+    (height, width), (small_height, small_width) = noise.shape[-2:], small.shape[-2:]
+    dy, dx = (height - small_height) // 2, (width - small_width) // 2
+    rows = small_height if dy >= 0 else small_height + 2 * dy
+    cols = small_width if dx >= 0 else small_width + 2 * dx
+    to_y, to_x, from_y, from_x = max(dy, 0), max(dx, 0), max(-dy, 0), max(-dx, 0)
+    placed = noise.clone()
+    placed[..., to_y:to_y + rows, to_x:to_x + cols] = small[..., from_y:from_y + rows, from_x:from_x + cols]
+    return placed

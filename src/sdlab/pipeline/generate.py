@@ -73,7 +73,7 @@ from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import A1111_IMG2IMG, UI_IMG2IMG, steps_run
 from sdlab.diffusion.guidance import cfg, composable_cfg, masked, switch_at_calls
 from sdlab.diffusion.model_sampling import ModelSampling
-from sdlab.diffusion.noise import Generator, draw, generators_for, per_image_noise, variation_noise
+from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, per_image_noise
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
@@ -369,7 +369,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
     # drawn for the posterior, so the noise is each seed's first draw (`sample`: x = self.rng.next())
     if pixels is not None and (not from_noise or blends):
         image_latent = _init_latent(bundle, plan, pixels, small_mask, generators)           # (B, 4, h, w)
-    noise = _initial_noise(plan, generators, device)                                        # (B, 4, h, w)
+    noise = _initial_noise(plan, generators, device, bundle.vae_config.downsample_factor)  # (B, 4, h, w)
     if pixels is not None:              # A1111's img2img `sample`: x = self.rng.next() * initial_noise_multiplier
         noise = noise * req.noise_multiplier                                                # (B, 4, h, w)
     if mask is not None and not bundle.family.is_inpaint and req.img2img_convention == "diffusers":
@@ -424,11 +424,14 @@ def _posterior_generators(req: GenerationRequest,
     return None if req.img2img_convention in UI_IMG2IMG else generators
 
 
-def _initial_noise(plan: GenerationPlan, generators: list[Generator], device: torch.device) -> Tensor:
-    """The unit noise of the first x, one draw per image's generator, with the request's variation seeds mixed in."""
-    req, sigma = plan.request, plan.sigmas[0]
-    noise = per_image_noise(generators, torch.empty(plan.latent_shape, device=device))(sigma, sigma)  # (B, 4, h, w)
-    return variation_noise(noise, req.subseeds(), req.subseed_strength, req.rng)                     # (B, 4, h, w)
+def _initial_noise(plan: GenerationPlan, generators: list[Generator], device: torch.device, factor: int) -> Tensor:
+    """The unit noise of the first x, one draw per image's generator, with the request's variation seeds mixed in
+    and its "Seed resize from" size (pixels, latent pixels of `factor`) placed at the centre (`first_noise`)."""
+    req = plan.request
+    resize_from = None if not req.seed_resize_from_w else (req.seed_resize_from_h // factor,
+                                                          req.seed_resize_from_w // factor)
+    return first_noise(generators, torch.empty(plan.latent_shape, device=device), req.seeds(), req.subseeds(),
+                       req.subseed_strength, req.rng, resize_from)                          # (B, 4, h, w)
 
 
 def _guided_model(

@@ -130,6 +130,9 @@ class GenerationRequest:
     rng: str = "CPU"                        # the noise's random source, A1111's randn_source: "CPU", "GPU" (the
                                             # CUDA device's generator; elsewhere "NV"'s numbers) or "NV" (CUDA's
                                             # numbers on any device); any case (diffusion/noise.py)
+    seed_resize_from_w: int = 0             # A1111's "Seed resize from" width x height in pixels: the noise the
+    seed_resize_from_h: int = 0             # seeds draw at that size, centred in this one's (noise.first_noise);
+                                            # 0 or less on either side: off
     width: int | None = None
     height: int | None = None
     size_convention: str = "diffusers"      # img2img / inpainting's unset width / height: the init image's
@@ -351,6 +354,20 @@ def rng_source(value: Any) -> str:
     if key not in RNG_SOURCES:
         raise RequestError(f"unknown random source (rng) {value!r}; valid: {', '.join(RNG_SOURCES)}")
     return key
+
+
+def _seed_resize(r: GenerationRequest, factor: int) -> dict[str, int]:
+    """The checked "Seed resize from" sides: both 0 when either is 0 or less (off, as A1111's ``ImageRNG``), else
+    integers in factor..MAX_SIDE (the noise is drawn at side // factor latent pixels)."""
+    for name in ("seed_resize_from_w", "seed_resize_from_h"):
+        if not _integer(getattr(r, name)):
+            raise RequestError(f"{name} must be a number of pixels (0 = off), got {getattr(r, name)!r}")
+    if r.seed_resize_from_w <= 0 or r.seed_resize_from_h <= 0:
+        return dict(seed_resize_from_w=0, seed_resize_from_h=0)
+    for name in ("seed_resize_from_w", "seed_resize_from_h"):
+        if not factor <= getattr(r, name) <= MAX_SIDE:
+            raise RequestError(f"{name} must lie in {factor}..{MAX_SIDE} pixels (0 = off), got {getattr(r, name)!r}")
+    return dict(seed_resize_from_w=r.seed_resize_from_w, seed_resize_from_h=r.seed_resize_from_h)
 
 
 def fixed_seed(seed: int | None) -> int:
@@ -604,6 +621,7 @@ def resolve(
     if not 0.0 <= _finite("subseed_strength", r.subseed_strength) <= 1.0:
         raise RequestError(f"subseed_strength (variation strength) must lie in [0, 1], got {r.subseed_strength}")
     rng = rng_source(r.rng)
+    seed_resize = _seed_resize(r, factor)
     if r.eta is not None:
         _bounded("eta", r.eta, 0.0, MAX_ETA)
     if not isinstance(r.sampler, (str, type(None))) or not isinstance(r.schedule, (str, type(None))):
@@ -674,7 +692,7 @@ def resolve(
     return replace(
         r, sampler=spec.name, schedule=schedule, cfg_scale=cfg_scale, init_noise=init_noise,
         width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed), rng=rng,
-        **hires,
+        **seed_resize, **hires,
         init_image=init_image, init_images=init_images,
         tiled_vae=False if r.tiling else r.tiled_vae,
     )
