@@ -295,3 +295,33 @@ def test_seed_resize_off_and_checked(pipe):
     for bad in (dict(seed_resize_from_w=2, seed_resize_from_h=64), dict(seed_resize_from_w=64.5, seed_resize_from_h=64)):
         with pytest.raises(RequestError, match="seed_resize_from_w"):
             pipe.resolve(GenerationRequest(prompt="x", **bad))
+
+
+def _infotext(request, pipe):
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+    from sdlab.pipeline.infotext import to_parameters
+    return parse_parameters(format_parameters(to_parameters(pipe.resolve(request).request)))
+
+
+def test_infotext_records_the_source_and_the_seed_resize(pipe):
+    from sdlab.pipeline.infotext import from_parameters
+    recorded = _infotext(GenerationRequest(prompt="x", seed=3, rng="nv", seed_resize_from_w=512,
+                                           seed_resize_from_h=768), pipe)
+    assert recorded["RNG"] == "NV" and recorded["Seed resize from"] == "512x768"
+    fields = from_parameters(recorded)
+    assert (fields["rng"], fields["seed_resize_from_w"], fields["seed_resize_from_h"]) == ("NV", 512, 768)
+    plain = _infotext(GenerationRequest(prompt="x", seed=3), pipe)
+    assert plain["RNG"] == "CPU" and "Seed resize from" not in plain
+    assert from_parameters(plain)["rng"] == "CPU"
+
+
+@pytest.mark.parametrize("version, rng", [("v1.10.1", "GPU"), ("sdlab 0.1.0", "CPU"), (None, "GPU")])
+def test_a_text_without_rng_is_its_writers_default(version, rng):
+    from sdlab.pipeline.infotext import from_parameters
+    from sdlab.pipeline.png_info import parse_parameters
+    from sdlab.server.a1111 import a1111_parameters
+    text = "a cat\nSteps: 4, Sampler: Euler a, CFG scale: 5, Seed: 1, Size: 64x64" + (
+        f", Version: {version}" if version else "")
+    assert from_parameters(parse_parameters(text)).get("rng", "CPU") == rng
+    assert a1111_parameters(text)["RNG"] == rng
+    assert from_parameters(parse_parameters(text + ", RNG: NV"))["rng"] == "NV"

@@ -42,6 +42,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Eta": ("eta", float),
     "Eta DDIM": ("eta", float),            # A1111's label for its timestep samplers' eta (DDIM's)
     "ENSD": ("eta_noise_seed_delta", int),
+    "RNG": ("rng", str),
     "CFG rescale": ("guidance_rescale", float),
     "Mask blur": ("mask_blur", float),
     "Mask blur x": ("mask_blur", float),   # sdlab's labels of unequal sigmas, where A1111 writes no Mask blur
@@ -163,6 +164,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Size": f"{req.width}x{req.height}",
         "Variation seed": req.subseeds()[index] if req.subseed_strength else None,
         "Variation seed strength": req.subseed_strength or None,
+        "Seed resize from": f"{req.seed_resize_from_w}x{req.seed_resize_from_h}" if req.seed_resize_from_w else None,
         "Model hash": model_hash,
         "Model": model_name,
         "VAE hash": None if vae is None else vae[1],
@@ -172,6 +174,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **hires_parameters(req),
         **_eta_parameters(req),
         "ENSD": _ensd(req),
+        "RNG": req.rng,                  # A1111 leaves out its default, GPU; sdlab writes every source
         "CFG rescale": req.guidance_rescale or None,
         **img2img_parameters(req),
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
@@ -296,6 +299,8 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         fields["inpaint_only_masked"] = _label_flag("Inpaint area", p["Inpaint area"], _INPAINT_AREAS)
     if "Mask mode" in p:
         fields["invert_mask"] = _label_flag("Mask mode", p["Mask mode"], _MASK_MODES)
+    if "Seed resize from" in p:
+        fields["seed_resize_from_w"], fields["seed_resize_from_h"] = _size_label(p, "Seed resize from")
     if "Hires resize" in p:
         try:
             fields["hr_width"], fields["hr_height"] = (int(v) for v in str(p["Hires resize"]).lower().split("x"))
@@ -317,6 +322,15 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     if "schedule" in fields and fields["schedule"] is None:    # "Automatic" in sdlab's files: the model's default
         del fields["schedule"]
     return fields
+
+
+def _size_label(p: dict[str, Any], label: str) -> tuple[int, int]:
+    """A `WIDTHxHEIGHT` label's two numbers; a ValueError naming it when it is not that."""
+    try:
+        width, height = (int(v) for v in str(p[label]).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"the PNG's {label} value {p[label]!r} is not WIDTHxHEIGHT") from None
+    return width, height
 
 
 def drawn_by_sdlab(p: dict[str, Any]) -> bool:
@@ -353,11 +367,14 @@ def _label_flag(label: str, value: Any, flags: dict[str, bool]) -> bool:
 
 def _as_a1111_ran(fields: dict[str, Any]) -> None:
     """Read a file AUTOMATIC1111 wrote as A1111 drew it: img2img steps, clip skip and the ControlNet steps
-    by its rules, and the schedule it ran the sampler on. A missing `Schedule type` is the plain (uniform)
-    one of the versions before 1.9, which named Karras in the sampler ("DPM++ 2M Karras"); 1.9 and later
-    always write it, "Automatic" meaning the sampler's own default (`samplers.a1111_schedule`)."""
+    by its rules, its noise from the random source it names (none: A1111's default "GPU"; sdlab's files
+    without the label were drawn by sdlab's default, "CPU"), and the schedule it ran the sampler on. A missing
+    `Schedule type` is the plain (uniform) one of the versions before 1.9, which named Karras in the sampler
+    ("DPM++ 2M Karras"); 1.9 and later always write it, "Automatic" meaning the sampler's own default
+    (`samplers.a1111_schedule`)."""
     fields.setdefault("img2img_convention", "a1111")
     fields.setdefault("clip_skip_convention", "a1111")
     fields.setdefault("control_convention", "a1111")
+    fields.setdefault("rng", "GPU")
     if "sampler" in fields:
         fields["schedule"] = a1111_schedule(fields["sampler"], fields.get("schedule", "uniform"))

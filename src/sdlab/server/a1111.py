@@ -41,7 +41,7 @@ from sdlab.checkpoints.io import read_checkpoint
 from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule, comfyui_spelling
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
-from sdlab.pipeline.infotext import hires_parameters, img2img_parameters, refiner_label
+from sdlab.pipeline.infotext import drawn_by_sdlab, hires_parameters, img2img_parameters, refiner_label
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
@@ -976,10 +976,13 @@ def a1111_parameters(text: str) -> dict[str, Any]:
 
 
 def _a1111_defaults(parsed: dict[str, Any]) -> dict[str, Any]:
-    """A1111's defaults of the labels a text leaves out, in its order: `_A1111_DEFAULTS`, `Cache FP16 weight
-    for LoRA` with an FP8 weight other than "Disable", `Emphasis` "Original" when a prompt weighs a word
-    other than 1, and `Refiner switch by sampling steps`."""
+    """A1111's defaults of the labels a text leaves out, in its order: `_A1111_DEFAULTS` (`RNG` "CPU" for a text
+    sdlab wrote, the source it drew with), `Cache FP16 weight for LoRA` with an FP8 weight other than
+    "Disable", `Emphasis` "Original" when a prompt weighs a word other than 1, and `Refiner switch by sampling
+    steps`."""
     defaults: dict[str, Any] = dict(_A1111_DEFAULTS)
+    if drawn_by_sdlab(parsed):          # sdlab's texts without the label were drawn by its default source
+        defaults["RNG"] = "CPU"
     if parsed.get("FP8 weight", "Disable") != "Disable":
         defaults["Cache FP16 weight for LoRA"] = False
     if _uses_emphasis(str(parsed.get("Prompt", ""))) or _uses_emphasis(str(parsed.get("Negative prompt", ""))):
