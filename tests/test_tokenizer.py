@@ -293,6 +293,19 @@ def test_special_tokens_in_text_match_transformers(hf_tok):
     assert tok.encode("hello <|endoftext|> world")[1] == EOS_TOKEN_ID
 
 
+def test_special_tokens_glued_to_punctuation_match_transformers(hf_tok):
+    """A literal special token is one token wherever it stands in a word, as Hugging Face splits its added
+    tokens out of the raw text first: "cat,<|endoftext|> dog" is cat , <|endoftext|> dog (the comma is
+    CLIP's comma 267, not the piece ",<|"), where CLIP's pre-tokenizer alone finds it only at a piece start."""
+    tok = default_tokenizer()
+    glued = ["cat,<|endoftext|> dog", "wow!<|endoftext|>", "(<|startoftext|>)", "<<|endoftext|>>",
+             "a, ((<|endoftext|>:1.2)), b", "x.<|startoftext|>.<|endoftext|>!!y", "é,<|endoftext|>猫", "'<|endoftext|>'s"]
+    for prompt in glued:
+        assert tok.encode(prompt) == hf_tok(prompt, add_special_tokens=False).input_ids, prompt
+        assert tok(prompt)[0].tolist() == _hf_ids(hf_tok, prompt), prompt
+    assert tok.encode("cat,<|endoftext|> dog") == [2368, 267, EOS_TOKEN_ID, 1929]
+
+
 def test_custom_vocab_path_and_max_length(tmp_path):
     tok = CLIPTokenizer(_default_vocab_path(), max_length=8)
     row = tok("a photo of " * 10)

@@ -2,6 +2,8 @@
 
 The pipeline for one prompt, in order:
 
+0. split the raw text at each literal ``<|startoftext|>`` / ``<|endoftext|>``, which are their own token
+   wherever they stand (Hugging Face's added-token split); each part between them then goes through 1-4;
 1. clean: ``ftfy.fix_text`` (mojibake, NFC), ``html.unescape`` twice (``&amp;lt;`` -> ``<``), collapse
    every run of whitespace to one space, strip, lower-case;
 2. pre-tokenize with CLIP's regex: English contractions, runs of letters, single digits, runs of other
@@ -46,8 +48,13 @@ _NUM_MERGES = VOCAB_SIZE - 2 * 256 - 2          # 48,894 merges are used out of 
 _END_OF_WORD = "</w>"
 _VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
-# CLIP's pre-tokenizer (openai/CLIP simple_tokenizer.py). The special tokens come first so that a literal
-# "<|endoftext|>" in a prompt stays one token, as in openai/CLIP and Hugging Face.
+# A literal "<|endoftext|>" / "<|startoftext|>" in a prompt is that one token wherever it stands, also glued to
+# punctuation ("cat,<|endoftext|>"), as Hugging Face's CLIPTokenizer splits its added tokens out of the raw text
+# (exact spelling) before anything else. openai/CLIP finds them only through the pre-tokenizer below.
+_SPECIAL_TOKENS = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+
+# CLIP's pre-tokenizer (openai/CLIP simple_tokenizer.py, Hugging Face's `pat`): the special tokens come first,
+# so that one the cleaning spells out ("&lt;|endoftext|&gt;", upper case) is still the token at a piece start.
 _PRETOKENIZE = regex.compile(
     r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
@@ -241,8 +248,12 @@ class CLIPTokenizer:
 
     def _bpe_ids(self, text: str) -> list[int]:
         ids: list[int] = []
-        for piece in _PRETOKENIZE.findall(clean_text(text)):
-            ids.extend(self._word_ids(piece))
+        for i, part in enumerate(_SPECIAL_TOKENS.split(text)):
+            if i % 2:
+                ids.append(self.encoder[part])
+                continue
+            for piece in _PRETOKENIZE.findall(clean_text(part)):
+                ids.extend(self._word_ids(piece))
         return ids
 
     def with_added_words(self, words: Mapping[str, Sequence[int]],
