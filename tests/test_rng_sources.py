@@ -325,3 +325,40 @@ def test_a_text_without_rng_is_its_writers_default(version, rng):
     assert from_parameters(parse_parameters(text)).get("rng", "CPU") == rng
     assert a1111_parameters(text)["RNG"] == rng
     assert from_parameters(parse_parameters(text + ", RNG: NV"))["rng"] == "NV"
+
+
+def test_cli_rng_and_seed_resize_are_recorded_and_drawn_again(tmp_path, capsys):
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+    out = tmp_path / "nv.png"
+    code, _, err = run(["txt2img", "a red apple", "--seed", "4", "--steps", "2", "--sampler", "Euler a", "--width", "64",
+                        "--height", "64", "--rng", "NV", "--seed-resize-from", "48x80", "--no-progress", "--out",
+                        str(out)], capsys)
+    assert code == 0, err
+    recorded = parse_parameters(read_parameters(out))
+    assert recorded["RNG"] == "NV" and recorded["Seed resize from"] == "48x80"
+    again = tmp_path / "again.png"
+    assert run(["txt2img", "--from-png", str(out), "--no-progress", "--out", str(again)], capsys)[0] == 0
+    assert np.array_equal(pixels(out), pixels(again))
+    cpu = tmp_path / "cpu.png"
+    assert run(["txt2img", "--from-png", str(out), "--rng", "cpu", "--no-progress", "--out", str(cpu)], capsys)[0] == 0
+    assert parse_parameters(read_parameters(cpu))["RNG"] == "CPU" and not np.array_equal(pixels(out), pixels(cpu))
+    for flag, value in (("--rng", "tpu"), ("--seed-resize-from", "48")):
+        code, _, err = run(["txt2img", "x", flag, value, "--out", str(tmp_path / "bad.png")], capsys)
+        assert code == 2 and flag in err and not (tmp_path / "bad.png").exists()
+
+
+def test_from_png_of_an_a1111_text_without_rng_draws_gpu_numbers(tmp_path, capsys):
+    """A1111's default source, GPU (its label left out), drawn off CUDA as the NV numbers an NVIDIA GPU draws."""
+    from cli_helpers import pixels, png_with_parameters, run
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+    text = "a red apple\nSteps: 2, Sampler: Euler a, Schedule type: Automatic, CFG scale: 5, Seed: 8, Size: 64x64"
+    drawn = {}
+    for name, extra in (("a1111", ""), ("nv", ", RNG: NV"), ("cpu", ", RNG: CPU")):
+        source = png_with_parameters(tmp_path / f"{name}-in.png", text + extra + ", Version: v1.10.1")
+        drawn[name] = tmp_path / f"{name}.png"
+        code, _, err = run(["txt2img", "--from-png", str(source), "--no-progress", "--out", str(drawn[name])], capsys)
+        assert code == 0, err
+    assert parse_parameters(read_parameters(drawn["a1111"]))["RNG"] == "GPU"
+    assert np.array_equal(pixels(drawn["a1111"]), pixels(drawn["nv"]))
+    assert not np.array_equal(pixels(drawn["a1111"]), pixels(drawn["cpu"]))

@@ -102,6 +102,14 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "of SEED + i while every image keeps --seed (default: random)")
     p.add_argument("--subseed-strength", type=float, metavar="S",
                    help="how far toward the variation seed's noise, 0 (off, the default) to 1")
+    p.add_argument("--rng", type=str.lower, choices=("cpu", "gpu", "nv"),
+                   help="random source of the noise (A1111's RNG; any case): cpu (default: a CPU generator, the "
+                        "same noise on every device), nv (the numbers an NVIDIA GPU draws, on any device), gpu "
+                        "(A1111's default: the CUDA device's generator; on other devices nv's numbers)"
+                        + _if_from_png(from_png, "; a --from-png picture's RNG, A1111's without one gpu"))
+    p.add_argument("--seed-resize-from", metavar="WxH",
+                   help="A1111's Seed resize from: the noise the seeds draw at WxH pixels, centred in this size's, "
+                        "so a picture keeps its composition at another size (0x0: off)")
     p.add_argument("--width", type=int, help="width in pixels, a multiple of 8 (default: the family's)")
     p.add_argument("--height", type=int, help="height in pixels, a multiple of 8 (default: the family's)")
     p.add_argument("--batch", type=int, help="images drawn together, one batch (default 1)")
@@ -313,6 +321,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "seed": args.seed,
         "subseed": getattr(args, "subseed", None),
         "subseed_strength": getattr(args, "subseed_strength", None),
+        "rng": args.rng and args.rng.upper(),
+        **_seed_resize_options(args.seed_resize_from),
         "width": args.width,
         "height": args.height,
         "batch_size": args.batch,
@@ -337,6 +347,17 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         options.pop("strength", None)
     _hires_options(args, options)
     return options
+
+
+def _seed_resize_options(value: str | None) -> dict[str, int]:
+    """--seed-resize-from WxH as the request's seed_resize_from_w / _h ({} when not given)."""
+    if value is None:
+        return {}
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise UserError(f"--seed-resize-from wants WIDTHxHEIGHT (e.g. 512x768, 0x0 for off), got {value!r}") from None
+    return {"seed_resize_from_w": width, "seed_resize_from_h": height}
 
 
 def _open_image(path: str, what: str):
