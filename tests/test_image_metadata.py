@@ -223,6 +223,19 @@ def test_ensd_and_a1111s_clip_skip_read_from_a1111_files_and_ensd_is_written():
     assert parse_parameters(format_parameters(to_parameters(req)))["ENSD"] == 31337
 
 
+@pytest.mark.parametrize("convention", ["diffusers", "a1111"])
+def test_sdlabs_pictures_read_back_the_clip_skip_rule_they_were_drawn_with(convention):
+    """A clip skip drawn under A1111's rule (the A1111 API's CLIP_stop_at_last_layers: both prompts move, SD1
+    only) is recorded as such (`Clip skip rule: a1111`), so the picture's parameters draw it again; diffusers'
+    rule, the default of sdlab's files, writes no label."""
+    req = GenerationRequest(prompt="a cat", negative_prompt="ugly, blurry", steps=3, seed=1, width=64, height=64,
+                            clip_skip=2, clip_skip_convention=convention)
+    parameters = to_parameters(req)
+    fields = from_parameters(parse_parameters(format_parameters(parameters)))
+    assert (fields["clip_skip"], fields.get("clip_skip_convention", "diffusers")) == (2, convention)
+    assert (parameters["Clip skip rule"] is not None) == (convention == "a1111")
+
+
 def test_sdlabs_own_files_keep_the_models_default_for_an_unset_schedule():
     fields = from_parameters({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic", "Version": "sdlab 0.1.0"})
     assert "schedule" not in fields and "img2img_convention" not in fields

@@ -38,6 +38,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Variation seed": ("subseed", int),
     "Variation seed strength": ("subseed_strength", float),
     "Clip skip": ("clip_skip", int),
+    "Clip skip rule": ("clip_skip_convention", str),
     "Denoising strength": ("strength", float),
     "Eta": ("eta", float),
     "Eta DDIM": ("eta", float),            # A1111's label for its timestep samplers' eta (DDIM's)
@@ -170,6 +171,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "VAE hash": None if vae is None else vae[1],
         "VAE": None if vae is None else vae[0],
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
+        "Clip skip rule": "a1111" if req.clip_skip != 1 and req.clip_skip_convention == "a1111" else None,
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
         **hires_parameters(req),
         **_eta_parameters(req),

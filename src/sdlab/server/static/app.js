@@ -28,6 +28,7 @@ const NUMBER_LABELS = {
 // A1111 labels with a word -> request fields taking it as it is
 const WORD_LABELS = {
   "Masked content": "inpaint_fill", "Img2img steps": "img2img_convention", "Initial noise": "init_noise",
+  "Clip skip rule": "clip_skip_convention",
 };
 // A1111 labels with one of two words -> request fields, true for the first (infotext.py _INPAINT_AREAS, _MASK_MODES)
 const CHOICE_LABELS = {
