@@ -21,6 +21,7 @@ from sdlab.diffusion.noise import generators_for, initial_noise
 from sdlab.diffusion.philox import PhiloxGenerator
 from sdlab.pipeline.generate import sample_latents
 from sdlab.pipeline.request import GenerationRequest, RequestError
+from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
 
 # --- AUTOMATIC1111/stable-diffusion-webui modules/rng_philox.py, transcribed -------------------------------
 _philox_m = [0xD2511F53, 0xCD9E8D57]
@@ -362,3 +363,48 @@ def test_from_png_of_an_a1111_text_without_rng_draws_gpu_numbers(tmp_path, capsy
     assert parse_parameters(read_parameters(drawn["a1111"]))["RNG"] == "GPU"
     assert np.array_equal(pixels(drawn["a1111"]), pixels(drawn["nv"]))
     assert not np.array_equal(pixels(drawn["a1111"]), pixels(drawn["cpu"]))
+
+
+def test_a1111_api_option_override_and_seed_resize(sdlab_server):
+    import base64
+    import io
+    import json
+
+    import httpx
+    from PIL import Image
+    with httpx.Client(base_url=sdlab_server.url + "/sdapi/v1", timeout=120) as api:
+        assert api.get("/options").json()["randn_source"] == "CPU"             # sdlab's default (A1111's: GPU)
+
+        def draw(**fields):
+            answer = api.post("/txt2img", json={"prompt": "a cat", "steps": 2, "seed": 3, "width": 64, "height": 64,
+                                                "sampler_name": "Euler a", **fields})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["images"][0], json.loads(answer.json()["info"])
+
+        plain, info = draw()
+        assert "RNG: CPU" in info["infotexts"][0] and "Seed resize from" not in info["infotexts"][0]
+        nv, info = draw(override_settings={"randn_source": "NV"}, seed_resize_from_w=48, seed_resize_from_h=80)
+        assert "RNG: NV" in info["infotexts"][0] and "Seed resize from: 48x80" in info["infotexts"][0]
+        assert (info["seed_resize_from_w"], info["seed_resize_from_h"]) == (48, 80)
+        gpu, info = draw(override_settings={"randn_source": "GPU"}, seed_resize_from_w=48, seed_resize_from_h=80)
+        assert "RNG: GPU" in info["infotexts"][0]
+        decoded = [np.asarray(Image.open(io.BytesIO(base64.b64decode(image)))) for image in (nv, gpu, plain)]
+        assert np.array_equal(decoded[0], decoded[1]) and not np.array_equal(decoded[0], decoded[2])   # no CUDA
+        assert "RNG: CPU" in draw()[1]["infotexts"][0]                          # the override did not stay
+        assert api.post("/options", json={"randn_source": "TPU"}).status_code == 422
+        assert api.post("/options", json={"randn_source": "NV"}).status_code == 200
+        try:
+            assert "RNG: NV" in draw()[1]["infotexts"][0]
+        finally:
+            api.post("/options", json={"randn_source": "CPU"})
+
+
+def test_native_job_field_is_recorded(sdlab_server):
+    import httpx
+    from server_fixtures import run_job
+    with httpx.Client(base_url=sdlab_server.url, timeout=120) as client:
+        job = run_job(client, {"prompt": "a cat", "steps": 2, "seed": 3, "width": 64, "height": 64, "rng": "nv",
+                               "seed_resize_from_w": 32, "seed_resize_from_h": 96})
+        assert job["status"] == "done", job
+        assert "RNG: NV" in job["infotexts"][0] and "Seed resize from: 32x96" in job["infotexts"][0]
+        assert (job["request"]["rng"], job["request"]["seed_resize_from_w"]) == ("NV", 32)

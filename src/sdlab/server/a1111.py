@@ -49,7 +49,8 @@ from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, read_parameters, version_label,
 )
 from sdlab.pipeline.request import (
-    MASKED_CONTENT, MAX_BATCH_COUNT, MAX_NOISE_MULTIPLIER, RESIZE_MODES, GenerationRequest, fixed_seed,
+    MASKED_CONTENT, MAX_BATCH_COUNT, MAX_NOISE_MULTIPLIER, RESIZE_MODES, RNG_SOURCES, GenerationRequest,
+    RequestError, fixed_seed, rng_source,
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.controls import a1111_controls
@@ -74,6 +75,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "tiling": False,   # applied to every later generation
     "samples_format": "png", "jpeg_quality": 80,        # the base64 pictures' format (`_base64_picture`)
     "img2img_fix_steps": False, "initial_noise_multiplier": 1.0,     # img2img's step rule and noise (`_request`)
+    "randn_source": "CPU",              # the noise's random source (`_request`); A1111's default is "GPU"
     "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
@@ -137,6 +139,8 @@ class Txt2ImgIn(NullsAreDefaults):
     s_noise: float = 1.0
     subseed: int = -1
     subseed_strength: float = 0.0
+    seed_resize_from_w: int = -1            # A1111's "Seed resize from"; 0 or less on either side: off
+    seed_resize_from_h: int = -1
     enable_hr: bool = False
     hr_scale: float = 2.0
     hr_resize_x: int = 0
@@ -253,7 +257,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111",
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
-        s_noise=body.s_noise, controls=controls, **_ensd(settings),
+        s_noise=body.s_noise, controls=controls, **_ensd(settings), rng=settings["randn_source"],
+        seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **extra,
     )
 
@@ -448,7 +453,8 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
         "cfg_scale": s.get("cfg_scale"), "steps": s.get("steps"), "batch_size": batch_size or body.batch_size,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": _hash_of_title(job.model),
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": s.get("seed_resize_from_w") or -1,
+        "seed_resize_from_h": s.get("seed_resize_from_h") or -1,
         "denoising_strength": s.get("strength") if job.mode != "txt2img" else extra.get("Denoising strength"),
         "extra_generation_params": {"Schedule type": a1111_label(s.get("schedule")), **extra},
         "index_of_first_image": 0, "infotexts": job.infotexts, "styles": body.styles, "job_timestamp": _stamp(job.created),
@@ -568,6 +574,12 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     if not isinstance(samples_format, str) or samples_format.lower() not in SAMPLES_FORMATS:
         raise BadRequest(f"{where}samples_format must be {', '.join(SAMPLES_FORMATS)} (any case), "
                          f"got {samples_format!r}", 422)
+    source = body.get("randn_source", "CPU")
+    try:
+        rng_source(source)
+    except RequestError:
+        raise BadRequest(f"{where}randn_source must be {', '.join(RNG_SOURCES)} (any case), got {source!r}",
+                         422) from None
     if not isinstance(body.get("img2img_fix_steps", False), bool):
         raise BadRequest(f"{where}img2img_fix_steps must be true or false, got {body['img2img_fix_steps']!r}", 422)
     noise = body.get("initial_noise_multiplier", 1.0)
@@ -596,8 +608,8 @@ def get_options(request: Request) -> dict[str, Any]:
 @router.post("/options")
 def set_options(body: dict[str, Any], request: Request) -> None:
     """`sd_model_checkpoint` switches the model new jobs use (loaded by the worker before its next job);
-    `CLIP_stop_at_last_layers`, `eta_noise_seed_delta` and `tiling` apply to later generations (under a
-    request's `override_settings` and, for `tiling`, its own field), `img2img_fix_steps` and
+    `CLIP_stop_at_last_layers`, `eta_noise_seed_delta`, `randn_source` and `tiling` apply to later generations
+    (under a request's `override_settings` and, for `tiling`, its own field), `img2img_fix_steps` and
     `initial_noise_multiplier` to later img2img requests (`_request`), `samples_format` and `jpeg_quality` to
     the base64 pictures answered from now on; other options are remembered and echoed by GET but change nothing
     (docs/server.md). Nothing is set when one value is refused."""

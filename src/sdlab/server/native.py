@@ -90,6 +90,9 @@ class JobIn(NullsAreDefaults):
     img2img_convention: str = "diffusers"   # strength -> steps: diffusers, a1111, a1111_fix_steps, comfyui, lcm
     subseed: int | None = None              # variation seed (A1111); used when subseed_strength > 0
     subseed_strength: float = 0.0
+    rng: str = "CPU"                        # the noise's random source: CPU, GPU or NV (A1111's RNG)
+    seed_resize_from_w: int = 0             # A1111's Seed resize from (pixels; 0: off)
+    seed_resize_from_h: int = 0
     hr_scale: float | None = None           # hires fix (txt2img): a second pass at this multiple ...
     hr_width: int | None = None             # ... or at this size
     hr_height: int | None = None
@@ -171,7 +174,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         inpaint_fill=body.inpaint_fill,
         inpaint_only_masked=body.inpaint_only_masked, inpaint_padding=body.inpaint_padding,
         subseed=body.subseed if body.subseed_strength else None,
-        subseed_strength=body.subseed_strength, hr_scale=body.hr_scale, hr_width=body.hr_width,
+        subseed_strength=body.subseed_strength, rng=body.rng, seed_resize_from_w=body.seed_resize_from_w,
+        seed_resize_from_h=body.seed_resize_from_h, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),
