@@ -386,3 +386,69 @@ def test_sd2_prediction_read_from_the_weights_as_comfyui_reads_it(key):
     assert stated[0] is Prediction.EPS
     assert resolve_prediction(get_family("sd1"), argument=None, metadata={}, path=None,
                               unet_state={key: wide})[0] is Prediction.EPS
+
+
+_V2_INFERENCE_YAML = """model:
+  base_learning_rate: 1.0e-4
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    image_size: 64
+    channels: 4
+    scale_factor: 0.18215
+"""
+
+
+def _sgm_yaml(scaling: str) -> str:
+    return ("model:\n  target: sgm.models.diffusion.DiffusionEngine\n  params:\n    scale_factor: 0.13025\n"
+            "    denoiser_config:\n      target: sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser\n"
+            f"      params:\n        scaling_config:\n          target: sgm.modules.diffusionmodules.denoiser_scaling.{scaling}\n")
+
+
+def _a1111_parameterization(config: dict) -> str:
+    """A1111 takes the `<name>.yaml` beside a file as its config before any guess (sd_models_config.
+    find_checkpoint_config), so nothing else counts: LDM's `DDPM.__init__(..., parameterization="eps")`, or for an
+    SGM config sd_models_xl.extend_sdxl's `"v" if isinstance(model.denoiser.scaling, VScaling) else "eps"`."""
+    params = config["model"]["params"]
+    if "denoiser_config" in params:
+        target = params["denoiser_config"]["params"]["scaling_config"]["target"]
+        return "v" if target.rsplit(".", 1)[-1] == "VScaling" else "eps"
+    return params.get("parameterization", "eps")
+
+
+@pytest.mark.parametrize("family, sidecar, marker", [
+    ("sd2", _V2_INFERENCE_YAML, False),                  # the 512 base config: eps, whatever the weights say
+    ("sd2", _V2_INFERENCE_YAML, True),                   # the config beats a v_pred key, as in A1111
+    ("sd2", _V2_INFERENCE_YAML.replace("params:\n", "params:\n    parameterization: \"v\"\n"), False),
+    ("sdxl", _sgm_yaml("VScaling"), False),               # A1111's sd_xl_v.yaml
+    ("sdxl", _sgm_yaml("EpsScaling"), True),
+], ids=["v2-inference", "v2-inference+v_pred", "v2-inference-v", "sd_xl_v", "sd_xl_base+v_pred"])
+def test_a_sidecar_config_says_the_prediction_as_a1111_reads_it(family, sidecar, marker, tmp_path):
+    import yaml
+
+    from sdlab.checkpoints.load import resolve_prediction
+
+    key = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    wide = {key: torch.randn(1024, generator=torch.Generator().manual_seed(0)) * 0.2}   # v by ComfyUI's rule
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    (tmp_path / "model.yaml").write_text(sidecar)
+    keys = {"v_pred": ()} if marker else {}
+    spec = get_family(family)
+    prediction, source = resolve_prediction(spec, argument=None, metadata={}, path=path, keys=keys, unet_state=wide)
+    assert prediction.value == _a1111_parameterization(yaml.safe_load(sidecar)) and source.startswith("sidecar model.yaml")
+    assert resolve_prediction(spec, argument=None, metadata={"modelspec.prediction_type": "v"}, path=path, keys=keys,
+                              unet_state=wide)[0] is Prediction.V               # metadata still comes first
+
+
+def test_a_sidecar_that_is_no_model_config_is_passed_over(tmp_path):
+    from sdlab.checkpoints.load import resolve_prediction
+
+    key = "output_blocks.11.1.transformer_blocks.0.norm1.bias"
+    wide = {key: torch.randn(1024, generator=torch.Generator().manual_seed(0)) * 0.2}
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"")
+    (tmp_path / "model.yaml").write_text("notes: trained for 10 epochs\n")
+    prediction, source = resolve_prediction(get_family("sd2"), argument=None, metadata={}, path=path, unet_state=wide)
+    assert prediction is Prediction.V and source.startswith("weights")

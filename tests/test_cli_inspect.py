@@ -178,7 +178,9 @@ def test_sidecar_yaml_is_parsed_not_searched(sd2_file: Path, tmp_path: Path):
     report = plan_checkpoint(path).report
     assert report.prediction.value == "eps" and report.prediction_source == "sidecar model.yaml (parameterization)"
     path = _with_sidecar(sd2_file, tmp_path, "model:\n  params:\n    notes: 'parameterization: v'\n")
-    assert plan_checkpoint(path).report.prediction_source.startswith("default of sd2")
+    report = plan_checkpoint(path).report          # a config without the key: LDM's default, as A1111 reads it
+    assert report.prediction.value == "eps" and report.prediction_source == (
+        "sidecar model.yaml (no parameterization: eps, the CompVis default)")
 
 
 def test_sidecar_yaml_with_tags_or_bad_syntax_is_refused(sd2_file: Path, tmp_path: Path, capsys):

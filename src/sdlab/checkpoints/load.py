@@ -13,8 +13,9 @@ Two stages:
 
 Prediction type (ambiguous where a family's releases differ and the weights do not say, as SD2's 768-v
 models predict v and its base models eps: `FamilySpec.prediction_is_ambiguous`): the `prediction` argument,
-then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`, ComfyUI's `modelspec.predict_key`), then a sidecar `<name>.yaml` with
-`parameterization: "v"` (the CompVis config convention), then a `v_pred` marker key, then, for SD2 single
+then the file's metadata (`sdlab.prediction`, `modelspec.prediction_type`, ComfyUI's `modelspec.predict_key`), then a sidecar `<name>.yaml`, the
+model config A1111 takes for the file (a CompVis config's `parameterization`, eps when it has none; an SGM
+config's `VScaling`), then a `v_pred` marker key, then, for SD2 single
 files, ComfyUI's reading of the weights (`SD20.model_type`: v when the last output block's first
 transformer `norm1.bias` has a standard deviation above 0.09; released 768-v files do, 512 base files do not),
 then the family default (eps), logged at INFO.
@@ -103,10 +104,10 @@ def resolve_prediction(
         if key in metadata:
             return parse(metadata[key], f"metadata {key}"), f"metadata {key}"
     sidecar = sidecar_of(path) if path is not None else None
-    if sidecar is not None:
-        value = _sidecar_parameterization(sidecar)
-        if value is not None:
-            return parse(value, str(sidecar)), f"sidecar {sidecar.name} (parameterization)"
+    read = _sidecar_prediction(sidecar) if sidecar is not None else None
+    if read is not None:
+        value, how = read
+        return parse(value, str(sidecar)), f"sidecar {sidecar.name} ({how})"
     if keys is not None and COMFY_V_PRED_KEY in keys:
         return Prediction.V, "v_pred marker key"
     if family.prediction_is_ambiguous:
@@ -162,12 +163,33 @@ def resolve_schedule(
     return schedule, "ztsnr marker key"
 
 
-def _sidecar_parameterization(sidecar: Path) -> str | None:
-    """`model.params.parameterization` of a CompVis config `.yaml` beside a checkpoint, or None."""
-    value = model_params(sidecar).get("parameterization")
-    if value is not None and not isinstance(value, str):
-        raise CheckpointError(f"{sidecar}: model.params.parameterization must be a string, got {value!r}")
-    return value
+def _sidecar_prediction(sidecar: Path) -> tuple[str, str] | None:
+    """(prediction, how the config says it) of a model config `.yaml` beside a checkpoint, which A1111 takes as
+    the file's config (`find_checkpoint_config`): a CompVis (LDM) config's `model.params.parameterization`,
+    "eps" when it has none (LDM's default); an SGM config's denoiser scaling (v for `VScaling`, else eps, as
+    A1111's `extend_sdxl` reads it). None for a `.yaml` without `model.params` (not a model config)."""
+    params = model_params(sidecar)
+    if not params:
+        return None
+    if "parameterization" in params:
+        value = params["parameterization"]
+        if not isinstance(value, str):
+            raise CheckpointError(f"{sidecar}: model.params.parameterization must be a string, got {value!r}")
+        return value, "parameterization"
+    if "denoiser_config" in params:
+        scaling = _nested(params, "denoiser_config", "params", "scaling_config", "target")
+        name = str(scaling).rsplit(".", 1)[-1] if scaling is not None else "none"
+        return ("v" if name == "VScaling" else "eps"), f"SGM scaling_config {name}"
+    return "eps", "no parameterization: eps, the CompVis default"
+
+
+def _nested(config: Mapping[str, Any], *names: str) -> Any:
+    """config[names[0]][names[1]]..., None where a level is missing or not a mapping."""
+    for name in names:
+        if not isinstance(config, Mapping):
+            return None
+        config = config.get(name)
+    return config
 
 
 # ----------------------------------------------------------------------------------------------------------
