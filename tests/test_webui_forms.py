@@ -446,7 +446,8 @@ def test_the_pages_label_and_default_tables_are_pythons(page):
             assert table.get(label) == field, (label, field)
         else:
             assert label in js["texts"] or label in js["nothing"] or field in js["notInForm"], label
-    split = {f"{label}-{i}": label for label in ("Size", "Hires resize") for i in (1, 2)}   # png-info's WxH
+    split = {f"{label}-{i}": label for label in ("Size", "Hires resize", "Seed resize from")
+             for i in (1, 2)}                                                     # png-info's WxH
     for label, field in applied.items():
         if label in split:
             value = "64x48" if label.endswith("1") else "48x64"

@@ -24,10 +24,11 @@ const NUMBER_LABELS = {
   ENSD: "eta_noise_seed_delta", Eta: "eta", "Eta DDIM": "eta", "CFG rescale": "guidance_rescale",
   "Noise multiplier": "noise_multiplier", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
   "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
+  "Seed resize from-1": "seed_resize_from_w", "Seed resize from-2": "seed_resize_from_h",
 };
 // A1111 labels with a word -> request fields taking it as it is
 const WORD_LABELS = {
-  "Masked content": "inpaint_fill", "Img2img steps": "img2img_convention", "Initial noise": "init_noise",
+  "Masked content": "inpaint_fill", "Img2img steps": "img2img_convention", "Initial noise": "init_noise", RNG: "rng",
   "Clip skip rule": "clip_skip_convention",
 };
 // A1111 labels with one of two words -> request fields, true for the first (infotext.py _INPAINT_AREAS, _MASK_MODES)
@@ -53,7 +54,7 @@ const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora has
 // sends
 const NO_OP_VALUES = {
   "Hires sampler": "Use same sampler", "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint",
-  "Hires prompt": "", "Hires negative prompt": "", RNG: "GPU", "Schedule max sigma": "0", "Schedule min sigma": "0",
+  "Hires prompt": "", "Hires negative prompt": "", "Schedule max sigma": "0", "Schedule min sigma": "0",
   "Schedule rho": "0", "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
   "Cache FP16 weight for LoRA": "false", "Refiner switch by sampling steps": "false", Emphasis: "Original",
 };
@@ -493,7 +494,9 @@ function hiresRequest() {
 }
 
 function variationRequest() {
-  return { subseed: seedField("subseed") ?? -1, subseed_strength: Number($("subseed_strength").value) };
+  return { subseed: seedField("subseed") ?? -1, subseed_strength: Number($("subseed_strength").value),
+    seed_resize_from_w: numberOrDefault("seed_resize_from_w", { integer: true }),
+    seed_resize_from_h: numberOrDefault("seed_resize_from_h", { integer: true }) };
 }
 
 // The painted mask and the inpaint box: A1111's Mask blur, Mask mode, Masked content and Inpaint area (Only
@@ -544,6 +547,7 @@ function collectRequest() {
     batch_size: numberField("batch_size", { integer: true }),
     clip_skip: numberOrDefault("clip_skip", { integer: true }),
     tiling: $("tiling").checked,
+    rng: $("rng").value,
     loras: state.loras.map((l) => ({ name: l.name, weight: Number(l.weight) })),
   };
   if ($("model").value) body.model = $("model").value;   // the checkpoint's title, as /sdapi/v1/sd-models names it
@@ -612,6 +616,8 @@ function fillForm(settings) {
   setField("batch_size", settings.batch_size);
   setField("clip_skip", settings.clip_skip);
   $("tiling").checked = settings.tiling === true;          // settings without it were drawn without
+  const rng = settings.rng ?? "CPU";                       // a record without it: sdlab's default drew it
+  if (!selectMatching($("rng"), rng)) unknown.push(`RNG "${rng}"`);
   setSlider("strength", settings.strength);
   fillImageOptions(settings, unknown);
   fillVariation(settings);
@@ -637,13 +643,17 @@ function fillImageOptions(settings, unknown) {
   setField("inpaint_padding", orDefault("inpaint_padding", settings.inpaint_padding));
 }
 
-// A varied seed ticks "Variation seed" and fills it; without one, the box is unticked (the values stay)
+// A varied or resized seed ticks "Variation seed" and fills it (an unset resize side: 0, off); without one, the
+// box is unticked (the values stay)
 function fillVariation(settings) {
+  const resized = Number(settings.seed_resize_from_w) > 0 && Number(settings.seed_resize_from_h) > 0;
   const varied = Number(settings.subseed_strength) > 0;
-  setToggle("seed-extra", varied);
-  if (!varied) return;
+  setToggle("seed-extra", varied || resized);
+  if (!varied && !resized) return;
   setField("subseed", settings.subseed);
-  setSlider("subseed_strength", settings.subseed_strength);
+  setSlider("subseed_strength", settings.subseed_strength ?? 0);
+  setField("seed_resize_from_w", resized ? settings.seed_resize_from_w : 0);
+  setField("seed_resize_from_h", resized ? settings.seed_resize_from_h : 0);
 }
 
 // Settings with a refiner tick "Refiner" and fill it, keeping their handoff rule; without one, the box is
