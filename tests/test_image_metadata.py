@@ -236,6 +236,27 @@ def test_sdlabs_pictures_read_back_the_clip_skip_rule_they_were_drawn_with(conve
     assert (parameters["Clip skip rule"] is not None) == (convention == "a1111")
 
 
+SDXL_CONDITIONING = dict(original_size=(512, 768), target_size=(64, 72), crops_coords_top_left=(0, 32),
+                         negative_original_size=(100, 200), negative_target_size=(300, 400),
+                         negative_crops_coords_top_left=(8, 0), aesthetic_score=7.5, negative_aesthetic_score=1.0)
+
+
+def test_sdxl_size_crop_and_aesthetic_conditioning_is_recorded_and_read_back():
+    """SDXL's size, crop and aesthetic conditioning changes the picture, so the parameters record each value that
+    is not the default under sdlab's labels (sizes as WIDTHxHEIGHT, as Size) and `--from-png` reads them back;
+    the defaults write none of them."""
+    base = dict(prompt="a cat", steps=3, seed=1, width=64, height=64)
+    text = format_parameters(to_parameters(GenerationRequest(**base, **SDXL_CONDITIONING)))
+    assert "SDXL original size: 768x512" in text and "SDXL crop top: 0, SDXL crop left: 32" in text
+    fields = from_parameters(parse_parameters(text))
+    assert {name: fields[name] for name in SDXL_CONDITIONING} == SDXL_CONDITIONING
+    assert "SDXL" not in format_parameters(to_parameters(GenerationRequest(**base)))
+    one_side = from_parameters({"SDXL negative crop left": "16", "Version": "sdlab 0.1.0"})
+    assert one_side["negative_crops_coords_top_left"] == (0, 16) and "crops_coords_top_left" not in one_side
+    with pytest.raises(ValueError, match="SDXL target size"):
+        from_parameters({"SDXL target size": "64 by 64"})
+
+
 def test_sdlabs_own_files_keep_the_models_default_for_an_unset_schedule():
     fields = from_parameters({"Sampler": "DPM++ 2M SDE", "Schedule type": "Automatic", "Version": "sdlab 0.1.0"})
     assert "schedule" not in fields and "img2img_convention" not in fields

@@ -353,6 +353,27 @@ def test_reuse_and_a_dropped_png_name_alike_what_the_form_lacks(page, base_url):
     assert {"original_size [96,96]", "Mask blur y 7", "1 ControlNet unit", "some_new_field 3"} <= set(named), named
 
 
+def test_reuse_and_a_dropped_png_name_alike_the_sdxl_conditioning(page, base_url):
+    """SDXL's size, crop and aesthetic conditioning, which the form has no control for, is recorded in the
+    picture's parameters, so a dropped PNG names it in the notice as Reuse of its job does."""
+    sdxl = {"original_size": [512, 768], "target_size": [64, 72], "crops_coords_top_left": [0, 32],
+            "negative_crops_coords_top_left": [8, 0], "aesthetic_score": 7.5}
+    job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "an sdxl reuse", "steps": 2, "seed": 5,
+                                                               **sdxl})["id"])
+    assert job["status"] == "done", job
+    reuse(page, base_url, job["id"])
+    wait(page, lambda d: text(d, "notice").startswith("Settings reused"), 10, "no notice")
+    reused = text(page, "notice")
+    open_page(page, base_url)
+    drop_file(page, http_bytes(base_url, job["images"][0]), "sdxl.png")
+    wait(page, lambda d: text(d, "notice").startswith("Settings read from sdxl.png"), 10, "the PNG was not read")
+    dropped = text(page, "notice")
+    for note in ("original_size [512,768]", "target_size [64,72]", "crops_coords_top_left [0,32]",
+                 "negative_crops_coords_top_left [8,0]", "aesthetic_score 7.5"):
+        assert note in reused and note in dropped, (note, reused, dropped)
+    assert "SDXL" not in dropped, dropped                   # every label read, none left as text
+
+
 def _pixels_of(base: str, job: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(http_bytes(base, job["images"][0]))))
 
@@ -412,6 +433,7 @@ def test_a_dropped_png_of_a_cfg_pp_picture_recorded_under_forges_label_draws_it_
 # The page's tables, read from app.js as the browser evaluates it (BigInt seeds as their digits)
 PAGE_TABLES = """return {
   numbers: NUMBER_LABELS, words: WORD_LABELS, choices: CHOICE_LABELS, seeds: SEED_LABELS, switches: SWITCH_LABELS,
+  sdxlSizes: SDXL_SIZE_LABELS, sdxlCrops: SDXL_CROP_LABELS,
   texts: [...TEXT_LABELS], nothing: [...NOTHING_TO_APPLY], noOps: NO_OP_VALUES,
   notInForm: Object.fromEntries(Object.entries(NOT_IN_FORM).map(([key, entry]) => [key, entry.none])),
   seedRange: [String(MIN_SEED), String(MAX_SEED)],
@@ -431,7 +453,7 @@ def test_the_pages_label_and_default_tables_are_pythons(page):
     or default added in Python and not in the page fails here, not silently on a user's PNG."""
     import dataclasses
 
-    from sdlab.pipeline.infotext import _FIELDS, from_parameters
+    from sdlab.pipeline.infotext import _FIELDS, _SDXL_CROPS, _SDXL_SIZES, from_parameters
     from sdlab.pipeline.request import MAX_SEED, MIN_SEED, GenerationRequest
     from sdlab.server.a1111 import _a1111_defaults
     from sdlab.server.inputs import JobSpec
@@ -446,6 +468,7 @@ def test_the_pages_label_and_default_tables_are_pythons(page):
             assert table.get(label) == field, (label, field)
         else:
             assert label in js["texts"] or label in js["nothing"] or field in js["notInForm"], label
+    assert js["sdxlSizes"] == _SDXL_SIZES and js["sdxlCrops"] == {k: list(v) for k, v in _SDXL_CROPS.items()}
     split = {f"{label}-{i}": label for label in ("Size", "Hires resize", "Seed resize from")
              for i in (1, 2)}                                                     # png-info's WxH
     for label, field in applied.items():

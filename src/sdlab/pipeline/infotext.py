@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,8 @@ from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import GenerationRequest
+
+_REQUEST_DEFAULTS = {field.name: field.default for field in dataclass_fields(GenerationRequest)}
 
 # A1111 label -> (request field, parser)
 _FIELDS: dict[str, tuple[str, type]] = {
@@ -59,7 +61,18 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Hires upscale": ("hr_scale", float),
     "Hires steps": ("hr_steps", int),
     "Hires upscaler": ("hr_upscaler", str),
+    "SDXL aesthetic score": ("aesthetic_score", float),
+    "SDXL negative aesthetic score": ("negative_aesthetic_score", float),
 }
+# sdlab's labels of SDXL's size conditioning (A1111 records none: its sizes are the picture's, its crop corner an
+# option): a size label -> its (height, width) field, written WIDTHxHEIGHT as Size is; a crop corner's (top, left)
+# field -> its two labels
+_SDXL_SIZES = {"SDXL original size": "original_size", "SDXL target size": "target_size",
+               "SDXL negative original size": "negative_original_size",
+               "SDXL negative target size": "negative_target_size"}
+_SDXL_CROPS = {"crops_coords_top_left": ("SDXL crop top", "SDXL crop left"),
+               "negative_crops_coords_top_left": ("SDXL negative crop top", "SDXL negative crop left")}
+_SDXL_SCORES = ("SDXL aesthetic score", "SDXL negative aesthetic score")
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         "Tiling": "True" if req.tiling else None,            # A1111's label and value (processing.py)
+        **sdxl_parameters(req),
         **infotext_lines(req.controls, req.control_convention),
         "Control steps": req.control_convention if req.controls else None,
         "Refiner": None if refiner is None else refiner_label(refiner.name, refiner.hash),
@@ -192,6 +206,20 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "TI hashes": format_hashes(embeddings),
         "Version": version_label(),
     }
+    return p
+
+
+def sdxl_parameters(req: GenerationRequest) -> dict[str, Any]:
+    """sdlab's labels of SDXL's size and aesthetic conditioning (`_SDXL_SIZES`, `_SDXL_CROPS`, `_SDXL_SCORES`),
+    each where the request sets a value other than the default (None values are left out of the text)."""
+    p: dict[str, Any] = {label: None if getattr(req, name) is None else "{1}x{0}".format(*getattr(req, name))
+                         for label, name in _SDXL_SIZES.items()}
+    for name, labels in _SDXL_CROPS.items():
+        corner = tuple(getattr(req, name))
+        p.update(zip(labels, (None, None) if corner == _REQUEST_DEFAULTS[name] else corner))
+    for label in _SDXL_SCORES:
+        name = _FIELDS[label][0]
+        p[label] = None if getattr(req, name) == _REQUEST_DEFAULTS[name] else getattr(req, name)
     return p
 
 
@@ -303,6 +331,7 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         fields["invert_mask"] = _label_flag("Mask mode", p["Mask mode"], _MASK_MODES)
     if "Seed resize from" in p:
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = _size_label(p, "Seed resize from")
+    fields.update(_sdxl_fields(p))
     if "Hires resize" in p:
         try:
             fields["hr_width"], fields["hr_height"] = (int(v) for v in str(p["Hires resize"]).lower().split("x"))
@@ -333,6 +362,23 @@ def _size_label(p: dict[str, Any], label: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"the PNG's {label} value {p[label]!r} is not WIDTHxHEIGHT") from None
     return width, height
+
+
+def _sdxl_fields(p: dict[str, Any]) -> dict[str, Any]:
+    """The SDXL sizes and crop corners of sdlab's labels (`sdxl_parameters`; a corner's missing label is 0); a
+    value that is not WIDTHxHEIGHT or an integer is a ValueError naming its label."""
+    fields: dict[str, Any] = {}
+    for label, name in _SDXL_SIZES.items():
+        if label in p:
+            width, height = _size_label(p, label)
+            fields[name] = (height, width)
+    for name, labels in _SDXL_CROPS.items():
+        if any(label in p for label in labels):
+            try:
+                fields[name] = tuple(int(p.get(label, 0)) for label in labels)
+            except (TypeError, ValueError):
+                raise ValueError(f"the PNG's {' / '.join(labels)} values are not integers") from None
+    return fields
 
 
 def drawn_by_sdlab(p: dict[str, Any]) -> bool:

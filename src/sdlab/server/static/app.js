@@ -25,7 +25,20 @@ const NUMBER_LABELS = {
   "Noise multiplier": "noise_multiplier", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
   "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
   "Seed resize from-1": "seed_resize_from_w", "Seed resize from-2": "seed_resize_from_h",
+  "SDXL aesthetic score": "aesthetic_score", "SDXL negative aesthetic score": "negative_aesthetic_score",
 };
+// sdlab's SDXL size labels ("WxH", which png-info splits) -> request fields taking [height, width], and request
+// fields taking a crop corner [top, left] -> its two labels (infotext.py _SDXL_SIZES, _SDXL_CROPS)
+const SDXL_SIZE_LABELS = {
+  "SDXL original size": "original_size", "SDXL target size": "target_size",
+  "SDXL negative original size": "negative_original_size", "SDXL negative target size": "negative_target_size",
+};
+const SDXL_CROP_LABELS = {
+  crops_coords_top_left: ["SDXL crop top", "SDXL crop left"],
+  negative_crops_coords_top_left: ["SDXL negative crop top", "SDXL negative crop left"],
+};
+const SDXL_PAIR_LABELS = new Set([...Object.keys(SDXL_SIZE_LABELS).flatMap((label) => [`${label}-1`, `${label}-2`]),
+  ...Object.values(SDXL_CROP_LABELS).flat()]);
 // A1111 labels with a word -> request fields taking it as it is
 const WORD_LABELS = {
   "Masked content": "inpaint_fill", "Img2img steps": "img2img_convention", "Initial noise": "init_noise", RNG: "rng",
@@ -692,11 +705,13 @@ function settingsFromParameters(p) {
     else if (label in SWITCH_LABELS) s[SWITCH_LABELS[label]] = String(value).toLowerCase() === "true";
     else if (label in WORD_LABELS) s[WORD_LABELS[label]] = String(value).trim();
     else if (label in CHOICE_LABELS && choice(label, value) !== undefined) s[CHOICE_LABELS[label][0]] = choice(label, value);
-    else if (!TEXT_LABELS.has(label) && !NOTHING_TO_APPLY.has(label) && NO_OP_VALUES[label] !== String(value)) {
+    else if (!TEXT_LABELS.has(label) && !NOTHING_TO_APPLY.has(label) && !SDXL_PAIR_LABELS.has(label)
+      && NO_OP_VALUES[label] !== String(value)) {
       const text = `${label}: ${value}`;
       s.unread.push(text.length > 60 ? text.slice(0, 59) + "\u2026" : text);
     }
   }
+  Object.assign(s, sdxlFromParameters(p));
   if (usesHires(s)) {                                      // A1111: the second pass's denoising strength
     s.hr_denoise = s.strength;
     delete s.strength;
@@ -723,6 +738,19 @@ function settingsFromParameters(p) {
   if (p.Model) s.model = p.Model;
   if (p["Hires upscaler"] !== undefined) s.hr_upscaler = p["Hires upscaler"];
   if (p.Refiner) Object.assign(s, refinerFromParameters(p));
+  return s;
+}
+
+// A PNG's SDXL sizes and crop corners (`SDXL_SIZE_LABELS`, `SDXL_CROP_LABELS`; a corner's missing label is 0) as
+// request fields, as `sdlab txt2img --from-png` reads them
+function sdxlFromParameters(p) {
+  const s = {};
+  for (const [label, field] of Object.entries(SDXL_SIZE_LABELS)) {
+    if (`${label}-1` in p) s[field] = [Number(p[`${label}-2`]), Number(p[`${label}-1`])];
+  }
+  for (const [field, labels] of Object.entries(SDXL_CROP_LABELS)) {
+    if (labels.some((label) => label in p)) s[field] = labels.map((label) => Number(p[label] ?? 0));
+  }
   return s;
 }
 
