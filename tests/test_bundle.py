@@ -16,6 +16,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -108,6 +109,26 @@ def test_forward_outputs_match_the_built_models(bundles, originals):
         assert torch.equal(built.unet(x, t, ctx, y), loaded.unet(x, t, ctx, y))
         ids = built.text_encoders[1].tokenizer(["a photograph of an astronaut riding a horse"])
         assert torch.equal(built.text_encoders[1].model(ids).pooled, loaded.text_encoders[1].model(ids).pooled)
+
+
+def test_sd2_saved_in_sgm_layout_draws_the_usual_layouts_picture(bundles, originals, tmp_path):
+    """SD2 as Stability's generative-models code saves it keeps OpenCLIP-H under `conditioner.embedders.0.model.`,
+    the SDXL refiner's prefix, and ComfyUI loads it as SD2 (supported_models.SD20.process_clip_state_dict:
+    `replace_prefix["conditioner.embedders.0.model."] = "clip_h."  #SD2 in sgm format`, as for
+    `cond_stage_model.model.`). The U-Net without the refiner's label_emb tells them apart; the picture is the
+    usual layout's, and the model saves back in the usual layout."""
+    import sdlab
+
+    state = dict(bundle_state_dict(bundles["sd2"]))
+    sgm = {("conditioner.embedders.0.model." + k.removeprefix("cond_stage_model.model.")
+            if k.startswith("cond_stage_model.model.") else k): v for k, v in state.items()}
+    path = write_safetensors_atomic(tmp_path / "sd2-sgm.safetensors", sgm)
+    draw = dict(prompt="a red apple", negative_prompt="blurry", steps=3, seed=1, width=32, height=32)
+    usual, ours = sdlab.load(originals["sd2"]), sdlab.load(path)
+    assert ours.bundle.family is get_family("sd2") and ours.bundle.report.family_source == "detected"
+    assert (np.asarray(ours.txt2img(**draw).images[0]) == np.asarray(usual.txt2img(**draw).images[0])).all()
+    assert set(bundle_state_dict(ours.bundle)) == set(state)
+    assert load_bundle(originals["sdxl-refiner"]).family is get_family("sdxl-refiner")
 
 
 # --- prediction type -------------------------------------------------------------------------------------

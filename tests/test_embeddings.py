@@ -112,6 +112,90 @@ def test_comfyui_syntax_names_subfolders_and_drops_unknown_names(sd1, tmp_path, 
     assert _max_err(context(sd1, "a embedding:ink house"), context(sd1, "a house")) == 0    # none loaded
 
 
+def _comfyui_ids(text: str, text_ids, embeddings: dict[str, list[int]]) -> list[int]:
+    """ComfyUI's reading of one text (comfy/sd1_clip.py, `SDTokenizer.tokenize_with_weights` and
+    `_try_get_embedding`, transcribed for one weight): a word of the text split at spaces and newlines that
+    starts with "embedding:" names an embedding (trailing commas are text when the name with them names
+    none); one that names none is dropped, with a warning; every other word is text, `text_ids(word)`."""
+    ids: list[int] = []
+    for word in [w for w in text.replace("\n", " ").split(" ") if w != ""]:
+        if word.startswith("embedding:"):
+            name = word[len("embedding:"):]
+            embed, leftover = embeddings.get(name), ""
+            if embed is None and name.strip(",") != name:
+                embed, leftover = embeddings.get(name.strip(",")), name[len(name.strip(",")):]
+            ids += embed or []
+            if leftover == "":
+                continue
+            word = leftover
+        ids += text_ids(word)
+    return ids
+
+
+COMFYUI_WORDS = [
+    "a photo, myembedding:ink", "EMBEDDING:ink landscape", "Embedding:ink", "text_embedding:ink diagram",
+    "a,embedding:ink", "tab\tembedding:ink", "(embedding:ink", "embedding:ink, a cat", "a  embedding:ink,, b",
+    "line\nembedding:ink", "embedding:ink embedding:ink", "embedding:nothere cat", "a embedding:nothere, b",
+    "embedding:nothere,", "1girl embedding:ink.\nembedding:", "embedding:Ink embedding:ink",
+]
+
+
+def test_embedding_syntax_is_read_where_comfyui_reads_it(hf_tokenizers):
+    """Only a word that begins with lower-case `embedding:` names an embedding; mid-word or in another case it
+    is text (Hugging Face's tokens, as ComfyUI tokenizes a word; with an embedding loaded, its name's tokens
+    in text read as its vectors too, A1111's rule), loaded or not; a name that names no loaded embedding is
+    left out. `embedding:Ink` is `ink` in both: sdlab looks names up in any case, and ComfyUI's file lookup
+    finds ink.pt under that name on a case-insensitive disk; the test counts it as found."""
+    ink = (49408, 49409)
+    loaded = default_tokenizer().with_added_words({"ink": ink})
+
+    def hf_ids(word: str) -> list[int]:
+        return hf_tokenizers[0](word)["input_ids"][1:-1]
+
+    def a1111_ids(word: str) -> list[int]:
+        return [t for unit in loaded._substitute(hf_ids(word)) for t in unit]
+
+    for text in COMFYUI_WORDS:
+        assert loaded.encode(text) == _comfyui_ids(text, a1111_ids, {"ink": list(ink), "Ink": list(ink)}), text
+        assert default_tokenizer().encode(text) == _comfyui_ids(text, hf_ids, {}), text
+    assert default_tokenizer().unloaded_names("a, myembedding:x EMBEDDING:y,embedding:z embedding:w") == ["w"]
+
+
+def test_only_runs_that_begin_a_comfyui_word_are_warned_of(caplog):
+    """The prompt's warning reads the texts the tokenizer reads: an emphasis run begins a word
+    ("(embedding:gone:1.2)", as ComfyUI's own brackets begin one), as do BREAK and each AND part; text glued
+    to the name or in upper case is no embedding and no warning."""
+    from sdlab.pipeline.plan import warn_of_unloaded_embeddings
+    from sdlab.pipeline.request import GenerationRequest
+
+    request = GenerationRequest("a (embedding:gone:1.2), myembedding:kept EMBEDDING:kept BREAK embedding:brk AND "
+                                "[cat:dog:3] embedding:part :0.5", negative_prompt="x,embedding:kept embedding:neg", steps=6)
+    bundle = tiny_bundle("sd1")
+    with caplog.at_level(logging.WARNING):
+        warn_of_unloaded_embeddings(bundle, request)
+    warned = [r.getMessage().split()[0] for r in caplog.records]
+    assert warned == ["embedding:gone", "embedding:brk", "embedding:part", "embedding:neg"]
+
+
+def test_training_captions_read_the_syntax_as_prompts_do_and_warn(caplog, tmp_path):
+    """Captions (`encode_captions` calls the tokenizer on each) keep "text_embedding:v2" as text; a caption's
+    `embedding:NAME` that names nothing loaded is left out with one warning for the run."""
+    from types import SimpleNamespace
+
+    from sdlab.train.cli import _warn_of_unloaded_embeddings
+    from sdlab.train.data import ImageSample
+
+    tokenizer = default_tokenizer()
+    spaced = tokenizer.pad(tokenizer.encode("a diagram of text _ embedding : v 2"))
+    assert tokenizer(["a diagram of text_embedding:v2"])[0].tolist() == spaced
+    captions = ["a diagram of text_embedding:v2", "embedding:gone cat", "dog embedding:gone", "EMBEDDING:x"]
+    task = SimpleNamespace(bundle=SimpleNamespace(text_encoders=[SimpleNamespace(tokenizer=tokenizer)]))
+    with caplog.at_level(logging.WARNING):
+        _warn_of_unloaded_embeddings(task, [ImageSample(tmp_path / f"{i}.png", c) for i, c in enumerate(captions)])
+    assert [r.getMessage() for r in caplog.records] == [
+        "embedding:gone in the captions is not loaded; it is left out of them"]
+
+
 def test_an_unloaded_embedding_is_warned_of_once_per_run(caplog):
     """However often the prompts' text is encoded (each text encoder, prompt-editing step, AND part, the
     negative prompt), a run warns once of each name that names no loaded embedding."""

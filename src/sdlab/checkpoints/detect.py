@@ -5,9 +5,12 @@ number of levels, attention projection kind (Linear or 1x1 conv), whether it has
 (`label_emb`) and the VAE's downsampling factor; widths are listed for messages. Then every registered
 family's `Signature` (`sdlab.families`) is matched against it:
 
-  1. a file with text-encoder keys: the families whose text-tower prefixes are exactly the ones found and
-     whose required facts hold; the most specific wins (sdlab-tiny, which needs Linear projections and an
-     f=4 VAE, over SD1, which shares its `cond_stage_model.transformer.` layout);
+  1. a file with text-encoder keys: the families whose text-tower prefixes (`FamilySpec.text_layouts`, its
+     own or another tool's) are exactly the ones found and whose required facts hold; among them those whose
+     U-Net's added vector agrees with `label_emb` (SD2 saved by SGM code shares the SDXL refiner's
+     `conditioner.embedders.0.model.` and has no `label_emb`); the most specific wins (sdlab-tiny, which
+     needs Linear projections and an f=4 VAE, over SD1, which shares its `cond_stage_model.transformer.`
+     layout);
   2. a file holding only a U-Net: the families whose default U-Net has its structure (levels, projection
      kind, added vector);
   3. the U-Net's input channels pick the variant among the families sharing the winning signature
@@ -45,8 +48,9 @@ _DOWNSAMPLE = re.compile(re.escape(UNET_PREFIX) + r"input_blocks\.\d+\.0\.op\.we
 
 
 def text_prefixes() -> tuple[str, ...]:
-    """The text-tower prefixes of every registered family, in registry order."""
-    return tuple(dict.fromkeys(te.prefix for f in registered_families() for te in f.text_encoders))
+    """The text-tower prefixes of every registered family (its own, then other tools'), in registry order."""
+    return tuple(dict.fromkeys(p for f in registered_families() for te in f.text_encoders
+                               for p in (te.prefix, *te.other_prefixes)))
 
 
 @dataclass(frozen=True)
@@ -134,10 +138,15 @@ def _candidates(e: Evidence) -> list[FamilySpec]:
     """The registered families whose signature the evidence fits, most specific first (see module docstring)."""
     families = registered_families()
     if e.text_prefixes:
-        fits = [f for f in families if f.text_towers == e.text_prefixes and _holds(f, e)]
+        fits = [f for f in families if e.text_prefixes in map(frozenset, f.text_layouts) and _holds(f, e)]
+        fits = [f for f in fits if _added_vector_agrees(f, e)] or fits     # else _check_consistent says why
         best = max((len(f.signature.requires) for f in fits), default=0)
         return [f for f in fits if len(f.signature.requires) == best]
     return [f for f in families if _unet_alone_matches(f, e)]
+
+
+def _added_vector_agrees(family: FamilySpec, e: Evidence) -> bool:
+    return (family.unet.adm_in_channels is not None) == e.added_vector
 
 
 def _variant(candidates: list[FamilySpec], in_channels: int | None) -> FamilySpec:

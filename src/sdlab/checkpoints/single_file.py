@@ -4,7 +4,8 @@ VAE files, opened as components ready to plan (the counterpart of `diffusers_fol
 `read_single_file` detects the family (the argument, else the file's `sdlab.family`, else the tensors),
 splits the keys into the family's components by their prefixes (`FamilySpec.components`), infers every config (or takes the one sdlab's saver stored in the
 metadata, confirmed against the tensors) and refuses keys that belong to no component and are not known
-junk. A text tower one layer short of the family's (SD2 written from a diffusers folder) is read as
+junk (text towers under the prefixes the file uses: `FamilySpec.text_layouts`, as SD2 saved by SGM code
+keeps OpenCLIP-H under `conditioner.embedders.0.model.`). A text tower one layer short of the family's (SD2 written from a diffusers folder) is read as
 diffusers reads it. `load_vae_source` opens a standalone VAE (bare LDM keys, `first_stage_model.*`,
 diffusers names, or a diffusers VAE folder). Prediction type and scaling factor are resolved by the caller
 (`load.py`).
@@ -115,6 +116,14 @@ def _text_source(spec: TextEncoderSpec, build: Callable[[CLIPTextConfig], nn.Mod
     )
 
 
+def _text_prefixes(family: FamilySpec, shapes: Mapping[str, Any]) -> dict[str, str]:
+    """Text encoder name -> the prefix this file keeps it under: the first of the family's `text_layouts`
+    whose every prefix holds keys (the family's own when none does)."""
+    found = {p for layout in family.text_layouts for p in layout if any(k.startswith(p) for k in shapes)}
+    layout = next((lay for lay in family.text_layouts if set(lay) <= found), family.text_layouts[0])
+    return {te.name: prefix for te, prefix in zip(family.text_encoders, layout)}
+
+
 def _hidden_state_for_layers(te: TextEncoderSpec, layers: int) -> TextEncoderSpec:
     """`te` for a tower of `layers` layers. One that lacks the family's last layer is a tower from a diffusers
     folder (diffusers' convert_diffusers_to_original_stable_diffusion.py writes SD2's 23 of OpenCLIP-H's 24)
@@ -155,7 +164,8 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
     stored = stored_configs(metadata, spec)
     origin = str(path)
 
-    prefixes = list(spec.prefixes.items())
+    text_prefixes = _text_prefixes(spec, shapes)
+    prefixes = [(name, text_prefixes.get(name, prefix)) for name, prefix in spec.prefixes.items()]
     buckets: dict[str, list[str]] = {name: [] for name, _ in prefixes}
     ignored, unexpected = [], []
     for key in shapes:
@@ -203,9 +213,10 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
         if hidden_states is not None:
             te = replace(te, hidden_state=hidden_states[i])
         if not buckets[te.name]:
-            raise _missing_component(path, spec, f"text encoder {te.name}", te.prefix)
+            raise _missing_component(path, spec, f"text encoder {te.name}", text_prefixes[te.name])
         te_stored = stored["text_encoders"][i] if stored else None
-        source = _text_source(te, spec.text_module, origin, state, buckets[te.name], te_stored)
+        source = _text_source(replace(te, prefix=text_prefixes[te.name]), spec.text_module, origin, state,
+                              buckets[te.name], te_stored)
         text.append((_hidden_state_for_layers(te, source.config.layers), source))
 
     return SingleFile(

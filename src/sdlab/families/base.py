@@ -14,6 +14,7 @@ Imports `models` (configs, modules) and `diffusion` (prediction types, schedules
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -44,6 +45,8 @@ class TextEncoderSpec:
         `text_model.` level) plus an optional top-level `text_projection.weight`;
       - layout "openclip": an OpenCLIP text tower (`transformer.resblocks.N.attn.in_proj_weight`, ...),
         converted to sdlab names by `sdlab.checkpoints.openclip`.
+    `other_prefixes`: where other tools' single files keep the same tower (SD2 as Stability's generative-models
+    code saves it: `conditioner.embedders.0.model.`, which ComfyUI reads as SD2); a file uses one of them.
     `hidden_state` is what the U-Net is conditioned on:
       - "last": output of the final LayerNorm (SD1, CLIP-L);
       - "penultimate_norm": the second-to-last layer, then the final LayerNorm (SD2, OpenCLIP-H);
@@ -57,6 +60,7 @@ class TextEncoderSpec:
     hidden_state: str               # "last" | "penultimate_norm" | "penultimate"
     pad_token_id: int               # 49407 (end token) for CLIP-L, 0 for OpenCLIP towers
     diffusers_folder: str           # "text_encoder" | "text_encoder_2"
+    other_prefixes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.layout not in TEXT_LAYOUTS:
@@ -236,9 +240,11 @@ class FamilySpec:
         return "aesthetic_score" in self.conditioner.size_conds
 
     @property
-    def text_towers(self) -> frozenset[str]:
-        """The checkpoint prefixes of its text encoders: what detection matches a file's text keys against."""
-        return frozenset(te.prefix for te in self.text_encoders)
+    def text_layouts(self) -> tuple[tuple[str, ...], ...]:
+        """Each way a single file may lay out its text encoders, one checkpoint prefix per encoder: the family's
+        own first, then those with encoders under their `other_prefixes`. Detection matches a file's text keys
+        against these."""
+        return tuple(itertools.product(*((te.prefix, *te.other_prefixes) for te in self.text_encoders)))
 
     def model_sampling(self, prediction: Prediction, schedule: ScheduleSpec | None = None) -> ModelSampling:
         """How the family's networks relate to the sampler's noisy sample: the DDPM `schedule` (the family's, or

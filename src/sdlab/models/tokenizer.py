@@ -62,8 +62,11 @@ _PRETOKENIZE = regex.compile(
 
 
 # ComfyUI's way to name an embedding in a prompt: `embedding:NAME` (NAME may carry the file's extension and
-# the subfolder it lies in: `embedding:styles/ink.pt`).
-_EMBEDDING_SYNTAX = regex.compile(r"embedding:([^\s,()\[\]{}<>|:]+)", regex.IGNORECASE)
+# the subfolder it lies in: `embedding:styles/ink.pt`), read where ComfyUI reads it: a word that begins with
+# lower-case `embedding:`, the words of a text being split at spaces and newlines
+# (`SDTokenizer.tokenize_with_weights`). Elsewhere ("myembedding:x", "EMBEDDING:x", "a,embedding:x") it is text;
+# a bare "embedding:" names nothing and is left out, as there.
+_EMBEDDING_SYNTAX = regex.compile(r"(?<![^ \n])embedding:([^\s,()\[\]{}<>|:]*)")
 _EMBEDDING_SUFFIX = regex.compile(r"\.(pt|pth|bin|safetensors)$", regex.IGNORECASE)
 
 

@@ -34,7 +34,8 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
-from sdlab.pipeline.prompt_syntax import strip_comments
+from sdlab.pipeline.prompt_schedule import composable_parts, prompt_schedule
+from sdlab.pipeline.prompt_syntax import PromptError, is_break, parse_weighted, strip_comments
 from sdlab.pipeline.request import (
     SIZE_MULTIPLE,
     GenerationRequest,
@@ -140,8 +141,24 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
 def warn_of_unloaded_embeddings(bundle: ModelBundle, req: GenerationRequest) -> None:
     """One warning for each `embedding:NAME` of the prompts that names no loaded embedding (it is left out)."""
     tokenizer = bundle.text_encoders[0].tokenizer
-    for name in tokenizer.unloaded_names(f"{req.prompt}\n{req.negative_prompt}"):
+    names = (name for run in _tokenized_runs(req) for name in tokenizer.unloaded_names(run))
+    for name in dict.fromkeys(names):
         logger.warning("embedding:%s is not loaded; it is left out of the prompt", name)
+
+
+def _tokenized_runs(req: GenerationRequest) -> list[str]:
+    """The texts of the prompts the tokenizer reads one by one, where a word such as `embedding:NAME` may
+    begin: the emphasis runs (`parse_weighted`) of each edited text (`prompt_schedule`) of each AND part and of
+    the negative prompt. A text that does not parse has none (encoding it is a `PromptError`)."""
+    texts = [part for part, _ in composable_parts(req.prompt)] + [req.negative_prompt]
+    edited = dict.fromkeys(text_at for text in texts for _, text_at in prompt_schedule(text, req.steps))
+    runs: list[str] = []
+    for text in edited:
+        try:
+            runs += [run for run, weight in parse_weighted(text) if not is_break((run, weight))]
+        except PromptError:
+            continue
+    return runs
 
 
 def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None:

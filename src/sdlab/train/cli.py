@@ -145,6 +145,18 @@ def _scan(cfg: TrainConfig):
     return scan
 
 
+def _warn_of_unloaded_embeddings(task, samples) -> None:
+    """One warning for each `embedding:NAME` of the captions that names no embedding of the tokenizer that reads
+    them (the task's text tower's, with the embedding task's word): it is left out of them, as of a prompt."""
+    bundle = getattr(task, "bundle", None)
+    tokenizer = bundle.text_encoders[0].tokenizer if bundle is not None else getattr(task, "tokenizer", None)
+    if tokenizer is None:                                  # the vae task reads no captions
+        return
+    names = (name for sample in samples for name in tokenizer.unloaded_names(sample.caption))
+    for name in dict.fromkeys(names):
+        logger.warning("embedding:%s in the captions is not loaded; it is left out of them", name)
+
+
 def _make_output_dir(folder: str) -> None:
     """The run folder, made and written to once before the model loads."""
     try:
@@ -180,6 +192,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         cfg = _with_model_kind(cfg, bundle.family.name, bundle.prediction.value)
         cfg = _with_native_resolution(cfg, bundle)
         task = task_module.build_task(cfg, bundle)
+        _warn_of_unloaded_embeddings(task, scan.samples)
         cache = None
         if cfg.cache_latents:
             cache = LatentCache(bundle.vae, bundle.scaling_factor, Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache"),

@@ -1,6 +1,8 @@
 """Stable Diffusion 2.x (Stability AI): OpenCLIP ViT-H/14 text, 64-wide heads, Linear projections.
 
-The text tower sits at `cond_stage_model.model.*` in OpenCLIP layout; the U-Net sees the penultimate layer
+The text tower sits at `cond_stage_model.model.*` in OpenCLIP layout (`conditioner.embedders.0.model.*` in a
+file saved by Stability's generative-models code, the SDXL refiner's prefix; ComfyUI reads both as SD2, and
+the U-Net without the refiner's `label_emb` tells them apart); the U-Net sees the penultimate layer
 after the final LayerNorm, and padding is token 0. SD2 768-v models predict v and SD2-base predicts eps, but
 nothing in the weights says which: the loader asks the user, the file's metadata or a sidecar `.yaml`, and
 falls back to eps (`Prediction.EPS`) with a logged note. SD 2.1 computes attention in fp32
@@ -30,6 +32,7 @@ SD2_OPENCLIP_H = TextEncoderSpec(
     hidden_state="penultimate_norm",
     pad_token_id=0,
     diffusers_folder="text_encoder",
+    other_prefixes=("conditioner.embedders.0.model.",),
 )
 
 SD2_UNET = UNetConfig(
