@@ -189,6 +189,47 @@ def test_sizes_follow_a1111s_target_resolution() -> None:
     assert hires_sizes(100, 60, 1.5, None, None) == ((144, 88), (144, 88))         # int(150), int(90), snapped
 
 
+def _a1111_hr_upscale_to(width: int, height: int, hr_scale: float | None, hr_resize_x: int,
+                         hr_resize_y: int) -> tuple[int, int]:
+    """A1111 processing.py `calculate_target_resolution`'s (hr_upscale_to_x, hr_upscale_to_y), transcribed."""
+    if hr_resize_x == 0 and hr_resize_y == 0:
+        return int(width * hr_scale), int(height * hr_scale)
+    if hr_resize_y == 0:
+        return hr_resize_x, hr_resize_x * height // width
+    if hr_resize_x == 0:
+        return hr_resize_y * width // height, hr_resize_y
+    if width / height < hr_resize_x / hr_resize_y:
+        return hr_resize_x, hr_resize_x * height // width
+    return hr_resize_y * width // height, hr_resize_y
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe():
+    from bundle_fixtures import tiny_bundle
+    from sdlab.api import Pipeline
+
+    return Pipeline(tiny_bundle("sdxl", seed=11))
+
+
+@pytest.mark.parametrize("hires", [dict(hr_scale=1.3), dict(hr_width=96, hr_height=64), dict(hr_width=0, hr_height=72),
+                                   dict(hr_scale=1.5, original_size=(1024, 1024))])
+def test_sdxl_second_pass_is_conditioned_on_a1111s_upscaled_size(sdxl_pipe, monkeypatch, hires) -> None:
+    """A1111's `calculate_hr_conds` conditions the second pass on (hr_upscale_to_y, hr_upscale_to_x), the size
+    before the centred crop and unsnapped, as original and target size of the prompt and the negative
+    (`sd_models_xl.get_learned_conditioning`); a size the request sets stays."""
+    from sdlab.pipeline import conditioning
+
+    seen, real = [], conditioning.sdxl_size_conds
+    monkeypatch.setattr(conditioning, "sdxl_size_conds",
+                        lambda *args, **kwargs: seen.append(real(*args, **kwargs).flatten().tolist()) or real(*args, **kwargs))
+    sdxl_pipe.txt2img("a cat", "ugly", width=64, height=48, steps=2, seed=1, hr_upscaler="Latent", hr_denoise=0.5,
+                      **hires)
+    x, y = _a1111_hr_upscale_to(64, 48, hires.get("hr_scale"), hires.get("hr_width", 0), hires.get("hr_height", 0))
+    original = hires.get("original_size", (y, x))
+    assert seen[-2:] == [[*original, 0, 0, y, x]] * 2                              # the prompt's, the negative's
+    assert seen[0] == [*hires.get("original_size", (48, 64)), 0, 0, 48, 64]      # the first pass: its own size
+
+
 def test_hires_size_crops_the_centre(pipe) -> None:
     result = pipe.txt2img(PROMPT, steps=4, seed=7, hr_width=128, hr_height=96, hr_steps=2)
     assert result.images[0].size == (128, 96)

@@ -9,6 +9,7 @@
                    the upscaler runs only when the size grows, so a scale-1 pass starts from the first
                    pass's own pictures); the VAE encodes them (the posterior mean)
     second pass  img2img at the final size with strength `hr_denoise` and `hr_steps` steps (0: the first pass's),
+                 SDXL conditioned on the upscaled size before the crop (A1111's `hr_upscale_to_x` / `_y`),
                  all of which run on a schedule stretched to steps / min(hr_denoise, 0.999): A1111 hands the
                  second pass its step count, which takes its "img2img_fix_steps" path (sdlab's "a1111_fix_steps"
                  convention, `HIRES_IMG2IMG`): hr_denoise above 1 draws as 1, and the SDE samplers' Brownian
@@ -45,7 +46,14 @@ from sdlab.pipeline.generate import (
 )
 from sdlab.pipeline.images import pil_to_tensor, tensor_to_pil
 from sdlab.pipeline.plan import GenerationPlan, make_plan
-from sdlab.pipeline.request import HIRES_IMG2IMG, SIZE_MULTIPLE, GenerationRequest, GenerationResult, hires_sizes
+from sdlab.pipeline.request import (
+    HIRES_IMG2IMG,
+    SIZE_MULTIPLE,
+    GenerationRequest,
+    GenerationResult,
+    hires_sizes,
+    hires_targets,
+)
 from sdlab.pipeline.upscale import (
     LATENT_UPSCALE_MODES,
     PLAIN_UPSCALERS,
@@ -80,11 +88,16 @@ def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | st
 def second_pass_request(req: GenerationRequest, factor: int) -> GenerationRequest:
     """The img2img request of the second pass (run `from_latent`) of a resolved hires request: the final size,
     `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the same seeds, no hires fields, and
-    the first pass's step count (prompt edits count on from it)."""
+    the first pass's step count (prompt edits count on from it). SDXL's original and target sizes the request
+    leaves unset are the upscaled size before the crop and unsnapped, (hr_upscale_to_y, hr_upscale_to_x), for
+    the prompt and the negative, as A1111's `calculate_hr_conds` conditions its second pass."""
     _, (width, height) = pass_sizes(req, factor)
+    (up_width, up_height), _ = hires_targets(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height)
     return replace(req, width=width, height=height, steps=hires_steps(req), strength=req.hr_denoise,
                    img2img_convention=HIRES_IMG2IMG, hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
-                   hr_steps=None, hr_denoise=None, first_pass_steps=req.steps)
+                   hr_steps=None, hr_denoise=None, first_pass_steps=req.steps,
+                   original_size=req.original_size or (up_height, up_width),
+                   target_size=req.target_size or (up_height, up_width))
 
 
 def pass_sizes(req: GenerationRequest, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:

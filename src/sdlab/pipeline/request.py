@@ -326,8 +326,18 @@ DEFAULT_HR_UPSCALER = "Latent"
 
 def hires_sizes(width: int, height: int, scale: float | None, hr_width: int | None, hr_height: int | None,
                 multiple: int = SIZE_MULTIPLE) -> tuple[tuple[int, int], tuple[int, int]]:
-    """A1111's hires fix sizes (`calculate_target_resolution`): ((width, height) the first pass is upscaled
-    to, (width, height) of the result after a centred crop), both snapped down to `multiple`.
+    """A1111's hires fix sizes (`hires_targets`) snapped down to `multiple`: ((width, height) the first pass is
+    upscaled to, (width, height) of the result after a centred crop)."""
+    up, final = hires_targets(width, height, scale, hr_width, hr_height)
+    snap = lambda size: (size[0] - size[0] % multiple, size[1] - size[1] % multiple)  # noqa: E731
+    return snap(up), snap(final)
+
+
+def hires_targets(width: int, height: int, scale: float | None, hr_width: int | None,
+                  hr_height: int | None) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A1111's hires fix sizes as `calculate_target_resolution` computes them, unsnapped: ((hr_upscale_to_x,
+    hr_upscale_to_y), the first pass's upscaled size, which also conditions SDXL's second pass; (width, height)
+    of the result after a centred crop).
 
     hr_width / hr_height (0 or None = unset) win over `scale`: one side alone keeps the aspect ratio; both
     give the smallest size of the first pass's aspect that covers them, cropped to them. Else width * scale."""
@@ -340,11 +350,9 @@ def hires_sizes(width: int, height: int, scale: float | None, hr_width: int | No
             up = (hr_width, hr_width * height // width)
         else:
             up = (hr_height * width // height, hr_height)
-        final = (hr_width or up[0], hr_height or up[1])
-    else:
-        up = final = (int(width * scale), int(height * scale))
-    snap = lambda size: (size[0] - size[0] % multiple, size[1] - size[1] % multiple)  # noqa: E731
-    return snap(up), snap(final)
+        return up, (hr_width or up[0], hr_height or up[1])
+    up = (int(width * scale), int(height * scale))
+    return up, up
 
 
 def rng_source(value: Any) -> str:
