@@ -306,6 +306,17 @@ def test_special_tokens_glued_to_punctuation_match_transformers(hf_tok):
     assert tok.encode("cat,<|endoftext|> dog") == [2368, 267, EOS_TOKEN_ID, 1929]
 
 
+def test_html_entities_are_unescaped_as_open_clip_does(open_clip_tok, hf_tok):
+    """The README's sentence: entities are unescaped as open_clip unescapes them, also in a prompt with "<"
+    (where ftfy, and so transformers 4, leaves them) and without ";"; transformers 5 leaves them always."""
+    tok = default_tokenizer()
+    for prompt in ["a <cat-toy> &amp; a dog", "black &amplifier", "&copy 2024", "Tom &amp; Jerry"]:
+        assert tok.encode(prompt) == open_clip_tok.encode(prompt), prompt
+    assert tok.decode(tok.encode("a <cat-toy> &amp; a dog")) == "a < cat - toy > & a dog"
+    assert hf_tok("Tom &amp; Jerry", add_special_tokens=False).input_ids == [2435, 261, 6259, 282, 9164]   # "&amp;"
+    assert tok.encode("Tom &amp; Jerry") == [2435, 261, 9164]
+
+
 def test_custom_vocab_path_and_max_length(tmp_path):
     tok = CLIPTokenizer(_default_vocab_path(), max_length=8)
     row = tok("a photo of " * 10)
