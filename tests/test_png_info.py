@@ -133,6 +133,37 @@ def test_parse_text_without_a_parameter_line_is_all_prompt():
     }
 
 
+def _a1111_prompts(text: str) -> tuple[str, str]:
+    """A1111 1.10 `infotext_utils.parse_generation_parameters`'s prompt loop, transcribed: a line joins its
+    prompt with a newline only once that prompt holds text."""
+    prompt = negative_prompt = ""
+    done_with_prompt = False
+    *lines, lastline = text.strip().split("\n")
+    if len(png_info._pairs(lastline)) < 3:
+        lines.append(lastline)
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            done_with_prompt = True
+            line = line[16:].strip()
+        if done_with_prompt:
+            negative_prompt += ("" if negative_prompt == "" else "\n") + line
+        else:
+            prompt += ("" if prompt == "" else "\n") + line
+    return prompt, negative_prompt
+
+
+@pytest.mark.parametrize("text", [
+    "a cat\nNegative prompt:\nblurry\nSteps: 2, Sampler: Euler, Seed: 1",          # the negative on the next line
+    "a cat\nNegative prompt:\n\nblurry\n\nlowres\nSteps: 2, Sampler: Euler, Seed: 1",
+    "a cat\n\n  \nwith a hat\nNegative prompt: x\n\nSteps: 2, Sampler: Euler, Seed: 1",
+    "Negative prompt: only a negative\nSteps: 2, Sampler: Euler, Seed: 1",
+])
+def test_prompt_lines_join_as_a1111_joins_them(text):
+    parsed = parse_parameters(text)
+    assert (parsed["Prompt"], parsed["Negative prompt"]) == _a1111_prompts(text)
+
+
 def test_parse_keeps_a_malformed_number_as_text():
     assert parse_parameters("p\nSteps: many, Sampler: Euler, Seed: 3")["Steps"] == "many"
 

@@ -13,8 +13,9 @@ alone (a flag). Parameter mappings here use A1111's labels as keys, with ``"Prom
 ``"Negative prompt"`` for the two prompts, so files written by either program read the same way.
 
 Lossy corners, the same as in A1111: the text is stripped as a whole and each prompt line is stripped,
-a prompt line that starts with ``Negative prompt:`` starts the negative prompt, and a last line with
-fewer than three ``Key: value`` pairs is read as prompt text.
+a prompt line that starts with ``Negative prompt:`` starts the negative prompt, empty lines before a
+prompt's first text are dropped (``Negative prompt:`` alone on its line, the negative on the next), and a
+last line with fewer than three ``Key: value`` pairs is read as prompt text.
 
 JPEG and WebP files carry the same text in the EXIF ``UserComment`` tag, as A1111 writes it (piexif's
 "unicode" encoding: ``UNICODE\\0`` then UTF-16-BE). Reading is bounded: at most
@@ -166,12 +167,19 @@ def parse_parameters(text: str) -> dict[str, Any]:
             line = line[len(_NEGATIVE_PREFIX):].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
 
-    result: dict[str, Any] = {PROMPT: "\n".join(prompt_lines), NEGATIVE_PROMPT: "\n".join(negative_lines)}
+    result: dict[str, Any] = {PROMPT: _joined(prompt_lines), NEGATIVE_PROMPT: _joined(negative_lines)}
     for key, value in pairs:
         if value[:1] == '"' and value[-1:] == '"':
             value = unquote(value)
         result[key] = _typed(key, value)
     return result
+
+
+def _joined(lines: list[str]) -> str:
+    """A prompt's lines as A1111 joins them, a newline before a line only once the prompt holds text: the empty
+    lines before its first text (the empty rest of a `Negative prompt:` line) are dropped."""
+    first = next((i for i, line in enumerate(lines) if line), len(lines))
+    return "\n".join(lines[first:])
 
 
 def _pairs(line: str) -> list[tuple[str, str]]:
