@@ -329,7 +329,7 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
     scheduler_path = path / "scheduler" / "scheduler_config.json"
     scheduler = read_scheduler_config(
         read_config_json(scheduler_path) if scheduler_path.exists() else {}, spec.schedule, scheduler_path)
-    log_scheduler(scheduler_path, scheduler)
+    log_scheduler(scheduler_path, scheduler, model_index.get("_class_name"))
     total = sum(len(c.state) + len(c.ignored) for c in [unet, vae, *(src for _, src in text)])
     return DiffusersFolder(
         path=path,

@@ -11,9 +11,13 @@ diffusers keeps two kinds of settings in one file:
 - how the pipeline's default scheduler spaces its steps: the scheduler class, `timestep_spacing`,
   `steps_offset`, `use_karras_sigmas`, ... sdlab's sampler and schedule are the request's (family default
   DPM++ 2M Karras), so these stay sampler settings: the load report lists them, and for a Turbo or
-  zero-SNR folder (trailing spacing) the loader logs the sampler and schedule that step as the folder's
-  scheduler does (`SCHEDULER_CLASSES`: `DDIMScheduler` with trailing spacing is `--sampler DDIM --schedule
-  trailing`, `EulerAncestralDiscreteScheduler` is `--sampler "Euler a"`, ...).
+  zero-SNR folder (trailing spacing) the loader logs the request settings that step as the folder's
+  scheduler does (`equivalent_settings`: the class's sampler, `SCHEDULER_CLASSES`, on its spacing, changed
+  by its other settings: `use_karras_sigmas` on DPMSolverMultistepScheduler is `schedule="karras",
+  init_noise="vp", quantize_timesteps=True`, TCDScheduler draws at the pipelines' eta 0, ...), or, where
+  the class has a setting no sdlab setting reproduces (`thresholding`, `algorithm_type="sde-dpmsolver++"`,
+  ...), says so and names it. The settings are read as diffusers' pipeline runs them: its SD1 / SD2
+  pipelines set `clip_sample` false as they load a folder, SDXL's keep it.
 
 A key the config leaves out takes the family's value (every released folder writes all of them).
 """
@@ -22,24 +26,42 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.validate import check_int, check_positive_float
+from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedules import ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
 from sdlab.families import ScheduleSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCHEDULER_CLASSES", "DiffusersScheduler", "SchedulerClass", "equivalent_settings", "log_scheduler",
-           "read_scheduler_config"]
+__all__ = ["SCHEDULER_CLASSES", "DiffusersScheduler", "Equivalent", "SchedulerClass", "Setting", "equivalent_settings",
+           "log_scheduler", "read_scheduler_config"]
 
 # diffusers' beta_schedule names sdlab builds (`sdlab.diffusion.schedules.make_betas`)
 _BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
-# sampler settings worth reporting: how diffusers' default scheduler for this folder spaces its steps
-_SAMPLER_KEYS = ("_class_name", "timestep_spacing", "steps_offset", "use_karras_sigmas", "set_alpha_to_one")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a scheduler class that changes its picture: its default in diffusers, and each value
+    sdlab reproduces with the request settings that draw it (a value not listed: no sdlab setting does)."""
+
+    name: str
+    default: Any
+    values: tuple[tuple[Any, Mapping[str, Any]], ...]
+
+    def request(self, value: Any) -> Mapping[str, Any] | None:
+        """The request settings that draw `value` (on top of the class's), or None where none does."""
+        return next((request for known, request in self.values if known == value), None)
+
+
+def _only(name: str, default: Any) -> Setting:
+    """A setting sdlab steps with at its default value alone."""
+    return Setting(name, default, ((default, {}),))
 
 
 @dataclass(frozen=True)
@@ -50,26 +72,73 @@ class SchedulerClass:
     spacing: str                    # the class's default `timestep_spacing`
     spaced: bool = True             # False: the class has no spacing option and always steps on `spacing`
     zero_snr: bool = True           # False: the class ignores `rescale_betas_zero_snr` (its betas stay as given)
+    settings: tuple[Setting, ...] = ()   # its other settings that change the picture
+    ramp: str | None = None         # its use_karras_sigmas / _exponential_ / _beta_ ramp spans "model": the model's
+                                    # sigma range, timesteps rounded, VP start (DPM-Solver, UniPC); "spacing": the
+                                    # spaced sigmas' (Euler's family; the model's range on linspace spacing)
+    request: Mapping[str, Any] = field(default_factory=dict)   # request settings besides sampler and schedule
+    unmatched: str | None = None    # why no sdlab setting draws its picture at all
+    mixes_v: bool = False           # True: its multistep formula mixes a v-prediction model's outputs as they are,
+                                    # where sdlab's sampler mixes noise predictions (PNDM)
 
+
+_THRESHOLDING = _only("thresholding", False)
+_CLIP_SAMPLE = Setting("clip_sample", True, ((False, {}),))      # DDIM's / DDPM's default clips x0 to [-1, 1]
+_NO_CLIP_SAMPLE = _only("clip_sample", False)
+_FINAL_ZERO = _only("final_sigmas_type", "zero")                 # "sigma_min" ends one level above sdlab's 0
+_NO_FLOW = _only("use_flow_sigmas", False)
+_LCM = (_NO_CLIP_SAMPLE, _THRESHOLDING, _only("original_inference_steps", 50), _only("timestep_scaling", 10.0))
+_DPM = (_only("solver_order", 2), _only("algorithm_type", "dpmsolver++"), _THRESHOLDING, _FINAL_ZERO, _NO_FLOW)
 
 # diffusers' scheduler classes (0.42) -> the sdlab sampler that steps as each does, with its defaults
 SCHEDULER_CLASSES: dict[str, SchedulerClass] = {
-    "EulerDiscreteScheduler": SchedulerClass("Euler", "linspace"),
+    "EulerDiscreteScheduler": SchedulerClass(
+        "Euler", "linspace", ramp="spacing", settings=(_only("interpolation_type", "linear"), _FINAL_ZERO)),
     "EulerAncestralDiscreteScheduler": SchedulerClass("Euler a", "linspace"),
-    "HeunDiscreteScheduler": SchedulerClass("Heun", "linspace", zero_snr=False),
-    "KDPM2DiscreteScheduler": SchedulerClass("DPM2", "linspace", zero_snr=False),
-    "KDPM2AncestralDiscreteScheduler": SchedulerClass("DPM2 a", "linspace", zero_snr=False),
-    "LMSDiscreteScheduler": SchedulerClass("LMS", "linspace", zero_snr=False),
-    "DPMSolverMultistepScheduler": SchedulerClass("DPM++ 2M", "linspace"),
-    "DPMSolverSinglestepScheduler": SchedulerClass("DPM++ 2S", "linspace", spaced=False, zero_snr=False),
-    "DPMSolverSDEScheduler": SchedulerClass("DPM++ SDE", "linspace", zero_snr=False),
-    "UniPCMultistepScheduler": SchedulerClass("UniPC", "linspace"),
-    "DDIMScheduler": SchedulerClass("DDIM", "leading"),
-    "PNDMScheduler": SchedulerClass("PLMS", "leading", zero_snr=False),
-    "DDPMScheduler": SchedulerClass("DDPM", "leading"),
-    "LCMScheduler": SchedulerClass("LCM", "leading"),
-    "TCDScheduler": SchedulerClass("TCD", "leading"),
+    "HeunDiscreteScheduler": SchedulerClass("Heun", "linspace", zero_snr=False, ramp="spacing",
+                                            settings=(_NO_CLIP_SAMPLE,)),
+    "KDPM2DiscreteScheduler": SchedulerClass("DPM2", "linspace", zero_snr=False, ramp="spacing"),
+    "KDPM2AncestralDiscreteScheduler": SchedulerClass("DPM2 a", "linspace", zero_snr=False, ramp="spacing"),
+    "LMSDiscreteScheduler": SchedulerClass("LMS", "linspace", zero_snr=False, ramp="spacing"),
+    "DPMSolverMultistepScheduler": SchedulerClass("DPM++ 2M", "linspace", ramp="model", settings=(
+        *_DPM, _only("use_lu_lambdas", False),
+        Setting("solver_type", "midpoint", (("midpoint", {}), ("heun", {"sampler": "DPM++ 2M SDE Heun", "eta": 0.0}))),
+    )),
+    "DPMSolverSinglestepScheduler": SchedulerClass("DPM++ 2S", "linspace", spaced=False, zero_snr=False, ramp="model",
+                                                   settings=(*_DPM, _only("solver_type", "midpoint"))),
+    "DPMSolverSDEScheduler": SchedulerClass(
+        "DPM++ SDE", "linspace", zero_snr=False, ramp="spacing",
+        unmatched="DPMSolverSDEScheduler seeds its Brownian noise with noise_sampler_seed or torch's global random "
+                  "state, sdlab's DPM++ SDE with the picture's seed"),
+    "UniPCMultistepScheduler": SchedulerClass("UniPC", "linspace", ramp="model", settings=(
+        _only("solver_order", 2), _only("solver_type", "bh2"), _only("predict_x0", True),
+        _only("lower_order_final", True), _only("disable_corrector", []), _only("solver_p", None), _THRESHOLDING,
+        _FINAL_ZERO, _NO_FLOW,
+    )),
+    "DDIMScheduler": SchedulerClass("DDIM", "leading", settings=(
+        _CLIP_SAMPLE, _THRESHOLDING,
+        # alpha 1 after the last step, not the first alpha: Euler (DDIM at eta 0) on DDIM's timesteps
+        Setting("set_alpha_to_one", True, ((True, {"sampler": "Euler", "schedule": "ddim_{spacing}"}), (False, {}))),
+    )),
+    "PNDMScheduler": SchedulerClass("PLMS", "leading", zero_snr=False, mixes_v=True, settings=(
+        Setting("skip_prk_steps", False, ((True, {}),)), _only("set_alpha_to_one", False))),
+    "DDPMScheduler": SchedulerClass("DDPM", "leading", settings=(
+        _CLIP_SAMPLE, _THRESHOLDING,
+        Setting("variance_type", "fixed_small", (("fixed_small", {}), ("fixed_small_log", {}))),
+    )),
+    "LCMScheduler": SchedulerClass("LCM", "leading", settings=_LCM),
+    # the pipelines pass their eta (0.0) to a step that takes one: TCD's gamma
+    "TCDScheduler": SchedulerClass("TCD", "leading", settings=_LCM, request={"eta": 0.0}),
 }
+
+# use_karras_sigmas, ... -> the schedule of that ramp over the model's sigma range
+_RAMPS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential", "use_beta_sigmas": "a1111_beta"}
+# sampler settings worth reporting: how diffusers' default scheduler for this folder steps
+_SAMPLER_KEYS = ("_class_name", "timestep_spacing", "steps_offset", *_RAMPS, *dict.fromkeys(
+    s.name for known in SCHEDULER_CLASSES.values() for s in known.settings))
+# diffusers' SD1 / SD2 pipelines rewrite clip_sample as they load a folder (a deprecation fix-up); SDXL's keep it
+_PIPELINE_RESETS = {"clip_sample": False}
+_RESETTING_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 
 
 @dataclass(frozen=True)
@@ -129,36 +198,83 @@ def _spacing(scheduler: DiffusersScheduler) -> str | None:
     return scheduler.sampler.get("timestep_spacing") or (known.spacing if known is not None else None)
 
 
-def equivalent_settings(scheduler: DiffusersScheduler) -> tuple[str, str] | None:
-    """(sampler, schedule) that step as the folder's own scheduler does (`SCHEDULER_CLASSES`); None for a
-    class sdlab does not know. DDIM with `set_alpha_to_one` (its default) ends at alpha 1, not at the first
-    alpha: that is Euler (DDIM at eta 0) on DDIM's timesteps, schedule ``ddim_<spacing>``."""
-    config = scheduler.sampler
-    known = SCHEDULER_CLASSES.get(config.get("_class_name"))
+@dataclass(frozen=True)
+class Equivalent:
+    """The request settings that step as a folder's scheduler does, and what of it none reproduces."""
+
+    request: Mapping[str, Any]      # sampler, schedule; eta, init_noise, quantize_timesteps where they differ
+    unmatched: tuple[str, ...]      # why they do not give its picture (empty: they do)
+
+
+def _as_pipeline_runs(sampler: Mapping[str, Any], pipeline: str | None) -> Mapping[str, Any]:
+    """The scheduler settings as diffusers' pipeline class `pipeline` (model_index.json `_class_name`) runs them."""
+    return {**sampler, **_PIPELINE_RESETS} if pipeline in _RESETTING_PIPELINES else sampler
+
+
+def _ramp(known: SchedulerClass, config: Mapping[str, Any], spacing: str | None
+          ) -> tuple[Mapping[str, Any], str | None]:
+    """(request settings, or why none draws it) for the class's sigma ramp option, if one is on."""
+    key = next((key for key in _RAMPS if config.get(key)), None)
+    if key is None or known.ramp is None:
+        return {}, None
+    name = _RAMPS[key]
+    if known.ramp == "model":
+        return {"schedule": name, "init_noise": "vp", "quantize_timesteps": True}, None
+    if spacing == "linspace":                          # sigma(T - 1) .. sigma(0): the model's range
+        if get_sampler(known.sampler).discard_penultimate:
+            return {}, f"sdlab's {known.sampler} drops the next-to-last sigma of a {name} schedule"
+        return {"schedule": name}, None
+    if spacing == "leading" and name != "a1111_beta":
+        return {"schedule": f"diffusers_{name}"}, None
+    return {}, f"sdlab has no {key} on {spacing} spacing"
+
+
+def equivalent_settings(scheduler: DiffusersScheduler, pipeline: str | None = None) -> Equivalent | None:
+    """The request settings that step as the folder's own scheduler does in diffusers' pipeline `pipeline`:
+    the class's sampler (`SCHEDULER_CLASSES`) on its spacing, changed by each of its settings; None for a class
+    sdlab does not know."""
+    config = _as_pipeline_runs(scheduler.sampler, pipeline)
+    class_name = config.get("_class_name")
+    known = SCHEDULER_CLASSES.get(class_name)
     if known is None:
         return None
     spacing = _spacing(scheduler)
-    if config.get("_class_name") == "DDIMScheduler" and config.get("set_alpha_to_one", True):
-        return "Euler", f"ddim_{spacing}"
-    return known.sampler, spacing
+    request: dict[str, Any] = {"sampler": known.sampler, "schedule": spacing, **known.request}
+    unmatched = [known.unmatched] if known.unmatched else []
+    if scheduler.schedule is not None and scheduler.schedule.zero_terminal_snr and not known.zero_snr:
+        unmatched.append(f"diffusers' {class_name} ignores rescale_betas_zero_snr while sdlab samples the model's "
+                         "zero-SNR schedule")
+    if known.mixes_v and scheduler.prediction_type == "v_prediction":
+        unmatched.append(f"diffusers' {class_name} mixes the model's v outputs of several steps, sdlab's "
+                         f"{known.sampler} its noise predictions")
+    for setting in known.settings:
+        value = config.get(setting.name, setting.default)
+        changes = setting.request(value)
+        if changes is None:
+            unmatched.append(f"sdlab has no {setting.name} {value!r}")
+        request.update(changes or {})
+    changes, why = _ramp(known, config, spacing)
+    request.update(changes)
+    unmatched += [why] if why else []
+    request["schedule"] = request["schedule"].format(spacing=spacing)
+    return Equivalent(request, tuple(unmatched))
 
 
-def _advice(scheduler: DiffusersScheduler, zero_snr: bool) -> str:
+def _advice(scheduler: DiffusersScheduler, pipeline: str | None) -> str:
     """What to ask for to draw the folder as diffusers' pipeline draws it with its own scheduler."""
-    class_name = scheduler.sampler.get("_class_name")
-    settings = equivalent_settings(scheduler)
-    if settings is None:
+    equivalent = equivalent_settings(scheduler, pipeline)
+    if equivalent is None:
         return "ask for its scheduler's sdlab equivalent (sampler and schedule) to get its picture"
-    asked = f"sampler {settings[0]!r}, schedule {settings[1]!r}"
-    if zero_snr and not SCHEDULER_CLASSES[class_name].zero_snr:
-        return (f"{asked} step as {class_name} does, but diffusers' {class_name} ignores rescale_betas_zero_snr "
-                "while sdlab samples the model's zero-SNR schedule, so no setting gives its picture")
-    return f"ask for {asked} to get its picture"
+    asked = ", ".join(f"{key} {value!r}" for key, value in equivalent.request.items())
+    if not equivalent.unmatched:
+        return f"ask for {asked} to get its picture"
+    return f"no setting gives its picture: {'; '.join(equivalent.unmatched)}; {asked} step as it does otherwise"
 
 
-def log_scheduler(path: Path, scheduler: DiffusersScheduler) -> None:
-    """Say what the folder's schedule is when it is its own, and how to draw with the folder's own scheduler
-    when sdlab's default differs from it (trailing spacing: Turbo and zero-SNR folders)."""
+def log_scheduler(path: Path, scheduler: DiffusersScheduler, pipeline: str | None = None) -> None:
+    """Say what the folder's schedule is when it is its own, and how to draw with the folder's own scheduler in
+    diffusers' pipeline class `pipeline` when sdlab's default differs from it (trailing spacing: Turbo and
+    zero-SNR folders)."""
     if scheduler.schedule is not None:
         logger.info("%s: the model's own training schedule: %s", path, scheduler.schedule.describe())
     spacing = _spacing(scheduler)
@@ -170,5 +286,5 @@ def log_scheduler(path: Path, scheduler: DiffusersScheduler) -> None:
             logging.WARNING if zero_snr else logging.INFO,
             "%s: diffusers draws this folder with %s and %s timestep spacing; sdlab draws with the request's "
             "sampler and schedule (default: the family's): %s",
-            path, class_name, spacing or "its default", _advice(scheduler, zero_snr),
+            path, class_name, spacing or "its default", _advice(scheduler, pipeline),
         )
