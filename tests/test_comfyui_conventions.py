@@ -465,6 +465,36 @@ def test_the_ensd_is_recorded_where_it_draws_and_read_back_to_the_same_picture(t
     assert all(a.tobytes() == b.tobytes() for a, b in zip(result.images, again.images))
 
 
+def test_a_comfyui_spelling_encodes_an_empty_sdxl_negative_and_records_it():
+    """ComfyUI's CLIPTextEncode encodes "" as any text (nodes.py: `clip.tokenize(text)`, then
+    `encode_from_tokens`); it zeros a conditioning only in its ConditioningZeroOut node. So a ComfyUI spelling
+    draws an SDXL picture with an empty negative from the encoded "" (the picture of a model whose rule is to
+    encode it), where A1111's zeros, which `zero_empty_negative=True` asks for, draw another; the rule is
+    recorded (`Empty negative: encoded`) and read back to the same picture."""
+    from dataclasses import replace
+
+    from bundle_fixtures import tiny_bundle
+    from sdlab.api import Pipeline
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+
+    bundle = tiny_bundle("sdxl", seed=11)
+    pipe = Pipeline(bundle)
+    run = dict(prompt="a cat", negative_prompt="", sampler="euler", schedule="normal", steps=3, seed=SEED, width=64,
+               height=64, cfg_scale=7.0)
+    comfy = pipe.txt2img(**run)
+    # the A1111 name with the spelling's other conventions, on a model whose own rule encodes ""
+    encoding = Pipeline(replace(bundle, zero_empty_negative=False)).txt2img(**{**run, "sampler": "Euler"},
+                                                                            init_noise="comfyui")
+    zeros = pipe.txt2img(**run, zero_empty_negative=True)
+    assert comfy.request.zero_empty_negative is False
+    assert comfy.images[0].tobytes() == encoding.images[0].tobytes() != zeros.images[0].tobytes()
+    parameters = to_parameters(comfy.request)
+    assert parameters["Sampler"] == "Euler" and parameters["Empty negative"] == "encoded"
+    again = pipe.txt2img(**from_parameters(parse_parameters(format_parameters(parameters))))
+    assert again.images[0].tobytes() == comfy.images[0].tobytes()
+
+
 # -- the SDE samplers' Brownian tree ------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:Should have tb<=t1")   # ComfyUI queries its float32 sigma_max past the tree
 def test_brownian_trees_are_cpu_trees_moved_to_the_latents_device(monkeypatch):

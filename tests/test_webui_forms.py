@@ -380,9 +380,9 @@ def _pixels_of(base: str, job: dict) -> np.ndarray:
 
 def test_reuse_of_a_comfyui_spelt_job_draws_the_same_picture(page, base_url):
     """A job whose sampler is spelt as ComfyUI spells it ("euler_ancestral") is recorded as "Euler a" with the
-    conventions that spelling chose (ENSD 1, ComfyUI's initial noise and img2img steps). Reuse, and a dropped
-    PNG of it, keep them and send them back with the form, so Generate draws the same picture; picking another
-    sampler or schedule lets them go."""
+    conventions that spelling chose (ENSD 1, ComfyUI's initial noise, img2img steps and empty negative). Reuse,
+    and a dropped PNG of it, keep them and send them back with the form, so Generate draws the same picture;
+    picking another sampler or schedule lets them go."""
     prompt = "a comfy reuse"
     job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": prompt, "steps": 3, "seed": 5,
                                                                "sampler": "euler_ancestral"})["id"])
@@ -401,7 +401,8 @@ def test_reuse_of_a_comfyui_spelt_job_draws_the_same_picture(page, base_url):
 
     drop_file(page, http_bytes(base_url, job["images"][0]), "comfy.png")
     wait(page, lambda d: text(d, "notice") == "Settings read from comfy.png", 20, "the PNG was not read cleanly")
-    assert page.execute_script("return conventionsRequest()") == {"eta_noise_seed_delta": 1, "init_noise": "comfyui"}
+    assert page.execute_script("return conventionsRequest()") == {"eta_noise_seed_delta": 1, "init_noise": "comfyui",
+                                                                  "zero_empty_negative": False}
     Select(page.find_element(By.ID, "schedule")).select_by_value("karras")
     assert page.execute_script("return conventionsRequest()") == {}
 
@@ -421,7 +422,7 @@ def test_a_dropped_png_of_a_cfg_pp_picture_recorded_under_forges_label_draws_it_
     drop_file(page, http_bytes(base_url, job["images"][0]), "cfgpp.png")
     wait(page, lambda d: text(d, "notice") == "Settings read from cfgpp.png", 20, "the PNG was not read cleanly")
     assert value(page, "sampler") == "Euler CFG++"
-    assert page.execute_script("return conventionsRequest()") == {"init_noise": "comfyui"}
+    assert page.execute_script("return conventionsRequest()") == {"init_noise": "comfyui", "zero_empty_negative": False}
     page.find_element(By.ID, "generate").click()
     wait(page, lambda d: len([j for j in http_json(base_url, "/api/jobs")["jobs"] if j["request"].get("prompt") == prompt])
          == 2, 20, "the form queued no job")

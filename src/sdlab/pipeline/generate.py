@@ -478,7 +478,7 @@ def _guided_model(
         aesthetic_score=req.aesthetic_score,
         negative_aesthetic_score=req.negative_aesthetic_score,
         **_negative_sizes(bundle, req, img2img=_starts_from_a_picture(start) or steps_done > 0),
-        zero_empty_negative=bundle.zero_empty_negative,
+        zero_empty_negative=_zero_empty_negative(bundle, req),
     )
     extra_cond: dict[str, Tensor] = {}
     if embedded is not None:
@@ -514,6 +514,12 @@ def _guided_model(
 def _starts_from_a_picture(start: _Start) -> bool:
     """img2img or inpainting: an init image, or a latent to start from (diffusers' img2img / inpaint pipelines)."""
     return start.pixels is not None or start.image_latent is not None
+
+
+def _zero_empty_negative(bundle: ModelBundle, req: GenerationRequest) -> bool | None:
+    """Whether an empty negative prompt is a zero conditioning: the request's rule (False under a ComfyUI
+    spelling), else the model's (None: its family's)."""
+    return bundle.zero_empty_negative if req.zero_empty_negative is None else req.zero_empty_negative
 
 
 def _negative_clip_skip(req: GenerationRequest) -> int:

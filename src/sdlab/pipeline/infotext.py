@@ -185,6 +185,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "VAE": None if vae is None else vae[0],
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
         "Clip skip rule": "a1111" if req.clip_skip != 1 and req.clip_skip_convention == "a1111" else None,
+        "Empty negative": _empty_negative(req),
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
         **hires_parameters(req),
         **_eta_parameters(req),
@@ -221,6 +222,14 @@ def sdxl_parameters(req: GenerationRequest) -> dict[str, Any]:
         name = _FIELDS[label][0]
         p[label] = None if getattr(req, name) == _REQUEST_DEFAULTS[name] else getattr(req, name)
     return p
+
+
+def _empty_negative(req: GenerationRequest) -> str | None:
+    """sdlab's `Empty negative` label (`_EMPTY_NEGATIVES`): the rule the request sets for its empty negative
+    prompt, none where the negative is not empty or the model's rule holds."""
+    if req.negative_prompt or req.zero_empty_negative is None:
+        return None
+    return next(word for word, zeros in _EMPTY_NEGATIVES.items() if zeros == req.zero_empty_negative)
 
 
 def img2img_parameters(req: GenerationRequest) -> dict[str, Any]:
@@ -329,6 +338,8 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         fields["inpaint_only_masked"] = _label_flag("Inpaint area", p["Inpaint area"], _INPAINT_AREAS)
     if "Mask mode" in p:
         fields["invert_mask"] = _label_flag("Mask mode", p["Mask mode"], _MASK_MODES)
+    if "Empty negative" in p:
+        fields["zero_empty_negative"] = _label_flag("Empty negative", p["Empty negative"], _EMPTY_NEGATIVES)
     if "Seed resize from" in p:
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = _size_label(p, "Seed resize from")
     fields.update(_sdxl_fields(p))
@@ -401,6 +412,7 @@ def refiner_handoff(p: dict[str, Any]) -> tuple[float | None, str]:
 
 _INPAINT_AREAS = {"Only masked": True, "Whole picture": False}        # A1111's Inpaint area: inpaint_only_masked
 _MASK_MODES = {"Inpaint masked": False, "Inpaint not masked": True}    # A1111's Mask mode: invert_mask
+_EMPTY_NEGATIVES = {"zeros": True, "encoded": False}                    # sdlab's: zero_empty_negative
 
 
 def _label_flag(label: str, value: Any, flags: dict[str, bool]) -> bool:

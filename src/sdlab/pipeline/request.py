@@ -21,7 +21,8 @@ plainly right:
   `default_noise_sampler` on the CPU: A1111's ENSD of 1, `default_ensd`) unless an ENSD is given, 0 included;
   the start noise is scaled by ComfyUI's rule (`init_noise="comfyui"`, for a schedule not named the diffusers
   way) unless one is given; img2img's strength is ComfyUI's `denoise` (`img2img_convention="comfyui"`) unless
-  A1111's is asked for.
+  A1111's is asked for; an empty negative prompt is encoded as "" (`zero_empty_negative=False`: ComfyUI's
+  CLIPTextEncode, which zeros nothing) unless the request sets the rule.
 - numbers: NumPy's scalars (`np.int64`, `np.float32`, `np.bool_`, ...; any `numbers.Integral` /
   `numbers.Real`) count as Python ints, floats and bools, converted once as the request is resolved, so the
   resolved request, the infotext and the PNG hold plain numbers. Numbers must be finite and inside bounds far
@@ -142,6 +143,9 @@ class GenerationRequest:
     clip_skip: int = 1                      # A1111 numbering: 1 = the family's usual layer, 2 = one back
     clip_skip_convention: str = "diffusers"  # "a1111": only encoders whose usual layer is the last (SD1's) move
                                             # back, as A1111 does; SD2 / SDXL ignore it there (plan._resolve)
+    zero_empty_negative: bool | None = None  # an empty negative prompt as a zero conditioning (SDXL's rule) or
+                                            # encoded as "" (False); None: the model's (checkpoints/load.py), and
+                                            # False for a ComfyUI spelling (module docstring)
     eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise drawn from seed + this after the initial
                                             # noise; None: `default_ensd` (1 for a ComfyUI spelling that draws it)
     eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
@@ -616,6 +620,9 @@ def resolve(
         raise RequestError(f"tiled_vae must be True, False or None (tile large pictures), got {r.tiled_vae!r}")
     if not isinstance(r.paste_back, bool):
         raise RequestError(f"paste_back must be True or False, got {r.paste_back!r}")
+    if r.zero_empty_negative is not None and not isinstance(r.zero_empty_negative, bool):
+        raise RequestError(f"zero_empty_negative must be True, False or None (the model's rule), "
+                           f"got {r.zero_empty_negative!r}")
     if not isinstance(r.tiling, bool):
         raise RequestError(f"tiling must be True or False, got {r.tiling!r}")
     if r.tiling and r.tiled_vae:
@@ -652,6 +659,8 @@ def resolve(
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
     if r.eta_noise_seed_delta is None:
         r = replace(r, eta_noise_seed_delta=default_ensd(r.sampler, spec, r.eta))
+    if r.zero_empty_negative is None and comfyui:
+        r = replace(r, zero_empty_negative=False)                       # ComfyUI's CLIPTextEncode encodes ""
     if r.img2img_convention not in IMG2IMG_CONVENTIONS:
         raise RequestError(
             f"unknown img2img convention {r.img2img_convention!r}; valid: {', '.join(IMG2IMG_CONVENTIONS)}"

@@ -88,6 +88,8 @@ class JobIn(NullsAreDefaults):
                                             # (1 for a ComfyUI spelling that draws step noise, else 0)
     init_noise: str | None = None           # the start noise's scale: sigma_max, vp, diffusers_leading, comfyui
     img2img_convention: str = "diffusers"   # strength -> steps: diffusers, a1111, a1111_fix_steps, comfyui, lcm
+    zero_empty_negative: bool | None = None  # an empty negative: zeros or "" encoded (False); unset: the model's
+                                            # rule (False for a ComfyUI spelling)
     subseed: int | None = None              # variation seed (A1111); used when subseed_strength > 0
     subseed_strength: float = 0.0
     rng: str = "CPU"                        # the noise's random source: CPU, GPU or NV (A1111's RNG)
@@ -169,7 +171,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         prompt=body.prompt, negative_prompt=body.negative_prompt, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_noise=body.init_noise,
-        img2img_convention=body.img2img_convention, init_image=init, mask_image=mask,
+        img2img_convention=body.img2img_convention, zero_empty_negative=body.zero_empty_negative,
+        init_image=init, mask_image=mask,
         strength=strength, resize_mode=body.resize_mode, mask_blur=body.mask_blur, invert_mask=body.invert_mask,
         inpaint_fill=body.inpaint_fill,
         inpaint_only_masked=body.inpaint_only_masked, inpaint_padding=body.inpaint_padding,

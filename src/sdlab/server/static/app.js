@@ -48,6 +48,7 @@ const WORD_LABELS = {
 const CHOICE_LABELS = {
   "Inpaint area": ["inpaint_only_masked", "only masked", "whole picture"],
   "Mask mode": ["invert_mask", "inpaint not masked", "inpaint masked"],
+  "Empty negative": ["zero_empty_negative", "zeros", "encoded"],
 };
 // A1111 labels of seeds -> request fields, kept as their digits (`parseJson`)
 const SEED_LABELS = { Seed: "seed", "Variation seed": "subseed" };
@@ -96,8 +97,10 @@ const NOT_IN_FORM = {
 // The drawing conventions the form has no control for, with the API's value when unset: a reused job's or a
 // dropped PNG's other values are kept (`state.conventions`) and sent until another sampler or schedule is picked,
 // as they go with the two (a ComfyUI-spelt sampler, "euler_ancestral", is recorded as "Euler a" with ENSD 1,
-// ComfyUI's initial noise and its img2img steps; the initial noise follows the schedule too)
-const CONVENTIONS = { eta_noise_seed_delta: null, init_noise: null, img2img_convention: "diffusers" };
+// ComfyUI's initial noise, its img2img steps and its empty negative, encoded; the initial noise follows the
+// schedule too)
+const CONVENTIONS = { eta_noise_seed_delta: null, init_noise: null, img2img_convention: "diffusers",
+  zero_empty_negative: null };
 // Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule, `CONVENTIONS`), follow
 // from what it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the
 // PNG's unread labels
