@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -152,7 +157,8 @@ def test_unrecognised_unet_lists_the_evidence():
 def test_inconsistent_files_are_refused(full_shapes):
     shapes = dict(full_shapes["sd1"])
     shapes["model.diffusion_model.label_emb.0.0.weight"] = torch.Size([1280, 2816])
-    with pytest.raises(CheckpointError, match="label_emb of width 2816, which only SDXL models have"):
+    with pytest.raises(CheckpointError, match=r"label_emb of width 2816 \(an added-vector input, .*\), which sd1 "
+                                              r"models do not have"):
         detect_family(shapes)
     no_label = {k: s for k, s in full_shapes["sdxl"].items() if "label_emb" not in k}
     with pytest.raises(CheckpointError, match="has no label_emb"):
@@ -206,3 +212,126 @@ def test_diffusers_folder_override_and_unknown():
     assert detect_diffusers_family(index, _SD_UNET, {"hidden_act": "quick_gelu"}, override="sd2").name == "sd2"
     with pytest.raises(CheckpointError, match="unsupported diffusers folder"):
         detect_diffusers_family({"_class_name": "KandinskyPipeline"}, {"addition_embed_type": "image"}, None)
+
+
+# --- kinds sdlab recognises but does not draw with --------------------------------------------------------
+
+
+def _a1111_config(sd) -> str:
+    """A1111 modules/sd_models_config.guess_model_config_from_state_dict, the lines that name these kinds."""
+    sd2_variations_weight = sd.get("embedder.model.ln_final.weight", None)
+    if sd.get("depth_model.model.pretrained.act_postprocess3.0.project.0.bias", None) is not None:
+        return "v2-midas-inference.yaml"
+    elif sd2_variations_weight is not None and sd2_variations_weight.shape[0] == 768:
+        return "v2-1-stable-unclip-l-inference.yaml"
+    elif sd2_variations_weight is not None and sd2_variations_weight.shape[0] == 1024:
+        return "v2-1-stable-unclip-h-inference.yaml"
+    return "other"
+
+
+_P = "model.diffusion_model."
+
+
+def _other_sd2_kind(full_shapes, kind: str, with_parts: bool = True) -> dict[str, torch.Size]:
+    """A full-size SD2 file made into `kind` as far as detection looks (names and shapes)."""
+    shapes = dict(full_shapes["sd2"])
+    if kind == "depth":                               # latent + depth map in; MiDaS under depth_model.
+        shapes[_P + "input_blocks.0.0.weight"] = torch.Size([320, 5, 3, 3])
+        parts = {"depth_model.model.pretrained.act_postprocess3.0.project.0.bias": torch.Size([768])}
+    elif kind.startswith("unclip"):                   # image embedding (+ noise level) into label_emb
+        image, adm = (1024, 2048) if kind == "unclip-h" else (768, 1536)
+        shapes |= {_P + "label_emb.0.0.weight": torch.Size([1280, adm]), _P + "label_emb.0.0.bias": torch.Size([1280]),
+                   _P + "label_emb.0.2.weight": torch.Size([1280, 1280]), _P + "label_emb.0.2.bias": torch.Size([1280])}
+        parts = {"embedder.model.ln_final.weight": torch.Size([image]),
+                 "embedder.model.visual.conv1.weight": torch.Size([1280, 3, 14, 14]),
+                 "noise_augmentor.betas": torch.Size([1000])}
+    else:                                             # x4 upscaler: latent + low-resolution picture in
+        shapes[_P + "input_blocks.0.0.weight"] = torch.Size([320, 7, 3, 3])
+        shapes[_P + "label_emb.weight"] = torch.Size([1000, 1280])
+        parts = {"low_scale_model.betas": torch.Size([350])}
+    return shapes | parts if with_parts else shapes
+
+
+@pytest.mark.parametrize("kind, name", [
+    ("depth", "SD2 depth-to-image (depth2img)"), ("unclip-h", "SD 2.1 unCLIP"), ("unclip-l", "SD 2.1 unCLIP"),
+    ("x4", "SD x4 upscaler"),
+])
+def test_other_sd2_kinds_are_refused_by_name(full_shapes, kind, name):
+    """Files A1111 or ComfyUI draw with (depth2img, unCLIP L/H, ComfyUI's SD_X4Upscaler: a 7-channel U-Net) that
+    sdlab does not: one line naming the kind, also under --family, never a word about SDXL."""
+    shapes = _other_sd2_kind(full_shapes, kind)
+    expected = {"depth": "v2-midas-inference.yaml", "unclip-h": "v2-1-stable-unclip-h-inference.yaml",
+                "unclip-l": "v2-1-stable-unclip-l-inference.yaml", "x4": "other"}[kind]
+    assert _a1111_config({k: torch.empty(s, device="meta") for k, s in shapes.items()}) == expected
+    for override in (None, "sd2"):
+        with pytest.raises(CheckpointError) as err:
+            detect_family(shapes, override=override)
+        message = str(err.value)
+        assert message.startswith(f"this is an {name}") and "sdlab does not draw with this kind of model" in message
+        assert "SDXL" not in message and "\n" not in message
+    if kind in ("depth", "x4"):                       # the U-Net alone says it by its input channels
+        unet = {k: s for k, s in _other_sd2_kind(full_shapes, kind, with_parts=False).items() if k.startswith(_P)}
+        with pytest.raises(CheckpointError, match=rf"this is an {re.escape(name)} model \(a [57]-channel U-Net\)"):
+            detect_family(unet)
+
+
+@pytest.fixture(scope="module")
+def other_sd2_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Tiny depth2img, unCLIP (img2img) and x4-upscaler pipelines saved by diffusers itself."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionDepth2ImgPipeline,
+                           StableDiffusionUpscalePipeline, StableUnCLIPImg2ImgPipeline, UNet2DConditionModel)
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import StableUnCLIPImageNormalizer
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection,
+                              DPTConfig, DPTForDepthEstimation)
+
+    def unet(**changes):
+        return UNet2DConditionModel(**{
+            "block_out_channels": (32, 64), "layers_per_block": 1, "sample_size": 16, "cross_attention_dim": 32,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "attention_head_dim": (2, 4),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "use_linear_projection": True, **changes})
+
+    def common(scaling_factor: float = 0.18215, **unet_changes):
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                            num_hidden_layers=2, vocab_size=1000, hidden_act="gelu"))
+        vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, scaling_factor=scaling_factor)
+        return {"vae": vae, "text_encoder": text, "tokenizer": None, "unet": unet(**unet_changes),
+                "scheduler": DDIMScheduler()}
+
+    dpt = DPTForDepthEstimation(DPTConfig(image_size=32, patch_size=16, hidden_size=32, num_hidden_layers=4,
+                                          num_attention_heads=4, intermediate_size=37, fusion_hidden_size=16,
+                                          backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[16, 16, 16, 16]))
+    image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+        intermediate_size=37, patch_size=16))
+    pipelines = {
+        "depth2img": StableDiffusionDepth2ImgPipeline(**common(in_channels=5), depth_estimator=dpt, feature_extractor=None),
+        "unclip": StableUnCLIPImg2ImgPipeline(
+            **common(class_embed_type="projection", projection_class_embeddings_input_dim=64), feature_extractor=None,
+            image_encoder=image_encoder, image_normalizer=StableUnCLIPImageNormalizer(embedding_dim=32),
+            image_noising_scheduler=DDPMScheduler(beta_schedule="squaredcos_cap_v2")),
+        "upscaler": StableDiffusionUpscalePipeline(**common(0.08333, in_channels=7, num_class_embeds=1000),
+                                                   low_res_scheduler=DDPMScheduler(), max_noise_level=350),
+    }
+    root = tmp_path_factory.mktemp("other-sd2-pipelines")
+    for name, pipe in pipelines.items():
+        pipe.save_pretrained(root / name)
+    return {name: root / name for name in pipelines}
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("depth2img", "SD2 depth-to-image (depth2img)"), ("unclip", "SD 2.1 unCLIP"), ("upscaler", "SD x4 upscaler"),
+])
+def test_other_sd2_pipeline_folders_are_refused_by_name(other_sd2_pipelines, name, kind, tmp_path):
+    """The folder's pipeline class names the kind; without it (renamed), the components only it has do."""
+    from sdlab.checkpoints.load import plan_checkpoint
+
+    folder = other_sd2_pipelines[name]
+    with pytest.raises(CheckpointError, match=rf"this is an {re.escape(kind)}.*\(model_index.json _class_name "
+                                              r"'Stable.*Pipeline'\); sdlab does not draw with this kind of model$"):
+        plan_checkpoint(folder)
+    renamed = shutil.copytree(folder, tmp_path / name)
+    index = json.loads((renamed / "model_index.json").read_text())
+    (renamed / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(CheckpointError, match=rf"this is an {re.escape(kind)}.*\(model_index.json component '"):
+        plan_checkpoint(renamed)

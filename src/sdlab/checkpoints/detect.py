@@ -20,14 +20,16 @@ family's `Signature` (`sdlab.families`) is matched against it:
   `sdlab.family` metadata or by the structure only it has in an SD1 layout.
 
 A consistency check follows (a family with an added vector needs `label_emb`, the others must not have one),
-so a mixed-up file fails with the evidence instead of loading wrongly. Diffusers folders are matched on
+so a mixed-up file fails with the evidence instead of loading wrongly. Before all of this, a model of a kind
+sdlab recognises but does not draw with (`UNSUPPORTED_KINDS`: SD2 depth2img, SD 2.1 unCLIP, the x4 upscaler)
+is refused with its name, from the parts only it has (`depth_model.*`, a 5- or 7-channel U-Net, ...). Diffusers folders are matched on
 `model_index.json` and the component configs (`detect_diffusers_family`).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -45,6 +47,66 @@ _TO_K = re.compile(re.escape(UNET_PREFIX) + r".*\.attn2\.to_k\.weight$")
 _VAE_DOWN = re.compile(re.escape(VAE_PREFIX) + r"encoder\.down\.(\d+)\.")
 _PROJ_IN = re.compile(re.escape(UNET_PREFIX) + r".*\.proj_in\.weight$")
 _DOWNSAMPLE = re.compile(re.escape(UNET_PREFIX) + r"input_blocks\.\d+\.0\.op\.weight$")
+
+
+@dataclass(frozen=True)
+class UnsupportedKind:
+    """A kind of Stable Diffusion model that sdlab recognises but does not draw with (A1111 or ComfyUI do), so
+    that its file is refused with its name rather than by the first check it fails."""
+
+    name: str
+    key_prefixes: tuple[str, ...]       # top-level key prefixes only its single files have
+    in_channels: int | None             # its U-Net's input channels, if no drawable family takes as many
+    pipelines: tuple[str, ...]          # its diffusers pipelines (`model_index.json` `_class_name`)
+    components: tuple[str, ...]         # `model_index.json` components only its pipelines have
+
+
+UNSUPPORTED_KINDS = (
+    # A1111 sd_models_config: depth_model.model.pretrained.*; ComfyUI: a 5-channel U-Net (latent + depth)
+    UnsupportedKind("SD2 depth-to-image (depth2img)", ("depth_model.",), 5,
+                    ("StableDiffusionDepth2ImgPipeline",), ("depth_estimator",)),
+    # A1111: embedder.model.ln_final.weight (768 wide: L, 1024: H); ComfyUI SD21UnclipL/H: embedder.model.visual.*
+    UnsupportedKind("SD 2.1 unCLIP (image variations)", ("embedder.", "noise_augmentor."), None,
+                    ("StableUnCLIPPipeline", "StableUnCLIPImg2ImgPipeline"),
+                    ("image_normalizer", "image_noising_scheduler")),
+    # ComfyUI SD_X4Upscaler: a 7-channel U-Net (latent + low-resolution picture); low_scale_model.* schedule
+    UnsupportedKind("SD x4 upscaler", ("low_scale_model.",), 7,
+                    ("StableDiffusionUpscalePipeline",), ("low_res_scheduler",)),
+)
+
+
+def _refuse(kind: UnsupportedKind, why: str) -> CheckpointError:
+    return CheckpointError(f"this is an {kind.name} model ({why}); sdlab does not draw with this kind of model")
+
+
+def _undrawable_channels(kind: UnsupportedKind, in_channels: int | None) -> bool:
+    return (in_channels is not None and in_channels == kind.in_channels
+            and all(f.unet.in_channels != in_channels for f in registered_families()))
+
+
+def refuse_unsupported_kind(keys: Iterable[str], in_channels: int | None) -> None:
+    """Raise the one-line error naming the kind of a single file of an `UNSUPPORTED_KINDS` model."""
+    tops = {key.split(".", 1)[0] + "." for key in keys}
+    for kind in UNSUPPORTED_KINDS:
+        found = [p for p in kind.key_prefixes if p in tops]
+        if found:
+            raise _refuse(kind, "keys under " + ", ".join(p + "*" for p in found))
+        if _undrawable_channels(kind, in_channels):
+            raise _refuse(kind, f"a {in_channels}-channel U-Net")
+
+
+def refuse_unsupported_pipeline(model_index: Mapping[str, Any], unet_config: Mapping[str, Any]) -> None:
+    """Raise the one-line error naming the kind of a diffusers folder of an `UNSUPPORTED_KINDS` model."""
+    class_name = model_index.get("_class_name")
+    in_channels = unet_config.get("in_channels")
+    for kind in UNSUPPORTED_KINDS:
+        found = [c for c in kind.components if _component_present(model_index, c)]
+        if class_name in kind.pipelines:
+            raise _refuse(kind, f"model_index.json _class_name {class_name!r}")
+        if found:
+            raise _refuse(kind, f"model_index.json component {found[0]!r}")
+        if isinstance(in_channels, int) and _undrawable_channels(kind, in_channels):
+            raise _refuse(kind, f"unet/config.json in_channels {in_channels}")
 
 
 def text_prefixes() -> tuple[str, ...]:
@@ -178,7 +240,8 @@ def _check_consistent(family: FamilySpec, evidence: Evidence) -> None:
     if family.unet.adm_in_channels is None and evidence.adm_in_channels is not None:
         raise CheckpointError(
             f"checkpoint looks like {family.name} ({says}) but its U-Net has a label_emb of width "
-            f"{evidence.adm_in_channels}, which only SDXL models have; found: {evidence.describe()}"
+            f"{evidence.adm_in_channels} (an added-vector input, as SDXL's and SD 2.1 unCLIP's U-Nets have), "
+            f"which {family.name} models do not have; found: {evidence.describe()}"
         )
 
 
@@ -202,6 +265,7 @@ def detect_family(keys_and_shapes: Mapping[str, torch.Size | Tensor], override: 
     """
     shapes = shapes_of(keys_and_shapes)
     evidence = Evidence.of(shapes)
+    refuse_unsupported_kind(shapes, evidence.in_channels)
     if not evidence.has_unet:
         raise CheckpointError(
             f"no key starting with {UNET_PREFIX} (the U-Net); top-level prefixes: "

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from sdlab.checkpoints.components import ComponentSource, SubStateDict, hf_text_to_sdlab
-from sdlab.checkpoints.detect import detect_diffusers_family
+from sdlab.checkpoints.detect import detect_diffusers_family, refuse_unsupported_pipeline
 from sdlab.checkpoints.diffusers_scheduler import log_scheduler, read_scheduler_config
 from sdlab.checkpoints.diffusers_unet import (
     DIFFUSERS_UNET_NAMES,
@@ -308,6 +308,7 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
     """Detect the family of a diffusers folder and open each component (weights are read lazily)."""
     model_index = read_config_json(path / MODEL_INDEX)
     unet_json = read_config_json(path / "unet" / "config.json")
+    refuse_unsupported_pipeline(model_index, unet_json)
     unet = _unet_source(path / "unet", unet_json)  # checks unet/config.json before detection reads it
     first_text = path / "text_encoder" / "config.json"
     text_json = read_config_json(first_text) if first_text.exists() else None
