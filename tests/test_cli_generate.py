@@ -5,12 +5,13 @@ Every bad input must give one `sdlab: error:` line, a non-zero exit status and n
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from bundle_fixtures import tiny_bundle, write_original
 from cli_helpers import pixels, png_with_parameters, run
@@ -60,6 +61,55 @@ def test_from_png_warns_about_embeddings_and_controlnets_it_does_not_have(model,
                         "--out", str(tmp_path / "again.png"), "--no-progress"], capsys)
     assert code == 0
     assert "embeddings mystyle, which are not loaded" in err and "drawn with ControlNet 0" in err, err
+
+
+def _with_chunks(path: Path, chunks: dict[str, str]) -> Path:
+    info = PngImagePlugin.PngInfo()
+    for key, text in chunks.items():
+        info.add_text(key, text)
+    Image.new("RGB", (32, 32)).save(path, pnginfo=info)
+    return path
+
+
+FOOOCUS_JSON = json.dumps({"prompt": "a red cube", "negative_prompt": "", "steps": 6, "seed": "1234",
+                           "sampler": "dpmpp_2m_sde_gpu", "scheduler": "karras", "resolution": "(32, 32)",
+                           "metadata_scheme": "fooocus", "version": "Fooocus v2.5.5"})
+
+
+def _other_programs_pictures(folder: Path) -> dict[Path, str]:
+    """Pictures as other programs write their settings (ComfyUI, NovelAI, InvokeAI, Fooocus's own scheme in a PNG
+    and, in IFD0's UserComment, in a JPEG; SwarmUI), each with the program its error must name."""
+    comfy = {"3": {"class_type": "KSampler", "inputs": {"seed": 5, "steps": 20}}}
+    exif = Image.Exif()
+    exif[0x9286], exif[0x0131], exif[0x927C] = FOOOCUS_JSON, "Fooocus v2.5.5", "fooocus"     # Fooocus's get_exif
+    Image.new("RGB", (32, 32)).save(folder / "fooocus.jpg", exif=exif)
+    return {
+        _with_chunks(folder / "comfy.png", {"prompt": json.dumps(comfy), "workflow": '{"nodes": []}'}): "ComfyUI",
+        _with_chunks(folder / "novelai.png", {"Description": "1girl", "Software": "NovelAI",
+                                              "Comment": '{"steps": 28, "uc": "lowres"}'}): "NovelAI",
+        _with_chunks(folder / "invokeai.png", {"invokeai_metadata": '{"positive_prompt": "a cat"}'}): "InvokeAI",
+        _with_chunks(folder / "fooocus.png", {"parameters": FOOOCUS_JSON, "fooocus_scheme": "fooocus"}): "Fooocus",
+        folder / "fooocus.jpg": "Fooocus",
+        _with_chunks(folder / "swarm.png", {"parameters": '{"sui_image_params": {"prompt": "a cat"}}'}): "SwarmUI",
+    }
+
+
+def test_other_programs_metadata_is_named_in_one_error_never_drawn_as_a_prompt(model, tmp_path, capsys) -> None:
+    out = tmp_path / "out" / "again.png"
+    for picture, program in _other_programs_pictures(tmp_path).items():
+        code, _, err = run(["txt2img", "--from-png", str(picture), "--model", str(model), "--out", str(out),
+                            "--no-progress"], capsys)
+        assert code != 0 and not out.exists(), picture
+        assert err.count("sdlab: error:") == 1 and f"holds {program}'s" in err and "Traceback" not in err, err
+
+
+def test_a_parameters_text_without_a_settings_line_is_drawn_as_its_prompt_with_a_warning(model, tmp_path,
+                                                                                          capsys) -> None:
+    recorded = png_with_parameters(tmp_path / "prompt-only.png", "a red cube\nNegative prompt: blurry", (32, 32))
+    code, _, err = run(["txt2img", "--from-png", str(recorded), "--model", str(model), *FAST,
+                        "--out", str(tmp_path / "again.png")], capsys)
+    assert code == 0 and "have no settings line" in err, err
+    assert parse_parameters(read_parameters(tmp_path / "again.png"))["Prompt"] == "a red cube"
 
 
 def test_a_standalone_vae_is_recorded_as_a1111_records_it(model, tmp_path, capsys) -> None:

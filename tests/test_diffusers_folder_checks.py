@@ -87,6 +87,17 @@ def test_cli_exit_2_for_a_folder_declaring_huge_layers(folder, capsys):
     assert len(err) == 1 and err[0].startswith("sdlab: error: ") and "layers_per_block" in err[0]
 
 
+@pytest.mark.parametrize("family", [None, "sd1"])
+def test_missing_text_encoder_is_named_before_family_detection(folder, capsys, family):
+    """An SD1 folder without text_encoder/ (an incomplete download) is one error naming it, with or without
+    --family (before, without it: "cannot tell the family ... pass the family explicitly")."""
+    shutil.rmtree(folder / "text_encoder")
+    assert main(["inspect", str(folder), *(["--family", family] if family else [])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"sdlab: error: {folder}: model_index.json lists text_encoder, but text_encoder/config.json "
+                   "is missing"]
+
+
 def test_model_index_not_an_object(folder):
     (folder / "model_index.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match=r"model_index.json: expected a JSON object"):

@@ -133,6 +133,17 @@ def test_jpeg_and_webp_carry_the_parameters_in_exif_usercomment_as_a1111(tmp_pat
     assert _user_comment_type(image.info["exif"]) == 7   # UNDEFINED: piexif (A1111's reader) cannot read BYTE
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+def test_a_usercomment_in_ifd0_is_read_as_fooocus_writes_it(tmp_path, fmt):
+    """Fooocus's `meta_parser.get_exif` puts its text in IFD0's UserComment (Pillow writes it as ASCII)."""
+    text = "a red cube\nNegative prompt: green sphere\nSteps: 6, Sampler: DPM++ 2M SDE Karras, Seed: 1234, Version: Fooocus v2.5.5"
+    exif = Image.Exif()
+    exif[0x9286], exif[0x0131], exif[0x927C] = text, "Fooocus v2.5.5", "a1111"
+    path = tmp_path / f"x.{fmt.lower()}"
+    _image().save(path, format=fmt, exif=exif)
+    assert read_parameters(path) == text
+
+
 def _user_comment_type(exif: bytes) -> int:
     """The TIFF type of the UserComment entry of raw EXIF bytes (a TIFF structure; JPEG's has "Exif\0\0" first)."""
     import struct

@@ -304,15 +304,24 @@ def read_as_diffusers(te: TextEncoderSpec) -> TextEncoderSpec:
     return replace(te, hidden_state="last") if te.hidden_state == "penultimate_norm" else te
 
 
+def _first_text_config(path: Path, model_index: Mapping[str, Any]) -> dict[str, Any] | None:
+    """`text_encoder/config.json`, which family detection reads; None where the folder has no first text encoder
+    (the SDXL refiner's `model_index.json` lists it as [null, null]). One that `model_index.json` lists and the
+    folder lacks (an incomplete download) is an error naming it, before detection finds no family."""
+    config = path / "text_encoder" / "config.json"
+    entry = model_index.get("text_encoder")
+    if not config.exists() and isinstance(entry, (list, tuple)) and any(part is not None for part in entry):
+        raise CheckpointError(f"{path}: model_index.json lists text_encoder, but text_encoder/config.json is missing")
+    return read_config_json(config) if config.exists() else None
+
+
 def read_diffusers_folder(path: Path, *, family: str | None = None) -> DiffusersFolder:
     """Detect the family of a diffusers folder and open each component (weights are read lazily)."""
     model_index = read_config_json(path / MODEL_INDEX)
     unet_json = read_config_json(path / "unet" / "config.json")
     refuse_unsupported_pipeline(model_index, unet_json)
     unet = _unet_source(path / "unet", unet_json)  # checks unet/config.json before detection reads it
-    first_text = path / "text_encoder" / "config.json"
-    text_json = read_config_json(first_text) if first_text.exists() else None
-    spec = detect_diffusers_family(model_index, unet_json, text_json, override=family)
+    spec = detect_diffusers_family(model_index, unet_json, _first_text_config(path, model_index), override=family)
     vae_json = read_config_json(path / "vae" / "config.json")
     unet = replace(unet, build=spec.unet_module)
     vae = replace(vae_source_from_folder(path / "vae", vae_json), build=spec.vae_module)

@@ -259,8 +259,9 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
 
 
 def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed parameters of `--from-png` ({} without it)."""
-    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+    """The parsed parameters of `--from-png` ({} without it); another program's metadata in their place (JSON,
+    ComfyUI's chunks, ...) is a UserError naming it, a text without a settings line a warning."""
+    from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, foreign_metadata, parse_parameters, read_parameters
 
     if not args.from_png:
         return {}
@@ -270,9 +271,16 @@ def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError(f"the --from-png file {args.from_png!r} does not exist") from None
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read {args.from_png}: {err}") from None
+    foreign = foreign_metadata(args.from_png, text)
+    if foreign:
+        raise UserError(f"{args.from_png} holds {foreign}, not the A1111 parameters text sdlab regenerates from")
     if not text:
         raise UserError(f"{args.from_png} has no 'parameters' chunk to regenerate from")
-    return parse_parameters(text)
+    parsed = parse_parameters(text)
+    if parsed.keys() == {PROMPT, NEGATIVE_PROMPT}:
+        logger.warning("the parameters of %s have no settings line (Steps: ..., Sampler: ..., Seed: ...): its text "
+                       "is the prompt, drawn with the default settings", args.from_png)
+    return parsed
 
 
 def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = None,

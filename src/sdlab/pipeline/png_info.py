@@ -18,8 +18,9 @@ prompt's first text are dropped (``Negative prompt:`` alone on its line, the neg
 last line with fewer than three ``Key: value`` pairs is read as prompt text.
 
 JPEG and WebP files carry the same text in the EXIF ``UserComment`` tag, as A1111 writes it (piexif's
-"unicode" encoding: ``UNICODE\\0`` then UTF-16-BE). Reading is bounded: at most
-``MAX_PARAMETERS_CHARS`` characters, parsed in linear time.
+"unicode" encoding: ``UNICODE\\0`` then UTF-16-BE); one in IFD0 instead, where Fooocus writes it, is read
+too. Reading is bounded: at most ``MAX_PARAMETERS_CHARS`` characters, parsed in linear time. Other programs'
+metadata (ComfyUI's workflow, Fooocus's JSON, NovelAI's, InvokeAI's) is not read; ``foreign_metadata`` names it.
 """
 
 from __future__ import annotations
@@ -237,16 +238,22 @@ def read_parameters(path: str | os.PathLike) -> str | None:
 
 
 def _exif_parameters(image: Image.Image) -> str | None:
-    """The parameters in a JPEG / WebP's EXIF UserComment; None when absent or when the EXIF is broken."""
+    """The parameters in a JPEG / WebP's EXIF UserComment: the Exif IFD's, where A1111 writes it, else IFD0's,
+    where Fooocus does; None when absent or when the EXIF is broken."""
     try:
-        return _user_comment(image.getexif().get_ifd(_EXIF_IFD).get(_USER_COMMENT))
+        exif = image.getexif()
+        comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+        return _user_comment(exif.get(_USER_COMMENT) if comment is None else comment)
     except Exception as err:        # Pillow's EXIF parser raises many types on corrupt data; it only loses text
         logger.warning("cannot read the EXIF of %s: %s", getattr(image, "filename", "the image"), err)
         return None
 
 
 def _user_comment(data: Any) -> str | None:
-    """An EXIF UserComment as text (A1111 writes ``UNICODE\\0`` + UTF-16-BE), or None."""
+    """An EXIF UserComment as text (A1111 writes ``UNICODE\\0`` + UTF-16-BE; Fooocus ASCII text, which Pillow
+    reads as a str), or None."""
+    if isinstance(data, str):
+        return data or None
     if not isinstance(data, bytes) or len(data) > 4 * MAX_PARAMETERS_CHARS:
         return None
     if data.startswith(_UNICODE_PREFIX):
@@ -254,6 +261,47 @@ def _user_comment(data: Any) -> str | None:
     if data.startswith(_ASCII_PREFIX):
         return data[8:].decode("ascii", errors="replace")
     return data.decode("utf-8", errors="ignore") or None       # A1111's fallback for unprefixed bytes
+
+
+def foreign_metadata(source: str | os.PathLike | io.BytesIO, text: str | None) -> str | None:
+    """What an image holds in place of the A1111 parameters text sdlab reads, named by the program that writes
+    it, or None: a JSON object as its parameters `text` (Fooocus's own scheme, SwarmUI's) or, where it has no
+    parameters text, ComfyUI's, InvokeAI's or NovelAI's text chunks. `source` is the image (a path or its bytes)."""
+    if text:
+        return _json_metadata(text)
+    try:
+        with open_image(source) as image:
+            chunks = dict(getattr(image, "text", None) or {})
+    except (OSError, ValueError):
+        return None
+    if str(chunks.get("Software", "")).startswith("NovelAI"):
+        return "NovelAI's metadata (its 'Comment' chunk)"
+    return next((what for chunk, what in _OTHER_CHUNKS.items() if chunk in chunks), None)
+
+
+# PNG text chunks in which other programs keep their settings instead of a `parameters` text -> what they hold
+_OTHER_CHUNKS = {
+    "prompt": "ComfyUI's workflow (its 'prompt' / 'workflow' chunks)",
+    "workflow": "ComfyUI's workflow (its 'prompt' / 'workflow' chunks)",
+    "invokeai_metadata": "InvokeAI's metadata (its 'invokeai_metadata' chunk)",
+    "sd-metadata": "InvokeAI's metadata (its 'sd-metadata' chunk)",
+    "Dream": "InvokeAI's metadata (its 'Dream' chunk)",
+}
+
+
+def _json_metadata(text: str) -> str | None:
+    """JSON settings in a parameters text, named by their program (None: not a JSON object)."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "sui_image_params" in data:
+        return "SwarmUI's JSON metadata"
+    if data.get("metadata_scheme") == "fooocus" or "fooocus" in str(data.get("version", "")).lower():
+        return "Fooocus's JSON metadata (its 'fooocus' scheme; its 'a1111' scheme writes A1111's text)"
+    return "JSON metadata"
 
 
 def _exif_with_comment(text: str) -> bytes:
