@@ -80,3 +80,42 @@ def test_native_conditioning_equals_the_python_api(client, models, fields, refin
 def test_bad_conditioning_is_a_422_naming_the_field(client, field, value):
     refused = client.post("/api/jobs", json={**SETTINGS, field: value})
     assert refused.status_code == 422 and field in refused.json()["detail"], refused.text
+
+
+A1111_OPTIONS = {"sdxl_crop_top": 8, "sdxl_crop_left": 4, "sdxl_refiner_high_aesthetic_score": 9.0,
+                 "sdxl_refiner_low_aesthetic_score": 1.0}
+
+
+def test_a1111s_sdxl_options_condition_the_prompt_and_the_negative_as_a1111s(client):
+    """A1111's SDXL options, in a request's `override_settings` (or `POST options`), condition every SDXL pass as
+    its `sd_models_xl.get_learned_conditioning` does: `crop_coords_top_left` = [sdxl_crop_top, sdxl_crop_left]
+    for the prompt and the negative, `aesthetic_score` = sdxl_refiner_high_aesthetic_score for the prompt and
+    sdxl_refiner_low_aesthetic_score for the negative (`is_negative_prompt`); the picture records them."""
+    import base64
+    import json
+
+    from sdlab.pipeline.infotext import from_parameters
+    from sdlab.pipeline.png_info import parse_parameters
+
+    body = {"prompt": SETTINGS["prompt"], "negative_prompt": "fog", "seed": 7, "steps": 4, "cfg_scale": 5.0,
+            "sampler_name": "Euler", "width": 32, "height": 32, "refiner_checkpoint": "refiner",
+            "refiner_switch_at": 0.5}
+    answers = [client.post("/sdapi/v1/txt2img", json={**body, **extra})
+               for extra in ({"override_settings": A1111_OPTIONS}, {})]
+    assert all(answer.status_code == 200 for answer in answers), [answer.text for answer in answers]
+    optioned, plain = (answer.json() for answer in answers)
+    pictures = [_pixels(Image.open(io.BytesIO(base64.b64decode(answer["images"][0])))) for answer in (optioned, plain)]
+    assert not np.array_equal(*pictures)
+    fields = from_parameters(parse_parameters(json.loads(optioned["info"])["infotexts"][0]))
+    corner = (A1111_OPTIONS["sdxl_crop_top"], A1111_OPTIONS["sdxl_crop_left"])
+    assert (fields["crops_coords_top_left"], fields["negative_crops_coords_top_left"]) == (corner, corner)
+    assert (fields["aesthetic_score"], fields["negative_aesthetic_score"]) == (9.0, 1.0)
+    assert client.get("/sdapi/v1/options").json()["sdxl_crop_top"] == 0        # restored after the request
+
+
+@pytest.mark.parametrize("option, value", [("sdxl_crop_top", -1), ("sdxl_crop_left", 1.5),
+                                           ("sdxl_refiner_high_aesthetic_score", "high"),
+                                           ("sdxl_refiner_low_aesthetic_score", 1e308)])
+def test_a_bad_a1111_sdxl_option_is_a_422_naming_it(client, option, value):
+    refused = client.post("/sdapi/v1/options", json={option: value})
+    assert refused.status_code == 422 and option in refused.text, refused.text

@@ -49,8 +49,8 @@ from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, read_parameters, version_label,
 )
 from sdlab.pipeline.request import (
-    MASKED_CONTENT, MAX_BATCH_COUNT, MAX_NOISE_MULTIPLIER, RESIZE_MODES, RNG_SOURCES, GenerationRequest,
-    RequestError, fixed_seed, rng_source,
+    MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_NOISE_MULTIPLIER, RESIZE_MODES, RNG_SOURCES,
+    GenerationRequest, RequestError, fixed_seed, rng_source,
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.controls import a1111_controls
@@ -76,6 +76,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "samples_format": "png", "jpeg_quality": 80,        # the base64 pictures' format (`_base64_picture`)
     "img2img_fix_steps": False, "initial_noise_multiplier": 1.0,     # img2img's step rule and noise (`_request`)
     "randn_source": "CPU",              # the noise's random source (`_request`); A1111's default is "GPU"
+    "sdxl_crop_top": 0, "sdxl_crop_left": 0,                        # SDXL's conditioning (`_sdxl_options`)
+    "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
     "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
@@ -259,8 +261,19 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
         s_noise=body.s_noise, controls=controls, **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
-        tiling=settings["tiling"] if body.tiling is None else body.tiling, **extra,
+        tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
     )
+
+
+def _sdxl_options(settings: dict[str, Any]) -> dict[str, Any]:
+    """A1111's SDXL options as request fields, as its `sd_models_xl.get_learned_conditioning` conditions every
+    SDXL pass (base, refiner, hires) with them: the crop corner (`sdxl_crop_top`, `sdxl_crop_left`) of the
+    prompt and the negative, and the aesthetic scores a refiner takes, the high one the prompt's and the low
+    one the negative's."""
+    corner = (settings["sdxl_crop_top"], settings["sdxl_crop_left"])
+    return dict(crops_coords_top_left=corner, negative_crops_coords_top_left=corner,
+                aesthetic_score=settings["sdxl_refiner_high_aesthetic_score"],
+                negative_aesthetic_score=settings["sdxl_refiner_low_aesthetic_score"])
 
 
 def _img2img_steps_rule(settings: dict[str, Any], sampler: str) -> str:
@@ -564,10 +577,16 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     every later generation instead); every option's text is UTF-8, as GET echoes it (`check_texts`). Errors
     name each option as sent: `where` and its key (`override_settings.` in a generation request)."""
     check_texts(body, where.rstrip("."))
-    for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0)):
+    for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0), ("sdxl_crop_top", 0),
+                       ("sdxl_crop_left", 0)):
         value = body.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r}", 422)
+    for key in ("sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score"):
+        score = body.get(key, 0.0)
+        if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= MAX_AESTHETIC:
+            raise BadRequest(f"{where}{key} must be a number in -{MAX_AESTHETIC:g}..{MAX_AESTHETIC:g}, got {score!r}",
+                             422)
     if not isinstance(body.get("tiling", False), bool):
         raise BadRequest(f"{where}tiling must be true or false, got {body['tiling']!r}", 422)
     samples_format = body.get("samples_format", "png")
@@ -608,8 +627,9 @@ def get_options(request: Request) -> dict[str, Any]:
 @router.post("/options")
 def set_options(body: dict[str, Any], request: Request) -> None:
     """`sd_model_checkpoint` switches the model new jobs use (loaded by the worker before its next job);
-    `CLIP_stop_at_last_layers`, `eta_noise_seed_delta`, `randn_source` and `tiling` apply to later generations
-    (under a request's `override_settings` and, for `tiling`, its own field), `img2img_fix_steps` and
+    `CLIP_stop_at_last_layers`, `eta_noise_seed_delta`, `randn_source`, `tiling` and the SDXL crop and refiner
+    scores (`_sdxl_options`) apply to later generations (under a request's `override_settings` and, for `tiling`,
+    its own field), `img2img_fix_steps` and
     `initial_noise_multiplier` to later img2img requests (`_request`), `samples_format` and `jpeg_quality` to
     the base64 pictures answered from now on; other options are remembered and echoed by GET but change nothing
     (docs/server.md). Nothing is set when one value is refused."""
