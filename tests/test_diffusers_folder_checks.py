@@ -98,6 +98,39 @@ def test_missing_text_encoder_is_named_before_family_detection(folder, capsys, f
                    "is missing"]
 
 
+def _other_vae(kind: str, path: Path) -> Path:
+    """A tiny diffusers VAE of a class other than AutoencoderKL, saved as diffusers saves it."""
+    from diffusers import AsymmetricAutoencoderKL, AutoencoderTiny
+
+    if kind == "AutoencoderTiny":
+        vae = AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                              num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), upsampling_scaling_factor=2)
+    else:
+        vae = AsymmetricAutoencoderKL(down_block_out_channels=(32, 64), up_block_out_channels=(32, 64),
+                                      down_block_types=("DownEncoderBlock2D",) * 2,
+                                      up_block_types=("UpDecoderBlock2D",) * 2, layers_per_down_block=1,
+                                      layers_per_up_block=1, norm_num_groups=32)
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "known"), [("AutoencoderTiny", "TAESD"), ("AsymmetricAutoencoderKL", "asymmetric")])
+@pytest.mark.parametrize("where", ["vae/", "--vae"])
+def test_a_vae_of_another_class_is_named(folder, tmp_path, capsys, kind, known, where):
+    """A TAESD or asymmetric VAE in vae/ or given as --vae is one error naming its class (before: act_fn='relu'
+    for TAESD, "10 unexpected keys ... is the VAE config right?" for the asymmetric VAE)."""
+    if where == "vae/":
+        shutil.rmtree(folder / "vae")
+        _other_vae(kind, folder / "vae")
+        args = ["inspect", str(folder)]
+    else:
+        args = ["inspect", str(folder), "--vae", str(_other_vae(kind, tmp_path / "vae"))]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"config.json: _class_name {kind} (" in err[0] and known in err[0], err
+    assert "sdlab loads only AutoencoderKL VAEs" in err[0]
+
+
 def test_model_index_not_an_object(folder):
     (folder / "model_index.json").write_text("[1, 2]")
     with pytest.raises(CheckpointError, match=r"model_index.json: expected a JSON object"):

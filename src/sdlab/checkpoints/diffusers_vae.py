@@ -57,8 +57,18 @@ _SUPPORTED_DEFAULTS = {  # diffusers config fields sdlab's AutoencoderKL has no 
 # Config
 
 
+# diffusers VAE classes people take for an SD VAE, with the names they know them by
+_OTHER_VAE_CLASSES = {"AutoencoderTiny": "TAESD", "AsymmetricAutoencoderKL": "an asymmetric VAE",
+                      "ConsistencyDecoderVAE": "OpenAI's consistency decoder"}
+
+
 def vae_config_from_diffusers(config: Mapping[str, Any]) -> VAEConfig:
-    """``VAEConfig`` from a diffusers ``vae/config.json`` (as a dict). Raises on features sdlab does not build."""
+    """``VAEConfig`` from a diffusers ``vae/config.json`` (as a dict). Raises on features sdlab does not build,
+    first on a class other than ``AutoencoderKL``, named."""
+    class_name = config.get("_class_name", "AutoencoderKL")
+    if class_name != "AutoencoderKL":
+        known = f" ({_OTHER_VAE_CLASSES[class_name]})" if class_name in _OTHER_VAE_CLASSES else ""
+        raise ValueError(f"_class_name {class_name}{known}: sdlab loads only AutoencoderKL VAEs")
     for field, expected in _SUPPORTED_DEFAULTS.items():
         if config.get(field, expected) != expected:
             raise ValueError(f"diffusers VAE config has {field}={config[field]!r}; sdlab supports only {expected!r}")
