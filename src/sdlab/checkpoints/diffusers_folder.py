@@ -4,13 +4,15 @@
                                         SDXL's `force_zeros_for_empty_prompt` (an empty negative prompt is a
                                         zero conditioning; absent: true, the family's rule)
     unet/config.json + weights          UNet2DConditionModel: converted with `diffusers_unet`
-    vae/config.json + weights           AutoencoderKL: converted with `diffusers_vae`; `scaling_factor`
+    vae/config.json + weights           AutoencoderKL: converted with `diffusers_vae`; `scaling_factor`, and
+                                        SDXL's `latents_mean` / `latents_std` (Playground v2.5): `noise_model`
     text_encoder[_2]/config.json + ...  transformers CLIPTextModel(WithProjection): HF layout, the same names
                                         as sdlab's CLIPTextModel after removing `text_model.`
     unet/config.json `sample_size`      the model's native latent side: x the VAE factor, the default picture
                                         size (as diffusers' pipelines default to it; SDXL-Turbo: 64 x 8 = 512)
     scheduler/scheduler_config.json     `prediction_type` ("epsilon" / "v_prediction") and the training
-                                        schedule (betas, zero terminal SNR): `diffusers_scheduler`
+                                        schedule (betas, zero terminal SNR): `diffusers_scheduler`; an EDM
+                                        noise model (EDM* classes, continuous v): `noise_model`
     tokenizer[_2]/                      not read: every SD family uses CLIP's BPE, shipped with sdlab
 
 Weights per component, first found wins: `diffusion_pytorch_model.safetensors` / `model.safetensors` or
@@ -55,6 +57,7 @@ from sdlab.checkpoints.diffusers_vae import (
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.infer import infer_text_config
 from sdlab.checkpoints.io import LazyMapping, read_as, read_checkpoint, shapes_of
+from sdlab.checkpoints.noise_model import folder_latent_stats, folder_noise_model
 from sdlab.checkpoints.tolerated import is_hf_text_tolerated
 from sdlab.checkpoints.validate import (
     UNET_SHAPE_FIELDS,
@@ -64,7 +67,8 @@ from sdlab.checkpoints.validate import (
     check_positive_float,
     check_text,
 )
-from sdlab.families import FamilySpec, ScheduleSpec, TextEncoderSpec
+from sdlab.families import EDMSpec, FamilySpec, ScheduleSpec, TextEncoderSpec
+from sdlab.families.latent_format import LatentStats
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNet
 from sdlab.models.vae import AutoencoderKL, VAEConfig
@@ -96,6 +100,8 @@ class DiffusersFolder:
     sampler: Mapping[str, Any] = field(default_factory=dict)   # its sampler settings (class, spacing, offset)
     native_size: int | None = None          # unet/config.json `sample_size` x the VAE factor, if square
     zero_empty_negative: bool | None = None  # model_index.json `force_zeros_for_empty_prompt`, if it says
+    noise_model: EDMSpec | None = None      # a continuous EDM noise model its scheduler declares (`noise_model`)
+    latent_stats: LatentStats | None = None  # vae/config.json `latents_mean` / `latents_std` (SDXL pipelines)
 
 
 class ShardedStateDict(LazyMapping):
@@ -337,9 +343,10 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
         # what it draws with even for a folder that keeps all of OpenCLIP-H's 24 layers
         text.append((read_as_diffusers(te), _text_source(te, spec.text_module, folder)))
     scheduler_path = path / "scheduler" / "scheduler_config.json"
-    scheduler = read_scheduler_config(
-        read_config_json(scheduler_path) if scheduler_path.exists() else {}, spec.schedule, scheduler_path)
+    scheduler_config = read_config_json(scheduler_path) if scheduler_path.exists() else {}
+    scheduler = read_scheduler_config(scheduler_config, spec.schedule, scheduler_path)
     log_scheduler(scheduler_path, scheduler, model_index.get("_class_name"))
+    noise_model = folder_noise_model(scheduler_config, scheduler.schedule or spec.schedule, scheduler_path)
     total = sum(len(c.state) + len(c.ignored) for c in [unet, vae, *(src for _, src in text)])
     return DiffusersFolder(
         path=path,
@@ -356,6 +363,8 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
         sampler=scheduler.sampler,
         native_size=_native_size(path / "unet" / "config.json", unet_json, vae.config.downsample_factor),
         zero_empty_negative=_force_zeros_for_empty_prompt(path / MODEL_INDEX, model_index, spec),
+        noise_model=noise_model,
+        latent_stats=folder_latent_stats(vae_json, path / "vae" / "config.json", spec),
     )
 
 

@@ -25,8 +25,9 @@ from sdlab.checkpoints.components import ComponentConfig
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.validate import config_from_json
 from sdlab.diffusion.prediction import Prediction
-from sdlab.families import FamilySpec, ScheduleSpec
+from sdlab.families import EDMSpec, FamilySpec, ScheduleSpec
 from sdlab.families.base import HIDDEN_STATES
+from sdlab.families.latent_format import LatentStats
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.clip import CLIPTextConfig
 from sdlab.models.unet import UNetConfig
@@ -46,6 +47,12 @@ COMFY_V_PRED_KEY = "v_pred"     # ComfyUI's empty marker tensors (`save_checkpoi
 COMFY_ZTSNR_KEY = "ztsnr"       # and one on the zero-terminal-SNR schedule
 META_SCHEDULE = "sdlab.schedule"            # the model's own training schedule (JSON `ScheduleSpec`), if not
                                             # its family's
+META_NOISE_MODEL = "sdlab.noise_model"      # a continuous EDM noise model (JSON `EDMSpec`), if the model has one
+META_LATENT_STATS = "sdlab.latent_stats"    # per-channel latents mean / std (JSON `LatentStats`), if it has them
+COMFY_EDM_MEAN_KEY = "edm_mean"             # ComfyUI (`supported_models.SDXL.model_type`): both keys make a
+COMFY_EDM_STD_KEY = "edm_std"               # Playground v2.5 EDM model with its latent statistics,
+COMFY_EDM_VPRED_MAX_KEY = "edm_vpred.sigma_max"  # these (scalars) an EDM v-prediction model (CosXL), as
+COMFY_EDM_VPRED_MIN_KEY = "edm_vpred.sigma_min"  # ComfyUI's checkpoint saver writes them
 FORMAT_VERSION = "1"
 
 # single networks and training checkpoints
@@ -84,6 +91,11 @@ def prediction_metadata(prediction: Prediction) -> dict[str, str]:
     return {META_MODELSPEC_PREDICTION: name, META_COMFY_PREDICTION: name} if name else {}
 
 
+def _json_entry(key: str, spec: EDMSpec | LatentStats | None) -> dict[str, str]:
+    """{key: spec as JSON}, or nothing without a spec."""
+    return {} if spec is None else {key: json.dumps(config_to_json(spec), sort_keys=True)}
+
+
 def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
     """The `__metadata__` sdlab writes: format version, family, prediction (also in the model-spec keys),
     scaling factor, configs, and the hidden state each text encoder feeds the U-Net."""
@@ -100,6 +112,8 @@ def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
         **native,
         **preset,
         **schedule,
+        **_json_entry(META_NOISE_MODEL, bundle.noise_model),
+        **_json_entry(META_LATENT_STATS, bundle.latent_stats),
         **prediction_metadata(bundle.prediction),
         META_FORMAT: FORMAT_VERSION,
         META_FAMILY: bundle.family.name,
@@ -201,6 +215,44 @@ def stored_schedule(metadata: Mapping[str, str]) -> ScheduleSpec | None:
     return schedule
 
 
+def stored_noise_model(metadata: Mapping[str, str]) -> EDMSpec | None:
+    """The continuous EDM noise model sdlab's saver recorded (`sdlab.noise_model`), or None."""
+    raw = metadata.get(META_NOISE_MODEL)
+    if raw is None:
+        return None
+    try:
+        spec = config_from_json(EDMSpec, json.loads(raw))
+        spec.build("eps")                                   # sigma_min below sigma_max
+    except (ValueError, RecursionError, CheckpointError) as exc:
+        raise CheckpointError(f"metadata {META_NOISE_MODEL}={raw[:200]!r}: {exc}") from None
+    return spec
+
+
+def stored_latent_stats(metadata: Mapping[str, str]) -> LatentStats | None:
+    """The per-channel latent statistics sdlab's saver recorded (`sdlab.latent_stats`), or None."""
+    raw = metadata.get(META_LATENT_STATS)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict) or set(data) != {"mean", "std"}:
+            raise ValueError("expected an object with mean and std")
+        return latent_stats(data["mean"], data["std"])
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"metadata {META_LATENT_STATS}={raw[:200]!r}: {exc}") from None
+
+
+def latent_stats(mean: Any, std: Any) -> LatentStats:
+    """`LatentStats` from two lists of numbers (a JSON config's or a tensor's); a ValueError says what is wrong."""
+    def numbers(name: str, values: Any) -> tuple[float, ...]:
+        if not isinstance(values, (list, tuple)) or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+            raise ValueError(f"latents_{name} must be a list of numbers, got {str(values)[:80]}")
+        return tuple(float(v) for v in values)
+
+    return LatentStats(numbers("mean", mean), numbers("std", std))
+
+
 def named_preset(metadata: Mapping[str, str]) -> str | None:
     """The preset name a file's `sdlab.preset` gives (lower case), or None without one; the pipeline checks
     the name when it draws."""
@@ -217,6 +269,10 @@ def native_size(metadata: Mapping[str, str]) -> int | None:
 
 
 __all__ = [
+    "COMFY_EDM_VPRED_MIN_KEY",
+    "COMFY_EDM_VPRED_MAX_KEY",
+    "COMFY_EDM_STD_KEY",
+    "COMFY_EDM_MEAN_KEY",
     "COMFY_V_PRED_KEY",
     "COMFY_ZTSNR_KEY",
     "FORMAT_VERSION",
@@ -227,8 +283,10 @@ __all__ = [
     "META_FAMILY",
     "META_FORMAT",
     "META_HIDDEN_STATES",
+    "META_LATENT_STATS",
     "META_LOGIT_SCALE",
     "META_MODELSPEC_PREDICTION",
+    "META_NOISE_MODEL",
     "META_PREDICTION",
     "META_PRESET",
     "META_RESOLUTION",
@@ -239,11 +297,14 @@ __all__ = [
     "config_from_json",
     "config_json",
     "config_to_json",
+    "latent_stats",
     "named_preset",
     "native_size",
     "prediction_metadata",
     "stored_configs",
     "stored_hidden_states",
+    "stored_latent_stats",
+    "stored_noise_model",
     "stored_scaling_factor",
     "stored_schedule",
     "stored_vae_config",

@@ -25,6 +25,11 @@ Training schedule (`ModelBundle.schedule`; None: the family's): a diffusers fold
 writes (`sdlab.schedule`), or ComfyUI's `ztsnr` marker key (beside `v_pred`): zero terminal SNR with the last
 alphas_cumprod at 4.897e-08, as ComfyUI and A1111 sample such files.
 
+Continuous EDM noise model (`ModelBundle.noise_model`; None: discrete on the schedule above) and per-channel
+latent statistics (`ModelBundle.latent_stats`): a folder's EDM scheduler / `vae/config.json`, a single file's
+sdlab metadata or ComfyUI's `edm_mean` / `edm_std` / `edm_vpred.*` keys (`noise_model`; `edm_vpred.sigma_max`
+also makes the prediction v, read just before `v_pred`).
+
 Default picture size (`ModelBundle.native_size`): the metadata's `modelspec.resolution`, a diffusers folder's
 `unet/config.json` `sample_size` x the VAE factor; else the family's.
 
@@ -48,6 +53,7 @@ from sdlab.checkpoints import diffusers_folder
 from sdlab.checkpoints.components import ComponentSource, meta_view
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import (
+    COMFY_EDM_VPRED_MAX_KEY,
     COMFY_V_PRED_KEY,
     COMFY_ZTSNR_KEY,
     META_COMFY_PREDICTION,
@@ -62,10 +68,12 @@ from sdlab.checkpoints.file_format import (
 from sdlab.checkpoints.plan import CheckpointPlan, ComponentReport, LoadReport
 from sdlab.checkpoints.sidecar import model_params, sidecar_of
 from sdlab.checkpoints.runnable import check_plan, check_weights
+from sdlab.checkpoints.noise_model import file_latent_stats, file_noise_model
 from sdlab.checkpoints.single_file import load_vae_source, read_single_file
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.schedules import A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
-from sdlab.families import FamilySpec, ScheduleSpec, TextEncoderSpec
+from sdlab.families import EDMSpec, FamilySpec, ScheduleSpec, TextEncoderSpec
+from sdlab.families.latent_format import LatentStats
 from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.models.tokenizer import default_tokenizer
 from sdlab.models.unet import UNetConfig
@@ -108,6 +116,8 @@ def resolve_prediction(
     if read is not None:
         value, how = read
         return parse(value, str(sidecar)), f"sidecar {sidecar.name} ({how})"
+    if keys is not None and COMFY_EDM_VPRED_MAX_KEY in keys:
+        return Prediction.V, f"{COMFY_EDM_VPRED_MAX_KEY} key (EDM v-prediction)"
     if keys is not None and COMFY_V_PRED_KEY in keys:
         return Prediction.V, "v_pred marker key"
     if family.prediction_is_ambiguous:
@@ -204,10 +214,14 @@ def _plan_single_file(
     pred, pred_source = resolve_prediction(spec, argument=prediction, metadata=file.metadata, path=path,
                                            keys=file.shapes, unet_state=file.unet.state)
     schedule, schedule_source = resolve_schedule(spec, pred, metadata=file.metadata, keys=file.shapes)
+    noise_model, noise_source = file_noise_model(file.metadata, file.markers)
     scaling = stored_scaling_factor(file.metadata, spec.latent_scaling_factor)
+    stats = file_latent_stats(file.metadata, file.markers, spec.latent_format.channels)
     return _finish_plan(str(path), spec, file.family_source, pred, pred_source, scaling, file.unet, file.vae,
                         list(file.text_encoders), file.ignored, file.total_keys, file.metadata,
-                        native=native_size(file.metadata), schedule=schedule, schedule_source=schedule_source)
+                        native=native_size(file.metadata), schedule=schedule, schedule_source=schedule_source,
+                        noise_model=noise_model, noise_model_source=noise_source, latent_stats=stats)
+
 
 
 def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Prediction, pred_source: str,
@@ -215,12 +229,15 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
                  text: list[tuple[TextEncoderSpec, ComponentSource]], ignored: tuple[str, ...], total: int,
                  metadata: Mapping[str, str], *, native: int | None = None, schedule: ScheduleSpec | None = None,
                  schedule_source: str | None = None, sampler: Mapping[str, Any] | None = None,
-                 zero_empty_negative: bool | None = None) -> CheckpointPlan:
+                 zero_empty_negative: bool | None = None, noise_model: EDMSpec | None = None,
+                 noise_model_source: str | None = None, latent_stats: LatentStats | None = None) -> CheckpointPlan:
     if unet.config.cross_attends and unet.config.context_dim != sum(src.config.width for _, src in text):
         raise CheckpointError(
             f"{origin}: U-Net cross-attention width {unet.config.context_dim} does not match the text encoder "
             f"width(s) {[src.config.width for _, src in text]} of {spec.name}"
         )
+    if noise_model is not None:
+        logger.info("%s: %s-prediction on a %s (%s)", origin, pred.value, noise_model.describe(), noise_model_source)
     reports = []
     for source in [unet, vae, *(src for _, src in text)]:
         converted, count = source.check()
@@ -234,7 +251,8 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
         source=origin, family=spec, family_source=family_source, prediction=pred, prediction_source=pred_source,
         scaling_factor=scaling, components=tuple(reports), ignored=ignored, total_keys=total, metadata=dict(metadata),
         native_size=native, schedule=schedule, schedule_source=schedule_source if schedule is not None else None,
-        sampler=dict(sampler or {}), zero_empty_negative=zero_empty_negative,
+        sampler=dict(sampler or {}), zero_empty_negative=zero_empty_negative, noise_model=noise_model,
+        noise_model_source=noise_model_source if noise_model is not None else None, latent_stats=latent_stats,
     )
     return CheckpointPlan(report=report, unet=unet, vae=vae, text_encoders=tuple(text))
 
@@ -253,7 +271,8 @@ def _plan_diffusers_folder(
                         list(folder.text_encoders), folder.ignored, folder.total_keys, {},
                         native=folder.native_size, schedule=folder.schedule,
                         schedule_source="scheduler/scheduler_config.json", sampler=folder.sampler,
-                        zero_empty_negative=folder.zero_empty_negative)
+                        zero_empty_negative=folder.zero_empty_negative, noise_model=folder.noise_model,
+                        noise_model_source="scheduler/scheduler_config.json", latent_stats=folder.latent_stats)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,7 +342,8 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
         scaling_factor=report.scaling_factor, unet_config=plan.unet.config, vae_config=plan.vae.config,
         source=report.source, report=report, native_size=report.native_size,
         preset=named_preset(report.metadata) or _own_preset(plan.unet.config), schedule=report.schedule,
-        zero_empty_negative=report.zero_empty_negative,
+        zero_empty_negative=report.zero_empty_negative, noise_model=report.noise_model,
+        latent_stats=report.latent_stats,
     ))
 
 

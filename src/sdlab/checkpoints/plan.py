@@ -13,7 +13,8 @@ from typing import Any
 from sdlab.checkpoints.components import ComponentConfig, ComponentSource
 from sdlab.checkpoints.file_format import config_to_json
 from sdlab.diffusion.denoiser import Prediction
-from sdlab.families import FamilySpec, ScheduleSpec, TextEncoderSpec
+from sdlab.families import EDMSpec, FamilySpec, ScheduleSpec, TextEncoderSpec
+from sdlab.families.latent_format import LatentStats
 
 
 
@@ -49,6 +50,9 @@ class LoadReport:
     schedule_source: str | None = None      # where it came from ("ztsnr marker key", "scheduler_config.json")
     sampler: Mapping[str, Any] = field(default_factory=dict)   # a folder's scheduler class, spacing, offset
     zero_empty_negative: bool | None = None  # a folder's force_zeros_for_empty_prompt (None: the family's)
+    noise_model: EDMSpec | None = None      # a continuous EDM noise model (None: discrete on the schedule)
+    noise_model_source: str | None = None   # where it came from
+    latent_stats: LatentStats | None = None  # per-channel latents mean / std (None: scaling alone)
 
     def to_json(self) -> dict[str, Any]:
         schedule = self.schedule or self.family.schedule
@@ -62,6 +66,9 @@ class LoadReport:
             "default_size": self.native_size or self.family.size_for(self.prediction),
             "schedule": schedule.describe(),
             "schedule_source": self.schedule_source or f"default of {self.family.name}",
+            **({"noise_model": self.noise_model.describe(), "noise_model_source": self.noise_model_source}
+               if self.noise_model is not None else {}),
+            **({"latent_stats": config_to_json(self.latent_stats)} if self.latent_stats is not None else {}),
             **({"diffusers_sampler": dict(self.sampler)} if self.sampler else {}),
             "description": self.family.description,
             "total_keys": self.total_keys,

@@ -9,8 +9,10 @@ this writes gives the same configs and bit-identical tensors. The file is writte
 
 A v-prediction model also carries ComfyUI's empty marker tensors, as ComfyUI's checkpoint saver writes them
 (`comfy_extras/nodes_model_merging.save_checkpoint`): `v_pred`, and `ztsnr` beside it when the model's
-schedule has zero terminal SNR. ComfyUI (`supported_models.SDXL.model_type`) tells such a model from an eps
-one by these keys alone; sdlab reads its own metadata first.
+schedule has zero terminal SNR; a model on a continuous EDM noise model carries ComfyUI's `edm_mean` /
+`edm_std` (Playground v2.5) or `edm_vpred.sigma_max` / `sigma_min` keys instead (`noise_model`). ComfyUI
+(`supported_models.SDXL.model_type`) tells such a model from an eps one by these keys alone; sdlab reads its own
+metadata (`sdlab.noise_model`, `sdlab.latent_stats`) first.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from sdlab.checkpoints.file_format import COMFY_V_PRED_KEY, COMFY_ZTSNR_KEY, bundle_metadata
 from sdlab.checkpoints.io import write_safetensors_atomic
+from sdlab.checkpoints.noise_model import noise_model_keys
 from sdlab.checkpoints.openclip import sdlab_to_openclip
 from sdlab.diffusion.prediction import Prediction
 from sdlab.families import TextEncoderSpec
@@ -51,7 +54,10 @@ def bundle_state_dict(bundle: ModelBundle, dtype: torch.dtype | None = None) -> 
 
 
 def prediction_markers(bundle: ModelBundle) -> dict[str, Tensor]:
-    """ComfyUI's marker keys for `bundle`'s prediction and schedule (empty for an eps or x0 model)."""
+    """ComfyUI's marker keys for `bundle`'s prediction and schedule (empty for an eps or x0 model), or for its
+    continuous EDM noise model (`noise_model_keys`: ComfyUI's saver writes no `v_pred` beside those)."""
+    if bundle.noise_model is not None:
+        return noise_model_keys(bundle)
     if bundle.prediction is not Prediction.V:
         return {}
     markers = {COMFY_V_PRED_KEY: torch.tensor([])}                                  # (0,) float32

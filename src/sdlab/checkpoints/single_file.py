@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from sdlab.checkpoints.file_format import (
 )
 from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_vae_config
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
+from sdlab.checkpoints.noise_model import COMFY_NOISE_MODEL_KEYS
 from sdlab.checkpoints.openclip import openclip_to_sdlab
 from sdlab.checkpoints.tolerated import (
     OPENCLIP_TOLERATED,
@@ -82,6 +83,7 @@ class SingleFile:
     shapes: Mapping[str, Any]               # every key of the file -> its shape
     total_keys: int
     ignored: tuple[str, ...]                # file keys outside every component, known to be unused
+    markers: Mapping[str, Tensor] = field(default_factory=dict)  # ComfyUI's EDM keys it holds (`noise_model`)
 
 
 def _confirmed(stored: Any, found: Any, shape_fields: tuple[str, ...]) -> Any:
@@ -222,6 +224,7 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
     return SingleFile(
         path=path, family=spec, family_source=family_source, unet=unet, vae=vae_source, text_encoders=tuple(text),
         metadata=metadata, shapes=shapes, total_keys=len(shapes), ignored=tuple(sorted(ignored)),
+        markers={key: state[key] for key in COMFY_NOISE_MODEL_KEYS if key in shapes},
     )
 
 

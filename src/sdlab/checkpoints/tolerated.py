@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import re
 
-from sdlab.checkpoints.file_format import COMFY_V_PRED_KEY, COMFY_ZTSNR_KEY
+from sdlab.checkpoints.file_format import (
+    COMFY_EDM_MEAN_KEY,
+    COMFY_EDM_STD_KEY,
+    COMFY_EDM_VPRED_MAX_KEY,
+    COMFY_EDM_VPRED_MIN_KEY,
+    COMFY_V_PRED_KEY,
+    COMFY_ZTSNR_KEY,
+)
 
 __all__ = [
     "HF_TEXT_TOLERATED",
@@ -33,12 +40,14 @@ OPENCLIP_TOLERATED = frozenset({
     "text_model.embeddings.position_ids", "transformer.text_model.embeddings.position_ids",
 })
 #: whole-file keys of single-file checkpoints outside every component: EMA copies, DDPM schedule buffers
-#: (sdlab rebuilds the schedule from the family), SGM's denoiser sigmas, and ComfyUI's v-prediction and
-#: zero-terminal-SNR markers (empty tensors; `sdlab.checkpoints.load` reads them by name)
+#: (sdlab rebuilds the schedule from the family), SGM's denoiser sigmas, and ComfyUI's v-prediction,
+#: zero-terminal-SNR and EDM markers (`sdlab.checkpoints.load` and `noise_model` read them by name)
 SINGLE_FILE_TOLERATED = re.compile(
     r"model_ema\..*|betas|alphas_cumprod(_prev)?|sqrt_.*|log_one_minus_alphas_cumprod|posterior_.*"
     r"|lvlb_weights|logvar|denoiser\.sigmas"
     rf"|{re.escape(COMFY_V_PRED_KEY)}|{re.escape(COMFY_ZTSNR_KEY)}"
+    + "".join(f"|{re.escape(key)}" for key in (COMFY_EDM_MEAN_KEY, COMFY_EDM_STD_KEY, COMFY_EDM_VPRED_MAX_KEY,
+                                               COMFY_EDM_VPRED_MIN_KEY))
 )
 #: extra keys of standalone VAE training files (besides SINGLE_FILE_TOLERATED)
 VAE_FILE_TOLERATED = re.compile(r"loss\..*|model_ema\..*")

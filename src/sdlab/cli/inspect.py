@@ -37,6 +37,9 @@ def _format_inspect(report: dict) -> str:
         f"family          {report['family']} ({report['family_source']}): {report['description']}",
         f"prediction      {report['prediction']} ({report['prediction_source']})",
         f"latent scaling  {report['scaling_factor']}",
+        *([f"latent stats    mean {report['latent_stats']['mean']}, std {report['latent_stats']['std']}"]
+          if "latent_stats" in report else []),
+        *([f"noise model     {report['noise_model']} ({report['noise_model_source']})"] if "noise_model" in report else []),
         f"default size    {report['default_size']} px",
         f"keys            {report['total_keys']} in the file; {report['total_parameters']:,} parameters in all",
         "components:",
@@ -45,6 +48,8 @@ def _format_inspect(report: dict) -> str:
         lines.append(
             f"  {c['name']:<14} {c['parameters']:>14,} parameters  {c['keys']:>5} tensors  {'/'.join(c['dtypes'])}"
         )
+        if c["origin"] != report["source"]:                  # a folder's component, an override
+            lines.append(f"  {'':<14} from {c['origin']}")
         config = ", ".join(f"{k}={v}" for k, v in c["config"].items())
         lines.append(f"  {'':<14} {config}")
         if c["ignored_keys"]:

@@ -26,6 +26,23 @@ s in [0, 1]; the net predicts the velocity ``v = e - x0`` from ``(x, t = s * mul
 on this ``x`` is the flow's Euler step. The time shift ``s' = shift * s / (1 + (shift - 1) * s)`` (SD3's
 ``shift=3``; Flux's resolution-dependent ``exp(mu)`` is the same map with ``shift = exp(mu)``) moves the
 sampling steps to higher noise.
+
+``ContinuousEDMModelSampling(prediction, sigma_min, sigma_max, sigma_data)``: continuous-time models trained
+with the EDM preconditioning of Karras et al. 2022 (Playground v2.5, CosXL; ComfyUI's
+``ModelSamplingContinuousEDM`` with its ``EDM`` / ``V_PREDICTION`` classes, diffusers' ``EDMEulerScheduler`` /
+``EDMDPMSolverMultistepScheduler``), variance-exploding ``x = x0 + sigma * eps`` for any sigma in
+[sigma_min, sigma_max], net time input ``c_noise = ln(sigma) / 4``::
+
+    prediction                c_skip                c_out                       c_in
+    eps (EDM's F-prediction)  sd^2 / (s^2 + sd^2)   s * sd / sqrt(s^2 + sd^2)   1 / sqrt(s^2 + sd^2)
+    v                         sd^2 / (s^2 + sd^2)   -s * sd / sqrt(s^2 + sd^2)  1 / sqrt(s^2 + sd^2)
+    x0                        0                     1                           1 / sqrt(s^2 + sd^2)
+
+``eps`` here is what diffusers' EDM schedulers call ``prediction_type: "epsilon"`` and ComfyUI ``EDM``
+(Playground v2.5, sigma_data 0.5); ``v`` is CosXL's EDM v-prediction (sigma_data 1, ComfyUI
+``V_PREDICTION_EDM``). Its ``schedule`` is ComfyUI's table of 1000 log-spaced sigmas from sigma_min to
+sigma_max, so karras / exponential span exactly [sigma_min, sigma_max] and the index-based schedules space
+steps in log sigma.
 """
 
 from __future__ import annotations
@@ -44,6 +61,7 @@ from sdlab.diffusion.prediction import Prediction, prediction_scalings
 from sdlab.diffusion.schedules import NoiseSchedule
 
 __all__ = [
+    "ContinuousEDMModelSampling",
     "DiscreteModelSampling",
     "FlowMatchingModelSampling",
     "ModelSampling",
@@ -252,4 +270,99 @@ class FlowMatchingModelSampling:
     def loss_weights(self, t: Tensor, min_snr_gamma: float | None) -> Tensor | None:
         if min_snr_gamma is not None:
             raise ValueError("Min-SNR-gamma weighting is defined for discrete DDPM schedules, not for flow matching")
+        return None
+
+
+# EDM's training distribution of ln(sigma) (Karras et al. 2022, Table 1: P_mean, P_std)
+EDM_LOG_SIGMA_MEAN = -1.2
+EDM_LOG_SIGMA_STD = 1.2
+
+
+class ContinuousEDMModelSampling:
+    """Continuous EDM models (module docstring): VE ``x = x0 + sigma * eps``, the net sees
+    ``x / sqrt(sigma^2 + sigma_data^2)`` and ``ln(sigma) / 4``; ``prediction`` eps is EDM's F-prediction."""
+
+    num_timesteps = 1000            # length of the sigma table the named schedules read (ComfyUI's)
+
+    def __init__(self, prediction: Prediction | str, sigma_min: float = 0.002, sigma_max: float = 120.0,
+                 sigma_data: float = 1.0) -> None:
+        for name, value in (("sigma_min", sigma_min), ("sigma_max", sigma_max), ("sigma_data", sigma_data)):
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not sigma_min < sigma_max:
+            raise ValueError(f"sigma_min {sigma_min!r} must lie below sigma_max {sigma_max!r}")
+        self.prediction = Prediction.parse(prediction)
+        self.sigma_min = float(sigma_min)
+        self.sigma_max = float(sigma_max)
+        self.sigma_data = float(sigma_data)
+
+    def __repr__(self) -> str:
+        return (f"ContinuousEDMModelSampling({self.prediction.value}, sigma {self.sigma_min:g}..{self.sigma_max:g}, "
+                f"sigma_data={self.sigma_data:g})")
+
+    @cached_property
+    def schedule(self) -> NoiseSchedule:
+        """ComfyUI's table ``exp(linspace(ln sigma_min, ln sigma_max, 1000))`` as a ``NoiseSchedule`` (float64,
+        ``ac = 1 / (1 + sigma^2)``, so its ``sigmas`` are the table)."""
+        log_sigmas = torch.linspace(math.log(self.sigma_min), math.log(self.sigma_max), self.num_timesteps,
+                                    dtype=torch.float64)
+        return NoiseSchedule(1.0 / (1.0 + log_sigmas.exp() ** 2))
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        sd2 = self.sigma_data**2
+        c_in = (sigma**2 + sd2) ** -0.5
+        if self.prediction is Prediction.X0:
+            return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
+        c_skip = sd2 / (sigma**2 + sd2)
+        c_out = sigma * self.sigma_data * c_in
+        return c_skip, (-c_out if self.prediction is Prediction.V else c_out), c_in
+
+    def sigma_to_t(self, sigma: Tensor | float, quantize: bool = False) -> Tensor:
+        """``c_noise = ln(sigma) / 4``; continuous, so ``quantize`` (a discrete-timestep rounding) does not apply."""
+        s = torch.as_tensor(sigma)
+        return 0.25 * (s if torch.is_floating_point(s) else s.to(torch.float32)).log()
+
+    def t_to_sigma(self, t: Tensor | float) -> Tensor:
+        t_t = torch.as_tensor(t)
+        return (4.0 * (t_t if torch.is_floating_point(t_t) else t_t.to(torch.float32))).exp()
+
+    def noise_scaling(
+        self, sigma: Tensor | float, noise: Tensor, latent: Tensor | None = None, *, init_noise: str = "sigma_max"
+    ) -> Tensor:
+        """``latent + sigma * noise``; pure noise scaled by ``initial_noise_sigma`` as on a discrete model
+        (``"vp"``: sqrt(sigma^2 + 1), diffusers' EDM ``init_noise_sigma``; ``"comfyui"``: ComfyUI's rule)."""
+        if latent is not None and init_noise != "comfyui":
+            return latent + noise * _per_image(sigma, noise)
+        start = noise * initial_noise_sigma(torch.as_tensor(sigma).reshape(1), init_noise, self.sigma_max)
+        return start if latent is None else latent + start
+
+    def inverse_noise_scaling(self, sigma: Tensor | float, x: Tensor) -> Tensor:
+        """x itself: a run ending at sigma > 0 keeps that noise, as ComfyUI's and diffusers' EDM samplers do."""
+        return x
+
+    # -- training -------------------------------------------------------------------------------------
+    def sample_timesteps(self, generators: Sequence[torch.Generator], *, device=None) -> Tensor:
+        """One time input ``ln(sigma) / 4`` per image, ln(sigma) ~ N(-1.2, 1.2^2) (EDM's training
+        distribution): (B,) float32."""
+        n = torch.cat([torch.randn((1,), generator=g, dtype=torch.float64) for g in generators])  # (B,)
+        return (0.25 * (EDM_LOG_SIGMA_MEAN + EDM_LOG_SIGMA_STD * n)).to(device=device, dtype=torch.float32)
+
+    def _sigma(self, t: Tensor, like: Tensor) -> Tensor:
+        return _per_image(self.t_to_sigma(t).to(like.device), like)
+
+    def q_sample(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """What the net is fed: ``c_in * (x0 + sigma * noise)``."""
+        sigma = self._sigma(t, x0)
+        return (x0 + sigma * noise) * self.scalings(sigma)[2]
+
+    def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """The net output that gives x0 exactly: ``(x0 - c_skip * x) / c_out`` (EDM's effective target; with
+        it a plain mean-squared error carries EDM's loss weighting)."""
+        sigma = self._sigma(t, x0)
+        c_skip, c_out, _ = self.scalings(sigma)
+        return (x0 - c_skip * (x0 + sigma * noise)) / c_out
+
+    def loss_weights(self, t: Tensor, min_snr_gamma: float | None) -> Tensor | None:
+        if min_snr_gamma is not None:
+            raise ValueError("Min-SNR-gamma weighting is defined for discrete DDPM schedules, not for continuous EDM")
         return None

@@ -20,13 +20,22 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sdlab.families.base import ComponentSpec, ConditionerSpec, FamilySpec, ScheduleSpec, Signature, TextEncoderSpec
+from sdlab.families.base import (
+    ComponentSpec,
+    ConditionerSpec,
+    EDMSpec,
+    FamilySpec,
+    ScheduleSpec,
+    Signature,
+    TextEncoderSpec,
+)
 from sdlab.families.latent_format import LatentFormat
 
 __all__ = [
     "FAMILIES",
     "ComponentSpec",
     "ConditionerSpec",
+    "EDMSpec",
     "FamilySpec",
     "LatentFormat",
     "ScheduleSpec",

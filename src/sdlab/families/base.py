@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from sdlab.diffusion.denoiser import Prediction
-from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
+from sdlab.diffusion.model_sampling import ContinuousEDMModelSampling, DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.schedules import ZERO_SNR_TERMINAL_ALPHAS_CUMPROD, NoiseSchedule
 from sdlab.families.latent_format import LatentFormat
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
@@ -95,6 +95,24 @@ class ScheduleSpec:
         betas = "" if self.kind in ("cosine", "squaredcos_cap_v2") else f" {self.beta_start:g}..{self.beta_end:g}"
         zsnr = f", zero terminal SNR (last alphas_cumprod {self.terminal:.4g})" if self.zero_terminal_snr else ""
         return f"{self.kind}{betas}, {self.num_timesteps} steps{zsnr}"
+
+
+@dataclass(frozen=True)
+class EDMSpec:
+    """A continuous EDM noise model one model declares in place of its family's DDPM schedule
+    (`ModelBundle.noise_model`): Playground v2.5 (EDM's F-prediction, sigma 0.002..80, sigma_data 0.5) and
+    CosXL (v-prediction, sigma 0.002..120, sigma_data 1). Sampled by `ContinuousEDMModelSampling`."""
+
+    sigma_min: float = 0.002
+    sigma_max: float = 120.0
+    sigma_data: float = 1.0
+
+    def build(self, prediction: Prediction) -> ContinuousEDMModelSampling:
+        return ContinuousEDMModelSampling(prediction, self.sigma_min, self.sigma_max, self.sigma_data)
+
+    def describe(self) -> str:
+        """In words, for logs and `sdlab inspect`: "continuous EDM, sigma 0.002..80, sigma_data 0.5"."""
+        return f"continuous EDM, sigma {self.sigma_min:g}..{self.sigma_max:g}, sigma_data {self.sigma_data:g}"
 
 
 SIZE_CONDS = {"original_size": 2, "crop_top_left": 2, "target_size": 2, "aesthetic_score": 1}  # name -> numbers

@@ -18,6 +18,7 @@ it agrees with the model's VAE and fall back to the linear map.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -79,6 +80,38 @@ class LatentFormat:
         return ((rgb + 1) / 2).clamp(0, 1)
 
 
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-channel mean and standard deviation of one model's VAE latents (Playground v2.5: its
+    `vae/config.json` `latents_mean` / `latents_std`; ComfyUI's `SDXL_Playground_2_5`), which its latents are
+    normalised by: ``z = (z_vae - mean) * scaling_factor / std`` and back ``z_vae = z * std / scaling_factor +
+    mean``, in diffusers' order of operations (`ModelBundle.to_model_latents` / `to_vae_latents`)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"latents mean and std need one number per channel each, got {len(self.mean)} "
+                             f"and {len(self.std)}")
+        if not all(math.isfinite(m) for m in self.mean) or not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise ValueError("latents mean must be finite numbers and latents std positive ones")
+
+    def _view(self, values: tuple[float, ...], like: Tensor) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1).to(like.device, like.dtype)
+
+    def to_model(self, z_vae: Tensor, scaling_factor: float) -> Tensor:
+        """VAE latents (B, C, h, w) -> model latents (diffusers' SDXL img2img ``prepare_latents``)."""
+        return (z_vae - self._view(self.mean, z_vae)) * scaling_factor / self._view(self.std, z_vae)
+
+    def to_vae(self, z: Tensor, scaling_factor: float) -> Tensor:
+        """Model latents (B, C, h, w) -> VAE latents (diffusers' SDXL pipelines before ``vae.decode``)."""
+        return z * self._view(self.std, z) / scaling_factor + self._view(self.mean, z)
+
+    def describe(self) -> str:
+        return f"mean {[round(m, 4) for m in self.mean]}, std {[round(s, 4) for s in self.std]}"
+
+
 # ComfyUI comfy/latent_formats.py SD15 (used for SD1 and SD2): no bias
 SD_RGB_FACTORS: tuple[RGB, ...] = (
     (0.3512, 0.2297, 0.3227),
@@ -99,4 +132,4 @@ SDXL_RGB_BIAS: RGB = (0.1084, -0.0175, -0.0011)
 SD_LATENTS = LatentFormat(channels=4, scaling_factor=0.18215, rgb_factors=SD_RGB_FACTORS)
 SDXL_LATENTS = LatentFormat(channels=4, scaling_factor=0.13025, rgb_factors=SDXL_RGB_FACTORS, rgb_bias=SDXL_RGB_BIAS)
 
-__all__ = ["LatentFormat", "SDXL_LATENTS", "SD_LATENTS"]
+__all__ = ["LatentFormat", "LatentStats", "SDXL_LATENTS", "SD_LATENTS"]

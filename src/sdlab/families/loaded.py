@@ -13,11 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.guidance import needs_uncond
 from sdlab.diffusion.model_sampling import ModelSampling
-from sdlab.families.base import FamilySpec, ScheduleSpec, TextEncoderSpec
+from sdlab.families.base import EDMSpec, FamilySpec, ScheduleSpec, TextEncoderSpec
+from sdlab.families.latent_format import LatentStats
 from sdlab.models.clip import CLIPTextConfig, CLIPTextModel
 from sdlab.models.tokenizer import CLIPTokenizer
 from sdlab.models.unet import UNet, UNetConfig
@@ -54,6 +56,10 @@ class ModelBundle:
     zero_empty_negative: bool | None = None  # whether an empty negative prompt is a zero conditioning, as a
                                             # diffusers folder says (`force_zeros_for_empty_prompt`); None:
                                             # its family's (`ConditionerSpec.zero_empty_negative`)
+    noise_model: EDMSpec | None = None      # a continuous EDM noise model the model declares in place of the
+                                            # DDPM `schedule` (Playground v2.5, CosXL); None: discrete
+    latent_stats: LatentStats | None = None  # per-channel latents mean / std its latents are normalised by
+                                            # (Playground v2.5); None: scaling alone
 
     @property
     def text_configs(self) -> tuple[CLIPTextConfig, ...]:
@@ -67,9 +73,25 @@ class ModelBundle:
 
     @property
     def model_sampling(self) -> ModelSampling:
-        """The noise parameterisation to sample (and train) this model with: its family's, for its prediction,
-        on the schedule the model declares (`schedule`) where it declares one."""
+        """The noise parameterisation to sample (and train) this model with: its continuous EDM noise model
+        where it declares one (`noise_model`), else its family's, for its prediction, on the schedule the model
+        declares (`schedule`) where it declares one."""
+        if self.noise_model is not None:
+            return self.noise_model.build(self.prediction)
         return self.family.model_sampling(self.prediction, self.schedule)
+
+    def to_model_latents(self, z_vae: Tensor) -> Tensor:
+        """VAE latents -> the latents the U-Net sees: ``z_vae * scaling_factor``, or normalised by the model's
+        per-channel statistics (`latent_stats`) first."""
+        if self.latent_stats is not None:
+            return self.latent_stats.to_model(z_vae, self.scaling_factor)
+        return z_vae * self.scaling_factor
+
+    def to_vae_latents(self, z: Tensor) -> Tensor:
+        """The U-Net's latents -> what the VAE decoder takes (the inverse of `to_model_latents`)."""
+        if self.latent_stats is not None:
+            return self.latent_stats.to_vae(z, self.scaling_factor)
+        return z / self.scaling_factor
 
     @property
     def dtype(self) -> torch.dtype:

@@ -707,7 +707,7 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[Generator
         rows = per_picture(moments, len(generators))                                     # (B, 2 * 4, h, w)
         return torch.cat([_posterior_sample(DiagonalGaussian(row[None]), g) for row, g in zip(rows, generators)])
 
-    return in_safe_vae_precision(bundle, encode).to(torch.float32) * bundle.scaling_factor
+    return bundle.to_model_latents(in_safe_vae_precision(bundle, encode).to(torch.float32))
 
 
 def _posterior_sample(posterior: DiagonalGaussian, generator: Generator) -> Tensor:
@@ -737,7 +737,7 @@ def decode_latents(bundle: ModelBundle, latents: Tensor, *, tiled: bool | None =
     """Model-space latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
     vae = bundle.vae
     factor = bundle.vae_config.downsample_factor
-    z = latents / bundle.scaling_factor
+    z = bundle.to_vae_latents(latents)
     height, width = z.shape[-2] * factor, z.shape[-1] * factor
     tile = tiled if tiled is not None else should_tile(height, width)
 

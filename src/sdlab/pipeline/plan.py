@@ -258,6 +258,9 @@ def _check_refiner_fits(base: ModelBundle, refiner: ModelBundle) -> None:
             f"the base scales latents by {base.scaling_factor} and the refiner by {refiner.scaling_factor}; "
             "a latent handoff needs the same latent space"
         )
+    if refiner.latent_stats != base.latent_stats:
+        raise RequestError("the base and the refiner normalise latents by different per-channel statistics "
+                           "(latents_mean / latents_std); a latent handoff needs the same latent space")
 
 
 def make_plan(

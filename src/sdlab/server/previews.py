@@ -45,10 +45,19 @@ class LatentPreviewer:
         latent_format = getattr(bundle.family, "latent_format", None)
         decoder = matching_preview_decoder(bundle)
         if decoder is not None:
-            return cls(partial(decoder.preview, scaling_factor=bundle.scaling_factor))
+            return cls.scaled(bundle, decoder.preview)
         if latent_format is not None and getattr(latent_format, "rgb_factors", None) is not None:
-            return cls(partial(latent_format.preview_rgb, scaling_factor=bundle.scaling_factor))
+            return cls.scaled(bundle, latent_format.preview_rgb)
         return cls.fitted(bundle)
+
+    @classmethod
+    def scaled(cls, bundle: ModelBundle, project: Callable[..., Tensor]) -> LatentPreviewer:
+        """`project(latents, scaling_factor=...)` on the model's latents at its own scaling factor; a model with
+        per-channel latent statistics has its latents mapped back to VAE latents first
+        (`ModelBundle.to_vae_latents`), which are model latents at scaling factor 1."""
+        if getattr(bundle, "latent_stats", None) is None:
+            return cls(partial(project, scaling_factor=bundle.scaling_factor))
+        return cls(lambda z: project(bundle.to_vae_latents(z), scaling_factor=1.0))
 
     @classmethod
     def fitted(cls, bundle: ModelBundle) -> LatentPreviewer:
@@ -96,7 +105,7 @@ def fit_linear_decoder(bundle: ModelBundle, seed: int = 0) -> tuple[Tensor, Tens
     colours = torch.rand(FIT_SAMPLES, 3, 4, 4, generator=generator) * 2 - 1               # (N, 3, 4, 4)
     pictures = torch.nn.functional.interpolate(colours, size=(side, side), mode="bicubic").clamp(-1, 1)  # (N, 3, H, W)
     vae = bundle.vae
-    z = vae.encode(pictures.to(bundle.device, vae.dtype)).mean.to("cpu", torch.float32) * bundle.scaling_factor
+    z = bundle.to_model_latents(vae.encode(pictures.to(bundle.device, vae.dtype)).mean.to("cpu", torch.float32))
     channels = z.shape[1]                                                                  # z: (N, C, s, s)
     pooled = torch.nn.functional.avg_pool2d(pictures, factor)                             # (N, 3, s, s)
     inputs = z.permute(0, 2, 3, 1).reshape(-1, channels)                                  # (N*s*s, C)

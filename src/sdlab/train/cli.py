@@ -195,7 +195,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         _warn_of_unloaded_embeddings(task, scan.samples)
         cache = None
         if cfg.cache_latents:
-            cache = LatentCache(bundle.vae, bundle.scaling_factor, Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache"),
+            cache = LatentCache(bundle.vae, bundle.to_model_latents, Path(cfg.cache_dir or Path(cfg.output_dir) / "latent_cache"),
                                 cfg.resolution, ctx.device)
         data = TrainData(scan, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                          seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, rank=ctx.rank,

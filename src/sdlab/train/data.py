@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,10 +282,10 @@ class LatentCache:
     in a folder named by the VAE's fingerprint. Training draws ``z = mean + std * eps`` from the sample's
     seed, so cached and uncached runs see the same distribution of latents."""
 
-    def __init__(self, vae: torch.nn.Module, scaling_factor: float, folder: Path, resolution: int,
-                 device: torch.device, dtype: torch.dtype = torch.float32):
+    def __init__(self, vae: torch.nn.Module, to_model_latents: Callable[[Tensor], Tensor], folder: Path,
+                 resolution: int, device: torch.device, dtype: torch.dtype = torch.float32):
         self.vae = vae
-        self.scaling_factor = scaling_factor
+        self.to_model_latents = to_model_latents        # VAE latents -> model latents (`ModelBundle`'s)
         self.folder = Path(folder) / f"vae-{module_fingerprint(vae)[:16]}-{resolution}"
         self.resolution = resolution
         self.device = device
@@ -400,7 +400,7 @@ class TrainData:
         if self.latent_cache is not None:
             mean = torch.stack([e["mean"] for _, _, e in loaded])  # (B, C, h, w)
             std = torch.stack([e["std"] for _, _, e in loaded])
-            latents = posterior_sample(mean, std, seeds) * self.latent_cache.scaling_factor
+            latents = self.latent_cache.to_model_latents(posterior_sample(mean, std, seeds))
             return Batch(images=None, captions=captions, latents=latents, paths=paths, seeds=seeds,
                          original_sizes=[tuple(int(v) for v in e["original_size"]) for _, _, e in loaded],
                          crops_top_left=[tuple(int(v) for v in e["crop_top_left"]) for _, _, e in loaded])

@@ -1,9 +1,10 @@
 """The U-Net objective of latent diffusion (Rombach et al. 2022, eq. 2), as a `TrainTask`.
 
 For each image: latent ``z0 = scaling_factor * vae.encode(image).sample()`` (frozen VAE, or a cached
-posterior), caption replaced by the empty prompt with probability ``caption_dropout`` (what classifier-free
-guidance needs at sampling time), text context and SDXL's added vector from the frozen text encoder(s) by
-the generate pipeline's own conditioning code (`sdlab.pipeline.conditioning`: `encode_captions`,
+posterior; `ModelBundle.to_model_latents`, which also applies a model's per-channel latent statistics),
+caption replaced by the empty prompt with probability ``caption_dropout`` (what classifier-free guidance
+needs at sampling time), text context and SDXL's added vector from the frozen text encoder(s) by the generate
+pipeline's own conditioning code (`sdlab.pipeline.conditioning`: `encode_captions`,
 `sdxl_size_conds`), ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`` (+ offset noise), ``x_t = q_sample(z0, t, eps)``,
 and the loss ``w_t * |net(x_t, t, context[, y]) - target|^2`` averaged over the latent, then the batch,
 with ``target`` given by the prediction type (eps / v / x0) and ``w_t`` = 1 or Min-SNR-gamma. The timesteps,
@@ -227,7 +228,7 @@ class UNetTask:
         if batch.images is None:
             raise ValueError("a batch needs images or cached latents")
         posterior = self.bundle.vae.encode(batch.images.to(self.device))
-        return posterior_sample(posterior.mean, posterior.std, seeds) * self.bundle.scaling_factor  # (B, C, h, w)
+        return self.bundle.to_model_latents(posterior_sample(posterior.mean, posterior.std, seeds))  # (B, C, h, w)
 
     def _vector(self, pooled: Tensor | None, batch: Batch, z0: Tensor) -> Tensor:
         """SDXL's y: pooled text + the size / crop (/ aesthetic score) embeddings of `sdxl_size_conds`, per
