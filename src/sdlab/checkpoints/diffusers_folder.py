@@ -15,9 +15,12 @@
                                         noise model (EDM* classes, continuous v): `noise_model`
     tokenizer[_2]/                      not read: every SD family uses CLIP's BPE, shipped with sdlab
 
-Weights per component, first found wins: `diffusion_pytorch_model.safetensors` / `model.safetensors` or
-their shard index (`*.safetensors.index.json`), the same in the `.fp16` variant (`*.fp16.safetensors`,
-`*.safetensors.index.fp16.json`), then the `.bin` pickles (weights-only) in the same order. Configs come
+Weights per component, first found wins, the plain files before a variant's, as diffusers reads a folder
+without `variant=`: `diffusion_pytorch_model.safetensors` / `model.safetensors` or their shard index
+(`*.safetensors.index.json`), then the `.bin` pickles (weights-only) in the same order, then the same in the
+`.fp16` variant (`*.fp16.safetensors`, `*.safetensors.index.fp16.json`, `*.fp16.bin`). Where a component
+folder holds several, the loader logs the one it reads and the others; the component's origin (`sdlab
+inspect`) is that file. Configs come
 from config.json files; every field they declare that a shape can show is compared with the tensors before
 any module (or key table) is built, and the other fields are type- and range-checked.
 
@@ -181,22 +184,46 @@ def _shard_paths(index: Path) -> list[Path]:
     return shards
 
 
-def component_weights(folder: Path) -> Mapping[str, Tensor]:
-    """The weights of one component folder (see module docstring for the search order)."""
-    for suffix in ("safetensors", "bin"):
-        for variant in _VARIANTS:
+def _weight_files(folder: Path) -> list[Path]:
+    """The weights files and shard indexes of one component folder, in the order they are tried (module
+    docstring)."""
+    found = []
+    for variant in _VARIANTS:
+        for suffix in ("safetensors", "bin"):
             for stem in _WEIGHT_STEMS:
                 single = folder / f"{stem}{variant}.{suffix}"
-                if _regular_file(single):
-                    return read_checkpoint(single)[0]
+                found += [single] if _regular_file(single) else []
                 index = _shard_index(folder, stem, suffix, variant)
-                if index is not None:
-                    return ShardedStateDict([read_checkpoint(shard)[0] for shard in _shard_paths(index)])
-    raise CheckpointError(
-        f"{folder}: no weights found (looked for diffusion_pytorch_model / model / pytorch_model "
-        ".safetensors, .fp16.safetensors, .safetensors.index.json, .safetensors.index.fp16.json, .bin and "
-        "their shard indexes)"
-    )
+                found += [index] if index is not None else []
+    return found
+
+
+def weights_file(folder: Path) -> Path:
+    """The file one component folder's weights are read from (a shard index when sharded): the first found;
+    where there are others (a variant, the other format), a log line names them."""
+    files = _weight_files(folder)
+    if not files:
+        raise CheckpointError(
+            f"{folder}: no weights found (looked for diffusion_pytorch_model / model / pytorch_model "
+            ".safetensors, .fp16.safetensors, .safetensors.index.json, .safetensors.index.fp16.json, .bin and "
+            "their shard indexes)"
+        )
+    if len(files) > 1:
+        logger.info("%s: reading %s (also there, not read: %s)", folder, files[0].name,
+                    ", ".join(f.name for f in files[1:]))
+    return files[0]
+
+
+def read_weights(path: Path) -> Mapping[str, Tensor]:
+    """The weights of a checkpoint file, or of the shards a shard index names."""
+    if path.name.endswith(".json"):
+        return ShardedStateDict([read_checkpoint(shard)[0] for shard in _shard_paths(path)])
+    return read_checkpoint(path)[0]
+
+
+def component_weights(folder: Path) -> Mapping[str, Tensor]:
+    """The weights of one component folder (see module docstring for the search order)."""
+    return read_weights(weights_file(folder))
 
 
 def _shard_index(folder: Path, stem: str, suffix: str, variant: str) -> Path | None:
@@ -232,11 +259,12 @@ def _unet_source(folder: Path, config_json: dict[str, Any]) -> ComponentSource:
     """The U-Net of a diffusers folder, checked before detection (which reads its config); the family's module
     factory replaces `UNet` once the family is known."""
     config = _config_from_json(folder / "config.json", unet_config_from_diffusers, config_json)
-    state = component_weights(folder)
+    weights = weights_file(folder)
+    state = read_weights(weights)
     _confirm(folder / "config.json", config, lambda: unet_config_from_diffusers_shapes(shapes_of(state), config),
              UNET_SHAPE_FIELDS, DIFFUSERS_UNET_NAMES)
     return ComponentSource(
-        name="unet", build=UNet, origin=str(folder), state=state,
+        name="unet", build=UNet, origin=str(weights), state=state,
         to_sdlab=lambda s: unet_state_dict_from_diffusers(s, config), config=config,
     )
 
@@ -244,10 +272,11 @@ def _unet_source(folder: Path, config_json: dict[str, Any]) -> ComponentSource:
 def vae_source_from_folder(folder: Path, config_json: dict[str, Any] | None = None) -> ComponentSource:
     """A diffusers `AutoencoderKL` folder (`config.json`, or `config_json` when already read, + weights)."""
     config = _config_from_json(folder / "config.json", vae_config_from_diffusers, config_json)
-    state = component_weights(folder)
+    weights = weights_file(folder)
+    state = read_weights(weights)
     _confirm(folder / "config.json", config, lambda: vae_config_from_diffusers_shapes(shapes_of(state), config),
              VAE_SHAPE_FIELDS, DIFFUSERS_VAE_NAMES)
-    return _vae_source(str(folder), state, config)
+    return _vae_source(str(weights), state, config)
 
 
 def _vae_source(origin: str, state: Mapping[str, Tensor], config: VAEConfig) -> ComponentSource:
@@ -277,7 +306,8 @@ def vae_source_from_diffusers_state(path: Path, state: Mapping[str, Tensor]) -> 
 def _text_source(spec: TextEncoderSpec, build: Callable[[CLIPTextConfig], nn.Module], folder: Path) -> ComponentSource:
     config_path = folder / "config.json"
     config_json = read_config_json(config_path)
-    state = component_weights(folder)
+    weights = weights_file(folder)
+    state = read_weights(weights)
     tolerated = sorted(k for k in state if is_hf_text_tolerated(k))
     sub = SubStateDict(state, {k: k for k in state if k not in tolerated})
     try:
@@ -295,7 +325,7 @@ def _text_source(spec: TextEncoderSpec, build: Callable[[CLIPTextConfig], nn.Mod
     except CheckpointError as exc:
         raise CheckpointError(f"{config_path}: {exc}") from None
     return ComponentSource(
-        name=spec.name, build=build, origin=str(folder), state=sub, to_sdlab=hf_text_to_sdlab,
+        name=spec.name, build=build, origin=str(weights), state=sub, to_sdlab=hf_text_to_sdlab,
         config=config, ignored=tuple(tolerated),
     )
 
