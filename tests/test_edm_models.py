@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,11 @@ import pytest
 import torch
 from bundle_fixtures import as_released, init_picture, tiny_bundle, write_diffusers_folder
 from diffusers import (
+    AutoencoderKL,
     EDMDPMSolverMultistepScheduler,
     EDMEulerScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
@@ -302,6 +306,40 @@ def test_playground_marker_keys_without_values_take_comfyuis_numbers(playground,
     bundle = sdlab.load(tmp_path / "markers.safetensors", dtype="fp32").bundle
     assert bundle.latent_stats.std == (8.4927, 5.9022, 6.5498, 5.2299)
     assert bundle.noise_model == EDMSpec(0.002, 80.0, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a --vae override
+
+
+def test_vae_override_uses_its_own_scaling_factor_as_diffusers_does(tmp_path_factory):
+    """A VAE folder declaring scaling_factor 0.3 replaces the model's 0.18215, as `pipe.vae = AutoencoderKL(...)`
+    does in diffusers; the same weights file given alone (config.json beside it) too."""
+    folder = _folder(tmp_path_factory, "sd1vae", None, family="sd1")
+    vae_folder = tmp_path_factory.mktemp("vae") / "vae"
+    AutoencoderKL.from_pretrained(folder / "vae").save_pretrained(vae_folder)
+    _edit_json(vae_folder / "config.json", scaling_factor=0.3)
+    pipe = _pipe(StableDiffusionPipeline, folder)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config, timestep_spacing="leading", steps_offset=1)
+    pipe.vae = AutoencoderKL.from_pretrained(vae_folder)
+    reference = _reference(pipe)
+    for vae in (vae_folder, vae_folder / "diffusion_pytorch_model.safetensors"):
+        model = sdlab.load(folder, vae=vae, dtype="fp32")
+        assert model.bundle.scaling_factor == 0.3
+        assert _max_diff(_ours(model, sampler="Euler", schedule="leading"), reference) <= MAX_PIXEL_DIFF
+    plain = sdlab.load(folder, dtype="fp32")
+    assert _max_diff(_ours(plain, sampler="Euler", schedule="leading"), reference) > 20
+
+
+def test_vae_override_without_a_config_keeps_the_models_latents(playground, tmp_path):
+    """An A1111-style VAE file (LDM keys, no config) declares nothing: the model's scaling and statistics stay."""
+    model = sdlab.load(playground, dtype="fp32")
+    vae_file = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in model.bundle.vae.state_dict().items()}, vae_file)
+    bundle = sdlab.load(playground, vae=vae_file, dtype="fp32").bundle
+    assert bundle.scaling_factor == 0.5 and bundle.latent_stats == model.bundle.latent_stats
+    assert replace(bundle, vae=model.bundle.vae).latent_stats is not None
+
 
 def test_previews_undo_the_latent_statistics(playground):
     """A live preview maps Playground's normalised latents back to VAE latents before the SDXL RGB factors, which

@@ -28,7 +28,9 @@ alphas_cumprod at 4.897e-08, as ComfyUI and A1111 sample such files.
 Continuous EDM noise model (`ModelBundle.noise_model`; None: discrete on the schedule above) and per-channel
 latent statistics (`ModelBundle.latent_stats`): a folder's EDM scheduler / `vae/config.json`, a single file's
 sdlab metadata or ComfyUI's `edm_mean` / `edm_std` / `edm_vpred.*` keys (`noise_model`; `edm_vpred.sigma_max`
-also makes the prediction v, read just before `v_pred`).
+also makes the prediction v, read just before `v_pred`). A `vae` override's own `scaling_factor` and
+`latents_mean` / `latents_std` (its config, or sdlab metadata) replace the model's, as diffusers takes them
+from the VAE it runs; what it does not declare stays the model's.
 
 Default picture size (`ModelBundle.native_size`): the metadata's `modelspec.resolution`, a diffusers folder's
 `unet/config.json` `sample_size` x the VAE factor; else the family's.
@@ -69,7 +71,7 @@ from sdlab.checkpoints.plan import CheckpointPlan, ComponentReport, LoadReport
 from sdlab.checkpoints.sidecar import model_params, sidecar_of
 from sdlab.checkpoints.runnable import check_plan, check_weights
 from sdlab.checkpoints.noise_model import file_latent_stats, file_noise_model
-from sdlab.checkpoints.single_file import load_vae_source, read_single_file
+from sdlab.checkpoints.single_file import declared_by_vae, load_vae_source, read_single_file
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.schedules import A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
 from sdlab.families import EDMSpec, FamilySpec, ScheduleSpec, TextEncoderSpec
@@ -215,13 +217,29 @@ def _plan_single_file(
                                            keys=file.shapes, unet_state=file.unet.state)
     schedule, schedule_source = resolve_schedule(spec, pred, metadata=file.metadata, keys=file.shapes)
     noise_model, noise_source = file_noise_model(file.metadata, file.markers)
-    scaling = stored_scaling_factor(file.metadata, spec.latent_scaling_factor)
-    stats = file_latent_stats(file.metadata, file.markers, spec.latent_format.channels)
+    scaling, stats = _vae_latents(vae, spec, stored_scaling_factor(file.metadata, spec.latent_scaling_factor),
+                                  file_latent_stats(file.metadata, file.markers, spec.latent_format.channels))
     return _finish_plan(str(path), spec, file.family_source, pred, pred_source, scaling, file.unet, file.vae,
                         list(file.text_encoders), file.ignored, file.total_keys, file.metadata,
                         native=native_size(file.metadata), schedule=schedule, schedule_source=schedule_source,
                         noise_model=noise_model, noise_model_source=noise_source, latent_stats=stats)
 
+
+def _vae_latents(vae: str | os.PathLike[str] | None, spec: FamilySpec, scaling: float,
+                 stats: LatentStats | None) -> tuple[float, LatentStats | None]:
+    """The model's latent scaling and statistics, replaced by what a `vae` override declares about its own
+    (`declared_by_vae`), as diffusers' pipelines take them from the VAE they run; each replacement is logged."""
+    if vae is None:
+        return scaling, stats
+    declared = declared_by_vae(vae, spec.latent_format.channels)
+    if declared.get("scaling_factor", scaling) != scaling:
+        logger.info("%s: the VAE's own scaling_factor %g replaces the model's %g", vae, declared["scaling_factor"],
+                    scaling)
+    if declared.get("latent_stats", stats) != stats:
+        logger.info("%s: the VAE's own latent statistics (%s) replace the model's (%s)", vae,
+                    declared["latent_stats"].describe() if declared["latent_stats"] else "none",
+                    stats.describe() if stats else "none")
+    return declared.get("scaling_factor", scaling), declared.get("latent_stats", stats)
 
 
 def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Prediction, pred_source: str,
@@ -267,12 +285,13 @@ def _plan_diffusers_folder(
     )
     scaling = folder.scaling_factor if folder.scaling_factor is not None else spec.latent_scaling_factor
     vae_source = load_vae_source(vae) if vae is not None else folder.vae
+    scaling, stats = _vae_latents(vae, spec, scaling, folder.latent_stats)
     return _finish_plan(str(path), spec, folder.family_source, pred, pred_source, scaling, folder.unet, vae_source,
                         list(folder.text_encoders), folder.ignored, folder.total_keys, {},
                         native=folder.native_size, schedule=folder.schedule,
                         schedule_source="scheduler/scheduler_config.json", sampler=folder.sampler,
                         zero_empty_negative=folder.zero_empty_negative, noise_model=folder.noise_model,
-                        noise_model_source="scheduler/scheduler_config.json", latent_stats=folder.latent_stats)
+                        noise_model_source="scheduler/scheduler_config.json", latent_stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------------------

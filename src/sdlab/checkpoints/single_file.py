@@ -30,12 +30,14 @@ from sdlab.checkpoints.file_format import (
     META_CONFIG,
     META_FAMILY,
     stored_configs,
+    stored_latent_stats,
+    stored_scaling_factor,
     stored_hidden_states,
     stored_vae_config,
 )
 from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_vae_config
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
-from sdlab.checkpoints.noise_model import COMFY_NOISE_MODEL_KEYS
+from sdlab.checkpoints.noise_model import COMFY_NOISE_MODEL_KEYS, config_latent_stats
 from sdlab.checkpoints.openclip import openclip_to_sdlab
 from sdlab.checkpoints.tolerated import (
     OPENCLIP_TOLERATED,
@@ -48,6 +50,7 @@ from sdlab.checkpoints.validate import (
     VAE_SHAPE_FIELDS,
     check_buildable,
     check_declared,
+    check_positive_float,
     unet_shape_fields,
 )
 from sdlab.families import FamilySpec, TextEncoderSpec
@@ -244,6 +247,36 @@ def load_vae_source(path: str | os.PathLike[str]) -> ComponentSource:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
+def declared_by_vae(path: str | os.PathLike[str], channels: int) -> dict[str, Any]:
+    """What a standalone VAE declares about its latents, as diffusers' pipelines read a VAE's config: a subset of
+    {"scaling_factor": float, "latent_stats": LatentStats or None} holding only what it says. From a diffusers VAE
+    folder's `config.json`, or an `AutoencoderKL` `config.json` beside a weights file (`scaling_factor`;
+    `latents_mean` / `latents_std`, null there meaning none), else a `.safetensors` file's sdlab metadata
+    (`sdlab.scaling_factor`, `sdlab.latent_stats`: a VAE `sdlab train --task vae` wrote)."""
+    path = Path(path)
+    config_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    declared: dict[str, Any] = {}
+    if config_path.is_file():
+        config = diffusers_folder.read_config_json(config_path)
+        if path.is_dir() or (config.get("_class_name", "AutoencoderKL") == "AutoencoderKL" and "latent_channels" in config):
+            if config.get("scaling_factor") is not None:
+                declared["scaling_factor"] = check_positive_float(f"{config_path}: scaling_factor", config["scaling_factor"])
+            mean, std = config.get("latents_mean"), config.get("latents_std")
+            if "latents_mean" in config or "latents_std" in config:
+                declared["latent_stats"] = (None if mean is None and std is None
+                                            else config_latent_stats(mean, std, channels, config_path))
+            return declared
+    if path.suffix.lower() == ".safetensors":
+        _, metadata = read_checkpoint(path)
+        try:
+            scaling, stats = stored_scaling_factor(metadata, None), stored_latent_stats(metadata)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        declared |= {"scaling_factor": scaling} if scaling is not None else {}
+        declared |= {"latent_stats": stats} if stats is not None else {}
+    return declared
+
+
 def _vae_file_source(path: Path) -> ComponentSource:
     if not path.exists():
         raise CheckpointError("no such VAE file or folder")
@@ -271,4 +304,4 @@ def _vae_file_source(path: Path) -> ComponentSource:
     return _vae_source(str(path), state, local, stored_vae_config(metadata), VAEConfig(), tuple(ignored))
 
 
-__all__ = ["SingleFile", "VAE_FILE_PREFIX", "load_vae_source", "read_single_file"]
+__all__ = ["SingleFile", "VAE_FILE_PREFIX", "declared_by_vae", "load_vae_source", "read_single_file"]
