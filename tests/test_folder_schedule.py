@@ -285,3 +285,39 @@ def test_saved_bundle_keeps_its_schedule(folder, tmp_path):
     assert again.schedule == bundle.schedule and again.schedule.zero_terminal_snr
     assert again.model_sampling.sigma_max == pytest.approx(bundle.model_sampling.sigma_max)
     assert again.report.schedule_source == "metadata sdlab.schedule"
+
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory) -> Path:
+    """A tiny SDXL folder, as released (`_released`)."""
+    return _released(write_diffusers_folder(tiny_bundle("sdxl", seed=11), tmp_path_factory.mktemp("sdxl") / "pipe"))
+
+
+def test_sdxl_folder_leading_spacing_counts_from_its_steps_offset(sdxl_folder, tmp_path):
+    """diffusers' SDXL pipeline keeps a folder's steps_offset (its SD1 / SD2 pipelines set it to 1): on an SDXL
+    folder with steps_offset 0, sdlab's `leading` schedule counts from 0 as the folder's EulerDiscreteScheduler
+    does, and draws its picture within 2/255 (from 1, as before: 10/255 off)."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(shutil.copytree(sdxl_folder, tmp_path / "pipe"))
+    _set_scheduler(folder, _class_name="EulerDiscreteScheduler", timestep_spacing="leading", steps_offset=0)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    prompt, negative, seed, steps = "a photograph of an astronaut riding a horse", "blurry", 1234, 5
+    ref = pipe(prompt, negative_prompt=negative, num_inference_steps=steps, guidance_scale=7.0, width=SIZE,
+               height=SIZE, generator=[torch.Generator("cpu").manual_seed(seed)], output_type="np").images
+    ours = sdlab.load(folder)
+    assert ours.bundle.steps_offset == 0
+    out = ours.txt2img(prompt, negative, steps=steps, cfg_scale=7.0, seed=seed, width=SIZE, height=SIZE,
+                       sampler="Euler", schedule="leading")
+    a = np.stack([np.asarray(i) for i in out.images]).astype(np.int16)
+    b = (ref * 255).round().astype(np.int16)
+    assert np.abs(a - b).max() <= 2
+
+
+def test_sd_folder_steps_offset_is_the_one_its_pipeline_sets(folder):
+    """diffusers' StableDiffusionPipeline sets steps_offset 1 as it loads a folder, so an SD2 folder's 0 stays 1."""
+    _set_scheduler(folder, steps_offset=0)
+    assert plan_checkpoint(folder).report.steps_offset == 1

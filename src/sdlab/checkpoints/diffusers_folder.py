@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from sdlab.checkpoints.components import ComponentSource, SubStateDict, hf_text_to_sdlab
 from sdlab.checkpoints.detect import detect_diffusers_family, refuse_unsupported_pipeline
-from sdlab.checkpoints.diffusers_scheduler import log_scheduler, read_scheduler_config
+from sdlab.checkpoints.diffusers_scheduler import log_scheduler, read_scheduler_config, spacing_offset
 from sdlab.checkpoints.diffusers_unet import (
     DIFFUSERS_UNET_NAMES,
     unet_config_from_diffusers,
@@ -101,6 +101,7 @@ class DiffusersFolder:
     ignored: tuple[str, ...]
     schedule: ScheduleSpec | None = None    # scheduler_config.json's training schedule, where not the family's
     sampler: Mapping[str, Any] = field(default_factory=dict)   # its sampler settings (class, spacing, offset)
+    steps_offset: int = 1                   # what its pipeline's leading spacing adds (`spacing_offset`)
     native_size: int | None = None          # unet/config.json `sample_size` x the VAE factor, if square
     zero_empty_negative: bool | None = None  # model_index.json `force_zeros_for_empty_prompt`, if it says
     noise_model: EDMSpec | None = None      # a continuous EDM noise model its scheduler declares (`noise_model`)
@@ -391,6 +392,7 @@ def read_diffusers_folder(path: Path, *, family: str | None = None) -> Diffusers
         ignored=(),
         schedule=scheduler.schedule,
         sampler=scheduler.sampler,
+        steps_offset=spacing_offset(scheduler, model_index.get("_class_name"), scheduler_path),
         native_size=_native_size(path / "unet" / "config.json", unet_json, vae.config.downsample_factor),
         zero_empty_negative=_force_zeros_for_empty_prompt(path / MODEL_INDEX, model_index, spec),
         noise_model=noise_model,

@@ -17,7 +17,9 @@ diffusers keeps two kinds of settings in one file:
   init_noise="vp", quantize_timesteps=True`, TCDScheduler draws at the pipelines' eta 0, ...), or, where
   the class has a setting no sdlab setting reproduces (`thresholding`, `algorithm_type="sde-dpmsolver++"`,
   ...), says so and names it. The settings are read as diffusers' pipeline runs them: its SD1 / SD2
-  pipelines set `clip_sample` false as they load a folder, SDXL's keep it.
+  pipelines set `steps_offset` 1 and `clip_sample` false as they load a folder, SDXL's keep both. That
+  `steps_offset` is the model's (`spacing_offset`, `ModelBundle.steps_offset`): sdlab's diffusers-spaced
+  schedules (`leading`, ...) count from it, as that pipeline's scheduler does.
 
 A key the config leaves out takes the family's value (every released folder writes all of them).
 """
@@ -39,7 +41,7 @@ from sdlab.families import ScheduleSpec
 logger = logging.getLogger(__name__)
 
 __all__ = ["SCHEDULER_CLASSES", "DiffusersScheduler", "Equivalent", "SchedulerClass", "Setting", "equivalent_settings",
-           "log_scheduler", "read_scheduler_config"]
+           "log_scheduler", "read_scheduler_config", "spacing_offset"]
 
 # diffusers' beta_schedule names sdlab builds (`sdlab.diffusion.schedules.make_betas`)
 _BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
@@ -136,8 +138,8 @@ _RAMPS = {"use_karras_sigmas": "karras", "use_exponential_sigmas": "exponential"
 # sampler settings worth reporting: how diffusers' default scheduler for this folder steps
 _SAMPLER_KEYS = ("_class_name", "timestep_spacing", "steps_offset", *_RAMPS, *dict.fromkeys(
     s.name for known in SCHEDULER_CLASSES.values() for s in known.settings))
-# diffusers' SD1 / SD2 pipelines rewrite clip_sample as they load a folder (a deprecation fix-up); SDXL's keep it
-_PIPELINE_RESETS = {"clip_sample": False}
+# diffusers' SD1 / SD2 pipelines rewrite two settings as they load a folder (a deprecation fix-up); SDXL's keep them
+_PIPELINE_RESETS = {"steps_offset": 1, "clip_sample": False}
 _RESETTING_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 
 
@@ -209,6 +211,15 @@ class Equivalent:
 def _as_pipeline_runs(sampler: Mapping[str, Any], pipeline: str | None) -> Mapping[str, Any]:
     """The scheduler settings as diffusers' pipeline class `pipeline` (model_index.json `_class_name`) runs them."""
     return {**sampler, **_PIPELINE_RESETS} if pipeline in _RESETTING_PIPELINES else sampler
+
+
+def spacing_offset(scheduler: DiffusersScheduler, pipeline: str | None, path: Path) -> int:
+    """The `steps_offset` diffusers' pipeline class `pipeline` adds to the folder's leading-spaced timesteps: the
+    config's, as that pipeline runs it (SD1 / SD2's: 1); without one, the family's (1)."""
+    try:
+        return check_int("steps_offset", _as_pipeline_runs(scheduler.sampler, pipeline).get("steps_offset", 1), 0)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def _ramp(known: SchedulerClass, config: Mapping[str, Any], spacing: str | None

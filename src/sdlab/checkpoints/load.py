@@ -246,7 +246,7 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
                  scaling: float, unet: ComponentSource, vae: ComponentSource,
                  text: list[tuple[TextEncoderSpec, ComponentSource]], ignored: tuple[str, ...], total: int,
                  metadata: Mapping[str, str], *, native: int | None = None, schedule: ScheduleSpec | None = None,
-                 schedule_source: str | None = None, sampler: Mapping[str, Any] | None = None,
+                 schedule_source: str | None = None, sampler: Mapping[str, Any] | None = None, steps_offset: int = 1,
                  zero_empty_negative: bool | None = None, noise_model: EDMSpec | None = None,
                  noise_model_source: str | None = None, latent_stats: LatentStats | None = None) -> CheckpointPlan:
     if unet.config.cross_attends and unet.config.context_dim != sum(src.config.width for _, src in text):
@@ -269,7 +269,8 @@ def _finish_plan(origin: str, spec: FamilySpec, family_source: str, pred: Predic
         source=origin, family=spec, family_source=family_source, prediction=pred, prediction_source=pred_source,
         scaling_factor=scaling, components=tuple(reports), ignored=ignored, total_keys=total, metadata=dict(metadata),
         native_size=native, schedule=schedule, schedule_source=schedule_source if schedule is not None else None,
-        sampler=dict(sampler or {}), zero_empty_negative=zero_empty_negative, noise_model=noise_model,
+        sampler=dict(sampler or {}), steps_offset=steps_offset, zero_empty_negative=zero_empty_negative,
+        noise_model=noise_model,
         noise_model_source=noise_model_source if noise_model is not None else None, latent_stats=latent_stats,
     )
     return CheckpointPlan(report=report, unet=unet, vae=vae, text_encoders=tuple(text))
@@ -290,6 +291,7 @@ def _plan_diffusers_folder(
                         list(folder.text_encoders), folder.ignored, folder.total_keys, {},
                         native=folder.native_size, schedule=folder.schedule,
                         schedule_source="scheduler/scheduler_config.json", sampler=folder.sampler,
+                        steps_offset=folder.steps_offset,
                         zero_empty_negative=folder.zero_empty_negative, noise_model=folder.noise_model,
                         noise_model_source="scheduler/scheduler_config.json", latent_stats=stats)
 
@@ -362,6 +364,7 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
         source=report.source, report=report, native_size=report.native_size,
         preset=named_preset(report.metadata) or _own_preset(plan.unet.config), schedule=report.schedule,
         zero_empty_negative=report.zero_empty_negative, noise_model=report.noise_model,
+        steps_offset=report.steps_offset,
         latent_stats=report.latent_stats,
     ))
 

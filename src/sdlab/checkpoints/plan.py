@@ -49,6 +49,8 @@ class LoadReport:
     schedule: ScheduleSpec | None = None    # the model's own training schedule (None: the family's)
     schedule_source: str | None = None      # where it came from ("ztsnr marker key", "scheduler_config.json")
     sampler: Mapping[str, Any] = field(default_factory=dict)   # a folder's scheduler class, spacing, offset
+    steps_offset: int = 1                   # what diffusers' leading spacing adds for it (a folder's, as its
+                                            # pipeline runs it)
     zero_empty_negative: bool | None = None  # a folder's force_zeros_for_empty_prompt (None: the family's)
     noise_model: EDMSpec | None = None      # a continuous EDM noise model (None: discrete on the schedule)
     noise_model_source: str | None = None   # where it came from

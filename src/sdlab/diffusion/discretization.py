@@ -758,11 +758,12 @@ def img2img_sigmas(
 
 
 def lcm_img2img_sigmas(name: str, schedule: NoiseSchedule, steps: int, strength: float, *, scheduler: str = "euler",
-                       final: str = "zero", discard_penultimate: bool = False) -> Tensor:
+                       final: str = "zero", discard_penultimate: bool = False, steps_offset: int = 1) -> Tensor:
     """The ``lcm`` img2img convention, ``LatentConsistencyModelImg2ImgPipeline``'s: LCMScheduler takes the
     strength itself (``set_timesteps(steps, strength=strength)``: ``lcm_timesteps``) and every step runs, from
     the first timestep. It needs that grid: the LCM or TCD sampler (``scheduler="lcm"``) on a diffusers spacing
-    name, which keeps its grid whole (``discard_penultimate`` does not apply, as in ``discretize``)."""
+    name, which keeps its grid whole (``discard_penultimate`` does not apply, as in ``discretize``; nor does a
+    spacing's ``steps_offset``: LCMScheduler's grid has none)."""
     if name.strip().lower() not in SPACINGS or scheduler != "lcm":
         raise ValueError(f"the lcm img2img convention is LCMScheduler's: it takes the LCM or TCD sampler on a "
                          f"diffusers spacing (trailing), got schedule {name!r} and a sampler of diffusers' "

@@ -58,6 +58,8 @@ class ModelBundle:
                                             # its family's (`ConditionerSpec.zero_empty_negative`)
     noise_model: EDMSpec | None = None      # a continuous EDM noise model the model declares in place of the
                                             # DDPM `schedule` (Playground v2.5, CosXL); None: discrete
+    steps_offset: int = 1                   # what diffusers' leading spacing adds to its timesteps (a diffusers
+                                            # folder's `steps_offset`, where its pipeline keeps it: SDXL's)
     latent_stats: LatentStats | None = None  # per-channel latents mean / std its latents are normalised by
                                             # (Playground v2.5); None: scaling alone
 

@@ -632,7 +632,8 @@ def _brownian_span(plan: GenerationPlan) -> Tensor:
     if not (plan.from_latent or req.init_image is not None) or req.img2img_convention == "comfyui":
         return plan.sigmas
     total, _ = steps_run(req.steps, req.strength, req.img2img_convention)
-    return request_sigmas(plan.sampling, plan.sampler, replace(req, steps=total), plan.sigmas.device, img2img=False)
+    return request_sigmas(plan.sampling, plan.sampler, replace(req, steps=total), plan.sigmas.device, img2img=False,
+                          steps_offset=plan.steps_offset)
 
 
 def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from sdlab.diffusion.discretization import discretize, img2img_sigmas
+from sdlab.diffusion.discretization import DIFFUSERS_NAMES, discretize, img2img_sigmas
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
 from sdlab.families.loaded import ModelBundle
@@ -79,6 +79,7 @@ class GenerationPlan:
     refiner_switch_at: float | None = None          # the fraction the split came from
     refiner_convention: str = "diffusers"           # "a1111": one sampler run, the model swapped at a call
     from_latent: bool = False                       # starts from a given latent (hires fix), not an init image
+    steps_offset: int = 1                           # the model's, for diffusers-spaced schedules
 
     @property
     def picture(self) -> InitPicture | None:
@@ -174,12 +175,15 @@ def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None
 
 def request_sigmas(
     sampling: ModelSampling, sampler: SamplerSpec, req: GenerationRequest, device: torch.device | str = "cpu",
-    *, img2img: bool | None = None,
+    *, img2img: bool | None = None, steps_offset: int = 1,
 ) -> Tensor:
     """The sigmas a resolved request visits (the img2img tail for an init image, or when `img2img` says so), on
-    `device`: the request's named discretization of the model sampling's training levels (`sampling.schedule`)."""
+    `device`: the request's named discretization of the model sampling's training levels (`sampling.schedule`);
+    a diffusers-spaced one counts from the model's `steps_offset` (`ModelBundle.steps_offset`)."""
     options = dict(final=sampler.final_sigma, scheduler=sampler.spacing,  # a diffusers spacing: the sampler's
                    discard_penultimate=sampler.discard_penultimate)
+    if req.schedule.strip().lower() in DIFFUSERS_NAMES:
+        options["steps_offset"] = steps_offset
     try:
         if not (req.init_image is not None if img2img is None else img2img):
             sigmas = discretize(req.schedule, sampling.schedule, req.steps, **options)
@@ -302,7 +306,8 @@ def make_plan(
                        "no guidance; its own preset draws at CFG 8.5 (--preset lcm-model)",
                        req.cfg_scale, req.cfg_scale - 1.0)
     sampling = bundle.model_sampling
-    sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=True if from_latent else None)
+    sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=True if from_latent else None,
+                            steps_offset=bundle.steps_offset)
     factor = bundle.vae_config.downsample_factor
     shape = (req.batch_size, bundle.unet_config.out_channels, req.height // factor, req.width // factor)
     pictures = init_pictures(req)
@@ -315,4 +320,5 @@ def make_plan(
     return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
                           pictures=pictures, refiner_split=split, refiner_sampling=refiner_sampling,
                           refiner_switch_at=None if refiner is None else switch_at,
-                          refiner_convention=refiner_convention, from_latent=from_latent)
+                          refiner_convention=refiner_convention, from_latent=from_latent,
+                          steps_offset=bundle.steps_offset)
