@@ -46,6 +46,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Eta DDIM": ("eta", float),            # A1111's label for its timestep samplers' eta (DDIM's)
     "ENSD": ("eta_noise_seed_delta", int),
     "RNG": ("rng", str),
+    "Sigma noise": ("s_noise", float),     # A1111's label of k-diffusion's s_noise (`Sampler.initialize`)
     "CFG rescale": ("guidance_rescale", float),
     "Mask blur": ("mask_blur", float),
     "Mask blur x": ("mask_blur", float),   # sdlab's labels of unequal sigmas, where A1111 writes no Mask blur
@@ -191,6 +192,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **_eta_parameters(req),
         "ENSD": _ensd(req),
         "RNG": req.rng,                  # A1111 leaves out its default, GPU; sdlab writes every source
+        "Sigma noise": _sigma_noise(req),
         "CFG rescale": req.guidance_rescale or None,
         **img2img_parameters(req),
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
@@ -294,6 +296,18 @@ def _ensd(req: GenerationRequest) -> int | None:
     if not spec.draws_step_noise(req.eta):
         return None
     return ensd if ensd or comfyui_spelling(req.sampler) else None
+
+
+def _sigma_noise(req: GenerationRequest) -> float | None:
+    """A1111's `Sigma noise` label (`Sampler.initialize`): the s_noise the sampler drew with, where its function
+    takes one and it is not 1. A sampler sdlab does not know keeps any s_noise but 1."""
+    if req.s_noise == 1.0:
+        return None
+    try:
+        spec = get_sampler(req.sampler)
+    except (ValueError, AttributeError):
+        return req.s_noise
+    return req.s_noise if "s_noise" in inspect.signature(spec.fn).parameters else None
 
 
 def _eta_parameters(req: GenerationRequest) -> dict[str, Any]:
