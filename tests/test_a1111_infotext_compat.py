@@ -1,18 +1,23 @@
-"""Reading A1111's pictures as A1111 reads them: `Sigma noise` written as A1111 writes it and read back. The
-references are A1111 1.10's lines, transcribed."""
+"""Reading A1111's pictures as A1111 reads them: `Sigma noise` written as A1111 writes it and read back; the hires
+fix of A1111's files before 2023 (`First pass size`). The references are A1111 1.10's lines, transcribed."""
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
 from bundle_fixtures import tiny_bundle
+from cli_helpers import png_with_parameters, run
+from PIL import Image
 
 from sdlab.pipeline.generate import generate
 from sdlab.pipeline.infotext import from_parameters, to_parameters
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest
+from sdlab.server.a1111 import a1111_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -46,3 +51,75 @@ def test_a_picture_drawn_with_s_noise_is_redrawn_with_it():
                        dtype=np.int16)
     plain = np.asarray(generate(bundle, replace(req, s_noise=1.0)).images[0], dtype=np.int16)
     assert np.array_equal(first, again) and np.abs(first - plain).max() > 0
+
+
+# ---------------------------------------------------------------- the hires fix before 2023
+
+def old_hires_fix_first_pass_dimensions(width, height):     # modules/processing.py
+    desired_pixel_count = 512 * 512
+    actual_pixel_count = width * height
+    scale = math.sqrt(desired_pixel_count / actual_pixel_count)
+    width = math.ceil(scale * width / 64) * 64
+    height = math.ceil(scale * height / 64) * 64
+    return width, height
+
+
+def restore_old_hires_fix_params(res):                       # modules/infotext_utils.py (the option off)
+    firstpass_width = res.get('First pass size-1', None)
+    firstpass_height = res.get('First pass size-2', None)
+    if firstpass_width is None or firstpass_height is None:
+        return
+    firstpass_width, firstpass_height = int(firstpass_width), int(firstpass_height)
+    width = int(res.get("Size-1", 512))
+    height = int(res.get("Size-2", 512))
+    if firstpass_width == 0 or firstpass_height == 0:
+        firstpass_width, firstpass_height = old_hires_fix_first_pass_dimensions(width, height)
+    res['Size-1'] = firstpass_width
+    res['Size-2'] = firstpass_height
+    res['Hires resize-1'] = width
+    res['Hires resize-2'] = height
+
+
+def split_sizes(p: dict) -> dict:
+    """A1111's `WxH` split (`parse_generation_parameters`): `<label>-1` / `<label>-2` as text."""
+    res = {}
+    for key, value in p.items():
+        m = re.match(r"^(\d+)x(\d+)$", str(value)) if key not in ("Prompt", "Negative prompt") else None
+        res.update({f"{key}-1": m.group(1), f"{key}-2": m.group(2)} if m else {key: value})
+    return res
+
+
+OLD_HIRES = [
+    "a red cube\nSteps: 6, Sampler: Euler a, CFG scale: 5, Seed: 41, Size: 128x128, Denoising strength: 0.7, "
+    "First pass size: 64x64",
+    "a red cube\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 41, Size: 1024x768, Denoising strength: 0.55, "
+    "First pass size: 0x0",
+    "a red cube\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 41, Size: 960x512, Denoising strength: 0.6, "
+    "First pass size: 0x0",
+]
+
+
+@pytest.mark.parametrize("text", OLD_HIRES)
+def test_an_old_hires_file_draws_its_first_pass_and_then_its_size(text):
+    res = split_sizes(parse_parameters(text))
+    restore_old_hires_fix_params(res)
+    fields = from_parameters(parse_parameters(text))
+    assert (fields["width"], fields["height"]) == (res["Size-1"], res["Size-2"])
+    assert (fields["hr_width"], fields["hr_height"]) == (res["Hires resize-1"], res["Hires resize-2"])
+    assert fields["hr_denoise"] == float(res["Denoising strength"]) and "strength" not in fields
+    assert GenerationRequest(**fields).hires
+    shown = a1111_parameters(text)                             # png-info's
+    sizes = ("Size-1", "Size-2", "Hires resize-1", "Hires resize-2")
+    assert {key: shown[key] for key in sizes} == {key: res[key] for key in sizes}
+
+
+def test_from_png_redraws_an_old_hires_file_in_two_passes(tmp_path, capsys):
+    text = ("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 41, Size: 64x64, Denoising strength: 0.5, "
+            "First pass size: 32x32")
+    recorded = png_with_parameters(tmp_path / "old.png", text, (64, 64))
+    out = tmp_path / "again.png"
+    code, _, err = run(["txt2img", "--from-png", str(recorded), "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    drawn = parse_parameters(Image.open(out).info["parameters"])
+    assert drawn["Size"] == "32x32" and drawn["Hires resize"] == "64x64" and drawn["Denoising strength"] == 0.5
+    assert Image.open(out).size == (64, 64)

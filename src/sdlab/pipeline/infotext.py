@@ -13,6 +13,7 @@ it is encoded, as A1111 does.
 from __future__ import annotations
 
 import inspect
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields as dataclass_fields
@@ -362,7 +363,9 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
             fields["hr_width"], fields["hr_height"] = (int(v) for v in str(p["Hires resize"]).lower().split("x"))
         except ValueError:
             raise ValueError(f"the PNG's Hires resize value {p['Hires resize']!r} is not WIDTHxHEIGHT") from None
-    if ("hr_scale" in fields or "Hires resize" in p) and "strength" in fields:
+    if "First pass size" in p:
+        fields.update(_old_hires_fix(p, fields))
+    if ("hr_scale" in fields or "hr_width" in fields) and "strength" in fields:
         fields["hr_denoise"] = fields.pop("strength")      # A1111: the second pass's denoising strength
     sampler = fields.get("sampler", "")
     for suffix in (" Karras", " Exponential"):  # older A1111 files name the schedule in the sampler
@@ -378,6 +381,24 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     if "schedule" in fields and fields["schedule"] is None:    # "Automatic" in sdlab's files: the model's default
         del fields["schedule"]
     return fields
+
+
+def _old_hires_fix(p: dict[str, Any], fields: dict[str, Any]) -> dict[str, int]:
+    """The hires fix of A1111's files from before January 2023 as A1111 reads it (`restore_old_hires_fix_params`):
+    the first pass at `First pass size` (0x0: `old_first_pass_size` of Size), the hires pass at `Size` (A1111's
+    512 for a missing side)."""
+    first = _size_label(p, "First pass size")
+    width, height = fields.get("width", 512), fields.get("height", 512)
+    first_width, first_height = old_first_pass_size(width, height) if 0 in first else first
+    return {"width": first_width, "height": first_height, "hr_width": width, "hr_height": height}
+
+
+def old_first_pass_size(width: int, height: int) -> tuple[int, int]:
+    """A1111's first pass size of an old hires file with `First pass size: 0x0` (`processing.
+    old_hires_fix_first_pass_dimensions`): `width` x `height` scaled to about 512 x 512 pixels, each side rounded
+    up to a multiple of 64."""
+    scale = math.sqrt(512 * 512 / (width * height))
+    return math.ceil(scale * width / 64) * 64, math.ceil(scale * height / 64) * 64
 
 
 def _size_label(p: dict[str, Any], label: str) -> tuple[int, int]:

@@ -41,7 +41,9 @@ from sdlab.checkpoints.io import read_checkpoint
 from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule, comfyui_spelling
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
-from sdlab.pipeline.infotext import drawn_by_sdlab, hires_parameters, img2img_parameters, refiner_label
+from sdlab.pipeline.infotext import (
+    drawn_by_sdlab, hires_parameters, img2img_parameters, old_first_pass_size, refiner_label,
+)
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
@@ -994,9 +996,9 @@ _A1111_DEFAULTS = {                     # what A1111 1.10's parser fills in for 
 
 def a1111_parameters(text: str) -> dict[str, Any]:
     """A parameters text parsed with A1111's keys (`parse_generation_parameters` in `infotext_utils.py`):
-    every `WxH` value becomes `<label>-1` / `<label>-2` (`Size-1`, `Size-2`, no `Size`), and the labels
-    missing from the text get A1111's defaults (`"Clip skip": "1"`, ...: `_a1111_defaults`). Values keep
-    sdlab's types."""
+    every `WxH` value becomes `<label>-1` / `<label>-2` (`Size-1`, `Size-2`, no `Size`), the labels
+    missing from the text get A1111's defaults (`"Clip skip": "1"`, ...: `_a1111_defaults`) and an old hires
+    fix becomes A1111's (`_restore_old_hires_fix`). Values keep sdlab's types."""
     parsed: dict[str, Any] = {}
     for key, value in parse_parameters(text).items():
         m = _SIZE_VALUE.match(value) if isinstance(value, str) and key not in ("Prompt", "Negative prompt") else None
@@ -1004,7 +1006,24 @@ def a1111_parameters(text: str) -> dict[str, Any]:
             parsed[f"{key}-1"], parsed[f"{key}-2"] = m.group(1), m.group(2)
         else:
             parsed[key] = value
-    return {**parsed, **{key: value for key, value in _a1111_defaults(parsed).items() if key not in parsed}}
+    res = {**parsed, **{key: value for key, value in _a1111_defaults(parsed).items() if key not in parsed}}
+    _restore_old_hires_fix(res)
+    return res
+
+
+def _restore_old_hires_fix(res: dict[str, Any]) -> None:
+    """A1111's `restore_old_hires_fix_params`: a text of the hires fix before January 2023 (`First pass size`) gets
+    the first pass's size as Size (0x0: `old_first_pass_size` of Size) and its Size as Hires resize."""
+    if "First pass size-1" not in res or "First pass size-2" not in res:
+        return
+    first = int(res["First pass size-1"]), int(res["First pass size-2"])
+    width, height = int(res.get("Size-1", 512)), int(res.get("Size-2", 512))
+    if 0 in first:
+        if 0 in (width, height):    # no size to scale: A1111 divides by zero here
+            return
+        first = old_first_pass_size(width, height)
+    res["Size-1"], res["Size-2"] = first
+    res["Hires resize-1"], res["Hires resize-2"] = width, height
 
 
 def _a1111_defaults(parsed: dict[str, Any]) -> dict[str, Any]:

@@ -62,8 +62,10 @@ const SEED_NUMBER = /("(?:seed|subseed|Seed|Variation seed)"\s*:\s*)(-?\d+)(?=\s
 const SWITCH_LABELS = { Tiling: "tiling" };
 const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler",
   "Refiner", "Refiner switch at", "Refiner steps"]);
-// Labels that describe the file rather than the drawing
-const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes"]);
+// Labels that describe the file rather than the drawing, or that png-info has applied (an old hires fix's first
+// pass size: its Size and Hires resize)
+const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes",
+  "First pass size-1", "First pass size-2"]);
 // Values that change nothing: png-info's A1111 (1.10) defaults for labels a text leaves out, and what this form
 // sends
 const NO_OP_VALUES = {
