@@ -1,5 +1,6 @@
 """Reading A1111's pictures as A1111 reads them: `Sigma noise` written as A1111 writes it and read back; the hires
-fix of A1111's files before 2023 (`First pass size`). The references are A1111 1.10's lines, transcribed."""
+fix of A1111's files before 2023 (`First pass size`); the refiner switched by sampling steps (the label, and every
+refiner file before 1.8). The references are A1111 1.10's lines, transcribed."""
 
 from __future__ import annotations
 
@@ -11,10 +12,14 @@ import numpy as np
 import pytest
 from bundle_fixtures import tiny_bundle
 from cli_helpers import png_with_parameters, run
+from packaging import version
 from PIL import Image
 
-from sdlab.pipeline.generate import generate
-from sdlab.pipeline.infotext import from_parameters, to_parameters
+from sdlab.diffusion.discretization import get_discretization
+from sdlab.families import get_family
+from sdlab.pipeline.generate import generate, generate_with_refiner
+from sdlab.pipeline.infotext import a1111_backcompat, a1111_version, from_parameters, refiner_handoff, to_parameters
+from sdlab.pipeline.plan import handoff_index, make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.a1111 import a1111_parameters
@@ -123,3 +128,136 @@ def test_from_png_redraws_an_old_hires_file_in_two_passes(tmp_path, capsys):
     drawn = parse_parameters(Image.open(out).info["parameters"])
     assert drawn["Size"] == "32x32" and drawn["Hires resize"] == "64x64" and drawn["Denoising strength"] == 0.5
     assert Image.open(out).size == (64, 64)
+
+
+# ---------------------------------------------------------------- the refiner switched by sampling steps
+
+def parse_version(text):                                     # modules/infotext_versions.py
+    if text is None:
+        return None
+    m = re.match(r'([^-]+-[^-]+)-.*', text)
+    if m:
+        text = m.group(1)
+    try:
+        return version.parse(text)
+    except Exception:
+        return None
+
+
+def backcompat(d):                                           # modules/infotext_versions.py
+    v160, v170_tsnr, v180 = version.parse("1.6.0"), version.parse("v1.7.0-225"), version.parse("1.8.0")
+    ver = parse_version(d.get("Version"))
+    if ver is None:
+        return
+    if ver < v160 and '[' in d.get('Prompt', ''):
+        d["Old prompt editing timelines"] = True
+    if ver < v160 and d.get('Sampler', '') in ('DDIM', 'PLMS'):
+        d["Pad conds v0"] = True
+    if ver < v170_tsnr:
+        d["Downcast alphas_cumprod"] = True
+    if ver < v180 and d.get('Refiner'):
+        d["Refiner switch by sampling steps"] = True
+
+
+def a1111_base_steps_by_sampling_steps(steps: int, switch_at: float) -> int:
+    """sd_samplers_common.apply_refiner with `opts.refiner_switch_by_sample_steps`, called at each model call
+    (`cfg_denoiser.step` counts them) of a first-order sampler: the steps the base runs."""
+    for step in range(steps):
+        completed_ratio = step / steps
+        if not (completed_ratio < switch_at):
+            return step
+    return steps
+
+
+@pytest.mark.parametrize("schedule", ["normal", "karras", "exponential"])
+@pytest.mark.parametrize("steps", [5, 10, 20, 25, 30])
+@pytest.mark.parametrize("switch_at", [0.3, 0.5, 0.7, 0.8, 0.9])
+def test_handoff_by_sampling_steps_is_apply_refiners(schedule, steps, switch_at):
+    noise_schedule = get_family("sdxl").schedule.build()
+    sigmas = get_discretization(schedule)(noise_schedule, steps)
+    assert handoff_index(sigmas, noise_schedule, switch_at, "a1111_steps") == a1111_base_steps_by_sampling_steps(
+        steps, switch_at)
+
+
+REFINER = ("a cat\nSteps: 30, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 1, Size: 1024x1024, "
+           "Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.8{extra}, Version: {version}")
+REFINER_FILES = [
+    ("v1.6.0", "", "a1111_steps"), ("v1.7.0", "", "a1111_steps"), ("1.8.0-RC", "", "a1111_steps"),
+    ("v1.8.0", "", "a1111"), ("v1.10.1", "", "a1111"),
+    ("v1.10.1", ", Refiner switch by sampling steps: True", "a1111_steps"),
+    ("f0.0.17v1.8.0rc-latest-276-g29be1da7", "", "a1111"),        # Forge's: no version A1111 reads
+]
+
+
+@pytest.mark.parametrize("version_, extra, rule", REFINER_FILES)
+def test_a1111s_refiner_files_switch_as_a1111_reads_them(version_, extra, rule):
+    p = parse_parameters(REFINER.format(extra=extra, version=version_))
+    res = dict(p, **{"Refiner switch by sampling steps": p.get("Refiner switch by sampling steps", False)})
+    backcompat(res)
+    assert rule == ("a1111_steps" if str(res["Refiner switch by sampling steps"]) == "True" else "a1111")
+    assert refiner_handoff(p) == (0.8, rule)
+
+
+def test_sdlabs_refiner_rule_by_sampling_steps_is_recorded_and_read_back():
+    from sdlab.pipeline.infotext import RefinerRef
+
+    req = GenerationRequest(prompt="a cat", steps=5, seed=1, width=64, height=64, sampler="Euler", schedule="karras")
+    written = to_parameters(req, refiner=RefinerRef("refiner", None, 0.7, "a1111_steps"))
+    assert written["Refiner steps"] == "a1111_steps" and written["Refiner switch by sampling steps"] is True
+    assert refiner_handoff(parse_parameters(format_parameters(written))) == (0.7, "a1111_steps")
+
+
+def test_a1111_version_sorts_as_a1111s_parse_version():
+    texts = ["1.6.0", "v1.6.0", "v1.5.2", "1.8.0-RC", "v1.7.0-225-g1234abc", "v1.7.0-224-gabc", "v1.7.0-226-gabc",
+             "v1.7.0", "v1.7.0-RC-5-gabc", "v1.10.1", "v1.10.1-amd-2-gabc", "f0.0.17v1.8.0rc-latest-276-g29be1da7",
+             "sdlab 0.1.0", "1b5ebc5", "1.6.0.dev1", "1.6.0a1", "1.6", "1.6.0.post1", "1.8.0rc1", "1.8.0-pre",
+             "1.7.0.post225.dev1", "1.0+local.1", "app=sd.next"]
+    for a in texts:
+        assert (a1111_version(a) is None) == (parse_version(a) is None), a
+        for b in texts:
+            if parse_version(a) is not None and parse_version(b) is not None:
+                assert (a1111_version(a) < a1111_version(b)) == (parse_version(a) < parse_version(b)), (a, b)
+
+
+@pytest.mark.parametrize("v, prompt, sampler", [
+    ("v1.5.2", "a [red:blue:5] cube", "DDIM"), ("v1.6.0", "a [red:blue:5] cube", "PLMS"),
+    ("v1.7.0-224-gabcdef0", "a cube", "Euler"), ("v1.7.0-225-gabcdef0", "a cube", "Euler"),
+    ("v1.10.1", "a [cube]", "DDIM"), ("sdlab 0.1.0", "a [cube]", "DDIM"),
+])
+def test_the_settings_a_version_implies_are_a1111s(v, prompt, sampler):
+    p = parse_parameters(f"{prompt}\nSteps: 6, Sampler: {sampler}, CFG scale: 5, Seed: 41, Version: {v}")
+    res = dict(p)
+    backcompat(res)
+    assert a1111_backcompat(p) == {key: value for key, value in res.items() if key not in p}
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_bundle("sdxl", seed=25), tiny_bundle("sdxl-refiner", seed=45)
+
+
+@pytest.mark.parametrize("sampler, second_order", [("Euler", False), ("Heun", True), ("DPM++ 2M", False)])
+def test_the_refiner_takes_over_at_the_model_call_a1111_switches_by_steps_at(sdxl, sampler, second_order):
+    """A1111 counts model calls (`cfg_denoiser.step`) over `total_steps`, twice the steps for a second-order
+    sampler, and swaps the model at the first call whose share is not below the switch: a Heun step can end on
+    the refiner."""
+    base, refiner = sdxl
+    request = GenerationRequest(prompt="a cat", negative_prompt="ugly", steps=5, seed=3, width=16, height=16,
+                                sampler=sampler, schedule="karras", cfg_scale=5)
+    switch_at = 0.7
+    calls = {"base": 0, "refiner": 0}
+    hooks = [base.unet.register_forward_hook(lambda *a: calls.__setitem__("base", calls["base"] + 1)),
+             refiner.unet.register_forward_hook(lambda *a: calls.__setitem__("refiner", calls["refiner"] + 1))]
+    model_calls = 9 if second_order else 5                             # Heun's last step: one call
+    try:
+        generate(base, request)
+        per_call = calls["base"] / model_calls                          # forwards a model call makes
+        calls.update(base=0, refiner=0)
+        plan = make_plan(base, request, refiner=refiner, switch_at=switch_at, refiner_convention="a1111_steps")
+        generate_with_refiner(base, refiner, plan)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    total_steps = 5 * (2 if second_order else 1)                       # SamplerData.total_steps
+    switched = next(step for step in range(model_calls) if not (step / total_steps < switch_at))
+    assert calls == {"base": switched * per_call, "refiner": (model_calls - switched) * per_call}

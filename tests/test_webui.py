@@ -669,6 +669,11 @@ def test_reuse_keeps_the_refiners_handoff_rule(browser, refiner_server):
         "fillForm(settingsFromParameters(arguments[0])); return collectRequest()",
         {"Prompt": "a castle", "Steps": "4", "Refiner": "refiner [0123abcd]", "Refiner switch at": "0.6"})
     assert (dropped["refiner"], dropped["refiner_switch"], dropped["refiner_convention"]) == (title, 0.6, "a1111")
+    by_steps = browser.execute_script(                                  # png-info's of A1111 before 1.8
+        "fillForm(settingsFromParameters(arguments[0])); return collectRequest()",
+        {"Prompt": "a castle", "Steps": "4", "Refiner": "refiner [0123abcd]", "Refiner switch at": "0.6",
+         "Refiner switch by sampling steps": True, "Version": "v1.6.0"})
+    assert by_steps["refiner_convention"] == "a1111_steps"
     assert severe_console_errors(browser) == []
 
 

@@ -66,7 +66,7 @@ class Pipeline:
                  find_lora: Callable[[str], Path | None] | None = None) -> None:
         """`refiner` (an SDXL refiner) takes over after the first `refiner_switch` of every schedule, at the
         step `refiner_convention` picks ("diffusers": diffusers' `denoising_end`; "a1111": A1111's
-        `Refiner switch at`; `plan.handoff_index`);
+        `Refiner switch at`; "a1111_steps": A1111's switch by sampling steps; `plan.handoff_index`);
         `embeddings` are the textual-inversion embeddings installed in `bundle` (their words),
         `skipped_embeddings` those of its folders that were made for another model;
         `lora_dirs` are where prompt `<lora:NAME:W>` tags find NAME, unless `find_lora` (NAME -> its file, or
@@ -294,7 +294,8 @@ def load(
     `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule, from the
-    step `refiner_convention` picks: "diffusers" (`denoising_end`) or "a1111" (A1111's `Refiner switch at`).
+    step `refiner_convention` picks: "diffusers" (`denoising_end`), "a1111" (A1111's `Refiner switch at`) or
+    "a1111_steps" (A1111's switch by sampling steps).
     `loras` are (LoRA / LyCORIS file, weight) pairs merged into the base model's weights, in order, for
     good; `lora_dirs` are where prompt tags (`<lora:NAME:WEIGHT>`, merged per run) find their files
     (default: A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when they exist), or

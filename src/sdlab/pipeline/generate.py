@@ -272,8 +272,8 @@ def generate_with_refiner(
     conditioning (the refiner's: bigG only, with the request's aesthetic scores). Image i keeps drawing from
     generator seed + i across the handoff, like passing the same generators to both diffusers pipelines.
     Multistep samplers restart their history at the handoff, as a fresh diffusers scheduler does. A plan made
-    with ``refiner_convention="a1111"`` runs one sampler over the whole schedule and swaps the model at the
-    first call A1111's rule hands over at (`_a1111_swapping_model`): the history runs on, as in A1111.
+    with ``refiner_convention="a1111"`` or ``"a1111_steps"`` runs one sampler over the whole schedule and swaps the
+    model at the first call A1111's rule hands over at (`_a1111_swapping_model`): the history runs on, as in A1111.
 
     A plan (`make_plan(base, request, refiner=refiner, switch_at=...)`) carries its own split; `switch_at`
     is then unused.
@@ -293,8 +293,8 @@ def generate_with_refiner(
             no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
             refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, overlay, generators,
                                           sigmas, steps_done=split)
-        if plan.refiner_convention == "a1111" and base_model is not None and refiner_model is not None:
-            swapping = _a1111_swapping_model(base_model, refiner_model, plan.sampling, plan.refiner_switch_at)
+        if plan.refiner_convention in ("a1111", "a1111_steps") and base_model is not None and refiner_model is not None:
+            swapping = _a1111_swapping_model(base_model, refiner_model, plan)
             x = _run_sampler(plan, swapping, x, sigmas, options, progress)
         else:
             if base_model is not None:
@@ -308,19 +308,31 @@ def generate_with_refiner(
     return GenerationResult(images=images, seeds=req.seeds(), request=req)
 
 
-def _a1111_swapping_model(base_model: DenoiseFn, refiner_model: DenoiseFn, sampling: ModelSampling,
-                          switch_at: float) -> DenoiseFn:
-    """One denoiser for A1111's refiner: `base_model` until the first call whose sigma `a1111_switches`,
-    `refiner_model` from that call on (A1111's ``apply_refiner`` swaps the model inside the running sampler,
-    so a multistep sampler keeps its history and a second-order step can end on the refiner)."""
-    training = a1111_training_sigmas(sampling)                               # (T,)
-    swapped = False
+def _a1111_swapping_model(base_model: DenoiseFn, refiner_model: DenoiseFn, plan: GenerationPlan) -> DenoiseFn:
+    """One denoiser for A1111's refiner: `base_model` until the first call A1111's ``apply_refiner`` hands over at
+    (`_a1111_switch`), `refiner_model` from that call on (A1111 swaps the model inside the running sampler, so a
+    multistep sampler keeps its history and a second-order step can end on the refiner)."""
+    switches = _a1111_switch(plan)
+    swapped, calls = False, 0
 
     def denoise(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
-        nonlocal swapped
-        swapped = swapped or bool(a1111_switches(sigma.flatten()[:1], training, switch_at)[0])
+        nonlocal swapped, calls
+        swapped = swapped or switches(calls, sigma)
+        calls += 1
         return (refiner_model if swapped else base_model)(x, sigma, **kwargs)
     return denoise
+
+
+def _a1111_switch(plan: GenerationPlan) -> Callable[[int, Tensor], bool]:
+    """Whether ``apply_refiner`` hands over at model call number `call` (from 0) at `sigma`: under "a1111" when the
+    call's sigma `a1111_switches`; under "a1111_steps" (by sampling steps) once ``call / total_steps`` reaches the
+    switch, A1111's ``total_steps`` counting two calls a step for its second-order samplers (``calls_per_step``)."""
+    switch_at = plan.refiner_switch_at
+    if plan.refiner_convention == "a1111_steps":
+        total = (len(plan.sigmas) - 1) * plan.sampler.calls_per_step
+        return lambda call, sigma: call / total >= switch_at
+    training = a1111_training_sigmas(plan.sampling)                          # (T,)
+    return lambda call, sigma: bool(a1111_switches(sigma.flatten()[:1], training, switch_at)[0])
 
 
 def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
@@ -90,7 +91,7 @@ class LoraRef:
 class RefinerRef:
     """The SDXL refiner that finished a picture, as the parameters name it: its name and short hash (A1111's
     `Refiner: name [hash]`), the fraction of the schedule the base ran (`Refiner switch at`) and the rule
-    that picked the handoff step from it (sdlab's `Refiner steps`: "diffusers" or "a1111",
+    that picked the handoff step from it (sdlab's `Refiner steps`: "diffusers", "a1111" or "a1111_steps",
     `plan.handoff_index`)."""
 
     name: str
@@ -206,6 +207,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Refiner": None if refiner is None else refiner_label(refiner.name, refiner.hash),
         "Refiner switch at": None if refiner is None else refiner.switch_at,
         "Refiner steps": None if refiner is None else refiner.convention,
+        "Refiner switch by sampling steps": True if refiner and refiner.convention == "a1111_steps" else None,
         "Lora hashes": format_hashes((ref.name, ref.hash) for ref in loras),
         "TI hashes": format_hashes(embeddings),
         "Version": version_label(),
@@ -434,15 +436,75 @@ def drawn_by_sdlab(p: dict[str, Any]) -> bool:
 
 def refiner_handoff(p: dict[str, Any]) -> tuple[float | None, str]:
     """(`Refiner switch at`, or None when the parameters have none; the handoff rule): sdlab's files name the
-    rule (`Refiner steps`; diffusers' in files older than the label), A1111's files follow A1111's. A
-    switch value that is not a number raises ValueError."""
-    convention = str(p.get("Refiner steps") or ("diffusers" if drawn_by_sdlab(p) else "a1111"))
+    rule (`Refiner steps`; diffusers' in files older than the label), A1111's files follow A1111's: by sampling
+    steps ("a1111_steps") where the text says so (`Refiner switch by sampling steps: True`) or its version always
+    switched so (before 1.8: `a1111_backcompat`), else by timestep ("a1111"). A switch value that is not a number
+    raises ValueError."""
+    convention = str(p.get("Refiner steps") or ("diffusers" if drawn_by_sdlab(p) else _a1111_refiner_rule(p)))
     if "Refiner switch at" not in p:
         return None, convention
     try:
         return float(p["Refiner switch at"]), convention
     except (TypeError, ValueError):
         raise ValueError(f"the PNG's 'Refiner switch at' value {p['Refiner switch at']!r} is not a number") from None
+
+
+def _a1111_refiner_rule(p: dict[str, Any]) -> str:
+    """The handoff rule of a refiner file A1111 drew (`refiner_handoff`)."""
+    by_steps = {**p, **a1111_backcompat(p)}.get("Refiner switch by sampling steps", False)
+    return "a1111_steps" if str(by_steps).strip().lower() == "true" else "a1111"
+
+
+_VERSION = re.compile(r"v?(\d+(?:\.\d+)*)(?:[-_.]?(alpha|a|beta|b|preview|pre|c|rc)[-_.]?(\d*))?"   # PEP 440's
+                      r"(?:-(\d+)|[-_.]?(?:post|rev|r)[-_.]?(\d*))?(?:[-_.]?dev[-_.]?(\d*))?"        # (no epoch)
+                      r"(?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?", re.IGNORECASE)
+_PRE_RELEASES = {"alpha": 0, "a": 0, "beta": 1, "b": 1, "preview": 2, "pre": 2, "c": 2, "rc": 2}
+
+
+def a1111_version(text: Any) -> tuple | None:
+    """A `Version` value as A1111's `infotext_versions.parse_version` reads it, as a key that sorts as PEP 440
+    versions do: the text up to a second '-' (v1.7.0-225-g1a2b3c4: v1.7.0-225, i.e. 1.7.0.post225) read as a
+    version (release, pre-release, post-release, dev release); None where that is not one (sdlab's, Forge's
+    f0.0.17v1.8.0rc-latest-276-g29be1da7)."""
+    if text is None:
+        return None
+    text = str(text).strip()
+    head = re.match(r"([^-]+-[^-]+)-.*", text)
+    m = _VERSION.fullmatch(head.group(1) if head else text)
+    if m is None:
+        return None
+    release, pre, pre_n, post_dash, post_n, dev_n = m.groups()
+    numbers = [int(part) for part in release.split(".")]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()
+    post = post_dash if post_dash is not None else post_n          # "" for a bare "post": 0
+    if pre:
+        pre_key = (_PRE_RELEASES[pre.lower()], int(pre_n or 0))
+    else:
+        pre_key = (-1, 0) if post is None and dev_n is not None else (3, 0)    # 1.0.dev1 < 1.0a1 < 1.0
+    return (tuple(numbers), pre_key, -1 if post is None else int(post or 0),
+            math.inf if dev_n is None else int(dev_n or 0))
+
+
+_V160, _V170_TSNR, _V180 = a1111_version("1.6.0"), a1111_version("v1.7.0-225"), a1111_version("1.8.0")
+
+
+def a1111_backcompat(p: dict[str, Any]) -> dict[str, bool]:
+    """The labels A1111 (1.10, `infotext_versions.backcompat`) sets on reading a text by its `Version`: what the
+    versions before each change always drew with. None for a text without an A1111 version (sdlab's)."""
+    version = a1111_version(p.get("Version"))
+    if version is None:
+        return {}
+    implied = {}
+    if version < _V160 and "[" in str(p.get(PROMPT, "")):
+        implied["Old prompt editing timelines"] = True
+    if version < _V160 and p.get("Sampler", "") in ("DDIM", "PLMS"):
+        implied["Pad conds v0"] = True
+    if version < _V170_TSNR:
+        implied["Downcast alphas_cumprod"] = True
+    if version < _V180 and p.get("Refiner"):
+        implied["Refiner switch by sampling steps"] = True
+    return implied
 
 
 _INPAINT_AREAS = {"Only masked": True, "Whole picture": False}        # A1111's Inpaint area: inpaint_only_masked

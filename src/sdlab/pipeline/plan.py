@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 FAR_FROM_NATIVE = 2.0       # warn when a side is more than this factor above or below the model's size
-REFINER_CONVENTIONS = ("diffusers", "a1111")   # how a refiner switch fraction picks the handoff step
+REFINER_CONVENTIONS = ("diffusers", "a1111", "a1111_steps")   # how a refiner switch fraction picks the handoff step
 
 
 @dataclass(frozen=True, eq=False)
@@ -209,10 +209,17 @@ def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, con
     refiner takes over at the first call whose sigma's nearest training sigma (an integer timestep t) has
     ``(T - 1 - t) / T >= switch_at``, in float32 as A1111 computes it (`_a1111_handoff`). A second-order
     sampler's call inside a step never switches here: that step ends on the base.
+    "a1111_steps": ``apply_refiner`` switching by sampling steps (A1111 before 1.8 always, later with its
+    ``refiner_switch_by_sample_steps`` option): the first step whose share of the steps run, ``step / steps``, is
+    not below `switch_at`. A1111 counts a second-order sampler's calls over twice the steps, so its handoff falls
+    on that step's first call or on the second call of the step before (`generate._a1111_switch`).
     `sampling` is a `ModelSampling` (or a `NoiseSchedule`); `switch_at` lies strictly between 0 and 1.
     """
     if convention == "a1111":
         return _a1111_handoff(sigmas, sampling, switch_at)
+    if convention == "a1111_steps":
+        steps = len(sigmas) - 1
+        return next((step for step in range(steps) if step / steps >= switch_at), steps)
     cutoff = round(sampling.num_timesteps * (1.0 - float(switch_at)))
     steps = sigmas[:-1].to(torch.float64).cpu()                                 # each step's starting sigma
     timesteps = sampling.sigma_to_t(steps)                                      # (steps,)

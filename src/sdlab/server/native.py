@@ -104,7 +104,7 @@ class JobIn(NullsAreDefaults):
     tiling: bool = False                    # a seamless picture, whose edges wrap around (A1111's Tiling)
     refiner: str | None = None              # an SDXL refiner (a model's title or name) that finishes the schedule
     refiner_switch: float = 0.8             # ... after this fraction of it drawn by `model`
-    refiner_convention: str = "diffusers"   # ... at the step diffusers' denoising_end picks, or "a1111"'s
+    refiner_convention: str = "diffusers"   # ... at the step diffusers' denoising_end picks, "a1111"'s, "a1111_steps"'s
     # SDXL's micro-conditioning (diffusers' pipeline arguments): sizes [height, width], crop corners [top, left]
     original_size: tuple[int, int] | None = None            # None: the picture's size
     crops_coords_top_left: tuple[int, int] = (0, 0)

@@ -61,7 +61,7 @@ const SEED_NUMBER = /("(?:seed|subseed|Seed|Variation seed)"\s*:\s*)(-?\d+)(?=\s
 // A1111 labels with a True / False value -> request fields
 const SWITCH_LABELS = { Tiling: "tiling" };
 const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler",
-  "Refiner", "Refiner switch at", "Refiner steps"]);
+  "Refiner", "Refiner switch at", "Refiner steps", "Refiner switch by sampling steps"]);
 // Labels that describe the file rather than the drawing, or that png-info has applied (an old hires fix's first
 // pass size: its Size and Hires resize)
 const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes",
@@ -760,14 +760,16 @@ function sdxlFromParameters(p) {
 }
 
 // A PNG's refiner (`Refiner: name [hash]`, `Refiner switch at`) and its handoff rule, as `sdlab txt2img
-// --from-png` reads it: sdlab's `Refiner steps`, else diffusers' in sdlab's files and A1111's in A1111's
+// --from-png` reads it: sdlab's `Refiner steps`, else diffusers' in sdlab's files and A1111's in A1111's, by
+// sampling steps where png-info says so (the label, or A1111's rule for versions before 1.8)
 function refinerFromParameters(p) {
   const drawnBySdlab = String(p.Version ?? "").startsWith("sdlab");
+  const bySteps = String(p["Refiner switch by sampling steps"]).toLowerCase() === "true";
   const switchAt = Number(p["Refiner switch at"]);
   return {
     refiner: String(p.Refiner).replace(/\s*\[[0-9a-f]+\]\s*$/i, ""),
     refiner_switch: p["Refiner switch at"] !== undefined && Number.isFinite(switchAt) ? switchAt : undefined,
-    refiner_convention: String(p["Refiner steps"] || (drawnBySdlab ? "diffusers" : "a1111")),
+    refiner_convention: String(p["Refiner steps"] || (drawnBySdlab ? "diffusers" : bySteps ? "a1111_steps" : "a1111")),
   };
 }
 
