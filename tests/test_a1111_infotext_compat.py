@@ -1,9 +1,13 @@
 """Reading A1111's pictures as A1111 reads them: `Sigma noise` written as A1111 writes it and read back; the hires
 fix of A1111's files before 2023 (`First pass size`); the refiner switched by sampling steps (the label, and every
-refiner file before 1.8). The references are A1111 1.10's lines, transcribed."""
+refiner file before 1.8); png-info's version keys, NovelAI conversion and defaults of a picture without parameters.
+The references are A1111 1.10's lines, transcribed."""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import math
 import re
 from dataclasses import replace
@@ -13,7 +17,7 @@ import pytest
 from bundle_fixtures import tiny_bundle
 from cli_helpers import png_with_parameters, run
 from packaging import version
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from sdlab.diffusion.discretization import get_discretization
 from sdlab.families import get_family
@@ -22,7 +26,7 @@ from sdlab.pipeline.infotext import a1111_backcompat, a1111_version, from_parame
 from sdlab.pipeline.plan import handoff_index, make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.server.a1111 import a1111_parameters
+from sdlab.server.a1111 import PngInfoIn, a1111_parameters, png_info
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -261,3 +265,56 @@ def test_the_refiner_takes_over_at_the_model_call_a1111_switches_by_steps_at(sdx
     total_steps = 5 * (2 if second_order else 1)                       # SamplerData.total_steps
     switched = next(step for step in range(model_calls) if not (step / total_steps < switch_at))
     assert calls == {"base": switched * per_call, "refiner": (model_calls - switched) * per_call}
+
+
+# ---------------------------------------------------------------- png-info
+
+def png_info_of(image: Image.Image, chunks: dict[str, str]) -> dict:
+    info = PngImagePlugin.PngInfo()
+    for key, text in chunks.items():
+        info.add_text(key, text)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return png_info(PngInfoIn(image=base64.b64encode(buffer.getvalue()).decode()), None)
+
+
+@pytest.mark.parametrize("text", [
+    *OLD_HIRES, *(REFINER.format(extra=extra, version=v) for v, extra, _ in REFINER_FILES),
+    "a [red:blue:5] cube\nSteps: 6, Sampler: DDIM, Seed: 41, Size: 64x64, Version: v1.5.2",
+])
+def test_png_info_sets_the_labels_a_version_implies_and_restores_an_old_hires_fix(text):
+    """`parse_generation_parameters`: ... `restore_old_hires_fix_params(res)` ... `res["Refiner switch by sampling
+    steps"] = False` where missing ... `infotext_versions.backcompat(res)`."""
+    shown = a1111_parameters(text)
+    res = split_sizes(parse_parameters(text))
+    restore_old_hires_fix_params(res)
+    res.setdefault("Refiner switch by sampling steps", False)
+    backcompat(res)
+    assert {key: shown[key] for key in res} == res
+
+
+def test_png_info_of_a_picture_without_parameters_is_a1111s_defaults():
+    answer = png_info_of(Image.new("RGB", (8, 8)), {})
+    assert answer["info"] == "" and answer["parameters"] == a1111_parameters("")
+    assert answer["parameters"]["Prompt"] == "" and answer["parameters"]["Clip skip"] == "1"
+
+
+def test_png_info_reads_a_novelai_picture_as_a1111_does():
+    comment = {"steps": 28, "sampler": "k_euler_ancestral", "seed": 12345, "strength": 0.7, "noise": 0.2,
+               "scale": 11.0, "uc": "lowres, bad anatomy", "n_samples": 1}
+    image = Image.new("RGB", (64, 96))
+    chunks = {"Title": "AI generated image", "Description": "masterpiece, 1girl", "Software": "NovelAI",
+              "Source": "Stable Diffusion 81274D13", "Comment": json.dumps(comment)}
+    answer = png_info_of(image, chunks)
+    items, json_info = chunks, comment                             # modules/images.py read_info_from_image
+    sampler = {"k_euler_ancestral": "Euler a"}.get(json_info["sampler"], "Euler a")
+    geninfo = f"""{items["Description"]}
+Negative prompt: {json_info["uc"]}
+Steps: {json_info["steps"]}, Sampler: {sampler}, CFG scale: {json_info["scale"]}, Seed: {json_info["seed"]}, Size: {image.width}x{image.height}, Clip skip: 2, ENSD: 31337"""  # noqa: E501
+    assert answer["info"] == geninfo and answer["parameters"]["Sampler"] == "Euler a"
+    assert answer["parameters"]["Size-1"] == "64" and answer["items"]["Software"] == "NovelAI"
+    dpm = png_info_of(image, {**chunks, "Comment": json.dumps({**comment, "sampler": "k_dpmpp_2m"})})
+    assert dpm["parameters"]["Sampler"] == "DPM++ 2M"
+    odd = png_info_of(image, {**chunks, "Comment": json.dumps({**comment, "sampler": "nai_smea"})})
+    assert odd["parameters"]["Sampler"] == "Euler a"              # samplers_map.get(..., "Euler a")
+    assert png_info_of(image, {**chunks, "Comment": "not json"})["info"] == ""

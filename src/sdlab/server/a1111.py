@@ -42,7 +42,7 @@ from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule, comfyui_spel
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
-    drawn_by_sdlab, hires_parameters, img2img_parameters, old_first_pass_size, refiner_label,
+    a1111_backcompat, drawn_by_sdlab, hires_parameters, img2img_parameters, old_first_pass_size, refiner_label,
 )
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.prompt_loras import without_extra_networks
@@ -971,16 +971,44 @@ class PngInfoIn(NullsAreDefaults):
 
 @router.post("/png-info")
 def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
-    """{info: the parameters text, items: the image's other text chunks, parameters: the text parsed}."""
+    """{info: the parameters text (a NovelAI picture's as A1111 writes it, `_novelai_text`), items: the image's
+    other text chunks, parameters: the text parsed, A1111's defaults alone for a picture without one}."""
     raw = decode_base64(body.image, "image")
     try:
         text = read_parameters(io.BytesIO(raw)) or ""
         with open_image(io.BytesIO(raw)) as image:
             items = {k: v for k, v in image.info.items()
                      if isinstance(k, str) and isinstance(v, str) and k != PARAMETERS_KEY}
+            size = image.size
     except Exception as err:           # Pillow raises many types on data that is not an image
         raise BadRequest(f"image is not a readable PNG, JPEG or WebP: {err}", 400, "Invalid encoded image") from None
-    return {"info": text, "items": items, "parameters": a1111_parameters(text) if text else {}}
+    if items.get("Software") == "NovelAI":
+        text = _novelai_text(items, size) or text
+    return {"info": text, "items": items, "parameters": a1111_parameters(text)}
+
+
+# A1111's sampler aliases NovelAI's sampler names can be (its `samplers_map` besides the names themselves)
+_A1111_SAMPLER_ALIASES = {
+    "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_2m_sde": "DPM++ 2M SDE",
+    "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "k_dpmpp_2s_a": "DPM++ 2S a", "k_dpmpp_3m_sde": "DPM++ 3M SDE",
+    "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_euler": "Euler", "k_lms": "LMS", "k_heun": "Heun",
+    "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpm_fast": "DPM fast", "k_dpm_ad": "DPM adaptive",
+    "restart": "Restart", "ddim_cfgpp": "DDIM CFG++", "unipc": "UniPC", "k_lcm": "LCM",
+}
+
+
+def _novelai_text(items: dict[str, str], size: tuple[int, int]) -> str | None:
+    """A NovelAI picture's parameters (its `Description` chunk and `Comment` JSON) as A1111's
+    `images.read_info_from_image` writes them; None where they do not read so (A1111 keeps the picture's own)."""
+    names = {**{spec.a1111.lower(): spec.a1111 for spec in SAMPLER_TABLE if spec.a1111}, **_A1111_SAMPLER_ALIASES}
+    try:
+        info = json.loads(items["Comment"])
+        sampler = names.get(info["sampler"], "Euler a")
+        return (f"{items['Description']}\nNegative prompt: {info['uc']}\nSteps: {info['steps']}, "
+                f"Sampler: {sampler}, CFG scale: {info['scale']}, Seed: {info['seed']}, Size: {size[0]}x{size[1]}, "
+                "Clip skip: 2, ENSD: 31337")
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 _SIZE_VALUE = re.compile(r"^(\d+)x(\d+)$")
@@ -997,8 +1025,9 @@ _A1111_DEFAULTS = {                     # what A1111 1.10's parser fills in for 
 def a1111_parameters(text: str) -> dict[str, Any]:
     """A parameters text parsed with A1111's keys (`parse_generation_parameters` in `infotext_utils.py`):
     every `WxH` value becomes `<label>-1` / `<label>-2` (`Size-1`, `Size-2`, no `Size`), the labels
-    missing from the text get A1111's defaults (`"Clip skip": "1"`, ...: `_a1111_defaults`) and an old hires
-    fix becomes A1111's (`_restore_old_hires_fix`). Values keep sdlab's types."""
+    missing from the text get A1111's defaults (`"Clip skip": "1"`, ...: `_a1111_defaults`), an old hires fix
+    becomes A1111's (`_restore_old_hires_fix`) and the text's A1111 version sets what it implies
+    (`infotext.a1111_backcompat`). Values keep sdlab's types."""
     parsed: dict[str, Any] = {}
     for key, value in parse_parameters(text).items():
         m = _SIZE_VALUE.match(value) if isinstance(value, str) and key not in ("Prompt", "Negative prompt") else None
@@ -1008,7 +1037,7 @@ def a1111_parameters(text: str) -> dict[str, Any]:
             parsed[key] = value
     res = {**parsed, **{key: value for key, value in _a1111_defaults(parsed).items() if key not in parsed}}
     _restore_old_hires_fix(res)
-    return res
+    return {**res, **a1111_backcompat(res)}
 
 
 def _restore_old_hires_fix(res: dict[str, Any]) -> None:

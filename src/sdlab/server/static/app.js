@@ -1117,7 +1117,7 @@ async function readParameters(file) {
     const dataUrl = await readFile(file);
     const info = await api("/sdapi/v1/png-info", { method: "POST", body: { image: base64Of(dataUrl) } });
     const parameters = (info && info.parameters) || {};
-    if (!info || (!info.info && !Object.keys(parameters).length)) {
+    if (!info || !info.info) {                           // png-info gives A1111's defaults for none
       showError(`${file.name || "the image"} carries no generation parameters`);
       return;
     }
