@@ -1,7 +1,7 @@
 """Reading A1111's pictures as A1111 reads them: `Sigma noise` written as A1111 writes it and read back; the hires
 fix of A1111's files before 2023 (`First pass size`); the refiner switched by sampling steps (the label, and every
-refiner file before 1.8); png-info's version keys, NovelAI conversion and defaults of a picture without parameters.
-The references are A1111 1.10's lines, transcribed."""
+refiner file before 1.8); png-info's version keys, NovelAI conversion and defaults of a picture without parameters;
+the settings sdlab does not draw named in one warning. The references are A1111 1.10's lines, transcribed."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from PIL import Image, PngImagePlugin
 from sdlab.diffusion.discretization import get_discretization
 from sdlab.families import get_family
 from sdlab.pipeline.generate import generate, generate_with_refiner
-from sdlab.pipeline.infotext import a1111_backcompat, a1111_version, from_parameters, refiner_handoff, to_parameters
+from sdlab.pipeline.infotext import (
+    a1111_backcompat, a1111_version, from_parameters, refiner_handoff, to_parameters, undrawn_labels,
+)
 from sdlab.pipeline.plan import handoff_index, make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest
@@ -318,3 +320,47 @@ Steps: {json_info["steps"]}, Sampler: {sampler}, CFG scale: {json_info["scale"]}
     odd = png_info_of(image, {**chunks, "Comment": json.dumps({**comment, "sampler": "nai_smea"})})
     assert odd["parameters"]["Sampler"] == "Euler a"              # samplers_map.get(..., "Euler a")
     assert png_info_of(image, {**chunks, "Comment": "not json"})["info"] == ""
+
+
+# ---------------------------------------------------------------- what sdlab does not draw
+
+BASE = "a [red:blue:5] cube\nSteps: 6, Sampler: {sampler}, CFG scale: 5, Seed: 41, Size: 64x64{extra}, Version: {v}"
+
+
+@pytest.mark.parametrize("extra, named", [
+    (", Sigma churn: 0.9, Sigma tmin: 0.2", ["Sigma churn: 0.9", "Sigma tmin: 0.2"]),
+    (", Schedule max sigma: 5, Schedule min sigma: 0.1, Schedule rho: 3",
+     ["Schedule min sigma: 0.1", "Schedule max sigma: 5", "Schedule rho: 3"]),
+    (", Noise Schedule: Zero Terminal SNR", ["Noise Schedule: Zero Terminal SNR"]),
+    (", Discard penultimate sigma: True", ["Discard penultimate sigma: True"]),
+    (", Emphasis: No norm", ["Emphasis: No norm"]), (", Emphasis: Original", []),
+    (", Downcast alphas_cumprod: True", ["Downcast alphas_cumprod: True"]),
+    (", NGMS: 5, Skip Early CFG: 0.5, Pad conds: True", ["Pad conds: True", "NGMS: 5", "Skip Early CFG: 0.5"]),
+    (", CFG Rescale phi: 0.7", ["CFG Rescale phi: 0.7"]), (", CFG Rescale phi: 0", []),
+    (", Schedule rho: 0, Sigma churn: 0.0", []), ("", []),
+])
+def test_the_settings_sdlab_does_not_draw_are_named(extra, named):
+    assert undrawn_labels(parse_parameters(BASE.format(sampler="Euler", extra=extra, v="v1.10.1"))) == named
+
+
+@pytest.mark.parametrize("v, sampler", [("v1.5.2", "DDIM"), ("v1.6.0", "PLMS"), ("v1.7.0-224-gabcdef0", "Euler"),
+                                        ("v1.7.0-225-gabcdef0", "Euler"), ("v1.10.1", "DDIM"), ("sdlab 0.1.0", "DDIM")])
+def test_the_settings_a_version_implies_are_named(v, sampler):
+    p = parse_parameters(BASE.format(sampler=sampler, extra="", v=v))
+    res = dict(p)
+    backcompat(res)
+    assert undrawn_labels(p) == [f"{label}: True (A1111 {v})" for label in
+                                 ("Downcast alphas_cumprod", "Old prompt editing timelines", "Pad conds v0")
+                                 if label in res and label not in p]
+
+
+def test_from_png_names_what_it_cannot_draw_in_one_warning(tmp_path, capsys):
+    text = ("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 41, Size: 32x32, Sigma churn: 0.9, "
+            "Version: v1.6.0")
+    recorded = png_with_parameters(tmp_path / "old.png", text, (32, 32))
+    code, _, err = run(["txt2img", "--from-png", str(recorded), "--out", str(tmp_path / "again.png"), "--no-progress"],
+                       capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "does not draw" in line]
+    assert len(warnings) == 1
+    assert "Sigma churn: 0.9" in warnings[0] and "Downcast alphas_cumprod: True (A1111 v1.6.0)" in warnings[0]

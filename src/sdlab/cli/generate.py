@@ -799,8 +799,9 @@ def _comparable(value: Any) -> str:
 def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None, pipe, request) -> None:
     """Warn about what the --from-png picture was drawn with that this run does not have: its refiner, its
     standalone VAE, its textual-inversion embeddings (not found in --embeddings-dir), its ControlNet units past
-    the --controls given, its hires pass's own sampler, prompts, CFG, schedule or checkpoint."""
-    from sdlab.pipeline.infotext import parse_lora_hashes
+    the --controls given, its hires pass's own sampler, prompts, CFG, schedule or checkpoint, the A1111 settings
+    sdlab does not draw (`infotext.undrawn_labels`)."""
+    from sdlab.pipeline.infotext import parse_lora_hashes, undrawn_labels
 
     if recorded.get("VAE") and vae is None:
         logger.warning("the picture was decoded with the VAE %r; pass --vae FILE to redraw it", recorded["VAE"])
@@ -820,6 +821,10 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None
     if own and request.hires:
         logger.warning("the picture's hires pass had its own %s; sdlab's second pass runs with the first pass's, "
                        "so the redraw differs", ", ".join(f"{label} {recorded[label]!r}" for label in own))
+    undrawn = undrawn_labels(recorded)
+    if undrawn:
+        logger.warning("the picture was drawn with settings sdlab does not draw (%s); the redraw differs",
+                       ", ".join(undrawn))
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -507,6 +507,44 @@ def a1111_backcompat(p: dict[str, Any]) -> dict[str, bool]:
     return implied
 
 
+# A1111's labels (its settings' and common extensions') of what changes the picture and sdlab does not draw, each
+# with the value that changes nothing (None: every value changes it)
+_UNDRAWN_A1111_LABELS: dict[str, Any] = {
+    "Sigma churn": 0.0, "Sigma tmin": 0.0, "Sigma tmax": math.inf, "Schedule min sigma": 0.0,
+    "Schedule max sigma": 0.0, "Schedule rho": 0.0, "Beta schedule alpha": 0.6, "Beta schedule beta": 0.6,
+    "Noise Schedule": "Default", "Downcast alphas_cumprod": False, "Discard penultimate sigma": False,
+    "SGM noise multiplier": False, "Emphasis": "Original", "Old prompt editing timelines": False,
+    "Pad conds": False, "Pad conds v0": False, "NGMS": 0.0, "Skip Early CFG": 0.0, "Extra noise": 0.0,
+    "Token merging ratio": 0.0, "Token merging ratio hr": 0.0, "Conditional mask weight": 1.0,
+    "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable", "Soft inpainting enabled": False,
+    "CFG Rescale phi": 0.0, "CFG Rescale": 0.0, "CFG Rescale \u03c6": 0.0,   # extensions' rescale of x0, not eps
+    "Face restoration": None, "Hypernet": None, "Postprocess upscale by": 1.0, "ADetailer model": None,
+}
+
+
+def undrawn_labels(p: dict[str, Any]) -> list[str]:
+    """The `Label: value` pairs of what a text's picture was drawn with that changes it and that sdlab does not
+    draw (`_UNDRAWN_A1111_LABELS`), the labels its A1111 version implies (`a1111_backcompat`) among them."""
+    implied = {label: value for label, value in a1111_backcompat(p).items() if label not in p}
+    labels = {**p, **implied}
+    return [f"{label}: {labels[label]}" + (f" (A1111 {p['Version']})" if label in implied else "")
+            for label, none in _UNDRAWN_A1111_LABELS.items()
+            if label in labels and not _changes_nothing(labels[label], none)]
+
+
+def _changes_nothing(value: Any, none: Any) -> bool:
+    """Whether a label's `value` is its value that changes nothing (`_UNDRAWN_A1111_LABELS`): by number, as a
+    True / False word or as the text, by the kind of `none`."""
+    if isinstance(none, bool):
+        return str(value).strip().lower() == str(none).lower()
+    if isinstance(none, float):
+        try:
+            return float(value) == none
+        except (TypeError, ValueError):
+            return False
+    return none is not None and str(value).strip() == none
+
+
 _INPAINT_AREAS = {"Only masked": True, "Whole picture": False}        # A1111's Inpaint area: inpaint_only_masked
 _MASK_MODES = {"Inpaint masked": False, "Inpaint not masked": True}    # A1111's Mask mode: invert_mask
 _EMPTY_NEGATIVES = {"zeros": True, "encoded": False}                    # sdlab's: zero_empty_negative
