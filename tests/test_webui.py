@@ -650,6 +650,13 @@ def test_refiner_picker_draws_with_the_refiner_and_reuse_fills_it(browser, refin
     assert severe_console_errors(browser) == []
 
 
+def _dropped(browser, base: str, settings_line: str) -> dict:
+    """The request the form sends once filled from a PNG of "a castle" with `settings_line` (`POST /api/parameters`)."""
+    png = png_with_parameters(f"a castle\nSteps: 4, {settings_line}")
+    read = http_json(base, "/api/parameters", {"image": base64.b64encode(png).decode()})
+    return browser.execute_script("fillForm(arguments[0]); return collectRequest()", read["settings"])
+
+
 def test_reuse_keeps_the_refiners_handoff_rule(browser, refiner_server):
     """A job of A1111's API hands over by A1111's rule: reusing it sends that rule again, a native job's
     diffusers' rule; a dropped PNG's refiner takes the rule its parameters imply."""
@@ -665,15 +672,10 @@ def test_reuse_keeps_the_refiners_handoff_rule(browser, refiner_server):
     assert browser.execute_script(sent, job["request"])["refiner_convention"] == "a1111"
     native = {**job["request"], "refiner_convention": "diffusers"}
     assert browser.execute_script(sent, native)["refiner_convention"] == "diffusers"
-    dropped = browser.execute_script(
-        "fillForm(settingsFromParameters(arguments[0])); return collectRequest()",
-        {"Prompt": "a castle", "Steps": "4", "Refiner": "refiner [0123abcd]", "Refiner switch at": "0.6"})
+    dropped = _dropped(browser, base, "Refiner: refiner [0123abcd], Refiner switch at: 0.6, Version: v1.10.1")
     assert (dropped["refiner"], dropped["refiner_switch"], dropped["refiner_convention"]) == (title, 0.6, "a1111")
-    by_steps = browser.execute_script(                                  # png-info's of A1111 before 1.8
-        "fillForm(settingsFromParameters(arguments[0])); return collectRequest()",
-        {"Prompt": "a castle", "Steps": "4", "Refiner": "refiner [0123abcd]", "Refiner switch at": "0.6",
-         "Refiner switch by sampling steps": True, "Version": "v1.6.0"})
-    assert by_steps["refiner_convention"] == "a1111_steps"
+    by_steps = _dropped(browser, base, "Refiner: refiner [0123abcd], Refiner switch at: 0.6, Version: v1.6.0")
+    assert by_steps["refiner_convention"] == "a1111_steps"               # A1111 before 1.8 switched by steps
     assert severe_console_errors(browser) == []
 
 

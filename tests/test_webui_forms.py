@@ -1,9 +1,9 @@
 """The web UI's form in a real headless browser (the helpers and fixtures of test_webui.py): a number box
 holding text that is not a number is an error, never a silent default; the hires fix (with the server's
 upscaler models too), clip skip and the variation seed reach the job; "Reuse" of a job and a dropped PNG fill the form alike, those controls
-included, and name each setting the form has no control for (Eta, ControlNet units, ...); the drawing
-conventions a job records (ENSD, initial noise, img2img steps) go back with the form, so Reuse of a
-ComfyUI-spelt job draws it again."""
+included, and name each setting the form has no control for and the API does not take (the noise multiplier,
+ControlNet units, ...); those it takes (the drawing conventions a job records: ENSD, initial noise, img2img
+steps; SDXL's conditioning) go back with the form, so Reuse of a ComfyUI-spelt job draws it again."""
 
 from __future__ import annotations
 
@@ -173,7 +173,7 @@ def test_a_dropped_png_fills_hires_clip_skip_and_variation_and_names_the_rest(pa
     parameters = ("a red apple\nSteps: 4, Sampler: Euler, Schedule type: Uniform, CFG scale: 5, Seed: 3, Size: 64x48, "
                   "Model hash: 0123456789, Clip skip: 2, Variation seed: 9, Variation seed strength: 0.4, "
                   "Denoising strength: 0.5, Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent, ENSD: 31337, "
-                  "Mask blur: 3, Emphasis: No norm, Hires sampler: Use same sampler, RNG: GPU, "
+                  "Mask blur: 3, Emphasis: No norm, RNG: GPU, "
                   'ControlNet 0: "Module: canny, Model: control_canny [abc]", Version: v1.10.0')
     drop_file(page, png_with_parameters(parameters), "apple.png")
     wait(page, lambda d: text(d, "notice").startswith("Settings read from apple.png"), 20, "the PNG was not read")
@@ -346,32 +346,33 @@ def test_reuse_and_a_dropped_png_name_alike_what_the_form_lacks(page, base_url):
     assert text(page, "notice").split("; ", 1)[1] == reused.split("; ", 1)[1]
     assert (value(page, "invert_mask"), value(page, "inpaint_fill"), value(page, "inpaint_only_masked"),
             value(page, "inpaint_padding")) == ("true", "latent noise", "true", "4")
-    # any other field the form lacks is named once it holds something
+    # any other field the form lacks is named once it holds something, unless the form sends it (`KEPT`)
     named = page.execute_script("return settingsNotInForm(arguments[0])",
                                 {**job["request"], "original_size": [96, 96], "mask_blur_y": 7, "controls": [{}],
                                  "some_new_field": 3})
-    assert {"original_size [96,96]", "Mask blur y 7", "1 ControlNet unit", "some_new_field 3"} <= set(named), named
+    assert {"Mask blur y 7", "1 ControlNet unit", "some_new_field 3"} <= set(named), named
+    assert not any("original_size" in note for note in named), named
 
 
-def test_reuse_and_a_dropped_png_name_alike_the_sdxl_conditioning(page, base_url):
+def test_reuse_and_a_dropped_png_send_the_sdxl_conditioning_until_the_size_changes(page, base_url):
     """SDXL's size, crop and aesthetic conditioning, which the form has no control for, is recorded in the
-    picture's parameters, so a dropped PNG names it in the notice as Reuse of its job does."""
+    picture's parameters: Reuse of its job and a dropped PNG of it keep it and send it with the form, unnamed,
+    until the picture's size is changed."""
     sdxl = {"original_size": [512, 768], "target_size": [64, 72], "crops_coords_top_left": [0, 32],
             "negative_crops_coords_top_left": [8, 0], "aesthetic_score": 7.5}
     job = wait_job(base_url, http_json(base_url, "/api/jobs", {"prompt": "an sdxl reuse", "steps": 2, "seed": 5,
                                                                **sdxl})["id"])
     assert job["status"] == "done", job
     reuse(page, base_url, job["id"])
-    wait(page, lambda d: text(d, "notice").startswith("Settings reused"), 10, "no notice")
-    reused = text(page, "notice")
+    wait(page, lambda d: value(d, "prompt") == "an sdxl reuse", 10, "the settings were not reused")
+    assert text(page, "notice") == "" and page.execute_script("return collectRequest()").items() >= sdxl.items()
     open_page(page, base_url)
     drop_file(page, http_bytes(base_url, job["images"][0]), "sdxl.png")
-    wait(page, lambda d: text(d, "notice").startswith("Settings read from sdxl.png"), 10, "the PNG was not read")
-    dropped = text(page, "notice")
-    for note in ("original_size [512,768]", "target_size [64,72]", "crops_coords_top_left [0,32]",
-                 "negative_crops_coords_top_left [8,0]", "aesthetic_score 7.5"):
-        assert note in reused and note in dropped, (note, reused, dropped)
-    assert "SDXL" not in dropped, dropped                   # every label read, none left as text
+    wait(page, lambda d: text(d, "notice") == "Settings read from sdxl.png", 10, "the PNG was not read cleanly")
+    assert page.execute_script("return collectRequest()").items() >= sdxl.items()
+    set_value(page, "width", 48)
+    page.find_element(By.ID, "prompt").click()                        # the width box's change event
+    assert not set(page.execute_script("return collectRequest()")) & set(sdxl)
 
 
 def _pixels_of(base: str, job: dict) -> np.ndarray:
@@ -397,14 +398,14 @@ def test_reuse_of_a_comfyui_spelt_job_draws_the_same_picture(page, base_url):
     assert again["id"] != job["id"] and again["status"] == "done", again
     assert np.array_equal(_pixels_of(base_url, again), _pixels_of(base_url, job))
     Select(page.find_element(By.ID, "sampler")).select_by_value("Euler")
-    assert page.execute_script("return conventionsRequest()") == {}
+    assert page.execute_script("return keptRequest()") == {}
 
     drop_file(page, http_bytes(base_url, job["images"][0]), "comfy.png")
     wait(page, lambda d: text(d, "notice") == "Settings read from comfy.png", 20, "the PNG was not read cleanly")
-    assert page.execute_script("return conventionsRequest()") == {"eta_noise_seed_delta": 1, "init_noise": "comfyui",
+    assert page.execute_script("return keptRequest()") == {"eta_noise_seed_delta": 1, "init_noise": "comfyui",
                                                                   "zero_empty_negative": False}
     Select(page.find_element(By.ID, "schedule")).select_by_value("karras")
-    assert page.execute_script("return conventionsRequest()") == {}
+    assert page.execute_script("return keptRequest()") == {}
 
 
 def test_a_dropped_png_of_a_cfg_pp_picture_recorded_under_forges_label_draws_it_again(page, base_url):
@@ -422,72 +423,10 @@ def test_a_dropped_png_of_a_cfg_pp_picture_recorded_under_forges_label_draws_it_
     drop_file(page, http_bytes(base_url, job["images"][0]), "cfgpp.png")
     wait(page, lambda d: text(d, "notice") == "Settings read from cfgpp.png", 20, "the PNG was not read cleanly")
     assert value(page, "sampler") == "Euler CFG++"
-    assert page.execute_script("return conventionsRequest()") == {"init_noise": "comfyui", "zero_empty_negative": False}
+    assert page.execute_script("return keptRequest()") == {"init_noise": "comfyui", "zero_empty_negative": False}
     page.find_element(By.ID, "generate").click()
     wait(page, lambda d: len([j for j in http_json(base_url, "/api/jobs")["jobs"] if j["request"].get("prompt") == prompt])
          == 2, 20, "the form queued no job")
     again = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])
     assert again["id"] != job["id"] and again["status"] == "done", again
     assert np.array_equal(_pixels_of(base_url, again), _pixels_of(base_url, job))
-
-
-# The page's tables, read from app.js as the browser evaluates it (BigInt seeds as their digits)
-PAGE_TABLES = """return {
-  numbers: NUMBER_LABELS, words: WORD_LABELS, choices: CHOICE_LABELS, seeds: SEED_LABELS, switches: SWITCH_LABELS,
-  sdxlSizes: SDXL_SIZE_LABELS, sdxlCrops: SDXL_CROP_LABELS,
-  texts: [...TEXT_LABELS], nothing: [...NOTHING_TO_APPLY], noOps: NO_OP_VALUES,
-  notInForm: Object.fromEntries(Object.entries(NOT_IN_FORM).map(([key, entry]) => [key, entry.none])),
-  seedRange: [String(MIN_SEED), String(MAX_SEED)],
-};"""
-
-
-def _as_js_string(value) -> str:
-    """JavaScript's `String(value)` of a JSON value png-info answers with (the page compares labels so)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def test_the_pages_label_and_default_tables_are_pythons(page):
-    """app.js repeats Python's tables to read a dropped PNG and a reused job: the labels `sdlab txt2img
-    --from-png` reads (`infotext._FIELDS`, the two-word labels, png-info's split sizes), png-info's A1111
-    defaults (`a1111._a1111_defaults`), the request's defaults of the fields the form has no control for
-    (`GenerationRequest`, `JobSpec.batch_count`) and the seed range (`request.MIN_SEED`, `MAX_SEED`). A label
-    or default added in Python and not in the page fails here, not silently on a user's PNG."""
-    import dataclasses
-
-    from sdlab.pipeline.infotext import _FIELDS, _SDXL_CROPS, _SDXL_SIZES, from_parameters
-    from sdlab.pipeline.request import MAX_SEED, MIN_SEED, GenerationRequest
-    from sdlab.server.a1111 import _a1111_defaults
-    from sdlab.server.inputs import JobSpec
-
-    js = page.execute_script(PAGE_TABLES)
-    applied = {**js["numbers"], **js["words"], **js["seeds"], **js["switches"],
-               **{label: choice[0] for label, choice in js["choices"].items()}}
-    for label, (field, kind) in _FIELDS.items():           # each label the page applies, or names as it is
-        if label in applied:
-            table = js["switches"] if kind is bool else js["words"] if kind is str else (
-                js["seeds"] if label in js["seeds"] else js["numbers"])
-            assert table.get(label) == field, (label, field)
-        else:
-            assert label in js["texts"] or label in js["nothing"] or field in js["notInForm"], label
-    assert js["sdxlSizes"] == _SDXL_SIZES and js["sdxlCrops"] == {k: list(v) for k, v in _SDXL_CROPS.items()}
-    split = {f"{label}-{i}": label for label in ("Size", "Hires resize", "Seed resize from")
-             for i in (1, 2)}                                                     # png-info's WxH
-    for label, field in applied.items():
-        if label in split:
-            value = "64x48" if label.endswith("1") else "48x64"
-            assert from_parameters({split[label]: value})[field] == 64, label
-        elif label in js["choices"]:
-            _, yes, no = js["choices"][label]
-            assert from_parameters({label: yes.title()})[field] is True and from_parameters({label: no})[field] is False
-        else:
-            assert _FIELDS[label][0] == field, label
-    defaults = _a1111_defaults({"FP8 weight": "Enable", "Prompt": "(a:1.2)"})      # the conditional ones too
-    for label, value in defaults.items():
-        assert js["noOps"].get(label) == _as_js_string(value) or label in applied or label in js["texts"], label
-    assert set(js["noOps"]) <= set(defaults)
-    request = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
-    request["batch_count"] = JobSpec.batch_count
-    for field, none in js["notInForm"].items():
-        python = request[field]
-        assert (list(python) if isinstance(python, tuple) else python) == none, field
-    assert js["seedRange"] == [str(MIN_SEED), str(MAX_SEED)]

@@ -6,11 +6,13 @@
     DELETE /api/jobs/{id}            cancel (queued: at once; running: at the next step) -> {id, status}
     GET    /api/jobs/{id}/events     Server-Sent Events: queued, started, step {i, n, preview}, done, failed, cancelled
     GET    /api/images/{name}        a picture the server drew (only names it wrote, only from its folder)
+    POST   /api/parameters           {image} -> {info, settings, unread}: a picture's parameters as a job's settings
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import re
 from typing import Any, Literal
@@ -19,13 +21,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
 from sdlab.pipeline.request import GenerationRequest, RequestError, check_sdxl_conditioning
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
-    BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_image, refiner_choice, schedule_name,
+    BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_base64, decode_image, refiner_choice, schedule_name,
     unset_preset_fields, with_preset,
 )
 from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
+from sdlab.server.picture_settings import picture_settings, unread_labels
 from sdlab.server.previews import jpeg_data_url
 from sdlab.server.service import Service
 
@@ -81,6 +85,7 @@ class JobIn(NullsAreDefaults):
     inpaint_only_masked: bool = False       # draw only the mask's region (A1111's Inpaint area "Only masked") ...
     inpaint_padding: int = 32               # ... reaching this many pixels past the mask
     clip_skip: int = 1
+    clip_skip_convention: str = "diffusers"  # "a1111": A1111's rule, SD1's encoder alone moves back (its pictures')
     eta: float | None = None
     # the drawing conventions a job records, so that its record draws it again (a ComfyUI-spelt sampler's are
     # recorded under A1111's name: `GenerationRequest`'s module docstring)
@@ -88,6 +93,7 @@ class JobIn(NullsAreDefaults):
                                             # (1 for a ComfyUI spelling that draws step noise, else 0)
     init_noise: str | None = None           # the start noise's scale: sigma_max, vp, diffusers_leading, comfyui
     img2img_convention: str = "diffusers"   # strength -> steps: diffusers, a1111, a1111_fix_steps, comfyui, lcm
+    control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers' or "a1111"'s
     zero_empty_negative: bool | None = None  # an empty negative: zeros or "" encoded (False); unset: the model's
                                             # rule (False for a ComfyUI spelling)
     subseed: int | None = None              # variation seed (A1111); used when subseed_strength > 0
@@ -170,8 +176,10 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     generation = GenerationRequest(
         prompt=body.prompt, negative_prompt=body.negative_prompt, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
-        batch_size=body.batch_size, clip_skip=body.clip_skip, eta=body.eta, init_noise=body.init_noise,
+        batch_size=body.batch_size, clip_skip=body.clip_skip, clip_skip_convention=body.clip_skip_convention,
+        eta=body.eta, init_noise=body.init_noise,
         img2img_convention=body.img2img_convention, zero_empty_negative=body.zero_empty_negative,
+        control_convention=body.control_convention,
         init_image=init, mask_image=mask,
         strength=strength, resize_mode=body.resize_mode, mask_blur=body.mask_blur, invert_mask=body.invert_mask,
         inpaint_fill=body.inpaint_fill,
@@ -272,3 +280,32 @@ def get_image(name: str, request: Request) -> FileResponse:
     if not IMAGE_NAME.match(name) or not path.is_file():
         return JSONResponse({"detail": "Not Found"}, status_code=404)
     return FileResponse(path, media_type="image/png")
+
+
+class PictureIn(NullsAreDefaults):
+    model_config = ConfigDict(extra="forbid")
+    image: str                              # a PNG, JPEG or WebP: base64 or a data URL
+
+
+@router.post("/parameters")
+def picture_parameters(body: PictureIn, request: Request) -> dict[str, Any]:
+    """A picture's parameters as the settings of a job that draws it again, read as `sdlab txt2img --from-png`
+    reads them (`picture_settings`), with its parameters text (`info`) and the labels they leave `unread`. A
+    picture without parameters, with another program's metadata or with a value that is not one is a 422."""
+    raw = decode_base64(body.image, "image")
+    try:
+        text = read_parameters(io.BytesIO(raw))
+        foreign = foreign_metadata(io.BytesIO(raw), text)
+    except Exception as err:           # Pillow raises many types on data that is not an image
+        raise BadRequest(f"image is not a readable PNG, JPEG or WebP: {err}", 400, "Invalid encoded image") from None
+    if foreign:
+        raise BadRequest(f"the picture holds {foreign}, not the A1111 parameters text sdlab reads", 422)
+    if not text:
+        raise BadRequest("the picture carries no generation parameters", 422)
+    parameters = parse_parameters(text)
+    models = service_of(request).registry
+    try:
+        settings = picture_settings(parameters, models)
+    except ValueError as err:
+        raise BadRequest(str(err), 422) from None
+    return {"info": text, "settings": settings, "unread": unread_labels(parameters, models)}

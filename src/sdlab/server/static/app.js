@@ -1,6 +1,6 @@
 // sdlab web UI: plain JavaScript on sdlab's HTTP API (no build step).
-//   lists:    /sdapi/v1/sd-models, samplers, schedulers, loras, options, latent-upscale-modes, upscalers;
-//             /sdapi/v1/png-info
+//   lists:    /sdapi/v1/sd-models, samplers, schedulers, loras, options, latent-upscale-modes, upscalers
+//   a PNG:    POST /api/parameters -> {info, settings, unread}
 //   jobs:     POST /api/jobs -> {id}; GET /api/jobs; GET/DELETE /api/jobs/{id};
 //             GET /api/jobs/{id}/events (Server-Sent Events: queued, started, step, done, failed, cancelled)
 "use strict";
@@ -13,100 +13,58 @@ const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser ta
 // checkboxes that show their options (A1111's "Hires. fix" and seed "Extra"); unticked, the request leaves them out
 const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options", enable_refiner: "refiner-options" };
 
-// The tables down to NOT_IN_FORM repeat Python's (labels, defaults, seed range); a test compares them
-// (tests/test_webui_forms.py::test_the_pages_label_and_default_tables_are_pythons).
-// A1111 parameter labels with a number -> request fields, as `sdlab txt2img --from-png` reads them
-// (pipeline/infotext.py); png-info splits a "WxH" value into "<label>-1" / "<label>-2".
-const NUMBER_LABELS = {
-  Steps: "steps", "CFG scale": "cfg_scale", "Size-1": "width", "Size-2": "height",
-  "Denoising strength": "strength", "Mask blur": "mask_blur", "Mask blur x": "mask_blur", "Mask blur y": "mask_blur_y",
-  "Masked area padding": "inpaint_padding", "Clip skip": "clip_skip", "Variation seed strength": "subseed_strength",
-  ENSD: "eta_noise_seed_delta", Eta: "eta", "Eta DDIM": "eta", "CFG rescale": "guidance_rescale",
-  "Noise multiplier": "noise_multiplier", "Hires upscale": "hr_scale", "Hires steps": "hr_steps",
-  "Hires resize-1": "hr_width", "Hires resize-2": "hr_height",
-  "Seed resize from-1": "seed_resize_from_w", "Seed resize from-2": "seed_resize_from_h",
-  "SDXL aesthetic score": "aesthetic_score", "SDXL negative aesthetic score": "negative_aesthetic_score",
-};
-// sdlab's SDXL size labels ("WxH", which png-info splits) -> request fields taking [height, width], and request
-// fields taking a crop corner [top, left] -> its two labels (infotext.py _SDXL_SIZES, _SDXL_CROPS)
-const SDXL_SIZE_LABELS = {
-  "SDXL original size": "original_size", "SDXL target size": "target_size",
-  "SDXL negative original size": "negative_original_size", "SDXL negative target size": "negative_target_size",
-};
-const SDXL_CROP_LABELS = {
-  crops_coords_top_left: ["SDXL crop top", "SDXL crop left"],
-  negative_crops_coords_top_left: ["SDXL negative crop top", "SDXL negative crop left"],
-};
-const SDXL_PAIR_LABELS = new Set([...Object.keys(SDXL_SIZE_LABELS).flatMap((label) => [`${label}-1`, `${label}-2`]),
-  ...Object.values(SDXL_CROP_LABELS).flat()]);
-// A1111 labels with a word -> request fields taking it as it is
-const WORD_LABELS = {
-  "Masked content": "inpaint_fill", "Img2img steps": "img2img_convention", "Initial noise": "init_noise", RNG: "rng",
-  "Clip skip rule": "clip_skip_convention",
-};
-// A1111 labels with one of two words -> request fields, true for the first (infotext.py _INPAINT_AREAS, _MASK_MODES)
-const CHOICE_LABELS = {
-  "Inpaint area": ["inpaint_only_masked", "only masked", "whole picture"],
-  "Mask mode": ["invert_mask", "inpaint not masked", "inpaint masked"],
-  "Empty negative": ["zero_empty_negative", "zeros", "encoded"],
-};
-// A1111 labels of seeds -> request fields, kept as their digits (`parseJson`)
-const SEED_LABELS = { Seed: "seed", "Variation seed": "subseed" };
-// The seeds the server takes (pipeline/request.py MIN_SEED..MAX_SEED; -1 draws one)
+// The seeds the server takes (pipeline/request.py MIN_SEED..MAX_SEED; -1 draws one); a test compares them and the
+// defaults below with Python's (tests/test_webui_from_png.py::test_every_field_the_api_takes_reaches_the_job_...)
 const MIN_SEED = -(2n ** 63n);
 const MAX_SEED = 2n ** 64n - 1n;
 // A seed in JSON, by its key; `parseJson` reads its digits as text: JavaScript's numbers hold integers exactly
 // only up to 2^53, and the server's seeds go up to 2^64 - 1
-const SEED_NUMBER = /("(?:seed|subseed|Seed|Variation seed)"\s*:\s*)(-?\d+)(?=\s*[,}\]])/g;
-// A1111 labels with a True / False value -> request fields
-const SWITCH_LABELS = { Tiling: "tiling" };
-const TEXT_LABELS = new Set(["Prompt", "Negative prompt", "Sampler", "Schedule type", "Size", "Model", "Hires upscaler",
-  "Refiner", "Refiner switch at", "Refiner steps", "Refiner switch by sampling steps"]);
-// Labels that describe the file rather than the drawing, or that png-info has applied (an old hires fix's first
-// pass size: its Size and Hires resize)
-const NOTHING_TO_APPLY = new Set(["Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes",
-  "First pass size-1", "First pass size-2"]);
-// Values that change nothing: png-info's A1111 (1.10) defaults for labels a text leaves out, and what this form
-// sends
-const NO_OP_VALUES = {
-  "Hires sampler": "Use same sampler", "Hires schedule type": "Use same scheduler", "Hires checkpoint": "Use same checkpoint",
-  "Hires prompt": "", "Hires negative prompt": "", "Schedule max sigma": "0", "Schedule min sigma": "0",
-  "Schedule rho": "0", "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable",
-  "Cache FP16 weight for LoRA": "false", "Refiner switch by sampling steps": "false", Emphasis: "Original",
-};
-// Request fields the form has no control for, with the notice's name of each (A1111's label where it has
-// one), the value that changes nothing (the API's default) and when another value changes nothing either
-// (`unused`): a reused job's or a dropped PNG's other value is named, the form drawing without it. A field
-// the form lacks that is not here is named whenever it holds something (`isEmpty`).
+const SEED_NUMBER = /("(?:seed|subseed)"\s*:\s*)(-?\d+)(?=\s*[,}\]])/g;
+// Request fields the form has no control for and the native API does not take, with the notice's name of each
+// (A1111's label where it has one), the value that changes nothing (the API's default) and when another value
+// changes nothing either (`unused`): a reused job's or a dropped PNG's other value is named, the form drawing
+// without it. A field the form lacks that is not here nor `KEPT` is named whenever it holds something (`isEmpty`).
 const withoutInitImage = (s) => s.mode === "txt2img";
 const NOT_IN_FORM = {
-  eta: { name: "Eta", none: null },
   s_noise: { name: "s_noise", none: 1 },
   guidance_rescale: { name: "CFG rescale", none: 0 },
   noise_multiplier: { name: "Noise multiplier", none: 1, unused: withoutInitImage },
   mask_blur_y: { name: "Mask blur y", none: null, unused: (s) => s.mask_blur_y === s.mask_blur },
-  clip_skip_convention: { name: "Clip skip rule", none: "diffusers", unused: (s) => Number(s.clip_skip ?? 1) === 1 },
-  control_convention: { name: "Control steps", none: "diffusers", unused: (s) => !(s.controls || []).length },
   quantize_timesteps: { name: "Timestep rounding", none: false },
   paste_back: { name: "paste_back", none: true },
   tiled_vae: { name: "tiled_vae", none: null },
   batch_count: { name: "Batch count", none: 1 },
-  aesthetic_score: { name: "aesthetic_score", none: 6 },
-  negative_aesthetic_score: { name: "negative_aesthetic_score", none: 2.5 },
-  crops_coords_top_left: { name: "crops_coords_top_left", none: [0, 0] },
-  negative_crops_coords_top_left: { name: "negative_crops_coords_top_left", none: [0, 0] },
 };
-// The drawing conventions the form has no control for, with the API's value when unset: a reused job's or a
-// dropped PNG's other values are kept (`state.conventions`) and sent until another sampler or schedule is picked,
-// as they go with the two (a ComfyUI-spelt sampler, "euler_ancestral", is recorded as "Euler a" with ENSD 1,
-// ComfyUI's initial noise, its img2img steps and its empty negative, encoded; the initial noise follows the
-// schedule too)
-const CONVENTIONS = { eta_noise_seed_delta: null, init_noise: null, img2img_convention: "diffusers",
-  zero_empty_negative: null };
-// Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule, `CONVENTIONS`), follow
-// from what it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the
-// PNG's unread labels
-const KEPT_APART = new Set(["mode", "model", "loras", "refiner_convention", ...Object.keys(CONVENTIONS),
+// Request fields the form has no control for and the native API takes, with the API's value when unset and the
+// controls whose change lets them go: a reused job's or a dropped PNG's other values are kept (`state.kept`) and
+// sent with the form's requests until one of those controls changes or other settings are restored. The drawing
+// conventions go with the sampler and schedule (a ComfyUI-spelt sampler, "euler_ancestral", is recorded as
+// "Euler a" with ENSD 1, ComfyUI's initial noise, its img2img steps and its empty negative, encoded; the initial
+// noise follows the schedule too), eta with the sampler, SDXL's conditioning with the picture's size; A1111's
+// clip skip and ControlNet step rules (its pictures' and its API's jobs') stay.
+const WITH_SAMPLING = ["sampler", "schedule"];
+const WITH_SIZE = ["width", "height"];
+const KEPT = {
+  eta_noise_seed_delta: { none: null, with: WITH_SAMPLING },
+  init_noise: { none: null, with: WITH_SAMPLING },
+  img2img_convention: { none: "diffusers", with: WITH_SAMPLING },
+  zero_empty_negative: { none: null, with: WITH_SAMPLING },
+  eta: { none: null, with: ["sampler"] },
+  clip_skip_convention: { none: "diffusers", with: [] },
+  control_convention: { none: "diffusers", with: [] },
+  original_size: { none: null, with: WITH_SIZE },
+  target_size: { none: null, with: WITH_SIZE },
+  crops_coords_top_left: { none: [0, 0], with: WITH_SIZE },
+  aesthetic_score: { none: 6, with: WITH_SIZE },
+  negative_original_size: { none: null, with: WITH_SIZE },
+  negative_target_size: { none: null, with: WITH_SIZE },
+  negative_crops_coords_top_left: { none: [0, 0], with: WITH_SIZE },
+  negative_aesthetic_score: { none: 2.5, with: WITH_SIZE },
+};
+// Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule, `KEPT`), follow from what
+// it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the PNG's
+// unread labels
+const KEPT_APART = new Set(["mode", "model", "loras", "refiner_convention", ...Object.keys(KEPT),
   "first_pass_steps", "size_convention", "unread"]);
 
 const state = {
@@ -121,8 +79,8 @@ const state = {
   shownJob: null,         // id of the job the progress bar and viewer show
   lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
   refinerConvention: "diffusers",   // the refiner's handoff rule: the native API's default, or the reused job's
-  conventions: {},        // the reused job's or dropped PNG's `CONVENTIONS` that are not the API's, until another
-                          // sampler or schedule is picked
+  kept: {},               // the reused job's or dropped PNG's `KEPT` that are not the API's, until a control they go
+                          // with changes
   clock: null,            // {id, i, t}: the first step seen of the followed job, for the time left
   jobsSignature: "",
 };
@@ -263,6 +221,8 @@ async function loadLists() {
 // Select the option whose value, text or aliases match `wanted` (case-insensitive). Returns success.
 function selectMatching(select, wanted) {
   if (wanted == null || wanted === "") { select.value = ""; return select.value === ""; }
+  const exact = [...select.options].find((option) => option.value === String(wanted));   // A1111's "Beta", not "beta"
+  if (exact) { select.value = exact.value; return true; }
   const key = String(wanted).trim().toLowerCase();
   const norm = (s) => String(s || "").trim().toLowerCase();
   for (const option of select.options) {
@@ -574,7 +534,7 @@ function collectRequest() {
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
   if (state.mode === "txt2img" && $("enable_hr").checked) Object.assign(body, hiresRequest());
   if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
-  Object.assign(body, conventionsRequest());
+  Object.assign(body, keptRequest());
   if (body.hr_scale !== undefined && body.refiner) {
     throw new ApiError("the hires fix does not run with an SDXL refiner: untick Hires. fix or Refiner");
   }
@@ -592,19 +552,24 @@ function collectRequest() {
   return body;
 }
 
-// The kept `CONVENTIONS`, but for inpainting not LCM's img2img steps, which do not inpaint: the server draws a
-// full LCM model's inpainting under diffusers' rule, as it does when none is sent
-function conventionsRequest() {
-  const kept = { ...state.conventions };
+// The `KEPT` settings, but for inpainting not LCM's img2img steps, which do not inpaint: the server draws a full
+// LCM model's inpainting under diffusers' rule, as it does when none is sent
+function keptRequest() {
+  const kept = { ...state.kept };
   if (state.mode === "inpaint" && kept.img2img_convention === "lcm") delete kept.img2img_convention;
   return kept;
 }
 
-// Keep the settings' `CONVENTIONS` that are not the API's (`state.conventions`)
-function keepConventions(settings) {
-  state.conventions = Object.fromEntries(Object.entries(CONVENTIONS)
-    .filter(([key, none]) => settings[key] != null && !sameValue(settings[key], none))
+// Keep the settings' `KEPT` fields that are not the API's (`state.kept`)
+function keepHidden(settings) {
+  state.kept = Object.fromEntries(Object.entries(KEPT)
+    .filter(([key, { none }]) => settings[key] != null && !sameValue(settings[key], none))
     .map(([key]) => [key, settings[key]]));
+}
+
+// Let the kept settings that go with the control `id` go (it changed)
+function dropKept(id) {
+  for (const key of Object.keys(state.kept)) if (KEPT[key].with.includes(id)) delete state.kept[key];
 }
 
 function setField(id, value) {
@@ -626,13 +591,10 @@ function fillForm(settings) {
   setField("prompt", settings.prompt);
   renderLoras();
   setField("negative_prompt", settings.negative_prompt ?? "");
-  setField("steps", settings.steps);
-  setField("cfg_scale", settings.cfg_scale);
-  setField("seed", settings.seed);
-  setField("width", settings.width);
-  setField("height", settings.height);
+  for (const id of ["steps", "cfg_scale", "seed", "width", "height", "clip_skip"]) {
+    setField(id, orDefault(id, settings[id]));           // settings without one were drawn with the default
+  }
   setField("batch_size", settings.batch_size);
-  setField("clip_skip", settings.clip_skip);
   $("tiling").checked = settings.tiling === true;          // settings without it were drawn without
   const rng = settings.rng ?? "CPU";                       // a record without it: sdlab's default drew it
   if (!selectMatching($("rng"), rng)) unknown.push(`RNG "${rng}"`);
@@ -642,8 +604,8 @@ function fillForm(settings) {
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
   fillRefiner(settings, unknown);
-  keepConventions(settings);
-  if (settings.sampler != null && !selectMatching($("sampler"), settings.sampler)) unknown.push(`sampler "${settings.sampler}"`);
+  keepHidden(settings);
+  if (settings.sampler !== undefined && !selectMatching($("sampler"), settings.sampler ?? "")) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
   if (settings.model && !selectMatching($("model"), settings.model)) unknown.push(`model "${settings.model}"`);
   return unknown;
@@ -695,88 +657,10 @@ function fillHires(settings, unknown) {
   if (!selectMatching($("hr_upscaler"), upscaler)) unknown.push(`hires upscaler "${upscaler}"`);
 }
 
-// A1111 infotext labels (png-info's `parameters`) -> request-style settings; the labels it cannot place
-// go to `unread` ("Label: value"), for the notice.
-function settingsFromParameters(p) {
-  if ("prompt" in p && !("Prompt" in p)) return p;     // already request-style
-  const s = { unread: [] };
-  const number = (v) => (v === undefined || v === null || v === "" || !Number.isFinite(Number(v)) ? undefined : Number(v));
-  const choice = (label, v) => ({ [CHOICE_LABELS[label][1]]: true, [CHOICE_LABELS[label][2]]: false })[String(v).trim().toLowerCase()];
-  if ("Prompt" in p) s.prompt = String(p.Prompt);
-  s.negative_prompt = String(p["Negative prompt"] ?? "");
-  for (const [label, value] of Object.entries(p)) {
-    if (label in SEED_LABELS && /^-?\d+$/.test(String(value).trim())) s[SEED_LABELS[label]] = String(value).trim();
-    else if (label in NUMBER_LABELS && number(value) !== undefined) s[NUMBER_LABELS[label]] = number(value);
-    else if (label in SWITCH_LABELS) s[SWITCH_LABELS[label]] = String(value).toLowerCase() === "true";
-    else if (label in WORD_LABELS) s[WORD_LABELS[label]] = String(value).trim();
-    else if (label in CHOICE_LABELS && choice(label, value) !== undefined) s[CHOICE_LABELS[label][0]] = choice(label, value);
-    else if (!TEXT_LABELS.has(label) && !NOTHING_TO_APPLY.has(label) && !SDXL_PAIR_LABELS.has(label)
-      && NO_OP_VALUES[label] !== String(value)) {
-      const text = `${label}: ${value}`;
-      s.unread.push(text.length > 60 ? text.slice(0, 59) + "\u2026" : text);
-    }
-  }
-  Object.assign(s, sdxlFromParameters(p));
-  if (usesHires(s)) {                                      // A1111: the second pass's denoising strength
-    s.hr_denoise = s.strength;
-    delete s.strength;
-  }
-  let sampler = p.Sampler;
-  let schedule = p["Schedule type"];
-  // older A1111 files name the schedule in the sampler; png-info then gives A1111's default "Automatic"
-  const scheduleUnset = schedule === undefined || String(schedule).trim().toLowerCase() === "automatic";
-  for (const suffix of [" Karras", " Exponential"]) {
-    if (sampler && sampler.endsWith(suffix) && scheduleUnset) {
-      sampler = sampler.slice(0, -suffix.length);
-      schedule = suffix.trim();
-    }
-  }
-  if (sampler !== undefined) s.sampler = sampler;
-  if (schedule !== undefined) {
-    const name = String(schedule).trim().toLowerCase().replace(/ /g, "_");
-    s.schedule = name === "automatic" ? "" : name;
-  }
-  if (p.Size) {
-    const m = String(p.Size).toLowerCase().match(/^\s*(\d+)\s*x\s*(\d+)\s*$/);
-    if (m) { s.width = Number(m[1]); s.height = Number(m[2]); }
-  }
-  if (p.Model) s.model = p.Model;
-  if (p["Hires upscaler"] !== undefined) s.hr_upscaler = p["Hires upscaler"];
-  if (p.Refiner) Object.assign(s, refinerFromParameters(p));
-  return s;
-}
-
-// A PNG's SDXL sizes and crop corners (`SDXL_SIZE_LABELS`, `SDXL_CROP_LABELS`; a corner's missing label is 0) as
-// request fields, as `sdlab txt2img --from-png` reads them
-function sdxlFromParameters(p) {
-  const s = {};
-  for (const [label, field] of Object.entries(SDXL_SIZE_LABELS)) {
-    if (`${label}-1` in p) s[field] = [Number(p[`${label}-2`]), Number(p[`${label}-1`])];
-  }
-  for (const [field, labels] of Object.entries(SDXL_CROP_LABELS)) {
-    if (labels.some((label) => label in p)) s[field] = labels.map((label) => Number(p[label] ?? 0));
-  }
-  return s;
-}
-
-// A PNG's refiner (`Refiner: name [hash]`, `Refiner switch at`) and its handoff rule, as `sdlab txt2img
-// --from-png` reads it: sdlab's `Refiner steps`, else diffusers' in sdlab's files and A1111's in A1111's, by
-// sampling steps where png-info says so (the label, or A1111's rule for versions before 1.8)
-function refinerFromParameters(p) {
-  const drawnBySdlab = String(p.Version ?? "").startsWith("sdlab");
-  const bySteps = String(p["Refiner switch by sampling steps"]).toLowerCase() === "true";
-  const switchAt = Number(p["Refiner switch at"]);
-  return {
-    refiner: String(p.Refiner).replace(/\s*\[[0-9a-f]+\]\s*$/i, ""),
-    refiner_switch: p["Refiner switch at"] !== undefined && Number.isFinite(switchAt) ? switchAt : undefined,
-    refiner_convention: String(p["Refiner steps"] || (drawnBySdlab ? "diffusers" : bySteps ? "a1111_steps" : "a1111")),
-  };
-}
-
 // The settings of request-style `s` the form has no control for, as the notice names them: the form draws
-// without them. `s` is a job's `request` (Reuse) or a PNG's parameters (`settingsFromParameters`), the
-// same rule for both: every field that is not a control of the form (by its id) nor `KEPT_APART`, unless its
-// value changes nothing (`NOT_IN_FORM`), then the PNG's labels the page cannot place.
+// without them. `s` is a job's `request` (Reuse) or a PNG's settings (`readParameters`), the same rule for
+// both: every field that is not a control of the form (by its id) nor `KEPT_APART`, unless its value changes
+// nothing (`NOT_IN_FORM`), then the PNG's labels the server's reader leaves unread.
 function settingsNotInForm(s) {
   const notes = [];
   for (const [key, value] of Object.entries(s)) {
@@ -1110,21 +994,20 @@ async function refreshJobs(force = false) {
 
 // ---------------------------------------------------------------- PNG parameters
 
+// A dropped or chosen picture's parameters, read by the server as `sdlab txt2img --from-png` reads them
+// (`POST /api/parameters`), fill the form; what it has no control for is kept (`KEPT`) or named in the notice
 async function readParameters(file) {
   showError("");
   showNotice("");
+  const name = file.name || "the image";
   try {
     const dataUrl = await readFile(file);
-    const info = await api("/sdapi/v1/png-info", { method: "POST", body: { image: base64Of(dataUrl) } });
-    const parameters = (info && info.parameters) || {};
-    if (!info || !info.info) {                           // png-info gives A1111's defaults for none
-      showError(`${file.name || "the image"} carries no generation parameters`);
-      return;
-    }
-    const missing = applySettings(settingsFromParameters(parameters));
-    showNotice(`Settings read from ${file.name || "the image"}` + (missing.length ? `; ${notAvailable(missing)}` : ""));
+    const read = await api("/api/parameters", { method: "POST", body: { image: base64Of(dataUrl) } });
+    const unread = read.unread.map((text) => (text.length > 60 ? text.slice(0, 59) + "\u2026" : text));
+    const missing = applySettings({ ...read.settings, unread });
+    showNotice(`Settings read from ${name}` + (missing.length ? `; ${notAvailable(missing)}` : ""));
   } catch (err) {
-    showError(`Cannot read the parameters: ${err.message}`);
+    showError(`Cannot read the parameters of ${name}: ${err.message}`);
   }
 }
 
@@ -1199,7 +1082,7 @@ function setup() {
   $("lora-add").addEventListener("click", () => addLora($("lora").value, Number($("lora-weight").value) || 0));
   for (const id of ["strength", "subseed_strength", "hr_denoise"]) $(id).addEventListener("input", () => showSliderValue(id));
   for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));
-  for (const id of ["sampler", "schedule"]) $(id).addEventListener("change", () => { state.conventions = {}; });
+  for (const id of new Set(Object.values(KEPT).flatMap((k) => k.with))) $(id).addEventListener("change", () => dropKept(id));
   $("subseed-random").addEventListener("click", () => { $("subseed").value = -1; });
   $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
   $("mask-clear").addEventListener("click", clearMask);

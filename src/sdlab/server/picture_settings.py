@@ -1,0 +1,95 @@
+"""A picture's parameters as the settings of a native job, read as `sdlab txt2img --from-png` reads them.
+
+The web UI fills its form from a dropped PNG with `POST /api/parameters`: the settings come from the one reader
+of parameters, `infotext.from_parameters` (A1111's schedule for its sampler, its RNG and clip skip rule, ENSD,
+the conventions of a ComfyUI-spelt sampler, SDXL's sizes, ...) and `infotext.refiner_handoff`, so the job the
+form sends draws what `--from-png` draws. Alongside come the labels the reader leaves unread, which the page
+names in its notice.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name
+from sdlab.pipeline.infotext import from_parameters, refiner_handoff
+from sdlab.server.registry import ModelRegistry
+
+# Labels that describe the picture's files rather than how it was drawn
+DESCRIBING = frozenset({"Model hash", "VAE hash", "Version", "Lora hashes", "TI hashes", "Hashes"})
+_REFINER_HASH = re.compile(r"\s*\[[0-9a-f]+\]\s*$", re.IGNORECASE)      # `Refiner: name [hash]`
+# sdlab's schedule -> the name `/sdapi/v1/schedulers` lists it under, where that is A1111's ("ddim_uniform": "ddim")
+_LISTED_SCHEDULES = {target: a1111_name(key) for key, (_, target) in A1111_SCHEDULERS.items() if target is not None}
+
+
+def picture_settings(p: dict[str, Any], models: ModelRegistry) -> dict[str, Any]:
+    """The native job settings of parsed parameters `p` (`png_info.parse_parameters`), as `--from-png` reads them:
+    `from_parameters`'s fields, the sampler and schedule set to null where the text leaves them to the model, the
+    schedule as `/sdapi/v1/schedulers` names it, the model as `models` titles the one the text names (by name, else
+    by hash; as named when none), the refiner by name with its switch and handoff rule. A value that is not one
+    raises ValueError."""
+    settings = {"sampler": None, "schedule": None, **from_parameters(p)}
+    settings["schedule"] = _LISTED_SCHEDULES.get(settings["schedule"], settings["schedule"])
+    if p.get("Model") or p.get("Model hash"):
+        settings["model"] = _model_title(p, models)
+    if p.get("Refiner"):
+        switch, convention = refiner_handoff(p)
+        settings.update(refiner=_REFINER_HASH.sub("", str(p["Refiner"])), refiner_convention=convention)
+        if switch is not None:
+            settings["refiner_switch"] = switch
+    return settings
+
+
+def _model_title(p: dict[str, Any], models: ModelRegistry) -> str:
+    """The title of the checkpoint `p` names (`Model`, else `Model hash`), or its name when `models` lacks it."""
+    for named in (p.get("Model"), p.get("Model hash")):
+        found = models.find(str(named)) if named else None
+        if found is not None:
+            return found.title
+    return str(p.get("Model") or p.get("Model hash"))
+
+
+def unread_labels(p: dict[str, Any], models: ModelRegistry) -> list[str]:
+    """`Label: value` of each label of `p` that `picture_settings` does not read, but the prompts and the labels
+    `DESCRIBING` the files. A label is read when its value is: each try puts a `_Probe` in place of every value not
+    known to be read, and the probes the reader touches are known to be read for the next try, until a try touches
+    none (a value can be read only once others are: `Refiner switch at` once `Refiner` is)."""
+    read = {"Prompt", "Negative prompt", *DESCRIBING}
+    while True:
+        touched: set[str] = set()
+        try:
+            picture_settings({label: value if label in read else _Probe(label, touched) for label, value in p.items()},
+                             models)
+        except Exception:       # a probe read stops the try (it raises _Read; the reader may turn that into another)
+            pass
+        if touched <= read:
+            return [f"{label}: {value}" for label, value in p.items() if label not in read]
+        read |= touched
+
+
+class _Read(Exception):
+    """A `_Probe` was read."""
+
+
+class _Probe:
+    """The value of `label`, unknown: whatever reads it (str, int, float, bool, comparison, a method) adds `label`
+    to `touched` and raises `_Read`."""
+
+    def __init__(self, label: str, touched: set[str]) -> None:
+        object.__setattr__(self, "_label", label)
+        object.__setattr__(self, "_touched", touched)
+
+    def _read(self, *args: Any, **kwargs: Any) -> Any:
+        self._touched.add(self._label)
+        raise _Read(self._label)
+
+    def __getattr__(self, name: str) -> Any:
+        return self._read()
+
+
+for _name in ("__str__", "__repr__", "__format__", "__bytes__", "__int__", "__float__", "__index__", "__bool__",
+              "__round__", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__len__",
+              "__iter__", "__contains__", "__getitem__", "__add__", "__radd__", "__mul__", "__rmul__", "__mod__"):
+    setattr(_Probe, _name, _Probe._read)
+del _name

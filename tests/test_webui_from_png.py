@@ -1,0 +1,134 @@
+"""A picture dropped on the web UI draws what `sdlab txt2img --from-png` draws of it, in a real headless browser
+(the helpers and fixtures of test_webui.py): the page fills its form from the server's reader of parameters
+(`POST /api/parameters`, the `infotext.from_parameters` that --from-png reads with: A1111's schedule for its
+sampler, its RNG and clip skip rule, ENSD, eta, a ComfyUI spelling's conventions, SDXL's sizes) and sends what it
+has no control for with the form, as it does for a reused job."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, PngImagePlugin
+
+from sdlab.cli import main
+from sdlab.pipeline import infotext
+from sdlab.server.native import JobIn
+from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
+    By, base_url, browser, drop_file, http_bytes, http_json, page, png_with_parameters, sdlab_server, text, value,
+    wait, wait_job,
+)
+
+PICTURES = {
+    # A1111 1.10: "Automatic" is Euler a's uniform schedule, no RNG label is A1111's GPU, Clip skip 2 by A1111's rule
+    "a1111-euler-a.png": "a red cube on a table\nNegative prompt: green sphere\nSteps: 6, Sampler: Euler a, "
+                         "Schedule type: Automatic, CFG scale: 5, Seed: 31, Size: 64x64, Model hash: 16881d0066, "
+                         "Model: sdlab-tiny, Clip skip: 2, ENSD: 31337, Version: v1.10.1",
+    # DDIM on A1111's fixed timesteps with its eta, no Schedule type (before 1.9)
+    "a1111-ddim.png": "a blue ball on grass\nNegative prompt:\nblurry\nSteps: 5, Sampler: DDIM, CFG scale: 6, "
+                      "Seed: 7, Size: 64x48, Eta DDIM: 0.4, Clip skip: 2, Version: v1.6.0",
+    # A1111 before 2023: a first pass at First pass size, then the hires pass to Size
+    "a1111-old-hires.png": "an old hires castle\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 9, Size: 64x64, "
+                           "First pass size: 32x32, Denoising strength: 0.6, Version: v1.0.0-pre",
+    # sdlab's record of a ComfyUI-spelt sampler (ENSD 1, ComfyUI's initial noise) with SDXL's size conditioning
+    "sdlab-comfy.png": "a green tree\nSteps: 4, Sampler: Euler a, Schedule type: Karras, CFG scale: 4, Seed: 3, "
+                       "Size: 48x64, ENSD: 1, RNG: NV, Initial noise: comfyui, SDXL original size: 768x512, "
+                       "SDXL crop top: 16, SDXL aesthetic score: 7, Version: sdlab 0.1.0",
+}
+
+
+def _from_png(path, out, monkeypatch) -> dict:
+    """The request `sdlab txt2img --from-png PATH` resolves and draws (its `parameters()`), caught where the CLI
+    writes the picture's parameters."""
+    drawn = []
+
+    def recording(request, **kwargs):
+        drawn.append(request)
+        return to_parameters(request, **kwargs)
+
+    to_parameters = infotext.to_parameters
+    monkeypatch.setattr(infotext, "to_parameters", recording)
+    assert main(["txt2img", "--from-png", str(path), "--out", str(out), "--threads", "1", "--no-progress"]) == 0
+    return json.loads(json.dumps(drawn[0].parameters()))          # as the job's record holds it: tuples as lists
+
+
+@pytest.mark.parametrize("name", PICTURES)
+def test_a_dropped_picture_draws_the_request_from_png_draws(page, base_url, tmp_path, monkeypatch, name):
+    picture = tmp_path / name
+    picture.write_bytes(png_with_parameters(PICTURES[name]))
+    prompt = PICTURES[name].split("\n", 1)[0]
+    before = {job["id"] for job in http_json(base_url, "/api/jobs")["jobs"]}
+    drop_file(page, picture.read_bytes(), name)
+    wait(page, lambda d: text(d, "notice") == f"Settings read from {name}", 20, "the PNG was not read cleanly")
+    assert value(page, "prompt") == prompt
+    page.find_element(By.ID, "generate").click()
+    queued = wait(page, lambda d: [j for j in http_json(base_url, "/api/jobs")["jobs"] if j["id"] not in before], 20,
+                  "the form queued no job")[0]
+    job = wait_job(base_url, queued["id"])
+    assert job["status"] == "done", job
+
+    cli = _from_png(picture, tmp_path / "from-png.png", monkeypatch)
+    web = {key: value for key, value in job["request"].items() if key not in ("mode", "model", "loras")}
+    assert web == cli
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(http_bytes(base_url, job["images"][0])))),
+                          np.asarray(Image.open(tmp_path / "from-png.png")))
+
+
+def test_the_reader_answers_the_settings_from_png_reads_and_names_the_rest(base_url):
+    a1111 = ("a cat\nSteps: 4, Sampler: DDIM, CFG scale: 7, Seed: 1, Size: 64x64, Emphasis: No norm, "
+             'ControlNet 0: "Module: canny, Model: control_canny [abc]", Model hash: 0123456789, Version: v1.10.1')
+    answer = http_json(base_url, "/api/parameters", {"image": base64.b64encode(png_with_parameters(a1111)).decode()})
+    assert answer["info"] == a1111
+    assert answer["settings"]["schedule"] == "ddim"                 # ddim_uniform as /sdapi/v1/schedulers names it
+    assert {key: answer["settings"][key] for key in ("sampler", "clip_skip_convention", "rng")} == {
+        "sampler": "DDIM", "clip_skip_convention": "a1111", "rng": "GPU"}
+    assert answer["unread"] == ["Emphasis: No norm", "ControlNet 0: Module: canny, Model: control_canny [abc]"]
+
+
+def test_another_programs_picture_is_named_and_leaves_the_form_as_it_was(page, tmp_path):
+    comfy = tmp_path / "comfy.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("prompt", '{"3": {"class_type": "KSampler", "inputs": {"seed": 5}}}')
+    Image.new("RGB", (64, 64)).save(comfy, pnginfo=info)
+    drop_file(page, comfy.read_bytes(), "comfy.png")
+    wait(page, lambda d: d.find_element(By.ID, "error").is_displayed(), 20, "no error")
+    assert "comfy.png" in text(page, "error") and "ComfyUI's workflow" in text(page, "error")
+    assert value(page, "prompt") == "" and text(page, "notice") == ""
+
+
+# The page's defaults of the request fields it has no control for, read from app.js as the browser evaluates it
+PAGE_TABLES = """return {
+  kept: Object.fromEntries(Object.entries(KEPT).map(([key, entry]) => [key, entry.none])),
+  notInForm: Object.fromEntries(Object.entries(NOT_IN_FORM).map(([key, entry]) => [key, entry.none])),
+  controls: [...document.querySelectorAll("#settings [id]")].map((element) => element.id),
+  apart: [...KEPT_APART],
+  seedRange: [String(MIN_SEED), String(MAX_SEED)],
+};"""
+
+
+def test_every_field_the_api_takes_reaches_the_job_with_the_apis_defaults(page):
+    """Each field of the native API's request is a control of the form, one it keeps and sends (`KEPT`, its
+    default the API's) or one it takes apart (mode, model, LoRAs, ...); the request fields the API does not take
+    are named in the notice by `NOT_IN_FORM`, its defaults `GenerationRequest`'s. The page's seed range is
+    Python's (`request.MIN_SEED`, `MAX_SEED`)."""
+    from sdlab.pipeline.request import MAX_SEED, MIN_SEED, GenerationRequest
+    from sdlab.server.inputs import JobSpec
+
+    js = page.execute_script(PAGE_TABLES)
+    for field, spec in JobIn.model_fields.items():
+        if field in js["kept"]:
+            default = spec.default
+            assert (list(default) if isinstance(default, tuple) else default) == js["kept"][field], field
+        else:
+            assert field in js["controls"] or field in js["apart"] or field in (
+                "init_image", "mask_image", "controls", "preset"), field
+    request = {f.name: f.default for f in dataclasses.fields(GenerationRequest)}
+    request["batch_count"] = JobSpec.batch_count
+    for field, none in js["notInForm"].items():
+        assert field not in JobIn.model_fields, field
+        assert request[field] == none, field
+    assert js["seedRange"] == [str(MIN_SEED), str(MAX_SEED)]
