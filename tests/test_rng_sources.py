@@ -1,10 +1,8 @@
 """A1111's random sources ("CPU", "GPU", "NV") and "Seed resize from".
 
-References (AUTOMATIC1111/stable-diffusion-webui), transcribed below:
-- ``modules/rng_philox.py`` (``Generator``, ``philox4_32``, ``box_muller``) as `_A1111Philox`; its docstring's
-  numbers are CUDA's ``torch.randn((3, 4))`` after ``torch.manual_seed(0)``;
-- ``modules/rng.py`` (``ImageRNG.first`` / ``next``, ``randn``, ``slerp``) as `_A1111ImageRNG`, with
-  ``opts.randn_source`` "NV" (``create_generator`` and ``randn`` then make `_A1111Philox` generators).
+References: A1111's ``modules/rng_philox.py`` and ``modules/rng.py`` (with ``opts.randn_source`` "NV"), transcribed
+in tests/a1111_rng_reference.py as `A1111Philox` and `A1111ImageRNG`; ``rng_philox.py``'s docstring's numbers are
+CUDA's ``torch.randn((3, 4))`` after ``torch.manual_seed(0)``.
 """
 
 from __future__ import annotations
@@ -21,63 +19,8 @@ from sdlab.diffusion.noise import generators_for, initial_noise
 from sdlab.diffusion.philox import PhiloxGenerator
 from sdlab.pipeline.generate import sample_latents
 from sdlab.pipeline.request import GenerationRequest, RequestError
+from a1111_rng_reference import A1111ImageRNG, A1111Philox, a1111_randn
 from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
-
-# --- AUTOMATIC1111/stable-diffusion-webui modules/rng_philox.py, transcribed -------------------------------
-_philox_m = [0xD2511F53, 0xCD9E8D57]
-_philox_w = [0x9E3779B9, 0xBB67AE85]
-_two_pow32_inv = np.array([2.3283064e-10], dtype=np.float32)
-_two_pow32_inv_2pi = np.array([2.3283064e-10 * 6.2831855], dtype=np.float32)
-
-
-def _uint32(x):
-    return x.view(np.uint32).reshape(-1, 2).transpose(1, 0)
-
-
-def _philox4_round(counter, key):
-    v1 = _uint32(counter[0].astype(np.uint64) * _philox_m[0])
-    v2 = _uint32(counter[2].astype(np.uint64) * _philox_m[1])
-    counter[0] = v2[1] ^ counter[1] ^ key[0]
-    counter[1] = v2[0]
-    counter[2] = v1[1] ^ counter[3] ^ key[1]
-    counter[3] = v1[0]
-
-
-def _philox4_32(counter, key, rounds=10):
-    for _ in range(rounds - 1):
-        _philox4_round(counter, key)
-        key[0] = key[0] + _philox_w[0]
-        key[1] = key[1] + _philox_w[1]
-    _philox4_round(counter, key)
-    return counter
-
-
-def _box_muller(x, y):
-    u = x * _two_pow32_inv + _two_pow32_inv / 2
-    v = y * _two_pow32_inv_2pi + _two_pow32_inv_2pi / 2
-    s = np.sqrt(-2.0 * np.log(u))
-    return (s * np.sin(v)).astype(np.float32)
-
-
-class _A1111Philox:
-    def __init__(self, seed):
-        self.seed = seed
-        self.offset = 0
-
-    def randn(self, shape):
-        n = 1
-        for x in shape:
-            n *= x
-        counter = np.zeros((4, n), dtype=np.uint32)
-        counter[0] = self.offset
-        counter[2] = np.arange(n, dtype=np.uint32)
-        self.offset += 1
-        key = np.empty(n, dtype=np.uint64)
-        key.fill(self.seed)
-        key = _uint32(key)
-        g = _philox4_32(counter, key)
-        return _box_muller(g[0], g[1]).reshape(shape)
-# ----------------------------------------------------------------------------------------------------------
 
 CUDA_SEED_0 = np.array([[-0.92466259, -0.42534415, -2.6438457, 0.14518388],   # rng_philox.py's docstring:
                         [-0.12086647, -0.57972564, -0.62285122, -0.32838709],  # torch.manual_seed(0);
@@ -90,7 +33,7 @@ def test_philox_is_cudas_randn():
 
 @pytest.mark.parametrize("seed", [0, 1, 42, 2**31 + 7, 2**32 + 5, 2**63 + 12345, 2**64 - 1])
 def test_philox_equals_a1111_bit_for_bit(seed):
-    ours, theirs = PhiloxGenerator(seed), _A1111Philox(seed)
+    ours, theirs = PhiloxGenerator(seed), A1111Philox(seed)
     for shape in [(4, 64, 64), (3, 4), (1,), (4, 16, 24)]:          # each call is the next draw (offset + 1)
         got = ours.randn(shape)
         assert got.dtype == torch.float32 and tuple(got.shape) == shape
@@ -115,73 +58,6 @@ def test_philox_sdxl_latent_speed():
     assert (time.perf_counter() - start) / 4 < 0.5
 
 
-# --- AUTOMATIC1111/stable-diffusion-webui modules/rng.py, transcribed for opts.randn_source == "NV" ---------
-def _a1111_randn(seed, shape, generator=None):
-    return torch.from_numpy((generator or _A1111Philox(seed)).randn(shape))
-
-
-def _a1111_slerp(val, low, high):
-    low_norm = low / torch.norm(low, dim=1, keepdim=True)
-    high_norm = high / torch.norm(high, dim=1, keepdim=True)
-    dot = (low_norm * high_norm).sum(1)
-    if dot.mean() > 0.9995:
-        return low * val + high * (1 - val)
-    omega = torch.acos(dot)
-    so = torch.sin(omega)
-    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
-
-
-class _A1111ImageRNG:
-    def __init__(self, shape, seeds, subseeds=None, subseed_strength=0.0, seed_resize_from_h=0, seed_resize_from_w=0,
-                 eta_noise_seed_delta=0):
-        self.shape = shape
-        self.seeds = seeds
-        self.subseeds = subseeds
-        self.subseed_strength = subseed_strength
-        self.seed_resize_from_h = seed_resize_from_h
-        self.seed_resize_from_w = seed_resize_from_w
-        self.eta_noise_seed_delta = eta_noise_seed_delta                  # shared.opts.eta_noise_seed_delta
-        self.generators = [_A1111Philox(seed) for seed in seeds]
-        self.is_first = True
-
-    def first(self):
-        noise_shape = self.shape if self.seed_resize_from_h <= 0 or self.seed_resize_from_w <= 0 else (
-            self.shape[0], self.seed_resize_from_h // 8, self.seed_resize_from_w // 8)
-        xs = []
-        for i, (seed, generator) in enumerate(zip(self.seeds, self.generators)):
-            subnoise = None
-            if self.subseeds is not None and self.subseed_strength != 0:
-                subseed = 0 if i >= len(self.subseeds) else self.subseeds[i]
-                subnoise = _a1111_randn(subseed, noise_shape)
-            if noise_shape != self.shape:
-                noise = _a1111_randn(seed, noise_shape)
-            else:
-                noise = _a1111_randn(seed, self.shape, generator=generator)
-            if subnoise is not None:
-                noise = _a1111_slerp(self.subseed_strength, noise, subnoise)
-            if noise_shape != self.shape:
-                x = _a1111_randn(seed, self.shape, generator=generator)
-                dx = (self.shape[2] - noise_shape[2]) // 2
-                dy = (self.shape[1] - noise_shape[1]) // 2
-                w = noise_shape[2] if dx >= 0 else noise_shape[2] + 2 * dx
-                h = noise_shape[1] if dy >= 0 else noise_shape[1] + 2 * dy
-                tx = 0 if dx < 0 else dx
-                ty = 0 if dy < 0 else dy
-                dx = max(-dx, 0)
-                dy = max(-dy, 0)
-                x[:, ty:ty + h, tx:tx + w] = noise[:, dy:dy + h, dx:dx + w]
-                noise = x
-            xs.append(noise)
-        if self.eta_noise_seed_delta:
-            self.generators = [_A1111Philox(seed + self.eta_noise_seed_delta) for seed in self.seeds]
-        return torch.stack(xs)
-
-    def next(self):
-        if self.is_first:
-            self.is_first = False
-            return self.first()
-        return torch.stack([_a1111_randn(None, self.shape, generator=generator) for generator in self.generators])
-# ----------------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +71,7 @@ def _a1111_noise_run(pipe, request, monkeypatch):
     plan = pipe.resolve(request)
     req = plan.request
     scale = 8 // pipe.bundle.vae_config.downsample_factor   # A1111's // 8 is its models' VAE factor; the tiny one's is 4
-    reference = _A1111ImageRNG(plan.latent_shape[1:], req.seeds(), req.subseeds(), req.subseed_strength,
+    reference = A1111ImageRNG(plan.latent_shape[1:], req.seeds(), req.subseeds(), req.subseed_strength,
                                req.seed_resize_from_h * scale, req.seed_resize_from_w * scale,
                                req.eta_noise_seed_delta)
     monkeypatch.setattr(generate_module, "_initial_noise", lambda *args: reference.next())
@@ -256,7 +132,7 @@ def test_latent_noise_fill_follows_the_source():
     latent, repaint = torch.zeros(2, 4, 8, 8), torch.ones(1, 1, 8, 8)
     from sdlab.pipeline.masked_content import masked_latent
     filled = masked_latent(latent, repaint, "latent noise", [3, 4], "NV")
-    assert torch.equal(filled, torch.stack([_a1111_randn(s, (4, 8, 8)) for s in (3, 4)]))
+    assert torch.equal(filled, torch.stack([a1111_randn(s, (4, 8, 8)) for s in (3, 4)]))
     assert torch.equal(masked_latent(latent, repaint, "latent noise", [3, 4]), initial_noise((2, 4, 8, 8), [3, 4]))
 
 

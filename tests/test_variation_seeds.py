@@ -1,7 +1,8 @@
 """Variation seeds (A1111's subseed + strength) and how they are recorded.
 
-Reference: A1111's `slerp` (modules/processing.py), written out below as the formula it is, applied to
-each image's (C, h, w) noise exactly as A1111's `create_random_tensors` / `ImageRNG.first` do.
+Reference: A1111's `slerp` (modules/rng.py; modules/processing.py before A1111 1.6), transcribed in
+tests/a1111_rng_reference.py, applied to each image's (C, h, w) noise exactly as A1111's `create_random_tensors` /
+`ImageRNG.first` do.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from a1111_rng_reference import a1111_slerp
 from cli_helpers import pixels, run
 
 import sdlab
@@ -17,25 +19,14 @@ from sdlab.pipeline.png_info import parse_parameters, read_parameters
 from sdlab.pipeline.request import GenerationRequest, RequestError
 
 
-def _a1111_slerp(val, low, high):
-    low_norm = low / torch.norm(low, dim=1, keepdim=True)
-    high_norm = high / torch.norm(high, dim=1, keepdim=True)
-    dot = (low_norm * high_norm).sum(1)
-    if dot.mean() > 0.9995:
-        return low * val + high * (1 - val)
-    omega = torch.acos(dot)
-    so = torch.sin(omega)
-    return (torch.sin((1.0 - val) * omega) / so).unsqueeze(1) * low + (torch.sin(val * omega) / so).unsqueeze(1) * high
-
-
 @pytest.mark.parametrize("strength", [0.05, 0.3, 0.9])
 def test_blend_is_a1111s_slerp(strength):
     noise = initial_noise((2, 4, 8, 8), [3, 4])
     sub = initial_noise((2, 4, 8, 8), [10, 11])
     mixed = variation_noise(noise, [10, 11], strength)
     for i in range(2):
-        assert torch.allclose(mixed[i], _a1111_slerp(strength, noise[i], sub[i]), atol=1e-6)
-        assert torch.allclose(slerp_a1111(strength, noise[i], sub[i]), _a1111_slerp(strength, noise[i], sub[i]))
+        assert torch.allclose(mixed[i], a1111_slerp(strength, noise[i], sub[i]), atol=1e-6)
+        assert torch.allclose(slerp_a1111(strength, noise[i], sub[i]), a1111_slerp(strength, noise[i], sub[i]))
     assert torch.equal(variation_noise(noise, [10, 11], 0.0), noise)
 
 
