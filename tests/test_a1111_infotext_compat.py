@@ -328,7 +328,7 @@ BASE = "a [red:blue:5] cube\nSteps: 6, Sampler: {sampler}, CFG scale: 5, Seed: 4
 
 
 @pytest.mark.parametrize("extra, named", [
-    (", Sigma churn: 0.9, Sigma tmin: 0.2", ["Sigma churn: 0.9", "Sigma tmin: 0.2"]),
+    (", Sigma churn: 0.9, Sigma tmin: 0.2", []),                  # drawn (tests/test_a1111_churn.py)
     (", Schedule max sigma: 5, Schedule min sigma: 0.1, Schedule rho: 3",
      ["Schedule min sigma: 0.1", "Schedule max sigma: 5", "Schedule rho: 3"]),
     (", Noise Schedule: Zero Terminal SNR", ["Noise Schedule: Zero Terminal SNR"]),
@@ -355,7 +355,7 @@ def test_the_settings_a_version_implies_are_named(v, sampler):
 
 
 def test_from_png_names_what_it_cannot_draw_in_one_warning(tmp_path, capsys):
-    text = ("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 41, Size: 32x32, Sigma churn: 0.9, "
+    text = ("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 41, Size: 32x32, Emphasis: No norm, "
             "Version: v1.6.0")
     recorded = png_with_parameters(tmp_path / "old.png", text, (32, 32))
     code, _, err = run(["txt2img", "--from-png", str(recorded), "--out", str(tmp_path / "again.png"), "--no-progress"],
@@ -363,4 +363,4 @@ def test_from_png_names_what_it_cannot_draw_in_one_warning(tmp_path, capsys):
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "does not draw" in line]
     assert len(warnings) == 1
-    assert "Sigma churn: 0.9" in warnings[0] and "Downcast alphas_cumprod: True (A1111 v1.6.0)" in warnings[0]
+    assert "Emphasis: No norm" in warnings[0] and "Downcast alphas_cumprod: True (A1111 v1.6.0)" in warnings[0]

@@ -124,6 +124,11 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                         "edge its bottom (a texture that tiles)"
                         + _if_from_png(from_png, "; --no-tiling turns off a --from-png picture's"))
     p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
+    p.add_argument("--s-churn", type=float, help="A1111's Sigma churn: Euler, Heun and DPM2 add noise back at each "
+                   "step (k-diffusion's s_churn; 0 = off)")
+    p.add_argument("--s-tmin", type=float, help="A1111's Sigma tmin: churn only at sigmas >= this")
+    p.add_argument("--s-tmax", type=float, help="A1111's Sigma tmax: churn only at sigmas <= this (default inf)")
+    p.add_argument("--s-noise", type=float, help="A1111's Sigma noise: scale of the noise the sampler adds (default 1)")
     p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
                    help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
     p.add_argument("--preset", metavar="NAME",
@@ -337,6 +342,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "clip_skip": args.clip_skip,
         "tiling": getattr(args, "tiling", None),
         "eta": args.eta,
+        **{name: getattr(args, name, None) for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")},
         "eta_noise_seed_delta": getattr(args, "ensd", None),
         "strength": getattr(args, "strength", None),
         "resize_mode": getattr(args, "resize_mode", None),

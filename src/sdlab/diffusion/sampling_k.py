@@ -55,15 +55,17 @@ def _churn(
     """Karras et al. 2022 Alg. 2, lines 4-6: raise the noise level from ``sigma = sigmas[i]`` to
     ``sigma_hat = (1 + gamma) sigma`` by adding fresh noise; ``churn = (s_churn, s_tmin, s_tmax, s_noise)``.
 
-    ``gamma = min(s_churn / steps, sqrt(2) - 1)`` inside ``[s_tmin, s_tmax]``, else 0 (no noise drawn).
+    ``gamma = min(s_churn / steps, sqrt(2) - 1)`` inside ``[s_tmin, s_tmax]``, else 0. With churn, every step
+    draws its noise, used or not, as k-diffusion's do (so a step outside the range moves the later ones' noise).
     """
     s_churn, s_tmin, s_tmax, s_noise = churn
     gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_churn > 0 and s_tmin <= sigma <= s_tmax else 0.0
     sigma_hat = sigma * (gamma + 1)
-    if gamma > 0:
+    if s_churn > 0:
         source = require_noise(noise, sampler, "s_churn > 0")
         eps = source(sigmas[i], sigmas.new_tensor(sigma_hat)) * s_noise  # (B, C, h, w)
-        x = x + eps * math.sqrt(sigma_hat**2 - sigma**2)
+        if gamma > 0:
+            x = x + eps * math.sqrt(sigma_hat**2 - sigma**2)
     return x, sigma_hat
 
 

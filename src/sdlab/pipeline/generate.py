@@ -654,13 +654,17 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator
     options: dict[str, Any] = {}
     if sampler.noise == "brownian":
         options["noise"] = BrownianTreeNoise.for_sigmas(x, _brownian_span(plan), req.seeds())
-    elif sampler.noise == "gaussian":    # after the initial noise: the same generators, or reseeded by ENSD
+    elif sampler.noise == "gaussian" or req.s_churn:   # after the initial noise: the same generators (A1111's
+        # `ImageRNG.next`, churn's too), or reseeded by ENSD
         options["noise"] = per_image_noise(generators_for(req.step_noise_seeds(), req.rng, x.device)
                                            if req.eta_noise_seed_delta else generators, x)
     if req.eta is not None:
         options["eta"] = req.eta
     if req.s_noise != 1.0:
         options["s_noise"] = req.s_noise
+    if req.s_churn:                      # Euler, Heun, DPM2's churn; its range matters only with it
+        tmax = float("inf") if req.s_tmax is None else req.s_tmax
+        options.update(s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=tmax)
     if sampler.wants_sigma_to_t:
         options["sigma_to_t"] = plan.sampling.sigma_to_t
     if sampler.wants_t_to_sigma:

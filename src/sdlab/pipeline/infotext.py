@@ -48,7 +48,10 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Eta DDIM": ("eta", float),            # A1111's label for its timestep samplers' eta (DDIM's)
     "ENSD": ("eta_noise_seed_delta", int),
     "RNG": ("rng", str),
-    "Sigma noise": ("s_noise", float),     # A1111's label of k-diffusion's s_noise (`Sampler.initialize`)
+    "Sigma churn": ("s_churn", float),     # A1111's labels of k-diffusion's churn and s_noise (`Sampler.initialize`)
+    "Sigma tmin": ("s_tmin", float),
+    "Sigma tmax": ("s_tmax", float),
+    "Sigma noise": ("s_noise", float),
     "CFG rescale": ("guidance_rescale", float),
     "Mask blur": ("mask_blur", float),
     "Mask blur x": ("mask_blur", float),   # sdlab's labels of unequal sigmas, where A1111 writes no Mask blur
@@ -194,7 +197,10 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **_eta_parameters(req),
         "ENSD": _ensd(req),
         "RNG": req.rng,                  # A1111 leaves out its default, GPU; sdlab writes every source
-        "Sigma noise": _sigma_noise(req),
+        "Sigma churn": _taken(req, "s_churn", req.s_churn or None),
+        "Sigma tmin": _taken(req, "s_tmin", req.s_tmin or None) if req.s_churn else None,
+        "Sigma tmax": _taken(req, "s_tmax", req.s_tmax) if req.s_churn else None,
+        "Sigma noise": _taken(req, "s_noise", req.s_noise if req.s_noise != 1.0 else None),
         "CFG rescale": req.guidance_rescale or None,
         **img2img_parameters(req),
         "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
@@ -301,16 +307,15 @@ def _ensd(req: GenerationRequest) -> int | None:
     return ensd if ensd or comfyui_spelling(req.sampler) else None
 
 
-def _sigma_noise(req: GenerationRequest) -> float | None:
-    """A1111's `Sigma noise` label (`Sampler.initialize`): the s_noise the sampler drew with, where its function
-    takes one and it is not 1. A sampler sdlab does not know keeps any s_noise but 1."""
-    if req.s_noise == 1.0:
-        return None
+def _taken(req: GenerationRequest, option: str, value: float | None) -> float | None:
+    """A1111's `Sigma churn` / `tmin` / `tmax` / `noise` labels (`Sampler.initialize`): `value` (None where it is
+    the function's default, or churn's range without churn) where the sampler's function takes `option`. A
+    sampler sdlab does not know keeps it."""
     try:
         spec = get_sampler(req.sampler)
     except (ValueError, AttributeError):
-        return req.s_noise
-    return req.s_noise if "s_noise" in inspect.signature(spec.fn).parameters else None
+        return value
+    return value if option in inspect.signature(spec.fn).parameters else None
 
 
 def _eta_parameters(req: GenerationRequest) -> dict[str, Any]:
@@ -510,7 +515,7 @@ def a1111_backcompat(p: dict[str, Any]) -> dict[str, bool]:
 # A1111's labels (its settings' and common extensions') of what changes the picture and sdlab does not draw, each
 # with the value that changes nothing (None: every value changes it)
 _UNDRAWN_A1111_LABELS: dict[str, Any] = {
-    "Sigma churn": 0.0, "Sigma tmin": 0.0, "Sigma tmax": math.inf, "Schedule min sigma": 0.0,
+    "Schedule min sigma": 0.0,
     "Schedule max sigma": 0.0, "Schedule rho": 0.0, "Beta schedule alpha": 0.6, "Beta schedule beta": 0.6,
     "Noise Schedule": "Default", "Downcast alphas_cumprod": False, "Discard penultimate sigma": False,
     "SGM noise multiplier": False, "Emphasis": "Original", "Old prompt editing timelines": False,

@@ -68,6 +68,7 @@ HIRES_IMG2IMG = "a1111_fix_steps"           # the hires pass's img2img conventio
 MAX_SCHEDULE = 10_000                       # img2img "comfyui" stretches the schedule to steps / strength
 MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
 MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
+MAX_CHURN = 1000.0                          # s_churn: A1111's slider ends at 100
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
 MAX_NOISE_MULTIPLIER = 10.0                 # A1111's slider: 0.5..1.5
 MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refiner was trained on 0..10
@@ -150,6 +151,9 @@ class GenerationRequest:
                                             # noise; None: `default_ensd` (1 for a ComfyUI spelling that draws it)
     eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
     s_noise: float = 1.0
+    s_churn: float = 0.0                    # k-diffusion's churn (Euler, Heun, DPM2: A1111's Sigma churn): noise
+    s_tmin: float = 0.0                     # added back at each step whose sigma lies in [s_tmin, s_tmax]
+    s_tmax: float | None = None             # None: no upper end (inf)
     init_noise: str | None = None           # "sigma_max" (A1111), "vp" or "comfyui"; None = the schedule's
                                             # convention (discretization.default_init_noise)
     quantize_timesteps: bool = False        # round t to integers before the U-Net (diffusers' DPM-Solver)
@@ -610,6 +614,10 @@ def resolve(
     cfg_scale = _bounded("CFG scale", default_cfg if r.cfg_scale is None else r.cfg_scale, -MAX_CFG, MAX_CFG)
     _bounded("guidance rescale", r.guidance_rescale, 0.0, 1.0)
     _bounded("s_noise", r.s_noise, 0.0, MAX_ETA)
+    _bounded("s_churn", r.s_churn, 0.0, MAX_CHURN)
+    _bounded("s_tmin", r.s_tmin, 0.0, math.inf)
+    if r.s_tmax is not None:
+        _bounded("s_tmax", r.s_tmax, 0.0, math.inf)
     _bounded("mask blur", r.mask_blur, 0.0, MAX_MASK_BLUR)
     if r.mask_blur_y is not None:
         _bounded("mask blur y", r.mask_blur_y, 0.0, MAX_MASK_BLUR)

@@ -38,7 +38,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidatorFunctionWrapHandle
 from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
-from sdlab.diffusion.samplers import SAMPLER_TABLE, a1111_schedule, comfyui_spelling
+from sdlab.diffusion.samplers import SAMPLER_TABLE, SAMPLERS, a1111_schedule, comfyui_spelling
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
@@ -140,7 +140,10 @@ class Txt2ImgIn(NullsAreDefaults):
     width: int | None = None
     height: int | None = None
     eta: float | None = None
-    s_noise: float = 1.0
+    s_noise: float | None = None           # None: the option's (`_sigma_options`)
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
     subseed: int = -1
     subseed_strength: float = 0.0
     seed_resize_from_w: int = -1            # A1111's "Seed resize from"; 0 or less on either side: off
@@ -261,10 +264,40 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111",
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
-        s_noise=body.s_noise, controls=controls, **_ensd(settings), rng=settings["randn_source"],
+        **_sigma_options(body, settings, sampler), controls=controls, **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
     )
+
+
+A1111_SIGMA_OPTIONS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
+"""k-diffusion's churn and s_noise, each with the value A1111's `Sampler` holds as its default."""
+A1111_SAMPLER_EXTRA_PARAMS = {
+    **dict.fromkeys(("Euler", "Heun", "DPM2"), tuple(A1111_SIGMA_OPTIONS)),
+    **dict.fromkeys(("DPM fast", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun",
+                     "DPM++ 3M SDE"), ("s_noise",)),
+}
+"""A1111 1.10's `sampler_extra_params` by its samplers' names: the options each sampler's function is given."""
+
+
+def _sigma_options(body: Txt2ImgIn, settings: dict[str, Any], sampler: str) -> dict[str, float | None]:
+    """The churn and s_noise A1111 draws `sampler` with (`Sampler.initialize`): only those of its
+    `sampler_extra_params` (any its function takes, for a sampler A1111 does not have), each the option's value
+    where that is not the default, else the request's field (None: the option's; `s_tmax` 0 is inf)."""
+    taken = A1111_SAMPLER_EXTRA_PARAMS.get(sampler, () if sampler in SAMPLERS else tuple(A1111_SIGMA_OPTIONS))
+    chosen = {}
+    for name in taken:
+        default, field = A1111_SIGMA_OPTIONS[name], getattr(body, name)
+        option = settings.get(name, default)
+        value = option if _or_inf(name, option) != default or field is None else field
+        value = float(_or_inf(name, value))
+        chosen[name] = None if value == math.inf else value     # the request's s_tmax None: inf
+    return chosen
+
+
+def _or_inf(name: str, value: float) -> float:
+    """A1111's `s_tmax` 0 means inf (`processing`, `Sampler.initialize`); other values are as they are."""
+    return (value or math.inf) if name == "s_tmax" else value
 
 
 def _sdxl_options(settings: dict[str, Any]) -> dict[str, Any]:
@@ -589,6 +622,10 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= MAX_AESTHETIC:
             raise BadRequest(f"{where}{key} must be a number in -{MAX_AESTHETIC:g}..{MAX_AESTHETIC:g}, got {score!r}",
                              422)
+    for key in A1111_SIGMA_OPTIONS:                 # k-diffusion's churn and noise scale (`_sigma_options`)
+        value = body.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise BadRequest(f"{where}{key} must be a number >= 0, got {value!r}", 422)
     if not isinstance(body.get("tiling", False), bool):
         raise BadRequest(f"{where}tiling must be true or false, got {body['tiling']!r}", 422)
     samples_format = body.get("samples_format", "png")
