@@ -24,6 +24,7 @@ from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
 )
+from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, STEPS, max_pixel_diff, uint8_pictures
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -36,13 +37,7 @@ from sdlab.diffusion.model_sampling import ContinuousEDMModelSampling
 from sdlab.diffusion.prediction import Prediction
 from sdlab.families import EDMSpec
 
-MAX_PIXEL_DIFF = 2                      # out of 255, as tests/test_pipeline_parity.py
-PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry"
-SEED = 1234
-SIZE = 32
-STEPS = 5
-CFG = 7.0
 
 # playgroundai/playground-v2.5-1024px-aesthetic: scheduler/scheduler_config.json and vae/config.json's statistics
 PLAYGROUND_SCHEDULER = {
@@ -95,18 +90,6 @@ def _pipe(cls, folder: Path):
     pipe = cls.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def _uint8(images) -> np.ndarray:
-    if isinstance(images, np.ndarray):
-        return (images * 255).round().astype(np.uint8)
-    return np.stack([np.asarray(image) for image in images])
-
-
-def _max_diff(ours, reference) -> int:
-    a, b = _uint8(ours), _uint8(reference)
-    assert a.shape == b.shape and b.std() > 20, "shapes differ or the reference is nearly flat"
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 def _reference(pipe, **kw):
@@ -194,9 +177,9 @@ def test_playground_folder_txt2img_equals_diffusers(playground):
     assert model.bundle.latent_stats.mean == tuple(PLAYGROUND_VAE["latents_mean"])
     pipe = _pipe(StableDiffusionXLPipeline, playground)
     assert isinstance(pipe.scheduler, EDMDPMSolverMultistepScheduler)
-    assert _max_diff(_ours(model), _reference(pipe)) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(_ours(model), _reference(pipe)) <= MAX_PIXEL_DIFF
     pipe.scheduler = EDMEulerScheduler.from_config(pipe.scheduler.config)
-    assert _max_diff(_ours(model, sampler="Euler", schedule="karras"), _reference(pipe)) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(_ours(model, sampler="Euler", schedule="karras"), _reference(pipe)) <= MAX_PIXEL_DIFF
 
 
 def test_playground_folder_img2img_equals_diffusers(playground):
@@ -208,7 +191,7 @@ def test_playground_folder_img2img_equals_diffusers(playground):
                      guidance_scale=CFG, generator=[torch.Generator("cpu").manual_seed(SEED)], output_type="np").images
     ours = model.img2img(PROMPT, init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
                          cfg_scale=CFG, seed=SEED, sampler="Euler", schedule="karras").images
-    assert _max_diff(ours, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours, reference) <= MAX_PIXEL_DIFF
 
 
 def test_the_latent_statistics_change_the_picture(playground, tmp_path):
@@ -217,7 +200,8 @@ def test_the_latent_statistics_change_the_picture(playground, tmp_path):
     import shutil
     shutil.copytree(playground, plain)
     _edit_json(plain / "vae" / "config.json", latents_mean=None, latents_std=None)
-    assert _max_diff(_ours(sdlab.load(plain, dtype="fp32")), _reference(_pipe(StableDiffusionXLPipeline, playground))) > 20
+    reference = _reference(_pipe(StableDiffusionXLPipeline, playground))
+    assert max_pixel_diff(_ours(sdlab.load(plain, dtype="fp32")), reference) > 20
 
 
 def test_cosxl_folder_txt2img_equals_diffusers(cosxl):
@@ -226,7 +210,7 @@ def test_cosxl_folder_txt2img_equals_diffusers(cosxl):
     assert model.bundle.prediction is Prediction.V
     assert model.bundle.noise_model == EDMSpec(0.002, 120.0, 1.0)
     reference = _reference(_pipe(StableDiffusionXLPipeline, cosxl))
-    assert _max_diff(_ours(model, sampler="Euler", schedule="karras"), reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(_ours(model, sampler="Euler", schedule="karras"), reference) <= MAX_PIXEL_DIFF
 
 
 def test_inspect_reports_the_noise_model(playground):
@@ -273,7 +257,7 @@ def test_single_file_equals_the_folder_and_carries_comfyuis_keys(name, request, 
     save_bundle(model.bundle, path)
     again = sdlab.load(path, dtype="fp32")
     options = {} if name == "playground" else {"sampler": "Euler", "schedule": "karras"}
-    assert np.array_equal(_uint8(_ours(again, **options)), _uint8(_ours(model, **options)))
+    assert np.array_equal(uint8_pictures(_ours(again, **options)), uint8_pictures(_ours(model, **options)))
 
     tensors = load_file(path)
     if name == "playground":
@@ -326,9 +310,9 @@ def test_vae_override_uses_its_own_scaling_factor_as_diffusers_does(tmp_path_fac
     for vae in (vae_folder, vae_folder / "diffusion_pytorch_model.safetensors"):
         model = sdlab.load(folder, vae=vae, dtype="fp32")
         assert model.bundle.scaling_factor == 0.3
-        assert _max_diff(_ours(model, sampler="Euler", schedule="leading"), reference) <= MAX_PIXEL_DIFF
+        assert max_pixel_diff(_ours(model, sampler="Euler", schedule="leading"), reference) <= MAX_PIXEL_DIFF
     plain = sdlab.load(folder, dtype="fp32")
-    assert _max_diff(_ours(plain, sampler="Euler", schedule="leading"), reference) > 20
+    assert max_pixel_diff(_ours(plain, sampler="Euler", schedule="leading"), reference) > 20
 
 
 def test_vae_override_without_a_config_keeps_the_models_latents(playground, tmp_path):

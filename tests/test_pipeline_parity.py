@@ -52,6 +52,7 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
+from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, STEPS, max_pixel_diff, uint8_pictures
 from PIL import Image
 
 import sdlab
@@ -61,14 +62,8 @@ from sdlab.pipeline.generate import generate_with_refiner
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.pipeline.tiling import encode_tiled
 
-MAX_PIXEL_DIFF = 2                      # out of 255
-PROMPT = "a photograph of an astronaut riding a horse"
 NEGATIVE = "blurry, low quality, watermark"
-SEED = 1234
-SIZE = 32                               # pixels; the tiny VAE has factor 2, so 16 x 16 latents
-STEPS = 5
 BATCH = 2
-CFG = 7.0
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -122,20 +117,6 @@ def _generators(batch: int = BATCH) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(SEED + i) for i in range(batch)]
 
 
-def _uint8(images) -> np.ndarray:
-    """diffusers' `output_type="np"` floats or sdlab's PIL images -> uint8 (B, H, W, 3)."""
-    if isinstance(images, np.ndarray):
-        return (images * 255).round().astype(np.uint8)
-    return np.stack([np.asarray(image) for image in images])
-
-
-def _max_diff(ours, reference) -> int:
-    a, b = _uint8(ours), _uint8(reference)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    assert b.std() > 20, "the reference picture is nearly flat: the comparison would prove little"
-    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
-
-
 SD_SCHEDULER_KEYS = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "steps_offset",
                      "timestep_spacing", "prediction_type")
 
@@ -172,7 +153,7 @@ def test_sd1_txt2img(sd1, scheduler):
                      guidance_scale=CFG, width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
                              batch_size=BATCH, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 def test_the_tolerance_sees_a_convention_change(sd1):
@@ -184,7 +165,7 @@ def test_the_tolerance_sees_a_convention_change(sd1):
                      height=SIZE, generator=_generators(1), output_type="np").images
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
                              sampler="Euler", schedule="leading", init_noise="sigma_max")
-    assert _max_diff(ours.images, reference) > 2 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) > 2 * MAX_PIXEL_DIFF
 
 
 def test_sd2_v_prediction_txt2img(tmp_path_factory):
@@ -197,7 +178,7 @@ def test_sd2_v_prediction_txt2img(tmp_path_factory):
                      guidance_scale=CFG, width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
                              batch_size=BATCH, sampler="Euler", schedule="leading", init_noise="vp")
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 SDXL_SIZES = dict(original_size=(48, 40), crops_coords_top_left=(4, 2), target_size=(SIZE, SIZE))
@@ -211,7 +192,7 @@ def test_sdxl_txt2img_with_size_conditioning(sdxl):
                      **SDXL_SIZES).images
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
                              batch_size=BATCH, **SDXL_SIZES, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 NEGATIVE_SIZES = dict(negative_original_size=(40, 48), negative_crops_coords_top_left=(2, 6),
@@ -229,7 +210,7 @@ def test_sdxl_txt2img_with_negative_size_conditioning(sdxl, negative_sizes):
                      height=SIZE, generator=_generators(1), output_type="np", **SDXL_SIZES, **negative_sizes).images
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
                              **SDXL_SIZES, **negative_sizes, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize("clip_skip_convention", ["diffusers", "a1111"])
@@ -249,10 +230,10 @@ def test_sd1_clip_skip_with_a_negative_prompt(sd1, clip_skip_convention):
     if clip_skip_convention == "diffusers":       # what the call with clip_skip=1 draws
         called = pipe(PROMPT, negative_prompt=NEGATIVE, clip_skip=1, num_inference_steps=STEPS, guidance_scale=CFG,
                       width=SIZE, height=SIZE, generator=_generators(1), output_type="np").images
-        assert np.array_equal(_uint8(called), _uint8(reference))
+        assert np.array_equal(uint8_pictures(called), uint8_pictures(reference))
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
                              clip_skip=2, clip_skip_convention=clip_skip_convention, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,7 +250,7 @@ def test_sd1_img2img(sd1, scheduler):
                         generator=_generators(), output_type="np").images
     ours = ours_pipe.img2img(PROMPT, init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
                              cfg_scale=CFG, seed=SEED, batch_size=BATCH, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize("size", [SIZE, 2 * SIZE])                     # one tile; 3 x 3 tiles
@@ -297,10 +278,10 @@ def test_sd1_img2img_with_a_tiled_vae_encode(sd1, monkeypatch, size):
                              cfg_scale=CFG, seed=SEED, batch_size=BATCH, tiled_vae=True, **options).images
     tiled = reference(tiled_vae)
     if size == SIZE:
-        assert _max_diff(ours, tiled) <= MAX_PIXEL_DIFF
+        assert max_pixel_diff(ours, tiled) <= MAX_PIXEL_DIFF
         return
-    tiling_change = np.abs(_uint8(tiled).astype(np.int16) - _uint8(reference(pipe.vae)))      # (B, H, W, 3)
-    ours_change = np.abs(_uint8(ours).astype(np.int16) - _uint8(tiled))
+    tiling_change = np.abs(uint8_pictures(tiled).astype(np.int16) - uint8_pictures(reference(pipe.vae)))  # (B, H, W, 3)
+    ours_change = np.abs(uint8_pictures(ours).astype(np.int16) - uint8_pictures(tiled))
     # measured: ours vs diffusers' tiled max 8, mean 0.68; diffusers' tiled vs its untiled max 18, mean 1.39
     assert 0 < ours_change.max() <= tiling_change.max() and ours_change.mean() <= tiling_change.mean()
 
@@ -319,7 +300,7 @@ def test_sd1_inpaint_9_channels(sd1_inpaint, strength, tiled_vae):
     ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS,
                              cfg_scale=CFG, seed=SEED, batch_size=BATCH, paste_back=False, tiled_vae=tiled_vae,
                              **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 def _soft_mask(size: int):
@@ -342,7 +323,7 @@ def test_sd1_inpaint_with_a_mask_of_another_size(sd1_inpaint, mask_side, draw_si
                      generator=_generators(1), output_type="np").images
     ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=0.75, steps=STEPS, cfg_scale=CFG, seed=SEED,
                              width=width, height=height, paste_back=False, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim"])   # DDIM ends at sigma_min: the kept region is reset
@@ -357,7 +338,7 @@ def test_sd1_inpaint_4_channels(sd1, scheduler, strength):
                         height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS, cfg_scale=CFG,
                              seed=SEED, batch_size=BATCH, paste_back=False, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize(("family", "strength"), [("sd1", 1.0), ("sd1", 0.6), ("sdxl", 1.0)])
@@ -374,7 +355,7 @@ def test_inpaint_4_channels_ancestral(request, family, strength):
                         width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=strength, steps=STEPS, cfg_scale=CFG,
                              seed=SEED, batch_size=BATCH, paste_back=False, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 def _noised_at_the_samples_sigma(scheduler: KDPM2DiscreteScheduler) -> KDPM2DiscreteScheduler:
@@ -410,8 +391,8 @@ def test_sd1_inpaint_4_channels_dpm2_blends_at_the_calls_sigma(sd1, strength):
                                 num_inference_steps=STEPS, guidance_scale=CFG, generator=_generators(1),
                                 output_type="np").images)
     as_is, at_the_calls_sigma = pictures
-    assert _max_diff(ours.images, at_the_calls_sigma) <= MAX_PIXEL_DIFF
-    assert _max_diff(ours.images, as_is) > 10 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, at_the_calls_sigma) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, as_is) > 10 * MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize("sizes", [
@@ -425,7 +406,7 @@ def test_sdxl_refiner_img2img_negative_size_conditioning(sdxl_refiner, sizes):
                      guidance_scale=CFG, generator=_generators(1), output_type="np", **sizes).images
     ours = ours_pipe.img2img(PROMPT, init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
                              cfg_scale=CFG, seed=SEED, **sizes, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 def test_sdxl_img2img_negative_size_conditioning(sdxl):
@@ -438,7 +419,7 @@ def test_sdxl_img2img_negative_size_conditioning(sdxl):
                         **SDXL_SIZES, **NEGATIVE_SIZES).images
     ours = ours_pipe.img2img(PROMPT, init_picture(SIZE), strength=0.6, negative_prompt=NEGATIVE, steps=STEPS,
                              cfg_scale=CFG, seed=SEED, **SDXL_SIZES, **NEGATIVE_SIZES, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 def test_refiner_folder_that_does_not_zero_an_empty_negative(tmp_path_factory):
@@ -456,7 +437,7 @@ def test_refiner_folder_that_does_not_zero_an_empty_negative(tmp_path_factory):
                      generator=_generators(1), output_type="np").images
     ours = ours_pipe.img2img(PROMPT, init_picture(SIZE), strength=0.6, steps=STEPS, cfg_scale=CFG, seed=SEED,
                              **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -482,7 +463,7 @@ def test_sdxl_refiner_handoff(sdxl, sdxl_refiner, switch_at):
     ours = generate_with_refiner(ours_base.bundle, ours_refiner.bundle, request, switch_at=switch_at,
                                  progress=lambda info: seen.append(info.i))
     assert seen == list(range(steps))
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 def test_sdxl_inpainting_base_then_refiner_at_full_strength(tmp_path_factory, sdxl_refiner):
@@ -496,7 +477,7 @@ def test_sdxl_inpainting_base_then_refiner_at_full_strength(tmp_path_factory, sd
     first, again = (generate_with_refiner(base.bundle, sdxl_refiner[0].bundle, request, switch_at=0.5)
                     for _ in range(2))
     assert [image.size for image in first.images] == [(SIZE, SIZE)]
-    assert np.array_equal(_uint8(first.images), _uint8(again.images))
+    assert np.array_equal(uint8_pictures(first.images), uint8_pictures(again.images))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -519,6 +500,6 @@ def test_full_size_sd15_txt2img(tmp_path):
     del pipe
     ours = sdlab.load(folder).txt2img(PROMPT, NEGATIVE, steps=steps, cfg_scale=CFG, seed=SEED, width=size,
                                       height=size, **options)
-    a, b = _uint8(ours.images), _uint8(reference)
+    a, b = uint8_pictures(ours.images), uint8_pictures(reference)
     assert a.shape == b.shape and b.std() > 1, "the reference picture is flat"
     assert int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max()) <= MAX_PIXEL_DIFF

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar
 
 from sdlab.checkpoints.components import ComponentConfig
 from sdlab.checkpoints.errors import CheckpointError
@@ -91,7 +91,7 @@ def prediction_metadata(prediction: Prediction) -> dict[str, str]:
     return {META_MODELSPEC_PREDICTION: name, META_COMFY_PREDICTION: name} if name else {}
 
 
-def _json_entry(key: str, spec: EDMSpec | LatentStats | None) -> dict[str, str]:
+def _json_entry(key: str, spec: ScheduleSpec | EDMSpec | LatentStats | None) -> dict[str, str]:
     """{key: spec as JSON}, or nothing without a spec."""
     return {} if spec is None else {key: json.dumps(config_to_json(spec), sort_keys=True)}
 
@@ -106,12 +106,11 @@ def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
     }
     native = {META_RESOLUTION: f"{bundle.native_size}x{bundle.native_size}"} if bundle.native_size else {}
     preset = {META_PRESET: bundle.preset} if bundle.preset else {}
-    own = bundle.schedule is not None and bundle.schedule != bundle.family.schedule
-    schedule = {META_SCHEDULE: json.dumps(config_to_json(bundle.schedule), sort_keys=True)} if own else {}
+    own_schedule = bundle.schedule if bundle.schedule != bundle.family.schedule else None
     return {
         **native,
         **preset,
-        **schedule,
+        **_json_entry(META_SCHEDULE, own_schedule),
         **_json_entry(META_NOISE_MODEL, bundle.noise_model),
         **_json_entry(META_LATENT_STATS, bundle.latent_stats),
         **prediction_metadata(bundle.prediction),
@@ -202,44 +201,52 @@ def stored_hidden_states(metadata: Mapping[str, str], count: int) -> list[str] |
     return states
 
 
-def stored_schedule(metadata: Mapping[str, str]) -> ScheduleSpec | None:
-    """The training schedule sdlab's saver recorded for a model that has its own (`sdlab.schedule`), or None."""
-    raw = metadata.get(META_SCHEDULE)
+T = TypeVar("T")
+
+
+def _stored_json(metadata: Mapping[str, str], key: str, parse: Callable[[Any], T]) -> T | None:
+    """`parse` of the JSON value sdlab's saver wrote under `key`, or None without the key; a value that is not
+    JSON or that `parse` refuses (ValueError, CheckpointError) is a CheckpointError naming the key."""
+    raw = metadata.get(key)
     if raw is None:
         return None
     try:
-        schedule = config_from_json(ScheduleSpec, json.loads(raw))
-        schedule.build()                                    # an unknown kind, terminal >= 1, ...
+        return parse(json.loads(raw))
     except (ValueError, RecursionError, CheckpointError) as exc:
-        raise CheckpointError(f"metadata {META_SCHEDULE}={raw[:200]!r}: {exc}") from None
+        raise CheckpointError(f"metadata {key}={raw[:200]!r}: {exc}") from None
+
+
+def _schedule(data: Any) -> ScheduleSpec:
+    schedule = config_from_json(ScheduleSpec, data)
+    schedule.build()                                        # an unknown kind, terminal >= 1, ...
     return schedule
+
+
+def _noise_model(data: Any) -> EDMSpec:
+    spec = config_from_json(EDMSpec, data)
+    spec.build("eps")                                       # sigma_min below sigma_max
+    return spec
+
+
+def _latent_stats(data: Any) -> LatentStats:
+    if not isinstance(data, dict) or set(data) != {"mean", "std"}:
+        raise ValueError("expected an object with mean and std")
+    return latent_stats(data["mean"], data["std"])
+
+
+def stored_schedule(metadata: Mapping[str, str]) -> ScheduleSpec | None:
+    """The training schedule sdlab's saver recorded for a model that has its own (`sdlab.schedule`), or None."""
+    return _stored_json(metadata, META_SCHEDULE, _schedule)
 
 
 def stored_noise_model(metadata: Mapping[str, str]) -> EDMSpec | None:
     """The continuous EDM noise model sdlab's saver recorded (`sdlab.noise_model`), or None."""
-    raw = metadata.get(META_NOISE_MODEL)
-    if raw is None:
-        return None
-    try:
-        spec = config_from_json(EDMSpec, json.loads(raw))
-        spec.build("eps")                                   # sigma_min below sigma_max
-    except (ValueError, RecursionError, CheckpointError) as exc:
-        raise CheckpointError(f"metadata {META_NOISE_MODEL}={raw[:200]!r}: {exc}") from None
-    return spec
+    return _stored_json(metadata, META_NOISE_MODEL, _noise_model)
 
 
 def stored_latent_stats(metadata: Mapping[str, str]) -> LatentStats | None:
     """The per-channel latent statistics sdlab's saver recorded (`sdlab.latent_stats`), or None."""
-    raw = metadata.get(META_LATENT_STATS)
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-        if not isinstance(data, dict) or set(data) != {"mean", "std"}:
-            raise ValueError("expected an object with mean and std")
-        return latent_stats(data["mean"], data["std"])
-    except (ValueError, RecursionError) as exc:
-        raise CheckpointError(f"metadata {META_LATENT_STATS}={raw[:200]!r}: {exc}") from None
+    return _stored_json(metadata, META_LATENT_STATS, _latent_stats)
 
 
 def latent_stats(mean: Any, std: Any) -> LatentStats:

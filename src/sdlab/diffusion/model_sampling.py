@@ -77,6 +77,18 @@ def _per_image(sigma: Tensor | float, like: Tensor) -> Tensor:
     return s if s.ndim == 0 else s.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+def _ve_noise_scaling(sigma: Tensor | float, noise: Tensor, latent: Tensor | None, init_noise: str,
+                      sigma_max: float) -> Tensor:
+    """A variance-exploding model's x at ``sigma``: ``latent + sigma * noise``; pure noise is scaled by
+    ``initial_noise_sigma(sigma, init_noise)`` (``"sigma_max"``: sigma; ``"vp"``: sqrt(sigma^2 + 1), unit noise in
+    VP scaling). ComfyUI's rule (``"comfyui"``: sqrt(sigma^2 + 1) at the model's ``sigma_max``) scales the noise
+    with a latent too, as its ``EPS.noise_scaling(sigma, noise, latent_image, max_denoise)`` does."""
+    if latent is not None and init_noise != "comfyui":
+        return latent + noise * _per_image(sigma, noise)
+    start = noise * initial_noise_sigma(torch.as_tensor(sigma).reshape(1), init_noise, sigma_max)
+    return start if latent is None else latent + start
+
+
 class ModelSampling(Protocol):
     """The noise parameterisation of one model (module docstring)."""
 
@@ -148,14 +160,8 @@ class DiscreteModelSampling:
     def noise_scaling(
         self, sigma: Tensor | float, noise: Tensor, latent: Tensor | None = None, *, init_noise: str = "sigma_max"
     ) -> Tensor:
-        """``latent + sigma * noise``; pure noise is scaled by ``initial_noise_sigma(sigma, init_noise)``
-        (``"sigma_max"``: sigma; ``"vp"``: sqrt(sigma^2 + 1), unit noise in VP scaling). ComfyUI's rule
-        (``"comfyui"``: sqrt(sigma^2 + 1) at the model's sigma_max) scales the noise with a latent too, as its
-        ``EPS.noise_scaling(sigma, noise, latent_image, max_denoise)`` does."""
-        if latent is not None and init_noise != "comfyui":
-            return latent + noise * _per_image(sigma, noise)
-        start = noise * initial_noise_sigma(torch.as_tensor(sigma).reshape(1), init_noise, self.sigma_max)
-        return start if latent is None else latent + start
+        """``latent + sigma * noise`` (`_ve_noise_scaling`)."""
+        return _ve_noise_scaling(sigma, noise, latent, init_noise, self.sigma_max)
 
     def inverse_noise_scaling(self, sigma: Tensor | float, x: Tensor) -> Tensor:
         """The VP latent of x: ``x / sqrt(1 + sigma^2)``, identity at sigma 0 (DDIM / PLMS end above 0)."""
@@ -329,12 +335,9 @@ class ContinuousEDMModelSampling:
     def noise_scaling(
         self, sigma: Tensor | float, noise: Tensor, latent: Tensor | None = None, *, init_noise: str = "sigma_max"
     ) -> Tensor:
-        """``latent + sigma * noise``; pure noise scaled by ``initial_noise_sigma`` as on a discrete model
-        (``"vp"``: sqrt(sigma^2 + 1), diffusers' EDM ``init_noise_sigma``; ``"comfyui"``: ComfyUI's rule)."""
-        if latent is not None and init_noise != "comfyui":
-            return latent + noise * _per_image(sigma, noise)
-        start = noise * initial_noise_sigma(torch.as_tensor(sigma).reshape(1), init_noise, self.sigma_max)
-        return start if latent is None else latent + start
+        """``latent + sigma * noise`` as on a discrete model (`_ve_noise_scaling`; ``"vp"`` is diffusers' EDM
+        ``init_noise_sigma`` sqrt(sigma^2 + 1))."""
+        return _ve_noise_scaling(sigma, noise, latent, init_noise, self.sigma_max)
 
     def inverse_noise_scaling(self, sigma: Tensor | float, x: Tensor) -> Tensor:
         """x itself: a run ending at sigma > 0 keeps that noise, as ComfyUI's and diffusers' EDM samplers do."""
