@@ -495,6 +495,26 @@ def test_a_comfyui_spelling_encodes_an_empty_sdxl_negative_and_records_it():
     assert again.images[0].tobytes() == comfy.images[0].tobytes()
 
 
+@pytest.mark.parametrize("options, label", [(dict(sampler="euler_ancestral"), None),
+                                            (dict(sampler="Euler a", zero_empty_negative=False), None),
+                                            (dict(sampler="euler_ancestral", zero_empty_negative=True), "zeros")])
+def test_an_empty_negative_is_recorded_only_where_its_rule_is_not_the_familys(tiny, options, label):
+    """A family that encodes an empty negative (SD1, SD2, sdlab-tiny: only SDXL's zero it, and a model of another
+    family never changes that) draws the same picture under a ComfyUI spelling's "encoded" as under its own rule,
+    so no `Empty negative` is written there; zeros, which change the picture, are; the text redraws the picture."""
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+
+    run = dict(steps=3, seed=SEED, width=64, height=64, **options)
+    drawn = tiny.txt2img(PROMPT, "", **run)
+    plain = tiny.txt2img(PROMPT, "", **{**run, "zero_empty_negative": None})
+    parameters = to_parameters(drawn.request)
+    assert parameters.get("Empty negative") == label
+    assert (drawn.images[0].tobytes() == plain.images[0].tobytes()) is (label is None)
+    again = tiny.txt2img(**from_parameters(parse_parameters(format_parameters(parameters))))
+    assert again.images[0].tobytes() == drawn.images[0].tobytes()
+
+
 # -- the SDE samplers' Brownian tree ------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore:Should have tb<=t1")   # ComfyUI queries its float32 sigma_max past the tree
 def test_brownian_trees_are_cpu_trees_moved_to_the_latents_device(monkeypatch):

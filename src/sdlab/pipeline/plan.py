@@ -115,7 +115,8 @@ def resolve_for(bundle: ModelBundle, request: GenerationRequest) -> GenerationRe
 
 def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) -> GenerationRequest:
     """`resolve_for` against `free` bytes (None: the device cannot tell). The prompts lose their comments
-    (`strip_comments`), as A1111 draws and records them."""
+    (`strip_comments`), as A1111 draws and records them; an empty negative encoded as "" on a family that encodes it
+    anyway is the family's rule (None: no `Empty negative` label to write)."""
     family = bundle.family
     req = resolve(
         request,
@@ -135,6 +136,8 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
             spec.hidden_state != "last" for spec in family.text_encoders):
         logger.info("clip skip %d ignored: A1111 moves only SD1's text encoder (its last layer) back", req.clip_skip)
         req = replace(req, clip_skip=1)
+    if req.zero_empty_negative is False and not family.conditioner.zero_empty_negative:
+        req = replace(req, zero_empty_negative=None)    # the family's own rule, which no model of it changes
     _check_model(bundle, req, free)
     return req
 
