@@ -23,7 +23,7 @@ from sdlab.diffusion.discretization import get_discretization
 from sdlab.families import get_family
 from sdlab.pipeline.generate import generate, generate_with_refiner
 from sdlab.pipeline.infotext import (
-    a1111_backcompat, a1111_version, from_parameters, refiner_handoff, to_parameters, undrawn_labels,
+    a1111_backcompat, a1111_version, from_parameters, old_hires_sizes, refiner_handoff, to_parameters, undrawn_labels,
 )
 from sdlab.pipeline.plan import handoff_index, make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
@@ -122,6 +122,42 @@ def test_an_old_hires_file_draws_its_first_pass_and_then_its_size(text):
     shown = a1111_parameters(text)                             # png-info's
     sizes = ("Size-1", "Size-2", "Hires resize-1", "Hires resize-2")
     assert {key: shown[key] for key in sizes} == {key: res[key] for key in sizes}
+
+
+@pytest.mark.parametrize("first, size", [((64, 64), (128, 128)), ((0, 0), (1024, 768)), ((0, 512), (960, 512)),
+                                         ((32, 48), (0, 96)), ((640, 0), (0, 0)), ((0, 0), (0, 768))])
+def test_both_readers_restore_an_old_hires_fix_with_one_rule(first, size):
+    """`old_hires_sizes` is A1111's `restore_old_hires_fix_params` for `--from-png` (`from_parameters`) and
+    png-info (`a1111_parameters`) alike; where A1111 divides by zero (a first pass of 0, a Size side of 0) png-info
+    restores nothing, and `from_parameters` refuses a Size side of 0 before."""
+    res = {"First pass size-1": str(first[0]), "First pass size-2": str(first[1]), "Size-1": str(size[0]),
+           "Size-2": str(size[1])}
+    try:
+        restore_old_hires_fix_params(res)
+        a1111 = (res["Size-1"], res["Size-2"]), (res["Hires resize-1"], res["Hires resize-2"])
+    except ZeroDivisionError:
+        a1111 = None
+    assert old_hires_sizes(first, size) == a1111
+    text = f"a red cube\nSteps: 6, Seed: 41, Size: {size[0]}x{size[1]}, First pass size: {first[0]}x{first[1]}"
+    shown = a1111_parameters(text)
+    as_is = (str(size[0]), str(size[1])), (0, 0)
+    assert ((shown["Size-1"], shown["Size-2"]), (shown["Hires resize-1"], shown["Hires resize-2"])) == (a1111 or as_is)
+    if 0 in size:
+        with pytest.raises(ValueError, match="is not a positive WIDTHxHEIGHT"):
+            from_parameters(parse_parameters(text))
+    else:
+        fields = from_parameters(parse_parameters(text))
+        assert ((fields["width"], fields["height"]), (fields["hr_width"], fields["hr_height"])) == a1111
+
+
+@pytest.mark.parametrize("label, value, error", [
+    ("Size", "64", "is not WIDTHxHEIGHT"), ("Size", "64x64x2", "is not WIDTHxHEIGHT"),
+    ("Size", "0x64", "is not a positive WIDTHxHEIGHT"), ("Hires resize", "96xa", "is not WIDTHxHEIGHT"),
+    ("First pass size", "x", "is not WIDTHxHEIGHT"),
+])
+def test_a_size_label_that_is_not_widthxheight_is_an_error_naming_it(label, value, error):
+    with pytest.raises(ValueError, match=f"^the PNG's {label} value '{value}' {error}$"):
+        from_parameters({label: value})
 
 
 def test_from_png_redraws_an_old_hires_file_in_two_passes(tmp_path, capsys):

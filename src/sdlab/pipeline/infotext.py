@@ -349,10 +349,7 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
             except (TypeError, ValueError):
                 raise ValueError(f"the PNG's {label!r} value {value!r} is not a valid {kind.__name__}") from None
     if "Size" in p:
-        try:
-            width, height = (int(v) for v in str(p["Size"]).lower().split("x"))
-        except ValueError:
-            raise ValueError(f"the PNG's Size value {p['Size']!r} is not WIDTHxHEIGHT") from None
+        width, height = _size_label(p, "Size")
         if min(width, height) <= 0:
             raise ValueError(f"the PNG's Size value {p['Size']!r} is not a positive WIDTHxHEIGHT")
         fields["width"], fields["height"] = width, height
@@ -366,10 +363,7 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = _size_label(p, "Seed resize from")
     fields.update(_sdxl_fields(p))
     if "Hires resize" in p:
-        try:
-            fields["hr_width"], fields["hr_height"] = (int(v) for v in str(p["Hires resize"]).lower().split("x"))
-        except ValueError:
-            raise ValueError(f"the PNG's Hires resize value {p['Hires resize']!r} is not WIDTHxHEIGHT") from None
+        fields["hr_width"], fields["hr_height"] = _size_label(p, "Hires resize")
     if "First pass size" in p:
         fields.update(_old_hires_fix(p, fields))
     if ("hr_scale" in fields or "hr_width" in fields) and "strength" in fields:
@@ -391,13 +385,24 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def _old_hires_fix(p: dict[str, Any], fields: dict[str, Any]) -> dict[str, int]:
-    """The hires fix of A1111's files from before January 2023 as A1111 reads it (`restore_old_hires_fix_params`):
-    the first pass at `First pass size` (0x0: `old_first_pass_size` of Size), the hires pass at `Size` (A1111's
-    512 for a missing side)."""
-    first = _size_label(p, "First pass size")
-    width, height = fields.get("width", 512), fields.get("height", 512)
-    first_width, first_height = old_first_pass_size(width, height) if 0 in first else first
-    return {"width": first_width, "height": first_height, "hr_width": width, "hr_height": height}
+    """The hires fix of A1111's files from before January 2023 as A1111 reads it (`old_hires_sizes`): the first
+    pass at `First pass size`, the hires pass at `Size` (A1111's 512 for a missing side)."""
+    sizes = old_hires_sizes(_size_label(p, "First pass size"), (fields.get("width", 512), fields.get("height", 512)))
+    if sizes is None:
+        return {}
+    (width, height), (hr_width, hr_height) = sizes
+    return {"width": width, "height": height, "hr_width": hr_width, "hr_height": hr_height}
+
+
+def old_hires_sizes(first: tuple[int, int], size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """A1111's `restore_old_hires_fix_params` of a hires fix from before January 2023: ((width, height) of the first
+    pass, of the hires pass) from its `First pass size` and `Size` (a first pass with a 0 side:
+    `old_first_pass_size` of Size). None where A1111 divides by zero: that first pass with a Size side of 0."""
+    if 0 in first:
+        if 0 in size:
+            return None
+        first = old_first_pass_size(*size)
+    return first, size
 
 
 def old_first_pass_size(width: int, height: int) -> tuple[int, int]:

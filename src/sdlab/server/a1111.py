@@ -42,7 +42,7 @@ from sdlab.diffusion.samplers import SAMPLER_TABLE, SAMPLERS, a1111_schedule, co
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
-    a1111_backcompat, drawn_by_sdlab, hires_parameters, img2img_parameters, old_first_pass_size, refiner_label,
+    a1111_backcompat, drawn_by_sdlab, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
 )
 from sdlab.pipeline.preprocess import PREPROCESSORS
 from sdlab.pipeline.prompt_loras import without_extra_networks
@@ -1078,18 +1078,14 @@ def a1111_parameters(text: str) -> dict[str, Any]:
 
 
 def _restore_old_hires_fix(res: dict[str, Any]) -> None:
-    """A1111's `restore_old_hires_fix_params`: a text of the hires fix before January 2023 (`First pass size`) gets
-    the first pass's size as Size (0x0: `old_first_pass_size` of Size) and its Size as Hires resize."""
+    """A1111's `restore_old_hires_fix_params` (`infotext.old_hires_sizes`): a text of the hires fix before January
+    2023 (`First pass size`) gets the first pass's size as Size and its Size as Hires resize."""
     if "First pass size-1" not in res or "First pass size-2" not in res:
         return
-    first = int(res["First pass size-1"]), int(res["First pass size-2"])
-    width, height = int(res.get("Size-1", 512)), int(res.get("Size-2", 512))
-    if 0 in first:
-        if 0 in (width, height):    # no size to scale: A1111 divides by zero here
-            return
-        first = old_first_pass_size(width, height)
-    res["Size-1"], res["Size-2"] = first
-    res["Hires resize-1"], res["Hires resize-2"] = width, height
+    sizes = old_hires_sizes((int(res["First pass size-1"]), int(res["First pass size-2"])),
+                            (int(res.get("Size-1", 512)), int(res.get("Size-2", 512))))
+    if sizes is not None:
+        (res["Size-1"], res["Size-2"]), (res["Hires resize-1"], res["Hires resize-2"]) = sizes
 
 
 def _a1111_defaults(parsed: dict[str, Any]) -> dict[str, Any]:
