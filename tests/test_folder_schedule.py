@@ -317,7 +317,28 @@ def test_sdxl_folder_leading_spacing_counts_from_its_steps_offset(sdxl_folder, t
     assert np.abs(a - b).max() <= 2
 
 
+def test_a_saved_file_keeps_the_folders_steps_offset(sdxl_folder, tmp_path):
+    """The offset is the model's: a single file saved from an SDXL folder with steps_offset 0 keeps it
+    (`sdlab.steps_offset`) and draws the folder's `leading` picture (with 1, 8/255 off); inspect shows it."""
+    import shutil
+
+    folder = Path(shutil.copytree(sdxl_folder, tmp_path / "pipe"))
+    _set_scheduler(folder, _class_name="EulerDiscreteScheduler", timestep_spacing="leading", steps_offset=0)
+    model = sdlab.load(folder)
+    saved = sdlab.load(save_bundle(model.bundle, tmp_path / "offset0.safetensors"))
+    assert saved.bundle.steps_offset == 0
+    assert saved.bundle.report.to_json()["steps_offset"] == model.bundle.report.to_json()["steps_offset"] == 0
+    options = dict(steps=4, seed=5, width=SIZE, height=SIZE, sampler="Euler", schedule="leading")
+    assert np.array_equal(np.asarray(saved.txt2img("a cat", "blurry", **options).images[0]),
+                          np.asarray(model.txt2img("a cat", "blurry", **options).images[0]))
+    plain = sdlab.load(save_bundle(sdlab.load(sdxl_folder).bundle, tmp_path / "offset1.safetensors"))
+    assert plain.bundle.steps_offset == 1 and "sdlab.steps_offset" not in plain.bundle.report.metadata
+
+
 def test_sd_folder_steps_offset_is_the_one_its_pipeline_sets(folder):
-    """diffusers' StableDiffusionPipeline sets steps_offset 1 as it loads a folder, so an SD2 folder's 0 stays 1."""
+    """diffusers' StableDiffusionPipeline sets steps_offset 1 as it loads a folder, so an SD2 folder's 0 stays 1,
+    and inspect says 1 (the folder's 0 is listed among its sampler settings)."""
     _set_scheduler(folder, steps_offset=0)
-    assert plan_checkpoint(folder).report.steps_offset == 1
+    report = plan_checkpoint(folder).report
+    assert report.steps_offset == report.to_json()["steps_offset"] == 1
+    assert report.to_json()["diffusers_sampler"]["steps_offset"] == 0

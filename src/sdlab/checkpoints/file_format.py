@@ -5,7 +5,9 @@ A whole model (`save_bundle`) records the format version, family, prediction typ
 every network's config as JSON (`sdlab.config`) and the hidden state each text encoder feeds the U-Net; the
 square side it was trained at goes in Stability's model-spec key `modelspec.resolution`, an eps or v prediction
 also in `modelspec.prediction_type` (Stability's model spec, as kohya writes it) and `modelspec.predict_key`
-(ComfyUI's checkpoint saver). Single networks
+(ComfyUI's checkpoint saver). What a model declares beyond its family goes along: its own training schedule
+(`sdlab.schedule`), continuous EDM noise model (`sdlab.noise_model`), per-channel latent statistics
+(`sdlab.latent_stats`) and a diffusers folder's `steps_offset` other than 1 (`sdlab.steps_offset`). Single networks
 written by training (`sdlab train --task vae`, the sdlab-tiny text task) record which network they hold
 (`sdlab.component`), which weights (`sdlab.weights`: "raw" or "ema") and their own config; U-Net training
 checkpoints record the family and whether the weights are the EMA ones (`sdlab.ema`).
@@ -23,7 +25,7 @@ from typing import Any, TypeVar
 
 from sdlab.checkpoints.components import ComponentConfig
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.validate import config_from_json
+from sdlab.checkpoints.validate import check_int, config_from_json
 from sdlab.diffusion.prediction import Prediction
 from sdlab.families import EDMSpec, FamilySpec, ScheduleSpec
 from sdlab.families.base import HIDDEN_STATES
@@ -49,6 +51,8 @@ META_SCHEDULE = "sdlab.schedule"            # the model's own training schedule 
                                             # its family's
 META_NOISE_MODEL = "sdlab.noise_model"      # a continuous EDM noise model (JSON `EDMSpec`), if the model has one
 META_LATENT_STATS = "sdlab.latent_stats"    # per-channel latents mean / std (JSON `LatentStats`), if it has them
+META_STEPS_OFFSET = "sdlab.steps_offset"    # what diffusers' leading spacing adds to its timesteps, if not 1 (a
+                                            # diffusers folder's whose pipeline keeps it)
 COMFY_EDM_MEAN_KEY = "edm_mean"             # ComfyUI (`supported_models.SDXL.model_type`): both keys make a
 COMFY_EDM_STD_KEY = "edm_std"               # Playground v2.5 EDM model with its latent statistics,
 COMFY_EDM_VPRED_MAX_KEY = "edm_vpred.sigma_max"  # these (scalars) an EDM v-prediction model (CosXL), as
@@ -98,7 +102,8 @@ def _json_entry(key: str, spec: ScheduleSpec | EDMSpec | LatentStats | None) -> 
 
 def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
     """The `__metadata__` sdlab writes: format version, family, prediction (also in the model-spec keys),
-    scaling factor, configs, and the hidden state each text encoder feeds the U-Net."""
+    scaling factor, configs, the hidden state each text encoder feeds the U-Net, and what the model declares
+    beyond its family (module docstring)."""
     configs = {
         "unet": config_to_json(bundle.unet_config),
         "vae": config_to_json(bundle.vae_config),
@@ -113,6 +118,7 @@ def bundle_metadata(bundle: ModelBundle) -> dict[str, str]:
         **_json_entry(META_SCHEDULE, own_schedule),
         **_json_entry(META_NOISE_MODEL, bundle.noise_model),
         **_json_entry(META_LATENT_STATS, bundle.latent_stats),
+        **({META_STEPS_OFFSET: str(bundle.steps_offset)} if bundle.steps_offset != 1 else {}),
         **prediction_metadata(bundle.prediction),
         META_FORMAT: FORMAT_VERSION,
         META_FAMILY: bundle.family.name,
@@ -249,6 +255,12 @@ def stored_latent_stats(metadata: Mapping[str, str]) -> LatentStats | None:
     return _stored_json(metadata, META_LATENT_STATS, _latent_stats)
 
 
+def stored_steps_offset(metadata: Mapping[str, str]) -> int:
+    """The `steps_offset` sdlab's saver recorded for a model whose own is not 1 (`sdlab.steps_offset`), else 1."""
+    offset = _stored_json(metadata, META_STEPS_OFFSET, lambda value: check_int("steps_offset", value, 0))
+    return 1 if offset is None else offset
+
+
 def latent_stats(mean: Any, std: Any) -> LatentStats:
     """`LatentStats` from two lists of numbers (a JSON config's or a tensor's); a ValueError says what is wrong."""
     def numbers(name: str, values: Any) -> tuple[float, ...]:
@@ -299,6 +311,7 @@ __all__ = [
     "META_RESOLUTION",
     "META_SCALING",
     "META_SCHEDULE",
+    "META_STEPS_OFFSET",
     "META_WEIGHTS",
     "bundle_metadata",
     "config_from_json",
@@ -314,5 +327,6 @@ __all__ = [
     "stored_noise_model",
     "stored_scaling_factor",
     "stored_schedule",
+    "stored_steps_offset",
     "stored_vae_config",
 ]

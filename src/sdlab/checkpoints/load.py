@@ -25,6 +25,9 @@ Training schedule (`ModelBundle.schedule`; None: the family's): a diffusers fold
 writes (`sdlab.schedule`), or ComfyUI's `ztsnr` marker key (beside `v_pred`): zero terminal SNR with the last
 alphas_cumprod at 4.897e-08, as ComfyUI and A1111 sample such files.
 
+`steps_offset` (`ModelBundle.steps_offset`, what diffusers' leading spacing adds to the timesteps): a diffusers
+folder's as its pipeline runs it (`spacing_offset`), a saved file's `sdlab.steps_offset`; else 1.
+
 Continuous EDM noise model (`ModelBundle.noise_model`; None: discrete on the schedule above) and per-channel
 latent statistics (`ModelBundle.latent_stats`): a folder's EDM scheduler / `vae/config.json`, a single file's
 sdlab metadata or ComfyUI's `edm_mean` / `edm_std` / `edm_vpred.*` keys (`noise_model`; `edm_vpred.sigma_max`
@@ -66,6 +69,7 @@ from sdlab.checkpoints.file_format import (
     native_size,
     stored_scaling_factor,
     stored_schedule,
+    stored_steps_offset,
 )
 from sdlab.checkpoints.plan import CheckpointPlan, ComponentReport, LoadReport
 from sdlab.checkpoints.sidecar import model_params, sidecar_of
@@ -222,7 +226,8 @@ def _plan_single_file(
     return _finish_plan(str(path), spec, file.family_source, pred, pred_source, scaling, file.unet, file.vae,
                         list(file.text_encoders), file.ignored, file.total_keys, file.metadata,
                         native=native_size(file.metadata), schedule=schedule, schedule_source=schedule_source,
-                        noise_model=noise_model, noise_model_source=noise_source, latent_stats=stats)
+                        steps_offset=stored_steps_offset(file.metadata), noise_model=noise_model,
+                        noise_model_source=noise_source, latent_stats=stats)
 
 
 def _vae_latents(vae: str | os.PathLike[str] | None, spec: FamilySpec, scaling: float,

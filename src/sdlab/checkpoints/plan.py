@@ -50,7 +50,7 @@ class LoadReport:
     schedule_source: str | None = None      # where it came from ("ztsnr marker key", "scheduler_config.json")
     sampler: Mapping[str, Any] = field(default_factory=dict)   # a folder's scheduler class, spacing, offset
     steps_offset: int = 1                   # what diffusers' leading spacing adds for it (a folder's, as its
-                                            # pipeline runs it)
+                                            # pipeline runs it; a saved file's `sdlab.steps_offset`)
     zero_empty_negative: bool | None = None  # a folder's force_zeros_for_empty_prompt (None: the family's)
     noise_model: EDMSpec | None = None      # a continuous EDM noise model (None: discrete on the schedule)
     noise_model_source: str | None = None   # where it came from
@@ -71,6 +71,7 @@ class LoadReport:
             **({"noise_model": self.noise_model.describe(), "noise_model_source": self.noise_model_source}
                if self.noise_model is not None else {}),
             **({"latent_stats": config_to_json(self.latent_stats)} if self.latent_stats is not None else {}),
+            "steps_offset": self.steps_offset,
             **({"diffusers_sampler": dict(self.sampler)} if self.sampler else {}),
             "description": self.family.description,
             "total_keys": self.total_keys,

@@ -40,6 +40,8 @@ def _format_inspect(report: dict) -> str:
         *([f"latent stats    mean {report['latent_stats']['mean']}, std {report['latent_stats']['std']}"]
           if "latent_stats" in report else []),
         *([f"noise model     {report['noise_model']} ({report['noise_model_source']})"] if "noise_model" in report else []),
+        *([f"steps offset    {report['steps_offset']} (diffusers-spaced schedules count from it)"]
+          if report["steps_offset"] != 1 else []),
         f"default size    {report['default_size']} px",
         f"keys            {report['total_keys']} in the file; {report['total_parameters']:,} parameters in all",
         "components:",

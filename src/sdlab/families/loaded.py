@@ -59,7 +59,8 @@ class ModelBundle:
     noise_model: EDMSpec | None = None      # a continuous EDM noise model the model declares in place of the
                                             # DDPM `schedule` (Playground v2.5, CosXL); None: discrete
     steps_offset: int = 1                   # what diffusers' leading spacing adds to its timesteps (a diffusers
-                                            # folder's `steps_offset`, where its pipeline keeps it: SDXL's)
+                                            # folder's `steps_offset`, where its pipeline keeps it: SDXL's; a
+                                            # saved file's `sdlab.steps_offset`)
     latent_stats: LatentStats | None = None  # per-channel latents mean / std its latents are normalised by
                                             # (Playground v2.5); None: scaling alone
 
