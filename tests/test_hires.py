@@ -230,6 +230,31 @@ def test_sdxl_second_pass_is_conditioned_on_a1111s_upscaled_size(sdxl_pipe, monk
     assert seen[0] == [*hires.get("original_size", (48, 64)), 0, 0, 48, 64]      # the first pass: its own size
 
 
+@pytest.mark.parametrize("spelling", ["A1111 API", "Euler a", "euler_ancestral", None])
+def test_sdxl_hires_conditioning_is_a1111s_under_every_spelling(sdxl_pipe, monkeypatch, spelling) -> None:
+    """The hires fix is A1111's whatever the sampler's spelling and the request's conventions (diffusers ships no
+    hires fix; its SDXL img2img would condition on the 96x80 it draws): a hires size that crops conditions the second
+    pass on A1111's hr_upscale_to, 96x96, through the A1111 API (`_request` of A1111's fields) as through the
+    Python API under A1111's, ComfyUI's and the default (diffusers') conventions."""
+    from sdlab.pipeline import conditioning
+    from sdlab.server.a1111 import Txt2ImgIn, _request
+
+    seen, real = [], conditioning.sdxl_size_conds
+    monkeypatch.setattr(conditioning, "sdxl_size_conds",
+                        lambda *args, **kwargs: seen.append(real(*args, **kwargs).flatten().tolist()) or real(*args, **kwargs))
+    run = dict(width=64, height=64, steps=2, seed=1)
+    if spelling == "A1111 API":
+        body = Txt2ImgIn(prompt="a cat", negative_prompt="ugly", sampler_name="Euler a", cfg_scale=7, enable_hr=True,
+                         hr_resize_x=96, hr_resize_y=80, hr_upscaler="Latent", denoising_strength=0.5, **run)
+        result = sdxl_pipe.run(_request(body))
+    else:
+        result = sdxl_pipe.txt2img("a cat", "ugly", sampler=spelling, hr_width=96, hr_height=80, hr_upscaler="Latent",
+                                   hr_denoise=0.5, **run)
+    x, y = _a1111_hr_upscale_to(64, 64, None, 96, 80)
+    assert (x, y) == (96, 96) and result.images[0].size == (96, 80)
+    assert seen[-2:] == [[y, x, 0, 0, y, x]] * 2
+
+
 def test_hires_size_crops_the_centre(pipe) -> None:
     result = pipe.txt2img(PROMPT, steps=4, seed=7, hr_width=128, hr_height=96, hr_steps=2)
     assert result.images[0].size == (128, 96)
