@@ -365,10 +365,10 @@ BASE = "a [red:blue:5] cube\nSteps: 6, Sampler: {sampler}, CFG scale: 5, Seed: 4
 
 @pytest.mark.parametrize("extra, named", [
     (", Sigma churn: 0.9, Sigma tmin: 0.2", []),                  # drawn (tests/test_a1111_churn.py)
-    (", Schedule max sigma: 5, Schedule min sigma: 0.1, Schedule rho: 3",
-     ["Schedule min sigma: 0.1", "Schedule max sigma: 5", "Schedule rho: 3"]),
+    (", Schedule max sigma: 5, Schedule min sigma: 0.1, Schedule rho: 3", []),   # drawn
+     # (tests/test_a1111_schedule_overrides.py)
     (", Noise Schedule: Zero Terminal SNR", ["Noise Schedule: Zero Terminal SNR"]),
-    (", Discard penultimate sigma: True", ["Discard penultimate sigma: True"]),
+    (", Discard penultimate sigma: True", []),
     (", Emphasis: No norm", ["Emphasis: No norm"]), (", Emphasis: Original", []),
     (", Downcast alphas_cumprod: True", ["Downcast alphas_cumprod: True"]),
     (", NGMS: 5, Skip Early CFG: 0.5, Pad conds: True", ["Pad conds: True", "NGMS: 5", "Skip Early CFG: 0.5"]),

@@ -129,6 +129,17 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--s-tmin", type=float, help="A1111's Sigma tmin: churn only at sigmas >= this")
     p.add_argument("--s-tmax", type=float, help="A1111's Sigma tmax: churn only at sigmas <= this (default inf)")
     p.add_argument("--s-noise", type=float, help="A1111's Sigma noise: scale of the noise the sampler adds (default 1)")
+    p.add_argument("--sigma-min", type=float, dest="schedule_sigma_min",
+                   help="A1111's Schedule min sigma: the schedule's lowest sigma (karras, exponential, "
+                        "polyexponential, normal, sgm_uniform, A1111's Beta / KL Optimal; 0 = the model's)")
+    p.add_argument("--sigma-max", type=float, dest="schedule_sigma_max",
+                   help="A1111's Schedule max sigma: the schedule's highest sigma (as --sigma-min; 0 = the model's)")
+    p.add_argument("--rho", type=float, dest="schedule_rho",
+                   help="A1111's Schedule rho of karras (default 7) and polyexponential (default 1); 0 = the default")
+    p.add_argument("--discard-penultimate-sigma", action=argparse.BooleanOptionalAction,
+                   dest="discard_penultimate_sigma",
+                   help="A1111's Discard penultimate sigma: drop the schedule's next-to-last sigma (as A1111's DPM2 "
+                        "rows do) for any sampler but DDIM, PLMS, UniPC")
     p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
                    help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
     p.add_argument("--preset", metavar="NAME",
@@ -342,7 +353,9 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "clip_skip": args.clip_skip,
         "tiling": getattr(args, "tiling", None),
         "eta": args.eta,
-        **{name: getattr(args, name, None) for name in ("s_churn", "s_tmin", "s_tmax", "s_noise")},
+        **{name: getattr(args, name, None) for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min",
+                                                        "schedule_sigma_max", "schedule_rho",
+                                                        "discard_penultimate_sigma")},
         "eta_noise_seed_delta": getattr(args, "ensd", None),
         "strength": getattr(args, "strength", None),
         "resize_mode": getattr(args, "resize_mode", None),

@@ -59,6 +59,7 @@ sigma(t=0) is ~0) cannot trigger here: ``NoiseSchedule`` guarantees sigma_min > 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from functools import partial
@@ -99,9 +100,11 @@ __all__ = [
     "lcm_timesteps",
     "normal_sigmas",
     "partial_sigmas",
+    "schedule_overrides",
     "sgm_uniform_sigmas",
     "simple_sigmas",
     "steps_run",
+    "uniform_sigmas",
 ]
 
 Discretization = Callable[..., Tensor]
@@ -412,17 +415,34 @@ def exponential_sigmas(
     return _finish_ramp(_exponential_ramp(steps, lo, hi), schedule, final)
 
 
-def normal_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
-    """sigma(t) at ``steps`` timesteps evenly spaced from T-1 down to 0 (log-sigma interpolation)."""
+def _t_range(schedule: NoiseSchedule, sigma_min: float | None, sigma_max: float | None) -> tuple[float, float]:
+    """The timesteps of a ramp's ends: T-1 and 0, or those of overriding sigmas (`sigma_to_t`, as A1111's Normal
+    and SGM Uniform take A1111's `Schedule max sigma` / `min sigma`)."""
+    top = schedule.num_timesteps - 1 if sigma_max is None else float(schedule.sigma_to_t(float(sigma_max)))
+    return top, 0.0 if sigma_min is None else float(schedule.sigma_to_t(float(sigma_min)))
+
+
+def normal_sigmas(schedule: NoiseSchedule, steps: int, *, sigma_min: float | None = None,
+                  sigma_max: float | None = None, final: str = "zero") -> Tensor:
+    """sigma(t) at ``steps`` timesteps evenly spaced from T-1 down to 0 (log-sigma interpolation); between the
+    timesteps of `sigma_max` and `sigma_min` where given."""
     steps = _check_steps(steps)
-    t = _linspace64(schedule.num_timesteps - 1, 0, steps)
+    t = _linspace64(*_t_range(schedule, sigma_min, sigma_max), steps)
     return _finish_ramp(schedule.t_to_sigma(t), schedule, final)
 
 
-def sgm_uniform_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
-    """sigma(t) at ``linspace(T-1, 0, steps+1)[:-1]``: never visits t=0 before the final step."""
+def uniform_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "zero") -> Tensor:
+    """A1111's "Uniform" (k-diffusion's `DiscreteSchedule.get_sigmas`): `normal_sigmas` on the model's ends, which
+    A1111's `Schedule min sigma` / `max sigma` do not move."""
+    return normal_sigmas(schedule, steps, final=final)
+
+
+def sgm_uniform_sigmas(schedule: NoiseSchedule, steps: int, *, sigma_min: float | None = None,
+                       sigma_max: float | None = None, final: str = "zero") -> Tensor:
+    """sigma(t) at ``linspace(T-1, 0, steps+1)[:-1]``: never visits t=0 before the final step (the ends
+    overridable as `normal_sigmas`')."""
     steps = _check_steps(steps)
-    t = _linspace64(schedule.num_timesteps - 1, 0, steps + 1)[:-1]
+    t = _linspace64(*_t_range(schedule, sigma_min, sigma_max), steps + 1)[:-1]
     return _finish(schedule.t_to_sigma(t), schedule, final)
 
 
@@ -627,7 +647,7 @@ DISCRETIZATIONS: dict[str, Discretization] = {
     "karras": karras_sigmas,
     "exponential": exponential_sigmas,
     "normal": normal_sigmas,
-    "uniform": normal_sigmas,  # A1111's name for k-diffusion's DiscreteSchedule.get_sigmas
+    "uniform": uniform_sigmas,  # A1111's name for k-diffusion's DiscreteSchedule.get_sigmas
     "sgm_uniform": sgm_uniform_sigmas,
     "simple": simple_sigmas,
     "ddim_uniform": ddim_uniform_sigmas,
@@ -650,6 +670,18 @@ def get_discretization(name: str) -> Discretization:
     if found is None:
         raise ValueError(f"unknown discretization {name!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
     return found
+
+
+def schedule_overrides(name: str, *, sigma_min: float = 0.0, sigma_max: float = 0.0,
+                       rho: float = 0.0) -> dict[str, float]:
+    """The options of discretization `name` that A1111's `Schedule min sigma`, `max sigma` and `rho` set (its
+    `sigma_min`, `sigma_max`, `rho` settings; 0 = the model's / the schedule's): those its function takes (karras,
+    exponential, polyexponential, A1111's Beta and KL Optimal), as A1111's `get_sigmas` passes them to its
+    scheduler's function; rho only where it differs from the function's own (karras 7, polyexponential 1)."""
+    taken = inspect.signature(get_discretization(name)).parameters
+    given = {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho}
+    return {key: float(value) for key, value in given.items()
+            if value and key in taken and (key != "rho" or value != taken["rho"].default)}
 
 
 def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str = "euler",

@@ -72,7 +72,8 @@ from sdlab.diffusion import sampling_k as K
 from sdlab.diffusion import sampling_ldm as L
 
 __all__ = [
-    "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "a1111_schedule", "comfyui_spelling", "get_sampler",
+    "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "a1111_schedule", "also_discards",
+    "comfyui_spelling", "get_sampler",
     "sampler_names", "steps_warning",
 ]
 
@@ -298,6 +299,13 @@ def a1111_schedule(sampler: str, schedule: str | None) -> str | None:
     if spec.a1111 == A1111_LCM and schedule in ("uniform", "normal"):
         return "a1111_lcm"
     return schedule
+
+
+def also_discards(spec: SamplerSpec, always: bool) -> bool:
+    """Whether A1111's `Discard penultimate sigma` (its always_discard_next_to_last_sigma, `always`) drops the
+    next-to-last sigma of a sampler whose row keeps it (`KDiffusionSampler.get_sigmas`); A1111's timestep samplers
+    (DDIM, PLMS, UniPC) keep their timesteps."""
+    return always and not spec.discard_penultimate and spec.a1111 not in A1111_TIMESTEP_SAMPLERS
 
 
 def steps_warning(spec: SamplerSpec, steps: int, schedule: str) -> str | None:

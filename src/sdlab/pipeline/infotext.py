@@ -21,8 +21,10 @@ from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from sdlab.diffusion.discretization import DIFFUSERS_NAMES
-from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, a1111_schedule, comfyui_spelling, get_sampler
+from sdlab.diffusion.discretization import DIFFUSERS_NAMES, schedule_overrides
+from sdlab.diffusion.samplers import (
+    A1111_TIMESTEP_SAMPLERS, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
+)
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
@@ -37,6 +39,10 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Steps": ("steps", int),
     "Sampler": ("sampler", str),
     "Schedule type": ("schedule", str),
+    "Schedule min sigma": ("schedule_sigma_min", float),   # A1111's sigma_min / sigma_max / rho settings
+    "Schedule max sigma": ("schedule_sigma_max", float),
+    "Schedule rho": ("schedule_rho", float),
+    "Discard penultimate sigma": ("discard_penultimate_sigma", bool),
     "CFG scale": ("cfg_scale", float),
     "Seed": ("seed", int),
     "Variation seed": ("subseed", int),
@@ -179,6 +185,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Steps": req.steps,
         "Sampler": req.sampler,
         "Schedule type": a1111_label(req.schedule),
+        **_schedule_overrides(req),
         "CFG scale": req.cfg_scale,
         "Seed": req.seeds()[index],
         "Size": f"{req.width}x{req.height}",
@@ -305,6 +312,19 @@ def _ensd(req: GenerationRequest) -> int | None:
     if not spec.draws_step_noise(req.eta):
         return None
     return ensd if ensd or comfyui_spelling(req.sampler) else None
+
+
+def _schedule_overrides(req: GenerationRequest) -> dict[str, Any]:
+    """A1111's `Schedule min sigma` / `max sigma` / `rho` where the schedule took them and `Discard penultimate
+    sigma` where it dropped a sigma the sampler's row keeps (`KDiffusionSampler.get_sigmas`)."""
+    try:
+        spec, taken = get_sampler(req.sampler), schedule_overrides(
+            req.schedule, sigma_min=req.schedule_sigma_min, sigma_max=req.schedule_sigma_max, rho=req.schedule_rho)
+    except (ValueError, AttributeError):
+        return {}
+    return {"Schedule min sigma": taken.get("sigma_min"), "Schedule max sigma": taken.get("sigma_max"),
+            "Schedule rho": taken.get("rho"),
+            "Discard penultimate sigma": also_discards(spec, req.discard_penultimate_sigma) or None}
 
 
 def _taken(req: GenerationRequest, option: str, value: float | None) -> float | None:
@@ -520,9 +540,8 @@ def a1111_backcompat(p: dict[str, Any]) -> dict[str, bool]:
 # A1111's labels (its settings' and common extensions') of what changes the picture and sdlab does not draw, each
 # with the value that changes nothing (None: every value changes it)
 _UNDRAWN_A1111_LABELS: dict[str, Any] = {
-    "Schedule min sigma": 0.0,
-    "Schedule max sigma": 0.0, "Schedule rho": 0.0, "Beta schedule alpha": 0.6, "Beta schedule beta": 0.6,
-    "Noise Schedule": "Default", "Downcast alphas_cumprod": False, "Discard penultimate sigma": False,
+    "Beta schedule alpha": 0.6, "Beta schedule beta": 0.6,
+    "Noise Schedule": "Default", "Downcast alphas_cumprod": False,
     "SGM noise multiplier": False, "Emphasis": "Original", "Old prompt editing timelines": False,
     "Pad conds": False, "Pad conds v0": False, "NGMS": 0.0, "Skip Early CFG": 0.0, "Extra noise": 0.0,
     "Token merging ratio": 0.0, "Token merging ratio hr": 0.0, "Conditional mask weight": 1.0,

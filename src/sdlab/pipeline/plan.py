@@ -27,9 +27,9 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from sdlab.diffusion.discretization import DIFFUSERS_NAMES, discretize, img2img_sigmas
+from sdlab.diffusion.discretization import DIFFUSERS_NAMES, discretize, img2img_sigmas, schedule_overrides
 from sdlab.diffusion.model_sampling import ModelSampling
-from sdlab.diffusion.samplers import SamplerSpec, get_sampler, steps_warning
+from sdlab.diffusion.samplers import SamplerSpec, also_discards, get_sampler, steps_warning
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers
 from sdlab.pipeline.memory import available_bytes, check_memory
@@ -184,7 +184,10 @@ def request_sigmas(
     `device`: the request's named discretization of the model sampling's training levels (`sampling.schedule`);
     a diffusers-spaced one counts from the model's `steps_offset` (`ModelBundle.steps_offset`)."""
     options = dict(final=sampler.final_sigma, scheduler=sampler.spacing,  # a diffusers spacing: the sampler's
-                   discard_penultimate=sampler.discard_penultimate)
+                   discard_penultimate=(sampler.discard_penultimate
+                                        or also_discards(sampler, req.discard_penultimate_sigma)),
+                   **schedule_overrides(req.schedule, sigma_min=req.schedule_sigma_min,
+                                        sigma_max=req.schedule_sigma_max, rho=req.schedule_rho))
     if req.schedule.strip().lower() in DIFFUSERS_NAMES:
         options["steps_offset"] = steps_offset
     try:

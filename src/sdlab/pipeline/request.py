@@ -154,6 +154,10 @@ class GenerationRequest:
     s_churn: float = 0.0                    # k-diffusion's churn (Euler, Heun, DPM2: A1111's Sigma churn): noise
     s_tmin: float = 0.0                     # added back at each step whose sigma lies in [s_tmin, s_tmax]
     s_tmax: float | None = None             # None: no upper end (inf)
+    schedule_sigma_min: float = 0.0         # A1111's Schedule min sigma / max sigma / rho (its sigma_min, sigma_max,
+    schedule_sigma_max: float = 0.0         # rho settings): the schedule's ends and rho; 0 = the model's / the
+    schedule_rho: float = 0.0               # schedule's (discretization.schedule_overrides)
+    discard_penultimate_sigma: bool = False  # A1111's always_discard_next_to_last_sigma (plan.request_sigmas)
     init_noise: str | None = None           # "sigma_max" (A1111), "vp" or "comfyui"; None = the schedule's
                                             # convention (discretization.default_init_noise)
     quantize_timesteps: bool = False        # round t to integers before the U-Net (diffusers' DPM-Solver)
@@ -618,6 +622,8 @@ def resolve(
     _bounded("s_tmin", r.s_tmin, 0.0, math.inf)
     if r.s_tmax is not None:
         _bounded("s_tmax", r.s_tmax, 0.0, math.inf)
+    for name in ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho"):
+        _bounded(name, getattr(r, name), 0.0, math.inf)
     _bounded("mask blur", r.mask_blur, 0.0, MAX_MASK_BLUR)
     if r.mask_blur_y is not None:
         _bounded("mask blur y", r.mask_blur_y, 0.0, MAX_MASK_BLUR)

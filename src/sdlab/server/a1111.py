@@ -264,7 +264,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111",
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
-        **_sigma_options(body, settings, sampler), controls=controls, **_ensd(settings), rng=settings["randn_source"],
+        **_sigma_options(body, settings, sampler), **_schedule_settings(settings), controls=controls,
+        **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
     )
@@ -293,6 +294,14 @@ def _sigma_options(body: Txt2ImgIn, settings: dict[str, Any], sampler: str) -> d
         value = float(_or_inf(name, value))
         chosen[name] = None if value == math.inf else value     # the request's s_tmax None: inf
     return chosen
+
+
+def _schedule_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A1111's `sigma_min`, `sigma_max`, `rho` and `always_discard_next_to_last_sigma` options as request fields
+    (`KDiffusionSampler.get_sigmas` reads them from the options only; 0 = the model's / the schedule's)."""
+    return dict(schedule_sigma_min=settings.get("sigma_min", 0.0), schedule_sigma_max=settings.get("sigma_max", 0.0),
+                schedule_rho=settings.get("rho", 0.0),
+                discard_penultimate_sigma=settings.get("always_discard_next_to_last_sigma", False))
 
 
 def _or_inf(name: str, value: float) -> float:
@@ -622,10 +631,13 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= MAX_AESTHETIC:
             raise BadRequest(f"{where}{key} must be a number in -{MAX_AESTHETIC:g}..{MAX_AESTHETIC:g}, got {score!r}",
                              422)
-    for key in A1111_SIGMA_OPTIONS:                 # k-diffusion's churn and noise scale (`_sigma_options`)
+    for key in (*A1111_SIGMA_OPTIONS, "sigma_min", "sigma_max", "rho"):   # `_sigma_options`, `_schedule_settings`
         value = body.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise BadRequest(f"{where}{key} must be a number >= 0, got {value!r}", 422)
+    if not isinstance(body.get("always_discard_next_to_last_sigma", False), bool):
+        raise BadRequest(f"{where}always_discard_next_to_last_sigma must be true or false, "
+                         f"got {body['always_discard_next_to_last_sigma']!r}", 422)
     if not isinstance(body.get("tiling", False), bool):
         raise BadRequest(f"{where}tiling must be true or false, got {body['tiling']!r}", 422)
     samples_format = body.get("samples_format", "png")
