@@ -7,7 +7,8 @@ in LoRA folders, and merging a set into a bundle for one request with the weight
   file that is not a LoRA is one `RequestError` before any merging.
 - `LoraPatcher`: the text encoders change by the TE weight and the U-Net by the U-Net weight, exactly as
   `apply_lora` with those multipliers; restoring gives back the very tensors; the same set again computes
-  nothing; another set replaces the first; an error inside `using` still restores.
+  nothing, until the model's own weights change; another set replaces the first; an error inside `using`
+  still restores.
 - One `Pipeline` shared by threads: runs take turns, so a LoRA merged for one run never reaches another.
 - A pipeline dropped after a run is freed: the patcher of its bundle does not keep it alive.
 """
@@ -205,6 +206,52 @@ def test_same_set_twice_computes_nothing_and_another_set_replaces_it(tmp_path, m
         torch.testing.assert_close(stacked[key], value, atol=1e-5, rtol=1e-5)
     patcher.apply([])
     _assert_same(_state(bundle), original)
+
+
+def _merge_for_good(bundle, path) -> None:
+    apply_lora(bundle, path, 1.0)
+
+
+def _load_merged_state(bundle, path) -> None:
+    merged = tiny_bundle("sd1")
+    apply_lora(merged, path, 1.0)
+    bundle.unet.load_state_dict(merged.unet.state_dict())
+    for te, merged_te in zip(bundle.text_encoders, merged.text_encoders):
+        te.model.load_state_dict(merged_te.model.state_dict())
+
+
+def _replace_tensors(bundle, path) -> None:
+    merged = tiny_bundle("sd1")
+    apply_lora(merged, path, 1.0)
+    for mine, theirs in zip(bundle.unet.parameters(), merged.unet.parameters()):
+        mine.data = theirs.data.clone()
+    for te, merged_te in zip(bundle.text_encoders, merged.text_encoders):
+        for mine, theirs in zip(te.model.parameters(), merged_te.model.parameters()):
+            mine.data = theirs.data.clone()
+
+
+@pytest.mark.parametrize("change", [_merge_for_good, _load_merged_state, _replace_tensors],
+                         ids=["apply_lora", "load_state_dict", "new-tensors"])
+def test_a_tag_after_the_weights_change_merges_into_the_new_weights(tmp_path, change):
+    """The merged tensors kept from a tagged run were computed from the weights of that time: after the
+    model's weights change (a LoRA merged for good, a state loaded into the layers, tensors replaced), the
+    same tag draws what a fresh model with the new weights draws, not the old merge (before: up to 239 of
+    255 off on a 64 px picture, the permanent LoRA gone from every layer the tag touches)."""
+    folder = tmp_path / "loras"
+    _lora_file(folder / "ink.safetensors", _small_lora(8))
+    full = _lora_file(tmp_path / "full.safetensors", _small_lora(9))
+    options = dict(steps=2, seed=1, width=32, height=32, sampler="Euler", preset=None)
+    tagged = "a red apple <lora:ink:1>"
+    pipe = Pipeline(tiny_bundle("sd1"))
+    pipe.lora_dirs = [folder]
+    pipe.txt2img(tagged, **options)
+    change(pipe.bundle, full)
+    again = np.asarray(pipe.txt2img(tagged, **options).images[0])
+
+    fresh = Pipeline(tiny_bundle("sd1"))
+    fresh.lora_dirs = [folder]
+    apply_lora(fresh.bundle, full, 1.0)
+    np.testing.assert_array_equal(again, np.asarray(fresh.txt2img(tagged, **options).images[0]))
 
 
 def test_error_inside_the_block_still_restores(tmp_path):

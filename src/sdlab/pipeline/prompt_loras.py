@@ -19,7 +19,10 @@ networks from the positive prompt only (processing.py: ``parse_extra_network_pro
 `LoraPatcher` applies a set of (file, text-encoder weight, U-Net weight) to a bundle's layers and restores
 them, as A1111's Lora extension does: the original weight tensors are kept and put back (never
 recomputed by subtraction, so the model returns bit for bit), and the merged tensors of the last set are
-kept too, so the same set again costs no arithmetic, until `LoraPatcher.forget`. Files are read once while
+kept too, so the same set again costs no arithmetic, until `LoraPatcher.forget` or until the weights they
+were computed from change (`apply_lora`, `load_state_dict`, an optimizer step, moving the model: the layers'
+own tensors are kept with their version counters, which every in-place write bumps; a write through
+``param.data``, which has a counter of its own, is not seen: call `forget` after one). Files are read once while
 unchanged (path, size, mtime), the last few kept until `forget_read_loras`. The layers are shared by every
 thread that draws with the bundle, so a run holds the patcher's lock from its first step to its last
 (`LoraPatcher.using`), with or without LoRAs: runs on one bundle take turns, and no run ever sees another's
@@ -43,6 +46,7 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from sdlab.checkpoints.lora import bundle_lora_weights, load_lora_file
+from sdlab.models.cpu_kernels import tensor_version
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import RequestError
 
@@ -318,6 +322,30 @@ def _use_key(uses: Sequence[LoraUse]) -> tuple:
     return tuple((_file_key(u.path), u.te_weight, u.unet_weight) for u in uses)
 
 
+def _base(param: nn.Parameter) -> tuple[Tensor, int | None]:
+    """The layer's own tensor and its version counter, as a merge computed from it now sees them."""
+    return param.data, tensor_version(param)
+
+
+def _unchanged(param: nn.Parameter, base: tuple[Tensor, int | None]) -> bool:
+    """Whether `param` still holds the tensor of `base`, not written since: the same memory (the kept tensor
+    keeps its address from being reused) and the same version (an inference tensor has none: never sure)."""
+    kept, version = base
+    return version is not None and param.data_ptr() == kept.data_ptr() and tensor_version(param) == version
+
+
+@dataclass
+class _MergedSet:
+    """The merged tensors of a set (`key`) and the layers' own tensors they were computed from."""
+
+    key: tuple
+    tensors: dict[nn.Parameter, Tensor]
+    bases: dict[nn.Parameter, tuple[Tensor, int | None]]
+
+    def fits(self, key: tuple) -> bool:
+        return key == self.key and all(_unchanged(param, base) for param, base in self.bases.items())
+
+
 class LoraPatcher:
     """Swaps merged weights into a bundle's layers and the originals back (see the module docstring). It
     holds the bundle weakly: `patcher_for`'s table keeps a patcher only while the bundle's U-Net lives, so
@@ -328,7 +356,7 @@ class LoraPatcher:
         self.lock = threading.RLock()                         # held by whoever uses or swaps the layers
         self._originals: dict[nn.Parameter, Tensor] = {}    # the layers' own tensors while patched
         self._applied: tuple | None = None                    # the key of the set now in the layers
-        self._cached: tuple[tuple, dict[nn.Parameter, Tensor]] | None = None   # last set's merged tensors
+        self._cached: _MergedSet | None = None                # the last set's merged tensors
 
     @property
     def bundle(self):
@@ -363,12 +391,12 @@ class LoraPatcher:
             self.restore()
             if not uses:
                 return
-            if self._cached is not None and self._cached[0] == key:
-                tensors = self._cached[1]
+            if self._cached is not None and self._cached.fits(key):
+                tensors = self._cached.tensors
             else:
                 self._cached = None                               # free the old set before computing the new
                 tensors = self._merged(uses)
-                self._cached = (key, tensors)
+                self._cached = _MergedSet(key, tensors, {param: _base(param) for param in tensors})
             for param, tensor in tensors.items():
                 self._originals[param] = param.data
                 param.data = tensor
@@ -378,7 +406,7 @@ class LoraPatcher:
 
     def forget(self) -> None:
         """Let go the merged tensors kept for the last set (its next `apply` computes them again); the layers
-        keep what is in them now."""
+        keep what is in them now. Needed only after a write the version counters miss (``param.data.copy_``)."""
         with self.lock:
             self._cached = None
 
