@@ -36,6 +36,7 @@ from sdlab.diffusion.denoiser import Denoiser
 from sdlab.diffusion.model_sampling import ContinuousEDMModelSampling
 from sdlab.diffusion.prediction import Prediction
 from sdlab.families import EDMSpec
+from sdlab.families.latent_format import LatentStats
 
 NEGATIVE = "blurry"
 
@@ -290,6 +291,58 @@ def test_playground_marker_keys_without_values_take_comfyuis_numbers(playground,
     bundle = sdlab.load(tmp_path / "markers.safetensors", dtype="fp32").bundle
     assert bundle.latent_stats.std == (8.4927, 5.9022, 6.5498, 5.2299)
     assert bundle.noise_model == EDMSpec(0.002, 80.0, 0.5)
+
+
+def _comfy_reading(tensors) -> tuple | None:
+    """ComfyUI comfy/supported_models.py `SDXL.model_type` with the latent format it picks
+    (`latent_formats.SDXL_Playground_2_5` / `SDXL`) and `ModelSamplingContinuousEDM`'s sigma_data default 1,
+    transcribed: (prediction, EDMSpec, latent statistics, scaling factor) the EDM keys give, or None without."""
+    if "edm_mean" in tensors and "edm_std" in tensors:
+        return ("eps", EDMSpec(0.002, 80.0, 0.5),
+                ((-1.6574, 1.886, -1.383, 2.5155), (8.4927, 5.9022, 6.5498, 5.2299)), 0.5)
+    if "edm_vpred.sigma_max" in tensors:
+        sigma_min = float(tensors["edm_vpred.sigma_min"].item()) if "edm_vpred.sigma_min" in tensors else 0.002
+        return "v", EDMSpec(sigma_min, float(tensors["edm_vpred.sigma_max"].item()), 1.0), None, 0.13025
+    return None
+
+
+_PG = dict(noise_model=EDMSpec(0.002, 80.0, 0.5), scaling_factor=0.5,
+           latent_stats=LatentStats(tuple(PLAYGROUND_VAE["latents_mean"]), tuple(PLAYGROUND_VAE["latents_std"])))
+_COSXL = dict(prediction=Prediction.V, noise_model=EDMSpec(0.002, 120.0, 1.0))
+
+
+@pytest.mark.parametrize(("family", "model", "keys"), [
+    ("sdxl", _PG, True),                                                       # Playground v2.5
+    ("sdxl", _COSXL, True),                                                    # CosXL
+    ("sdxl", {**_COSXL, "noise_model": EDMSpec(0.002, 80.0, 0.5)}, False),     # EDM v, sigma_data 0.5
+    ("sdxl", {**_COSXL, "latent_stats": _PG["latent_stats"]}, False),          # EDM v with statistics
+    ("sdxl", {**_PG, "noise_model": EDMSpec(0.002, 120.0, 0.5)}, False),       # another sigma range
+    ("sdxl", {**_PG, "latent_stats": LatentStats((0.1,) * 4, (2.0,) * 4)}, False),  # other statistics
+    ("sdxl", {**_PG, "scaling_factor": 0.13025}, False),                       # another scaling
+    ("sdxl", {**_PG, "latent_stats": None}, False),                            # EDM eps without statistics
+    ("sd1", _PG, False),                                                       # ComfyUI reads them on SDXL only
+], ids=["playground", "cosxl", "v-sigma-data-0.5", "v-stats", "sigma-range", "stats", "scaling", "no-stats", "sd1"])
+def test_comfyuis_edm_keys_are_saved_only_where_comfyui_reads_the_same_model(family, model, keys, tmp_path, caplog):
+    """ComfyUI takes Playground v2.5's noise model, statistics and scaling from `edm_mean` / `edm_std` whatever
+    they hold, and sigma_data 1 from `edm_vpred.*`: a saved file carries those keys only where that reading is
+    the saved model; otherwise it warns, and sdlab still reads the model from its metadata."""
+    bundle = replace(tiny_bundle(family, seed=3), **model)
+    with caplog.at_level(logging.WARNING, logger="sdlab"):
+        path = save_bundle(bundle, tmp_path / "edm.safetensors")
+    tensors = load_file(path)
+    comfy = _comfy_reading(tensors)
+    if keys:
+        stats = (bundle.latent_stats.mean, bundle.latent_stats.std) if bundle.latent_stats else None
+        assert comfy[0] == bundle.prediction.value and comfy[2:] == (stats, bundle.scaling_factor)
+        assert comfy[1].sigma_data == bundle.noise_model.sigma_data
+        assert comfy[1].sigma_max == bundle.noise_model.sigma_max
+        assert comfy[1].sigma_min == pytest.approx(bundle.noise_model.sigma_min)
+    else:
+        assert comfy is None and "v_pred" not in tensors
+        assert any("ComfyUI would read another model" in r.getMessage() for r in caplog.records)
+    again = sdlab.load(path).bundle
+    assert (again.prediction, again.noise_model, again.latent_stats, again.scaling_factor) == \
+        (bundle.prediction, bundle.noise_model, bundle.latent_stats, bundle.scaling_factor)
 
 
 # ----------------------------------------------------------------------------------------------------------

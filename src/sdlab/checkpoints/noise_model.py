@@ -8,10 +8,11 @@ Continuous EDM noise model (`ModelBundle.noise_model`, sampled by `ContinuousEDM
   - `EulerDiscreteScheduler` with `timestep_type: "continuous"` and v-prediction (CosXL as diffusers draws it:
     the net takes ``ln(sigma) / 4``, sigma_data 1), on its `sigma_min` / `sigma_max` where it gives them, else
     on its betas' sigma range; diffusers ignores `timestep_type` for other predictions, and so does sdlab;
-  - a single file: sdlab's `sdlab.noise_model` metadata, else ComfyUI's keys (`supported_models.SDXL.model_type`,
-    read on every family as `v_pred` is): `edm_mean` + `edm_std` make Playground v2.5 (EDM's F-prediction,
-    sigma 0.002..80, sigma_data 0.5), `edm_vpred.sigma_max` (+ `edm_vpred.sigma_min`, else 0.002) an EDM
-    v-prediction model with sigma_data 1 (ComfyUI's `V_PREDICTION_EDM`).
+  - a single file: sdlab's `sdlab.noise_model` metadata, else ComfyUI's keys (`supported_models.SDXL.model_type`;
+    ComfyUI reads them on SDXL base models only, sdlab on every family as it reads `v_pred`): `edm_mean` +
+    `edm_std` make Playground v2.5 (EDM's F-prediction, sigma 0.002..80, sigma_data 0.5), `edm_vpred.sigma_max`
+    (+ `edm_vpred.sigma_min`, else 0.002) an EDM v-prediction model with sigma_data 1 (ComfyUI's
+    `V_PREDICTION_EDM`).
 A folder whose scheduler samples another noise model sdlab does not draw SD-architecture U-Nets with (flow
 matching: `FlowMatch*` classes, `shift` / `use_dynamic_shifting`) is refused with one line; an unknown class
 that names EDM settings is loaded as its family's DDPM model with a warning naming them.
@@ -21,9 +22,11 @@ folder (diffusers' SDXL pipelines use them, its SD1 / SD2 pipeline does not), sd
 metadata, the values of ComfyUI's `edm_mean` / `edm_std` keys (ComfyUI's `SDXL_Playground_2_5` numbers when
 they hold none), or a `--vae` override's config (`sdlab.checkpoints.single_file.declared_by_vae`).
 
-Saved files (`noise_model_keys`) carry sdlab's metadata and the keys ComfyUI reads: `edm_mean` / `edm_std`
-for an EDM F-prediction model with latent statistics, `edm_vpred.sigma_max` / `sigma_min` for an EDM
-v-prediction model.
+Saved files carry sdlab's metadata, and ComfyUI's keys where ComfyUI reads this very model from them
+(`noise_model_keys`): an SDXL base model that is Playground v2.5 exactly (`PLAYGROUND_EDM`, its statistics and
+latent scaling 0.5, which ComfyUI takes whatever `edm_mean` / `edm_std` hold), or an EDM v-prediction one with
+sigma_data 1 and no statistics (`edm_vpred.sigma_max` / `sigma_min`). Any other EDM model is saved without
+them, with a warning: ComfyUI would read another model from them.
 """
 
 from __future__ import annotations
@@ -56,13 +59,16 @@ from sdlab.families.loaded import ModelBundle
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COMFY_NOISE_MODEL_KEYS", "PLAYGROUND_EDM", "PLAYGROUND_LATENT_STATS", "config_latent_stats",
+__all__ = ["COMFY_NOISE_MODEL_KEYS", "PLAYGROUND_EDM", "PLAYGROUND_LATENT_STATS", "PLAYGROUND_SCALING_FACTOR",
+           "config_latent_stats",
            "file_latent_stats", "file_noise_model", "folder_latent_stats", "folder_noise_model", "noise_model_keys"]
 
 COMFY_NOISE_MODEL_KEYS = (COMFY_EDM_MEAN_KEY, COMFY_EDM_STD_KEY, COMFY_EDM_VPRED_MAX_KEY, COMFY_EDM_VPRED_MIN_KEY)
 # ComfyUI `supported_models.SDXL.model_type` (edm_mean / edm_std) and `latent_formats.SDXL_Playground_2_5`
+# (its statistics and scaling factor)
 PLAYGROUND_EDM = EDMSpec(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
 PLAYGROUND_LATENT_STATS = LatentStats(mean=(-1.6574, 1.886, -1.383, 2.5155), std=(8.4927, 5.9022, 6.5498, 5.2299))
+PLAYGROUND_SCALING_FACTOR = 0.5
 # ComfyUI `ModelSamplingContinuousEDM`'s sigma_min when a file gives only edm_vpred.sigma_max
 COMFY_EDM_SIGMA_MIN = 0.002
 # diffusers' EDMEulerScheduler / EDMDPMSolverMultistepScheduler defaults
@@ -195,15 +201,43 @@ def file_latent_stats(metadata: Mapping[str, str], markers: Mapping[str, Tensor]
 
 
 def noise_model_keys(bundle: ModelBundle) -> dict[str, Tensor]:
-    """The keys ComfyUI reads for `bundle`'s noise model and latent statistics (module docstring); empty for a
-    model ComfyUI would not read from keys alone (sdlab's metadata still carries it)."""
-    edm = bundle.noise_model
-    if edm is None:
+    """ComfyUI's keys for `bundle`'s continuous EDM noise model and latent statistics (module docstring), where
+    ComfyUI reads this very model from them; else none, with a warning saying why (sdlab's metadata still
+    carries the model)."""
+    if bundle.noise_model is None:
+        return {}
+    misread = _comfy_misreading(bundle)
+    if misread:
+        logger.warning("%s: saved without ComfyUI's EDM keys, from which ComfyUI would read another model (%s); "
+                       "sdlab reads it from its metadata (%s)", bundle.source or "the model", misread, META_NOISE_MODEL)
         return {}
     if bundle.prediction is Prediction.V:
+        edm = bundle.noise_model
         return {COMFY_EDM_VPRED_MAX_KEY: torch.tensor(edm.sigma_max), COMFY_EDM_VPRED_MIN_KEY: torch.tensor(edm.sigma_min)}
-    if bundle.prediction is Prediction.EPS and bundle.latent_stats is not None:
-        stats = bundle.latent_stats
-        return {COMFY_EDM_MEAN_KEY: torch.tensor(stats.mean).view(1, -1, 1, 1),
-                COMFY_EDM_STD_KEY: torch.tensor(stats.std).view(1, -1, 1, 1)}
-    return {}
+    stats = bundle.latent_stats
+    return {COMFY_EDM_MEAN_KEY: torch.tensor(stats.mean).view(1, -1, 1, 1),
+            COMFY_EDM_STD_KEY: torch.tensor(stats.std).view(1, -1, 1, 1)}
+
+
+def _comfy_misreading(bundle: ModelBundle) -> str | None:
+    """How ComfyUI's reading of the EDM keys (`supported_models.SDXL.model_type`) would differ from `bundle`'s
+    model, or None where it gives the same: `edm_vpred.*` is v-prediction with sigma_data 1 and SDXL's latent
+    format, `edm_mean` / `edm_std` is Playground v2.5 whatever the keys hold (`PLAYGROUND_EDM`, its statistics
+    and scaling factor 0.5: `latent_formats.SDXL_Playground_2_5`). Only SDXL's base model class reads them."""
+    family, edm, stats = bundle.family, bundle.noise_model, bundle.latent_stats
+    if not family.is_sdxl or family.is_refiner:
+        return f"ComfyUI reads them on SDXL base models only, not on {family.name}"
+    if bundle.prediction is Prediction.V:
+        if edm.sigma_data != 1.0:
+            return f"sigma_data {edm.sigma_data:g}, where its edm_vpred model has 1"
+        return "latent statistics, which its edm_vpred model does not apply" if stats is not None else None
+    if bundle.prediction is not Prediction.EPS:
+        return f"{bundle.prediction.value}-prediction, which no ComfyUI key names"
+    if edm != PLAYGROUND_EDM:
+        return f"{edm.describe()}, where its edm_mean / edm_std model is Playground v2.5's {PLAYGROUND_EDM.describe()}"
+    if stats != PLAYGROUND_LATENT_STATS:
+        return (f"latent statistics {stats.describe() if stats else 'none'}, where it takes Playground v2.5's "
+                "whatever the keys hold")
+    if bundle.scaling_factor != PLAYGROUND_SCALING_FACTOR:
+        return f"latent scaling {bundle.scaling_factor:g}, where it takes Playground v2.5's {PLAYGROUND_SCALING_FACTOR:g}"
+    return None

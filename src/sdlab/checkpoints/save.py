@@ -9,10 +9,10 @@ this writes gives the same configs and bit-identical tensors. The file is writte
 
 A v-prediction model also carries ComfyUI's empty marker tensors, as ComfyUI's checkpoint saver writes them
 (`comfy_extras/nodes_model_merging.save_checkpoint`): `v_pred`, and `ztsnr` beside it when the model's
-schedule has zero terminal SNR; a model on a continuous EDM noise model carries ComfyUI's `edm_mean` /
-`edm_std` (Playground v2.5) or `edm_vpred.sigma_max` / `sigma_min` keys instead (`noise_model`). ComfyUI
-(`supported_models.SDXL.model_type`) tells such a model from an eps one by these keys alone; sdlab reads its own
-metadata (`sdlab.noise_model`, `sdlab.latent_stats`) first.
+schedule has zero terminal SNR. A model on a continuous EDM noise model carries ComfyUI's `edm_mean` /
+`edm_std` (Playground v2.5) or `edm_vpred.sigma_max` / `sigma_min` keys instead, where ComfyUI
+(`supported_models.SDXL.model_type`, SDXL base models only) reads this very model from them
+(`noise_model.noise_model_keys`); sdlab reads its own metadata (`sdlab.noise_model`, `sdlab.latent_stats`) first.
 """
 
 from __future__ import annotations
