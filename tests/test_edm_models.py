@@ -272,12 +272,13 @@ def test_single_file_equals_the_folder_and_carries_comfyuis_keys(name, request, 
         metadata = file.metadata()
     comfy_only = tmp_path / f"{name}-comfy.safetensors"
     kept = {k: v for k, v in metadata.items() if k not in ("sdlab.noise_model", "sdlab.latent_stats",
-                                                            "sdlab.prediction", "modelspec.prediction_type",
-                                                            "modelspec.predict_key")}
+                                                            "sdlab.scaling_factor", "sdlab.prediction",
+                                                            "modelspec.prediction_type", "modelspec.predict_key")}
     save_file(tensors, comfy_only, kept)
     from_keys = sdlab.load(comfy_only, dtype="fp32").bundle
     assert from_keys.noise_model == model.bundle.noise_model
     assert from_keys.latent_stats == model.bundle.latent_stats
+    assert from_keys.scaling_factor == model.bundle.scaling_factor     # Playground's 0.5, as ComfyUI scales it
     assert from_keys.prediction is model.bundle.prediction
 
 
@@ -291,6 +292,7 @@ def test_playground_marker_keys_without_values_take_comfyuis_numbers(playground,
     bundle = sdlab.load(tmp_path / "markers.safetensors", dtype="fp32").bundle
     assert bundle.latent_stats.std == (8.4927, 5.9022, 6.5498, 5.2299)
     assert bundle.noise_model == EDMSpec(0.002, 80.0, 0.5)
+    assert bundle.scaling_factor == 0.5                     # SDXL_Playground_2_5.scale_factor
 
 
 def _comfy_reading(tensors) -> tuple | None:

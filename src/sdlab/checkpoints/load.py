@@ -67,14 +67,13 @@ from sdlab.checkpoints.file_format import (
     META_SCHEDULE,
     named_preset,
     native_size,
-    stored_scaling_factor,
     stored_schedule,
     stored_steps_offset,
 )
 from sdlab.checkpoints.plan import CheckpointPlan, ComponentReport, LoadReport
 from sdlab.checkpoints.sidecar import model_params, sidecar_of
 from sdlab.checkpoints.runnable import check_plan, check_weights
-from sdlab.checkpoints.noise_model import file_latent_stats, file_noise_model
+from sdlab.checkpoints.noise_model import file_latent_stats, file_noise_model, file_scaling_factor
 from sdlab.checkpoints.single_file import declared_by_vae, load_vae_source, read_single_file
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.schedules import A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
@@ -221,7 +220,8 @@ def _plan_single_file(
                                            keys=file.shapes, unet_state=file.unet.state)
     schedule, schedule_source = resolve_schedule(spec, pred, metadata=file.metadata, keys=file.shapes)
     noise_model, noise_source = file_noise_model(file.metadata, file.markers)
-    scaling, stats = _vae_latents(vae, spec, stored_scaling_factor(file.metadata, spec.latent_scaling_factor),
+    scaling = file_scaling_factor(file.metadata, file.markers, spec.latent_scaling_factor)
+    scaling, stats = _vae_latents(vae, spec, scaling,
                                   file_latent_stats(file.metadata, file.markers, spec.latent_format.channels))
     return _finish_plan(str(path), spec, file.family_source, pred, pred_source, scaling, file.unet, file.vae,
                         list(file.text_encoders), file.ignored, file.total_keys, file.metadata,

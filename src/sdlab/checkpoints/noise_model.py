@@ -17,6 +17,9 @@ A folder whose scheduler samples another noise model sdlab does not draw SD-arch
 matching: `FlowMatch*` classes, `shift` / `use_dynamic_shifting`) is refused with one line; an unknown class
 that names EDM settings is loaded as its family's DDPM model with a warning naming them.
 
+Latent scaling: a file with `edm_mean` / `edm_std` keys and no `sdlab.scaling_factor` is scaled by Playground
+v2.5's 0.5, as ComfyUI scales it (`file_scaling_factor`).
+
 Latent statistics (`ModelBundle.latent_stats`): `vae/config.json` `latents_mean` / `latents_std` of an SDXL
 folder (diffusers' SDXL pipelines use them, its SD1 / SD2 pipeline does not), sdlab's `sdlab.latent_stats`
 metadata, the values of ComfyUI's `edm_mean` / `edm_std` keys (ComfyUI's `SDXL_Playground_2_5` numbers when
@@ -50,6 +53,7 @@ from sdlab.checkpoints.file_format import (
     latent_stats,
     stored_latent_stats,
     stored_noise_model,
+    stored_scaling_factor,
 )
 from sdlab.checkpoints.validate import check_positive_float
 from sdlab.diffusion.prediction import Prediction
@@ -60,8 +64,8 @@ from sdlab.families.loaded import ModelBundle
 logger = logging.getLogger(__name__)
 
 __all__ = ["COMFY_NOISE_MODEL_KEYS", "PLAYGROUND_EDM", "PLAYGROUND_LATENT_STATS", "PLAYGROUND_SCALING_FACTOR",
-           "config_latent_stats",
-           "file_latent_stats", "file_noise_model", "folder_latent_stats", "folder_noise_model", "noise_model_keys"]
+           "config_latent_stats", "file_latent_stats", "file_noise_model", "file_scaling_factor", "folder_latent_stats",
+           "folder_noise_model", "noise_model_keys"]
 
 COMFY_NOISE_MODEL_KEYS = (COMFY_EDM_MEAN_KEY, COMFY_EDM_STD_KEY, COMFY_EDM_VPRED_MAX_KEY, COMFY_EDM_VPRED_MIN_KEY)
 # ComfyUI `supported_models.SDXL.model_type` (edm_mean / edm_std) and `latent_formats.SDXL_Playground_2_5`
@@ -198,6 +202,14 @@ def file_latent_stats(metadata: Mapping[str, str], markers: Mapping[str, Tensor]
     if not mean and not std:
         return PLAYGROUND_LATENT_STATS
     return config_latent_stats(mean, std, channels, Path(f"keys {COMFY_EDM_MEAN_KEY} / {COMFY_EDM_STD_KEY}"))
+
+
+def file_scaling_factor(metadata: Mapping[str, str], markers: Mapping[str, Tensor], default: float) -> float:
+    """The file's latent scaling factor: sdlab's `sdlab.scaling_factor`, else Playground v2.5's 0.5 where ComfyUI's
+    `edm_mean` / `edm_std` keys make it that model (ComfyUI's `SDXL_Playground_2_5` latent format), else
+    `default` (its family's)."""
+    playground = COMFY_EDM_MEAN_KEY in markers and COMFY_EDM_STD_KEY in markers
+    return stored_scaling_factor(metadata, PLAYGROUND_SCALING_FACTOR if playground else default)
 
 
 def noise_model_keys(bundle: ModelBundle) -> dict[str, Tensor]:
