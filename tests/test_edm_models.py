@@ -244,6 +244,21 @@ def test_sd1_folder_ignores_latent_statistics_as_diffusers_does(tmp_path_factory
     assert sdlab.load(folder).bundle.latent_stats is None
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_vae_statistics_follow_one_family_rule_however_the_vae_arrives(tmp_path_factory, family):
+    """diffusers' SD pipeline never reads vae.config.latents_mean / latents_std, its SDXL pipelines always do:
+    a VAE folder declaring them counts the same as the model's own vae/ and as a --vae override."""
+    stats = {"latents_mean": [0.1, 0.2, 0.3, 0.4], "latents_std": [2.0] * 4}
+    with_stats = _folder(tmp_path_factory, f"{family}-stats", None, stats, family=family)
+    plain = _folder(tmp_path_factory, f"{family}-plain", None, family=family)
+    expected = LatentStats((0.1, 0.2, 0.3, 0.4), (2.0,) * 4) if family == "sdxl" else None
+    assert sdlab.load(with_stats).bundle.latent_stats == expected
+    overridden = sdlab.load(plain, vae=with_stats / "vae", dtype="fp32")
+    assert overridden.bundle.latent_stats == expected
+    if family == "sd1":             # the same VAE weights: the override changes nothing, as in diffusers
+        assert np.array_equal(uint8_pictures(_ours(overridden)), uint8_pictures(_ours(sdlab.load(plain, dtype="fp32"))))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # single files
 

@@ -31,9 +31,10 @@ folder's as its pipeline runs it (`spacing_offset`), a saved file's `sdlab.steps
 Continuous EDM noise model (`ModelBundle.noise_model`; None: discrete on the schedule above) and per-channel
 latent statistics (`ModelBundle.latent_stats`): a folder's EDM scheduler / `vae/config.json`, a single file's
 sdlab metadata or ComfyUI's `edm_mean` / `edm_std` / `edm_vpred.*` keys (`noise_model`; `edm_vpred.sigma_max`
-also makes the prediction v, read just before `v_pred`). A `vae` override's own `scaling_factor` and
-`latents_mean` / `latents_std` (its config, or sdlab metadata) replace the model's, as diffusers takes them
-from the VAE it runs; what it does not declare stays the model's.
+also makes the prediction v, read just before `v_pred`). A `vae` override's own `scaling_factor` and, on the
+families whose diffusers pipelines apply them (SDXL's, `noise_model.vae_stats_apply`), its `latents_mean` /
+`latents_std` (its config, or sdlab metadata) replace the model's, as diffusers takes them from the VAE it
+runs; what it does not declare stays the model's, as in ComfyUI.
 
 Default picture size (`ModelBundle.native_size`): the metadata's `modelspec.resolution`, a diffusers folder's
 `unet/config.json` `sample_size` x the VAE factor; else the family's.
@@ -236,7 +237,7 @@ def _vae_latents(vae: str | os.PathLike[str] | None, spec: FamilySpec, scaling: 
     (`declared_by_vae`), as diffusers' pipelines take them from the VAE they run; each replacement is logged."""
     if vae is None:
         return scaling, stats
-    declared = declared_by_vae(vae, spec.latent_format.channels)
+    declared = declared_by_vae(vae, spec)
     if declared.get("scaling_factor", scaling) != scaling:
         logger.info("%s: the VAE's own scaling_factor %g replaces the model's %g", vae, declared["scaling_factor"],
                     scaling)

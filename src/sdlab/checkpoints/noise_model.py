@@ -21,9 +21,10 @@ Latent scaling: a file with `edm_mean` / `edm_std` keys and no `sdlab.scaling_fa
 v2.5's 0.5, as ComfyUI scales it (`file_scaling_factor`).
 
 Latent statistics (`ModelBundle.latent_stats`): `vae/config.json` `latents_mean` / `latents_std` of an SDXL
-folder (diffusers' SDXL pipelines use them, its SD1 / SD2 pipeline does not), sdlab's `sdlab.latent_stats`
-metadata, the values of ComfyUI's `edm_mean` / `edm_std` keys (ComfyUI's `SDXL_Playground_2_5` numbers when
-they hold none), or a `--vae` override's config (`sdlab.checkpoints.single_file.declared_by_vae`).
+folder, or of a `--vae` override on an SDXL model (`sdlab.checkpoints.single_file.declared_by_vae`): diffusers'
+SDXL pipelines use the statistics of the VAE they run, its SD1 / SD2 pipeline never does (`vae_stats_apply`);
+a single file's `sdlab.latent_stats` metadata, or the values of ComfyUI's `edm_mean` / `edm_std` keys
+(ComfyUI's `SDXL_Playground_2_5` numbers when they hold none).
 
 Saved files carry sdlab's metadata, and ComfyUI's keys where ComfyUI reads this very model from them
 (`noise_model_keys`): an SDXL base model that is Playground v2.5 exactly (`PLAYGROUND_EDM`, its statistics and
@@ -65,7 +66,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["COMFY_NOISE_MODEL_KEYS", "PLAYGROUND_EDM", "PLAYGROUND_LATENT_STATS", "PLAYGROUND_SCALING_FACTOR",
            "config_latent_stats", "file_latent_stats", "file_noise_model", "file_scaling_factor", "folder_latent_stats",
-           "folder_noise_model", "noise_model_keys"]
+           "folder_noise_model", "noise_model_keys", "vae_stats_apply"]
 
 COMFY_NOISE_MODEL_KEYS = (COMFY_EDM_MEAN_KEY, COMFY_EDM_STD_KEY, COMFY_EDM_VPRED_MAX_KEY, COMFY_EDM_VPRED_MIN_KEY)
 # ComfyUI `supported_models.SDXL.model_type` (edm_mean / edm_std) and `latent_formats.SDXL_Playground_2_5`
@@ -126,15 +127,22 @@ def _edm_of(config: Mapping[str, Any], default: EDMSpec, *, sigma_data: bool = T
     return spec
 
 
-def folder_latent_stats(vae_json: Mapping[str, Any], path: Path, family: FamilySpec) -> LatentStats | None:
-    """`latents_mean` / `latents_std` of a folder's `vae/config.json` (`path`), for the families whose diffusers
-    pipelines apply them (SDXL's); both or neither must be set, one number per latent channel."""
-    mean, std = vae_json.get("latents_mean"), vae_json.get("latents_std")
-    if mean is None and std is None:
-        return None
+def vae_stats_apply(family: FamilySpec, path: Path) -> bool:
+    """Whether the latent statistics a VAE declares (`path`: its config, or its file) apply to `family`'s latents:
+    where its diffusers pipelines take `vae.config.latents_mean` / `latents_std` (SDXL's base, refiner and
+    inpainting pipelines), not SD1 / SD2's, whose pipeline ignores them (logged), however the VAE arrives."""
     if not family.is_sdxl:
         logger.info("%s: latents_mean / latents_std are not used: diffusers' %s ignores them",
                     path, family.diffusers_pipeline)
+    return family.is_sdxl
+
+
+def folder_latent_stats(vae_json: Mapping[str, Any], path: Path, family: FamilySpec) -> LatentStats | None:
+    """`latents_mean` / `latents_std` of a VAE's `config.json` (`path`: a folder's `vae/config.json`, a `--vae`
+    override's) where they apply (`vae_stats_apply`); both or neither must be set, one number per latent
+    channel."""
+    mean, std = vae_json.get("latents_mean"), vae_json.get("latents_std")
+    if mean is None and std is None or not vae_stats_apply(family, path):
         return None
     return config_latent_stats(mean, std, family.latent_format.channels, path)
 

@@ -37,7 +37,7 @@ from sdlab.checkpoints.file_format import (
 )
 from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_vae_config
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
-from sdlab.checkpoints.noise_model import COMFY_NOISE_MODEL_KEYS, config_latent_stats
+from sdlab.checkpoints.noise_model import COMFY_NOISE_MODEL_KEYS, folder_latent_stats, vae_stats_apply
 from sdlab.checkpoints.openclip import openclip_to_sdlab
 from sdlab.checkpoints.tolerated import (
     OPENCLIP_TOLERATED,
@@ -247,12 +247,13 @@ def load_vae_source(path: str | os.PathLike[str]) -> ComponentSource:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
-def declared_by_vae(path: str | os.PathLike[str], channels: int) -> dict[str, Any]:
+def declared_by_vae(path: str | os.PathLike[str], family: FamilySpec) -> dict[str, Any]:
     """What a standalone VAE declares about its latents, as diffusers' pipelines read a VAE's config: a subset of
     {"scaling_factor": float, "latent_stats": LatentStats or None} holding only what it says. From a diffusers VAE
     folder's `config.json`, or an `AutoencoderKL` `config.json` beside a weights file (`scaling_factor`;
     `latents_mean` / `latents_std`, null there meaning none), else a `.safetensors` file's sdlab metadata
-    (`sdlab.scaling_factor`, `sdlab.latent_stats`: a VAE `sdlab train --task vae` wrote)."""
+    (`sdlab.scaling_factor`, `sdlab.latent_stats`: a VAE `sdlab train --task vae` wrote). Statistics count only
+    on a `family` whose diffusers pipelines apply them (`vae_stats_apply`: SDXL's)."""
     path = Path(path)
     config_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
     declared: dict[str, Any] = {}
@@ -261,10 +262,8 @@ def declared_by_vae(path: str | os.PathLike[str], channels: int) -> dict[str, An
         if path.is_dir() or (config.get("_class_name", "AutoencoderKL") == "AutoencoderKL" and "latent_channels" in config):
             if config.get("scaling_factor") is not None:
                 declared["scaling_factor"] = check_positive_float(f"{config_path}: scaling_factor", config["scaling_factor"])
-            mean, std = config.get("latents_mean"), config.get("latents_std")
-            if "latents_mean" in config or "latents_std" in config:
-                declared["latent_stats"] = (None if mean is None and std is None
-                                            else config_latent_stats(mean, std, channels, config_path))
+            if ("latents_mean" in config or "latents_std" in config) and vae_stats_apply(family, config_path):
+                declared["latent_stats"] = folder_latent_stats(config, config_path, family)
             return declared
     if path.suffix.lower() == ".safetensors":
         _, metadata = read_checkpoint(path)
@@ -273,7 +272,7 @@ def declared_by_vae(path: str | os.PathLike[str], channels: int) -> dict[str, An
         except CheckpointError as exc:
             raise CheckpointError(f"{path}: {exc}") from None
         declared |= {"scaling_factor": scaling} if scaling is not None else {}
-        declared |= {"latent_stats": stats} if stats is not None else {}
+        declared |= {"latent_stats": stats} if stats is not None and vae_stats_apply(family, path) else {}
     return declared
 
 
