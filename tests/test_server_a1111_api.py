@@ -635,6 +635,26 @@ def test_img2img_fix_steps_and_initial_noise_multiplier_options_are_a1111s(clien
         client.post("/options", json={"img2img_fix_steps": False, "initial_noise_multiplier": 1.0})
 
 
+# A1111 1.10's modules/shared_options.py, "Sampler parameters": the OptionInfo defaults of these options
+A1111_SIGMA_OPTION_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0, "sigma_min": 0.0,
+                               "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False}
+
+
+def test_options_list_the_churn_and_schedule_options_with_a1111s_defaults(client):
+    """`GET options` lists the sampler parameters the API draws with (A1111's defaults until set), and what
+    `POST options` sets."""
+    listed = client.get("/options").json()
+    assert {key: listed.get(key) for key in A1111_SIGMA_OPTION_DEFAULTS} == A1111_SIGMA_OPTION_DEFAULTS
+    assert all(type(listed[key]) is type(value) for key, value in A1111_SIGMA_OPTION_DEFAULTS.items())
+    chosen = {"s_churn": 0.5, "rho": 3.0, "always_discard_next_to_last_sigma": True}
+    try:
+        assert client.post("/options", json=chosen).status_code == 200
+        listed = client.get("/options").json()
+        assert {key: listed[key] for key in A1111_SIGMA_OPTION_DEFAULTS} == {**A1111_SIGMA_OPTION_DEFAULTS, **chosen}
+    finally:
+        client.post("/options", json={key: A1111_SIGMA_OPTION_DEFAULTS[key] for key in chosen})
+
+
 # ---------------------------------------------------------------- 9. A1111's names in errors, interrupt's answer
 
 

@@ -80,6 +80,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "randn_source": "CPU",              # the noise's random source (`_request`); A1111's default is "GPU"
     "sdxl_crop_top": 0, "sdxl_crop_left": 0,                        # SDXL's conditioning (`_sdxl_options`)
     "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
+    "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0,                # k-diffusion's (`_sigma_options`)
+    "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,  # `_schedule_settings`
     "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
