@@ -264,6 +264,32 @@ def test_a_jobs_record_draws_it_again_a_comfyui_spelt_one_too(client, mode):
             refused.json()["detail"], refused.text
 
 
+def test_a_jobs_record_of_churn_and_schedule_overrides_draws_it_again(client):
+    """The native API takes k-diffusion's churn and noise scale and A1111's schedule overrides, draws with them
+    and records them, so the record alone draws the same picture; bad values are a 400 naming the field."""
+    from sdlab.server.native import JobIn
+
+    sigma = {"s_churn": 0.8, "s_tmin": 0.2, "s_tmax": 9.0, "s_noise": 0.9, "schedule_sigma_min": 0.1,
+             "schedule_sigma_max": 8.0, "schedule_rho": 3.0, "discard_penultimate_sigma": True}
+    asked = {"prompt": "a churned one", "steps": 4, "seed": 8, "sampler": "Euler", "schedule": "karras"}
+    first = wait(client, client.post("/api/jobs", json={**asked, **sigma}).json()["id"])
+    plain = wait(client, client.post("/api/jobs", json=asked).json()["id"])
+    assert first["status"] == "done" and {key: first["request"][key] for key in sigma} == sigma
+    for label in ("Sigma churn: 0.8", "Sigma tmin: 0.2", "Sigma tmax: 9", "Sigma noise: 0.9",
+                  "Schedule min sigma: 0.1", "Schedule max sigma: 8", "Schedule rho: 3",
+                  "Discard penultimate sigma: True"):
+        assert label in first["infotexts"][0], (label, first["infotexts"][0])
+    body = {key: value for key, value in first["request"].items() if key in JobIn.model_fields and value is not None}
+    again = wait(client, client.post("/api/jobs", json=body).json()["id"])
+    pictures = [np.asarray(Image.open(io.BytesIO(client.get(job["images"][0]).content)), dtype=np.int16)
+                for job in (first, again, plain)]
+    assert np.array_equal(pictures[0], pictures[1]) and again["infotexts"] == first["infotexts"]
+    assert np.abs(pictures[0] - pictures[2]).max() > 0
+    for field, bad in (("s_churn", -1), ("s_tmax", -2), ("schedule_rho", -3)):
+        refused = client.post("/api/jobs", json={**body, field: bad})
+        assert refused.status_code == 400 and field in refused.json()["detail"], refused.text
+
+
 def test_cancel_running_job_stops_within_a_step_and_writes_nothing(client, sdlab_server):
     job_id = client.post("/api/jobs", json=LONG).json()["id"]
     running = wait_running(client, job_id, min_step=2)

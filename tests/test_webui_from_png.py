@@ -1,8 +1,8 @@
 """A picture dropped on the web UI draws what `sdlab txt2img --from-png` draws of it, in a real headless browser
 (the helpers and fixtures of test_webui.py): the page fills its form from the server's reader of parameters
 (`POST /api/parameters`, the `infotext.from_parameters` that --from-png reads with: A1111's schedule for its
-sampler, its RNG and clip skip rule, ENSD, eta, a ComfyUI spelling's conventions, SDXL's sizes) and sends what it
-has no control for with the form, as it does for a reused job."""
+sampler, its RNG and clip skip rule, ENSD, eta, churn and schedule overrides, a ComfyUI spelling's conventions,
+SDXL's sizes) and sends what it has no control for with the form, as it does for a reused job."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from PIL import Image, PngImagePlugin
 
 from sdlab.cli import main
 from sdlab.pipeline import infotext
-from sdlab.server.native import JobIn
+from sdlab.server.native import SIGMA_OPTIONS, JobIn
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, base_url, browser, drop_file, http_bytes, http_json, page, png_with_parameters, sdlab_server, text, value,
-    wait, wait_job,
+    By, Select, base_url, browser, drop_file, http_bytes, http_json, page, png_with_parameters, sdlab_server, text,
+    value, wait, wait_job,
 )
 
 PICTURES = {
@@ -34,6 +34,10 @@ PICTURES = {
     # A1111 before 2023: a first pass at First pass size, then the hires pass to Size
     "a1111-old-hires.png": "an old hires castle\nSteps: 3, Sampler: Euler, CFG scale: 5, Seed: 9, Size: 64x64, "
                            "First pass size: 32x32, Denoising strength: 0.6, Version: v1.0.0-pre",
+    # A1111's Sigma churn / tmin / noise options (Euler takes them) and its schedule's rho and discarded sigma
+    "a1111-churn.png": "a yellow star\nSteps: 5, Sampler: Euler, Schedule type: Karras, CFG scale: 5, Seed: 11, "
+                       "Size: 64x64, Sigma churn: 0.8, Sigma tmin: 0.2, Sigma noise: 0.9, Schedule rho: 3, "
+                       "Discard penultimate sigma: True, Version: v1.10.1",
     # sdlab's record of a ComfyUI-spelt sampler (ENSD 1, ComfyUI's initial noise) with SDXL's size conditioning
     "sdlab-comfy.png": "a green tree\nSteps: 4, Sampler: Euler a, Schedule type: Karras, CFG scale: 4, Seed: 3, "
                        "Size: 48x64, ENSD: 1, RNG: NV, Initial noise: comfyui, SDXL original size: 768x512, "
@@ -76,6 +80,24 @@ def test_a_dropped_picture_draws_the_request_from_png_draws(page, base_url, tmp_
     assert web == cli
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(http_bytes(base_url, job["images"][0])))),
                           np.asarray(Image.open(tmp_path / "from-png.png")))
+
+
+def test_churn_goes_with_the_sampler_and_the_schedule_overrides_with_the_schedule(page):
+    """A dropped picture's churn and noise scale are sent until another sampler is picked, its schedule's ends,
+    rho and discarded sigma until another sampler or schedule is."""
+    drop_file(page, png_with_parameters(PICTURES["a1111-churn.png"]), "a1111-churn.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from a1111-churn.png", 20, "the PNG was not read cleanly")
+    churn = {"s_churn": 0.8, "s_tmin": 0.2, "s_noise": 0.9}
+
+    def kept() -> dict:
+        sent = page.execute_script("return keptRequest()")
+        return {key: sent[key] for key in SIGMA_OPTIONS if key in sent}
+
+    assert kept() == {**churn, "schedule_rho": 3, "discard_penultimate_sigma": True}
+    Select(page.find_element(By.ID, "schedule")).select_by_value("exponential")
+    assert kept() == churn
+    Select(page.find_element(By.ID, "sampler")).select_by_value("Heun")
+    assert kept() == {}
 
 
 def test_the_reader_answers_the_settings_from_png_reads_and_names_the_rest(base_url):

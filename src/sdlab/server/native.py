@@ -87,6 +87,14 @@ class JobIn(NullsAreDefaults):
     clip_skip: int = 1
     clip_skip_convention: str = "diffusers"  # "a1111": A1111's rule, SD1's encoder alone moves back (its pictures')
     eta: float | None = None
+    s_churn: float = 0.0                    # k-diffusion's churn (A1111's Sigma churn / tmin / tmax: Euler, Heun,
+    s_tmin: float = 0.0                     # DPM2) and noise scale (its Sigma noise), as A1111 passes them
+    s_tmax: float | None = None             # (docs/samplers.md); s_tmax None: no upper end
+    s_noise: float = 1.0
+    schedule_sigma_min: float = 0.0         # A1111's Schedule min / max sigma and rho: the schedule's ends and rho,
+    schedule_sigma_max: float = 0.0         # 0 = the model's / the schedule's
+    schedule_rho: float = 0.0
+    discard_penultimate_sigma: bool = False  # A1111's Discard penultimate sigma
     # the drawing conventions a job records, so that its record draws it again (a ComfyUI-spelt sampler's are
     # recorded under A1111's name: `GenerationRequest`'s module docstring)
     eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise from seed + this; unset: the request's
@@ -133,6 +141,11 @@ SDXL_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "a
 def sdxl_conditioning(body: JobIn) -> dict[str, Any]:
     """The job's SDXL conditioning fields, as `GenerationRequest` names them."""
     return {name: getattr(body, name) for name in SDXL_CONDITIONING}
+
+
+SIGMA_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
+                 "discard_penultimate_sigma")
+"""The job's churn, noise scale and schedule overrides, named as `GenerationRequest` names them."""
 
 
 def _ensd(body: JobIn) -> dict[str, int]:
@@ -190,6 +203,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),
+        **{name: getattr(body, name) for name in SIGMA_OPTIONS},
     )
     try:
         check_sdxl_conditioning(generation)

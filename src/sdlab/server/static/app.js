@@ -26,7 +26,6 @@ const SEED_NUMBER = /("(?:seed|subseed)"\s*:\s*)(-?\d+)(?=\s*[,}\]])/g;
 // without it. A field the form lacks that is not here nor `KEPT` is named whenever it holds something (`isEmpty`).
 const withoutInitImage = (s) => s.mode === "txt2img";
 const NOT_IN_FORM = {
-  s_noise: { name: "s_noise", none: 1 },
   guidance_rescale: { name: "CFG rescale", none: 0 },
   noise_multiplier: { name: "Noise multiplier", none: 1, unused: withoutInitImage },
   mask_blur_y: { name: "Mask blur y", none: null, unused: (s) => s.mask_blur_y === s.mask_blur },
@@ -40,8 +39,10 @@ const NOT_IN_FORM = {
 // sent with the form's requests until one of those controls changes or other settings are restored. The drawing
 // conventions go with the sampler and schedule (a ComfyUI-spelt sampler, "euler_ancestral", is recorded as
 // "Euler a" with ENSD 1, ComfyUI's initial noise, its img2img steps and its empty negative, encoded; the initial
-// noise follows the schedule too), eta with the sampler, SDXL's conditioning with the picture's size; A1111's
-// clip skip and ControlNet step rules (its pictures' and its API's jobs') stay.
+// noise follows the schedule too), A1111's schedule ends, rho and Discard penultimate sigma too, eta and
+// k-diffusion's churn and noise scale (A1111's Sigma churn / tmin / tmax / noise) with the sampler, SDXL's
+// conditioning with the picture's size; A1111's clip skip and ControlNet step rules (its pictures' and its API's
+// jobs') stay.
 const WITH_SAMPLING = ["sampler", "schedule"];
 const WITH_SIZE = ["width", "height"];
 const KEPT = {
@@ -49,7 +50,15 @@ const KEPT = {
   init_noise: { none: null, with: WITH_SAMPLING },
   img2img_convention: { none: "diffusers", with: WITH_SAMPLING },
   zero_empty_negative: { none: null, with: WITH_SAMPLING },
+  schedule_sigma_min: { none: 0, with: WITH_SAMPLING },
+  schedule_sigma_max: { none: 0, with: WITH_SAMPLING },
+  schedule_rho: { none: 0, with: WITH_SAMPLING },
+  discard_penultimate_sigma: { none: false, with: WITH_SAMPLING },
   eta: { none: null, with: ["sampler"] },
+  s_churn: { none: 0, with: ["sampler"] },
+  s_tmin: { none: 0, with: ["sampler"] },
+  s_tmax: { none: null, with: ["sampler"] },
+  s_noise: { none: 1, with: ["sampler"] },
   clip_skip_convention: { none: "diffusers", with: [] },
   control_convention: { none: "diffusers", with: [] },
   original_size: { none: null, with: WITH_SIZE },
