@@ -163,10 +163,11 @@ def test_inconsistent_files_are_refused(full_shapes):
     no_label = {k: s for k, s in full_shapes["sdxl"].items() if "label_emb" not in k}
     with pytest.raises(CheckpointError, match="has no label_emb"):
         detect_family(no_label)
-    eight = dict(full_shapes["sd1"])
-    eight["model.diffusion_model.input_blocks.0.0.weight"] = torch.Size([320, 8, 3, 3])
-    with pytest.raises(CheckpointError, match="8 input channels; expected 4 .* or 9"):
-        detect_family(eight)
+    six = dict(full_shapes["sd1"])
+    six["model.diffusion_model.input_blocks.0.0.weight"] = torch.Size([320, 6, 3, 3])
+    with pytest.raises(CheckpointError, match=r"a U-Net with 6 input channels, which no family sdlab draws with takes "
+                                              r"\(4: text-to-image, 9: inpainting\)"):
+        detect_family(six)
     refiner_inpaint = dict(full_shapes["sdxl-refiner"])
     refiner_inpaint["model.diffusion_model.input_blocks.0.0.weight"] = torch.Size([384, 9, 3, 3])
     with pytest.raises(CheckpointError, match="sdlab knows no sdxl-refiner-inpaint"):
@@ -218,15 +219,31 @@ def test_diffusers_folder_override_and_unknown():
 
 
 def _a1111_config(sd) -> str:
-    """A1111 modules/sd_models_config.guess_model_config_from_state_dict, the lines that name these kinds."""
+    """A1111 modules/sd_models_config.guess_model_config_from_state_dict, transcribed (SDXL's configs by name)."""
+    sd2_cond_proj_weight = sd.get("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", None)
+    diffusion_model_input = sd.get("model.diffusion_model.input_blocks.0.0.weight", None)
     sd2_variations_weight = sd.get("embedder.model.ln_final.weight", None)
-    if sd.get("depth_model.model.pretrained.act_postprocess3.0.project.0.bias", None) is not None:
+    if sd.get("conditioner.embedders.1.model.ln_final.weight", None) is not None:
+        return "sdxl"
+    if sd.get("conditioner.embedders.0.model.ln_final.weight", None) is not None:
+        return "sdxl-refiner"
+    elif sd.get("depth_model.model.pretrained.act_postprocess3.0.project.0.bias", None) is not None:
         return "v2-midas-inference.yaml"
     elif sd2_variations_weight is not None and sd2_variations_weight.shape[0] == 768:
         return "v2-1-stable-unclip-l-inference.yaml"
     elif sd2_variations_weight is not None and sd2_variations_weight.shape[0] == 1024:
         return "v2-1-stable-unclip-h-inference.yaml"
-    return "other"
+    if sd2_cond_proj_weight is not None and sd2_cond_proj_weight.shape[1] == 1024:
+        if diffusion_model_input.shape[1] == 9:
+            return "v2-inpainting-inference.yaml"
+        else:
+            return "v2-inference.yaml"
+    if diffusion_model_input is not None:
+        if diffusion_model_input.shape[1] == 9:
+            return "v1-inpainting-inference.yaml"
+        if diffusion_model_input.shape[1] == 8:
+            return "instruct-pix2pix.yaml"
+    return "v1-inference.yaml"
 
 
 _P = "model.diffusion_model."
@@ -261,7 +278,7 @@ def test_other_sd2_kinds_are_refused_by_name(full_shapes, kind, name):
     sdlab does not: one line naming the kind, also under --family, never a word about SDXL."""
     shapes = _other_sd2_kind(full_shapes, kind)
     expected = {"depth": "v2-midas-inference.yaml", "unclip-h": "v2-1-stable-unclip-h-inference.yaml",
-                "unclip-l": "v2-1-stable-unclip-l-inference.yaml", "x4": "other"}[kind]
+                "unclip-l": "v2-1-stable-unclip-l-inference.yaml", "x4": "v2-inference.yaml"}[kind]
     assert _a1111_config({k: torch.empty(s, device="meta") for k, s in shapes.items()}) == expected
     for override in (None, "sd2"):
         with pytest.raises(CheckpointError) as err:
@@ -269,10 +286,53 @@ def test_other_sd2_kinds_are_refused_by_name(full_shapes, kind, name):
         message = str(err.value)
         assert message.startswith(f"this is an {name}") and "sdlab does not draw with this kind of model" in message
         assert "SDXL" not in message and "\n" not in message
-    if kind in ("depth", "x4"):                       # the U-Net alone says it by its input channels
+    if kind in ("depth", "x4"):                       # the U-Net alone says it by its input channels and structure
         unet = {k: s for k, s in _other_sd2_kind(full_shapes, kind, with_parts=False).items() if k.startswith(_P)}
-        with pytest.raises(CheckpointError, match=rf"this is an {re.escape(name)} model \(a [57]-channel U-Net\)"):
+        with pytest.raises(CheckpointError, match=rf"this is an {re.escape(name)} model \([57] U-Net input channels "
+                                                  r"on sd2's U-Net structure"):
             detect_family(unet)
+
+
+def _with_input_channels(full_shapes, base: str, channels: int, class_embedding: bool) -> dict[str, torch.Size]:
+    shapes = dict(full_shapes[base])
+    width = shapes[_P + "input_blocks.0.0.weight"][0]
+    shapes[_P + "input_blocks.0.0.weight"] = torch.Size([width, channels, 3, 3])
+    if class_embedding:                               # the x4 upscaler's num_classes embedding (its noise level)
+        shapes[_P + "label_emb.weight"] = torch.Size([1000, width * 4])
+    return shapes
+
+
+@pytest.mark.parametrize("base, channels, class_embedding, kind", [
+    ("sd2", 5, False, "SD2 depth-to-image (depth2img)"),
+    ("sd2", 7, True, "SD x4 upscaler"),
+    ("sd1", 8, False, "InstructPix2Pix"),             # A1111 config_instruct_pix2pix, ComfyUI SD15_instructpix2pix
+    ("sdxl", 8, False, "InstructPix2Pix"),            # ComfyUI SDXL_instructpix2pix
+    ("sd1", 5, False, None),                          # depth2img is an SD2 model
+    ("sd1", 7, False, None),                          # the x4 upscaler is SD2's, with a class embedding
+    ("sd2", 7, False, None),
+    ("sd2", 8, False, None),                          # A1111 reads it as SD2, ComfyUI has no SD2 InstructPix2Pix
+    ("sdxl-refiner", 8, False, None),
+    ("sdxl", 5, False, None),
+])
+def test_undrawable_input_channels_name_a_kind_only_where_the_structure_is_its(full_shapes, base, channels,
+                                                                               class_embedding, kind):
+    """A U-Net whose input channels no family takes is named as a kind only where the rest of its structure is
+    that kind's (whole file, U-Net alone, under --family); otherwise one line says what it takes, naming none."""
+    shapes = _with_input_channels(full_shapes, base, channels, class_embedding)
+    if base in ("sd1", "sd2"):
+        a1111 = _a1111_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
+        assert (a1111 == "instruct-pix2pix.yaml") == (kind == "InstructPix2Pix")
+    unet = {k: s for k, s in shapes.items() if k.startswith(_P)}
+    for candidate, override in ((shapes, None), (shapes, base), (unet, None)):
+        with pytest.raises(CheckpointError) as err:
+            detect_family(candidate, override=override)
+        message = str(err.value)
+        if kind is not None:
+            assert message.startswith(f"this is an {kind}") and f" on {base}'s U-Net structure" in message
+        else:
+            assert message.startswith(f"a U-Net with {channels} input channels, which no family sdlab draws with "
+                                      "takes"), message
+        assert "\n" not in message
 
 
 @pytest.fixture(scope="module")
@@ -335,3 +395,26 @@ def test_other_sd2_pipeline_folders_are_refused_by_name(other_sd2_pipelines, nam
     (renamed / "model_index.json").write_text(json.dumps(index | {"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(CheckpointError, match=rf"this is an {re.escape(kind)}.*\(model_index.json component '"):
         plan_checkpoint(renamed)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_instruct_pix2pix_folders_are_refused_by_name(family, tmp_path):
+    """diffusers' (SDXL) InstructPix2Pix pipeline, an 8-channel U-Net: named by its pipeline class, and renamed by
+    its structure."""
+    from bundle_fixtures import tiny_bundle, write_diffusers_folder
+    from sdlab.checkpoints.load import plan_checkpoint
+
+    from diffusers import UNet2DConditionModel
+
+    folder = write_diffusers_folder(tiny_bundle(family, seed=1), tmp_path / "pipe")
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    UNet2DConditionModel.from_config({**unet.config, "in_channels": 8}).save_pretrained(folder / "unet")
+    index = json.loads((folder / "model_index.json").read_text())
+    pipeline = {"sd1": "StableDiffusionInstructPix2PixPipeline", "sdxl": "StableDiffusionXLInstructPix2PixPipeline"}
+    (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": pipeline[family]}))
+    with pytest.raises(CheckpointError, match=r"this is an InstructPix2Pix .*\(model_index.json _class_name "):
+        plan_checkpoint(folder)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=rf"this is an InstructPix2Pix .*\(unet/config.json in_channels 8 on "
+                                              rf"{family}'s U-Net structure\)"):
+        plan_checkpoint(folder)

@@ -21,9 +21,12 @@ family's `Signature` (`sdlab.families`) is matched against it:
 
 A consistency check follows (a family with an added vector needs `label_emb`, the others must not have one),
 so a mixed-up file fails with the evidence instead of loading wrongly. Before all of this, a model of a kind
-sdlab recognises but does not draw with (`UNSUPPORTED_KINDS`: SD2 depth2img, SD 2.1 unCLIP, the x4 upscaler)
-is refused with its name, from the parts only it has (`depth_model.*`, a 5- or 7-channel U-Net, ...). Diffusers folders are matched on
-`model_index.json` and the component configs (`detect_diffusers_family`).
+sdlab recognises but does not draw with (`UNSUPPORTED_KINDS`: SD2 depth2img, SD 2.1 unCLIP, the x4 upscaler,
+InstructPix2Pix) is refused with its name, from the parts only it has (`depth_model.*`, `low_scale_model.*`,
+...), else from a U-Net whose input channels no drawable family takes where the rest of its structure is the
+kind's (5 channels on SD2's U-Net: depth2img; 7 on SD2's with a class embedding: the x4 upscaler; 8 on SD1's
+or SDXL's: InstructPix2Pix); any other such U-Net is refused as one that no family sdlab draws with takes.
+Diffusers folders are matched on `model_index.json` and the component configs (`detect_diffusers_family`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from sdlab.families.base import UNET_PREFIX, VAE_PREFIX
 
 _CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
 _LABEL_EMB = UNET_PREFIX + "label_emb.0.0.weight"
+_CLASS_EMB = UNET_PREFIX + "label_emb.weight"      # nn.Embedding(num_classes, ...), not the added-vector MLP
 _TO_K = re.compile(re.escape(UNET_PREFIX) + r".*\.attn2\.to_k\.weight$")
 _VAE_DOWN = re.compile(re.escape(VAE_PREFIX) + r"encoder\.down\.(\d+)\.")
 _PROJ_IN = re.compile(re.escape(UNET_PREFIX) + r".*\.proj_in\.weight$")
@@ -57,21 +61,28 @@ class UnsupportedKind:
     name: str
     key_prefixes: tuple[str, ...]       # top-level key prefixes only its single files have
     in_channels: int | None             # its U-Net's input channels, if no drawable family takes as many
+    bases: tuple[str, ...]              # the families whose U-Net structure (text towers aside) it otherwise has
+    class_embedding: bool               # whether its U-Net embeds a class label (`num_classes`: the x4 noise level)
     pipelines: tuple[str, ...]          # its diffusers pipelines (`model_index.json` `_class_name`)
     components: tuple[str, ...]         # `model_index.json` components only its pipelines have
 
 
 UNSUPPORTED_KINDS = (
     # A1111 sd_models_config: depth_model.model.pretrained.*; ComfyUI: a 5-channel U-Net (latent + depth)
-    UnsupportedKind("SD2 depth-to-image (depth2img)", ("depth_model.",), 5,
+    UnsupportedKind("SD2 depth-to-image (depth2img)", ("depth_model.",), 5, ("sd2",), False,
                     ("StableDiffusionDepth2ImgPipeline",), ("depth_estimator",)),
     # A1111: embedder.model.ln_final.weight (768 wide: L, 1024: H); ComfyUI SD21UnclipL/H: embedder.model.visual.*
-    UnsupportedKind("SD 2.1 unCLIP (image variations)", ("embedder.", "noise_augmentor."), None,
+    UnsupportedKind("SD 2.1 unCLIP (image variations)", ("embedder.", "noise_augmentor."), None, ("sd2",), False,
                     ("StableUnCLIPPipeline", "StableUnCLIPImg2ImgPipeline"),
                     ("image_normalizer", "image_noising_scheduler")),
-    # ComfyUI SD_X4Upscaler: a 7-channel U-Net (latent + low-resolution picture); low_scale_model.* schedule
-    UnsupportedKind("SD x4 upscaler", ("low_scale_model.",), 7,
+    # ComfyUI SD_X4Upscaler: a 7-channel U-Net (latent + low-resolution picture), num_classes 1000 (the noise
+    # level); low_scale_model.* its schedule
+    UnsupportedKind("SD x4 upscaler", ("low_scale_model.",), 7, ("sd2",), True,
                     ("StableDiffusionUpscalePipeline",), ("low_res_scheduler",)),
+    # A1111 config_instruct_pix2pix (an 8-channel U-Net, no SD2 tower), ComfyUI SD15_instructpix2pix /
+    # SDXL_instructpix2pix: latent + the picture to edit; no key of its own
+    UnsupportedKind("InstructPix2Pix (image editing by instruction)", (), 8, ("sd1", "sdxl"), False,
+                    ("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"), ()),
 )
 
 
@@ -79,34 +90,44 @@ def _refuse(kind: UnsupportedKind, why: str) -> CheckpointError:
     return CheckpointError(f"this is an {kind.name} model ({why}); sdlab does not draw with this kind of model")
 
 
-def _undrawable_channels(kind: UnsupportedKind, in_channels: int | None) -> bool:
-    return (in_channels is not None and in_channels == kind.in_channels
-            and all(f.unet.in_channels != in_channels for f in registered_families()))
+def _refuse_undrawable_channels(in_channels: int, fitting: Iterable[FamilySpec], class_embedding: bool,
+                                channels: str, found: str) -> None:
+    """Raise the one-line error for a U-Net taking `in_channels` when no registered family takes as many: naming
+    the `UNSUPPORTED_KINDS` kind with those channels whose structure the rest of the U-Net has (`fitting`: the
+    families its structure fits, input channels aside; `class_embedding`: it embeds a class label), else saying
+    only that. `channels` says where the count was read, `found` what else was."""
+    if any(f.unet.in_channels == in_channels for f in registered_families()):
+        return
+    names = {f.name for f in fitting}
+    for kind in UNSUPPORTED_KINDS:
+        base = next((name for name in kind.bases if name in names), None)
+        if kind.in_channels == in_channels and base is not None and class_embedding == kind.class_embedding:
+            embedding = " with a class embedding" if class_embedding else ""
+            raise _refuse(kind, f"{channels} on {base}'s U-Net structure{embedding}")
+    raise CheckpointError(f"a U-Net with {in_channels} input channels, which no family sdlab draws with takes "
+                          f"(4: text-to-image, 9: inpainting); found: {found}")
 
 
-def refuse_unsupported_kind(keys: Iterable[str], in_channels: int | None) -> None:
-    """Raise the one-line error naming the kind of a single file of an `UNSUPPORTED_KINDS` model."""
+def refuse_unsupported_kind(keys: Iterable[str]) -> None:
+    """Raise the one-line error naming the kind of a single file of an `UNSUPPORTED_KINDS` model, by the keys
+    only it has."""
     tops = {key.split(".", 1)[0] + "." for key in keys}
     for kind in UNSUPPORTED_KINDS:
         found = [p for p in kind.key_prefixes if p in tops]
         if found:
             raise _refuse(kind, "keys under " + ", ".join(p + "*" for p in found))
-        if _undrawable_channels(kind, in_channels):
-            raise _refuse(kind, f"a {in_channels}-channel U-Net")
 
 
-def refuse_unsupported_pipeline(model_index: Mapping[str, Any], unet_config: Mapping[str, Any]) -> None:
-    """Raise the one-line error naming the kind of a diffusers folder of an `UNSUPPORTED_KINDS` model."""
+def refuse_unsupported_pipeline(model_index: Mapping[str, Any]) -> None:
+    """Raise the one-line error naming the kind of a diffusers folder of an `UNSUPPORTED_KINDS` model, by its
+    pipeline class or the components only it has."""
     class_name = model_index.get("_class_name")
-    in_channels = unet_config.get("in_channels")
     for kind in UNSUPPORTED_KINDS:
         found = [c for c in kind.components if _component_present(model_index, c)]
         if class_name in kind.pipelines:
             raise _refuse(kind, f"model_index.json _class_name {class_name!r}")
         if found:
             raise _refuse(kind, f"model_index.json component {found[0]!r}")
-        if isinstance(in_channels, int) and _undrawable_channels(kind, in_channels):
-            raise _refuse(kind, f"unet/config.json in_channels {in_channels}")
 
 
 def text_prefixes() -> tuple[str, ...]:
@@ -129,6 +150,7 @@ class Evidence:
     unet_levels: int | None = None          # 1 + number of Downsample blocks
     linear_proj: bool | None = None         # attention proj_in is a Linear (SD2/SDXL/sdlab-tiny) or a 1x1 conv (SD1)
     vae_factor: int | None = None           # 2 ** (encoder levels - 1); None without VAE keys
+    class_embedding: bool = False           # a class-label embedding (`label_emb.weight`: the x4 upscaler's)
 
     @classmethod
     def of(cls, shapes: Mapping[str, torch.Size]) -> Evidence:
@@ -153,6 +175,7 @@ class Evidence:
             unet_levels=1 + sum(1 for k in shapes if _DOWNSAMPLE.match(k)) if conv_in is not None else None,
             linear_proj=len(proj_in) == 2 if proj_in is not None else None,
             vae_factor=2 ** (len(vae_levels) - 1) if vae_levels else None,
+            class_embedding=_CLASS_EMB in shapes,
         )
 
     @property
@@ -265,7 +288,7 @@ def detect_family(keys_and_shapes: Mapping[str, torch.Size | Tensor], override: 
     """
     shapes = shapes_of(keys_and_shapes)
     evidence = Evidence.of(shapes)
-    refuse_unsupported_kind(shapes, evidence.in_channels)
+    refuse_unsupported_kind(shapes)
     if not evidence.has_unet:
         raise CheckpointError(
             f"no key starting with {UNET_PREFIX} (the U-Net); top-level prefixes: "
@@ -275,9 +298,11 @@ def detect_family(keys_and_shapes: Mapping[str, torch.Size | Tensor], override: 
         )
     if evidence.in_channels is None:
         raise CheckpointError(f"U-Net keys present but {_CONV_IN} is missing or not a 4-D conv weight")
+    candidates = _candidates(evidence)
+    _refuse_undrawable_channels(evidence.in_channels, candidates, evidence.class_embedding,
+                                f"{evidence.in_channels} U-Net input channels", evidence.describe())
     if override is not None:
         return _override(override, evidence.in_channels, "the file")
-    candidates = _candidates(evidence)
     if not candidates:
         raise CheckpointError(
             f"cannot tell the model family: {evidence.describe()}; expected text-encoder keys under "
@@ -305,8 +330,6 @@ def detect_diffusers_family(
     channels.
     """
     in_channels = int(unet_config.get("in_channels", 4))
-    if override is not None:
-        return _override(override, in_channels, "the folder")
     class_name = str(model_index.get("_class_name", ""))
     embed = unet_config.get("addition_embed_type")
     has_text_encoder = _component_present(model_index, "text_encoder")
@@ -325,6 +348,10 @@ def detect_diffusers_family(
         candidates = [f for f in candidates if f.unet.context_dim == context] or candidates
     evidence = (f"model_index _class_name {class_name!r}, U-Net in_channels {in_channels}, addition_embed_type "
                 f"{embed!r}, text_encoder/config.json hidden_act {act!r}, unet/config.json cross_attention_dim {context!r}")
+    _refuse_undrawable_channels(in_channels, candidates, unet_config.get("num_class_embeds") is not None,
+                                f"unet/config.json in_channels {in_channels}", evidence)
+    if override is not None:
+        return _override(override, in_channels, "the folder")
     if not candidates:
         raise CheckpointError(
             f"unsupported diffusers folder: {evidence}; expected a pipeline of one of "
