@@ -1,7 +1,8 @@
 """SDXL-architecture models on another noise model: Playground v2.5 (continuous EDM, EDM's F-prediction,
 sigma_data 0.5, per-channel latent statistics) and CosXL (EDM v-prediction), from diffusers folders and single
 files, against diffusers' pipelines with the folder's own scheduler and ComfyUI's formulas; and a `--vae`
-override's own scaling factor. Pictures agree within the README's 2/255 (`MAX_PIXEL_DIFF`)."""
+override's own scaling factor. Pictures agree within 2/255 (`MAX_PIXEL_DIFF`, the README's bound; 1/255
+measured)."""
 
 from __future__ import annotations
 
