@@ -23,15 +23,17 @@ import json
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from test_pipeline_parity import (
+from picture_parity import (
     MAX_PIXEL_DIFF,
-    NEGATIVE,
     PROMPT,
     SEED,
     SIZE,
+    max_pixel_diff,
+)
+from test_pipeline_parity import (
+    NEGATIVE,
     _as_released,
     _generators,
-    _max_diff,
     _quiet,
     _schedulers,
 )
@@ -121,4 +123,4 @@ def test_ssd1b_shaped_model_draws_diffusers_picture(tmp_path_factory):
                      guidance_scale=5.0, width=SIZE, height=SIZE, generator=_generators(2), output_type="np").images
     ours = sdlab.load(path).txt2img(PROMPT, NEGATIVE, steps=3, cfg_scale=5.0, seed=SEED, width=SIZE, height=SIZE,
                                     batch_size=2, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF

@@ -17,7 +17,8 @@ from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle, write_original
 from cli_helpers import pixels, run
 from controlnet_fixtures import ENCODERS, diffusers_controlnet, write_layout
-from test_pipeline_parity import CFG, MAX_PIXEL_DIFF, NEGATIVE, PROMPT, SEED, STEPS, _generators, _max_diff, _schedulers
+from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, STEPS, max_pixel_diff
+from test_pipeline_parity import NEGATIVE, _generators, _schedulers
 from test_pipeline_parity import sd1  # noqa: F401 (a fixture: sdlab's and diffusers' pipelines of one folder)
 from test_unet import SMALL, _diffusers_unet, _inputs, _sdlab_from
 from test_vae import DEEP, images, reference_pair
@@ -151,8 +152,8 @@ def test_pictures_match_diffusers_pipelines_with_circular_convolutions(sd1, mode
         for layer in [*run.unet.modules(), *run.vae.modules()]:
             if isinstance(layer, nn.Conv2d):
                 layer.padding_mode = "zeros"
-    assert _max_diff(draw(True).images, expected) <= MAX_PIXEL_DIFF
-    assert _max_diff(draw(False).images, expected) > 2 * MAX_PIXEL_DIFF    # the bound sees the padding
+    assert max_pixel_diff(draw(True).images, expected) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(draw(False).images, expected) > 2 * MAX_PIXEL_DIFF    # the bound sees the padding
 
 
 # ---------------------------------------------------------------- sdlab's faster convolution paths

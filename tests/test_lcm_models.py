@@ -21,16 +21,18 @@ import pytest
 import torch
 from diffusers import LatentConsistencyModelPipeline, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from test_pipeline_parity import (
-    BATCH,
+from picture_parity import (
     MAX_PIXEL_DIFF,
     PROMPT,
-    SD_SCHEDULER_KEYS,
     SEED,
     SIZE,
+    max_pixel_diff,
+)
+from test_pipeline_parity import (
+    BATCH,
+    SD_SCHEDULER_KEYS,
     _as_released,
     _generators,
-    _max_diff,
     _quiet,
 )
 
@@ -202,10 +204,10 @@ def test_picture_is_the_lcm_pipeline(pipes, steps):
         options["steps"] = steps
     ours = ours_pipe.txt2img(PROMPT, **options)          # the model's preset: LCM, 4 steps, CFG 8.5
     assert ours.request.sampler == "LCM" and ours.request.cfg_scale == GUIDANCE
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
     if steps == 2:                                       # the CFG scale reaches the network: w = cfg - 1
         other = ours_pipe.txt2img(PROMPT, cfg_scale=2.0, **options)
-        assert _max_diff(other.images, reference) > MAX_PIXEL_DIFF
+        assert max_pixel_diff(other.images, reference) > MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize("steps, strength", [(4, 0.3), (4, 0.5), (2, 0.8), (4, 1.0)])
@@ -222,7 +224,7 @@ def test_img2img_is_the_lcm_img2img_pipeline(folder, pipes, steps, strength):
                      guidance_scale=GUIDANCE, generator=_generators(), output_type="np").images
     ours = ours_pipe.img2img(PROMPT, picture, strength=strength, steps=steps, seed=SEED, batch_size=BATCH)
     assert ours.request.img2img_convention == "lcm"
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 def test_lcm_img2img_grid_is_lcmschedulers():
@@ -285,4 +287,4 @@ def test_sdxl_lcm_picture_is_diffusers(tmp_path_factory):
     ours_pipe = sdlab.load(folder)
     assert ours_pipe.bundle.family.name == "sdxl" and ours_pipe.bundle.preset == "lcm-model"
     ours = ours_pipe.txt2img(PROMPT, steps=2, seed=SEED, width=SIZE, height=SIZE, batch_size=BATCH)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF

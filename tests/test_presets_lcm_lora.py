@@ -23,9 +23,8 @@ import torch
 from diffusers import LCMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 from safetensors.torch import save_file
-from test_pipeline_parity import (
-    BATCH, MAX_PIXEL_DIFF, NEGATIVE, PROMPT, SD_SCHEDULER_KEYS, SEED, SIZE, _folder, _generators, _max_diff, _quiet, _uint8,
-)
+from picture_parity import MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, max_pixel_diff, uint8_pictures
+from test_pipeline_parity import BATCH, NEGATIVE, SD_SCHEDULER_KEYS, _folder, _generators, _quiet
 
 import sdlab
 from sdlab.checkpoints.lora import apply_lora, load_lora_file
@@ -94,7 +93,7 @@ def test_sd1_lcm_lora_layouts_reach_every_layer_and_draw_diffusers_picture(sd1, 
     assert len(modules) == len(layers) // 2                               # one module per adapted layer
     assert apply_lora(sdlab.load(folder).bundle, lora_file, 1.0) == len(modules)   # every one finds its layer
     reference = _reference(StableDiffusionPipeline, folder, lora_file, STEPS)
-    assert _max_diff(_ours(folder, lora_file, STEPS), reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(_ours(folder, lora_file, STEPS), reference) <= MAX_PIXEL_DIFF
 
 
 def test_the_lora_changes_the_picture(sd1, tmp_path):
@@ -102,9 +101,9 @@ def test_the_lora_changes_the_picture(sd1, tmp_path):
     folder, layers = sd1
     options = apply_preset("lcm", dict(steps=STEPS, seed=SEED, width=SIZE, height=SIZE, batch_size=BATCH))
     without = sdlab.load(folder).txt2img(PROMPT, NEGATIVE, **options).images
-    assert _max_diff(without, _reference(StableDiffusionPipeline, folder, None, STEPS)) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(without, _reference(StableDiffusionPipeline, folder, None, STEPS)) <= MAX_PIXEL_DIFF
     drawn = _ours(folder, _write(layers, "kohya", tmp_path / "lcm-lora.safetensors"), STEPS)
-    assert np.abs(_uint8(drawn).astype(int) - _uint8(without).astype(int)).max() > 20
+    assert np.abs(uint8_pictures(drawn).astype(int) - uint8_pictures(without).astype(int)).max() > 20
 
 
 def test_sdxl_lcm_lora_in_kohya_layout(tmp_path_factory, tmp_path):
@@ -114,4 +113,4 @@ def test_sdxl_lcm_lora_in_kohya_layout(tmp_path_factory, tmp_path):
     assert any(name.startswith("lora_unet_down_blocks_") for name in load_lora_file(lora_file))
     assert apply_lora(sdlab.load(folder).bundle, lora_file, 1.0) == len(load_lora_file(lora_file))
     reference = _reference(StableDiffusionXLPipeline, folder, lora_file, 2)
-    assert _max_diff(_ours(folder, lora_file, 2), reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(_ours(folder, lora_file, 2), reference) <= MAX_PIXEL_DIFF

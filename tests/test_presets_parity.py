@@ -34,17 +34,19 @@ from diffusers import (
     TCDScheduler,
 )
 from bundle_fixtures import init_picture, lower_right_mask
-from test_pipeline_parity import (
-    BATCH,
+from picture_parity import (
     MAX_PIXEL_DIFF,
-    NEGATIVE,
     PROMPT,
-    SD_SCHEDULER_KEYS,
     SEED,
     SIZE,
+    max_pixel_diff,
+)
+from test_pipeline_parity import (
+    BATCH,
+    NEGATIVE,
+    SD_SCHEDULER_KEYS,
     _folder,
     _generators,
-    _max_diff,
     _quiet,
 )
 
@@ -96,7 +98,7 @@ def _compare(pipes, preset: str, steps: int) -> int:
                      **call).images
     options = apply_preset(preset, dict(steps=steps, seed=SEED, width=SIZE, height=SIZE, batch_size=BATCH))
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, **options)
-    return _max_diff(ours.images, reference)
+    return max_pixel_diff(ours.images, reference)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -122,7 +124,7 @@ def test_sd1_another_sampler_under_the_tcd_preset_runs_at_its_own_eta(sd1, sampl
                      guidance_scale=0.0, width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, preset="tcd", sampler=sampler, steps=4, seed=SEED, width=SIZE,
                              height=SIZE, batch_size=BATCH)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 def test_sd1_lcm_sampler_without_a_schedule_is_lcmschedulers_picture(sd1):
@@ -133,7 +135,7 @@ def test_sd1_lcm_sampler_without_a_schedule_is_lcmschedulers_picture(sd1):
                      guidance_scale=1.0, width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, sampler="LCM", steps=4, cfg_scale=1.0, seed=SEED, width=SIZE,
                              height=SIZE, batch_size=BATCH)
-    assert ours.request.schedule == "trailing" and _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert ours.request.schedule == "trailing" and max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
 @pytest.mark.parametrize("preset", list(REFERENCES))
@@ -148,4 +150,4 @@ def test_sd1_inpainting_preset_gives_the_diffusers_picture(sd1, preset):
                         width=SIZE, height=SIZE, generator=_generators(), output_type="np", **call).images
     options = apply_preset(preset, dict(steps=4, seed=SEED, batch_size=BATCH), mode="inpaint")
     ours = ours_pipe.inpaint(PROMPT, image, mask, NEGATIVE, strength=1.0, paste_back=False, **options)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF

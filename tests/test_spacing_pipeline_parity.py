@@ -12,18 +12,20 @@ from __future__ import annotations
 import pytest
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 from diffusers import UniPCMultistepScheduler
-from test_pipeline_parity import (
-    BATCH,
+from picture_parity import (
     CFG,
     MAX_PIXEL_DIFF,
-    NEGATIVE,
     PROMPT,
-    SD_SCHEDULER_KEYS,
     SEED,
     SIZE,
+    max_pixel_diff,
+)
+from test_pipeline_parity import (
+    BATCH,
+    NEGATIVE,
+    SD_SCHEDULER_KEYS,
     _folder,
     _generators,
-    _max_diff,
     _quiet,
 )
 
@@ -66,4 +68,4 @@ def test_sd2_v_spacing_name_alone_gives_diffusers_picture(sd2_v, sampler, spacin
                      guidance_scale=CFG, width=SIZE, height=SIZE, generator=_generators(), output_type="np").images
     ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
                              batch_size=BATCH, sampler=sampler, schedule=spacing)
-    assert _max_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
