@@ -113,7 +113,7 @@ def test_fitted_preview_follows_the_decoded_picture(pipe):
 def test_family_rgb_factors_are_used_when_present(pipe):
     factors = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.0, 0.0, 0.0))
     latent_format = LatentFormat(channels=4, scaling_factor=1.0, rgb_factors=factors, rgb_bias=(0.0, 0.0, -1.0))
-    bundle = SimpleNamespace(family=SimpleNamespace(latent_format=latent_format), scaling_factor=1.0)
+    bundle = SimpleNamespace(family=SimpleNamespace(latent_format=latent_format), scaling_factor=1.0, latent_stats=None)
     previewer = LatentPreviewer.for_bundle(bundle)                  # no VAE needed: nothing is fitted
     latent = torch.zeros(4, 2, 3)
     latent[0] = 1.0                                                  # red channel at +1, blue biased to -1

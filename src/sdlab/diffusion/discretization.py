@@ -782,20 +782,21 @@ def img2img_sigmas(
 ) -> Tensor:
     """Build discretization ``name`` for an img2img run (``discretize``'s options); ``result[0]`` is the
     sigma to noise the image to."""
-    if convention == "lcm":
-        return lcm_img2img_sigmas(name, schedule, steps, strength, **options)
+    if convention == "lcm":     # LCMScheduler's grid: no penultimate sigma to discard, no spacing offset
+        return lcm_img2img_sigmas(name, schedule, steps, strength, scheduler=options.get("scheduler", "euler"),
+                                  final=options.get("final", "zero"))
     total, run = steps_run(steps, strength, convention)
     sigmas = discretize(name, schedule, total, **options)
     return sigmas[-(run + 1) :]
 
 
 def lcm_img2img_sigmas(name: str, schedule: NoiseSchedule, steps: int, strength: float, *, scheduler: str = "euler",
-                       final: str = "zero", discard_penultimate: bool = False, steps_offset: int = 1) -> Tensor:
+                       final: str = "zero") -> Tensor:
     """The ``lcm`` img2img convention, ``LatentConsistencyModelImg2ImgPipeline``'s: LCMScheduler takes the
     strength itself (``set_timesteps(steps, strength=strength)``: ``lcm_timesteps``) and every step runs, from
     the first timestep. It needs that grid: the LCM or TCD sampler (``scheduler="lcm"``) on a diffusers spacing
-    name, which keeps its grid whole (``discard_penultimate`` does not apply, as in ``discretize``; nor does a
-    spacing's ``steps_offset``: LCMScheduler's grid has none)."""
+    name, which keeps its grid whole (no ``discard_penultimate``, as in ``discretize``) and has no
+    ``steps_offset``."""
     if name.strip().lower() not in SPACINGS or scheduler != "lcm":
         raise ValueError(f"the lcm img2img convention is LCMScheduler's: it takes the LCM or TCD sampler on a "
                          f"diffusers spacing (trailing), got schedule {name!r} and a sampler of diffusers' "

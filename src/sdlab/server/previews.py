@@ -55,7 +55,7 @@ class LatentPreviewer:
         """`project(latents, scaling_factor=...)` on the model's latents at its own scaling factor; a model with
         per-channel latent statistics has its latents mapped back to VAE latents first
         (`ModelBundle.to_vae_latents`), which are model latents at scaling factor 1."""
-        if getattr(bundle, "latent_stats", None) is None:
+        if bundle.latent_stats is None:
             return cls(partial(project, scaling_factor=bundle.scaling_factor))
         return cls(lambda z: project(bundle.to_vae_latents(z), scaling_factor=1.0))
 
