@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import types
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -115,6 +116,23 @@ def test_an_a1111_picture_with_churn_is_redrawn_with_it():
     unchurned = np.asarray(generate(bundle, GenerationRequest(**{**fields, "s_churn": 0.0, "schedule": "karras"})
                                     ).images[0], dtype=np.int16)
     assert np.array_equal(first, again) and np.abs(first - unchurned).max() > 0
+
+
+@pytest.mark.parametrize("sampler", ["Euler", "Heun", "DPM2"])
+def test_churns_ensd_is_written_and_redraws_the_picture(sampler):
+    """Churn draws its noise from the seed + ENSD generators, so the picture's own text records the ENSD (A1111's
+    `is_sampler_using_eta_noise_seed_delta` leaves it out; A1111 reads the label back as an override)."""
+    req = GenerationRequest(prompt="a red apple", steps=4, seed=3, width=16, height=16, sampler=sampler,
+                            schedule="karras", s_churn=1.2, eta_noise_seed_delta=31337)
+    written = to_parameters(req)
+    assert written["ENSD"] == 31337
+    bundle = tiny_bundle("sd1", seed=5)
+    first = np.asarray(generate(bundle, req).images[0], dtype=np.int16)
+    again = np.asarray(generate(bundle, GenerationRequest(**from_parameters(parse_parameters(
+        format_parameters(written))))).images[0], dtype=np.int16)
+    without = np.asarray(generate(bundle, replace(req, eta_noise_seed_delta=None)).images[0], dtype=np.int16)
+    assert np.array_equal(first, again) and np.abs(first - without).max() > 0
+    assert to_parameters(replace(req, s_churn=0.0))["ENSD"] is None
 
 
 # ---------------------------------------------------------------- the A1111 API

@@ -117,13 +117,17 @@ class SamplerSpec:
     def stochastic(self) -> bool:
         return self.noise != "none"
 
-    def draws_step_noise(self, eta: float | None = None) -> bool:
+    def draws_step_noise(self, eta: float | None = None, s_churn: float = 0.0) -> bool:
         """Whether it draws Gaussian step noise (the noise an ENSD reseeds) at ``eta`` (None: its function's
-        default): a row whose function takes an eta draws none at eta 0 (DDIM, ``res_multistep``, ``dpm_fast``
-        and ``dpm_adaptive`` by default); the SDE rows' Brownian trees are seeded with the seeds themselves."""
+        default) and ``s_churn``: a row whose function takes an eta draws none at eta 0 (DDIM, ``res_multistep``,
+        ``dpm_fast`` and ``dpm_adaptive`` by default); one that takes churn (Euler, Heun, DPM2) draws it with churn;
+        the SDE rows' Brownian trees are seeded with the seeds themselves."""
+        parameters = inspect.signature(self.fn).parameters
+        if s_churn > 0 and "s_churn" in parameters:
+            return True
         if self.noise != "gaussian":
             return False
-        taken = inspect.signature(self.fn).parameters.get("eta")
+        taken = parameters.get("eta")
         return taken is None or (taken.default if eta is None else eta) > 0
 
     @property

@@ -299,8 +299,9 @@ def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
 
 
 def _ensd(req: GenerationRequest) -> int | None:
-    """A1111's ENSD label, where the sampler draws Gaussian step noise at the request's eta (A1111's
-    `is_sampler_using_eta_noise_seed_delta`; `SamplerSpec.draws_step_noise`): not 0 under an A1111 name (a
+    """A1111's ENSD label, where the sampler draws Gaussian step noise at the request's eta or churn (A1111's
+    `is_sampler_using_eta_noise_seed_delta`, which leaves out churn's, though its churn draws from the same
+    generators; `SamplerSpec.draws_step_noise`): not 0 under an A1111 name (a
     ComfyUI-spelt sampler is recorded under its A1111 name where it has one), where an unset ENSD is 0, but 0 too
     under a ComfyUI-only name, where an unset one is 1 (`request.default_ensd`). A sampler sdlab does not know
     keeps any ENSD but 0."""
@@ -309,7 +310,7 @@ def _ensd(req: GenerationRequest) -> int | None:
         spec = get_sampler(req.sampler)
     except (ValueError, AttributeError):
         return ensd or None
-    if not spec.draws_step_noise(req.eta):
+    if not spec.draws_step_noise(req.eta, req.s_churn):
         return None
     return ensd if ensd or comfyui_spelling(req.sampler) else None
 
