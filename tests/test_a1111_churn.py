@@ -221,6 +221,30 @@ def test_an_api_request_with_churn_draws_the_cli_picture(tmp_path, capsys):
     assert np.abs(api - plain).max() > 0
 
 
+def test_s_tmax_0_is_no_upper_end_everywhere(tmp_path, capsys):
+    """A1111 reads s_tmax 0 as inf (`processing`: `... or float('inf')`; `Sampler.initialize`: `... or
+    self.s_tmax`), so `Sigma tmax: 0` churns at every step; the CLI, a request and the text read it so too."""
+    model = tmp_path / "tiny-sd1.safetensors"
+    write_original(tiny_bundle("sd1"), model, junk=False)
+    drawn = {}
+    for name, tmax in (("zero", ["--s-tmax", "0"]), ("unset", []), ("none", ["--s-churn", "0"])):
+        out = tmp_path / f"{name}.png"
+        code, _, err = run(["txt2img", "a red cube", "--model", str(model), "--steps", "4", "--seed", "3", "--sampler",
+                            "Euler", "--width", "32", "--height", "32", "--s-churn", "0.8", *tmax, "--no-progress",
+                            "--out", str(out)], capsys)
+        assert code == 0, err
+        drawn[name] = pixels(out)
+    assert np.array_equal(drawn["zero"], drawn["unset"]) and np.abs(drawn["zero"] - drawn["none"]).max() > 0
+    assert _request_of("Euler", 4, s_churn=0.8, s_tmax=0.0).s_tmax is None
+    assert to_parameters(GenerationRequest(prompt="x", seed=1, sampler="Euler", s_churn=0.8, s_tmax=0.0))["Sigma tmax"] is None
+    text = "a cat\nSteps: 4, Sampler: Euler, Seed: 3, Size: 16x16, Sigma churn: 0.8, Sigma tmax: 0"
+    fields = from_parameters(parse_parameters(text))
+    bundle = tiny_bundle("sd1", seed=5)
+    read = np.asarray(generate(bundle, GenerationRequest(**fields)).images[0], dtype=np.int16)
+    unset = np.asarray(generate(bundle, GenerationRequest(**{**fields, "s_tmax": None})).images[0], dtype=np.int16)
+    assert np.array_equal(read, unset)
+
+
 @pytest.mark.parametrize("value", [-0.5, "1", True, math.inf])
 def test_a_churn_option_that_is_not_a_number_is_a_422(value):
     from sdlab.server.inputs import BadRequest

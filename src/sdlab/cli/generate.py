@@ -127,7 +127,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--s-churn", type=float, help="A1111's Sigma churn: Euler, Heun and DPM2 add noise back at each "
                    "step (k-diffusion's s_churn; 0 = off)")
     p.add_argument("--s-tmin", type=float, help="A1111's Sigma tmin: churn only at sigmas >= this")
-    p.add_argument("--s-tmax", type=float, help="A1111's Sigma tmax: churn only at sigmas <= this (default inf)")
+    p.add_argument("--s-tmax", type=float, help="A1111's Sigma tmax: churn only at sigmas <= this (default and 0: inf, as A1111's 0)")
     p.add_argument("--s-noise", type=float, help="A1111's Sigma noise: scale of the noise the sampler adds (default 1)")
     p.add_argument("--sigma-min", type=float, dest="schedule_sigma_min",
                    help="A1111's Schedule min sigma: the schedule's lowest sigma (karras, exponential, "

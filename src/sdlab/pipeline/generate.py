@@ -663,7 +663,7 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator
     if req.s_noise != 1.0:
         options["s_noise"] = req.s_noise
     if req.s_churn:                      # Euler, Heun, DPM2's churn; its range matters only with it
-        tmax = float("inf") if req.s_tmax is None else req.s_tmax
+        tmax = req.s_tmax or float("inf")   # None or 0 (A1111's): no upper end
         options.update(s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=tmax)
     if sampler.wants_sigma_to_t:
         options["sigma_to_t"] = plan.sampling.sigma_to_t

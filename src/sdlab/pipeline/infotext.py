@@ -206,7 +206,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "RNG": req.rng,                  # A1111 leaves out its default, GPU; sdlab writes every source
         "Sigma churn": _taken(req, "s_churn", req.s_churn or None),
         "Sigma tmin": _taken(req, "s_tmin", req.s_tmin or None) if req.s_churn else None,
-        "Sigma tmax": _taken(req, "s_tmax", req.s_tmax) if req.s_churn else None,
+        "Sigma tmax": _taken(req, "s_tmax", req.s_tmax or None) if req.s_churn else None,
         "Sigma noise": _taken(req, "s_noise", req.s_noise if req.s_noise != 1.0 else None),
         "CFG rescale": req.guidance_rescale or None,
         **img2img_parameters(req),

@@ -153,7 +153,7 @@ class GenerationRequest:
     s_noise: float = 1.0
     s_churn: float = 0.0                    # k-diffusion's churn (Euler, Heun, DPM2: A1111's Sigma churn): noise
     s_tmin: float = 0.0                     # added back at each step whose sigma lies in [s_tmin, s_tmax]
-    s_tmax: float | None = None             # None: no upper end (inf)
+    s_tmax: float | None = None             # None: no upper end (inf); 0 too, as A1111 reads it
     schedule_sigma_min: float = 0.0         # A1111's Schedule min sigma / max sigma / rho (its sigma_min, sigma_max,
     schedule_sigma_max: float = 0.0         # rho settings): the schedule's ends and rho; 0 = the model's / the
     schedule_rho: float = 0.0               # schedule's (discretization.schedule_overrides)
@@ -622,6 +622,8 @@ def resolve(
     _bounded("s_tmin", r.s_tmin, 0.0, math.inf)
     if r.s_tmax is not None:
         _bounded("s_tmax", r.s_tmax, 0.0, math.inf)
+        if r.s_tmax == 0:                   # A1111's s_tmax 0: no upper end (`Sampler.initialize`)
+            r = replace(r, s_tmax=None)
     for name in ("schedule_sigma_min", "schedule_sigma_max", "schedule_rho"):
         _bounded(name, getattr(r, name), 0.0, math.inf)
     _bounded("mask blur", r.mask_blur, 0.0, MAX_MASK_BLUR)

@@ -89,7 +89,7 @@ class JobIn(NullsAreDefaults):
     eta: float | None = None
     s_churn: float = 0.0                    # k-diffusion's churn (A1111's Sigma churn / tmin / tmax: Euler, Heun,
     s_tmin: float = 0.0                     # DPM2) and noise scale (its Sigma noise), as A1111 passes them
-    s_tmax: float | None = None             # (docs/samplers.md); s_tmax None: no upper end
+    s_tmax: float | None = None             # (docs/samplers.md); s_tmax None or 0: no upper end
     s_noise: float = 1.0
     schedule_sigma_min: float = 0.0         # A1111's Schedule min / max sigma and rho: the schedule's ends and rho,
     schedule_sigma_max: float = 0.0         # 0 = the model's / the schedule's
