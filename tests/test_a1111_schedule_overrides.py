@@ -24,7 +24,7 @@ from sdlab.pipeline.generate import generate
 from sdlab.pipeline.infotext import from_parameters, to_parameters, undrawn_labels
 from sdlab.pipeline.plan import request_sigmas
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
-from sdlab.pipeline.request import GenerationRequest, resolve
+from sdlab.pipeline.request import GenerationRequest, RequestError, resolve
 from sdlab.server.a1111 import Txt2ImgIn, _request
 from sdlab.server.inputs import BadRequest
 from test_a1111_schedules import beta_scheduler, kl_optimal
@@ -156,7 +156,10 @@ def _req(sampler, schedule, steps, **options):
 
 OPTS = [{"sigma_min": 0.1}, {"sigma_max": 5.0}, {"rho": 3.0}, {"rho": 7.0}, {"rho": 1.0},
         {"sigma_min": 0.3, "sigma_max": 8.0, "rho": 2.5}, {"always_discard_next_to_last_sigma": True},
-        {"sigma_min": 0.05, "always_discard_next_to_last_sigma": True}]
+        {"sigma_min": 0.05, "always_discard_next_to_last_sigma": True}, {"rho": 0.5}, {"rho": 0.45, "sigma_max": 20.0},
+        {"sigma_min": 0.001, "sigma_max": 30.0},
+        {"sigma_min": 0.01, "rho": 0.8, "always_discard_next_to_last_sigma": True}]
+"""Rho below 1 (k-diffusion's float32 Karras ramp cancels near sigma_min) and ends outside the model's range too."""
 
 
 @pytest.mark.parametrize("label", list(SCHEDULERS))
@@ -181,6 +184,15 @@ def test_the_overrides_apply_where_a1111s_get_sigmas_applies_them(label, sampler
             assert written == labels
         else:
             assert written == {k: v for k, v in labels.items() if k == "Discard penultimate sigma"}
+
+
+def test_a_karras_rho_whose_float32_ramp_reaches_zero_is_refused():
+    """At rho 0.3 k-diffusion's float32 ramp ends on sigma 0 before the final 0 (A1111's and ComfyUI's samplers then
+    divide by it): a request error naming rho, not a NaN picture."""
+    reference, _ = a1111_get_sigmas("Karras", 10, False, {"rho": 0.3})
+    assert float(reference[-2]) == 0.0
+    with pytest.raises(RequestError, match="rho 0.3"):
+        request_sigmas(SAMPLING, get_sampler("Euler"), _req("Euler", "Karras", 10, schedule_rho=0.3))
 
 
 def test_defaults_leave_the_sigmas_as_they_were():

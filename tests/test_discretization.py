@@ -153,8 +153,8 @@ def test_euler_karras_exponential_match_diffusers(variant, spacing, steps, sched
 @pytest.mark.parametrize("steps", STEPS)
 def test_dpmsolver_karras_exponential_use_full_range(variant, steps, sched32):
     ref = _build(DPMSolverMultistepScheduler, _config("sd15", **{f"use_{variant}_sigmas": True}))
-    ref.set_timesteps(steps)
-    _assert_rel(get_discretization(variant)(sched32, steps), ref.sigmas)
+    ref.set_timesteps(steps)   # sdlab's karras ramp is k-diffusion's float32 one, diffusers' float64: 2e-6 apart
+    _assert_rel(get_discretization(variant)(sched32, steps), ref.sigmas, rel=2e-6 if variant == "karras" else REL)
 
 
 def test_zero_snr_trailing_matches_diffusers():

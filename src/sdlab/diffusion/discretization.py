@@ -350,8 +350,8 @@ def diffusers_spacing_sigmas(
     return _finish(_interp_sigmas(schedule, t.to(torch.float64)), schedule, final)
 
 
-def _karras_ramp(steps: int, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
-    ramp = _linspace64(0, 1, steps)
+def _karras_ramp(ramp: Tensor, sigma_min: float, sigma_max: float, rho: float) -> Tensor:
+    """Karras et al. eq. 5 at `ramp` (0 .. 1), in `ramp`'s dtype; the ends' 1/rho powers are Python floats."""
     min_inv, max_inv = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (max_inv + ramp * (min_inv - max_inv)) ** rho
 
@@ -366,7 +366,8 @@ def diffusers_karras_sigmas(
     """``EulerDiscreteScheduler(use_karras_sigmas=True)``: Karras ramp between the spacing's end sigmas."""
     steps = _check_steps(steps)
     inner = _euler_spacing_sigmas(schedule, steps, spacing, steps_offset)
-    return _finish(_karras_ramp(steps, float(inner[-1]), float(inner[0]), KARRAS_RHO), schedule, final)
+    return _finish(_karras_ramp(_linspace64(0, 1, steps), float(inner[-1]), float(inner[0]), KARRAS_RHO), schedule,
+                   final)
 
 
 def diffusers_exponential_sigmas(
@@ -395,10 +396,18 @@ def karras_sigmas(
     sigma_max: float | None = None,
     final: str = "zero",
 ) -> Tensor:
-    """Karras et al. 2022 eq. 5 between the model's sigma_min and sigma_max (overridable)."""
+    """Karras et al. 2022 eq. 5 between the model's sigma_min and sigma_max (overridable), on a float32 ramp as
+    k-diffusion's ``get_sigmas_karras`` (A1111, ComfyUI) computes it: with rho below 1 the float32 sum cancels
+    near sigma_min (the last sigma moves by ~1e-3 at rho 0.5, and reaches 0 at SD's ends by rho 0.35, which a
+    ValueError refuses: the samplers would divide by it)."""
     steps = _check_steps(steps)
     lo, hi = _sigma_range(schedule, sigma_min, sigma_max)
-    return _finish_ramp(_karras_ramp(steps, lo, hi, rho), schedule, final)
+    sigmas = _karras_ramp(torch.linspace(0, 1, steps, dtype=torch.float32), lo, hi, rho)   # (steps,)
+    if not bool((sigmas > 0).all()):
+        raise ValueError(f"the Karras schedule with rho {rho:g} between sigma {lo:g} and {hi:g} reaches sigma "
+                         f"{float(sigmas.nan_to_num(0).min()):g} in float32 (as in k-diffusion); raise rho or the "
+                         "schedule's min sigma")
+    return _finish_ramp(sigmas, schedule, final)
 
 
 def exponential_sigmas(
