@@ -142,6 +142,27 @@ def test_loss_types_and_target_network_update():
     assert not any(p.requires_grad for p in (*l2.teacher.parameters(), *l2.target.parameters()))
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_teacher_unconditional_is_the_generate_pipeline_s_empty_negative(family):
+    """SDXL: zeros (diffusers' train_lcm_distill_sdxl_wds.py: ``uncond_prompt_embeds = torch.zeros(...)``, and
+    ``make_cond``'s empty negative); SD1: the encoded empty caption (train_lcm_distill_sd_wds.py)."""
+    from sdlab.pipeline.conditioning import make_cond
+
+    bundle = tiny_bundle(family, 5)
+    task = LCDTask(bundle, LCDOptions(w_min=6.0))
+    z0 = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch = Batch(images=None, captions=list(CAPTIONS[:2]), latents=z0, seeds=[1, 2])
+    context, y = task._unconditional(batch, z0)
+    _, negative = make_cond(bundle.text_encoders, bundle.family, CAPTIONS[0], "", width=16, height=16,
+                            adm_width=bundle.unet_config.adm_in_channels)
+    assert torch.equal(context, negative["context"].expand(2, -1, -1))
+    if family == "sdxl":
+        assert not context.any()
+        assert torch.equal(y, negative["y"].expand(2, -1))     # a zero pooled vector beside the size numbers
+    else:
+        assert torch.equal(context, encode_captions(bundle.text_encoders, [""])[0].expand(2, -1, -1))
+
+
 def test_lcm_lora_teacher_is_the_model_without_its_lora_and_the_target_is_the_student():
     options = dict(w_min=2.0, w_max=6.0, ddim_timesteps=50)
     full = LCDTask(tiny_bundle("sd1", 3), LCDOptions(**options))

@@ -15,8 +15,11 @@ Per image, with the skipping-step DDIM grid ``tau_n = (n + 1) k - 1``, ``k = T /
     f(x, t) = c_skip(t) x + c_out(t) x0(net(x, t))                     the consistency function
     loss = d(f_student(x_s, s), f_target(x_e, e))                      d = L2 or pseudo-Huber
 
-where the unconditional branch is the empty caption through the same text tower (as the generate pipeline
-encodes an empty negative prompt), ``w`` is the Imagen-form guidance (a CFG scale of ``w + 1``) and the
+where the unconditional branch is what the generate pipeline makes of an empty negative prompt: the empty
+caption through the same text tower (SD1 / SD2, as diffusers' ``train_lcm_distill_sd_wds.py``), or a zero
+context and pooled vector where the model's rule says so (SDXL's ``force_zeros_for_empty_prompt``, as
+diffusers' ``train_lcm_distill_sdxl_wds.py`` / ``train_lcm_distill_lora_sdxl.py``), with the image's size
+numbers, ``w`` is the Imagen-form guidance (a CFG scale of ``w + 1``) and the
 boundary scalings are those of diffusers' ``LCMScheduler``: ``c_skip = sd^2 / ((10 t)^2 + sd^2)``,
 ``c_out = 10 t / sqrt((10 t)^2 + sd^2)`` with ``sd = 0.5`` (so f(x, 0) = x). The x0 / eps of a network
 output and the forward process come from the model's `ModelSampling` (eps, v and x0 prediction).
@@ -51,7 +54,7 @@ from torch import Tensor, nn
 from sdlab.diffusion.loss import per_sample_normal
 from sdlab.diffusion.model_sampling import DiscreteModelSampling
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.conditioning import encode_captions
+from sdlab.pipeline.conditioning import _zero_negative, encode_captions
 from sdlab.train.data import generator_for, sample_seeds
 from sdlab.train.errors import TrainError
 from sdlab.train.task import Batch
@@ -328,9 +331,13 @@ class LCDTask(UNetTask):
         return self._vector(pooled, batch, z0) if self.bundle.unet_config.adm_in_channels is not None else None
 
     def _unconditional(self, batch: Batch, z0: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The empty caption's context (B, L, D) and SDXL vector, encoded once."""
+        """The context (B, L, D) and SDXL vector of an empty negative prompt, made once by the generate pipeline's
+        rule (`_zero_negative`): the encoded empty caption, or zeros of its shapes where the model says so."""
         if self._uncond is None:
-            self._uncond = encode_captions(self.bundle.text_encoders, [""], with_pooled=self.bundle.family.is_sdxl)
+            context, pooled = encode_captions(self.bundle.text_encoders, [""], with_pooled=self.bundle.family.is_sdxl)
+            if _zero_negative(self.bundle.family, "", True, self.bundle.zero_empty_negative):
+                context, pooled = torch.zeros_like(context), None if pooled is None else torch.zeros_like(pooled)
+            self._uncond = context, pooled
         context, pooled = self._uncond
         n = len(batch)
         pooled = None if pooled is None else pooled.expand(n, -1)
