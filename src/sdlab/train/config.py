@@ -108,8 +108,9 @@ class TrainConfig:
                                  "processes)")
     learning_rate: float = setting(1e-4, "peak AdamW learning rate")
     lr_schedule: str = setting("cosine", "learning-rate schedule after the linear warm-up", ("cosine", "constant"))
-    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up")
-    min_lr_ratio: float = setting(0.0, "cosine ends at learning rate x this ratio")
+    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up from 0 (step s trains at s / N of the "
+                                   "peak, as diffusers' get_scheduler)")
+    min_lr_ratio: float = setting(0.0, "cosine ends at learning rate x this ratio (cosine schedule only)")
     adam_beta1: float = setting(0.9, "AdamW beta1")
     adam_beta2: float = setting(0.999, "AdamW beta2")
     adam_eps: float = setting(1e-8, "AdamW epsilon")
@@ -163,6 +164,9 @@ class TrainConfig:
         shaping = [name for name in ("lora_alpha", "lora_conv", "lora_text_encoder") if getattr(self, name)]
         if shaping and self.lora_rank is None:
             raise TrainError(f"{flag(shaping[0])} shapes a LoRA, but no LoRA is trained: give --lora-rank too")
+        if self.min_lr_ratio and self.lr_schedule == "constant":
+            raise TrainError(f"--min-lr-ratio {self.min_lr_ratio:g} is the floor of the cosine schedule; "
+                             f"--lr-schedule constant has none: drop it, or use --lr-schedule cosine")
         if self.cache_latents and not self.center_crop:
             raise TrainError("--cache-latents needs center cropping (a random crop changes the latent every "
                              "epoch): drop --no-center-crop or --cache-latents")
