@@ -2,6 +2,7 @@
 
 - the learning-rate multiplier equals diffusers' ``get_scheduler`` ("constant_with_warmup" / "cosine") step
   for step, warm-up included, and ``--min-lr-ratio`` is refused where no cosine reads it;
+- the EMA's decay is LDM's ``LitEma`` (transcribed below) update for update;
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from sdlab.train.config import TrainConfig
+from sdlab.train.ema import EMA
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import lr_multiplier
 
@@ -46,3 +48,32 @@ def test_min_lr_ratio_lifts_the_cosine_floor_and_is_refused_without_a_cosine():
         [p if s < 2 else 0.1 + 0.9 * p for s, p in enumerate(plain)], abs=1e-12)
     with pytest.raises(TrainError, match="--min-lr-ratio 0.1 is the floor of the cosine schedule"):
         TrainConfig(lr_schedule="constant", min_lr_ratio=0.1)
+
+
+class LitEmaDecay:
+    """CompVis/stable-diffusion ldm/modules/ema.py ``LitEma.forward``, its decay lines (use_num_upates=True)."""
+
+    def __init__(self, decay: float):
+        self.decay, self.num_updates = decay, 0
+
+    def forward(self) -> float:
+        decay = self.decay
+        if self.num_updates >= 0:
+            self.num_updates += 1
+            decay = min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        return decay
+
+
+def test_ema_decay_is_lit_ema_s():
+    param = torch.nn.Parameter(torch.zeros(3))
+    ema, reference = EMA({"p": param}, 0.9), LitEmaDecay(0.9)
+    shadow = torch.zeros(3)
+    for k in range(1, 100):              # the warm-up reaches 0.9 at update 80
+        decay = reference.forward()
+        assert ema.current_decay() == decay
+        with torch.no_grad():
+            param.fill_(float(k))
+        ema.update()
+        shadow = shadow - (1 - decay) * (shadow - param.detach())      # LitEma: shadow -= (1 - decay) (shadow - p)
+        assert torch.allclose(ema.shadow["p"], shadow, rtol=1e-6)
+    assert ema.current_decay() == 0.9
