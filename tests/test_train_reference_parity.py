@@ -3,6 +3,8 @@
 - the learning-rate multiplier equals diffusers' ``get_scheduler`` ("constant_with_warmup" / "cosine") step
   for step, warm-up included, and ``--min-lr-ratio`` is refused where no cosine reads it;
 - the EMA's decay is LDM's ``LitEma`` (transcribed below) update for update;
+- textual inversion does not drop captions unless asked to (diffusers' ``textual_inversion.py`` and A1111
+  never do).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from sdlab.train.config import TrainConfig
 from sdlab.train.ema import EMA
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import lr_multiplier
+from sdlab.train.unet_task import UNetTaskOptions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,3 +80,11 @@ def test_ema_decay_is_lit_ema_s():
         shadow = shadow - (1 - decay) * (shadow - param.detach())      # LitEma: shadow -= (1 - decay) (shadow - p)
         assert torch.allclose(ema.shadow["p"], shadow, rtol=1e-6)
     assert ema.current_decay() == 0.9
+
+
+def test_textual_inversion_keeps_its_captions_unless_told():
+    assert TrainConfig(task="embedding", embedding_word="zq").caption_dropout == 0.0
+    assert UNetTaskOptions.from_config(TrainConfig(task="embedding", embedding_word="zq")).caption_dropout == 0.0
+    assert TrainConfig(task="embedding", embedding_word="zq", caption_dropout=0.05).caption_dropout == 0.05
+    assert TrainConfig(task="unet").caption_dropout == 0.1
+    assert TrainConfig(task="lcd").caption_dropout == 0.0

@@ -60,8 +60,10 @@ class TrainConfig:
                                            "model's native size: 512 for SD1, 64 for sdlab-tiny, ...)")
     center_crop: bool = setting(True, "crop the centre of each resized image (--no-center-crop: a random crop)")
     random_flip: bool = setting(False, "flip half of the images horizontally")
-    caption_dropout: float = setting(0.1, "probability of training on the empty prompt (what classifier-free "
-                                          "guidance needs)")
+    caption_dropout: float | None = setting(None, "probability of training on the empty prompt (what "
+                                                  "classifier-free guidance needs; default: 0.1 for --task unet, "
+                                                  "0 for --task embedding, whose frozen U-Net learns no guidance, "
+                                                  "as in diffusers' and A1111's textual inversion)")
     cache_latents: bool = setting(False, "encode every image once with the frozen VAE, train on stored latents")
     cache_dir: str | None = setting(None, "latent cache folder (default: <output-dir>/latent_cache)")
     num_workers: int = setting(2, "image decoding threads")
@@ -146,6 +148,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name))
+        if self.caption_dropout is None:
+            object.__setattr__(self, "caption_dropout", _TASK_CAPTION_DROPOUT.get(self.task, 0.0))
         if self.mixed_precision == "fp16":
             raise TrainError("--mixed-precision fp16 is not supported (fp16 training needs loss scaling): "
                              "use bf16, or no")
@@ -253,6 +257,10 @@ TASK_SETTINGS: dict[str, tuple[str, frozenset[str]]] = {
              "objective", frozenset()),
 }
 _TASK_SPECIFIC = frozenset().union(*(reads for _, reads in TASK_SETTINGS.values()))
+# --caption-dropout when not given: classifier-free guidance needs it where the U-Net learns (unet); textual
+# inversion's frozen U-Net learns none (diffusers' textual_inversion.py and A1111 never drop the caption), and
+# the other tasks do not read it (0 is their inert value)
+_TASK_CAPTION_DROPOUT = {"unet": 0.1}
 _INERT = {"caption_dropout": 0.0}   # no caption dropout: what the tasks without the setting do
 
 
