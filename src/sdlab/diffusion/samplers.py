@@ -102,6 +102,7 @@ class SamplerSpec:
     calls_per_step: int = 1             # model calls a step makes (A1111 schedules prompt edits over them)
     comfy_aliases: tuple[str, ...] = ()  # ComfyUI's other names of the row (its _gpu variants)
     cfg_pp: bool = False                # steps with the unguided prediction too (CFG++): an uncond pass at any CFG
+    model_range: bool = False           # A1111's txt2img solves between the model's own sigmas, not the schedule's
 
     @property
     def name(self) -> str:
@@ -172,12 +173,14 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
         "DPM++ 2S a", "dpmpp_2s_ancestral", K.sample_dpmpp_2s_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS,
         calls_per_step=2,
     ),
-    # DPM-Solver-Fast on its own grid between the schedule's ends; A1111 runs it ancestral (its eta default 1)
-    SamplerSpec("DPM fast", None, partial(K.sample_dpm_fast, eta=1.0), noise=_GAUSS),
+    # DPM-Solver-Fast on its own grid between the schedule's ends; A1111 runs it ancestral (its eta default 1), and in
+    # txt2img between the model's ends (`KDiffusionSampler.sample`: model_wrap.sigmas[0] / [-1]; only x's scale is
+    # the schedule's first sigma)
+    SamplerSpec("DPM fast", None, partial(K.sample_dpm_fast, eta=1.0), noise=_GAUSS, model_range=True),
     SamplerSpec(None, "dpm_fast", K.sample_dpm_fast, noise=_GAUSS),
     # DPM-Solver-12/23 with adaptive steps between the same ends, ancestral in A1111. Its model calls follow the
     # picture; A1111 schedules prompt edits over `steps` of them (calls_per_step 1), then falls back to the first prompt
-    SamplerSpec("DPM adaptive", None, partial(K.sample_dpm_adaptive, eta=1.0), noise=_GAUSS),
+    SamplerSpec("DPM adaptive", None, partial(K.sample_dpm_adaptive, eta=1.0), noise=_GAUSS, model_range=True),
     SamplerSpec(None, "dpm_adaptive", K.sample_dpm_adaptive, noise=_GAUSS),
     # A1111's Restart (sd_samplers_extra): Heun's steps, from 20 steps on its own Karras list with restarts
     SamplerSpec("Restart", None, K.sample_restart, noise=_GAUSS, a1111_automatic=_KARRAS, calls_per_step=2),

@@ -684,17 +684,20 @@ def sample_dpm_fast(
     callback: StepCallback | None = None,
     eta: float = 0.0,
     s_noise: float = 1.0,
+    sigma_max: float | None = None,
+    sigma_min: float | None = None,
 ) -> Tensor:
     """DPM-Solver-Fast (Lu et al. 2022, section 3.4; k-diffusion's ``sample_dpm_fast``): ``len(sigmas) - 1``
     model calls in steps of ``dpm_fast_orders`` on a grid uniform in t = -log sigma from ``sigmas[0]`` to the
     smallest positive sigma, where it ends: the result is x there, and the list's other levels are not visited
-    (A1111 and ComfyUI pass only these two ends). ``eta > 0``: each step goes down to ``ancestral_step``'s
+    (A1111's img2img and ComfyUI pass only these two ends; ``sigma_max`` / ``sigma_min`` replace them, as
+    A1111's txt2img passes the model's). ``eta > 0``: each step goes down to ``ancestral_step``'s
     sigma_down (not below the grid's end) and adds fresh noise up to the step's end, the last step's too.
     ``callback`` once per model call. The grid and coefficients are float32, as k-diffusion computes them."""
     if eta:
         noise = require_noise(noise, "DPM fast", "eta > 0")
     orders = dpm_fast_orders(len(sigmas) - 1)
-    ends = torch.stack([sigmas[0], sigmas[sigmas > 0].min()]).float().cpu().log().neg()   # t of the two ends
+    ends = _solver_ends(sigmas, sigma_max, sigma_min)                                     # t of the two ends
     ts = torch.linspace(ends[0], ends[1], len(orders) + 1)                                # (steps + 1,)
     reported = 0
     step_end = 0.0
@@ -720,6 +723,14 @@ def sample_dpm_fast(
             fresh = noise(sigmas.new_tensor(float(t.neg().exp())), sigmas.new_tensor(step_end))  # type: ignore[misc]
             x = x + sigma_up.to(x.device) * s_noise * fresh
     return x
+
+
+def _solver_ends(sigmas: Tensor, sigma_max: float | None, sigma_min: float | None) -> Tensor:
+    """t = -log sigma (2,) float32 where DPM fast / adaptive start and end: `sigma_max` / `sigma_min` where given,
+    else ``sigmas[0]`` and the smallest positive sigma of the list."""
+    high = float(sigmas[0]) if sigma_max is None else sigma_max
+    low = float(sigmas[sigmas > 0].min()) if sigma_min is None else sigma_min
+    return torch.tensor([high, low], dtype=torch.float32).log().neg()
 
 
 class _StepSizeController:
@@ -765,10 +776,13 @@ def sample_dpm_adaptive(
     accept_safety: float = 0.81,
     eta: float = 0.0,
     s_noise: float = 1.0,
+    sigma_max: float | None = None,
+    sigma_min: float | None = None,
 ) -> Tensor:
     """DPM-Solver-12 / -23 with adaptive step size (Lu et al. 2022, section 3.3; k-diffusion's
     ``sample_dpm_adaptive``) in t = -log sigma from ``sigmas[0]`` to the smallest positive sigma, where it ends
-    (the result is x there; A1111 and ComfyUI pass only these two ends). Each try makes ``order`` model calls:
+    (the result is x there; A1111's img2img and ComfyUI pass only these two ends; ``sigma_max`` / ``sigma_min``
+    replace them, as A1111's txt2img passes the model's). Each try makes ``order`` model calls:
     the orders ``order - 1`` and ``order`` from the same calls (``_dpm_solver_orders``, r1 = 1/3 for order 3);
     their difference, scaled by ``max(atol, rtol * max(|x_low|, |x_prev_low|))``, is the error (RMS) the
     controller (``_StepSizeController``) accepts or refuses. ``eta > 0``: an accepted step goes down to
@@ -783,8 +797,8 @@ def sample_dpm_adaptive(
     The model call count follows the pictures, not ``len(sigmas) - 1``. ``callback`` reports the list's steps
     instead: step ``i`` once every image has passed its end ``sigmas[i + 1]`` (several at once after a long
     step; the rest when it ends), with each image's latest accepted try's x and denoised estimate and the
-    sigmas of the image furthest behind, so that progress counts ``len(sigmas) - 1`` steps. A list with one
-    positive sigma leaves nothing to solve: x comes back as it is, without a model call or report. Float32
+    sigmas of the image furthest behind, so that progress counts ``len(sigmas) - 1`` steps. Equal ends (a list
+    with one positive sigma) leave nothing to solve: x comes back as it is, without a model call or report. Float32
     0-dim arithmetic per image, as k-diffusion's."""
     if order not in (2, 3):
         raise ValueError(f"DPM adaptive's order is 2 or 3, not {order}")
@@ -792,7 +806,7 @@ def sample_dpm_adaptive(
         noise = require_noise(noise, "DPM adaptive", "eta > 0")
     images = range(x.shape[0])
     levels = sigmas.tolist()
-    t_start, t_end = torch.stack([sigmas[0], sigmas[sigmas > 0].min()]).float().cpu().log().neg()
+    t_start, t_end = _solver_ends(sigmas, sigma_max, sigma_min)
     step_ends = [-math.log(level) if level > 0 else math.inf for level in levels[1:]]   # t where step i ends
     tolerance = (torch.tensor(atol), torch.tensor(rtol))
     controllers = [_StepSizeController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)

@@ -298,9 +298,11 @@ def generate_with_refiner(
             x = _run_sampler(plan, swapping, x, sigmas, options, progress)
         else:
             if base_model is not None:
-                x = _run_sampler(plan, base_model, x, sigmas[: split + 1], options, progress)
+                x = _run_sampler(plan, base_model, x, sigmas[: split + 1], _share(options, True, refiner_model is None),
+                                 progress)
             if refiner_model is not None:
-                x = _run_sampler(plan, refiner_model, x, sigmas[split:], options, _offset(progress, split))
+                x = _run_sampler(plan, refiner_model, x, sigmas[split:], _share(options, base_model is None, True),
+                                 _offset(progress, split))
         _check_finite(x, "the final latent", req)
         last = refiner if split < len(sigmas) - 1 else base
         latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x), req)
@@ -333,6 +335,13 @@ def _a1111_switch(plan: GenerationPlan) -> Callable[[int, Tensor], bool]:
         return lambda call, sigma: call / total >= switch_at
     training = a1111_training_sigmas(plan.sampling)                          # (T,)
     return lambda call, sigma: bool(a1111_switches(sigma.flatten()[:1], training, switch_at)[0])
+
+
+def _share(options: dict[str, Any], first: bool, last: bool) -> dict[str, Any]:
+    """`options` of a run over a part of the plan's sigmas: a solver span's start (`plan.solver_span`'s sigma_max)
+    only for the part that starts the list (`first`), its end (sigma_min) only for the part that ends it (`last`)."""
+    dropped = {name for name, kept in (("sigma_max", first), ("sigma_min", last)) if not kept}
+    return {name: value for name, value in options.items() if name not in dropped}
 
 
 def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
@@ -665,6 +674,8 @@ def _sampler_options(plan: GenerationPlan, x: Tensor, generators: list[Generator
     if req.s_churn:                      # Euler, Heun, DPM2's churn; its range matters only with it
         tmax = req.s_tmax or float("inf")   # None or 0 (A1111's): no upper end
         options.update(s_churn=req.s_churn, s_tmin=req.s_tmin, s_tmax=tmax)
+    if plan.solver_span is not None:
+        options["sigma_max"], options["sigma_min"] = plan.solver_span
     if sampler.wants_sigma_to_t:
         options["sigma_to_t"] = plan.sampling.sigma_to_t
     if sampler.wants_t_to_sigma:

@@ -92,6 +92,17 @@ class GenerationPlan:
         return None if self.picture is None else self.picture.mask
 
     @property
+    def solver_span(self) -> tuple[float, float] | None:
+        """(sigma_max, sigma_min) a txt2img sampler whose row has `model_range` (A1111's DPM fast / adaptive) solves
+        between: the model's largest and smallest training sigma (float32, `a1111_training_sigmas`), as A1111's
+        `KDiffusionSampler.sample` passes them whatever the schedule, its ends or Discard penultimate sigma; only x's
+        scale is ``sigmas[0]``. None otherwise (img2img and a hires pass solve between the ends of `sigmas`)."""
+        if not self.sampler.model_range or self.from_latent or self.request.init_image is not None:
+            return None
+        training = a1111_training_sigmas(self.sampling)                              # (T,) ascending
+        return float(training[-1]), float(training[0])
+
+    @property
     def steps_run(self) -> int:
         """Sampler steps this run takes (fewer than `request.steps` for img2img)."""
         return len(self.sigmas) - 1
