@@ -129,7 +129,7 @@ def test_config_file_and_cli_layering(tmp_path):
     with pytest.raises(ValueError):
         TrainConfig(cache_latents=True, center_crop=False)
     warm = TrainConfig(max_steps=10, warmup_steps=2, min_lr_ratio=0.1)
-    assert [round(lr_multiplier(s, warm), 4) for s in (0, 1, 2, 10)] == [0.5, 1.0, 1.0, 0.1]
+    assert [round(lr_multiplier(s, warm), 4) for s in (0, 1, 2, 10)] == [0.0, 0.5, 1.0, 0.1]   # diffusers' warm-up
 
 
 # --- LoRA -------------------------------------------------------------------------------------------------

@@ -60,8 +60,10 @@ class TrainConfig:
                                            "model's native size: 512 for SD1, 64 for sdlab-tiny, ...)")
     center_crop: bool = setting(True, "crop the centre of each resized image (--no-center-crop: a random crop)")
     random_flip: bool = setting(False, "flip half of the images horizontally")
-    caption_dropout: float = setting(0.1, "probability of training on the empty prompt (what classifier-free "
-                                          "guidance needs)")
+    caption_dropout: float | None = setting(None, "probability of training on the empty prompt (what "
+                                                  "classifier-free guidance needs; default: 0.1 for --task unet, "
+                                                  "0 for --task embedding, whose frozen U-Net learns no guidance, "
+                                                  "as in diffusers' and A1111's textual inversion)")
     cache_latents: bool = setting(False, "encode every image once with the frozen VAE, train on stored latents")
     cache_dir: str | None = setting(None, "latent cache folder (default: <output-dir>/latent_cache)")
     num_workers: int = setting(2, "image decoding threads")
@@ -108,8 +110,9 @@ class TrainConfig:
                                  "processes)")
     learning_rate: float = setting(1e-4, "peak AdamW learning rate")
     lr_schedule: str = setting("cosine", "learning-rate schedule after the linear warm-up", ("cosine", "constant"))
-    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up")
-    min_lr_ratio: float = setting(0.0, "cosine ends at learning rate x this ratio")
+    warmup_steps: int = setting(0, "steps of linear learning-rate warm-up from 0 (step s trains at s / N of the "
+                                   "peak, as diffusers' get_scheduler)")
+    min_lr_ratio: float = setting(0.0, "cosine ends at learning rate x this ratio (cosine schedule only)")
     adam_beta1: float = setting(0.9, "AdamW beta1")
     adam_beta2: float = setting(0.999, "AdamW beta2")
     adam_eps: float = setting(1e-8, "AdamW epsilon")
@@ -145,6 +148,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name))
+        if self.caption_dropout is None:
+            object.__setattr__(self, "caption_dropout", _TASK_CAPTION_DROPOUT.get(self.task, 0.0))
         if self.mixed_precision == "fp16":
             raise TrainError("--mixed-precision fp16 is not supported (fp16 training needs loss scaling): "
                              "use bf16, or no")
@@ -163,6 +168,9 @@ class TrainConfig:
         shaping = [name for name in ("lora_alpha", "lora_conv", "lora_text_encoder") if getattr(self, name)]
         if shaping and self.lora_rank is None:
             raise TrainError(f"{flag(shaping[0])} shapes a LoRA, but no LoRA is trained: give --lora-rank too")
+        if self.min_lr_ratio and self.lr_schedule == "constant":
+            raise TrainError(f"--min-lr-ratio {self.min_lr_ratio:g} is the floor of the cosine schedule; "
+                             f"--lr-schedule constant has none: drop it, or use --lr-schedule cosine")
         if self.cache_latents and not self.center_crop:
             raise TrainError("--cache-latents needs center cropping (a random crop changes the latent every "
                              "epoch): drop --no-center-crop or --cache-latents")
@@ -249,6 +257,10 @@ TASK_SETTINGS: dict[str, tuple[str, frozenset[str]]] = {
              "objective", frozenset()),
 }
 _TASK_SPECIFIC = frozenset().union(*(reads for _, reads in TASK_SETTINGS.values()))
+# --caption-dropout when not given: classifier-free guidance needs it where the U-Net learns (unet); textual
+# inversion's frozen U-Net learns none (diffusers' textual_inversion.py and A1111 never drop the caption), and
+# the other tasks do not read it (0 is their inert value)
+_TASK_CAPTION_DROPOUT = {"unet": 0.1}
 _INERT = {"caption_dropout": 0.0}   # no caption dropout: what the tasks without the setting do
 
 

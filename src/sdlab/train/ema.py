@@ -2,9 +2,10 @@
 
     ema <- decay_t * ema + (1 - decay_t) * param,   decay_t = min(decay, (1 + n) / (10 + n))
 
-where n counts the updates so far (the warm-up of LDM's ``use_num_upates``): early in training the
-average follows the weights closely instead of being dominated by the initialisation. The shadow copy
-is kept in float32 whatever the parameter dtype.
+where n counts the updates including this one (LitEma's ``forward`` increments ``num_updates`` before it
+computes the decay, the warm-up of LDM's ``use_num_upates``: 2/11, 3/12, ... from the first update): early in
+training the average follows the weights closely instead of being dominated by the initialisation. The
+shadow copy is kept in float32 whatever the parameter dtype.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class EMA:
         self.num_updates = 0
 
     def current_decay(self) -> float:
-        n = self.num_updates
+        """The decay of the next update (module docstring)."""
+        n = self.num_updates + 1
         return min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()

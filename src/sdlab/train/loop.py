@@ -100,9 +100,11 @@ class StopFlag:
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up over ``warmup_steps``, then constant or cosine decay to ``min_lr_ratio`` at max_steps
-    (``step`` = optimiser steps already taken)."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    (``step`` = optimiser steps already taken): diffusers' ``get_scheduler`` ("constant_with_warmup" /
+    "cosine_with_warmup", 0.5 cycles), whose warm-up trains step 0 at rate 0 and reaches the peak at step
+    ``warmup_steps``; ``min_lr_ratio`` lifts the cosine's floor (0: diffusers' exactly)."""
+    if step < cfg.warmup_steps:
+        return step / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return 1.0
     span = max(1, cfg.max_steps - cfg.warmup_steps)
