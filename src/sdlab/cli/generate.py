@@ -93,6 +93,13 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    "LMS, PLMS and DPM++ 3M SDE need about 30 steps with guidance (LMS: 20 with karras)")
     p.add_argument("--schedule", help="noise schedule: karras, exponential, normal, simple, sgm_uniform, leading, ... "
                    "(default: the model's, sgm_uniform for sdlab-tiny, karras for SD)")
+    p.add_argument("--init-noise", metavar="RULE",
+                   help="how the start noise is scaled: sigma_max (times the first sigma, as A1111), vp (times "
+                        "sqrt(1 + sigma^2), as diffusers' VP schedulers) or comfyui (ComfyUI's KSampler rule) "
+                        "(default: the schedule's; a diffusers-named schedule: its scheduler's)")
+    p.add_argument("--quantize-timesteps", action=argparse.BooleanOptionalAction,
+                   help="round the U-Net's timesteps to integers, as diffusers' DPM-Solver and UniPC do with "
+                        "Karras or exponential sigmas (default off)")
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 14 for sdlab-tiny, 20 for SD)")
     p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg",
                    help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
@@ -356,6 +363,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         **{name: getattr(args, name, None) for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min",
                                                         "schedule_sigma_max", "schedule_rho",
                                                         "discard_penultimate_sigma")},
+        **{name: getattr(args, name, None) for name in ("init_noise", "quantize_timesteps")},
         "eta_noise_seed_delta": getattr(args, "ensd", None),
         "strength": getattr(args, "strength", None),
         "resize_mode": getattr(args, "resize_mode", None),
