@@ -29,6 +29,8 @@ def _wait_status(client: httpx.Client, job_id: str, statuses: tuple[str, ...]) -
 
 
 def test_restart_keeps_history_and_marks_cut_off_jobs_interrupted(tmp_path):
+    """A crashed server's unfinished jobs are `interrupted` on the next start, never a live server's: while one
+    runs, a second `sdlab serve` on its output folder is refused with one line naming the folder."""
     out = tmp_path / "outputs"
     first = start_server(out)
     try:
@@ -38,6 +40,13 @@ def test_restart_keeps_history_and_marks_cut_off_jobs_interrupted(tmp_path):
             running_id = client.post("/api/jobs", json=LONG).json()["id"]
             queued_id = client.post("/api/jobs", json=LONG).json()["id"]
             _wait_status(client, running_id, ("running",))
+            other = subprocess.run([sys.executable, "-m", "sdlab", "serve", "--port", str(free_port()),
+                                    "--output-dir", str(out)], capture_output=True, text=True, env=server_env(),
+                                   timeout=120)         # a second server on the folder would mark its jobs interrupted
+            assert (other.returncode, other.stderr) == (2, f"sdlab: error: the output folder {out} is in use by "
+                                                           f"another sdlab serve (process {first.process.pid}); stop "
+                                                           "it, or give this server another --output-dir\n")
+            assert [client.get(f"/api/jobs/{i}").json()["status"] for i in (running_id, queued_id)] == ["running", "queued"]
     finally:
         first.kill()                                     # no chance to clean up
     second = start_server(out)

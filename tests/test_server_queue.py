@@ -7,6 +7,7 @@ cannot be opened is one `StoreError` naming the file."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 
@@ -235,3 +236,25 @@ def test_an_a1111_call_submits_off_the_event_loop():
         assert asyncio.run(call_and_poll())
     finally:
         timer.cancel()
+
+
+def _row(job_id: str, status: str, created: float, **fields) -> dict:
+    return {"id": job_id, "status": status, "mode": "txt2img", "model": "m", "request": {"seed": 1}, "images": [],
+            "infotexts": [], "error": None, "created": created, "started": None, "finished": None, "step": 0,
+            "steps": 4, **fields}
+
+
+def test_a_second_server_on_the_output_folder_is_refused_and_leaves_the_first_ones_jobs_live(tmp_path):
+    """Opening the history marks the unfinished jobs interrupted: a second server on a folder whose server
+    still runs them would mark them so under it. It is refused, naming the folder and the server holding it."""
+    first = Store(tmp_path)
+    first.save_job(_row("r", "running", 1.0, started=2.0))
+    with pytest.raises(StoreError) as refused:
+        Store(tmp_path)
+    assert str(refused.value) == (f"the output folder {tmp_path} is in use by another sdlab serve (process "
+                                  f"{os.getpid()}); stop it, or give this server another --output-dir")
+    assert first.job("r")["status"] == "running"
+    first.close()
+    second = Store(tmp_path)                            # the first server ended: its jobs were cut off
+    assert second.job("r")["status"] == "interrupted"
+    second.close()

@@ -4,19 +4,30 @@ Jobs are written when queued, started and finished (not per step), so a restart 
 the server stopped under is recorded `interrupted` as it stops, or on the next start when it could not be
 (a crash, a failed write). A database that cannot be opened, read or written is a `StoreError` naming
 the file and why.
+
+One server uses an output folder at a time: it holds the folder's lock file (`LOCK_NAME`) while it runs, and
+a second `sdlab serve` on the folder is refused (`StoreError`), so a starting server marks interrupted only
+jobs no live server is running.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:         # Windows: no flock, a second server on the folder goes undetected
+    fcntl = None
 
 DB_NAME = "sdlab-server.sqlite"
+LOCK_NAME = "sdlab-server.lock"     # held by the server using the output folder; holds its process id
 # How long a write waits while another program holds the file's write lock: briefly on a request's path (the
 # client gets a 503 and can retry), longer for the worker's writes (a job starts or ends), which nobody awaits.
 REQUEST_BUSY_TIMEOUT_S = 2.0
@@ -79,10 +90,12 @@ class Store:
     def __init__(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / DB_NAME
+        self._lock = _hold_folder(folder)
         try:
             self._requests = _Connection(self.path, REQUEST_BUSY_TIMEOUT_S)
             self._worker = _Connection(self.path, WORKER_BUSY_TIMEOUT_S)
         except sqlite3.Error as err:
+            self._lock.close()
             raise self._error("cannot open", err) from None
         try:
             with self._using("cannot open", self._worker) as db:
@@ -98,6 +111,7 @@ class Store:
     def close(self) -> None:
         self._requests.close()
         self._worker.close()
+        self._lock.close()
 
     def save_job(self, record: dict[str, Any], *, by_worker: bool = False) -> None:
         """Insert or replace a job (`record` has every column; JSON columns as Python values); `by_worker`:
@@ -134,6 +148,32 @@ class Store:
         """`StoreError`: "<doing> the job history <file>: <sqlite3's reason>[; what to do]"."""
         hint = _HINTS.get(getattr(err, "sqlite_errorname", ""))    # the error's name: Python 3.11 and later
         return StoreError(f"{doing} the job history {self.path}: {err}" + (f"; {hint}" if hint else ""))
+
+
+def _hold_folder(folder: Path) -> IO[str]:
+    """The folder's lock file, open and locked (an exclusive `flock`, which the system lets go when the process
+    ends, however it ends), with this process's id in it; a `StoreError` when another process holds it."""
+    path = folder / LOCK_NAME
+    try:
+        lock = open(path, "a+")
+    except OSError as err:
+        raise StoreError(f"cannot open the lock file {path}: {err.strerror}") from None
+    try:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        lock.seek(0)
+        holder = lock.read().strip()
+        lock.close()
+        if not isinstance(err, BlockingIOError):
+            raise StoreError(f"cannot lock {path}: {err.strerror}") from None
+        raise StoreError(f"the output folder {folder} is in use by another sdlab serve"
+                         + (f" (process {holder})" if holder.isdigit() else "")
+                         + "; stop it, or give this server another --output-dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
 
 
 def _record(row: tuple) -> dict[str, Any]:
