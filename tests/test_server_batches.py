@@ -161,3 +161,26 @@ def test_an_interrupted_a1111_request_answers_with_the_batches_drawn(tmp_path, m
     info = json.loads(answer["info"])
     assert len(answer["images"]) == 2 and info["interrupted"] and len(info["infotexts"]) == 2
     assert info["all_seeds"] == list(range(40, 46)) and "Seed: 41," in info["infotexts"][1]
+
+
+
+def test_the_history_lists_each_batch_as_it_is_written(tmp_path, monkeypatch):
+    """A job's row is written once each batch's pictures are on disk, so a crash (which leaves the row
+    `running`, marked `interrupted` on the next start) keeps the pictures drawn before it in the history."""
+    service = Service(ServerConfig(tmp_path / "served"))
+    write, rows = service.runner._write_batch, []
+
+    def write_then_read_the_row(job, result, texts) -> None:
+        write(job, result, texts)
+        rows.append(service.store.job(job.id))
+
+    monkeypatch.setattr(service.runner, "_write_batch", write_then_read_the_row)
+    service.start()
+    try:
+        job, _ = service.submit(JobSpec(GenerationRequest("a castle", **FAST, seed=40, batch_size=2), batch_count=2),
+                                "txt2img", None)
+        assert job.finished_event.wait(120) and job.status == "done"
+    finally:
+        service.stop()
+    assert [(row["status"], row["images"]) for row in rows] == [("running", job.images[:2]), ("running", job.images)]
+    assert rows[0]["infotexts"] == job.infotexts[:2] and rows[0]["request"]["seed"] == 40

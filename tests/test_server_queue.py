@@ -258,3 +258,15 @@ def test_a_second_server_on_the_output_folder_is_refused_and_leaves_the_first_on
     second = Store(tmp_path)                            # the first server ended: its jobs were cut off
     assert second.job("r")["status"] == "interrupted"
     second.close()
+
+
+def test_a_job_found_unfinished_at_start_keeps_its_pictures_and_gets_an_end_time(tmp_path):
+    first = Store(tmp_path)
+    first.save_job(_row("r", "running", 4.0, started=5.0, images=["r-0.png"], infotexts=["a red apple"]))
+    first.save_job(_row("q", "queued", 6.0))
+    first.close()
+    reopened = Store(tmp_path)
+    running, queued = reopened.job("r"), reopened.job("q")
+    reopened.close()
+    assert (running["status"], running["images"], running["infotexts"]) == ("interrupted", ["r-0.png"], ["a red apple"])
+    assert (running["finished"], queued["finished"]) == (5.0, 6.0)      # the last time known of each

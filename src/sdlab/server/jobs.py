@@ -1,7 +1,8 @@
 """Jobs, the bounded queue, and the one worker thread that runs them.
 
 A job goes queued -> running -> done | failed | cancelled, or `interrupted` when the server stops under
-it (`JobQueue.stop_jobs`; on the next start when it could not record that). Its events (queued, started,
+it (`JobQueue.stop_jobs`; on the next start when it could not record that, its pictures written until then
+kept: its row is written as each batch's are). Its events (queued, started,
 step, done, failed, cancelled) go to every subscriber (an asyncio queue of the server's event loop); a
 subscriber that comes late gets the job's state first. Cancelling a queued job takes it out of the queue;
 cancelling a running one raises from the sampler's progress callback at the next step, so nothing of the
@@ -76,6 +77,7 @@ class Job:
     skip: threading.Event = field(default_factory=threading.Event)      # its running batch only (`JobQueue.skip`)
     finished_event: threading.Event = field(default_factory=threading.Event)
     preview: Tensor | None = None               # (h, w, 3) uint8, the latest step's x0 estimate
+    saved: Callable[[], None] | None = None     # writes its row while it runs (`JobQueue`): a batch's pictures on disk
     _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -333,7 +335,8 @@ class JobQueue:
                 job = self._queue.popleft()
                 self.current = job
                 job.status, job.started = "running", time.time()
-            self._save(job, by_worker=True)
+            job.saved = lambda job=job: self._save(job, by_worker=True)
+            job.saved()
             job.publish("started", job._started_data())
             status, error = "done", None
             try:

@@ -1,6 +1,7 @@
 """The server's SQLite database (`sdlab-server.sqlite` in the output folder): the job history.
 
-Jobs are written when queued, started and finished (not per step), so a restart keeps the history; a job
+Jobs are written when queued, started, done with a batch's pictures and finished (not per step), so a restart
+keeps the history; a job
 the server stopped under is recorded `interrupted` as it stops, or on the next start when it could not be
 (a crash, a failed write). A database that cannot be opened, read or written is a `StoreError` naming
 the file and why.
@@ -102,7 +103,8 @@ class Store:
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")     # WAL: no fsync per commit, never corrupt
                 db.executescript(_SCHEMA)
-                db.execute(f"UPDATE jobs SET status = 'interrupted', error = ? WHERE status IN {UNFINISHED}",
+                db.execute(f"UPDATE jobs SET status = 'interrupted', error = ?, "
+                           f"finished = COALESCE(finished, started, created) WHERE status IN {UNFINISHED}",
                            (INTERRUPTED_ERROR,))
         except StoreError:
             self.close()

@@ -226,13 +226,16 @@ class Runner:
 
     def _write_batch(self, job: Job, result: GenerationResult, texts: list[str]) -> None:
         """A drawn batch's pictures written with their parameters `texts` (all or nothing) as the job's next files
-        and added to the job: no batch's pictures stay in memory while the next is drawn."""
+        and added to the job, and its row (`Job.saved`), so a crash keeps them in the history: no batch's
+        pictures stay in memory while the next is drawn."""
         start = len(job.images)
         names = [f"{job.id}-{start + i}.png" for i in range(len(texts))]
         blobs = [encode_image(image, "PNG", text) for image, text in zip(result.images, texts)]
         write_files_all_or_nothing([(self.images_dir / n, b) for n, b in zip(names, blobs)], overwrite=False)
         job.images, job.infotexts = job.images + names, job.infotexts + texts
         job.seeds = job.seeds + result.seeds
+        if job.saved is not None:
+            job.saved()
 
     def _hires_upscaler(self, request: GenerationRequest, bundle: ModelBundle) -> HiresUpscaler | None:
         """The model a hires upscaler names in `request` (read from its file), after the request is checked
