@@ -270,3 +270,21 @@ def test_a_job_found_unfinished_at_start_keeps_its_pictures_and_gets_an_end_time
     reopened.close()
     assert (running["status"], running["images"], running["infotexts"]) == ("interrupted", ["r-0.png"], ["a red apple"])
     assert (running["finished"], queued["finished"]) == (5.0, 6.0)      # the last time known of each
+
+
+def test_a_damaged_history_row_is_listed_as_damaged_and_the_others_read(tmp_path):
+    store = Store(tmp_path)
+    for i in range(3):
+        store.save_job(_row(str(i), "done", float(i), images=[f"{i}-0.png"]))
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("UPDATE jobs SET request = '{' WHERE id = '1'")          # a damaged page, a hand edit
+    other.execute("UPDATE jobs SET images = '\"2-0.png\"' WHERE id = '2'")
+    other.close()
+    jobs = {job["id"]: job for job in store.jobs(10)}
+    assert store.job("1") == jobs["1"]
+    store.close()
+    assert jobs["0"]["request"] == {"seed": 1} and jobs["0"]["error"] is None
+    assert (jobs["1"]["request"], jobs["1"]["images"]) == ({}, ["1-0.png"])
+    assert jobs["1"]["error"].startswith("this job's history row is damaged: its request cannot be read (")
+    assert (jobs["2"]["images"], jobs["2"]["error"]) == (
+        [], "this job's history row is damaged: its images cannot be read (not a JSON list)")

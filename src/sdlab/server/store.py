@@ -4,7 +4,7 @@ Jobs are written when queued, started, done with a batch's pictures and finished
 keeps the history; a job
 the server stopped under is recorded `interrupted` as it stops, or on the next start when it could not be
 (a crash, a failed write). A database that cannot be opened, read or written is a `StoreError` naming
-the file and why.
+the file and why; a row that cannot be read (a damaged page, a hand edit) is listed as damaged.
 
 One server uses an output folder at a time: it holds the folder's lock file (`LOCK_NAME`) while it runs, and
 a second `sdlab serve` on the folder is refused (`StoreError`), so a starting server marks interrupted only
@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
 """
 
-_JSON_COLUMNS = ("request", "images", "infotexts")
+_JSON_COLUMNS = {"request": dict, "images": list, "infotexts": list}     # each one's JSON type
 _COLUMNS = ("id", "status", "mode", "model", "request", "images", "infotexts", "error", "created", "started",
             "finished", "step", "steps")
 UNFINISHED = ("queued", "running")
@@ -179,7 +179,18 @@ def _hold_folder(folder: Path) -> IO[str]:
 
 
 def _record(row: tuple) -> dict[str, Any]:
+    """A row as a job record; a JSON column that cannot be read (a damaged page, a hand edit) is left empty and
+    the job's `error` says so, so one damaged row does not hide the rest of the history."""
     record = dict(zip(_COLUMNS, row))
-    for column in _JSON_COLUMNS:
-        record[column] = json.loads(record[column])
+    for column, kind in _JSON_COLUMNS.items():
+        try:
+            value = json.loads(record[column])
+        except (TypeError, ValueError) as err:
+            value = err
+        if isinstance(value, kind):
+            record[column] = value
+            continue
+        reason = value if isinstance(value, Exception) else f"not a JSON {kind.__name__}"
+        record[column] = kind()
+        record["error"] = f"this job's history row is damaged: its {column} cannot be read ({reason})"
     return record
