@@ -354,6 +354,21 @@ def test_full_disk_in_the_middle_of_a_batch_leaves_nothing(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_that_refuses_the_write_raises_the_writes_error_not_the_cleanups(tmp_path, monkeypatch):
+    """A read-only mount refuses the temporary file and then its removal too: the error raised is the first."""
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def removal_refused(path, missing_ok=False):
+        raise OSError(errno.EBUSY, "the cleanup's error", str(path))
+
+    monkeypatch.setattr(png_info, "open", read_only, raising=False)
+    monkeypatch.setattr(Path, "unlink", removal_refused)
+    with pytest.raises(OSError) as raised:
+        write_files_all_or_nothing([(tmp_path / "a.png", b"data")], overwrite=False)
+    assert raised.value.errno == errno.EROFS
+
+
 def test_no_overwrite_refuses_existing_names_and_takes_back_the_batch(tmp_path):
     (tmp_path / "b.png").write_bytes(b"old")
     with pytest.raises(FileExistsError):

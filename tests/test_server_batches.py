@@ -163,7 +163,6 @@ def test_an_interrupted_a1111_request_answers_with_the_batches_drawn(tmp_path, m
     assert info["all_seeds"] == list(range(40, 46)) and "Seed: 41," in info["infotexts"][1]
 
 
-
 def test_the_history_lists_each_batch_as_it_is_written(tmp_path, monkeypatch):
     """A job's row is written once each batch's pictures are on disk, so a crash (which leaves the row
     `running`, marked `interrupted` on the next start) keeps the pictures drawn before it in the history."""
@@ -184,3 +183,28 @@ def test_the_history_lists_each_batch_as_it_is_written(tmp_path, monkeypatch):
         service.stop()
     assert [(row["status"], row["images"]) for row in rows] == [("running", job.images[:2]), ("running", job.images)]
     assert rows[0]["infotexts"] == job.infotexts[:2] and rows[0]["request"]["seed"] == 40
+
+
+def test_pictures_that_cannot_be_written_fail_the_job_naming_the_folder_not_its_path(tmp_path):
+    """A full disk or a read-only images folder: the job fails with the OS's reason and the folder as the client
+    knows it (no server path), an A1111 call with a 500 (the server's fault, as A1111 answers its own errors);
+    nothing is left behind and the next job draws once the folder can be written again."""
+    from sdlab.server.a1111 import Txt2ImgIn, _generate, _request
+
+    service = Service(ServerConfig(tmp_path / "served"))
+    service.images_dir.rmdir()
+    service.images_dir.write_bytes(b"")             # every file in it fails to open, as on a read-only mount
+    body = Txt2ImgIn(prompt="a castle", steps=2, width=32, height=32, cfg_scale=5, sampler_name="Euler", seed=40)
+    service.start()
+    try:
+        with pytest.raises(BadRequest) as failed:
+            asyncio.run(_generate(service, body, "txt2img", _request(body)))
+        (job,) = service.store.jobs(1)
+        service.images_dir.unlink()
+        service.images_dir.mkdir()
+        answer = asyncio.run(_generate(service, body, "txt2img", _request(body)))
+    finally:
+        service.stop()
+    message = "cannot write the pictures into images/ of the server's output folder: Not a directory"
+    assert (failed.value.status, failed.value.message, job["status"], job["error"]) == (500, message, "failed", message)
+    assert len(answer["images"]) == 1 and len(list(service.images_dir.iterdir())) == 1

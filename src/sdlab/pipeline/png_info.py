@@ -25,6 +25,7 @@ metadata (ComfyUI's workflow, Fooocus's JSON, NovelAI's, InvokeAI's) is not read
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -365,11 +366,9 @@ def write_files_all_or_nothing(files: Sequence[tuple[Path, bytes]], *, overwrite
             _place(temporary, path, overwrite)
             placed.append(path)
     except BaseException:
-        for temporary, _ in temporaries:
-            temporary.unlink(missing_ok=True)
-        if not overwrite:
-            for path in placed:
-                path.unlink(missing_ok=True)
+        for leftover in [temporary for temporary, _ in temporaries] + ([] if overwrite else placed):
+            with contextlib.suppress(OSError):      # a read-only folder: the error raised is the write's
+                leftover.unlink(missing_ok=True)
         raise
     for folder in {path.parent for path, _ in files}:
         fsync_dir(folder)

@@ -366,7 +366,7 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     if job.status == "interrupted":
         raise Unavailable(job.error)
     if job.status == "failed":
-        raise BadRequest(_a1111_named(job.error or "failed"), 500 if (job.error or "").startswith("internal") else 400)
+        raise BadRequest(_a1111_named(job.error or "failed"), 500 if job.server_fault else 400)
     images = []
     if body.send_images:
         options = _options(service)         # as A1111 encodes: after the request's overrides are restored

@@ -51,6 +51,11 @@ class JobCancelled(Exception):
     """Raised from the progress callback to stop a running job between steps."""
 
 
+class ServerFault(Exception):
+    """A job failed for the server's sake, not its request's (its pictures cannot be written): the message is the
+    job's error as it stands (no server path in it), and an A1111 call answers 500."""
+
+
 class BatchSkipped(Exception):
     """Raised from the progress callback to stop the running batch of a job between steps (A1111's skip)."""
 
@@ -72,6 +77,7 @@ class Job:
     infotexts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     error: str | None = None
+    server_fault: bool = False                  # failed for the server's sake: not a `ValueError` of its request
     settings: dict[str, Any] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)      # its running batch only (`JobQueue.skip`)
@@ -345,7 +351,8 @@ class JobQueue:
                 status, error = ("interrupted", INTERRUPTED_ERROR) if self._stopping else ("cancelled", None)
             except Exception as err:            # reported in the job, the worker keeps serving
                 status, error = "failed", _message(err)
-                if not isinstance(err, ValueError):
+                job.server_fault = not isinstance(err, ValueError)
+                if not isinstance(err, (ValueError, ServerFault)):
                     logger.exception("job %s failed", job.id)
             with self._condition:
                 self.current = None
@@ -354,4 +361,4 @@ class JobQueue:
 
 def _message(err: Exception) -> str:
     text = str(err) or type(err).__name__
-    return text if isinstance(err, ValueError) else f"internal error: {type(err).__name__}: {text}"
+    return text if isinstance(err, (ValueError, ServerFault)) else f"internal error: {type(err).__name__}: {text}"

@@ -45,7 +45,7 @@ from sdlab.server.inputs import (
     HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
     load_failure, without_paths,
 )
-from sdlab.server.jobs import BatchSkipped, Job, JobCancelled
+from sdlab.server.jobs import BatchSkipped, Job, JobCancelled, ServerFault
 from sdlab.server.model_folders import ModelFile, ModelFolder
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
@@ -231,7 +231,12 @@ class Runner:
         start = len(job.images)
         names = [f"{job.id}-{start + i}.png" for i in range(len(texts))]
         blobs = [encode_image(image, "PNG", text) for image, text in zip(result.images, texts)]
-        write_files_all_or_nothing([(self.images_dir / n, b) for n, b in zip(names, blobs)], overwrite=False)
+        try:
+            write_files_all_or_nothing([(self.images_dir / n, b) for n, b in zip(names, blobs)], overwrite=False)
+        except OSError as err:          # a full disk, a read-only folder: named for the client without its path
+            logger.error("job %s: cannot write its pictures into %s: %s", job.id, self.images_dir, err)
+            raise ServerFault("cannot write the pictures into images/ of the server's output folder: "
+                              f"{err.strerror or err}") from None
         job.images, job.infotexts = job.images + names, job.infotexts + texts
         job.seeds = job.seeds + result.seeds
         if job.saved is not None:
