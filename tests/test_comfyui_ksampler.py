@@ -40,7 +40,8 @@ def sdlab_sigmas(sampler: str, schedule: str, steps: int, denoise: float | None 
     """The sigmas a request for `sampler` on `schedule` runs on, ComfyUI's `denoise` as the img2img strength."""
     request = types.SimpleNamespace(schedule=schedule, steps=steps, init_image=None if denoise is None else object(),
                                     strength=denoise, img2img_convention="comfyui", discard_penultimate_sigma=False,
-                                    schedule_sigma_min=0.0, schedule_sigma_max=0.0, schedule_rho=0.0)
+                                    schedule_sigma_min=0.0, schedule_sigma_max=0.0, schedule_rho=0.0,
+                                    beta_alpha=0.6, beta_beta=0.6)
     return request_sigmas(DiscreteModelSampling(NoiseSchedule.sd(), "eps"), get_sampler(sampler), request)
 
 

@@ -147,6 +147,15 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    dest="discard_penultimate_sigma",
                    help="A1111's Discard penultimate sigma: drop the schedule's next-to-last sigma (as A1111's DPM2 "
                         "rows do) for any sampler but DDIM, PLMS, UniPC")
+    p.add_argument("--beta-alpha", type=float, help="A1111's Beta schedule alpha: the beta schedules' Beta(alpha, "
+                   "beta) (schedule beta or A1111's Beta; default 0.6)")
+    p.add_argument("--beta-beta", type=float, help="A1111's Beta schedule beta (as --beta-alpha; default 0.6)")
+    p.add_argument("--sgm-noise-multiplier", action=argparse.BooleanOptionalAction,
+                   help="A1111's SGM noise multiplier: txt2img starts from noise times sqrt(1 + sigma^2), as SGM's "
+                        "SDXL code (not DDIM, PLMS, UniPC)")
+    p.add_argument("--extra-noise", type=float, metavar="X",
+                   help="A1111's Extra noise: img2img, inpainting and the hires pass add their start noise once "
+                        "more, times X (default 0)")
     p.add_argument("--eta-noise-seed-delta", "--ensd", type=int, dest="ensd",
                    help="A1111's ENSD: ancestral step noise from seed + N (e.g. 31337)")
     p.add_argument("--preset", metavar="NAME",
@@ -207,6 +216,9 @@ def _add_init_flags(p: argparse.ArgumentParser, init_help: str, strength_default
                    help="how --init fits --width x --height (A1111's resize modes): resize stretches it (the "
                         "default), crop covers the size and cuts the middle out, fill fits it inside and "
                         "stretches its edges over the rest, latent stretches its latent (bilinear)")
+    p.add_argument("--mask-weight", type=float, dest="inpainting_mask_weight", metavar="W",
+                   help="A1111's Conditional mask weight: how much an inpainting model's masked picture is masked, "
+                        "0 (the whole picture) to 1 (the default)")
 
 
 def _add_inpaint_flags(p: argparse.ArgumentParser) -> None:
@@ -364,6 +376,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
                                                         "schedule_sigma_max", "schedule_rho",
                                                         "discard_penultimate_sigma")},
         **{name: getattr(args, name, None) for name in ("init_noise", "quantize_timesteps")},
+        **{name: getattr(args, name, None) for name in ("beta_alpha", "beta_beta", "sgm_noise_multiplier",
+                                                        "extra_noise", "inpainting_mask_weight")},
         "eta_noise_seed_delta": getattr(args, "ensd", None),
         "strength": getattr(args, "strength", None),
         "resize_mode": getattr(args, "resize_mode", None),

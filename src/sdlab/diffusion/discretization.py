@@ -682,15 +682,17 @@ def get_discretization(name: str) -> Discretization:
 
 
 def schedule_overrides(name: str, *, sigma_min: float = 0.0, sigma_max: float = 0.0,
-                       rho: float = 0.0) -> dict[str, float]:
+                       rho: float = 0.0, alpha: float = 0.6, beta: float = 0.6) -> dict[str, float]:
     """The options of discretization `name` that A1111's `Schedule min sigma`, `max sigma` and `rho` set (its
     `sigma_min`, `sigma_max`, `rho` settings; 0 = the model's / the schedule's): those its function takes (karras,
     exponential, polyexponential, A1111's Beta and KL Optimal), as A1111's `get_sigmas` passes them to its
-    scheduler's function; rho only where it differs from the function's own (karras 7, polyexponential 1)."""
+    scheduler's function; rho only where it differs from the function's own (karras 7, polyexponential 1). The beta
+    schedules' `alpha` / `beta` (A1111's Beta schedule alpha / beta, its beta_dist_alpha / beta_dist_beta) where
+    they differ from the function's own (0.6)."""
     taken = inspect.signature(get_discretization(name)).parameters
-    given = {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho}
+    given = {"sigma_min": sigma_min, "sigma_max": sigma_max, "rho": rho, "alpha": alpha, "beta": beta}
     return {key: float(value) for key, value in given.items()
-            if value and key in taken and (key != "rho" or value != taken["rho"].default)}
+            if value and key in taken and (key in ("sigma_min", "sigma_max") or value != taken[key].default)}
 
 
 def discretize(name: str, schedule: NoiseSchedule, steps: int, *, scheduler: str = "euler",

@@ -399,6 +399,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent, init_noise=req.init_noise)
+        if req.extra_noise:             # A1111's `sample_img2img` (img2img, hires): xi += noise * img2img_extra_noise
+            x = x + noise * req.extra_noise
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, latent_mask=small_mask,
                   from_noise=from_noise)
 
@@ -573,12 +575,20 @@ def _negative_sizes(bundle: ModelBundle, req: GenerationRequest, img2img: bool) 
 
 def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
                    generators: list[Generator]) -> Tensor:
-    """The extra input channels of a 9-channel inpainting model (`inpaint_channels`), (B, 5, h, w)."""
-    pixels, mask = start.pixels, start.mask
-    if mask is None:  # txt2img / img2img with an inpainting model: repaint everything (as A1111)
+    """The extra input channels of a 9-channel inpainting model (`inpaint_channels`), (B, 5, h, w). txt2img and
+    img2img repaint everything, as A1111's `txt2img_image_conditioning` / `inpainting_image_conditioning` without a
+    mask: txt2img's masked picture is mid-grey, img2img's too but for a Conditional mask weight below 1, which keeps
+    (1 - weight) of the init picture (a hires pass, started from a latent, is txt2img's)."""
+    pixels, mask, weight = start.pixels, start.mask, req.inpainting_mask_weight
+    if mask is None:
         mask = torch.ones((1, 1, req.height, req.width), device=bundle.device)
-        pixels = torch.zeros((1, 3, req.height, req.width), device=bundle.device)
-    extra = inpaint_channels(bundle, pixels, mask, _posterior_generators(req, generators), tiled=req.tiled_vae)
+        if pixels is None or weight == 1.0:
+            pixels = torch.zeros((1, 3, req.height, req.width), device=bundle.device)
+        elif pixels.shape[-2:] != mask.shape[-2:]:
+            raise RequestError("a Conditional mask weight below 1 conditions an inpainting model on the init picture "
+                               "at the picture's size; resize mode 'latent' keeps another size")
+    extra = inpaint_channels(bundle, pixels, mask, _posterior_generators(req, generators), tiled=req.tiled_vae,
+                             weight=weight)
     return per_picture(extra, req.batch_size)                                             # (B, 5, h, w)
 
 
@@ -752,11 +762,16 @@ def per_picture(rows: Tensor, batch_size: int) -> Tensor:
 
 
 def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor,
-                     generators: list[Generator] | None, *, tiled: bool | None = None) -> Tensor:
+                     generators: list[Generator] | None, *, tiled: bool | None = None, weight: float = 1.0) -> Tensor:
     """The 5 extra input channels of 9-channel inpainting U-Nets: latent mask, then masked-image latent
-    (`encode_image`: one posterior sample per generator, or the mean without; in tiles as `tiled` decides)."""
+    (`encode_image`: one posterior sample per generator, or the mean without; in tiles as `tiled` decides). The
+    masked picture is ``lerp(pixels, masked, weight)``, A1111's Conditional mask weight (`inpainting_mask_weight`,
+    its `inpainting_image_conditioning`): 1 masks fully, 0 not at all."""
     factor = bundle.vae_config.downsample_factor
-    masked_latent = encode_image(bundle, masked_image(pixels, mask), generators, tiled=tiled)  # (B, 4, h, w)
+    masked = masked_image(pixels, mask)                                                       # (N, 3, H, W)
+    if weight != 1.0:
+        masked = torch.lerp(pixels, masked, weight)
+    masked_latent = encode_image(bundle, masked, generators, tiled=tiled)                     # (B, 4, h, w)
     small_mask = latent_mask(mask, factor).expand(masked_latent.shape[0], -1, -1, -1)    # (B, 1, h, w)
     return torch.cat([small_mask.to(masked_latent), masked_latent], dim=1)
 

@@ -30,7 +30,7 @@ from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
 from sdlab.pipeline.prompt_syntax import strip_comments
-from sdlab.pipeline.request import GenerationRequest
+from sdlab.pipeline.request import GenerationRequest, sgm_noise_multiplied
 
 _REQUEST_DEFAULTS = {field.name: field.default for field in dataclass_fields(GenerationRequest)}
 
@@ -43,6 +43,9 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Schedule max sigma": ("schedule_sigma_max", float),
     "Schedule rho": ("schedule_rho", float),
     "Discard penultimate sigma": ("discard_penultimate_sigma", bool),
+    "Beta schedule alpha": ("beta_alpha", float),          # A1111's beta_dist_alpha / beta_dist_beta
+    "Beta schedule beta": ("beta_beta", float),
+    "SGM noise multiplier": ("sgm_noise_multiplier", bool),
     "CFG scale": ("cfg_scale", float),
     "Seed": ("seed", int),
     "Variation seed": ("subseed", int),
@@ -63,6 +66,8 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Mask blur x": ("mask_blur", float),   # sdlab's labels of unequal sigmas, where A1111 writes no Mask blur
     "Mask blur y": ("mask_blur_y", float),
     "Noise multiplier": ("noise_multiplier", float),
+    "Extra noise": ("extra_noise", float),                 # A1111's img2img_extra_noise
+    "Conditional mask weight": ("inpainting_mask_weight", float),
     "Masked content": ("inpaint_fill", str),
     "Masked area padding": ("inpaint_padding", int),
     "Initial noise": ("init_noise", str),
@@ -210,7 +215,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Sigma noise": _taken(req, "s_noise", req.s_noise if req.s_noise != 1.0 else None),
         "CFG rescale": req.guidance_rescale or None,
         **img2img_parameters(req),
-        "Initial noise": req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None,
+        "SGM noise multiplier": True if _sgm_noise_multiplied(req) else None,
+        "Initial noise": _initial_noise(req),
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         "Tiling": "True" if req.tiling else None,            # A1111's label and value (processing.py)
@@ -257,7 +263,9 @@ def img2img_parameters(req: GenerationRequest) -> dict[str, Any]:
     if req.init_image is None:
         return {}
     return {"Denoising strength": req.strength, **_inpaint_parameters(req),
-            "Noise multiplier": req.noise_multiplier if req.noise_multiplier != 1.0 else None}
+            "Conditional mask weight": req.inpainting_mask_weight if req.inpainting_mask_weight != 1.0 else None,
+            "Noise multiplier": req.noise_multiplier if req.noise_multiplier != 1.0 else None,
+            "Extra noise": req.extra_noise or None}
 
 
 def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
@@ -295,6 +303,7 @@ def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
         "Hires resize": f"{req.hr_width or 0}x{req.hr_height or 0}" if sized else None,
         "Hires steps": req.hr_steps or None,
         "Hires upscaler": upscaler,
+        "Extra noise": req.extra_noise or None,        # A1111's `sample_img2img` of the second pass
     }
 
 
@@ -320,12 +329,31 @@ def _schedule_overrides(req: GenerationRequest) -> dict[str, Any]:
     sigma` where it dropped a sigma the sampler's row keeps (`KDiffusionSampler.get_sigmas`)."""
     try:
         spec, taken = get_sampler(req.sampler), schedule_overrides(
-            req.schedule, sigma_min=req.schedule_sigma_min, sigma_max=req.schedule_sigma_max, rho=req.schedule_rho)
+            req.schedule, sigma_min=req.schedule_sigma_min, sigma_max=req.schedule_sigma_max, rho=req.schedule_rho,
+            alpha=req.beta_alpha, beta=req.beta_beta)
     except (ValueError, AttributeError):
         return {}
+    beta = "alpha" in taken or "beta" in taken         # A1111 writes both with its Beta schedule
     return {"Schedule min sigma": taken.get("sigma_min"), "Schedule max sigma": taken.get("sigma_max"),
             "Schedule rho": taken.get("rho"),
+            "Beta schedule alpha": req.beta_alpha if beta else None, "Beta schedule beta": req.beta_beta if beta else None,
             "Discard penultimate sigma": also_discards(spec, req.discard_penultimate_sigma) or None}
+
+
+def _sgm_noise_multiplied(req: GenerationRequest) -> bool:
+    """A1111's `SGM noise multiplier` label: where it scaled the start noise (`request.sgm_noise_multiplied`)."""
+    try:
+        return sgm_noise_multiplied(req, get_sampler(req.sampler))
+    except (ValueError, AttributeError):
+        return req.sgm_noise_multiplier
+
+
+def _initial_noise(req: GenerationRequest) -> str | None:
+    """sdlab's `Initial noise` label: the start noise's convention where it is not A1111's (sigma_max) or the
+    schedule's diffusers one, none where A1111's SGM noise multiplier set it."""
+    if _sgm_noise_multiplied(req) and req.init_noise == "vp":
+        return None
+    return req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None
 
 
 def _taken(req: GenerationRequest, option: str, value: float | None) -> float | None:
@@ -541,11 +569,10 @@ def a1111_backcompat(p: dict[str, Any]) -> dict[str, bool]:
 # A1111's labels (its settings' and common extensions') of what changes the picture and sdlab does not draw, each
 # with the value that changes nothing (None: every value changes it)
 _UNDRAWN_A1111_LABELS: dict[str, Any] = {
-    "Beta schedule alpha": 0.6, "Beta schedule beta": 0.6,
     "Noise Schedule": "Default", "Downcast alphas_cumprod": False,
-    "SGM noise multiplier": False, "Emphasis": "Original", "Old prompt editing timelines": False,
-    "Pad conds": False, "Pad conds v0": False, "NGMS": 0.0, "Skip Early CFG": 0.0, "Extra noise": 0.0,
-    "Token merging ratio": 0.0, "Token merging ratio hr": 0.0, "Conditional mask weight": 1.0,
+    "Emphasis": "Original", "Old prompt editing timelines": False,
+    "Pad conds": False, "Pad conds v0": False, "NGMS": 0.0, "Skip Early CFG": 0.0,
+    "Token merging ratio": 0.0, "Token merging ratio hr": 0.0,
     "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable", "Soft inpainting enabled": False,
     "CFG Rescale phi": 0.0, "CFG Rescale": 0.0, "CFG Rescale \u03c6": 0.0,   # extensions' rescale of x0, not eps
     "Face restoration": None, "Hypernet": None, "Postprocess upscale by": 1.0, "ADetailer model": None,

@@ -198,7 +198,8 @@ def request_sigmas(
                    discard_penultimate=(sampler.discard_penultimate
                                         or also_discards(sampler, req.discard_penultimate_sigma)),
                    **schedule_overrides(req.schedule, sigma_min=req.schedule_sigma_min,
-                                        sigma_max=req.schedule_sigma_max, rho=req.schedule_rho))
+                                        sigma_max=req.schedule_sigma_max, rho=req.schedule_rho,
+                                        alpha=req.beta_alpha, beta=req.beta_beta))
     if req.schedule.strip().lower() in DIFFUSERS_NAMES:
         options["steps_offset"] = steps_offset
     try:

@@ -51,7 +51,7 @@ from sdlab.diffusion.discretization import (
     steps_run,
 )
 from sdlab.diffusion.noise import RNG_SOURCES
-from sdlab.diffusion.samplers import SamplerSpec, comfyui_spelling, get_sampler
+from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, SamplerSpec, comfyui_spelling, get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.images import on_white, read_image, snap_size
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
@@ -71,6 +71,7 @@ MAX_ETA = 10.0                              # eta and s_noise; useful values are
 MAX_CHURN = 1000.0                          # s_churn: A1111's slider ends at 100
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
 MAX_NOISE_MULTIPLIER = 10.0                 # A1111's slider: 0.5..1.5
+MAX_BETA = 100.0                            # the beta schedules' alpha / beta; A1111's sliders: 0.01..1
 MAX_AESTHETIC = 100.0                       # |aesthetic score|; the SDXL refiner was trained on 0..10
 RESIZE_MODES = ("resize", "crop", "fill", "latent")  # A1111's img2img resize_mode 0..3: Just resize, Crop and
                                                     # resize, Resize and fill, Just resize (latent upscale)
@@ -158,6 +159,10 @@ class GenerationRequest:
     schedule_sigma_max: float = 0.0         # rho settings): the schedule's ends and rho; 0 = the model's / the
     schedule_rho: float = 0.0               # schedule's (discretization.schedule_overrides)
     discard_penultimate_sigma: bool = False  # A1111's always_discard_next_to_last_sigma (plan.request_sigmas)
+    beta_alpha: float = 0.6                 # the beta schedules' Beta(alpha, beta): A1111's Beta schedule alpha /
+    beta_beta: float = 0.6                  # beta, ComfyUI's BetaSamplingScheduler's (discretization.schedule_overrides)
+    sgm_noise_multiplier: bool = False      # A1111's SGM noise multiplier: txt2img's start noise times
+                                            # sqrt(1 + sigma^2), init_noise "vp" (not for DDIM, PLMS, UniPC)
     init_noise: str | None = None           # "sigma_max" (A1111), "vp" or "comfyui"; None = the schedule's
                                             # convention (discretization.default_init_noise)
     quantize_timesteps: bool = False        # round t to integers before the U-Net (diffusers' DPM-Solver)
@@ -169,6 +174,10 @@ class GenerationRequest:
                                             # init_image the first
     strength: float = 0.75
     noise_multiplier: float = 1.0           # img2img: the initial noise times this (A1111's initial noise multiplier)
+    extra_noise: float = 0.0                # img2img and the hires pass: the start noise added once more times this
+                                            # (A1111's img2img_extra_noise, Extra noise)
+    inpainting_mask_weight: float = 1.0     # a 9-channel inpainting model's masked picture: lerp(picture, masked
+                                            # picture, this) (A1111's inpainting_mask_weight, Conditional mask weight)
     img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui", "lcm",
                                             # "a1111_fix_steps" (A1111's img2img_fix_steps option)
     resize_mode: str = "resize"             # the init image to width x height: "resize", "crop", "fill", "latent"
@@ -557,6 +566,14 @@ def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: st
     return r.img2img_convention
 
 
+def sgm_noise_multiplied(r: GenerationRequest, spec: SamplerSpec) -> bool:
+    """Whether A1111's SGM noise multiplier scales the request's start noise: txt2img (the hires fix's first pass)
+    with a k-diffusion sampler, whose `KDiffusionSampler.sample` starts at noise * sqrt(1 + sigmas[0]^2); its
+    img2img (`sample_img2img`) and its timestep samplers (DDIM, PLMS, UniPC) leave the noise as it is."""
+    return (r.sgm_noise_multiplier and r.init_image is None and not r.init_images
+            and spec.a1111 not in A1111_TIMESTEP_SAMPLERS)
+
+
 def default_ensd(sampler: str | None, spec: SamplerSpec, eta: float | None) -> int:
     """The ENSD of a request that sets none: 1 for a sampler spelt as ComfyUI spells it (`sampler`, the name asked
     for) that draws Gaussian step noise at `eta` (`SamplerSpec.draws_step_noise`; ComfyUI's
@@ -630,6 +647,13 @@ def resolve(
     if r.mask_blur_y is not None:
         _bounded("mask blur y", r.mask_blur_y, 0.0, MAX_MASK_BLUR)
     _bounded("noise multiplier", r.noise_multiplier, 0.0, MAX_NOISE_MULTIPLIER)
+    _bounded("extra noise", r.extra_noise, 0.0, MAX_NOISE_MULTIPLIER)
+    _bounded("inpainting mask weight", r.inpainting_mask_weight, 0.0, 1.0)
+    for name in ("beta_alpha", "beta_beta"):
+        if _bounded(name, getattr(r, name), 0.0, MAX_BETA) == 0:
+            raise RequestError(f"{name} must be above 0 (a Beta distribution's parameter), got 0")
+    if not isinstance(r.sgm_noise_multiplier, bool):
+        raise RequestError(f"sgm_noise_multiplier must be True or False, got {r.sgm_noise_multiplier!r}")
     if not isinstance(r.invert_mask, bool):
         raise RequestError(f"invert_mask must be True or False, got {r.invert_mask!r}")
     if r.tiled_vae is not None and not isinstance(r.tiled_vae, bool):
@@ -671,6 +695,10 @@ def resolve(
     schedule = schedule or spec.default_schedule or default_schedule      # LCM, TCD: their own grid
     comfyui = r.sampler is not None and comfyui_spelling(r.sampler)       # ComfyUI's conventions (module docstring)
     init_noise = default_init_noise(schedule, spec.spacing, comfyui=comfyui) if r.init_noise is None else r.init_noise
+    if sgm_noise_multiplied(r, spec):
+        if r.init_noise not in (None, "vp"):
+            raise RequestError(f"the SGM noise multiplier starts from init_noise 'vp', not {r.init_noise!r}")
+        init_noise = "vp"
     if init_noise not in INIT_NOISE_CONVENTIONS:
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
     if r.eta_noise_seed_delta is None:

@@ -51,7 +51,7 @@ from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, read_parameters, version_label,
 )
 from sdlab.pipeline.request import (
-    MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_NOISE_MULTIPLIER, RESIZE_MODES, RNG_SOURCES,
+    MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA, MAX_NOISE_MULTIPLIER, RESIZE_MODES, RNG_SOURCES,
     GenerationRequest, RequestError, fixed_seed, rng_source,
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
@@ -82,6 +82,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
     "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0,                # k-diffusion's (`_sigma_options`)
     "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,  # `_schedule_settings`
+    "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6, "sgm_noise_multiplier": False,      # `_schedule_settings`,
+    "img2img_extra_noise": 0.0, "inpainting_mask_weight": 1.0,                         # `_noise_settings`
     "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
@@ -266,7 +268,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111",
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
-        **_sigma_options(body, settings, sampler), **_schedule_settings(settings), controls=controls,
+        **_sigma_options(body, settings, sampler), **_schedule_settings(settings), **_noise_settings(settings),
+        controls=controls,
         **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
@@ -303,7 +306,17 @@ def _schedule_settings(settings: dict[str, Any]) -> dict[str, Any]:
     (`KDiffusionSampler.get_sigmas` reads them from the options only; 0 = the model's / the schedule's)."""
     return dict(schedule_sigma_min=settings.get("sigma_min", 0.0), schedule_sigma_max=settings.get("sigma_max", 0.0),
                 schedule_rho=settings.get("rho", 0.0),
-                discard_penultimate_sigma=settings.get("always_discard_next_to_last_sigma", False))
+                discard_penultimate_sigma=settings.get("always_discard_next_to_last_sigma", False),
+                beta_alpha=settings["beta_dist_alpha"], beta_beta=settings["beta_dist_beta"])
+
+
+def _noise_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A1111's `sgm_noise_multiplier` (txt2img's start noise, `KDiffusionSampler.sample`), `img2img_extra_noise`
+    (img2img's and the hires pass's, `sample_img2img`) and `inpainting_mask_weight` (an inpainting model's masked
+    picture, `inpainting_image_conditioning`) options as request fields; A1111 reads them as it draws, so a
+    request's `override_settings` count."""
+    return dict(sgm_noise_multiplier=settings["sgm_noise_multiplier"], extra_noise=settings["img2img_extra_noise"],
+                inpainting_mask_weight=settings["inpainting_mask_weight"])
 
 
 def _or_inf(name: str, value: float) -> float:
@@ -637,9 +650,14 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         value = body.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise BadRequest(f"{where}{key} must be a number >= 0, got {value!r}", 422)
-    if not isinstance(body.get("always_discard_next_to_last_sigma", False), bool):
-        raise BadRequest(f"{where}always_discard_next_to_last_sigma must be true or false, "
-                         f"got {body['always_discard_next_to_last_sigma']!r}", 422)
+    for key in ("always_discard_next_to_last_sigma", "sgm_noise_multiplier"):
+        if not isinstance(body.get(key, False), bool):
+            raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
+    for key, low, high in (("img2img_extra_noise", 0.0, MAX_NOISE_MULTIPLIER), ("inpainting_mask_weight", 0.0, 1.0),
+                           ("beta_dist_alpha", 1e-6, MAX_BETA), ("beta_dist_beta", 1e-6, MAX_BETA)):
+        value = body.get(key, high)                 # `_noise_settings`, `_schedule_settings`
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise BadRequest(f"{where}{key} must be a number in {low:g}..{high:g}, got {value!r}", 422)
     if not isinstance(body.get("tiling", False), bool):
         raise BadRequest(f"{where}tiling must be true or false, got {body['tiling']!r}", 422)
     samples_format = body.get("samples_format", "png")

@@ -95,6 +95,11 @@ class JobIn(NullsAreDefaults):
     schedule_sigma_max: float = 0.0         # 0 = the model's / the schedule's
     schedule_rho: float = 0.0
     discard_penultimate_sigma: bool = False  # A1111's Discard penultimate sigma
+    beta_alpha: float = 0.6                 # the beta schedules' Beta(alpha, beta) (A1111's Beta schedule alpha / beta)
+    beta_beta: float = 0.6
+    sgm_noise_multiplier: bool = False      # A1111's SGM noise multiplier: txt2img's start noise sqrt(1 + sigma^2)
+    extra_noise: float = 0.0                # A1111's Extra noise: img2img's and the hires pass's start noise again
+    inpainting_mask_weight: float = 1.0     # A1111's Conditional mask weight (9-channel inpainting models)
     # the drawing conventions a job records, so that its record draws it again (a ComfyUI-spelt sampler's are
     # recorded under A1111's name: `GenerationRequest`'s module docstring)
     eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise from seed + this; unset: the request's
@@ -146,6 +151,8 @@ def sdxl_conditioning(body: JobIn) -> dict[str, Any]:
 SIGMA_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
                  "discard_penultimate_sigma")
 """The job's churn, noise scale and schedule overrides, named as `GenerationRequest` names them."""
+NOISE_OPTIONS = ("beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight")
+"""The job's A1111 Beta schedule, SGM noise multiplier, Extra noise and Conditional mask weight."""
 
 
 def _ensd(body: JobIn) -> dict[str, int]:
@@ -203,7 +210,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),
-        **{name: getattr(body, name) for name in SIGMA_OPTIONS},
+        **{name: getattr(body, name) for name in (*SIGMA_OPTIONS, *NOISE_OPTIONS)},
     )
     try:
         check_sdxl_conditioning(generation)

@@ -39,10 +39,10 @@ const NOT_IN_FORM = {
 // sent with the form's requests until one of those controls changes or other settings are restored. The drawing
 // conventions go with the sampler and schedule (a ComfyUI-spelt sampler, "euler_ancestral", is recorded as
 // "Euler a" with ENSD 1, ComfyUI's initial noise, its img2img steps and its empty negative, encoded; the initial
-// noise follows the schedule too), A1111's schedule ends, rho and Discard penultimate sigma too, eta and
-// k-diffusion's churn and noise scale (A1111's Sigma churn / tmin / tmax / noise) with the sampler, SDXL's
-// conditioning with the picture's size; A1111's clip skip and ControlNet step rules (its pictures' and its API's
-// jobs') stay.
+// noise follows the schedule too), A1111's schedule ends, rho, Beta schedule alpha / beta, SGM noise multiplier
+// and Discard penultimate sigma too, eta and k-diffusion's churn and noise scale (A1111's Sigma churn / tmin / tmax /
+// noise) with the sampler, SDXL's conditioning with the picture's size; A1111's clip skip and ControlNet step
+// rules, its Extra noise and Conditional mask weight (its pictures' and its API's jobs') stay.
 const WITH_SAMPLING = ["sampler", "schedule"];
 const WITH_SIZE = ["width", "height"];
 const KEPT = {
@@ -54,12 +54,17 @@ const KEPT = {
   schedule_sigma_max: { none: 0, with: WITH_SAMPLING },
   schedule_rho: { none: 0, with: WITH_SAMPLING },
   discard_penultimate_sigma: { none: false, with: WITH_SAMPLING },
+  beta_alpha: { none: 0.6, with: WITH_SAMPLING },
+  beta_beta: { none: 0.6, with: WITH_SAMPLING },
+  sgm_noise_multiplier: { none: false, with: WITH_SAMPLING },
   eta: { none: null, with: ["sampler"] },
   s_churn: { none: 0, with: ["sampler"] },
   s_tmin: { none: 0, with: ["sampler"] },
   s_tmax: { none: null, with: ["sampler"] },
   s_noise: { none: 1, with: ["sampler"] },
   clip_skip_convention: { none: "diffusers", with: [] },
+  extra_noise: { none: 0, with: [] },
+  inpainting_mask_weight: { none: 1, with: [] },
   control_convention: { none: "diffusers", with: [] },
   original_size: { none: null, with: WITH_SIZE },
   target_size: { none: null, with: WITH_SIZE },
