@@ -199,7 +199,9 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
                                 cfg.resolution, ctx.device)
         data = TrainData(scan, resolution=cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip,
                          seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, rank=ctx.rank,
-                         world_size=ctx.world_size, num_workers=cfg.num_workers, latent_cache=cache)
+                         world_size=ctx.world_size, num_workers=cfg.num_workers, latent_cache=cache,
+                         shuffle_caption=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
+                         caption_separator=cfg.caption_separator)
         data.prepare_cache()
         ctx.barrier()
         with disk_full_as_error(Path(cfg.output_dir), f"the run's files in {cfg.output_dir}"):  # log.csv, loss.png, ...

@@ -26,6 +26,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from sdlab.diffusion.loss import HUBER_SCHEDULES, LOSS_TYPES
 from sdlab.diffusion.prediction import Prediction
 from sdlab.train.errors import TrainError
 from sdlab.utils.text import not_utf8
@@ -60,6 +61,10 @@ class TrainConfig:
                                            "model's native size: 512 for SD1, 64 for sdlab-tiny, ...)")
     center_crop: bool = setting(True, "crop the centre of each resized image (--no-center-crop: a random crop)")
     random_flip: bool = setting(False, "flip half of the images horizontally")
+    shuffle_caption: bool = setting(False, "shuffle the tags of each caption (its parts between separators, "
+                                           "joined again by ', ') every time the image is drawn")
+    keep_tokens: int = setting(0, "with --shuffle-caption: the first N tags stay in front, in order")
+    caption_separator: str = setting(",", "with --shuffle-caption: the text between tags")
     caption_dropout: float | None = setting(None, "probability of training on the empty prompt (what "
                                                   "classifier-free guidance needs; default: 0.1 for --task unet, "
                                                   "0 for --task embedding, whose frozen U-Net learns no guidance, "
@@ -72,6 +77,26 @@ class TrainConfig:
     min_snr_gamma: float | None = setting(None, "Min-SNR loss weight with this gamma (5.0 in Hang et al. 2023; "
                                                 "default: off)")
     offset_noise: float = setting(0.0, "offset-noise strength (0.05 .. 0.1 typical)")
+    min_timestep: int | None = setting(None, "train on timesteps from this one on (kohya's min_timestep; default: 0)")
+    max_timestep: int | None = setting(None, "train on timesteps below this one (kohya's max_timestep; default: the "
+                                             "model's number of training steps, 1000); equal to --min-timestep: "
+                                             "every step trains at that timestep")
+    ip_noise_gamma: float | None = setting(None, "input perturbation (Ning et al. 2023): the noisy latent is made "
+                                                 "from noise + gamma x another draw, the target from the noise "
+                                                 "alone (about 0.1; default: off)")
+    ip_noise_gamma_random_strength: bool = setting(False, "input perturbation of a strength drawn uniformly from "
+                                                          "[0, --ip-noise-gamma) for each image")
+    multires_noise_iterations: int | None = setting(None, "multi-resolution (pyramid) noise of this many levels "
+                                                          "(6 .. 10 typical; default: off)")
+    multires_noise_discount: float = setting(0.3, "weight ratio of each coarser level of multi-resolution noise")
+    debiased_estimation_loss: bool = setting(False, "weight each image's loss by 1 / sqrt(SNR) (eps prediction) or "
+                                                    "1 / (SNR + 1) (v), SNR capped at 1000 (Yu et al. 2024)")
+    loss_type: str = setting("l2", "U-Net loss per latent element: l2 (squared error), l1, or the pseudo-Huber "
+                                   "losses huber, 2c (sqrt(d^2 + c^2) - c), and smooth_l1, 2 (sqrt(d^2 + c^2) - c)",
+                             LOSS_TYPES)
+    huber_schedule: str = setting("snr", "the pseudo-Huber constant per timestep: snr, (1 - c) / (1 + sigma_t)^2 + c; "
+                                         "exponential, c^(t / T); constant, c", HUBER_SCHEDULES)
+    huber_c: float = setting(0.1, "the pseudo-Huber constant c of --huber-schedule")
     lora_rank: int | None = setting(None, "train a LoRA of this rank instead of the whole U-Net "
                                           "(default: full fine-tune)")
     lora_alpha: float | None = setting(None, "LoRA alpha (default: the rank, i.e. scale 1)")
@@ -165,6 +190,7 @@ class TrainConfig:
         for name in _TEXTS:
             _check_text(name, getattr(self, name))
         _check_task_settings(self)
+        _check_option_pairs(self)
         shaping = [name for name in ("lora_alpha", "lora_conv", "lora_text_encoder") if getattr(self, name)]
         if shaping and self.lora_rank is None:
             raise TrainError(f"{flag(shaping[0])} shapes a LoRA, but no LoRA is trained: give --lora-rank too")
@@ -194,6 +220,14 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "num_workers": (lambda v: v >= 0, "at least 0"),
     "min_snr_gamma": (lambda v: v > 0, "positive"),
     "offset_noise": (lambda v: v >= 0, "at least 0"),
+    "min_timestep": (lambda v: v >= 0, "at least 0"),
+    "max_timestep": (lambda v: v >= 0, "at least 0"),
+    "ip_noise_gamma": (lambda v: v > 0, "positive"),
+    "multires_noise_iterations": (lambda v: v >= 1, "at least 1"),
+    "multires_noise_discount": (lambda v: v > 0, "positive"),
+    "huber_c": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "keep_tokens": (lambda v: v >= 0, "at least 0"),
+    "caption_separator": (lambda v: v != "", "a text that is not empty"),
     "lora_rank": (lambda v: v >= 1, "at least 1"),
     "lora_alpha": (lambda v: v > 0, "positive"),
     "embedding_vectors": (lambda v: 1 <= v <= 75, "between 1 and 75"),
@@ -222,7 +256,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 # free text (prompts, the embedding's word and the name its file records): UTF-8 text only, as every prompt in sdlab
-_TEXTS = ("embedding_word", "embedding_init", "sample_prompts")
+_TEXTS = ("embedding_word", "embedding_init", "sample_prompts", "caption_separator")
 
 
 def _check_text(name: str, value: str | tuple[str, ...] | None) -> None:
@@ -238,7 +272,10 @@ def _check_text(name: str, value: str | tuple[str, ...] | None) -> None:
 # others, in `TrainConfig.__post_init__` and so before any loading, unless it has its default or a value that asks
 # for nothing the task does not do anyway (`_INERT`): the task would ignore it. Tasks not named here (plug-ins)
 # check their own settings.
-_UNET_OBJECTIVE = ("caption_dropout", "min_snr_gamma", "offset_noise")
+_UNET_OBJECTIVE = ("caption_dropout", "min_snr_gamma", "offset_noise", "min_timestep", "max_timestep", "ip_noise_gamma",
+                   "ip_noise_gamma_random_strength", "multires_noise_iterations", "multires_noise_discount",
+                   "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c")
+_CAPTIONS = ("shuffle_caption", "keep_tokens", "caption_separator")   # the captions the U-Net is conditioned on
 _LATENTS = ("cache_latents", "cache_dir")                               # the frozen VAE's latents, not images
 _LORA = ("lora_rank", "lora_alpha", "lora_conv")
 _UNET_RUN = ("gradient_checkpointing", "save_dtype", "sample_prompts", "sample_steps", "sample_cfg", "sample_seed")
@@ -246,11 +283,12 @@ _LCD = ("lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c
 _EMBEDDING = ("embedding_word", "embedding_vectors", "embedding_init")
 TASK_SETTINGS: dict[str, tuple[str, frozenset[str]]] = {
     "unet": ("trains the U-Net (full or LoRA)",
-             frozenset((*_UNET_OBJECTIVE, *_LATENTS, *_LORA, "lora_text_encoder", "train_text_encoder", *_UNET_RUN))),
+             frozenset((*_UNET_OBJECTIVE, *_CAPTIONS, *_LATENTS, *_LORA, "lora_text_encoder", "train_text_encoder",
+                        *_UNET_RUN))),
     "embedding": ("learns the vectors of one new word, everything else frozen",
-                  frozenset((*_UNET_OBJECTIVE, *_LATENTS, *_EMBEDDING, *_UNET_RUN))),
+                  frozenset((*_UNET_OBJECTIVE, *_CAPTIONS, *_LATENTS, *_EMBEDDING, *_UNET_RUN))),
     "lcd": ("distils the U-Net (or a LoRA of it) with a fixed objective",
-            frozenset((*_LATENTS, *_LORA, *_LCD, *_UNET_RUN))),
+            frozenset((*_CAPTIONS, *_LATENTS, *_LORA, *_LCD, *_UNET_RUN))),
     "vae": ("trains the VAE on images (not on latents) with its own objective and previews",
             frozenset(("vae_decoder_only", "save_dtype"))),
     "text": ("trains the text encoder against an image tower on images (not on latents) with a contrastive "
@@ -286,6 +324,32 @@ def _check_task_settings(cfg: TrainConfig) -> None:
                          f"{' / '.join(users)})")
 
 
+# Settings that only shape another one: (setting, what it shapes, whether that one is on)
+_SHAPING: tuple[tuple[str, str, typing.Callable[[TrainConfig], bool]], ...] = (
+    ("ip_noise_gamma_random_strength", "--ip-noise-gamma", lambda c: c.ip_noise_gamma is not None),
+    ("multires_noise_discount", "--multires-noise-iterations", lambda c: c.multires_noise_iterations is not None),
+    ("huber_schedule", "--loss-type huber or smooth_l1", lambda c: c.loss_type in ("huber", "smooth_l1")),
+    ("huber_c", "--loss-type huber or smooth_l1", lambda c: c.loss_type in ("huber", "smooth_l1")),
+    ("keep_tokens", "--shuffle-caption", lambda c: c.shuffle_caption),
+    ("caption_separator", "--shuffle-caption", lambda c: c.shuffle_caption),
+)
+
+
+def _check_option_pairs(cfg: TrainConfig) -> None:
+    """A `TrainError` for a setting given without the one it shapes (it would do nothing), and for a timestep
+    range that is empty."""
+    defaults = {f.name: f.default for f in fields(cfg)}
+    for name, shapes, applies in _SHAPING:
+        value = getattr(cfg, name)
+        if value != defaults[name] and not applies(cfg):
+            given = flag(name) if value is True else f"{flag(name)} {value!r}" if isinstance(value, str) else \
+                f"{flag(name)} {value:g}"
+            raise TrainError(f"{given} shapes {shapes}, which is not given: give it too, or drop {flag(name)}")
+    low, high = cfg.min_timestep, cfg.max_timestep
+    if low is not None and high is not None and low > high:
+        raise TrainError(f"--min-timestep {low} is above --max-timestep {high}")
+
+
 # Settings that must match when resuming: they define the model trained (its file, family, prediction type and
 # VAE), the data stream, the objective, the parameters or their starting point. The batch counts as the global
 # batch, --batch-size x --grad-accum x processes (`sdlab.train.loop.check_resume`): how it is split may change.
@@ -297,6 +361,9 @@ RESUME_INVARIANTS = (
     "lora_text_encoder", "lora_conv", "train_text_encoder", "embedding_word", "embedding_vectors", "embedding_init",
     "vae_decoder_only", "seed", "min_snr_gamma", "offset_noise", "cache_latents",
     "lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay",
+    "min_timestep", "max_timestep", "ip_noise_gamma", "ip_noise_gamma_random_strength", "multires_noise_iterations",
+    "multires_noise_discount", "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c",
+    "shuffle_caption", "keep_tokens", "caption_separator",
 )
 
 
@@ -473,7 +540,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 _METAVARS = {"model": "PATH", "vae": "FILE", "resolution": "PIXELS", "resume": "latest|PATH", "prediction": "eps|v",
              "keep_checkpoints": "N", "checkpoint_every": "STEPS", "log_every": "STEPS", "sample_every": "STEPS",
-             "lcd_ddim_timesteps": "N", "lcd_w_min": "W", "lcd_w_max": "W"}
+             "lcd_ddim_timesteps": "N", "lcd_w_min": "W", "lcd_w_max": "W", "min_timestep": "T", "max_timestep": "T",
+             "multires_noise_iterations": "N", "keep_tokens": "N", "caption_separator": "TEXT"}
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:

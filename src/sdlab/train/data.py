@@ -13,7 +13,12 @@ Order and sharding: the sample stream is an endless concatenation of per-epoch p
 ``G = batch_size * grad_accum * world_size``; within a step, micro-step ``a`` of rank ``r`` takes the
 ``batch_size`` positions starting at ``a*world*batch + r*batch``. The "data position" of a run is therefore
 just the step, and every sample gets a seed from ``(seed, step, slot in the global batch)``, so all of its
-randomness (crop, flip, noise, timestep, caption dropout) is the same however the global batch is split.
+randomness (crop, flip, caption shuffle, noise, timestep, caption dropout) is the same however the global
+batch is split.
+
+Caption shuffle (kohya's ``--shuffle_caption`` / ``--keep_tokens`` / ``caption_separator``, `shuffle_tags`):
+the caption's tags, its parts between separators, are put in a new order each time the image is drawn (the
+first ``keep_tokens`` stay in front) and joined by ", ".
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,6 +61,7 @@ __all__ = [
     "posterior_sample",
     "sample_seeds",
     "scan_dataset",
+    "shuffle_tags",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -234,6 +241,16 @@ def load_training_image(path: Path, resolution: int, *, center_crop: bool, rando
     return LoadedImage(pixels, (height, width), (top, left), flipped)
 
 
+def shuffle_tags(caption: str, rng: random.Random, keep_tokens: int = 0, separator: str = ",") -> str:
+    """The caption's tags (split at ``separator``, stripped) in ``rng``'s order after the first ``keep_tokens``,
+    joined by ", ": kohya's ``BaseDataset.process_caption`` with ``shuffle_caption`` (no tag dropout, warm-up or
+    keep_tokens_separator)."""
+    tags = [tag.strip() for tag in caption.strip().split(separator)]
+    kept, shuffled = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(shuffled)
+    return ", ".join(kept + shuffled)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Order
 
@@ -334,7 +351,8 @@ class TrainData:
 
     def __init__(self, scan: DatasetScan, *, resolution: int, center_crop: bool, random_flip: bool, seed: int,
                  batch_size: int, grad_accum: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                 latent_cache: LatentCache | None = None):
+                 latent_cache: LatentCache | None = None, shuffle_caption: bool = False, keep_tokens: int = 0,
+                 caption_separator: str = ","):
         self.scan = scan
         self.resolution = resolution
         self.center_crop = center_crop
@@ -346,6 +364,9 @@ class TrainData:
         self.world_size = world_size
         self.stream = SampleStream(len(scan), seed)
         self.latent_cache = latent_cache
+        self.shuffle_caption = shuffle_caption
+        self.keep_tokens = keep_tokens
+        self.caption_separator = caption_separator
         self.broken_at_load: Counter = Counter()
         self._pool = ThreadPoolExecutor(max_workers=max(1, num_workers), thread_name_prefix="sdlab-data")
 
@@ -373,6 +394,13 @@ class TrainData:
                 for flipped in flips]
         self.latent_cache.ensure(mine)
 
+    def caption(self, caption: str, seed: int) -> str:
+        """The caption a sample trains with: its tags shuffled (`shuffle_tags`, from the sample's seed) when asked."""
+        if not self.shuffle_caption:
+            return caption
+        return shuffle_tags(caption, random.Random(derive_seed(seed, "caption")), self.keep_tokens,
+                            self.caption_separator)
+
     def _load_one(self, step: int, slot: int) -> tuple[ImageSample, int, LoadedImage | dict[str, Tensor]]:
         seed = self.sample_seed(step, slot)
         position = step * self.global_batch + slot
@@ -394,8 +422,8 @@ class TrainData:
 
     def _assemble(self, step: int, micro: int) -> Batch:
         loaded = list(self._pool.map(lambda slot: self._load_one(step, slot), self.slots(micro)))
-        captions = [s.caption for s, _, _ in loaded]
         seeds = [seed for _, seed, _ in loaded]
+        captions = [self.caption(s.caption, seed) for (s, _, _), seed in zip(loaded, seeds)]
         paths = [str(s.path) for s, _, _ in loaded]
         if self.latent_cache is not None:
             mean = torch.stack([e["mean"] for _, _, e in loaded])  # (B, C, h, w)

@@ -5,9 +5,12 @@ posterior; `ModelBundle.to_model_latents`, which also applies a model's per-chan
 caption replaced by the empty prompt with probability ``caption_dropout`` (what classifier-free guidance
 needs at sampling time), text context and SDXL's added vector from the frozen text encoder(s) by the generate
 pipeline's own conditioning code (`sdlab.pipeline.conditioning`: `encode_captions`,
-`sdxl_size_conds`), ``t ~ U{0..T-1}``, ``eps ~ N(0, I)`` (+ offset noise), ``x_t = q_sample(z0, t, eps)``,
-and the loss ``w_t * |net(x_t, t, context[, y]) - target|^2`` averaged over the latent, then the batch,
-with ``target`` given by the prediction type (eps / v / x0) and ``w_t`` = 1 or Min-SNR-gamma. The timesteps,
+`sdxl_size_conds`), ``t ~ U{0..T-1}`` (or kohya's ``U{min_timestep..max_timestep-1}``), ``eps ~ N(0, I)`` (+ offset noise, then
+kohya's multi-resolution noise), ``x_t = q_sample(z0, t, eps)`` (from ``eps + gamma n`` under input
+perturbation), and the loss ``w_t * l(net(x_t, t, context[, y]), target)`` averaged over the latent, then the
+batch, with ``target`` given by the prediction type (eps / v / x0) from eps, ``l`` the squared error or kohya's
+l1 / pseudo-Huber losses (`sdlab.diffusion.loss.elementwise_loss`), and ``w_t`` = 1, Min-SNR-gamma, debiased
+estimation, or the product of both as kohya's trainers apply them. The timesteps,
 ``x_t``, the target and the weights come from the model's `ModelSampling` (`ModelBundle.model_sampling`), the
 object whose forward process the generate pipeline samples with.
 
@@ -33,7 +36,9 @@ from torch import Tensor, nn
 from sdlab.checkpoints.file_format import META_EMA, META_FAMILY, META_PRESET
 from sdlab.checkpoints.save import save_bundle
 from sdlab.diffusion.denoiser import Prediction
+from sdlab.diffusion import loss as diffusion_loss
 from sdlab.diffusion.loss import offset_noise, per_sample_normal
+from sdlab.diffusion.model_sampling import DiscreteModelSampling
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet
@@ -70,7 +75,11 @@ class UNetTaskOptions:
     """The subset of `TrainConfig` the U-Net objective reads (kept explicit so tests can build a task)."""
 
     def __init__(self, *, caption_dropout: float = 0.1, min_snr_gamma: float | None = None,
-                 offset_noise: float = 0.0, prediction: str | None = None, lora_rank: int | None = None,
+                 offset_noise: float = 0.0, min_timestep: int | None = None, max_timestep: int | None = None,
+                 ip_noise_gamma: float | None = None, ip_noise_gamma_random_strength: bool = False,
+                 multires_noise_iterations: int | None = None, multires_noise_discount: float = 0.3,
+                 debiased_estimation_loss: bool = False, loss_type: str = "l2", huber_schedule: str = "snr",
+                 huber_c: float = 0.1, prediction: str | None = None, lora_rank: int | None = None,
                  lora_alpha: float | None = None, lora_text_encoder: bool = False, lora_conv: bool = False,
                  train_text_encoder: bool = False,
                  gradient_checkpointing: bool = False, save_dtype: str = "fp32", sample_prompts: Sequence[str] = (),
@@ -78,6 +87,16 @@ class UNetTaskOptions:
         self.caption_dropout = caption_dropout
         self.min_snr_gamma = min_snr_gamma
         self.offset_noise = offset_noise
+        self.min_timestep = min_timestep
+        self.max_timestep = max_timestep
+        self.ip_noise_gamma = ip_noise_gamma
+        self.ip_noise_gamma_random_strength = ip_noise_gamma_random_strength
+        self.multires_noise_iterations = multires_noise_iterations
+        self.multires_noise_discount = multires_noise_discount
+        self.debiased_estimation_loss = debiased_estimation_loss
+        self.loss_type = loss_type
+        self.huber_schedule = huber_schedule
+        self.huber_c = huber_c
         self.prediction = prediction
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha
@@ -95,7 +114,12 @@ class UNetTaskOptions:
     @classmethod
     def from_config(cls, cfg) -> UNetTaskOptions:
         return cls(caption_dropout=cfg.caption_dropout, min_snr_gamma=cfg.min_snr_gamma, offset_noise=cfg.offset_noise,
-                   prediction=cfg.prediction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                   min_timestep=cfg.min_timestep, max_timestep=cfg.max_timestep, ip_noise_gamma=cfg.ip_noise_gamma,
+                   ip_noise_gamma_random_strength=cfg.ip_noise_gamma_random_strength,
+                   multires_noise_iterations=cfg.multires_noise_iterations,
+                   multires_noise_discount=cfg.multires_noise_discount,
+                   debiased_estimation_loss=cfg.debiased_estimation_loss, loss_type=cfg.loss_type,
+                   huber_schedule=cfg.huber_schedule, huber_c=cfg.huber_c, prediction=cfg.prediction, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
                    lora_text_encoder=cfg.lora_text_encoder, lora_conv=cfg.lora_conv, train_text_encoder=cfg.train_text_encoder, gradient_checkpointing=cfg.gradient_checkpointing,
                    save_dtype=cfg.save_dtype, sample_prompts=cfg.sample_prompts, sample_steps=cfg.sample_steps,
                    sample_cfg=cfg.sample_cfg, sample_seed=cfg.sample_seed, resolution=cfg.resolution)
@@ -119,6 +143,7 @@ class UNetTask:
         self.device = bundle.device
         self.sampling = bundle.model_sampling
 
+        self._check_discrete_options(opts)
         if opts.train_text_encoder and opts.lora_rank is not None:
             raise TrainError("--train-text-encoder is for a full fine-tune; with --lora-rank use --lora-text-encoder")
         for module in (bundle.vae, *(te.model for te in bundle.text_encoders)):
@@ -166,10 +191,17 @@ class UNetTask:
             for c, g in zip(batch.captions, gens)
         ]
         z0 = self.latents(batch, seeds)  # (B, C, h, w) float32, scaled
-        t = self.sampling.sample_timesteps(gens, device=device)  # (B,)
+        t = self._timesteps(gens)  # (B,)
         noise = per_sample_normal(z0.shape, gens, device=device)  # (B, C, h, w)
         noise = offset_noise(noise, self.options.offset_noise, gens)
-        x_t = self.sampling.q_sample(z0, noise, t)
+        if self.options.multires_noise_iterations:
+            noise = diffusion_loss.pyramid_noise(noise, gens, self.options.multires_noise_iterations,
+                                                 self.options.multires_noise_discount)
+        noised = noise
+        if self.options.ip_noise_gamma:
+            noised = diffusion_loss.input_perturbation(noise, self.options.ip_noise_gamma, gens,
+                                                       self.options.ip_noise_gamma_random_strength)
+        x_t = self.sampling.q_sample(z0, noised, t)
         target = self.sampling.training_target(z0, noise, t)
 
         text_learns = self.text_lora is not None or self.trains_text_input or self.options.train_text_encoder
@@ -178,10 +210,13 @@ class UNetTask:
         y = self._vector(pooled, batch, z0) if self.bundle.unet_config.adm_in_channels is not None else None
         pred = self._unet_call(x_t, t.to(torch.float32), context, y)  # (B, C, h, w)
 
-        per_sample = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # (B,)
+        per_sample = self._elementwise_loss(pred.float(), target.float(), t).mean(dim=(1, 2, 3))  # (B,)
         weights = self.sampling.loss_weights(t, self.options.min_snr_gamma)  # (B,) or None
         if weights is not None:
             per_sample = per_sample * weights
+        if self.options.debiased_estimation_loss:
+            per_sample = per_sample * diffusion_loss.debiased_weights(t, self.sampling.schedule.alphas_cumprod,
+                                                                      self.sampling.prediction)
         loss = per_sample.mean()
         return loss, {"loss": float(loss.detach()), "t_mean": float(t.float().mean())}
 
@@ -219,6 +254,48 @@ class UNetTask:
             self.bundle.unet.train(was_training)
 
     # -- helpers ------------------------------------------------------------------------------------------
+    def _check_discrete_options(self, opts: UNetTaskOptions) -> None:
+        """A `TrainError` for kohya's timestep-indexed options on a model without discrete timesteps, or a
+        timestep range outside the model's."""
+        wanted = [name for name, on in (("--min-timestep", opts.min_timestep is not None),
+                                        ("--max-timestep", opts.max_timestep is not None),
+                                        ("--debiased-estimation-loss", opts.debiased_estimation_loss),
+                                        (f"--huber-schedule {opts.huber_schedule}",
+                                         opts.loss_type in ("huber", "smooth_l1") and opts.huber_schedule != "constant"))
+                  if on]
+        if not wanted:
+            return
+        if not isinstance(self.sampling, DiscreteModelSampling):
+            raise TrainError(f"{wanted[0]} reads a discrete-time (DDPM) noise schedule; {self.bundle.family.name} "
+                             f"trains with {type(self.sampling).__name__}" +
+                             (" (--huber-schedule constant works on it)" if "huber" in wanted[0] else ""))
+        if opts.debiased_estimation_loss and self.sampling.prediction not in (Prediction.EPS, Prediction.V):
+            raise TrainError(f"--debiased-estimation-loss is defined for eps and v prediction; this model predicts "
+                             f"{self.sampling.prediction.value}")
+        steps = self.sampling.num_timesteps
+        low, high = opts.min_timestep or 0, steps if opts.max_timestep is None else opts.max_timestep
+        if high > steps or low >= steps or (low == high and high >= steps):
+            raise TrainError(f"--min-timestep / --max-timestep must lie within the model's {steps} training steps "
+                             f"(0 .. {steps - 1}, --max-timestep up to {steps}); got {low} .. {high}")
+
+    def _timesteps(self, gens: Sequence[torch.Generator]) -> Tensor:
+        """Each image's training timestep (B,): the model sampling's, or uniform on [min, max) (kohya's range)."""
+        opts = self.options
+        if opts.min_timestep is None and opts.max_timestep is None:
+            return self.sampling.sample_timesteps(gens, device=self.device)
+        return diffusion_loss.sample_timesteps(gens, self.sampling.num_timesteps, device=self.device,
+                                               low=opts.min_timestep or 0, high=opts.max_timestep)
+
+    def _elementwise_loss(self, pred: Tensor, target: Tensor, t: Tensor) -> Tensor:
+        """``loss_type``'s loss of every latent element, with the pseudo-Huber constant of each image's timestep."""
+        opts = self.options
+        huber_c = None
+        if opts.loss_type in ("huber", "smooth_l1"):
+            alphas_cumprod = self.sampling.schedule.alphas_cumprod if opts.huber_schedule == "snr" else None
+            huber_c = diffusion_loss.huber_thresholds(t, opts.huber_schedule, opts.huber_c,
+                                                      self.sampling.num_timesteps, alphas_cumprod)
+        return diffusion_loss.elementwise_loss(pred, target, opts.loss_type, huber_c)
+
     @torch.no_grad()
     def latents(self, batch: Batch, seeds: Sequence[int]) -> Tensor:
         """Scaled training latents: the cached ones, or a posterior sample of the frozen VAE (`posterior_sample`,
