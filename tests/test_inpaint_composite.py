@@ -14,7 +14,7 @@ from diffusers.image_processor import VaeImageProcessor
 from PIL import Image
 
 from sdlab.api import Pipeline
-from sdlab.pipeline.overlay import blur_mask, gaussian_kernel, overlay_weight, paste_back
+from sdlab.pipeline.overlay import blur_mask, blurred_mask, gaussian_taps, overlay_weight, paste_back
 
 SIZE = 32
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -65,23 +65,41 @@ def test_outside_the_blurred_mask_is_the_original_and_inside_follows_the_blend(p
         assert ramp.sum() > 0                                                # the blur softens the seam
 
 
-def test_mask_blur_is_cv2s_gaussian_with_a1111s_kernel_size():
-    for sigma in (0.5, 1.0, 4.0, 7.3):
-        taps = gaussian_kernel(sigma)
-        assert len(taps) == 2 * int(2.5 * sigma + 0.5) + 1                  # A1111's kernel_size
-        x = np.arange(len(taps)) - len(taps) // 2
-        reference = np.exp(-(x**2) / (2 * sigma**2))                         # cv2.getGaussianKernel
-        np.testing.assert_allclose(taps.numpy(), reference / reference.sum(), rtol=1e-12)
+def _a1111_blur(mask: np.ndarray, blur_x: float, blur_y: float) -> np.ndarray:
+    """A1111's mask blur (StableDiffusionProcessingImg2Img.init), transcribed: two cv2 calls on the uint8 mask."""
+    cv2 = pytest.importorskip("cv2")
+    if blur_x > 0:
+        kernel_size = 2 * int(2.5 * blur_x + 0.5) + 1
+        mask = cv2.GaussianBlur(mask, (kernel_size, 1), blur_x)
+    if blur_y > 0:
+        kernel_size = 2 * int(2.5 * blur_y + 0.5) + 1
+        mask = cv2.GaussianBlur(mask, (1, kernel_size), blur_y)
+    return mask
 
-    sigma = 3.0
-    mask = np.asarray(_square_mask(), dtype=np.float64)
-    radius = len(gaussian_kernel(sigma)) // 2
-    kernel = gaussian_kernel(sigma).numpy()
-    padded = np.pad(mask, radius, mode="reflect")                            # cv2's BORDER_REFLECT_101
-    rows = np.stack([np.convolve(r, kernel, mode="valid") for r in padded])
-    both = np.stack([np.convolve(c, kernel, mode="valid") for c in rows.T]).T
-    ours = blur_mask(_square_mask(), sigma, (SIZE, SIZE))[0, 0].numpy() * 255
-    np.testing.assert_array_equal(ours, np.rint(both).clip(0, 255))
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (6, 1), (3, 5), (40, 13), (97, 131)])
+def test_mask_blur_is_cv2s_8_bit_gaussian_bit_for_bit(shape):
+    """Each axis as A1111's cv2.GaussianBlur blurs a uint8 mask (OpenCV's fixed-point kernel and rounding),
+    for masks thinner than the kernel too, x and y apart and together."""
+    rng = np.random.default_rng(sum(shape))
+    masks = [rng.integers(0, 256, shape, dtype=np.uint8), np.where(rng.random(shape) > 0.6, 255, 0).astype(np.uint8)]
+    sigmas = [0.3, 0.5, 1.0, 1.7, 2.5, 3.0, 4.0, 5.5, 7.3, 11.0, 16.0, 20.0, 33.3, 64.0]
+    for mask in masks:
+        for blur_x, blur_y in [(s, s) for s in sigmas] + [(s, 0.0) for s in sigmas] + [(0.0, s) for s in sigmas]:
+            ours = np.asarray(blurred_mask(Image.fromarray(mask), blur_x, blur_y))
+            np.testing.assert_array_equal(ours, _a1111_blur(mask, blur_x, blur_y), err_msg=f"{blur_x}, {blur_y}")
+
+
+def test_mask_blur_taps_are_opencvs_fixed_point_kernel():
+    """The 1/256 taps sum to 256; above sigma 2.5 OpenCV carries each tap's rounding error into the next,
+    which plain rounding of the float kernel does not give."""
+    for sigma in np.linspace(0.2, 60.0, 300):
+        taps = gaussian_taps(float(sigma))
+        assert len(taps) == 2 * int(2.5 * sigma + 0.5) + 1 and taps.sum() == 256
+        assert np.array_equal(taps, taps[::-1])
+    x = np.arange(-10, 11)
+    plain = np.exp(-(x**2) / (2 * 4.0**2))
+    assert not np.array_equal(gaussian_taps(4.0), np.rint(plain / plain.sum() * 256))
 
 
 def test_paste_back_matches_the_pil_alpha_composite_a1111_uses():

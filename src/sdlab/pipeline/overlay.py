@@ -5,7 +5,8 @@ A1111 (``processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_
 1. the mask (``images.mask_levels``: an RGBA mask with transparency is its alpha channel made binary, alpha
    > 128 is white; any other keeps its grey levels) is blurred with a Gaussian of standard deviation
    ``mask_blur`` pixels (A1111's ``mask_blur_x``; ``mask_blur_y`` along y), kernel
-   ``2 * int(2.5 * sigma + 0.5) + 1`` taps, separately along x and y (``cv2.GaussianBlur``; borders reflect
+   ``2 * int(2.5 * sigma + 0.5) + 1`` taps, along x, then along y, each pass a ``cv2.GaussianBlur`` of the
+   8-bit mask with OpenCV's bit-exact integer arithmetic (`gaussian_taps`, `blur_axis`; borders reflect
    without repeating the edge pixel, cv2's default); an inverted mask (Mask mode "Inpaint not masked") is
    inverted before;
 2. the blurred mask ``m`` (0..255) is resized to the picture by the img2img resize mode (Lanczos for the
@@ -28,44 +29,77 @@ diffusers' inpainting pipelines return the decoded picture without step 4 (``pas
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from sdlab.pipeline.images import mask_levels
 from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
-__all__ = ["Overlay", "apply_overlay", "blur_mask", "blurred_mask", "gaussian_kernel", "mask_tensor", "overlay_weight",
-           "paste_back"]
+__all__ = ["Overlay", "apply_overlay", "blur_axis", "blur_mask", "blurred_mask", "gaussian_taps", "mask_tensor",
+           "overlay_weight", "paste_back"]
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    """cv2's Gaussian kernel for ``sigma`` pixels: ``2 * int(2.5 * sigma + 0.5) + 1`` taps, summing to 1."""
-    radius = int(2.5 * sigma + 0.5)
-    offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    taps = torch.exp(-(offsets**2) / (2 * sigma**2))
-    return taps / taps.sum()
+def gaussian_taps(sigma: float) -> np.ndarray:
+    """OpenCV's bit-exact Gaussian kernel of 8-bit pictures for ``sigma`` pixels and A1111's kernel size
+    ``2 * int(2.5 * sigma + 0.5) + 1``: int64 taps in 1/256ths that sum to 256.
+
+    As ``getGaussianKernelBitExact`` and ``getGaussianKernelFixedPoint_ED``: the outer half's
+    ``exp(-x^2 / (2 sigma^2))``, normalised in float64 by 1 / (2 x their running sum + 1), is rounded to 1/256
+    (ties to even) from the outside in, each tap's rounding error carried into the next; the centre takes what
+    is left of 256."""
+    size = 2 * int(2.5 * sigma + 0.5) + 1
+    scale = -0.125 / (sigma * sigma)                               # its x runs over twice the offsets
+    outer = [math.exp(float(x * x) * scale) for x in range(1 - size, 0, 2)]   # left half, outermost first
+    total = 0.0
+    for value in outer:                                            # in order, as OpenCV adds (not sum()'s)
+        total += value
+    norm = 1.0 / (total * 2.0 + 1.0)
+    taps, carried = [], 0.0
+    for value in outer:
+        exact = value * norm * 256.0 + carried
+        taps.append(round(exact))
+        carried = exact - taps[-1]
+    return np.array([*taps, 256 - 2 * sum(taps), *taps[::-1]], dtype=np.int64)
+
+
+def blur_axis(pixels: np.ndarray, taps: np.ndarray, axis: int) -> np.ndarray:
+    """A uint8 picture (H, W) convolved along ``axis`` with ``taps`` (`gaussian_taps`) as ``cv2.GaussianBlur``
+    does 8-bit pictures: integer sums in 1/256ths, rounded half up to uint8 once; borders BORDER_REFLECT_101."""
+    lines = np.moveaxis(pixels, axis, 0).astype(np.int32)                  # the blurred axis first
+    length, radius = lines.shape[0], len(taps) // 2
+    padded = lines[_reflect_101(np.arange(-radius, length + radius), length)]
+    total = sum(int(tap) * padded[offset:offset + length] for offset, tap in enumerate(taps))
+    return np.moveaxis(((total + 128) >> 8).astype(np.uint8), 0, axis)
+
+
+def _reflect_101(index: np.ndarray, length: int) -> np.ndarray:
+    """cv2's BORDER_REFLECT_101 (``borderInterpolate``): indices mirrored about the end pixels, which are not
+    repeated, as many times as it takes (a mask thinner than the kernel); a 1-pixel side repeats its pixel."""
+    if length == 1:
+        return np.zeros_like(index)
+    period = 2 * (length - 1)
+    index = np.abs(index) % period
+    return np.where(index >= length, period - index, index)
 
 
 def blurred_mask(mask_image: Image.Image, sigma: float, sigma_y: float | None = None,
                  invert: bool = False) -> Image.Image:
     """A1111's inpainting mask at its own size: its levels (``mask_levels``), inverted when `invert` asks
     (Mask mode "Inpaint not masked"), Gaussian-blurred by ``sigma`` pixels along x, then ``sigma_y`` along y
-    (None: ``sigma``; a sigma of 0 leaves its axis as it is); a uint8 "L" image, white = repaint."""
+    (None: ``sigma``; a sigma of 0 leaves its axis as it is), each pass rounded to uint8 as A1111's two
+    ``cv2.GaussianBlur`` calls round; a uint8 "L" image, white = repaint."""
     mask = mask_levels(mask_image)
     if invert:
         mask = ImageOps.invert(mask)
-    sigmas = (sigma, sigma if sigma_y is None else sigma_y)
-    if max(sigmas) > 0:
-        pixels = torch.from_numpy(np.asarray(mask, dtype=np.float64))[None, None]       # (1, 1, h, w)
-        for axis, axis_sigma in zip((-1, -2), sigmas):                  # x, then y
-            if axis_sigma > 0:
-                pixels = _convolve(pixels, gaussian_kernel(axis_sigma), axis)
-        mask = Image.fromarray(pixels[0, 0].round().clamp(0, 255).to(torch.uint8).numpy())
-    return mask
+    pixels = np.asarray(mask, dtype=np.uint8)
+    for axis, axis_sigma in ((1, sigma), (0, sigma if sigma_y is None else sigma_y)):     # x, then y
+        if axis_sigma > 0:
+            pixels = blur_axis(pixels, gaussian_taps(axis_sigma), axis)
+    return Image.fromarray(pixels)
 
 
 def mask_tensor(mask: Image.Image) -> torch.Tensor:
@@ -82,18 +116,6 @@ def blur_mask(mask_image: Image.Image, sigma: float, size: tuple[int, int]) -> t
     if mask.size != tuple(size):
         mask = mask.resize(tuple(size), resample=Image.Resampling.LANCZOS)
     return mask_tensor(mask)                                                            # (1, 1, H, W)
-
-
-def _convolve(pixels: torch.Tensor, kernel: torch.Tensor, axis: int) -> torch.Tensor:
-    """1-D convolution of (1, 1, h, w) along ``axis`` with cv2's BORDER_REFLECT_101 padding."""
-    radius = len(kernel) // 2
-    length = pixels.shape[axis]
-    index = torch.arange(-radius, length + radius).abs()                   # reflect at the start...
-    index = torch.where(index >= length, 2 * (length - 1) - index, index)  # ...and at the end
-    index = index.clamp(0, length - 1)                                     # masks thinner than the kernel
-    padded = pixels.index_select(axis, index)
-    weight = kernel.view(1, 1, 1, -1) if axis == -1 else kernel.view(1, 1, -1, 1)
-    return F.conv2d(padded, weight.to(pixels.dtype))
 
 
 def overlay_weight(soft_mask: torch.Tensor) -> torch.Tensor:
