@@ -296,7 +296,7 @@ BAD_REQUESTS = [
     (dict(mask_blur=-2.0), r"mask blur must lie in \[0, 256\]"),
     (dict(original_size=(1024,)), "original_size must be two integers"),
     (dict(crops_coords_top_left=(-1, 0)), "crops_coords_top_left must be two integers >= 0"),
-    (dict(prompt=None), "prompt and negative prompt must be text"),
+    (dict(prompt=None), "the prompt must be text, got NoneType"),
     (dict(init_image=3), "the init image must be a PIL image or a file path, got int"),
     (dict(init_image=_picture(), mask_image=b"not a picture"), "the mask must be a PIL image or a file path, got bytes"),
 ]

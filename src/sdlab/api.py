@@ -111,6 +111,8 @@ class Pipeline:
         report."""
         if self.bundle.preset is not None:
             return self.bundle.preset
+        if not isinstance(prompt, str):         # `resolve` refuses it
+            return None
         try:
             _, tags = split_prompt_loras(prompt)
             paths = [self.find_lora(tag.name) for tag in tags]

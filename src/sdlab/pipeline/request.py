@@ -607,8 +607,10 @@ def resolve(
     """
     request = _plain_numbers(request)
     r = request if request.steps is not None else replace(request, steps=default_steps)
-    if not isinstance(r.prompt, str) or not isinstance(r.negative_prompt, str):
-        raise RequestError("prompt and negative prompt must be text")
+    for name, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+        if not isinstance(text, str):
+            several = "; one prompt a request (batch_size draws several pictures of it)" if isinstance(text, (list, tuple)) else ""
+            raise RequestError(f"the {name} must be text, got {type(text).__name__}{several}")
     for name, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
         if len(text) > MAX_PROMPT_CHARS:
             raise RequestError(f"the {name} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
