@@ -38,3 +38,21 @@ def test_a_prompt_that_is_not_text_is_a_request_error_saying_so(pipe, prompt, me
     assert str(refused.value) == message
     with pytest.raises(RequestError, match="the negative prompt must be text, got list"):
         pipe.txt2img("a cat", negative_prompt=["blurry"], **FAST)
+
+
+def test_init_images_may_be_file_paths_as_init_image_may(pipe, tmp_path):
+    """`init_images`, as `init_image`: a PIL image or a file path (str or Path), read the same way."""
+    red, blue = Image.new("RGB", (64, 64), (200, 30, 30)), Image.new("RGB", (64, 64), (30, 30, 200))
+    red.save(tmp_path / "red.png")
+    blue.save(tmp_path / "blue.png")
+    options = dict(strength=0.5, batch_size=2, **FAST)
+    by_path = pipe.img2img("an apple", tmp_path / "red.png", init_images=[str(tmp_path / "red.png"), tmp_path / "blue.png"],
+                           **options)
+    by_picture = pipe.img2img("an apple", red, init_images=[red, blue], **options)
+    assert [np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(by_path.images, by_picture.images)] == [True, True]
+    run = pipe.run(GenerationRequest("an apple", init_image=str(tmp_path / "red.png"), **options))
+    assert np.array_equal(np.asarray(run.images[0]), np.asarray(by_picture.images[0]))
+    with pytest.raises(RequestError, match=f"the init image '{tmp_path / 'gone.png'}' does not exist"):
+        pipe.img2img("an apple", red, init_images=[tmp_path / "gone.png"], **options)
+    with pytest.raises(RequestError, match="init_images must be a list of pictures, got str"):
+        pipe.img2img("an apple", red, init_images=str(tmp_path / "red.png"), **options)

@@ -126,10 +126,12 @@ class Pipeline:
     def resolve(self, request: GenerationRequest) -> GenerationPlan:
         """Resolve `request` once for this pipeline: its `GenerationPlan` (`plan.request` is the request with
         this model's defaults filled in; sampler, sigmas, sizes) after every check (sizes, sampler, schedule,
-        clip skip and memory of the model and the refiner, the prompt's LoRA tags found and read). A
-        `RequestError` names the first bad value."""
+        clip skip and memory of the model and the refiner, the prompt's LoRA tags found and read; input pictures
+        given as file paths read: `init_image`, `mask_image`, each of `init_images`). A `RequestError` names the
+        first bad value."""
         if self.refiner is not None and request.hires:
             raise RequestError("the hires fix does not run with an SDXL refiner; leave one of them out")
+        request = _pictures_read(request)
         plan = make_plan(self.bundle, request, refiner=self.refiner, switch_at=self.refiner_switch,
                          refiner_convention=self.refiner_convention)
         resolve_prompt_loras(plan.request.prompt, self.find_lora)
@@ -202,8 +204,7 @@ class Pipeline:
         **options: Any,
     ) -> GenerationResult:
         """Redraw `init_image`; `strength` in (0, 1] is how much of the schedule runs (1 = from pure noise)."""
-        image = input_image(init_image, "init image")
-        return self._call(prompt, {"negative_prompt": negative_prompt, "init_image": image, "strength": strength, **options}, progress)
+        return self._call(prompt, {"negative_prompt": negative_prompt, "init_image": init_image, "strength": strength, **options}, progress)
 
     def inpaint(
         self,
@@ -218,13 +219,23 @@ class Pipeline:
     ) -> GenerationResult:
         """Repaint the white area of `mask_image` (one of another size than `init_image` is resized with it, as
         diffusers and A1111 resize it); black is kept."""
-        image = input_image(init_image, "init image")
-        mask = input_image(mask_image, "mask")
         return self._call(
             prompt,
-            {"negative_prompt": negative_prompt, "init_image": image, "mask_image": mask, "strength": strength, **options},
+            {"negative_prompt": negative_prompt, "init_image": init_image, "mask_image": mask_image, "strength": strength,
+             **options},
             progress,
         )
+
+
+def _pictures_read(request: GenerationRequest) -> GenerationRequest:
+    """`request` with the input pictures given as file paths read (`input_image`): `init_image`, `mask_image`
+    and each of `init_images`; anything else stays for `resolve` to check."""
+    def read(image: Any, what: str) -> Any:
+        return input_image(image, what) if isinstance(image, (str, os.PathLike)) else image
+
+    images = request.init_images
+    return replace(request, init_image=read(request.init_image, "init image"), mask_image=read(request.mask_image, "mask"),
+                   init_images=[read(image, "init image") for image in images] if isinstance(images, (list, tuple)) else images)
 
 
 SHIPPED_MODEL = Path(__file__).parent / "models" / "data" / "sdlab-tiny.safetensors"

@@ -497,6 +497,8 @@ def _with_init_images(r: GenerationRequest) -> GenerationRequest:
     """`r` with its several init pictures checked (pictures, at most one per picture of the batch: A1111's
     "bad number of images passed"; of several sizes only where they can be drawn at one) and `init_image` the
     first of them."""
+    if not isinstance(r.init_images, (list, tuple)):
+        raise RequestError(f"init_images must be a list of pictures, got {type(r.init_images).__name__}")
     if not r.init_images:
         return r
     for image in r.init_images:
