@@ -27,6 +27,13 @@ def pipe():
     return sdlab.load()
 
 
+def test_sdlab_load_shows_its_parameters_and_documentation():
+    """`import sdlab` stays free of torch (tests/test_layering.py); `sdlab.load` is `sdlab.api.load` itself."""
+    assert inspect.signature(sdlab.load) == inspect.signature(sdlab.api.load)
+    assert "device" in inspect.signature(sdlab.load).parameters
+    assert sdlab.load.__doc__ == sdlab.api.load.__doc__
+
+
 @pytest.mark.parametrize(("prompt", "message"), [
     (["a cat", "a dog"], "the prompt must be text, got list; one prompt a request (batch_size draws several pictures of it)"),
     (None, "the prompt must be text, got NoneType"),
