@@ -63,3 +63,28 @@ def test_init_images_may_be_file_paths_as_init_image_may(pipe, tmp_path):
         pipe.img2img("an apple", red, init_images=[tmp_path / "gone.png"], **options)
     with pytest.raises(RequestError, match="init_images must be a list of pictures, got str"):
         pipe.img2img("an apple", red, init_images=str(tmp_path / "red.png"), **options)
+
+
+def test_a_lora_file_alone_merges_at_weight_one(tmp_path):
+    """diffusers' `load_lora_weights(file)` merges at full strength: `loras=[file]` is `loras=[(file, 1.0)]`."""
+    from bundle_fixtures import tiny_bundle, write_original
+    from test_prompt_loras_cli import _write_lora
+
+    model = write_original(tiny_bundle("sd1"), tmp_path / "tiny.safetensors", junk=False)
+    lora = _write_lora(tmp_path / "style.safetensors", seed=6)
+    plain = sdlab.load(model).bundle.unet.state_dict()
+    paired = sdlab.load(model, loras=[(lora, 1.0)]).bundle.unet.state_dict()
+    assert not all(torch.equal(plain[key], paired[key]) for key in paired)
+    for alone in ([str(lora)], [lora], str(lora)):
+        merged = sdlab.load(model, loras=alone).bundle.unet.state_dict()
+        assert all(torch.equal(merged[key], paired[key]) for key in paired)
+    for bad in ([(lora,)], [(lora, "0.5")], [3]):
+        with pytest.raises(RequestError, match=r"loras takes LoRA files or \(file, weight\) pairs, got "):
+            sdlab.load(model, loras=bad)
+
+
+def test_a_device_this_machine_lacks_names_the_one_to_use_as_python_and_the_cli_both_spell_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RequestError) as refused:
+        sdlab.load(device="cuda")
+    assert str(refused.value).endswith("on this machine; use cpu") and "--device" not in str(refused.value)

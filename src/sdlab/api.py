@@ -15,6 +15,7 @@ request and returns its `GenerationPlan` (resolved request, sampler, sigmas, siz
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import fields, replace
 from pathlib import Path
@@ -259,7 +260,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
         raise RequestError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or mps")
     if not backend.is_available():
         build = f"torch {torch.__version__}" + (" (a CPU-only build)" if parsed.type == "cuda" and torch.version.cuda is None else "")
-        raise RequestError(f"device {str(device)!r} is not available with {build} on this machine; use --device cpu")
+        raise RequestError(f"device {str(device)!r} is not available with {build} on this machine; use cpu")
     count = backend.device_count() if hasattr(backend, "device_count") else 1
     if parsed.index is not None and parsed.index >= count:
         raise RequestError(f"device {str(device)!r} does not exist: this machine has {count} {parsed.type} device(s)")
@@ -291,7 +292,7 @@ def load(
     refiner: str | os.PathLike[str] | None = None,
     refiner_switch: float = 0.8,
     refiner_convention: str = "diffusers",
-    loras: Sequence[tuple[str | os.PathLike[str], float]] = (),
+    loras: Sequence[str | os.PathLike[str] | tuple[str | os.PathLike[str], float]] = (),
     lora_dirs: Sequence[str | os.PathLike[str]] | None = None,
     find_lora: Callable[[str], Path | None] | None = None,
     embeddings: Sequence[str | os.PathLike[str]] = (),
@@ -309,8 +310,8 @@ def load(
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule, from the
     step `refiner_convention` picks: "diffusers" (`denoising_end`), "a1111" (A1111's `Refiner switch at`) or
     "a1111_steps" (A1111's switch by sampling steps).
-    `loras` are (LoRA / LyCORIS file, weight) pairs merged into the base model's weights, in order, for
-    good; `lora_dirs` are where prompt tags (`<lora:NAME:WEIGHT>`, merged per run) find their files
+    `loras` are LoRA / LyCORIS files merged into the base model's weights, in order, for good, each a
+    (file, weight) pair or a file alone (weight 1); `lora_dirs` are where prompt tags (`<lora:NAME:WEIGHT>`, merged per run) find their files
     (default: A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when they exist), or
     `find_lora` finds them instead: NAME -> its file, or None (a server's list, the CLI's search).
     `embeddings` are textual-inversion files or folders of them (a folder's files made for another model
@@ -325,7 +326,7 @@ def load(
         path = shipped_model_path()
         if path is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass the path of a checkpoint")
-    lora_files = [(lora_path, load_lora_file(lora_path), weight) for lora_path, weight in loras]  # bad ones first
+    lora_files = [(lora_path, load_lora_file(lora_path), weight) for lora_path, weight in _lora_entries(loras)]  # bad ones first
     bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae)
     for lora_path, lora, weight in lora_files:
         apply_lora(bundle, lora_path, weight, lora=lora)
@@ -339,6 +340,22 @@ def load(
             compile_module(loaded.unet)
     return Pipeline(bundle, refined, refiner_switch, found.loaded, found.skipped, refiner_convention,
                     default_lora_dirs(path) if lora_dirs is None else lora_dirs, find_lora)
+
+
+def _lora_entries(loras: Any) -> list[tuple[str | os.PathLike[str], float]]:
+    """`load`'s `loras` as (file, weight) pairs: a file alone (or `loras` a single file) at weight 1, as diffusers'
+    `load_lora_weights` merges one; anything else is a `RequestError`."""
+    if isinstance(loras, (str, os.PathLike)):
+        loras = [loras]
+    entries = []
+    for entry in loras:
+        if isinstance(entry, (str, os.PathLike)):
+            entry = (entry, 1.0)
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], (str, os.PathLike))
+                and isinstance(entry[1], numbers.Real) and not isinstance(entry[1], bool)):
+            raise RequestError(f"loras takes LoRA files or (file, weight) pairs, got {entry!r}")
+        entries.append((entry[0], float(entry[1])))
+    return entries
 
 
 def load_refiner(path: str | os.PathLike[str], base: ModelBundle, embeddings: Sequence[Embedding] = ()) -> ModelBundle:
