@@ -371,7 +371,7 @@ BASE = "a [red:blue:5] cube\nSteps: 6, Sampler: {sampler}, CFG scale: 5, Seed: 4
     (", Discard penultimate sigma: True", []),
     (", Emphasis: No norm", ["Emphasis: No norm"]), (", Emphasis: Original", []),
     (", Downcast alphas_cumprod: True", ["Downcast alphas_cumprod: True"]),
-    (", NGMS: 5, Skip Early CFG: 0.5, Pad conds: True", ["Pad conds: True", "NGMS: 5", "Skip Early CFG: 0.5"]),
+    (", NGMS: 5, Skip Early CFG: 0.5, Pad conds: True", []),      # drawn (tests/test_a1111_guidance_options.py)
     (", CFG Rescale phi: 0.7", ["CFG Rescale phi: 0.7"]), (", CFG Rescale phi: 0", []),
     (", Schedule rho: 0, Sigma churn: 0.0", []), ("", []),
 ])
@@ -386,7 +386,7 @@ def test_the_settings_a_version_implies_are_named(v, sampler):
     res = dict(p)
     backcompat(res)
     assert undrawn_labels(p) == [f"{label}: True (A1111 {v})" for label in
-                                 ("Downcast alphas_cumprod", "Old prompt editing timelines", "Pad conds v0")
+                                 ("Downcast alphas_cumprod", "Old prompt editing timelines")
                                  if label in res and label not in p]
 
 

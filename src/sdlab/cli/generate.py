@@ -103,6 +103,20 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 14 for sdlab-tiny, 20 for SD)")
     p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg",
                    help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
+    p.add_argument("--ngms", "--s-min-uncond", type=float, dest="s_min_uncond", metavar="SIGMA",
+                   help="A1111's NGMS (Negative Guidance minimum sigma): no negative prompt at every other model call "
+                        "below this sigma (DDIM, PLMS, UniPC: timestep); 0 = off")
+    p.add_argument("--ngms-all-steps", action=argparse.BooleanOptionalAction, dest="s_min_uncond_all",
+                   help="A1111's NGMS all steps: --ngms skips every call below its sigma, not every other one")
+    p.add_argument("--skip-early-cfg", type=float, dest="skip_early_cond", metavar="FRACTION",
+                   help="A1111's Skip Early CFG: no negative prompt (no guidance) in this fraction of the first model "
+                        "calls, 0..1 (0 = off)")
+    p.add_argument("--pad-conds", action=argparse.BooleanOptionalAction, dest="pad_cond_uncond",
+                   help="A1111's Pad conds: a prompt and negative of different lengths, the shorter padded with "
+                        "chunks of \"\" (otherwise each is read as if alone)")
+    p.add_argument("--pad-conds-v0", action=argparse.BooleanOptionalAction, dest="pad_cond_uncond_v0",
+                   help="A1111's Pad conds v0 (its DDIM / PLMS before 1.6): the negative's last vector repeated to the "
+                        "prompt's length, or the negative cut to it; wins over --pad-conds")
     p.add_argument("--seed", type=int, help="seed of the first image; image i uses seed + i (default: random)")
     p.add_argument("--subseed", type=int, metavar="SEED",
                    help="variation seed (A1111): with --subseed-strength, image i's noise moves toward the noise "
@@ -361,6 +375,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "schedule": args.schedule,
         "steps": args.steps,
         "cfg_scale": args.cfg,
+        **{name: getattr(args, name, None) for name in ("s_min_uncond", "s_min_uncond_all", "skip_early_cond",
+                                                        "pad_cond_uncond", "pad_cond_uncond_v0")},
         "seed": args.seed,
         "subseed": getattr(args, "subseed", None),
         "subseed_strength": getattr(args, "subseed_strength", None),

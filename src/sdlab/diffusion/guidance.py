@@ -5,6 +5,7 @@
 ``switch_at_calls`` changes the conditioning during sampling (A1111's prompt editing); ``composable_cfg``
 guides toward several prompts at once (A1111's ``AND``). All only see ``denoise(x, sigma, **cond) -> x0``.
 ``with_unguided`` lets a sampler read the unguided prediction a guided call started from (the CFG++ samplers).
+``skipping_uncond`` runs guidance without its unconditional pass at chosen calls (A1111's NGMS, Skip Early CFG).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from torch import Tensor
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
 __all__ = [
-    "blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "rescale_guidance", "switch_at_calls",
-    "with_unguided",
+    "a1111_skips", "blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "rescale_guidance",
+    "skipping_uncond", "switch_at_calls", "with_unguided",
 ]
 
 NoiseScaling = Callable[..., Tensor]
@@ -30,6 +31,8 @@ NoiseScaling = Callable[..., Tensor]
 
 _UNGUIDED: ContextVar[list[Tensor] | None] = ContextVar("sdlab_unguided", default=None)
 """Inside ``with_unguided``'s call: where guidance leaves its unguided prediction."""
+_SKIP_UNCOND: ContextVar[bool] = ContextVar("sdlab_skip_uncond", default=False)
+"""Inside a call ``skipping_uncond`` skips at: guidance runs its conditional pass alone."""
 
 
 def with_unguided(model: DenoiseFn) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -59,6 +62,51 @@ def _leave_unguided(x0_u: Tensor) -> None:
     left = _UNGUIDED.get()
     if left is not None:
         left.append(x0_u)
+
+
+def skipping_uncond(model: DenoiseFn, skips: Callable[[int, Tensor], bool], first_call: int = 0) -> DenoiseFn:
+    """``model`` whose guidance (``cfg``, ``composable_cfg``) runs no unconditional pass at the calls where
+    ``skips(call, sigma)`` holds, calls counted from ``first_call`` (0). At such a call ``cfg`` gives the conditional
+    prediction x0_c, and ``composable_cfg`` takes its first part's prediction as the unconditional one at scale 1:
+    A1111's ``CFGDenoiser.forward`` with ``skip_uncond`` (the first prompt's prediction as ``fake_uncond``,
+    ``combine_denoised`` at cond_scale 1)."""
+    calls = first_call
+
+    def denoise(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        nonlocal calls
+        token = _SKIP_UNCOND.set(skips(calls, sigma))
+        calls += 1
+        try:
+            return model(x, sigma, **extra)
+        finally:
+            _SKIP_UNCOND.reset(token)
+
+    return denoise
+
+
+def a1111_skips(
+    total_calls: int, skip_early: float = 0.0, s_min_uncond: float = 0.0, every_call: bool = False,
+    level: Callable[[Tensor], float] | None = None,
+) -> Callable[[int, Tensor], bool]:
+    """A1111 1.10's rule of the calls its ``CFGDenoiser`` runs without the negative prompt (``skips`` of
+    ``skipping_uncond``): call k (from 0) of a run A1111 expects ``total_calls`` of (its ``total_steps``: the steps
+    run, twice that for a second-order sampler) skips when
+
+    - Skip Early CFG: ``skip_early != 0`` and ``k / total_calls <= skip_early``, or
+    - NGMS: k is odd (every call with ``every_call``, NGMS all steps), ``s_min_uncond > 0`` and the call's level is
+      below ``s_min_uncond``.
+
+    The level is the call's sigma (of its first picture), or ``level(sigma)``: A1111's timestep samplers (DDIM,
+    PLMS, UniPC) compare their timestep instead."""
+    def skips(call: int, sigma: Tensor) -> bool:
+        if skip_early != 0 and call / total_calls <= skip_early:
+            return True
+        if not (call % 2 or every_call) or s_min_uncond <= 0:
+            return False
+        first = torch.as_tensor(sigma).reshape(-1)[:1]                                           # (1,)
+        return (float(first[0]) if level is None else level(first)) < s_min_uncond
+
+    return skips
 
 
 def _batch_view(values: Tensor, like: Tensor) -> Tensor:
@@ -126,7 +174,8 @@ def cfg(
     [uncond, cond] (every tensor in the dicts: ``context``, ``y``, ``concat``...); when a pair of tensors
     cannot be concatenated (different token lengths) they run as two passes. With ``scale <= 1``
     (``needs_uncond``) or ``uncond is None`` only the conditional pass runs: x0 = x0_c; inside a ``with_unguided``
-    call (a CFG++ sampler) the unconditional pass runs at every scale and x0_u is handed to it.
+    call (a CFG++ sampler) the unconditional pass runs at every scale and x0_u is handed to it. At a call
+    ``skipping_uncond`` skips, only the conditional pass runs: x0 = x0_c (handed on as x0_u too).
 
     ``rescale`` (phi) applies guidance rescale in the space of ``rescale_space``: by default the wrapped
     denoiser's own (the scalings of its ``sampling``; eps when it has none), i.e. on the network's own
@@ -151,6 +200,10 @@ def cfg(
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
         if uncond is None or not needs_uncond(scale, cfg_pp=_UNGUIDED.get() is not None):
             return denoiser(x, sigma, **cond, **extra)
+        if _SKIP_UNCOND.get():                                    # `skipping_uncond`: x0_c stands for x0_u
+            x0_c = denoiser(x, sigma, **cond, **extra)
+            _leave_unguided(x0_c)
+            return x0_c
         sigma_b = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
         if (both_conds := batched()) is not None:
             both = denoiser(torch.cat([x, x]), torch.cat([sigma_b, sigma_b]), **both_conds, **extra)  # (2B, C, h, w)
@@ -275,11 +328,13 @@ def composable_cfg(parts: Sequence[tuple[DenoiseFn, float]], uncond: DenoiseFn, 
         raise ValueError(f"guidance scale must be finite, got {scale}")
 
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
-        x0_u = uncond(x, sigma, **extra)                                          # (B, C, h, w)
+        skip = _SKIP_UNCOND.get()                     # `skipping_uncond`: the first part's x0 for x0_u, at scale 1
+        x0_u = (parts[0][0] if skip else uncond)(x, sigma, **extra)               # (B, C, h, w)
         _leave_unguided(x0_u)
         x0 = x0_u
-        for part, weight in parts:
-            x0 = x0 + (part(x, sigma, **extra) - x0_u) * (weight * scale)
+        for i, (part, weight) in enumerate(parts):
+            x0_i = x0_u if skip and i == 0 else part(x, sigma, **extra)
+            x0 = x0 + (x0_i - x0_u) * (weight * (1.0 if skip else scale))
         return x0
 
     return guided

@@ -72,14 +72,17 @@ __all__ = [
     "Conditioning",
     "PromptEmbedding",
     "chunk_input_ids",
+    "composed_schedule",
     "encode_captions",
     "encode_prompt",
     "encode_prompts",
     "encode_schedule",
+    "empty_prompt_context",
     "hidden_state_layers",
     "make_cond",
     "make_cond_schedule",
     "merge_part_schedules",
+    "pad_cond_uncond",
     "prompt_chunks",
     "repeat_to_common_length",
     "sdxl_size_conds",
@@ -88,6 +91,7 @@ __all__ = [
 TOKENS_PER_CHUNK = CHUNK_LENGTH + 2          # begin + 75 + end = 77 encoder positions
 EMPTY_CHUNK = Chunk((EOS_TOKEN_ID,) * CHUNK_LENGTH, (1.0,) * CHUNK_LENGTH, 0)   # A1111's `empty_chunk()`
 MAX_REPEAT_FACTOR = 4                         # make_cond repeats a context to at most 4x the shorter one (ComfyUI)
+PAD_RULES = ("pad", "v0")                     # A1111's Pad conds and Pad conds v0 (`pad_cond_uncond`)
 
 Conditioning = dict[str, Tensor]             # U-Net keyword arguments: "context" (B, T, D), SDXL "y" (B, adm)
 CondSchedule = list[tuple[int, Conditioning, "Conditioning | None"]]   # (end_at_step, cond, uncond), by step
@@ -452,6 +456,7 @@ def make_cond(
     negative_clip_skip: int | None = None,
     zero_empty_negative: bool | None = None,
     encoded: Sequence[PromptEmbedding] | None = None,
+    pad_rule: str | None = None,
 ) -> tuple[Conditioning, Conditioning | None]:
     """U-Net conditioning ``(cond, uncond)`` for a prompt and its negative, each ``{"context": (B, T, D)}``
     plus ``"y": (B, adm)`` for SDXL (``sdxl_vector(pooled, size_conds)``); ``uncond`` is None without
@@ -475,6 +480,8 @@ def make_cond(
     refiner: which of them a diffusers pipeline uses is the caller's choice (``generate._negative_sizes``).
     ``encoded``: the prompt's embedding, then the negative's where one is encoded, when the caller has them
     (``make_cond_schedule``, which encodes each side's schedule texts together).
+    ``pad_rule`` ("pad", "v0"; None: repeat as above): A1111's Pad conds options instead (``pad_cond_uncond``,
+    with "" encoded at ``clip_skip``); a zero negative is then one chunk of zeros, as A1111's zeroed "".
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -486,13 +493,14 @@ def make_cond(
         if guidance and not zero_negative:
             texts.append((negative_prompt, clip_skip if negative_clip_skip is None else negative_clip_skip))
         encoded = _encode_each(encoders, texts, emphasis=emphasis, with_pooled=conditioner.pooled)
-    embeddings = repeat_to_common_length(encoded, max_factor=MAX_REPEAT_FACTOR)
+    embeddings = list(encoded) if pad_rule else repeat_to_common_length(encoded, max_factor=MAX_REPEAT_FACTOR)
     positive = embeddings[0]
     if not guidance:
         negative = None
     elif zero_negative:
         pooled = torch.zeros_like(positive.pooled) if positive.pooled is not None else None
-        negative = PromptEmbedding(context=torch.zeros_like(positive.context), pooled=pooled)
+        zeros = positive.context[:, :TOKENS_PER_CHUNK] if pad_rule else positive.context      # (1, T, D)
+        negative = PromptEmbedding(context=torch.zeros_like(zeros), pooled=pooled)
     else:
         negative = embeddings[1]
 
@@ -513,11 +521,52 @@ def make_cond(
         crops_coords_top_left=negative_crops_coords_top_left or crops_coords_top_left,
         target_size=negative_target_size or target_size, aesthetic_score=negative_aesthetic_score,
     )
+    if pad_rule and uncond is not None:
+        empty = partial(empty_prompt_context, encoders, clip_skip=clip_skip, emphasis=emphasis)
+        [cond], uncond = pad_cond_uncond([cond], uncond, pad_rule, empty)
     logger.debug(
         "conditioning: %s, %d chunk(s), context %s%s", family.name, positive.num_chunks,
         tuple(cond["context"].shape), ", zero uncond" if zero_negative else "",
     )
     return cond, uncond
+
+
+def empty_prompt_context(encoders: Sequence[TextEncoder], *, clip_skip: int = 1, emphasis: bool = True) -> Tensor:
+    """The context of "" (1, 77, D): what A1111's Pad conds pads with (``cond_stage_model_empty_prompt``)."""
+    return _encode_each(encoders, [("", clip_skip)], emphasis=emphasis, with_pooled=False)[0].context
+
+
+def pad_cond_uncond(
+    conds: Sequence[Conditioning], uncond: Conditioning, rule: str, empty: Callable[[], Tensor]
+) -> tuple[list[Conditioning], Conditioning]:
+    """A1111's padding of the prompt's contexts ``conds`` (its AND parts, all of one length) and the negative's
+    ``uncond`` when their lengths differ (``CFGDenoiser.forward``; unchanged when they are equal), by ``rule``:
+
+    - "pad" (Pad conds, ``pad_cond_uncond``): the shorter side gets ``(T_c - T_u) // 77`` chunks of ``empty()``
+      (the context of "", ``empty_prompt_context``) appended, so the prompt and negative attend otherwise than alone;
+    - "v0" (Pad conds v0, ``pad_cond_uncond_v0``, A1111's DDIM and PLMS before 1.6): the negative's last token vector
+      repeated to the prompt's length, or the negative cut to it.
+
+    Returns (the conds, the uncond); other keys (SDXL's ``y``) are kept."""
+    if rule not in PAD_RULES:
+        raise ValueError(f"pad rule must be one of {', '.join(PAD_RULES)}, got {rule!r}")
+    c, u = conds[0]["context"], uncond["context"]                                      # (B, Tc, D), (B, Tu, D)
+    if c.shape[1] == u.shape[1]:
+        return list(conds), uncond
+    if rule == "v0":
+        if u.shape[1] < c.shape[1]:
+            u = torch.cat([u, u[:, -1:].expand(-1, c.shape[1] - u.shape[1], -1)], dim=1)   # (B, Tc, D)
+        return list(conds), {**uncond, "context": u[:, :c.shape[1]]}
+    chunk = empty().to(device=u.device, dtype=u.dtype)                                 # (1, 77, D)
+    repeats = (c.shape[1] - u.shape[1]) // chunk.shape[1]
+
+    def padded(cond: Conditioning, n: int) -> Conditioning:
+        context = cond["context"]
+        return {**cond, "context": torch.cat([context, chunk.repeat(context.shape[0], n, 1)], dim=1)}
+
+    if repeats < 0:
+        return [padded(cond, -repeats) for cond in conds], uncond
+    return list(conds), padded(uncond, repeats)
 
 
 def _zero_negative(family: FamilySpec, negative_prompt: str, guidance: bool, zero_empty_negative: bool | None) -> bool:
@@ -607,6 +656,24 @@ def merge_part_schedules(schedules: Sequence[CondSchedule]) -> list[tuple[int, l
         length = max(cond["context"].shape[1] for cond in conds)
         merged.append((end, [pad(cond, length) for cond in conds]))
     return merged
+
+
+def composed_schedule(
+    parts: Sequence[CondSchedule], negative: CondSchedule, pad_rule: str | None = None,
+    empty: Callable[[], Tensor] | None = None,
+) -> list[tuple[int, list[Conditioning], Conditioning]]:
+    """The schedule of a composable prompt (``merge_part_schedules`` of its ``parts``) with its negative prompt's
+    uncond (``negative``: ``make_cond_schedule`` of "" and the negative), ``[(end_at_step, [cond of each part],
+    uncond), ...]`` over the union of their switch points; with ``pad_rule``, A1111's Pad conds of the parts' length
+    and the negative's at each (``pad_cond_uncond``, padding with ``empty()``)."""
+    merged = merge_part_schedules(parts)
+    schedule = []
+    for end in sorted({end for end, _ in merged} | {end for end, _, _ in negative}):
+        conds, uncond = _entry_at(merged, end)[1], _entry_at(negative, end)[2]
+        if pad_rule:
+            conds, uncond = pad_cond_uncond(conds, uncond, pad_rule, empty)
+        schedule.append((end, conds, uncond))
+    return schedule
 
 
 def _entry_at(schedule: Sequence[tuple], step: int) -> tuple:

@@ -71,10 +71,10 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import A1111_IMG2IMG, UI_IMG2IMG, steps_run
-from sdlab.diffusion.guidance import cfg, composable_cfg, masked, switch_at_calls
+from sdlab.diffusion.guidance import a1111_skips, cfg, composable_cfg, masked, skipping_uncond, switch_at_calls
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, per_image_noise
-from sdlab.diffusion.samplers import get_sampler
+from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
 from sdlab.models.generation_memo import reusing_generation_work
@@ -83,7 +83,7 @@ from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import (
     controlled_unet, inpaint_mask, prepare_controls, prompt_marks, spans_part, tag_steps,
 )
-from sdlab.pipeline.conditioning import make_cond_schedule, merge_part_schedules
+from sdlab.pipeline.conditioning import composed_schedule, empty_prompt_context, make_cond_schedule
 from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
@@ -302,7 +302,7 @@ def generate_with_refiner(
                                  progress)
             if refiner_model is not None:
                 x = _run_sampler(plan, refiner_model, x, sigmas[split:], _share(options, base_model is None, True),
-                                 _offset(progress, split))
+                                 _offset(progress, split), first_call=split * plan.sampler.calls_per_step)
         _check_finite(x, "the final latent", req)
         last = refiner if split < len(sigmas) - 1 else base
         latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x), req)
@@ -502,6 +502,7 @@ def _guided_model(
         negative_aesthetic_score=req.negative_aesthetic_score,
         **_negative_sizes(bundle, req, img2img=_starts_from_a_picture(start) or steps_done > 0),
         zero_empty_negative=_zero_empty_negative(bundle, req),
+        pad_rule=pad_rule(req),
     )
     extra_cond: dict[str, Tensor] = {}
     if embedded is not None:
@@ -528,7 +529,8 @@ def _guided_model(
             for end, cond, uncond in conditioning(parts[0][0], req.negative_prompt, guidance=guided)
         ], first_call)
     else:
-        model = _composed_model(denoiser, conditioning, parts, req, extra_cond, extra_uncond, first_call)
+        empty = partial(empty_prompt_context, bundle.text_encoders, clip_skip=req.clip_skip)
+        model = _composed_model(denoiser, conditioning, parts, req, extra_cond, extra_uncond, first_call, empty)
     if start.mask is not None and _blends_latent(bundle, req):
         model = _with_latent_blend(model, bundle, sampling, req, start, steps_done)
     return model
@@ -594,19 +596,41 @@ def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
 
 def _composed_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], parts: list[tuple[str, float]],
                     req: GenerationRequest, extra_cond: dict[str, Tensor], extra_uncond: dict[str, Tensor],
-                    first_call: int) -> DenoiseFn:
+                    first_call: int, empty: Callable[[], Tensor]) -> DenoiseFn:
     """A1111's composable diffusion (a prompt with AND or a :WEIGHT): each part and the negative prompt run
-    their own pass, on their own prompt schedules (`conditioning`: `make_cond_schedule` with the run's options)."""
+    their own pass, on their own prompt schedules (`conditioning`: `make_cond_schedule` with the run's options),
+    padded to each other by A1111's Pad conds rule where the request sets one (`composed_schedule`; `empty`: the
+    context of "")."""
     if req.guidance_rescale:
         logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
-    uncond_model = switch_at_calls([(end, partial(denoiser, **uncond, **extra_uncond))
-                                    for end, _, uncond in conditioning("", req.negative_prompt)], first_call)
     weights = [weight for _, weight in parts]
+    schedule = composed_schedule([conditioning(text, guidance=False) for text, _ in parts],
+                                 conditioning("", req.negative_prompt), pad_rule(req), empty)
     return switch_at_calls([
         (end, composable_cfg([(partial(denoiser, **cond, **extra_cond), weight)
-                              for cond, weight in zip(conds, weights)], uncond_model, req.cfg_scale))
-        for end, conds in merge_part_schedules([conditioning(text, guidance=False) for text, _ in parts])
+                              for cond, weight in zip(conds, weights)],
+                             partial(denoiser, **uncond, **extra_uncond), req.cfg_scale))
+        for end, conds, uncond in schedule
     ], first_call)
+
+
+def pad_rule(req: GenerationRequest) -> str | None:
+    """The request's A1111 Pad conds rule (`conditioning.pad_cond_uncond`): v0's wins, as in A1111."""
+    return "v0" if req.pad_cond_uncond_v0 else "pad" if req.pad_cond_uncond else None
+
+
+def _skipping_uncond(plan: GenerationPlan, model: DenoiseFn, first_call: int) -> DenoiseFn:
+    """`model` without its unconditional pass at the calls A1111's NGMS and Skip Early CFG skip (`a1111_skips`), over
+    the plan's whole run (A1111's `total_steps`: its steps, two calls each for its second-order samplers); A1111's
+    timestep samplers compare their timestep with NGMS, to a thousandth (their integer timesteps exactly)."""
+    req = plan.request
+    if not (req.s_min_uncond or req.skip_early_cond):
+        return model
+    timesteps = plan.sampler.a1111 in A1111_TIMESTEP_SAMPLERS
+    level = (lambda sigma: round(float(plan.sampling.sigma_to_t(sigma)[0]), 3)) if timesteps else None
+    total = (len(plan.sigmas) - 1) * plan.sampler.calls_per_step
+    return skipping_uncond(model, a1111_skips(total, req.skip_early_cond, req.s_min_uncond, req.s_min_uncond_all,
+                                              level), first_call)
 
 
 def _with_latent_blend(model: DenoiseFn, bundle: ModelBundle, sampling: ModelSampling, req: GenerationRequest,
@@ -632,8 +656,11 @@ def _run_sampler(
     sigmas: Tensor,
     options: dict[str, Any],
     progress: ProgressFn | None,
+    first_call: int = 0,
 ) -> Tensor:
+    """`sigmas` of the plan's sampler on `model`, whose calls count from `first_call` (a refiner's: after the base's)."""
     watch = FiniteWatch(lambda what: _non_finite(what, plan.request))
+    model = _skipping_uncond(plan, model, first_call)
     with reusing_generation_work():   # the prompt's k and v, ControlNet hint features: made at the first step
         x = plan.sampler.fn(_finite_only(model, watch), x, sigmas, **options, callback=progress)
     watch.settle()

@@ -62,6 +62,11 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Sigma tmax": ("s_tmax", float),
     "Sigma noise": ("s_noise", float),
     "CFG rescale": ("guidance_rescale", float),
+    "NGMS": ("s_min_uncond", float),       # A1111's guidance options (`CFGDenoiser.forward`, `add_infotext`)
+    "NGMS all steps": ("s_min_uncond_all", bool),
+    "Skip Early CFG": ("skip_early_cond", float),
+    "Pad conds": ("pad_cond_uncond", bool),
+    "Pad conds v0": ("pad_cond_uncond_v0", bool),
     "Mask blur": ("mask_blur", float),
     "Mask blur x": ("mask_blur", float),   # sdlab's labels of unequal sigmas, where A1111 writes no Mask blur
     "Mask blur y": ("mask_blur_y", float),
@@ -214,6 +219,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Sigma tmax": _taken(req, "s_tmax", req.s_tmax or None) if req.s_churn else None,
         "Sigma noise": _taken(req, "s_noise", req.s_noise if req.s_noise != 1.0 else None),
         "CFG rescale": req.guidance_rescale or None,
+        **guidance_parameters(req),
         **img2img_parameters(req),
         "SGM noise multiplier": True if _sgm_noise_multiplied(req) else None,
         "Initial noise": _initial_noise(req),
@@ -232,6 +238,16 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Version": version_label(),
     }
     return p
+
+
+def guidance_parameters(req: GenerationRequest) -> dict[str, Any]:
+    """A1111's labels of its guidance options where set: `NGMS` (with `NGMS all steps`), `Skip Early CFG`, and the Pad
+    conds rule in use, v0's where both are set (A1111 writes each where it skipped or padded: the same picture)."""
+    return {"NGMS": req.s_min_uncond or None,
+            "NGMS all steps": True if req.s_min_uncond and req.s_min_uncond_all else None,
+            "Skip Early CFG": req.skip_early_cond or None,
+            "Pad conds": True if req.pad_cond_uncond and not req.pad_cond_uncond_v0 else None,
+            "Pad conds v0": True if req.pad_cond_uncond_v0 else None}
 
 
 def sdxl_parameters(req: GenerationRequest) -> dict[str, Any]:
@@ -385,6 +401,7 @@ def _eta_parameters(req: GenerationRequest) -> dict[str, Any]:
 
 def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     """`GenerationRequest` keyword arguments from parsed parameters (unknown labels are ignored)."""
+    p = {**p, **a1111_backcompat(p)}        # what an A1111 version before a change always drew with
     fields: dict[str, Any] = {"prompt": str(p.get(PROMPT, "")), "negative_prompt": str(p.get(NEGATIVE_PROMPT, ""))}
     for label, (name, kind) in _FIELDS.items():
         if label not in p:
@@ -571,7 +588,6 @@ def a1111_backcompat(p: dict[str, Any]) -> dict[str, bool]:
 _UNDRAWN_A1111_LABELS: dict[str, Any] = {
     "Noise Schedule": "Default", "Downcast alphas_cumprod": False,
     "Emphasis": "Original", "Old prompt editing timelines": False,
-    "Pad conds": False, "Pad conds v0": False, "NGMS": 0.0, "Skip Early CFG": 0.0,
     "Token merging ratio": 0.0, "Token merging ratio hr": 0.0,
     "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable", "Soft inpainting enabled": False,
     "CFG Rescale phi": 0.0, "CFG Rescale": 0.0, "CFG Rescale \u03c6": 0.0,   # extensions' rescale of x0, not eps

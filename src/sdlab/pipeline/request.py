@@ -127,6 +127,13 @@ class GenerationRequest:
     schedule: str | None = None             # discretization: "karras", "normal", "leading", ...
     cfg_scale: float | None = None          # None = the family's (FamilySpec.default_cfg: 5 sdlab-tiny, 7 SD)
     guidance_rescale: float = 0.0
+    s_min_uncond: float = 0.0               # A1111's NGMS: no unconditional pass at every other model call (every
+    s_min_uncond_all: bool = False          # call: NGMS all steps) whose sigma is below this (guidance.a1111_skips)
+    skip_early_cond: float = 0.0            # A1111's Skip Early CFG: no unconditional pass in this fraction of calls
+    pad_cond_uncond: bool = False           # A1111's Pad conds: the shorter of prompt / negative padded with
+                                            # chunks of "" (conditioning.pad_conds)
+    pad_cond_uncond_v0: bool = False        # A1111's Pad conds v0: the negative's last vector repeated, or the
+                                            # negative cut, to the prompt's length; wins over pad_cond_uncond
     seed: int | None = None                 # image i uses seed + i; None draws a random seed
     subseed: int | None = None              # A1111's variation seed (image i: subseed + i); None = random
     subseed_strength: float = 0.0           # 0 = off; the initial noise moves toward the subseed's by this
@@ -638,6 +645,8 @@ def resolve(
                            f"got {r.eta_noise_seed_delta!r}")
     cfg_scale = _bounded("CFG scale", default_cfg if r.cfg_scale is None else r.cfg_scale, -MAX_CFG, MAX_CFG)
     _bounded("guidance rescale", r.guidance_rescale, 0.0, 1.0)
+    _bounded("s_min_uncond (NGMS)", r.s_min_uncond, 0.0, math.inf)
+    _bounded("skip_early_cond (Skip Early CFG)", r.skip_early_cond, 0.0, 1.0)
     _bounded("s_noise", r.s_noise, 0.0, MAX_ETA)
     _bounded("s_churn", r.s_churn, 0.0, MAX_CHURN)
     _bounded("s_tmin", r.s_tmin, 0.0, math.inf)

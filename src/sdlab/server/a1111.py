@@ -84,6 +84,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,  # `_schedule_settings`
     "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6, "sgm_noise_multiplier": False,      # `_schedule_settings`,
     "img2img_extra_noise": 0.0, "inpainting_mask_weight": 1.0,                         # `_noise_settings`
+    "s_min_uncond": 0.0, "s_min_uncond_all": False, "skip_early_cond": 0.0,           # `_guidance_settings`
+    "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
     "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
@@ -148,6 +150,7 @@ class Txt2ImgIn(NullsAreDefaults):
     s_churn: float | None = None
     s_tmin: float | None = None
     s_tmax: float | None = None
+    s_min_uncond: float | None = None       # A1111's NGMS; None: the option's (`_guidance_settings`)
     subseed: int = -1
     subseed_strength: float = 0.0
     seed_resize_from_w: int = -1            # A1111's "Seed resize from"; 0 or less on either side: off
@@ -273,6 +276,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
+        **_guidance_settings(body, settings),
     )
 
 
@@ -317,6 +321,17 @@ def _noise_settings(settings: dict[str, Any]) -> dict[str, Any]:
     request's `override_settings` count."""
     return dict(sgm_noise_multiplier=settings["sgm_noise_multiplier"], extra_noise=settings["img2img_extra_noise"],
                 inpainting_mask_weight=settings["inpainting_mask_weight"])
+
+
+GUIDANCE_OPTIONS = ("s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0")
+"""A1111's guidance options that are request fields of the same name (`_guidance_settings`)."""
+
+
+def _guidance_settings(body: Txt2ImgIn, settings: dict[str, Any]) -> dict[str, Any]:
+    """A1111's guidance options as request fields: NGMS the request's `s_min_uncond`, else the `s_min_uncond` option
+    (`fill_fields_from_opts`, after the overrides apply); `GUIDANCE_OPTIONS` the options (`CFGDenoiser.forward`)."""
+    ngms = settings["s_min_uncond"] if body.s_min_uncond is None else body.s_min_uncond
+    return dict(s_min_uncond=ngms, **{name: settings[name] for name in GUIDANCE_OPTIONS})
 
 
 def _or_inf(name: str, value: float) -> float:
@@ -658,6 +673,7 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         value = body.get(key, high)                 # `_noise_settings`, `_schedule_settings`
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise BadRequest(f"{where}{key} must be a number in {low:g}..{high:g}, got {value!r}", 422)
+    _check_guidance_options(body, where)
     if not isinstance(body.get("tiling", False), bool):
         raise BadRequest(f"{where}tiling must be true or false, got {body['tiling']!r}", 422)
     samples_format = body.get("samples_format", "png")
@@ -680,6 +696,18 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
         raise BadRequest(f"{where}jpeg_quality must be an integer in 1..100, got {quality!r}", 422)
     _check_vae(body.get("sd_vae", BUILTIN_VAE[0]), f"{where}sd_vae")
+
+
+def _check_guidance_options(body: dict[str, Any], where: str) -> None:
+    """`_guidance_settings`' options: NGMS a number >= 0, Skip Early CFG one in 0..1, the others true or false."""
+    for key, high in (("s_min_uncond", math.inf), ("skip_early_cond", 1.0)):
+        value = body.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                math.isfinite(value) and 0 <= value <= high):
+            raise BadRequest(f"{where}{key} must be a number in 0..{high:g}, got {value!r}", 422)
+    for key in ("s_min_uncond_all", "pad_cond_uncond", "pad_cond_uncond_v0"):
+        if not isinstance(body.get(key, False), bool):
+            raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
 
 
 def _check_vae(name: Any, key: str) -> None:

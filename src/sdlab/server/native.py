@@ -71,6 +71,11 @@ class JobIn(NullsAreDefaults):
     sampler: str | None = None
     schedule: str | None = None
     cfg_scale: float | None = None
+    s_min_uncond: float = 0.0               # A1111's NGMS, NGMS all steps, Skip Early CFG, Pad conds and Pad conds
+    s_min_uncond_all: bool = False          # v0 (`GUIDANCE_OPTIONS`, docs/samplers.md)
+    skip_early_cond: float = 0.0
+    pad_cond_uncond: bool = False
+    pad_cond_uncond_v0: bool = False
     seed: int = -1
     width: int | None = None
     height: int | None = None
@@ -153,6 +158,8 @@ SIGMA_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min",
 """The job's churn, noise scale and schedule overrides, named as `GenerationRequest` names them."""
 NOISE_OPTIONS = ("beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight")
 """The job's A1111 Beta schedule, SGM noise multiplier, Extra noise and Conditional mask weight."""
+GUIDANCE_OPTIONS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0")
+"""The job's A1111 guidance options: NGMS, NGMS all steps, Skip Early CFG, Pad conds, Pad conds v0."""
 
 
 def _ensd(body: JobIn) -> dict[str, int]:
@@ -211,6 +218,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),
         **{name: getattr(body, name) for name in (*SIGMA_OPTIONS, *NOISE_OPTIONS)},
+        **{name: getattr(body, name) for name in GUIDANCE_OPTIONS},
     )
     try:
         check_sdxl_conditioning(generation)

@@ -62,6 +62,11 @@ const KEPT = {
   s_tmin: { none: 0, with: ["sampler"] },
   s_tmax: { none: null, with: ["sampler"] },
   s_noise: { none: 1, with: ["sampler"] },
+  s_min_uncond: { none: 0, with: [] },                       // A1111's NGMS (all steps), Skip Early CFG and Pad
+  s_min_uncond_all: { none: false, with: [] },               // conds (v0) stay
+  skip_early_cond: { none: 0, with: [] },
+  pad_cond_uncond: { none: false, with: [] },
+  pad_cond_uncond_v0: { none: false, with: [] },
   clip_skip_convention: { none: "diffusers", with: [] },
   extra_noise: { none: 0, with: [] },
   inpainting_mask_weight: { none: 1, with: [] },
