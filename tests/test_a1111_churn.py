@@ -250,3 +250,18 @@ def test_a_churn_option_that_is_not_a_number_is_a_422(value):
     from sdlab.server.inputs import BadRequest
     with pytest.raises(BadRequest, match="override_settings.s_churn must be a number >= 0"):
         _request(Txt2ImgIn(prompt="x", sampler_name="Euler", override_settings={"s_churn": value}))
+
+
+@pytest.mark.parametrize("name", ["s_churn", "s_tmin", "s_noise"])
+def test_an_infinite_churn_field_is_refused_naming_the_value_sent(name):
+    """A JSON body may carry `Infinity` (Python's json, which FastAPI reads bodies with, takes it): inf is "no
+    upper end" for s_tmax alone (None in the request); the other fields refuse it as sent, not as None."""
+    import json
+
+    from sdlab.server.config import Limits
+    from sdlab.server.inputs import BadRequest, check_request
+
+    body = Txt2ImgIn(**json.loads(f'{{"prompt": "x", "sampler_name": "Euler", "{name}": Infinity}}'))
+    with pytest.raises(BadRequest, match=f"^{name} must be a finite number, got inf$"):
+        check_request(_request(body), Limits())
+    assert _request(Txt2ImgIn(prompt="x", sampler_name="Euler", s_tmax=math.inf)).s_tmax is None

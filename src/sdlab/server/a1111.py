@@ -301,7 +301,7 @@ def _sigma_options(body: Txt2ImgIn, settings: dict[str, Any], sampler: str) -> d
         option = settings.get(name, default)
         value = option if _or_inf(name, option) != default or field is None else field
         value = float(_or_inf(name, value))
-        chosen[name] = None if value == math.inf else value     # the request's s_tmax None: inf
+        chosen[name] = None if name == "s_tmax" and value == math.inf else value     # the request's s_tmax None: inf
     return chosen
 
 
