@@ -15,7 +15,8 @@ A1111 (``processing.py``, ``StableDiffusionProcessingImg2Img.init`` and ``apply_
    rounded is 1 (A1111's ``latmask``, under its img2img convention: ``images.a1111_latent_mask``); under
    diffusers' convention where ``m >= 128`` at pixel size, shrunk with nearest neighbour, as diffusers does;
 4. after decoding, the original is composited over the result with alpha ``1 - w``, where
-   ``w = min(2 m, 255) / 255`` (``mask_for_overlay``): ``out = original * (1 - w) + decoded * w``.
+   ``w = min(2 m, 255) / 255`` (``mask_for_overlay``): ``out = original * (1 - w) + decoded * w`` in PIL's
+   integer arithmetic (a premultiplied "RGBa" overlay, ``alpha_composite``; `paste_back`).
    Outside the blurred mask (``w = 0``) every pixel is the original's, exactly; well inside (``w = 1``)
    every pixel is the decoded picture's; the blur's ramp blends the two.
 
@@ -124,17 +125,21 @@ def overlay_weight(soft_mask: torch.Tensor) -> torch.Tensor:
 
 
 def paste_back(decoded: list[Image.Image], original: Image.Image, weight: torch.Tensor) -> list[Image.Image]:
-    """``original * (1 - w) + decoded * w`` per pixel, rounded; ``weight`` (1, 1, H, W) in [0, 1].
-
-    ``original`` is the init image at the decoded size (RGB). Where w is 0 the original's pixels come back
-    unchanged and where it is 1 the decoded ones do."""
-    w = weight[0, 0, :, :, None].numpy().astype(np.float64)                        # (H, W, 1)
-    base = np.asarray(original.convert("RGB"), dtype=np.float64)                   # (H, W, 3)
+    """The original composited over each decoded picture where ``weight`` (1, 1, H, W) in [0, 1] keeps it, with
+    PIL's integer arithmetic, as A1111's ``apply_overlay`` and diffusers' ``VaeImageProcessor.apply_overlay`` do:
+    the original pasted premultiplied ("RGBa") under the alpha ``255 - round(255 w)``, converted to RGBA (which
+    un-premultiplies it) and ``alpha_composite``-d over the decoded picture, ``out ~ original * (1 - w) + decoded
+    * w``. ``original`` is the init image at the decoded size; where w is 0 its pixels come back unchanged and
+    where it is 1 the decoded ones do."""
+    alpha = 255 - np.rint(weight[0, 0].numpy().astype(np.float64) * 255).astype(np.uint8)      # (H, W)
+    overlay = Image.new("RGBa", original.size)
+    overlay.paste(original.convert("RGBA").convert("RGBa"), mask=Image.fromarray(alpha))
+    overlay = overlay.convert("RGBA")
     out = []
     for image in decoded:
-        drawn = np.asarray(image.convert("RGB"), dtype=np.float64)                 # (H, W, 3)
-        mixed = base * (1.0 - w) + drawn * w
-        out.append(Image.fromarray(np.rint(mixed).clip(0, 255).astype(np.uint8)))
+        pasted = image.convert("RGBA")
+        pasted.alpha_composite(overlay)
+        out.append(pasted.convert("RGB"))
     return out
 
 
