@@ -367,10 +367,10 @@ BASE = "a [red:blue:5] cube\nSteps: 6, Sampler: {sampler}, CFG scale: 5, Seed: 4
     (", Sigma churn: 0.9, Sigma tmin: 0.2", []),                  # drawn (tests/test_a1111_churn.py)
     (", Schedule max sigma: 5, Schedule min sigma: 0.1, Schedule rho: 3", []),   # drawn
      # (tests/test_a1111_schedule_overrides.py)
-    (", Noise Schedule: Zero Terminal SNR", ["Noise Schedule: Zero Terminal SNR"]),
+    (", Noise Schedule: Zero Terminal SNR", []),                   # drawn (tests/test_a1111_alpha_schedule.py)
     (", Discard penultimate sigma: True", []),
-    (", Emphasis: No norm", ["Emphasis: No norm"]), (", Emphasis: Original", []),
-    (", Downcast alphas_cumprod: True", ["Downcast alphas_cumprod: True"]),
+    (", Emphasis: No norm", []), (", Emphasis: Original", []),    # drawn (tests/test_a1111_prompt_options.py)
+    (", Downcast alphas_cumprod: True", []),
     (", NGMS: 5, Skip Early CFG: 0.5, Pad conds: True", []),      # drawn (tests/test_a1111_guidance_options.py)
     (", CFG Rescale phi: 0.7", ["CFG Rescale phi: 0.7"]), (", CFG Rescale phi: 0", []),
     (", Schedule rho: 0, Sigma churn: 0.0", []), ("", []),
@@ -381,22 +381,25 @@ def test_the_settings_sdlab_does_not_draw_are_named(extra, named):
 
 @pytest.mark.parametrize("v, sampler", [("v1.5.2", "DDIM"), ("v1.6.0", "PLMS"), ("v1.7.0-224-gabcdef0", "Euler"),
                                         ("v1.7.0-225-gabcdef0", "Euler"), ("v1.10.1", "DDIM"), ("sdlab 0.1.0", "DDIM")])
-def test_the_settings_a_version_implies_are_named(v, sampler):
+def test_the_settings_a_version_implies_are_drawn(v, sampler):
+    """What A1111's `backcompat` sets by a text's version (old prompt editing timelines, downcast alphas_cumprod)
+    is drawn: read into the request, named nowhere."""
     p = parse_parameters(BASE.format(sampler=sampler, extra="", v=v))
     res = dict(p)
     backcompat(res)
-    assert undrawn_labels(p) == [f"{label}: True (A1111 {v})" for label in
-                                 ("Downcast alphas_cumprod", "Old prompt editing timelines")
-                                 if label in res and label not in p]
+    fields = from_parameters(p)
+    assert fields.get("downcast_alphas_cumprod", False) == ("Downcast alphas_cumprod" in res)
+    assert fields.get("old_prompt_editing", False) == ("Old prompt editing timelines" in res)
+    assert not [label for label in undrawn_labels(p) if "Downcast" in label or "Old prompt" in label]
 
 
 def test_from_png_names_what_it_cannot_draw_in_one_warning(tmp_path, capsys):
-    text = ("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 41, Size: 32x32, Emphasis: No norm, "
-            "Version: v1.6.0")
+    text = ("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 41, Size: 32x32, Token merging ratio: 0.3, "
+            "CFG Rescale phi: 0.7, Version: v1.6.0")
     recorded = png_with_parameters(tmp_path / "old.png", text, (32, 32))
     code, _, err = run(["txt2img", "--from-png", str(recorded), "--out", str(tmp_path / "again.png"), "--no-progress"],
                        capsys)
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "does not draw" in line]
     assert len(warnings) == 1
-    assert "Emphasis: No norm" in warnings[0] and "Downcast alphas_cumprod: True (A1111 v1.6.0)" in warnings[0]
+    assert "Token merging ratio: 0.3" in warnings[0] and "CFG Rescale phi: 0.7" in warnings[0]

@@ -500,7 +500,7 @@ def test_emphasis_that_overflows_the_encoding_is_a_prompt_error(sd1, monkeypatch
 
     encoder, _ = sd1
     # fp16 weights: a weight the parser allows can still overflow after the mean rescale; simulate it
-    monkeypatch.setattr(conditioning, "apply_emphasis", lambda hidden, weights, counts: hidden * float("inf"))
+    monkeypatch.setattr(conditioning, "apply_emphasis", lambda hidden, weights, counts, **kw: hidden * float("inf"))
     with pytest.raises(PromptError, match="overflow"):
         encode_prompt([encoder], "a (red:1.3) cat")
     encode_prompt([encoder], "a red cat")                          # unweighted chunks skip emphasis

@@ -106,9 +106,9 @@ def test_the_reader_answers_the_settings_from_png_reads_and_names_the_rest(base_
     answer = http_json(base_url, "/api/parameters", {"image": base64.b64encode(png_with_parameters(a1111)).decode()})
     assert answer["info"] == a1111
     assert answer["settings"]["schedule"] == "ddim"                 # ddim_uniform as /sdapi/v1/schedulers names it
-    assert {key: answer["settings"][key] for key in ("sampler", "clip_skip_convention", "rng")} == {
-        "sampler": "DDIM", "clip_skip_convention": "a1111", "rng": "GPU"}
-    assert answer["unread"] == ["Emphasis: No norm", "ControlNet 0: Module: canny, Model: control_canny [abc]"]
+    assert {key: answer["settings"][key] for key in ("sampler", "clip_skip_convention", "rng", "emphasis")} == {
+        "sampler": "DDIM", "clip_skip_convention": "a1111", "rng": "GPU", "emphasis": "No norm"}
+    assert answer["unread"] == ["ControlNet 0: Module: canny, Model: control_canny [abc]"]
 
 
 def test_another_programs_picture_is_named_and_leaves_the_form_as_it_was(page, tmp_path):

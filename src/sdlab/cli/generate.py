@@ -140,6 +140,19 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="clip skip: 1 = the usual layer, 2 = one layer back, for the prompt only (diffusers' "
                         "clip_skip=1)"
                         + _if_from_png(from_png, "; an A1111 picture's (--from-png) moves the negative too"))
+    p.add_argument("--emphasis", metavar="MODE",
+                   help="A1111's Emphasis mode: Original (the default: (word:1.2) weights, the mean restored), "
+                        "\"No norm\" (weights, no mean restored), Ignore (the syntax read, no weight applied) or None "
+                        "(brackets, weights and BREAK are plain text)")
+    p.add_argument("--old-prompt-editing", action=argparse.BooleanOptionalAction,
+                   help="A1111's Old prompt editing timelines: [a:b:N] switches after step N when N >= 1, after N of "
+                        "the steps when N < 1 (A1111 before 1.6); the hires pass reuses the first pass's timeline")
+    p.add_argument("--downcast-alphas-cumprod", action=argparse.BooleanOptionalAction,
+                   help="A1111's Downcast alphas_cumprod: the schedule's sigmas from float16 alphas_cumprod, as A1111 "
+                        "before 1.7 drew")
+    p.add_argument("--zero-terminal-snr", action=argparse.BooleanOptionalAction,
+                   help="A1111's Noise Schedule \"Zero Terminal SNR\": the model's schedule rescaled so its last "
+                        "step is pure noise (for models trained so)")
     p.add_argument("--tiling", action=argparse.BooleanOptionalAction,
                    help="A1111's Tiling: a seamless picture, whose left edge continues its right edge and top "
                         "edge its bottom (a texture that tiles)"
@@ -386,6 +399,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "height": args.height,
         "batch_size": args.batch,
         "clip_skip": args.clip_skip,
+        **{name: getattr(args, name, None) for name in ("emphasis", "old_prompt_editing", "downcast_alphas_cumprod",
+                                                        "zero_terminal_snr")},
         "tiling": getattr(args, "tiling", None),
         "eta": args.eta,
         **{name: getattr(args, name, None) for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min",

@@ -31,8 +31,10 @@ __all__ = [
     "A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD",
     "ZERO_SNR_TERMINAL_ALPHAS_CUMPROD",
     "NoiseSchedule",
+    "a1111_schedule_override",
     "make_betas",
     "rescale_zero_terminal_snr",
+    "rescale_zero_terminal_snr_abar",
 ]
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
@@ -106,16 +108,49 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return 1.0 - alphas
 
 
+def rescale_zero_terminal_snr_abar(alphas_cumprod: Tensor) -> Tensor:
+    """A1111's zero terminal SNR (``modules/sd_models.py``, ``rescale_zero_terminal_snr_abar``): Lin et al.'s
+    shift and scale of sqrt(alphas_cumprod) done on alphas_cumprod itself, in its dtype, the last entry then set
+    to ``A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD``. (T,) -> (T,)."""
+    sqrt_ac = alphas_cumprod.sqrt()                                            # (T,)
+    first, last = sqrt_ac[0].clone(), sqrt_ac[-1].clone()
+    sqrt_ac = (sqrt_ac - last) * (first / (first - last))
+    ac = sqrt_ac**2
+    ac[-1] = A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD
+    return ac
+
+
+def a1111_schedule_override(schedule: NoiseSchedule, *, downcast: bool = False,
+                            zero_terminal_snr: bool = False) -> NoiseSchedule:
+    """The schedule A1111's k-diffusion samplers see under its ``use_downcasted_alpha_bar`` and
+    ``sd_noise_schedule = "Zero Terminal SNR"`` options (``sd_models.apply_alpha_schedule_override``, then
+    k-diffusion's ``CompVisDenoiser`` / ``DiscreteSchedule`` on the model's ``alphas_cumprod``): the float32
+    alphas_cumprod, in float16 with ``downcast`` (A1111 before 1.7.0-225 always), rescaled by
+    ``rescale_zero_terminal_snr_abar``; its sigma and log-sigma tables are computed in that dtype, as A1111's are.
+    Both at once overflow float16 (A1111's sigmas become inf): a ValueError."""
+    if downcast and zero_terminal_snr:
+        raise ValueError("zero terminal SNR on downcast (float16) alphas_cumprod gives infinite sigmas (A1111 draws "
+                         "NaN there); use one of the two")
+    ac = schedule.alphas_cumprod.to(torch.float32)                             # (T,) A1111's alphas_cumprod
+    if downcast:
+        ac = ac.half()
+    if zero_terminal_snr:
+        ac = rescale_zero_terminal_snr_abar(ac)
+    return NoiseSchedule(ac.to(torch.float64), table_dtype=ac.dtype)
+
+
 @dataclass(frozen=True, eq=False)
 class NoiseSchedule:
     """A discrete training schedule, stored as ``alphas_cumprod`` (T,), increasing noise with t.
 
     ``alphas_cumprod`` must lie strictly in (0, 1) and be non-increasing, so every sigma is finite and
     positive. ``sigmas`` ascend with t: for SD, ``sigmas[0] ~= 0.0292`` and ``sigmas[-1] ~= 14.6146``.
-    All derived tensors keep the dtype of ``alphas_cumprod``.
+    All derived tensors keep the dtype of ``alphas_cumprod``; ``table_dtype`` is the one the sigma and log-sigma
+    tables are computed in where that is another (A1111's float16 / float32: ``a1111_schedule_override``).
     """
 
     alphas_cumprod: Tensor  # (T,)
+    table_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         ac = self.alphas_cumprod
@@ -182,10 +217,14 @@ class NoiseSchedule:
     def sigmas(self) -> Tensor:
         """sqrt((1 - ac) / ac), ascending with t. (T,)"""
         ac = self.alphas_cumprod
-        return ((1 - ac) / ac) ** 0.5
+        if self.table_dtype is not None:
+            ac = ac.to(self.table_dtype)
+        return (((1 - ac) / ac) ** 0.5).to(self.alphas_cumprod.dtype)
 
     @cached_property
     def log_sigmas(self) -> Tensor:
+        if self.table_dtype is not None:
+            return self.sigmas.to(self.table_dtype).log().to(self.alphas_cumprod.dtype)  # (T,)
         return self.sigmas.log()  # (T,)
 
     @property

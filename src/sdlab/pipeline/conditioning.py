@@ -25,8 +25,9 @@ a pooled output (SDXL), a pooled text vector:
    wanted. So A1111 clip skip ``n`` equals diffusers' ``clip_skip=n-1`` (SD1, SDXL) for the prompt;
    diffusers encodes the negative prompt at the usual layer whatever its ``clip_skip``, A1111 at the same
    layer as the prompt (``make_cond``'s ``negative_clip_skip``).
-4. Emphasis (``apply_emphasis``, A1111 "Original") per chunk and per encoder, skipped for chunks whose
-   weights are all 1, so an unweighted prompt gives exactly the plain encoding. The texts of one prompt's
+4. Emphasis (``apply_emphasis``, A1111 "Original"; ``emphasis`` names another of A1111's modes:
+   ``request.EMPHASIS_MODES``) per chunk and per encoder, skipped for chunks whose weights are all 1,
+   so an unweighted prompt gives exactly the plain encoding. The texts of one prompt's
    schedule (``[from:to:when]``, ``[a|b]``) are encoded together, as A1111 encodes them
    (``encode_schedule``): each padded to the longest one's chunk count with encodings of A1111's empty
    chunk, and emphasis restoring one mean per chunk position over all of them.
@@ -57,13 +58,14 @@ from sdlab.families.loaded import TextEncoder
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer
 from sdlab.pipeline.prompt_schedule import PromptSchedule, prompt_schedule
+from sdlab.pipeline.request import EMPHASIS_MODES
 from sdlab.pipeline.prompt_syntax import (
     CHUNK_LENGTH,
     Chunk,
     PromptError,
     apply_emphasis,
     chunk_tokens,
-    parse_weighted,
+    weighted_runs,
 )
 
 logger = logging.getLogger(__name__)
@@ -114,12 +116,23 @@ class PromptEmbedding:
 # Tokens
 
 
-def prompt_chunks(prompt: str, tokenizer: CLIPTokenizer) -> list[Chunk]:
-    """The A1111 chunks of ``prompt`` (emphasis syntax, BREAK, 75 tokens each, comma backtracking).
+def emphasis_mode(emphasis: bool | str) -> str:
+    """A1111's emphasis mode (``EMPHASIS_MODES``) of an ``emphasis`` argument: True is "Original", False
+    "Ignore" (the syntax read, no weight applied)."""
+    if isinstance(emphasis, bool):
+        return "Original" if emphasis else "Ignore"
+    if emphasis not in EMPHASIS_MODES:
+        raise ValueError(f"unknown emphasis mode {emphasis!r}; valid: {', '.join(EMPHASIS_MODES)}")
+    return emphasis
+
+
+def prompt_chunks(prompt: str, tokenizer: CLIPTokenizer, emphasis: str = "Original") -> list[Chunk]:
+    """The A1111 chunks of ``prompt`` (emphasis syntax, BREAK, 75 tokens each, comma backtracking; under the
+    emphasis mode "None" the prompt is read as plain text: ``weighted_runs``).
 
     Raises ``PromptError`` naming the prompt when it cannot be encoded (see ``prompt_syntax``)."""
     try:
-        return chunk_tokens(parse_weighted(prompt), tokenizer.encode_units, pad_id=EOS_TOKEN_ID)
+        return chunk_tokens(weighted_runs(prompt, emphasis), tokenizer.encode_units, pad_id=EOS_TOKEN_ID)
     except PromptError as err:
         shown = prompt if len(prompt) <= 60 else prompt[:60] + "..."
         raise PromptError(f"prompt {shown!r}: {err}") from None
@@ -173,14 +186,14 @@ def _encode_inputs(
     text_encoders: Sequence[TextEncoder],
     input_ids: Callable[[TextEncoder], Tensor],
     *,
-    weighting: tuple[Tensor, EmphasisBatches] | None,
+    weighting: tuple[Tensor, EmphasisBatches, bool] | None,
     clip_skip: int,
     with_pooled: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Run every encoder on its inputs ``input_ids(encoder)`` (n, 77): hidden states by the encoder's rule
-    (``hidden_state_layers``), emphasis ``weighting`` (weights (n, 77) and A1111's batches of rows:
-    ``_emphasized``), features concatenated, (n, 77, D_1 + D_2 ...); and with ``with_pooled`` the last
-    encoder's projected pooled output (n, P)."""
+    (``hidden_state_layers``), emphasis ``weighting`` (weights (n, 77), A1111's batches of rows and whether the
+    mean is restored: ``_emphasized``), features concatenated, (n, 77, D_1 + D_2 ...); and with ``with_pooled``
+    the last encoder's projected pooled output (n, P)."""
     if not text_encoders:
         raise ValueError("encoding a prompt needs at least one text encoder")
     hiddens, pooled = [], None
@@ -195,8 +208,8 @@ def _encode_inputs(
             ran_exactly = len(out.hidden_states) - 1 == used
             hidden = out.last_hidden_state if ran_exactly else model.final_layer_norm(hidden)
         if weighting is not None:
-            weights, batches = weighting
-            hidden = _emphasized(hidden, weights.to(device), batches)
+            weights, batches, restore_mean = weighting
+            hidden = _emphasized(hidden, weights.to(device), batches, restore_mean)
         hiddens.append(hidden.to(hiddens[0].dtype) if hiddens else hidden)
         if wants_pooled:
             if out.pooled is None:
@@ -205,16 +218,17 @@ def _encode_inputs(
     return torch.cat(hiddens, dim=-1), pooled                                      # (n, 77, D_1 + D_2 ...)
 
 
-def _emphasized(hidden: Tensor, weights: Tensor, batches: EmphasisBatches) -> Tensor:
+def _emphasized(hidden: Tensor, weights: Tensor, batches: EmphasisBatches, restore_mean: bool = True) -> Tensor:
     """A1111 emphasis on the rows (chunks) of ``hidden`` (n, 77, D) with ``weights`` (n, 77): one mean per
     batch of rows A1111 encodes together (``batches``: each one's rows and how many times each row counts in
-    it), a batch whose weights are all 1 left as it is."""
+    it; without ``restore_mean``, "No norm", the weights alone), a batch whose weights are all 1 left as it is."""
     out = hidden
     for rows, counts in batches:
         index = torch.tensor(rows, device=hidden.device)
         if (weights[index] == 1.0).all():
             continue
-        emphasized = apply_emphasis(hidden[index], weights[index], torch.tensor(counts))   # (k, 77, D)
+        emphasized = apply_emphasis(hidden[index], weights[index], torch.tensor(counts),
+                                    restore_mean=restore_mean)                              # (k, 77, D)
         if not torch.isfinite(emphasized).all() and torch.isfinite(hidden[index]).all():
             raise PromptError("the prompt's emphasis weights make its text encoding overflow; use weights nearer 1")
         out = hidden.clone() if out is hidden else out
@@ -227,7 +241,7 @@ def _encode_batches(
     batches: Sequence[Sequence[str]],
     *,
     clip_skip: int,
-    emphasis: bool,
+    emphasis: bool | str,
     with_pooled: bool,
 ) -> list[dict[str, PromptEmbedding]]:
     """Each batch of texts encoded as A1111's ``FrozenCLIPEmbedderWithCustomWords.forward`` encodes a batch,
@@ -236,7 +250,8 @@ def _encode_batches(
     - every text of a batch gets the chunk count of the batch's longest, the chunks a shorter one lacks being
       the encoding of A1111's empty chunk (begin and 76 end tokens; the pad id after the first end token);
     - emphasis restores one mean per chunk position over the batch, a text counting once per time it is in
-      the batch (``apply_emphasis``: every row is rescaled, unweighted texts and empty chunks too);
+      the batch (``apply_emphasis``: every row is rescaled, unweighted texts and empty chunks too), or none
+      is restored or no weight applied, as the ``emphasis`` mode says (``emphasis_mode``);
     - the pooled vector (``with_pooled``) is the first chunk's, as A1111 (``zs[0].pooled``).
 
     As in A1111, the encoders run one chunk position at a time, over the distinct texts of every batch that
@@ -246,8 +261,10 @@ def _encode_batches(
     if not text_encoders:
         raise ValueError("encoding a prompt needs at least one text encoder")
     tokenizer = text_encoders[0].tokenizer       # one shared vocabulary; each encoder applies its own pad id
+    mode = emphasis_mode(emphasis)
+    weighted = mode in ("Original", "No norm")
     counts = [Counter(texts) for texts in batches]
-    chunks = [{text: prompt_chunks(text, tokenizer) for text in batch} for batch in counts]
+    chunks = [{text: prompt_chunks(text, tokenizer, mode) for text in batch} for batch in counts]
     lengths = [max(len(text_chunks) for text_chunks in batch.values()) for batch in chunks]
     columns: list[list[Tensor]] = [[] for _ in batches]      # each batch's features, chunk position by position
     first_pooled: list[Tensor | None] = [None] * len(batches)
@@ -261,7 +278,8 @@ def _encode_batches(
                             for b, start, size in zip(live, starts, sizes)]
         features, pooled = _encode_inputs(
             text_encoders, lambda encoder: chunk_input_ids(rows, encoder.spec.pad_token_id),
-            weighting=(_chunk_weights(rows), emphasis_batches) if emphasis else None, clip_skip=clip_skip,
+            weighting=(_chunk_weights(rows), emphasis_batches, mode == "Original") if weighted else None,
+            clip_skip=clip_skip,
             with_pooled=with_pooled and position == 0,
         )                                                                          # (k, 77, D), (k, P)
         for b, part in zip(live, features.split(sizes)):
@@ -586,7 +604,8 @@ def make_cond_schedule(
     hires_steps: int | None = None,
     clip_skip: int = 1,
     negative_clip_skip: int | None = None,
-    emphasis: bool = True,
+    emphasis: bool | str = True,
+    old_prompt_editing: bool = False,
     guidance: bool = True,
     zero_empty_negative: bool | None = None,
     **options,
@@ -600,9 +619,11 @@ def make_cond_schedule(
     A1111 encodes them, and so are the negative's (``encode_schedule``: the chunk count of each side's
     longest text, one emphasis mean over each side's texts); each distinct text once, and the entries of a
     text share its tensors (the generation memo keeps their keys and values). A1111's ``AND`` is split off
-    before (``prompt_schedule.composable_parts``, one schedule a part, encoded apart as A1111 does)."""
-    positive = prompt_schedule(prompt, steps, hires_steps)
-    negative = prompt_schedule(negative_prompt, steps, hires_steps)
+    before (``prompt_schedule.composable_parts``, one schedule a part, encoded apart as A1111 does).
+    ``emphasis``: A1111's emphasis mode (``emphasis_mode``); ``old_prompt_editing``: its rule before 1.6
+    (``prompt_schedule(..., old=True)``)."""
+    positive = prompt_schedule(prompt, steps, hires_steps, old=old_prompt_editing)
+    negative = prompt_schedule(negative_prompt, steps, hires_steps, old=old_prompt_editing)
     encode = partial(encode_schedule, encoders, emphasis=emphasis, with_pooled=family.conditioner.pooled)
     prompt_texts = encode([text for _, text in positive], clip_skip=clip_skip)
     negative_texts: dict[str, PromptEmbedding] = {}

@@ -493,6 +493,8 @@ def _guided_model(
         batch_size=req.batch_size,
         clip_skip=req.clip_skip,
         negative_clip_skip=_negative_clip_skip(req),
+        emphasis=req.emphasis,
+        old_prompt_editing=req.old_prompt_editing,
         width=req.width,
         height=req.height,
         original_size=req.original_size,

@@ -29,6 +29,7 @@ from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, sch
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
+from sdlab.pipeline.prompt_schedule import old_rule_differs
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import GenerationRequest, sgm_noise_multiplied
 
@@ -43,6 +44,9 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Schedule max sigma": ("schedule_sigma_max", float),
     "Schedule rho": ("schedule_rho", float),
     "Discard penultimate sigma": ("discard_penultimate_sigma", bool),
+    "Downcast alphas_cumprod": ("downcast_alphas_cumprod", bool),   # A1111's use_downcasted_alpha_bar
+    "Emphasis": ("emphasis", str),
+    "Old prompt editing timelines": ("old_prompt_editing", bool),   # A1111's use_old_scheduling
     "Beta schedule alpha": ("beta_alpha", float),          # A1111's beta_dist_alpha / beta_dist_beta
     "Beta schedule beta": ("beta_beta", float),
     "SGM noise multiplier": ("sgm_noise_multiplier", bool),
@@ -208,6 +212,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "VAE": None if vae is None else vae[0],
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
         "Clip skip rule": "a1111" if req.clip_skip != 1 and req.clip_skip_convention == "a1111" else None,
+        **prompt_option_parameters(req),
         "Empty negative": _empty_negative(req),
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
         **hires_parameters(req),
@@ -226,6 +231,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         "Tiling": "True" if req.tiling else None,            # A1111's label and value (processing.py)
+        "Downcast alphas_cumprod": True if req.downcast_alphas_cumprod else None,   # apply_alpha_schedule_override
+        "Noise Schedule": _ZERO_SNR if req.zero_terminal_snr else None,
         **sdxl_parameters(req),
         **infotext_lines(req.controls, req.control_convention),
         "Control steps": req.control_convention if req.controls else None,
@@ -238,6 +245,31 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Version": version_label(),
     }
     return p
+
+
+def prompt_option_parameters(req: GenerationRequest) -> dict[str, Any]:
+    """A1111's `Emphasis` (its mode, where not "Original" and a prompt has a bracket, as `sd_hijack_clip` writes
+    it; for "None" a BREAK too, which that mode leaves as a word) and `Old prompt editing timelines` (where the old
+    rule gives a prompt another schedule, as `get_conds_with_caching` writes it: over the first pass's calls, and
+    the hires pass's)."""
+    texts = [strip_comments(req.prompt), strip_comments(req.negative_prompt)]
+    marks = ("(", "[", "BREAK") if req.emphasis == "None" else ("(", "[")
+    emphasis = req.emphasis != "Original" and any(mark in text for text in texts for mark in marks)
+    return {"Emphasis": req.emphasis if emphasis else None,
+            "Old prompt editing timelines": True if req.old_prompt_editing and _old_rule_differs(req, texts) else None}
+
+
+def _old_rule_differs(req: GenerationRequest, texts: list[str]) -> bool:
+    """Whether A1111's old prompt-editing rule changes a schedule of `texts` in the request's passes (A1111 counts
+    a second-order sampler's model calls: `SamplerSpec.calls_per_step`)."""
+    try:
+        calls = get_sampler(req.sampler).calls_per_step
+    except (ValueError, AttributeError):
+        calls = 1
+    passes = [(req.steps * calls, None)]
+    if req.hires:
+        passes.append((req.steps * calls, (req.hr_steps or req.steps) * calls))
+    return any(old_rule_differs(texts, steps, hires_steps) for steps, hires_steps in passes)
 
 
 def guidance_parameters(req: GenerationRequest) -> dict[str, Any]:
@@ -425,6 +457,8 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         fields["invert_mask"] = _label_flag("Mask mode", p["Mask mode"], _MASK_MODES)
     if "Empty negative" in p:
         fields["zero_empty_negative"] = _label_flag("Empty negative", p["Empty negative"], _EMPTY_NEGATIVES)
+    if "Noise Schedule" in p:
+        fields["zero_terminal_snr"] = _label_flag("Noise Schedule", p["Noise Schedule"], _NOISE_SCHEDULES)
     if "Seed resize from" in p:
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = _size_label(p, "Seed resize from")
     fields.update(_sdxl_fields(p))
@@ -586,8 +620,6 @@ def a1111_backcompat(p: dict[str, Any]) -> dict[str, bool]:
 # A1111's labels (its settings' and common extensions') of what changes the picture and sdlab does not draw, each
 # with the value that changes nothing (None: every value changes it)
 _UNDRAWN_A1111_LABELS: dict[str, Any] = {
-    "Noise Schedule": "Default", "Downcast alphas_cumprod": False,
-    "Emphasis": "Original", "Old prompt editing timelines": False,
     "Token merging ratio": 0.0, "Token merging ratio hr": 0.0,
     "VAE Encoder": "Full", "VAE Decoder": "Full", "FP8 weight": "Disable", "Soft inpainting enabled": False,
     "CFG Rescale phi": 0.0, "CFG Rescale": 0.0, "CFG Rescale \u03c6": 0.0,   # extensions' rescale of x0, not eps
@@ -621,6 +653,8 @@ def _changes_nothing(value: Any, none: Any) -> bool:
 _INPAINT_AREAS = {"Only masked": True, "Whole picture": False}        # A1111's Inpaint area: inpaint_only_masked
 _MASK_MODES = {"Inpaint masked": False, "Inpaint not masked": True}    # A1111's Mask mode: invert_mask
 _EMPTY_NEGATIVES = {"zeros": True, "encoded": False}                    # sdlab's: zero_empty_negative
+_ZERO_SNR = "Zero Terminal SNR"
+_NOISE_SCHEDULES = {"Default": False, _ZERO_SNR: True}                  # A1111's Noise Schedule: sd_noise_schedule
 
 
 def _label_flag(label: str, value: Any, flags: dict[str, bool]) -> bool:

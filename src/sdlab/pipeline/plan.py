@@ -28,14 +28,15 @@ import torch
 from torch import Tensor
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES, discretize, img2img_sigmas, schedule_overrides
-from sdlab.diffusion.model_sampling import ModelSampling
+from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
+from sdlab.diffusion.schedules import a1111_schedule_override
 from sdlab.diffusion.samplers import SamplerSpec, also_discards, get_sampler, steps_warning
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
 from sdlab.pipeline.prompt_schedule import composable_parts, prompt_schedule
-from sdlab.pipeline.prompt_syntax import PromptError, is_break, parse_weighted, strip_comments
+from sdlab.pipeline.prompt_syntax import PromptError, is_break, strip_comments, weighted_runs
 from sdlab.pipeline.request import (
     SIZE_MULTIPLE,
     GenerationRequest,
@@ -163,14 +164,16 @@ def warn_of_unloaded_embeddings(bundle: ModelBundle, req: GenerationRequest) -> 
 
 def _tokenized_runs(req: GenerationRequest) -> list[str]:
     """The texts of the prompts the tokenizer reads one by one, where a word such as `embedding:NAME` may
-    begin: the emphasis runs (`parse_weighted`) of each edited text (`prompt_schedule`) of each AND part and of
-    the negative prompt. A text that does not parse has none (encoding it is a `PromptError`)."""
+    begin: the emphasis runs (`weighted_runs`, the request's emphasis mode) of each edited text
+    (`prompt_schedule`) of each AND part and of the negative prompt. A text that does not parse has none
+    (encoding it is a `PromptError`)."""
     texts = [part for part, _ in composable_parts(req.prompt)] + [req.negative_prompt]
-    edited = dict.fromkeys(text_at for text in texts for _, text_at in prompt_schedule(text, req.steps))
+    edited = dict.fromkeys(text_at for text in texts
+                           for _, text_at in prompt_schedule(text, req.steps, old=req.old_prompt_editing))
     runs: list[str] = []
     for text in edited:
         try:
-            runs += [run for run, weight in parse_weighted(text) if not is_break((run, weight))]
+            runs += [run for run, weight in weighted_runs(text, req.emphasis) if not is_break((run, weight))]
         except PromptError:
             continue
     return runs
@@ -211,6 +214,17 @@ def request_sigmas(
     except ValueError as err:   # e.g. a strength so low that no step runs, LCM past its 50 steps
         raise RequestError(str(err)) from None
     return sigmas.to(device)
+
+
+def request_sampling(sampling: ModelSampling, req: GenerationRequest) -> ModelSampling:
+    """`sampling` on the alphas_cumprod A1111's Downcast alphas_cumprod / Zero Terminal SNR options of the request
+    make (`a1111_schedule_override`); a model without a discrete DDPM schedule as it is, as A1111 applies them only
+    to models with alphas_cumprod (`apply_alpha_schedule_override`)."""
+    if not (req.downcast_alphas_cumprod or req.zero_terminal_snr) or not isinstance(sampling, DiscreteModelSampling):
+        return sampling
+    schedule = a1111_schedule_override(sampling.schedule, downcast=req.downcast_alphas_cumprod,
+                                       zero_terminal_snr=req.zero_terminal_snr)
+    return DiscreteModelSampling(schedule, sampling.prediction)
 
 
 def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, convention: str = "diffusers") -> int:
@@ -330,7 +344,7 @@ def make_plan(
         logger.warning("CFG %g on a model that takes its guidance as an input (LCM-distilled) embeds w = %g: "
                        "no guidance; its own preset draws at CFG 8.5 (--preset lcm-model)",
                        req.cfg_scale, req.cfg_scale - 1.0)
-    sampling = bundle.model_sampling
+    sampling = request_sampling(bundle.model_sampling, req)
     sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=True if from_latent else None,
                             steps_offset=bundle.steps_offset)
     factor = bundle.vae_config.downsample_factor
@@ -341,7 +355,7 @@ def make_plan(
     split = refiner_sampling = None
     if refiner is not None:
         split = handoff_index(sigmas, sampling, switch_at, refiner_convention)
-        refiner_sampling = refiner.model_sampling
+        refiner_sampling = request_sampling(refiner.model_sampling, req)
     return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
                           pictures=pictures, refiner_split=split, refiner_sampling=refiner_sampling,
                           refiner_switch_at=None if refiner is None else switch_at,

@@ -24,6 +24,11 @@ A hires pass (``hires_steps``) counts on from the first pass: a step number ``wh
 ``when - steps`` of the second pass, a fraction means ``(when - 1) * hires_steps`` (so ``1.5`` is its
 middle), and everything before is already done (``[a:b:0.5]`` is ``b`` throughout).
 
+A1111 before 1.6 had another rule, kept behind its option "Old prompt editing timelines"
+(``use_old_scheduling``, ``old=True`` here): ``when`` below 1 is a fraction of the steps and any other
+``when`` a step number, decimal point or not (``[a:b:1.0]`` switches after step 1, ``[a:b:2.5]`` after step
+2), and a hires pass runs on the first pass's schedule, counting its steps from 0 again.
+
 The grammar is A1111's (a lark grammar), parsed here by hand with the same results:
 
     start:       (prompt | stray "[" "]" "(" ")" ":")*
@@ -51,7 +56,7 @@ from typing import Union
 
 from sdlab.pipeline.prompt_syntax import MAX_BRACKET_DEPTH
 
-__all__ = ["PromptSchedule", "composable_parts", "prompt_schedule"]
+__all__ = ["PromptSchedule", "composable_parts", "old_rule_differs", "prompt_schedule"]
 
 PromptSchedule = list[tuple[int, str]]
 
@@ -204,22 +209,24 @@ def _walk(items: list[_Item]):
                 yield from _walk(option)
 
 
-def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> PromptSchedule:
+def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None, *, old: bool = False) -> PromptSchedule:
     """A1111's schedule of ``prompt`` over ``steps`` (see the module docstring): ``[(end_at_step, text), ...]``.
 
     With ``hires_steps`` it is the schedule of a hires second pass of that many steps after a first pass of
-    ``steps``.
+    ``steps``. ``old``: A1111's rule before 1.6 (its ``use_old_scheduling``), under which a hires pass runs on
+    the first pass's schedule.
 
     >>> prompt_schedule("a [b:c:0.5] d", 10)
     [(5, 'a b d'), (10, 'a c d')]
     """
+    first_pass = hires_steps is None or old
+    int_offset, fraction_offset, total = (0, 0.0, steps) if first_pass else (steps, 1.0, hires_steps)
     if _bracket_depth(prompt) > MAX_BRACKET_DEPTH:    # the emphasis parser refuses it (PromptError)
-        return [(hires_steps or steps, prompt)]
+        return [(total, prompt)]
     try:
         items = _Parser(prompt).top()
     except _Unparsable:
-        return [(hires_steps or steps, prompt)]
-    int_offset, fraction_offset, total = (0, 0.0, steps) if hires_steps is None else (steps, 1.0, hires_steps)
+        return [(total, prompt)]
 
     when: dict[int, int] = {}
     ends = {total}
@@ -228,7 +235,10 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
             ends.update(range(1, total + 1))
             continue
         value = float(node.when)
-        value = (value - fraction_offset) * total if "." in node.when else value - int_offset
+        if old:
+            value = value * total if value < 1 else value
+        else:
+            value = (value - fraction_offset) * total if "." in node.when else value - int_offset
         step = total if value >= total else (int(value) if math.isfinite(value) else -1)
         when[id(node)] = step
         if step >= 1:
@@ -247,6 +257,12 @@ def prompt_schedule(prompt: str, steps: int, hires_steps: int | None = None) -> 
 
     return [(end, text_at(items, end)) for end in sorted(ends)]
 
+
+def old_rule_differs(prompts: list[str], steps: int, hires_steps: int | None = None) -> bool:
+    """Whether A1111's old prompt-editing rule gives any of ``prompts`` another schedule than the new one: where
+    A1111 with ``use_old_scheduling`` writes ``Old prompt editing timelines: True`` (``get_conds_with_caching``)."""
+    return any(prompt_schedule(prompt, steps, hires_steps, old=True) != prompt_schedule(prompt, steps, hires_steps)
+               for prompt in prompts)
 
 
 _AND = re.compile(r"\bAND\b")

@@ -51,6 +51,12 @@ rest of its line; ``modules/processing_scripts/comments.py``), before anything e
    The batch is what A1111 encodes together: one chunk of a prompt alone, or the same chunk of each text
    of one prompt's schedule (``conditioning.encode_schedule``); the prompts of different pictures never
    share a mean, so each picture of a batch stays independent of the others.
+
+A1111 1.8+ has four emphasis modes (its ``emphasis`` option, ``modules/sd_emphasis.py``; ``request.EMPHASIS_MODES``):
+"Original" (the above), "No norm" (``z' = z * w``, the mean not restored), "Ignore" (the syntax is read, so
+brackets and weights leave the text and BREAK still breaks, but no weight is applied) and "None" (nothing is
+read: the whole prompt is one run of weight 1, brackets, weights, backslashes and the word BREAK are text the
+tokenizer sees; A1111 ``tokenize_line`` with ``parsed = [[line, 1.0]]``).
 """
 
 from __future__ import annotations
@@ -311,8 +317,16 @@ def chunk_tokens(
     return chunks
 
 
-def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
-    """A1111 "Original" emphasis on one batch: scale each token's hidden state, then restore the batch's mean.
+def weighted_runs(prompt: str, mode: str = "Original") -> list[tuple[str, float]]:
+    """The ``(text, weight)`` runs the tokenizer reads under an emphasis ``mode`` (``request.EMPHASIS_MODES``):
+    ``parse_weighted``, or, for "None", the whole prompt as one run of weight 1."""
+    return [(prompt, 1.0)] if mode == "None" else parse_weighted(prompt)
+
+
+def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor | None = None, *,
+                   restore_mean: bool = True) -> torch.Tensor:
+    """A1111 "Original" emphasis on one batch: scale each token's hidden state, then restore the batch's mean
+    (without ``restore_mean``: A1111's "No norm", the scaling alone).
 
     hidden: (B, T, D) text-encoder output of one batch of chunks (T = 77); weights: (B, T) per-token
     multipliers; counts: (B,) how many rows of A1111's batch each row stands for (a text that several
@@ -322,6 +336,8 @@ def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor, counts: torch.Te
     if hidden.shape[:2] != weights.shape:
         raise ValueError(f"weights {tuple(weights.shape)} do not match hidden states {tuple(hidden.shape)}")
     z = hidden.float()                                                        # (B, T, D)
+    if not restore_mean:
+        return (z * weights.to(device=z.device, dtype=z.dtype).unsqueeze(-1)).to(hidden.dtype)   # (B, T, D)
     counts = torch.ones(len(z)) if counts is None else counts
     counts = counts.to(device=z.device, dtype=z.dtype)                        # (B,)
     original_mean = (z.mean(dim=(1, 2)) * counts).sum() / counts.sum()       # ()

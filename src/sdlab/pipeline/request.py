@@ -78,6 +78,7 @@ RESIZE_MODES = ("resize", "crop", "fill", "latent")  # A1111's img2img resize_mo
 MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")   # A1111's inpainting_fill 0..3
 LIBRARY_CONVENTIONS = ("diffusers", "a1111")  # the rules a setting follows where the two libraries differ
 CLIP_SKIP_CONVENTIONS = LIBRARY_CONVENTIONS
+EMPHASIS_MODES = ("Original", "No norm", "Ignore", "None")   # A1111's emphasis modes (modules/sd_emphasis.py)
 CONTROL_CONVENTIONS = LIBRARY_CONVENTIONS
 SIZE_CONVENTIONS = LIBRARY_CONVENTIONS
 
@@ -155,6 +156,10 @@ class GenerationRequest:
     zero_empty_negative: bool | None = None  # an empty negative prompt as a zero conditioning (SDXL's rule) or
                                             # encoded as "" (False); None: the model's (checkpoints/load.py), and
                                             # False for a ComfyUI spelling (module docstring)
+    emphasis: str = "Original"              # A1111's emphasis mode: "Original", "No norm", "Ignore", "None"
+                                            # (EMPHASIS_MODES; any case)
+    old_prompt_editing: bool = False        # A1111's Old prompt editing timelines (use_old_scheduling): its
+                                            # [from:to:when] rule before 1.6 (prompt_schedule)
     eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise drawn from seed + this after the initial
                                             # noise; None: `default_ensd` (1 for a ComfyUI spelling that draws it)
     eta: float | None = None                # ancestral / DDIM noise amount; None = the sampler's default
@@ -173,6 +178,10 @@ class GenerationRequest:
     init_noise: str | None = None           # "sigma_max" (A1111), "vp" or "comfyui"; None = the schedule's
                                             # convention (discretization.default_init_noise)
     quantize_timesteps: bool = False        # round t to integers before the U-Net (diffusers' DPM-Solver)
+    downcast_alphas_cumprod: bool = False   # A1111's Downcast alphas_cumprod (use_downcasted_alpha_bar): the
+                                            # schedule's sigmas from float16 alphas_cumprod
+    zero_terminal_snr: bool = False         # A1111's Noise Schedule "Zero Terminal SNR" (sd_noise_schedule): the
+                                            # model's alphas_cumprod rescaled (schedules.a1111_schedule_override)
     # img2img / inpainting
     init_image: Image.Image | None = field(default=None, repr=False, compare=False)
     init_images: tuple[Image.Image, ...] = field(default=(), repr=False, compare=False)   # A1111's several
@@ -583,6 +592,14 @@ def sgm_noise_multiplied(r: GenerationRequest, spec: SamplerSpec) -> bool:
             and spec.a1111 not in A1111_TIMESTEP_SAMPLERS)
 
 
+def _emphasis_mode(mode: Any) -> str:
+    """A1111's emphasis mode of `mode`, any case (`EMPHASIS_MODES`); a RequestError listing them otherwise."""
+    by_key = {name.lower(): name for name in EMPHASIS_MODES}
+    if not isinstance(mode, str) or mode.strip().lower() not in by_key:
+        raise RequestError(f"unknown emphasis mode {mode!r}; valid: {', '.join(EMPHASIS_MODES)}")
+    return by_key[mode.strip().lower()]
+
+
 def default_ensd(sampler: str | None, spec: SamplerSpec, eta: float | None) -> int:
     """The ENSD of a request that sets none: 1 for a sampler spelt as ComfyUI spells it (`sampler`, the name asked
     for) that draws Gaussian step noise at `eta` (`SamplerSpec.draws_step_noise`; ComfyUI's
@@ -634,6 +651,13 @@ def resolve(
     if r.clip_skip_convention not in CLIP_SKIP_CONVENTIONS:
         raise RequestError(f"unknown clip skip convention {r.clip_skip_convention!r}; valid: "
                            f"{', '.join(CLIP_SKIP_CONVENTIONS)}")
+    r = replace(r, emphasis=_emphasis_mode(r.emphasis))
+    for name in ("old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr"):
+        if not isinstance(getattr(r, name), bool):
+            raise RequestError(f"{name} must be True or False, got {getattr(r, name)!r}")
+    if r.downcast_alphas_cumprod and r.zero_terminal_snr:
+        raise RequestError("downcast_alphas_cumprod and zero_terminal_snr cannot be used together: zero terminal "
+                           "SNR on float16 alphas_cumprod gives infinite sigmas (A1111 draws NaN there)")
     if r.size_convention not in SIZE_CONVENTIONS:
         raise RequestError(f"unknown size convention {r.size_convention!r}; valid: {', '.join(SIZE_CONVENTIONS)}")
     if r.control_convention not in CONTROL_CONVENTIONS:

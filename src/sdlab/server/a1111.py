@@ -51,8 +51,8 @@ from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, read_parameters, version_label,
 )
 from sdlab.pipeline.request import (
-    MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA, MAX_NOISE_MULTIPLIER, RESIZE_MODES, RNG_SOURCES,
-    GenerationRequest, RequestError, fixed_seed, rng_source,
+    EMPHASIS_MODES, MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA, MAX_NOISE_MULTIPLIER, RESIZE_MODES,
+    RNG_SOURCES, GenerationRequest, RequestError, fixed_seed, rng_source,
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.controls import a1111_controls
@@ -84,6 +84,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,  # `_schedule_settings`
     "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6, "sgm_noise_multiplier": False,      # `_schedule_settings`,
     "img2img_extra_noise": 0.0, "inpainting_mask_weight": 1.0,                         # `_noise_settings`
+    "emphasis": "Original", "use_old_scheduling": False,                                # `_prompt_settings`
+    "use_downcasted_alpha_bar": False, "sd_noise_schedule": "Default",
     "s_min_uncond": 0.0, "s_min_uncond_all": False, "skip_early_cond": 0.0,           # `_guidance_settings`
     "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
     "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
@@ -269,7 +271,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         prompt=without_extra_networks(body.prompt) if body.disable_extra_networks else body.prompt,
         negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
-        batch_size=_batch_size(body, inits), control_convention="a1111",
+        batch_size=_batch_size(body, inits), control_convention="a1111", **_prompt_settings(settings),
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
         **_sigma_options(body, settings, sampler), **_schedule_settings(settings), **_noise_settings(settings),
         controls=controls,
@@ -303,6 +305,19 @@ def _sigma_options(body: Txt2ImgIn, settings: dict[str, Any], sampler: str) -> d
         value = float(_or_inf(name, value))
         chosen[name] = None if name == "s_tmax" and value == math.inf else value     # the request's s_tmax None: inf
     return chosen
+
+
+A1111_NOISE_SCHEDULES = {"Default": False, "Zero Terminal SNR": True}
+"""A1111's `sd_noise_schedule` choices -> the request's `zero_terminal_snr`."""
+
+
+def _prompt_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A1111's `emphasis` and `use_old_scheduling` (how the prompt is read and its edits scheduled) and its
+    `use_downcasted_alpha_bar` and `sd_noise_schedule` (the alphas_cumprod it samples on,
+    `apply_alpha_schedule_override`) options as request fields; A1111 reads them as it draws."""
+    return dict(emphasis=settings["emphasis"], old_prompt_editing=settings["use_old_scheduling"],
+                downcast_alphas_cumprod=settings["use_downcasted_alpha_bar"],
+                zero_terminal_snr=A1111_NOISE_SCHEDULES[settings["sd_noise_schedule"]])
 
 
 def _schedule_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -651,6 +666,12 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     every later generation instead); every option's text is UTF-8, as GET echoes it (`check_texts`). Errors
     name each option as sent: `where` and its key (`override_settings.` in a generation request)."""
     check_texts(body, where.rstrip("."))
+    for key, choices in (("emphasis", EMPHASIS_MODES), ("sd_noise_schedule", tuple(A1111_NOISE_SCHEDULES))):
+        if key in body and body[key] not in choices:
+            raise BadRequest(f"{where}{key} must be one of {', '.join(map(repr, choices))}, got {body[key]!r}", 422)
+    for key in ("use_old_scheduling", "use_downcasted_alpha_bar"):
+        if not isinstance(body.get(key, False), bool):
+            raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
     for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0), ("sdxl_crop_top", 0),
                        ("sdxl_crop_left", 0)):
         value = body.get(key, least)

@@ -91,6 +91,10 @@ class JobIn(NullsAreDefaults):
     inpaint_padding: int = 32               # ... reaching this many pixels past the mask
     clip_skip: int = 1
     clip_skip_convention: str = "diffusers"  # "a1111": A1111's rule, SD1's encoder alone moves back (its pictures')
+    emphasis: str = "Original"              # A1111's emphasis mode: "Original", "No norm", "Ignore", "None"
+    old_prompt_editing: bool = False        # A1111's Old prompt editing timelines
+    downcast_alphas_cumprod: bool = False   # A1111's Downcast alphas_cumprod
+    zero_terminal_snr: bool = False         # A1111's Noise Schedule "Zero Terminal SNR"
     eta: float | None = None
     s_churn: float = 0.0                    # k-diffusion's churn (A1111's Sigma churn / tmin / tmax: Euler, Heun,
     s_tmin: float = 0.0                     # DPM2) and noise scale (its Sigma noise), as A1111 passes them
@@ -153,6 +157,8 @@ def sdxl_conditioning(body: JobIn) -> dict[str, Any]:
     return {name: getattr(body, name) for name in SDXL_CONDITIONING}
 
 
+PROMPT_OPTIONS = ("emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr")
+"""The job's A1111 Emphasis, Old prompt editing timelines, Downcast alphas_cumprod and Noise Schedule."""
 SIGMA_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
                  "discard_penultimate_sigma")
 """The job's churn, noise scale and schedule overrides, named as `GenerationRequest` names them."""
@@ -217,6 +223,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),
+        **{name: getattr(body, name) for name in PROMPT_OPTIONS},
         **{name: getattr(body, name) for name in (*SIGMA_OPTIONS, *NOISE_OPTIONS)},
         **{name: getattr(body, name) for name in GUIDANCE_OPTIONS},
     )

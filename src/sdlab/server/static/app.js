@@ -71,6 +71,10 @@ const KEPT = {
   extra_noise: { none: 0, with: [] },
   inpainting_mask_weight: { none: 1, with: [] },
   control_convention: { none: "diffusers", with: [] },
+  emphasis: { none: "Original", with: [] },                 // A1111's Emphasis, Old prompt editing timelines,
+  old_prompt_editing: { none: false, with: [] },            // Downcast alphas_cumprod and Noise Schedule stay too
+  downcast_alphas_cumprod: { none: false, with: [] },
+  zero_terminal_snr: { none: false, with: [] },
   original_size: { none: null, with: WITH_SIZE },
   target_size: { none: null, with: WITH_SIZE },
   crops_coords_top_left: { none: [0, 0], with: WITH_SIZE },
