@@ -146,6 +146,24 @@ def test_native_invert_mask_repaints_the_black_part(client):
     assert np.array_equal(*(np.asarray(Image.open(io.BytesIO(png))) for png in drawn))
 
 
+def test_native_mask_round_false_repaints_a_semi_transparent_mask(client):
+    """A1111's mask_round: a brush of alpha 90 rounds to nothing (the picture comes back as it was); off, it
+    repaints at its own level."""
+    brush = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    brush.paste((255, 255, 255, 90), (36, 8, 52, 20))
+    job = {"mode": "inpaint", "prompt": "x", "steps": 2, "seed": 1, "init_image": _b64(_picture()),
+           "mask_image": _b64(brush), "img2img_convention": "a1111"}
+    drawn = {}
+    for mask_round in (True, False):
+        created = client.post("/api/jobs", json={**job, "mask_round": mask_round})
+        assert created.status_code == 202, created.text
+        done = wait_for_job(client, created.json()["id"])
+        assert done["status"] == "done" and done["request"]["mask_round"] is mask_round, done
+        drawn[mask_round] = np.asarray(Image.open(io.BytesIO(client.get(done["images"][0]).content)).convert("RGB"))
+    assert np.array_equal(drawn[True], np.asarray(_picture()))
+    assert not np.array_equal(drawn[False], np.asarray(_picture()))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # several init images, mask blur x / y, inverted masks, the initial noise multiplier, extra_generation_params
 

@@ -381,7 +381,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
         pixels = torch.cat([pil_to_tensor(p.image) for p in plan.pictures]).to(device)   # (N, 3, H, W); "latent":
                                                                                          # the pictures' own size
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
-            mask = (plan.mask >= 0.5).to(torch.float32).to(device)
+            mask = (plan.mask >= 0.5 if req.mask_round else plan.mask).to(torch.float32).to(device)
             small_mask = _latent_repaint(bundle, plan, mask)                                 # (1, 1, h, w)
     from_noise = image_latent is None and (pixels is None or (
         mask is not None and req.strength == 1.0 and req.img2img_convention not in UI_IMG2IMG))
@@ -408,10 +408,10 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
 def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> Tensor:
     """The latent cells inpainting repaints (1, 1, h, w): under A1111's img2img convention A1111's (the blurred
     mask resized bicubic and rounded, `a1111_latent_mask`), else diffusers' (the thresholded `mask`
-    (1, 1, H, W) shrunk with nearest neighbour, `latent_mask`)."""
+    (1, 1, H, W) shrunk with nearest neighbour, `latent_mask`); with `mask_round` off both keep the levels."""
     if plan.request.img2img_convention in A1111_IMG2IMG:
         height, width = plan.latent_shape[-2:]
-        return a1111_latent_mask(plan.mask, (width, height)).to(mask.device)
+        return a1111_latent_mask(plan.mask, (width, height), plan.request.mask_round).to(mask.device)
     return latent_mask(mask, bundle.vae_config.downsample_factor)
 
 

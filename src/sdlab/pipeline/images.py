@@ -153,15 +153,17 @@ def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(p) for p in pixels]
 
 
-def mask_levels(mask_image: Image.Image) -> Image.Image:
+def mask_levels(mask_image: Image.Image, round_alpha: bool = True) -> Image.Image:
     """A mask picture's grey levels (mode "L", white = repaint). A mask with transparency, an RGBA picture
-    whose alpha is not 255 everywhere, is its alpha channel made binary (alpha > 128 = repaint), else its
+    whose alpha is not 255 everywhere, is its alpha channel made binary (alpha > 128 = repaint; as it is
+    without `round_alpha`, A1111's ``mask_round`` off), else its
     luminance with its grey levels (a feathered brush blends). A1111's rule (``create_binary_mask`` in
     ``modules/processing.py``: ``image.mode == 'RGBA' and image.getextrema()[-1] != (255, 255)`` takes
     ``image.split()[-1]`` thresholded at ``x > 128``, else ``image.convert('L')``), so a painted layer
     exported as a transparent PNG repaints what is painted, not the whole picture."""
     if mask_image.mode == "RGBA" and mask_image.getextrema()[-1] != (255, 255):
-        return mask_image.getchannel("A").point(lambda v: 255 if v > 128 else 0)
+        alpha = mask_image.getchannel("A")
+        return alpha.point(lambda v: 255 if v > 128 else 0) if round_alpha else alpha
     return mask_image if mask_image.mode == "L" else mask_image.convert("L")
 
 
@@ -205,19 +207,21 @@ def latent_mask(mask: torch.Tensor, factor: int = 8) -> torch.Tensor:
     return F.interpolate(mask, size=(height // factor, width // factor))   # default mode: nearest
 
 
-def a1111_latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def a1111_latent_mask(mask: torch.Tensor, size: tuple[int, int], rounded: bool = True) -> torch.Tensor:
     """A1111's latent mask (``latmask`` of ``StableDiffusionProcessingImg2Img.init``): the blurred mask
     (1, 1, H, W) in [0, 1] as its uint8 picture, resized to ``size=(w, h)`` with PIL's default resample
-    (bicubic), / 255 and rounded: (1, 1, h, w), 1 = repaint."""
+    (bicubic), / 255 and rounded (`rounded`, A1111's ``mask_round``; else left soft): (1, 1, h, w), 1 = repaint."""
     pixels = (mask[0, 0] * 255).round().to(torch.uint8).cpu().numpy()                     # (H, W)
     small = Image.fromarray(pixels).resize(tuple(size), resample=Image.Resampling.BICUBIC)
-    rounded = np.around(np.asarray(small, dtype=np.float32) / 255)                        # (h, w)
-    return torch.from_numpy(rounded)[None, None].to(mask.device)                          # (1, 1, h, w)
+    levels = np.asarray(small, dtype=np.float32) / 255                                    # (h, w)
+    return torch.from_numpy(np.around(levels) if rounded else levels)[None, None].to(mask.device)
 
 
 def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The picture with the repainted area set to 0 (mid-grey): ``image * (mask < 0.5)``, (B, 3, H, W)."""
-    return image * (mask < 0.5)
+    """The picture faded to 0 (mid-grey) where it is repainted: ``image * (1 - mask)``, (B, 3, H, W). A binary
+    mask (diffusers' ``image * (mask < 0.5)`` of a thresholded one, A1111's rounded one) blanks the repainted
+    pixels; a soft one (A1111's ``mask_round`` off) keeps ``1 - mask`` of them."""
+    return image * (1 - mask)
 
 
 def pad_for_outpaint(

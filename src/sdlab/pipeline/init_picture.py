@@ -2,7 +2,8 @@
 
 In A1111's order:
 
-1. the mask: its levels, inverted for Mask mode "Inpaint not masked", Gaussian-blurred by ``mask_blur`` (along y
+1. the mask: its levels (a transparent mask's alpha kept soft with ``mask_round`` off), inverted for Mask mode
+   "Inpaint not masked", Gaussian-blurred by ``mask_blur`` (along y
    ``mask_blur_y`` when set) at its own size (``overlay.blurred_mask``), which may differ from the picture's;
 2. Inpaint area "Whole picture": the mask is resized to width x height by the resize mode (Lanczos, as diffusers
    resizes it; "latent": stretched); the overlay weight is twice it, clipped (``overlay.overlay_weight``).
@@ -91,7 +92,8 @@ def _mask_side(req: GenerationRequest) -> _MaskSide | None:
     if req.mask_image is None:
         return None
     size = (req.width, req.height)
-    blurred = blurred_mask(req.mask_image, req.mask_blur, req.mask_blur_y, req.invert_mask)   # "L", its own size
+    blurred = blurred_mask(req.mask_image, req.mask_blur, req.mask_blur_y, req.invert_mask,   # "L", its own size
+                           req.mask_round)
     if not req.inpaint_only_masked:
         resized = (fit_mask(blurred, size) if req.resize_mode == "latent"
                    else _resized(blurred, req.resize_mode, size))

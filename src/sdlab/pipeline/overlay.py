@@ -88,12 +88,13 @@ def _reflect_101(index: np.ndarray, length: int) -> np.ndarray:
 
 
 def blurred_mask(mask_image: Image.Image, sigma: float, sigma_y: float | None = None,
-                 invert: bool = False) -> Image.Image:
-    """A1111's inpainting mask at its own size: its levels (``mask_levels``), inverted when `invert` asks
+                 invert: bool = False, round_alpha: bool = True) -> Image.Image:
+    """A1111's inpainting mask at its own size: its levels (``mask_levels``, a transparent mask's alpha binary
+    unless `round_alpha` is off: A1111's ``mask_round``), inverted when `invert` asks
     (Mask mode "Inpaint not masked"), Gaussian-blurred by ``sigma`` pixels along x, then ``sigma_y`` along y
     (None: ``sigma``; a sigma of 0 leaves its axis as it is), each pass rounded to uint8 as A1111's two
     ``cv2.GaussianBlur`` calls round; a uint8 "L" image, white = repaint."""
-    mask = mask_levels(mask_image)
+    mask = mask_levels(mask_image, round_alpha)
     if invert:
         mask = ImageOps.invert(mask)
     pixels = np.asarray(mask, dtype=np.uint8)

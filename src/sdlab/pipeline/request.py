@@ -204,6 +204,9 @@ class GenerationRequest:
                                             # x's alone (A1111's mask_blur_x / mask_blur_y); None: mask_blur
     invert_mask: bool = False               # repaint where the mask is black (A1111's Mask mode "Inpaint not
                                             # masked", inpainting_mask_invert)
+    mask_round: bool = True                 # False: A1111's mask_round off: a transparent mask's alpha kept soft,
+                                            # the latent blend, latent noise / nothing and a 9-channel model's mask
+                                            # by the blurred mask's levels, not rounded to repaint / keep
     inpaint_fill: str = "original"          # the masked area starts as "fill", "original", "latent noise" or
                                             # "latent nothing" (A1111's Masked content; pipeline/masked_content.py)
     inpaint_only_masked: bool = False       # draw the mask's region alone at width x height, put back into the
@@ -693,6 +696,8 @@ def resolve(
         raise RequestError(f"sgm_noise_multiplier must be True or False, got {r.sgm_noise_multiplier!r}")
     if not isinstance(r.invert_mask, bool):
         raise RequestError(f"invert_mask must be True or False, got {r.invert_mask!r}")
+    if not isinstance(r.mask_round, bool):
+        raise RequestError(f"mask_round must be True or False, got {r.mask_round!r}")
     if r.tiled_vae is not None and not isinstance(r.tiled_vae, bool):
         raise RequestError(f"tiled_vae must be True, False or None (tile large pictures), got {r.tiled_vae!r}")
     if not isinstance(r.paste_back, bool):

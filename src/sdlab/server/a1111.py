@@ -192,6 +192,7 @@ class Img2ImgIn(Txt2ImgIn):
     mask_blur_x: int | float = 4            # A1111's are ints (its "Mask blur" label too); sdlab takes fractions
     mask_blur_y: int | float = 4
     inpainting_mask_invert: int = 0         # 1: Mask mode "Inpaint not masked"
+    mask_round: bool = True                 # false: the mask's levels kept where A1111 rounds them
     initial_noise_multiplier: float | None = None   # None: A1111's option's default, 1
     inpainting_fill: int = 0                # Masked content, `MASKED_CONTENT`: 0 fill (A1111's API default)
     inpaint_full_res: bool = True           # Inpaint area: true "Only masked" (A1111's API default), false whole
@@ -224,7 +225,7 @@ def _picture_options(body: Img2ImgIn, masked: bool, noise_option: float) -> dict
     return {"resize_mode": resize_mode, "noise_multiplier": noise, "inpaint_only_masked": body.inpaint_full_res,
             "inpaint_fill": _choice(body.inpainting_fill, MASKED_CONTENT, MASKED_CONTENT, "inpainting_fill"),
             "inpaint_padding": body.inpaint_full_res_padding, "mask_blur": blur_x, "mask_blur_y": blur_y,
-            "invert_mask": bool(body.inpainting_mask_invert)}
+            "invert_mask": bool(body.inpainting_mask_invert), "mask_round": body.mask_round}
 
 
 def _batch_size(body: Txt2ImgIn, inits: tuple[Image.Image, ...]) -> int:

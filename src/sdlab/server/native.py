@@ -85,6 +85,7 @@ class JobIn(NullsAreDefaults):
     resize_mode: str = "resize"             # init image to width x height: resize, crop, fill, latent (A1111's)
     mask_image: str | None = None           # white = repaint
     invert_mask: bool = False               # repaint the black part instead (A1111's Mask mode "Inpaint not masked")
+    mask_round: bool = True                 # false: the mask's levels kept where A1111 rounds them (its mask_round)
     mask_blur: float = 0.0
     inpaint_fill: str = "original"          # masked content: fill, original, latent noise, latent nothing
     inpaint_only_masked: bool = False       # draw only the mask's region (A1111's Inpaint area "Only masked") ...
@@ -215,6 +216,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         control_convention=body.control_convention,
         init_image=init, mask_image=mask,
         strength=strength, resize_mode=body.resize_mode, mask_blur=body.mask_blur, invert_mask=body.invert_mask,
+        mask_round=body.mask_round,
         inpaint_fill=body.inpaint_fill,
         inpaint_only_masked=body.inpaint_only_masked, inpaint_padding=body.inpaint_padding,
         subseed=body.subseed if body.subseed_strength else None,

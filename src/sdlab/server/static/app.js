@@ -70,6 +70,7 @@ const KEPT = {
   clip_skip_convention: { none: "diffusers", with: [] },
   extra_noise: { none: 0, with: [] },
   inpainting_mask_weight: { none: 1, with: [] },
+  mask_round: { none: true, with: [] },                      // A1111's mask_round (its API's jobs') stays too
   control_convention: { none: "diffusers", with: [] },
   emphasis: { none: "Original", with: [] },                 // A1111's Emphasis, Old prompt editing timelines,
   old_prompt_editing: { none: false, with: [] },            // Downcast alphas_cumprod and Noise Schedule stay too
