@@ -228,6 +228,46 @@ def test_prompt_chunks_names_the_prompt():
         prompt_chunks("a (x:1.2.3)", tok)
 
 
+# --- refused when the request is resolved ---------------------------------------------------------------
+
+CHUNKS_OF_CAT = "cat " * (75 * MAX_CHUNKS)         # "cat" is one token: exactly MAX_CHUNKS chunks
+
+
+def test_a_prompt_past_the_chunks_is_refused_when_resolved_not_when_drawn(model):
+    """`Pipeline.resolve` ("after every check") counts the chunks with the model's tokenizer, in every text the
+    request encodes, the prompt's extra-network tags and comments left out as they are when it is encoded."""
+    import sdlab
+    from sdlab.pipeline.request import GenerationRequest
+
+    pipe = sdlab.load(model)
+    for prompt, negative in ((CHUNKS_OF_CAT + "cat", ""), ("a cat", CHUNKS_OF_CAT + "cat"),
+                             ("[" + CHUNKS_OF_CAT + "cat:a dog:0.5]", "")):
+        with pytest.raises(PromptError, match=f"more than {MAX_CHUNKS} chunks"):
+            pipe.resolve(GenerationRequest(prompt, negative, steps=2))
+    pipe.resolve(GenerationRequest(CHUNKS_OF_CAT + "<hypernet:style:1>\n# and a comment of many words", steps=2))
+    breaks = "cat BREAK " * MAX_CHUNKS + "cat"          # MAX_CHUNKS + 1 chunks, or text under the emphasis "None"
+    with pytest.raises(PromptError, match=f"more than {MAX_CHUNKS} chunks"):
+        pipe.resolve(GenerationRequest(breaks, steps=2))
+    pipe.resolve(GenerationRequest(breaks, steps=2, emphasis="None"))
+
+
+def test_the_server_refuses_a_prompt_past_the_chunks_before_queueing_it(tmp_path):
+    """The server's submit check counts them with the loaded model's tokenizer: a 400 at once, nothing queued."""
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.config import ServerConfig
+    from sdlab.server.inputs import BadRequest, JobSpec
+    from sdlab.server.service import Service
+
+    service = Service(ServerConfig(tmp_path / "served"))
+    try:
+        service.runner.warm()               # the startup model, loaded as `sdlab serve` loads it before listening
+        with pytest.raises(BadRequest, match=f"more than {MAX_CHUNKS} chunks") as refused:
+            service.submit(JobSpec(GenerationRequest(CHUNKS_OF_CAT + "cat", steps=2)), "txt2img", None)
+        assert refused.value.status == 400 and service.queue.counts() == (0, 0)
+    finally:
+        service.store.close()
+
+
 # --- the command line ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -32,9 +32,10 @@ from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.schedules import a1111_schedule_override
 from sdlab.diffusion.samplers import SamplerSpec, also_discards, get_sampler, steps_warning
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.conditioning import hidden_state_layers
+from sdlab.pipeline.conditioning import hidden_state_layers, prompt_chunks
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
+from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_schedule import composable_parts, prompt_schedule
 from sdlab.pipeline.prompt_syntax import PromptError, is_break, strip_comments, weighted_runs
 from sdlab.pipeline.request import (
@@ -167,16 +168,32 @@ def _tokenized_runs(req: GenerationRequest) -> list[str]:
     begin: the emphasis runs (`weighted_runs`, the request's emphasis mode) of each edited text
     (`prompt_schedule`) of each AND part and of the negative prompt. A text that does not parse has none
     (encoding it is a `PromptError`)."""
-    texts = [part for part, _ in composable_parts(req.prompt)] + [req.negative_prompt]
-    edited = dict.fromkeys(text_at for text in texts
-                           for _, text_at in prompt_schedule(text, req.steps, old=req.old_prompt_editing))
     runs: list[str] = []
-    for text in edited:
+    for text in _edited_texts(req):
         try:
             runs += [run for run, weight in weighted_runs(text, req.emphasis) if not is_break((run, weight))]
         except PromptError:
             continue
     return runs
+
+
+def _edited_texts(req: GenerationRequest) -> list[str]:
+    """The texts the request encodes: each edited text (`prompt_schedule`) of each AND part of the prompt and
+    of the negative prompt."""
+    texts = [part for part, _ in composable_parts(req.prompt)] + [req.negative_prompt]
+    return list(dict.fromkeys(text_at for text in texts
+                              for _, text_at in prompt_schedule(text, req.steps, old=req.old_prompt_editing)))
+
+
+def check_prompt_chunks(bundle: ModelBundle, req: GenerationRequest) -> None:
+    """A `PromptError` when the request is resolved, not when it is drawn, for a text of `req` (resolved) that
+    the model's tokenizers make more than `MAX_CHUNKS` chunks of (its embeddings' vectors counted): the texts
+    it encodes (`_edited_texts`), the prompt without its comments and extra-network tags."""
+    encoded = replace(req, prompt=without_extra_networks(req.prompt), negative_prompt=strip_comments(req.negative_prompt))
+    tokenizers = {id(encoder.tokenizer): encoder.tokenizer for encoder in bundle.text_encoders}.values()
+    for text in _edited_texts(encoded):
+        for tokenizer in tokenizers:
+            prompt_chunks(text, tokenizer, req.emphasis)
 
 
 def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None:
@@ -323,6 +340,7 @@ def make_plan(
     at the img2img level of `request.strength` (the hires fix's second pass after a latent upscale)."""
     free = available_bytes(bundle.device)                         # one reading for every model's check
     req = _resolve(bundle, request, free)
+    check_prompt_chunks(bundle, req)
     if req.hires and free is not None:                            # the second pass, at the upscaled size
         multiple = math.lcm(SIZE_MULTIPLE, bundle.vae_config.downsample_factor)
         (width, height), _ = hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height, multiple)

@@ -30,7 +30,7 @@ from sdlab.diffusion.schedule_names import (
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
-from sdlab.pipeline.plan import check_refiner_convention
+from sdlab.pipeline.plan import check_prompt_chunks, check_refiner_convention
 from sdlab.pipeline.request import (
     SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch, requested_size, resolve,
 )
@@ -368,6 +368,8 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
                            default_sampler="Euler", default_schedule="normal", factor=factor,
                            guidance_embedding=model is not None and model.unet_config.time_cond_proj_dim is not None)
         check_batch_seeds(resolved, batch_count)
+        if model is not None:           # its tokenizers count the prompt's chunks now, not once it is queued
+            check_prompt_chunks(model, resolved)
     except (RequestError, ValueError) as err:
         raise BadRequest(str(err)) from None
     if resolved.hires and size_known:       # unknown: the worker checks it once the model is loaded
