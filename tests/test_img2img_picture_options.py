@@ -27,7 +27,7 @@ from sdlab.pipeline.masked_content import fill
 from sdlab.pipeline.overlay import blurred_mask
 from sdlab.pipeline.plan import make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
-from sdlab.pipeline.request import GenerationRequest, RequestError
+from sdlab.pipeline.request import GenerationRequest, RequestError, next_batch
 from sdlab.pipeline.upscale import resize_image
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -315,6 +315,27 @@ def test_latent_noise_is_each_seeds_first_draw_and_nothing_is_zero(pipe, content
                        for seed in (11, 12)])                                                  # (2, 4, 16, 24)
     assert torch.equal(start.image_latent[repaint], draws[repaint])
     assert torch.equal(start.noise, draws)                       # A1111's initial noise: the same first draws
+
+
+@pytest.mark.parametrize("convention, variation", [("a1111", False), ("a1111", True), ("diffusers", False)])
+def test_latent_noise_of_later_batches_is_the_first_batchs_under_a1111s_convention(pipe, convention, variation):
+    """A1111 fills the init latent once per job, in `init` before its n_iter loop, from ``all_seeds[0:B]``: every
+    batch of a batch count repaints the first batch's latent noise (its own initial noise still its seeds');
+    diffusers' convention draws each batch's from its own seeds."""
+    bundle = pipe.bundle
+    extra = dict(subseed=5, subseed_strength=0.5) if variation else {}
+    request = GenerationRequest("x", init_image=_picture(), mask_image=_mask(), mask_blur=1.5, batch_size=2, seed=11,
+                                inpaint_fill="latent noise", img2img_convention=convention, strength=0.75, steps=2,
+                                **extra)
+    first = make_plan(bundle, request).request
+    later = make_plan(bundle, next_batch(first, 2)).request                          # all_seeds[4:6]
+    start = _start(bundle, make_plan(bundle, later), generators_for(later.seeds()))
+    repaint = start.latent_mask.bool().expand(2, 4, -1, -1)                            # (2, 4, 16, 24)
+    seeds = [11, 11] if variation else [11, 12] if convention == "a1111" else [15, 16]
+    draws = torch.cat([torch.randn((1, 4, 16, 24), generator=torch.Generator().manual_seed(seed))
+                       for seed in seeds])                                             # (2, 4, 16, 24)
+    assert torch.equal(start.image_latent[repaint], draws[repaint])
+    assert later.seeds() == ([11, 11] if variation else [15, 16])                     # its own noise's seeds
 
 
 # ---------------------------------------------------------------------------------------------------------

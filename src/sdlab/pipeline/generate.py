@@ -428,7 +428,13 @@ def _init_latent(bundle: ModelBundle, plan: GenerationPlan, pixels: Tensor, repa
         latent = upscale_latent(latent, *plan.latent_shape[-2:])                            # (B, 4, h, w)
     if repaint is None:
         return latent
-    return masked_latent(latent, repaint.to(latent), req.inpaint_fill, req.seeds(), req.rng)
+    return masked_latent(latent, repaint.to(latent), req.inpaint_fill, _latent_noise_seeds(req), req.rng)
+
+
+def _latent_noise_seeds(req: GenerationRequest) -> list[int]:
+    """The seeds "latent noise" draws from: the request's own (`seeds`), or `latent_noise_seed`'s images where set
+    (`next_batch`: batch 0's, under A1111's img2img convention)."""
+    return req.seeds() if req.latent_noise_seed is None else replace(req, seed=req.latent_noise_seed).seeds()
 
 
 def _draw_unread_masked_image_sample(plan: GenerationPlan, generators: list[Generator]) -> None:

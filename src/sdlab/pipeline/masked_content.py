@@ -6,7 +6,8 @@
 - "latent noise": filled as "fill", then the masked area of the init latent replaced by each image's seed's
   first draw, a unit Gaussian (`masked_latent`; A1111's ``create_random_tensors(shape, seeds)`` in
   ``StableDiffusionProcessingImg2Img.init``: fresh generators of the batch's seeds and the run's random
-  source, apart from the run's generators);
+  source, apart from the run's generators; A1111 runs ``init`` once per job, so under its img2img convention
+  every batch of a batch count draws the first batch's seeds: ``request.latent_noise_seed``);
 - "latent nothing": filled as "fill", then the masked area of the init latent set to zero.
 
 Where the init latent starts the run (A1111's img2img convention at any strength, diffusers' below 1)

@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from sdlab.diffusion.discretization import (
+    A1111_IMG2IMG,
     IMG2IMG_CONVENTIONS,
     INIT_NOISE_CONVENTIONS,
     SPACINGS,
@@ -209,6 +210,9 @@ class GenerationRequest:
                                             # by the blurred mask's levels, not rounded to repaint / keep
     inpaint_fill: str = "original"          # the masked area starts as "fill", "original", "latent noise" or
                                             # "latent nothing" (A1111's Masked content; pipeline/masked_content.py)
+    latent_noise_seed: int | None = None    # "latent noise" drawn from this seed's images (+ i, as `seeds`) instead
+                                            # of the request's; `next_batch` sets batch 0's under A1111's img2img
+                                            # convention (A1111 fills the init latent once per job)
     inpaint_only_masked: bool = False       # draw the mask's region alone at width x height, put back into the
                                             # picture (A1111's Inpaint area "Only masked"; pipeline/inpaint_area.py)
     inpaint_padding: int = 32               # pixels the region reaches past the mask (A1111's Only masked padding)
@@ -426,8 +430,11 @@ def fixed_seed(seed: int | None) -> int:
 def next_batch(request: GenerationRequest, k: int) -> GenerationRequest:
     """Batch `k` of a batch count (A1111's n_iter, `sdlab txt2img --batch-count`) after the resolved
     `request`, batch 0: its seeds (or, with a variation seed, its subseeds) continue after those of the
-    batches before, as A1111 numbers `all_seeds` / `all_subseeds`."""
+    batches before, as A1111 numbers `all_seeds` / `all_subseeds`; under A1111's img2img convention "latent noise"
+    stays batch 0's (`latent_noise_seed`), as A1111 draws it once per job from ``all_seeds[0:batch_size]``."""
     step = k * request.batch_size
+    if request.img2img_convention in A1111_IMG2IMG and request.latent_noise_seed is None:
+        request = replace(request, latent_noise_seed=request.seed)     # A1111's `init`, before its n_iter loop
     if request.subseed_strength:
         return replace(request, subseed=request.subseed + step)
     return replace(request, seed=request.seed + step)
@@ -715,6 +722,8 @@ def resolve(
         raise RequestError(f"seed must be an integer (or None / -1 for a random one), got {r.seed!r}")
     if r.subseed is not None and not _integer(r.subseed):
         raise RequestError(f"subseed must be an integer (or None / -1 for a random one), got {r.subseed!r}")
+    if r.latent_noise_seed is not None and not _integer(r.latent_noise_seed):
+        raise RequestError(f"latent_noise_seed must be an integer (or None: the seed), got {r.latent_noise_seed!r}")
     if not 0.0 <= _finite("subseed_strength", r.subseed_strength) <= 1.0:
         raise RequestError(f"subseed_strength (variation strength) must lie in [0, 1], got {r.subseed_strength}")
     rng = rng_source(r.rng)
@@ -789,6 +798,8 @@ def resolve(
         )
     seed = _batch_seed("seed", fixed_seed(r.seed), r.batch_size)
     subseed = _batch_seed("subseed", fixed_seed(r.subseed), r.batch_size) if r.subseed_strength else None
+    if r.latent_noise_seed is not None:
+        _batch_seed("latent_noise_seed", r.latent_noise_seed, r.batch_size)
     hires = _resolve_hires(r, width, height, multiple)
     init_images = tuple(on_white(image) for image in r.init_images)
     init_image = init_images[0] if init_images else None if r.init_image is None else on_white(r.init_image)
