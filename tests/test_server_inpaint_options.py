@@ -80,6 +80,17 @@ def test_a1111_bad_values_are_a_422(fields, message):
     assert err.value.status == 422 and err.value.message == message
 
 
+def test_a1111_latent_mask_with_a_mask_is_a_422_and_without_one_ignored():
+    """A1111's API passes latent_mask on as the base64 string it was sent (it decodes `mask` alone), so with a mask
+    its `init` fails on it (``masking.fill(image, latent_mask)``, ``latent_mask.convert``); without, it is unused."""
+    body = Img2ImgIn(prompt="x", latent_mask=_b64(_mask()))
+    with pytest.raises(BadRequest) as err:
+        _request(body, inits=(_picture(),), mask=_mask())
+    assert err.value.status == 422 and err.value.message.startswith("latent_mask is not drawn")
+    assert _request(body, inits=(_picture(),)).mask_image is None
+    assert _request(Img2ImgIn(prompt="x", latent_mask=None), inits=(_picture(),), mask=_mask()).mask_image is not None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # over HTTP
 

@@ -193,6 +193,7 @@ class Img2ImgIn(Txt2ImgIn):
     mask_blur_y: int | float = 4
     inpainting_mask_invert: int = 0         # 1: Mask mode "Inpaint not masked"
     mask_round: bool = True                 # false: the mask's levels kept where A1111 rounds them
+    latent_mask: str | None = None          # with a mask a 422 (`_picture_options`); without one ignored, as A1111
     initial_noise_multiplier: float | None = None   # None: A1111's option's default, 1
     inpainting_fill: int = 0                # Masked content, `MASKED_CONTENT`: 0 fill (A1111's API default)
     inpaint_full_res: bool = True           # Inpaint area: true "Only masked" (A1111's API default), false whole
@@ -221,6 +222,9 @@ def _picture_options(body: Img2ImgIn, masked: bool, noise_option: float) -> dict
         return {"resize_mode": resize_mode, "noise_multiplier": noise}
     if body.inpaint_full_res_padding < 0:
         raise BadRequest(f"inpaint_full_res_padding must be >= 0, got {body.inpaint_full_res_padding}", 422)
+    if body.latent_mask is not None:        # A1111's API leaves it a base64 string, which its `init` fails on
+        raise BadRequest("latent_mask is not drawn: A1111's API does not decode it and fails on it with a mask; "
+                         "send the mask as mask", 422)
     blur_x, blur_y = (body.mask_blur_x, body.mask_blur_y) if body.mask_blur is None else (body.mask_blur,) * 2
     return {"resize_mode": resize_mode, "noise_multiplier": noise, "inpaint_only_masked": body.inpaint_full_res,
             "inpaint_fill": _choice(body.inpainting_fill, MASKED_CONTENT, MASKED_CONTENT, "inpainting_fill"),
