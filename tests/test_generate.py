@@ -23,6 +23,8 @@ from sdlab.diffusion.noise import generators_for
 from sdlab.diffusion.samplers import sampler_names
 from sdlab.families import get_family
 from sdlab.pipeline.generate import (
+    SamplingStopped,
+    decode_latents,
     encode_image,
     generate,
     generate_with_refiner,
@@ -30,7 +32,7 @@ from sdlab.pipeline.generate import (
     resolve_for,
     sample_latents,
 )
-from sdlab.pipeline.images import latent_mask, pil_to_tensor, prepare_mask
+from sdlab.pipeline.images import latent_mask, pil_to_tensor, prepare_mask, tensor_to_pil
 from sdlab.pipeline.request import (
     MAX_PROMPT_CHARS,
     GenerationRequest,
@@ -453,3 +455,59 @@ def test_a_float16_vae_that_overflows_reruns_in_float32(caplog):
         encoded = encode_image(bundle, pixels, generators_for([7]))   # the retry draws what the first try drew
     assert bundle.vae.dtype == torch.float32
     assert torch.isfinite(encoded).all() and (encoded - expected_latents).abs().max() < 5e-3 * expected_latents.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a run stopped from its progress callback (A1111's interrupt and skip)
+
+
+def _stopping_after(step: int, seen: list):
+    """A progress callback that keeps each step's x0 estimate and raises `SamplingStopped` after step `step`."""
+    def progress(info) -> None:
+        seen.append(info.denoised.clone())
+        if info.i == step:
+            raise SamplingStopped
+    return progress
+
+
+def test_a_stopped_run_ends_with_the_pictures_of_its_latest_x0_estimate(bundles):
+    """A1111's interrupt and skip end its sampler with the latest x0 estimate (`launch_sampling`: `except
+    InterruptedException: return self.last_latent`), decoded as the last step's latent would be: the run's
+    `result` is the decoded `StepInfo.denoised` of the step it stopped after."""
+    bundle, seen = bundles["sd1"], []
+    with pytest.raises(SamplingStopped) as stopped:
+        generate(bundle, _request(steps=6, batch_size=2), progress=_stopping_after(2, seen))
+    result = stopped.value.result
+    assert len(seen) == 3 and result.request.steps == 6 and result.seeds == [3, 4]
+    assert _pixels(result.images).tolist() == _pixels(tensor_to_pil(decode_latents(bundle, seen[-1]))).tolist()
+    assert np.abs(_pixels(result.images) - _pixels(generate(bundle, _request(steps=6, batch_size=2)).images)).max() > 0
+
+
+def test_a_stopped_inpainting_is_pasted_back_and_a_stopped_hires_fix_keeps_the_pass_it_reached(bundles):
+    """Inpainting: the kept half is the original's, as at the end of a run. The hires fix: stopped in its first pass
+    the first pass's pictures at its size, as A1111's interrupt skips `sample_hr_pass`; in its second pass, the
+    second pass's at the final size."""
+    inpaint = _request(steps=6, init_image=_picture(), mask_image=_mask(), strength=1.0)
+    with pytest.raises(SamplingStopped) as stopped:
+        generate(bundles["sd1"], inpaint, progress=_stopping_after(1, []))
+    whole = generate(bundles["sd1"], inpaint).images
+    kept = np.s_[:, :, : SIZE // 2 - 2]
+    assert (_pixels(stopped.value.result.images)[kept] == _pixels(whole)[kept]).all()
+    pipe = Pipeline(bundles["sd1"])
+    for step, size in ((1, SIZE), (7, 2 * SIZE)):                     # 6 first-pass steps, then the second pass's
+        with pytest.raises(SamplingStopped) as stopped:
+            pipe.run(_request(steps=6, hr_scale=2, hr_upscaler="Latent"), progress=_stopping_after(step, []))
+        assert stopped.value.result.images[0].size == (size, size) and stopped.value.result.request.hires
+
+
+def test_a_stopped_refined_run_is_decoded_by_the_refiners_vae(bundles):
+    """Stopped in the base's part or the refiner's, the x0 estimate is decoded by the refiner's VAE, as the run's
+    end is (the refiner's part does not run after a stop in the base's)."""
+    for step in (1, 3):
+        seen = []
+        with pytest.raises(SamplingStopped) as stopped:
+            generate_with_refiner(bundles["sdxl"], bundles["sdxl-refiner"], _request(steps=5), switch_at=0.5,
+                                  progress=_stopping_after(step, seen))
+        assert len(seen) == step + 1
+        decoded = tensor_to_pil(decode_latents(bundles["sdxl-refiner"], seen[-1]))
+        assert _pixels(stopped.value.result.images).tolist() == _pixels(decoded).tolist()

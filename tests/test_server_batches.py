@@ -9,9 +9,12 @@ import asyncio
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from cli_helpers import run
+from sdlab.pipeline.generate import SamplingStopped
 from sdlab.pipeline.request import MAX_SEED, GenerationRequest
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import BadRequest, JobSpec
@@ -82,11 +85,11 @@ def test_each_batch_is_written_as_it_is_drawn(service):
     assert [int(text.split("Seed: ")[1].split(",")[0]) for text in job.infotexts] == job.seeds
 
 
-def _job(service: Service, count: int = 3):
-    """A queued job of `count` batches of 2 pictures (2 steps each, seeds from 40), made the running one as the
-    worker makes it (`JobQueue.current`), so that interrupt and skip reach it; `runner.run(job)` runs it."""
-    job, _ = service.submit(JobSpec(GenerationRequest("a castle", **FAST, seed=40, batch_size=2), batch_count=count),
-                            "txt2img", None)
+def _job(service: Service, count: int = 3, steps: int = 2):
+    """A queued job of `count` batches of 2 pictures (`steps` steps each, seeds from 40), made the running one as
+    the worker makes it (`JobQueue.current`), so that interrupt and skip reach it; `runner.run(job)` runs it."""
+    request = GenerationRequest("a castle", **{**FAST, "steps": steps}, seed=40, batch_size=2)
+    job, _ = service.submit(JobSpec(request, batch_count=count), "txt2img", None)
     service.queue.current = job
     return job
 
@@ -105,37 +108,102 @@ def _at_step(job, step: int, action) -> list[int]:
     return steps
 
 
-def test_an_interrupt_keeps_the_batches_finished_before_it(service):
-    """An interrupt in batch 1 of 3 stops it (nothing of it written) and the batches after it; batch 0, drawn
-    before, keeps its pictures and seeds, as A1111's n_iter loop keeps the iterations before `interrupted`."""
-    job = _job(service)
-    steps = _at_step(job, 3, service.queue.interrupt)                      # batch 1's first step
+def _stopped(service: Service, seed: int, steps: int, at: int) -> list[np.ndarray]:
+    """The pixels of a batch of 2 at `seed` drawn with `steps` steps and stopped after its step `at`
+    (`SamplingStopped` from the progress callback): the pictures of that step's x0 estimate."""
+    def progress(info) -> None:
+        if info.i + 1 == at:
+            raise SamplingStopped
+
+    request = GenerationRequest("a castle", **{**FAST, "steps": steps}, seed=seed, batch_size=2)
+    with pytest.raises(SamplingStopped) as stopped:
+        service.host.pipeline(service.host.selected).run(request, progress=progress)
+    return [np.asarray(image) for image in stopped.value.result.images]
+
+
+def _pixels(service: Service, names: list[str]) -> list[np.ndarray]:
+    return [np.asarray(Image.open(service.images_dir / name).convert("RGB")) for name in names]
+
+
+def test_an_interrupt_keeps_the_batches_before_it_and_the_one_it_stops_as_far_as_it_got(service):
+    """An interrupt in batch 1 of 3 stops the job there, as A1111's n_iter loop stops at `interrupted`: batch 0
+    keeps its pictures, and batch 1 ends with its pictures as far as they got, as A1111's sampler returns its
+    latest x0 estimate (`launch_sampling`: `except InterruptedException: return self.last_latent`), decoded
+    and written as any batch's; batch 2 is not drawn."""
+    job = _job(service, steps=4)
+    steps = _at_step(job, 5, service.queue.interrupt)                      # batch 1's first step
     with pytest.raises(JobCancelled):
         service.runner.run(job)
-    assert steps == [1, 2, 3] and job.seeds == [40, 41] and len(job.infotexts) == 2
-    assert job.images == [f"{job.id}-0.png", f"{job.id}-1.png"]
+    assert steps == [1, 2, 3, 4, 5] and job.seeds == [40, 41, 42, 43] and len(job.infotexts) == 4
+    assert job.images == [f"{job.id}-{i}.png" for i in range(4)]
     assert sorted(path.name for path in service.images_dir.iterdir()) == job.images
+    reference = _stopped(service, 42, steps=4, at=2)                    # the callback after the interrupt stops it
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(service, job.images[2:]), reference))
+    assert "Seed: 42," in job.infotexts[2] and "Steps: 4," in job.infotexts[2]
 
 
-def test_skip_stops_the_running_batch_alone(service):
-    """A1111's skip ends the current iteration of n_iter and the next goes on: skipped in batch 1, batch 2 is
-    drawn (the pictures of a request at seed 44) and batch 1 writes nothing; the progress counts its steps as
-    run. A skip after a batch's last step skips nothing (A1111 clears `skipped` as an iteration starts)."""
-    job = _job(service)
-    steps = _at_step(job, 3, service.queue.skip)
+def test_a_cancel_writes_nothing_of_the_batch_it_stops(service):
+    """The native API's cancel (DELETE: `JobQueue.cancel` of the running job) is not A1111's interrupt: the batch
+    it stops writes nothing."""
+    job = _job(service, steps=4)
+    _at_step(job, 5, job.cancel.set)
+    with pytest.raises(JobCancelled):
+        service.runner.run(job)
+    assert job.images == [f"{job.id}-0.png", f"{job.id}-1.png"] and job.seeds == [40, 41]
+
+
+def test_skip_ends_the_running_batch_as_far_as_it_got_and_goes_on(service):
+    """A1111's skip ends the current iteration of n_iter with its pictures as far as they got and the next goes
+    on: skipped in batch 1, batch 1 keeps its stopped pictures and batch 2 is drawn whole (the pictures of a
+    request at seed 44); the progress counts batch 1's steps as run. A skip after a batch's last step skips
+    nothing (A1111 clears `skipped` as an iteration starts)."""
+    job = _job(service, steps=4)
+    steps = _at_step(job, 5, service.queue.skip)
     service.runner.run(job)
-    assert steps == [1, 2, 3, 5, 6] and job.step == job.steps == 6
-    assert job.seeds == [40, 41, 44, 45] and len(job.images) == 4
-    alone = _job(service, count=1)
+    assert steps == [1, 2, 3, 4, 5, 9, 10, 11, 12] and job.step == job.steps == 12
+    assert job.seeds == list(range(40, 46)) and len(job.images) == 6
+    reference = _stopped(service, 42, steps=4, at=2)
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(service, job.images[2:4]), reference))
+    alone = _job(service, count=1, steps=4)
     alone.spec = replace(alone.spec, request=replace(alone.spec.request, seed=44))
     alone.settings = {**alone.settings, "seed": 44}
     service.runner.run(alone)
-    pictures = [(service.images_dir / name).read_bytes() for name in job.images[2:]]
+    pictures = [(service.images_dir / name).read_bytes() for name in job.images[4:]]
     assert pictures == [(service.images_dir / name).read_bytes() for name in alone.images]   # parameters too
-    late = _job(service)
-    _at_step(late, 2, service.queue.skip)                                   # batch 0's last step
+    late = _job(service, steps=4)
+    _at_step(late, 4, service.queue.skip)                                   # batch 0's last step
     service.runner.run(late)
     assert late.seeds == list(range(40, 46))
+    whole = _pixels(service, late.images[:4])
+    assert all(np.array_equal(a, b) for a, b in zip(_pixels(service, job.images[:2]), whole[:2]))
+    assert not np.array_equal(_pixels(service, job.images[2:3])[0], whole[2])           # batch 1 stopped
+
+
+def test_a_skipped_a1111_request_of_one_batch_answers_with_its_picture_as_far_as_it_got(tmp_path, monkeypatch):
+    """A1111 answers a skip in a one-iteration request with the picture of its latest x0 estimate, not with no
+    picture: so does sdlab, the job `done`, not interrupted."""
+    from sdlab.server.a1111 import Txt2ImgIn, _generate, _request
+    from sdlab.server.jobs import Job
+
+    service = Service(ServerConfig(tmp_path / "served"))
+    publish = Job.publish
+
+    def skip_at_step_2(job, name: str, data: dict) -> None:
+        publish(job, name, data)
+        if name == "step" and data["i"] == 2:
+            service.queue.skip()
+
+    monkeypatch.setattr(Job, "publish", skip_at_step_2)
+    service.start()
+    try:
+        body = Txt2ImgIn(prompt="a castle", steps=6, width=32, height=32, cfg_scale=5, sampler_name="Euler", seed=40)
+        answer = asyncio.run(_generate(service, body, "txt2img", _request(body)))
+        (job,) = service.store.jobs(1)
+    finally:
+        service.stop()
+    info = json.loads(answer["info"])
+    assert len(answer["images"]) == 1 and not info["interrupted"] and job["status"] == "done"
+    assert "Steps: 6," in info["infotexts"][0] and len(job["images"]) == 1
 
 
 def test_an_interrupted_a1111_request_answers_with_the_batches_drawn(tmp_path, monkeypatch):

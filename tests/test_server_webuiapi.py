@@ -57,7 +57,7 @@ def test_progress_and_interrupt(api):
     api.interrupt()
     thread.join(120)
     assert not thread.is_alive()
-    assert outcome["result"].images == [] and outcome["result"].info["interrupted"] is True
+    assert len(outcome["result"].images) == 1 and outcome["result"].info["interrupted"] is True   # as far as it got
     assert api.get_progress()["state"]["job_count"] == 0
 
 

@@ -30,7 +30,7 @@ from sdlab.checkpoints.load import load_bundle
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.generate import ProgressFn, generate, generate_with_refiner
+from sdlab.pipeline.generate import ProgressFn, SamplingStopped, generate, generate_with_refiner
 from sdlab.pipeline.hires import generate_hires
 from sdlab.pipeline.memory import is_out_of_memory
 from sdlab.pipeline.plan import GenerationPlan, check_refiner_convention, make_plan
@@ -141,9 +141,10 @@ class Pipeline:
     def run(self, request: GenerationRequest | GenerationPlan, *, progress: ProgressFn | None = None,
             loras: Sequence[LoraUse] = (), upscaler: Upscaler | None = None) -> GenerationResult:
         """Draw a plan from `resolve` (or a request, resolved here once). `progress(StepInfo)` is called once per
-        step; an exception it raises stops the run and propagates. Running out of memory (past the estimate
-        checked up front) is a `RequestError`. `upscaler`: the network of the hires upscaler file the request
-        names, loaded by the caller (else read from the file here).
+        step; an exception it raises stops the run and propagates, a `SamplingStopped` with the pictures of that
+        step's x0 estimate as its `result` (A1111's interrupt and skip: `pipeline.generate`). Running out of
+        memory (past the estimate checked up front) is a `RequestError`. `upscaler`: the network of the hires
+        upscaler file the request names, loaded by the caller (else read from the file here).
 
         The prompt's `<lora:NAME:WEIGHT>` / `<lora:NAME:TE:UNET>` tags (A1111) are taken out of the encoded
         text, with every other extra-network tag (not applied, as A1111 skips a kind it does not know:
@@ -156,8 +157,12 @@ class Pipeline:
         plan = request if isinstance(request, GenerationPlan) else self.resolve(request)
         bare, uses = request_loras(plan.request.prompt, plan.request.negative_prompt, self.find_lora)
         drawn = plan if bare == plan.request.prompt else replace(plan, request=replace(plan.request, prompt=bare))
-        with patcher_for(self.bundle).using([*loras, *uses]):
-            result = self._draw(drawn, progress, upscaler)
+        try:
+            with patcher_for(self.bundle).using([*loras, *uses]):
+                result = self._draw(drawn, progress, upscaler)
+        except SamplingStopped as stop:
+            stop.result = replace(stop.result, request=plan.request)
+            raise
         return replace(result, request=plan.request) if drawn is not plan else result
 
     def _draw(self, plan: GenerationPlan, progress: ProgressFn | None, upscaler: Upscaler | None) -> GenerationResult:

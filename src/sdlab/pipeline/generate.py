@@ -20,6 +20,10 @@ instead of a black picture (on CUDA one model call later, so that the check neve
 
 The modes differ only in the starting x, the sigma slice and the optional mask.
 
+A progress callback that raises `SamplingStopped` ends the run at that step as A1111's interrupt and skip end
+its sampler: the pictures are those of the step's x0 estimate, decoded as the last step's would be, and the
+passes after it (the hires fix's second, the refiner's part) do not run.
+
 Random numbers. Image i of a batch draws everything from its own generator seeded with seed + i, of the
 request's random source (`rng`: a CPU generator by default, `diffusion/noise.py`), so image i equals a single
 run with seed + i. The draws follow diffusers' pipelines in order:
@@ -58,8 +62,8 @@ import dataclasses
 import inspect
 from functools import partial
 import logging
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -150,13 +154,37 @@ def _as_plan(
     return make_plan(bundle, plan_or_request, refiner=refiner, switch_at=switch_at)
 
 
+class SamplingStopped(Exception):
+    """Raised from a progress callback to end the run at that step with what it has (module docstring): the
+    run raises it again with `latents`, the step's x0 estimate (model space), and once decoded `result`."""
+
+    def __init__(self) -> None:
+        super().__init__("sampling stopped")
+        self.latents: Tensor | None = None
+        self.result: GenerationResult | None = None
+
+
+@contextmanager
+def pictures_if_stopped(bundle: ModelBundle, plan: GenerationPlan,
+                        request: GenerationRequest | None = None) -> Iterator[None]:
+    """A `SamplingStopped` from the block gets its `result` (unless it has one): its latents decoded by
+    `bundle` for `plan` (`_pictures`), recorded with `request` (the plan's by default)."""
+    try:
+        yield
+    except SamplingStopped as stop:
+        if stop.result is None:
+            req = plan.request if request is None else request
+            stop.result = GenerationResult(images=_pictures(bundle, plan, stop.latents), seeds=req.seeds(), request=req)
+        raise
+
+
 @torch.no_grad()
 def generate(
     bundle: ModelBundle, request: GenerationPlan | GenerationRequest, *, progress: ProgressFn | None = None
 ) -> GenerationResult:
     """Run one request (or a plan made for `bundle`) on `bundle`; returns PIL images and the resolved request."""
     plan = _as_plan(bundle, request)
-    with tiling_padding(plan.request, bundle):
+    with tiling_padding(plan.request, bundle), pictures_if_stopped(bundle, plan):
         latents = sample_latents(bundle, plan, progress=progress)   # (B, 4, h, w), model space
         images = _pictures(bundle, plan, latents)
     return GenerationResult(images=images, seeds=plan.request.seeds(), request=plan.request)
@@ -215,7 +243,11 @@ def sample_latents(
     with tiling_padding(plan.request, bundle):
         start = _start(bundle, plan, generators, init_latent)
         model = _guided_model(bundle, plan.sampling, plan.request, start, _overlay(plan), generators, plan.sigmas)
-        x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
+        try:
+            x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
+        except SamplingStopped as stop:
+            stop.latents = _keep_known(bundle, start, stop.latents, plan.request)
+            raise
     _check_finite(x, "the final latent", plan.request)
     return _keep_known(bundle, start, plan.sampling.inverse_noise_scaling(plan.sigmas[-1], x), plan.request)
 
@@ -285,7 +317,6 @@ def generate_with_refiner(
     with tiling_padding(req, base, refiner):
         start = _start(base, plan, generators, refiner=refiner)
         options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
-        x = start.x
         overlay = _overlay(plan)
         base_model = _guided_model(base, plan.sampling, req, start, overlay, generators, sigmas) if split > 0 else None
         refiner_model = None
@@ -293,21 +324,33 @@ def generate_with_refiner(
             no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
             refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, overlay, generators,
                                           sigmas, steps_done=split)
-        if plan.refiner_convention in ("a1111", "a1111_steps") and base_model is not None and refiner_model is not None:
-            swapping = _a1111_swapping_model(base_model, refiner_model, plan)
-            x = _run_sampler(plan, swapping, x, sigmas, options, progress)
-        else:
-            if base_model is not None:
-                x = _run_sampler(plan, base_model, x, sigmas[: split + 1], _share(options, True, refiner_model is None),
-                                 progress)
-            if refiner_model is not None:
-                x = _run_sampler(plan, refiner_model, x, sigmas[split:], _share(options, base_model is None, True),
-                                 _offset(progress, split), first_call=split * plan.sampler.calls_per_step)
-        _check_finite(x, "the final latent", req)
         last = refiner if split < len(sigmas) - 1 else base
+        with pictures_if_stopped(refiner, plan):
+            try:
+                x = _refined(plan, base_model, refiner_model, start.x, options, progress)
+            except SamplingStopped as stop:
+                stop.latents = _keep_known(last, start, stop.latents, req)
+                raise
+        _check_finite(x, "the final latent", req)
         latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x), req)
         images = _pictures(refiner, plan, latents)
     return GenerationResult(images=images, seeds=req.seeds(), request=req)
+
+
+def _refined(plan: GenerationPlan, base_model: DenoiseFn | None, refiner_model: DenoiseFn | None, x: Tensor,
+             options: dict[str, Any], progress: ProgressFn | None) -> Tensor:
+    """The latent the plan's schedule ends with: the base's part then the refiner's, or under A1111's conventions
+    one sampler that swaps the model (`_a1111_swapping_model`)."""
+    sigmas, split = plan.sigmas, plan.refiner_split
+    if plan.refiner_convention in ("a1111", "a1111_steps") and base_model is not None and refiner_model is not None:
+        return _run_sampler(plan, _a1111_swapping_model(base_model, refiner_model, plan), x, sigmas, options, progress)
+    if base_model is not None:
+        x = _run_sampler(plan, base_model, x, sigmas[: split + 1], _share(options, True, refiner_model is None),
+                         progress)
+    if refiner_model is not None:
+        x = _run_sampler(plan, refiner_model, x, sigmas[split:], _share(options, base_model is None, True),
+                         _offset(progress, split), first_call=split * plan.sampler.calls_per_step)
+    return x
 
 
 def _a1111_swapping_model(base_model: DenoiseFn, refiner_model: DenoiseFn, plan: GenerationPlan) -> DenoiseFn:
@@ -666,11 +709,23 @@ def _run_sampler(
     progress: ProgressFn | None,
     first_call: int = 0,
 ) -> Tensor:
-    """`sigmas` of the plan's sampler on `model`, whose calls count from `first_call` (a refiner's: after the base's)."""
+    """`sigmas` of the plan's sampler on `model`, whose calls count from `first_call` (a refiner's: after the base's).
+    A `SamplingStopped` from `progress` leaves with the x0 estimate of the step it stopped at as its `latents`."""
     watch = FiniteWatch(lambda what: _non_finite(what, plan.request))
     model = _skipping_uncond(plan, model, first_call)
-    with reusing_generation_work():   # the prompt's k and v, ControlNet hint features: made at the first step
-        x = plan.sampler.fn(_finite_only(model, watch), x, sigmas, **options, callback=progress)
+    latest: list[Tensor] = []
+
+    def watched(info: StepInfo) -> None:
+        latest[:] = [info.denoised]
+        progress(info)
+
+    try:
+        with reusing_generation_work():   # the prompt's k and v, ControlNet hint features: made at the first step
+            x = plan.sampler.fn(_finite_only(model, watch), x, sigmas, **options,
+                                callback=None if progress is None else watched)
+    except SamplingStopped as stop:
+        stop.latents = latest[0]
+        raise
     watch.settle()
     return x
 

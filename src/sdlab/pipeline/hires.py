@@ -22,6 +22,9 @@ the upscaled latent, so the noise is each generator's first draw. A1111 samples 
 upscaled pictures from its global random state, apart from the seeds' generators; sdlab takes the
 posterior mean and so draws nothing there. A pixel upscale differs from A1111 in one small way: the first
 pass's pictures are rounded to 8 bits (A1111 truncates).
+
+A run stopped in the first pass (`SamplingStopped`) ends with the first pass's pictures at its size, as A1111's
+interrupt skips the second pass; one stopped in the second pass with the second pass's, at the final size.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from sdlab.pipeline.generate import (
     decode_latents,
     encode_image,
     generate,
+    pictures_if_stopped,
     sample_latents,
     tiling_padding,
 )
@@ -130,7 +134,8 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
     left, top = _crop_box(up, final, factor)
     with tiling_padding(req, bundle):
         if isinstance(upscaler, str) and is_latent_upscaler(upscaler):
-            latents = sample_latents(bundle, plan, progress=progress)                      # (B, C, h, w)
+            with pictures_if_stopped(bundle, plan):                # stopped: the first pass's pictures, at its size
+                latents = sample_latents(bundle, plan, progress=progress)                  # (B, C, h, w)
             z = upscale_latent(latents, up[1] // factor, up[0] // factor, upscaler)       # (B, C, H/f, W/f)
         else:
             first = generate(bundle, plan, progress=progress).images
@@ -138,8 +143,9 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
             z = encode_image(bundle, pixels.to(bundle.device), tiled=req.tiled_vae)      # (B, C, H/f, W/f)
         z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
         second_plan = make_plan(bundle, second_pass_request(req, factor), from_latent=True)
-        z = sample_latents(bundle, second_plan, init_latent=z.contiguous(),
-                           progress=_offset(progress, plan.steps_run))
+        with pictures_if_stopped(bundle, second_plan, req):
+            z = sample_latents(bundle, second_plan, init_latent=z.contiguous(),
+                               progress=_offset(progress, plan.steps_run))
         pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                           # (B, 3, H2, W2)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")

@@ -7,8 +7,9 @@ step, done, failed, cancelled) go to every subscriber (an asyncio queue of the s
 subscriber that comes late gets the job's state first. Cancelling a queued job takes it out of the queue;
 cancelling a running one raises from the sampler's progress callback at the next step, so nothing of the
 batch it stops is decoded or written, and no later batch starts; the batches it finished (A1111's n_iter)
-keep their pictures. A skip (A1111's) stops the running batch alone in the same way, and the job goes on
-with its next one.
+keep their pictures. An interrupt (A1111's) stops it at the same point, but the batch it stops ends with its
+pictures as far as they got (the latest step's x0 estimate decoded, as A1111's sampler returns it); a skip
+(A1111's) ends the running batch alone that way, and the job goes on with its next one.
 
 A history write that fails (a full disk, the database locked by another program) is logged and the job
 goes on: the worker keeps serving and every job still ends with its final event.
@@ -56,10 +57,6 @@ class ServerFault(Exception):
     job's error as it stands (no server path in it), and an A1111 call answers 500."""
 
 
-class BatchSkipped(Exception):
-    """Raised from the progress callback to stop the running batch of a job between steps (A1111's skip)."""
-
-
 @dataclass
 class Job:
     id: str
@@ -81,6 +78,7 @@ class Job:
     settings: dict[str, Any] = field(default_factory=dict)
     cancel: threading.Event = field(default_factory=threading.Event)
     skip: threading.Event = field(default_factory=threading.Event)      # its running batch only (`JobQueue.skip`)
+    interrupt: threading.Event = field(default_factory=threading.Event)  # a cancel keeping that batch's pictures
     finished_event: threading.Event = field(default_factory=threading.Event)
     preview: Tensor | None = None               # (h, w, 3) uint8, the latest step's x0 estimate
     saved: Callable[[], None] | None = None     # writes its row while it runs (`JobQueue`): a batch's pictures on disk
@@ -282,11 +280,13 @@ class JobQueue:
         return job.status
 
     def interrupt(self) -> bool:
-        """Cancel the running job (A1111's interrupt); False when nothing runs."""
+        """Cancel the running job as A1111's interrupt does, its running batch ending with its pictures as far as
+        they got; False when nothing runs."""
         with self._condition:
             job = self.current
             if job is None:
                 return False
+            job.interrupt.set()
             job.cancel.set()
             return True
 

@@ -34,7 +34,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.generate import ProgressFn
+from sdlab.pipeline.generate import ProgressFn, SamplingStopped
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.plan import GenerationPlan
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
@@ -45,7 +45,7 @@ from sdlab.server.inputs import (
     HIRES_UPSCALER, BadRequest, LoraChoice, RefinerChoice, check_request, load_upscaler_file, upscaler_file, with_preset, with_upscaler_file,
     load_failure, without_paths,
 )
-from sdlab.server.jobs import BatchSkipped, Job, JobCancelled, ServerFault
+from sdlab.server.jobs import Job, JobCancelled, ServerFault
 from sdlab.server.model_folders import ModelFile, ModelFolder
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
@@ -197,10 +197,10 @@ class Runner:
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
 
         def progress(info: StepInfo) -> None:
+            if job.interrupt.is_set() or job.skip.is_set():
+                raise SamplingStopped           # A1111's: the batch ends with its pictures as far as they got
             if job.cancel.is_set():
                 raise JobCancelled
-            if job.skip.is_set():
-                raise BatchSkipped
             job.step += 1
             job.preview = previewer.rgb(info.denoised[0]) if previewer is not None else None   # (h, w, 3)
             job.publish("step", {"i": job.step, "n": job.steps})
@@ -289,8 +289,15 @@ def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: Hir
     upscaler`)."""
     if upscaler is None:
         return pipe.run(request, progress=progress)
-    result = pipe.run(with_upscaler_file(request, upscaler.file), progress=progress, upscaler=upscaler.network)
-    return replace(result, request=replace(result.request, hr_upscaler=upscaler.file.title))
+
+    def named(result: GenerationResult) -> GenerationResult:
+        return replace(result, request=replace(result.request, hr_upscaler=upscaler.file.title))
+
+    try:
+        return named(pipe.run(with_upscaler_file(request, upscaler.file), progress=progress, upscaler=upscaler.network))
+    except SamplingStopped as stop:
+        stop.result = named(stop.result)
+        raise
 
 
 def _resolved(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscaler | None) -> GenerationPlan:
@@ -305,16 +312,21 @@ def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: Hires
     """The job's batches drawn one after another (`JobSpec.batch_count`, A1111's n_iter) from the first's
     resolved request `first`, the seeds continuing (`next_batch`, as `sdlab txt2img --batch-count`). As in
     A1111's `process_images_inner`, a cancel stops them (between steps: `JobCancelled` from `progress`; before a
-    batch starts), and a skip stops the running batch alone (`BatchSkipped`: none of its pictures; its steps
-    counted as run), one that comes between batches skipping nothing."""
+    batch starts); an interrupt and a skip end the running batch with its pictures as far as they got (A1111's
+    sampler returns its latest x0 estimate: `SamplingStopped`; its steps counted as run), after which an
+    interrupt stops the job and a skip goes on with the next batch, one that comes between batches skipping
+    nothing."""
     for k in range(job.spec.batch_count):
         if job.cancel.is_set():
             raise JobCancelled
         job.skip.clear()
         try:
             result = _run_with_upscaler(pipe, next_batch(first, k), upscaler, progress)
-        except BatchSkipped:
+        except SamplingStopped as stop:
             job.step = job.steps * (k + 1) // job.spec.batch_count
+            yield stop.result
+            if job.cancel.is_set():
+                raise JobCancelled from None
             continue
         yield result
 
