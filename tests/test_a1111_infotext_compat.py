@@ -138,7 +138,8 @@ def test_both_readers_restore_an_old_hires_fix_with_one_rule(first, size):
     except ZeroDivisionError:
         a1111 = None
     assert old_hires_sizes(first, size) == a1111
-    text = f"a red cube\nSteps: 6, Seed: 41, Size: {size[0]}x{size[1]}, First pass size: {first[0]}x{first[1]}"
+    text = (f"a red cube\nSteps: 6, Seed: 41, Size: {size[0]}x{size[1]}, Denoising strength: 0.7, "
+            f"First pass size: {first[0]}x{first[1]}")
     shown = a1111_parameters(text)
     as_is = (str(size[0]), str(size[1])), (0, 0)
     assert ((shown["Size-1"], shown["Size-2"]), (shown["Hires resize-1"], shown["Hires resize-2"])) == (a1111 or as_is)

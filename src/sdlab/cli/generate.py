@@ -986,7 +986,7 @@ def run_generate(args: argparse.Namespace) -> int:
         images += result.images
         texts += [format_parameters(to_parameters(result.request, index=i, model_name=name, model_hash=hash_,
                                                   loras=lora_refs, prompt=prompt_to_record, embeddings=used,
-                                                  refiner=refiner, vae=vae))
+                                                  refiner=refiner if result.refined else None, vae=vae))
                   for i in range(len(result.images))]
     in_folder = target[1] is None
     for path in _save_images(in_folder, paths, images, texts, plan.request.prompt, seeds):

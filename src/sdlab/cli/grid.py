@@ -247,7 +247,7 @@ def run_grid(args: argparse.Namespace) -> int:
         _, refs, to_record = cell_loras[cell["prompt"]]
         texts[index] = [
             to_parameters(result.request, index=i, model_name=name, model_hash=hash_, loras=refs, prompt=to_record,
-                          vae=vae, refiner=refiner,
+                          vae=vae, refiner=refiner if result.refined else None,
                           embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)])
             for result in drawn[index] for i in range(len(result.images))]
 

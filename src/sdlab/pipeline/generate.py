@@ -296,7 +296,9 @@ def generate_with_refiner(
     *,
     progress: ProgressFn | None = None,
 ) -> GenerationResult:
-    """Run the first `switch_at` of the schedule on `base`, the rest on `refiner`, decode with the refiner's VAE.
+    """Run the first `switch_at` of the schedule on `base`, the rest on `refiner`, decode with the refiner's VAE
+    (a split at the last step, where the refiner never takes over, is the base's run, decoded by its VAE: A1111's
+    `apply_refiner` swaps nothing then; the result is not `refined`).
 
     The refiner continues from the base's latent at the handoff sigma on the same sigma list (diffusers'
     ``denoising_end=switch_at`` on the base with ``output_type="latent"``, then ``denoising_start=switch_at``
@@ -324,17 +326,18 @@ def generate_with_refiner(
             no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
             refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, overlay, generators,
                                           sigmas, steps_done=split)
-        last = refiner if split < len(sigmas) - 1 else base
-        with pictures_if_stopped(refiner, plan):
+        last = refiner if split < len(sigmas) - 1 else base             # a refiner that never takes over: the base's
+        with pictures_if_stopped(last, plan):
             try:
                 x = _refined(plan, base_model, refiner_model, start.x, options, progress)
             except SamplingStopped as stop:
                 stop.latents = _keep_known(last, start, stop.latents, req)
                 raise
         _check_finite(x, "the final latent", req)
-        latents = _keep_known(last, start, plan.refiner_sampling.inverse_noise_scaling(sigmas[-1], x), req)
-        images = _pictures(refiner, plan, latents)
-    return GenerationResult(images=images, seeds=req.seeds(), request=req)
+        sampling = plan.refiner_sampling if last is refiner else plan.sampling
+        latents = _keep_known(last, start, sampling.inverse_noise_scaling(sigmas[-1], x), req)
+        images = _pictures(last, plan, latents)
+    return GenerationResult(images=images, seeds=req.seeds(), request=req, refined=last is refiner)
 
 
 def _refined(plan: GenerationPlan, base_model: DenoiseFn | None, refiner_model: DenoiseFn | None, x: Tensor,

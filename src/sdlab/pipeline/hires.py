@@ -7,7 +7,8 @@
                  - a pixel upscaler ("Lanczos", "Nearest", an ESRGAN-family file): the first pass's pictures
                    (8-bit, as `generate` returns them) resized as A1111's `resize_image` does (`resize_image`:
                    the upscaler runs only when the size grows, so a scale-1 pass starts from the first
-                   pass's own pictures); the VAE encodes them (the posterior mean)
+                   pass's own pictures) to A1111's upscaled size unsnapped (`upscaled_to`); the VAE encodes
+                   them (the posterior mean), keeping floor(side / f) latent pixels, the top-left ones
     second pass  img2img at the final size with strength `hr_denoise` and `hr_steps` steps (0: the first pass's),
                  SDXL conditioned on the upscaled size before the crop (A1111's `hr_upscale_to_x` / `_y`),
                  all of which run on a schedule stretched to steps / min(hr_denoise, 0.999): A1111 hands the
@@ -55,6 +56,7 @@ from sdlab.pipeline.request import (
     SIZE_MULTIPLE,
     GenerationRequest,
     GenerationResult,
+    hires_base_size,
     hires_sizes,
     hires_targets,
 )
@@ -62,6 +64,8 @@ from sdlab.pipeline.upscale import (
     LATENT_UPSCALE_MODES,
     PLAIN_UPSCALERS,
     UpscaleError,
+    a1111_upscaler_name,
+    a1111_upscaler_stem,
     canonical_latent_name,
     resize_image,
     upscale_latent,
@@ -76,8 +80,11 @@ def is_latent_upscaler(name: str) -> bool:
 
 
 def upscaler_name(name: str) -> str:
-    """What the parameters call a resolved `hr_upscaler`: a model file's stem (A1111's upscaler name), else the name."""
-    return name if is_latent_upscaler(name) or not os.path.isfile(name) else os.path.splitext(os.path.basename(name))[0]
+    """What the parameters call a resolved `hr_upscaler`: a model file by A1111's name of it (`a1111_upscaler_name`:
+    its own name of a file it downloads, else the stem), else the name."""
+    if is_latent_upscaler(name) or not os.path.isfile(name):
+        return name
+    return a1111_upscaler_name(os.path.splitext(os.path.basename(name))[0])
 
 
 def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | str:
@@ -96,23 +103,31 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     leaves unset are the upscaled size before the crop and unsnapped, (hr_upscale_to_y, hr_upscale_to_x), for
     the prompt and the negative, as A1111's `calculate_hr_conds` conditions its second pass."""
     _, (width, height) = pass_sizes(req, factor)
-    (up_width, up_height), _ = hires_targets(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height)
+    (up_width, up_height), _ = upscaled_to(req)
     return replace(req, width=width, height=height, steps=hires_steps(req), strength=req.hr_denoise,
                    img2img_convention=HIRES_IMG2IMG, hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
-                   hr_steps=None, hr_denoise=None, first_pass_steps=req.steps,
+                   hr_steps=None, hr_denoise=None, hr_base_size=None, first_pass_steps=req.steps,
                    original_size=req.original_size or (up_height, up_width),
                    target_size=req.target_size or (up_height, up_width))
 
 
 def pass_sizes(req: GenerationRequest, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """(upscaled, final) (width, height) of a resolved hires request for a VAE of `factor` (`hires_sizes`)."""
-    return hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height,
+    return hires_sizes(*hires_base_size(req), req.hr_scale, req.hr_width, req.hr_height,
                        math.lcm(SIZE_MULTIPLE, factor))
 
 
+def upscaled_to(req: GenerationRequest) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A1111's unsnapped (hr_upscale_to_x, hr_upscale_to_y) and target size of a resolved hires request
+    (`hires_targets`)."""
+    return hires_targets(*hires_base_size(req), req.hr_scale, req.hr_width, req.hr_height)
+
+
 def _crop_box(up: tuple[int, int], final: tuple[int, int], factor: int) -> tuple[int, int]:
-    """(left, top) latent pixels cut so the upscaled size becomes the final one, centred (A1111's truncate)."""
-    return (up[0] - final[0]) // factor // 2, (up[1] - final[1]) // factor // 2
+    """(left, top) latent pixels cut so the upscaled size becomes the final one: half A1111's truncate (whole
+    multiples of lcm(8, factor) pixels: `hires_sizes`), rounded down."""
+    multiple = math.lcm(SIZE_MULTIPLE, factor)
+    return tuple((u - f) // multiple // 2 * (multiple // factor) for u, f in zip(up, final))
 
 
 def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
@@ -139,8 +154,10 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
             z = upscale_latent(latents, up[1] // factor, up[0] // factor, upscaler)       # (B, C, H/f, W/f)
         else:
             first = generate(bundle, plan, progress=progress).images
-            pixels = pil_to_tensor([resize_image(picture, upscaler, up) for picture in first])  # (B, 3, H, W)
+            exact, _ = upscaled_to(req)                 # A1111 resizes to it unsnapped; the encoder floors
+            pixels = pil_to_tensor([resize_image(picture, upscaler, exact) for picture in first])  # (B, 3, H, W)
             z = encode_image(bundle, pixels.to(bundle.device), tiled=req.tiled_vae)      # (B, C, H/f, W/f)
+            z = z[..., : up[1] // factor, : up[0] // factor]
         z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
         second_plan = make_plan(bundle, second_pass_request(req, factor), from_latent=True)
         with pictures_if_stopped(bundle, second_plan, req):
@@ -162,9 +179,11 @@ UPSCALER_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 
 
 def find_upscaler(name: str, folders: list[str | os.PathLike[str]]) -> str:
-    """`name` itself when it is an upscaler name sdlab knows or an existing file; else NAME.safetensors (.pth, .pt,
-    .ckpt, .bin) in the first of `folders` that has one (A1111's parameters name an upscaler by its file's stem);
-    else `name` unchanged (resolving the request then says it is unknown)."""
+    """`name` itself when it is an upscaler name sdlab knows or an existing file; else STEM.safetensors (.pth, .pt,
+    .ckpt, .bin) in the first of `folders` that has one, STEM being the name (A1111's parameters name an upscaler by
+    its file's stem) or, for A1111's own names, the file it runs (`a1111_upscaler_stem`: "R-ESRGAN 4x+" ->
+    RealESRGAN_x4plus); else `name` unchanged (resolving the request then says it is unknown or which file to
+    place)."""
     try:
         canonical_latent_name(name)
         return name
@@ -172,9 +191,10 @@ def find_upscaler(name: str, folders: list[str | os.PathLike[str]]) -> str:
         pass
     if name.strip().lower() in PLAIN_UPSCALERS or os.path.isfile(name) or os.path.basename(name) != name:
         return name
+    stem = a1111_upscaler_stem(name)
     for folder in folders:
         for suffix in UPSCALER_SUFFIXES:
-            candidate = os.path.join(folder, name + suffix)
+            candidate = os.path.join(folder, stem + suffix)
             if os.path.isfile(candidate):
                 return candidate
     return name

@@ -31,7 +31,8 @@ from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
 from sdlab.pipeline.prompt_schedule import old_rule_differs
 from sdlab.pipeline.prompt_syntax import strip_comments
-from sdlab.pipeline.request import GenerationRequest, sgm_noise_multiplied
+from sdlab.pipeline.request import GenerationRequest, hires_base_size, sgm_noise_multiplied
+from sdlab.pipeline.upscale import a1111_upscaler_name
 
 _REQUEST_DEFAULTS = {field.name: field.default for field in dataclass_fields(GenerationRequest)}
 
@@ -202,7 +203,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **_schedule_overrides(req),
         "CFG scale": req.cfg_scale,
         "Seed": req.seeds()[index],
-        "Size": f"{req.width}x{req.height}",
+        "Size": "{}x{}".format(*hires_base_size(req)) if req.hires else f"{req.width}x{req.height}",
         "Variation seed": req.subseeds()[index] if req.subseed_strength else None,
         "Variation seed strength": req.subseed_strength or None,
         "Seed resize from": f"{req.seed_resize_from_w}x{req.seed_resize_from_h}" if req.seed_resize_from_w else None,
@@ -338,13 +339,13 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
 def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
     """A1111's hires fix labels, its `extra_generation_params` of a hires run (None values are left out of the
     text): the second pass's Denoising strength, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
-    (when set), Hires upscaler (a model file by its stem, as A1111 names upscalers); none without it."""
+    (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`); none without it."""
     if not req.hires:
         return {}
     sized = bool(req.hr_width or req.hr_height)
     upscaler = req.hr_upscaler
     if upscaler is not None and os.path.isfile(upscaler):
-        upscaler = os.path.splitext(os.path.basename(upscaler))[0]
+        upscaler = a1111_upscaler_name(os.path.splitext(os.path.basename(upscaler))[0])
     return {
         "Denoising strength": req.hr_denoise,
         "Hires upscale": None if sized else req.hr_scale,
@@ -466,8 +467,7 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
         fields["hr_width"], fields["hr_height"] = _size_label(p, "Hires resize")
     if "First pass size" in p:
         fields.update(_old_hires_fix(p, fields))
-    if ("hr_scale" in fields or "hr_width" in fields) and "strength" in fields:
-        fields["hr_denoise"] = fields.pop("strength")      # A1111: the second pass's denoising strength
+    _hires_as_pasted(fields)
     sampler = fields.get("sampler", "")
     for suffix in (" Karras", " Exponential"):  # older A1111 files name the schedule in the sampler
         if sampler.endswith(suffix) and "schedule" not in fields:
@@ -482,6 +482,23 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     if "schedule" in fields and fields["schedule"] is None:    # "Automatic" in sdlab's files: the model's default
         del fields["schedule"]
     return fields
+
+
+HIRES_FIELDS = ("hr_scale", "hr_width", "hr_height", "hr_upscaler", "hr_steps", "hr_denoise")
+DEFAULT_HR_SCALE = 2.0                      # A1111's Upscale by slider
+
+
+def _hires_as_pasted(fields: dict[str, Any]) -> None:
+    """The hires fix of read fields as A1111 pastes a text (`ui.py`: `enable_hr` where there is a `Denoising
+    strength` and a `Hires upscale`, `Hires upscaler` or `Hires resize`): on, the strength its second pass's, at
+    its scale 2 where none is named (or a resize of 0x0); off otherwise, its other labels dropped."""
+    if "strength" in fields and any(name in fields for name in ("hr_scale", "hr_upscaler", "hr_width")):
+        fields["hr_denoise"] = fields.pop("strength")
+        if not (fields.get("hr_scale") or fields.get("hr_width") or fields.get("hr_height")):
+            fields.update(hr_scale=fields.get("hr_scale") or DEFAULT_HR_SCALE, hr_width=None, hr_height=None)
+        return
+    for name in HIRES_FIELDS:
+        fields.pop(name, None)
 
 
 def _old_hires_fix(p: dict[str, Any], fields: dict[str, Any]) -> dict[str, int]:

@@ -43,6 +43,7 @@ from sdlab.pipeline.request import (
     GenerationRequest,
     RequestError,
     check_refiner_switch,
+    hires_base_size,
     hires_sizes,
     resolve,
 )
@@ -343,7 +344,7 @@ def make_plan(
     check_prompt_chunks(bundle, req)
     if req.hires and free is not None:                            # the second pass, at the upscaled size
         multiple = math.lcm(SIZE_MULTIPLE, bundle.vae_config.downsample_factor)
-        (width, height), _ = hires_sizes(req.width, req.height, req.hr_scale, req.hr_width, req.hr_height, multiple)
+        (width, height), _ = hires_sizes(*hires_base_size(req), req.hr_scale, req.hr_width, req.hr_height, multiple)
         check_memory(bundle, replace(req, width=width, height=height), free)
     if refiner is not None:
         check_refiner_switch(switch_at, "switch_at")

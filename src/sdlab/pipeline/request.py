@@ -55,7 +55,9 @@ from sdlab.diffusion.noise import RNG_SOURCES
 from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, SamplerSpec, comfyui_spelling, get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.images import on_white, read_image, snap_size
-from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
+from sdlab.pipeline.upscale import (
+    LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name, missing_upscaler,
+)
 
 MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always a mistake (a pasted file)
 MAX_BATCH = 64
@@ -247,6 +249,9 @@ class GenerationRequest:
     hr_steps: int | None = None             # second-pass steps; None / 0 = the first pass's
     hr_denoise: float | None = None         # second-pass denoising strength in (0, 1] (above 1 draws as 1, as
                                             # A1111's); None = 0.7 (A1111's UI)
+    hr_base_size: tuple[int, int] | None = None  # set by resolve where it snapped a hires request's width x height:
+                                            # the (width, height) asked, which A1111 sizes the hires fix from
+                                            # (`hires_base_size`) and records as Size
     first_pass_steps: int | None = None     # set on a hires second pass: A1111's prompt edits count on from it
 
     @property
@@ -296,6 +301,7 @@ class GenerationResult:
     images: list[Image.Image]
     seeds: list[int]
     request: GenerationRequest              # resolved: every default filled in
+    refined: bool = False                   # an SDXL refiner drew part of the schedule (its parameters record it)
 
 
 def _plain_number(value: Any) -> Any:
@@ -370,11 +376,20 @@ DEFAULT_HR_UPSCALER = "Latent"
 
 def hires_sizes(width: int, height: int, scale: float | None, hr_width: int | None, hr_height: int | None,
                 multiple: int = SIZE_MULTIPLE) -> tuple[tuple[int, int], tuple[int, int]]:
-    """A1111's hires fix sizes (`hires_targets`) snapped down to `multiple`: ((width, height) the first pass is
-    upscaled to, (width, height) of the result after a centred crop)."""
-    up, final = hires_targets(width, height, scale, hr_width, hr_height)
-    snap = lambda size: (size[0] - size[0] % multiple, size[1] - size[1] % multiple)  # noqa: E731
-    return snap(up), snap(final)
+    """A1111's hires fix sizes in whole latent pixels of `multiple` pixels (its opt_f): ((width, height) the
+    first pass is upscaled to, `hires_targets`' snapped down; (width, height) of the result after a centred
+    crop of `(up - target) // multiple` latent pixels from the upscaled latent (A1111's truncate_x / _y), which
+    keeps a target side that is not a multiple rounded up, as `sample_hr_pass` cuts)."""
+    up, target = hires_targets(width, height, scale, hr_width, hr_height)
+    snapped = tuple(side - side % multiple for side in up)
+    final = tuple(side - multiple * ((u - t) // multiple) for side, u, t in zip(snapped, up, target))
+    return snapped, final
+
+
+def hires_base_size(req: GenerationRequest) -> tuple[int, int]:
+    """(width, height) A1111 sizes a hires request's passes from: as asked (`hr_base_size`, where `resolve`
+    snapped them; A1111 draws the first pass at their multiples of 8 but upscales from them), else the request's."""
+    return req.hr_base_size or (req.width, req.height)
 
 
 def hires_targets(width: int, height: int, scale: float | None, hr_width: int | None,
@@ -456,8 +471,23 @@ def _batch_seed(name: str, seed: int, batch_size: int) -> int:
     return seed
 
 
-def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int) -> dict[str, Any]:
-    """The checked hires fields (defaults filled in) of a request drawn at width x height."""
+def _hires_base(r: GenerationRequest, asked: tuple[int, int], size: tuple[int, int],
+                 multiple: int) -> tuple[int, int] | None:
+    """The `hr_base_size` of a hires request asked at `asked` and drawn at `size`: the one it carries where that
+    still snaps to `size` (a resolved request), else `asked` where it is not `size`; None otherwise."""
+    if not r.hires:
+        return None
+    carried = r.hr_base_size
+    if (isinstance(carried, (tuple, list)) and len(carried) == 2 and all(_integer(side) for side in carried)
+            and tuple(side - side % multiple for side in carried) == size):
+        return tuple(carried)
+    return asked if asked != size else None
+
+
+def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
+                   base: tuple[int, int] | None) -> dict[str, Any]:
+    """The checked hires fields (defaults filled in) of a request drawn at width x height and sized from `base`
+    (`hires_base_size`)."""
     if not r.hires:
         if r.hr_upscaler is not None or r.hr_steps or r.hr_denoise is not None:
             raise RequestError("hr_upscaler, hr_steps and hr_denoise need hr_scale or hr_width / hr_height "
@@ -473,6 +503,7 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int)
         scale = _finite("hr_scale", r.hr_scale)
         if scale < 1.0:
             raise RequestError(f"hr_scale must be at least 1 (the hires fix draws larger), got {r.hr_scale!r}")
+    width, height = base or (width, height)
     if scale is not None and max(width, height) * scale >= MAX_SIDE + multiple:     # before int(): 1e308 -> inf
         raise RequestError(f"hr_scale {scale:g} would draw {width * scale:.6g}x{height * scale:.6g} px from "
                            f"{width}x{height}; each side must lie in {multiple}..{MAX_SIDE}")
@@ -499,12 +530,16 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int)
         upscaler = canonical_latent_name(upscaler)
     except UpscaleError:
         if upscaler.strip().lower() not in PLAIN_UPSCALERS and not os.path.isfile(upscaler):
+            missing = missing_upscaler(upscaler, "beside the --from-png picture or in the current folder (sdlab "
+                                                 "txt2img), or give its path")
+            if missing:
+                raise RequestError(missing)
             raise RequestError(
                 f"unknown hires upscaler {upscaler!r}: name a latent mode ({', '.join(LATENT_UPSCALE_MODES)}), "
                 "Lanczos, Nearest, or an upscaler model file that exists"
             ) from None
     return dict(hr_scale=scale, hr_width=r.hr_width or None, hr_height=r.hr_height or None, hr_upscaler=upscaler,
-                hr_steps=steps, hr_denoise=denoise)
+                hr_steps=steps, hr_denoise=denoise, hr_base_size=base)
 
 
 def _check_picture_options(r: GenerationRequest) -> None:
@@ -788,6 +823,7 @@ def resolve(
             taken = (f" (the init image's {name}, as the {name} was not given: set width and height to draw it at "
                      "another size)") if getattr(r, name) is None and _size_of_init(r) else ""
             raise RequestError(f"{name} must be an integer in {multiple}..{MAX_SIDE}, got {side!r}{taken}")
+    asked = (width, height)
     width, height = snap_size(width, height, multiple)
     if r.mask_image is not None and r.resize_mode == "latent" and not r.inpaint_only_masked and (
             (width, height) != r.init_image.size):
@@ -800,7 +836,7 @@ def resolve(
     subseed = _batch_seed("subseed", fixed_seed(r.subseed), r.batch_size) if r.subseed_strength else None
     if r.latent_noise_seed is not None:
         _batch_seed("latent_noise_seed", r.latent_noise_seed, r.batch_size)
-    hires = _resolve_hires(r, width, height, multiple)
+    hires = _resolve_hires(r, width, height, multiple, _hires_base(r, asked, (width, height), multiple))
     init_images = tuple(on_white(image) for image in r.init_images)
     init_image = init_images[0] if init_images else None if r.init_image is None else on_white(r.init_image)
     return replace(

@@ -69,6 +69,46 @@ PLAIN_UPSCALERS = {                             # A1111's "None" upscaler resize
     "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST, "none": Image.Resampling.LANCZOS,
 }
 
+# A1111's names of the upscalers it downloads -> the file each runs (`realesrgan_model.get_realesrgan_models`, the
+# ESRGAN upscaler's `model_name`); sdlab's loader reads them all (RRDBNet, SRVGGNetCompact) and finds them by that name
+A1111_UPSCALER_FILES = {
+    "R-ESRGAN General 4xV3": "realesr-general-x4v3.pth",
+    "R-ESRGAN General WDN 4xV3": "realesr-general-wdn-x4v3.pth",
+    "R-ESRGAN AnimeVideo": "realesr-animevideov3.pth",
+    "R-ESRGAN 4x+": "RealESRGAN_x4plus.pth",
+    "R-ESRGAN 4x+ Anime6B": "RealESRGAN_x4plus_anime_6B.pth",
+    "R-ESRGAN 2x+": "RealESRGAN_x2plus.pth",
+    "ESRGAN_4x": "ESRGAN_4x.pth",
+}
+# A1111's built-in upscalers whose networks sdlab does not run (its ScuNET, SwinIR and LDSR extensions)
+A1111_FOREIGN_UPSCALERS = {"ScuNET GAN": "ScuNET", "ScuNET PSNR": "ScuNET", "SwinIR 4x": "SwinIR",
+                           "LDSR": "LDSR (a latent diffusion upscaler)"}
+
+
+def a1111_upscaler_stem(name: str) -> str:
+    """The file stem an upscaler name looks for: the file A1111 runs for one of its own names
+    (`A1111_UPSCALER_FILES`: "R-ESRGAN 4x+" -> RealESRGAN_x4plus), else the name (A1111 names other files by stem)."""
+    file = A1111_UPSCALER_FILES.get(name.strip())
+    return name if file is None else file.rsplit(".", 1)[0]
+
+
+def a1111_upscaler_name(stem: str) -> str:
+    """What A1111 calls the upscaler file of `stem`: its own name for a file it downloads, else the stem."""
+    return next((name for name, file in A1111_UPSCALER_FILES.items() if file.rsplit(".", 1)[0] == stem), stem)
+
+
+def missing_upscaler(name: str, where: str) -> str | None:
+    """Why one of A1111's own upscaler names found no file: the file to place `where`, or the network sdlab does
+    not run (`A1111_FOREIGN_UPSCALERS`); None for other names."""
+    key = name.strip() if isinstance(name, str) else name
+    if key in A1111_UPSCALER_FILES:
+        return (f"the upscaler {key!r} is A1111's name of the file {A1111_UPSCALER_FILES[key]}, which was not found: "
+                f"place it (or a .safetensors of it under that name) {where}")
+    if key in A1111_FOREIGN_UPSCALERS:
+        return (f"the upscaler {key!r} is A1111's {A1111_FOREIGN_UPSCALERS[key]}, a network sdlab does not run; "
+                "use an ESRGAN / Real-ESRGAN file, Lanczos, Nearest or a latent mode")
+    return None
+
 
 class UpscaleError(ValueError):
     """An upscale that cannot be done (unknown method, a size beyond the limits); the message says why."""

@@ -422,7 +422,7 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
                   for name, text in zip(job.images, job.infotexts)]
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
-    extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job.settings)}
+    extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job)}
     info = _info(job, body, name, extra, batch_size=request.batch_size)
     return {"images": images, "parameters": _echo(body), "info": json.dumps(info)}
 
@@ -503,11 +503,12 @@ def _drawn_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
     return {label: value for label, value in labels.items() if value is not None}
 
 
-def _refiner_parameters(service: Service, settings: dict[str, Any]) -> dict[str, Any]:
+def _refiner_parameters(service: Service, job: Job) -> dict[str, Any]:
     """A1111's `extra_generation_params` of a job's refiner (`apply_refiner`): `Refiner` (name [hash]) and
-    `Refiner switch at`; none without one."""
+    `Refiner switch at`; none without one or where it never took over (its pictures record none)."""
+    settings = job.settings
     refiner = service.registry.find(settings["refiner"]) if settings.get("refiner") else None
-    if refiner is None:
+    if refiner is None or not any("Refiner" in parse_parameters(text) for text in job.infotexts[:1]):
         return {}
     return {"Refiner": refiner_label(refiner.infotext_name, refiner.hash),
             "Refiner switch at": settings["refiner_switch"]}

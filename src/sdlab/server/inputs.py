@@ -34,7 +34,9 @@ from sdlab.pipeline.plan import check_prompt_chunks, check_refiner_convention
 from sdlab.pipeline.request import (
     SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch, requested_size, resolve,
 )
-from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name
+from sdlab.pipeline.upscale import (
+    LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name, missing_upscaler,
+)
 from sdlab.server.config import Limits
 from sdlab.server.model_folders import ModelFile, ModelFolder
 from sdlab.utils.text import not_utf8
@@ -284,6 +286,9 @@ def upscaler_file(name: object, upscalers: ModelFolder | None, use: UpscalerUse 
         return None
     found = upscalers.find(name) if isinstance(name, str) and upscalers is not None else None
     if found is None:
+        missing = missing_upscaler(name, "in the server's --upscalers-dir") if isinstance(name, str) else None
+        if missing:
+            raise BadRequest(missing, use.unknown_status, use.unknown_reason)
         models = upscalers.titles() if upscalers is not None else []
         valid = ", ".join([*(LATENT_UPSCALE_MODES if use.latent_modes else ()), *PLAIN_UPSCALER_NAMES, *models])
         raise BadRequest(f"unknown {use.what} {name!r}; this server offers: {valid}", use.unknown_status,

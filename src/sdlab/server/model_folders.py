@@ -5,7 +5,8 @@ are skipped.
 ControlNets are named as A1111's ControlNet extension names them, `"<stem> [<legacy hash>]"`
 (`GET /controlnet/model_list`); a request may give that title, the stem or the file name (a title whose hash
 differs finds the file by its stem, as the extension matches names). Upscalers are
-named by their file stem, as A1111 lists them in `GET /sdapi/v1/upscalers`.
+named as A1111 lists them in `GET /sdapi/v1/upscalers`: a file it downloads by its own name ("R-ESRGAN 4x+" for
+RealESRGAN_x4plus.pth: `upscale.a1111_upscaler_name`), any other by its stem; the stem and file name find it too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdlab.checkpoints.controlnet import legacy_hash
+from sdlab.pipeline.upscale import a1111_upscaler_name
 
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -23,7 +25,7 @@ UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
 @dataclass(frozen=True)
 class ModelFile:
     path: Path
-    title: str                      # what lists show ("name [hash]" for ControlNets, the stem for upscalers)
+    title: str                      # what lists show ("name [hash]" for ControlNets, A1111's name for upscalers)
 
     def names(self) -> set[str]:
         return {self.title, self.path.stem, self.path.name}
@@ -48,7 +50,7 @@ class ModelFolder:
                     continue
                 if not path.resolve().is_relative_to(self.folder):
                     continue                                        # a symlink out of the folder
-                title = f"{path.stem} [{legacy_hash(path)}]" if self.hashed else path.stem
+                title = f"{path.stem} [{legacy_hash(path)}]" if self.hashed else a1111_upscaler_name(path.stem)
                 found.append(ModelFile(path, title))
         with self._lock:
             self.files = found
