@@ -404,7 +404,16 @@ def test_the_api_takes_the_guidance_options_as_a1111_does(body, opts, ours):
     assert {name: OPTION_DEFAULTS[name] for name in defaults} == defaults          # A1111 1.10's OptionInfo defaults
 
 
-@pytest.mark.parametrize("key, value", [("s_min_uncond", -1), ("s_min_uncond", "2"), ("skip_early_cond", 1.5),
+@pytest.mark.parametrize("body, overrides", [({"s_min_uncond": -2.0}, {}), ({}, {"s_min_uncond": -1}),
+                                             ({"s_min_uncond": -2.0}, {"s_min_uncond": 3.0})])
+def test_ngms_at_or_below_0_is_off_as_a1111s(body, overrides):
+    """A1111 takes any number for `s_min_uncond` (field, option or override) and draws NGMS only where it is above 0:
+    a negative value is off, not an error."""
+    req = _api_request(Txt2ImgIn(prompt="x", sampler_name="Euler", override_settings=overrides, **body))
+    assert req.s_min_uncond == 0.0
+
+
+@pytest.mark.parametrize("key, value", [("s_min_uncond", "2"), ("skip_early_cond", 1.5),
                                         ("skip_early_cond", True), ("pad_cond_uncond", 1), ("s_min_uncond_all", "yes")])
 def test_a_bad_guidance_option_is_a_422(key, value):
     with pytest.raises(BadRequest, match=f"override_settings.{key} must be"):

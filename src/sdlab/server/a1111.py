@@ -349,9 +349,10 @@ GUIDANCE_OPTIONS = ("s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "p
 
 def _guidance_settings(body: Txt2ImgIn, settings: dict[str, Any]) -> dict[str, Any]:
     """A1111's guidance options as request fields: NGMS the request's `s_min_uncond`, else the `s_min_uncond` option
-    (`fill_fields_from_opts`, after the overrides apply); `GUIDANCE_OPTIONS` the options (`CFGDenoiser.forward`)."""
+    (`fill_fields_from_opts`, after the overrides apply), off (0) where it is not above 0 (A1111 takes any number
+    and switches NGMS on with `s_min_uncond > 0`); `GUIDANCE_OPTIONS` the options (`CFGDenoiser.forward`)."""
     ngms = settings["s_min_uncond"] if body.s_min_uncond is None else body.s_min_uncond
-    return dict(s_min_uncond=ngms, **{name: settings[name] for name in GUIDANCE_OPTIONS})
+    return dict(s_min_uncond=ngms if ngms > 0 else 0.0, **{name: settings[name] for name in GUIDANCE_OPTIONS})
 
 
 def _or_inf(name: str, value: float) -> float:
@@ -726,12 +727,13 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
 
 
 def _check_guidance_options(body: dict[str, Any], where: str) -> None:
-    """`_guidance_settings`' options: NGMS a number >= 0, Skip Early CFG one in 0..1, the others true or false."""
-    for key, high in (("s_min_uncond", math.inf), ("skip_early_cond", 1.0)):
+    """`_guidance_settings`' options: NGMS a number (off where not above 0, as A1111's), Skip Early CFG one in
+    0..1, the others true or false."""
+    for key, bounds in (("s_min_uncond", ""), ("skip_early_cond", " in 0..1")):
         value = body.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-                math.isfinite(value) and 0 <= value <= high):
-            raise BadRequest(f"{where}{key} must be a number in 0..{high:g}, got {value!r}", 422)
+                math.isfinite(value) and (not bounds or 0 <= value <= 1)):
+            raise BadRequest(f"{where}{key} must be a number{bounds}, got {value!r}", 422)
     for key in ("s_min_uncond_all", "pad_cond_uncond", "pad_cond_uncond_v0"):
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
