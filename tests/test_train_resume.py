@@ -263,3 +263,91 @@ def test_resume_from_another_directory_reads_the_files_the_run_started_with(tmp_
         check_resume(point, TrainConfig(data_dir="images"), global_batch=1)    # elsewhere/images
     older = replace(point, config=point.config | {"data_dir": "images"})       # stored as typed
     check_resume(older, TrainConfig(data_dir=str(elsewhere / "images")), global_batch=1)
+
+
+# settings the run checkpoints of older versions do not store (kohya's options)
+KOHYA_SETTINGS = ("min_timestep", "max_timestep", "ip_noise_gamma", "ip_noise_gamma_random_strength",
+                  "multires_noise_iterations", "multires_noise_discount", "debiased_estimation_loss", "loss_type",
+                  "huber_schedule", "huber_c", "shuffle_caption", "keep_tokens", "caption_separator")
+
+
+def _stored_by_older_versions(stored: dict) -> dict:
+    """A run checkpoint's config as versions before kohya's options and the per-task --caption-dropout default
+    stored it: no kohya settings, and caption dropout at the one default it then had, 0.1, for every task."""
+    return {k: v for k, v in stored.items() if k not in KOHYA_SETTINGS} | {"caption_dropout": 0.1}
+
+
+@pytest.mark.parametrize("task", ["lcd", "vae", "text"])
+def test_an_older_run_of_a_task_without_caption_dropout_resumes(tmp_path, task):
+    """Its stored caption dropout 0.1 did nothing (the task never dropped a caption): the run resumes as it
+    ran, with or without --caption-dropout 0; another value is refused as a setting the task ignores."""
+    from dataclasses import replace
+
+    from sdlab.train.config import TrainConfig, merge_resumed
+    from sdlab.train.errors import TrainError
+    from sdlab.train.loop import check_resume
+
+    point = _resume_point(tmp_path, TrainConfig(task=task))
+    point = replace(point, config=_stored_by_older_versions(point.config))
+    for given in ({"max_steps": 5}, {"max_steps": 5, "caption_dropout": 0.0}):
+        cfg, changed = merge_resumed(point.config, given)
+        assert (cfg.caption_dropout, changed) == (0.0, {"max_steps": (1000, 5)})
+        check_resume(point, cfg, global_batch=1)
+    with pytest.raises(TrainError, match="--caption-dropout 0.1 does not apply to it"):
+        merge_resumed(point.config, {"caption_dropout": 0.1})
+
+
+def test_an_older_run_keeps_the_defaults_of_newer_settings(tmp_path):
+    """A setting newer than the checkpoint is its default, what the run did: left out it stays so, given
+    another value it is refused as a change (docs/training.md: "--resume keeps them ... and refuses a change")."""
+    from dataclasses import replace
+
+    from sdlab.train.config import TrainConfig, merge_resumed
+    from sdlab.train.errors import TrainError
+    from sdlab.train.loop import check_resume
+
+    point = _resume_point(tmp_path, TrainConfig())
+    point = replace(point, config=_stored_by_older_versions(point.config))
+    cfg, changed = merge_resumed(point.config, {"loss_type": "l2", "debiased_estimation_loss": False})
+    assert (cfg.caption_dropout, cfg.loss_type, changed) == (0.1, "l2", {})
+    check_resume(point, cfg, global_batch=1)
+    cfg, changed = merge_resumed(point.config, {"ip_noise_gamma": 0.1, "loss_type": "huber"})
+    assert changed == {"ip_noise_gamma": (None, 0.1), "loss_type": ("l2", "huber")}
+    with pytest.raises(TrainError, match="--ip-noise-gamma was None, now 0.1, --loss-type was 'l2', now 'huber'"):
+        check_resume(point, cfg, global_batch=1)
+
+
+def test_a_minimum_lr_ratio_the_schedule_ignores_needs_no_option_on_resume(tmp_path):
+    """An older constant-schedule run stored --min-lr-ratio, which did nothing: it resumes without it. A cosine run
+    resumed with --lr-schedule constant leaves its ratio behind (and says so). Only a ratio given now is refused
+    with the constant schedule."""
+    from sdlab.train.config import TrainConfig, merge_resumed
+    from sdlab.train.errors import TrainError
+
+    older = _stored_by_older_versions(TrainConfig(lr_schedule="constant").to_json()) | {"min_lr_ratio": 0.1}
+    cfg, changed = merge_resumed(older, {})
+    assert (cfg.lr_schedule, cfg.min_lr_ratio, changed) == ("constant", 0.0, {})
+    cosine = TrainConfig(min_lr_ratio=0.1).to_json()
+    cfg, changed = merge_resumed(cosine, {"lr_schedule": "constant"})
+    assert changed == {"lr_schedule": ("cosine", "constant"), "min_lr_ratio": (0.1, 0.0)}
+    with pytest.raises(TrainError, match="--min-lr-ratio 0.2 is the floor of the cosine schedule"):
+        merge_resumed(older, {"min_lr_ratio": 0.2})
+
+
+def test_an_older_lcd_run_checkpoint_resumes_with_latest(tmp_path, one_thread, capsys):
+    """End to end: a --task lcd run checkpoint whose stored config is the older versions' resumes with
+    ``--resume latest`` alone."""
+    from train_fixtures import run_in_process
+
+    from sdlab.train.cli import main
+    from sdlab.train.run_checkpoint import checkpoint_path, save_run_checkpoint
+
+    out = tmp_path / "run"
+    run_in_process(out, write_tiny_model(tmp_path / "tiny-sd1.safetensors"), write_caption_folder(tmp_path / "data",
+                   n=2, size=16), "--task", "lcd", "--max-steps", "1", "--checkpoint-every", "1")
+    state = load_run_checkpoint(checkpoint_path(out / "checkpoints", 1))
+    state["config"] = _stored_by_older_versions(state["config"])
+    save_run_checkpoint({k: v for k, v in state.items() if k != "format"}, out / "checkpoints", 1)
+    assert main(["--output-dir", str(out), "--resume", "latest", "--max-steps", "2", "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    assert load_run_checkpoint(checkpoint_path(out / "checkpoints", 2))["config"]["caption_dropout"] == 0.0

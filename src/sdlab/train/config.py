@@ -388,13 +388,34 @@ def _as_read(name: str, value: Any) -> Any:
     return value
 
 
-def resume_changes(stored: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    """The `RESUME_INVARIANTS` ``cfg`` changes from a run checkpoint's ``stored`` settings. A setting spelled
-    otherwise but read alike is no change, nor a resolution not yet resolved (None: the model's native size,
-    filled in once it loads)."""
-    now = cfg.to_json()
-    return [k for k in RESUME_INVARIANTS if k in stored
-            and _as_read(k, stored[k]) != _as_read(k, now[k]) and not (k == "resolution" and now[k] is None)]
+def _run_settings(stored: dict[str, Any]) -> dict[str, Any]:
+    """A run checkpoint's ``stored`` settings as its run read them: a setting newer than the checkpoint is its
+    default (what the run did before the setting existed), and one the run ignored is the value that asks for
+    nothing (`_without_ignored`; checkpoints from before the per-task --caption-dropout default stored 0.1 for every
+    task, also for lcd / vae / text, which never dropped a caption)."""
+    values = {f.name: f.default for f in fields(TrainConfig)} | stored
+    return _without_ignored(values, given=())
+
+
+def _without_ignored(values: dict[str, Any], given: typing.Collection[str]) -> dict[str, Any]:
+    """``values`` with each setting the run they describe ignores, unless ``given`` (then it is checked as given),
+    at the value that asks for nothing: a task-specific setting its task does not read (`TASK_SETTINGS`), and
+    --min-lr-ratio with the constant schedule, which has no floor."""
+    entry = TASK_SETTINGS.get(values["task"])
+    ignored = {name for name in _TASK_SPECIFIC if entry and name not in entry[1]}
+    if values["lr_schedule"] == "constant":
+        ignored.add("min_lr_ratio")
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return values | {name: _INERT.get(name, defaults[name]) for name in ignored - set(given)}
+
+
+def resume_changes(stored: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """The `RESUME_INVARIANTS` ``cfg`` changes from a run checkpoint's ``stored`` settings as its run read them
+    (`_run_settings`), as {setting: (then, now)}. A setting spelled otherwise but read alike is no change, nor a
+    resolution not yet resolved (None: the model's native size, filled in once it loads)."""
+    then, now = _run_settings(stored), cfg.to_json()
+    return {k: (then[k], now[k]) for k in RESUME_INVARIANTS
+            if _as_read(k, then[k]) != _as_read(k, now[k]) and not (k == "resolution" and now[k] is None)}
 
 
 def flag(name: str) -> str:
@@ -557,13 +578,14 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def merge_resumed(stored: dict[str, Any], given: dict[str, Any]) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
-    """The config of a resumed run: the checkpoint's stored settings with those given now on top.
-    Returns (config, {field: (stored value, new value)} for every setting that changed)."""
+    """The config of a resumed run: the checkpoint's stored settings as its run read them (`_run_settings`) with
+    those given now on top. Returns (config, {field: (stored value, new value)} for every setting that changed)."""
     known = {f.name for f in fields(TrainConfig)}
-    values = {k: _coerce(k, v) for k, v in stored.items() if k in known and k != "resume"}
-    changed = {k: (values.get(k), v) for k, v in given.items()
-               if k != "resume" and k in values and _as_read(k, values[k]) != _as_read(k, v)}
-    return config_from_settings(values | given), changed
+    then = _run_settings({k: _coerce(k, v) for k, v in stored.items() if k in known and k != "resume"})
+    values = _without_ignored(then | given, given)
+    changed = {k: (then[k], v) for k, v in values.items()
+               if k != "resume" and _as_read(k, then[k]) != _as_read(k, v)}
+    return config_from_settings(values), changed
 
 
 def config_from_settings(values: dict[str, Any]) -> TrainConfig:

@@ -155,8 +155,7 @@ def check_resume(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> Non
     objective (`resume_changes`)."""
     changed = resume_changes(point.config, cfg)
     if changed:
-        now = cfg.to_json()
-        what = ", ".join(f"{flag(k)} was {point.config[k]!r}, now {now[k]!r}" for k in changed)
+        what = ", ".join(f"{flag(k)} was {then!r}, now {now!r}" for k, (then, now) in changed.items())
         raise TrainError(f"cannot resume from {point.path}: {what} (these define the run; leave them out to keep "
                          f"the checkpoint's, or start a new --output-dir)")
     if point.global_batch != global_batch:
