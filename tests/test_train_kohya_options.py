@@ -382,6 +382,31 @@ def test_settings_that_make_no_sense_are_refused(settings, message):
         TrainConfig(**settings)
 
 
+@pytest.mark.parametrize("options, message", [
+    (("--huber-c", "0.1"), "--huber-c 0.1 shapes --loss-type huber or smooth_l1"),
+    (("--huber-schedule", "snr"), "--huber-schedule 'snr' shapes --loss-type huber"),
+    (("--multires-noise-discount", "0.3"), "--multires-noise-discount 0.3 shapes --multires-noise-iterations"),
+    (("--keep-tokens", "0"), "--keep-tokens 0 shapes --shuffle-caption"),
+    (("--caption-separator", ","), "--caption-separator ',' shapes --shuffle-caption"),
+    (("--no-ip-noise-gamma-random-strength",),
+     "--no-ip-noise-gamma-random-strength shapes --ip-noise-gamma, which is not given: give it too, or drop "
+     "--no-ip-noise-gamma-random-strength"),
+])
+def test_a_shaping_option_given_at_its_default_is_refused_too(options, message):
+    """Given is given: the docs' "a shaping option without the one it shapes is one error line" holds for its
+    default value too (the command line and a --config file name it)."""
+    import argparse
+
+    from sdlab.train.config import add_config_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    with pytest.raises(TrainError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_args(parser.parse_args(list(options)))
+    config_from_args(parser.parse_args([*options, "--loss-type", "huber", "--multires-noise-iterations", "6",
+                                        "--shuffle-caption", "--ip-noise-gamma", "0.1"]))
+
+
 def test_model_dependent_refusals():
     with pytest.raises(TrainError, match="within the model's 1000 training steps"):
         UNetTask(tiny_bundle("sd1", 0), UNetTaskOptions(max_timestep=1001))

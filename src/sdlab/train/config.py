@@ -335,16 +335,17 @@ _SHAPING: tuple[tuple[str, str, typing.Callable[[TrainConfig], bool]], ...] = (
 )
 
 
-def _check_option_pairs(cfg: TrainConfig) -> None:
-    """A `TrainError` for a setting given without the one it shapes (it would do nothing), and for a timestep
-    range that is empty."""
+def _check_option_pairs(cfg: TrainConfig, given: typing.Collection[str] = ()) -> None:
+    """A `TrainError` for a setting set (off its default, or named in ``given``) without the one it shapes (it
+    would do nothing), and for a timestep range that is empty."""
     defaults = {f.name: f.default for f in fields(cfg)}
     for name, shapes, applies in _SHAPING:
         value = getattr(cfg, name)
-        if value != defaults[name] and not applies(cfg):
-            given = flag(name) if value is True else f"{flag(name)} {value!r}" if isinstance(value, str) else \
-                f"{flag(name)} {value:g}"
-            raise TrainError(f"{given} shapes {shapes}, which is not given: give it too, or drop {flag(name)}")
+        if (value != defaults[name] or name in given) and not applies(cfg):
+            option = flag(name) if value is not False else "--no-" + flag(name)[2:]
+            text = option if isinstance(value, bool) else f"{option} {value!r}" if isinstance(value, str) else \
+                f"{option} {value:g}"
+            raise TrainError(f"{text} shapes {shapes}, which is not given: give it too, or drop {option}")
     low, high = cfg.min_timestep, cfg.max_timestep
     if low is not None and high is not None and low > high:
         raise TrainError(f"--min-timestep {low} is above --max-timestep {high}")
@@ -585,15 +586,19 @@ def merge_resumed(stored: dict[str, Any], given: dict[str, Any]) -> tuple[TrainC
     values = _without_ignored(then | given, given)
     changed = {k: (then[k], v) for k, v in values.items()
                if k != "resume" and _as_read(k, then[k]) != _as_read(k, v)}
-    return config_from_settings(values), changed
+    return config_from_settings(values, given), changed
 
 
-def config_from_settings(values: dict[str, Any]) -> TrainConfig:
-    """A `TrainConfig` of these (parsed) settings over the defaults; an unknown name is a `TrainError`."""
+def config_from_settings(values: dict[str, Any], given: typing.Collection[str] | None = None) -> TrainConfig:
+    """A `TrainConfig` of these (parsed) settings over the defaults; an unknown name is a `TrainError`, and so is
+    a shaping setting among those ``given`` (default: all of ``values``) without the one it shapes, even at its
+    default value."""
     try:
-        return TrainConfig(**values)
+        cfg = TrainConfig(**values)
     except TypeError as exc:  # a field that does not exist (Python callers)
         raise TrainError(str(exc)) from None
+    _check_option_pairs(cfg, values if given is None else given)
+    return cfg
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
