@@ -169,12 +169,28 @@ def test_only_runs_that_begin_a_comfyui_word_are_warned_of(caplog):
     from sdlab.pipeline.request import GenerationRequest
 
     request = GenerationRequest("a (embedding:gone:1.2), myembedding:kept EMBEDDING:kept BREAK embedding:brk AND "
-                                "[cat:dog:3] embedding:part :0.5", negative_prompt="x,embedding:kept embedding:neg", steps=6)
+                                "[cat:dog:3] embedding:part :0.5", negative_prompt="x,embedding:kept embedding:neg",
+                                steps=6, sampler="Euler")
     bundle = tiny_bundle("sd1")
     with caplog.at_level(logging.WARNING):
         warn_of_unloaded_embeddings(bundle, request)
     warned = [r.getMessage().split()[0] for r in caplog.records]
     assert warned == ["embedding:gone", "embedding:brk", "embedding:part", "embedding:neg"]
+
+
+def test_an_edit_reached_in_a_second_order_samplers_calls_is_warned_of(caplog):
+    """The warning reads the texts on the drawing's schedule: Heun's 10 steps are 20 model calls (A1111's
+    step_multiplier), so an edit at step 15 is drawn and its embedding is warned of; Euler never reaches it."""
+    from sdlab.pipeline.plan import warn_of_unloaded_embeddings
+    from sdlab.pipeline.request import GenerationRequest
+
+    bundle = tiny_bundle("sd1")
+    for sampler, warned in (("Euler", []), ("Heun", ["embedding:late"])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            request = GenerationRequest("[a cat:(embedding:late):15]", steps=10, sampler=sampler)
+            warn_of_unloaded_embeddings(bundle, request)
+        assert [r.getMessage().split()[0] for r in caplog.records] == warned, sampler
 
 
 def test_training_captions_read_the_syntax_as_prompts_do_and_warn(caplog, tmp_path):

@@ -251,6 +251,43 @@ def test_a_prompt_past_the_chunks_is_refused_when_resolved_not_when_drawn(model)
     pipe.resolve(GenerationRequest(breaks, steps=2, emphasis="None"))
 
 
+LONG_EDIT = "[a dog:" + CHUNKS_OF_CAT + "cat:{when}]"          # a text of MAX_CHUNKS + 1 chunks from step `when`
+HEUN_EDIT = dict(prompt=LONG_EDIT.format(when=15), steps=10, sampler="Heun")           # call 15 of 20
+HIRES_EDIT = dict(prompt=LONG_EDIT.format(when=5), steps=4, sampler="Euler", hr_scale=1.5,   # step 1 of the
+                  hr_upscaler="Latent")                                                       # second pass
+
+
+def test_prompt_edits_are_counted_on_the_schedules_the_drawing_uses(model):
+    """The check schedules the edits as the drawing does (`plan.prompt_schedule_steps`): over a second-order
+    sampler's model calls (A1111's step_multiplier: Heun's 10 steps are 20 calls, so step 15 is reached) and, for
+    a hires request, in its second pass too, whose edits count on from the first pass (step 5 of 4 + 4)."""
+    import sdlab
+    from sdlab.pipeline.request import GenerationRequest
+
+    pipe = sdlab.load(model)
+    for fields in (HEUN_EDIT, HIRES_EDIT):
+        with pytest.raises(PromptError, match=f"more than {MAX_CHUNKS} chunks"):
+            pipe.resolve(GenerationRequest(**fields))
+    pipe.resolve(GenerationRequest(**{**HEUN_EDIT, "sampler": "Euler"}))        # step 15 of 10: never drawn
+    pipe.resolve(GenerationRequest(**{**HIRES_EDIT, "hr_scale": None, "hr_upscaler": None}))  # no second pass
+
+
+def test_a_guidance_embedded_unet_counts_its_whole_prompt(model):
+    """A U-Net with a guidance embedding encodes the prompt whole, AND and all (`plan.prompt_parts`), so parts
+    that fit each are refused together."""
+    from dataclasses import replace
+
+    from sdlab.pipeline.plan import check_prompt_chunks
+    from sdlab.pipeline.request import GenerationRequest
+
+    bundle = tiny_bundle("sd1")
+    halves = GenerationRequest("cat " * 1200 + "AND " + "dog " * 1200, steps=2, sampler="Euler")
+    check_prompt_chunks(bundle, halves)
+    lcm = replace(bundle, unet_config=replace(bundle.unet_config, time_cond_proj_dim=32))
+    with pytest.raises(PromptError, match=f"more than {MAX_CHUNKS} chunks"):
+        check_prompt_chunks(lcm, halves)
+
+
 def test_the_server_refuses_a_prompt_past_the_chunks_before_queueing_it(tmp_path):
     """The server's submit check counts them with the loaded model's tokenizer: a 400 at once, nothing queued."""
     from sdlab.pipeline.request import GenerationRequest
@@ -264,6 +301,10 @@ def test_the_server_refuses_a_prompt_past_the_chunks_before_queueing_it(tmp_path
         with pytest.raises(BadRequest, match=f"more than {MAX_CHUNKS} chunks") as refused:
             service.submit(JobSpec(GenerationRequest(CHUNKS_OF_CAT + "cat", steps=2)), "txt2img", None)
         assert refused.value.status == 400 and service.queue.counts() == (0, 0)
+        for fields in (HEUN_EDIT, HIRES_EDIT):          # edits on the drawing's schedules (the test above)
+            with pytest.raises(BadRequest, match=f"more than {MAX_CHUNKS} chunks"):
+                service.submit(JobSpec(GenerationRequest(**fields)), "txt2img", None)
+        assert service.queue.counts() == (0, 0)
     finally:
         service.store.close()
 

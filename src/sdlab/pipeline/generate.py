@@ -88,7 +88,6 @@ from sdlab.pipeline.control import (
     controlled_unet, inpaint_mask, prepare_controls, prompt_marks, spans_part, tag_steps,
 )
 from sdlab.pipeline.conditioning import composed_schedule, empty_prompt_context, make_cond_schedule
-from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
     a1111_latent_mask,
@@ -106,6 +105,8 @@ from sdlab.pipeline.plan import (
     a1111_training_sigmas,
     handoff_index,
     make_plan,
+    prompt_parts,
+    prompt_schedule_steps,
     request_sigmas,
     resolve_for,
     warn_if_far_from_native,
@@ -529,12 +530,10 @@ def _guided_model(
     LatentConsistencyModelPipeline: guidance_scale 8.5 embeds w = 7.5, no unconditional pass)."""
     device = bundle.device
     embedded = bundle.unet_config.time_cond_proj_dim
-    parts = composable_parts(req.prompt) if embedded is None else [(req.prompt, 1.0)]   # A1111's AND, :WEIGHT
+    parts = prompt_parts(bundle, req.prompt)                            # A1111's AND, :WEIGHT
     composed = len(parts) > 1 or parts[0][1] != 1.0
-    calls = get_sampler(req.sampler).calls_per_step                     # A1111 counts every model call
-    first_call = steps_done * calls
-    steps, hires_steps = ((req.steps * calls, None) if req.first_pass_steps is None
-                          else (req.first_pass_steps * calls, req.steps * calls))   # a hires pass counts on
+    first_call = steps_done * get_sampler(req.sampler).calls_per_step  # A1111 counts every model call
+    steps, hires_steps = prompt_schedule_steps(req)                     # a hires pass counts on
     conditioning = partial(        # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
         make_cond_schedule,
         bundle.text_encoders,

@@ -57,6 +57,8 @@ __all__ = [
     "check_refiner_convention",
     "handoff_index",
     "make_plan",
+    "prompt_parts",
+    "prompt_schedule_steps",
     "request_sigmas",
     "resolve_for",
     "warn_if_far_from_native",
@@ -159,18 +161,17 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
 def warn_of_unloaded_embeddings(bundle: ModelBundle, req: GenerationRequest) -> None:
     """One warning for each `embedding:NAME` of the prompts that names no loaded embedding (it is left out)."""
     tokenizer = bundle.text_encoders[0].tokenizer
-    names = (name for run in _tokenized_runs(req) for name in tokenizer.unloaded_names(run))
+    names = (name for run in _tokenized_runs(bundle, req) for name in tokenizer.unloaded_names(run))
     for name in dict.fromkeys(names):
         logger.warning("embedding:%s is not loaded; it is left out of the prompt", name)
 
 
-def _tokenized_runs(req: GenerationRequest) -> list[str]:
+def _tokenized_runs(bundle: ModelBundle, req: GenerationRequest) -> list[str]:
     """The texts of the prompts the tokenizer reads one by one, where a word such as `embedding:NAME` may
-    begin: the emphasis runs (`weighted_runs`, the request's emphasis mode) of each edited text
-    (`prompt_schedule`) of each AND part and of the negative prompt. A text that does not parse has none
-    (encoding it is a `PromptError`)."""
+    begin: the emphasis runs (`weighted_runs`, the request's emphasis mode) of each text the request encodes
+    (`_edited_texts`). A text that does not parse has none (encoding it is a `PromptError`)."""
     runs: list[str] = []
-    for text in _edited_texts(req):
+    for text in _edited_texts(bundle, req):
         try:
             runs += [run for run, weight in weighted_runs(text, req.emphasis) if not is_break((run, weight))]
         except PromptError:
@@ -178,12 +179,40 @@ def _tokenized_runs(req: GenerationRequest) -> list[str]:
     return runs
 
 
-def _edited_texts(req: GenerationRequest) -> list[str]:
-    """The texts the request encodes: each edited text (`prompt_schedule`) of each AND part of the prompt and
-    of the negative prompt."""
-    texts = [part for part, _ in composable_parts(req.prompt)] + [req.negative_prompt]
-    return list(dict.fromkeys(text_at for text in texts
-                              for _, text_at in prompt_schedule(text, req.steps, old=req.old_prompt_editing)))
+def prompt_parts(bundle: ModelBundle, prompt: str) -> list[tuple[str, float]]:
+    """The parts of `prompt` the drawing encodes apart, with their weights: A1111's AND parts (`composable_parts`),
+    or the whole prompt for a U-Net with a guidance embedding (which runs on the prompt alone)."""
+    if bundle.unet_config.time_cond_proj_dim is not None:
+        return [(prompt, 1.0)]
+    return composable_parts(prompt)
+
+
+def prompt_schedule_steps(req: GenerationRequest) -> tuple[int, int | None]:
+    """The (steps, hires_steps) a pass of `req` schedules its prompt edits over (`prompt_schedule`): model calls,
+    as A1111 counts them (its step_multiplier: the steps times the sampler's calls a step); a hires second pass
+    (`first_pass_steps` set) counts on from its first pass."""
+    calls = get_sampler(req.sampler).calls_per_step
+    if req.first_pass_steps is None:
+        return req.steps * calls, None
+    return req.first_pass_steps * calls, req.steps * calls
+
+
+def _passes(bundle: ModelBundle, req: GenerationRequest) -> list[GenerationRequest]:
+    """The requests of the passes `req` draws: itself, then a hires request's second pass (`second_pass_request`)."""
+    from sdlab.pipeline.hires import second_pass_request             # hires plans its passes with make_plan
+    return [req, second_pass_request(req, bundle.vae_config.downsample_factor)] if req.hires else [req]
+
+
+def _edited_texts(bundle: ModelBundle, req: GenerationRequest) -> list[str]:
+    """The texts the request encodes: in each pass it draws (`_passes`), each edited text (`prompt_schedule` over
+    `prompt_schedule_steps`, as the drawing schedules them) of each part (`prompt_parts`) of the prompt and of the
+    negative prompt."""
+    texts: list[str] = []
+    for run in _passes(bundle, req):
+        steps = prompt_schedule_steps(run)
+        for text in [part for part, _ in prompt_parts(bundle, run.prompt)] + [run.negative_prompt]:
+            texts += [text_at for _, text_at in prompt_schedule(text, *steps, old=run.old_prompt_editing)]
+    return list(dict.fromkeys(texts))
 
 
 def check_prompt_chunks(bundle: ModelBundle, req: GenerationRequest) -> None:
@@ -192,7 +221,7 @@ def check_prompt_chunks(bundle: ModelBundle, req: GenerationRequest) -> None:
     it encodes (`_edited_texts`), the prompt without its comments and extra-network tags."""
     encoded = replace(req, prompt=without_extra_networks(req.prompt), negative_prompt=strip_comments(req.negative_prompt))
     tokenizers = {id(encoder.tokenizer): encoder.tokenizer for encoder in bundle.text_encoders}.values()
-    for text in _edited_texts(encoded):
+    for text in _edited_texts(bundle, encoded):
         for tokenizer in tokenizers:
             prompt_chunks(text, tokenizer, req.emphasis)
 
