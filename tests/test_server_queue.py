@@ -7,6 +7,7 @@ cannot be opened is one `StoreError` naming the file."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import sqlite3
 import threading
@@ -258,6 +259,34 @@ def test_a_second_server_on_the_output_folder_is_refused_and_leaves_the_first_on
     second = Store(tmp_path)                            # the first server ended: its jobs were cut off
     assert second.job("r")["status"] == "interrupted"
     second.close()
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_file_system_without_locks_is_served_unlocked_with_one_warning(tmp_path, monkeypatch, caplog, code):
+    """flock failing as it does where the file system has no locks (NFS without its lock daemon, some FUSE and
+    network mounts) is no second server: one warning line, and the server runs without the lock."""
+    def no_locks(file, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="sdlab.server.store"):
+        first = Store(tmp_path)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the file system of {tmp_path} has no file locks ({os.strerror(code)}): a second sdlab serve on the folder "
+        "is not detected"]
+    first.save_job(_row("r", "queued", 1.0))
+    assert first.job("r")["status"] == "queued"
+    assert (tmp_path / store_module.LOCK_NAME).read_text() == str(os.getpid())
+    first.close()
+
+
+def test_a_lock_that_fails_otherwise_is_one_error_naming_the_file(tmp_path, monkeypatch):
+    def failing(file, operation):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(store_module.fcntl, "flock", failing)
+    with pytest.raises(StoreError, match=f"cannot lock {tmp_path / store_module.LOCK_NAME}: "):
+        Store(tmp_path)
 
 
 def test_a_job_found_unfinished_at_start_keeps_its_pictures_and_gets_an_end_time(tmp_path):

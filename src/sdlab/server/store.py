@@ -8,12 +8,15 @@ the file and why; a row that cannot be read (a damaged page, a hand edit) is lis
 
 One server uses an output folder at a time: it holds the folder's lock file (`LOCK_NAME`) while it runs, and
 a second `sdlab serve` on the folder is refused (`StoreError`), so a starting server marks interrupted only
-jobs no live server is running.
+jobs no live server is running. On a file system without file locks (some network mounts) it warns and runs
+unlocked.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -27,8 +30,11 @@ try:
 except ImportError:         # Windows: no flock, a second server on the folder goes undetected
     fcntl = None
 
+logger = logging.getLogger(__name__)
+
 DB_NAME = "sdlab-server.sqlite"
 LOCK_NAME = "sdlab-server.lock"     # held by the server using the output folder; holds its process id
+NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}    # a file system without file locks
 # How long a write waits while another program holds the file's write lock: briefly on a request's path (the
 # client gets a 503 and can retry), longer for the worker's writes (a job starts or ends), which nobody awaits.
 REQUEST_BUSY_TIMEOUT_S = 2.0
@@ -154,7 +160,8 @@ class Store:
 
 def _hold_folder(folder: Path) -> IO[str]:
     """The folder's lock file, open and locked (an exclusive `flock`, which the system lets go when the process
-    ends, however it ends), with this process's id in it; a `StoreError` when another process holds it."""
+    ends, however it ends), with this process's id in it; a `StoreError` when another process holds it. On a
+    file system without file locks (`NO_LOCKS`) a warning, and the file unlocked."""
     path = folder / LOCK_NAME
     try:
         lock = open(path, "a+")
@@ -164,14 +171,18 @@ def _hold_folder(folder: Path) -> IO[str]:
         if fcntl is not None:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
-        lock.seek(0)
-        holder = lock.read().strip()
-        lock.close()
-        if not isinstance(err, BlockingIOError):
-            raise StoreError(f"cannot lock {path}: {err.strerror}") from None
-        raise StoreError(f"the output folder {folder} is in use by another sdlab serve"
-                         + (f" (process {holder})" if holder.isdigit() else "")
-                         + "; stop it, or give this server another --output-dir") from None
+        if err.errno in NO_LOCKS:
+            logger.warning("the file system of %s has no file locks (%s): a second sdlab serve on the folder "
+                           "is not detected", folder, err.strerror)
+        else:
+            lock.seek(0)
+            holder = lock.read().strip()
+            lock.close()
+            if not isinstance(err, BlockingIOError):
+                raise StoreError(f"cannot lock {path}: {err.strerror}") from None
+            raise StoreError(f"the output folder {folder} is in use by another sdlab serve"
+                             + (f" (process {holder})" if holder.isdigit() else "")
+                             + "; stop it, or give this server another --output-dir") from None
     lock.truncate(0)
     lock.write(str(os.getpid()))
     lock.flush()
