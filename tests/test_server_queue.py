@@ -11,6 +11,7 @@ import errno
 import os
 import sqlite3
 import threading
+import types
 
 import pytest
 
@@ -287,6 +288,28 @@ def test_a_lock_that_fails_otherwise_is_one_error_naming_the_file(tmp_path, monk
     monkeypatch.setattr(store_module.fcntl, "flock", failing)
     with pytest.raises(StoreError, match=f"cannot lock {tmp_path / store_module.LOCK_NAME}: "):
         Store(tmp_path)
+
+
+def test_on_windows_the_folder_is_locked_with_msvcrt_past_the_process_id(tmp_path, monkeypatch):
+    """Without fcntl (Windows) the lock is msvcrt's on byte WINDOWS_LOCK_BYTE, past the process id a second server
+    reads (Windows locks are mandatory); a second server's failed lock (EACCES) is the in-use error."""
+    held: list[tuple[int, int, int]] = []
+
+    def locking(fd, mode, nbytes):
+        if held:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        held.append((os.lseek(fd, 0, os.SEEK_CUR), mode, nbytes))
+
+    monkeypatch.setattr(store_module, "fcntl", None)
+    monkeypatch.setattr(store_module, "msvcrt", types.SimpleNamespace(LK_NBLCK=2, locking=locking))
+    first = Store(tmp_path)
+    assert held == [(store_module.WINDOWS_LOCK_BYTE, 2, 1)]
+    assert len(str(os.getpid())) < store_module.WINDOWS_LOCK_BYTE
+    with pytest.raises(StoreError) as refused:
+        Store(tmp_path)
+    assert str(refused.value) == (f"the output folder {tmp_path} is in use by another sdlab serve (process "
+                                  f"{os.getpid()}); stop it, or give this server another --output-dir")
+    first.close()
 
 
 def test_a_job_found_unfinished_at_start_keeps_its_pictures_and_gets_an_end_time(tmp_path):

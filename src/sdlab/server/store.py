@@ -27,13 +27,16 @@ from typing import IO, Any
 
 try:
     import fcntl
-except ImportError:         # Windows: no flock, a second server on the folder goes undetected
+    msvcrt = None
+except ImportError:         # Windows: msvcrt's byte-range lock instead of flock
     fcntl = None
+    import msvcrt
 
 logger = logging.getLogger(__name__)
 
 DB_NAME = "sdlab-server.sqlite"
 LOCK_NAME = "sdlab-server.lock"     # held by the server using the output folder; holds its process id
+WINDOWS_LOCK_BYTE = 64              # the byte msvcrt locks: past the process id, which Windows lets others read
 NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}    # a file system without file locks
 # How long a write waits while another program holds the file's write lock: briefly on a request's path (the
 # client gets a 503 and can retry), longer for the worker's writes (a job starts or ends), which nobody awaits.
@@ -159,17 +162,16 @@ class Store:
 
 
 def _hold_folder(folder: Path) -> IO[str]:
-    """The folder's lock file, open and locked (an exclusive `flock`, which the system lets go when the process
-    ends, however it ends), with this process's id in it; a `StoreError` when another process holds it. On a
-    file system without file locks (`NO_LOCKS`) a warning, and the file unlocked."""
+    """The folder's lock file, open and locked (`_lock`, which the system lets go when the process ends, however
+    it ends), with this process's id in it; a `StoreError` when another process holds it. On a file system
+    without file locks (`NO_LOCKS`) a warning, and the file unlocked."""
     path = folder / LOCK_NAME
     try:
         lock = open(path, "a+")
     except OSError as err:
         raise StoreError(f"cannot open the lock file {path}: {err.strerror}") from None
     try:
-        if fcntl is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _lock(lock)
     except OSError as err:
         if err.errno in NO_LOCKS:
             logger.warning("the file system of %s has no file locks (%s): a second sdlab serve on the folder "
@@ -187,6 +189,20 @@ def _hold_folder(folder: Path) -> IO[str]:
     lock.write(str(os.getpid()))
     lock.flush()
     return lock
+
+
+def _lock(lock: IO[str]) -> None:
+    """Lock the open lock file for this process without waiting: an exclusive `flock`, or on Windows msvcrt's
+    lock of byte `WINDOWS_LOCK_BYTE` (Windows locks are mandatory: the process id before it stays readable);
+    a `BlockingIOError` when another process holds it."""
+    if fcntl is not None:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    lock.seek(WINDOWS_LOCK_BYTE)
+    try:
+        msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
+    except PermissionError as err:          # EACCES: another process holds the byte
+        raise BlockingIOError(err.errno, err.strerror) from None
 
 
 def _record(row: tuple) -> dict[str, Any]:
