@@ -142,6 +142,16 @@ def test_an_interrupt_keeps_the_batches_before_it_and_the_one_it_stops_as_far_as
     assert "Seed: 42," in job.infotexts[2] and "Steps: 4," in job.infotexts[2]
 
 
+def test_an_interrupt_seen_before_its_cancel_stops_the_job_all_the_same(service):
+    """`JobQueue.interrupt` sets the job's interrupt, then its cancel: a worker that ends the stopped batch between
+    the two still stops the job there, and draws no next batch (which would stop at its first step again)."""
+    job = _job(service, steps=4)
+    _at_step(job, 5, job.interrupt.set)                     # the interrupt alone, its cancel not set yet
+    with pytest.raises(JobCancelled):
+        service.runner.run(job)
+    assert job.images == [f"{job.id}-{i}.png" for i in range(4)] and job.seeds == [40, 41, 42, 43]
+
+
 def test_a_cancel_writes_nothing_of_the_batch_it_stops(service):
     """The native API's cancel (DELETE: `JobQueue.cancel` of the running job) is not A1111's interrupt: the batch
     it stops writes nothing."""

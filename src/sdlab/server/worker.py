@@ -317,7 +317,7 @@ def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: Hires
     interrupt stops the job and a skip goes on with the next batch, one that comes between batches skipping
     nothing."""
     for k in range(job.spec.batch_count):
-        if job.cancel.is_set():
+        if _stopping(job):
             raise JobCancelled
         job.skip.clear()
         try:
@@ -325,10 +325,15 @@ def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: Hires
         except SamplingStopped as stop:
             job.step = job.steps * (k + 1) // job.spec.batch_count
             yield stop.result
-            if job.cancel.is_set():
+            if _stopping(job):
                 raise JobCancelled from None
             continue
         yield result
+
+
+def _stopping(job: Job) -> bool:
+    """Whether the job is cancelled or interrupted (`JobQueue.interrupt` sets the interrupt before the cancel)."""
+    return job.cancel.is_set() or job.interrupt.is_set()
 
 
 def _take_model_defaults(job: Job, pipe: Pipeline) -> None:
