@@ -199,13 +199,14 @@ def _a1111_latents(bundle, req: GenerationRequest, parts: list[tuple[str, float]
     def inner_model(x, sigma, cond):
         return denoiser(x, sigma, context=cond["c_crossattn"][0])
 
-    encode = partial(encode_prompt, bundle.text_encoders)
+    encode = partial(encode_prompt, bundle.text_encoders, clip_skip=req.clip_skip)
     tensor = stack_conds([encode(text).context[0] for text, _ in parts])                 # (parts, T, D)
     conds_list = [[(i, weight) for i, (_, weight) in enumerate(parts)]]
     uncond = encode(req.negative_prompt).context                                         # (1, Tu, D)
     opts = {**{name: getattr(req, name) for name in A1111_OPTIONS}, "batch_cond_uncond": batched}
     total = (len(plan.sigmas) - 1) * (2 if SECOND_ORDER[req.sampler] else 1)
-    model = A1111CFGDenoiser(inner_model, encode("").context, opts, total)
+    empty = encode_prompt(bundle.text_encoders, "").context        # encoded as A1111 loads the model: clip skip 1
+    model = A1111CFGDenoiser(inner_model, empty, opts, total)
     extra_args = dict(cond=(conds_list, tensor), uncond=uncond, cond_scale=req.cfg_scale,
                       s_min_uncond=req.s_min_uncond)
     return getattr(KD, function)(model, start.x, plan.sigmas, extra_args=extra_args, disable=True), model
@@ -255,7 +256,8 @@ def test_pad_conds_draw_as_a1111(sd1, n_pos, n_neg, rule):
 
 @pytest.mark.parametrize("options", [dict(pad_cond_uncond=True, s_min_uncond=3.0),
                                      dict(pad_cond_uncond_v0=True, skip_early_cond=0.4),
-                                     dict(pad_cond_uncond=True, pad_cond_uncond_v0=True)])
+                                     dict(pad_cond_uncond=True, pad_cond_uncond_v0=True),
+                                     dict(pad_cond_uncond=True, clip_skip=2, clip_skip_convention="a1111")])
 @torch.no_grad()
 def test_and_prompts_skip_and_pad_as_a1111(sd1, options):
     """A composable prompt: A1111 stacks the parts (padded to the longest with their last vector), pads that stack
@@ -326,10 +328,26 @@ def test_pad_rules_on_contexts(sd1):
     negative = encode_prompt(sd1.text_encoders, "blurry").context
     assert torch.equal(uncond["context"], torch.cat([negative, empty], dim=1))
     assert torch.equal(cond["context"], encode_prompt(sd1.text_encoders, _chunks(2)).context)
-    _, cut = pad_cond_uncond([{"context": negative}], {"context": cond["context"]}, "v0", lambda: empty)
+    _, cut = pad_cond_uncond([{"context": negative}], {"context": cond["context"]}, "v0", sd1.text_encoders)
     assert torch.equal(cut["context"], cond["context"][:, :77])
-    _, longer = pad_cond_uncond([cond], {"context": negative}, "v0", lambda: empty)
+    _, longer = pad_cond_uncond([cond], {"context": negative}, "v0", sd1.text_encoders)
     assert torch.equal(longer["context"][:, 77:], negative[:, -1:].expand(-1, 77, -1))
+
+
+@torch.no_grad()
+def test_pad_conds_pads_with_the_empty_prompt_encoded_at_clip_skip_1(sd1):
+    """A1111 encodes the "" it pads with (`cond_stage_model_empty_prompt`) once, as it loads the model, at its default
+    clip skip 1: a request's clip skip encodes its prompts, not the padding, on the plain and the AND path alike."""
+    cond, uncond = make_cond(sd1.text_encoders, sd1.family, _chunks(2), "blurry", pad_rule="pad", clip_skip=2)
+    negative = encode_prompt(sd1.text_encoders, "blurry", clip_skip=2).context
+    empty = encode_prompt(sd1.text_encoders, "").context
+    assert torch.equal(empty_prompt_context(sd1.text_encoders), empty)
+    assert torch.equal(uncond["context"], torch.cat([negative, empty], dim=1))
+    assert not torch.equal(empty, encode_prompt(sd1.text_encoders, "", clip_skip=2).context)
+    req = _request(_chunks(2), "blurry", clip_skip=2, clip_skip_convention="a1111", pad_cond_uncond=True)
+    reference, model = _a1111_latents(sd1, replace(req, s_min_uncond=0.0), [(req.prompt, 1.0)], "sample_euler")
+    assert model.padded_cond_uncond
+    assert (sample_latents(sd1, req) - reference).abs().max().item() <= TOL
 
 
 def test_bad_values_are_refused():

@@ -499,7 +499,7 @@ def make_cond(
     ``encoded``: the prompt's embedding, then the negative's where one is encoded, when the caller has them
     (``make_cond_schedule``, which encodes each side's schedule texts together).
     ``pad_rule`` ("pad", "v0"; None: repeat as above): A1111's Pad conds options instead (``pad_cond_uncond``,
-    with "" encoded at ``clip_skip``); a zero negative is then one chunk of zeros, as A1111's zeroed "".
+    padding with ``empty_prompt_context``); a zero negative is then one chunk of zeros, as A1111's zeroed "".
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -540,8 +540,7 @@ def make_cond(
         target_size=negative_target_size or target_size, aesthetic_score=negative_aesthetic_score,
     )
     if pad_rule and uncond is not None:
-        empty = partial(empty_prompt_context, encoders, clip_skip=clip_skip, emphasis=emphasis)
-        [cond], uncond = pad_cond_uncond([cond], uncond, pad_rule, empty)
+        [cond], uncond = pad_cond_uncond([cond], uncond, pad_rule, encoders)
     logger.debug(
         "conditioning: %s, %d chunk(s), context %s%s", family.name, positive.num_chunks,
         tuple(cond["context"].shape), ", zero uncond" if zero_negative else "",
@@ -549,19 +548,21 @@ def make_cond(
     return cond, uncond
 
 
-def empty_prompt_context(encoders: Sequence[TextEncoder], *, clip_skip: int = 1, emphasis: bool = True) -> Tensor:
-    """The context of "" (1, 77, D): what A1111's Pad conds pads with (``cond_stage_model_empty_prompt``)."""
-    return _encode_each(encoders, [("", clip_skip)], emphasis=emphasis, with_pooled=False)[0].context
+def empty_prompt_context(encoders: Sequence[TextEncoder]) -> Tensor:
+    """The context of "" (1, 77, D) that A1111's Pad conds pads with: its ``cond_stage_model_empty_prompt``, which
+    A1111 encodes once, as it loads the model, at the clip skip then set: its default, 1 (the family's own layer),
+    whatever clip skip a request draws with ("" weighs no word, so the emphasis mode does not matter)."""
+    return _encode_each(encoders, [("", 1)], emphasis=True, with_pooled=False)[0].context
 
 
 def pad_cond_uncond(
-    conds: Sequence[Conditioning], uncond: Conditioning, rule: str, empty: Callable[[], Tensor]
+    conds: Sequence[Conditioning], uncond: Conditioning, rule: str, encoders: Sequence[TextEncoder]
 ) -> tuple[list[Conditioning], Conditioning]:
     """A1111's padding of the prompt's contexts ``conds`` (its AND parts, all of one length) and the negative's
     ``uncond`` when their lengths differ (``CFGDenoiser.forward``; unchanged when they are equal), by ``rule``:
 
-    - "pad" (Pad conds, ``pad_cond_uncond``): the shorter side gets ``(T_c - T_u) // 77`` chunks of ``empty()``
-      (the context of "", ``empty_prompt_context``) appended, so the prompt and negative attend otherwise than alone;
+    - "pad" (Pad conds, ``pad_cond_uncond``): the shorter side gets ``(T_c - T_u) // 77`` chunks of the context of
+      "" (``empty_prompt_context`` of ``encoders``) appended, so the prompt and negative attend otherwise than alone;
     - "v0" (Pad conds v0, ``pad_cond_uncond_v0``, A1111's DDIM and PLMS before 1.6): the negative's last token vector
       repeated to the prompt's length, or the negative cut to it.
 
@@ -575,7 +576,7 @@ def pad_cond_uncond(
         if u.shape[1] < c.shape[1]:
             u = torch.cat([u, u[:, -1:].expand(-1, c.shape[1] - u.shape[1], -1)], dim=1)   # (B, Tc, D)
         return list(conds), {**uncond, "context": u[:, :c.shape[1]]}
-    chunk = empty().to(device=u.device, dtype=u.dtype)                                 # (1, 77, D)
+    chunk = empty_prompt_context(encoders).to(device=u.device, dtype=u.dtype)         # (1, 77, D)
     repeats = (c.shape[1] - u.shape[1]) // chunk.shape[1]
 
     def padded(cond: Conditioning, n: int) -> Conditioning:
@@ -681,18 +682,18 @@ def merge_part_schedules(schedules: Sequence[CondSchedule]) -> list[tuple[int, l
 
 def composed_schedule(
     parts: Sequence[CondSchedule], negative: CondSchedule, pad_rule: str | None = None,
-    empty: Callable[[], Tensor] | None = None,
+    encoders: Sequence[TextEncoder] = (),
 ) -> list[tuple[int, list[Conditioning], Conditioning]]:
     """The schedule of a composable prompt (``merge_part_schedules`` of its ``parts``) with its negative prompt's
     uncond (``negative``: ``make_cond_schedule`` of "" and the negative), ``[(end_at_step, [cond of each part],
     uncond), ...]`` over the union of their switch points; with ``pad_rule``, A1111's Pad conds of the parts' length
-    and the negative's at each (``pad_cond_uncond``, padding with ``empty()``)."""
+    and the negative's at each (``pad_cond_uncond``, padding with the context of "" of ``encoders``)."""
     merged = merge_part_schedules(parts)
     schedule = []
     for end in sorted({end for end, _ in merged} | {end for end, _, _ in negative}):
         conds, uncond = _entry_at(merged, end)[1], _entry_at(negative, end)[2]
         if pad_rule:
-            conds, uncond = pad_cond_uncond(conds, uncond, pad_rule, empty)
+            conds, uncond = pad_cond_uncond(conds, uncond, pad_rule, encoders)
         schedule.append((end, conds, uncond))
     return schedule
 

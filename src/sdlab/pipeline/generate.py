@@ -87,7 +87,7 @@ from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import (
     controlled_unet, inpaint_mask, prepare_controls, prompt_marks, spans_part, tag_steps,
 )
-from sdlab.pipeline.conditioning import composed_schedule, empty_prompt_context, make_cond_schedule
+from sdlab.pipeline.conditioning import composed_schedule, make_cond_schedule
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
     a1111_latent_mask,
@@ -582,8 +582,7 @@ def _guided_model(
             for end, cond, uncond in conditioning(parts[0][0], req.negative_prompt, guidance=guided)
         ], first_call)
     else:
-        empty = partial(empty_prompt_context, bundle.text_encoders, clip_skip=req.clip_skip)
-        model = _composed_model(denoiser, conditioning, parts, req, extra_cond, extra_uncond, first_call, empty)
+        model = _composed_model(denoiser, conditioning, parts, req, extra_cond, extra_uncond, first_call, bundle)
     if start.mask is not None and _blends_latent(bundle, req):
         model = _with_latent_blend(model, bundle, sampling, req, start, steps_done)
     return model
@@ -649,16 +648,16 @@ def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
 
 def _composed_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], parts: list[tuple[str, float]],
                     req: GenerationRequest, extra_cond: dict[str, Tensor], extra_uncond: dict[str, Tensor],
-                    first_call: int, empty: Callable[[], Tensor]) -> DenoiseFn:
+                    first_call: int, bundle: ModelBundle) -> DenoiseFn:
     """A1111's composable diffusion (a prompt with AND or a :WEIGHT): each part and the negative prompt run
     their own pass, on their own prompt schedules (`conditioning`: `make_cond_schedule` with the run's options),
-    padded to each other by A1111's Pad conds rule where the request sets one (`composed_schedule`; `empty`: the
-    context of "")."""
+    padded to each other by A1111's Pad conds rule where the request sets one (`composed_schedule`, with the context
+    of "" of `bundle`'s text encoders)."""
     if req.guidance_rescale:
         logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
     weights = [weight for _, weight in parts]
     schedule = composed_schedule([conditioning(text, guidance=False) for text, _ in parts],
-                                 conditioning("", req.negative_prompt), pad_rule(req), empty)
+                                 conditioning("", req.negative_prompt), pad_rule(req), bundle.text_encoders)
     return switch_at_calls([
         (end, composable_cfg([(partial(denoiser, **cond, **extra_cond), weight)
                               for cond, weight in zip(conds, weights)],
