@@ -373,13 +373,16 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
                            default_sampler="Euler", default_schedule="normal", factor=factor,
                            guidance_embedding=model is not None and model.unet_config.time_cond_proj_dim is not None)
         check_batch_seeds(resolved, batch_count)
-        if model is not None:           # its tokenizers count the prompt's chunks now, not once it is queued
-            check_prompt_chunks(model, resolved)
     except (RequestError, ValueError) as err:
         raise BadRequest(str(err)) from None
     if resolved.hires and size_known:       # unknown: the worker checks it once the model is loaded
         for hr_width, hr_height in pass_sizes(resolved, factor):       # upscaled, then cropped
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
+    if model is not None:               # its tokenizers count the prompt's chunks now, not once it is queued
+        try:
+            check_prompt_chunks(model, resolved)
+        except (RequestError, ValueError) as err:
+            raise BadRequest(str(err)) from None
     return request
 
 
