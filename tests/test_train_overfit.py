@@ -7,12 +7,13 @@ objective, AdamW, warm-up + cosine, EMA off, no caption dropout); sampling is de
 from seeded noise, conditioned on each caption. Two sizes:
 
 - default (CI): 16 channels (GroupNorm of 8), 500 steps at lr 5e-3, 10 DDIM steps. Bound: mean absolute
-  error below 32 / 255 per caption (measured: 12.1, 8.6, 17.5, 11.3); the sample's distance to every other
-  image of the set is at least 2x the worst error (measured >= 58.5, i.e. 3.3x). With 2 more noise seeds
-  per caption the worst error seen was 23.3 / 255 (at 600 steps: 21.4; at 400: 27.4). About 26 s of CPU
-  time on one thread (43 s wall on the loaded 2-core machine).
-- slow: 32 channels, 500 steps at lr 3e-3, 25 DDIM steps. Bound 24 / 255 (measured 12.1 .. 17.9); every
-  other image at least 2.5x further (measured >= 59.6). About 4 min on the shared machine.
+  error below 32 / 255 per caption (measured: 11.3, 10.7, 15.6, 15.3); the sample's distance to every other
+  image of the set is at least 2x the worst error (measured >= 58.6, i.e. 3.8x). With 2 more noise seeds
+  per caption (200 + i, 300 + i) the worst error seen was 25.7 / 255 (at 600 steps: 21.9; at 400: 29.4).
+  About 19 s of CPU time on one thread (31 s wall on the loaded 2-core machine).
+- slow: 32 channels, 500 steps at lr 3e-3, 25 DDIM steps. Bound 24 / 255 (measured 11.6 .. 20.1); every
+  other image at least 2.5x further (measured >= 54.4, i.e. 2.7x). About 9 min wall (4.5 min of CPU) on the
+  loaded 2-core machine.
 """
 
 from __future__ import annotations
