@@ -15,6 +15,7 @@ References, transcribed below:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from bundle_fixtures import tiny_bundle
 
 from sdlab.diffusion.samplers import get_sampler
+from sdlab.families import EDMSpec
 from sdlab.diffusion.schedules import (
     A1111_ZERO_SNR_TERMINAL_ALPHAS_CUMPROD, NoiseSchedule, a1111_schedule_override, rescale_zero_terminal_snr_abar,
 )
@@ -199,6 +201,21 @@ def test_the_options_are_written_as_a1111_writes_them_and_read_back(bundles):
     assert from_parameters({"Noise Schedule": "Default"})["zero_terminal_snr"] is False
     with pytest.raises(ValueError, match="Noise Schedule"):
         from_parameters({"Noise Schedule": "Cosine"})
+
+
+@pytest.mark.parametrize("option", ["downcast_alphas_cumprod", "zero_terminal_snr"])
+def test_an_edm_model_leaves_them_out_with_a_warning_and_no_label(bundles, option, caplog):
+    """A1111 applies them only to a model with alphas_cumprod (`apply_alpha_schedule_override`): on an EDM model they
+    change nothing, so the plan drops them, says so, and the picture carries no label of them."""
+    edm = dataclasses.replace(bundles["sd1"], noise_model=EDMSpec(0.002, 80.0, 0.5))
+    base = dict(prompt="a red cube", steps=3, seed=2, width=64, height=64, sampler="Euler", schedule="karras")
+    with caplog.at_level("WARNING", logger="sdlab.pipeline.plan"):
+        result = generate(edm, GenerationRequest(**base, **{option: True}))
+    assert "DDPM schedule" in caplog.text
+    written = to_parameters(result.request)
+    assert written["Downcast alphas_cumprod"] is None and written["Noise Schedule"] is None
+    plain = generate(edm, GenerationRequest(**base))
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))
 
 
 def test_texts_before_v1_7_0_225_draw_with_downcast_alphas_cumprod():

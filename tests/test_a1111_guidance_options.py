@@ -282,13 +282,13 @@ def test_equal_lengths_are_not_padded(sd1):
 def test_skip_early_cfg_counts_a1111s_total_steps():
     """Call k skips while k / total <= fraction (call 0 too); 0 skips none; NGMS only at odd calls unless all."""
     skips = a1111_skips(10, skip_early=0.25)
-    assert [skips(k, torch.tensor([5.0])) for k in range(10)] == [True] * 3 + [False] * 7
+    assert [skips(k, torch.tensor([5.0])) for k in range(10)] == ["skip_early_cond"] * 3 + [None] * 7
     assert not any(a1111_skips(10)(k, torch.tensor([0.1])) for k in range(10))
     ngms = a1111_skips(6, s_min_uncond=1.0)
     sigmas = [4.0, 2.0, 0.9, 0.5, 0.2, 0.1]
-    assert [ngms(k, torch.tensor([s])) for k, s in enumerate(sigmas)] == [False, False, False, True, False, True]
+    assert [bool(ngms(k, torch.tensor([s]))) for k, s in enumerate(sigmas)] == [False, False, False, True, False, True]
     every = a1111_skips(6, s_min_uncond=1.0, every_call=True)
-    assert [every(k, torch.tensor([s])) for k, s in enumerate(sigmas)] == [False, False, True, True, True, True]
+    assert [every(k, torch.tensor([s])) for k, s in enumerate(sigmas)] == [None, None] + ["s_min_uncond"] * 4
 
 
 @torch.no_grad()
@@ -374,6 +374,31 @@ def test_the_labels_are_a1111s_written_where_set_and_read_back():
     assert not any(plain[label] for label in [*LABELS, "Pad conds v0"])
     both = to_parameters(replace(req, pad_cond_uncond_v0=True, s_min_uncond_all=False))
     assert (both["Pad conds"], both["Pad conds v0"], both["NGMS all steps"]) == (None, True, None)
+
+
+@pytest.mark.parametrize("prompt, cfg_scale, options, labels", [
+    ("a red cube", 6.0, dict(pad_cond_uncond=True), {}),                       # one chunk each: nothing to pad
+    ("a red cube", 6.0, dict(pad_cond_uncond_v0=True), {}),
+    (_chunks(2), 6.0, dict(pad_cond_uncond=True, pad_cond_uncond_v0=True), {"Pad conds v0": True}),
+    ("a red cube", 6.0, dict(s_min_uncond=0.001), {}),                         # below every call's sigma
+    ("a red cube", 1.0, dict(s_min_uncond=100.0, s_min_uncond_all=True), {}),  # CFG 1: no negative pass to skip
+    ("a red cube", 1.0, dict(skip_early_cond=0.5), {}),
+    ("a red cube", 6.0, dict(s_min_uncond=100.0, s_min_uncond_all=True), {"NGMS": 100.0, "NGMS all steps": True}),
+    ("a red cube", 6.0, dict(skip_early_cond=1.0, s_min_uncond=100.0), {"Skip Early CFG": 1.0}),  # NGMS never decides
+    ("a red cube AND a tree :0.5", 1.0, dict(s_min_uncond=100.0), {"NGMS": 100.0}),   # AND: its first part stands in
+])
+def test_the_labels_are_written_where_the_drawing_skipped_or_padded(sd1, prompt, cfg_scale, options, labels):
+    """A1111 writes NGMS and Skip Early CFG where a call ran without the negative prompt and Pad conds where it
+    padded: where an option changed nothing the picture is the one without it, and carries no label."""
+    req = GenerationRequest(prompt=prompt, negative_prompt="blurry", sampler="Euler", schedule="karras", steps=4,
+                            cfg_scale=cfg_scale, seed=11, width=32, height=32, **options)
+    result = generate(sd1, req)
+    written = {label: value for label, value in to_parameters(result.request).items()
+               if label in [*LABELS, "Pad conds v0"] and value is not None}
+    assert written == labels
+    plain = generate(sd1, replace(req, **{name: GenerationRequest.__dataclass_fields__[name].default
+                                          for name in options})).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(plain)) is not bool(labels)
 
 
 @pytest.mark.parametrize("v, sampler, v0", [("v1.5.2", "DDIM", True), ("v1.5.2", "PLMS", True),

@@ -296,6 +296,25 @@ def test_the_labels_are_written_where_they_drew_and_read_back(sd1):
         assert not {"Extra noise", "Conditional mask weight", "Beta schedule alpha"} & set(written)
 
 
+@pytest.mark.parametrize("model, fields, labels", [
+    ("sd1", dict(inpainting_mask_weight=0.4), {}),                              # a 4-channel model never reads it
+    ("inpainting", dict(inpainting_mask_weight=0.4), {"Conditional mask weight": 0.4}),
+    ("sd1", dict(extra_noise=0.25), {"Extra noise": 0.25}),
+    ("sd1", dict(extra_noise=0.25, mask_image=lower_right_mask(SIZE), strength=1.0, img2img_convention="diffusers"),
+     {}),                                                                       # diffusers' inpainting at 1: pure noise
+])
+def test_the_labels_are_written_where_the_drawing_used_them(sd1, inpainting, model, fields, labels):
+    """A1111 writes Conditional mask weight only with inpainting conditioning; Extra noise is written where it was
+    added: where an option changed nothing, the picture is the one without it and carries no label."""
+    bundle = {"sd1": sd1, "inpainting": inpainting}[model]
+    req = _img2img(batch_size=1, **fields)
+    result = generate(bundle, req)
+    written = _written(result.request)
+    assert {k: written[k] for k in ("Conditional mask weight", "Extra noise") if k in written} == labels
+    plain = generate(bundle, replace(req, inpainting_mask_weight=1.0, extra_noise=0.0)).images[0]
+    assert np.array_equal(np.asarray(result.images[0]), np.asarray(plain)) is not bool(labels)
+
+
 def test_a1111s_texts_with_the_labels_are_drawn_not_named_undrawn():
     text = ("a cat\nSteps: 20, Sampler: Euler, Schedule type: Beta, CFG scale: 7, Seed: 1, Size: 512x512, "
             "Denoising strength: 0.5, Conditional mask weight: 0.6, Extra noise: 0.2, SGM noise multiplier: True, "
@@ -358,8 +377,8 @@ def test_the_cli_flags_draw_what_the_parameters_redraw(tmp_path, capsys, sd1_fil
     assert code == 0, err
     from sdlab.pipeline.png_info import read_parameters
     p = parse_parameters(read_parameters(out))
-    assert (p["Extra noise"], p["Conditional mask weight"], p["Beta schedule alpha"], p["Beta schedule beta"]) == (
-        "0.3", "0.5", "0.4", "0.8")
+    assert (p["Extra noise"], p["Beta schedule alpha"], p["Beta schedule beta"]) == ("0.3", "0.4", "0.8")
+    assert "Conditional mask weight" not in p                     # a 4-channel model does not read it
     code, _, err = run(["img2img", "--from-png", str(out), "--model", str(sd1_file), "--init", str(init),
                         "--out", str(again)], capsys)
     assert code == 0, err

@@ -161,9 +161,9 @@ class Pipeline:
             with patcher_for(self.bundle).using([*loras, *uses]):
                 result = self._draw(drawn, progress, upscaler)
         except SamplingStopped as stop:
-            stop.result = replace(stop.result, request=plan.request)
+            stop.result = _as_asked(stop.result, plan.request, drawn.request)
             raise
-        return replace(result, request=plan.request) if drawn is not plan else result
+        return _as_asked(result, plan.request, drawn.request)
 
     def _draw(self, plan: GenerationPlan, progress: ProgressFn | None, upscaler: Upscaler | None) -> GenerationResult:
         """Draw `plan` with the weights now in the model; running out of memory is a `RequestError`."""
@@ -231,6 +231,13 @@ class Pipeline:
              **options},
             progress,
         )
+
+
+def _as_asked(result: GenerationResult, asked: GenerationRequest, drawn: GenerationRequest) -> GenerationResult:
+    """`result` with the fields `Pipeline.run` changed to draw (`drawn`: the prompts without their LoRA tags) back as
+    `asked` wrote them; the rest of its request is as drawn (`generate.drawn_request`)."""
+    kept = {f.name: getattr(asked, f.name) for f in fields(asked) if getattr(asked, f.name) is not getattr(drawn, f.name)}
+    return replace(result, request=replace(result.request, **kept))
 
 
 def _pictures_read(request: GenerationRequest) -> GenerationRequest:

@@ -6,12 +6,14 @@
 guides toward several prompts at once (A1111's ``AND``). All only see ``denoise(x, sigma, **cond) -> x0``.
 ``with_unguided`` lets a sampler read the unguided prediction a guided call started from (the CFG++ samplers).
 ``skipping_uncond`` runs guidance without its unconditional pass at chosen calls (A1111's NGMS, Skip Early CFG).
+``recording_effects`` collects the request options a drawing notes as changing it (``took_effect``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache
 from typing import Any
@@ -22,8 +24,8 @@ from torch import Tensor
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
 __all__ = [
-    "a1111_skips", "blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "rescale_guidance",
-    "skipping_uncond", "switch_at_calls", "with_unguided",
+    "a1111_skips", "blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "recording_effects",
+    "rescale_guidance", "skipping_uncond", "switch_at_calls", "took_effect", "with_unguided",
 ]
 
 NoiseScaling = Callable[..., Tensor]
@@ -31,8 +33,36 @@ NoiseScaling = Callable[..., Tensor]
 
 _UNGUIDED: ContextVar[list[Tensor] | None] = ContextVar("sdlab_unguided", default=None)
 """Inside ``with_unguided``'s call: where guidance leaves its unguided prediction."""
-_SKIP_UNCOND: ContextVar[bool] = ContextVar("sdlab_skip_uncond", default=False)
-"""Inside a call ``skipping_uncond`` skips at: guidance runs its conditional pass alone."""
+_SKIP_UNCOND: ContextVar[str | None] = ContextVar("sdlab_skip_uncond", default=None)
+"""Inside a call ``skipping_uncond`` skips at: the option that skips it; guidance runs its conditional pass alone."""
+_EFFECTS: ContextVar[set[str] | None] = ContextVar("sdlab_effects", default=None)
+"""Inside ``recording_effects``: the request options noted so far as changing the drawing."""
+
+
+@contextmanager
+def recording_effects() -> Iterator[set[str]]:
+    """The request options (field names) that ``took_effect`` notes as changing what is drawn within the block, as
+    A1111 sets a label while it samples where its option changed something (its ``extra_generation_params``: NGMS
+    where a call skipped its negative prompt, Pad conds where it padded); a block within another one notes into the
+    outer one's set (a hires fix's first pass is part of its run)."""
+    outer = _EFFECTS.get()
+    if outer is not None:
+        yield outer
+        return
+    effects: set[str] = set()
+    token = _EFFECTS.set(effects)
+    try:
+        yield effects
+    finally:
+        _EFFECTS.reset(token)
+
+
+def took_effect(option: str) -> None:
+    """Note that the request option `option` changed the drawing in progress (``recording_effects``; outside one,
+    nothing)."""
+    effects = _EFFECTS.get()
+    if effects is not None:
+        effects.add(option)
 
 
 def with_unguided(model: DenoiseFn) -> Callable[..., tuple[Tensor, Tensor]]:
@@ -64,9 +94,10 @@ def _leave_unguided(x0_u: Tensor) -> None:
         left.append(x0_u)
 
 
-def skipping_uncond(model: DenoiseFn, skips: Callable[[int, Tensor], bool], first_call: int = 0) -> DenoiseFn:
+def skipping_uncond(model: DenoiseFn, skips: Callable[[int, Tensor], str | None], first_call: int = 0) -> DenoiseFn:
     """``model`` whose guidance (``cfg``, ``composable_cfg``) runs no unconditional pass at the calls where
-    ``skips(call, sigma)`` holds, calls counted from ``first_call`` (0). At such a call ``cfg`` gives the conditional
+    ``skips(call, sigma)`` names the option that skips them, calls counted from ``first_call`` (0); guidance that
+    skips a pass notes the option (``took_effect``). At such a call ``cfg`` gives the conditional
     prediction x0_c, and ``composable_cfg`` takes its first part's prediction as the unconditional one at scale 1:
     A1111's ``CFGDenoiser.forward`` with ``skip_uncond`` (the first prompt's prediction as ``fake_uncond``,
     ``combine_denoised`` at cond_scale 1)."""
@@ -87,24 +118,24 @@ def skipping_uncond(model: DenoiseFn, skips: Callable[[int, Tensor], bool], firs
 def a1111_skips(
     total_calls: int, skip_early: float = 0.0, s_min_uncond: float = 0.0, every_call: bool = False,
     level: Callable[[Tensor], float] | None = None,
-) -> Callable[[int, Tensor], bool]:
+) -> Callable[[int, Tensor], str | None]:
     """A1111 1.10's rule of the calls its ``CFGDenoiser`` runs without the negative prompt (``skips`` of
     ``skipping_uncond``): call k (from 0) of a run A1111 expects ``total_calls`` of (its ``total_steps``: the steps
-    run, twice that for a second-order sampler) skips when
+    run, twice that for a second-order sampler) skips, by the option named, when
 
-    - Skip Early CFG: ``skip_early != 0`` and ``k / total_calls <= skip_early``, or
-    - NGMS: k is odd (every call with ``every_call``, NGMS all steps), ``s_min_uncond > 0`` and the call's level is
-      below ``s_min_uncond``.
+    - Skip Early CFG (``"skip_early_cond"``): ``skip_early != 0`` and ``k / total_calls <= skip_early``, else
+    - NGMS (``"s_min_uncond"``): k is odd (every call with ``every_call``, NGMS all steps), ``s_min_uncond > 0`` and
+      the call's level is below ``s_min_uncond``.
 
     The level is the call's sigma (of its first picture), or ``level(sigma)``: A1111's timestep samplers (DDIM,
     PLMS, UniPC) compare their timestep instead."""
-    def skips(call: int, sigma: Tensor) -> bool:
+    def skips(call: int, sigma: Tensor) -> str | None:
         if skip_early != 0 and call / total_calls <= skip_early:
-            return True
+            return "skip_early_cond"
         if not (call % 2 or every_call) or s_min_uncond <= 0:
-            return False
+            return None
         first = torch.as_tensor(sigma).reshape(-1)[:1]                                           # (1,)
-        return (float(first[0]) if level is None else level(first)) < s_min_uncond
+        return "s_min_uncond" if (float(first[0]) if level is None else level(first)) < s_min_uncond else None
 
     return skips
 
@@ -200,7 +231,8 @@ def cfg(
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
         if uncond is None or not needs_uncond(scale, cfg_pp=_UNGUIDED.get() is not None):
             return denoiser(x, sigma, **cond, **extra)
-        if _SKIP_UNCOND.get():                                    # `skipping_uncond`: x0_c stands for x0_u
+        if skipped_by := _SKIP_UNCOND.get():                      # `skipping_uncond`: x0_c stands for x0_u
+            took_effect(skipped_by)
             x0_c = denoiser(x, sigma, **cond, **extra)
             _leave_unguided(x0_c)
             return x0_c
@@ -329,6 +361,8 @@ def composable_cfg(parts: Sequence[tuple[DenoiseFn, float]], uncond: DenoiseFn, 
 
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
         skip = _SKIP_UNCOND.get()                     # `skipping_uncond`: the first part's x0 for x0_u, at scale 1
+        if skip:
+            took_effect(skip)
         x0_u = (parts[0][0] if skip else uncond)(x, sigma, **extra)               # (B, C, h, w)
         _leave_unguided(x0_u)
         x0 = x0_u

@@ -53,6 +53,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from sdlab.diffusion.guidance import took_effect
 from sdlab.families import FamilySpec
 from sdlab.families.loaded import TextEncoder
 from sdlab.models.layers import sdxl_vector
@@ -566,12 +567,14 @@ def pad_cond_uncond(
     - "v0" (Pad conds v0, ``pad_cond_uncond_v0``, A1111's DDIM and PLMS before 1.6): the negative's last token vector
       repeated to the prompt's length, or the negative cut to it.
 
-    Returns (the conds, the uncond); other keys (SDXL's ``y``) are kept."""
+    Returns (the conds, the uncond); other keys (SDXL's ``y``) are kept. Padding notes its option (``took_effect``:
+    A1111 writes its label only where it padded)."""
     if rule not in PAD_RULES:
         raise ValueError(f"pad rule must be one of {', '.join(PAD_RULES)}, got {rule!r}")
     c, u = conds[0]["context"], uncond["context"]                                      # (B, Tc, D), (B, Tu, D)
     if c.shape[1] == u.shape[1]:
         return list(conds), uncond
+    took_effect("pad_cond_uncond_v0" if rule == "v0" else "pad_cond_uncond")
     if rule == "v0":
         if u.shape[1] < c.shape[1]:
             u = torch.cat([u, u[:, -1:].expand(-1, c.shape[1] - u.shape[1], -1)], dim=1)   # (B, Tc, D)

@@ -75,7 +75,9 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import A1111_IMG2IMG, UI_IMG2IMG, steps_run
-from sdlab.diffusion.guidance import a1111_skips, cfg, composable_cfg, masked, skipping_uncond, switch_at_calls
+from sdlab.diffusion.guidance import (
+    a1111_skips, cfg, composable_cfg, masked, recording_effects, skipping_uncond, switch_at_calls, took_effect,
+)
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, per_image_noise
 from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler
@@ -111,7 +113,7 @@ from sdlab.pipeline.plan import (
     resolve_for,
     warn_if_far_from_native,
 )
-from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError
+from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError, drawn_request
 from sdlab.pipeline.tiling import decode_tiled, encode_tiled, should_tile
 from sdlab.pipeline.upscale import upscale_latent
 
@@ -169,26 +171,30 @@ class SamplingStopped(Exception):
 def pictures_if_stopped(bundle: ModelBundle, plan: GenerationPlan,
                         request: GenerationRequest | None = None) -> Iterator[None]:
     """A `SamplingStopped` from the block gets its `result` (unless it has one): its latents decoded by
-    `bundle` for `plan` (`_pictures`), recorded with `request` (the plan's by default)."""
-    try:
-        yield
-    except SamplingStopped as stop:
-        if stop.result is None:
-            req = plan.request if request is None else request
-            stop.result = GenerationResult(images=_pictures(bundle, plan, stop.latents), seeds=req.seeds(), request=req)
-        raise
+    `bundle` for `plan` (`_pictures`), recorded with `request` (the plan's by default) as drawn so far
+    (`drawn_request`)."""
+    with recording_effects() as effects:
+        try:
+            yield
+        except SamplingStopped as stop:
+            if stop.result is None:
+                req = drawn_request(plan.request if request is None else request, effects)
+                stop.result = GenerationResult(images=_pictures(bundle, plan, stop.latents), seeds=req.seeds(),
+                                               request=req)
+            raise
 
 
 @torch.no_grad()
 def generate(
     bundle: ModelBundle, request: GenerationPlan | GenerationRequest, *, progress: ProgressFn | None = None
 ) -> GenerationResult:
-    """Run one request (or a plan made for `bundle`) on `bundle`; returns PIL images and the resolved request."""
+    """Run one request (or a plan made for `bundle`) on `bundle`; returns PIL images and the resolved request as
+    drawn (`drawn_request`: A1111's options that changed nothing are off)."""
     plan = _as_plan(bundle, request)
-    with tiling_padding(plan.request, bundle), pictures_if_stopped(bundle, plan):
+    with recording_effects() as effects, tiling_padding(plan.request, bundle), pictures_if_stopped(bundle, plan):
         latents = sample_latents(bundle, plan, progress=progress)   # (B, 4, h, w), model space
         images = _pictures(bundle, plan, latents)
-    return GenerationResult(images=images, seeds=plan.request.seeds(), request=plan.request)
+    return GenerationResult(images=images, seeds=plan.request.seeds(), request=drawn_request(plan.request, effects))
 
 
 def tiling_padding(req: GenerationRequest, *bundles: ModelBundle) -> AbstractContextManager[None]:
@@ -317,7 +323,7 @@ def generate_with_refiner(
     req, sigmas, split = plan.request, plan.sigmas, plan.refiner_split
     logger.info("refiner handoff after %d of %d steps, at sigma %.4f", split, len(sigmas) - 1, float(sigmas[split]))
     generators = generators_for(req.seeds(), req.rng, base.device)
-    with tiling_padding(req, base, refiner):
+    with recording_effects() as effects, tiling_padding(req, base, refiner):
         start = _start(base, plan, generators, refiner=refiner)
         options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
         overlay = _overlay(plan)
@@ -338,7 +344,8 @@ def generate_with_refiner(
         sampling = plan.refiner_sampling if last is refiner else plan.sampling
         latents = _keep_known(last, start, sampling.inverse_noise_scaling(sigmas[-1], x), req)
         images = _pictures(last, plan, latents)
-    return GenerationResult(images=images, seeds=req.seeds(), request=req, refined=last is refiner)
+    return GenerationResult(images=images, seeds=req.seeds(), request=drawn_request(req, effects),
+                            refined=last is refiner)
 
 
 def _refined(plan: GenerationPlan, base_model: DenoiseFn | None, refiner_model: DenoiseFn | None, x: Tensor,
@@ -447,6 +454,7 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
     else:
         x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent, init_noise=req.init_noise)
         if req.extra_noise:             # A1111's `sample_img2img` (img2img, hires): xi += noise * img2img_extra_noise
+            took_effect("extra_noise")
             x = x + noise * req.extra_noise
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, latent_mask=small_mask,
                   from_noise=from_noise)
@@ -634,6 +642,8 @@ def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
     mask: txt2img's masked picture is mid-grey, img2img's too but for a Conditional mask weight below 1, which keeps
     (1 - weight) of the init picture (a hires pass, started from a latent, is txt2img's)."""
     pixels, mask, weight = start.pixels, start.mask, req.inpainting_mask_weight
+    if pixels is not None:
+        took_effect("inpainting_mask_weight")
     if mask is None:
         mask = torch.ones((1, 1, req.height, req.width), device=bundle.device)
         if pixels is None or weight == 1.0:

@@ -38,6 +38,7 @@ from dataclasses import replace
 import torch
 
 from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
+from sdlab.diffusion.guidance import recording_effects
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import (
     NonFiniteError,
@@ -56,6 +57,7 @@ from sdlab.pipeline.request import (
     SIZE_MULTIPLE,
     GenerationRequest,
     GenerationResult,
+    drawn_request,
     hires_base_size,
     hires_sizes,
     hires_targets,
@@ -147,7 +149,7 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
     upscaler = hires_upscaler(req, bundle) if upscaler is None else upscaler
     up, final = pass_sizes(req, factor)
     left, top = _crop_box(up, final, factor)
-    with tiling_padding(req, bundle):
+    with recording_effects() as effects, tiling_padding(req, bundle):
         if isinstance(upscaler, str) and is_latent_upscaler(upscaler):
             with pictures_if_stopped(bundle, plan):                # stopped: the first pass's pictures, at its size
                 latents = sample_latents(bundle, plan, progress=progress)                  # (B, C, h, w)
@@ -166,7 +168,7 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
         pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                           # (B, 3, H2, W2)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
-    return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=req)
+    return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=drawn_request(req, effects))
 
 
 def hires_steps(req: GenerationRequest) -> int:

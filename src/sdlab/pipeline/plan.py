@@ -274,6 +274,19 @@ def request_sampling(sampling: ModelSampling, req: GenerationRequest) -> ModelSa
     return DiscreteModelSampling(schedule, sampling.prediction)
 
 
+def _without_unusable_schedule_options(sampling: ModelSampling, req: GenerationRequest) -> GenerationRequest:
+    """`req` without A1111's Downcast alphas_cumprod / Zero Terminal SNR where `sampling` has no DDPM schedule to
+    apply them to (an EDM or flow model), with a warning: A1111 leaves them out there (`request_sampling`), so they
+    change nothing and their labels are not written."""
+    asked = [label for label, on in (("Downcast alphas_cumprod", req.downcast_alphas_cumprod),
+                                     ("Noise Schedule: Zero Terminal SNR", req.zero_terminal_snr)) if on]
+    if not asked or isinstance(sampling, DiscreteModelSampling):
+        return req
+    logger.warning("%s applies to a model with a DDPM schedule (alphas_cumprod) only, not to this EDM / flow "
+                   "model: left out", " and ".join(asked))
+    return replace(req, downcast_alphas_cumprod=False, zero_terminal_snr=False)
+
+
 def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, convention: str = "diffusers") -> int:
     """How many steps of `sigmas` the base model takes before the refiner takes over at ``sigmas[index]``,
     by `convention` (`REFINER_CONVENTIONS`).
@@ -392,6 +405,7 @@ def make_plan(
         logger.warning("CFG %g on a model that takes its guidance as an input (LCM-distilled) embeds w = %g: "
                        "no guidance; its own preset draws at CFG 8.5 (--preset lcm-model)",
                        req.cfg_scale, req.cfg_scale - 1.0)
+    req = _without_unusable_schedule_options(bundle.model_sampling, req)
     sampling = request_sampling(bundle.model_sampling, req)
     sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=True if from_latent else None,
                             steps_offset=bundle.steps_offset)

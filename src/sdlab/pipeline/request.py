@@ -304,6 +304,29 @@ class GenerationResult:
     refined: bool = False                   # an SDXL refiner drew part of the schedule (its parameters record it)
 
 
+OFF_UNLESS_DRAWN: dict[str, dict[str, Any]] = {
+    "s_min_uncond": {"s_min_uncond": 0.0, "s_min_uncond_all": False},
+    "skip_early_cond": {"skip_early_cond": 0.0},
+    "pad_cond_uncond": {"pad_cond_uncond": False},
+    "pad_cond_uncond_v0": {"pad_cond_uncond_v0": False},
+    "extra_noise": {"extra_noise": 0.0},
+    "inpainting_mask_weight": {"inpainting_mask_weight": 1.0},
+}
+"""The options a drawing notes where they change it (`guidance.took_effect`), each with its fields' values off: NGMS
+and Skip Early CFG where a call ran without the negative prompt, Pad conds / v0 where they padded, Extra noise where
+it was added to an init latent, Conditional mask weight where an inpainting model read an init picture. A1111 writes
+their labels only there (NGMS, Skip Early CFG and Pad conds as its sampler runs; Conditional mask weight only with
+inpainting conditioning)."""
+
+
+def drawn_request(req: GenerationRequest, effects: set[str]) -> GenerationRequest:
+    """`req` as drawn: the options of `OFF_UNLESS_DRAWN` that the drawing's `effects` (`guidance.recording_effects`)
+    do not name set off, which draws the same picture, so that their labels are written only where they changed it."""
+    off = {name: value for option, values in OFF_UNLESS_DRAWN.items() if option not in effects
+           for name, value in values.items()}
+    return replace(req, **off)
+
+
 def _plain_number(value: Any) -> Any:
     """A bool, integer or real scalar of any type (NumPy's too) as a Python bool / int / float; a tuple or list
     of them element by element; anything else as it is."""
