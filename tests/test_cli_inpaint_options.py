@@ -127,6 +127,26 @@ def test_invert_mask_is_recorded_and_redrawn_from_png(model, files, tmp_path, ca
     assert "Mask mode" not in read_parameters(plain)
 
 
+def test_mask_round_off_is_recorded_and_redrawn_from_png(model, files, tmp_path, capsys) -> None:
+    """--no-mask-round is A1111's API field mask_round off: it changes the picture of a blurred (soft) mask, so
+    sdlab records it (Mask round: False; A1111 writes no label) and --from-png redraws it; --mask-round turns a
+    picture's off."""
+    init, mask = files
+    soft, plain, again, rounded = (tmp_path / f"{name}.png" for name in ("soft", "plain", "again", "rounded"))
+    common = ["--init", str(init), "--mask", str(mask), "--model", str(model), "--mask-blur", "3"]
+    for out, flag in ((soft, "--no-mask-round"), (plain, "--mask-round")):
+        code, _, err = run(["inpaint", "a hat", *common, flag, "--out", str(out), *FAST], capsys)
+        assert code == 0, err
+    assert "Mask round: False" in read_parameters(soft) and "Mask round" not in read_parameters(plain)
+    assert not np.array_equal(pixels(soft), pixels(plain))
+    for out, extra in ((again, []), (rounded, ["--mask-round"])):
+        code, _, err = run(["inpaint", "--from-png", str(soft), *common, *extra, "--out", str(out), "--no-progress"],
+                           capsys)
+        assert code == 0, err
+    assert np.array_equal(pixels(again), pixels(soft))
+    assert np.array_equal(pixels(rounded), pixels(plain)) and "Mask round" not in read_parameters(rounded)
+
+
 def test_help_says_what_mask_blur_and_strength_are_and_their_defaults(capsys):
     """--mask-blur is A1111's Mask blur, the Gaussian's standard deviation (sigma of cv2.GaussianBlur with
     2 * int(2.5 * sigma + 0.5) + 1 taps, `pipeline/overlay.py`), default 0; --strength defaults to 0.75 for

@@ -259,6 +259,10 @@ def _add_inpaint_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--invert-mask", action=argparse.BooleanOptionalAction,
                    help="repaint where the mask is black (A1111's Mask mode \"Inpaint not masked\"); "
                         "--no-invert-mask turns off a --from-png picture's")
+    p.add_argument("--mask-round", action=argparse.BooleanOptionalAction,
+                   help="--no-mask-round keeps the blurred mask's levels where A1111 rounds them (its API's "
+                        "mask_round off: a transparent mask's alpha, the latent blend and a 9-channel model's mask "
+                        "soft); --mask-round (the default) turns off a --from-png picture's")
     p.add_argument("--masked-content", choices=MASKED_CONTENT_FLAGS,
                    help="what the masked area starts as (A1111's Masked content): original (the default), "
                         "fill (the colours around it), latent-noise, latent-nothing")
@@ -414,6 +418,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "resize_mode": getattr(args, "resize_mode", None),
         "mask_blur": getattr(args, "mask_blur", None),
         "invert_mask": getattr(args, "invert_mask", None),
+        "mask_round": getattr(args, "mask_round", None),
         "inpaint_fill": masked_content and masked_content.replace("-", " "),
         "inpaint_only_masked": getattr(args, "only_masked", None),
         "inpaint_padding": padding,

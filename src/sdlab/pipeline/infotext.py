@@ -75,6 +75,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Mask blur": ("mask_blur", float),
     "Mask blur x": ("mask_blur", float),   # sdlab's labels of unequal sigmas, where A1111 writes no Mask blur
     "Mask blur y": ("mask_blur_y", float),
+    "Mask round": ("mask_round", bool),    # sdlab's label of A1111's mask_round off (A1111 writes none)
     "Noise multiplier": ("noise_multiplier", float),
     "Extra noise": ("extra_noise", float),                 # A1111's img2img_extra_noise
     "Conditional mask weight": ("inpainting_mask_weight", float),
@@ -321,7 +322,8 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
     """A1111's inpainting labels (`StableDiffusionProcessingImg2Img.init`): Mask mode "Inpaint not masked" for
     an inverted mask, Mask blur when it blurs (A1111 writes it only when x and y are equal: sdlab writes its own
     Mask blur x / y otherwise), Masked content unless it is "original", Inpaint area "Only masked" with its
-    Masked area padding (A1111 writes no "Whole picture" and no resize mode)."""
+    Masked area padding (A1111 writes no "Whole picture" and no resize mode); sdlab's Mask round: False for
+    A1111's mask_round off, which changes the picture of a soft mask and has no A1111 label."""
     if req.mask_image is None:
         return {}
     uneven = req.mask_blur_y is not None and req.mask_blur_y != req.mask_blur
@@ -333,6 +335,7 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
         "Inpaint area": "Only masked" if req.inpaint_only_masked else None,
         "Masked area padding": req.inpaint_padding if req.inpaint_only_masked else None,
         "Masked content": None if req.inpaint_fill == "original" else req.inpaint_fill,
+        "Mask round": None if req.mask_round else False,
     }
 
 
