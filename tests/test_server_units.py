@@ -201,15 +201,15 @@ def test_the_pixel_limit_holds_for_the_hires_pass_however_its_size_is_asked(hire
 
 
 def test_the_hires_pixel_limit_uses_the_sizes_the_model_snaps_to():
-    """A VAE of factor 16 snaps 72 x 64 to 64 x 64, so 128 wide upscales it to 128 x 128 (with factor 8:
-    72 x 64 -> 128 x 112)."""
-    limits = Limits(max_pixels=128 * 120)
-    request = GenerationRequest("x", steps=2, width=72, height=64, hr_width=128)
-    assert check_request(request, limits) is request
+    """A1111 upscales from the size asked (72 x 60 to 128 wide: 128 x 106), which a VAE of factor 16 snaps to
+    128 x 96 and one of factor 8 to 128 x 104."""
+    limits = Limits(max_pixels=128 * 100)
+    request = GenerationRequest("x", steps=2, width=72, height=60, hr_width=128)
+    with pytest.raises(BadRequest, match="hires pass at 128x104"):          # no model yet: released models' 8
+        check_request(request, limits)
     model = SimpleNamespace(default_size=64, vae_config=SimpleNamespace(downsample_factor=16),
                             unet_config=SimpleNamespace(time_cond_proj_dim=None), text_encoders=())
-    with pytest.raises(BadRequest, match="hires pass at 128x128"):
-        check_request(request, limits, model=model)
+    assert check_request(request, limits, model=model) is request
 
 
 def test_a1111_hires_fix_without_a_denoising_strength_takes_a1111s_api_default():
