@@ -101,16 +101,18 @@ def test_a_broken_upscaler_file_is_one_error_line(tmp_path: Path, capsys) -> Non
 
 
 def test_from_png_warns_about_a1111s_own_hires_pass_settings(tmp_path: Path, capsys) -> None:
-    """A1111 writes Hires sampler / prompt / negative prompt / checkpoint / schedule type (and Forge its Hires CFG
-    Scale) for a second pass unlike the first; sdlab's second pass takes the first pass's, and says so."""
+    """A1111 writes Hires checkpoint (and Forge its Hires CFG Scale) for a second pass unlike the first, which sdlab's
+    second pass does not draw (it takes the first pass's model and CFG), and says so; its Hires sampler / schedule
+    type / prompt / negative prompt it draws (tests/test_hires_pass_settings.py)."""
     text = ("a red apple\nNegative prompt: ugly\nSteps: 2, Sampler: Euler a, Schedule type: Karras, CFG scale: 7, "
             "Seed: 5, Size: 64x64, Denoising strength: 0.5, Hires upscale: 1, Hires upscaler: Latent, "
-            "Hires checkpoint: Use same checkpoint, Hires sampler: DPM++ 2M, Hires schedule type: Karras, "
-            "Hires CFG Scale: 7.0, Hires prompt: a green pear, Hires negative prompt: blurry")
+            "Hires checkpoint: other_model, Hires sampler: DPM++ 2M, Hires schedule type: Karras, "
+            "Hires CFG Scale: 5.0, Hires prompt: a green pear, Hires negative prompt: blurry")
     recorded = png_with_parameters(tmp_path / "a1111.png", text)
     code, _, err = run(["txt2img", "--from-png", str(recorded), "--out", str(tmp_path / "b.png"), "--no-progress"],
                        capsys)
     assert code == 0, err
     warning = next(line for line in err.splitlines() if "hires pass had its own" in line)
-    assert "Hires sampler 'DPM++ 2M', Hires prompt 'a green pear', Hires negative prompt 'blurry'" in warning
-    assert "checkpoint" not in warning and "CFG" not in warning and "schedule" not in warning   # the first pass's
+    assert "Hires checkpoint 'other_model', Hires CFG Scale '5.0'" in warning
+    assert "sampler" not in warning and "prompt" not in warning and "schedule" not in warning   # drawn
+    assert "Hires sampler: DPM++ 2M, Hires prompt: a green pear" in read_parameters(tmp_path / "b.png")

@@ -454,6 +454,26 @@ def test_dropped_png_fills_the_form_from_its_parameters(page, base_url, tmp_path
     assert value(page, "seed") == "5"
 
 
+def test_hires_pass_settings_fill_from_a_png_and_are_sent(page, base_url):
+    """A1111's Hires sampler / schedule type / prompt / negative prompt have their controls in the Hires. fix box:
+    a dropped PNG fills them, and the request sends them (blank: the first pass's, left out)."""
+    for control in ("hr_sampler", "hr_schedule", "hr_prompt", "hr_negative_prompt"):
+        assert page.find_elements(By.CSS_SELECTOR, f'label[for="{control}"]'), f"#{control} has no <label for>"
+    parameters = ("a castle\nSteps: 5, Sampler: Euler, Schedule type: Automatic, CFG scale: 7, Seed: 77, Size: 64x64, "
+                  "Denoising strength: 0.5, Hires sampler: DPM++ 2M, Hires prompt: \"a castle, snow\", "
+                  "Hires negative prompt: blurry, Hires schedule type: Exponential, Hires upscale: 1.5, "
+                  "Hires upscaler: Latent, Version: v1.10.1")
+    drop_file(page, png_with_parameters(parameters), "hires.png")
+    wait(page, lambda d: value(d, "seed") == "77", 20, "the dropped PNG did not fill the form")
+    assert (value(page, "hr_sampler"), value(page, "hr_schedule")) == ("DPM++ 2M", "exponential")
+    assert (value(page, "hr_prompt"), value(page, "hr_negative_prompt")) == ("a castle, snow", "blurry")
+    sent = page.execute_script("return collectRequest()")
+    assert {k: sent.get(k) for k in ("hr_sampler", "hr_schedule", "hr_prompt", "hr_negative_prompt")} == {
+        "hr_sampler": "DPM++ 2M", "hr_schedule": "exponential", "hr_prompt": "a castle, snow",
+        "hr_negative_prompt": "blurry"}
+    assert "Hires" not in text(page, "notice")                           # each found its control
+
+
 def test_inpaint_mask_painted_on_the_image_is_accepted(page, base_url, tmp_path):
     init = Image.new("RGB", (64, 64), (30, 60, 160))
     ImageDraw.Draw(init).rectangle([20, 20, 43, 43], fill=(240, 220, 40))

@@ -136,6 +136,8 @@ class Pipeline:
         plan = make_plan(self.bundle, request, refiner=self.refiner, switch_at=self.refiner_switch,
                          refiner_convention=self.refiner_convention)
         resolve_prompt_loras(plan.request.prompt, self.find_lora)
+        if plan.request.hr_prompt:
+            resolve_prompt_loras(plan.request.hr_prompt, self.find_lora)
         return plan
 
     def run(self, request: GenerationRequest | GenerationPlan, *, progress: ProgressFn | None = None,
@@ -157,19 +159,26 @@ class Pipeline:
         plan = request if isinstance(request, GenerationPlan) else self.resolve(request)
         bare, uses = request_loras(plan.request.prompt, plan.request.negative_prompt, self.find_lora)
         drawn = plan if bare == plan.request.prompt else replace(plan, request=replace(plan.request, prompt=bare))
+        second = None                               # a hires prompt's own tags: its LoRAs in the second pass
+        if plan.request.hr_prompt:
+            hr_bare, hr_uses = request_loras(plan.request.hr_prompt, plan.request.hr_negative_prompt, self.find_lora)
+            drawn = replace(drawn, request=replace(drawn.request, hr_prompt=hr_bare or " "))   # " ": "" encoded
+            second = [*loras, *hr_uses]
         try:
             with patcher_for(self.bundle).using([*loras, *uses]):
-                result = self._draw(drawn, progress, upscaler)
+                result = self._draw(drawn, progress, upscaler, second)
         except SamplingStopped as stop:
             stop.result = _as_asked(stop.result, plan.request, drawn.request)
             raise
         return _as_asked(result, plan.request, drawn.request)
 
-    def _draw(self, plan: GenerationPlan, progress: ProgressFn | None, upscaler: Upscaler | None) -> GenerationResult:
-        """Draw `plan` with the weights now in the model; running out of memory is a `RequestError`."""
+    def _draw(self, plan: GenerationPlan, progress: ProgressFn | None, upscaler: Upscaler | None,
+              second: Sequence[LoraUse] | None = None) -> GenerationResult:
+        """Draw `plan` with the weights now in the model (`second`: the LoRAs of a hires prompt's second pass);
+        running out of memory is a `RequestError`."""
         try:
             if plan.request.hires:
-                return generate_hires(self.bundle, plan, upscaler, progress=progress)
+                return generate_hires(self.bundle, plan, upscaler, progress=progress, second_loras=second)
             if self.refiner is not None:
                 return generate_with_refiner(self.bundle, self.refiner, plan, progress=progress)
             return generate(self.bundle, plan, progress=progress)

@@ -290,16 +290,23 @@ def _add_hires_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hr-steps", type=int, metavar="N", help="second-pass steps (default 0: as many as the first pass)")
     p.add_argument("--hr-denoise", type=float, metavar="D",
                    help="second-pass denoising strength above 0; above 1 draws as 1 (default 0.7)")
+    p.add_argument("--hr-sampler", metavar="NAME", help="second-pass sampler (A1111's Hires sampler; default: --sampler)")
+    p.add_argument("--hr-schedule", metavar="NAME",
+                   help="second-pass schedule (A1111's Hires schedule type; default: --schedule, unset: the sampler's)")
+    p.add_argument("--hr-prompt", metavar="TEXT", help="second-pass prompt, with its own prompt editing and <lora:...> "
+                                                       "tags (A1111's Hires prompt; default: the prompt)")
+    p.add_argument("--hr-negative-prompt", metavar="TEXT", help="second-pass negative prompt (default: the negative)")
 
 
 def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
     """Put the hires flags into `options` (txt2img; other modes drop a --from-png picture's hires fields)."""
     from sdlab.pipeline.hires import find_upscaler
+    from sdlab.pipeline.infotext import HIRES_FIELDS
 
     if args.mode != "txt2img":                     # a hires picture's Denoising strength stays the strength
         if options.get("hr_denoise") is not None:
             options.setdefault("strength", options["hr_denoise"])
-        for name in ("hr_scale", "hr_width", "hr_height", "hr_upscaler", "hr_steps", "hr_denoise"):
+        for name in HIRES_FIELDS:
             options.pop(name, None)
         return
     if not hasattr(args, "hr_size"):               # a command without the hires flags (sdlab grid)
@@ -317,7 +324,8 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
         options.update(hr_scale=args.hr_scale)
         options.pop("hr_width", None)
         options.pop("hr_height", None)
-    given = {"hr_upscaler": args.hr_upscaler, "hr_steps": args.hr_steps, "hr_denoise": args.hr_denoise}
+    given = {"hr_upscaler": args.hr_upscaler, "hr_steps": args.hr_steps, "hr_denoise": args.hr_denoise,
+             **{name: getattr(args, name) for name in ("hr_sampler", "hr_schedule", "hr_prompt", "hr_negative_prompt")}}
     options.update({k: v for k, v in given.items() if v is not None})
     if options.get("hr_upscaler") is not None:     # a recorded name: the model file beside the picture or here
         folders = [Path(args.from_png).resolve().parent] if args.from_png else []
@@ -848,10 +856,9 @@ def _check_model(recorded: dict[str, Any], name: str, hash_: str | None) -> None
                        name, f" (hash {hash_})" if hash_ else "")
 
 
-# A1111's settings of its own for the hires pass (labels it writes when they differ from the first pass's,
-# Forge's CFG always), with the first pass's label: sdlab's second pass runs with the first pass's
-HIRES_PASS_SETTINGS = {"Hires checkpoint": "Model", "Hires sampler": "Sampler", "Hires schedule type": "Schedule type",
-                       "Hires CFG Scale": "CFG scale", "Hires prompt": "Prompt", "Hires negative prompt": "Negative prompt"}
+# A1111's settings of its own for the hires pass that sdlab does not draw (its checkpoint, Forge's CFG, written
+# always), with the first pass's label: sdlab's second pass runs with the first pass's
+HIRES_PASS_SETTINGS = {"Hires checkpoint": "Model", "Hires CFG Scale": "CFG scale"}
 
 
 def _own_hires_settings(recorded: dict[str, Any]) -> list[str]:
@@ -876,7 +883,7 @@ def _comparable(value: Any) -> str:
 def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None, pipe, request) -> None:
     """Warn about what the --from-png picture was drawn with that this run does not have: its refiner, its
     standalone VAE, its textual-inversion embeddings (not found in --embeddings-dir), its ControlNet units past
-    the --controls given, its hires pass's own sampler, prompts, CFG, schedule or checkpoint, the A1111 settings
+    the --controls given, its hires pass's own CFG or checkpoint, the A1111 settings
     sdlab does not draw (`infotext.undrawn_labels`)."""
     from sdlab.pipeline.infotext import parse_lora_hashes, undrawn_labels
 

@@ -160,7 +160,9 @@ def _check_hires(args: argparse.Namespace) -> None:
     """The hires fix is txt2img's: a grid with --init draws img2img cells, which have none."""
     given = [flag for flag, value in (("--hr-scale", args.hr_scale), ("--hr-size", args.hr_size),
                                       ("--hr-upscaler", args.hr_upscaler), ("--hr-steps", args.hr_steps),
-                                      ("--hr-denoise", args.hr_denoise)) if value is not None]
+                                      ("--hr-denoise", args.hr_denoise), ("--hr-sampler", args.hr_sampler),
+                                      ("--hr-schedule", args.hr_schedule), ("--hr-prompt", args.hr_prompt),
+                                      ("--hr-negative-prompt", args.hr_negative_prompt)) if value is not None]
     if args.init and given:
         raise UserError(f"{', '.join(given)}: the hires fix is txt2img's; a grid with --init draws img2img cells")
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -52,6 +53,7 @@ from sdlab.pipeline.generate import (
 )
 from sdlab.pipeline.images import pil_to_tensor, tensor_to_pil
 from sdlab.pipeline.plan import GenerationPlan, make_plan
+from sdlab.pipeline.prompt_loras import LoraUse, patcher_for
 from sdlab.pipeline.request import (
     HIRES_IMG2IMG,
     SIZE_MULTIPLE,
@@ -100,15 +102,19 @@ def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | st
 
 def second_pass_request(req: GenerationRequest, factor: int) -> GenerationRequest:
     """The img2img request of the second pass (run `from_latent`) of a resolved hires request: the final size,
-    `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the same seeds, no hires fields, and
+    `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the hires sampler, schedule and prompts where
+    set (A1111's `sample_hr_pass` and `calculate_hr_conds`), the same seeds, no hires fields, and
     the first pass's step count (prompt edits count on from it). SDXL's original and target sizes the request
     leaves unset are the upscaled size before the crop and unsnapped, (hr_upscale_to_y, hr_upscale_to_x), for
     the prompt and the negative, as A1111's `calculate_hr_conds` conditions its second pass."""
     _, (width, height) = pass_sizes(req, factor)
     (up_width, up_height), _ = upscaled_to(req)
     return replace(req, width=width, height=height, steps=hires_steps(req), strength=req.hr_denoise,
+                   sampler=req.hr_sampler or req.sampler, schedule=req.hr_schedule or req.schedule,
+                   prompt=req.hr_prompt or req.prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt,
                    img2img_convention=HIRES_IMG2IMG, hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
-                   hr_steps=None, hr_denoise=None, hr_base_size=None, first_pass_steps=req.steps,
+                   hr_steps=None, hr_denoise=None, hr_sampler=None, hr_schedule=None, hr_prompt="",
+                   hr_negative_prompt="", hr_base_size=None, first_pass_steps=req.steps,
                    original_size=req.original_size or (up_height, up_width),
                    target_size=req.target_size or (up_height, up_width))
 
@@ -140,10 +146,14 @@ def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
 
 @torch.no_grad()
 def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler | str | None = None, *,
-                   progress: ProgressFn | None = None) -> GenerationResult:
+                   progress: ProgressFn | None = None,
+                   second_loras: Sequence[LoraUse] | None = None) -> GenerationResult:
     """Run a hires plan (`make_plan` of a request with hr_scale or hr_width / hr_height) on `bundle`: first
     pass, upscale, second pass (module docstring). `upscaler`: `hires_upscaler(plan.request, bundle)`, loaded
-    once by the caller (read here when None). The result's request is the resolved hires request."""
+    once by the caller (read here when None). `second_loras`: the LoRAs the second pass draws with instead of
+    the first's (a hires prompt's tags: A1111 activates `hr_extra_network_data` for it), put in by the bundle's
+    `LoraPatcher` inside the caller's `using` block, which restores the model after. The result's request is the
+    resolved hires request."""
     req = plan.request
     factor = bundle.vae_config.downsample_factor
     upscaler = hires_upscaler(req, bundle) if upscaler is None else upscaler
@@ -162,6 +172,8 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
             z = z[..., : up[1] // factor, : up[0] // factor]
         z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
         second_plan = make_plan(bundle, second_pass_request(req, factor), from_latent=True)
+        if second_loras is not None:
+            patcher_for(bundle).apply(second_loras)
         with pictures_if_stopped(bundle, second_plan, req):
             z = sample_latents(bundle, second_plan, init_latent=z.contiguous(),
                                progress=_offset(progress, plan.steps_run))

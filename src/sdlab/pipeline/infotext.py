@@ -89,6 +89,10 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Hires upscale": ("hr_scale", float),
     "Hires steps": ("hr_steps", int),
     "Hires upscaler": ("hr_upscaler", str),
+    "Hires sampler": ("hr_sampler", str),
+    "Hires schedule type": ("hr_schedule", str),
+    "Hires prompt": ("hr_prompt", str),
+    "Hires negative prompt": ("hr_negative_prompt", str),
     "SDXL aesthetic score": ("aesthetic_score", float),
     "SDXL negative aesthetic score": ("negative_aesthetic_score", float),
 }
@@ -341,7 +345,8 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
 
 def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
     """A1111's hires fix labels, its `extra_generation_params` of a hires run (None values are left out of the
-    text): the second pass's Denoising strength, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
+    text): the second pass's Denoising strength, its own Hires sampler, Hires prompt, Hires negative prompt and Hires
+    schedule type where they differ from the first pass's, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
     (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`); none without it."""
     if not req.hires:
         return {}
@@ -351,6 +356,10 @@ def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
         upscaler = a1111_upscaler_name(os.path.splitext(os.path.basename(upscaler))[0])
     return {
         "Denoising strength": req.hr_denoise,
+        "Hires sampler": req.hr_sampler,                # A1111's order: its `init`, then calculate_target_resolution
+        "Hires prompt": strip_comments(req.hr_prompt) or None,
+        "Hires negative prompt": strip_comments(req.hr_negative_prompt) or None,
+        "Hires schedule type": a1111_label(req.hr_schedule) if req.hr_schedule else None,
         "Hires upscale": None if sized else req.hr_scale,
         "Hires resize": f"{req.hr_width or 0}x{req.hr_height or 0}" if sized else None,
         "Hires steps": req.hr_steps or None,
@@ -471,23 +480,38 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     if "First pass size" in p:
         fields.update(_old_hires_fix(p, fields))
     _hires_as_pasted(fields)
-    sampler = fields.get("sampler", "")
-    for suffix in (" Karras", " Exponential"):  # older A1111 files name the schedule in the sampler
-        if sampler.endswith(suffix) and "schedule" not in fields:
-            fields["sampler"], fields["schedule"] = sampler[: -len(suffix)], suffix.strip()
-    if "schedule" in fields:
-        try:
-            fields["schedule"] = schedule_from_a1111(fields["schedule"])
-        except ValueError:  # one sdlab lacks: the request's check names it
-            fields["schedule"] = schedule_key(fields["schedule"])
+    for sampler, schedule in (("sampler", "schedule"), ("hr_sampler", "hr_schedule")):
+        _sampler_and_schedule(fields, sampler, schedule)
     if not drawn_by_sdlab(p):
         _as_a1111_ran(fields)
-    if "schedule" in fields and fields["schedule"] is None:    # "Automatic" in sdlab's files: the model's default
-        del fields["schedule"]
+    for name in ("schedule", "hr_schedule", "hr_sampler"):
+        if name in fields and fields[name] is None:         # "Automatic" in sdlab's files: the model's default
+            del fields[name]
     return fields
 
 
-HIRES_FIELDS = ("hr_scale", "hr_width", "hr_height", "hr_upscaler", "hr_steps", "hr_denoise")
+_SAME_AS_FIRST = {"hr_sampler": "Use same sampler", "hr_schedule": "Use same scheduler"}   # A1111's defaults
+
+
+def _sampler_and_schedule(fields: dict[str, Any], sampler: str, schedule: str) -> None:
+    """The read sampler and schedule fields (`sampler` / `schedule`, or the hires pass's) as sdlab names them: an
+    older A1111 file's schedule out of the sampler's name ("DPM++ 2M Karras"), A1111's "Use same ..." unset."""
+    for name in (sampler, schedule):
+        if name in _SAME_AS_FIRST and fields.get(name) == _SAME_AS_FIRST[name]:
+            del fields[name]
+    name = fields.get(sampler) or ""
+    for suffix in (" Karras", " Exponential"):  # older A1111 files name the schedule in the sampler
+        if name.endswith(suffix) and schedule not in fields:
+            fields[sampler], fields[schedule] = name[: -len(suffix)], suffix.strip()
+    if fields.get(schedule) is not None:
+        try:
+            fields[schedule] = schedule_from_a1111(fields[schedule])
+        except ValueError:  # one sdlab lacks: the request's check names it
+            fields[schedule] = schedule_key(fields[schedule])
+
+
+HIRES_FIELDS = ("hr_scale", "hr_width", "hr_height", "hr_upscaler", "hr_steps", "hr_denoise", "hr_sampler",
+                "hr_schedule", "hr_prompt", "hr_negative_prompt")
 DEFAULT_HR_SCALE = 2.0                      # A1111's Upscale by slider
 
 
@@ -698,5 +722,10 @@ def _as_a1111_ran(fields: dict[str, Any]) -> None:
     fields.setdefault("clip_skip_convention", "a1111")
     fields.setdefault("control_convention", "a1111")
     fields.setdefault("rng", "GPU")
+    asked = fields.get("schedule", "uniform")
     if "sampler" in fields:
-        fields["schedule"] = a1111_schedule(fields["sampler"], fields.get("schedule", "uniform"))
+        fields["schedule"] = a1111_schedule(fields["sampler"], asked)
+    if fields.get("hr_sampler") or fields.get("hr_schedule"):    # A1111's `get_hr_sampler_and_scheduler`
+        hr_sampler = fields.get("hr_sampler") or fields.get("sampler")
+        if hr_sampler:
+            fields["hr_schedule"] = a1111_schedule(hr_sampler, fields.get("hr_schedule") or asked)

@@ -249,6 +249,12 @@ class GenerationRequest:
     hr_steps: int | None = None             # second-pass steps; None / 0 = the first pass's
     hr_denoise: float | None = None         # second-pass denoising strength in (0, 1] (above 1 draws as 1, as
                                             # A1111's); None = 0.7 (A1111's UI)
+    hr_sampler: str | None = None           # the second pass's sampler (A1111's hr_sampler_name); None: the first's
+    hr_schedule: str | None = None          # its schedule (A1111's hr_scheduler); None: the first pass's as asked
+                                            # (unset there: the second pass sampler's default)
+    hr_prompt: str = ""                     # the second pass's prompts (A1111's hr_prompt / hr_negative_prompt,
+    hr_negative_prompt: str = ""            # encoded for it with their own prompt editing and LoRA tags); "": the
+                                            # first pass's
     hr_base_size: tuple[int, int] | None = None  # set by resolve where it snapped a hires request's width x height:
                                             # the (width, height) asked, which A1111 sizes the hires fix from
                                             # (`hires_base_size`) and records as Size
@@ -565,6 +571,51 @@ def _resolve_hires(r: GenerationRequest, width: int, height: int, multiple: int,
                 hr_steps=steps, hr_denoise=denoise, hr_base_size=base)
 
 
+def _schedule_asked(name: str | None) -> str | None:
+    """sdlab's name of a schedule asked for by sdlab's or A1111's name ("SGM Uniform"); "Automatic" or unset: None."""
+    try:
+        return schedule_from_a1111(name) if name else None
+    except ValueError as err:
+        raise RequestError(str(err).replace("scheduler", "schedule", 1)) from None
+
+
+_SAME = ("", "Use same sampler", "Use same scheduler")          # A1111's UI choices of the first pass's
+
+
+def _resolve_hires_pass(r: GenerationRequest, spec: SamplerSpec, schedule: str, asked: str | None,
+                        default_schedule: str) -> dict[str, Any]:
+    """The checked sampler, schedule and prompts of a hires request's second pass, each None / "" where it is the
+    first pass's (`spec`, drawn on `schedule`, asked as `asked`): A1111's `hr_sampler_name or sampler_name` and
+    `hr_scheduler`, which is the first pass's scheduler as asked when unset ("Automatic": the sampler's own)."""
+    names = ("hr_sampler", "hr_schedule", "hr_prompt", "hr_negative_prompt")
+    if not r.hires:
+        given = [name for name in names if getattr(r, name) not in (None, "")]
+        if given:
+            raise RequestError(f"{', '.join(given)} need hr_scale or hr_width / hr_height (the hires fix)")
+        return {}
+    for name in names:
+        if not isinstance(getattr(r, name), (str, type(None))):
+            raise RequestError(f"{name} must be text, got {type(getattr(r, name)).__name__}")
+    second = spec
+    if r.hr_sampler not in (None, *_SAME):
+        try:
+            second = get_sampler(r.hr_sampler)
+        except ValueError as err:
+            raise RequestError(f"hr_sampler: {err}") from None
+        if r.eta is not None and second.max_eta is not None and r.eta > second.max_eta:
+            raise RequestError(f"{second.name} (the hires sampler) takes eta in [0, {second.max_eta:g}], got {r.eta}")
+    hr_asked = asked if r.hr_schedule in (None, *_SAME) else _schedule_asked(r.hr_schedule)
+    hr_schedule = hr_asked or second.default_schedule or default_schedule
+    prompts = {}
+    for name, first in (("hr_prompt", r.prompt), ("hr_negative_prompt", r.negative_prompt)):
+        text = getattr(r, name) or ""
+        if len(text) > MAX_PROMPT_CHARS:
+            raise RequestError(f"{name} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
+        prompts[name] = "" if text == first else text
+    return dict(hr_sampler=None if second.name == spec.name else second.name,
+                hr_schedule=None if hr_schedule == schedule else hr_schedule, **prompts)
+
+
 def _check_picture_options(r: GenerationRequest) -> None:
     """The img2img / inpainting options A1111 names Resize mode, Masked content and Inpaint area."""
     if r.resize_mode not in RESIZE_MODES:
@@ -797,11 +848,8 @@ def resolve(
         raise RequestError(str(err)) from None
     if r.eta is not None and spec.max_eta is not None and r.eta > spec.max_eta:
         raise RequestError(f"{spec.name} takes eta in [0, {spec.max_eta:g}], got {r.eta}")
-    try:            # sdlab's names and A1111's keys and labels ("SGM Uniform"); "Automatic" = unset
-        schedule = schedule_from_a1111(r.schedule) if r.schedule else None
-    except ValueError as err:
-        raise RequestError(str(err).replace("scheduler", "schedule", 1)) from None
-    schedule = schedule or spec.default_schedule or default_schedule      # LCM, TCD: their own grid
+    asked_schedule = _schedule_asked(r.schedule)
+    schedule = asked_schedule or spec.default_schedule or default_schedule      # LCM, TCD: their own grid
     comfyui = r.sampler is not None and comfyui_spelling(r.sampler)       # ComfyUI's conventions (module docstring)
     init_noise = default_init_noise(schedule, spec.spacing, comfyui=comfyui) if r.init_noise is None else r.init_noise
     if sgm_noise_multiplied(r, spec):
@@ -860,6 +908,7 @@ def resolve(
     if r.latent_noise_seed is not None:
         _batch_seed("latent_noise_seed", r.latent_noise_seed, r.batch_size)
     hires = _resolve_hires(r, width, height, multiple, _hires_base(r, asked, (width, height), multiple))
+    hires.update(_resolve_hires_pass(r, spec, schedule, asked_schedule, default_schedule))
     init_images = tuple(on_white(image) for image in r.init_images)
     init_image = init_images[0] if init_images else None if r.init_image is None else on_white(r.init_image)
     return replace(

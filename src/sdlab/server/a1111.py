@@ -163,6 +163,10 @@ class Txt2ImgIn(NullsAreDefaults):
     hr_resize_y: int = 0
     hr_upscaler: str | None = None
     hr_second_pass_steps: int = 0
+    hr_sampler_name: str | None = None      # the second pass's own sampler, scheduler and prompts; None / "": the
+    hr_scheduler: str | None = None         # first pass's ("Use same sampler" / "Use same scheduler" too)
+    hr_prompt: str = ""
+    hr_negative_prompt: str = ""
     tiling: bool | None = None              # None: the `tiling` option (A1111's opts.tiling), False by default
     refiner_checkpoint: str | None = None   # a model of `sd-models` that finishes the schedule; "None": none
     refiner_switch_at: float | None = None  # the fraction drawn before it (A1111's `apply_refiner`); unset: 0.8
@@ -240,6 +244,21 @@ def _batch_size(body: Txt2ImgIn, inits: tuple[Image.Image, ...]) -> int:
     return len(inits) if len(inits) > 1 else body.batch_size
 
 
+def _hires_pass(body: Txt2ImgIn, sampler: str) -> dict[str, Any]:
+    """The hires pass's own sampler, schedule and prompts of `body` as A1111 draws them (`sample_hr_pass`:
+    `hr_sampler_name or sampler_name`; `hr_scheduler`, unset the request's `scheduler`, "Automatic" the hires
+    sampler's own: `KDiffusionSampler.get_sigmas`); its `disable_extra_networks` takes the hires prompt's tags out
+    too."""
+    named = body.hr_sampler_name not in (None, "", "Use same sampler")
+    scheduled = body.hr_scheduler not in (None, "", "Use same scheduler")
+    hr_sampler, hr_schedule = sampler_and_schedule(body.hr_sampler_name if named else sampler,
+                                                   body.hr_scheduler if scheduled else body.scheduler)
+    prompt = without_extra_networks(body.hr_prompt) if body.disable_extra_networks else body.hr_prompt
+    return {"hr_sampler": hr_sampler if named else None,
+            "hr_schedule": a1111_schedule(hr_sampler, hr_schedule) if named or scheduled else None,
+            "hr_prompt": prompt, "hr_negative_prompt": body.hr_negative_prompt}
+
+
 def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ...] = (),
              mask: Image.Image | None = None, options: dict[str, Any] | None = None) -> GenerationRequest:
     """The generation `body` asks for, with A1111's settings: the server's `options` (`POST options`) under
@@ -261,7 +280,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
     if body.enable_hr and not inits:             # A1111's hires fix: a second pass at a larger size
         extra.update(hr_scale=body.hr_scale, hr_width=body.hr_resize_x or None, hr_height=body.hr_resize_y or None,
                      hr_upscaler=body.hr_upscaler or None, hr_steps=body.hr_second_pass_steps or None,
-                     hr_denoise=body.denoising_strength)
+                     hr_denoise=body.denoising_strength, **_hires_pass(body, sampler))
     if inits:
         strength = 0.75 if body.denoising_strength is None else body.denoising_strength
         # A1111 reads initial_noise_multiplier as it makes the processing object, before the overrides apply

@@ -227,13 +227,17 @@ async function loadLists() {
   const results = await Promise.allSettled([
     loadModels(),
     api("/sdapi/v1/samplers").then((samplers) => {
-      fillSelect($("sampler"), (samplers || []).map((s) => ({
+      const rows = (samplers || []).map((s) => ({
         label: s.name, value: s.name, data: { aliases: (s.aliases || []).join("\n") },
-      })), { blank: "model default" });     // left out of the request: the model's preset or family default
+      }));
+      fillSelect($("sampler"), rows, { blank: "model default" });   // left out of the request: the model's preset
+      fillSelect($("hr_sampler"), rows, { blank: "Use same sampler" });      // or family default; the first pass's
     }),
     api("/sdapi/v1/schedulers").then((schedulers) => {     // A1111's "automatic" is the blank entry: unset
-      fillSelect($("schedule"), (schedulers || []).filter((s) => s.name !== "automatic")
-        .map((s) => ({ label: s.label || s.name, value: s.name })), { blank: "Automatic" });
+      const rows = (schedulers || []).filter((s) => s.name !== "automatic")
+        .map((s) => ({ label: s.label || s.name, value: s.name }));
+      fillSelect($("schedule"), rows, { blank: "Automatic" });
+      fillSelect($("hr_schedule"), rows, { blank: "Use same scheduler" });
     }),
     loadLoras(),
     loadHiresUpscalers(),
@@ -492,6 +496,10 @@ function hiresRequest() {
     hr_height: Number(orDefault("hr_height", sideField("hr_height"))),
     hr_steps: numberOrDefault("hr_steps", { integer: true }),
     hr_denoise: Number($("hr_denoise").value),
+    hr_sampler: $("hr_sampler").value || undefined,            // blank: the first pass's (A1111's "Use same ...")
+    hr_schedule: $("hr_schedule").value || undefined,
+    hr_prompt: $("hr_prompt").value || undefined,
+    hr_negative_prompt: $("hr_negative_prompt").value || undefined,
   };
 }
 
@@ -677,6 +685,11 @@ function fillHires(settings, unknown) {
   setToggle("enable_hr", true);
   for (const id of ["hr_scale", "hr_width", "hr_height", "hr_steps"]) setField(id, orDefault(id, settings[id]));
   setSlider("hr_denoise", orDefault("hr_denoise", settings.hr_denoise));
+  setField("hr_prompt", settings.hr_prompt ?? "");
+  setField("hr_negative_prompt", settings.hr_negative_prompt ?? "");
+  for (const [id, name] of [["hr_sampler", "hires sampler"], ["hr_schedule", "hires schedule"]]) {
+    if (!selectMatching($(id), settings[id] ?? "")) unknown.push(`${name} "${settings[id]}"`);
+  }
   const upscaler = settings.hr_upscaler ?? $("hr_upscaler").options[0]?.value;
   if (!selectMatching($("hr_upscaler"), upscaler)) unknown.push(`hires upscaler "${upscaler}"`);
 }
