@@ -500,14 +500,20 @@ def test_a_stopped_inpainting_is_pasted_back_and_a_stopped_hires_fix_keeps_the_p
         assert stopped.value.result.images[0].size == (size, size) and stopped.value.result.request.hires
 
 
-def test_a_stopped_refined_run_is_decoded_by_the_refiners_vae(bundles):
-    """Stopped in the base's part or the refiner's, the x0 estimate is decoded by the refiner's VAE, as the run's
-    end is (the refiner's part does not run after a stop in the base's)."""
-    for step in (1, 3):
+@pytest.mark.parametrize("convention", ["diffusers", "a1111"])
+def test_a_stopped_refined_run_is_decoded_and_labelled_by_the_model_drawing_at_the_stop(bundles, convention):
+    """Stopped in the base's part, the x0 estimate is decoded by the base's VAE and the run is not refined (A1111
+    has not swapped the model yet); stopped once the refiner has drawn, by the refiner's VAE, and the run is refined
+    (A1111's swap has written its Refiner label), so its parameters redraw the finished picture."""
+    from sdlab.pipeline.plan import make_plan
+
+    base, refiner = bundles["sdxl"], bundles["sdxl-refiner"]
+    plan = make_plan(base, _request(steps=6), refiner=refiner, switch_at=0.5, refiner_convention=convention)
+    assert plan.refiner_split == 3
+    for step, drawing in ((1, base), (4, refiner)):
         seen = []
         with pytest.raises(SamplingStopped) as stopped:
-            generate_with_refiner(bundles["sdxl"], bundles["sdxl-refiner"], _request(steps=5), switch_at=0.5,
-                                  progress=_stopping_after(step, seen))
-        assert len(seen) == step + 1
-        decoded = tensor_to_pil(decode_latents(bundles["sdxl-refiner"], seen[-1]))
+            generate_with_refiner(base, refiner, plan, progress=_stopping_after(step, seen))
+        assert len(seen) == step + 1 and stopped.value.result.refined == (drawing is refiner)
+        decoded = tensor_to_pil(decode_latents(drawing, seen[-1]))
         assert _pixels(stopped.value.result.images).tolist() == _pixels(decoded).tolist()

@@ -178,10 +178,16 @@ def pictures_if_stopped(bundle: ModelBundle, plan: GenerationPlan,
             yield
         except SamplingStopped as stop:
             if stop.result is None:
-                req = drawn_request(plan.request if request is None else request, effects)
-                stop.result = GenerationResult(images=_pictures(bundle, plan, stop.latents), seeds=req.seeds(),
-                                               request=req)
+                stop.result = _stopped_result(bundle, plan, plan.request if request is None else request,
+                                              stop.latents, effects)
             raise
+
+
+def _stopped_result(bundle: ModelBundle, plan: GenerationPlan, request: GenerationRequest, latents: Tensor,
+                    effects: set[str], refined: bool = False) -> GenerationResult:
+    """A stopped run's result: `latents` decoded by `bundle` for `plan`, recorded with `request` as drawn so far."""
+    req = drawn_request(request, effects)
+    return GenerationResult(images=_pictures(bundle, plan, latents), seeds=req.seeds(), request=req, refined=refined)
 
 
 @torch.no_grad()
@@ -305,7 +311,8 @@ def generate_with_refiner(
 ) -> GenerationResult:
     """Run the first `switch_at` of the schedule on `base`, the rest on `refiner`, decode with the refiner's VAE
     (a split at the last step, where the refiner never takes over, is the base's run, decoded by its VAE: A1111's
-    `apply_refiner` swaps nothing then; the result is not `refined`).
+    `apply_refiner` swaps nothing then; the result is not `refined`). A stopped run is decoded by the model drawing
+    at the stop, and is `refined` once the refiner has been called (A1111's swap writes its Refiner label).
 
     The refiner continues from the base's latent at the handoff sigma on the same sigma list (diffusers'
     ``denoising_end=switch_at`` on the base with ``output_type="latent"``, then ``denoising_start=switch_at``
@@ -333,19 +340,31 @@ def generate_with_refiner(
             no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
             refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, overlay, generators,
                                           sigmas, steps_done=split)
+        took_over = [False]                                             # whether the refiner's first call ran
+        if refiner_model is not None:
+            refiner_model = _noting_a_call(refiner_model, took_over)
+        try:
+            x = _refined(plan, base_model, refiner_model, start.x, options, progress)
+        except SamplingStopped as stop:                 # the model drawing at the stop decodes, as A1111's swap
+            drawing = refiner if took_over[0] else base
+            stop.latents = _keep_known(drawing, start, stop.latents, req)
+            stop.result = _stopped_result(drawing, plan, req, stop.latents, effects, refined=took_over[0])
+            raise
         last = refiner if split < len(sigmas) - 1 else base             # a refiner that never takes over: the base's
-        with pictures_if_stopped(last, plan):
-            try:
-                x = _refined(plan, base_model, refiner_model, start.x, options, progress)
-            except SamplingStopped as stop:
-                stop.latents = _keep_known(last, start, stop.latents, req)
-                raise
         _check_finite(x, "the final latent", req)
         sampling = plan.refiner_sampling if last is refiner else plan.sampling
         latents = _keep_known(last, start, sampling.inverse_noise_scaling(sigmas[-1], x), req)
         images = _pictures(last, plan, latents)
     return GenerationResult(images=images, seeds=req.seeds(), request=drawn_request(req, effects),
                             refined=last is refiner)
+
+
+def _noting_a_call(model: DenoiseFn, called: list[bool]) -> DenoiseFn:
+    """`model` that sets `called[0]` once it is called (a refiner: it has taken over)."""
+    def denoise(x: Tensor, sigma: Tensor, **kwargs: Any) -> Tensor:
+        called[0] = True
+        return model(x, sigma, **kwargs)
+    return denoise
 
 
 def _refined(plan: GenerationPlan, base_model: DenoiseFn | None, refiner_model: DenoiseFn | None, x: Tensor,
