@@ -206,10 +206,12 @@ def test_defaults_leave_the_sigmas_as_they_were():
 
 
 def test_a1111s_timestep_samplers_keep_their_timesteps():
-    """A1111's DDIM / PLMS / UniPC (sd_samplers_timesteps) have no `get_sigmas`: the option changes nothing."""
+    """A1111's DDIM / PLMS / UniPC (sd_samplers_timesteps) have no `get_sigmas`: the sigma overrides change nothing
+    (Discard penultimate sigma takes the timesteps of a step more: tests/test_a1111_timestep_samplers.py)."""
     for sampler in ("DDIM", "PLMS", "UniPC"):
-        plain = request_sigmas(SAMPLING, get_sampler(sampler), _req(sampler, None, 10))
-        asked = request_sigmas(SAMPLING, get_sampler(sampler), _req(sampler, None, 10, discard_penultimate_sigma=True))
+        plain = request_sigmas(SAMPLING, get_sampler(sampler), _req(sampler, "ddim_uniform", 10))
+        asked = request_sigmas(SAMPLING, get_sampler(sampler), _req(sampler, "ddim_uniform", 10, schedule_sigma_min=0.3,
+                                                                    schedule_sigma_max=8.0, schedule_rho=2.5))
         assert torch.equal(plain, asked)
 
 

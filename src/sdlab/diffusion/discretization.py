@@ -81,6 +81,8 @@ __all__ = [
     "Discretization",
     "SPACING_SCHEDULERS",
     "UI_IMG2IMG",
+    "a1111_timestep_sigmas",
+    "a1111_timesteps",
     "ddim_timesteps",
     "ddim_uniform_sigmas",
     "default_init_noise",
@@ -473,6 +475,52 @@ def ddim_uniform_sigmas(schedule: NoiseSchedule, steps: int, *, final: str = "ze
     stride = max(schedule.num_timesteps // steps, 1)
     index = torch.arange(1, schedule.num_timesteps, stride).flip(0)
     return _finish(schedule.sigmas[index], schedule, final)
+
+
+# -- A1111's timestep samplers (DDIM, PLMS, UniPC) -------------------------------------------------------
+def a1111_timesteps(num_timesteps: int, steps: int) -> Tensor:
+    """The timesteps of A1111's timestep samplers (`CompVisSampler.get_timesteps`), ascending: ``range(0, T,
+    T // steps) + 1`` clipped to T - 1 (T = 1000: 20 steps give 1, 51, ..., 951; 7 steps 8 timesteps, 1, 143, ...,
+    995; 9 steps 10, the last 999)."""
+    steps = _check_steps(steps)
+    return (torch.arange(0, num_timesteps, max(num_timesteps // steps, 1)) + 1).clamp(max=num_timesteps - 1)
+
+
+def a1111_timestep_sigmas(schedule: NoiseSchedule, steps: int, *, encoded: int | None = None,
+                          unipc: bool = False) -> Tensor:
+    """The sigmas A1111's timestep samplers (`sd_samplers_timesteps`) visit on the timesteps of `steps`
+    (`a1111_timesteps`; img2img: the first `encoded` of them, `sample_img2img`'s ``timesteps[:t_enc]``), descending,
+    float32 on the CPU.
+
+    DDIM and PLMS (`sd_samplers_timesteps_impl.ddim` / `plms`) loop ``for i in trange(len(timesteps) - 1)``: they
+    step from the highest timestep down to the lowest, where the run ends (its ``alphas_prev``: t = 1 for
+    txt2img), one model call fewer than timesteps and none down to alphas_cumprod[0]. These are the sigmas of the
+    timesteps, with no final sigma after them. UniPC (`unipc`) takes only their number N: N steps of its
+    ``UniPC.sample``, uniform ("time_uniform") in its continuous time t = (timestep + 1) / T from 1 (img2img: from
+    the highest timestep sampled, ``timesteps[-1] / T + 1 / T``) down to 1 / T, ending at alphas_cumprod[0] (no
+    denoising to zero), each sigma its ``NoiseScheduleVP``'s, whose log alpha is linear in t between the training
+    timesteps (`_a1111_unipc_sigmas`)."""
+    timesteps = a1111_timesteps(schedule.num_timesteps, steps)
+    if encoded is not None:
+        timesteps = timesteps[:encoded]
+    if unipc:
+        start = 1.0 if encoded is None else timesteps[-1:] / schedule.num_timesteps + 1 / schedule.num_timesteps
+        return _a1111_unipc_sigmas(schedule, start, len(timesteps))
+    return schedule.sigmas[timesteps.flip(0).to(schedule.sigmas.device)].to("cpu", torch.float32)
+
+
+def _a1111_unipc_sigmas(schedule: NoiseSchedule, start: float | Tensor, steps: int) -> Tensor:
+    """The sigmas of A1111's UniPC (`a1111_timestep_sigmas`): continuous times ``torch.linspace(start, 1 / T,
+    steps + 1)`` in float32 as UniPC's ``get_time_steps``, log alpha (half log alphas_cumprod) interpolated linearly
+    at them over t_i = (i + 1) / T (``NoiseScheduleVP.marginal_log_mean_coeff``), sigma = sqrt(1 / alpha^2 - 1)."""
+    total = schedule.num_timesteps
+    times = torch.linspace(float(start), 1.0 / total, steps + 1).to(torch.float64)      # (steps + 1,)
+    position = (times * total - 1).clamp(0, total - 1)                      # t_i = (i + 1) / T: index i
+    low = position.floor().long().clamp(max=total - 2)
+    w = position - low.to(torch.float64)
+    log_alpha = 0.5 * schedule.alphas_cumprod.to("cpu", torch.float64).log()              # (T,)
+    at = log_alpha[low] + w * (log_alpha[low + 1] - log_alpha[low])
+    return torch.expm1(-2.0 * at).sqrt().to(torch.float32)
 
 
 # -- the Beta distribution's quantiles (the beta schedules), without scipy --------------------------------

@@ -40,7 +40,8 @@ device whichever name runs it. Each row (``SamplerSpec``) says
   ``scheduler`` option of its row in A1111's ``sd_samplers_kdiffusion``; for rows without one the model's
   uniform sigmas, ``uniform`` = ``normal``). ``a1111_schedule`` applies that rule and A1111's other ones:
   its timestep samplers (DDIM, PLMS, UniPC: ``sd_samplers_timesteps``) ignore the schedule and step on
-  ``range(0, 1000, 1000 // steps) + 1``, sdlab's ``ddim_uniform``, and its LCM's uniform sigmas are those
+  ``range(0, 1000, 1000 // steps) + 1``: sdlab's ``ddim_uniform``, on which they run as A1111 runs them
+  (``runs_a1111_timesteps``), and its LCM's uniform sigmas are those
   of its 50 LCM timesteps, ``a1111_lcm``. A request that names no schedule runs LCM and TCD on their own
   grid (``default_schedule``), any other sampler on the model's default;
 - whether it steps with the unguided prediction as well as the guided one (``cfg_pp``, the CFG++ samplers:
@@ -62,7 +63,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 from torch import Tensor
@@ -72,8 +73,8 @@ from sdlab.diffusion import sampling_k as K
 from sdlab.diffusion import sampling_ldm as L
 
 __all__ = [
-    "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "a1111_schedule", "also_discards",
-    "comfyui_spelling", "get_sampler",
+    "SAMPLERS", "SAMPLER_TABLE", "SamplerSpec", "UnknownSamplerError", "a1111_run", "a1111_schedule", "also_discards",
+    "comfyui_spelling", "get_sampler", "runs_a1111_timesteps",
     "sampler_names", "steps_warning",
 ]
 
@@ -288,6 +289,30 @@ def comfyui_spelling(name: str) -> bool:
 A1111_TIMESTEP_SAMPLERS = frozenset({"DDIM", "PLMS", "UniPC"})
 """A1111's CompVis timestep samplers (`sd_samplers_timesteps.py`): fixed timesteps, eta labelled `Eta DDIM`."""
 
+A1111_TIMESTEP_SCHEDULE = "ddim_uniform"
+"""The schedule `a1111_schedule` gives A1111's timestep samplers: on it they run as A1111 runs them
+(`runs_a1111_timesteps`)."""
+
+
+def runs_a1111_timesteps(spec: SamplerSpec, schedule: str | None) -> bool:
+    """Whether `spec` on `schedule` is one of A1111's timestep samplers as A1111 runs it (`sd_samplers_timesteps`):
+    DDIM, PLMS or UniPC on `A1111_TIMESTEP_SCHEDULE`, which A1111's API and texts give them. They then step on
+    A1111's timesteps (`discretization.a1111_timestep_sigmas`), from unit noise in VP scaling, by `a1111_run`'s
+    function; on another schedule DDIM and PLMS are diffusers', UniPC diffusers' UniPCMultistepScheduler."""
+    return spec.a1111 in A1111_TIMESTEP_SAMPLERS and (schedule or "").strip().lower() == A1111_TIMESTEP_SCHEDULE
+
+
+def a1111_run(spec: SamplerSpec) -> SamplerSpec:
+    """The row of A1111's timestep sampler `spec` (`runs_a1111_timesteps`) as A1111 runs it: its UniPC of order 3
+    with B(h) = h (its `uni_pc_order` and `uni_pc_variant` "bh1" defaults, `lower_order_final`), its PLMS with the
+    improved-Euler start on a single step too (its `plms` evaluates the model at the step's end there); DDIM as
+    it is."""
+    if spec.a1111 == "UniPC":
+        return replace(spec, fn=partial(L.sample_unipc, order=3, variant="bh1"))
+    if spec.a1111 == "PLMS":
+        return replace(spec, fn=partial(L.sample_plms, euler_start_alone=True))
+    return spec
+
 A1111_LCM = "LCM"
 """A1111's LCM sampler (`sd_samplers_lcm.py`): its denoiser's table holds LCM's 50 distillation timesteps, so its
 "Automatic" (the denoiser's own grid), "Uniform" and "Normal" are sdlab's ``a1111_lcm``, ending at t = 19."""
@@ -311,8 +336,8 @@ def a1111_schedule(sampler: str, schedule: str | None) -> str | None:
 def also_discards(spec: SamplerSpec, always: bool) -> bool:
     """Whether A1111's `Discard penultimate sigma` (its always_discard_next_to_last_sigma, `always`) drops the
     next-to-last sigma of a sampler whose row keeps it (`KDiffusionSampler.get_sigmas`); A1111's timestep samplers
-    (DDIM, PLMS, UniPC) keep their timesteps."""
-    return always and not spec.discard_penultimate and spec.a1111 not in A1111_TIMESTEP_SAMPLERS
+    (DDIM, PLMS, UniPC) take the timesteps of one step more instead (`CompVisSampler.get_timesteps`)."""
+    return always and not spec.discard_penultimate
 
 
 def steps_warning(spec: SamplerSpec, steps: int, schedule: str) -> str | None:

@@ -139,6 +139,7 @@ def sample_plms(
     *,
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
+    euler_start_alone: bool = False,
 ) -> Tensor:
     """PLMS, the pseudo linear multistep sampler of PNDM (Liu et al. 2022), as in CompVis' ``plms.py``.
 
@@ -158,8 +159,9 @@ def sample_plms(
     that extra evaluation (at the Euler point, labelled t1), after which it re-steps from the saved
     sample; so N steps cost N + 1 evaluations in both. For a single step (N = 1) diffusers makes no
     extra evaluation (a plain DDIM step) and neither does this function: the improved-Euler start is
-    used only when the first step is not also the last. (CompVis does evaluate there, at
-    ``alphas_cumprod[0]`` but labelled with the current timestep, an off-by-one we do not copy.)
+    used only when the first step is not also the last (``euler_start_alone``: there too, as A1111's ``plms`` does,
+    evaluating at the step's end). (CompVis does evaluate there, at ``alphas_cumprod[0]`` but labelled with the
+    current timestep, an off-by-one we do not copy.)
     The final sigma is sigma_min in both originals (the row's ``final_sigma``).
 
     Prediction types: CompVis' PLMS is eps-only. For a v-prediction model diffusers combines the raw
@@ -174,7 +176,7 @@ def sample_plms(
         denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
         report_step(callback, i, x, sigma, sigma_next, denoised)
         eps = to_d(x, sigma, denoised)  # (B, C, h, w)
-        if not old_eps and i < n_steps - 1 and sigma_next > 0.0:
+        if not old_eps and (i < n_steps - 1 or euler_start_alone) and sigma_next > 0.0:
             x_euler = x + (sigma_next - sigma) * eps
             with within_step(i):
                 eps_euler = to_d(x_euler, sigma_next, model(x_euler, sigma_batch(sigma_next, x, sigmas)))

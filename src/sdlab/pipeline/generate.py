@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from functools import partial
 import logging
 from collections.abc import Callable, Iterator
@@ -80,7 +81,7 @@ from sdlab.diffusion.guidance import (
 )
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, per_image_noise
-from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler
+from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler, runs_a1111_timesteps
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
 from sdlab.models.generation_memo import reusing_generation_work
@@ -471,10 +472,13 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
     if from_noise:
         x = plan.sampling.noise_scaling(sigmas[0], noise, init_noise=req.init_noise)
     else:
-        x = plan.sampling.noise_scaling(sigmas[0], noise, image_latent, init_noise=req.init_noise)
+        level = sigmas[0] if plan.noised_at is None else plan.noised_at
+        x = plan.sampling.noise_scaling(level, noise, image_latent, init_noise=req.init_noise)
         if req.extra_noise:             # A1111's `sample_img2img` (img2img, hires): xi += noise * img2img_extra_noise
             took_effect("extra_noise")
             x = x + noise * req.extra_noise
+        if plan.noised_at is not None:  # A1111's timestep samplers read that VP latent at sigmas[0], a timestep lower
+            x = x * math.sqrt((1.0 + float(sigmas[0]) ** 2) / (1.0 + plan.noised_at ** 2))
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, latent_mask=small_mask,
                   from_noise=from_noise)
 
@@ -710,6 +714,8 @@ def _skipping_uncond(plan: GenerationPlan, model: DenoiseFn, first_call: int) ->
     timesteps = plan.sampler.a1111 in A1111_TIMESTEP_SAMPLERS
     level = (lambda sigma: round(float(plan.sampling.sigma_to_t(sigma)[0]), 3)) if timesteps else None
     total = (len(plan.sigmas) - 1) * plan.sampler.calls_per_step
+    if runs_a1111_timesteps(plan.sampler, req.schedule):    # `launch_sampling(steps)`, img2img's `(t_enc + 1)`
+        total = req.steps if plan.noised_at is None else len(plan.sigmas) + 1
     return skipping_uncond(model, a1111_skips(total, req.skip_early_cond, req.s_min_uncond, req.s_min_uncond_all,
                                               level), first_call)
 

@@ -27,10 +27,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from sdlab.diffusion.discretization import DIFFUSERS_NAMES, discretize, img2img_sigmas, schedule_overrides
+from sdlab.diffusion.discretization import (
+    DIFFUSERS_NAMES, a1111_timestep_sigmas, a1111_timesteps, discretize, img2img_sigmas, schedule_overrides, steps_run,
+)
 from sdlab.diffusion.model_sampling import DiscreteModelSampling, ModelSampling
 from sdlab.diffusion.schedules import a1111_schedule_override
-from sdlab.diffusion.samplers import SamplerSpec, also_discards, get_sampler, steps_warning
+from sdlab.diffusion.samplers import (
+    SamplerSpec, a1111_run, also_discards, get_sampler, runs_a1111_timesteps, steps_warning,
+)
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.conditioning import hidden_state_layers, prompt_chunks
 from sdlab.pipeline.memory import available_bytes, check_memory
@@ -84,6 +88,8 @@ class GenerationPlan:
     refiner_switch_at: float | None = None          # the fraction the split came from
     refiner_convention: str = "diffusers"           # "a1111": one sampler run, the model swapped at a call
     from_latent: bool = False                       # starts from a given latent (hires fix), not an init image
+    noised_at: float | None = None                  # A1111's timestep samplers' img2img: the sigma the init latent
+                                                    # is noised to, a timestep above sigmas[0] (`_a1111_noised_at`)
     steps_offset: int = 1                           # the model's, for diffusers-spaced schedules
 
     @property
@@ -243,7 +249,14 @@ def request_sigmas(
 ) -> Tensor:
     """The sigmas a resolved request visits (the img2img tail for an init image, or when `img2img` says so), on
     `device`: the request's named discretization of the model sampling's training levels (`sampling.schedule`);
-    a diffusers-spaced one counts from the model's `steps_offset` (`ModelBundle.steps_offset`)."""
+    a diffusers-spaced one counts from the model's `steps_offset` (`ModelBundle.steps_offset`). A1111's timestep
+    samplers step on its timesteps (`runs_a1111_timesteps`, `_a1111_timesteps_run`)."""
+    img2img = req.init_image is not None if img2img is None else img2img
+    if runs_a1111_timesteps(sampler, req.schedule):
+        timesteps, encoded = _a1111_timesteps_run(sampler, req, img2img)
+        sigmas = a1111_timestep_sigmas(sampling.schedule, timesteps, encoded=encoded, unipc=sampler.a1111 == "UniPC")
+        _check_a1111_timestep_steps(sampler, req, sigmas)
+        return sigmas.to(device)
     options = dict(final=sampler.final_sigma, scheduler=sampler.spacing,  # a diffusers spacing: the sampler's
                    discard_penultimate=(sampler.discard_penultimate
                                         or also_discards(sampler, req.discard_penultimate_sigma)),
@@ -253,7 +266,7 @@ def request_sigmas(
     if req.schedule.strip().lower() in DIFFUSERS_NAMES:
         options["steps_offset"] = steps_offset
     try:
-        if not (req.init_image is not None if img2img is None else img2img):
+        if not img2img:
             sigmas = discretize(req.schedule, sampling.schedule, req.steps, **options)
         else:
             sigmas = img2img_sigmas(req.schedule, sampling.schedule, req.steps, req.strength, req.img2img_convention,
@@ -261,6 +274,44 @@ def request_sigmas(
     except ValueError as err:   # e.g. a strength so low that no step runs, LCM past its 50 steps
         raise RequestError(str(err)) from None
     return sigmas.to(device)
+
+
+def _a1111_timesteps_run(sampler: SamplerSpec, req: GenerationRequest, img2img: bool) -> tuple[int, int | None]:
+    """(steps, t_enc) of A1111's timestep sampler `sampler` (`runs_a1111_timesteps`) for a resolved request: the
+    steps whose timesteps it builds (`a1111_timesteps`; one more with Discard penultimate sigma, as its
+    `get_timesteps`) and, for img2img (`sample_img2img`), t_enc, the number of them it samples on: one less than
+    the steps `steps_run` runs under the request's convention (A1111's `setup_img2img_steps`: k-diffusion's samplers
+    run t_enc + 1); None for txt2img."""
+    steps, encoded = req.steps, None
+    if img2img:
+        try:
+            steps, run = steps_run(req.steps, req.strength, req.img2img_convention)
+        except ValueError as err:
+            raise RequestError(str(err)) from None
+        encoded = run - 1
+    return steps + also_discards(sampler, req.discard_penultimate_sigma), encoded
+
+
+def _check_a1111_timestep_steps(sampler: SamplerSpec, req: GenerationRequest, sigmas: Tensor) -> None:
+    """A RequestError where A1111's timestep sampler takes no step on `sigmas` (one timestep: its loop runs
+    `len(timesteps) - 1` times), or its UniPC fewer than its order, 3 (A1111's fails there)."""
+    steps, needed = len(sigmas) - 1, 3 if sampler.a1111 == "UniPC" else 1
+    if steps < needed:
+        what = f"{req.steps} steps at strength {req.strength}" if req.init_image is not None else f"{req.steps} steps"
+        raise RequestError(f"A1111's {sampler.a1111} at {what} takes {steps} step(s) on its timesteps, fewer than "
+                           f"{needed}: raise the steps (or the strength)")
+
+
+def _a1111_noised_at(sampling: ModelSampling, sampler: SamplerSpec, req: GenerationRequest,
+                    img2img: bool) -> float | None:
+    """The sigma A1111's timestep samplers noise an img2img's init latent to (`sample_img2img`: its t_enc-th timestep,
+    the one above those it samples on, `_a1111_timesteps_run`), which they then read as a VP latent at the first
+    they sample on (`generate._start`); None for another sampler or txt2img."""
+    if not (img2img and runs_a1111_timesteps(sampler, req.schedule)):
+        return None
+    steps, encoded = _a1111_timesteps_run(sampler, req, True)
+    timestep = a1111_timesteps(sampling.schedule.num_timesteps, steps)[encoded]
+    return float(sampling.schedule.sigmas[timestep])
 
 
 def request_sampling(sampling: ModelSampling, req: GenerationRequest) -> ModelSampling:
@@ -397,6 +448,8 @@ def make_plan(
     warn_of_unloaded_embeddings(bundle, req)
 
     sampler = get_sampler(req.sampler)
+    if runs_a1111_timesteps(sampler, req.schedule):
+        sampler = a1111_run(sampler)
     guided = bundle.runs_uncond(req.cfg_scale, sampler.cfg_pp)
     advice = steps_warning(sampler, req.steps, req.schedule) if guided else None
     if advice:
@@ -407,8 +460,8 @@ def make_plan(
                        req.cfg_scale, req.cfg_scale - 1.0)
     req = _without_unusable_schedule_options(bundle.model_sampling, req)
     sampling = request_sampling(bundle.model_sampling, req)
-    sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=True if from_latent else None,
-                            steps_offset=bundle.steps_offset)
+    img2img = from_latent or req.init_image is not None
+    sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=img2img, steps_offset=bundle.steps_offset)
     factor = bundle.vae_config.downsample_factor
     shape = (req.batch_size, bundle.unet_config.out_channels, req.height // factor, req.width // factor)
     pictures = init_pictures(req)
@@ -422,4 +475,4 @@ def make_plan(
                           pictures=pictures, refiner_split=split, refiner_sampling=refiner_sampling,
                           refiner_switch_at=None if refiner is None else switch_at,
                           refiner_convention=refiner_convention, from_latent=from_latent,
-                          steps_offset=bundle.steps_offset)
+                          noised_at=_a1111_noised_at(sampling, sampler, req, img2img), steps_offset=bundle.steps_offset)

@@ -52,7 +52,9 @@ from sdlab.diffusion.discretization import (
     steps_run,
 )
 from sdlab.diffusion.noise import RNG_SOURCES
-from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, SamplerSpec, comfyui_spelling, get_sampler
+from sdlab.diffusion.samplers import (
+    A1111_TIMESTEP_SAMPLERS, SamplerSpec, comfyui_spelling, get_sampler, runs_a1111_timesteps,
+)
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.images import on_white, read_image, snap_size
 from sdlab.pipeline.upscale import (
@@ -851,7 +853,10 @@ def resolve(
     asked_schedule = _schedule_asked(r.schedule)
     schedule = asked_schedule or spec.default_schedule or default_schedule      # LCM, TCD: their own grid
     comfyui = r.sampler is not None and comfyui_spelling(r.sampler)       # ComfyUI's conventions (module docstring)
-    init_noise = default_init_noise(schedule, spec.spacing, comfyui=comfyui) if r.init_noise is None else r.init_noise
+    init_noise = r.init_noise
+    if init_noise is None:                  # A1111's timestep samplers start from the unit noise as a VP latent
+        init_noise = "vp" if runs_a1111_timesteps(spec, schedule) else default_init_noise(schedule, spec.spacing,
+                                                                                          comfyui=comfyui)
     if sgm_noise_multiplied(r, spec):
         if r.init_noise not in (None, "vp"):
             raise RequestError(f"the SGM noise multiplier starts from init_noise 'vp', not {r.init_noise!r}")
