@@ -273,3 +273,31 @@ def test_cli_flags_equal_the_python_api_and_read_back(tmp_path: Path, capsys):
     code, _, err = run(["txt2img", "--from-png", str(out), "--out", str(tmp_path / "b.png"), "--no-progress"], capsys)
     assert code == 0, err
     assert np.array_equal(pixels(tmp_path / "b.png"), pixels(out))
+
+
+A1111_SECOND_ORDER = {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE"}   # sd_samplers_kdiffusion's second_order
+
+
+def a1111_hr_prompt_steps(sampler: str, steps: int, hr_sampler: str, hr_steps: int) -> tuple[int, int]:
+    """processing.py: `setup_conds`'s ``firstpass_steps = find_sampler_config(sampler_name).total_steps(steps)`` and
+    `calculate_hr_conds`'s ``hr_sampler_config.total_steps(hr_second_pass_steps or steps)``, the (steps,
+    hires_steps) the second pass's prompt edits are scheduled over (`SamplerData.total_steps`: twice the steps for
+    a second-order sampler)."""
+    def total_steps(name: str, n: int) -> int:
+        return n * 2 if name in A1111_SECOND_ORDER else n
+    return total_steps(sampler, steps), total_steps(hr_sampler, hr_steps)
+
+
+@pytest.mark.parametrize("sampler, hr_sampler", [("Euler", "Heun"), ("Heun", "Euler"), ("DPM2", "DPM2"),
+                                                 ("Heun", None)])
+def test_the_second_pass_counts_the_first_pass_by_the_first_samplers_calls(pipe8: Pipeline, sampler, hr_sampler):
+    """The second pass schedules its prompt edits over the first pass's model calls as the first pass's sampler
+    makes them and its own steps by the hires sampler's, as A1111 (`a1111_hr_prompt_steps`); the drawing and the
+    chunk check share `prompt_schedule_steps`."""
+    from sdlab.pipeline.hires import second_pass_request
+    from sdlab.pipeline.plan import prompt_schedule_steps
+
+    plan = pipe8.resolve(GenerationRequest("a [cat:dog:6] in snow", steps=4, sampler=sampler, hr_sampler=hr_sampler,
+                                           hr_scale=1.5, hr_upscaler="Latent", hr_steps=3, hr_denoise=0.6))
+    second = second_pass_request(plan.request, pipe8.bundle.vae_config.downsample_factor)
+    assert prompt_schedule_steps(second) == a1111_hr_prompt_steps(sampler, 4, hr_sampler or sampler, 3)

@@ -40,6 +40,7 @@ import torch
 
 from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.guidance import recording_effects
+from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import (
     NonFiniteError,
@@ -104,7 +105,8 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     """The img2img request of the second pass (run `from_latent`) of a resolved hires request: the final size,
     `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the hires sampler, schedule and prompts where
     set (A1111's `sample_hr_pass` and `calculate_hr_conds`), the same seeds, no hires fields, and
-    the first pass's step count (prompt edits count on from it). SDXL's original and target sizes the request
+    the first pass's model calls by the first pass's sampler (A1111's `firstpass_steps`: prompt edits count on from
+    it). SDXL's original and target sizes the request
     leaves unset are the upscaled size before the crop and unsnapped, (hr_upscale_to_y, hr_upscale_to_x), for
     the prompt and the negative, as A1111's `calculate_hr_conds` conditions its second pass."""
     _, (width, height) = pass_sizes(req, factor)
@@ -114,7 +116,8 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
                    prompt=req.hr_prompt or req.prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt,
                    img2img_convention=HIRES_IMG2IMG, hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
                    hr_steps=None, hr_denoise=None, hr_sampler=None, hr_schedule=None, hr_prompt="",
-                   hr_negative_prompt="", hr_base_size=None, first_pass_steps=req.steps,
+                   hr_negative_prompt="", hr_base_size=None,
+                   first_pass_steps=req.steps * get_sampler(req.sampler).calls_per_step,
                    original_size=req.original_size or (up_height, up_width),
                    target_size=req.target_size or (up_height, up_width))
 

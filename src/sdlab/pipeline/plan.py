@@ -196,11 +196,11 @@ def prompt_parts(bundle: ModelBundle, prompt: str) -> list[tuple[str, float]]:
 def prompt_schedule_steps(req: GenerationRequest) -> tuple[int, int | None]:
     """The (steps, hires_steps) a pass of `req` schedules its prompt edits over (`prompt_schedule`): model calls,
     as A1111 counts them (its step_multiplier: the steps times the sampler's calls a step); a hires second pass
-    (`first_pass_steps` set) counts on from its first pass."""
+    (`first_pass_steps` set: the first pass's calls, counted by its own sampler) counts on from its first pass."""
     calls = get_sampler(req.sampler).calls_per_step
     if req.first_pass_steps is None:
         return req.steps * calls, None
-    return req.first_pass_steps * calls, req.steps * calls
+    return req.first_pass_steps, req.steps * calls
 
 
 def _passes(bundle: ModelBundle, req: GenerationRequest) -> list[GenerationRequest]:

@@ -260,7 +260,8 @@ class GenerationRequest:
     hr_base_size: tuple[int, int] | None = None  # set by resolve where it snapped a hires request's width x height:
                                             # the (width, height) asked, which A1111 sizes the hires fix from
                                             # (`hires_base_size`) and records as Size
-    first_pass_steps: int | None = None     # set on a hires second pass: A1111's prompt edits count on from it
+    first_pass_steps: int | None = None     # set on a hires second pass: its first pass's model calls (A1111's
+                                            # firstpass_steps), which its prompt edits count on from
 
     @property
     def mode(self) -> str:
