@@ -337,3 +337,19 @@ def test_cli_reports_bad_prompts_as_user_errors(model, tmp_path, capsys, prompt,
     assert code == 2
     assert len(errors) == 1 and message in errors[0] and "internal error" not in errors[0], errors
     assert not out.exists()
+
+
+def test_a_hires_prompts_comments_and_tags_are_not_counted_and_its_error_names_it(model):
+    """The second pass encodes the hires prompts without their comments and extra-network tags, as the prompt (A1111's
+    comments script strips `hr_prompt` / `hr_negative_prompt` too): long comments there pass the check, and a
+    hires prompt past the chunks is refused naming its field."""
+    import sdlab
+    from sdlab.pipeline.request import GenerationRequest
+
+    pipe = sdlab.load(model)
+    hires = dict(steps=2, hr_scale=1.5, hr_upscaler="Latent")
+    comment = "a dog\n# " + CHUNKS_OF_CAT + "cat\nin snow"
+    pipe.resolve(GenerationRequest("a cat", hr_prompt=comment, hr_negative_prompt="ugly # " + CHUNKS_OF_CAT, **hires))
+    for field in ("hr_prompt", "hr_negative_prompt"):
+        with pytest.raises(PromptError, match=f"^{field}: prompt .*more than {MAX_CHUNKS} chunks"):
+            pipe.resolve(GenerationRequest("a cat", **{field: "a dog " + CHUNKS_OF_CAT}, **hires))

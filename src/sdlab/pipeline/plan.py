@@ -209,27 +209,43 @@ def _passes(bundle: ModelBundle, req: GenerationRequest) -> list[GenerationReque
     return [req, second_pass_request(req, bundle.vae_config.downsample_factor)] if req.hires else [req]
 
 
-def _edited_texts(bundle: ModelBundle, req: GenerationRequest) -> list[str]:
-    """The texts the request encodes: in each pass it draws (`_passes`), each edited text (`prompt_schedule` over
-    `prompt_schedule_steps`, as the drawing schedules them) of each part (`prompt_parts`) of the prompt and of the
-    negative prompt."""
-    texts: list[str] = []
-    for run in _passes(bundle, req):
+def _edited_texts(bundle: ModelBundle, req: GenerationRequest) -> dict[str, str]:
+    """The texts the request encodes, each with the request field it first comes from (`_prompt_fields`): in each
+    pass it draws (`_passes`), each edited text (`prompt_schedule` over `prompt_schedule_steps`, as the drawing
+    schedules them) of each part (`prompt_parts`) of the prompt and of the negative prompt."""
+    texts: dict[str, str] = {}
+    for run, (prompt, negative) in zip(_passes(bundle, req), _prompt_fields(req)):
         steps = prompt_schedule_steps(run)
-        for text in [part for part, _ in prompt_parts(bundle, run.prompt)] + [run.negative_prompt]:
-            texts += [text_at for _, text_at in prompt_schedule(text, *steps, old=run.old_prompt_editing)]
-    return list(dict.fromkeys(texts))
+        fields = [(prompt, part) for part, _ in prompt_parts(bundle, run.prompt)] + [(negative, run.negative_prompt)]
+        for field, text in fields:
+            for _, text_at in prompt_schedule(text, *steps, old=run.old_prompt_editing):
+                texts.setdefault(text_at, field)
+    return texts
+
+
+def _prompt_fields(req: GenerationRequest) -> list[tuple[str, str]]:
+    """The request fields of the (prompt, negative prompt) of each pass: a hires second pass's own where set."""
+    return [("prompt", "negative_prompt"), ("hr_prompt" if req.hr_prompt else "prompt",
+                                            "hr_negative_prompt" if req.hr_negative_prompt else "negative_prompt")]
 
 
 def check_prompt_chunks(bundle: ModelBundle, req: GenerationRequest) -> None:
     """A `PromptError` when the request is resolved, not when it is drawn, for a text of `req` (resolved) that
     the model's tokenizers make more than `MAX_CHUNKS` chunks of (its embeddings' vectors counted): the texts
-    it encodes (`_edited_texts`), the prompt without its comments and extra-network tags."""
-    encoded = replace(req, prompt=without_extra_networks(req.prompt), negative_prompt=strip_comments(req.negative_prompt))
+    it encodes (`_edited_texts`), the prompts without their comments and extra-network tags; a hires prompt's
+    error names its field."""
+    encoded = replace(req, prompt=without_extra_networks(req.prompt), negative_prompt=strip_comments(req.negative_prompt),
+                      hr_prompt=without_extra_networks(req.hr_prompt),
+                      hr_negative_prompt=strip_comments(req.hr_negative_prompt))
     tokenizers = {id(encoder.tokenizer): encoder.tokenizer for encoder in bundle.text_encoders}.values()
-    for text in _edited_texts(bundle, encoded):
+    for text, field in _edited_texts(bundle, encoded).items():
         for tokenizer in tokenizers:
-            prompt_chunks(text, tokenizer, req.emphasis)
+            try:
+                prompt_chunks(text, tokenizer, req.emphasis)
+            except PromptError as err:
+                if not field.startswith("hr_"):
+                    raise
+                raise PromptError(f"{field}: {err}") from None
 
 
 def warn_if_far_from_native(bundle: ModelBundle, req: GenerationRequest) -> None:
