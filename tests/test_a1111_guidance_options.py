@@ -350,6 +350,25 @@ def test_pad_conds_pads_with_the_empty_prompt_encoded_at_clip_skip_1(sd1):
     assert (sample_latents(sd1, req) - reference).abs().max().item() <= TOL
 
 
+@torch.no_grad()
+def test_pad_conds_pads_with_the_empty_prompt_of_the_models_own_weights(sd1, tmp_path):
+    """A1111 encodes the "" it pads with once, as it loads the model, with no extra network active (`load_model`'s
+    `get_empty_cond`): a prompt's text-encoder LoRA changes the prompts it pads, not the padding, and is merged
+    again after it."""
+    from sdlab.pipeline.prompt_loras import LoraUse, patcher_for
+    from test_prompt_loras import _lora_file, _small_lora
+
+    lora = _lora_file(tmp_path / "ink.safetensors", _small_lora(5))
+    empty = encode_prompt(sd1.text_encoders, "").context
+    with patcher_for(sd1).using([LoraUse(lora, 1.0, 1.0, "ink")]):
+        merged = encode_prompt(sd1.text_encoders, "").context
+        cond, uncond = make_cond(sd1.text_encoders, sd1.family, _chunks(2), "blurry", pad_rule="pad")
+        negative = encode_prompt(sd1.text_encoders, "blurry").context
+        assert torch.equal(encode_prompt(sd1.text_encoders, "").context, merged)
+    assert (merged - empty).abs().max() > 0.1
+    assert torch.equal(uncond["context"], torch.cat([negative, empty], dim=1))
+
+
 def test_bad_values_are_refused():
     from sdlab.pipeline.request import resolve
     for options in (dict(s_min_uncond=-1.0), dict(skip_early_cond=1.5), dict(s_min_uncond=float("nan"))):

@@ -58,6 +58,7 @@ from sdlab.families import FamilySpec
 from sdlab.families.loaded import TextEncoder
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.tokenizer import BOS_TOKEN_ID, EOS_TOKEN_ID, CLIPTokenizer
+from sdlab.pipeline.prompt_loras import without_prompt_loras
 from sdlab.pipeline.prompt_schedule import PromptSchedule, prompt_schedule
 from sdlab.pipeline.request import EMPHASIS_MODES
 from sdlab.pipeline.prompt_syntax import (
@@ -552,8 +553,10 @@ def make_cond(
 def empty_prompt_context(encoders: Sequence[TextEncoder]) -> Tensor:
     """The context of "" (1, 77, D) that A1111's Pad conds pads with: its ``cond_stage_model_empty_prompt``, which
     A1111 encodes once, as it loads the model, at the clip skip then set: its default, 1 (the family's own layer),
-    whatever clip skip a request draws with ("" weighs no word, so the emphasis mode does not matter)."""
-    return _encode_each(encoders, [("", 1)], emphasis=True, with_pooled=False)[0].context
+    whatever clip skip a request draws with ("" weighs no word, so the emphasis mode does not matter), and with no
+    extra network active: the model's own weights, whatever LoRAs a prompt has merged (`without_prompt_loras`)."""
+    with without_prompt_loras(encoder.model for encoder in encoders):
+        return _encode_each(encoders, [("", 1)], emphasis=True, with_pooled=False)[0].context
 
 
 def pad_cond_uncond(

@@ -419,6 +419,20 @@ class LoraPatcher:
             self._applied = None
 
     @contextlib.contextmanager
+    def own_weights(self, params: set[nn.Parameter]) -> Iterator[None]:
+        """The layers' own tensors back in those of `params` the applied set changed, for the block; the set's
+        tensors again after it."""
+        with self.lock:
+            merged = {param: param.data for param in self._originals if param in params}
+            for param in merged:
+                param.data = self._originals[param]
+            try:
+                yield
+            finally:
+                for param, tensor in merged.items():
+                    param.data = tensor
+
+    @contextlib.contextmanager
     def using(self, uses: Sequence[LoraUse]) -> Iterator[None]:
         """The set `uses` (none: the model's own weights) in the layers for the block, the model's own weights
         after it (even on error). The block holds the lock: another thread's `using` waits for it to end."""
@@ -432,6 +446,19 @@ class LoraPatcher:
 
 _PATCHERS: weakref.WeakKeyDictionary[nn.Module, LoraPatcher] = weakref.WeakKeyDictionary()
 _PATCHERS_LOCK = threading.Lock()          # two threads' first runs on a bundle get the same patcher
+
+
+@contextlib.contextmanager
+def without_prompt_loras(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """The modules' own weights for the block where a prompt's LoRAs are merged into them (`LoraPatcher.own_weights`
+    of the patchers that changed them), the LoRAs back after it."""
+    params = {param for module in modules for param in module.parameters()}
+    with _PATCHERS_LOCK:
+        patchers = [patcher for patcher in _PATCHERS.values() if not params.isdisjoint(patcher._originals)]
+    with contextlib.ExitStack() as stack:
+        for patcher in patchers:
+            stack.enter_context(patcher.own_weights(params))
+        yield
 
 
 def patcher_for(bundle) -> LoraPatcher:
