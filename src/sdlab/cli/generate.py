@@ -357,6 +357,17 @@ def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
     return parsed
 
 
+# GenerationRequest fields whose flag has the same name (a flag a subcommand lacks reads None: not given)
+_FIELDS_NAMED_AS_FLAGS = (
+    "subseed", "subseed_strength", "tiling", "strength", "resize_mode", "mask_blur", "invert_mask", "mask_round",
+    "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0",
+    "emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr",
+    "s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
+    "discard_penultimate_sigma", "init_noise", "quantize_timesteps",
+    "beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight",
+)
+
+
 def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = None,
                        with_preset: bool = True) -> dict[str, Any]:
     """GenerationRequest keyword arguments: the PNG's parameters, then --preset's settings (its name checked;
@@ -400,36 +411,19 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "schedule": args.schedule,
         "steps": args.steps,
         "cfg_scale": args.cfg,
-        **{name: getattr(args, name, None) for name in ("s_min_uncond", "s_min_uncond_all", "skip_early_cond",
-                                                        "pad_cond_uncond", "pad_cond_uncond_v0")},
         "seed": args.seed,
-        "subseed": getattr(args, "subseed", None),
-        "subseed_strength": getattr(args, "subseed_strength", None),
         "rng": args.rng and args.rng.upper(),
         **_seed_resize_options(args.seed_resize_from),
         "width": args.width,
         "height": args.height,
         "batch_size": args.batch,
         "clip_skip": args.clip_skip,
-        **{name: getattr(args, name, None) for name in ("emphasis", "old_prompt_editing", "downcast_alphas_cumprod",
-                                                        "zero_terminal_snr")},
-        "tiling": getattr(args, "tiling", None),
         "eta": args.eta,
-        **{name: getattr(args, name, None) for name in ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min",
-                                                        "schedule_sigma_max", "schedule_rho",
-                                                        "discard_penultimate_sigma")},
-        **{name: getattr(args, name, None) for name in ("init_noise", "quantize_timesteps")},
-        **{name: getattr(args, name, None) for name in ("beta_alpha", "beta_beta", "sgm_noise_multiplier",
-                                                        "extra_noise", "inpainting_mask_weight")},
         "eta_noise_seed_delta": getattr(args, "ensd", None),
-        "strength": getattr(args, "strength", None),
-        "resize_mode": getattr(args, "resize_mode", None),
-        "mask_blur": getattr(args, "mask_blur", None),
-        "invert_mask": getattr(args, "invert_mask", None),
-        "mask_round": getattr(args, "mask_round", None),
         "inpaint_fill": masked_content and masked_content.replace("-", " "),
         "inpaint_only_masked": getattr(args, "only_masked", None),
         "inpaint_padding": padding,
+        **{name: getattr(args, name, None) for name in _FIELDS_NAMED_AS_FLAGS},
     }
     options.update({k: v for k, v in given.items() if v is not None})
     if given["mask_blur"] is not None:               # --mask-blur blurs both ways: not a --from-png picture's y
