@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -145,3 +146,23 @@ def test_a_model_file_error_of_the_run_itself_is_not_blamed_on_the_hires_upscale
     request = GenerationRequest(prompt=PROMPT, hr_scale=2, hr_upscaler="tinyx2")
     with pytest.raises(CheckpointError, match="other.safetensors"):
         _run_with_upscaler(FailingPipe(), request, upscaler, progress=lambda info: None)
+
+
+def test_the_upscalers_list_gives_each_files_network_scale(tmp_path):
+    """`/sdapi/v1/upscalers` gives a model file the scale of the network it holds (A1111's `upscaler.scale`: its
+    R-ESRGAN 2x+ lists 2), read from its names and shapes as the upscaler loader reads them; none for a file that
+    is not an upscaler, and A1111's default 4 for the plain resizes."""
+    from types import SimpleNamespace
+
+    from sdlab.server.a1111 import upscalers
+    from test_upscale_models import old_arch_state
+
+    for scale in (1, 2, 4):
+        save_file(new_arch_state(scale), str(tmp_path / f"RealESRGAN_x{scale}plus.safetensors"))
+    torch.save(old_arch_state(4), tmp_path / "ESRGAN_4x.pth")
+    (tmp_path / "broken.pth").write_bytes(b"not a pickle")
+    service = SimpleNamespace(upscalers=ModelFolder(tmp_path, UPSCALER_SUFFIXES, hashed=False))
+    rows = upscalers(SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(service=service))))
+    assert {row["name"]: row["scale"] for row in rows} == {
+        "None": 4, "Lanczos": 4, "Nearest": 4, "ESRGAN_4x": 4, "broken": None,
+        "R-ESRGAN 2x+": 2, "R-ESRGAN 4x+": 4, "RealESRGAN_x1plus": 1}

@@ -28,6 +28,7 @@ import os
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -38,6 +39,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidatorFunctionWrapHandle
 from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
+from sdlab.checkpoints.upscaler import read_upscaler
 from sdlab.diffusion.samplers import SAMPLER_TABLE, SAMPLERS, a1111_schedule, comfyui_spelling
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
@@ -853,12 +855,22 @@ def sd_vae() -> list[dict[str, Any]]:
 
 @router.get("/upscalers")
 def upscalers(request: Request) -> list[dict[str, Any]]:
-    """The plain resizes, then the `--upscalers-dir` model files by stem: the names the hires fix's
-    `hr_upscaler` (beside the latent modes) and `/extra-single-image`'s `upscaler_1` take."""
+    """The plain resizes (A1111's default scale, 4), then the `--upscalers-dir` model files by stem with their
+    network's scale: the names the hires fix's `hr_upscaler` (beside the latent modes) and
+    `/extra-single-image`'s `upscaler_1` take."""
     rows = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
             for name in PLAIN_UPSCALER_NAMES]
-    return rows + [{"name": f.title, "model_name": f.title, "model_path": str(f.path), "model_url": None, "scale": 4}
-                   for f in service_of(request).upscalers.files]
+    return rows + [{"name": f.title, "model_name": f.title, "model_path": str(f.path), "model_url": None,
+                    "scale": _upscaler_scale(f.path)} for f in service_of(request).upscalers.files]
+
+
+def _upscaler_scale(path: Path) -> int | None:
+    """The scale of the network an upscaler file describes (`read_upscaler`: from its names and shapes), None
+    for a file that is not one it can read."""
+    try:
+        return read_upscaler(path).config.scale
+    except (CheckpointError, OSError):
+        return None
 
 
 class ExtrasIn(NullsAreDefaults):
