@@ -517,3 +517,15 @@ def test_a_stopped_refined_run_is_decoded_and_labelled_by_the_model_drawing_at_t
         assert len(seen) == step + 1 and stopped.value.result.refined == (drawing is refiner)
         decoded = tensor_to_pil(decode_latents(drawing, seen[-1]))
         assert _pixels(stopped.value.result.images).tolist() == _pixels(decoded).tolist()
+
+
+def test_mask_round_off_is_recorded_only_where_it_kept_a_soft_level(bundles):
+    """mask_round off (A1111's option, sdlab's `Mask round: False`) changes nothing for a mask with no level between 0
+    and 1, pixel or latent (a hard mask, no blur, diffusers' nearest latent mask): the result records it on, so no
+    label; a blurred mask keeps soft levels, draws otherwise, and records it off."""
+    inpaint = dict(steps=3, init_image=_picture(), mask_image=_mask(), strength=0.8, img2img_convention="diffusers")
+    for blur, changed in ((0, False), (4, True)):
+        rounded = generate(bundles["sd1"], _request(**inpaint, mask_blur=blur))
+        soft = generate(bundles["sd1"], _request(**inpaint, mask_blur=blur, mask_round=False))
+        assert (np.abs(_pixels(soft.images) - _pixels(rounded.images)).max() > 0) == changed
+        assert soft.request.mask_round is not changed and rounded.request.mask_round

@@ -457,6 +457,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
         if plan.mask is not None:        # repaint where the blurred mask is >= 1/2 (pipeline/overlay.py)
             mask = (plan.mask >= 0.5 if req.mask_round else plan.mask).to(torch.float32).to(device)
             small_mask = _latent_repaint(bundle, plan, mask)                                 # (1, 1, h, w)
+            if not req.mask_round and (_soft(mask) or _soft(small_mask)):    # levels rounding would have changed
+                took_effect("mask_round")
     from_noise = image_latent is None and (pixels is None or (
         mask is not None and req.strength == 1.0 and req.img2img_convention not in UI_IMG2IMG))
     blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
@@ -481,6 +483,11 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
             x = x * math.sqrt((1.0 + float(sigmas[0]) ** 2) / (1.0 + plan.noised_at ** 2))
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, latent_mask=small_mask,
                   from_noise=from_noise)
+
+
+def _soft(mask: Tensor) -> bool:
+    """Whether `mask` has a level between 0 and 1."""
+    return bool(((mask > 0) & (mask < 1)).any())
 
 
 def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> Tensor:

@@ -327,7 +327,8 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
     an inverted mask, Mask blur when it blurs (A1111 writes it only when x and y are equal: sdlab writes its own
     Mask blur x / y otherwise), Masked content unless it is "original", Inpaint area "Only masked" with its
     Masked area padding (A1111 writes no "Whole picture" and no resize mode); sdlab's Mask round: False for
-    A1111's mask_round off, which changes the picture of a soft mask and has no A1111 label."""
+    A1111's mask_round off, which changes the picture of a soft mask (and is on as drawn for another: `OFF_UNLESS_DRAWN`)
+    and has no A1111 label."""
     if req.mask_image is None:
         return {}
     uneven = req.mask_blur_y is not None and req.mask_blur_y != req.mask_blur
