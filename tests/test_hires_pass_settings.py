@@ -301,3 +301,14 @@ def test_the_second_pass_counts_the_first_pass_by_the_first_samplers_calls(pipe8
                                            hr_scale=1.5, hr_upscaler="Latent", hr_steps=3, hr_denoise=0.6))
     second = second_pass_request(plan.request, pipe8.bundle.vae_config.downsample_factor)
     assert prompt_schedule_steps(second) == a1111_hr_prompt_steps(sampler, 4, hr_sampler or sampler, 3)
+
+
+def test_a_hires_prompt_equal_to_the_prompt_but_for_comments_is_the_prompt(pipe8: Pipeline):
+    """A1111's comments script strips `hr_prompt` / `hr_negative_prompt` before `init` compares them with the prompts
+    for the Hires prompt / Hires negative prompt labels: the same text but for its comments is no hires prompt."""
+    plan = pipe8.resolve(GenerationRequest("a cat # first", "ugly\n# a line", steps=2, hr_scale=1.5,
+                                           hr_upscaler="Latent", hr_prompt="a cat # second",
+                                           hr_negative_prompt="ugly\n# another line"))
+    assert (plan.request.hr_prompt, plan.request.hr_negative_prompt) == ("", "")
+    labels = to_parameters(plan.request)
+    assert labels["Hires prompt"] is None and labels["Hires negative prompt"] is None
