@@ -340,3 +340,47 @@ def test_the_server_holds_no_merged_tensors_or_lora_files_between_jobs(model, tm
         assert patcher._cached is None and not patcher.applied and not prompt_loras._FILE_CACHE
     finally:
         service.store.close()
+
+
+def test_the_hires_prompts_loras_and_embeddings_are_in_the_hashes(model, tmp_path, capsys):
+    """A1111 activates the hires prompt's extra networks for the second pass and keeps one `lora_hashes` dict
+    over both passes (`extra_networks_lora.activate`: reset only outside the hires pass), and its text encoder
+    adds the embeddings of every prompt it encodes, the hires prompts' too, to `TI hashes`. A LoRA or an
+    embedding only the hires prompt or hires negative prompt names is recorded after the prompt's."""
+    from sdlab.pipeline.png_info import embedding_hash
+
+    folder = tmp_path / "loras"
+    base = _write_lora(folder / "base.safetensors", seed=1)
+    late = _write_lora(folder / "late.safetensors", seed=2)
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    width = sdlab.load(model).bundle.text_encoders[0].config.width
+    ink = embeddings / "zqink.pt"
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.randn(1, width) * 0.1},
+                "name": "zqink"}, ink)
+    out = tmp_path / "hires.png"
+    code, err = _run(["txt2img", "a cat <lora:base:0.5>", "--model", str(model), "--lora-dir", str(folder),
+                      "--embeddings-dir", str(embeddings), *FAST, "--hr-scale", "1.5", "--hr-steps", "1",
+                      "--hr-prompt", "a dog <lora:late:0.4> <lora:base:0.5>", "--hr-negative-prompt", "zqink",
+                      "--out", str(out)], capsys)
+    assert code == 0, err
+    params = parse_parameters(read_parameters(out))
+    assert params["Lora hashes"] == f"base: {lora_hash(base)}, late: {lora_hash(late)}"
+    assert params["TI hashes"] == f"zqink: {embedding_hash(ink)}"
+    assert params["Prompt"] == "a cat <lora:base:0.5>"
+
+
+def test_the_server_names_the_hires_prompts_loras_when_the_job_is_submitted(model, tmp_path):
+    """As `sdlab txt2img`: the hires prompt's tags are found and hashed with the prompt's, for `Lora hashes`."""
+    from sdlab.pipeline.infotext import LoraRef
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec
+
+    service, served = _service(model, tmp_path)
+    try:
+        request = GenerationRequest("a cat", sampler="Euler", hr_scale=1.5, hr_prompt="a dog <lora:style:0.4>",
+                                    **OPTIONS)
+        job, _ = service.submit(JobSpec(request), "txt2img", None)
+        assert job.spec.tag_loras == () and job.spec.hires_tag_loras == (LoraRef("style", 0.4, lora_hash(served)),)
+    finally:
+        service.store.close()

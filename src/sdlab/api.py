@@ -90,11 +90,12 @@ class Pipeline:
                         refiner_convention, self.lora_dirs, self._find_lora)
 
     def embeddings_used(self, request: GenerationRequest) -> list[Embedding]:
-        """The installed embeddings whose words occur in the text encoded for the request: the prompt without
-        its `<lora:...>` tags (A1111 takes them out before encoding) and the negative prompt (whose tags
-        stay text)."""
-        encoded_prompt, _ = split_prompt_loras(request.prompt)
-        return embeddings_used(self.bundle, self.embeddings, encoded_prompt, request.negative_prompt)
+        """The installed embeddings whose words occur in the text encoded for the request: the prompt and the
+        hires prompt without their `<lora:...>` tags (A1111 takes them out before encoding) and the negative
+        prompts (whose tags stay text)."""
+        hires = (request.hr_prompt, request.hr_negative_prompt) if request.hires else ("", "")
+        prompts = [split_prompt_loras(text)[0] for text in (request.prompt, hires[0])]
+        return embeddings_used(self.bundle, self.embeddings, *prompts, request.negative_prompt, hires[1])
 
     def find_lora(self, name: str) -> Path | None:
         """The file a `<lora:NAME:...>` tag names: the lookup the pipeline was made with (e.g. a server's own

@@ -908,8 +908,8 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None
 def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.images import pad_for_outpaint
-    from sdlab.pipeline.infotext import parse_lora_hashes, to_parameters
-    from sdlab.pipeline.png_info import embedding_hash, format_parameters
+    from sdlab.pipeline.infotext import hires_tag_refs, parse_lora_hashes, to_parameters
+    from sdlab.pipeline.png_info import embedding_hash, format_parameters, lora_hash
     from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError, check_batch_seeds, next_batch
 
     target = _output_target(args.out)                         # a bad --out is refused before any work
@@ -987,12 +987,14 @@ def run_generate(args: argparse.Namespace) -> int:
             bar.close()
 
     used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(plan.request)]
+    hires_refs = hires_tag_refs(plan.request, pipe.find_lora, lora_hash)
     images, texts = [], []
     for result in results:
         images += result.images
         texts += [format_parameters(to_parameters(result.request, index=i, model_name=name, model_hash=hash_,
                                                   loras=lora_refs, prompt=prompt_to_record, embeddings=used,
-                                                  refiner=refiner if result.refined else None, vae=vae))
+                                                  refiner=refiner if result.refined else None, vae=vae,
+                                                  hires_loras=hires_refs))
                   for i in range(len(result.images))]
     in_folder = target[1] is None
     for path in _save_images(in_folder, paths, images, texts, plan.request.prompt, seeds):

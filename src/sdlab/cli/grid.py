@@ -180,8 +180,15 @@ def run_grid(args: argparse.Namespace) -> int:
         _resolve_loras, _standalone_vae,
     )
     from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_cells
-    from sdlab.pipeline.infotext import to_parameters
-    from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, image_format, write_files_all_or_nothing
+    from sdlab.pipeline.infotext import hires_tag_refs, to_parameters
+    from sdlab.pipeline.png_info import (
+        embedding_hash,
+        encode_image,
+        format_parameters,
+        image_format,
+        lora_hash,
+        write_files_all_or_nothing,
+    )
     from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 
     args.mode = "img2img" if args.init else "txt2img"
@@ -250,7 +257,8 @@ def run_grid(args: argparse.Namespace) -> int:
         texts[index] = [
             to_parameters(result.request, index=i, model_name=name, model_hash=hash_, loras=refs, prompt=to_record,
                           vae=vae, refiner=refiner if result.refined else None,
-                          embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)])
+                          embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)],
+                          hires_loras=hires_tag_refs(result.request, finder, lora_hash))
             for result in drawn[index] for i in range(len(result.images))]
 
     out = Path(args.out)

@@ -154,11 +154,24 @@ def tag_loras(prompt: str, merged: Mapping[str, float], find: Callable[[str], Pa
     tag a ValueError); its ref carries the hash `hash_of` gives the file found, one ref per name as A1111's
     `Lora hashes` (a name tagged twice is merged twice, at its last tag's weight)."""
     drawn, recorded = without_merged_tags(prompt, merged)
+    return drawn, recorded, tag_refs(drawn, find, hash_of)
+
+
+def tag_refs(prompt: str, find: Callable[[str], Path | None],
+             hash_of: Callable[[Path], str | None]) -> list[LoraRef]:
+    """The LoRAs `prompt`'s tags merge, one ref per name in the order first tagged, each file found by `find`
+    and hashed by `hash_of` (`resolve_prompt_loras`: a missing or unreadable one is a RequestError)."""
     refs: dict[str, LoraRef] = {}
-    for use in resolve_prompt_loras(drawn, find)[1]:
+    for use in resolve_prompt_loras(prompt, find)[1]:
         if use.name not in refs:
             refs[use.name] = LoraRef(use.name, use.te_weight, hash_of(use.path))
-    return drawn, recorded, list(refs.values())
+    return list(refs.values())
+
+
+def hires_tag_refs(req: GenerationRequest, find: Callable[[str], Path | None],
+                   hash_of: Callable[[Path], str | None]) -> list[LoraRef]:
+    """`tag_refs` of a hires request's hires prompt (the LoRAs its second pass merges), none without one."""
+    return tag_refs(req.hr_prompt, find, hash_of) if req.hires else []
 
 
 def with_lora_tags(prompt: str, loras: Sequence[LoraRef]) -> str:
@@ -188,7 +201,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
                   model_hash: str | None = None, loras: Sequence[LoraRef] = (),
                   prompt: str | None = None, embeddings: Sequence[tuple[str, str]] = (),
                   refiner: RefinerRef | None = None,
-                  vae: tuple[str, str | None] | None = None) -> dict[str, Any]:
+                  vae: tuple[str, str | None] | None = None,
+                  hires_loras: Sequence[LoraRef] = ()) -> dict[str, Any]:
     """The labelled parameters of image `index` of a resolved request (its seed is seed + index).
 
     `loras` are the LoRAs merged into the model: each gets a `<lora:NAME:WEIGHT>` tag in the prompt
@@ -197,7 +211,9 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
     `embeddings` are the (name, hash) of the textual-inversion embeddings the prompts use (`TI hashes`).
     `refiner` is the SDXL refiner that finished the schedule, written as A1111 writes it (`Refiner: name
     [hash]`, `Refiner switch at`) with the handoff rule (`Refiner steps`). `vae` is a standalone VAE that replaced the
-    model's: (file name, short hash), A1111's `VAE hash` and `VAE`.
+    model's: (file name, short hash), A1111's `VAE hash` and `VAE`. `hires_loras` are the LoRAs the hires prompt's
+    tags merge in the second pass (`tag_refs`): `Lora hashes` names those not in `loras` after them, as A1111's
+    `lora_hashes` gathers both passes' networks.
     """
     p: dict[str, Any] = {
         PROMPT: with_lora_tags(strip_comments(req.prompt if prompt is None else prompt), loras),
@@ -246,11 +262,18 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Refiner switch at": None if refiner is None else refiner.switch_at,
         "Refiner steps": None if refiner is None else refiner.convention,
         "Refiner switch by sampling steps": True if refiner and refiner.convention == "a1111_steps" else None,
-        "Lora hashes": format_hashes((ref.name, ref.hash) for ref in loras),
+        "Lora hashes": format_hashes(_both_passes(loras, hires_loras)),
         "TI hashes": format_hashes(embeddings),
         "Version": version_label(),
     }
     return p
+
+
+def _both_passes(loras: Sequence[LoraRef], hires_loras: Sequence[LoraRef]) -> list[tuple[str, str | None]]:
+    """(name, hash) of the first pass's LoRAs, then of the hires pass's not named yet (A1111's `p.lora_hashes`:
+    one entry a name, kept through the hires pass's `activate`)."""
+    named = {ref.name for ref in loras}
+    return [(ref.name, ref.hash) for ref in [*loras, *(ref for ref in hires_loras if ref.name not in named)]]
 
 
 def prompt_option_parameters(req: GenerationRequest) -> dict[str, Any]:

@@ -79,6 +79,7 @@ class JobSpec:
     refiner: RefinerChoice | None = None     # finishes the schedule (its name: the checkpoint's title once queued)
     prompt_to_record: str | None = None      # the prompt as written, LoRA tags included
     tag_loras: tuple[LoraRef, ...] = ()      # the LoRAs its tags merge, as the parameters name them
+    hires_tag_loras: tuple[LoraRef, ...] = ()   # the LoRAs the hires prompt's tags merge in the second pass
     extra: dict[str, Any] = field(default_factory=dict)   # route-specific data (A1111's echo)
     model_preset_fills: frozenset[str] = frozenset()      # the fields the model's preset fills (if it names
                                                           # one): unset by the client and by an explicit preset

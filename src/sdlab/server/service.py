@@ -9,7 +9,7 @@ from typing import Any
 
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.control import ControlInput
-from sdlab.pipeline.infotext import tag_loras
+from sdlab.pipeline.infotext import hires_tag_refs, tag_loras
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
@@ -104,6 +104,7 @@ class Service:
         try:
             drawn, to_record, tags = tag_loras(request.prompt, {c.name: c.weight for c in spec.loras}, tag_lora,
                                                hashes.get)
+            hires_tags = hires_tag_refs(request, tag_lora, hashes.get)
         except (ValueError, RequestError) as err:       # a bad tag, a file that is not a LoRA
             names = [(lora.path, lora.name) for lora in self.registry.loras]
             raise BadRequest(without_paths(str(err), names)) from None
@@ -118,7 +119,8 @@ class Service:
                                 model=self.host.loaded_bundle(checkpoint),
                                 upscaler=upscaler_file(request.hr_upscaler, self.upscalers),
                                 batch_count=spec.batch_count)
-        spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags))
+        spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),
+                       hires_tag_loras=tuple(hires_tags))
         settings = {"mode": mode, "model": checkpoint.title,
                     "loras": [{"name": c.name, "weight": c.weight} for c in spec.loras], **request.parameters()}
         if spec.batch_count > 1:

@@ -212,7 +212,8 @@ class Runner:
             return [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
                                                     model_hash=checkpoint.hash, loras=refs,
                                                     prompt=job.spec.prompt_to_record, embeddings=used,
-                                                    refiner=_refiner_ref(refiner, choice) if result.refined else None))
+                                                    refiner=_refiner_ref(refiner, choice) if result.refined else None,
+                                                    hires_loras=job.spec.hires_tag_loras))
                     for i in range(len(result.images))]
 
         try:
