@@ -392,6 +392,18 @@ def test_runs_that_take_no_step_are_refused(fields):
                                                         seed=1, **fields))
 
 
+@pytest.mark.parametrize("sampler, hr_steps", [("DDIM", 2), ("PLMS", 2), ("UniPC", 3)])
+def test_a_hires_pass_that_takes_no_step_is_refused_by_make_plan(sampler, hr_steps):
+    """A1111's hires pass samples on hr_steps - 1 timesteps whatever its denoise (`setup_img2img_steps` with steps
+    given): refused when the plan is made, before the first pass is drawn, naming hr_steps, not the strength."""
+    req = GenerationRequest(prompt="x", sampler="Euler", steps=4, seed=1, width=32, height=32, hr_scale=1.5,
+                            hr_denoise=0.5, hr_steps=hr_steps, hr_sampler=sampler, hr_schedule="ddim_uniform",
+                            hr_upscaler="Latent")
+    with pytest.raises(RequestError, match=r"raise hr_steps$"):
+        make_plan(tiny_bundle("sd1"), req)
+    make_plan(tiny_bundle("sd1"), replace(req, hr_steps=hr_steps + 1))
+
+
 # ---------------------------------------------------------------- the pipeline on the tiny SD1
 
 @pytest.fixture(scope="module")

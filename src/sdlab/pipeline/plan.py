@@ -43,6 +43,7 @@ from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_schedule import composable_parts, prompt_schedule
 from sdlab.pipeline.prompt_syntax import PromptError, is_break, strip_comments, weighted_runs
 from sdlab.pipeline.request import (
+    HIRES_IMG2IMG,
     SIZE_MULTIPLE,
     GenerationRequest,
     RequestError,
@@ -269,9 +270,8 @@ def request_sigmas(
     samplers step on its timesteps (`runs_a1111_timesteps`, `_a1111_timesteps_run`)."""
     img2img = req.init_image is not None if img2img is None else img2img
     if runs_a1111_timesteps(sampler, req.schedule):
-        timesteps, encoded = _a1111_timesteps_run(sampler, req, img2img)
-        sigmas = a1111_timestep_sigmas(sampling.schedule, timesteps, encoded=encoded, unipc=sampler.a1111 == "UniPC")
-        _check_a1111_timestep_steps(sampler, req, sigmas)
+        sigmas = _a1111_sigmas(sampling, sampler, req, img2img)
+        _check_a1111_timestep_steps(sampler, req, sigmas, img2img)
         return sigmas.to(device)
     options = dict(final=sampler.final_sigma, scheduler=sampler.spacing,  # a diffusers spacing: the sampler's
                    discard_penultimate=(sampler.discard_penultimate
@@ -308,14 +308,35 @@ def _a1111_timesteps_run(sampler: SamplerSpec, req: GenerationRequest, img2img: 
     return steps + also_discards(sampler, req.discard_penultimate_sigma), encoded
 
 
-def _check_a1111_timestep_steps(sampler: SamplerSpec, req: GenerationRequest, sigmas: Tensor) -> None:
+def _a1111_sigmas(sampling: ModelSampling, sampler: SamplerSpec, req: GenerationRequest, img2img: bool) -> Tensor:
+    """The sigmas A1111's timestep sampler `sampler` (`runs_a1111_timesteps`) visits for a resolved request."""
+    timesteps, encoded = _a1111_timesteps_run(sampler, req, img2img)
+    return a1111_timestep_sigmas(sampling.schedule, timesteps, encoded=encoded, unipc=sampler.a1111 == "UniPC")
+
+
+def _check_a1111_timestep_steps(sampler: SamplerSpec, req: GenerationRequest, sigmas: Tensor, img2img: bool,
+                                field: str = "steps") -> None:
     """A RequestError where A1111's timestep sampler takes no step on `sigmas` (one timestep: its loop runs
-    `len(timesteps) - 1` times), or its UniPC fewer than its order, 3 (A1111's fails there)."""
+    `len(timesteps) - 1` times), or its UniPC fewer than its order, 3 (A1111's fails there); it names `field`, the
+    request's steps (`hr_steps` for a hires second pass), and the strength where a higher one runs more steps."""
     steps, needed = len(sigmas) - 1, 3 if sampler.a1111 == "UniPC" else 1
     if steps < needed:
-        what = f"{req.steps} steps at strength {req.strength}" if req.init_image is not None else f"{req.steps} steps"
+        convention = req.img2img_convention
+        strength_acts = img2img and steps_run(req.steps, 1.0, convention)[1] > steps_run(req.steps, req.strength,
+                                                                                           convention)[1]
+        what = f"{field} {req.steps}" + (f" at strength {req.strength}" if strength_acts else "")
         raise RequestError(f"A1111's {sampler.a1111} at {what} takes {steps} step(s) on its timesteps, fewer than "
-                           f"{needed}: raise the steps (or the strength)")
+                           f"{needed}: raise {field}" + (" (or the strength)" if strength_acts else ""))
+
+
+def _check_second_pass_steps(sampling: ModelSampling, req: GenerationRequest) -> None:
+    """`_check_a1111_timestep_steps` for the second pass of a resolved hires request (`hires.second_pass_request`:
+    `hr_steps` or the first pass's steps, A1111's hires img2img steps), before the first pass is drawn."""
+    sampler = get_sampler(req.hr_sampler or req.sampler)
+    second = replace(req, steps=req.hr_steps or req.steps, strength=req.hr_denoise,
+                     schedule=req.hr_schedule or req.schedule, img2img_convention=HIRES_IMG2IMG)
+    if runs_a1111_timesteps(sampler, second.schedule):
+        _check_a1111_timestep_steps(sampler, second, _a1111_sigmas(sampling, sampler, second, True), True, "hr_steps")
 
 
 def _a1111_noised_at(sampling: ModelSampling, sampler: SamplerSpec, req: GenerationRequest,
@@ -478,6 +499,8 @@ def make_plan(
     sampling = request_sampling(bundle.model_sampling, req)
     img2img = from_latent or req.init_image is not None
     sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=img2img, steps_offset=bundle.steps_offset)
+    if req.hires:
+        _check_second_pass_steps(sampling, req)
     factor = bundle.vae_config.downsample_factor
     shape = (req.batch_size, bundle.unet_config.out_channels, req.height // factor, req.width // factor)
     pictures = init_pictures(req)
