@@ -465,3 +465,37 @@ def test_img2img_is_noised_a_timestep_above_the_first_sampled_as_a1111s_sample_i
     reference = unipc(model, xi, sched, alphas_cumprod, True) if sampler == "UniPC" else A1111[sampler](
         model, xi, sched, alphas_cumprod)
     assert _close(sample_latents(sd1, plan), reference)
+
+
+def _a1111_base_calls(calls: int, total_steps: int, switch_at: float) -> int:
+    """A1111's `apply_refiner` by sampling steps (sd_samplers_common.py): call `step` (from 0) switches once
+    `step / total_steps` is not below the switch; the base's calls before it (all of them where none does)."""
+    return next((step for step in range(calls) if not step / total_steps < switch_at), calls)
+
+
+@pytest.mark.parametrize("sampler, fields, switch_at, total_steps, calls", [
+    ("DDIM", dict(steps=20), 0.26, 20, 19),                                   # txt2img: launch_sampling(steps)
+    ("PLMS", dict(steps=20), 0.26, 20, 20),                                   # PLMS's first step: two calls
+    ("UniPC", dict(steps=10), 0.45, 10, 9),
+    ("DDIM", dict(steps=20, strength=0.5), 0.3, 11, 9),                       # img2img: launch_sampling(t_enc + 1)
+    ("DDIM", dict(steps=20, strength=0.5), 0.5, 11, 9),
+    ("DDIM", dict(steps=20, strength=0.5), 0.8, 11, 9),                       # 8 / 11 < 0.8: no swap
+    ("DDIM", dict(steps=20, strength=0.75), 0.8, 16, 14),
+])
+def test_the_refiner_switch_by_sampling_steps_counts_a1111s_total_steps(sampler, fields, switch_at, total_steps,
+                                                                          calls):
+    """The base takes the calls A1111's switch by sampling steps leaves it: it counts them against
+    `launch_sampling`'s total_steps, the steps (txt2img) or t_enc + 1 (img2img), not the calls the sampler makes."""
+    from sdlab.pipeline.generate import _a1111_switch
+    if "strength" in fields:
+        fields = dict(fields, init_image=init_picture(32), img2img_convention="a1111")
+    bundle = tiny_bundle("sd1")
+    plan = make_plan(bundle, GenerationRequest(prompt="x", sampler=sampler, schedule="ddim_uniform", width=32,
+                                               height=32, seed=1, **fields),
+                     refiner=bundle, switch_at=switch_at, refiner_convention="a1111_steps")
+    assert plan.a1111_total_steps == total_steps
+    expected = _a1111_base_calls(calls, total_steps, switch_at)
+    switches = _a1111_switch(plan)
+    assert next((call for call in range(calls) if switches(call, plan.sigmas[:1])), calls) == expected
+    extra = sampler == "PLMS"                                          # the split counts steps: PLMS's first has two
+    assert plan.refiner_split == (plan.steps_run if expected == calls else max(expected - extra, 0))

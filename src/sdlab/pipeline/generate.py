@@ -81,7 +81,7 @@ from sdlab.diffusion.guidance import (
 )
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, per_image_noise
-from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler, runs_a1111_timesteps
+from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
 from sdlab.models.generation_memo import reusing_generation_work
@@ -405,7 +405,7 @@ def _a1111_switch(plan: GenerationPlan) -> Callable[[int, Tensor], bool]:
     switch, A1111's ``total_steps`` counting two calls a step for its second-order samplers (``calls_per_step``)."""
     switch_at = plan.refiner_switch_at
     if plan.refiner_convention == "a1111_steps":
-        total = (len(plan.sigmas) - 1) * plan.sampler.calls_per_step
+        total = plan.a1111_total_steps
         return lambda call, sigma: call / total >= switch_at
     training = a1111_training_sigmas(plan.sampling)                          # (T,)
     return lambda call, sigma: bool(a1111_switches(sigma.flatten()[:1], training, switch_at)[0])
@@ -720,11 +720,8 @@ def _skipping_uncond(plan: GenerationPlan, model: DenoiseFn, first_call: int) ->
         return model
     timesteps = plan.sampler.a1111 in A1111_TIMESTEP_SAMPLERS
     level = (lambda sigma: round(float(plan.sampling.sigma_to_t(sigma)[0]), 3)) if timesteps else None
-    total = (len(plan.sigmas) - 1) * plan.sampler.calls_per_step
-    if runs_a1111_timesteps(plan.sampler, req.schedule):    # `launch_sampling(steps)`, img2img's `(t_enc + 1)`
-        total = req.steps if plan.noised_at is None else len(plan.sigmas) + 1
-    return skipping_uncond(model, a1111_skips(total, req.skip_early_cond, req.s_min_uncond, req.s_min_uncond_all,
-                                              level), first_call)
+    return skipping_uncond(model, a1111_skips(plan.a1111_total_steps, req.skip_early_cond, req.s_min_uncond,
+                                              req.s_min_uncond_all, level), first_call)
 
 
 def _with_latent_blend(model: DenoiseFn, bundle: ModelBundle, sampling: ModelSampling, req: GenerationRequest,

@@ -119,6 +119,30 @@ class GenerationPlan:
         """Sampler steps this run takes (fewer than `request.steps` for img2img)."""
         return len(self.sigmas) - 1
 
+    @property
+    def a1111_total_steps(self) -> int:
+        """A1111's `total_steps` over this run (`a1111_total_steps`)."""
+        img2img = self.from_latent or self.request.init_image is not None
+        return a1111_total_steps(self.sampler, self.request, self.sigmas, img2img)
+
+
+def a1111_total_steps(sampler: SamplerSpec, req: GenerationRequest, sigmas: Tensor, img2img: bool) -> int:
+    """A1111's `total_steps` (`launch_sampling`) over a run on `sigmas`, which its Skip Early CFG and refiner switch by
+    sampling steps count model calls against: the steps, `calls_per_step` a step; its timestep samplers'
+    (`runs_a1111_timesteps`, one call fewer than their timesteps) the request's steps, an img2img's t_enc + 1."""
+    if not runs_a1111_timesteps(sampler, req.schedule):
+        return (len(sigmas) - 1) * sampler.calls_per_step
+    _, encoded = _a1111_timesteps_run(sampler, req, img2img)
+    return req.steps if encoded is None else encoded + 1
+
+
+def _calls_before(sampler: SamplerSpec | None, step: int) -> int:
+    """Model calls a run makes before its step `step`: `calls_per_step` a step, PLMS's first step two (its
+    improved-Euler start); one a step without a `sampler`."""
+    if sampler is None:
+        return step
+    return step * sampler.calls_per_step + (sampler.a1111 == "PLMS" and step > 0)
+
 
 def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, which: str = "") -> None:
     """The checks that need the model: clip skip within its text encoders' layers, memory."""
@@ -375,7 +399,8 @@ def _without_unusable_schedule_options(sampling: ModelSampling, req: GenerationR
     return replace(req, downcast_alphas_cumprod=False, zero_terminal_snr=False)
 
 
-def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, convention: str = "diffusers") -> int:
+def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, convention: str = "diffusers", *,
+                  sampler: SamplerSpec | None = None, total_steps: int | None = None) -> int:
     """How many steps of `sigmas` the base model takes before the refiner takes over at ``sigmas[index]``,
     by `convention` (`REFINER_CONVENTIONS`).
 
@@ -390,16 +415,19 @@ def handoff_index(sigmas: Tensor, sampling: ModelSampling, switch_at: float, con
     ``(T - 1 - t) / T >= switch_at``, in float32 as A1111 computes it (`_a1111_handoff`). A second-order
     sampler's call inside a step never switches here: that step ends on the base.
     "a1111_steps": ``apply_refiner`` switching by sampling steps (A1111 before 1.8 always, later with its
-    ``refiner_switch_by_sample_steps`` option): the first step whose share of the steps run, ``step / steps``, is
-    not below `switch_at`. A1111 counts a second-order sampler's calls over twice the steps, so its handoff falls
-    on that step's first call or on the second call of the step before (`generate._a1111_switch`).
+    ``refiner_switch_by_sample_steps`` option): the first step whose first model call's share of A1111's
+    `total_steps` (`a1111_total_steps`; the steps run when not given), ``calls / total_steps``, is not below
+    `switch_at`, counting `sampler`'s calls (`_calls_before`). A1111 counts a second-order sampler's calls over twice
+    the steps, so its handoff falls on that step's first call or on the second call of the step before
+    (`generate._a1111_switch`).
     `sampling` is a `ModelSampling` (or a `NoiseSchedule`); `switch_at` lies strictly between 0 and 1.
     """
     if convention == "a1111":
         return _a1111_handoff(sigmas, sampling, switch_at)
     if convention == "a1111_steps":
         steps = len(sigmas) - 1
-        return next((step for step in range(steps) if step / steps >= switch_at), steps)
+        total = total_steps or steps
+        return next((step for step in range(steps) if _calls_before(sampler, step) / total >= switch_at), steps)
     cutoff = round(sampling.num_timesteps * (1.0 - float(switch_at)))
     steps = sigmas[:-1].to(torch.float64).cpu()                                 # each step's starting sigma
     timesteps = sampling.sigma_to_t(steps)                                      # (steps,)
@@ -508,7 +536,8 @@ def make_plan(
         req = replace(req, mask_image=None)
     split = refiner_sampling = None
     if refiner is not None:
-        split = handoff_index(sigmas, sampling, switch_at, refiner_convention)
+        split = handoff_index(sigmas, sampling, switch_at, refiner_convention, sampler=sampler,
+                              total_steps=a1111_total_steps(sampler, req, sigmas, img2img))
         refiner_sampling = request_sampling(refiner.model_sampling, req)
     return GenerationPlan(request=req, sampler=sampler, sampling=sampling, sigmas=sigmas, latent_shape=shape,
                           pictures=pictures, refiner_split=split, refiner_sampling=refiner_sampling,
