@@ -8,7 +8,8 @@ import torch
 from sdlab.diffusion.discretization import get_discretization
 from sdlab.diffusion.noise import generators_for, per_image_noise
 from sdlab.diffusion.samplers import (
-    SAMPLER_TABLE, SAMPLERS, UnknownSamplerError, get_sampler, sampler_names, steps_warning,
+    A1111_TIMESTEP_SCHEDULE, SAMPLER_TABLE, SAMPLERS, UnknownSamplerError, get_sampler, runs_a1111_timesteps,
+    sampler_names, steps_warning,
 )
 from sdlab.diffusion.schedules import NoiseSchedule
 from sdlab.diffusion.steps import ancestral_step
@@ -23,7 +24,7 @@ COMFY_NAMES = [
 ]
 
 
-SAME_WORD = {"ddim", "lcm"}
+SAME_WORD = {"ddim", "lcm", "plms"}
 """Words A1111 and ComfyUI both use, for two samplers: the exact spelling picks, any other case is A1111's."""
 
 
@@ -45,6 +46,15 @@ def test_a1111_and_comfyui_ddim_are_two_samplers() -> None:
     assert get_sampler("Ddim") is a1111 and get_sampler(" ddim ") is comfy
 
 
+def test_only_a1111s_spelling_of_plms_runs_its_timesteps() -> None:
+    """"PLMS" (any case but "plms") is A1111's, on its timesteps on ddim_uniform; "plms", written as ComfyUI writes
+    its names, runs under ComfyUI's conventions on that schedule's sigmas."""
+    a1111, comfy = get_sampler("PLMS"), get_sampler("plms")
+    assert runs_a1111_timesteps(a1111, A1111_TIMESTEP_SCHEDULE) and get_sampler("Plms") is a1111
+    assert not runs_a1111_timesteps(comfy, A1111_TIMESTEP_SCHEDULE) and comfy.name == "plms"
+    assert comfy.fn is a1111.fn
+
+
 def test_aliases_point_at_the_same_sampler() -> None:
     assert get_sampler("euler_ancestral") is get_sampler("Euler a")
     assert get_sampler("dpmpp_2m") is get_sampler("DPM++ 2M")
@@ -54,15 +64,15 @@ def test_aliases_point_at_the_same_sampler() -> None:
 
 
 def test_one_row_per_sampler_and_one_name_per_row() -> None:
-    # no name in two rows ("Euler" and "euler" fold together within one row) but A1111's and ComfyUI's DDIM, LCM
+    # no name in two rows ("Euler" and "euler" fold together within one row) but A1111's and ComfyUI's DDIM, LCM, PLMS
     names = [name for spec in SAMPLER_TABLE for name in {n.casefold() for n in (spec.a1111, spec.comfy) if n}]
     assert sorted(name for name in set(names) if names.count(name) > 1) == sorted(SAME_WORD)
     rows_of: dict[int, list] = {}
     for spec in SAMPLER_TABLE:
         rows_of.setdefault(id(spec.fn), []).append(spec)
     for rows in rows_of.values():   # a function in two rows only where they run it on other sigmas or options
-        assert len({(row.discard_penultimate, row.final_sigma, row.spacing, row.wants_sigma_to_t)
-                    for row in rows}) == len(rows)
+        assert len({(row.discard_penultimate, row.final_sigma, row.spacing, row.wants_sigma_to_t,
+                     runs_a1111_timesteps(row, A1111_TIMESTEP_SCHEDULE)) for row in rows}) == len(rows)
     assert [spec.name for spec in SAMPLER_TABLE if spec.a1111] == list(SAMPLERS)
     assert all(get_sampler(spec.name) is spec for spec in SAMPLER_TABLE)
 

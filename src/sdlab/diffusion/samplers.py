@@ -4,12 +4,13 @@ Names are AUTOMATIC1111's display names ("Euler a", "DPM++ 2M") and ComfyUI's sn
 ("euler_ancestral", "dpmpp_2m"); ``get_sampler`` looks either up, ignoring case and surrounding space,
 and raises ``UnknownSamplerError`` (a ValueError that lists the valid names) for any other. Where the two
 programs give one word to two samplers, the exact spelling decides: "DDIM" is A1111's DDIM, "ddim" ComfyUI's
-(Euler on the plain sigmas), "LCM" diffusers' LCMScheduler, "lcm" ComfyUI's (no boundary scalings); any
-other case is A1111's. ComfyUI's ``_gpu`` names (``dpmpp_sde_gpu``,
-``dpmpp_2m_sde_gpu``, ``dpmpp_2m_sde_heun_gpu``, ``dpmpp_3m_sde_gpu``) are aliases of the plain ones: they
-differ only in the device ComfyUI draws the Brownian tree on, and sdlab draws every SDE sampler's on the CPU
-(``BrownianTreeNoise``, one tree per image seed, as ComfyUI's plain names), so a seed draws one picture on any
-device whichever name runs it. Each row (``SamplerSpec``) says
+(Euler on the plain sigmas), "LCM" diffusers' LCMScheduler, "lcm" ComfyUI's (no boundary scalings), "PLMS"
+A1111's PLMS (its timesteps on ``ddim_uniform``: ``runs_a1111_timesteps``), "plms" the same loop under ComfyUI's
+conventions (on ``ddim_uniform`` too, that schedule's sigmas); any other case is A1111's. ComfyUI's ``_gpu``
+names (``dpmpp_sde_gpu``, ``dpmpp_2m_sde_gpu``, ``dpmpp_2m_sde_heun_gpu``, ``dpmpp_3m_sde_gpu``) are aliases of
+the plain ones: they differ only in the device ComfyUI draws the Brownian tree on, and sdlab draws every SDE
+sampler's on the CPU (``BrownianTreeNoise``, one tree per image seed, as ComfyUI's plain names), so a seed draws
+one picture on any device whichever name runs it. Each row (``SamplerSpec``) says
 
 - which function runs it (``sampling_k`` for the sigma-space k-diffusion samplers, ``sampling_comfy`` for
   those ComfyUI adds, ``sampling_ldm`` for the timestep family; every one is
@@ -200,7 +201,9 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec("DDIM", None, L.sample_ddim, noise=_GAUSS, final_sigma="first_alpha", spacing=_DDIM),
     # ComfyUI's ddim (sampler_object("ddim")) is ksampler("euler"): Euler on the KSampler's sigmas, ending at 0
     SamplerSpec(None, "ddim", K.sample_euler, spacing=_DDIM),
-    SamplerSpec("PLMS", "plms", L.sample_plms, final_sigma="first_alpha", spacing=_DDIM, min_steps=30),
+    SamplerSpec("PLMS", None, L.sample_plms, final_sigma="first_alpha", spacing=_DDIM, min_steps=30),
+    # "plms" (ComfyUI has none; the name is written its way): the same function, never A1111's timestep path
+    SamplerSpec(None, "plms", L.sample_plms, final_sigma="first_alpha", spacing=_DDIM, min_steps=30),
     # DDPMScheduler: alpha_prod_t_prev = 1 after the last timestep
     SamplerSpec("DDPM", "ddpm", L.sample_ddpm, noise=_GAUSS, spacing=_DDIM),
     # LCMScheduler returns the denoised sample at the last step; "LCM" applies its boundary scalings of the timestep
