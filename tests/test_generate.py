@@ -500,6 +500,57 @@ def test_a_stopped_inpainting_is_pasted_back_and_a_stopped_hires_fix_keeps_the_p
         assert stopped.value.result.images[0].size == (size, size) and stopped.value.result.request.hires
 
 
+def _stop_at(calls: list, stopping: dict[int, bool]):
+    """A `stop` check that counts its calls and raises a `SamplingStopped` (skipped: the value) at the ones named."""
+    def stop() -> None:
+        calls.append(len(calls))
+        if len(calls) - 1 in stopping:
+            raise SamplingStopped(skipped=stopping[len(calls) - 1])
+    return stop
+
+
+@pytest.mark.parametrize("upscaler", ["Latent", "Nearest"])
+def test_a_hires_fix_stopped_between_its_passes_ends_as_a1111s(bundles, upscaler):
+    """A1111's `sample_hr_pass` returns the first pass's samples on an interrupt before the upscaler; later, or on a
+    skip (in the first pass too: no check for one before the upscaler), its second pass stops at its first model
+    call and returns its init latent: the upscaled pictures at the final size, no second-pass step run."""
+    from sdlab.pipeline.generate import sample_latents
+    from sdlab.pipeline.upscale import resize_image, upscale_latent
+
+    bundle = bundles["sd1"]
+    pipe = Pipeline(bundle)
+    request = _request(steps=3, hr_scale=2, hr_upscaler=upscaler)
+    first_plan = pipe.resolve(request)                  # its first pass's
+    first = generate(bundle, first_plan)
+    if upscaler == "Latent":
+        side = 2 * SIZE // bundle.vae_config.downsample_factor
+        upscaled = upscale_latent(sample_latents(bundle, first_plan), side, side, upscaler)
+    else:
+        pictures = pil_to_tensor([resize_image(picture, upscaler, (2 * SIZE, 2 * SIZE)) for picture in first.images])
+        upscaled = encode_image(bundle, pictures)
+    upscaled = _pixels(tensor_to_pil(decode_latents(bundle, upscaled)))
+    cases = {"interrupt before the upscaler": ({0: False}, None, _pixels(first.images)),
+             "interrupt after it": ({1: False}, None, upscaled),
+             "skip before it": ({0: True, 1: True}, None, upscaled),
+             "skip in the first pass": ({}, 1, upscaled)}
+    for name, (stopping, skip_at, expected) in cases.items():
+        seen, calls = [], []
+
+        def progress(info) -> None:
+            seen.append(info.i)
+            if info.i == skip_at:
+                raise SamplingStopped(skipped=True)
+
+        with pytest.raises(SamplingStopped) as stopped:
+            pipe.run(request, progress=progress, stop=_stop_at(calls, stopping))
+        result = stopped.value.result
+        assert max(seen) < 3 and result.request.hires, name                      # no second-pass step
+        if skip_at is None:
+            assert np.abs(_pixels(result.images) - expected).max() == 0, name
+        else:            # the first pass stopped after step 1: its x0 estimate upscaled, at the final size
+            assert result.images[0].size == (2 * SIZE, 2 * SIZE) and seen == [0, 1], name
+
+
 @pytest.mark.parametrize("convention", ["diffusers", "a1111"])
 def test_a_stopped_refined_run_is_decoded_and_labelled_by_the_model_drawing_at_the_stop(bundles, convention):
     """Stopped in the base's part, the x0 estimate is decoded by the base's VAE and the run is not refined (A1111

@@ -286,3 +286,20 @@ def test_pictures_that_cannot_be_written_fail_the_job_naming_the_folder_not_its_
     message = "cannot write the pictures into images/ of the server's output folder: Not a directory"
     assert (failed.value.status, failed.value.message, job["status"], job["error"]) == (500, message, "failed", message)
     assert len(answer["images"]) == 1 and len(list(service.images_dir.iterdir())) == 1
+
+
+@pytest.mark.parametrize("stop", ["interrupt", "skip"])
+def test_a_stop_after_the_hires_first_pass_ends_as_a1111s(service, stop):
+    """Reported after the first pass's last step (the upscaler not yet run), an interrupt ends the job with the
+    first pass's pictures at their size (A1111's `sample_hr_pass` returns them) and a skip with the upscaled ones
+    at the final size, no second-pass step run (A1111 checks for no skip before its upscaler)."""
+    request = GenerationRequest("a castle", **{**FAST, "steps": 2}, seed=40, hr_scale=2, hr_upscaler="Latent")
+    job, _ = service.submit(JobSpec(request), "txt2img", None)
+    service.queue.current = job
+    steps = _at_step(job, 2, getattr(service.queue, stop))
+    try:
+        service.runner.run(job)
+    except JobCancelled:
+        assert stop == "interrupt"
+    side = request.width * (1 if stop == "interrupt" else 2)
+    assert steps == [1, 2] and Image.open(service.images_dir / job.images[0]).size == (side, side)

@@ -160,10 +160,13 @@ def _as_plan(
 
 class SamplingStopped(Exception):
     """Raised from a progress callback to end the run at that step with what it has (module docstring): the
-    run raises it again with `latents`, the step's x0 estimate (model space), and once decoded `result`."""
+    run raises it again with `latents`, the step's x0 estimate (model space), and once decoded `result`.
+    `skipped`: A1111's skip rather than its interrupt (they differ only between the hires fix's passes:
+    `hires.generate_hires`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, skipped: bool = False) -> None:
         super().__init__("sampling stopped")
+        self.skipped = skipped
         self.latents: Tensor | None = None
         self.result: GenerationResult | None = None
 

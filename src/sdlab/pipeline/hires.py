@@ -24,8 +24,11 @@ upscaled pictures from its global random state, apart from the seeds' generators
 posterior mean and so draws nothing there. A pixel upscale differs from A1111 in one small way: the first
 pass's pictures are rounded to 8 bits (A1111 truncates).
 
-A run stopped in the first pass (`SamplingStopped`) ends with the first pass's pictures at its size, as A1111's
-interrupt skips the second pass; one stopped in the second pass with the second pass's, at the final size.
+Stops (`SamplingStopped`, from `progress` or from `stop`, A1111's interrupt and skip): an interrupt in the first pass
+or before the upscaler ends with the first pass's pictures at its size (A1111's `sample_hr_pass` returns them); one
+after the upscaler, or a skip (in the first pass too: A1111 checks for no skip before the upscaler), ends with the
+upscaled pictures at the final size, no second-pass step taken (A1111's second pass stops at its first model call
+and returns its init latent); one in the second pass with the second pass's pictures.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 import torch
@@ -45,6 +48,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import (
     NonFiniteError,
     ProgressFn,
+    SamplingStopped,
     decode_latents,
     encode_image,
     generate,
@@ -150,40 +154,83 @@ def _offset(progress: ProgressFn | None, steps_done: int) -> ProgressFn | None:
 @torch.no_grad()
 def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler | str | None = None, *,
                    progress: ProgressFn | None = None,
-                   second_loras: Sequence[LoraUse] | None = None) -> GenerationResult:
+                   second_loras: Sequence[LoraUse] | None = None,
+                   stop: Callable[[], None] | None = None) -> GenerationResult:
     """Run a hires plan (`make_plan` of a request with hr_scale or hr_width / hr_height) on `bundle`: first
     pass, upscale, second pass (module docstring). `upscaler`: `hires_upscaler(plan.request, bundle)`, loaded
     once by the caller (read here when None). `second_loras`: the LoRAs the second pass draws with instead of
     the first's (a hires prompt's tags: A1111 activates `hr_extra_network_data` for it), put in by the bundle's
-    `LoraPatcher` inside the caller's `using` block, which restores the model after. The result's request is the
-    resolved hires request."""
+    `LoraPatcher` inside the caller's `using` block, which restores the model after. `stop`: raises `SamplingStopped`
+    where the run is to stop, called before the upscaler and before the second pass (module docstring). The
+    result's request is the resolved hires request."""
     req = plan.request
     factor = bundle.vae_config.downsample_factor
     upscaler = hires_upscaler(req, bundle) if upscaler is None else upscaler
     up, final = pass_sizes(req, factor)
     left, top = _crop_box(up, final, factor)
     with recording_effects() as effects, tiling_padding(req, bundle):
+        skipped = False
         if isinstance(upscaler, str) and is_latent_upscaler(upscaler):
-            with pictures_if_stopped(bundle, plan):                # stopped: the first pass's pictures, at its size
-                latents = sample_latents(bundle, plan, progress=progress)                  # (B, C, h, w)
+            try:
+                with pictures_if_stopped(bundle, plan):            # stopped: the first pass's pictures, at its size
+                    latents = sample_latents(bundle, plan, progress=progress)              # (B, C, h, w)
+                    _interrupt_check(stop, latents=latents)
+            except SamplingStopped as stopped:
+                if not stopped.skipped:
+                    raise
+                latents, skipped = stopped.latents, True
             z = upscale_latent(latents, up[1] // factor, up[0] // factor, upscaler)       # (B, C, H/f, W/f)
         else:
-            first = generate(bundle, plan, progress=progress).images
+            try:
+                first = generate(bundle, plan, progress=progress)
+                _interrupt_check(stop, result=first)
+            except SamplingStopped as stopped:
+                if not stopped.skipped:
+                    raise
+                first, skipped = stopped.result, True
             exact, _ = upscaled_to(req)                 # A1111 resizes to it unsnapped; the encoder floors
-            pixels = pil_to_tensor([resize_image(picture, upscaler, exact) for picture in first])  # (B, 3, H, W)
+            pixels = pil_to_tensor([resize_image(picture, upscaler, exact) for picture in first.images])  # (B, 3, H, W)
             z = encode_image(bundle, pixels.to(bundle.device), tiled=req.tiled_vae)      # (B, C, H/f, W/f)
             z = z[..., : up[1] // factor, : up[0] // factor]
         z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
         second_plan = make_plan(bundle, second_pass_request(req, factor), from_latent=True)
         if second_loras is not None:
             patcher_for(bundle).apply(second_loras)
-        with pictures_if_stopped(bundle, second_plan, req):
+        with pictures_if_stopped(bundle, second_plan, req):    # stopped first: the upscaled pictures
+            _second_pass_check(stop, skipped, z)
             z = sample_latents(bundle, second_plan, init_latent=z.contiguous(),
                                progress=_offset(progress, plan.steps_run))
         pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                           # (B, 3, H2, W2)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
     return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=drawn_request(req, effects))
+
+
+def _interrupt_check(stop: Callable[[], None] | None, latents: torch.Tensor | None = None,
+                     result: GenerationResult | None = None) -> None:
+    """A1111's check before the upscaler (`sample_hr_pass`: `if shared.state.interrupted: return samples`): an
+    interrupt `stop` raises leaves with the first pass's `latents` or `result`; a skip is not checked there."""
+    try:
+        if stop is not None:
+            stop()
+    except SamplingStopped as stopped:
+        if not stopped.skipped:
+            stopped.latents, stopped.result = latents, result
+            raise
+
+
+def _second_pass_check(stop: Callable[[], None] | None, skipped: bool, latents: torch.Tensor) -> None:
+    """A1111's second pass stops at its first model call (`CFGDenoiser.forward`) on an interrupt or a skip, a first
+    pass's skip included (`skipped`: its flag stays set), returning its init latent: the stop leaves with the
+    upscaled `latents`."""
+    try:
+        if skipped:
+            raise SamplingStopped(skipped=True)
+        if stop is not None:
+            stop()
+    except SamplingStopped as stopped:
+        stopped.latents, stopped.result = latents, None
+        raise
 
 
 def hires_steps(req: GenerationRequest) -> int:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -196,9 +196,12 @@ class Runner:
         upscaler = self._hires_upscaler(job.spec.request, pipe.bundle)
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
 
+        def stop() -> None:
+            if job.interrupt.is_set() or job.skip.is_set():   # A1111's: the batch ends with its pictures as far as
+                raise SamplingStopped(skipped=not job.interrupt.is_set())                       # they got
+
         def progress(info: StepInfo) -> None:
-            if job.interrupt.is_set() or job.skip.is_set():
-                raise SamplingStopped           # A1111's: the batch ends with its pictures as far as they got
+            stop()
             if job.cancel.is_set():
                 raise JobCancelled
             job.step += 1
@@ -220,7 +223,7 @@ class Runner:
             plan = _resolved(pipe, job.spec.request, upscaler)
             job.count_steps(plan)               # the steps it runs, as resolved: its progress and step events
             job.settings = {**job.settings, **plan.request.parameters()}
-            for result in _batches(pipe, job, plan.request, upscaler, progress):
+            for result in _batches(pipe, job, plan.request, upscaler, progress, stop):
                 self._write_batch(job, result, parameters(result))
         except RequestError as err:        # a tagged LoRA's file: named as the server lists it, not by its path
             raise RequestError(without_paths(str(err), [(lora.path, lora.name) for lora in registry.loras])) from None
@@ -284,18 +287,19 @@ class HiresUpscaler:
 
 
 def _run_with_upscaler(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscaler | None,
-                       progress: ProgressFn) -> GenerationResult:
-    """`pipe.run(request)`, with the hires upscaler model `upscaler` where the request names one; the result's
-    request names it as `/sdapi/v1/upscalers` lists it, as the pictures' parameters do (A1111's `Hires
-    upscaler`)."""
+                       progress: ProgressFn, stop: Callable[[], None] | None = None) -> GenerationResult:
+    """`pipe.run(request)` (`progress`, `stop` as there), with the hires upscaler model `upscaler` where the request
+    names one; the result's request names it as `/sdapi/v1/upscalers` lists it, as the pictures' parameters do
+    (A1111's `Hires upscaler`)."""
     if upscaler is None:
-        return pipe.run(request, progress=progress)
+        return pipe.run(request, progress=progress, stop=stop)
 
     def named(result: GenerationResult) -> GenerationResult:
         return replace(result, request=replace(result.request, hr_upscaler=upscaler.file.title))
 
     try:
-        return named(pipe.run(with_upscaler_file(request, upscaler.file), progress=progress, upscaler=upscaler.network))
+        return named(pipe.run(with_upscaler_file(request, upscaler.file), progress=progress, stop=stop,
+                              upscaler=upscaler.network))
     except SamplingStopped as stop:
         stop.result = named(stop.result)
         raise
@@ -309,7 +313,7 @@ def _resolved(pipe: Pipeline, request: GenerationRequest, upscaler: HiresUpscale
 
 
 def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: HiresUpscaler | None,
-             progress: ProgressFn) -> Iterator[GenerationResult]:
+             progress: ProgressFn, stop: Callable[[], None]) -> Iterator[GenerationResult]:
     """The job's batches drawn one after another (`JobSpec.batch_count`, A1111's n_iter) from the first's
     resolved request `first`, the seeds continuing (`next_batch`, as `sdlab txt2img --batch-count`). As in
     A1111's `process_images_inner`, a cancel stops them (between steps: `JobCancelled` from `progress`; before a
@@ -322,10 +326,10 @@ def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: Hires
             raise JobCancelled
         job.skip.clear()
         try:
-            result = _run_with_upscaler(pipe, next_batch(first, k), upscaler, progress)
-        except SamplingStopped as stop:
+            result = _run_with_upscaler(pipe, next_batch(first, k), upscaler, progress, stop)
+        except SamplingStopped as stopped:
             job.step = job.steps * (k + 1) // job.spec.batch_count
-            yield stop.result
+            yield stopped.result
             if _stopping(job):
                 raise JobCancelled from None
             continue
