@@ -499,3 +499,20 @@ def test_the_refiner_switch_by_sampling_steps_counts_a1111s_total_steps(sampler,
     assert next((call for call in range(calls) if switches(call, plan.sigmas[:1])), calls) == expected
     extra = sampler == "PLMS"                                          # the split counts steps: PLMS's first has two
     assert plan.refiner_split == (plan.steps_run if expected == calls else max(expected - extra, 0))
+
+
+@pytest.mark.parametrize("sampler", ["DDIM", "PLMS", "UniPC"])
+def test_the_vp_start_the_timestep_samplers_bring_is_not_labelled(sampler):
+    """A1111 writes no `Initial noise`: its timestep samplers start from the unit noise as a VP latent, which an
+    unlabelled text implies again on reading; another start noise keeps sdlab's label."""
+    from sdlab.pipeline.infotext import from_parameters
+    from sdlab.pipeline.plan import resolve_for
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+    bundle = tiny_bundle("sd1")
+    req = resolve_for(bundle, GenerationRequest(prompt="x", sampler=sampler, schedule="ddim_uniform", steps=20,
+                                                seed=1, width=32, height=32))
+    assert req.init_noise == "vp" and "Initial noise" not in format_parameters(to_parameters(req))
+    back = from_parameters(parse_parameters(format_parameters(to_parameters(req))))
+    assert resolve_for(bundle, GenerationRequest(**back)).init_noise == "vp"
+    other = resolve_for(bundle, replace(req, init_noise="sigma_max"))
+    assert to_parameters(other)["Initial noise"] == "sigma_max"

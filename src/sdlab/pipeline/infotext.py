@@ -31,7 +31,7 @@ from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
 from sdlab.pipeline.prompt_schedule import old_rule_differs
 from sdlab.pipeline.prompt_syntax import strip_comments
-from sdlab.pipeline.request import GenerationRequest, hires_base_size, sgm_noise_multiplied
+from sdlab.pipeline.request import GenerationRequest, hires_base_size, sampler_init_noise, sgm_noise_multiplied
 from sdlab.pipeline.upscale import a1111_upscaler_name
 
 _REQUEST_DEFAULTS = {field.name: field.default for field in dataclass_fields(GenerationRequest)}
@@ -435,10 +435,23 @@ def _sgm_noise_multiplied(req: GenerationRequest) -> bool:
 
 def _initial_noise(req: GenerationRequest) -> str | None:
     """sdlab's `Initial noise` label: the start noise's convention where it is not A1111's (sigma_max) or the
-    schedule's diffusers one, none where A1111's SGM noise multiplier set it."""
+    schedule's diffusers one, none where A1111's SGM noise multiplier set it; for a sampler that brings its own
+    (`request.sampler_init_noise`, which an unset init_noise resolves to) where the request's is another."""
+    implied = _sampler_init_noise(req)
+    if implied is not None:
+        return None if req.init_noise == implied else req.init_noise
     if _sgm_noise_multiplied(req) and req.init_noise == "vp":
         return None
     return req.init_noise if req.init_noise != "sigma_max" or req.schedule in DIFFUSERS_NAMES else None
+
+
+def _sampler_init_noise(req: GenerationRequest) -> str | None:
+    """The start noise the request's sampler brings with it (`request.sampler_init_noise`); None for one sdlab does
+    not know."""
+    try:
+        return sampler_init_noise(get_sampler(req.sampler), req.schedule)
+    except (ValueError, AttributeError):
+        return None
 
 
 def _taken(req: GenerationRequest, option: str, value: float | None) -> float | None:

@@ -716,6 +716,13 @@ def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: st
     return r.img2img_convention
 
 
+def sampler_init_noise(spec: SamplerSpec, schedule: str) -> str | None:
+    """The start noise `spec` on `schedule` brings with it, which an unset init_noise resolves to and no text
+    labels: A1111's timestep samplers' unit noise as a VP latent ("vp", `runs_a1111_timesteps`); None where the
+    schedule's convention decides (`discretization.default_init_noise`)."""
+    return "vp" if runs_a1111_timesteps(spec, schedule) else None
+
+
 def sgm_noise_multiplied(r: GenerationRequest, spec: SamplerSpec) -> bool:
     """Whether A1111's SGM noise multiplier scales the request's start noise: txt2img (the hires fix's first pass)
     with a k-diffusion sampler, whose `KDiffusionSampler.sample` starts at noise * sqrt(1 + sigmas[0]^2); its
@@ -865,9 +872,8 @@ def resolve(
     schedule = asked_schedule or spec.default_schedule or default_schedule      # LCM, TCD: their own grid
     comfyui = r.sampler is not None and comfyui_spelling(r.sampler)       # ComfyUI's conventions (module docstring)
     init_noise = r.init_noise
-    if init_noise is None:                  # A1111's timestep samplers start from the unit noise as a VP latent
-        init_noise = "vp" if runs_a1111_timesteps(spec, schedule) else default_init_noise(schedule, spec.spacing,
-                                                                                          comfyui=comfyui)
+    if init_noise is None:
+        init_noise = sampler_init_noise(spec, schedule) or default_init_noise(schedule, spec.spacing, comfyui=comfyui)
     if sgm_noise_multiplied(r, spec):
         if r.init_noise not in (None, "vp"):
             raise RequestError(f"the SGM noise multiplier starts from init_noise 'vp', not {r.init_noise!r}")
