@@ -337,6 +337,23 @@ def test_the_eta_label_is_a1111s(sampler, eta, label):
     assert written == ({} if label is None else {label: eta})
 
 
+@pytest.mark.parametrize("sampler, eta, options, drawn", [
+    ("DDIM", None, {"eta_ddim": 0.5}, 0.5), ("DDIM", 0.2, {"eta_ddim": 0.5}, 0.2),     # the request's first
+    ("DDIM", None, {}, None), ("Euler a", None, {"eta_ddim": 0.5}, None), ("ddim", None, {"eta_ddim": 0.5}, None),
+])
+def test_ddims_eta_is_a1111s_eta_ddim_option(sampler, eta, options, drawn):
+    """A1111's `Sampler.initialize`: `self.eta = p.eta if p.eta is not None else getattr(opts, self.eta_option_field,
+    0.0)`, the field `eta_ddim` (default 0) for its timestep samplers, of which only DDIM takes an eta."""
+    from sdlab.server.a1111 import OPTION_DEFAULTS, Txt2ImgIn, _request
+
+    assert OPTION_DEFAULTS["eta_ddim"] == 0.0
+    body = Txt2ImgIn(prompt="x", sampler_name=sampler, eta=eta, override_settings=options)
+    assert _request(body).eta == drawn
+    assert _request(Txt2ImgIn(prompt="x", sampler_name=sampler, eta=eta), options=options).eta == drawn
+    with pytest.raises(BadRequest, match="eta_ddim"):
+        _request(Txt2ImgIn(prompt="x", sampler_name=sampler, override_settings={"eta_ddim": "high"}))
+
+
 @pytest.mark.parametrize("sampler, eta, label", [("DDIM", 1.0, "Eta DDIM"), ("Euler a", 0.5, "Eta")])
 def test_pictures_with_either_eta_label_draw_again_from_png(tmp_path, capsys, client, sampler, eta, label):
     from cli_helpers import pixels, run

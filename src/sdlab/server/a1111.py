@@ -83,6 +83,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sdxl_crop_top": 0, "sdxl_crop_left": 0,                        # SDXL's conditioning (`_sdxl_options`)
     "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
     "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0,                # k-diffusion's (`_sigma_options`)
+    "eta_ddim": 0.0,                                                             # DDIM's eta (`_eta`)
     "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,  # `_schedule_settings`
     "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6, "sgm_noise_multiplier": False,      # `_schedule_settings`,
     "img2img_extra_noise": 0.0, "inpainting_mask_weight": 1.0,                         # `_noise_settings`
@@ -298,7 +299,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111", **_prompt_settings(settings),
-        clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=body.eta,
+        clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=_eta(body, settings, sampler),
         **_sigma_options(body, settings, sampler), **_schedule_settings(settings), **_noise_settings(settings),
         controls=controls,
         **_ensd(settings), rng=settings["randn_source"],
@@ -399,6 +400,14 @@ def _img2img_steps_rule(settings: dict[str, Any], sampler: str) -> str:
     if settings["img2img_fix_steps"]:
         return "a1111_fix_steps"
     return "comfyui" if comfyui_spelling(sampler) else "a1111"
+
+
+def _eta(body: Txt2ImgIn, settings: dict[str, Any], sampler: str) -> float | None:
+    """The eta A1111 draws `sampler` with (`Sampler.initialize`: `p.eta`, else the sampler's option): the request's,
+    else for its DDIM the `eta_ddim` option, left unset at 0 (its default, DDIM's own)."""
+    if body.eta is not None or sampler != "DDIM":
+        return body.eta
+    return settings["eta_ddim"] or None
 
 
 def _ensd(settings: dict[str, Any]) -> dict[str, int]:
@@ -710,7 +719,7 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= MAX_AESTHETIC:
             raise BadRequest(f"{where}{key} must be a number in -{MAX_AESTHETIC:g}..{MAX_AESTHETIC:g}, got {score!r}",
                              422)
-    for key in (*A1111_SIGMA_OPTIONS, "sigma_min", "sigma_max", "rho"):   # `_sigma_options`, `_schedule_settings`
+    for key in (*A1111_SIGMA_OPTIONS, "sigma_min", "sigma_max", "rho", "eta_ddim"):   # `_sigma_options`, `_eta`
         value = body.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise BadRequest(f"{where}{key} must be a number >= 0, got {value!r}", 422)
