@@ -254,6 +254,39 @@ def test_txt2img_with_an_inpainting_model_is_mid_grey_at_any_weight(inpainting, 
     assert torch.equal(one, half)
 
 
+@pytest.mark.parametrize("upscaler", ["Latent", "Nearest"])
+def test_the_hires_pass_conditions_an_inpainting_model_on_the_upscaled_pictures(inpainting, sd1, monkeypatch,
+                                                                              upscaler):
+    """A1111's `sample_hr_pass` below weight 1: `img2img_image_conditioning` of the upscaled pictures, all masked (a
+    latent upscale's latent decoded; a pixel upscaler's pictures in [0, 1], handed over as they are), where
+    txt2img's mid-grey is its value at weight 1; the label is written where it acted."""
+    from sdlab.pipeline.generate import decode_latents
+    from sdlab.pipeline.hires import generate_hires
+    from sdlab.pipeline.upscale import resize_image, upscale_latent
+
+    size = SIZE // 2
+    req = _request(width=size, height=size, steps=2, batch_size=1, hr_scale=2, hr_upscaler=upscaler,
+                   hr_denoise=0.6, inpainting_mask_weight=0.35)
+    plan, side = make_plan(inpainting, req), 2 * size // inpainting.vae_config.downsample_factor
+    if upscaler == "Latent":
+        up = upscale_latent(sample_latents(inpainting, plan), side, side, upscaler)
+        source = decode_latents(inpainting, up)                                            # (1, 3, 2s, 2s)
+    else:
+        pictures = [resize_image(p, upscaler, (2 * size, 2 * size)) for p in generate(inpainting, plan).images]
+        source = torch.from_numpy(np.array(pictures[0]).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    reference = inpainting_image_conditioning(source, torch.empty(1, 4, side, side), None, 0.35,
+                                              lambda image: encode_image(inpainting, image))
+    seen = []
+    real = G.inpaint_channels
+    monkeypatch.setattr(G, "inpaint_channels", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    drawn = generate_hires(inpainting, plan)
+    assert len(seen) == 2 and torch.equal(seen[1], reference)                  # the first pass's is txt2img's
+    assert to_parameters(drawn.request)["Conditional mask weight"] == 0.35
+    for bundle, weight in ((inpainting, 1.0), (sd1, 0.35)):
+        unweighted = generate_hires(bundle, make_plan(bundle, replace(req, inpainting_mask_weight=weight)))
+        assert to_parameters(unweighted.request)["Conditional mask weight"] is None
+
+
 # -- Beta schedule alpha / beta -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("steps", [1, 5, 12])
 @pytest.mark.parametrize("alpha, beta", [(0.6, 0.6), (0.3, 0.8), (1.0, 0.45)])

@@ -246,12 +246,14 @@ def _pasted_back(pictures: list[Image.Image], inputs: tuple[InitPicture, ...]) -
 @torch.no_grad()
 def sample_latents(
     bundle: ModelBundle, request: GenerationPlan | GenerationRequest, *, progress: ProgressFn | None = None,
-    init_latent: Tensor | None = None,
+    init_latent: Tensor | None = None, init_pixels: Tensor | None = None,
 ) -> Tensor:
     """The sampling half of `generate`: the model-space latents a plan (or a request) ends with.
 
     `init_latent` (B, C, h, w), model space, with a plan made `from_latent`: img2img from this latent instead
-    of an init image (noise drawn first from each image's generator; no VAE encode)."""
+    of an init image (noise drawn first from each image's generator; no VAE encode). `init_pixels` (N, 3, H, W):
+    the pictures that latent stands for, which a 9-channel inpainting model is conditioned on as an init image's
+    (a Conditional mask weight below 1: `_inpaint_extra`); without them, txt2img's mid-grey."""
     plan = _as_plan(bundle, request)
     if (init_latent is not None) != plan.from_latent or (
             init_latent is not None and tuple(init_latent.shape) != plan.latent_shape):
@@ -259,6 +261,8 @@ def sample_latents(
     generators = generators_for(plan.request.seeds(), plan.request.rng, bundle.device)
     with tiling_padding(plan.request, bundle):
         start = _start(bundle, plan, generators, init_latent)
+        if init_pixels is not None:
+            start = replace(start, pixels=init_pixels.to(bundle.device))
         model = _guided_model(bundle, plan.sampling, plan.request, start, _overlay(plan), generators, plan.sigmas)
         try:
             x = _run_sampler(plan, model, start.x, plan.sigmas, _sampler_options(plan, start.x, generators), progress)
@@ -673,7 +677,7 @@ def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
     """The extra input channels of a 9-channel inpainting model (`inpaint_channels`), (B, 5, h, w). txt2img and
     img2img repaint everything, as A1111's `txt2img_image_conditioning` / `inpainting_image_conditioning` without a
     mask: txt2img's masked picture is mid-grey, img2img's too but for a Conditional mask weight below 1, which keeps
-    (1 - weight) of the init picture (a hires pass, started from a latent, is txt2img's)."""
+    (1 - weight) of the init picture (a hires pass: of its upscaled pictures, `sample_latents`' `init_pixels`)."""
     pixels, mask, weight = start.pixels, start.mask, req.inpainting_mask_weight
     if pixels is not None:
         took_effect("inpainting_mask_weight")

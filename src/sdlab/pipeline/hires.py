@@ -10,7 +10,9 @@
                    pass's own pictures) to A1111's upscaled size unsnapped (`upscaled_to`); the VAE encodes
                    them (the posterior mean), keeping floor(side / f) latent pixels, the top-left ones
     second pass  img2img at the final size with strength `hr_denoise` and `hr_steps` steps (0: the first pass's),
-                 SDXL conditioned on the upscaled size before the crop (A1111's `hr_upscale_to_x` / `_y`),
+                 SDXL conditioned on the upscaled size before the crop (A1111's `hr_upscale_to_x` / `_y`), a
+                 9-channel inpainting model at a Conditional mask weight below 1 on the upscaled pictures
+                 (`_conditions_on_pictures`),
                  all of which run on a schedule stretched to steps / min(hr_denoise, 0.999): A1111 hands the
                  second pass its step count, which takes its "img2img_fix_steps" path (sdlab's "a1111_fix_steps"
                  convention, `HIRES_IMG2IMG`): hr_denoise above 1 draws as 1, and the SDE samplers' Brownian
@@ -39,6 +41,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
@@ -180,6 +183,7 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
                     raise
                 latents, skipped = stopped.latents, True
             z = upscale_latent(latents, up[1] // factor, up[0] // factor, upscaler)       # (B, C, H/f, W/f)
+            source = decode_latents(bundle, z, tiled=req.tiled_vae) if _conditions_on_pictures(bundle, req) else None
         else:
             try:
                 first = generate(bundle, plan, progress=progress)
@@ -189,21 +193,38 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
                     raise
                 first, skipped = stopped.result, True
             exact, _ = upscaled_to(req)                 # A1111 resizes to it unsnapped; the encoder floors
-            pixels = pil_to_tensor([resize_image(picture, upscaler, exact) for picture in first.images])  # (B, 3, H, W)
+            upscaled = [resize_image(picture, upscaler, exact) for picture in first.images]
+            pixels = pil_to_tensor(upscaled)                                                   # (B, 3, H, W)
             z = encode_image(bundle, pixels.to(bundle.device), tiled=req.tiled_vae)      # (B, C, H/f, W/f)
             z = z[..., : up[1] // factor, : up[0] // factor]
+            source = _unit_pixels(upscaled) if _conditions_on_pictures(bundle, req) else None
         z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
+        if source is not None:
+            source = source[..., top * factor: top * factor + final[1], left * factor: left * factor + final[0]]
         second_plan = make_plan(bundle, second_pass_request(req, factor), from_latent=True)
         if second_loras is not None:
             patcher_for(bundle).apply(second_loras)
         with pictures_if_stopped(bundle, second_plan, req):    # stopped first: the upscaled pictures
             _second_pass_check(stop, skipped, z)
-            z = sample_latents(bundle, second_plan, init_latent=z.contiguous(),
+            z = sample_latents(bundle, second_plan, init_latent=z.contiguous(), init_pixels=source,
                                progress=_offset(progress, plan.steps_run))
         pixels = decode_latents(bundle, z, tiled=req.tiled_vae)                           # (B, 3, H2, W2)
     if not torch.isfinite(pixels).all():
         raise NonFiniteError("the VAE decoded NaN or Inf values; no picture was made")
     return GenerationResult(images=tensor_to_pil(pixels), seeds=req.seeds(), request=drawn_request(req, effects))
+
+
+def _conditions_on_pictures(bundle: ModelBundle, req: GenerationRequest) -> bool:
+    """Whether the second pass conditions a 9-channel inpainting model on the upscaled pictures: a Conditional mask
+    weight below 1, as A1111's `sample_hr_pass` (its `img2img_image_conditioning`: lerp(pictures, 0, weight), all
+    masked; at 1 that is txt2img's mid-grey). A latent upscale's pictures are its latent decoded, in [-1, 1]; a
+    pixel upscaler's the upscaled pictures in [0, 1], which A1111 hands over as they are (as if in [-1, 1])."""
+    return bundle.family.is_inpaint and req.inpainting_mask_weight < 1.0
+
+
+def _unit_pixels(pictures: Sequence) -> torch.Tensor:
+    """8-bit RGB pictures as (B, 3, H, W) floats in [0, 1], as A1111's `sample_hr_pass` makes them (`/ 255.0`)."""
+    return torch.from_numpy(np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pictures])).permute(0, 3, 1, 2)
 
 
 def _interrupt_check(stop: Callable[[], None] | None, latents: torch.Tensor | None = None,

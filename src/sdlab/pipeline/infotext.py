@@ -371,7 +371,8 @@ def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
     """A1111's hires fix labels, its `extra_generation_params` of a hires run (None values are left out of the
     text): the second pass's Denoising strength, its own Hires sampler, Hires prompt, Hires negative prompt and Hires
     schedule type where they differ from the first pass's, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
-    (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`); none without it."""
+    (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`), Extra noise and
+    Conditional mask weight where the second pass used them; none without it."""
     if not req.hires:
         return {}
     sized = bool(req.hr_width or req.hr_height)
@@ -389,6 +390,7 @@ def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
         "Hires steps": req.hr_steps or None,
         "Hires upscaler": upscaler,
         "Extra noise": req.extra_noise or None,        # A1111's `sample_img2img` of the second pass
+        "Conditional mask weight": req.inpainting_mask_weight if req.inpainting_mask_weight != 1.0 else None,
     }
 
 
