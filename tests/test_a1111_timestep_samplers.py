@@ -516,3 +516,17 @@ def test_the_vp_start_the_timestep_samplers_bring_is_not_labelled(sampler):
     assert resolve_for(bundle, GenerationRequest(**back)).init_noise == "vp"
     other = resolve_for(bundle, replace(req, init_noise="sigma_max"))
     assert to_parameters(other)["Initial noise"] == "sigma_max"
+
+
+def test_ddims_eta_noise_follows_the_ensd_which_the_text_records():
+    """A1111's DDIM draws its eta noise from `p.rng`, which `ImageRNG.first` re-seeds with seed + ENSD, though
+    `is_sampler_using_eta_noise_seed_delta` writes no ENSD for it: sdlab's noise follows the ENSD too, so its text
+    records it (else it would not redraw)."""
+    from sdlab.pipeline.generate import generate
+    bundle = tiny_bundle("sd1")
+    req = GenerationRequest(prompt="x", sampler="DDIM", schedule="ddim_uniform", steps=3, seed=1, width=32, height=32,
+                            eta=0.5, eta_noise_seed_delta=31337)
+    plain, seeded = (torch.tensor(list(generate(bundle, r).images[0].getdata()))
+                     for r in (replace(req, eta_noise_seed_delta=0), req))
+    assert not torch.equal(plain, seeded)
+    assert to_parameters(replace(req, seed=1))["ENSD"] == 31337

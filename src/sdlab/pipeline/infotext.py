@@ -396,8 +396,8 @@ def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
 
 def _ensd(req: GenerationRequest) -> int | None:
     """A1111's ENSD label, where the sampler draws Gaussian step noise at the request's eta or churn (A1111's
-    `is_sampler_using_eta_noise_seed_delta`, which leaves out churn's, though its churn draws from the same
-    generators; `SamplerSpec.draws_step_noise`): not 0 under an A1111 name (a
+    `is_sampler_using_eta_noise_seed_delta`, which leaves out churn's and its DDIM's at an eta above 0, though both
+    draw from the same seed + ENSD generators; `SamplerSpec.draws_step_noise`): not 0 under an A1111 name (a
     ComfyUI-spelt sampler is recorded under its A1111 name where it has one), where an unset ENSD is 0, but 0 too
     under a ComfyUI-only name, where an unset one is 1 (`request.default_ensd`). A sampler sdlab does not know
     keeps any ENSD but 0."""
