@@ -364,6 +364,31 @@ def test_the_timestep_samplers_step_as_a1111s(unet, ctx, sampler, steps, predict
     assert (ours - reference).abs().max().item() <= TOLERANCE
 
 
+@pytest.mark.parametrize("variant, order, lower_order_final, steps", [
+    ("bh2", 3, True, 10), ("bh1", 2, True, 6), ("bh2", 1, True, 4), ("bh1", 4, True, 8), ("bh1", 3, False, 6)])
+@torch.no_grad()
+def test_a1111s_unipc_takes_its_uni_pc_options(unet, ctx, variant, order, lower_order_final, steps):
+    """A1111's `unipc`: `UniPCCFG(..., variant=shared.opts.uni_pc_variant)` sampled with `order=shared.opts.uni_pc_order,
+    lower_order_final=shared.opts.uni_pc_lower_order_final`: the request's unipc_* fields, within 1e-5 (without
+    lower_order_final, within 1e-4: docs/samplers.md)."""
+    req = GenerationRequest(prompt="x", sampler="UniPC", schedule="ddim_uniform", steps=steps, unipc_variant=variant,
+                            unipc_order=order, unipc_lower_order_final=lower_order_final)
+    spec = a1111_run(get_sampler("UniPC"), unipc_order=order, unipc_variant=variant,
+                     unipc_lower_order_final=lower_order_final)
+    sigmas = request_sigmas(DiscreteModelSampling(SCHEDULE, "eps"), spec, req)
+    unit, _ = noise_for((0, 1))
+    ours = to_ddpm_latent(spec.fn(sdlab_model(unet, ctx, "eps"), unit * math.sqrt(1 + float(sigmas[0]) ** 2), sigmas),
+                          sigmas[-1])
+    eps = lambda x, t: unet(x, t, encoder_hidden_states=ctx).sample          # noqa: E731
+    reference = UniPCCFG(eps, NoiseScheduleVP(SCHEDULE.alphas_cumprod), variant=variant).sample(
+        unit, steps=len(get_timesteps(steps)), order=order, lower_order_final=lower_order_final)
+    assert (ours - reference).abs().max().item() <= (TOLERANCE if lower_order_final else 1e-4)
+    plan = make_plan(tiny_bundle("sd1"), replace(req, width=32, height=32, seed=1))
+    assert plan.sampler.fn.keywords == dict(order=order, variant=variant, lower_order_final=lower_order_final)
+    with pytest.raises(RequestError, match="order"):
+        make_plan(tiny_bundle("sd1"), replace(req, width=32, height=32, seed=1, unipc_order=steps + 2))
+
+
 def test_ddim_takes_one_model_call_fewer_than_its_timesteps():
     req = GenerationRequest(prompt="x", sampler="DDIM", schedule="ddim_uniform", steps=20)
     sigmas = request_sigmas(DiscreteModelSampling(SCHEDULE, "eps"), get_sampler("DDIM"), req)

@@ -771,3 +771,30 @@ def test_n_iter_draws_its_batches_one_after_another(client, sdlab_server):
     assert refused.status_code == 400, refused.text
     assert refused.json()["errors"] == ("at most 100 images per request on this server (--max-images), got "
                                         "batch_size 8 x n_iter 1000")
+
+
+@pytest.mark.parametrize("options", [{"uni_pc_variant": "bh2", "uni_pc_order": 2, "uni_pc_lower_order_final": False},
+                                     {}])
+def test_a1111s_unipc_options_reach_its_unipc_and_its_labels(options):
+    """A1111's `unipc` reads `uni_pc_variant`, `uni_pc_order` and `uni_pc_lower_order_final` (GET options lists its
+    defaults): they draw its UniPC, and a text labels those that are not the defaults, under the names A1111 reads
+    them from (`UniPC variant`, ...), which read back to the same request."""
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.a1111 import OPTION_DEFAULTS, Txt2ImgIn, _request
+
+    defaults = {"uni_pc_variant": "bh1", "uni_pc_order": 3, "uni_pc_lower_order_final": True}
+    assert {key: OPTION_DEFAULTS[key] for key in (*defaults, "uni_pc_skip_type")} == {
+        **defaults, "uni_pc_skip_type": "time_uniform"}
+    request = _request(Txt2ImgIn(prompt="x", sampler_name="UniPC", override_settings=options))
+    fields = {"unipc_" + key[len("uni_pc_"):]: value for key, value in {**defaults, **options}.items()}
+    assert {name: getattr(request, name) for name in fields} == fields
+    drawn = dataclasses.replace(request, seed=1, schedule="ddim_uniform", width=64, height=64)
+    labels = {key: value for key, value in to_parameters(drawn).items() if key.startswith("UniPC")}
+    assert labels == {"UniPC " + key[len("uni_pc_"):].replace("_", " "): value for key, value in options.items()}
+    back = from_parameters(parse_parameters(format_parameters(to_parameters(drawn))))
+    assert {name: back.get(name, getattr(GenerationRequest, name)) for name in fields} == fields
+    for refused in ({"uni_pc_variant": "vary_coeff"}, {"uni_pc_skip_type": "logSNR"}, {"uni_pc_order": 0}):
+        with pytest.raises(BadRequest, match=next(iter(refused))):
+            _request(Txt2ImgIn(prompt="x", sampler_name="UniPC", override_settings=refused))

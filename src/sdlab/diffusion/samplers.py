@@ -305,13 +305,15 @@ def runs_a1111_timesteps(spec: SamplerSpec, schedule: str | None) -> bool:
     return spec.a1111 in A1111_TIMESTEP_SAMPLERS and (schedule or "").strip().lower() == A1111_TIMESTEP_SCHEDULE
 
 
-def a1111_run(spec: SamplerSpec) -> SamplerSpec:
-    """The row of A1111's timestep sampler `spec` (`runs_a1111_timesteps`) as A1111 runs it: its UniPC of order 3
-    with B(h) = h (its `uni_pc_order` and `uni_pc_variant` "bh1" defaults, `lower_order_final`), its PLMS with the
-    improved-Euler start on a single step too (its `plms` evaluates the model at the step's end there); DDIM as
-    it is."""
+def a1111_run(spec: SamplerSpec, *, unipc_order: int = 3, unipc_variant: str = "bh1",
+              unipc_lower_order_final: bool = True) -> SamplerSpec:
+    """The row of A1111's timestep sampler `spec` (`runs_a1111_timesteps`) as A1111 runs it: its UniPC with its
+    `uni_pc_order`, `uni_pc_variant` and `uni_pc_lower_order_final` options (defaults: order 3, B(h) = h, lowered at
+    the end), its PLMS with the improved-Euler start on a single step too (its `plms` evaluates the model at the
+    step's end there); DDIM as it is."""
     if spec.a1111 == "UniPC":
-        return replace(spec, fn=partial(L.sample_unipc, order=3, variant="bh1"))
+        return replace(spec, fn=partial(L.sample_unipc, order=unipc_order, variant=unipc_variant,
+                                        lower_order_final=unipc_lower_order_final))
     if spec.a1111 == "PLMS":
         return replace(spec, fn=partial(L.sample_plms, euler_start_alone=True))
     return spec

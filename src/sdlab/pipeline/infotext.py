@@ -23,7 +23,7 @@ from typing import Any
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES, schedule_overrides
 from sdlab.diffusion.samplers import (
-    A1111_TIMESTEP_SAMPLERS, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
+    A1111_TIMESTEP_SAMPLERS, a1111_schedule, also_discards, comfyui_spelling, get_sampler, runs_a1111_timesteps,
 )
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.pipeline.control import infotext_lines
@@ -45,6 +45,9 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Schedule max sigma": ("schedule_sigma_max", float),
     "Schedule rho": ("schedule_rho", float),
     "Discard penultimate sigma": ("discard_penultimate_sigma", bool),
+    "UniPC variant": ("unipc_variant", str),      # A1111's uni_pc_* options' labels, which it reads (`_unipc_options`)
+    "UniPC order": ("unipc_order", int),
+    "UniPC lower order final": ("unipc_lower_order_final", bool),
     "Downcast alphas_cumprod": ("downcast_alphas_cumprod", bool),   # A1111's use_downcasted_alpha_bar
     "Emphasis": ("emphasis", str),
     "Old prompt editing timelines": ("old_prompt_editing", bool),   # A1111's use_old_scheduling
@@ -239,6 +242,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
         **hires_parameters(req),
         **_eta_parameters(req),
+        **_unipc_options(req),
         "ENSD": _ensd(req),
         "RNG": req.rng,                  # A1111 leaves out its default, GPU; sdlab writes every source
         "Sigma churn": _taken(req, "s_churn", req.s_churn or None),
@@ -425,6 +429,24 @@ def _schedule_overrides(req: GenerationRequest) -> dict[str, Any]:
             "Schedule rho": taken.get("rho"),
             "Beta schedule alpha": req.beta_alpha if beta else None, "Beta schedule beta": req.beta_beta if beta else None,
             "Discard penultimate sigma": also_discards(spec, req.discard_penultimate_sigma) or None}
+
+
+_UNIPC_OPTIONS = {"UniPC variant": "unipc_variant", "UniPC order": "unipc_order",
+                  "UniPC lower order final": "unipc_lower_order_final"}
+
+
+def _unipc_options(req: GenerationRequest) -> dict[str, Any]:
+    """A1111's UniPC options under the labels it reads them from (its options' infotext names; it writes none),
+    where one is not its default and A1111's UniPC (`runs_a1111_timesteps`) draws either pass."""
+    passes = ((req.sampler, req.schedule), (req.hr_sampler, req.hr_schedule or req.schedule))
+    try:
+        specs = [(get_sampler(name), schedule) for name, schedule in passes if name]
+    except (ValueError, AttributeError):
+        return {}
+    if not any(spec.a1111 == "UniPC" and runs_a1111_timesteps(spec, schedule) for spec, schedule in specs):
+        return {}
+    return {label: value for label, name in _UNIPC_OPTIONS.items()
+            if (value := getattr(req, name)) != _REQUEST_DEFAULTS[name]}
 
 
 def _sgm_noise_multiplied(req: GenerationRequest) -> bool:

@@ -341,16 +341,18 @@ def _a1111_sigmas(sampling: ModelSampling, sampler: SamplerSpec, req: Generation
 def _check_a1111_timestep_steps(sampler: SamplerSpec, req: GenerationRequest, sigmas: Tensor, img2img: bool,
                                 field: str = "steps") -> None:
     """A RequestError where A1111's timestep sampler takes no step on `sigmas` (one timestep: its loop runs
-    `len(timesteps) - 1` times), or its UniPC fewer than its order, 3 (A1111's fails there); it names `field`, the
-    request's steps (`hr_steps` for a hires second pass), and the strength where a higher one runs more steps."""
-    steps, needed = len(sigmas) - 1, 3 if sampler.a1111 == "UniPC" else 1
+    `len(timesteps) - 1` times), or its UniPC fewer than its order (`unipc_order`: A1111's fails there); it names
+    `field`, the request's steps (`hr_steps` for a hires second pass), and the strength where a higher one runs
+    more steps."""
+    steps, needed = len(sigmas) - 1, req.unipc_order if sampler.a1111 == "UniPC" else 1
     if steps < needed:
         convention = req.img2img_convention
         strength_acts = img2img and steps_run(req.steps, 1.0, convention)[1] > steps_run(req.steps, req.strength,
                                                                                            convention)[1]
         what = f"{field} {req.steps}" + (f" at strength {req.strength}" if strength_acts else "")
+        least = f"its order {needed} (unipc_order)" if sampler.a1111 == "UniPC" else needed
         raise RequestError(f"A1111's {sampler.a1111} at {what} takes {steps} step(s) on its timesteps, fewer than "
-                           f"{needed}: raise {field}" + (" (or the strength)" if strength_acts else ""))
+                           f"{least}: raise {field}" + (" (or the strength)" if strength_acts else ""))
 
 
 def _check_second_pass_steps(sampling: ModelSampling, req: GenerationRequest) -> None:
@@ -514,7 +516,8 @@ def make_plan(
 
     sampler = get_sampler(req.sampler)
     if runs_a1111_timesteps(sampler, req.schedule):
-        sampler = a1111_run(sampler)
+        sampler = a1111_run(sampler, unipc_order=req.unipc_order, unipc_variant=req.unipc_variant,
+                            unipc_lower_order_final=req.unipc_lower_order_final)
     guided = bundle.runs_uncond(req.cfg_scale, sampler.cfg_pp)
     advice = steps_warning(sampler, req.steps, req.schedule) if guided else None
     if advice:

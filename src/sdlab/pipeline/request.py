@@ -187,6 +187,9 @@ class GenerationRequest:
                                             # schedule's sigmas from float16 alphas_cumprod
     zero_terminal_snr: bool = False         # A1111's Noise Schedule "Zero Terminal SNR" (sd_noise_schedule): the
                                             # model's alphas_cumprod rescaled (schedules.a1111_schedule_override)
+    unipc_variant: str = "bh1"              # A1111's uni_pc_variant, uni_pc_order and uni_pc_lower_order_final,
+    unipc_order: int = 3                    # its defaults: how its UniPC on ddim_uniform steps
+    unipc_lower_order_final: bool = True    # (samplers.a1111_run)
     # img2img / inpainting
     init_image: Image.Image | None = field(default=None, repr=False, compare=False)
     init_images: tuple[Image.Image, ...] = field(default=(), repr=False, compare=False)   # A1111's several
@@ -379,6 +382,22 @@ def _bounded(name: str, value: float, low: float, high: float) -> float:
     if not low <= _finite(name, value) <= high:
         raise RequestError(f"{name} must lie in [{low:g}, {high:g}], got {value!r}")
     return float(value)
+
+
+A1111_UNIPC_VARIANTS = ("bh1", "bh2")
+"""A1111's uni_pc_variant choices sdlab draws (its third, "vary_coeff", it does not)."""
+MAX_UNIPC_ORDER = 50                        # A1111's uni_pc_order slider: 1..50
+
+
+def _check_unipc_options(r: GenerationRequest) -> None:
+    """A RequestError for A1111's UniPC options (`unipc_variant`, `unipc_order`, `unipc_lower_order_final`) that
+    are not values its UniPC takes."""
+    if r.unipc_variant not in A1111_UNIPC_VARIANTS:
+        raise RequestError(f"UniPC variant must be one of {', '.join(A1111_UNIPC_VARIANTS)}, got {r.unipc_variant!r}")
+    if not _integer(r.unipc_order) or not 1 <= r.unipc_order <= MAX_UNIPC_ORDER:
+        raise RequestError(f"UniPC order must be an integer in 1..{MAX_UNIPC_ORDER}, got {r.unipc_order!r}")
+    if not isinstance(r.unipc_lower_order_final, bool):
+        raise RequestError(f"UniPC lower order final must be true or false, got {r.unipc_lower_order_final!r}")
 
 
 def _integer(value: Any) -> bool:
@@ -812,6 +831,7 @@ def resolve(
     _bounded("skip_early_cond (Skip Early CFG)", r.skip_early_cond, 0.0, 1.0)
     _bounded("s_noise", r.s_noise, 0.0, MAX_ETA)
     _bounded("s_churn", r.s_churn, 0.0, MAX_CHURN)
+    _check_unipc_options(r)
     _bounded("s_tmin", r.s_tmin, 0.0, math.inf)
     if r.s_tmax is not None:
         _bounded("s_tmax", r.s_tmax, 0.0, math.inf)

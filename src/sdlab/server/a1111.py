@@ -53,8 +53,9 @@ from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, read_parameters, version_label,
 )
 from sdlab.pipeline.request import (
-    EMPHASIS_MODES, MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA, MAX_NOISE_MULTIPLIER, RESIZE_MODES,
-    RNG_SOURCES, GenerationRequest, RequestError, fixed_seed, rng_source,
+    A1111_UNIPC_VARIANTS, EMPHASIS_MODES, MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA,
+    MAX_NOISE_MULTIPLIER, MAX_UNIPC_ORDER, RESIZE_MODES, RNG_SOURCES, GenerationRequest, RequestError, fixed_seed,
+    rng_source,
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.controls import a1111_controls
@@ -84,6 +85,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
     "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0,                # k-diffusion's (`_sigma_options`)
     "eta_ddim": 0.0,                                                             # DDIM's eta (`_eta`)
+    "uni_pc_variant": "bh1", "uni_pc_order": 3, "uni_pc_lower_order_final": True,   # its UniPC's (`_unipc_settings`)
+    "uni_pc_skip_type": "time_uniform",
     "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,  # `_schedule_settings`
     "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6, "sgm_noise_multiplier": False,      # `_schedule_settings`,
     "img2img_extra_noise": 0.0, "inpainting_mask_weight": 1.0,                         # `_noise_settings`
@@ -305,7 +308,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
-        **_guidance_settings(body, settings),
+        **_guidance_settings(body, settings), **_unipc_settings(settings),
     )
 
 
@@ -408,6 +411,13 @@ def _eta(body: Txt2ImgIn, settings: dict[str, Any], sampler: str) -> float | Non
     if body.eta is not None or sampler != "DDIM":
         return body.eta
     return settings["eta_ddim"] or None
+
+
+def _unipc_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A1111's `uni_pc_variant`, `uni_pc_order` and `uni_pc_lower_order_final` options as request fields (its
+    `unipc` reads them as it draws; `uni_pc_skip_type` sdlab takes only at its default, `_check_options`)."""
+    return dict(unipc_variant=settings["uni_pc_variant"], unipc_order=settings["uni_pc_order"],
+                unipc_lower_order_final=settings["uni_pc_lower_order_final"])
 
 
 def _ensd(settings: dict[str, Any]) -> dict[str, int]:
@@ -723,7 +733,14 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         value = body.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise BadRequest(f"{where}{key} must be a number >= 0, got {value!r}", 422)
-    for key in ("always_discard_next_to_last_sigma", "sgm_noise_multiplier"):
+    for key, choices in (("uni_pc_variant", A1111_UNIPC_VARIANTS), ("uni_pc_skip_type", ("time_uniform",))):
+        if body.get(key, choices[0]) not in choices:       # A1111's vary_coeff, time_quadratic, logSNR: not drawn
+            raise BadRequest(f"{where}{key} must be one of {', '.join(map(repr, choices))} (sdlab draws no other), "
+                             f"got {body[key]!r}", 422)
+    order = body.get("uni_pc_order", 3)
+    if not isinstance(order, int) or isinstance(order, bool) or not 1 <= order <= MAX_UNIPC_ORDER:
+        raise BadRequest(f"{where}uni_pc_order must be an integer in 1..{MAX_UNIPC_ORDER}, got {order!r}", 422)
+    for key in ("always_discard_next_to_last_sigma", "sgm_noise_multiplier", "uni_pc_lower_order_final"):
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
     for key, low, high in (("img2img_extra_noise", 0.0, MAX_NOISE_MULTIPLIER), ("inpainting_mask_weight", 0.0, 1.0),
