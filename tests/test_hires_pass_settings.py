@@ -295,12 +295,14 @@ def test_the_second_pass_counts_the_first_pass_by_the_first_samplers_calls(pipe8
     makes them and its own steps by the hires sampler's, as A1111 (`a1111_hr_prompt_steps`); the drawing and the
     chunk check share `prompt_schedule_steps`."""
     from sdlab.pipeline.hires import second_pass_request
+    from sdlab.diffusion.samplers import get_sampler
     from sdlab.pipeline.plan import prompt_schedule_steps
 
     plan = pipe8.resolve(GenerationRequest("a [cat:dog:6] in snow", steps=4, sampler=sampler, hr_sampler=hr_sampler,
                                            hr_scale=1.5, hr_upscaler="Latent", hr_steps=3, hr_denoise=0.6))
     second = second_pass_request(plan.request, pipe8.bundle.vae_config.downsample_factor)
-    assert prompt_schedule_steps(second) == a1111_hr_prompt_steps(sampler, 4, hr_sampler or sampler, 3)
+    calls = get_sampler(second.sampler).calls_per_step
+    assert prompt_schedule_steps(second, calls) == a1111_hr_prompt_steps(sampler, 4, hr_sampler or sampler, 3)
 
 
 def test_a_hires_prompt_equal_to_the_prompt_but_for_comments_is_the_prompt(pipe8: Pipeline):

@@ -577,8 +577,9 @@ def _guided_model(
     embedded = bundle.unet_config.time_cond_proj_dim
     parts = prompt_parts(bundle, req.prompt)                            # A1111's AND, :WEIGHT
     composed = len(parts) > 1 or parts[0][1] != 1.0
-    first_call = steps_done * get_sampler(req.sampler).calls_per_step  # A1111 counts every model call
-    steps, hires_steps = prompt_schedule_steps(req)                     # a hires pass counts on
+    calls = get_sampler(req.sampler).calls_per_step                     # A1111 counts every model call
+    first_call = steps_done * calls
+    steps, hires_steps = prompt_schedule_steps(req, calls)              # a hires pass counts on
     conditioning = partial(        # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
         make_cond_schedule,
         bundle.text_encoders,

@@ -218,11 +218,10 @@ def prompt_parts(bundle: ModelBundle, prompt: str) -> list[tuple[str, float]]:
     return composable_parts(prompt)
 
 
-def prompt_schedule_steps(req: GenerationRequest) -> tuple[int, int | None]:
-    """The (steps, hires_steps) a pass of `req` schedules its prompt edits over (`prompt_schedule`): model calls,
-    as A1111 counts them (its step_multiplier: the steps times the sampler's calls a step); a hires second pass
-    (`first_pass_steps` set: the first pass's calls, counted by its own sampler) counts on from its first pass."""
-    calls = get_sampler(req.sampler).calls_per_step
+def prompt_schedule_steps(req: GenerationRequest, calls: int) -> tuple[int, int | None]:
+    """The (steps, hires_steps) a pass of `req`, whose sampler makes `calls` model calls a step, schedules its
+    prompt edits over (`prompt_schedule`): model calls, as A1111 counts them (its step_multiplier); a hires second
+    pass (`first_pass_steps` set: the first pass's calls, counted by its own sampler) counts on from its first."""
     if req.first_pass_steps is None:
         return req.steps * calls, None
     return req.first_pass_steps, req.steps * calls
@@ -240,7 +239,7 @@ def _edited_texts(bundle: ModelBundle, req: GenerationRequest) -> dict[str, str]
     schedules them) of each part (`prompt_parts`) of the prompt and of the negative prompt."""
     texts: dict[str, str] = {}
     for run, (prompt, negative) in zip(_passes(bundle, req), _prompt_fields(req)):
-        steps = prompt_schedule_steps(run)
+        steps = prompt_schedule_steps(run, get_sampler(run.sampler).calls_per_step)
         fields = [(prompt, part) for part, _ in prompt_parts(bundle, run.prompt)] + [(negative, run.negative_prompt)]
         for field, text in fields:
             for _, text_at in prompt_schedule(text, *steps, old=run.old_prompt_editing):
@@ -526,8 +525,9 @@ def make_plan(
         logger.warning("CFG %g on a model that takes its guidance as an input (LCM-distilled) embeds w = %g: "
                        "no guidance; its own preset draws at CFG 8.5 (--preset lcm-model)",
                        req.cfg_scale, req.cfg_scale - 1.0)
-    req = _without_unusable_schedule_options(bundle.model_sampling, req)
-    sampling = request_sampling(bundle.model_sampling, req)
+    model_sampling = bundle.model_sampling                       # built on each read: once here
+    req = _without_unusable_schedule_options(model_sampling, req)
+    sampling = request_sampling(model_sampling, req)
     img2img = from_latent or req.init_image is not None
     sigmas = request_sigmas(sampling, sampler, req, bundle.device, img2img=img2img, steps_offset=bundle.steps_offset)
     if req.hires:
