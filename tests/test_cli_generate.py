@@ -263,7 +263,7 @@ def test_from_png_hands_off_to_the_refiner_by_the_pictures_rule(tmp_path, capsys
     common = ["txt2img", "--model", str(base), "--refiner", str(refiner), "--no-progress"]
 
     splits = []
-    monkeypatch.setattr(plan, "handoff_index", lambda *a: splits.append(handoff_index(*a)) or splits[-1])
+    monkeypatch.setattr(plan, "handoff_index", lambda *a, **k: splits.append(handoff_index(*a, **k)) or splits[-1])
 
     def handoff(*args: str) -> tuple[int, dict]:
         out = tmp_path / f"out{len(list(tmp_path.glob('out*.png')))}.png"

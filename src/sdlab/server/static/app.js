@@ -62,6 +62,9 @@ const KEPT = {
   s_tmin: { none: 0, with: ["sampler"] },
   s_tmax: { none: null, with: ["sampler"] },
   s_noise: { none: 1, with: ["sampler"] },
+  unipc_variant: { none: "bh1", with: ["sampler"] },        // A1111's UniPC options stay with its sampler
+  unipc_order: { none: 3, with: ["sampler"] },
+  unipc_lower_order_final: { none: true, with: ["sampler"] },
   s_min_uncond: { none: 0, with: [] },                       // A1111's NGMS (all steps), Skip Early CFG and Pad
   s_min_uncond_all: { none: false, with: [] },               // conds (v0) stay
   skip_early_cond: { none: 0, with: [] },
