@@ -97,6 +97,23 @@ def test_bad_axes(spec: str, match: str) -> None:
         parse_axis(spec)
 
 
+@pytest.mark.parametrize("spec,values", [
+    ("cfg=5e-1,7", [0.5, 7.0]),                       # a number as float() reads it, not the range "5e" to "1"
+    ("denoise=1e-1", [0.1]),
+    ("cfg=1E+1", [10.0]),
+    ("cfg=1e0-3 (+1)", [1.0, 2.0, 3.0]),              # exponents in A1111's ranges too
+    ("cfg=1e-1-3e-1 [3]", np.linspace(0.1, 0.3, 3).tolist()),
+])
+def test_float_values_take_exponents(spec: str, values: list) -> None:
+    assert list(parse_axis(spec).values) == values
+
+
+@pytest.mark.parametrize("spec", ["cfg=2x-3", "cfg=5e", "cfg=1e-", "cfg=1.2.3-4", "denoise=0,5-1x"])
+def test_a_float_value_that_is_no_number_is_one_grid_error(spec: str) -> None:
+    with pytest.raises(GridError, match="is not a number or a range"):
+        parse_axis(spec)
+
+
 def test_cell_limit() -> None:
     axes = [parse_axis("steps=1-16"), parse_axis("seed=1-16")]
     assert cell_count(axes) == MAX_CELLS

@@ -7,6 +7,8 @@ and numeric fields expand A1111's ranges:
     1-10 (+3)    -> 1, 4, 7, 10                   (a signed step in parentheses)
     10-20 [3]    -> 10, 15, 20                    (a count in brackets: numpy.linspace; ints truncate)
     1-2 (+0.25)  -> 1.0, 1.25, 1.5, 1.75, 2.0     (floats: numpy.arange(start, end + step, step))
+    5e-1         -> 0.5                           (a number as Python's float() reads it; anything else
+                                                   that is neither a number nor a range is a GridError)
 
 Fields (any case; spaces, `_`, `-` and `/` ignored, so A1111's labels work too):
 
@@ -63,8 +65,10 @@ MAX_CELLS = 256
 
 _INT_RANGE = re.compile(r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\(([+-]\d+)\s*\))?\s*")
 _INT_COUNT = re.compile(r"\s*([+-]?\s*\d+)\s*-\s*([+-]?\s*\d+)(?:\s*\[(\d+)\s*\])?\s*")
-_FLOAT_RANGE = re.compile(r"\s*([+-]?\s*\d+(?:.\d*)?)\s*-\s*([+-]?\s*\d+(?:.\d*)?)(?:\s*\(([+-]\d+(?:.\d*)?)\s*\))?\s*")
-_FLOAT_COUNT = re.compile(r"\s*([+-]?\s*\d+(?:.\d*)?)\s*-\s*([+-]?\s*\d+(?:.\d*)?)(?:\s*\[(\d+(?:.\d*)?)\s*\])?\s*")
+# A1111's number `\d+(?:.\d*)?` with the dot escaped and an exponent: "5e-1" is 0.5, not the range "5e" to "1"
+_NUMBER = r"\d+(?:\.\d*)?(?:[eE][+-]?\d+)?"
+_FLOAT_RANGE = re.compile(rf"\s*([+-]?\s*{_NUMBER})\s*-\s*([+-]?\s*{_NUMBER})(?:\s*\(([+-]{_NUMBER})\s*\))?\s*")
+_FLOAT_COUNT = re.compile(rf"\s*([+-]?\s*{_NUMBER})\s*-\s*([+-]?\s*{_NUMBER})(?:\s*\[({_NUMBER})\s*\])?\s*")
 
 
 class GridError(ValueError):
