@@ -172,3 +172,37 @@ def test_schedule_axis_takes_a1111_labels() -> None:
     axis = parse_axis("schedule=SGM Uniform,Automatic,DDIM,karras")
     assert axis.values == ("SGM Uniform", "Automatic", "DDIM", "karras")       # as typed, as A1111 keeps them
     assert axis.labels[0] == "Schedule type: SGM Uniform"
+
+
+def _recording_run(requests: list):
+    """A `run` that records each request and draws a grey 8 px picture (the seeds are what is tested)."""
+    from sdlab.pipeline.request import GenerationResult
+
+    def run(request):
+        requests.append(request)
+        return GenerationResult([Image.new("RGB", (8, 8), "grey")], [request.seed or 0], request)
+    return run
+
+
+@pytest.mark.parametrize("seeds", [{}, {"seed": -1}, {"seed": -1, "subseed": -1, "subseed_strength": 0.5}])
+def test_draw_plot_fixes_one_seed_for_the_whole_grid(seeds: dict) -> None:
+    """A1111's plot calls `processing.fix_seed(p)` before its first cell (unless "Keep -1 for seeds"), so one
+    seed and one variation seed serve every cell, as `sdlab grid` does."""
+    from sdlab.pipeline.grid import Plot, draw_plot
+
+    requests: list = []
+    draw_plot(_recording_run(requests), {"prompt": "a", **seeds}, Plot(parse_axis("cfg=2,4,6"), parse_axis("steps=1,2")))
+    assert len(requests) == 6
+    assert len({r.seed for r in requests}) == 1 and requests[0].seed not in (None, -1)
+    assert len({r.subseed for r in requests}) == 1 and requests[0].subseed not in (None, -1)
+    kept: list = []
+    draw_plot(_recording_run(kept), {"prompt": "a", **seeds}, Plot(parse_axis("cfg=2,4")), keep_random_seeds=True)
+    assert [r.seed for r in kept] == [seeds.get("seed")] * 2                  # each cell draws its own
+
+
+def test_draw_plot_keeps_a_given_seed() -> None:
+    from sdlab.pipeline.grid import Plot, draw_plot
+
+    requests: list = []
+    draw_plot(_recording_run(requests), {"prompt": "a", "seed": 9, "subseed": 3}, Plot(parse_axis("cfg=2,4")))
+    assert [(r.seed, r.subseed) for r in requests] == [(9, 3), (9, 3)]

@@ -59,7 +59,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
-from sdlab.pipeline.request import GenerationRequest, GenerationResult, next_batch
+from sdlab.pipeline.request import GenerationRequest, GenerationResult, fixed_seed, next_batch
 
 MAX_CELLS = 256
 
@@ -311,13 +311,20 @@ class Plot:
         return row_grids(grids, list(self.z.labels), font_size(first.width, first.height))[0]
 
 
-def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dict[str, Any],
-              plot: Plot) -> tuple[Image.Image, dict[Index, GenerationResult]]:
-    """Draw every cell with `run` (e.g. `Pipeline.run`) from `options` (GenerationRequest keyword arguments;
-    give a seed, or each cell draws its own) and lay them out: (the sheet, each cell's result). A cell of
-    several images (a `batch_size`) shows them as `cell_picture` lays them out; `draw_cells` draws cells of
-    several batches."""
-    sheet, results = draw_cells(run, plot, plot.cells(options))
+def fix_seeds(options: Mapping[str, Any]) -> dict[str, Any]:
+    """`options` with one seed and one variation seed for every cell: an unset or -1 one drawn once now, as
+    A1111's plot fixes them (`processing.fix_seed`) before its first cell (`sdlab grid`, `draw_plot`)."""
+    return {**options, "seed": fixed_seed(options.get("seed")), "subseed": fixed_seed(options.get("subseed"))}
+
+
+def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dict[str, Any], plot: Plot, *,
+              keep_random_seeds: bool = False) -> tuple[Image.Image, dict[Index, GenerationResult]]:
+    """Draw every cell with `run` (e.g. `Pipeline.run`) from `options` (GenerationRequest keyword arguments)
+    and lay them out: (the sheet, each cell's result). An unset or -1 seed (and variation seed) is drawn once
+    for the whole grid (`fix_seeds`), unless `keep_random_seeds` (A1111's "Keep -1 for seeds"): then each cell
+    draws its own. A cell of several images (a `batch_size`) shows them as `cell_picture` lays them out;
+    `draw_cells` draws cells of several batches."""
+    sheet, results = draw_cells(run, plot, plot.cells(options if keep_random_seeds else fix_seeds(options)))
     return sheet, {index: batches[0] for index, batches in results.items()}
 
 
