@@ -6,6 +6,7 @@ API and the CLI take them."""
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 from pathlib import Path
 
@@ -314,3 +315,95 @@ def test_a_hires_prompt_equal_to_the_prompt_but_for_comments_is_the_prompt(pipe8
     assert (plan.request.hr_prompt, plan.request.hr_negative_prompt) == ("", "")
     labels = to_parameters(plan.request)
     assert labels["Hires prompt"] is None and labels["Hires negative prompt"] is None
+
+
+# --- the hires sampler's own eta (A1111's eta options) -----------------------------------------------------------
+
+A1111_ETA_SAMPLERS = {"DDIM": ("eta_ddim", "Eta DDIM", 0.0), "Euler a": ("eta_ancestral", "Eta", 1.0)}
+"""A1111's samplers here whose function takes an eta: `Sampler`'s eta_option_field, eta_infotext_field and
+eta_default (sd_samplers_timesteps.py sets the DDIM ones; Euler takes no eta)."""
+
+
+def a1111_pass_eta(sampler: str, p_eta: float | None, opts: dict, params: dict) -> float | None:
+    """sd_samplers_common.py `Sampler.initialize`, which each pass runs with its own sampler (None: no eta):
+    `self.eta = p.eta if p.eta is not None else getattr(opts, self.eta_option_field, 0.0)`;
+    `if self.eta != self.eta_default: p.extra_generation_params[self.eta_infotext_field] = self.eta`."""
+    if sampler not in A1111_ETA_SAMPLERS:
+        return None
+    option, label, default = A1111_ETA_SAMPLERS[sampler]
+    eta = p_eta if p_eta is not None else opts.get(option, {"eta_ddim": 0.0, "eta_ancestral": 1.0}[option])
+    if eta != default:
+        params[label] = eta
+    return eta
+
+
+@pytest.mark.parametrize("sampler, hr_sampler, eta, opts", [
+    ("Euler a", "DDIM", None, {"eta_ddim": 0.5}), ("Euler", "DDIM", None, {"eta_ddim": 0.3}),
+    ("DDIM", "Euler a", None, {"eta_ddim": 0.5}), ("DDIM", "Euler", None, {"eta_ddim": 0.5}),
+    ("Euler a", "DDIM", 0.4, {"eta_ddim": 0.5}), ("DDIM", "DDIM", None, {"eta_ddim": 0.5}),
+    ("Euler a", "DDIM", None, {}),
+])
+def test_a_hires_sampler_draws_with_its_own_eta_option_as_a1111(pipe8: Pipeline, sampler, hr_sampler, eta, opts):
+    """A1111's second pass initializes its own sampler: a hires DDIM behind another sampler draws at `eta_ddim`,
+    a hires Euler a behind a DDIM at `eta_ancestral` (1); each pass's eta is labelled under its sampler's label,
+    and the labels read back draw both passes the same."""
+    from sdlab.diffusion.samplers import get_sampler
+    from sdlab.pipeline.hires import second_pass_request
+
+    params: dict = {}
+    first_eta, second_eta = (a1111_pass_eta(s, eta, opts, params) for s in (sampler, hr_sampler))
+    body = Txt2ImgIn(prompt="a cat", sampler_name=sampler, steps=3, seed=1, width=64, height=64, eta=eta,
+                     enable_hr=True, hr_scale=1.5, hr_sampler_name=hr_sampler, denoising_strength=0.5,
+                     override_settings=opts)
+
+    def drawn_etas(request: GenerationRequest) -> tuple:
+        """Each pass's eta as its sampler draws it (None: it takes none)."""
+        resolved = pipe8.resolve(request).request
+        taken = (inspect.signature(get_sampler(r.sampler).fn).parameters.get("eta")
+                 for r in (resolved, second_pass_request(resolved, 8)))
+        return tuple(None if t is None else t.default if r.eta is None else r.eta
+                     for t, r in zip(taken, (resolved, second_pass_request(resolved, 8))))
+
+    request = _request(body)
+    assert drawn_etas(request) == (first_eta, second_eta)
+    labels = to_parameters(pipe8.resolve(request).request)
+    assert {k: v for k, v in labels.items() if k.startswith(("Eta", "Hires eta")) and v is not None} == params
+    again = GenerationRequest(**from_parameters(parse_parameters(format_parameters(labels))))
+    assert drawn_etas(again) == (first_eta, second_eta)
+
+
+def test_a_hires_ddims_eta_ddim_changes_its_picture_and_draws_again_from_its_labels(pipe8: Pipeline):
+    body = dict(prompt="a cat", sampler_name="Euler a", steps=6, seed=1, width=64, height=64, enable_hr=True,
+                hr_scale=1.5, hr_sampler_name="DDIM", hr_second_pass_steps=4, denoising_strength=0.6)
+    drawn = pipe8.run(_request(Txt2ImgIn(**body, override_settings={"eta_ddim": 0.7})))
+    plain = pipe8.run(_request(Txt2ImgIn(**body)))
+    assert not np.array_equal(np.asarray(drawn.images[0]), np.asarray(plain.images[0]))
+    text = format_parameters(to_parameters(drawn.request))
+    assert "Eta DDIM: 0.7" in text and ", Eta:" not in text
+    again = pipe8.run(GenerationRequest(**from_parameters(parse_parameters(text))))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(drawn.images[0]))
+
+
+def test_hr_eta_is_checked_and_needs_the_hires_fix(pipe8: Pipeline):
+    with pytest.raises(RequestError, match="hr_eta need hr_scale"):
+        pipe8.resolve(GenerationRequest("a cat", hr_eta=0.5))
+    with pytest.raises(RequestError, match="hr_eta must lie in"):
+        pipe8.resolve(GenerationRequest("a cat", hr_scale=1.5, hr_eta=-1))
+    with pytest.raises(RequestError, match="TCD .the hires sampler. takes eta in"):
+        pipe8.resolve(GenerationRequest("a cat", sampler="Euler a", hr_sampler="TCD", hr_scale=1.5, hr_eta=2))
+
+
+def test_cli_hr_eta_draws_the_second_pass_and_eta_both(tmp_path: Path, capsys):
+    """--hr-eta is the second pass's eta (written as its sampler's label, read back by --from-png); --eta given
+    with --from-png draws both passes, as A1111's `p.eta` does."""
+    out, again, both = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    code, _, err = run(["txt2img", "a cat", "--sampler", "Euler a", "--steps", "6", "--seed", "5", "--hr-scale", "1.5",
+                        "--hr-steps", "4", "--hr-sampler", "DDIM", "--hr-eta", "0.6", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "Eta DDIM: 0.6" in read_parameters(out)
+    code, _, err = run(["txt2img", "--from-png", str(out), "--out", str(again), "--no-progress"], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(again), pixels(out))
+    code, _, err = run(["txt2img", "--from-png", str(out), "--eta", "0.2", "--out", str(both), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "Eta DDIM: 0.2" in read_parameters(both) and "Eta: 0.2" in read_parameters(both)

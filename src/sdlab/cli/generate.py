@@ -291,6 +291,7 @@ def _add_hires_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hr-denoise", type=float, metavar="D",
                    help="second-pass denoising strength above 0; above 1 draws as 1 (default 0.7)")
     p.add_argument("--hr-sampler", metavar="NAME", help="second-pass sampler (A1111's Hires sampler; default: --sampler)")
+    p.add_argument("--hr-eta", type=float, help="second-pass eta (default: --eta)")
     p.add_argument("--hr-schedule", metavar="NAME",
                    help="second-pass schedule (A1111's Hires schedule type; default: --schedule, unset: the sampler's)")
     p.add_argument("--hr-prompt", metavar="TEXT", help="second-pass prompt, with its own prompt editing and <lora:...> "
@@ -325,7 +326,8 @@ def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
         options.pop("hr_width", None)
         options.pop("hr_height", None)
     given = {"hr_upscaler": args.hr_upscaler, "hr_steps": args.hr_steps, "hr_denoise": args.hr_denoise,
-             **{name: getattr(args, name) for name in ("hr_sampler", "hr_schedule", "hr_prompt", "hr_negative_prompt")}}
+             **{name: getattr(args, name) for name in ("hr_sampler", "hr_schedule", "hr_eta", "hr_prompt",
+                                                       "hr_negative_prompt")}}
     options.update({k: v for k, v in given.items() if v is not None})
     if options.get("hr_upscaler") is not None:     # a recorded name: the model file beside the picture or here
         folders = [Path(args.from_png).resolve().parent] if args.from_png else []
@@ -428,6 +430,8 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
     options.update({k: v for k, v in given.items() if v is not None})
     if given["mask_blur"] is not None:               # --mask-blur blurs both ways: not a --from-png picture's y
         options.pop("mask_blur_y", None)
+    if given["eta"] is not None:                     # --eta draws both passes (--hr-eta the second)
+        options.pop("hr_eta", None)
     if options.get("prompt") is None:
         raise UserError("a prompt is needed (or --from-png FILE)")
     if args.mode == "txt2img":

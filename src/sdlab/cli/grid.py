@@ -161,6 +161,7 @@ def _check_hires(args: argparse.Namespace) -> None:
     given = [flag for flag, value in (("--hr-scale", args.hr_scale), ("--hr-size", args.hr_size),
                                       ("--hr-upscaler", args.hr_upscaler), ("--hr-steps", args.hr_steps),
                                       ("--hr-denoise", args.hr_denoise), ("--hr-sampler", args.hr_sampler),
+                                      ("--hr-eta", args.hr_eta),
                                       ("--hr-schedule", args.hr_schedule), ("--hr-prompt", args.hr_prompt),
                                       ("--hr-negative-prompt", args.hr_negative_prompt)) if value is not None]
     if args.init and given:

@@ -120,6 +120,12 @@ class SamplerSpec:
     def stochastic(self) -> bool:
         return self.noise != "none"
 
+    @property
+    def default_eta(self) -> float | None:
+        """The eta its function draws with when given none (None: it takes no eta)."""
+        taken = inspect.signature(self.fn).parameters.get("eta")
+        return None if taken is None else taken.default
+
     def draws_step_noise(self, eta: float | None = None, s_churn: float = 0.0) -> bool:
         """Whether it draws Gaussian step noise (the noise an ENSD reseeds) at ``eta`` (None: its function's
         default) and ``s_churn``: a row whose function takes an eta draws none at eta 0 (DDIM, ``res_multistep``,
@@ -130,8 +136,7 @@ class SamplerSpec:
             return True
         if self.noise != "gaussian":
             return False
-        taken = parameters.get("eta")
-        return taken is None or (taken.default if eta is None else eta) > 0
+        return self.default_eta is None or (self.default_eta if eta is None else eta) > 0
 
     @property
     def default_schedule(self) -> str | None:

@@ -110,8 +110,8 @@ def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | st
 
 def second_pass_request(req: GenerationRequest, factor: int) -> GenerationRequest:
     """The img2img request of the second pass (run `from_latent`) of a resolved hires request: the final size,
-    `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the hires sampler, schedule and prompts where
-    set (A1111's `sample_hr_pass` and `calculate_hr_conds`), the same seeds, no hires fields, and
+    `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the hires sampler, schedule, eta and prompts
+    where set (A1111's `sample_hr_pass` and `calculate_hr_conds`), the same seeds, no hires fields, and
     the first pass's model calls by the first pass's sampler (A1111's `firstpass_steps`: prompt edits count on from
     it). SDXL's original and target sizes the request
     leaves unset are the upscaled size before the crop and unsnapped, (hr_upscale_to_y, hr_upscale_to_x), for
@@ -120,9 +120,10 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     (up_width, up_height), _ = upscaled_to(req)
     return replace(req, width=width, height=height, steps=hires_steps(req), strength=req.hr_denoise,
                    sampler=req.hr_sampler or req.sampler, schedule=req.hr_schedule or req.schedule,
+                   eta=req.eta if req.hr_eta is None else req.hr_eta,
                    prompt=req.hr_prompt or req.prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt,
                    img2img_convention=HIRES_IMG2IMG, hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
-                   hr_steps=None, hr_denoise=None, hr_sampler=None, hr_schedule=None, hr_prompt="",
+                   hr_steps=None, hr_denoise=None, hr_sampler=None, hr_schedule=None, hr_eta=None, hr_prompt="",
                    hr_negative_prompt="", hr_base_size=None,
                    first_pass_steps=req.steps * get_sampler(req.sampler).calls_per_step,
                    original_size=req.original_size or (up_height, up_width),

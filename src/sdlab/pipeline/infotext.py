@@ -61,8 +61,6 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Clip skip": ("clip_skip", int),
     "Clip skip rule": ("clip_skip_convention", str),
     "Denoising strength": ("strength", float),
-    "Eta": ("eta", float),
-    "Eta DDIM": ("eta", float),            # A1111's label for its timestep samplers' eta (DDIM's)
     "ENSD": ("eta_noise_seed_delta", int),
     "RNG": ("rng", str),
     "Sigma churn": ("s_churn", float),     # A1111's labels of k-diffusion's churn and s_noise (`Sampler.initialize`)
@@ -94,6 +92,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Hires upscaler": ("hr_upscaler", str),
     "Hires sampler": ("hr_sampler", str),
     "Hires schedule type": ("hr_schedule", str),
+    "Hires eta": ("hr_eta", float),         # sdlab's label of a hires eta that A1111's labels cannot hold (`_etas`)
     "Hires prompt": ("hr_prompt", str),
     "Hires negative prompt": ("hr_negative_prompt", str),
     "SDXL aesthetic score": ("aesthetic_score", float),
@@ -490,19 +489,61 @@ def _taken(req: GenerationRequest, option: str, value: float | None) -> float | 
 
 
 def _eta_parameters(req: GenerationRequest) -> dict[str, Any]:
-    """A1111's eta label (`Sampler.initialize`): only for a sampler whose function takes eta and only when
-    it differs from that function's default, `Eta DDIM` for A1111's timestep samplers, `Eta` for the others
-    (k-diffusion's); an eta left unset is the default. A sampler sdlab does not know keeps its eta as `Eta`."""
-    if req.eta is None:
-        return {}
+    """A1111's eta labels (`Sampler.initialize`, which each pass runs with its sampler): a pass's eta under its
+    sampler's label (`_eta_label`) where it differs from the default of the sampler's function; an eta left unset
+    is the default. A hires eta of its own under the first pass's label, which A1111 cannot draw (one option
+    holds both), is sdlab's `Hires eta`."""
+    first, first_default = _eta_label(req.sampler)
+    labels = {first: req.eta} if first and req.eta not in (None, first_default) else {}
+    if not req.hires:
+        return labels
+    label, default = _eta_label(req.hr_sampler or req.sampler)
+    eta = req.eta if req.hr_eta is None else req.hr_eta
+    if label not in (None, first) and eta not in (None, default):
+        labels[label] = eta
+    elif label == first and req.hr_eta is not None and _or(req.hr_eta, default) != _or(req.eta, first_default):
+        labels["Hires eta"] = req.hr_eta
+    return labels
+
+
+def _or(eta: float | None, default: float | None) -> float | None:
+    """`eta`, else `default` (what a sampler draws an unset eta with)."""
+    return default if eta is None else eta
+
+
+def _eta_label(sampler: str | None) -> tuple[str | None, float | None]:
+    """A1111's label of `sampler`'s eta and the eta its function draws by default: `Eta DDIM` for A1111's timestep
+    samplers, `Eta` for the others (k-diffusion's), None for a function that takes no eta. A sampler sdlab does
+    not know keeps its eta as `Eta`."""
     try:
-        spec = get_sampler(req.sampler)
-    except (ValueError, AttributeError):
-        return {"Eta": req.eta}
-    taken = inspect.signature(spec.fn).parameters.get("eta")
-    if taken is None or req.eta == taken.default:
-        return {}
-    return {"Eta DDIM" if spec.a1111 in A1111_TIMESTEP_SAMPLERS else "Eta": req.eta}
+        spec = get_sampler(sampler)
+    except (ValueError, AttributeError, TypeError):
+        return "Eta", None
+    if spec.default_eta is None:
+        return None, None
+    return "Eta DDIM" if spec.a1111 in A1111_TIMESTEP_SAMPLERS else "Eta", spec.default_eta
+
+
+def _etas(p: dict[str, Any], fields: dict[str, Any]) -> dict[str, float]:
+    """`eta` and a hires sampler's own `hr_eta` from A1111's eta labels (`_eta_parameters`): where the two passes'
+    samplers take their etas under different labels (A1111's `eta_ddim` and `eta_ancestral` options), each pass
+    reads its own, a missing one its sampler's default; else `Eta DDIM` where there is one, `Eta` otherwise."""
+    etas = {label: _number(p, label) for label in ("Eta", "Eta DDIM") if label in p}
+    first, _ = _eta_label(fields.get("sampler"))
+    second, default = _eta_label(fields.get("hr_sampler")) if fields.get("hr_sampler") else (first, None)
+    if first is None or second is None or first == second:
+        eta = etas.get("Eta DDIM", etas.get("Eta"))
+        return {} if eta is None else {"eta": eta}
+    split = {"eta": etas.get(first), "hr_eta": etas.get(second, None if first not in etas else default)}
+    return {name: eta for name, eta in split.items() if eta is not None}
+
+
+def _number(p: dict[str, Any], label: str) -> float:
+    """The float value of `p`'s `label`, or a ValueError that names it."""
+    try:
+        return float(p[label])
+    except (TypeError, ValueError):
+        raise ValueError(f"the PNG's {label!r} value {p[label]!r} is not a valid float") from None
 
 
 def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
@@ -543,6 +584,7 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     _hires_as_pasted(fields)
     for sampler, schedule in (("sampler", "schedule"), ("hr_sampler", "hr_schedule")):
         _sampler_and_schedule(fields, sampler, schedule)
+    fields.update(_etas(p, fields))
     if not drawn_by_sdlab(p):
         _as_a1111_ran(fields)
     for name in ("schedule", "hr_schedule", "hr_sampler"):
@@ -572,7 +614,7 @@ def _sampler_and_schedule(fields: dict[str, Any], sampler: str, schedule: str) -
 
 
 HIRES_FIELDS = ("hr_scale", "hr_width", "hr_height", "hr_upscaler", "hr_steps", "hr_denoise", "hr_sampler",
-                "hr_schedule", "hr_prompt", "hr_negative_prompt")
+                "hr_schedule", "hr_eta", "hr_prompt", "hr_negative_prompt")
 DEFAULT_HR_SCALE = 2.0                      # A1111's Upscale by slider
 
 

@@ -257,6 +257,8 @@ class GenerationRequest:
     hr_sampler: str | None = None           # the second pass's sampler (A1111's hr_sampler_name); None: the first's
     hr_schedule: str | None = None          # its schedule (A1111's hr_scheduler); None: the first pass's as asked
                                             # (unset there: the second pass sampler's default)
+    hr_eta: float | None = None             # its eta where it differs from the first pass's (A1111's eta option of
+                                            # a hires sampler of its own: `eta_ddim` for DDIM); None: `eta`
     hr_prompt: str = ""                     # the second pass's prompts (A1111's hr_prompt / hr_negative_prompt,
     hr_negative_prompt: str = ""            # encoded for it with their own prompt editing and LoRA tags); "": the
                                             # first pass's
@@ -615,7 +617,7 @@ def _resolve_hires_pass(r: GenerationRequest, spec: SamplerSpec, schedule: str, 
     strips them before it compares them for its labels)."""
     names = ("hr_sampler", "hr_schedule", "hr_prompt", "hr_negative_prompt")
     if not r.hires:
-        given = [name for name in names if getattr(r, name) not in (None, "")]
+        given = [name for name in (*names, "hr_eta") if getattr(r, name) not in (None, "")]
         if given:
             raise RequestError(f"{', '.join(given)} need hr_scale or hr_width / hr_height (the hires fix)")
         return {}
@@ -628,8 +630,9 @@ def _resolve_hires_pass(r: GenerationRequest, spec: SamplerSpec, schedule: str, 
             second = get_sampler(r.hr_sampler)
         except ValueError as err:
             raise RequestError(f"hr_sampler: {err}") from None
-        if r.eta is not None and second.max_eta is not None and r.eta > second.max_eta:
-            raise RequestError(f"{second.name} (the hires sampler) takes eta in [0, {second.max_eta:g}], got {r.eta}")
+    eta = r.eta if r.hr_eta is None else _bounded("hr_eta", r.hr_eta, 0.0, MAX_ETA)
+    if eta is not None and second.max_eta is not None and eta > second.max_eta:
+        raise RequestError(f"{second.name} (the hires sampler) takes eta in [0, {second.max_eta:g}], got {eta}")
     hr_asked = asked if r.hr_schedule in (None, *_SAME) else _schedule_asked(r.hr_schedule)
     hr_schedule = hr_asked or second.default_schedule or default_schedule
     prompts = {}

@@ -40,7 +40,7 @@ from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_checkpoint
 from sdlab.checkpoints.upscaler import read_upscaler
-from sdlab.diffusion.samplers import SAMPLER_TABLE, SAMPLERS, a1111_schedule, comfyui_spelling
+from sdlab.diffusion.samplers import SAMPLER_TABLE, SAMPLERS, a1111_schedule, comfyui_spelling, get_sampler
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
@@ -287,6 +287,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         extra.update(hr_scale=body.hr_scale, hr_width=body.hr_resize_x or None, hr_height=body.hr_resize_y or None,
                      hr_upscaler=body.hr_upscaler or None, hr_steps=body.hr_second_pass_steps or None,
                      hr_denoise=body.denoising_strength, **_hires_pass(body, sampler))
+        extra.update(_hires_eta(body, settings, sampler, extra["hr_sampler"]))
     if inits:
         strength = 0.75 if body.denoising_strength is None else body.denoising_strength
         # A1111 reads initial_noise_multiplier as it makes the processing object, before the overrides apply
@@ -411,6 +412,16 @@ def _eta(body: Txt2ImgIn, settings: dict[str, Any], sampler: str) -> float | Non
     if body.eta is not None or sampler != "DDIM":
         return body.eta
     return settings["eta_ddim"] or None
+
+
+def _hires_eta(body: Txt2ImgIn, settings: dict[str, Any], sampler: str, hr_sampler: str | None) -> dict[str, Any]:
+    """The eta A1111 draws a hires sampler of its own with (`_eta`, as the second pass initializes it) as `hr_eta`
+    where it is not the first pass's: its DDIM's `eta_ddim` behind another sampler, another's default behind a
+    DDIM drawn at `eta_ddim`."""
+    second = _eta(body, settings, hr_sampler) if hr_sampler else None
+    if hr_sampler is None or second == _eta(body, settings, sampler):
+        return {}
+    return {"hr_eta": get_sampler(hr_sampler).default_eta if second is None else second}
 
 
 def _unipc_settings(settings: dict[str, Any]) -> dict[str, Any]:
