@@ -154,3 +154,28 @@ def test_every_field_the_api_takes_reaches_the_job_with_the_apis_defaults(page):
         assert field not in JobIn.model_fields, field
         assert request[field] == none, field
     assert js["seedRange"] == [str(MIN_SEED), str(MAX_SEED)]
+
+
+def test_every_field_the_page_keeps_is_one_the_api_takes(page):
+    """The page sends each `KEPT` field with the form's requests: the native API must take it (a field it lacks
+    would refuse every request after a Reuse or a PNG drop that keeps it)."""
+    kept = page.execute_script(PAGE_TABLES)["kept"]
+    assert sorted(set(kept) - set(JobIn.model_fields)) == []
+
+
+def test_a_dropped_unipc_picture_draws_again_with_its_options(page, base_url):
+    """A1111's UniPC options, which its picture records, are settings the page keeps and the native API takes."""
+    drawn = http_json(base_url, "/sdapi/v1/txt2img", {
+        "prompt": "a red cube", "steps": 2, "seed": 5, "width": 64, "height": 64, "sampler_name": "UniPC",
+        "override_settings": {"uni_pc_variant": "bh2", "uni_pc_order": 2, "uni_pc_lower_order_final": False}})
+    before = {job["id"] for job in http_json(base_url, "/api/jobs")["jobs"]}
+    drop_file(page, base64.b64decode(drawn["images"][0]), "unipc.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from unipc.png", 20, "the PNG was not read cleanly")
+    page.find_element(By.ID, "generate").click()
+    queued = wait(page, lambda d: [j for j in http_json(base_url, "/api/jobs")["jobs"] if j["id"] not in before]
+                  or text(d, "error"), 20, "the form queued no job")
+    assert isinstance(queued, list), queued
+    job = wait_job(base_url, queued[0]["id"])
+    assert {key: job["request"][key] for key in ("unipc_variant", "unipc_order", "unipc_lower_order_final")} == {
+        "unipc_variant": "bh2", "unipc_order": 2, "unipc_lower_order_final": False}
+    assert job["infotexts"][0].split("\n")[-1] == json.loads(drawn["info"])["infotexts"][0].split("\n")[-1]

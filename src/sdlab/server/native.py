@@ -101,6 +101,9 @@ class JobIn(NullsAreDefaults):
     s_tmin: float = 0.0                     # DPM2) and noise scale (its Sigma noise), as A1111 passes them
     s_tmax: float | None = None             # (docs/samplers.md); s_tmax None or 0: no upper end
     s_noise: float = 1.0
+    unipc_variant: str = "bh1"              # A1111's UniPC variant, order and lower order final (its uni_pc_*
+    unipc_order: int = 3                    # options, which its UniPC pictures record)
+    unipc_lower_order_final: bool = True
     schedule_sigma_min: float = 0.0         # A1111's Schedule min / max sigma and rho: the schedule's ends and rho,
     schedule_sigma_max: float = 0.0         # 0 = the model's / the schedule's
     schedule_rho: float = 0.0
@@ -167,6 +170,8 @@ PROMPT_OPTIONS = ("emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "
 SIGMA_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
                  "discard_penultimate_sigma")
 """The job's churn, noise scale and schedule overrides, named as `GenerationRequest` names them."""
+UNIPC_OPTIONS = ("unipc_variant", "unipc_order", "unipc_lower_order_final")
+"""The job's A1111 UniPC options."""
 NOISE_OPTIONS = ("beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight")
 """The job's A1111 Beta schedule, SGM noise multiplier, Extra noise and Conditional mask weight."""
 GUIDANCE_OPTIONS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0")
@@ -233,7 +238,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),
         **{name: getattr(body, name) for name in PROMPT_OPTIONS},
         **{name: getattr(body, name) for name in (*SIGMA_OPTIONS, *NOISE_OPTIONS)},
-        **{name: getattr(body, name) for name in GUIDANCE_OPTIONS},
+        **{name: getattr(body, name) for name in (*GUIDANCE_OPTIONS, *UNIPC_OPTIONS)},
     )
     try:
         check_sdxl_conditioning(generation)
