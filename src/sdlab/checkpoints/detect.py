@@ -26,6 +26,9 @@ InstructPix2Pix) is refused with its name, from the parts only it has (`depth_mo
 ...), else from a U-Net whose input channels no drawable family takes where the rest of its structure is the
 kind's (5 channels on SD2's U-Net: depth2img; 7 on SD2's with a class embedding: the x4 upscaler; 8 on SD1's
 or SDXL's: InstructPix2Pix); any other such U-Net is refused as one that no family sdlab draws with takes.
+A text-to-image model of another architecture (`OTHER_ARCHITECTURES`: SD3, Flux, Stable Cascade, ...) is named
+from a key only it has, bare or under `model.diffusion_model.` (ComfyUI's all-in-one files), or from its
+diffusers pipeline class.
 Diffusers folders are matched on `model_index.json` and the component configs (`detect_diffusers_family`).
 """
 
@@ -90,6 +93,45 @@ def _refuse(kind: UnsupportedKind, why: str) -> CheckpointError:
     return CheckpointError(f"this is an {kind.name} model ({why}); sdlab does not draw with this kind of model")
 
 
+@dataclass(frozen=True)
+class OtherArchitecture:
+    """A text-to-image model of another architecture than SD 1.x / 2.x / SDXL's, named from its files rather
+    than refused by the first SD part they lack."""
+
+    name: str
+    keys: tuple[str, ...]               # any one names it: bare (its own release) or under model.diffusion_model.
+    pipelines: tuple[str, ...]          # prefixes of its diffusers pipelines' `_class_name`
+
+
+OTHER_ARCHITECTURES = (
+    # diffusers single_file_utils.CHECKPOINT_KEY_NAMES "sd3" / "sd35_large" (SAI's and ComfyUI's files)
+    OtherArchitecture("Stable Diffusion 3 / 3.5", ("joint_blocks.0.context_block.adaLN_modulation.1.bias",
+                                                   "joint_blocks.37.x_block.mlp.fc1.weight"),
+                      ("StableDiffusion3",)),
+    # "flux" (BFL's files, ComfyUI's all-in-one under model.diffusion_model.), "flux2"
+    OtherArchitecture("Flux", ("double_blocks.0.img_attn.norm.key_norm.scale", "single_stream_modulation.lin.weight"),
+                      ("Flux",)),
+    # "stable_cascade_stage_c" / "stable_cascade_stage_b"
+    OtherArchitecture("Stable Cascade", ("clip_txt_mapper.weight", "down_blocks.1.0.channelwise.0.weight"),
+                      ("StableCascade",)),
+    # the original releases' caption projection and timestep block (diffusers' convert_pixart_*_to_diffusers.py)
+    OtherArchitecture("PixArt", ("y_embedder.y_proj.fc1.weight", "t_block.1.weight"), ("PixArt",)),
+    # the original release's T5 projection and padding (diffusers' convert_hunyuandit_to_diffusers.py)
+    OtherArchitecture("Hunyuan-DiT", ("mlp_t5.0.weight", "text_embedding_padding"), ("HunyuanDiT",)),
+    # "auraflow"
+    OtherArchitecture("AuraFlow", ("double_layers.0.attn.w2q.weight", "cond_seq_linear.weight"), ("AuraFlow",)),
+    # an SDXL-shaped U-Net fed by ChatGLM through a projection SD's U-Nets do not have
+    OtherArchitecture("Kolors", ("encoder_hid_proj.weight",), ("Kolors",)),
+)
+
+_DRAWN = "sdlab draws SD 1.x / 2.x / SDXL models"
+
+
+def _refuse_architecture(name: str, why: str) -> CheckpointError:
+    article = "an" if name[0] in "AEIOU" else "a"
+    return CheckpointError(f"this is {article} {name} model ({why}); {_DRAWN}")
+
+
 def _refuse_undrawable_channels(in_channels: int, fitting: Iterable[FamilySpec], class_embedding: bool,
                                 channels: str, found: str) -> None:
     """Raise the one-line error for a U-Net taking `in_channels` when no registered family takes as many: naming
@@ -111,11 +153,16 @@ def _refuse_undrawable_channels(in_channels: int, fitting: Iterable[FamilySpec],
 def refuse_unsupported_kind(keys: Iterable[str]) -> None:
     """Raise the one-line error naming the kind of a single file of an `UNSUPPORTED_KINDS` model, by the keys
     only it has."""
+    keys = set(keys)
     tops = {key.split(".", 1)[0] + "." for key in keys}
     for kind in UNSUPPORTED_KINDS:
         found = [p for p in kind.key_prefixes if p in tops]
         if found:
             raise _refuse(kind, "keys under " + ", ".join(p + "*" for p in found))
+    for other in OTHER_ARCHITECTURES:
+        found = [k for key in other.keys for k in (key, UNET_PREFIX + key) if k in keys]
+        if found:
+            raise _refuse_architecture(other.name, f"key {found[0]}")
 
 
 def refuse_unsupported_pipeline(model_index: Mapping[str, Any]) -> None:
@@ -128,6 +175,14 @@ def refuse_unsupported_pipeline(model_index: Mapping[str, Any]) -> None:
             raise _refuse(kind, f"model_index.json _class_name {class_name!r}")
         if found:
             raise _refuse(kind, f"model_index.json component {found[0]!r}")
+    why = f"model_index.json _class_name {class_name!r}"
+    for other in OTHER_ARCHITECTURES:
+        if isinstance(class_name, str) and class_name.startswith(other.pipelines):
+            raise _refuse_architecture(other.name, why)
+    other = next((c for c in ("transformer", "prior", "decoder") if _component_present(model_index, c)), None)
+    if other is not None and not _component_present(model_index, "unet"):
+        raise CheckpointError(f"this is a diffusers {class_name or 'pipeline'} folder (its model is a {other!r}, "
+                              f"not a U-Net); {_DRAWN}")
 
 
 def text_prefixes() -> tuple[str, ...]:

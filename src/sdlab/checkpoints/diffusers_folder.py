@@ -355,8 +355,8 @@ def _first_text_config(path: Path, model_index: Mapping[str, Any]) -> dict[str, 
 def read_diffusers_folder(path: Path, *, family: str | None = None) -> DiffusersFolder:
     """Detect the family of a diffusers folder and open each component (weights are read lazily)."""
     model_index = read_config_json(path / MODEL_INDEX)
-    unet_json = read_config_json(path / "unet" / "config.json")
     refuse_unsupported_pipeline(model_index)
+    unet_json = read_config_json(path / "unet" / "config.json")
     unet = _unet_source(path / "unet", unet_json)  # checks unet/config.json before detection reads it
     spec = detect_diffusers_family(model_index, unet_json, _first_text_config(path, model_index), override=family)
     vae_json = read_config_json(path / "vae" / "config.json")

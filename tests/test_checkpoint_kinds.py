@@ -1,0 +1,99 @@
+"""Checkpoint kinds people have beside SD 1.x / 2.x / SDXL: each is named in one line, or loads as A1111 loads it.
+
+Files hold only the few keys that identify a kind (their real names: diffusers' single_file_utils
+CHECKPOINT_KEY_NAMES, the original releases), with tiny tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.load import plan_checkpoint
+
+
+def _file(folder: Path, name: str, keys: dict[str, tuple[int, ...]]) -> Path:
+    path = folder / name
+    save_file({key: torch.zeros(shape) for key, shape in keys.items()}, str(path))
+    return path
+
+
+_DMP = "model.diffusion_model."
+
+OTHER_ARCHITECTURE_FILES = {
+    # SAI's SD3 medium all-in-one: the MMDiT under model.diffusion_model., three text encoders
+    "sd3": ("Stable Diffusion 3 / 3.5", {_DMP + "joint_blocks.0.context_block.adaLN_modulation.1.bias": (8,),
+                                         _DMP + "x_embedder.proj.weight": (8, 16, 2, 2),
+                                         "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight": (77, 8),
+                                         "first_stage_model.decoder.conv_out.weight": (3, 8, 3, 3)}),
+    "sd35_large": ("Stable Diffusion 3 / 3.5", {"joint_blocks.37.x_block.mlp.fc1.weight": (8, 8),
+                                                "x_embedder.proj.weight": (8, 16, 2, 2)}),
+    "flux_bfl": ("Flux", {"double_blocks.0.img_attn.norm.key_norm.scale": (8,), "img_in.weight": (8, 64),
+                          "guidance_in.in_layer.bias": (8,)}),
+    "flux_comfy": ("Flux", {_DMP + "double_blocks.0.img_attn.norm.key_norm.scale": (8,), _DMP + "img_in.weight": (8, 64),
+                            "vae.decoder.conv_in.weight": (8, 16, 3, 3)}),
+    "cascade_c": ("Stable Cascade", {"clip_txt_mapper.weight": (8, 8), "down_blocks.0.0.channelwise.0.weight": (8, 8)}),
+    "cascade_b": ("Stable Cascade", {"down_blocks.1.0.channelwise.0.weight": (8, 8)}),
+    "pixart": ("PixArt", {"x_embedder.proj.weight": (8, 4, 2, 2), "y_embedder.y_proj.fc1.weight": (8, 16),
+                          "t_block.1.weight": (48, 8)}),
+    "hunyuan_dit": ("Hunyuan-DiT", {"text_embedding_padding": (4, 8), "mlp_t5.0.weight": (8, 8),
+                                    "x_embedder.proj.weight": (8, 4, 2, 2)}),
+    "auraflow": ("AuraFlow", {"double_layers.0.attn.w2q.weight": (8, 8), "cond_seq_linear.weight": (8, 8)}),
+    # Kolors' U-Net in the LDM layout: SDXL's, plus the ChatGLM projection
+    "kolors": ("Kolors", {_DMP + "input_blocks.0.0.weight": (32, 4, 3, 3), _DMP + "label_emb.0.0.weight": (8, 5632),
+                          _DMP + "encoder_hid_proj.weight": (32, 4096)}),
+}
+
+
+@pytest.mark.parametrize("name", OTHER_ARCHITECTURE_FILES)
+def test_other_architecture_files_are_named(tmp_path, name):
+    """Before: SD3 and ComfyUI's Flux got "U-Net keys present but ...input_blocks.0.0.weight is missing", the others
+    "no key starting with model.diffusion_model."; the message never said what the file is."""
+    kind, keys = OTHER_ARCHITECTURE_FILES[name]
+    path = _file(tmp_path, f"{name}.safetensors", keys)
+    with pytest.raises(CheckpointError) as err:
+        plan_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: this is a") and f" {kind} model (key " in message, message
+    assert message.endswith("sdlab draws SD 1.x / 2.x / SDXL models") and "\n" not in message
+
+
+OTHER_PIPELINES = {
+    "StableDiffusion3Pipeline": ("Stable Diffusion 3 / 3.5", "transformer"),
+    "FluxPipeline": ("Flux", "transformer"),
+    "FluxKontextPipeline": ("Flux", "transformer"),
+    "PixArtSigmaPipeline": ("PixArt", "transformer"),
+    "StableCascadeDecoderPipeline": ("Stable Cascade", "decoder"),
+    "HunyuanDiTPipeline": ("Hunyuan-DiT", "transformer"),
+    "AuraFlowPipeline": ("AuraFlow", "transformer"),
+    "KolorsPipeline": ("Kolors", "unet"),
+}
+
+
+@pytest.mark.parametrize("class_name", OTHER_PIPELINES)
+def test_other_architecture_folders_are_named_by_their_pipeline(tmp_path, class_name):
+    """Before: "unet/config.json: missing" (Kolors: "encoder_hid_dim=4096 is not supported")."""
+    kind, model = OTHER_PIPELINES[class_name]
+    folder = tmp_path / "pipeline"
+    (folder / model).mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": class_name, model: ["diffusers", "Model"],
+                                                         "vae": ["diffusers", "AutoencoderKL"]}))
+    (folder / model / "config.json").write_text(json.dumps({"in_channels": 16, "encoder_hid_dim": 4096}))
+    with pytest.raises(CheckpointError, match=rf"^{folder}: this is an? {kind} model \(model_index.json _class_name "
+                                              rf"'{class_name}'\); sdlab draws SD 1.x / 2.x / SDXL models$"):
+        plan_checkpoint(folder)
+
+
+def test_a_folder_whose_model_is_a_transformer_is_refused_as_such(tmp_path):
+    folder = tmp_path / "pipeline"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "SanaPipeline",
+                                                         "transformer": ["diffusers", "SanaTransformer2DModel"]}))
+    with pytest.raises(CheckpointError, match=r"this is a diffusers SanaPipeline folder \(its model is a 'transformer', "
+                                              r"not a U-Net\); sdlab draws SD 1.x / 2.x / SDXL models$"):
+        plan_checkpoint(folder)
