@@ -389,6 +389,38 @@ def test_a1111s_unipc_takes_its_uni_pc_options(unet, ctx, variant, order, lower_
         make_plan(tiny_bundle("sd1"), replace(req, width=32, height=32, seed=1, unipc_order=steps + 2))
 
 
+def test_cli_flags_set_a1111s_unipc_options_over_a_pictures(tmp_path, capsys):
+    """--unipc-variant / --unipc-order / --[no-]unipc-lower-order-final are the request's unipc_* fields (the Python
+    API's picture; A1111's UniPC, on ddim_uniform), written under A1111's labels and read back by --from-png, a flag given there winning."""
+    import numpy as np
+
+    import sdlab
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    out, again = tmp_path / "a.png", tmp_path / "b.png"
+    fields = dict(sampler="UniPC", schedule="ddim_uniform", steps=6, seed=3, unipc_variant="bh2", unipc_order=2,
+                  unipc_lower_order_final=False)
+    code, _, err = run(["txt2img", "a cat", "--sampler", "UniPC", "--schedule", "ddim_uniform", "--steps", "6", "--seed",
+                        "3", "--unipc-variant",
+                        "bh2", "--unipc-order", "2", "--no-unipc-lower-order-final", "--out", str(out), "--no-progress"],
+                       capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(out), np.asarray(sdlab.load().txt2img("a cat", **fields).images[0], dtype=np.int16))
+    labels = parse_parameters(read_parameters(out))
+    assert (labels["UniPC variant"], labels["UniPC order"], labels["UniPC lower order final"]) == ("bh2", "2", "False")
+    code, _, err = run(["txt2img", "--from-png", str(out), "--unipc-order", "1", "--unipc-lower-order-final",
+                        "--out", str(again), "--no-progress"], capsys)
+    assert code == 0, err
+    labels = parse_parameters(read_parameters(again))
+    assert labels["UniPC variant"] == "bh2" and labels["UniPC order"] == "1"
+    assert "UniPC lower order final" not in labels                           # A1111's default: no label
+    code, _, err = run(["txt2img", "a cat", "--sampler", "UniPC", "--unipc-variant", "vary_coeff", "--out",
+                        str(tmp_path / "c.png"), "--no-progress"], capsys)
+    assert code != 0 and "UniPC variant must be one of bh1, bh2" in err and "Traceback" not in err
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_ddim_takes_one_model_call_fewer_than_its_timesteps():
     req = GenerationRequest(prompt="x", sampler="DDIM", schedule="ddim_uniform", steps=20)
     sigmas = request_sigmas(DiscreteModelSampling(SCHEDULE, "eps"), get_sampler("DDIM"), req)

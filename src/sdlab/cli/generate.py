@@ -174,6 +174,14 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    dest="discard_penultimate_sigma",
                    help="A1111's Discard penultimate sigma: drop the schedule's next-to-last sigma (as A1111's DPM2 "
                         "rows do) for any sampler but DDIM, PLMS, UniPC")
+    p.add_argument("--unipc-variant", metavar="VARIANT",
+                   help="A1111's UniPC variant (its uni_pc_variant): bh1 (the default) or bh2, the B(h) of A1111's "
+                        "UniPC")
+    p.add_argument("--unipc-order", type=int, metavar="N",
+                   help="A1111's UniPC order (its uni_pc_order), 1..50 (default 3); its UniPC takes at least N steps")
+    p.add_argument("--unipc-lower-order-final", action=argparse.BooleanOptionalAction,
+                   help="A1111's UniPC lower order final (its uni_pc_lower_order_final, default on): the last steps "
+                        "of A1111's UniPC at a lower order; --no-unipc-lower-order-final keeps --unipc-order")
     p.add_argument("--beta-alpha", type=float, help="A1111's Beta schedule alpha: the beta schedules' Beta(alpha, "
                    "beta) (schedule beta or A1111's Beta; default 0.6)")
     p.add_argument("--beta-beta", type=float, help="A1111's Beta schedule beta (as --beta-alpha; default 0.6)")
@@ -365,7 +373,8 @@ _FIELDS_NAMED_AS_FLAGS = (
     "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0",
     "emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr",
     "s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
-    "discard_penultimate_sigma", "init_noise", "quantize_timesteps",
+    "discard_penultimate_sigma", "init_noise", "quantize_timesteps", "unipc_variant", "unipc_order",
+    "unipc_lower_order_final",
     "beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight",
 )
 
