@@ -97,3 +97,46 @@ def test_a_folder_whose_model_is_a_transformer_is_refused_as_such(tmp_path):
     with pytest.raises(CheckpointError, match=r"this is a diffusers SanaPipeline folder \(its model is a 'transformer', "
                                               r"not a U-Net\); sdlab draws SD 1.x / 2.x / SDXL models$"):
         plan_checkpoint(folder)
+
+
+def _lfs_pointer(path: Path) -> None:
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4c8d1e\nsize 2132625894\n")
+
+
+def _web_page(path: Path) -> None:
+    path.write_text("\n<!DOCTYPE html><html><head><title>Sign in</title></head><body></body></html>")
+
+
+def _zip_pickle(path: Path) -> None:
+    torch.save({"state_dict": {_DMP + "input_blocks.0.0.weight": torch.zeros(1)}}, path)
+
+
+def _legacy_pickle(path: Path) -> None:
+    torch.save({"state_dict": {_DMP + "input_blocks.0.0.weight": torch.zeros(1)}}, path,
+               _use_new_zipfile_serialization=False)
+
+
+@pytest.mark.parametrize("name, write, says", [
+    ("model.safetensors", _lfs_pointer, "it is a Git LFS pointer, not the weights (fetch them with git lfs pull"),
+    ("model.ckpt", _lfs_pointer, "it is a Git LFS pointer, not the weights"),
+    ("model.safetensors", _web_page, "it is a web page (HTML / XML), not the weights"),
+    ("model.safetensors", _zip_pickle, "it is a PyTorch checkpoint (a zip archive, as .ckpt / .pt files are); rename it to .ckpt"),
+    ("model.safetensors", _legacy_pickle, "it is a PyTorch checkpoint (a legacy pickle); rename it to .ckpt"),
+])
+def test_a_file_of_another_format_says_what_it_is(tmp_path, name, write, says):
+    """Before: `safe_open` spoke first, "not a readable safetensors file (Error while deserializing header: header
+    too large)" for all of them (an LFS pointer named .ckpt: "refused to unpickle")."""
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(CheckpointError) as err:
+        plan_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: not a ") and says in message and "\n" not in message, message
+
+
+def test_a_truncated_safetensors_file_is_still_said_to_be_one(tmp_path):
+    path = _file(tmp_path, "model.safetensors", {"a": (64, 64)})
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"not a readable safetensors file \(") as err:
+        plan_checkpoint(path)
+    assert "it is" not in str(err.value)

@@ -85,10 +85,10 @@ class LazyStateDict(LazyMapping):
 
     def __init__(self, path: Path):
         self.path = path
+        with open(path, "rb") as f:                                      # says what a file of another kind is
+            header, self._data_start = read_safetensors_header(f, path)
         with safe_open(str(path), framework="pt", device="cpu") as f:   # validates the whole layout
             self._metadata = dict(f.metadata() or {})
-        with open(path, "rb") as f:
-            header, self._data_start = read_safetensors_header(f, path)
         header.pop("__metadata__", None)
         self._entries: dict[str, tuple[torch.Size, torch.dtype, int, int]] = {}
         for key, info in header.items():
@@ -198,23 +198,52 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+# how files people find under a .safetensors name begin -> what they are: binary formats by their magic bytes,
+# text (the first 8 bytes printable: never a safetensors header length, whose high bytes are 0) by its start
+_OTHER_BINARY = (
+    (b"PK\x03\x04", "a PyTorch checkpoint (a zip archive, as .ckpt / .pt files are); rename it to .ckpt"),
+    (b"\x80\x02\x8a\x0a", "a PyTorch checkpoint (a legacy pickle); rename it to .ckpt"),
+    (b"GGUF", "a GGUF file, which sdlab does not read"),
+)
+_OTHER_TEXT = (
+    (b"version https://git-lfs", "a Git LFS pointer, not the weights (fetch them with git lfs pull, or download "
+                                 "the file itself)"),
+    (b"<", "a web page (HTML / XML), not the weights (download the file itself)"),
+    (b"{", "JSON text, not the weights"),
+)
+
+
+def _content_kind(head: bytes, binary: bool = True) -> str | None:
+    """What a file that begins with `head` is, where it is one of `_OTHER_TEXT` (or `_OTHER_BINARY`); else None."""
+    text = all(32 <= byte < 127 or byte in b"\t\n\r" for byte in head[:8])
+    starts = (_OTHER_BINARY if binary else ()) + (_OTHER_TEXT if text else ())
+    return next((kind for start, kind in starts if head.lstrip().startswith(start)), None)
+
+
 def read_safetensors_header(file: BinaryIO, name: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
     """The JSON header of the safetensors data in the open binary `file`, and the offset where its tensor
     data starts. The header's length (the first 8 bytes) is checked against the file's size before it is
-    read or sought past, so a file that is not safetensors (a saved web page, text, random bytes) is a
-    `CheckpointError` naming `name`, never an `OSError` from a seek past the largest offset."""
+    read or sought past, so a file that is not safetensors is a `CheckpointError` naming `name`, never an
+    `OSError` from a seek past the largest offset; one that begins as a file of another kind (a PyTorch
+    checkpoint, a Git LFS pointer, a saved web page: `_content_kind`) says what it is."""
     size = file.seek(0, os.SEEK_END)
     file.seek(0)
-    (length,) = struct.unpack("<Q", file.read(8).ljust(8, b"\0"))
+    head = file.read(64)
+    (length,) = struct.unpack("<Q", head[:8].ljust(8, b"\0"))
+    file.seek(8)
+
+    def refuse(why: str) -> CheckpointError:
+        kind = _content_kind(head)
+        return CheckpointError(f"{name}: not a readable safetensors file" + (f": it is {kind}" if kind else f" ({why})"))
+
     if size < 8 or length > MAX_SAFETENSORS_HEADER or 8 + length > size:
-        raise CheckpointError(f"{name}: not a readable safetensors file (its first 8 bytes give a header of "
-                              f"{length} bytes; the file holds {size})")
+        raise refuse(f"its first 8 bytes give a header of {length} bytes; the file holds {size}")
     try:
         header = json.loads(file.read(length))
     except ValueError as exc:                     # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise CheckpointError(f"{name}: not a readable safetensors file (the header is not JSON: {_one_line(exc)})") from exc
+        raise refuse(f"the header is not JSON: {_one_line(exc)}") from exc
     if not isinstance(header, dict):
-        raise CheckpointError(f"{name}: not a readable safetensors file (the header is not a JSON object)")
+        raise refuse("the header is not a JSON object")
     return header, 8 + length
 
 
@@ -374,7 +403,10 @@ _STAND_INS = threading.Lock()   # torch's allowlist is one set: one load at a ti
 
 def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
     with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"      # what torch.load takes for its zip format
+        head = f.read(64)
+    is_zip = head.startswith(b"PK\x03\x04")          # what torch.load takes for its zip format
+    if (kind := _content_kind(head, binary=False)) is not None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint: it is {kind}")
     mmap = _check_torch_zip(path) if is_zip else False
     try:
         with _STAND_INS, warnings.catch_warnings(), torch.serialization.safe_globals(
