@@ -111,6 +111,18 @@ def test_the_reader_answers_the_settings_from_png_reads_and_names_the_rest(base_
     assert answer["unread"] == ["ControlNet 0: Module: canny, Model: control_canny [abc]"]
 
 
+@pytest.mark.parametrize("hires, listed", [("Hires sampler: DDIM", "ddim"), ("Hires schedule type: Beta", "Beta"),
+                                           ("Hires schedule type: KL Optimal", "KL Optimal")])
+def test_the_readers_hires_schedule_is_named_as_the_schedulers_list_names_it(base_url, hires, listed):
+    """The form's hires schedule choices are `/sdapi/v1/schedulers`' names, as its schedule's are: a hires DDIM's
+    ddim_uniform is "ddim", A1111's Beta and KL Optimal are theirs."""
+    a1111 = (f"a cat\nSteps: 4, Sampler: Euler, Schedule type: Automatic, CFG scale: 7, Seed: 1, Size: 64x64, "
+             f"Denoising strength: 0.5, Hires upscale: 2, {hires}, Version: v1.10.1")
+    answer = http_json(base_url, "/api/parameters", {"image": base64.b64encode(png_with_parameters(a1111)).decode()})
+    assert answer["settings"]["hr_schedule"] == listed
+    assert listed in {row["name"] for row in http_json(base_url, "/sdapi/v1/schedulers")}
+
+
 def test_another_programs_picture_is_named_and_leaves_the_form_as_it_was(page, tmp_path):
     comfy = tmp_path / "comfy.png"
     info = PngImagePlugin.PngInfo()
@@ -178,4 +190,24 @@ def test_a_dropped_unipc_picture_draws_again_with_its_options(page, base_url):
     job = wait_job(base_url, queued[0]["id"])
     assert {key: job["request"][key] for key in ("unipc_variant", "unipc_order", "unipc_lower_order_final")} == {
         "unipc_variant": "bh2", "unipc_order": 2, "unipc_lower_order_final": False}
+    assert job["infotexts"][0].split("\n")[-1] == json.loads(drawn["info"])["infotexts"][0].split("\n")[-1]
+
+
+def test_a_dropped_picture_with_a_hires_ddims_own_eta_draws_again_with_it(page, base_url):
+    """A1111's hires DDIM behind another sampler draws at its eta_ddim option, recorded as `Eta DDIM`: the page keeps
+    it (`hr_eta`) and the native API takes it."""
+    drawn = http_json(base_url, "/sdapi/v1/txt2img", {
+        "prompt": "a red cube", "steps": 6, "seed": 5, "width": 64, "height": 64, "sampler_name": "Euler a",
+        "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 4, "denoising_strength": 0.6,
+        "hr_sampler_name": "DDIM", "override_settings": {"eta_ddim": 0.6}})
+    assert "Eta DDIM: 0.6" in json.loads(drawn["info"])["infotexts"][0]
+    before = {job["id"] for job in http_json(base_url, "/api/jobs")["jobs"]}
+    drop_file(page, base64.b64decode(drawn["images"][0]), "hires.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from hires.png", 20, "the PNG was not read cleanly")
+    page.find_element(By.ID, "generate").click()
+    queued = wait(page, lambda d: [j for j in http_json(base_url, "/api/jobs")["jobs"] if j["id"] not in before]
+                  or text(d, "error"), 20, "the form queued no job")
+    assert isinstance(queued, list), queued
+    job = wait_job(base_url, queued[0]["id"])
+    assert (job["request"]["eta"], job["request"]["hr_eta"]) == (None, 0.6)
     assert job["infotexts"][0].split("\n")[-1] == json.loads(drawn["info"])["infotexts"][0].split("\n")[-1]

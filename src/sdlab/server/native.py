@@ -135,6 +135,7 @@ class JobIn(NullsAreDefaults):
     hr_denoise: float | None = None
     hr_sampler: str | None = None           # the second pass's own sampler, schedule and prompts (A1111's Hires
     hr_schedule: str | None = None          # sampler, schedule type, prompt, negative prompt); unset: the first's
+    hr_eta: float | None = None             # the second pass's eta; unset: eta
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
     tiling: bool = False                    # a seamless picture, whose edges wrap around (A1111's Tiling)
@@ -232,7 +233,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         subseed_strength=body.subseed_strength, rng=body.rng, seed_resize_from_w=body.seed_resize_from_w,
         seed_resize_from_h=body.seed_resize_from_h, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
-        hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_prompt=body.hr_prompt,
+        hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_eta=body.hr_eta, hr_prompt=body.hr_prompt,
         hr_negative_prompt=body.hr_negative_prompt,
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),

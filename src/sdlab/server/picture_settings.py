@@ -26,11 +26,13 @@ _LISTED_SCHEDULES = {target: a1111_name(key) for key, (_, target) in A1111_SCHED
 def picture_settings(p: dict[str, Any], models: ModelRegistry) -> dict[str, Any]:
     """The native job settings of parsed parameters `p` (`png_info.parse_parameters`), as `--from-png` reads them:
     `from_parameters`'s fields, the sampler and schedule set to null where the text leaves them to the model, the
-    schedule as `/sdapi/v1/schedulers` names it, the model as `models` titles the one the text names (by name, else
+    schedule and the hires schedule as `/sdapi/v1/schedulers` names them, the model as `models` titles the one the text names (by name, else
     by hash; as named when none), the refiner by name with its switch and handoff rule. A value that is not one
     raises ValueError."""
     settings = {"sampler": None, "schedule": None, **from_parameters(p)}
-    settings["schedule"] = _LISTED_SCHEDULES.get(settings["schedule"], settings["schedule"])
+    for name in ("schedule", "hr_schedule"):
+        if name in settings:
+            settings[name] = _LISTED_SCHEDULES.get(settings[name], settings[name])
     if p.get("Model") or p.get("Model hash"):
         settings["model"] = _model_title(p, models)
     if p.get("Refiner"):

@@ -58,6 +58,7 @@ const KEPT = {
   beta_beta: { none: 0.6, with: WITH_SAMPLING },
   sgm_noise_multiplier: { none: false, with: WITH_SAMPLING },
   eta: { none: null, with: ["sampler"] },
+  hr_eta: { none: null, with: ["sampler", "hr_sampler"] },  // a hires sampler's own eta (A1111's DDIM's)
   s_churn: { none: 0, with: ["sampler"] },
   s_tmin: { none: 0, with: ["sampler"] },
   s_tmax: { none: null, with: ["sampler"] },
