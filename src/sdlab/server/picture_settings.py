@@ -9,6 +9,7 @@ names in its notice.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -60,11 +61,9 @@ def unread_labels(p: dict[str, Any], models: ModelRegistry) -> list[str]:
     read = {"Prompt", "Negative prompt", *DESCRIBING}
     while True:
         touched: set[str] = set()
-        try:
-            picture_settings({label: value if label in read else _Probe(label, touched) for label, value in p.items()},
-                             models)
-        except Exception:       # a probe read stops the try (it raises _Read; the reader may turn that into another)
-            pass
+        probed = {label: value if label in read else _Probe(label, touched) for label, value in p.items()}
+        with contextlib.suppress(Exception):    # a probe read stops the try: it raises _Read (or the reader's error)
+            picture_settings(probed, models)
         if touched <= read:
             return [f"{label}: {value}" for label, value in p.items() if label not in read]
         read |= touched
