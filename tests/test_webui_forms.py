@@ -430,3 +430,24 @@ def test_a_dropped_png_of_a_cfg_pp_picture_recorded_under_forges_label_draws_it_
     again = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])
     assert again["id"] != job["id"] and again["status"] == "done", again
     assert np.array_equal(_pixels_of(base_url, again), _pixels_of(base_url, job))
+
+
+def test_reuse_of_an_a1111_job_picks_the_schedules_its_request_records(page, base_url):
+    """A job's request records sdlab's names of A1111's schedules ("ddim_uniform", "a1111_beta"); the Schedule and
+    Hires schedule lists name them as `/sdapi/v1/schedulers` does ("ddim", "Beta") with those names as aliases,
+    so Reuse picks them and Generate draws the same picture."""
+    prompt = "an a1111 ddim reuse"
+    http_json(base_url, "/sdapi/v1/txt2img", {
+        "prompt": prompt, "steps": 2, "seed": 4, "width": 64, "height": 64, "sampler_name": "Euler",
+        "scheduler": "ddim", "enable_hr": True, "hr_scale": 1.5, "hr_second_pass_steps": 2,
+        "hr_sampler_name": "Euler", "hr_scheduler": "Beta", "denoising_strength": 0.6})
+    job = job_by_prompt(base_url, prompt)
+    assert (job["request"]["schedule"], job["request"]["hr_schedule"]) == ("ddim_uniform", "a1111_beta")
+    reuse(page, base_url, job["id"])
+    wait(page, lambda d: value(d, "prompt") == prompt, 10, "the settings were not reused")
+    assert (value(page, "schedule"), value(page, "hr_schedule"), text(page, "notice")) == ("ddim", "Beta", "")
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: job_by_prompt(base_url, prompt)["id"] != job["id"], 20, "the form queued no job")
+    again = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])
+    assert again["status"] == "done", again
+    assert np.array_equal(_pixels_of(base_url, again), _pixels_of(base_url, job))

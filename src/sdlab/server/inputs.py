@@ -169,14 +169,22 @@ _WHITESPACE = re.compile(r"[ \t\r\n\f\v]+")
 
 
 def scheduler_rows() -> list[dict[str, Any]]:
-    """`/sdapi/v1/schedulers`: A1111's rows sdlab implements, then sdlab's other discretizations."""
-    rows = [{"name": a1111_name(key), "label": label, "aliases": None,
+    """`/sdapi/v1/schedulers`: A1111's rows sdlab implements, each aliased by sdlab's name of its schedule where
+    that is another (the name a job's request records: "ddim_uniform" for "ddim"), then sdlab's other
+    discretizations."""
+    rows = [{"name": a1111_name(key), "label": label, "aliases": _recorded_name(key),
              "default_rho": {"karras": 7.0, "polyexponential": 1.0}.get(key, -1), "need_inner_model": False}
             for key, (label, _) in A1111_SCHEDULERS.items()]
     known = {target for _, target in A1111_SCHEDULERS.values()} | {row["name"] for row in rows}
     rows += [{"name": name, "label": name, "aliases": None, "default_rho": -1, "need_inner_model": False}
              for name in sorted(DISCRETIZATIONS) if name not in known]
     return rows
+
+
+def _recorded_name(key: str) -> list[str] | None:
+    """[sdlab's name of A1111's scheduler `key`] where `/sdapi/v1/schedulers` names it otherwise, else None."""
+    target = A1111_SCHEDULERS[key][1]
+    return [target] if target not in (None, a1111_name(key)) else None
 
 
 def schedule_name(name: str | None) -> str | None:

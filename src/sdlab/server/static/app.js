@@ -237,9 +237,9 @@ async function loadLists() {
       fillSelect($("sampler"), rows, { blank: "model default" });   // left out of the request: the model's preset
       fillSelect($("hr_sampler"), rows, { blank: "Use same sampler" });      // or family default; the first pass's
     }),
-    api("/sdapi/v1/schedulers").then((schedulers) => {     // A1111's "automatic" is the blank entry: unset
-      const rows = (schedulers || []).filter((s) => s.name !== "automatic")
-        .map((s) => ({ label: s.label || s.name, value: s.name }));
+    api("/sdapi/v1/schedulers").then((schedulers) => {     // A1111's "automatic" is the blank entry: unset; the
+      const rows = (schedulers || []).filter((s) => s.name !== "automatic")     // aliases pick a job's recorded name
+        .map((s) => ({ label: s.label || s.name, value: s.name, data: { aliases: (s.aliases || []).join("\n") } }));
       fillSelect($("schedule"), rows, { blank: "Automatic" });
       fillSelect($("hr_schedule"), rows, { blank: "Use same scheduler" });
     }),
