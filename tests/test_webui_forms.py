@@ -451,3 +451,22 @@ def test_reuse_of_an_a1111_job_picks_the_schedules_its_request_records(page, bas
     again = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])
     assert again["status"] == "done", again
     assert np.array_equal(_pixels_of(base_url, again), _pixels_of(base_url, job))
+
+
+@pytest.mark.parametrize("typed", ["", "abc"])
+def test_an_empty_or_mistyped_lora_weight_is_an_error_not_weight_0(page, base_url, typed):
+    """The LoRA box's Weight and a listed LoRA's weight take a number: an emptied box or text is one error naming
+    the box, never the LoRA at weight 0 (A1111's `<lora:name>` is weight 1)."""
+    page.execute_script("fillSelect($('lora'), [{label: 'wobble', value: 'wobble'}]); $('lora-add').disabled = false;")
+    Select(page.find_element(By.ID, "lora")).select_by_value("wobble")
+    set_value(page, "lora-weight", typed)
+    page.find_element(By.ID, "lora-add").click()
+    assert text(page, "error").startswith("Weight:") and page.execute_script("return state.loras") == []
+    set_value(page, "lora-weight", "0.7")
+    page.find_element(By.ID, "lora-add").click()
+    assert page.execute_script("return state.loras") == [{"name": "wobble", "weight": 0.7}] and text(page, "error") == ""
+    set_value(page, "lora-weight-0", typed)
+    before = _jobs(base_url)
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: text(d, "error"), 10, "no error")
+    assert text(page, "error").startswith("Weight of wobble:") and _jobs(base_url) == before

@@ -285,7 +285,7 @@ function renderLoras() {
     weight.value = lora.weight;
     weight.id = `lora-weight-${index}`;
     weight.setAttribute("aria-label", `Weight of ${lora.name}`);
-    weight.addEventListener("change", () => { lora.weight = Number(weight.value); });
+    weight.addEventListener("change", () => { lora.weight = weight.value; });     // read when sent (`loraWeight`)
     const remove = document.createElement("button");
     remove.type = "button";
     remove.textContent = "\u00d7";
@@ -294,6 +294,23 @@ function renderLoras() {
     item.append(name, weight, remove);
     list.append(item);
   });
+}
+
+// The Add button: the chosen LoRA at the typed weight
+function addChosenLora() {
+  showError("");
+  try {
+    addLora($("lora").value, loraWeight("lora-weight"));
+  } catch (err) {
+    showError(err.message);
+  }
+}
+
+// A LoRA weight box's number: an empty box or text that is not a number is an error, never weight 0
+function loraWeight(id) {
+  const weight = numberField(id);
+  if (weight === undefined) throw new ApiError(`${typedNumber(id).label}: type the LoRA's weight (1: its full effect)`);
+  return weight;
 }
 
 function addLora(name, weight) {
@@ -436,7 +453,7 @@ function setSlider(id, value) {
 // so, never send the default
 function typedNumber(id) {
   const field = $(id);
-  const label = field.labels[0]?.textContent || id;
+  const label = field.labels[0]?.textContent || field.getAttribute("aria-label") || id;
   if (field.validity && field.validity.badInput) throw new ApiError(`${label}: the text typed is not a number`);
   return { label, raw: field.value.trim() };
 }
@@ -562,7 +579,7 @@ function collectRequest() {
     clip_skip: numberOrDefault("clip_skip", { integer: true }),
     tiling: $("tiling").checked,
     rng: $("rng").value,
-    loras: state.loras.map((l) => ({ name: l.name, weight: Number(l.weight) })),
+    loras: state.loras.map((l, index) => ({ name: l.name, weight: loraWeight(`lora-weight-${index}`) })),
   };
   if ($("model").value) body.model = $("model").value;   // the checkpoint's title, as /sdapi/v1/sd-models names it
   if ($("sampler").value) body.sampler = $("sampler").value;
@@ -1120,7 +1137,7 @@ function setup() {
     if (state.lastSeed == null) showNotice("No finished job yet to take a seed from");
     else $("seed").value = state.lastSeed;
   });
-  $("lora-add").addEventListener("click", () => addLora($("lora").value, Number($("lora-weight").value) || 0));
+  $("lora-add").addEventListener("click", addChosenLora);
   for (const id of ["strength", "subseed_strength", "hr_denoise"]) $(id).addEventListener("input", () => showSliderValue(id));
   for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));
   for (const id of new Set(Object.values(KEPT).flatMap((k) => k.with))) $(id).addEventListener("change", () => dropKept(id));
