@@ -4,8 +4,8 @@ are skipped.
 
 ControlNets are named as A1111's ControlNet extension names them, `"<stem> [<legacy hash>]"`
 (`GET /controlnet/model_list`); a request may give that title, the stem or the file name (a title whose hash
-differs finds the file by its stem, as the extension matches names). Upscalers are
-named as A1111 lists them in `GET /sdapi/v1/upscalers`: a file it downloads by its own name ("R-ESRGAN 4x+" for
+differs finds the file by its stem), or as the extension matches names: the stem in any case, else the
+shortest stem holding the name in any case. Upscalers are named as A1111 lists them in `GET /sdapi/v1/upscalers`: a file it downloads by its own name ("R-ESRGAN 4x+" for
 RealESRGAN_x4plus.pth: `upscale.a1111_upscaler_name`), any other by its stem; the stem and file name find it too.
 """
 
@@ -56,6 +56,9 @@ class ModelFolder:
             self.files = found
 
     def find(self, name: str) -> ModelFile | None:
+        """The file `name` names: its title, stem or file name ("stem [other hash]" by its stem), else for
+        ControlNets as the extension's `find_closest_lora_model_name` matches: the stem in any case, then the
+        shortest stem that holds `name` in any case."""
         with self._lock:
             files = list(self.files)
         bare = name.rsplit(" [", 1)[0] if name.endswith("]") else name     # "stem [other hash]": by stem
@@ -63,7 +66,13 @@ class ModelFolder:
             match = next((f for f in files if wanted(f)), None)
             if match is not None:
                 return match
-        return None
+        return self._closest(files, name.lower()) if self.hashed and name else None
+
+    @staticmethod
+    def _closest(files: list[ModelFile], lower: str) -> ModelFile | None:
+        same = next((f for f in files if f.path.stem.lower() == lower), None)
+        holding = [f for f in files if lower in f.path.stem.lower()]
+        return same or min(holding, key=lambda f: len(f.path.stem), default=None)
 
     def titles(self) -> list[str]:
         with self._lock:
