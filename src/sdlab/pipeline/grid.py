@@ -10,22 +10,39 @@ and numeric fields expand A1111's ranges:
     5e-1         -> 0.5                           (a number as Python's float() reads it; anything else
                                                    that is neither a number nor a range is a GridError)
 
-Fields (any case; spaces, `_`, `-` and `/` ignored, so A1111's labels work too):
+Fields: A1111's axis types (`axis_options`, named as A1111 labels them; any case, and spaces, `_`, `-`, `/`
+and `.` ignored), the request field's name, or a short name; labels as A1111's `format_value_add_label`
+("Steps: 10", "CFG Scale: 7.0") unless said:
 
-| field                               | request field    | label              |
-|-------------------------------------|------------------|--------------------|
-| sampler                             | sampler          | the value          |
-| schedule, scheduler, schedule type  | schedule (A1111 labels too) | Schedule type: v |
-| steps                               | steps            | Steps: v           |
-| cfg, cfg scale                      | cfg_scale        | CFG Scale: v       |
-| seed                                | seed (-1: random, drawn once) | Seed: v |
-| width, height                       | width, height    | Width: v / Height: v |
-| clip skip                           | clip_skip        | Clip skip: v       |
-| denoise, denoising, strength        | strength         | Denoising: v       |
-| prompt s/r, sr                      | prompt and negative prompt | the value |
+| A1111 axis type (short names)          | request field                        | label            |
+|----------------------------------------|--------------------------------------|------------------|
+| Nothing                                | none: one cell, no legend, no `X Type` | none           |
+| Seed, Var. seed (variation seed)       | seed, subseed (-1: random, drawn once) | Seed: v        |
+| Var. strength                          | subseed_strength                     |                  |
+| Steps, Hires steps                     | steps, hr_steps                      |                  |
+| CFG Scale (cfg)                        | cfg_scale                            |                  |
+| Prompt S/R (sr, prompt_sr)             | prompt and negative prompt           | the value        |
+| Prompt order                           | prompt: every order of the values    | the order, ", "-joined |
+| Sampler, Hires sampler                 | sampler, hr_sampler                  | Sampler: the value alone |
+| Negative Guidance minimum sigma (ngms) | s_min_uncond                         |                  |
+| Sigma Churn / min / max / noise        | s_churn, s_tmin, s_tmax, s_noise     |                  |
+| Schedule type (schedule, scheduler)    | schedule (A1111 labels too)          |                  |
+| Schedule min sigma / max sigma / rho   | schedule_sigma_min / _max, schedule_rho |               |
+| Eta, Clip skip                         | eta, clip_skip                       |                  |
+| Denoising (denoise, strength)          | strength (img2img), hr_denoise (txt2img: the hires fix's) |  |
+| Initial noise multiplier, Extra noise  | noise_multiplier, extra_noise        |                  |
+| Hires upscaler                         | hr_upscaler                          |                  |
+| Cond. Image Mask Weight                | inpainting_mask_weight               |                  |
+| UniPC Order                            | unipc_order (at most steps - 1, as A1111) |             |
+| Always discard next-to-last sigma      | discard_penultimate_sigma (True / False) |              |
+| SGM noise multiplier                   | sgm_noise_multiplier (True / False)  |                  |
+| RNG source                             | rng (CPU, GPU, NV)                   |                  |
+| Width, Height (sdlab's own)            | width, height                        |                  |
 
 Prompt S/R (A1111): the first value is searched in the prompt and the negative prompt, and each value in
-turn replaces it there (so the first cell keeps the prompt as written).
+turn replaces it there (so the first cell keeps the prompt as written). Prompt order (A1111's `apply_order`):
+one cell per permutation of the values (the typed order first), each putting the values back into the
+prompt, where they stand, in its order.
 
 The picture (`draw_grid`): cells on a white sheet, X labels centred above the columns, Y labels at the left
 of the rows (A1111's `draw_grid_annotations`: left band 3/4 of a cell wide, text wrapped to fit), and for a
@@ -51,12 +68,13 @@ import subprocess
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from functools import lru_cache
-from itertools import chain
+from itertools import chain, permutations
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from sdlab.diffusion.noise import RNG_SOURCES
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, fixed_seed, next_batch
@@ -75,12 +93,48 @@ class GridError(ValueError):
     """An axis that cannot be plotted (unknown field, bad value or range, too many cells)."""
 
 
+def _set_field(name: str) -> Callable[[dict[str, Any], Any, tuple[Any, ...]], dict[str, Any]]:
+    """A1111's `apply_field`: the value into request field `name`."""
+    return lambda options, value, values: {**options, name: value}
+
+
+def _replace_in_prompts(options: dict[str, Any], value: str, values: tuple[str, ...]) -> dict[str, Any]:
+    """A1111's `apply_prompt` (Prompt S/R): the first value replaced by `value` in both prompts."""
+    return {**options, "prompt": options.get("prompt", "").replace(values[0], value),
+            "negative_prompt": options.get("negative_prompt", "").replace(values[0], value)}
+
+
+def _reorder_prompt(options: dict[str, Any], order: tuple[str, ...], values: Any) -> dict[str, Any]:
+    """A1111's `apply_order` (Prompt order): the tokens, where they first occur in the prompt, put back in
+    `order` (the prompt's text between them kept in place)."""
+    prompt = options.get("prompt", "")
+    parts = []
+    for token in sorted(order, key=prompt.find):
+        at = prompt.find(token)
+        parts.append(prompt[:at])
+        prompt = prompt[at + len(token):]
+    return {**options, "prompt": "".join(part + token for part, token in zip(parts, order)) + prompt}
+
+
+def _denoise(options: dict[str, Any], value: float, values: tuple[float, ...]) -> dict[str, Any]:
+    """A1111's Denoising axis sets `denoising_strength`: img2img's strength, and in txt2img the hires fix's."""
+    txt2img = options.get("init_image") is None and not options.get("init_images")
+    return {**options, "hr_denoise" if txt2img else "strength": value}
+
+
+def _unipc_order(options: dict[str, Any], value: int, values: tuple[int, ...]) -> dict[str, Any]:
+    """A1111's `apply_uni_pc_order`: the order, at most the steps less one."""
+    steps = options.get("steps")
+    return {**options, "unipc_order": value if steps is None else min(value, steps - 1)}
+
+
 @dataclass(frozen=True)
 class Field:
-    name: str                        # the request field it sets ("prompt" for S/R)
-    kind: type                       # int, float or str
+    name: str                        # the request field it sets (for Prompt S/R "prompt", Denoising "strength")
+    kind: type                       # int, float, bool, str or tuple (Prompt order: permutations of the values)
     label: str | None                # "Steps" -> "Steps: 10"; None: the value alone
     title: str | None = None         # A1111's axis name (`X Type`) when it is not `label`
+    set: Callable[[dict[str, Any], Any, tuple[Any, ...]], dict[str, Any]] | None = None  # None: `_set_field(name)`
 
     @property
     def type_name(self) -> str:
@@ -88,23 +142,56 @@ class Field:
         return self.title or self.label or self.name
 
 
-FIELDS: dict[str, Field] = {
-    "sampler": Field("sampler", str, None, "Sampler"),
-    "schedule": Field("schedule", str, "Schedule type"),
-    "steps": Field("steps", int, "Steps"),
-    "cfg": Field("cfg_scale", float, "CFG Scale"),
-    "seed": Field("seed", int, "Seed"),
-    "width": Field("width", int, "Width"),
-    "height": Field("height", int, "Height"),
-    "clipskip": Field("clip_skip", int, "Clip skip"),
-    "strength": Field("strength", float, "Denoising"),
-    "promptsr": Field("prompt", str, None, "Prompt S/R"),
-}
+NOTHING = Field("nothing", str, None, "Nothing", lambda options, value, values: options)
+FIELDS: tuple[Field, ...] = (         # A1111's axis_options (scripts/xyz_grid.py) that map onto request fields
+    NOTHING,
+    Field("seed", int, "Seed"),
+    Field("subseed", int, "Var. seed"),
+    Field("subseed_strength", float, "Var. strength"),
+    Field("steps", int, "Steps"),
+    Field("hr_steps", int, "Hires steps"),
+    Field("cfg_scale", float, "CFG Scale"),
+    Field("prompt", str, None, "Prompt S/R", _replace_in_prompts),
+    Field("prompt_order", tuple, None, "Prompt order", _reorder_prompt),
+    Field("sampler", str, None, "Sampler"),
+    Field("hr_sampler", str, "Hires sampler"),
+    Field("s_min_uncond", float, "Negative Guidance minimum sigma"),
+    Field("s_churn", float, "Sigma Churn"),
+    Field("s_tmin", float, "Sigma min"),
+    Field("s_tmax", float, "Sigma max"),
+    Field("s_noise", float, "Sigma noise"),
+    Field("schedule", str, "Schedule type"),
+    Field("schedule_sigma_min", float, "Schedule min sigma"),
+    Field("schedule_sigma_max", float, "Schedule max sigma"),
+    Field("schedule_rho", float, "Schedule rho"),
+    Field("eta", float, "Eta"),
+    Field("clip_skip", int, "Clip skip"),
+    Field("strength", float, "Denoising", None, _denoise),
+    Field("noise_multiplier", float, "Initial noise multiplier"),
+    Field("extra_noise", float, "Extra noise"),
+    Field("hr_upscaler", str, "Hires upscaler"),
+    Field("inpainting_mask_weight", float, "Cond. Image Mask Weight"),
+    Field("unipc_order", int, "UniPC Order", None, _unipc_order),
+    Field("discard_penultimate_sigma", bool, "Always discard next-to-last sigma"),
+    Field("sgm_noise_multiplier", bool, "SGM noise multiplier"),
+    Field("rng", str, "RNG source"),
+    Field("width", int, "Width"),                # sdlab's own: A1111 has no size axes
+    Field("height", int, "Height"),
+)
 _ALIASES = {
-    "scheduler": "schedule", "scheduletype": "schedule", "cfgscale": "cfg", "denoise": "strength",
-    "denoising": "strength", "denoisingstrength": "strength", "sr": "promptsr", "prompt": "promptsr",
-    "samplername": "sampler",
+    "scheduler": "schedule", "cfg": "cfg_scale", "denoise": "strength", "denoisingstrength": "strength",
+    "hrdenoise": "strength", "sr": "prompt", "promptsr": "prompt", "samplername": "sampler",
+    "hrsamplername": "hr_sampler", "variationseed": "subseed", "variationstrength": "subseed_strength",
+    "ngms": "s_min_uncond", "randnsource": "rng",
 }
+
+
+def _key(name: str) -> str:
+    return re.sub(r"[\s_\-/.]+", "", name.lower())
+
+
+_BY_KEY = {**{_key(f.type_name): f for f in FIELDS}, **{_key(f.name): f for f in FIELDS},
+           **{_key(alias): next(f for f in FIELDS if f.name == name) for alias, name in _ALIASES.items()}}
 
 
 @dataclass(frozen=True)
@@ -116,21 +203,18 @@ class Axis:
 
     def apply(self, options: dict[str, Any], index: int) -> dict[str, Any]:
         """`options` (GenerationRequest keyword arguments) with this axis at its `index`-th value."""
-        value = self.values[index]
-        if self.field.name != "prompt":
-            return {**options, self.field.name: value}
-        search = self.values[0]
-        return {**options, "prompt": options.get("prompt", "").replace(search, value),
-                "negative_prompt": options.get("negative_prompt", "").replace(search, value)}
+        apply = self.field.set or _set_field(self.field.name)
+        return apply(options, self.values[index], self.values)
 
 
 def field_named(name: str) -> Field:
-    key = re.sub(r"[\s_\-/]+", "", name.lower())
-    key = _ALIASES.get(key, key)
-    if key not in FIELDS:
-        raise GridError(f"unknown grid field {name.strip()!r}; valid: sampler, schedule, steps, cfg, seed, width, "
-                        "height, clip_skip, denoise (strength), prompt_sr")
-    return FIELDS[key]
+    """The field of an axis named as A1111 labels it (`Var. seed`, `Sigma Churn`), as the request field
+    (`subseed`, `s_churn`) or by a short name (`cfg`, `denoise`, `prompt_sr`); any case, and spaces, `_`, `-`,
+    `/` and `.` ignored."""
+    if (field := _BY_KEY.get(_key(name))) is None:
+        raise GridError(f"unknown grid field {name.strip()!r}; valid: "
+                        + ", ".join(f.type_name for f in FIELDS))
+    return field
 
 
 def split_values(text: str) -> list[str]:
@@ -182,11 +266,27 @@ def _float_values(text: str) -> list[float]:
     return [value]
 
 
+def _bool_value(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise GridError(f"{text!r} is not True or False")
+    return text.lower() == "true"
+
+
+def _orders(raw: list[str], text: str) -> list[tuple[str, ...]]:
+    """A1111's Prompt order values: every permutation of the tokens (`str_permutations`), the typed order first."""
+    _too_many(math.factorial(len(raw)), text)
+    return list(permutations(raw))
+
+
 def parse_values(field: Field, text: str) -> list[Any]:
     """The values of an axis: CSV, with A1111's ranges expanded for numeric fields (module docstring)."""
     raw = split_values(text)
     if field.kind is str:
         values: list[Any] = raw if field.name == "prompt" else [v for v in raw if v]
+    elif field.kind is tuple:
+        values = _orders([v for v in raw if v], text) if any(raw) else []
+    elif field.kind is bool:
+        values = [_bool_value(v) for v in raw if v]
     else:
         expand: Callable[[str], list[Any]] = _int_values if field.kind is int else _float_values
         values = []
@@ -200,33 +300,44 @@ def parse_values(field: Field, text: str) -> list[Any]:
 
 
 def _check_value(field: Field, value: Any) -> None:
-    if field.name == "sampler":
+    if field.name in ("sampler", "hr_sampler"):
         get_sampler(value)                            # UnknownSamplerError (a ValueError) lists the names
     elif field.name == "schedule":
         try:                                          # A1111's labels ("SGM Uniform", "Automatic") as txt2img
             schedule_from_a1111(value)
         except ValueError as err:
             raise GridError(str(err).replace("scheduler", "schedule", 1)) from None
-    elif field.name in ("steps", "width", "height", "clip_skip") and value < 1:
+    elif field.name == "rng" and value.upper() not in RNG_SOURCES:
+        raise GridError(f"unknown RNG source {value!r}; valid: {', '.join(RNG_SOURCES)}")
+    elif field.name in ("steps", "width", "height", "clip_skip", "unipc_order") and value < 1:
         raise GridError(f"{field.label} must be at least 1, got {value}")
     elif field.name == "strength" and not 0.0 < value <= 1.0:
         raise GridError(f"the denoising strength must lie in (0, 1], got {value:g}")
+    elif field.name == "subseed_strength" and not 0.0 <= value <= 1.0:
+        raise GridError(f"Var. strength must lie in [0, 1], got {value:g}")
 
 
 def _label(field: Field, value: Any) -> str:
-    """A1111's `format_value_add_label` / `format_value`: a float rounded to 8 places, as Python writes it (7.0)."""
-    text = str(round(value, 8)) if isinstance(value, float) else str(value)
+    """A1111's `format_value_add_label` / `format_value`: a float rounded to 8 places, as Python writes it (7.0);
+    a Prompt order joined with ", " (`format_value_join_list`); Nothing none (`format_nothing`)."""
+    if field is NOTHING:
+        return ""
+    text = str(round(value, 8)) if isinstance(value, float) else ", ".join(value) if isinstance(value, tuple) \
+        else str(value)
     return text if field.label is None else f"{field.label}: {text}"
 
 
 def parse_axis(spec: str, *, rng: random.Random | None = None) -> Axis:
-    """`FIELD=V1,V2,...` as an `Axis`; a seed of -1 (or empty) becomes one random seed, as A1111 fixes them."""
+    """`FIELD=V1,V2,...` as an `Axis` (`Nothing` alone too); a Seed or Var. seed of -1 becomes one random seed,
+    as A1111 fixes them (`fix_axis_seeds`)."""
     name, equals, text = spec.partition("=")
-    if not equals:
+    if not equals and _key(name) != "nothing":
         raise GridError(f"an axis is FIELD=V1,V2,... (e.g. steps=10,20 or cfg=3-9 (+2)), got {spec!r}")
     field = field_named(name)
+    if field is NOTHING:                              # A1111's process_axis: one value, whatever was typed
+        return Axis(field, ("",), ("",), text.strip())
     values = parse_values(field, text)
-    if field.name == "seed":
+    if field.name in ("seed", "subseed"):
         rng = rng or random.Random()
         values = [rng.randrange(4294967294) if v == -1 else v for v in values]
     try:
@@ -238,10 +349,14 @@ def parse_axis(spec: str, *, rng: random.Random | None = None) -> Axis:
 
 
 def check_prompt_sr(axes: list[Axis], prompt: str, negative_prompt: str) -> None:
-    """A1111's rule: the first value of a Prompt S/R axis must occur in the prompt or the negative prompt."""
+    """A1111's rule: the first value of a Prompt S/R axis must occur in the prompt or the negative prompt; and
+    each token of a Prompt order axis must occur in the prompt (A1111's `apply_order` reorders them there)."""
     for axis in axes:
         if axis.field.name == "prompt" and axis.values[0] not in prompt and axis.values[0] not in negative_prompt:
             raise GridError(f"Prompt S/R did not find {axis.values[0]!r} in the prompt or the negative prompt")
+        if axis.field.name == "prompt_order":
+            if missing := [token for token in axis.values[0] if token not in prompt]:
+                raise GridError(f"Prompt order did not find {', '.join(map(repr, missing))} in the prompt")
 
 
 def cell_count(axes: list[Axis]) -> int:
@@ -289,12 +404,15 @@ class Plot:
 
     def parameters(self) -> dict[str, str]:
         """A1111's plot fields of the grid picture's parameters (xyz_grid.py `cell`): `Script`, then for each
-        axis `X Type`, `X Values` (as typed) and, for a Seed axis, `Fixed X Values` (the seeds drawn, -1 fixed)."""
+        axis but Nothing `X Type`, `X Values` (as typed) and, for a Seed or Var. seed axis, `Fixed X Values` (the
+        seeds drawn, -1 fixed)."""
         fields = {"Script": "X/Y/Z plot"}
         for letter, axis in self.axes():
+            if axis.field is NOTHING:
+                continue
             fields[f"{letter.upper()} Type"] = axis.field.type_name
             fields[f"{letter.upper()} Values"] = axis.text
-            if axis.field.name == "seed":
+            if axis.field.name in ("seed", "subseed"):
                 fields[f"Fixed {letter.upper()} Values"] = ", ".join(str(v) for v in axis.values)
         return fields
 
@@ -305,7 +423,7 @@ class Plot:
         y_labels = list(self.y.labels) if self.y is not None else [""]
         grids = [draw_grid([[images[(i, j, k)] for i in range(nx)] for j in range(ny)], x_labels, y_labels)
                  for k in range(nz)]
-        if self.z is None:
+        if self.z is None or self.z.field is NOTHING:
             return grids[0]
         first = images[(0, 0, 0)]
         return row_grids(grids, list(self.z.labels), font_size(first.width, first.height))[0]
