@@ -140,3 +140,51 @@ def test_a_truncated_safetensors_file_is_still_said_to_be_one(tmp_path):
     with pytest.raises(CheckpointError, match=r"not a readable safetensors file \(") as err:
         plan_checkpoint(path)
     assert "it is" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A LoRA, VAE, ControlNet or embedding given as the model
+
+
+def _lora(folder: Path) -> Path:
+    name = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    return _file(folder, "style.safetensors", {f"{name}.lora_down.weight": (4, 320), f"{name}.lora_up.weight": (320, 4),
+                                               f"{name}.alpha": ()})
+
+
+def _vae(folder: Path) -> Path:
+    from bundle_fixtures import tiny_bundle
+
+    path = folder / "anime-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in tiny_bundle("sd1").vae.state_dict().items()}, str(path))
+    return path
+
+
+def _controlnet(folder: Path) -> Path:
+    from controlnet_fixtures import ENCODERS, diffusers_controlnet, write_layout
+
+    return write_layout(diffusers_controlnet(ENCODERS["sd1"], seed=1), "original", folder)
+
+
+def _embedding(folder: Path) -> Path:
+    return _file(folder, "mystyle.safetensors", {"emb_params": (2, 768)})
+
+
+@pytest.mark.parametrize("write, kind, option", [
+    (_lora, "LoRA", "--lora FILE[:WEIGHT]"), (_vae, "VAE", "--vae PATH"),
+    (_controlnet, "ControlNet", "--control FILE:IMAGE[:STRENGTH]"),
+    (_embedding, "textual-inversion embedding", "--embeddings-dir DIR"),
+])
+def test_a_file_of_another_kind_given_as_the_model_says_what_it_is(tmp_path, capsys, write, kind, option):
+    """What `sdlab inspect` says of it (`describe_other_kind`), as one line from loading it as the model. Before:
+    "no key starting with model.diffusion_model. (the U-Net); top-level prefixes: ..." ."""
+    from cli_helpers import run
+    from sdlab.checkpoints.other_kinds import describe_other_kind
+
+    path = write(tmp_path)
+    assert describe_other_kind(path)["kind"] == kind
+    with pytest.raises(CheckpointError) as err:
+        plan_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: this is a {kind}, not a whole model; use it with {option}")
+    code, _, stderr = run(["txt2img", "a cat", "--model", str(path), "--out", str(tmp_path / "a.png")], capsys)
+    assert code == 2 and stderr.strip() == f"sdlab: error: {err.value}"

@@ -89,6 +89,11 @@ UNSUPPORTED_KINDS = (
 )
 
 
+class NoUNetError(CheckpointError):
+    """A file with no U-Net under `model.diffusion_model.`: maybe a file of another kind (a LoRA, a VAE, ...),
+    which the caller, knowing the file, can name (`other_kinds.not_a_model`)."""
+
+
 def _refuse(kind: UnsupportedKind, why: str) -> CheckpointError:
     return CheckpointError(f"this is an {kind.name} model ({why}); sdlab does not draw with this kind of model")
 
@@ -345,7 +350,7 @@ def detect_family(keys_and_shapes: Mapping[str, torch.Size | Tensor], override: 
     evidence = Evidence.of(shapes)
     refuse_unsupported_kind(shapes)
     if not evidence.has_unet:
-        raise CheckpointError(
+        raise NoUNetError(
             f"no key starting with {UNET_PREFIX} (the U-Net); top-level prefixes: "
             f"{', '.join(evidence.top_level_prefixes[:8]) or 'none'}; expected a checkpoint in the original "
             f"single-file layout ({UNET_PREFIX}, {VAE_PREFIX}, and text towers under "

@@ -10,7 +10,8 @@ it. The readers go by names, shapes and metadata (a LoRA's alphas, an embedding'
 numbers): the weights of a LoRA, ControlNet, VAE or upscaler are not read (from a pickle, where its format lets torch skip them), nor checked for NaN. Every
 description has the same fields: `source`, `kind`, `facts` (name -> a number, a list of numbers, a count per
 part or text, as `inspect --json` gives them; `format_description` writes each as text) and `use` (the option
-that takes the file).
+that takes the file). The same description makes the one-line error for such a file given as a whole model
+(`not_a_model`: "this is a LoRA, not a whole model; use it with --lora ...").
 """
 
 from __future__ import annotations
@@ -48,6 +49,21 @@ def describe_other_kind(path: str | os.PathLike[str]) -> Description | None:
     if unusable_lora is not None:
         raise unusable_lora
     return None
+
+
+def not_a_model(path: str | os.PathLike[str]) -> CheckpointError | None:
+    """The one-line error for `path` given as a whole model when it is a file of another kind: what it is and
+    the option that takes it, from its description (`describe_other_kind`, as `sdlab inspect` gives it); None
+    when it is of none of these kinds."""
+    from sdlab.checkpoints.lora import UnusableLoRAError
+
+    try:
+        described = describe_other_kind(path)
+    except UnusableLoRAError as exc:                    # LoRA keys sdlab cannot merge: says so
+        return exc
+    if described is None:
+        return None
+    return CheckpointError(f"{path}: this is a {described['kind']}, not a whole model; use it with {described['use']}")
 
 
 def _values(values) -> list:
@@ -195,4 +211,4 @@ def format_description(description: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["describe_other_kind", "format_description"]
+__all__ = ["describe_other_kind", "format_description", "not_a_model"]

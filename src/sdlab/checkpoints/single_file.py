@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from sdlab.checkpoints import diffusers_folder
 from sdlab.checkpoints.components import ComponentSource, SubStateDict, hf_text_to_sdlab, meta_view
-from sdlab.checkpoints.detect import detect_family
+from sdlab.checkpoints.detect import NoUNetError, detect_family
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.file_format import (
     META_CONFIG,
@@ -39,6 +39,7 @@ from sdlab.checkpoints.infer import infer_text_config, infer_unet_config, infer_
 from sdlab.checkpoints.io import read_checkpoint, shapes_of
 from sdlab.checkpoints.noise_model import COMFY_NOISE_MODEL_KEYS, folder_latent_stats, vae_stats_apply
 from sdlab.checkpoints.openclip import openclip_to_sdlab
+from sdlab.checkpoints.other_kinds import not_a_model
 from sdlab.checkpoints.tolerated import (
     OPENCLIP_TOLERATED,
     SINGLE_FILE_TOLERATED,
@@ -165,7 +166,10 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
         override, family_source = metadata[META_FAMILY], f"metadata {META_FAMILY}"
     else:
         override, family_source = None, "detected"
-    spec = detect_family(shapes, override=override)
+    try:
+        spec = detect_family(shapes, override=override)
+    except NoUNetError as exc:
+        raise not_a_model(path) or exc from None
     stored = stored_configs(metadata, spec)
     origin = str(path)
 
