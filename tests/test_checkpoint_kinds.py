@@ -188,3 +188,50 @@ def test_a_file_of_another_kind_given_as_the_model_says_what_it_is(tmp_path, cap
     assert str(err.value).startswith(f"{path}: this is a {kind}, not a whole model; use it with {option}")
     code, _, stderr = run(["txt2img", "a cat", "--model", str(path), "--out", str(tmp_path / "a.png")], capsys)
     assert code == 2 and stderr.strip() == f"sdlab: error: {err.value}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Whole models with a training run's extra parts beside them
+
+
+def _vae_loss(_: Path) -> dict[str, torch.Tensor]:
+    return {"first_stage_model.loss.logvar": torch.zeros(()),
+            "first_stage_model.loss.discriminator.main.0.weight": torch.zeros(64, 3, 4, 4),
+            "first_stage_model.loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}
+
+
+def _controlnet_1_0(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(_controlnet(folder)))                      # control_model.* beside the whole SD1.5
+
+
+def _embedding_manager(_: Path) -> dict[str, torch.Tensor]:
+    return {"embedding_manager.string_to_param_dict.*": torch.zeros(1, 768),
+            "embedding_manager.embedder.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(8, 8)}
+
+
+@pytest.mark.parametrize("extra, says", [
+    (_vae_loss, "VAE training loss"), (_controlnet_1_0, "ControlNet 1.0 (lllyasviel's file"),
+    (_embedding_manager, "textual-inversion training state"),
+])
+def test_a_whole_model_with_training_parts_beside_it_loads_as_a1111_loads_it(tmp_path, caplog, extra, says):
+    """A1111 loads such files with load_state_dict(strict=False), which skips the keys its model lacks; so does
+    sdlab, naming the part in a warning and listing its keys as ignored. Before: refused ("vae (VAEConfig):
+    unexpected 3 keys: loss.discriminator..." / "... keys belong to no sd1 component (prefixes control_model.)")."""
+    from bundle_fixtures import tiny_bundle, write_original
+    from safetensors.torch import load_file
+
+    from sdlab.checkpoints.load import load_bundle
+
+    plain = write_original(tiny_bundle("sd1", seed=3), tmp_path / "plain.safetensors", junk=False)
+    added = extra(tmp_path)
+    path = tmp_path / "with-extra.safetensors"
+    save_file(load_file(str(plain)) | added, str(path))
+    with caplog.at_level("WARNING"):
+        loaded = load_bundle(path, dtype=torch.float32)
+    assert set(added) <= set(loaded.report.ignored)
+    assert any(says in r.getMessage() and "with-extra.safetensors" in r.getMessage() for r in caplog.records)
+    reference = load_bundle(plain, dtype=torch.float32)
+    for a, b in ((loaded.unet, reference.unet), (loaded.vae, reference.vae)):
+        assert all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())

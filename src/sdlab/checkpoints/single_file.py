@@ -43,6 +43,7 @@ from sdlab.checkpoints.other_kinds import not_a_model
 from sdlab.checkpoints.tolerated import (
     OPENCLIP_TOLERATED,
     SINGLE_FILE_TOLERATED,
+    TRAINING_PARTS,
     VAE_FILE_TOLERATED,
     is_hf_text_tolerated,
 )
@@ -177,14 +178,21 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
     prefixes = [(name, text_prefixes.get(name, prefix)) for name, prefix in spec.prefixes.items()]
     buckets: dict[str, list[str]] = {name: [] for name, _ in prefixes}
     ignored, unexpected = [], []
+    parts: dict[str, list[str]] = {}
     for key in shapes:
+        part = next((prefix for prefix in TRAINING_PARTS if key.startswith(prefix)), None)
         owner = next((name for name, prefix in prefixes if key.startswith(prefix)), None)
-        if owner is not None:
+        if part is not None:
+            parts.setdefault(part, []).append(key)
+        elif owner is not None:
             buckets[owner].append(key)
         elif SINGLE_FILE_TOLERATED.fullmatch(key):
             ignored.append(key)
         else:
             unexpected.append(key)
+    for part, keys in parts.items():
+        logger.warning("%s: not using its %s: %d keys under %s", path.name, TRAINING_PARTS[part], len(keys), part)
+        ignored.extend(keys)
     if unexpected:
         tops = sorted({k.split(".")[0] + "." for k in unexpected})
         raise CheckpointError(

@@ -23,6 +23,7 @@ __all__ = [
     "OPENCLIP_TOLERATED",
     "SDLAB_TEXT_TOLERATED",
     "SINGLE_FILE_TOLERATED",
+    "TRAINING_PARTS",
     "VAE_FILE_TOLERATED",
     "is_hf_text_tolerated",
 ]
@@ -49,6 +50,15 @@ SINGLE_FILE_TOLERATED = re.compile(
     + "".join(f"|{re.escape(key)}" for key in (COMFY_EDM_MEAN_KEY, COMFY_EDM_STD_KEY, COMFY_EDM_VPRED_MAX_KEY,
                                                COMFY_EDM_VPRED_MIN_KEY))
 )
+#: parts of a training run that whole-model files keep beside the model (key prefix -> what it is), skipped with a
+#: warning naming them, as A1111 loads such a file (`load_state_dict(strict=False)` ignores the keys its model
+#: does not have): the VAE's training loss (LPIPS and discriminator), lllyasviel's ControlNet 1.0 files (the whole
+#: SD1.5 model with the ControlNet beside it), the textual_inversion repo's training checkpoints
+TRAINING_PARTS = {
+    "first_stage_model.loss.": "VAE training loss (LPIPS, discriminator)",
+    "control_model.": "ControlNet 1.0 (lllyasviel's file: the ControlNet beside a whole SD1.5; --control takes it)",
+    "embedding_manager.": "textual-inversion training state (embedding_manager)",
+}
 #: extra keys of standalone VAE training files (besides SINGLE_FILE_TOLERATED)
 VAE_FILE_TOLERATED = re.compile(r"loss\..*|model_ema\..*")
 
