@@ -373,3 +373,37 @@ def test_a1111_resize_mode_and_thresholds(tmp_path):
     with pytest.raises(BadRequest, match="threshold_b must be a number") as refused:
         _units(tmp_path, module="canny", threshold_b="high")
     assert refused.value.status == 422
+
+
+def _extensions_bound_check(module: str, threshold_a: float, threshold_b: float) -> tuple[float, float]:
+    """sd-webui-controlnet's `ControlNetUnit.bound_check_params` (internal_controlnet/args.py), transcribed for
+    the sliders of its canny (scripts/preprocessor/model_free_preprocessors.py), threshold and tile_resample
+    (legacy/preprocessor_compiled.py): a value below the minimum or above the maximum is the slider's value."""
+    sliders = {"canny": ((1, 255, 100), (1, 255, 200)), "threshold": ((0, 255, 127),),
+               "tile_resample": ((1.0, 8.0, 1.0),)}[module]
+    values = [threshold_a, threshold_b]
+    for index, (minimum, maximum, default) in enumerate(sliders):
+        if values[index] < minimum or values[index] > maximum:
+            values[index] = default
+    return values[0], values[1]
+
+
+def test_a1111_thresholds_outside_the_sliders_are_their_defaults(tmp_path):
+    """A unit's threshold_a / threshold_b outside the extension's slider range is the preprocessor's default, as
+    the extension resets it, so canny 0 / 300, a threshold of 300 or a tile_resample rate of 16 draw the
+    hint of canny 100 / 200, 127, rate 1; values inside the range are kept."""
+    from sdlab.pipeline.preprocess import PARAMETERS, preprocess
+
+    picture = Image.new("RGB", (48, 40), (30, 30, 30))
+    ImageDraw.Draw(picture).ellipse((8, 6, 40, 34), fill=(150, 200, 90))
+    cases = [("canny", 0, 0), ("canny", 100, 300), ("canny", 50, 150), ("canny", 256, 1), ("canny", 1, 255),
+             ("threshold", 300, -1), ("threshold", 0, -1), ("threshold", 200, -1),
+             ("tile_resample", 16, -1), ("tile_resample", 0.5, -1), ("tile_resample", 2, -1)]
+    for module, a, b in cases:
+        [unit] = _units(tmp_path, module=module, image=picture, threshold_a=a, threshold_b=b)
+        expected_a, expected_b = _extensions_bound_check(module, a, b)
+        defaults = PARAMETERS[module]
+        ours = preprocess(picture, module, unit.threshold_a, unit.threshold_b)
+        reference = preprocess(picture, module, expected_a, expected_b if len(defaults) > 1 else None)
+        assert np.array_equal(np.asarray(ours), np.asarray(reference)), (module, a, b)
+        assert (unit.threshold_a is None) == (expected_a != a), (module, a, b)

@@ -209,6 +209,10 @@ INPAINT_MODULES = ("inpaint", "inpaint_only")
 PARAMETERS: dict[str, tuple[float, ...]] = {"canny": (100.0, 200.0), "threshold": (127.0,), "tile_resample": (1.0,)}
 """The preprocessors that take A1111's `threshold_a` (and `threshold_b`), with their defaults: canny's low and
 high threshold, threshold's level, tile_resample's down-sampling rate."""
+SLIDER_RANGES: dict[str, tuple[tuple[float, float], ...]] = {
+    "canny": ((1.0, 255.0), (1.0, 255.0)), "threshold": ((0.0, 255.0),), "tile_resample": ((1.0, 8.0),)}
+"""The extension's slider ranges (minimum, maximum) of the `PARAMETERS`: an A1111 unit's value outside them is
+the default (its `ControlNetUnit.bound_check_params`)."""
 
 
 def unknown_preprocessor(module: object) -> str:

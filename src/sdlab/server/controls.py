@@ -12,6 +12,7 @@ entry's modes are sdlab's names (`CONTROL_MODES`, `RESIZE_MODES`). Unit fields s
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from sdlab.pipeline.control import (
     CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control,
 )
 from sdlab.pipeline.images import eight_bit
-from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, unknown_preprocessor
+from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, SLIDER_RANGES, unknown_preprocessor
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, decode_image
@@ -77,12 +78,16 @@ def a1111_choice(value: Any, modes: dict[str, str], field: str, past_last: str |
     raise BadRequest(f"unknown ControlNet {field} {value!r}; valid: {valid}", 422)
 
 
-def threshold_value(value: Any) -> Any:
-    """A unit's threshold_a / threshold_b as the preprocessor takes it: a negative number (the extension's -1)
-    or null is the preprocessor's default (None); any other value as given (checked with the control)."""
-    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0):
-        return None
-    return value
+def threshold_value(value: Any, module: str, index: int) -> Any:
+    """A unit's threshold_a (`index` 0) / threshold_b (1) as the preprocessor `module` takes it: null, or a
+    number outside the extension's slider range (`SLIDER_RANGES`; a negative one for a preprocessor without
+    sliders: the extension's -1) is the preprocessor's default (None), as its `bound_check_params` resets it;
+    any other value as given (checked with the control)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    ranges = SLIDER_RANGES.get(module, ())
+    low, high = ranges[index] if index < len(ranges) else (0.0, math.inf)
+    return value if low <= value <= high else None
 
 
 def model_path(model: Any, what: str, folder: ModelFolder) -> str:
@@ -148,8 +153,8 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
     control = ControlInput(model_path(unit["model"], what, folder), image,
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0), unit.get("guidance_end", 1.0),
                            module, control_mode(unit.get("control_mode")),
-                           resize_mode(unit.get("resize_mode")), threshold_value(unit.get("threshold_a")),
-                           threshold_value(unit.get("threshold_b")), mask)
+                           resize_mode(unit.get("resize_mode")), threshold_value(unit.get("threshold_a"), module, 0),
+                           threshold_value(unit.get("threshold_b"), module, 1), mask)
     return checked_control(control, index, "a1111")
 
 
