@@ -167,6 +167,27 @@ def test_img2img_grid_over_denoise(tmp_path: Path, capsys) -> None:
     assert parse_parameters(read_parameters(out))["Denoising strength"] == 0.5
 
 
+def test_txt2img_denoising_axis_is_the_hires_fixs_denoise_as_a1111(tmp_path: Path, capsys) -> None:
+    """A1111's Denoising axis sets denoising_strength, the hires fix's second-pass strength in txt2img; with the
+    A1111 axis types Hires steps and Var. seed (fixed -1 recorded as `Fixed Y Values`)."""
+    out, cells = tmp_path / "g.png", tmp_path / "c"
+    code, _, err = run(["grid", PROMPT, "--hr-scale", "1.5", "--x", "Denoising=0.4,0.8", "--y", "hires steps=1,2",
+                        "--z", "Var. seed=-1", "--subseed-strength", "0.3", "--steps", "2", "--seed", "5",
+                        "--out", str(out), "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    grid = parse_parameters(read_parameters(out))
+    subseed = int(grid["Fixed Z Values"])
+    assert (grid["X Type"], grid["Y Type"], grid["Z Type"]) == ("Denoising", "Hires steps", "Var. seed")
+    for j, steps in enumerate(["1", "2"]):
+        for i, denoise in enumerate(["0.4", "0.8"]):
+            want = _txt2img(tmp_path, capsys, f"single-{i}{j}.png", PROMPT, "--hr-scale", "1.5", "--hr-denoise",
+                            denoise, "--hr-steps", steps, "--subseed", str(subseed), "--subseed-strength", "0.3",
+                            "--steps", "2", "--seed", "5")
+            assert np.array_equal(pixels(cells / f"{2 * j + i:03d}-x{i}-y{j}-z0.png"), want), (denoise, steps)
+    code, _, err = run(["grid", PROMPT, "--x", "Denoising=0.4", "--out", str(tmp_path / "h.png")], capsys)
+    assert code == 2 and "needs --init IMAGE (img2img's strength) or the hires fix" in err
+
+
 def test_model_checks_run_before_the_first_cell(tmp_path: Path, capsys, monkeypatch) -> None:
     import sdlab.api
 

@@ -3,15 +3,18 @@
     sdlab grid "a red apple" --x steps=10,20,30 --y "sampler=Euler,DPM++ 2M" --out grid.png
     sdlab grid "a red apple" --x "cfg=3-9 (+2)" --y seed=1-4 --z "prompt_sr=apple,pear" --out grid.png
     sdlab grid "a cat" --init photo.png --x denoise=0.3,0.5,0.7 --out grid.png --keep-cells cells/
+    sdlab grid "a cat" --hr-scale 2 --x "Denoising=0.3,0.5" --y "Hires upscaler=Latent,Lanczos" --out grid.png
 
 Every other option is txt2img's (img2img's with --init), defined once for both (`cli/generate.py`), and sets
 every cell unless an axis sets it; a cell is exactly the picture `sdlab txt2img` draws with its settings, or
 with --batch / --batch-count its pictures, shown as A1111's batch grid. --from-png and --models-dir, which
 redraw one picture, are not the grid's. Without --seed (or a seed axis) one random seed serves every cell,
-and with --subseed-strength one random variation seed. Axes, values and ranges are checked before the model
-loads (`sdlab.pipeline.grid`); every cell's request before the first is drawn. Each cell applies and records
-the <lora:...> tags of its own prompt (after Prompt S/R). The grid carries the parameters of its first cell
-and A1111's plot fields (Script: X/Y/Z plot, X Type, X Values, Fixed X Values for a seed axis, ...);
+and one random variation seed (for --subseed-strength or a Var. strength axis). A Denoising axis is
+img2img's strength with --init, else the hires fix's denoise (A1111's denoising_strength). Axes, values and
+ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's request before the first is
+drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R). The grid
+carries the parameters of its first cell and A1111's plot fields (Script: X/Y/Z plot, X Type, X Values,
+Fixed X Values for a Seed or Var. seed axis, ...);
 --keep-cells also writes each cell's pictures with their own. Everything is written at the end, all or
 nothing; the folders it goes to (--out's and --keep-cells) are checked before the model loads, and made only
 then.
@@ -40,8 +43,10 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("prompt", type=utf8_text("the prompt"), help="the prompt (A1111 syntax)")
     for axis in ("x", "y", "z"):
         p.add_argument(f"--{axis}", type=utf8_text(f"--{axis}"), metavar="FIELD=V1,V2,...",
-                       help=f"{axis.upper()} axis: sampler, schedule, steps, cfg, seed, width, height, clip_skip, "
-                            "denoise or prompt_sr, with values or A1111 ranges (1-5, 1-10 (+2), 10-20 [3])")
+                       help=f"{axis.upper()} axis: an A1111 axis type (Seed, Var. seed, Steps, CFG Scale, Sampler, "
+                            "Schedule type, Denoising, Hires steps, Eta, Sigma Churn, Prompt S/R, Prompt order, ... "
+                            "any case) or a short name (cfg, denoise, prompt_sr), with values or A1111 ranges "
+                            "(1-5, 1-10 (+2), 10-20 [3])")
     p.add_argument("--out", required=True, help="the grid picture (.png, .jpg, .webp)")
     p.add_argument("--keep-cells", metavar="DIR", help="also write each cell's pictures, with their own parameters, "
                                                        "to DIR")
@@ -72,8 +77,10 @@ def _plot(args: argparse.Namespace):
         cell_count(list(axes.values()))
     except GridError as err:
         raise UserError(str(err)) from None
-    if not args.init and any(axis.field.name == "strength" for axis in axes.values()):
-        raise UserError("a denoise (strength) axis needs --init IMAGE: txt2img has no strength")
+    hires = args.hr_scale is not None or args.hr_size is not None
+    if not args.init and not hires and any(axis.field.name == "strength" for axis in axes.values()):
+        raise UserError("a Denoising axis needs --init IMAGE (img2img's strength) or the hires fix (--hr-scale / "
+                        "--hr-size: its second pass's denoise)")
     return Plot(**axes)
 
 
@@ -127,7 +134,16 @@ def _cells(plot, options: dict, preset: str | None, mode: str) -> list:
     them under its options, so that the preset's eta goes with the cell's sampler (TCD's gamma is no other's)."""
     from sdlab.cli.generate import _with_model_preset
 
-    return [(index, _with_model_preset(cell, preset, mode)) for index, cell in plot.cells(options)]
+    return [(index, _with_model_preset(_found_upscaler(cell), preset, mode)) for index, cell in plot.cells(options)]
+
+
+def _found_upscaler(cell: dict) -> dict:
+    """A Hires upscaler axis's value as --hr-upscaler takes it: a name, a file, or a file's stem here."""
+    from sdlab.pipeline.hires import find_upscaler
+
+    if cell.get("hr_upscaler") is None:
+        return cell
+    return {**cell, "hr_upscaler": find_upscaler(cell["hr_upscaler"], [Path(".")])}
 
 
 def _cell_loras(args: argparse.Namespace, cells, finder) -> dict[str, tuple]:
@@ -180,7 +196,7 @@ def run_grid(args: argparse.Namespace) -> int:
         _controls, _identify_model, _load_pipeline, _lora_finder, _open_image, _options_from_args, _refiner_ref,
         _resolve_loras, _standalone_vae,
     )
-    from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_cells
+    from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_cells, fix_seeds
     from sdlab.pipeline.infotext import hires_tag_refs, to_parameters
     from sdlab.pipeline.png_info import (
         embedding_hash,
@@ -190,7 +206,7 @@ def run_grid(args: argparse.Namespace) -> int:
         lora_hash,
         write_files_all_or_nothing,
     )
-    from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
+    from sdlab.pipeline.request import GenerationRequest, RequestError
 
     args.mode = "img2img" if args.init else "txt2img"
     _output_files(args)
@@ -203,9 +219,7 @@ def run_grid(args: argparse.Namespace) -> int:
         check_prompt_sr([axis for _, axis in plot.axes()], options["prompt"], options.get("negative_prompt", ""))
     except GridError as err:
         raise UserError(str(err)) from None
-    options["seed"] = fixed_seed(options.get("seed"))     # one seed for every cell, as A1111 fixes it
-    if options.get("subseed_strength"):                  # and one variation seed
-        options["subseed"] = fixed_seed(options.get("subseed"))
+    options = fix_seeds(options)                         # one seed and variation seed for every cell, as A1111
     if args.init:
         options["init_image"] = _open_image(args.init, "init image")
     controls = _controls(args, {}, options.get("control_convention", GenerationRequest.control_convention))
