@@ -206,3 +206,15 @@ def test_draw_plot_keeps_a_given_seed() -> None:
     requests: list = []
     draw_plot(_recording_run(requests), {"prompt": "a", "seed": 9, "subseed": 3}, Plot(parse_axis("cfg=2,4")))
     assert [(r.seed, r.subseed) for r in requests] == [(9, 3), (9, 3)]
+
+
+def test_draw_legend_off_lays_the_cells_out_alone() -> None:
+    """A1111's Draw legend off: `image_grid` without `draw_grid_annotations`, Z sub-grids side by side."""
+    from sdlab.pipeline.grid import Plot
+
+    plot = Plot(parse_axis("steps=1,2"), parse_axis("cfg=3,4,5"), parse_axis("seed=1,2"), legend=False)
+    colours = {(i, j, k): (40 * i, 50 * j, 100 * k) for i in range(2) for j in range(3) for k in range(2)}
+    sheet = np.asarray(plot.sheet({index: _cell(colour) for index, colour in colours.items()}))
+    assert sheet.shape == (3 * 64, 2 * 2 * 64, 3)
+    for (i, j, k), colour in colours.items():
+        assert (sheet[64 * j:64 * (j + 1), 128 * k + 64 * i:128 * k + 64 * (i + 1)] == colour).all()

@@ -188,6 +188,17 @@ def test_txt2img_denoising_axis_is_the_hires_fixs_denoise_as_a1111(tmp_path: Pat
     assert code == 2 and "needs --init IMAGE (img2img's strength) or the hires fix" in err
 
 
+def test_no_legend_draws_the_cells_alone(tmp_path: Path, capsys) -> None:
+    out, cells = tmp_path / "g.png", tmp_path / "c"
+    code, _, err = run(["grid", PROMPT, "--x", "steps=1,2", "--y", "Nothing", "--no-legend", "--seed", "3",
+                        "--out", str(out), "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    sheet = pixels(out)
+    assert sheet.shape == (64, 128, 3)
+    assert np.array_equal(sheet[:, 64:], pixels(cells / "001-x1-y0-z0.png"))
+    assert "Y Type" not in parse_parameters(read_parameters(out))
+
+
 def test_model_checks_run_before_the_first_cell(tmp_path: Path, capsys, monkeypatch) -> None:
     import sdlab.api
 

@@ -50,6 +50,8 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="the grid picture (.png, .jpg, .webp)")
     p.add_argument("--keep-cells", metavar="DIR", help="also write each cell's pictures, with their own parameters, "
                                                        "to DIR")
+    p.add_argument("--no-legend", action="store_true", help="draw the cells alone, without axis labels (A1111's Draw "
+                                                            "legend off)")
     p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
     _add_model_flags(p, from_png=False)
     _add_sampling_flags(p, from_png=False)
@@ -81,7 +83,7 @@ def _plot(args: argparse.Namespace):
     if not args.init and not hires and any(axis.field.name == "strength" for axis in axes.values()):
         raise UserError("a Denoising axis needs --init IMAGE (img2img's strength) or the hires fix (--hr-scale / "
                         "--hr-size: its second pass's denoise)")
-    return Plot(**axes)
+    return Plot(**axes, legend=not args.no_legend)
 
 
 @contextlib.contextmanager

@@ -372,11 +372,13 @@ Index = tuple[int, int, int]                      # (x, y, z) position of a cell
 
 @dataclass(frozen=True)
 class Plot:
-    """The axes of one X/Y/Z plot; Y and Z are optional."""
+    """The axes of one X/Y/Z plot; Y and Z are optional. `legend=False` draws the cells alone, without labels
+    (A1111's Draw legend off)."""
 
     x: Axis
     y: Axis | None = None
     z: Axis | None = None
+    legend: bool = True
 
     def axes(self) -> list[tuple[str, Axis]]:
         return [(letter, axis) for letter, axis in zip("xyz", (self.x, self.y, self.z)) if axis is not None]
@@ -419,14 +421,15 @@ class Plot:
     def sheet(self, images: Mapping[Index, Image.Image]) -> Image.Image:
         """The labelled picture of `images` (one per cell)."""
         nx, ny, nz = self.shape()
-        x_labels = list(self.x.labels)
-        y_labels = list(self.y.labels) if self.y is not None else [""]
+        x_labels = list(self.x.labels) if self.legend else [""]
+        y_labels = list(self.y.labels) if self.y is not None and self.legend else [""]
         grids = [draw_grid([[images[(i, j, k)] for i in range(nx)] for j in range(ny)], x_labels, y_labels)
                  for k in range(nz)]
         if self.z is None or self.z.field is NOTHING:
             return grids[0]
         first = images[(0, 0, 0)]
-        return row_grids(grids, list(self.z.labels), font_size(first.width, first.height))[0]
+        titles = list(self.z.labels) if self.legend else [""] * nz
+        return row_grids(grids, titles, font_size(first.width, first.height))[0]
 
 
 def fix_seeds(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -596,7 +599,7 @@ def row_grids(grids: list[Image.Image], titles: list[str], size: int) -> tuple[I
     `image_grid(..., rows=1)` and `draw_grid_annotations` (one band of the tallest title); also each sub-grid's left.
     Sub-grids of different sizes sit at the top left of slots as large as the largest."""
     width, height = max(g.width for g in grids), max(g.height for g in grids)
-    band = max(title_height(width, t, size) for t in titles)
+    band = max(title_height(width, t, size) for t in titles) if any(titles) else 0
     sheet = Image.new("RGB", (width * len(grids), band + height), "white")
     draw = ImageDraw.Draw(sheet)
     font = grid_font(size)
