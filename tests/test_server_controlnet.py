@@ -407,3 +407,29 @@ def test_a1111_thresholds_outside_the_sliders_are_their_defaults(tmp_path):
         reference = preprocess(picture, module, expected_a, expected_b if len(defaults) > 1 else None)
         assert np.array_equal(np.asarray(ours), np.asarray(reference)), (module, a, b)
         assert (unit.threshold_a is None) == (expected_a != a), (module, a, b)
+
+
+def test_a1111_units_in_the_extensions_other_forms(tmp_path):
+    """The extension's `legacy_field_alias` ("guidance" is guidance_end) and the image forms its
+    `get_input_images_rgba` reads: [image, mask], (image, mask) and [{"image": ..., "mask": ...}] give the unit
+    the picture and mask that {"image": ..., "mask": ...} gives it; a batch of pictures is a 422."""
+    from sdlab.server.inputs import BadRequest
+
+    assert _units(tmp_path, guidance=0.4)[0].end == 0.4
+    assert _units(tmp_path, guidance=0.4, guidance_end=0.7)[0].end == 0.7
+    root = tmp_path / "pictures"
+    root.mkdir()
+    picture, mask = Image.new("RGB", (16, 16), (20, 160, 40)), Image.new("L", (16, 16), 0)
+    ImageDraw.Draw(mask).rectangle((2, 2, 9, 9), fill=255)
+    picture.save(root / "picture.png")
+    mask.save(root / "mask.png")
+    image, mask = _b64(root / "picture.png"), _b64(root / "mask.png")
+    [expected] = _units(tmp_path, module="inpaint", image={"image": image, "mask": mask})
+    for form in ([image, mask], (image, mask), [{"image": image, "mask": mask}]):
+        [unit] = _units(tmp_path, module="inpaint", image=form)
+        assert np.array_equal(np.asarray(unit.image), np.asarray(expected.image))
+        assert np.array_equal(np.asarray(unit.mask), np.asarray(expected.mask))
+    for batch in ([{"image": image}, {"image": image}], [image, mask, image]):
+        with pytest.raises(BadRequest, match="image must be one picture") as refused:
+            _units(tmp_path, image=batch)
+        assert refused.value.status == 422

@@ -102,6 +102,20 @@ def model_path(model: Any, what: str, folder: ModelFolder) -> str:
     return str(found.path)
 
 
+def image_field(image: Any, what: str) -> Any:
+    """A unit's image field as the extension's `get_input_images_rgba` reads it: `[image, mask]`, `(image, mask)`
+    and `[{"image": ..., "mask": ...}]` are the `{image, mask}` object; any other value as it is. More than one
+    picture (the extension's batch of a unit) is a 422."""
+    if not isinstance(image, (list, tuple)):
+        return image
+    if len(image) == 1 and isinstance(image[0], dict):
+        return image[0]
+    if len(image) == 2 and not isinstance(image[0], dict):
+        return {"image": image[0], "mask": image[1]}
+    raise BadRequest(f"{what}: image must be one picture: base64, {{image, mask}}, [image, mask] or "
+                     "[{image, mask}]", 422)
+
+
 def hint_image(image: Any, what: str, limits: Limits) -> Image.Image:
     """The unit's hint picture: base64, the extension's `{"image": ..., "mask": ...}`, or a decoded picture."""
     if isinstance(image, dict):
@@ -147,11 +161,12 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
                init: Image.Image | None) -> ControlInput:
     """One enabled unit as a checked `ControlInput`, its steps by A1111's rule (`control_convention`)."""
     what = f"control {index}"
-    own = unit.get("image") or unit.get("input_image") or None
+    own = image_field(unit.get("image") or unit.get("input_image") or None, what)
     module, image = module_name(unit.get("module")), hint_image(own or init, what, limits)
     mask = unit_mask(unit, own, image, init, what, limits) if module in INPAINT_MODULES else None
     control = ControlInput(model_path(unit["model"], what, folder), image,
-                           unit.get("weight", 1.0), unit.get("guidance_start", 0.0), unit.get("guidance_end", 1.0),
+                           unit.get("weight", 1.0), unit.get("guidance_start", 0.0),
+                           unit.get("guidance_end", unit.get("guidance", 1.0)),     # the extension's legacy alias
                            module, control_mode(unit.get("control_mode")),
                            resize_mode(unit.get("resize_mode")), threshold_value(unit.get("threshold_a"), module, 0),
                            threshold_value(unit.get("threshold_b"), module, 1), mask)
