@@ -126,13 +126,53 @@ def _extensions_inpaint_hint(color: np.ndarray, mask: np.ndarray) -> torch.Tenso
     return c * (1 - m) - m
 
 
+def _extensions_prepare_mask(mask: Image.Image, invert: bool, blur_x: float, blur_y: float) -> np.ndarray:
+    """sd-webui-controlnet's `prepare_mask` (scripts/controlnet.py) for an A1111 with mask_blur_x, transcribed."""
+    import cv2
+    from PIL import ImageOps
+
+    mask = mask.convert("L")
+    if invert:
+        mask = ImageOps.invert(mask)
+    if blur_x > 0:
+        np_mask = np.array(mask)
+        kernel_size = 2 * int(2.5 * blur_x + 0.5) + 1
+        np_mask = cv2.GaussianBlur(np_mask, (kernel_size, 1), blur_x)
+        mask = Image.fromarray(np_mask)
+    if blur_y > 0:
+        np_mask = np.array(mask)
+        kernel_size = 2 * int(2.5 * blur_y + 0.5) + 1
+        np_mask = cv2.GaussianBlur(np_mask, (1, kernel_size), blur_y)
+        mask = Image.fromarray(np_mask)
+    return np.asarray(mask)
+
+
+def test_inpaint_mask_is_the_extensions_prepare_mask():
+    """The run's mask an inpaint unit reads is the extension's `prepare_mask` of it: greyscale of the picture as
+    given (an RGBA mask's colour, not its alpha), inverted for "Inpaint not masked", blurred by OpenCV's
+    Gaussian along x by mask_blur_x, then along y by mask_blur_y (not PIL's blur of one radius)."""
+    from sdlab.pipeline.control import inpaint_mask
+
+    mask = np.zeros((24, 40), dtype=np.uint8)
+    mask[7:17, 12:28] = 255
+    rgba = Image.new("RGBA", (40, 24), (0, 0, 0, 0))
+    rgba.paste((255, 255, 255, 255), (2, 2, 12, 12))
+    rgba.paste((0, 0, 0, 255), (20, 10, 36, 20))                      # opaque black: no mask to the extension
+    for picture in (Image.fromarray(mask), Image.fromarray(mask).convert("RGB"), rgba):
+        for blur_x, blur_y in ((0, 8), (4, 4), (3, 1.5), (2.5, 0), (0, 0)):
+            for invert in (False, True):
+                ours = np.asarray(inpaint_mask(picture, invert, blur_x, blur_y))
+                assert np.array_equal(ours, _extensions_prepare_mask(picture, invert, blur_x, blur_y)), \
+                    (picture.mode, blur_x, blur_y, invert)
+    assert np.array_equal(np.asarray(inpaint_mask(Image.fromarray(mask), blur=3)),
+                          _extensions_prepare_mask(Image.fromarray(mask), False, 3, 3))       # blur_y None: blur
+
+
 def test_inpaint_hints_are_the_extensions(tmp_path):
     """inpaint (inpaint_global_harmonious) and inpaint_only: -1 where the mask (the unit's, else an inpainting
     run's as the extension's prepare_mask reads it) is above 127, the control image's [0, 1] colour elsewhere;
     an RGBA control image is laid on white (its alpha is no mask to the extension). inpaint_only outside an
     inpainting run is refused: there the extension also pastes the control image back after decoding."""
-    from PIL import ImageFilter
-
     from sdlab.pipeline.control import inpaint_mask
 
     [control] = _controls(tmp_path, tiny_bundle("sd1"), strengths=(1.0,), ranges=((0.0, 1.0),))
@@ -145,9 +185,8 @@ def test_inpaint_hints_are_the_extensions(tmp_path):
         unit = ControlInput(control.net.origin, picture, module=module, mask=Image.fromarray(mask))
         [prepared] = prepare_controls(bundle, [unit], 40, 24, mask=Image.new("L", (40, 24)))
         assert torch.equal(prepared.hint, expected)
-    run_mask = Image.fromarray(mask).convert("RGB")                  # the run's mask, blurred and inverted
-    as_read = run_mask.convert("L").filter(ImageFilter.GaussianBlur(4))
-    inverted = Image.fromarray(255 - np.asarray(as_read))
+    run_mask = Image.fromarray(mask).convert("RGB")                  # the run's mask, inverted and blurred
+    inverted = Image.fromarray(_extensions_prepare_mask(run_mask, invert=True, blur_x=4, blur_y=4))
     assert np.array_equal(np.asarray(inpaint_mask(run_mask, invert=True, blur=4)), np.asarray(inverted))
     unit = ControlInput(control.net.origin, picture, module="inpaint")
     [prepared] = prepare_controls(bundle, [unit], 40, 24, mask=inpaint_mask(run_mask, invert=True, blur=4))

@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from sdlab.checkpoints.controlnet import LoadedControlNet, legacy_hash, load_controlnet
@@ -57,6 +57,7 @@ from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
 from sdlab.pipeline.images import eight_bit, flattened
+from sdlab.pipeline.overlay import axis_blurred
 from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, preprocess, unknown_preprocessor
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
@@ -188,16 +189,17 @@ def hint_tensor(image: Image.Image, width: int, height: int, resize_mode: str = 
     return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
-def inpaint_mask(mask_image: Image.Image | None, invert: bool = False, blur: float = 0.0) -> Image.Image | None:
+def inpaint_mask(mask_image: Image.Image | None, invert: bool = False, blur: float = 0.0,
+                 blur_y: float | None = None) -> Image.Image | None:
     """An inpainting run's mask as the ControlNet extension reads it for its inpaint preprocessors
-    (`prepare_mask`): greyscale (`convert("L")`), inverted for "Inpaint not masked", blurred by PIL's Gaussian
-    of radius `blur` (A1111's mask blur); None without a mask."""
+    (`prepare_mask`): greyscale (`convert("L")`: the extension reads the mask picture as given, so a
+    transparent mask's alpha counts for the run but not for the ControlNet, as in A1111), inverted for
+    "Inpaint not masked", blurred as A1111 blurs the run's mask (`overlay.axis_blurred`: `blur` pixels along
+    x, `blur_y` along y, None: `blur`); None without a mask."""
     if mask_image is None:
         return None
     mask = eight_bit(mask_image).convert("L")
-    if invert:
-        mask = ImageOps.invert(mask)
-    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur > 0 else mask
+    return axis_blurred(ImageOps.invert(mask) if invert else mask, blur, blur_y)
 
 
 def inpaint_hint(hint: Tensor, mask: Image.Image, resize_mode: str = "resize") -> Tensor:

@@ -40,8 +40,8 @@ from PIL import Image, ImageOps
 from sdlab.pipeline.images import mask_levels
 from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
-__all__ = ["Overlay", "apply_overlay", "blur_axis", "blur_mask", "blurred_mask", "gaussian_taps", "mask_tensor",
-           "overlay_weight", "paste_back"]
+__all__ = ["Overlay", "apply_overlay", "axis_blurred", "blur_axis", "blur_mask", "blurred_mask", "gaussian_taps",
+           "mask_tensor", "overlay_weight", "paste_back"]
 
 
 def gaussian_taps(sigma: float) -> np.ndarray:
@@ -95,8 +95,13 @@ def blurred_mask(mask_image: Image.Image, sigma: float, sigma_y: float | None = 
     (None: ``sigma``; a sigma of 0 leaves its axis as it is), each pass rounded to uint8 as A1111's two
     ``cv2.GaussianBlur`` calls round; a uint8 "L" image, white = repaint."""
     mask = mask_levels(mask_image, round_alpha)
-    if invert:
-        mask = ImageOps.invert(mask)
+    return axis_blurred(ImageOps.invert(mask) if invert else mask, sigma, sigma_y)
+
+
+def axis_blurred(mask: Image.Image, sigma: float, sigma_y: float | None = None) -> Image.Image:
+    """A uint8 "L" mask Gaussian-blurred as A1111 blurs its inpainting mask: by ``sigma`` pixels along x, then
+    ``sigma_y`` along y (None: ``sigma``; a sigma of 0 leaves its axis as it is), each pass one
+    ``cv2.GaussianBlur`` rounded to uint8 (`gaussian_taps`, `blur_axis`)."""
     pixels = np.asarray(mask, dtype=np.uint8)
     for axis, axis_sigma in ((1, sigma), (0, sigma if sigma_y is None else sigma_y)):     # x, then y
         if axis_sigma > 0:
