@@ -5,8 +5,9 @@ txt2img / img2img run through the same queue as the native API and answer when t
 `{images: [base64 picture with the parameters text], parameters: <the request>, info: <JSON string>}`, the
 pictures a PNG with its text chunk unless the option `samples_format` asks for JPEG / WebP (the text in their
 EXIF), as A1111's `encode_pil_to_base64`; the /progress preview and Extras follow the option too.
-Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 404 "Sampler not found",
-an unknown scheduler 404 "Scheduler not found" (A1111 itself falls back to "Automatic"; sdlab refuses). The
+Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 404 "Sampler not found" (A1111
+up to 1.8 answered so; 1.9+ draws its first sampler, DPM++ 2M), an unknown scheduler 404 "Scheduler not found"
+(A1111 itself falls back to "Automatic"); sdlab refuses both rather than draw another picture silently. The
 scheduler "Automatic" or none is A1111's choice for the sampler (Karras for DPM++ 2M, uniform for Euler, ...:
 `samplers.a1111_schedule`), and DDIM / PLMS / UniPC step on A1111's fixed timesteps whatever the scheduler.
 Unset width / height / CFG / steps take the loaded model's defaults rather than A1111's 512 / 7 / 20 (img2img's
@@ -34,7 +35,7 @@ from typing import Any, Literal
 import torch
 from fastapi import APIRouter, Request
 from PIL import Image
-from pydantic import ConfigDict, Field, PrivateAttr, ValidatorFunctionWrapHandler, model_validator
+from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, ValidatorFunctionWrapHandler, model_validator
 
 from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
@@ -46,7 +47,7 @@ from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
     a1111_backcompat, drawn_by_sdlab, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
 )
-from sdlab.pipeline.preprocess import PREPROCESSORS
+from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, preprocess
 from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.png_info import (
@@ -58,7 +59,7 @@ from sdlab.pipeline.request import (
     rng_source,
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
-from sdlab.server.controls import a1111_controls
+from sdlab.server.controls import A1111_MODULE_ALIASES, a1111_controls, module_name
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
     decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
@@ -76,6 +77,7 @@ from sdlab.server.worker import ModelHost
 router = APIRouter(prefix="/sdapi/v1")
 logger = logging.getLogger("sdlab.server")
 DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
+A1111_FIRST_SAMPLER = "DPM++ 2M"    # A1111 1.10's `samplers[0]`: an infotext's sampler where it names none
 OPTION_DEFAULTS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "tiling": False,   # applied to every later generation
     "samples_format": "png", "jpeg_quality": 80,        # the base64 pictures' format (`_base64_picture`)
@@ -183,6 +185,7 @@ class Txt2ImgIn(NullsAreDefaults):
     override_settings_restore_afterwards: bool = True     # False: the overrides stay, as `POST options` sets them
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # only "controlnet" is used
     disable_extra_networks: bool = False    # True: the prompt's <kind:...> tags taken out, none applied
+    infotext: str | None = None             # a parameters text: the fields left unset read from it (`_with_infotext`)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -448,12 +451,13 @@ def _given(body: Txt2ImgIn) -> set[str]:
 
 
 async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
-    model = body.override_settings.get("sd_model_checkpoint")
+    overrides = _drawable_overrides(service, body.override_settings)
+    model = overrides.get("sd_model_checkpoint")
     switch_at = REFINER_SWITCH if body.refiner_switch_at is None else body.refiner_switch_at
     spec = JobSpec(request, batch_count=body.n_iter, model_preset_fills=unset_preset_fields(_given(body), request),
                    unset_schedule=a1111_schedule(request.sampler, None),
                    refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
-    kept = {} if body.override_settings_restore_afterwards else body.override_settings
+    kept = {} if body.override_settings_restore_afterwards else overrides
     selected = await asyncio.to_thread(_selected_model, service, kept) if kept else None     # checked: `_request`
     try:
         job, _ = await asyncio.to_thread(service.submit, spec, mode, model)
@@ -475,8 +479,20 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
     extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job)}
+    extra.update({label: value for label, value in _written_extra_parameters(job).items() if label not in extra})
     info = _info(job, body, name, extra, batch_size=request.batch_size)
     return {"images": images, "parameters": _echo(body), "info": json.dumps(info)}
+
+
+def _drawable_overrides(service: Service, overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` without an `sd_model_checkpoint` that names no model of the list: A1111's `process_images`
+    drops it and draws with the selected model (logged here)."""
+    name = overrides.get("sd_model_checkpoint")
+    if not isinstance(name, str) or not name or service.registry.find(name) is not None:
+        return overrides
+    logger.warning("override_settings.sd_model_checkpoint %r names no model of this server: drawn with the "
+                   "selected model, as A1111 draws", name)
+    return {key: value for key, value in overrides.items() if key != "sd_model_checkpoint"}
 
 
 def _echo(body: Txt2ImgIn) -> dict[str, Any]:
@@ -555,6 +571,31 @@ def _drawn_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
     return {label: value for label, value in labels.items() if value is not None}
 
 
+A1111_FIXED_LABELS = frozenset({
+    "Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Image CFG scale", "Seed", "Face restoration",
+    "Size", "Model hash", "Model", "FP8 weight", "Cache FP16 weight for LoRA", "VAE hash", "VAE", "Variation seed",
+    "Variation seed strength", "Seed resize from", "Conditional mask weight", "Clip skip", "ENSD",
+    "Token merging ratio", "Token merging ratio hr", "Init image hash", "RNG", "Tiling", "Version", "User",
+})
+"""The labels of A1111 1.10's `create_infotext` that are fields of its own, not of `p.extra_generation_params`."""
+SDLAB_LABELS = frozenset({
+    "Clip skip rule", "Empty negative", "Initial noise", "Img2img steps", "Timestep rounding",
+    "Control steps", "Refiner steps", "Hires eta", "Mask blur x", "Mask blur y", "Mask round",
+    "SDXL original size", "SDXL target size", "SDXL negative original size", "SDXL negative target size",
+    "SDXL crop top", "SDXL crop left", "SDXL negative crop top", "SDXL negative crop left",
+    "SDXL aesthetic score", "SDXL negative aesthetic score",
+})
+"""The labels sdlab writes of settings A1111 has no label for (its own conventions, SDXL's conditioning)."""
+
+
+def _written_extra_parameters(job: Job) -> dict[str, Any]:
+    """A1111's `extra_generation_params` as the job's first picture records them: every label of its text but
+    A1111's own fields and sdlab's labels (`Lora hashes`, `ControlNet 0`, `Eta DDIM`, ...: what A1111's
+    processing, samplers and extensions add to them)."""
+    written = parse_parameters(job.infotexts[0]) if job.infotexts else {}
+    return {label: value for label, value in written.items() if label not in A1111_FIXED_LABELS | SDLAB_LABELS}
+
+
 def _refiner_parameters(service: Service, job: Job) -> dict[str, Any]:
     """A1111's `extra_generation_params` of a job's refiner (`apply_refiner`): `Refiner` (name [hash]) and
     `Refiner switch at`; none without one or where it never took over (its pictures record none)."""
@@ -631,17 +672,117 @@ def _stamp(t: float) -> str:
     return time.strftime("%Y%m%d%H%M%S", time.localtime(t))
 
 
-def _check_script(body: Txt2ImgIn) -> None:
-    """A1111 runs the script `script_name` names among those `GET scripts` lists ("" or null: none) and answers
-    422 "Script '<name>' not found" for another (`get_selectable_script`); sdlab lists none."""
-    if name := getattr(body, "script_name", None):
-        raise BadRequest(f"Script '{name}' not found", 422)
+def _infotext_sampler(params: dict[str, Any]) -> tuple[str, str]:
+    """A1111's `get_sampler_from_infotext` / `get_scheduler_from_infotext`: the text's sampler, split from an old
+    combined name's scheduler, and its scheduler's label, "Automatic" where it is the sampler's own."""
+    label = params.get("Schedule type") or "Automatic"
+    sampler, schedule = sampler_and_schedule(params.get("Sampler") or A1111_FIRST_SAMPLER,
+                                             None if label == "Automatic" else label)
+    if schedule is None or schedule == a1111_schedule(sampler, None):
+        return sampler, "Automatic"
+    return sampler, a1111_label(schedule)
+
+
+def _infotext_hires_sampler(params: dict[str, Any]) -> tuple[str, str]:
+    """A1111's `get_hr_sampler_and_scheduler`: the hires pass's sampler and scheduler as `_infotext_sampler` reads
+    them, each "Use same ..." where it is the text's first-pass one."""
+    hr_sampler, hr_schedule = params.get("Hires sampler"), params.get("Hires schedule type")
+    sampler, scheduler = _infotext_sampler({
+        "Sampler": params.get("Sampler") if hr_sampler in (None, "Use same sampler") else hr_sampler,
+        "Schedule type": params.get("Schedule type") if hr_schedule in (None, "Use same scheduler") else hr_schedule})
+    return (sampler if sampler != params.get("Sampler") else "Use same sampler",
+            scheduler if scheduler != params.get("Schedule type") else "Use same scheduler")
+
+
+def _label(label: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda params: params.get(label)
+
+
+_SCRIPT_PASTE_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {   # A1111 1.10's Sampler and Seed scripts'
+    "steps": _label("Steps"), "sampler_name": lambda p: _infotext_sampler(p)[0],
+    "scheduler": lambda p: _infotext_sampler(p)[1], "seed": _label("Seed"), "subseed": _label("Variation seed"),
+    "subseed_strength": _label("Variation seed strength"),
+    "seed_resize_from_h": _label("Seed resize from-1"),         # crossed, as A1111's Seed script pairs them
+    "seed_resize_from_w": _label("Seed resize from-2"),
+}
+INFOTEXT_FIELDS: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
+    "txt2img": {
+        "prompt": _label("Prompt"), "negative_prompt": _label("Negative prompt"), "cfg_scale": _label("CFG scale"),
+        "width": _label("Size-1"), "height": _label("Size-2"), "batch_size": _label("Batch size"),
+        "denoising_strength": _label("Denoising strength"),
+        "enable_hr": lambda p: "Denoising strength" in p and any(
+            label in p for label in ("Hires upscale", "Hires upscaler", "Hires resize-1")),
+        "hr_scale": _label("Hires upscale"), "hr_upscaler": _label("Hires upscaler"),
+        "hr_second_pass_steps": _label("Hires steps"), "hr_resize_x": _label("Hires resize-1"),
+        "hr_resize_y": _label("Hires resize-2"), "hr_checkpoint_name": _label("Hires checkpoint"),
+        "hr_sampler_name": lambda p: _infotext_hires_sampler(p)[0],
+        "hr_scheduler": lambda p: _infotext_hires_sampler(p)[1],
+        "hr_prompt": _label("Hires prompt"), "hr_negative_prompt": _label("Hires negative prompt"),
+        **_SCRIPT_PASTE_FIELDS},
+    "img2img": _SCRIPT_PASTE_FIELDS,        # its tab's own fields name no API field in A1111 1.10 (ui.py)
+}
+"""A1111 1.10's paste fields that name an API field (`paste_fields[tab]`, `api=`), by that field: what
+`apply_infotext` reads from the parsed text for it."""
+A1111_OPTION_LABELS = {
+    "CLIP_stop_at_last_layers": "Clip skip", "eta_noise_seed_delta": "ENSD", "randn_source": "RNG", "tiling": "Tiling",
+    "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise",
+    "eta_ddim": "Eta DDIM", "uni_pc_variant": "UniPC variant", "uni_pc_skip_type": "UniPC skip type",
+    "uni_pc_order": "UniPC order", "uni_pc_lower_order_final": "UniPC lower order final",
+    "sigma_min": "Schedule min sigma", "sigma_max": "Schedule max sigma", "rho": "Schedule rho",
+    "always_discard_next_to_last_sigma": "Discard penultimate sigma", "beta_dist_alpha": "Beta schedule alpha",
+    "beta_dist_beta": "Beta schedule beta", "sgm_noise_multiplier": "SGM noise multiplier",
+    "img2img_extra_noise": "Extra noise", "inpainting_mask_weight": "Conditional mask weight",
+    "initial_noise_multiplier": "Noise multiplier", "emphasis": "Emphasis",
+    "use_old_scheduling": "Old prompt editing timelines", "use_downcasted_alpha_bar": "Downcast alphas_cumprod",
+    "sd_noise_schedule": "Noise Schedule", "s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps",
+    "skip_early_cond": "Skip Early CFG", "pad_cond_uncond": "Pad conds", "pad_cond_uncond_v0": "Pad conds v0",
+}
+"""The infotext labels (`OptionInfo(infotext=...)`, A1111 1.10) of the options this route draws with; A1111's
+`Model hash` (skipped under its default `disable_weights_auto_swap`) and `VAE` (this server has no VAE files)
+are left out."""
+
+
+def _option_value(option: str, value: Any) -> Any:
+    """A1111's `opts.cast_value`: `value` as the type of the option's default ("False" is false)."""
+    kind = type(OPTION_DEFAULTS[option])
+    return value != "False" and bool(value) if kind is bool else kind(value)
+
+
+def _infotext_overrides(params: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """A1111's `get_override_settings`: the options whose label the text has, where it differs from the option."""
+    current = {**OPTION_DEFAULTS, **options}
+    found = {option: _option_value(option, params[label])
+             for option, label in A1111_OPTION_LABELS.items() if params.get(label) is not None}
+    return {option: value for option, value in found.items() if value != current[option]}
+
+
+def _with_infotext(body: Txt2ImgIn, options: dict[str, Any], tab: str) -> Txt2ImgIn:
+    """`body` with A1111 1.10's `apply_infotext`: the fields of `INFOTEXT_FIELDS[tab]` the client left unset,
+    and the override settings it did not send, read from its `infotext` (parsed as `/png-info` parses,
+    `a1111_parameters`); a value that is not of its field's type is a 422."""
+    if not body.infotext:
+        return body
+    params = a1111_parameters(body.infotext)
+    sent = body.model_fields_set | body._sent_nulls
+    try:
+        fields = {api: value for api, read in INFOTEXT_FIELDS[tab].items()
+                  if api not in sent and (value := read(params)) is not None}
+        overrides = {**_infotext_overrides(params, options), **body.override_settings}
+    except (TypeError, ValueError) as err:
+        raise BadRequest(f"infotext: {err}", 422) from None
+    data = {**body.model_dump(include=body.model_fields_set), **fields, "override_settings": overrides}
+    try:
+        filled = type(body).model_validate(data)
+    except ValidationError as err:
+        raise BadRequest(f"infotext: {err.errors()[0]['loc'][0]} {err.errors()[0]['msg']}", 422) from None
+    filled._sent_nulls = body._sent_nulls
+    return filled
 
 
 @router.post("/txt2img")
 async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    _check_script(body)
+    body = _with_infotext(body, service.options, "txt2img")
     controls = await asyncio.to_thread(_controls, service, body)
     return await _generate(service, body, "txt2img", _request(body, controls, options=service.options))
 
@@ -653,7 +794,7 @@ def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None
 @router.post("/img2img")
 async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    _check_script(body)
+    body = _with_infotext(body, service.options, "img2img")
     if not body.init_images:
         raise BadRequest("img2img needs init_images (a list of base64 images, one per picture or one for all)", 422)
     limits = service.config.limits
@@ -807,9 +948,10 @@ def _check_guidance_options(body: dict[str, Any], where: str) -> None:
 
 
 def _check_vae(name: Any, key: str) -> None:
-    """A1111's "Automatic" and "None" draw with the checkpoint's own VAE, as this server always does; a VAE
-    file (`GET sd-vae` lists none here) is refused rather than ignored."""
-    if name not in BUILTIN_VAE:
+    """A1111's "Automatic" and "None", and null or "" (A1111's `resolve_vae` finds no file of that name), draw
+    with the checkpoint's own VAE, as this server always does; a VAE file (`GET sd-vae` lists none here) is
+    refused rather than ignored."""
+    if name not in (*BUILTIN_VAE, None, ""):
         raise BadRequest(f"{key} {name!r}: this server has no separate VAE files (GET /sdapi/v1/sd-vae is "
                          f"empty); {' and '.join(map(repr, BUILTIN_VAE))} draw with the checkpoint's own VAE")
 
@@ -1279,11 +1421,69 @@ def _uses_emphasis(prompt: str) -> bool:
 
 
 controlnet_router = APIRouter(prefix="/controlnet")     # the sd-webui-controlnet extension's routes
+CONTROLNET_UNIT_COUNT = 3               # the extension's `control_net_unit_count` default (`GET settings`)
+_RESOLUTION = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}
+MODULE_SLIDERS: dict[str, list[dict[str, Any] | None]] = {
+    "none": [], "inpaint": [], "inpaint_only": [],
+    "canny": [_RESOLUTION, {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255},
+              {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255}],
+    "threshold": [_RESOLUTION, {"name": "Binarization Threshold", "min": 0, "max": 255, "value": 127}],
+    "tile_resample": [None, {"name": "Down Sampling Rate", "value": 1.0, "min": 1.0, "max": 8.0, "step": 0.01}],
+}
+"""The extension's `preprocessor_sliders_config` of the preprocessors sdlab has (`module_detail`); the others
+have no entry there and list no slider."""
+CONTROL_TYPES = {
+    "All": "none", "Canny": "canny", "Depth": "depth_midas", "NormalMap": "normal_bae", "OpenPose": "openpose_full",
+    "MLSD": "mlsd", "Lineart": "lineart_standard (from white bg & black line)", "SoftEdge": "softedge_pidinet",
+    "Scribble/Sketch": "scribble_pidinet", "Segmentation": "seg_ofade20k", "Shuffle": "shuffle",
+    "Tile/Blur": "tile_resample", "Inpaint": "inpaint_only", "InstructP2P": "none", "Reference": "reference_only",
+    "Recolor": "recolor_luminance", "Revision": "revision_clipvision", "T2I-Adapter": "none",
+    "IP-Adapter": "ip-adapter_clip_sd15", "Instant_ID": "instant_id",
+}
+"""The extension's control types and each one's default preprocessor (`preprocessor_filters`)."""
+CONTROL_TYPE_ALIASES = {
+    "instructp2p": ["ip2p"], "segmentation": ["seg"], "normalmap": ["normal"],
+    "t2i-adapter": ["t2i_adapter", "t2iadapter", "t2ia"], "ip-adapter": ["ip_adapter", "ipadapter"],
+    "scribble/sketch": ["scribble", "sketch"], "tile/blur": ["tile", "blur"], "openpose": ["openpose", "densepose"],
+}
+"""The extension's `preprocessor_filters_aliases`: other words a control type's preprocessors and models have."""
+
+
+def _module_label(module: str) -> str:
+    """A preprocessor's name as the extension's UI shows it (`preprocessor_aliases`)."""
+    return next((alias for alias, name in A1111_MODULE_ALIASES.items() if name == module), module)
+
+
+def _ui_modules() -> list[str]:
+    """The extension's `ui_preprocessor_keys` of sdlab's preprocessors: none, invert, then the others sorted."""
+    first = ["none", _module_label("invert")]
+    return first + sorted(label for label in map(_module_label, PREPROCESSORS) if label not in first)
+
+
+def _control_type(name: str, models: list[str]) -> dict[str, Any]:
+    """The extension's `select_control_type` of control type `name` over sdlab's preprocessors and `models`
+    ("None" first): the preprocessors and models whose names hold the type's words, its default preprocessor
+    (the first listed where sdlab lacks its own) and model (one with "11" in its name first)."""
+    pattern = name.lower()
+    if pattern == "all":
+        return {"module_list": _ui_modules(), "model_list": models, "default_option": "none", "default_model": "None"}
+    words = [pattern, *CONTROL_TYPE_ALIASES.get(pattern, [])]
+    matches = lambda x: any(word in x.lower() for word in words) or x.lower() == "none"     # noqa: E731
+    modules = [x for x in _ui_modules() if matches(x)]
+    if pattern in ("canny", "lineart", "scribble/sketch", "mlsd"):
+        modules += [x for x in _ui_modules() if "invert" in x.lower()]
+    filtered = [x for x in models if matches(x)]
+    default = CONTROL_TYPES[name] if CONTROL_TYPES[name] in modules else modules[0]
+    if len(filtered) == 1:
+        return {"module_list": modules, "model_list": models, "default_option": default, "default_model": "None"}
+    model = next((x for x in filtered if "11" in x.split("[")[0]), filtered[1])
+    return {"module_list": modules, "model_list": filtered, "default_option": default, "default_model": model}
 
 
 @controlnet_router.get("/model_list")
-def controlnet_models(request: Request, update: bool = False) -> dict[str, Any]:
-    """`{"model_list": ["name [hash8]", ...]}` of the `--controlnet-dir` files (`update=true` rescans)."""
+def controlnet_models(request: Request, update: bool = True) -> dict[str, Any]:
+    """`{"model_list": ["name [hash8]", ...]}` of the `--controlnet-dir` files, rescanned first unless
+    `update=false` (the extension's default: `get_models(update=True)`)."""
     folder = service_of(request).controlnets
     if update:
         folder.refresh()
@@ -1291,10 +1491,73 @@ def controlnet_models(request: Request, update: bool = False) -> dict[str, Any]:
 
 
 @controlnet_router.get("/module_list")
-def controlnet_modules() -> dict[str, Any]:
-    return {"module_list": list(PREPROCESSORS)}
+def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
+    """The preprocessors (by the extension's UI names with `alias_names`) and each one's `module_detail`: its
+    sliders (`MODULE_SLIDERS`) and whether it needs no model (none of sdlab's)."""
+    names = {module: _module_label(module) if alias_names else module for module in PREPROCESSORS}
+    return {"module_list": list(names.values()),
+            "module_detail": {name: {"model_free": False, "sliders": MODULE_SLIDERS.get(module, [])}
+                              for module, name in names.items()}}
+
+
+@controlnet_router.get("/control_types")
+def controlnet_control_types(request: Request) -> dict[str, Any]:
+    models = ["None", *service_of(request).controlnets.titles()]
+    return {"control_types": {name: _control_type(name, models) for name in CONTROL_TYPES}}
+
+
+@controlnet_router.get("/settings")
+def controlnet_settings() -> dict[str, Any]:
+    return {"control_net_unit_count": CONTROLNET_UNIT_COUNT}
 
 
 @controlnet_router.get("/version")
 def controlnet_version() -> dict[str, Any]:
     return {"version": 2}
+
+
+class DetectIn(NullsAreDefaults):
+    """The extension's `/controlnet/detect` body; `controlnet_processor_res` and `low_vram` are accepted and
+    ignored (sdlab's preprocessors run at the picture's size, as in its units)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    controlnet_module: str = "none"
+    controlnet_input_images: list[str] = Field(default_factory=list)
+    controlnet_processor_res: int = -1
+    controlnet_threshold_a: float = -1
+    controlnet_threshold_b: float = -1
+    controlnet_masks: list[str] = Field(default_factory=list)
+
+
+@controlnet_router.post("/detect")
+async def controlnet_detect(body: DetectIn, request: Request) -> dict[str, Any]:
+    """The extension's detect: each picture through the preprocessor, `{info: "Success", images: [base64]}`
+    (pictures in the samples_format option, as A1111's `encode_pil_to_base64`). An unknown module is a 422
+    "Module not available", no picture a 422 "No image selected", as the extension answers; the inpaint
+    preprocessors (which the extension runs on a masked picture) are a 422 "Module not supported"."""
+    try:
+        module = module_name(body.controlnet_module)
+    except BadRequest as err:
+        raise BadRequest(err.message, 422, "Module not available") from None
+    if module in INPAINT_MODULES:
+        raise BadRequest(f"sdlab's /controlnet/detect does not run {body.controlnet_module!r}", 422,
+                         "Module not supported")
+    if not body.controlnet_input_images:
+        raise BadRequest("controlnet_input_images holds no picture", 422, "No image selected")
+    service = service_of(request)
+    images = [await asyncio.to_thread(_detected, service, body, module, image, f"controlnet_input_images[{i}]")
+              for i, image in enumerate(body.controlnet_input_images)]
+    return {"info": "Success", "images": images}
+
+
+def _detected(service: Service, body: DetectIn, module: str, data: str, what: str) -> str:
+    """One picture of `/controlnet/detect` through `module`, thresholds below 0 the preprocessor's defaults (the
+    extension's `bound_check_params`), in base64."""
+    image = decode_image(data, what, service.config.limits)
+    thresholds = [None if value < 0 else value for value in (body.controlnet_threshold_a, body.controlnet_threshold_b)]
+    try:
+        hint = preprocess(image, module, *thresholds)
+    except ValueError as err:
+        raise BadRequest(f"{what}: {err}", 422) from None
+    return _base64_picture(hint, None, _options(service))

@@ -1,8 +1,8 @@
 """`create_app(config)`: the FastAPI application of `sdlab serve`, and the uvicorn `Server` that runs it.
 
 Routes: `/sdapi/v1/*` (a1111.py), `/api/*` (native.py), the web UI at `/` (static/index.html) and
-`/static/*`. Every route sits behind `guard.Guard` (auth, body size). Errors: `/sdapi` answers in A1111's
-shape `{error, detail, body, errors}`, everything else `{detail: "..."}`.
+`/static/*`. Every route sits behind `guard.Guard` (auth, body size). Errors: `/sdapi` and the ControlNet
+extension's `/controlnet` answer in A1111's shape `{error, detail, body, errors}`, everything else `{detail: "..."}`.
 """
 
 from __future__ import annotations
@@ -78,9 +78,13 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
+A1111_PREFIXES = ("/sdapi/", "/controlnet/")
+"""The routes that answer errors in A1111's shape (its API middleware's, which the ControlNet extension's share)."""
+
+
 def error_response(request: Request, status: int, detail, message: str = "", error: str = "HTTPException",
                    headers: dict | None = None) -> JSONResponse:
-    if request.url.path.startswith("/sdapi/"):
+    if request.url.path.startswith(A1111_PREFIXES):
         body = {"error": error, "detail": detail, "body": "", "errors": message or str(detail)}
     else:
         body = {"detail": message or detail}
@@ -104,7 +108,7 @@ def _error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        if request.url.path.startswith("/sdapi/"):
+        if request.url.path.startswith(A1111_PREFIXES):
             return JSONResponse({"detail": _jsonable(err.errors())}, status_code=422)
         return JSONResponse({"detail": _validation_text(err)}, status_code=422)
 

@@ -1,0 +1,200 @@
+"""`sdlab serve`'s A1111 API as A1111 1.10 and the sd-webui-controlnet extension answer the clients that use it:
+the `infotext` request field, override settings A1111 ignores, an unknown sampler, the extension's detect /
+control_types / settings / module_detail routes, its model list and model name matching, and the
+`extra_generation_params` of `info`. The session server runs the shipped model."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+
+BASE = {"steps": 3, "width": 64, "height": 64}
+
+
+@pytest.fixture
+def client(sdlab_server):
+    with httpx.Client(base_url=sdlab_server.url + "/sdapi/v1", timeout=120) as c:
+        yield c
+
+
+def post(client: httpx.Client, route: str, **fields) -> tuple[dict, dict]:
+    answer = client.post(route, json=fields)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    return body, json.loads(body["info"])
+
+
+def picture(body: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))))
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------- the infotext field (A1111 1.10 apply_infotext)
+
+TEXT = ("a dog\nNegative prompt: blurry\nSteps: 3, Sampler: Euler Karras, CFG scale: 5, Seed: 9, Size: 64x64, "
+        "Clip skip: 2, RNG: CPU")
+
+
+def test_infotext_fills_the_txt2img_fields_left_unset_as_a1111s_apply_infotext(client):
+    """A1111 1.10 reads the fields a request leaves unset from `infotext` (its txt2img paste fields, the Sampler
+    and Seed scripts' fields, the options by their labels); before, sdlab drew with none of it."""
+    filled, info = post(client, "/txt2img", infotext=TEXT)
+    asked, _ = post(client, "/txt2img", prompt="a dog", negative_prompt="blurry", steps=3, sampler_name="Euler",
+                    scheduler="Karras", cfg_scale=5, seed=9, width=64, height=64,
+                    override_settings={"CLIP_stop_at_last_layers": 2})
+    assert (info["prompt"], info["negative_prompt"], info["steps"], info["cfg_scale"], info["seed"]) == (
+        "a dog", "blurry", 3, 5.0, 9)
+    assert info["sampler_name"] == "Euler" and info["extra_generation_params"]["Schedule type"] == "Karras"
+    assert info["clip_skip"] == 2 and np.array_equal(picture(filled), picture(asked))
+    assert filled["parameters"]["prompt"] == "a dog" and filled["parameters"]["infotext"] == TEXT
+
+
+def test_fields_the_request_sets_win_over_its_infotext(client):
+    _, info = post(client, "/txt2img", infotext=TEXT, steps=2, seed=4, override_settings={"CLIP_stop_at_last_layers": 1})
+    assert (info["steps"], info["seed"], info["clip_skip"], info["prompt"]) == (2, 4, 1, "a dog")
+
+
+def test_an_infotext_without_rng_draws_a1111s_gpu_noise(client):
+    """A1111's parser fills a missing RNG with its default, GPU, which differs from sdlab's option: an override."""
+    filled, _ = post(client, "/txt2img", infotext="a dog\nSteps: 3, Sampler: Euler, Seed: 9, Size: 64x64")
+    asked, _ = post(client, "/txt2img", prompt="a dog", steps=3, sampler_name="Euler", seed=9, width=64, height=64,
+                    override_settings={"randn_source": "GPU"})
+    assert np.array_equal(picture(filled), picture(asked))
+
+
+def test_img2img_takes_only_a1111s_script_fields_from_its_infotext(client):
+    """A1111 1.10's img2img paste fields name no API field but its scripts' (steps, sampler, seed, ...): the
+    prompt stays the request's."""
+    init = png_b64(Image.new("RGB", (64, 64), (90, 20, 200)))
+    _, info = post(client, "/img2img", init_images=[init], prompt="a cat", infotext=TEXT, width=64, height=64)
+    assert (info["prompt"], info["steps"], info["seed"], info["sampler_name"]) == ("a cat", 3, 9, "Euler")
+
+
+def test_an_infotext_value_of_the_wrong_type_is_a_422(client):
+    answer = client.post("/txt2img", json={"infotext": "a dog\nSteps: many, Sampler: Euler, Seed: 9"})
+    assert answer.status_code == 422 and "steps" in answer.json()["detail"]
+
+
+# ---------------------------------------------------------------- override settings A1111 takes without error
+
+
+def test_an_override_checkpoint_not_in_the_list_draws_with_the_selected_model(client):
+    """A1111's `process_images` drops an `sd_model_checkpoint` override it cannot find and draws with the loaded
+    model (1.6+); before, sdlab answered 404 "Model not found"."""
+    plain, _ = post(client, "/txt2img", prompt="a cat", seed=5, **BASE)
+    for restore in (True, False):
+        body, info = post(client, "/txt2img", prompt="a cat", seed=5, **BASE,
+                          override_settings={"sd_model_checkpoint": "juggernautXL_v9.safetensors"},
+                          override_settings_restore_afterwards=restore)
+        assert np.array_equal(picture(body), picture(plain)) and "juggernaut" not in info["sd_model_name"]
+    assert "juggernaut" not in client.get("/options").json()["sd_model_checkpoint"]
+
+
+@pytest.mark.parametrize("vae", [None, ""])
+def test_an_empty_sd_vae_draws_with_the_checkpoints_vae(client, vae):
+    """A1111's `resolve_vae` finds no VAE named null or "" and draws with the checkpoint's own: before, a 400."""
+    plain, _ = post(client, "/txt2img", prompt="a cat", seed=5, **BASE)
+    body, _ = post(client, "/txt2img", prompt="a cat", seed=5, **BASE, override_settings={"sd_vae": vae})
+    assert np.array_equal(picture(body), picture(plain))
+    assert client.post("/txt2img", json={"prompt": "a cat", **BASE,
+                                         "override_settings": {"sd_vae": "vae-ft-mse.safetensors"}}).status_code == 400
+
+
+# ---------------------------------------------------------------- info.extra_generation_params
+
+
+def test_extra_generation_params_hold_every_a1111_extra_label_of_the_infotext(client):
+    """A1111's `Processed.js()` answers `p.extra_generation_params`, which its samplers (`Eta DDIM`, `Sigma
+    churn`), the Lora and ControlNet extensions (`Lora hashes`, `ControlNet 0`) fill: every label of the
+    picture's text but `create_infotext`'s own fields; before, only the hires and img2img labels."""
+    from sdlab.pipeline.png_info import parse_parameters
+
+    _, info = post(client, "/txt2img", prompt="a cat", seed=5, sampler_name="DDIM", eta=0.5, **BASE)
+    extra, written = info["extra_generation_params"], parse_parameters(info["infotexts"][0])
+    assert extra["Eta DDIM"] == 0.5 and "Steps" not in extra and "RNG" not in extra and "Seed" not in extra
+    assert {label for label in written if label not in extra} <= {
+        "Prompt", "Negative prompt", "Steps", "Sampler", "CFG scale", "Seed", "Size", "Model hash", "Model", "RNG",
+        "Version"}
+
+
+# ---------------------------------------------------------------- the ControlNet extension's routes
+
+
+@pytest.fixture
+def cn(sdlab_server):
+    with httpx.Client(base_url=sdlab_server.url + "/controlnet", timeout=120) as c:
+        yield c
+
+
+def test_detect_runs_sdlabs_preprocessors_in_the_extensions_shape(cn):
+    """The extension's `POST /controlnet/detect` (scripts/api.py); before, a 404."""
+    from sdlab.pipeline.preprocess import preprocess
+
+    image = Image.new("RGB", (64, 48), "black")
+    ImageDraw.Draw(image).rectangle([10, 10, 40, 30], outline="white", width=3)
+    answer = cn.post("/detect", json={"controlnet_module": "canny", "controlnet_input_images": [png_b64(image)] * 2,
+                                      "controlnet_threshold_a": 50, "controlnet_threshold_b": -1})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["info"] == "Success" and len(body["images"]) == 2
+    drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).convert("RGB"))
+    assert np.array_equal(drawn, np.asarray(preprocess(image, "canny", 50, None)))
+    inverted = cn.post("/detect", json={"controlnet_module": "invert (from white bg & black line)",
+                                        "controlnet_input_images": [png_b64(image)]}).json()["images"][0]
+    assert np.asarray(Image.open(io.BytesIO(base64.b64decode(inverted))).convert("RGB"))[0, 0].tolist() == [255] * 3
+
+
+@pytest.mark.parametrize("body, detail", [
+    ({"controlnet_module": "depth_midas", "controlnet_input_images": ["x"]}, "Module not available"),
+    ({"controlnet_module": "canny", "controlnet_images": ["x"]}, "No image selected"),   # webuiapi 0.9's old key
+])
+def test_detect_refuses_as_the_extension(cn, body, detail):
+    answer = cn.post("/detect", json=body)
+    assert answer.status_code == 422 and answer.json()["detail"] == detail
+
+
+def test_settings_module_detail_and_control_types_have_the_extensions_shapes(cn):
+    assert cn.get("/settings").json() == {"control_net_unit_count": 3}
+    listed = cn.get("/module_list").json()
+    assert listed["module_list"][:2] == ["none", "canny"] and set(listed["module_detail"]) == set(listed["module_list"])
+    assert [s["name"] for s in listed["module_detail"]["canny"]["sliders"]] == [
+        "Preprocessor Resolution", "Canny Low Threshold", "Canny High Threshold"]
+    assert listed["module_detail"]["tile_resample"]["sliders"][0] is None
+    aliased = cn.get("/module_list", params={"alias_names": True}).json()
+    assert "invert (from white bg & black line)" in aliased["module_list"] and "invert" not in aliased["module_list"]
+    types = cn.get("/control_types").json()["control_types"]
+    assert types["Canny"]["module_list"] == ["none", "canny", "invert (from white bg & black line)"]
+    assert types["Canny"]["default_option"] == "canny" and types["Depth"]["default_option"] == "none"
+    assert types["All"]["default_model"] == "None" and types["All"]["model_list"][0] == "None"
+
+
+def test_model_list_rescans_unless_asked_not_to(tmp_path):
+    """The extension's `model_list(update=True)` rescans the folder; before, sdlab rescanned only with update."""
+    from server_fixtures import start_server
+
+    folder = tmp_path / "cn"
+    folder.mkdir()
+    (folder / "first.safetensors").write_bytes(b"\0" * 4096)
+    server = start_server(tmp_path / "out", "--controlnet-dir", str(folder))
+    try:
+        (folder / "first.safetensors").unlink()
+        (folder / "added_later.safetensors").write_bytes(b"\0" * 4096)
+        stale = httpx.get(server.url + "/controlnet/model_list", params={"update": False}).json()["model_list"]
+        fresh = httpx.get(server.url + "/controlnet/model_list").json()["model_list"]
+        assert [t.split(" [")[0] for t in stale] == ["first"]
+        assert [t.split(" [")[0] for t in fresh] == ["added_later"]
+    finally:
+        server.stop()
