@@ -779,9 +779,17 @@ def _with_infotext(body: Txt2ImgIn, options: dict[str, Any], tab: str) -> Txt2Im
     return filled
 
 
+def _check_script(body: Txt2ImgIn) -> None:
+    """A1111 runs the script `script_name` names among those `GET scripts` lists ("" or null: none) and answers
+    422 "Script '<name>' not found" for another (`get_selectable_script`); sdlab lists none."""
+    if name := getattr(body, "script_name", None):
+        raise BadRequest(f"Script '{name}' not found", 422)
+
+
 @router.post("/txt2img")
 async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
+    _check_script(body)
     body = _with_infotext(body, service.options, "txt2img")
     controls = await asyncio.to_thread(_controls, service, body)
     return await _generate(service, body, "txt2img", _request(body, controls, options=service.options))
@@ -794,6 +802,7 @@ def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None
 @router.post("/img2img")
 async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
+    _check_script(body)
     body = _with_infotext(body, service.options, "img2img")
     if not body.init_images:
         raise BadRequest("img2img needs init_images (a list of base64 images, one per picture or one for all)", 422)
