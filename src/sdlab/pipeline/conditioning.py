@@ -24,7 +24,9 @@ a pooled output (SDXL), a pooled text vector:
    Layers past the one used are not run, unless the pooled output (which needs the whole tower) is
    wanted. So A1111 clip skip ``n`` equals diffusers' ``clip_skip=n-1`` (SD1, SDXL) for the prompt;
    diffusers encodes the negative prompt at the usual layer whatever its ``clip_skip``, A1111 at the same
-   layer as the prompt (``make_cond``'s ``negative_clip_skip``).
+   layer as the prompt (``make_cond``'s ``negative_clip_skip``). A clip skip may be each encoder's own
+   (``ClipSkip``): A1111's Clip skip SDXL reads SDXL's CLIP-L at ``hidden_states[-n]``, its clip skip
+   ``n - 1`` here (0: its last layer), and bigG at its usual layer (``plan.encoder_clip_skips``).
 4. Emphasis (``apply_emphasis``, A1111 "Original"; ``emphasis`` names another of A1111's modes:
    ``request.EMPHASIS_MODES``) per chunk and per encoder, skipped for chunks whose weights are all 1,
    so an unweighted prompt gives exactly the plain encoding. The texts of one prompt's
@@ -162,10 +164,20 @@ def _chunk_weights(chunks: Sequence[Chunk]) -> Tensor:
 # Hidden states
 
 
+ClipSkip = int | tuple[int, ...]
+"""A clip skip for every text encoder, or each encoder's own (in the order of the model's encoders)."""
+
+
+def _encoder_skip(clip_skip: ClipSkip, i: int) -> int:
+    """Encoder `i`'s clip skip."""
+    return clip_skip[i] if isinstance(clip_skip, tuple) else clip_skip
+
+
 def hidden_state_layers(encoder: TextEncoder, clip_skip: int) -> tuple[int, bool]:
     """(number of layers to run, whether the final LayerNorm applies) for the encoder's hidden-state rule and
-    A1111's clip skip; a ValueError when the clip skip leaves no layer."""
-    if clip_skip < 1:
+    A1111's clip skip (0: the layer after the usual one, for a rule whose usual layer is not the last, as A1111's
+    Clip skip SDXL reads SDXL's CLIP-L at its clip skip 1); a ValueError when the clip skip leaves no layer."""
+    if clip_skip < 0 or (clip_skip == 0 and encoder.spec.hidden_state == "last"):
         raise ValueError(f"clip_skip must be >= 1 (A1111 numbering), got {clip_skip}")
     layers = encoder.model.cfg.layers
     rule = encoder.spec.hidden_state
@@ -189,7 +201,7 @@ def _encode_inputs(
     input_ids: Callable[[TextEncoder], Tensor],
     *,
     weighting: tuple[Tensor, EmphasisBatches, bool] | None,
-    clip_skip: int,
+    clip_skip: ClipSkip,
     with_pooled: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """Run every encoder on its inputs ``input_ids(encoder)`` (n, 77): hidden states by the encoder's rule
@@ -203,7 +215,7 @@ def _encode_inputs(
         model = encoder.model
         device = next(model.parameters()).device
         wants_pooled = with_pooled and i == len(text_encoders) - 1
-        used, norm = hidden_state_layers(encoder, clip_skip)
+        used, norm = hidden_state_layers(encoder, _encoder_skip(clip_skip, i))
         out = model(input_ids(encoder).to(device), num_layers=None if wants_pooled else used)
         hidden = out.hidden_states[used]                                          # (n, 77, D)
         if norm:
@@ -242,7 +254,7 @@ def _encode_batches(
     text_encoders: Sequence[TextEncoder],
     batches: Sequence[Sequence[str]],
     *,
-    clip_skip: int,
+    clip_skip: ClipSkip,
     emphasis: bool | str,
     with_pooled: bool,
 ) -> list[dict[str, PromptEmbedding]]:
@@ -302,7 +314,7 @@ def encode_prompts(
     text_encoders: Sequence[TextEncoder],
     prompts: Sequence[str],
     *,
-    clip_skip: int = 1,
+    clip_skip: ClipSkip = 1,
     emphasis: bool = True,
     with_pooled: bool = False,
     equal_length: bool = True,
@@ -326,7 +338,7 @@ def encode_schedule(
     text_encoders: Sequence[TextEncoder],
     texts: Sequence[str],
     *,
-    clip_skip: int = 1,
+    clip_skip: ClipSkip = 1,
     emphasis: bool = True,
     with_pooled: bool = False,
 ) -> dict[str, PromptEmbedding]:
@@ -340,11 +352,11 @@ def encode_schedule(
 
 
 def _encode_each(
-    text_encoders: Sequence[TextEncoder], texts: Sequence[tuple[str, int]], *, emphasis: bool, with_pooled: bool
+    text_encoders: Sequence[TextEncoder], texts: Sequence[tuple[str, ClipSkip]], *, emphasis: bool, with_pooled: bool
 ) -> list[PromptEmbedding]:
     """``(prompt, clip_skip)`` pairs encoded at their own lengths (``encode_prompts``), in order: one batched
     pass per distinct clip skip."""
-    encoded: dict[int, Iterator[PromptEmbedding]] = {}
+    encoded: dict[ClipSkip, Iterator[PromptEmbedding]] = {}
     for skip in dict.fromkeys(skip for _, skip in texts):
         prompts = [prompt for prompt, prompt_skip in texts if prompt_skip == skip]
         encoded[skip] = iter(encode_prompts(text_encoders, prompts, clip_skip=skip, emphasis=emphasis,
@@ -401,7 +413,7 @@ def encode_prompt(
     text_encoders: Sequence[TextEncoder],
     prompt: str,
     *,
-    clip_skip: int = 1,
+    clip_skip: ClipSkip = 1,
     emphasis: bool = True,
     with_pooled: bool = False,
 ) -> PromptEmbedding:
@@ -460,7 +472,7 @@ def make_cond(
     *,
     adm_width: int | None = None,
     batch_size: int = 1,
-    clip_skip: int = 1,
+    clip_skip: ClipSkip = 1,
     width: int | None = None,
     height: int | None = None,
     emphasis: bool = True,
@@ -473,7 +485,7 @@ def make_cond(
     negative_crops_coords_top_left: tuple[int, int] | None = None,
     negative_target_size: tuple[int, int] | None = None,
     negative_aesthetic_score: float = 2.5,
-    negative_clip_skip: int | None = None,
+    negative_clip_skip: ClipSkip | None = None,
     zero_empty_negative: bool | None = None,
     encoded: Sequence[PromptEmbedding] | None = None,
     pad_rule: str | None = None,
@@ -609,8 +621,8 @@ def make_cond_schedule(
     *,
     steps: int,
     hires_steps: int | None = None,
-    clip_skip: int = 1,
-    negative_clip_skip: int | None = None,
+    clip_skip: ClipSkip = 1,
+    negative_clip_skip: ClipSkip | None = None,
     emphasis: bool | str = True,
     old_prompt_editing: bool = False,
     guidance: bool = True,

@@ -90,7 +90,7 @@ from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import (
     controlled_unet, inpaint_mask, prepare_controls, prompt_marks, spans_part, tag_steps,
 )
-from sdlab.pipeline.conditioning import composed_schedule, make_cond_schedule
+from sdlab.pipeline.conditioning import ClipSkip, composed_schedule, make_cond_schedule
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
     a1111_latent_mask,
@@ -106,6 +106,7 @@ from sdlab.pipeline.plan import (
     GenerationPlan,
     a1111_switches,
     a1111_training_sigmas,
+    encoder_clip_skips,
     handoff_index,
     make_plan,
     prompt_parts,
@@ -588,8 +589,8 @@ def _guided_model(
         hires_steps=hires_steps,
         adm_width=bundle.unet_config.adm_in_channels,
         batch_size=req.batch_size,
-        clip_skip=req.clip_skip,
-        negative_clip_skip=_negative_clip_skip(req),
+        clip_skip=encoder_clip_skips(bundle, req),
+        negative_clip_skip=_negative_clip_skip(bundle, req),
         emphasis=req.emphasis,
         old_prompt_editing=req.old_prompt_editing,
         width=req.width,
@@ -611,7 +612,8 @@ def _guided_model(
                                 hires_pass=req.first_pass_steps is not None,
                                 region=None if overlay is None else overlay.region,
                                 picture_size=None if overlay is None else overlay.original.size,
-                                mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur))
+                                mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur,
+                                                  req.mask_blur_y))
     denoiser = Denoiser(controlled_unet(bundle.unet, controls, circular=req.tiling), sampling,
                         quantize=req.quantize_timesteps)
     if spans_part(controls):                            # else every control runs at every step
@@ -645,10 +647,10 @@ def _zero_empty_negative(bundle: ModelBundle, req: GenerationRequest) -> bool | 
     return bundle.zero_empty_negative if req.zero_empty_negative is None else req.zero_empty_negative
 
 
-def _negative_clip_skip(req: GenerationRequest) -> int:
+def _negative_clip_skip(bundle: ModelBundle, req: GenerationRequest) -> ClipSkip:
     """The negative prompt's clip skip: the prompt's under A1111's convention (A1111 encodes both at one
     layer); the usual layer under diffusers', whose `encode_prompt` applies `clip_skip` to the prompt only."""
-    return req.clip_skip if req.clip_skip_convention == "a1111" else 1
+    return encoder_clip_skips(bundle, req) if req.clip_skip_convention == "a1111" else 1
 
 
 def _negative_sizes(bundle: ModelBundle, req: GenerationRequest, img2img: bool) -> dict[str, Any]:

@@ -60,6 +60,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Variation seed strength": ("subseed_strength", float),
     "Clip skip": ("clip_skip", int),
     "Clip skip rule": ("clip_skip_convention", str),
+    "Clip skip SDXL": ("sdxl_clip_l_skip", bool),   # sdlab's label of A1111's sdxl_clip_l_skip (A1111 writes none)
     "Denoising strength": ("strength", float),
     "ENSD": ("eta_noise_seed_delta", int),
     "RNG": ("rng", str),
@@ -235,7 +236,9 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "VAE hash": None if vae is None else vae[1],
         "VAE": None if vae is None else vae[0],
         "Clip skip": req.clip_skip if req.clip_skip != 1 else None,
-        "Clip skip rule": "a1111" if req.clip_skip != 1 and req.clip_skip_convention == "a1111" else None,
+        "Clip skip rule": "a1111" if (req.clip_skip != 1 or req.sdxl_clip_l_skip) and req.clip_skip_convention == "a1111"
+        else None,
+        "Clip skip SDXL": True if req.sdxl_clip_l_skip else None,
         **prompt_option_parameters(req),
         "Empty negative": _empty_negative(req),
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below

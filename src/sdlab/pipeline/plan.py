@@ -35,8 +35,9 @@ from sdlab.diffusion.schedules import a1111_schedule_override
 from sdlab.diffusion.samplers import (
     SamplerSpec, a1111_run, also_discards, get_sampler, runs_a1111_timesteps, steps_warning,
 )
+from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.conditioning import hidden_state_layers, prompt_chunks
+from sdlab.pipeline.conditioning import ClipSkip, hidden_state_layers, prompt_chunks
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
 from sdlab.pipeline.prompt_loras import without_extra_networks
@@ -60,6 +61,7 @@ __all__ = [
     "GenerationPlan",
     "REFINER_CONVENTIONS",
     "check_refiner_convention",
+    "encoder_clip_skips",
     "handoff_index",
     "make_plan",
     "prompt_parts",
@@ -146,9 +148,10 @@ def _calls_before(sampler: SamplerSpec | None, step: int) -> int:
 
 def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, which: str = "") -> None:
     """The checks that need the model: clip skip within its text encoders' layers, memory."""
-    for encoder in bundle.text_encoders:
+    skips = encoder_clip_skips(bundle, req)
+    for i, encoder in enumerate(bundle.text_encoders):
         try:
-            hidden_state_layers(encoder, req.clip_skip)
+            hidden_state_layers(encoder, skips[i] if isinstance(skips, tuple) else skips)
         except ValueError as err:
             raise RequestError(f"clip skip {req.clip_skip} is too large for {which or 'this model'}: {err}") from None
     if free is not None:                                           # None: the device cannot tell
@@ -179,7 +182,9 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
     if req.schedule == "align_your_steps" and family.is_sdxl:     # A1111 takes the SDXL levels for SDXL
         req = replace(req, schedule="align_your_steps_sdxl")
     # the family's usual layers, not the loaded towers' (a diffusers-layout SD2 tower is read at its last layer)
-    if req.clip_skip != 1 and req.clip_skip_convention == "a1111" and any(
+    if req.sdxl_clip_l_skip and not any(_is_sdxl_clip_l(family, spec) for spec in family.text_encoders):
+        req = replace(req, sdxl_clip_l_skip=False)      # A1111: "no effect on SD 1.5 or SD 2.0/2.1" (nor a refiner)
+    if req.clip_skip != 1 and req.clip_skip_convention == "a1111" and not req.sdxl_clip_l_skip and any(
             spec.hidden_state != "last" for spec in family.text_encoders):
         logger.info("clip skip %d ignored: A1111 moves only SD1's text encoder (its last layer) back", req.clip_skip)
         req = replace(req, clip_skip=1)
@@ -187,6 +192,23 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         req = replace(req, zero_empty_negative=None)    # the family's own rule, which no model of it changes
     _check_model(bundle, req, free)
     return req
+
+
+def _is_sdxl_clip_l(family: FamilySpec, spec: TextEncoderSpec) -> bool:
+    """Whether `spec` is the encoder A1111's Clip skip SDXL moves: SDXL's CLIP-L, a transformers CLIP tower (A1111's
+    `FrozenCLIPEmbedderForSDXLWithCustomWords`) read at its penultimate layer."""
+    return family.is_sdxl and spec.layout == "hf" and spec.hidden_state == "penultimate"
+
+
+def encoder_clip_skips(bundle: ModelBundle, req: GenerationRequest) -> ClipSkip:
+    """The clip skip each text encoder of `bundle` reads its hidden state at (`hidden_state_layers`): the request's,
+    but under A1111's Clip skip SDXL (`sdxl_clip_l_skip`) SDXL's CLIP-L at A1111's ``hidden_states[-clip_skip]``
+    (its rule's clip skip - 1) and the other encoders at their usual layer (A1111's
+    `FrozenCLIPEmbedderForSDXLWithCustomWords.encode_with_transformers`; its bigG ignores clip skip)."""
+    if not req.sdxl_clip_l_skip:
+        return req.clip_skip
+    return tuple(req.clip_skip - 1 if _is_sdxl_clip_l(bundle.family, encoder.spec) else 1
+                 for encoder in bundle.text_encoders)
 
 
 def warn_of_unloaded_embeddings(bundle: ModelBundle, req: GenerationRequest) -> None:

@@ -158,6 +158,9 @@ class GenerationRequest:
     clip_skip: int = 1                      # A1111 numbering: 1 = the family's usual layer, 2 = one back
     clip_skip_convention: str = "diffusers"  # "a1111": only encoders whose usual layer is the last (SD1's) move
                                             # back, as A1111 does; SD2 / SDXL ignore it there (plan._resolve)
+    sdxl_clip_l_skip: bool = False          # A1111's Clip skip SDXL (sdxl_clip_l_skip), with the "a1111" rule only:
+                                            # SDXL's CLIP-L reads hidden_states[-clip_skip] (1: its last layer, no
+                                            # norm), bigG its usual layer (plan.encoder_clip_skips)
     zero_empty_negative: bool | None = None  # an empty negative prompt as a zero conditioning (SDXL's rule) or
                                             # encoded as "" (False); None: the model's (checkpoints/load.py), and
                                             # False for a ComfyUI spelling (module docstring)
@@ -721,14 +724,15 @@ def requested_size(request: GenerationRequest, default_size: int | None) -> tupl
     return (default_size if width is None else width), (default_size if height is None else height)
 
 
-def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: str, guidance_embedding: bool) -> str:
+def img2img_convention_for(r: GenerationRequest, spec: SamplerSpec, schedule: str, guidance_embedding: bool,
+                           comfyui: bool) -> str:
     """The img2img convention `r` runs under: the one it names, except diffusers' for a model with a guidance
     embedding (a full LCM model) drawn by the LCM sampler (`spec`, diffusers' LCMScheduler) on its grid (a
     diffusers spacing `schedule`) without a mask: diffusers draws such a model with
     `LatentConsistencyModelImg2ImgPipeline`, whose LCMScheduler takes the strength itself ("lcm",
-    `discretization.steps_run`). "lcm" does not inpaint. ComfyUI's spellings ask for ComfyUI's denoise
-    (`img2img_convention_asked`)."""
-    r = replace(r, img2img_convention=img2img_convention_asked(r))
+    `discretization.steps_run`). "lcm" does not inpaint. A sampler spelt as ComfyUI spells it (`comfyui`) asks for
+    ComfyUI's denoise (`img2img_convention_asked`)."""
+    r = replace(r, img2img_convention=img2img_convention_asked(r.img2img_convention, comfyui))
     if r.img2img_convention == "lcm" and r.mask_image is not None:
         raise RequestError("the lcm img2img convention (LatentConsistencyModelImg2ImgPipeline's) does not inpaint; "
                            "use diffusers, a1111 or comfyui")
@@ -761,18 +765,18 @@ def _emphasis_mode(mode: Any) -> str:
     return by_key[mode.strip().lower()]
 
 
-def default_ensd(sampler: str | None, spec: SamplerSpec, eta: float | None) -> int:
-    """The ENSD of a request that sets none: 1 for a sampler spelt as ComfyUI spells it (`sampler`, the name asked
+def default_ensd(comfyui: bool, spec: SamplerSpec, eta: float | None) -> int:
+    """The ENSD of a request that sets none: 1 for a sampler spelt as ComfyUI spells it (`comfyui`, the name asked
     for) that draws Gaussian step noise at `eta` (`SamplerSpec.draws_step_noise`; ComfyUI's
     `default_noise_sampler`, seeded seed + 1), else 0: the step noise continues the seeds' generators."""
-    return 1 if sampler is not None and comfyui_spelling(sampler) and spec.draws_step_noise(eta) else 0
+    return 1 if comfyui and spec.draws_step_noise(eta) else 0
 
 
-def img2img_convention_asked(request: GenerationRequest) -> str:
-    """The img2img convention `request` asks for: the one it names, or ComfyUI's ("comfyui", its `denoise`)
-    where it names diffusers' (the default) and its sampler is spelt as ComfyUI spells it (module docstring)."""
-    comfyui = request.sampler is not None and comfyui_spelling(request.sampler)
-    return "comfyui" if comfyui and request.img2img_convention == "diffusers" else request.img2img_convention
+def img2img_convention_asked(convention: str, comfyui: bool) -> str:
+    """The img2img convention a request asks for: the one it names, `convention`, or ComfyUI's ("comfyui", its
+    `denoise`) where it names diffusers' (the default) and its sampler is spelt as ComfyUI spells it (`comfyui`,
+    module docstring)."""
+    return "comfyui" if comfyui and convention == "diffusers" else convention
 
 
 def resolve(
@@ -812,6 +816,11 @@ def resolve(
     if r.clip_skip_convention not in CLIP_SKIP_CONVENTIONS:
         raise RequestError(f"unknown clip skip convention {r.clip_skip_convention!r}; valid: "
                            f"{', '.join(CLIP_SKIP_CONVENTIONS)}")
+    if not isinstance(r.sdxl_clip_l_skip, bool):
+        raise RequestError(f"sdxl_clip_l_skip must be True or False, got {r.sdxl_clip_l_skip!r}")
+    if r.sdxl_clip_l_skip and r.clip_skip_convention != "a1111":
+        raise RequestError("sdxl_clip_l_skip is A1111's Clip skip SDXL option: it needs clip_skip_convention "
+                           "'a1111' (under 'diffusers' clip skip moves both SDXL encoders back)")
     r = replace(r, emphasis=_emphasis_mode(r.emphasis))
     for name in ("old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr"):
         if not isinstance(getattr(r, name), bool):
@@ -904,14 +913,14 @@ def resolve(
     if init_noise not in INIT_NOISE_CONVENTIONS:
         raise RequestError(f"unknown initial-noise convention {r.init_noise!r}; valid: {', '.join(INIT_NOISE_CONVENTIONS)}")
     if r.eta_noise_seed_delta is None:
-        r = replace(r, eta_noise_seed_delta=default_ensd(r.sampler, spec, r.eta))
+        r = replace(r, eta_noise_seed_delta=default_ensd(comfyui, spec, r.eta))
     if r.zero_empty_negative is None and comfyui:
         r = replace(r, zero_empty_negative=False)                       # ComfyUI's CLIPTextEncode encodes ""
     if r.img2img_convention not in IMG2IMG_CONVENTIONS:
         raise RequestError(
             f"unknown img2img convention {r.img2img_convention!r}; valid: {', '.join(IMG2IMG_CONVENTIONS)}"
         )
-    r = replace(r, img2img_convention=img2img_convention_for(r, spec, schedule, guidance_embedding))
+    r = replace(r, img2img_convention=img2img_convention_for(r, spec, schedule, guidance_embedding, comfyui))
     r = _with_init_images(r)
     if r.init_image is None and r.mask_image is not None:
         raise RequestError("a mask needs an init image to inpaint")
