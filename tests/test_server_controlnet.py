@@ -5,6 +5,7 @@ chosen by name from the server's folders only, bad units are 4xx."""
 from __future__ import annotations
 
 import base64
+import json
 import io
 import subprocess
 import sys
@@ -433,3 +434,35 @@ def test_a1111_units_in_the_extensions_other_forms(tmp_path):
         with pytest.raises(BadRequest, match="image must be one picture") as refused:
             _units(tmp_path, image=batch)
         assert refused.value.status == 422
+
+
+def _extensions_resize_mode_from_value(value: int) -> str:
+    """sd-webui-controlnet's `resize_mode_from_value` of an int (internal_controlnet/external_code.py), in
+    sdlab's names of its ResizeMode members."""
+    members = ["resize", "crop", "fill"]                    # RESIZE, INNER_FIT, OUTER_FIT
+    if value == 3:                                          # 'Just resize (latent upscale)'
+        return "resize"
+    if value >= len(members):
+        return "resize"
+    return members[value]
+
+
+def test_a1111_units_without_an_image_take_img2imgs_resize_mode(tmp_path):
+    """The extension's `choose_input_image`: a unit without an image of its own reads img2img's init image with
+    img2img's resize mode (`resize_mode_from_value(p.resize_mode)`), whatever mode the unit names; a unit with
+    its own image keeps its own."""
+    from sdlab.server.config import Limits
+    from sdlab.server.controls import a1111_controls
+    from sdlab.server.model_folders import CONTROLNET_SUFFIXES, ModelFolder
+
+    (tmp_path / "ControlNet").mkdir()
+    (tmp_path / "ControlNet" / "cn.safetensors").write_bytes(b"x")
+    folder = ModelFolder(tmp_path / "ControlNet", CONTROLNET_SUFFIXES, hashed=True)
+    init, own = Image.new("RGB", (32, 16), "gray"), Image.new("RGB", (16, 16), "white")
+    for img2img_mode in range(4):
+        for unit_mode in (None, "Crop and Resize", "Resize and Fill", 0):
+            units = [{"model": "cn", "image": "", "resize_mode": unit_mode},
+                     {"model": "cn", "image": own, "resize_mode": unit_mode}]
+            taken, kept = a1111_controls({"controlnet": {"args": units}}, folder, Limits(), init, img2img_mode)
+            assert taken.image is init and taken.resize_mode == _extensions_resize_mode_from_value(img2img_mode)
+            assert kept.resize_mode == _units(tmp_path, resize_mode=unit_mode)[0].resize_mode

@@ -220,6 +220,22 @@ def unknown_preprocessor(module: object) -> str:
     return f"sdlab has no preprocessor {module!r}; it has {', '.join(PREPROCESSORS)}"
 
 
+A1111_MODULE_ALIASES = {"invert (from white bg & black line)": "invert", "inpaint_global_harmonious": "inpaint"}
+"""The extension's UI names (`preprocessor_aliases`) of the preprocessors sdlab has."""
+
+
+def a1111_module(module: object) -> str:
+    """A1111's module name (or its UI alias, any case) -> sdlab's preprocessor of the same meaning ("None", null
+    or "" -> "none"); one sdlab has not (lineart, depth, ... run networks) is a ValueError naming it."""
+    name = module.strip().lower() if isinstance(module, str) else None
+    if module is None or name == "":
+        return "none"
+    name = A1111_MODULE_ALIASES.get(name, name)
+    if name in PREPROCESSORS:
+        return name
+    raise ValueError(unknown_preprocessor(module))
+
+
 def preprocess(image: Image.Image, module: str, threshold_a: float | None = None,
                threshold_b: float | None = None) -> Image.Image:
     """`image` through the preprocessor called `module` (a key of `PREPROCESSORS`), with A1111's `threshold_a` /

@@ -22,27 +22,20 @@ from sdlab.pipeline.control import (
     CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control,
 )
 from sdlab.pipeline.images import eight_bit
-from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, SLIDER_RANGES, unknown_preprocessor
+from sdlab.pipeline.preprocess import A1111_MODULE_ALIASES, INPAINT_MODULES, SLIDER_RANGES, a1111_module
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, decode_image
 from sdlab.server.model_folders import ModelFolder
 
 
-A1111_MODULE_ALIASES = {"invert (from white bg & black line)": "invert", "inpaint_global_harmonious": "inpaint"}
-"""The extension's UI names (`preprocessor_aliases`) of the preprocessors sdlab has."""
-
-
 def module_name(module: Any) -> str:
-    """A1111's module name (or its UI alias) -> sdlab's preprocessor of the same meaning ("None" / null ->
-    "none"); one sdlab has not (lineart, depth, ... run networks) is a `BadRequest` naming it."""
-    name = module.strip().lower() if isinstance(module, str) else None
-    if module is None or name == "":
-        return "none"
-    name = A1111_MODULE_ALIASES.get(name, name)
-    if name in PREPROCESSORS:
-        return name
-    raise BadRequest(f"ControlNet module: {unknown_preprocessor(module)}", 422, "Module not found")
+    """A1111's module name (or its UI alias) -> sdlab's preprocessor of the same meaning (`a1111_module`); one
+    sdlab has not (lineart, depth, ... run networks) is a `BadRequest` naming it."""
+    try:
+        return a1111_module(module)
+    except ValueError as err:
+        raise BadRequest(f"ControlNet module: {err}", 422, "Module not found") from None
 
 
 def control_mode(value: Any) -> str:
@@ -158,8 +151,10 @@ def masks_something(mask: Image.Image) -> bool:
 
 
 def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Limits,
-               init: Image.Image | None) -> ControlInput:
-    """One enabled unit as a checked `ControlInput`, its steps by A1111's rule (`control_convention`)."""
+               init: Image.Image | None, init_resize: int = 0) -> ControlInput:
+    """One enabled unit as a checked `ControlInput`, its steps by A1111's rule (`control_convention`). A unit
+    without an image takes img2img's init image and img2img's resize mode `init_resize` (A1111's 0..3) for its
+    own, as the extension's `choose_input_image` does."""
     what = f"control {index}"
     own = image_field(unit.get("image") or unit.get("input_image") or None, what)
     module, image = module_name(unit.get("module")), hint_image(own or init, what, limits)
@@ -168,15 +163,16 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
                            unit.get("weight", 1.0), unit.get("guidance_start", 0.0),
                            unit.get("guidance_end", unit.get("guidance", 1.0)),     # the extension's legacy alias
                            module, control_mode(unit.get("control_mode")),
-                           resize_mode(unit.get("resize_mode")), threshold_value(unit.get("threshold_a"), module, 0),
+                           resize_mode(unit.get("resize_mode") if own else init_resize), threshold_value(unit.get("threshold_a"), module, 0),
                            threshold_value(unit.get("threshold_b"), module, 1), mask)
     return checked_control(control, index, "a1111")
 
 
-def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits,
-                   init: Image.Image | None = None) -> tuple[ControlInput, ...]:
+def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits, init: Image.Image | None = None,
+                   init_resize: int = 0) -> tuple[ControlInput, ...]:
     """The enabled units of `alwayson_scripts["controlnet"]["args"]` (the key in any case). A unit without
-    an image (webuiapi sends "") takes img2img's init image, as the extension does."""
+    an image (webuiapi sends "") takes img2img's init image and resize mode (`init_resize`), as the extension
+    does."""
     if not isinstance(scripts, dict):
         return ()
     script = next((v for k, v in scripts.items() if isinstance(k, str) and k.lower() == "controlnet"), None)
@@ -191,7 +187,7 @@ def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits,
             raise BadRequest(f"a ControlNet unit must be an object, got {unit!r}", 422)
         if not unit.get("enabled", True) or unit.get("model") in (None, "", "None"):
             continue
-        controls.append(a1111_unit(unit, len(controls), folder, limits, init))
+        controls.append(a1111_unit(unit, len(controls), folder, limits, init, init_resize))
     return tuple(controls)
 
 
@@ -199,9 +195,11 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
     controls = []
     for index, item in enumerate(items):
         what = f"control {index}"
+        mask = item.get("mask")
         control = ControlInput(model_path(item.get("model"), what, folder), hint_image(item.get("image"), what, limits),
                                item.get("strength", 1.0), item.get("start", 0.0), item.get("end", 1.0),
                                module_name(item.get("module")), item.get("control_mode", "balanced"),
-                               item.get("resize_mode"))
+                               item.get("resize_mode"), item.get("threshold_a"), item.get("threshold_b"),
+                               decode_image(mask, f"{what} mask", limits) if mask else None)
         controls.append(checked_control(control, index, "diffusers"))
     return tuple(controls)
