@@ -202,6 +202,33 @@ def test_controlnet_img2img(sd1, tmp_path):
     assert _max_diff(result.images, reference) <= MAX_PIXEL_DIFF
 
 
+def test_inpaint_units_read_the_runs_mask_blurred_along_each_axis(sd1, tmp_path, monkeypatch):
+    """An inpainting run gives its inpaint units the mask the extension's prepare_mask makes of it: blurred by
+    mask_blur along x and mask_blur_y along y (`inpaint_mask`), not mask_blur both ways."""
+    from sdlab.pipeline import generate
+    from sdlab.pipeline.control import inpaint_mask
+    from sdlab.pipeline.plan import make_plan
+
+    ours, _, unet_config = sd1
+    [(_, path)] = _controlnet_files(tmp_path, unet_config, 1, "original")
+    picture, mask = _hint(1), Image.new("L", (48, 40), 0)
+    mask.paste(255, (16, 10, 32, 20))
+    seen = []
+
+    def recording_masks(*args, **kwargs):
+        seen.append(kwargs["mask"])
+        raise KeyboardInterrupt                                         # the mask is all this test needs
+
+    monkeypatch.setattr(generate, "prepare_controls", recording_masks)
+    request = GenerationRequest(PROMPT, init_image=picture, mask_image=mask, width=SIZE, height=SIZE, steps=2,
+                                seed=SEED, sampler="Euler", mask_blur=0, mask_blur_y=8,
+                                controls=(ControlInput(path, picture, module="inpaint"),))
+    with pytest.raises(KeyboardInterrupt):
+        ours.run(make_plan(ours.bundle, request))
+    assert np.array_equal(np.asarray(seen[0]), np.asarray(inpaint_mask(mask, blur=0, blur_y=8)))
+    assert int((np.asarray(seen[0]) > 127).sum()) == 0                  # the extension's: nothing left above 127
+
+
 @pytest.mark.parametrize("resize_mode", ["resize", "crop", "fill"])
 def test_only_masked_inpainting_hints_with_the_drawn_region(sd1, tmp_path, monkeypatch, resize_mode):
     """Inpaint area "Only masked" draws a region of the picture at width x height; A1111's ControlNet extension
