@@ -384,3 +384,29 @@ def test_the_server_names_the_hires_prompts_loras_when_the_job_is_submitted(mode
         assert job.spec.tag_loras == () and job.spec.hires_tag_loras == (LoraRef("style", 0.4, lora_hash(served)),)
     finally:
         service.store.close()
+
+
+def test_a_lora_merged_at_load_is_tagged_in_the_hires_prompt_and_from_png_redraws(model, tmp_path, capsys):
+    """A `--lora` file (the native API's and the web UI's `loras`) is merged at load and draws both passes; A1111
+    draws a hires prompt's own tags in the second pass (`hr_extra_network_data`) and writes the hires prompt as
+    typed, so the Hires prompt carries its tag as the prompt does, and the picture read back draws again. A
+    LoRA only the prompt tags draws the first pass alone: the Hires prompt does not name it."""
+    folder = tmp_path / "loras"
+    style = _write_lora(folder / "style.safetensors", seed=1)
+    _write_lora(folder / "late.safetensors", seed=2)
+    hires = [*FAST, "--hr-scale", "1.5", "--hr-steps", "1", "--hr-prompt", "a dog"]
+    out, again, tagged = tmp_path / "box.png", tmp_path / "again.png", tmp_path / "tagged.png"
+    code, err = _run(["txt2img", "a cat", "--model", str(model), "--lora", f"{style}:0.6", *hires, "--out", str(out)],
+                     capsys)
+    assert code == 0, err
+    params = parse_parameters(read_parameters(out))
+    assert (params["Prompt"], params["Hires prompt"]) == ("a cat <lora:style:0.6>", "a dog <lora:style:0.6>")
+    code, err = _run(["txt2img", "--from-png", str(out), "--model", str(model), "--lora-dir", str(folder),
+                      "--no-progress", "--out", str(again)], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(_open(again)), np.asarray(_open(out)))
+
+    code, err = _run(["txt2img", "a cat <lora:late:0.4>", "--model", str(model), "--lora-dir", str(folder),
+                      "--lora", f"{style}:0.6", *hires, "--out", str(tagged)], capsys)
+    assert code == 0, err
+    assert parse_parameters(read_parameters(tagged))["Hires prompt"] == "a dog <lora:style:0.6>"

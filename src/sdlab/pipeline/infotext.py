@@ -242,7 +242,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **prompt_option_parameters(req),
         "Empty negative": _empty_negative(req),
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below
-        **hires_parameters(req),
+        **hires_parameters(req, merged_at_load(req, loras)),
         **_eta_parameters(req),
         **_unipc_options(req),
         "ENSD": _ensd(req),
@@ -273,6 +273,14 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Version": version_label(),
     }
     return p
+
+
+def merged_at_load(req: GenerationRequest, loras: Sequence[LoraRef]) -> list[LoraRef]:
+    """The LoRAs of `loras` merged into the model when it loads (`--lora`, the native API's `loras`), which draw
+    both passes: those the drawn prompt `req.prompt` does not tag (`tag_loras` leaves their tags out of it; the
+    others its tags merge for the first pass alone)."""
+    tagged = {ref.name for ref in split_lora_tags(req.prompt)[1]}
+    return [ref for ref in loras if ref.name not in tagged]
 
 
 def _both_passes(loras: Sequence[LoraRef], hires_loras: Sequence[LoraRef]) -> list[tuple[str, str | None]]:
@@ -373,22 +381,24 @@ def _inpaint_parameters(req: GenerationRequest) -> dict[str, Any]:
     }
 
 
-def hires_parameters(req: GenerationRequest) -> dict[str, Any]:
+def hires_parameters(req: GenerationRequest, merged: Sequence[LoraRef] = ()) -> dict[str, Any]:
     """A1111's hires fix labels, its `extra_generation_params` of a hires run (None values are left out of the
     text): the second pass's Denoising strength, its own Hires sampler, Hires prompt, Hires negative prompt and Hires
     schedule type where they differ from the first pass's, Hires upscale (or Hires resize WxH, 0 = unset), Hires steps
     (when set), Hires upscaler (a model file by A1111's name of it: `a1111_upscaler_name`), Extra noise and
-    Conditional mask weight where the second pass used them; none without it."""
+    Conditional mask weight where the second pass used them; none without it. The Hires prompt carries a tag of
+    each LoRA `merged` at load, as the prompt does: A1111 draws a hires prompt's own tags in the second pass."""
     if not req.hires:
         return {}
     sized = bool(req.hr_width or req.hr_height)
+    hr_prompt = strip_comments(req.hr_prompt)
     upscaler = req.hr_upscaler
     if upscaler is not None and os.path.isfile(upscaler):
         upscaler = a1111_upscaler_name(os.path.splitext(os.path.basename(upscaler))[0])
     return {
         "Denoising strength": req.hr_denoise,
         "Hires sampler": req.hr_sampler,                # A1111's order: its `init`, then calculate_target_resolution
-        "Hires prompt": strip_comments(req.hr_prompt) or None,
+        "Hires prompt": with_lora_tags(hr_prompt, merged) if hr_prompt else None,
         "Hires negative prompt": strip_comments(req.hr_negative_prompt) or None,
         "Hires schedule type": a1111_label(req.hr_schedule) if req.hr_schedule else None,
         "Hires upscale": None if sized else req.hr_scale,
