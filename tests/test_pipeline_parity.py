@@ -466,6 +466,35 @@ def test_sdxl_refiner_handoff(sdxl, sdxl_refiner, switch_at):
     assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
 
 
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a"])
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_sdxl_inpainting_refiner_handoff(sdxl, sdxl_refiner, scheduler, strength):
+    """diffusers' inpainting ensemble: StableDiffusionXLInpaintPipeline on the base with denoising_end, its latent
+    to the refiner's with denoising_start. The latent handed over has the clean init latent in its kept region (the
+    base's last blend), which the refiner's first call reads unblended; the refiner blends with a noise it draws
+    (from each image's generator) before its first step. Strength 0.6 differed by 53 / 255 before."""
+    (ours_base, base), (ours_refiner, refiner) = sdxl, sdxl_refiner
+    steps, switch_at = 6, 0.8
+    base_inpaint = _quiet(StableDiffusionXLInpaintPipeline(**base.components))
+    refiner_inpaint = _quiet(StableDiffusionXLInpaintPipeline(**refiner.components, requires_aesthetics_score=True))
+    base_inpaint.scheduler, options = _schedulers(base.scheduler.config)[scheduler]
+    refiner_inpaint.scheduler, _ = _schedulers(refiner.scheduler.config)[scheduler]
+    image, mask, generators = init_picture(SIZE), lower_right_mask(SIZE), _generators()
+    latents = base_inpaint([PROMPT] * BATCH, image=[image] * BATCH, mask_image=[mask] * BATCH, strength=strength,
+                           negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=steps, guidance_scale=CFG,
+                           width=SIZE, height=SIZE, generator=generators, denoising_end=switch_at,
+                           output_type="latent").images
+    reference = refiner_inpaint([PROMPT] * BATCH, image=latents, mask_image=[mask] * BATCH,
+                                negative_prompt=[NEGATIVE] * BATCH, num_inference_steps=steps, guidance_scale=CFG,
+                                width=SIZE, height=SIZE, generator=generators, denoising_start=switch_at,
+                                output_type="np").images
+    request = GenerationRequest(PROMPT, NEGATIVE, steps=steps, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE,
+                                batch_size=BATCH, init_image=image, mask_image=mask, strength=strength,
+                                paste_back=False, **options)
+    ours = generate_with_refiner(ours_base.bundle, ours_refiner.bundle, request, switch_at=switch_at)
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
 def test_sdxl_inpainting_base_then_refiner_at_full_strength(tmp_path_factory, sdxl_refiner):
     """A 9-channel inpainting base starts from noise at strength 1; the 4-channel refiner still blends the
     init image's latent into the kept region, so that latent is drawn for it (it was None: a TypeError)."""

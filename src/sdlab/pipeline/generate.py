@@ -325,7 +325,8 @@ def generate_with_refiner(
 
     The refiner continues from the base's latent at the handoff sigma on the same sigma list (diffusers'
     ``denoising_end=switch_at`` on the base with ``output_type="latent"``, then ``denoising_start=switch_at``
-    on the refiner's img2img pipeline: no noise is added at the handoff). Each model is guided with its own
+    on the refiner's img2img pipeline: no noise is added at the handoff; inpainting that blends hands over as
+    diffusers' inpainting pipelines do, `_inpaint_handoff`). Each model is guided with its own
     conditioning (the refiner's: bigG only, with the request's aesthetic scores). Image i keeps drawing from
     generator seed + i across the handoff, like passing the same generators to both diffusers pipelines.
     Multistep samplers restart their history at the handoff, as a fresh diffusers scheduler does. A plan made
@@ -344,16 +345,17 @@ def generate_with_refiner(
         options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
         overlay = _overlay(plan)
         base_model = _guided_model(base, plan.sampling, req, start, overlay, generators, sigmas) if split > 0 else None
-        refiner_model = None
+        took_over = [False]                                             # whether the refiner's first call ran
+        refine = None
         if split < len(sigmas) - 1:
             no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
-            refiner_model = _guided_model(refiner, plan.refiner_sampling, no_controls, start, overlay, generators,
-                                          sigmas, steps_done=split)
-        took_over = [False]                                             # whether the refiner's first call ran
-        if refiner_model is not None:
-            refiner_model = _noting_a_call(refiner_model, took_over)
+
+            def refine(at: _Start) -> DenoiseFn:
+                return _noting_a_call(_guided_model(refiner, plan.refiner_sampling, no_controls, at, overlay,
+                                                    generators, sigmas, steps_done=split), took_over)
         try:
-            x = _refined(plan, base_model, refiner_model, start.x, options, progress)
+            x = _refined(plan, base_model, refine, start, _inpaint_handoff(base, refiner, plan, generators), options,
+                         progress)
         except SamplingStopped as stop:                 # the model drawing at the stop decodes, as A1111's swap
             drawing = refiner if took_over[0] else base
             stop.latents = _keep_known(drawing, start, stop.latents, req)
@@ -376,20 +378,41 @@ def _noting_a_call(model: DenoiseFn, called: list[bool]) -> DenoiseFn:
     return denoise
 
 
-def _refined(plan: GenerationPlan, base_model: DenoiseFn | None, refiner_model: DenoiseFn | None, x: Tensor,
+def _refined(plan: GenerationPlan, base_model: DenoiseFn | None, refine: Callable[[_Start], DenoiseFn] | None,
+             start: _Start, handoff: Callable[[Tensor, _Start], tuple[Tensor, _Start]] | None,
              options: dict[str, Any], progress: ProgressFn | None) -> Tensor:
-    """The latent the plan's schedule ends with: the base's part then the refiner's, or under A1111's conventions
+    """The latent the plan's schedule ends with: the base's part then the refiner's (its model `refine` of the start
+    it continues from: `start`, or what `handoff` makes of it and the base's latent), or under A1111's conventions
     one sampler that swaps the model (`_a1111_swapping_model`)."""
-    sigmas, split = plan.sigmas, plan.refiner_split
-    if plan.refiner_convention in ("a1111", "a1111_steps") and base_model is not None and refiner_model is not None:
-        return _run_sampler(plan, _a1111_swapping_model(base_model, refiner_model, plan), x, sigmas, options, progress)
+    sigmas, split, x = plan.sigmas, plan.refiner_split, start.x
+    if plan.refiner_convention in ("a1111", "a1111_steps") and base_model is not None and refine is not None:
+        return _run_sampler(plan, _a1111_swapping_model(base_model, refine(start), plan), x, sigmas, options, progress)
     if base_model is not None:
-        x = _run_sampler(plan, base_model, x, sigmas[: split + 1], _share(options, True, refiner_model is None),
-                         progress)
-    if refiner_model is not None:
-        x = _run_sampler(plan, refiner_model, x, sigmas[split:], _share(options, base_model is None, True),
+        x = _run_sampler(plan, base_model, x, sigmas[: split + 1], _share(options, True, refine is None), progress)
+        if refine is not None and handoff is not None:
+            x, start = handoff(x, start)
+    if refine is not None:
+        x = _run_sampler(plan, refine(start), x, sigmas[split:], _share(options, base_model is None, True),
                          _offset(progress, split), first_call=split * plan.sampler.calls_per_step)
     return x
+
+
+def _inpaint_handoff(base: ModelBundle, refiner: ModelBundle, plan: GenerationPlan,
+                     generators: list[Generator]) -> Callable[[Tensor, _Start], tuple[Tensor, _Start]] | None:
+    """diffusers' handoff of inpainting that blends (a 4-channel base and refiner, diffusers' refiner and img2img
+    conventions; None otherwise): its base's last blend (``denoising_end``) pastes the clean init latent into the
+    kept region of the latent it hands over, and the refiner's pipeline (``denoising_start``, that latent as its
+    image) feeds it to the model unblended, then blends at each later call with a fresh noise it draws from each
+    image's generator before its first step. Returns (x, start) -> (the refiner's x, its start)."""
+    req = plan.request
+    if not (plan.refiner_convention == "diffusers" and req.img2img_convention == "diffusers"
+            and req.mask_image is not None and _blends_latent(base, req) and _blends_latent(refiner, req)):
+        return None
+
+    def handoff(x: Tensor, start: _Start) -> tuple[Tensor, _Start]:
+        noise = per_image_noise(generators, x)()                                           # (B, 4, h, w)
+        return _keep_known(base, start, x, req), replace(start, noise=noise, handed_over=True)
+    return handoff
 
 
 def _a1111_swapping_model(base_model: DenoiseFn, refiner_model: DenoiseFn, plan: GenerationPlan) -> DenoiseFn:
@@ -447,6 +470,7 @@ class _Start:
     mask: Tensor | None              # (1, 1, H, W) 1 = repaint
     latent_mask: Tensor | None       # (1, 1, h, w) the latent cells repainted (`_latent_repaint`)
     from_noise: bool = False         # x is pure noise (no init latent in it)
+    handed_over: bool = False        # a refiner's start at diffusers' inpainting handoff (`_inpaint_handoff`)
 
 
 def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator],
@@ -744,10 +768,12 @@ def _with_latent_blend(model: DenoiseFn, bundle: ModelBundle, sampling: ModelSam
 
 def _blend_from_call(req: GenerationRequest, start: _Start, steps_done: int) -> int | None:
     """The first model call whose input 4-channel inpainting blends (`guidance.masked`): A1111 blends the
-    output only (None); diffusers first blends after the first step (its pure noise unblended: 1); else 0."""
+    output only (None); diffusers first blends after the first step (its pure noise unblended, and the latent
+    its refiner is handed: 1); else 0."""
     if req.img2img_convention in A1111_IMG2IMG:
         return None
-    return 1 if start.from_noise and steps_done == 0 and req.img2img_convention == "diffusers" else 0
+    first_unblended = start.handed_over or (start.from_noise and steps_done == 0)
+    return 1 if first_unblended and req.img2img_convention == "diffusers" else 0
 
 
 def _run_sampler(
