@@ -235,3 +235,54 @@ def test_a_whole_model_with_training_parts_beside_it_loads_as_a1111_loads_it(tmp
     reference = load_bundle(plain, dtype=torch.float32)
     for a, b in ((loaded.unet, reference.unet), (loaded.vae, reference.vae)):
         assert all(torch.equal(t, b.state_dict()[k]) for k, t in a.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A file's own DDPM buffers (alphas_cumprod / betas)
+
+
+def _ldm_betas() -> torch.Tensor:
+    """LDM's make_beta_schedule("linear", 0.00085, 0.012) in float64, as register_schedule computes it."""
+    return torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+
+
+def _a1111_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """A1111 1.10 sd_models.rescale_zero_terminal_snr_abar, without its final alphas_bar[-1] = 4.897e-08."""
+    s = alphas_cumprod.sqrt()
+    s0, s_t = s[0].clone(), s[-1].clone()
+    s = (s - s_t) * s0 / (s0 - s_t)
+    return s ** 2
+
+
+_SD = torch.cumprod(1 - _ldm_betas(), 0)
+
+STORED_SCHEDULES = {
+    "sd fp32": ({"alphas_cumprod": _SD.float(), "betas": _ldm_betas().float()}, None),
+    "sd fp16": ({"alphas_cumprod": _SD.half(), "betas": _ldm_betas().half()}, None),
+    "sd bf16": ({"alphas_cumprod": _SD.bfloat16()}, None),
+    "sd betas only": ({"betas": _ldm_betas().float()}, None),
+    "zero terminal snr": ({"alphas_cumprod": _a1111_zero_terminal_snr(_SD).float()}, "zero-terminal-SNR"),
+    "linear 1e-4..0.02": ({"betas": torch.linspace(1e-4, 0.02, 1000)}, "(betas)"),
+}
+
+
+@pytest.mark.parametrize("name", STORED_SCHEDULES)
+def test_a_stored_schedule_that_is_not_sds_is_warned_of_and_sds_is_not(tmp_path, caplog, name):
+    """A1111 1.10 samples SD 1.x / 2.x on the file's alphas_cumprod (load_state_dict(strict=False) fills LDM's
+    buffer); diffusers' from_single_file and ComfyUI ignore it. sdlab keeps SD's schedule, so pictures never
+    change, and warns where the stored one is another beyond fp16 (bf16) rounding. Before: silence."""
+    from bundle_fixtures import tiny_bundle, write_original
+    from safetensors.torch import load_file
+
+    buffers, says = STORED_SCHEDULES[name]
+    plain = write_original(tiny_bundle("sd1"), tmp_path / "plain.safetensors", junk=False)
+    path = tmp_path / "stored.safetensors"
+    save_file(load_file(str(plain)) | buffers, str(path))
+    with caplog.at_level("WARNING", logger="sdlab.checkpoints.load"):
+        plan = plan_checkpoint(path)
+    assert plan.report.schedule is None and set(buffers) <= set(plan.report.ignored)
+    warned = [r.getMessage() for r in caplog.records if "stores its own training schedule" in r.getMessage()]
+    if says is None:
+        assert not warned, warned
+    else:
+        assert len(warned) == 1 and says in warned[0] and "A1111 samples SD 1.x / 2.x files on the stored one" in warned[0]

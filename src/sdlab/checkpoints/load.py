@@ -179,6 +179,35 @@ def resolve_schedule(
     return schedule, "ztsnr marker key"
 
 
+def warn_on_stored_schedule(path: Path, buffers: Mapping[str, Tensor], schedule: ScheduleSpec) -> None:
+    """Warn when a single file's own DDPM buffers (`alphas_cumprod`, else `cumprod(1 - betas)`) are not the
+    schedule it is drawn on beyond the rounding of fp16 (or of a coarser dtype they are stored in). sdlab
+    keeps its schedule, as diffusers' `from_single_file` and ComfyUI do (they never read these buffers);
+    A1111 1.10 samples SD 1.x / 2.x files on them (`load_state_dict(strict=False)` fills LDM's
+    `alphas_cumprod` buffer, which its samplers read), so their pictures differ for such a file. A file
+    holding SD's own schedule, in fp32 or rounded to fp16, draws the same everywhere and gets no warning."""
+    stored = buffers.get("alphas_cumprod")
+    if stored is None and "betas" in buffers:
+        stored = torch.cumprod(1.0 - buffers["betas"].double(), 0).to(buffers["betas"].dtype)
+    if stored is None:
+        return
+    expected = schedule.build().alphas_cumprod.double()
+    name = "alphas_cumprod" if "alphas_cumprod" in buffers else "betas"
+    if stored.shape != expected.shape:                  # not a schedule LDM's model could load (A1111 fails)
+        logger.info("%s: its %s buffer holds %d values, not the %d timesteps of the schedule it is drawn on (%s)",
+                    path.name, name, stored.numel(), expected.numel(), schedule.describe())
+        return
+    rtol = max(torch.finfo(torch.float16).eps, torch.finfo(stored.dtype).eps)
+    error = (stored.double() - expected).abs() - rtol * expected
+    if float(error.max()) > 1e-6:
+        t = int(error.argmax())
+        logger.warning("%s: the file stores its own training schedule (%s), which is not the one sdlab draws it on "
+                       "(%s): alphas_cumprod[%d] is %.6g there, %.6g here%s. sdlab keeps its schedule, as diffusers "
+                       "and ComfyUI do; A1111 samples SD 1.x / 2.x files on the stored one", path.name, name,
+                       schedule.describe(), t, float(stored[t]), float(expected[t]),
+                       " (its last is near 0: a zero-terminal-SNR schedule)" if float(stored[-1]) < 1e-4 else "")
+
+
 def _sidecar_prediction(sidecar: Path) -> tuple[str, str] | None:
     """(prediction, how the config says it) of a model config `.yaml` beside a checkpoint, which A1111 takes as
     the file's config (`find_checkpoint_config`): a CompVis (LDM) config's `model.params.parameterization`,
@@ -221,6 +250,8 @@ def _plan_single_file(
                                            keys=file.shapes, unet_state=file.unet.state)
     schedule, schedule_source = resolve_schedule(spec, pred, metadata=file.metadata, keys=file.shapes)
     noise_model, noise_source = file_noise_model(file.metadata, file.markers)
+    if noise_model is None:
+        warn_on_stored_schedule(path, file.schedule_buffers, schedule or spec.schedule)
     scaling = file_scaling_factor(file.metadata, file.markers, spec.latent_scaling_factor)
     scaling, stats = _vae_latents(vae, spec, scaling,
                                   file_latent_stats(file.metadata, file.markers, spec.latent_format.channels))
@@ -392,4 +423,5 @@ __all__ = [
     "plan_dtype",
     "resolve_prediction",
     "resolve_schedule",
+    "warn_on_stored_schedule",
 ]

@@ -89,6 +89,7 @@ class SingleFile:
     total_keys: int
     ignored: tuple[str, ...]                # file keys outside every component, known to be unused
     markers: Mapping[str, Tensor] = field(default_factory=dict)  # ComfyUI's EDM keys it holds (`noise_model`)
+    schedule_buffers: Mapping[str, Tensor] = field(default_factory=dict)  # its LDM `alphas_cumprod` / `betas`
 
 
 def _confirmed(stored: Any, found: Any, shape_fields: tuple[str, ...]) -> Any:
@@ -240,6 +241,7 @@ def read_single_file(path: Path, *, family: str | None = None, vae: str | os.Pat
         path=path, family=spec, family_source=family_source, unet=unet, vae=vae_source, text_encoders=tuple(text),
         metadata=metadata, shapes=shapes, total_keys=len(shapes), ignored=tuple(sorted(ignored)),
         markers={key: state[key] for key in COMFY_NOISE_MODEL_KEYS if key in shapes},
+        schedule_buffers={key: state[key] for key in ("alphas_cumprod", "betas") if key in shapes},
     )
 
 
