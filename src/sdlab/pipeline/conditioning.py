@@ -627,6 +627,8 @@ def make_cond_schedule(
     old_prompt_editing: bool = False,
     guidance: bool = True,
     zero_empty_negative: bool | None = None,
+    prompt_2: str = "",
+    negative_prompt_2: str = "",
     **options,
 ) -> CondSchedule:
     """``make_cond`` at every step of A1111's prompt schedules (``prompt_schedule``: ``[from:to:when]``,
@@ -640,28 +642,37 @@ def make_cond_schedule(
     text share its tensors (the generation memo keeps their keys and values). A1111's ``AND`` is split off
     before (``prompt_schedule.composable_parts``, one schedule a part, encoded apart as A1111 does).
     ``emphasis``: A1111's emphasis mode (``emphasis_mode``); ``old_prompt_editing``: its rule before 1.6
-    (``prompt_schedule(..., old=True)``)."""
-    positive = prompt_schedule(prompt, steps, hires_steps, old=old_prompt_editing)
-    negative = prompt_schedule(negative_prompt, steps, hires_steps, old=old_prompt_editing)
-    encode = partial(encode_schedule, encoders, emphasis=emphasis, with_pooled=family.conditioner.pooled)
-    prompt_texts = encode([text for _, text in positive], clip_skip=clip_skip)
-    negative_texts: dict[str, PromptEmbedding] = {}
-    if guidance and not _zero_negative(family, negative_prompt, guidance, zero_empty_negative):
-        negative_texts = encode([text for _, text in negative],
+    (``prompt_schedule(..., old=True)``). ``prompt_2`` / ``negative_prompt_2`` ("": the prompt / the negative):
+    the second text encoder's texts, with their own schedules (``encode_second_texts``); the negative is zeros
+    where both negatives are empty and the family zeros an empty one."""
+    sides = [prompt_schedule(text, steps, hires_steps, old=old_prompt_editing)
+             for text in (prompt, negative_prompt, prompt_2 or prompt, negative_prompt_2 or negative_prompt)]
+    two_texts = _second_texts(encoders, prompt_2, negative_prompt_2)
+    encode = partial(encode_second_texts if two_texts else _encoded_schedule, encoders, emphasis=emphasis,
+                     with_pooled=family.conditioner.pooled)
+    prompt_texts = encode(*_texts_of(sides, 0, two_texts), clip_skip=clip_skip)
+    negative_texts = None
+    zero_negative = _zero_negative(family, negative_prompt + negative_prompt_2, guidance, zero_empty_negative)
+    if guidance and not zero_negative:
+        negative_texts = encode(*_texts_of(sides, 1, two_texts),
                                 clip_skip=clip_skip if negative_clip_skip is None else negative_clip_skip)
-    made: dict[tuple[str, str], tuple[Conditioning, Conditioning | None]] = {}
+    made: dict[tuple, tuple[Conditioning, Conditioning | None]] = {}
     shared: dict[tuple, Conditioning] = {}        # one dict (one set of tensors) per side, text and length
     schedule: CondSchedule = []
-    last: tuple[str, str] | None = None
-    for end in sorted({end for end, _ in positive} | {end for end, _ in negative}):
-        texts = (_text_at(positive, end), _text_at(negative, end))
+    last: tuple | None = None
+    for end in sorted({end for side in sides for end, _ in side}):
+        at = [_text_at(side, end) for side in sides]
+        texts = ((at[0], at[2]), (at[1], at[3])) if two_texts else (at[0], at[1])
         if texts == last:
             schedule[-1] = (end, *schedule[-1][1:])
             continue
         if texts not in made:
-            encoded = [prompt_texts[texts[0]], *([negative_texts[texts[1]]] if negative_texts else [])]
-            cond, uncond = make_cond(encoders, family, *texts, guidance=guidance, zero_empty_negative=zero_empty_negative,
-                                     encoded=encoded, **options)
+            encoded = [prompt_texts(texts[0]), *([negative_texts(texts[1])] if negative_texts else [])]
+            # two negatives are zeros only where both are empty: the first may be "" beside a second
+            negative, zero_rule = ("" if zero_negative else at[1], zero_negative) if two_texts else (
+                at[1], zero_empty_negative)
+            cond, uncond = make_cond(encoders, family, at[0], negative, guidance=guidance,
+                                     zero_empty_negative=zero_rule, encoded=encoded, **options)
             cond = shared.setdefault((0, texts[0], cond["context"].shape), cond)
             if uncond is not None:
                 uncond = shared.setdefault((1, texts[1], uncond["context"].shape), uncond)
@@ -669,6 +680,67 @@ def make_cond_schedule(
         schedule.append((end, *made[texts]))
         last = texts
     return schedule
+
+
+def _second_texts(encoders: Sequence[TextEncoder], prompt_2: str, negative_prompt_2: str) -> bool:
+    """Whether the second text encoder reads texts of its own (``prompt_2`` or ``negative_prompt_2`` set); a
+    ValueError where the model has one encoder."""
+    if not (prompt_2 or negative_prompt_2):
+        return False
+    if len(encoders) < 2:
+        raise ValueError("prompt_2 / negative_prompt_2 are the second text encoder's texts; this model has one")
+    return True
+
+
+def _texts_of(sides: Sequence[PromptSchedule], side: int, two_texts: bool) -> tuple[list[str], ...]:
+    """The texts of the prompt's (`side` 0) or the negative's (1) schedule, and with ``two_texts`` those of its
+    second text (``sides``: prompt, negative, prompt_2, negative_prompt_2)."""
+    first = [text for _, text in sides[side]]
+    return (first, [text for _, text in sides[side + 2]]) if two_texts else (first,)
+
+
+def _encoded_schedule(text_encoders: Sequence[TextEncoder], texts: Sequence[str], *, clip_skip: ClipSkip,
+                      emphasis: bool | str, with_pooled: bool) -> Callable[[str], PromptEmbedding]:
+    """``encode_schedule`` of ``texts``, as a lookup of each text's embedding."""
+    return encode_schedule(text_encoders, texts, clip_skip=clip_skip, emphasis=emphasis,
+                           with_pooled=with_pooled).__getitem__
+
+
+def encode_second_texts(
+    text_encoders: Sequence[TextEncoder],
+    texts: Sequence[str],
+    texts_2: Sequence[str],
+    *,
+    clip_skip: ClipSkip = 1,
+    emphasis: bool | str = True,
+    with_pooled: bool = False,
+) -> Callable[[tuple[str, str]], PromptEmbedding]:
+    """A two-encoder model (SDXL) reading its own text with each encoder, as diffusers' ``prompt`` / ``prompt_2``:
+    the first encoder ``texts``, the second (and the pooled vector) ``texts_2``, each side's texts encoded
+    together (``encode_schedule``). Returns a lookup of a (text, text_2) pair's embedding, the features side by
+    side; where the two have different chunk counts the shorter is padded with its encoder's chunks of "", as
+    ComfyUI's CLIPTextEncodeSDXL pads ``text_l`` / ``text_g`` (diffusers reads 77 tokens of each)."""
+    skips = [_encoder_skip(clip_skip, i) for i in range(len(text_encoders))]
+    first = encode_schedule(text_encoders[:1], texts, clip_skip=skips[0], emphasis=emphasis)
+    second = encode_schedule(text_encoders[1:], texts_2, clip_skip=tuple(skips[1:]), emphasis=emphasis,
+                             with_pooled=with_pooled)
+    empty = [encode_schedule(part, [""], clip_skip=skip, emphasis=emphasis)[""].context
+             for part, skip in ((text_encoders[:1], skips[0]), (text_encoders[1:], tuple(skips[1:])))]
+
+    def padded(context: Tensor, chunks: int, empty_chunk: Tensor) -> Tensor:
+        missing = chunks - context.shape[1] // TOKENS_PER_CHUNK
+        return torch.cat([context, empty_chunk.repeat(1, missing, 1)], dim=1) if missing else context
+
+    pairs: dict[tuple[str, str], PromptEmbedding] = {}
+
+    def pair(texts_12: tuple[str, str]) -> PromptEmbedding:
+        if texts_12 not in pairs:
+            a, b = first[texts_12[0]], second[texts_12[1]]
+            chunks = max(a.num_chunks, b.num_chunks)
+            context = torch.cat([padded(a.context, chunks, empty[0]), padded(b.context, chunks, empty[1])], dim=-1)
+            pairs[texts_12] = PromptEmbedding(context=context, pooled=b.pooled)         # (1, 77 n, D_1 + D_2)
+        return pairs[texts_12]
+    return pair
 
 
 def merge_part_schedules(schedules: Sequence[CondSchedule]) -> list[tuple[int, list[Conditioning]]]:

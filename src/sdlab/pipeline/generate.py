@@ -627,6 +627,7 @@ def _guided_model(
         **_negative_sizes(bundle, req, img2img=_starts_from_a_picture(start) or steps_done > 0),
         zero_empty_negative=_zero_empty_negative(bundle, req),
         pad_rule=pad_rule(req),
+        **_second_prompts(bundle, req),
     )
     extra_cond: dict[str, Tensor] = {}
     if embedded is not None:
@@ -669,6 +670,15 @@ def _zero_empty_negative(bundle: ModelBundle, req: GenerationRequest) -> bool | 
     """Whether an empty negative prompt is a zero conditioning: the request's rule (False under a ComfyUI
     spelling), else the model's (None: its family's)."""
     return bundle.zero_empty_negative if req.zero_empty_negative is None else req.zero_empty_negative
+
+
+def _second_prompts(bundle: ModelBundle, req: GenerationRequest) -> dict[str, str]:
+    """The second text encoder's prompts (`make_cond_schedule`'s prompt_2 / negative_prompt_2) for a model with two;
+    none for one with one (an SDXL refiner reads the prompt, as diffusers' refiner pipeline, whose one encoder
+    `encode_prompt` hands `prompt`)."""
+    if len(bundle.text_encoders) < 2:
+        return {}
+    return {"prompt_2": req.prompt_2, "negative_prompt_2": req.negative_prompt_2}
 
 
 def _negative_clip_skip(bundle: ModelBundle, req: GenerationRequest) -> ClipSkip:

@@ -38,6 +38,8 @@ _REQUEST_DEFAULTS = {field.name: field.default for field in dataclass_fields(Gen
 
 # A1111 label -> (request field, parser)
 _FIELDS: dict[str, tuple[str, type]] = {
+    "Prompt 2": ("prompt_2", str),           # sdlab's labels of SDXL's second prompts (A1111 has none)
+    "Negative prompt 2": ("negative_prompt_2", str),
     "Steps": ("steps", int),
     "Sampler": ("sampler", str),
     "Schedule type": ("schedule", str),
@@ -239,6 +241,8 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Clip skip rule": "a1111" if (req.clip_skip != 1 or req.sdxl_clip_l_skip) and req.clip_skip_convention == "a1111"
         else None,
         "Clip skip SDXL": True if req.sdxl_clip_l_skip else None,
+        "Prompt 2": strip_comments(req.prompt_2) or None,
+        "Negative prompt 2": strip_comments(req.negative_prompt_2) or None,
         **prompt_option_parameters(req),
         "Empty negative": _empty_negative(req),
         "Denoising strength": None,      # its place in the text; the hires fix's or img2img's value below

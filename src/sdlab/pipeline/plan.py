@@ -178,7 +178,9 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         default_steps=family.default_steps,
         guidance_embedding=bundle.unet_config.time_cond_proj_dim is not None,
     )
-    req = replace(req, prompt=strip_comments(req.prompt), negative_prompt=strip_comments(req.negative_prompt))
+    req = replace(req, prompt=strip_comments(req.prompt), negative_prompt=strip_comments(req.negative_prompt),
+                  prompt_2=strip_comments(req.prompt_2), negative_prompt_2=strip_comments(req.negative_prompt_2))
+    _check_second_prompts(family, req)
     if req.schedule == "align_your_steps" and family.is_sdxl:     # A1111 takes the SDXL levels for SDXL
         req = replace(req, schedule="align_your_steps_sdxl")
     # the family's usual layers, not the loaded towers' (a diffusers-layout SD2 tower is read at its last layer)
@@ -192,6 +194,19 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         req = replace(req, zero_empty_negative=None)    # the family's own rule, which no model of it changes
     _check_model(bundle, req, free)
     return req
+
+
+def _check_second_prompts(family: FamilySpec, req: GenerationRequest) -> None:
+    """prompt_2 / negative_prompt_2 need a second text encoder and take no extra-network tags (a `<lora:...>` tag is
+    the prompt's: its network changes every encoder); else a RequestError."""
+    for name in ("prompt_2", "negative_prompt_2"):
+        text = getattr(req, name)
+        if text and len(family.text_encoders) < 2:
+            raise RequestError(f"{name} is the second text encoder's text (SDXL's bigG); {family.name} has one text "
+                               "encoder: put the text in the prompt")
+        if without_extra_networks(text) != text:
+            raise RequestError(f"{name} holds a <lora:...> or other <kind:...> tag; put it in the prompt, whose tags "
+                               "apply to every text encoder")
 
 
 def _is_sdxl_clip_l(family: FamilySpec, spec: TextEncoderSpec) -> bool:

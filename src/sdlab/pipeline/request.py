@@ -128,6 +128,8 @@ class GenerationRequest:
 
     prompt: str
     negative_prompt: str = ""
+    prompt_2: str = ""                      # SDXL's second text encoder's (OpenCLIP bigG's, the pooled vector's) prompt
+    negative_prompt_2: str = ""             # and negative, diffusers' prompt_2 / negative_prompt_2; "": the prompt's
     steps: int | None = None                # None = the family's (FamilySpec.default_steps: 14 sdlab-tiny, 20 SD)
     sampler: str | None = None              # A1111 or ComfyUI name, e.g. "DPM++ 2M", "euler_ancestral"
     schedule: str | None = None             # discretization: "karras", "normal", "leading", ...
@@ -798,11 +800,13 @@ def resolve(
     """
     request = _plain_numbers(request)
     r = request if request.steps is not None else replace(request, steps=default_steps)
-    for name, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+    texts = (("prompt", r.prompt), ("negative prompt", r.negative_prompt), ("prompt_2", r.prompt_2),
+             ("negative_prompt_2", r.negative_prompt_2))
+    for name, text in texts:
         if not isinstance(text, str):
             several = "; one prompt a request (batch_size draws several pictures of it)" if isinstance(text, (list, tuple)) else ""
             raise RequestError(f"the {name} must be text, got {type(text).__name__}{several}")
-    for name, text in (("prompt", r.prompt), ("negative prompt", r.negative_prompt)):
+    for name, text in texts:
         if len(text) > MAX_PROMPT_CHARS:
             raise RequestError(f"the {name} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
     if not _integer(r.steps) or not 1 <= r.steps <= MAX_STEPS:

@@ -1,0 +1,75 @@
+"""SDXL's second prompts, diffusers' `prompt_2` / `negative_prompt_2`: the first text encoder (CLIP-L) reads the
+prompt, the second (OpenCLIP bigG, whose pooled output starts the added vector) reads prompt_2, each defaulting to
+the prompt / the negative; the pictures equal StableDiffusionXLPipeline's with the same texts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from bundle_fixtures import as_released, tiny_bundle, write_diffusers_folder
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, max_pixel_diff
+
+import sdlab
+from sdlab.pipeline.infotext import from_parameters, to_parameters
+from sdlab.pipeline.request import GenerationRequest, RequestError
+
+PROMPT_2 = "an oil painting of a lighthouse at night, dramatic clouds"
+NEGATIVE = "blurry, low quality"
+NEGATIVE_2 = "cartoon, watermark, text"
+STEPS, BATCH = 4, 2
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    folder = as_released(write_diffusers_folder(tiny_bundle("sdxl", seed=11), tmp_path_factory.mktemp("sdxl") / "p"),
+                         SIZE // 2)
+    pipe = StableDiffusionXLPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    return sdlab.load(folder), pipe
+
+
+@pytest.mark.parametrize(("prompt_2", "negative_2"), [(PROMPT_2, NEGATIVE_2), (PROMPT_2, ""), ("", NEGATIVE_2)])
+def test_second_prompts_draw_diffusers_picture(sdxl, prompt_2, negative_2):
+    ours, pipe = sdxl
+    reference = pipe(PROMPT, prompt_2=prompt_2 or None, negative_prompt=NEGATIVE, negative_prompt_2=negative_2 or None,
+                     num_images_per_prompt=BATCH, num_inference_steps=STEPS, guidance_scale=CFG, width=SIZE,
+                     height=SIZE, generator=[torch.Generator("cpu").manual_seed(SEED + i) for i in range(BATCH)],
+                     output_type="np").images
+    request = GenerationRequest(PROMPT, NEGATIVE, prompt_2=prompt_2, negative_prompt_2=negative_2, steps=STEPS,
+                                cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, batch_size=BATCH, sampler="Euler",
+                                schedule="leading", init_noise="vp")
+    result = ours.run(request)
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+    plain = ours.run(GenerationRequest(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE,
+                                       height=SIZE, batch_size=BATCH, sampler="Euler", schedule="leading",
+                                       init_noise="vp"))
+    assert max_pixel_diff(result.images, plain.images) > MAX_PIXEL_DIFF
+    parameters = {key: value for key, value in to_parameters(result.request).items() if value is not None}
+    read = from_parameters(parameters)
+    assert (read.get("prompt_2", ""), read.get("negative_prompt_2", "")) == (prompt_2, negative_2)
+
+
+def test_a_long_second_prompt_is_padded_with_empty_chunks(sdxl):
+    """A prompt_2 of more chunks than the prompt: the prompt's encoder is padded with its chunks of "" (ComfyUI's
+    CLIPTextEncodeSDXL), so the context has the longer one's chunk count."""
+    ours, _ = sdxl
+    long_2 = ", ".join(["a lighthouse"] * 40)
+    result = ours.run(GenerationRequest(PROMPT, NEGATIVE, prompt_2=long_2, steps=2, seed=SEED, width=SIZE,
+                                        height=SIZE))
+    assert result.images[0].size == (SIZE, SIZE)
+
+
+def test_a_one_encoder_model_refuses_them(tmp_path_factory):
+    ours = sdlab.load(write_diffusers_folder(tiny_bundle("sd1", seed=1), tmp_path_factory.mktemp("sd1") / "p"))
+    with pytest.raises(RequestError, match="prompt_2 is the second text encoder's"):
+        ours.resolve(GenerationRequest("a cat", prompt_2="a dog"))
+
+
+def test_lora_tags_belong_in_the_prompt(sdxl):
+    with pytest.raises(RequestError, match="negative_prompt_2 holds a <lora"):
+        sdxl[0].resolve(GenerationRequest("a cat", negative_prompt_2="ugly <lora:style:1>"))
+
