@@ -71,6 +71,7 @@ class JobIn(NullsAreDefaults):
     sampler: str | None = None
     schedule: str | None = None
     cfg_scale: float | None = None
+    guidance_rescale: float = 0.0           # diffusers' guidance_rescale (CFG rescale), 0..1
     s_min_uncond: float = 0.0               # A1111's NGMS, NGMS all steps, Skip Early CFG, Pad conds and Pad conds
     s_min_uncond_all: bool = False          # v0 (`GUIDANCE_OPTIONS`, docs/samplers.md)
     skip_early_cond: float = 0.0
@@ -175,8 +176,10 @@ UNIPC_OPTIONS = ("unipc_variant", "unipc_order", "unipc_lower_order_final")
 """The job's A1111 UniPC options."""
 NOISE_OPTIONS = ("beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight")
 """The job's A1111 Beta schedule, SGM noise multiplier, Extra noise and Conditional mask weight."""
-GUIDANCE_OPTIONS = ("s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0")
-"""The job's A1111 guidance options: NGMS, NGMS all steps, Skip Early CFG, Pad conds, Pad conds v0."""
+GUIDANCE_OPTIONS = ("guidance_rescale", "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond",
+                    "pad_cond_uncond_v0")
+"""The job's guidance options: diffusers' guidance_rescale, A1111's NGMS, NGMS all steps, Skip Early CFG, Pad conds,
+Pad conds v0."""
 
 
 def _ensd(body: JobIn) -> dict[str, int]:

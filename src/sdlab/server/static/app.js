@@ -26,7 +26,6 @@ const SEED_NUMBER = /("(?:seed|subseed)"\s*:\s*)(-?\d+)(?=\s*[,}\]])/g;
 // without it. A field the form lacks that is not here nor `KEPT` is named whenever it holds something (`isEmpty`).
 const withoutInitImage = (s) => s.mode === "txt2img";
 const NOT_IN_FORM = {
-  guidance_rescale: { name: "CFG rescale", none: 0 },
   noise_multiplier: { name: "Noise multiplier", none: 1, unused: withoutInitImage },
   mask_blur_y: { name: "Mask blur y", none: null, unused: (s) => s.mask_blur_y === s.mask_blur },
   quantize_timesteps: { name: "Timestep rounding", none: false },
@@ -66,6 +65,7 @@ const KEPT = {
   unipc_variant: { none: "bh1", with: ["sampler"] },        // A1111's UniPC options stay with its sampler
   unipc_order: { none: 3, with: ["sampler"] },
   unipc_lower_order_final: { none: true, with: ["sampler"] },
+  guidance_rescale: { none: 0, with: [] },                   // diffusers' CFG rescale stays
   s_min_uncond: { none: 0, with: [] },                       // A1111's NGMS (all steps), Skip Early CFG and Pad
   s_min_uncond_all: { none: false, with: [] },               // conds (v0) stay
   skip_early_cond: { none: 0, with: [] },
