@@ -13,6 +13,7 @@ from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, max_pixel_di
 import sdlab
 from sdlab.pipeline.infotext import from_parameters, to_parameters
 from sdlab.pipeline.request import GenerationRequest, RequestError
+from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
 
 PROMPT_2 = "an oil painting of a lighthouse at night, dramatic clouds"
 NEGATIVE = "blurry, low quality"
@@ -73,3 +74,15 @@ def test_lora_tags_belong_in_the_prompt(sdxl):
     with pytest.raises(RequestError, match="negative_prompt_2 holds a <lora"):
         sdxl[0].resolve(GenerationRequest("a cat", negative_prompt_2="ugly <lora:style:1>"))
 
+
+
+def test_the_native_api_takes_them(sdlab_server):
+    """The native API's prompt_2 reaches the request: on the server's one-encoder model its job fails with the
+    request's error, not a 422 for an unknown field."""
+    import httpx
+    from server_fixtures import run_job
+
+    with httpx.Client(base_url=sdlab_server.url, timeout=120) as client:
+        job = run_job(client, {"prompt": "a red apple", "prompt_2": "a lighthouse", "steps": 2, "width": 32,
+                               "height": 32})
+        assert job["status"] == "failed" and "prompt_2 is the second text encoder's text" in job["error"], job

@@ -67,6 +67,8 @@ class JobIn(NullsAreDefaults):
     model: str | None = None
     prompt: str = ""
     negative_prompt: str = ""
+    prompt_2: str = ""                      # SDXL's second text encoder's prompt and negative (diffusers' names;
+    negative_prompt_2: str = ""             # "": the prompt's / the negative's)
     steps: int | None = None                # None: the model's preset, else its family's default
     sampler: str | None = None
     schedule: str | None = None
@@ -221,7 +223,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     except BadRequest as err:
         raise BadRequest(err.message) from None
     generation = GenerationRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, sampler=body.sampler,
+        prompt=body.prompt, negative_prompt=body.negative_prompt, prompt_2=body.prompt_2,
+        negative_prompt_2=body.negative_prompt_2, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, clip_skip_convention=body.clip_skip_convention,
         eta=body.eta, init_noise=body.init_noise,

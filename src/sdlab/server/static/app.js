@@ -45,6 +45,8 @@ const NOT_IN_FORM = {
 const WITH_SAMPLING = ["sampler", "schedule"];
 const WITH_SIZE = ["width", "height"];
 const KEPT = {
+  prompt_2: { none: "", with: ["prompt"] },                  // SDXL's second prompts go with the prompts
+  negative_prompt_2: { none: "", with: ["negative_prompt"] },
   eta_noise_seed_delta: { none: null, with: WITH_SAMPLING },
   init_noise: { none: null, with: WITH_SAMPLING },
   img2img_convention: { none: "diffusers", with: WITH_SAMPLING },
