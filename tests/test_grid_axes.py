@@ -82,6 +82,10 @@ def test_prompt_sr_replaces_in_both_prompts() -> None:
     ("steps=1-5 (+0)", "step of 0"),
     ("cfg=abc", "not a number"),
     ("cfg=nan", "not a finite number"),
+    ("cfg=1e400-1e400", "has a number that is not finite"),          # numpy.arange could not count it
+    ("cfg=1-1e400 [3]", "has a number that is not finite"),
+    ("cfg=1-2 [1e400]", "has a number that is not finite"),
+    ("cfg=1-2 (+1e400)", "has a number that is not finite"),
     ("steps=5-1", "no values"),
     ("steps=,", "no values"),
     ("steps=0,4", "Steps must be at least 1"),

@@ -129,6 +129,7 @@ def test_one_random_seed_serves_every_cell(tmp_path: Path, capsys) -> None:
     ("steps=1-5 (+0)", "step of 0"),
     ("steps=1-x", "not an integer or a range"),
     ("cfg=2x-3", "'2x-3' is not a number or a range"),
+    ("cfg=1e400-1e400", "'1e400-1e400' has a number that is not finite"),
     ("sampler=Euler,Eulr", "unknown sampler 'Eulr'"),
     ("seed=1-300", "at most 256"),
     ("prompt_sr=pear,plum", "did not find 'pear'"),

@@ -245,18 +245,27 @@ def _int_values(text: str) -> list[int]:
         raise GridError(f"{text!r} is not an integer or a range (1-5, 1-10 (+2), 10-20 [3])") from None
 
 
+def _finite(text: str, *numbers: float) -> None:
+    """A GridError for a range whose start, end or step overflows a float (1e400)."""
+    if not all(math.isfinite(number) for number in numbers):
+        raise GridError(f"the range {text.strip()!r} has a number that is not finite")
+
+
 def _float_values(text: str) -> list[float]:
     if m := _FLOAT_RANGE.fullmatch(text):
         start, end = float(m[1].replace(" ", "")), float(m[2].replace(" ", ""))
         step = float(m[3]) if m[3] is not None else 1.0
+        _finite(text, start, end, step)
         if step == 0:
             raise GridError(f"the range {text.strip()!r} has a step of 0")
         _too_many(max(0.0, (end + step - start) / step), text)
         return np.arange(start, end + step, step).tolist()
     if m := _FLOAT_COUNT.fullmatch(text):
-        count = int(float(m[3])) if m[3] is not None else 1
-        _too_many(count, text)
-        return np.linspace(float(m[1].replace(" ", "")), float(m[2].replace(" ", "")), count).tolist()
+        start, end = float(m[1].replace(" ", "")), float(m[2].replace(" ", ""))
+        count = float(m[3]) if m[3] is not None else 1.0
+        _finite(text, start, end, count)
+        _too_many(int(count), text)
+        return np.linspace(start, end, int(count)).tolist()
     try:
         value = float(text)
     except ValueError:
