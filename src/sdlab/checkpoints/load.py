@@ -36,6 +36,11 @@ families whose diffusers pipelines apply them (SDXL's, `noise_model.vae_stats_ap
 `latents_std` (its config, or sdlab metadata) replace the model's, as diffusers takes them from the VAE it
 runs; what it does not declare stays the model's, as in ComfyUI.
 
+VAE: the `vae` argument (a standalone VAE file or folder), else a single file's A1111 sidecar
+`<name>.vae.ckpt` / `.vae.pt` / `.vae.safetensors` beside it (`sidecar.vae_beside`), which A1111 draws the model
+with under its default `sd_vae` "Automatic", else the checkpoint's own; a standalone one is named in the report
+(`LoadReport.vae_file`, which pictures record as A1111's `VAE` / `VAE hash`).
+
 Default picture size (`ModelBundle.native_size`): the metadata's `modelspec.resolution`, a diffusers folder's
 `unet/config.json` `sample_size` x the VAE factor; else the family's.
 
@@ -72,7 +77,7 @@ from sdlab.checkpoints.file_format import (
     stored_steps_offset,
 )
 from sdlab.checkpoints.plan import CheckpointPlan, ComponentReport, LoadReport
-from sdlab.checkpoints.sidecar import model_params, sidecar_of
+from sdlab.checkpoints.sidecar import model_params, sidecar_of, vae_beside
 from sdlab.checkpoints.runnable import check_plan, check_weights
 from sdlab.checkpoints.noise_model import file_latent_stats, file_noise_model, file_scaling_factor
 from sdlab.checkpoints.single_file import declared_by_vae, load_vae_source, read_single_file
@@ -348,14 +353,22 @@ def plan_checkpoint(
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    vae_source = "argument"
+    if vae is None and (vae := vae_beside(path)) is not None:
+        vae_source = "beside the model (A1111's sd_vae Automatic)"
+        logger.info("%s: drawing with the VAE beside it, %s (as A1111's sd_vae Automatic)", path.name, vae.name)
     try:
         if path.is_dir():
-            return check_plan(_plan_diffusers_folder(path, family, prediction, vae))
-        return check_plan(_plan_single_file(path, family, prediction, vae))
+            plan = check_plan(_plan_diffusers_folder(path, family, prediction, vae))
+        else:
+            plan = check_plan(_plan_single_file(path, family, prediction, vae))
     except CheckpointError as exc:
         if str(exc).startswith(str(path)) or (vae is not None and str(exc).startswith(str(vae))):
             raise
         raise CheckpointError(f"{path}: {exc}") from None
+    if vae is None:
+        return plan
+    return replace(plan, report=replace(plan.report, vae_file=str(vae), vae_file_source=vae_source))
 
 
 def load_bundle(
@@ -372,7 +385,8 @@ def load_bundle(
     Every floating tensor is converted to `dtype` on `device` as it is read (an fp16 file loaded as bf16
     never holds an fp32 copy); None picks it for the model's size and the device (`auto_dtype`: bf16 for a
     large U-Net on a CPU with native bf16, fp32 for a small one). `family` overrides detection, `prediction`
-    ("eps", "v", ...) overrides the file, `vae` replaces the checkpoint's VAE with a standalone one.
+    ("eps", "v", ...) overrides the file, `vae` replaces the checkpoint's VAE with a standalone one (by default
+    the `<name>.vae.*` file beside a single file, if any: module docstring).
     """
     plan = plan_checkpoint(path, family=family, prediction=prediction, vae=vae)
     return materialize(plan, device=device, dtype=plan_dtype(plan, device) if dtype is None else dtype)

@@ -55,6 +55,8 @@ class LoadReport:
     noise_model: EDMSpec | None = None      # a continuous EDM noise model (None: discrete on the schedule)
     noise_model_source: str | None = None   # where it came from
     latent_stats: LatentStats | None = None  # per-channel latents mean / std (None: scaling alone)
+    vae_file: str | None = None             # the standalone VAE drawn with (None: the checkpoint's own)
+    vae_file_source: str | None = None      # "argument", or beside the model (A1111's sidecar)
 
     def to_json(self) -> dict[str, Any]:
         schedule = self.schedule or self.family.schedule
@@ -72,6 +74,7 @@ class LoadReport:
                if self.noise_model is not None else {}),
             **({"latent_stats": config_to_json(self.latent_stats)} if self.latent_stats is not None else {}),
             "steps_offset": self.steps_offset,
+            **({"vae_file": self.vae_file, "vae_file_source": self.vae_file_source} if self.vae_file else {}),
             **({"diffusers_sampler": dict(self.sampler)} if self.sampler else {}),
             "description": self.family.description,
             "total_keys": self.total_keys,

@@ -1,8 +1,12 @@
-"""The CompVis / lllyasviel config `.yaml` that may sit beside a single-file checkpoint (`<name>.yaml`).
+"""Files that may sit beside a single-file checkpoint and say more about it, as A1111 reads them.
 
-A1111 reads these to learn what the tensors cannot show: `model.params.parameterization` ("v" for SD2's
-768-px models), `model.params.global_average_pooling` (the shuffle ControlNet). Parsed with YAML's safe
-loader (no tags, no objects), at most `MAX_BYTES`.
+The CompVis / lllyasviel config `<name>.yaml`: A1111 reads these to learn what the tensors cannot show:
+`model.params.parameterization` ("v" for SD2's 768-px models), `model.params.global_average_pooling` (the
+shuffle ControlNet). Parsed with YAML's safe loader (no tags, no objects), at most `MAX_BYTES`.
+
+The VAE `<name>.vae.ckpt` / `.vae.pt` / `.vae.safetensors` (`vae_beside`): with its default `sd_vae`
+"Automatic", A1111 draws the model with it (`sd_vae.resolve_vae_near_checkpoint`) and never lists it as a
+checkpoint (`sd_models.list_models`' `ext_blacklist`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,24 @@ def sidecar_of(path: Path) -> Path | None:
     if not path.is_file():
         return None
     return next((s for s in (path.with_suffix(".yaml"), path.with_suffix(".yml")) if s.is_file()), None)
+
+
+#: A1111's sidecar VAE names, in the order it finds them (its VAE list globs `*.vae.ckpt`, `.vae.pt`, then
+#: `.vae.safetensors` under the models folder)
+VAE_SUFFIXES = (".vae.ckpt", ".vae.pt", ".vae.safetensors")
+
+
+def vae_beside(path: Path) -> Path | None:
+    """`<name>.vae.ckpt` / `.vae.pt` / `.vae.safetensors` beside the checkpoint file `path` (its name without
+    its suffix), the first found; None when there is none or `path` is a folder."""
+    if not path.is_file():
+        return None
+    return next((v for v in (path.with_name(path.stem + s) for s in VAE_SUFFIXES) if v.is_file()), None)
+
+
+def is_sidecar_vae(path: Path) -> bool:
+    """Whether `path` is named as a sidecar VAE (A1111 lists no such file as a checkpoint)."""
+    return path.name.lower().endswith(VAE_SUFFIXES)
 
 
 def model_params(sidecar: Path) -> dict[str, Any]:
@@ -40,4 +62,4 @@ def model_params(sidecar: Path) -> dict[str, Any]:
     return params if isinstance(params, dict) else {}
 
 
-__all__ = ["MAX_BYTES", "model_params", "sidecar_of"]
+__all__ = ["MAX_BYTES", "VAE_SUFFIXES", "is_sidecar_vae", "model_params", "sidecar_of", "vae_beside"]

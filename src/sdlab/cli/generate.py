@@ -810,13 +810,12 @@ def _identify_model(model: str | os.PathLike) -> tuple[str, str | None]:
     return model_name(model), (model_hash(model) if os.path.isfile(model) else None)
 
 
-def _standalone_vae(args: argparse.Namespace) -> tuple[str, str | None] | None:
-    """A standalone --vae as `to_parameters` records it: (file name, short hash), A1111's `VAE` / `VAE hash`."""
-    from sdlab.pipeline.png_info import model_hash
+def _standalone_vae(pipe) -> tuple[str, str | None] | None:
+    """The standalone VAE the model is drawn with (--vae, or the `<name>.vae.*` file beside it, as A1111 draws
+    it) as `to_parameters` records it: (file name, short hash), A1111's `VAE` / `VAE hash`."""
+    from sdlab.pipeline.png_info import vae_ref
 
-    if args.vae is None:
-        return None
-    return Path(args.vae).name, model_hash(args.vae) if os.path.isfile(args.vae) else None
+    return vae_ref(pipe.bundle.report)
 
 
 def _refiner_ref(args: argparse.Namespace, pipe):
@@ -970,7 +969,7 @@ def run_generate(args: argparse.Namespace) -> int:
         request = GenerationRequest(**_with_model_preset(options, preset, args.mode))
     name, hash_ = _identify_model(model)
     refiner = _refiner_ref(args, pipe)
-    vae = _standalone_vae(args)
+    vae = _standalone_vae(pipe)
     if recorded:
         _check_model(recorded, name, hash_)
         _warn_what_is_not_given(recorded, refiner, vae, pipe, request)

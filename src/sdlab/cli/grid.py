@@ -133,10 +133,16 @@ def _output_folders(args: argparse.Namespace) -> dict[Path, str]:
 def _cells(plot, options: dict, preset: str | None, mode: str) -> list:
     """Each cell's request options, prompts as typed: the axes over the options given, then the settings of
     `preset` (--preset's, or the one the model or a LoRA names; None: none) under the cell's, as txt2img puts
-    them under its options, so that the preset's eta goes with the cell's sampler (TCD's gamma is no other's)."""
+    them under its options, so that the preset's eta goes with the cell's sampler (TCD's gamma is no other's).
+    A cell an axis cannot apply to (a Prompt S/R whose word is gone) is an error before any work."""
     from sdlab.cli.generate import _with_model_preset
+    from sdlab.pipeline.grid import GridError
 
-    return [(index, _with_model_preset(_found_upscaler(cell), preset, mode)) for index, cell in plot.cells(options)]
+    try:
+        cells = plot.cells(options)
+    except GridError as err:
+        raise UserError(str(err)) from None
+    return [(index, _with_model_preset(_found_upscaler(cell), preset, mode)) for index, cell in cells]
 
 
 def _found_upscaler(cell: dict) -> dict:
@@ -198,7 +204,7 @@ def run_grid(args: argparse.Namespace) -> int:
         _controls, _identify_model, _load_pipeline, _lora_finder, _open_image, _options_from_args, _refiner_ref,
         _resolve_loras, _standalone_vae,
     )
-    from sdlab.pipeline.grid import GridError, check_prompt_sr, draw_cells, fix_seeds
+    from sdlab.pipeline.grid import draw_cells, fix_seeds
     from sdlab.pipeline.infotext import hires_tag_refs, to_parameters
     from sdlab.pipeline.png_info import (
         embedding_hash,
@@ -217,10 +223,6 @@ def run_grid(args: argparse.Namespace) -> int:
     options = _options_from_args(args, {}, with_preset=False)      # the preset goes under each cell's (`_cells`)
     finder = _lora_finder(args)                          # the run's: --lora names, every cell's tags, the draws
     _, loras, _, _ = _resolve_loras(args, options["prompt"], {}, finder)    # the --lora files, merged at load
-    try:
-        check_prompt_sr([axis for _, axis in plot.axes()], options["prompt"], options.get("negative_prompt", ""))
-    except GridError as err:
-        raise UserError(str(err)) from None
     options = fix_seeds(options)                         # one seed and variation seed for every cell, as A1111
     if args.init:
         options["init_image"] = _open_image(args.init, "init image")
@@ -239,7 +241,7 @@ def run_grid(args: argparse.Namespace) -> int:
         cells = _for_pipeline(typed, cell_loras)
         _check_requests(cells, plot, args.batch_count)
     name, hash_ = _identify_model(model)
-    vae = _standalone_vae(args)
+    vae = _standalone_vae(pipe)
     refiner = _refiner_ref(args, pipe)
     try:
         for _, cell in cells:                                # the model's checks too (clip skip, memory)

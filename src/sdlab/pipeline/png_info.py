@@ -408,6 +408,16 @@ def model_hash(path: str | os.PathLike) -> str:
     return file_sha256(path)[:10]
 
 
+def vae_ref(report: Any) -> tuple[str, str | None] | None:
+    """The standalone VAE a model was loaded with (a `LoadReport`'s `vae_file`: the `vae` argument, or the
+    `<name>.vae.*` beside the model, as A1111 draws it) as A1111 records it: (file name, short hash), its
+    `VAE` / `VAE hash` (a folder has no hash); None for the model's own VAE."""
+    vae = getattr(report, "vae_file", None)
+    if vae is None:
+        return None
+    return Path(vae).name, model_hash(vae) if os.path.isfile(vae) else None
+
+
 def embedding_hash(path: str | os.PathLike) -> str:
     """A1111's short embedding hash (``TI hashes``): the first 12 hex digits of the file's SHA-256."""
     return file_sha256(path)[:12]

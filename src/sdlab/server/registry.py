@@ -1,7 +1,8 @@
 """The checkpoints and LoRAs a client may choose, named and hashed as AUTOMATIC1111 names them.
 
 Checkpoints: the model the server started with, plus every `.safetensors` / `.ckpt` file and diffusers
-folder under `--models-dir` (its `Stable-diffusion/` folder when it is an A1111 `models` folder). LoRAs:
+folder under `--models-dir` (its `Stable-diffusion/` folder when it is an A1111 `models` folder), but for a
+model's sidecar VAE (`<name>.vae.safetensors` / `.vae.ckpt`: drawn with its model, as A1111 lists it apart). LoRAs:
 the files in `<models-dir>/Lora` or `<models-dir>/loras`, then those in the startup model's own LoRA folders
 (`Lora` / `loras` beside or inside its folder, `default_lora_dirs`: the shipped model's are the adapters that
 ship with it). Clients pick by name from these lists only, never by path, so nothing outside them can be
@@ -21,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdlab.checkpoints.sidecar import is_sidecar_vae
 from sdlab.pipeline.png_info import file_sha256, model_name, readable_lora_hash, safetensors_metadata
 from sdlab.pipeline.prompt_loras import default_lora_dirs
 
@@ -131,7 +133,7 @@ class ModelRegistry:
             parts = {part.lower() for part in path.relative_to(root).parts[:-1]}
             if parts & _NOT_CHECKPOINT_FOLDERS or not self._inside(path):
                 continue
-            if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES:
+            if path.is_file() and path.suffix.lower() in CHECKPOINT_SUFFIXES and not is_sidecar_vae(path):
                 found.append(path.resolve())
             elif path.is_dir() and (path / "model_index.json").is_file():
                 found.append(path.resolve())

@@ -37,7 +37,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.pipeline.generate import ProgressFn, SamplingStopped
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.plan import GenerationPlan
-from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, write_files_all_or_nothing
+from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, vae_ref, write_files_all_or_nothing
 from sdlab.pipeline.prompt_loras import forget_read_loras, patcher_for
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError, next_batch
 from sdlab.server.config import Limits
@@ -216,7 +216,7 @@ class Runner:
                                                     model_hash=checkpoint.hash, loras=refs,
                                                     prompt=job.spec.prompt_to_record, embeddings=used,
                                                     refiner=_refiner_ref(refiner, choice) if result.refined else None,
-                                                    hires_loras=job.spec.hires_tag_loras))
+                                                    vae=vae_ref(pipe.bundle.report), hires_loras=job.spec.hires_tag_loras))
                     for i in range(len(result.images))]
 
         try:

@@ -1,0 +1,86 @@
+"""A1111's sidecar VAE: `<name>.vae.ckpt` / `.vae.pt` / `.vae.safetensors` beside a model, which A1111 draws it
+with under its default `sd_vae` "Automatic" and never lists as a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def _a1111_vae_near_checkpoint(checkpoint: Path, vae_files: list[Path]) -> Path | None:
+    """A1111 1.10 sd_vae.find_vae_near_checkpoint over its VAE list (`refresh_vae_list`: the models folder's
+    **/*.vae.ckpt, then *.vae.pt, then *.vae.safetensors), as resolve_vae takes it under sd_vae "Automatic"."""
+    checkpoint_path = checkpoint.name.rsplit(".", 1)[0]
+    ordered = [v for suffix in (".vae.ckpt", ".vae.pt", ".vae.safetensors") for v in vae_files if v.name.endswith(suffix)]
+    return next((v for v in ordered if v.name.startswith(checkpoint_path)), None)
+
+
+@pytest.fixture(scope="module")
+def sidecar_models(tmp_path_factory):
+    from bundle_fixtures import randomize_, tiny_bundle, write_original
+
+    folder = tmp_path_factory.mktemp("sidecar")
+    bundle = tiny_bundle("sd1", seed=3)
+    write_original(bundle, folder / "anime.safetensors", junk=False)
+    write_original(bundle, folder / "novae.safetensors", junk=False, drop=("first_stage_model.",))
+    shipped = randomize_(tiny_bundle("sd1", seed=9).vae, 99)               # the VAE its author ships beside it
+    for name in ("anime.vae.safetensors", "novae.vae.pt"):
+        state = {k: v.contiguous() for k, v in shipped.state_dict().items()}
+        save_file(state, str(folder / name)) if name.endswith(".safetensors") else torch.save(state, folder / name)
+    return folder, bundle.vae, shipped
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    b_state = b.state_dict()
+    return all(torch.equal(t, b_state[k]) for k, t in a.state_dict().items())
+
+
+@pytest.mark.parametrize("model", ["anime.safetensors", "novae.safetensors"])
+def test_the_vae_beside_the_model_is_drawn_with(sidecar_models, model):
+    """Before: anime.safetensors decoded with its own VAE (max 2.96 from A1111's), novae.safetensors was refused
+    ("sd1 checkpoint has no VAE ...; pass a VAE file")."""
+    from sdlab.checkpoints.load import load_bundle
+
+    folder, own, shipped = sidecar_models
+    expected = _a1111_vae_near_checkpoint(folder / model, sorted(folder.glob("*.vae.*")))
+    loaded = load_bundle(folder / model, dtype=torch.float32)
+    assert loaded.report.vae_file == str(expected) and "beside the model" in loaded.report.vae_file_source
+    assert _same_weights(loaded.vae, shipped) and not _same_weights(own, shipped)
+
+
+def test_an_explicit_vae_wins_over_the_one_beside_the_model(sidecar_models, tmp_path):
+    from sdlab.checkpoints.load import load_bundle
+
+    folder, own, _ = sidecar_models
+    explicit = tmp_path / "mine.safetensors"
+    save_file({k: v.contiguous() for k, v in own.state_dict().items()}, str(explicit))
+    loaded = load_bundle(folder / "anime.safetensors", dtype=torch.float32, vae=explicit)
+    assert (loaded.report.vae_file, loaded.report.vae_file_source) == (str(explicit), "argument")
+    assert _same_weights(loaded.vae, own)
+
+
+def test_pictures_record_the_vae_beside_the_model_as_a1111_does(sidecar_models, tmp_path, capsys):
+    """A1111's `VAE` (sd_vae.get_loaded_vae_name: the file's name) and `VAE hash` (its sha256[:10])."""
+    from cli_helpers import run
+    from sdlab.pipeline.png_info import model_hash, parse_parameters, read_parameters
+
+    folder, _, _ = sidecar_models
+    out = tmp_path / "a.png"
+    code, _, err = run(["txt2img", "a pear", "--model", str(folder / "anime.safetensors"), "--seed", "1", "--out",
+                        str(out), "--steps", "1", "--width", "32", "--height", "32", "--no-progress"], capsys)
+    assert code == 0, err
+    params = parse_parameters(read_parameters(out))
+    vae = folder / "anime.vae.safetensors"
+    assert (params["VAE"], params["VAE hash"]) == ("anime.vae.safetensors", model_hash(vae))
+
+
+def test_the_server_does_not_list_a_sidecar_vae_as_a_checkpoint(sidecar_models):
+    """A1111's list_models: ext_blacklist=[".vae.ckpt", ".vae.safetensors"]."""
+    from sdlab.server.registry import ModelRegistry
+
+    folder, _, _ = sidecar_models
+    registry = ModelRegistry(folder / "anime.safetensors", folder)
+    assert [c.name for c in registry.checkpoints] == ["anime.safetensors", "novae.safetensors"]
