@@ -342,6 +342,9 @@ def a1111_pass_eta(sampler: str, p_eta: float | None, opts: dict, params: dict) 
     ("DDIM", "Euler a", None, {"eta_ddim": 0.5}), ("DDIM", "Euler", None, {"eta_ddim": 0.5}),
     ("Euler a", "DDIM", 0.4, {"eta_ddim": 0.5}), ("DDIM", "DDIM", None, {"eta_ddim": 0.5}),
     ("Euler a", "DDIM", None, {}),
+    ("DDIM", "Euler a", None, {"eta_ancestral": 0.5}),
+    ("Euler a", "DDIM", None, {"eta_ancestral": 0.3, "eta_ddim": 0.5}),
+    ("Euler", "Euler a", None, {"eta_ancestral": 0.3}), ("Euler a", "Euler a", None, {"eta_ancestral": 0.3}),
 ])
 def test_a_hires_sampler_draws_with_its_own_eta_option_as_a1111(pipe8: Pipeline, sampler, hr_sampler, eta, opts):
     """A1111's second pass initializes its own sampler: a hires DDIM behind another sampler draws at `eta_ddim`,

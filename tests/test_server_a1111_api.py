@@ -354,6 +354,27 @@ def test_ddims_eta_is_a1111s_eta_ddim_option(sampler, eta, options, drawn):
         _request(Txt2ImgIn(prompt="x", sampler_name=sampler, override_settings={"eta_ddim": "high"}))
 
 
+@pytest.mark.parametrize("sampler, eta, options, drawn", [
+    ("Euler a", None, {"eta_ancestral": 0.5}, 0.5), ("DPM++ 2M SDE", None, {"eta_ancestral": 0.0}, 0.0),
+    ("DPM fast", None, {"eta_ancestral": 0.3}, 0.3), ("DPM2 a", 0.2, {"eta_ancestral": 0.5}, 0.2),
+    ("Euler a", None, {}, None), ("Euler a", None, {"eta_ancestral": 1.0}, None),     # the default: the sampler's
+    ("Euler", None, {"eta_ancestral": 0.5}, None), ("DDIM", None, {"eta_ancestral": 0.5}, None),
+    ("DDIM", None, {"eta_ancestral": 0.5, "eta_ddim": 0.2}, 0.2),
+])
+def test_ancestral_and_sde_samplers_eta_is_a1111s_eta_ancestral_option(sampler, eta, options, drawn):
+    """A1111 1.10's `Sampler.__init__` (sd_samplers_common.py): `self.eta_option_field = 'eta_ancestral'`,
+    `self.eta_infotext_field = 'Eta'`, `self.eta_default = 1.0` for k-diffusion's samplers (the timestep ones set
+    `eta_ddim`), read by `initialize` where the request sets no eta, for a function that takes one. Before, the
+    option was stored and ignored: every such sampler drew at 1."""
+    from sdlab.server.a1111 import OPTION_DEFAULTS, Txt2ImgIn, _request
+
+    assert OPTION_DEFAULTS["eta_ancestral"] == 1.0
+    assert _request(Txt2ImgIn(prompt="x", sampler_name=sampler, eta=eta, override_settings=options)).eta == drawn
+    assert _request(Txt2ImgIn(prompt="x", sampler_name=sampler, eta=eta), options=options).eta == drawn
+    with pytest.raises(BadRequest, match="eta_ancestral"):
+        _request(Txt2ImgIn(prompt="x", sampler_name=sampler, override_settings={"eta_ancestral": -1}))
+
+
 @pytest.mark.parametrize("sampler, eta, label", [("DDIM", 1.0, "Eta DDIM"), ("Euler a", 0.5, "Eta")])
 def test_pictures_with_either_eta_label_draw_again_from_png(tmp_path, capsys, client, sampler, eta, label):
     from cli_helpers import pixels, run

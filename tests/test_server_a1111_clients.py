@@ -83,6 +83,20 @@ def test_img2img_takes_only_a1111s_script_fields_from_its_infotext(client):
     assert (info["prompt"], info["steps"], info["seed"], info["sampler_name"]) == ("a cat", 3, 9, "Euler")
 
 
+def test_an_infotexts_eta_sets_a1111s_eta_ancestral_option(client):
+    """A1111 1.10's `eta_ancestral` option (`infotext='Eta'`, default 1), which its ancestral and SDE samplers draw
+    with where the request sets no eta: an Euler a picture drawn at eta 0.5 draws again from its text (before, the
+    label was dropped and the text drew at eta 1)."""
+    asked, info = post(client, "/txt2img", prompt="a dog", sampler_name="Euler a", seed=9, eta=0.5, **BASE)
+    assert "Eta: 0.5" in info["infotexts"][0]
+    filled, _ = post(client, "/txt2img", infotext=info["infotexts"][0])
+    by_option, _ = post(client, "/txt2img", prompt="a dog", sampler_name="Euler a", seed=9, **BASE,
+                        override_settings={"eta_ancestral": 0.5})
+    assert np.array_equal(picture(filled), picture(asked)) and np.array_equal(picture(by_option), picture(asked))
+    assert filled["parameters"]["override_settings"]["eta_ancestral"] == 0.5
+    assert client.get("/options").json()["eta_ancestral"] == 1.0
+
+
 def test_an_infotext_value_of_the_wrong_type_is_a_422(client):
     answer = client.post("/txt2img", json={"infotext": "a dog\nSteps: many, Sampler: Euler, Seed: 9"})
     assert answer.status_code == 422 and "steps" in answer.json()["detail"]

@@ -507,14 +507,14 @@ def _taken(req: GenerationRequest, option: str, value: float | None) -> float | 
 
 def _eta_parameters(req: GenerationRequest) -> dict[str, Any]:
     """A1111's eta labels (`Sampler.initialize`, which each pass runs with its sampler): a pass's eta under its
-    sampler's label (`_eta_label`) where it differs from the default of the sampler's function; an eta left unset
+    sampler's label (`eta_label`) where it differs from the default of the sampler's function; an eta left unset
     is the default. A hires eta of its own under the first pass's label, which A1111 cannot draw (one option
     holds both), is sdlab's `Hires eta`."""
-    first, first_default = _eta_label(req.sampler)
+    first, first_default = eta_label(req.sampler)
     labels = {first: req.eta} if first and req.eta not in (None, first_default) else {}
     if not req.hires:
         return labels
-    label, default = _eta_label(req.hr_sampler or req.sampler)
+    label, default = eta_label(req.hr_sampler or req.sampler)
     eta = req.eta if req.hr_eta is None else req.hr_eta
     if label not in (None, first) and eta not in (None, default):
         labels[label] = eta
@@ -528,7 +528,7 @@ def _or(eta: float | None, default: float | None) -> float | None:
     return default if eta is None else eta
 
 
-def _eta_label(sampler: str | None) -> tuple[str | None, float | None]:
+def eta_label(sampler: str | None) -> tuple[str | None, float | None]:
     """A1111's label of `sampler`'s eta and the eta its function draws by default: `Eta DDIM` for A1111's timestep
     samplers, `Eta` for the others (k-diffusion's), None for a function that takes no eta. A sampler sdlab does
     not know keeps its eta as `Eta`."""
@@ -546,8 +546,8 @@ def _etas(p: dict[str, Any], fields: dict[str, Any]) -> dict[str, float]:
     samplers take their etas under different labels (A1111's `eta_ddim` and `eta_ancestral` options), each pass
     reads its own, a missing one its sampler's default; else `Eta DDIM` where there is one, `Eta` otherwise."""
     etas = {label: _number(p, label) for label in ("Eta", "Eta DDIM") if label in p}
-    first, _ = _eta_label(fields.get("sampler"))
-    second, default = _eta_label(fields.get("hr_sampler")) if fields.get("hr_sampler") else (first, None)
+    first, _ = eta_label(fields.get("sampler"))
+    second, default = eta_label(fields.get("hr_sampler")) if fields.get("hr_sampler") else (first, None)
     if first is None or second is None or first == second:
         eta = etas.get("Eta DDIM", etas.get("Eta"))
         return {} if eta is None else {"eta": eta}

@@ -45,7 +45,7 @@ from sdlab.diffusion.samplers import SAMPLER_TABLE, SAMPLERS, a1111_schedule, co
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
-    a1111_backcompat, drawn_by_sdlab, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
+    a1111_backcompat, drawn_by_sdlab, eta_label, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
 )
 from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, preprocess
 from sdlab.pipeline.prompt_loras import without_extra_networks
@@ -86,7 +86,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "sdxl_crop_top": 0, "sdxl_crop_left": 0,                        # SDXL's conditioning (`_sdxl_options`)
     "sdxl_refiner_high_aesthetic_score": 6.0, "sdxl_refiner_low_aesthetic_score": 2.5,
     "s_churn": 0.0, "s_tmin": 0.0, "s_tmax": 0.0, "s_noise": 1.0,                # k-diffusion's (`_sigma_options`)
-    "eta_ddim": 0.0,                                                             # DDIM's eta (`_eta`)
+    "eta_ddim": 0.0, "eta_ancestral": 1.0,              # DDIM's eta, the ancestral and SDE samplers' (`_eta`)
     "uni_pc_variant": "bh1", "uni_pc_order": 3, "uni_pc_lower_order_final": True,   # its UniPC's (`_unipc_settings`)
     "uni_pc_skip_type": "time_uniform",
     "sigma_min": 0.0, "sigma_max": 0.0, "rho": 0.0, "always_discard_next_to_last_sigma": False,  # `_schedule_settings`
@@ -410,17 +410,19 @@ def _img2img_steps_rule(settings: dict[str, Any], sampler: str) -> str:
 
 
 def _eta(body: Txt2ImgIn, settings: dict[str, Any], sampler: str) -> float | None:
-    """The eta A1111 draws `sampler` with (`Sampler.initialize`: `p.eta`, else the sampler's option): the request's,
-    else for its DDIM the `eta_ddim` option, left unset at 0 (its default, DDIM's own)."""
-    if body.eta is not None or sampler != "DDIM":
+    """The eta A1111 draws `sampler` with (`Sampler.initialize`: `p.eta`, else the option of the label the sampler
+    writes its eta under, `ETA_OPTIONS`): the request's, else the option, left unset at its default (the sampler's
+    own: DDIM's 0, the ancestral and SDE samplers' 1)."""
+    option = ETA_OPTIONS.get(eta_label(sampler)[0])
+    if body.eta is not None or option is None or settings[option] == OPTION_DEFAULTS[option]:
         return body.eta
-    return settings["eta_ddim"] or None
+    return settings[option]
 
 
 def _hires_eta(body: Txt2ImgIn, settings: dict[str, Any], sampler: str, hr_sampler: str | None) -> dict[str, Any]:
     """The eta A1111 draws a hires sampler of its own with (`_eta`, as the second pass initializes it) as `hr_eta`
-    where it is not the first pass's: its DDIM's `eta_ddim` behind another sampler, another's default behind a
-    DDIM drawn at `eta_ddim`."""
+    where it is not the first pass's: a hires DDIM's `eta_ddim` behind an ancestral sampler, a hires ancestral
+    sampler's `eta_ancestral` (or its default) behind a DDIM."""
     second = _eta(body, settings, hr_sampler) if hr_sampler else None
     if hr_sampler is None or second == _eta(body, settings, sampler):
         return {}
@@ -726,8 +728,9 @@ INFOTEXT_FIELDS: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
 A1111_OPTION_LABELS = {
     "CLIP_stop_at_last_layers": "Clip skip", "eta_noise_seed_delta": "ENSD", "randn_source": "RNG", "tiling": "Tiling",
     "s_churn": "Sigma churn", "s_tmin": "Sigma tmin", "s_tmax": "Sigma tmax", "s_noise": "Sigma noise",
-    "eta_ddim": "Eta DDIM", "uni_pc_variant": "UniPC variant", "uni_pc_skip_type": "UniPC skip type",
-    "uni_pc_order": "UniPC order", "uni_pc_lower_order_final": "UniPC lower order final",
+    "eta_ddim": "Eta DDIM", "eta_ancestral": "Eta", "uni_pc_variant": "UniPC variant",
+    "uni_pc_skip_type": "UniPC skip type", "uni_pc_order": "UniPC order",
+    "uni_pc_lower_order_final": "UniPC lower order final",
     "sigma_min": "Schedule min sigma", "sigma_max": "Schedule max sigma", "rho": "Schedule rho",
     "always_discard_next_to_last_sigma": "Discard penultimate sigma", "beta_dist_alpha": "Beta schedule alpha",
     "beta_dist_beta": "Beta schedule beta", "sgm_noise_multiplier": "SGM noise multiplier",
@@ -740,6 +743,9 @@ A1111_OPTION_LABELS = {
 """The infotext labels (`OptionInfo(infotext=...)`, A1111 1.10) of the options this route draws with; A1111's
 `Model hash` (skipped under its default `disable_weights_auto_swap`) and `VAE` (this server has no VAE files)
 are left out."""
+ETA_OPTIONS = {A1111_OPTION_LABELS[option]: option for option in ("eta_ddim", "eta_ancestral")}
+"""A1111's eta options by the label its samplers write them under (`Sampler.eta_infotext_field` /
+`eta_option_field`): `Eta DDIM` its timestep samplers' (DDIM), `Eta` k-diffusion's (the ancestral and SDE ones)."""
 
 
 def _option_value(option: str, value: Any) -> Any:
@@ -899,7 +905,7 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= MAX_AESTHETIC:
             raise BadRequest(f"{where}{key} must be a number in -{MAX_AESTHETIC:g}..{MAX_AESTHETIC:g}, got {score!r}",
                              422)
-    for key in (*A1111_SIGMA_OPTIONS, "sigma_min", "sigma_max", "rho", "eta_ddim"):   # `_sigma_options`, `_eta`
+    for key in (*A1111_SIGMA_OPTIONS, "sigma_min", "sigma_max", "rho", *ETA_OPTIONS.values()):   # `_eta` too
         value = body.get(key, 0.0)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise BadRequest(f"{where}{key} must be a number >= 0, got {value!r}", 422)
