@@ -103,6 +103,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--steps", type=int, help="sampling steps (default: the model's, 14 for sdlab-tiny, 20 for SD)")
     p.add_argument("--cfg", "--cfg-scale", type=float, dest="cfg",
                    help="classifier-free guidance scale (default: the model's, 5 for sdlab-tiny, 7 for SD)")
+    p.add_argument("--guidance-rescale", "--cfg-rescale", type=float, dest="guidance_rescale", metavar="PHI",
+                   help="diffusers' guidance_rescale (Lin et al. 2023): the guided noise prediction rescaled toward "
+                        "the prompt's own standard deviation by this fraction, 0..1 (0 = off, the default; 0.7 for "
+                        "zero-terminal-SNR models); recorded as CFG rescale")
     p.add_argument("--ngms", "--s-min-uncond", type=float, dest="s_min_uncond", metavar="SIGMA",
                    help="A1111's NGMS (Negative Guidance minimum sigma): no negative prompt at every other model call "
                         "below this sigma (DDIM, PLMS, UniPC: timestep); 0 = off")
@@ -370,7 +374,7 @@ def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
 # GenerationRequest fields whose flag has the same name (a flag a subcommand lacks reads None: not given)
 _FIELDS_NAMED_AS_FLAGS = (
     "subseed", "subseed_strength", "tiling", "strength", "resize_mode", "mask_blur", "invert_mask", "mask_round",
-    "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0",
+    "guidance_rescale", "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0",
     "emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr",
     "s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
     "discard_penultimate_sigma", "init_noise", "quantize_timesteps", "unipc_variant", "unipc_order",
