@@ -86,3 +86,22 @@ def test_the_native_api_takes_them(sdlab_server):
         job = run_job(client, {"prompt": "a red apple", "prompt_2": "a lighthouse", "steps": 2, "width": 32,
                                "height": 32})
         assert job["status"] == "failed" and "prompt_2 is the second text encoder's text" in job["error"], job
+
+
+def test_the_cli_flags_draw_them_and_the_png_draws_them_again(tmp_path, capsys):
+    import numpy as np
+    from bundle_fixtures import write_original
+    from cli_helpers import pixels, run
+
+    model, flagged, again = tmp_path / "sdxl.safetensors", tmp_path / "flagged.png", tmp_path / "again.png"
+    write_original(tiny_bundle("sdxl", seed=11), model, junk=False)
+    draw = ["a red apple", "--model", str(model), "--seed", "7", "--steps", "2", "--width", "32", "--height", "32",
+            "--negative", "blurry", "--no-progress"]
+    assert run(["txt2img", *draw, "--prompt-2", PROMPT_2, "--negative-prompt-2", NEGATIVE_2, "--out", str(flagged)],
+               capsys)[0] == 0
+    assert run(["txt2img", "--from-png", str(flagged), "--model", str(model), "--no-progress", "--out", str(again)],
+               capsys)[0] == 0
+    request = GenerationRequest("a red apple", "blurry", prompt_2=PROMPT_2, negative_prompt_2=NEGATIVE_2, seed=7,
+                                steps=2, width=32, height=32)
+    expected = np.asarray(sdlab.load(model).run(request).images[0], dtype=np.int16)
+    assert np.array_equal(pixels(flagged), expected) and np.array_equal(pixels(again), expected)

@@ -46,6 +46,11 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("prompt", nargs="?", type=utf8_text("the prompt"),
                        help="the prompt (A1111 syntax: (word:1.3), [word], BREAK)")
         p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
+        p.add_argument("--prompt-2", type=utf8_text("--prompt-2"), dest="prompt_2",
+                       help="SDXL: the second text encoder's (OpenCLIP bigG's) prompt, diffusers' prompt_2 "
+                            "(default: the prompt)")
+        p.add_argument("--negative-prompt-2", type=utf8_text("--negative-prompt-2"), dest="negative_prompt_2",
+                       help="SDXL: the second text encoder's negative prompt (default: the negative prompt)")
         _add_model_flags(p, from_png=True)
         _add_sampling_flags(p, from_png=True)
         p.add_argument("--out", default="outputs",
@@ -373,6 +378,7 @@ def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
 
 # GenerationRequest fields whose flag has the same name (a flag a subcommand lacks reads None: not given)
 _FIELDS_NAMED_AS_FLAGS = (
+    "prompt_2", "negative_prompt_2",
     "subseed", "subseed_strength", "tiling", "strength", "resize_mode", "mask_blur", "invert_mask", "mask_round",
     "guidance_rescale", "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0",
     "emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr",
