@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlab.pipeline.grid import GridError, Plot, check_prompt_sr, draw_plot, field_named, parse_axis
+from sdlab.pipeline.grid import GridError, Plot, draw_plot, field_named, parse_axis
 from sdlab.pipeline.request import GenerationRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -145,7 +145,7 @@ def test_prompt_order_is_every_permutation_reordered_as_a1111(pipe) -> None:
     assert np.array_equal(_pixels(results[(1, 0, 0)].images[0]), _pixels(single))
     assert plot.parameters()["X Type"] == "Prompt order"
     with pytest.raises(GridError, match="Prompt order did not find 'pear'"):
-        check_prompt_sr([parse_axis("Prompt order=apple,pear")], PROMPT, "")
+        Plot(parse_axis("Prompt order=apple,pear")).cells({"prompt": PROMPT})
     with pytest.raises(GridError, match="at most 256"):
         parse_axis("Prompt order=a,b,c,d,e,f")                                  # 720 permutations
 

@@ -12,8 +12,8 @@ from PIL import Image
 from sdlab.pipeline.grid import (
     MAX_CELLS,
     GridError,
+    Plot,
     cell_count,
-    check_prompt_sr,
     draw_grid,
     font_size,
     grid_font,
@@ -69,10 +69,35 @@ def test_prompt_sr_replaces_in_both_prompts() -> None:
     assert axis.apply(options, 0) == options
     assert axis.apply(options, 1) == {"prompt": "a light, blue apple, light, blue sky",
                                       "negative_prompt": "light, blue noise", "steps": 3}
-    check_prompt_sr([axis], "a red apple", "")
-    check_prompt_sr([axis], "an apple", "red")
+    Plot(axis).cells({"prompt": "a red apple"})
+    Plot(axis).cells({"prompt": "an apple", "negative_prompt": "red"})
     with pytest.raises(GridError, match="did not find 'red'"):
-        check_prompt_sr([axis], "a blue apple", "blurry")
+        Plot(axis).cells({"prompt": "a blue apple", "negative_prompt": "blurry"})
+
+
+def a1111_apply_prompt(prompt: str, negative_prompt: str, x: str, xs: list[str]) -> tuple[str, str]:
+    """AUTOMATIC1111/stable-diffusion-webui scripts/xyz_grid.py `apply_prompt`, transcribed (p -> the prompts)."""
+    if xs[0] not in prompt and xs[0] not in negative_prompt:
+        raise RuntimeError(f"Prompt S/R did not find {xs[0]} in prompt or negative prompt.")
+    return prompt.replace(xs[0], x), negative_prompt.replace(xs[0], x)
+
+
+@pytest.mark.parametrize("x, y, message", [
+    # a second S/R on the word the first replaced: A1111 refuses its cells (pear, apple) and (pear, plum)
+    ("Prompt S/R=apple,pear", "Prompt S/R=apple,plum", "the grid cell pear, apple: Prompt S/R did not find 'apple'"),
+    # a Prompt order after an S/R that replaced one of its tokens (A1111 would splice 'red' in at find() = -1)
+    ("Prompt S/R=red,green", "Prompt order=red,blue", "the grid cell green, red, blue: Prompt order did not find 'red'"),
+])
+def test_prompt_axes_are_checked_in_each_cell_after_the_axes_before(x: str, y: str, message: str) -> None:
+    prompt = "a red apple on a light blue table"
+    plot = Plot(parse_axis(x), parse_axis(y))
+    with pytest.raises(GridError, match=message):
+        plot.cells({"prompt": prompt})
+    sr = parse_axis(x)                                       # each good S/R cell is A1111's
+    for i, value in enumerate(sr.values):
+        assert sr.apply({"prompt": prompt}, i)["prompt"] == a1111_apply_prompt(prompt, "", value, list(sr.values))[0]
+    with pytest.raises(RuntimeError, match="did not find apple"):         # A1111 refuses the (pear, plum) cell too
+        a1111_apply_prompt("a red pear on a light blue table", "", "plum", ["apple", "plum"])
 
 
 @pytest.mark.parametrize("spec,match", [

@@ -146,6 +146,17 @@ def test_bad_axes_fail_before_any_work(tmp_path: Path, capsys, axis: str, match:
     assert list(tmp_path.iterdir()) == []                      # the (missing) model was never opened
 
 
+def test_a_prompt_axis_that_misses_in_one_cell_fails_before_any_work(tmp_path: Path, capsys) -> None:
+    """Prompt S/R and Prompt order are checked in each cell after the axes before them (A1111's `apply_prompt`
+    raises per cell): Y's 'red' is gone from X's green cell."""
+    code, _, err = run(["grid", PROMPT, "--x", "Prompt S/R=red,green", "--y", "Prompt order=red,light blue",
+                        "--model", str(tmp_path / "not-loaded.safetensors"), "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2, err
+    assert err.strip() == ("sdlab: error: the grid cell green, red, light blue: Prompt order did not find 'red' in "
+                           "the prompt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_too_many_cells_across_axes(tmp_path: Path, capsys) -> None:
     code, _, err = run(["grid", PROMPT, "--x", "seed=1-20", "--y", "steps=1-13", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 2 and "260 cells" in err

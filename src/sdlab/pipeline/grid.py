@@ -42,7 +42,8 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 Prompt S/R (A1111): the first value is searched in the prompt and the negative prompt, and each value in
 turn replaces it there (so the first cell keeps the prompt as written). Prompt order (A1111's `apply_order`):
 one cell per permutation of the values (the typed order first), each putting the values back into the
-prompt, where they stand, in its order.
+prompt, where they stand, in its order. Both look in each cell's prompt as the axes before them (X, then Y,
+then Z) left it, and a cell where the word is not there is a GridError (`Plot.cells`), as A1111 refuses it.
 
 The picture (`draw_grid`): cells on a white sheet, X labels centred above the columns, Y labels at the left
 of the rows (A1111's `draw_grid_annotations`: left band 3/4 of a cell wide, text wrapped to fit), and for a
@@ -99,15 +100,21 @@ def _set_field(name: str) -> Callable[[dict[str, Any], Any, tuple[Any, ...]], di
 
 
 def _replace_in_prompts(options: dict[str, Any], value: str, values: tuple[str, ...]) -> dict[str, Any]:
-    """A1111's `apply_prompt` (Prompt S/R): the first value replaced by `value` in both prompts."""
-    return {**options, "prompt": options.get("prompt", "").replace(values[0], value),
-            "negative_prompt": options.get("negative_prompt", "").replace(values[0], value)}
+    """A1111's `apply_prompt` (Prompt S/R): the first value replaced by `value` in both prompts; a GridError where
+    neither prompt of the cell (after the axes before this one) holds it, as A1111 refuses the cell."""
+    prompt, negative = options.get("prompt", ""), options.get("negative_prompt", "")
+    if values[0] not in prompt and values[0] not in negative:
+        raise GridError(f"Prompt S/R did not find {values[0]!r} in the prompt or the negative prompt")
+    return {**options, "prompt": prompt.replace(values[0], value), "negative_prompt": negative.replace(values[0], value)}
 
 
 def _reorder_prompt(options: dict[str, Any], order: tuple[str, ...], values: Any) -> dict[str, Any]:
     """A1111's `apply_order` (Prompt order): the tokens, where they first occur in the prompt, put back in
-    `order` (the prompt's text between them kept in place)."""
+    `order` (the prompt's text between them kept in place); a GridError where the cell's prompt (after the axes
+    before this one) lacks one, which A1111 would splice in at the wrong place."""
     prompt = options.get("prompt", "")
+    if missing := [token for token in order if token not in prompt]:
+        raise GridError(f"Prompt order did not find {', '.join(map(repr, missing))} in the prompt")
     parts = []
     for token in sorted(order, key=prompt.find):
         at = prompt.find(token)
@@ -357,17 +364,6 @@ def parse_axis(spec: str, *, rng: random.Random | None = None) -> Axis:
     return Axis(field, tuple(values), tuple(_label(field, v) for v in values), text.strip())
 
 
-def check_prompt_sr(axes: list[Axis], prompt: str, negative_prompt: str) -> None:
-    """A1111's rule: the first value of a Prompt S/R axis must occur in the prompt or the negative prompt; and
-    each token of a Prompt order axis must occur in the prompt (A1111's `apply_order` reorders them there)."""
-    for axis in axes:
-        if axis.field.name == "prompt" and axis.values[0] not in prompt and axis.values[0] not in negative_prompt:
-            raise GridError(f"Prompt S/R did not find {axis.values[0]!r} in the prompt or the negative prompt")
-        if axis.field.name == "prompt_order":
-            if missing := [token for token in axis.values[0] if token not in prompt]:
-                raise GridError(f"Prompt order did not find {', '.join(map(repr, missing))} in the prompt")
-
-
 def cell_count(axes: list[Axis]) -> int:
     count = math.prod(len(a.values) for a in axes)
     if count > MAX_CELLS:
@@ -396,7 +392,9 @@ class Plot:
         return tuple(len(a.values) if a is not None else 1 for a in (self.x, self.y, self.z))  # type: ignore[return-value]
 
     def cells(self, options: dict[str, Any]) -> list[tuple[Index, dict[str, Any]]]:
-        """((x, y, z), request options) of every cell, in drawing order (Z, then Y, then X); at most MAX_CELLS."""
+        """((x, y, z), request options) of every cell, in drawing order (Z, then Y, then X); at most MAX_CELLS.
+        Each cell applies X, then Y, then Z, as A1111's; an axis that cannot apply to a cell (a Prompt S/R whose
+        word an axis before it replaced) is a GridError naming the cell."""
         cell_count([axis for _, axis in self.axes()])
         nx, ny, nz = self.shape()
         cells = []
@@ -404,14 +402,17 @@ class Plot:
             for j in range(ny):
                 for i in range(nx):
                     cell = dict(options)
-                    for axis, index in ((self.x, i), (self.y, j), (self.z, k)):
-                        cell = axis.apply(cell, index) if axis is not None else cell
+                    try:
+                        for axis, index in ((self.x, i), (self.y, j), (self.z, k)):
+                            cell = axis.apply(cell, index) if axis is not None else cell
+                    except GridError as err:
+                        raise GridError(f"the grid cell {', '.join(self.labels((i, j, k)))}: {err}") from None
                     cells.append(((i, j, k), cell))
         return cells
 
     def labels(self, index: Index) -> list[str]:
-        """The labels of the cell at `index`, X first (for messages)."""
-        return [axis.labels[index["xyz".index(letter)]] for letter, axis in self.axes()]
+        """The labels of the cell at `index`, X first (for messages; Nothing has none)."""
+        return [label for letter, axis in self.axes() if (label := axis.labels[index["xyz".index(letter)]])]
 
     def parameters(self) -> dict[str, str]:
         """A1111's plot fields of the grid picture's parameters (xyz_grid.py `cell`): `Script`, then for each
