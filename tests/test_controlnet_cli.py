@@ -207,15 +207,67 @@ def test_from_png_warns_of_the_recorded_units_no_control_redraws(files, tmp_path
     assert "drawn with ControlNet 1;" in stderr and "ControlNet 0" not in stderr
 
 
-def test_recorded_modes_read_a1111s_labels():
-    from sdlab.pipeline.control import recorded_modes
+def test_recorded_unit_reads_a1111s_labels():
+    """A ControlNet line as the extension writes it (`ControlNetUnit.serialize`) gives the unit its paste gives:
+    module (its UI alias too), weight, guidance, thresholds and modes; a -1 threshold is the default."""
+    from sdlab.pipeline.control import recorded_unit
 
-    line = ("Module: none, Model: cn [12345678], Weight: 1, Resize Mode: Scale to Fit (Inner Fit), "
-            "Guidance Start: 0, Guidance End: 1, Control Mode: ControlNet is more important")
-    assert recorded_modes(line) == {"control_mode": "control", "resize_mode": "crop"}
-    assert recorded_modes("Module: none, Model: cn [12345678], Weight: 1") == {}
-    with pytest.raises(ValueError, match="Control Mode 'Sideways'"):
-        recorded_modes("Module: none, Control Mode: Sideways")
+    line = ("Module: inpaint_global_harmonious, Model: cn [12345678], Weight: 0.5, Resize Mode: Scale to Fit (Inner "
+            "Fit), Processor Res: 512, Threshold A: 0.5, Threshold B: -1, Guidance Start: 0.25, Guidance End: 0.75, "
+            "Pixel Perfect: False, Control Mode: ControlNet is more important")
+    assert recorded_unit(line) == {"module": "inpaint", "strength": 0.5, "start": 0.25, "end": 0.75,
+                                   "threshold_a": 0.5, "control_mode": "control", "resize_mode": "crop"}
+    assert recorded_unit("Module: None, Model: cn [12345678]") == {"module": "none"}
+    for bad, message in (("Module: none, Control Mode: Sideways", "Control Mode 'Sideways'"),
+                         ("Module: depth_midas, Weight: 1", "no preprocessor 'depth_midas'"),
+                         ("Module: canny, Weight: heavy", "Weight 'heavy' is not a number")):
+        with pytest.raises(ValueError, match=message):
+            recorded_unit(bad)
+
+
+def test_from_png_gives_a_control_the_recorded_unit(files, tmp_path, capsys):
+    """--from-png with --control FILE:IMAGE draws the unit the picture's `ControlNet 0` line records, module,
+    weight, guidance start / end and thresholds included (A1111's paste fills its unit with them): the same
+    picture; what the --control spec and its options give wins."""
+    base = ["txt2img", "--model", str(files["model"]), "--no-progress"]
+    spec = f"{files['net']}:{_wide_hint(tmp_path)}"
+    first, again = tmp_path / "first.png", tmp_path / "again.png"
+    code, _, stderr = run([*base, "a red apple", *FAST, "--control", f"{spec}:0.5:0.25:0.75", "--control-module",
+                           "canny", "--control-threshold-a", "60", "--control-threshold-b", "120",
+                           "--out", str(first)], capsys)
+    assert code == 0, stderr
+    line = parse_parameters(read_parameters(first))["ControlNet 0"]
+    assert all(item in line for item in ("Module: canny", "Weight: 0.5", "Threshold A: 60", "Threshold B: 120",
+                                         "Guidance Start: 0.25", "Guidance End: 0.75")), line
+    code, _, stderr = run([*base, "--from-png", str(first), "--control", spec, "--out", str(again)], capsys)
+    assert code == 0, stderr
+    assert np.array_equal(pixels(first), pixels(again))
+    assert read_parameters(first) == read_parameters(again)
+    own = tmp_path / "own.png"
+    code, _, stderr = run([*base, "--from-png", str(first), "--control", f"{spec}:0.9", "--control-module", "none",
+                           "--control-threshold-a", "-1", "--out", str(own)], capsys)
+    assert code == 0, stderr
+    line = parse_parameters(read_parameters(own))["ControlNet 0"]
+    assert all(item in line for item in ("Module: none", "Weight: 0.9", "Guidance Start: 0.25", "Threshold B: 120"))
+    assert "Threshold A" not in line
+
+
+def test_control_mask_and_thresholds_reach_the_control(files, tmp_path, monkeypatch):
+    """--control-threshold-a / -b and --control-mask set the matching control's `threshold_a` / `threshold_b` and
+    `mask` (`none` and -1: unset), as `ControlInput(..., threshold_a=, mask=)` does."""
+    import argparse
+
+    from sdlab.cli.generate import _controls
+
+    mask = tmp_path / "mask.png"
+    Image.new("L", (32, 32), 255).save(mask)
+    spec = f"{files['net']}:{files['hint']}"
+    args = argparse.Namespace(control=[spec, spec], control_module=["inpaint", "canny"], control_mode=[],
+                              control_resize=[], control_threshold_a=[-1, 30.0], control_threshold_b=[],
+                              control_mask=[str(mask), "none"], from_png=None)
+    first, second = _controls(args, {}, "diffusers")
+    assert (first.module, first.threshold_a, second.threshold_a, second.mask) == ("inpaint", None, 30.0, None)
+    assert np.array_equal(np.asarray(first.mask), np.asarray(Image.open(mask)))
 
 
 def test_help_names_every_preprocessor(capsys):

@@ -241,6 +241,15 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="how the hint image of the matching --control fits the picture (A1111's resize modes): "
                         "resize (Just Resize: stretched; the default), crop (Crop and Resize), fill (Resize and "
                         "Fill: padded with its border's colour); repeatable")
+    p.add_argument("--control-threshold-a", action="append", default=[], type=float, metavar="VALUE",
+                   help="A1111's Threshold A of the matching --control's preprocessor: canny's low threshold "
+                        "(100), threshold's level (127), tile_resample's rate (1); -1: the default; repeatable")
+    p.add_argument("--control-threshold-b", action="append", default=[], type=float, metavar="VALUE",
+                   help="A1111's Threshold B of the matching --control's preprocessor: canny's high threshold "
+                        "(200); -1: the default; repeatable")
+    p.add_argument("--control-mask", action="append", default=[], metavar="FILE",
+                   help="the mask of the matching --control's inpaint / inpaint_only hint (white = masked; "
+                        "without one an inpainting run's mask serves); none: no mask of its own; repeatable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--threads", type=int, metavar="N",
                    help="CPU threads (default: all cores; for small models such as the shipped one the free "
@@ -669,8 +678,9 @@ def _parse_lora(spec: str, find: Callable[[str], Path | None] | None = None) -> 
 
 def _parse_control(spec: str, convention: str, **settings: Any):
     """``FILE:IMAGE[:STRENGTH[:START:END]]`` -> a `ControlInput` checked under the request's control
-    `convention`, with the image read and `settings` (module, control_mode, resize_mode). Numbers are taken
-    from the end, so the file and image paths may contain colons (split where both sides exist)."""
+    `convention`, with the image (and a `mask`) read and `settings` (`ControlInput`'s fields: module, modes,
+    thresholds, and strength / start / end where the spec leaves them out). Numbers are taken from the end, so
+    the file and image paths may contain colons (split where both sides exist)."""
     from sdlab.pipeline.control import ControlInput, check_control
     from sdlab.pipeline.request import RequestError
 
@@ -683,14 +693,17 @@ def _parse_control(spec: str, convention: str, **settings: Any):
     file, image = next((s for s in splits if os.path.exists(s[0]) and os.path.exists(s[1])), splits[0])
     if not os.path.exists(file):
         raise UserError(f"the ControlNet {file!r} does not exist")
+    if settings.get("mask") is not None:
+        settings["mask"] = _open_image(settings["mask"], "control mask")
     try:
-        control = ControlInput(file, _open_image(image, "control image"), *numbers, **settings)
+        control = ControlInput(file, _open_image(image, "control image"),
+                               **{**settings, **dict(zip(("strength", "start", "end"), numbers))})
         return check_control(control, convention=convention)
     except RequestError as err:
         raise UserError(f"--control {spec!r}: {err}") from None
 
 
-def _per_control(values: list[str], flag: str, count: int) -> list[str | None]:
+def _per_control(values: list[Any], flag: str, count: int) -> list[Any]:
     """A per-control option's values (`--control-module`, ...), one for each of the `count` --control in
     order: the first for the first, ...; None for the controls past the last given."""
     if len(values) > count:
@@ -698,30 +711,44 @@ def _per_control(values: list[str], flag: str, count: int) -> list[str | None]:
     return [*values, *[None] * (count - len(values))]
 
 
-def _recorded_modes(recorded: dict[str, Any], index: int, source: str | None) -> dict[str, str]:
-    """The control / resize mode the --from-png picture's `ControlNet {index}` line records ({} without it)."""
-    from sdlab.pipeline.control import recorded_modes
+def _recorded_unit(recorded: dict[str, Any], index: int, source: str | None) -> dict[str, Any]:
+    """The settings the --from-png picture's `ControlNet {index}` line records ({} without it)."""
+    from sdlab.pipeline.control import recorded_unit
 
     line = f"ControlNet {index}"
     try:
-        return recorded_modes(recorded[line]) if line in recorded else {}
+        return recorded_unit(recorded[line]) if line in recorded else {}
     except ValueError as err:
-        raise UserError(f"{source}: {line}'s {err}; pass --control-mode / --control-resize") from None
+        raise UserError(f"{source}: {line}: {err}; pass the --control-* option that sets it") from None
+
+
+_CONTROL_OPTIONS = (("module", "control_module"), ("control_mode", "control_mode"),
+                    ("resize_mode", "control_resize"), ("threshold_a", "control_threshold_a"),
+                    ("threshold_b", "control_threshold_b"), ("mask", "control_mask"))
+"""The per-control options: `ControlInput`'s field, the argparse attribute (--control-module, ...)."""
+
+
+def _given_setting(key: str, value: Any) -> Any:
+    """A per-control option's value as `ControlInput` takes it: None (the default, also over a --from-png
+    picture's) for a threshold below 0 (A1111's -1) and for the mask `none`."""
+    if key.startswith("threshold") and value < 0:
+        return None
+    return None if key == "mask" and value.lower() == "none" else value
 
 
 def _controls(args: argparse.Namespace, recorded: dict[str, Any], convention: str) -> tuple:
     """The --control `ControlInput`s with their per-control options, checked under the request's control
-    `convention`. A mode a control is not given takes the one the --from-png picture's `ControlNet N` line
-    records for it, as A1111's paste sets its N-th unit."""
+    `convention`. A setting a control is not given (on its spec or by an option) takes the one the --from-png
+    picture's `ControlNet N` line records for it (`recorded_unit`: module, weight, guidance start / end,
+    thresholds, modes), as A1111's paste sets its N-th unit."""
     count = len(args.control)
-    modules, modes, resizes = (_per_control(values, flag, count) for values, flag in (
-        (args.control_module, "--control-module"), (args.control_mode, "--control-mode"),
-        (args.control_resize, "--control-resize")))
+    columns = [_per_control(getattr(args, attr), "--" + attr.replace("_", "-"), count) for _, attr in _CONTROL_OPTIONS]
     controls = []
-    for index, (spec, module, mode, resize) in enumerate(zip(args.control, modules, modes, resizes)):
-        given = {key: value for key, value in (("control_mode", mode), ("resize_mode", resize)) if value is not None}
-        settings = {**_recorded_modes(recorded, index, args.from_png), **given}
-        controls.append(_parse_control(spec, convention, module=module or "none", **settings))
+    for index, spec in enumerate(args.control):
+        given = {key: _given_setting(key, column[index]) for (key, _), column in zip(_CONTROL_OPTIONS, columns)
+                 if column[index] is not None}
+        settings = {**_recorded_unit(recorded, index, args.from_png), **given}
+        controls.append(_parse_control(spec, convention, **settings))
     return tuple(controls)
 
 

@@ -58,7 +58,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
 from sdlab.pipeline.images import eight_bit, flattened
 from sdlab.pipeline.overlay import axis_blurred
-from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, preprocess, unknown_preprocessor
+from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, a1111_module, preprocess, unknown_preprocessor
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
@@ -470,12 +470,32 @@ def a1111_mode(label: Any, modes: dict[str, str]) -> str | None:
     return next((name for name, known in modes.items() if known == label), None)
 
 
-def recorded_modes(line: str) -> dict[str, str]:
-    """The `control_mode` / `resize_mode` a ControlNet infotext line records (`infotext_lines`), by sdlab's
-    names; a label the line lacks is absent. The line is read as the extension's `parse_unit` reads it: items
-    split at commas, each "Label: value". A mode sdlab has not is a ValueError."""
+RECORDED_NUMBERS = {"Weight": "strength", "Guidance Start": "start", "Guidance End": "end",
+                    "Threshold A": "threshold_a", "Threshold B": "threshold_b"}
+"""The numbers of a ControlNet infotext line (`infotext_lines`, the extension's `serialize`) -> `ControlInput`'s
+fields."""
+
+
+def recorded_unit(line: str) -> dict[str, Any]:
+    """The `ControlInput` settings a ControlNet infotext line records (`infotext_lines`, or the extension's):
+    `module` (A1111's name or UI alias, `a1111_module`), `strength`, `start`, `end`, `threshold_a` /
+    `threshold_b` (a negative one, the extension's -1, is the default: absent), `control_mode` / `resize_mode`
+    by sdlab's names; a label the line lacks is absent. The line is read as the extension's `parse_unit` reads
+    it: items split at commas, each "Label: value". A module or mode sdlab has not, or a number that is not one,
+    is a ValueError naming it."""
     fields = dict(item.strip().split(": ", 1) for item in str(line).split(",") if ": " in item)
-    modes = {}
+    unit: dict[str, Any] = {}
+    if "Module" in fields:
+        unit["module"] = a1111_module(fields["Module"])
+    for label, key in RECORDED_NUMBERS.items():
+        if label not in fields:
+            continue
+        try:
+            value = float(fields[label])
+        except ValueError:
+            raise ValueError(f"{label} {fields[label]!r} is not a number") from None
+        if not key.startswith("threshold") or value >= 0:
+            unit[key] = value
     for label, key, names in (("Control Mode", "control_mode", CONTROL_MODES),
                               ("Resize Mode", "resize_mode", RESIZE_MODES)):
         if label not in fields:
@@ -483,5 +503,5 @@ def recorded_modes(line: str) -> dict[str, str]:
         name = a1111_mode(fields[label], names)
         if name is None:
             raise ValueError(f"{label} {fields[label]!r} is not one of {', '.join(names.values())}")
-        modes[key] = name
-    return modes
+        unit[key] = name
+    return unit
