@@ -135,6 +135,7 @@ def test_an_interrupt_keeps_the_batches_before_it_and_the_one_it_stops_as_far_as
     with pytest.raises(JobCancelled):
         service.runner.run(job)
     assert steps == [1, 2, 3, 4, 5] and job.seeds == [40, 41, 42, 43] and len(job.infotexts) == 4
+    assert (job.step, job.steps) == (5, 12)                 # the steps drawn, not the stopped batch's end
     assert job.images == [f"{job.id}-{i}.png" for i in range(4)]
     assert sorted(path.name for path in service.images_dir.iterdir()) == job.images
     reference = _stopped(service, 42, steps=4, at=2)                    # the callback after the interrupt stops it

@@ -772,3 +772,39 @@ if __name__ == "__main__":
         finally:
             server.stop()
     print("wrote docs/webui.png and docs/webui-inpaint.png")
+
+
+def _run_until_step(page, base: str, prompt: str, steps: int, batch: int) -> str:
+    """Queue `prompt` from the form; its id once it has drawn a step or two and Interrupt / Skip are enabled."""
+    set_value(page, "prompt", prompt)
+    set_value(page, "steps", steps)
+    set_value(page, "batch_size", batch)
+    page.find_element(By.ID, "generate").click()
+    job_id = wait(page, lambda d: [j["id"] for j in http_json(base, "/api/jobs")["jobs"]
+                                   if j["request"].get("prompt") == prompt], 20, "no job queued")[0]
+    wait(page, lambda d: http_json(base, f"/api/jobs/{job_id}")["step"] >= 2
+         and d.find_element(By.ID, "interrupt").is_enabled(), 30, "the job never ran")
+    return job_id
+
+
+def test_interrupt_keeps_the_pictures_drawn_so_far_and_skip_ends_the_batch(page, base_url):
+    """A1111's Interrupt: the running job stops, its batch's pictures as far as they got kept, shown as
+    "Interrupted" at the steps drawn; Skip ends the batch being drawn so and the job goes on (here: ends done)."""
+    job_id = _run_until_step(page, base_url, "a pink square (interrupted)", 150, 2)
+    page.find_element(By.ID, "interrupt").click()
+    job = wait_job(base_url, job_id)
+    assert job["status"] == "cancelled" and len(job["images"]) == 2 and 2 <= job["step"] < job["steps"] == 150, job
+    wait(page, lambda d: text(d, "progress-text") == "Interrupted", 20, "the interrupt is not shown")
+    assert page.execute_script("return [document.getElementById('progress').value, document.getElementById("
+                               "'progress').max]") == [job["step"], 150]
+    assert len(page.find_elements(By.CSS_SELECTOR, "#results img")) == 2
+    badge = wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f'#gallery [data-job-id="{job_id}"] .badge'), 20)
+    assert badge[0].text == "interrupted" and not page.find_element(By.ID, "interrupt").is_enabled()
+
+    job_id = _run_until_step(page, base_url, "a pink square (skipped)", 150, 1)
+    drawn = http_json(base_url, f"/api/jobs/{job_id}")["step"]
+    page.find_element(By.ID, "skip").click()
+    job = wait_job(base_url, job_id)
+    assert job["status"] == "done" and len(job["images"]) == 1, job
+    assert "Steps: 150" in job["infotexts"][0]
+    assert drawn < 150 and text(page, "progress-text").startswith("Done")

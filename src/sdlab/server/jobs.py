@@ -279,23 +279,23 @@ class JobQueue:
             self._finish(job, "cancelled", None)
         return job.status
 
-    def interrupt(self) -> bool:
+    def interrupt(self, only: Job | None = None) -> bool:
         """Cancel the running job as A1111's interrupt does, its running batch ending with its pictures as far as
-        they got; False when nothing runs."""
+        they got (its steps counted as run); False when nothing runs, or when it is not `only`."""
         with self._condition:
             job = self.current
-            if job is None:
+            if job is None or only not in (None, job):
                 return False
             job.interrupt.set()
             job.cancel.set()
             return True
 
-    def skip(self) -> bool:
+    def skip(self, only: Job | None = None) -> bool:
         """Stop the running job's current batch, the job going on with its next (A1111's skip, which ends the
-        current iteration of its n_iter); False when nothing runs."""
+        current iteration of its n_iter); False when nothing runs, or when it is not `only`."""
         with self._condition:
             job = self.current
-            if job is None:
+            if job is None or only not in (None, job):
                 return False
             job.skip.set()
             return True

@@ -4,6 +4,9 @@
     GET    /api/jobs                 {jobs: [job, ...]} newest first (this run's and earlier runs')
     GET    /api/jobs/{id}            job
     DELETE /api/jobs/{id}            cancel (queued: at once; running: at the next step) -> {id, status}
+    POST   /api/jobs/{id}/interrupt  A1111's Interrupt of the job running: its batch ends with its pictures as far
+                                     as they got, the job stops (cancelled, its pictures kept) -> {id, status, stopped}
+    POST   /api/jobs/{id}/skip       A1111's Skip of the job running: its batch ends so, the next goes on -> same
     GET    /api/jobs/{id}/events     Server-Sent Events: queued, started, step {i, n, preview}, done, failed, cancelled
     GET    /api/images/{name}        a picture the server drew (only names it wrote, only from its folder)
     POST   /api/parameters           {image} -> {info, settings, unread}: a picture's parameters as a job's settings
@@ -15,6 +18,7 @@ import asyncio
 import io
 import json
 import re
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -28,7 +32,7 @@ from sdlab.server.inputs import (
     BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_base64, decode_image, refiner_choice, schedule_name,
     unset_preset_fields, with_preset,
 )
-from sdlab.server.jobs import FINAL_STATES, Job, final_event, image_url
+from sdlab.server.jobs import FINAL_STATES, Job, JobQueue, final_event, image_url
 from sdlab.server.picture_settings import picture_settings, unread_labels
 from sdlab.server.previews import jpeg_data_url
 from sdlab.server.service import Service
@@ -292,6 +296,26 @@ def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     record, live = _find(service, job_id)
     status = service.queue.cancel(live) if live is not None else record["status"]
     return {"id": job_id, "status": status}
+
+
+@router.post("/jobs/{job_id}/interrupt")
+def interrupt_job(job_id: str, request: Request) -> dict[str, Any]:
+    """A1111's Interrupt of this job (`JobQueue.interrupt`)."""
+    return _stop_running(job_id, request, JobQueue.interrupt)
+
+
+@router.post("/jobs/{job_id}/skip")
+def skip_job(job_id: str, request: Request) -> dict[str, Any]:
+    """A1111's Skip of the batch this job is drawing (`JobQueue.skip`)."""
+    return _stop_running(job_id, request, JobQueue.skip)
+
+
+def _stop_running(job_id: str, request: Request, stop: Callable[[JobQueue, Job], bool]) -> dict[str, Any]:
+    """`stop` the job if it is the one running; `stopped` says whether it was."""
+    service = service_of(request)
+    record, live = _find(service, job_id)
+    stopped = live is not None and stop(service.queue, live)
+    return {"id": job_id, "status": record["status"], "stopped": stopped}
 
 
 @router.get("/jobs/{job_id}/events")

@@ -328,7 +328,8 @@ def _batches(pipe: Pipeline, job: Job, first: GenerationRequest, upscaler: Hires
         try:
             result = _run_with_upscaler(pipe, next_batch(first, k), upscaler, progress, stop)
         except SamplingStopped as stopped:
-            job.step = job.steps * (k + 1) // job.spec.batch_count
+            if not job.interrupt.is_set():      # skipped: the next batch counts on from this one's end
+                job.step = job.steps * (k + 1) // job.spec.batch_count
             yield stopped.result
             if _stopping(job):
                 raise JobCancelled from None

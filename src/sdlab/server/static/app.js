@@ -1,7 +1,7 @@
 // sdlab web UI: plain JavaScript on sdlab's HTTP API (no build step).
 //   lists:    /sdapi/v1/sd-models, samplers, schedulers, loras, options, latent-upscale-modes, upscalers
 //   a PNG:    POST /api/parameters -> {info, settings, unread}
-//   jobs:     POST /api/jobs -> {id}; GET /api/jobs; GET/DELETE /api/jobs/{id};
+//   jobs:     POST /api/jobs -> {id}; GET /api/jobs; GET/DELETE /api/jobs/{id}; POST /api/jobs/{id}/interrupt, skip;
 //             GET /api/jobs/{id}/events (Server-Sent Events: queued, started, step, done, failed, cancelled)
 "use strict";
 
@@ -106,6 +106,7 @@ const state = {
   submitted: new Set(storedSubmitted()),   // ids of jobs this page queued and has not seen end
   activeIds: [],          // queued and running jobs at the last poll, oldest first (every page's)
   ownActiveIds: [],       // those this page queued: the only ones its viewer, progress and Cancel follow
+  runningId: null,        // this page's job running now: the one Interrupt and Skip stop
   shownJob: null,         // id of the job the progress bar and viewer show
   lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
   refinerConvention: "diffusers",   // the refiner's handoff rule: the native API's default, or the reused job's
@@ -800,6 +801,7 @@ function followJob(id) {
     if (!state.follow || state.follow.id !== id) return;
     if (type === "started") {
       state.shownJob = id;
+      setRunning(id);
       setProgress(0, data.steps || 1, "Started");
     } else if (type === "step") {
       state.shownJob = id;
@@ -866,7 +868,7 @@ function elapsed(job) {
 // Show a job in the viewer: its images, its parameters and its status.
 function showJob(job) {
   state.shownJob = job.id;
-  const status = job.status;
+  const status = shownStatus(job);
   const n = job.steps || (job.request && job.request.steps) || 1;
   if (status === "done") setProgress(n, n, `Done${elapsed(job)}`);
   else if (status === "failed") setProgress(0, 1, "Failed");
@@ -888,6 +890,27 @@ function showJob(job) {
   }
   if ((job.images || []).length || !ACTIVE.has(status)) $("preview").hidden = true;
   $("infotext").textContent = (job.infotexts || []).join("\n\n");
+}
+
+// A job's status as the page names it: a cancelled job with pictures was interrupted (A1111's Interrupt, or a
+// cancel after some of its batches were drawn), its pictures kept
+const shownStatus = (job) => (job.status === "cancelled" && (job.images || []).length ? "interrupted" : job.status);
+
+// Interrupt and Skip (A1111's) of this page's running job: Interrupt stops it, the batch being drawn ending with
+// its pictures as far as they got; Skip ends that batch so and goes on with the next
+async function stopRunning(action) {
+  if (!state.runningId) return;
+  try {
+    await api(`/api/jobs/${encodeURIComponent(state.runningId)}/${action}`, { method: "POST" });
+  } catch (err) {
+    showError(err.message);
+  }
+  refreshJobs();
+}
+
+function setRunning(id) {
+  state.runningId = id;
+  $("interrupt").disabled = $("skip").disabled = !id;
 }
 
 async function cancelJob(id) {
@@ -1004,7 +1027,7 @@ function renderGallery(jobs) {
     error.className = "card-error";
     error.textContent = job.error || "";
     error.hidden = !job.error;
-    meta.append(badge(job.status), seed);
+    meta.append(badge(shownStatus(job)), seed);
     const buttons = document.createElement("div");
     buttons.className = "row";
     buttons.append(makeButton("Reuse", "reuse", () => reuseSettings(job), `Reuse the settings of job ${job.id}`));
@@ -1033,6 +1056,7 @@ async function refreshJobs(force = false) {
   state.activeIds = active.map((j) => j.id);
   state.ownActiveIds = own.map((j) => j.id);
   $("cancel").disabled = own.length === 0;
+  setRunning(own.find((j) => j.status === "running")?.id ?? null);
   const next = own.find((j) => j.status === "running") || own[0];
   if (next) followJob(next.id);
   else stopFollowing();
@@ -1134,6 +1158,8 @@ function setup() {
     }
   });
   $("cancel").addEventListener("click", cancelShown);
+  $("interrupt").addEventListener("click", () => stopRunning("interrupt"));
+  $("skip").addEventListener("click", () => stopRunning("skip"));
   $("seed-random").addEventListener("click", () => { $("seed").value = -1; });
   $("seed-reuse").addEventListener("click", () => {
     if (state.lastSeed == null) showNotice("No finished job yet to take a seed from");
