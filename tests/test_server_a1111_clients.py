@@ -171,6 +171,29 @@ def test_detect_runs_sdlabs_preprocessors_in_the_extensions_shape(cn):
     assert np.asarray(Image.open(io.BytesIO(base64.b64decode(inverted))).convert("RGB"))[0, 0].tolist() == [255] * 3
 
 
+@pytest.mark.parametrize("module, a, b", [
+    ("tile_resample", 64, 64), ("threshold", 300, -1), ("canny", 100, 300), ("canny", 0, 0), ("canny", 50, 150),
+])
+def test_detect_resets_thresholds_outside_their_sliders_as_the_extension(cn, module, a, b):
+    """The extension's detect builds a `ControlNetUnit`, whose `bound_check_params` (root_validator) resets a value
+    outside its slider, as units do: `if value < cfg.minimum or value > cfg.maximum: values[unit_param] =
+    cfg.value`, over the sliders `module_detail` lists. Before, only negative values were reset: webuiapi's
+    default threshold 64 gave tile_resample a 1x1 picture, threshold 300 a black one."""
+    from sdlab.pipeline.preprocess import preprocess
+
+    sliders = cn.get("/module_list").json()["module_detail"][module]["sliders"][1:]
+    checked = [value if slider["min"] <= value <= slider["max"] else slider["value"]
+               for value, slider in zip((a, b), sliders)]
+    image = Image.new("RGB", (64, 64), "black")
+    for i in range(0, 64, 8):
+        ImageDraw.Draw(image).line([(i, 0), (63 - i, 63)], fill=(255, 255 - 3 * i, 4 * i), width=2)
+    answer = cn.post("/detect", json={"controlnet_module": module, "controlnet_input_images": [png_b64(image)],
+                                      "controlnet_threshold_a": a, "controlnet_threshold_b": b})
+    assert answer.status_code == 200, answer.text
+    drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).convert("RGB"))
+    assert np.array_equal(drawn, np.asarray(preprocess(image, module, *checked)))
+
+
 @pytest.mark.parametrize("body, detail", [
     ({"controlnet_module": "depth_midas", "controlnet_input_images": ["x"]}, "Module not available"),
     ({"controlnet_module": "canny", "controlnet_images": ["x"]}, "No image selected"),   # webuiapi 0.9's old key

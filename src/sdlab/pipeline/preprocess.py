@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
@@ -206,13 +207,23 @@ INPAINT_MODULES = ("inpaint", "inpaint_only")
 """The preprocessors whose hint is masked: -1 where the control's mask is white (the v1.1 inpaint ControlNet)."""
 
 
-PARAMETERS: dict[str, tuple[float, ...]] = {"canny": (100.0, 200.0), "threshold": (127.0,), "tile_resample": (1.0,)}
-"""The preprocessors that take A1111's `threshold_a` (and `threshold_b`), with their defaults: canny's low and
-high threshold, threshold's level, tile_resample's down-sampling rate."""
+THRESHOLD_SLIDERS: dict[str, tuple[dict[str, Any], ...]] = {
+    "canny": ({"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255},
+              {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255}),
+    "threshold": ({"name": "Binarization Threshold", "min": 0, "max": 255, "value": 127},),
+    "tile_resample": ({"name": "Down Sampling Rate", "value": 1.0, "min": 1.0, "max": 8.0, "step": 0.01},),
+}
+"""The preprocessors that take A1111's `threshold_a` (and `threshold_b`), with the sd-webui-controlnet extension's
+sliders of them (`preprocessor_sliders_config`): canny's low and high threshold, threshold's level, tile_resample's
+down-sampling rate, each with its default and range."""
+PARAMETERS: dict[str, tuple[float, ...]] = {
+    module: tuple(float(slider["value"]) for slider in sliders) for module, sliders in THRESHOLD_SLIDERS.items()}
+"""The defaults of the `THRESHOLD_SLIDERS`."""
 SLIDER_RANGES: dict[str, tuple[tuple[float, float], ...]] = {
-    "canny": ((1.0, 255.0), (1.0, 255.0)), "threshold": ((0.0, 255.0),), "tile_resample": ((1.0, 8.0),)}
-"""The extension's slider ranges (minimum, maximum) of the `PARAMETERS`: an A1111 unit's value outside them is
-the default (its `ControlNetUnit.bound_check_params`)."""
+    module: tuple((float(slider["min"]), float(slider["max"])) for slider in sliders)
+    for module, sliders in THRESHOLD_SLIDERS.items()}
+"""The ranges (minimum, maximum) of the `THRESHOLD_SLIDERS`: an A1111 unit's or `/controlnet/detect`'s value outside
+them is the default (the extension's `ControlNetUnit.bound_check_params`, `server.controls.threshold_value`)."""
 
 
 def unknown_preprocessor(module: object) -> str:

@@ -47,7 +47,7 @@ from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
     a1111_backcompat, drawn_by_sdlab, eta_label, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
 )
-from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, preprocess
+from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, THRESHOLD_SLIDERS, preprocess
 from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.png_info import (
@@ -59,7 +59,7 @@ from sdlab.pipeline.request import (
     rng_source,
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
-from sdlab.server.controls import A1111_MODULE_ALIASES, a1111_controls, module_name
+from sdlab.server.controls import A1111_MODULE_ALIASES, a1111_controls, module_name, threshold_value
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
     decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
@@ -1438,15 +1438,6 @@ def _uses_emphasis(prompt: str) -> bool:
 controlnet_router = APIRouter(prefix="/controlnet")     # the sd-webui-controlnet extension's routes
 CONTROLNET_UNIT_COUNT = 3               # the extension's `control_net_unit_count` default (`GET settings`)
 _RESOLUTION = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}
-MODULE_SLIDERS: dict[str, list[dict[str, Any] | None]] = {
-    "none": [], "inpaint": [], "inpaint_only": [],
-    "canny": [_RESOLUTION, {"name": "Canny Low Threshold", "value": 100, "min": 1, "max": 255},
-              {"name": "Canny High Threshold", "value": 200, "min": 1, "max": 255}],
-    "threshold": [_RESOLUTION, {"name": "Binarization Threshold", "min": 0, "max": 255, "value": 127}],
-    "tile_resample": [None, {"name": "Down Sampling Rate", "value": 1.0, "min": 1.0, "max": 8.0, "step": 0.01}],
-}
-"""The extension's `preprocessor_sliders_config` of the preprocessors sdlab has (`module_detail`); the others
-have no entry there and list no slider."""
 CONTROL_TYPES = {
     "All": "none", "Canny": "canny", "Depth": "depth_midas", "NormalMap": "normal_bae", "OpenPose": "openpose_full",
     "MLSD": "mlsd", "Lineart": "lineart_standard (from white bg & black line)", "SoftEdge": "softedge_pidinet",
@@ -1462,6 +1453,15 @@ CONTROL_TYPE_ALIASES = {
     "scribble/sketch": ["scribble", "sketch"], "tile/blur": ["tile", "blur"], "openpose": ["openpose", "densepose"],
 }
 """The extension's `preprocessor_filters_aliases`: other words a control type's preprocessors and models have."""
+
+
+def _module_sliders(module: str) -> list[dict[str, Any] | None]:
+    """The extension's `preprocessor_sliders_config` of `module` (`module_detail`): the resolution slider (None for
+    tile_resample, which has none), then its threshold sliders (`preprocess.THRESHOLD_SLIDERS`); a preprocessor
+    without thresholds has no entry there and lists no slider."""
+    if module not in THRESHOLD_SLIDERS:
+        return []
+    return [None if module == "tile_resample" else _RESOLUTION, *THRESHOLD_SLIDERS[module]]
 
 
 def _module_label(module: str) -> str:
@@ -1508,10 +1508,10 @@ def controlnet_models(request: Request, update: bool = True) -> dict[str, Any]:
 @controlnet_router.get("/module_list")
 def controlnet_modules(alias_names: bool = False) -> dict[str, Any]:
     """The preprocessors (by the extension's UI names with `alias_names`) and each one's `module_detail`: its
-    sliders (`MODULE_SLIDERS`) and whether it needs no model (none of sdlab's)."""
+    sliders (`_module_sliders`) and whether it needs no model (none of sdlab's)."""
     names = {module: _module_label(module) if alias_names else module for module in PREPROCESSORS}
     return {"module_list": list(names.values()),
-            "module_detail": {name: {"model_free": False, "sliders": MODULE_SLIDERS.get(module, [])}
+            "module_detail": {name: {"model_free": False, "sliders": _module_sliders(module)}
                               for module, name in names.items()}}
 
 
@@ -1567,10 +1567,11 @@ async def controlnet_detect(body: DetectIn, request: Request) -> dict[str, Any]:
 
 
 def _detected(service: Service, body: DetectIn, module: str, data: str, what: str) -> str:
-    """One picture of `/controlnet/detect` through `module`, thresholds below 0 the preprocessor's defaults (the
-    extension's `bound_check_params`), in base64."""
+    """One picture of `/controlnet/detect` through `module`, thresholds outside their sliders' range the
+    preprocessor's defaults as in a unit (`threshold_value`, the extension's `bound_check_params`), in base64."""
     image = decode_image(data, what, service.config.limits)
-    thresholds = [None if value < 0 else value for value in (body.controlnet_threshold_a, body.controlnet_threshold_b)]
+    thresholds = [threshold_value(value, module, index)
+                  for index, value in enumerate((body.controlnet_threshold_a, body.controlnet_threshold_b))]
     try:
         hint = preprocess(image, module, *thresholds)
     except ValueError as err:
