@@ -19,8 +19,8 @@ from sdlab.cli import main
 from sdlab.pipeline import infotext
 from sdlab.server.native import SIGMA_OPTIONS, JobIn
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, drop_file, http_bytes, http_json, page, png_with_parameters, sdlab_server, text,
-    value, wait, wait_job,
+    By, Select, base_url, browser, drop_file, http_bytes, http_json, page, png_with_parameters, sdlab_server,
+    set_value, text, value, wait, wait_job,
 )
 
 PICTURES = {
@@ -211,3 +211,36 @@ def test_a_dropped_picture_with_a_hires_ddims_own_eta_draws_again_with_it(page, 
     job = wait_job(base_url, queued[0]["id"])
     assert (job["request"]["eta"], job["request"]["hr_eta"]) == (None, 0.6)
     assert job["infotexts"][0].split("\n")[-1] == json.loads(drawn["info"])["infotexts"][0].split("\n")[-1]
+
+
+KEPT_SHOWN = "return [...document.querySelectorAll('#kept-list li')].map((li) => li.textContent)"
+
+
+def test_kept_settings_are_shown_as_removable_chips_and_go_with_the_form(page, base_url):
+    """What the form keeps of a dropped picture without a control of its own (A1111's NGMS, Skip Early CFG, Noise
+    Schedule, Emphasis, its clip skip, img2img steps and ControlNet step rules) shows under "Override settings", one
+    chip each, as A1111 shows a pasted picture's: the chips are what the form sends, whatever else is typed, until
+    removed; a reload forgets them with the rest of the form, so no setting ever acts unseen."""
+    a1111 = ("an old photo\nSteps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 5, Seed: 1, Size: 64x64, "
+             "NGMS: 1.5, Skip Early CFG: 0.4, Noise Schedule: Zero Terminal SNR, Emphasis: No norm, Version: v1.10.1")
+    assert page.execute_script("return Object.values(KEPT).filter((entry) => !entry.name)") == []
+    assert not page.find_element(By.ID, "kept").is_displayed()
+    drop_file(page, png_with_parameters(a1111), "old.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from old.png", 20, "the PNG was not read cleanly")
+    shown = [f"{chip}\u00d7" for chip in ("Img2img steps: a1111", "NGMS: 1.5", "Skip Early CFG: 0.4", "Clip skip rule: a1111",
+                                          "Control steps: a1111", "Emphasis: No norm", "Noise Schedule: true")]
+    assert page.find_element(By.ID, "kept").is_displayed() and page.execute_script(KEPT_SHOWN) == shown
+    set_value(page, "prompt", "a (blue:1.3) house, a prompt of my own")
+    set_value(page, "seed", 42)
+    sent = page.execute_script("return collectRequest()")
+    assert {key: sent[key] for key in ("s_min_uncond", "skip_early_cond", "clip_skip_convention", "emphasis",
+                                       "zero_terminal_snr")} == {
+        "s_min_uncond": 1.5, "skip_early_cond": 0.4, "clip_skip_convention": "a1111", "emphasis": "No norm",
+        "zero_terminal_snr": True}
+    page.find_element(By.CSS_SELECTOR, '#kept-list li[data-key="zero_terminal_snr"] button').click()
+    assert page.execute_script(KEPT_SHOWN) == shown[:-1]
+    assert "zero_terminal_snr" not in page.execute_script("return collectRequest()")
+    page.refresh()
+    wait(page, lambda d: len(d.execute_script("return [...document.getElementById('sampler').options]")) > 1, 30)
+    assert page.execute_script(KEPT_SHOWN) == [] and not page.find_element(By.ID, "kept").is_displayed()
+    assert page.execute_script("return keptRequest()") == {}

@@ -33,9 +33,11 @@ const NOT_IN_FORM = {
   tiled_vae: { name: "tiled_vae", none: null },
   batch_count: { name: "Batch count", none: 1 },
 };
-// Request fields the form has no control for and the native API takes, with the API's value when unset and the
-// controls whose change lets them go: a reused job's or a dropped PNG's other values are kept (`state.kept`) and
-// sent with the form's requests until one of those controls changes or other settings are restored. The drawing
+// Request fields the form has no control for and the native API takes, with their name (A1111's label), the API's
+// value when unset and the controls whose change lets them go: a reused job's or a dropped PNG's other values are
+// kept (`state.kept`), shown under "Override settings" (A1111's box of a pasted picture's settings without a
+// control) each with a button that removes it, and sent with the form's requests until removed, one of those
+// controls changes or other settings are restored; a reload forgets them with the rest of the form. The drawing
 // conventions go with the sampler and schedule (a ComfyUI-spelt sampler, "euler_ancestral", is recorded as
 // "Euler a" with ENSD 1, ComfyUI's initial noise, its img2img steps and its empty negative, encoded; the initial
 // noise follows the schedule too), A1111's schedule ends, rho, Beta schedule alpha / beta, SGM noise multiplier
@@ -45,51 +47,57 @@ const NOT_IN_FORM = {
 const WITH_SAMPLING = ["sampler", "schedule"];
 const WITH_SIZE = ["width", "height"];
 const KEPT = {
-  prompt_2: { none: "", with: ["prompt"] },                  // SDXL's second prompts go with the prompts
-  negative_prompt_2: { none: "", with: ["negative_prompt"] },
-  eta_noise_seed_delta: { none: null, with: WITH_SAMPLING },
-  init_noise: { none: null, with: WITH_SAMPLING },
-  img2img_convention: { none: "diffusers", with: WITH_SAMPLING },
-  zero_empty_negative: { none: null, with: WITH_SAMPLING },
-  schedule_sigma_min: { none: 0, with: WITH_SAMPLING },
-  schedule_sigma_max: { none: 0, with: WITH_SAMPLING },
-  schedule_rho: { none: 0, with: WITH_SAMPLING },
-  discard_penultimate_sigma: { none: false, with: WITH_SAMPLING },
-  beta_alpha: { none: 0.6, with: WITH_SAMPLING },
-  beta_beta: { none: 0.6, with: WITH_SAMPLING },
-  sgm_noise_multiplier: { none: false, with: WITH_SAMPLING },
-  eta: { none: null, with: ["sampler"] },
-  hr_eta: { none: null, with: ["sampler", "hr_sampler"] },  // a hires sampler's own eta (A1111's DDIM's)
-  s_churn: { none: 0, with: ["sampler"] },
-  s_tmin: { none: 0, with: ["sampler"] },
-  s_tmax: { none: null, with: ["sampler"] },
-  s_noise: { none: 1, with: ["sampler"] },
-  unipc_variant: { none: "bh1", with: ["sampler"] },        // A1111's UniPC options stay with its sampler
-  unipc_order: { none: 3, with: ["sampler"] },
-  unipc_lower_order_final: { none: true, with: ["sampler"] },
-  guidance_rescale: { none: 0, with: [] },                   // diffusers' CFG rescale stays
-  s_min_uncond: { none: 0, with: [] },                       // A1111's NGMS (all steps), Skip Early CFG and Pad
-  s_min_uncond_all: { none: false, with: [] },               // conds (v0) stay
-  skip_early_cond: { none: 0, with: [] },
-  pad_cond_uncond: { none: false, with: [] },
-  pad_cond_uncond_v0: { none: false, with: [] },
-  clip_skip_convention: { none: "diffusers", with: [] },
-  extra_noise: { none: 0, with: [] },
-  inpainting_mask_weight: { none: 1, with: [] },
-  mask_round: { none: true, with: [] },                      // A1111's mask_round (its API's jobs') stays too
-  control_convention: { none: "diffusers", with: [] },
-  emphasis: { none: "Original", with: [] },                 // A1111's Emphasis, Old prompt editing timelines,
-  old_prompt_editing: { none: false, with: [] },            // Downcast alphas_cumprod and Noise Schedule stay too
-  downcast_alphas_cumprod: { none: false, with: [] },
-  zero_terminal_snr: { none: false, with: [] },
-  original_size: { none: null, with: WITH_SIZE },
-  target_size: { none: null, with: WITH_SIZE },
-  crops_coords_top_left: { none: [0, 0], with: WITH_SIZE },
-  aesthetic_score: { none: 6, with: WITH_SIZE },
-  negative_original_size: { none: null, with: WITH_SIZE },
-  negative_target_size: { none: null, with: WITH_SIZE },
-  negative_crops_coords_top_left: { none: [0, 0], with: WITH_SIZE },
-  negative_aesthetic_score: { none: 2.5, with: WITH_SIZE },
+  // SDXL's second prompts go with the prompts
+  prompt_2: { name: "Prompt 2", none: "", with: ["prompt"] },
+  negative_prompt_2: { name: "Negative prompt 2", none: "", with: ["negative_prompt"] },
+  eta_noise_seed_delta: { name: "ENSD", none: null, with: WITH_SAMPLING },
+  init_noise: { name: "Initial noise", none: null, with: WITH_SAMPLING },
+  img2img_convention: { name: "Img2img steps", none: "diffusers", with: WITH_SAMPLING },
+  zero_empty_negative: { name: "Empty negative", none: null, with: WITH_SAMPLING },
+  schedule_sigma_min: { name: "Schedule min sigma", none: 0, with: WITH_SAMPLING },
+  schedule_sigma_max: { name: "Schedule max sigma", none: 0, with: WITH_SAMPLING },
+  schedule_rho: { name: "Schedule rho", none: 0, with: WITH_SAMPLING },
+  discard_penultimate_sigma: { name: "Discard penultimate sigma", none: false, with: WITH_SAMPLING },
+  beta_alpha: { name: "Beta schedule alpha", none: 0.6, with: WITH_SAMPLING },
+  beta_beta: { name: "Beta schedule beta", none: 0.6, with: WITH_SAMPLING },
+  sgm_noise_multiplier: { name: "SGM noise multiplier", none: false, with: WITH_SAMPLING },
+  eta: { name: "Eta", none: null, with: ["sampler"] },
+  // a hires sampler's own eta (A1111's DDIM's)
+  hr_eta: { name: "Hires eta", none: null, with: ["sampler", "hr_sampler"] },
+  s_churn: { name: "Sigma churn", none: 0, with: ["sampler"] },
+  s_tmin: { name: "Sigma tmin", none: 0, with: ["sampler"] },
+  s_tmax: { name: "Sigma tmax", none: null, with: ["sampler"] },
+  s_noise: { name: "Sigma noise", none: 1, with: ["sampler"] },
+  // A1111's UniPC options stay with its sampler
+  unipc_variant: { name: "UniPC variant", none: "bh1", with: ["sampler"] },
+  unipc_order: { name: "UniPC order", none: 3, with: ["sampler"] },
+  unipc_lower_order_final: { name: "UniPC lower order final", none: true, with: ["sampler"] },
+  // diffusers' CFG rescale, A1111's NGMS (all steps), Skip Early CFG and Pad conds (v0) stay
+  guidance_rescale: { name: "CFG rescale", none: 0, with: [] },
+  s_min_uncond: { name: "NGMS", none: 0, with: [] },
+  s_min_uncond_all: { name: "NGMS all steps", none: false, with: [] },
+  skip_early_cond: { name: "Skip Early CFG", none: 0, with: [] },
+  pad_cond_uncond: { name: "Pad conds", none: false, with: [] },
+  pad_cond_uncond_v0: { name: "Pad conds v0", none: false, with: [] },
+  clip_skip_convention: { name: "Clip skip rule", none: "diffusers", with: [] },
+  extra_noise: { name: "Extra noise", none: 0, with: [] },
+  inpainting_mask_weight: { name: "Conditional mask weight", none: 1, with: [] },
+  // A1111's mask_round (its API's jobs'), Emphasis, Old prompt editing timelines, Downcast alphas_cumprod and Noise
+  // Schedule stay too
+  mask_round: { name: "Mask round", none: true, with: [] },
+  control_convention: { name: "Control steps", none: "diffusers", with: [] },
+  emphasis: { name: "Emphasis", none: "Original", with: [] },
+  old_prompt_editing: { name: "Old prompt editing timelines", none: false, with: [] },
+  downcast_alphas_cumprod: { name: "Downcast alphas_cumprod", none: false, with: [] },
+  zero_terminal_snr: { name: "Noise Schedule", none: false, with: [] },
+  original_size: { name: "SDXL original size", none: null, with: WITH_SIZE },
+  target_size: { name: "SDXL target size", none: null, with: WITH_SIZE },
+  crops_coords_top_left: { name: "SDXL crop", none: [0, 0], with: WITH_SIZE },
+  aesthetic_score: { name: "SDXL aesthetic score", none: 6, with: WITH_SIZE },
+  negative_original_size: { name: "SDXL negative original size", none: null, with: WITH_SIZE },
+  negative_target_size: { name: "SDXL negative target size", none: null, with: WITH_SIZE },
+  negative_crops_coords_top_left: { name: "SDXL negative crop", none: [0, 0], with: WITH_SIZE },
+  negative_aesthetic_score: { name: "SDXL negative aesthetic score", none: 2.5, with: WITH_SIZE },
 };
 // Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule, `KEPT`), follow from what
 // it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the PNG's
@@ -110,8 +118,8 @@ const state = {
   shownJob: null,         // id of the job the progress bar and viewer show
   lastSeed: null,         // the seed of the newest finished job this tab queued (or whose settings it reused)
   refinerConvention: "diffusers",   // the refiner's handoff rule: the native API's default, or the reused job's
-  kept: {},               // the reused job's or dropped PNG's `KEPT` that are not the API's, until a control they go
-                          // with changes
+  kept: {},               // the reused job's or dropped PNG's `KEPT` that are not the API's, until removed or a
+                          // control they go with changes
   clock: null,            // {id, i, t}: the first step seen of the followed job, for the time left
   jobsSignature: "",
 };
@@ -617,15 +625,33 @@ function keptRequest() {
 }
 
 // Keep the settings' `KEPT` fields that are not the API's (`state.kept`)
-function keepHidden(settings) {
+function keepSettings(settings) {
   state.kept = Object.fromEntries(Object.entries(KEPT)
     .filter(([key, { none }]) => settings[key] != null && !sameValue(settings[key], none))
     .map(([key]) => [key, settings[key]]));
+  renderKept();
 }
 
 // Let the kept settings that go with the control `id` go (it changed)
 function dropKept(id) {
   for (const key of Object.keys(state.kept)) if (KEPT[key].with.includes(id)) delete state.kept[key];
+  renderKept();
+}
+
+// The kept settings, each a chip "Name: value" with a button that removes it; the line hides when there are none
+function renderKept() {
+  const list = $("kept-list");
+  list.replaceChildren();
+  for (const [key, value] of Object.entries(state.kept)) {
+    const item = document.createElement("li");
+    item.dataset.key = key;
+    const label = `${KEPT[key].name}: ${typeof value === "object" ? JSON.stringify(value) : value}`;
+    const name = document.createElement("span");
+    name.textContent = label;
+    item.append(name, makeButton("\u00d7", "remove-kept", () => { delete state.kept[key]; renderKept(); }, `Remove ${label}`));
+    list.append(item);
+  }
+  $("kept").hidden = !list.children.length;
 }
 
 function setField(id, value) {
@@ -660,7 +686,7 @@ function fillForm(settings) {
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
   fillRefiner(settings, unknown);
-  keepHidden(settings);
+  keepSettings(settings);
   if (settings.sampler !== undefined && !selectMatching($("sampler"), settings.sampler ?? "")) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
   if (settings.model && !selectMatching($("model"), settings.model)) unknown.push(`model "${settings.model}"`);
