@@ -470,3 +470,41 @@ def test_an_empty_or_mistyped_lora_weight_is_an_error_not_weight_0(page, base_ur
     page.find_element(By.ID, "generate").click()
     wait(page, lambda d: text(d, "error"), 10, "no error")
     assert text(page, "error").startswith("Weight of wobble:") and _jobs(base_url) == before
+
+
+def test_mask_blur_starts_at_4_and_a_picture_without_one_sets_0(page):
+    """A1111's inpaint tab starts Mask blur at 4 and writes it only above 0: a dropped img2img / inpaint picture
+    without the label was drawn with none, one with it at its value; a txt2img picture leaves the box as it is."""
+    assert value(page, "mask_blur") == "4"
+    for settings, blur in (("Denoising strength: 0.5, Mask blur: 3", "3"), ("Denoising strength: 0.5", "0"), ("", "0")):
+        drop_file(page, png_with_parameters(f"a cat\nSteps: 2, Sampler: Euler, Seed: 1, Size: 64x64, {settings}"),
+                  "drawn.png")
+        wait(page, lambda d: text(d, "notice").startswith("Settings read from"), 20, "the PNG was not read")
+        assert value(page, "mask_blur") == blur, settings
+        page.execute_script("showNotice('')")
+
+
+def test_a_mask_file_is_the_mask_the_form_sends(page, base_url, tmp_path):
+    """A1111's Inpaint upload: a black and white picture loaded as the mask, its grey levels as they are; the
+    job drawn with it is the job of the same mask sent to the API."""
+    page.find_element(By.ID, "tab-inpaint").click()
+    drop_file(page, png_bytes(), "init.png", "init-drop")
+    wait(page, lambda d: d.find_element(By.ID, "mask-canvas").is_displayed(), 10, "the image was not taken")
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (8, 16, 40, 48))
+    mask.paste(128, (40, 16, 56, 48))
+    mask.save(tmp_path / "mask.png")
+    page.find_element(By.ID, "mask-file").send_keys(str(tmp_path / "mask.png"))
+    data_url = wait(page, lambda d: d.execute_script("return state.maskPainted && maskDataUrl()"), 10, "no mask")
+    loaded = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("L")
+    assert np.array_equal(np.asarray(loaded), np.asarray(mask))
+    set_value(page, "steps", 2)
+    set_value(page, "seed", 3)
+    set_value(page, "prompt", "a masked one")
+    job = generated(page, base_url, "a masked one")
+    assert job["status"] == "done", job
+    body = {key: job["request"][key] for key in ("prompt", "seed", "steps", "mask_blur", "sampler", "strength")}
+    direct = wait_job(base_url, http_json(base_url, "/api/jobs", {
+        **body, "mode": "inpaint", "init_image": base64.b64encode(png_bytes()).decode(),
+        "mask_image": base64.b64encode((tmp_path / "mask.png").read_bytes()).decode()})["id"])
+    assert np.array_equal(_pixels_of(base_url, job), _pixels_of(base_url, direct))

@@ -384,6 +384,27 @@ function clearMask() {
   state.maskPainted = false;
 }
 
+// A mask file (A1111's Inpaint upload): a black and white picture at the image's size (scaled to it), white is
+// repainted; its grey levels (luma, as the server's convert("L") reads them) become the painted layer's coverage
+async function loadMask(dataUrl) {
+  if (!state.initImage) throw new ApiError("choose the initial image first, then its mask");
+  const image = await loadImage(dataUrl);
+  const canvas = $("mask-canvas");
+  const ctx = canvas.getContext("2d");
+  ctx.fillStyle = "#000";                   // a transparent part of the file is not masked
+  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+  const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+  const rgba = pixels.data;
+  const [r, g, b] = [1, 3, 5].map((i) => parseInt(MASK_COLOUR.slice(i, i + 2), 16));
+  for (let i = 0; i < rgba.length; i += 4) {
+    rgba[i + 3] = (rgba[i] * 19595 + rgba[i + 1] * 38470 + rgba[i + 2] * 7471 + 0x8000) >> 16;   // PIL's luma
+    [rgba[i], rgba[i + 1], rgba[i + 2]] = [r, g, b];
+  }
+  ctx.putImageData(pixels, 0, 0);
+  state.maskPainted = true;
+}
+
 function setupMaskPainting() {
   const canvas = $("mask-canvas");
   let last = null;
@@ -701,7 +722,10 @@ function fillImageOptions(settings, unknown) {
   for (const [id, wanted] of Object.entries(lists)) {
     if (wanted != null && !selectMatching($(id), wanted)) unknown.push(`${$(id).labels[0].textContent} "${wanted}"`);
   }
-  setField("mask_blur", orDefault("mask_blur", settings.mask_blur));
+  // a picture's Mask blur, or 0 for an img2img / inpaint picture without one (A1111 writes it only above 0: it drew
+  // with none); a txt2img job (its request's 0 unused) or picture without one leaves the box as it is
+  const fromImage = settings.strength != null && !usesHires(settings);
+  if (settings.mode !== "txt2img") setField("mask_blur", settings.mask_blur ?? (fromImage ? 0 : undefined));
   setField("inpaint_padding", orDefault("inpaint_padding", settings.inpaint_padding));
 }
 
@@ -1198,6 +1222,12 @@ function setup() {
   $("subseed-random").addEventListener("click", () => { $("subseed").value = -1; });
   $("brush-size").addEventListener("input", () => { $("brush-size-value").textContent = $("brush-size").value; });
   $("mask-clear").addEventListener("click", clearMask);
+  $("mask-file").addEventListener("change", async () => {
+    const file = $("mask-file").files[0];
+    showError("");
+    try { if (file) await loadMask(await readFile(file)); } catch (err) { showError(err.message); }
+    $("mask-file").value = "";
+  });
   $("init-image").addEventListener("change", async () => {
     const file = $("init-image").files[0];
     if (!file) return;
