@@ -466,3 +466,29 @@ def test_a1111_units_without_an_image_take_img2imgs_resize_mode(tmp_path):
             taken, kept = a1111_controls({"controlnet": {"args": units}}, folder, Limits(), init, img2img_mode)
             assert taken.image is init and taken.resize_mode == _extensions_resize_mode_from_value(img2img_mode)
             assert kept.resize_mode == _units(tmp_path, resize_mode=unit_mode)[0].resize_mode
+
+
+def test_native_controls_take_thresholds_and_a_mask(setup, tmp_path):
+    """A native `controls` entry's threshold_a / threshold_b and an inpaint entry's mask draw what `sdlab
+    txt2img --control-threshold-a / -b --control-mask` draws; the job records the thresholds."""
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 0).save(mask)
+    ImageDraw.Draw(image := Image.open(mask)).rectangle((8, 8, 40, 30), fill=255)
+    image.save(mask)
+    settings = (("canny", "--control-threshold-a", 20, "--control-threshold-b", 60, None),
+                ("inpaint", "--control-mask", str(mask), None, None, mask))
+    with httpx.Client(base_url=setup["server"].url, timeout=300) as client:
+        for module, flag_a, value_a, flag_b, value_b, entry_mask in settings:
+            flags = [flag_a, str(value_a)] + ([flag_b, str(value_b)] if flag_b else [])
+            cli = _cli(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64",
+                       "--cfg", "5", "--sampler", "Euler", "--control", f"{setup['net']}:{setup['hint']}:0.8",
+                       "--control-module", module, *flags)
+            control = {"model": "tiny_canny", "image": _b64(setup["hint"]), "strength": 0.8, "module": module}
+            control.update({"threshold_a": value_a, "threshold_b": value_b} if entry_mask is None
+                           else {"mask": _b64(entry_mask)})
+            job = _finished_job(client, {**GEN, "sampler": "Euler", "controls": [control]})
+            assert job["status"] == "done", job
+            _same(_picture(client.get(job["images"][0]).content), cli)
+            if entry_mask is None:
+                recorded = job["request"]["controls"][0]
+                assert (recorded["threshold_a"], recorded["threshold_b"]) == (value_a, value_b)

@@ -60,6 +60,9 @@ class ControlIn(BaseModel):
     module: str = "none"                    # a preprocessor: none, canny, scribble, threshold, invert, tile
     control_mode: str = "balanced"          # sdlab's names of A1111's control modes: balanced, prompt, control
     resize_mode: str | None = None          # resize (the default), crop, fill: A1111's resize modes
+    threshold_a: float | None = None        # the preprocessor's A1111 Threshold A / B (canny's low / high, ...);
+    threshold_b: float | None = None        # None: its default
+    mask: str | None = None                 # an inpaint / inpaint_only entry's own mask (base64, white = masked)
 
 
 class JobIn(NullsAreDefaults):
