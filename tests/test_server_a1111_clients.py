@@ -97,6 +97,29 @@ def test_an_infotexts_eta_sets_a1111s_eta_ancestral_option(client):
     assert client.get("/options").json()["eta_ancestral"] == 1.0
 
 
+@pytest.mark.parametrize("tab", ["txt2img", "img2img"])
+def test_an_infotexts_refiner_is_read_as_a1111s_refiner_script(client, tab):
+    """A1111 1.10's Refiner script (processing_scripts/refiner.py), whose fields `apply_infotext` reads in txt2img
+    and img2img: `PasteField(refiner_checkpoint, lambda d: lookup_checkpoint(d.get('Refiner')),
+    api="refiner_checkpoint")`, `PasteField(refiner_switch_at, 'Refiner switch at', api="refiner_switch_at")`, where
+    `lookup_checkpoint` is `get_closet_checkpoint_match(title).title` (an alias, else the shortest title holding the
+    text, else holding it without its checksum; None: the field stays unset). Before, both were dropped."""
+    model = client.get("/sd-models").json()[0]
+    fields = {"prompt": "a dog", "width": 64, "height": 64}
+    if tab == "img2img":
+        fields["init_images"] = [png_b64(Image.new("RGB", (64, 64), (90, 20, 200)))]
+    text = "a dog\nSteps: 3, Sampler: Euler, Seed: 9, Size: 64x64, RNG: CPU, Refiner: {}, Refiner switch at: 0.5"
+    for written in (f"{model['model_name']} [{model['hash']}]", f"{model['model_name']} [0123456789]"):
+        filled, info = post(client, f"/{tab}", infotext=text.format(written), **fields)
+        assert (filled["parameters"]["refiner_checkpoint"], filled["parameters"]["refiner_switch_at"]) == (
+            model["title"], 0.5)
+    asked, _ = post(client, f"/{tab}", steps=3, sampler_name="Euler", seed=9, refiner_checkpoint=model["title"],
+                    refiner_switch_at=0.5, **fields)
+    assert np.array_equal(picture(filled), picture(asked)) and info["infotexts"] == json.loads(asked["info"])["infotexts"]
+    unknown, _ = post(client, f"/{tab}", infotext=text.format("juggernautXL_v9 [0123456789]"), **fields)
+    assert unknown["parameters"]["refiner_checkpoint"] is None
+
+
 def test_an_infotext_value_of_the_wrong_type_is_a_422(client):
     answer = client.post("/txt2img", json={"infotext": "a dog\nSteps: many, Sampler: Euler, Seed: 9"})
     assert answer.status_code == 422 and "steps" in answer.json()["detail"]

@@ -700,12 +700,14 @@ def _label(label: str) -> Callable[[dict[str, Any]], Any]:
     return lambda params: params.get(label)
 
 
-_SCRIPT_PASTE_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {   # A1111 1.10's Sampler and Seed scripts'
+_SCRIPT_PASTE_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {   # A1111 1.10's Sampler, Seed, Refiner scripts'
     "steps": _label("Steps"), "sampler_name": lambda p: _infotext_sampler(p)[0],
     "scheduler": lambda p: _infotext_sampler(p)[1], "seed": _label("Seed"), "subseed": _label("Variation seed"),
     "subseed_strength": _label("Variation seed strength"),
     "seed_resize_from_h": _label("Seed resize from-1"),         # crossed, as A1111's Seed script pairs them
     "seed_resize_from_w": _label("Seed resize from-2"),
+    "refiner_checkpoint": _label("Refiner"),        # the model it names, A1111's `lookup_checkpoint` (`_with_infotext`)
+    "refiner_switch_at": _label("Refiner switch at"),
 }
 INFOTEXT_FIELDS: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
     "txt2img": {
@@ -762,10 +764,11 @@ def _infotext_overrides(params: dict[str, Any], options: dict[str, Any]) -> dict
     return {option: value for option, value in found.items() if value != current[option]}
 
 
-def _with_infotext(body: Txt2ImgIn, options: dict[str, Any], tab: str) -> Txt2ImgIn:
+def _with_infotext(body: Txt2ImgIn, service: Service, tab: str) -> Txt2ImgIn:
     """`body` with A1111 1.10's `apply_infotext`: the fields of `INFOTEXT_FIELDS[tab]` the client left unset,
     and the override settings it did not send, read from its `infotext` (parsed as `/png-info` parses,
-    `a1111_parameters`); a value that is not of its field's type is a 422."""
+    `a1111_parameters`); the Refiner's model is the server's model it names (`_closest_checkpoint`, left unset where
+    none is); a value that is not of its field's type is a 422."""
     if not body.infotext:
         return body
     params = a1111_parameters(body.infotext)
@@ -773,7 +776,9 @@ def _with_infotext(body: Txt2ImgIn, options: dict[str, Any], tab: str) -> Txt2Im
     try:
         fields = {api: value for api, read in INFOTEXT_FIELDS[tab].items()
                   if api not in sent and (value := read(params)) is not None}
-        overrides = {**_infotext_overrides(params, options), **body.override_settings}
+        if (refiner := _closest_checkpoint(service, fields.pop("refiner_checkpoint", None))) is not None:
+            fields["refiner_checkpoint"] = refiner.title
+        overrides = {**_infotext_overrides(params, service.options), **body.override_settings}
     except (TypeError, ValueError) as err:
         raise BadRequest(f"infotext: {err}", 422) from None
     data = {**body.model_dump(include=body.model_fields_set), **fields, "override_settings": overrides}
@@ -783,6 +788,24 @@ def _with_infotext(body: Txt2ImgIn, options: dict[str, Any], tab: str) -> Txt2Im
         raise BadRequest(f"infotext: {err.errors()[0]['loc'][0]} {err.errors()[0]['msg']}", 422) from None
     filled._sent_nulls = body._sent_nulls
     return filled
+
+
+_CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")
+"""A model title's ` [hash]` (A1111's `re_strip_checksum`)."""
+
+
+def _closest_checkpoint(service: Service, text: object) -> Checkpoint | None:
+    """A1111's `get_closet_checkpoint_match`: the model `text` names (`Registry.find`), else the one with the
+    shortest title holding `text`, else holding it without its ` [hash]`; None where none does, or for no text."""
+    if not text:
+        return None
+    name = str(text)
+    found = service.registry.find(name)
+    for wanted in (name, _CHECKSUM.sub("", name)):
+        if found is None:
+            found = min((c for c in service.registry.checkpoints if wanted in c.title), key=lambda c: len(c.title),
+                        default=None)
+    return found
 
 
 def _check_script(body: Txt2ImgIn) -> None:
@@ -796,7 +819,7 @@ def _check_script(body: Txt2ImgIn) -> None:
 async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
     _check_script(body)
-    body = _with_infotext(body, service.options, "txt2img")
+    body = _with_infotext(body, service, "txt2img")
     controls = await asyncio.to_thread(_controls, service, body)
     return await _generate(service, body, "txt2img", _request(body, controls, options=service.options))
 
@@ -809,7 +832,7 @@ def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None
 async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
     _check_script(body)
-    body = _with_infotext(body, service.options, "img2img")
+    body = _with_infotext(body, service, "img2img")
     if not body.init_images:
         raise BadRequest("img2img needs init_images (a list of base64 images, one per picture or one for all)", 422)
     limits = service.config.limits
