@@ -167,6 +167,25 @@ def test_extra_generation_params_hold_every_a1111_extra_label_of_the_infotext(cl
         "Version"}
 
 
+def test_extra_generation_params_are_a1111s_python_values(client):
+    """A1111's `Sampler.initialize` and `process_images` set `extra_generation_params` to the values they draw with
+    (`p.extra_generation_params['Sigma churn'] = s_churn`, `['NGMS'] = s_min_uncond`, `['Discard penultimate
+    sigma'] = True`, `['Hires prompt'] = self.hr_prompt`, ...), which `Processed.js()` answers as they are: numbers
+    and booleans as JSON numbers and booleans, prompts and names as text. Before, the labels the parameters reader
+    does not type were text ('0.5', '2', 'True')."""
+    _, info = post(client, "/txt2img", prompt="a dog", seed=9, sampler_name="Euler", enable_hr=True, hr_scale=1.5,
+                   hr_upscaler="Latent", denoising_strength=0.5, hr_prompt="7", **BASE,
+                   override_settings={"s_churn": 0.5, "s_noise": 0.9, "s_min_uncond": 2.0,
+                                      "always_discard_next_to_last_sigma": True})
+    extra = info["extra_generation_params"]
+    assert {label: extra[label] for label in ("Sigma churn", "Sigma noise", "NGMS", "Discard penultimate sigma",
+                                              "Hires prompt", "Hires upscaler")} == {
+        "Sigma churn": 0.5, "Sigma noise": 0.9, "NGMS": 2.0, "Discard penultimate sigma": True, "Hires prompt": "7",
+        "Hires upscaler": "Latent"}
+    assert all(isinstance(extra[label], float | int) for label in ("Sigma churn", "Sigma noise", "NGMS"))
+    assert extra["Discard penultimate sigma"] is True and extra["Hires prompt"] == "7"
+
+
 # ---------------------------------------------------------------- the ControlNet extension's routes
 
 

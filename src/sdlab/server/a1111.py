@@ -590,12 +590,33 @@ SDLAB_LABELS = frozenset({
 """The labels sdlab writes of settings A1111 has no label for (its own conventions, SDXL's conditioning)."""
 
 
+A1111_TEXT_LABELS = frozenset({"Schedule type", "Hires upscaler", "Hires checkpoint", "Hires sampler",
+                               "Hires schedule type", "Hires prompt", "Hires negative prompt", "Refiner"})
+"""The extra labels whose A1111 value is free text (a prompt, a name), which may read as a number."""
+_INT = re.compile(r"[-+]?\d+")
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _written_extra_parameters(job: Job) -> dict[str, Any]:
     """A1111's `extra_generation_params` as the job's first picture records them: every label of its text but
     A1111's own fields and sdlab's labels (`Lora hashes`, `ControlNet 0`, `Eta DDIM`, ...: what A1111's
-    processing, samplers and extensions add to them)."""
+    processing, samplers and extensions add to them), each value typed as A1111's (`_a1111_value`)."""
     written = parse_parameters(job.infotexts[0]) if job.infotexts else {}
-    return {label: value for label, value in written.items() if label not in A1111_FIXED_LABELS | SDLAB_LABELS}
+    return {label: _a1111_value(label, value) for label, value in written.items()
+            if label not in A1111_FIXED_LABELS | SDLAB_LABELS}
+
+
+def _a1111_value(label: str, text: Any) -> Any:
+    """A label's value as A1111's processing sets it in `extra_generation_params` (the Python value, which its
+    text writes with `str`): a text that reads as an integer, a decimal number or True / False is that number or
+    bool (`Sigma churn` 0.5, `NGMS` 2, `Pad conds` true), but for the labels of free text (`A1111_TEXT_LABELS`)."""
+    if not isinstance(text, str) or label in A1111_TEXT_LABELS:
+        return text
+    if text in ("True", "False"):
+        return text == "True"
+    if _INT.fullmatch(text):
+        return int(text)
+    return float(text) if _FLOAT.fullmatch(text) else text
 
 
 def _refiner_parameters(service: Service, job: Job) -> dict[str, Any]:
