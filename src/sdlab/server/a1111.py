@@ -39,7 +39,6 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, ValidatorF
 
 from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.io import read_checkpoint
 from sdlab.checkpoints.upscaler import read_upscaler
 from sdlab.diffusion.samplers import SAMPLER_TABLE, SAMPLERS, a1111_schedule, comfyui_spelling, get_sampler
 from sdlab.diffusion.schedule_names import a1111_label
@@ -1051,16 +1050,14 @@ def _set_options(service: Service, body: dict[str, Any], selected: Checkpoint | 
 
 
 def _check_readable(checkpoint: Checkpoint) -> None:
-    """A `.safetensors` file whose header cannot be read is refused here, as A1111 refuses a model it cannot
-    load in `POST options` (A1111 loads it there; sdlab only reads the header, which is instant; a file
-    that fails later, in the worker, fails its job with a 400)."""
-    path = checkpoint.path
-    if path.is_dir() or path.suffix.lower() != ".safetensors":
-        return
+    """A model sdlab cannot draw with (`Checkpoint.check_loadable`: unreadable, a LoRA or a VAE, a Flux model,
+    ...) is refused here, as A1111 refuses a model it cannot load in `POST options` (A1111 loads it there;
+    sdlab plans it from its names and shapes, reading no weight; a file that fails later, in the worker,
+    fails its job with a 400)."""
     try:
-        read_checkpoint(path)
+        checkpoint.check_loadable()
     except CheckpointError as err:
-        reason = str(err).replace(str(path), checkpoint.title).removeprefix(f"{checkpoint.title}: ")
+        reason = str(err).removeprefix(f"{checkpoint.title}: ")
         raise BadRequest(f"the model {checkpoint.title!r} cannot be loaded: {reason}", 400,
                          "Model cannot be loaded") from None
 

@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.sidecar import is_sidecar_vae
 from sdlab.pipeline.png_info import file_sha256, model_name, readable_lora_hash, safetensors_metadata
 from sdlab.pipeline.prompt_loras import default_lora_dirs
@@ -65,6 +66,18 @@ class Checkpoint:
     def as_a1111(self) -> dict:
         return {"title": self.title, "model_name": self.model_name, "hash": self.hash, "sha256": self.sha256,
                 "filename": str(self.path), "config": None}
+
+    def check_loadable(self) -> None:
+        """Raise the one-line `CheckpointError` of a file or folder sdlab cannot draw with (unreadable, a LoRA or
+        a VAE, a Flux model, ...), named by its title, not its path: what planning it finds from its names,
+        shapes, metadata and configs (`plan_checkpoint`, which reads no weight), as A1111 loads a model chosen
+        in `POST options` and refuses one it cannot load."""
+        from sdlab.checkpoints.load import plan_checkpoint
+
+        try:
+            plan_checkpoint(self.path)
+        except CheckpointError as err:
+            raise CheckpointError(str(err).replace(str(self.path), self.title)) from None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,60 @@
+"""`POST /sdapi/v1/options` with an `sd_model_checkpoint` sdlab cannot draw with (a LoRA or a VAE in the models
+folder, a Flux or SD3 file): refused with the clean one-line reason, the model in use kept, as A1111 refuses a
+model it fails to load there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bundle_fixtures import tiny_bundle, write_original
+from server_fixtures import start_server
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.server.registry import ModelRegistry
+
+
+def _models(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    write_original(tiny_bundle("sd1"), folder / "tiny.safetensors", junk=False)
+    save_file({"model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(8),
+               "model.diffusion_model.img_in.weight": torch.zeros(8, 64)}, str(folder / "flux-aio.safetensors"))
+    lora = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    save_file({f"{lora}.lora_down.weight": torch.zeros(4, 320), f"{lora}.lora_up.weight": torch.zeros(320, 4),
+               f"{lora}.alpha": torch.tensor(4.0)}, str(folder / "style.safetensors"))
+    save_file({k: v.contiguous() for k, v in tiny_bundle("sd1").vae.state_dict().items()},
+              str(folder / "anime-vae.safetensors"))
+    return folder
+
+
+REFUSED = {"flux-aio.safetensors": "this is a Flux model", "style.safetensors": "this is a LoRA, not a whole model",
+           "anime-vae.safetensors": "this is a VAE, not a whole model"}
+
+
+def test_a_listed_file_that_is_not_a_drawable_model_says_so_by_its_title(tmp_path):
+    registry = ModelRegistry(_models(tmp_path / "models") / "tiny.safetensors", tmp_path / "models")
+    registry.default.check_loadable()
+    for name, says in REFUSED.items():
+        checkpoint = registry.find(name)
+        with pytest.raises(CheckpointError) as err:
+            checkpoint.check_loadable()
+        assert str(err.value).startswith(f"{checkpoint.title}: {says}") and str(tmp_path) not in str(err.value)
+
+
+def test_options_refuse_a_model_sdlab_cannot_draw_with_and_keep_the_one_in_use(tmp_path):
+    """Before: 200 null, GET options then showed the file, and every later job failed with a 400."""
+    models = _models(tmp_path / "models")
+    server = start_server(tmp_path / "outputs", "--models-dir", str(models), "--model", str(models / "tiny.safetensors"))
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            before = client.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
+            for name, says in REFUSED.items():
+                refused = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": name})
+                assert refused.status_code == 400, refused.text
+                assert says in refused.json()["errors"] and str(models) not in refused.text
+                assert client.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == before
+    finally:
+        server.stop()
