@@ -111,3 +111,15 @@ def test_clip_skip_sdxl_needs_a1111s_rule(sdxl3):
     with pytest.raises(RequestError, match="sdxl_clip_l_skip"):
         ours.resolve(replace(_request(2), clip_skip_convention="diffusers"))
 
+
+def test_a1111_api_takes_the_option():
+    """`sdxl_clip_l_skip` from the options or a request's override_settings reaches the request; not a bool: a 422."""
+    from sdlab.server.a1111 import Txt2ImgIn, _request
+    from sdlab.server.inputs import BadRequest
+
+    assert _request(Txt2ImgIn(prompt="x")).sdxl_clip_l_skip is False
+    assert _request(Txt2ImgIn(prompt="x"), options={"sdxl_clip_l_skip": True}).sdxl_clip_l_skip is True
+    body = Txt2ImgIn(prompt="x", override_settings={"sdxl_clip_l_skip": True, "CLIP_stop_at_last_layers": 2})
+    assert (_request(body).sdxl_clip_l_skip, _request(body).clip_skip) == (True, 2)
+    with pytest.raises(BadRequest, match="sdxl_clip_l_skip"):
+        _request(Txt2ImgIn(prompt="x", override_settings={"sdxl_clip_l_skip": "yes"}))

@@ -79,6 +79,7 @@ DEFAULT_SAMPLER = "Euler"       # A1111's `sampler_index` default
 A1111_FIRST_SAMPLER = "DPM++ 2M"    # A1111 1.10's `samplers[0]`: an infotext's sampler where it names none
 OPTION_DEFAULTS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "tiling": False,   # applied to every later generation
+    "sdxl_clip_l_skip": False,                          # Clip skip SDXL: clip skip moves SDXL's CLIP-L (`_request`)
     "samples_format": "png", "jpeg_quality": 80,        # the base64 pictures' format (`_base64_picture`)
     "img2img_fix_steps": False, "initial_noise_multiplier": 1.0,     # img2img's step rule and noise (`_request`)
     "randn_source": "CPU",              # the noise's random source (`_request`); A1111's default is "GPU"
@@ -306,6 +307,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111", **_prompt_settings(settings),
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=_eta(body, settings, sampler),
+        sdxl_clip_l_skip=settings["sdxl_clip_l_skip"],
         **_sigma_options(body, settings, sampler), **_schedule_settings(settings), **_noise_settings(settings),
         controls=controls,
         **_ensd(settings), rng=settings["randn_source"],
@@ -935,7 +937,7 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     for key, choices in (("emphasis", EMPHASIS_MODES), ("sd_noise_schedule", tuple(A1111_NOISE_SCHEDULES))):
         if key in body and body[key] not in choices:
             raise BadRequest(f"{where}{key} must be one of {', '.join(map(repr, choices))}, got {body[key]!r}", 422)
-    for key in ("use_old_scheduling", "use_downcasted_alpha_bar"):
+    for key in ("use_old_scheduling", "use_downcasted_alpha_bar", "sdxl_clip_l_skip"):
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
     for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0), ("sdxl_crop_top", 0),
@@ -1022,7 +1024,7 @@ def get_options(request: Request) -> dict[str, Any]:
 @router.post("/options")
 def set_options(body: dict[str, Any], request: Request) -> None:
     """`sd_model_checkpoint` switches the model new jobs use (loaded by the worker before its next job);
-    `CLIP_stop_at_last_layers`, `eta_noise_seed_delta`, `randn_source`, `tiling` and the SDXL crop and refiner
+    `CLIP_stop_at_last_layers`, `sdxl_clip_l_skip`, `eta_noise_seed_delta`, `randn_source`, `tiling` and the SDXL crop and refiner
     scores (`_sdxl_options`) apply to later generations (under a request's `override_settings` and, for `tiling`,
     its own field), `img2img_fix_steps` and
     `initial_noise_multiplier` to later img2img requests (`_request`), `samples_format` and `jpeg_quality` to
