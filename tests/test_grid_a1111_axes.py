@@ -200,3 +200,25 @@ def test_unipc_order_is_at_most_the_steps_less_one_as_a1111() -> None:
     axis = parse_axis("UniPC Order=3,5")
     assert axis.labels == ("UniPC Order: 3", "UniPC Order: 5")                  # the value as typed
     assert [axis.apply({"prompt": "a", "steps": 4}, i)["unipc_order"] for i in range(2)] == [3, 3]
+    assert [axis.apply({"prompt": "a", "steps": steps}, 0)["unipc_order"] for steps in (1, 2)] == [1, 1]  # not 0
+
+
+def test_a_unipc_order_axis_that_no_cell_runs_is_refused() -> None:
+    """The order acts on A1111's UniPC (UniPC on ddim_uniform) only; "UniPC" on another schedule is diffusers'
+    UniPCMultistepScheduler, which has none: every cell would be the same picture."""
+    from sdlab.pipeline.request import GenerationResult
+
+    drawn = []
+
+    def run(request):
+        drawn.append(request)
+        return GenerationResult([Image.new("RGB", (8, 8))], [request.seed], request)
+
+    order = parse_axis("UniPC Order=1,3")
+    for shared in ({"sampler": "UniPC"}, {"sampler": "UniPC", "schedule": "karras"}, {"schedule": "ddim_uniform"}):
+        with pytest.raises(GridError, match="acts on A1111's UniPC only"):
+            draw_plot(run, {**BASE, **shared}, Plot(order))
+    assert drawn == []
+    draw_plot(run, {**BASE, "schedule": "ddim_uniform"}, Plot(order, parse_axis("Sampler=Euler,UniPC")))
+    draw_plot(run, {**BASE, **HIRES, "hr_sampler": "UniPC", "hr_schedule": "ddim_uniform"}, Plot(order))
+    assert len(drawn) == 6

@@ -157,6 +157,24 @@ def test_a_prompt_axis_that_misses_in_one_cell_fails_before_any_work(tmp_path: P
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_unipc_order_axis_acts_on_a1111s_unipc_under_the_models_steps(tmp_path: Path, capsys) -> None:
+    """A UniPC Order axis with a UniPC that is not A1111's (not on ddim_uniform) is refused before the model loads;
+    on A1111's, the order is held under the steps the cells draw, the model's 14 here (A1111's min(x, steps - 1)
+    against its steps), so 30 draws as order 13."""
+    code, _, err = run(["grid", PROMPT, "--sampler", "UniPC", "--x", "UniPC Order=1,3", "--model",
+                        str(tmp_path / "not-loaded.safetensors"), "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "acts on A1111's UniPC only" in err, err
+    assert list(tmp_path.iterdir()) == []
+    cells = tmp_path / "c"
+    code, _, err = run(["grid", PROMPT, "--sampler", "UniPC", "--schedule", "ddim_uniform", "--x", "UniPC Order=30",
+                        "--seed", "3", "--out", str(tmp_path / "g.png"), "--keep-cells", str(cells), "--no-progress"],
+                       capsys)
+    assert code == 0, err
+    want = _txt2img(tmp_path, capsys, "single.png", PROMPT, "--sampler", "UniPC", "--schedule", "ddim_uniform",
+                    "--unipc-order", "13", "--seed", "3")
+    assert np.array_equal(pixels(cells / "000-x0-y0-z0.png"), want)
+
+
 def test_too_many_cells_across_axes(tmp_path: Path, capsys) -> None:
     code, _, err = run(["grid", PROMPT, "--x", "seed=1-20", "--y", "steps=1-13", "--out", str(tmp_path / "g.png")], capsys)
     assert code == 2 and "260 cells" in err

@@ -99,9 +99,11 @@ def _quiet_size_warnings() -> Iterator[None]:
 
 def _check_requests(cells, plot, batch_count: int) -> None:
     """Every cell's request through the model-free checks (`request.resolve`, the seeds of its --batch-count
-    batches) before anything loads."""
+    batches) before anything loads, and a UniPC Order axis where no cell runs A1111's UniPC."""
+    from sdlab.pipeline.grid import GridError, check_unipc_order_axis
     from sdlab.pipeline.request import GenerationRequest, RequestError, check_batch_seeds, resolve
 
+    requests = []
     for index, options in cells:
         try:
             with _quiet_size_warnings():
@@ -110,6 +112,11 @@ def _check_requests(cells, plot, batch_count: int) -> None:
             check_batch_seeds(resolved, batch_count)
         except RequestError as err:
             raise UserError(f"the grid cell {', '.join(plot.labels(index))}: {err}") from None
+        requests.append(resolved)
+    try:
+        check_unipc_order_axis(plot, requests)
+    except GridError as err:
+        raise UserError(str(err)) from None
 
 
 def _output_files(args: argparse.Namespace) -> None:
@@ -130,16 +137,20 @@ def _output_folders(args: argparse.Namespace) -> dict[Path, str]:
     return folders
 
 
-def _cells(plot, options: dict, preset: str | None, mode: str) -> list:
+def _cells(plot, options: dict, preset: str | None, mode: str, default_steps: int | None) -> list:
     """Each cell's request options, prompts as typed: the axes over the options given, then the settings of
     `preset` (--preset's, or the one the model or a LoRA names; None: none) under the cell's, as txt2img puts
     them under its options, so that the preset's eta goes with the cell's sampler (TCD's gamma is no other's).
-    A cell an axis cannot apply to (a Prompt S/R whose word is gone) is an error before any work."""
+    The axes start from the steps the cells draw without a Steps axis (--steps, else the preset's, else
+    `default_steps`, the model's; None before it loads: unset), as A1111's from its steps, which a UniPC Order
+    axis holds its order under. A cell an axis cannot apply to (a Prompt S/R whose word is gone) is an error
+    before any work."""
     from sdlab.cli.generate import _with_model_preset
     from sdlab.pipeline.grid import GridError
 
+    steps = _with_model_preset(options, preset, mode).get("steps")
     try:
-        cells = plot.cells(options)
+        cells = plot.cells({**options, "steps": default_steps if steps is None else steps})
     except GridError as err:
         raise UserError(str(err)) from None
     return [(index, _with_model_preset(_found_upscaler(cell), preset, mode)) for index, cell in cells]
@@ -229,17 +240,16 @@ def run_grid(args: argparse.Namespace) -> int:
     controls = _controls(args, {}, options.get("control_convention", GenerationRequest.control_convention))
     if controls:
         options["controls"] = controls
-    typed = _cells(plot, options, args.preset, args.mode)      # each cell's LoRAs come from its own prompt
+    typed = _cells(plot, options, args.preset, args.mode, None)    # each cell's LoRAs come from its own prompt
     cell_loras = _cell_loras(args, typed, finder)
     cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot, args.batch_count)
 
     pipe, model = _load_pipeline(args, None, loras, finder)
-    preset = pipe.preset_for(options["prompt"])
-    if preset and not args.preset:                       # a file that names a preset (LCM-LoRA, Turbo), as txt2img
-        typed = _cells(plot, options, preset, args.mode)
-        cells = _for_pipeline(typed, cell_loras)
-        _check_requests(cells, plot, args.batch_count)
+    preset = args.preset or pipe.preset_for(options["prompt"])     # or the one a file names (LCM-LoRA, Turbo)
+    typed = _cells(plot, options, preset, args.mode, pipe.bundle.family.default_steps)   # the model's steps
+    cells = _for_pipeline(typed, cell_loras)
+    _check_requests(cells, plot, args.batch_count)
     name, hash_ = _identify_model(model)
     vae = _standalone_vae(pipe)
     refiner = _refiner_ref(args, pipe)

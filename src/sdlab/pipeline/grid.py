@@ -33,7 +33,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Initial noise multiplier, Extra noise  | noise_multiplier, extra_noise        |                  |
 | Hires upscaler                         | hr_upscaler                          |                  |
 | Cond. Image Mask Weight                | inpainting_mask_weight               |                  |
-| UniPC Order                            | unipc_order (at most steps - 1, as A1111) |             |
+| UniPC Order                            | unipc_order (1..steps - 1, as A1111; with UniPC on ddim_uniform only) |  |
 | Always discard next-to-last sigma      | discard_penultimate_sigma (True / False) |              |
 | SGM noise multiplier                   | sgm_noise_multiplier (True / False)  |                  |
 | RNG source                             | rng (CPU, GPU, NV)                   |                  |
@@ -67,7 +67,7 @@ import random
 import re
 import subprocess
 from dataclasses import dataclass
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from itertools import chain, permutations
 from typing import Any
@@ -78,7 +78,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sdlab.diffusion.noise import RNG_SOURCES
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
-from sdlab.pipeline.request import GenerationRequest, GenerationResult, fixed_seed, next_batch
+from sdlab.pipeline.request import GenerationRequest, GenerationResult, fixed_seed, next_batch, runs_a1111_unipc
 
 MAX_CELLS = 256
 
@@ -130,9 +130,10 @@ def _denoise(options: dict[str, Any], value: float, values: tuple[float, ...]) -
 
 
 def _unipc_order(options: dict[str, Any], value: int, values: tuple[int, ...]) -> dict[str, Any]:
-    """A1111's `apply_uni_pc_order`: the order, at most the steps less one."""
+    """A1111's `apply_uni_pc_order`: the order, at most the cell's steps (as the axes before it left them) less
+    one, and at least 1. Unset steps (the model's) leave it as typed: `sdlab grid` sets them first."""
     steps = options.get("steps")
-    return {**options, "unipc_order": value if steps is None else min(value, steps - 1)}
+    return {**options, "unipc_order": value if steps is None else max(1, min(value, steps - 1))}
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,16 @@ def parse_axis(spec: str, *, rng: random.Random | None = None) -> Axis:
     return Axis(field, tuple(values), tuple(_label(field, v) for v in values), text.strip())
 
 
+def check_unipc_order_axis(plot: Plot, requests: Iterable[GenerationRequest]) -> None:
+    """A GridError for a UniPC Order axis where no cell (`requests`, one per cell) runs A1111's UniPC, the only
+    sampler its order acts on (`request.runs_a1111_unipc`: UniPC on ddim_uniform; on another schedule "UniPC" is
+    diffusers' UniPCMultistepScheduler): every cell would be the same picture."""
+    if any(axis.field.name == "unipc_order" for _, axis in plot.axes()) and not any(map(runs_a1111_unipc, requests)):
+        raise GridError("a UniPC Order axis acts on A1111's UniPC only, the sampler UniPC on the schedule "
+                        "ddim_uniform (as A1111 runs it), which no cell runs: set both (--sampler UniPC "
+                        "--schedule ddim_uniform)")
+
+
 def cell_count(axes: list[Axis]) -> int:
     count = math.prod(len(a.values) for a in axes)
     if count > MAX_CELLS:
@@ -455,7 +466,9 @@ def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dic
     for the whole grid (`fix_seeds`), unless `keep_random_seeds` (A1111's "Keep -1 for seeds"): then each cell
     draws its own. A cell of several images (a `batch_size`) shows them as `cell_picture` lays them out;
     `draw_cells` draws cells of several batches."""
-    sheet, results = draw_cells(run, plot, plot.cells(options if keep_random_seeds else fix_seeds(options)))
+    cells = plot.cells(options if keep_random_seeds else fix_seeds(options))
+    check_unipc_order_axis(plot, (GenerationRequest(**cell) for _, cell in cells))
+    sheet, results = draw_cells(run, plot, cells)
     return sheet, {index: batches[0] for index, batches in results.items()}
 
 

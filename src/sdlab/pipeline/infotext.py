@@ -23,7 +23,7 @@ from typing import Any
 
 from sdlab.diffusion.discretization import DIFFUSERS_NAMES, schedule_overrides
 from sdlab.diffusion.samplers import (
-    A1111_TIMESTEP_SAMPLERS, a1111_schedule, also_discards, comfyui_spelling, get_sampler, runs_a1111_timesteps,
+    A1111_TIMESTEP_SAMPLERS, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
 )
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.pipeline.control import infotext_lines
@@ -31,7 +31,9 @@ from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
 from sdlab.pipeline.prompt_schedule import old_rule_differs
 from sdlab.pipeline.prompt_syntax import strip_comments
-from sdlab.pipeline.request import GenerationRequest, hires_base_size, sampler_init_noise, sgm_noise_multiplied
+from sdlab.pipeline.request import (
+    GenerationRequest, hires_base_size, runs_a1111_unipc, sampler_init_noise, sgm_noise_multiplied,
+)
 from sdlab.pipeline.upscale import a1111_upscaler_name
 
 _REQUEST_DEFAULTS = {field.name: field.default for field in dataclass_fields(GenerationRequest)}
@@ -453,13 +455,8 @@ _UNIPC_OPTIONS = {"UniPC variant": "unipc_variant", "UniPC order": "unipc_order"
 
 def _unipc_options(req: GenerationRequest) -> dict[str, Any]:
     """A1111's UniPC options under the labels it reads them from (its options' infotext names; it writes none),
-    where one is not its default and A1111's UniPC (`runs_a1111_timesteps`) draws either pass."""
-    passes = ((req.sampler, req.schedule), (req.hr_sampler, req.hr_schedule or req.schedule))
-    try:
-        specs = [(get_sampler(name), schedule) for name, schedule in passes if name]
-    except (ValueError, AttributeError):
-        return {}
-    if not any(spec.a1111 == "UniPC" and runs_a1111_timesteps(spec, schedule) for spec, schedule in specs):
+    where one is not its default and A1111's UniPC draws either pass (`request.runs_a1111_unipc`)."""
+    if not runs_a1111_unipc(req):
         return {}
     return {label: value for label, name in _UNIPC_OPTIONS.items()
             if (value := getattr(req, name)) != _REQUEST_DEFAULTS[name]}

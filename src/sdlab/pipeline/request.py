@@ -396,6 +396,17 @@ A1111_UNIPC_VARIANTS = ("bh1", "bh2")
 MAX_UNIPC_ORDER = 50                        # A1111's uni_pc_order slider: 1..50
 
 
+def runs_a1111_unipc(r: GenerationRequest) -> bool:
+    """Whether A1111's UniPC (`runs_a1111_timesteps`: UniPC on ddim_uniform) draws either pass of `r`: only then
+    do its options (`unipc_order`, `unipc_variant`, `unipc_lower_order_final`) act. False for an unknown sampler."""
+    passes = ((r.sampler, r.schedule), (r.hr_sampler, r.hr_schedule or r.schedule))
+    try:
+        specs = [(get_sampler(name), schedule) for name, schedule in passes if name]
+    except (ValueError, AttributeError):
+        return False
+    return any(spec.a1111 == "UniPC" and runs_a1111_timesteps(spec, schedule) for spec, schedule in specs)
+
+
 def _check_unipc_options(r: GenerationRequest) -> None:
     """A RequestError for A1111's UniPC options (`unipc_variant`, `unipc_order`, `unipc_lower_order_final`) that
     are not values its UniPC takes."""
