@@ -125,6 +125,25 @@ def test_an_infotext_value_of_the_wrong_type_is_a_422(client):
     assert answer.status_code == 422 and "steps" in answer.json()["detail"]
 
 
+@pytest.mark.parametrize("labels, status, start", [
+    ("Size: 0x0", 400, "infotext Size: width must be"), ("Steps: 0, Size: 64x64", 400, "infotext Steps: steps must"),
+    ("Clip skip: 0, Size: 64x64", 422, "infotext Clip skip: override_settings.CLIP_stop_at_last_layers must"),
+    ("RNG: bogus, Size: 64x64", 422, "infotext RNG: override_settings.randn_source must"),
+    ("Hires upscale: 0, Denoising strength: 0.5, Size: 64x64", 400, "infotext Hires upscale: hr_scale must"),
+    ("Sampler: Foo, Size: 64x64", 404, "infotext: unknown sampler 'Foo'"),
+])
+def test_a_refused_infotext_value_names_the_label_it_came_from(client, labels, status, start):
+    """A value the infotext filled and a check refuses answers as if sent (the same status; A1111's detail of an
+    unknown sampler, "Sampler not found", which A1111 1.10 would draw as DPM++ 2M), its message naming the label
+    it was read from. Before, the messages named fields the client never sent."""
+    answer = client.post("/txt2img", json={"infotext": "a dog\nSteps: 2, Seed: 9, Sampler: Euler, " + labels})
+    body = answer.json()
+    assert answer.status_code == status and body["errors"].startswith(start), body
+    assert body["detail"] == ("Sampler not found" if status == 404 else body["errors"])
+    sent = client.post("/txt2img", json={"prompt": "a dog", "width": 0, "override_settings": {"randn_source": "x"}})
+    assert not sent.json()["errors"].startswith("infotext")
+
+
 # ---------------------------------------------------------------- override settings A1111 takes without error
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import html
 import io
@@ -28,7 +29,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,6 +143,7 @@ class Txt2ImgIn(NullsAreDefaults):
 
     model_config = ConfigDict(extra="allow")
     _sent_nulls: frozenset[str] = PrivateAttr(default=frozenset())   # the fields sent as null (`_echo`)
+    _infotext_labels: dict[str, str] = PrivateAttr(default_factory=dict)  # filled by `_with_infotext`: their labels
 
     prompt: str = ""
     negative_prompt: str = ""
@@ -718,31 +720,42 @@ def _infotext_hires_sampler(params: dict[str, Any]) -> tuple[str, str]:
             scheduler if scheduler != params.get("Schedule type") else "Use same scheduler")
 
 
-def _label(label: str) -> Callable[[dict[str, Any]], Any]:
-    return lambda params: params.get(label)
+@dataclasses.dataclass(frozen=True)
+class _PasteField:
+    """A1111's `PasteField` of an API field: the infotext label it reads, by `read` where that is not the label's
+    value alone."""
+    label: str
+    read: Callable[[dict[str, Any]], Any] | None = None
+
+    def __call__(self, params: dict[str, Any]) -> Any:
+        return params.get(self.label) if self.read is None else self.read(params)
 
 
-_SCRIPT_PASTE_FIELDS: dict[str, Callable[[dict[str, Any]], Any]] = {   # A1111 1.10's Sampler, Seed, Refiner scripts'
-    "steps": _label("Steps"), "sampler_name": lambda p: _infotext_sampler(p)[0],
-    "scheduler": lambda p: _infotext_sampler(p)[1], "seed": _label("Seed"), "subseed": _label("Variation seed"),
+_label = _PasteField
+
+
+_SCRIPT_PASTE_FIELDS: dict[str, _PasteField] = {   # A1111 1.10's Sampler, Seed and Refiner scripts'
+    "steps": _label("Steps"), "sampler_name": _label("Sampler", lambda p: _infotext_sampler(p)[0]),
+    "scheduler": _label("Schedule type", lambda p: _infotext_sampler(p)[1]), "seed": _label("Seed"),
+    "subseed": _label("Variation seed"),
     "subseed_strength": _label("Variation seed strength"),
     "seed_resize_from_h": _label("Seed resize from-1"),         # crossed, as A1111's Seed script pairs them
     "seed_resize_from_w": _label("Seed resize from-2"),
     "refiner_checkpoint": _label("Refiner"),        # the model it names, A1111's `lookup_checkpoint` (`_with_infotext`)
     "refiner_switch_at": _label("Refiner switch at"),
 }
-INFOTEXT_FIELDS: dict[str, dict[str, Callable[[dict[str, Any]], Any]]] = {
+INFOTEXT_FIELDS: dict[str, dict[str, _PasteField]] = {
     "txt2img": {
         "prompt": _label("Prompt"), "negative_prompt": _label("Negative prompt"), "cfg_scale": _label("CFG scale"),
         "width": _label("Size-1"), "height": _label("Size-2"), "batch_size": _label("Batch size"),
         "denoising_strength": _label("Denoising strength"),
-        "enable_hr": lambda p: "Denoising strength" in p and any(
-            label in p for label in ("Hires upscale", "Hires upscaler", "Hires resize-1")),
+        "enable_hr": _label("Hires upscale", lambda p: "Denoising strength" in p and any(
+            label in p for label in ("Hires upscale", "Hires upscaler", "Hires resize-1"))),
         "hr_scale": _label("Hires upscale"), "hr_upscaler": _label("Hires upscaler"),
         "hr_second_pass_steps": _label("Hires steps"), "hr_resize_x": _label("Hires resize-1"),
         "hr_resize_y": _label("Hires resize-2"), "hr_checkpoint_name": _label("Hires checkpoint"),
-        "hr_sampler_name": lambda p: _infotext_hires_sampler(p)[0],
-        "hr_scheduler": lambda p: _infotext_hires_sampler(p)[1],
+        "hr_sampler_name": _label("Hires sampler", lambda p: _infotext_hires_sampler(p)[0]),
+        "hr_scheduler": _label("Hires schedule type", lambda p: _infotext_hires_sampler(p)[1]),
         "hr_prompt": _label("Hires prompt"), "hr_negative_prompt": _label("Hires negative prompt"),
         **_SCRIPT_PASTE_FIELDS},
     "img2img": _SCRIPT_PASTE_FIELDS,        # its tab's own fields name no API field in A1111 1.10 (ui.py)
@@ -790,7 +803,8 @@ def _with_infotext(body: Txt2ImgIn, service: Service, tab: str) -> Txt2ImgIn:
     """`body` with A1111 1.10's `apply_infotext`: the fields of `INFOTEXT_FIELDS[tab]` the client left unset,
     and the override settings it did not send, read from its `infotext` (parsed as `/png-info` parses,
     `a1111_parameters`); the Refiner's model is the server's model it names (`_closest_checkpoint`, left unset where
-    none is); a value that is not of its field's type is a 422."""
+    none is); a value that is not of its field's type is a 422, an unknown sampler or scheduler a 404, each
+    saying it came from the infotext. The filled fields keep their labels (`_named_by_infotext`)."""
     if not body.infotext:
         return body
     params = a1111_parameters(body.infotext)
@@ -800,16 +814,38 @@ def _with_infotext(body: Txt2ImgIn, service: Service, tab: str) -> Txt2ImgIn:
                   if api not in sent and (value := read(params)) is not None}
         if (refiner := _closest_checkpoint(service, fields.pop("refiner_checkpoint", None))) is not None:
             fields["refiner_checkpoint"] = refiner.title
-        overrides = {**_infotext_overrides(params, service.options), **body.override_settings}
+        found = _infotext_overrides(params, service.options)
     except (TypeError, ValueError) as err:
         raise BadRequest(f"infotext: {err}", 422) from None
-    data = {**body.model_dump(include=body.model_fields_set), **fields, "override_settings": overrides}
+    except BadRequest as err:
+        raise BadRequest(f"infotext: {err.message}", err.status, err.detail) from None
+    data = {**body.model_dump(include=body.model_fields_set), **fields,
+            "override_settings": {**found, **body.override_settings}}
     try:
         filled = type(body).model_validate(data)
     except ValidationError as err:
         raise BadRequest(f"infotext: {err.errors()[0]['loc'][0]} {err.errors()[0]['msg']}", 422) from None
     filled._sent_nulls = body._sent_nulls
+    filled._infotext_labels = {
+        **{api: re.sub(r"-[12]$", "", INFOTEXT_FIELDS[tab][api].label) for api in fields},
+        **{f"override_settings.{option}": A1111_OPTION_LABELS[option] for option in found
+           if option not in body.override_settings}}
     return filled
+
+
+@contextlib.contextmanager
+def _named_by_infotext(body: Txt2ImgIn) -> Iterator[None]:
+    """A refusal that names a field or override the `infotext` filled (`_with_infotext`), its message prefixed with
+    the label it was read from (`infotext Size: width must be ...`)."""
+    try:
+        yield
+    except BadRequest as err:
+        label = next((label for key, label in body._infotext_labels.items()
+                      if re.search(rf"(?<![\w.]){re.escape(key)}\b", err.message)), None)
+        if label is None:
+            raise
+        detail = None if err.detail == err.message else err.detail
+        raise BadRequest(f"infotext {label}: {err.message}", err.status, detail) from None
 
 
 _CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")
@@ -842,8 +878,9 @@ async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
     _check_script(body)
     body = _with_infotext(body, service, "txt2img")
-    controls = await asyncio.to_thread(_controls, service, body)
-    return await _generate(service, body, "txt2img", _request(body, controls, options=service.options))
+    with _named_by_infotext(body):
+        controls = await asyncio.to_thread(_controls, service, body)
+        return await _generate(service, body, "txt2img", _request(body, controls, options=service.options))
 
 
 def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None) -> tuple:
@@ -861,9 +898,10 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     inits = tuple([await asyncio.to_thread(decode_image, image, f"init_images[{i}]", limits)
                    for i, image in enumerate(body.init_images)])
     mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
-    controls = await asyncio.to_thread(_controls, service, body, inits[0])
-    return await _generate(service, body, "inpaint" if mask is not None else "img2img",
-                           _request(body, controls, inits, mask, service.options))
+    with _named_by_infotext(body):
+        controls = await asyncio.to_thread(_controls, service, body, inits[0])
+        return await _generate(service, body, "inpaint" if mask is not None else "img2img",
+                               _request(body, controls, inits, mask, service.options))
 
 
 @router.get("/progress")
