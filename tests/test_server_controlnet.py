@@ -468,6 +468,19 @@ def test_a1111_units_without_an_image_take_img2imgs_resize_mode(tmp_path):
             assert kept.resize_mode == _units(tmp_path, resize_mode=unit_mode)[0].resize_mode
 
 
+def test_img2img_units_without_an_image_draw_with_img2imgs_resize_mode(setup, tmp_path):
+    """/sdapi/v1/img2img gives the units its resize_mode: the picture records the unit's as img2img's (2: Resize
+    and Fill), not the extension's default for units (Crop and Resize)."""
+    init_picture = Image.new("RGB", (128, 64), "black")
+    ImageDraw.Draw(init_picture).rectangle((40, 8, 90, 56), outline="white", width=4)
+    init_picture.save(tmp_path / "init.png")
+    response = httpx.post(setup["server"].url + "/sdapi/v1/img2img", timeout=300, json={
+        **GEN, "steps": 2, "init_images": [_b64(tmp_path / "init.png")], "resize_mode": 2, "denoising_strength": 0.5,
+        "alwayson_scripts": {"controlnet": {"args": [{"model": "tiny_canny", "image": "", "module": "none"}]}}})
+    assert response.status_code == 200, response.text
+    assert "Resize Mode: Resize and Fill" in json.loads(response.json()["info"])["infotexts"][0]
+
+
 def test_native_controls_take_thresholds_and_a_mask(setup, tmp_path):
     """A native `controls` entry's threshold_a / threshold_b and an inpaint entry's mask draw what `sdlab
     txt2img --control-threshold-a / -b --control-mask` draws; the job records the thresholds."""

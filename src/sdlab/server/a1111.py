@@ -884,7 +884,8 @@ async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
 
 
 def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None) -> tuple:
-    return a1111_controls(body.alwayson_scripts, service.controlnets, service.config.limits, init)
+    return a1111_controls(body.alwayson_scripts, service.controlnets, service.config.limits, init,
+                          getattr(body, "resize_mode", 0))
 
 
 @router.post("/img2img")
