@@ -177,11 +177,9 @@ def test_a1111_axis_names_in_any_case(name: str, field: str) -> None:
 
 
 def test_var_seed_minus_one_is_drawn_once_and_recorded() -> None:
-    import random
-
-    axis = parse_axis("Var. seed=-1,3", rng=random.Random(0))
-    assert axis.values[0] != -1 and axis.values[1] == 3
-    assert Plot(axis).parameters()["Fixed X Values"] == f"{axis.values[0]}, 3"
+    plot = Plot(parse_axis("Var. seed=-1,3"))
+    assert plot.x.values[0] != -1 and plot.x.values[1] == 3
+    assert plot.parameters()["Fixed X Values"] == f"{plot.x.values[0]}, 3"
 
 
 @pytest.mark.parametrize("spec, match", [

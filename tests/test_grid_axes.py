@@ -3,7 +3,6 @@ cell limit, and the layout of the labelled sheet."""
 
 from __future__ import annotations
 
-import random
 
 import numpy as np
 import pytest
@@ -58,8 +57,8 @@ def test_fields_and_labels() -> None:
     assert parse_axis('sampler=Euler a,"DPM++ 2M"').labels == ("Euler a", "DPM++ 2M")
     assert parse_axis("denoise=0.5").field.name == "strength"
     assert parse_axis("Prompt S/R=cat,dog").field.name == "prompt"
-    assert parse_axis("seed=3,-1", rng=random.Random(0)).values[0] == 3
-    assert 0 <= parse_axis("seed=-1", rng=random.Random(0)).values[0] < 2**32
+    assert parse_axis("seed=3,-1").values == (3, -1)                    # a Plot draws the -1 (`fix_axis_seeds`)
+    assert 0 <= Plot(parse_axis("seed=-1")).x.values[0] < 2**32
 
 
 def test_prompt_sr_replaces_in_both_prompts() -> None:
@@ -225,8 +224,25 @@ def test_draw_plot_fixes_one_seed_for_the_whole_grid(seeds: dict) -> None:
     assert len({r.seed for r in requests}) == 1 and requests[0].seed not in (None, -1)
     assert len({r.subseed for r in requests}) == 1 and requests[0].subseed not in (None, -1)
     kept: list = []
-    draw_plot(_recording_run(kept), {"prompt": "a", **seeds}, Plot(parse_axis("cfg=2,4")), keep_random_seeds=True)
+    draw_plot(_recording_run(kept), {"prompt": "a", **seeds}, Plot(parse_axis("cfg=2,4"), keep_random_seeds=True))
     assert [r.seed for r in kept] == [seeds.get("seed")] * 2                  # each cell draws its own
+
+
+def test_keep_random_seeds_keeps_a_seed_axis_minus_one_random_in_each_cell_as_a1111() -> None:
+    """A1111's "Keep -1 for seeds" skips `fix_seed(p)` and `fix_axis_seeds`: a -1 of a Seed / Var. seed axis
+    reaches each cell as -1 (drawn there), labelled -1, and no `Fixed X Values` is written."""
+    from sdlab.pipeline.grid import Plot, draw_plot
+
+    plot = Plot(parse_axis("seed=-1,5"), parse_axis("Var. seed=-1"), keep_random_seeds=True)
+    requests: list = []
+    draw_plot(_recording_run(requests), {"prompt": "a", "subseed_strength": 0.5}, plot)
+    assert [(r.seed, r.subseed) for r in requests] == [(-1, -1), (5, -1)]
+    assert plot.x.labels == ("Seed: -1", "Seed: 5")
+    assert plot.parameters() == {"Script": "X/Y/Z plot", "X Type": "Seed", "X Values": "-1,5",
+                                 "Y Type": "Var. seed", "Y Values": "-1"}
+    fixed = Plot(parse_axis("seed=-1,5"))                                  # otherwise drawn once, and recorded
+    assert fixed.x.values[0] != -1 and fixed.x.labels[0] == f"Seed: {fixed.x.values[0]}"
+    assert fixed.parameters()["Fixed X Values"] == f"{fixed.x.values[0]}, 5"
 
 
 def test_draw_plot_keeps_a_given_seed() -> None:

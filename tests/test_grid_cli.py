@@ -124,6 +124,20 @@ def test_one_random_seed_serves_every_cell(tmp_path: Path, capsys) -> None:
     assert len(seeds) == 1
 
 
+def test_keep_random_seeds_draws_each_cells_own_seeds(tmp_path: Path, capsys) -> None:
+    """--keep-random-seeds is A1111's Keep -1 for seeds: the unset seed and a -1 of a seed axis stay random in each
+    cell, and the grid records no Fixed X Values."""
+    out, cells = tmp_path / "g.png", tmp_path / "c"
+    code, _, err = run(["grid", PROMPT, "--x", "Var. seed=-1,-1", "--y", "cfg=3,5", "--subseed-strength", "0.5",
+                        "--steps", "1", "--keep-random-seeds", "--out", str(out), "--keep-cells", str(cells),
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    recorded = [parse_parameters(read_parameters(p)) for p in sorted(cells.iterdir())]
+    assert len({r["Seed"] for r in recorded}) == 4 and len({r["Variation seed"] for r in recorded}) == 4
+    grid = parse_parameters(read_parameters(out))
+    assert grid["X Values"] == "-1,-1" and "Fixed X Values" not in grid
+
+
 @pytest.mark.parametrize("axis,match", [
     ("color=1,2", "unknown grid field"),
     ("steps=1-5 (+0)", "step of 0"),

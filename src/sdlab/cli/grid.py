@@ -9,7 +9,8 @@ Every other option is txt2img's (img2img's with --init), defined once for both (
 every cell unless an axis sets it; a cell is exactly the picture `sdlab txt2img` draws with its settings, or
 with --batch / --batch-count its pictures, shown as A1111's batch grid. --from-png and --models-dir, which
 redraw one picture, are not the grid's. Without --seed (or a seed axis) one random seed serves every cell,
-and one random variation seed (for --subseed-strength or a Var. strength axis). A Denoising axis is
+and one random variation seed (for --subseed-strength or a Var. strength axis), as does each -1 of a Seed or
+Var. seed axis; --keep-random-seeds (A1111's Keep -1 for seeds) leaves them random in each cell. A Denoising axis is
 img2img's strength with --init, else the hires fix's denoise (A1111's denoising_strength). Axes, values and
 ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's request before the first is
 drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R). The grid
@@ -52,6 +53,9 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
                                                        "to DIR")
     p.add_argument("--no-legend", action="store_true", help="draw the cells alone, without axis labels (A1111's Draw "
                                                             "legend off)")
+    p.add_argument("--keep-random-seeds", action="store_true",
+                   help="A1111's Keep -1 for seeds: an unset or -1 seed, and a -1 in a Seed or Var. seed axis, stays "
+                        "random in each cell (default: drawn once for the whole grid)")
     p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
     _add_model_flags(p, from_png=False)
     _add_sampling_flags(p, from_png=False)
@@ -62,7 +66,8 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
 
 
 OPTIONS_TEXT = ("The options after the axes are txt2img's (img2img's with --init) and set every cell unless an axis "
-                "sets it; without --seed one random seed serves every cell. --from-png and --models-dir, which "
+                "sets it; without --seed one random seed serves every cell (--keep-random-seeds: each its own). "
+                "--from-png and --models-dir, which "
                 "redraw one picture, are not the grid's.")
 
 
@@ -83,7 +88,7 @@ def _plot(args: argparse.Namespace):
     if not args.init and not hires and any(axis.field.name == "strength" for axis in axes.values()):
         raise UserError("a Denoising axis needs --init IMAGE (img2img's strength) or the hires fix (--hr-scale / "
                         "--hr-size: its second pass's denoise)")
-    return Plot(**axes, legend=not args.no_legend)
+    return Plot(**axes, legend=not args.no_legend, keep_random_seeds=args.keep_random_seeds)
 
 
 @contextlib.contextmanager
@@ -234,7 +239,8 @@ def run_grid(args: argparse.Namespace) -> int:
     options = _options_from_args(args, {}, with_preset=False)      # the preset goes under each cell's (`_cells`)
     finder = _lora_finder(args)                          # the run's: --lora names, every cell's tags, the draws
     _, loras, _, _ = _resolve_loras(args, options["prompt"], {}, finder)    # the --lora files, merged at load
-    options = fix_seeds(options)                         # one seed and variation seed for every cell, as A1111
+    if not plot.keep_random_seeds:
+        options = fix_seeds(options)                     # one seed and variation seed for every cell, as A1111
     if args.init:
         options["init_image"] = _open_image(args.init, "init image")
     controls = _controls(args, {}, options.get("control_convention", GenerationRequest.control_convention))

@@ -17,7 +17,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | A1111 axis type (short names)          | request field                        | label            |
 |----------------------------------------|--------------------------------------|------------------|
 | Nothing                                | none: one cell, no legend, no `X Type` | none           |
-| Seed, Var. seed (variation seed)       | seed, subseed (-1: random, drawn once) | Seed: v        |
+| Seed, Var. seed (variation seed)       | seed, subseed (-1: random, drawn once, `Plot`) | Seed: v |
 | Var. strength                          | subseed_strength                     |                  |
 | Steps, Hires steps                     | steps, hr_steps                      |                  |
 | CFG Scale (cfg)                        | cfg_scale                            |                  |
@@ -63,10 +63,9 @@ from __future__ import annotations
 
 import csv
 import math
-import random
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from itertools import chain, permutations
@@ -344,9 +343,9 @@ def _label(field: Field, value: Any) -> str:
     return text if field.label is None else f"{field.label}: {text}"
 
 
-def parse_axis(spec: str, *, rng: random.Random | None = None) -> Axis:
-    """`FIELD=V1,V2,...` as an `Axis` (`Nothing` alone too); a Seed or Var. seed of -1 becomes one random seed,
-    as A1111 fixes them (`fix_axis_seeds`)."""
+def parse_axis(spec: str) -> Axis:
+    """`FIELD=V1,V2,...` as an `Axis` (`Nothing` alone too); a Seed or Var. seed of -1 stays -1 until a `Plot`
+    fixes it (`fix_axis_seeds`)."""
     name, equals, text = spec.partition("=")
     if not equals and _key(name) != "nothing":
         raise GridError(f"an axis is FIELD=V1,V2,... (e.g. steps=10,20 or cfg=3-9 (+2)), got {spec!r}")
@@ -354,9 +353,6 @@ def parse_axis(spec: str, *, rng: random.Random | None = None) -> Axis:
     if field is NOTHING:                              # A1111's process_axis: one value, whatever was typed
         return Axis(field, ("",), ("",), text.strip())
     values = parse_values(field, text)
-    if field.name in ("seed", "subseed"):
-        rng = rng or random.Random()
-        values = [rng.randrange(4294967294) if v == -1 else v for v in values]
     try:
         for value in values:
             _check_value(field, value)
@@ -386,15 +382,32 @@ def cell_count(axes: list[Axis]) -> int:
 Index = tuple[int, int, int]                      # (x, y, z) position of a cell
 
 
+def fix_axis_seeds(axis: Axis) -> Axis:
+    """A Seed or Var. seed axis with each -1 drawn now, by `fix_seeds`' rule (A1111's `fix_axis_seeds`); any other
+    axis as it is."""
+    if axis.field.name not in ("seed", "subseed"):
+        return axis
+    values = tuple(fixed_seed(value) for value in axis.values)
+    return replace(axis, values=values, labels=tuple(_label(axis.field, value) for value in values))
+
+
 @dataclass(frozen=True)
 class Plot:
     """The axes of one X/Y/Z plot; Y and Z are optional. `legend=False` draws the cells alone, without labels
-    (A1111's Draw legend off)."""
+    (A1111's Draw legend off). A -1 in a Seed or Var. seed axis is drawn once, when the Plot is made, and
+    recorded (`Fixed X Values`), unless `keep_random_seeds` (A1111's "Keep -1 for seeds"): then it stays -1,
+    each cell drawing its own, as does an unset or -1 seed of the options (`draw_plot`)."""
 
     x: Axis
     y: Axis | None = None
     z: Axis | None = None
     legend: bool = True
+    keep_random_seeds: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.keep_random_seeds:
+            for letter, axis in self.axes():
+                object.__setattr__(self, letter, fix_axis_seeds(axis))
 
     def axes(self) -> list[tuple[str, Axis]]:
         return [(letter, axis) for letter, axis in zip("xyz", (self.x, self.y, self.z)) if axis is not None]
@@ -428,14 +441,14 @@ class Plot:
     def parameters(self) -> dict[str, str]:
         """A1111's plot fields of the grid picture's parameters (xyz_grid.py `cell`): `Script`, then for each
         axis but Nothing `X Type`, `X Values` (as typed) and, for a Seed or Var. seed axis, `Fixed X Values` (the
-        seeds drawn, -1 fixed)."""
+        seeds drawn, -1 fixed; none with `keep_random_seeds`, as A1111)."""
         fields = {"Script": "X/Y/Z plot"}
         for letter, axis in self.axes():
             if axis.field is NOTHING:
                 continue
             fields[f"{letter.upper()} Type"] = axis.field.type_name
             fields[f"{letter.upper()} Values"] = axis.text
-            if axis.field.name in ("seed", "subseed"):
+            if axis.field.name in ("seed", "subseed") and not self.keep_random_seeds:
                 fields[f"Fixed {letter.upper()} Values"] = ", ".join(str(v) for v in axis.values)
         return fields
 
@@ -459,14 +472,14 @@ def fix_seeds(options: Mapping[str, Any]) -> dict[str, Any]:
     return {**options, "seed": fixed_seed(options.get("seed")), "subseed": fixed_seed(options.get("subseed"))}
 
 
-def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dict[str, Any], plot: Plot, *,
-              keep_random_seeds: bool = False) -> tuple[Image.Image, dict[Index, GenerationResult]]:
+def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dict[str, Any],
+              plot: Plot) -> tuple[Image.Image, dict[Index, GenerationResult]]:
     """Draw every cell with `run` (e.g. `Pipeline.run`) from `options` (GenerationRequest keyword arguments)
     and lay them out: (the sheet, each cell's result). An unset or -1 seed (and variation seed) is drawn once
-    for the whole grid (`fix_seeds`), unless `keep_random_seeds` (A1111's "Keep -1 for seeds"): then each cell
-    draws its own. A cell of several images (a `batch_size`) shows them as `cell_picture` lays them out;
-    `draw_cells` draws cells of several batches."""
-    cells = plot.cells(options if keep_random_seeds else fix_seeds(options))
+    for the whole grid (`fix_seeds`), unless the plot keeps random seeds (`Plot.keep_random_seeds`, A1111's
+    "Keep -1 for seeds"): then each cell draws its own. A cell of several images (a `batch_size`) shows them as
+    `cell_picture` lays them out; `draw_cells` draws cells of several batches."""
+    cells = plot.cells(options if plot.keep_random_seeds else fix_seeds(options))
     check_unipc_order_axis(plot, (GenerationRequest(**cell) for _, cell in cells))
     sheet, results = draw_cells(run, plot, cells)
     return sheet, {index: batches[0] for index, batches in results.items()}
