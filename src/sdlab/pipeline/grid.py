@@ -25,7 +25,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Prompt order                           | prompt: every order of the values    | the order, ", "-joined |
 | Sampler, Hires sampler                 | sampler, hr_sampler                  | Sampler: the value alone |
 | Negative Guidance minimum sigma (ngms) | s_min_uncond                         |                  |
-| Sigma Churn / min / max / noise        | s_churn, s_tmin, s_tmax, s_noise     |                  |
+| Sigma Churn / min / max / noise        | s_churn, s_tmin, s_tmax, s_noise (A1111 1.6+ ignores them) |  |
 | Schedule type (schedule, scheduler)    | schedule (A1111 labels too)          |                  |
 | Schedule min sigma / max sigma / rho   | schedule_sigma_min / _max, schedule_rho |               |
 | Eta, Clip skip                         | eta, clip_skip                       |                  |
