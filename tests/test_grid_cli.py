@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cli_helpers import pixels, run
-from sdlab.pipeline.grid import font_size, grid_layout, title_height
+from sdlab.pipeline.grid import field_named, font_size, grid_layout, parse_axis, title_height
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -491,6 +491,21 @@ def test_the_hires_fix_with_init_is_refused(tmp_path: Path, capsys) -> None:
     code, _, err = run(["grid", PROMPT, "--init", str(init), "--x", "steps=2,3", "--hr-scale", "2",
                         "--out", str(tmp_path / "g.png")], capsys)
     assert code == 2 and "--hr-scale: the hires fix is txt2img's" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("axis", ["hr_denoise=0.3,0.5", "Hires steps=1,2", "Hires sampler=Euler,DDIM"])
+def test_a_hires_axis_with_init_is_refused(tmp_path: Path, capsys, axis: str) -> None:
+    """`hr_denoise` is the hires fix's denoise alone, never img2img's strength (A1111's Denoising axis is that:
+    `denoise`); with --init, whose cells have no hires fix, a hires axis is refused in one line before any work."""
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64)).save(init)
+    code, _, err = run(["grid", PROMPT, "--init", str(init), "--x", axis, "--model",
+                        str(tmp_path / "not-loaded.safetensors"), "--out", str(tmp_path / "g.png")], capsys)
+    name = field_named(axis.partition("=")[0]).name
+    assert code == 2 and err == f"sdlab: error: {name}: the hires fix is txt2img's; a grid with --init draws img2img cells\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["init.png"]
+    cell = parse_axis("hr_denoise=0.3").apply({"prompt": "a", "init_image": Image.new("RGB", (8, 8))}, 0)
+    assert cell["hr_denoise"] == 0.3 and "strength" not in cell
 
 
 def test_grid_help_points_at_no_option_it_lacks() -> None:

@@ -11,7 +11,8 @@ with --batch / --batch-count its pictures, shown as A1111's batch grid. --from-p
 redraw one picture, are not the grid's. Without --seed (or a seed axis) one random seed serves every cell,
 and one random variation seed (for --subseed-strength or a Var. strength axis), as does each -1 of a Seed or
 Var. seed axis; --keep-random-seeds (A1111's Keep -1 for seeds) leaves them random in each cell. A Denoising axis is
-img2img's strength with --init, else the hires fix's denoise (A1111's denoising_strength). Axes, values and
+img2img's strength with --init, else the hires fix's denoise (A1111's denoising_strength); an hr_denoise axis
+is the hires fix's alone, and hires axes are refused with --init. Axes, values and
 ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's request before the first is
 drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R). The grid
 carries the parameters of its first cell and A1111's plot fields (Script: X/Y/Z plot, X Type, X Values,
@@ -84,6 +85,9 @@ def _plot(args: argparse.Namespace):
         cell_count(list(axes.values()))
     except GridError as err:
         raise UserError(str(err)) from None
+    hires_axes = [axis.field.name for axis in axes.values() if axis.field.name.startswith("hr_")]
+    if args.init and hires_axes:
+        raise UserError(f"{', '.join(hires_axes)}: the hires fix is txt2img's; a grid with --init draws img2img cells")
     hires = args.hr_scale is not None or args.hr_size is not None
     if not args.init and not hires and any(axis.field.name == "strength" for axis in axes.values()):
         raise UserError("a Denoising axis needs --init IMAGE (img2img's strength) or the hires fix (--hr-scale / "

@@ -30,6 +30,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Schedule min sigma / max sigma / rho   | schedule_sigma_min / _max, schedule_rho |               |
 | Eta, Clip skip                         | eta, clip_skip                       |                  |
 | Denoising (denoise, strength)          | strength (img2img), hr_denoise (txt2img: the hires fix's) |  |
+| Denoising as `hr_denoise`              | hr_denoise alone (no img2img's strength) | Denoising: v     |
 | Initial noise multiplier, Extra noise  | noise_multiplier, extra_noise        |                  |
 | Hires upscaler                         | hr_upscaler                          |                  |
 | Cond. Image Mask Weight                | inpainting_mask_weight               |                  |
@@ -137,7 +138,8 @@ def _unipc_order(options: dict[str, Any], value: int, values: tuple[int, ...]) -
 
 @dataclass(frozen=True)
 class Field:
-    name: str                        # the request field it sets (for Prompt S/R "prompt", Denoising "strength")
+    name: str                        # the request field it sets; `set` may set others (Prompt S/R: both prompts,
+                                     # Denoising: "strength" or, in txt2img, "hr_denoise")
     kind: type                       # int, float, bool, str or tuple (Prompt order: permutations of the values)
     label: str | None                # "Steps" -> "Steps: 10"; None: the value alone
     title: str | None = None         # A1111's axis name (`X Type`) when it is not `label`
@@ -185,9 +187,10 @@ FIELDS: tuple[Field, ...] = (         # A1111's axis_options (scripts/xyz_grid.p
     Field("width", int, "Width"),                # sdlab's own: A1111 has no size axes
     Field("height", int, "Height"),
 )
+HIRES_DENOISE = Field("hr_denoise", float, "Denoising")   # `hr_denoise`: A1111's Denoising as the hires fix's alone
 _ALIASES = {
     "scheduler": "schedule", "cfg": "cfg_scale", "denoise": "strength", "denoisingstrength": "strength",
-    "hrdenoise": "strength", "sr": "prompt", "promptsr": "prompt", "samplername": "sampler",
+    "sr": "prompt", "promptsr": "prompt", "samplername": "sampler",
     "hrsamplername": "hr_sampler", "variationseed": "subseed", "variationstrength": "subseed_strength",
     "ngms": "s_min_uncond", "randnsource": "rng",
 }
@@ -198,7 +201,8 @@ def _key(name: str) -> str:
 
 
 _BY_KEY = {**{_key(f.type_name): f for f in FIELDS}, **{_key(f.name): f for f in FIELDS},
-           **{_key(alias): next(f for f in FIELDS if f.name == name) for alias, name in _ALIASES.items()}}
+           **{_key(alias): next(f for f in FIELDS if f.name == name) for alias, name in _ALIASES.items()},
+           _key(HIRES_DENOISE.name): HIRES_DENOISE}
 
 
 @dataclass(frozen=True)
@@ -327,7 +331,7 @@ def _check_value(field: Field, value: Any) -> None:
         raise GridError(f"unknown RNG source {value!r}; valid: {', '.join(RNG_SOURCES)}")
     elif field.name in ("steps", "width", "height", "clip_skip", "unipc_order") and value < 1:
         raise GridError(f"{field.label} must be at least 1, got {value}")
-    elif field.name == "strength" and not 0.0 < value <= 1.0:
+    elif field.name in ("strength", "hr_denoise") and not 0.0 < value <= 1.0:
         raise GridError(f"the denoising strength must lie in (0, 1], got {value:g}")
     elif field.name == "subseed_strength" and not 0.0 <= value <= 1.0:
         raise GridError(f"Var. strength must lie in [0, 1], got {value:g}")
