@@ -15,7 +15,7 @@ from bundle_fixtures import tiny_bundle, write_original
 from cli_helpers import pixels, run
 from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
 
-from sdlab.pipeline.generate import generate
+import sdlab
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 from sdlab.pipeline.request import GenerationRequest
 
@@ -39,10 +39,10 @@ def test_the_flag_draws_the_request_field_and_the_png_draws_it_again(model, tmp_
     assert run(["txt2img", "--from-png", str(flagged), *common, "--no-progress", "--out", str(again)], capsys)[0] == 0
     assert parse_parameters(read_parameters(flagged))["CFG rescale"] == "0.7"
     plain = GenerationRequest("a red apple", seed=7, steps=3, width=32, height=32, sampler="Euler", cfg_scale=9)
-    bundle = tiny_bundle("sd1", seed=3)
-    expected = np.asarray(generate(bundle, replace(plain, guidance_rescale=0.7)).images[0], dtype=np.int16)
+    loaded = sdlab.load(model)  # the file the CLI loads, not the in-memory bundle
+    expected = np.asarray(loaded.run(replace(plain, guidance_rescale=0.7)).images[0], dtype=np.int16)
     assert np.array_equal(pixels(flagged), expected) and np.array_equal(pixels(again), expected)
-    assert np.abs(np.asarray(generate(bundle, plain).images[0], dtype=np.int16) - expected).max() > 0
+    assert np.abs(np.asarray(loaded.run(plain).images[0], dtype=np.int16) - expected).max() > 0
 
 
 def test_a_value_outside_0_1_is_one_error_line_and_no_file(model, tmp_path, capsys):
