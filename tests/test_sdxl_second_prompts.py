@@ -4,6 +4,8 @@ the prompt / the negative; the pictures equal StableDiffusionXLPipeline's with t
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from bundle_fixtures import as_released, tiny_bundle, write_diffusers_folder
@@ -74,6 +76,18 @@ def test_lora_tags_belong_in_the_prompt(sdxl):
     with pytest.raises(RequestError, match="negative_prompt_2 holds a <lora"):
         sdxl[0].resolve(GenerationRequest("a cat", negative_prompt_2="ugly <lora:style:1>"))
 
+
+
+@pytest.mark.parametrize("name", ["prompt_2", "negative_prompt_2"])
+def test_second_prompts_are_checked_when_resolved_as_the_prompt(sdxl, name, caplog):
+    """A second text past the chunk limit is refused when the request is resolved, not when it is drawn, and the
+    error names its field; an `embedding:NAME` it holds that names nothing loaded is warned of, as in the prompt."""
+    long = " BREAK ".join(["a lighthouse"] * 40)                                     # 40 chunks
+    with pytest.raises(RequestError, match=f"^{name}: prompt 'a lighthouse BREAK .*more than 32 chunks"):
+        sdxl[0].resolve(GenerationRequest("a cat", "blurry", steps=2, **{name: long}))
+    with caplog.at_level(logging.WARNING):
+        sdxl[0].resolve(GenerationRequest("a cat", "blurry", steps=2, **{name: "a embedding:nosuch cat"}))
+    assert "embedding:nosuch is not loaded" in caplog.text
 
 
 def test_the_native_api_takes_them(sdlab_server):

@@ -273,11 +273,14 @@ def _passes(bundle: ModelBundle, req: GenerationRequest) -> list[GenerationReque
 def _edited_texts(bundle: ModelBundle, req: GenerationRequest) -> dict[str, str]:
     """The texts the request encodes, each with the request field it first comes from (`_prompt_fields`): in each
     pass it draws (`_passes`), each edited text (`prompt_schedule` over `prompt_schedule_steps`, as the drawing
-    schedules them) of each part (`prompt_parts`) of the prompt and of the negative prompt."""
+    schedules them) of each part (`prompt_parts`) of the prompt, of the negative prompt and, on a model with two
+    text encoders, of the second texts set (`prompt_2` / `negative_prompt_2`)."""
     texts: dict[str, str] = {}
     for run, (prompt, negative) in zip(_passes(bundle, req), _prompt_fields(req)):
         steps = prompt_schedule_steps(run, get_sampler(run.sampler).calls_per_step)
         fields = [(prompt, part) for part, _ in prompt_parts(bundle, run.prompt)] + [(negative, run.negative_prompt)]
+        if len(bundle.text_encoders) > 1:
+            fields += [(name, getattr(run, name)) for name in ("prompt_2", "negative_prompt_2") if getattr(run, name)]
         for field, text in fields:
             for _, text_at in prompt_schedule(text, *steps, old=run.old_prompt_editing):
                 texts.setdefault(text_at, field)
@@ -293,18 +296,19 @@ def _prompt_fields(req: GenerationRequest) -> list[tuple[str, str]]:
 def check_prompt_chunks(bundle: ModelBundle, req: GenerationRequest) -> None:
     """A `PromptError` when the request is resolved, not when it is drawn, for a text of `req` (resolved) that
     the model's tokenizers make more than `MAX_CHUNKS` chunks of (its embeddings' vectors counted): the texts
-    it encodes (`_edited_texts`), the prompts without their comments and extra-network tags; a hires prompt's
-    error names its field."""
+    it encodes (`_edited_texts`), the prompts without their comments and extra-network tags; the error names the
+    field of the text (the prompt's own reads "prompt '...'")."""
     encoded = replace(req, prompt=without_extra_networks(req.prompt), negative_prompt=strip_comments(req.negative_prompt),
                       hr_prompt=without_extra_networks(req.hr_prompt),
-                      hr_negative_prompt=strip_comments(req.hr_negative_prompt))
+                      hr_negative_prompt=strip_comments(req.hr_negative_prompt),
+                      prompt_2=strip_comments(req.prompt_2), negative_prompt_2=strip_comments(req.negative_prompt_2))
     tokenizers = {id(encoder.tokenizer): encoder.tokenizer for encoder in bundle.text_encoders}.values()
     for text, field in _edited_texts(bundle, encoded).items():
         for tokenizer in tokenizers:
             try:
                 prompt_chunks(text, tokenizer, req.emphasis)
             except PromptError as err:
-                if not field.startswith("hr_"):
+                if field == "prompt":
                     raise
                 raise PromptError(f"{field}: {err}") from None
 
