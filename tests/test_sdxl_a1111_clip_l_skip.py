@@ -27,6 +27,7 @@ import torch
 from bundle_fixtures import as_released, randomize_, write_diffusers_folder
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, max_pixel_diff, uint8_pictures
+from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
 
 import sdlab
 from sdlab.checkpoints import create
@@ -123,3 +124,17 @@ def test_a1111_api_takes_the_option():
     assert (_request(body).sdxl_clip_l_skip, _request(body).clip_skip) == (True, 2)
     with pytest.raises(BadRequest, match="sdxl_clip_l_skip"):
         _request(Txt2ImgIn(prompt="x", override_settings={"sdxl_clip_l_skip": "yes"}))
+
+
+def test_native_api_takes_the_option(sdlab_server):
+    """The native API's `sdxl_clip_l_skip` reaches the request (the server's one-encoder model draws without it, as
+    A1111 does on SD1) and is checked as the request checks it, not refused as an unknown field."""
+    import httpx
+    from server_fixtures import run_job
+
+    body = {"prompt": "a red apple", "steps": 2, "seed": 7, "width": 32, "height": 32, "clip_skip": 2,
+            "clip_skip_convention": "a1111", "sdxl_clip_l_skip": True}
+    with httpx.Client(base_url=sdlab_server.url, timeout=120) as client:
+        assert run_job(client, body)["status"] == "done"
+        refused = client.post("/api/jobs", json={**body, "clip_skip_convention": "diffusers"})
+        assert refused.status_code == 400 and "needs clip_skip_convention" in refused.text, refused.text

@@ -213,6 +213,18 @@ def test_a_dropped_picture_with_a_hires_ddims_own_eta_draws_again_with_it(page, 
     assert job["infotexts"][0].split("\n")[-1] == json.loads(drawn["info"])["infotexts"][0].split("\n")[-1]
 
 
+def test_a_dropped_picture_with_clip_skip_sdxl_keeps_it(page):
+    """sdlab's `Clip skip SDXL` (A1111's sdxl_clip_l_skip option) is a setting the page keeps and sends with the clip
+    skip and its rule, not one it names as unavailable and draws without."""
+    parameters = ("a red cube\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, Clip skip: 2, "
+                  "Clip skip rule: a1111, Clip skip SDXL: True, Version: sdlab 0.1.0")
+    drop_file(page, png_with_parameters(parameters), "clip-l.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from clip-l.png", 20, "the PNG was not read cleanly")
+    sent = page.execute_script("return collectRequest()")
+    assert {key: sent.get(key) for key in ("clip_skip", "clip_skip_convention", "sdxl_clip_l_skip")} == {
+        "clip_skip": 2, "clip_skip_convention": "a1111", "sdxl_clip_l_skip": True}
+
+
 KEPT_SHOWN = "return [...document.querySelectorAll('#kept-list li')].map((li) => li.textContent)"
 
 

@@ -102,6 +102,7 @@ class JobIn(NullsAreDefaults):
     inpaint_padding: int = 32               # ... reaching this many pixels past the mask
     clip_skip: int = 1
     clip_skip_convention: str = "diffusers"  # "a1111": A1111's rule, SD1's encoder alone moves back (its pictures')
+    sdxl_clip_l_skip: bool = False          # A1111's Clip skip SDXL: under its rule SDXL's CLIP-L moves back too
     emphasis: str = "Original"              # A1111's emphasis mode: "Original", "No norm", "Ignore", "None"
     old_prompt_editing: bool = False        # A1111's Old prompt editing timelines
     downcast_alphas_cumprod: bool = False   # A1111's Downcast alphas_cumprod
@@ -234,6 +235,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         negative_prompt_2=body.negative_prompt_2, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, clip_skip_convention=body.clip_skip_convention,
+        sdxl_clip_l_skip=body.sdxl_clip_l_skip,
         eta=body.eta, init_noise=body.init_noise,
         img2img_convention=body.img2img_convention, zero_empty_negative=body.zero_empty_negative,
         control_convention=body.control_convention,

@@ -80,6 +80,7 @@ const KEPT = {
   pad_cond_uncond: { name: "Pad conds", none: false, with: [] },
   pad_cond_uncond_v0: { name: "Pad conds v0", none: false, with: [] },
   clip_skip_convention: { name: "Clip skip rule", none: "diffusers", with: [] },
+  sdxl_clip_l_skip: { name: "Clip skip SDXL", none: false, with: [] },
   extra_noise: { name: "Extra noise", none: 0, with: [] },
   inpainting_mask_weight: { name: "Conditional mask weight", none: 1, with: [] },
   // A1111's mask_round (its API's jobs'), Emphasis, Old prompt editing timelines, Downcast alphas_cumprod and Noise
