@@ -84,3 +84,75 @@ def test_the_server_does_not_list_a_sidecar_vae_as_a_checkpoint(sidecar_models):
     folder, _, _ = sidecar_models
     registry = ModelRegistry(folder / "anime.safetensors", folder)
     assert [c.name for c in registry.checkpoints] == ["anime.safetensors", "novae.safetensors"]
+
+
+def _a1111_resolve_vae(sd_vae: object, checkpoint: Path, vae_files: list[Path]) -> Path | None:
+    """A1111 1.10 sd_vae.resolve_vae under its default sd_vae_overrides_per_model_preferences=True (no
+    --vae-path, no user metadata): a setting other than Automatic / auto goes to resolve_vae_from_setting ("None":
+    VaeResolution(); a name of no file: "Couldn't find VAE named ...; using None instead"), and None is the
+    checkpoint's own VAE."""
+    vae_dict = {v.name: v for v in vae_files}
+    if sd_vae not in {"Automatic", "auto"}:                                  # not is_automatic()
+        return None if sd_vae == "None" else vae_dict.get(sd_vae)
+    return _a1111_vae_near_checkpoint(checkpoint, vae_files)
+
+
+def test_without_the_sidecar_the_checkpoints_own_vae_is_drawn(sidecar_models):
+    from sdlab.checkpoints.load import load_bundle
+
+    folder, own, _ = sidecar_models
+    loaded = load_bundle(folder / "anime.safetensors", dtype=torch.float32, sidecar_vae=False)
+    assert loaded.report.vae_file is None and _same_weights(loaded.vae, own)
+
+
+def test_a1111_sd_vae_none_null_and_unknown_names_draw_the_checkpoints_own_vae(sidecar_models, tmp_path):
+    """Before: "None", null and "" drew the sidecar too (max 255 from A1111's picture), "auto" and a name of no
+    VAE file were 400s."""
+    import base64
+    import io
+    import json
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    from server_fixtures import start_server
+    from sdlab.pipeline.png_info import parse_parameters
+
+    folder, _, _ = sidecar_models
+    model = folder / "anime.safetensors"
+    server = start_server(tmp_path / "out", "--model", str(model), "--models-dir", str(folder))
+    body = {"prompt": "a pear", "steps": 1, "width": 32, "height": 32, "seed": 1, "sampler_name": "Euler"}
+    drawn = {}
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            for sd_vae in ["Automatic", "auto", "None", None, "", "other.vae.pt"]:
+                answer = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"sd_vae": sd_vae}})
+                assert answer.status_code == 200, answer.text
+                text = json.loads(answer.json()["info"])["infotexts"][0]
+                picture = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+                drawn[sd_vae] = (parse_parameters(text).get("VAE"), np.asarray(picture))
+            assert client.post("/sdapi/v1/options", json={"sd_vae": "None"}).status_code == 200
+            answer = client.post("/sdapi/v1/txt2img", json=body)
+            assert parse_parameters(json.loads(answer.json()["info"])["infotexts"][0]).get("VAE") is None
+    finally:
+        server.stop()
+    vae_files = sorted(folder.glob("*.vae.*"))
+    for sd_vae, (label, picture) in drawn.items():
+        expected = _a1111_resolve_vae(sd_vae, model, vae_files)
+        assert label == (None if expected is None else expected.name), sd_vae
+        assert np.array_equal(picture, drawn["Automatic" if expected else "None"][1]), sd_vae
+    assert not np.array_equal(drawn["Automatic"][1], drawn["None"][1])
+
+
+def test_no_sidecar_vae_keeps_the_checkpoints_own_vae_on_the_command_line(sidecar_models, tmp_path, capsys):
+    from cli_helpers import run
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    folder, _, _ = sidecar_models
+    out = tmp_path / "a.png"
+    code, _, err = run(["txt2img", "a pear", "--model", str(folder / "anime.safetensors"), "--no-sidecar-vae",
+                        "--seed", "1", "--out", str(out), "--steps", "1", "--width", "32", "--height", "32",
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    assert "VAE" not in parse_parameters(read_parameters(out))

@@ -311,6 +311,7 @@ def load(
     dtype: str | torch.dtype | None = None,
     vae: str | os.PathLike[str] | None = None,
     *,
+    sidecar_vae: bool = True,
     family: str | None = None,
     prediction: str | None = None,
     refiner: str | os.PathLike[str] | None = None,
@@ -329,7 +330,9 @@ def load(
     SDXL-size U-Nets on a CPU with native bf16 or on CUDA (faster, with the pixel difference measured in
     docs/performance.md), fp32 for small models such as the shipped one (`sdlab.utils.dtypes.auto_dtype`);
     else "fp32", "fp16", "bf16" (the CLI's names) or a torch dtype of `LOAD_DTYPES` (`resolve_dtype`).
-    `vae` replaces the checkpoint's VAE with a standalone VAE file; `family` and `prediction`
+    `vae` replaces the checkpoint's VAE with a standalone VAE file (by default, a single file's A1111 sidecar
+    `<name>.vae.*` beside it; `sidecar_vae=False` keeps the file's own, as A1111's `sd_vae` "None", for the
+    refiner too); `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule, from the
     step `refiner_convention` picks: "diffusers" (`denoising_end`), "a1111" (A1111's `Refiner switch at`) or
@@ -351,14 +354,15 @@ def load(
         if path is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass the path of a checkpoint")
     lora_files = [(lora_path, load_lora_file(lora_path), weight) for lora_path, weight in _lora_entries(loras)]  # bad ones first
-    bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae)
+    bundle = load_bundle(Path(path), device=device, dtype=dtype, family=family, prediction=prediction, vae=vae,
+                         sidecar_vae=sidecar_vae)
     for lora_path, lora, weight in lora_files:
         apply_lora(bundle, lora_path, weight, lora=lora)
     if bundle.preset is None:  # an adapter that names how it draws (an LCM-LoRA: "lcm") sets the model's preset
         bundle = replace(bundle, preset=next(filter(None, (lora_preset(p) for p, _, _ in lora_files)), None))
     found = find_embeddings(embeddings, bundle)
     bundle = install_embeddings(bundle, found.loaded)
-    refined = None if refiner is None else load_refiner(refiner, bundle, found.loaded)
+    refined = None if refiner is None else load_refiner(refiner, bundle, found.loaded, sidecar_vae)
     for loaded in (bundle, refined) if compile else ():
         if loaded is not None:
             compile_module(loaded.unet)
@@ -382,8 +386,10 @@ def _lora_entries(loras: Any) -> list[tuple[str | os.PathLike[str], float]]:
     return entries
 
 
-def load_refiner(path: str | os.PathLike[str], base: ModelBundle, embeddings: Sequence[Embedding] = ()) -> ModelBundle:
+def load_refiner(path: str | os.PathLike[str], base: ModelBundle, embeddings: Sequence[Embedding] = (),
+                 sidecar_vae: bool = True) -> ModelBundle:
     """An SDXL refiner checkpoint loaded to go with `base`: on its device, in its dtype, with those of the
-    base's textual-inversion `embeddings` that have vectors for the refiner's text encoder."""
-    refiner = load_bundle(Path(path), device=base.device, dtype=base.dtype)
+    base's textual-inversion `embeddings` that have vectors for the refiner's text encoder; its sidecar VAE as
+    `load_bundle` takes it."""
+    refiner = load_bundle(Path(path), device=base.device, dtype=base.dtype, sidecar_vae=sidecar_vae)
     return install_embeddings(refiner, embeddings, partial=True)

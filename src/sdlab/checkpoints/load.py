@@ -38,8 +38,9 @@ runs; what it does not declare stays the model's, as in ComfyUI.
 
 VAE: the `vae` argument (a standalone VAE file or folder), else a single file's A1111 sidecar
 `<name>.vae.ckpt` / `.vae.pt` / `.vae.safetensors` beside it (`sidecar.vae_beside`), which A1111 draws the model
-with under its default `sd_vae` "Automatic", else the checkpoint's own; a standalone one is named in the report
-(`LoadReport.vae_file`, which pictures record as A1111's `VAE` / `VAE hash`).
+with under its default `sd_vae` "Automatic" (not with `sidecar_vae` False, A1111's "None"), else the checkpoint's
+own; a standalone one is named in the report (`LoadReport.vae_file`, which pictures record as A1111's `VAE` /
+`VAE hash`).
 
 Default picture size (`ModelBundle.native_size`): the metadata's `modelspec.resolution`, a diffusers folder's
 `unet/config.json` `sample_size` x the VAE factor; else the family's.
@@ -348,13 +349,16 @@ def plan_checkpoint(
     family: str | None = None,
     prediction: str | Prediction | None = None,
     vae: str | os.PathLike[str] | None = None,
+    sidecar_vae: bool = True,
 ) -> CheckpointPlan:
-    """Detect, infer and check everything about `path` without reading a weight (see module docstring)."""
+    """Detect, infer and check everything about `path` without reading a weight (see module docstring);
+    `sidecar_vae` False keeps a single file's own VAE where a `<name>.vae.*` file lies beside it (A1111's
+    `sd_vae` "None")."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     vae_source = "argument"
-    if vae is None and (vae := vae_beside(path)) is not None:
+    if vae is None and sidecar_vae and (vae := vae_beside(path)) is not None:
         vae_source = "beside the model (A1111's sd_vae Automatic)"
         logger.info("%s: drawing with the VAE beside it, %s (as A1111's sd_vae Automatic)", path.name, vae.name)
     try:
@@ -379,6 +383,7 @@ def load_bundle(
     family: str | None = None,
     prediction: str | Prediction | None = None,
     vae: str | os.PathLike[str] | None = None,
+    sidecar_vae: bool = True,
 ) -> ModelBundle:
     """Load an SD1 / SD2 / SDXL checkpoint (single file or diffusers folder) as a `ModelBundle`.
 
@@ -386,9 +391,10 @@ def load_bundle(
     never holds an fp32 copy); None picks it for the model's size and the device (`auto_dtype`: bf16 for a
     large U-Net on a CPU with native bf16, fp32 for a small one). `family` overrides detection, `prediction`
     ("eps", "v", ...) overrides the file, `vae` replaces the checkpoint's VAE with a standalone one (by default
-    the `<name>.vae.*` file beside a single file, if any: module docstring).
+    the `<name>.vae.*` file beside a single file, if any: module docstring; `sidecar_vae` False keeps the file's
+    own).
     """
-    plan = plan_checkpoint(path, family=family, prediction=prediction, vae=vae)
+    plan = plan_checkpoint(path, family=family, prediction=prediction, vae=vae, sidecar_vae=sidecar_vae)
     return materialize(plan, device=device, dtype=plan_dtype(plan, device) if dtype is None else dtype)
 
 

@@ -83,6 +83,9 @@ def _add_model_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     `from_png`: the command has --from-png)."""
     p.add_argument("--model", help="checkpoint file or diffusers folder (default: the model shipped with sdlab)")
     p.add_argument("--vae", help="standalone VAE file that replaces the checkpoint's VAE")
+    p.add_argument("--no-sidecar-vae", dest="sidecar_vae", action="store_false",
+                   help="keep the checkpoint's own VAE where an A1111 sidecar <name>.vae.* lies beside it "
+                        "(drawn by default, as A1111's sd_vae Automatic; this is its None)")
     p.add_argument("--family", help="override family detection (sd1, sd2, sdxl, ...)")
     p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type (SD 2.x 768: v)")
     p.add_argument("--refiner", help="SDXL refiner checkpoint that finishes the schedule")
@@ -631,7 +634,8 @@ def _load_pipeline(args: argparse.Namespace, model: str | os.PathLike | None = N
         loras = [_parse_lora(spec, finder) for spec in args.lora]
     refiner_switch, refiner_convention = _refiner_handoff(args, recorded or {})
     try:
-        pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, family=args.family,
+        pipe = load(model, device=args.device, dtype=dtype, vae=args.vae, sidecar_vae=args.sidecar_vae,
+                    family=args.family,
                     prediction=args.prediction, refiner=args.refiner, refiner_switch=refiner_switch,
                     refiner_convention=refiner_convention, loras=loras,
                     find_lora=finder,                   # prompt tags: as `_resolve_loras` found them, once

@@ -105,8 +105,10 @@ FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash")
 SAMPLES_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 """A1111's `samples_format` values (any case) -> the format its `encode_pil_to_base64` writes."""
 REFINER_SWITCH = 0.8            # A1111's UI default of `refiner_switch_at` (its API has none: refiner from the start)
-BUILTIN_VAE = ("Automatic", "None")
-"""A1111's `sd_vae` choices that keep the checkpoint's own VAE; this server has no separate VAE files."""
+AUTOMATIC_VAE = ("Automatic", "auto")
+"""A1111's `sd_vae` values that draw a single-file model with the VAE beside it, if any (`sd_vae.is_automatic`;
+"auto" from old configs); "None", null, "" and a name of no VAE file draw with the checkpoint's own
+(`resolve_vae_from_setting`)."""
 
 
 _A1111_PROCESSING = {                  # StableDiffusionProcessing's __init__ arguments the API takes, A1111 1.10
@@ -461,6 +463,7 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     switch_at = REFINER_SWITCH if body.refiner_switch_at is None else body.refiner_switch_at
     spec = JobSpec(request, batch_count=body.n_iter, model_preset_fills=unset_preset_fields(_given(body), request),
                    unset_schedule=a1111_schedule(request.sampler, None),
+                   sidecar_vae=_sidecar_vae({**service.options, **overrides}),
                    refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
     kept = {} if body.override_settings_restore_afterwards else overrides
     selected = await asyncio.to_thread(_selected_model, service, kept) if kept else None     # checked: `_request`
@@ -1030,7 +1033,8 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     quality = body.get("jpeg_quality", 80)
     if not isinstance(quality, int) or isinstance(quality, bool) or not 1 <= quality <= 100:
         raise BadRequest(f"{where}jpeg_quality must be an integer in 1..100, got {quality!r}", 422)
-    _check_vae(body.get("sd_vae", BUILTIN_VAE[0]), f"{where}sd_vae")
+    if "sd_vae" in body:
+        _check_vae(body["sd_vae"], f"{where}sd_vae")
 
 
 def _check_guidance_options(body: dict[str, Any], where: str) -> None:
@@ -1047,12 +1051,19 @@ def _check_guidance_options(body: dict[str, Any], where: str) -> None:
 
 
 def _check_vae(name: Any, key: str) -> None:
-    """A1111's "Automatic" and "None", and null or "" (A1111's `resolve_vae` finds no file of that name), draw
-    with the checkpoint's own VAE, as this server always does; a VAE file (`GET sd-vae` lists none here) is
-    refused rather than ignored."""
-    if name not in (*BUILTIN_VAE, None, ""):
-        raise BadRequest(f"{key} {name!r}: this server has no separate VAE files (GET /sdapi/v1/sd-vae is "
-                         f"empty); {' and '.join(map(repr, BUILTIN_VAE))} draw with the checkpoint's own VAE")
+    """`sd_vae` is a name or null (`AUTOMATIC_VAE`, "None"); any other (null, "", a VAE file: `GET sd-vae`
+    lists none here) draws with the checkpoint's own VAE, as A1111's `resolve_vae_from_setting` draws a name it
+    finds no file of ("Couldn't find VAE named ...; using None instead"), logged."""
+    if name is not None and not isinstance(name, str):
+        raise BadRequest(f"{key} must be a VAE name, got {name!r}", 422)
+    if name not in (*AUTOMATIC_VAE, "None"):
+        logger.warning("%s %r names no VAE of this server: drawn with the checkpoint's own VAE, as A1111 draws "
+                       "it (Couldn't find VAE named %s; using None instead)", key, name, name)
+
+
+def _sidecar_vae(settings: dict[str, Any]) -> bool:
+    """Whether A1111's options `settings` draw a single-file model with the VAE beside it (`AUTOMATIC_VAE`)."""
+    return {**OPTION_DEFAULTS, **settings}["sd_vae"] in AUTOMATIC_VAE
 
 
 @router.get("/options")
@@ -1079,7 +1090,7 @@ def _selected_model(service: Service, body: dict[str, Any]) -> Checkpoint | None
     if "sd_model_checkpoint" not in body:
         return None
     checkpoint = service.checkpoint(body["sd_model_checkpoint"])
-    _check_readable(checkpoint)
+    _check_readable(checkpoint, _sidecar_vae({**service.options, **body}))
     return checkpoint
 
 
@@ -1090,13 +1101,13 @@ def _set_options(service: Service, body: dict[str, Any], selected: Checkpoint | 
     service.options.update({k: v for k, v in body.items() if k not in FIXED_OPTIONS})
 
 
-def _check_readable(checkpoint: Checkpoint) -> None:
+def _check_readable(checkpoint: Checkpoint, sidecar_vae: bool) -> None:
     """A model sdlab cannot draw with (`Checkpoint.check_loadable`: unreadable, a LoRA or a VAE, a Flux model,
     ...) is refused here, as A1111 refuses a model it cannot load in `POST options` (A1111 loads it there;
     sdlab plans it from its names and shapes, reading no weight; a file that fails later, in the worker,
     fails its job with a 400)."""
     try:
-        checkpoint.check_loadable()
+        checkpoint.check_loadable(sidecar_vae)
     except CheckpointError as err:
         reason = str(err).removeprefix(f"{checkpoint.title}: ")
         raise BadRequest(f"the model {checkpoint.title!r} cannot be loaded: {reason}", 400,
@@ -1400,7 +1411,7 @@ def _load_selected(service: Service) -> None:
     """`host.pipeline` of the selected model; a file that cannot be loaded is a 400 naming it by its title."""
     selected = service.host.selected
     try:
-        service.host.pipeline(selected)
+        service.host.pipeline(selected, sidecar_vae=_sidecar_vae(service.options))
     except CheckpointError as err:
         raise BadRequest(load_failure(err, f"the model {selected.title!r}", selected.title,
                                       [(selected.path, selected.title)])) from None

@@ -85,6 +85,8 @@ class JobSpec:
                                                           # one): unset by the client and by an explicit preset
     unset_schedule: str | None = None        # a schedule still unset after the model's preset: A1111's
                                              # "Automatic" for the sampler on its routes; None: the family's
+    sidecar_vae: bool = True                 # a single-file model's A1111 sidecar VAE drawn, if it has one
+                                             # (A1111's sd_vae "Automatic"); False: its own VAE ("None")
 
 
 NO_REFINER = ("", "None", "none")      # A1111's names of no refiner (`process_images_inner`)

@@ -67,15 +67,15 @@ class Checkpoint:
         return {"title": self.title, "model_name": self.model_name, "hash": self.hash, "sha256": self.sha256,
                 "filename": str(self.path), "config": None}
 
-    def check_loadable(self) -> None:
+    def check_loadable(self, sidecar_vae: bool = True) -> None:
         """Raise the one-line `CheckpointError` of a file or folder sdlab cannot draw with (unreadable, a LoRA or
         a VAE, a Flux model, ...), named by its title, not its path: what planning it finds from its names,
-        shapes, metadata and configs (`plan_checkpoint`, which reads no weight), as A1111 loads a model chosen
-        in `POST options` and refuses one it cannot load."""
+        shapes, metadata and configs (`plan_checkpoint`, which reads no weight, with the VAE beside it or not:
+        `sidecar_vae`), as A1111 loads a model chosen in `POST options` and refuses one it cannot load."""
         from sdlab.checkpoints.load import plan_checkpoint
 
         try:
-            plan_checkpoint(self.path)
+            plan_checkpoint(self.path, sidecar_vae=sidecar_vae)
         except CheckpointError as err:
             raise CheckpointError(str(err).replace(str(self.path), self.title)) from None
 

@@ -4,8 +4,8 @@ a client left unset come from the preset the model names, if any, then from the 
 (`_take_model_defaults`).
 
 `ModelHost` keeps one model loaded (the worker thread alone touches it), and the SDXL refiner of the
-job's pair beside it. A job with another checkpoint or another set of `loras` entries reloads it: those are
-merged into the weights, so a different set needs fresh weights. The prompt's `<lora:...>` tags are the
+job's pair beside it. A job with another checkpoint, another set of `loras` entries or the other VAE choice
+(`JobSpec.sidecar_vae`) reloads it: LoRAs are merged into the weights, so a different set needs fresh weights. The prompt's `<lora:...>` tags are the
 pipeline's, as in `sdlab txt2img`: merged for the run at their text-encoder and U-Net weights, the model's
 own weights back after it (`Pipeline.run`), found among the server's LoRAs (`ModelHost.lora_file`); their
 merged tensors and files are let go after the job (`ModelHost.forget_tag_loras`). A job
@@ -80,27 +80,31 @@ class ModelHost:
         """The preset ``checkpoint`` names when it is the model loaded now (without LoRAs); None when it names
         none or is not loaded (then the worker fills the preset in when it loads it, `_take_model_defaults`)."""
         key, pipe = self._key, self.pipe                 # `pipeline` clears the key while it loads another
-        return pipe.bundle.preset if pipe is not None and key == (checkpoint.path, ()) else None
+        loaded = pipe is not None and key is not None and key[:2] == (checkpoint.path, ())
+        return pipe.bundle.preset if loaded else None
 
     def pipeline(self, checkpoint: Checkpoint, loras: tuple[tuple[Path, float], ...] = (),
-                 refiner: Checkpoint | None = None, handoff: RefinerChoice | None = None) -> Pipeline:
+                 refiner: Checkpoint | None = None, handoff: RefinerChoice | None = None,
+                 sidecar_vae: bool = True) -> Pipeline:
         """The pipeline of `checkpoint` with `loras` merged and, with an SDXL `refiner`, that model loaded
         beside it, taking over as the job's `handoff` says (its switch_at and convention:
-        `Pipeline.with_refiner`). What is loaded
+        `Pipeline.with_refiner`); each with the VAE beside its file, if any, or its own (`sidecar_vae`: `load`).
+        What is loaded
         stays while later jobs name the same; a model the job does not name is let go before another is
         loaded, so at most a base model and a refiner are held."""
-        key = (checkpoint.path, loras)
+        key = (checkpoint.path, loras, sidecar_vae)
         if key != self._key or self.pipe is None:
             with self._loading():
                 self.pipe, self._key = None, None
                 self._refiner, self._refiner_key = None, None       # loaded for the base let go (`_loaded_refiner`)
                 started = time.perf_counter()
                 pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras],
-                            find_lora=self.lora_file, embeddings=self.embeddings)   # tags: the server's LoRAs alone
+                            find_lora=self.lora_file, embeddings=self.embeddings,   # tags: the server's LoRAs alone
+                            sidecar_vae=sidecar_vae)
                 previewer = LatentPreviewer.for_bundle(pipe.bundle)
                 self.pipe, self.previewer, self._key = pipe, previewer, key
                 self.timings["load_s"] = time.perf_counter() - started
-        refined = self._loaded_refiner(refiner, self.pipe)
+        refined = self._loaded_refiner(refiner, self.pipe, sidecar_vae)
         if refined is None:
             return self.pipe
         return self.pipe.with_refiner(refined, handoff.switch_at, handoff.convention)
@@ -127,7 +131,7 @@ class ModelHost:
         if str(self.device).startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline) -> ModelBundle | None:
+    def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline, sidecar_vae: bool) -> ModelBundle | None:
         """The bundle of `refiner` for `base` (its device, dtype and embeddings: `load_refiner`), loaded unless
         it is held already; None (and nothing held) without one. The one held was loaded for this `base`:
         `pipeline` lets it go whenever it loads another."""
@@ -136,7 +140,7 @@ class ModelHost:
             self._refiner, self._refiner_key = None, None
             if refiner is not None:
                 with self._loading():
-                    self._refiner = load_refiner(refiner.path, base.bundle, base.embeddings)
+                    self._refiner = load_refiner(refiner.path, base.bundle, base.embeddings, sidecar_vae)
                     self._refiner_key = key
         return self._refiner
 
@@ -188,7 +192,7 @@ class Runner:
         if choice is not None and refiner is None:
             raise RequestError(f"the refiner {choice.name!r} is no longer in the models folder")
         try:
-            pipe = self.host.pipeline(checkpoint, tuple(loras), refiner, choice)
+            pipe = self.host.pipeline(checkpoint, tuple(loras), refiner, choice, job.spec.sidecar_vae)
         except CheckpointError as err:      # a file the client chose: its error, without the server's paths
             raise RequestError(_load_error(err, checkpoint, loras, job.spec.loras, refiner)) from None
         previewer = self.host.previewer
