@@ -204,6 +204,20 @@ def test_extra_generation_params_are_a1111s_python_values(client):
     assert extra["Discard penultimate sigma"] is True and extra["Hires prompt"] == "7"
 
 
+def test_sdlabs_own_labels_are_not_extra_generation_params():
+    """Labels sdlab writes of settings A1111 has no label for (its Clip skip SDXL option has no `infotext=`; SDXL's
+    second prompts and diffusers' CFG rescale are sdlab's) are not in `extra_generation_params`, which A1111 fills
+    with its own labels; before, they were, and a Prompt 2 of "7" read as the integer 7."""
+    from types import SimpleNamespace
+
+    from sdlab.server.a1111 import _written_extra_parameters
+
+    text = ("a red apple\nNegative prompt: blurry\nSteps: 4, Sampler: Euler, Schedule type: Automatic, CFG scale: 7, "
+            "Seed: 5, Size: 64x64, Clip skip: 2, Clip skip rule: a1111, Clip skip SDXL: True, Prompt 2: 7, "
+            "Negative prompt 2: cartoon, CFG rescale: 0.7, NGMS: 2, Version: sdlab 0.1.0")
+    assert _written_extra_parameters(SimpleNamespace(infotexts=[text])) == {"Schedule type": "Automatic", "NGMS": 2}
+
+
 # ---------------------------------------------------------------- the ControlNet extension's routes
 
 

@@ -591,9 +591,11 @@ SDLAB_LABELS = frozenset({
     "Control steps", "Refiner steps", "Hires eta", "Mask blur x", "Mask blur y", "Mask round",
     "SDXL original size", "SDXL target size", "SDXL negative original size", "SDXL negative target size",
     "SDXL crop top", "SDXL crop left", "SDXL negative crop top", "SDXL negative crop left",
-    "SDXL aesthetic score", "SDXL negative aesthetic score",
+    "SDXL aesthetic score", "SDXL negative aesthetic score", "Clip skip SDXL", "Prompt 2", "Negative prompt 2",
+    "CFG rescale",
 })
-"""The labels sdlab writes of settings A1111 has no label for (its own conventions, SDXL's conditioning)."""
+"""The labels sdlab writes of settings A1111 has no label for (its own conventions, SDXL's conditioning and second
+prompts, A1111's Clip skip SDXL option, diffusers' guidance rescale)."""
 
 
 A1111_TEXT_LABELS = frozenset({"Schedule type", "Hires upscaler", "Hires checkpoint", "Hires sampler",
