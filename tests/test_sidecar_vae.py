@@ -156,3 +156,27 @@ def test_no_sidecar_vae_keeps_the_checkpoints_own_vae_on_the_command_line(sideca
                         "--no-progress"], capsys)
     assert code == 0, err
     assert "VAE" not in parse_parameters(read_parameters(out))
+
+
+def test_a1111_info_names_the_vae_drawn_with(sidecar_models, tmp_path):
+    """A1111's Processed: sd_vae_name = get_loaded_vae_name() (the file's name), sd_vae_hash =
+    get_loaded_vae_hash() (its sha256[:10]), null with the checkpoint's own VAE. Before: always null."""
+    import json
+
+    import httpx
+
+    from server_fixtures import start_server
+    from sdlab.pipeline.png_info import model_hash
+
+    folder, _, _ = sidecar_models
+    server = start_server(tmp_path / "out", "--model", str(folder / "anime.safetensors"))
+    body = {"prompt": "a pear", "steps": 1, "width": 32, "height": 32, "seed": 1}
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            infos = [json.loads(client.post("/sdapi/v1/txt2img", json={
+                **body, "override_settings": {"sd_vae": sd_vae}}).json()["info"]) for sd_vae in ("Automatic", "None")]
+    finally:
+        server.stop()
+    vae = folder / "anime.vae.safetensors"
+    assert (infos[0]["sd_vae_name"], infos[0]["sd_vae_hash"]) == (vae.name, model_hash(vae))
+    assert (infos[1]["sd_vae_name"], infos[1]["sd_vae_hash"]) == (None, None)

@@ -664,7 +664,8 @@ def _without_images(scripts: dict[str, Any]) -> dict[str, Any]:
 def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | None = None,
           batch_size: int | None = None) -> dict[str, Any]:
     """A1111's `Processed.js()` fields; `extra`: more of its `extra_generation_params`; `batch_size`: the
-    pictures per iteration (None: the body's)."""
+    pictures per iteration (None: the body's). `sd_vae_name` / `sd_vae_hash` name a VAE file drawn with (A1111's
+    `get_loaded_vae_name` / `_hash`: its name and sha256[:10], the pictures' `VAE` / `VAE hash`), else null."""
     s, extra = job.settings, extra or {}
     count = max(1, s.get("batch_size") or 1) * s.get("batch_count", 1)
     # A1111 (processing.py): all_seeds = seed + i (seed for every picture with a variation seed), all_subseeds
@@ -676,6 +677,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
     subseed = fixed_seed(body.subseed)
     subseeds = subseeds or [subseed + i for i in range(count)]
     prompts = [s.get("prompt", "")] * count
+    written = parse_parameters(job.infotexts[0]) if job.infotexts else {}    # the VAE drawn, as its pictures say
     return {
         "prompt": s.get("prompt", ""), "all_prompts": prompts,
         "negative_prompt": s.get("negative_prompt", ""), "all_negative_prompts": [s.get("negative_prompt", "")] * len(prompts),
@@ -685,7 +687,8 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
         "cfg_scale": s.get("cfg_scale"), "steps": s.get("steps"), "batch_size": batch_size or body.batch_size,
         "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model_name, "sd_model_hash": _hash_of_title(job.model),
-        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": s.get("seed_resize_from_w") or -1,
+        "sd_vae_name": written.get("VAE"), "sd_vae_hash": written.get("VAE hash"),
+        "seed_resize_from_w": s.get("seed_resize_from_w") or -1,
         "seed_resize_from_h": s.get("seed_resize_from_h") or -1,
         "denoising_strength": s.get("strength") if job.mode != "txt2img" else extra.get("Denoising strength"),
         "extra_generation_params": {"Schedule type": a1111_label(s.get("schedule")), **extra},
