@@ -248,8 +248,33 @@ def test_from_png_gives_a_control_the_recorded_unit(files, tmp_path, capsys):
                            "--control-threshold-a", "-1", "--out", str(own)], capsys)
     assert code == 0, stderr
     line = parse_parameters(read_parameters(own))["ControlNet 0"]
-    assert all(item in line for item in ("Module: none", "Weight: 0.9", "Guidance Start: 0.25", "Threshold B: 120"))
-    assert "Threshold A" not in line
+    assert all(item in line for item in ("Module: none", "Weight: 0.9", "Guidance Start: 0.25")), line
+    assert "Threshold" not in line          # canny's thresholds are not the new module's
+
+
+def test_from_png_keeps_the_recorded_thresholds_only_with_the_recorded_module(files):
+    """The thresholds a picture's `ControlNet N` line records are its module's sliders: a control that runs
+    another module (--control-module) starts at that module's defaults, as A1111's UI resets the sliders
+    when the module changes (canny's 100 / 200 are no tile_resample rate); a --control-threshold-* given
+    still wins."""
+    import argparse
+
+    from sdlab.cli.generate import _controls
+
+    recorded = {"ControlNet 0": "Module: canny, Model: cn [12345678], Weight: 1.0, Resize Mode: Crop and Resize, "
+                                "Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, "
+                                "Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced"}
+
+    def control(module=(), threshold_b=()):
+        args = argparse.Namespace(control=[f"{files['net']}:{files['hint']}"], control_module=list(module),
+                                  control_mode=[], control_resize=[], control_threshold_a=[],
+                                  control_threshold_b=list(threshold_b), control_mask=[], from_png="pic.png")
+        (unit,) = _controls(args, recorded, "a1111")
+        return unit.module, unit.threshold_a, unit.threshold_b
+
+    assert control() == control(["canny"]) == ("canny", 100.0, 200.0)
+    assert control(["tile_resample"]) == ("tile_resample", None, None)
+    assert control(["threshold"], [5.0]) == ("threshold", None, 5.0)
 
 
 def test_control_mask_and_thresholds_reach_the_control(files, tmp_path, monkeypatch):

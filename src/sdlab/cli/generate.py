@@ -744,16 +744,25 @@ def _controls(args: argparse.Namespace, recorded: dict[str, Any], convention: st
     """The --control `ControlInput`s with their per-control options, checked under the request's control
     `convention`. A setting a control is not given (on its spec or by an option) takes the one the --from-png
     picture's `ControlNet N` line records for it (`recorded_unit`: module, weight, guidance start / end,
-    thresholds, modes), as A1111's paste sets its N-th unit."""
+    thresholds, modes; `_kept_settings`), as A1111's paste sets its N-th unit."""
     count = len(args.control)
     columns = [_per_control(getattr(args, attr), "--" + attr.replace("_", "-"), count) for _, attr in _CONTROL_OPTIONS]
     controls = []
     for index, spec in enumerate(args.control):
         given = {key: _given_setting(key, column[index]) for (key, _), column in zip(_CONTROL_OPTIONS, columns)
                  if column[index] is not None}
-        settings = {**_recorded_unit(recorded, index, args.from_png), **given}
+        settings = {**_kept_settings(_recorded_unit(recorded, index, args.from_png), given), **given}
         controls.append(_parse_control(spec, convention, **settings))
     return tuple(controls)
+
+
+def _kept_settings(unit: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The recorded `unit`'s settings a control keeps: all, but its thresholds only while the control runs the
+    recorded module; another module's start at their defaults, as A1111's UI resets the sliders when the
+    module changes (canny's 100 is no tile_resample rate)."""
+    if given.get("module", unit.get("module")) == unit.get("module", "none"):
+        return unit
+    return {key: value for key, value in unit.items() if not key.startswith("threshold")}
 
 
 _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
