@@ -90,6 +90,16 @@ def test_second_prompts_are_checked_when_resolved_as_the_prompt(sdxl, name, capl
     assert "embedding:nosuch is not loaded" in caplog.text
 
 
+def test_and_or_a_weight_in_prompt_2_is_refused(sdxl):
+    """Composable diffusion splits the prompt alone (each part's bigG reads prompt_2 whole), so an AND or a trailing
+    :WEIGHT in prompt_2 would be encoded as words: a RequestError. The negative's AND is text in A1111 too."""
+    for prompt_2 in ("a red apple AND a blue sky :0.5", "a red apple :2", "a red apple :1"):
+        with pytest.raises(RequestError, match="^prompt_2 holds AND or a :WEIGHT"):
+            sdxl[0].resolve(GenerationRequest("a red apple AND a blue sky", steps=2, prompt_2=prompt_2))
+    sdxl[0].resolve(GenerationRequest("a red apple AND a blue sky", steps=2, prompt_2="a red apple  ",
+                                      negative_prompt_2="cartoon AND text"))
+
+
 def test_the_native_api_takes_them(sdlab_server):
     """The native API's prompt_2 reaches the request: on the server's one-encoder model its job fails with the
     request's error, not a 422 for an unknown field."""

@@ -180,7 +180,7 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
     )
     req = replace(req, prompt=strip_comments(req.prompt), negative_prompt=strip_comments(req.negative_prompt),
                   prompt_2=strip_comments(req.prompt_2), negative_prompt_2=strip_comments(req.negative_prompt_2))
-    _check_second_prompts(family, req)
+    _check_second_prompts(bundle, req)
     if req.schedule == "align_your_steps" and family.is_sdxl:     # A1111 takes the SDXL levels for SDXL
         req = replace(req, schedule="align_your_steps_sdxl")
     # the family's usual layers, not the loaded towers' (a diffusers-layout SD2 tower is read at its last layer)
@@ -196,9 +196,11 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
     return req
 
 
-def _check_second_prompts(family: FamilySpec, req: GenerationRequest) -> None:
+def _check_second_prompts(bundle: ModelBundle, req: GenerationRequest) -> None:
     """prompt_2 / negative_prompt_2 need a second text encoder and take no extra-network tags (a `<lora:...>` tag is
-    the prompt's: its network changes every encoder); else a RequestError."""
+    the prompt's: its network changes every encoder); prompt_2 takes no AND or :WEIGHT (`prompt_parts`: composable
+    diffusion splits the prompt alone, every part's second encoder reading the whole prompt_2); else a RequestError."""
+    family = bundle.family
     for name in ("prompt_2", "negative_prompt_2"):
         text = getattr(req, name)
         if text and len(family.text_encoders) < 2:
@@ -207,6 +209,9 @@ def _check_second_prompts(family: FamilySpec, req: GenerationRequest) -> None:
         if without_extra_networks(text) != text:
             raise RequestError(f"{name} holds a <lora:...> or other <kind:...> tag; put it in the prompt, whose tags "
                                "apply to every text encoder")
+    if req.prompt_2 and prompt_parts(bundle, req.prompt_2) != [(req.prompt_2.rstrip(), 1.0)]:
+        raise RequestError("prompt_2 holds AND or a :WEIGHT: composable diffusion splits the prompt only (leave "
+                           "prompt_2 unset for each part's second encoder to read that part)")
 
 
 def _is_sdxl_clip_l(family: FamilySpec, spec: TextEncoderSpec) -> bool:
