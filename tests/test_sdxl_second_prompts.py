@@ -5,6 +5,7 @@ the prompt / the negative; the pictures equal StableDiffusionXLPipeline's with t
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -98,6 +99,21 @@ def test_and_or_a_weight_in_prompt_2_is_refused(sdxl):
             sdxl[0].resolve(GenerationRequest("a red apple AND a blue sky", steps=2, prompt_2=prompt_2))
     sdxl[0].resolve(GenerationRequest("a red apple AND a blue sky", steps=2, prompt_2="a red apple  ",
                                       negative_prompt_2="cartoon AND text"))
+
+
+def test_a_hires_prompt_is_both_encoders_text_as_the_prompt_is(sdxl):
+    """A hires prompt replaces the prompt in the second pass, and prompt_2 defaults to the prompt: so a prompt_2 (a
+    negative_prompt_2) that is the prompt's (the negative's) own text draws as none, its second pass's bigG and pooled
+    vector reading the hires prompt too. Before, they read prompt_2: 81/255 off."""
+    import numpy as np
+
+    hires = GenerationRequest("a red apple", "blurry", steps=2, seed=SEED, width=32, height=32, sampler="Euler",
+                              hr_scale=2, hr_denoise=0.7, hr_upscaler="Latent", hr_prompt="a green pear",
+                              hr_negative_prompt="cartoon")
+    unset = np.asarray(sdxl[0].run(hires).images[0], dtype=np.int16)
+    both = np.asarray(sdxl[0].run(replace(hires, prompt_2="a red apple", negative_prompt_2="blurry")).images[0],
+                      dtype=np.int16)
+    assert np.array_equal(both, unset)
 
 
 def test_the_native_api_takes_them(sdlab_server):

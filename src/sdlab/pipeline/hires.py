@@ -111,7 +111,8 @@ def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | st
 def second_pass_request(req: GenerationRequest, factor: int) -> GenerationRequest:
     """The img2img request of the second pass (run `from_latent`) of a resolved hires request: the final size,
     `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the hires sampler, schedule, eta and prompts
-    where set (A1111's `sample_hr_pass` and `calculate_hr_conds`), the same seeds, no hires fields, and
+    where set (A1111's `sample_hr_pass` and `calculate_hr_conds`; a hires prompt is every text encoder's, SDXL's
+    prompt_2 / negative_prompt_2 giving way to it as to the prompt), the same seeds, no hires fields, and
     the first pass's model calls by the first pass's sampler (A1111's `firstpass_steps`: prompt edits count on from
     it). SDXL's original and target sizes the request
     leaves unset are the upscaled size before the crop and unsnapped, (hr_upscale_to_y, hr_upscale_to_x), for
@@ -122,6 +123,8 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
                    sampler=req.hr_sampler or req.sampler, schedule=req.hr_schedule or req.schedule,
                    eta=req.eta if req.hr_eta is None else req.hr_eta,
                    prompt=req.hr_prompt or req.prompt, negative_prompt=req.hr_negative_prompt or req.negative_prompt,
+                   prompt_2="" if req.hr_prompt else req.prompt_2,
+                   negative_prompt_2="" if req.hr_negative_prompt else req.negative_prompt_2,
                    img2img_convention=HIRES_IMG2IMG, hr_scale=None, hr_width=None, hr_height=None, hr_upscaler=None,
                    hr_steps=None, hr_denoise=None, hr_sampler=None, hr_schedule=None, hr_eta=None, hr_prompt="",
                    hr_negative_prompt="", hr_base_size=None,
