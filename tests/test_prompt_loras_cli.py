@@ -410,3 +410,25 @@ def test_a_lora_merged_at_load_is_tagged_in_the_hires_prompt_and_from_png_redraw
                       "--lora", f"{style}:0.6", *hires, "--out", str(tagged)], capsys)
     assert code == 0, err
     assert parse_parameters(read_parameters(tagged))["Hires prompt"] == "a dog <lora:style:0.6>"
+
+
+@pytest.mark.parametrize("tag", ["<lora:style:0.3>", "<lora:style:0.6:0.2>"])
+def test_a_lora_merged_at_load_and_tagged_in_the_hires_prompt_draws_at_the_load_weight_in_both_passes(
+        model, tmp_path, capsys, tag):
+    """The first pass's rule holds in the second: a hires prompt's tag of a `--lora` file is left out (the load's
+    weight wins, the LoRA is not merged twice), so the picture is the one drawn with the bare hires prompt, the
+    Hires prompt records the load's weight and the picture read back draws again."""
+    folder = tmp_path / "loras"
+    style = _write_lora(folder / "style.safetensors", seed=1)
+    hires = [*FAST, "--hr-scale", "1.5", "--hr-steps", "1", "--lora", f"{style}:0.6", "--model", str(model),
+             "--lora-dir", str(folder)]
+    bare, tagged, again = tmp_path / "bare.png", tmp_path / "tagged.png", tmp_path / "again.png"
+    for prompt, out in (("a dog", bare), (f"a dog {tag}", tagged)):
+        code, err = _run(["txt2img", "a cat", *hires, "--hr-prompt", prompt, "--out", str(out)], capsys)
+        assert code == 0, err
+    assert parse_parameters(read_parameters(tagged))["Hires prompt"].split() == ["a", "dog", "<lora:style:0.6>"]
+    code, err = _run(["txt2img", "--from-png", str(tagged), "--model", str(model), "--lora-dir", str(folder),
+                      "--no-progress", "--out", str(again)], capsys)
+    assert code == 0, err
+    assert np.array_equal(np.asarray(_open(tagged)), np.asarray(_open(bare)))
+    assert np.array_equal(np.asarray(_open(again)), np.asarray(_open(tagged)))

@@ -4,6 +4,7 @@ records them, pictures equal to `sdlab txt2img`'s, and HTTP Basic auth as webuia
 
 from __future__ import annotations
 
+import base64
 import io
 import subprocess
 import sys
@@ -115,3 +116,18 @@ def test_basic_auth_with_webuiapi(served):
     result = api.txt2img(prompt="x", steps=2, width=32, height=32, seed=1)
     assert result.image.size == (32, 32)
     assert httpx.get(server.url + "/sdapi/v1/options", auth=(AUTH[0], "wrong")).status_code == 401
+
+
+def test_a_loras_entry_tagged_in_the_hires_prompt_draws_at_its_entry_weight_in_both_passes(client):
+    """As `sdlab txt2img --lora`: the hires prompt's tag of a `loras` entry is left out (the entry's weight wins, the
+    LoRA is not merged twice), so the job draws the picture of the bare hires prompt, and its text read back
+    (`/api/parameters`, then a job of its settings: a PNG drop and Generate) draws it again."""
+    hires = {"prompt": "a cat", "loras": [{"name": "style", "weight": 0.6}], "hr_scale": 1.5, "hr_steps": 1, **SMALL}
+    bare = run_job(client, {**hires, "hr_prompt": "a dog"})
+    tagged = run_job(client, {**hires, "hr_prompt": "a dog <lora:style:0.3>"})
+    pixels_bare, pixels_tagged = _picture(client, bare["images"][0])[0], _picture(client, tagged["images"][0])[0]
+    assert (pixels_tagged == pixels_bare).all()
+    png = base64.b64encode(client.get(tagged["images"][0]).content).decode()
+    settings = client.post("/api/parameters", json={"image": png}).json()["settings"]
+    again = run_job(client, {key: value for key, value in settings.items() if value is not None})
+    assert (_picture(client, again["images"][0])[0] == pixels_tagged).all()

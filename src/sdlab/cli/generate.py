@@ -970,7 +970,7 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None
 def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.images import pad_for_outpaint
-    from sdlab.pipeline.infotext import hires_tag_refs, parse_lora_hashes, to_parameters
+    from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters, lora_hash
     from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError, check_batch_seeds, next_batch
 
@@ -979,6 +979,8 @@ def run_generate(args: argparse.Namespace) -> int:
     options = _options_from_args(args, recorded)
     finder = _lora_finder(args, parse_lora_hashes(recorded.get("Lora hashes")))
     options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], recorded, finder)
+    if options.get("hr_prompt"):
+        options["hr_prompt"] = drawn_hires_prompt(options["hr_prompt"], {Path(path).stem: w for path, w in loras})
     if args.mode != "txt2img":
         if not args.init:
             raise UserError(f"{args.mode} needs --init IMAGE")

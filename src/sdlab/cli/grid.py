@@ -225,7 +225,7 @@ def run_grid(args: argparse.Namespace) -> int:
         _resolve_loras, _standalone_vae,
     )
     from sdlab.pipeline.grid import draw_cells, fix_seeds
-    from sdlab.pipeline.infotext import hires_tag_refs, to_parameters
+    from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, to_parameters
     from sdlab.pipeline.png_info import (
         embedding_hash,
         encode_image,
@@ -243,6 +243,8 @@ def run_grid(args: argparse.Namespace) -> int:
     options = _options_from_args(args, {}, with_preset=False)      # the preset goes under each cell's (`_cells`)
     finder = _lora_finder(args)                          # the run's: --lora names, every cell's tags, the draws
     _, loras, _, _ = _resolve_loras(args, options["prompt"], {}, finder)    # the --lora files, merged at load
+    if options.get("hr_prompt"):
+        options["hr_prompt"] = drawn_hires_prompt(options["hr_prompt"], {Path(path).stem: w for path, w in loras})
     if not plot.keep_random_seeds:
         options = fix_seeds(options)                     # one seed and variation seed for every cell, as A1111
     if args.init:

@@ -164,6 +164,15 @@ def tag_loras(prompt: str, merged: Mapping[str, float], find: Callable[[str], Pa
     return drawn, recorded, tag_refs(drawn, find, hash_of)
 
 
+def drawn_hires_prompt(hr_prompt: str | None, merged: Mapping[str, float]) -> str | None:
+    """The hires prompt the second pass draws when the LoRAs `merged` (name -> weight) are merged at load: the
+    first pass's rule (`without_merged_tags`), a tag of one of them left out, so the load's weight wins in both
+    passes and the LoRA is not merged twice; " " where nothing else was in it (an empty one is the prompt's)."""
+    if not hr_prompt or not any(tag.name in merged for tag in split_prompt_loras(hr_prompt)[1]):
+        return hr_prompt
+    return without_merged_tags(hr_prompt, merged)[0] or " "
+
+
 def tag_refs(prompt: str, find: Callable[[str], Path | None],
              hash_of: Callable[[Path], str | None]) -> list[LoraRef]:
     """The LoRAs `prompt`'s tags merge, one ref per name in the order first tagged, each file found by `find`

@@ -9,7 +9,7 @@ from typing import Any
 
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.control import ControlInput
-from sdlab.pipeline.infotext import hires_tag_refs, tag_loras
+from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, tag_loras
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
@@ -102,8 +102,9 @@ class Service:
             return lora.path
 
         try:
-            drawn, to_record, tags = tag_loras(request.prompt, {c.name: c.weight for c in spec.loras}, tag_lora,
-                                               hashes.get)
+            merged = {c.name: c.weight for c in spec.loras}
+            drawn, to_record, tags = tag_loras(request.prompt, merged, tag_lora, hashes.get)
+            request = replace(request, hr_prompt=drawn_hires_prompt(request.hr_prompt, merged))
             hires_tags = hires_tag_refs(request, tag_lora, hashes.get)
         except (ValueError, RequestError) as err:       # a bad tag, a file that is not a LoRA
             names = [(lora.path, lora.name) for lora in self.registry.loras]
