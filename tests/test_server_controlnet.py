@@ -410,6 +410,36 @@ def test_a1111_thresholds_outside_the_sliders_are_their_defaults(tmp_path):
         assert (unit.threshold_a is None) == (expected_a != a), (module, a, b)
 
 
+def _extensions_hidden_slider(value: float) -> float:
+    """A threshold of a preprocessor without that slider after the extension's `bound_check_params`: its hidden
+    slider is `PreprocessorParameter(visible=False)` (scripts/supported_preprocessor.py, legacy_preprocessors.py),
+    range 0..1, value 0.5; the preprocessor never reads it."""
+    return value if 0.0 <= value <= 1.0 else 0.5
+
+
+def test_a1111_thresholds_of_a_preprocessor_without_sliders_are_neither_used_nor_recorded(tmp_path):
+    """webuiapi sends threshold_a = threshold_b = 64 with every unit; on none, scribble, invert, inpaint (and
+    tile_resample's threshold_b) the extension resets it to its hidden slider's 0.5, which nothing reads, so
+    the unit takes none and the picture records no Threshold A / B for it; canny's stay recorded."""
+    from dataclasses import replace
+
+    from sdlab.pipeline.control import infotext_lines
+
+    assert _extensions_hidden_slider(64) == 0.5
+    for module in ("none", "scribble", "invert (from white bg & black line)", "inpaint_global_harmonious"):
+        [unit] = _units(tmp_path, module=module, threshold_a=64, threshold_b=64)
+        assert (unit.threshold_a, unit.threshold_b) == (None, None), module
+        assert "Threshold" not in infotext_lines([unit], "a1111")["ControlNet 0"], module
+        given = replace(unit, threshold_a=30.0, threshold_b=60.0)     # as the CLI or the native API give them
+        assert "Threshold" not in infotext_lines([given])["ControlNet 0"], module
+    [tile] = _units(tmp_path, module="tile_resample", threshold_a=2, threshold_b=64)
+    assert (tile.threshold_a, tile.threshold_b) == (2, None)
+    line = infotext_lines([replace(tile, threshold_b=64.0)], "a1111")["ControlNet 0"]
+    assert "Threshold A: 2" in line and "Threshold B" not in line, line
+    [canny] = _units(tmp_path, module="canny", threshold_a=64, threshold_b=64)
+    assert "Threshold A: 64, Threshold B: 64" in infotext_lines([canny], "a1111")["ControlNet 0"]
+
+
 def test_a1111_units_in_the_extensions_other_forms(tmp_path):
     """The extension's `legacy_field_alias` ("guidance" is guidance_end) and the image forms its
     `get_input_images_rgba` reads: [image, mask], (image, mask) and [{"image": ..., "mask": ...}] give the unit

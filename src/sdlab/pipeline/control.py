@@ -58,7 +58,9 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
 from sdlab.pipeline.images import eight_bit, flattened
 from sdlab.pipeline.overlay import axis_blurred
-from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, a1111_module, preprocess, unknown_preprocessor
+from sdlab.pipeline.preprocess import (
+    INPAINT_MODULES, PARAMETERS, PREPROCESSORS, a1111_module, preprocess, unknown_preprocessor,
+)
 from sdlab.pipeline.request import RequestError, input_image
 from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
@@ -439,13 +441,22 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
+def _read_thresholds(control: ControlInput) -> dict[str, float | None]:
+    """The control's `Threshold A` / `Threshold B` its preprocessor reads (`PARAMETERS`); None for the others,
+    which mean nothing (and go unrecorded)."""
+    count = len(PARAMETERS.get(control.module, ()))
+    return {"Threshold A": control.threshold_a if count > 0 else None,
+            "Threshold B": control.threshold_b if count > 1 else None}
+
+
 def infotext_lines(controls: Sequence[ControlInput | Any], convention: str = "diffusers") -> dict[str, str]:
     """A1111 ControlNet extension labels and values, in its order, e.g. {"ControlNet 0": "Module: none, Model:
     NAME [hash], Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1"}: NAME is the file
     name without its suffix, hash A1111's short model hash (`legacy_hash`); the resize mode is the one the
-    control ran with (`convention`: the request's `control_convention`); given thresholds add `Threshold A` /
-    `Threshold B`, a control mode other than Balanced `Control Mode`. The infotext writer quotes each value.
-    `controls` may hold (file, image[, strength[, start, end]]) records (`control_input`)."""
+    control ran with (`convention`: the request's `control_convention`); given thresholds its preprocessor
+    reads add `Threshold A` / `Threshold B` (`_read_thresholds`), a control mode other than Balanced
+    `Control Mode`. The infotext writer quotes each value. `controls` may hold (file, image[, strength[,
+    start, end]]) records (`control_input`)."""
     lines = {}
     for index, control in enumerate(map(control_input, controls)):
         path = control.model_path
@@ -455,7 +466,7 @@ def infotext_lines(controls: Sequence[ControlInput | Any], convention: str = "di
             model = Path(path).name
         fields = {"Module": control.module, "Model": model, "Weight": _number(control.strength),
                   "Resize Mode": RESIZE_MODES[control.resize_mode_under(convention)],
-                  "Threshold A": control.threshold_a, "Threshold B": control.threshold_b,
+                  **_read_thresholds(control),
                   "Guidance Start": _number(control.start), "Guidance End": _number(control.end),
                   "Control Mode": None if control.control_mode == "balanced" else CONTROL_MODES[control.control_mode]}
         lines[f"ControlNet {index}"] = ", ".join(f"{label}: {_number(value) if isinstance(value, float) else value}"

@@ -12,7 +12,6 @@ entry's modes are sdlab's names (`CONTROL_MODES`, `RESIZE_MODES`). Unit fields s
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -73,13 +72,16 @@ def a1111_choice(value: Any, modes: dict[str, str], field: str, past_last: str |
 
 def threshold_value(value: Any, module: str, index: int) -> Any:
     """A unit's threshold_a (`index` 0) / threshold_b (1) as the preprocessor `module` takes it: null, or a
-    number outside the extension's slider range (`SLIDER_RANGES`; a negative one for a preprocessor without
-    sliders: the extension's -1) is the preprocessor's default (None), as its `bound_check_params` resets it;
-    any other value as given (checked with the control)."""
+    number outside the extension's slider range (`SLIDER_RANGES`), is the preprocessor's default (None), as its
+    `bound_check_params` resets it; so is any number for a preprocessor without that slider (the extension
+    resets it to its hidden slider's 0.5, which nothing reads); any other value as given (checked with the
+    control)."""
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return value
     ranges = SLIDER_RANGES.get(module, ())
-    low, high = ranges[index] if index < len(ranges) else (0.0, math.inf)
+    if index >= len(ranges):
+        return None
+    low, high = ranges[index]
     return value if low <= value <= high else None
 
 
