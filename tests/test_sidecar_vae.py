@@ -9,6 +9,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from sdlab.checkpoints.errors import CheckpointError
+
 
 def _a1111_vae_near_checkpoint(checkpoint: Path, vae_files: list[Path]) -> Path | None:
     """A1111 1.10 sd_vae.find_vae_near_checkpoint over its VAE list (`refresh_vae_list`: the models folder's
@@ -180,3 +182,44 @@ def test_a1111_info_names_the_vae_drawn_with(sidecar_models, tmp_path):
     vae = folder / "anime.vae.safetensors"
     assert (infos[0]["sd_vae_name"], infos[0]["sd_vae_hash"]) == (vae.name, model_hash(vae))
     assert (infos[1]["sd_vae_name"], infos[1]["sd_vae_hash"]) == (None, None)
+
+
+LFS_POINTER = "version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 334643238\n"
+
+
+def test_an_unreadable_sidecar_vae_is_named_with_the_way_around_it(tmp_path, capsys):
+    """Before: '<full path>/anime.vae.safetensors: not a readable safetensors file ...', with no word that it was
+    picked as the model's sidecar, no switch to skip it, and the server's 400 showing the sidecar's full path."""
+    from bundle_fixtures import tiny_bundle, write_original
+    from cli_helpers import run
+    from sdlab.server.registry import ModelRegistry
+
+    write_original(tiny_bundle("sd1", seed=1), tmp_path / "anime.safetensors", junk=False)
+    (tmp_path / "anime.vae.safetensors").write_text(LFS_POINTER)
+    args = ["txt2img", "a pear", "--model", str(tmp_path / "anime.safetensors"), "--steps", "1", "--width", "32",
+            "--height", "32", "--out", str(tmp_path / "a.png"), "--no-progress"]
+    code, _, err = run(args, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert "sidecar VAE anime.vae.safetensors" in err and "Git LFS pointer" in err and "--no-sidecar-vae" in err
+    assert not (tmp_path / "a.png").exists()
+    code, _, err = run([*args, "--no-sidecar-vae"], capsys)
+    assert code == 0, err
+
+    checkpoint = ModelRegistry(tmp_path / "anime.safetensors", tmp_path).default
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.check_loadable()
+    assert str(refused.value).startswith(f"{checkpoint.title}: its sidecar VAE anime.vae.safetensors")
+    assert str(tmp_path) not in str(refused.value)
+    checkpoint.check_loadable(sidecar_vae=False)
+
+
+def test_a_bad_file_beside_a_model_is_named_without_the_servers_folder(tmp_path):
+    from bundle_fixtures import tiny_bundle, write_original
+    from sdlab.server.registry import ModelRegistry
+
+    write_original(tiny_bundle("sd1", seed=1), tmp_path / "anime.safetensors", junk=False)
+    (tmp_path / "anime.yaml").write_text("model: [unclosed\n")
+    checkpoint = ModelRegistry(tmp_path / "anime.safetensors", tmp_path).default
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.check_loadable()
+    assert "anime.yaml: not valid YAML" in str(refused.value) and str(tmp_path) not in str(refused.value)

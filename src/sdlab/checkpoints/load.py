@@ -92,6 +92,7 @@ from sdlab.models.unet import UNetConfig
 from sdlab.utils.dtypes import auto_dtype
 
 logger = logging.getLogger(__name__)
+SIDECAR_VAE_SOURCE = "beside the model (A1111's sd_vae Automatic)"   # `LoadReport.vae_file_source` of one
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -359,7 +360,7 @@ def plan_checkpoint(
         raise CheckpointError(f"{path}: no such file or folder")
     vae_source = "argument"
     if vae is None and sidecar_vae and (vae := vae_beside(path)) is not None:
-        vae_source = "beside the model (A1111's sd_vae Automatic)"
+        vae_source = SIDECAR_VAE_SOURCE
         logger.info("%s: drawing with the VAE beside it, %s (as A1111's sd_vae Automatic)", path.name, vae.name)
     try:
         if path.is_dir():
@@ -367,12 +368,24 @@ def plan_checkpoint(
         else:
             plan = check_plan(_plan_single_file(path, family, prediction, vae))
     except CheckpointError as exc:
+        if vae_source == SIDECAR_VAE_SOURCE and str(exc).startswith(str(vae)):
+            raise _sidecar_vae_error(path, Path(vae), exc) from None
         if str(exc).startswith(str(path)) or (vae is not None and str(exc).startswith(str(vae))):
             raise
         raise CheckpointError(f"{path}: {exc}") from None
     if vae is None:
         return plan
     return replace(plan, report=replace(plan.report, vae_file=str(vae), vae_file_source=vae_source))
+
+
+def _sidecar_vae_error(path: Path, vae: Path, exc: CheckpointError) -> CheckpointError:
+    """The error of the sidecar VAE `vae` said of the model `path` it was picked for, the VAE by its name (the
+    server shows the model by its title), with the ways around it."""
+    reason = str(exc).removeprefix(f"{vae}: ").replace(str(vae), vae.name)
+    return CheckpointError(
+        f"{path}: its sidecar VAE {vae.name} (A1111's sd_vae Automatic draws the model with it) cannot be used: "
+        f"{reason}; --no-sidecar-vae (sidecar_vae=False, a server's sd_vae \"None\") draws with the checkpoint's "
+        f"own VAE, --vae FILE with another")
 
 
 def load_bundle(

@@ -27,6 +27,8 @@ def add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--family", choices=family_names(), help="skip detection and treat the file as this family")
     p.add_argument("--prediction", choices=("eps", "v", "x0"), help="override the prediction type")
     p.add_argument("--vae", help="a standalone VAE file or diffusers VAE folder to use instead of the file's own")
+    p.add_argument("--no-sidecar-vae", dest="sidecar_vae", action="store_false",
+                   help="keep the file's own VAE where an A1111 sidecar <name>.vae.* lies beside it")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
     p.set_defaults(run=run_inspect)
 
@@ -79,7 +81,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if path is None:
         raise UserError("no path given and this sdlab install has no built-in model; pass a checkpoint PATH")
     try:
-        plan = plan_checkpoint(path, family=args.family, prediction=args.prediction, vae=args.vae)
+        plan = plan_checkpoint(path, family=args.family, prediction=args.prediction, vae=args.vae,
+                               sidecar_vae=args.sidecar_vae)
     except CheckpointError:
         described = describe_other_kind(path)               # a LoRA, a VAE, ...: what it is, not what it lacks
         if described is None:

@@ -1418,8 +1418,8 @@ def _load_selected(service: Service) -> None:
     try:
         service.host.pipeline(selected, sidecar_vae=_sidecar_vae(service.options))
     except CheckpointError as err:
-        raise BadRequest(load_failure(err, f"the model {selected.title!r}", selected.title,
-                                      [(selected.path, selected.title)])) from None
+        raise BadRequest(load_failure(CheckpointError(selected.without_paths(str(err))),
+                                      f"the model {selected.title!r}", selected.title, [])) from None
 
 
 class PngInfoIn(NullsAreDefaults):

@@ -17,6 +17,7 @@ safetensors is left out of the list with a warning, as A1111 lists what it can r
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -77,7 +78,12 @@ class Checkpoint:
         try:
             plan_checkpoint(self.path, sidecar_vae=sidecar_vae)
         except CheckpointError as err:
-            raise CheckpointError(str(err).replace(str(self.path), self.title)) from None
+            raise CheckpointError(self.without_paths(str(err))) from None
+
+    def without_paths(self, text: str) -> str:
+        """`text` with the model's path as its title and the files beside it (a sidecar VAE or config) by their
+        names: what clients are shown of where the server keeps them."""
+        return text.replace(str(self.path), self.title).replace(f"{self.path.parent}{os.sep}", "")
 
 
 @dataclass(frozen=True)

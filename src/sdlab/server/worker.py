@@ -274,13 +274,16 @@ def _refiner_ref(refiner: Checkpoint | None, choice: RefinerChoice | None) -> Re
 
 def _load_error(err: CheckpointError, checkpoint: Checkpoint, loras: list[tuple[Path, float]],
                 choices: tuple[LoraChoice, ...], refiner: Checkpoint | None) -> str:
-    """Why a job's model (with its LoRAs) or its refiner cannot be loaded, naming them by title, not path."""
+    """Why a job's model (with its LoRAs) or its refiner cannot be loaded, naming them by title and the files
+    beside them by name, not path."""
     if refiner is not None and str(refiner.path) in str(err):
-        return load_failure(err, f"the refiner {refiner.title!r}", refiner.title, [(refiner.path, refiner.title)])
-    names = [(checkpoint.path, checkpoint.title)] + [(path, f"LoRA {path.name}") for path, _ in loras]
+        err = CheckpointError(refiner.without_paths(str(err)))
+        return load_failure(err, f"the refiner {refiner.title!r}", refiner.title, [])
+    lora_names = [(path, f"LoRA {path.name}") for path, _ in loras]
+    err = CheckpointError(checkpoint.without_paths(without_paths(str(err), lora_names)))
     named = ", ".join(repr(c.name) for c in choices)
     what = f"the model {checkpoint.title!r}" + (f" with the LoRAs {named}" if loras else "")
-    return load_failure(err, what, checkpoint.title, names)
+    return load_failure(err, what, checkpoint.title, [])
 
 
 @dataclass(frozen=True)
