@@ -484,24 +484,35 @@ def test_mask_blur_starts_at_4_and_a_picture_without_one_sets_0(page):
         page.execute_script("showNotice('')")
 
 
-def test_a_mask_file_is_the_mask_the_form_sends(page, base_url, tmp_path):
-    """A1111's Inpaint upload: a black and white picture loaded as the mask, its grey levels as they are; the
-    job drawn with it is the job of the same mask sent to the API."""
+def _mask_file(mode: str, size: tuple[int, int]) -> Image.Image:
+    """A mask picture with a box to repaint: white (half grey at its right) on black, an opaque box on a
+    transparent picture (its colour black), or a half-transparent white box (LA: its alpha is not read)."""
+    box, w, h = (8, 16, 40, 48), *size
+    box = tuple(v * w // 64 if i % 2 == 0 else v * h // 64 for i, v in enumerate(box))
+    mask = Image.new(mode, size, {"L": 0, "RGBA": (255, 255, 255, 0), "LA": (0, 0)}[mode])
+    mask.paste({"L": 255, "RGBA": (0, 0, 0, 255), "LA": (255, 100)}[mode], box)
+    if mode == "L":
+        mask.paste(128, (box[2], box[1], box[2] + w // 4, box[3]))
+    return mask
+
+
+@pytest.mark.parametrize(("mode", "size"), [("L", (64, 64)), ("L", (32, 32)), ("L", (64, 32)), ("RGBA", (64, 64)),
+                                            ("LA", (48, 48))])
+def test_a_mask_file_is_the_mask_the_form_sends(page, base_url, tmp_path, mode, size):
+    """A1111's Inpaint upload: the mask file loaded is sent as it is, read by the server as an API mask (an RGBA
+    picture's transparency, its own size blurred then resized by the resize mode); the job drawn with it is the
+    job of the same file sent to the API."""
     page.find_element(By.ID, "tab-inpaint").click()
     drop_file(page, png_bytes(), "init.png", "init-drop")
     wait(page, lambda d: d.find_element(By.ID, "mask-canvas").is_displayed(), 10, "the image was not taken")
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (8, 16, 40, 48))
-    mask.paste(128, (40, 16, 56, 48))
-    mask.save(tmp_path / "mask.png")
+    _mask_file(mode, size).save(tmp_path / "mask.png")
     page.find_element(By.ID, "mask-file").send_keys(str(tmp_path / "mask.png"))
-    data_url = wait(page, lambda d: d.execute_script("return state.maskPainted && maskDataUrl()"), 10, "no mask")
-    loaded = Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))).convert("L")
-    assert np.array_equal(np.asarray(loaded), np.asarray(mask))
+    wait(page, lambda d: d.execute_script("return state.maskPainted"), 10, "no mask")
+    prompt = f"a masked one {mode} {size}"
     set_value(page, "steps", 2)
     set_value(page, "seed", 3)
-    set_value(page, "prompt", "a masked one")
-    job = generated(page, base_url, "a masked one")
+    set_value(page, "prompt", prompt)
+    job = generated(page, base_url, prompt)
     assert job["status"] == "done", job
     body = {key: job["request"][key] for key in ("prompt", "seed", "steps", "mask_blur", "sampler", "strength")}
     direct = wait_job(base_url, http_json(base_url, "/api/jobs", {

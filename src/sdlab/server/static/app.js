@@ -110,6 +110,7 @@ const state = {
   mode: "txt2img",
   initImage: null,        // data URL of the image for img2img / inpaint
   maskPainted: false,
+  maskFile: null,         // data URL of a loaded mask file, sent as it is while nothing is painted over it
   loras: [],              // [{name, weight}]
   follow: null,           // {id, source}: the one job whose event stream the page reads (one of its own)
   submitted: new Set(storedSubmitted()),   // ids of jobs this page queued and has not seen end
@@ -383,27 +384,32 @@ function clearMask() {
   const canvas = $("mask-canvas");
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
   state.maskPainted = false;
+  state.maskFile = null;
 }
 
-// A mask file (A1111's Inpaint upload): a black and white picture at the image's size (scaled to it), white is
-// repainted; its grey levels (luma, as the server's convert("L") reads them) become the painted layer's coverage
+// A mask file (A1111's Inpaint upload), white is repainted: the file itself is sent, read by the server as an
+// API mask (a picture with transparency by its alpha, else its grey levels; blurred at its own size, then
+// resized by the resize mode). The canvas shows it stretched to the image as the painted layer's coverage (a
+// transparent picture's alpha > 128, as an RGBA file's, else PIL's luma); painting over it sends the canvas.
 async function loadMask(dataUrl) {
   if (!state.initImage) throw new ApiError("choose the initial image first, then its mask");
   const image = await loadImage(dataUrl);
   const canvas = $("mask-canvas");
   const ctx = canvas.getContext("2d");
-  ctx.fillStyle = "#000";                   // a transparent part of the file is not masked
-  ctx.fillRect(0, 0, canvas.width, canvas.height);
+  ctx.clearRect(0, 0, canvas.width, canvas.height);
   ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
   const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
   const rgba = pixels.data;
+  const transparent = rgba.some((value, i) => i % 4 === 3 && value < 255);
   const [r, g, b] = [1, 3, 5].map((i) => parseInt(MASK_COLOUR.slice(i, i + 2), 16));
   for (let i = 0; i < rgba.length; i += 4) {
-    rgba[i + 3] = (rgba[i] * 19595 + rgba[i + 1] * 38470 + rgba[i + 2] * 7471 + 0x8000) >> 16;   // PIL's luma
+    rgba[i + 3] = transparent ? (rgba[i + 3] > 128 ? 255 : 0)
+      : (rgba[i] * 19595 + rgba[i + 1] * 38470 + rgba[i + 2] * 7471 + 0x8000) >> 16;
     [rgba[i], rgba[i + 1], rgba[i + 2]] = [r, g, b];
   }
   ctx.putImageData(pixels, 0, 0);
   state.maskPainted = true;
+  state.maskFile = dataUrl;
 }
 
 function setupMaskPainting() {
@@ -424,6 +430,7 @@ function setupMaskPainting() {
     ctx.lineTo(to.x + 0.01, to.y);
     ctx.stroke();
     state.maskPainted = true;
+    state.maskFile = null;
   };
   canvas.addEventListener("pointerdown", (event) => {
     if (state.mode !== "inpaint") return;
@@ -567,7 +574,7 @@ function variationRequest() {
 // masked, with its padding)
 function inpaintRequest() {
   return {
-    mask_image: base64Of(maskDataUrl()),
+    mask_image: base64Of(state.maskFile ?? maskDataUrl()),
     mask_blur: numberField("mask_blur") ?? 0,
     invert_mask: $("invert_mask").value === "true",
     inpaint_fill: $("inpaint_fill").value,
