@@ -16,6 +16,7 @@ from cli_helpers import pixels, run
 from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
 
 import sdlab
+from sdlab.pipeline.infotext import to_parameters
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 from sdlab.pipeline.request import GenerationRequest
 
@@ -43,6 +44,20 @@ def test_the_flag_draws_the_request_field_and_the_png_draws_it_again(model, tmp_
     expected = np.asarray(loaded.run(replace(plain, guidance_rescale=0.7)).images[0], dtype=np.int16)
     assert np.array_equal(pixels(flagged), expected) and np.array_equal(pixels(again), expected)
     assert np.abs(np.asarray(loaded.run(plain).images[0], dtype=np.int16) - expected).max() > 0
+
+
+@pytest.mark.parametrize("where", [{"cfg_scale": 1}, {"prompt": "a red apple AND a green pear"},
+                                   {"prompt": "a red apple :2"}])
+def test_it_is_not_recorded_where_it_does_not_act(model, where):
+    """At CFG 1 (no negative prompt's pass) or with composable diffusion (AND, :WEIGHT) guidance rescale changes
+    nothing: the picture is the one without it, and it records no `CFG rescale` label of a setting that did not act
+    (the request as drawn, `request.drawn_request`)."""
+    pipe = sdlab.load(model)
+    plain = replace(GenerationRequest("a red apple", seed=7, steps=2, width=32, height=32, sampler="Euler",
+                                      cfg_scale=9), **where)
+    rescaled = pipe.run(replace(plain, guidance_rescale=0.7))
+    assert np.array_equal(np.asarray(rescaled.images[0]), np.asarray(pipe.run(plain).images[0]))
+    assert rescaled.request.guidance_rescale == 0 and to_parameters(rescaled.request)["CFG rescale"] is None
 
 
 def test_a_value_outside_0_1_is_one_error_line_and_no_file(model, tmp_path, capsys):

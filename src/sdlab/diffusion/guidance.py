@@ -247,6 +247,7 @@ def cfg(
         x0 = x0_u + scale * (x0_c - x0_u)  # (B, C, h, w)
         if rescale == 0.0:
             return x0
+        took_effect("guidance_rescale")
         c_skip = _batch_view(scalings(sigma_b.to(torch.float32))[0], x)  # (B, 1, 1, 1)
         base = (c_skip * x.to(torch.float32)).to(x0.dtype)
         return base + rescale_guidance(x0 - base, x0_c - base, rescale)

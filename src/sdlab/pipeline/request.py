@@ -331,13 +331,15 @@ OFF_UNLESS_DRAWN: dict[str, dict[str, Any]] = {
     "extra_noise": {"extra_noise": 0.0},
     "inpainting_mask_weight": {"inpainting_mask_weight": 1.0},
     "mask_round": {"mask_round": True},
+    "guidance_rescale": {"guidance_rescale": 0.0},
 }
 """The options a drawing notes where they change it (`guidance.took_effect`), each with its fields' values off: NGMS
 and Skip Early CFG where a call ran without the negative prompt, Pad conds / v0 where they padded, Extra noise where
 it was added to an init latent, Conditional mask weight where an inpainting model read an init picture, mask_round
 off where the mask kept a level rounding would have changed. A1111 writes their labels only there (NGMS, Skip Early
 CFG and Pad conds as its sampler runs; Conditional mask weight only with inpainting conditioning; mask_round has
-none: sdlab's Mask round)."""
+none: sdlab's Mask round), and guidance rescale (sdlab's CFG rescale) where it rescaled a guided prediction (not under
+composable diffusion, nor at a call without the negative prompt's pass)."""
 
 
 def drawn_request(req: GenerationRequest, effects: set[str]) -> GenerationRequest:
