@@ -223,3 +223,23 @@ def test_a_bad_file_beside_a_model_is_named_without_the_servers_folder(tmp_path)
     with pytest.raises(CheckpointError) as refused:
         checkpoint.check_loadable()
     assert "anime.yaml: not valid YAML" in str(refused.value) and str(tmp_path) not in str(refused.value)
+
+
+def test_from_png_warns_when_the_picture_names_another_vae_than_the_one_drawn_with(sidecar_models, tmp_path, capsys):
+    """Before: a picture decoded with other.vae.pt, redrawn with a model that has a sidecar VAE, was redrawn with the
+    sidecar without a word (the warning came only where no VAE was drawn)."""
+    from cli_helpers import png_with_parameters, run
+
+    folder, _, _ = sidecar_models
+    model = folder / "anime.safetensors"
+    common = ["--model", str(model), "--steps", "1", "--width", "32", "--height", "32", "--no-progress"]
+    text = "a pear\nSteps: 1, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 32x32, VAE hash: {}, VAE: {}"
+    for vae, short_hash, warned in (("other.vae.pt", "0123456789", True),
+                                    ("anime.vae.safetensors", "0123456789", True),      # same name, another file
+                                    ("anime.vae.safetensors", None, False)):
+        recorded = png_with_parameters(tmp_path / "in.png", text.format(short_hash or "", vae).replace(
+            "VAE hash: , ", ""), (32, 32))
+        code, _, err = run(["txt2img", "--from-png", str(recorded), *common, "--out", str(tmp_path / "o.png")],
+                           capsys)
+        assert code == 0, err
+        assert ("this run decodes with 'anime.vae.safetensors [" in err) == warned, (vae, short_hash, err)

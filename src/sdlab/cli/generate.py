@@ -936,15 +936,30 @@ def _comparable(value: Any) -> str:
         return str(value).strip()
 
 
+def _same_vae(recorded: tuple[str, str | None], drawn: tuple[str, str | None]) -> bool:
+    """Whether the VAE a picture records (A1111's `VAE`, `VAE hash`) is the one a run draws with: the same hash
+    where both have one, else the same file name."""
+    (name, short_hash), (drawn_name, drawn_hash) = recorded, drawn
+    return short_hash == drawn_hash if short_hash and drawn_hash else name == drawn_name
+
+
+def _vae_label(name: str, short_hash: str | None) -> str:
+    return f"{name} [{short_hash}]" if short_hash else name
+
+
 def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None, pipe, request) -> None:
     """Warn about what the --from-png picture was drawn with that this run does not have: its refiner, its
-    standalone VAE, its textual-inversion embeddings (not found in --embeddings-dir), its ControlNet units past
-    the --controls given, its hires pass's own CFG or checkpoint, the A1111 settings
-    sdlab does not draw (`infotext.undrawn_labels`)."""
+    standalone VAE (or another than the one this run draws with: --vae, the sidecar), its textual-inversion
+    embeddings (not found in --embeddings-dir), its ControlNet units past the --controls given, its hires pass's
+    own CFG or checkpoint, the A1111 settings sdlab does not draw (`infotext.undrawn_labels`)."""
     from sdlab.pipeline.infotext import parse_lora_hashes, undrawn_labels
 
     if recorded.get("VAE") and vae is None:
         logger.warning("the picture was decoded with the VAE %r; pass --vae FILE to redraw it", recorded["VAE"])
+    elif recorded.get("VAE") and not _same_vae((recorded["VAE"], recorded.get("VAE hash")), vae):
+        logger.warning("the picture was decoded with the VAE %r, this run decodes with %r; pass --vae FILE to "
+                       "redraw it with its own", _vae_label(recorded["VAE"], recorded.get("VAE hash")),
+                       _vae_label(*vae))
     if recorded.get("Refiner") and refiner is None:
         logger.warning("the picture was finished by the refiner %r (switch at %s); pass --refiner FILE to "
                        "redraw it", recorded["Refiner"], recorded.get("Refiner switch at", "?"))
