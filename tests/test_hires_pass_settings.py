@@ -410,3 +410,16 @@ def test_cli_hr_eta_draws_the_second_pass_and_eta_both(tmp_path: Path, capsys):
     code, _, err = run(["txt2img", "--from-png", str(out), "--eta", "0.2", "--out", str(both), "--no-progress"], capsys)
     assert code == 0, err
     assert "Eta DDIM: 0.2" in read_parameters(both) and "Eta: 0.2" in read_parameters(both)
+
+
+def test_sdlabs_hires_eta_label_is_documented_and_the_web_uis_chip_names_the_value():
+    """`Hires eta`, the label sdlab writes of a hires eta under the first pass's label (`_eta_parameters`), is in
+    README's list of the labels pictures carry; the web UI's chip of `hr_eta`, which an A1111 picture's `Eta DDIM`
+    or `Eta` fills too, names the value, not one of those labels. Before: README had no `Hires eta`, the chip
+    said "Hires eta" whatever label the value came from."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    assert "as `Hires eta`" in (root / "README.md").read_text()
+    app = (root / "src/sdlab/server/static/app.js").read_text()
+    assert re.search(r'hr_eta: \{ name: "([^"]+)"', app).group(1) not in {"Hires eta", "Eta", "Eta DDIM"}

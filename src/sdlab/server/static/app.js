@@ -62,8 +62,8 @@ const KEPT = {
   beta_beta: { name: "Beta schedule beta", none: 0.6, with: WITH_SAMPLING },
   sgm_noise_multiplier: { name: "SGM noise multiplier", none: false, with: WITH_SAMPLING },
   eta: { name: "Eta", none: null, with: ["sampler"] },
-  // a hires sampler's own eta (A1111's DDIM's)
-  hr_eta: { name: "Hires eta", none: null, with: ["sampler", "hr_sampler"] },
+  // a hires sampler's own eta (A1111's DDIM's behind an ancestral sampler, read from its Eta DDIM; sdlab's Hires eta)
+  hr_eta: { name: "Hires pass eta", none: null, with: ["sampler", "hr_sampler"] },
   s_churn: { name: "Sigma churn", none: 0, with: ["sampler"] },
   s_tmin: { name: "Sigma tmin", none: 0, with: ["sampler"] },
   s_tmax: { name: "Sigma tmax", none: null, with: ["sampler"] },
