@@ -295,6 +295,20 @@ def test_control_mask_and_thresholds_reach_the_control(files, tmp_path, monkeypa
     assert np.array_equal(np.asarray(first.mask), np.asarray(Image.open(mask)))
 
 
+def test_a_control_mask_of_another_size_than_its_image_is_refused(files, tmp_path, capsys):
+    """--control-mask must have the size of its --control's image, as the extension's `combine_image_and_mask`
+    requires (each is fitted to the picture on its own, so another size would mask other pixels): one error
+    line naming both sizes, no file."""
+    mask, out = tmp_path / "mask.png", tmp_path / "never.png"
+    Image.new("L", (16, 32), 255).save(mask)
+    code, stdout, stderr = run(["txt2img", "x", "--model", str(files["model"]), "--control",
+                                f"{files['net']}:{files['hint']}", "--control-module", "inpaint", "--control-mask",
+                                str(mask), "--out", str(out), *FAST], capsys)
+    lines = [line for line in stderr.splitlines() if line.startswith("sdlab: error:")]
+    assert code == 2 and len(lines) == 1 and "the mask is 16x32 but its image 32x32" in lines[0], stderr
+    assert "Traceback" not in stderr and not out.exists() and stdout == ""
+
+
 def test_help_names_every_preprocessor(capsys):
     """--control-module's help lists every module sdlab accepts (`PREPROCESSORS`), as the error for an
     unknown one does."""

@@ -440,6 +440,51 @@ def test_a1111_thresholds_of_a_preprocessor_without_sliders_are_neither_used_nor
     assert "Threshold A: 64, Threshold B: 64" in infotext_lines([canny], "a1111")["ControlNet 0"]
 
 
+def _extensions_combine_image_and_mask(image: Image.Image, mask: Image.Image) -> None:
+    """sd-webui-controlnet's `ControlNetUnit.combine_image_and_mask` (internal_controlnet/args.py), transcribed:
+    a unit's mask of another (height, width) than its image is a ValueError."""
+    if np.asarray(image).shape[:2] != np.asarray(mask).shape[:2]:
+        raise ValueError(f"image shape ({np.asarray(image).shape[:2]}) not aligned with mask shape "
+                         f"({np.asarray(mask).shape[:2]})")
+
+
+def test_a_units_own_mask_of_another_size_than_its_image_is_a_422(tmp_path):
+    """An inpaint unit's own mask (`mask`, `mask_image`, `{image, mask}`; an all-black one too) or a native
+    entry's `mask` of another size than its image is one 422 naming both sizes, as the extension refuses it
+    (`combine_image_and_mask`); a mask of the image's size is taken."""
+    import types
+
+    from sdlab.server.config import Limits
+    from sdlab.server.controls import native_controls
+    from sdlab.server.inputs import BadRequest
+
+    image, fitting = Image.new("RGB", (8, 6)), Image.new("L", (8, 6))
+    ImageDraw.Draw(fitting).rectangle((0, 0, 3, 5), fill=255)
+    wide, black = fitting.resize((16, 6)), Image.new("L", (16, 6))
+    for mask in (wide, black):
+        with pytest.raises(ValueError, match="not aligned"):
+            _extensions_combine_image_and_mask(image, mask)
+    for fields in ({"mask": wide}, {"mask_image": wide}, {"image": {"image": image, "mask": wide}},
+                   {"image": [image, black]}):
+        with pytest.raises(BadRequest, match="the mask is 16x6 but its image 8x6") as refused:
+            _units(tmp_path, module="inpaint_global_harmonious", **{"image": image, **fields})
+        assert refused.value.status == 422
+    assert _units(tmp_path, module="inpaint", image=image, mask=fitting)[0].mask.size == (8, 6)
+    net = tmp_path / "ControlNet" / "cn.safetensors"
+    folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net), titles=lambda: ["cn"])
+    entry = {"model": "cn", "image": _b64_of(image), "module": "inpaint"}
+    with pytest.raises(BadRequest, match="the mask is 16x6 but its image 8x6") as refused:
+        native_controls([{**entry, "mask": _b64_of(wide)}], folder, Limits())
+    assert refused.value.status == 422
+    assert native_controls([{**entry, "mask": _b64_of(fitting)}], folder, Limits())[0].mask.size == (8, 6)
+
+
+def _b64_of(picture: Image.Image) -> str:
+    buffer = io.BytesIO()
+    picture.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 def test_a1111_units_in_the_extensions_other_forms(tmp_path):
     """The extension's `legacy_field_alias` ("guidance" is guidance_end) and the image forms its
     `get_input_images_rgba` reads: [image, mask], (image, mask) and [{"image": ..., "mask": ...}] give the unit

@@ -152,7 +152,18 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
         raise RequestError(f"{name}: the image {os.fspath(control.image)!r} does not exist")
     if isinstance(control.mask, (str, os.PathLike)) and not Path(control.mask).exists():
         raise RequestError(f"{name}: the mask {os.fspath(control.mask)!r} does not exist")
+    if control.mask is not None:
+        check_mask_size(input_image(control.image, f"{name} image"), input_image(control.mask, f"{name} mask"), name)
     return control
+
+
+def check_mask_size(image: Image.Image, mask: Image.Image, name: str) -> None:
+    """A control's own mask has its image's size, as the extension's `combine_image_and_mask` requires (each is
+    fitted to the picture by the resize mode on its own, so a mask of another size would mask other pixels);
+    otherwise a `RequestError` naming both sizes."""
+    if mask.size != image.size:
+        raise RequestError(f"{name}: the mask is {mask.width}x{mask.height} but its image {image.width}x"
+                           f"{image.height}; a control's mask must have its image's size")
 
 
 def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "resize",
