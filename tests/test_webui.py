@@ -808,3 +808,9 @@ def test_interrupt_keeps_the_pictures_drawn_so_far_and_skip_ends_the_batch(page,
     assert job["status"] == "done" and len(job["images"]) == 1, job
     assert "Steps: 150" in job["infotexts"][0]
     assert drawn < 150 and text(page, "progress-text").startswith("Done")
+    from sdlab.server.native import JobIn
+
+    again = {k: v for k, v in job["request"].items() if v is not None and k in JobIn.model_fields}
+    full = wait_job(base_url, http_json(base_url, "/api/jobs", again)["id"])
+    pixels = [Image.open(io.BytesIO(http_bytes(base_url, j["images"][0]))).tobytes() for j in (job, full)]
+    assert full["status"] == "done" and pixels[0] != pixels[1], "the skipped picture is the one drawn to the end"
