@@ -228,6 +228,19 @@ def test_a_dropped_picture_with_clip_skip_sdxl_keeps_it(page):
 KEPT_SHOWN = "return [...document.querySelectorAll('#kept-list li')].map((li) => li.textContent)"
 
 
+def test_the_chips_are_the_kept_settings_the_tab_sends(page):
+    """LCM's img2img steps rule does not inpaint (the inpaint tab leaves it out of the request): its chip goes in
+    that tab and comes back in img2img's, so the chips are always what the form sends."""
+    drop_file(page, png_with_parameters("a cat\nSteps: 4, Sampler: LCM, CFG scale: 1, Seed: 1, Size: 64x64, "
+                                        "Denoising strength: 0.5, Img2img steps: lcm"), "lcm.png")
+    wait(page, lambda d: text(d, "notice") == "Settings read from lcm.png", 20, "the PNG was not read cleanly")
+    for tab in ("inpaint", "img2img"):
+        page.find_element(By.ID, f"tab-{tab}").click()
+        keys = page.execute_script("return [...document.querySelectorAll('#kept-list li')].map((li) => li.dataset.key)")
+        assert sorted(keys) == sorted(page.execute_script("return keptRequest()")), tab
+        assert ("img2img_convention" in keys) == (tab == "img2img"), tab
+
+
 def test_kept_settings_are_shown_as_removable_chips_and_go_with_the_form(page, base_url):
     """What the form keeps of a dropped picture without a control of its own (A1111's NGMS, Skip Early CFG, Noise
     Schedule, Emphasis, its clip skip, img2img steps and ControlNet step rules) shows under "Override settings", one

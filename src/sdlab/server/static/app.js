@@ -347,6 +347,7 @@ function setMode(mode) {
   $("mask-tools").hidden = $("mask-options").hidden = mode !== "inpaint";
   $("mask-canvas").classList.toggle("disabled", mode !== "inpaint");
   excludeHiresOrRefiner();
+  renderKept();
 }
 
 function readFile(file) {
@@ -667,11 +668,12 @@ function dropKept(id) {
   renderKept();
 }
 
-// The kept settings, each a chip "Name: value" with a button that removes it; the line hides when there are none
+// The kept settings the tab sends (`keptRequest`), each a chip "Name: value" with a button that removes it; the line
+// hides when there are none
 function renderKept() {
   const list = $("kept-list");
   list.replaceChildren();
-  for (const [key, value] of Object.entries(state.kept)) {
+  for (const [key, value] of Object.entries(keptRequest())) {
     const item = document.createElement("li");
     item.dataset.key = key;
     const label = `${KEPT[key].name}: ${typeof value === "object" ? JSON.stringify(value) : value}`;
