@@ -253,7 +253,8 @@ def test_kept_settings_are_shown_as_removable_chips_and_go_with_the_form(page, b
     drop_file(page, png_with_parameters(a1111), "old.png")
     wait(page, lambda d: text(d, "notice") == "Settings read from old.png", 20, "the PNG was not read cleanly")
     shown = [f"{chip}\u00d7" for chip in ("Img2img steps: a1111", "NGMS: 1.5", "Skip Early CFG: 0.4", "Clip skip rule: a1111",
-                                          "Control steps: a1111", "Emphasis: No norm", "Noise Schedule: true")]
+                                          "Control steps: a1111", "Emphasis: No norm",
+                                          "Noise Schedule: Zero Terminal SNR")]
     assert page.find_element(By.ID, "kept").is_displayed() and page.execute_script(KEPT_SHOWN) == shown
     set_value(page, "prompt", "a (blue:1.3) house, a prompt of my own")
     set_value(page, "seed", 42)

@@ -90,7 +90,7 @@ const KEPT = {
   emphasis: { name: "Emphasis", none: "Original", with: [] },
   old_prompt_editing: { name: "Old prompt editing timelines", none: false, with: [] },
   downcast_alphas_cumprod: { name: "Downcast alphas_cumprod", none: false, with: [] },
-  zero_terminal_snr: { name: "Noise Schedule", none: false, with: [] },
+  zero_terminal_snr: { name: "Noise Schedule", none: false, with: [], shown: "Zero Terminal SNR" },
   original_size: { name: "SDXL original size", none: null, with: WITH_SIZE },
   target_size: { name: "SDXL target size", none: null, with: WITH_SIZE },
   crops_coords_top_left: { name: "SDXL crop", none: [0, 0], with: WITH_SIZE },
@@ -668,6 +668,13 @@ function dropKept(id) {
   renderKept();
 }
 
+// A kept value as the infotext writes it: the entry's own text (`shown`), a boolean as Python's, a list as JSON
+function keptText(key, value) {
+  if (KEPT[key].shown) return KEPT[key].shown;
+  if (typeof value === "boolean") return value ? "True" : "False";
+  return typeof value === "object" ? JSON.stringify(value) : value;
+}
+
 // The kept settings the tab sends (`keptRequest`), each a chip "Name: value" with a button that removes it; the line
 // hides when there are none
 function renderKept() {
@@ -676,7 +683,7 @@ function renderKept() {
   for (const [key, value] of Object.entries(keptRequest())) {
     const item = document.createElement("li");
     item.dataset.key = key;
-    const label = `${KEPT[key].name}: ${typeof value === "object" ? JSON.stringify(value) : value}`;
+    const label = `${KEPT[key].name}: ${keptText(key, value)}`;
     const name = document.createElement("span");
     name.textContent = label;
     item.append(name, makeButton("\u00d7", "remove-kept", () => { delete state.kept[key]; renderKept(); }, `Remove ${label}`));
