@@ -207,6 +207,33 @@ def test_from_png_warns_of_the_recorded_units_no_control_redraws(files, tmp_path
     assert "drawn with ControlNet 1;" in stderr and "ControlNet 0" not in stderr
 
 
+def test_from_png_warns_of_a_units_processor_res_pixel_perfect_and_hr_option(files, tmp_path, capsys):
+    """A recorded unit's Processor Res and Pixel Perfect: True (a canny / threshold / scribble the extension runs
+    at that resolution; sdlab at the image's size) and an Hr Option other than Both (with a hires pass) are named
+    in one warning line; a tile_resample unit's Processor Res and a Pixel Perfect: False are not."""
+    from cli_helpers import png_with_parameters
+
+    units = ('ControlNet 0: "Module: canny, Model: cn [12345678], Weight: 0.8, Resize Mode: Crop and Resize, '
+             'Processor Res: 768, Threshold A: 50.0, Threshold B: 150.0, Guidance Start: 0.0, Guidance End: 0.9, '
+             'Pixel Perfect: True, Control Mode: Balanced, Hr Option: Low res only", '
+             'ControlNet 1: "Module: tile_resample, Model: cn2 [12345678], Weight: 0.6, Resize Mode: Just Resize, '
+             'Processor Res: 512, Threshold A: 2.0, Threshold B: 0.5, Guidance Start: 0.1, Guidance End: 1.0, '
+             'Pixel Perfect: False, Control Mode: Balanced, Hr Option: High res only"')
+    for hires, expected in (("", "(ControlNet 0: Processor Res: 768, Pixel Perfect: True)"),
+                            ("Hires upscale: 2, Hires upscaler: Latent, Denoising strength: 0.5, ",
+                             "(ControlNet 0: Processor Res: 768, Pixel Perfect: True, Hr Option: Low res only; "
+                             "ControlNet 1: Hr Option: High res only)")):
+        recorded = png_with_parameters(tmp_path / "a1111.png", "a red apple\nSteps: 2, Sampler: Euler, CFG scale: 7, "
+                                       f"Seed: 3, Size: 16x16, {hires}{units}", (16, 16))
+        spec = f"{files['net']}:{files['hint']}"
+        code, _, stderr = run(["txt2img", "--model", str(files["model"]), "--no-progress", "--from-png",
+                               str(recorded), "--control", spec, "--control", spec,
+                               "--out", str(tmp_path / "again.png")], capsys)
+        assert code == 0, stderr
+        warnings = [line for line in stderr.splitlines() if "settings sdlab does not draw (ControlNet" in line]
+        assert len(warnings) == 1 and expected in warnings[0], stderr
+
+
 def test_recorded_unit_reads_a1111s_labels():
     """A ControlNet line as the extension writes it (`ControlNetUnit.serialize`) gives the unit its paste gives:
     module (its UI alias too), weight, guidance, thresholds and modes; a -1 threshold is the default."""

@@ -947,11 +947,25 @@ def _vae_label(name: str, short_hash: str | None) -> str:
     return f"{name} [{short_hash}]" if short_hash else name
 
 
+def _undrawn_unit_labels(recorded: dict[str, Any], request) -> list[str]:
+    """"ControlNet N: Label: value, ..." for each --control whose picture's `ControlNet N` line records settings
+    it does not draw (`control.undrawn_unit_labels`: Processor Res, Pixel Perfect, Hr Option)."""
+    from sdlab.pipeline.control import control_input, undrawn_unit_labels
+
+    found = []
+    for index, control in enumerate(map(control_input, request.controls)):
+        line = f"ControlNet {index}"
+        labels = undrawn_unit_labels(recorded[line], control.module, bool(request.hires)) if line in recorded else []
+        if labels:
+            found.append(f"{line}: {', '.join(labels)}")
+    return found
+
+
 def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None, pipe, request) -> None:
     """Warn about what the --from-png picture was drawn with that this run does not have: its refiner, its
     standalone VAE (or another than the one this run draws with: --vae, the sidecar), its textual-inversion
-    embeddings (not found in --embeddings-dir), its ControlNet units past the --controls given, its hires pass's
-    own CFG or checkpoint, the A1111 settings sdlab does not draw (`infotext.undrawn_labels`)."""
+    embeddings (not found in --embeddings-dir), its ControlNet units past the --controls given and the units'
+    settings sdlab does not draw (`_undrawn_unit_labels`), its hires pass's own CFG or checkpoint, the A1111 settings sdlab does not draw (`infotext.undrawn_labels`)."""
     from sdlab.pipeline.infotext import parse_lora_hashes, undrawn_labels
 
     if recorded.get("VAE") and vae is None:
@@ -972,6 +986,10 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None
     left_out = units[len(request.controls):]          # the N-th --control redraws the picture's ControlNet N
     if left_out:
         logger.warning("the picture was drawn with %s; pass a --control for each to redraw it", ", ".join(left_out))
+    unit_labels = _undrawn_unit_labels(recorded, request)
+    if unit_labels:
+        logger.warning("the picture's ControlNet units were drawn with settings sdlab does not draw (%s); the "
+                       "redraw differs", "; ".join(unit_labels))
     own = _own_hires_settings(recorded)
     if own and request.hires:
         logger.warning("the picture's hires pass had its own %s; sdlab's second pass runs with the first pass's, "

@@ -498,6 +498,28 @@ RECORDED_NUMBERS = {"Weight": "strength", "Guidance Start": "start", "Guidance E
 fields."""
 
 
+RESOLUTION_MODULES = ("canny", "threshold", "scribble")
+"""sdlab's preprocessors the extension runs at its processor resolution (`resize_image_with_pad`: the short side
+scaled to Processor Res, or to Pixel Perfect's); sdlab runs them at the image's size."""
+
+
+def _line_fields(line: str) -> dict[str, str]:
+    """A ControlNet infotext line's items, as the extension's `parse_unit` splits it: "Label: value" at commas."""
+    return dict(item.strip().split(": ", 1) for item in str(line).split(",") if ": " in item)
+
+
+def undrawn_unit_labels(line: str, module: str, hires: bool) -> list[str]:
+    """The "Label: value" items of a ControlNet infotext line that a control running `module` does not draw:
+    Processor Res and Pixel Perfect: True for a preprocessor the extension runs at that resolution
+    (`RESOLUTION_MODULES`), and an Hr Option other than Both when the run has a hires pass (`hires`)."""
+    fields = _line_fields(line)
+    undrawn = {"Processor Res": module in RESOLUTION_MODULES,
+               "Pixel Perfect": module in RESOLUTION_MODULES and fields.get("Pixel Perfect") == "True",
+               "Hr Option": hires and fields.get("Hr Option", "Both") != "Both"}
+    return [f"{label}: {fields[label]}" for label, drawn_otherwise in undrawn.items()
+            if drawn_otherwise and label in fields]
+
+
 def recorded_unit(line: str) -> dict[str, Any]:
     """The `ControlInput` settings a ControlNet infotext line records (`infotext_lines`, or the extension's):
     `module` (A1111's name or UI alias, `a1111_module`), `strength`, `start`, `end`, `threshold_a` /
@@ -505,7 +527,7 @@ def recorded_unit(line: str) -> dict[str, Any]:
     by sdlab's names; a label the line lacks is absent. The line is read as the extension's `parse_unit` reads
     it: items split at commas, each "Label: value". A module or mode sdlab has not, or a number that is not one,
     is a ValueError naming it."""
-    fields = dict(item.strip().split(": ", 1) for item in str(line).split(",") if ": " in item)
+    fields = _line_fields(line)
     unit: dict[str, Any] = {}
     if "Module" in fields:
         unit["module"] = a1111_module(fields["Module"])
