@@ -485,6 +485,26 @@ def _b64_of(picture: Image.Image) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def test_native_thresholds_of_minus_one_are_the_defaults(tmp_path):
+    """A native entry's threshold_a / threshold_b of -1 (any negative number) is the preprocessor's default, as
+    `--control-threshold-a -1` and an A1111 unit's -1 are; a text is still a 422."""
+    import types
+
+    from sdlab.server.config import Limits
+    from sdlab.server.controls import native_controls
+    from sdlab.server.inputs import BadRequest
+
+    _units(tmp_path)                                            # the folder's ControlNet file
+    net = tmp_path / "ControlNet" / "cn.safetensors"
+    folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net), titles=lambda: ["cn"])
+    entry = {"model": "cn", "image": _b64_of(Image.new("RGB", (8, 8))), "module": "canny"}
+    [control] = native_controls([{**entry, "threshold_a": -1, "threshold_b": -2.5}], folder, Limits())
+    assert (control.threshold_a, control.threshold_b) == (None, None)
+    assert native_controls([{**entry, "threshold_a": 0, "threshold_b": 30}], folder, Limits())[0].threshold_b == 30
+    with pytest.raises(BadRequest, match="threshold_a must be a number"):
+        native_controls([{**entry, "threshold_a": "low"}], folder, Limits())
+
+
 def test_a1111_units_in_the_extensions_other_forms(tmp_path):
     """The extension's `legacy_field_alias` ("guidance" is guidance_end) and the image forms its
     `get_input_images_rgba` reads: [image, mask], (image, mask) and [{"image": ..., "mask": ...}] give the unit

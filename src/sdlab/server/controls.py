@@ -199,6 +199,13 @@ def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits, init: Imag
     return tuple(controls)
 
 
+def native_threshold(value: Any) -> Any:
+    """A native entry's threshold_a / threshold_b: a negative number (A1111's -1) is the default (None), as with
+    `--control-threshold-a` and an A1111 unit; any other value as given (checked with the control)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return None if is_number and value < 0 else value
+
+
 def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Limits) -> tuple[ControlInput, ...]:
     controls = []
     for index, item in enumerate(items):
@@ -207,7 +214,8 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
         control = ControlInput(model_path(item.get("model"), what, folder), hint_image(item.get("image"), what, limits),
                                item.get("strength", 1.0), item.get("start", 0.0), item.get("end", 1.0),
                                module_name(item.get("module")), item.get("control_mode", "balanced"),
-                               item.get("resize_mode"), item.get("threshold_a"), item.get("threshold_b"),
+                               item.get("resize_mode"), native_threshold(item.get("threshold_a")),
+                               native_threshold(item.get("threshold_b")),
                                decode_image(mask, f"{what} mask", limits) if mask else None)
         controls.append(checked_control(control, index, "diffusers"))
     return tuple(controls)

@@ -61,7 +61,7 @@ class ControlIn(BaseModel):
     control_mode: str = "balanced"          # sdlab's names of A1111's control modes: balanced, prompt, control
     resize_mode: str | None = None          # resize (the default), crop, fill: A1111's resize modes
     threshold_a: float | None = None        # the preprocessor's A1111 Threshold A / B (canny's low / high, ...);
-    threshold_b: float | None = None        # None: its default
+    threshold_b: float | None = None        # None or -1: its default
     mask: str | None = None                 # an inpaint / inpaint_only entry's own mask (base64, white = masked)
 
 
