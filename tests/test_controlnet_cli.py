@@ -234,6 +234,33 @@ def test_from_png_warns_of_a_units_processor_res_pixel_perfect_and_hr_option(fil
         assert len(warnings) == 1 and expected in warnings[0], stderr
 
 
+def test_a_processor_res_at_the_hint_images_short_side_is_not_warned_of():
+    """The extension runs canny at Processor Res; at the hint image's short side that is the size sdlab runs it
+    at, so the label is not named (A1111's default 512 on a 512 px hint); another resolution still is."""
+    from sdlab.pipeline.control import undrawn_unit_labels
+
+    line = "Module: canny, Model: cn, Weight: 1.0, Processor Res: 32, Pixel Perfect: False, Hr Option: Both"
+    assert undrawn_unit_labels(line, "canny", False, short_side=32) == []
+    assert undrawn_unit_labels(line, "canny", False, short_side=48) == ["Processor Res: 32"]
+    assert undrawn_unit_labels(line, "canny", False) == ["Processor Res: 32"]
+
+
+def test_from_png_names_no_processor_res_at_the_hint_images_size(files, tmp_path, capsys):
+    """--from-png with a canny unit recorded at Processor Res = the hint's short side (32 here) warns of nothing."""
+    from cli_helpers import png_with_parameters
+
+    unit = ('ControlNet 0: "Module: canny, Model: cn [12345678], Weight: 0.8, Resize Mode: Crop and Resize, '
+            'Processor Res: 32, Threshold A: 50.0, Threshold B: 150.0, Guidance Start: 0.0, Guidance End: 0.9, '
+            'Pixel Perfect: False, Control Mode: Balanced, Hr Option: Both"')
+    recorded = png_with_parameters(tmp_path / "a1111.png", "a red apple\nSteps: 2, Sampler: Euler, CFG scale: 7, "
+                                   f"Seed: 3, Size: 16x16, {unit}", (16, 16))
+    code, _, stderr = run(["txt2img", "--model", str(files["model"]), "--no-progress", "--from-png", str(recorded),
+                           "--control", f"{files['net']}:{files['hint']}", "--out", str(tmp_path / "again.png")],
+                          capsys)
+    assert code == 0, stderr
+    assert "settings sdlab does not draw (ControlNet" not in stderr, stderr
+
+
 def test_recorded_unit_reads_a1111s_labels():
     """A ControlNet line as the extension writes it (`ControlNetUnit.serialize`) gives the unit its paste gives:
     module (its UI alias too), weight, guidance, thresholds and modes; a -1 threshold is the default."""

@@ -947,6 +947,19 @@ def _vae_label(name: str, short_hash: str | None) -> str:
     return f"{name} [{short_hash}]" if short_hash else name
 
 
+def _short_side(image) -> int | None:
+    """The short side of a hint image (a PIL picture or a file, whose header alone is read); None if unreadable."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return min(image.size)
+    try:
+        with Image.open(image) as opened:
+            return min(opened.size)
+    except (OSError, ValueError):
+        return None
+
+
 def _undrawn_unit_labels(recorded: dict[str, Any], request) -> list[str]:
     """"ControlNet N: Label: value, ..." for each --control whose picture's `ControlNet N` line records settings
     it does not draw (`control.undrawn_unit_labels`: Processor Res, Pixel Perfect, Hr Option)."""
@@ -955,7 +968,9 @@ def _undrawn_unit_labels(recorded: dict[str, Any], request) -> list[str]:
     found = []
     for index, control in enumerate(map(control_input, request.controls)):
         line = f"ControlNet {index}"
-        labels = undrawn_unit_labels(recorded[line], control.module, bool(request.hires)) if line in recorded else []
+        if line not in recorded:
+            continue
+        labels = undrawn_unit_labels(recorded[line], control.module, bool(request.hires), _short_side(control.image))
         if labels:
             found.append(f"{line}: {', '.join(labels)}")
     return found

@@ -508,12 +508,15 @@ def _line_fields(line: str) -> dict[str, str]:
     return dict(item.strip().split(": ", 1) for item in str(line).split(",") if ": " in item)
 
 
-def undrawn_unit_labels(line: str, module: str, hires: bool) -> list[str]:
+def undrawn_unit_labels(line: str, module: str, hires: bool, short_side: int | None = None) -> list[str]:
     """The "Label: value" items of a ControlNet infotext line that a control running `module` does not draw:
-    Processor Res and Pixel Perfect: True for a preprocessor the extension runs at that resolution
-    (`RESOLUTION_MODULES`), and an Hr Option other than Both when the run has a hires pass (`hires`)."""
+    Processor Res (unless it is the hint image's `short_side`, the size sdlab runs the preprocessor at) and
+    Pixel Perfect: True for a preprocessor the extension runs at that resolution (`RESOLUTION_MODULES`), and an
+    Hr Option other than Both when the run has a hires pass (`hires`)."""
     fields = _line_fields(line)
-    undrawn = {"Processor Res": module in RESOLUTION_MODULES,
+    resolution = fields.get("Processor Res", "")
+    at_image_size = short_side is not None and resolution.lstrip("-").isdigit() and int(resolution) == short_side
+    undrawn = {"Processor Res": module in RESOLUTION_MODULES and not at_image_size,
                "Pixel Perfect": module in RESOLUTION_MODULES and fields.get("Pixel Perfect") == "True",
                "Hr Option": hires and fields.get("Hr Option", "Both") != "Both"}
     return [f"{label}: {fields[label]}" for label, drawn_otherwise in undrawn.items()
