@@ -342,6 +342,43 @@ def test_the_server_holds_no_merged_tensors_or_lora_files_between_jobs(model, tm
         service.store.close()
 
 
+def test_a_queued_jobs_tag_lora_is_read_once(model, tmp_path, monkeypatch):
+    """The server reads a tag's LoRA file when the job is submitted (a file that is not a LoRA is a 400 at
+    once) and the run finds it read: a job queued behind another reads its file once too, the job before it
+    ending keeps the files a waiting job was submitted with; once nothing waits they are let go, and so they
+    are when the one job waiting is cancelled."""
+    import time
+
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec
+
+    service, style = _service(model, tmp_path)
+    reads = []
+    real = prompt_loras.load_lora_file
+    monkeypatch.setattr(prompt_loras, "load_lora_file", lambda path: (reads.append(Path(path)), real(path))[1])
+    try:
+        alone, _ = service.submit(JobSpec(GenerationRequest("a cat <lora:style:0.5>", **OPTIONS)), "txt2img", None)
+        assert reads == [style] and prompt_loras._FILE_CACHE
+        service.queue.cancel(alone)
+        assert not prompt_loras._FILE_CACHE
+        reads.clear()
+        jobs = [service.submit(JobSpec(GenerationRequest(f"a {animal} <lora:style:{w}>", sampler="Euler", **OPTIONS)),
+                               "txt2img", None)[0] for animal, w in (("cat", 0.5), ("dog", 0.7))]
+    except BaseException:
+        service.store.close()
+        raise
+    service.start()                                     # the dog waits while the cat is drawn
+    try:
+        deadline = time.monotonic() + 120
+        while any(job.status not in ("done", "failed") for job in jobs) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [job.status for job in jobs] == ["done", "done"], [job.error for job in jobs]
+        assert reads == [style]
+        assert not prompt_loras._FILE_CACHE
+    finally:
+        service.stop()
+
+
 def test_the_hires_prompts_loras_and_embeddings_are_in_the_hashes(model, tmp_path, capsys):
     """A1111 activates the hires prompt's extra networks for the second pass and keeps one `lora_hashes` dict
     over both passes (`extra_networks_lora.activate`: reset only outside the hires pass), and its text encoder

@@ -177,11 +177,13 @@ class JobQueue:
 
     `run` sets the job's results (or raises: `JobCancelled`, or any error, which fails the job)."""
 
-    def __init__(self, store: Store, run: RunFn, max_queue: int, on_start: Callable[[], None] | None = None) -> None:
+    def __init__(self, store: Store, run: RunFn, max_queue: int, on_start: Callable[[], None] | None = None,
+                 on_emptied: Callable[[], None] | None = None) -> None:
         self.store = store
         self.max_queue = max_queue
         self._run = run
         self._on_start = on_start
+        self._on_emptied = on_emptied       # a cancel left nothing queued or running (`run` ends its own jobs)
         self._queue: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}     # queued and running jobs by id, and finished ones the store lacks
         self._condition = threading.Condition()
@@ -262,6 +264,11 @@ class JobQueue:
         with self._condition:
             return self._queue.index(job) if job in self._queue else None
 
+    def others_waiting(self, job: Job) -> bool:
+        """Whether a job besides `job` is queued or being queued (its row being written)."""
+        with self._condition:
+            return self._places_kept > 0 or any(other is not job for other in self._queue)
+
     def counts(self) -> tuple[int, int]:
         """(queued, running) job counts."""
         with self._condition:
@@ -275,8 +282,11 @@ class JobQueue:
                 self._queue.remove(job)
             elif job.status == "running":
                 job.cancel.set()
+            emptied = queued and self.current is None and not self._queue and not self._places_kept
         if queued:
             self._finish(job, "cancelled", None)
+        if emptied and self._on_emptied is not None:
+            self._on_emptied()
         return job.status
 
     def interrupt(self, only: Job | None = None) -> bool:

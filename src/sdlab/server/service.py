@@ -10,6 +10,7 @@ from typing import Any
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, tag_loras
+from sdlab.pipeline.prompt_loras import forget_read_loras
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
@@ -36,8 +37,10 @@ class Service:
         self.upscalers = ModelFolder(config.upscalers_dir, UPSCALER_SUFFIXES, hashed=False)
         self.host = ModelHost(self.registry, config.device, config.embeddings_dir)
         self.images_dir = config.output_dir / IMAGES_FOLDER
-        self.runner = Runner(self.host, self.images_dir, config.limits, self.upscalers)
-        self.queue = JobQueue(self.store, self.runner.run, config.max_queue, on_start=self.runner.warm)
+        self.runner = Runner(self.host, self.images_dir, config.limits, self.upscalers,
+                             others_waiting=lambda job: self.queue.others_waiting(job))
+        self.queue = JobQueue(self.store, self.runner.run, config.max_queue, on_start=self.runner.warm,
+                              on_emptied=forget_read_loras)     # a cancelled job's tags, read when it was submitted
         self.options: dict[str, Any] = {}           # A1111 options clients set that sdlab does not use
 
     def start(self) -> None:
