@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
-from sdlab.pipeline.request import GenerationRequest, RequestError, check_sdxl_conditioning
+from sdlab.pipeline.request import MAX_BATCH_COUNT, GenerationRequest, RequestError, check_sdxl_conditioning
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
     BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_base64, decode_image, refiner_choice, schedule_name,
@@ -90,6 +90,8 @@ class JobIn(NullsAreDefaults):
     width: int | None = None
     height: int | None = None
     batch_size: int = 1
+    batch_count: int = 1                    # batches of batch_size drawn one after another, the seeds continuing
+                                            # (A1111's Batch count, its API's n_iter)
     strength: float | None = None           # img2img 0.75, inpaint 1.0
     init_image: str | None = None           # base64 or data URL
     resize_mode: str = "resize"             # init image to width x height: resize, crop, fill, latent (A1111's)
@@ -225,6 +227,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         if body.mask_image is None:
             raise BadRequest("inpaint needs mask_image (white = repaint)", 422)
         mask = decode_image(body.mask_image, "mask_image", limits)
+    if not 1 <= body.batch_count <= MAX_BATCH_COUNT:
+        raise BadRequest(f"batch_count must be 1..{MAX_BATCH_COUNT}, got {body.batch_count}", 422)
     strength = body.strength if body.strength is not None else (1.0 if body.mode == "inpaint" else 0.75)
     try:
         schedule = schedule_name(body.schedule)         # sdlab's names and A1111's ("SGM Uniform", "automatic")
@@ -268,7 +272,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
             raise BadRequest(str(err), 422) from None
         unset = frozenset()
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras),
-                   model_preset_fills=unset,
+                   batch_count=body.batch_count, model_preset_fills=unset,
                    refiner=refiner_choice(body.refiner, body.refiner_switch, body.refiner_convention, "refiner_switch"))
     job, position = service.submit(spec, body.mode, body.model)
     return {"id": job.id, "status": job.status, "position": position}

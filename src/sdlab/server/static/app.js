@@ -31,7 +31,6 @@ const NOT_IN_FORM = {
   quantize_timesteps: { name: "Timestep rounding", none: false },
   paste_back: { name: "paste_back", none: true },
   tiled_vae: { name: "tiled_vae", none: null },
-  batch_count: { name: "Batch count", none: 1 },
 };
 // Request fields the form has no control for and the native API takes, with their name (A1111's label), the API's
 // value when unset and the controls whose change lets them go: a reused job's or a dropped PNG's other values are
@@ -617,6 +616,7 @@ function collectRequest() {
     width: sideField("width"),
     height: sideField("height"),
     batch_size: numberField("batch_size", { integer: true }),
+    batch_count: numberField("batch_count", { integer: true }),
     clip_skip: numberOrDefault("clip_skip", { integer: true }),
     tiling: $("tiling").checked,
     rng: $("rng").value,
@@ -715,6 +715,7 @@ function fillForm(settings) {
     setField(id, orDefault(id, settings[id]));           // settings without one were drawn with the default
   }
   setField("batch_size", settings.batch_size);
+  setField("batch_count", settings.batch_count);           // a picture has none (A1111 writes none): the box stays
   $("tiling").checked = settings.tiling === true;          // settings without it were drawn without
   const rng = settings.rng ?? "CPU";                       // a record without it: sdlab's default drew it
   if (!selectMatching($("rng"), rng)) unknown.push(`RNG "${rng}"`);
@@ -868,11 +869,12 @@ function followJob(id) {
     if (!state.follow || state.follow.id !== id) return;
     if (type === "started") {
       state.shownJob = id;
+      state.follow.batches = batchCount(data.request);
       setRunning(id);
       setProgress(0, data.steps || 1, "Started");
     } else if (type === "step") {
       state.shownJob = id;
-      setProgress(data.i, data.n, `Step ${data.i} / ${data.n}${timeLeft(id, data.i, data.n)}`);
+      setProgress(data.i, data.n, `${stepText(data.i, data.n, state.follow.batches)}${timeLeft(id, data.i, data.n)}`);
       if (data.preview) {
         $("preview").dataset.count = Number($("preview").dataset.count || 0) + 1;   // previews shown so far
         $("preview").src = data.preview;
@@ -898,6 +900,18 @@ function followJob(id) {
       setTimeout(() => refreshJobs(true), 1000);
     }
   };
+}
+
+// A job's batch count (A1111's; its request records it above 1)
+const batchCount = (request) => (request && request.batch_count) || 1;
+
+// "Step i / n" of the job's steps, or for a job of several batches (A1111's Batch count) "Batch b / N · Step s / m",
+// the batch being drawn and its steps (each batch runs n / N of them; a skipped batch's count as run)
+function stepText(i, n, batches) {
+  if (!(batches > 1) || !n) return `Step ${i} / ${n}`;
+  const perBatch = n / batches;
+  const batch = Math.min(batches, Math.floor(Math.max(i - 1, 0) / perBatch) + 1);
+  return `Batch ${batch} / ${batches} \u00b7 Step ${i - (batch - 1) * perBatch} / ${perBatch}`;
 }
 
 // " · 12 s left" from the pace of the steps seen so far ("" until two steps are in)
@@ -940,7 +954,8 @@ function showJob(job) {
   if (status === "done") setProgress(n, n, `Done${elapsed(job)}`);
   else if (status === "failed") setProgress(0, 1, "Failed");
   else if (status === "cancelled" || status === "interrupted") setProgress(job.step || 0, n, status === "cancelled" ? "Cancelled" : "Interrupted");
-  else setProgress(job.step || 0, n, status === "running" ? `Step ${job.step || 0} / ${n}` : "Queued");
+  else if (status === "running") setProgress(job.step || 0, n, stepText(job.step || 0, n, batchCount(job.request)));
+  else setProgress(job.step || 0, n, "Queued");
   if (status === "failed" && job.error) showError(`Job failed: ${job.error}`);
   const results = $("results");
   results.replaceChildren();
@@ -1051,7 +1066,8 @@ async function imageToInit(url) {
 
 function reuseSettings(job) {
   showError("");
-  const settings = { ...(job.request || {}) };       // its mode tells the notice what applies; the tab stays
+  // its mode tells the notice what applies; the tab stays. A job records its batch count only above 1
+  const settings = { batch_count: 1, ...(job.request || {}) };
   if (job.request && job.request.model === undefined && job.model) settings.model = job.model;
   const missing = applySettings(settings);
   if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
