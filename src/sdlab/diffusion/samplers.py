@@ -40,13 +40,15 @@ one picture on any device whichever name runs it. Each row (``SamplerSpec``) say
 - which schedule AUTOMATIC1111 (1.9+) runs it on when the schedule is "Automatic" (``a1111_automatic``, the
   ``scheduler`` option of its row in A1111's ``sd_samplers_kdiffusion``; for rows without one the model's
   uniform sigmas, ``uniform`` = ``normal``). ``a1111_schedule`` applies that rule and A1111's other ones:
-  its timestep samplers (DDIM, PLMS, UniPC: ``sd_samplers_timesteps``) ignore the schedule and step on
+  its timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC: ``sd_samplers_timesteps``) ignore the schedule and step on
   ``range(0, 1000, 1000 // steps) + 1``: sdlab's ``ddim_uniform``, on which they run as A1111 runs them
   (``runs_a1111_timesteps``), and its LCM's uniform sigmas are those
   of its 50 LCM timesteps, ``a1111_lcm``. A request that names no schedule runs LCM and TCD on their own
   grid (``default_schedule``), any other sampler on the model's default;
 - whether it steps with the unguided prediction as well as the guided one (``cfg_pp``, the CFG++ samplers:
-  ``guidance.with_unguided``), so that the loop encodes the negative prompt at any CFG scale.
+  ``guidance.with_unguided``), so that the loop encodes the negative prompt at any CFG scale, and the factor its
+  guidance takes the CFG scale by (``cfg_scale_factor``: A1111's DDIM CFG++ guides at CFG / 12.5);
+- A1111's other names of it that are no ComfyUI name (``a1111_aliases``: "ddim_cfgpp", its DDIM CFG++'s alias).
 
 Minimum steps. LMS (Adams-Bashforth of order 4 in sigma), PLMS (order 4 in timestep index) and DPM++ 3M
 SDE (third order) are exact copies of their references (k-diffusion, diffusers) and converge, but with
@@ -104,6 +106,8 @@ class SamplerSpec:
     calls_per_step: int = 1             # model calls a step makes (A1111 schedules prompt edits over them)
     comfy_aliases: tuple[str, ...] = ()  # ComfyUI's other names of the row (its _gpu variants)
     cfg_pp: bool = False                # steps with the unguided prediction too (CFG++): an uncond pass at any CFG
+    cfg_scale_factor: float = 1.0       # guidance at CFG times this (A1111's DDIM CFG++: its cond_scale_miltiplier)
+    a1111_aliases: tuple[str, ...] = ()  # A1111's aliases of the row that are no ComfyUI name (its samplers_map)
     model_range: bool = False           # A1111's txt2img solves between the model's own sigmas, not the schedule's
 
     @property
@@ -113,8 +117,8 @@ class SamplerSpec:
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        """The row's names besides `name`: ComfyUI's name of an A1111 row, ComfyUI's aliases."""
-        return tuple(n for n in (self.comfy, *self.comfy_aliases) if n and n != self.name)
+        """The row's names besides `name`: ComfyUI's name of an A1111 row, ComfyUI's aliases, A1111's aliases."""
+        return tuple(n for n in (self.comfy, *self.comfy_aliases, *self.a1111_aliases) if n and n != self.name)
 
     @property
     def stochastic(self) -> bool:
@@ -204,6 +208,10 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     ),
     # CompVis, diffusers set_alpha_to_one=False: DDIM and PLMS end at alphas_cumprod[0]
     SamplerSpec("DDIM", None, L.sample_ddim, noise=_GAUSS, final_sigma="first_alpha", spacing=_DDIM),
+    # A1111 1.10's DDIM CFG++ (sd_samplers_timesteps_impl.ddim_cfgpp): DDIM's step along the unguided eps, its
+    # guidance at CFG / 12.5 (the CFGDenoiser's cond_scale_miltiplier the function sets)
+    SamplerSpec("DDIM CFG++", None, partial(L.sample_ddim, cfg_pp=True), noise=_GAUSS, final_sigma="first_alpha",
+                spacing=_DDIM, cfg_pp=True, cfg_scale_factor=1 / 12.5, a1111_aliases=("ddim_cfgpp",)),
     # ComfyUI's ddim (sampler_object("ddim")) is ksampler("euler"): Euler on the KSampler's sigmas, ending at 0
     SamplerSpec(None, "ddim", K.sample_euler, spacing=_DDIM),
     SamplerSpec("PLMS", None, L.sample_plms, final_sigma="first_alpha", spacing=_DDIM, min_steps=30),
@@ -266,7 +274,9 @@ _COMFY: dict[str, SamplerSpec] = {
     name: spec for spec in SAMPLER_TABLE for name in (spec.comfy, *spec.comfy_aliases) if name
 }
 
-_BY_SPELLING: dict[str, SamplerSpec] = {**_COMFY, **SAMPLERS}
+_A1111_ALIASES: dict[str, SamplerSpec] = {name: spec for spec in SAMPLER_TABLE for name in spec.a1111_aliases}
+
+_BY_SPELLING: dict[str, SamplerSpec] = {**_COMFY, **_A1111_ALIASES, **SAMPLERS}
 """Every name as written: A1111's and ComfyUI's spellings of one word ("DDIM", "ddim") are two rows."""
 
 _BY_NAME: dict[str, SamplerSpec] = {name.casefold(): spec for name, spec in _BY_SPELLING.items()}
@@ -274,8 +284,8 @@ _BY_NAME: dict[str, SamplerSpec] = {name.casefold(): spec for name, spec in _BY_
 
 
 def sampler_names() -> list[str]:
-    """Every accepted name: display names first, then the ComfyUI names."""
-    return list(SAMPLERS) + sorted(_COMFY)
+    """Every accepted name: display names first, then A1111's aliases, then the ComfyUI names."""
+    return list(SAMPLERS) + sorted(_A1111_ALIASES) + sorted(_COMFY)
 
 
 def get_sampler(name: str) -> SamplerSpec:
@@ -294,7 +304,7 @@ def comfyui_spelling(name: str) -> bool:
     return name.strip() in _COMFY
 
 
-A1111_TIMESTEP_SAMPLERS = frozenset({"DDIM", "PLMS", "UniPC"})
+A1111_TIMESTEP_SAMPLERS = frozenset({"DDIM", "DDIM CFG++", "PLMS", "UniPC"})
 """A1111's CompVis timestep samplers (`sd_samplers_timesteps.py`): fixed timesteps, eta labelled `Eta DDIM`."""
 
 A1111_TIMESTEP_SCHEDULE = "ddim_uniform"
@@ -304,9 +314,10 @@ A1111_TIMESTEP_SCHEDULE = "ddim_uniform"
 
 def runs_a1111_timesteps(spec: SamplerSpec, schedule: str | None) -> bool:
     """Whether `spec` on `schedule` is one of A1111's timestep samplers as A1111 runs it (`sd_samplers_timesteps`):
-    DDIM, PLMS or UniPC on `A1111_TIMESTEP_SCHEDULE`, which A1111's API and texts give them. They then step on
-    A1111's timesteps (`discretization.a1111_timestep_sigmas`), from unit noise in VP scaling, by `a1111_run`'s
-    function; on another schedule DDIM and PLMS are diffusers', UniPC diffusers' UniPCMultistepScheduler."""
+    DDIM, DDIM CFG++, PLMS or UniPC on `A1111_TIMESTEP_SCHEDULE`, which A1111's API and texts give them. They then
+    step on A1111's timesteps (`discretization.a1111_timestep_sigmas`), from unit noise in VP scaling, by
+    `a1111_run`'s function; on another schedule DDIM (and DDIM CFG++) and PLMS are diffusers', UniPC diffusers'
+    UniPCMultistepScheduler."""
     return spec.a1111 in A1111_TIMESTEP_SAMPLERS and (schedule or "").strip().lower() == A1111_TIMESTEP_SCHEDULE
 
 
@@ -346,7 +357,7 @@ def a1111_schedule(sampler: str, schedule: str | None) -> str | None:
 def also_discards(spec: SamplerSpec, always: bool) -> bool:
     """Whether A1111's `Discard penultimate sigma` (its always_discard_next_to_last_sigma, `always`) drops the
     next-to-last sigma of a sampler whose row keeps it (`KDiffusionSampler.get_sigmas`); A1111's timestep samplers
-    (DDIM, PLMS, UniPC) take the timesteps of one step more instead (`CompVisSampler.get_timesteps`)."""
+    (DDIM, DDIM CFG++, PLMS, UniPC) take the timesteps of one step more instead (`CompVisSampler.get_timesteps`)."""
     return always and not spec.discard_penultimate
 
 

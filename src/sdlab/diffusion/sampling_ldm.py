@@ -41,7 +41,7 @@ from torch import Tensor
 from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.noise import NoiseSource
 from sdlab.diffusion.steps import (
-    StepCallback, ancestral_step, report_step, require_noise, sigma_batch, to_d, within_step,
+    StepCallback, ancestral_step, predictions, report_step, require_noise, sigma_batch, to_d, within_step,
 )
 
 __all__ = [
@@ -90,6 +90,7 @@ def sample_ddim(
     noise: NoiseSource | None = None,
     callback: StepCallback | None = None,
     eta: float = 0.0,
+    cfg_pp: bool = False,
 ) -> Tensor:
     """DDIM (Song et al. 2020, eq. 12) with stochasticity ``eta`` (0: deterministic, 1: DDPM-like).
 
@@ -102,17 +103,22 @@ def sample_ddim(
     ``t - T // steps``; that is the next timestep of its list for "leading" spacing (the SD default),
     and the last step goes to ``alphas_cumprod[0]`` (``set_alpha_to_one=False``): pass the sigmas of
     the timesteps followed by sigma_min (its row's ``final_sigma`` in ``sdlab.diffusion.samplers``).
+
+    ``cfg_pp``: A1111's DDIM CFG++ (``ddim_cfgpp``): x0 the guided prediction, the direction ``dir_xt`` the
+    unguided eps (its ``last_noise_uncond``), ``x' = x0 + sigma_down * (x - x0_u) / sigma + sigma_up * noise``.
     """
     sigma_values = _check_sigmas(sigmas)
     ref = torch.tensor(sigma_values, dtype=torch.float64)  # the split in float64, on the validated values
+    predict = predictions(model, cfg_pp)
     for i in range(len(sigma_values) - 1):
         sigma, sigma_next = sigma_values[i], sigma_values[i + 1]
-        denoised = model(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w)
+        denoised, unguided = predict(x, sigma_batch(sigma, x, sigmas))  # (B, C, h, w) each
         report_step(callback, i, x, sigma, sigma_next, denoised)
         sigma_down, sigma_up = ancestral_step(ref[i], ref[i + 1], eta)
-        x_next = denoised + (sigma_down / sigma) * (x - denoised)
+        x_next = denoised + (sigma_down / sigma) * (x - unguided)
         if sigma_up > 0.0:
-            x_next = x_next + sigma_up * require_noise(noise, "DDIM", "eta > 0")(sigmas[i], sigmas[i + 1])
+            name = "DDIM CFG++" if cfg_pp else "DDIM"
+            x_next = x_next + sigma_up * require_noise(noise, name, "eta > 0")(sigmas[i], sigmas[i + 1])
         x = x_next
     return x
 

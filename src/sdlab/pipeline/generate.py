@@ -651,7 +651,7 @@ def _guided_model(
         guided = bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp)
         model = switch_at_calls([
             (end, cfg(denoiser, {**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond},
-                      req.cfg_scale, req.guidance_rescale))
+                      guidance_scale(req), req.guidance_rescale))
             for end, cond, uncond in conditioning(parts[0][0], req.negative_prompt, guidance=guided)
         ], first_call)
     else:
@@ -745,9 +745,15 @@ def _composed_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], parts
     return switch_at_calls([
         (end, composable_cfg([(partial(denoiser, **cond, **extra_cond), weight)
                               for cond, weight in zip(conds, weights)],
-                             partial(denoiser, **uncond, **extra_uncond), req.cfg_scale))
+                             partial(denoiser, **uncond, **extra_uncond), guidance_scale(req)))
         for end, conds, uncond in schedule
     ], first_call)
+
+
+def guidance_scale(req: GenerationRequest) -> float:
+    """The scale guidance runs at: the request's CFG scale times its sampler's `cfg_scale_factor` (A1111's DDIM CFG++
+    guides at CFG / 12.5; the pictures record the CFG scale as asked, as A1111's)."""
+    return req.cfg_scale * get_sampler(req.sampler).cfg_scale_factor
 
 
 def pad_rule(req: GenerationRequest) -> str | None:

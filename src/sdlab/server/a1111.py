@@ -9,7 +9,8 @@ Errors use A1111's body `{error, detail, body, errors}`: an unknown sampler is 4
 up to 1.8 answered so; 1.9+ draws its first sampler, DPM++ 2M), an unknown scheduler 404 "Scheduler not found"
 (A1111 itself falls back to "Automatic"); sdlab refuses both rather than draw another picture silently. The
 scheduler "Automatic" or none is A1111's choice for the sampler (Karras for DPM++ 2M, uniform for Euler, ...:
-`samplers.a1111_schedule`), and DDIM / PLMS / UniPC step on A1111's fixed timesteps whatever the scheduler.
+`samplers.a1111_schedule`), and DDIM / DDIM CFG++ / PLMS / UniPC step on A1111's fixed timesteps whatever the
+scheduler.
 Unset width / height / CFG / steps take the loaded model's defaults rather than A1111's 512 / 7 / 20 (img2img's
 sizes too, not the init picture's: `size_convention="a1111"`); on a model that names a few-step preset the unset
 sampler, scheduler, steps, CFG and eta are the preset's.
