@@ -112,6 +112,71 @@ def test_comfyui_syntax_names_subfolders_and_drops_unknown_names(sd1, tmp_path, 
     assert _max_err(context(sd1, "a embedding:ink house"), context(sd1, "a house")) == 0    # none loaded
 
 
+def _comfyui_token_weights(text: str, weight: float = 1.0) -> list[tuple[str, float]]:
+    """ComfyUI's emphasis reading (comfy/sd1_clip.py `token_weights` over `parse_parentheses`), transcribed:
+    a top-level ``(...)`` whose text ends in ``:NUMBER`` is that text at that weight (else at 1.1 times the
+    weight), everything else is text at the weight outside."""
+    items, item, depth = [], "", 0
+    for char in text:
+        if char == "(":
+            if depth == 0:
+                if item:
+                    items.append(item)
+                item = "("
+            else:
+                item += char
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth == 0:
+                items.append(item + ")")
+                item = ""
+            else:
+                item += char
+        else:
+            item += char
+    if item:
+        items.append(item)
+    out = []
+    for x in items:
+        if len(x) >= 2 and x[0] == "(" and x[-1] == ")":
+            x, inner = x[1:-1], weight * 1.1
+            colon = x.rfind(":")
+            if colon > 0:
+                try:
+                    inner, x = float(x[colon + 1:]), x[:colon]
+                except ValueError:
+                    pass
+            out += _comfyui_token_weights(x, inner)
+        else:
+            out.append((x, weight))
+    return out
+
+
+@torch.no_grad()
+def test_a_weight_after_an_embedding_name_as_in_comfyui(sd1, tmp_path, caplog):
+    """ComfyUI reads ``(embedding:ink:1.2)`` as the word embedding:ink at weight 1.2 (`token_weights`), and the
+    bare word ``embedding:ink:1.2`` as the name "ink:1.2", which names no file: the whole word is left out with
+    a warning (`_try_get_embedding`), not ink followed by the text ":1.2". sdlab reads both the same way."""
+    from sdlab.pipeline.plan import warn_of_unloaded_embeddings
+    from sdlab.pipeline.prompt_syntax import parse_weighted
+    from sdlab.pipeline.request import GenerationRequest
+
+    assert _comfyui_token_weights("a (embedding:ink:1.2) house") == [("a ", 1.0), ("embedding:ink", 1.2), (" house", 1.0)]
+    assert parse_weighted("a (embedding:ink:1.2) house") == _comfyui_token_weights("a (embedding:ink:1.2) house")
+    assert _comfyui_token_weights("a embedding:ink:1.2 house") == [("a embedding:ink:1.2 house", 1.0)]
+    embedded = install_embeddings(sd1, [load_embedding(_a1111_pt(tmp_path / "ink.pt", _vectors(2, 64, 1)))])
+
+    def context(prompt):
+        return make_cond(embedded.text_encoders, embedded.family, prompt, "")[0]["context"]
+
+    assert _max_err(context("a (embedding:ink:1.2) house"), context("a (ink:1.2) house")) == 0
+    assert _max_err(context("a embedding:ink:1.2 house"), context("a house")) == 0
+    with caplog.at_level(logging.WARNING):
+        warn_of_unloaded_embeddings(embedded, GenerationRequest("a embedding:ink:1.2 house", steps=2, sampler="Euler"))
+    assert [r.getMessage() for r in caplog.records] == ["embedding:ink:1.2 is not loaded; it is left out of the prompt"]
+
+
 def _comfyui_ids(text: str, text_ids, embeddings: dict[str, list[int]]) -> list[int]:
     """ComfyUI's reading of one text (comfy/sd1_clip.py, `SDTokenizer.tokenize_with_weights` and
     `_try_get_embedding`, transcribed for one weight): a word of the text split at spaces and newlines that
@@ -137,6 +202,8 @@ COMFYUI_WORDS = [
     "a,embedding:ink", "tab\tembedding:ink", "(embedding:ink", "embedding:ink, a cat", "a  embedding:ink,, b",
     "line\nembedding:ink", "embedding:ink embedding:ink", "embedding:nothere cat", "a embedding:nothere, b",
     "embedding:nothere,", "1girl embedding:ink.\nembedding:", "embedding:Ink embedding:ink",
+    "a embedding:ink:1.2 cat", "embedding:ink,bar", "embedding:ink), b", "embedding:ink) b", "embedding:ink|x",
+    "embedding:ink[b]", "a embedding:ink<x> c", "embedding:,ink,", "embedding:ink:", "embedding:ink\tb c",
 ]
 
 

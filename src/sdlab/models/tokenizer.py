@@ -64,9 +64,10 @@ _PRETOKENIZE = regex.compile(
 # ComfyUI's way to name an embedding in a prompt: `embedding:NAME` (NAME may carry the file's extension and
 # the subfolder it lies in: `embedding:styles/ink.pt`), read where ComfyUI reads it: a word that begins with
 # lower-case `embedding:`, the words of a text being split at spaces and newlines
-# (`SDTokenizer.tokenize_with_weights`). Elsewhere ("myembedding:x", "EMBEDDING:x", "a,embedding:x") it is text;
-# a bare "embedding:" names nothing and is left out, as there.
-_EMBEDDING_SYNTAX = regex.compile(r"(?<![^ \n])embedding:([^\s,()\[\]{}<>|:]*)")
+# (`SDTokenizer.tokenize_with_weights`), NAME the rest of the word (`CLIPTokenizer._named_units`). Elsewhere
+# ("myembedding:x", "EMBEDDING:x", "a,embedding:x") it is text; a bare "embedding:" names nothing and is left
+# out, as there.
+_EMBEDDING_SYNTAX = regex.compile(r"(?<![^ \n])embedding:([^ \n]*)")
 _EMBEDDING_SUFFIX = regex.compile(r"\.(pt|pth|bin|safetensors)$", regex.IGNORECASE)
 
 
@@ -246,7 +247,7 @@ class CLIPTokenizer:
             if i % 2 == 0:
                 units.extend(self._substitute(self._bpe_ids(part)))
             else:
-                units.extend(self._named_word(part))
+                units.extend(self._named_units(part))
         return units
 
     def _bpe_ids(self, text: str) -> list[int]:
@@ -309,11 +310,23 @@ class CLIPTokenizer:
                 return [ids]
         return []
 
+    def _named_units(self, name: str) -> list[tuple[int, ...]]:
+        """The units of the word ``embedding:name``, as ComfyUI's ``_try_get_embedding`` reads it: the word
+        ``name`` names; else, where ``name`` has commas at either end, the word it names without them, followed
+        by the text of its last ``len(commas)`` characters (``ink,,`` is ink then ",,"). So ``ink:1.2`` or
+        ``ink,b`` names nothing, and the whole word is left out: a weight takes brackets, ``(embedding:ink:1.2)``."""
+        found = self._named_word(name)
+        stripped = name.strip(",")
+        if found or stripped == name:
+            return found
+        return self._named_word(stripped) + self._substitute(self._bpe_ids(name[len(stripped):]))
+
     def unloaded_names(self, text: str) -> list[str]:
         """The names of ``text``'s ``embedding:name`` words that name no loaded word (left out of the
-        prompt), each once, in order."""
+        prompt; without the commas at their ends, `_named_units`), each once, in order."""
         names = _EMBEDDING_SYNTAX.split(text)[1::2]
-        return list(dict.fromkeys(name for name in names if not self._named_word(name)))
+        missing = (name.strip(",") or name for name in names if not self._named_word(name))
+        return list(dict.fromkeys(name for name in missing if not self._named_word(name)))
 
     def decode(self, ids: list[int] | torch.Tensor) -> str:
         """Text of ``ids`` (cleaned and lower-cased, as the model saw it); word ends become spaces."""
