@@ -145,3 +145,36 @@ def test_the_cli_flags_draw_them_and_the_png_draws_them_again(tmp_path, capsys):
                                 steps=2, width=32, height=32)
     expected = np.asarray(sdlab.load(model).run(request).images[0], dtype=np.int16)
     assert np.array_equal(pixels(flagged), expected) and np.array_equal(pixels(again), expected)
+
+
+def test_a_new_prompt_on_the_line_drops_the_pictures_prompt_2(tmp_path, capsys):
+    """`--from-png` with another prompt (another --negative) leaves the picture's Prompt 2 (Negative prompt 2) out,
+    as the web UI drops it when the prompt is edited: the second encoder reads the new text, not the old picture's
+    second prompt under it. The prompt given as recorded, or --prompt-2 on the line, keeps one."""
+    import numpy as np
+    from bundle_fixtures import write_original
+    from cli_helpers import pixels, run
+
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    model, flagged = tmp_path / "sdxl.safetensors", tmp_path / "flagged.png"
+    write_original(tiny_bundle("sdxl", seed=11), model, junk=False)
+    fast = ["--model", str(model), "--seed", "7", "--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
+    assert run(["txt2img", "a red apple", *fast, "--negative", "blurry", "--prompt-2", PROMPT_2,
+                "--negative-prompt-2", NEGATIVE_2, "--out", str(flagged)], capsys)[0] == 0
+    pipe = sdlab.load(model)
+    for index, (line, drawn) in enumerate([
+        (["a dog"], dict(prompt="a dog", negative_prompt="blurry", negative_prompt_2=NEGATIVE_2)),
+        (["a dog", "--negative", "cartoon"], dict(prompt="a dog", negative_prompt="cartoon")),
+        (["a dog", "--prompt-2", "a cliff"], dict(prompt="a dog", negative_prompt="blurry", prompt_2="a cliff",
+                                                  negative_prompt_2=NEGATIVE_2)),
+        (["a red apple", "--negative", "blurry"], dict(prompt="a red apple", negative_prompt="blurry",
+                                                       prompt_2=PROMPT_2, negative_prompt_2=NEGATIVE_2)),
+    ]):
+        out = tmp_path / f"again{index}.png"
+        assert run(["txt2img", *line, "--from-png", str(flagged), *fast, "--out", str(out)], capsys)[0] == 0, line
+        expected = pipe.run(GenerationRequest(**drawn, seed=7, steps=2, width=32, height=32)).images[0]
+        assert np.array_equal(pixels(out), np.asarray(expected, dtype=np.int16)), line
+        recorded = from_parameters(parse_parameters(read_parameters(out)))
+        assert (recorded.get("prompt_2"), recorded.get("negative_prompt_2")) == (
+            drawn.get("prompt_2"), drawn.get("negative_prompt_2")), line

@@ -48,9 +48,10 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
         p.add_argument("--prompt-2", type=utf8_text("--prompt-2"), dest="prompt_2",
                        help="SDXL: the second text encoder's (OpenCLIP bigG's) prompt, diffusers' prompt_2 "
-                            "(default: the prompt)")
+                            "(default: the prompt; a --from-png picture's Prompt 2 unless another prompt is given)")
         p.add_argument("--negative-prompt-2", type=utf8_text("--negative-prompt-2"), dest="negative_prompt_2",
-                       help="SDXL: the second text encoder's negative prompt (default: the negative prompt)")
+                       help="SDXL: the second text encoder's negative prompt (default: the negative prompt; a "
+                            "--from-png picture's Negative prompt 2 unless another --negative is given)")
         _add_model_flags(p, from_png=True)
         _add_sampling_flags(p, from_png=True)
         p.add_argument("--out", default="outputs",
@@ -401,6 +402,15 @@ _FIELDS_NAMED_AS_FLAGS = (
 )
 
 
+def _drop_second_prompts_of_another(options: dict[str, Any], given: dict[str, Any]) -> None:
+    """Leave a --from-png picture's Prompt 2 (Negative prompt 2) out where the line gives another prompt (negative
+    prompt), as the web UI drops it when the prompt is edited: SDXL's second encoder then reads the new text (or
+    --prompt-2), not the old picture's second prompt under it."""
+    for text, second in (("prompt", "prompt_2"), ("negative_prompt", "negative_prompt_2")):
+        if given[text] is not None and given[text] != options.get(text):
+            options.pop(second, None)
+
+
 def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None = None,
                        with_preset: bool = True) -> dict[str, Any]:
     """GenerationRequest keyword arguments: the PNG's parameters, then --preset's settings (its name checked;
@@ -458,6 +468,7 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
         "inpaint_padding": padding,
         **{name: getattr(args, name, None) for name in _FIELDS_NAMED_AS_FLAGS},
     }
+    _drop_second_prompts_of_another(options, given)
     options.update({k: v for k, v in given.items() if v is not None})
     if given["mask_blur"] is not None:               # --mask-blur blurs both ways: not a --from-png picture's y
         options.pop("mask_blur_y", None)
