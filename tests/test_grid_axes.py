@@ -245,6 +245,18 @@ def test_keep_random_seeds_keeps_a_seed_axis_minus_one_random_in_each_cell_as_a1
     assert fixed.parameters()["Fixed X Values"] == f"{fixed.x.values[0]}, 5"
 
 
+def test_draw_plot_takes_keep_random_seeds_as_the_plot_does() -> None:
+    """`draw_plot(..., keep_random_seeds=True)` (the keyword scripts pass) draws as a Plot made with it: the
+    base seed and a seed axis's -1 stay random in each cell (before, a TypeError)."""
+    from sdlab.pipeline.grid import Plot, draw_plot
+
+    requests: list = []
+    draw_plot(_recording_run(requests), {"prompt": "a"}, Plot(parse_axis("seed=-1,5"), parse_axis("cfg=2,4")),
+              keep_random_seeds=True)
+    assert [(r.seed, r.cfg_scale) for r in requests] == [(-1, 2.0), (5, 2.0), (-1, 4.0), (5, 4.0)]
+    assert all(r.subseed in (None, -1) for r in requests)
+
+
 def test_draw_plot_keeps_a_given_seed() -> None:
     from sdlab.pipeline.grid import Plot, draw_plot
 

@@ -476,13 +476,24 @@ def fix_seeds(options: Mapping[str, Any]) -> dict[str, Any]:
     return {**options, "seed": fixed_seed(options.get("seed")), "subseed": fixed_seed(options.get("subseed"))}
 
 
+def typed_axis(axis: Axis) -> Axis:
+    """A Seed or Var. seed axis as typed (its -1 kept, from its `text`), before a `Plot` fixed it; any other as
+    it is."""
+    if axis.field.name not in ("seed", "subseed") or not axis.text:
+        return axis
+    return parse_axis(f"{axis.field.name}={axis.text}")
+
+
 def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dict[str, Any],
-              plot: Plot) -> tuple[Image.Image, dict[Index, GenerationResult]]:
+              plot: Plot, *, keep_random_seeds: bool = False) -> tuple[Image.Image, dict[Index, GenerationResult]]:
     """Draw every cell with `run` (e.g. `Pipeline.run`) from `options` (GenerationRequest keyword arguments)
     and lay them out: (the sheet, each cell's result). An unset or -1 seed (and variation seed) is drawn once
     for the whole grid (`fix_seeds`), unless the plot keeps random seeds (`Plot.keep_random_seeds`, A1111's
-    "Keep -1 for seeds"): then each cell draws its own. A cell of several images (a `batch_size`) shows them as
-    `cell_picture` lays them out; `draw_cells` draws cells of several batches."""
+    "Keep -1 for seeds", or `keep_random_seeds=True` here, which draws the plot as made with it): then each cell
+    draws its own. A cell of several images (a `batch_size`) shows them as `cell_picture` lays them out;
+    `draw_cells` draws cells of several batches."""
+    if keep_random_seeds and not plot.keep_random_seeds:
+        plot = Plot(*(axis and typed_axis(axis) for axis in (plot.x, plot.y, plot.z)), plot.legend, True)
     cells = plot.cells(options if plot.keep_random_seeds else fix_seeds(options))
     check_unipc_order_axis(plot, (GenerationRequest(**cell) for _, cell in cells))
     sheet, results = draw_cells(run, plot, cells)
