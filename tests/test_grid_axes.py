@@ -74,6 +74,19 @@ def test_prompt_sr_replaces_in_both_prompts() -> None:
         Plot(axis).cells({"prompt": "a blue apple", "negative_prompt": "blurry"})
 
 
+def test_prompt_sr_replaces_in_the_second_prompts_too() -> None:
+    """SDXL's prompt_2 / negative_prompt_2 are prompt texts: S/R replaces in them as in the prompt (A1111 has
+    none), so the second encoder does not keep the old word under the new label, and finds its word there."""
+    axis = parse_axis("prompt_sr=red,green")
+    options = {"prompt": "a red apple", "negative_prompt": "blurry", "prompt_2": "red light", "negative_prompt_2": "red"}
+    assert axis.apply(options, 1) == {"prompt": "a green apple", "negative_prompt": "blurry",
+                                      "prompt_2": "green light", "negative_prompt_2": "green"}
+    assert axis.apply({"prompt": "an apple", "prompt_2": "red light"}, 1) == {"prompt": "an apple",
+                                                                             "prompt_2": "green light"}
+    with pytest.raises(GridError, match="did not find 'red'"):
+        Plot(axis).cells({"prompt": "an apple", "prompt_2": "blue light", "negative_prompt_2": "blurry"})
+
+
 def a1111_apply_prompt(prompt: str, negative_prompt: str, x: str, xs: list[str]) -> tuple[str, str]:
     """AUTOMATIC1111/stable-diffusion-webui scripts/xyz_grid.py `apply_prompt`, transcribed (p -> the prompts)."""
     if xs[0] not in prompt and xs[0] not in negative_prompt:

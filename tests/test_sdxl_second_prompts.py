@@ -178,3 +178,25 @@ def test_a_new_prompt_on_the_line_drops_the_pictures_prompt_2(tmp_path, capsys):
         recorded = from_parameters(parse_parameters(read_parameters(out)))
         assert (recorded.get("prompt_2"), recorded.get("negative_prompt_2")) == (
             drawn.get("prompt_2"), drawn.get("negative_prompt_2")), line
+
+
+def test_a_grid_takes_them_and_prompt_sr_replaces_in_them(tmp_path, capsys):
+    """`sdlab grid` takes --prompt-2 / --negative-prompt-2, and each Prompt S/R cell is the picture txt2img draws
+    with the word replaced in every prompt text, the second ones too."""
+    import numpy as np
+    from bundle_fixtures import write_original
+    from cli_helpers import pixels, run
+
+    model, out, cells = tmp_path / "sdxl.safetensors", tmp_path / "grid.png", tmp_path / "cells"
+    write_original(tiny_bundle("sdxl", seed=11), model, junk=False)
+    fast = ["--model", str(model), "--seed", "7", "--steps", "2", "--width", "32", "--height", "32", "--no-progress"]
+    code, _, err = run(["grid", "a red apple", "--x", "prompt_sr=red,green", "--prompt-2", "a red lighthouse",
+                        "--negative-prompt-2", "red text", *fast, "--out", str(out), "--keep-cells", str(cells)],
+                       capsys)
+    assert code == 0, err
+    pipe = sdlab.load(model)
+    for index, word in enumerate(("red", "green")):
+        request = GenerationRequest(f"a {word} apple", prompt_2=f"a {word} lighthouse",
+                                    negative_prompt_2=f"{word} text", seed=7, steps=2, width=32, height=32)
+        expected = np.asarray(pipe.run(request).images[0], dtype=np.int16)
+        assert np.array_equal(pixels(cells / f"{index:03d}-x{index}-y0-z0.png"), expected), word

@@ -46,12 +46,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("prompt", nargs="?", type=utf8_text("the prompt"),
                        help="the prompt (A1111 syntax: (word:1.3), [word], BREAK)")
         p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
-        p.add_argument("--prompt-2", type=utf8_text("--prompt-2"), dest="prompt_2",
-                       help="SDXL: the second text encoder's (OpenCLIP bigG's) prompt, diffusers' prompt_2 "
-                            "(default: the prompt; a --from-png picture's Prompt 2 unless another prompt is given)")
-        p.add_argument("--negative-prompt-2", type=utf8_text("--negative-prompt-2"), dest="negative_prompt_2",
-                       help="SDXL: the second text encoder's negative prompt (default: the negative prompt; a "
-                            "--from-png picture's Negative prompt 2 unless another --negative is given)")
+        _add_second_prompt_flags(p, from_png=True)
         _add_model_flags(p, from_png=True)
         _add_sampling_flags(p, from_png=True)
         p.add_argument("--out", default="outputs",
@@ -77,6 +72,18 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
 def _if_from_png(from_png: bool, text: str) -> str:
     """`text`, a help text's words on --from-png, for a command that has it (not `sdlab grid`); else nothing."""
     return text if from_png else ""
+
+
+def _add_second_prompt_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
+    """SDXL's --prompt-2 and --negative-prompt-2 (`sdlab grid` shares them; `from_png`: the command has --from-png)."""
+    p.add_argument("--prompt-2", type=utf8_text("--prompt-2"), dest="prompt_2",
+                   help="SDXL: the second text encoder's (OpenCLIP bigG's) prompt, diffusers' prompt_2 (default: the "
+                        "prompt" + _if_from_png(from_png, "; a --from-png picture's Prompt 2 unless another prompt is "
+                                                          "given") + ")")
+    p.add_argument("--negative-prompt-2", type=utf8_text("--negative-prompt-2"), dest="negative_prompt_2",
+                   help="SDXL: the second text encoder's negative prompt (default: the negative prompt"
+                        + _if_from_png(from_png, "; a --from-png picture's Negative prompt 2 unless another --negative "
+                                                 "is given") + ")")
 
 
 def _add_model_flags(p: argparse.ArgumentParser, from_png: bool) -> None:

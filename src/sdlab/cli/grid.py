@@ -38,6 +38,7 @@ from sdlab.utils.files import check_output_folder, make_output_folder
 def add_grid(subparsers: argparse._SubParsersAction) -> None:
     from sdlab.cli.generate import (
         _add_hires_flags, _add_init_flags, _add_model_flags, _add_run_flags, _add_sampling_flags,
+        _add_second_prompt_flags,
     )
 
     help_text = "draw an X/Y/Z plot: one labelled grid of pictures over up to three request fields"
@@ -58,6 +59,7 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
                    help="A1111's Keep -1 for seeds: an unset or -1 seed, and a -1 in a Seed or Var. seed axis, stays "
                         "random in each cell (default: drawn once for the whole grid)")
     p.add_argument("--negative", type=utf8_text("--negative"), help="negative prompt")
+    _add_second_prompt_flags(p, from_png=False)
     _add_model_flags(p, from_png=False)
     _add_sampling_flags(p, from_png=False)
     _add_run_flags(p, from_png=False)

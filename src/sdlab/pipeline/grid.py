@@ -21,7 +21,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Var. strength                          | subseed_strength                     |                  |
 | Steps, Hires steps                     | steps, hr_steps                      |                  |
 | CFG Scale (cfg)                        | cfg_scale                            |                  |
-| Prompt S/R (sr, prompt_sr)             | prompt and negative prompt           | the value        |
+| Prompt S/R (sr, prompt_sr)             | the prompts (SDXL's second ones too) | the value        |
 | Prompt order                           | prompt: every order of the values    | the order, ", "-joined |
 | Sampler, Hires sampler                 | sampler, hr_sampler                  | Sampler: the value alone |
 | Negative Guidance minimum sigma (ngms) | s_min_uncond                         |                  |
@@ -40,8 +40,9 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | RNG source                             | rng (CPU, GPU, NV)                   |                  |
 | Width, Height (sdlab's own)            | width, height                        |                  |
 
-Prompt S/R (A1111): the first value is searched in the prompt and the negative prompt, and each value in
-turn replaces it there (so the first cell keeps the prompt as written). Prompt order (A1111's `apply_order`):
+Prompt S/R (A1111): the first value is searched in the prompt and the negative prompt (and SDXL's prompt_2 /
+negative_prompt_2, which A1111 lacks: every prompt text), and each value in turn replaces it there (so the first
+cell keeps the prompt as written). Prompt order (A1111's `apply_order`):
 one cell per permutation of the values (the typed order first), each putting the values back into the
 prompt, where they stand, in its order. Both look in each cell's prompt as the axes before them (X, then Y,
 then Z) left it, and a cell where the word is not there is a GridError (`Plot.cells`), as A1111 refuses it.
@@ -99,13 +100,17 @@ def _set_field(name: str) -> Callable[[dict[str, Any], Any, tuple[Any, ...]], di
     return lambda options, value, values: {**options, name: value}
 
 
+_PROMPT_TEXTS = ("prompt", "negative_prompt", "prompt_2", "negative_prompt_2")
+"""The texts Prompt S/R replaces in: A1111's prompt and negative prompt, and SDXL's second prompts (A1111 has none)."""
+
+
 def _replace_in_prompts(options: dict[str, Any], value: str, values: tuple[str, ...]) -> dict[str, Any]:
-    """A1111's `apply_prompt` (Prompt S/R): the first value replaced by `value` in both prompts; a GridError where
-    neither prompt of the cell (after the axes before this one) holds it, as A1111 refuses the cell."""
-    prompt, negative = options.get("prompt", ""), options.get("negative_prompt", "")
-    if values[0] not in prompt and values[0] not in negative:
-        raise GridError(f"Prompt S/R did not find {values[0]!r} in the prompt or the negative prompt")
-    return {**options, "prompt": prompt.replace(values[0], value), "negative_prompt": negative.replace(values[0], value)}
+    """A1111's `apply_prompt` (Prompt S/R): the first value replaced by `value` in every prompt text; a GridError
+    where no prompt text of the cell (after the axes before this one) holds it, as A1111 refuses the cell."""
+    texts = {name: options[name] for name in _PROMPT_TEXTS if options.get(name)}
+    if not any(values[0] in text for text in texts.values()):
+        raise GridError(f"Prompt S/R did not find {values[0]!r} in the prompt, the negative prompt or a second prompt")
+    return {**options, **{name: text.replace(values[0], value) for name, text in texts.items()}}
 
 
 def _reorder_prompt(options: dict[str, Any], order: tuple[str, ...], values: Any) -> dict[str, Any]:
