@@ -116,6 +116,70 @@ def test_a_hires_prompt_is_both_encoders_text_as_the_prompt_is(sdxl):
     assert np.array_equal(both, unset)
 
 
+def test_a_hires_prompt_that_is_the_prompt_but_for_a_load_loras_tag_keeps_prompt_2(sdxl):
+    """A hires prompt that is the prompt once a load-LoRA's tag is left out (`drawn_hires_prompt`) and its
+    whitespace is collapsed counts as unset: the second pass keeps prompt_2. Before, the space the tag left made
+    it a hires prompt of its own and the second pass's bigG read 'a cat ' instead of prompt_2."""
+    from sdlab.pipeline.hires import second_pass_request
+    from sdlab.pipeline.infotext import drawn_hires_prompt
+
+    hr_prompt = drawn_hires_prompt("a cat <lora:box:0.6>", {"box": 0.6})
+    request = sdxl[0].resolve(GenerationRequest("a cat", prompt_2="watercolour", steps=2, width=32, height=32,
+                                                hr_scale=2, hr_prompt=hr_prompt, hr_negative_prompt=" blurry\n",
+                                                negative_prompt="blurry", negative_prompt_2="ink")).request
+    assert (request.hr_prompt, request.hr_negative_prompt) == ("", "")
+    second = second_pass_request(request, 8)
+    assert (second.prompt, second.prompt_2, second.negative_prompt_2) == ("a cat", "watercolour", "ink")
+
+
+def test_a_hires_prompt_replacing_prompt_2_is_logged_once(sdxl, caplog):
+    """A hires prompt of its own replaces prompt_2 in the second pass: one warning line says so."""
+    hires = GenerationRequest("a red apple", steps=2, seed=SEED, width=32, height=32, sampler="Euler", hr_scale=2,
+                              hr_denoise=0.7, hr_upscaler="Latent", hr_prompt="a green pear", prompt_2="watercolour")
+    with caplog.at_level(logging.WARNING, logger="sdlab"):
+        sdxl[0].run(hires)
+    lines = [r.getMessage() for r in caplog.records if "prompt_2" in r.getMessage()]
+    assert lines == ["the hires prompt replaces prompt_2 in the second pass (a hires prompt is every text "
+                     "encoder's)"], lines
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdlab"):
+        sdxl[0].run(replace(hires, prompt_2=""))
+    assert not [r for r in caplog.records if "prompt_2" in r.getMessage()]
+
+
+def test_the_native_api_draws_them_as_the_python_api(tmp_path):
+    """The native API's prompt_2 / negative_prompt_2 on an SDXL model draw the Python API's picture for the same
+    request, and the picture records them."""
+    import io
+
+    import httpx
+    import numpy as np
+    from bundle_fixtures import write_original
+    from PIL import Image
+    from server_fixtures import run_job, start_server
+
+    from sdlab.pipeline.png_info import parse_parameters, read_parameters
+
+    model = tmp_path / "models" / "sdxl.safetensors"
+    model.parent.mkdir()
+    write_original(tiny_bundle("sdxl", seed=11), model, junk=False)
+    body = {"prompt": "a red apple", "negative_prompt": "blurry", "prompt_2": PROMPT_2, "negative_prompt_2": NEGATIVE_2,
+            "steps": 2, "width": 32, "height": 32, "seed": 7, "sampler": "Euler"}
+    server = start_server(tmp_path / "outputs", "--model", str(model))
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as client:
+            job = run_job(client, body)
+            assert job["status"] == "done", job
+            png = client.get(job["images"][0]).content
+    finally:
+        server.stop()
+    expected = sdlab.load(model).run(GenerationRequest(**body)).images[0]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")), np.asarray(expected))
+    (tmp_path / "drawn.png").write_bytes(png)
+    recorded = parse_parameters(read_parameters(tmp_path / "drawn.png"))
+    assert (recorded["Prompt 2"], recorded["Negative prompt 2"]) == (PROMPT_2, NEGATIVE_2)
+
+
 def test_the_native_api_takes_them(sdlab_server):
     """The native API's prompt_2 reaches the request: on the server's one-encoder model its job fails with the
     request's error, not a 422 for an unknown field."""

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -85,6 +86,8 @@ from sdlab.pipeline.upscale import (
 
 __all__ = ["find_upscaler", "generate_hires", "hires_steps", "hires_upscaler", "is_latent_upscaler", "second_pass_request", "upscaler_name"]
 
+logger = logging.getLogger(__name__)
+
 
 def is_latent_upscaler(name: str) -> bool:
     """Whether a resolved `hr_upscaler` is one of A1111's latent modes."""
@@ -131,6 +134,16 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
                    first_pass_steps=req.steps * get_sampler(req.sampler).calls_per_step,
                    original_size=req.original_size or (up_height, up_width),
                    target_size=req.target_size or (up_height, up_width))
+
+
+def _warn_second_prompts_replaced(req: GenerationRequest) -> None:
+    """One warning where a resolved request's hires prompt (negative) replaces SDXL's prompt_2 (negative_prompt_2)
+    in the second pass (`second_pass_request`)."""
+    replaced = [name for name, hires in (("prompt_2", req.hr_prompt), ("negative_prompt_2", req.hr_negative_prompt))
+                if hires and getattr(req, name)]
+    if replaced:
+        logger.warning("the hires prompt replaces %s in the second pass (a hires prompt is every text encoder's)",
+                       " and ".join(replaced))
 
 
 def pass_sizes(req: GenerationRequest, factor: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -205,6 +218,7 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
         z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
         if source is not None:
             source = source[..., top * factor: top * factor + final[1], left * factor: left * factor + final[0]]
+        _warn_second_prompts_replaced(req)
         second_plan = make_plan(bundle, second_pass_request(req, factor), from_latent=True)
         if second_loras is not None:
             patcher_for(bundle).apply(second_loras)

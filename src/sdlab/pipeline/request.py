@@ -631,8 +631,8 @@ def _resolve_hires_pass(r: GenerationRequest, spec: SamplerSpec, schedule: str, 
     """The checked sampler, schedule and prompts of a hires request's second pass, each None / "" where it is the
     first pass's (`spec`, drawn on `schedule`, asked as `asked`): A1111's `hr_sampler_name or sampler_name` and
     `hr_scheduler`, which is the first pass's scheduler as asked when unset ("Automatic": the sampler's own); a
-    hires prompt that is the first pass's once the comments of both are stripped is "" (A1111's comments script
-    strips them before it compares them for its labels)."""
+    hires prompt that is the first pass's once both are compared as drawn (`_as_compared`) is "", so SDXL's
+    prompt_2 stays the second pass's (A1111's comments script strips the comments before it compares them)."""
     names = ("hr_sampler", "hr_schedule", "hr_prompt", "hr_negative_prompt")
     if not r.hires:
         given = [name for name in (*names, "hr_eta") if getattr(r, name) not in (None, "")]
@@ -658,15 +658,17 @@ def _resolve_hires_pass(r: GenerationRequest, spec: SamplerSpec, schedule: str, 
         text = getattr(r, name) or ""
         if len(text) > MAX_PROMPT_CHARS:
             raise RequestError(f"{name} is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}")
-        prompts[name] = "" if _uncommented(text) == _uncommented(first) else text     # A1111 compares them stripped
+        prompts[name] = "" if _as_compared(text) == _as_compared(first) else text
     return dict(hr_sampler=None if second.name == spec.name else second.name,
                 hr_schedule=None if hr_schedule == schedule else hr_schedule, **prompts)
 
 
-def _uncommented(prompt: str) -> str:
-    """`prompt` without its comments (`prompt_syntax.strip_comments`, which imports this module)."""
+def _as_compared(prompt: str) -> str:
+    """`prompt` without its comments (`prompt_syntax.strip_comments`, which imports this module) and its whitespace
+    collapsed, as the CLIP tokenizer reads it (`whitespace_clean`): the space a load-LoRA's tag left behind
+    (`infotext.drawn_hires_prompt`) makes no other prompt."""
     from sdlab.pipeline.prompt_syntax import strip_comments
-    return strip_comments(prompt)
+    return " ".join(strip_comments(prompt).split())
 
 
 def _check_picture_options(r: GenerationRequest) -> None:
