@@ -26,7 +26,7 @@ import torch
 
 from sdlab.checkpoints.embeddings import Embedding, embeddings_used, find_embeddings, install_embeddings
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.load import load_bundle
+from sdlab.checkpoints.load import load_bundle, with_vae
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.families.loaded import ModelBundle
@@ -88,6 +88,13 @@ class Pipeline:
         `refiner_switch` by `refiner_convention` (`__init__`), or with no refiner (None)."""
         return Pipeline(self.bundle, refiner, refiner_switch, self.embeddings, self.skipped_embeddings,
                         refiner_convention, self.lora_dirs, self._find_lora)
+
+    def with_vae(self, vae: str | os.PathLike[str] | None = None, *, sidecar_vae: bool = True) -> Pipeline:
+        """This pipeline with its model's VAE as `load(path, vae=vae, sidecar_vae=sidecar_vae)` loads it, only the
+        VAE file read (`checkpoints.load.with_vae`); the refiner, embeddings and LoRA lookup kept."""
+        return Pipeline(with_vae(self.bundle, vae, sidecar_vae=sidecar_vae), self.refiner, self.refiner_switch,
+                        self.embeddings, self.skipped_embeddings, self.refiner_convention, self.lora_dirs,
+                        self._find_lora)
 
     def embeddings_used(self, request: GenerationRequest) -> list[Embedding]:
         """The installed embeddings whose words occur in the text encoded for the request: the prompt and the
@@ -387,9 +394,9 @@ def _lora_entries(loras: Any) -> list[tuple[str | os.PathLike[str], float]]:
 
 
 def load_refiner(path: str | os.PathLike[str], base: ModelBundle, embeddings: Sequence[Embedding] = (),
-                 sidecar_vae: bool = True) -> ModelBundle:
+                 sidecar_vae: bool = True, vae: str | os.PathLike[str] | None = None) -> ModelBundle:
     """An SDXL refiner checkpoint loaded to go with `base`: on its device, in its dtype, with those of the
-    base's textual-inversion `embeddings` that have vectors for the refiner's text encoder; its sidecar VAE as
-    `load_bundle` takes it."""
-    refiner = load_bundle(Path(path), device=base.device, dtype=base.dtype, sidecar_vae=sidecar_vae)
+    base's textual-inversion `embeddings` that have vectors for the refiner's text encoder; its VAE (`vae`, else
+    its sidecar) as `load_bundle` takes it."""
+    refiner = load_bundle(Path(path), device=base.device, dtype=base.dtype, vae=vae, sidecar_vae=sidecar_vae)
     return install_embeddings(refiner, embeddings, partial=True)

@@ -103,10 +103,13 @@ def _finite(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(torch.stack([lo, hi])).all()
 
 
-def check_weights(bundle: ModelBundle) -> ModelBundle:
-    """Refuse a loaded bundle with NaN or infinite weights, naming the component and tensors; returns it."""
+def check_weights(bundle: ModelBundle, only: str | None = None) -> ModelBundle:
+    """Refuse a loaded bundle with NaN or infinite weights, naming the component and tensors; returns it.
+    `only` ("vae", ...) looks at that component alone (one just read into a bundle already checked)."""
     parts = [("unet", bundle.unet), ("vae", bundle.vae), *((te.spec.name, te.model) for te in bundle.text_encoders)]
     for name, module in parts:
+        if only is not None and name != only:
+            continue
         bad = nonfinite_tensors(module)
         if bad:
             first = dict(module.named_parameters()) | dict(module.named_buffers())

@@ -73,6 +73,7 @@ from sdlab.server.previews import preview_image
 from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR
+from sdlab.server.vae_files import VaeChoice, vae_to_load
 from sdlab.server.worker import ModelHost
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -98,7 +99,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "use_downcasted_alpha_bar": False, "sd_noise_schedule": "Default",
     "s_min_uncond": 0.0, "s_min_uncond_all": False, "skip_early_cond": 0.0,           # `_guidance_settings`
     "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
-    "sd_vae": "Automatic", "show_progress_every_n_steps": 1, "live_previews_enable": True,   # echoed only
+    "sd_vae": "Automatic", "sd_vae_overrides_per_model_preferences": True,             # `_vae_choice`
+    "show_progress_every_n_steps": 1, "live_previews_enable": True,                     # echoed only
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
 FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash")
@@ -108,8 +110,8 @@ SAMPLES_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 REFINER_SWITCH = 0.8            # A1111's UI default of `refiner_switch_at` (its API has none: refiner from the start)
 AUTOMATIC_VAE = ("Automatic", "auto")
 """A1111's `sd_vae` values that draw a single-file model with the VAE beside it, if any (`sd_vae.is_automatic`;
-"auto" from old configs); "None", null, "" and a name of no VAE file draw with the checkpoint's own
-(`resolve_vae_from_setting`)."""
+"auto" from old configs); a name of `GET sd-vae` draws that file, "None", null, "" and a name of no VAE file the
+checkpoint's own (`resolve_vae_from_setting`; `_vae_choice`)."""
 
 
 _A1111_PROCESSING = {                  # StableDiffusionProcessing's __init__ arguments the API takes, A1111 1.10
@@ -464,7 +466,7 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     switch_at = REFINER_SWITCH if body.refiner_switch_at is None else body.refiner_switch_at
     spec = JobSpec(request, batch_count=body.n_iter, model_preset_fills=unset_preset_fields(_given(body), request),
                    unset_schedule=a1111_schedule(request.sampler, None),
-                   sidecar_vae=_sidecar_vae({**service.options, **overrides}),
+                   **_vae_fields(_vae_choice(service, {**service.options, **overrides})),
                    refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
     kept = {} if body.override_settings_restore_afterwards else overrides
     selected = await asyncio.to_thread(_selected_model, service, kept) if kept else None     # checked: `_request`
@@ -785,10 +787,10 @@ A1111_OPTION_LABELS = {
     "use_old_scheduling": "Old prompt editing timelines", "use_downcasted_alpha_bar": "Downcast alphas_cumprod",
     "sd_noise_schedule": "Noise Schedule", "s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps",
     "skip_early_cond": "Skip Early CFG", "pad_cond_uncond": "Pad conds", "pad_cond_uncond_v0": "Pad conds v0",
+    "sd_vae": "VAE",
 }
 """The infotext labels (`OptionInfo(infotext=...)`, A1111 1.10) of the options this route draws with; A1111's
-`Model hash` (skipped under its default `disable_weights_auto_swap`) and `VAE` (this server has no VAE files)
-are left out."""
+`Model hash` (skipped under its default `disable_weights_auto_swap`) is left out."""
 ETA_OPTIONS = {A1111_OPTION_LABELS[option]: option for option in ("eta_ddim", "eta_ancestral")}
 """A1111's eta options by the label its samplers write them under (`Sampler.eta_infotext_field` /
 `eta_option_field`): `Eta DDIM` its timestep samplers' (DDIM), `Eta` k-diffusion's (the ancestral and SDE ones)."""
@@ -1041,6 +1043,9 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         raise BadRequest(f"{where}jpeg_quality must be an integer in 1..100, got {quality!r}", 422)
     if "sd_vae" in body:
         _check_vae(body["sd_vae"], f"{where}sd_vae")
+    if not isinstance(body.get("sd_vae_overrides_per_model_preferences", True), bool):
+        raise BadRequest(f"{where}sd_vae_overrides_per_model_preferences must be true or false, "
+                         f"got {body['sd_vae_overrides_per_model_preferences']!r}", 422)
 
 
 def _check_guidance_options(body: dict[str, Any], where: str) -> None:
@@ -1057,19 +1062,31 @@ def _check_guidance_options(body: dict[str, Any], where: str) -> None:
 
 
 def _check_vae(name: Any, key: str) -> None:
-    """`sd_vae` is a name or null (`AUTOMATIC_VAE`, "None"); any other (null, "", a VAE file: `GET sd-vae`
-    lists none here) draws with the checkpoint's own VAE, as A1111's `resolve_vae_from_setting` draws a name it
-    finds no file of ("Couldn't find VAE named ...; using None instead"), logged."""
+    """`sd_vae` is a name or null (`_vae_choice` says what each draws)."""
     if name is not None and not isinstance(name, str):
         raise BadRequest(f"{key} must be a VAE name, got {name!r}", 422)
-    if name not in (*AUTOMATIC_VAE, "None"):
-        logger.warning("%s %r names no VAE of this server: drawn with the checkpoint's own VAE, as A1111 draws "
-                       "it (Couldn't find VAE named %s; using None instead)", key, name, name)
 
 
-def _sidecar_vae(settings: dict[str, Any]) -> bool:
-    """Whether A1111's options `settings` draw a single-file model with the VAE beside it (`AUTOMATIC_VAE`)."""
-    return {**OPTION_DEFAULTS, **settings}["sd_vae"] in AUTOMATIC_VAE
+def _vae_choice(service: Service, settings: dict[str, Any]) -> VaeChoice:
+    """The VAE A1111's options `settings` draw a model with, as A1111 1.10's `resolve_vae`: under
+    `sd_vae_overrides_per_model_preferences` (on by default) an `sd_vae` other than `AUTOMATIC_VAE` is the file
+    of `GET sd-vae` it names, or the checkpoint's own VAE for "None" or a name of no file (null, "" too: logged,
+    as A1111's "Couldn't find VAE named ...; using None instead"); "Automatic", or any `sd_vae` with that option
+    off, draws a single file's sidecar beside it first, then the named file."""
+    settings = {**OPTION_DEFAULTS, **settings}
+    name = settings["sd_vae"]
+    listed = None if name in (*AUTOMATIC_VAE, "None") else service.registry.vaes.find(name)
+    if name not in (*AUTOMATIC_VAE, "None") and listed is None:
+        logger.warning("sd_vae %r names no VAE of this server's list (GET /sdapi/v1/sd-vae): drawn with the "
+                       "checkpoint's own VAE, as A1111 draws it (Couldn't find VAE named %s; using None instead)",
+                       name, name)
+    sidecar = name in AUTOMATIC_VAE or not settings["sd_vae_overrides_per_model_preferences"]
+    return VaeChoice(sidecar, None if listed is None else listed.name)
+
+
+def _vae_fields(choice: VaeChoice) -> dict[str, Any]:
+    """`JobSpec`'s fields of the VAE `choice`."""
+    return {"sidecar_vae": choice.sidecar, "vae": choice.name}
 
 
 @router.get("/options")
@@ -1092,11 +1109,12 @@ def set_options(body: dict[str, Any], request: Request) -> None:
 
 
 def _selected_model(service: Service, body: dict[str, Any]) -> Checkpoint | None:
-    """The model the options `body` select, a readable file, if they name one."""
-    if "sd_model_checkpoint" not in body:
+    """The model the options `body` select (the one selected now where they set only `sd_vae`), a readable file
+    with the VAE they draw it with, if they name one or a VAE."""
+    if "sd_model_checkpoint" not in body and "sd_vae" not in body:
         return None
-    checkpoint = service.checkpoint(body["sd_model_checkpoint"])
-    _check_readable(checkpoint, _sidecar_vae({**service.options, **body}))
+    checkpoint = service.checkpoint(body.get("sd_model_checkpoint"))
+    _check_readable(checkpoint, _vae_choice(service, {**service.options, **body}), service)
     return checkpoint
 
 
@@ -1107,13 +1125,15 @@ def _set_options(service: Service, body: dict[str, Any], selected: Checkpoint | 
     service.options.update({k: v for k, v in body.items() if k not in FIXED_OPTIONS})
 
 
-def _check_readable(checkpoint: Checkpoint, sidecar_vae: bool) -> None:
-    """A model sdlab cannot draw with (`Checkpoint.check_loadable`: unreadable, a LoRA or a VAE, a Flux model,
-    ...) is refused here, as A1111 refuses a model it cannot load in `POST options` (A1111 loads it there;
-    sdlab plans it from its names and shapes, reading no weight; a file that fails later, in the worker,
-    fails its job with a 400)."""
+def _check_readable(checkpoint: Checkpoint, vae: VaeChoice, service: Service) -> None:
+    """A model sdlab cannot draw with the VAE `vae` picks (`Checkpoint.check_loadable`: unreadable, a LoRA or a
+    VAE, a Flux model, a VAE file of another family, ...) is refused here, as A1111 refuses a model it cannot load
+    in `POST options` (A1111 loads it there; sdlab plans it from its names and shapes, reading no weight; a file
+    that fails later, in the worker, fails its job with a 400)."""
+    listed = service.registry.vaes.find(vae.name) if vae.name is not None else None
+    vae_file, sidecar_vae = vae_to_load(checkpoint.path, vae, listed.path if listed is not None else None)
     try:
-        checkpoint.check_loadable(sidecar_vae)
+        checkpoint.check_loadable(sidecar_vae, vae_file)
     except CheckpointError as err:
         reason = str(err).removeprefix(f"{checkpoint.title}: ")
         raise BadRequest(f"the model {checkpoint.title!r} cannot be loaded: {reason}", 400,
@@ -1151,8 +1171,9 @@ def refresh_loras(request: Request) -> None:
 
 
 @router.get("/sd-vae")
-def sd_vae() -> list[dict[str, Any]]:
-    return []
+def sd_vae(request: Request) -> list[dict[str, Any]]:
+    """A1111's VAE list, `{model_name, filename}` rows: the names `sd_vae` takes (`vae_files`)."""
+    return [f.as_a1111() for f in service_of(request).registry.vaes.files]
 
 
 @router.get("/upscalers")
@@ -1321,7 +1342,7 @@ def cmd_flags(request: Request) -> dict[str, Any]:
     config = service_of(request).config
     folders = {"model": config.model, "models_dir": config.models_dir, "embeddings_dir": config.embeddings_dir,
                "controlnet_dir": config.controlnet_dir, "upscalers_dir": config.upscalers_dir,
-               "output_dir": config.output_dir}
+               "vae_dir": config.vae_dir, "output_dir": config.output_dir}
     limits = config.limits
     return {**{name: None if path is None else str(path) for name, path in folders.items()},
             "device": config.device, "max_queue": config.max_queue, "max_body_mb": limits.max_body_bytes >> 20,
@@ -1372,8 +1393,9 @@ def interrogate() -> None:
 
 
 @router.post("/refresh-vae")
-def refresh_vae() -> None:
-    """Nothing to rescan: this server has no separate VAE files (`GET sd-vae` is empty)."""
+def refresh_vae(request: Request) -> None:
+    """Rescan the VAE files (`GET sd-vae`)."""
+    service_of(request).registry.vaes.refresh()
 
 
 @router.post("/refresh-embeddings")
@@ -1417,7 +1439,7 @@ def _load_selected(service: Service) -> None:
     """`host.pipeline` of the selected model; a file that cannot be loaded is a 400 naming it by its title."""
     selected = service.host.selected
     try:
-        service.host.pipeline(selected, sidecar_vae=_sidecar_vae(service.options))
+        service.host.pipeline(selected, vae=_vae_choice(service, service.options))
     except CheckpointError as err:
         raise BadRequest(load_failure(CheckpointError(selected.without_paths(str(err))),
                                       f"the model {selected.title!r}", selected.title, [])) from None

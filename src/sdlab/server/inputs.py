@@ -87,6 +87,8 @@ class JobSpec:
                                              # "Automatic" for the sampler on its routes; None: the family's
     sidecar_vae: bool = True                 # a single-file model's A1111 sidecar VAE drawn, if it has one
                                              # (A1111's sd_vae "Automatic"); False: its own VAE ("None")
+    vae: str | None = None                   # else this file of the server's VAE list (A1111's sd_vae by name);
+                                             # None: the checkpoint's own (`vae_files.VaeChoice`)
 
 
 NO_REFINER = ("", "None", "none")      # A1111's names of no refiner (`process_images_inner`)

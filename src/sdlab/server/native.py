@@ -166,6 +166,8 @@ class JobIn(NullsAreDefaults):
     negative_aesthetic_score: float = 2.5
     preset: str | None = None               # few-step settings (pipeline/presets.py); the fields given win
     loras: list[LoraIn] = Field(default_factory=list)
+    vae: str | None = None                  # a VAE file by its name in GET /sdapi/v1/sd-vae, "None" (the model's
+                                            # own), null / "Automatic" (its sidecar VAE, if any, else its own)
     controls: list[ControlIn] = Field(default_factory=list)
 
 
@@ -197,6 +199,21 @@ Pad conds v0."""
 def _ensd(body: JobIn) -> dict[str, int]:
     """The job's ENSD as `GenerationRequest` takes it: none when unset, which the request's rule fills in."""
     return {} if body.eta_noise_seed_delta is None else {"eta_noise_seed_delta": body.eta_noise_seed_delta}
+
+
+def _vae_fields(service: Service, name: str | None) -> dict[str, Any]:
+    """`JobSpec`'s VAE fields of the job's `vae`: null, "Automatic" or "auto" draw a single-file model with the
+    sidecar VAE beside it, if any (A1111's default), "None" with its own, a name of the server's VAE list
+    (`GET /sdapi/v1/sd-vae`) with that file; another name is a 404 naming the list, as an unknown LoRA's."""
+    if name is None or name in ("Automatic", "auto"):
+        return {}
+    if name == "None":
+        return {"sidecar_vae": False}
+    found = service.registry.vaes.find(name)
+    if found is None:
+        known = ", ".join(service.registry.vaes.names()) or "none"
+        raise BadRequest(f"unknown VAE {name!r}; this server has: {known}", 404, "VAE not found")
+    return {"sidecar_vae": False, "vae": found.name}
 
 
 def service_of(request: Request) -> Service:
@@ -272,7 +289,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
             raise BadRequest(str(err), 422) from None
         unset = frozenset()
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras),
-                   batch_count=body.batch_count, model_preset_fills=unset,
+                   batch_count=body.batch_count, model_preset_fills=unset, **_vae_fields(service, body.vae),
                    refiner=refiner_choice(body.refiner, body.refiner_switch, body.refiner_convention, "refiner_switch"))
     job, position = service.submit(spec, body.mode, body.model)
     return {"id": job.id, "status": job.status, "position": position}

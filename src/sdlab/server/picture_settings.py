@@ -28,7 +28,7 @@ def picture_settings(p: dict[str, Any], models: ModelRegistry) -> dict[str, Any]
     """The native job settings of parsed parameters `p` (`png_info.parse_parameters`), as `--from-png` reads them:
     `from_parameters`'s fields, the sampler and schedule set to null where the text leaves them to the model, the
     schedule and the hires schedule as `/sdapi/v1/schedulers` names them, the model as `models` titles the one the text names (by name, else
-    by hash; as named when none), the refiner by name with its switch and handoff rule. A value that is not one
+    by hash; as named when none), the VAE file by its name (`vae`), the refiner by name with its switch and handoff rule. A value that is not one
     raises ValueError."""
     settings = {"sampler": None, "schedule": None, **from_parameters(p)}
     for name in ("schedule", "hr_schedule"):
@@ -36,6 +36,8 @@ def picture_settings(p: dict[str, Any], models: ModelRegistry) -> dict[str, Any]
             settings[name] = _LISTED_SCHEDULES.get(settings[name], settings[name])
     if p.get("Model") or p.get("Model hash"):
         settings["model"] = _model_title(p, models)
+    if p.get("VAE"):                    # the VAE file it was decoded with, by name (A1111's sd_vae infotext)
+        settings["vae"] = str(p["VAE"])
     if p.get("Refiner"):
         switch, convention = refiner_handoff(p)
         settings.update(refiner=_REFINER_HASH.sub("", str(p["Refiner"])), refiner_convention=convention)

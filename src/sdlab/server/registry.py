@@ -5,7 +5,8 @@ folder under `--models-dir` (its `Stable-diffusion/` folder when it is an A1111 
 model's sidecar VAE (`<name>.vae.safetensors` / `.vae.ckpt`: drawn with its model, as A1111 lists it apart). LoRAs:
 the files in `<models-dir>/Lora` or `<models-dir>/loras`, then those in the startup model's own LoRA folders
 (`Lora` / `loras` beside or inside its folder, `default_lora_dirs`: the shipped model's are the adapters that
-ship with it). Clients pick by name from these lists only, never by path, so nothing outside them can be
+ship with it). VAE files: `vaes`, the sidecars and the VAE folder's files (`vae_files`, A1111's `sd_vae` list).
+Clients pick by name from these lists only, never by path, so nothing outside them can be
 loaded; symlinks that leave the models folder are skipped.
 
 A1111's identity of a checkpoint: `title` = `"<path under the folder> [<hash>]"`, `hash` = the first 10 hex
@@ -27,6 +28,7 @@ from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.sidecar import is_sidecar_vae
 from sdlab.pipeline.png_info import file_sha256, model_name, readable_lora_hash, safetensors_metadata
 from sdlab.pipeline.prompt_loras import default_lora_dirs
+from sdlab.server.vae_files import VaeFiles
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -68,17 +70,19 @@ class Checkpoint:
         return {"title": self.title, "model_name": self.model_name, "hash": self.hash, "sha256": self.sha256,
                 "filename": str(self.path), "config": None}
 
-    def check_loadable(self, sidecar_vae: bool = True) -> None:
+    def check_loadable(self, sidecar_vae: bool = True, vae: Path | None = None) -> None:
         """Raise the one-line `CheckpointError` of a file or folder sdlab cannot draw with (unreadable, a LoRA or
         a VAE, a Flux model, ...), named by its title, not its path: what planning it finds from its names,
-        shapes, metadata and configs (`plan_checkpoint`, which reads no weight, with the VAE beside it or not:
-        `sidecar_vae`), as A1111 loads a model chosen in `POST options` and refuses one it cannot load."""
+        shapes, metadata and configs (`plan_checkpoint`, which reads no weight, with the VAE file `vae`, else the
+        VAE beside it or not: `sidecar_vae`), as A1111 loads a model chosen in `POST options` and refuses one it
+        cannot load; `vae` is named by its file name."""
         from sdlab.checkpoints.load import plan_checkpoint
 
         try:
-            plan_checkpoint(self.path, sidecar_vae=sidecar_vae)
+            plan_checkpoint(self.path, vae=vae, sidecar_vae=sidecar_vae)
         except CheckpointError as err:
-            raise CheckpointError(self.without_paths(str(err))) from None
+            text = str(err) if vae is None else str(err).replace(str(vae), vae.name)
+            raise CheckpointError(self.without_paths(text)) from None
 
     def without_paths(self, text: str) -> str:
         """`text` with the model's path as its title and the files beside it (a sidecar VAE or config) by their
@@ -102,13 +106,14 @@ class Lora:
 
 
 class ModelRegistry:
-    def __init__(self, startup_model: Path, models_dir: Path | None) -> None:
+    def __init__(self, startup_model: Path, models_dir: Path | None, vae_dir: Path | None = None) -> None:
         self.startup_model = startup_model.resolve()
         self.models_dir = models_dir.resolve() if models_dir is not None else None
         self._lock = threading.Lock()
         self.checkpoints: list[Checkpoint] = []
         self.loras: list[Lora] = []
         self.refresh()
+        self.vaes = VaeFiles(self._checkpoints_root() if self.models_dir is not None else None, vae_dir)
 
     def refresh(self) -> None:
         """Rescan the models folder (A1111's refresh-checkpoints / refresh-loras)."""
@@ -144,9 +149,13 @@ class ModelRegistry:
         with self._lock:
             return next((lora for lora in self.loras if lora.name == name), None)
 
-    def _checkpoint_files(self) -> list[Path]:
+    def _checkpoints_root(self) -> Path:
+        """The folder checkpoints are found in: `--models-dir`, or its `Stable-diffusion/` folder."""
         assert self.models_dir is not None
-        root = self.models_dir / "Stable-diffusion" if (self.models_dir / "Stable-diffusion").is_dir() else self.models_dir
+        return self.models_dir / "Stable-diffusion" if (self.models_dir / "Stable-diffusion").is_dir() else self.models_dir
+
+    def _checkpoint_files(self) -> list[Path]:
+        root = self._checkpoints_root()
         found = []
         for path in sorted(root.rglob("*")):
             parts = {part.lower() for part in path.relative_to(root).parts[:-1]}

@@ -32,7 +32,7 @@ class Service:
         if startup is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass --model FILE")
         self.store = Store(config.output_dir)
-        self.registry = ModelRegistry(Path(startup), config.models_dir)
+        self.registry = ModelRegistry(Path(startup), config.models_dir, config.vae_dir)
         self.controlnets = ModelFolder(config.controlnet_dir, CONTROLNET_SUFFIXES, hashed=True)
         self.upscalers = ModelFolder(config.upscalers_dir, UPSCALER_SUFFIXES, hashed=False)
         self.host = ModelHost(self.registry, config.device, config.embeddings_dir)
@@ -129,6 +129,8 @@ class Service:
                     "loras": [{"name": c.name, "weight": c.weight} for c in spec.loras], **request.parameters()}
         if spec.batch_count > 1:
             settings["batch_count"] = spec.batch_count
+        if spec.vae is not None or not spec.sidecar_vae:
+            settings["vae"] = spec.vae or "None"
         if refiner is not None:
             settings.update(refiner=refiner.name, refiner_switch=refiner.switch_at,
                             refiner_convention=refiner.convention)

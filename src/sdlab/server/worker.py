@@ -4,8 +4,10 @@ a client left unset come from the preset the model names, if any, then from the 
 (`_take_model_defaults`).
 
 `ModelHost` keeps one model loaded (the worker thread alone touches it), and the SDXL refiner of the
-job's pair beside it. A job with another checkpoint, another set of `loras` entries or the other VAE choice
-(`JobSpec.sidecar_vae`) reloads it: LoRAs are merged into the weights, so a different set needs fresh weights. The prompt's `<lora:...>` tags are the
+job's pair beside it. A job with another checkpoint or another set of `loras` entries reloads it: LoRAs are
+merged into the weights, so a different set needs fresh weights. A job that draws it with another VAE
+(`VaeChoice`: the sidecar beside it, a file of the server's VAE list, or its own) has that VAE alone read into the
+loaded model (`Pipeline.with_vae`, as `load` would load it with that VAE). The prompt's `<lora:...>` tags are the
 pipeline's, as in `sdlab txt2img`: merged for the run at their text-encoder and U-Net weights, the model's
 own weights back after it (`Pipeline.run`), found among the server's LoRAs (`ModelHost.lora_file`); their
 merged tensors are let go after the job, the files read once no other job waits (`ModelHost.forget_tag_loras`):
@@ -50,6 +52,7 @@ from sdlab.server.jobs import Job, JobCancelled, ServerFault
 from sdlab.server.model_folders import ModelFile, ModelFolder
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
+from sdlab.server.vae_files import VaeChoice, vae_to_load
 from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab.server")
@@ -64,6 +67,7 @@ class ModelHost:
         self.embeddings = [embeddings_dir] if embeddings_dir is not None else []
         self.selected: Checkpoint = registry.default
         self._key: tuple | None = None
+        self._vae_key: tuple | None = None         # `load`'s (vae, sidecar_vae) the loaded model was drawn with
         self.pipe: Pipeline | None = None
         self._refiner_key: tuple | None = None
         self._refiner: ModelBundle | None = None
@@ -86,14 +90,15 @@ class ModelHost:
 
     def pipeline(self, checkpoint: Checkpoint, loras: tuple[tuple[Path, float], ...] = (),
                  refiner: Checkpoint | None = None, handoff: RefinerChoice | None = None,
-                 sidecar_vae: bool = True) -> Pipeline:
+                 vae: VaeChoice = VaeChoice()) -> Pipeline:
         """The pipeline of `checkpoint` with `loras` merged and, with an SDXL `refiner`, that model loaded
         beside it, taking over as the job's `handoff` says (its switch_at and convention:
-        `Pipeline.with_refiner`); each with the VAE beside its file, if any, or its own (`sidecar_vae`: `load`).
+        `Pipeline.with_refiner`); each drawn with the VAE `vae` picks for its file (`vae_to_load`).
         What is loaded
-        stays while later jobs name the same; a model the job does not name is let go before another is
-        loaded, so at most a base model and a refiner are held."""
-        key = (checkpoint.path, loras, sidecar_vae)
+        stays while later jobs name the same; another VAE is read into it alone; a model the job does not name
+        is let go before another is loaded, so at most a base model and a refiner are held."""
+        key, named = (checkpoint.path, loras), self._vae_file(vae)
+        vae_key = vae_to_load(checkpoint.path, vae, named)
         if key != self._key or self.pipe is None:
             with self._loading():
                 self.pipe, self._key = None, None
@@ -101,14 +106,29 @@ class ModelHost:
                 started = time.perf_counter()
                 pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras],
                             find_lora=self.lora_file, embeddings=self.embeddings,   # tags: the server's LoRAs alone
-                            sidecar_vae=sidecar_vae)
+                            vae=vae_key[0], sidecar_vae=vae_key[1])
                 previewer = LatentPreviewer.for_bundle(pipe.bundle)
-                self.pipe, self.previewer, self._key = pipe, previewer, key
+                self.pipe, self.previewer, self._key, self._vae_key = pipe, previewer, key, vae_key
                 self.timings["load_s"] = time.perf_counter() - started
-        refined = self._loaded_refiner(refiner, self.pipe, sidecar_vae)
+        elif vae_key != self._vae_key:
+            with self._loading():
+                pipe = self.pipe.with_vae(vae_key[0], sidecar_vae=vae_key[1])
+                self.pipe, self.previewer, self._vae_key = pipe, LatentPreviewer.for_bundle(pipe.bundle), vae_key
+        refined = self._loaded_refiner(refiner, self.pipe, vae, named)
         if refined is None:
             return self.pipe
         return self.pipe.with_refiner(refined, handoff.switch_at, handoff.convention)
+
+    def _vae_file(self, vae: VaeChoice) -> Path | None:
+        """The file of the VAE list `vae` names; None for none, or for a name the list no longer has (A1111's
+        `resolve_vae_from_setting`: "Couldn't find VAE named ...; using None instead", logged)."""
+        if vae.name is None:
+            return None
+        found = self.registry.vaes.find(vae.name)
+        if found is None:
+            logger.warning("the VAE %r is no longer in the server's VAE list: drawn with the checkpoint's own VAE",
+                           vae.name)
+        return None if found is None else found.path
 
     def lora_file(self, name: str) -> Path | None:
         """The file of the LoRA a prompt tag names, from the server's list (`registry.loras`); None for one
@@ -128,21 +148,25 @@ class ModelHost:
     def unload(self) -> None:
         """Let the model and the refiner go (A1111's unload-checkpoint): the next job, or `pipeline`, loads
         its model again from the file, its embeddings folder read anew. Called while `busy` is held."""
-        self.pipe, self._key, self.previewer = None, None, None
+        self.pipe, self._key, self._vae_key, self.previewer = None, None, None, None
         self._refiner, self._refiner_key = None, None
         if str(self.device).startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline, sidecar_vae: bool) -> ModelBundle | None:
-        """The bundle of `refiner` for `base` (its device, dtype and embeddings: `load_refiner`), loaded unless
-        it is held already; None (and nothing held) without one. The one held was loaded for this `base`:
-        `pipeline` lets it go whenever it loads another."""
-        key = None if refiner is None else refiner.path
+    def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline, vae: VaeChoice,
+                        named: Path | None) -> ModelBundle | None:
+        """The bundle of `refiner` for `base` (its device, dtype and embeddings: `load_refiner`) with the VAE
+        `vae` picks for its file (`named` the file of its name), loaded unless it is held already; None (and
+        nothing held) without one. The one held was loaded for this `base`: `pipeline` lets it go whenever it
+        loads another."""
+        drawn = None if refiner is None else vae_to_load(refiner.path, vae, named)
+        key = None if refiner is None else (refiner.path, drawn)
         if key != self._refiner_key:
             self._refiner, self._refiner_key = None, None
             if refiner is not None:
                 with self._loading():
-                    self._refiner = load_refiner(refiner.path, base.bundle, base.embeddings, sidecar_vae)
+                    self._refiner = load_refiner(refiner.path, base.bundle, base.embeddings, sidecar_vae=drawn[1],
+                                                 vae=drawn[0])
                     self._refiner_key = key
         return self._refiner
 
@@ -195,9 +219,12 @@ class Runner:
         if choice is not None and refiner is None:
             raise RequestError(f"the refiner {choice.name!r} is no longer in the models folder")
         try:
-            pipe = self.host.pipeline(checkpoint, tuple(loras), refiner, choice, job.spec.sidecar_vae)
+            pipe = self.host.pipeline(checkpoint, tuple(loras), refiner, choice,
+                                      VaeChoice(job.spec.sidecar_vae, job.spec.vae))
         except CheckpointError as err:      # a file the client chose: its error, without the server's paths
-            raise RequestError(_load_error(err, checkpoint, loras, job.spec.loras, refiner)) from None
+            vaes = [(f.path, f.name) for f in registry.vaes.files]
+            raise RequestError(_load_error(CheckpointError(without_paths(str(err), vaes)), checkpoint, loras,
+                                           job.spec.loras, refiner)) from None
         previewer = self.host.previewer
         _take_model_defaults(job, pipe)
         upscaler = self._hires_upscaler(job.spec.request, pipe.bundle)

@@ -1,5 +1,5 @@
 // sdlab web UI: plain JavaScript on sdlab's HTTP API (no build step).
-//   lists:    /sdapi/v1/sd-models, samplers, schedulers, loras, options, latent-upscale-modes, upscalers
+//   lists:    /sdapi/v1/sd-models, sd-vae, samplers, schedulers, loras, options, latent-upscale-modes, upscalers
 //   a PNG:    POST /api/parameters -> {info, settings, unread}
 //   jobs:     POST /api/jobs -> {id}; GET /api/jobs; GET/DELETE /api/jobs/{id}; POST /api/jobs/{id}/interrupt, skip;
 //             GET /api/jobs/{id}/events (Server-Sent Events: queued, started, step, done, failed, cancelled)
@@ -102,7 +102,7 @@ const KEPT = {
 // Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule, `KEPT`), follow from what
 // it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the PNG's
 // unread labels
-const KEPT_APART = new Set(["mode", "model", "loras", "refiner_convention", ...Object.keys(KEPT),
+const KEPT_APART = new Set(["mode", "model", "vae", "loras", "refiner_convention", ...Object.keys(KEPT),
   "first_pass_steps", "size_convention", "unread"]);
 
 const state = {
@@ -224,6 +224,14 @@ async function loadModels() {
   if (current && (!chosen || $("model").value !== chosen)) selectMatching($("model"), current);
 }
 
+// The VAE select: Automatic (the model's sidecar VAE, if any: A1111's default), None (the model's own), then
+// the server's VAE files by name (/sdapi/v1/sd-vae), as A1111's SD VAE setting lists them
+async function loadVaes() {
+  const vaes = (await api("/sdapi/v1/sd-vae")) || [];
+  const names = ["Automatic", "None", ...vaes.map((v) => v.model_name)];
+  fillSelect($("vae"), names.map((name) => ({ label: name, value: name })));
+}
+
 async function loadLoras() {
   const loras = (await api("/sdapi/v1/loras")) || [];
   fillSelect($("lora"), loras.map((l) => ({ label: l.alias && l.alias !== l.name ? `${l.name} (${l.alias})` : l.name, value: l.name })),
@@ -256,6 +264,7 @@ async function loadLists() {
       fillSelect($("hr_schedule"), rows, { blank: "Use same scheduler" });
     }),
     loadLoras(),
+    loadVaes(),
     loadHiresUpscalers(),
   ]);
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
@@ -623,6 +632,7 @@ function collectRequest() {
     loras: state.loras.map((l, index) => ({ name: l.name, weight: loraWeight(`lora-weight-${index}`) })),
   };
   if ($("model").value) body.model = $("model").value;   // the checkpoint's title, as /sdapi/v1/sd-models names it
+  if ($("vae").value && $("vae").value !== "Automatic") body.vae = $("vae").value;
   if ($("sampler").value) body.sampler = $("sampler").value;
   if ($("schedule").value) body.schedule = $("schedule").value;
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
@@ -729,6 +739,7 @@ function fillForm(settings) {
   if (settings.sampler !== undefined && !selectMatching($("sampler"), settings.sampler ?? "")) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
   if (settings.model && !selectMatching($("model"), settings.model)) unknown.push(`model "${settings.model}"`);
+  if (!selectMatching($("vae"), settings.vae ?? "Automatic")) unknown.push(`VAE "${settings.vae}"`);
   return unknown;
 }
 
@@ -1273,8 +1284,8 @@ function setup() {
   });
   $("model-refresh").addEventListener("click", async () => {
     try {
-      await api("/sdapi/v1/refresh-checkpoints", { method: "POST" });
-      await Promise.all([loadModels(), loadLoras()]);
+      await Promise.all(["refresh-checkpoints", "refresh-vae"].map((route) => api(`/sdapi/v1/${route}`, { method: "POST" })));
+      await Promise.all([loadModels(), loadLoras(), loadVaes()]);
     } catch (err) {
       showError(err.message);
     }

@@ -1,0 +1,92 @@
+"""The VAE files a client may name (A1111's `sd_vae`, `GET /sdapi/v1/sd-vae`), found as A1111 1.10's
+`sd_vae.refresh_vae_list` finds them: the sidecar VAEs `*.vae.ckpt`, then `*.vae.pt`, then `*.vae.safetensors`
+under the checkpoints folder, then every `*.ckpt`, `*.pt`, `*.safetensors` under the VAE folder (`--vae-dir`,
+default `<models-dir>/VAE`), subfolders too. A file is named by its file name; a later file of the same name
+takes the name over where the first one stood (A1111's `vae_dict[name] = filepath`). Clients pick by name only,
+never by path, so nothing outside these folders is loaded; symlinks that leave their folder are skipped.
+
+Which file a model is drawn with is A1111's `resolve_vae` (`VaeChoice`, `vae_to_load`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdlab.checkpoints.sidecar import VAE_SUFFIXES, vae_beside
+
+VAE_FOLDER_SUFFIXES = (".ckpt", ".pt", ".safetensors")
+
+
+@dataclass(frozen=True)
+class VaeFile:
+    path: Path
+
+    @property
+    def name(self) -> str:
+        """A1111's `model_name` of it: the file's name (`sd_vae.get_filename`)."""
+        return self.path.name
+
+    def as_a1111(self) -> dict[str, str]:
+        return {"model_name": self.name, "filename": str(self.path)}
+
+
+class VaeFiles:
+    """The VAE list; `find(name)` is the only way from a name to a file."""
+
+    def __init__(self, checkpoints_folder: Path | None, vae_folder: Path | None) -> None:
+        self.checkpoints_folder = checkpoints_folder.resolve() if checkpoints_folder is not None else None
+        self.vae_folder = vae_folder.resolve() if vae_folder is not None else None
+        self._lock = threading.Lock()
+        self.files: list[VaeFile] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rescan both folders (A1111's refresh-vae)."""
+        found: dict[str, Path] = {}
+        for folder, suffixes in ((self.checkpoints_folder, VAE_SUFFIXES), (self.vae_folder, VAE_FOLDER_SUFFIXES)):
+            for suffix in suffixes:
+                for path in _files(folder, suffix):
+                    found[path.name] = path
+        with self._lock:
+            self.files = [VaeFile(path) for path in found.values()]
+
+    def find(self, name: str) -> VaeFile | None:
+        """The file of the list named `name` (its file name, exactly as A1111's `vae_dict.get`)."""
+        with self._lock:
+            return next((f for f in self.files if f.name == name), None)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [f.name for f in self.files]
+
+
+def _files(folder: Path | None, suffix: str) -> list[Path]:
+    """The files under `folder` whose names end in `suffix` (any case), in name order, none that leaves it."""
+    if folder is None or not folder.is_dir():
+        return []
+    return [path for path in sorted(folder.rglob("*"))
+            if path.name.lower().endswith(suffix) and path.is_file() and path.resolve().is_relative_to(folder)]
+
+
+@dataclass(frozen=True)
+class VaeChoice:
+    """The VAE a job draws a model with, as A1111 1.10's `resolve_vae` picks it (no `--vae-path`, no user
+    metadata): `sidecar`, a single file's sidecar VAE beside it where it has one (`resolve_vae_near_checkpoint`:
+    sd_vae "Automatic", or any sd_vae with `sd_vae_overrides_per_model_preferences` off), else `name`, a file of
+    the list (`resolve_vae_from_setting`), else the checkpoint's own VAE."""
+
+    sidecar: bool = True
+    name: str | None = None
+
+
+def vae_to_load(model: Path, choice: VaeChoice, named: Path | None) -> tuple[Path | None, bool]:
+    """`load`'s (`vae`, `sidecar_vae`) arguments for `model` drawn as `choice` says, `named` the file of its
+    `name`: the sidecar beside the model (None, True), else that file (named, False), else its own (None, False)."""
+    if choice.sidecar and vae_beside(model) is not None:
+        return None, True
+    return named, False
+
+
+__all__ = ["VAE_FOLDER_SUFFIXES", "VaeChoice", "VaeFile", "VaeFiles", "vae_to_load"]
