@@ -93,12 +93,17 @@ def test_second_prompts_are_checked_when_resolved_as_the_prompt(sdxl, name, capl
 
 def test_and_or_a_weight_in_prompt_2_is_refused(sdxl):
     """Composable diffusion splits the prompt alone (each part's bigG reads prompt_2 whole), so an AND or a trailing
-    :WEIGHT in prompt_2 would be encoded as words: a RequestError. The negative's AND is text in A1111 too."""
-    for prompt_2 in ("a red apple AND a blue sky :0.5", "a red apple :2", "a red apple :1"):
-        with pytest.raises(RequestError, match="^prompt_2 holds AND or a :WEIGHT"):
+    :WEIGHT in prompt_2 would be encoded as words: a RequestError that names what A1111's split (re_AND, re_weight)
+    read, where it splits; text it leaves whole passes. The negative's AND is text in A1111 too."""
+    refused = {"a red apple AND a blue sky :0.5": "holds AND", "a red apple  AND": "holds AND",
+               "a red apple :2": "ends in ':2'", "a red apple :1": "ends in ':1'", "ratio 16:9": "ends in ':9'",
+               "at 12 : 30.5  ": "ends in ': 30.5'"}
+    for prompt_2, read in refused.items():
+        with pytest.raises(RequestError, match=f"^prompt_2 {read}"):
             sdxl[0].resolve(GenerationRequest("a red apple AND a blue sky", steps=2, prompt_2=prompt_2))
-    sdxl[0].resolve(GenerationRequest("a red apple AND a blue sky", steps=2, prompt_2="a red apple  ",
-                                      negative_prompt_2="cartoon AND text"))
+    for prompt_2 in ("a red apple  ", "ratio 16:9,", "ANDROID", "a red apple and a pear", "a:b"):
+        sdxl[0].resolve(GenerationRequest("a red apple AND a blue sky", steps=2, prompt_2=prompt_2,
+                                          negative_prompt_2="cartoon AND text"))
 
 
 def test_a_hires_prompt_is_both_encoders_text_as_the_prompt_is(sdxl):

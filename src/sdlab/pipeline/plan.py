@@ -198,8 +198,9 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
 
 def _check_second_prompts(bundle: ModelBundle, req: GenerationRequest) -> None:
     """prompt_2 / negative_prompt_2 need a second text encoder and take no extra-network tags (a `<lora:...>` tag is
-    the prompt's: its network changes every encoder); prompt_2 takes no AND or :WEIGHT (`prompt_parts`: composable
-    diffusion splits the prompt alone, every part's second encoder reading the whole prompt_2); else a RequestError."""
+    the prompt's: its network changes every encoder); prompt_2 takes no AND or trailing :WEIGHT where A1111's split
+    (`prompt_parts`) finds one, named in the error (composable diffusion splits the prompt alone, every part's
+    second encoder reading the whole prompt_2); else a RequestError."""
     family = bundle.family
     for name in ("prompt_2", "negative_prompt_2"):
         text = getattr(req, name)
@@ -209,9 +210,15 @@ def _check_second_prompts(bundle: ModelBundle, req: GenerationRequest) -> None:
         if without_extra_networks(text) != text:
             raise RequestError(f"{name} holds a <lora:...> or other <kind:...> tag; put it in the prompt, whose tags "
                                "apply to every text encoder")
-    if req.prompt_2 and prompt_parts(bundle, req.prompt_2) != [(req.prompt_2.rstrip(), 1.0)]:
-        raise RequestError("prompt_2 holds AND or a :WEIGHT: composable diffusion splits the prompt only (leave "
-                           "prompt_2 unset for each part's second encoder to read that part)")
+    parts = prompt_parts(bundle, req.prompt_2) if req.prompt_2 else []
+    if len(parts) > 1:
+        raise RequestError("prompt_2 holds AND: composable diffusion splits the prompt only (leave prompt_2 unset "
+                           "for each part's second encoder to read that part)")
+    if parts and parts != [(req.prompt_2.rstrip(), 1.0)]:
+        weight = req.prompt_2[len(parts[0][0]):].strip()
+        raise RequestError(f"prompt_2 ends in {weight!r}, which A1111's syntax reads as a composable-diffusion "
+                           "weight (a trailing :NUMBER), the prompt's only: weight the prompt, or end prompt_2 "
+                           "with another character (e.g. '16:9,')")
 
 
 def _is_sdxl_clip_l(family: FamilySpec, spec: TextEncoderSpec) -> bool:
