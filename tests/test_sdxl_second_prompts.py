@@ -57,14 +57,33 @@ def test_second_prompts_draw_diffusers_picture(sdxl, prompt_2, negative_2):
     assert (read.get("prompt_2", ""), read.get("negative_prompt_2", "")) == (prompt_2, negative_2)
 
 
-def test_a_long_second_prompt_is_padded_with_empty_chunks(sdxl):
-    """A prompt_2 of more chunks than the prompt: the prompt's encoder is padded with its chunks of "" (ComfyUI's
-    CLIPTextEncodeSDXL), so the context has the longer one's chunk count."""
-    ours, _ = sdxl
-    long_2 = ", ".join(["a lighthouse"] * 40)
-    result = ours.run(GenerationRequest(PROMPT, NEGATIVE, prompt_2=long_2, steps=2, seed=SEED, width=SIZE,
-                                        height=SIZE))
-    assert result.images[0].size == (SIZE, SIZE)
+@pytest.mark.parametrize(("chunks", "chunks_2"), [([PROMPT], ["a lighthouse", "a cliff at night", "stormy sea"]),
+                                                 (["a lighthouse", "a cliff at night"], [PROMPT])])
+def test_a_longer_prompt_pads_the_other_encoder_with_empty_chunks(sdxl, chunks, chunks_2):
+    """Where one side has more 75-token chunks (here split by BREAK), the other encoder is padded with its
+    chunks of "" (ComfyUI's CLIPTextEncodeSDXL): the reference is diffusers' pipeline drawing the context made of
+    each chunk pair as its `encode_prompt` encodes it (CLIP-L's text, bigG's text; " " for a chunk of "",
+    which prompt_2="" would replace by the prompt), the chunks side by side and the first chunk's pooled vector
+    (A1111's and ComfyUI's). CFG 1 draws the prompt alone, as diffusers does there."""
+    from sdlab.pipeline.conditioning import make_cond_schedule
+
+    ours, pipe = sdxl
+    count = max(len(chunks), len(chunks_2))
+    pairs = [(texts + [" "] * (count - len(texts))) for texts in (chunks, chunks_2)]
+    encoded = [pipe.encode_prompt(text, prompt_2=text_2, do_classifier_free_guidance=False)
+               for text, text_2 in zip(*pairs)]
+    context = torch.cat([embeds for embeds, _, _, _ in encoded], dim=1)
+    reference = pipe(prompt_embeds=context, pooled_prompt_embeds=encoded[0][2], guidance_scale=1.0,
+                     num_inference_steps=STEPS, width=SIZE, height=SIZE,
+                     generator=torch.Generator("cpu").manual_seed(SEED), output_type="np").images
+    text, text_2 = " BREAK ".join(chunks), " BREAK ".join(chunks_2)
+    bundle = ours.bundle
+    cond = make_cond_schedule(bundle.text_encoders, bundle.family, text, steps=STEPS, guidance=False,
+                              prompt_2=text_2, width=SIZE, height=SIZE)[0][1]
+    assert context.shape[1] == 77 * count and (cond["context"] - context).abs().max() < 1e-4
+    request = GenerationRequest(text, prompt_2=text_2, steps=STEPS, cfg_scale=1.0, seed=SEED, width=SIZE, height=SIZE,
+                                sampler="Euler", schedule="leading", init_noise="vp")
+    assert max_pixel_diff(ours.run(request).images, reference) <= MAX_PIXEL_DIFF
 
 
 def test_a_one_encoder_model_refuses_them(tmp_path_factory):
