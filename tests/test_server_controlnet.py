@@ -479,6 +479,31 @@ def test_a_units_own_mask_of_another_size_than_its_image_is_a_422(tmp_path):
     assert native_controls([{**entry, "mask": _b64_of(fitting)}], folder, Limits())[0].mask.size == (8, 6)
 
 
+def test_an_img2img_units_mask_of_another_size_than_the_init_it_takes_is_a_422(tmp_path):
+    """A unit with no image of its own takes img2img's init image: its own mask is checked against that picture,
+    as against a unit's own image, so a 16x16 mask over a 32x32 init is the same 422 naming both sizes, an
+    all-black one (read as no mask) too; a mask of the init's size is taken."""
+    from sdlab.server.config import Limits
+    from sdlab.server.controls import a1111_controls
+    from sdlab.server.inputs import BadRequest
+
+    _units(tmp_path)                                            # the folder's ControlNet file
+    from sdlab.server.model_folders import CONTROLNET_SUFFIXES, ModelFolder
+    folder = ModelFolder(tmp_path / "ControlNet", CONTROLNET_SUFFIXES, hashed=True)
+    init, small, fitting = Image.new("RGB", (32, 32)), Image.new("L", (16, 16)), Image.new("L", (32, 32))
+    for mask in (small, fitting):
+        ImageDraw.Draw(mask).rectangle((0, 0, 7, 7), fill=255)
+
+    def units(mask):
+        unit = {"model": "cn", "image": "", "module": "inpaint_only", "mask": mask}
+        return a1111_controls({"controlnet": {"args": [unit]}}, folder, Limits(), init)
+    for mask in (small, Image.new("L", (16, 16))):
+        with pytest.raises(BadRequest, match="the mask is 16x16 but its image 32x32") as refused:
+            units(mask)
+        assert refused.value.status == 422
+    assert units(fitting)[0].mask.size == (32, 32)
+
+
 def _b64_of(picture: Image.Image) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, "PNG")

@@ -135,16 +135,15 @@ def unit_mask(unit: dict[str, Any], own: Any, image: Image.Image, init: Image.Im
     `mask_image`, or its own image's `{image, mask}` object's) where that is one (`masks_something`); else
     None, the inpainting run's mask (`control._masked_hint`), where the run's mask fits the unit's picture
     (`image`, the unit's own, `own`, or img2img's init image `init`, whose size the run's mask has); else
-    all black (nothing masked). A mask of another size than the unit's own image is a 422, as the extension's
-    `combine_image_and_mask` refuses it."""
+    all black (nothing masked). A mask of another size than the unit's picture (`image`: its own, or the init
+    image it takes) is a 422, a uniform one too, as the extension's `combine_image_and_mask` refuses it."""
     mask = unit.get("mask") or unit.get("mask_image") or (own.get("mask") if isinstance(own, dict) else None)
     if mask:
         mask = mask if isinstance(mask, Image.Image) else decode_image(mask, f"{what} mask", limits)
-        if own:
-            try:
-                check_mask_size(image, mask, what)
-            except RequestError as err:
-                raise BadRequest(str(err), 422) from None
+        try:
+            check_mask_size(image, mask, what)
+        except RequestError as err:
+            raise BadRequest(str(err), 422) from None
         if masks_something(mask):
             return mask
     return None if init is None or image.size == init.size else Image.new("L", image.size)
