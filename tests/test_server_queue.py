@@ -217,6 +217,8 @@ def test_an_a1111_call_submits_off_the_event_loop():
     submitting, let_go = threading.Event(), threading.Event()
 
     class LockedHistory:
+        options: dict = {}                              # the server's A1111 options: none set
+
         def submit(self, *args, **kwargs):
             submitting.set()
             let_go.wait(WAIT_S)
