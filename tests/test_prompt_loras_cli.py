@@ -332,14 +332,26 @@ def test_the_server_holds_no_merged_tensors_or_lora_files_between_jobs(model, tm
         job, _ = service.submit(JobSpec(GenerationRequest("a cat <lora:style:0.5>", sampler="Euler", **OPTIONS)),
                                 "txt2img", None)
         during = []
-        job.publish = lambda name, data: during.append(
-            (patcher_for(service.host.pipe.bundle)._cached is not None, len(prompt_loras._FILE_CACHE)))
-        service.runner.run(job)
+        publish = job.publish
+
+        def watch(name: str, data: dict) -> None:
+            if name == "step":
+                during.append((patcher_for(service.host.pipe.bundle)._cached is not None,
+                               len(prompt_loras._FILE_CACHE)))
+            publish(name, data)
+
+        job.publish = watch
+    except BaseException:
+        service.store.close()
+        raise
+    service.start()
+    try:
+        assert job.finished_event.wait(120) and job.status == "done", job.error
         assert during[0][0] and during[0][1] >= 1 and job.images                # merged and read for the run
         patcher = patcher_for(service.host.pipe.bundle)
         assert patcher._cached is None and not patcher.applied and not prompt_loras._FILE_CACHE
     finally:
-        service.store.close()
+        service.stop()
 
 
 def test_a_queued_jobs_tag_lora_is_read_once(model, tmp_path, monkeypatch):
@@ -375,6 +387,68 @@ def test_a_queued_jobs_tag_lora_is_read_once(model, tmp_path, monkeypatch):
         assert [job.status for job in jobs] == ["done", "done"], [job.error for job in jobs]
         assert reads == [style]
         assert not prompt_loras._FILE_CACHE
+    finally:
+        service.stop()
+
+
+def test_a_refused_submission_lets_the_tag_loras_it_read_go(model, tmp_path):
+    """A submission refused after its prompt's tags were read (a 422 from the request checks, a bad tag after a
+    good one, a full queue) holds no LoRA file with nothing queued or running; with a job queued, its files stay."""
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec
+    from sdlab.server.jobs import QueueFull
+    from sdlab.server.service import BadRequest
+
+    service, style = _service(model, tmp_path)
+    refused = [GenerationRequest("a cat <lora:style:0.5>", **{**OPTIONS, "width": 99992, "height": 99992}),
+               GenerationRequest("a cat <lora:style:0.5>", **OPTIONS, hr_scale=2.0, hr_upscaler="nope"),
+               GenerationRequest("a cat <lora:style:0.5> <lora:style:x>", **OPTIONS)]
+    try:
+        for request in refused:
+            prompt_loras.forget_read_loras()
+            with pytest.raises(BadRequest):
+                service.submit(JobSpec(request), "txt2img", None)
+            assert service.queue.counts() == (0, 0) and not prompt_loras._FILE_CACHE, request
+        queued, _ = service.submit(JobSpec(GenerationRequest("a dog <lora:style:0.7>", **OPTIONS)), "txt2img", None)
+        service.queue.max_queue = 1
+        with pytest.raises(QueueFull):
+            service.submit(JobSpec(GenerationRequest("a cat <lora:style:0.5>", **OPTIONS)), "txt2img", None)
+        assert prompt_loras._FILE_CACHE                             # the queued dog's file
+        service.queue.cancel(queued)
+        assert not prompt_loras._FILE_CACHE
+        service.queue.max_queue = 0
+        with pytest.raises(QueueFull):
+            service.submit(JobSpec(GenerationRequest("a cat <lora:style:0.5>", **OPTIONS)), "txt2img", None)
+        assert not prompt_loras._FILE_CACHE
+    finally:
+        service.store.close()
+
+
+def test_cancelling_the_one_waiting_job_as_the_running_one_ends_lets_the_files_go(model, tmp_path):
+    """A client cancelling the only queued job while the running one is ending (its run over, the worker not yet
+    free) leaves no LoRA file held once the worker is idle."""
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import JobSpec
+
+    service, style = _service(model, tmp_path)
+    try:
+        running, waiting = (service.submit(JobSpec(GenerationRequest(f"a {animal} <lora:style:{w}>", **OPTIONS)),
+                                           "txt2img", None)[0] for animal, w in (("cat", 0.5), ("dog", 0.7)))
+    except BaseException:
+        service.store.close()
+        raise
+    run = service.queue._run
+
+    def run_then_cancel_the_waiting_one(job) -> None:
+        run(job)
+        if job is running:
+            assert service.queue.cancel(waiting) == "cancelled"
+
+    service.queue._run = run_then_cancel_the_waiting_one
+    service.start()
+    try:
+        assert running.finished_event.wait(120) and running.status == "done", running.error
+        assert service.queue.counts() == (0, 0) and not prompt_loras._FILE_CACHE
     finally:
         service.stop()
 

@@ -178,12 +178,13 @@ class JobQueue:
     `run` sets the job's results (or raises: `JobCancelled`, or any error, which fails the job)."""
 
     def __init__(self, store: Store, run: RunFn, max_queue: int, on_start: Callable[[], None] | None = None,
-                 on_emptied: Callable[[], None] | None = None) -> None:
+                 on_idle: Callable[[], None] | None = None) -> None:
         self.store = store
         self.max_queue = max_queue
         self._run = run
         self._on_start = on_start
-        self._on_emptied = on_emptied       # a cancel left nothing queued or running (`run` ends its own jobs)
+        self._on_idle = on_idle             # called whenever a job's end, a cancel or a refused submit leaves the
+                                            # queue idle (`release_if_idle`)
         self._queue: collections.deque[Job] = collections.deque()
         self._jobs: dict[str, Job] = {}     # queued and running jobs by id, and finished ones the store lacks
         self._condition = threading.Condition()
@@ -264,10 +265,14 @@ class JobQueue:
         with self._condition:
             return self._queue.index(job) if job in self._queue else None
 
-    def others_waiting(self, job: Job) -> bool:
-        """Whether a job besides `job` is queued or being queued (its row being written)."""
+    def release_if_idle(self) -> None:
+        """Call `on_idle` when no job runs, waits or is being queued: the one rule after a job ends, after a
+        cancel and after a refused submit (`Service.submit`), so that what jobs were checked or run with (their
+        tags' LoRA files) is held only while one of them is queued or running."""
         with self._condition:
-            return self._places_kept > 0 or any(other is not job for other in self._queue)
+            idle = self.current is None and not self._queue and not self._places_kept
+        if idle and self._on_idle is not None:
+            self._on_idle()
 
     def counts(self) -> tuple[int, int]:
         """(queued, running) job counts."""
@@ -282,11 +287,9 @@ class JobQueue:
                 self._queue.remove(job)
             elif job.status == "running":
                 job.cancel.set()
-            emptied = queued and self.current is None and not self._queue and not self._places_kept
         if queued:
             self._finish(job, "cancelled", None)
-        if emptied and self._on_emptied is not None:
-            self._on_emptied()
+            self.release_if_idle()
         return job.status
 
     def interrupt(self, only: Job | None = None) -> bool:
@@ -366,6 +369,7 @@ class JobQueue:
                     logger.exception("job %s failed", job.id)
             with self._condition:
                 self.current = None
+            self.release_if_idle()
             self._finish(job, status, error, by_worker=True)
 
 

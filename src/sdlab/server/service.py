@@ -37,10 +37,9 @@ class Service:
         self.upscalers = ModelFolder(config.upscalers_dir, UPSCALER_SUFFIXES, hashed=False)
         self.host = ModelHost(self.registry, config.device, config.embeddings_dir)
         self.images_dir = config.output_dir / IMAGES_FOLDER
-        self.runner = Runner(self.host, self.images_dir, config.limits, self.upscalers,
-                             others_waiting=lambda job: self.queue.others_waiting(job))
+        self.runner = Runner(self.host, self.images_dir, config.limits, self.upscalers)
         self.queue = JobQueue(self.store, self.runner.run, config.max_queue, on_start=self.runner.warm,
-                              on_emptied=forget_read_loras)     # a cancelled job's tags, read when it was submitted
+                              on_idle=forget_read_loras)    # the tags' files, read when their jobs were submitted
         self.options: dict[str, Any] = {}           # A1111 options clients set that sdlab does not use
 
     def start(self) -> None:
@@ -89,7 +88,15 @@ class Service:
         """Check and queue a generation: the seed fixed, the LoRAs looked up: `loras` entries, merged when the
         model loads, and the prompt's tags, which the pipeline merges for the run at both weights as
         `sdlab txt2img` does (a tag of a `loras` entry's LoRA left out, as with `--lora`), read and named for
-        the parameters now (`infotext.tag_loras`)."""
+        the parameters now (`infotext.tag_loras`). A refused job's files read are let go once nothing is
+        queued or running (`JobQueue.release_if_idle`)."""
+        try:
+            return self._check_and_queue(spec, mode, model)
+        except Exception:
+            self.queue.release_if_idle()
+            raise
+
+    def _check_and_queue(self, spec: JobSpec, mode: str, model: str | None) -> tuple[Job, int]:
         checkpoint = self.checkpoint(model)
         request = spec.request
         refiner = self.refiner(spec.refiner, checkpoint, request)

@@ -10,8 +10,8 @@ merged into the weights, so a different set needs fresh weights. A job that draw
 loaded model (`Pipeline.with_vae`, as `load` would load it with that VAE). The prompt's `<lora:...>` tags are the
 pipeline's, as in `sdlab txt2img`: merged for the run at their text-encoder and U-Net weights, the model's
 own weights back after it (`Pipeline.run`), found among the server's LoRAs (`ModelHost.lora_file`); their
-merged tensors are let go after the job, the files read once no other job waits (`ModelHost.forget_tag_loras`):
-a queued job's files, read when it was submitted, are not read again. A job
+merged tensors are let go after the job (`ModelHost.forget_tag_loras`), the files read once nothing is queued or
+running (`JobQueue.release_if_idle`): a queued job's files, read when it was submitted, are not read again. A job
 with another refiner, or none, lets the held one go first, and so does a reload of the base (the refiner
 takes the base's device, dtype and embeddings), so at most a base model and a refiner are in memory. A hires upscaler named from
 `--upscalers-dir` is read from its file for the run only; the job and the pictures name it as the server
@@ -41,7 +41,7 @@ from sdlab.pipeline.generate import ProgressFn, SamplingStopped
 from sdlab.pipeline.infotext import LoraRef, RefinerRef, to_parameters
 from sdlab.pipeline.plan import GenerationPlan
 from sdlab.pipeline.png_info import embedding_hash, encode_image, format_parameters, vae_ref, write_files_all_or_nothing
-from sdlab.pipeline.prompt_loras import forget_read_loras, patcher_for
+from sdlab.pipeline.prompt_loras import patcher_for
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, RequestError, next_batch
 from sdlab.server.config import Limits
 from sdlab.server.inputs import (
@@ -136,14 +136,12 @@ class ModelHost:
         lora = self.registry.lora(name)
         return None if lora is None else lora.path
 
-    def forget_tag_loras(self, files: bool = True) -> None:
-        """Let go what a job's prompt-tag LoRAs leave behind (`Pipeline.run` has put the model's own weights
-        back): the merged tensors the model's patcher keeps for the last set, beside every layer they change,
-        and, with `files`, the LoRA files read (`prompt_loras`). Between jobs the models alone are held."""
+    def forget_tag_loras(self) -> None:
+        """Let go the merged tensors a job's prompt-tag LoRAs leave behind (`Pipeline.run` has put the model's
+        own weights back), which the model's patcher keeps for the last set beside every layer they change. The
+        files read go once the queue is idle (`JobQueue.release_if_idle`)."""
         if self.pipe is not None:
             patcher_for(self.pipe.bundle).forget()
-        if files:
-            forget_read_loras()
 
     def unload(self) -> None:
         """Let the model and the refiner go (A1111's unload-checkpoint): the next job, or `pipeline`, loads
@@ -184,9 +182,8 @@ class Runner:
     """`run(job)`, the worker's job function."""
 
     def __init__(self, host: ModelHost, images_dir: Path, limits: Limits | None = None,
-                 upscalers: ModelFolder | None = None, others_waiting: Callable[[Job], bool] | None = None) -> None:
+                 upscalers: ModelFolder | None = None) -> None:
         self.host = host
-        self.others_waiting = others_waiting    # job -> whether other jobs wait (their tags' files read, kept)
         self.images_dir = images_dir
         self.limits = limits            # checked again once the model's default size is known
         self.upscalers = upscalers      # the models a hires upscaler may name (`--upscalers-dir`)
@@ -200,7 +197,7 @@ class Runner:
             try:
                 self._run(job)
             finally:
-                self.host.forget_tag_loras(files=self.others_waiting is None or not self.others_waiting(job))
+                self.host.forget_tag_loras()
 
     def _run(self, job: Job) -> None:
         registry = self.host.registry
