@@ -337,6 +337,35 @@ def test_control_input_checks(tmp_path):
         check_control(ControlInput(tmp_path / "a", _picture(), start=0.6, end=0.5), convention="a1111")
 
 
+def test_check_control_reads_the_sizes_of_its_image_and_mask_files_from_their_headers(tmp_path, monkeypatch):
+    """check_control (run on every resolve: each grid cell, each submit) compares a control's mask with its image
+    by the sizes their files' headers give, upright as `read_image` turns them (EXIF orientation), never decoding
+    the pixels; a file that is no picture is a RequestError naming it."""
+    from PIL import ImageFile
+
+    from sdlab.pipeline.images import read_image
+
+    (tmp_path / "cn").write_bytes(b"")
+    image, mask, turned, wide = (tmp_path / name for name in ("image.png", "mask.png", "turned.jpg", "wide.png"))
+    Image.new("RGB", (24, 16)).save(image)
+    Image.new("L", (24, 16), 255).save(mask)
+    exif = Image.Exif()
+    exif[0x0112] = 6                                                             # stored sideways: turned upright
+    Image.new("L", (16, 24), 255).save(turned, exif=exif)
+    Image.new("L", (16, 24), 255).save(wide)
+    assert read_image(turned).size == (24, 16)
+    decoded, load = [], ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: decoded.append(self) or load(self))
+    for fitting in (mask, turned):
+        check_control(ControlInput(tmp_path / "cn", image, module="inpaint", mask=fitting))
+    with pytest.raises(RequestError, match="the mask is 16x24 but its image 24x16"):
+        check_control(ControlInput(tmp_path / "cn", image, module="inpaint", mask=wide))
+    assert decoded == []
+    (tmp_path / "junk.png").write_bytes(b"not a picture")
+    with pytest.raises(RequestError, match="cannot read the control 0 mask"):
+        check_control(ControlInput(tmp_path / "cn", image, module="inpaint", mask=tmp_path / "junk.png"))
+
+
 def test_prepare_refuses_wrong_family_missing_files_and_images(tmp_path):
     sd1 = tiny_bundle("sd1")
     sdxl_path = write_layout(diffusers_controlnet(tiny_bundle("sdxl").unet_config, 0, hint_widths=(16, 32)),

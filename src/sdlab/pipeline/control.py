@@ -61,7 +61,7 @@ from sdlab.pipeline.overlay import axis_blurred
 from sdlab.pipeline.preprocess import (
     INPAINT_MODULES, PARAMETERS, PREPROCESSORS, a1111_module, preprocess, unknown_preprocessor,
 )
-from sdlab.pipeline.request import RequestError, input_image
+from sdlab.pipeline.request import RequestError, input_image, input_size
 from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
 
 MAX_STRENGTH = 10.0      # diffusers accepts any scale; A1111's slider stops at 2
@@ -153,17 +153,17 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
     if isinstance(control.mask, (str, os.PathLike)) and not Path(control.mask).exists():
         raise RequestError(f"{name}: the mask {os.fspath(control.mask)!r} does not exist")
     if control.mask is not None:
-        check_mask_size(input_image(control.image, f"{name} image"), input_image(control.mask, f"{name} mask"), name)
+        check_mask_size(input_size(control.image, f"{name} image"), input_size(control.mask, f"{name} mask"), name)
     return control
 
 
-def check_mask_size(image: Image.Image, mask: Image.Image, name: str) -> None:
-    """A control's own mask has its image's size, as the extension's `combine_image_and_mask` requires (each is
-    fitted to the picture by the resize mode on its own, so a mask of another size would mask other pixels);
-    otherwise a `RequestError` naming both sizes."""
-    if mask.size != image.size:
-        raise RequestError(f"{name}: the mask is {mask.width}x{mask.height} but its image {image.width}x"
-                           f"{image.height}; a control's mask must have its image's size")
+def check_mask_size(image: tuple[int, int], mask: tuple[int, int], name: str) -> None:
+    """A control's own mask has its image's (width, height), as the extension's `combine_image_and_mask` requires
+    (each is fitted to the picture by the resize mode on its own, so a mask of another size would mask other
+    pixels); otherwise a `RequestError` naming both sizes."""
+    if mask != image:
+        raise RequestError(f"{name}: the mask is {mask[0]}x{mask[1]} but its image {image[0]}x{image[1]}; a "
+                           "control's mask must have its image's size")
 
 
 def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "resize",

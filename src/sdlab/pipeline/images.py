@@ -29,7 +29,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import ExifTags, Image, ImageFilter, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,17 @@ def read_image(path: str | os.PathLike[str]) -> Image.Image:
 
 
 _WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # 16-bit greyscale PNG / TIFF as Pillow opens them
+
+
+def upright_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """The (width, height) of `read_image(path)` from the file's header alone, the pixels not decoded: turned by
+    its EXIF orientation as `upright_8bit` turns it. A PNG's EXIF is read where the format puts it, before the
+    pixels (a later eXIf chunk, which Pillow finds only by decoding, is not looked for)."""
+    with open_image(path) as image:
+        width, height = image.size
+        known = image.format != "PNG" or "exif" in image.info
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1) if known else 1
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def upright_8bit(image: Image.Image) -> Image.Image:

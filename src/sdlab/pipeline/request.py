@@ -37,6 +37,7 @@ import math
 import numbers
 import os
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
@@ -56,7 +57,7 @@ from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, SamplerSpec, comfyui_spelling, get_sampler, runs_a1111_timesteps,
 )
 from sdlab.diffusion.schedule_names import schedule_from_a1111
-from sdlab.pipeline.images import on_white, read_image, snap_size
+from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
 from sdlab.pipeline.upscale import (
     LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name, missing_upscaler,
 )
@@ -114,12 +115,27 @@ def input_image(image: ImageLike, what: str) -> Image.Image:
         return image
     if not isinstance(image, (str, os.PathLike)):
         raise _not_a_picture(what, image)
+    return _read(read_image, image, what)
+
+
+def input_size(image: ImageLike, what: str) -> tuple[int, int]:
+    """The (width, height) of `input_image(image, what)`, a file's from its header (`upright_size`), not decoded;
+    the same `RequestError`s."""
+    if isinstance(image, Image.Image):
+        return image.size
+    if not isinstance(image, (str, os.PathLike)):
+        raise _not_a_picture(what, image)
+    return _read(upright_size, image, what)
+
+
+def _read(read: Callable[[str | os.PathLike[str]], Any], path: str | os.PathLike[str], what: str) -> Any:
+    """`read(path)`, a missing or unreadable file a `RequestError` naming the `what` it is."""
     try:
-        return read_image(image)
+        return read(path)
     except FileNotFoundError:
-        raise RequestError(f"the {what} {os.fspath(image)!r} does not exist") from None
+        raise RequestError(f"the {what} {os.fspath(path)!r} does not exist") from None
     except (OSError, ValueError) as err:
-        raise RequestError(f"cannot read the {what} {os.fspath(image)!r}: {err}") from None
+        raise RequestError(f"cannot read the {what} {os.fspath(path)!r}: {err}") from None
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,7 @@ def unit_mask(unit: dict[str, Any], own: Any, image: Image.Image, init: Image.Im
     if mask:
         mask = mask if isinstance(mask, Image.Image) else decode_image(mask, f"{what} mask", limits)
         try:
-            check_mask_size(image, mask, what)
+            check_mask_size(image.size, mask.size, what)
         except RequestError as err:
             raise BadRequest(str(err), 422) from None
         if masks_something(mask):
