@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 
 import numpy as np
 
@@ -179,16 +180,22 @@ def test_a_weight_after_an_embedding_name_as_in_comfyui(sd1, tmp_path, caplog):
 
 def _comfyui_ids(text: str, text_ids, embeddings: dict[str, list[int]]) -> list[int]:
     """ComfyUI's reading of one text (comfy/sd1_clip.py, `SDTokenizer.tokenize_with_weights` and
-    `_try_get_embedding`, transcribed for one weight): a word of the text split at spaces and newlines that
-    starts with "embedding:" names an embedding (trailing commas are text when the name with them names
-    none); one that names none is dropped, with a warning; every other word is text, `text_ids(word)`."""
+    `_try_get_embedding`, transcribed for one weight): the text split before each " embedding:" / "\nembedding:";
+    a word that starts with "embedding:" names the embedding its first whitespace-separated token names
+    (`str.split()`), the rest of it text (trailing commas are text when the name with them names none); one that
+    names none is dropped, with a warning; every other word is text, `text_ids(word)`. A bare "embedding:"
+    (ComfyUI's IndexError) names nothing here, as in sdlab."""
+    split = re.split(" {0}|\n{0}".format("embedding:"), text)
     ids: list[int] = []
-    for word in [w for w in text.replace("\n", " ").split(" ") if w != ""]:
+    for word in [w for w in [split[0], *("embedding:" + part for part in split[1:])] if w != ""]:
         if word.startswith("embedding:"):
-            name = word[len("embedding:"):]
-            embed, leftover = embeddings.get(name), ""
-            if embed is None and name.strip(",") != name:
-                embed, leftover = embeddings.get(name.strip(",")), name[len(name.strip(",")):]
+            split_embed = word[len("embedding:"):].strip("\n").split() or [""]
+            name, leftover = split_embed[0], " ".join(split_embed[1:])
+            embed = embeddings.get(name)
+            if embed is None:
+                stripped = name.strip(",")
+                if len(stripped) < len(name):
+                    embed, leftover = embeddings.get(stripped), "{} {}".format(name[len(stripped):], leftover)
             ids += embed or []
             if leftover == "":
                 continue
@@ -204,6 +211,8 @@ COMFYUI_WORDS = [
     "embedding:nothere,", "1girl embedding:ink.\nembedding:", "embedding:Ink embedding:ink",
     "a embedding:ink:1.2 cat", "embedding:ink,bar", "embedding:ink), b", "embedding:ink) b", "embedding:ink|x",
     "embedding:ink[b]", "a embedding:ink<x> c", "embedding:,ink,", "embedding:ink:", "embedding:ink\tb c",
+    "a embedding:ink\r\nred", "a embedding:ink\u3000red", "a embedding:ink\x1fred", "a embedding:ink,\tred",
+    "a embedding: ink red", "a embedding:\tink", "a embedding:\nink b", "x embedding:\u2003nothere red",
 ]
 
 

@@ -27,6 +27,7 @@ import gzip
 import heapq
 import html
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from functools import cached_property, lru_cache
 from importlib import resources
@@ -62,12 +63,14 @@ _PRETOKENIZE = regex.compile(
 
 
 # ComfyUI's way to name an embedding in a prompt: `embedding:NAME` (NAME may carry the file's extension and
-# the subfolder it lies in: `embedding:styles/ink.pt`), read where ComfyUI reads it: a word that begins with
-# lower-case `embedding:`, the words of a text being split at spaces and newlines
-# (`SDTokenizer.tokenize_with_weights`), NAME the rest of the word (`CLIPTokenizer._named_units`). Elsewhere
-# ("myembedding:x", "EMBEDDING:x", "a,embedding:x") it is text; a bare "embedding:" names nothing and is left
-# out, as there.
-_EMBEDDING_SYNTAX = regex.compile(r"(?<![^ \n])embedding:([^ \n]*)")
+# the subfolder it lies in: `embedding:styles/ink.pt`), read where ComfyUI reads it: lower-case `embedding:`
+# at the start of a text or after a space or a newline (`SDTokenizer.tokenize_with_weights` splits a text
+# there), NAME the first whitespace-separated token after it (`_try_get_embedding`'s `str.split()`: any
+# whitespace, tab, CR, U+3000 too, ends it, and whitespace before it is skipped up to the next such
+# `embedding:`), the rest text (`CLIPTokenizer._named_units`). Elsewhere ("myembedding:x", "EMBEDDING:x",
+# "a,embedding:x") it is text; a bare "embedding:" names nothing and is left out. `re`, whose \s is
+# `str.split()`'s whitespace (`regex`'s lacks U+001C..U+001F).
+_EMBEDDING_SYNTAX = re.compile(r"(?<![^ \n])embedding:(?:(?![ \n]embedding:)\s)*(\S*)")
 _EMBEDDING_SUFFIX = regex.compile(r"\.(pt|pth|bin|safetensors)$", regex.IGNORECASE)
 
 
