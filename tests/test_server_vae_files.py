@@ -346,3 +346,45 @@ def test_the_web_ui_offers_the_vae_list(server, models):
         assert severe_console_errors(driver) == []
     finally:
         driver.quit()
+
+
+@pytest.fixture(scope="module")
+def sdxl_models(tmp_path_factory):
+    """An A1111 models folder with a tiny SDXL base (with its sidecar VAE), an SDXL refiner and an SDXL VAE file."""
+    from bundle_fixtures import randomize_, tiny_bundle, write_original
+
+    models = tmp_path_factory.mktemp("sdxl-vaes") / "models"
+    checkpoints = models / "Stable-diffusion"
+    checkpoints.mkdir(parents=True)
+    write_original(tiny_bundle("sdxl"), checkpoints / "base.safetensors", junk=False)
+    write_original(tiny_bundle("sdxl-refiner", seed=5), checkpoints / "refiner.safetensors", junk=False)
+    for path, seed in [(models / "VAE" / "blue.safetensors", 7), (checkpoints / "base.vae.safetensors", 8)]:
+        path.parent.mkdir(exist_ok=True)
+        save_file({k: v.contiguous() for k, v in randomize_(tiny_bundle("sdxl").vae, seed).state_dict().items()},
+                  str(path))
+    return models
+
+
+def test_a_named_vae_decodes_the_refiners_pictures_as_on_the_server(sdxl_models):
+    """A1111 resolves sd_vae for the refiner too, so the server draws a refined picture with the named VAE in both
+    models; `sdlab.load(vae=FILE, refiner=R)` (the CLI's `--vae FILE --refiner R`) and `Pipeline.with_vae(FILE)`
+    of a refined pipeline draw the same picture. Before, both decoded with the refiner's own VAE (max diff 255)."""
+    from sdlab import load
+    from sdlab.pipeline.request import GenerationRequest
+    from sdlab.server.inputs import RefinerChoice
+    from sdlab.server.registry import ModelRegistry
+    from sdlab.server.vae_files import VaeChoice
+    from sdlab.server.worker import ModelHost
+
+    base, refiner = (sdxl_models / "Stable-diffusion" / f"{name}.safetensors" for name in ("base", "refiner"))
+    blue = sdxl_models / "VAE" / "blue.safetensors"
+    registry = ModelRegistry(base, sdxl_models, sdxl_models / "VAE")
+    host = ModelHost(registry, "cpu")
+    request = GenerationRequest(prompt="a pear", steps=4, width=64, height=64, seed=5, sampler="Euler")
+    served = host.pipeline(registry.default, (), registry.find("refiner.safetensors"),
+                           RefinerChoice("refiner.safetensors", 0.5, "diffusers"), VaeChoice(False, "blue.safetensors"))
+    loaded = load(base, vae=blue, refiner=refiner, refiner_switch=0.5)
+    swapped = load(base, refiner=refiner, refiner_switch=0.5).with_vae(blue)
+    assert loaded.refiner.report.vae_file == swapped.refiner.report.vae_file == str(blue)
+    pictures = [np.asarray(pipe.run(request).images[0]) for pipe in (served, loaded, swapped)]
+    assert np.array_equal(pictures[0], pictures[1]) and np.array_equal(pictures[0], pictures[2])

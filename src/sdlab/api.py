@@ -90,9 +90,11 @@ class Pipeline:
                         refiner_convention, self.lora_dirs, self._find_lora)
 
     def with_vae(self, vae: str | os.PathLike[str] | None = None, *, sidecar_vae: bool = True) -> Pipeline:
-        """This pipeline with its model's VAE as `load(path, vae=vae, sidecar_vae=sidecar_vae)` loads it, only the
-        VAE file read (`checkpoints.load.with_vae`); the refiner, embeddings and LoRA lookup kept."""
-        return Pipeline(with_vae(self.bundle, vae, sidecar_vae=sidecar_vae), self.refiner, self.refiner_switch,
+        """This pipeline with its model's VAE, and its refiner's, as `load(path, vae=vae, sidecar_vae=sidecar_vae,
+        refiner=...)` loads them, only the VAE files read (`checkpoints.load.with_vae`); embeddings and LoRA lookup
+        kept."""
+        refiner = None if self.refiner is None else with_vae(self.refiner, vae, sidecar_vae=sidecar_vae)
+        return Pipeline(with_vae(self.bundle, vae, sidecar_vae=sidecar_vae), refiner, self.refiner_switch,
                         self.embeddings, self.skipped_embeddings, self.refiner_convention, self.lora_dirs,
                         self._find_lora)
 
@@ -338,8 +340,8 @@ def load(
     docs/performance.md), fp32 for small models such as the shipped one (`sdlab.utils.dtypes.auto_dtype`);
     else "fp32", "fp16", "bf16" (the CLI's names) or a torch dtype of `LOAD_DTYPES` (`resolve_dtype`).
     `vae` replaces the checkpoint's VAE with a standalone VAE file (by default, a single file's A1111 sidecar
-    `<name>.vae.*` beside it; `sidecar_vae=False` keeps the file's own, as A1111's `sd_vae` "None", for the
-    refiner too); `family` and `prediction`
+    `<name>.vae.*` beside it; `sidecar_vae=False` keeps the file's own, as A1111's `sd_vae` "None"), the
+    refiner's too (A1111 resolves `sd_vae` for it as well, so `vae` decodes refined pictures); `family` and `prediction`
     override detection (e.g. `prediction="v"` for SD 2.x 768 models whose file does not say).
     `refiner` (an SDXL refiner checkpoint) finishes the last `1 - refiner_switch` of each schedule, from the
     step `refiner_convention` picks: "diffusers" (`denoising_end`), "a1111" (A1111's `Refiner switch at`) or
@@ -369,7 +371,7 @@ def load(
         bundle = replace(bundle, preset=next(filter(None, (lora_preset(p) for p, _, _ in lora_files)), None))
     found = find_embeddings(embeddings, bundle)
     bundle = install_embeddings(bundle, found.loaded)
-    refined = None if refiner is None else load_refiner(refiner, bundle, found.loaded, sidecar_vae)
+    refined = None if refiner is None else load_refiner(refiner, bundle, found.loaded, sidecar_vae, vae)
     for loaded in (bundle, refined) if compile else ():
         if loaded is not None:
             compile_module(loaded.unet)
