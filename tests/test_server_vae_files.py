@@ -388,3 +388,17 @@ def test_a_named_vae_decodes_the_refiners_pictures_as_on_the_server(sdxl_models)
     assert loaded.refiner.report.vae_file == swapped.refiner.report.vae_file == str(blue)
     pictures = [np.asarray(pipe.run(request).images[0]) for pipe in (served, loaded, swapped)]
     assert np.array_equal(pictures[0], pictures[1]) and np.array_equal(pictures[0], pictures[2])
+
+
+def test_another_vae_keeps_the_family_and_prediction_the_model_was_loaded_with(models):
+    """`Pipeline.with_vae` re-plans the file with `load`'s `family` / `prediction` overrides (its report's
+    "argument" sources), so it equals a model loaded with that VAE and those overrides. Before, it planned with
+    detection alone: the report said the prediction came from the file's metadata."""
+    from sdlab import load
+
+    anime, blue = models / "Stable-diffusion" / "anime.safetensors", models / "VAE" / "blue.safetensors"
+    overrides = {"family": "sd1", "prediction": "v"}
+    swapped = load(anime, **overrides).with_vae(blue)
+    assert swapped.bundle.report == load(anime, vae=blue, **overrides).bundle.report
+    assert swapped.with_vae(None).bundle.report == load(anime, **overrides).bundle.report
+    assert load(anime).with_vae(blue).bundle.report == load(anime, vae=blue).bundle.report

@@ -91,8 +91,8 @@ class Pipeline:
 
     def with_vae(self, vae: str | os.PathLike[str] | None = None, *, sidecar_vae: bool = True) -> Pipeline:
         """This pipeline with its model's VAE, and its refiner's, as `load(path, vae=vae, sidecar_vae=sidecar_vae,
-        refiner=...)` loads them, only the VAE files read (`checkpoints.load.with_vae`); embeddings and LoRA lookup
-        kept."""
+        refiner=...)` loads them, only the VAE files read (`checkpoints.load.with_vae`); the `family` / `prediction`
+        given to `load`, embeddings and LoRA lookup kept."""
         refiner = None if self.refiner is None else with_vae(self.refiner, vae, sidecar_vae=sidecar_vae)
         return Pipeline(with_vae(self.bundle, vae, sidecar_vae=sidecar_vae), refiner, self.refiner_switch,
                         self.embeddings, self.skipped_embeddings, self.refiner_convention, self.lora_dirs,
