@@ -2,6 +2,7 @@
 
 ``cfg`` is classifier-free guidance (Ho & Salimans 2022) with optional guidance rescale (Lin et al.
 2023, sec. 3.4); ``masked`` keeps the known region of an image while a 4-channel model inpaints the rest;
+``masked_input`` blends it into the model's input alone (A1111's timestep samplers);
 ``switch_at_calls`` changes the conditioning during sampling (A1111's prompt editing); ``composable_cfg``
 guides toward several prompts at once (A1111's ``AND``). All only see ``denoise(x, sigma, **cond) -> x0``.
 ``with_unguided`` lets a sampler read the unguided prediction a guided call started from (the CFG++ samplers).
@@ -24,8 +25,8 @@ from torch import Tensor
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
 __all__ = [
-    "a1111_skips", "blend_known", "cfg", "composable_cfg", "masked", "needs_uncond", "recording_effects",
-    "rescale_guidance", "skipping_uncond", "switch_at_calls", "took_effect", "with_unguided",
+    "a1111_skips", "blend_known", "cfg", "composable_cfg", "masked", "masked_input", "needs_uncond",
+    "recording_effects", "rescale_guidance", "skipping_uncond", "switch_at_calls", "took_effect", "with_unguided",
 ]
 
 NoiseScaling = Callable[..., Tensor]
@@ -322,6 +323,30 @@ def masked(
         if left:                                                                  # with_unguided's x0_u
             left[-1] = mask * left[-1] + (1 - mask) * x0_known
         return mask * x0 + (1 - mask) * x0_known
+
+    return inpaint
+
+
+def masked_input(inner: DenoiseFn, x0_known: Tensor, mask: Tensor) -> DenoiseFn:
+    """Inpainting as A1111's timestep samplers (DDIM, DDIM CFG++, PLMS, UniPC) blend, as a denoiser wrapper.
+
+    Their ``CFGDenoiserTimesteps`` sets ``mask_before_denoising``: the model's VP input is
+    ``z * nmask + init_latent * mask`` with the clean ``init_latent``, and its eps is not blended. In VE scaling
+    the known region of x becomes ``x0_known * sqrt(1 + sigma^2)`` (the model reads ``x0_known`` there). The
+    samplers step the sample they hold with that eps, so the x0 handed back is ``x0 + (x - x_in)``: the eps
+    ``(x - x0') / sigma`` a sampler derives from it is the model's ``(x_in - x0) / sigma``; the same for the
+    unguided x0_u of a ``with_unguided`` call (A1111's ``last_noise_uncond``). ``mask`` as in ``blend_known``.
+    """
+
+    def inpaint(x: Tensor, sigma: Tensor, **cond: Any) -> Tensor:
+        sigma_v = _batch_view(torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1), x)
+        seen = mask * x + (1 - mask) * x0_known * (1 + sigma_v ** 2).sqrt()                    # (B, C, h, w)
+        unblend = x - seen
+        left = _UNGUIDED.get()
+        x0 = inner(seen, sigma, **cond)
+        if left:                                                                  # with_unguided's x0_u
+            left[-1] = left[-1] + unblend
+        return x0 + unblend
 
     return inpaint
 

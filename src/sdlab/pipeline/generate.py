@@ -77,11 +77,12 @@ from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import A1111_IMG2IMG, UI_IMG2IMG, steps_run
 from sdlab.diffusion.guidance import (
-    a1111_skips, cfg, composable_cfg, masked, recording_effects, skipping_uncond, switch_at_calls, took_effect,
+    a1111_skips, cfg, composable_cfg, masked, masked_input, recording_effects, skipping_uncond, switch_at_calls,
+    took_effect,
 )
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, per_image_noise
-from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler
+from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler, runs_a1111_timesteps
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
 from sdlab.models.generation_memo import reusing_generation_work
@@ -776,8 +777,11 @@ def _skipping_uncond(plan: GenerationPlan, model: DenoiseFn, first_call: int) ->
 
 def _with_latent_blend(model: DenoiseFn, bundle: ModelBundle, sampling: ModelSampling, req: GenerationRequest,
                        start: _Start, steps_done: int) -> DenoiseFn:
-    """`model` with the init image's latent blended into the kept region (`guidance.masked`)."""
+    """`model` with the init image's latent blended into the kept region (`guidance.masked`); A1111's timestep
+    samplers under its convention blend the clean latent into the model's input alone (`guidance.masked_input`)."""
     small_mask = start.latent_mask.to(bundle.device)                                          # (1, 1, h, w)
+    if req.img2img_convention in A1111_IMG2IMG and runs_a1111_timesteps(get_sampler(req.sampler), req.schedule):
+        return masked_input(model, start.image_latent, small_mask)
     return masked(model, start.image_latent, small_mask, start.noise, sampling.noise_scaling,
                   blend_from_call=_blend_from_call(req, start, steps_done))
 
