@@ -402,3 +402,48 @@ def test_another_vae_keeps_the_family_and_prediction_the_model_was_loaded_with(m
     assert swapped.bundle.report == load(anime, vae=blue, **overrides).bundle.report
     assert swapped.with_vae(None).bundle.report == load(anime, **overrides).bundle.report
     assert load(anime).with_vae(blue).bundle.report == load(anime, vae=blue).bundle.report
+
+
+NEAR_LAYOUTS = [   # (the model, files of the list); A1111 1.10 draws the first listed file starting with its stem
+    ("anime.safetensors", ["Stable-diffusion/anime.vae.safetensors", "VAE/anime.safetensors"]),
+    ("anime.safetensors", ["VAE/anime-v2.safetensors", "VAE/blue.pt"]),
+    ("anime.safetensors", ["Stable-diffusion/anime.vae.safetensors", "Stable-diffusion/sub/anime2.vae.ckpt"]),
+    ("sd.v1.ckpt", ["Stable-diffusion/sub/sd.v1-ema.vae.pt", "VAE/sd.v1.safetensors"]),
+    ("sub/plain.safetensors", ["VAE/Plain.pt", "VAE/x/plain_vae.pt", "VAE/plain.ckpt"]),
+    ("plain.safetensors", ["VAE/blue.pt", "Stable-diffusion/other.vae.pt"]),
+]
+
+
+@pytest.mark.parametrize("model, files", NEAR_LAYOUTS)
+def test_automatic_draws_the_vae_a1111_finds_near_the_checkpoint(tmp_path, model, files):
+    """sd_vae Automatic draws A1111 1.10's `find_vae_near_checkpoint` file (the first of the list whose name
+    starts with the model's name up to its last dot), not only `<stem>.vae.*` beside it: before, the second,
+    fourth and fifth layouts drew the checkpoint's own VAE and the third the sidecar beside it."""
+    from sdlab.checkpoints.sidecar import vae_beside
+    from sdlab.server.vae_files import VaeChoice, VaeFiles, vae_to_load
+
+    for name in [f"Stable-diffusion/{model}", *files]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    checkpoint = tmp_path / "Stable-diffusion" / model
+    vae_dict = _a1111_refresh_vae_list(tmp_path / "Stable-diffusion", tmp_path / "VAE")
+    expected = _a1111_resolve_vae("Automatic", True, checkpoint, vae_dict)
+    vaes = VaeFiles(tmp_path / "Stable-diffusion", tmp_path / "VAE")
+    vae, sidecar = vae_to_load(checkpoint, VaeChoice(), None, vaes.near(checkpoint))
+    drawn = vae_beside(checkpoint) if sidecar else vae
+    assert (drawn and drawn.resolve()) == (expected and Path(expected).resolve())
+
+
+def test_the_model_is_loaded_with_the_vae_found_near_it(tmp_path):
+    """The worker loads the model with that file: a VAE folder's `plain-ema.safetensors` for `plain.safetensors`."""
+    from bundle_fixtures import tiny_bundle, write_original
+    from sdlab.server.registry import ModelRegistry
+    from sdlab.server.worker import ModelHost
+
+    model = tmp_path / "Stable-diffusion" / "plain.safetensors"
+    model.parent.mkdir()
+    write_original(tiny_bundle("sd1", seed=4), model, junk=False)
+    _vae_file(tmp_path / "VAE" / "plain-ema.safetensors", 97)
+    registry = ModelRegistry(model, tmp_path, tmp_path / "VAE")
+    pipe = ModelHost(registry, "cpu").pipeline(registry.default)
+    assert Path(pipe.bundle.report.vae_file).resolve() == (tmp_path / "VAE" / "plain-ema.safetensors").resolve()

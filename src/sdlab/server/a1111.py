@@ -1072,7 +1072,7 @@ def _vae_choice(service: Service, settings: dict[str, Any]) -> VaeChoice:
     `sd_vae_overrides_per_model_preferences` (on by default) an `sd_vae` other than `AUTOMATIC_VAE` is the file
     of `GET sd-vae` it names, or the checkpoint's own VAE for "None" or a name of no file (null, "" too: logged,
     as A1111's "Couldn't find VAE named ...; using None instead"); "Automatic", or any `sd_vae` with that option
-    off, draws a single file's sidecar beside it first, then the named file."""
+    off, draws the VAE found near the checkpoint first (`VaeFiles.near`), then the named file."""
     settings = {**OPTION_DEFAULTS, **settings}
     name = settings["sd_vae"]
     listed = None if name in (*AUTOMATIC_VAE, "None") else service.registry.vaes.find(name)
@@ -1131,7 +1131,8 @@ def _check_readable(checkpoint: Checkpoint, vae: VaeChoice, service: Service) ->
     in `POST options` (A1111 loads it there; sdlab plans it from its names and shapes, reading no weight; a file
     that fails later, in the worker, fails its job with a 400)."""
     listed = service.registry.vaes.find(vae.name) if vae.name is not None else None
-    vae_file, sidecar_vae = vae_to_load(checkpoint.path, vae, listed.path if listed is not None else None)
+    vae_file, sidecar_vae = vae_to_load(checkpoint.path, vae, listed.path if listed is not None else None,
+                                        service.registry.vaes.near(checkpoint.path))
     try:
         checkpoint.check_loadable(sidecar_vae, vae_file)
     except CheckpointError as err:

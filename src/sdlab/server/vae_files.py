@@ -61,6 +61,18 @@ class VaeFiles:
         with self._lock:
             return [f.name for f in self.files]
 
+    def near(self, model: Path) -> Path | None:
+        """The VAE A1111 1.10 finds near the checkpoint `model` (`find_vae_near_checkpoint`): the first file of
+        the list whose name starts with the model's file name up to its last dot, a sidecar `<stem>.vae.*` or a
+        VAE folder's `<stem>...` file alike; else the sidecar beside it, for a model outside the listed folders (a
+        `--model` file); None for a diffusers folder, which has its own."""
+        if not model.is_file():
+            return None
+        stem = model.name.rsplit(".", 1)[0]
+        with self._lock:
+            listed = next((f.path for f in self.files if f.name.startswith(stem)), None)
+        return listed or vae_beside(model)
+
 
 def _files(folder: Path | None, suffix: str) -> list[Path]:
     """The files under `folder` whose names end in `suffix` (any case), in name order, none that leaves it."""
@@ -73,7 +85,7 @@ def _files(folder: Path | None, suffix: str) -> list[Path]:
 @dataclass(frozen=True)
 class VaeChoice:
     """The VAE a job draws a model with, as A1111 1.10's `resolve_vae` picks it (no `--vae-path`, no user
-    metadata): `sidecar`, a single file's sidecar VAE beside it where it has one (`resolve_vae_near_checkpoint`:
+    metadata): `sidecar`, the VAE of the list near the model where there is one (`resolve_vae_near_checkpoint`:
     sd_vae "Automatic", or any sd_vae with `sd_vae_overrides_per_model_preferences` off), else `name`, a file of
     the list (`resolve_vae_from_setting`), else the checkpoint's own VAE."""
 
@@ -81,11 +93,13 @@ class VaeChoice:
     name: str | None = None
 
 
-def vae_to_load(model: Path, choice: VaeChoice, named: Path | None) -> tuple[Path | None, bool]:
+def vae_to_load(model: Path, choice: VaeChoice, named: Path | None, near: Path | None) -> tuple[Path | None, bool]:
     """`load`'s (`vae`, `sidecar_vae`) arguments for `model` drawn as `choice` says, `named` the file of its
-    `name`: the sidecar beside the model (None, True), else that file (named, False), else its own (None, False)."""
-    if choice.sidecar and vae_beside(model) is not None:
-        return None, True
+    `name`, `near` the VAE near it (`VaeFiles.near`): its own sidecar `<stem>.vae.*` (None, True), another file
+    near it (near, False), else the named file (named, False), else its own (None, False)."""
+    if choice.sidecar and near is not None:
+        beside = vae_beside(model)
+        return (None, True) if beside is not None and beside.resolve() == near.resolve() else (near, False)
     return named, False
 
 

@@ -98,7 +98,7 @@ class ModelHost:
         stays while later jobs name the same; another VAE is read into it alone; a model the job does not name
         is let go before another is loaded, so at most a base model and a refiner are held."""
         key, named = (checkpoint.path, loras), self._vae_file(vae)
-        vae_key = vae_to_load(checkpoint.path, vae, named)
+        vae_key = vae_to_load(checkpoint.path, vae, named, self.registry.vaes.near(checkpoint.path))
         if key != self._key or self.pipe is None:
             with self._loading():
                 self.pipe, self._key = None, None
@@ -157,7 +157,8 @@ class ModelHost:
         `vae` picks for its file (`named` the file of its name), loaded unless it is held already; None (and
         nothing held) without one. The one held was loaded for this `base`: `pipeline` lets it go whenever it
         loads another."""
-        drawn = None if refiner is None else vae_to_load(refiner.path, vae, named)
+        drawn = None if refiner is None else vae_to_load(refiner.path, vae, named,
+                                                         self.registry.vaes.near(refiner.path))
         key = None if refiner is None else (refiner.path, drawn)
         if key != self._refiner_key:
             self._refiner, self._refiner_key = None, None
