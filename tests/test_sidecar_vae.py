@@ -243,3 +243,42 @@ def test_from_png_warns_when_the_picture_names_another_vae_than_the_one_drawn_wi
                            capsys)
         assert code == 0, err
         assert ("this run decodes with 'anime.vae.safetensors [" in err) == warned, (vae, short_hash, err)
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("extra, keeps_own", [((), False), (("--no-sidecar-vae",), True)])
+def test_train_no_sidecar_vae_keeps_the_checkpoints_own_vae(sidecar_models, tmp_path, monkeypatch, extra, keeps_own):
+    """`sdlab train` loads a model with its sidecar VAE as txt2img does, and `--no-sidecar-vae` keeps its own (before,
+    the flag was refused and the sidecar always replaced the VAE trained or encoded with)."""
+    from train_fixtures import cli_args, write_caption_folder
+
+    from sdlab.train import cli
+
+    folder, own, shipped = sidecar_models
+    loaded = {}
+
+    def load_and_stop(*args, **kwargs):
+        loaded["vae"] = real(*args, **kwargs).vae
+        raise _Loaded
+
+    real = cli.load_bundle
+    monkeypatch.setattr(cli, "load_bundle", load_and_stop)
+    data = write_caption_folder(tmp_path / "data", n=2)
+    argv = cli_args(tmp_path / "run", folder / "anime.safetensors", data, "--max-steps", "1", *extra)[2:]
+    with pytest.raises(_Loaded):
+        cli.run_train(_parsed(argv))
+    assert _same_weights(loaded["vae"], own if keeps_own else shipped)
+    assert not _same_weights(loaded["vae"], shipped if keeps_own else own)
+
+
+def _parsed(argv):
+    import argparse
+
+    from sdlab.train.config import add_config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    return parser.parse_args(argv)

@@ -188,7 +188,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         _make_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
         bundle = load_bundle(cfg.model, device=ctx.device, dtype=torch.float32, family=cfg.family,
-                             prediction=cfg.prediction, vae=cfg.vae)
+                             prediction=cfg.prediction, vae=cfg.vae, sidecar_vae=cfg.sidecar_vae)
         cfg = _with_model_kind(cfg, bundle.family.name, bundle.prediction.value)
         cfg = _with_native_resolution(cfg, bundle)
         task = task_module.build_task(cfg, bundle)

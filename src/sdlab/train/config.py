@@ -53,6 +53,8 @@ class TrainConfig:
     family: str | None = setting(None, "override family detection (sd1, sd2, sdxl, ...)")
     prediction: str | None = setting(None, "override the checkpoint's prediction type (eps, v)")
     vae: str | None = setting(None, "replace the checkpoint's VAE with this file")
+    sidecar_vae: bool = setting(True, "without --vae, train a single file with the A1111 sidecar VAE beside it "
+                                      "(<name>.vae.*), as txt2img draws it (--no-sidecar-vae: its own VAE)")
 
     # data
     data_dir: str | None = setting(None, "images with same-name .txt captions, or a metadata.jsonl (required)")
@@ -357,7 +359,7 @@ def _check_option_pairs(cfg: TrainConfig, given: typing.Collection[str] = ()) ->
 # Every other setting given again applies from the resumed step on (the optimiser's and the LR schedule's
 # included: `sdlab.train.loop.apply_optimizer_settings`).
 RESUME_INVARIANTS = (
-    "task", "model", "family", "prediction", "vae", "data_dir",
+    "task", "model", "family", "prediction", "vae", "sidecar_vae", "data_dir",
     "resolution", "center_crop", "random_flip", "caption_dropout", "lora_rank", "lora_alpha",
     "lora_text_encoder", "lora_conv", "train_text_encoder", "embedding_word", "embedding_vectors", "embedding_init",
     "vae_decoder_only", "seed", "min_snr_gamma", "offset_noise", "cache_latents",
