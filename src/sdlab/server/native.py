@@ -167,7 +167,7 @@ class JobIn(NullsAreDefaults):
     preset: str | None = None               # few-step settings (pipeline/presets.py); the fields given win
     loras: list[LoraIn] = Field(default_factory=list)
     vae: str | None = None                  # a VAE file by its name in GET /sdapi/v1/sd-vae, "None" (the model's
-                                            # own), null / "Automatic" (its sidecar VAE, if any, else its own)
+                                            # own), null / "Automatic" (the VAE found near it, else its own)
     controls: list[ControlIn] = Field(default_factory=list)
 
 
@@ -203,7 +203,8 @@ def _ensd(body: JobIn) -> dict[str, int]:
 
 def _vae_fields(service: Service, name: str | None) -> dict[str, Any]:
     """`JobSpec`'s VAE fields of the job's `vae`: null, "Automatic" or "auto" draw a single-file model with the
-    sidecar VAE beside it, if any (A1111's default), "None" with its own, a name of the server's VAE list
+    VAE A1111's Automatic finds near it (`VaeFiles.near`: the first listed file whose name starts with the model's
+    stem, else the sidecar beside it), if any, "None" with its own, a name of the server's VAE list
     (`GET /sdapi/v1/sd-vae`) with that file; another name is a 404 naming the list, as an unknown LoRA's."""
     if name is None or name in ("Automatic", "auto"):
         return {}
