@@ -246,7 +246,7 @@ def test_from_png_warns_when_the_picture_names_another_vae_than_the_one_drawn_wi
 
 
 class _Loaded(Exception):
-    pass
+    """Raised by the stand-in loader once the training run has loaded its model: the test stops there."""
 
 
 @pytest.mark.parametrize("extra, keeps_own", [((), False), (("--no-sidecar-vae",), True)])
