@@ -202,14 +202,14 @@ def _grid_parameters(first: dict, plot) -> dict:
     return {**parameters, **plot.parameters(), "Version": first.get("Version")}
 
 
+# the hires flags (`generate._add_hires_flags`), by their argparse names
+_HIRES_FLAGS = ("hr_scale", "hr_size", "hr_upscaler", "hr_steps", "hr_denoise", "hr_sampler", "hr_eta", "hr_schedule",
+                "hr_prompt", "hr_negative_prompt")
+
+
 def _check_hires(args: argparse.Namespace) -> None:
     """The hires fix is txt2img's: a grid with --init draws img2img cells, which have none."""
-    given = [flag for flag, value in (("--hr-scale", args.hr_scale), ("--hr-size", args.hr_size),
-                                      ("--hr-upscaler", args.hr_upscaler), ("--hr-steps", args.hr_steps),
-                                      ("--hr-denoise", args.hr_denoise), ("--hr-sampler", args.hr_sampler),
-                                      ("--hr-eta", args.hr_eta),
-                                      ("--hr-schedule", args.hr_schedule), ("--hr-prompt", args.hr_prompt),
-                                      ("--hr-negative-prompt", args.hr_negative_prompt)) if value is not None]
+    given = ["--" + name.replace("_", "-") for name in _HIRES_FLAGS if getattr(args, name) is not None]
     if args.init and given:
         raise UserError(f"{', '.join(given)}: the hires fix is txt2img's; a grid with --init draws img2img cells")
 
