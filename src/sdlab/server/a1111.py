@@ -599,6 +599,8 @@ SDLAB_LABELS = frozenset({
 })
 """The labels sdlab writes of settings A1111 has no label for (its own conventions, SDXL's conditioning and second
 prompts, A1111's Clip skip SDXL option, diffusers' guidance rescale)."""
+NOT_EXTRA_LABELS = A1111_FIXED_LABELS | SDLAB_LABELS
+"""The labels `_written_extra_parameters` leaves out."""
 
 
 A1111_TEXT_LABELS = frozenset({"Schedule type", "Hires upscaler", "Hires checkpoint", "Hires sampler",
@@ -612,9 +614,13 @@ def _written_extra_parameters(job: Job) -> dict[str, Any]:
     """A1111's `extra_generation_params` as the job's first picture records them: every label of its text but
     A1111's own fields and sdlab's labels (`Lora hashes`, `ControlNet 0`, `Eta DDIM`, ...: what A1111's
     processing, samplers and extensions add to them), each value typed as A1111's (`_a1111_value`)."""
-    written = parse_parameters(job.infotexts[0]) if job.infotexts else {}
-    return {label: _a1111_value(label, value) for label, value in written.items()
-            if label not in A1111_FIXED_LABELS | SDLAB_LABELS}
+    return {label: _a1111_value(label, value) for label, value in _first_parameters(job).items()
+            if label not in NOT_EXTRA_LABELS}
+
+
+def _first_parameters(job: Job) -> dict[str, Any]:
+    """The parameters the job's first picture records (none without pictures)."""
+    return parse_parameters(job.infotexts[0]) if job.infotexts else {}
 
 
 def _a1111_value(label: str, text: Any) -> Any:
@@ -635,7 +641,7 @@ def _refiner_parameters(service: Service, job: Job) -> dict[str, Any]:
     `Refiner switch at`; none without one or where it never took over (its pictures record none)."""
     settings = job.settings
     refiner = service.registry.find(settings["refiner"]) if settings.get("refiner") else None
-    if refiner is None or not any("Refiner" in parse_parameters(text) for text in job.infotexts[:1]):
+    if refiner is None or "Refiner" not in _first_parameters(job):
         return {}
     return {"Refiner": refiner_label(refiner.infotext_name, refiner.hash),
             "Refiner switch at": settings["refiner_switch"]}
@@ -680,7 +686,7 @@ def _info(job: Job, body: Txt2ImgIn, model_name: str, extra: dict[str, Any] | No
     subseed = fixed_seed(body.subseed)
     subseeds = subseeds or [subseed + i for i in range(count)]
     prompts = [s.get("prompt", "")] * count
-    written = parse_parameters(job.infotexts[0]) if job.infotexts else {}    # the VAE drawn, as its pictures say
+    written = _first_parameters(job)        # the VAE drawn, as its pictures say
     return {
         "prompt": s.get("prompt", ""), "all_prompts": prompts,
         "negative_prompt": s.get("negative_prompt", ""), "all_negative_prompts": [s.get("negative_prompt", "")] * len(prompts),
