@@ -878,14 +878,6 @@ def _identify_model(model: str | os.PathLike) -> tuple[str, str | None]:
     return model_name(model), (model_hash(model) if os.path.isfile(model) else None)
 
 
-def _standalone_vae(pipe) -> tuple[str, str | None] | None:
-    """The standalone VAE the model is drawn with (--vae, or the `<name>.vae.*` file beside it, as A1111 draws
-    it) as `to_parameters` records it: (file name, short hash), A1111's `VAE` / `VAE hash`."""
-    from sdlab.pipeline.png_info import vae_ref
-
-    return vae_ref(pipe.bundle.report)
-
-
 def _refiner_ref(args: argparse.Namespace, pipe):
     """The --refiner as `to_parameters` records it (name, hash, the switch and handoff rule the pipeline runs)."""
     from sdlab.pipeline.infotext import RefinerRef
@@ -1037,7 +1029,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.images import pad_for_outpaint
     from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, parse_lora_hashes, to_parameters
-    from sdlab.pipeline.png_info import embedding_hash, format_parameters, lora_hash
+    from sdlab.pipeline.png_info import embedding_hash, format_parameters, lora_hash, vae_ref
     from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError, check_batch_seeds, next_batch
 
     target = _output_target(args.out)                         # a bad --out is refused before any work
@@ -1087,7 +1079,7 @@ def run_generate(args: argparse.Namespace) -> int:
         request = GenerationRequest(**_with_model_preset(options, preset, args.mode))
     name, hash_ = _identify_model(model)
     refiner = _refiner_ref(args, pipe)
-    vae = _standalone_vae(pipe)
+    vae = vae_ref(pipe.bundle.report)      # --vae, or the <name>.vae.* beside it: A1111's VAE / VAE hash
     if recorded:
         _check_model(recorded, name, hash_)
         _warn_what_is_not_given(recorded, refiner, vae, pipe, request)

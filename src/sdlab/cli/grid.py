@@ -224,7 +224,7 @@ def _image_names(number: int, index, count: int) -> list[str]:
 def run_grid(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import (
         _controls, _identify_model, _load_pipeline, _lora_finder, _open_image, _options_from_args, _refiner_ref,
-        _resolve_loras, _standalone_vae,
+        _resolve_loras,
     )
     from sdlab.pipeline.grid import draw_cells, fix_seeds
     from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, to_parameters
@@ -234,6 +234,7 @@ def run_grid(args: argparse.Namespace) -> int:
         format_parameters,
         image_format,
         lora_hash,
+        vae_ref,
         write_files_all_or_nothing,
     )
     from sdlab.pipeline.request import GenerationRequest, RequestError
@@ -265,7 +266,7 @@ def run_grid(args: argparse.Namespace) -> int:
     cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot, args.batch_count)
     name, hash_ = _identify_model(model)
-    vae = _standalone_vae(pipe)
+    vae = vae_ref(pipe.bundle.report)
     refiner = _refiner_ref(args, pipe)
     try:
         for _, cell in cells:                                # the model's checks too (clip skip, memory)
