@@ -42,7 +42,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-import numpy as np
 import torch
 
 from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
@@ -60,7 +59,7 @@ from sdlab.pipeline.generate import (
     sample_latents,
     tiling_padding,
 )
-from sdlab.pipeline.images import pil_to_tensor, tensor_to_pil
+from sdlab.pipeline.images import pil_to_tensor, pil_to_unit_tensor, tensor_to_pil
 from sdlab.pipeline.plan import GenerationPlan, make_plan
 from sdlab.pipeline.prompt_loras import LoraUse, patcher_for
 from sdlab.pipeline.request import (
@@ -214,7 +213,7 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
             pixels = pil_to_tensor(upscaled)                                                   # (B, 3, H, W)
             z = encode_image(bundle, pixels.to(bundle.device), tiled=req.tiled_vae)      # (B, C, H/f, W/f)
             z = z[..., : up[1] // factor, : up[0] // factor]
-            source = _unit_pixels(upscaled) if _conditions_on_pictures(bundle, req) else None
+            source = pil_to_unit_tensor(upscaled) if _conditions_on_pictures(bundle, req) else None
         z = z[..., top: top + final[1] // factor, left: left + final[0] // factor]        # (B, C, h2, w2)
         if source is not None:
             source = source[..., top * factor: top * factor + final[1], left * factor: left * factor + final[0]]
@@ -238,11 +237,6 @@ def _conditions_on_pictures(bundle: ModelBundle, req: GenerationRequest) -> bool
     masked; at 1 that is txt2img's mid-grey). A latent upscale's pictures are its latent decoded, in [-1, 1]; a
     pixel upscaler's the upscaled pictures in [0, 1], which A1111 hands over as they are (as if in [-1, 1])."""
     return bundle.family.is_inpaint and req.inpainting_mask_weight < 1.0
-
-
-def _unit_pixels(pictures: Sequence) -> torch.Tensor:
-    """8-bit RGB pictures as (B, 3, H, W) floats in [0, 1], as A1111's `sample_hr_pass` makes them (`/ 255.0`)."""
-    return torch.from_numpy(np.stack([np.asarray(p, dtype=np.float32) / 255.0 for p in pictures])).permute(0, 3, 1, 2)
 
 
 def _interrupt_check(stop: Callable[[], None] | None, latents: torch.Tensor | None = None,

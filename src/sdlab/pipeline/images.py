@@ -141,6 +141,14 @@ def pil_to_tensor(
     With ``size``, images of another size are resized with Lanczos (diffusers' default resample).
     Non-RGB images (RGBA, L, P) are converted to RGB first.
     """
+    return 2.0 * pil_to_unit_tensor(images, size) - 1.0
+
+
+def pil_to_unit_tensor(
+    images: Image.Image | Sequence[Image.Image],
+    size: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Images -> float32 (B, 3, H, W) in [0, 1] (``/ 255``), as ``pil_to_tensor`` before its ``2x - 1``."""
     batch = []
     for image in _as_list(images):
         if size is not None and image.size != tuple(size):
@@ -148,8 +156,7 @@ def pil_to_tensor(
         batch.append(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)   # (H, W, 3)
     if len({a.shape for a in batch}) != 1:
         raise ValueError(f"images have different sizes {[a.shape[1::-1] for a in batch]}; pass size=(W, H)")
-    pixels = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)                   # (B, 3, H, W) in [0, 1]
-    return 2.0 * pixels - 1.0
+    return torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)                     # (B, 3, H, W) in [0, 1]
 
 
 def tensor_to_pil(x: torch.Tensor) -> list[Image.Image]:
