@@ -140,7 +140,8 @@ class SamplerSpec:
             return True
         if self.noise != "gaussian":
             return False
-        return self.default_eta is None or (self.default_eta if eta is None else eta) > 0
+        default = self.default_eta
+        return default is None or (default if eta is None else eta) > 0
 
     @property
     def default_schedule(self) -> str | None:
