@@ -73,7 +73,7 @@ from sdlab.server.previews import preview_image
 from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR
-from sdlab.server.vae_files import VaeChoice, vae_to_load
+from sdlab.server.vae_files import AUTOMATIC_VAE, VaeChoice, vae_to_load
 from sdlab.server.worker import ModelHost
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -108,10 +108,6 @@ FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash")
 SAMPLES_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 """A1111's `samples_format` values (any case) -> the format its `encode_pil_to_base64` writes."""
 REFINER_SWITCH = 0.8            # A1111's UI default of `refiner_switch_at` (its API has none: refiner from the start)
-AUTOMATIC_VAE = ("Automatic", "auto")
-"""A1111's `sd_vae` values that draw a single-file model with the VAE beside it, if any (`sd_vae.is_automatic`;
-"auto" from old configs); a name of `GET sd-vae` draws that file, "None", null, "" and a name of no VAE file the
-checkpoint's own (`resolve_vae_from_setting`; `_vae_choice`)."""
 
 
 _A1111_PROCESSING = {                  # StableDiffusionProcessing's __init__ arguments the API takes, A1111 1.10
@@ -1081,8 +1077,9 @@ def _vae_choice(service: Service, settings: dict[str, Any]) -> VaeChoice:
     off, draws the VAE found near the checkpoint first (`VaeFiles.near`), then the named file."""
     settings = {**OPTION_DEFAULTS, **settings}
     name = settings["sd_vae"]
-    listed = None if name in (*AUTOMATIC_VAE, "None") else service.registry.vaes.find(name)
-    if name not in (*AUTOMATIC_VAE, "None") and listed is None:
+    by_name = name not in (*AUTOMATIC_VAE, "None")
+    listed = service.registry.vaes.find(name) if by_name else None
+    if by_name and listed is None:
         logger.warning("sd_vae %r names no VAE of this server's list (GET /sdapi/v1/sd-vae): drawn with the "
                        "checkpoint's own VAE, as A1111 draws it (Couldn't find VAE named %s; using None instead)",
                        name, name)

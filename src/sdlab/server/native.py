@@ -36,6 +36,7 @@ from sdlab.server.jobs import FINAL_STATES, Job, JobQueue, final_event, image_ur
 from sdlab.server.picture_settings import picture_settings, unread_labels
 from sdlab.server.previews import jpeg_data_url
 from sdlab.server.service import Service
+from sdlab.server.vae_files import AUTOMATIC_VAE
 
 router = APIRouter(prefix="/api")
 KEEPALIVE_S = 15.0
@@ -206,7 +207,7 @@ def _vae_fields(service: Service, name: str | None) -> dict[str, Any]:
     VAE A1111's Automatic finds near it (`VaeFiles.near`: the first listed file whose name starts with the model's
     stem, else the sidecar beside it), if any, "None" with its own, a name of the server's VAE list
     (`GET /sdapi/v1/sd-vae`) with that file; another name is a 404 naming the list, as an unknown LoRA's."""
-    if name is None or name in ("Automatic", "auto"):
+    if name is None or name in AUTOMATIC_VAE:
         return {}
     if name == "None":
         return {"sidecar_vae": False}

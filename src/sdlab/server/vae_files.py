@@ -17,6 +17,10 @@ from pathlib import Path
 from sdlab.checkpoints.sidecar import VAE_SUFFIXES, vae_beside
 
 VAE_FOLDER_SUFFIXES = (".ckpt", ".pt", ".safetensors")
+AUTOMATIC_VAE = ("Automatic", "auto")
+"""A1111's `sd_vae` values that draw a single-file model with the VAE beside it, if any (`sd_vae.is_automatic`;
+"auto" from old configs); a name of `GET sd-vae` draws that file, "None", null, "" and a name of no VAE file the
+checkpoint's own (`resolve_vae_from_setting`; `a1111._vae_choice`)."""
 
 
 @dataclass(frozen=True)
@@ -103,4 +107,4 @@ def vae_to_load(model: Path, choice: VaeChoice, named: Path | None, near: Path |
     return named, False
 
 
-__all__ = ["VAE_FOLDER_SUFFIXES", "VaeChoice", "VaeFile", "VaeFiles", "vae_to_load"]
+__all__ = ["AUTOMATIC_VAE", "VAE_FOLDER_SUFFIXES", "VaeChoice", "VaeFile", "VaeFiles", "vae_to_load"]
