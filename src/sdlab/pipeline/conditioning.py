@@ -83,6 +83,7 @@ __all__ = [
     "encode_prompt",
     "encode_prompts",
     "encode_schedule",
+    "encoder_skip",
     "empty_prompt_context",
     "hidden_state_layers",
     "make_cond",
@@ -168,7 +169,7 @@ ClipSkip = int | tuple[int, ...]
 """A clip skip for every text encoder, or each encoder's own (in the order of the model's encoders)."""
 
 
-def _encoder_skip(clip_skip: ClipSkip, i: int) -> int:
+def encoder_skip(clip_skip: ClipSkip, i: int) -> int:
     """Encoder `i`'s clip skip."""
     return clip_skip[i] if isinstance(clip_skip, tuple) else clip_skip
 
@@ -215,7 +216,7 @@ def _encode_inputs(
         model = encoder.model
         device = next(model.parameters()).device
         wants_pooled = with_pooled and i == len(text_encoders) - 1
-        used, norm = hidden_state_layers(encoder, _encoder_skip(clip_skip, i))
+        used, norm = hidden_state_layers(encoder, encoder_skip(clip_skip, i))
         out = model(input_ids(encoder).to(device), num_layers=None if wants_pooled else used)
         hidden = out.hidden_states[used]                                          # (n, 77, D)
         if norm:
@@ -720,7 +721,7 @@ def encode_second_texts(
     together (``encode_schedule``). Returns a lookup of a (text, text_2) pair's embedding, the features side by
     side; where the two have different chunk counts the shorter is padded with its encoder's chunks of "", as
     ComfyUI's CLIPTextEncodeSDXL pads ``text_l`` / ``text_g`` (diffusers reads 77 tokens of each)."""
-    skips = [_encoder_skip(clip_skip, i) for i in range(len(text_encoders))]
+    skips = [encoder_skip(clip_skip, i) for i in range(len(text_encoders))]
     first = encode_schedule(text_encoders[:1], texts, clip_skip=skips[0], emphasis=emphasis)
     second = encode_schedule(text_encoders[1:], texts_2, clip_skip=tuple(skips[1:]), emphasis=emphasis,
                              with_pooled=with_pooled)

@@ -37,7 +37,7 @@ from sdlab.diffusion.samplers import (
 )
 from sdlab.families import FamilySpec, TextEncoderSpec
 from sdlab.families.loaded import ModelBundle
-from sdlab.pipeline.conditioning import ClipSkip, hidden_state_layers, prompt_chunks
+from sdlab.pipeline.conditioning import ClipSkip, encoder_skip, hidden_state_layers, prompt_chunks
 from sdlab.pipeline.memory import available_bytes, check_memory
 from sdlab.pipeline.init_picture import InitPicture, init_pictures
 from sdlab.pipeline.prompt_loras import without_extra_networks
@@ -151,7 +151,7 @@ def _check_model(bundle: ModelBundle, req: GenerationRequest, free: int | None, 
     skips = encoder_clip_skips(bundle, req)
     for i, encoder in enumerate(bundle.text_encoders):
         try:
-            hidden_state_layers(encoder, skips[i] if isinstance(skips, tuple) else skips)
+            hidden_state_layers(encoder, encoder_skip(skips, i))
         except ValueError as err:
             raise RequestError(f"clip skip {req.clip_skip} is too large for {which or 'this model'}: {err}") from None
     if free is not None:                                           # None: the device cannot tell
