@@ -73,7 +73,7 @@ from sdlab.server.previews import preview_image
 from sdlab.server.registry import Checkpoint
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR
-from sdlab.server.vae_files import AUTOMATIC_VAE, VaeChoice, vae_to_load
+from sdlab.server.vae_files import AUTOMATIC_VAE, VaeChoice
 from sdlab.server.worker import ModelHost
 
 router = APIRouter(prefix="/sdapi/v1")
@@ -1133,9 +1133,7 @@ def _check_readable(checkpoint: Checkpoint, vae: VaeChoice, service: Service) ->
     VAE, a Flux model, a VAE file of another family, ...) is refused here, as A1111 refuses a model it cannot load
     in `POST options` (A1111 loads it there; sdlab plans it from its names and shapes, reading no weight; a file
     that fails later, in the worker, fails its job with a 400)."""
-    listed = service.registry.vaes.find(vae.name) if vae.name is not None else None
-    vae_file, sidecar_vae = vae_to_load(checkpoint.path, vae, listed.path if listed is not None else None,
-                                        service.registry.vaes.near(checkpoint.path))
+    vae_file, sidecar_vae = service.host.vae_for(checkpoint.path, vae)
     try:
         checkpoint.check_loadable(sidecar_vae, vae_file)
     except CheckpointError as err:

@@ -97,8 +97,7 @@ class ModelHost:
         What is loaded
         stays while later jobs name the same; another VAE is read into it alone; a model the job does not name
         is let go before another is loaded, so at most a base model and a refiner are held."""
-        key, named = (checkpoint.path, loras), self._vae_file(vae)
-        vae_key = vae_to_load(checkpoint.path, vae, named, self.registry.vaes.near(checkpoint.path))
+        key, vae_key = (checkpoint.path, loras), self.vae_for(checkpoint.path, vae)
         if key != self._key or self.pipe is None:
             with self._loading():
                 self.pipe, self._key = None, None
@@ -114,10 +113,14 @@ class ModelHost:
             with self._loading():
                 pipe = self.pipe.with_vae(vae_key[0], sidecar_vae=vae_key[1])
                 self.pipe, self.previewer, self._vae_key = pipe, LatentPreviewer.for_bundle(pipe.bundle), vae_key
-        refined = self._loaded_refiner(refiner, self.pipe, vae, named)
+        refined = self._loaded_refiner(refiner, self.pipe, vae)
         if refined is None:
             return self.pipe
         return self.pipe.with_refiner(refined, handoff.switch_at, handoff.convention)
+
+    def vae_for(self, model: Path, vae: VaeChoice) -> tuple[Path | None, bool]:
+        """`load`'s (`vae`, `sidecar_vae`) arguments for `model` drawn with the VAE `vae` picks (`vae_to_load`)."""
+        return vae_to_load(model, vae, self._vae_file(vae), self.registry.vaes.near(model))
 
     def _vae_file(self, vae: VaeChoice) -> Path | None:
         """The file of the VAE list `vae` names; None for none, or for a name the list no longer has (A1111's
@@ -151,14 +154,11 @@ class ModelHost:
         if str(self.device).startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline, vae: VaeChoice,
-                        named: Path | None) -> ModelBundle | None:
+    def _loaded_refiner(self, refiner: Checkpoint | None, base: Pipeline, vae: VaeChoice) -> ModelBundle | None:
         """The bundle of `refiner` for `base` (its device, dtype and embeddings: `load_refiner`) with the VAE
-        `vae` picks for its file (`named` the file of its name), loaded unless it is held already; None (and
-        nothing held) without one. The one held was loaded for this `base`: `pipeline` lets it go whenever it
-        loads another."""
-        drawn = None if refiner is None else vae_to_load(refiner.path, vae, named,
-                                                         self.registry.vaes.near(refiner.path))
+        `vae` picks for its file (`vae_for`), loaded unless it is held already; None (and nothing held) without
+        one. The one held was loaded for this `base`: `pipeline` lets it go whenever it loads another."""
+        drawn = None if refiner is None else self.vae_for(refiner.path, vae)
         key = None if refiner is None else (refiner.path, drawn)
         if key != self._refiner_key:
             self._refiner, self._refiner_key = None, None
