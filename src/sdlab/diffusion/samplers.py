@@ -48,7 +48,8 @@ one picture on any device whichever name runs it. Each row (``SamplerSpec``) say
 - whether it steps with the unguided prediction as well as the guided one (``cfg_pp``, the CFG++ samplers:
   ``guidance.with_unguided``), so that the loop encodes the negative prompt at any CFG scale, and the factor its
   guidance takes the CFG scale by (``cfg_scale_factor``: A1111's DDIM CFG++ guides at CFG / 12.5);
-- A1111's other names of it that are no ComfyUI name (``a1111_aliases``: "ddim_cfgpp", its DDIM CFG++'s alias).
+- A1111 1.10's aliases of it (its ``samplers_map``: "k_euler_a", "k_dpmpp_2m", "ddim_cfgpp", ...), which name it
+  here too; not A1111's "ddim" and "plms", which are written as ComfyUI writes samplers (the rows "ddim", "plms").
 
 Minimum steps. LMS (Adams-Bashforth of order 4 in sigma), PLMS (order 4 in timestep index) and DPM++ 3M
 SDE (third order) are exact copies of their references (k-diffusion, diffusers) and converge, but with
@@ -117,8 +118,9 @@ class SamplerSpec:
 
     @property
     def aliases(self) -> tuple[str, ...]:
-        """The row's names besides `name`: ComfyUI's name of an A1111 row, ComfyUI's aliases, A1111's aliases."""
-        return tuple(n for n in (self.comfy, *self.comfy_aliases, *self.a1111_aliases) if n and n != self.name)
+        """The row's names besides `name`: A1111's aliases (first, as A1111 lists them), ComfyUI's name of an A1111
+        row, ComfyUI's aliases."""
+        return tuple(n for n in (*self.a1111_aliases, self.comfy, *self.comfy_aliases) if n and n != self.name)
 
     @property
     def stochastic(self) -> bool:
@@ -156,52 +158,59 @@ COMFY_UNIPC_END = 0.001  # comfy/extra_samplers/uni_pc.py sample_unipc: `if sigm
 
 SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     # A1111 name, ComfyUI name, function, then what differs from the defaults (no noise, final sigma 0, ...)
-    SamplerSpec("Euler", "euler", K.sample_euler),
-    SamplerSpec("Euler a", "euler_ancestral", K.sample_euler_ancestral, noise=_GAUSS),
-    SamplerSpec("Heun", "heun", K.sample_heun, calls_per_step=2),
+    SamplerSpec("Euler", "euler", K.sample_euler, a1111_aliases=("k_euler",)),
+    SamplerSpec("Euler a", "euler_ancestral", K.sample_euler_ancestral, noise=_GAUSS,
+                a1111_aliases=("k_euler_a", "k_euler_ancestral")),
+    SamplerSpec("Heun", "heun", K.sample_heun, calls_per_step=2, a1111_aliases=("k_heun",)),
     # A1111 and ComfyUI both drop the next-to-last sigma for DPM2 and DPM2 a
     SamplerSpec(
         "DPM2", "dpm_2", K.sample_dpm_2, a1111_automatic=_KARRAS, discard_penultimate=True, calls_per_step=2,
+        a1111_aliases=("k_dpm_2",),
     ),
     SamplerSpec(
         "DPM2 a", "dpm_2_ancestral", K.sample_dpm_2_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS,
-        discard_penultimate=True, calls_per_step=2,
+        discard_penultimate=True, calls_per_step=2, a1111_aliases=("k_dpm_2_a",),
     ),
-    SamplerSpec("LMS", "lms", K.sample_lms, min_steps=30, min_steps_karras=20),
-    SamplerSpec("DPM++ 2M", "dpmpp_2m", K.sample_dpmpp_2m, spacing=_DPM, a1111_automatic=_KARRAS),
+    SamplerSpec("LMS", "lms", K.sample_lms, min_steps=30, min_steps_karras=20, a1111_aliases=("k_lms",)),
+    SamplerSpec("DPM++ 2M", "dpmpp_2m", K.sample_dpmpp_2m, spacing=_DPM, a1111_automatic=_KARRAS,
+                a1111_aliases=("k_dpmpp_2m",)),
     SamplerSpec(
         "DPM++ 2M SDE", "dpmpp_2m_sde", K.sample_dpmpp_2m_sde, noise=_BROWNIAN, spacing=_DPM, a1111_automatic=_EXP,
-        comfy_aliases=("dpmpp_2m_sde_gpu",),
+        comfy_aliases=("dpmpp_2m_sde_gpu",), a1111_aliases=("k_dpmpp_2m_sde",),
     ),
     SamplerSpec(
         "DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", partial(K.sample_dpmpp_2m_sde, solver_type="heun"),
         noise=_BROWNIAN, spacing=_DPM, a1111_automatic=_EXP, comfy_aliases=("dpmpp_2m_sde_heun_gpu",),
+        a1111_aliases=("k_dpmpp_2m_sde_heun",),
     ),
     SamplerSpec(
         "DPM++ SDE", "dpmpp_sde", K.sample_dpmpp_sde, noise=_BROWNIAN, a1111_automatic=_KARRAS, calls_per_step=2,
-        comfy_aliases=("dpmpp_sde_gpu",),
+        comfy_aliases=("dpmpp_sde_gpu",), a1111_aliases=("k_dpmpp_sde",),
     ),
     SamplerSpec(
         "DPM++ 2S a", "dpmpp_2s_ancestral", K.sample_dpmpp_2s_ancestral, noise=_GAUSS, a1111_automatic=_KARRAS,
-        calls_per_step=2,
+        calls_per_step=2, a1111_aliases=("k_dpmpp_2s_a",),
     ),
     # DPM-Solver-Fast on its own grid between the schedule's ends; A1111 runs it ancestral (its eta default 1), and in
     # txt2img between the model's ends (`KDiffusionSampler.sample`: model_wrap.sigmas[0] / [-1]; only x's scale is
     # the schedule's first sigma)
-    SamplerSpec("DPM fast", None, partial(K.sample_dpm_fast, eta=1.0), noise=_GAUSS, model_range=True),
+    SamplerSpec("DPM fast", None, partial(K.sample_dpm_fast, eta=1.0), noise=_GAUSS, model_range=True,
+                a1111_aliases=("k_dpm_fast",)),
     SamplerSpec(None, "dpm_fast", K.sample_dpm_fast, noise=_GAUSS),
     # DPM-Solver-12/23 with adaptive steps between the same ends, ancestral in A1111. Its model calls follow the
     # picture; A1111 schedules prompt edits over `steps` of them (calls_per_step 1), then falls back to the first prompt
-    SamplerSpec("DPM adaptive", None, partial(K.sample_dpm_adaptive, eta=1.0), noise=_GAUSS, model_range=True),
+    SamplerSpec("DPM adaptive", None, partial(K.sample_dpm_adaptive, eta=1.0), noise=_GAUSS, model_range=True,
+                a1111_aliases=("k_dpm_ad",)),
     SamplerSpec(None, "dpm_adaptive", K.sample_dpm_adaptive, noise=_GAUSS),
     # A1111's Restart (sd_samplers_extra): Heun's steps, from 20 steps on its own Karras list with restarts
-    SamplerSpec("Restart", None, K.sample_restart, noise=_GAUSS, a1111_automatic=_KARRAS, calls_per_step=2),
+    SamplerSpec("Restart", None, K.sample_restart, noise=_GAUSS, a1111_automatic=_KARRAS, calls_per_step=2,
+                a1111_aliases=("restart",)),
     # deterministic DPM++ 2S, diffusers' DPMSolverSinglestep; not in A1111
     SamplerSpec("DPM++ 2S", "dpmpp_2s", K.sample_dpmpp_2s, spacing=_DPM),
     # A1111's DPM++ 3M SDE drops the next-to-last sigma, ComfyUI's does not: a row each
     SamplerSpec(
         "DPM++ 3M SDE", None, K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30,
-        a1111_automatic=_EXP, discard_penultimate=True,
+        a1111_automatic=_EXP, discard_penultimate=True, a1111_aliases=("k_dpmpp_3m_sde",),
     ),
     SamplerSpec(
         None, "dpmpp_3m_sde", K.sample_dpmpp_3m_sde, noise=_BROWNIAN, spacing=_DPM, min_steps=30,
@@ -222,7 +231,8 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec("DDPM", "ddpm", L.sample_ddpm, noise=_GAUSS, spacing=_DDIM),
     # LCMScheduler returns the denoised sample at the last step; "LCM" applies its boundary scalings of the timestep
     # (A1111's LCM too, on its 50-timestep table), ComfyUI's lcm takes the denoiser's x0 as it is (its sample_lcm)
-    SamplerSpec("LCM", None, L.sample_lcm, noise=_GAUSS, wants_sigma_to_t=True, spacing="lcm"),
+    SamplerSpec("LCM", None, L.sample_lcm, noise=_GAUSS, wants_sigma_to_t=True, spacing="lcm",
+                a1111_aliases=("k_lcm",)),
     SamplerSpec(None, "lcm", L.sample_lcm, noise=_GAUSS, spacing="lcm"),
     # TCDScheduler: LCM's grid (original_inference_steps=50), steps to integer timesteps, ends at alphas_cumprod[0]
     SamplerSpec("TCD", "tcd", L.sample_tcd, noise=_GAUSS, final_sigma="first_alpha", wants_sigma_to_t=True,
@@ -256,7 +266,7 @@ SAMPLER_TABLE: tuple[SamplerSpec, ...] = (
     SamplerSpec(None, "gradient_estimation_cfg_pp", partial(C.sample_gradient_estimation, cfg_pp=True), cfg_pp=True),
     # UniPCMultistepScheduler (final_sigmas_type="zero"); ComfyUI's UniPC runs order 3 with bh1 or bh2, ends at
     # sigma 0.001 instead of 0, and its KSampler drops the next-to-last sigma for it
-    SamplerSpec("UniPC", None, L.sample_unipc, spacing=_DPM),
+    SamplerSpec("UniPC", None, L.sample_unipc, spacing=_DPM, a1111_aliases=("unipc",)),
     SamplerSpec(
         None, "uni_pc", partial(L.sample_unipc, order=3, variant="bh1", min_last_sigma=COMFY_UNIPC_END),
         spacing=_DPM, discard_penultimate=True,

@@ -60,6 +60,7 @@ from sdlab.pipeline.request import (
     rng_source,
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
+from sdlab.server.alwayson import check_alwayson_scripts
 from sdlab.server.controls import A1111_MODULE_ALIASES, a1111_controls, module_name, threshold_value
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
@@ -186,7 +187,7 @@ class Txt2ImgIn(NullsAreDefaults):
     styles: list[str] = Field(default_factory=list)     # echoed in `info` (sdlab has no prompt styles)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True     # False: the overrides stay, as `POST options` sets them
-    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # only "controlnet" is used
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # controlnet, A1111's own (`alwayson`)
     disable_extra_networks: bool = False    # True: the prompt's <kind:...> tags taken out, none applied
     infotext: str | None = None             # a parameters text: the fields left unset read from it (`_with_infotext`)
 
@@ -891,6 +892,7 @@ async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
     _check_script(body)
     body = _with_infotext(body, service, "txt2img")
+    check_alwayson_scripts(body.alwayson_scripts, "txt2img")
     with _named_by_infotext(body):
         controls = await asyncio.to_thread(_controls, service, body)
         return await _generate(service, body, "txt2img", _request(body, controls, options=service.options))
@@ -912,6 +914,7 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     inits = tuple([await asyncio.to_thread(decode_image, image, f"init_images[{i}]", limits)
                    for i, image in enumerate(body.init_images)])
     mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
+    check_alwayson_scripts(body.alwayson_scripts, "img2img", masked=mask is not None)
     with _named_by_infotext(body):
         controls = await asyncio.to_thread(_controls, service, body, inits[0])
         return await _generate(service, body, "inpaint" if mask is not None else "img2img",
@@ -1470,23 +1473,17 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
     return {"info": text, "items": items, "parameters": a1111_parameters(text)}
 
 
-# A1111's sampler aliases NovelAI's sampler names can be (its `samplers_map` besides the names themselves)
-_A1111_SAMPLER_ALIASES = {
-    "k_dpmpp_2m": "DPM++ 2M", "k_dpmpp_sde": "DPM++ SDE", "k_dpmpp_2m_sde": "DPM++ 2M SDE",
-    "k_dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "k_dpmpp_2s_a": "DPM++ 2S a", "k_dpmpp_3m_sde": "DPM++ 3M SDE",
-    "k_euler_a": "Euler a", "k_euler_ancestral": "Euler a", "k_euler": "Euler", "k_lms": "LMS", "k_heun": "Heun",
-    "k_dpm_2": "DPM2", "k_dpm_2_a": "DPM2 a", "k_dpm_fast": "DPM fast", "k_dpm_ad": "DPM adaptive",
-    "restart": "Restart", "ddim_cfgpp": "DDIM CFG++", "unipc": "UniPC", "k_lcm": "LCM",
-}
+# A1111's `samplers_map`, which names NovelAI's samplers: each sampler's name and aliases, lowercased
+_A1111_SAMPLERS_MAP = {name.lower(): spec.a1111 for spec in SAMPLER_TABLE if spec.a1111
+                       for name in (spec.a1111, *spec.a1111_aliases)}
 
 
 def _novelai_text(items: dict[str, str], size: tuple[int, int]) -> str | None:
     """A NovelAI picture's parameters (its `Description` chunk and `Comment` JSON) as A1111's
     `images.read_info_from_image` writes them; None where they do not read so (A1111 keeps the picture's own)."""
-    names = {**{spec.a1111.lower(): spec.a1111 for spec in SAMPLER_TABLE if spec.a1111}, **_A1111_SAMPLER_ALIASES}
     try:
         info = json.loads(items["Comment"])
-        sampler = names.get(info["sampler"], "Euler a")
+        sampler = _A1111_SAMPLERS_MAP.get(info["sampler"], "Euler a")
         return (f"{items['Description']}\nNegative prompt: {info['uc']}\nSteps: {info['steps']}, "
                 f"Sampler: {sampler}, CFG scale: {info['scale']}, Seed: {info['seed']}, Size: {size[0]}x{size[1]}, "
                 "Clip skip: 2, ENSD: 31337")
