@@ -1,0 +1,66 @@
+"""A1111 1.10's `alwayson_scripts` (txt2img / img2img): which names its API takes and what their args do there.
+
+A1111 looks each key up among the scripts its txt2img or img2img tab has loaded, by title in any case
+(modules/api/api.py `init_script_args` -> `get_script` -> `script_name_to_index`): a title it has not loaded is a
+422 "Script '<name>' not found", the title of a selectable script (the X/Y/Z plot, ...) a 422 "Cannot have a
+selectable script in the always on scripts params". A stock A1111 1.10 loads these always-on scripts:
+
+- Seed, Sampler and Refiner (modules/processing_scripts): their `setup` copies their args onto the request's
+  seed / sampler / refiner fields, but only in the web UI (`ScriptBuiltinUI.setup_for_ui_only`; the API sets
+  `p.is_api` before the args), so through the API their args change nothing: the request's `seed`, `subseed`,
+  `subseed_strength`, `seed_resize_from_*`, `steps`, `sampler_name`, `scheduler`, `refiner_checkpoint` and
+  `refiner_switch_at` draw, whatever the args say;
+- Comments, Hypertile and Extra options: no args that a default install reads (comments are stripped from every
+  prompt anyway, Hypertile and the extra options follow options);
+- Soft Inpainting, img2img only: enabled (its first arg) on a masked picture it blends the inpainting its own
+  way, which sdlab does not draw, so that is a 422 rather than another picture.
+
+The ControlNet extension's key, `controlnet` in any case, is read by `controls.a1111_controls`; any other
+extension's (ADetailer, ...) is A1111's 422 for a script it has not loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sdlab.server.inputs import BadRequest
+
+CONTROLNET = "controlnet"
+_BOTH_TABS = ("Refiner", "Seed", "Sampler", "Comments", "Hypertile", "Extra options")
+ALWAYSON_SCRIPTS = {"txt2img": _BOTH_TABS, "img2img": (*_BOTH_TABS, "Soft Inpainting")}
+"""A1111 1.10's always-on scripts of each tab (`Script.title()`; `show` is `AlwaysVisible` there)."""
+_ANY_TAB = ("Prompt matrix", "Prompts from file or textbox", "X/Y/Z plot")
+SELECTABLE_SCRIPTS = {"txt2img": _ANY_TAB, "img2img": (
+    "img2img alternative test", "Loopback", "Outpainting mk2", "Poor man's outpainting", *_ANY_TAB, "SD upscale")}
+"""A1111 1.10's selectable scripts of each tab (scripts/*.py; Custom code only with --allow-code)."""
+SELECTABLE_ERROR = "Cannot have a selectable script in the always on scripts params"
+
+
+def check_alwayson_scripts(scripts: dict[str, Any], tab: str, masked: bool = False) -> None:
+    """Refuse `alwayson_scripts` as A1111 1.10 does for the `tab` ("txt2img" / "img2img"), in the keys' order: a
+    name it has not loaded, a selectable script's, a value that is not `{"args": [...]}`; and Soft Inpainting
+    enabled on a `masked` img2img, which sdlab does not draw. The names it takes change nothing else here."""
+    titles = {title.lower(): title for title in ALWAYSON_SCRIPTS[tab]}
+    selectable = {title.lower() for title in SELECTABLE_SCRIPTS[tab]}
+    for name, script in scripts.items():
+        key = name.lower()
+        if key == CONTROLNET:
+            continue
+        if key in selectable:
+            raise BadRequest(f"alwayson_scripts: {SELECTABLE_ERROR} ('{name}' is run by script_name)", 422,
+                             SELECTABLE_ERROR)
+        if key not in titles:
+            raise BadRequest(f"Script '{name}' not found: alwayson_scripts takes A1111's own always-on scripts "
+                             f"({', '.join(ALWAYSON_SCRIPTS[tab])}) and controlnet", 422, f"Script '{name}' not found")
+        args = _script_args(name, script)
+        if titles[key] == "Soft Inpainting" and masked and args and args[0]:
+            raise BadRequest(f"alwayson_scripts.{name}: Soft Inpainting is not drawn by sdlab; leave it out or "
+                             "send its first arg false for A1111's ordinary inpainting", 422)
+
+
+def _script_args(name: str, script: Any) -> list[Any]:
+    """The `args` of one script's `{"args": [...]}` (none: []); another shape is a 422 naming the script."""
+    args = script.get("args", []) if isinstance(script, dict) else None
+    if not isinstance(args, list):
+        raise BadRequest(f'alwayson_scripts.{name} must be an object {{"args": [...]}}, got {script!r:.80}', 422)
+    return args
