@@ -76,6 +76,7 @@ from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR
 from sdlab.server.vae_files import AUTOMATIC_VAE, VaeChoice
 from sdlab.server.worker import ModelHost
+from sdlab.utils.file_hashes import read_per_version
 
 router = APIRouter(prefix="/sdapi/v1")
 logger = logging.getLogger("sdlab.server")
@@ -1185,11 +1186,11 @@ def sd_vae(request: Request) -> list[dict[str, Any]]:
 def upscalers(request: Request) -> list[dict[str, Any]]:
     """The plain resizes (A1111's default scale, 4), then the `--upscalers-dir` model files by stem with their
     network's scale: the names the hires fix's `hr_upscaler` (beside the latent modes) and
-    `/extra-single-image`'s `upscaler_1` take."""
+    `/extra-single-image`'s `upscaler_1` take; each file's scale is read once per version of the file."""
     rows = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
             for name in PLAIN_UPSCALER_NAMES]
     return rows + [{"name": f.title, "model_name": f.title, "model_path": str(f.path), "model_url": None,
-                    "scale": _upscaler_scale(f.path)} for f in service_of(request).upscalers.files]
+                    "scale": read_per_version(f.path, _upscaler_scale)} for f in service_of(request).upscalers.files]
 
 
 def _upscaler_scale(path: Path) -> int | None:

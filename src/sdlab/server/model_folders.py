@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sdlab.checkpoints.controlnet import legacy_hash
 from sdlab.pipeline.upscale import a1111_upscaler_name
+from sdlab.utils.file_hashes import read_per_version
 
 CONTROLNET_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 UPSCALER_SUFFIXES = (".pth", ".pt", ".safetensors")
@@ -50,7 +51,8 @@ class ModelFolder:
                     continue
                 if not path.resolve().is_relative_to(self.folder):
                     continue                                        # a symlink out of the folder
-                title = f"{path.stem} [{legacy_hash(path)}]" if self.hashed else a1111_upscaler_name(path.stem)
+                title = (f"{path.stem} [{read_per_version(path, legacy_hash)}]" if self.hashed
+                         else a1111_upscaler_name(path.stem))
                 found.append(ModelFile(path, title))
         with self._lock:
             self.files = found

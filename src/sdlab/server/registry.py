@@ -29,6 +29,7 @@ from sdlab.checkpoints.sidecar import is_sidecar_vae
 from sdlab.pipeline.png_info import file_sha256, model_name, readable_lora_hash, safetensors_metadata
 from sdlab.pipeline.prompt_loras import default_lora_dirs
 from sdlab.server.vae_files import VaeFiles
+from sdlab.utils.file_hashes import read_per_version
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -100,7 +101,7 @@ class Lora:
         return self.path.stem
 
     def as_a1111(self) -> dict:
-        metadata = safetensors_metadata(self.path) if self.path.suffix == ".safetensors" else {}
+        metadata = read_per_version(self.path, safetensors_metadata) if self.path.suffix == ".safetensors" else {}
         return {"name": self.name, "alias": metadata.get("ss_output_name") or self.name, "path": str(self.path),
                 "metadata": metadata}
 
