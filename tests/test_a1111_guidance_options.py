@@ -23,7 +23,9 @@ from sdlab.checkpoints.load import load_bundle
 from sdlab.diffusion.denoiser import Denoiser
 from sdlab.diffusion.guidance import a1111_skips, cfg, skipping_uncond
 from sdlab.diffusion.noise import generators_for
-from sdlab.pipeline.conditioning import empty_prompt_context, encode_prompt, make_cond, pad_cond_uncond
+from sdlab.pipeline.conditioning import (
+    empty_context_once, empty_prompt_context, encode_prompt, make_cond, pad_cond_uncond,
+)
 from sdlab.pipeline.generate import _start, generate, sample_latents
 from sdlab.pipeline.infotext import from_parameters, to_parameters, undrawn_labels
 from sdlab.pipeline.plan import make_plan
@@ -328,9 +330,10 @@ def test_pad_rules_on_contexts(sd1):
     negative = encode_prompt(sd1.text_encoders, "blurry").context
     assert torch.equal(uncond["context"], torch.cat([negative, empty], dim=1))
     assert torch.equal(cond["context"], encode_prompt(sd1.text_encoders, _chunks(2)).context)
-    _, cut = pad_cond_uncond([{"context": negative}], {"context": cond["context"]}, "v0", sd1.text_encoders)
+    unasked = empty_context_once(sd1.text_encoders)
+    _, cut = pad_cond_uncond([{"context": negative}], {"context": cond["context"]}, "v0", unasked)
     assert torch.equal(cut["context"], cond["context"][:, :77])
-    _, longer = pad_cond_uncond([cond], {"context": negative}, "v0", sd1.text_encoders)
+    _, longer = pad_cond_uncond([cond], {"context": negative}, "v0", unasked)
     assert torch.equal(longer["context"][:, 77:], negative[:, -1:].expand(-1, 77, -1))
 
 
@@ -367,6 +370,24 @@ def test_pad_conds_pads_with_the_empty_prompt_of_the_models_own_weights(sd1, tmp
         assert torch.equal(encode_prompt(sd1.text_encoders, "").context, merged)
     assert (merged - empty).abs().max() > 0.1
     assert torch.equal(uncond["context"], torch.cat([negative, empty], dim=1))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("prompt", [f"[{_chunks(2)}:a cat:0.3] AND [a dog:{_chunks(2)}:0.6]",
+                                    f"[{_chunks(2)}:a cat:0.5]"])
+def test_pad_conds_encodes_the_empty_prompt_once_for_every_padded_entry(sd1, monkeypatch, prompt):
+    """A1111 pads with the one "" it encoded (`cond_stage_model_empty_prompt`): a pass whose prompt schedules pad
+    several entries encodes "" once, and draws what encoding it for each entry drew."""
+    from sdlab.pipeline import conditioning, generate as generating
+
+    encodes: list[int] = []
+    real = conditioning.empty_prompt_context
+    monkeypatch.setattr(conditioning, "empty_prompt_context", lambda encoders: encodes.append(1) or real(encoders))
+    req = _request(prompt, "blurry", pad_cond_uncond=True)
+    once = sample_latents(sd1, req)
+    assert len(encodes) == 1
+    monkeypatch.setattr(generating, "empty_context_once", lambda encoders: partial(real, encoders))
+    assert torch.equal(sample_latents(sd1, req), once)
 
 
 def test_bad_values_are_refused():

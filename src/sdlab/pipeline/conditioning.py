@@ -50,7 +50,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 
 import torch
 from torch import Tensor
@@ -84,6 +84,7 @@ __all__ = [
     "encode_prompts",
     "encode_schedule",
     "encoder_skip",
+    "empty_context_once",
     "empty_prompt_context",
     "hidden_state_layers",
     "make_cond",
@@ -490,6 +491,7 @@ def make_cond(
     zero_empty_negative: bool | None = None,
     encoded: Sequence[PromptEmbedding] | None = None,
     pad_rule: str | None = None,
+    empty_context: Callable[[], Tensor] | None = None,
 ) -> tuple[Conditioning, Conditioning | None]:
     """U-Net conditioning ``(cond, uncond)`` for a prompt and its negative, each ``{"context": (B, T, D)}``
     plus ``"y": (B, adm)`` for SDXL (``sdxl_vector(pooled, size_conds)``); ``uncond`` is None without
@@ -514,7 +516,8 @@ def make_cond(
     ``encoded``: the prompt's embedding, then the negative's where one is encoded, when the caller has them
     (``make_cond_schedule``, which encodes each side's schedule texts together).
     ``pad_rule`` ("pad", "v0"; None: repeat as above): A1111's Pad conds options instead (``pad_cond_uncond``,
-    padding with ``empty_prompt_context``); a zero negative is then one chunk of zeros, as A1111's zeroed "".
+    padding with ``empty_context``, else ``empty_prompt_context`` of ``encoders``); a zero negative is then one chunk
+    of zeros, as A1111's zeroed "".
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -555,7 +558,7 @@ def make_cond(
         target_size=negative_target_size or target_size, aesthetic_score=negative_aesthetic_score,
     )
     if pad_rule and uncond is not None:
-        [cond], uncond = pad_cond_uncond([cond], uncond, pad_rule, encoders)
+        [cond], uncond = pad_cond_uncond([cond], uncond, pad_rule, empty_context or empty_context_once(encoders))
     logger.debug(
         "conditioning: %s, %d chunk(s), context %s%s", family.name, positive.num_chunks,
         tuple(cond["context"].shape), ", zero uncond" if zero_negative else "",
@@ -572,14 +575,21 @@ def empty_prompt_context(encoders: Sequence[TextEncoder]) -> Tensor:
         return _encode_each(encoders, [("", 1)], emphasis=True, with_pooled=False)[0].context
 
 
+def empty_context_once(encoders: Sequence[TextEncoder]) -> Callable[[], Tensor]:
+    """``empty_prompt_context`` of ``encoders``, encoded where it is first asked for and kept: "" encoded once for
+    every entry of a pass's prompt schedules that Pad conds pads."""
+    return cache(partial(empty_prompt_context, encoders))
+
+
 def pad_cond_uncond(
-    conds: Sequence[Conditioning], uncond: Conditioning, rule: str, encoders: Sequence[TextEncoder]
+    conds: Sequence[Conditioning], uncond: Conditioning, rule: str, empty_context: Callable[[], Tensor]
 ) -> tuple[list[Conditioning], Conditioning]:
     """A1111's padding of the prompt's contexts ``conds`` (its AND parts, all of one length) and the negative's
     ``uncond`` when their lengths differ (``CFGDenoiser.forward``; unchanged when they are equal), by ``rule``:
 
     - "pad" (Pad conds, ``pad_cond_uncond``): the shorter side gets ``(T_c - T_u) // 77`` chunks of the context of
-      "" (``empty_prompt_context`` of ``encoders``) appended, so the prompt and negative attend otherwise than alone;
+      "" (``empty_context()``: ``empty_prompt_context``) appended, so the prompt and negative attend otherwise than
+      alone;
     - "v0" (Pad conds v0, ``pad_cond_uncond_v0``, A1111's DDIM and PLMS before 1.6): the negative's last token vector
       repeated to the prompt's length, or the negative cut to it.
 
@@ -595,7 +605,7 @@ def pad_cond_uncond(
         if u.shape[1] < c.shape[1]:
             u = torch.cat([u, u[:, -1:].expand(-1, c.shape[1] - u.shape[1], -1)], dim=1)   # (B, Tc, D)
         return list(conds), {**uncond, "context": u[:, :c.shape[1]]}
-    chunk = empty_prompt_context(encoders).to(device=u.device, dtype=u.dtype)         # (1, 77, D)
+    chunk = empty_context().to(device=u.device, dtype=u.dtype)                         # (1, 77, D)
     repeats = (c.shape[1] - u.shape[1]) // chunk.shape[1]
 
     def padded(cond: Conditioning, n: int) -> Conditioning:
@@ -649,6 +659,7 @@ def make_cond_schedule(
     sides = [prompt_schedule(text, steps, hires_steps, old=old_prompt_editing)
              for text in (prompt, negative_prompt, prompt_2 or prompt, negative_prompt_2 or negative_prompt)]
     two_texts = _second_texts(encoders, prompt_2, negative_prompt_2)
+    options.setdefault("empty_context", empty_context_once(encoders))      # "" encoded once for every entry
     encode = partial(encode_second_texts if two_texts else _encoded_schedule, encoders, emphasis=emphasis,
                      with_pooled=family.conditioner.pooled)
     prompt_texts = encode(*_texts_of(sides, 0, two_texts), clip_skip=clip_skip)
@@ -773,18 +784,18 @@ def merge_part_schedules(schedules: Sequence[CondSchedule]) -> list[tuple[int, l
 
 def composed_schedule(
     parts: Sequence[CondSchedule], negative: CondSchedule, pad_rule: str | None = None,
-    encoders: Sequence[TextEncoder] = (),
+    empty_context: Callable[[], Tensor] | None = None,
 ) -> list[tuple[int, list[Conditioning], Conditioning]]:
     """The schedule of a composable prompt (``merge_part_schedules`` of its ``parts``) with its negative prompt's
     uncond (``negative``: ``make_cond_schedule`` of "" and the negative), ``[(end_at_step, [cond of each part],
     uncond), ...]`` over the union of their switch points; with ``pad_rule``, A1111's Pad conds of the parts' length
-    and the negative's at each (``pad_cond_uncond``, padding with the context of "" of ``encoders``)."""
+    and the negative's at each (``pad_cond_uncond``, padding with the context of "", ``empty_context()``)."""
     merged = merge_part_schedules(parts)
     schedule = []
     for end in sorted({end for end, _ in merged} | {end for end, _, _ in negative}):
         conds, uncond = _entry_at(merged, end)[1], _entry_at(negative, end)[2]
         if pad_rule:
-            conds, uncond = pad_cond_uncond(conds, uncond, pad_rule, encoders)
+            conds, uncond = pad_cond_uncond(conds, uncond, pad_rule, empty_context)
         schedule.append((end, conds, uncond))
     return schedule
 

@@ -91,7 +91,7 @@ from sdlab.models.vae import DiagonalGaussian
 from sdlab.pipeline.control import (
     controlled_unet, inpaint_mask, prepare_controls, prompt_marks, spans_part, tag_steps,
 )
-from sdlab.pipeline.conditioning import ClipSkip, composed_schedule, make_cond_schedule
+from sdlab.pipeline.conditioning import ClipSkip, composed_schedule, empty_context_once, make_cond_schedule
 from sdlab.pipeline.finite import FiniteWatch
 from sdlab.pipeline.images import (
     a1111_latent_mask,
@@ -606,6 +606,7 @@ def _guided_model(
     calls = get_sampler(req.sampler).calls_per_step                     # A1111 counts every model call
     first_call = steps_done * calls
     steps, hires_steps = prompt_schedule_steps(req, calls)              # a hires pass counts on
+    empty_context = empty_context_once(bundle.text_encoders)            # Pad conds' "", encoded once for the pass
     conditioning = partial(        # A1111 prompt editing: (end_at_call, cond, uncond) per run of equal prompts
         make_cond_schedule,
         bundle.text_encoders,
@@ -628,6 +629,7 @@ def _guided_model(
         **_negative_sizes(bundle, req, img2img=_starts_from_a_picture(start) or steps_done > 0),
         zero_empty_negative=_zero_empty_negative(bundle, req),
         pad_rule=pad_rule(req),
+        empty_context=empty_context,
         **_second_prompts(bundle, req),
     )
     extra_cond: dict[str, Tensor] = {}
@@ -656,7 +658,8 @@ def _guided_model(
             for end, cond, uncond in conditioning(parts[0][0], req.negative_prompt, guidance=guided)
         ], first_call)
     else:
-        model = _composed_model(denoiser, conditioning, parts, req, extra_cond, extra_uncond, first_call, bundle)
+        model = _composed_model(denoiser, conditioning, parts, req, extra_cond, extra_uncond, first_call,
+                                empty_context)
     if start.mask is not None and _blends_latent(bundle, req):
         model = _with_latent_blend(model, bundle, sampling, req, start, steps_done)
     return model
@@ -733,16 +736,16 @@ def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
 
 def _composed_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], parts: list[tuple[str, float]],
                     req: GenerationRequest, extra_cond: dict[str, Tensor], extra_uncond: dict[str, Tensor],
-                    first_call: int, bundle: ModelBundle) -> DenoiseFn:
+                    first_call: int, empty_context: Callable[[], Tensor]) -> DenoiseFn:
     """A1111's composable diffusion (a prompt with AND or a :WEIGHT): each part and the negative prompt run
     their own pass, on their own prompt schedules (`conditioning`: `make_cond_schedule` with the run's options),
     padded to each other by A1111's Pad conds rule where the request sets one (`composed_schedule`, with the context
-    of "" of `bundle`'s text encoders)."""
+    of "" `empty_context` gives)."""
     if req.guidance_rescale:
         logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
     weights = [weight for _, weight in parts]
     schedule = composed_schedule([conditioning(text, guidance=False) for text, _ in parts],
-                                 conditioning("", req.negative_prompt), pad_rule(req), bundle.text_encoders)
+                                 conditioning("", req.negative_prompt), pad_rule(req), empty_context)
     return switch_at_calls([
         (end, composable_cfg([(partial(denoiser, **cond, **extra_cond), weight)
                               for cond, weight in zip(conds, weights)],
