@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,11 +13,20 @@ import torch
 def pytest_configure(config: pytest.Config) -> None:
     # File hashes are cached per user (sdlab.utils.file_hashes); tests keep theirs in a folder of their own,
     # shared by the xdist workers and the servers they start.
-    os.environ.setdefault("SDLAB_CACHE_DIR", tempfile.mkdtemp(prefix="sdlab-test-cache-"))
+    # The process that makes the folder removes it when the run ends.
+    if "SDLAB_CACHE_DIR" not in os.environ:
+        os.environ["SDLAB_CACHE_DIR"] = config._sdlab_test_cache = tempfile.mkdtemp(prefix="sdlab-test-cache-")
     # Under pytest-xdist each worker gets one thread: the tiny test models gain nothing from more, and
     # oversubscribed cores make every small op wait.
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = getattr(config, "_sdlab_test_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
+        del os.environ["SDLAB_CACHE_DIR"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
