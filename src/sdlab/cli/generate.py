@@ -5,6 +5,7 @@
     sdlab inpaint "a pear" --init apple.png --mask mask.png
     sdlab inpaint "a wide field" --init apple.png --outpaint 64,64,0,0
     sdlab txt2img --from-png apple.png          # the same picture again, from its parameters chunk
+    sdlab txt2img --prompts-file prompts.txt    # a run per line, A1111's Prompts from file (cli/prompts_file.py)
 
 Unset options take the model family's defaults (size, sampler, schedule). Each picture carries the
 A1111-style parameters (a PNG `parameters` chunk; EXIF UserComment in a .jpg / .webp), including the
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.cli.errors import UserError, utf8_text, write_error
+from sdlab.cli.prompts_file import add_prompts_file_flags, run_prompts_file
 from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
 from sdlab.utils.files import make_output_folder
 from sdlab.utils.threads import use_threads_for
@@ -59,6 +61,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                             "(subfolders too); repeatable")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
+        add_prompts_file_flags(p)
         if mode == "txt2img":
             _add_hires_flags(p)
         else:
@@ -1025,7 +1028,21 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None
                        ", ".join(undrawn))
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def _pipeline(args: argparse.Namespace, model, loras, finder, recorded, pipelines: dict | None):
+    """`_load_pipeline`'s pipeline, kept in `pipelines` by model for the runs after (--prompts-file's lines)."""
+    key = model or args.model
+    if pipelines is None or key not in pipelines:
+        loaded = _load_pipeline(args, model, loras, finder, recorded)
+        if pipelines is None:
+            return loaded
+        pipelines[key] = loaded
+    return pipelines[key]
+
+
+def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int:
+    """Draw and write the pictures of `args`; `pipelines` keeps the models loaded across runs (--prompts-file)."""
+    if getattr(args, "prompts_file", None):
+        return run_prompts_file(args)
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.images import pad_for_outpaint
     from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, parse_lora_hashes, to_parameters
@@ -1073,7 +1090,7 @@ def run_generate(args: argparse.Namespace) -> int:
     model = _recorded_model(args, recorded) if recorded else None
     if model is not None:
         logger.warning("using %s, the model the picture names (pass --model to choose another)", model)
-    pipe, model = _load_pipeline(args, model, loras, finder, recorded)
+    pipe, model = _pipeline(args, model, loras, finder, recorded, pipelines)
     preset = pipe.preset_for(options["prompt"])        # the model's, a --lora file's or a prompt tag's LoRA's
     if preset and not recorded and not getattr(args, "preset", None):
         request = GenerationRequest(**_with_model_preset(options, preset, args.mode))
@@ -1119,6 +1136,8 @@ def run_generate(args: argparse.Namespace) -> int:
                                                   hires_loras=hires_refs))
                   for i in range(len(result.images))]
     in_folder = target[1] is None
+    if not getattr(args, "write", True):             # a --prompts-file line's --do_not_save_samples true
+        return 0
     for path in _save_images(in_folder, paths, images, texts, plan.request.prompt, seeds):
         print(path)
     return 0

@@ -1,0 +1,145 @@
+"""`sdlab txt2img | img2img | inpaint --prompts-file FILE`: A1111's Prompts from file or textbox script, one run per
+line of FILE (`-`: standard input), each drawn and written as that command draws and writes it with the line's
+settings over the ones given (`sdlab.pipeline.prompts_file`).
+
+    sdlab txt2img --prompts-file prompts.txt --seed 7 --iterate-seed --out outputs/
+    sdlab txt2img "masterpiece" --prompts-file prompts.txt --insert-prompts end --negative "blurry"
+
+The PROMPT given (if any) joins each line's prompt, after it (--insert-prompts start, the default) or before it
+(end), and --negative each line's negative prompt. --iterate-seed (A1111's Iterate seed every line) starts each
+line --batch x --batch-count seeds after the one before, --same-random-seed (Use same random seed for all lines)
+draws one random seed for every line; otherwise each line without a seed draws its own. A line's tags set the
+command's options: --prompt, --negative_prompt, --seed, --subseed, --subseed_strength, --seed_resize_from_w / _h,
+--sampler_name (an A1111 name or alias), --steps, --cfg_scale, --width, --height, --batch_size (--batch),
+--n_iter (--batch-count), --tiling, --sd_model (a checkpoint file: --model), --outpath_samples (the folder the
+line's pictures go to), --do_not_save_samples true (drawn, not written); --sampler_index, --styles,
+--prompt_for_display, --outpath_grids and --do_not_save_grid change nothing here (as in A1111, where the first
+is ignored since 1.6 and the rest name files or text sdlab's CLI does not write), and --restore_faces true is
+refused (sdlab has no face restoration). Every line is read and checked before the model loads: a line A1111
+would draw as a prompt because it does not read (`unknown commandline option: --step`) is an error here,
+naming its line; the model is loaded once for every line that draws it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from sdlab.cli.errors import UserError
+
+UNUSED_TAGS = ("sampler_index", "styles", "prompt_for_display", "outpath_grids", "do_not_save_grid")
+FLAGS = {                           # A1111's tag -> the command's option (argparse name)
+    "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength", "sampler_name": "sampler",
+    "steps": "steps", "cfg_scale": "cfg", "width": "width", "height": "height", "batch_size": "batch",
+    "n_iter": "batch_count", "tiling": "tiling", "sd_model": "model", "outpath_samples": "out",
+}
+
+
+def add_prompts_file_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompts-file", metavar="FILE",
+                   help="A1111's Prompts from file or textbox: a run for each line of FILE (- reads standard "
+                        "input), a prompt or A1111's options (--prompt \"...\" --steps 20 --seed 7 ...); --out is "
+                        "then a folder")
+    p.add_argument("--insert-prompts", choices=("start", "end"), default="start",
+                   help="--prompts-file: each line's prompt goes before (start, the default) or after (end) the "
+                        "PROMPT given (A1111's Insert prompts at the)")
+    p.add_argument("--iterate-seed", action="store_true",
+                   help="--prompts-file: each line starts --batch x --batch-count seeds after the one before "
+                        "(A1111's Iterate seed every line)")
+    p.add_argument("--same-random-seed", action="store_true",
+                   help="--prompts-file: one random seed for every line without --seed (A1111's Use same random "
+                        "seed for all lines)")
+
+
+def _read_text(name: str) -> str:
+    """The file's text as A1111's `load_prompt_file` reads an upload (UTF-8, undecodable bytes dropped)."""
+    try:
+        data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
+    except OSError as err:
+        raise UserError(f"--prompts-file {name}: {err.strerror or err}") from None
+    return data.decode("utf-8", errors="ignore")
+
+
+def _checkpoint(name: str) -> str | None:
+    return name if Path(name).exists() else None
+
+
+def _line_namespace(args: argparse.Namespace, line, seed: int, where: str) -> argparse.Namespace:
+    """The command's options for `line`: its tags over the options given, its prompts joined with them."""
+    from sdlab.pipeline.prompts_file import line_prompts
+
+    tags = line.args
+    if tags.get("restore_faces"):
+        raise UserError(f"{where}: --restore_faces true: sdlab has no face restoration")
+    if "sampler_name" in tags and tags["sampler_name"] is None:
+        raise UserError(f"{where}: --sampler_name is none of A1111's sampler names or aliases")
+    ns = copy.copy(args)
+    ns.prompts_file, ns.seed = None, seed
+    prompts = line_prompts(tags, args.prompt or "", args.negative or "", args.insert_prompts)
+    ns.prompt, ns.negative = prompts["prompt"], prompts["negative_prompt"] or None
+    for tag, value in tags.items():
+        if tag in FLAGS:
+            setattr(ns, FLAGS[tag], value)
+    if "seed_resize_from_w" in tags or "seed_resize_from_h" in tags:
+        width, height = (args.seed_resize_from or "0x0").lower().split("x")
+        ns.seed_resize_from = f"{tags.get('seed_resize_from_w', width)}x{tags.get('seed_resize_from_h', height)}"
+    ns.write = not tags.get("do_not_save_samples", False)
+    return ns
+
+
+def _check_request(options: dict[str, Any], ns: argparse.Namespace) -> None:
+    """A txt2img line's request through the model-free checks (`request.resolve`), as `sdlab grid` checks its
+    cells; img2img's and inpaint's are checked as each line is drawn, with its init picture."""
+    from sdlab.pipeline.request import GenerationRequest, RequestError, check_batch_seeds, resolve
+
+    if ns.mode != "txt2img":
+        return
+    try:
+        request = resolve(GenerationRequest(**options), default_size=64, default_sampler="Euler",
+                          default_schedule="karras", factor=8)
+        check_batch_seeds(request, ns.batch_count)
+    except RequestError as err:
+        raise UserError(str(err)) from None
+
+
+def line_namespaces(args: argparse.Namespace) -> list[argparse.Namespace]:
+    """Every line's options, checked before any work (a line that does not read is an error naming it)."""
+    from sdlab.cli.generate import _output_target, _options_from_args
+    from sdlab.pipeline.prompts_file import read_lines, line_seeds
+
+    if args.from_png:
+        raise UserError("--prompts-file and --from-png: give one (each line is a run of its own)")
+    if _output_target(args.out)[1] is not None:
+        raise UserError(f"--out {args.out!r}: --prompts-file writes the pictures of every line, into a folder; "
+                        "name one (without an extension, or ending in '/')")
+    lines = read_lines(_read_text(args.prompts_file), _checkpoint)
+    if not lines:
+        raise UserError(f"--prompts-file {args.prompts_file}: no line to draw")
+    seeds, _ = line_seeds(args.seed, len(lines), args.iterate_seed, args.same_random_seed, args.batch or 1,
+                          args.batch_count)
+    namespaces = []
+    for line, seed in zip(lines, seeds):
+        where = f"--prompts-file {args.prompts_file} line {line.number}"
+        if line.error is not None:
+            raise UserError(f"{where}: {line.error} (A1111 would draw the whole line as a prompt)")
+        ns = _line_namespace(args, line, seed, where)
+        try:
+            _output_target(ns.out)
+            _check_request(_options_from_args(ns), ns)
+        except UserError as err:
+            raise UserError(f"{where}: {err}") from None
+        namespaces.append(ns)
+    return namespaces
+
+
+def run_prompts_file(args: argparse.Namespace) -> int:
+    """Each line drawn in turn as `sdlab <mode>` draws it, one model load for the lines that share it."""
+    from sdlab.cli.generate import run_generate
+
+    pipelines: dict[Any, Any] = {}
+    for ns in line_namespaces(args):
+        run_generate(ns, pipelines)
+    return 0
