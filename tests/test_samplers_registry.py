@@ -175,3 +175,32 @@ def test_comfyui_gpu_names_are_the_plain_samplers(alias, name) -> None:
     assert alias in sampler_names()
     assert alias in {row["name"]: row["aliases"] for row in samplers()}[name]
     assert get_sampler("dpmpp_3m_sde_gpu").discard_penultimate is False    # ComfyUI's 3M SDE, not A1111's
+
+
+@pytest.mark.parametrize("name", [None, 5, ["Euler"], b"Euler"])
+def test_anything_but_a_string_is_an_unknown_sampler(name):
+    from sdlab.diffusion.samplers import UnknownSamplerError
+    from sdlab.pipeline.infotext import eta_label
+
+    with pytest.raises(UnknownSamplerError, match="named by a string.*valid names: Euler, "):
+        get_sampler(name)
+    assert eta_label(name) == ("Eta", None)
+
+
+def test_a_bug_in_the_sampler_lookup_is_not_taken_for_an_unknown_sampler(monkeypatch):
+    """`runs_a1111_unipc` is False for a sampler sdlab does not know, a name or not; any other error propagates."""
+    from dataclasses import replace
+
+    from sdlab.pipeline import request
+    from sdlab.pipeline.request import GenerationRequest, runs_a1111_unipc
+
+    unipc = GenerationRequest("x", sampler="UniPC", schedule="ddim_uniform")
+    assert runs_a1111_unipc(unipc)
+    assert not runs_a1111_unipc(replace(unipc, sampler=5)) and not runs_a1111_unipc(replace(unipc, sampler="Nope"))
+
+    def broken(name):
+        raise AttributeError("a bug")
+
+    monkeypatch.setattr(request, "get_sampler", broken)
+    with pytest.raises(AttributeError, match="a bug"):
+        runs_a1111_unipc(unipc)

@@ -301,7 +301,10 @@ def sampler_names() -> list[str]:
 
 def get_sampler(name: str) -> SamplerSpec:
     """Look a sampler up by A1111 or ComfyUI name: its exact spelling, else ignoring case (module docstring);
-    the error lists the valid names."""
+    the error (for anything but a string too) lists the valid names."""
+    if not isinstance(name, str):
+        raise UnknownSamplerError(f"a sampler is named by a string, got {name!r}; valid names: "
+                                  f"{', '.join(sampler_names())}")
     spec = _BY_SPELLING.get(name.strip()) or _BY_NAME.get(name.strip().casefold())
     if spec is None:
         raise UnknownSamplerError(f"unknown sampler {name!r}; valid names: {', '.join(sampler_names())}")

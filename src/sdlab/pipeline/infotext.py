@@ -322,7 +322,7 @@ def _old_rule_differs(req: GenerationRequest, texts: list[str]) -> bool:
     a second-order sampler's model calls: `SamplerSpec.calls_per_step`)."""
     try:
         calls = get_sampler(req.sampler).calls_per_step
-    except (ValueError, AttributeError):
+    except ValueError:
         calls = 1
     passes = [(req.steps * calls, None)]
     if req.hires:
@@ -435,7 +435,7 @@ def _ensd(req: GenerationRequest) -> int | None:
     ensd = req.eta_noise_seed_delta or 0
     try:
         spec = get_sampler(req.sampler)
-    except (ValueError, AttributeError):
+    except ValueError:
         return ensd or None
     if not spec.draws_step_noise(req.eta, req.s_churn):
         return None
@@ -506,7 +506,7 @@ def _taken(req: GenerationRequest, option: str, value: float | None) -> float | 
     sampler sdlab does not know keeps it."""
     try:
         spec = get_sampler(req.sampler)
-    except (ValueError, AttributeError):
+    except ValueError:
         return value
     return value if option in inspect.signature(spec.fn).parameters else None
 
@@ -540,7 +540,7 @@ def eta_label(sampler: str | None) -> tuple[str | None, float | None]:
     not know keeps its eta as `Eta`."""
     try:
         spec = get_sampler(sampler)
-    except (ValueError, AttributeError, TypeError):
+    except ValueError:
         return "Eta", None
     if spec.default_eta is None:
         return None, None

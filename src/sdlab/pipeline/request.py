@@ -420,7 +420,7 @@ def runs_a1111_unipc(r: GenerationRequest) -> bool:
     passes = ((r.sampler, r.schedule), (r.hr_sampler, r.hr_schedule or r.schedule))
     try:
         specs = [(get_sampler(name), schedule) for name, schedule in passes if name]
-    except (ValueError, AttributeError):
+    except ValueError:
         return False
     return any(spec.a1111 == "UniPC" and runs_a1111_timesteps(spec, schedule) for spec, schedule in specs)
 
