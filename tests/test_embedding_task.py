@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from train_fixtures import run_in_process, write_caption_folder, write_tiny_model
 
@@ -142,10 +143,17 @@ def test_diffusers_placeholder_word_trains(tmp_path, data):
     code = main(cli_args(out, model, data, "--task", "embedding", "--embedding-word", "<cat-toy>", "--max-steps", "2",
                          "--learning-rate", "0.05")[2:])
     assert code == 0
-    learned = load_embedding(out / "<cat-toy>.safetensors")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["cat-toy.safetensors"]   # no < > (Windows)
+    learned = load_embedding(out / "cat-toy.safetensors")
+    with safe_open(str(out / "cat-toy.safetensors"), "pt") as f:
+        assert f.metadata()["name"] == "<cat-toy>"
     start = load_bundle(model).text_encoders[0]
     star = start.model.embeddings.token_embedding.weight[start.tokenizer.encode("*")[0]]
     assert (learned.vectors[0] - star).abs().max() > 1e-3
+    # the prompt word of the file, "cat-toy", is inside the trained word: "<cat-toy>" in a prompt still reads it
+    tokenizer = install_embeddings(load_bundle(model), [learned]).text_encoders[0].tokenizer
+    added = set(tokenizer.added_words["cat-toy"])
+    assert added <= set(tokenizer.encode("a photo of <cat-toy> ."))
 
 
 def test_an_internal_error_is_one_line_from_the_module_entry_point(tmp_path, data, capsys, monkeypatch):
