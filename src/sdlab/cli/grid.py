@@ -195,13 +195,6 @@ def _for_pipeline(cells, loras: dict[str, tuple]):
     return [(index, {**cell, "prompt": loras[cell["prompt"]][0]}) for index, cell in cells]
 
 
-def _grid_parameters(first: dict, plot) -> dict:
-    """The grid picture's parameters: its first cell's with A1111's plot fields (Script, X Type, X Values, ...)
-    before `Version`, where A1111's extra generation parameters go."""
-    parameters = {key: value for key, value in first.items() if key != "Version"}
-    return {**parameters, **plot.parameters(), "Version": first.get("Version")}
-
-
 # the hires flags (`generate._add_hires_flags`), by their argparse names
 _HIRES_FLAGS = ("hr_scale", "hr_size", "hr_upscaler", "hr_steps", "hr_denoise", "hr_sampler", "hr_eta", "hr_schedule",
                 "hr_prompt", "hr_negative_prompt")
@@ -226,7 +219,7 @@ def run_grid(args: argparse.Namespace) -> int:
         _controls, _identify_model, _load_pipeline, _lora_finder, _open_image, _options_from_args, _refiner_ref,
         _resolve_loras,
     )
-    from sdlab.pipeline.grid import draw_cells, fix_seeds
+    from sdlab.pipeline.grid import draw_cells, fix_seeds, with_plot_parameters
     from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, to_parameters
     from sdlab.pipeline.png_info import (
         embedding_hash,
@@ -306,7 +299,7 @@ def run_grid(args: argparse.Namespace) -> int:
             for result in drawn[index] for i in range(len(result.images))]
 
     out = Path(args.out)
-    text = format_parameters(_grid_parameters(texts[(0, 0, 0)][0], plot))
+    text = format_parameters(with_plot_parameters(texts[(0, 0, 0)][0], plot.parameters()))
     files = [(out, encode_image(sheet, image_format(out), text))]
     if args.keep_cells:
         for n, (index, _) in enumerate(cells):

@@ -405,13 +405,15 @@ class Plot:
     """The axes of one X/Y/Z plot; Y and Z are optional. `legend=False` draws the cells alone, without labels
     (A1111's Draw legend off). A -1 in a Seed or Var. seed axis is drawn once, when the Plot is made, and
     recorded (`Fixed X Values`), unless `keep_random_seeds` (A1111's "Keep -1 for seeds"): then it stays -1,
-    each cell drawing its own, as does an unset or -1 seed of the options (`draw_plot`)."""
+    each cell drawing its own, as does an unset or -1 seed of the options (`draw_plot`). `margin` px of white
+    part the cells of a legended grid (A1111's Grid margins, which it draws with the legend only)."""
 
     x: Axis
     y: Axis | None = None
     z: Axis | None = None
     legend: bool = True
     keep_random_seeds: bool = False
+    margin: int = 0
 
     def __post_init__(self) -> None:
         if not self.keep_random_seeds:
@@ -447,13 +449,14 @@ class Plot:
         """The labels of the cell at `index`, X first (for messages; Nothing has none)."""
         return [label for letter, axis in self.axes() if (label := axis.labels[index["xyz".index(letter)]])]
 
-    def parameters(self) -> dict[str, str]:
+    def parameters(self, letters: str = "xyz") -> dict[str, str]:
         """A1111's plot fields of the grid picture's parameters (xyz_grid.py `cell`): `Script`, then for each
         axis but Nothing `X Type`, `X Values` (as typed) and, for a Seed or Var. seed axis, `Fixed X Values` (the
-        seeds drawn, -1 fixed; none with `keep_random_seeds`, as A1111)."""
+        seeds drawn, -1 fixed; none with `keep_random_seeds`, as A1111). `letters="xy"`: a Z sub-grid's, which
+        A1111 writes without the Z fields."""
         fields = {"Script": "X/Y/Z plot"}
         for letter, axis in self.axes():
-            if axis.field is NOTHING:
+            if axis.field is NOTHING or letter not in letters:
                 continue
             fields[f"{letter.upper()} Type"] = axis.field.type_name
             fields[f"{letter.upper()} Values"] = axis.text
@@ -461,18 +464,31 @@ class Plot:
                 fields[f"Fixed {letter.upper()} Values"] = ", ".join(str(v) for v in axis.values)
         return fields
 
-    def sheet(self, images: Mapping[Index, Image.Image]) -> Image.Image:
-        """The labelled picture of `images` (one per cell)."""
+    def grids(self, images: Mapping[Index, Image.Image]) -> list[Image.Image]:
+        """The labelled X/Y grid of `images` (one per cell) at each Z value (A1111's sub-grids)."""
         nx, ny, nz = self.shape()
         x_labels = list(self.x.labels) if self.legend else [""]
         y_labels = list(self.y.labels) if self.y is not None and self.legend else [""]
-        grids = [draw_grid([[images[(i, j, k)] for i in range(nx)] for j in range(ny)], x_labels, y_labels)
-                 for k in range(nz)]
+        margin = self.margin if self.legend else 0
+        return [draw_grid([[images[(i, j, k)] for i in range(nx)] for j in range(ny)], x_labels, y_labels, margin)
+                for k in range(nz)]
+
+    def sheet(self, images: Mapping[Index, Image.Image]) -> Image.Image:
+        """The labelled picture of `images` (one per cell): the sub-grids (`grids`) in a row under the Z titles."""
+        nz = self.shape()[2]
+        grids = self.grids(images)
         if self.z is None or self.z.field is NOTHING:
             return grids[0]
         first = images[(0, 0, 0)]
         titles = list(self.z.labels) if self.legend else [""] * nz
         return row_grids(grids, titles, font_size(first.width, first.height))[0]
+
+
+def with_plot_parameters(parameters: Mapping[str, Any], fields: Mapping[str, str]) -> dict[str, Any]:
+    """A grid picture's parameters: its first cell's `parameters` with the plot `fields` (`Plot.parameters`)
+    before `Version`, where A1111's extra generation parameters go."""
+    kept = {key: value for key, value in parameters.items() if key != "Version"}
+    return {**kept, **fields, "Version": parameters.get("Version")}
 
 
 def fix_seeds(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -583,7 +599,8 @@ def _wrap(text: str, font: Any, width: int) -> list[str]:
 
 @dataclass(frozen=True)
 class GridLayout:
-    """Where things sit on the sheet of one (X, Y) grid: cell (i, j) at (left + i * cell_w, top + j * cell_h)."""
+    """Where things sit on the sheet of one (X, Y) grid: cell (i, j) at (left + i * (cell_w + margin), top + j *
+    (cell_h + margin)), `margin` px of white between cells (A1111's `draw_grid_annotations` margin)."""
 
     left: int
     top: int
@@ -591,13 +608,20 @@ class GridLayout:
     cell_height: int
     columns: int
     rows: int
+    margin: int = 0
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.left + self.columns * self.cell_width, self.top + self.rows * self.cell_height
+        return (self.left + self.columns * self.cell_width + (self.columns - 1) * self.margin,
+                self.top + self.rows * self.cell_height + (self.rows - 1) * self.margin)
+
+    def cell_at(self, i: int, j: int) -> tuple[int, int]:
+        """The top left corner of cell (i, j)."""
+        return self.left + i * (self.cell_width + self.margin), self.top + j * (self.cell_height + self.margin)
 
 
-def grid_layout(cell_size: tuple[int, int], columns: int, rows: int, x_labels: list[str], y_labels: list[str]) -> GridLayout:
+def grid_layout(cell_size: tuple[int, int], columns: int, rows: int, x_labels: list[str], y_labels: list[str],
+                margin: int = 0) -> GridLayout:
     width, height = cell_size
     font = grid_font(font_size(width, height))
     spacing = font_size(width, height) // 2
@@ -609,7 +633,7 @@ def grid_layout(cell_size: tuple[int, int], columns: int, rows: int, x_labels: l
     if any(x_labels):
         heights = [_lines_height(_wrap(label, font, width), font, spacing) for label in x_labels]
         top = max(heights) + 2 * spacing
-    return GridLayout(left, top, width, height, columns, rows)
+    return GridLayout(left, top, width, height, columns, rows, margin)
 
 
 def _lines_height(lines: list[str], font: Any, spacing: int) -> int:
@@ -624,23 +648,25 @@ def _draw_centered(draw: ImageDraw.ImageDraw, lines: list[str], cx: float, cy: f
         y += h + spacing
 
 
-def draw_grid(cells: list[list[Image.Image]], x_labels: list[str], y_labels: list[str]) -> Image.Image:
-    """`cells[row][column]` on one sheet with X labels above the columns and Y labels left of the rows."""
+def draw_grid(cells: list[list[Image.Image]], x_labels: list[str], y_labels: list[str],
+              margin: int = 0) -> Image.Image:
+    """`cells[row][column]` on one sheet with X labels above the columns and Y labels left of the rows, `margin`
+    px of white between the cells."""
     rows, columns = len(cells), len(cells[0])
     cell_size = (max(c.width for r in cells for c in r), max(c.height for r in cells for c in r))
-    layout = grid_layout(cell_size, columns, rows, x_labels, y_labels)
+    layout = grid_layout(cell_size, columns, rows, x_labels, y_labels, margin)
     sheet = Image.new("RGB", layout.size, "white")
     for j, row in enumerate(cells):
         for i, cell in enumerate(row):
-            sheet.paste(cell.convert("RGB"), (layout.left + i * layout.cell_width, layout.top + j * layout.cell_height))
+            sheet.paste(cell.convert("RGB"), layout.cell_at(i, j))
     draw = ImageDraw.Draw(sheet)
     size = font_size(*cell_size)
     font, spacing = grid_font(size), size // 2
     for i, label in enumerate(x_labels if any(x_labels) else []):
-        cx = layout.left + (i + 0.5) * layout.cell_width
+        cx = layout.cell_at(i, 0)[0] + layout.cell_width / 2
         _draw_centered(draw, _wrap(label, font, layout.cell_width), cx, layout.top / 2, font, spacing)
     for j, label in enumerate(y_labels if any(y_labels) else []):
-        cy = layout.top + (j + 0.5) * layout.cell_height
+        cy = layout.cell_at(0, j)[1] + layout.cell_height / 2
         _draw_centered(draw, _wrap(label, font, layout.left - spacing), layout.left / 2, cy, font, spacing)
     return sheet
 

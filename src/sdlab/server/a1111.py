@@ -61,6 +61,7 @@ from sdlab.pipeline.request import (
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.alwayson import check_alwayson_scripts
+from sdlab.server.a1111_scripts import Drawn, ScriptHost, script_info, scripts_list, selected_script
 from sdlab.server.controls import A1111_MODULE_ALIASES, a1111_controls, module_name, threshold_value
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
@@ -278,7 +279,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
     """The generation `body` asks for, with A1111's settings: the server's `options` (`POST options`) under
     the request's `override_settings` (A1111 sets those for the one request). Several init pictures `inits`
     draw one picture each, in every iteration (A1111's `init_images`); the `n_iter` iterations are the job's
-    batch count (`_generate`). The overrides are checked as `POST options` checks options, whether or not they
+    batch count (`_drawn_job`). The overrides are checked as `POST options` checks options, whether or not they
     stay afterwards."""
     _check_options(body.override_settings, "override_settings.")
     settings = {**OPTION_DEFAULTS, **(options or {}), **body.override_settings}
@@ -286,7 +287,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         raise BadRequest(f"batch_size must be >= 1 and n_iter 1..{MAX_BATCH_COUNT}, got {body.batch_size} and "
                          f"{body.n_iter}", 422)
     sampler, schedule = sampler_and_schedule(body.sampler_name or body.sampler_index or DEFAULT_SAMPLER, body.scheduler)
-    if schedule is not None:                        # A1111's timestep samplers ignore it; unset: `_generate`
+    if schedule is not None:                        # A1111's timestep samplers ignore it; unset: `_drawn_job`
         schedule = a1111_schedule(sampler, schedule)
     extra: dict[str, Any] = {}
     if body.subseed_strength:
@@ -458,7 +459,8 @@ def _given(body: Txt2ImgIn) -> set[str]:
     return given | ({"schedule"} if "sampler" in given else set())   # "DPM++ 2M Karras" names it; unset = None
 
 
-async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
+async def _drawn_job(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> Job:
+    """The job of `request` (drawn from `body`) once it is done; failed or interrupted, A1111's error."""
     overrides = _drawable_overrides(service, body.override_settings)
     model = overrides.get("sd_model_checkpoint")
     switch_at = REFINER_SWITCH if body.refiner_switch_at is None else body.refiner_switch_at
@@ -480,17 +482,49 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
         raise Unavailable(job.error)
     if job.status == "failed":
         raise BadRequest(_a1111_named(job.error or "failed"), 500 if job.server_fault else 400)
+    return job
+
+
+async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> dict[str, Any]:
+    """A1111's answer to `request` drawn from `body`."""
+    return _answer(service, body, request, await _named_job(service, body, mode, request))
+
+
+async def _named_job(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> Job:
+    """`_drawn_job`, a refusal naming a field the `infotext` filled by its label (`_named_by_infotext`)."""
+    with _named_by_infotext(body):
+        return await _drawn_job(service, body, mode, request)
+
+
+def _answer(service: Service, body: Txt2ImgIn, request: GenerationRequest, job: Job) -> dict[str, Any]:
+    """A1111's `{images, parameters, info}` of a done job."""
     images = []
     if body.send_images:
         options = _options(service)         # as A1111 encodes: after the request's overrides are restored
         images = [_stored_picture(service.images_dir / name, text, options)
                   for name, text in zip(job.images, job.infotexts)]
+    return {"images": images, "parameters": _echo(body), "info": json.dumps(_job_info(service, body, request, job))}
+
+
+def _job_info(service: Service, body: Txt2ImgIn, request: GenerationRequest, job: Job) -> dict[str, Any]:
+    """A1111's `info` of a done job (`_info`), with the extra generation parameters it drew with."""
     checkpoint = service.registry.find(job.model)
     name = checkpoint.model_name if checkpoint is not None else job.model
     extra = {**_drawn_parameters(job, request), **_refiner_parameters(service, job)}
     extra.update({label: value for label, value in _written_extra_parameters(job).items() if label not in extra})
-    info = _info(job, body, name, extra, batch_size=request.batch_size)
-    return {"images": images, "parameters": _echo(body), "info": json.dumps(info)}
+    return _info(job, body, name, extra, batch_size=request.batch_size)
+
+
+def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> ScriptHost:
+    """What a selectable script draws with: a body's request as `prepare` (`_txt2img_request`,
+    `_img2img_request`) makes it, drawn on this server."""
+    async def drawn(body: Txt2ImgIn) -> Drawn:
+        mode, request = await prepare(service, body)
+        job = await _named_job(service, body, mode, request)
+        return Drawn([service.images_dir / name for name in job.images], list(job.infotexts),
+                     _job_info(service, body, request, job))
+
+    return ScriptHost(drawn, lambda image, text: _base64_picture(image, text, _options(service)), _echo)
 
 
 def _drawable_overrides(service: Service, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -881,22 +915,22 @@ def _closest_checkpoint(service: Service, text: object) -> Checkpoint | None:
     return found
 
 
-def _check_script(body: Txt2ImgIn) -> None:
-    """A1111 runs the script `script_name` names among those `GET scripts` lists ("" or null: none) and answers
-    422 "Script '<name>' not found" for another (`get_selectable_script`); sdlab lists none."""
-    if name := getattr(body, "script_name", None):
-        raise BadRequest(f"Script '{name}' not found", 422)
-
-
 @router.post("/txt2img")
 async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    _check_script(body)
+    script = selected_script(getattr(body, "script_name", None))     # A1111's `get_selectable_script`
     body = _with_infotext(body, service, "txt2img")
     check_alwayson_scripts(body.alwayson_scripts, "txt2img")
+    if script is not None:
+        return await script.run(_script_host(service, _txt2img_request), body, "txt2img")
+    return await _generate(service, body, *await _txt2img_request(service, body))
+
+
+async def _txt2img_request(service: Service, body: Txt2ImgIn) -> tuple[str, GenerationRequest]:
+    """The job mode and the request `body` asks for."""
     with _named_by_infotext(body):
         controls = await asyncio.to_thread(_controls, service, body)
-        return await _generate(service, body, "txt2img", _request(body, controls, options=service.options))
+        return "txt2img", _request(body, controls, options=service.options)
 
 
 def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None) -> tuple:
@@ -907,8 +941,15 @@ def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None
 @router.post("/img2img")
 async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    _check_script(body)
+    script = selected_script(getattr(body, "script_name", None))
     body = _with_infotext(body, service, "img2img")
+    if script is not None:
+        return await script.run(_script_host(service, _img2img_request), body, "img2img")
+    return await _generate(service, body, *await _img2img_request(service, body))
+
+
+async def _img2img_request(service: Service, body: Img2ImgIn) -> tuple[str, GenerationRequest]:
+    """The job mode (inpaint with a mask) and the request `body` asks for, its pictures decoded."""
     if not body.init_images:
         raise BadRequest("img2img needs init_images (a list of base64 images, one per picture or one for all)", 422)
     limits = service.config.limits
@@ -918,8 +959,7 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     check_alwayson_scripts(body.alwayson_scripts, "img2img", masked=mask is not None)
     with _named_by_infotext(body):
         controls = await asyncio.to_thread(_controls, service, body, inits[0])
-        return await _generate(service, body, "inpaint" if mask is not None else "img2img",
-                               _request(body, controls, inits, mask, service.options))
+        return "inpaint" if mask is not None else "img2img", _request(body, controls, inits, mask, service.options)
 
 
 @router.get("/progress")
@@ -1327,18 +1367,24 @@ def _embedding_item(embedding: Embedding) -> dict[str, Any]:
 
 @router.get("/scripts")
 def scripts() -> dict[str, Any]:
-    return {"txt2img": [], "img2img": []}
+    """A1111's names of the scripts sdlab runs (`a1111_scripts.scripts_list`)."""
+    return scripts_list()
+
+
+@router.get("/script-info")
+def scripts_info() -> list[dict[str, Any]]:
+    """A1111's `ScriptInfo` of the selectable scripts sdlab runs: their `script_args` (`a1111_scripts`)."""
+    return script_info()
 
 
 @router.get("/prompt-styles")
 @router.get("/face-restorers")
 @router.get("/hypernetworks")
 @router.get("/realesrgan-models")
-@router.get("/script-info")
 @router.get("/extensions")
 def nothing_listed() -> list[dict[str, Any]]:
     """A1111's lists of what sdlab has none of: prompt styles, face restorers, hypernetworks, Real-ESRGAN
-    models (its upscaler models are `GET upscalers`), scripts' arguments, extensions."""
+    models (its upscaler models are `GET upscalers`), extensions."""
     return []
 
 
