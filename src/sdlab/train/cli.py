@@ -135,13 +135,13 @@ def _with_native_resolution(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfi
 
 
 def _scan(cfg: TrainConfig):
-    scan = scan_dataset(cfg.data_dir)
+    scan = scan_dataset(cfg.data_dir, cfg.caption_extension)
     if scan.skipped:
         logger.warning("skipped while scanning %s: %s", cfg.data_dir, dict(scan.skipped))
     if not scan.samples:
         skipped = f" (skipped: {', '.join(f'{n} {k}' for k, n in scan.skipped.items())})" if scan.skipped else ""
         raise TrainError(f"--data-dir {cfg.data_dir}: no usable training images{skipped}; it needs images with "
-                         f"same-name .txt captions, or a metadata.jsonl")
+                         f"same-name {cfg.caption_extension} captions, or a metadata.jsonl")
     return scan
 
 

@@ -57,7 +57,10 @@ class TrainConfig:
                                       "(<name>.vae.*), as txt2img draws it (--no-sidecar-vae: its own VAE)")
 
     # data
-    data_dir: str | None = setting(None, "images with same-name .txt captions, or a metadata.jsonl (required)")
+    data_dir: str | None = setting(None, "images with same-name .txt captions (kohya's <repeats>_<class tokens> "
+                                         "folders too), or a metadata.jsonl (required)")
+    caption_extension: str = setting(".txt", "extension of an image's same-name caption file (kohya's "
+                                             "--caption_extension, e.g. .caption)")
     output_dir: str = setting("runs/train", "run folder: checkpoints/, log.csv, loss.png, summary.json, weights")
     resolution: int | None = setting(None, "square training size in pixels, a multiple of 8 (default: the "
                                            "model's native size: 512 for SD1, 64 for sdlab-tiny, ...)")
@@ -229,6 +232,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "multires_noise_discount": (lambda v: v > 0, "positive"),
     "huber_c": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "keep_tokens": (lambda v: v >= 0, "at least 0"),
+    "caption_extension": (lambda v: v.strip(".") != "" and not set(v) & set("/\\\0"), "a file extension (.txt, .caption)"),
     "caption_separator": (lambda v: v != "", "a text that is not empty"),
     "lora_rank": (lambda v: v >= 1, "at least 1"),
     "lora_alpha": (lambda v: v > 0, "positive"),
@@ -258,7 +262,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
 }
 
 # free text (prompts, the embedding's word and the name its file records): UTF-8 text only, as every prompt in sdlab
-_TEXTS = ("embedding_word", "embedding_init", "sample_prompts", "caption_separator")
+_TEXTS = ("embedding_word", "embedding_init", "sample_prompts", "caption_separator", "caption_extension")
 
 
 def _check_text(name: str, value: str | tuple[str, ...] | None) -> None:
@@ -366,7 +370,7 @@ RESUME_INVARIANTS = (
     "lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay",
     "min_timestep", "max_timestep", "ip_noise_gamma", "ip_noise_gamma_random_strength", "multires_noise_iterations",
     "multires_noise_discount", "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c",
-    "shuffle_caption", "keep_tokens", "caption_separator",
+    "shuffle_caption", "keep_tokens", "caption_separator", "caption_extension",
 )
 
 
@@ -565,7 +569,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 _METAVARS = {"model": "PATH", "vae": "FILE", "resolution": "PIXELS", "resume": "latest|PATH", "prediction": "eps|v",
              "keep_checkpoints": "N", "checkpoint_every": "STEPS", "log_every": "STEPS", "sample_every": "STEPS",
              "lcd_ddim_timesteps": "N", "lcd_w_min": "W", "lcd_w_max": "W", "min_timestep": "T", "max_timestep": "T",
-             "multires_noise_iterations": "N", "keep_tokens": "N", "caption_separator": "TEXT"}
+             "multires_noise_iterations": "N", "keep_tokens": "N", "caption_separator": "TEXT",
+             "caption_extension": "EXT"}
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:

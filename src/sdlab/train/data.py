@@ -1,12 +1,21 @@
 """Training data: a folder of captioned images, deterministic order, per-rank sharding, latent caching.
 
 Dataset layouts (the common trainer conventions):
-  - ``image.png`` + ``image.txt`` (same name, the caption), in the folder or any subfolder;
+  - ``image.png`` + ``image.txt`` (same name, the caption; another extension with ``caption_extension``, kohya's
+    ``--caption_extension``), in the folder or any subfolder, linked folders included;
+  - kohya-ss/sd-scripts' DreamBooth layout, when a first-level subfolder is named ``<N>_<class tokens>``
+    (``10_sks dog``): as kohya's ``generate_dreambooth_subsets_config_by_subdirs`` reads it, each first-level
+    folder whose name before its first ``_`` is an integer N >= 1 holds images drawn N times per epoch, and an
+    image there without a caption file trains on the class tokens (the rest of the name). As in kohya only the
+    images directly in such a folder count; images elsewhere (the root, other folders, deeper folders) are
+    skipped with a warning and counted;
   - a ``metadata.jsonl`` at the root, one ``{"file_name": "a.png", "text": "..."}`` per line (Hugging Face
-    ``imagefolder``; ``caption`` is accepted for ``text``). When it exists it is the whole dataset.
-A file that PIL cannot open, an empty / missing caption, or a caption that is not UTF-8 text, is skipped with
-a warning and counted (`DatasetScan.skipped`); it is never fatal. An image that passes the scan but fails to
-decode later is replaced by the next sample of the stream and counted in ``TrainData.broken_at_load``.
+    ``imagefolder``; ``caption`` is accepted for ``text``; a UTF-8 byte-order mark is read past). When it exists
+    it is the whole dataset.
+A file that PIL cannot open or decode to its end, an empty / missing caption, or a caption that is not UTF-8
+text, is skipped with a warning and counted (`DatasetScan.skipped`); it is never fatal. An image that passes the
+scan but fails to decode later is replaced by the next sample of the stream, warned about once and counted once
+in ``TrainData.broken_at_load``.
 
 Order and sharding: the sample stream is an endless concatenation of per-epoch permutations drawn from
 ``(seed, epoch)``. Optimiser step ``s`` consumes stream positions ``[s*G, (s+1)*G)`` with
@@ -23,11 +32,13 @@ first ``keep_tokens`` stay in front) and joined by ", ".
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -49,6 +60,7 @@ from sdlab.utils.text import not_utf8
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CAPTION_EXTENSIONS",
     "IMAGE_SUFFIXES",
     "DatasetScan",
     "ImageSample",
@@ -59,6 +71,7 @@ __all__ = [
     "load_training_image",
     "posterior_generators",
     "posterior_sample",
+    "repeat_folder",
     "sample_seeds",
     "scan_dataset",
     "shuffle_tags",
@@ -104,6 +117,7 @@ def posterior_sample(mean: Tensor, std: Tensor, seeds: Sequence[int]) -> Tensor:
 class ImageSample:
     path: Path
     caption: str
+    repeats: int = 1                       # draws per epoch (kohya's <N>_<class tokens> folders)
 
 
 @dataclass
@@ -115,6 +129,10 @@ class DatasetScan:
         return len(self.samples)
 
 
+# the caption files of an image that `scan_dataset` names when the chosen one is missing
+CAPTION_EXTENSIONS = (".txt", ".caption")
+
+
 def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
@@ -122,10 +140,26 @@ def _is_file(path: Path) -> bool:
         return False
 
 
+def _decodes(im: Image.Image) -> None:
+    """Decode ``im`` to its last byte where `Image.verify` reads no pixel data (JPEG, BMP, TIFF, GIF), so a
+    truncated file fails here; a JPEG that ends in its EOI marker is complete and is not decoded, another one
+    is decoded at 1/8 scale (`Image.draft`), which still reads all of its data."""
+    if im.format in ("PNG", "WEBP"):      # verify reads and checks every chunk
+        return
+    if im.format == "JPEG":
+        im.fp.seek(-2, os.SEEK_END)
+        if im.fp.read(2) == b"\xff\xd9":
+            return
+        im.draft("RGB", (1, 1))
+    im.load()
+
+
 def _image_opens(path: Path) -> bool:
     try:
         with Image.open(path) as im:
             im.verify()
+        with Image.open(path) as im:
+            _decodes(im)
         return True
     except Exception as exc:  # PIL raises many types for damaged files
         logger.warning("skipping %s: cannot read image (%s)", path, " ".join(str(exc).split()) or type(exc).__name__)
@@ -150,10 +184,11 @@ def _jsonl_entry(root: Path, raw: bytes) -> tuple[Path, str | None] | None:
 
 
 def _read_jsonl(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, str | None]]:
-    """Entries of a ``metadata.jsonl``; a line that is not a UTF-8 JSON object with a string ``file_name``
-    is skipped with a warning and counted as ``bad_metadata_line``."""
+    """Entries of a ``metadata.jsonl`` (after a UTF-8 byte-order mark, which Windows editors write); a line that
+    is not a UTF-8 JSON object with a string ``file_name`` is skipped with a warning and counted as
+    ``bad_metadata_line``."""
     entries = []
-    for number, line in enumerate(meta.read_bytes().splitlines(), 1):
+    for number, line in enumerate(meta.read_bytes().removeprefix(codecs.BOM_UTF8).splitlines(), 1):
         if not line.strip():
             continue
         entry = _jsonl_entry(root, line)
@@ -165,42 +200,139 @@ def _read_jsonl(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, s
     return entries
 
 
-def _read_folder(root: Path, scan: DatasetScan) -> list[tuple[Path, str | None]]:
-    """(image, its same-name ``.txt`` caption or None) of every image under ``root``; an image whose caption
-    file is not UTF-8 text is skipped with a warning naming the file and counted as ``bad_caption``."""
+def _image_files(folder: Path, recursive: bool, ancestors: frozenset[str] = frozenset()) -> list[Path]:
+    """The images in ``folder`` (and, ``recursive``, in its subfolders, following links to folders as kohya's
+    ``os.listdir`` walk does; a link back to a folder it is in is skipped with a warning), sorted."""
+    real = os.path.realpath(folder)
+    if real in ancestors:
+        logger.warning("skipping %s: a link back to %s, which holds it", folder, real)
+        return []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as err:
+        logger.warning("skipping folder %s: cannot list it (%s)", folder, err.strerror or err)
+        return []
+    images = []
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir():
+            if recursive:
+                images += _image_files(path, True, ancestors | {real})
+        elif path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
+            images.append(path)
+    return images
+
+
+def _caption_file(image: Path, extension: str) -> Path:
+    return image.with_name(image.stem + extension)
+
+
+def _read_captions(images: list[Path], extension: str, scan: DatasetScan) -> list[tuple[Path, str | None]]:
+    """(image, its same-name ``extension`` caption or None); an image whose caption file is not UTF-8 text is
+    skipped with a warning naming the file and counted as ``bad_caption``."""
     entries = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        txt = path.with_suffix(".txt")
+    for path in images:
+        caption = _caption_file(path, extension)
         try:
-            entries.append((path, txt.read_bytes().decode("utf-8") if txt.is_file() else None))
+            entries.append((path, caption.read_bytes().decode("utf-8") if caption.is_file() else None))
         except UnicodeDecodeError as err:
             logger.warning("skipping %s: its caption %s is not UTF-8 text: the byte 0x%02X at byte %d; convert it "
-                           "to UTF-8 first (e.g. iconv -f latin1 -t utf-8)", path, txt, err.object[err.start],
+                           "to UTF-8 first (e.g. iconv -f latin1 -t utf-8)", path, caption, err.object[err.start],
                            err.start + 1)
             scan.skipped["bad_caption"] += 1
     return entries
 
 
-def scan_dataset(root: str | os.PathLike[str]) -> DatasetScan:
-    """Find every usable (image, caption) pair under ``root`` (see module docstring), sorted by path."""
+def repeat_folder(name: str) -> tuple[int, str] | None:
+    """(repeats, class tokens) of a kohya DreamBooth folder name, kohya's ``extract_dreambooth_params``: the
+    text before the first ``_`` read as an integer (``int``), the rest the class tokens; None when it is none."""
+    head, _, class_tokens = name.partition("_")
+    try:
+        return int(head), class_tokens
+    except ValueError:
+        return None
+
+
+def _is_repeat_layout(root: Path) -> bool:
+    """Whether ``root`` is in kohya's DreamBooth layout: a first-level folder named ``<digits>_...``."""
+    return any(entry.is_dir() and re.match(r"\d+_", entry.name) for entry in os.scandir(root))
+
+
+def _skip_outside(images: list[Path], why: str, scan: DatasetScan) -> None:
+    """Warn once per folder of ``images`` that they are not read in the repeat layout, and count them."""
+    for folder, count in Counter(path.parent for path in images).items():
+        logger.warning("skipping %d image(s) in %s: %s", count, folder, why)
+        scan.skipped["outside_repeat_folders"] += count
+
+
+def _read_repeat_layout(root: Path, extension: str,
+                        scan: DatasetScan) -> list[tuple[Path, str | None, int]]:
+    """(image, caption, repeats) of a kohya DreamBooth layout (module docstring): an image without a caption file
+    takes its folder's class tokens."""
+    entries: list[tuple[Path, str | None, int]] = []
+    read: list[str] = []
+    layout = "kohya's <repeats>_<class tokens> layout reads only the images directly in such folders"
+    _skip_outside(_image_files(root, False), layout, scan)
+    for folder in sorted((Path(e.path) for e in os.scandir(root) if e.is_dir()), key=lambda p: p.name):
+        params = repeat_folder(folder.name)
+        if params is None or params[0] < 1:
+            why = "its name does not start with <repeats>_" if params is None else f"{params[0]} repeats"
+            _skip_outside(_image_files(folder, True), f"{why} ({layout})", scan)
+            continue
+        repeats, class_tokens = params
+        _skip_outside([p for sub in sorted(folder.iterdir()) if sub.is_dir() for p in _image_files(sub, True)],
+                      f"in a folder inside {folder.name} ({layout})", scan)
+        captions = _read_captions(_image_files(folder, False), extension, scan)
+        uncaptioned = sum(caption is None for _, caption in captions)
+        if uncaptioned and class_tokens.strip():
+            logger.info("%s: %d image(s) without a %s caption train on the class tokens %r", folder, uncaptioned,
+                        extension, class_tokens)
+        entries += [(path, class_tokens if caption is None else caption, repeats) for path, caption in captions]
+        read.append(f"{folder.name!r} x{repeats}")
+    logger.info("dataset %s: kohya repeat folders %s", root, ", ".join(read) or "none")
+    return entries
+
+
+def _no_caption(path: Path, caption: str | None, extension: str | None) -> str:
+    """Why ``path`` has no caption, naming a caption file of another extension beside it."""
+    if caption is not None or extension is None:
+        return "empty or missing caption"
+    others = [_caption_file(path, ext) for ext in CAPTION_EXTENSIONS if ext != extension]
+    found = [other for other in others if _is_file(other)]
+    if found:
+        return (f"no {extension} caption (the caption file {found[0].name} beside it is read with "
+                f"--caption-extension {found[0].suffix})")
+    return f"no {extension} caption file"
+
+
+def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt") -> DatasetScan:
+    """Find every usable (image, caption) pair under ``root`` (see module docstring), sorted by path;
+    ``caption_extension`` (kohya's ``--caption_extension``; a missing leading dot is added, as kohya does) names
+    the caption file of an image."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     scan = DatasetScan(samples=[])
     meta = root / "metadata.jsonl"
-    entries = _read_jsonl(root, meta, scan) if meta.is_file() else _read_folder(root, scan)
-    for path, caption in sorted(entries, key=lambda e: str(e[0])):
-        caption = (caption or "").strip()
+    if meta.is_file():
+        entries = [(path, caption, 1) for path, caption in _read_jsonl(root, meta, scan)]
+        extension = None
+    elif _is_repeat_layout(root):
+        entries = _read_repeat_layout(root, extension, scan)
+    else:
+        entries = [(path, caption, 1) for path, caption in _read_captions(_image_files(root, True), extension, scan)]
+    for path, caption, repeats in sorted(entries, key=lambda e: str(e[0])):
         if not _is_file(path):
             logger.warning("skipping %s: file not found", path)
             scan.skipped["missing_image"] += 1
-        elif not caption:
-            logger.warning("skipping %s: empty or missing caption", path)
+        elif not (caption or "").strip():
+            logger.warning("skipping %s: %s", path, _no_caption(path, caption, extension))
             scan.skipped["empty_caption"] += 1
         elif not _image_opens(path):
             scan.skipped["broken_image"] += 1
         else:
-            scan.samples.append(ImageSample(path, caption))
+            scan.samples.append(ImageSample(path, caption.strip(), repeats))
     logger.info("dataset %s: %d samples, skipped %s", root, len(scan.samples), dict(scan.skipped) or "none")
     return scan
 
@@ -256,28 +388,34 @@ def shuffle_tags(caption: str, rng: random.Random, keep_tokens: int = 0, separat
 
 
 class SampleStream:
-    """Stream position -> sample index, through one seeded permutation per epoch."""
+    """Stream position -> sample index: epochs of one length, each a seeded order (from ``(seed, epoch)``) of
+    every sample drawn its ``repeats`` times."""
 
-    def __init__(self, num_samples: int, seed: int):
-        if num_samples < 1:
+    def __init__(self, repeats: Sequence[int], seed: int):
+        self.draws = [i for i, n in enumerate(repeats) for _ in range(n)]
+        if not self.draws:
             raise ValueError("the dataset has no usable samples")
-        self.num_samples = num_samples
         self.seed = seed
+        self.epoch_length = len(self.draws)
         self._perms: dict[int, list[int]] = {}
+
+    def _draw(self, epoch: int) -> list[int]:
+        generator = generator_for(self.seed, "epoch", epoch)
+        return [self.draws[k] for k in torch.randperm(len(self.draws), generator=generator).tolist()]
 
     def permutation(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
             if len(self._perms) > 4:
                 self._perms.pop(min(self._perms))
-            self._perms[epoch] = torch.randperm(self.num_samples, generator=generator_for(self.seed, "epoch", epoch)).tolist()
+            self._perms[epoch] = self._draw(epoch)
         return self._perms[epoch]
 
     def __getitem__(self, position: int) -> int:
-        epoch, offset = divmod(position, self.num_samples)
+        epoch, offset = divmod(position, self.epoch_length)
         return self.permutation(epoch)[offset]
 
     def epoch_of(self, position: int) -> int:
-        return position // self.num_samples
+        return position // self.epoch_length
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,7 +500,7 @@ class TrainData:
         self.grad_accum = grad_accum
         self.rank = rank
         self.world_size = world_size
-        self.stream = SampleStream(len(scan), seed)
+        self.stream = SampleStream([s.repeats for s in scan.samples], seed)
         self.latent_cache = latent_cache
         self.shuffle_caption = shuffle_caption
         self.keep_tokens = keep_tokens
@@ -402,10 +540,13 @@ class TrainData:
                             self.caption_separator)
 
     def _load_one(self, step: int, slot: int) -> tuple[ImageSample, int, LoadedImage | dict[str, Tensor]]:
+        """The sample of a slot, or when it cannot be decoded the next one of the stream that can; a file that failed once is passed over from then on (warned about and counted once)."""
         seed = self.sample_seed(step, slot)
         position = step * self.global_batch + slot
-        for attempt in range(len(self.scan)):
+        for attempt in range(self.stream.epoch_length):
             sample = self.scan.samples[self.stream[position + attempt]]
+            if str(sample.path) in self.broken_at_load:
+                continue
             g = generator_for(seed, "augment")
             try:
                 if self.latent_cache is not None:
@@ -415,9 +556,10 @@ class TrainData:
                                             random_flip=self.random_flip, generator=g)
                 return sample, seed, image
             except Exception as exc:  # a file that passed the scan but cannot be decoded now
-                logger.warning("skipping %s at step %d: %s", sample.path, step, " ".join(str(exc).split()),
-                               extra={"per_rank": True})  # only this process loads it (`train.cli` logging)
-                self.broken_at_load[str(sample.path)] += 1
+                if str(sample.path) not in self.broken_at_load:
+                    logger.warning("skipping %s from step %d on: %s", sample.path, step, " ".join(str(exc).split()),
+                                   extra={"per_rank": True})  # only this process loads it (`train.cli` logging)
+                self.broken_at_load[str(sample.path)] = 1
         raise RuntimeError("no sample of the dataset can be loaded")
 
     def _assemble(self, step: int, micro: int) -> Batch:

@@ -1,0 +1,208 @@
+"""Dataset layouts of `sdlab train` that other trainers write: kohya-ss/sd-scripts' ``<N>_<class tokens>`` repeat
+folders and ``.caption`` files, linked folders, a ``metadata.jsonl`` with a byte-order mark, truncated images.
+
+The kohya reference below is kohya's code (``library/config_util.py``
+``generate_dreambooth_subsets_config_by_subdirs`` and ``library/train_util.py`` ``DreamBoothDataset``'s
+``read_caption`` / ``load_dreambooth_dir`` / ``glob_images``) reduced to what decides which images train, how
+often and on which caption (no caching, face-crop names or wildcards).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlab.train.data import SampleStream, TrainData, generator_for, scan_dataset
+from train_fixtures import pattern_image
+
+KOHYA_IMAGE_EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".PNG", ".JPG", ".JPEG", ".WEBP", ".BMP"]
+
+
+def kohya_glob_images(directory, base="*"):
+    """train_util.glob_images."""
+    img_paths = []
+    for ext in KOHYA_IMAGE_EXTENSIONS:
+        img_paths.extend(glob.glob(os.path.join(glob.escape(directory), base + ext)))
+    img_paths = list(set(img_paths))
+    img_paths.sort()
+    return img_paths
+
+
+def kohya_dreambooth(train_data_dir: str, caption_extension: str) -> list[tuple[str, str, int]]:
+    """(image path, caption, num_repeats) of every image kohya's DreamBooth dataset trains on."""
+    def extract_dreambooth_params(name):
+        tokens = name.split("_")
+        try:
+            n_repeats = int(tokens[0])
+        except ValueError:
+            return 0, ""
+        caption_by_folder = "_".join(tokens[1:])
+        return n_repeats, caption_by_folder
+
+    def read_caption(img_path):
+        cap_path = os.path.splitext(img_path)[0] + caption_extension
+        if os.path.isfile(cap_path):
+            with open(cap_path, "rt", encoding="utf-8") as f:
+                return f.readlines()[0].strip()
+        return None
+
+    images = []
+    for subdir in Path(train_data_dir).iterdir():
+        if not subdir.is_dir():
+            continue
+        num_repeats, class_tokens = extract_dreambooth_params(subdir.name)
+        if num_repeats < 1:
+            continue
+        for img_path in kohya_glob_images(str(subdir), "*"):
+            caption = read_caption(img_path)
+            images.append((img_path, class_tokens if caption is None else caption, num_repeats))
+    return sorted(images)
+
+
+def images(folder: Path, n: int, caption_ext: str | None = None, start: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        pattern_image(i, 16).save(folder / f"{i}.png")
+        if caption_ext:
+            (folder / f"{i}{caption_ext}").write_text(f"{folder.name} picture {i}")
+
+
+@pytest.fixture
+def kohya_folder(tmp_path):
+    root = tmp_path / "img"
+    images(root / "10_sks dog", 2, ".txt")
+    images(root / "1_dog", 3, ".txt")
+    images(root / "3_sks cat", 2)                      # no captions: "sks cat"
+    images(root / "2_ohwx_woman", 1, ".txt")           # class tokens with "_" in them
+    images(root / "2_ohwx_woman", 1, start=1)
+    images(root / "10_sks dog" / "extra", 1, ".txt")   # deeper than kohya reads
+    images(root / "notes", 2, ".txt")                  # no repeats: kohya ignores it
+    images(root / "0_off", 1, ".txt")                  # 0 repeats: ignored
+    images(root, 1, ".txt")                            # loose in the root: ignored
+    return root
+
+
+def test_kohya_repeat_folders_train_as_kohya_s_dreambooth_dataset(kohya_folder, caplog):
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(kohya_folder)
+    got = sorted((str(s.path), s.caption, s.repeats) for s in scan.samples)
+    assert got == kohya_dreambooth(str(kohya_folder), ".txt")
+    assert ("3_sks cat", "sks cat") in {(s.path.parent.name, s.caption) for s in scan.samples}
+    assert ("2_ohwx_woman", "ohwx_woman") in {(s.path.parent.name, s.caption) for s in scan.samples}
+    assert scan.skipped["outside_repeat_folders"] == 1 + 2 + 1 + 1     # extra/, notes/, 0_off/, the root's image
+    for where in ("extra", "notes", "0_off", str(kohya_folder) + ":"):
+        assert any(where in r.getMessage() for r in caplog.records), where
+
+    # one epoch draws each image its folder's repeats times, as kohya's epoch does
+    stream = SampleStream([s.repeats for s in scan.samples], seed=3)
+    epoch = Counter(scan.samples[stream[i]].path.parent.name for i in range(stream.epoch_length))
+    assert epoch == {"10_sks dog": 20, "1_dog": 3, "3_sks cat": 6, "2_ohwx_woman": 4}
+    assert stream.epoch_of(stream.epoch_length) == 1
+
+
+def test_a_kohya_folder_without_any_caption_file_trains_on_the_class_tokens(tmp_path):
+    images(tmp_path / "5_zwx toy", 3)
+    scan = scan_dataset(tmp_path)
+    assert [(s.caption, s.repeats) for s in scan.samples] == [("zwx toy", 5)] * 3 and not scan.skipped
+
+
+def test_without_repeat_folders_the_stream_is_the_plain_permutation(tmp_path):
+    """A dataset without repeats draws exactly what it drew before repeats existed, so older runs resume alike."""
+    images(tmp_path / "a", 3, ".txt")
+    images(tmp_path / "b", 2, ".txt", start=3)
+    scan = scan_dataset(tmp_path)
+    assert [s.repeats for s in scan.samples] == [1] * 5
+    stream = SampleStream([1] * 5, seed=7)
+    for epoch in range(3):
+        assert [stream[epoch * 5 + i] for i in range(5)] == \
+            torch.randperm(5, generator=generator_for(7, "epoch", epoch)).tolist()
+
+
+def test_caption_extension_reads_kohya_s_caption_files(tmp_path, caplog):
+    folder = tmp_path / "d"
+    images(folder, 2, ".caption")
+    (folder / "0.txt").write_text("the txt caption")
+    with caplog.at_level(logging.WARNING):
+        txt = scan_dataset(folder)
+    assert [(s.path.name, s.caption) for s in txt.samples] == [("0.png", "the txt caption")]
+    assert any("1.png: no .txt caption (the caption file 1.caption beside it is read with --caption-extension "
+               ".caption)" in r.getMessage() for r in caplog.records)
+    for extension in (".caption", "caption"):            # kohya adds the missing dot
+        scan = scan_dataset(folder, extension)
+        assert [(s.path.name, s.caption) for s in scan.samples] == [("0.png", "d picture 0"), ("1.png", "d picture 1")]
+    root = tmp_path / "k"
+    images(root / "4_sks", 1, ".caption")
+    assert [s.caption for s in scan_dataset(root, ".caption").samples] == ["4_sks picture 0"]
+    assert [(str(s.path), s.caption, s.repeats) for s in scan_dataset(root, ".caption").samples] == \
+        kohya_dreambooth(str(root), ".caption")
+
+
+def test_linked_folders_are_followed_and_link_loops_end(tmp_path):
+    elsewhere = tmp_path / "set1"
+    images(elsewhere, 2, ".txt")
+    images(elsewhere / "deeper", 1, ".txt", start=2)
+    (elsewhere / "deeper" / "loop").symlink_to(elsewhere, target_is_directory=True)
+    plain = tmp_path / "plain"
+    images(plain, 1, ".txt", start=3)
+    (plain / "linked").symlink_to(elsewhere, target_is_directory=True)
+    assert sorted(str(s.path.relative_to(plain)) for s in scan_dataset(plain).samples) == \
+        ["3.png", "linked/0.png", "linked/1.png", "linked/deeper/2.png"]
+
+    kohya = tmp_path / "img"
+    kohya.mkdir()
+    (kohya / "10_set1").symlink_to(elsewhere, target_is_directory=True)
+    scan = scan_dataset(kohya)
+    assert [(s.path.name, s.repeats) for s in scan.samples] == [("0.png", 10), ("1.png", 10)]
+    assert [(Path(p).name, r) for p, _, r in kohya_dreambooth(str(kohya), ".txt")] == [("0.png", 10), ("1.png", 10)]
+
+
+def test_a_metadata_jsonl_with_a_byte_order_mark_keeps_its_first_line(tmp_path):
+    images(tmp_path, 2)
+    lines = [json.dumps({"file_name": f"{i}.png", "text": f"picture {i}"}) for i in range(2)]
+    (tmp_path / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode())
+    scan = scan_dataset(tmp_path)
+    assert [s.caption for s in scan.samples] == ["picture 0", "picture 1"] and not scan.skipped
+
+
+def _jpeg(path: Path, i: int) -> bytes:
+    """A JPEG whose compressed data is most of the file (noise), so a cut lands in it, not in the headers."""
+    noise = np.random.default_rng(i).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=90)
+    return path.read_bytes()
+
+
+def test_a_truncated_jpeg_is_skipped_at_the_scan(tmp_path):
+    whole = _jpeg(tmp_path / "whole.jpg", 0)
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    (tmp_path / "tail.jpg").write_bytes(whole + b"camera trailer")        # bytes after EOI: PIL reads it whole
+    for name in ("whole", "cut", "tail"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    scan = scan_dataset(tmp_path)
+    assert sorted(s.path.name for s in scan.samples) == ["tail.jpg", "whole.jpg"]
+    assert scan.skipped == {"broken_image": 1}
+
+
+def test_an_image_that_breaks_after_the_scan_is_warned_about_and_counted_once(tmp_path, caplog):
+    for i in range(3):
+        _jpeg(tmp_path / f"{i}.jpg", i)
+        (tmp_path / f"{i}.txt").write_text(f"picture {i}")
+    scan = scan_dataset(tmp_path)
+    whole = (tmp_path / "1.jpg").read_bytes()
+    (tmp_path / "1.jpg").write_bytes(whole[: len(whole) // 2])
+    data = TrainData(scan, resolution=16, center_crop=True, random_flip=False, seed=0, batch_size=1, grad_accum=1,
+                     num_workers=1)
+    with caplog.at_level(logging.WARNING):
+        paths = [batch.paths[0] for _, _, batch in data.iterate(0, 12)]       # four epochs
+    data.close()
+    assert all(not p.endswith("1.jpg") for p in paths) and len(paths) == 12
+    assert sum("1.jpg" in r.getMessage() for r in caplog.records) == 1
+    assert data.broken_at_load == {str(tmp_path / "1.jpg"): 1}
