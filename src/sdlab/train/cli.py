@@ -43,12 +43,13 @@ from sdlab.train.config import (
     TRAIN_EPILOG,
     TrainConfig,
     add_config_arguments,
+    bucket_bounds,
     config_from_settings,
     flag,
     given_settings,
     merge_resumed,
 )
-from sdlab.train.data import LatentCache, TrainData, scan_dataset
+from sdlab.train.data import LatentCache, TrainData, make_bucket_resolutions, scan_dataset
 from sdlab.train.distributed import DistContext, init_distributed, reporting_failure, shutdown_distributed
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import RunResult, check_resume, train
@@ -145,6 +146,13 @@ def _scan(cfg: TrainConfig):
     return scan
 
 
+def _bucket_resolutions(cfg: TrainConfig) -> list[tuple[int, int]] | None:
+    """kohya's --enable_bucket buckets around the (square) resolution; None without it."""
+    if not cfg.enable_bucket:
+        return None
+    return make_bucket_resolutions((cfg.resolution, cfg.resolution), *bucket_bounds(cfg), cfg.bucket_reso_steps)
+
+
 def _warn_of_unloaded_embeddings(task, samples) -> None:
     """One warning for each `embedding:NAME` of the captions that names no embedding of the tokenizer that reads
     them (the task's text tower's, with the embedding task's word): it is left out of them, as of a prompt."""
@@ -201,7 +209,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
                          seed=cfg.seed, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, rank=ctx.rank,
                          world_size=ctx.world_size, num_workers=cfg.num_workers, latent_cache=cache,
                          shuffle_caption=cfg.shuffle_caption, keep_tokens=cfg.keep_tokens,
-                         caption_separator=cfg.caption_separator)
+                         caption_separator=cfg.caption_separator, bucket_resolutions=_bucket_resolutions(cfg))
         data.prepare_cache()
         ctx.barrier()
         with disk_full_as_error(Path(cfg.output_dir), f"the run's files in {cfg.output_dir}"):  # log.csv, loss.png, ...

@@ -32,7 +32,7 @@ from sdlab.train.errors import TrainError
 from sdlab.utils.text import not_utf8
 
 __all__ = ["RESUME_INVARIANTS", "TASK_SETTINGS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments",
-           "config_from_args", "config_from_settings", "flag", "given_settings", "load_config_file", "merge_resumed",
+           "bucket_bounds", "config_from_args", "config_from_settings", "flag", "given_settings", "load_config_file", "merge_resumed",
            "resume_changes"]
 
 
@@ -62,10 +62,19 @@ class TrainConfig:
     caption_extension: str = setting(".txt", "extension of an image's same-name caption file (kohya's "
                                              "--caption_extension, e.g. .caption)")
     output_dir: str = setting("runs/train", "run folder: checkpoints/, log.csv, loss.png, summary.json, weights")
-    resolution: int | None = setting(None, "square training size in pixels, a multiple of 8 (default: the "
+    resolution: int | None = setting(None, "square training size in pixels (with --enable-bucket: the buckets' "
+                                           "area), a multiple of 8 (default: the "
                                            "model's native size: 512 for SD1, 64 for sdlab-tiny, ...)")
     center_crop: bool = setting(True, "crop the centre of each resized image (--no-center-crop: a random crop)")
     random_flip: bool = setting(False, "flip half of the images horizontally")
+    enable_bucket: bool = setting(False, "aspect-ratio buckets (kohya's --enable_bucket): each image trains at the "
+                                         "bucket of about --resolution squared pixels whose aspect ratio is nearest "
+                                         "its own, resized to cover it and cropped; a step's images share a bucket")
+    min_bucket_reso: int | None = setting(None, "with --enable-bucket: the shortest bucket side (default: half of "
+                                                "--resolution, kohya's 256 at 512)")
+    max_bucket_reso: int | None = setting(None, "with --enable-bucket: the longest bucket side (default: twice "
+                                                "--resolution, kohya's 1024 at 512)")
+    bucket_reso_steps: int = setting(64, "with --enable-bucket: bucket sides are multiples of this")
     shuffle_caption: bool = setting(False, "shuffle the tags of each caption (its parts between separators, "
                                            "joined again by ', ') every time the image is drawn")
     keep_tokens: int = setting(0, "with --shuffle-caption: the first N tags stay in front, in order")
@@ -202,6 +211,8 @@ class TrainConfig:
         if self.min_lr_ratio and self.lr_schedule == "constant":
             raise TrainError(f"--min-lr-ratio {self.min_lr_ratio:g} is the floor of the cosine schedule; "
                              f"--lr-schedule constant has none: drop it, or use --lr-schedule cosine")
+        if self.enable_bucket and self.resolution is not None:
+            bucket_bounds(self)
         if self.cache_latents and not self.center_crop:
             raise TrainError("--cache-latents needs center cropping (a random crop changes the latent every "
                              "epoch): drop --no-center-crop or --cache-latents")
@@ -215,6 +226,19 @@ class TrainConfig:
         and compares against, the files this run read."""
         values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
         return values | {k: os.path.realpath(values[k]) for k in _PATH_SETTINGS if values[k] is not None}
+
+
+def bucket_bounds(cfg: TrainConfig) -> tuple[int, int]:
+    """(shortest, longest) bucket side of ``cfg`` (its resolution known), defaults filled in; a `TrainError` where
+    the resolution is not between them (kohya's check) or the bucket step is above it."""
+    low = cfg.min_bucket_reso or cfg.resolution // 16 * 8
+    high = cfg.max_bucket_reso or cfg.resolution * 2
+    if not low <= cfg.resolution <= high:
+        raise TrainError(f"--resolution {cfg.resolution} must lie between the shortest and the longest bucket side "
+                         f"(--min-bucket-reso {low}, --max-bucket-reso {high})")
+    if cfg.bucket_reso_steps > cfg.resolution:
+        raise TrainError(f"--bucket-reso-steps {cfg.bucket_reso_steps} is above --resolution {cfg.resolution}")
+    return low, high
 
 
 # field -> (check, what it must be); None always passes (optional settings)
@@ -233,6 +257,9 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "huber_c": (lambda v: 0 < v <= 1, "in (0, 1]"),
     "keep_tokens": (lambda v: v >= 0, "at least 0"),
     "caption_extension": (lambda v: v.strip(".") != "" and not set(v) & set("/\\\0"), "a file extension (.txt, .caption)"),
+    "min_bucket_reso": (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
+    "max_bucket_reso": (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
+    "bucket_reso_steps": (lambda v: v >= 8 and v % 8 == 0, "a positive multiple of 8"),
     "caption_separator": (lambda v: v != "", "a text that is not empty"),
     "lora_rank": (lambda v: v >= 1, "at least 1"),
     "lora_alpha": (lambda v: v > 0, "positive"),
@@ -283,18 +310,19 @@ _UNET_OBJECTIVE = ("caption_dropout", "min_snr_gamma", "offset_noise", "min_time
                    "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c")
 _CAPTIONS = ("shuffle_caption", "keep_tokens", "caption_separator")   # the captions the U-Net is conditioned on
 _LATENTS = ("cache_latents", "cache_dir")                               # the frozen VAE's latents, not images
+_BUCKETS = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")   # non-square latents
 _LORA = ("lora_rank", "lora_alpha", "lora_conv")
 _UNET_RUN = ("gradient_checkpointing", "save_dtype", "sample_prompts", "sample_steps", "sample_cfg", "sample_seed")
 _LCD = ("lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay")
 _EMBEDDING = ("embedding_word", "embedding_vectors", "embedding_init")
 TASK_SETTINGS: dict[str, tuple[str, frozenset[str]]] = {
     "unet": ("trains the U-Net (full or LoRA)",
-             frozenset((*_UNET_OBJECTIVE, *_CAPTIONS, *_LATENTS, *_LORA, "lora_text_encoder", "train_text_encoder",
-                        *_UNET_RUN))),
+             frozenset((*_UNET_OBJECTIVE, *_CAPTIONS, *_LATENTS, *_BUCKETS, *_LORA, "lora_text_encoder",
+                        "train_text_encoder", *_UNET_RUN))),
     "embedding": ("learns the vectors of one new word, everything else frozen",
-                  frozenset((*_UNET_OBJECTIVE, *_CAPTIONS, *_LATENTS, *_EMBEDDING, *_UNET_RUN))),
+                  frozenset((*_UNET_OBJECTIVE, *_CAPTIONS, *_LATENTS, *_BUCKETS, *_EMBEDDING, *_UNET_RUN))),
     "lcd": ("distils the U-Net (or a LoRA of it) with a fixed objective",
-            frozenset((*_CAPTIONS, *_LATENTS, *_LORA, *_LCD, *_UNET_RUN))),
+            frozenset((*_CAPTIONS, *_LATENTS, *_BUCKETS, *_LORA, *_LCD, *_UNET_RUN))),
     "vae": ("trains the VAE on images (not on latents) with its own objective and previews",
             frozenset(("vae_decoder_only", "save_dtype"))),
     "text": ("trains the text encoder against an image tower on images (not on latents) with a contrastive "
@@ -338,6 +366,9 @@ _SHAPING: tuple[tuple[str, str, typing.Callable[[TrainConfig], bool]], ...] = (
     ("huber_c", "--loss-type huber or smooth_l1", lambda c: c.loss_type in ("huber", "smooth_l1")),
     ("keep_tokens", "--shuffle-caption", lambda c: c.shuffle_caption),
     ("caption_separator", "--shuffle-caption", lambda c: c.shuffle_caption),
+    ("min_bucket_reso", "--enable-bucket", lambda c: c.enable_bucket),
+    ("max_bucket_reso", "--enable-bucket", lambda c: c.enable_bucket),
+    ("bucket_reso_steps", "--enable-bucket", lambda c: c.enable_bucket),
 )
 
 
@@ -370,7 +401,8 @@ RESUME_INVARIANTS = (
     "lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay",
     "min_timestep", "max_timestep", "ip_noise_gamma", "ip_noise_gamma_random_strength", "multires_noise_iterations",
     "multires_noise_discount", "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c",
-    "shuffle_caption", "keep_tokens", "caption_separator", "caption_extension",
+    "shuffle_caption", "keep_tokens", "caption_separator", "caption_extension", "enable_bucket", "min_bucket_reso",
+    "max_bucket_reso", "bucket_reso_steps",
 )
 
 
@@ -570,7 +602,8 @@ _METAVARS = {"model": "PATH", "vae": "FILE", "resolution": "PIXELS", "resume": "
              "keep_checkpoints": "N", "checkpoint_every": "STEPS", "log_every": "STEPS", "sample_every": "STEPS",
              "lcd_ddim_timesteps": "N", "lcd_w_min": "W", "lcd_w_max": "W", "min_timestep": "T", "max_timestep": "T",
              "multires_noise_iterations": "N", "keep_tokens": "N", "caption_separator": "TEXT",
-             "caption_extension": "EXT"}
+             "caption_extension": "EXT", "min_bucket_reso": "PIXELS", "max_bucket_reso": "PIXELS",
+             "bucket_reso_steps": "PIXELS"}
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import codecs
 import hashlib
+import itertools
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -67,14 +69,18 @@ __all__ = [
     "LatentCache",
     "SampleStream",
     "TrainData",
+    "cover_size",
     "derive_seed",
     "load_training_image",
+    "make_bucket_resolutions",
     "posterior_generators",
     "posterior_sample",
     "repeat_folder",
     "sample_seeds",
     "scan_dataset",
+    "select_bucket",
     "shuffle_tags",
+    "upright_size",
 ]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -343,33 +349,78 @@ def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt") 
 
 @dataclass(frozen=True)
 class LoadedImage:
-    pixels: Tensor                     # (3, res, res) in [-1, 1]
+    pixels: Tensor                     # (3, H, W) in [-1, 1]: the square resolution or the bucket
     original_size: tuple[int, int]     # (height, width) of the file
     crop_top_left: tuple[int, int]     # (top, left) in the resized image
     flipped: bool
 
 
+def upright_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image as it is trained: turned by its EXIF orientation (`upright_8bit`)."""
+    with Image.open(path) as im:
+        width, height = im.size
+        turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+    return (height, width) if turned else (width, height)
+
+
+def make_bucket_resolutions(max_reso: tuple[int, int], min_size: int = 256, max_size: int = 1024,
+                            divisible: int = 64) -> list[tuple[int, int]]:
+    """kohya's aspect-ratio buckets (``library/model_util.make_bucket_resolutions``), (width, height) sorted: the
+    square of ``max_reso``'s area, and for every width from ``min_size`` to ``max_size`` in steps of ``divisible``
+    the tallest height (a multiple of ``divisible``, at most ``max_size``) that keeps the area, and its transpose,
+    where that height is at least ``min_size``."""
+    max_area = max_reso[0] * max_reso[1]
+    side = int(math.sqrt(max_area) // divisible) * divisible
+    resos = {(side, side)}
+    for width in range(min_size, max_size + 1, divisible):
+        height = min(max_size, int((max_area // width) // divisible) * divisible)
+        if height >= min_size:
+            resos |= {(width, height), (height, width)}
+    return sorted(resos)
+
+
+def cover_size(width: int, height: int, bucket: tuple[int, int]) -> tuple[int, int]:
+    """The size an image is resized to before it is cropped to ``bucket`` (width, height): scaled to cover it,
+    sides rounded half up (kohya's ``BucketManager.select_bucket``)."""
+    scale = bucket[1] / height if width / height > bucket[0] / bucket[1] else bucket[0] / width
+    return int(width * scale + 0.5), int(height * scale + 0.5)
+
+
+def select_bucket(width: int, height: int, resos: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket of a (width, height) image, kohya's ``BucketManager.select_bucket`` (which may scale up): its
+    own size when that is a bucket, else the first bucket of the nearest aspect ratio."""
+    if (width, height) in resos:
+        return width, height
+    aspect = width / height
+    return min(resos, key=lambda reso: abs(reso[0] / reso[1] - aspect))
+
+
 def load_training_image(path: Path, resolution: int, *, center_crop: bool, random_flip: bool,
-                        generator: torch.Generator) -> LoadedImage:
-    """Open, resize the short side to ``resolution`` (Lanczos), crop a square (centre or random from
-    ``generator``), optionally flip horizontally (p = 0.5 from ``generator``); pixels in [-1, 1]."""
+                        generator: torch.Generator, bucket: tuple[int, int] | None = None) -> LoadedImage:
+    """Open, resize (Lanczos) and crop (centre or random from ``generator``) to a ``resolution`` square (the short
+    side resized to it) or to ``bucket`` (width, height; resized as `cover_size`), optionally flip horizontally
+    (p = 0.5 from ``generator``); pixels in [-1, 1]."""
+    target_w, target_h = bucket or (resolution, resolution)
     with Image.open(path) as im:
         im = upright_8bit(im).convert("RGB")
         width, height = im.size
-        scale = resolution / min(width, height)
-        new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+        if bucket is None:
+            scale = resolution / min(width, height)
+            new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+        else:
+            new_w, new_h = cover_size(width, height, bucket)
         im = im.resize((new_w, new_h), Image.Resampling.LANCZOS)
     if center_crop:
-        top, left = (new_h - resolution) // 2, (new_w - resolution) // 2
+        top, left = (new_h - target_h) // 2, (new_w - target_w) // 2
     else:
-        top = int(torch.randint(0, new_h - resolution + 1, (1,), generator=generator))
-        left = int(torch.randint(0, new_w - resolution + 1, (1,), generator=generator))
-    im = im.crop((left, top, left + resolution, top + resolution))
+        top = int(torch.randint(0, new_h - target_h + 1, (1,), generator=generator))
+        left = int(torch.randint(0, new_w - target_w + 1, (1,), generator=generator))
+    im = im.crop((left, top, left + target_w, top + target_h))
     flipped = bool(random_flip and float(torch.rand((), generator=generator)) < 0.5)
     if flipped:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # (res, res, 3)
-    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, res, res)
+    array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
+    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
     return LoadedImage(pixels, (height, width), (top, left), flipped)
 
 
@@ -389,19 +440,34 @@ def shuffle_tags(caption: str, rng: random.Random, keep_tokens: int = 0, separat
 
 class SampleStream:
     """Stream position -> sample index: epochs of one length, each a seeded order (from ``(seed, epoch)``) of
-    every sample drawn its ``repeats`` times."""
+    every sample drawn its ``repeats`` times. With ``buckets`` (one per sample), an epoch is made of runs of
+    ``group`` positions (a global batch) from one bucket: each bucket's draws are shuffled and cut into runs, a
+    shorter last run filled up with its own images again (so its step weighs them as kohya's shorter last batch
+    of a bucket does), and the runs are shuffled."""
 
-    def __init__(self, repeats: Sequence[int], seed: int):
+    def __init__(self, repeats: Sequence[int], seed: int, buckets: Sequence[tuple[int, int]] | None = None,
+                 group: int = 1):
         self.draws = [i for i, n in enumerate(repeats) for _ in range(n)]
         if not self.draws:
             raise ValueError("the dataset has no usable samples")
         self.seed = seed
-        self.epoch_length = len(self.draws)
+        self.group = group
+        self.by_bucket = None if buckets is None else [
+            [i for i in self.draws if buckets[i] == bucket] for bucket in sorted(set(buckets))]
+        self.epoch_length = len(self.draws) if self.by_bucket is None else \
+            sum(-(-len(members) // group) * group for members in self.by_bucket if members)
         self._perms: dict[int, list[int]] = {}
 
     def _draw(self, epoch: int) -> list[int]:
         generator = generator_for(self.seed, "epoch", epoch)
-        return [self.draws[k] for k in torch.randperm(len(self.draws), generator=generator).tolist()]
+        if self.by_bucket is None:
+            return [self.draws[k] for k in torch.randperm(len(self.draws), generator=generator).tolist()]
+        runs = []
+        for members in filter(None, self.by_bucket):
+            order = [members[k] for k in torch.randperm(len(members), generator=generator).tolist()]
+            runs += [order[i:i + self.group] for i in range(0, len(order), self.group)]
+            runs[-1] = (runs[-1] * self.group)[:self.group]
+        return [i for k in torch.randperm(len(runs), generator=generator).tolist() for i in runs[k]]
 
     def permutation(self, epoch: int) -> list[int]:
         if epoch not in self._perms:
@@ -447,36 +513,41 @@ class LatentCache:
         self.dtype = dtype
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def _file(self, path: Path, flipped: bool) -> Path:
+    def _file(self, path: Path, flipped: bool, bucket: tuple[int, int] | None) -> Path:
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{self.resolution}|{int(flipped)}"
+        key += f"|{bucket[0]}x{bucket[1]}" if bucket else ""
         return self.folder / (hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
 
-    def ensure(self, items: Sequence[tuple[ImageSample, bool]], batch_size: int = 64) -> int:
-        """Encode and store the posteriors of the (sample, flipped) pairs not cached yet, ``batch_size``
-        images per VAE call. Returns how many were encoded."""
-        targets = ((s, f, self._file(s.path, f)) for s, f in items)
-        missing = [(s, f, target) for s, f, target in targets if not target.is_file()]
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start:start + batch_size]
+    def ensure(self, items: Sequence[tuple[ImageSample, bool, tuple[int, int] | None]], batch_size: int = 64) -> int:
+        """Encode and store the posteriors of the (sample, flipped, bucket or None) items not cached yet, up to
+        ``batch_size`` images of one bucket per VAE call. Returns how many were encoded."""
+        targets = ((s, f, b, self._file(s.path, f, b)) for s, f, b in items)
+        missing = sorted(((s, f, b, target) for s, f, b, target in targets if not target.is_file()),
+                         key=lambda item: item[2] or (0, 0))
+        runs = [list(same) for _, same in itertools.groupby(missing, key=lambda item: item[2])]
+        chunks = [run[i:i + batch_size] for run in runs for i in range(0, len(run), batch_size)]
+        done = 0
+        for chunk in chunks:
             images = [load_training_image(s.path, self.resolution, center_crop=True, random_flip=False,
-                                          generator=torch.Generator()) for s, _, _ in chunk]
+                                          generator=torch.Generator(), bucket=b) for s, _, b, _ in chunk]
             pixels = torch.stack([im.pixels.flip(-1) if f else im.pixels
-                                  for im, (_, f, _) in zip(images, chunk)])  # (N, 3, H, W)
+                                  for im, (_, f, _, _) in zip(images, chunk)])  # (N, 3, H, W)
             with torch.no_grad():
                 posterior = self.vae.encode(pixels.to(self.device, self.dtype))
             mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (N, C, h, w)
-            for i, ((_, _, target), image) in enumerate(zip(chunk, images)):
+            for i, ((_, _, _, target), image) in enumerate(zip(chunk, images)):
                 write_safetensors_atomic(target, {  # a cache: atomic, not flushed file by file
                     "mean": mean[i].clone(), "std": std[i].clone(),
                     "original_size": torch.tensor(image.original_size),
                     "crop_top_left": torch.tensor(image.crop_top_left)}, fsync=False)
+            done += len(chunk)
             if len(missing) > batch_size:
-                logger.info("latent cache: %d / %d encoded", min(start + batch_size, len(missing)), len(missing))
+                logger.info("latent cache: %d / %d encoded", done, len(missing))
         return len(missing)
 
-    def load(self, sample: ImageSample, flipped: bool) -> dict[str, Tensor]:
-        return load_file(str(self._file(sample.path, flipped)))
+    def load(self, sample: ImageSample, flipped: bool, bucket: tuple[int, int] | None = None) -> dict[str, Tensor]:
+        return load_file(str(self._file(sample.path, flipped, bucket)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -485,12 +556,13 @@ class LatentCache:
 
 class TrainData:
     """Builds the micro-batch of (step, micro-step) for one rank, with decoding on a thread pool and a
-    one-batch look-ahead."""
+    one-batch look-ahead. With ``bucket_resolutions`` (kohya's ``--enable_bucket``) each image trains at its
+    bucket (`select_bucket`), and every image of a step comes from one bucket (`SampleStream`)."""
 
     def __init__(self, scan: DatasetScan, *, resolution: int, center_crop: bool, random_flip: bool, seed: int,
                  batch_size: int, grad_accum: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  latent_cache: LatentCache | None = None, shuffle_caption: bool = False, keep_tokens: int = 0,
-                 caption_separator: str = ","):
+                 caption_separator: str = ",", bucket_resolutions: Sequence[tuple[int, int]] | None = None):
         self.scan = scan
         self.resolution = resolution
         self.center_crop = center_crop
@@ -500,7 +572,12 @@ class TrainData:
         self.grad_accum = grad_accum
         self.rank = rank
         self.world_size = world_size
-        self.stream = SampleStream([s.repeats for s in scan.samples], seed)
+        self.buckets = None if bucket_resolutions is None else \
+            [select_bucket(*upright_size(s.path), bucket_resolutions) for s in scan.samples]
+        if self.buckets is not None:
+            counts = Counter(b for b, s in zip(self.buckets, scan.samples) for _ in range(s.repeats))
+            logger.info("buckets (images with repeats): %s", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items())))
+        self.stream = SampleStream([s.repeats for s in scan.samples], seed, self.buckets, self.global_batch)
         self.latent_cache = latent_cache
         self.shuffle_caption = shuffle_caption
         self.keep_tokens = keep_tokens
@@ -528,9 +605,13 @@ class TrainData:
         if self.latent_cache is None:
             return
         flips = (False, True) if self.random_flip else (False,)
-        mine = [(sample, flipped) for i, sample in enumerate(self.scan.samples) if i % self.world_size == self.rank
-                for flipped in flips]
+        mine = [(sample, flipped, self.bucket_of(i)) for i, sample in enumerate(self.scan.samples)
+                if i % self.world_size == self.rank for flipped in flips]
         self.latent_cache.ensure(mine)
+
+    def bucket_of(self, index: int) -> tuple[int, int] | None:
+        """The (width, height) bucket of sample ``index``; None without bucketing."""
+        return None if self.buckets is None else self.buckets[index]
 
     def caption(self, caption: str, seed: int) -> str:
         """The caption a sample trains with: its tags shuffled (`shuffle_tags`, from the sample's seed) when asked."""
@@ -540,20 +621,23 @@ class TrainData:
                             self.caption_separator)
 
     def _load_one(self, step: int, slot: int) -> tuple[ImageSample, int, LoadedImage | dict[str, Tensor]]:
-        """The sample of a slot, or when it cannot be decoded the next one of the stream that can; a file that failed once is passed over from then on (warned about and counted once)."""
+        """The sample of a slot, or when it cannot be decoded the next one of the stream (of the slot's bucket)
+        that can; a file that failed once is passed over from then on (warned about and counted once)."""
         seed = self.sample_seed(step, slot)
         position = step * self.global_batch + slot
+        bucket = self.bucket_of(self.stream[position])
         for attempt in range(self.stream.epoch_length):
-            sample = self.scan.samples[self.stream[position + attempt]]
-            if str(sample.path) in self.broken_at_load:
+            index = self.stream[position + attempt]
+            sample = self.scan.samples[index]
+            if str(sample.path) in self.broken_at_load or self.bucket_of(index) != bucket:
                 continue
             g = generator_for(seed, "augment")
             try:
                 if self.latent_cache is not None:
                     flipped = bool(self.random_flip and float(torch.rand((), generator=g)) < 0.5)
-                    return sample, seed, self.latent_cache.load(sample, flipped)
+                    return sample, seed, self.latent_cache.load(sample, flipped, bucket)
                 image = load_training_image(sample.path, self.resolution, center_crop=self.center_crop,
-                                            random_flip=self.random_flip, generator=g)
+                                            random_flip=self.random_flip, generator=g, bucket=bucket)
                 return sample, seed, image
             except Exception as exc:  # a file that passed the scan but cannot be decoded now
                 if str(sample.path) not in self.broken_at_load:
@@ -575,7 +659,7 @@ class TrainData:
                          original_sizes=[tuple(int(v) for v in e["original_size"]) for _, _, e in loaded],
                          crops_top_left=[tuple(int(v) for v in e["crop_top_left"]) for _, _, e in loaded])
         return Batch(
-            images=torch.stack([img.pixels for _, _, img in loaded]),  # (B, 3, res, res)
+            images=torch.stack([img.pixels for _, _, img in loaded]),  # (B, 3, H, W)
             captions=captions, paths=paths, seeds=seeds,
             original_sizes=[img.original_size for _, _, img in loaded],
             crops_top_left=[img.crop_top_left for _, _, img in loaded],
