@@ -53,7 +53,13 @@ from sdlab.train.data import LatentCache, TrainData, make_bucket_resolutions, sc
 from sdlab.train.distributed import DistContext, init_distributed, reporting_failure, shutdown_distributed
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import RunResult, check_resume, train
-from sdlab.train.run_checkpoint import ResumePoint, disk_full_as_error, find_resume_point
+from sdlab.train.run_checkpoint import (
+    ResumePoint,
+    checksum_path,
+    disk_full_as_error,
+    find_resume_point,
+    list_checkpoints,
+)
 from sdlab.utils.files import OutputFolderError, atomic_write, make_output_folder
 
 logger = logging.getLogger(__name__)
@@ -173,6 +179,42 @@ def _make_output_dir(folder: str) -> None:
         raise TrainError(str(err)) from None
 
 
+def _checkpoints_in_the_way(cfg: TrainConfig, resume: ResumePoint | None) -> list[tuple[int, Path]]:
+    """The run checkpoints in ``--output-dir`` that this run's would mix with (the newest is what ``--resume
+    latest`` takes, older ones are pruned): any there when it starts at step 0 or from another folder's
+    checkpoint; those after the resumed step when it resumes from an earlier checkpoint of that folder (another
+    history of the run). ``--resume latest`` passes over only damaged ones: it continues the folder's run."""
+    folder = Path(cfg.output_dir) / "checkpoints"
+    found = list_checkpoints(folder)
+    if resume is None or not found or cfg.resume == "latest":
+        return found if resume is None else []
+    if resume.path.resolve().parent != folder.resolve():
+        return found
+    return [(step, path) for step, path in found if step > resume.step]
+
+
+def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: bool) -> None:
+    """Refuse a run whose checkpoints would mix with those in ``--output-dir`` (`_checkpoints_in_the_way`), or
+    with ``--overwrite`` delete those."""
+    in_the_way = _checkpoints_in_the_way(cfg, resume)
+    if not in_the_way:
+        return
+    steps = f"step {in_the_way[0][0]}" + (f" to {in_the_way[-1][0]}" if len(in_the_way) > 1 else "")
+    if not cfg.overwrite:
+        if resume is None:
+            raise TrainError(f"--output-dir {cfg.output_dir} holds another run (its checkpoints of {steps}): continue "
+                             f"it with --resume latest, choose another --output-dir, or give --overwrite to delete "
+                             f"them and start again")
+        raise TrainError(f"--output-dir {cfg.output_dir} holds checkpoints of {steps}, which a run from step "
+                         f"{resume.step} of {resume.path} would mix with: choose another --output-dir, or give "
+                         f"--overwrite to delete them")
+    if is_main:
+        for _, path in in_the_way:
+            path.unlink(missing_ok=True)
+            checksum_path(path).unlink(missing_ok=True)
+        logger.warning("--overwrite: deleted the run checkpoints of %s in %s", steps, Path(cfg.output_dir) / "checkpoints")
+
+
 def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: ResumePoint | None = None,
                     resuming: str | None = None) -> RunResult:
     """Check, load the model, build task and data, train. Joins / leaves the torchrun process group when
@@ -193,6 +235,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
             if resuming and ctx.is_main:
                 print(resuming, file=sys.stderr)
         scan = _scan(cfg)
+        _claim_output_dir(cfg, resume, ctx.is_main)
         _make_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
         bundle = load_bundle(cfg.model, device=ctx.device, dtype=torch.float32, family=cfg.family,

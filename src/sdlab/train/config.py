@@ -175,6 +175,9 @@ class TrainConfig:
                                        "resumed step; the lr follows the new schedule; those that define the "
                                        "run, such as the model, data and objective, cannot change); or the path "
                                        "of a run checkpoint (.pt). 'latest' with no checkpoint yet starts at step 0")
+    overwrite: bool = setting(False, "delete the run checkpoints in --output-dir that this run would mix with: "
+                                     "another run's, or a resumed one's after the resumed step (without it such a "
+                                     "run is refused); for this command only")
     save_dtype: str = setting("fp32", "dtype of the delivered weights", ("fp32", "fp16", "bf16"))
     log_every: int = setting(1, "write a log.csv row every N steps")
     sample_every: int | None = setting(None, "draw preview images every N steps (default: never)")
@@ -618,14 +621,17 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+_THIS_COMMAND = ("resume", "overwrite")   # what a command asks of its own start, never kept for a resume
+
+
 def merge_resumed(stored: dict[str, Any], given: dict[str, Any]) -> tuple[TrainConfig, dict[str, tuple[Any, Any]]]:
     """The config of a resumed run: the checkpoint's stored settings as its run read them (`_run_settings`) with
     those given now on top. Returns (config, {field: (stored value, new value)} for every setting that changed)."""
     known = {f.name for f in fields(TrainConfig)}
-    then = _run_settings({k: _coerce(k, v) for k, v in stored.items() if k in known and k != "resume"})
+    then = _run_settings({k: _coerce(k, v) for k, v in stored.items() if k in known and k not in _THIS_COMMAND})
     values = _without_ignored(then | given, given)
     changed = {k: (then[k], v) for k, v in values.items()
-               if k != "resume" and _as_read(k, then[k]) != _as_read(k, v)}
+               if k not in _THIS_COMMAND and _as_read(k, then[k]) != _as_read(k, v)}
     return config_from_settings(values, given), changed
 
 

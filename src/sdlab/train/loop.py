@@ -306,7 +306,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
             }
             last_checkpoint = save_run_checkpoint(state, ckpt_dir, done)
             del state
-            prune_checkpoints(ckpt_dir, cfg.keep_checkpoints)
+            prune_checkpoints(ckpt_dir, cfg.keep_checkpoints, done)
             _draw_curve(out_dir)
         ctx.barrier()
 

