@@ -13,7 +13,9 @@ import torch
 from sdlab.cli import main as sdlab_main
 from sdlab.train.config import TrainConfig
 from sdlab.train.errors import TrainError
+from sdlab.train.loop import StopFlag, check_resume
 from sdlab.train.run_checkpoint import (
+    ResumePoint,
     list_checkpoints,
     load_run_checkpoint,
     prune_checkpoints,
@@ -94,3 +96,10 @@ def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
         save_run_checkpoint({"w": torch.ones(2)}, folder, step)
     prune_checkpoints(folder, keep=1, written=4)                  # 8: passed over by --resume latest (damaged)
     assert [s for s, _ in list_checkpoints(folder)] == [4, 8]
+
+
+def test_a_resume_below_the_checkpoint_step_is_refused():
+    point = ResumePoint(Path("run/checkpoints/step-00000004.pt"), 4, TrainConfig(max_steps=4).to_json(), 1, None)
+    with pytest.raises(TrainError, match="--max-steps 2 is below step 4 .* give --max-steps 4"):
+        check_resume(point, TrainConfig(max_steps=2), global_batch=1)
+    check_resume(point, TrainConfig(max_steps=4), global_batch=1)  # its own weights

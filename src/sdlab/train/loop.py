@@ -160,6 +160,9 @@ def check_resume(point: ResumePoint, cfg: TrainConfig, global_batch: int) -> Non
                          f"the checkpoint's, or start a new --output-dir)")
     if point.global_batch != global_batch:
         raise TrainError(f"cannot resume from {point.path}: {_batch_change(point, cfg, global_batch)}")
+    if cfg.max_steps < point.step:
+        raise TrainError(f"--max-steps {cfg.max_steps} is below step {point.step} of {point.path}, which a run cannot "
+                         f"go back from: give --max-steps {point.step} (its weights) or more")
 
 
 def _processes(n: int) -> str:
