@@ -4,6 +4,7 @@ memory, run checkpoints read as weights, a full disk at a checkpoint and a secon
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -103,3 +104,25 @@ def test_a_resume_below_the_checkpoint_step_is_refused():
     with pytest.raises(TrainError, match="--max-steps 2 is below step 4 .* give --max-steps 4"):
         check_resume(point, TrainConfig(max_steps=2), global_batch=1)
     check_resume(point, TrainConfig(max_steps=4), global_batch=1)  # its own weights
+
+
+def _log(out: Path) -> list[dict[str, str]]:
+    with open(out / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_log_row_holds_the_mean_of_the_steps_since_the_row_before(tiny, tmp_path, capsys):
+    """Before, a row held the loss of its one step (kohya logs the average; diffusers every step)."""
+    model, data = tiny
+    every, sparse = tmp_path / "every", tmp_path / "sparse"
+    assert _train(capsys, model, data, every, "--max-steps", "5")[0] == 0
+    assert _train(capsys, model, data, sparse, "--max-steps", "5", "--log-every", "2")[0] == 0
+    rows = _log(every)
+    steps = [(1, 2), (3, 4), (5,)]                                # the last step always gets a row
+    assert [int(r["step"]) for r in _log(sparse)] == [2, 4, 5]
+    for group, row in zip(steps, _log(sparse)):
+        for column in ("loss", "grad_norm"):
+            mean = sum(float(rows[s - 1][column]) for s in group) / len(group)
+            assert float(row[column]) == pytest.approx(mean, rel=1e-5)
+        assert row["lr"] == rows[group[-1] - 1]["lr"]               # the rate of the row's step
+    assert (sparse / "loss.png").is_file()                        # drawn from these rows

@@ -314,6 +314,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
         ctx.barrier()
 
     micro_losses: list[float] = []
+    since_row = _LogWindow()
     step_start = time.perf_counter()
     with StopFlag() as stop, flush_denormals(ctx.device):
         for step_i, micro, batch in data.iterate(start_step, cfg.max_steps):
@@ -354,10 +355,12 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
             rate = global_batch / elapsed if elapsed > 0 else None
             if step > start_step + 1 or step == cfg.max_steps:  # the first step pays for warming up
                 timed_seconds, timed_steps = timed_seconds + elapsed, timed_steps + 1
-            if log is not None and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                log.append({"step": step, "loss": f"{last_loss:.6g}", "lr": f"{lr:.6g}", "grad_norm": f"{grad_norm:.6g}",
-                            "images_per_s": f"{rate:.4g}" if rate else "", "epoch": data.epoch_at(step_i),
-                            "time": f"{time.time():.3f}"})
+            since_row.add(last_loss, grad_norm, elapsed)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                means = since_row.take(global_batch)
+                if log is not None:
+                    log.append({"step": step, "lr": f"{lr:.6g}", "epoch": data.epoch_at(step_i),
+                                "time": f"{time.time():.3f}", **means})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}" if rate else "-")
@@ -388,6 +391,29 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
                      weights=weights, ema_weights=ema_weights, skipped=skipped, images_per_second=mean_rate,
                      start_step=start_step, seconds_per_step=timed_seconds / timed_steps if timed_steps else None,
                      stop_signal=stop_signal or None)
+
+
+@dataclass
+class _LogWindow:
+    """The steps since the previous log.csv row, which holds their mean loss and gradient norm (one step's
+    loss swings with its timesteps) and the images per second over them."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, loss: float, grad_norm: float, seconds: float) -> None:
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        self.seconds += seconds
+
+    def take(self, global_batch: int) -> dict[str, str]:
+        """The row's columns of these steps; the window starts again empty."""
+        n = len(self.losses)
+        row = {"loss": f"{sum(self.losses) / n:.6g}", "grad_norm": f"{sum(self.grad_norms) / n:.6g}",
+               "images_per_s": f"{global_batch * n / self.seconds:.4g}" if self.seconds > 0 else ""}
+        self.losses, self.grad_norms, self.seconds = [], [], 0.0
+        return row
 
 
 def _deliver(task: TrainTask, ema: EMA | None, out_dir: Path, name: str) -> tuple[Path, Path | None]:
