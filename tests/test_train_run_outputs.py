@@ -126,3 +126,11 @@ def test_a_log_row_holds_the_mean_of_the_steps_since_the_row_before(tiny, tmp_pa
             assert float(row[column]) == pytest.approx(mean, rel=1e-5)
         assert row["lr"] == rows[group[-1] - 1]["lr"]               # the rate of the row's step
     assert (sparse / "loss.png").is_file()                        # drawn from these rows
+
+
+def test_the_peak_memory_is_in_the_summary_and_the_final_line(tiny, tmp_path, capsys):
+    model, data = tiny
+    code, stdout, _ = _train(capsys, model, data, tmp_path / "run", "--max-steps", "1")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert code == 0 and summary["peak_memory_of"] == "RAM" and 0.05 < summary["peak_memory_gib"] < 64
+    assert f"peak RAM {summary['peak_memory_gib']:.3g} GiB" in stdout

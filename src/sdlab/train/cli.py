@@ -263,7 +263,9 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
                        "weights": str(result.weights) if result.weights else None,
                        "ema_weights": str(result.ema_weights) if result.ema_weights else None,
                        "skipped": result.skipped, "images_per_second": result.images_per_second,
-                       "seconds_per_step": result.seconds_per_step, "resolution": cfg.resolution}
+                       "seconds_per_step": result.seconds_per_step, "resolution": cfg.resolution,
+                       "peak_memory_gib": result.peak_memory and round(result.peak_memory[0], 3),
+                       "peak_memory_of": result.peak_memory and result.peak_memory[1]}
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
             atomic_write(Path(cfg.output_dir) / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
         return result
@@ -313,6 +315,8 @@ def final_line(result: RunResult, cfg: TrainConfig) -> str:
     if result.seconds_per_step:
         speed = (f" at {result.seconds_per_step:.3g} s/step, {result.images_per_second:.3g} images/s"
                  f" ({_duration(result.seconds_per_step * (result.step - result.start_step))} of steps)")
+    if result.peak_memory is not None:
+        speed += f", peak {result.peak_memory[1]} {result.peak_memory[0]:.3g} GiB"
     weights = ", EMA: ".join(str(p) for p in (result.weights, result.ema_weights) if p is not None) or "none"
     if result.interrupted:
         name = signal.Signals(result.stop_signal).name if result.stop_signal else "a signal"

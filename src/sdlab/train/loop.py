@@ -24,6 +24,7 @@ import contextlib
 import logging
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from sdlab.train.task import TrainTask
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunResult", "StopFlag", "apply_optimizer_settings", "check_resume", "flush_denormals", "lr_multiplier",
-           "train"]
+           "peak_memory", "train"]
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RunResult:
     ema_weights: Path | None
     skipped: dict[str, int] = field(default_factory=dict)
     images_per_second: float | None = None      # mean over the steps of this process's run
+    peak_memory: tuple[float, str] | None = None  # this process's peak in GiB, and of what: "GPU" or "RAM"
     start_step: int = 0                         # the step it resumed from
     seconds_per_step: float | None = None
     stop_signal: int | None = None              # the signal that stopped it (any rank's)
@@ -390,7 +392,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
     return RunResult(step=step, interrupted=interrupted, last_loss=last_loss, checkpoint=last_checkpoint,
                      weights=weights, ema_weights=ema_weights, skipped=skipped, images_per_second=mean_rate,
                      start_step=start_step, seconds_per_step=timed_seconds / timed_steps if timed_steps else None,
-                     stop_signal=stop_signal or None)
+                     stop_signal=stop_signal or None, peak_memory=peak_memory(ctx.device))
 
 
 @dataclass
@@ -416,6 +418,19 @@ class _LogWindow:
         return row
 
 
+def peak_memory(device: torch.device) -> tuple[float, str] | None:
+    """This process's peak memory so far in GiB, and of what: the CUDA memory allocated on ``device`` ("GPU"),
+    or on the CPU its peak resident RAM ("RAM"); None where neither is known."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
+    if device.type != "cpu":
+        return None
+    try:
+        import resource
+    except ImportError:                                           # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss    # KiB on Linux, bytes on macOS
+    return peak * (1 if sys.platform == "darwin" else 1024) / 2**30, "RAM"
 def _deliver(task: TrainTask, ema: EMA | None, out_dir: Path, name: str) -> tuple[Path, Path | None]:
     """The task's weights as ``<name>.safetensors`` (and ``<name>-ema.safetensors`` with EMA); a task with a
     ``deliverable_stem(name)`` names its files itself (an embedding: its word, the prompt's name for it)."""
