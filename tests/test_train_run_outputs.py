@@ -134,3 +134,15 @@ def test_the_peak_memory_is_in_the_summary_and_the_final_line(tiny, tmp_path, ca
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert code == 0 and summary["peak_memory_of"] == "RAM" and 0.05 < summary["peak_memory_gib"] < 64
     assert f"peak RAM {summary['peak_memory_gib']:.3g} GiB" in stdout
+
+
+@pytest.mark.parametrize("sample", [("--sample-every", "2"), ("--sample-prompts", "a red square")])
+def test_sample_every_and_sample_prompts_need_each_other(tiny, tmp_path, capsys, sample):
+    """Either without the other drew nothing, with no word."""
+    model, data = tiny
+    code, _, err = _train(capsys, model, data, tmp_path / "run", "--max-steps", "2", *sample)
+    assert code == 2 and "--sample-" in _error_line(err) and not (tmp_path / "run").exists()
+
+
+def test_sample_every_alone_previews_where_no_prompts_are_read():
+    assert TrainConfig(task="vae", sample_every=2).sample_every == 2    # the VAE task previews its images

@@ -119,7 +119,7 @@ def test_sharding_and_accumulation_cover_the_same_global_batch(tmp_path):
 
 
 def test_config_file_and_cli_layering(tmp_path):
-    (tmp_path / "c.toml").write_text('[train]\nmax_steps = 50\nlearning_rate = 2e-4\nsample_prompts = ["a", "b"]\n')
+    (tmp_path / "c.toml").write_text('[train]\nmax_steps = 50\nlearning_rate = 2e-4\nsample_every = 5\nsample_prompts = ["a", "b"]\n')
     parser = argparse.ArgumentParser()
     add_config_arguments(parser)
     cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.toml"), "--max-steps", "7", "--random-flip",

@@ -372,6 +372,7 @@ _SHAPING: tuple[tuple[str, str, typing.Callable[[TrainConfig], bool]], ...] = (
     ("min_bucket_reso", "--enable-bucket", lambda c: c.enable_bucket),
     ("max_bucket_reso", "--enable-bucket", lambda c: c.enable_bucket),
     ("bucket_reso_steps", "--enable-bucket", lambda c: c.enable_bucket),
+    ("sample_prompts", "--sample-every", lambda c: c.sample_every is not None),
 )
 
 
@@ -384,8 +385,12 @@ def _check_option_pairs(cfg: TrainConfig, given: typing.Collection[str] = ()) ->
         if (value != defaults[name] or name in given) and not applies(cfg):
             option = flag(name) if value is not False else "--no-" + flag(name)[2:]
             text = option if isinstance(value, bool) else f"{option} {value!r}" if isinstance(value, str) else \
-                f"{option} {value:g}"
+                f"{option} {value[0]!r}" if isinstance(value, tuple) else f"{option} {value:g}"
             raise TrainError(f"{text} shapes {shapes}, which is not given: give it too, or drop {option}")
+    prompted = "sample_prompts" in TASK_SETTINGS.get(cfg.task, ("", ()))[1]     # its previews draw prompts
+    if cfg.sample_every is not None and not cfg.sample_prompts and prompted:
+        raise TrainError(f"--sample-every {cfg.sample_every} draws previews of --sample-prompts, which is not given: "
+                         f"give a prompt (--sample-prompts TEXT, repeat for several), or drop --sample-every")
     low, high = cfg.min_timestep, cfg.max_timestep
     if low is not None and high is not None and low > high:
         raise TrainError(f"--min-timestep {low} is above --max-timestep {high}")
