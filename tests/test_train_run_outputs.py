@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import read_checkpoint
 from sdlab.cli import main as sdlab_main
 from sdlab.train.config import TrainConfig
 from sdlab.train.errors import TrainError
@@ -146,3 +148,13 @@ def test_sample_every_and_sample_prompts_need_each_other(tiny, tmp_path, capsys,
 
 def test_sample_every_alone_previews_where_no_prompts_are_read():
     assert TrainConfig(task="vae", sample_every=2).sample_every == 2    # the VAE task previews its images
+
+
+def test_a_run_checkpoint_read_as_weights_says_how_to_get_them(tiny, tmp_path, capsys):
+    model, data = tiny
+    out = tmp_path / "run"
+    assert _train(capsys, model, data, out, "--max-steps", "2", "--checkpoint-every", "1")[0] == 0
+    state = out / "checkpoints" / "step-00000001.pt"
+    with pytest.raises(CheckpointError, match=r"run checkpoint \(the training state at step 1\), not weights; "
+                                              r"write its weights with: sdlab train --resume .* --max-steps 1$"):
+        read_checkpoint(state)

@@ -435,7 +435,18 @@ def _plain_entries(obj: Mapping) -> dict[str, str]:
             if isinstance(key, str) and isinstance(value, (str, int, float)) and not isinstance(value, bool)}
 
 
+def _run_checkpoint_error(obj: Mapping, path: Path) -> CheckpointError:
+    """What an ``sdlab train`` run checkpoint (the state of a run, not a model, LoRA or embedding) says when it
+    is loaded as weights: how to write its weights."""
+    step = obj["step"]
+    return CheckpointError(f"{path}: an sdlab train run checkpoint (the training state at step {step}), not "
+                           f"weights; write its weights with: sdlab train --resume {path} --output-dir NEW_FOLDER "
+                           f"--max-steps {step}")
+
+
 def _unwrap_state_dict(obj: object, path: Path, nested: bool = False) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping) and {"format", "step", "config", "modules", "optimizer"} <= obj.keys():
+        raise _run_checkpoint_error(obj, path)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
