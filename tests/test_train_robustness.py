@@ -226,7 +226,7 @@ def test_full_disk_during_a_checkpoint_write_says_so(tmp_path, monkeypatch, floa
     assert [s for s, _ in list_checkpoints(folder)] == [1] and not [p for p in folder.iterdir() if p.suffix == ".tmp"]
     monkeypatch.setattr(torch, "save", real_save)
     monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(total=10**9, used=10**9, free=100))
-    with pytest.raises(TrainError, match=r"the disk is full \(it needs about"):  # checked before writing
+    with pytest.raises(TrainError, match=r"the disk is full \(it needs at least"):  # checked before writing
         save_run_checkpoint(_state(2), folder, 2)
 
 

@@ -18,6 +18,7 @@ from sdlab.train.config import TrainConfig
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import StopFlag, check_resume
 from sdlab.train.run_checkpoint import (
+    DiskFull,
     ResumePoint,
     list_checkpoints,
     load_run_checkpoint,
@@ -158,3 +159,23 @@ def test_a_run_checkpoint_read_as_weights_says_how_to_get_them(tiny, tmp_path, c
     with pytest.raises(CheckpointError, match=r"run checkpoint \(the training state at step 1\), not weights; "
                                               r"write its weights with: sdlab train --resume .* --max-steps 1$"):
         read_checkpoint(state)
+
+
+def test_a_full_disk_at_a_checkpoint_still_delivers_the_weights(tiny, tmp_path, capsys, monkeypatch):
+    """The run state (weights, Adam's moments, RNG) is several times the LoRA: the LoRA may fit where it does not."""
+    import sdlab.train.loop as loop
+
+    def full(state, folder, step):
+        if step == 2:
+            raise DiskFull(f"cannot write run checkpoint step-{step}: the disk is full")
+        return save_run_checkpoint(state, folder, step)
+
+    monkeypatch.setattr(loop, "save_run_checkpoint", full)
+    model, data = tiny
+    out = tmp_path / "run"
+    code, _, err = _train(capsys, model, data, out, "--max-steps", "4", "--checkpoint-every", "1")
+    line = _error_line(err)
+    assert code == 2 and "the disk is full" in line
+    assert f"the weights of step 2 were written: {out / 'interrupted.safetensors'}" in line
+    assert read_checkpoint(out / "interrupted.safetensors")[0]     # a LoRA file
+    assert _steps(out) == [1]

@@ -42,6 +42,7 @@ from sdlab.train.distributed import DistContext, all_reduce_grads
 from sdlab.train.ema import EMA
 from sdlab.train.errors import TrainError
 from sdlab.train.run_checkpoint import (
+    DiskFull,
     ResumePoint,
     capture_rng_state,
     clean_orphans,
@@ -309,7 +310,10 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
                 "rng": capture_rng_state(),
                 "skipped": skipped | {"broken_at_load": sum(data.broken_at_load.values())},
             }
-            last_checkpoint = save_run_checkpoint(state, ckpt_dir, done)
+            try:
+                last_checkpoint = save_run_checkpoint(state, ckpt_dir, done)
+            except DiskFull as full:
+                raise DiskFull(f"{full}{_deliver_despite_full_disk(task, ema, out_dir, done)}") from None
             del state
             prune_checkpoints(ckpt_dir, cfg.keep_checkpoints, done)
             _draw_curve(out_dir)
@@ -431,6 +435,16 @@ def peak_memory(device: torch.device) -> tuple[float, str] | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss    # KiB on Linux, bytes on macOS
     return peak * (1 if sys.platform == "darwin" else 1024) / 2**30, "RAM"
+
+
+def _deliver_despite_full_disk(task: TrainTask, ema: EMA | None, out_dir: Path, step: int) -> str:
+    """What the error of a run checkpoint that did not fit adds: the weights of ``step``, written as
+    ``interrupted.safetensors`` when they fit (a LoRA or an embedding is far smaller than the run state)."""
+    try:
+        weights, ema_weights = _deliver(task, ema, out_dir, "interrupted")
+    except DiskFull:
+        return ""
+    return f"; the weights of step {step} were written: {', '.join(str(p) for p in (weights, ema_weights) if p)}"
 def _deliver(task: TrainTask, ema: EMA | None, out_dir: Path, name: str) -> tuple[Path, Path | None]:
     """The task's weights as ``<name>.safetensors`` (and ``<name>-ema.safetensors`` with EMA); a task with a
     ``deliverable_stem(name)`` names its files itself (an embedding: its word, the prompt's name for it)."""

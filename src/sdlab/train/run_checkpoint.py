@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FORMAT_VERSION",
     "DamagedCheckpoint",
+    "DiskFull",
     "ResumePoint",
     "checksum_path",
     "disk_full_as_error",
@@ -149,17 +150,21 @@ def _is_full_disk(exc: BaseException, folder: Path, needed: int) -> bool:
         return False
 
 
+class DiskFull(TrainError):
+    """A run's file did not fit on the disk (nothing of it was written)."""
+
+
 @contextlib.contextmanager
 def disk_full_as_error(folder: Path, what: str, needed: int = 0) -> Iterator[None]:
-    """Turn a failed write that ran out of disk into a `TrainError` saying so (other errors pass)."""
+    """Turn a failed write that ran out of disk into a `DiskFull` error saying so (other errors pass)."""
     try:
         yield
     except Exception as exc:
         if not _is_full_disk(exc, folder, needed):
             raise
-        raise TrainError(f"cannot write {what}: the disk is full ({_human(_free_bytes(folder))} free in {folder}); "
-                         f"free some space (or lower --keep-checkpoints) and resume; earlier checkpoints are "
-                         f"intact") from None
+        raise DiskFull(f"cannot write {what}: the disk is full ({_human(_free_bytes(folder))} free in {folder}); "
+                       f"free some space (or lower --keep-checkpoints) and resume; earlier checkpoints are "
+                       f"intact") from None
 
 
 def save_run_checkpoint(state: dict[str, Any], folder: Path, step: int) -> Path:
@@ -171,8 +176,9 @@ def save_run_checkpoint(state: dict[str, Any], folder: Path, step: int) -> Path:
     payload = {"format": FORMAT_VERSION, **state}
     needed = sum(t.numel() * t.element_size() for t in _tensors(payload))
     if _free_bytes(folder) < needed:
-        raise TrainError(f"cannot write run checkpoint {target}: the disk is full (it needs about {_human(needed)}, "
-                         f"{_human(_free_bytes(folder))} free in {folder}); free some space and resume")
+        raise DiskFull(f"cannot write run checkpoint {target}: the disk is full (it needs at least {_human(needed)}, "
+                       f"{_human(_free_bytes(folder))} free in {folder}); free some space (or lower "
+                       f"--keep-checkpoints) and resume; earlier checkpoints are intact")
     digest: list[str] = []
 
     def write(tmp: Path) -> None:
