@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import signal
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,16 @@ def test_a_full_disk_at_a_checkpoint_still_delivers_the_weights(tiny, tmp_path, 
     assert f"the weights of step 2 were written: {out / 'interrupted.safetensors'}" in line
     assert read_checkpoint(out / "interrupted.safetensors")[0]     # a LoRA file
     assert _steps(out) == [1]
+
+
+def test_a_second_signal_stops_at_once():
+    """The first SIGINT asks for a stop after the step; a second one, in a step that takes minutes, stops now."""
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with StopFlag() as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert stop.requested == signal.SIGINT
+            signal.raise_signal(signal.SIGINT)
+            for _ in range(1000):                                  # Python runs the handler between bytecodes
+                pass
+    assert signal.getsignal(signal.SIGINT) is before

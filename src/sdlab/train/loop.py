@@ -78,16 +78,22 @@ class RunResult:
 
 
 class StopFlag:
-    """SIGINT / SIGTERM -> a flag the loop polls (installed only in the main thread)."""
+    """SIGINT / SIGTERM -> a flag the loop polls (installed only in the main thread). A second signal restores
+    the handlers there were before and raises it again: the process stops at once, as without the flag."""
 
     def __init__(self) -> None:
         self.requested: int | None = None
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
         if self.requested is None:
-            logger.warning("received %s: stopping after this step with a checkpoint", signal.Signals(signum).name)
-        self.requested = signum
+            logger.warning("received %s: stopping after this step with a checkpoint (again: stop at once)", name)
+            self.requested = signum
+            return
+        logger.warning("received %s again: stopping at once; the checkpoints written so far are intact", name)
+        self.__exit__()
+        signal.raise_signal(signum)
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
