@@ -451,6 +451,8 @@ def _deliver_despite_full_disk(task: TrainTask, ema: EMA | None, out_dir: Path, 
     except DiskFull:
         return ""
     return f"; the weights of step {step} were written: {', '.join(str(p) for p in (weights, ema_weights) if p)}"
+
+
 def _deliver(task: TrainTask, ema: EMA | None, out_dir: Path, name: str) -> tuple[Path, Path | None]:
     """The task's weights as ``<name>.safetensors`` (and ``<name>-ema.safetensors`` with EMA); a task with a
     ``deliverable_stem(name)`` names its files itself (an embedding: its word, the prompt's name for it)."""
