@@ -4,6 +4,12 @@
     sdlab grid "a red apple" --x "cfg=3-9 (+2)" --y seed=1-4 --z "prompt_sr=apple,pear" --out grid.png
     sdlab grid "a cat" --init photo.png --x denoise=0.3,0.5,0.7 --out grid.png --keep-cells cells/
     sdlab grid "a cat" --hr-scale 2 --x "Denoising=0.3,0.5" --y "Hires upscaler=Latent,Lanczos" --out grid.png
+    sdlab grid "a cat|red|in the snow|at night" --prompt-matrix --out matrix.png --keep-cells cells/
+
+--prompt-matrix draws A1111's Prompt matrix instead of axes (`sdlab.pipeline.prompt_matrix`): a picture for
+every combination of the prompt's `|` parts (of --negative's with --matrix-negative), joined with ", " (or " "
+with --matrix-join space), the first part last with --matrix-at-start, all on one seed (seed + n with
+--matrix-random-seeds), in A1111's order and legend; the grid carries the first picture's parameters, as A1111's.
 
 Every other option is txt2img's (img2img's with --init), defined once for both (`cli/generate.py`), and sets
 every cell unless an axis sets it; a cell is exactly the picture `sdlab txt2img` draws with its settings, or
@@ -55,6 +61,20 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
                                                        "to DIR")
     p.add_argument("--no-legend", action="store_true", help="draw the cells alone, without axis labels (A1111's Draw "
                                                             "legend off)")
+    p.add_argument("--margin", type=int, default=0, metavar="PX",
+                   help="white pixels between the pictures (A1111's Grid margins, 0..500; default 0)")
+    p.add_argument("--prompt-matrix", action="store_true",
+                   help="A1111's Prompt matrix instead of axes: a picture for every combination of the prompt's "
+                        "`|`-separated parts after the first")
+    p.add_argument("--matrix-negative", action="store_true",
+                   help="--prompt-matrix splits --negative instead of the prompt (A1111's Prompt type negative)")
+    p.add_argument("--matrix-at-start", action="store_true",
+                   help="--prompt-matrix puts the first part after the others (A1111's Set at prompt start)")
+    p.add_argument("--matrix-join", choices=("comma", "space"), default="comma",
+                   help="how --prompt-matrix joins the parts: \", \" (comma, the default) or \" \" (A1111's "
+                        "Joining char)")
+    p.add_argument("--matrix-random-seeds", action="store_true",
+                   help="--prompt-matrix's picture n draws seed + n (A1111's Random seeds; default: all one seed)")
     p.add_argument("--keep-random-seeds", action="store_true",
                    help="A1111's Keep -1 for seeds: an unset or -1 seed, and a -1 in a Seed or Var. seed axis, stays "
                         "random in each cell (default: drawn once for the whole grid)")
@@ -74,10 +94,45 @@ OPTIONS_TEXT = ("The options after the axes are txt2img's (img2img's with --init
                 "redraw one picture, are not the grid's.")
 
 
+MAX_MARGIN = 500        # A1111's Grid margins slider
+
+
+def _prompt_matrix(args: argparse.Namespace):
+    """--prompt-matrix as a `PromptMatrix`; errors (axes, batches, kept random seeds) before any work."""
+    from sdlab.pipeline.grid import GridError
+    from sdlab.pipeline.prompt_matrix import prompt_matrix
+
+    given = [flag for flag, value in (("--x", args.x), ("--y", args.y), ("--z", args.z),
+                                      ("--keep-random-seeds", args.keep_random_seeds),
+                                      ("--no-legend", args.no_legend)) if value]
+    if given:
+        raise UserError(f"{', '.join(given)}: not --prompt-matrix's, which draws every combination of the prompt's "
+                        "parts on one fixed seed, with its legend (as A1111's)")
+    if (args.batch or 1) != 1 or args.batch_count != 1:
+        raise UserError("--prompt-matrix draws one picture for each combination: --batch and --batch-count are not "
+                        "its")
+    if args.matrix_negative and not args.negative:
+        raise UserError("--matrix-negative splits --negative: give one with `|`-separated parts")
+    options = {"prompt": args.prompt, "negative_prompt": args.negative}
+    try:
+        return prompt_matrix(options, "negative" if args.matrix_negative else "positive", args.matrix_at_start,
+                             args.matrix_join, args.matrix_random_seeds, args.margin)
+    except GridError as err:
+        raise UserError(str(err)) from None
+
+
 def _plot(args: argparse.Namespace):
-    """The axes given as a `Plot`; errors before any work."""
+    """The axes given as a `Plot` (or --prompt-matrix's `PromptMatrix`); errors before any work."""
     from sdlab.pipeline.grid import GridError, Plot, cell_count, parse_axis
 
+    if not 0 <= args.margin <= MAX_MARGIN:
+        raise UserError(f"--margin must be 0 to {MAX_MARGIN} pixels, got {args.margin}")
+    if args.prompt_matrix:
+        return _prompt_matrix(args)
+    matrix_flags = [flag for flag, value in (("--matrix-negative", args.matrix_negative), ("--matrix-at-start",
+                    args.matrix_at_start), ("--matrix-random-seeds", args.matrix_random_seeds)) if value]
+    if matrix_flags:
+        raise UserError(f"{', '.join(matrix_flags)}: give --prompt-matrix")
     if args.x is None:
         if args.y is not None or args.z is not None:
             raise UserError("give the first axis as --x (then --y, --z)")
@@ -94,7 +149,7 @@ def _plot(args: argparse.Namespace):
     if not args.init and not hires and any(axis.field.name == "strength" for axis in axes.values()):
         raise UserError("a Denoising axis needs --init IMAGE (img2img's strength) or the hires fix (--hr-scale / "
                         "--hr-size: its second pass's denoise)")
-    return Plot(**axes, legend=not args.no_legend, keep_random_seeds=args.keep_random_seeds)
+    return Plot(**axes, legend=not args.no_legend, keep_random_seeds=args.keep_random_seeds, margin=args.margin)
 
 
 @contextlib.contextmanager

@@ -581,6 +581,29 @@ def _text_size(font: Any, text: str) -> tuple[int, int]:
     return right - left, bottom - top
 
 
+@dataclass(frozen=True)
+class Annotation:
+    """One part of a grid label (A1111's `GridAnnotation`): black, or grey and struck through where not `active`
+    (a prompt matrix's part that the column or row leaves out). A label is a text or a tuple of these, each part
+    wrapped on its own lines."""
+
+    text: str
+    active: bool = True
+
+
+Label = str | tuple[Annotation, ...]
+INACTIVE = (153, 153, 153)          # A1111's `color_inactive`
+
+
+def _annotations(label: Label) -> tuple[Annotation, ...]:
+    return (Annotation(label),) if isinstance(label, str) else label
+
+
+def _label_lines(label: Label, font: Any, width: int) -> list[Annotation]:
+    """`label`'s lines no wider than `width` px, each part wrapped on its own (A1111's `draw_grid_annotations`)."""
+    return [Annotation(line, part.active) for part in _annotations(label) for line in _wrap(part.text, font, width)]
+
+
 def _wrap(text: str, font: Any, width: int) -> list[str]:
     """`text` in lines no wider than `width` px, breaking at spaces (a longer word keeps its own line)."""
     lines: list[str] = []
@@ -620,18 +643,20 @@ class GridLayout:
         return self.left + i * (self.cell_width + self.margin), self.top + j * (self.cell_height + self.margin)
 
 
-def grid_layout(cell_size: tuple[int, int], columns: int, rows: int, x_labels: list[str], y_labels: list[str],
+def grid_layout(cell_size: tuple[int, int], columns: int, rows: int, x_labels: list[Label], y_labels: list[Label],
                 margin: int = 0) -> GridLayout:
     width, height = cell_size
     font = grid_font(font_size(width, height))
     spacing = font_size(width, height) // 2
     left = 0
     if any(y_labels):
-        widest_word = max(_text_size(font, w)[0] for label in y_labels for w in label.split(" ") or [""])
+        widest_word = max(_text_size(font, w)[0] for label in y_labels for part in _annotations(label)
+                          for w in part.text.split(" "))
         left = max(width * 3 // 4, min(widest_word + 2 * spacing, 2 * width))
     top = 0
     if any(x_labels):
-        heights = [_lines_height(_wrap(label, font, width), font, spacing) for label in x_labels]
+        heights = [_lines_height([line.text for line in _label_lines(label, font, width)], font, spacing)
+                   for label in x_labels]
         top = max(heights) + 2 * spacing
     return GridLayout(left, top, width, height, columns, rows, margin)
 
@@ -640,15 +665,18 @@ def _lines_height(lines: list[str], font: Any, spacing: int) -> int:
     return sum(_text_size(font, line or " ")[1] + spacing for line in lines) - spacing
 
 
-def _draw_centered(draw: ImageDraw.ImageDraw, lines: list[str], cx: float, cy: float, font: Any, spacing: int) -> None:
-    y = cy - _lines_height(lines, font, spacing) / 2
+def _draw_centered(draw: ImageDraw.ImageDraw, lines: list[Annotation], cx: float, cy: float, font: Any,
+                   spacing: int) -> None:
+    y = cy - _lines_height([line.text for line in lines], font, spacing) / 2
     for line in lines:
-        w, h = _text_size(font, line or " ")
-        draw.text((cx - w / 2, y), line, font=font, fill=(0, 0, 0), anchor="la")
+        w, h = _text_size(font, line.text or " ")
+        draw.text((cx - w / 2, y), line.text, font=font, fill=(0, 0, 0) if line.active else INACTIVE, anchor="la")
+        if not line.active:         # A1111 strikes an inactive part through with a 4 px line
+            draw.line((cx - w // 2, y + h // 2, cx + w // 2, y + h // 2), fill=INACTIVE, width=4)
         y += h + spacing
 
 
-def draw_grid(cells: list[list[Image.Image]], x_labels: list[str], y_labels: list[str],
+def draw_grid(cells: list[list[Image.Image]], x_labels: list[Label], y_labels: list[Label],
               margin: int = 0) -> Image.Image:
     """`cells[row][column]` on one sheet with X labels above the columns and Y labels left of the rows, `margin`
     px of white between the cells."""
@@ -664,10 +692,10 @@ def draw_grid(cells: list[list[Image.Image]], x_labels: list[str], y_labels: lis
     font, spacing = grid_font(size), size // 2
     for i, label in enumerate(x_labels if any(x_labels) else []):
         cx = layout.cell_at(i, 0)[0] + layout.cell_width / 2
-        _draw_centered(draw, _wrap(label, font, layout.cell_width), cx, layout.top / 2, font, spacing)
+        _draw_centered(draw, _label_lines(label, font, layout.cell_width), cx, layout.top / 2, font, spacing)
     for j, label in enumerate(y_labels if any(y_labels) else []):
         cy = layout.cell_at(0, j)[1] + layout.cell_height / 2
-        _draw_centered(draw, _wrap(label, font, layout.left - spacing), layout.left / 2, cy, font, spacing)
+        _draw_centered(draw, _label_lines(label, font, layout.left - spacing), layout.left / 2, cy, font, spacing)
     return sheet
 
 
@@ -687,7 +715,7 @@ def row_grids(grids: list[Image.Image], titles: list[str], size: int) -> tuple[I
     font = grid_font(size)
     lefts = []
     for k, (grid, title) in enumerate(zip(grids, titles)):
-        _draw_centered(draw, _wrap(title, font, width), (k + 0.5) * width, band / 2, font, size // 2)
+        _draw_centered(draw, _label_lines(title, font, width), (k + 0.5) * width, band / 2, font, size // 2)
         lefts.append(k * width)
         sheet.paste(grid, (k * width, band))
     return sheet, lefts
