@@ -104,9 +104,10 @@ def test_scripts_and_script_info_list_the_x_y_z_plot(client) -> None:
     """A1111 lists `script.name`, the lower-case title of a script with UI controls (Comments has none; Hypertile's
     class names itself); sdlab the scripts it runs: the plot, A1111's always-on scripts, ControlNet's."""
     always_on = ["refiner", "seed", "sampler", "Hypertile", "extra options"]
-    assert client.get("/scripts").json() == {"txt2img": ["x/y/z plot", *always_on, "controlnet"],
-                                              "img2img": ["x/y/z plot", *always_on, "soft inpainting", "controlnet"]}
-    infos = client.get("/script-info").json()
+    selectable = ["prompt matrix", "prompts from file or textbox", "x/y/z plot"]
+    assert client.get("/scripts").json() == {"txt2img": [*selectable, *always_on, "controlnet"],
+                                              "img2img": [*selectable, *always_on, "soft inpainting", "controlnet"]}
+    infos = [info for info in client.get("/script-info").json() if info["name"] == "x/y/z plot"]
     assert [(i["name"], i["is_img2img"], i["is_alwayson"]) for i in infos] == [
         ("x/y/z plot", False, False), ("x/y/z plot", True, False)]
     for info, mode in zip(infos, ("txt2img", "img2img")):

@@ -7,6 +7,10 @@ empty or null name is none, another name a 422 `Script '<name>' not found`. sdla
 - `X/Y/Z plot` (`XYZ_PLOT`, A1111 1.10's scripts/xyz_grid.py): every cell is the request with the cell's axis
   values set as A1111's `AxisOption.apply` sets them, drawn exactly as that single request would be; the grid,
   its labels and values come from `sdlab.pipeline.grid`.
+- `Prompt Matrix` (`PROMPT_MATRIX`, scripts/prompt_matrix.py) and `Prompts from file or textbox`
+  (`PROMPTS_FROM_FILE`, scripts/prompts_from_file.py): every combination of the prompt's `|` parts, every line
+  of `prompt_txt`, drawn exactly as its single request would be (`sdlab.pipeline.prompt_matrix`,
+  `sdlab.pipeline.prompts_file`).
 
 To add a script (prompt matrix, prompts from file, ...): write `async def run(host, body, mode) -> dict` that
 draws with `host.draw` (one request as the route draws it without a script) and answers A1111's
@@ -20,6 +24,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +37,14 @@ from sdlab.pipeline.grid import (
 )
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
+from sdlab.pipeline.prompt_matrix import DELIMITERS, PROMPT_TYPES, PromptMatrix, prompt_matrix
+from sdlab.pipeline.prompts_file import POSITIONS, Line, line_prompts, line_seeds, read_lines
 from sdlab.pipeline.request import fixed_seed
 from sdlab.server.alwayson import ALWAYSON_SCRIPTS, CONTROLNET
 from sdlab.server.inputs import BadRequest
 
 MODES = ("txt2img", "img2img")
+logger = logging.getLogger("sdlab.server")
 
 
 @dataclass(frozen=True)
@@ -355,11 +363,172 @@ XYZ_PLOT = SelectableScript("X/Y/Z plot", xyz_script_args, run_xyz_plot)
 
 
 # ------------------------------------------------------------------------------------------------------
+# Prompt matrix and Prompts from file or textbox
+
+
+def _answer_pictures(host: ScriptHost, drawn: list[Drawn]) -> list[str]:
+    """Every picture of `drawn` in order, in base64 with its parameters."""
+    images = []
+    for cell in drawn:
+        for path, text in zip(cell.pictures, cell.infotexts):
+            with open_image(path) as image:
+                images.append(host.encode(image.convert("RGB"), text))
+    return images
+
+
+def _checked(name: str, value: Any, default: Any, choices: tuple[str, ...] = ()) -> Any:
+    """One of `script_args` checked against its default's type (null: the default); a text one of `choices`."""
+    if value is None:
+        return default
+    if isinstance(default, bool):
+        if not isinstance(value, bool) and value not in (0, 1):
+            raise BadRequest(f"{name} must be true or false, got {value!r}", 422)
+        return bool(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise BadRequest(f"{name} must be an integer, got {value!r}", 422)
+        return int(value)
+    if not isinstance(value, str) or (choices and value not in choices):
+        wanted = " or ".join(repr(choice) for choice in choices) if choices else "a string"
+        raise BadRequest(f"{name} must be {wanted}, got {value!r}", 422)
+    return value
+
+
+def _script_args(title: str, script_args: Any, names: tuple[str, ...], defaults: tuple[Any, ...],
+                 choices: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """`script_args` by A1111's `Script.run` argument `names` (a shorter list takes the UI's `defaults`)."""
+    if not isinstance(script_args, list) or len(script_args) > len(names):
+        raise BadRequest(f"{title} script_args must be a list of at most {len(names)} values, A1111 1.10's order: "
+                         f"{', '.join(names)}; got {script_args!r}", 422)
+    given = dict(zip(names, script_args))
+    return {name: _checked(f"{title} {name}", given.get(name), default, choices.get(name, ()))
+            for name, default in zip(names, defaults)}
+
+
+MATRIX_ARG_NAMES = ("put_at_start", "different_seeds", "prompt_type", "variations_delimiter", "margin_size")
+MATRIX_DEFAULTS = (False, False, "positive", "comma", 0)
+
+
+async def run_prompt_matrix(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
+    """A1111 1.10's Prompt matrix (scripts/prompt_matrix.py): the request's seeds fixed, every combination of the
+    prompt's (or negative prompt's) `|` parts drawn as its own request (`sdlab.pipeline.prompt_matrix`), then
+    answered as its `Script.run` returns: the grid, then every picture."""
+    args = _script_args("prompt matrix", body.script_args, MATRIX_ARG_NAMES, MATRIX_DEFAULTS,
+                        {"prompt_type": PROMPT_TYPES, "variations_delimiter": tuple(DELIMITERS)})
+    if not 0 <= args["margin_size"] <= MAX_MARGIN:
+        raise BadRequest(f"prompt matrix margin_size must be 0..{MAX_MARGIN} px, got {args['margin_size']}", 422)
+    texts = {"prompt": body.prompt or "", "negative_prompt": body.negative_prompt or ""}
+    try:
+        matrix = prompt_matrix(texts, args["prompt_type"], args["put_at_start"], args["variations_delimiter"],
+                               args["different_seeds"], args["margin_size"])
+    except GridError as err:
+        raise BadRequest(f"prompt matrix: {err}", 422) from None
+    cells = matrix.cells({**texts, "seed": body.seed, "subseed": body.subseed})
+    drawn = {index: await host.draw(body.model_copy(update={**cell, "batch_size": 1, "n_iter": 1}))
+             for index, cell in ((index, {key: cell[key] for key in (*texts, "seed", "subseed")})
+                                 for index, cell in cells)}
+    return answer_prompt_matrix(host, body, matrix, drawn)
+
+
+def answer_prompt_matrix(host: ScriptHost, body: Any, matrix: PromptMatrix, drawn: dict[Index, Drawn]) -> dict[str, Any]:
+    """A1111's answer: `images` the grid (with the first picture's parameters) and then each picture, `info` the
+    first picture's with `all_prompts`, `all_negative_prompts`, `all_seeds`, `all_subseeds` of every picture,
+    `infotexts` the grid's and each picture's, `index_of_first_image` 1 (as its `process_images` of the prompt
+    list, with the grid inserted first)."""
+    cells = list(drawn.values())
+    pictures = {}
+    for index, cell in drawn.items():
+        with open_image(cell.pictures[0]) as image:
+            pictures[index] = image.convert("RGB")
+    first = cells[0].infotexts[0]
+    images = [host.encode(matrix.sheet(pictures), first)] + _answer_pictures(host, cells)
+    info = {**cells[0].info, "infotexts": [first] + [cell.infotexts[0] for cell in cells],
+            **{f"all_{key}s": [cell.info[key] for cell in cells]
+               for key in ("prompt", "negative_prompt", "seed", "subseed")},
+            "index_of_first_image": 1}
+    return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
+
+
+def prompt_matrix_script_args(img2img: bool) -> list[ScriptArg]:
+    """A1111 1.10's Prompt matrix controls (`Script.ui`), in its `script_args` order."""
+    return [ScriptArg("Set at prompt start", False), ScriptArg("Random seeds", False),
+            ScriptArg("Prompt type", "positive", choices=list(PROMPT_TYPES)),
+            ScriptArg("Joining char", "comma", choices=list(DELIMITERS)),
+            ScriptArg("Grid margins", 0, 0, MAX_MARGIN, 2)]
+
+
+PROMPT_MATRIX = SelectableScript("Prompt Matrix", prompt_matrix_script_args, run_prompt_matrix)
+
+
+FILE_ARG_NAMES = ("checkbox_iterate", "checkbox_iterate_batch", "prompt_position", "prompt_txt")
+FILE_DEFAULTS = (False, False, "start", "")
+LINE_FIELDS = ("prompt", "negative_prompt", "seed", "subseed", "subseed_strength", "seed_resize_from_h",
+               "seed_resize_from_w", "sampler_name", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height",
+               "restore_faces", "tiling")
+"""The line tags a request field takes as they are (A1111's `setattr(copy_p, tag, value)`); `sd_model` sets
+`override_settings.sd_model_checkpoint`; the others (sampler_index, styles as a text, prompt_for_display,
+outpath_*, do_not_save_*) change no picture sdlab's API answers with."""
+
+
+def _line_body(body: Any, line: Line, seed: int, position: str) -> Any:
+    """The request of `line`: the request with its tags, its prompts joined with the request's (`line_prompts`)
+    and `seed` unless it has its own."""
+    if "sampler_name" in line.args and line.args["sampler_name"] is None:
+        raise BadRequest(f"prompts from file or textbox line {line.number}: Sampler not found (--sampler_name is "
+                         "none of A1111's sampler names or aliases)", 404)
+    update = {tag: value for tag, value in line.args.items() if tag in LINE_FIELDS}
+    update.update(line_prompts(line.args, body.prompt or "", body.negative_prompt or "", position))
+    update["seed"] = line.args.get("seed", seed)
+    if "sd_model" in line.args:
+        update["override_settings"] = {**body.override_settings, "sd_model_checkpoint": line.args["sd_model"]}
+    return body.model_copy(update=update)
+
+
+async def run_prompts_from_file(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
+    """A1111 1.10's Prompts from file or textbox (scripts/prompts_from_file.py): each line of `prompt_txt` drawn
+    in turn as its own request (`sdlab.pipeline.prompts_file`; a line that does not read drawn as a prompt, its
+    error logged, as A1111), answered as its `Script.run` returns: every picture, `info` the first line's with
+    `all_prompts` and `infotexts` of every picture and A1111's `seed` (the request's after the lines, -1 if
+    unset and not drawn), `all_seeds` [seed], `subseed` -1, the request's negative prompt."""
+    args = _script_args("prompts from file or textbox", body.script_args, FILE_ARG_NAMES, FILE_DEFAULTS,
+                        {"prompt_position": POSITIONS})
+    lines = read_lines(args["prompt_txt"])
+    if not lines:
+        raise BadRequest("prompts from file or textbox prompt_txt has no line to draw", 422)
+    for line in lines:
+        if line.error is not None:
+            logger.warning("Error parsing line %s as commandline: %s", line.text, line.error)
+    seeds, last_seed = line_seeds(body.seed, len(lines), args["checkbox_iterate"], args["checkbox_iterate_batch"],
+                                  body.batch_size, body.n_iter)
+    bodies = [_line_body(body, line, seed, args["prompt_position"]) for line, seed in zip(lines, seeds)]
+    drawn = [await host.draw(line_body) for line_body in bodies]
+    negative = body.negative_prompt or ""
+    info = {**drawn[0].info, "prompt": drawn[0].info["all_prompts"][0],
+            "all_prompts": [prompt for cell in drawn for prompt in cell.info["all_prompts"]],
+            "negative_prompt": negative, "all_negative_prompts": [negative], "seed": last_seed,
+            "all_seeds": [last_seed], "subseed": -1, "all_subseeds": [-1],
+            "infotexts": [text for cell in drawn for text in cell.infotexts], "index_of_first_image": 0}
+    images = _answer_pictures(host, drawn)
+    return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
+
+
+def prompts_from_file_script_args(img2img: bool) -> list[ScriptArg]:
+    """A1111 1.10's Prompts from file or textbox controls (`Script.ui`), in its `script_args` order."""
+    return [ScriptArg("Iterate seed every line", False), ScriptArg("Use same random seed for all lines", False),
+            ScriptArg("Insert prompts at the", "start", choices=list(POSITIONS)),
+            ScriptArg("List of prompt inputs", "")]
+
+
+PROMPTS_FROM_FILE = SelectableScript("Prompts from file or textbox", prompts_from_file_script_args,
+                                     run_prompts_from_file)
+
+
+# ------------------------------------------------------------------------------------------------------
 # The scripts sdlab runs
 
 
-RUNNABLE_SCRIPTS: tuple[SelectableScript, ...] = (XYZ_PLOT,)
-"""The selectable scripts sdlab runs, in both tabs, in the order `GET scripts` lists them."""
+RUNNABLE_SCRIPTS: tuple[SelectableScript, ...] = (PROMPT_MATRIX, PROMPTS_FROM_FILE, XYZ_PLOT)
+"""The selectable scripts sdlab runs, in both tabs, in the order `GET scripts` lists them (A1111's, by file name)."""
 UNLISTED_NAMES = {"Comments": None, "Hypertile": "Hypertile"}
 """A1111's `script.name` of the always-on scripts whose name is not their lower-case title: Comments has no UI
 controls (A1111 names only a script with some, `create_script_ui_inner`), Hypertile's class names itself."""
