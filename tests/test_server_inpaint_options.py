@@ -17,7 +17,8 @@ from PIL import Image
 from server_fixtures import start_server, wait_for_job
 from sdlab.pipeline.inpaint_area import inpaint_region
 from sdlab.pipeline.overlay import blurred_mask
-from sdlab.server.a1111 import Img2ImgIn, _request
+from sdlab.server.a1111 import Img2ImgIn, _check_init_count, _request
+from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest
 
 
@@ -200,7 +201,7 @@ def test_a1111_several_init_images_make_the_batch_and_more_than_batch_size_is_a_
     request = _request(Img2ImgIn(prompt="x", batch_size=4, n_iter=2), inits=inits)
     assert request.batch_size == 2 and request.init_images == inits          # one per image, in each iteration
     with pytest.raises(BadRequest) as err:
-        _request(Img2ImgIn(prompt="x", batch_size=1), inits=inits)
+        _check_init_count(Img2ImgIn(prompt="x", batch_size=1, init_images=["a", "b"]), Limits())
     assert err.value.status == 422 and "bad number of images passed: 2; expecting 1 or less" in str(err.value)
 
 

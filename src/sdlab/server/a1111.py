@@ -62,10 +62,13 @@ from sdlab.pipeline.request import (
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.alwayson import check_alwayson_scripts
 from sdlab.server.a1111_scripts import Drawn, ScriptHost, script_info, scripts_list, selected_script
-from sdlab.server.controls import A1111_MODULE_ALIASES, a1111_controls, module_name, threshold_value
+from sdlab.server.config import Limits
+from sdlab.server.controls import (
+    A1111_MODULE_ALIASES, CONTROLNET_UNIT_COUNT, a1111_controls, module_name, threshold_value,
+)
 from sdlab.server.inputs import (
-    EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts, decode_base64,
-    decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
+    EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_picture_size, check_texts,
+    decode_base64, decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
     scheduler_rows, unset_preset_fields, upscaler_file,
 )
 from sdlab.server.jobs import Job, Unavailable, image_seeds
@@ -253,10 +256,19 @@ def _picture_options(body: Img2ImgIn, masked: bool, noise_option: float) -> dict
 
 def _batch_size(body: Txt2ImgIn, inits: tuple[Image.Image, ...]) -> int:
     """A1111's batch size of `body` with the init pictures `inits`: one per picture when there are several
-    (`StableDiffusionProcessingImg2Img.init`), more than `batch_size` of them a 422."""
-    if len(inits) > body.batch_size:
-        raise BadRequest(f"bad number of images passed: {len(inits)}; expecting {body.batch_size} or less", 422)
+    (`StableDiffusionProcessingImg2Img.init`; more than `batch_size` of them: `_check_init_count`)."""
     return len(inits) if len(inits) > 1 else body.batch_size
+
+
+def _check_init_count(body: Img2ImgIn, limits: Limits) -> None:
+    """A1111's 422 for more init pictures than `batch_size` (`StableDiffusionProcessingImg2Img.init`), and
+    `--max-batch`'s refusal of the batch they make, from their count alone: each may decode to 4 x
+    `--max-pixels`, so none is decoded for a request that is refused."""
+    count = len(body.init_images)
+    if count > body.batch_size:
+        raise BadRequest(f"bad number of images passed: {count}; expecting {body.batch_size} or less", 422)
+    if count > limits.max_batch:
+        raise BadRequest(f"at most {limits.max_batch} images per batch on this server (--max-batch), got {count}")
 
 
 def _hires_pass(body: Txt2ImgIn, sampler: str) -> dict[str, Any]:
@@ -953,6 +965,7 @@ async def _img2img_request(service: Service, body: Img2ImgIn) -> tuple[str, Gene
     if not body.init_images:
         raise BadRequest("img2img needs init_images (a list of base64 images, one per picture or one for all)", 422)
     limits = service.config.limits
+    _check_init_count(body, limits)                 # before any picture is decoded
     inits = tuple([await asyncio.to_thread(decode_image, image, f"init_images[{i}]", limits)
                    for i, image in enumerate(body.init_images)])
     mask = await asyncio.to_thread(decode_image, body.mask, "mask", limits) if body.mask else None
@@ -1508,11 +1521,14 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
     other text chunks, parameters: the text parsed, A1111's defaults alone for a picture without one}."""
     raw = decode_base64(body.image, "image")
     try:
-        text = read_parameters(io.BytesIO(raw)) or ""
         with open_image(io.BytesIO(raw)) as image:
             items = {k: v for k, v in image.info.items()
                      if isinstance(k, str) and isinstance(v, str) and k != PARAMETERS_KEY}
             size = image.size
+        check_picture_size(image, "image", service_of(request).config.limits)   # reading its text decodes it
+        text = read_parameters(io.BytesIO(raw)) or ""
+    except BadRequest:
+        raise
     except Exception as err:           # Pillow raises many types on data that is not an image
         raise BadRequest(f"image is not a readable PNG, JPEG or WebP: {err}", 400, "Invalid encoded image") from None
     if items.get("Software") == "NovelAI":
@@ -1603,7 +1619,6 @@ def _uses_emphasis(prompt: str) -> bool:
 
 
 controlnet_router = APIRouter(prefix="/controlnet")     # the sd-webui-controlnet extension's routes
-CONTROLNET_UNIT_COUNT = 3               # the extension's `control_net_unit_count` default (`GET settings`)
 _RESOLUTION = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}
 CONTROL_TYPES = {
     "All": "none", "Canny": "canny", "Depth": "depth_midas", "NormalMap": "normal_bae", "OpenPose": "openpose_full",

@@ -27,6 +27,8 @@ from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, decode_image
 from sdlab.server.model_folders import ModelFolder
 
+CONTROLNET_UNIT_COUNT = 3       # the extension's `control_net_unit_count` default (`GET /controlnet/settings`)
+
 
 def module_name(module: Any) -> str:
     """A1111's module name (or its UI alias) -> sdlab's preprocessor of the same meaning (`a1111_module`); one
@@ -177,9 +179,10 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
 
 def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits, init: Image.Image | None = None,
                    init_resize: int = 0) -> tuple[ControlInput, ...]:
-    """The enabled units of `alwayson_scripts["controlnet"]["args"]` (the key in any case). A unit without
-    an image (webuiapi sends "") takes img2img's init image and resize mode (`init_resize`), as the extension
-    does."""
+    """The enabled units among the first `CONTROLNET_UNIT_COUNT` of `alwayson_scripts["controlnet"]["args"]` (the
+    key in any case): A1111's `init_script_args` passes a script no more args than it has (the extension one per
+    unit), so the others are neither read nor decoded. A unit without an image (webuiapi sends "") takes
+    img2img's init image and resize mode (`init_resize`), as the extension does."""
     if not isinstance(scripts, dict):
         return ()
     script = next((v for k, v in scripts.items() if isinstance(k, str) and k.lower() == "controlnet"), None)
@@ -189,7 +192,7 @@ def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits, init: Imag
     if not isinstance(units, list):
         raise BadRequest("alwayson_scripts.controlnet.args must be a list of units", 422)
     controls = []
-    for unit in units:
+    for unit in units[:CONTROLNET_UNIT_COUNT]:
         if not isinstance(unit, dict):
             raise BadRequest(f"a ControlNet unit must be an object, got {unit!r}", 422)
         if not unit.get("enabled", True) or unit.get("model") in (None, "", "None"):

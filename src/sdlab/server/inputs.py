@@ -262,15 +262,20 @@ def image_from_bytes(raw: bytes, what: str, limits: Limits) -> Image.Image:
     """An image file's bytes (`decode_base64`) -> a loaded PIL image, or `BadRequest`."""
     try:
         with Image.open(io.BytesIO(raw)) as image:
-            if image.width * image.height > 4 * limits.max_pixels:
-                raise BadRequest(f"{what} is {image.width}x{image.height}; the limit is {4 * limits.max_pixels} "
-                                 "pixels", 413)
+            check_picture_size(image, what, limits)
             image.load()
             return image.copy()
     except BadRequest:
         raise
     except Exception as err:            # Pillow raises many types on corrupt data, all "not an image"
         raise BadRequest(f"{what} is not a readable image: {err}", 400, "Invalid encoded image") from None
+
+
+def check_picture_size(image: Image.Image, what: str, limits: Limits) -> None:
+    """A 413 when an opened, not yet decoded picture (its size read from its header) is past the largest a
+    client may send: 4 x `--max-pixels`."""
+    if image.width * image.height > 4 * limits.max_pixels:
+        raise BadRequest(f"{what} is {image.width}x{image.height}; the limit is {4 * limits.max_pixels} pixels", 413)
 
 
 PLAIN_UPSCALER_NAMES = ("None", "Lanczos", "Nearest")          # A1111's spelling of PLAIN_UPSCALERS
