@@ -15,7 +15,7 @@ from train_fixtures import run_in_process, write_caption_folder, write_tiny_mode
 
 from sdlab.checkpoints.embeddings import install_embeddings, load_embedding
 from sdlab.checkpoints.load import load_bundle
-from sdlab.pipeline.conditioning import make_cond
+from sdlab.pipeline.conditioning import encode_prompt, make_cond
 from sdlab.train.config import TrainConfig
 from sdlab.train.embedding_task import build_task
 from sdlab.train.errors import TrainError
@@ -71,6 +71,9 @@ def test_only_the_vectors_get_gradients(tmp_path):
     (("--embedding-word", "two words"), "one word"),
     (("--embedding-word", "w", "--embedding-vectors", "0"), "between 1 and 75"),
     (("--embedding-word", "w", "--lora-rank", "4"), "--lora-rank 4 does not apply"),
+    (("--embedding-word", "cat/toy"), "names the embedding's file, and no file name on this system holds '/'"),
+    (("--embedding-word", "cat\0toy"), r"no file name on this system holds '\\x00'"),
+    (("--embedding-word", "w" * 240), "at most 255 bytes"),
 ])
 def test_bad_settings_are_one_clear_error(tmp_path, data, extra, message):
     model = write_tiny_model(tmp_path / "sd1.safetensors")
@@ -143,17 +146,23 @@ def test_diffusers_placeholder_word_trains(tmp_path, data):
     code = main(cli_args(out, model, data, "--task", "embedding", "--embedding-word", "<cat-toy>", "--max-steps", "2",
                          "--learning-rate", "0.05")[2:])
     assert code == 0
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["cat-toy.safetensors"]   # no < > (Windows)
-    learned = load_embedding(out / "cat-toy.safetensors")
-    with safe_open(str(out / "cat-toy.safetensors"), "pt") as f:
+    delivered = out / "<cat-toy>.safetensors"          # named by the word: the prompt's "<cat-toy>" (A1111, sdlab)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [delivered.name]
+    learned = load_embedding(delivered)
+    with safe_open(str(delivered), "pt") as f:
         assert f.metadata()["name"] == "<cat-toy>"
     start = load_bundle(model).text_encoders[0]
     star = start.model.embeddings.token_embedding.weight[start.tokenizer.encode("*")[0]]
     assert (learned.vectors[0] - star).abs().max() > 1e-3
-    # the prompt word of the file, "cat-toy", is inside the trained word: "<cat-toy>" in a prompt still reads it
-    tokenizer = install_embeddings(load_bundle(model), [learned]).text_encoders[0].tokenizer
-    added = set(tokenizer.added_words["cat-toy"])
-    assert added <= set(tokenizer.encode("a photo of <cat-toy> ."))
+    # a prompt reads the delivered file as training read the word: the same context
+    task = build_task(TrainConfig(task="embedding", embedding_word="<cat-toy>"), load_bundle(model))
+    with torch.no_grad():
+        task.embedding.vectors[0].copy_(learned.vectors[0])
+        task._use_vectors()
+    prompt = "a photo of <cat-toy> ."
+    trained = encode_prompt(task.bundle.text_encoders, prompt).context
+    used = encode_prompt(install_embeddings(load_bundle(model), [learned]).text_encoders, prompt).context
+    assert torch.equal(trained, used)
 
 
 def test_an_internal_error_is_one_line_from_the_module_entry_point(tmp_path, data, capsys, monkeypatch):

@@ -61,6 +61,11 @@ class TrainConfig:
                                          "folders too), or a metadata.jsonl (required)")
     caption_extension: str = setting(".txt", "extension of an image's same-name caption file (kohya's "
                                              "--caption_extension, e.g. .caption)")
+    data_layout: str = setting("auto", "how --data-dir's folders are read: plain (every image below it with its "
+                                       "caption file), kohya (only kohya's <repeats>_<class tokens> folders, as "
+                                       "kohya's trainers read them), auto (kohya when every first-level folder "
+                                       "with images is named <N>_..., N >= 1, and no image lies beside them)",
+                               ("auto", "plain", "kohya"))
     output_dir: str = setting("runs/train", "run folder: checkpoints/, log.csv, loss.png, summary.json, weights")
     resolution: int | None = setting(None, "square training size in pixels (with --enable-bucket: the buckets' "
                                            "area), a multiple of 8 (default: the "
@@ -207,6 +212,7 @@ class TrainConfig:
         for name in _TEXTS:
             _check_text(name, getattr(self, name))
         _check_task_settings(self)
+        _check_file_name(self.embedding_word)
         _check_option_pairs(self)
         shaping = [name for name in ("lora_alpha", "lora_conv", "lora_text_encoder") if getattr(self, name)]
         if shaping and self.lora_rank is None:
@@ -301,6 +307,25 @@ def _check_text(name: str, value: str | tuple[str, ...] | None) -> None:
         problem = not_utf8(text, flag(name))
         if problem is not None:
             raise TrainError(problem)
+
+
+# characters no file name holds on this system; the embedding task names its file by its word
+_NOT_IN_FILE_NAMES = '<>:"/\\|?*' + "".join(map(chr, range(32))) if os.name == "nt" else "/\0"
+_NAME_MAX = 255   # bytes in a file name (Linux, macOS, Windows)
+
+
+def _check_file_name(word: str | None) -> None:
+    """A `TrainError` when the embedding files ``<word>.safetensors`` / ``<word>-ema.safetensors`` cannot be
+    named on this system, so the run stops before it trains instead of when it delivers."""
+    if word is None:
+        return
+    refused = sorted({c for c in word if c in _NOT_IN_FILE_NAMES})
+    if refused:
+        raise TrainError(f"--embedding-word {word!r} names the embedding's file, and no file name on this system "
+                         f"holds {', '.join(map(repr, refused))}: choose a word without them")
+    if len(os.fsencode(f"{word}-ema.safetensors")) > _NAME_MAX:
+        raise TrainError(f"--embedding-word names the embedding's file, and a file name holds at most {_NAME_MAX} "
+                         f"bytes: choose a shorter word")
 
 
 # What each task does, and the task-specific settings it reads (settings no task is listed with, such as the
@@ -410,7 +435,7 @@ RESUME_INVARIANTS = (
     "min_timestep", "max_timestep", "ip_noise_gamma", "ip_noise_gamma_random_strength", "multires_noise_iterations",
     "multires_noise_discount", "debiased_estimation_loss", "loss_type", "huber_schedule", "huber_c",
     "shuffle_caption", "keep_tokens", "caption_separator", "caption_extension", "enable_bucket", "min_bucket_reso",
-    "max_bucket_reso", "bucket_reso_steps",
+    "max_bucket_reso", "bucket_reso_steps", "data_layout",
 )
 
 
@@ -435,12 +460,16 @@ def _as_read(name: str, value: Any) -> Any:
     return value
 
 
+# what a run did before the setting existed, where that is not its default
+_BEFORE_IT_EXISTED = {"data_layout": "plain"}
+
+
 def _run_settings(stored: dict[str, Any]) -> dict[str, Any]:
-    """A run checkpoint's ``stored`` settings as its run read them: a setting newer than the checkpoint is its
-    default (what the run did before the setting existed), and one the run ignored is the value that asks for
-    nothing (`_without_ignored`; checkpoints from before the per-task --caption-dropout default stored 0.1 for every
-    task, also for lcd / vae / text, which never dropped a caption)."""
-    values = {f.name: f.default for f in fields(TrainConfig)} | stored
+    """A run checkpoint's ``stored`` settings as its run read them: a setting newer than the checkpoint is what
+    the run did before the setting existed (its default, or `_BEFORE_IT_EXISTED`), and one the run ignored is
+    the value that asks for nothing (`_without_ignored`; checkpoints from before the per-task --caption-dropout
+    default stored 0.1 for every task, also for lcd / vae / text, which never dropped a caption)."""
+    values = {f.name: _BEFORE_IT_EXISTED.get(f.name, f.default) for f in fields(TrainConfig)} | stored
     return _without_ignored(values, given=())
 
 
@@ -458,11 +487,13 @@ def _without_ignored(values: dict[str, Any], given: typing.Collection[str]) -> d
 
 def resume_changes(stored: dict[str, Any], cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
     """The `RESUME_INVARIANTS` ``cfg`` changes from a run checkpoint's ``stored`` settings as its run read them
-    (`_run_settings`), as {setting: (then, now)}. A setting spelled otherwise but read alike is no change, nor a
-    resolution not yet resolved (None: the model's native size, filled in once it loads)."""
+    (`_run_settings`), as {setting: (then, now)}. A setting spelled otherwise but read alike is no change, nor one
+    not yet resolved: a resolution None (the model's native size, filled in once it loads) or a data layout
+    "auto" (the one the dataset scan takes)."""
     then, now = _run_settings(stored), cfg.to_json()
+    unresolved = {"resolution": None, "data_layout": "auto"}
     return {k: (then[k], now[k]) for k in RESUME_INVARIANTS
-            if _as_read(k, then[k]) != _as_read(k, now[k]) and not (k == "resolution" and now[k] is None)}
+            if _as_read(k, then[k]) != _as_read(k, now[k]) and not (k in unresolved and now[k] == unresolved[k])}
 
 
 def flag(name: str) -> str:

@@ -19,16 +19,14 @@ over the n vectors, ``vector[i] = token[i * m // n]`` of the init text's m token
 vectors stretch ("red apple" over 4 vectors: red, red, apple, apple) and more are sampled evenly. A CLIP-L
 tower first truncates the text to n tokens (A1111 reads it with the Hugging Face tokenizer and
 ``max_length=n``), an OpenCLIP tower (SD2's, SDXL's bigG) keeps them all (A1111's `open_clip` tokenizer has
-no length argument). Deliverable: `<word>.safetensors` (an embedding's name in prompts is its file's stem), the
-word without the characters Windows refuses in file names (``<cat-toy>`` -> ``cat-toy.safetensors``, whose name
-"cat-toy" a prompt's "<cat-toy>" holds; the file's metadata keeps the word), `final.safetensors` when no file
-name is left, holding `emb_params` (n, d) for one text encoder, or
+no length argument). Deliverable: `<word>.safetensors`, named by the word itself (an embedding's name in prompts
+is its file's stem, in A1111 and sdlab: ``<cat-toy>.safetensors`` is read by a prompt's "<cat-toy>"; the file's
+metadata records the word too), holding `emb_params` (n, d) for one text encoder, or
 `clip_l` and `clip_g` for SDXL's two, the shapes A1111, ComfyUI and diffusers read.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -43,19 +41,6 @@ from sdlab.train.errors import TrainError
 from sdlab.train.task import Batch
 from sdlab.train.unet_task import UNetTask, UNetTaskOptions
 from sdlab.utils.dtypes import dtype_from_name
-
-logger = logging.getLogger(__name__)
-
-_FILE_STEM = re.compile(r"[\w+-][\w.+-]*")         # a word that is a plain file name
-_NOT_IN_FILE_NAMES = re.compile(r'[<>:"/\\|?*]')     # refused in Windows file names
-
-
-def file_stem(word: str) -> str | None:
-    """The stem of the embedding file of ``word``: the word without the characters Windows refuses in a file
-    name; None when that is no plain file name."""
-    stem = _NOT_IN_FILE_NAMES.sub("", word)
-    return stem if _FILE_STEM.fullmatch(stem) else None
-
 
 def occurrence_pattern(word: str) -> re.Pattern[str]:
     """The word in a caption, any case (the tokenizer lower-cases), not inside a longer run of letters:
@@ -150,9 +135,9 @@ class EmbeddingTask(UNetTask):
         return loss, metrics
 
     def deliverable_stem(self, name: str) -> str:
-        """The final file is named by the word (`file_stem`): an embedding's file name is its word in a prompt
-        (A1111, `--embeddings-dir`); ``final`` when the word cannot be a file name, other names as they are."""
-        return (file_stem(self.word) or name) if name == "final" else name
+        """The final file is named by the word: an embedding's file name is its word in a prompt (A1111,
+        `--embeddings-dir`); other names as they are. `TrainConfig` refuses a word no file can be named by."""
+        return self.word if name == "final" else name
 
     def save_weights(self, path: Path, ema: bool) -> None:
         dtype = dtype_from_name(self.options.save_dtype)
@@ -172,9 +157,5 @@ def build_task(config, bundle: ModelBundle) -> EmbeddingTask:
     """The task-registry entry point (`sdlab.train.cli`)."""
     if not config.embedding_word:
         raise TrainError("--task embedding needs --embedding-word (the new word, used in prompts)")
-    stem = file_stem(config.embedding_word)
-    if stem != config.embedding_word:
-        logger.info("--embedding-word %s: its file is %s.safetensors, a name every system accepts; prompts name "
-                    "the embedding by its file's name", config.embedding_word, stem or "final")
     return EmbeddingTask(bundle, UNetTaskOptions.from_config(config), config.embedding_word,
                          config.embedding_vectors, config.embedding_init)
