@@ -172,6 +172,17 @@ def test_read_lines_draws_what_a1111_draws() -> None:
     assert a1111_sampler_name("K_EULER_A") == "Euler a" and a1111_sampler_name("euler_ancestral") is None  # ComfyUI's
 
 
+@pytest.mark.parametrize("text, name", [
+    ("ddim", "DDIM"), ("plms", "PLMS"), ("lcm", "LCM"), ("Ddim", "DDIM"),   # A1111's names, lower-cased
+    ("k_euler_a", "Euler a"), ("ddim_cfgpp", "DDIM CFG++"), ("k_lcm", "LCM"),  # its aliases
+    ("euler_ancestral", None), ("dpmpp_2m", None),                          # ComfyUI's names only
+])
+def test_sampler_name_is_looked_up_as_a1111s_samplers_map(text: str, name: str | None) -> None:
+    """A1111 1.10 `set_samplers`: ``samplers_map[sampler.name.lower()] = sampler.name`` and the same for each alias,
+    so "--sampler_name ddim" draws DDIM there (`cmdargs`: ``samplers_map.get(val.lower())``)."""
+    assert line_args(f"--prompt x --sampler_name {text}") == {"prompt": "x", "sampler_name": name}
+
+
 def a1111_line_prompt(args, p_prompt, prompt_position):      # Script.run, each line's copy_p.prompt
     prompt = args.get("prompt", p_prompt)
     if args.get("prompt") and p_prompt:

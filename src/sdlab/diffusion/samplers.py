@@ -287,6 +287,12 @@ _COMFY: dict[str, SamplerSpec] = {
 
 _A1111_ALIASES: dict[str, SamplerSpec] = {name: spec for spec in SAMPLER_TABLE for name in spec.a1111_aliases}
 
+A1111_SAMPLERS_MAP: dict[str, str] = {name.lower(): spec.a1111 for spec in SAMPLER_TABLE if spec.a1111
+                                      for name in (spec.a1111, *spec.a1111_aliases)}
+"""A1111's ``samplers_map``: every A1111 name and alias, lower-cased -> the A1111 name ("ddim" -> "DDIM",
+"k_euler_a" -> "Euler a"). Only A1111's words: ComfyUI's spellings ("euler_ancestral") are not in it, and its
+"ddim" / "plms" / "lcm" are A1111's samplers here, where `get_sampler` gives ComfyUI's rows."""
+
 _BY_SPELLING: dict[str, SamplerSpec] = {**_COMFY, **_A1111_ALIASES, **SAMPLERS}
 """Every name as written: A1111's and ComfyUI's spellings of one word ("DDIM", "ddim") are two rows."""
 

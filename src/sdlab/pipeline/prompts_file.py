@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sdlab.diffusion.samplers import UnknownSamplerError, get_sampler
+from sdlab.diffusion.samplers import A1111_SAMPLERS_MAP
 from sdlab.pipeline.request import fixed_seed
 
 POSITIONS = ("start", "end")        # A1111's Insert prompts at the
@@ -53,12 +53,7 @@ PROMPT_TAGS: dict[str, Any] = {     # A1111 1.10 scripts/prompts_from_file.py `p
 def a1111_sampler_name(text: str) -> str | None:
     """A1111's `samplers_map.get(text.lower())`: the sampler's A1111 name where `text` is one of A1111's names or
     aliases in any case, else None."""
-    try:
-        spec = get_sampler(text)
-    except UnknownSamplerError:
-        return None
-    names = {name.lower() for name in (spec.a1111, *spec.a1111_aliases) if name}
-    return spec.a1111 if text.lower() in names else None
+    return A1111_SAMPLERS_MAP.get(text.lower())
 
 
 def line_args(line: str, find_checkpoint: Callable[[str], str | None] = lambda name: name) -> dict[str, Any]:

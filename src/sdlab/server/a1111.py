@@ -42,7 +42,8 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError, ValidatorF
 from sdlab.checkpoints.embeddings import Embedding
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import read_upscaler
-from sdlab.diffusion.samplers import SAMPLER_TABLE, SAMPLERS, a1111_schedule, comfyui_spelling, get_sampler
+from sdlab.diffusion.samplers import (A1111_SAMPLERS_MAP, SAMPLER_TABLE, SAMPLERS, a1111_schedule, comfyui_spelling,
+                                     get_sampler)
 from sdlab.diffusion.schedule_names import a1111_label
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
@@ -1536,17 +1537,12 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
     return {"info": text, "items": items, "parameters": a1111_parameters(text)}
 
 
-# A1111's `samplers_map`, which names NovelAI's samplers: each sampler's name and aliases, lowercased
-_A1111_SAMPLERS_MAP = {name.lower(): spec.a1111 for spec in SAMPLER_TABLE if spec.a1111
-                       for name in (spec.a1111, *spec.a1111_aliases)}
-
-
 def _novelai_text(items: dict[str, str], size: tuple[int, int]) -> str | None:
     """A NovelAI picture's parameters (its `Description` chunk and `Comment` JSON) as A1111's
     `images.read_info_from_image` writes them; None where they do not read so (A1111 keeps the picture's own)."""
     try:
         info = json.loads(items["Comment"])
-        sampler = _A1111_SAMPLERS_MAP.get(info["sampler"], "Euler a")
+        sampler = A1111_SAMPLERS_MAP.get(info["sampler"], "Euler a")
         return (f"{items['Description']}\nNegative prompt: {info['uc']}\nSteps: {info['steps']}, "
                 f"Sampler: {sampler}, CFG scale: {info['scale']}, Seed: {info['seed']}, Size: {size[0]}x{size[1]}, "
                 "Clip skip: 2, ENSD: 31337")
