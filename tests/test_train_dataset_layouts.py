@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -93,9 +94,10 @@ def kohya_folder(tmp_path):
 
 def test_kohya_repeat_folders_train_as_kohya_s_dreambooth_dataset(kohya_folder, caplog):
     with caplog.at_level(logging.WARNING):
-        scan = scan_dataset(kohya_folder)
+        scan = scan_dataset(kohya_folder, layout="kohya")
     got = sorted((str(s.path), s.caption, s.repeats) for s in scan.samples)
     assert got == kohya_dreambooth(str(kohya_folder), ".txt")
+    assert scan.layout == "kohya"
     assert ("3_sks cat", "sks cat") in {(s.path.parent.name, s.caption) for s in scan.samples}
     assert ("2_ohwx_woman", "ohwx_woman") in {(s.path.parent.name, s.caption) for s in scan.samples}
     assert scan.skipped["outside_repeat_folders"] == 1 + 2 + 1 + 1     # extra/, notes/, 0_off/, the root's image
@@ -107,6 +109,85 @@ def test_kohya_repeat_folders_train_as_kohya_s_dreambooth_dataset(kohya_folder, 
     epoch = Counter(scan.samples[stream[i]].path.parent.name for i in range(stream.epoch_length))
     assert epoch == {"10_sks dog": 20, "1_dog": 3, "3_sks cat": 6, "2_ohwx_woman": 4}
     assert stream.epoch_of(stream.epoch_length) == 1
+
+
+def _layout_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "--data-dir" in r.getMessage()]
+
+
+def test_auto_reads_a_repeat_named_folder_beside_other_images_as_plain(tmp_path, caplog):
+    """A plain dataset with one year-named folder keeps all of its images, at one draw each, and says why."""
+    images(tmp_path / "2023_photos", 3, ".txt")
+    images(tmp_path / "cats", 5, ".txt", start=3)
+    images(tmp_path, 4, ".txt", start=8)
+    (tmp_path / "log").mkdir()                         # holds no image: no part of the decision
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    assert (len(scan), {s.repeats for s in scan.samples}, scan.layout, scan.skipped) == (12, {1}, "plain", {})
+    assert _layout_warnings(caplog) == [
+        f"--data-dir {tmp_path}: '2023_photos' is named like kohya's <repeats>_<class tokens> folders, but 'cats' "
+        f"and 4 image(s) beside them are not; read as plain folders (no repeats; images without a caption file are "
+        f"skipped); --data-layout kohya reads only the repeat folders, as kohya does"]
+
+
+def test_auto_reads_loose_images_beside_a_repeat_folder_as_plain(tmp_path, caplog):
+    images(tmp_path / "10_x", 2, ".txt")
+    images(tmp_path, 1, ".txt", start=2)
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    assert ([s.repeats for s in scan.samples], scan.layout) == ([1, 1, 1], "plain")
+    assert len(_layout_warnings(caplog)) == 1 and "but 1 image(s) beside them is not" in _layout_warnings(caplog)[0]
+
+
+def test_auto_reads_repeat_folders_alone_as_kohya_does(kohya_folder, caplog):
+    """Only repeat folders hold images (folders without images, such as kohya_ss' log/ and model/ beside img/'s
+    folders, do not count): kohya's layout, said in one warning with each folder's repeats and images."""
+    for other in ("notes", "0_off"):
+        for file in (kohya_folder / other).iterdir():
+            file.unlink()
+    (kohya_folder / "0.png").unlink()
+    (kohya_folder / "model").mkdir()
+    (kohya_folder / ".cache").mkdir()
+    images(kohya_folder / ".cache", 1, ".txt")          # a hidden folder is no image folder
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(kohya_folder)
+    assert scan.layout == "kohya"
+    assert sorted((str(s.path), s.caption, s.repeats) for s in scan.samples) == \
+        kohya_dreambooth(str(kohya_folder), ".txt")
+    assert _layout_warnings(caplog) == [
+        f"--data-dir {kohya_folder}: read as kohya's <repeats>_<class tokens> folders: '10_sks dog' x10 (2 images), "
+        f"'1_dog' x1 (3 images), '2_ohwx_woman' x2 (2 images) and '3_sks cat' x3 (2 images); --data-layout plain "
+        f"reads them as plain folders"]
+
+
+def test_auto_says_when_a_repeat_count_reads_like_a_year(tmp_path, caplog):
+    images(tmp_path / "2024_01_trip", 2)
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    assert [(s.caption, s.repeats) for s in scan.samples] == [("01_trip", 2024)] * 2
+    assert "(a repeat count of 2024 reads like a year or a number in a folder name)" in _layout_warnings(caplog)[0]
+
+
+def test_the_plain_layout_reads_repeat_folders_as_plain_folders(kohya_folder):
+    scan = scan_dataset(kohya_folder, layout="plain")
+    assert scan.layout == "plain" and {s.repeats for s in scan.samples} == {1}
+    captioned = sorted(p for p in kohya_folder.rglob("*.png") if p.with_suffix(".txt").is_file())
+    assert [s.path for s in scan.samples] == captioned
+    assert scan.skipped == {"empty_caption": 3}         # 3_sks cat/ and 2_ohwx_woman/1.png: no class tokens
+
+
+def test_the_kohya_layout_needs_a_repeat_folder_and_no_metadata_jsonl(tmp_path):
+    from sdlab.train.errors import TrainError
+
+    images(tmp_path / "cats", 2, ".txt")
+    images(tmp_path / "0_off", 2, ".txt")
+    with pytest.raises(TrainError, match="--data-layout kohya reads kohya's <repeats>_<class tokens> folders .* "
+                                         "and it has none; --data-layout plain"):
+        scan_dataset(tmp_path, layout="kohya")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "cats/0.png", "text": "a cat"}))
+    with pytest.raises(TrainError, match="holds a metadata.jsonl, which is the whole dataset: --data-layout kohya"):
+        scan_dataset(tmp_path, layout="kohya")
+    assert [s.caption for s in scan_dataset(tmp_path, layout="plain").samples] == ["a cat"]
 
 
 def test_a_kohya_folder_without_any_caption_file_trains_on_the_class_tokens(tmp_path):
@@ -206,3 +287,47 @@ def test_an_image_that_breaks_after_the_scan_is_warned_about_and_counted_once(tm
     assert all(not p.endswith("1.jpg") for p in paths) and len(paths) == 12
     assert sum("1.jpg" in r.getMessage() for r in caplog.records) == 1
     assert data.broken_at_load == {str(tmp_path / "1.jpg"): 1}
+
+
+def test_an_older_run_checkpoint_reads_its_data_as_plain_and_auto_must_choose_alike(tmp_path):
+    """A checkpoint from before --data-layout read its folders as plain ones: left out, the layout stays plain;
+    auto is compared once the scan has chosen."""
+    from sdlab.train.config import TrainConfig, merge_resumed, resume_changes
+
+    older = {k: v for k, v in TrainConfig(data_dir=str(tmp_path)).to_json().items() if k != "data_layout"}
+    cfg, changed = merge_resumed(older, {})
+    assert (cfg.data_layout, changed) == ("plain", {})
+    cfg, _ = merge_resumed(older, {"data_layout": "auto"})
+    assert resume_changes(older, cfg) == {}                                   # not chosen yet
+    assert resume_changes(older, replace(cfg, data_layout="kohya")) == {"data_layout": ("plain", "kohya")}
+
+
+def test_the_layout_a_run_read_is_in_its_summary_and_checked_on_resume(tmp_path, one_thread, capsys):
+    from sdlab.train.cli import main
+    from train_fixtures import run_in_process, write_tiny_model
+
+    model = write_tiny_model(tmp_path / "tiny.safetensors")
+    data = tmp_path / "img"
+    images(data / "10_sks dog", 2, ".txt")
+    out = tmp_path / "run"
+    run_in_process(out, model, data, "--max-steps", "1", "--checkpoint-every", "1", "--data-layout", "plain")
+    assert json.loads((out / "summary.json").read_text())["data_layout"] == "plain"
+    capsys.readouterr()
+    assert main(["--output-dir", str(out), "--resume", "latest", "--max-steps", "2", "--no-progress",
+                 "--data-layout", "auto"]) == 2
+    assert "--data-layout was 'plain', now 'kohya'" in capsys.readouterr().err
+    assert main(["--output-dir", str(out), "--resume", "latest", "--max-steps", "2", "--no-progress"]) == 0
+    assert json.loads((out / "summary.json").read_text())["data_layout"] == "plain"
+    run_in_process(tmp_path / "auto", model, data, "--max-steps", "1", "--checkpoint-every", "1")
+    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["data_layout"] == "kohya"
+
+
+def test_the_data_layout_comes_from_a_config_file_too(tmp_path):
+    from sdlab.train.config import config_from_settings, load_config_file
+    from sdlab.train.errors import TrainError
+
+    (tmp_path / "run.toml").write_text('data_layout = "kohya"\n')
+    assert config_from_settings(load_config_file(tmp_path / "run.toml")).data_layout == "kohya"
+    (tmp_path / "bad.toml").write_text('data_layout = "kohya_ss"\n')
+    with pytest.raises(TrainError, match="--data-layout must be one of auto, plain, kohya; got 'kohya_ss'"):
+        config_from_settings(load_config_file(tmp_path / "bad.toml"))

@@ -142,7 +142,7 @@ def _with_native_resolution(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfi
 
 
 def _scan(cfg: TrainConfig):
-    scan = scan_dataset(cfg.data_dir, cfg.caption_extension)
+    scan = scan_dataset(cfg.data_dir, cfg.caption_extension, cfg.data_layout)
     if scan.skipped:
         logger.warning("skipped while scanning %s: %s", cfg.data_dir, dict(scan.skipped))
     if not scan.samples:
@@ -235,6 +235,9 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
             if resuming and ctx.is_main:
                 print(resuming, file=sys.stderr)
         scan = _scan(cfg)
+        cfg = replace(cfg, data_layout=scan.layout)     # what auto chose, stored in the run checkpoints
+        if resume is not None:
+            check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
         _claim_output_dir(cfg, resume, ctx.is_main)
         _make_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
@@ -264,6 +267,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
                        "ema_weights": str(result.ema_weights) if result.ema_weights else None,
                        "skipped": result.skipped, "images_per_second": result.images_per_second,
                        "seconds_per_step": result.seconds_per_step, "resolution": cfg.resolution,
+                       "data_layout": cfg.data_layout,
                        "peak_memory_gib": result.peak_memory and round(result.peak_memory[0], 3),
                        "peak_memory_of": result.peak_memory and result.peak_memory[1]}
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,9 @@
 Dataset layouts (the common trainer conventions):
   - ``image.png`` + ``image.txt`` (same name, the caption; another extension with ``caption_extension``, kohya's
     ``--caption_extension``), in the folder or any subfolder, linked folders included;
-  - kohya-ss/sd-scripts' DreamBooth layout, when a first-level subfolder is named ``<N>_<class tokens>``
-    (``10_sks dog``): as kohya's ``generate_dreambooth_subsets_config_by_subdirs`` reads it, each first-level
+  - kohya-ss/sd-scripts' DreamBooth layout (``layout="kohya"``; ``"auto"`` takes it when every first-level
+    folder that holds images is named ``<N>_<class tokens>``, ``10_sks dog``, with N >= 1 and no image lies beside
+    them, `_auto_layout`): as kohya's ``generate_dreambooth_subsets_config_by_subdirs`` reads it, each first-level
     folder whose name before its first ``_`` is an integer N >= 1 holds images drawn N times per epoch, and an
     image there without a caption file trains on the class tokens (the rest of the name). As in kohya only the
     images directly in such a folder count; images elsewhere (the root, other folders, deeper folders) are
@@ -56,6 +57,7 @@ from torch import Tensor
 from sdlab.checkpoints.io import write_safetensors_atomic
 from sdlab.models.vae import posterior_draw
 from sdlab.pipeline.images import upright_8bit
+from sdlab.train.errors import TrainError
 from sdlab.train.task import Batch
 from sdlab.utils.text import not_utf8
 
@@ -63,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CAPTION_EXTENSIONS",
+    "DATA_LAYOUTS",
     "IMAGE_SUFFIXES",
     "DatasetScan",
     "ImageSample",
@@ -130,6 +133,7 @@ class ImageSample:
 class DatasetScan:
     samples: list[ImageSample]
     skipped: Counter = field(default_factory=Counter)   # reason -> count: "broken_image", "empty_caption", ...
+    layout: str = "plain"                               # how it was read: "plain" (a metadata.jsonl too) or "kohya"
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -206,27 +210,34 @@ def _read_jsonl(root: Path, meta: Path, scan: DatasetScan) -> list[tuple[Path, s
     return entries
 
 
-def _image_files(folder: Path, recursive: bool, ancestors: frozenset[str] = frozenset()) -> list[Path]:
+def _walk_images(folder: Path, recursive: bool, ancestors: frozenset[str] = frozenset()) -> Iterator[Path]:
     """The images in ``folder`` (and, ``recursive``, in its subfolders, following links to folders as kohya's
     ``os.listdir`` walk does; a link back to a folder it is in is skipped with a warning), sorted."""
     real = os.path.realpath(folder)
     if real in ancestors:
         logger.warning("skipping %s: a link back to %s, which holds it", folder, real)
-        return []
+        return
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as err:
         logger.warning("skipping folder %s: cannot list it (%s)", folder, err.strerror or err)
-        return []
-    images = []
+        return
     for entry in entries:
         path = Path(entry.path)
         if entry.is_dir():
             if recursive:
-                images += _image_files(path, True, ancestors | {real})
+                yield from _walk_images(path, True, ancestors | {real})
         elif path.suffix.lower() in IMAGE_SUFFIXES and entry.is_file():
-            images.append(path)
-    return images
+            yield path
+
+
+def _image_files(folder: Path, recursive: bool) -> list[Path]:
+    return list(_walk_images(folder, recursive))
+
+
+def _subfolders(root: Path) -> list[Path]:
+    """The folders (links to folders too) directly in ``root``, sorted by name."""
+    return sorted((Path(e.path) for e in os.scandir(root) if e.is_dir()), key=lambda p: p.name)
 
 
 def _caption_file(image: Path, extension: str) -> Path:
@@ -259,9 +270,46 @@ def repeat_folder(name: str) -> tuple[int, str] | None:
         return None
 
 
-def _is_repeat_layout(root: Path) -> bool:
-    """Whether ``root`` is in kohya's DreamBooth layout: a first-level folder named ``<digits>_...``."""
-    return any(entry.is_dir() and re.match(r"\d+_", entry.name) for entry in os.scandir(root))
+DATA_LAYOUTS = ("auto", "plain", "kohya")
+_KOHYA_NAMES = "kohya's <repeats>_<class tokens> folders"
+
+
+def _is_repeat_folder(folder: Path) -> bool:
+    """Whether ``folder`` is named as a kohya repeat folder, ``<digits>_...`` with at least 1 repeat (a plain
+    dataset's numbered folders ``1/ 2/`` have no ``_``)."""
+    return re.match(r"\d+_", folder.name) is not None and repeat_folder(folder.name)[0] >= 1
+
+
+def _names(items: list[str], limit: int = 5) -> str:
+    """'a', 'a and b', 'a, b and c', the first ``limit`` of them then 'and N more'."""
+    shown = items[:limit] + ([f"{len(items) - limit} more"] if len(items) > limit else [])
+    return " and ".join(filter(None, (", ".join(shown[:-1]), shown[-1])))
+
+
+def _auto_layout(root: Path) -> str:
+    """``"kohya"`` when every first-level folder of ``root`` with an image anywhere below it (names starting with
+    ``.`` left out) is a repeat folder (`_is_repeat_folder`) and no image lies directly in ``root``; else
+    ``"plain"``, with a warning where a repeat folder stands beside other images. Either choice of kohya's layout
+    is said in a warning, as it changes which images train and how often."""
+    folders = [p for p in _subfolders(root) if not p.name.startswith(".") and next(_walk_images(p, True), None)]
+    repeats = [p for p in folders if _is_repeat_folder(p)]
+    others, loose = [p for p in folders if p not in repeats], _image_files(root, False)
+    if not repeats:
+        return "plain"
+    if others or loose:
+        beside = [repr(p.name) for p in others] + ([f"{len(loose)} image(s) beside them"] if loose else [])
+        logger.warning("--data-dir %s: %s %s named like %s, but %s %s not; read as plain folders (no repeats; images "
+                       "without a caption file are skipped); --data-layout kohya reads only the repeat folders, as "
+                       "kohya does", root, _names([repr(p.name) for p in repeats]),
+                       "is" if len(repeats) == 1 else "are", _KOHYA_NAMES, _names(beside),
+                       "is" if len(others) + len(loose) == 1 else "are")
+        return "plain"
+    counts = [f"{p.name!r} x{repeat_folder(p.name)[0]} ({len(_image_files(p, False))} images)" for p in repeats]
+    most = max(repeat_folder(p.name)[0] for p in repeats)
+    year = f" (a repeat count of {most} reads like a year or a number in a folder name)" if most >= 1000 else ""
+    logger.warning("--data-dir %s: read as %s: %s%s; --data-layout plain reads them as plain folders", root,
+                   _KOHYA_NAMES, _names(counts, limit=8), year)
+    return "kohya"
 
 
 def _skip_outside(images: list[Path], why: str, scan: DatasetScan) -> None:
@@ -274,12 +322,12 @@ def _skip_outside(images: list[Path], why: str, scan: DatasetScan) -> None:
 def _read_repeat_layout(root: Path, extension: str,
                         scan: DatasetScan) -> list[tuple[Path, str | None, int]]:
     """(image, caption, repeats) of a kohya DreamBooth layout (module docstring): an image without a caption file
-    takes its folder's class tokens."""
+    takes its folder's class tokens; a `TrainError` when no folder is a repeat folder."""
     entries: list[tuple[Path, str | None, int]] = []
     read: list[str] = []
     layout = "kohya's <repeats>_<class tokens> layout reads only the images directly in such folders"
     _skip_outside(_image_files(root, False), layout, scan)
-    for folder in sorted((Path(e.path) for e in os.scandir(root) if e.is_dir()), key=lambda p: p.name):
+    for folder in _subfolders(root):
         params = repeat_folder(folder.name)
         if params is None or params[0] < 1:
             why = "its name does not start with <repeats>_" if params is None else f"{params[0]} repeats"
@@ -295,7 +343,10 @@ def _read_repeat_layout(root: Path, extension: str,
                         extension, class_tokens)
         entries += [(path, class_tokens if caption is None else caption, repeats) for path, caption in captions]
         read.append(f"{folder.name!r} x{repeats}")
-    logger.info("dataset %s: kohya repeat folders %s", root, ", ".join(read) or "none")
+    if not read:
+        raise TrainError(f"--data-dir {root}: --data-layout kohya reads {_KOHYA_NAMES} (10_sks dog, at least 1 "
+                         f"repeat), and it has none; --data-layout plain reads its images wherever they are")
+    logger.info("dataset %s: kohya repeat folders %s", root, ", ".join(read))
     return entries
 
 
@@ -311,23 +362,29 @@ def _no_caption(path: Path, caption: str | None, extension: str | None) -> str:
     return f"no {extension} caption file"
 
 
-def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt") -> DatasetScan:
+def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", layout: str = "auto") -> DatasetScan:
     """Find every usable (image, caption) pair under ``root`` (see module docstring), sorted by path;
     ``caption_extension`` (kohya's ``--caption_extension``; a missing leading dot is added, as kohya does) names
-    the caption file of an image."""
+    the caption file of an image; ``layout`` (`DATA_LAYOUTS`) how its folders are read, recorded in
+    `DatasetScan.layout`."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder {root} {'is not a folder' if root.exists() else 'does not exist'}")
+    if layout not in DATA_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(DATA_LAYOUTS)}; got {layout!r}")
     extension = caption_extension if caption_extension.startswith(".") else "." + caption_extension
     scan = DatasetScan(samples=[])
     meta = root / "metadata.jsonl"
     if meta.is_file():
+        if layout == "kohya":
+            raise TrainError(f"--data-dir {root} holds a metadata.jsonl, which is the whole dataset: --data-layout "
+                             f"kohya does not apply to it (drop it, or the metadata.jsonl)")
         entries = [(path, caption, 1) for path, caption in _read_jsonl(root, meta, scan)]
         extension = None
-    elif _is_repeat_layout(root):
-        entries = _read_repeat_layout(root, extension, scan)
     else:
-        entries = [(path, caption, 1) for path, caption in _read_captions(_image_files(root, True), extension, scan)]
+        scan.layout = _auto_layout(root) if layout == "auto" else layout
+        entries = _read_repeat_layout(root, extension, scan) if scan.layout == "kohya" else \
+            [(path, caption, 1) for path, caption in _read_captions(_image_files(root, True), extension, scan)]
     for path, caption, repeats in sorted(entries, key=lambda e: str(e[0])):
         if not _is_file(path):
             logger.warning("skipping %s: file not found", path)
