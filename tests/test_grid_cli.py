@@ -66,6 +66,22 @@ def test_cells_follow_the_preset_as_txt2img_does(tmp_path: Path, capsys, options
         assert np.array_equal(pixels(kept), want), steps
 
 
+def test_a_cells_lora_tag_sets_its_preset_on_that_cell_alone(tmp_path: Path, capsys) -> None:
+    """A Prompt S/R that adds sdlab-tiny-lcm's tag (which names the lcm preset) draws that cell as txt2img draws
+    its prompt: LCM at the preset's steps, the other cell at the model's sampler and steps."""
+    cells = tmp_path / "cells"
+    code, _, err = run(["grid", PROMPT, "--x", "prompt_sr=apple,apple <lora:sdlab-tiny-lcm:1>", "--seed", "3",
+                        "--out", str(tmp_path / "g.png"), "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    for i, prompt in enumerate([PROMPT, PROMPT.replace("apple", "apple <lora:sdlab-tiny-lcm:1>")]):
+        kept = cells / f"{i:03d}-x{i}-y0-z0.png"
+        want = _txt2img(tmp_path, capsys, f"single-{i}.png", prompt, "--seed", "3")
+        recorded, single = (parse_parameters(read_parameters(path)) for path in (kept, tmp_path / f"single-{i}.png"))
+        assert (recorded["Sampler"], recorded["Steps"]) == (single["Sampler"], single["Steps"])
+        assert (recorded["Sampler"] == "LCM") == (i == 1)
+        assert np.array_equal(pixels(kept), want), prompt
+
+
 def _tcd_lora(folder: Path) -> Path:
     """The shipped LCM-LoRA saved as a LoRA whose file names the tcd preset (TCD-LoRA's eta 0.3, its gamma)."""
     from safetensors import safe_open

@@ -119,6 +119,25 @@ def test_grid_prompt_matrix_pictures_equal_single_runs(tmp_path: Path, capsys) -
     assert (first["Prompt"], first["Seed"], "Script" in first) == ("a red apple", 11, False)
 
 
+def test_a_lora_tag_part_sets_its_preset_on_its_pictures_alone(tmp_path: Path, capsys) -> None:
+    """sdlab-tiny-lcm names the lcm preset: the pictures with its tag draw LCM (4 steps), the others the model's
+    sampler and steps, each the picture txt2img draws with its prompt."""
+    prompt = "a red apple|<lora:sdlab-tiny-lcm:1>"
+    kept = tmp_path / "cells"
+    code, _, err = run(["grid", prompt, "--prompt-matrix", "--seed", "3", "--out", str(tmp_path / "m.png"),
+                        "--keep-cells", str(kept), "--no-progress"], capsys)
+    assert code == 0, err
+    prompts, _, _ = a1111_matrix(prompt, False, "comma", False, 3)
+    for n, (text, sampler) in enumerate(zip(prompts, ["DPM++ 2M", "LCM"])):
+        single = tmp_path / f"single-{n}.png"
+        code, _, err = run(["txt2img", text, "--seed", "3", "--out", str(single), "--no-progress"], capsys)
+        assert code == 0, err
+        cell = kept / f"{n:03d}-x{n}-y0-z0.png"
+        assert parse_parameters(read_parameters(cell))["Sampler"] == sampler == \
+            parse_parameters(read_parameters(single))["Sampler"]
+        assert np.array_equal(pixels(cell), pixels(single)), text
+
+
 @pytest.mark.parametrize("options, match", [
     (["--x", "steps=1,2"], "--x: not --prompt-matrix's"),
     (["--batch-count", "2"], "--batch and --batch-count are not its"),

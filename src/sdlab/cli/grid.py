@@ -20,7 +20,8 @@ Var. seed axis; --keep-random-seeds (A1111's Keep -1 for seeds) leaves them rand
 img2img's strength with --init, else the hires fix's denoise (A1111's denoising_strength); an hr_denoise axis
 is the hires fix's alone, and hires axes are refused with --init. Axes, values and
 ranges are checked before the model loads (`sdlab.pipeline.grid`); every cell's request before the first is
-drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R). The grid
+drawn. Each cell applies and records the <lora:...> tags of its own prompt (after Prompt S/R), and draws with
+the preset one of them names as txt2img would (--preset, or the model's, wins). The grid
 carries the parameters of its first cell and A1111's plot fields (Script: X/Y/Z plot, X Type, X Values,
 Fixed X Values for a Seed or Var. seed axis, ...);
 --keep-cells also writes each cell's pictures with their own. Everything is written at the end, all or
@@ -203,23 +204,29 @@ def _output_folders(args: argparse.Namespace) -> dict[Path, str]:
     return folders
 
 
-def _cells(plot, options: dict, preset: str | None, mode: str, default_steps: int | None) -> list:
-    """Each cell's request options, prompts as typed: the axes over the options given, then the settings of
-    `preset` (--preset's, or the one the model or a LoRA names; None: none) under the cell's, as txt2img puts
-    them under its options, so that the preset's eta goes with the cell's sampler (TCD's gamma is no other's).
-    The axes start from the steps the cells draw without a Steps axis (--steps, else the preset's, else
-    `default_steps`, the model's; None before it loads: unset), as A1111's from its steps, which a UniPC Order
-    axis holds its order under. A cell an axis cannot apply to (a Prompt S/R whose word is gone) is an error
-    before any work."""
+def _cells(plot, options: dict, preset_for, mode: str, default_steps: int | None) -> list:
+    """Each cell's request options, prompts as typed: the axes over the options given, then the settings of the
+    cell's preset (`preset_for(cell prompt)`: --preset's, or the one the model or a LoRA of the cell's own prompt
+    names, as txt2img finds it; None: none) under the cell's, as txt2img puts them under its options, so that the
+    preset's eta goes with the cell's sampler (TCD's gamma is no other's). The axes start from the steps the cell
+    draws without a Steps axis (--steps, else its preset's, else `default_steps`, the model's; None before it
+    loads: unset), as A1111's from its steps, which a UniPC Order axis holds its order under. A cell an axis
+    cannot apply to (a Prompt S/R whose word is gone) is an error before any work."""
     from sdlab.cli.generate import _with_model_preset
     from sdlab.pipeline.grid import GridError
 
-    steps = _with_model_preset(options, preset, mode).get("steps")
+    def from_steps(preset: str | None) -> dict:
+        """Every cell's options, the axes applied over the steps a cell of `preset` starts from."""
+        steps = _with_model_preset(options, preset, mode).get("steps")
+        return dict(plot.cells({**options, "steps": default_steps if steps is None else steps}))
+
     try:
-        cells = plot.cells({**options, "steps": default_steps if steps is None else steps})
+        presets = {index: preset_for(cell["prompt"]) for index, cell in plot.cells(options)}  # the axes set prompts
+        by_preset = {preset: from_steps(preset) for preset in set(presets.values())}
     except GridError as err:
         raise UserError(str(err)) from None
-    return [(index, _with_model_preset(_found_upscaler(cell), preset, mode)) for index, cell in cells]
+    return [(index, _with_model_preset(_found_upscaler(by_preset[preset][index]), preset, mode))
+            for index, preset in presets.items()]
 
 
 def _found_upscaler(cell: dict) -> dict:
@@ -303,14 +310,18 @@ def run_grid(args: argparse.Namespace) -> int:
     controls = _controls(args, {}, options.get("control_convention", GenerationRequest.control_convention))
     if controls:
         options["controls"] = controls
-    typed = _cells(plot, options, args.preset, args.mode, None)    # each cell's LoRAs come from its own prompt
+    typed = _cells(plot, options, lambda prompt: args.preset, args.mode, None)    # each cell's LoRAs: its prompt's
     cell_loras = _cell_loras(args, typed, finder)
     cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot, args.batch_count)
 
     pipe, model = _load_pipeline(args, None, loras, finder)
-    preset = args.preset or pipe.preset_for(options["prompt"])     # or the one a file names (LCM-LoRA, Turbo)
-    typed = _cells(plot, options, preset, args.mode, pipe.bundle.family.default_steps)   # the model's steps
+
+    def preset_for(prompt: str) -> str | None:
+        """A cell's preset as txt2img's: --preset's, else the one the model or a LoRA of its prompt names."""
+        return args.preset or pipe.preset_for(cell_loras[prompt][0])
+
+    typed = _cells(plot, options, preset_for, args.mode, pipe.bundle.family.default_steps)   # the model's steps
     cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot, args.batch_count)
     name, hash_ = _identify_model(model)
