@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -88,6 +89,22 @@ def test_matrix_of_the_negative_prompt_and_a1111s_refusals() -> None:
 def test_matrix_fixes_an_unset_seed_once() -> None:
     cells = prompt_matrix({"prompt": "a|b|c"}).cells({"prompt": "a|b|c"})
     assert len({cell["seed"] for _, cell in cells}) == 1 and cells[0][1]["seed"] >= 0
+
+
+def test_draw_plot_refuses_to_keep_a_matrix_seeds_random() -> None:
+    """draw_plot draws a PromptMatrix as a Plot; its keep_random_seeds is a Plot's alone (the matrix fixes them)."""
+    from PIL import Image
+
+    from sdlab.pipeline.grid import draw_plot
+
+    def run(request):
+        return SimpleNamespace(images=[Image.new("RGB", (64, 64))], request=request)
+
+    matrix = prompt_matrix({"prompt": "a|b|c"})
+    sheet, results = draw_plot(run, {"prompt": "a|b|c"}, matrix)
+    assert len(results) == 4 and sheet.width > 128
+    with pytest.raises(GridError, match="^keep_random_seeds: a prompt matrix draws every picture on one fixed seed"):
+        draw_plot(run, {"prompt": "a|b|c"}, matrix, keep_random_seeds=True)
 
 
 PROMPT = "a red apple|on a table|at night"

@@ -512,7 +512,10 @@ def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dic
     for the whole grid (`fix_seeds`), unless the plot keeps random seeds (`Plot.keep_random_seeds`, A1111's
     "Keep -1 for seeds", or `keep_random_seeds=True` here, which draws the plot as made with it): then each cell
     draws its own. A cell of several images (a `batch_size`) shows them as `cell_picture` lays them out;
-    `draw_cells` draws cells of several batches."""
+    `draw_cells` draws cells of several batches. A prompt matrix (`prompt_matrix`) always fixes its seeds, as
+    A1111's: `keep_random_seeds=True` is a GridError there."""
+    if keep_random_seeds and not isinstance(plot, Plot):
+        raise GridError("keep_random_seeds: a prompt matrix draws every picture on one fixed seed (as A1111's)")
     if keep_random_seeds and not plot.keep_random_seeds:
         plot = Plot(*(axis and typed_axis(axis) for axis in (plot.x, plot.y, plot.z)), plot.legend, True)
     cells = plot.cells(options if plot.keep_random_seeds else fix_seeds(options))
