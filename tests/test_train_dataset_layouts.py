@@ -89,6 +89,8 @@ def kohya_folder(tmp_path):
     images(root / "notes", 2, ".txt")                  # no repeats: kohya ignores it
     images(root / "0_off", 1, ".txt")                  # 0 repeats: ignored
     images(root, 1, ".txt")                            # loose in the root: ignored
+    (root / "10_sks dog" / "1.txt").write_text("sks dog, sitting\nsource: my notes, do not train\n")
+    (root / "1_dog" / "2.txt").write_text("a dog\r\n\r\nmore")   # kohya reads the first line only
     return root
 
 
@@ -97,7 +99,12 @@ def test_kohya_repeat_folders_train_as_kohya_s_dreambooth_dataset(kohya_folder, 
         scan = scan_dataset(kohya_folder, layout="kohya")
     got = sorted((str(s.path), s.caption, s.repeats) for s in scan.samples)
     assert got == kohya_dreambooth(str(kohya_folder), ".txt")
+    assert {s.path.name: s.caption for s in scan.samples if s.path.parent.name == "10_sks dog"}["1.png"] == \
+        "sks dog, sitting"
     assert scan.layout == "kohya"
+    for folder in ("10_sks dog", "1_dog"):             # one warning each: the later lines are not read
+        assert sum(f"{folder}: 1 caption file(s) hold more than one line" in r.getMessage()
+                   for r in caplog.records) == 1
     assert ("3_sks cat", "sks cat") in {(s.path.parent.name, s.caption) for s in scan.samples}
     assert ("2_ohwx_woman", "ohwx_woman") in {(s.path.parent.name, s.caption) for s in scan.samples}
     assert scan.skipped["outside_repeat_folders"] == 1 + 2 + 1 + 1     # extra/, notes/, 0_off/, the root's image

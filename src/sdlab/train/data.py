@@ -7,9 +7,9 @@ Dataset layouts (the common trainer conventions):
     folder that holds images is named ``<N>_<class tokens>``, ``10_sks dog``, with N >= 1 and no image lies beside
     them, `_auto_layout`): as kohya's ``generate_dreambooth_subsets_config_by_subdirs`` reads it, each first-level
     folder whose name before its first ``_`` is an integer N >= 1 holds images drawn N times per epoch, and an
-    image there without a caption file trains on the class tokens (the rest of the name). As in kohya only the
-    images directly in such a folder count; images elsewhere (the root, other folders, deeper folders) are
-    skipped with a warning and counted;
+    image there without a caption file trains on the class tokens (the rest of the name); a caption file gives
+    its first line, as kohya's ``read_caption``. As in kohya only the images directly in such a folder count;
+    images elsewhere (the root, other folders, deeper folders) are skipped with a warning and counted;
   - a ``metadata.jsonl`` at the root, one ``{"file_name": "a.png", "text": "..."}`` per line (Hugging Face
     ``imagefolder``; ``caption`` is accepted for ``text``; a UTF-8 byte-order mark is read past). When it exists
     it is the whole dataset.
@@ -319,6 +319,22 @@ def _skip_outside(images: list[Path], why: str, scan: DatasetScan) -> None:
         scan.skipped["outside_repeat_folders"] += count
 
 
+def _caption_lines(text: str) -> list[str]:
+    """The lines of a caption file as kohya's ``read_caption`` splits them (text-mode ``readlines``: a line ends at
+    ``\n``, ``\r`` or ``\r\n``)."""
+    return re.split(r"\r\n?|\n", text)
+
+
+def _first_lines(folder: Path, captions: list[tuple[Path, str | None]]) -> list[tuple[Path, str | None]]:
+    """Each caption's first line, kohya's ``lines[0]``; one warning for the folder when a later line holds text."""
+    lines = [(path, None if caption is None else _caption_lines(caption)) for path, caption in captions]
+    longer = [path for path, parts in lines if parts is not None and "".join(parts[1:]).strip()]
+    if longer:
+        logger.warning("%s: %d caption file(s) hold more than one line (%s, ...): only the first line is the "
+                       "caption, as kohya reads it", folder, len(longer), longer[0].name)
+    return [(path, None if parts is None else parts[0]) for path, parts in lines]
+
+
 def _read_repeat_layout(root: Path, extension: str,
                         scan: DatasetScan) -> list[tuple[Path, str | None, int]]:
     """(image, caption, repeats) of a kohya DreamBooth layout (module docstring): an image without a caption file
@@ -336,7 +352,7 @@ def _read_repeat_layout(root: Path, extension: str,
         repeats, class_tokens = params
         _skip_outside([p for sub in sorted(folder.iterdir()) if sub.is_dir() for p in _image_files(sub, True)],
                       f"in a folder inside {folder.name} ({layout})", scan)
-        captions = _read_captions(_image_files(folder, False), extension, scan)
+        captions = _first_lines(folder, _read_captions(_image_files(folder, False), extension, scan))
         uncaptioned = sum(caption is None for _, caption in captions)
         if uncaptioned and class_tokens.strip():
             logger.info("%s: %d image(s) without a %s caption train on the class tokens %r", folder, uncaptioned,
