@@ -188,6 +188,43 @@ def test_sheet_size_is_cells_plus_label_bands_and_cells_sit_in_place() -> None:
     assert only_x.size == (3 * 64, grid_layout((64, 64), 3, 1, x, [""]).top + 64)
 
 
+def a1111_draw_texts(drawing, draw_x, draw_y, lines, fnt, line_spacing, color_inactive=(153, 153, 153)):
+    """A1111 1.10 modules/images.py `draw_grid_annotations`' `draw_texts` (`lines`: (text, is_active), `line.size`
+    as its `multiline_textbbox` gives it; no line wider than its slot, so the font is not shrunk)."""
+    for text, is_active in lines:
+        bbox = drawing.multiline_textbbox((0, 0), text, font=fnt)
+        size = (bbox[2] - bbox[0], bbox[3] - bbox[1])
+        drawing.multiline_text((draw_x, draw_y + size[1] / 2), text, font=fnt,
+                               fill=(0, 0, 0) if is_active else color_inactive, anchor="mm", align="center")
+        if not is_active:
+            drawing.line((draw_x - size[0] // 2, draw_y + size[1] // 2, draw_x + size[0] // 2, draw_y + size[1] // 2),
+                         fill=color_inactive, width=4)
+        draw_y += size[1] + line_spacing
+
+
+@pytest.mark.parametrize("cell_size", [64, 512])
+def test_legend_lines_and_their_strike_through_are_drawn_as_a1111s(cell_size: int) -> None:
+    """A prompt matrix legend (an inactive part grey and struck through its middle, an active one black) pixel-equal
+    to A1111's drawing of the same lines, at the same place, in the same font."""
+    from PIL import ImageDraw
+
+    from sdlab.pipeline.grid import Annotation
+
+    lines = [("agy", False), ("red fur", True), ("AHM", False)]
+    cell = _cell((255, 255, 255), (cell_size, cell_size))
+    label = tuple(Annotation(text, active) for text, active in lines)
+    sheet = draw_grid([[cell]], [label], [()])
+    layout = grid_layout(cell.size, 1, 1, [label], [()])
+    size = font_size(*cell.size)
+    fnt, spacing = grid_font(size), size // 2
+    want = Image.new("RGB", sheet.size, "white")
+    drawing = ImageDraw.Draw(want)
+    heights = sum(drawing.multiline_textbbox((0, 0), text, font=fnt)[3]
+                  - drawing.multiline_textbbox((0, 0), text, font=fnt)[1] + spacing for text, _ in lines) - spacing
+    a1111_draw_texts(drawing, cell_size / 2, layout.top / 2 - heights / 2, lines, fnt, spacing)
+    assert np.array_equal(np.asarray(sheet)[:layout.top], np.asarray(want)[:layout.top])
+
+
 def test_z_sub_grids_sit_side_by_side_under_titles() -> None:
     grids = [draw_grid([[_cell((255, 0, 0)), _cell((0, 255, 0))]], ["a", "b"], [""]) for _ in range(3)]
     sheet, lefts = row_grids(grids, ["Seed: 1", "Seed: 2", "Seed: 3"], font_size(64, 64))

@@ -671,10 +671,10 @@ def _lines_height(lines: list[str], font: Any, spacing: int) -> int:
 def _draw_centered(draw: ImageDraw.ImageDraw, lines: list[Annotation], cx: float, cy: float, font: Any,
                    spacing: int) -> None:
     y = cy - _lines_height([line.text for line in lines], font, spacing) / 2
-    for line in lines:
+    for line in lines:                  # as A1111's `draw_texts`: centred ("mm") in the line's box, h high
         w, h = _text_size(font, line.text or " ")
-        draw.text((cx - w / 2, y), line.text, font=font, fill=(0, 0, 0) if line.active else INACTIVE, anchor="la")
-        if not line.active:         # A1111 strikes an inactive part through with a 4 px line
+        draw.text((cx, y + h / 2), line.text, font=font, fill=(0, 0, 0) if line.active else INACTIVE, anchor="mm")
+        if not line.active:         # A1111 strikes an inactive part through its middle with a 4 px line
             draw.line((cx - w // 2, y + h // 2, cx + w // 2, y + h // 2), fill=INACTIVE, width=4)
         y += h + spacing
 
