@@ -9,6 +9,7 @@ conditioning is the real crop, and the tiny models train with it.
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from PIL import Image
 
 from sdlab.train.config import TrainConfig
 from sdlab.train.data import (
+    ImageSample,
+    LatentCache,
     TrainData,
     cover_size,
     load_training_image,
@@ -179,11 +182,74 @@ def test_a_step_s_images_share_a_bucket_and_an_epoch_draws_every_image(mixed):
             with Image.open(path) as im:
                 assert size == (im.height, im.width)
             bucket = select_bucket(im.width, im.height, resos)
-            assert crop == kohya_trim_offsets(bucket, kohya_select_bucket(resos, im.width, im.height)[1])
+            resized = kohya_select_bucket(resos, im.width, im.height)[1]
+            top, left = kohya_trim_offsets(bucket, resized)
+            assert crop in ((top, left), (top, resized[0] - (left + bucket[0])))     # flipped: mirrored
     data.close()
     assert all(len(s) == 1 for s in shapes.values()) and len({s for v in shapes.values() for s in v}) > 1
     for sample in scan.samples:                          # each image at least its repeats times in an epoch
         assert drawn.count(str(sample.path)) >= sample.repeats
+
+
+class PoolingVAE(torch.nn.Module):
+    """A stand-in VAE for the latent cache: the posterior mean is the image 8x8-average-pooled, the std 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def encode(self, pixels):
+        mean = torch.nn.functional.avg_pool2d(pixels, 8) * self.scale
+        return types.SimpleNamespace(mean=mean, std=torch.ones_like(mean))
+
+
+def _pooling_cache(folder) -> LatentCache:
+    return LatentCache(PoolingVAE(), lambda z: z, folder, 64, torch.device("cpu"))
+
+
+def _flipping_generator(flip: bool) -> torch.Generator:
+    """A generator whose draw after the crop's flips (``flip``) or does not."""
+    for seed in range(100):
+        g = torch.Generator().manual_seed(seed)
+        torch.randint(0, 2, (1,), generator=g), torch.randint(0, 2, (1,), generator=g)
+        if (float(torch.rand((), generator=g)) < 0.5) == flip:
+            return torch.Generator().manual_seed(seed)
+    raise AssertionError
+
+
+@pytest.mark.parametrize("center_crop", [True, False])
+def test_a_flipped_image_s_crop_corner_is_mirrored_as_kohya_s(tmp_path, center_crop):
+    """SDXL's crop_top_left of a flipped image is the corner of the window in the mirrored resized image: kohya's
+    ``crop_left_top = (target_size[0] - crop_ltrb[2], crop_ltrb[1])`` when flipped (``__getitem__``), the width
+    less the right edge. The latent cache stores the same corner with its flipped latent."""
+    width, height = 300, 70
+    resos = make_bucket_resolutions((64, 64), 32, 128, 8)
+    bucket = select_bucket(width, height, resos)
+    resized = cover_size(width, height, bucket)
+    assert (resized[0] - bucket[0]) % 2 == 1            # an odd trim: the mirrored centre crop is 1 px over
+    banded(width, height).save(tmp_path / "p.png")
+    kwargs = dict(center_crop=center_crop, random_flip=True, bucket=bucket)
+    plain = load_training_image(tmp_path / "p.png", 64, generator=_flipping_generator(False), **kwargs)
+    flipped = load_training_image(tmp_path / "p.png", 64, generator=_flipping_generator(True), **kwargs)
+    if center_crop:
+        assert plain.crop_top_left == kohya_trim_offsets(bucket, resized)
+    top, left = flipped.crop_top_left
+    assert flipped.flipped and not plain.flipped
+    mirror = banded(width, height).resize(resized, Image.Resampling.LANCZOS).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    window = mirror.crop((left, top, left + bucket[0], top + bucket[1]))
+    assert torch.equal(flipped.pixels, torch.from_numpy(np.asarray(window, np.float32) / 127.5 - 1.0).permute(2, 0, 1))
+    if center_crop:
+        right = plain.crop_top_left[1] + bucket[0]
+        assert (top, left) == (plain.crop_top_left[0], resized[0] - right) != plain.crop_top_left
+        cache = _pooling_cache(tmp_path / "cache")
+        sample = ImageSample(tmp_path / "p.png", "p")
+        cache.ensure([(sample, True, bucket), (sample, False, bucket)])
+        entry = cache.load(sample, True, bucket)
+        assert tuple(entry["crop_top_left"].tolist()) == (top, left)
+        assert tuple(cache.load(sample, False, bucket)["crop_top_left"].tolist()) == plain.crop_top_left
+        assert torch.equal(entry["mean"], torch.nn.functional.avg_pool2d(flipped.pixels[None], 8)[0])
+
+
 
 
 def test_bucket_settings_are_checked_before_anything_loads():

@@ -424,7 +424,7 @@ def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", 
 class LoadedImage:
     pixels: Tensor                     # (3, H, W) in [-1, 1]: the square resolution or the bucket
     original_size: tuple[int, int]     # (height, width) of the file
-    crop_top_left: tuple[int, int]     # (top, left) in the resized image
+    crop_top_left: tuple[int, int]     # (top, left) in the resized image, mirrored with it when flipped
     flipped: bool
 
 
@@ -469,10 +469,12 @@ def select_bucket(width: int, height: int, resos: Sequence[tuple[int, int]]) -> 
 
 
 def load_training_image(path: Path, resolution: int, *, center_crop: bool, random_flip: bool,
-                        generator: torch.Generator, bucket: tuple[int, int] | None = None) -> LoadedImage:
+                        generator: torch.Generator, bucket: tuple[int, int] | None = None,
+                        flip: bool = False) -> LoadedImage:
     """Open, resize (Lanczos) and crop (centre or random from ``generator``) to a ``resolution`` square (the short
     side resized to it) or to ``bucket`` (width, height; resized as `cover_size`), optionally flip horizontally
-    (p = 0.5 from ``generator``); pixels in [-1, 1]."""
+    (p = 0.5 from ``generator``; always with ``flip``); pixels in [-1, 1]. The crop corner of a flipped image is
+    that of the window in the mirrored resized image (`mirrored_left`)."""
     target_w, target_h = bucket or (resolution, resolution)
     with Image.open(path) as im:
         im = upright_8bit(im).convert("RGB")
@@ -489,12 +491,19 @@ def load_training_image(path: Path, resolution: int, *, center_crop: bool, rando
         top = int(torch.randint(0, new_h - target_h + 1, (1,), generator=generator))
         left = int(torch.randint(0, new_w - target_w + 1, (1,), generator=generator))
     im = im.crop((left, top, left + target_w, top + target_h))
-    flipped = bool(random_flip and float(torch.rand((), generator=generator)) < 0.5)
+    flipped = flip or bool(random_flip and float(torch.rand((), generator=generator)) < 0.5)
     if flipped:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        left = mirrored_left(left, target_w, new_w)
     array = np.asarray(im, dtype=np.float32) / 127.5 - 1.0  # (H, W, 3)
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
     return LoadedImage(pixels, (height, width), (top, left), flipped)
+
+
+def mirrored_left(left: int, crop_width: int, width: int) -> int:
+    """The left edge of a ``crop_width`` window at ``left`` in a ``width``-wide image once the image is flipped
+    horizontally: SDXL's crop_top_left of a flipped image (kohya's ``target_size[0] - crop_ltrb[2]``)."""
+    return width - left - crop_width
 
 
 def shuffle_tags(caption: str, rng: random.Random, keep_tokens: int = 0, separator: str = ",") -> str:
@@ -590,6 +599,7 @@ class LatentCache:
         stat = path.stat()
         key = f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{self.resolution}|{int(flipped)}"
         key += f"|{bucket[0]}x{bucket[1]}" if bucket else ""
+        key += "|mirrored crop" if flipped else ""   # not the entries stored before its crop corner was mirrored
         return self.folder / (hashlib.sha1(key.encode()).hexdigest() + ".safetensors")
 
     def ensure(self, items: Sequence[tuple[ImageSample, bool, tuple[int, int] | None]], batch_size: int = 64) -> int:
@@ -603,9 +613,8 @@ class LatentCache:
         done = 0
         for chunk in chunks:
             images = [load_training_image(s.path, self.resolution, center_crop=True, random_flip=False,
-                                          generator=torch.Generator(), bucket=b) for s, _, b, _ in chunk]
-            pixels = torch.stack([im.pixels.flip(-1) if f else im.pixels
-                                  for im, (_, f, _, _) in zip(images, chunk)])  # (N, 3, H, W)
+                                          generator=torch.Generator(), bucket=b, flip=f) for s, f, b, _ in chunk]
+            pixels = torch.stack([im.pixels for im in images])  # (N, 3, H, W)
             with torch.no_grad():
                 posterior = self.vae.encode(pixels.to(self.device, self.dtype))
             mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()  # (N, C, h, w)
