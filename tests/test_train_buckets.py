@@ -250,6 +250,28 @@ def test_a_flipped_image_s_crop_corner_is_mirrored_as_kohya_s(tmp_path, center_c
         assert torch.equal(entry["mean"], torch.nn.functional.avg_pool2d(flipped.pixels[None], 8)[0])
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_bucket_whose_only_image_breaks_after_the_scan_borrows_another_bucket_s(tmp_path, caplog, cached):
+    """Its slots take the next images of the stream from other buckets, trained at its bucket: the run goes on
+    and every step keeps one bucket; with the latent cache, such an image is encoded at that bucket then."""
+    for i, (w, h) in enumerate([(64, 64), (64, 64), (64, 64), (200, 60)]):
+        banded(w, h).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text("x")
+    resos = make_bucket_resolutions((64, 64), 32, 128, 8)
+    lonely = select_bucket(200, 60, resos)
+    data = TrainData(scan_dataset(tmp_path), resolution=64, center_crop=True, random_flip=False, seed=0,
+                     batch_size=2, grad_accum=1, num_workers=1, bucket_resolutions=resos,
+                     latent_cache=_pooling_cache(tmp_path / "cache") if cached else None)
+    data.prepare_cache()
+    (tmp_path / "3.png").unlink()
+    buckets = []                                        # (width, height) of each step's pixels
+    for _, _, batch in data.iterate(0, 6):              # two epochs of 3 steps, one of them the lonely bucket's
+        height, width = [8 * n for n in batch.latents.shape[-2:]] if cached else batch.images.shape[-2:]
+        buckets.append((width, height))
+        assert all(not path.endswith("3.png") for path in batch.paths)
+    data.close()
+    assert buckets.count(lonely) == 2
+    assert data.broken_at_load == {str(tmp_path / "3.png"): 1}
 
 
 def test_bucket_settings_are_checked_before_anything_loads():

@@ -15,8 +15,8 @@ Dataset layouts (the common trainer conventions):
     it is the whole dataset.
 A file that PIL cannot open or decode to its end, an empty / missing caption, or a caption that is not UTF-8
 text, is skipped with a warning and counted (`DatasetScan.skipped`); it is never fatal. An image that passes the
-scan but fails to decode later is replaced by the next sample of the stream, warned about once and counted once
-in ``TrainData.broken_at_load``.
+scan but fails to decode later is replaced by the next sample of the stream (of its bucket, else of another one,
+`TrainData._stand_ins`), warned about once and counted once in ``TrainData.broken_at_load``.
 
 Order and sharding: the sample stream is an endless concatenation of per-epoch permutations drawn from
 ``(seed, epoch)``. Optimiser step ``s`` consumes stream positions ``[s*G, (s+1)*G)`` with
@@ -702,21 +702,31 @@ class TrainData:
         return shuffle_tags(caption, random.Random(derive_seed(seed, "caption")), self.keep_tokens,
                             self.caption_separator)
 
+    def _stand_ins(self, position: int) -> Iterator[int]:
+        """The samples that may fill stream ``position``: its own, then the next ones of the stream of its bucket,
+        then, where none of those loads, the next ones of the other buckets (trained at its bucket, so that a
+        step keeps one bucket)."""
+        bucket = self.bucket_of(self.stream[position])
+        following = range(position, position + self.stream.epoch_length)
+        yield from (i for i in map(self.stream.__getitem__, following) if self.bucket_of(i) == bucket)
+        yield from (i for i in map(self.stream.__getitem__, following) if self.bucket_of(i) != bucket)
+
     def _load_one(self, step: int, slot: int) -> tuple[ImageSample, int, LoadedImage | dict[str, Tensor]]:
-        """The sample of a slot, or when it cannot be decoded the next one of the stream (of the slot's bucket)
-        that can; a file that failed once is passed over from then on (warned about and counted once)."""
+        """The sample of a slot, or when it cannot be decoded the next one of the stream that can (`_stand_ins`);
+        a file that failed once is passed over from then on (warned about and counted once)."""
         seed = self.sample_seed(step, slot)
         position = step * self.global_batch + slot
         bucket = self.bucket_of(self.stream[position])
-        for attempt in range(self.stream.epoch_length):
-            index = self.stream[position + attempt]
+        for index in self._stand_ins(position):
             sample = self.scan.samples[index]
-            if str(sample.path) in self.broken_at_load or self.bucket_of(index) != bucket:
+            if str(sample.path) in self.broken_at_load:
                 continue
             g = generator_for(seed, "augment")
             try:
                 if self.latent_cache is not None:
                     flipped = bool(self.random_flip and float(torch.rand((), generator=g)) < 0.5)
+                    if self.bucket_of(index) != bucket:     # not cached at this bucket: encoded now
+                        self.latent_cache.ensure([(sample, flipped, bucket)])
                     return sample, seed, self.latent_cache.load(sample, flipped, bucket)
                 image = load_training_image(sample.path, self.resolution, center_crop=self.center_crop,
                                             random_flip=self.random_flip, generator=g, bucket=bucket)
