@@ -204,3 +204,45 @@ def test_a_bug_in_the_sampler_lookup_is_not_taken_for_an_unknown_sampler(monkeyp
     monkeypatch.setattr(request, "get_sampler", broken)
     with pytest.raises(AttributeError, match="a bug"):
         runs_a1111_unipc(unipc)
+
+
+@pytest.mark.parametrize("bug", [AttributeError("a bug"), ValueError("a bug")])
+@pytest.mark.parametrize("module, function", [
+    ("infotext", "_schedule_overrides"), ("infotext", "_sgm_noise_multiplied"), ("infotext", "_sampler_init_noise"),
+    ("infotext", "_ensd"), ("infotext", "_old_rule_differs"), ("infotext", "eta_label"), ("infotext", "_taken"),
+    ("request", "runs_a1111_unipc"), ("samplers", "a1111_schedule"),
+])
+def test_every_sampler_lookup_takes_only_an_unknown_sampler_for_one(monkeypatch, bug, module, function):
+    """Each lookup reads `UnknownSamplerError` (a ValueError) as "a sampler sdlab does not know"; any other error,
+    a ValueError of a bug included, propagates instead of silently dropping the labels it decides."""
+    import importlib
+
+    from sdlab.pipeline.request import GenerationRequest
+
+    target = importlib.import_module(f"sdlab.{'diffusion' if module == 'samplers' else 'pipeline'}.{module}")
+    req = GenerationRequest("x", sampler="Euler", schedule="karras", steps=4, seed=1, sgm_noise_multiplier=True)
+    args = {"_old_rule_differs": (req, ["x"]), "eta_label": ("Euler",), "a1111_schedule": ("Euler", "karras"),
+            "_taken": (req, "s_churn", 1.0)}
+    call = getattr(target, function)
+    call(*args.get(function, (req,)))                                    # the real lookup answers
+
+    def broken(name):
+        raise bug
+
+    monkeypatch.setattr(target, "get_sampler", broken)
+    with pytest.raises(type(bug), match="a bug"):
+        call(*args.get(function, (req,)))
+
+
+def test_schedule_labels_of_a_request_without_schedule_or_with_unknown_names():
+    """`_schedule_overrides` writes no schedule label where there is no schedule, or a sampler or schedule sdlab
+    does not know (the request's check names those); with both known it writes what the schedule took."""
+    from dataclasses import replace
+
+    from sdlab.pipeline.infotext import _schedule_overrides
+    from sdlab.pipeline.request import GenerationRequest
+
+    req = GenerationRequest("x", sampler="DPM2", schedule="karras", schedule_rho=5.0)
+    assert _schedule_overrides(req)["Schedule rho"] == 5.0
+    for other in (replace(req, schedule=None), replace(req, sampler="Nope"), replace(req, schedule="nope")):
+        assert _schedule_overrides(other) == {}

@@ -81,6 +81,7 @@ __all__ = [
     "Discretization",
     "SPACING_SCHEDULERS",
     "UI_IMG2IMG",
+    "UnknownDiscretizationError",
     "a1111_timestep_sigmas",
     "a1111_timesteps",
     "ddim_timesteps",
@@ -721,11 +722,16 @@ DISCRETIZATIONS: dict[str, Discretization] = {
 }
 
 
+class UnknownDiscretizationError(ValueError):
+    """A discretization (schedule) name sdlab does not have; the message lists the valid names."""
+
+
 def get_discretization(name: str) -> Discretization:
     """Look up a discretization by name, case-insensitively."""
     found = DISCRETIZATIONS.get(name.strip().lower())
     if found is None:
-        raise ValueError(f"unknown discretization {name!r}; valid names: {', '.join(sorted(DISCRETIZATIONS))}")
+        raise UnknownDiscretizationError(f"unknown discretization {name!r}; valid names: "
+                                         f"{', '.join(sorted(DISCRETIZATIONS))}")
     return found
 
 

@@ -364,7 +364,7 @@ def a1111_schedule(sampler: str, schedule: str | None) -> str | None:
     schedule as given for a sampler sdlab does not know (the request's check names it)."""
     try:
         spec = get_sampler(sampler)
-    except ValueError:
+    except UnknownSamplerError:
         return schedule
     if spec.a1111 in A1111_TIMESTEP_SAMPLERS:
         return "ddim_uniform"

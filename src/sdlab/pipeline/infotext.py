@@ -21,9 +21,9 @@ from dataclasses import dataclass, fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from sdlab.diffusion.discretization import DIFFUSERS_NAMES, schedule_overrides
+from sdlab.diffusion.discretization import DIFFUSERS_NAMES, UnknownDiscretizationError, schedule_overrides
 from sdlab.diffusion.samplers import (
-    A1111_TIMESTEP_SAMPLERS, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
+    A1111_TIMESTEP_SAMPLERS, UnknownSamplerError, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
 )
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.pipeline.control import infotext_lines
@@ -322,7 +322,7 @@ def _old_rule_differs(req: GenerationRequest, texts: list[str]) -> bool:
     a second-order sampler's model calls: `SamplerSpec.calls_per_step`)."""
     try:
         calls = get_sampler(req.sampler).calls_per_step
-    except ValueError:
+    except UnknownSamplerError:
         calls = 1
     passes = [(req.steps * calls, None)]
     if req.hires:
@@ -435,7 +435,7 @@ def _ensd(req: GenerationRequest) -> int | None:
     ensd = req.eta_noise_seed_delta or 0
     try:
         spec = get_sampler(req.sampler)
-    except ValueError:
+    except UnknownSamplerError:
         return ensd or None
     if not spec.draws_step_noise(req.eta, req.s_churn):
         return None
@@ -444,12 +444,15 @@ def _ensd(req: GenerationRequest) -> int | None:
 
 def _schedule_overrides(req: GenerationRequest) -> dict[str, Any]:
     """A1111's `Schedule min sigma` / `max sigma` / `rho` where the schedule took them and `Discard penultimate
-    sigma` where it dropped a sigma the sampler's row keeps (`KDiffusionSampler.get_sigmas`)."""
+    sigma` where it dropped a sigma the sampler's row keeps (`KDiffusionSampler.get_sigmas`); none for a request
+    without a schedule or with a sampler or schedule sdlab does not know."""
+    if req.schedule is None:
+        return {}
     try:
-        spec, taken = get_sampler(req.sampler), schedule_overrides(
-            req.schedule, sigma_min=req.schedule_sigma_min, sigma_max=req.schedule_sigma_max, rho=req.schedule_rho,
-            alpha=req.beta_alpha, beta=req.beta_beta)
-    except (ValueError, AttributeError):
+        spec = get_sampler(req.sampler)
+        taken = schedule_overrides(req.schedule, sigma_min=req.schedule_sigma_min, sigma_max=req.schedule_sigma_max,
+                                   rho=req.schedule_rho, alpha=req.beta_alpha, beta=req.beta_beta)
+    except (UnknownSamplerError, UnknownDiscretizationError):
         return {}
     beta = "alpha" in taken or "beta" in taken         # A1111 writes both with its Beta schedule
     return {"Schedule min sigma": taken.get("sigma_min"), "Schedule max sigma": taken.get("sigma_max"),
@@ -475,7 +478,7 @@ def _sgm_noise_multiplied(req: GenerationRequest) -> bool:
     """A1111's `SGM noise multiplier` label: where it scaled the start noise (`request.sgm_noise_multiplied`)."""
     try:
         return sgm_noise_multiplied(req, get_sampler(req.sampler))
-    except (ValueError, AttributeError):
+    except UnknownSamplerError:
         return req.sgm_noise_multiplier
 
 
@@ -496,7 +499,7 @@ def _sampler_init_noise(req: GenerationRequest) -> str | None:
     not know."""
     try:
         return sampler_init_noise(get_sampler(req.sampler), req.schedule)
-    except (ValueError, AttributeError):
+    except UnknownSamplerError:
         return None
 
 
@@ -506,7 +509,7 @@ def _taken(req: GenerationRequest, option: str, value: float | None) -> float | 
     sampler sdlab does not know keeps it."""
     try:
         spec = get_sampler(req.sampler)
-    except ValueError:
+    except UnknownSamplerError:
         return value
     return value if option in inspect.signature(spec.fn).parameters else None
 
@@ -540,7 +543,7 @@ def eta_label(sampler: str | None) -> tuple[str | None, float | None]:
     not know keeps its eta as `Eta`."""
     try:
         spec = get_sampler(sampler)
-    except ValueError:
+    except UnknownSamplerError:
         return "Eta", None
     if spec.default_eta is None:
         return None, None

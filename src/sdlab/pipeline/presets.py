@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sdlab.diffusion.samplers import get_sampler
+from sdlab.diffusion.samplers import UnknownSamplerError, get_sampler
 from sdlab.pipeline.request import RequestError
 
 __all__ = ["PRESETS", "Preset", "apply_preset", "get_preset", "preset_names"]
@@ -71,7 +71,7 @@ class Preset:
             return True
         try:
             return get_sampler(sampler) is get_sampler(self.sampler)
-        except ValueError:
+        except UnknownSamplerError:
             return False
 
 

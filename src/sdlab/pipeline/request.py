@@ -54,7 +54,7 @@ from sdlab.diffusion.discretization import (
 )
 from sdlab.diffusion.noise import RNG_SOURCES
 from sdlab.diffusion.samplers import (
-    A1111_TIMESTEP_SAMPLERS, SamplerSpec, comfyui_spelling, get_sampler, runs_a1111_timesteps,
+    A1111_TIMESTEP_SAMPLERS, SamplerSpec, UnknownSamplerError, comfyui_spelling, get_sampler, runs_a1111_timesteps,
 )
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
@@ -420,7 +420,7 @@ def runs_a1111_unipc(r: GenerationRequest) -> bool:
     passes = ((r.sampler, r.schedule), (r.hr_sampler, r.hr_schedule or r.schedule))
     try:
         specs = [(get_sampler(name), schedule) for name, schedule in passes if name]
-    except ValueError:
+    except UnknownSamplerError:
         return False
     return any(spec.a1111 == "UniPC" and runs_a1111_timesteps(spec, schedule) for spec, schedule in specs)
 
