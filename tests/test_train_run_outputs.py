@@ -7,6 +7,9 @@ from __future__ import annotations
 import csv
 import json
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +20,7 @@ from sdlab.checkpoints.io import read_checkpoint
 from sdlab.cli import main as sdlab_main
 from sdlab.train.config import TrainConfig
 from sdlab.train.errors import TrainError
-from sdlab.train.loop import StopFlag, check_resume
+from sdlab.train.loop import check_resume
 from sdlab.train.run_checkpoint import (
     DiskFull,
     ResumePoint,
@@ -26,7 +29,7 @@ from sdlab.train.run_checkpoint import (
     prune_checkpoints,
     save_run_checkpoint,
 )
-from train_fixtures import CLI_RES, write_caption_folder, write_tiny_model
+from train_fixtures import CLI_RES, cli_args, cli_env, write_caption_folder, write_tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -182,14 +185,45 @@ def test_a_full_disk_at_a_checkpoint_still_delivers_the_weights(tiny, tmp_path, 
     assert _steps(out) == [1]
 
 
-def test_a_second_signal_stops_at_once():
-    """The first SIGINT asks for a stop after the step; a second one, in a step that takes minutes, stops now."""
-    before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
-        with StopFlag() as stop:
-            signal.raise_signal(signal.SIGINT)
-            assert stop.requested == signal.SIGINT
-            signal.raise_signal(signal.SIGINT)
-            for _ in range(1000):                                  # Python runs the handler between bytecodes
-                pass
-    assert signal.getsignal(signal.SIGINT) is before
+_HANGING_READ = """
+import sys, time
+from pathlib import Path
+import sdlab.train.data as data
+
+marker, load, calls = Path(sys.argv[1]), data.load_training_image, []
+
+def hang_from_the_third_image(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 2:
+        marker.touch()
+        time.sleep(600)
+    return load(*args, **kwargs)
+
+data.load_training_image = hang_from_the_third_image
+from sdlab.train.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_second_signal_stops_a_run_whose_data_read_hangs(tiny, tmp_path):
+    """The first SIGINT asks for a stop after the step, which never ends while a read hangs; the second one stops
+    the process now. Before, its KeyboardInterrupt waited for the hung data thread, and the run went on."""
+    model, data = tiny
+    marker = tmp_path / "hanging"
+    proc = subprocess.Popen([sys.executable, "-c", _HANGING_READ, str(marker),
+                             *cli_args(tmp_path / "run", model, data, "--lora-rank", "2", "--max-steps", "50")[2:]],
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running 30 s after the second SIGINT: {proc.communicate()[1][-3000:]}") from None
+    assert proc.returncode == -signal.SIGINT, err[-3000:]        # killed by it: status 130 in a shell
+    assert "received SIGINT again: stopping at once" in err

@@ -14,8 +14,9 @@ is resumed with a larger ``max_steps`` trains again at that schedule's rate inst
 Interruption: SIGINT / SIGTERM only set a flag (nothing is written from a signal handler); the loop
 finishes the current optimiser step, writes a run checkpoint and the weights so far
 (``interrupted.safetensors``, a file ``--model`` / ``--lora`` read), and returns. A checkpoint write that is
-already running when the signal arrives simply completes. SIGKILL cannot be caught: the run then loses
-the steps since its last checkpoint, and the atomic write guarantees that checkpoint is complete.
+already running when the signal arrives simply completes. A second signal ends the process at once (`StopFlag`).
+SIGKILL cannot be caught: the run then loses the steps since its last checkpoint, and the atomic write
+guarantees that checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
 import sys
 import threading
@@ -78,8 +80,10 @@ class RunResult:
 
 
 class StopFlag:
-    """SIGINT / SIGTERM -> a flag the loop polls (installed only in the main thread). A second signal restores
-    the handlers there were before and raises it again: the process stops at once, as without the flag."""
+    """SIGINT / SIGTERM -> a flag the loop polls (installed only in the main thread). A second signal ends the
+    process at once, killed by that signal (exit status 128 + its number) after the log is flushed: neither a
+    KeyboardInterrupt, which waits for a data thread whose read hangs, nor the interpreter's exit, which joins
+    every thread."""
 
     def __init__(self) -> None:
         self.requested: int | None = None
@@ -92,8 +96,7 @@ class StopFlag:
             self.requested = signum
             return
         logger.warning("received %s again: stopping at once; the checkpoints written so far are intact", name)
-        self.__exit__()
-        signal.raise_signal(signum)
+        _end_process(signum)
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -105,6 +108,19 @@ class StopFlag:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def _end_process(signum: int) -> None:
+    """Flush the log and the standard streams, then die of ``signum`` as without a handler (``os._exit`` where
+    that default does not end the process)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
+    os._exit(128 + signum)
 
 
 def lr_multiplier(step: int, cfg: TrainConfig) -> float:
