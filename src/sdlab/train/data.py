@@ -524,8 +524,9 @@ class SampleStream:
     """Stream position -> sample index: epochs of one length, each a seeded order (from ``(seed, epoch)``) of
     every sample drawn its ``repeats`` times. With ``buckets`` (one per sample), an epoch is made of runs of
     ``group`` positions (a global batch) from one bucket: each bucket's draws are shuffled and cut into runs, a
-    shorter last run filled up with its own images again (so its step weighs them as kohya's shorter last batch
-    of a bucket does), and the runs are shuffled."""
+    shorter last run filled up with its own images again in turn (its step trains the images of kohya's shorter
+    last batch of the bucket, alike where their number divides ``group``, else the first ones once more), and
+    the runs are shuffled."""
 
     def __init__(self, repeats: Sequence[int], seed: int, buckets: Sequence[tuple[int, int]] | None = None,
                  group: int = 1):
