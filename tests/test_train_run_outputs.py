@@ -155,6 +155,20 @@ def test_sample_every_alone_previews_where_no_prompts_are_read():
     assert TrainConfig(task="vae", sample_every=2).sample_every == 2    # the VAE task previews its images
 
 
+@pytest.mark.parametrize(("name", "text"), [("run.toml", "sample_prompts = []\n"), ("run.json", '{"sample_prompts": []}')])
+def test_an_empty_list_of_sample_prompts_in_a_config_file_asks_for_nothing(tmp_path, name, text):
+    """Before, the pair check formatted its first prompt: 'internal error: IndexError'."""
+    import argparse
+
+    from sdlab.train.config import add_config_arguments, config_from_args
+
+    (tmp_path / name).write_text(text)
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / name)]))
+    assert (cfg.sample_prompts, cfg.sample_every) == ((), None)
+
+
 def test_a_run_checkpoint_read_as_weights_says_how_to_get_them(tiny, tmp_path, capsys):
     model, data = tiny
     out = tmp_path / "run"

@@ -402,12 +402,12 @@ _SHAPING: tuple[tuple[str, str, typing.Callable[[TrainConfig], bool]], ...] = (
 
 
 def _check_option_pairs(cfg: TrainConfig, given: typing.Collection[str] = ()) -> None:
-    """A `TrainError` for a setting set (off its default, or named in ``given``) without the one it shapes (it
-    would do nothing), and for a timestep range that is empty."""
+    """A `TrainError` for a setting set (off its default, or named in ``given`` unless as an empty list, which
+    asks for nothing) without the one it shapes (it would do nothing), and for a timestep range that is empty."""
     defaults = {f.name: f.default for f in fields(cfg)}
     for name, shapes, applies in _SHAPING:
         value = getattr(cfg, name)
-        if (value != defaults[name] or name in given) and not applies(cfg):
+        if (value != defaults[name] or (name in given and value != ())) and not applies(cfg):
             option = flag(name) if value is not False else "--no-" + flag(name)[2:]
             text = option if isinstance(value, bool) else f"{option} {value!r}" if isinstance(value, str) else \
                 f"{option} {value[0]!r}" if isinstance(value, tuple) else f"{option} {value:g}"
