@@ -266,3 +266,39 @@ def test_prompts_file_errors_before_any_work(tmp_path: Path, capsys, text: str, 
     code, _, err = run(["txt2img", "--prompts-file", str(prompts), "--out", str(out)], capsys)
     assert code == 2 and match in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_prompts_file_holds_one_model_at_a_time(tmp_path: Path, capsys, monkeypatch) -> None:
+    """A line's --sd_model lets the model before go (A1111's Maximum number of checkpoints loaded: 1); the shipped
+    model named by its path is the default one, not a second load."""
+    import shutil
+
+    import sdlab.cli.generate as generate
+    from sdlab.api import shipped_model_path
+
+    other = tmp_path / "other.safetensors"
+    shutil.copy(shipped_model_path(), other)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"a cat\n--prompt a cat --sd_model {shipped_model_path()}\n--prompt a dog --sd_model {other}\n"
+                       "--prompt a dog --sd_model other.safetensors\na bird\n")
+    loads, held = [], []
+    load, run_generate = generate._load_pipeline, generate.run_generate
+
+    def counting_load(args, model=None, *rest):
+        loads.append(Path(model or args.model or shipped_model_path()).name)
+        return load(args, model, *rest)
+
+    def run_line(ns, pipelines=None):
+        code = run_generate(ns, pipelines)
+        if pipelines is not None:                           # a line's run
+            held.append(len(pipelines))
+        return code
+
+    monkeypatch.setattr(generate, "_load_pipeline", counting_load)
+    monkeypatch.setattr(generate, "run_generate", run_line)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(["txt2img", "--prompts-file", str(prompts), "--steps", "1", "--out", str(tmp_path / "out"),
+                        "--no-progress"], capsys)
+    assert code == 0, err
+    assert held == [1] * 5
+    assert loads == [shipped_model_path().name, "other.safetensors", shipped_model_path().name]

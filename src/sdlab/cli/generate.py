@@ -1029,14 +1029,31 @@ def _warn_what_is_not_given(recorded: dict[str, Any], refiner, vae: tuple | None
 
 
 def _pipeline(args: argparse.Namespace, model, loras, finder, recorded, pipelines: dict | None):
-    """`_load_pipeline`'s pipeline, kept in `pipelines` by model for the runs after (--prompts-file's lines)."""
-    key = model or args.model
-    if pipelines is None or key not in pipelines:
-        loaded = _load_pipeline(args, model, loras, finder, recorded)
-        if pipelines is None:
-            return loaded
-        pipelines[key] = loaded
+    """`_load_pipeline`'s pipeline; with `pipelines` (--prompts-file's lines) the one loaded last is kept for the
+    next run of the same model file, and let go before another loads: one model held at a time, as A1111's
+    default Maximum number of checkpoints loaded at the same time (1)."""
+    if pipelines is None:
+        return _load_pipeline(args, model, loras, finder, recorded)
+    from sdlab.api import shipped_model_path
+
+    chosen = model or args.model or shipped_model_path()
+    key = chosen and os.path.realpath(chosen)
+    if key not in pipelines:
+        pipelines.clear()
+        _free_memory()
+        pipelines[key] = _load_pipeline(args, model, loras, finder, recorded)
     return pipelines[key]
+
+
+def _free_memory() -> None:
+    """Give back what the pipelines let go held (CUDA memory too) before the next model loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int:

@@ -17,7 +17,8 @@ line's pictures go to), --do_not_save_samples true (drawn, not written); --sampl
 is ignored since 1.6 and the rest name files or text sdlab's CLI does not write), and --restore_faces true is
 refused (sdlab has no face restoration). Every line is read and checked before the model loads: a line A1111
 would draw as a prompt because it does not read (`unknown commandline option: --step`) is an error here,
-naming its line; the model is loaded once for every line that draws it.
+naming its line. A model loaded stays for the lines after it that draw it and is let go before a line's other
+model loads: one model held at a time, as A1111's default (Maximum number of checkpoints loaded: 1).
 """
 
 from __future__ import annotations
