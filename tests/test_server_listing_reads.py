@@ -35,6 +35,10 @@ def _request(**service) -> SimpleNamespace:
     return SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(service=SimpleNamespace(**service))))
 
 
+def _content(path: Path) -> bytes:
+    return path.read_bytes()
+
+
 def _rewrite(path: Path, state: dict[str, torch.Tensor]) -> None:
     """`state` into `path` with a modification time of its own (coarse file-system clocks)."""
     before = path.stat().st_mtime_ns
@@ -55,6 +59,39 @@ def test_a_value_is_read_again_only_when_its_file_changes(tmp_path):
     path.write_bytes(b"three")
     assert read_per_version(path, size) == 5 and len(reads) == 2
     assert read_per_version(tmp_path / "gone.bin", lambda p: "uncached") == "uncached"
+
+
+def test_a_copy_that_keeps_size_and_modification_time_is_read_again(tmp_path):
+    """`cp -p` / `rsync -t` / an unzip put another file of the same size and modification time in place: its
+    inode and change time tell it from the file before."""
+    path, incoming = tmp_path / "ink.bin", tmp_path / "incoming.bin"
+    path.write_bytes(b"v1")
+    incoming.write_bytes(b"v2")
+    stat = path.stat()
+    os.utime(incoming, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert read_per_version(path, _content) == b"v1"
+    os.replace(incoming, path)
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert read_per_version(path, _content) == b"v2"
+
+
+def test_the_reads_of_deleted_files_are_dropped(tmp_path, monkeypatch):
+    """A folder whose files come and go (training runs rotating LoRAs through it) keeps at most about twice its
+    files' reads in memory, not every file it ever held."""
+    from sdlab.utils import file_hashes
+
+    monkeypatch.setattr(file_hashes, "_READS", {})
+    monkeypatch.setattr(file_hashes, "_sweep_at", file_hashes._FIRST_SWEEP)
+    live = tmp_path / "live.bin"
+    live.write_bytes(b"live")
+    read_per_version(live, _content)
+    for n in range(1000):
+        path = tmp_path / f"run-{n}.bin"
+        path.write_bytes(b"x" * n)
+        assert read_per_version(path, _content) == b"x" * n
+        path.unlink()
+    kept = [Path(name) for name, _ in file_hashes._READS]
+    assert live in kept and len(kept) <= file_hashes._FIRST_SWEEP
 
 
 def test_the_upscalers_list_reads_each_file_once_per_version(tmp_path, monkeypatch):

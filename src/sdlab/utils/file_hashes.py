@@ -7,8 +7,10 @@ so each is kept by (path, kind, size, modification time) in a small SQLite file,
 full disk, a locked or damaged file) is skipped: the hash is then computed every time, never wrong.
 
 What a model listing reads of each file (a header's metadata, an upscaler network's scale) is kept in memory
-by (path, size, modification time) too (`read_per_version`), as A1111 keeps such reads in its `cache.json`: a
-listing of many files reads only those that changed.
+by path and version of the file (`read_per_version`: size, modification time, inode and change time, so a copy
+that keeps the size and modification time of the file it replaces is read too), as A1111 keeps such reads in
+its `cache.json`: a listing of many files reads only those that changed. The reads of files that are gone are
+dropped whenever the table has doubled since the last sweep, so it holds at most about twice the files there are.
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_FILE = "file-hashes.sqlite"
 _T = TypeVar("_T")
-_READS: dict[tuple[str, Callable[[Path], Any]], tuple[int, int, Any]] = {}    # (path, read) -> (size, mtime, value)
+_READS: dict[tuple[str, Callable[[Path], Any]], tuple[tuple[int, ...], Any]] = {}   # (path, read) -> (version, value)
 _READS_LOCK = threading.Lock()
+_FIRST_SWEEP = 64
+_sweep_at = _FIRST_SWEEP          # the table's size at which the reads of files that are gone are dropped
 _SCHEMA = """CREATE TABLE IF NOT EXISTS hashes (
     path TEXT NOT NULL, kind TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, value TEXT NOT NULL,
     PRIMARY KEY (path, kind))"""
@@ -75,22 +79,45 @@ def cached_hash(path: str | os.PathLike[str], kind: str, compute: Callable[[Path
 
 
 def read_per_version(path: str | os.PathLike[str], read: Callable[[Path], _T]) -> _T:
-    """`read(path)`, kept in memory while the file keeps its size and modification time; a file that cannot be
-    looked at is read every time (`read` then answers for it as it does uncached)."""
+    """`read(path)`, kept in memory while the file keeps its version (`_version`); a file that cannot be looked at
+    is read every time (`read` then answers for it as it does uncached)."""
     path = Path(path)
     try:
         stat = path.stat()
     except OSError:
         return read(path)
-    key, version = (str(path), read), (stat.st_size, stat.st_mtime_ns)
+    key, version = (str(path), read), _version(stat)
     with _READS_LOCK:
         kept = _READS.get(key)
-    if kept is not None and kept[:2] == version:
-        return kept[2]
+    if kept is not None and kept[0] == version:
+        return kept[1]
     value = read(path)
     with _READS_LOCK:
-        _READS[key] = (*version, value)
+        _READS[key] = (version, value)
+        sweep = len(_READS) >= _sweep_at
+    if sweep:
+        _forget_gone_files()
     return value
+
+
+def _version(stat: os.stat_result) -> tuple[int, int, int, int]:
+    """What tells two versions of a file apart: size and modification time, and the inode and change time, which a
+    copy that keeps the size and modification time (`cp -p`, `rsync -t`, an unzip) does not keep: `utime` sets
+    the modification time, no call sets the change time."""
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns
+
+
+def _forget_gone_files() -> None:
+    """Drop the reads of files that no longer exist, and sweep again when the table has doubled: a folder whose
+    files come and go keeps at most about twice its files' reads, and a read costs O(1) looks at files on average."""
+    global _sweep_at
+    with _READS_LOCK:
+        paths = {path for path, _ in _READS}
+    gone = {path for path in paths if not os.path.exists(path)}
+    with _READS_LOCK:
+        for key in [key for key in _READS if key[0] in gone]:
+            del _READS[key]
+        _sweep_at = max(_FIRST_SWEEP, 2 * len(_READS))
 
 
 __all__ = ["cache_dir", "cached_hash", "read_per_version"]
