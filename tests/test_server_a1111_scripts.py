@@ -227,7 +227,7 @@ def test_csv_mode_takes_a_choice_axis_from_the_text(client) -> None:
 
 
 @pytest.mark.parametrize("route", ["txt2img", "img2img"])
-@pytest.mark.parametrize("name", ["no such script", "prompt matrix", "x/y/z plot "])
+@pytest.mark.parametrize("name", ["no such script", "loopback", "x/y/z plot "])
 def test_a_script_it_does_not_list_is_a1111s_422(client, route: str, name: str) -> None:
     body = {"prompt": "a cat", "steps": 1, "script_name": name, "script_args": [4, "1,2", [], 6, "1,3", []]}
     if route == "img2img":

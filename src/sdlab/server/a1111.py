@@ -472,22 +472,36 @@ def _given(body: Txt2ImgIn) -> set[str]:
     return given | ({"schedule"} if "sampler" in given else set())   # "DPM++ 2M Karras" names it; unset = None
 
 
-async def _drawn_job(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> Job:
-    """The job of `request` (drawn from `body`) once it is done; failed or interrupted, A1111's error."""
+def _job_spec(service: Service, body: Txt2ImgIn, request: GenerationRequest) -> tuple[JobSpec, str | None]:
+    """The job of `request` (drawn from `body`) and the model it names (None: the selected one)."""
     overrides = _drawable_overrides(service, body.override_settings)
-    model = overrides.get("sd_model_checkpoint")
     switch_at = REFINER_SWITCH if body.refiner_switch_at is None else body.refiner_switch_at
     spec = JobSpec(request, batch_count=body.n_iter, model_preset_fills=unset_preset_fields(_given(body), request),
                    unset_schedule=a1111_schedule(request.sampler, None),
                    **_vae_fields(_vae_choice(service, {**service.options, **overrides})),
                    refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
-    kept = {} if body.override_settings_restore_afterwards else overrides
+    return spec, overrides.get("sd_model_checkpoint")
+
+
+def _a1111_refusal(err: BadRequest, where: str = "") -> BadRequest:
+    """`err` in A1111's field names, its message after `where`."""
+    detail = _a1111_named(err.detail) if err.detail == err.message else err.detail
+    return BadRequest(where + _a1111_named(err.message), err.status, where + detail if where else detail)
+
+
+async def _drawn_job(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest,
+                     run: ScriptRun | None = None) -> Job:
+    """The job of `request` (drawn from `body`, for the script `run` if any) once it is done; failed or
+    interrupted, A1111's error."""
+    spec, model = _job_spec(service, body, request)
+    kept = {} if body.override_settings_restore_afterwards else _drawable_overrides(service, body.override_settings)
     selected = await asyncio.to_thread(_selected_model, service, kept) if kept else None     # checked: `_request`
     try:
         job, _ = await asyncio.to_thread(service.submit, spec, mode, model)
     except BadRequest as err:
-        raise BadRequest(_a1111_named(err.message), err.status,
-                         _a1111_named(err.detail) if err.detail == err.message else err.detail) from None
+        raise _a1111_refusal(err) from None
+    if run is not None:
+        run.job = job
     if kept:                            # A1111's `process_images` restores them only when asked to
         _set_options(service, kept, selected)
     await _until_finished(job)
@@ -503,10 +517,11 @@ async def _generate(service: Service, body: Txt2ImgIn, mode: str, request: Gener
     return _answer(service, body, request, await _named_job(service, body, mode, request))
 
 
-async def _named_job(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest) -> Job:
+async def _named_job(service: Service, body: Txt2ImgIn, mode: str, request: GenerationRequest,
+                     run: ScriptRun | None = None) -> Job:
     """`_drawn_job`, a refusal naming a field the `infotext` filled by its label (`_named_by_infotext`)."""
     with _named_by_infotext(body):
-        return await _drawn_job(service, body, mode, request)
+        return await _drawn_job(service, body, mode, request, run)
 
 
 def _answer(service: Service, body: Txt2ImgIn, request: GenerationRequest, job: Job) -> dict[str, Any]:
@@ -528,16 +543,80 @@ def _job_info(service: Service, body: Txt2ImgIn, request: GenerationRequest, job
     return _info(job, body, name, extra, batch_size=request.batch_size)
 
 
+@dataclasses.dataclass
+class ScriptRun:
+    """A selectable script's requests drawn as A1111 runs a script, one task: `job_counts` each request's A1111
+    jobs (`_a1111_jobs`; `/progress` counts over them all, A1111's `state.job_count`), `drawn` the requests done,
+    `job` the one drawing, `interrupted` set by `/interrupt` (A1111's `state.interrupted`: no later request
+    is drawn)."""
+
+    job_counts: list[int]
+    drawn: int = 0
+    job: Job | None = None
+    interrupted: bool = False
+
+    def progress(self, job_no: int) -> tuple[int, int, str]:
+        """A1111's (job_count, job_no, job) with the drawing request at its own `job_no`."""
+        done = sum(self.job_counts[:self.drawn]) + job_no
+        return sum(self.job_counts), done, f"{self.drawn + 1} out of {len(self.job_counts)}"
+
+
 def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> ScriptHost:
-    """What a selectable script draws with: a body's request as `prepare` (`_txt2img_request`,
-    `_img2img_request`) makes it, drawn on this server."""
-    async def drawn(body: Txt2ImgIn) -> Drawn:
-        mode, request = await prepare(service, body)
-        job = await _named_job(service, body, mode, request)
-        return Drawn([service.images_dir / name for name in job.images], list(job.infotexts),
-                     _job_info(service, body, request, job))
+    """What a selectable script draws with: its requests as `prepare` (`_txt2img_request`, `_img2img_request`)
+    makes the first one, the others with its pictures and ControlNet units (a script changes neither), each
+    checked as the route checks it before any is drawn, then drawn in turn on this server as one `ScriptRun`."""
+    async def drawn(bodies: list[Txt2ImgIn], labels: list[str], keep_going: bool) -> list[Drawn | None]:
+        mode, first = await prepare(service, bodies[0])
+        requests = [await _checked_request(service, body, mode, first, label) for body, label in zip(bodies, labels)]
+        run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests])
+        service.script_runs.append(run)
+        try:
+            return await _script_drawn(service, run, bodies, mode, [request for _, request in requests], keep_going)
+        finally:
+            service.script_runs.remove(run)
 
     return ScriptHost(drawn, lambda image, text: _base64_picture(image, text, _options(service)), _echo)
+
+
+async def _checked_request(service: Service, body: Txt2ImgIn, mode: str, first: GenerationRequest,
+                           label: str) -> tuple[JobSpec, GenerationRequest]:
+    """A script's request `body` (`label` names it in a refusal) with the pictures and units of `first`,
+    checked as `service.submit` checks a job, and its job."""
+    inits = first.init_images or ((first.init_image,) if first.init_image is not None else ())
+    try:
+        with _named_by_infotext(body):
+            request = _request(body, first.controls, inits, first.mask_image, service.options)
+            spec, model = _job_spec(service, body, request)
+            await asyncio.to_thread(service.check, spec, mode, model)
+    except BadRequest as err:
+        raise _a1111_refusal(err, f"{label}: ") from None
+    return spec, request
+
+
+async def _script_drawn(service: Service, run: ScriptRun, bodies: list[Txt2ImgIn], mode: str,
+                        requests: list[GenerationRequest], keep_going: bool) -> list[Drawn | None]:
+    """Each request drawn in turn, None after `run` is interrupted (an interrupted job too interrupts it) and,
+    when `keep_going`, for one that fails (logged, as A1111's X/Y/Z plot draws a blank cell); nothing drawn and
+    something failed, the first failure."""
+    drawn: list[Drawn | None] = []
+    failures = []
+    for body, request in zip(bodies, requests):
+        job = None
+        if not run.interrupted or not drawn:        # the first is drawn whatever came before it
+            try:
+                job = await _named_job(service, body, mode, request, run)
+            except BadRequest as err:
+                if not keep_going:
+                    raise
+                logger.error("a script's request failed, left blank: %s", err.message)
+                failures.append(err)
+        run.drawn += 1
+        run.interrupted = run.interrupted or (job is not None and job.status == "cancelled")
+        drawn.append(None if job is None else Drawn([service.images_dir / name for name in job.images],
+                                                    list(job.infotexts), _job_info(service, body, request, job)))
+    if failures and not any(drawn):
+        raise failures[0]
+    return drawn
 
 
 def _drawable_overrides(service: Service, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -982,26 +1061,47 @@ def progress(request: Request, skip_current_image: bool = False) -> dict[str, An
     service = service_of(request)
     queued, running = service.queue.counts()
     job = service.queue.current
+    run = _script_run(service, job)
     state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": queued + running,
              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
-    if job is None:
+    if job is None and run is None:
         return {"progress": 0.0, "eta_relative": 0.0, "state": state, "current_image": None, "textinfo": None}
-    passes = job.passes                 # first: once set, `steps` is too (`Job.count_steps` sets them in turn)
-    step, steps = job.step, job.steps   # read once: the worker counts on while this answers
-    job_count, job_no, sampling_step, sampling_steps = _a1111_jobs(job.spec, passes, step)
+    passes = job.passes if job else ()  # first: once set, `steps` is too (`Job.count_steps` sets them in turn)
+    step, steps = (job.step, job.steps) if job else (0, 0)     # read once: the worker counts on while this answers
+    job_count, job_no, sampling_step, sampling_steps = _a1111_jobs(job.spec, passes, step) if job else (1, 0, 0, 0)
+    label = f"task({job.id})" if job else ""
+    if run is not None:                 # a script: A1111 counts over all its requests' jobs
+        job_count, job_no, label = run.progress(job_no)
     done = 0.01 + job_no / job_count        # A1111's progressapi: over the whole job
     if sampling_steps:
         done += sampling_step / sampling_steps / job_count
+    if job is None:
+        return {"progress": done, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                "state": {**state, "job": label, "job_count": job_count, "job_no": job_no,
+                          "interrupted": run.interrupted}}
     elapsed = time.time() - (job.started or time.time())
-    state.update(job=f"task({job.id})", interrupted=job.cancel.is_set(), skipped=job.skip.is_set(),
+    state.update(job=label, interrupted=job.cancel.is_set(), skipped=job.skip.is_set(),
                  job_timestamp=_stamp(job.created), job_count=job_count, job_no=job_no, sampling_step=sampling_step,
                  sampling_steps=sampling_steps)
-    preview = job.preview
+    options = _options(service)
+    preview = job.a1111_preview((job_no, sampling_step), options["show_progress_every_n_steps"],
+                                options["live_previews_enable"])
     image = None
     if preview is not None and not skip_current_image:
-        image = _base64_picture(preview_image(preview), None, _options(service))
+        image = _base64_picture(preview_image(preview), None, options)
     return {"progress": min(1.0, done), "eta_relative": max(0.0, elapsed / done - elapsed),
             "state": state, "current_image": image, "textinfo": f"step {step}/{steps}"}
+
+
+def _script_run(service: Service, job: Job | None) -> ScriptRun | None:
+    """The script drawing `job`, or with no job running the first script between two of its requests."""
+    runs = [run for run in service.script_runs if job is None or run.job is job]
+    return runs[0] if runs else None
+
+
+def _a1111_job_count(spec: JobSpec) -> int:
+    """A1111's `state.job_count` of a job: each batch of its n_iter, doubled for the hires fix."""
+    return spec.batch_count * (2 if spec.request.hires else 1)
 
 
 def _a1111_jobs(spec: JobSpec, passes: tuple[int, ...], step: int) -> tuple[int, int, int, int]:
@@ -1009,7 +1109,7 @@ def _a1111_jobs(spec: JobSpec, passes: tuple[int, ...], step: int) -> tuple[int,
     batch of its n_iter is one of A1111's jobs, each pass of the hires fix one of its own (A1111 doubles
     job_count for it), and the steps are those of the pass running, of the steps each pass of a batch runs
     (`Job.passes`, none until the worker has resolved the job)."""
-    count = spec.batch_count * (2 if spec.request.hires else 1)
+    count = _a1111_job_count(spec)
     if not passes or step <= 0:
         return count, 0, 0, passes[0] if passes else 0
     per_batch = sum(passes)
@@ -1023,7 +1123,12 @@ def _a1111_jobs(spec: JobSpec, passes: tuple[int, ...], step: int) -> tuple[int,
 
 @router.post("/interrupt")
 def interrupt(request: Request) -> dict[str, Any]:
-    service_of(request).queue.interrupt()
+    """A1111's interrupt: the running job stops, and so does the script it is drawn for (`ScriptRun`)."""
+    service = service_of(request)
+    run = _script_run(service, service.queue.current)
+    if run is not None:
+        run.interrupted = True
+    service.queue.interrupt()
     return {}                           # A1111's `interruptapi` answer (its `skip` answers null)
 
 

@@ -12,8 +12,12 @@ empty or null name is none, another name a 422 `Script '<name>' not found`. sdla
   of `prompt_txt`, drawn exactly as its single request would be (`sdlab.pipeline.prompt_matrix`,
   `sdlab.pipeline.prompts_file`).
 
-To add a script (prompt matrix, prompts from file, ...): write `async def run(host, body, mode) -> dict` that
-draws with `host.draw` (one request as the route draws it without a script) and answers A1111's
+Every script draws its requests with one `host.draw`, as A1111 runs a script as one task: each request is checked as
+the route checks it before any is drawn (a refusal names the cell or line), `/progress` counts over all of them
+(A1111's `state.job_count`, `job_no`, `job` "k out of N"), and after `/interrupt` no later request is drawn (A1111's
+`state.interrupted`; its X/Y/Z plot draws blank cells, its other scripts only the pictures drawn so far).
+
+To add a script: write `async def run(host, body, mode) -> dict` that draws with `host.draw` and answers A1111's
 `{images, parameters, info}`, describe its `script_args` as `ScriptArg`s, and add a `SelectableScript` to
 `RUNNABLE_SCRIPTS`: `selected_script`, `GET scripts` and `GET script-info` follow. `GET scripts` lists the
 always-on scripts `alwayson_scripts` takes (`sdlab.server.alwayson`) after them.
@@ -61,7 +65,9 @@ class Drawn:
 class ScriptHost:
     """What a script draws and answers with, given by the route (`a1111.py`)."""
 
-    draw: Callable[[Any], Awaitable[Drawn]]            # a request body -> the request drawn
+    draw: Callable[[list[Any], list[str], bool], Awaitable[list[Drawn | None]]]
+    """(request bodies, what each is in a refusal, keep_going) -> each drawn as the route draws it without a
+    script, None for those not drawn after an interrupt (and with keep_going for one that failed, logged)"""
     encode: Callable[[Image.Image, str], str]          # a picture and its parameters in base64, as the route
     echo: Callable[[Any], dict[str, Any]]              # A1111's `parameters` of a request body
 
@@ -305,10 +311,11 @@ def _cell_image(drawn: Drawn, body: Any) -> Image.Image:
     return cell_picture(images)
 
 
-def _grid_text(drawn: Drawn, fields: Mapping[str, str]) -> str:
+def _grid_text(drawn: Drawn | None, fields: Mapping[str, str]) -> str | None:
     """A grid's parameters: its first cell's first picture's with the plot `fields` (A1111's `create_infotext` of
     that cell with the script's `extra_generation_params`)."""
-    return format_parameters(with_plot_parameters(parse_parameters(drawn.infotexts[0]), fields))
+    text = _first_text(drawn)
+    return format_parameters(with_plot_parameters(parse_parameters(text), fields)) if text is not None else None
 
 
 async def run_xyz_plot(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
@@ -316,18 +323,33 @@ async def run_xyz_plot(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]
     `Script.run` returns (`answer_xyz_plot`)."""
     args = xyz_args(body.script_args)
     plot = xyz_plot(args, mode)
-    drawn = {index: await host.draw(cell) for index, cell in cell_bodies(body, plot, args, mode)}
-    return answer_xyz_plot(host, body, plot, args, drawn)
+    cells = cell_bodies(body, plot, args, mode)
+    labels = [f"x/y/z plot cell {', '.join(plot.labels(index)) or index}" for index, _ in cells]
+    drawn = await host.draw([cell for _, cell in cells], labels, True)
+    return answer_xyz_plot(host, body, plot, args, {index: cell for (index, _), cell in zip(cells, drawn)})
+
+
+def _blank_cells(pictures: dict[Index, Image.Image | None]) -> dict[Index, Image.Image]:
+    """Every cell's picture, black where none was drawn (A1111's `Image.new` of the first cell's mode and size)."""
+    size = next(picture.size for picture in pictures.values() if picture is not None)
+    return {index: picture or Image.new("RGB", size) for index, picture in pictures.items()}
 
 
 def answer_xyz_plot(host: ScriptHost, body: Any, plot: Plot, args: XyzArgs,
-                    drawn: dict[Index, Drawn]) -> dict[str, Any]:
+                    drawn: dict[Index, Drawn | None]) -> dict[str, Any]:
     """A1111's answer: `images` the grid, then with Include Sub Grids each Z value's grid, then with Include Sub
     Images each cell's picture (X fastest); `info` the first cell's, with `infotexts` those of the grid (its first
     cell's text with the plot fields), the sub-grids and every cell (with or without its picture), `all_prompts` /
-    `all_seeds` the sub-grids' and each cell's, `index_of_first_image` 1 (A1111's `draw_xyz_grid`, `run`)."""
+    `all_seeds` the sub-grids' and each cell's, `index_of_first_image` 1 (A1111's `draw_xyz_grid`, `run`). A cell
+    not drawn (after an interrupt, or failed) is black, its text, prompt and seed null; none drawn, A1111's
+    `Processed(p, [])`: no picture."""
     cells = list(drawn.values())
-    pictures = {index: _cell_image(cell, body) for index, cell in drawn.items()}
+    first = next((cell for cell in cells if cell is not None and cell.pictures), None)
+    if first is None:
+        info = {**next(cell for cell in cells if cell is not None).info, "infotexts": [], "index_of_first_image": 0}
+        return {"images": [], "parameters": host.echo(body), "info": json.dumps(info)}
+    pictures = _blank_cells({index: _cell_image(cell, body) if cell and cell.pictures else None
+                             for index, cell in drawn.items()})
     grid_texts = [_grid_text(drawn[(0, 0, 0)], plot.parameters())]
     images = [host.encode(plot.sheet(pictures), grid_texts[0])]
     subs = [drawn[(0, 0, k)] for k in range(plot.shape()[2])] if args.include_sub_grids else []
@@ -336,11 +358,21 @@ def answer_xyz_plot(host: ScriptHost, body: Any, plot: Plot, args: XyzArgs,
         images += [host.encode(grid, text) for grid, text in zip(plot.grids(pictures), sub_texts)]
         grid_texts += sub_texts
     if args.include_lone_images:
-        images += [host.encode(pictures[index], cell.infotexts[0]) for index, cell in drawn.items()]
-    info = {**cells[0].info, "infotexts": grid_texts + [cell.infotexts[0] for cell in cells],
-            "all_prompts": [cell.info["prompt"] for cell in subs + cells],
-            "all_seeds": [cell.info["seed"] for cell in subs + cells], "index_of_first_image": 1}
+        images += [host.encode(pictures[index], _first_text(cell)) for index, cell in drawn.items()]
+    info = {**first.info, "infotexts": grid_texts + [_first_text(cell) for cell in cells],
+            "all_prompts": [_drawn_value(cell, "prompt") for cell in subs + cells],
+            "all_seeds": [_drawn_value(cell, "seed") for cell in subs + cells], "index_of_first_image": 1}
     return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
+
+
+def _first_text(cell: Drawn | None) -> str | None:
+    """A cell's first picture's parameters, None for a cell without a picture (A1111's list entry)."""
+    return cell.infotexts[0] if cell is not None and cell.infotexts else None
+
+
+def _drawn_value(cell: Drawn | None, key: str) -> Any:
+    """A cell's `info[key]`, None for a cell without a picture (A1111's list entry)."""
+    return cell.info[key] if cell is not None and cell.pictures else None
 
 
 def xyz_script_args(img2img: bool) -> list[ScriptArg]:
@@ -424,28 +456,39 @@ async def run_prompt_matrix(host: ScriptHost, body: Any, mode: str) -> dict[str,
     except GridError as err:
         raise BadRequest(f"prompt matrix: {err}", 422) from None
     cells = matrix.cells({**texts, "seed": body.seed, "subseed": body.subseed})
-    drawn = {index: await host.draw(body.model_copy(update={**cell, "batch_size": 1, "n_iter": 1}))
-             for index, cell in ((index, {key: cell[key] for key in (*texts, "seed", "subseed")})
-                                 for index, cell in cells)}
-    return answer_prompt_matrix(host, body, matrix, drawn)
+    bodies = [body.model_copy(update={**{key: cell[key] for key in (*texts, "seed", "subseed")}, "batch_size": 1,
+                                      "n_iter": 1}) for _, cell in cells]
+    labels = [f"prompt matrix picture {matrix.labels(index)[0]!r}" for index, _ in cells]
+    drawn = await host.draw(bodies, labels, False)
+    return answer_prompt_matrix(host, body, matrix, {index: (cell, drawn_cell) for (index, _), cell, drawn_cell
+                                                     in zip(cells, bodies, drawn)})
 
 
-def answer_prompt_matrix(host: ScriptHost, body: Any, matrix: PromptMatrix, drawn: dict[Index, Drawn]) -> dict[str, Any]:
+MATRIX_LISTS = ("prompt", "negative_prompt", "seed", "subseed")
+
+
+def answer_prompt_matrix(host: ScriptHost, body: Any, matrix: PromptMatrix,
+                         drawn: dict[Index, tuple[Any, Drawn | None]]) -> dict[str, Any]:
     """A1111's answer: `images` the grid (with the first picture's parameters) and then each picture, `info` the
-    first picture's with `all_prompts`, `all_negative_prompts`, `all_seeds`, `all_subseeds` of every picture,
-    `infotexts` the grid's and each picture's, `index_of_first_image` 1 (as its `process_images` of the prompt
-    list, with the grid inserted first)."""
-    cells = list(drawn.values())
+    first picture's with `all_prompts`, `all_negative_prompts`, `all_seeds`, `all_subseeds` of every
+    combination, `infotexts` the grid's and each picture's, `batch_size` the request's, `index_of_first_image` 1
+    (as its `process_images` of the prompt list, with the grid inserted first). After an interrupt the grid
+    shows the combinations not drawn black and `images` / `infotexts` hold the pictures drawn."""
+    cells = [cell for _, cell in drawn.values() if cell is not None and cell.pictures]
+    if not cells:
+        return {"images": [], "parameters": host.echo(body), "info": json.dumps(drawn[(0, 0, 0)][1].info)}
     pictures = {}
-    for index, cell in drawn.items():
-        with open_image(cell.pictures[0]) as image:
-            pictures[index] = image.convert("RGB")
+    for index, (_, cell) in drawn.items():
+        pictures[index] = None
+        if cell is not None and cell.pictures:
+            with open_image(cell.pictures[0]) as image:
+                pictures[index] = image.convert("RGB")
     first = cells[0].infotexts[0]
-    images = [host.encode(matrix.sheet(pictures), first)] + _answer_pictures(host, cells)
+    images = [host.encode(matrix.sheet(_blank_cells(pictures)), first)] + _answer_pictures(host, cells)
     info = {**cells[0].info, "infotexts": [first] + [cell.infotexts[0] for cell in cells],
-            **{f"all_{key}s": [cell.info[key] for cell in cells]
-               for key in ("prompt", "negative_prompt", "seed", "subseed")},
-            "index_of_first_image": 1}
+            **{f"all_{key}s": [cell.info[key] if cell is not None else getattr(cell_body, key)
+                               for cell_body, cell in drawn.values()] for key in MATRIX_LISTS},
+            "batch_size": body.batch_size, "index_of_first_image": 1}
     return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
 
 
@@ -487,8 +530,9 @@ def _line_body(body: Any, line: Line, seed: int, position: str) -> Any:
 async def run_prompts_from_file(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
     """A1111 1.10's Prompts from file or textbox (scripts/prompts_from_file.py): each line of `prompt_txt` drawn
     in turn as its own request (`sdlab.pipeline.prompts_file`; a line that does not read drawn as a prompt, its
-    error logged, as A1111), answered as its `Script.run` returns: every picture, `info` the first line's with
-    `all_prompts` and `infotexts` of every picture and A1111's `seed` (the request's after the lines, -1 if
+    error logged, as A1111), answered as its `Script.run` returns `Processed(p, images, p.seed, "", ...)`: every
+    picture, `info` the request's fields (`_request_info`; the model, VAE and extra parameters the first line's)
+    with `all_prompts` and `infotexts` of every picture and A1111's `seed` (the request's after the lines, -1 if
     unset and not drawn), `all_seeds` [seed], `subseed` -1, the request's negative prompt."""
     args = _script_args("prompts from file or textbox", body.script_args, FILE_ARG_NAMES, FILE_DEFAULTS,
                         {"prompt_position": POSITIONS})
@@ -501,15 +545,43 @@ async def run_prompts_from_file(host: ScriptHost, body: Any, mode: str) -> dict[
     seeds, last_seed = line_seeds(body.seed, len(lines), args["checkbox_iterate"], args["checkbox_iterate_batch"],
                                   body.batch_size, body.n_iter)
     bodies = [_line_body(body, line, seed, args["prompt_position"]) for line, seed in zip(lines, seeds)]
-    drawn = [await host.draw(line_body) for line_body in bodies]
+    labels = [f"prompts from file or textbox line {line.number}" for line in lines]
+    drawn = await host.draw(bodies, labels, False)
     negative = body.negative_prompt or ""
-    info = {**drawn[0].info, "prompt": drawn[0].info["all_prompts"][0],
-            "all_prompts": [prompt for cell in drawn for prompt in cell.info["all_prompts"]],
+    info = {**drawn[0].info, **_request_info(body, lines, drawn),
+            "all_prompts": [prompt for line_body, cell in zip(bodies, drawn) for prompt in _line_prompts(line_body, cell)],
             "negative_prompt": negative, "all_negative_prompts": [negative], "seed": last_seed,
             "all_seeds": [last_seed], "subseed": -1, "all_subseeds": [-1],
-            "infotexts": [text for cell in drawn for text in cell.infotexts], "index_of_first_image": 0}
-    images = _answer_pictures(host, drawn)
+            "infotexts": [text for cell in drawn if cell is not None for text in cell.infotexts],
+            "index_of_first_image": 0}
+    images = _answer_pictures(host, [cell for cell in drawn if cell is not None])
     return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
+
+
+REQUEST_INFO = ("prompt", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "sampler_name",
+                "batch_size", "steps", "cfg_scale", "width", "height")
+"""A1111's `Processed` fields a line's tags can change in its copy of the request (`LINE_FIELDS`)."""
+
+
+def _request_info(body: Any, lines: list[Line], drawn: list[Drawn | None]) -> dict[str, Any]:
+    """A1111's `Processed(p, ...)` fields of the request `p` itself, not of a line's copy: those the request sets
+    as it sets them, those it leaves to the model as a line that leaves them too drew them (else the first)."""
+    info = {}
+    for key in REQUEST_INFO:
+        value = (body.sampler_name or body.sampler_index) if key == "sampler_name" else getattr(body, key)
+        if value is None:
+            unset = [cell for line, cell in zip(lines, drawn) if cell is not None and key not in line.args]
+            value = (unset or drawn)[0].info[key]
+        info[key] = value
+    return info
+
+
+def _line_prompts(line_body: Any, drawn: Drawn | None) -> list[str]:
+    """A line's `all_prompts`: those drawn, or for a line not drawn (after an interrupt) its prompt for every
+    picture, as A1111's `process_images` lists them when `state.interrupted` stops it before its first batch."""
+    if drawn is not None:
+        return drawn.info["all_prompts"]
+    return [line_body.prompt] * line_body.batch_size * line_body.n_iter
 
 
 def prompts_from_file_script_args(img2img: bool) -> list[ScriptArg]:

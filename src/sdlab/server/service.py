@@ -41,6 +41,7 @@ class Service:
         self.queue = JobQueue(self.store, self.runner.run, config.max_queue, on_start=self.runner.warm,
                               on_idle=forget_read_loras)    # the tags' files, read when their jobs were submitted
         self.options: dict[str, Any] = {}           # A1111 options clients set that sdlab does not use
+        self.script_runs: list[Any] = []            # A1111 selectable scripts drawing now (`a1111.ScriptRun`)
 
     def start(self) -> None:
         self.queue.start()
@@ -91,13 +92,23 @@ class Service:
         the parameters now (`infotext.tag_loras`). A refused job's files read are let go once nothing is
         queued or running (`JobQueue.release_if_idle`)."""
         try:
-            return self._check_and_queue(spec, mode, model)
+            return self.queue.submit(*self._checked(spec, mode, model))
         except Exception:
             self.queue.release_if_idle()
             raise
 
-    def _check_and_queue(self, spec: JobSpec, mode: str, model: str | None) -> tuple[Job, int]:
+    def check(self, spec: JobSpec, mode: str, model: str | None) -> None:
+        """`submit`'s checks alone, queueing nothing (a script's requests, all checked before any is drawn)."""
+        try:
+            self._checked(spec, mode, model)
+        except Exception:
+            self.queue.release_if_idle()
+            raise
+
+    def _checked(self, spec: JobSpec, mode: str, model: str | None) -> tuple[JobSpec, str, str, dict[str, Any]]:
+        """The job `submit` queues: its spec, mode, model title and settings."""
         checkpoint = self.checkpoint(model)
+        checkpoint.calculate_hash()                 # the job's title and its pictures' parameters carry it
         request = spec.request
         refiner = self.refiner(spec.refiner, checkpoint, request)
         if not isinstance(request.prompt, str):
@@ -143,7 +154,7 @@ class Service:
                             refiner_convention=refiner.convention)
         if request.controls:
             settings["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
-        return self.queue.submit(spec, mode, checkpoint.title, settings)
+        return spec, mode, checkpoint.title, settings
 
 
 def _control_settings(control: ControlInput, convention: str) -> dict[str, Any]:

@@ -1,0 +1,171 @@
+"""A1111's selectable scripts run as one task (modules/api/api.py runs `scripts.run(p, *script_args)` between one
+`state.begin()` and `state.end()`): every cell's / line's request checked before any is drawn, `/progress` rising
+once over all of them (scripts/xyz_grid.py `state.job_count = list_size * p.n_iter`, scripts/prompts_from_file.py
+`state.job_count = sum of each line's n_iter`, `state.job = "k out of N"`), `/interrupt` ending the rest
+(xyz_grid.py `cell`: `if shared.state.interrupted: return Processed(p, [], p.seed, "")`, which `draw_xyz_grid`
+draws as `Image.new(cell_mode, cell_size)`; prompts_from_file.py's later `process_images` stop at
+`state.interrupted` before their first batch), and Prompts from file's info the request's (`Processed(p, images,
+p.seed, "", all_prompts=..., infotexts=...)` of the request's own `p`)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdlab.server.a1111_scripts import axis_types
+from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+
+BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 7, "cfg_scale": 5.0,
+        "sampler_name": "Euler"}
+XYZ = "x/y/z plot"
+FILE = "prompts from file or textbox"
+
+
+def xyz_args(x_label: str, x_values: str, **given) -> list:
+    """`script_args` in A1111 1.10's order (X type, X values, ..., include_lone_images 10th)."""
+    x_type = [axis.label for axis in axis_types("txt2img")].index(x_label)
+    args = [x_type, x_values, [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, False]
+    if given.get("include_lone_images"):
+        args[10] = True
+    return args
+
+
+@pytest.fixture
+def server(sdlab_server):
+    with httpx.Client(base_url=sdlab_server.url, timeout=300) as c:
+        yield c
+
+
+def job_count(server) -> int:
+    return len(server.get("/api/jobs", params={"limit": 1000}).json()["jobs"])
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def posted(server, body: dict, answers: list) -> threading.Thread:
+    """POST body to txt2img in a thread, its answer appended to `answers`."""
+    thread = threading.Thread(target=lambda: answers.append(server.post("/sdapi/v1/txt2img", json=body)))
+    thread.start()
+    return thread
+
+
+def progress_until_done(server, thread: threading.Thread) -> list[dict]:
+    samples = []
+    while thread.is_alive():
+        samples.append(server.get("/sdapi/v1/progress", params={"skip_current_image": True}).json())
+        time.sleep(0.02)
+    return samples
+
+
+def interrupted_at_first_step(server, body: dict) -> tuple[httpx.Response, int]:
+    """The answer to `body` interrupted at its first job's third sampler step, and the jobs it queued."""
+    before, answers = job_count(server), []
+    thread = posted(server, body, answers)
+    while thread.is_alive():
+        state = server.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["state"]
+        if state["sampling_step"] >= 3:
+            server.post("/sdapi/v1/interrupt")
+            break
+        time.sleep(0.01)
+    thread.join()
+    return answers[0], job_count(server) - before
+
+
+@pytest.mark.parametrize("body, single, message", [
+    ({"script_name": XYZ, "script_args": xyz_args("Steps", "1, 100000")}, {"steps": 100000},
+     "x/y/z plot cell Steps: 100000: steps must be"),
+    ({"script_name": XYZ, "script_args": xyz_args("Eta", "0, -5")}, {"eta": -5}, "x/y/z plot cell Eta: -5.0: eta must"),
+    ({"script_name": FILE, "script_args": [False, False, "start", "a cat\n--prompt dog --width 7"]}, {"width": 7},
+     "prompts from file or textbox line 2: "),
+    ({"script_name": FILE, "script_args": [False, False, "start", "a cat\n--prompt dog --steps 100000"]},
+     {"steps": 100000}, "prompts from file or textbox line 2: steps must be"),
+])
+def test_a_request_the_route_refuses_in_any_cell_is_refused_before_anything_is_drawn(server, body, single,
+                                                                                      message) -> None:
+    """Refused as the plain route refuses that request (its status), naming the cell / line, no job queued."""
+    plain = server.post("/sdapi/v1/txt2img", json={**BASE, **single})
+    assert plain.status_code >= 400
+    before = job_count(server)
+    answer = server.post("/sdapi/v1/txt2img", json={**BASE, **body})
+    assert answer.status_code == plain.status_code, answer.text
+    assert answer.json()["detail"].startswith(message), answer.text
+    assert job_count(server) == before
+
+
+def test_an_interrupt_ends_the_plot_with_black_cells(server) -> None:
+    body = {**BASE, "steps": 150, "script_name": XYZ,
+            "script_args": xyz_args("Seed", "1, 2, 3, 4", include_lone_images=True)}
+    answer, jobs = interrupted_at_first_step(server, body)
+    assert answer.status_code == 200, answer.text
+    assert jobs == 1                    # cells 2..4 never queued
+    images, info = answer.json()["images"], json.loads(answer.json()["info"])
+    assert len(images) == 1 + 4
+    assert pixels(images[1]).any() and not any(pixels(image).any() for image in images[2:])
+    assert info["infotexts"][1] is not None and info["infotexts"][2:] == [None, None, None]
+    assert info["all_seeds"][1:] == [None, None, None]
+
+
+def test_an_interrupt_ends_the_prompts_file_after_the_line_it_stops(server) -> None:
+    body = {**BASE, "steps": 150, "script_name": FILE, "script_args": [False, False, "start", "a\nb\nc"]}
+    answer, jobs = interrupted_at_first_step(server, body)
+    assert answer.status_code == 200, answer.text
+    assert jobs == 1
+    info = json.loads(answer.json()["info"])
+    assert len(answer.json()["images"]) == len(info["infotexts"]) == 1
+    assert info["all_prompts"] == ["a a red apple", "b a red apple", "c a red apple"]   # A1111 lists every line's
+
+
+def test_progress_rises_once_over_the_whole_plot(server) -> None:
+    """3 cells of 2 batches: A1111's job_count 6, job_no counting up over the cells, job "k out of 3"."""
+    answers = []
+    thread = posted(server, {**BASE, "steps": 40, "n_iter": 2, "script_name": XYZ,
+                             "script_args": xyz_args("Seed", "1, 2, 3")}, answers)
+    samples = [s for s in progress_until_done(server, thread) if s["state"]["job"]]
+    assert answers[0].status_code == 200, answers[0].text
+    running = [s for s in samples if s["state"]["sampling_steps"]]
+    assert running and {s["state"]["job_count"] for s in running} == {6}
+    assert [s["state"]["job_no"] for s in running] == sorted(s["state"]["job_no"] for s in running)
+    assert max(s["state"]["job_no"] for s in running) >= 4
+    values = [s["progress"] for s in running]
+    assert values == sorted(values)
+    assert {s["state"]["job"] for s in running} <= {"1 out of 3", "2 out of 3", "3 out of 3"}
+
+
+def test_progress_of_the_prompts_file_counts_every_lines_batches(server) -> None:
+    answers = []
+    thread = posted(server, {**BASE, "steps": 40, "script_name": FILE,
+                             "script_args": [False, False, "start", "--prompt a --n_iter 2\n--prompt b --n_iter 2\nc"]}, answers)
+    samples = [s for s in progress_until_done(server, thread) if s["state"]["sampling_steps"]]
+    assert answers[0].status_code == 200, answers[0].text
+    assert samples and {s["state"]["job_count"] for s in samples} == {5}
+    assert max(s["state"]["job_no"] for s in samples) >= 3
+
+
+def test_prompts_file_info_is_the_requests(server) -> None:
+    """A1111's `Processed(p, ...)` of the request: its prompt, steps, CFG; a size it leaves unset as a line
+    leaving it unset drew it."""
+    text = "--prompt dog --steps 3 --width 72 --cfg_scale 9\ncat"
+    answer = server.post("/sdapi/v1/txt2img", json={**BASE, "prompt": "base", "script_name": FILE,
+                                                     "script_args": [False, False, "start", text]})
+    assert answer.status_code == 200, answer.text
+    info = json.loads(answer.json()["info"])
+    cat = json.loads(server.post("/sdapi/v1/txt2img", json={**BASE, "prompt": "cat base"}).json()["info"])
+    assert (info["prompt"], info["steps"], info["cfg_scale"], info["width"]) == ("base", 2, 5.0, cat["width"])
+    assert info["all_prompts"] == ["dog base", "cat base"]
+
+
+def test_prompt_matrix_info_keeps_the_requests_batch_size(server) -> None:
+    answer = server.post("/sdapi/v1/txt2img", json={**BASE, "prompt": "a|b", "batch_size": 2,
+                                                     "script_name": "prompt matrix", "script_args": []})
+    assert answer.status_code == 200, answer.text
+    assert json.loads(answer.json()["info"])["batch_size"] == 2
