@@ -302,3 +302,16 @@ def test_prompts_file_holds_one_model_at_a_time(tmp_path: Path, capsys, monkeypa
     assert code == 0, err
     assert held == [1] * 5
     assert loads == [shipped_model_path().name, "other.safetensors", shipped_model_path().name]
+
+
+def test_a_lines_outpath_samples_is_a_folder(tmp_path: Path, capsys) -> None:
+    """A1111's outpath_samples is a folder, a name with an image extension too: no line writes over another's."""
+    shots = tmp_path / "shots.png"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"--prompt a cat --outpath_samples {shots}\n--prompt a dog --outpath_samples {shots}\n")
+    code, stdout, err = run(["txt2img", "--prompts-file", str(prompts), "--steps", "1", "--out",
+                             str(tmp_path / "out"), "--no-progress"], capsys)
+    assert code == 0, err
+    files = [Path(name) for name in stdout.split()]
+    assert len(set(files)) == 2 and all(file.parent == shots and file.exists() for file in files)
+    assert [parse_parameters(read_parameters(file))["Prompt"] for file in files] == ["a cat", "a dog"]

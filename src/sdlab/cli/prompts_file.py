@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ UNUSED_TAGS = ("sampler_index", "styles", "prompt_for_display", "outpath_grids",
 FLAGS = {                           # A1111's tag -> the command's option (argparse name)
     "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength", "sampler_name": "sampler",
     "steps": "steps", "cfg_scale": "cfg", "width": "width", "height": "height", "batch_size": "batch",
-    "n_iter": "batch_count", "tiling": "tiling", "sd_model": "model", "outpath_samples": "out",
+    "n_iter": "batch_count", "tiling": "tiling", "sd_model": "model",
 }
 
 
@@ -87,6 +88,8 @@ def _line_namespace(args: argparse.Namespace, line, seed: int, where: str) -> ar
     if "seed_resize_from_w" in tags or "seed_resize_from_h" in tags:
         width, height = (args.seed_resize_from or "0x0").lower().split("x")
         ns.seed_resize_from = f"{tags.get('seed_resize_from_w', width)}x{tags.get('seed_resize_from_h', height)}"
+    if "outpath_samples" in tags:                 # always a folder, as A1111's (a name with an extension too)
+        ns.out = os.path.join(tags["outpath_samples"], "")
     ns.write = not tags.get("do_not_save_samples", False)
     return ns
 
