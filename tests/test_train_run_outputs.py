@@ -169,6 +169,25 @@ def test_an_empty_list_of_sample_prompts_in_a_config_file_asks_for_nothing(tmp_p
     assert (cfg.sample_prompts, cfg.sample_every) == ((), None)
 
 
+def test_an_older_run_with_one_half_of_the_preview_pair_resumes_as_it_ran():
+    """Runs from before the pair was checked stored --sample-every or --sample-prompts alone (and drew nothing);
+    their resume was refused with advice to drop the setting, which a resume cannot. A half given now is checked
+    as given."""
+    from sdlab.train.config import merge_resumed
+
+    every_alone = TrainConfig().to_json() | {"sample_every": 100}
+    prompts_alone = TrainConfig().to_json() | {"sample_prompts": ["a red square"]}
+    for stored in (every_alone, prompts_alone):
+        cfg, changed = merge_resumed(stored, {"max_steps": 5})
+        assert (cfg.sample_every, cfg.sample_prompts, changed) == (None, (), {"max_steps": (1000, 5)})
+    cfg, _ = merge_resumed(every_alone, {"sample_every": 2, "sample_prompts": ("a blue circle",)})
+    assert (cfg.sample_every, cfg.sample_prompts) == (2, ("a blue circle",))
+    with pytest.raises(TrainError, match="--sample-every 2 draws previews of --sample-prompts"):
+        merge_resumed(prompts_alone, {"sample_every": 2})
+    cfg, _ = merge_resumed(TrainConfig(task="vae").to_json() | {"sample_every": 3}, {})
+    assert cfg.sample_every == 3                                  # the VAE task previews without prompts
+
+
 def test_a_run_checkpoint_read_as_weights_says_how_to_get_them(tiny, tmp_path, capsys):
     model, data = tiny
     out = tmp_path / "run"

@@ -475,12 +475,17 @@ def _run_settings(stored: dict[str, Any]) -> dict[str, Any]:
 
 def _without_ignored(values: dict[str, Any], given: typing.Collection[str]) -> dict[str, Any]:
     """``values`` with each setting the run they describe ignores, unless ``given`` (then it is checked as given),
-    at the value that asks for nothing: a task-specific setting its task does not read (`TASK_SETTINGS`), and
-    --min-lr-ratio with the constant schedule, which has no floor."""
+    at the value that asks for nothing: a task-specific setting its task does not read (`TASK_SETTINGS`),
+    --min-lr-ratio with the constant schedule, which has no floor, and one half of the preview pair without the
+    other (runs from before the pair was checked drew nothing then)."""
     entry = TASK_SETTINGS.get(values["task"])
     ignored = {name for name in _TASK_SPECIFIC if entry and name not in entry[1]}
     if values["lr_schedule"] == "constant":
         ignored.add("min_lr_ratio")
+    if values["sample_every"] is None:
+        ignored.add("sample_prompts")
+    elif entry and "sample_prompts" in entry[1] and not values["sample_prompts"]:
+        ignored.add("sample_every")
     defaults = {f.name: f.default for f in fields(TrainConfig)}
     return values | {name: _INERT.get(name, defaults[name]) for name in ignored - set(given)}
 
