@@ -45,7 +45,7 @@ from PIL import Image, PngImagePlugin
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_safetensors_header
 from sdlab.pipeline.images import open_image
-from sdlab.utils.file_hashes import cached_hash
+from sdlab.utils.file_hashes import cached_hash, known_hash
 from sdlab.utils.files import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -398,6 +398,11 @@ def file_sha256(path: str | os.PathLike) -> str:
     return cached_hash(path, "sha256", _file_sha256)
 
 
+def known_file_sha256(path: str | os.PathLike) -> str | None:
+    """`file_sha256` where it has been computed for this version of the file, else None (nothing is read)."""
+    return known_hash(path, "sha256")
+
+
 def _file_sha256(path: Path) -> str:
     with open(path, "rb") as file:
         return _sha256_rest(file, 1 << 20)
@@ -435,6 +440,11 @@ def lora_hash(path: str | os.PathLike) -> str:
     """A1111's short LoRA hash (``Lora hashes``): 12 hex digits of the SHA-256 of the file, for a
     ``.safetensors`` file of its tensor data only (the "addnet" hash, which ignores the header)."""
     return cached_hash(path, "addnet", _addnet_hash)
+
+
+def known_lora_hash(path: str | os.PathLike) -> str | None:
+    """`lora_hash` where it has been computed for this version of the file, else None (nothing is read)."""
+    return known_hash(path, "addnet")
 
 
 def _addnet_hash(path: Path) -> str:

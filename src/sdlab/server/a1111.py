@@ -1281,6 +1281,7 @@ def _selected_model(service: Service, body: dict[str, Any]) -> Checkpoint | None
         return None
     checkpoint = service.checkpoint(body.get("sd_model_checkpoint"))
     _check_readable(checkpoint, _vae_choice(service, {**service.options, **body}), service)
+    checkpoint.calculate_hash()                 # A1111 loads it here, hashing it
     return checkpoint
 
 

@@ -12,21 +12,28 @@ loaded; symlinks that leave the models folder are skipped.
 A1111's identity of a checkpoint: `title` = `"<path under the folder> [<hash>]"`, `hash` = the first 10 hex
 digits of the whole file's SHA-256 (`sdlab.pipeline.png_info.model_hash`), `sha256` the full digest.
 Hashes come from `sdlab.pipeline.png_info` (`file_sha256`, `lora_hash`), cached per file version by
-`sdlab.utils.file_hashes`, so each file is read once until it changes. A LoRA file that is not readable
-safetensors is left out of the list with a warning, as A1111 lists what it can read.
+`sdlab.utils.file_hashes`, so each file is read once until it changes. As A1111 1.10 lists them, a listing
+reads no file whole: a hash the cache lacks is None (the title is then the bare name) until the model is
+loaded or a job names it (`Checkpoint.calculate_hash`, A1111's `calculate_shorthash`), a LoRA's until a job
+uses it (`Lora.read_hash`). A LoRA file whose safetensors header does not read is left out of the list with
+a warning, as A1111 lists what it can read.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.io import read_safetensors_header
 from sdlab.checkpoints.sidecar import is_sidecar_vae
-from sdlab.pipeline.png_info import file_sha256, model_name, readable_lora_hash, safetensors_metadata
+from sdlab.pipeline.png_info import (
+    file_sha256, known_file_sha256, known_lora_hash, lora_hash, model_name, safetensors_metadata,
+)
 from sdlab.pipeline.prompt_loras import default_lora_dirs
 from sdlab.server.vae_files import VaeFiles
 from sdlab.utils.file_hashes import read_per_version
@@ -34,14 +41,15 @@ from sdlab.utils.file_hashes import read_per_version
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 LORA_FOLDERS = ("Lora", "lora", "loras", "LoRA")
+logger = logging.getLogger(__name__)
 _NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRGAN", "embeddings", "ControlNet")}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Checkpoint:
     path: Path
     name: str                       # path under the models folder ("sub/model.safetensors"), A1111's `name`
-    sha256: str | None              # None for a diffusers folder
+    sha256: str | None = field(default=None, compare=False)     # None until known; always for a diffusers folder
 
     @property
     def hash(self) -> str | None:
@@ -50,6 +58,13 @@ class Checkpoint:
     @property
     def title(self) -> str:
         return f"{self.name} [{self.hash}]" if self.hash else self.name
+
+    def calculate_hash(self) -> str | None:
+        """The short hash, the file read whole unless its hash is cached: A1111's `calculate_shorthash`, run as
+        a model loads and, here, as a job names it, whose pictures' parameters carry it."""
+        if self.sha256 is None and self.path.is_file():
+            self.sha256 = file_sha256(self.path)
+        return self.hash
 
     @property
     def model_name(self) -> str:
@@ -91,14 +106,21 @@ class Checkpoint:
         return text.replace(str(self.path), self.title).replace(f"{self.path.parent}{os.sep}", "")
 
 
-@dataclass(frozen=True)
+@dataclass
 class Lora:
     path: Path
-    hash: str                       # A1111's 12-hex "addnet" hash (`png_info.lora_hash`)
+    hash: str | None = field(default=None, compare=False)   # A1111's 12-hex "addnet" hash (`png_info.lora_hash`),
+                                                            # None until known
 
     @property
     def name(self) -> str:
         return self.path.stem
+
+    def read_hash(self) -> str:
+        """The hash, the file read unless it is cached: A1111's `NetworkOnDisk.read_hash`, run as a job uses it."""
+        if self.hash is None:
+            self.hash = lora_hash(self.path)
+        return self.hash
 
     def as_a1111(self) -> dict:
         metadata = read_per_version(self.path, safetensors_metadata) if self.path.suffix == ".safetensors" else {}
@@ -117,8 +139,10 @@ class ModelRegistry:
         self.vaes = VaeFiles(self._checkpoints_root() if self.models_dir is not None else None, vae_dir)
 
     def refresh(self) -> None:
-        """Rescan the models folder (A1111's refresh-checkpoints / refresh-loras)."""
+        """Rescan the models folder (A1111's refresh-checkpoints / refresh-loras), reading no file whole but the
+        startup model's, which the server loads at once (`Checkpoint.calculate_hash`)."""
         checkpoints = [self._checkpoint(self.startup_model, self._relative_name(self.startup_model))]
+        checkpoints[0].calculate_hash()
         loras: list[Lora] = []
         if self.models_dir is not None:
             for path in self._checkpoint_files():
@@ -179,17 +203,33 @@ class ModelRegistry:
         return path.name
 
     def _checkpoint(self, path: Path, name: str) -> Checkpoint:
-        return Checkpoint(path, name, file_sha256(path) if path.is_file() else None)
+        return Checkpoint(path, name, known_file_sha256(path) if path.is_file() else None)
 
 
 def _readable_loras(paths: Iterable[Path]) -> list[Lora]:
-    """The LoRA files among `paths`, hashed; a file that is not readable safetensors is left out with a
-    warning (`readable_lora_hash`), as A1111 lists the LoRAs it can read and still starts."""
-    loras = []
-    for path in paths:
-        if path.suffix.lower() in LORA_SUFFIXES and path.is_file() and (hash_ := readable_lora_hash(path)):
-            loras.append(Lora(path, hash_))
-    return loras
+    """The LoRA files among `paths` with their cached hashes; a `.safetensors` file whose header does not read
+    is left out with a warning, as A1111 lists the LoRAs it can read and still starts."""
+    return [Lora(path, known_lora_hash(path)) for path in paths
+            if path.suffix.lower() in LORA_SUFFIXES and path.is_file() and _readable_header(path)]
+
+
+def _readable_header(path: Path) -> bool:
+    """Whether `path` is not safetensors or its header reads (once per version of the file); else False, warned."""
+    if path.suffix.lower() != ".safetensors":
+        return True
+    problem = read_per_version(path, _header_problem)
+    if problem is not None:
+        logger.warning("skipping %s", problem)
+    return problem is None
+
+
+def _header_problem(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as file:
+            read_safetensors_header(file, path)
+    except (OSError, CheckpointError) as err:
+        return str(err)
+    return None
 
 
 def _unique_names(loras: list[Lora]) -> list[Lora]:

@@ -83,6 +83,7 @@ class Service:
             return None
         if request.hires:
             raise BadRequest("the hires fix does not run with an SDXL refiner; leave one of them out")
+        found.calculate_hash()
         return replace(choice, name=found.title)
 
     def submit(self, spec: JobSpec, mode: str, model: str | None) -> tuple[Job, int]:
@@ -119,7 +120,7 @@ class Service:
 
         def tag_lora(name: str) -> Path:
             lora = self._lora(name)
-            hashes[lora.path] = lora.hash
+            hashes[lora.path] = lora.read_hash()
             return lora.path
 
         try:

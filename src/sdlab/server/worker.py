@@ -97,6 +97,9 @@ class ModelHost:
         What is loaded
         stays while later jobs name the same; another VAE is read into it alone; a model the job does not name
         is let go before another is loaded, so at most a base model and a refiner are held."""
+        for model in (checkpoint, refiner):     # A1111 hashes a model as it loads it
+            if model is not None:
+                model.calculate_hash()
         key, vae_key = (checkpoint.path, loras), self.vae_for(checkpoint.path, vae)
         if key != self._key or self.pipe is None:
             with self._loading():
@@ -211,7 +214,7 @@ class Runner:
             if lora is None:
                 raise RequestError(f"the LoRA {choice.name!r} is no longer in the models folder")
             loras.append((lora.path, choice.weight))
-            refs.append(LoraRef(lora.name, choice.weight, lora.hash))
+            refs.append(LoraRef(lora.name, choice.weight, lora.read_hash()))
         choice = job.spec.refiner
         refiner = None if choice is None else registry.find(choice.name)
         if choice is not None and refiner is None:

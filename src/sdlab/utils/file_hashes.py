@@ -58,13 +58,9 @@ def cached_hash(path: str | os.PathLike[str], kind: str, compute: Callable[[Path
     stat = path.stat()
     key = (str(path), kind)
     try:
-        with closing(_connect()) as connection, connection:
-            row = connection.execute(
-                "SELECT value FROM hashes WHERE path = ? AND kind = ? AND size = ? AND mtime_ns = ?",
-                (*key, stat.st_size, stat.st_mtime_ns),
-            ).fetchone()
-        if row is not None:
-            return row[0]
+        value = _cached(key, stat)
+        if value is not None:
+            return value
     except (OSError, sqlite3.Error) as err:
         logger.debug("hash cache unavailable (%s); hashing %s", err, path)
         return compute(path)
@@ -76,6 +72,25 @@ def cached_hash(path: str | os.PathLike[str], kind: str, compute: Callable[[Path
     except (OSError, sqlite3.Error) as err:
         logger.debug("hash cache not written (%s)", err)
     return value
+
+
+def known_hash(path: str | os.PathLike[str], kind: str) -> str | None:
+    """The hash of kind `kind` the cache holds for this version of the file, else None (a file gone, or a cache
+    that cannot be read, too): nothing is hashed, as A1111's `sha256_from_cache` lists models."""
+    path = Path(path).resolve()
+    try:
+        return _cached((str(path), kind), path.stat())
+    except (OSError, sqlite3.Error):
+        return None
+
+
+def _cached(key: tuple[str, str], stat: os.stat_result) -> str | None:
+    with closing(_connect()) as connection, connection:
+        row = connection.execute(
+            "SELECT value FROM hashes WHERE path = ? AND kind = ? AND size = ? AND mtime_ns = ?",
+            (*key, stat.st_size, stat.st_mtime_ns),
+        ).fetchone()
+    return None if row is None else row[0]
 
 
 def read_per_version(path: str | os.PathLike[str], read: Callable[[Path], _T]) -> _T:
@@ -120,4 +135,4 @@ def _forget_gone_files() -> None:
         _sweep_at = max(_FIRST_SWEEP, 2 * len(_READS))
 
 
-__all__ = ["cache_dir", "cached_hash", "read_per_version"]
+__all__ = ["cache_dir", "cached_hash", "known_hash", "read_per_version"]
