@@ -324,7 +324,7 @@ def test_cancel_queued_job_and_full_queue_429(client):
 
 def test_progress_preview_and_interrupt(client):
     job_id = client.post("/api/jobs", json=LONG).json()["id"]
-    wait_running(client, job_id, min_step=2)
+    wait_running(client, job_id, min_step=10)       # A1111's show_progress_every_n_steps: a preview from step 10
     progress = client.get("/sdapi/v1/progress").json()
     assert set(progress) >= {"progress", "eta_relative", "state", "current_image", "textinfo"}
     assert set(progress["state"]) >= {"job_count", "sampling_step", "sampling_steps", "interrupted", "skipped"}

@@ -107,7 +107,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "s_min_uncond": 0.0, "s_min_uncond_all": False, "skip_early_cond": 0.0,           # `_guidance_settings`
     "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
     "sd_vae": "Automatic", "sd_vae_overrides_per_model_preferences": True,             # `_vae_choice`
-    "show_progress_every_n_steps": 1, "live_previews_enable": True,                     # echoed only
+    "show_progress_every_n_steps": 10, "live_previews_enable": True,                    # `progress`
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
 FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash")
@@ -1152,11 +1152,11 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     for key, choices in (("emphasis", EMPHASIS_MODES), ("sd_noise_schedule", tuple(A1111_NOISE_SCHEDULES))):
         if key in body and body[key] not in choices:
             raise BadRequest(f"{where}{key} must be one of {', '.join(map(repr, choices))}, got {body[key]!r}", 422)
-    for key in ("use_old_scheduling", "use_downcasted_alpha_bar", "sdxl_clip_l_skip"):
+    for key in ("use_old_scheduling", "use_downcasted_alpha_bar", "sdxl_clip_l_skip", "live_previews_enable"):
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
     for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0), ("sdxl_crop_top", 0),
-                       ("sdxl_crop_left", 0)):
+                       ("sdxl_crop_left", 0), ("show_progress_every_n_steps", -1)):
         value = body.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r}", 422)

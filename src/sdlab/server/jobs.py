@@ -80,7 +80,11 @@ class Job:
     skip: threading.Event = field(default_factory=threading.Event)      # its running batch only (`JobQueue.skip`)
     interrupt: threading.Event = field(default_factory=threading.Event)  # a cancel keeping that batch's pictures
     finished_event: threading.Event = field(default_factory=threading.Event)
-    preview: Tensor | None = None               # (h, w, 3) uint8, the latest step's x0 estimate
+    latent: Tensor | None = None                # the latest step's x0 estimate of its first picture (C, h, w)
+    previewer: Callable[[Tensor], Tensor] | None = None     # a latent -> its preview, (h, w, 3) uint8
+    preview: Tensor | None = None               # the latest step's preview, drawn while a client follows its steps
+    current_image: Tensor | None = None         # A1111's `State.current_image`: drawn as /progress asks (`a1111_preview`)
+    _current_at: tuple[int, int] = (0, 0)       # A1111's (job_no, sampling_step) it was drawn at
     saved: Callable[[], None] | None = None     # writes its row while it runs (`JobQueue`): a batch's pictures on disk
     _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -99,6 +103,26 @@ class Job:
         passes = pass_steps(plan)
         self.steps = sum(passes) * self.spec.batch_count
         self.passes = passes        # last: a reader that reads `passes` first and sees them sees the total
+
+    def followed(self) -> bool:
+        """Whether a client follows its step events (the native events stream, the web UI)."""
+        with self._lock:
+            return any(steps for _, _, steps in self._subscribers)
+
+    def a1111_preview(self, at: tuple[int, int], every: int, enabled: bool) -> Tensor | None:
+        """A1111's `State.set_current_image`, which its progress API calls: the preview drawn anew from the latest
+        x0 estimate where live previews are `enabled` and, in A1111's pass `at` = (job_no, sampling_step), `every`
+        steps have run since the last one (show_progress_every_n_steps; -1: none while sampling), else the
+        preview drawn last (or None)."""
+        with self._lock:
+            since = at[1] - (self._current_at[1] if self._current_at[0] == at[0] else 0)
+            latent, previewer = self.latent, self.previewer
+            if not (enabled and every != -1 and since >= every and latent is not None and previewer is not None):
+                return self.current_image
+            self._current_at = at
+        image = previewer(latent)
+        self.current_image = image
+        return image
 
     def final_event(self) -> tuple[str, dict[str, Any]] | None:
         return final_event(self.record()) if self.status in FINAL_STATES else None
@@ -315,7 +339,7 @@ class JobQueue:
 
     def _finish(self, job: Job, status: str, error: str | None, by_worker: bool = False) -> None:
         job.status, job.error, job.finished = status, error, time.time()
-        job.preview = None
+        job.latent = job.preview = job.current_image = None
         self._save(job, by_worker)
         name, data = job.final_event() or ("failed", {"error": status})
         job.publish(name, data)

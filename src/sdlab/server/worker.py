@@ -227,6 +227,7 @@ class Runner:
             raise RequestError(_load_error(CheckpointError(without_paths(str(err), vaes)), checkpoint, loras,
                                            job.spec.loras, refiner)) from None
         previewer = self.host.previewer
+        job.previewer = previewer.rgb if previewer is not None else None
         _take_model_defaults(job, pipe)
         upscaler = self._hires_upscaler(job.spec.request, pipe.bundle)
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
@@ -240,7 +241,8 @@ class Runner:
             if job.cancel.is_set():
                 raise JobCancelled
             job.step += 1
-            job.preview = previewer.rgb(info.denoised[0]) if previewer is not None else None   # (h, w, 3)
+            job.latent = info.denoised[0]       # drawn as a preview only where a client asks for one
+            job.preview = previewer.rgb(job.latent) if previewer is not None and job.followed() else None
             job.publish("step", {"i": job.step, "n": job.steps})
 
         refs += job.spec.tag_loras

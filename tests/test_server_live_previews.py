@@ -1,0 +1,126 @@
+"""Live previews are drawn only where a client asks for them: `GET /sdapi/v1/progress` draws one as A1111 1.10's
+`State.set_current_image` does (`live_previews_enable`, `show_progress_every_n_steps`, A1111's defaults), the native
+events stream at each step while a client follows it, and a job nobody watches draws none. In process: the
+worker on the shipped model, the preview projection counted by a spy."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import torch
+
+from sdlab.api import shipped_model_path
+from sdlab.pipeline.request import GenerationRequest
+from sdlab.server.a1111 import OPTION_DEFAULTS
+from sdlab.server.inputs import JobSpec
+from sdlab.server.jobs import Job
+from sdlab.server.previews import LatentPreviewer
+from sdlab.server.registry import ModelRegistry
+from sdlab.server.worker import ModelHost, Runner
+
+
+class A1111State:
+    """A1111 1.10 `modules/shared_state.State`, the lines that draw `current_image` (the preview is its
+    `sampling_step` here), with `shared.opts` as arguments."""
+
+    def __init__(self) -> None:
+        self.sampling_step = 0
+        self.current_image_sampling_step = 0
+        self.current_image = None
+        self.current_latent = None
+        self.drawn = 0                  # not A1111's: the previews it draws, counted
+
+    def nextjob(self, live_previews_enable: bool, show_progress_every_n_steps: int) -> None:
+        if live_previews_enable and show_progress_every_n_steps == -1:
+            self.do_set_current_image()
+        self.sampling_step = 0
+        self.current_image_sampling_step = 0
+
+    def set_current_image(self, live_previews_enable: bool, show_progress_every_n_steps: int) -> None:
+        if (self.sampling_step - self.current_image_sampling_step >= show_progress_every_n_steps
+                and live_previews_enable and show_progress_every_n_steps != -1):
+            self.do_set_current_image()
+
+    def do_set_current_image(self) -> None:
+        if self.current_latent is None:
+            return
+        self.current_image = self.sampling_step
+        self.drawn += 1
+        self.current_image_sampling_step = self.sampling_step
+
+
+def test_a1111_defaults():
+    assert OPTION_DEFAULTS["show_progress_every_n_steps"] == 10 and OPTION_DEFAULTS["live_previews_enable"] is True
+
+
+@pytest.mark.parametrize("every", [10, 3, 1, 0])
+@pytest.mark.parametrize("enabled", [True, False])
+def test_progress_polls_draw_previews_as_a1111s_set_current_image(every, enabled):
+    """Two passes of 12 steps polled at every step, then every other step: the step each preview shown was drawn
+    at, and how many were drawn, as A1111's."""
+    job = Job(id="j", mode="txt2img", model="m", spec=JobSpec(GenerationRequest("x")), created=0.0)
+    drawn = []
+    job.previewer = lambda latent: drawn.append(int(latent)) or torch.tensor(int(latent))
+    state = A1111State()
+    shown_sdlab, shown_a1111 = [], []
+    for job_no in range(2):
+        state.nextjob(enabled, every)
+        for step in range(1, 13):
+            job.latent, state.current_latent, state.sampling_step = torch.tensor(step), step, step
+            if step % (1 + job_no):
+                continue
+            preview = job.a1111_preview((job_no, step), every, enabled)
+            state.set_current_image(enabled, every)
+            shown_sdlab.append(None if preview is None else int(preview))
+            shown_a1111.append(state.current_image)
+    assert shown_sdlab == shown_a1111 and len(drawn) == state.drawn
+    assert (drawn == []) == (not enabled)
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    torch.set_num_threads(1)
+    registry = ModelRegistry(shipped_model_path(), None)
+    return Runner(ModelHost(registry, "cpu"), tmp_path_factory.mktemp("images")), registry
+
+
+def _job(registry: ModelRegistry, steps: int = 6) -> Job:
+    return Job(id=uuid.uuid4().hex, mode="txt2img", model=registry.default.title,
+               spec=JobSpec(GenerationRequest(prompt="a red apple", steps=steps, seed=1, width=64, height=64)),
+               created=0.0)
+
+
+@pytest.fixture
+def projections(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = LatentPreviewer.rgb
+
+    def spy(self, latent):
+        calls.append(1)
+        return real(self, latent)
+
+    monkeypatch.setattr(LatentPreviewer, "rgb", spy)
+    return calls
+
+
+def test_a_job_nobody_watches_draws_no_preview(runner, projections):
+    runner, registry = runner
+    job = _job(registry)
+    runner.run(job)
+    assert job.images and job.step == 6 and projections == []
+
+
+def test_a_followed_job_draws_a_preview_at_each_step(runner, projections):
+    runner, registry = runner
+    job = _job(registry)
+    loop = asyncio.new_event_loop()
+    try:
+        queue = job.subscribe(loop)
+        runner.run(job)
+        loop.run_until_complete(asyncio.sleep(0))
+        events = [queue.get_nowait()[0] for _ in range(queue.qsize())]
+    finally:
+        loop.close()
+    assert events.count("step") == 6 and len(projections) == 6
