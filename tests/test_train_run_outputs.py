@@ -82,6 +82,69 @@ def test_a_second_run_in_a_run_folder_is_refused_unless_overwrite(tiny, tmp_path
     assert code == 2 and "holds checkpoints of step 4" in _error_line(err)
 
 
+def _files(out: Path) -> set[str]:
+    return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+
+
+def test_overwrite_leaves_nothing_of_the_old_run_but_other_files(tiny, tmp_path, capsys):
+    """Before, --overwrite deleted only the checkpoints: the old run's EMA weights, interrupted weights and
+    previews lay beside the new run's, and its final weights and summary until the new run wrote its own."""
+    model, data = tiny
+    out = tmp_path / "run"
+    assert _train(capsys, model, data, out, "--max-steps", "4", "--ema-decay", "0.9", "--sample-every", "2",
+                  "--sample-prompts", "a red square", "--sample-steps", "1", "--checkpoint-every", "2")[0] == 0
+    (out / "interrupted.safetensors").write_bytes((out / "final.safetensors").read_bytes())
+    (out / "notes.txt").write_text("mine")
+    (out / "latent_cache").mkdir()
+    (out / "latent_cache" / "kept.pt").write_bytes(b"cache")
+    assert {"final-ema.safetensors", "samples/step-00000004-00.png"} <= _files(out)
+
+    import sdlab.train.cli as train_cli
+
+    seen = {}
+    load = train_cli.load_bundle
+
+    def look_when_the_model_loads(*args, **kwargs):
+        seen["files"] = _files(out)
+        return load(*args, **kwargs)
+
+    train_cli.load_bundle = look_when_the_model_loads
+    try:
+        code, _, err = _train(capsys, model, data, out, "--max-steps", "1", "--overwrite")
+    finally:
+        train_cli.load_bundle = load
+    assert code == 0, err
+    assert seen["files"] == {"notes.txt", "latent_cache/kept.pt"}  # nothing of the old run while the new one runs
+    assert _files(out) == {"notes.txt", "latent_cache/kept.pt", "checkpoints/step-00000001.pt",
+                           "checkpoints/step-00000001.pt.sha256", "final.safetensors", "log.csv", "loss.png",
+                           "summary.json"}
+
+
+def test_overwrite_of_a_later_history_keeps_the_resumed_steps_outputs(tiny, tmp_path, capsys):
+    model, data = tiny
+    out = tmp_path / "run"
+    previews = ("--sample-every", "1", "--sample-prompts", "a red square", "--sample-steps", "1")
+    assert _train(capsys, model, data, out, "--max-steps", "4", "--checkpoint-every", "2", *previews)[0] == 0
+    (out / "interrupted.safetensors").write_bytes(b"of step 4")
+    code, _, err = _train(capsys, model, data, out, "--resume", out / "checkpoints" / "step-00000002.pt",
+                          "--max-steps", "3", "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "samples").iterdir()) == [f"step-0000000{s}-00.png" for s in (1, 2, 3)]
+    assert [int(r["step"]) for r in _log(out)] == [1, 2, 3] and not (out / "interrupted.safetensors").exists()
+
+
+def test_overwrite_of_an_embedding_run_deletes_the_file_named_by_its_word(tiny, tmp_path, capsys):
+    model, data = tiny
+    out = tmp_path / "run"
+    embedding = ("--task", "embedding", "--embedding-word", "sks", "--embedding-init", "square")
+    assert sdlab_main([str(a) for a in ("train", "--model", model, "--data-dir", data, "--output-dir", out,
+                                        "--resolution", CLI_RES, "--no-progress", "--num-workers", "1", "--device",
+                                        "cpu", "--max-steps", "1", *embedding)]) == 0
+    assert (out / "sks.safetensors").is_file()
+    assert _train(capsys, model, data, out, "--max-steps", "1", "--overwrite")[0] == 0
+    assert not (out / "sks.safetensors").exists()
+
+
 def test_resuming_an_earlier_checkpoint_into_its_folder_is_refused(tiny, tmp_path, capsys):
     """The later checkpoints of the abandoned history would stay "newest": pruned last, taken by --resume latest."""
     model, data = tiny

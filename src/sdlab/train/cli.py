@@ -27,6 +27,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -59,6 +60,7 @@ from sdlab.train.run_checkpoint import (
     disk_full_as_error,
     find_resume_point,
     list_checkpoints,
+    stored_config,
 )
 from sdlab.utils.files import OutputFolderError, atomic_write, make_output_folder
 
@@ -179,28 +181,51 @@ def _make_output_dir(folder: str) -> None:
         raise TrainError(str(err)) from None
 
 
+def _own_history(cfg: TrainConfig, resume: ResumePoint | None) -> bool:
+    """Whether ``resume`` is a checkpoint of ``--output-dir`` itself (the run goes on from one of its steps)."""
+    return resume is not None and resume.path.resolve().parent == (Path(cfg.output_dir) / "checkpoints").resolve()
+
+
 def _checkpoints_in_the_way(cfg: TrainConfig, resume: ResumePoint | None) -> list[tuple[int, Path]]:
     """The run checkpoints in ``--output-dir`` that this run's would mix with (the newest is what ``--resume
     latest`` takes, older ones are pruned): any there when it starts at step 0 or from another folder's
     checkpoint; those after the resumed step when it resumes from an earlier checkpoint of that folder (another
     history of the run). ``--resume latest`` passes over only damaged ones: it continues the folder's run."""
-    folder = Path(cfg.output_dir) / "checkpoints"
-    found = list_checkpoints(folder)
+    found = list_checkpoints(Path(cfg.output_dir) / "checkpoints")
     if resume is None or not found or cfg.resume == "latest":
         return found if resume is None else []
-    if resume.path.resolve().parent != folder.resolve():
+    if not _own_history(cfg, resume):
         return found
     return [(step, path) for step, path in found if step > resume.step]
 
 
+_PREVIEW = re.compile(r"^(?:step-(\d+)-\d+|vae_(\d+))\.png$")   # the prompted tasks' previews, the VAE task's
+
+
+def _old_run_outputs(out_dir: Path, checkpoints: list[tuple[int, Path]], after: int | None) -> list[Path]:
+    """The files besides its run checkpoints that an earlier run wrote in ``out_dir``, by the names sdlab gives
+    them: its weights (final, interrupted, an embedding's word from ``checkpoints``; -ema, the text task's
+    .image_tower), summary.json, loss.png, log.csv and previews. ``after``: the step of its own history a run
+    resumes from, whose log.csv rows (`CSVLog` keeps them) and previews up to that step stay."""
+    words = {stored_config(path).get("embedding_word") for _, path in checkpoints} - {None}
+    names = [f"{stem}{ema}{tower}.safetensors" for stem in ("final", "interrupted", *sorted(words))
+             for ema in ("", "-ema") for tower in ("", ".image_tower")]
+    names += ["summary.json", "loss.png"] + (["log.csv"] if after is None else [])
+    found = [out_dir / name for name in names if (out_dir / name).is_file()]
+    samples = out_dir / "samples"
+    if samples.is_dir():
+        found += sorted(path for path in samples.iterdir()
+                        if (m := _PREVIEW.match(path.name)) and int(m.group(1) or m.group(2)) > (after or 0))
+    return found
+
+
 def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: bool) -> None:
     """Refuse a run whose checkpoints would mix with those in ``--output-dir`` (`_checkpoints_in_the_way`), or
-    with ``--overwrite`` delete those."""
+    with ``--overwrite`` delete those and the other outputs of their run (a new run's: also where no checkpoint
+    is left), so that nothing of it stays beside this run's."""
     in_the_way = _checkpoints_in_the_way(cfg, resume)
-    if not in_the_way:
-        return
-    steps = f"step {in_the_way[0][0]}" + (f" to {in_the_way[-1][0]}" if len(in_the_way) > 1 else "")
-    if not cfg.overwrite:
+    steps = f"step {in_the_way[0][0]}" + (f" to {in_the_way[-1][0]}" if len(in_the_way) > 1 else "") if in_the_way else ""
+    if in_the_way and not cfg.overwrite:
         if resume is None:
             raise TrainError(f"--output-dir {cfg.output_dir} holds another run (its checkpoints of {steps}): continue "
                              f"it with --resume latest, choose another --output-dir, or give --overwrite to delete "
@@ -208,11 +233,21 @@ def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: boo
         raise TrainError(f"--output-dir {cfg.output_dir} holds checkpoints of {steps}, which a run from step "
                          f"{resume.step} of {resume.path} would mix with: choose another --output-dir, or give "
                          f"--overwrite to delete them")
-    if is_main:
-        for _, path in in_the_way:
-            path.unlink(missing_ok=True)
-            checksum_path(path).unlink(missing_ok=True)
-        logger.warning("--overwrite: deleted the run checkpoints of %s in %s", steps, Path(cfg.output_dir) / "checkpoints")
+    if not (cfg.overwrite and is_main and (in_the_way or resume is None)):
+        return
+    out_dir = Path(cfg.output_dir)
+    outputs = _old_run_outputs(out_dir, in_the_way, resume.step if _own_history(cfg, resume) else None)
+    for _, path in in_the_way:
+        path.unlink(missing_ok=True)
+        checksum_path(path).unlink(missing_ok=True)
+    for path in outputs:
+        path.unlink(missing_ok=True)
+    if in_the_way:
+        logger.warning("--overwrite: deleted the run checkpoints of %s in %s", steps, out_dir / "checkpoints")
+    if outputs:
+        named = [str(path.relative_to(out_dir)) for path in outputs]
+        logger.warning("--overwrite: deleted the earlier run's %s%s in %s", ", ".join(named[:8]),
+                       f" and {len(named) - 8} more" if len(named) > 8 else "", out_dir)
 
 
 def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: ResumePoint | None = None,

@@ -180,9 +180,11 @@ class TrainConfig:
                                        "resumed step; the lr follows the new schedule; those that define the "
                                        "run, such as the model, data and objective, cannot change); or the path "
                                        "of a run checkpoint (.pt). 'latest' with no checkpoint yet starts at step 0")
-    overwrite: bool = setting(False, "delete the run checkpoints in --output-dir that this run would mix with: "
-                                     "another run's, or a resumed one's after the resumed step (without it such a "
-                                     "run is refused); for this command only")
+    overwrite: bool = setting(False, "delete the run checkpoints in --output-dir that this run would mix with "
+                                     "(another run's, or a resumed one's after the resumed step; without it such a "
+                                     "run is refused) and the other files of that run: weights, previews, log.csv, "
+                                     "loss.png, summary.json (never other files or latent_cache/); for this command "
+                                     "only")
     save_dtype: str = setting("fp32", "dtype of the delivered weights", ("fp32", "fp16", "bf16"))
     log_every: int = setting(1, "write a log.csv row every N steps")
     sample_every: int | None = setting(None, "draw preview images every N steps (default: never)")

@@ -59,6 +59,7 @@ __all__ = [
     "prune_checkpoints",
     "restore_rng_state",
     "save_run_checkpoint",
+    "stored_config",
 ]
 
 FORMAT_VERSION = 1
@@ -227,6 +228,17 @@ def load_run_checkpoint(path: Path) -> dict[str, Any]:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise DamagedCheckpoint(f"run checkpoint {path} is damaged: it holds non-finite numbers")
     return state
+
+
+def stored_config(path: Path) -> dict[str, Any]:
+    """The settings a run checkpoint stores, read without loading its tensors (memory-mapped) or checking its
+    checksum; empty when it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged: torch raises many types
+        return {}
+    config = state.get("config") if isinstance(state, dict) else None
+    return config if isinstance(config, dict) else {}
 
 
 _RESUME_KEYS = ("step", "config", "global_batch", "modules", "optimizer", "scheduler", "rng")
