@@ -315,3 +315,31 @@ def test_a_lines_outpath_samples_is_a_folder(tmp_path: Path, capsys) -> None:
     files = [Path(name) for name in stdout.split()]
     assert len(set(files)) == 2 and all(file.parent == shots and file.exists() for file in files)
     assert [parse_parameters(read_parameters(file))["Prompt"] for file in files] == ["a cat", "a dog"]
+
+
+@pytest.mark.parametrize("mode, line, match", [
+    ("img2img", "--prompt a dog --steps 0", "line 2: steps must be an integer in 1..1000, got 0"),
+    ("inpaint", "--prompt a dog --steps 0", "line 2: steps must be an integer in 1..1000, got 0"),
+    ("img2img", "--prompt a dog --batch_size 0", "line 2: batch size must be an integer"),
+    ("txt2img", "--prompt a dog --sd_model {tmp}/notes.txt", "line 2: Unknown checkpoint: "),
+    ("txt2img", "--prompt a dog --sd_model {tmp}", "line 2: Unknown checkpoint: "),         # a folder, no model
+    ("txt2img", "--prompt a dog --sd_model {tmp}/bad.safetensors", "line 1: "),             # a load error, named
+])
+def test_prompts_file_lines_of_every_mode_are_checked_before_any_work(tmp_path: Path, capsys, mode: str, line: str,
+                                                                      match: str) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    (tmp_path / "notes.txt").write_text("hello\n")
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    line = line.format(tmp=tmp_path)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{line}\na cat\n" if "bad" in line else f"a cat\n{line}\n")
+    out = tmp_path / "out"
+    pictures = {"txt2img": [], "img2img": ["--init", str(tmp_path / "init.png")],
+                "inpaint": ["--init", str(tmp_path / "init.png"), "--mask", str(tmp_path / "mask.png")]}[mode]
+    code, _, err = run([mode, *pictures, "--prompts-file", str(prompts), "--steps", "4", "--out", str(out),
+                        "--no-progress"], capsys)
+    assert code == 2 and f"--prompts-file {prompts} {match}" in err and "Traceback" not in err, err
+    assert not out.exists()

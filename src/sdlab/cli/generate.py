@@ -1056,15 +1056,47 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def _add_input_pictures(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """img2img's and inpaint's pictures into `options`: the --init image, and the --mask or the --outpaint canvas
+    and its mask (errors before any work)."""
+    from sdlab.pipeline.images import pad_for_outpaint
+    from sdlab.pipeline.request import MAX_SIDE
+
+    if args.mode == "txt2img":
+        return
+    if not args.init:
+        raise UserError(f"{args.mode} needs --init IMAGE")
+    options["init_image"] = _open_image(args.init, "init image")
+    if args.mode != "inpaint":
+        return
+    if args.outpaint:
+        if args.mask:
+            raise UserError("give either --mask or --outpaint, not both")
+        left, right, top, bottom = _fit_outpaint(_parse_outpaint(args.outpaint), options["init_image"].size)
+        canvas = (options["init_image"].width + left + right, options["init_image"].height + top + bottom)
+        if max(canvas) > MAX_SIDE:       # refused before the canvas is allocated
+            raise UserError(f"--outpaint {args.outpaint} makes a {canvas[0]}x{canvas[1]} canvas; "
+                            f"the largest side is {MAX_SIDE}")
+        options["init_image"], options["mask_image"] = pad_for_outpaint(
+            options["init_image"], left, right, top, bottom, mask_overlap=8
+        )
+        options.pop("width", None)
+        options.pop("height", None)
+    elif args.mask:
+        options["mask_image"] = _open_image(args.mask, "mask")
+    else:
+        raise UserError("inpaint needs --mask IMAGE or --outpaint L,R,T,B")
+    options.setdefault("strength", 1.0)
+
+
 def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int:
     """Draw and write the pictures of `args`; `pipelines` keeps the models loaded across runs (--prompts-file)."""
     if getattr(args, "prompts_file", None):
         return run_prompts_file(args)
     from sdlab.pipeline.hires import hires_steps
-    from sdlab.pipeline.images import pad_for_outpaint
     from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters, lora_hash, vae_ref
-    from sdlab.pipeline.request import MAX_SIDE, GenerationRequest, RequestError, check_batch_seeds, next_batch
+    from sdlab.pipeline.request import GenerationRequest, RequestError, check_batch_seeds, next_batch
 
     target = _output_target(args.out)                         # a bad --out is refused before any work
     recorded = _recorded_parameters(args)
@@ -1073,29 +1105,7 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
     options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], recorded, finder)
     if options.get("hr_prompt"):
         options["hr_prompt"] = drawn_hires_prompt(options["hr_prompt"], {Path(path).stem: w for path, w in loras})
-    if args.mode != "txt2img":
-        if not args.init:
-            raise UserError(f"{args.mode} needs --init IMAGE")
-        options["init_image"] = _open_image(args.init, "init image")
-    if args.mode == "inpaint":
-        if args.outpaint:
-            if args.mask:
-                raise UserError("give either --mask or --outpaint, not both")
-            left, right, top, bottom = _fit_outpaint(_parse_outpaint(args.outpaint), options["init_image"].size)
-            canvas = (options["init_image"].width + left + right, options["init_image"].height + top + bottom)
-            if max(canvas) > MAX_SIDE:       # refused before the canvas is allocated
-                raise UserError(f"--outpaint {args.outpaint} makes a {canvas[0]}x{canvas[1]} canvas; "
-                                f"the largest side is {MAX_SIDE}")
-            options["init_image"], options["mask_image"] = pad_for_outpaint(
-                options["init_image"], left, right, top, bottom, mask_overlap=8
-            )
-            options.pop("width", None)
-            options.pop("height", None)
-        elif args.mask:
-            options["mask_image"] = _open_image(args.mask, "mask")
-        else:
-            raise UserError("inpaint needs --mask IMAGE or --outpaint L,R,T,B")
-        options.setdefault("strength", 1.0)
+    _add_input_pictures(args, options)
 
     controls = _controls(args, recorded, options.get("control_convention", GenerationRequest.control_convention))
     if controls:

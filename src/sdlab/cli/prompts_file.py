@@ -11,13 +11,14 @@ line --batch x --batch-count seeds after the one before, --same-random-seed (Use
 draws one random seed for every line; otherwise each line without a seed draws its own. A line's tags set the
 command's options: --prompt, --negative_prompt, --seed, --subseed, --subseed_strength, --seed_resize_from_w / _h,
 --sampler_name (an A1111 name or alias), --steps, --cfg_scale, --width, --height, --batch_size (--batch),
---n_iter (--batch-count), --tiling, --sd_model (a checkpoint file: --model), --outpath_samples (the folder the
+--n_iter (--batch-count), --tiling, --sd_model (a checkpoint file or diffusers folder: --model), --outpath_samples (the folder the
 line's pictures go to), --do_not_save_samples true (drawn, not written); --sampler_index, --styles,
 --prompt_for_display, --outpath_grids and --do_not_save_grid change nothing here (as in A1111, where the first
 is ignored since 1.6 and the rest name files or text sdlab's CLI does not write), and --restore_faces true is
-refused (sdlab has no face restoration). Every line is read and checked before the model loads: a line A1111
-would draw as a prompt because it does not read (`unknown commandline option: --step`) is an error here,
-naming its line. A model loaded stays for the lines after it that draw it and is let go before a line's other
+refused (sdlab has no face restoration). Every line is read and checked before the model loads (img2img's and
+inpaint's with their pictures): a line A1111 would draw as a prompt because it does not read (`unknown
+commandline option: --step`, `Unknown checkpoint: notes.txt`) is an error here naming its line, as is any
+error of a line's run. A model loaded stays for the lines after it that draw it and is let go before a line's other
 model loads: one model held at a time, as A1111's default (Maximum number of checkpoints loaded: 1).
 """
 
@@ -66,7 +67,15 @@ def _read_text(name: str) -> str:
 
 
 def _checkpoint(name: str) -> str | None:
-    return name if Path(name).exists() else None
+    """`--sd_model NAME` as A1111's `get_closet_checkpoint_match` finds it: a checkpoint file sdlab loads (by its
+    suffix) or a diffusers folder, else None (A1111's "Unknown checkpoint")."""
+    from sdlab.checkpoints.diffusers_folder import MODEL_INDEX
+    from sdlab.checkpoints.io import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+
+    path = Path(name)
+    if path.is_dir():
+        return name if (path / MODEL_INDEX).is_file() else None
+    return name if path.is_file() and path.suffix.lower() in (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES) else None
 
 
 def _line_namespace(args: argparse.Namespace, line, seed: int, where: str) -> argparse.Namespace:
@@ -94,13 +103,14 @@ def _line_namespace(args: argparse.Namespace, line, seed: int, where: str) -> ar
     return ns
 
 
-def _check_request(options: dict[str, Any], ns: argparse.Namespace) -> None:
-    """A txt2img line's request through the model-free checks (`request.resolve`), as `sdlab grid` checks its
-    cells; img2img's and inpaint's are checked as each line is drawn, with its init picture."""
+def _check_request(ns: argparse.Namespace) -> None:
+    """A line's request (with img2img's and inpaint's pictures) through the model-free checks (`request.resolve`),
+    as `sdlab grid` checks its cells."""
+    from sdlab.cli.generate import _add_input_pictures, _options_from_args
     from sdlab.pipeline.request import GenerationRequest, RequestError, check_batch_seeds, resolve
 
-    if ns.mode != "txt2img":
-        return
+    options = _options_from_args(ns)
+    _add_input_pictures(ns, options)
     try:
         request = resolve(GenerationRequest(**options), default_size=64, default_sampler="Euler",
                           default_schedule="karras", factor=8)
@@ -109,9 +119,10 @@ def _check_request(options: dict[str, Any], ns: argparse.Namespace) -> None:
         raise UserError(str(err)) from None
 
 
-def line_namespaces(args: argparse.Namespace) -> list[argparse.Namespace]:
-    """Every line's options, checked before any work (a line that does not read is an error naming it)."""
-    from sdlab.cli.generate import _output_target, _options_from_args
+def line_namespaces(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
+    """Every line's options (after how errors name the line), checked before any work (a line that does not read
+    is an error naming it)."""
+    from sdlab.cli.generate import _output_target
     from sdlab.pipeline.prompts_file import read_lines, line_seeds
 
     if args.from_png:
@@ -132,18 +143,23 @@ def line_namespaces(args: argparse.Namespace) -> list[argparse.Namespace]:
         ns = _line_namespace(args, line, seed, where)
         try:
             _output_target(ns.out)
-            _check_request(_options_from_args(ns), ns)
+            _check_request(ns)
         except UserError as err:
             raise UserError(f"{where}: {err}") from None
-        namespaces.append(ns)
+        namespaces.append((where, ns))
     return namespaces
 
 
 def run_prompts_file(args: argparse.Namespace) -> int:
-    """Each line drawn in turn as `sdlab <mode>` draws it, one model load for the lines that share it."""
+    """Each line drawn in turn as `sdlab <mode>` draws it, one model load for the lines that share it; an error
+    names its line."""
+    from sdlab.checkpoints.errors import CheckpointError
     from sdlab.cli.generate import run_generate
 
     pipelines: dict[Any, Any] = {}
-    for ns in line_namespaces(args):
-        run_generate(ns, pipelines)
+    for where, ns in line_namespaces(args):
+        try:
+            run_generate(ns, pipelines)
+        except (UserError, CheckpointError) as err:       # a model that does not load, a file not written
+            raise UserError(f"{where}: {err}") from None
     return 0
