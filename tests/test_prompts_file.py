@@ -343,3 +343,11 @@ def test_prompts_file_lines_of_every_mode_are_checked_before_any_work(tmp_path: 
                         "--no-progress"], capsys)
     assert code == 2 and f"--prompts-file {prompts} {match}" in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_a_byte_order_mark_starts_no_line(tmp_path: Path, capsys) -> None:
+    """A file saved "UTF-8 with BOM": its first line reads as tags (here refused for its sampler, line named)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeff--prompt a cat --sampler_name nonsense\n".encode("utf-8"))
+    code, _, err = run(["txt2img", "--prompts-file", str(prompts), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "line 1: --sampler_name is none of A1111's sampler names" in err, err

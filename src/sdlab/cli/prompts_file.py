@@ -58,12 +58,13 @@ def add_prompts_file_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _read_text(name: str) -> str:
-    """The file's text as A1111's `load_prompt_file` reads an upload (UTF-8, undecodable bytes dropped)."""
+    """The file's text as A1111's `load_prompt_file` reads an upload (UTF-8, undecodable bytes dropped), a byte
+    order mark at its start left out (an editor's marker of UTF-8, never a prompt's)."""
     try:
         data = sys.stdin.buffer.read() if name == "-" else Path(name).read_bytes()
     except OSError as err:
         raise UserError(f"--prompts-file {name}: {err.strerror or err}") from None
-    return data.decode("utf-8", errors="ignore")
+    return data.decode("utf-8-sig", errors="ignore")
 
 
 def _checkpoint(name: str) -> str | None:
