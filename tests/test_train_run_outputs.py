@@ -218,6 +218,12 @@ def test_sample_every_alone_previews_where_no_prompts_are_read():
     assert TrainConfig(task="vae", sample_every=2).sample_every == 2    # the VAE task previews its images
 
 
+def test_the_text_task_which_draws_no_preview_refuses_sample_every():
+    """Before, it was accepted and nothing was drawn."""
+    with pytest.raises(TrainError, match="--task text .*; --sample-every 2 does not apply to it"):
+        TrainConfig(task="text", sample_every=2)
+
+
 @pytest.mark.parametrize(("name", "text"), [("run.toml", "sample_prompts = []\n"), ("run.json", '{"sample_prompts": []}')])
 def test_an_empty_list_of_sample_prompts_in_a_config_file_asks_for_nothing(tmp_path, name, text):
     """Before, the pair check formatted its first prompt: 'internal error: IndexError'."""

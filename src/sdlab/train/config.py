@@ -342,7 +342,8 @@ _CAPTIONS = ("shuffle_caption", "keep_tokens", "caption_separator")   # the capt
 _LATENTS = ("cache_latents", "cache_dir")                               # the frozen VAE's latents, not images
 _BUCKETS = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps")   # non-square latents
 _LORA = ("lora_rank", "lora_alpha", "lora_conv")
-_UNET_RUN = ("gradient_checkpointing", "save_dtype", "sample_prompts", "sample_steps", "sample_cfg", "sample_seed")
+_UNET_RUN = ("gradient_checkpointing", "save_dtype", "sample_every", "sample_prompts", "sample_steps", "sample_cfg",
+             "sample_seed")
 _LCD = ("lcd_ddim_timesteps", "lcd_w_min", "lcd_w_max", "lcd_loss", "lcd_huber_c", "lcd_target_decay")
 _EMBEDDING = ("embedding_word", "embedding_vectors", "embedding_init")
 TASK_SETTINGS: dict[str, tuple[str, frozenset[str]]] = {
@@ -354,7 +355,7 @@ TASK_SETTINGS: dict[str, tuple[str, frozenset[str]]] = {
     "lcd": ("distils the U-Net (or a LoRA of it) with a fixed objective",
             frozenset((*_CAPTIONS, *_LATENTS, *_BUCKETS, *_LORA, *_LCD, *_UNET_RUN))),
     "vae": ("trains the VAE on images (not on latents) with its own objective and previews",
-            frozenset(("vae_decoder_only", "save_dtype"))),
+            frozenset(("vae_decoder_only", "save_dtype", "sample_every"))),
     "text": ("trains the text encoder against an image tower on images (not on latents) with a contrastive "
              "objective", frozenset()),
 }
