@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from sdlab.utils.file_hashes import stat_version
 from sdlab.utils.files import atomic_write
 
 FORMAT_KEY = "sdlab.preview_decoder"
@@ -164,14 +165,15 @@ def read_preview_decoder(path: str | os.PathLike[str]) -> PreviewDecoder:
 
 
 @lru_cache(maxsize=8)
-def _cached(path: str, mtime_ns: int) -> PreviewDecoder:
+def _cached(path: str, version: tuple[int, ...]) -> PreviewDecoder:
     return read_preview_decoder(path)
 
 
 def load_preview_decoder(path: str | os.PathLike[str]) -> PreviewDecoder:
-    """`read_preview_decoder`, cached per file (and its modification time): callers share one network."""
+    """`read_preview_decoder`, cached per version of the file (`file_hashes.stat_version`): callers share one
+    network."""
     path = Path(path).resolve()
-    return _cached(str(path), path.stat().st_mtime_ns)
+    return _cached(str(path), stat_version(path.stat()))
 
 
 __all__ = ["Block", "PreviewDecoder", "PreviewDecoderConfig", "TinyDecoder", "load_preview_decoder",

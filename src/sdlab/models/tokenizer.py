@@ -36,6 +36,8 @@ from pathlib import Path
 import regex
 import torch
 
+from sdlab.utils.file_hashes import file_version
+
 logger = logging.getLogger(__name__)
 
 VOCAB_SIZE = 49408
@@ -130,8 +132,9 @@ def _read_merge_lines(vocab_path: str) -> list[str]:
 
 
 @lru_cache(maxsize=4)
-def _load_tables(vocab_path: str) -> tuple[dict[str, int], dict[str, int]]:
-    """Read the merges file and build (symbol -> id, merge "left right" -> rank).
+def _load_tables(vocab_path: str, version: tuple[int, ...] | None) -> tuple[dict[str, int], dict[str, int]]:
+    """Read the merges file and build (symbol -> id, merge "left right" -> rank), kept per `version` of the file
+    (`file_hashes.file_version`: another file at the same path is read).
 
     A merge is keyed by its line of the file ("t h"), not by a (left, right) tuple: no line is split, which
     makes this a third of the cost (it is paid by every process that draws a picture)."""
@@ -169,7 +172,7 @@ class CLIPTokenizer:
         cache_size: int = 100_000,
     ):
         path = str(vocab_path if vocab_path is not None else _default_vocab_path())
-        self.encoder, self.merge_ranks = _load_tables(path)
+        self.encoder, self.merge_ranks = _load_tables(path, file_version(path))
         self.pad_token_id = pad_token_id
         self.max_length = max_length
         self._byte_to_char = bytes_to_unicode()

@@ -49,6 +49,7 @@ from sdlab.checkpoints.lora import bundle_lora_weights, load_lora_file
 from sdlab.models.cpu_kernels import tensor_version
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import RequestError
+from sdlab.utils.file_hashes import stat_version
 
 logger = logging.getLogger(__name__)
 
@@ -239,8 +240,8 @@ _FILE_CACHE_LOCK = threading.Lock()        # a server reads tags as jobs are sub
 
 
 def _file_key(path: Path) -> tuple:
-    stat = path.stat()
-    return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    """The file at `path` in this version of it (`file_hashes.stat_version`)."""
+    return (str(path.resolve()), *stat_version(path.stat()))
 
 
 def read_lora(path: str | os.PathLike[str]) -> dict[str, dict[str, Tensor]]:

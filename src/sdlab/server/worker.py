@@ -53,6 +53,7 @@ from sdlab.server.model_folders import ModelFile, ModelFolder
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
 from sdlab.server.vae_files import VaeChoice, vae_to_load
+from sdlab.utils.file_hashes import file_version
 from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab.server")
@@ -100,7 +101,8 @@ class ModelHost:
         for model in (checkpoint, refiner):     # A1111 hashes a model as it loads it
             if model is not None:
                 model.calculate_hash()
-        key, vae_key = (checkpoint.path, loras), self.vae_for(checkpoint.path, vae)
+        files = (checkpoint.path, *(path for path, _ in loras))    # a file replaced since it loaded: loaded again
+        key, vae_key = (checkpoint.path, loras, tuple(map(file_version, files))), self.vae_for(checkpoint.path, vae)
         if key != self._key or self.pipe is None:
             with self._loading():
                 self.pipe, self._key = None, None
@@ -162,7 +164,7 @@ class ModelHost:
         `vae` picks for its file (`vae_for`), loaded unless it is held already; None (and nothing held) without
         one. The one held was loaded for this `base`: `pipeline` lets it go whenever it loads another."""
         drawn = None if refiner is None else self.vae_for(refiner.path, vae)
-        key = None if refiner is None else (refiner.path, drawn)
+        key = None if refiner is None else (refiner.path, drawn, file_version(refiner.path))
         if key != self._refiner_key:
             self._refiner, self._refiner_key = None, None
             if refiner is not None:

@@ -94,14 +94,14 @@ def _cached(key: tuple[str, str], stat: os.stat_result) -> str | None:
 
 
 def read_per_version(path: str | os.PathLike[str], read: Callable[[Path], _T]) -> _T:
-    """`read(path)`, kept in memory while the file keeps its version (`_version`); a file that cannot be looked at
-    is read every time (`read` then answers for it as it does uncached)."""
+    """`read(path)`, kept in memory while the file keeps its version (`stat_version`); a file that cannot be
+    looked at is read every time (`read` then answers for it as it does uncached)."""
     path = Path(path)
     try:
         stat = path.stat()
     except OSError:
         return read(path)
-    key, version = (str(path), read), _version(stat)
+    key, version = (str(path), read), stat_version(stat)
     with _READS_LOCK:
         kept = _READS.get(key)
     if kept is not None and kept[0] == version:
@@ -115,7 +115,16 @@ def read_per_version(path: str | os.PathLike[str], read: Callable[[Path], _T]) -
     return value
 
 
-def _version(stat: os.stat_result) -> tuple[int, int, int, int]:
+def file_version(path: str | os.PathLike[str]) -> tuple[int, int, int, int] | None:
+    """The version of the file at `path` (`stat_version`), for a cache of what is read from it: a different file
+    at the same path is another version; None for a path that cannot be looked at."""
+    try:
+        return stat_version(os.stat(path))
+    except OSError:
+        return None
+
+
+def stat_version(stat: os.stat_result) -> tuple[int, int, int, int]:
     """What tells two versions of a file apart: size and modification time, and the inode and change time, which a
     copy that keeps the size and modification time (`cp -p`, `rsync -t`, an unzip) does not keep: `utime` sets
     the modification time, no call sets the change time."""
@@ -135,4 +144,4 @@ def _forget_gone_files() -> None:
         _sweep_at = max(_FIRST_SWEEP, 2 * len(_READS))
 
 
-__all__ = ["cache_dir", "cached_hash", "known_hash", "read_per_version"]
+__all__ = ["cache_dir", "cached_hash", "file_version", "known_hash", "read_per_version", "stat_version"]
