@@ -168,7 +168,7 @@ def test_grid_prompt_matrix_refusals_before_any_work(tmp_path: Path, capsys, opt
     assert not out.exists()
 
 
-def test_matrix_flags_need_prompt_matrix(tmp_path: Path, capsys) -> None:
-    code, _, err = run(["grid", PROMPT, "--x", "steps=1,2", "--matrix-at-start", "--out", str(tmp_path / "g.png")],
-                       capsys)
-    assert code == 2 and "--matrix-at-start: give --prompt-matrix" in err
+@pytest.mark.parametrize("flag", [["--matrix-at-start"], ["--matrix-join", "space"], ["--matrix-join", "comma"]])
+def test_matrix_flags_need_prompt_matrix(tmp_path: Path, capsys, flag: list[str]) -> None:
+    code, _, err = run(["grid", PROMPT, "--x", "steps=1,2", *flag, "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and f"{flag[0]}: give --prompt-matrix" in err

@@ -351,3 +351,13 @@ def test_a_byte_order_mark_starts_no_line(tmp_path: Path, capsys) -> None:
     prompts.write_bytes("\ufeff--prompt a cat --sampler_name nonsense\n".encode("utf-8"))
     code, _, err = run(["txt2img", "--prompts-file", str(prompts), "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "line 1: --sampler_name is none of A1111's sampler names" in err, err
+
+
+@pytest.mark.parametrize("flags", [["--iterate-seed"], ["--same-random-seed"], ["--insert-prompts", "start"],
+                                   ["--insert-prompts", "end", "--iterate-seed"]])
+def test_prompts_file_settings_need_a_prompts_file(tmp_path: Path, capsys, flags: list[str]) -> None:
+    out = tmp_path / "out"
+    code, _, err = run(["txt2img", "a cat", *flags, "--out", str(out)], capsys)
+    given = ", ".join(flag for flag in flags if flag.startswith("--"))
+    assert code == 2 and f"{given}: give --prompts-file" in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sdlab.cli.errors import UserError, utf8_text, write_error
-from sdlab.cli.prompts_file import add_prompts_file_flags, run_prompts_file
+from sdlab.cli.prompts_file import add_prompts_file_flags, check_without_prompts_file, run_prompts_file
 from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
 from sdlab.utils.files import make_output_folder
 from sdlab.utils.threads import use_threads_for
@@ -1093,6 +1093,7 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
     """Draw and write the pictures of `args`; `pipelines` keeps the models loaded across runs (--prompts-file)."""
     if getattr(args, "prompts_file", None):
         return run_prompts_file(args)
+    check_without_prompts_file(args)
     from sdlab.pipeline.hires import hires_steps
     from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters, lora_hash, vae_ref

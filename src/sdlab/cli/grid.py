@@ -71,7 +71,7 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
                    help="--prompt-matrix splits --negative instead of the prompt (A1111's Prompt type negative)")
     p.add_argument("--matrix-at-start", action="store_true",
                    help="--prompt-matrix puts the first part after the others (A1111's Set at prompt start)")
-    p.add_argument("--matrix-join", choices=("comma", "space"), default="comma",
+    p.add_argument("--matrix-join", choices=("comma", "space"),
                    help="how --prompt-matrix joins the parts: \", \" (comma, the default) or \" \" (A1111's "
                         "Joining char)")
     p.add_argument("--matrix-random-seeds", action="store_true",
@@ -117,7 +117,7 @@ def _prompt_matrix(args: argparse.Namespace):
     options = {"prompt": args.prompt, "negative_prompt": args.negative}
     try:
         return prompt_matrix(options, "negative" if args.matrix_negative else "positive", args.matrix_at_start,
-                             args.matrix_join, args.matrix_random_seeds, args.margin)
+                             args.matrix_join or "comma", args.matrix_random_seeds, args.margin)
     except GridError as err:
         raise UserError(str(err)) from None
 
@@ -131,7 +131,8 @@ def _plot(args: argparse.Namespace):
     if args.prompt_matrix:
         return _prompt_matrix(args)
     matrix_flags = [flag for flag, value in (("--matrix-negative", args.matrix_negative), ("--matrix-at-start",
-                    args.matrix_at_start), ("--matrix-random-seeds", args.matrix_random_seeds)) if value]
+                    args.matrix_at_start), ("--matrix-join", args.matrix_join),
+                    ("--matrix-random-seeds", args.matrix_random_seeds)) if value]
     if matrix_flags:
         raise UserError(f"{', '.join(matrix_flags)}: give --prompt-matrix")
     if args.x is None:

@@ -46,7 +46,7 @@ def add_prompts_file_flags(p: argparse.ArgumentParser) -> None:
                    help="A1111's Prompts from file or textbox: a run for each line of FILE (- reads standard "
                         "input), a prompt or A1111's options (--prompt \"...\" --steps 20 --seed 7 ...); --out is "
                         "then a folder")
-    p.add_argument("--insert-prompts", choices=("start", "end"), default="start",
+    p.add_argument("--insert-prompts", choices=("start", "end"),
                    help="--prompts-file: each line's prompt goes before (start, the default) or after (end) the "
                         "PROMPT given (A1111's Insert prompts at the)")
     p.add_argument("--iterate-seed", action="store_true",
@@ -55,6 +55,15 @@ def add_prompts_file_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--same-random-seed", action="store_true",
                    help="--prompts-file: one random seed for every line without --seed (A1111's Use same random "
                         "seed for all lines)")
+
+
+def check_without_prompts_file(args: argparse.Namespace) -> None:
+    """--insert-prompts, --iterate-seed and --same-random-seed set how --prompts-file's lines draw: refused in a
+    run without one, as the grid refuses its settings of another mode."""
+    given = [flag for flag, value in (("--insert-prompts", args.insert_prompts), ("--iterate-seed", args.iterate_seed),
+                                      ("--same-random-seed", args.same_random_seed)) if value]
+    if given:
+        raise UserError(f"{', '.join(given)}: give --prompts-file (they set how its lines draw)")
 
 
 def _read_text(name: str) -> str:
@@ -90,7 +99,8 @@ def _line_namespace(args: argparse.Namespace, line, seed: int, where: str) -> ar
         raise UserError(f"{where}: --sampler_name is none of A1111's sampler names or aliases")
     ns = copy.copy(args)
     ns.prompts_file, ns.seed = None, seed
-    prompts = line_prompts(tags, args.prompt or "", args.negative or "", args.insert_prompts)
+    ns.insert_prompts, ns.iterate_seed, ns.same_random_seed = None, False, False     # the file's, not the line's
+    prompts = line_prompts(tags, args.prompt or "", args.negative or "", args.insert_prompts or "start")
     ns.prompt, ns.negative = prompts["prompt"], prompts["negative_prompt"] or None
     for tag, value in tags.items():
         if tag in FLAGS:
