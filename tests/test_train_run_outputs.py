@@ -82,6 +82,24 @@ def test_a_second_run_in_a_run_folder_is_refused_unless_overwrite(tiny, tmp_path
     assert code == 2 and "holds checkpoints of step 4" in _error_line(err)
 
 
+def test_the_refusal_says_how_to_go_on_with_a_finished_run_and_names_the_folder(tiny, tmp_path, capsys, monkeypatch):
+    """Before, a finished run was pointed to --resume latest, which then trained no step and rewrote its files,
+    and a folder never given was named as an option."""
+    model, data = tiny
+    monkeypatch.chdir(tmp_path)
+    run = [str(a) for a in ("train", "--model", model, "--data-dir", data, "--resolution", CLI_RES, "--no-progress",
+                            "--device", "cpu", "--lora-rank", "2", "--max-steps", "4", "--checkpoint-every", "2")]
+    assert sdlab_main(run) == 0
+    assert sdlab_main(run) == 2
+    line = _error_line(capsys.readouterr()[1])
+    assert "--output-dir runs/train (the default) holds another run, finished at its --max-steps 4" in line
+    assert "train it further with --resume latest --max-steps N (N > 4)" in line
+    (tmp_path / "runs" / "train" / "checkpoints" / "step-00000004.pt").unlink()    # as if stopped at step 2
+    assert sdlab_main(run) == 2
+    line = _error_line(capsys.readouterr()[1])
+    assert "holds another run (its checkpoints of step 2): continue it with --resume latest," in line
+
+
 def _files(out: Path) -> set[str]:
     return {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
 

@@ -219,6 +219,24 @@ def _old_run_outputs(out_dir: Path, checkpoints: list[tuple[int, Path]], after: 
     return found
 
 
+def _named_folder(cfg: TrainConfig) -> str:
+    """``--output-dir`` as given, or said to be the default."""
+    return f"--output-dir {cfg.output_dir}" + (" (the default)" if cfg.output_dir == TrainConfig.output_dir else "")
+
+
+def _another_run(cfg: TrainConfig, in_the_way: list[tuple[int, Path]], steps: str) -> str:
+    """The refusal of a new run where another run's checkpoints are, with how to go on with that run: a finished
+    one (its newest checkpoint at its --max-steps) trains further only with a higher --max-steps."""
+    newest, path = in_the_way[-1]
+    if stored_config(path).get("max_steps") == newest:
+        state = f", finished at its --max-steps {newest}"
+        go_on = f"train it further with --resume latest --max-steps N (N > {newest})"
+    else:
+        state, go_on = "", "continue it with --resume latest"
+    return (f"{_named_folder(cfg)} holds another run{state} (its checkpoints of {steps}): {go_on}, choose another "
+            f"--output-dir, or give --overwrite to delete them and start again")
+
+
 def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: bool) -> None:
     """Refuse a run whose checkpoints would mix with those in ``--output-dir`` (`_checkpoints_in_the_way`), or
     with ``--overwrite`` delete those and the other outputs of their run (a new run's: also where no checkpoint
@@ -227,10 +245,8 @@ def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: boo
     steps = f"step {in_the_way[0][0]}" + (f" to {in_the_way[-1][0]}" if len(in_the_way) > 1 else "") if in_the_way else ""
     if in_the_way and not cfg.overwrite:
         if resume is None:
-            raise TrainError(f"--output-dir {cfg.output_dir} holds another run (its checkpoints of {steps}): continue "
-                             f"it with --resume latest, choose another --output-dir, or give --overwrite to delete "
-                             f"them and start again")
-        raise TrainError(f"--output-dir {cfg.output_dir} holds checkpoints of {steps}, which a run from step "
+            raise TrainError(_another_run(cfg, in_the_way, steps))
+        raise TrainError(f"{_named_folder(cfg)} holds checkpoints of {steps}, which a run from step "
                          f"{resume.step} of {resume.path} would mix with: choose another --output-dir, or give "
                          f"--overwrite to delete them")
     if not (cfg.overwrite and is_main and (in_the_way or resume is None)):
