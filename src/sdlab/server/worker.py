@@ -54,6 +54,7 @@ from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
 from sdlab.server.vae_files import VaeChoice, vae_to_load
 from sdlab.utils.file_hashes import file_version
+from sdlab.utils.allocator import trim
 from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab.server")
@@ -107,6 +108,7 @@ class ModelHost:
             with self._loading():
                 self.pipe, self._key = None, None
                 self._refiner, self._refiner_key = None, None       # loaded for the base let go (`_loaded_refiner`)
+                trim()                                  # the model let go: its memory back to the system
                 started = time.perf_counter()
                 pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras],
                             find_lora=self.lora_file, embeddings=self.embeddings,   # tags: the server's LoRAs alone
@@ -156,6 +158,7 @@ class ModelHost:
         its model again from the file, its embeddings folder read anew. Called while `busy` is held."""
         self.pipe, self._key, self._vae_key, self.previewer = None, None, None, None
         self._refiner, self._refiner_key = None, None
+        trim()
         if str(self.device).startswith("cuda"):
             torch.cuda.empty_cache()
 
