@@ -200,7 +200,7 @@ def _log(out: Path) -> list[dict[str, str]]:
 
 
 def test_a_log_row_holds_the_mean_of_the_steps_since_the_row_before(tiny, tmp_path, capsys):
-    """Before, a row held the loss of its one step (kohya logs the average; diffusers every step)."""
+    """Before, a row held the loss of its one step (diffusers logs every step's; kohya, every step, the mean over the last epoch's steps)."""
     model, data = tiny
     every, sparse = tmp_path / "every", tmp_path / "sparse"
     assert _train(capsys, model, data, every, "--max-steps", "5")[0] == 0
