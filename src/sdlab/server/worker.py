@@ -53,8 +53,8 @@ from sdlab.server.model_folders import ModelFile, ModelFolder
 from sdlab.server.previews import LatentPreviewer
 from sdlab.server.registry import Checkpoint, ModelRegistry
 from sdlab.server.vae_files import VaeChoice, vae_to_load
-from sdlab.utils.file_hashes import file_version
 from sdlab.utils.allocator import trim
+from sdlab.utils.file_hashes import file_version
 from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab.server")
