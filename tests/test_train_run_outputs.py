@@ -200,7 +200,8 @@ def _log(out: Path) -> list[dict[str, str]]:
 
 
 def test_a_log_row_holds_the_mean_of_the_steps_since_the_row_before(tiny, tmp_path, capsys):
-    """Before, a row held the loss of its one step (diffusers logs every step's; kohya, every step, the mean over the last epoch's steps)."""
+    """Before, a row held the loss of its one step (diffusers logs every step's; kohya, every step, the mean over
+    the last epoch's steps)."""
     model, data = tiny
     every, sparse = tmp_path / "every", tmp_path / "sparse"
     assert _train(capsys, model, data, every, "--max-steps", "5")[0] == 0
@@ -283,6 +284,20 @@ def test_a_run_checkpoint_read_as_weights_says_how_to_get_them(tiny, tmp_path, c
     with pytest.raises(CheckpointError, match=r"run checkpoint \(the training state at step 1\), not weights; "
                                               r"write its weights with: sdlab train --resume .* --max-steps 1$"):
         read_checkpoint(state)
+
+
+def test_inspect_describes_a_run_checkpoint(tiny, tmp_path, capsys):
+    """Before, `sdlab inspect step-N.pt` failed with the 'not weights' error instead of saying what the file is."""
+    model, data = tiny
+    out = tmp_path / "run"
+    assert _train(capsys, model, data, out, "--max-steps", "2", "--checkpoint-every", "1")[0] == 0
+    state = out / "checkpoints" / "step-00000001.pt"
+    assert sdlab_main(["inspect", str(state), "--json"]) == 0
+    described = json.loads(capsys.readouterr()[0])
+    assert described["kind"].startswith("sdlab train run checkpoint")
+    assert described["facts"] == {"task": "unet", "step": 1, "max steps": 2, "global batch": 1, "lora rank": 2,
+                                  "model": str(model.resolve()), "data": str(data.resolve())}
+    assert described["use"].startswith(f"sdlab train --resume {state} --output-dir NEW_FOLDER --max-steps 1")
 
 
 def test_a_full_disk_at_a_checkpoint_still_delivers_the_weights(tiny, tmp_path, capsys, monkeypatch):

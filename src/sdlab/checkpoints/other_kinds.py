@@ -1,5 +1,6 @@
 """What a file that is not a whole model is: a LoRA, a ControlNet, a VAE, an upscaler, a textual-inversion
-embedding, or one component folder of a diffusers pipeline (`sdlab inspect` on it).
+embedding, one component folder of a diffusers pipeline, or an ``sdlab train`` run checkpoint (`sdlab inspect`
+on it).
 
 Each kind is recognised by the reader that loads it for generation (`load_lora_file`, `read_controlnet`,
 `load_vae_source`, `read_upscaler`, `load_embedding`), tried in that order (the embedding reader last: it
@@ -37,7 +38,8 @@ def describe_other_kind(path: str | os.PathLike[str]) -> Description | None:
     from sdlab.checkpoints.lora import UnusableLoRAError
 
     path = Path(path)
-    readers: tuple[Callable[[Path], Description], ...] = (_lora, _controlnet, _vae, _upscaler, _embedding, _component)
+    readers: tuple[Callable[[Path], Description], ...] = (_run_checkpoint, _lora, _controlnet, _vae, _upscaler,
+                                                          _embedding, _component)
     unusable_lora = None
     for describe in readers:
         try:
@@ -69,6 +71,35 @@ def not_a_model(path: str | os.PathLike[str]) -> CheckpointError | None:
 def _values(values) -> list:
     """Distinct values, sorted: [32] or [4, 8, 16]."""
     return sorted(set(values))
+
+
+_RUN_STATE = frozenset(("format", "step", "config", "modules", "optimizer"))   # as `io.read_checkpoint` tells it
+
+
+def _run_checkpoint(path: Path) -> Description:
+    """An ``sdlab train`` run checkpoint (``checkpoints/step-N.pt``: the state of a run, not weights), from its
+    stored settings; its tensors are memory-mapped, not read (first: every other reader would load them whole)."""
+    import zipfile
+
+    import torch
+
+    if not (path.is_file() and zipfile.is_zipfile(path)):
+        raise CheckpointError(f"{path}: not an sdlab train run checkpoint")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a torch zip file, or not weights-only: torch raises many types
+        raise CheckpointError(f"{path}: not an sdlab train run checkpoint") from None
+    if not (isinstance(state, Mapping) and _RUN_STATE <= state.keys() and isinstance(state["config"], Mapping)):
+        raise CheckpointError(f"{path}: not an sdlab train run checkpoint")
+    config, step = state["config"], int(state["step"])
+    facts = {"task": config.get("task"), "step": step, "max steps": config.get("max_steps"),
+             "global batch": state.get("global_batch"), "lora rank": config.get("lora_rank"),
+             "embedding word": config.get("embedding_word"), "EMA decay": config.get("ema_decay"),
+             "model": config.get("model"), "data": config.get("data_dir")}
+    return {"kind": "sdlab train run checkpoint (the training state of a run, not weights)",
+            "facts": {name: value for name, value in facts.items() if value is not None},
+            "use": f"sdlab train --resume {path} --output-dir NEW_FOLDER --max-steps {step} (writes its weights; a "
+                   f"higher --max-steps trains on)"}
 
 
 def _lora(path: Path) -> Description:

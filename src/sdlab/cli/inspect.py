@@ -18,7 +18,7 @@ def add_inspect(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "inspect",
         help="describe a checkpoint: family, prediction type, configs, parameter counts, dtypes, keys (or what a "
-        "LoRA, ControlNet, VAE, upscaler or embedding file is)",
+        "LoRA, ControlNet, VAE, upscaler, embedding file or sdlab train run checkpoint is)",
         description="Read a checkpoint's names, shapes and metadata (no weights: a LoRA's alphas and an embedding's "
         "vectors are the only values read) and describe what sdlab sees.",
     )
