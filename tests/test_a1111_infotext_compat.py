@@ -11,6 +11,7 @@ import json
 import math
 import re
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,6 +30,7 @@ from sdlab.pipeline.plan import handoff_index, make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.a1111 import PngInfoIn, a1111_parameters, png_info
+from sdlab.server.config import Limits
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -314,7 +316,9 @@ def png_info_of(image: Image.Image, chunks: dict[str, str]) -> dict:
         info.add_text(key, text)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    return png_info(PngInfoIn(image=base64.b64encode(buffer.getvalue()).decode()), None)
+    service = SimpleNamespace(config=SimpleNamespace(limits=Limits()))        # png-info reads only the limits
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(service=service)))
+    return png_info(PngInfoIn(image=base64.b64encode(buffer.getvalue()).decode()), request)
 
 
 @pytest.mark.parametrize("text", [
