@@ -225,6 +225,20 @@ def test_the_peak_memory_is_in_the_summary_and_the_final_line(tiny, tmp_path, ca
     assert f"peak RAM {summary['peak_memory_gib']:.3g} GiB" in stdout
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="the resident peak resets on Linux only")
+def test_the_peak_memory_is_that_of_the_run_not_of_the_process_before(tiny, tmp_path, capsys):
+    """Before, the RAM peak was the process's (ru_maxrss): a second run in one process reported the first's."""
+    import resource
+
+    model, data = tiny
+    held = torch.ones(384 * 2**20)                                # 1.5 GiB resident, then given back
+    del held
+    process_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert _train(capsys, model, data, tmp_path / "run", "--max-steps", "1")[0] == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["peak_memory_gib"] < process_peak - 1.0
+
+
 @pytest.mark.parametrize("sample", [("--sample-every", "2"), ("--sample-prompts", "a red square")])
 def test_sample_every_and_sample_prompts_need_each_other(tiny, tmp_path, capsys, sample):
     """Either without the other drew nothing, with no word."""

@@ -60,7 +60,7 @@ from sdlab.train.task import TrainTask
 logger = logging.getLogger(__name__)
 
 __all__ = ["RunResult", "StopFlag", "apply_optimizer_settings", "check_resume", "flush_denormals", "lr_multiplier",
-           "peak_memory", "train"]
+           "peak_memory", "reset_peak_memory", "train"]
 
 
 @dataclass
@@ -73,7 +73,7 @@ class RunResult:
     ema_weights: Path | None
     skipped: dict[str, int] = field(default_factory=dict)
     images_per_second: float | None = None      # mean over the steps of this process's run
-    peak_memory: tuple[float, str] | None = None  # this process's peak in GiB, and of what: "GPU" or "RAM"
+    peak_memory: tuple[float, str] | None = None  # the peak in GiB while it trained, and of what: "GPU" or "RAM"
     start_step: int = 0                         # the step it resumed from
     seconds_per_step: float | None = None
     stop_signal: int | None = None              # the signal that stopped it (any rank's)
@@ -242,6 +242,7 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
     params = list(named.values())
     if not params:
         raise ValueError(f"task {task.name} has no trainable parameters")
+    reset_peak_memory(ctx.device)
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     ema = EMA(named, cfg.ema_decay) if cfg.ema_decay is not None else None
@@ -444,13 +445,30 @@ class _LogWindow:
         return row
 
 
+_HIGH_WATER = Path("/proc/self/status")   # Linux: VmHWM, the peak resident memory, which clear_refs 5 resets
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start `peak_memory` again from what is in use now: the CUDA allocator's peak, or on Linux the process's
+    resident high-water mark (elsewhere the CPU peak is the process's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    elif device.type == "cpu":
+        with contextlib.suppress(OSError):
+            _HIGH_WATER.with_name("clear_refs").write_text("5")
+
+
 def peak_memory(device: torch.device) -> tuple[float, str] | None:
-    """This process's peak memory so far in GiB, and of what: the CUDA memory allocated on ``device`` ("GPU"),
-    or on the CPU its peak resident RAM ("RAM"); None where neither is known."""
+    """The peak memory in GiB since `reset_peak_memory`, and of what: the CUDA memory allocated on ``device``
+    ("GPU"), or on the CPU the peak resident RAM ("RAM"); None where neither is known."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30, "GPU"
     if device.type != "cpu":
         return None
+    with contextlib.suppress(OSError):
+        for line in _HIGH_WATER.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20, "RAM"      # kB
     try:
         import resource
     except ImportError:                                           # Windows
