@@ -290,6 +290,15 @@ def test_an_older_run_with_one_half_of_the_preview_pair_resumes_as_it_ran():
     assert cfg.sample_every == 3                                  # the VAE task previews without prompts
 
 
+def test_overwrite_in_a_config_file_is_refused(tmp_path, capsys):
+    """Before, it was taken: every start with that file deleted the run's checkpoints, not one command."""
+    (tmp_path / "run.toml").write_text("max_steps = 2\noverwrite = true\n")
+    code = sdlab_main(["train", "--config", str(tmp_path / "run.toml"), "--model", str(tmp_path / "never-read"),
+                       "--data-dir", str(tmp_path)])
+    line = _error_line(capsys.readouterr()[1])
+    assert code == 2 and "run.toml: overwrite is for one command only; give --overwrite on its command line" in line
+
+
 def test_a_run_checkpoint_read_as_weights_says_how_to_get_them(tiny, tmp_path, capsys):
     model, data = tiny
     out = tmp_path / "run"

@@ -184,7 +184,7 @@ class TrainConfig:
                                      "(another run's, or a resumed one's after the resumed step; without it such a "
                                      "run is refused) and the other files of that run: weights, previews, log.csv, "
                                      "loss.png, summary.json (never other files or latent_cache/); for this command "
-                                     "only")
+                                     "only (refused in a --config file)")
     save_dtype: str = setting("fp32", "dtype of the delivered weights", ("fp32", "fp16", "bf16"))
     log_every: int = setting(1, "write a log.csv row every N steps")
     sample_every: int | None = setting(None, "draw preview images every N steps (default: never)")
@@ -612,6 +612,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if unknown:
         raise TrainError(f"--config {path}: unknown training setting(s) {', '.join(unknown)} "
                          f"(see sdlab train --help; keys are option names with _ for -)")
+    if "overwrite" in data:     # it deletes a run's files: asked for by one command, never by every use of a file
+        raise TrainError(f"--config {path}: overwrite is for one command only; give --overwrite on its command line")
     try:
         return {k: _coerce(k, v) for k, v in data.items()}
     except TrainError as exc:
