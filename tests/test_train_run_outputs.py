@@ -179,6 +179,21 @@ def test_resuming_an_earlier_checkpoint_into_its_folder_is_refused(tiny, tmp_pat
     assert (branch / "final.safetensors").is_file() and _steps(branch) == [3]
 
 
+def test_the_refusal_comes_before_the_dataset_scan_and_the_resume_line(tiny, tmp_path, capsys):
+    """Before, the dataset was scanned first (a long wait on a large one; here a moved dataset's error) and
+    'sdlab: resuming ...' was printed before the refusal."""
+    import shutil
+
+    model, data = tiny
+    own_data = Path(shutil.copytree(data, tmp_path / "data"))
+    out = tmp_path / "run"
+    assert _train(capsys, model, own_data, out, "--max-steps", "4", "--checkpoint-every", "2")[0] == 0
+    shutil.rmtree(own_data)
+    code, _, err = _train(capsys, model, own_data, out, "--resume", out / "checkpoints" / "step-00000002.pt",
+                          "--max-steps", "4")
+    assert code == 2 and "holds checkpoints of step 4" in _error_line(err) and "resuming" not in err
+
+
 def test_pruning_never_deletes_the_checkpoint_just_written(tmp_path):
     folder = tmp_path / "checkpoints"
     for step in (2, 4, 8):

@@ -5,7 +5,8 @@ command; for direct use (tests, ``torchrun``) this module is runnable: ``python 
 M --data-dir D ...`` or ``torchrun --nproc_per_node=2 -m sdlab.train.cli ...``.
 
 Set-up order: settings (and, with ``--resume``, the checkpoint's stored settings under those given), the
-task, the resume compatibility check, the dataset scan, the run folder (made, and a file written in it),
+task, the resume compatibility check, the refusal of a run that would mix with another in its folder, the
+dataset scan, the run folder (with ``--overwrite`` cleared of the other run, made, and a file written in it),
 then the model and the long work. Every mistake found on the way is a `TrainError`: one ``sdlab: error:
 ...`` line and exit status 2. A run stopped by SIGINT / SIGTERM exits with 128 + the signal number (130 /
 143) after writing its checkpoint and weights. Under torchrun one process reports a failure (the first to
@@ -237,18 +238,28 @@ def _another_run(cfg: TrainConfig, in_the_way: list[tuple[int, Path]], steps: st
             f"--output-dir, or give --overwrite to delete them and start again")
 
 
-def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: bool) -> None:
-    """Refuse a run whose checkpoints would mix with those in ``--output-dir`` (`_checkpoints_in_the_way`), or
-    with ``--overwrite`` delete those and the other outputs of their run (a new run's: also where no checkpoint
-    is left), so that nothing of it stays beside this run's."""
+def _steps(checkpoints: list[tuple[int, Path]]) -> str:
+    return f"step {checkpoints[0][0]}" + (f" to {checkpoints[-1][0]}" if len(checkpoints) > 1 else "")
+
+
+def _refuse_to_mix(cfg: TrainConfig, resume: ResumePoint | None) -> None:
+    """Without ``--overwrite``, refuse a run whose checkpoints would mix with those in ``--output-dir``
+    (`_checkpoints_in_the_way`); before the dataset scan, which a large dataset makes long."""
     in_the_way = _checkpoints_in_the_way(cfg, resume)
-    steps = f"step {in_the_way[0][0]}" + (f" to {in_the_way[-1][0]}" if len(in_the_way) > 1 else "") if in_the_way else ""
-    if in_the_way and not cfg.overwrite:
-        if resume is None:
-            raise TrainError(_another_run(cfg, in_the_way, steps))
-        raise TrainError(f"{_named_folder(cfg)} holds checkpoints of {steps}, which a run from step "
-                         f"{resume.step} of {resume.path} would mix with: choose another --output-dir, or give "
-                         f"--overwrite to delete them")
+    if not in_the_way or cfg.overwrite:
+        return
+    if resume is None:
+        raise TrainError(_another_run(cfg, in_the_way, _steps(in_the_way)))
+    raise TrainError(f"{_named_folder(cfg)} holds checkpoints of {_steps(in_the_way)}, which a run from step "
+                     f"{resume.step} of {resume.path} would mix with: choose another --output-dir, or give "
+                     f"--overwrite to delete them")
+
+
+def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: bool) -> None:
+    """With ``--overwrite``, delete the run checkpoints in the way (`_checkpoints_in_the_way`) and the other
+    outputs of their run (a new run's: also where no checkpoint is left), so that nothing of it stays beside
+    this run's; once every check has passed."""
+    in_the_way = _checkpoints_in_the_way(cfg, resume)
     if not (cfg.overwrite and is_main and (in_the_way or resume is None)):
         return
     out_dir = Path(cfg.output_dir)
@@ -259,7 +270,7 @@ def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: boo
     for path in outputs:
         path.unlink(missing_ok=True)
     if in_the_way:
-        logger.warning("--overwrite: deleted the run checkpoints of %s in %s", steps, out_dir / "checkpoints")
+        logger.warning("--overwrite: deleted the run checkpoints of %s in %s", _steps(in_the_way), out_dir / "checkpoints")
     if outputs:
         named = [str(path.relative_to(out_dir)) for path in outputs]
         logger.warning("--overwrite: deleted the earlier run's %s%s in %s", ", ".join(named[:8]),
@@ -283,8 +294,9 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         if resume is not None:
             cfg = _with_model_kind(cfg, resume.config.get("family"), resume.config.get("prediction"))
             check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
-            if resuming and ctx.is_main:
-                print(resuming, file=sys.stderr)
+        _refuse_to_mix(cfg, resume)
+        if resuming and ctx.is_main:
+            print(resuming, file=sys.stderr)
         scan = _scan(cfg)
         cfg = replace(cfg, data_layout=scan.layout)     # what auto chose, stored in the run checkpoints
         if resume is not None:
