@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,25 @@ def test_a_model_is_hashed_once_when_needed_and_later_listings_read_the_cache(mo
     assert hashed == []                                         # every hash known now comes from the cache
     assert registry.find("m1").title == f"m1.safetensors [{model.hash}]" and registry.lora("l2").hash == lora.hash
     assert registry.find("m2").hash is None and registry.lora("l1").hash is None
+
+
+def _a1111_closest_match(titles: list[str], search: str) -> str | None:
+    """A1111 1.10 `sd_models.get_closet_checkpoint_match` (aliases aside): the shortest title containing `search`,
+    else the shortest containing it without its checksum (`re_strip_checksum = r"\\s*\\[[^]]+]\\s*$"`)."""
+    for wanted in (search, re.sub(r"\s*\[[^]]+]\s*$", "", search)):
+        found = sorted([title for title in titles if wanted in title], key=len)
+        if found:
+            return found[0]
+    return None
+
+
+def test_a_model_named_by_a_title_with_a_hash_is_found_before_it_is_hashed(models, hashed):
+    registry = ModelRegistry(models / "m0.safetensors", models)
+    titles = [checkpoint.title for checkpoint in registry.checkpoints]
+    m1 = registry.find("m1.safetensors")
+    for title in (f"m1.safetensors [{_sha256(models / 'm1.safetensors')[:10]}]", "m1.safetensors [0123456789]"):
+        assert _a1111_closest_match(titles, title) == m1.title
+        assert registry.find(title) is m1
+    assert registry.find("m0.safetensors [0123456789]") is registry.default
+    assert registry.find("m9.safetensors [0123456789]") is None
+    assert hashed == ["m0.safetensors"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 LORA_FOLDERS = ("Lora", "lora", "loras", "LoRA")
 logger = logging.getLogger(__name__)
 _NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRGAN", "embeddings", "ControlNet")}
+_CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")      # A1111's `re_strip_checksum`: the " [hash]" ending a title
 
 
 @dataclass
@@ -162,12 +164,15 @@ class ModelRegistry:
         return self.checkpoints[0]
 
     def find(self, name: str) -> Checkpoint | None:
-        """The checkpoint a client names by title, name, file name, model name or hash; None if unknown."""
+        """The checkpoint a client names by title, name, file name, model name or hash; None if unknown. A title
+        whose model is not hashed yet, or whose hash is another, is found by its name, as A1111's
+        `get_closet_checkpoint_match` strips the " [hash]" when no title matches."""
         wanted = name.strip()
         with self._lock:
-            for checkpoint in self.checkpoints:
-                if wanted in checkpoint.names():
-                    return checkpoint
+            for candidate in (wanted, _CHECKSUM.sub("", wanted)):
+                for checkpoint in self.checkpoints:
+                    if candidate in checkpoint.names():
+                        return checkpoint
         return None
 
     def lora(self, name: str) -> Lora | None:
