@@ -8,6 +8,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,18 @@ def test_a_model_named_by_a_title_with_a_hash_is_found_before_it_is_hashed(model
     assert registry.find("m0.safetensors [0123456789]") is registry.default
     assert registry.find("m9.safetensors [0123456789]") is None
     assert hashed == ["m0.safetensors"]
+
+
+def test_requests_hashing_a_model_at_once_read_it_once(models, hashed, monkeypatch):
+    registry = ModelRegistry(models / "m0.safetensors", models)
+    model, spy = registry.find("m1"), png_info._file_sha256
+
+    def slow(path):
+        time.sleep(0.2)
+        return spy(path)
+
+    monkeypatch.setattr(png_info, "_file_sha256", slow)
+    with ThreadPoolExecutor(3) as pool:
+        hashes = list(pool.map(lambda _: model.calculate_hash(), range(3)))
+    assert hashes == [_sha256(models / "m1.safetensors")[:10]] * 3
+    assert hashed == ["m0.safetensors", "m1.safetensors"]

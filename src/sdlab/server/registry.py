@@ -45,6 +45,8 @@ LORA_FOLDERS = ("Lora", "lora", "loras", "LoRA")
 logger = logging.getLogger(__name__)
 _NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRGAN", "embeddings", "ControlNet")}
 _CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")      # A1111's `re_strip_checksum`: the " [hash]" ending a title
+_HASH_LOCKS: dict[Path, threading.Lock] = {}
+_HASH_LOCKS_LOCK = threading.Lock()
 
 
 @dataclass
@@ -63,9 +65,12 @@ class Checkpoint:
 
     def calculate_hash(self) -> str | None:
         """The short hash, the file read whole unless its hash is cached: A1111's `calculate_shorthash`, run as
-        a model loads and, here, as a job names it, whose pictures' parameters carry it."""
+        a model loads and, here, as a job names it, whose pictures' parameters carry it. Requests naming it at
+        once wait for one read of the file."""
         if self.sha256 is None and self.path.is_file():
-            self.sha256 = file_sha256(self.path)
+            with _hash_lock(self.path):
+                if self.sha256 is None:
+                    self.sha256 = file_sha256(self.path)
         return self.hash
 
     @property
@@ -121,7 +126,9 @@ class Lora:
     def read_hash(self) -> str:
         """The hash, the file read unless it is cached: A1111's `NetworkOnDisk.read_hash`, run as a job uses it."""
         if self.hash is None:
-            self.hash = lora_hash(self.path)
+            with _hash_lock(self.path):
+                if self.hash is None:
+                    self.hash = lora_hash(self.path)
         return self.hash
 
     def as_a1111(self) -> dict:
@@ -209,6 +216,12 @@ class ModelRegistry:
 
     def _checkpoint(self, path: Path, name: str) -> Checkpoint:
         return Checkpoint(path, name, known_file_sha256(path) if path.is_file() else None)
+
+
+def _hash_lock(path: Path) -> threading.Lock:
+    """The lock held while the file at `path` is hashed, so that requests for its hash at once read it once."""
+    with _HASH_LOCKS_LOCK:
+        return _HASH_LOCKS.setdefault(path, threading.Lock())
 
 
 def _readable_loras(paths: Iterable[Path]) -> list[Lora]:
