@@ -124,3 +124,16 @@ def test_requests_hashing_a_model_at_once_read_it_once(models, hashed, monkeypat
         hashes = list(pool.map(lambda _: model.calculate_hash(), range(3)))
     assert hashes == [_sha256(models / "m1.safetensors")[:10]] * 3
     assert hashed == ["m0.safetensors", "m1.safetensors"]
+
+
+def test_a_refresh_without_a_usable_hash_cache_keeps_the_hashes_computed(models, hashed, monkeypatch, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("SDLAB_CACHE_DIR", str(tmp_path / "a_file"))        # the cache cannot be opened
+    registry = ModelRegistry(models / "m0.safetensors", models)
+    title = f"m1.safetensors [{registry.find('m1').calculate_hash()}]"       # a queued job's model
+    del hashed[:]
+    registry.refresh()
+    assert hashed == [] and registry.find("m1").title == title and registry.default.hash is not None
+    (models / "m1.safetensors").write_bytes(b"another version")
+    registry.refresh()
+    assert registry.find("m1").hash is None and registry.find(title) is registry.find("m1")

@@ -37,7 +37,7 @@ from sdlab.pipeline.png_info import (
 )
 from sdlab.pipeline.prompt_loras import default_lora_dirs
 from sdlab.server.vae_files import VaeFiles
-from sdlab.utils.file_hashes import read_per_version
+from sdlab.utils.file_hashes import file_version, read_per_version
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
@@ -54,6 +54,7 @@ class Checkpoint:
     path: Path
     name: str                       # path under the models folder ("sub/model.safetensors"), A1111's `name`
     sha256: str | None = field(default=None, compare=False)     # None until known; always for a diffusers folder
+    version: tuple[int, ...] | None = field(default=None, compare=False, repr=False)   # the file's, as sha256 was read
 
     @property
     def hash(self) -> str | None:
@@ -70,7 +71,8 @@ class Checkpoint:
         if self.sha256 is None and self.path.is_file():
             with _hash_lock(self.path):
                 if self.sha256 is None:
-                    self.sha256 = file_sha256(self.path)
+                    version = file_version(self.path)
+                    self.sha256, self.version = file_sha256(self.path), version
         return self.hash
 
     @property
@@ -149,7 +151,10 @@ class ModelRegistry:
 
     def refresh(self) -> None:
         """Rescan the models folder (A1111's refresh-checkpoints / refresh-loras), reading no file whole but the
-        startup model's, which the server loads at once (`Checkpoint.calculate_hash`)."""
+        startup model's, which the server loads at once (`Checkpoint.calculate_hash`). A hash already computed for
+        a file's version is kept, if the hash cache lacks it (not writable, or never written)."""
+        with self._lock:
+            self._hashed = {(c.path, c.version): c.sha256 for c in self.checkpoints if c.sha256 and c.version}
         checkpoints = [self._checkpoint(self.startup_model, self._relative_name(self.startup_model))]
         checkpoints[0].calculate_hash()
         loras: list[Lora] = []
@@ -215,7 +220,10 @@ class ModelRegistry:
         return path.name
 
     def _checkpoint(self, path: Path, name: str) -> Checkpoint:
-        return Checkpoint(path, name, known_file_sha256(path) if path.is_file() else None)
+        if not path.is_file():
+            return Checkpoint(path, name)
+        version = file_version(path)
+        return Checkpoint(path, name, known_file_sha256(path) or self._hashed.get((path, version)), version)
 
 
 def _hash_lock(path: Path) -> threading.Lock:
