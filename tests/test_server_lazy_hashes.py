@@ -137,3 +137,11 @@ def test_a_refresh_without_a_usable_hash_cache_keeps_the_hashes_computed(models,
     (models / "m1.safetensors").write_bytes(b"another version")
     registry.refresh()
     assert registry.find("m1").hash is None and registry.find(title) is registry.find("m1")
+
+
+def test_checkpoints_and_loras_are_hashable(models, hashed):
+    registry = ModelRegistry(models / "m0.safetensors", models)
+    checkpoint, lora = registry.find("m1"), registry.lora("l1")
+    assert {checkpoint: 1}[registry.find("m1.safetensors")] == 1 and lora in {registry.lora("l1")}
+    checkpoint.calculate_hash()
+    assert checkpoint in set(registry.checkpoints) and len(set(registry.checkpoints)) == 3

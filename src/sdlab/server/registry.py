@@ -56,6 +56,9 @@ class Checkpoint:
     sha256: str | None = field(default=None, compare=False)     # None until known; always for a diffusers folder
     version: tuple[int, ...] | None = field(default=None, compare=False, repr=False)   # the file's, as sha256 was read
 
+    def __hash__(self) -> int:
+        return hash((self.path, self.name))
+
     @property
     def hash(self) -> str | None:
         return self.sha256[:10] if self.sha256 else None
@@ -120,6 +123,9 @@ class Lora:
     path: Path
     hash: str | None = field(default=None, compare=False)   # A1111's 12-hex "addnet" hash (`png_info.lora_hash`),
                                                             # None until known
+
+    def __hash__(self) -> int:
+        return hash(self.path)
 
     @property
     def name(self) -> str:
