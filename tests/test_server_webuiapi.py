@@ -49,7 +49,8 @@ def test_progress_and_interrupt(api):
     thread.start()
     deadline = time.monotonic() + 120
     progress = api.get_progress()
-    while progress["state"]["sampling_step"] < 2 and time.monotonic() < deadline:
+    # A1111 1.10 draws the live preview every show_progress_every_n_steps (10) steps
+    while progress["state"]["sampling_step"] < 11 and time.monotonic() < deadline:
         time.sleep(0.02)
         progress = api.get_progress()
     assert progress["state"]["sampling_steps"] == 150 and progress["state"]["job_count"] >= 1

@@ -613,7 +613,8 @@ def test_model_and_lora_pickers_behind_basic_auth(browser, folder_server):
         assert int(browser.find_element(By.ID, "preview").get_attribute("data-count") or 0) >= 1
 
         job = job_by_prompt(base, "a blue square", headers=auth)
-        assert job["model"] == models["tiny-copy"]
+        hashed = {m["model_name"]: m["title"] for m in http_json(base, "/sdapi/v1/sd-models", headers=auth)}
+        assert job["model"] == hashed["tiny-copy"] == f'{models["tiny-copy"]} [{job["model"][-11:-1]}]'  # hashed when used
         assert job["request"]["loras"] == [{"name": "wobble", "weight": 0.8}]
         with_lora = http_bytes(base, job["images"][0], headers=auth)
         assert "<lora:wobble:0.8>" in Image.open(io.BytesIO(with_lora)).info["parameters"]
@@ -659,7 +660,9 @@ def test_refiner_picker_draws_with_the_refiner_and_reuse_fills_it(browser, refin
     result = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#results img.result"), message="no result")[0]
     wait(browser, lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", result))
     job = job_by_prompt(base, "a refined castle")
-    assert (job["request"]["refiner"], job["request"]["refiner_switch"]) == (titles["refiner"], 0.5)
+    hashed = {m["model_name"]: m["title"] for m in http_json(base, "/sdapi/v1/sd-models")}   # hashed when used
+    assert (job["request"]["refiner"], job["request"]["refiner_switch"]) == (hashed["refiner"], 0.5)
+    assert hashed["refiner"].startswith(f'{titles["refiner"]} [')
     assert "Refiner: refiner [" in Image.open(io.BytesIO(http_bytes(base, job["images"][0]))).info["parameters"]
 
     browser.find_element(By.ID, "enable_refiner").click()                   # off: nothing sent

@@ -287,7 +287,12 @@ function selectMatching(select, wanted) {
       return true;
     }
   }
-  return false;
+  // A model's title gains its " [hash]" once the server has hashed it, so the list and the settings may
+  // differ by it: matched without it, as A1111's get_closet_checkpoint_match (re_strip_checksum)
+  const bare = (s) => norm(s).replace(/\s*\[[^\]]+\]$/, "");
+  const found = [...select.options].find((option) => bare(option.value) === bare(wanted) && bare(wanted) !== "");
+  if (found) select.value = found.value;
+  return Boolean(found);
 }
 
 // ---------------------------------------------------------------- LoRAs
