@@ -810,7 +810,8 @@ def test_interrupt_keeps_the_pictures_drawn_so_far_and_skip_ends_the_batch(page,
     job = wait_job(base_url, job_id)
     assert job["status"] == "done" and len(job["images"]) == 1, job
     assert "Steps: 150" in job["infotexts"][0]
-    assert drawn < 150 and text(page, "progress-text").startswith("Done")
+    assert drawn < 150
+    wait(page, lambda d: text(d, "progress-text").startswith("Done"), 20, "the finished job is not shown as done")
     from sdlab.server.native import JobIn
 
     again = {k: v for k, v in job["request"].items() if v is not None and k in JobIn.model_fields}
