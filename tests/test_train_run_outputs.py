@@ -400,3 +400,51 @@ def test_a_second_signal_stops_a_run_whose_data_read_hangs(tiny, tmp_path):
         raise AssertionError(f"still running 30 s after the second SIGINT: {proc.communicate()[1][-3000:]}") from None
     assert proc.returncode == -signal.SIGINT, err[-3000:]        # killed by it: status 130 in a shell
     assert "received SIGINT again: stopping at once" in err
+
+
+_SLOW_READ_FROM_PYTHON = """
+import logging, sys, time
+from pathlib import Path
+import sdlab.train.data as data
+from sdlab.train.cli import run_from_config
+from sdlab.train.config import TrainConfig
+
+marker, load, calls = Path(sys.argv[1]), data.load_training_image, []
+
+def slow_third_image(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        marker.touch()
+        time.sleep(3)
+    return load(*args, **kwargs)
+
+data.load_training_image = slow_third_image
+logging.basicConfig(level=logging.WARNING)
+cfg = TrainConfig(model=sys.argv[2], data_dir=sys.argv[3], output_dir=sys.argv[4], resolution=int(sys.argv[5]),
+                  max_steps=50, lora_rank=2, num_workers=1, device="cpu", progress=False)
+try:
+    run_from_config(cfg)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt raised")
+"""
+
+
+def test_a_second_signal_under_the_python_api_raises_keyboard_interrupt(tiny, tmp_path):
+    """Training called from Python (a notebook's kernel): the second SIGINT raises KeyboardInterrupt in the caller.
+    Before, it ended the process as under `sdlab train` (a second Ctrl-C killed the kernel)."""
+    model, data = tiny
+    marker = tmp_path / "slow"
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_READ_FROM_PYTHON, str(marker), str(model), str(data),
+                             str(tmp_path / "run"), str(CLI_RES)],
+                            env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]                     # the caller's process lives on
+    assert "KeyboardInterrupt raised" in out, err[-3000:]
+    assert "received SIGINT again: stopping at once (KeyboardInterrupt)" in err

@@ -260,6 +260,23 @@ def test_stop_flag_restores_handlers():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
+def test_a_second_signal_waits_for_the_checkpoint_being_written():
+    """Training called from Python: a second signal during a checkpoint write raises KeyboardInterrupt once the
+    write is done, and at once elsewhere."""
+    written = []
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            with stop.holding():
+                os.kill(os.getpid(), signal.SIGTERM)
+                written.append("checkpoint")
+        assert written == ["checkpoint"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            written.append("never")
+    assert written == ["checkpoint"]
+
+
 def test_flush_denormals_only_inside_the_block():
     tiny = torch.tensor([1e-39, 3e-38, -1e-40])  # subnormal in fp32 (normal floats start at 1.18e-38)
     with flush_denormals(torch.device("cpu")):

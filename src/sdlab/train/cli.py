@@ -278,10 +278,12 @@ def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: boo
 
 
 def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: ResumePoint | None = None,
-                    resuming: str | None = None) -> RunResult:
+                    resuming: str | None = None, hard_exit: bool = False) -> RunResult:
     """Check, load the model, build task and data, train. Joins / leaves the torchrun process group when
     needed. ``resume``: the checkpoint ``cfg.resume`` names, when the caller has verified it already;
-    ``resuming``: the line that announces it (`resolve_settings`), said once the checkpoint fits the run."""
+    ``resuming``: the line that announces it (`resolve_settings`), said once the checkpoint fits the run;
+    ``hard_exit``: a second stop signal ends the process instead of raising KeyboardInterrupt (`loop.StopFlag`),
+    for the `sdlab train` command."""
     own_group = ctx is None
     try:
         ctx = ctx or init_distributed(cfg.device)
@@ -322,7 +324,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         data.prepare_cache()
         ctx.barrier()
         with disk_full_as_error(Path(cfg.output_dir), f"the run's files in {cfg.output_dir}"):  # log.csv, loss.png, ...
-            result = train(task, data, cfg, ctx, resume=resume)
+            result = train(task, data, cfg, ctx, resume=resume, hard_exit=hard_exit)
         if ctx.is_main:
             summary = {"step": result.step, "interrupted": result.interrupted, "last_loss": result.last_loss,
                        "checkpoint": str(result.checkpoint) if result.checkpoint else None,
@@ -401,7 +403,7 @@ def run_train(args: argparse.Namespace) -> int:
         except (Exception, KeyboardInterrupt) as exc:
             _quiet_unless_reporting(exc)
             raise
-        result = run_from_config(cfg, resume=point, resuming=resuming)
+        result = run_from_config(cfg, resume=point, resuming=resuming, hard_exit=True)
     except _AnotherProcessReports as exc:
         if exc.wait:
             time.sleep(QUIET_EXIT_DELAY_S)

@@ -14,7 +14,9 @@ is resumed with a larger ``max_steps`` trains again at that schedule's rate inst
 Interruption: SIGINT / SIGTERM only set a flag (nothing is written from a signal handler); the loop
 finishes the current optimiser step, writes a run checkpoint and the weights so far
 (``interrupted.safetensors``, a file ``--model`` / ``--lora`` read), and returns. A checkpoint write that is
-already running when the signal arrives simply completes. A second signal ends the process at once (`StopFlag`).
+already running when the signal arrives simply completes. A second signal stops at once (`StopFlag`): under the
+`sdlab train` command it ends the process; called from Python (a notebook) it raises KeyboardInterrupt, once a
+checkpoint being written is complete.
 SIGKILL cannot be caught: the run then loses the steps since its last checkpoint, and the atomic write
 guarantees that checkpoint is complete.
 """
@@ -29,6 +31,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,14 +83,19 @@ class RunResult:
 
 
 class StopFlag:
-    """SIGINT / SIGTERM -> a flag the loop polls (installed only in the main thread). A second signal ends the
-    process at once, killed by that signal (exit status 128 + its number) after the log is flushed: neither a
-    KeyboardInterrupt, which waits for a data thread whose read hangs, nor the interpreter's exit, which joins
-    every thread."""
+    """SIGINT / SIGTERM -> a flag the loop polls (installed only in the main thread). A second signal stops at
+    once. With ``hard_exit`` (the `sdlab train` command) it ends the process, killed by that signal (exit status
+    128 + its number) after the log is flushed: neither a KeyboardInterrupt, which waits for a data thread whose
+    read hangs, nor the interpreter's exit, which joins every thread. Without it (training called from Python,
+    where the process is the caller's: a notebook's kernel) it raises KeyboardInterrupt, inside `holding` once
+    the block is done."""
 
-    def __init__(self) -> None:
+    def __init__(self, hard_exit: bool = False) -> None:
         self.requested: int | None = None
+        self.hard_exit = hard_exit
         self._previous: dict[int, Any] = {}
+        self._holding = False
+        self._held = False
 
     def _handler(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -95,8 +103,27 @@ class StopFlag:
             logger.warning("received %s: stopping after this step with a checkpoint (again: stop at once)", name)
             self.requested = signum
             return
-        logger.warning("received %s again: stopping at once; the checkpoints written so far are intact", name)
-        _end_process(signum)
+        if self.hard_exit:
+            logger.warning("received %s again: stopping at once; the checkpoints written so far are intact", name)
+            _end_process(signum)
+        if self._holding:
+            logger.warning("received %s again: stopping once the checkpoint being written is complete", name)
+            self._held = True
+            return
+        logger.warning("received %s again: stopping at once (KeyboardInterrupt); the checkpoints written so far are "
+                       "intact", name)
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        """A second signal's KeyboardInterrupt waits for the end of the block (a checkpoint write)."""
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._held:
+            raise KeyboardInterrupt
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -232,9 +259,10 @@ def _broadcast_params(modules: list[nn.Module]) -> None:
 
 
 def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
-          resume: ResumePoint | None = None) -> RunResult:
+          resume: ResumePoint | None = None, hard_exit: bool = False) -> RunResult:
     """Run (or resume) training to ``cfg.max_steps``; see the module docstring. Only rank 0 writes files.
-    ``resume``: an already verified checkpoint (else ``cfg.resume`` is looked up here)."""
+    ``resume``: an already verified checkpoint (else ``cfg.resume`` is looked up here); ``hard_exit``: a second
+    stop signal ends the process (`StopFlag`), for the `sdlab train` command."""
     out_dir = Path(cfg.output_dir)
     ckpt_dir = out_dir / "checkpoints"
     modules = task.trainable_modules()
@@ -345,8 +373,11 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
     micro_losses: list[float] = []
     since_row = _LogWindow()
     step_start = time.perf_counter()
-    with StopFlag() as stop, flush_denormals(ctx.device):
-        for step_i, micro, batch in data.iterate(start_step, cfg.max_steps):
+    # the batches are closed here, not by the garbage collector, which drops a KeyboardInterrupt raised while
+    # their end waits for a read
+    with StopFlag(hard_exit) as stop, flush_denormals(ctx.device), \
+            contextlib.closing(data.iterate(start_step, cfg.max_steps)) as batches:
+        for step_i, micro, batch in batches:
             if micro == 0:
                 optimizer.zero_grad(set_to_none=True)
                 micro_losses.clear()
@@ -397,7 +428,8 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
             stop_signal = ctx.all_max(stop.requested or 0)
             stop_now = stop_signal > 0
             if step % cfg.checkpoint_every == 0 or stop_now:
-                write_checkpoint(step)
+                with stop.holding():
+                    write_checkpoint(step)
             if cfg.sample_every and step % cfg.sample_every == 0 and ctx.is_main:
                 _preview(task, ema, out_dir, step)
             if stop_now:
