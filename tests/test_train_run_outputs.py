@@ -132,7 +132,8 @@ def test_overwrite_leaves_nothing_of_the_old_run_but_other_files(tiny, tmp_path,
     finally:
         train_cli.load_bundle = load
     assert code == 0, err
-    assert seen["files"] == {"notes.txt", "latent_cache/kept.pt"}  # nothing of the old run while the new one runs
+    # nothing of the old run while the new one runs (the lock file is the new run's)
+    assert seen["files"] == {"notes.txt", "latent_cache/kept.pt", "sdlab-train.lock"}
     assert _files(out) == {"notes.txt", "latent_cache/kept.pt", "checkpoints/step-00000001.pt",
                            "checkpoints/step-00000001.pt.sha256", "final.safetensors", "log.csv", "loss.png",
                            "summary.json"}
@@ -448,3 +449,37 @@ def test_a_second_signal_under_the_python_api_raises_keyboard_interrupt(tiny, tm
     assert proc.returncode == 0, err[-3000:]                     # the caller's process lives on
     assert "KeyboardInterrupt raised" in out, err[-3000:]
     assert "received SIGINT again: stopping at once (KeyboardInterrupt)" in err
+
+
+def test_a_run_folder_in_use_by_another_run_is_refused(tiny, tmp_path, capsys):
+    """Two runs started at once in one --output-dir both passed the 'holds another run' check (neither had a
+    checkpoint yet) and trained into the same files. The second is now refused, naming the first's process; once
+    that process is gone (killed: its lock file stays), a run there starts."""
+    model, data = tiny
+    out, marker = tmp_path / "run", tmp_path / "hanging"
+    first = subprocess.Popen([sys.executable, "-c", _HANGING_READ, str(marker),
+                              *cli_args(out, model, data, "--lora-rank", "2", "--max-steps", "50")[2:]],
+                             env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), first.communicate()[1][-3000:]
+        code, _, err = _train(capsys, model, data, out, "--max-steps", "2")
+        line = _error_line(err)
+        assert code == 2 and f"--output-dir {out} is in use by another run (process {first.pid})" in line
+        assert not list_checkpoints(out / "checkpoints")
+    finally:
+        first.kill()
+        first.communicate()
+    assert (out / "sdlab-train.lock").is_file()                  # left by the killed run, no longer locked
+    code, _, err = _train(capsys, model, data, out, "--max-steps", "2")
+    assert code == 0, err
+    assert _steps(out) == [2] and not (out / "sdlab-train.lock").exists()
+
+
+def test_a_run_refused_at_its_set_up_leaves_no_folder(tiny, tmp_path, capsys):
+    """The run's lock file is made before the checks; a run refused by one leaves neither it nor its folder."""
+    code, _, err = _train(capsys, tmp_path / "missing.safetensors", tiny[1], tmp_path / "new" / "run", "--max-steps", "2")
+    assert code == 2 and "missing.safetensors" in _error_line(err)
+    assert not (tmp_path / "new").exists()

@@ -5,9 +5,10 @@ command; for direct use (tests, ``torchrun``) this module is runnable: ``python 
 M --data-dir D ...`` or ``torchrun --nproc_per_node=2 -m sdlab.train.cli ...``.
 
 Set-up order: settings (and, with ``--resume``, the checkpoint's stored settings under those given), the
-task, the resume compatibility check, the refusal of a run that would mix with another in its folder, the
-dataset scan, the run folder (with ``--overwrite`` cleared of the other run, made, and a file written in it),
-then the model and the long work. Every mistake found on the way is a `TrainError`: one ``sdlab: error:
+task, the resume compatibility check, the run folder made and locked (`run_lock`: a run started there meanwhile
+is refused, and a run refused at its set-up removes the folders it made), the refusal of a run that would mix
+with another in its folder, the dataset scan, the run folder (with ``--overwrite`` cleared of the other run,
+and a file written in it), then the model and the long work. Every mistake found on the way is a `TrainError`: one ``sdlab: error:
 ...`` line and exit status 2. A run stopped by SIGINT / SIGTERM exits with 128 + the signal number (130 /
 143) after writing its checkpoint and weights. Under torchrun one process reports a failure (the first to
 fail; before the process group forms, each machine's first process for a set-up mistake, which every process
@@ -63,6 +64,7 @@ from sdlab.train.run_checkpoint import (
     list_checkpoints,
     stored_config,
 )
+from sdlab.train.run_lock import RunLock
 from sdlab.utils.files import OutputFolderError, atomic_write, make_output_folder
 
 logger = logging.getLogger(__name__)
@@ -285,6 +287,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
     ``hard_exit``: a second stop signal ends the process instead of raising KeyboardInterrupt (`loop.StopFlag`),
     for the `sdlab train` command."""
     own_group = ctx is None
+    lock: RunLock | None = None
     try:
         ctx = ctx or init_distributed(cfg.device)
         if cfg.model is None or cfg.data_dir is None:
@@ -296,6 +299,9 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         if resume is not None:
             cfg = _with_model_kind(cfg, resume.config.get("family"), resume.config.get("prediction"))
             check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
+        if ctx.is_main:
+            lock = RunLock(cfg.output_dir, _named_folder(cfg))
+            lock.acquire()
         _refuse_to_mix(cfg, resume)
         if resuming and ctx.is_main:
             print(resuming, file=sys.stderr)
@@ -342,6 +348,8 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         _quiet_unless_reporting(exc)  # decided before the group closes, while the other processes can learn it
         raise
     finally:
+        if lock is not None:
+            lock.release()
         if own_group:
             shutdown_distributed()
 
