@@ -526,10 +526,15 @@ def _soft(mask: Tensor) -> bool:
 def _latent_repaint(bundle: ModelBundle, plan: GenerationPlan, mask: Tensor) -> Tensor:
     """The latent cells inpainting repaints (1, 1, h, w): under A1111's img2img convention A1111's (the blurred
     mask resized bicubic and rounded, `a1111_latent_mask`), else diffusers' (the thresholded `mask`
-    (1, 1, H, W) shrunk with nearest neighbour, `latent_mask`); with `mask_round` off both keep the levels."""
+    (1, 1, H, W) shrunk with nearest neighbour, `latent_mask`); with `mask_round` off both keep the levels.
+    A request's latent mask (A1111's `p.latent_mask`) stands for the blurred mask."""
+    source = plan.picture.latent_mask
     if plan.request.img2img_convention in A1111_IMG2IMG:
         height, width = plan.latent_shape[-2:]
-        return a1111_latent_mask(plan.mask, (width, height), plan.request.mask_round).to(mask.device)
+        source = plan.mask if source is None else source
+        return a1111_latent_mask(source, (width, height), plan.request.mask_round).to(mask.device)
+    if source is not None:
+        mask = (source >= 0.5 if plan.request.mask_round else source).to(mask)
     return latent_mask(mask, bundle.vae_config.downsample_factor)
 
 

@@ -19,7 +19,8 @@ In A1111's order:
    keeps the picture before this crop;
 4. Masked content other than "original" paints the mask's area of that picture (``masked_content.fill``,
    by the mask of step 2); "latent noise" and "latent nothing" then replace that area of its latent once
-   encoded (``masked_content.masked_latent``, in ``pipeline/generate.py``).
+   encoded (``masked_content.masked_latent``, in ``pipeline/generate.py``). A request's latent mask (A1111's
+   ``p.latent_mask``, which its outpainting scripts set) takes the mask's place there and in the latent blend.
 
 After decoding, "Only masked" puts each picture back into its region and every inpainting pastes the
 original over the result by the overlay weight (``overlay.apply_overlay``): the output then has the init
@@ -58,6 +59,8 @@ class InitPicture:
     image: Image.Image               # RGB at width x height; the "latent" resize mode: at its own size
     mask: Tensor | None = None       # (1, 1, H, W) the blurred mask at width x height in [0, 1], 1 = repaint
     overlay: Overlay | None = None   # what the decoded pictures are pasted onto
+    latent_mask: Tensor | None = None    # (1, 1, H, W) the request's latent mask, which the latent blend repaints
+                                         # in place of `mask` (A1111's `p.latent_mask`); None: `mask`'s
 
 
 @dataclass(frozen=True)
@@ -65,11 +68,12 @@ class _MaskSide:
     """The one mask's share of every init picture's inputs, prepared once per request."""
 
     fill_mask: Image.Image                          # "L" at width x height: the area Masked content paints
-    mask: Tensor                                    # (1, 1, H, W) `fill_mask` as weights in [0, 1]
+    mask: Tensor                                    # (1, 1, H, W) the mask at width x height, in [0, 1]
     weight: Tensor | None                           # (1, 1, H, W) the overlay weight; "Only masked": None,
                                                     # each picture's own (`_overlay_weight`)
     region: tuple[int, int, int, int] | None = None  # "Only masked": where the picture is cropped
     blurred: Image.Image | None = None              # "Only masked": the blurred mask ("L", its own size)
+    latent: Tensor | None = None                    # (1, 1, H, W) the request's latent mask, None without one
 
 
 def init_pictures(req: GenerationRequest) -> tuple[InitPicture, ...]:
@@ -98,6 +102,9 @@ def _mask_side(req: GenerationRequest) -> _MaskSide | None:
         resized = (fit_mask(blurred, size) if req.resize_mode == "latent"
                    else _resized(blurred, req.resize_mode, size))
         weights = mask_tensor(resized)                                                 # (1, 1, H, W)
+        if req.latent_mask_image is not None:       # A1111's `p.latent_mask`: what Masked content fills
+            latent = req.latent_mask_image.convert("L")
+            return _MaskSide(latent, weights, overlay_weight(weights), latent=mask_tensor(latent))
         return _MaskSide(resized, weights, overlay_weight(weights))
     mask = fit_mask(blurred, req.init_image.size)                                       # the region's coordinates
     region = inpaint_region(mask, req.inpaint_padding, size)
@@ -120,7 +127,7 @@ def _picture_inputs(req: GenerationRequest, image: Image.Image, mask_side: _Mask
     else:
         drawn = resize_image(picture.crop(mask_side.region), IMG2IMG_UPSCALER, size, mode="fill")
     overlay = Overlay(picture, _overlay_weight(mask_side, picture.size), mask_side.region)
-    return InitPicture(_filled(req, drawn, mask_side.fill_mask), mask_side.mask, overlay)
+    return InitPicture(_filled(req, drawn, mask_side.fill_mask), mask_side.mask, overlay, mask_side.latent)
 
 
 def _overlay_weight(mask_side: _MaskSide, size: tuple[int, int]) -> Tensor:

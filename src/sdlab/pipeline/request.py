@@ -238,6 +238,11 @@ class GenerationRequest:
                                             # by the blurred mask's levels, not rounded to repaint / keep
     inpaint_fill: str = "original"          # the masked area starts as "fill", "original", "latent noise" or
                                             # "latent nothing" (A1111's Masked content; pipeline/masked_content.py)
+    latent_mask_image: Image.Image | None = field(default=None, repr=False, compare=False)
+                                            # A1111's `p.latent_mask` (set by its outpainting scripts, not its API):
+                                            # at width x height, white = the area Masked content paints and the
+                                            # latent blend and latent noise / nothing repaint, in place of the
+                                            # blurred mask's; the overlay and a 9-channel model keep the mask's
     latent_noise_seed: int | None = None    # "latent noise" drawn from this seed's images (+ i, as `seeds`) instead
                                             # of the request's; `next_batch` sets batch 0's under A1111's img2img
                                             # convention (A1111 fills the init latent once per job)
@@ -323,10 +328,12 @@ class GenerationRequest:
 
     def parameters(self) -> dict[str, Any]:
         """The request as plain values (images left out), for metadata and logs."""
-        values = asdict(replace(self, init_image=None, init_images=(), mask_image=None, controls=()))
+        values = asdict(replace(self, init_image=None, init_images=(), mask_image=None, latent_mask_image=None,
+                                controls=()))
         values.pop("init_image")
         values.pop("init_images")
         values.pop("mask_image")
+        values.pop("latent_mask_image")
         values.pop("controls")
         return values
 
@@ -687,6 +694,20 @@ def _as_compared(prompt: str) -> str:
     return " ".join(strip_comments(prompt).split())
 
 
+def _check_latent_mask(r: GenerationRequest, size: tuple[int, int]) -> None:
+    """A latent mask goes with a mask, the whole picture drawn, at the size drawn (A1111 fills the picture by it
+    at that size, `masking.fill`)."""
+    if r.latent_mask_image is None:
+        return
+    if not isinstance(r.latent_mask_image, Image.Image):
+        raise _not_a_picture("latent mask", r.latent_mask_image)
+    if r.mask_image is None or r.inpaint_only_masked:
+        raise RequestError("a latent mask goes with a mask, inpainting the whole picture (not 'Only masked')")
+    if r.latent_mask_image.size != size:
+        raise RequestError(f"the latent mask is {r.latent_mask_image.width}x{r.latent_mask_image.height}; it must be "
+                           f"the size drawn, {size[0]}x{size[1]}")
+
+
 def _check_picture_options(r: GenerationRequest) -> None:
     """The img2img / inpainting options A1111 names Resize mode, Masked content and Inpaint area."""
     if r.resize_mode not in RESIZE_MODES:
@@ -985,6 +1006,7 @@ def resolve(
             raise RequestError(f"{name} must be an integer in {multiple}..{MAX_SIDE}, got {side!r}{taken}")
     asked = (width, height)
     width, height = snap_size(width, height, multiple)
+    _check_latent_mask(r, (width, height))
     if r.mask_image is not None and r.resize_mode == "latent" and not r.inpaint_only_masked and (
             (width, height) != r.init_image.size):
         raise RequestError(
