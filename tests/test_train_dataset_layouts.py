@@ -203,6 +203,22 @@ def test_a_kohya_folder_without_any_caption_file_trains_on_the_class_tokens(tmp_
     assert [(s.caption, s.repeats) for s in scan.samples] == [("zwx toy", 5)] * 3 and not scan.skipped
 
 
+def test_a_kohya_folder_without_class_tokens_trains_its_uncaptioned_images_on_the_empty_caption(tmp_path, caplog):
+    """kohya's class tokens of `3_` are "", which an image without a caption file trains on. Before, those images
+    were skipped as having an empty caption."""
+    images(tmp_path / "3_", 2)
+    images(tmp_path / "2_dog", 1, ".txt", start=2)
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    got = sorted((str(s.path), s.caption, s.repeats) for s in scan.samples)
+    assert got == kohya_dreambooth(str(tmp_path), ".txt")
+    assert [caption for _, caption, _ in got] == ["2_dog picture 2", "", ""] and not scan.skipped
+    assert any("2 image(s) without a .txt caption train on the empty caption" in r.getMessage() for r in caplog.records)
+    images(tmp_path / "3_", 1, start=9)
+    (tmp_path / "3_" / "9.txt").write_text("")        # an empty caption file stays skipped (kohya refuses it)
+    assert scan_dataset(tmp_path).skipped == {"empty_caption": 1}
+
+
 def test_without_repeat_folders_the_stream_is_the_plain_permutation(tmp_path):
     """A dataset without repeats draws exactly what it drew before repeats existed, so older runs resume alike."""
     images(tmp_path / "a", 3, ".txt")

@@ -7,14 +7,15 @@ Dataset layouts (the common trainer conventions):
     folder that holds images is named ``<N>_<class tokens>``, ``10_sks dog``, with N >= 1 and no image lies beside
     them, `_auto_layout`): as kohya's ``generate_dreambooth_subsets_config_by_subdirs`` reads it, each first-level
     folder whose name before its first ``_`` is an integer N >= 1 holds images drawn N times per epoch, and an
-    image there without a caption file trains on the class tokens (the rest of the name); a caption file gives
-    its first line, as kohya's ``read_caption``. As in kohya only the images directly in such a folder count;
-    images elsewhere (the root, other folders, deeper folders) are skipped with a warning and counted;
+    image there without a caption file trains on the class tokens (the rest of the name; kohya's empty caption
+    when there are none: ``10_``); a caption file gives its first line, as kohya's ``read_caption``. As in kohya
+    only the images directly in such a folder count; images elsewhere (the root, other folders, deeper folders)
+    are skipped with a warning and counted;
   - a ``metadata.jsonl`` at the root, one ``{"file_name": "a.png", "text": "..."}`` per line (Hugging Face
     ``imagefolder``; ``caption`` is accepted for ``text``; a UTF-8 byte-order mark is read past). When it exists
     it is the whole dataset.
-A file that PIL cannot open or decode to its end, an empty / missing caption, or a caption that is not UTF-8
-text, is skipped with a warning and counted (`DatasetScan.skipped`); it is never fatal. An image that passes the
+A file that PIL cannot open or decode to its end, an empty / missing caption (but the repeat folders' empty
+class tokens), or a caption that is not UTF-8 text, is skipped with a warning and counted (`DatasetScan.skipped`); it is never fatal. An image that passes the
 scan but fails to decode later is replaced by the next sample of the stream (of its bucket, else of another one,
 `TrainData._stand_ins`), warned about once and counted once in ``TrainData.broken_at_load``.
 
@@ -336,10 +337,11 @@ def _first_lines(folder: Path, captions: list[tuple[Path, str | None]]) -> list[
 
 
 def _read_repeat_layout(root: Path, extension: str,
-                        scan: DatasetScan) -> list[tuple[Path, str | None, int]]:
-    """(image, caption, repeats) of a kohya DreamBooth layout (module docstring): an image without a caption file
-    takes its folder's class tokens; a `TrainError` when no folder is a repeat folder."""
-    entries: list[tuple[Path, str | None, int]] = []
+                        scan: DatasetScan) -> list[tuple[Path, str | None, int, bool]]:
+    """(image, caption, repeats, whether the caption is the folder's) of a kohya DreamBooth layout (module
+    docstring): an image without a caption file takes its folder's class tokens, empty ones too (kohya's empty
+    caption); a `TrainError` when no folder is a repeat folder."""
+    entries: list[tuple[Path, str | None, int, bool]] = []
     read: list[str] = []
     layout = "kohya's <repeats>_<class tokens> layout reads only the images directly in such folders"
     _skip_outside(_image_files(root, False), layout, scan)
@@ -357,7 +359,11 @@ def _read_repeat_layout(root: Path, extension: str,
         if uncaptioned and class_tokens.strip():
             logger.info("%s: %d image(s) without a %s caption train on the class tokens %r", folder, uncaptioned,
                         extension, class_tokens)
-        entries += [(path, class_tokens if caption is None else caption, repeats) for path, caption in captions]
+        elif uncaptioned:
+            logger.warning("%s: %d image(s) without a %s caption train on the empty caption (the folder's name has "
+                           "no class tokens), as kohya trains them", folder, uncaptioned, extension)
+        entries += [(path, class_tokens if caption is None else caption, repeats, caption is None)
+                    for path, caption in captions]
         read.append(f"{folder.name!r} x{repeats}")
     if not read:
         raise TrainError(f"--data-dir {root}: --data-layout kohya reads {_KOHYA_NAMES} (10_sks dog, at least 1 "
@@ -395,17 +401,17 @@ def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", 
         if layout == "kohya":
             raise TrainError(f"--data-dir {root} holds a metadata.jsonl, which is the whole dataset: --data-layout "
                              f"kohya does not apply to it (drop it, or the metadata.jsonl)")
-        entries = [(path, caption, 1) for path, caption in _read_jsonl(root, meta, scan)]
+        entries = [(path, caption, 1, False) for path, caption in _read_jsonl(root, meta, scan)]
         extension = None
     else:
         scan.layout = _auto_layout(root) if layout == "auto" else layout
         entries = _read_repeat_layout(root, extension, scan) if scan.layout == "kohya" else \
-            [(path, caption, 1) for path, caption in _read_captions(_image_files(root, True), extension, scan)]
-    for path, caption, repeats in sorted(entries, key=lambda e: str(e[0])):
+            [(path, caption, 1, False) for path, caption in _read_captions(_image_files(root, True), extension, scan)]
+    for path, caption, repeats, folders_caption in sorted(entries, key=lambda e: str(e[0])):
         if not _is_file(path):
             logger.warning("skipping %s: file not found", path)
             scan.skipped["missing_image"] += 1
-        elif not (caption or "").strip():
+        elif not (caption or "").strip() and not folders_caption:
             logger.warning("skipping %s: %s", path, _no_caption(path, caption, extension))
             scan.skipped["empty_caption"] += 1
         elif not _image_opens(path):
