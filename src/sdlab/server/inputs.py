@@ -27,6 +27,7 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import (
     A1111_SCHEDULERS, a1111_name, schedule_from_a1111, schedule_key, split_a1111_sampler,
 )
+from sdlab.pipeline.images import upright_8bit
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
@@ -259,12 +260,13 @@ def decode_image(data: Any, what: str, limits: Limits) -> Image.Image:
 
 
 def image_from_bytes(raw: bytes, what: str, limits: Limits) -> Image.Image:
-    """An image file's bytes (`decode_base64`) -> a loaded PIL image, or `BadRequest`."""
+    """An image file's bytes (`decode_base64`) -> a loaded PIL image made `upright_8bit` (turned by its EXIF
+    orientation, as A1111's `decode_base64_to_image` and sdlab's own picture files), or `BadRequest`."""
     try:
         with Image.open(io.BytesIO(raw)) as image:
             check_picture_size(image, what, limits)
             image.load()
-            return image.copy()
+            return upright_8bit(image)
     except BadRequest:
         raise
     except Exception as err:            # Pillow raises many types on corrupt data, all "not an image"
