@@ -545,7 +545,12 @@ def cell_picture(images: list[Image.Image]) -> Image.Image:
     round(sqrt(n)) rows, the columns they need, on white, each image centred in a slot of the largest's size)."""
     if len(images) == 1:
         return images[0]
-    rows = min(round(math.sqrt(len(images))), len(images))
+    return image_grid(images, min(round(math.sqrt(len(images))), len(images)))
+
+
+def image_grid(images: list[Image.Image], rows: int) -> Image.Image:
+    """A1111 1.10's `images.image_grid(images, rows=rows)`: the images in `rows` rows of the columns they need,
+    left to right, on white, each centred in a slot of the largest's size."""
     columns = math.ceil(len(images) / rows)
     width, height = max(image.width for image in images), max(image.height for image in images)
     grid = Image.new("RGB", (columns * width, rows * height), "white")
