@@ -447,3 +447,32 @@ def test_the_model_is_loaded_with_the_vae_found_near_it(tmp_path):
     registry = ModelRegistry(model, tmp_path, tmp_path / "VAE")
     pipe = ModelHost(registry, "cpu").pipeline(registry.default)
     assert Path(pipe.bundle.report.vae_file).resolve() == (tmp_path / "VAE" / "plain-ema.safetensors").resolve()
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_a_vae_file_replaced_in_place_is_read_again(tmp_path, named):
+    """The worker keys the loaded VAE by its file's version, as it keys checkpoints and LoRAs: a VAE file (a named
+    one, or the sidecar beside the model) replaced in place is read again by the next job. Before, the VAE was
+    keyed by its path alone and the model kept drawing with the old weights."""
+    from bundle_fixtures import tiny_bundle, write_original
+    from sdlab import load
+    from sdlab.server.registry import ModelRegistry
+    from sdlab.server.vae_files import VaeChoice
+    from sdlab.server.worker import ModelHost
+
+    model = tmp_path / "Stable-diffusion" / "plain.safetensors"
+    model.parent.mkdir()
+    write_original(tiny_bundle("sd1", seed=4), model, junk=False)
+    vae = tmp_path / "VAE" / "blue.safetensors" if named else model.with_name("plain.vae.safetensors")
+    _vae_file(vae, 97)
+    choice = VaeChoice(False, "blue.safetensors") if named else VaeChoice()
+    registry = ModelRegistry(model, tmp_path, tmp_path / "VAE")
+    host = ModelHost(registry, "cpu")
+    host.pipeline(registry.default, vae=choice)
+    replacement = tmp_path / "replacement.safetensors"
+    _vae_file(replacement, 96)
+    os.replace(replacement, vae)
+    pipe = host.pipeline(registry.default, vae=choice)
+    fresh = load(model, vae=vae if named else None)
+    for drawn, expected in zip(pipe.bundle.vae.state_dict().values(), fresh.bundle.vae.state_dict().values()):
+        assert torch.equal(drawn, expected)

@@ -34,6 +34,7 @@ import torch
 
 from sdlab.api import Pipeline, load, load_refiner
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.sidecar import vae_beside
 from sdlab.checkpoints.upscaler import Upscaler
 from sdlab.diffusion.steps import StepInfo
 from sdlab.families.loaded import ModelBundle
@@ -69,7 +70,8 @@ class ModelHost:
         self.embeddings = [embeddings_dir] if embeddings_dir is not None else []
         self.selected: Checkpoint = registry.default
         self._key: tuple | None = None
-        self._vae_key: tuple | None = None         # `load`'s (vae, sidecar_vae) the loaded model was drawn with
+        self._vae_key: tuple | None = None         # `load`'s (vae, sidecar_vae) the loaded model was drawn with,
+                                                   # and the version of the VAE file read (`_vae_version`)
         self.pipe: Pipeline | None = None
         self._refiner_key: tuple | None = None
         self._refiner: ModelBundle | None = None
@@ -104,6 +106,7 @@ class ModelHost:
                 model.calculate_hash()
         files = (checkpoint.path, *(path for path, _ in loras))    # a file replaced since it loaded: loaded again
         key, vae_key = (checkpoint.path, loras, tuple(map(file_version, files))), self.vae_for(checkpoint.path, vae)
+        drawn_vae = (*vae_key, _vae_version(checkpoint.path, vae_key))     # a VAE file replaced: read again
         if key != self._key or self.pipe is None:
             with self._loading():
                 self.pipe, self._key = None, None
@@ -114,12 +117,12 @@ class ModelHost:
                             find_lora=self.lora_file, embeddings=self.embeddings,   # tags: the server's LoRAs alone
                             vae=vae_key[0], sidecar_vae=vae_key[1])
                 previewer = LatentPreviewer.for_bundle(pipe.bundle)
-                self.pipe, self.previewer, self._key, self._vae_key = pipe, previewer, key, vae_key
+                self.pipe, self.previewer, self._key, self._vae_key = pipe, previewer, key, drawn_vae
                 self.timings["load_s"] = time.perf_counter() - started
-        elif vae_key != self._vae_key:
+        elif drawn_vae != self._vae_key:
             with self._loading():
                 pipe = self.pipe.with_vae(vae_key[0], sidecar_vae=vae_key[1])
-                self.pipe, self.previewer, self._vae_key = pipe, LatentPreviewer.for_bundle(pipe.bundle), vae_key
+                self.pipe, self.previewer, self._vae_key = pipe, LatentPreviewer.for_bundle(pipe.bundle), drawn_vae
         refined = self._loaded_refiner(refiner, self.pipe, vae)
         if refined is None:
             return self.pipe
@@ -167,7 +170,8 @@ class ModelHost:
         `vae` picks for its file (`vae_for`), loaded unless it is held already; None (and nothing held) without
         one. The one held was loaded for this `base`: `pipeline` lets it go whenever it loads another."""
         drawn = None if refiner is None else self.vae_for(refiner.path, vae)
-        key = None if refiner is None else (refiner.path, drawn, file_version(refiner.path))
+        key = None if refiner is None else (refiner.path, drawn, file_version(refiner.path),
+                                            _vae_version(refiner.path, drawn))
         if key != self._refiner_key:
             self._refiner, self._refiner_key = None, None
             if refiner is not None:
@@ -185,6 +189,14 @@ class ModelHost:
             yield
         finally:
             self.loading.clear()
+
+
+def _vae_version(model: Path, vae_key: tuple[Path | None, bool]) -> tuple | None:
+    """The version (`file_version`) of the VAE file `load` reads for `model` given `vae_key`, its (`vae`,
+    `sidecar_vae`) arguments: the named file or the sidecar beside the model; None for the model's own VAE."""
+    vae, sidecar = vae_key
+    read = vae if vae is not None else vae_beside(model) if sidecar else None
+    return None if read is None else file_version(read)
 
 
 class Runner:
