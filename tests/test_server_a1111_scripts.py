@@ -105,8 +105,9 @@ def test_scripts_and_script_info_list_the_x_y_z_plot(client) -> None:
     class names itself); sdlab the scripts it runs: the plot, A1111's always-on scripts, ControlNet's."""
     always_on = ["refiner", "seed", "sampler", "Hypertile", "extra options"]
     selectable = ["prompt matrix", "prompts from file or textbox", "x/y/z plot"]
+    img2img = ["loopback", "prompt matrix", "prompts from file or textbox", "sd upscale", "x/y/z plot"]
     assert client.get("/scripts").json() == {"txt2img": [*selectable, *always_on, "controlnet"],
-                                              "img2img": [*selectable, *always_on, "soft inpainting", "controlnet"]}
+                                              "img2img": [*img2img, *always_on, "soft inpainting", "controlnet"]}
     infos = [info for info in client.get("/script-info").json() if info["name"] == "x/y/z plot"]
     assert [(i["name"], i["is_img2img"], i["is_alwayson"]) for i in infos] == [
         ("x/y/z plot", False, False), ("x/y/z plot", True, False)]
@@ -226,8 +227,8 @@ def test_csv_mode_takes_a_choice_axis_from_the_text(client) -> None:
     assert fields["X Values"] == "Euler, Euler a" and fields["Sampler"] == "Euler"
 
 
-@pytest.mark.parametrize("route", ["txt2img", "img2img"])
-@pytest.mark.parametrize("name", ["no such script", "loopback", "x/y/z plot "])
+@pytest.mark.parametrize("route, name", [("txt2img", "no such script"), ("img2img", "no such script"),
+                                         ("txt2img", "loopback"), ("txt2img", "x/y/z plot "), ("img2img", "x/y/z plot ")])
 def test_a_script_it_does_not_list_is_a1111s_422(client, route: str, name: str) -> None:
     body = {"prompt": "a cat", "steps": 1, "script_name": name, "script_args": [4, "1,2", [], 6, "1,3", []]}
     if route == "img2img":

@@ -62,7 +62,9 @@ from sdlab.pipeline.request import (
 )
 from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
 from sdlab.server.alwayson import check_alwayson_scripts
-from sdlab.server.a1111_scripts import Drawn, ScriptHost, script_info, scripts_list, selected_script
+from sdlab.server.a1111_scripts import (
+    Drawn, Pictures, ScriptHost, ScriptPictures, script_info, scripts_list, selected_script,
+)
 from sdlab.server.config import Limits
 from sdlab.server.controls import (
     A1111_MODULE_ALIASES, CONTROLNET_UNIT_COUNT, a1111_controls, module_name, threshold_value,
@@ -564,18 +566,40 @@ class ScriptRun:
 def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> ScriptHost:
     """What a selectable script draws with: its requests as `prepare` (`_txt2img_request`, `_img2img_request`)
     makes the first one, the others with its pictures and ControlNet units (a script changes neither), each
-    checked as the route checks it before any is drawn, then drawn in turn on this server as one `ScriptRun`."""
-    async def drawn(bodies: list[Txt2ImgIn], labels: list[str], keep_going: bool) -> list[Drawn | None]:
+    checked as the route checks it before any is drawn, then drawn in turn on this server as one `ScriptRun`,
+    a request the script gives its own pictures with those."""
+    async def drawn(bodies: list[Txt2ImgIn], labels: list[str], keep_going: bool,
+                    pictures: ScriptPictures | None = None) -> list[Drawn | None]:
         mode, first = await prepare(service, bodies[0])
         requests = [await _checked_request(service, body, mode, first, label) for body, label in zip(bodies, labels)]
         run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests])
         service.script_runs.append(run)
         try:
-            return await _script_drawn(service, run, bodies, mode, [request for _, request in requests], keep_going)
+            return await _script_drawn(service, run, bodies, mode, [request for _, request in requests], keep_going,
+                                       pictures)
         finally:
             service.script_runs.remove(run)
 
-    return ScriptHost(drawn, lambda image, text: _base64_picture(image, text, _options(service)), _echo)
+    async def init_pictures(body: Txt2ImgIn) -> tuple[Image.Image, ...]:
+        _, first = await prepare(service, body)
+        return first.init_pictures()
+
+    async def upscaled(image: Image.Image, name: str, scale: float) -> Image.Image:
+        return await asyncio.to_thread(_script_upscaled, service, image, name, scale)
+
+    return ScriptHost(drawn, lambda image, text: _base64_picture(image, text, _options(service)), _echo,
+                      upscalers=lambda: [*PLAIN_UPSCALER_NAMES, *(f.title for f in service.upscalers.files)],
+                      upscaled=upscaled, init_pictures=init_pictures)
+
+
+def _script_upscaled(service: Service, image: Image.Image, name: str, scale: float) -> Image.Image:
+    """`image` through the upscaler `name` by `scale` for a script (A1111's `Upscaler.upscale`, `_upscaled_by`):
+    what cannot be done is a 422, a result past 4 x `--max-pixels` a 413."""
+    found = upscaler_file(name, service.upscalers, EXTRAS_UPSCALER)
+    try:
+        return _upscaled_by(service, image, name, found, scale)
+    except UpscaleError as err:
+        raise BadRequest(str(err), 422) from None
 
 
 async def _checked_request(service: Service, body: Txt2ImgIn, mode: str, first: GenerationRequest,
@@ -593,18 +617,34 @@ async def _checked_request(service: Service, body: Txt2ImgIn, mode: str, first: 
     return spec, request
 
 
+def _pictured_request(service: Service, body: Txt2ImgIn, request: GenerationRequest,
+                      pictures: Pictures | tuple[Image.Image, ...]) -> GenerationRequest:
+    """A script's request `body` (checked as `request`) on its own `pictures`: init pictures, mask and latent mask
+    (`Pictures`), or init pictures alone (the mask and latent mask `request`'s)."""
+    own = pictures if isinstance(pictures, Pictures) else Pictures(tuple(pictures), request.mask_image,
+                                                                    request.latent_mask_image)
+    with _named_by_infotext(body):
+        drawn = _request(body, request.controls, own.init_images, own.mask, service.options)
+    return dataclasses.replace(drawn, latent_mask_image=own.latent_mask)
+
+
 async def _script_drawn(service: Service, run: ScriptRun, bodies: list[Txt2ImgIn], mode: str,
-                        requests: list[GenerationRequest], keep_going: bool) -> list[Drawn | None]:
-    """Each request drawn in turn, None after `run` is interrupted (an interrupted job too interrupts it) and,
-    when `keep_going`, for one that fails (logged, as A1111's X/Y/Z plot draws a blank cell); nothing drawn and
-    something failed, the first failure."""
+                        requests: list[GenerationRequest], keep_going: bool,
+                        pictures: ScriptPictures | None = None) -> list[Drawn | None]:
+    """Each request drawn in turn (on the pictures `pictures(k, drawn so far)` gives request k, if any), None
+    after `run` is interrupted (an interrupted job too interrupts it) and, when `keep_going`, for one that fails
+    (logged, as A1111's X/Y/Z plot draws a blank cell); nothing drawn and something failed, the first failure."""
     drawn: list[Drawn | None] = []
     failures = []
-    for body, request in zip(bodies, requests):
+    for k, (body, request) in enumerate(zip(bodies, requests)):
         job = None
         if not run.interrupted or not drawn:        # the first is drawn whatever came before it
             try:
-                job = await _named_job(service, body, mode, request, run)
+                own = pictures(k, drawn) if pictures is not None else None
+                if own is not None:
+                    request = _pictured_request(service, body, request, own)
+                job = await _named_job(service, body, "inpaint" if request.mask_image is not None else mode,
+                                       request, run)
             except BadRequest as err:
                 if not keep_going:
                     raise
@@ -1010,7 +1050,7 @@ def _closest_checkpoint(service: Service, text: object) -> Checkpoint | None:
 @router.post("/txt2img")
 async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    script = selected_script(getattr(body, "script_name", None))     # A1111's `get_selectable_script`
+    script = selected_script(getattr(body, "script_name", None), "txt2img")     # A1111's `get_selectable_script`
     body = _with_infotext(body, service, "txt2img")
     check_alwayson_scripts(body.alwayson_scripts, "txt2img")
     if script is not None:
@@ -1030,10 +1070,13 @@ def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None
                           getattr(body, "resize_mode", 0))
 
 
+NO_INIT_IMAGES = "img2img needs init_images (a list of base64 images, one per picture or one for all)"
+
+
 @router.post("/img2img")
 async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    script = selected_script(getattr(body, "script_name", None))
+    script = selected_script(getattr(body, "script_name", None), "img2img")
     body = _with_infotext(body, service, "img2img")
     if script is not None:
         return await script.run(_script_host(service, _img2img_request), body, "img2img")
@@ -1043,7 +1086,7 @@ async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
 async def _img2img_request(service: Service, body: Img2ImgIn) -> tuple[str, GenerationRequest]:
     """The job mode (inpaint with a mask) and the request `body` asks for, its pictures decoded."""
     if not body.init_images:
-        raise BadRequest("img2img needs init_images (a list of base64 images, one per picture or one for all)", 422)
+        raise BadRequest(NO_INIT_IMAGES, 422)
     limits = service.config.limits
     _check_init_count(body, limits)                 # before any picture is decoded
     inits = tuple([await asyncio.to_thread(decode_image, image, f"init_images[{i}]", limits)
@@ -1428,17 +1471,23 @@ def _upscaled(service: Service, body: ExtrasIn, image: Image.Image, name: str,
         scale = max(w / image.width, h / image.height)
     else:
         scale = body.upscaling_resize
-    if math.isfinite(scale) and scale > 0:              # as floats first: 64 x 1e308 does not fit an int
-        _check_upscale_size(image.width * scale, image.height * scale, limit)
     try:
-        with service.host.busy:                         # never beside a generation
-            upscaler = load_upscaler_file(found, EXTRAS_UPSCALER, service.config.device) if found is not None else name
-            result = upscale_by(image.convert("RGB") if found is not None else image, upscaler, scale)
+        result = _upscaled_by(service, image, name, found, scale)
     except UpscaleError as err:
         raise BadRequest(str(err), 400) from None
     if body.resize_mode == 1 and body.upscaling_crop:      # A1111's Extras crop: an RGB canvas
         return centred_on_canvas(result.convert("RGB"), (body.upscaling_resize_w, body.upscaling_resize_h))
     return result
+
+
+def _upscaled_by(service: Service, image: Image.Image, name: str, found: ModelFile | None, scale: float) -> Image.Image:
+    """`image` through the plain resize `name` or the upscaler file `found` by `scale` (`upscale_by`), while no
+    job runs; a result past 4 x `--max-pixels` is a 413."""
+    if math.isfinite(scale) and scale > 0:              # as floats first: 64 x 1e308 does not fit an int
+        _check_upscale_size(image.width * scale, image.height * scale, 4 * service.config.limits.max_pixels)
+    with service.host.busy:                             # never beside a generation
+        upscaler = load_upscaler_file(found, EXTRAS_UPSCALER, service.config.device) if found is not None else name
+        return upscale_by(image.convert("RGB") if found is not None else image, upscaler, scale)
 
 
 def _check_upscale_size(width: float, height: float, limit: int) -> None:

@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import logging
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +41,15 @@ from sdlab.pipeline.grid import (
     NOTHING, Axis, Field, GridError, Index, Plot, cell_picture, field_named, parse_axis, with_plot_parameters,
 )
 from sdlab.pipeline.images import open_image
+from sdlab.pipeline.loopback import CURVES, INTERROGATIONS, Pass, kept_pictures, last_strength, loop_grid, loop_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.prompt_matrix import DELIMITERS, PROMPT_TYPES, PromptMatrix, prompt_matrix
 from sdlab.pipeline.prompts_file import POSITIONS, Line, line_prompts, line_seeds, read_lines
-from sdlab.pipeline.request import fixed_seed
+from sdlab.pipeline.request import MAX_BATCH_COUNT, fixed_seed
+from sdlab.pipeline.sd_upscale import TileBatch, drawn_tiles, tile_batches
+from sdlab.pipeline.tile_grid import TileGrid, combine_grid, split_grid
 from sdlab.server.alwayson import ALWAYSON_SCRIPTS, CONTROLNET
-from sdlab.server.inputs import BadRequest
+from sdlab.server.inputs import PLAIN_UPSCALER_NAMES, BadRequest
 
 MODES = ("txt2img", "img2img")
 logger = logging.getLogger("sdlab.server")
@@ -62,14 +66,38 @@ class Drawn:
 
 
 @dataclass(frozen=True)
+class Pictures:
+    """A script's request's own pictures (an outpainting canvas, a tile): its init pictures, mask and A1111's
+    `p.latent_mask` (`GenerationRequest.latent_mask_image`)."""
+
+    init_images: tuple[Image.Image, ...]
+    mask: Image.Image | None = None
+    latent_mask: Image.Image | None = None
+
+
+ScriptPictures = Callable[[int, list["Drawn | None"]], "Pictures | tuple[Image.Image, ...] | None"]
+"""(k, the requests drawn so far) -> request k's own pictures, or its init pictures alone (with the first's mask),
+or None: the first's."""
+
+
+@dataclass(frozen=True)
 class ScriptHost:
     """What a script draws and answers with, given by the route (`a1111.py`)."""
 
-    draw: Callable[[list[Any], list[str], bool], Awaitable[list[Drawn | None]]]
-    """(request bodies, what each is in a refusal, keep_going) -> each drawn as the route draws it without a
-    script, None for those not drawn after an interrupt (and with keep_going for one that failed, logged)"""
-    encode: Callable[[Image.Image, str], str]          # a picture and its parameters in base64, as the route
+    draw: Callable[..., Awaitable[list[Drawn | None]]]
+    """(request bodies, what each is in a refusal, keep_going[, pictures]) -> each drawn as the route draws it
+    without a script, None for those not drawn after an interrupt (and with keep_going for one that failed,
+    logged). `pictures(k, drawn so far)` (`ScriptPictures`) gives request k's init pictures, or its `Pictures`, as
+    it is drawn (None: the first request's), for a script whose pictures are made from the request's or drawn
+    ones; each request is checked beforehand with the first's."""
+    encode: Callable[[Image.Image, str | None], str]   # a picture and its parameters in base64, as the route
     echo: Callable[[Any], dict[str, Any]]              # A1111's `parameters` of a request body
+    upscalers: Callable[[], list[str]]                 # the upscalers' names, in `GET upscalers` order
+    upscaled: Callable[[Image.Image, str, float], Awaitable[Image.Image]]
+    """(picture, upscaler name, scale) -> the picture through that upscaler as A1111's `Upscaler.upscale`
+    (`sdlab.pipeline.upscale.upscale_by`), while no job runs"""
+    init_pictures: Callable[[Any], Awaitable[tuple[Image.Image, ...]]]    # a body's init pictures, decoded as
+                                                                          # the route decodes them
 
 
 @dataclass(frozen=True)
@@ -89,6 +117,7 @@ class SelectableScript:
     title: str                                                  # A1111's `Script.title()`
     args: Callable[[bool], list[ScriptArg]]                     # its controls in txt2img (False) / img2img (True)
     run: Callable[[ScriptHost, Any, str], Awaitable[dict[str, Any]]]    # (host, body, mode) -> the answer
+    modes: tuple[str, ...] = ("txt2img", "img2img")             # the tabs it is in (A1111's `Script.show`)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -416,6 +445,10 @@ def _checked(name: str, value: Any, default: Any, choices: tuple[str, ...] = ())
         if not isinstance(value, bool) and value not in (0, 1):
             raise BadRequest(f"{name} must be true or false, got {value!r}", 422)
         return bool(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise BadRequest(f"{name} must be a number, got {value!r}", 422)
+        return float(value)
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
             raise BadRequest(f"{name} must be an integer, got {value!r}", 422)
@@ -596,23 +629,215 @@ PROMPTS_FROM_FILE = SelectableScript("Prompts from file or textbox", prompts_fro
 
 
 # ------------------------------------------------------------------------------------------------------
+# Loopback and SD upscale (img2img)
+
+
+def _with_script_parameters(text: str | None, fields: Mapping[str, Any]) -> str | None:
+    """A picture's parameters with the script's `extra_generation_params` `fields` (before `Version`)."""
+    return format_parameters(with_plot_parameters(parse_parameters(text), fields)) if text is not None else None
+
+
+def _script_info(first: Drawn | None, last: Drawn, fields: Mapping[str, Any], **changed: Any) -> dict[str, Any]:
+    """A1111's `Processed(p, images, seed, initial_info).js()` of a script that drew with `p` in turn: the last
+    request's fields (`p` as the script left it), `subseed` -1, `extra_generation_params` the script's `fields`
+    then those the drawing added, `infotexts` [the first picture's with the script's fields], `changed`."""
+    initial = _with_script_parameters(_first_text(first), fields)
+    return {**last.info, "subseed": -1, "index_of_first_image": 0, "infotexts": [initial],
+            "extra_generation_params": {**fields, **last.info["extra_generation_params"]}, **changed}
+
+
+def _picture(drawn: Drawn, index: int = 0) -> Image.Image:
+    with open_image(drawn.pictures[index]) as image:
+        return image.convert("RGB")
+
+
+LOOPBACK_ARG_NAMES = ("loops", "final_denoising_strength", "denoising_curve", "append_interrogation")
+LOOPBACK_DEFAULTS = (4, 0.5, "Linear", "None")
+
+
+def loopback_plan(body: Any) -> tuple[list[Pass], dict[str, Any]]:
+    """The loopback's passes (`sdlab.pipeline.loopback.loop_plan`) and its `extra_generation_params`, from
+    `script_args` checked as A1111's `Script.run` takes them; a bad one is a 422."""
+    args = _script_args("loopback", body.script_args, LOOPBACK_ARG_NAMES, LOOPBACK_DEFAULTS,
+                        {"denoising_curve": CURVES, "append_interrogation": INTERROGATIONS})
+    loops, final = args["loops"], args["final_denoising_strength"]
+    if not 1 <= loops * body.n_iter <= MAX_BATCH_COUNT or loops < 1:
+        raise BadRequest(f"loopback loops must be >= 1 and loops x n_iter at most {MAX_BATCH_COUNT}, got {loops} "
+                         f"loops x {body.n_iter}", 422)
+    if not 0 <= final <= 1:
+        raise BadRequest(f"loopback final_denoising_strength must be 0..1, got {final}", 422)
+    if args["append_interrogation"] != "None":
+        raise BadRequest(f"loopback append_interrogation {args['append_interrogation']!r}: sdlab has no CLIP or "
+                         "DeepBooru interrogator; use 'None'", 422)
+    initial = 0.75 if body.denoising_strength is None else body.denoising_strength
+    plan = loop_plan(loops, body.n_iter, fixed_seed(body.seed), initial, final, args["denoising_curve"])
+    return plan, {"Final denoising strength": final, "Denoising curve": args["denoising_curve"]}
+
+
+async def run_loopback(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
+    """A1111 1.10's Loopback (scripts/loopback.py, `sdlab.pipeline.loopback`): every pass an img2img request of
+    one picture, its init picture the previous pass's picture (the first of each batch the request's), its
+    seed, strength and, after the first of its batch, Masked content "original" (`inpainting_fill` 1) as A1111
+    sets them; answered as its `Script.run` returns (`answer_loopback`)."""
+    plan, fields = loopback_plan(body)
+    subseed = fixed_seed(body.subseed)
+    bodies = [body.model_copy(update={"seed": p.seed, "subseed": subseed, "denoising_strength": p.strength,
+                                      "batch_size": 1, "n_iter": 1,
+                                      **({} if p.from_request else {"inpainting_fill": 1})}) for p in plan]
+    labels = [f"loopback batch {p.batch + 1} loop {p.loop + 1}" for p in plan]
+
+    def pictures(k: int, drawn: list[Drawn | None]) -> tuple[Image.Image, ...] | None:
+        return None if plan[k].from_request else (_picture(drawn[k - 1]),)
+
+    drawn = await host.draw(bodies, labels, False, pictures)
+    return answer_loopback(host, body, plan, fields, drawn)
+
+
+def answer_loopback(host: ScriptHost, body: Any, plan: list[Pass], fields: dict[str, Any],
+                    drawn: list[Drawn | None]) -> dict[str, Any]:
+    """A1111's answer: `images` (with more than one) the kept pictures' grid in a row, then the kept pictures
+    (`kept_pictures`: every pass's with one batch, each batch's last with several), each with its parameters and
+    the script's fields; `info` the last pass's with the first pass's seed and text (`_script_info`), batch size
+    1 and the strength A1111 left set. A pass interrupted is not kept, and ends the script."""
+    done = [cell is not None and bool(cell.pictures) and not cell.info.get("interrupted") for cell in drawn]
+    kept = kept_pictures(plan, done)
+    pictures = [_picture(drawn[i]) for i in kept]
+    images = [host.encode(loop_grid(pictures), None)] if len(pictures) > 1 else []
+    images += [host.encode(picture, _with_script_parameters(drawn[i].infotexts[0], fields))
+               for i, picture in zip(kept, pictures)]
+    last = max(i for i, cell in enumerate(drawn) if cell is not None)
+    first = next((i for i, ok in enumerate(done) if ok), None)
+    batch_done = sum(done[i] for i, p in enumerate(plan) if p.batch == plan[last].batch)
+    loops = sum(p.batch == 0 for p in plan)
+    strength = last_strength(loops, batch_done, plan[0].strength, fields["Final denoising strength"],
+                             fields["Denoising curve"])
+    info = _script_info(drawn[first] if first is not None else None, drawn[last], fields, batch_size=1,
+                        seed=plan[first].seed if first is not None else -1, denoising_strength=strength,
+                        interrupted=not all(done))
+    return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
+
+
+def loopback_script_args(img2img: bool) -> list[ScriptArg]:
+    """A1111 1.10's Loopback controls (`Script.ui`), in its `script_args` order."""
+    return [ScriptArg("Loops", 4, 1, 32, 1), ScriptArg("Final denoising strength", 0.5, 0, 1, 0.01),
+            ScriptArg("Denoising strength curve", "Linear", choices=list(CURVES)),
+            ScriptArg("Append interrogated prompt at each iteration", "None", choices=list(INTERROGATIONS))]
+
+
+LOOPBACK = SelectableScript("Loopback", loopback_script_args, run_loopback, ("img2img",))
+
+
+SD_UPSCALE_ARG_NAMES = ("info", "overlap", "upscaler_index", "scale_factor")
+A1111_TILE_SIZE = 512           # A1111's API width / height, the tile size when the request sets none
+
+
+def _upscaler_named(names: list[str], value: Any) -> str:
+    """The upscaler `upscaler_index` picks: A1111's index into its upscaler list (`GET upscalers`' order), or a
+    name of it in any case (null: the first, A1111's UI default)."""
+    if value is None:
+        return names[0]
+    if isinstance(value, str):
+        found = next((name for name in names if name.lower() == value.strip().lower()), None)
+        if found is None:
+            raise BadRequest(f"sd upscale upscaler_index: unknown upscaler {value!r}; this server offers: "
+                             f"{', '.join(names)}", 422)
+        return found
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
+        raise BadRequest(f"sd upscale upscaler_index must be 0..{len(names) - 1}, an index into GET upscalers "
+                         f"({', '.join(f'{i} {name}' for i, name in enumerate(names))}), or a name, got {value!r}", 422)
+    return names[value]
+
+
+def sd_upscale_args(host: ScriptHost, body: Any) -> tuple[int, str, float, tuple[int, int]]:
+    """(overlap, upscaler name, scale factor, tile size) from `script_args` in A1111 1.10's order (its `info`, the
+    UI's note, is not read); a bad one is a 422. The tiles are the request's width x height (A1111's 512 unset)."""
+    if not isinstance(body.script_args, list) or len(body.script_args) > len(SD_UPSCALE_ARG_NAMES):
+        raise BadRequest(f"sd upscale script_args must be a list of at most {len(SD_UPSCALE_ARG_NAMES)} values, "
+                         f"A1111 1.10's order: {', '.join(SD_UPSCALE_ARG_NAMES)}; got {body.script_args!r}", 422)
+    given = dict(zip(SD_UPSCALE_ARG_NAMES, body.script_args))
+    overlap = _checked("sd upscale overlap", given.get("overlap"), 64)
+    scale = _checked("sd upscale scale_factor", given.get("scale_factor"), 2.0)
+    name = _upscaler_named(host.upscalers(), given.get("upscaler_index"))
+    tile = (body.width or A1111_TILE_SIZE, body.height or A1111_TILE_SIZE)
+    if not 0 <= overlap < min(tile):
+        raise BadRequest(f"sd upscale overlap must be 0..{min(tile) - 1} px, less than the tile's width and height "
+                         f"({tile[0]}x{tile[1]}), got {overlap}", 422)
+    if name.lower() != "none" and not scale > 0:
+        raise BadRequest(f"sd upscale scale_factor must be above 0, got {scale:g}", 422)
+    return overlap, name, scale, tile
+
+
+async def run_sd_upscale(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
+    """A1111 1.10's SD upscale (scripts/sd_upscale.py, `sdlab.pipeline.sd_upscale`): the request's init picture
+    upscaled, cut into tiles of its width x height, each batch of tiles drawn as one img2img request (a picture
+    per tile, its seed as A1111's `tile_batches`), then put together (`combine_grid`) for every `n_iter`."""
+    overlap, name, scale, (tile_w, tile_h) = sd_upscale_args(host, body)
+    image = (await host.init_pictures(body))[0]
+    upscaled = image if name.lower() == "none" else await host.upscaled(image, name, scale)
+    grid = split_grid(upscaled, tile_w, tile_h, overlap)
+    tiles = [tile.image for _, tile in grid.tiles()]
+    if not tiles:
+        raise BadRequest(f"sd upscale: the upscaled picture ({grid.image_w}x{grid.image_h}) makes no tile of "
+                         f"{tile_w}x{tile_h} overlapping by {overlap}", 422)
+    batches = tile_batches(len(tiles), body.batch_size, body.n_iter, fixed_seed(body.seed))
+    if len(batches) > MAX_BATCH_COUNT:
+        raise BadRequest(f"sd upscale: {len(tiles)} tiles x {body.n_iter} make {len(batches)} batches; the limit "
+                         f"is {MAX_BATCH_COUNT}", 422)
+    subseed = fixed_seed(body.subseed)
+    bodies = [body.model_copy(update={"seed": b.seed, "subseed": subseed, "batch_size": b.batch_size, "n_iter": 1,
+                                      "width": tile_w, "height": tile_h}) for b in batches]
+    labels = [f"sd upscale upscale {b.upscale + 1} tiles {b.tiles.start + 1}-{b.tiles.stop}" for b in batches]
+    drawn = await host.draw(bodies, labels, False, lambda k, _: tuple(tiles[i] for i in batches[k].tiles))
+    fields = {"SD upscale overlap": overlap, "SD upscale upscaler": name}
+    return answer_sd_upscale(host, body, grid, batches, fields, drawn)
+
+
+def answer_sd_upscale(host: ScriptHost, body: Any, grid: TileGrid, batches: list[TileBatch], fields: dict[str, Any],
+                      drawn: list[Drawn | None]) -> dict[str, Any]:
+    """A1111's answer: `images` every upscale's picture put together from its drawn tiles (black for tiles not
+    drawn after an interrupt), without parameters (A1111's new picture has none); `info` the last batch's with
+    the request's seed and the first batch's text (`_script_info`)."""
+    upscales = max(b.upscale for b in batches) + 1
+    combined = []
+    for n in range(upscales):
+        results = [_picture(cell, i) for b, cell in zip(batches, drawn) if b.upscale == n and cell is not None
+                   for i in range(len(cell.pictures))]
+        combined.append(combine_grid(drawn_tiles(grid, results)))
+    last = max(i for i, cell in enumerate(drawn) if cell is not None)
+    first = next(cell for cell in drawn if cell is not None)
+    info = _script_info(first, drawn[last], fields, seed=batches[0].seed, batch_size=batches[last].batch_size)
+    images = [host.encode(picture, None) for picture in combined]
+    return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
+
+
+def sd_upscale_script_args(img2img: bool) -> list[ScriptArg]:
+    """A1111 1.10's SD upscale controls (`Script.ui`), in its `script_args` order (the upscalers sdlab always has:
+    `GET upscalers` lists the server's files after them)."""
+    return [ScriptArg("", None), ScriptArg("Tile overlap", 64, 0, 256, 16), ScriptArg("Scale Factor", 2, 0, 4, 1),
+            ScriptArg("Upscaler", PLAIN_UPSCALER_NAMES[0], choices=list(PLAIN_UPSCALER_NAMES))]
+
+
+SD_UPSCALE = SelectableScript("SD upscale", sd_upscale_script_args, run_sd_upscale, ("img2img",))
+
+
+# ------------------------------------------------------------------------------------------------------
 # The scripts sdlab runs
 
 
-RUNNABLE_SCRIPTS: tuple[SelectableScript, ...] = (PROMPT_MATRIX, PROMPTS_FROM_FILE, XYZ_PLOT)
-"""The selectable scripts sdlab runs, in both tabs, in the order `GET scripts` lists them (A1111's, by file name)."""
+RUNNABLE_SCRIPTS: tuple[SelectableScript, ...] = (LOOPBACK, PROMPT_MATRIX, PROMPTS_FROM_FILE, SD_UPSCALE, XYZ_PLOT)
+"""The selectable scripts sdlab runs, each in its tabs, in the order `GET scripts` lists them (A1111's, by file name)."""
 UNLISTED_NAMES = {"Comments": None, "Hypertile": "Hypertile"}
 """A1111's `script.name` of the always-on scripts whose name is not their lower-case title: Comments has no UI
 controls (A1111 names only a script with some, `create_script_ui_inner`), Hypertile's class names itself."""
 
 
-def selected_script(name: str | None) -> SelectableScript | None:
-    """A1111's `get_selectable_script`: none for an empty or null name, else the script titled `name` in any
-    case; another name is A1111's 422 `Script '<name>' not found`."""
+def selected_script(name: str | None, mode: str) -> SelectableScript | None:
+    """A1111's `get_selectable_script`: none for an empty or null name, else the script of the `mode` tab titled
+    `name` in any case; another name is A1111's 422 `Script '<name>' not found`."""
     if not name:
         return None
     for script in RUNNABLE_SCRIPTS:
-        if script.title.lower() == name.lower():
+        if script.title.lower() == name.lower() and mode in script.modes:
             return script
     raise BadRequest(f"Script '{name}' not found", 422)
 
@@ -621,7 +846,7 @@ def scripts_list() -> dict[str, list[str]]:
     """A1111's `get_scripts_list` of the scripts sdlab runs in each tab: their names (the title in lower case,
     but `UNLISTED_NAMES`), the selectable ones, then the always-on ones `alwayson_scripts` takes, then the
     ControlNet extension's."""
-    return {mode: [script.title.lower() for script in RUNNABLE_SCRIPTS]
+    return {mode: [script.title.lower() for script in RUNNABLE_SCRIPTS if mode in script.modes]
             + [name for title in ALWAYSON_SCRIPTS[mode] if (name := UNLISTED_NAMES.get(title, title.lower()))]
             + [CONTROLNET] for mode in MODES}
 
@@ -631,4 +856,4 @@ def script_info() -> list[dict[str, Any]]:
     in img2img."""
     return [{"name": script.title.lower(), "is_alwayson": False, "is_img2img": img2img,
              "args": [vars(arg) for arg in script.args(img2img)]}
-            for img2img in (False, True) for script in RUNNABLE_SCRIPTS]
+            for img2img in (False, True) for script in RUNNABLE_SCRIPTS if MODES[img2img] in script.modes]
