@@ -299,6 +299,19 @@ def test_lora_hash_is_a1111s_addnet_hash(tmp_path):
     assert lora_hash(other) == hashlib.sha256(data).hexdigest()[:12]
 
 
+def test_lora_hash_is_the_sshs_model_hash_of_the_metadata_as_a1111_reads_it(tmp_path):
+    """A1111 1.10's NetworkOnDisk: ``set_hash(metadata.get('sshs_model_hash') or sha256_from_cache(...) or '')``,
+    ``shorthash = hash[0:12]``: the metadata's hash is taken as it is, whatever the data hash. Before, sdlab's
+    ``Lora hashes`` held the data hash of a file whose metadata names another (a file re-saved after training)."""
+    data = b"\x01\x02" * 1000
+    for stored, expected in [("0123456789ABcdef" * 4, "0123456789AB"), ("", hashlib.sha256(data).hexdigest()[:12])]:
+        header = json.dumps({"__metadata__": {"sshs_model_hash": stored}}).encode()
+        path = tmp_path / f"style{len(stored)}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+        assert png_info.known_lora_hash(path) == (expected if stored else None)    # listed without reading the data
+        assert lora_hash(path) == expected
+
+
 @pytest.mark.parametrize("content", [b"this is not a model", b"<!DOCTYPE html><html></html>",
                                      struct.pack("<Q", 1000) + b"{}", b"\x05\0\0"])
 def test_lora_hash_of_a_file_that_is_not_safetensors_is_one_error_naming_it(tmp_path, content):

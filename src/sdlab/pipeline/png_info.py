@@ -45,7 +45,7 @@ from PIL import Image, PngImagePlugin
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_safetensors_header
 from sdlab.pipeline.images import open_image
-from sdlab.utils.file_hashes import cached_hash, known_hash
+from sdlab.utils.file_hashes import cached_hash, known_hash, read_per_version
 from sdlab.utils.files import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -437,14 +437,24 @@ def _sha256_rest(file: Any, block_size: int) -> str:
 
 
 def lora_hash(path: str | os.PathLike) -> str:
-    """A1111's short LoRA hash (``Lora hashes``): 12 hex digits of the SHA-256 of the file, for a
-    ``.safetensors`` file of its tensor data only (the "addnet" hash, which ignores the header)."""
-    return cached_hash(path, "addnet", _addnet_hash)
+    """A1111's short LoRA hash (``Lora hashes``): the first 12 characters of the ``sshs_model_hash`` a
+    ``.safetensors`` file's metadata holds (kohya writes it), which A1111 1.10's ``NetworkOnDisk`` takes before
+    any hash it computes; else 12 hex digits of the SHA-256 of the file, for a ``.safetensors`` file of its
+    tensor data only (the "addnet" hash, which ignores the header)."""
+    return _stored_lora_hash(path) or cached_hash(path, "addnet", _addnet_hash)
 
 
 def known_lora_hash(path: str | os.PathLike) -> str | None:
-    """`lora_hash` where it has been computed for this version of the file, else None (nothing is read)."""
-    return known_hash(path, "addnet")
+    """`lora_hash` where the file's metadata holds it or it has been computed for this version of the file, else
+    None (no more than the header is read)."""
+    return _stored_lora_hash(path) or known_hash(path, "addnet")
+
+
+def _stored_lora_hash(path: str | os.PathLike) -> str | None:
+    """The first 12 characters of a ``.safetensors`` file's ``sshs_model_hash``, as they are; None without one."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return None
+    return read_per_version(path, safetensors_metadata).get("sshs_model_hash", "")[:12] or None
 
 
 def _addnet_hash(path: Path) -> str:
