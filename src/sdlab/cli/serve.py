@@ -35,7 +35,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--controlnet-dir", help="ControlNets requests may name (default: <models-dir>/ControlNet when "
                    "it exists)")
     p.add_argument("--upscalers-dir", help="upscaler models the hires fix and /sdapi/v1/extra-single-image may "
-                   "name (default: <models-dir>/ESRGAN when it exists)")
+                   "name (default: <models-dir>/ESRGAN when it exists; A1111's R-ESRGAN files are found in "
+                   "<models-dir>/RealESRGAN too)")
     p.add_argument("--vae-dir", help="VAE files A1111's sd_vae may name, beside the sidecar VAEs of --models-dir "
                    "(default: <models-dir>/VAE when it exists)")
     p.add_argument("--output-dir", default="outputs", help="pictures (images/) and the job history database "
@@ -141,6 +142,7 @@ def run_serve(args: argparse.Namespace) -> int:
         raise UserError(f"the --models-dir {args.models_dir!r} is not a folder")
     controlnet_dir = _model_folder(args.controlnet_dir, "--controlnet-dir", args.models_dir, "ControlNet")
     upscalers_dir = _model_folder(args.upscalers_dir, "--upscalers-dir", args.models_dir, "ESRGAN")
+    realesrgan_dir = _model_folder(None, "", args.models_dir, "RealESRGAN")     # A1111's, beside --upscalers-dir
     vae_dir = _model_folder(args.vae_dir, "--vae-dir", args.models_dir, "VAE")
     try:
         resolve_device(args.device)
@@ -158,7 +160,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(output_dir=Path(args.output_dir), model=Path(args.model) if args.model else None,
                           models_dir=Path(args.models_dir) if args.models_dir else None, device=args.device,
                           embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
-                          controlnet_dir=controlnet_dir, upscalers_dir=upscalers_dir, vae_dir=vae_dir,
+                          controlnet_dir=controlnet_dir, upscalers_dir=upscalers_dir,
+                          realesrgan_dir=realesrgan_dir, vae_dir=vae_dir,
                           max_queue=args.max_queue, basic_auth=basic, token=token, limits=limits)
     sock = _listen(args.host, args.port)
     try:

@@ -80,6 +80,9 @@ A1111_UPSCALER_FILES = {
     "R-ESRGAN 2x+": "RealESRGAN_x2plus.pth",
     "ESRGAN_4x": "ESRGAN_4x.pth",
 }
+A1111_REALESRGAN_STEMS = frozenset(file.rsplit(".", 1)[0] for name, file in A1111_UPSCALER_FILES.items()
+                                   if name.startswith("R-ESRGAN"))
+"""The files A1111's RealESRGAN upscaler looks for in its models/RealESRGAN folder (`get_realesrgan_models`), by stem."""
 # A1111's built-in upscalers whose networks sdlab does not run (its ScuNET, SwinIR and LDSR extensions)
 A1111_FOREIGN_UPSCALERS = {"ScuNET GAN": "ScuNET", "ScuNET PSNR": "ScuNET", "SwinIR 4x": "SwinIR",
                            "LDSR": "LDSR (a latent diffusion upscaler)"}

@@ -26,6 +26,7 @@ class ServerConfig:
     embeddings_dir: Path | None = None      # textual-inversion embeddings, words of every prompt
     controlnet_dir: Path | None = None      # ControlNets a request may name
     upscalers_dir: Path | None = None       # upscaler models the hires fix and extra-single-image may name
+    realesrgan_dir: Path | None = None      # A1111's models/RealESRGAN: the files of its R-ESRGAN names, as well
     vae_dir: Path | None = None             # VAE files sd_vae may name (beside the models folder's sidecars)
     device: str = "cpu"
     max_queue: int = 16                     # jobs waiting (the running one not counted); more -> 429

@@ -281,6 +281,7 @@ def check_picture_size(image: Image.Image, what: str, limits: Limits) -> None:
 
 
 PLAIN_UPSCALER_NAMES = ("None", "Lanczos", "Nearest")          # A1111's spelling of PLAIN_UPSCALERS
+UPSCALER_PLACES = "in the server's --upscalers-dir (an R-ESRGAN file: or in the RealESRGAN folder of its --models-dir)"
 
 
 @dataclass(frozen=True)
@@ -306,7 +307,7 @@ def upscaler_file(name: object, upscalers: ModelFolder | None, use: UpscalerUse 
         return None
     found = upscalers.find(name) if isinstance(name, str) and upscalers is not None else None
     if found is None:
-        missing = missing_upscaler(name, "in the server's --upscalers-dir") if isinstance(name, str) else None
+        missing = missing_upscaler(name, UPSCALER_PLACES) if isinstance(name, str) else None
         if missing:
             raise BadRequest(missing, use.unknown_status, use.unknown_reason)
         models = upscalers.titles() if upscalers is not None else []

@@ -12,6 +12,7 @@ RealESRGAN_x4plus.pth: `upscale.a1111_upscaler_name`), any other by its stem; th
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +34,15 @@ class ModelFile:
 
 
 class ModelFolder:
-    """The model files of one folder (recursively); `find(name)` is the only way from a name to a path."""
+    """The model files of one folder (recursively), then those of `known_in` whose stem is one of `known` (A1111's
+    models/RealESRGAN, where it looks for the files of its own Real-ESRGAN names alone); `find(name)` is the only
+    way from a name to a path."""
 
-    def __init__(self, folder: Path | None, suffixes: tuple[str, ...], hashed: bool) -> None:
+    def __init__(self, folder: Path | None, suffixes: tuple[str, ...], hashed: bool, known_in: Path | None = None,
+                 known: Collection[str] = ()) -> None:
         self.folder = folder.resolve() if folder is not None else None
+        self.known_in = known_in.resolve() if known_in is not None else None
+        self.known = frozenset(known)
         self.suffixes = suffixes
         self.hashed = hashed
         self._lock = threading.Lock()
@@ -44,18 +50,19 @@ class ModelFolder:
         self.refresh()
 
     def refresh(self) -> None:
-        found: list[ModelFile] = []
-        if self.folder is not None and self.folder.is_dir():
-            for path in sorted(self.folder.rglob("*")):
-                if path.suffix.lower() not in self.suffixes or not path.is_file():
-                    continue
-                if not path.resolve().is_relative_to(self.folder):
-                    continue                                        # a symlink out of the folder
-                title = (f"{path.stem} [{read_per_version(path, legacy_hash)}]" if self.hashed
-                         else a1111_upscaler_name(path.stem))
-                found.append(ModelFile(path, title))
+        paths = [*self._paths(self.folder), *(p for p in self._paths(self.known_in) if p.stem in self.known)]
+        found = [ModelFile(path, f"{path.stem} [{read_per_version(path, legacy_hash)}]" if self.hashed
+                           else a1111_upscaler_name(path.stem)) for path in dict.fromkeys(paths)]
         with self._lock:
             self.files = found
+
+    def _paths(self, folder: Path | None) -> Iterator[Path]:
+        """The model files under `folder` (none if it is None or gone), symlinks out of it skipped."""
+        if folder is None or not folder.is_dir():
+            return
+        for path in sorted(folder.rglob("*")):
+            if path.suffix.lower() in self.suffixes and path.is_file() and path.resolve().is_relative_to(folder):
+                yield path
 
     def find(self, name: str) -> ModelFile | None:
         """The file `name` names: its title, stem or file name ("stem [other hash]" by its stem), else for

@@ -43,7 +43,8 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 LORA_FOLDERS = ("Lora", "lora", "loras", "LoRA")
 logger = logging.getLogger(__name__)
-_NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRGAN", "embeddings", "ControlNet")}
+_NOT_CHECKPOINT_FOLDERS = {name.lower() for name in (*LORA_FOLDERS, "VAE", "ESRGAN", "RealESRGAN", "embeddings",
+                                                   "ControlNet")}
 _CHECKSUM = re.compile(r"\s*\[[^]]+]\s*$")      # A1111's `re_strip_checksum`: the " [hash]" ending a title
 _HASH_LOCKS: dict[Path, threading.Lock] = {}
 _HASH_LOCKS_LOCK = threading.Lock()

@@ -12,6 +12,7 @@ from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, tag_loras
 from sdlab.pipeline.prompt_loras import forget_read_loras
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
+from sdlab.pipeline.upscale import A1111_REALESRGAN_STEMS
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
     BadRequest, JobSpec, RefinerChoice, check_request, upscaler_file, with_preset, without_paths,
@@ -34,7 +35,8 @@ class Service:
         self.store = Store(config.output_dir)
         self.registry = ModelRegistry(Path(startup), config.models_dir, config.vae_dir)
         self.controlnets = ModelFolder(config.controlnet_dir, CONTROLNET_SUFFIXES, hashed=True)
-        self.upscalers = ModelFolder(config.upscalers_dir, UPSCALER_SUFFIXES, hashed=False)
+        self.upscalers = ModelFolder(config.upscalers_dir, UPSCALER_SUFFIXES, hashed=False,
+                                     known_in=config.realesrgan_dir, known=A1111_REALESRGAN_STEMS)
         self.host = ModelHost(self.registry, config.device, config.embeddings_dir)
         self.images_dir = config.output_dir / IMAGES_FOLDER
         self.runner = Runner(self.host, self.images_dir, config.limits, self.upscalers)
