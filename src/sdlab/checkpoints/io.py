@@ -484,25 +484,33 @@ def _safetensors_header(tensors: Mapping[str, Tensor], metadata: Mapping[str, st
     Everything is sorted (tensors by element size, largest first, so each stays aligned, then by name;
     metadata by key), so the same tensors and metadata always give the same bytes.
     """
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    described = {key: _shape_and_dtype(tensors, key) for key in tensors}
+    order = sorted(described, key=lambda k: (-described[k][1].itemsize, k))
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     offset = 0
     for key in order:
-        t = tensors[key]
-        size = t.numel() * t.element_size()
-        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        shape, dtype = described[key]
+        size = shape.numel() * dtype.itemsize
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)                                    # data starts 8-byte aligned
     return struct.pack("<Q", len(text)) + text, order
 
 
+def _shape_and_dtype(tensors: Mapping[str, Tensor], key: str) -> tuple[torch.Size, torch.dtype]:
+    """`tensors[key]`'s shape and dtype; a `LazyMapping`'s from its description, its tensor not made."""
+    if isinstance(tensors, LazyMapping):
+        return tensors.shape(key), tensors.dtype(key)
+    return tensors[key].shape, tensors[key].dtype
+
+
 def _check_savable(tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
-    for key, t in tensors.items():
-        if t.device.type == "meta":
+    for key in tensors:
+        if not isinstance(tensors, LazyMapping) and tensors[key].device.type == "meta":
             raise CheckpointError(f"cannot save {key}: tensor has no data (meta device)")
-        if t.dtype not in _DTYPE_NAMES:
-            raise CheckpointError(f"cannot save {key}: safetensors has no dtype {t.dtype}")
+        if (dtype := _shape_and_dtype(tensors, key)[1]) not in _DTYPE_NAMES:
+            raise CheckpointError(f"cannot save {key}: safetensors has no dtype {dtype}")
     bad = [k for k, v in metadata.items() if not (isinstance(k, str) and isinstance(v, str))]
     if bad:
         raise TypeError(f"safetensors metadata must map str to str; not so for {bad[:5]}")
@@ -513,7 +521,8 @@ def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str]
     """Write a `.safetensors` file, one tensor at a time (no second copy of the weights in memory).
 
     The bytes depend only on the tensors and metadata (see `_safetensors_header`); the file is opened like
-    any other, so its mode follows the umask.
+    any other, so its mode follows the umask. A `LazyMapping`'s tensors are made one at a time as they are
+    written (its shapes and dtypes make the header), each checked against its description.
     """
     metadata = dict(metadata or {})
     _check_savable(tensors, metadata)
@@ -522,6 +531,8 @@ def save_safetensors(tensors: Mapping[str, Tensor], path: str | os.PathLike[str]
         f.write(header)
         for key in order:
             t = tensors[key].detach().to("cpu").contiguous()
+            if (t.shape, t.dtype) != _shape_and_dtype(tensors, key):
+                raise CheckpointError(f"cannot save {key}: made {t.dtype} {tuple(t.shape)}, described otherwise")
             if t.numel():
                 f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))   # raw little-endian bytes
 

@@ -32,7 +32,7 @@ from sdlab.families import TextEncoderSpec
 from sdlab.families.loaded import ModelBundle
 
 
-def _text_state(spec: TextEncoderSpec, state: dict[str, Tensor]) -> dict[str, Tensor]:
+def text_file_state(spec: TextEncoderSpec, state: dict[str, Tensor]) -> dict[str, Tensor]:
     """sdlab text-encoder names -> the family's file layout, with the checkpoint prefix."""
     if spec.layout == "openclip":
         return {spec.prefix + k: v for k, v in sdlab_to_openclip(state).items()}
@@ -47,7 +47,7 @@ def bundle_state_dict(bundle: ModelBundle, dtype: torch.dtype | None = None) -> 
     out = {family.unet_prefix + k: v for k, v in bundle.unet.state_dict().items()}
     out |= {family.vae_prefix + k: v for k, v in bundle.vae.state_dict().items()}
     for te in bundle.text_encoders:
-        out |= _text_state(te.spec, te.model.state_dict())
+        out |= text_file_state(te.spec, te.model.state_dict())
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     return out

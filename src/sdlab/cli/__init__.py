@@ -10,6 +10,7 @@
     sdlab serve [--host H] [--port P] [--models-dir DIR] ...               (cli/serve.py, sdlab/server/)
     sdlab upscale IMAGE --model F [--scale S] --out OUT                    (cli/upscale.py)
     sdlab grid PROMPT --x FIELD=V1,V2 [--y ...] [--z ...] --out GRID.png  (cli/grid.py)
+    sdlab merge A [B [C]] [--method M] [--multiplier M] --out OUT          (cli/merge.py)
 
 Errors the user can fix (a bad file, a missing path, an output folder that cannot be written, a full disk:
 every error the system gives about a path) print one line, `sdlab: error: ...`, on stderr and exit with
@@ -39,6 +40,7 @@ from sdlab.cli.evaluate import add_evaluate
 from sdlab.cli.generate import add_generate
 from sdlab.cli.grid import add_grid
 from sdlab.cli.inspect import add_inspect
+from sdlab.cli.merge import add_merge
 from sdlab.cli.new_model import add_new_model
 from sdlab.cli.serve import add_serve
 from sdlab.cli.train import add_train
@@ -56,7 +58,7 @@ EXIT_TERMINATED = 128 + signal.SIGTERM      # 143
 # Entry point
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
-    add_generate, add_inspect, add_new_model, add_train, add_evaluate, add_serve, add_upscale, add_grid,
+    add_generate, add_inspect, add_new_model, add_train, add_evaluate, add_serve, add_upscale, add_grid, add_merge,
 )
 
 
