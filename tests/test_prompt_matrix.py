@@ -82,8 +82,22 @@ def test_matrix_of_the_negative_prompt_and_a1111s_refusals() -> None:
         prompt_matrix({"prompt": "a|b"}, "both")
     with pytest.raises(GridError, match="^Unknown variations delimiter tab$"):
         prompt_matrix({"prompt": "a|b"}, variations_delimiter="tab")
-    with pytest.raises(GridError, match="makes 512 pictures"):
+    with pytest.raises(GridError, match=r"of 10 parts makes 2\^9 pictures; a grid holds at most 256"):
         prompt_matrix({"prompt": "|".join("abcdefghij")})
+
+
+def test_a_matrix_past_the_grid_is_refused_from_its_parts_before_any_prompt_is_built(monkeypatch) -> None:
+    """2 ** (parts - 1) prompts: built before the refusal, 40 parts took hours (and 20,000 parts fit the prompt)."""
+    from sdlab.pipeline.prompt_matrix import PromptMatrix
+
+    def no_prompts(self) -> list[str]:
+        raise AssertionError("a prompt was built for a matrix that is refused")
+
+    monkeypatch.setattr(PromptMatrix, "prompts", no_prompts)
+    monkeypatch.setattr(PromptMatrix, "prompt", no_prompts, raising=False)
+    for parts in (10, 40, 10_000):
+        with pytest.raises(GridError, match=rf"of {parts} parts makes 2\^{parts - 1} pictures"):
+            prompt_matrix({"prompt": "|".join(["a"] * parts)})
 
 
 def test_matrix_fixes_an_unset_seed_once() -> None:

@@ -45,26 +45,32 @@ class PromptMatrix:
     keep_random_seeds: bool = False             # A1111 always fixes the seeds first
 
     def __post_init__(self) -> None:
-        if len(self.prompts()) > MAX_CELLS:
-            raise GridError(f"the prompt matrix of {len(self.parts())} parts makes {len(self.prompts())} pictures; "
+        if self.count() > MAX_CELLS:                # counted from the parts: no prompt is built for a refusal
+            bars = self.text.count("|")
+            raise GridError(f"the prompt matrix of {bars + 1} parts makes 2^{bars} pictures; "
                             f"a grid holds at most {MAX_CELLS} (8 `|`)")
 
     def parts(self) -> list[str]:
         return self.text.split("|")
 
+    def count(self) -> int:
+        """The number of combinations, 2 ** (the parts after the first)."""
+        return 1 << self.text.count("|")
+
+    def prompt(self, n: int) -> str:
+        """Combination n's prompt: the first part with part i (1-based after it) where bit i - 1 of n is set."""
+        first, *rest = self.parts()
+        selected = [text.strip().strip(",") for i, text in enumerate(rest) if n & (1 << i)]
+        return self.delimiter.join(selected + [first] if self.at_start else [first] + selected)
+
     def prompts(self) -> list[str]:
         """Every combination's prompt, in A1111's order (`Script.run`)."""
-        first, *rest = self.parts()
-        prompts = []
-        for n in range(2 ** len(rest)):
-            selected = [text.strip().strip(",") for i, text in enumerate(rest) if n & (1 << i)]
-            prompts.append(self.delimiter.join(selected + [first] if self.at_start else [first] + selected))
-        return prompts
+        return [self.prompt(n) for n in range(self.count())]
 
     def shape(self) -> Index:
         """(columns, rows, 1) of the grid: A1111's `image_grid(..., rows=1 << ((len(parts) - 1) // 2))`."""
         rows = 1 << ((len(self.parts()) - 1) // 2)
-        return math.ceil(len(self.prompts()) / rows), rows, 1
+        return math.ceil(self.count() / rows), rows, 1
 
     def axes(self) -> list:
         return []                               # no X/Y/Z axis (`grid.check_unipc_order_axis`)
@@ -82,7 +88,7 @@ class PromptMatrix:
 
     def labels(self, index: Index) -> list[str]:
         """The prompt of the combination at `index` (for messages)."""
-        return [self.prompts()[index[0] + index[1] * self.shape()[0]]]
+        return [self.prompt(index[0] + index[1] * self.shape()[0])]
 
     def legends(self) -> tuple[list[tuple[Annotation, ...]], list[tuple[Annotation, ...]]]:
         """Each column's and each row's legend: A1111's `draw_prompt_matrix` `hor_texts` / `ver_texts`."""
