@@ -24,6 +24,53 @@ from test_upscale_models import new_arch_state
 LANCZOS, NEAREST = Image.Resampling.LANCZOS, Image.Resampling.NEAREST
 
 
+# ---------------------------------------------------------------- A1111 1.10, transcribed
+
+def a1111_upscale(img: Image.Image, scale: float, do_upscale) -> Image.Image:
+    """modules/upscaler.py `Upscaler.upscale`."""
+    dest_w = int((img.width * scale) // 8 * 8)
+    dest_h = int((img.height * scale) // 8 * 8)
+    for i in range(3):
+        if img.width >= dest_w and img.height >= dest_h and (i > 0 or scale != 1):
+            break
+        shape = (img.width, img.height)
+        img = do_upscale(img, scale)
+        if shape == (img.width, img.height):
+            break
+    if img.width != dest_w or img.height != dest_h:
+        img = img.resize((int(dest_w), int(dest_h)), resample=LANCZOS)
+    return img
+
+
+def a1111_plain(resample):
+    """`UpscalerLanczos.do_upscale` / `UpscalerNearest.do_upscale`."""
+    return lambda img, scale: img.resize((int(img.width * scale), int(img.height * scale)), resample=resample)
+
+
+def a1111_fix_image(image: Image.Image) -> Image.Image:
+    """modules/images.py `fix_image` (`decode_base64_to_image` reads every picture through it)."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGB", "P") and isinstance(image.info.get("transparency"), bytes):
+        image = image.convert("RGBA")
+    return image
+
+
+def a1111_extras(image: Image.Image, upscaler_1, upscaler_2=None, visibility: float = 0.0,
+                 upscale_by: float = 2.0) -> Image.Image:
+    """modules/postprocessing.py `run_postprocessing` (`image_data.convert("RGB")`) and
+    scripts/postprocessing_upscale.py `ScriptPostprocessingUpscale.process` in "Scale by" mode."""
+    image = a1111_fix_image(image).convert("RGB")
+    if upscaler_1 is None:
+        return image
+    upscaled_image = a1111_upscale(image, upscale_by, upscaler_1)
+    if upscaler_2 and visibility > 0:
+        second_upscale = a1111_upscale(image, upscale_by, upscaler_2)
+        if upscaled_image.mode != second_upscale.mode:
+            second_upscale = second_upscale.convert(upscaled_image.mode)
+        upscaled_image = Image.blend(upscaled_image, second_upscale, visibility)
+    return upscaled_image
+
+
 # ---------------------------------------------------------------- the server
 
 @pytest.fixture(scope="module")
@@ -71,6 +118,45 @@ def same(a: Image.Image, b: Image.Image) -> bool:
 
 def noise(width: int, height: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+# ---------------------------------------------------------------- every picture in RGB
+
+def _pictures() -> dict[str, tuple[str, Image.Image]]:
+    """Pictures in other modes than RGB: (base64, the picture as A1111's `decode_base64_to_image` opens it)."""
+    rgb = noise(48, 32, 0)
+    palette = rgb.quantize(16)
+    transparent = palette.copy()
+    transparent.info["transparency"] = bytes([0] + [255] * 15)
+    rgba = rgb.copy()
+    rgba.putalpha(Image.fromarray(np.random.default_rng(1).integers(0, 256, (32, 48), dtype=np.uint8)))
+    cmyk = encoded(rgb.convert("CMYK"), "JPEG", quality=95)
+    wide = Image.fromarray(np.random.default_rng(2).uniform(0, 255, (32, 48)).astype(np.float32))
+    pictures = {"P": palette, "1": rgb.convert("1"), "P + tRNS": transparent, "RGBA": rgba, "L": rgb.convert("L"),
+                "LA": rgba.convert("LA")}
+    encodings = {name: encoded(image) for name, image in pictures.items()}
+    encodings["CMYK JPEG"] = cmyk
+    encodings["F TIFF"] = encoded(wide, "TIFF")
+    return {name: (data, decoded(data)) for name, data in encodings.items()}
+
+
+@pytest.mark.parametrize("upscaler, resample", [("None", None), ("Lanczos", LANCZOS), ("Nearest", NEAREST)])
+def test_every_picture_is_upscaled_in_rgb_as_a1111s_run_postprocessing(client, upscaler, resample):
+    """Before: a palette / 1-bit picture was resized in its own mode (Pillow's Nearest whatever the filter), an
+    RGBA one premultiplied, a CMYK JPEG and a float TIFF were a 500, and "None" answered the picture's own mode."""
+    for name, (data, opened) in _pictures().items():
+        answer, _ = extras(client, data, upscaler_1=upscaler)
+        expected = a1111_extras(opened, None if resample is None else a1111_plain(resample))
+        assert same(answer, expected), name
+
+
+def test_a_16_bit_grey_picture_is_scaled_to_8_bits_before_the_network_sees_it(client):
+    """Before: the Extras model path converted it to RGB first, which Pillow clips to white (30000 -> 255)."""
+    wide = Image.fromarray(np.full((32, 32), 30000, dtype=np.uint16))
+    grey = Image.new("RGB", (32, 32), (117, 117, 117))                # round(30000 / 257)
+    answers = [extras(client, encoded(image), upscaler_1="R-ESRGAN 4x+", upscaling_resize=4)[0]
+               for image in (wide, grey, Image.new("RGB", (32, 32), "white"))]
+    assert same(answers[0], answers[1]) and not same(answers[0], answers[2])
 
 
 # ---------------------------------------------------------------- A1111's models folder

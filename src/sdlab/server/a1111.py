@@ -1437,12 +1437,13 @@ def _upscale(service: Service, body: ExtrasIn, data: str, what: str) -> tuple[st
     parameters text (`_base64_picture`: a PNG unless samples_format says otherwise), and A1111's html_info
     line of it.
 
-    As A1111's Extras upscale (`scripts/postprocessing_upscale.py`): "None" returns the picture as it is; else
+    As A1111's Extras (`run_postprocessing`, `scripts/postprocessing_upscale.py`): the picture in RGB whatever its
+    mode (a palette, 1-bit, 16-bit, CMYK or RGBA one too), which "None" returns as it is; else
     `Upscaler.upscale` by `upscaling_resize` or, in resize_mode 1, by max(w / W, h / H) (`upscale_by`: the
     size rounded down to multiples of 8, the aspect ratio kept), then with `upscaling_crop` pasted centred
     on a black w x h canvas."""
     raw = decode_base64(data, what)
-    image = image_from_bytes(raw, what, service.config.limits)
+    image = image_from_bytes(raw, what, service.config.limits).convert("RGB")
     try:
         parameters = read_parameters(io.BytesIO(raw))
     except Exception:                   # no readable parameters chunk: the picture still upscales
