@@ -159,6 +159,43 @@ def test_a_16_bit_grey_picture_is_scaled_to_8_bits_before_the_network_sees_it(cl
     assert same(answers[0], answers[1]) and not same(answers[0], answers[2])
 
 
+# ---------------------------------------------------------------- html_info and the picture's texts
+
+def _texts(image: Image.Image) -> dict[str, str]:
+    return {key: value for key, value in image.info.items() if isinstance(value, str)}
+
+
+def test_html_info_and_texts_are_a1111s_postprocessing_infotext(client):
+    """A1111's `run_postprocessing`: infotext = ", ".join(f"{k}: {quote(v)}") of the upscale script's `pp.info`
+    (`Postprocess upscale by` / `to`, `crop to`, `upscaler`, `upscaler 2`), the picture's text items kept, the
+    infotext as its `postprocessing` item and `plaintext_to_html(infotext)` as the html_info."""
+    chunks = PngImagePlugin.PngInfo()
+    chunks.add_text("parameters", "a cat\nSteps: 3, Seed: 1")
+    chunks.add_text("Comment", "kept, as A1111 keeps it")
+    buffer = io.BytesIO()
+    noise(40, 24, 3).save(buffer, format="PNG", pnginfo=chunks)
+    source = base64.b64encode(buffer.getvalue()).decode()
+    kept = {"parameters": "a cat\nSteps: 3, Seed: 1", "Comment": "kept, as A1111 keeps it"}
+    cases = [
+        ({"upscaler_1": "lanczos"}, "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"),
+        ({"upscaler_1": "RealESRGAN_x4plus", "upscaling_resize": 3},
+         "Postprocess upscale by: 3.0, Postprocess upscaler: R-ESRGAN 4x+"),
+        ({"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 96, "upscaling_resize_h": 64},
+         "Postprocess upscale to: 96x64, Postprocess crop to: 96x64, Postprocess upscaler: Lanczos"),
+        ({"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 96, "upscaling_resize_h": 64,
+          "upscaling_crop": False}, "Postprocess upscale to: 96x64, Postprocess upscaler: Lanczos"),
+        ({}, ""),                                                   # "None"
+    ]
+    for fields, infotext in cases:
+        answer, html_info = extras(client, source, **fields)
+        assert html_info == f"<p>{infotext}</p>", fields
+        assert _texts(answer) == {**kept, "postprocessing": infotext}, fields
+    batch = client.post("/extra-batch-images", json={"upscaler_1": "Lanczos", "imageList": [
+        {"data": source, "name": "a.png"}, {"data": encoded(noise(16, 16, 4)), "name": "b.png"}]})
+    assert batch.status_code == 200, batch.text
+    assert batch.json()["html_info"] == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos</p>"   # the last's
+
+
 # ---------------------------------------------------------------- A1111's models folder
 
 def test_upscalers_are_found_where_a1111_keeps_them(server, client):

@@ -321,8 +321,11 @@ def image_format(path: str | os.PathLike) -> str | None:
     return IMAGE_SUFFIXES.get(Path(path).suffix.lower())
 
 
-def encode_image(image: Image.Image, fmt: str, parameters: str | None, quality: int = 95) -> bytes:
-    """The bytes of ``image`` as a PNG (``parameters`` text chunk) or a JPEG / WebP (EXIF UserComment).
+def encode_image(image: Image.Image, fmt: str, parameters: str | None, quality: int = 95,
+                 texts: Mapping[str, str] | None = None) -> bytes:
+    """The bytes of ``image`` as a PNG (``parameters`` text chunk, then one per item of ``texts``, as A1111's
+    ``encode_pil_to_base64`` writes a picture's text items) or a JPEG / WebP (EXIF UserComment: the parameters
+    alone, as A1111's).
 
     JPEG and WebP are written at ``quality`` (95 unless given); a JPEG's EXIF holds at most 64 KiB (about
     32,000 characters of parameters): longer text raises ``ParametersError``.
@@ -332,6 +335,8 @@ def encode_image(image: Image.Image, fmt: str, parameters: str | None, quality: 
         info = PngImagePlugin.PngInfo()
         if parameters is not None:
             info.add_text(PARAMETERS_KEY, parameters)
+        for key, text in (texts or {}).items():
+            info.add_text(key, text)
         image.save(buffer, format="PNG", pnginfo=info)
         return buffer.getvalue()
     if fmt not in ("JPEG", "WEBP"):

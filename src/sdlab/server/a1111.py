@@ -53,7 +53,7 @@ from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, THRESHOLD_
 from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.png_info import (
-    PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, read_parameters, version_label,
+    PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, quote, read_parameters, version_label,
 )
 from sdlab.pipeline.request import (
     A1111_UNIPC_VARIANTS, EMPHASIS_MODES, MASKED_CONTENT, MAX_AESTHETIC, MAX_BATCH_COUNT, MAX_BETA,
@@ -720,19 +720,21 @@ def _stored_picture(path: os.PathLike, parameters: str, options: dict[str, Any])
         return _base64_picture(image, parameters, options)
 
 
-def _base64_picture(image: Image.Image, parameters: str | None, options: dict[str, Any]) -> str:
+def _base64_picture(image: Image.Image, parameters: str | None, options: dict[str, Any],
+                    texts: dict[str, str] | None = None) -> str:
     """`image` in base64 as A1111's `encode_pil_to_base64` writes it under the options: a PNG with its
-    `parameters` text chunk, or for samples_format jpg / jpeg / webp a JPEG / WebP at `jpeg_quality` with the
-    text in its EXIF UserComment. A text too long for a JPEG's EXIF block (A1111 fails there) is left out, with
-    a logged warning: the picture was drawn, and its PNG in `images/` keeps the text."""
+    `parameters` text chunk (and one per item of `texts`), or for samples_format jpg / jpeg / webp a JPEG / WebP
+    at `jpeg_quality` with the parameters in its EXIF UserComment. A text too long for a JPEG's EXIF block
+    (A1111 fails there) is left out, with a logged warning: the picture was drawn, and its PNG in `images/` keeps
+    the text."""
     fmt = SAMPLES_FORMATS[options["samples_format"].lower()]
     try:
-        return _b64(encode_image(image, fmt, parameters, quality=options["jpeg_quality"]))
+        return _b64(encode_image(image, fmt, parameters, quality=options["jpeg_quality"], texts=texts))
     except ParametersError:
         logger.warning("the parameters text (%d characters) does not fit a JPEG's 64 KiB EXIF block: the JPEG "
                        "answered goes without it (the PNG in images/ keeps it; samples_format png or webp keeps "
                        "it too)", len(parameters or ""))
-        return _b64(encode_image(image, fmt, None, quality=options["jpeg_quality"]))
+        return _b64(encode_image(image, fmt, None, quality=options["jpeg_quality"], texts=texts))
 
 
 def _drawn_parameters(job: Job, request: GenerationRequest) -> dict[str, Any]:
@@ -1433,26 +1435,59 @@ class ExtraBatchIn(ExtrasIn):
 
 
 def _upscale(service: Service, body: ExtrasIn, data: str, what: str) -> tuple[str, str]:
-    """The picture `data` (base64, the field `what`) upscaled (while no job runs), in base64 keeping its
-    parameters text (`_base64_picture`: a PNG unless samples_format says otherwise), and A1111's html_info
-    line of it.
+    """The picture `data` (base64, the field `what`) through Extras (while no job runs) in base64
+    (`_base64_picture`: a PNG unless samples_format says otherwise), and A1111's html_info of it.
 
-    As A1111's Extras (`run_postprocessing`, `scripts/postprocessing_upscale.py`): the picture in RGB whatever its
-    mode (a palette, 1-bit, 16-bit, CMYK or RGBA one too), which "None" returns as it is; else
-    `Upscaler.upscale` by `upscaling_resize` or, in resize_mode 1, by max(w / W, h / H) (`upscale_by`: the
-    size rounded down to multiples of 8, the aspect ratio kept), then with `upscaling_crop` pasted centred
-    on a black w x h canvas."""
+    As A1111's `run_postprocessing`: the picture in RGB whatever its mode, upscaled (`_postprocessed`), keeping
+    its parameters and its other text items, with the infotext of what was done (`Postprocess upscale by:
+    2.0, Postprocess upscaler: Lanczos`) as its `postprocessing` text and, in `<p>...</p>`, as the html_info."""
     raw = decode_base64(data, what)
-    image = image_from_bytes(raw, what, service.config.limits).convert("RGB")
+    source = image_from_bytes(raw, what, service.config.limits)
     try:
         parameters = read_parameters(io.BytesIO(raw))
     except Exception:                   # no readable parameters chunk: the picture still upscales
         parameters = None
+    info: dict[str, Any] = {}
+    result = _postprocessed(service, body, source.convert("RGB"), info)
+    infotext = ", ".join(f"{key}: {quote(str(value))}" for key, value in info.items())
+    texts = {**_text_items(source), "postprocessing": infotext}
+    return _base64_picture(result, parameters, _options(service), texts), f"<p>{html.escape(infotext)}</p>"
+
+
+def _postprocessed(service: Service, body: ExtrasIn, image: Image.Image, info: dict[str, Any]) -> Image.Image:
+    """A1111's Extras upscale (`ScriptPostprocessingUpscale.process`), what it did written into `info`: "None"
+    leaves the picture as it is; else `upscaler_1` by `upscaling_resize` or, in resize_mode 1, by
+    max(w / W, h / H) (`upscale_by`: the size rounded down to multiples of 8, the aspect ratio kept), then with
+    `upscaling_crop` pasted centred on a black w x h canvas."""
     name = (body.upscaler_1 or "None").strip()
     found = upscaler_file(name, service.upscalers, EXTRAS_UPSCALER)
-    result = image if name.lower() == "none" else _upscaled(service, body, image, name, found)
-    return (_base64_picture(result, parameters, _options(service)),
-            f"<p>Upscaler: {html.escape(name)}, size: {result.width}x{result.height}</p>")
+    if name.lower() == "none":
+        return image
+    info.update(_upscale_info(body))
+    upscaled = _upscaled(service, body, image, name, found)
+    info["Postprocess upscaler"] = _listed_upscaler(name, found)
+    return upscaled
+
+
+def _upscale_info(body: ExtrasIn) -> dict[str, Any]:
+    """The infotext items of A1111's `ScriptPostprocessingUpscale.upscale` for the size asked."""
+    if body.resize_mode == 0:
+        return {"Postprocess upscale by": body.upscaling_resize}
+    size = f"{body.upscaling_resize_w}x{body.upscaling_resize_h}"
+    return {"Postprocess upscale to": size, **({"Postprocess crop to": size} if body.upscaling_crop else {})}
+
+
+def _listed_upscaler(name: str, found: ModelFile | None) -> str:
+    """The name `/sdapi/v1/upscalers` lists for the upscaler a request named `name` (`found`: its file)."""
+    if found is not None:
+        return found.title
+    return next(listed for listed in PLAIN_UPSCALER_NAMES if listed.lower() == name.lower())
+
+
+def _text_items(image: Image.Image) -> dict[str, str]:
+    """A picture's text items besides its parameters (`image.info`'s strings), which A1111's Extras keeps."""
+    return {key: value for key, value in image.info.items()
+            if isinstance(key, str) and isinstance(value, str) and key != PARAMETERS_KEY}
 
 
 def _b64(blob: bytes) -> str:
@@ -1504,11 +1539,12 @@ async def extra_single_image(body: ExtraSingleIn, request: Request) -> dict[str,
 
 @router.post("/extra-batch-images")
 async def extra_batch_images(body: ExtraBatchIn, request: Request) -> dict[str, Any]:
-    """Each picture of `imageList` as `extra-single-image` upscales it, in order."""
+    """Each picture of `imageList` as `extra-single-image` upscales it, in order; the html_info is the last
+    picture's, as A1111's."""
     service = service_of(request)
     done = [await asyncio.to_thread(_upscale, service, body, item.data, f"imageList[{i}].data")
             for i, item in enumerate(body.imageList)]
-    return {"html_info": "".join(info for _, info in done), "images": [image for image, _ in done]}
+    return {"html_info": done[-1][1] if done else "<p></p>", "images": [image for image, _ in done]}
 
 
 @router.get("/latent-upscale-modes")
