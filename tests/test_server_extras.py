@@ -184,6 +184,10 @@ def test_html_info_and_texts_are_a1111s_postprocessing_infotext(client):
          "Postprocess upscale to: 96x64, Postprocess crop to: 96x64, Postprocess upscaler: Lanczos"),
         ({"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 96, "upscaling_resize_h": 64,
           "upscaling_crop": False}, "Postprocess upscale to: 96x64, Postprocess upscaler: Lanczos"),
+        ({"upscaler_1": "Nearest", "upscaler_2": "4x-tiny", "extras_upscaler_2_visibility": 0.25},
+         "Postprocess upscale by: 2.0, Postprocess upscaler: Nearest, Postprocess upscaler 2: 4x-tiny"),
+        ({"upscaler_1": "Lanczos", "upscaler_2": "Nearest"},       # visibility 0: not blended, not named
+         "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"),
         ({}, ""),                                                   # "None"
     ]
     for fields, infotext in cases:
@@ -194,6 +198,43 @@ def test_html_info_and_texts_are_a1111s_postprocessing_infotext(client):
         {"data": source, "name": "a.png"}, {"data": encoded(noise(16, 16, 4)), "name": "b.png"}]})
     assert batch.status_code == 200, batch.text
     assert batch.json()["html_info"] == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos</p>"   # the last's
+
+
+# ---------------------------------------------------------------- the second upscaler, face restoration, ranges
+
+def test_the_second_upscaler_is_blended_in_as_a1111s(client):
+    picture = noise(40, 24, 5)
+    for visibility in (0.5, 1.0, 0.0):
+        answer, _ = extras(client, encoded(picture), upscaler_1="Lanczos", upscaler_2="Nearest",
+                           extras_upscaler_2_visibility=visibility, upscaling_resize=2.5)
+        expected = a1111_extras(picture, a1111_plain(LANCZOS), a1111_plain(NEAREST), visibility, upscale_by=2.5)
+        assert same(answer, expected), visibility
+    with_model, _ = extras(client, encoded(picture), upscaler_1="Lanczos", upscaler_2="R-ESRGAN 2x+",
+                           extras_upscaler_2_visibility=0.5)
+    model_alone, _ = extras(client, encoded(picture), upscaler_1="R-ESRGAN 2x+")
+    lanczos = a1111_extras(picture, a1111_plain(LANCZOS))
+    assert same(with_model, Image.blend(lanczos, model_alone, 0.5))
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"upscaler_2": "no such upscaler"}, "upscaler_2"),
+    ({"upscaler_2": "R-ESRGAN General 4xV3"}, "realesr-general-x4v3.pth"),     # A1111's name, its file not here
+    ({"extras_upscaler_2_visibility": 7}, "extras_upscaler_2_visibility"),
+    ({"extras_upscaler_2_visibility": -0.1}, "extras_upscaler_2_visibility"),
+    ({"gfpgan_visibility": 3}, "gfpgan_visibility"),
+    ({"codeformer_weight": 1.5}, "codeformer_weight"),
+    ({"gfpgan_visibility": 1}, "gfpgan_visibility"),              # in range, but sdlab has no face restorer
+    ({"codeformer_visibility": 0.3}, "codeformer_visibility"),
+])
+def test_what_sdlab_cannot_do_is_a_422_naming_the_field(client, fields, field):
+    answer = client.post("/extra-single-image", json={"image": encoded(noise(16, 16, 6)), "upscaler_1": "Lanczos",
+                                                      **fields})
+    assert answer.status_code == 422 and field in json.dumps(answer.json()), answer.text
+
+
+def test_no_face_restoration_asked_is_accepted(client):
+    extras(client, encoded(noise(16, 16, 7)), upscaler_1="Lanczos", gfpgan_visibility=0, codeformer_visibility=0,
+           codeformer_weight=0.5, upscaler_2="None", extras_upscaler_2_visibility=1)
 
 
 # ---------------------------------------------------------------- A1111's models folder

@@ -70,7 +70,7 @@ from sdlab.server.controls import (
     A1111_MODULE_ALIASES, CONTROLNET_UNIT_COUNT, a1111_controls, module_name, threshold_value,
 )
 from sdlab.server.inputs import (
-    EXTRAS_UPSCALER, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_picture_size, check_texts,
+    EXTRAS_UPSCALER, EXTRAS_UPSCALER_2, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_picture_size, check_texts,
     decode_base64, decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
     scheduler_rows, unset_preset_fields, upscaler_file,
 )
@@ -1408,8 +1408,9 @@ def _upscaler_scale(path: Path) -> int | None:
 
 
 class ExtrasIn(NullsAreDefaults):
-    """A1111's Extras fields sdlab uses (`ExtrasBaseRequest`); face restoration, a second upscaler and the
-    others are accepted and ignored (docs/server.md)."""
+    """A1111's Extras fields (`ExtrasBaseRequest`, its 0..1 ranges a 422); sdlab has no face restorer, so a GFPGAN
+    or CodeFormer visibility above 0 is a 422 naming it; `upscale_first` and `show_extras_results` are accepted
+    and ignored (docs/server.md)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -1419,6 +1420,19 @@ class ExtrasIn(NullsAreDefaults):
     upscaling_resize_h: int = 512
     upscaling_crop: bool = True
     upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    gfpgan_visibility: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    codeformer_visibility: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    codeformer_weight: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _no_face_restoration(self) -> ExtrasIn:
+        for key, restorer in (("gfpgan_visibility", "GFPGAN"), ("codeformer_visibility", "CodeFormer")):
+            if getattr(self, key) > 0:
+                raise BadRequest(f"{key} is {getattr(self, key):g}: sdlab has no face restorer ({restorer}); "
+                                 "send 0 (no face restoration)", 422)
+        return self
 
 
 class ExtraSingleIn(ExtrasIn):
@@ -1458,14 +1472,21 @@ def _postprocessed(service: Service, body: ExtrasIn, image: Image.Image, info: d
     """A1111's Extras upscale (`ScriptPostprocessingUpscale.process`), what it did written into `info`: "None"
     leaves the picture as it is; else `upscaler_1` by `upscaling_resize` or, in resize_mode 1, by
     max(w / W, h / H) (`upscale_by`: the size rounded down to multiples of 8, the aspect ratio kept), then with
-    `upscaling_crop` pasted centred on a black w x h canvas."""
+    `upscaling_crop` pasted centred on a black w x h canvas; `upscaler_2` (not "None") with a visibility above
+    0 upscales it alike and is blended in at that visibility."""
     name = (body.upscaler_1 or "None").strip()
     found = upscaler_file(name, service.upscalers, EXTRAS_UPSCALER)
     if name.lower() == "none":
         return image
+    second = (body.upscaler_2 or "None").strip()
+    found_second = upscaler_file(second, service.upscalers, EXTRAS_UPSCALER_2)
     info.update(_upscale_info(body))
     upscaled = _upscaled(service, body, image, name, found)
     info["Postprocess upscaler"] = _listed_upscaler(name, found)
+    if second.lower() != "none" and body.extras_upscaler_2_visibility > 0:
+        blended = _upscaled(service, body, image, second, found_second)
+        upscaled = Image.blend(upscaled, blended, body.extras_upscaler_2_visibility)
+        info["Postprocess upscaler 2"] = _listed_upscaler(second, found_second)
     return upscaled
 
 

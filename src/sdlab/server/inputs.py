@@ -296,6 +296,7 @@ class UpscalerUse:
 
 HIRES_UPSCALER = UpscalerUse("hires upscaler", latent_modes=True)
 EXTRAS_UPSCALER = UpscalerUse("upscaler", latent_modes=False, unknown_status=404, unknown_reason="Upscaler not found")
+EXTRAS_UPSCALER_2 = UpscalerUse("upscaler_2", latent_modes=False, unknown_status=422)   # A1111 fails its assert
 
 
 def upscaler_file(name: object, upscalers: ModelFolder | None, use: UpscalerUse = HIRES_UPSCALER) -> ModelFile | None:
