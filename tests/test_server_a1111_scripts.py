@@ -105,7 +105,8 @@ def test_scripts_and_script_info_list_the_x_y_z_plot(client) -> None:
     class names itself); sdlab the scripts it runs: the plot, A1111's always-on scripts, ControlNet's."""
     always_on = ["refiner", "seed", "sampler", "Hypertile", "extra options"]
     selectable = ["prompt matrix", "prompts from file or textbox", "x/y/z plot"]
-    img2img = ["loopback", "prompt matrix", "prompts from file or textbox", "sd upscale", "x/y/z plot"]
+    img2img = ["loopback", "outpainting mk2", "poor man's outpainting", "prompt matrix", "prompts from file or textbox",
+               "sd upscale", "x/y/z plot"]
     assert client.get("/scripts").json() == {"txt2img": [*selectable, *always_on, "controlnet"],
                                               "img2img": [*img2img, *always_on, "soft inpainting", "controlnet"]}
     infos = [info for info in client.get("/script-info").json() if info["name"] == "x/y/z plot"]

@@ -11,6 +11,9 @@ empty or null name is none, another name a 422 `Script '<name>' not found`. sdla
   (`PROMPTS_FROM_FILE`, scripts/prompts_from_file.py): every combination of the prompt's `|` parts, every line
   of `prompt_txt`, drawn exactly as its single request would be (`sdlab.pipeline.prompt_matrix`,
   `sdlab.pipeline.prompts_file`).
+- img2img's `Poor man's outpainting` and `Outpainting mk2` (scripts/poor_mans_outpainting.py,
+  scripts/outpainting_mk_2.py): each tile / side inpainted as its own request on the pictures
+  `sdlab.pipeline.outpainting_scripts` makes (`Pictures`, with A1111's latent mask), put back together as A1111 does.
 
 Every script draws its requests with one `host.draw`, as A1111 runs a script as one task: each request is checked as
 the route checks it before any is drawn (a refusal names the cell or line), `/progress` counts over all of them
@@ -42,10 +45,11 @@ from sdlab.pipeline.grid import (
 )
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.loopback import CURVES, INTERROGATIONS, Pass, kept_pictures, last_strength, loop_grid, loop_plan
+from sdlab.pipeline.outpainting_scripts import DIRECTIONS, mk2_passes, poor_mans_tiles
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.prompt_matrix import DELIMITERS, PROMPT_TYPES, PromptMatrix, prompt_matrix
 from sdlab.pipeline.prompts_file import POSITIONS, Line, line_prompts, line_seeds, read_lines
-from sdlab.pipeline.request import MAX_BATCH_COUNT, fixed_seed
+from sdlab.pipeline.request import MAX_BATCH_COUNT, MAX_SIDE, fixed_seed
 from sdlab.pipeline.sd_upscale import TileBatch, drawn_tiles, tile_batches
 from sdlab.pipeline.tile_grid import TileGrid, combine_grid, split_grid
 from sdlab.server.alwayson import ALWAYSON_SCRIPTS, CONTROLNET
@@ -821,10 +825,164 @@ SD_UPSCALE = SelectableScript("SD upscale", sd_upscale_script_args, run_sd_upsca
 
 
 # ------------------------------------------------------------------------------------------------------
+# Poor man's outpainting and Outpainting mk2
+
+
+FILLS = ("fill", "original", "latent noise", "latent nothing")    # A1111's Masked content radio (`type="index"`)
+DEFAULT_SIZE = 512                                                # A1111's API width / height when unset
+POOR_ARG_NAMES = ("pixels", "mask_blur", "inpainting_fill", "direction")
+POOR_DEFAULTS = (128, 4, 0, DIRECTIONS)
+MK2_ARG_NAMES = ("info", "pixels", "mask_blur", "direction", "noise_q", "color_variation")
+MK2_DEFAULTS = (None, 128, 8, DIRECTIONS, 1.0, 0.05)
+
+
+def _outpaint_arg(title: str, name: str, value: Any, default: Any) -> Any:
+    """One outpainting `script_args` value checked as its default's kind (null: the default; `info`, A1111's
+    HTML note, is not read): an integer >= 0, a finite number, a list of directions."""
+    if value is None or default is None:
+        return default
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not value or not set(value) <= set(DIRECTIONS):
+            raise BadRequest(f"{title} {name} must be a list of some of {', '.join(DIRECTIONS)}, got {value!r}", 422)
+        return tuple(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise BadRequest(f"{title} {name} must be a number >= 0, got {value!r}", 422)
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
+        raise BadRequest(f"{title} {name} must be an integer >= 0, got {value!r}", 422)
+    return int(value)
+
+
+def _outpaint_args(title: str, script_args: Any, names: tuple[str, ...], defaults: tuple[Any, ...]) -> dict[str, Any]:
+    """`script_args` by A1111's `Script.run` argument `names` (a shorter list takes the UI's `defaults`)."""
+    if not isinstance(script_args, list) or len(script_args) > len(names):
+        raise BadRequest(f"{title} script_args must be a list of at most {len(names)} values, A1111 1.10's order: "
+                         f"{', '.join(names)}; got {script_args!r}", 422)
+    given = dict(zip(names, script_args))
+    args = {name: _outpaint_arg(title, name, given.get(name), default) for name, default in zip(names, defaults)}
+    if not 1 <= args["pixels"] <= MAX_SIDE:
+        raise BadRequest(f"{title} pixels must be 1..{MAX_SIDE}, got {args['pixels']}", 422)
+    return args
+
+
+def _outpaint_body(body: Any, blur: tuple[int, int], fill: int, **update: Any) -> Any:
+    """A pass's request: `body` inpainting the whole picture with mask blur `blur` (x, y) and Masked content
+    `fill`, as the scripts set `p`."""
+    return body.model_copy(update={"mask_blur": None, "mask_blur_x": blur[0], "mask_blur_y": blur[1],
+                                   "inpainting_fill": fill, "inpaint_full_res": False, **update})
+
+
+def _drawn_picture(drawn: Drawn, index: int = 0) -> Image.Image:
+    with open_image(drawn.pictures[index]) as image:
+        return image.convert("RGB")
+
+
+def _outpaint_info(drawn: list[Drawn | None]) -> dict[str, Any]:
+    """A1111's `Processed(p, images, initial_seed, initial_info).js()`: the last pass's fields (its `p`), the first
+    pass's seed, subseed -1, and `infotexts` the first pass's first text alone."""
+    done = [cell for cell in drawn if cell is not None]
+    return {**done[-1].info, "seed": done[0].info["seed"], "subseed": -1, "infotexts": [done[0].infotexts[0]],
+            "index_of_first_image": 0}
+
+
+async def run_poor_mans_outpainting(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
+    """A1111 1.10's Poor man's outpainting (scripts/poor_mans_outpainting.py, `sdlab.pipeline.outpainting_scripts`):
+    every tile of the grown canvas that is not inside the picture inpainted as its own request of batch size 1,
+    the seeds counting on from the request's (drawn once), then the canvas put back together: A1111's
+    `Processed(p, [combined], ...)`, the one picture without parameters, after an interrupt with the tiles not
+    drawn black."""
+    title = "poor man's outpainting"
+    args = _outpaint_args(title, body.script_args, POOR_ARG_NAMES, POOR_DEFAULTS)
+    if args["inpainting_fill"] >= len(FILLS):
+        raise BadRequest(f"{title} inpainting_fill must be 0..3 ({', '.join(FILLS)}), got {args['inpainting_fill']}",
+                         422)
+    size = (body.width or DEFAULT_SIZE, body.height or DEFAULT_SIZE)
+    if args["pixels"] >= min(size):
+        raise BadRequest(f"{title} pixels ({args['pixels']}) must be below the width and height ({size[0]}x{size[1]}): "
+                         "the tiles overlap by that much", 422)
+    init = (await host.init_pictures(body))[0].convert("RGB")
+    tiles = poor_mans_tiles(init, args["pixels"], args["mask_blur"], args["direction"], size)
+    seed, blur = fixed_seed(body.seed), (args["mask_blur"] * 2,) * 2
+    bodies = [_outpaint_body(body, blur, args["inpainting_fill"], seed=seed + k, batch_size=1, n_iter=1,
+                             width=size[0], height=size[1]) for k in range(len(tiles.work))]
+    labels = [f"{title} tile {k + 1} of {len(bodies)}" for k in range(len(bodies))]
+    drawn = await host.draw(bodies, labels, False, lambda k, _: Pictures((tiles.work[k][0].image,), *tiles.work[k][1:]))
+    combined = tiles.combined([_drawn_picture(cell) if cell is not None else None for cell in drawn])
+    images = [host.encode(combined, None)] if body.send_images else []
+    return {"images": images, "parameters": host.echo(body), "info": json.dumps(_outpaint_info(drawn))}
+
+
+async def run_outpainting_mk2(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
+    """A1111 1.10's Outpainting mk2 (scripts/outpainting_mk_2.py, `sdlab.pipeline.outpainting_scripts`): for each
+    of the request's `n_iter` batches, one inpainting pass per grown side (`Mk2Pass`) on the pictures the last one
+    made, each of the request's batch size and seed; answered as its `Processed(p, images, ...)`: every batch's
+    pictures (without parameters), first their grid when there are several; after an interrupt the pictures as
+    far as their passes were drawn."""
+    title = "outpainting mk2"
+    args = _outpaint_args(title, body.script_args, MK2_ARG_NAMES, MK2_DEFAULTS)
+    if args["color_variation"] > 1:
+        raise BadRequest(f"{title} color_variation must be 0..1, got {args['color_variation']}", 422)
+    init = (await host.init_pictures(body))[0].convert("RGB")
+    process_size = (body.width or DEFAULT_SIZE, body.height or DEFAULT_SIZE)
+    passes = mk2_passes(init.size, args["pixels"], args["mask_blur"], args["direction"], process_size)
+    sizes = [init.size]                         # the pictures' size before each pass, and after the last
+    for one in passes:
+        sizes.append(one.grown(sizes[-1]))
+    bodies = [_outpaint_body(body, tuple(blur * 4 for blur in one.blur), 1, n_iter=1,
+                             width=one.drawn_size(sizes[j])[0], height=one.drawn_size(sizes[j])[1])
+              for _ in range(body.n_iter) for j, one in enumerate(passes)]
+    labels = [f"{title} batch {k // len(passes) + 1} {passes[k % len(passes)].side} side" for k in range(len(bodies))]
+    canvases: dict[int, list[Image.Image]] = {}
+
+    def pictures_after(k: int, drawn: list[Drawn | None]) -> list[Image.Image]:
+        """The batch's pictures after pass k (its canvases with that pass's pictures pasted in)."""
+        j = k % len(passes)
+        return passes[j].merged(canvases[k], [_drawn_picture(drawn[k], n) for n in range(len(canvases[k]))],
+                                sizes[j])
+
+    def pass_pictures(k: int, drawn: list[Drawn | None]) -> Pictures:
+        j = k % len(passes)
+        before = [init] * body.batch_size if j == 0 else pictures_after(k - 1, drawn)
+        canvases[k] = passes[j].canvases(before, args["noise_q"], args["color_variation"])
+        inits, mask, latent_mask = passes[j].inputs(canvases[k], sizes[j])
+        return Pictures(tuple(inits), mask, latent_mask)
+
+    drawn = await host.draw(bodies, labels, False, pass_pictures)
+    finished = [max(k for k in range(i, i + len(passes)) if drawn[k] is not None)
+                for i in range(0, len(bodies), len(passes)) if drawn[i] is not None]
+    pictures = [picture for k in finished for picture in pictures_after(k, drawn)]
+    images = [cell_picture(pictures)] + pictures if len(pictures) > 1 else pictures
+    encoded = [host.encode(image, None) for image in images] if body.send_images else []
+    return {"images": encoded, "parameters": host.echo(body), "info": json.dumps(_outpaint_info(drawn))}
+
+
+def poor_mans_script_args(img2img: bool) -> list[ScriptArg]:
+    """A1111 1.10's Poor man's outpainting controls (`Script.ui`), in its `script_args` order."""
+    return [ScriptArg("Pixels to expand", 128, 8, 256, 8), ScriptArg("Mask blur", 4, 0, 64, 1),
+            ScriptArg("Masked content", "fill", choices=list(FILLS)),
+            ScriptArg("Outpainting direction", list(DIRECTIONS), choices=list(DIRECTIONS))]
+
+
+def mk2_script_args(img2img: bool) -> list[ScriptArg]:
+    """A1111 1.10's Outpainting mk2 controls (`Script.ui`), in its `script_args` order (its HTML note first)."""
+    return [ScriptArg(None), ScriptArg("Pixels to expand", 128, 8, 256, 8), ScriptArg("Mask blur", 8, 0, 64, 1),
+            ScriptArg("Outpainting direction", list(DIRECTIONS), choices=list(DIRECTIONS)),
+            ScriptArg("Fall-off exponent (lower=higher detail)", 1.0, 0.0, 4.0, 0.01),
+            ScriptArg("Color variation", 0.05, 0.0, 1.0, 0.01)]
+
+
+POOR_MANS_OUTPAINTING = SelectableScript("Poor man's outpainting", poor_mans_script_args, run_poor_mans_outpainting,
+                                         ("img2img",))
+OUTPAINTING_MK2 = SelectableScript("Outpainting mk2", mk2_script_args, run_outpainting_mk2, ("img2img",))
+
+
+# ------------------------------------------------------------------------------------------------------
 # The scripts sdlab runs
 
 
-RUNNABLE_SCRIPTS: tuple[SelectableScript, ...] = (LOOPBACK, PROMPT_MATRIX, PROMPTS_FROM_FILE, SD_UPSCALE, XYZ_PLOT)
+RUNNABLE_SCRIPTS: tuple[SelectableScript, ...] = (LOOPBACK, OUTPAINTING_MK2, POOR_MANS_OUTPAINTING, PROMPT_MATRIX,
+                                                   PROMPTS_FROM_FILE, SD_UPSCALE, XYZ_PLOT)
 """The selectable scripts sdlab runs, each in its tabs, in the order `GET scripts` lists them (A1111's, by file name)."""
 UNLISTED_NAMES = {"Comments": None, "Hypertile": "Hypertile"}
 """A1111's `script.name` of the always-on scripts whose name is not their lower-case title: Comments has no UI
