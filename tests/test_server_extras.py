@@ -84,6 +84,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     save_file(new_arch_state(2, seed=3), str(models / "RealESRGAN" / "RealESRGAN_x2plus.safetensors"))
     torch.save(new_arch_state(4, seed=5), models / "RealESRGAN" / "not-a1111s.pth")   # A1111 does not list it
     server = start_server(root / "outputs", "--models-dir", str(models))
+    server.models = models
     yield server
     server.stop()
 
@@ -249,3 +250,27 @@ def test_upscalers_are_found_where_a1111_keeps_them(server, client):
     assert answer.size == (32, 32)
     checkpoints = [row["model_name"] for row in client.get("/sd-models").json()]
     assert not any("RealESRGAN" in name for name in checkpoints), checkpoints
+
+
+# ---------------------------------------------------------------- A1111's ESRGAN_tile options
+
+def test_the_esrgan_tile_options_set_the_upscalers_tiles(server, client):
+    """A1111's upscalers run in tiles of `opts.ESRGAN_tile` overlapping by `opts.ESRGAN_tile_overlap` (0: none).
+    Before: the options were stored and echoed, the tiles stayed 192 / 32."""
+    from sdlab.checkpoints.upscaler import load_upscaler
+    from sdlab.pipeline.upscale import upscale_by
+
+    network = load_upscaler(server.models / "RealESRGAN" / "RealESRGAN_x2plus.safetensors")
+    picture = noise(200, 72, 9)
+    options = client.get("/options").json()
+    assert (options["ESRGAN_tile"], options["ESRGAN_tile_overlap"]) == (192, 32)
+    try:
+        for tile, overlap in ((192, 32), (48, 8), (0, 0)):
+            assert client.post("/options", json={"ESRGAN_tile": tile, "ESRGAN_tile_overlap": overlap}).status_code == 200
+            answer, _ = extras(client, encoded(picture), upscaler_1="R-ESRGAN 2x+")
+            assert same(answer, upscale_by(picture, network, 2, tile=tile, overlap=overlap)), (tile, overlap)
+        assert not same(answer, upscale_by(picture, network, 2, tile=48, overlap=8))
+        for bad in ({"ESRGAN_tile": -1}, {"ESRGAN_tile_overlap": 1.5}):
+            assert client.post("/options", json=bad).status_code == 422
+    finally:
+        client.post("/options", json={"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 32})

@@ -60,7 +60,9 @@ from sdlab.pipeline.request import (
     MAX_NOISE_MULTIPLIER, MAX_UNIPC_ORDER, RESIZE_MODES, RNG_SOURCES, GenerationRequest, RequestError, fixed_seed,
     rng_source,
 )
-from sdlab.pipeline.upscale import LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by
+from sdlab.pipeline.upscale import (
+    DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by,
+)
 from sdlab.server.alwayson import check_alwayson_scripts
 from sdlab.server.a1111_scripts import (
     Drawn, Pictures, ScriptHost, ScriptPictures, script_info, scripts_list, selected_script,
@@ -110,6 +112,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
     "sd_vae": "Automatic", "sd_vae_overrides_per_model_preferences": True,             # `_vae_choice`
     "show_progress_every_n_steps": 10, "live_previews_enable": True,                    # `progress`
+    "ESRGAN_tile": DEFAULT_TILE, "ESRGAN_tile_overlap": DEFAULT_OVERLAP,   # `_upscaled_by` (A1111's overlap: 8)
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
 FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash")
@@ -1201,7 +1204,8 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
     for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0), ("sdxl_crop_top", 0),
-                       ("sdxl_crop_left", 0), ("show_progress_every_n_steps", -1)):
+                       ("sdxl_crop_left", 0), ("show_progress_every_n_steps", -1), ("ESRGAN_tile", 0),
+                       ("ESRGAN_tile_overlap", 0)):
         value = body.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r}", 422)
@@ -1538,13 +1542,16 @@ def _upscaled(service: Service, body: ExtrasIn, image: Image.Image, name: str,
 
 
 def _upscaled_by(service: Service, image: Image.Image, name: str, found: ModelFile | None, scale: float) -> Image.Image:
-    """`image` through the plain resize `name` or the upscaler file `found` by `scale` (`upscale_by`), while no
-    job runs; a result past 4 x `--max-pixels` is a 413."""
+    """`image` through the plain resize `name` or the upscaler file `found` by `scale` (`upscale_by`, in tiles of
+    the options' `ESRGAN_tile` overlapping by `ESRGAN_tile_overlap`, as A1111's upscalers), while no job runs; a
+    result past 4 x `--max-pixels` is a 413."""
     if math.isfinite(scale) and scale > 0:              # as floats first: 64 x 1e308 does not fit an int
         _check_upscale_size(image.width * scale, image.height * scale, 4 * service.config.limits.max_pixels)
+    options = _options(service)
     with service.host.busy:                             # never beside a generation
         upscaler = load_upscaler_file(found, EXTRAS_UPSCALER, service.config.device) if found is not None else name
-        return upscale_by(image.convert("RGB") if found is not None else image, upscaler, scale)
+        return upscale_by(image.convert("RGB") if found is not None else image, upscaler, scale,
+                          tile=options["ESRGAN_tile"], overlap=options["ESRGAN_tile_overlap"])
 
 
 def _check_upscale_size(width: float, height: float, limit: int) -> None:
