@@ -13,7 +13,7 @@ import torch
 
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.request import GenerationRequest
-from sdlab.server.a1111 import OPTION_DEFAULTS
+from sdlab.server.a1111 import OPTION_DEFAULTS, _a1111_jobs
 from sdlab.server.inputs import JobSpec
 from sdlab.server.jobs import Job
 from sdlab.server.previews import LatentPreviewer
@@ -30,7 +30,7 @@ class A1111State:
         self.current_image_sampling_step = 0
         self.current_image = None
         self.current_latent = None
-        self.drawn = 0                  # not A1111's: the previews it draws, counted
+        self.drawn = []                 # not A1111's: the latents it draws previews of
 
     def nextjob(self, live_previews_enable: bool, show_progress_every_n_steps: int) -> None:
         if live_previews_enable and show_progress_every_n_steps == -1:
@@ -46,8 +46,8 @@ class A1111State:
     def do_set_current_image(self) -> None:
         if self.current_latent is None:
             return
-        self.current_image = self.sampling_step
-        self.drawn += 1
+        self.current_image = self.current_latent        # A1111's sample_to_image(self.current_latent)
+        self.drawn.append(self.current_latent)
         self.current_image_sampling_step = self.sampling_step
 
 
@@ -55,28 +55,39 @@ def test_a1111_defaults():
     assert OPTION_DEFAULTS["show_progress_every_n_steps"] == 10 and OPTION_DEFAULTS["live_previews_enable"] is True
 
 
-@pytest.mark.parametrize("every", [10, 3, 1, 0])
+@pytest.mark.parametrize("every", [10, 3, 1, 0, -1])
 @pytest.mark.parametrize("enabled", [True, False])
 def test_progress_polls_draw_previews_as_a1111s_set_current_image(every, enabled):
-    """Two passes of 12 steps polled at every step, then every other step: the step each preview shown was drawn
-    at, and how many were drawn, as A1111's."""
-    job = Job(id="j", mode="txt2img", model="m", spec=JobSpec(GenerationRequest("x")), created=0.0)
+    """Three batches of a hires job (passes of 12 and 6 steps: six of A1111's jobs), the second skipped after 5
+    steps of its first pass (A1111 runs no step of its second pass; sdlab's worker counts on from the batch's end),
+    polled at every step of a first pass and every other step of a second: the latent each preview shown was drawn
+    from as A1111's, each drawn once (-1: the estimate each pass ended on, drawn by A1111's `nextjob`)."""
+    job = Job(id="j", mode="txt2img", model="m", spec=JobSpec(GenerationRequest("x", hr_scale=2.0), batch_count=3),
+              created=0.0, passes=(12, 6), steps=54)
     drawn = []
     job.previewer = lambda latent: drawn.append(int(latent)) or torch.tensor(int(latent))
     state = A1111State()
     shown_sdlab, shown_a1111 = [], []
-    for job_no in range(2):
-        state.nextjob(enabled, every)
-        for step in range(1, 13):
-            job.latent, state.current_latent, state.sampling_step = torch.tensor(step), step, step
-            if step % (1 + job_no):
+    for job_no, steps_run in enumerate((12, 6, 5, 0, 12, 6)):
+        if job_no:
+            state.nextjob(enabled, every)
+        if job_no == 3:
+            job.step = 36               # `_batches` after the skip: the second batch's end
+        for step in range(1, steps_run + 1):
+            job.step += 1
+            job.store_latent(torch.tensor(job.step))
+            state.current_latent, state.sampling_step = job.step, step
+            if step % (1 + job_no % 2):
                 continue
+            assert _a1111_jobs(job.spec, job.passes, job.step)[1:3] == (job_no, step)
             preview = job.a1111_preview((job_no, step), every, enabled)
             state.set_current_image(enabled, every)
             shown_sdlab.append(None if preview is None else int(preview))
             shown_a1111.append(state.current_image)
-    assert shown_sdlab == shown_a1111 and len(drawn) == state.drawn
+    assert shown_sdlab == shown_a1111 and drawn == list(dict.fromkeys(state.drawn))
     assert (drawn == []) == (not enabled)
+    if every == -1 and enabled:
+        assert drawn == [12, 18, 23, 48]       # each pass's last estimate, the skipped batch's at its 5th step
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -85,6 +86,8 @@ class Job:
     preview: Tensor | None = None               # the latest step's preview, drawn while a client follows its steps
     current_image: Tensor | None = None         # A1111's `State.current_image`: drawn as /progress asks (`a1111_preview`)
     _current_at: tuple[int, int] = (0, 0)       # A1111's (job_no, sampling_step) it was drawn at
+    _latent_pass: int = 0                       # A1111's job_no of `latent`
+    _pass_end: Tensor | None = None             # the x0 estimate the last pass ended on, until drawn (A1111's `nextjob`)
     saved: Callable[[], None] | None = None     # writes its row while it runs (`JobQueue`): a batch's pictures on disk
     _subscribers: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, bool]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -109,17 +112,39 @@ class Job:
         with self._lock:
             return any(steps for _, _, steps in self._subscribers)
 
-    def a1111_preview(self, at: tuple[int, int], every: int, enabled: bool) -> Tensor | None:
-        """A1111's `State.set_current_image`, which its progress API calls: the preview drawn anew from the latest
-        x0 estimate where live previews are `enabled` and, in A1111's pass `at` = (job_no, sampling_step), `every`
-        steps have run since the last one (show_progress_every_n_steps; -1: none while sampling), else the
-        preview drawn last (or None)."""
+    def store_latent(self, latent: Tensor) -> None:
+        """A1111's `store_latent`: `latent` is the x0 estimate of the step just counted (`step`); when that step
+        starts a new pass, the estimate the pass before ended on is kept for `a1111_preview`'s -1."""
+        at = self._pass_of(self.step)
         with self._lock:
-            since = at[1] - (self._current_at[1] if self._current_at[0] == at[0] else 0)
-            latent, previewer = self.latent, self.previewer
-            if not (enabled and every != -1 and since >= every and latent is not None and previewer is not None):
+            if self.latent is not None and at != self._latent_pass:
+                self._pass_end = self.latent
+            self.latent, self._latent_pass = latent, at
+
+    def _pass_of(self, step: int) -> int:
+        """A1111's job_no of the job's `step`-th sampler step (from 1): each pass of each batch is one."""
+        if not self.passes:
+            return 0
+        batch, within = divmod(step - 1, sum(self.passes))
+        return batch * len(self.passes) + sum(within >= end for end in itertools.accumulate(self.passes))
+
+    def a1111_preview(self, at: tuple[int, int], every: int, enabled: bool) -> Tensor | None:
+        """A1111's `State.set_current_image`, which its progress API calls: the preview drawn anew where live
+        previews are `enabled`, from the latest x0 estimate where, in A1111's pass `at` = (job_no, sampling_step),
+        `every` steps have run since the last one (show_progress_every_n_steps), or with `every` -1 from the
+        estimate a pass ended on, once (as A1111's `nextjob` draws it at the end of each pass); else the preview
+        drawn last (or None)."""
+        with self._lock:
+            if every == -1:
+                latent, self._pass_end = self._pass_end, None
+            else:
+                since = at[1] - (self._current_at[1] if self._current_at[0] == at[0] else 0)
+                latent = self.latent if since >= every else None
+            previewer = self.previewer
+            if not (enabled and latent is not None and previewer is not None):
                 return self.current_image
-            self._current_at = at
+            if every != -1:
+                self._current_at = at
         image = previewer(latent)
         self.current_image = image
         return image
@@ -339,7 +364,7 @@ class JobQueue:
 
     def _finish(self, job: Job, status: str, error: str | None, by_worker: bool = False) -> None:
         job.status, job.error, job.finished = status, error, time.time()
-        job.latent = job.preview = job.current_image = None
+        job.latent = job.preview = job.current_image = job._pass_end = None
         self._save(job, by_worker)
         name, data = job.final_event() or ("failed", {"error": status})
         job.publish(name, data)

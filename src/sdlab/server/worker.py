@@ -258,7 +258,7 @@ class Runner:
             if job.cancel.is_set():
                 raise JobCancelled
             job.step += 1
-            job.latent = info.denoised[0]       # drawn as a preview only where a client asks for one
+            job.store_latent(info.denoised[0])      # drawn as a preview only where a client asks for one
             job.preview = previewer.rgb(job.latent) if previewer is not None and job.followed() else None
             job.publish("step", {"i": job.step, "n": job.steps})
 
