@@ -5,14 +5,17 @@ training data alike."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
-from sdlab.pipeline.images import read_image, upright_8bit
+from sdlab.pipeline.images import mask_levels, on_white, read_image, upright_8bit
 from sdlab.pipeline.request import input_image
+from sdlab.server.config import Limits
+from sdlab.server.inputs import image_from_bytes
 from sdlab.train.data import load_training_image
 
 
@@ -73,3 +76,58 @@ def test_a_transparent_init_picture_is_laid_on_white_as_a1111_flattens_it():
     assert req.init_image.mode == "RGB"
     assert (flat[1:, :8] == 255).all() and (flat[:, 8:] == (200, 0, 0)).all()
     assert tuple(flat[0, 0]) == (127, 127, 255)                            # A1111's paste(img, mask=img)
+
+
+def _a1111_read(raw: bytes) -> Image.Image:
+    """A1111 1.10 modules/images.py `read` -> `fix_image`: exif_transpose, then `fix_png_transparency`."""
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(raw)))
+    if image.mode in ("RGB", "P") and isinstance(image.info.get("transparency"), bytes):
+        image = image.convert("RGBA")
+    return image
+
+
+def _a1111_binary_mask(image: Image.Image) -> Image.Image:
+    """modules/processing.py `create_binary_mask(image, round=True)`."""
+    if image.mode == "RGBA" and image.getextrema()[-1] != (255, 255):
+        return image.split()[-1].convert("L").point(lambda x: 255 if x > 128 else 0)
+    return image.convert("L")
+
+
+def _a1111_flatten(image: Image.Image) -> Image.Image:
+    """modules/images.py `flatten(img, "#ffffff")`, img2img's init picture."""
+    if image.mode == "RGBA":
+        background = Image.new("RGBA", image.size, "#ffffff")
+        background.paste(image, mask=image)
+        image = background
+    return image.convert("RGB")
+
+
+def _palette_layer() -> bytes:
+    """A pngquant-style PNG: a palette with an alpha per entry (tRNS bytes): a red stroke (alpha 255), its
+    antialiased edge (alpha 100), the rest transparent and stored black."""
+    layer = Image.new("P", (8, 8), 0)
+    layer.putpalette([0, 0, 0, 200, 30, 30, 10, 200, 10] + [0] * (253 * 3))
+    layer.paste(1, (0, 0, 3, 8))
+    layer.paste(2, (3, 0, 4, 8))
+    buffer = io.BytesIO()
+    layer.save(buffer, "PNG", transparency=bytes([0, 255, 100]))
+    return buffer.getvalue()
+
+
+def test_a_palette_picture_with_alphas_is_read_as_a1111_reads_it(tmp_path: Path) -> None:
+    """Before: the picture stayed "P", so a mask was its luminance (row [76, 76, 76, 76, 0...] against A1111's
+    [255, 255, 255, 0...]) and an init picture kept its transparent pixels black (max diff 255)."""
+    raw = _palette_layer()
+    (tmp_path / "layer.png").write_bytes(raw)
+    reference = _a1111_read(raw)
+    for image in (image_from_bytes(raw, "mask", Limits()), read_image(tmp_path / "layer.png")):
+        assert image.mode == "RGBA"
+        assert np.array_equal(np.asarray(mask_levels(image)), np.asarray(_a1111_binary_mask(reference)))
+        assert np.array_equal(np.asarray(on_white(image).convert("RGB")), np.asarray(_a1111_flatten(reference)))
+
+
+def test_a_palette_with_one_transparent_colour_stays_a_palette() -> None:
+    """A1111 leaves a picture whose transparency is one palette index (an int, not bytes) as it is."""
+    layer = Image.new("P", (4, 4), 1)
+    layer.info["transparency"] = 0
+    assert upright_8bit(layer).mode == "P"

@@ -82,9 +82,19 @@ def upright_size(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 def upright_8bit(image: Image.Image) -> Image.Image:
     """A picture as it is meant to be seen, in 8 bits a channel (a new image): turned by its EXIF
-    orientation (a phone photo stored sideways; diffusers' ``load_image`` and A1111 do the same), and
-    `eight_bit`."""
-    return eight_bit(ImageOps.exif_transpose(image))   # a copy, also when there is nothing to turn
+    orientation (a phone photo stored sideways; diffusers' ``load_image`` and A1111 do the same), its
+    palette alphas kept (`with_palette_alpha`), and `eight_bit`."""
+    return eight_bit(with_palette_alpha(ImageOps.exif_transpose(image)))   # a copy, also when nothing changes
+
+
+def with_palette_alpha(image: Image.Image) -> Image.Image:
+    """A palette (or RGB) picture whose transparency is an alpha per palette entry (``info["transparency"]``
+    bytes: a PNG tRNS chunk as pngquant / TinyPNG write a painted layer) made RGBA, so masks take its alpha
+    (`mask_levels`) and init pictures are laid on white by it (`on_white`), as A1111 reads every picture
+    (``images.fix_image``: ``fix_png_transparency``); any other picture as it is."""
+    if image.mode in ("RGB", "P") and isinstance(image.info.get("transparency"), bytes):
+        return image.convert("RGBA")
+    return image
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
