@@ -22,8 +22,9 @@ otherwise each line draws the request's seed as it is (a -1 its own). A line's -
 
 from __future__ import annotations
 
+import io
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,13 +115,17 @@ class Line:
     error: str | None = None
 
 
-def read_lines(text: str, find_checkpoint: Callable[[str], str | None] = lambda name: name) -> list[Line]:
-    """The jobs of `text` in order, as A1111's `Script.run` reads them."""
-    lines = []
-    for number, raw in enumerate(text.splitlines(), 1):
+def read_lines(text: str, find_checkpoint: Callable[[str], str | None] = lambda name: name,
+               most: int | None = None) -> list[Line]:
+    """The jobs of `text` in order, as A1111's `Script.run` reads them; with `most`, the first `most` (the text
+    after them is not read)."""
+    lines: list[Line] = []
+    for number, raw in enumerate(_split_lines(text), 1):
         line = raw.strip()
         if not line:
             continue
+        if most is not None and len(lines) == most:
+            break
         args, error = {"prompt": line}, None
         if "--" in line:
             try:
@@ -129,6 +134,13 @@ def read_lines(text: str, find_checkpoint: Callable[[str], str | None] = lambda 
                 args, error = {"prompt": line}, str(err)
         lines.append(Line(number, line, args, error))
     return lines
+
+
+def _split_lines(text: str) -> Iterator[str]:
+    """`text.splitlines()` one line at a time: universal newlines (\\n, \\r\\n, \\r) split as it is read, then the
+    other line breaks `splitlines` knows within each."""
+    for chunk in io.StringIO(text, newline=None):
+        yield from chunk.splitlines()
 
 
 def line_prompts(args: dict[str, Any], prompt: str, negative_prompt: str, position: str = "start") -> dict[str, str]:

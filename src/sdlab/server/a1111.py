@@ -575,6 +575,7 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> Sc
                     pictures: ScriptPictures | None = None) -> list[Drawn | None]:
         mode, first = await prepare(service, bodies[0])
         requests = [await _checked_request(service, body, mode, first, label) for body, label in zip(bodies, labels)]
+        _check_script_pictures([spec for spec, _ in requests], service.config.limits)
         run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests])
         service.script_runs.append(run)
         try:
@@ -592,7 +593,16 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> Sc
 
     return ScriptHost(drawn, lambda image, text: _base64_picture(image, text, _options(service)), _echo,
                       upscalers=lambda: [*PLAIN_UPSCALER_NAMES, *(f.title for f in service.upscalers.files)],
-                      upscaled=upscaled, init_pictures=init_pictures)
+                      upscaled=upscaled, init_pictures=init_pictures, max_images=service.config.limits.max_images)
+
+
+def _check_script_pictures(specs: list[JobSpec], limits: Limits) -> None:
+    """`--max-images` over every picture a script's requests draw (each its batch size x n_iter), as over a
+    request's batches: the script is one request (A1111 has no such limit)."""
+    total = sum(spec.request.batch_size * spec.batch_count for spec in specs)
+    if total > limits.max_images:
+        raise BadRequest(f"at most {limits.max_images} images per request on this server (--max-images), got "
+                         f"{total} from the script's {len(specs)} requests")
 
 
 def _script_upscaled(service: Service, image: Image.Image, name: str, scale: float) -> Image.Image:

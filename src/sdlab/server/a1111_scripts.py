@@ -28,6 +28,7 @@ always-on scripts `alwayson_scripts` takes (`sdlab.server.alwayson`) after them.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import json
@@ -102,6 +103,7 @@ class ScriptHost:
     (`sdlab.pipeline.upscale.upscale_by`), while no job runs"""
     init_pictures: Callable[[Any], Awaitable[tuple[Image.Image, ...]]]    # a body's init pictures, decoded as
                                                                           # the route decodes them
+    max_images: int         # `--max-images`: the pictures of all the requests of one `draw` (more: refused)
 
 
 @dataclass(frozen=True)
@@ -573,7 +575,8 @@ async def run_prompts_from_file(host: ScriptHost, body: Any, mode: str) -> dict[
     unset and not drawn), `all_seeds` [seed], `subseed` -1, the request's negative prompt."""
     args = _script_args("prompts from file or textbox", body.script_args, FILE_ARG_NAMES, FILE_DEFAULTS,
                         {"prompt_position": POSITIONS})
-    lines = read_lines(args["prompt_txt"])
+    lines = await asyncio.to_thread(read_lines, args["prompt_txt"], most=host.max_images + 1)   # one too many:
+                                                                                                # `draw` refuses
     if not lines:
         raise BadRequest("prompts from file or textbox prompt_txt has no line to draw", 422)
     for line in lines:

@@ -1,0 +1,95 @@
+"""What one request may cost a server, whoever sends it: a selectable script's pictures all count against
+`--max-images` (its cells, lines, passes and tiles together, as a request's batches), refused before any is
+drawn."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdlab.pipeline.prompts_file import read_lines
+from sdlab.server.a1111_scripts import axis_types
+from server_fixtures import start_server
+
+BASE = {"prompt": "a red apple", "steps": 2, "seed": 7, "cfg_scale": 5.0, "sampler_name": "Euler", "width": 64,
+        "height": 64}
+
+
+def b64_png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+INIT = b64_png(Image.fromarray(np.full((64, 64, 3), 120, dtype=np.uint8)))
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory):
+    """A loopback server without auth that draws at most 2 pictures a request (`--max-images 2 --max-batch 2`)."""
+    server = start_server(tmp_path_factory.mktemp("bounds") / "outputs", "--max-images", "2", "--max-batch", "2")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client(small_server):
+    with httpx.Client(base_url=small_server.url, timeout=300) as c:
+        yield c
+
+
+def _xyz_seeds(seeds: str) -> list:
+    x_type = [axis.label for axis in axis_types("txt2img")].index("Seed")
+    return [x_type, seeds, [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, False]
+
+
+SCRIPTS = {
+    "x/y/z plot 3 seeds": ("txt2img", {"script_name": "x/y/z plot", "script_args": _xyz_seeds("1,2,3")}, 3),
+    "x/y/z plot 2 seeds x batch 2": ("txt2img", {"script_name": "x/y/z plot", "script_args": _xyz_seeds("1,2"),
+                                                  "batch_size": 2}, 4),
+    "prompts from file 3 lines": ("txt2img", {"script_name": "prompts from file or textbox",
+                                              "script_args": [False, False, "start", "a\nb\n\nc"]}, 3),
+    "prompts from file 100,000 lines": ("txt2img", {"script_name": "prompts from file or textbox",
+                                                    "script_args": [False, False, "start", "a cat\n" * 100_000]}, 3),
+    "prompt matrix 4 prompts": ("txt2img", {"script_name": "prompt matrix", "script_args": [], "prompt": "a|b|c"},
+                                4),
+    "loopback 3 loops": ("img2img", {"script_name": "loopback", "script_args": [3], "init_images": [INIT]}, 3),
+    "loopback 2 loops x n_iter 2": ("img2img", {"script_name": "loopback", "script_args": [2], "n_iter": 2,
+                                                "init_images": [INIT]}, 4),
+}
+
+
+@pytest.mark.parametrize("case", SCRIPTS)
+def test_a_scripts_pictures_all_count_against_max_images(client, small_server, case: str) -> None:
+    """Each cell / line / pass passed `--max-images` alone, so a script drew cells x the limit (6 lines x
+    batch_size 2 drew 12 pictures on a server of 2); now all of them count, and nothing is drawn."""
+    route, fields, pictures = SCRIPTS[case]
+    jobs = len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"])
+    answer = client.post(f"/sdapi/v1/{route}", json={**BASE, **fields})
+    assert answer.status_code == 400, answer.text
+    assert "at most 2 images per request on this server (--max-images), got " in answer.text
+    if "100,000" not in case:
+        assert f"got {pictures} from the script's" in answer.text
+    assert len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"]) == jobs
+
+
+def test_a_script_within_max_images_draws(client) -> None:
+    answer = client.post("/sdapi/v1/txt2img", json={**BASE, "script_name": "prompts from file or textbox",
+                                                    "script_args": [False, False, "start", "a\n\nb\n"]})
+    assert answer.status_code == 200, answer.text
+    assert len(answer.json()["images"]) == 2
+
+
+@pytest.mark.parametrize("text", ["a\nb", "a\r\nb\rc\n", "\n\n a \x0b\x0cb\x1c\x1d\x1e\x85c\u2028d\u2029e\r\n\r",
+                                  "--prompt x --steps 3\n\n--prompt y", ""])
+def test_read_lines_reads_as_splitlines_and_stops_after_most(text: str) -> None:
+    """Lines are read one at a time (a 50 MB textbox is not split whole) exactly as A1111's `splitlines()`."""
+    expected = [(number, raw.strip()) for number, raw in enumerate(text.splitlines(), 1) if raw.strip()]
+    assert [(line.number, line.text) for line in read_lines(text)] == expected
+    for most in range(len(expected) + 1):
+        assert [(line.number, line.text) for line in read_lines(text, most=most)] == expected[:most]
