@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from bundle_fixtures import tiny_bundle, write_original
 from cli_helpers import pixels, run
@@ -184,6 +184,28 @@ def test_a_lora_search_by_hash_starts_afresh_each_run(models, tmp_path, capsys):
     code, _, err = run([*redraw, str(tmp_path / "found.png")], capsys)
     assert code == 0, err
     assert err.count("found by its recorded hash") == 1 and np.array_equal(pixels(styled), pixels(tmp_path / "found.png"))
+
+
+def test_a_lora_with_an_upper_case_metadata_hash_is_found_by_it(models, tmp_path, capsys):
+    """kohya-style `sshs_model_hash` metadata may be upper case; `Lora hashes` records it as it is (A1111's
+    shorthash), and the search by recorded hash and the "hash differs" check read it whatever its case. Before:
+    the renamed file was not found (the recorded hash was lower-cased, the file's not) and the same file by name
+    warned that its hash 0123456789AB differs from 0123456789ab."""
+    tensors = load_file(str(_lora(tmp_path / "plain.safetensors")))
+    lora = tmp_path / "style.safetensors"
+    save_file(tensors, str(lora), metadata={"sshs_model_hash": "0123456789ABCDEF" * 4})
+    styled, again = tmp_path / "styled.png", tmp_path / "again.png"
+    assert run(["txt2img", "a red apple", "--model", str(models["a"]), *FAST, "--lora", f"{lora}:0.7",
+                "--out", str(styled)], capsys)[0] == 0
+    assert parse_parameters(read_parameters(styled))["Lora hashes"] == "style: 0123456789AB"
+    library = tmp_path / "library"
+    library.mkdir()
+    lora.rename(library / "renamed.safetensors")
+    code, _, err = run(["txt2img", "--from-png", str(styled), "--model", str(models["a"]), "--lora-dir",
+                        str(library), "--out", str(again), "--no-progress"], capsys)
+    assert code == 0, err
+    assert err.count("found by its recorded hash") == 1 and "drawn with one of hash" not in err
+    assert np.array_equal(pixels(styled), pixels(again))
 
 
 def test_a_lora_that_is_not_safetensors_is_one_error_naming_it(models, tmp_path, capsys):

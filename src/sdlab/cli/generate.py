@@ -822,13 +822,14 @@ def _lora_finder(args: argparse.Namespace, recorded_hashes: dict[str, str] | Non
 
 
 def _lora_by_hash(name: str, wanted: str, folders: list[Path]) -> Path | None:
-    """The first LoRA file under `folders` (subfolders too) whose hash starts with `wanted`, said as NAME's."""
+    """The first LoRA file under `folders` (subfolders too) whose hash starts with `wanted` (lower case; a
+    metadata hash may be upper case), said as NAME's."""
     from sdlab.pipeline.png_info import readable_lora_hash
 
     for folder in folders:
         for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
             if (path.suffix.lower() in _LORA_SUFFIXES and path.is_file()
-                    and (readable_lora_hash(path) or "").startswith(wanted)):       # unreadable: skipped
+                    and (readable_lora_hash(path) or "").lower().startswith(wanted)):   # unreadable: skipped
                 logger.warning("the LoRA %r is %s (found by its recorded hash %s)", name, path, wanted)
                 return path
     return None
@@ -868,7 +869,7 @@ def _resolve_loras(args: argparse.Namespace, prompt: str, recorded: dict[str, An
     refs = [LoraRef(Path(path).stem, weight, lora_hash(path)) for path, weight in files] + tag_refs
     for ref in refs:
         wanted = recorded_hashes.get(ref.name, "").lower()
-        if wanted and not ref.hash.startswith(wanted[:12]):
+        if wanted and not ref.hash.lower().startswith(wanted[:12]):
             logger.warning("the LoRA %r found has hash %s but the picture was drawn with one of hash %s",
                            ref.name, ref.hash, wanted)
     return for_pipeline, files, refs, to_record
