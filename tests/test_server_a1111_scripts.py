@@ -173,6 +173,28 @@ def test_without_sub_images_the_answer_is_the_grid_with_every_cells_infotext(cli
     assert np.array_equal(pixels(answer["images"][0]), np.concatenate(cells, axis=1))   # no legend: cells alone
 
 
+def test_with_the_return_grid_option_off_each_cell_is_drawn_at_batch_size_1(client) -> None:
+    """A1111 1.10's `Script.run`: `if not opts.return_grid: p.batch_size = 1` (its Show grid in gallery option, true
+    by default): a batch of 2 asked, each cell is the single request at batch size 1 with the option off, and is
+    drawn at batch size 2 with it on (the answer's `info` is the first cell's)."""
+    args = xyz_args(x_type=index_of("CFG Scale"), x_values="3,5", include_lone_images=True)
+    plot = {**BASE, "batch_size": 2, "script_name": "x/y/z plot", "script_args": args}
+    assert client.post("/options", json={"return_grid": False}).status_code == 200
+    try:
+        off = client.post("/txt2img", json=plot)
+    finally:
+        assert client.post("/options", json={"return_grid": True}).status_code == 200
+    on = client.post("/txt2img", json=plot)
+    for answer, batch_size in ((off, 1), (on, 2)):
+        assert answer.status_code == 200, answer.text
+        info = json.loads(answer.json()["info"])
+        assert info["batch_size"] == batch_size and len(info["all_seeds"]) == 2
+    for cfg, cell in zip((3.0, 5.0), off.json()["images"][1:]):
+        single = _single(client, "txt2img", cfg_scale=cfg)
+        assert np.array_equal(pixels(cell), pixels(single["images"][0]))
+        assert read_parameters(io.BytesIO(base64.b64decode(cell))) == json.loads(single["info"])["infotexts"][0]
+
+
 def test_options_axes_and_a_random_seed_drawn_once(client) -> None:
     """Clip skip (an `override_settings` option, as A1111 1.10's `apply_override`) over a seed of -1: one seed
     for every cell (A1111's `fix_seed`), each cell the single request with that seed and option."""

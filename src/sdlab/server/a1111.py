@@ -592,6 +592,7 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> Sc
         return await asyncio.to_thread(_script_upscaled, service, image, name, scale)
 
     return ScriptHost(drawn, lambda image, text: _base64_picture(image, text, _options(service)), _echo,
+                      return_grid=bool(_options(service).get("return_grid", True)),
                       upscalers=lambda: [*PLAIN_UPSCALER_NAMES, *(f.title for f in service.upscalers.files)],
                       upscaled=upscaled, init_pictures=init_pictures, max_images=service.config.limits.max_images)
 

@@ -97,6 +97,7 @@ class ScriptHost:
     ones; each request is checked beforehand with the first's."""
     encode: Callable[[Image.Image, str | None], str]   # a picture and its parameters in base64, as the route
     echo: Callable[[Any], dict[str, Any]]              # A1111's `parameters` of a request body
+    return_grid: bool       # A1111's `return_grid` option (Show grid in gallery), which its X/Y/Z plot reads
     upscalers: Callable[[], list[str]]                 # the upscalers' names, in `GET upscalers` order
     upscaled: Callable[[Image.Image, str, float], Awaitable[Image.Image]]
     """(picture, upscaler name, scale) -> the picture through that upscaler as A1111's `Upscaler.upscale`
@@ -354,11 +355,12 @@ def _grid_text(drawn: Drawn | None, fields: Mapping[str, str]) -> str | None:
 
 
 async def run_xyz_plot(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
-    """A1111 1.10's X/Y/Z plot: the axes and cells checked, every cell drawn in turn, then answered as its
-    `Script.run` returns (`answer_xyz_plot`)."""
+    """A1111 1.10's X/Y/Z plot: the axes and cells checked, every cell drawn in turn (at batch size 1 with the
+    `return_grid` option off), then answered as its `Script.run` returns (`answer_xyz_plot`)."""
     args = xyz_args(body.script_args)
     plot = xyz_plot(args, mode)
-    cells = cell_bodies(body, plot, args, mode)
+    drawn_body = body if host.return_grid else body.model_copy(update={"batch_size": 1})    # A1111: p.batch_size = 1
+    cells = cell_bodies(drawn_body, plot, args, mode)
     labels = [f"x/y/z plot cell {', '.join(plot.labels(index)) or index}" for index, _ in cells]
     drawn = await host.draw([cell for _, cell in cells], labels, True)
     return answer_xyz_plot(host, body, plot, args, {index: cell for (index, _), cell in zip(cells, drawn)})
