@@ -93,3 +93,25 @@ def test_read_lines_reads_as_splitlines_and_stops_after_most(text: str) -> None:
     assert [(line.number, line.text) for line in read_lines(text)] == expected
     for most in range(len(expected) + 1):
         assert [(line.number, line.text) for line in read_lines(text, most=most)] == expected[:most]
+
+
+def test_the_options_kept_are_bounded(client) -> None:
+    """`POST options` and `override_settings` (kept with `override_settings_restore_afterwards: false`) stored any
+    key of any size for good (six 40 MB keys: +240 MiB of server memory). What is kept stays within 1 MiB of
+    JSON: past it a 422, nothing set, nothing queued; small unknown keys are still kept and echoed."""
+    options = "/sdapi/v1/options"
+    assert client.post(options, json={"a_client_setting": [1, 2]}).status_code == 200
+    assert client.get(options).json()["a_client_setting"] == [1, 2]
+    refused = client.post(options, json={"big": "x" * (2 << 20), "CLIP_stop_at_last_layers": 2})
+    assert refused.status_code == 422 and "this server keeps at most 1048576" in refused.text, refused.text
+    kept = client.get(options).json()
+    assert "big" not in kept and kept["CLIP_stop_at_last_layers"] == 1
+    for n in range(3):
+        assert client.post(options, json={f"part{n}": "x" * (300 << 10)}).status_code == 200
+    assert client.post(options, json={"part3": "x" * (300 << 10)}).status_code == 422
+    jobs = len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"])
+    refused = client.post("/sdapi/v1/txt2img", json={**BASE, "override_settings": {"part3": "x" * (300 << 10)},
+                                                     "override_settings_restore_afterwards": False})
+    assert refused.status_code == 422 and "override_settings: the options set would hold" in refused.text, refused.text
+    assert len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"]) == jobs
+    assert "part3" not in client.get(options).json()

@@ -500,6 +500,8 @@ async def _drawn_job(service: Service, body: Txt2ImgIn, mode: str, request: Gene
     interrupted, A1111's error."""
     spec, model = _job_spec(service, body, request)
     kept = {} if body.override_settings_restore_afterwards else _drawable_overrides(service, body.override_settings)
+    if kept:
+        _check_kept_options(service, kept, "override_settings: ")
     selected = await asyncio.to_thread(_selected_model, service, kept) if kept else None     # checked: `_request`
     try:
         job, _ = await asyncio.to_thread(service.submit, spec, mode, model)
@@ -1331,6 +1333,7 @@ def set_options(body: dict[str, Any], request: Request) -> None:
     (docs/server.md). Nothing is set when one value is refused."""
     service = service_of(request)
     _check_options(body)
+    _check_kept_options(service, body)
     _set_options(service, body, _selected_model(service, body))
 
 
@@ -1343,6 +1346,18 @@ def _selected_model(service: Service, body: dict[str, Any]) -> Checkpoint | None
     _check_readable(checkpoint, _vae_choice(service, {**service.options, **body}), service)
     checkpoint.calculate_hash()                 # A1111 loads it here, hashing it
     return checkpoint
+
+
+MAX_OPTIONS_BYTES = 1 << 20
+"""The options a server keeps, as JSON (A1111 keeps only its own options' names, a fixed set; sdlab keeps any)."""
+
+
+def _check_kept_options(service: Service, body: dict[str, Any], where: str = "") -> None:
+    """A 422 when the options `body` sets would make the options kept past `MAX_OPTIONS_BYTES`."""
+    size = len(json.dumps({**service.options, **body}))
+    if size > MAX_OPTIONS_BYTES:
+        raise BadRequest(f"{where}the options set would hold {size} bytes of JSON; this server keeps at most "
+                         f"{MAX_OPTIONS_BYTES}", 422)
 
 
 def _set_options(service: Service, body: dict[str, Any], selected: Checkpoint | None) -> None:
