@@ -20,6 +20,7 @@ from sdlab.server import a1111, store as store_module
 from sdlab.server.inputs import JobSpec
 from sdlab.server.jobs import Job, JobCancelled, JobQueue, QueueFull, Unavailable
 from sdlab.server.store import DB_NAME, INTERRUPTED_ERROR, Store, StoreError
+from sdlab.utils import files as files_module
 
 WAIT_S = 60.0
 
@@ -271,7 +272,7 @@ def test_a_file_system_without_locks_is_served_unlocked_with_one_warning(tmp_pat
     def no_locks(file, operation):
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(store_module.fcntl, "flock", no_locks)
+    monkeypatch.setattr(files_module.fcntl, "flock", no_locks)
     with caplog.at_level("WARNING", logger="sdlab.server.store"):
         first = Store(tmp_path)
     assert [r.getMessage() for r in caplog.records] == [
@@ -287,7 +288,7 @@ def test_a_lock_that_fails_otherwise_is_one_error_naming_the_file(tmp_path, monk
     def failing(file, operation):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(store_module.fcntl, "flock", failing)
+    monkeypatch.setattr(files_module.fcntl, "flock", failing)
     with pytest.raises(StoreError, match=f"cannot lock {tmp_path / store_module.LOCK_NAME}: "):
         Store(tmp_path)
 
@@ -302,11 +303,11 @@ def test_on_windows_the_folder_is_locked_with_msvcrt_past_the_process_id(tmp_pat
             raise PermissionError(errno.EACCES, "Permission denied")
         held.append((os.lseek(fd, 0, os.SEEK_CUR), mode, nbytes))
 
-    monkeypatch.setattr(store_module, "fcntl", None)
-    monkeypatch.setattr(store_module, "msvcrt", types.SimpleNamespace(LK_NBLCK=2, locking=locking))
+    monkeypatch.setattr(files_module, "fcntl", None)
+    monkeypatch.setattr(files_module, "msvcrt", types.SimpleNamespace(LK_NBLCK=2, locking=locking))
     first = Store(tmp_path)
-    assert held == [(store_module.WINDOWS_LOCK_BYTE, 2, 1)]
-    assert len(str(os.getpid())) < store_module.WINDOWS_LOCK_BYTE
+    assert held == [(files_module.WINDOWS_LOCK_BYTE, 2, 1)]
+    assert len(str(os.getpid())) < files_module.WINDOWS_LOCK_BYTE
     with pytest.raises(StoreError) as refused:
         Store(tmp_path)
     assert str(refused.value) == (f"the output folder {tmp_path} is in use by another sdlab serve (process "

@@ -5,11 +5,14 @@ memory, run checkpoints read as weights, a full disk at a checkpoint and a secon
 from __future__ import annotations
 
 import csv
+import errno
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from sdlab.cli import main as sdlab_main
 from sdlab.train.config import TrainConfig
 from sdlab.train.errors import TrainError
 from sdlab.train.loop import check_resume
+from sdlab.train.run_lock import LOCK_NAME, RunLock
 from sdlab.train.run_checkpoint import (
     DiskFull,
     ResumePoint,
@@ -483,3 +487,50 @@ def test_a_run_refused_at_its_set_up_leaves_no_folder(tiny, tmp_path, capsys):
     code, _, err = _train(capsys, tmp_path / "missing.safetensors", tiny[1], tmp_path / "new" / "run", "--max-steps", "2")
     assert code == 2 and "missing.safetensors" in _error_line(err)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.fixture
+def windows_locks(monkeypatch):
+    """Windows as a lock file meets it: no fcntl, msvcrt's byte lock (here a flock of the file, which two open
+    files of one process also contend for), and no removing a file that is open (WinError 32)."""
+    import fcntl
+
+    from sdlab.utils import files as files_module
+
+    def locking(fd, mode, nbytes):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PermissionError(errno.EACCES, "Permission denied") from None
+
+    real_unlink = Path.unlink
+
+    def unlink(path, missing_ok=False):
+        if any(os.path.realpath(fd) == os.path.realpath(path) for fd in Path("/proc/self/fd").iterdir()):
+            raise PermissionError(errno.EACCES, "The process cannot access the file because it is being used by "
+                                                "another process")
+        real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(files_module, "fcntl", None)
+    monkeypatch.setattr(files_module, "msvcrt", types.SimpleNamespace(LK_NBLCK=2, locking=locking))
+    monkeypatch.setattr(Path, "unlink", unlink)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/self/fd")
+def test_on_windows_a_second_run_is_refused_and_the_lock_file_removed_once_closed(windows_locks, tmp_path):
+    """The run's lock is the server's, msvcrt's on Windows. Before: without fcntl no second run was told apart,
+    and `release` removed the lock file while it was open (on Windows a PermissionError, which ended every run
+    with an internal error)."""
+    first, second = RunLock(tmp_path / "run", "--output-dir run"), RunLock(tmp_path / "run", "--output-dir run")
+    first.acquire()
+    with pytest.raises(TrainError, match=rf"--output-dir run is in use by another run \(process {os.getpid()}\)"):
+        second.acquire()
+    first.release()
+    assert not (tmp_path / "run").exists()                  # the lock file removed, and the folder it made
+    first.acquire()
+    opened = open(tmp_path / "run" / LOCK_NAME)             # another process opens it as this run ends
+    first.release()
+    opened.close()
+    assert (tmp_path / "run" / LOCK_NAME).is_file()         # left to it
+    second.acquire()
+    second.release()

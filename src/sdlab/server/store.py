@@ -14,7 +14,6 @@ unlocked.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -25,19 +24,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-try:
-    import fcntl
-    msvcrt = None
-except ImportError:         # Windows: msvcrt's byte-range lock instead of flock
-    fcntl = None
-    import msvcrt
+from sdlab.utils.files import LockHeld, hold_lock_file
 
 logger = logging.getLogger(__name__)
 
 DB_NAME = "sdlab-server.sqlite"
 LOCK_NAME = "sdlab-server.lock"     # held by the server using the output folder; holds its process id
-WINDOWS_LOCK_BYTE = 64              # the byte msvcrt locks: past the process id, which Windows lets others read
-NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}    # a file system without file locks
 # How long a write waits while another program holds the file's write lock: briefly on a request's path (the
 # client gets a 503 and can retry), longer for the worker's writes (a job starts or ends), which nobody awaits.
 REQUEST_BUSY_TIMEOUT_S = 2.0
@@ -162,47 +154,21 @@ class Store:
 
 
 def _hold_folder(folder: Path) -> IO[str]:
-    """The folder's lock file, open and locked (`_lock`, which the system lets go when the process ends, however
-    it ends), with this process's id in it; a `StoreError` when another process holds it. On a file system
-    without file locks (`NO_LOCKS`) a warning, and the file unlocked."""
+    """The folder's lock file, open and locked (`hold_lock_file`) with this process's id in it; a `StoreError`
+    when another process holds it. On a file system without file locks a warning, and the file unlocked."""
     path = folder / LOCK_NAME
     try:
-        lock = open(path, "a+")
+        lock, unlocked = hold_lock_file(path, str(os.getpid()))
+    except LockHeld as held:
+        raise StoreError(f"the output folder {folder} is in use by another sdlab serve"
+                         + (f" (process {held.holder})" if held.holder.isdigit() else "")
+                         + "; stop it, or give this server another --output-dir") from None
     except OSError as err:
-        raise StoreError(f"cannot open the lock file {path}: {err.strerror}") from None
-    try:
-        _lock(lock)
-    except OSError as err:
-        if err.errno in NO_LOCKS:
-            logger.warning("the file system of %s has no file locks (%s): a second sdlab serve on the folder "
-                           "is not detected", folder, err.strerror)
-        else:
-            lock.seek(0)
-            holder = lock.read().strip()
-            lock.close()
-            if not isinstance(err, BlockingIOError):
-                raise StoreError(f"cannot lock {path}: {err.strerror}") from None
-            raise StoreError(f"the output folder {folder} is in use by another sdlab serve"
-                             + (f" (process {holder})" if holder.isdigit() else "")
-                             + "; stop it, or give this server another --output-dir") from None
-    lock.truncate(0)
-    lock.write(str(os.getpid()))
-    lock.flush()
+        raise StoreError(f"cannot lock {path}: {err.strerror}") from None
+    if unlocked:
+        logger.warning("the file system of %s has no file locks (%s): a second sdlab serve on the folder is not "
+                       "detected", folder, unlocked)
     return lock
-
-
-def _lock(lock: IO[str]) -> None:
-    """Lock the open lock file for this process without waiting: an exclusive `flock`, or on Windows msvcrt's
-    lock of byte `WINDOWS_LOCK_BYTE` (Windows locks are mandatory: the process id before it stays readable);
-    a `BlockingIOError` when another process holds it."""
-    if fcntl is not None:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
-    lock.seek(WINDOWS_LOCK_BYTE)
-    try:
-        msvcrt.locking(lock.fileno(), msvcrt.LK_NBLCK, 1)
-    except PermissionError as err:          # EACCES: another process holds the byte
-        raise BlockingIOError(err.errno, err.strerror) from None
 
 
 def _record(row: tuple) -> dict[str, Any]:

@@ -3,34 +3,27 @@
 The run that holds the file's `flock` (with its process id and host written in it) owns the folder; a second
 run started there meanwhile is refused, naming it, before it checks or touches the folder's files. The system
 lets go of the lock when the process ends however it ends (a SIGKILL, a crash), so a dead run never blocks a
-later one; the file itself is removed at the end of the run. A lock taken on a file another run has just
-removed is taken again on the new file. Where there are no file locks (Windows, some network mounts) runs
-are not told apart.
+later one; the file itself is removed at the end of the run. The lock is the server's (`utils.files.
+hold_lock_file`: flock, msvcrt's on Windows); where the file system has no file locks (some network mounts)
+runs are not told apart, with a warning.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import socket
 from pathlib import Path
 from typing import IO
 
-try:
-    import fcntl
-except ImportError:     # Windows
-    fcntl = None
-
 from sdlab.train.errors import TrainError
-from sdlab.utils.files import OutputFolderError, make_output_folder
+from sdlab.utils.files import LockHeld, OutputFolderError, hold_lock_file, make_output_folder, release_lock_file
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["LOCK_NAME", "RunLock"]
 
 LOCK_NAME = "sdlab-train.lock"
-NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS}    # a file system without file locks
 
 
 class RunLock:
@@ -65,52 +58,26 @@ class RunLock:
         """Remove the lock file and let go of its lock."""
         if self._file is None:
             return
-        self.path.unlink(missing_ok=True)
-        self._file.close()
+        release_lock_file(self._file, self.path)
         self._file = None
         self._remove_made()
 
     def _locked_file(self) -> IO[str]:
-        while True:
-            try:
-                lock = open(self.path, "a+")
-            except OSError as err:
-                raise TrainError(f"cannot write to {self.named}: {err.strerror or err}") from None
-            if not self._lock(lock):
-                break
-            try:                        # the file another run removed as this one locked it: lock the new one
-                if os.path.samestat(os.fstat(lock.fileno()), os.stat(self.path)):
-                    break
-            except FileNotFoundError:
-                pass
-            lock.close()
-        lock.truncate(0)
-        lock.write(f"{os.getpid()} {socket.gethostname()}\n")
-        lock.flush()
-        return lock
-
-    def _lock(self, lock: IO[str]) -> bool:
-        """Lock the open file without waiting: True when locked, False where the file system has no locks; a
-        `TrainError` naming the process that holds it."""
-        if fcntl is None:
-            return False
+        """The lock file, locked, with this process's id and host in it; a `TrainError` naming the process that
+        holds it."""
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            pid, _, host = lock.read().strip().partition(" ")
-            lock.close()
+            lock, unlocked = hold_lock_file(self.path, f"{os.getpid()} {socket.gethostname()}\n")
+        except LockHeld as held:
+            pid, _, host = held.holder.partition(" ")
             holder = f" (process {pid}{f' on {host}' if host and host != socket.gethostname() else ''})" if pid else ""
             raise TrainError(f"{self.named} is in use by another run{holder}, which holds {self.path}: wait for it "
                              f"to end, or choose another --output-dir") from None
         except OSError as err:
-            if err.errno not in NO_LOCKS:
-                lock.close()
-                raise TrainError(f"cannot lock {self.path}: {err.strerror or err}") from None
+            raise TrainError(f"cannot lock {self.path}: {err.strerror or err}") from None
+        if unlocked:
             logger.warning("the file system of %s has no file locks (%s): another run started there is not "
-                           "detected", self.named, err.strerror)
-            return False
-        return True
+                           "detected", self.named, unlocked)
+        return lock
 
     def _remove_made(self) -> None:
         for made in self._made:
