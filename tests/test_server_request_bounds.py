@@ -1,17 +1,21 @@
 """What one request may cost a server, whoever sends it: a selectable script's pictures all count against
 `--max-images` (its cells, lines, passes and tiles together, as a request's batches), refused before any is
-drawn."""
+drawn; the options kept are bounded; a picture past the pixel limit is a 413 wherever it is sent."""
 
 from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
+from sdlab.pipeline.images import ImageTooLargeError, open_image
+from sdlab.pipeline.png_info import ParametersError, read_parameters
 from sdlab.pipeline.prompts_file import read_lines
 from sdlab.server.a1111_scripts import axis_types
 from server_fixtures import start_server
@@ -115,3 +119,57 @@ def test_the_options_kept_are_bounded(client) -> None:
     assert refused.status_code == 422 and "override_settings: the options set would hold" in refused.text, refused.text
     assert len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"]) == jobs
     assert "part3" not in client.get(options).json()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height and holds no pixel data (69 bytes)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def _png_with_parameters(text: str) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", text)
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+PICTURE_ROUTES = {                      # route -> the body sending the picture `b64`
+    "/sdapi/v1/png-info": lambda b64: {"image": b64},
+    "/api/parameters": lambda b64: {"image": b64},
+    "/sdapi/v1/img2img": lambda b64: {**BASE, "init_images": [b64]},
+    "/sdapi/v1/extra-single-image": lambda b64: {"image": b64, "upscaler_1": "None"},
+    "/controlnet/detect": lambda b64: {"controlnet_module": "canny", "controlnet_input_images": [b64]},
+}
+
+
+@pytest.mark.parametrize("side", [5000, 20_000, 65_535, 100_000])
+@pytest.mark.parametrize("route", PICTURE_ROUTES)
+def test_a_picture_past_the_pixel_limit_is_a_413_on_every_route(client, route: str, side: int) -> None:
+    """Past Pillow's bomb limit (about 179 Mpx) the header never reached the size check: img2img, Extras and
+    ControlNet answered 400 "could be decompression bomb", png-info and /api/parameters a garbled 400 "expected str,
+    bytes or os.PathLike object, not BytesIO"."""
+    answer = client.post(route, json=PICTURE_ROUTES[route](base64.b64encode(_png_header(side, side)).decode()))
+    assert answer.status_code == 413, answer.text
+    assert "limit" in answer.text and "PathLike" not in answer.text
+
+
+@pytest.mark.parametrize("route", ["/sdapi/v1/png-info", "/api/parameters"])
+def test_a_parameters_text_past_the_limit_is_a_422_that_says_so(client, route: str) -> None:
+    picture = base64.b64encode(_png_with_parameters("a" * 70_000)).decode()
+    answer = client.post(route, json={"image": picture})
+    assert answer.status_code == 422, answer.text
+    assert "the parameters text of the picture is 70000 characters long; the limit is 65536" in answer.text
+
+
+def test_read_parameters_names_a_picture_in_memory() -> None:
+    """`read_parameters(io.BytesIO(...))`, as the server calls it, raised TypeError from os.fspath in its message."""
+    with pytest.raises(ParametersError, match="^the parameters text of the picture is 70000 characters long"):
+        read_parameters(io.BytesIO(_png_with_parameters("a" * 70_000)))
+    with pytest.raises(ImageTooLargeError, match="^the picture is too large to open safely"):
+        with open_image(io.BytesIO(_png_header(100_000, 100_000))):
+            pass

@@ -40,6 +40,13 @@ class ImageTooLargeError(ValueError):
     """An image file whose declared pixel count exceeds Pillow's decompression-bomb limit."""
 
 
+def source_name(path: object) -> str:
+    """What an error calls a picture's source: its path (quoted), a file object's name, else "the picture" (bytes
+    in memory, as a server reads what a client sends)."""
+    name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", None)
+    return repr(name) if isinstance(name, str) else "the picture"
+
+
 @contextlib.contextmanager
 def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
     """``Image.open(path)`` that refuses decompression bombs: ``ImageTooLargeError`` (a ``ValueError``).
@@ -53,7 +60,7 @@ def open_image(path: str | os.PathLike[str]) -> Iterator[Image.Image]:
         try:
             image = Image.open(path)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-            raise ImageTooLargeError(f"{os.fspath(path)!r} is too large to open safely ({err})") from None
+            raise ImageTooLargeError(f"{source_name(path)} is too large to open safely ({err})") from None
     with image:
         yield image
 

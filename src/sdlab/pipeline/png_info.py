@@ -44,7 +44,7 @@ from PIL import Image, PngImagePlugin
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_safetensors_header
-from sdlab.pipeline.images import open_image
+from sdlab.pipeline.images import open_image, source_name
 from sdlab.utils.file_hashes import cached_hash, known_hash, read_per_version
 from sdlab.utils.files import atomic_write, fsync_dir
 
@@ -229,11 +229,11 @@ def read_parameters(path: str | os.PathLike) -> str | None:
             if value is None and image.format in ("JPEG", "WEBP", "MPO"):
                 value = _exif_parameters(image)
     except ValueError as err:                       # Pillow: "Decompressed Data Too Large", bombs, bad EXIF
-        raise ParametersError(f"cannot read the parameters of {os.fspath(path)!r}: {err}") from None
+        raise ParametersError(f"cannot read the parameters of {source_name(path)}: {err}") from None
     if not isinstance(value, str):
         return None
     if len(value) > MAX_PARAMETERS_CHARS:
-        raise ParametersError(f"the parameters text of {os.fspath(path)!r} is {len(value)} characters long; "
+        raise ParametersError(f"the parameters text of {source_name(path)} is {len(value)} characters long; "
                               f"the limit is {MAX_PARAMETERS_CHARS}")
     return value
 

@@ -72,9 +72,9 @@ from sdlab.server.controls import (
     A1111_MODULE_ALIASES, CONTROLNET_UNIT_COUNT, a1111_controls, module_name, threshold_value,
 )
 from sdlab.server.inputs import (
-    EXTRAS_UPSCALER, EXTRAS_UPSCALER_2, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_picture_size, check_texts,
+    EXTRAS_UPSCALER, EXTRAS_UPSCALER_2, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts,
     decode_base64, decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
-    scheduler_rows, unset_preset_fields, upscaler_file,
+    opened_picture, scheduler_rows, unset_preset_fields, upscaler_file,
 )
 from sdlab.server.jobs import Job, Unavailable, image_seeds
 from sdlab.server.model_folders import ModelFile
@@ -1767,17 +1767,10 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
     """{info: the parameters text (a NovelAI picture's as A1111 writes it, `_novelai_text`), items: the image's
     other text chunks, parameters: the text parsed, A1111's defaults alone for a picture without one}."""
     raw = decode_base64(body.image, "image")
-    try:
-        with open_image(io.BytesIO(raw)) as image:
-            items = {k: v for k, v in image.info.items()
-                     if isinstance(k, str) and isinstance(v, str) and k != PARAMETERS_KEY}
-            size = image.size
-        check_picture_size(image, "image", service_of(request).config.limits)   # reading its text decodes it
+    with opened_picture(raw, "image", service_of(request).config.limits) as image:   # reading its text decodes it
+        items = {k: v for k, v in image.info.items() if isinstance(k, str) and isinstance(v, str) and k != PARAMETERS_KEY}
+        size = image.size
         text = read_parameters(io.BytesIO(raw)) or ""
-    except BadRequest:
-        raise
-    except Exception as err:           # Pillow raises many types on data that is not an image
-        raise BadRequest(f"image is not a readable PNG, JPEG or WebP: {err}", 400, "Invalid encoded image") from None
     if items.get("Software") == "NovelAI":
         text = _novelai_text(items, size) or text
     return {"info": text, "items": items, "parameters": a1111_parameters(text)}

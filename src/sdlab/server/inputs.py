@@ -10,7 +10,8 @@ import base64
 import binascii
 import io
 import re
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import (
     A1111_SCHEDULERS, a1111_name, schedule_from_a1111, schedule_key, split_a1111_sampler,
 )
-from sdlab.pipeline.images import upright_8bit
+from sdlab.pipeline.images import ImageTooLargeError, open_image, upright_8bit
 from sdlab.pipeline.infotext import LoraRef
+from sdlab.pipeline.png_info import ParametersError
 from sdlab.pipeline.presets import PRESETS, get_preset
 from sdlab.pipeline.hires import pass_sizes
 from sdlab.pipeline.plan import check_prompt_chunks, check_refiner_convention
@@ -261,14 +263,29 @@ def decode_image(data: Any, what: str, limits: Limits) -> Image.Image:
 
 def image_from_bytes(raw: bytes, what: str, limits: Limits) -> Image.Image:
     """An image file's bytes (`decode_base64`) -> a loaded PIL image made `upright_8bit` (turned by its EXIF
-    orientation, as A1111's `decode_base64_to_image` and sdlab's own picture files), or `BadRequest`."""
+    orientation, as A1111's `decode_base64_to_image` and sdlab's own picture files), or `BadRequest`
+    (`opened_picture`)."""
+    with opened_picture(raw, what, limits) as image:
+        image.load()
+        return upright_8bit(image)
+
+
+@contextmanager
+def opened_picture(raw: bytes, what: str, limits: Limits) -> Iterator[Image.Image]:
+    """The picture a client sent (`what`, its file's bytes) opened, not decoded, once its header passed
+    `check_picture_size`; what reads it within reads it from `raw`. A header past 4 x `--max-pixels`, or past
+    Pillow's decompression-bomb limit, is a 413; a parameters text past sdlab's limit (`read_parameters`) a 422;
+    what Pillow cannot read a 400."""
     try:
-        with Image.open(io.BytesIO(raw)) as image:
+        with open_image(io.BytesIO(raw)) as image:
             check_picture_size(image, what, limits)
-            image.load()
-            return upright_8bit(image)
+            yield image
     except BadRequest:
         raise
+    except ImageTooLargeError as err:
+        raise BadRequest(f"{what} is past this server's limit of {4 * limits.max_pixels} pixels: {err}", 413) from None
+    except ParametersError as err:
+        raise BadRequest(f"{what}: {err}", 422) from None
     except Exception as err:            # Pillow raises many types on corrupt data, all "not an image"
         raise BadRequest(f"{what} is not a readable image: {err}", 400, "Invalid encoded image") from None
 

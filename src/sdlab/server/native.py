@@ -25,12 +25,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdlab.pipeline.images import open_image
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
 from sdlab.pipeline.request import MAX_BATCH_COUNT, GenerationRequest, RequestError, check_sdxl_conditioning
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
-    BadRequest, JobSpec, LoraChoice, NullsAreDefaults, check_picture_size, decode_base64, decode_image, refiner_choice,
+    BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_base64, decode_image, opened_picture, refiner_choice,
     schedule_name, unset_preset_fields, with_preset,
 )
 from sdlab.server.jobs import FINAL_STATES, Job, JobQueue, final_event, image_url
@@ -402,15 +401,9 @@ def picture_parameters(body: PictureIn, request: Request) -> dict[str, Any]:
     reads them (`picture_settings`), with its parameters text (`info`) and the labels they leave `unread`. A
     picture without parameters, with another program's metadata or with a value that is not one is a 422."""
     raw = decode_base64(body.image, "image")
-    try:
-        with open_image(io.BytesIO(raw)) as image:
-            check_picture_size(image, "image", service_of(request).config.limits)  # reading its text decodes it
+    with opened_picture(raw, "image", service_of(request).config.limits):   # reading its text decodes it
         text = read_parameters(io.BytesIO(raw))
         foreign = foreign_metadata(io.BytesIO(raw), text)
-    except BadRequest:
-        raise
-    except Exception as err:           # Pillow raises many types on data that is not an image
-        raise BadRequest(f"image is not a readable PNG, JPEG or WebP: {err}", 400, "Invalid encoded image") from None
     if foreign:
         raise BadRequest(f"the picture holds {foreign}, not the A1111 parameters text sdlab reads", 422)
     if not text:
