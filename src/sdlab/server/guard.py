@@ -2,8 +2,9 @@
 
 An ASGI middleware: HTTP Basic (`--auth user:pass`) or `Authorization: Bearer <token>` (`--token-file`),
 compared in constant time; a request without valid credentials gets 401 with `WWW-Authenticate: Basic`
-(browsers then ask for the password, so the UI works behind it). Bodies longer than the limit get 413,
-whether they announce their length or stream it.
+(browsers then ask for the password, so the UI works behind it), or with a token alone `Bearer` (RFC 6750:
+a browser cannot send a token, so it shows the 401 rather than a password prompt no password satisfies).
+Bodies longer than the limit get 413, whether they announce their length or stream it.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ class Guard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if (self.basic or self.token) and not self._authorized(headers.get("authorization", "")):
+            scheme = b"Basic" if self.basic else b"Bearer"
             await _respond(send, 401, {"detail": "Not authenticated"},
-                           [(b"www-authenticate", b'Basic realm="sdlab"')])
+                           [(b"www-authenticate", scheme + b' realm="sdlab"')])
             return
         length = headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
