@@ -7,6 +7,7 @@ message for a failure, whichever process meets it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -187,6 +188,45 @@ def test_torchrun_failure_of_one_rank_is_one_message_and_the_other_exits_quietly
     assert _error_lines(proc) == ["sdlab: error: cannot write the run checkpoint: simulated"], proc.stderr[-3000:]
     assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
     assert proc.stderr.count("samples, skipped") == 1 and proc.stderr.count("loaded ") == 1, proc.stderr[-3000:]
+
+
+RANKS_RECORD_WHAT_THEY_READ = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    import sdlab.train.cli as cli
+
+    rank = os.environ["RANK"]
+    for name in ("_scan", "load_bundle"):          # the first read of the data, the first load onto the device
+        def recorded(*args, _name=name, _real=getattr(cli, name), **kwargs):
+            Path(os.environ["STATUS_DIR"], f"rank{rank}-{_name}").touch()
+            return _real(*args, **kwargs)
+        setattr(cli, name, recorded)
+    status = cli.main(sys.argv[1:])
+    Path(os.environ["STATUS_DIR"], f"rank{rank}").write_text(str(status))
+    sys.exit(status)
+""")
+
+
+def test_torchrun_into_a_run_folder_in_use_stops_every_rank_before_it_reads_anything(tmp_path):
+    """Only rank 0 takes the run folder's lock. Before: refused, it alone stopped; rank 1 went on to read the data
+    and load the model onto its device (the one the running run's rank uses) until torchrun stopped it. Now
+    every rank learns rank 0's refusal first: one error line, every rank's status 2, nothing read."""
+    from sdlab.train.run_lock import RunLock
+
+    data = write_caption_folder(tmp_path / "data", n=4, size=16)
+    model = write_tiny_model(tmp_path / "tiny-sd1.safetensors")
+    (tmp_path / "ranks.py").write_text(RANKS_RECORD_WHAT_THEY_READ)
+    running = RunLock(tmp_path / "run", "--output-dir run")          # the run already training there
+    running.acquire()
+    try:
+        args = cli_args(tmp_path / "run", model, data, "--batch-size", "1", "--max-steps", "1")
+        proc = _torchrun([str(tmp_path / "ranks.py"), *args[2:]], 29533, {"STATUS_DIR": str(tmp_path)})
+    finally:
+        running.release()
+    lines = _error_lines(proc)
+    assert len(lines) == 1 and f"is in use by another run (process {os.getpid()})" in lines[0], proc.stderr[-3000:]
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == ["2", "2"]
+    assert not list(tmp_path.glob("rank*-*")), sorted(p.name for p in tmp_path.glob("rank*-*"))
 
 
 @pytest.mark.parametrize("mistake", [("--embedding-word", "foo"), ("--device", "cuda:99"),

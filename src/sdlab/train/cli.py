@@ -279,6 +279,23 @@ def _claim_output_dir(cfg: TrainConfig, resume: ResumePoint | None, is_main: boo
                        f" and {len(named) - 8} more" if len(named) > 8 else "", out_dir)
 
 
+def _lock_run_folder(cfg: TrainConfig, ctx: DistContext) -> RunLock | None:
+    """Rank 0 locks the run folder (`RunLock`; the other ranks get None). Every rank learns its verdict before
+    anything is read or loaded: refused, each raises rank 0's `TrainError`, so that a torchrun run in use
+    elsewhere stops with its one line and takes no memory of the device the other run trains on."""
+    lock, refusal = None, None
+    if ctx.is_main:
+        lock = RunLock(cfg.output_dir, _named_folder(cfg))
+        try:
+            lock.acquire()
+        except TrainError as err:
+            refusal = str(err)
+    refusal = ctx.from_main(refusal)
+    if refusal is not None:
+        raise TrainError(refusal)
+    return lock
+
+
 def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: ResumePoint | None = None,
                     resuming: str | None = None, hard_exit: bool = False) -> RunResult:
     """Check, load the model, build task and data, train. Joins / leaves the torchrun process group when
@@ -299,9 +316,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         if resume is not None:
             cfg = _with_model_kind(cfg, resume.config.get("family"), resume.config.get("prediction"))
             check_resume(resume, cfg, cfg.global_batch(ctx.world_size))
-        if ctx.is_main:
-            lock = RunLock(cfg.output_dir, _named_folder(cfg))
-            lock.acquire()
+        lock = _lock_run_folder(cfg, ctx)
         _refuse_to_mix(cfg, resume)
         if resuming and ctx.is_main:
             print(resuming, file=sys.stderr)

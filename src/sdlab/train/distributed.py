@@ -50,6 +50,14 @@ class DistContext:
         dist.all_reduce(t)
         return float(t) / self.world_size
 
+    def from_main(self, value: object) -> object:
+        """Rank 0's ``value`` (any picklable object) on every rank: a decision only rank 0 takes."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def all_max(self, value: int) -> int:
         """The largest of an integer over ranks (the same on every rank)."""
         if not self.enabled:
