@@ -219,6 +219,24 @@ def test_a_kohya_folder_without_class_tokens_trains_its_uncaptioned_images_on_th
     assert scan_dataset(tmp_path).skipped == {"empty_caption": 1}
 
 
+def test_a_kohya_caption_file_with_a_blank_first_line_trains_on_the_empty_caption(tmp_path, caplog):
+    """kohya's ``read_caption`` asserts only that the file has a line (a 0-byte file fails); a line break alone, or
+    a blank first line, is the caption "". Before, sdlab skipped those images as having an empty caption. An image
+    that trains on its folder's caption while a caption file of another extension lies beside it is named."""
+    images(tmp_path / "3_", 1)
+    images(tmp_path / "2_sks dog", 2, start=1)
+    (tmp_path / "3_" / "0.txt").write_text("\n")
+    (tmp_path / "2_sks dog" / "1.txt").write_text("\nsecond line")
+    (tmp_path / "2_sks dog" / "2.caption").write_text("a dog")
+    with caplog.at_level(logging.WARNING):
+        scan = scan_dataset(tmp_path)
+    got = sorted((str(s.path), s.caption, s.repeats) for s in scan.samples)
+    assert got == kohya_dreambooth(str(tmp_path), ".txt") and [c for _, c, _ in got] == ["", "sks dog", ""]
+    assert not scan.skipped
+    assert any("train on the class tokens 'sks dog'; 2: the caption file 2.caption beside it is read with "
+               "--caption-extension .caption" in r.getMessage() for r in caplog.records)
+
+
 def test_without_repeat_folders_the_stream_is_the_plain_permutation(tmp_path):
     """A dataset without repeats draws exactly what it drew before repeats existed, so older runs resume alike."""
     images(tmp_path / "a", 3, ".txt")

@@ -14,8 +14,8 @@ Dataset layouts (the common trainer conventions):
   - a ``metadata.jsonl`` at the root, one ``{"file_name": "a.png", "text": "..."}`` per line (Hugging Face
     ``imagefolder``; ``caption`` is accepted for ``text``; a UTF-8 byte-order mark is read past). When it exists
     it is the whole dataset.
-A file that PIL cannot open or decode to its end, an empty / missing caption (but the repeat folders' empty
-class tokens), or a caption that is not UTF-8 text, is skipped with a warning and counted (`DatasetScan.skipped`); it is never fatal. An image that passes the
+A file that PIL cannot open or decode to its end, an empty / missing caption (but in a repeat folder its empty
+class tokens and a caption file whose first line is blank, which kohya trains on the empty caption), or a caption that is not UTF-8 text, is skipped with a warning and counted (`DatasetScan.skipped`); it is never fatal. An image that passes the
 scan but fails to decode later is replaced by the next sample of the stream (of its bucket, else of another one,
 `TrainData._stand_ins`), warned about once and counted once in ``TrainData.broken_at_load``.
 
@@ -338,9 +338,11 @@ def _first_lines(folder: Path, captions: list[tuple[Path, str | None]]) -> list[
 
 def _read_repeat_layout(root: Path, extension: str,
                         scan: DatasetScan) -> list[tuple[Path, str | None, int, bool]]:
-    """(image, caption, repeats, whether the caption is the folder's) of a kohya DreamBooth layout (module
+    """(image, caption, repeats, whether an empty caption trains) of a kohya DreamBooth layout (module
     docstring): an image without a caption file takes its folder's class tokens, empty ones too (kohya's empty
-    caption); a `TrainError` when no folder is a repeat folder."""
+    caption), and one with a caption file its first line, a blank one too (a file holding a line break); a 0-byte
+    caption file, which kohya's ``read_caption`` refuses, has none. A `TrainError` when no folder is a repeat
+    folder."""
     entries: list[tuple[Path, str | None, int, bool]] = []
     read: list[str] = []
     layout = "kohya's <repeats>_<class tokens> layout reads only the images directly in such folders"
@@ -354,16 +356,19 @@ def _read_repeat_layout(root: Path, extension: str,
         repeats, class_tokens = params
         _skip_outside([p for sub in sorted(folder.iterdir()) if sub.is_dir() for p in _image_files(sub, True)],
                       f"in a folder inside {folder.name} ({layout})", scan)
-        captions = _first_lines(folder, _read_captions(_image_files(folder, False), extension, scan))
-        uncaptioned = sum(caption is None for _, caption in captions)
-        if uncaptioned and class_tokens.strip():
-            logger.info("%s: %d image(s) without a %s caption train on the class tokens %r", folder, uncaptioned,
-                        extension, class_tokens)
-        elif uncaptioned:
-            logger.warning("%s: %d image(s) without a %s caption train on the empty caption (the folder's name has "
-                           "no class tokens), as kohya trains them", folder, uncaptioned, extension)
-        entries += [(path, class_tokens if caption is None else caption, repeats, caption is None)
-                    for path, caption in captions]
+        texts = _read_captions(_image_files(folder, False), extension, scan)
+        captions = _first_lines(folder, texts)
+        uncaptioned = [path for path, caption in captions if caption is None]
+        other = next(filter(None, (_other_caption(path, extension) for path in uncaptioned)), None)
+        if uncaptioned:
+            trains_on = (f"the class tokens {class_tokens!r}" if class_tokens.strip() else
+                         "the empty caption (the folder's name has no class tokens), as kohya trains them")
+            beside = f"; {other.with_suffix('').name}: {_read_with(other)}" if other else ""
+            logger.log(logging.INFO if class_tokens.strip() and not other else logging.WARNING,
+                       "%s: %d image(s) without a %s caption train on %s%s", folder, len(uncaptioned), extension,
+                       trains_on, beside)
+        entries += [(path, class_tokens if caption is None else caption, repeats, text != "")
+                    for (path, caption), (_, text) in zip(captions, texts)]
         read.append(f"{folder.name!r} x{repeats}")
     if not read:
         raise TrainError(f"--data-dir {root}: --data-layout kohya reads {_KOHYA_NAMES} (10_sks dog, at least 1 "
@@ -372,16 +377,22 @@ def _read_repeat_layout(root: Path, extension: str,
     return entries
 
 
+def _other_caption(path: Path, extension: str) -> Path | None:
+    """A caption file of ``path`` with another of `CAPTION_EXTENSIONS` than ``extension``, if there is one."""
+    others = [_caption_file(path, ext) for ext in CAPTION_EXTENSIONS if ext != extension]
+    return next((other for other in others if _is_file(other)), None)
+
+
+def _read_with(other: Path) -> str:
+    return f"the caption file {other.name} beside it is read with --caption-extension {other.suffix}"
+
+
 def _no_caption(path: Path, caption: str | None, extension: str | None) -> str:
     """Why ``path`` has no caption, naming a caption file of another extension beside it."""
     if caption is not None or extension is None:
         return "empty or missing caption"
-    others = [_caption_file(path, ext) for ext in CAPTION_EXTENSIONS if ext != extension]
-    found = [other for other in others if _is_file(other)]
-    if found:
-        return (f"no {extension} caption (the caption file {found[0].name} beside it is read with "
-                f"--caption-extension {found[0].suffix})")
-    return f"no {extension} caption file"
+    other = _other_caption(path, extension)
+    return f"no {extension} caption ({_read_with(other)})" if other else f"no {extension} caption file"
 
 
 def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", layout: str = "auto") -> DatasetScan:
@@ -407,11 +418,11 @@ def scan_dataset(root: str | os.PathLike[str], caption_extension: str = ".txt", 
         scan.layout = _auto_layout(root) if layout == "auto" else layout
         entries = _read_repeat_layout(root, extension, scan) if scan.layout == "kohya" else \
             [(path, caption, 1, False) for path, caption in _read_captions(_image_files(root, True), extension, scan)]
-    for path, caption, repeats, folders_caption in sorted(entries, key=lambda e: str(e[0])):
+    for path, caption, repeats, empty_trains in sorted(entries, key=lambda e: str(e[0])):
         if not _is_file(path):
             logger.warning("skipping %s: file not found", path)
             scan.skipped["missing_image"] += 1
-        elif not (caption or "").strip() and not folders_caption:
+        elif not (caption or "").strip() and not empty_trains:
             logger.warning("skipping %s: %s", path, _no_caption(path, caption, extension))
             scan.skipped["empty_caption"] += 1
         elif not _image_opens(path):
