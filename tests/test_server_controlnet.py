@@ -625,3 +625,32 @@ def test_native_controls_take_thresholds_and_a_mask(setup, tmp_path):
             if entry_mask is None:
                 recorded = job["request"]["controls"][0]
                 assert (recorded["threshold_a"], recorded["threshold_b"]) == (value_a, value_b)
+
+
+def _img2img(url: str, **fields) -> dict:
+    response = httpx.post(url + "/sdapi/v1/img2img", timeout=300, json={
+        **GEN, "sampler_name": "Euler", "denoising_strength": 0.5, "inpaint_full_res": False, **fields})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_unit_without_an_image_takes_each_script_pass_own_init_picture(setup):
+    """The extension's `get_input_data` reads `p.init_images[0]` at every `process_images`, so under SD upscale
+    a unit without an image takes each tile, under Loopback each pass's picture: each is the single img2img of
+    that tile / picture with the unit (before: the request's whole init picture)."""
+    url, rng = setup["server"].url, np.random.default_rng(0)
+    unit = {"alwayson_scripts": {"controlnet": {"args": [{"model": "tiny_canny", "image": "", "module": "none",
+                                                          "resize_mode": "Just Resize"}]}}}
+    init = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
+    upscaled = _img2img(url, init_images=[_b64_of(init)], script_name="SD upscale", script_args=["", 32, "None", 1],
+                        **unit)
+    combined = np.asarray(_picture(base64.b64decode(upscaled["images"][0])).convert("RGB"))
+    tile = _img2img(url, init_images=[_b64_of(init.crop((0, 0, 64, 64)))], **unit)["images"][0]
+    alone = np.asarray(_picture(base64.b64decode(tile)).convert("RGB"))
+    assert np.array_equal(combined[:32, :32], alone[:32, :32])      # the corner only tile 0 covers
+
+    looped = _img2img(url, init_images=[_b64_of(init.resize((64, 64)))], script_name="Loopback",
+                      script_args=[2, 0.5, "Linear", "None"], **unit)["images"]
+    second = _img2img(url, init_images=[looped[1]], seed=GEN["seed"] + 1, **unit)["images"][0]
+    assert np.array_equal(np.asarray(_picture(base64.b64decode(looped[2])).convert("RGB")),
+                          np.asarray(_picture(base64.b64decode(second)).convert("RGB")))

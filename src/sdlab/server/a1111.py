@@ -636,11 +636,13 @@ async def _checked_request(service: Service, body: Txt2ImgIn, mode: str, first: 
 def _pictured_request(service: Service, body: Txt2ImgIn, request: GenerationRequest,
                       pictures: Pictures | tuple[Image.Image, ...]) -> GenerationRequest:
     """A script's request `body` (checked as `request`) on its own `pictures`: init pictures, mask and latent mask
-    (`Pictures`), or init pictures alone (the mask and latent mask `request`'s)."""
+    (`Pictures`), or init pictures alone (the mask and latent mask `request`'s). A ControlNet unit without an
+    image takes the first of them, as the extension reads `p.init_images[0]` at each `process_images`."""
     own = pictures if isinstance(pictures, Pictures) else Pictures(tuple(pictures), request.mask_image,
                                                                     request.latent_mask_image)
     with _named_by_infotext(body):
-        drawn = _request(body, request.controls, own.init_images, own.mask, service.options)
+        controls = _controls(service, body, own.init_images[0]) if request.controls else ()
+        drawn = _request(body, controls, own.init_images, own.mask, service.options)
     return dataclasses.replace(drawn, latent_mask_image=own.latent_mask)
 
 
