@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 
 from sdlab.pipeline.images import mask_levels, on_white, read_image, upright_8bit
 from sdlab.pipeline.request import input_image
@@ -56,6 +56,17 @@ def test_16_bit_greyscale_keeps_its_levels(tmp_path: Path) -> None:
     assert abs(levels.mean() - 127.5) < 1 and levels.min() == 0 and levels.max() == 255
     loaded = load_training_image(path, 16, center_crop=True, random_flip=False, generator=torch.Generator())
     assert abs(float(loaded.pixels.mean())) < 0.05                 # [-1, 1]: mid-grey on average, not white
+
+
+def test_a_16_bit_picture_keeps_its_text_items(tmp_path: Path) -> None:
+    """As Pillow's ``convert`` keeps ``info`` (Extras copies a picture's text items into its answer, as A1111's
+    run_postprocessing). Before: the 8-bit picture had none ({} against an 8-bit PNG's {'Comment': ...})."""
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Comment", "keep me")
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(tmp_path / "wide.png", pnginfo=text)
+    raw = (tmp_path / "wide.png").read_bytes()
+    for image in (read_image(tmp_path / "wide.png"), image_from_bytes(raw, "image", Limits())):
+        assert image.mode == "L" and image.info["Comment"] == "keep me"
 
 
 def test_ordinary_pictures_pass_unchanged() -> None:

@@ -106,11 +106,14 @@ def with_palette_alpha(image: Image.Image) -> Image.Image:
 
 def eight_bit(image: Image.Image) -> Image.Image:
     """A 16-bit greyscale picture scaled to 0..255 ("L"; Pillow's ``convert`` would clip every value above 255
-    to white); any other picture as it is."""
+    to white), keeping its ``info`` (text items, EXIF) as ``convert`` does but a 16-bit transparent value; any
+    other picture as it is."""
     if image.mode not in _WIDE_MODES:
         return image
     wide = np.asarray(image, dtype=np.float64)
-    return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    eight = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    eight.info = {key: value for key, value in image.info.items() if key != "transparency"}
+    return eight
 
 
 def on_white(image: Image.Image) -> Image.Image:
