@@ -127,11 +127,20 @@ def test_outpainting_mk2_passes_are_single_inpaintings(client) -> None:
     ("Outpainting mk2", [None, 16, 8, ["up"], -1.0], "noise_q must be a number >= 0"),
     ("Outpainting mk2", [None, 16, 8, ["up"], 1.0, 2.0], "color_variation must be 0..1"),
     ("Outpainting mk2", [None, 16, 8, ["up"], 1.0, 0.05, 1], "at most 6 values"),
+    # masks inset past the picture (Pillow's inverted rectangle): 2 x 40 px on each side of a 40 px wide picture,
+    # 2 x 64 px above a 48 px high one; mk2's down pass grows by 80 px but draws a 64 px band (after a left pass)
+    ("Poor man's outpainting", [16, 40, 0, ["left", "right"]], "mask_blur 40 insets the 40x48 picture by 2 x 40"),
+    ("Poor man's outpainting", [8, 64, 0, ["up"]], "mask_blur 64 insets the 40x48 picture"),
+    ("Outpainting mk2", [None, 32, 8, ["left", "down"]], "the down pass draws 128x64 of a 128x128 picture"),
 ])
-def test_bad_arguments_are_422_before_drawing(client, name, args, words) -> None:
+def test_bad_arguments_are_422_before_drawing(sdlab_server, client, name, args, words) -> None:
+    def jobs() -> int:
+        return len(httpx.get(sdlab_server.url + "/api/jobs", params={"limit": 1000}).json()["jobs"])
+    before = jobs()
     answer = client.post("/img2img", json={**BASE, "init_images": [_b64(_init())], "script_name": name,
                                            "script_args": args})
     assert answer.status_code == 422 and words in answer.text, answer.text
+    assert jobs() == before
 
 
 @pytest.mark.parametrize(("name", "args", "size"), [

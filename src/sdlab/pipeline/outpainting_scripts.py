@@ -29,10 +29,22 @@ from PIL import Image, ImageDraw
 
 from sdlab.pipeline.tile_grid import Tile, TileGrid, TileRow, combine_grid, split_grid
 
-__all__ = ["DIRECTIONS", "Mk2Pass", "OutpaintTiles", "Sides", "match_histograms", "matched_noise", "mk2_passes",
+__all__ = ["DIRECTIONS", "Mk2Pass", "OutpaintError", "OutpaintTiles", "Sides", "match_histograms", "matched_noise", "mk2_passes",
            "outpaint_sides", "poor_mans_tiles"]
 
 DIRECTIONS = ("left", "right", "up", "down")
+Box = tuple[int, int, int, int]
+
+
+class OutpaintError(ValueError):
+    """Arguments whose mask rectangle would be inverted (Pillow's ``rectangle`` refuses it), found before drawing."""
+
+
+def _check_box(box: Box, what: str) -> Box:
+    """`box` (x0, y0, x1, y1), or an `OutpaintError` saying `what` when it is inverted."""
+    if box[2] < box[0] or box[3] < box[1]:
+        raise OutpaintError(what)
+    return box
 
 
 @dataclass(frozen=True)
@@ -67,13 +79,17 @@ def outpaint_sides(size: tuple[int, int], pixels: int, directions: Iterable[str]
 # Poor man's outpainting
 
 
+def _inset_box(size: tuple[int, int], sides: Sides, inset: int) -> Box:
+    """The picture inside `sides` of a `size` canvas, inset by `inset` on the grown sides."""
+    return (sides.left + (inset if sides.left > 0 else 0), sides.up + (inset if sides.up > 0 else 0),
+            size[0] - sides.right - (inset if sides.right > 0 else 0),
+            size[1] - sides.down - (inset if sides.down > 0 else 0))
+
+
 def _inset_mask(size: tuple[int, int], sides: Sides, inset: int) -> Image.Image:
     """An "L" mask of `size`, white but for the picture inside `sides`, inset by `inset` on the grown sides."""
     mask = Image.new("L", size, "white")
-    ImageDraw.Draw(mask).rectangle((
-        sides.left + (inset if sides.left > 0 else 0), sides.up + (inset if sides.up > 0 else 0),
-        size[0] - sides.right - (inset if sides.right > 0 else 0),
-        size[1] - sides.down - (inset if sides.down > 0 else 0)), fill="black")
+    ImageDraw.Draw(mask).rectangle(_inset_box(size, sides, inset), fill="black")
     return mask
 
 
@@ -100,8 +116,10 @@ def poor_mans_tiles(init: Image.Image, pixels: int, mask_blur: int, directions: 
                     tile_size: tuple[int, int]) -> OutpaintTiles:
     """A1111's Poor man's outpainting of `init` (module docstring): its canvas, mask (inset ``2 * mask_blur``)
     and latent mask (inset ``mask_blur // 2``) cut into `tile_size` (w, h) tiles overlapping by `pixels`, and
-    the tiles that are not inside the picture."""
+    the tiles that are not inside the picture. A mask inset past the picture is an `OutpaintError`."""
     sides, size = outpaint_sides(init.size, pixels, set(directions))
+    _check_box(_inset_box(size, sides, mask_blur * 2), f"mask_blur {mask_blur} insets the {init.width}x{init.height} "
+               f"picture by 2 x {mask_blur} px on each grown side, more than it has")
     canvas = Image.new("RGB", size)
     canvas.paste(init, (sides.left, sides.up))
     grids = [split_grid(image, *tile_size, overlap=pixels)
@@ -227,16 +245,28 @@ class Mk2Pass:
             return min(self.process_size[0], grown[0]), _ceil64(grown[1])
         return _ceil64(grown[0]), min(self.process_size[1], grown[1])
 
-    def _canvas_mask(self, canvas: tuple[int, int], grown: tuple[int, int], inset: int) -> Image.Image:
-        """The RGB mask of a `canvas`-sized picture grown to `grown`: white but for the old picture, inset on the
-        grown side by `pixels` + `inset` times the axis' blur (A1111's rectangle; the far sides at `grown`)."""
+    def _mask_box(self, canvas: tuple[int, int], grown: tuple[int, int], inset: int) -> Box:
+        """The old picture in a `canvas`-sized picture grown to `grown`, inset on the grown side by `pixels` +
+        `inset` times the axis' blur (A1111's rectangle; the far sides at `grown`)."""
         blur_x, blur_y = (blur * inset for blur in self.blur)
+        return (self.pixels + blur_x if self.side == "left" else 0, self.pixels + blur_y if self.side == "up" else 0,
+                canvas[0] - self.pixels - blur_x if self.side == "right" else grown[0],
+                canvas[1] - self.pixels - blur_y if self.side == "down" else grown[1])
+
+    def _canvas_mask(self, canvas: tuple[int, int], grown: tuple[int, int], inset: int) -> Image.Image:
+        """The RGB mask of a `canvas`-sized picture grown to `grown`: white but for `_mask_box`."""
         mask = Image.new("RGB", canvas, "white")
-        ImageDraw.Draw(mask).rectangle((
-            self.pixels + blur_x if self.side == "left" else 0, self.pixels + blur_y if self.side == "up" else 0,
-            canvas[0] - self.pixels - blur_x if self.side == "right" else grown[0],
-            canvas[1] - self.pixels - blur_y if self.side == "down" else grown[1]), fill="black")
+        ImageDraw.Draw(mask).rectangle(self._mask_box(canvas, grown, inset), fill="black")
         return mask
+
+    def check(self, size: tuple[int, int]) -> None:
+        """An `OutpaintError` when the pass on `size` pictures would inset its mask (by `pixels` + the blur on
+        its canvas, + twice the blur on the band it draws: the latent mask) past the canvas or band."""
+        drawn, grown = self.drawn_size(size), self.grown(size)
+        for canvas, inset in (((_ceil64(grown[0]), _ceil64(grown[1])), 1), (drawn, 2)):
+            _check_box(self._mask_box(canvas, grown, inset),
+                       f"the {self.side} pass draws {drawn[0]}x{drawn[1]} of a {grown[0]}x{grown[1]} picture: its "
+                       f"mask, {self.pixels} px + {inset} x mask_blur from that side, leaves nothing of it")
 
     def _crop(self, size: tuple[int, int], drawn: tuple[int, int]) -> tuple[int, int, int, int]:
         """The band of a `size` canvas that is drawn at `drawn`: at the grown side."""

@@ -46,7 +46,7 @@ from sdlab.pipeline.grid import (
 )
 from sdlab.pipeline.images import open_image
 from sdlab.pipeline.loopback import CURVES, INTERROGATIONS, Pass, kept_pictures, last_strength, loop_grid, loop_plan
-from sdlab.pipeline.outpainting_scripts import DIRECTIONS, mk2_passes, poor_mans_tiles
+from sdlab.pipeline.outpainting_scripts import DIRECTIONS, OutpaintError, mk2_passes, poor_mans_tiles
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.prompt_matrix import DELIMITERS, PROMPT_TYPES, PromptMatrix, prompt_matrix
 from sdlab.pipeline.prompts_file import POSITIONS, Line, line_prompts, line_seeds, read_lines
@@ -907,7 +907,10 @@ async def run_poor_mans_outpainting(host: ScriptHost, body: Any, mode: str) -> d
         raise BadRequest(f"{title} pixels ({args['pixels']}) must be below the width and height ({size[0]}x{size[1]}): "
                          "the tiles overlap by that much", 422)
     init = (await host.init_pictures(body))[0].convert("RGB")
-    tiles = poor_mans_tiles(init, args["pixels"], args["mask_blur"], args["direction"], size)
+    try:
+        tiles = poor_mans_tiles(init, args["pixels"], args["mask_blur"], args["direction"], size)
+    except OutpaintError as err:
+        raise BadRequest(f"{title}: {err}", 422) from None
     seed, blur = fixed_seed(body.seed), (args["mask_blur"] * 2,) * 2
     bodies = [_outpaint_body(body, blur, args["inpainting_fill"], seed=seed + k, batch_size=1, n_iter=1,
                              width=size[0], height=size[1]) for k in range(len(tiles.work))]
@@ -933,6 +936,10 @@ async def run_outpainting_mk2(host: ScriptHost, body: Any, mode: str) -> dict[st
     passes = mk2_passes(init.size, args["pixels"], args["mask_blur"], args["direction"], process_size)
     sizes = [init.size]                         # the pictures' size before each pass, and after the last
     for one in passes:
+        try:
+            one.check(sizes[-1])
+        except OutpaintError as err:
+            raise BadRequest(f"{title}: {err}; lower pixels or mask_blur, or raise width / height", 422) from None
         sizes.append(one.grown(sizes[-1]))
     bodies = [_outpaint_body(body, tuple(blur * 4 for blur in one.blur), 1, n_iter=1,
                              width=one.drawn_size(sizes[j])[0], height=one.drawn_size(sizes[j])[1])
