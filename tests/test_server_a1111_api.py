@@ -124,7 +124,7 @@ def png_b64(size: tuple[int, int], colour: tuple[int, int, int]) -> str:
 
 
 @pytest.mark.parametrize("route", ["prompt-styles", "face-restorers", "hypernetworks", "realesrgan-models",
-                                   "extensions"])
+                                   "extensions"])                   # realesrgan-models: no R-ESRGAN file here
 def test_lists_of_what_sdlab_has_none_of_are_empty(client, route):
     answer = client.get("/" + route)
     assert answer.status_code == 200 and answer.json() == []

@@ -252,6 +252,16 @@ def test_upscalers_are_found_where_a1111_keeps_them(server, client):
     assert not any("RealESRGAN" in name for name in checkpoints), checkpoints
 
 
+def test_the_r_esrgan_files_found_are_listed_as_a1111s_realesrgan_models(server, client):
+    """A1111 1.10's `get_realesrgan_models` answers `{name, path, scale}` of its R-ESRGAN upscalers; cmd-flags
+    names the folder they are read from. Before: `[]`, and no folder."""
+    folder = server.models / "RealESRGAN"
+    assert client.get("/realesrgan-models").json() == [
+        {"name": "R-ESRGAN 2x+", "path": str(folder / "RealESRGAN_x2plus.safetensors"), "scale": 2},
+        {"name": "R-ESRGAN 4x+", "path": str(folder / "RealESRGAN_x4plus.pth"), "scale": 4}]
+    assert client.get("/cmd-flags").json()["realesrgan_dir"] == str(folder)
+
+
 # ---------------------------------------------------------------- A1111's ESRGAN_tile options
 
 def test_the_esrgan_tile_options_set_the_upscalers_tiles(server, client):

@@ -61,7 +61,8 @@ from sdlab.pipeline.request import (
     rng_source,
 )
 from sdlab.pipeline.upscale import (
-    DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas, upscale_by,
+    A1111_REALESRGAN_STEMS, DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas,
+    upscale_by,
 )
 from sdlab.server.alwayson import check_alwayson_scripts
 from sdlab.server.a1111_scripts import (
@@ -1642,12 +1643,19 @@ def scripts_info() -> list[dict[str, Any]]:
 @router.get("/prompt-styles")
 @router.get("/face-restorers")
 @router.get("/hypernetworks")
-@router.get("/realesrgan-models")
 @router.get("/extensions")
 def nothing_listed() -> list[dict[str, Any]]:
-    """A1111's lists of what sdlab has none of: prompt styles, face restorers, hypernetworks, Real-ESRGAN
-    models (its upscaler models are `GET upscalers`), extensions."""
+    """A1111's lists of what sdlab has none of: prompt styles, face restorers, hypernetworks, extensions."""
     return []
+
+
+@router.get("/realesrgan-models")
+def realesrgan_models(request: Request) -> list[dict[str, Any]]:
+    """A1111's `{name, path, scale}` rows of its R-ESRGAN upscalers: those whose files this server found (in
+    `--upscalers-dir` or RealESRGAN/ of `--models-dir`), by A1111's names, with their files and networks' scales
+    (A1111 lists all six with their download addresses; sdlab downloads nothing)."""
+    return [{"name": f.title, "path": str(f.path), "scale": read_per_version(f.path, _upscaler_scale)}
+            for f in service_of(request).upscalers.files if f.path.stem in A1111_REALESRGAN_STEMS]
 
 
 @router.get("/cmd-flags")
@@ -1656,7 +1664,7 @@ def cmd_flags(request: Request) -> dict[str, Any]:
     config = service_of(request).config
     folders = {"model": config.model, "models_dir": config.models_dir, "embeddings_dir": config.embeddings_dir,
                "controlnet_dir": config.controlnet_dir, "upscalers_dir": config.upscalers_dir,
-               "vae_dir": config.vae_dir, "output_dir": config.output_dir}
+               "realesrgan_dir": config.realesrgan_dir, "vae_dir": config.vae_dir, "output_dir": config.output_dir}
     limits = config.limits
     return {**{name: None if path is None else str(path) for name, path in folders.items()},
             "device": config.device, "max_queue": config.max_queue, "max_body_mb": limits.max_body_bytes >> 20,
