@@ -187,7 +187,8 @@ def test_scripts_and_script_info_list_them_in_img2img(client) -> None:
     assert ("loopback", False) not in infos and ("sd upscale", False) not in infos
     assert [arg["label"] for arg in infos[("loopback", True)]] == [
         "Loops", "Final denoising strength", "Denoising strength curve", "Append interrogated prompt at each iteration"]
-    assert [arg["label"] for arg in infos[("sd upscale", True)]][1:] == ["Tile overlap", "Scale Factor", "Upscaler"]
+    # A1111's `ui()` order, which is its `script_args` order: [info, overlap, upscaler_index, scale_factor]
+    assert [arg["label"] for arg in infos[("sd upscale", True)]] == ["", "Tile overlap", "Upscaler", "Scale Factor"]
 
 
 def interrupted_at_first_step(sdlab_server, body: dict) -> tuple[httpx.Response, int]:

@@ -66,8 +66,8 @@ def test_scripts_and_script_info_list_them_in_img2img_only(client) -> None:
     assert ("outpainting mk2", False) not in infos
     assert [a["label"] for a in infos[("poor man's outpainting", True)]] == [
         "Pixels to expand", "Mask blur", "Masked content", "Outpainting direction"]
-    assert [a["label"] for a in infos[("outpainting mk2", True)]][1:] == [
-        "Pixels to expand", "Mask blur", "Outpainting direction", "Fall-off exponent (lower=higher detail)",
+    assert [a["label"] for a in infos[("outpainting mk2", True)]] == [       # its HTML note's label: A1111's ""
+        "", "Pixels to expand", "Mask blur", "Outpainting direction", "Fall-off exponent (lower=higher detail)",
         "Color variation"]
     answer = client.post("/txt2img", json={**BASE, "script_name": "Outpainting mk2"})
     assert answer.status_code == 422 and "Script 'Outpainting mk2' not found" in answer.text

@@ -822,8 +822,9 @@ def answer_sd_upscale(host: ScriptHost, body: Any, grid: TileGrid, batches: list
 def sd_upscale_script_args(img2img: bool) -> list[ScriptArg]:
     """A1111 1.10's SD upscale controls (`Script.ui`), in its `script_args` order (the upscalers sdlab always has:
     `GET upscalers` lists the server's files after them)."""
-    return [ScriptArg("", None), ScriptArg("Tile overlap", 64, 0, 256, 16), ScriptArg("Scale Factor", 2, 0, 4, 1),
-            ScriptArg("Upscaler", PLAIN_UPSCALER_NAMES[0], choices=list(PLAIN_UPSCALER_NAMES))]
+    return [ScriptArg("", None), ScriptArg("Tile overlap", 64, 0, 256, 16),
+            ScriptArg("Upscaler", PLAIN_UPSCALER_NAMES[0], choices=list(PLAIN_UPSCALER_NAMES)),
+            ScriptArg("Scale Factor", 2, 0, 4, 1)]
 
 
 SD_UPSCALE = SelectableScript("SD upscale", sd_upscale_script_args, run_sd_upscale, ("img2img",))
@@ -978,7 +979,7 @@ def poor_mans_script_args(img2img: bool) -> list[ScriptArg]:
 
 def mk2_script_args(img2img: bool) -> list[ScriptArg]:
     """A1111 1.10's Outpainting mk2 controls (`Script.ui`), in its `script_args` order (its HTML note first)."""
-    return [ScriptArg(None), ScriptArg("Pixels to expand", 128, 8, 256, 8), ScriptArg("Mask blur", 8, 0, 64, 1),
+    return [ScriptArg(""), ScriptArg("Pixels to expand", 128, 8, 256, 8), ScriptArg("Mask blur", 8, 0, 64, 1),
             ScriptArg("Outpainting direction", list(DIRECTIONS), choices=list(DIRECTIONS)),
             ScriptArg("Fall-off exponent (lower=higher detail)", 1.0, 0.0, 4.0, 0.01),
             ScriptArg("Color variation", 0.05, 0.0, 1.0, 0.01)]
