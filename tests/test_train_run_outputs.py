@@ -455,6 +455,47 @@ def test_a_second_signal_under_the_python_api_raises_keyboard_interrupt(tiny, tm
     assert "received SIGINT again: stopping at once (KeyboardInterrupt)" in err
 
 
+_SIGNALS_WHILE_WEIGHTS_ARE_WRITTEN = """
+import logging, os, signal, sys
+from pathlib import Path
+import sdlab.train.loop as loop
+from sdlab.train.cli import run_from_config
+from sdlab.train.config import TrainConfig
+
+deliver = loop._deliver
+
+def signalled_deliver(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)            # a stop asked for as the run ends
+    os.kill(os.getpid(), signal.SIGTERM)            # and again while the weights are being written
+    written = deliver(*args, **kwargs)
+    print("weights written", flush=True)
+    return written
+
+loop._deliver = signalled_deliver
+logging.basicConfig(level=logging.WARNING)
+cfg = TrainConfig(model=sys.argv[1], data_dir=sys.argv[2], output_dir=sys.argv[3], resolution=int(sys.argv[4]),
+                  max_steps=1, lora_rank=2, num_workers=1, device="cpu", progress=False)
+try:
+    run_from_config(cfg)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt raised")
+"""
+
+
+def test_signals_while_the_weights_are_written_wait_for_them(tiny, tmp_path):
+    """Training called from Python: the stop handlers stay installed while the final weights are written, so a
+    second SIGTERM then raises KeyboardInterrupt once they are complete. Before, the default handlers were back
+    after the loop, and a SIGTERM during the write killed the caller's process (a notebook's kernel)."""
+    model, data = tiny
+    proc = subprocess.run([sys.executable, "-c", _SIGNALS_WHILE_WEIGHTS_ARE_WRITTEN, str(model), str(data),
+                           str(tmp_path / "run"), str(CLI_RES)],
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["weights written", "KeyboardInterrupt raised"], proc.stderr[-3000:]
+    assert "stopping once the checkpoint being written is complete" in proc.stderr
+    assert (tmp_path / "run" / "final.safetensors").is_file()
+
+
 def test_a_run_folder_in_use_by_another_run_is_refused(tiny, tmp_path, capsys):
     """Two runs started at once in one --output-dir both passed the 'holds another run' check (neither had a
     checkpoint yet) and trained into the same files. The second is now refused, naming the first's process; once

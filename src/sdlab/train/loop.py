@@ -373,78 +373,80 @@ def train(task: TrainTask, data: TrainData, cfg: TrainConfig, ctx: DistContext,
     micro_losses: list[float] = []
     since_row = _LogWindow()
     step_start = time.perf_counter()
-    # the batches are closed here, not by the garbage collector, which drops a KeyboardInterrupt raised while
-    # their end waits for a read
-    with StopFlag(hard_exit) as stop, flush_denormals(ctx.device), \
-            contextlib.closing(data.iterate(start_step, cfg.max_steps)) as batches:
-        for step_i, micro, batch in batches:
-            if micro == 0:
-                optimizer.zero_grad(set_to_none=True)
-                micro_losses.clear()
-                step_start = time.perf_counter()
-            last_micro = micro == cfg.grad_accum - 1
-            sync = contextlib.ExitStack()
-            if not last_micro:
-                for ddp in wrapped:
-                    sync.enter_context(ddp.no_sync())
-            generator = generator_for(cfg.seed, "step", step_i, ctx.rank, micro)
-            with sync, autocast:
-                loss, _metrics = task.loss(batch.to(ctx.device), generator)
-            if not torch.isfinite(loss):
-                raise TrainError(f"the loss became {float(loss.detach())} at step {step_i + 1} (images "
-                                 f"{batch.paths}); a lower --learning-rate or --max-grad-norm may help")
-            (loss / cfg.grad_accum).backward()
-            micro_losses.append(float(loss.detach()))
-            if not last_micro:
-                continue
+    # the stop handlers stay installed until the weights are written (a second signal waits for them, or ends the
+    # process under `sdlab train`); the batches are closed here, not by the garbage collector, which drops a
+    # KeyboardInterrupt raised while their end waits for a read
+    with StopFlag(hard_exit) as stop:
+        with flush_denormals(ctx.device), contextlib.closing(data.iterate(start_step, cfg.max_steps)) as batches:
+            for step_i, micro, batch in batches:
+                if micro == 0:
+                    optimizer.zero_grad(set_to_none=True)
+                    micro_losses.clear()
+                    step_start = time.perf_counter()
+                last_micro = micro == cfg.grad_accum - 1
+                sync = contextlib.ExitStack()
+                if not last_micro:
+                    for ddp in wrapped:
+                        sync.enter_context(ddp.no_sync())
+                generator = generator_for(cfg.seed, "step", step_i, ctx.rank, micro)
+                with sync, autocast:
+                    loss, _metrics = task.loss(batch.to(ctx.device), generator)
+                if not torch.isfinite(loss):
+                    raise TrainError(f"the loss became {float(loss.detach())} at step {step_i + 1} (images "
+                                     f"{batch.paths}); a lower --learning-rate or --max-grad-norm may help")
+                (loss / cfg.grad_accum).backward()
+                micro_losses.append(float(loss.detach()))
+                if not last_micro:
+                    continue
 
-            all_reduce_grads(manual_sync, ctx.world_size)
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            if ema is not None:
-                ema.update()
-            if hasattr(task, "after_optimizer_step"):
-                task.after_optimizer_step()
-            step = step_i + 1
+                all_reduce_grads(manual_sync, ctx.world_size)
+                max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                if ema is not None:
+                    ema.update()
+                if hasattr(task, "after_optimizer_step"):
+                    task.after_optimizer_step()
+                step = step_i + 1
 
-            last_loss = ctx.all_mean(sum(micro_losses) / len(micro_losses))
-            elapsed = time.perf_counter() - step_start
-            rate = global_batch / elapsed if elapsed > 0 else None
-            if step > start_step + 1 or step == cfg.max_steps:  # the first step pays for warming up
-                timed_seconds, timed_steps = timed_seconds + elapsed, timed_steps + 1
-            since_row.add(last_loss, grad_norm, elapsed)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                means = since_row.take(global_batch)
-                if log is not None:
-                    log.append({"step": step, "lr": f"{lr:.6g}", "epoch": data.epoch_at(step_i),
-                                "time": f"{time.time():.3f}", **means})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}" if rate else "-")
+                last_loss = ctx.all_mean(sum(micro_losses) / len(micro_losses))
+                elapsed = time.perf_counter() - step_start
+                rate = global_batch / elapsed if elapsed > 0 else None
+                if step > start_step + 1 or step == cfg.max_steps:  # the first step pays for warming up
+                    timed_seconds, timed_steps = timed_seconds + elapsed, timed_steps + 1
+                since_row.add(last_loss, grad_norm, elapsed)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    means = since_row.take(global_batch)
+                    if log is not None:
+                        log.append({"step": step, "lr": f"{lr:.6g}", "epoch": data.epoch_at(step_i),
+                                    "time": f"{time.time():.3f}", **means})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{rate:.2f}" if rate else "-")
 
-            stop_signal = ctx.all_max(stop.requested or 0)
-            stop_now = stop_signal > 0
-            if step % cfg.checkpoint_every == 0 or stop_now:
-                with stop.holding():
-                    write_checkpoint(step)
-            if cfg.sample_every and step % cfg.sample_every == 0 and ctx.is_main:
-                _preview(task, ema, out_dir, step)
-            if stop_now:
-                interrupted = step < cfg.max_steps
-                break
-    if bar is not None:
-        bar.close()
-    data.close()
+                stop_signal = ctx.all_max(stop.requested or 0)
+                stop_now = stop_signal > 0
+                if step % cfg.checkpoint_every == 0 or stop_now:
+                    with stop.holding():
+                        write_checkpoint(step)
+                if cfg.sample_every and step % cfg.sample_every == 0 and ctx.is_main:
+                    _preview(task, ema, out_dir, step)
+                if stop_now:
+                    interrupted = step < cfg.max_steps
+                    break
+        if bar is not None:
+            bar.close()
+        data.close()
 
-    weights = ema_weights = None
-    if not interrupted and checkpoint_step != step:
-        write_checkpoint(step)
-    if ctx.is_main and (step > start_step or not interrupted):
-        weights, ema_weights = _deliver(task, ema, out_dir, "interrupted" if interrupted else "final")
-        _draw_curve(out_dir)
+        weights = ema_weights = None
+        with stop.holding():
+            if not interrupted and checkpoint_step != step:
+                write_checkpoint(step)
+            if ctx.is_main and (step > start_step or not interrupted):
+                weights, ema_weights = _deliver(task, ema, out_dir, "interrupted" if interrupted else "final")
+                _draw_curve(out_dir)
     ctx.barrier()
     skipped = skipped | ({"broken_at_load": sum(data.broken_at_load.values())} if data.broken_at_load else {})
     mean_rate = global_batch * timed_steps / timed_seconds if timed_seconds > 0 else rate
