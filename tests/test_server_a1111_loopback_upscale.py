@@ -228,3 +228,27 @@ def test_an_interrupt_leaves_the_sd_upscale_tiles_after_it_black(sdlab_server) -
     assert jobs == 1
     combined = pixels(answer.json()["images"][0])
     assert combined.shape == (128, 64, 3) and combined[:64].any() and not combined[64:].any()
+
+
+def test_a_skip_drops_the_loopback_pass_it_stops_and_ends_its_batch(sdlab_server) -> None:
+    """A1111's loopback.py: `if state.skipped: break` after the skipped pass's `process_images`, once its seed,
+    text and strength are set: the pass is not kept, its batch's later loops are not drawn (3 loops, n_iter 1:
+    no picture, one job), `info` the skipped pass's (seed 7, all_seeds [7], the strength after one loop)."""
+    body = {**BASE, "steps": 150, "denoising_strength": 1.0, "init_images": [b64_png(INIT)],
+            "script_name": "Loopback", "script_args": [3, 0.4]}
+    with httpx.Client(base_url=sdlab_server.url, timeout=300) as server:
+        before, answers = len(server.get("/api/jobs", params={"limit": 1000}).json()["jobs"]), []
+        thread = threading.Thread(target=lambda: answers.append(server.post("/sdapi/v1/img2img", json=body)))
+        thread.start()
+        while thread.is_alive():
+            if server.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["state"]["sampling_step"] >= 3:
+                server.post("/sdapi/v1/skip")
+                break
+            time.sleep(0.01)
+        thread.join()
+        jobs = len(server.get("/api/jobs", params={"limit": 1000}).json()["jobs"]) - before
+    assert answers[0].status_code == 200, answers[0].text
+    assert jobs == 1 and answers[0].json()["images"] == []
+    info = json.loads(answers[0].json()["info"])
+    assert info["seed"] == 7 and info["all_seeds"] == [7] and not info["interrupted"]
+    assert info["denoising_strength"] == pytest.approx(loop_strength(1, 3, 1.0, 0.4, "Linear"))

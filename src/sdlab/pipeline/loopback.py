@@ -69,8 +69,8 @@ def last_strength(loops: int, drawn: int, initial: float, final: float, curve: s
 
 def kept_pictures(plan: list[Pass], done: list[bool]) -> list[int]:
     """The passes whose pictures A1111 returns (its `history` / `all_images`), by index into `plan`: with one batch
-    every pass `done`; with several the last pass of each batch done to its end. A pass not done (interrupted)
-    ends its batch's passes there (A1111's `break`)."""
+    every pass `done`; with several the last pass of each batch done to its end. A pass not done (interrupted or
+    skipped) ends its batch's passes there (A1111's `break`)."""
     batches = max(p.batch for p in plan) + 1
     kept = []
     for batch in range(batches):

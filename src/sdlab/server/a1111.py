@@ -66,7 +66,7 @@ from sdlab.pipeline.upscale import (
 )
 from sdlab.server.alwayson import check_alwayson_scripts
 from sdlab.server.a1111_scripts import (
-    Drawn, Pictures, ScriptHost, ScriptPictures, script_info, scripts_list, selected_script,
+    NOT_DRAWN, Drawn, Pictures, ScriptHost, ScriptPictures, script_info, scripts_list, selected_script,
 )
 from sdlab.server.config import Limits
 from sdlab.server.controls import (
@@ -651,7 +651,8 @@ async def _script_drawn(service: Service, run: ScriptRun, bodies: list[Txt2ImgIn
                         requests: list[GenerationRequest], keep_going: bool,
                         pictures: ScriptPictures | None = None) -> list[Drawn | None]:
     """Each request drawn in turn (on the pictures `pictures(k, drawn so far)` gives request k, if any), None
-    after `run` is interrupted (an interrupted job too interrupts it) and, when `keep_going`, for one that fails
+    after `run` is interrupted (an interrupted job too interrupts it), for one `pictures` leaves undrawn
+    (`NOT_DRAWN`) and, when `keep_going`, for one that fails
     (logged, as A1111's X/Y/Z plot draws a blank cell); nothing drawn and something failed, the first failure."""
     drawn: list[Drawn | None] = []
     failures = []
@@ -660,10 +661,10 @@ async def _script_drawn(service: Service, run: ScriptRun, bodies: list[Txt2ImgIn
         if not run.interrupted or not drawn:        # the first is drawn whatever came before it
             try:
                 own = pictures(k, drawn) if pictures is not None else None
-                if own is not None:
+                if own is not None and own is not NOT_DRAWN:
                     request = _pictured_request(service, body, request, own)
-                job = await _named_job(service, body, "inpaint" if request.mask_image is not None else mode,
-                                       request, run)
+                job = None if own is NOT_DRAWN else await _named_job(
+                    service, body, "inpaint" if request.mask_image is not None else mode, request, run)
             except BadRequest as err:
                 if not keep_going:
                     raise
@@ -672,7 +673,8 @@ async def _script_drawn(service: Service, run: ScriptRun, bodies: list[Txt2ImgIn
         run.drawn += 1
         run.interrupted = run.interrupted or (job is not None and job.status == "cancelled")
         drawn.append(None if job is None else Drawn([service.images_dir / name for name in job.images],
-                                                    list(job.infotexts), _job_info(service, body, request, job)))
+                                                    list(job.infotexts), _job_info(service, body, request, job),
+                                                    job.skip.is_set()))
     if failures and not any(drawn):
         raise failures[0]
     return drawn

@@ -68,6 +68,7 @@ class Drawn:
     pictures: list[Path]
     infotexts: list[str]
     info: dict[str, Any]
+    skipped: bool = False   # `/skip` stopped its last batch (A1111's `state.skipped` after its `process_images`)
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,11 @@ class Pictures:
     latent_mask: Image.Image | None = None
 
 
+NOT_DRAWN = Pictures(())
+"""What `ScriptPictures` gives for a request the script does not draw (Loopback's passes after a skipped one)."""
 ScriptPictures = Callable[[int, list["Drawn | None"]], "Pictures | tuple[Image.Image, ...] | None"]
 """(k, the requests drawn so far) -> request k's own pictures, or its init pictures alone (with the first's mask),
-or None: the first's."""
+or None: the first's; `NOT_DRAWN`: request k is left undrawn (None)."""
 
 
 @dataclass(frozen=True)
@@ -695,8 +698,12 @@ async def run_loopback(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]
                                       **({} if p.from_request else {"inpainting_fill": 1})}) for p in plan]
     labels = [f"loopback batch {p.batch + 1} loop {p.loop + 1}" for p in plan]
 
-    def pictures(k: int, drawn: list[Drawn | None]) -> tuple[Image.Image, ...] | None:
-        return None if plan[k].from_request else (_picture(drawn[k - 1]),)
+    def pictures(k: int, drawn: list[Drawn | None]) -> Pictures | tuple[Image.Image, ...] | None:
+        """The request's picture, the last pass's, or after a skipped pass none: A1111 breaks the batch's loop."""
+        if plan[k].from_request:
+            return None
+        before = drawn[k - 1]
+        return NOT_DRAWN if before is None or before.skipped else (_picture(before),)
 
     drawn = await host.draw(bodies, labels, False, pictures)
     return answer_loopback(host, body, plan, fields, drawn)
@@ -707,22 +714,25 @@ def answer_loopback(host: ScriptHost, body: Any, plan: list[Pass], fields: dict[
     """A1111's answer: `images` (with more than one) the kept pictures' grid in a row, then the kept pictures
     (`kept_pictures`: every pass's with one batch, each batch's last with several), each with its parameters and
     the script's fields; `info` the last pass's with the first pass's seed and text (`_script_info`), batch size
-    1 and the strength A1111 left set. A pass interrupted is not kept, and ends the script."""
-    done = [cell is not None and bool(cell.pictures) and not cell.info.get("interrupted") for cell in drawn]
+    1 and the strength A1111 left set. A pass interrupted is not kept, and ends the script; a pass skipped is not
+    kept and ends its batch, but counts for the seed, text and strength (A1111 breaks after setting them)."""
+    ran = [cell is not None and bool(cell.pictures) and not cell.info.get("interrupted") for cell in drawn]
+    done = [ok and not cell.skipped for ok, cell in zip(ran, drawn)]
+    skipped_batches = {p.batch for p, cell in zip(plan, drawn) if cell is not None and cell.skipped}
     kept = kept_pictures(plan, done)
     pictures = [_picture(drawn[i]) for i in kept]
     images = [host.encode(loop_grid(pictures), None)] if len(pictures) > 1 else []
     images += [host.encode(picture, _with_script_parameters(drawn[i].infotexts[0], fields))
                for i, picture in zip(kept, pictures)]
     last = max(i for i, cell in enumerate(drawn) if cell is not None)
-    first = next((i for i, ok in enumerate(done) if ok), None)
-    batch_done = sum(done[i] for i, p in enumerate(plan) if p.batch == plan[last].batch)
+    first = next((i for i, ok in enumerate(ran) if ok), None)
+    batch_done = sum(ran[i] for i, p in enumerate(plan) if p.batch == plan[last].batch)
     loops = sum(p.batch == 0 for p in plan)
     strength = last_strength(loops, batch_done, plan[0].strength, fields["Final denoising strength"],
                              fields["Denoising curve"])
     info = _script_info(drawn[first] if first is not None else None, drawn[last], fields, batch_size=1,
                         seed=plan[first].seed if first is not None else -1, denoising_strength=strength,
-                        interrupted=not all(done))
+                        interrupted=not all(ok or p.batch in skipped_batches for ok, p in zip(ran, plan)))
     return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
 
 
