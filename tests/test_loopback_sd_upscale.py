@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from sdlab.pipeline.loopback import kept_pictures, last_strength, loop_grid, loop_plan, loop_strength
-from sdlab.pipeline.sd_upscale import drawn_tiles, tile_batches
-from sdlab.pipeline.tile_grid import combine_grid, split_grid
+from sdlab.pipeline.sd_upscale import tile_batches
+from sdlab.pipeline.tile_grid import combine_grid, split_grid, with_images
+from test_tile_grid import a1111_combine_grid, a1111_split_grid
 
 
 # ---- A1111 scripts/loopback.py `Script.run`, transcribed: `process_images` and `state` are stand-ins --------------
@@ -147,60 +148,7 @@ def test_the_loopback_grid_is_a1111s_image_grid_in_one_row() -> None:
     assert np.array_equal(np.asarray(loop_grid(pictures)), np.asarray(a1111_image_grid(pictures, rows=1)))
 
 
-# ---- A1111 scripts/sd_upscale.py `Script.run` and modules/images.py `split_grid` / `combine_grid` ----------------
-
-Grid = namedtuple("Grid", ["tiles", "tile_w", "tile_h", "image_w", "image_h", "overlap"])
-
-
-def a1111_split_grid(image, tile_w=512, tile_h=512, overlap=64):
-    w = image.width
-    h = image.height
-    non_overlap_width = tile_w - overlap
-    non_overlap_height = tile_h - overlap
-    cols = math.ceil((w - overlap) / non_overlap_width)
-    rows = math.ceil((h - overlap) / non_overlap_height)
-    dx = (w - tile_w) / (cols - 1) if cols > 1 else 0
-    dy = (h - tile_h) / (rows - 1) if rows > 1 else 0
-    grid = Grid([], tile_w, tile_h, w, h, overlap)
-    for row in range(rows):
-        row_images = []
-        y = int(row * dy)
-        if y + tile_h >= h:
-            y = h - tile_h
-        for col in range(cols):
-            x = int(col * dx)
-            if x + tile_w >= w:
-                x = w - tile_w
-            tile = image.crop((x, y, x + tile_w, y + tile_h))
-            row_images.append([x, tile_w, tile])
-        grid.tiles.append([y, tile_h, row_images])
-    return grid
-
-
-def a1111_combine_grid(grid):
-    def make_mask_image(r):
-        r = r * 255 / grid.overlap
-        r = r.astype(np.uint8)
-        return Image.fromarray(r, 'L')
-
-    mask_w = make_mask_image(np.arange(grid.overlap, dtype=np.float32).reshape((1, grid.overlap)).repeat(grid.tile_h, axis=0))
-    mask_h = make_mask_image(np.arange(grid.overlap, dtype=np.float32).reshape((grid.overlap, 1)).repeat(grid.image_w, axis=1))
-    combined_image = Image.new("RGB", (grid.image_w, grid.image_h))
-    for y, h, row in grid.tiles:
-        combined_row = Image.new("RGB", (grid.image_w, h))
-        for x, w, tile in row:
-            if x == 0:
-                combined_row.paste(tile, (0, 0))
-                continue
-            combined_row.paste(tile.crop((0, 0, grid.overlap, h)), (x, 0), mask=mask_w)
-            combined_row.paste(tile.crop((grid.overlap, 0, w, h)), (x + grid.overlap, 0))
-        if y == 0:
-            combined_image.paste(combined_row, (0, 0))
-            continue
-        combined_image.paste(combined_row.crop((0, 0, combined_row.width, grid.overlap)), (0, y), mask=mask_h)
-        combined_image.paste(combined_row.crop((0, grid.overlap, combined_row.width, h)), (0, y + grid.overlap))
-    return combined_image
-
+# ---- A1111 scripts/sd_upscale.py `Script.run` (`split_grid` / `combine_grid`: test_tile_grid's transcription) --
 
 def a1111_sd_upscale(img, width, height, overlap, seed, batch_size, n_iter, interrupt_after=None):
     """The run after the upscale: (calls: [(init tiles, seed, batch size)], combined pictures). Each call returns
@@ -271,7 +219,7 @@ def test_sd_upscale_draws_and_combines_the_tiles_as_a1111(size, tile, overlap, b
         results[batch.upscale] += [Image.fromarray(255 - np.asarray(pictures[min(i, len(pictures) - 1)]))
                                    for i in range(batch.batch_size)]
     for n, picture in enumerate(expected):
-        assert np.array_equal(np.asarray(combine_grid(drawn_tiles(grid, results[n]))), np.asarray(picture))
+        assert np.array_equal(np.asarray(combine_grid(with_images(grid, results[n]))), np.asarray(picture))
 
 
 def test_tiles_not_drawn_after_an_interrupt_are_black_as_a1111s() -> None:
@@ -281,4 +229,4 @@ def test_tiles_not_drawn_after_an_interrupt_are_black_as_a1111s() -> None:
     tiles = [t.image for _, t in grid.tiles()]
     results = [Image.fromarray(255 - np.asarray(tiles[i])) for b in tile_batches(len(tiles), 2, 1, 3)[:2]
                for i in b.tiles]
-    assert np.array_equal(np.asarray(combine_grid(drawn_tiles(grid, results))), np.asarray(expected[0]))
+    assert np.array_equal(np.asarray(combine_grid(with_images(grid, results))), np.asarray(expected[0]))

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from sdlab.pipeline.outpainting_scripts import (
     DIRECTIONS, match_histograms, matched_noise, mk2_passes, outpaint_sides, poor_mans_tiles,
 )
-from sdlab.pipeline.tile_grid import split_grid
+from test_tile_grid import a1111_split_grid
 
 
 # scikit-image 0.24 skimage/exposure/histogram_matching.py `_match_cumulative_cdf` (float path) and
@@ -230,13 +230,13 @@ def a1111_poor_mans_work(init_img, pixels, mask_blur, direction, width, height):
         left + (mask_blur // 2 if left > 0 else 0), up + (mask_blur // 2 if up > 0 else 0),
         mask.width - right - (mask_blur // 2 if right > 0 else 0),
         mask.height - down - (mask_blur // 2 if down > 0 else 0)), fill="black")
-    grids = [split_grid(image, width, height, pixels) for image in (img, mask, latent_mask)]
+    grids = [a1111_split_grid(image, width, height, pixels) for image in (img, mask, latent_mask)]
     work = []
-    for (row, tile), (_, tile_mask), (_, tile_latent) in zip(*(grid.tiles() for grid in grids)):
-        x, w, y, h = tile.x, tile.width, row.y, row.height
-        if x >= left and x + w <= img.width - right and y >= up and y + h <= img.height - down:
-            continue
-        work.append((x, y, tile.image, tile_mask.image, tile_latent.image))
+    for (y, h, row), (_, _, mask_row), (_, _, latent_row) in zip(*(grid.tiles for grid in grids)):
+        for (x, w, tile), (_, _, tile_mask), (_, _, tile_latent) in zip(row, mask_row, latent_row):
+            if x >= left and x + w <= img.width - right and y >= up and y + h <= img.height - down:
+                continue
+            work.append((x, y, tile, tile_mask, tile_latent))
     return work
 
 

@@ -1,6 +1,6 @@
 """A1111 1.10's img2img scripts Loopback and SD upscale on /sdapi/v1/img2img (`script_name` + `script_args`): every
 pass / tile batch is exactly the single img2img request it stands for, the SD upscale picture is A1111's
-`combine_grid` (transcribed in test_loopback_sd_upscale.py) of those tiles, and the answer is A1111's
+`combine_grid` (transcribed in test_tile_grid.py) of those tiles, and the answer is A1111's
 `Processed(p, images, seed, initial_info)` of scripts/loopback.py and scripts/sd_upscale.py."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from PIL import Image
 from sdlab.pipeline.loopback import loop_strength
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
-from test_loopback_sd_upscale import a1111_combine_grid, a1111_split_grid
+from test_tile_grid import a1111_combine_grid, a1111_split_grid
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 4, "seed": 7, "cfg_scale": 5.0,
         "sampler_name": "Euler", "width": 64, "height": 64}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from sdlab.pipeline.tile_grid import Tile, TileGrid, TileRow, combine_grid, split_grid
+from sdlab.pipeline.tile_grid import Tile, TileGrid, combine_grid, split_grid, with_images
 
 __all__ = ["DIRECTIONS", "Mk2Pass", "OutpaintError", "OutpaintTiles", "Sides", "match_histograms", "matched_noise", "mk2_passes",
            "outpaint_sides", "poor_mans_tiles"]
@@ -104,12 +104,9 @@ class OutpaintTiles:
     def combined(self, drawn: Sequence[Image.Image | None]) -> Image.Image:
         """The canvas with the `work` tiles replaced by `drawn` (in order; None or missing, one not drawn after an
         interrupt: black, as A1111's ``Image.new``), put back together (``combine_grid``)."""
-        replaced = {id(tile): drawn[i] if i < len(drawn) and drawn[i] is not None else
-                    Image.new("RGB", (self.grid.tile_w, self.grid.tile_h)) for i, (tile, _, _) in enumerate(self.work)}
-        rows = [TileRow(row.y, row.height, [Tile(tile.x, tile.width, replaced.get(id(tile), tile.image))
-                                            for tile in row.tiles]) for row in self.grid.rows]
-        return combine_grid(TileGrid(rows, self.grid.tile_w, self.grid.tile_h, self.grid.image_w, self.grid.image_h,
-                                     self.grid.overlap))
+        work = {id(tile) for tile, _, _ in self.work}
+        which = [k for k, (_, tile) in enumerate(self.grid.tiles()) if id(tile) in work]
+        return combine_grid(with_images(self.grid, drawn, which))
 
 
 def poor_mans_tiles(init: Image.Image, pixels: int, mask_blur: int, directions: Iterable[str],

@@ -5,18 +5,14 @@ The request's init picture goes through an upscaler (`sdlab.pipeline.upscale.ups
 `Upscaler.upscale`; "None" leaves it as it is), is cut into tiles of the request's width x height overlapping
 by `overlap` pixels (`sdlab.pipeline.tile_grid.split_grid`), the tiles are drawn `batch_size` at a time as
 img2img batches (one init picture per picture, `tile_batches`), and the drawn tiles are blended back over the
-overlaps with linear ramps (`drawn_tiles`, `tile_grid.combine_grid`). Every `n_iter` draws all the tiles once
+overlaps with linear ramps (`tile_grid.with_images`, `tile_grid.combine_grid`). Every `n_iter` draws all the tiles once
 more, from the seed plus its index.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
-
-from PIL import Image
-
-from sdlab.pipeline.tile_grid import TileGrid, TileRow
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -41,14 +37,3 @@ def tile_batches(tile_count: int, batch_size: int, upscale_count: int, seed: int
             tiles = range(i * batch_size, min((i + 1) * batch_size, tile_count))
             batches.append(TileBatch(upscale, tiles, seed + upscale + i, len(tiles) if len(tiles) > 1 else batch_size))
     return batches
-
-
-def drawn_tiles(grid: TileGrid, results: list[Image.Image]) -> TileGrid:
-    """The grid with the drawn `results` (every picture of its batches, in order) for its tiles, black for those
-    beyond them (A1111's `Image.new("RGB", (p.width, p.height))` after an interrupt); pictures past the tiles
-    (a lone tile's batch) are left out."""
-    pictures = iter(results)
-    black = Image.new("RGB", (grid.tile_w, grid.tile_h))
-    rows = [TileRow(row.y, row.height, [replace(tile, image=next(pictures, black)) for tile in row.tiles])
-            for row in grid.rows]
-    return replace(grid, rows=rows)

@@ -12,12 +12,13 @@ across its first ``overlap`` columns, then the rows top to bottom the same way a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["Tile", "TileGrid", "TileRow", "combine_grid", "split_grid"]
+__all__ = ["Tile", "TileGrid", "TileRow", "combine_grid", "split_grid", "with_images"]
 
 
 @dataclass
@@ -67,6 +68,19 @@ def split_grid(image: Image.Image, tile_w: int, tile_h: int, overlap: int) -> Ti
                  for x in _starts(image.width, tile_w, overlap)]
         rows.append(TileRow(y, tile_h, tiles))
     return TileGrid(rows, tile_w, tile_h, image.width, image.height, overlap)
+
+
+def with_images(grid: TileGrid, images: Sequence[Image.Image | None], which: Sequence[int] | None = None) -> TileGrid:
+    """`grid` with its tiles `which` (indexes into `tiles()`, in order; None: all) showing `images` in turn, black
+    where an image is None or missing (A1111's ``Image.new`` for a tile not drawn after an interrupt); images past
+    them are left out."""
+    black = Image.new("RGB", (grid.tile_w, grid.tile_h))
+    new = {k: images[i] if i < len(images) and images[i] is not None else black
+           for i, k in enumerate(range(len(grid.tiles())) if which is None else which)}
+    numbered = iter(range(len(grid.tiles())))
+    rows = [TileRow(row.y, row.height, [replace(tile, image=new.get(next(numbered), tile.image)) for tile in row.tiles])
+            for row in grid.rows]
+    return replace(grid, rows=rows)
 
 
 def _ramp(overlap: int, length: int, down: bool = False) -> Image.Image:

@@ -51,8 +51,8 @@ from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.prompt_matrix import DELIMITERS, PROMPT_TYPES, PromptMatrix, prompt_matrix
 from sdlab.pipeline.prompts_file import POSITIONS, Line, line_prompts, line_seeds, read_lines
 from sdlab.pipeline.request import MAX_BATCH_COUNT, MAX_SIDE, fixed_seed
-from sdlab.pipeline.sd_upscale import TileBatch, drawn_tiles, tile_batches
-from sdlab.pipeline.tile_grid import TileGrid, combine_grid, split_grid
+from sdlab.pipeline.sd_upscale import TileBatch, tile_batches
+from sdlab.pipeline.tile_grid import TileGrid, combine_grid, split_grid, with_images
 from sdlab.server.alwayson import ALWAYSON_SCRIPTS, CONTROLNET
 from sdlab.server.inputs import PLAIN_UPSCALER_NAMES, BadRequest
 
@@ -747,7 +747,7 @@ LOOPBACK = SelectableScript("Loopback", loopback_script_args, run_loopback, ("im
 
 
 SD_UPSCALE_ARG_NAMES = ("info", "overlap", "upscaler_index", "scale_factor")
-A1111_TILE_SIZE = 512           # A1111's API width / height, the tile size when the request sets none
+DEFAULT_SIZE = 512              # A1111's API width / height when unset (SD upscale's tile size)
 
 
 def _upscaler_named(names: list[str], value: Any) -> str:
@@ -777,7 +777,7 @@ def sd_upscale_args(host: ScriptHost, body: Any) -> tuple[int, str, float, tuple
     overlap = _checked("sd upscale overlap", given.get("overlap"), 64)
     scale = _checked("sd upscale scale_factor", given.get("scale_factor"), 2.0)
     name = _upscaler_named(host.upscalers(), given.get("upscaler_index"))
-    tile = (body.width or A1111_TILE_SIZE, body.height or A1111_TILE_SIZE)
+    tile = (body.width or DEFAULT_SIZE, body.height or DEFAULT_SIZE)
     if not 0 <= overlap < min(tile):
         raise BadRequest(f"sd upscale overlap must be 0..{min(tile) - 1} px, less than the tile's width and height "
                          f"({tile[0]}x{tile[1]}), got {overlap}", 422)
@@ -821,7 +821,7 @@ def answer_sd_upscale(host: ScriptHost, body: Any, grid: TileGrid, batches: list
     for n in range(upscales):
         results = [_picture(cell, i) for b, cell in zip(batches, drawn) if b.upscale == n and cell is not None
                    for i in range(len(cell.pictures))]
-        combined.append(combine_grid(drawn_tiles(grid, results)))
+        combined.append(combine_grid(with_images(grid, results)))
     last = max(i for i, cell in enumerate(drawn) if cell is not None)
     first = next(cell for cell in drawn if cell is not None)
     info = _script_info(first, drawn[last], fields, seed=batches[0].seed, batch_size=batches[last].batch_size)
@@ -845,7 +845,6 @@ SD_UPSCALE = SelectableScript("SD upscale", sd_upscale_script_args, run_sd_upsca
 
 
 FILLS = ("fill", "original", "latent noise", "latent nothing")    # A1111's Masked content radio (`type="index"`)
-DEFAULT_SIZE = 512                                                # A1111's API width / height when unset
 POOR_ARG_NAMES = ("pixels", "mask_blur", "inpainting_fill", "direction")
 POOR_DEFAULTS = (128, 4, 0, DIRECTIONS)
 MK2_ARG_NAMES = ("info", "pixels", "mask_blur", "direction", "noise_q", "color_variation")
@@ -889,11 +888,6 @@ def _outpaint_body(body: Any, blur: tuple[int, int], fill: int, **update: Any) -
                                    "inpainting_fill": fill, "inpaint_full_res": False, **update})
 
 
-def _drawn_picture(drawn: Drawn, index: int = 0) -> Image.Image:
-    with open_image(drawn.pictures[index]) as image:
-        return image.convert("RGB")
-
-
 def _outpaint_info(drawn: list[Drawn | None]) -> dict[str, Any]:
     """A1111's `Processed(p, images, initial_seed, initial_info).js()`: the last pass's fields (its `p`), the first
     pass's seed, subseed -1, and `infotexts` the first pass's first text alone."""
@@ -927,7 +921,7 @@ async def run_poor_mans_outpainting(host: ScriptHost, body: Any, mode: str) -> d
                              width=size[0], height=size[1]) for k in range(len(tiles.work))]
     labels = [f"{title} tile {k + 1} of {len(bodies)}" for k in range(len(bodies))]
     drawn = await host.draw(bodies, labels, False, lambda k, _: Pictures((tiles.work[k][0].image,), *tiles.work[k][1:]))
-    combined = tiles.combined([_drawn_picture(cell) if cell is not None else None for cell in drawn])
+    combined = tiles.combined([_picture(cell) if cell is not None else None for cell in drawn])
     images = [host.encode(combined, None)] if body.send_images else []
     return {"images": images, "parameters": host.echo(body), "info": json.dumps(_outpaint_info(drawn))}
 
@@ -961,7 +955,7 @@ async def run_outpainting_mk2(host: ScriptHost, body: Any, mode: str) -> dict[st
     def pictures_after(k: int, drawn: list[Drawn | None]) -> list[Image.Image]:
         """The batch's pictures after pass k (its canvases with that pass's pictures pasted in)."""
         j = k % len(passes)
-        return passes[j].merged(canvases[k], [_drawn_picture(drawn[k], n) for n in range(len(canvases[k]))],
+        return passes[j].merged(canvases[k], [_picture(drawn[k], n) for n in range(len(canvases[k]))],
                                 sizes[j])
 
     def pass_pictures(k: int, drawn: list[Drawn | None]) -> Pictures:
