@@ -341,6 +341,36 @@ def test_metadata_is_a1111s(tmp_path):
     assert read_checkpoint(bare.path)[1] == {}
 
 
+def test_the_metadata_sdlab_loads_by_comes_from_a_and_the_merge_is_named_by_its_file(tmp_path):
+    """B's prediction type, native size and title do not describe the merge, which A1111 draws as A (its model
+    name: the file's); A's `v_pred` marker key is not outranked by B's metadata saying epsilon."""
+    from sdlab.checkpoints.load import plan_checkpoint
+    from sdlab.checkpoints.tolerated import COMFY_V_PRED_KEY
+    from sdlab.pipeline.png_info import model_name
+
+    b_says = {"modelspec.prediction_type": "v", "modelspec.predict_key": "v", "modelspec.resolution": "768x768",
+              "modelspec.title": "Model B", "modelspec.architecture": "b-arch"}
+    a = _original("sdxl", 1, tmp_path / "a.safetensors", metadata={"modelspec.title": "Model A", "keep": "a"})
+    b = _original("sdxl", 2, tmp_path / "b.safetensors", metadata=b_says)
+    assert plan_checkpoint(b).report.prediction.value == "v" and model_name(b) == "Model B"
+    merged = merge_checkpoints([a, b], tmp_path / "m.safetensors").path
+    report = plan_checkpoint(merged).report
+    assert (report.prediction, report.native_size) == (plan_checkpoint(a).report.prediction, None)
+    assert model_name(merged) == "m"
+    meta = read_checkpoint(merged)[1]
+    assert meta["keep"] == "a" and not any(k.startswith("modelspec.") for k in meta)
+    a_v = _write({**load_file(str(a)), COMFY_V_PRED_KEY: torch.tensor([])}, tmp_path / "av.safetensors",
+                 {"modelspec.architecture": "a-arch"})
+    b_eps = _original("sdxl", 2, tmp_path / "be.safetensors", metadata={"modelspec.prediction_type": "epsilon"})
+    merged = merge_checkpoints([a_v, b_eps], tmp_path / "mv.safetensors").path
+    assert plan_checkpoint(merged).report.prediction.value == "v"
+    assert read_checkpoint(merged)[1]["modelspec.architecture"] == "a-arch"
+    a_says = _original("sdxl", 1, tmp_path / "as.safetensors", metadata=b_says)
+    merged = merge_checkpoints([a_says, b_eps], tmp_path / "ms.safetensors").path
+    report = plan_checkpoint(merged).report
+    assert (report.prediction.value, report.native_size, model_name(merged)) == ("v", 768, "ms")
+
+
 def test_the_cli_names_copies_the_config_and_refuses_bad_requests(sd1, tmp_path, capsys):
     out = tmp_path / "models"
     out.mkdir()

@@ -27,8 +27,11 @@ folder's text towers are converted whole (the rest of a folder streams).
 Metadata (`merge_metadata`), as A1111's "Save metadata" writes it: the inputs' own (A, then B, then C, each
 replacing the last: "Copy metadata from merged models"), the user's JSON, `format` "pt", and with "Add merge
 recipe" `sd_merge_recipe` and `sd_merge_models` (each input by its sha256: name, legacy hash, its own
-recipe, and the models it was merged from). sdlab's own `sdlab.*` keys describe the networks, which are A's:
-they come from A alone (a diffusers folder's from what its configs declare).
+recipe, and the models it was merged from). The keys sdlab loads a file by describe its networks, which are
+A's (A1111 draws a merge as A: its config `.yaml` is A's first), so they come from A alone (a diffusers folder's
+from what its configs declare): sdlab's own `sdlab.*` and Stability's model spec `modelspec.*` (prediction type,
+native size, architecture), but for the keys that name A's file (`modelspec.title`, which names the pictures
+drawn with it, and its hash), which the merge, a new model named by its file as in A1111, does not have.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ CONFIG_SOURCES = ("A, B or C", "B", "C", "Don't")                 # A1111's "Cop
 SKIP_ON_MERGE = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 INPAINT_CHANNELS, PIX2PIX_CHANNELS = 9, 8
+MODEL_KEYS = ("sdlab.", "modelspec.")                           # metadata describing the networks: A's
+FILE_KEYS = ("modelspec.title", "modelspec.hash_sha256")        # ... but those naming A's file: none
 
 # A1111 `sd_models.checkpoint_dict_replacements_sd1` / `_sd2_turbo`, applied as `read_state_dict` applies them
 _SD1_RENAMES = {
@@ -111,7 +116,7 @@ class MergeInput:
     tensors: Mapping[str, Tensor]
     metadata: Mapping[str, str]
     family: FamilySpec | None                   # None: a B or C whose tensors name none (a U-Net alone, ...)
-    own: Mapping[str, str]                      # the `sdlab.*` metadata that describes its networks
+    own: Mapping[str, str]                      # the metadata that describes its networks (`model_metadata`)
 
     @property
     def model_name(self) -> str:
@@ -190,8 +195,12 @@ def open_input(path: str | Path, *, primary: bool = True) -> MergeInput:
         logger.info("%s", exc)
         family = None
     tensors = RenamedState(state, a1111_names(list(state), shapes))
-    own = {k: v for k, v in metadata.items() if k.startswith("sdlab.")}
-    return MergeInput(path, tensors, dict(metadata), family, own)
+    return MergeInput(path, tensors, dict(metadata), family, model_metadata(metadata))
+
+
+def model_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The keys of `metadata` that describe a model's networks as sdlab loads them (module docstring)."""
+    return {k: v for k, v in metadata.items() if k.startswith(MODEL_KEYS) and k not in FILE_KEYS}
 
 
 def _open_folder(path: Path) -> MergeInput:
@@ -423,7 +432,7 @@ def merge_metadata(inputs: list[MergeInput], options: MergeOptions, merged: Merg
             metadata.update(model.metadata)
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in options.metadata_json.items()})
     metadata["format"] = "pt"
-    metadata = {k: v for k, v in metadata.items() if not k.startswith("sdlab.")} | dict(inputs[0].own)
+    metadata = {k: v for k, v in metadata.items() if not k.startswith(MODEL_KEYS)} | dict(inputs[0].own)
     if options.add_recipe:
         hashes = [input_hash(model) for model in inputs]
         recipe = {
