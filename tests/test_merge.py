@@ -371,6 +371,20 @@ def test_the_metadata_sdlab_loads_by_comes_from_a_and_the_merge_is_named_by_its_
     assert (report.prediction.value, report.native_size, model_name(merged)) == ("v", 768, "ms")
 
 
+def test_a_ckpts_top_level_entries_are_not_copied_as_metadata(sd1, tmp_path):
+    """A1111's `CheckpointInfo.metadata` is read from a `.safetensors` header alone: a Lightning `.ckpt`'s
+    `epoch` / `global_step` / version entries are no metadata to copy."""
+    entries = {"epoch": 6, "global_step": 840000, "pytorch-lightning_version": "1.4.2"}
+    ckpts = []
+    for path in sd1[:2]:
+        ckpts.append(tmp_path / f"{path.stem}.ckpt")
+        torch.save({"state_dict": load_file(str(path)), **entries}, ckpts[-1])
+    assert read_checkpoint(ckpts[0])[1]["global_step"] == "840000"
+    for paths in (ckpts, [sd1[0], ckpts[1]]):
+        meta = read_checkpoint(merge_checkpoints(paths, tmp_path / "m.safetensors").path)[1]
+        assert set(meta) == {"format", "sd_merge_recipe", "sd_merge_models"}
+
+
 def test_the_cli_names_copies_the_config_and_refuses_bad_requests(sd1, tmp_path, capsys):
     out = tmp_path / "models"
     out.mkdir()

@@ -114,7 +114,7 @@ class MergeInput:
 
     path: Path
     tensors: Mapping[str, Tensor]
-    metadata: Mapping[str, str]
+    metadata: Mapping[str, str]                 # what A1111 copies: a .safetensors header's (a pickle's entries: none)
     family: FamilySpec | None                   # None: a B or C whose tensors name none (a U-Net alone, ...)
     own: Mapping[str, str]                      # the metadata that describes its networks (`model_metadata`)
 
@@ -195,7 +195,8 @@ def open_input(path: str | Path, *, primary: bool = True) -> MergeInput:
         logger.info("%s", exc)
         family = None
     tensors = RenamedState(state, a1111_names(list(state), shapes))
-    return MergeInput(path, tensors, dict(metadata), family, model_metadata(metadata))
+    copied = dict(metadata) if path.suffix.lower() == ".safetensors" else {}   # A1111 reads a header's alone
+    return MergeInput(path, tensors, copied, family, model_metadata(metadata))
 
 
 def model_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
