@@ -8,6 +8,7 @@ import os
 import pytest
 
 from sdlab.pipeline import png_info
+from sdlab.utils import file_hashes
 from sdlab.utils.file_hashes import cache_dir, cached_hash
 
 
@@ -43,7 +44,7 @@ def test_model_lora_and_embedding_hashes_go_through_the_cache(tmp_path, cache, m
     model.write_bytes(b"weights" * 100)
     digest = hashlib.sha256(model.read_bytes()).hexdigest()
     assert png_info.model_hash(model) == digest[:10] and png_info.embedding_hash(model) == digest[:12]
-    monkeypatch.setattr(png_info, "_sha256_rest", lambda *a: pytest.fail("re-read a cached file"))
+    monkeypatch.setattr(file_hashes, "_file_sha256", lambda *a: pytest.fail("re-read a cached file"))
     assert png_info.model_hash(model) == digest[:10] and png_info.file_sha256(model) == digest
 
 

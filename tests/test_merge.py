@@ -385,6 +385,27 @@ def test_a_ckpts_top_level_entries_are_not_copied_as_metadata(sd1, tmp_path):
         assert set(meta) == {"format", "sd_merge_recipe", "sd_merge_models"}
 
 
+def test_the_merge_is_hashed_as_it_is_saved_and_listed_with_its_hash(sd1, tmp_path, monkeypatch):
+    """A1111's `run_modelmerger` ends with `created_model.calculate_shorthash()`: the new model's title carries
+    its hash at once (the inputs' hashes are not needed: no recipe)."""
+    import hashlib
+
+    from sdlab.server.registry import ModelRegistry
+    from sdlab.utils.file_hashes import known_file_sha256
+
+    monkeypatch.setenv("SDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "Stable-diffusion"
+    folder.mkdir()
+    options = MergeOptions(add_recipe=False)
+    made = [merge_checkpoints(sd1[:2], folder, options).path,
+            merge_checkpoints(sd1[:2], folder, options, checkpoint_format="ckpt").path]
+    for path in made:
+        assert known_file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert known_file_sha256(sd1[0]) is None
+    titles = {c.as_a1111()["title"] for c in ModelRegistry(made[0], tmp_path).checkpoints}
+    assert titles == {f"{p.name} [{hashlib.sha256(p.read_bytes()).hexdigest()[:10]}]" for p in made}
+
+
 def test_the_cli_names_copies_the_config_and_refuses_bad_requests(sd1, tmp_path, capsys):
     out = tmp_path / "models"
     out.mkdir()

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from sdlab.pipeline import png_info
 from sdlab.server.registry import ModelRegistry
+from sdlab.utils import file_hashes
 
 
 def _a1111_title(name: str, sha256: str | None) -> str:
@@ -33,14 +34,14 @@ def hashed(monkeypatch, tmp_path) -> list[str]:
     """The files read whole for a hash (their names), with an empty hash cache of this test's own."""
     monkeypatch.setenv("SDLAB_CACHE_DIR", str(tmp_path / "cache"))
     names: list[str] = []
-    for function in ("_file_sha256", "_addnet_hash"):
-        real = getattr(png_info, function)
+    for module, function in ((file_hashes, "_file_sha256"), (png_info, "_addnet_hash")):
+        real = getattr(module, function)
 
         def spy(path, real=real):
             names.append(Path(path).name)
             return real(path)
 
-        monkeypatch.setattr(png_info, function, spy)
+        monkeypatch.setattr(module, function, spy)
     return names
 
 
@@ -113,13 +114,13 @@ def test_a_model_named_by_a_title_with_a_hash_is_found_before_it_is_hashed(model
 
 def test_requests_hashing_a_model_at_once_read_it_once(models, hashed, monkeypatch):
     registry = ModelRegistry(models / "m0.safetensors", models)
-    model, spy = registry.find("m1"), png_info._file_sha256
+    model, spy = registry.find("m1"), file_hashes._file_sha256
 
     def slow(path):
         time.sleep(0.2)
         return spy(path)
 
-    monkeypatch.setattr(png_info, "_file_sha256", slow)
+    monkeypatch.setattr(file_hashes, "_file_sha256", slow)
     with ThreadPoolExecutor(3) as pool:
         hashes = list(pool.map(lambda _: model.calculate_hash(), range(3)))
     assert hashes == [_sha256(models / "m1.safetensors")[:10]] * 3

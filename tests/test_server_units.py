@@ -16,7 +16,6 @@ from PIL import Image
 
 import sdlab
 from sdlab.families.latent_format import LatentFormat
-from sdlab.pipeline import png_info
 from sdlab.pipeline.png_info import model_hash
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.config import Limits
@@ -24,6 +23,7 @@ from sdlab.server.inputs import BadRequest, check_request, decode_image, sampler
 from sdlab.server.previews import LatentPreviewer, jpeg_data_url
 from sdlab.server.registry import ModelRegistry
 from sdlab.server.store import Store
+from sdlab.utils import file_hashes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,8 +37,8 @@ def test_model_list_hashes_are_a1111s_and_read_once_per_file_version(tmp_path, m
     model = tmp_path / "m.safetensors"
     model.write_bytes(os.urandom(3 << 20))
     calls = []
-    real = png_info._file_sha256
-    monkeypatch.setattr(png_info, "_file_sha256", lambda path: calls.append(path) or real(path))
+    real = file_hashes._file_sha256
+    monkeypatch.setattr(file_hashes, "_file_sha256", lambda path: calls.append(path) or real(path))
     first = ModelRegistry(model, None).default
     assert first.hash == model_hash(model) and first.sha256 == hashlib.sha256(model.read_bytes()).hexdigest()
     assert first.title == f"m.safetensors [{first.hash}]" and len(calls) == 1

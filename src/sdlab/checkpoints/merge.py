@@ -59,7 +59,7 @@ from sdlab.checkpoints.save import prediction_markers, text_file_state
 from sdlab.checkpoints.sidecar import sidecar_of
 from sdlab.families import FamilySpec
 from sdlab.families.loaded import ModelBundle, TextEncoder
-from sdlab.utils.file_hashes import cached_hash
+from sdlab.utils.file_hashes import cached_hash, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -545,8 +545,8 @@ FORMATS = ("safetensors", "ckpt")
 
 def merge_checkpoints(models: list[str | Path], out: str | Path, options: MergeOptions = MergeOptions(), *,
                       checkpoint_format: str = "safetensors") -> MergeResult:
-    """Merge `models` (A, B, C as the method needs) into `out` and copy the config `.yaml` beside it as A1111
-    does (module docstring). `out` is a `.safetensors` or `.ckpt` file, or an existing folder to write A1111's
+    """Merge `models` (A, B, C as the method needs) into `out`, hash it into sdlab's hash cache and copy the config
+    `.yaml` beside it as A1111 does (module docstring). `out` is a `.safetensors` or `.ckpt` file, or an existing folder to write A1111's
     name for the merge in (`default_name` + `checkpoint_format`)."""
     out = Path(out)
     if not out.is_dir() and out.suffix.lower().lstrip(".") not in FORMATS:
@@ -555,6 +555,7 @@ def merge_checkpoints(models: list[str | Path], out: str | Path, options: MergeO
     if out.is_dir():
         out = out / f"{default_name(inputs, options, merged)}.{checkpoint_format}"
     write_merged(out, merged, merge_metadata(inputs, options, merged))
+    file_sha256(out)              # hashed as A1111 hashes the merge it saves: its listings show the hash at once
     config = config_to_copy(inputs, options.config_source)
     if config is not None:
         from sdlab.utils.files import atomic_write

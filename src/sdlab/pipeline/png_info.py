@@ -45,7 +45,7 @@ from PIL import Image, PngImagePlugin
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.io import read_safetensors_header
 from sdlab.pipeline.images import open_image, source_name
-from sdlab.utils.file_hashes import cached_hash, known_hash, read_per_version
+from sdlab.utils.file_hashes import cached_hash, file_sha256, known_file_sha256, known_hash, read_per_version
 from sdlab.utils.files import atomic_write, fsync_dir
 
 logger = logging.getLogger(__name__)
@@ -396,21 +396,6 @@ def _place(temporary: Path, path: Path, overwrite: bool) -> None:
         os.replace(temporary, path)
         return
     temporary.unlink()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The hex SHA-256 of the whole file, computed once per version of the file (`utils.file_hashes`)."""
-    return cached_hash(path, "sha256", _file_sha256)
-
-
-def known_file_sha256(path: str | os.PathLike) -> str | None:
-    """`file_sha256` where it has been computed for this version of the file, else None (nothing is read)."""
-    return known_hash(path, "sha256")
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as file:
-        return _sha256_rest(file, 1 << 20)
 
 
 def model_hash(path: str | os.PathLike) -> str:

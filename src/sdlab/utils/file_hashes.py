@@ -15,6 +15,7 @@ dropped whenever the table has doubled since the last sweep, so it holds at most
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -72,6 +73,21 @@ def cached_hash(path: str | os.PathLike[str], kind: str, compute: Callable[[Path
     except (OSError, sqlite3.Error) as err:
         logger.debug("hash cache not written (%s)", err)
     return value
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The hex SHA-256 of the whole file (A1111's model hash), computed once per version of the file."""
+    return cached_hash(path, "sha256", _file_sha256)
+
+
+def known_file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """`file_sha256` where it has been computed for this version of the file, else None (nothing is read)."""
+    return known_hash(path, "sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def known_hash(path: str | os.PathLike[str], kind: str) -> str | None:
@@ -144,4 +160,5 @@ def _forget_gone_files() -> None:
         _sweep_at = max(_FIRST_SWEEP, 2 * len(_READS))
 
 
-__all__ = ["cache_dir", "cached_hash", "file_version", "known_hash", "read_per_version", "stat_version"]
+__all__ = ["cache_dir", "cached_hash", "file_sha256", "file_version", "known_file_sha256", "known_hash",
+           "read_per_version", "stat_version"]
