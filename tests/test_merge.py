@@ -256,6 +256,30 @@ def test_a_normal_a_with_an_inpainting_b_is_refused_as_a1111_refuses_it(sd1, tmp
     assert list(tmp_path.glob("m*")) == [] and list(tmp_path.glob(".*tmp")) == []
 
 
+def _linear_vae_attention(path: Path, out: Path) -> Path:
+    """The file with its VAE attention projections stored as linear [C, C], as some converted files are."""
+    state = load_file(str(path))
+    attention = re.compile(r"^first_stage_model\..*\.attn_1\.(q|k|v|proj_out)\.weight$")
+    return _write({k: v[:, :, 0, 0] if attention.match(k) else v for k, v in state.items()}, out)
+
+
+def test_vae_attention_stored_as_linear_merges_in_the_layout_of_a(sd1, tmp_path):
+    """sdlab loads a VAE's attention projections as linear [C, C] or 1x1 convs [C, C, 1, 1]: B and C in the other
+    layout take A's, and the merge is the one of the files in A's layout."""
+    from sdlab.checkpoints.load import load_bundle
+
+    linear = [_linear_vae_attention(p, tmp_path / f"{p.stem}_linear.safetensors") for p in sd1]
+    load_bundle(linear[1], dtype=torch.float32)                                        # sdlab loads it
+    key = "first_stage_model.decoder.mid.attn_1.k.weight"
+    for method, paths in ((WEIGHTED_SUM, [sd1[0], linear[1]]), (ADD_DIFFERENCE, [sd1[0], linear[1], linear[2]]),
+                          (ADD_DIFFERENCE, [linear[0], sd1[1], linear[2]])):
+        options = MergeOptions(method=method, multiplier=0.6)
+        result = merge_checkpoints(paths, tmp_path / "m.safetensors", options)
+        a_layout = [sd1[i] if paths[0] == sd1[0] else linear[i] for i in range(len(paths))]
+        _assert_same(result.path, _reference(a_layout, method, 0.6)[0])
+        assert load_file(str(result.path))[key].shape == load_file(str(paths[0]))[key].shape
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The output: loads, draws, other formats and inputs
 

@@ -9,9 +9,11 @@ holds "model" and that B holds (the rest are A's; a B key that C lacks adds noth
 never merged (`checkpoint_dict_skip_on_merge`). An inpainting (9-channel) or instruct-pix2pix (8-channel) A
 merged with a normal B mixes only the 4 latent channels of the U-Net's first convolution
 (`model.diffusion_model.input_blocks.0.0.weight`); the other way round is refused as A1111 refuses it, as is
-any other pair of shapes (where A1111 would fail or broadcast). "Save as float16" halves the fp32 tensors it
-merges (every fp32 tensor under "No interpolation"). "Bake in VAE" then replaces A's VAE tensors with a VAE
-file's (halved likewise), and "discard weights" drops the keys a regular expression finds (`re.search`).
+any other pair of shapes (where A1111 would fail or broadcast), but for the VAE attention projections, which
+sdlab loads as linear [C, C] or 1x1 convolutions [C, C, 1, 1]: B's and C's take A's layout. "Save as float16"
+halves the fp32 tensors it merges (every fp32 tensor under "No interpolation"). "Bake in VAE" then replaces A's
+VAE tensors with a VAE file's (halved likewise), and "discard weights" drops the keys a regular expression finds
+(`re.search`).
 
 Keys are A1111's: a single file's own (the pre-`text_model.` CLIP names of old SD1 files renamed, SD 2.1
 Turbo's `conditioner.embedders.0.` read as `cond_stage_model.`, as its `read_state_dict` does); a diffusers
@@ -59,6 +61,7 @@ from sdlab.checkpoints.save import prediction_markers, text_file_state
 from sdlab.checkpoints.sidecar import sidecar_of
 from sdlab.families import FamilySpec
 from sdlab.families.loaded import ModelBundle, TextEncoder
+from sdlab.models.vae import ATTENTION_PROJECTIONS
 from sdlab.utils.file_hashes import cached_hash, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ CONFIG_SOURCES = ("A, B or C", "B", "C", "Don't")                 # A1111's "Cop
 SKIP_ON_MERGE = ("cond_stage_model.transformer.text_model.embeddings.position_ids",)
 CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 INPAINT_CHANNELS, PIX2PIX_CHANNELS = 9, 8
+VAE_ATTENTION = tuple(f".attn_1.{name}.weight" for name in ATTENTION_PROJECTIONS)
 MODEL_KEYS = ("sdlab.", "modelspec.")                           # metadata describing the networks: A's
 FILE_KEYS = ("modelspec.title", "modelspec.hash_sha256")        # ... but those naming A's file: none
 
@@ -366,10 +370,10 @@ class MergedState(LazyMapping):
     def _merged(self, key: str, read: Callable[[Mapping[str, Tensor], str], Tensor]) -> Tensor:
         """A1111's merge of A's and B's (minus C's) tensor at `key`."""
         m = self.options.multiplier
-        b = read(self.b.tensors, key)
+        b = self._in_a_layout(key, read(self.b.tensors, key))
         if self.c is not None:
             if key in self.c.tensors:
-                c = read(self.c.tensors, key)
+                c = self._in_a_layout(key, read(self.c.tensors, key))
                 if c.shape != b.shape:
                     raise MergeError(f"cannot merge {key}: B holds {_shape(b)}, C {_shape(c)} (B - C needs one shape)")
                 b = b - c
@@ -390,6 +394,14 @@ class MergedState(LazyMapping):
                 self.is_instruct_pix2pix |= a.shape[1] == PIX2PIX_CHANNELS
                 return out
         raise MergeError(f"cannot merge {key}: A holds {_shape(a)}, B {_shape(b)} (models of different shapes)")
+
+    def _in_a_layout(self, key: str, t: Tensor) -> Tensor:
+        """B's or C's tensor at `key` in A's shape where sdlab loads both as one weight: a VAE attention
+        projection stored as a linear [C, C] (some converted files) or a 1x1 convolution [C, C, 1, 1]."""
+        if not (key.startswith(self.a.family.vae_prefix) and key.endswith(VAE_ATTENTION)):
+            return t
+        shape = meta_tensor(self.a.tensors, key).shape
+        return t.reshape(shape) if t.numel() == shape.numel() else t
 
     def _combine(self, a: Tensor, b: Tensor, m: float) -> Tensor:
         """`weighted_sum(a, b, m)` or `add_difference(a, b, m)` of A1111, operation for operation."""
