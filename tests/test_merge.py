@@ -430,6 +430,27 @@ def test_the_merge_is_hashed_as_it_is_saved_and_listed_with_its_hash(sd1, tmp_pa
     assert titles == {f"{p.name} [{hashlib.sha256(p.read_bytes()).hexdigest()[:10]}]" for p in made}
 
 
+def test_an_out_ending_in_a_slash_is_a_folder_made_when_the_merge_is_written(sd1, tmp_path, capsys, monkeypatch):
+    """The README's `--out models/`, with no `models` yet: the folder is made, the merge gets A1111's name; a
+    merge that fails makes no folder."""
+    monkeypatch.chdir(tmp_path)
+    inpaint = _with_conv_in(sd1[0], 9, 5, tmp_path / "inpaint.safetensors")
+    code, printed, err = run(["merge", str(inpaint), *map(str, sd1[1:]), "--method", "add-difference", "-M", "1",
+                              "--out", "models/"], capsys)
+    assert code == 0, err
+    assert Path(printed.strip()) == Path("models") / "inpaint + 1.0(b - c).inpainting.safetensors"
+    assert (tmp_path / printed.strip()).is_file()
+    made = merge_checkpoints(sd1[:2], f"{tmp_path / 'a' / 'b'}/", checkpoint_format="ckpt").path
+    assert made == tmp_path / "a" / "b" / "0.7(a) + 0.3(b).ckpt" and made.is_file()
+    code, _, err = run(["merge", str(sd1[0]), "--out", "new/"], capsys)
+    assert code == 2 and "merges 2 models" in err and not (tmp_path / "new").exists()
+    code, _, err = run(["merge", *map(str, sd1[:2]), "--out", "new"], capsys)
+    assert code == 2 and "ending in '/'" in err and not (tmp_path / "new").exists()
+    (tmp_path / "file").write_text("")
+    code, _, err = run(["merge", *map(str, sd1[:2]), "--out", "file/"], capsys)
+    assert code == 2 and "not a folder" in err and len(err.splitlines()) == 1
+
+
 def test_the_cli_names_copies_the_config_and_refuses_bad_requests(sd1, tmp_path, capsys):
     out = tmp_path / "models"
     out.mkdir()

@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -555,16 +556,23 @@ def _own_storage(t: Tensor) -> Tensor:
 FORMATS = ("safetensors", "ckpt")
 
 
+def is_folder_output(out: str | os.PathLike[str]) -> bool:
+    """Whether `out` names a folder to write the merge in under A1111's name: an existing folder, or a path
+    ending in a separator (`models/`), made when the merge is written as a missing parent of a file is."""
+    return Path(out).is_dir() or os.fspath(out).endswith(("/", os.sep))
+
+
 def merge_checkpoints(models: list[str | Path], out: str | Path, options: MergeOptions = MergeOptions(), *,
                       checkpoint_format: str = "safetensors") -> MergeResult:
     """Merge `models` (A, B, C as the method needs) into `out`, hash it into sdlab's hash cache and copy the config
-    `.yaml` beside it as A1111 does (module docstring). `out` is a `.safetensors` or `.ckpt` file, or an existing folder to write A1111's
-    name for the merge in (`default_name` + `checkpoint_format`)."""
+    `.yaml` beside it as A1111 does (module docstring). `out` is a `.safetensors` or `.ckpt` file, or a folder
+    (`is_folder_output`) to write A1111's name for the merge in (`default_name` + `checkpoint_format`)."""
+    folder = is_folder_output(out)
     out = Path(out)
-    if not out.is_dir() and out.suffix.lower().lstrip(".") not in FORMATS:
-        raise MergeError(f"{out}: the merge is written as .safetensors or .ckpt; name one of these (or a folder)")
+    if not folder and out.suffix.lower().lstrip(".") not in FORMATS:
+        raise MergeError(f"{out}: the merge is written as .safetensors or .ckpt; name one of these (or a folder/)")
     inputs, merged = prepare_merge(models, options)
-    if out.is_dir():
+    if folder:
         out = out / f"{default_name(inputs, options, merged)}.{checkpoint_format}"
     write_merged(out, merged, merge_metadata(inputs, options, merged))
     file_sha256(out)              # hashed as A1111 hashes the merge it saves: its listings show the hash at once
@@ -581,6 +589,6 @@ def merge_checkpoints(models: list[str | Path], out: str | Path, options: MergeO
 
 __all__ = [
     "ADD_DIFFERENCE", "CONFIG_SOURCES", "FORMATS", "METHODS", "MergeError", "MergeInput", "MergeOptions", "MergeResult",
-    "MergedState", "NO_INTERPOLATION", "WEIGHTED_SUM", "default_name", "merge_checkpoints", "merge_metadata",
-    "open_input", "prepare_merge", "write_merged",
+    "MergedState", "NO_INTERPOLATION", "WEIGHTED_SUM", "default_name", "is_folder_output", "merge_checkpoints",
+    "merge_metadata", "open_input", "prepare_merge", "write_merged",
 ]

@@ -59,8 +59,9 @@ def add_merge(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("models", nargs="+", metavar="MODEL",
                    help="A, then B for weighted-sum and add-difference, then C for add-difference")
     p.add_argument("--out", required=True,
-                   help="output .safetensors or .ckpt file, or an existing folder to write A1111's name for the merge in "
-                        "(e.g. '0.7(A) + 0.3(B).safetensors'); an existing file is replaced")
+                   help="output .safetensors or .ckpt file, or a folder (an existing one, or one ending in '/', made "
+                        "when writing) to write A1111's name for the merge in (e.g. '0.7(A) + 0.3(B).safetensors'); "
+                        "an existing file is replaced")
     p.add_argument("--method", type=_method, default="Weighted sum",
                    help="weighted-sum: A*(1-M) + B*M (default); add-difference: A + (B-C)*M; none: A alone "
                         "(format conversion, fp16, VAE baking, discarding)")
@@ -85,39 +86,41 @@ def add_merge(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_merge)
 
 
-def _output(args: argparse.Namespace) -> tuple[Path, str]:
-    """(the output file or folder, the checkpoint format), checked before any model is read."""
+def _output(args: argparse.Namespace) -> str:
+    """The checkpoint format, the output file or folder checked before any model is read."""
+    from sdlab.checkpoints.merge import is_folder_output
     from sdlab.utils.files import check_output_folder
 
     out = Path(args.out)
-    if out.is_dir():
+    if is_folder_output(args.out):
         check_output_folder(out, "--out")
-        return out, args.format or "safetensors"
+        return args.format or "safetensors"
     suffix = out.suffix.lower().lstrip(".")
     if suffix not in ("safetensors", "ckpt"):
-        raise UserError(f"--out {args.out!r}: name a .safetensors or .ckpt file, or an existing folder")
+        raise UserError(f"--out {args.out!r}: name a .safetensors or .ckpt file, or a folder (an existing one, or "
+                        f"ending in '/')")
     if args.format is not None and args.format != suffix:
         raise UserError(f"--format {args.format} does not match --out {args.out!r}")
     check_output_folder(out.parent, "the folder of --out")
-    return out, suffix
+    return suffix
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from sdlab.checkpoints.merge import MergeOptions, merge_checkpoints
+    from sdlab.checkpoints.merge import MergeOptions, is_folder_output, merge_checkpoints
     from sdlab.cli.errors import write_error
 
-    out, checkpoint_format = _output(args)
+    checkpoint_format = _output(args)
     options = MergeOptions(
         method=args.method, multiplier=args.multiplier, save_as_half=args.fp16,
         vae=Path(args.vae) if args.vae else None, discard=args.discard, config_source=CONFIG_NAMES[args.config_from],
         save_metadata=args.save_metadata, add_recipe=args.add_recipe, copy_metadata=args.copy_metadata,
-        metadata_json=args.metadata_json, custom_name="" if out.is_dir() else out.stem,
+        metadata_json=args.metadata_json, custom_name="" if is_folder_output(args.out) else Path(args.out).stem,
     )
     try:
-        result = merge_checkpoints(args.models, out, options, checkpoint_format=checkpoint_format)
+        result = merge_checkpoints(args.models, args.out, options, checkpoint_format=checkpoint_format)
     except OSError as err:
         if err.filename is not None:
             raise
-        raise write_error(err, out) from None
+        raise write_error(err, args.out) from None
     print(result.path)
     return 0
