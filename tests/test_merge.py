@@ -225,6 +225,16 @@ def test_keys_missing_in_b_or_c_and_old_clip_names_follow_a1111(tmp_path, caplog
     assert "are not in B and stay A's" in caplog.text
 
 
+def test_keys_discarded_are_not_counted_as_kept_from_a(sd1, tmp_path, caplog):
+    """A's EMA weights, discarded, are not "not in B and stay A's" when a pruned B lacks them."""
+    pruned = _original("sd1", 2, tmp_path / "pruned.safetensors", drop=("model_ema.",))
+    result = merge_checkpoints([sd1[0], pruned], tmp_path / "m.safetensors", MergeOptions(discard="^model_ema"))
+    assert result.unmatched == () and "stay A's" not in caplog.text
+    assert not any(k.startswith("model_ema") for k in load_file(str(result.path)))
+    kept = merge_checkpoints([sd1[0], pruned], tmp_path / "k.safetensors")
+    assert kept.unmatched and all(k.startswith("model_ema.") for k in kept.unmatched) and "stay A's" in caplog.text
+
+
 def _with_conv_in(path: Path, channels: int, seed: int, out: Path) -> Path:
     state = load_file(str(path))
     weight = state[CONV_IN]

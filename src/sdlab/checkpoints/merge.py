@@ -326,7 +326,7 @@ class MergedState(LazyMapping):
         discard = re.compile(options.discard) if options.discard else None
         self._keys = [k for k in self.a.tensors if discard is None or not discard.search(k)]
         self._meta = {key: self._make(key, meta_tensor) for key in self._keys}
-        named = [k for k in self.a.tensors if self.b is not None and "model" in k and k not in SKIP_ON_MERGE]
+        named = [k for k in self._keys if self.b is not None and "model" in k and k not in SKIP_ON_MERGE]
         self.unmatched = [k for k in named if k not in self.b.tensors]      # A1111 keeps these A's
         self.merged_count = len(named) - len(self.unmatched)
 
