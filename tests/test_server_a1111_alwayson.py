@@ -121,3 +121,11 @@ def test_soft_inpainting_enabled_on_a_mask_is_refused_and_otherwise_changes_noth
 def test_the_controlnet_key_is_still_taken_in_any_case(client):
     answer = client.post("/txt2img", json={**FIELDS, "alwayson_scripts": {"ControlNet": {"args": []}}})
     assert answer.status_code == 200, answer.text
+
+
+@pytest.mark.parametrize("name", ["controlnet", "ControlNet", "Seed", "Extra options"])
+def test_a_script_without_args_runs_on_its_defaults(client, name):
+    """`init_script_args` copies a script's args only `if "args" in request.alwayson_scripts[name]`: without them
+    it runs on its defaults (the ControlNet extension's: no unit enabled), drawing the plain request."""
+    answer = client.post("/txt2img", json={**FIELDS, "alwayson_scripts": {name: {}}})
+    assert np.array_equal(picture(answer), picture(client.post("/txt2img", json=FIELDS)))

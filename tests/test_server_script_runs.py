@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdlab.server.a1111_scripts import axis_types
+from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, axis_types
 from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 7, "cfg_scale": 5.0,
@@ -169,3 +169,32 @@ def test_prompt_matrix_info_keeps_the_requests_batch_size(server) -> None:
                                                      "script_name": "prompt matrix", "script_args": []})
     assert answer.status_code == 200, answer.text
     assert json.loads(answer.json()["info"])["batch_size"] == 2
+
+
+def init_picture() -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (90, 20, 200)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def assert_same_answer(answer: httpx.Response, expected: httpx.Response) -> None:
+    assert answer.status_code == expected.status_code, answer.text
+    if expected.status_code != 200:
+        assert answer.json()["detail"] == expected.json()["detail"]
+        return
+    for image, wanted in zip(answer.json()["images"], expected.json()["images"], strict=True):
+        assert np.array_equal(pixels(image), pixels(wanted))
+
+
+@pytest.mark.parametrize("script, mode", [(script.title, mode) for script in RUNNABLE_SCRIPTS for mode in script.modes])
+def test_a_script_without_script_args_runs_as_with_an_empty_list(server, script, mode) -> None:
+    """A1111's request models declare `script_args` a list defaulting to [] (modules/api/models.py: `{"key":
+    "script_args", "type": list, "default": []}`), so a script named without them runs on the UI's defaults, as
+    with [] (null is unset too). Their answer: pictures, or a 422 where the 64 px request is too small for them."""
+    body = {**BASE, "prompt": "a red | apple", "steps": 1, "width": 64, "height": 64, "script_name": script}
+    if mode == "img2img":
+        body["init_images"] = [init_picture()]
+    empty = server.post(f"/sdapi/v1/{mode}", json={**body, "script_args": []})
+    assert empty.status_code in (200, 422), empty.text
+    assert_same_answer(server.post(f"/sdapi/v1/{mode}", json=body), empty)
+    assert_same_answer(server.post(f"/sdapi/v1/{mode}", json={**body, "script_args": None}), empty)

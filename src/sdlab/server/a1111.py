@@ -200,6 +200,8 @@ class Txt2ImgIn(NullsAreDefaults):
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True     # False: the overrides stay, as `POST options` sets them
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # controlnet, A1111's own (`alwayson`)
+    script_name: str | None = None          # a selectable script (`a1111_scripts`); none: the request alone
+    script_args: list[Any] = Field(default_factory=list)   # its `Script.run` args; unset: [] (its defaults)
     disable_extra_networks: bool = False    # True: the prompt's <kind:...> tags taken out, none applied
     infotext: str | None = None             # a parameters text: the fields left unset read from it (`_with_infotext`)
 
@@ -1073,7 +1075,7 @@ def _closest_checkpoint(service: Service, text: object) -> Checkpoint | None:
 @router.post("/txt2img")
 async def txt2img(body: Txt2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    script = selected_script(getattr(body, "script_name", None), "txt2img")     # A1111's `get_selectable_script`
+    script = selected_script(body.script_name, "txt2img")     # A1111's `get_selectable_script`
     body = _with_infotext(body, service, "txt2img")
     check_alwayson_scripts(body.alwayson_scripts, "txt2img")
     if script is not None:
@@ -1099,7 +1101,7 @@ NO_INIT_IMAGES = "img2img needs init_images (a list of base64 images, one per pi
 @router.post("/img2img")
 async def img2img(body: Img2ImgIn, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    script = selected_script(getattr(body, "script_name", None), "img2img")
+    script = selected_script(body.script_name, "img2img")
     body = _with_infotext(body, service, "img2img")
     if script is not None:
         return await script.run(_script_host(service, _img2img_request), body, "img2img")

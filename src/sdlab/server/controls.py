@@ -188,7 +188,7 @@ def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits, init: Imag
     script = next((v for k, v in scripts.items() if isinstance(k, str) and k.lower() == "controlnet"), None)
     if script is None:
         return ()
-    units = script.get("args") if isinstance(script, dict) else script
+    units = script.get("args", []) if isinstance(script, dict) else script    # no args: no units, as A1111
     if not isinstance(units, list):
         raise BadRequest("alwayson_scripts.controlnet.args must be a list of units", 422)
     controls = []
