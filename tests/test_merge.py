@@ -461,6 +461,21 @@ def test_an_out_ending_in_a_slash_is_a_folder_made_when_the_merge_is_written(sd1
     assert code == 2 and "not a folder" in err and len(err.splitlines()) == 1
 
 
+def test_the_recipes_hashes_are_the_registrys(sd1, tmp_path, monkeypatch):
+    """The inputs' sha256 comes from the one cached helper the model list and the infotexts use
+    (`file_hashes.file_sha256`): each file read once, whoever asks first."""
+    from sdlab.utils import file_hashes
+
+    monkeypatch.setenv("SDLAB_CACHE_DIR", str(tmp_path / "cache"))
+    read, real = [], file_hashes._file_sha256
+    monkeypatch.setattr(file_hashes, "_file_sha256", lambda path: read.append(path.name) or real(path))
+    file_hashes.file_sha256(sd1[0])
+    merged = merge_checkpoints(sd1[:2], tmp_path / "m.safetensors").path
+    assert sorted(read) == ["a.safetensors", "b.safetensors", "m.safetensors"]
+    recipe = json.loads(read_checkpoint(merged)[1]["sd_merge_recipe"])
+    assert recipe["secondary_model_hash"] == file_hashes.known_file_sha256(sd1[1]) == real(sd1[1])
+
+
 def test_the_cli_names_copies_the_config_and_refuses_bad_requests(sd1, tmp_path, capsys):
     out = tmp_path / "models"
     out.mkdir()

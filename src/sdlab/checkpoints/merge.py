@@ -38,7 +38,6 @@ drawn with it, and its hash), which the merge, a new model named by its file as 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -63,7 +62,7 @@ from sdlab.checkpoints.sidecar import sidecar_of
 from sdlab.families import FamilySpec
 from sdlab.families.loaded import ModelBundle, TextEncoder
 from sdlab.models.vae import ATTENTION_PROJECTIONS
-from sdlab.utils.file_hashes import cached_hash, file_sha256
+from sdlab.utils.file_hashes import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -428,12 +427,7 @@ def _json_object(text: str | None) -> Any:
 def input_hash(model: MergeInput) -> str | None:
     """A1111's sha256 of a checkpoint file (the whole file's, kept in sdlab's hash cache per file version); None
     for a folder (A1111 has none)."""
-    return None if model.path.is_dir() else cached_hash(model.path, "sha256", _file_sha256)
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    return None if model.path.is_dir() else file_sha256(model.path)
 
 
 def merge_metadata(inputs: list[MergeInput], options: MergeOptions, merged: MergedState) -> dict[str, str]:
