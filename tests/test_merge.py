@@ -476,6 +476,22 @@ def test_the_recipes_hashes_are_the_registrys(sd1, tmp_path, monkeypatch):
     assert recipe["secondary_model_hash"] == file_hashes.known_file_sha256(sd1[1]) == real(sd1[1])
 
 
+def test_the_users_json_names_sdlab_and_modelspec_keys_too(sd1, tmp_path, capsys):
+    """`--metadata-json` marking a merge's prediction (`sdlab.prediction`) or naming it (`modelspec.title`) is
+    written, over A's own keys; `format` stays A1111's "pt"."""
+    from sdlab.checkpoints.load import plan_checkpoint
+    from sdlab.pipeline.png_info import model_name
+
+    a = _original("sd1", 1, tmp_path / "a.safetensors", metadata={"sdlab.prediction": "eps"})
+    out = tmp_path / "m.safetensors"
+    asked = {"sdlab.prediction": "v", "modelspec.title": "Mine", "format": "st"}
+    code, _, err = run(["merge", str(a), str(sd1[1]), "--out", str(out), "--metadata-json", json.dumps(asked)], capsys)
+    assert code == 0, err
+    meta = read_checkpoint(out)[1]
+    assert (meta["sdlab.prediction"], meta["modelspec.title"], meta["format"]) == ("v", "Mine", "pt")
+    assert plan_checkpoint(out).report.prediction.value == "v" and model_name(out) == "Mine"
+
+
 def test_the_cli_names_copies_the_config_and_refuses_bad_requests(sd1, tmp_path, capsys):
     out = tmp_path / "models"
     out.mkdir()

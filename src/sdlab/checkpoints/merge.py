@@ -33,7 +33,8 @@ recipe, and the models it was merged from). The keys sdlab loads a file by descr
 A's (A1111 draws a merge as A: its config `.yaml` is A's first), so they come from A alone (a diffusers folder's
 from what its configs declare): sdlab's own `sdlab.*` and Stability's model spec `modelspec.*` (prediction type,
 native size, architecture), but for the keys that name A's file (`modelspec.title`, which names the pictures
-drawn with it, and its hash), which the merge, a new model named by its file as in A1111, does not have.
+drawn with it, and its hash), which the merge, a new model named by its file as in A1111, does not have. The
+user's JSON comes after them all: a key it names, `sdlab.*` or `modelspec.*` too, is what the user asked for.
 """
 
 from __future__ import annotations
@@ -438,9 +439,9 @@ def merge_metadata(inputs: list[MergeInput], options: MergeOptions, merged: Merg
     if options.copy_metadata:
         for model in inputs:
             metadata.update(model.metadata)
+    metadata = {k: v for k, v in metadata.items() if not k.startswith(MODEL_KEYS)} | dict(inputs[0].own)
     metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in options.metadata_json.items()})
     metadata["format"] = "pt"
-    metadata = {k: v for k, v in metadata.items() if not k.startswith(MODEL_KEYS)} | dict(inputs[0].own)
     if options.add_recipe:
         hashes = [input_hash(model) for model in inputs]
         recipe = {
