@@ -1,10 +1,12 @@
 """`sdlab serve` as a process: a restart keeps the job history (jobs cut off are marked interrupted),
 stopping answers the clients waiting on jobs, an unusable history is a one-line error, authentication
-guards every route, binding beyond the loopback needs it, and the body-size limit."""
+guards every route, binding beyond the loopback needs it, without it only loopback Host names are answered (DNS
+rebinding), and the body-size limit."""
 
 from __future__ import annotations
 
 import base64
+import socket
 import subprocess
 import sys
 import threading
@@ -142,6 +144,7 @@ def test_binding_beyond_loopback_without_auth_is_refused():
     (["--token-file", "/no/such/token"], "cannot read --token-file"),
     (["--model", "/no/such/model.safetensors"], "does not exist"),
     (["--max-steps", "0"], "--max-steps must be positive"),
+    (["--allowed-hosts", "tunnel.example:8080"], "--allowed-hosts takes host names without ports"),
 ])
 def test_bad_serve_options_are_one_line_errors(args, message):
     result = subprocess.run([sys.executable, "-m", "sdlab", "serve", "--port", str(free_port()), *args],
@@ -165,6 +168,8 @@ def test_token_auth_guards_every_route_and_the_body_limit(tmp_path):
                     assert response.headers["www-authenticate"] == 'Bearer realm="sdlab"'
             assert client.get("/", headers=good).status_code == 200
             assert client.get("/sdapi/v1/sd-models", headers=good).status_code == 200
+            # behind auth any Host name is answered (a server reached by its LAN name, a proxy's)
+            assert client.get("/sdapi/v1/sd-models", headers={**good, "Host": "lan-name.example"}).status_code == 200
             big = {"prompt": "x" * 20_000}
             assert client.post("/api/jobs", json=big, headers=good).status_code == 413
 
@@ -180,3 +185,53 @@ def test_token_auth_guards_every_route_and_the_body_limit(tmp_path):
             assert created.status_code == 202
     finally:
         server.stop()
+
+
+def _without_host_header(url: str, path: str) -> bytes:
+    """The raw answer to an HTTP/1.0 GET of `path` that sends no Host header (non-browser clients may not)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        return b"".join(iter(lambda: sock.recv(65536), b""))
+
+
+def test_a_loopback_server_without_auth_answers_only_loopback_host_names(tmp_path):
+    """DNS rebinding: a web page on rebind.evil.example, whose name then resolves to 127.0.0.1, reaches the server
+    with that Host, so it is refused (403, one line) on every route; localhost, 127.0.0.1 and [::1] with any port
+    (the web UI, webuiapi, an SSH tunnel's local end) and the --allowed-hosts names are answered."""
+    server = start_server(tmp_path / "outputs", "--allowed-hosts", "Tunnel.Example, other.example")
+    port = server.url.rsplit(":", 1)[1]
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            for host in ("rebind.evil.example", f"rebind.evil.example:{port}", f"0.0.0.0:{port}", "127.0.0.1.nip.io",
+                         f"localhost.evil.example:{port}", "tunnel.example.evil", "[::2]", "evil:80:1"):
+                for method, path in (("GET", "/"), ("GET", "/sdapi/v1/cmd-flags"), ("GET", "/api/jobs"),
+                                     ("POST", "/sdapi/v1/interrupt"), ("GET", "/static/index.html")):
+                    answer = client.request(method, path, headers={"Host": host})
+                    assert answer.status_code == 403, (host, path, answer.text)
+                    detail = answer.json()["detail"]
+                    assert detail.startswith(f"Host {host!r} refused:") and "--allowed-hosts" in detail
+                    assert "\n" not in detail
+            for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "[::1]",
+                         f"127.0.0.2:{port}", f"tunnel.example:{port}", "TUNNEL.EXAMPLE", "other.example:9000"):
+                answer = client.get("/sdapi/v1/cmd-flags", headers={"Host": host})
+                assert answer.status_code == 200, (host, answer.text)
+            assert client.get("/").status_code == 200                      # the web UI, as the browser asks it
+            assert _without_host_header(server.url, "/sdapi/v1/options").startswith(b"HTTP/1.1 200")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("given, names", [
+    ({"host": "127.0.0.1"}, frozenset()),
+    ({"host": "localhost", "allowed_hosts": ("Tunnel.Example",)}, frozenset({"tunnel.example"})),
+    ({"host": "::1", "allowed_hosts": ("*",)}, None),                  # '*': any name
+    ({"host": "127.0.0.1", "basic_auth": ("me", "pw")}, None),         # behind auth any name
+    ({"host": "127.0.0.1", "token": "t"}, None),
+    ({"host": "0.0.0.0", "token": "t"}, None),
+    ({}, None),                     # an app built in-process (not listening: TestClient's Host 'testserver')
+])
+def test_the_host_names_a_server_answers(tmp_path, given, names):
+    from sdlab.server.config import ServerConfig
+
+    assert ServerConfig(output_dir=tmp_path, **given).host_names == names

@@ -3,13 +3,13 @@
     sdlab serve                                   # the shipped model on http://127.0.0.1:7860
     sdlab serve --models-dir ~/models --model ~/models/v1-5.safetensors --auth me:secret --host 0.0.0.0
 
-Listening on any address but the loopback needs --auth or --token-file. docs/server.md has the routes.
+Listening on any address but the loopback needs --auth or --token-file; without them only localhost, loopback
+addresses and --allowed-hosts are answered as the Host (DNS rebinding). docs/server.md has the routes.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import signal
 import socket
@@ -19,8 +19,6 @@ from pathlib import Path
 from sdlab.cli.errors import Terminated, UserError
 from sdlab.utils.files import make_output_folder
 
-LOOPBACK_NAMES = ("localhost",)
-
 
 def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="serve the HTTP API and the web UI",
@@ -28,6 +26,10 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only; "
                                                        "any other needs --auth or --token-file)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--allowed-hosts", metavar="NAME[,NAME...]", default="",
+                   help="more Host names a loopback server without auth answers (a hosts-file alias, the name of a "
+                        "proxy or a forwarded port; '*': any); else it answers only localhost, 127.0.0.1 and [::1], "
+                        "against DNS rebinding")
     p.add_argument("--model", help="checkpoint loaded first (default: the model shipped with sdlab)")
     p.add_argument("--models-dir", help="folder of checkpoints clients may switch to (LoRAs in its Lora/ folder)")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings (subfolders too); their file names are "
@@ -54,15 +56,6 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="most images of one request, every batch's (A1111's batch_size x n_iter; default 100)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps (default cpu)")
     p.set_defaults(run=run_serve)
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _credentials(args: argparse.Namespace) -> tuple[tuple[str, str] | None, str | None]:
@@ -94,6 +87,15 @@ def _limits(args: argparse.Namespace):
         raise UserError(f"--max-body-mb must be positive, got {args.max_body_mb}")
     return Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)), max_pixels=args.max_pixels,
                   max_steps=args.max_steps, max_batch=args.max_batch, max_images=args.max_images)
+
+
+def _allowed_hosts(given: str) -> tuple[str, ...]:
+    """The names of --allowed-hosts (commas between them); a name with a space or a port is an error."""
+    names = tuple(name.strip() for name in given.split(",") if name.strip())
+    for name in names:
+        if any(c.isspace() or c in ":/[]" for c in name):
+            raise UserError(f"--allowed-hosts takes host names without ports, commas between them; got {name!r}")
+    return names
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -129,8 +131,10 @@ def _model_folder(given: str | None, option: str, models_dir: str | None, defaul
 def run_serve(args: argparse.Namespace) -> int:
     from sdlab.api import resolve_device
     from sdlab.pipeline.request import RequestError
+    from sdlab.server.config import is_loopback
 
     basic, token = _credentials(args)
+    allowed_hosts = _allowed_hosts(args.allowed_hosts)
     if not is_loopback(args.host) and basic is None and token is None:
         raise UserError(f"refusing to listen on {args.host} without authentication: anyone who can reach this "
                         "machine could use it; add --auth USER:PASS or --token-file FILE (or keep --host 127.0.0.1)")
@@ -162,7 +166,8 @@ def run_serve(args: argparse.Namespace) -> int:
                           embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
                           controlnet_dir=controlnet_dir, upscalers_dir=upscalers_dir,
                           realesrgan_dir=realesrgan_dir, vae_dir=vae_dir,
-                          max_queue=args.max_queue, basic_auth=basic, token=token, limits=limits)
+                          max_queue=args.max_queue, basic_auth=basic, token=token, limits=limits,
+                          host=args.host, allowed_hosts=allowed_hosts)
     sock = _listen(args.host, args.port)
     try:
         app = create_app(config, preload=True)

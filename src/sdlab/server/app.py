@@ -1,8 +1,9 @@
 """`create_app(config)`: the FastAPI application of `sdlab serve`, and the uvicorn `Server` that runs it.
 
 Routes: `/sdapi/v1/*` (a1111.py), `/api/*` (native.py), the web UI at `/` (static/index.html) and
-`/static/*`. Every route sits behind `guard.Guard` (auth, body size). Errors: `/sdapi` and the ControlNet
-extension's `/controlnet` answer in A1111's shape `{error, detail, body, errors}`, everything else `{detail: "..."}`.
+`/static/*`. Every route sits behind `guard.Guard` (auth, Host names, body size). Errors: `/sdapi` and the
+ControlNet extension's `/controlnet` answer in A1111's shape `{error, detail, body, errors}`, everything else
+`{detail: "..."}`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
     STATIC.mkdir(exist_ok=True)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _error_handlers(app)
-    guarded = Guard(app, basic=config.basic_auth, token=config.token, max_body=config.limits.max_body_bytes)
+    guarded = Guard(app, basic=config.basic_auth, token=config.token, max_body=config.limits.max_body_bytes,
+                    hosts=config.host_names)
     guarded.state = app.state           # tests and tools reach the service through either object
     return guarded
 

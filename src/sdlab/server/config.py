@@ -2,8 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) is this machine's loopback: localhost, 127.0.0.0/8, ::1."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -33,7 +46,19 @@ class ServerConfig:
     basic_auth: tuple[str, str] | None = None
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
+    host: str | None = None                 # the address `sdlab serve` listens on (None: the app is not served by it)
+    allowed_hosts: tuple[str, ...] = ()     # more Host names a loopback server without auth answers ("*": any)
 
     @property
     def auth_enabled(self) -> bool:
         return self.basic_auth is not None or self.token is not None
+
+    @property
+    def host_names(self) -> frozenset[str] | None:
+        """The Host names this server answers besides the loopback's (`is_loopback`: the name or address it
+        listens on among them); None: any. A server listening on the loopback without auth answers no other, so
+        that a web page on a name that resolves to 127.0.0.1 (DNS rebinding) cannot reach it. One with auth, on
+        another address or not run by `sdlab serve` (`host` None: an app built in-process) answers any."""
+        if self.host is None or self.auth_enabled or not is_loopback(self.host) or "*" in self.allowed_hosts:
+            return None
+        return frozenset(name.lower() for name in self.allowed_hosts)

@@ -4,7 +4,10 @@ An ASGI middleware: HTTP Basic (`--auth user:pass`) or `Authorization: Bearer <t
 compared in constant time; a request without valid credentials gets 401 with `WWW-Authenticate: Basic`
 (browsers then ask for the password, so the UI works behind it), or with a token alone `Bearer` (RFC 6750:
 a browser cannot send a token, so it shows the 401 rather than a password prompt no password satisfies).
-Bodies longer than the limit get 413, whether they announce their length or stream it.
+Bodies longer than the limit get 413, whether they announce their length or stream it. A server on the loopback
+without auth answers only requests whose Host is a loopback name or address (localhost, 127.0.0.1, [::1], any
+port) or one of --allowed-hosts (`ServerConfig.host_names`): another gets 403, so that a web page on a name that
+resolves to 127.0.0.1 (DNS rebinding) cannot drive it from the browser.
 """
 
 from __future__ import annotations
@@ -17,23 +20,45 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sdlab.server.config import is_loopback
+
 
 def too_large(limit: int) -> str:
     return f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)"
 
 
+def unknown_host(host: str) -> str:
+    return (f"Host {host[:100]!r} refused: a server on the loopback without auth answers only localhost, 127.0.0.1 "
+            "and [::1], so that no web page can reach it by DNS rebinding (another name you reach it by: "
+            "sdlab serve --allowed-hosts NAME)")
+
+
+def host_name(header: str) -> str:
+    """The name or address of a Host header, without its port or an IPv6 address's brackets, in lower case."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
 class Guard:
-    def __init__(self, app: ASGIApp, *, basic: tuple[str, str] | None, token: str | None, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, *, basic: tuple[str, str] | None, token: str | None, max_body: int,
+                 hosts: frozenset[str] | None = None) -> None:
         self.app = app
         self.basic = basic
         self.token = token
         self.max_body = max_body
+        self.hosts = hosts                  # the names answered besides the loopback's; None: any
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get("host")
+        if self.hosts is not None and host is not None and not self._known_host(host_name(host)):
+            await _respond(send, 403, {"detail": unknown_host(host)})
+            return
         if (self.basic or self.token) and not self._authorized(headers.get("authorization", "")):
             scheme = b"Basic" if self.basic else b"Bearer"
             await _respond(send, 401, {"detail": "Not authenticated"},
@@ -52,6 +77,9 @@ class Guard:
                 return
             receive = _replay(body, receive)
         await self.app(scope, receive, send)
+
+    def _known_host(self, name: str) -> bool:
+        return is_loopback(name) or name in self.hosts
 
     def _authorized(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
