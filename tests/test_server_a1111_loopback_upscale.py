@@ -160,7 +160,7 @@ def test_sd_upscale_is_a1111s_combine_grid_of_single_img2img_tile_batches(client
     ("Loopback", [4, 0.5, "Linear", "CLIP"], "sdlab has no CLIP or DeepBooru interrogator"),
     ("Loopback", [4, 0.5, "Linear", "None", 1], "at most 4 values"),
     ("SD upscale", ["", 64, 99, 2], "sd upscale upscaler_index must be 0..2"),
-    ("SD upscale", ["", 64, "no such upscaler", 2], "unknown upscaler 'no such upscaler'"),
+    ("SD upscale", ["", 64, "no such upscaler", 2], "unknown sd upscale upscaler 'no such upscaler'"),
     ("SD upscale", ["", 16, 1, 0], "sd upscale scale_factor must be above 0"),
     ("SD upscale", ["", 64, 1, 2], "sd upscale overlap must be 0..63 px"),
     ("SD upscale", ["", 8, "Lanczos", 2, "x"], "at most 4 values"),

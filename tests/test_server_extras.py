@@ -284,3 +284,57 @@ def test_the_esrgan_tile_options_set_the_upscalers_tiles(server, client):
             assert client.post("/options", json=bad).status_code == 422
     finally:
         client.post("/options", json={"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 32})
+
+
+# ---------------------------------------------------------------- SD upscale's upscaler
+
+SD_UPSCALE = {"prompt": "a red apple", "steps": 2, "seed": 3, "sampler_name": "Euler", "width": 64, "height": 64,
+              "denoising_strength": 0.3, "script_name": "SD upscale"}
+
+
+def sd_upscale(client: httpx.Client, upscaler: object, **fields) -> httpx.Response:
+    """SD upscale of a 16x16 picture by 4 with `upscaler` as its `upscaler_index`: one 64x64 tile."""
+    return client.post("/img2img", json={**SD_UPSCALE, "init_images": [encoded(noise(16, 16, 4))],
+                                         "script_args": ["", 0, upscaler, 4], **fields})
+
+
+@pytest.mark.parametrize("name, listed", [("4x-tiny", "4x-tiny"), ("4x-tiny.pth", "4x-tiny"), ("lanczos", "Lanczos"),
+                                          ("R-ESRGAN 2x+", "R-ESRGAN 2x+")])
+def test_sd_upscale_takes_the_upscaler_names_extras_takes(client, name, listed):
+    """SD upscale's upscaler_index given a name finds what Extras finds (`upscaler_file`: a listed name, a file
+    name, a plain resize in any case) and writes its listed name. Before: its own case-insensitive match of the
+    listed names, so a file name was a 422."""
+    extras(client, encoded(noise(16, 16, 4)), upscaler_1=name)
+    answer = sd_upscale(client, name)
+    assert answer.status_code == 200, answer.text
+    assert f"SD upscale upscaler: {listed}" in json.loads(answer.json()["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("4X-TINY", "unknown sd upscale upscaler '4X-TINY'; this server offers: None, Lanczos, Nearest, 4x-tiny"),
+    ("R-ESRGAN 4x+ Anime6B", "is A1111's name of the file RealESRGAN_x4plus_anime_6B.pth, which was not found"),
+])
+def test_sd_upscale_refuses_the_upscaler_names_extras_refuses(client, name, message):
+    """A name Extras does not find (404) is SD upscale's 422 with the same reason. Before: '4X-TINY' drew with
+    4x-tiny (Extras: 404), an A1111 name without its file got no hint where to place the file."""
+    assert client.post("/extra-single-image", json={"image": encoded(noise(16, 16, 4)),
+                                                    "upscaler_1": name}).status_code == 404
+    answer = sd_upscale(client, name)
+    assert answer.status_code == 422 and message in answer.json()["detail"], answer.text
+
+
+def test_sd_upscale_refused_by_the_tiles_checks_runs_no_upscale(tmp_path):
+    """The tiles' requests are checked (here --max-images over n_iter x tiles) before the upscaler runs: a refused
+    request pays for no upscale. The upscaler file is broken, so an upscale would answer that instead. Before:
+    the upscale ran first and its 'cannot be loaded' was the answer."""
+    (tmp_path / "models" / "ESRGAN").mkdir(parents=True)
+    (tmp_path / "models" / "ESRGAN" / "broken.pth").write_bytes(b"not a network")
+    server = start_server(tmp_path / "outputs", "--models-dir", str(tmp_path / "models"), "--max-images", "2")
+    try:
+        with httpx.Client(base_url=server.url + "/sdapi/v1", timeout=120) as client:
+            refused = sd_upscale(client, "broken", n_iter=3)
+            assert refused.status_code == 400 and "at most 2 images" in refused.text, refused.text
+            upscaled = sd_upscale(client, "broken", n_iter=2)
+            assert upscaled.status_code == 400 and "cannot be loaded" in upscaled.text, upscaled.text
+    finally:
+        server.stop()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from PIL import Image
 
-__all__ = ["Tile", "TileGrid", "TileRow", "combine_grid", "split_grid", "with_images"]
+__all__ = ["Tile", "TileGrid", "TileRow", "combine_grid", "split_grid", "tile_count", "with_images"]
 
 
 @dataclass
@@ -68,6 +68,11 @@ def split_grid(image: Image.Image, tile_w: int, tile_h: int, overlap: int) -> Ti
                  for x in _starts(image.width, tile_w, overlap)]
         rows.append(TileRow(y, tile_h, tiles))
     return TileGrid(rows, tile_w, tile_h, image.width, image.height, overlap)
+
+
+def tile_count(width: int, height: int, tile_w: int, tile_h: int, overlap: int) -> int:
+    """How many tiles `split_grid` cuts a `width` x `height` picture into."""
+    return len(_starts(width, tile_w, overlap)) * len(_starts(height, tile_h, overlap))
 
 
 def with_images(grid: TileGrid, images: Sequence[Image.Image | None], which: Sequence[int] | None = None) -> TileGrid:

@@ -262,16 +262,23 @@ def upscale_by(image: Image.Image, upscaler: Upscaler | str, scale: float, *,
     A pass is one network run or, for a plain resize ("Lanczos", "Nearest"), a resize by `scale` with its own
     filter (A1111's `do_upscale`); passes run as `_passes` says, the first even at scale 1.
     """
-    _check_size(*target_size(image.width, image.height, scale))
-    size = int(image.width * scale // 8 * 8), int(image.height * scale // 8 * 8)
-    if min(size) < 1:
-        raise UpscaleError(f"upscaling {image.width}x{image.height} by {scale:g} leaves less than 8 pixels a side; "
-                           "use a larger scale")
+    size = upscaled_size(image.width, image.height, scale)
     if isinstance(upscaler, str):
         one_pass = partial(_resize_by, scale=scale, resample=_plain_resample(upscaler))
     else:
         one_pass = partial(run_upscaler, upscaler, tile=tile, overlap=overlap)
     return _passes(image, one_pass, size, first_always=scale == 1)
+
+
+def upscaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The size `upscale_by` makes of a `width` x `height` picture: (int(W * scale) // 8 * 8, int(H * scale) // 8 * 8);
+    an `UpscaleError` past `MAX_OUTPUT_PIXELS` or below 8 pixels a side."""
+    _check_size(*target_size(width, height, scale))
+    size = int(width * scale // 8 * 8), int(height * scale // 8 * 8)
+    if min(size) < 1:
+        raise UpscaleError(f"upscaling {width}x{height} by {scale:g} leaves less than 8 pixels a side; use a larger "
+                           "scale")
+    return size
 
 
 def _resize_by(image: Image.Image, scale: float, resample: Image.Resampling) -> Image.Image:

@@ -75,7 +75,7 @@ from sdlab.server.controls import (
 from sdlab.server.inputs import (
     EXTRAS_UPSCALER, EXTRAS_UPSCALER_2, PLAIN_UPSCALER_NAMES, BadRequest, JobSpec, NullsAreDefaults, check_texts,
     decode_base64, decode_image, image_from_bytes, load_failure, load_upscaler_file, refiner_choice, sampler_and_schedule,
-    opened_picture, scheduler_rows, unset_preset_fields, upscaler_file,
+    opened_picture, scheduler_rows, unset_preset_fields, upscaler_file, SCRIPT_UPSCALER,
 )
 from sdlab.server.jobs import Job, Unavailable, image_seeds
 from sdlab.server.model_folders import ModelFile
@@ -576,11 +576,19 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> Sc
     makes the first one, the others with its pictures and ControlNet units (a script changes neither), each
     checked as the route checks it before any is drawn, then drawn in turn on this server as one `ScriptRun`,
     a request the script gives its own pictures with those."""
-    async def drawn(bodies: list[Txt2ImgIn], labels: list[str], keep_going: bool,
-                    pictures: ScriptPictures | None = None) -> list[Drawn | None]:
+    async def checked(bodies: list[Txt2ImgIn],
+                      labels: list[str]) -> tuple[str, list[tuple[JobSpec, GenerationRequest]]]:
         mode, first = await prepare(service, bodies[0])
         requests = [await _checked_request(service, body, mode, first, label) for body, label in zip(bodies, labels)]
         _check_script_pictures([spec for spec, _ in requests], service.config.limits)
+        return mode, requests
+
+    async def check(bodies: list[Txt2ImgIn], labels: list[str]) -> None:
+        await checked(bodies, labels)
+
+    async def drawn(bodies: list[Txt2ImgIn], labels: list[str], keep_going: bool,
+                    pictures: ScriptPictures | None = None) -> list[Drawn | None]:
+        mode, requests = await checked(bodies, labels)
         run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests])
         service.script_runs.append(run)
         try:
@@ -596,10 +604,14 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> Sc
     async def upscaled(image: Image.Image, name: str, scale: float) -> Image.Image:
         return await asyncio.to_thread(_script_upscaled, service, image, name, scale)
 
-    return ScriptHost(drawn, lambda image, text: _base64_picture(image, text, _options(service)), _echo,
+    def listed_upscaler(name: str) -> str:
+        return _listed_upscaler(name, upscaler_file(name, service.upscalers, SCRIPT_UPSCALER))
+
+    return ScriptHost(drawn, check, lambda image, text: _base64_picture(image, text, _options(service)), _echo,
                       return_grid=bool(_options(service).get("return_grid", True)),
-                      upscalers=lambda: [*PLAIN_UPSCALER_NAMES, *(f.title for f in service.upscalers.files)],
-                      upscaled=upscaled, init_pictures=init_pictures, max_images=service.config.limits.max_images)
+                      upscalers=lambda: [name for name, _ in _listed_upscalers(service)],
+                      listed_upscaler=listed_upscaler, upscaled=upscaled, init_pictures=init_pictures,
+                      max_images=service.config.limits.max_images)
 
 
 def _check_script_pictures(specs: list[JobSpec], limits: Limits) -> None:
@@ -1429,10 +1441,15 @@ def upscalers(request: Request) -> list[dict[str, Any]]:
     """The plain resizes (A1111's default scale, 4), then the `--upscalers-dir` model files by stem with their
     network's scale: the names the hires fix's `hr_upscaler` (beside the latent modes) and
     `/extra-single-image`'s `upscaler_1` take; each file's scale is read once per version of the file."""
-    rows = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
-            for name in PLAIN_UPSCALER_NAMES]
-    return rows + [{"name": f.title, "model_name": f.title, "model_path": str(f.path), "model_url": None,
-                    "scale": read_per_version(f.path, _upscaler_scale)} for f in service_of(request).upscalers.files]
+    return [{"name": name, "model_name": f.title if f else None, "model_path": str(f.path) if f else None,
+             "model_url": None, "scale": read_per_version(f.path, _upscaler_scale) if f else 4}
+            for name, f in _listed_upscalers(service_of(request))]
+
+
+def _listed_upscalers(service: Service) -> list[tuple[str, ModelFile | None]]:
+    """The upscalers' names in `GET upscalers` order, each with its `--upscalers-dir` file: the plain resizes
+    (None), then the files."""
+    return [*((name, None) for name in PLAIN_UPSCALER_NAMES), *((f.title, f) for f in service.upscalers.files)]
 
 
 def _upscaler_scale(path: Path) -> int | None:

@@ -52,7 +52,8 @@ from sdlab.pipeline.prompt_matrix import DELIMITERS, PROMPT_TYPES, PromptMatrix,
 from sdlab.pipeline.prompts_file import POSITIONS, Line, line_prompts, line_seeds, read_lines
 from sdlab.pipeline.request import MAX_BATCH_COUNT, MAX_SIDE, fixed_seed
 from sdlab.pipeline.sd_upscale import TileBatch, tile_batches
-from sdlab.pipeline.tile_grid import TileGrid, combine_grid, split_grid, with_images
+from sdlab.pipeline.tile_grid import TileGrid, combine_grid, split_grid, tile_count, with_images
+from sdlab.pipeline.upscale import UpscaleError, upscaled_size
 from sdlab.server.alwayson import ALWAYSON_SCRIPTS, CONTROLNET
 from sdlab.server.inputs import PLAIN_UPSCALER_NAMES, BadRequest
 
@@ -98,10 +99,16 @@ class ScriptHost:
     logged). `pictures(k, drawn so far)` (`ScriptPictures`) gives request k's init pictures, or its `Pictures`, as
     it is drawn (None: the first request's), for a script whose pictures are made from the request's or drawn
     ones; each request is checked beforehand with the first's."""
+    check: Callable[[list[Any], list[str]], Awaitable[None]]
+    """(request bodies, what each is in a refusal) -> checked as `draw` checks them, nothing drawn: for a script
+    whose pictures cost work to make (SD upscale's upscale), refused before it"""
     encode: Callable[[Image.Image, str | None], str]   # a picture and its parameters in base64, as the route
     echo: Callable[[Any], dict[str, Any]]              # A1111's `parameters` of a request body
     return_grid: bool       # A1111's `return_grid` option (Show grid in gallery), which its X/Y/Z plot reads
     upscalers: Callable[[], list[str]]                 # the upscalers' names, in `GET upscalers` order
+    listed_upscaler: Callable[[str], str]
+    """an upscaler's name as Extras looks it up (`upscaler_file`: a listed name or file name, a plain resize in any
+    case) -> its name in `upscalers`; another is a 422"""
     upscaled: Callable[[Image.Image, str, float], Awaitable[Image.Image]]
     """(picture, upscaler name, scale) -> the picture through that upscaler as A1111's `Upscaler.upscale`
     (`sdlab.pipeline.upscale.upscale_by`), while no job runs"""
@@ -750,17 +757,14 @@ SD_UPSCALE_ARG_NAMES = ("info", "overlap", "upscaler_index", "scale_factor")
 DEFAULT_SIZE = 512              # A1111's API width / height when unset (SD upscale's tile size)
 
 
-def _upscaler_named(names: list[str], value: Any) -> str:
+def _upscaler_named(host: ScriptHost, value: Any) -> str:
     """The upscaler `upscaler_index` picks: A1111's index into its upscaler list (`GET upscalers`' order), or a
-    name of it in any case (null: the first, A1111's UI default)."""
+    name as Extras takes it (`host.listed_upscaler`; null: the first, A1111's UI default)."""
+    names = host.upscalers()
     if value is None:
         return names[0]
     if isinstance(value, str):
-        found = next((name for name in names if name.lower() == value.strip().lower()), None)
-        if found is None:
-            raise BadRequest(f"sd upscale upscaler_index: unknown upscaler {value!r}; this server offers: "
-                             f"{', '.join(names)}", 422)
-        return found
+        return host.listed_upscaler(value.strip())
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(names):
         raise BadRequest(f"sd upscale upscaler_index must be 0..{len(names) - 1}, an index into GET upscalers "
                          f"({', '.join(f'{i} {name}' for i, name in enumerate(names))}), or a name, got {value!r}", 422)
@@ -776,7 +780,7 @@ def sd_upscale_args(host: ScriptHost, body: Any) -> tuple[int, str, float, tuple
     given = dict(zip(SD_UPSCALE_ARG_NAMES, body.script_args))
     overlap = _checked("sd upscale overlap", given.get("overlap"), 64)
     scale = _checked("sd upscale scale_factor", given.get("scale_factor"), 2.0)
-    name = _upscaler_named(host.upscalers(), given.get("upscaler_index"))
+    name = _upscaler_named(host, given.get("upscaler_index"))
     tile = (body.width or DEFAULT_SIZE, body.height or DEFAULT_SIZE)
     if not 0 <= overlap < min(tile):
         raise BadRequest(f"sd upscale overlap must be 0..{min(tile) - 1} px, less than the tile's width and height "
@@ -789,23 +793,30 @@ def sd_upscale_args(host: ScriptHost, body: Any) -> tuple[int, str, float, tuple
 async def run_sd_upscale(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
     """A1111 1.10's SD upscale (scripts/sd_upscale.py, `sdlab.pipeline.sd_upscale`): the request's init picture
     upscaled, cut into tiles of its width x height, each batch of tiles drawn as one img2img request (a picture
-    per tile, its seed as A1111's `tile_batches`), then put together (`combine_grid`) for every `n_iter`."""
+    per tile, its seed as A1111's `tile_batches`), then put together (`combine_grid`) for every `n_iter`. The
+    tiles' requests are checked on the upscaled size before the upscale runs."""
     overlap, name, scale, (tile_w, tile_h) = sd_upscale_args(host, body)
     image = (await host.init_pictures(body))[0]
-    upscaled = image if name.lower() == "none" else await host.upscaled(image, name, scale)
-    grid = split_grid(upscaled, tile_w, tile_h, overlap)
-    tiles = [tile.image for _, tile in grid.tiles()]
-    if not tiles:
-        raise BadRequest(f"sd upscale: the upscaled picture ({grid.image_w}x{grid.image_h}) makes no tile of "
+    try:
+        size = image.size if name.lower() == "none" else upscaled_size(image.width, image.height, scale)
+    except UpscaleError as err:
+        raise BadRequest(f"sd upscale: {err}", 422) from None
+    count = tile_count(*size, tile_w, tile_h, overlap)
+    if not count:
+        raise BadRequest(f"sd upscale: the upscaled picture ({size[0]}x{size[1]}) makes no tile of "
                          f"{tile_w}x{tile_h} overlapping by {overlap}", 422)
-    batches = tile_batches(len(tiles), body.batch_size, body.n_iter, fixed_seed(body.seed))
+    batches = tile_batches(count, body.batch_size, body.n_iter, fixed_seed(body.seed))
     if len(batches) > MAX_BATCH_COUNT:
-        raise BadRequest(f"sd upscale: {len(tiles)} tiles x {body.n_iter} make {len(batches)} batches; the limit "
+        raise BadRequest(f"sd upscale: {count} tiles x {body.n_iter} make {len(batches)} batches; the limit "
                          f"is {MAX_BATCH_COUNT}", 422)
     subseed = fixed_seed(body.subseed)
     bodies = [body.model_copy(update={"seed": b.seed, "subseed": subseed, "batch_size": b.batch_size, "n_iter": 1,
                                       "width": tile_w, "height": tile_h}) for b in batches]
     labels = [f"sd upscale upscale {b.upscale + 1} tiles {b.tiles.start + 1}-{b.tiles.stop}" for b in batches]
+    await host.check(bodies, labels)
+    upscaled = image if name.lower() == "none" else await host.upscaled(image, name, scale)
+    grid = split_grid(upscaled, tile_w, tile_h, overlap)
+    tiles = [tile.image for _, tile in grid.tiles()]
     drawn = await host.draw(bodies, labels, False, lambda k, _: tuple(tiles[i] for i in batches[k].tiles))
     fields = {"SD upscale overlap": overlap, "SD upscale upscaler": name}
     return answer_sd_upscale(host, body, grid, batches, fields, drawn)

@@ -314,6 +314,7 @@ class UpscalerUse:
 HIRES_UPSCALER = UpscalerUse("hires upscaler", latent_modes=True)
 EXTRAS_UPSCALER = UpscalerUse("upscaler", latent_modes=False, unknown_status=404, unknown_reason="Upscaler not found")
 EXTRAS_UPSCALER_2 = UpscalerUse("upscaler_2", latent_modes=False, unknown_status=422)   # A1111 fails its assert
+SCRIPT_UPSCALER = UpscalerUse("sd upscale upscaler", latent_modes=False, unknown_status=422)   # `upscaler_index`
 
 
 def upscaler_file(name: object, upscalers: ModelFolder | None, use: UpscalerUse = HIRES_UPSCALER) -> ModelFile | None:
