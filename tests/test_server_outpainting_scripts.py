@@ -1,6 +1,7 @@
 """A1111 1.10's img2img scripts Poor man's outpainting and Outpainting mk2 on /sdapi/v1/img2img (`script_name`,
 `script_args` in their `Script.run` order): every pass is the single inpainting request it stands for (with a mask
-blur of 0 its latent mask is its mask, so a plain /img2img request draws it), the picture is put together as
+blur of 0 its latent mask is its mask, so a plain /img2img request draws it; with a blur, drawn in process
+with its latent mask), the picture is put together as
 `sdlab.pipeline.outpainting_scripts` puts it, the answer is A1111's `Processed`, and bad arguments are 422s
 before anything is drawn."""
 
@@ -152,3 +153,41 @@ def test_a_mask_blur_draws_with_a_latent_mask_of_its_own(client, name, args, siz
     canvas's size."""
     images = _post(client, script_name=name, script_args=args)["images"]
     assert len(images) == 1 and _picture(images[0]).size == size
+
+
+def _drawn_in_process(body: dict, init: Image.Image, mask: Image.Image, latent_mask: Image.Image) -> Image.Image:
+    """The inpainting `body` asks for, drawn here as the server draws it (its A1111 request, the schedule its
+    worker sets when unset), with `latent_mask` as the latent mask, which no plain request can send."""
+    import dataclasses
+
+    import torch
+
+    import sdlab
+    from sdlab.diffusion.samplers import a1111_schedule
+    from sdlab.pipeline.generate import generate
+    from sdlab.server.a1111 import Img2ImgIn, _request
+
+    request = _request(Img2ImgIn(**body), (), (init,), mask)
+    request = dataclasses.replace(request, latent_mask_image=latent_mask,
+                                  schedule=a1111_schedule(request.sampler, None))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                     # as the server here (OMP_NUM_THREADS=1): the same sums
+    try:
+        return generate(sdlab.load().bundle, request).images[0]
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_with_a_mask_blur_each_tile_is_drawn_with_its_latent_mask(client) -> None:
+    """Poor man's outpainting with mask_blur 3: each tile is its inpainting (mask blur 6) given A1111's latent
+    mask (inset mask_blur // 2, not blurred), which differs from its mask here; drawn without it the picture
+    differs. The answer equals the tiles drawn in process with their latent masks, put back together."""
+    args = [16, 3, 0, ["left", "right", "up"]]      # 3 tiles to draw
+    answer = _picture(_post(client, script_name="Poor man's outpainting", script_args=args)["images"][0])
+    tiles = poor_mans_tiles(_init(), 16, 3, args[3], (64, 64))
+    body = {**BASE, "mask_blur_x": 6, "mask_blur_y": 6, "inpainting_fill": 0, "inpaint_full_res": False}
+    drawn = [_drawn_in_process({**body, "seed": BASE["seed"] + k}, tile.image, mask, latent)
+             for k, (tile, mask, latent) in enumerate(tiles.work)]
+    assert np.array_equal(np.asarray(answer), np.asarray(tiles.combined(drawn)))
+    without = _post(client, **body, init_images=[_b64(tiles.work[0][0].image)], mask=_b64(tiles.work[0][1]))
+    assert not np.array_equal(np.asarray(_picture(without["images"][0])), np.asarray(drawn[0]))
