@@ -170,6 +170,8 @@ def test_token_auth_guards_every_route_and_the_body_limit(tmp_path):
             assert client.get("/sdapi/v1/sd-models", headers=good).status_code == 200
             # behind auth any Host name is answered (a server reached by its LAN name, a proxy's)
             assert client.get("/sdapi/v1/sd-models", headers={**good, "Host": "lan-name.example"}).status_code == 200
+            # and any page's Origin: a browser never sends a token unasked, so no other site's form can carry it
+            assert client.post("/sdapi/v1/interrupt", headers={**good, "Origin": "https://evil.example"}).status_code == 200
             big = {"prompt": "x" * 20_000}
             assert client.post("/api/jobs", json=big, headers=good).status_code == 413
 
@@ -235,3 +237,79 @@ def test_the_host_names_a_server_answers(tmp_path, given, names):
     from sdlab.server.config import ServerConfig
 
     assert ServerConfig(output_dir=tmp_path, **given).host_names == names
+
+
+CROSS_SITE = {"Content-Type": "text/plain"}        # a body a page's form or no-cors fetch sends without a preflight
+STATE_CHANGES = (("POST", "/sdapi/v1/interrupt"), ("POST", "/sdapi/v1/skip"), ("POST", "/sdapi/v1/unload-checkpoint"),
+                 ("POST", "/api/jobs/0123/interrupt"), ("DELETE", "/api/jobs/0123"), ("PUT", "/api/jobs"),
+                 ("PATCH", "/sdapi/v1/options"))
+
+
+def _refused_origins(client: httpx.Client, port: str) -> None:
+    """Every state-changing route is a 403 naming the Origin for pages of other sites, of another port of this
+    machine, of a name that only starts like an allowed one and of no origin ("null": a sandboxed frame)."""
+    for origin in ("https://evil.example", f"http://evil.example:{port}", "http://localhost:3000",
+                   f"http://127.0.0.1:{int(port) + 1}", f"https://127.0.0.1:{port}.evil.example", "null",
+                   "https://tunnel.example.evil"):
+        for method, path in STATE_CHANGES:
+            answer = client.request(method, path, content="x", headers={**CROSS_SITE, "Origin": origin})
+            assert answer.status_code == 403, (origin, method, path, answer.text)
+            detail = answer.json()["detail"]
+            assert detail.startswith(f"{method} from a page of {origin!r} refused:"), detail
+            assert "--allowed-hosts" in detail and "\n" not in detail
+
+
+def test_a_page_of_another_origin_cannot_post_to_a_loopback_server_without_auth(tmp_path):
+    """Cross-site request forgery: another site's form reaches 127.0.0.1 with the loopback's Host (no DNS rebinding
+    needed) and a text/plain POST needs no preflight, so /interrupt, /skip, /unload-checkpoint answered 200 to it.
+    Now a POST / PUT / PATCH / DELETE with an Origin is taken only from the server's own origin (the web UI) or a
+    name of --allowed-hosts; requests without an Origin (curl, A1111 clients) and GETs are as before."""
+    server = start_server(tmp_path / "outputs", "--allowed-hosts", "Tunnel.Example")
+    port = server.url.rsplit(":", 1)[1]
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            _refused_origins(client, port)
+            for origin, host in ((f"http://127.0.0.1:{port}", None), (f"HTTP://LOCALHOST:{port}", f"localhost:{port}"),
+                                 (f"http://[::1]:{port}", f"[::1]:{port}"), ("http://tunnel.example:8080", None),
+                                 ("https://tunnel.example", "tunnel.example"), (None, None)):
+                headers = {**CROSS_SITE, **({} if origin is None else {"Origin": origin}),
+                           **({} if host is None else {"Host": host})}
+                for path in ("/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/unload-checkpoint"):
+                    assert client.post(path, headers=headers).status_code == 200, (origin, host, path)
+            assert client.get("/sdapi/v1/options", headers={"Origin": "https://evil.example"}).status_code == 200
+            created = client.post("/api/jobs", json={"prompt": "mine", "steps": 2}, headers={"Origin": server.url})
+            assert created.status_code == 202
+    finally:
+        server.stop()
+
+
+def test_a_page_of_another_origin_cannot_post_with_the_browsers_basic_credentials(tmp_path):
+    """A browser sends the Basic credentials it holds for a server with another site's form too, so behind --auth
+    the Origin rule holds as well (on any address: the Host is the name the browser asked for)."""
+    auth = ("ada", "lovelace")
+    server = start_server(tmp_path / "outputs", "--auth", "ada:lovelace", auth=auth)
+    port = server.url.rsplit(":", 1)[1]
+    try:
+        with httpx.Client(base_url=server.url, timeout=60, auth=auth) as client:
+            _refused_origins(client, port)
+            lan = {"Host": f"lan-name.example:{port}", "Origin": f"http://lan-name.example:{port}"}
+            for headers in ({"Origin": server.url}, lan, {}):
+                assert client.post("/sdapi/v1/interrupt", headers={**CROSS_SITE, **headers}).status_code == 200
+            assert client.post("/sdapi/v1/interrupt", auth=None, headers={"Origin": server.url}).status_code == 401
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("given, names", [
+    ({"host": "127.0.0.1"}, frozenset()),
+    ({"host": "localhost", "allowed_hosts": ("Tunnel.Example",)}, frozenset({"tunnel.example"})),
+    ({"host": "::1", "allowed_hosts": ("*",)}, None),                  # '*': any page
+    ({"host": "127.0.0.1", "basic_auth": ("me", "pw")}, frozenset()),  # the browser sends Basic credentials
+    ({"host": "0.0.0.0", "basic_auth": ("me", "pw"), "token": "t"}, frozenset()),
+    ({"host": "127.0.0.1", "token": "t"}, None),                       # a token it never sends unasked
+    ({}, None),                     # an app built in-process
+])
+def test_the_origins_whose_pages_may_post(tmp_path, given, names):
+    from sdlab.server.config import ServerConfig
+
+    assert ServerConfig(output_dir=tmp_path, **given).origin_names == names

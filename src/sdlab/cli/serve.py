@@ -4,7 +4,9 @@
     sdlab serve --models-dir ~/models --model ~/models/v1-5.safetensors --auth me:secret --host 0.0.0.0
 
 Listening on any address but the loopback needs --auth or --token-file; without them only localhost, loopback
-addresses and --allowed-hosts are answered as the Host (DNS rebinding). docs/server.md has the routes.
+addresses and --allowed-hosts are answered as the Host (DNS rebinding). Unless a token alone guards it, a POST /
+PUT / PATCH / DELETE from a web page of another origin than the server's or --allowed-hosts' is refused (cross-site
+request forgery). docs/server.md has the routes.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allowed-hosts", metavar="NAME[,NAME...]", default="",
                    help="more Host names a loopback server without auth answers (a hosts-file alias, the name of a "
                         "proxy or a forwarded port; '*': any); else it answers only localhost, 127.0.0.1 and [::1], "
-                        "against DNS rebinding")
+                        "against DNS rebinding. Pages of these names may also POST to it, as its own pages "
+                        "(without auth or with --auth, other pages may not: cross-site request forgery)")
     p.add_argument("--model", help="checkpoint loaded first (default: the model shipped with sdlab)")
     p.add_argument("--models-dir", help="folder of checkpoints clients may switch to (LoRAs in its Lora/ folder)")
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings (subfolders too); their file names are "

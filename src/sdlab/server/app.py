@@ -1,7 +1,7 @@
 """`create_app(config)`: the FastAPI application of `sdlab serve`, and the uvicorn `Server` that runs it.
 
 Routes: `/sdapi/v1/*` (a1111.py), `/api/*` (native.py), the web UI at `/` (static/index.html) and
-`/static/*`. Every route sits behind `guard.Guard` (auth, Host names, body size). Errors: `/sdapi` and the
+`/static/*`. Every route sits behind `guard.Guard` (auth, Host names, Origins, body size). Errors: `/sdapi` and the
 ControlNet extension's `/controlnet` answer in A1111's shape `{error, detail, body, errors}`, everything else
 `{detail: "..."}`.
 """
@@ -60,7 +60,7 @@ def create_app(config: ServerConfig, *, preload: bool = False) -> Guard:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     _error_handlers(app)
     guarded = Guard(app, basic=config.basic_auth, token=config.token, max_body=config.limits.max_body_bytes,
-                    hosts=config.host_names)
+                    hosts=config.host_names, origins=config.origin_names)
     guarded.state = app.state           # tests and tools reach the service through either object
     return guarded
 

@@ -47,7 +47,8 @@ class ServerConfig:
     token: str | None = None
     limits: Limits = field(default_factory=Limits)
     host: str | None = None                 # the address `sdlab serve` listens on (None: the app is not served by it)
-    allowed_hosts: tuple[str, ...] = ()     # more Host names a loopback server without auth answers ("*": any)
+    allowed_hosts: tuple[str, ...] = ()     # more Host names a loopback server without auth answers, and names
+                                            # whose pages may post to it ("*": any)
 
     @property
     def auth_enabled(self) -> bool:
@@ -60,5 +61,17 @@ class ServerConfig:
         that a web page on a name that resolves to 127.0.0.1 (DNS rebinding) cannot reach it. One with auth, on
         another address or not run by `sdlab serve` (`host` None: an app built in-process) answers any."""
         if self.host is None or self.auth_enabled or not is_loopback(self.host) or "*" in self.allowed_hosts:
+            return None
+        return frozenset(name.lower() for name in self.allowed_hosts)
+
+    @property
+    def origin_names(self) -> frozenset[str] | None:
+        """The names whose pages may send this server POST, PUT, PATCH and DELETE requests besides its own pages
+        (an `Origin` of the Host asked for); None: any page. A browser sends another site's form, or a no-cors
+        fetch, without asking the server first (CORS preflights only other requests), with the Basic credentials
+        it holds for the server: so a server without auth, or with --auth, takes none from another page's origin
+        (cross-site request forgery). A token alone a browser never sends unasked (another page is a 401); an app
+        built in-process (`host` None) has no origin rule, as it has no Host rule."""
+        if self.host is None or "*" in self.allowed_hosts or (self.basic_auth is None and self.token is not None):
             return None
         return frozenset(name.lower() for name in self.allowed_hosts)

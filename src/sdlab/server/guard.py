@@ -7,7 +7,10 @@ a browser cannot send a token, so it shows the 401 rather than a password prompt
 Bodies longer than the limit get 413, whether they announce their length or stream it. A server on the loopback
 without auth answers only requests whose Host is a loopback name or address (localhost, 127.0.0.1, [::1], any
 port) or one of --allowed-hosts (`ServerConfig.host_names`): another gets 403, so that a web page on a name that
-resolves to 127.0.0.1 (DNS rebinding) cannot drive it from the browser.
+resolves to 127.0.0.1 (DNS rebinding) cannot drive it from the browser. A POST, PUT, PATCH or DELETE that a page of
+another origin sends (an `Origin` header that is neither the server's own, scheme://its Host, nor on a name of
+--allowed-hosts) gets 403 on a server without auth or with --auth (`ServerConfig.origin_names`), so that another
+site cannot send it a form (cross-site request forgery); requests without an Origin (curl, A1111 clients) pass.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sdlab.server.config import is_loopback
 
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})     # what a page may not send from another origin
+
 
 def too_large(limit: int) -> str:
     return f"the request body is larger than this server's limit of {limit} bytes (--max-body-mb)"
@@ -31,6 +36,12 @@ def unknown_host(host: str) -> str:
     return (f"Host {host[:100]!r} refused: a server on the loopback without auth answers only localhost, 127.0.0.1 "
             "and [::1], so that no web page can reach it by DNS rebinding (another name you reach it by: "
             "sdlab serve --allowed-hosts NAME)")
+
+
+def foreign_origin(origin: str, method: str) -> str:
+    return (f"{method} from a page of {origin[:100]!r} refused: this server takes POST, PUT, PATCH and DELETE only "
+            "from its own pages, so that no other web page can send it one from its visitor's browser (cross-site "
+            "request forgery; pages of another name of yours: sdlab serve --allowed-hosts NAME)")
 
 
 def host_name(header: str) -> str:
@@ -43,12 +54,13 @@ def host_name(header: str) -> str:
 
 class Guard:
     def __init__(self, app: ASGIApp, *, basic: tuple[str, str] | None, token: str | None, max_body: int,
-                 hosts: frozenset[str] | None = None) -> None:
+                 hosts: frozenset[str] | None = None, origins: frozenset[str] | None = None) -> None:
         self.app = app
         self.basic = basic
         self.token = token
         self.max_body = max_body
         self.hosts = hosts                  # the names answered besides the loopback's; None: any
+        self.origins = origins              # the names whose pages may post besides the server's own; None: any
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,6 +70,10 @@ class Guard:
         host = headers.get("host")
         if self.hosts is not None and host is not None and not self._known_host(host_name(host)):
             await _respond(send, 403, {"detail": unknown_host(host)})
+            return
+        origin, method = headers.get("origin"), scope["method"]
+        if origin is not None and method in UNSAFE_METHODS and not self._known_origin(origin, host):
+            await _respond(send, 403, {"detail": foreign_origin(origin, method)})
             return
         if (self.basic or self.token) and not self._authorized(headers.get("authorization", "")):
             scheme = b"Basic" if self.basic else b"Bearer"
@@ -80,6 +96,15 @@ class Guard:
 
     def _known_host(self, name: str) -> bool:
         return is_loopback(name) or name in self.hosts
+
+    def _known_origin(self, origin: str, host: str | None) -> bool:
+        """Whether a page of `origin` may post: any without an origin rule (`origins` None), else the server's own
+        (scheme://the Host asked for) or one on a name of `origins`, any port; "null" (a sandboxed frame, a file)
+        is neither."""
+        if self.origins is None:
+            return True
+        _, sep, netloc = origin.strip().lower().partition("://")
+        return bool(sep) and (netloc == (host or "").strip().lower() or host_name(netloc) in self.origins)
 
     def _authorized(self, header: str) -> bool:
         scheme, _, value = header.partition(" ")
