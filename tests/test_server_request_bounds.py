@@ -121,6 +121,19 @@ def test_the_options_kept_are_bounded(client) -> None:
     assert "part3" not in client.get(options).json()
 
 
+def test_extras_batch_pictures_count_against_max_images_before_any_is_decoded(client) -> None:
+    """`extra-batch-images` upscaled any number of pictures (400 on a `--max-images 2` server, each to 4 x
+    `--max-pixels`, the answer built whole in memory). Past `--max-images`: a 400 before any is decoded."""
+    route = "/sdapi/v1/extra-batch-images"
+    refused = client.post(route, json={"upscaler_1": "Lanczos", "imageList": [
+        {"data": "not a picture", "name": str(n)} for n in range(3)]})
+    assert refused.status_code == 400 and "at most 2 images per request" in refused.text, refused.text
+    assert "got 3 in imageList" in refused.text
+    drawn = client.post(route, json={"upscaler_1": "Lanczos", "imageList": [{"data": INIT, "name": str(n)}
+                                                                            for n in range(2)]})
+    assert drawn.status_code == 200 and len(drawn.json()["images"]) == 2, drawn.text
+
+
 def _png_header(width: int, height: int) -> bytes:
     """A PNG that declares width x height and holds no pixel data (69 bytes)."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -1618,8 +1618,12 @@ async def extra_single_image(body: ExtraSingleIn, request: Request) -> dict[str,
 @router.post("/extra-batch-images")
 async def extra_batch_images(body: ExtraBatchIn, request: Request) -> dict[str, Any]:
     """Each picture of `imageList` as `extra-single-image` upscales it, in order; the html_info is the last
-    picture's, as A1111's."""
+    picture's, as A1111's. More pictures than `--max-images` is a 400 before any is decoded (A1111 has no limit)."""
     service = service_of(request)
+    limit = service.config.limits.max_images
+    if len(body.imageList) > limit:
+        raise BadRequest(f"at most {limit} images per request on this server (--max-images), got "
+                         f"{len(body.imageList)} in imageList")
     done = [await asyncio.to_thread(_upscale, service, body, item.data, f"imageList[{i}].data")
             for i, item in enumerate(body.imageList)]
     return {"html_info": done[-1][1] if done else "<p></p>", "images": [image for image, _ in done]}
