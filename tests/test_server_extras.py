@@ -286,6 +286,29 @@ def test_the_esrgan_tile_options_set_the_upscalers_tiles(server, client):
         client.post("/options", json={"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 32})
 
 
+A1111_TILE_SLIDERS = {"ESRGAN_tile": {"minimum": 0, "maximum": 512, "step": 16},        # A1111 1.10's
+                      "ESRGAN_tile_overlap": {"minimum": 0, "maximum": 48, "step": 1}}  # modules/shared_options.py
+
+
+def test_the_esrgan_tile_options_stay_within_a1111s_sliders(client):
+    """Any integer >= 0 was taken: `ESRGAN_tile` 1 made a 64x64 x4 upscale 11 s (one network call a pixel), 4 with
+    an overlap of 100 14 s, hours at 2048² with the device held. Now: `ESRGAN_tile` 0 (no tiles) or 16..512,
+    `ESRGAN_tile_overlap` 0..48, A1111's sliders; another value is a 422 that sets nothing."""
+    tile, overlap = A1111_TILE_SLIDERS["ESRGAN_tile"], A1111_TILE_SLIDERS["ESRGAN_tile_overlap"]
+    try:
+        for good in ({"ESRGAN_tile": 0}, {"ESRGAN_tile": tile["step"]}, {"ESRGAN_tile": tile["maximum"]},
+                     {"ESRGAN_tile_overlap": overlap["minimum"]}, {"ESRGAN_tile_overlap": overlap["maximum"]}):
+            assert client.post("/options", json=good).status_code == 200, good
+        for bad in ({"ESRGAN_tile": 1}, {"ESRGAN_tile": 8}, {"ESRGAN_tile": tile["maximum"] + 1},
+                    {"ESRGAN_tile": True}, {"ESRGAN_tile_overlap": overlap["maximum"] + 1},
+                    {"ESRGAN_tile_overlap": 100}, {"ESRGAN_tile_overlap": -1}, {"ESRGAN_tile_overlap": False}):
+            answer = client.post("/options", json={"ESRGAN_tile": 64, **bad})
+            assert answer.status_code == 422 and next(iter(bad)) in answer.text, (bad, answer.text)
+            assert client.get("/options").json()["ESRGAN_tile"] == 512          # nothing set
+    finally:
+        client.post("/options", json={"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 32})
+
+
 # ---------------------------------------------------------------- SD upscale's upscaler
 
 SD_UPSCALE = {"prompt": "a red apple", "steps": 2, "seed": 3, "sampler_name": "Euler", "width": 64, "height": 64,

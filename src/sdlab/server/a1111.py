@@ -1236,11 +1236,11 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
         if not isinstance(body.get(key, False), bool):
             raise BadRequest(f"{where}{key} must be true or false, got {body[key]!r}", 422)
     for key, least in (("CLIP_stop_at_last_layers", 1), ("eta_noise_seed_delta", 0), ("sdxl_crop_top", 0),
-                       ("sdxl_crop_left", 0), ("show_progress_every_n_steps", -1), ("ESRGAN_tile", 0),
-                       ("ESRGAN_tile_overlap", 0)):
+                       ("sdxl_crop_left", 0), ("show_progress_every_n_steps", -1)):
         value = body.get(key, least)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise BadRequest(f"{where}{key} must be an integer >= {least}, got {value!r}", 422)
+    _check_tile_options(body, where)
     for key in ("sdxl_refiner_high_aesthetic_score", "sdxl_refiner_low_aesthetic_score"):
         score = body.get(key, 0.0)
         if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= MAX_AESTHETIC:
@@ -1292,6 +1292,24 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     if not isinstance(body.get("sd_vae_overrides_per_model_preferences", True), bool):
         raise BadRequest(f"{where}sd_vae_overrides_per_model_preferences must be true or false, "
                          f"got {body['sd_vae_overrides_per_model_preferences']!r}", 422)
+
+
+ESRGAN_TILES = (16, 512)        # A1111's slider of ESRGAN_tile (0: no tiles, else 16..512)
+MAX_TILE_OVERLAP = 48           # A1111's slider of ESRGAN_tile_overlap (0..48)
+
+
+def _check_tile_options(body: dict[str, Any], where: str) -> None:
+    """The upscalers' tiles within A1111's sliders (`shared_options`): `ESRGAN_tile` 0 (no tiles) or 16..512,
+    `ESRGAN_tile_overlap` 0..48. A1111's API takes any integer, which its UI never sends; a tile of a few pixels
+    makes every upscale one network call per few pixels (hours at 2048², the device held)."""
+    low, high = ESRGAN_TILES
+    tile = body.get("ESRGAN_tile", 0)
+    if not isinstance(tile, int) or isinstance(tile, bool) or not (tile == 0 or low <= tile <= high):
+        raise BadRequest(f"{where}ESRGAN_tile must be 0 (no tiles) or an integer in {low}..{high}, got {tile!r}", 422)
+    overlap = body.get("ESRGAN_tile_overlap", 0)
+    if not isinstance(overlap, int) or isinstance(overlap, bool) or not 0 <= overlap <= MAX_TILE_OVERLAP:
+        raise BadRequest(f"{where}ESRGAN_tile_overlap must be an integer in 0..{MAX_TILE_OVERLAP}, got {overlap!r}",
+                         422)
 
 
 def _check_guidance_options(body: dict[str, Any], where: str) -> None:
