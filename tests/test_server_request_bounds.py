@@ -121,6 +121,29 @@ def test_the_options_kept_are_bounded(client) -> None:
     assert "part3" not in client.get(options).json()
 
 
+def test_a_model_switch_is_measured_without_the_model_near_the_options_cap(client) -> None:
+    """`sd_model_checkpoint` is never stored, but its text was counted: with the options kept 10 bytes under the
+    cap, a model switch was a 422 (`the options set would hold 1048614 bytes`), an unknown model too instead of
+    its own error; kept `override_settings` naming the model alike."""
+    options = "/sdapi/v1/options"
+    probe = "x" * (1 << 20)
+    refused = client.post(options, json={"near_cap": probe})
+    held = int(refused.json()["detail"].split("would hold ")[1].split(" bytes")[0])
+    assert client.post(options, json={"near_cap": probe[:len(probe) - (held - (1 << 20)) - 10]}).status_code == 200
+    try:
+        model = client.get(options).json()["sd_model_checkpoint"]
+        switched = client.post(options, json={"sd_model_checkpoint": model})
+        assert switched.status_code == 200, switched.text
+        unknown = client.post(options, json={"sd_model_checkpoint": "no such model"})
+        assert unknown.status_code != 200 and "keeps at most" not in unknown.text, unknown.text
+        kept = client.post("/sdapi/v1/txt2img", json={**BASE, "steps": 1, "override_settings": {
+            "sd_model_checkpoint": model}, "override_settings_restore_afterwards": False})
+        assert kept.status_code == 200, kept.text
+        assert client.post(options, json={"near_cap_2": "x" * 20}).status_code == 422    # the cap still holds
+    finally:
+        client.post(options, json={"near_cap": ""})
+
+
 def test_extras_batch_pictures_count_against_max_images_before_any_is_decoded(client) -> None:
     """`extra-batch-images` upscaled any number of pictures (400 on a `--max-images 2` server, each to 4 x
     `--max-pixels`, the answer built whole in memory). Past `--max-images`: a 400 before any is decoded."""

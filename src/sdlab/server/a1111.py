@@ -503,9 +503,9 @@ async def _drawn_job(service: Service, body: Txt2ImgIn, mode: str, request: Gene
     interrupted, A1111's error."""
     spec, model = _job_spec(service, body, request)
     kept = {} if body.override_settings_restore_afterwards else _drawable_overrides(service, body.override_settings)
+    selected = await asyncio.to_thread(_selected_model, service, kept) if kept else None     # checked: `_request`
     if kept:
         _check_kept_options(service, kept, "override_settings: ")
-    selected = await asyncio.to_thread(_selected_model, service, kept) if kept else None     # checked: `_request`
     try:
         job, _ = await asyncio.to_thread(service.submit, spec, mode, model)
     except BadRequest as err:
@@ -1370,8 +1370,9 @@ def set_options(body: dict[str, Any], request: Request) -> None:
     (docs/server.md). Nothing is set when one value is refused."""
     service = service_of(request)
     _check_options(body)
+    selected = _selected_model(service, body)
     _check_kept_options(service, body)
-    _set_options(service, body, _selected_model(service, body))
+    _set_options(service, body, selected)
 
 
 def _selected_model(service: Service, body: dict[str, Any]) -> Checkpoint | None:
@@ -1390,8 +1391,9 @@ MAX_OPTIONS_BYTES = 1 << 20
 
 
 def _check_kept_options(service: Service, body: dict[str, Any], where: str = "") -> None:
-    """A 422 when the options `body` sets would make the options kept past `MAX_OPTIONS_BYTES`."""
-    size = len(json.dumps({**service.options, **body}))
+    """A 422 when the options `body` sets would make the options kept past `MAX_OPTIONS_BYTES` (those
+    `_set_options` stores: the model it selects is not one of them)."""
+    size = len(json.dumps({**service.options, **_stored_options(body)}))
     if size > MAX_OPTIONS_BYTES:
         raise BadRequest(f"{where}the options set would hold {size} bytes of JSON; this server keeps at most "
                          f"{MAX_OPTIONS_BYTES}", 422)
@@ -1401,7 +1403,12 @@ def _set_options(service: Service, body: dict[str, Any], selected: Checkpoint | 
     """Set the options `_check_options` passed: the model new jobs use (`selected`) and the others."""
     if selected is not None:
         service.host.selected = selected
-    service.options.update({k: v for k, v in body.items() if k not in FIXED_OPTIONS})
+    service.options.update(_stored_options(body))
+
+
+def _stored_options(body: dict[str, Any]) -> dict[str, Any]:
+    """The options of `body` the server stores (`FIXED_OPTIONS` are read from it, never stored)."""
+    return {k: v for k, v in body.items() if k not in FIXED_OPTIONS}
 
 
 def _check_readable(checkpoint: Checkpoint, vae: VaeChoice, service: Service) -> None:
