@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 from safetensors.torch import save_file
 
+from sdlab.server.a1111 import ExtraSingleIn
 from server_fixtures import start_server
 from test_upscale_models import new_arch_state
 
@@ -178,7 +179,8 @@ def test_html_info_and_texts_are_a1111s_postprocessing_infotext(client):
     source = base64.b64encode(buffer.getvalue()).decode()
     kept = {"parameters": "a cat\nSteps: 3, Seed: 1", "Comment": "kept, as A1111 keeps it"}
     cases = [
-        ({"upscaler_1": "lanczos"}, "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"),
+        ({"upscaler_1": "lanczos"}, "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"),    # see below
+        ({"upscaler_1": "lanczos", "upscaling_resize": 2}, "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"),
         ({"upscaler_1": "RealESRGAN_x4plus", "upscaling_resize": 3},
          "Postprocess upscale by: 3.0, Postprocess upscaler: R-ESRGAN 4x+"),
         ({"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 96, "upscaling_resize_h": 64},
@@ -186,9 +188,9 @@ def test_html_info_and_texts_are_a1111s_postprocessing_infotext(client):
         ({"upscaler_1": "Lanczos", "resize_mode": 1, "upscaling_resize_w": 96, "upscaling_resize_h": 64,
           "upscaling_crop": False}, "Postprocess upscale to: 96x64, Postprocess upscaler: Lanczos"),
         ({"upscaler_1": "Nearest", "upscaler_2": "4x-tiny", "extras_upscaler_2_visibility": 0.25},
-         "Postprocess upscale by: 2.0, Postprocess upscaler: Nearest, Postprocess upscaler 2: 4x-tiny"),
+         "Postprocess upscale by: 2, Postprocess upscaler: Nearest, Postprocess upscaler 2: 4x-tiny"),
         ({"upscaler_1": "Lanczos", "upscaler_2": "Nearest"},       # visibility 0: not blended, not named
-         "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"),
+         "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"),
         ({}, ""),                                                   # "None"
     ]
     for fields, infotext in cases:
@@ -198,7 +200,17 @@ def test_html_info_and_texts_are_a1111s_postprocessing_infotext(client):
     batch = client.post("/extra-batch-images", json={"upscaler_1": "Lanczos", "imageList": [
         {"data": source, "name": "a.png"}, {"data": encoded(noise(16, 16, 4)), "name": "b.png"}]})
     assert batch.status_code == 200, batch.text
-    assert batch.json()["html_info"] == "<p>Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos</p>"   # the last's
+    assert batch.json()["html_info"] == "<p>Postprocess upscale by: 2, Postprocess upscaler: Lanczos</p>"   # the last's
+
+
+def test_an_unset_upscaling_resize_is_a1111s_int_default():
+    """A1111 1.10's API runs on pydantic v1, which does not validate a default: `upscaling_resize: float =
+    Field(default=2, ...)` left unset stays the int 2 (`quote(2)`: `upscale by: 2`), while a 2 sent is coerced
+    to 2.0. sdlab answered 2.0 for both."""
+    pydantic_v1_value = {"omitted": 2, "sent": float(2)}       # v1: defaults as written, values coerced to float
+    assert repr(ExtraSingleIn(image="").upscaling_resize) == repr(pydantic_v1_value["omitted"])
+    assert repr(ExtraSingleIn(image="", upscaling_resize=2).upscaling_resize) == repr(pydantic_v1_value["sent"])
+
 
 
 # ---------------------------------------------------------------- the second upscaler, face restoration, ranges

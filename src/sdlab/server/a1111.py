@@ -1494,7 +1494,7 @@ class ExtrasIn(NullsAreDefaults):
     model_config = ConfigDict(extra="allow")
 
     resize_mode: Literal[0, 1] = 0          # 0: by upscaling_resize, 1: to upscaling_resize_w x _h
-    upscaling_resize: float = 2.0
+    upscaling_resize: float = 2             # unset: the int 2 (A1111's default, which its pydantic v1 keeps)
     upscaling_resize_w: int = 512
     upscaling_resize_h: int = 512
     upscaling_crop: bool = True
