@@ -112,6 +112,18 @@ def test_a_parameters_text_without_a_settings_line_is_drawn_as_its_prompt_with_a
     assert parse_parameters(read_parameters(tmp_path / "again.png"))["Prompt"] == "a red cube"
 
 
+def test_an_a1111_picture_of_a_37_part_regional_prompt_is_drawn_again(model, tmp_path, capsys) -> None:
+    """A1111 has no limit on AND parts: a 6x6 latent couple with its base prompt (37 parts) read from its picture
+    was refused (`the prompt has 37 AND parts; sdlab draws at most 32`)."""
+    regional = " AND ".join(["two people"] + [f"cell {n}" for n in range(36)])
+    recorded = png_with_parameters(tmp_path / "regional.png", f"{regional}\nSteps: 1, Sampler: Euler, CFG scale: 5, "
+                                   "Seed: 3, Size: 32x32", (32, 32))
+    code, _, err = run(["txt2img", "--from-png", str(recorded), "--model", str(model), "--no-progress",
+                        "--out", str(tmp_path / "again.png")], capsys)
+    assert code == 0, err
+    assert parse_parameters(read_parameters(tmp_path / "again.png"))["Prompt"] == regional
+
+
 def test_a_standalone_vae_is_recorded_as_a1111_records_it(model, tmp_path, capsys) -> None:
     from safetensors.torch import save_file
 

@@ -17,7 +17,10 @@ from PIL import Image, PngImagePlugin
 from sdlab.pipeline.images import ImageTooLargeError, open_image
 from sdlab.pipeline.png_info import ParametersError, read_parameters
 from sdlab.pipeline.prompts_file import read_lines
+from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.a1111_scripts import axis_types
+from sdlab.server.config import Limits
+from sdlab.server.inputs import BadRequest, check_request
 from server_fixtures import start_server
 
 BASE = {"prompt": "a red apple", "steps": 2, "seed": 7, "cfg_scale": 5.0, "sampler_name": "Euler", "width": 64,
@@ -211,14 +214,49 @@ def test_read_parameters_names_a_picture_in_memory() -> None:
             pass
 
 
-@pytest.mark.parametrize("field", ["prompt", "hr_prompt"])
-def test_a_prompt_of_too_many_and_parts_is_refused_before_it_is_drawn(client, field: str) -> None:
-    """Each AND part is a U-Net call at every step (A1111 has no limit): 3,300 parts fit a 20,000-character prompt
-    and took 5 minutes a step on the 64 px model. Past 32 parts: a 400 naming the limit; 32 parts are drawn."""
-    many = " AND ".join(["a red apple"] * 33)
-    hires = {"enable_hr": True, "hr_scale": 1.0, "hr_second_pass_steps": 1} if field == "hr_prompt" else {}
-    answer = client.post("/sdapi/v1/txt2img", json={**BASE, "steps": 1, **hires, field: many})
-    assert answer.status_code == 400, answer.text
-    assert "the prompt has 33 AND parts; sdlab draws at most 32" in answer.text
-    drawn = client.post("/sdapi/v1/txt2img", json={**BASE, "steps": 1, "prompt": " AND ".join(["a"] * 32)})
+REGIONAL = " AND ".join(["two people in a park"] + [f"cell {row} {col}" for row in range(6) for col in range(6)])
+"""A 6x6 latent-couple prompt with its base prompt: 37 AND parts."""
+
+
+def _work_checked(prompt: str, limits: Limits, **fields) -> None:
+    check_request(GenerationRequest(prompt=prompt, seed=1, **fields), limits)
+
+
+def test_a_regional_prompt_of_37_and_parts_is_drawn_at_a_normal_size(client) -> None:
+    """A1111 has no limit on AND parts; a cap of 32 refused a 6x6 latent couple with its base (37 parts) in
+    every path, the command line's and `--from-png`'s too. At 512x512, 20 steps, its work is far within the
+    default limits'; the server draws it."""
+    _work_checked(REGIONAL, Limits(), width=512, height=512, steps=20)
+    _work_checked(REGIONAL, Limits(), width=512, height=512, steps=20, batch_size=4, hr_scale=2.0)
+    drawn = client.post("/sdapi/v1/txt2img", json={**BASE, "steps": 1, "prompt": REGIONAL})
     assert drawn.status_code == 200, drawn.text
+
+
+def test_the_work_of_and_parts_is_bounded_as_the_largest_plain_request_at_the_server() -> None:
+    """The server bounds what the parts cost, not how many they are: each part and the negative is a U-Net call at
+    every step, for each picture of the batch, at each pass's pixels. The largest request the limits allow with a
+    one-part prompt (hires, `--max-steps` in each pass, `--max-batch`, `--max-pixels`) is 2 x 2 x steps x batch x
+    pixels; 3 parts without hires reach it, 4 pass it (a 422, one line)."""
+    limits = Limits(max_pixels=64 * 64, max_steps=4, max_batch=2)
+    most = {"width": 64, "height": 64, "steps": 4, "batch_size": 2}
+    _work_checked("a", limits, **most, hr_scale=1.0)
+    _work_checked("a AND b AND c", limits, **most)
+    _work_checked(" AND ".join("abcdefg"), limits, width=64, height=64, steps=1, batch_size=1)
+    for prompt, fields in (("a AND b AND c AND d", most), ("a AND b", {**most, "hr_scale": 1.0}),
+                           (REGIONAL, {**most, "steps": 1, "batch_size": 1})):
+        with pytest.raises(BadRequest) as refused:
+            _work_checked(prompt, limits, **fields)
+        assert refused.value.status == 422 and "\n" not in str(refused.value)
+        assert "U-Net work" in str(refused.value) and "times this server's limit" in str(refused.value)
+
+
+def test_a_many_part_prompt_at_the_largest_size_is_refused_before_it_is_drawn(client) -> None:
+    """Before, 32 parts x 150 steps x 2 pictures x 2048² (hours of U-Net calls) were queued."""
+    jobs = len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"])
+    for field in ("prompt", "hr_prompt"):
+        many = " AND ".join(["a red apple"] * 8)
+        hires = {"enable_hr": True, "hr_scale": 1.0} if field == "hr_prompt" else {}
+        answer = client.post("/sdapi/v1/txt2img", json={**BASE, "width": 2048, "height": 2048, "steps": 150,
+                                                         "batch_size": 2, **hires, field: many})
+        assert answer.status_code == 422 and "U-Net work (8 prompt parts" in answer.text, answer.text
+    assert len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"]) == jobs

@@ -72,7 +72,6 @@ __all__ = [
 ]
 
 FAR_FROM_NATIVE = 2.0       # warn when a side is more than this factor above or below the model's size
-MAX_PROMPT_PARTS = 32       # AND parts of a prompt (A1111 has no limit): each is a U-Net call at every step
 REFINER_CONVENTIONS = ("diffusers", "a1111", "a1111_steps")   # how a refiner switch fraction picks the handoff step
 
 
@@ -262,16 +261,10 @@ def _tokenized_runs(bundle: ModelBundle, req: GenerationRequest) -> list[str]:
 
 def prompt_parts(bundle: ModelBundle, prompt: str) -> list[tuple[str, float]]:
     """The parts of `prompt` the drawing encodes apart, with their weights: A1111's AND parts (`composable_parts`),
-    or the whole prompt for a U-Net with a guidance embedding (which runs on the prompt alone). More than
-    `MAX_PROMPT_PARTS` is a `PromptError`: each part costs a U-Net call at every step (a 20,000-character prompt
-    holds 3,300 parts: minutes a step)."""
+    or the whole prompt for a U-Net with a guidance embedding (which runs on the prompt alone)."""
     if bundle.unet_config.time_cond_proj_dim is not None:
         return [(prompt, 1.0)]
-    parts = composable_parts(prompt)
-    if len(parts) > MAX_PROMPT_PARTS:
-        raise PromptError(f"the prompt has {len(parts)} AND parts; sdlab draws at most {MAX_PROMPT_PARTS} (each part "
-                          "is a U-Net call at every step)")
-    return parts
+    return composable_parts(prompt)
 
 
 def prompt_schedule_steps(req: GenerationRequest, calls: int) -> tuple[int, int | None]:

@@ -32,8 +32,9 @@ from sdlab.pipeline.images import ImageTooLargeError, open_image, upright_8bit
 from sdlab.pipeline.infotext import LoraRef
 from sdlab.pipeline.png_info import ParametersError
 from sdlab.pipeline.presets import PRESETS, get_preset
-from sdlab.pipeline.hires import pass_sizes
-from sdlab.pipeline.plan import check_prompt_chunks, check_refiner_convention
+from sdlab.pipeline.hires import hires_steps, pass_sizes
+from sdlab.pipeline.plan import check_prompt_chunks, check_refiner_convention, prompt_parts
+from sdlab.pipeline.prompt_schedule import composable_parts
 from sdlab.pipeline.request import (
     SIZE_MULTIPLE, GenerationRequest, RequestError, check_batch_seeds, check_refiner_switch, requested_size, resolve,
 )
@@ -418,12 +419,53 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
     if resolved.hires and size_known:       # unknown: the worker checks it once the model is loaded
         for hr_width, hr_height in pass_sizes(resolved, factor):       # upscaled, then cropped
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
+    if size_known:
+        check_work(resolved, limits, factor, model)
     if model is not None:               # its tokenizers count the prompt's chunks now, not once it is queued
         try:
             check_prompt_chunks(model, resolved)
         except (RequestError, ValueError) as err:
             raise BadRequest(str(err)) from None
     return request
+
+
+HIRES_PASSES = 2            # a hires request's passes, each up to --max-steps at --max-pixels
+
+
+def max_work(limits: Limits) -> int:
+    """The U-Net work (`unet_work`) of the largest request `limits` allow with a one-part prompt: a hires request
+    of `max_batch` pictures of `max_pixels`, `max_steps` in each pass, each step the prompt and the negative."""
+    return HIRES_PASSES * 2 * limits.max_steps * limits.max_batch * limits.max_pixels
+
+
+def unet_work(request: GenerationRequest, factor: int, model: ModelBundle | None) -> int:
+    """The U-Net work of a resolved request of known size, for a VAE of `factor`: over its passes, the
+    conditionings of a step (each part of the pass's prompt, `prompt_parts`, and the negative) x steps x
+    batch size x pixels."""
+    passes = [(request.prompt, request.steps, request.width * request.height)]
+    if request.hires:
+        _, (width, height) = pass_sizes(request, factor)
+        passes.append((request.hr_prompt or request.prompt, hires_steps(request), width * height))
+    return sum((_part_count(prompt, model) + 1) * steps * request.batch_size * pixels
+               for prompt, steps, pixels in passes)
+
+
+def _part_count(prompt: str, model: ModelBundle | None) -> int:
+    """The parts of `prompt` drawn apart on `model` (not known yet: A1111's AND parts)."""
+    return len(prompt_parts(model, prompt) if model is not None else composable_parts(prompt))
+
+
+def check_work(request: GenerationRequest, limits: Limits, factor: int, model: ModelBundle | None) -> None:
+    """A 422 for a resolved request whose U-Net work is past `max_work`: AND parts have no limit of their own
+    (A1111 has none), but each is a U-Net call at every step, so many parts cost what more steps, pictures or
+    pixels would."""
+    work, most = unet_work(request, factor, model), max_work(limits)
+    if work > most:
+        parts = max(_part_count(text, model) for text in (request.prompt, request.hr_prompt or request.prompt))
+        raise BadRequest(f"the request's U-Net work ({parts} prompt parts and the negative a step x steps x batch "
+                         f"size x pixels, each pass) is {work / most:.3g} times this server's limit, the work of its "
+                         "largest request with a one-part prompt (--max-steps, --max-batch, --max-pixels, hires): "
+                         "use fewer AND parts, steps, pictures or pixels", 422)
 
 
 def check_pixels(what: str, width: int, height: int, limits: Limits) -> None:
