@@ -212,7 +212,6 @@ def test_an_unset_upscaling_resize_is_a1111s_int_default():
     assert repr(ExtraSingleIn(image="", upscaling_resize=2).upscaling_resize) == repr(pydantic_v1_value["sent"])
 
 
-
 # ---------------------------------------------------------------- the second upscaler, face restoration, ranges
 
 def test_the_second_upscaler_is_blended_in_as_a1111s(client):
