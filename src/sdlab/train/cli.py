@@ -146,6 +146,15 @@ def _with_native_resolution(cfg: TrainConfig, bundle: ModelBundle) -> TrainConfi
     return cfg
 
 
+def _load_dtype(cfg: TrainConfig) -> torch.dtype:
+    """The dtype the model loads in. A run that trains none of its weights (a LoRA, an embedding) under
+    ``--mixed-precision bf16`` loads it in bf16, as diffusers' and kohya's trainers cast the frozen model to the
+    mixed-precision dtype: autocast multiplies in bf16 anyway, and frozen fp32 weights would cost their bf16 copies
+    besides (autograd keeps them for the backward pass). The trained parameters stay fp32; otherwise fp32 throughout."""
+    frozen = cfg.lora_rank is not None or cfg.task == "embedding"
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" and frozen else torch.float32
+
+
 def _scan(cfg: TrainConfig):
     scan = scan_dataset(cfg.data_dir, cfg.caption_extension, cfg.data_layout)
     if scan.skipped:
@@ -327,7 +336,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         _claim_output_dir(cfg, resume, ctx.is_main)
         _make_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
-        bundle = load_bundle(cfg.model, device=ctx.device, dtype=torch.float32, family=cfg.family,
+        bundle = load_bundle(cfg.model, device=ctx.device, dtype=_load_dtype(cfg), family=cfg.family,
                              prediction=cfg.prediction, vae=cfg.vae, sidecar_vae=cfg.sidecar_vae)
         cfg = _with_model_kind(cfg, bundle.family.name, bundle.prediction.value)
         cfg = _with_native_resolution(cfg, bundle)
