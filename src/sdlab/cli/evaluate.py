@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from sdlab.cli.errors import UserError
-from sdlab.utils.dtypes import DTYPE_NAMES, dtype_from_name
+from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
 from sdlab.utils.files import make_output_folder
 
 __all__ = ["add_evaluate", "format_summary", "run_evaluate"]
@@ -64,7 +64,10 @@ def add_evaluate(subparsers: argparse._SubParsersAction) -> None:
                         "or LoRA names, as `sdlab txt2img`)")
     p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts, N >= 1 (a quick look)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="weight dtype (default fp32)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="weight dtype; auto (default): the one `sdlab txt2img` draws the model with (bf16 for SD1.5 / "
+                        "SDXL-size models on a CPU with native bf16 or on CUDA, fp32 for small ones such as the "
+                        "shipped model)")
     p.add_argument("--out", required=True, help="output folder for report.json and grid.png (made before the "
                                                 "model loads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -125,7 +128,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if unreadable:
         listed = "; ".join(unreadable[:10]) + (f"; and {len(unreadable) - 10} more" if len(unreadable) > 10 else "")
         raise UserError(f"{listed}; `sdlab eval --help` gives the prompt grammar it scores")
-    dtype = dtype_from_name(args.dtype)
+    dtype = requested_dtype(args.dtype)
     finder = _lora_finder(args)
     loras = [_parse_lora(spec, finder) for spec in args.lora]
     make_output_folder(args.out, "--out")
