@@ -17,11 +17,13 @@ schedule has zero terminal SNR. A model on a continuous EDM noise model carries 
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from sdlab.checkpoints.file_format import COMFY_V_PRED_KEY, COMFY_ZTSNR_KEY, bundle_metadata
 from sdlab.checkpoints.io import write_safetensors_atomic
@@ -41,13 +43,22 @@ def text_file_state(spec: TextEncoderSpec, state: dict[str, Tensor]) -> dict[str
     }
 
 
+def bundle_parts(bundle: ModelBundle) -> list[tuple[nn.Module, Callable[[dict[str, Tensor]], dict[str, Tensor]]]]:
+    """Each network of `bundle` (text encoders, U-Net, VAE: the order `new_bundle` builds them in) with the function
+    that puts its state dict, or the part of it one layer or text-encoder block holds, under the file's keys."""
+    family = bundle.family
+    parts: list[tuple[nn.Module, Callable[[dict[str, Tensor]], dict[str, Tensor]]]] = [
+        (te.model, functools.partial(text_file_state, te.spec)) for te in bundle.text_encoders]
+    for module, prefix in ((bundle.unet, family.unet_prefix), (bundle.vae, family.vae_prefix)):
+        parts.append((module, lambda state, prefix=prefix: {prefix + k: v for k, v in state.items()}))
+    return parts
+
+
 def bundle_state_dict(bundle: ModelBundle, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """Every tensor of `bundle` under its original single-file key, optionally cast to `dtype`."""
-    family = bundle.family
-    out = {family.unet_prefix + k: v for k, v in bundle.unet.state_dict().items()}
-    out |= {family.vae_prefix + k: v for k, v in bundle.vae.state_dict().items()}
-    for te in bundle.text_encoders:
-        out |= text_file_state(te.spec, te.model.state_dict())
+    out: dict[str, Tensor] = {}
+    for module, file_state in bundle_parts(bundle):
+        out |= file_state(module.state_dict())
     if dtype is not None:
         out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
     return out
