@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import load_upscaler
-from sdlab.pipeline.request import GenerationRequest
+from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.server.model_folders import UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.worker import HiresUpscaler, _run_with_upscaler
 from server_fixtures import run_job, server_env, start_server
@@ -146,6 +146,35 @@ def test_a_model_file_error_of_the_run_itself_is_not_blamed_on_the_hires_upscale
     request = GenerationRequest(prompt=PROMPT, hr_scale=2, hr_upscaler="tinyx2")
     with pytest.raises(CheckpointError, match="other.safetensors"):
         _run_with_upscaler(FailingPipe(), request, upscaler, progress=lambda info: None)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_the_esrgan_tile_options_set_the_hires_upscalers_tiles(tmp_path, monkeypatch):
+    """A1111's ESRGAN upscalers read `opts.ESRGAN_tile` / `ESRGAN_tile_overlap` at every use (`upscale_with_model(...,
+    tile_size=opts.ESRGAN_tile, tile_overlap=opts.ESRGAN_tile_overlap)`), so the hires fix's upscale runs in the
+    options' tiles, a request's `override_settings` first; unset, sdlab's 192 / 32. Before: always 192 / 32."""
+    import sdlab
+    from sdlab.pipeline import upscale
+    from sdlab.server.a1111 import Txt2ImgIn, _request
+
+    save_file(new_arch_state(2), str(tmp_path / "tinyx2.safetensors"))
+    folder = ModelFolder(tmp_path, UPSCALER_SUFFIXES, hashed=False)
+    upscaler = HiresUpscaler(folder.find("tinyx2"), load_upscaler(tmp_path / "tinyx2.safetensors"))
+    pipe = sdlab.load()
+    tiles, run_upscaler = [], upscale.run_upscaler
+    monkeypatch.setattr(upscale, "run_upscaler", lambda net, image, **given: tiles.append(given) or
+                        run_upscaler(net, image, **given))
+    tile_options = {"ESRGAN_tile": 48, "ESRGAN_tile_overlap": 8}
+    for options, overrides, used in ((None, {}, (192, 32)), (tile_options, {}, (48, 8)),
+                                     (tile_options, {"ESRGAN_tile": 0, "ESRGAN_tile_overlap": 0}, (0, 0))):
+        tiles.clear()
+        body = Txt2ImgIn(**{**A1111, "steps": 1, "hr_second_pass_steps": 1, "hr_upscaler": "tinyx2",
+                            "override_settings": overrides})
+        result = _run_with_upscaler(pipe, _request(body, options=options), upscaler, progress=lambda info: None)
+        assert result.images[0].size == (128, 128)
+        assert tiles == [{"tile": used[0], "overlap": used[1]}], (options, overrides)
+    with pytest.raises(RequestError, match="hr_upscaler_tile must be an integer >= 0, got -1"):
+        pipe.resolve(GenerationRequest(prompt=PROMPT, hr_scale=2, hr_upscaler="Lanczos", hr_upscaler_tile=-1))
 
 
 def test_the_upscalers_list_gives_each_files_network_scale(tmp_path):

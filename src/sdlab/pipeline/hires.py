@@ -7,8 +7,9 @@
                  - a pixel upscaler ("Lanczos", "Nearest", an ESRGAN-family file): the first pass's pictures
                    (8-bit, as `generate` returns them) resized as A1111's `resize_image` does (`resize_image`:
                    the upscaler runs only when the size grows, so a scale-1 pass starts from the first
-                   pass's own pictures) to A1111's upscaled size unsnapped (`upscaled_to`); the VAE encodes
-                   them (the posterior mean), keeping floor(side / f) latent pixels, the top-left ones
+                   pass's own pictures; a model runs in tiles of `hr_upscaler_tile`, A1111's ESRGAN_tile)
+                   to A1111's upscaled size unsnapped (`upscaled_to`); the VAE encodes them (the posterior
+                   mean), keeping floor(side / f) latent pixels, the top-left ones
     second pass  img2img at the final size with strength `hr_denoise` and `hr_steps` steps (0: the first pass's),
                  SDXL conditioned on the upscaled size before the crop (A1111's `hr_upscale_to_x` / `_y`), a
                  9-channel inpainting model at a Conditional mask weight below 1 on the upscaled pictures
@@ -209,7 +210,8 @@ def generate_hires(bundle: ModelBundle, plan: GenerationPlan, upscaler: Upscaler
                     raise
                 first, skipped = stopped.result, True
             exact, _ = upscaled_to(req)                 # A1111 resizes to it unsnapped; the encoder floors
-            upscaled = [resize_image(picture, upscaler, exact) for picture in first.images]
+            upscaled = [resize_image(picture, upscaler, exact, tile=req.hr_upscaler_tile,
+                                     overlap=req.hr_upscaler_tile_overlap) for picture in first.images]
             pixels = pil_to_tensor(upscaled)                                                   # (B, 3, H, W)
             z = encode_image(bundle, pixels.to(bundle.device), tiled=req.tiled_vae)      # (B, C, H/f, W/f)
             z = z[..., : up[1] // factor, : up[0] // factor]

@@ -59,7 +59,8 @@ from sdlab.diffusion.samplers import (
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
 from sdlab.pipeline.upscale import (
-    LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name, missing_upscaler,
+    DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name,
+    missing_upscaler,
 )
 
 MAX_PROMPT_CHARS = 20_000   # longer prompts are refused: they are almost always a mistake (a pasted file)
@@ -277,6 +278,9 @@ class GenerationRequest:
     hr_height: int | None = None            # the aspect ratio; both: cover, then a centred crop); wins over hr_scale
     hr_upscaler: str | None = None          # latent mode ("Latent", "Latent (bicubic)", ...), "Lanczos", "Nearest"
                                             # or an upscaler model file; None = "Latent"
+    hr_upscaler_tile: int = DEFAULT_TILE    # an upscaler model file's tiles, input pixels a side (A1111's ESRGAN_tile;
+                                            # 0: the whole picture at once: `upscale.run_upscaler`)
+    hr_upscaler_tile_overlap: int = DEFAULT_OVERLAP     # the pixels they share (A1111's ESRGAN_tile_overlap)
     hr_steps: int | None = None             # second-pass steps; None / 0 = the first pass's
     hr_denoise: float | None = None         # second-pass denoising strength in (0, 1] (above 1 draws as 1, as
                                             # A1111's); None = 0.7 (A1111's UI)
@@ -922,6 +926,9 @@ def resolve(
         raise RequestError(f"invert_mask must be True or False, got {r.invert_mask!r}")
     if not isinstance(r.mask_round, bool):
         raise RequestError(f"mask_round must be True or False, got {r.mask_round!r}")
+    for name in ("hr_upscaler_tile", "hr_upscaler_tile_overlap"):
+        if not _integer(getattr(r, name)) or getattr(r, name) < 0:
+            raise RequestError(f"{name} must be an integer >= 0, got {getattr(r, name)!r}")
     if r.tiled_vae is not None and not isinstance(r.tiled_vae, bool):
         raise RequestError(f"tiled_vae must be True, False or None (tile large pictures), got {r.tiled_vae!r}")
     if not isinstance(r.paste_back, bool):

@@ -113,7 +113,8 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
     "sd_vae": "Automatic", "sd_vae_overrides_per_model_preferences": True,             # `_vae_choice`
     "show_progress_every_n_steps": 10, "live_previews_enable": True,                    # `progress`
-    "ESRGAN_tile": DEFAULT_TILE, "ESRGAN_tile_overlap": DEFAULT_OVERLAP,   # `_upscaled_by` (A1111's overlap: 8)
+    "ESRGAN_tile": DEFAULT_TILE, "ESRGAN_tile_overlap": DEFAULT_OVERLAP,   # `_upscaled_by`, the hires fix (`_request`)
+                                                                           # (A1111's overlap: 8)
 }
 """A1111's defaults of the options `GET options` always lists; what `POST options` sets replaces them."""
 FIXED_OPTIONS = ("sd_model_checkpoint", "sd_checkpoint_hash")
@@ -316,7 +317,8 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
     if body.enable_hr and not inits:             # A1111's hires fix: a second pass at a larger size
         extra.update(hr_scale=body.hr_scale, hr_width=body.hr_resize_x or None, hr_height=body.hr_resize_y or None,
                      hr_upscaler=body.hr_upscaler or None, hr_steps=body.hr_second_pass_steps or None,
-                     hr_denoise=body.denoising_strength, **_hires_pass(body, sampler))
+                     hr_denoise=body.denoising_strength, hr_upscaler_tile=settings["ESRGAN_tile"],
+                     hr_upscaler_tile_overlap=settings["ESRGAN_tile_overlap"], **_hires_pass(body, sampler))
         extra.update(_hires_eta(body, settings, sampler, extra["hr_sampler"]))
     if inits:
         strength = 0.75 if body.denoising_strength is None else body.denoising_strength
