@@ -83,6 +83,11 @@ def kept_pictures(plan: list[Pass], done: list[bool]) -> list[int]:
     return kept
 
 
+def loop_fields(final: float, curve: str) -> dict[str, object]:
+    """A1111's `extra_generation_params` of Loopback, in every pass's parameters."""
+    return {"Final denoising strength": final, "Denoising curve": curve}
+
+
 def loop_grid(pictures: list[Image.Image]) -> Image.Image:
     """A1111's `images.image_grid(history, rows=1)`: the pictures side by side."""
     return image_grid(pictures, rows=1)

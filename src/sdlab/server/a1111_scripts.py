@@ -45,15 +45,16 @@ from sdlab.pipeline.grid import (
     NOTHING, Axis, Field, GridError, Index, Plot, cell_picture, field_named, parse_axis, with_plot_parameters,
 )
 from sdlab.pipeline.images import open_image
-from sdlab.pipeline.loopback import CURVES, INTERROGATIONS, Pass, kept_pictures, last_strength, loop_grid, loop_plan
+from sdlab.pipeline.loopback import (CURVES, INTERROGATIONS, Pass, kept_pictures, last_strength, loop_fields,
+                                    loop_grid, loop_plan)
 from sdlab.pipeline.outpainting_scripts import DIRECTIONS, OutpaintError, mk2_passes, poor_mans_tiles
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.prompt_matrix import DELIMITERS, PROMPT_TYPES, PromptMatrix, prompt_matrix
 from sdlab.pipeline.prompts_file import POSITIONS, Line, line_prompts, line_seeds, read_lines
 from sdlab.pipeline.request import MAX_BATCH_COUNT, MAX_SIDE, fixed_seed
-from sdlab.pipeline.sd_upscale import TileBatch, tile_batches
-from sdlab.pipeline.tile_grid import TileGrid, combine_grid, split_grid, tile_count, with_images
-from sdlab.pipeline.upscale import UpscaleError, upscaled_size
+from sdlab.pipeline.sd_upscale import TileBatch, combined_pictures, tile_plan, upscale_fields, upscales
+from sdlab.pipeline.tile_grid import TileGrid, split_grid
+from sdlab.pipeline.upscale import UpscaleError
 from sdlab.server.alwayson import ALWAYSON_SCRIPTS, CONTROLNET
 from sdlab.server.inputs import PLAIN_UPSCALER_NAMES, BadRequest
 
@@ -690,7 +691,7 @@ def loopback_plan(body: Any) -> tuple[list[Pass], dict[str, Any]]:
                          "DeepBooru interrogator; use 'None'", 422)
     initial = 0.75 if body.denoising_strength is None else body.denoising_strength
     plan = loop_plan(loops, body.n_iter, fixed_seed(body.seed), initial, final, args["denoising_curve"])
-    return plan, {"Final denoising strength": final, "Denoising curve": args["denoising_curve"]}
+    return plan, loop_fields(final, args["denoising_curve"])
 
 
 async def run_loopback(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
@@ -793,33 +794,25 @@ def sd_upscale_args(host: ScriptHost, body: Any) -> tuple[int, str, float, tuple
 async def run_sd_upscale(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
     """A1111 1.10's SD upscale (scripts/sd_upscale.py, `sdlab.pipeline.sd_upscale`): the request's init picture
     upscaled, cut into tiles of its width x height, each batch of tiles drawn as one img2img request (a picture
-    per tile, its seed as A1111's `tile_batches`), then put together (`combine_grid`) for every `n_iter`. The
-    tiles' requests are checked on the upscaled size before the upscale runs."""
+    per tile, its seed as A1111's `tile_batches`), then put together (`combined_pictures`) for every `n_iter`.
+    The run (`tile_plan`) and the tiles' requests are checked on the upscaled size before the upscale runs."""
     overlap, name, scale, (tile_w, tile_h) = sd_upscale_args(host, body)
     image = (await host.init_pictures(body))[0]
     try:
-        size = image.size if name.lower() == "none" else upscaled_size(image.width, image.height, scale)
+        _, batches = tile_plan(image.size, name, scale, (tile_w, tile_h), overlap, body.batch_size, body.n_iter,
+                               fixed_seed(body.seed))
     except UpscaleError as err:
         raise BadRequest(f"sd upscale: {err}", 422) from None
-    count = tile_count(*size, tile_w, tile_h, overlap)
-    if not count:
-        raise BadRequest(f"sd upscale: the upscaled picture ({size[0]}x{size[1]}) makes no tile of "
-                         f"{tile_w}x{tile_h} overlapping by {overlap}", 422)
-    batches = tile_batches(count, body.batch_size, body.n_iter, fixed_seed(body.seed))
-    if len(batches) > MAX_BATCH_COUNT:
-        raise BadRequest(f"sd upscale: {count} tiles x {body.n_iter} make {len(batches)} batches; the limit "
-                         f"is {MAX_BATCH_COUNT}", 422)
     subseed = fixed_seed(body.subseed)
     bodies = [body.model_copy(update={"seed": b.seed, "subseed": subseed, "batch_size": b.batch_size, "n_iter": 1,
                                       "width": tile_w, "height": tile_h}) for b in batches]
     labels = [f"sd upscale upscale {b.upscale + 1} tiles {b.tiles.start + 1}-{b.tiles.stop}" for b in batches]
     await host.check(bodies, labels)
-    upscaled = image if name.lower() == "none" else await host.upscaled(image, name, scale)
+    upscaled = await host.upscaled(image, name, scale) if upscales(name) else image
     grid = split_grid(upscaled, tile_w, tile_h, overlap)
     tiles = [tile.image for _, tile in grid.tiles()]
     drawn = await host.draw(bodies, labels, False, lambda k, _: tuple(tiles[i] for i in batches[k].tiles))
-    fields = {"SD upscale overlap": overlap, "SD upscale upscaler": name}
-    return answer_sd_upscale(host, body, grid, batches, fields, drawn)
+    return answer_sd_upscale(host, body, grid, batches, upscale_fields(overlap, name), drawn)
 
 
 def answer_sd_upscale(host: ScriptHost, body: Any, grid: TileGrid, batches: list[TileBatch], fields: dict[str, Any],
@@ -827,12 +820,8 @@ def answer_sd_upscale(host: ScriptHost, body: Any, grid: TileGrid, batches: list
     """A1111's answer: `images` every upscale's picture put together from its drawn tiles (black for tiles not
     drawn after an interrupt), without parameters (A1111's new picture has none); `info` the last batch's with
     the request's seed and the first batch's text (`_script_info`)."""
-    upscales = max(b.upscale for b in batches) + 1
-    combined = []
-    for n in range(upscales):
-        results = [_picture(cell, i) for b, cell in zip(batches, drawn) if b.upscale == n and cell is not None
-                   for i in range(len(cell.pictures))]
-        combined.append(combine_grid(with_images(grid, results)))
+    pictures = [None if cell is None else [_picture(cell, i) for i in range(len(cell.pictures))] for cell in drawn]
+    combined = combined_pictures(grid, batches, pictures)
     last = max(i for i, cell in enumerate(drawn) if cell is not None)
     first = next(cell for cell in drawn if cell is not None)
     info = _script_info(first, drawn[last], fields, seed=batches[0].seed, batch_size=batches[last].batch_size)
