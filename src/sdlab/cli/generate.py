@@ -6,6 +6,8 @@
     sdlab inpaint "a wide field" --init apple.png --outpaint 64,64,0,0
     sdlab txt2img --from-png apple.png          # the same picture again, from its parameters chunk
     sdlab txt2img --prompts-file prompts.txt    # a run per line, A1111's Prompts from file (cli/prompts_file.py)
+    sdlab img2img "a castle" --init photo.png --loopback 4    # A1111's Loopback (cli/img2img_scripts.py)
+    sdlab img2img "a castle" --init photo.png --sd-upscale 2  # A1111's SD upscale (cli/img2img_scripts.py)
 
 Unset options take the model family's defaults (size, sampler, schedule). Each picture carries the
 A1111-style parameters (a PNG `parameters` chunk; EXIF UserComment in a .jpg / .webp), including the
@@ -18,16 +20,19 @@ an input is bad.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from sdlab.cli.errors import UserError, utf8_text, write_error
+from sdlab.cli.img2img_scripts import (add_img2img_script_flags, check_script_flags, run_script, script_chosen,
+                                       script_request)
 from sdlab.cli.prompts_file import add_prompts_file_flags, check_without_prompts_file, run_prompts_file
 from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
 from sdlab.utils.files import make_output_folder
@@ -67,6 +72,8 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         else:
             _add_init_flags(p, "init image (required, also with --from-png)", "1" if mode == "inpaint" else "0.75",
                             from_png=True)
+        if mode == "img2img":
+            add_img2img_script_flags(p)
         if mode == "inpaint":
             _add_inpaint_flags(p)
         p.set_defaults(run=run_generate, mode=mode)
@@ -567,21 +574,26 @@ def _next_number(folder: Path) -> int:
     return max(numbers, default=-1) + 1
 
 
-def _folder_paths(folder: Path, prompt: str, seeds: list[int]) -> list[Path]:
+def _folder_paths(folder: Path, prompt: str, seeds: list[int], grid: bool = False) -> list[Path]:
+    """00012-SEED-PROMPT.png for each seed, then with `grid` 00015-grid-PROMPT.png."""
     start = _next_number(folder)
-    return [folder / f"{start + i:05d}-{seed}-{_slug(prompt)}.png" for i, seed in enumerate(seeds)]
+    grids = [folder / f"{start + len(seeds):05d}-grid-{_slug(prompt)}.png"] if grid else []
+    return [folder / f"{start + i:05d}-{seed}-{_slug(prompt)}.png" for i, seed in enumerate(seeds)] + grids
 
 
-def _file_paths(target: Path, count: int) -> list[Path]:
-    return [target] if count == 1 else [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
+def _file_paths(target: Path, count: int, grid: bool = False) -> list[Path]:
+    """`target` for one picture, else NAME-0, NAME-1, ...; then with `grid` NAME-grid."""
+    paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
+    return paths + ([target.with_name(f"{target.stem}-grid{target.suffix}")] if grid else [])
 
 
-def _output_paths(out: str, target: tuple[Path, str | None], prompt: str, seeds: list[int]) -> list[Path]:
-    """Where each image goes (`target`: `_output_target(out)`); checks the folder is writable and the names
-    fit before any work is done."""
+def _output_paths(out: str, target: tuple[Path, str | None], prompt: str, seeds: list[int],
+                  grid: bool = False) -> list[Path]:
+    """Where each image goes (`target`: `_output_target(out)`), and with `grid` a grid of them after; checks the
+    folder is writable and the names fit before any work is done."""
     folder, fmt = target
     make_output_folder(folder)
-    paths = _file_paths(Path(out), len(seeds)) if fmt else _folder_paths(folder, prompt, seeds)
+    paths = _file_paths(Path(out), len(seeds), grid) if fmt else _folder_paths(folder, prompt, seeds, grid)
     try:
         name_max = os.pathconf(folder, "PC_NAME_MAX")
     except (OSError, ValueError, AttributeError):
@@ -593,9 +605,10 @@ def _output_paths(out: str, target: tuple[Path, str | None], prompt: str, seeds:
     return paths
 
 
-def _save_images(in_folder: bool, paths: list[Path], images: list, texts: list[str], prompt: str,
-                 seeds: list[int]) -> list[Path]:
-    """Write the batch all or nothing; in a folder, renumber and retry when another run took the numbers."""
+def _save_images(in_folder: bool, paths: list[Path], images: list, texts: list[str | None], prompt: str,
+                 seeds: list[int], grid: bool = False) -> list[Path]:
+    """Write the batch (`_output_paths`' pictures; a text None: no parameters) all or nothing; in a folder,
+    renumber and retry when another run took the numbers."""
     from sdlab.pipeline.png_info import ParametersError, encode_image, image_format, write_files_all_or_nothing
 
     try:
@@ -609,7 +622,7 @@ def _save_images(in_folder: bool, paths: list[Path], images: list, texts: list[s
         except FileExistsError:
             if not in_folder:
                 raise
-            paths = _folder_paths(paths[0].parent, prompt, seeds)
+            paths = _folder_paths(paths[0].parent, prompt, seeds, grid)
         except OSError as err:
             detail = f" ({len(blobs)} image(s), {sum(map(len, blobs))} bytes)"
             raise write_error(err, paths[0].parent, detail) from None
@@ -1090,8 +1103,25 @@ def _add_input_pictures(args: argparse.Namespace, options: dict[str, Any]) -> No
     options.setdefault("strength", 1.0)
 
 
+@contextlib.contextmanager
+def progress_bar(args: argparse.Namespace, total: int) -> Iterator[Callable[[Any], None] | None]:
+    """A counter of `total` sampler steps on stderr, as `pipe.run`'s `progress` (None with --no-progress); closed
+    at the end."""
+    if args.no_progress:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=args.mode, unit="step", file=sys.stderr, leave=False)
+    try:
+        yield lambda info: bar.update(1)
+    finally:
+        bar.close()
+
+
 def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int:
     """Draw and write the pictures of `args`; `pipelines` keeps the models loaded across runs (--prompts-file)."""
+    check_script_flags(args)
     if getattr(args, "prompts_file", None):
         return run_prompts_file(args)
     check_without_prompts_file(args)
@@ -1129,8 +1159,23 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
     if recorded:
         _check_model(recorded, name, hash_)
         _warn_what_is_not_given(recorded, refiner, vae, pipe, request)
+    request = script_request(args, request, pipe)             # SD upscale: the tiles' size
     try:
         plan = pipe.resolve(request)                          # resolved once: the run and the infotext use it
+    except RequestError as err:
+        raise UserError(str(err)) from None
+    used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(plan.request)]
+    hires_refs = hires_tag_refs(plan.request, pipe.find_lora, lora_hash)
+
+    def parameters(result, index: int) -> dict[str, Any]:
+        """The labelled parameters of picture `index` of `result` (a `GenerationResult` of this run)."""
+        return to_parameters(result.request, index=index, model_name=name, model_hash=hash_, loras=lora_refs,
+                             prompt=prompt_to_record, embeddings=used, refiner=refiner if result.refined else None,
+                             vae=vae, hires_loras=hires_refs)
+
+    if script_chosen(args):
+        return run_script(args, pipe, request, plan, target, parameters)
+    try:
         check_batch_seeds(plan.request, args.batch_count)
         plans = [plan] + [pipe.resolve(next_batch(plan.request, k)) for k in range(1, args.batch_count)]
     except RequestError as err:
@@ -1138,32 +1183,17 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
     seeds = [seed for p in plans for seed in p.request.seeds()]
     paths = _output_paths(args.out, target, plan.request.prompt, seeds)
 
-    progress = None
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        total = sum(p.steps_run + (hires_steps(p.request) if p.request.hires else 0) for p in plans)
-        bar = tqdm(total=total, desc=args.mode, unit="step", file=sys.stderr, leave=False)
-        progress = lambda info: bar.update(1)  # noqa: E731
+    total = sum(p.steps_run + (hires_steps(p.request) if p.request.hires else 0) for p in plans)
     try:
-        results = [pipe.run(p, progress=progress) for p in plans]
+        with progress_bar(args, total) as progress:
+            results = [pipe.run(p, progress=progress) for p in plans]
     except RequestError as err:
         raise UserError(str(err)) from None
-    finally:
-        if bar is not None:
-            bar.close()
 
-    used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(plan.request)]
-    hires_refs = hires_tag_refs(plan.request, pipe.find_lora, lora_hash)
     images, texts = [], []
     for result in results:
         images += result.images
-        texts += [format_parameters(to_parameters(result.request, index=i, model_name=name, model_hash=hash_,
-                                                  loras=lora_refs, prompt=prompt_to_record, embeddings=used,
-                                                  refiner=refiner if result.refined else None, vae=vae,
-                                                  hires_loras=hires_refs))
-                  for i in range(len(result.images))]
+        texts += [format_parameters(parameters(result, i)) for i in range(len(result.images))]
     in_folder = target[1] is None
     if not getattr(args, "write", True):             # a --prompts-file line's --do_not_save_samples true
         return 0
