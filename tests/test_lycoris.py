@@ -19,7 +19,7 @@ from torch import nn
 
 from bundle_fixtures import tiny_bundle
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_layer_tables, merged_layers
+from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_layer_tables, lora_merges, merged_layers
 from sdlab.checkpoints.lycoris import merged_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -220,9 +220,10 @@ def _sdlab_merge(base, modules):
         layer = nn.Linear(1, 1) if w.ndim == 2 else nn.Conv2d(1, 1, 1)
         layer.weight = nn.Parameter(w.clone())
         layers[f"lora_unet_{name}"] = layer
-    weights, unmatched = merged_layers(layers, {f"lora_unet_{k}": v for k, v in modules.items()}, 1.0)
+    merges, unmatched = lora_merges(layers, {f"lora_unet_{k}": v for k, v in modules.items()}, 1.0)
     assert unmatched == []
-    return {name[len("lora_unet_"):]: weights[layer][0] for name, layer in layers.items()}
+    weights = {layer: weight for layer, weight, _ in merged_layers(merges)}
+    return {name[len("lora_unet_"):]: weights[layer] for name, layer in layers.items()}
 
 
 @pytest.mark.parametrize("tucker", [False, True])
@@ -438,7 +439,8 @@ def test_lycoris_files_merge_as_lycoris_draws_them(tmp_path, algo, options):
         layer = nn.Linear(1, 1) if weight.ndim == 2 else nn.Conv2d(1, 1, 1)
         layer.weight, layer.bias = nn.Parameter(weight.clone()), nn.Parameter(bias.clone())
         layers[f"lora_unet_blk_{name}"] = layer
-    weights, unmatched = merged_layers(layers, load_lora_file(tmp_path / "l.safetensors"), multiplier)
+    merges, unmatched = lora_merges(layers, load_lora_file(tmp_path / "l.safetensors"), multiplier)
+    weights = {layer: (weight, bias) for layer, weight, bias in merged_layers(merges)}
     assert unmatched == [] and len(weights) == 2
     w, b = weights[layers["lora_unet_blk_lin"]]
     torch.testing.assert_close(F.linear(x_lin, w, base["lin"][1] if b is None else b), want["lin"], atol=1e-5, rtol=1e-4)
@@ -492,7 +494,8 @@ def test_lycoris_norm_layer_diffs(tmp_path):
     layers = {"lora_unet_blk_ln": nn.LayerNorm(16), "lora_unet_blk_gn": nn.GroupNorm(4, 16)}
     for name, layer in layers.items():
         layer.weight, layer.bias = (nn.Parameter(t.clone()) for t in base[name.rsplit("_", 1)[1]])
-    weights, unmatched = merged_layers(layers, lora, multiplier)
+    merges, unmatched = lora_merges(layers, lora, multiplier)
+    weights = {layer: (weight, bias) for layer, weight, bias in merged_layers(merges)}
     assert unmatched == ["lora_unet_blk_lin"]
     w, b = weights[layers["lora_unet_blk_ln"]]
     torch.testing.assert_close(F.layer_norm(x.permute(0, 2, 3, 1), (16,), w, b), want["ln"], atol=1e-5, rtol=1e-5)

@@ -37,7 +37,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import safetensors.torch
@@ -51,6 +51,7 @@ from sdlab.checkpoints.io import meta_tensor, read_checkpoint, write_safetensors
 from sdlab.checkpoints.lycoris import FIELDS, merged_weight, module_kind
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.families import FamilySpec
+from sdlab.models.cpu_memory import reusing_large_blocks
 from sdlab.models.unet import UNetConfig
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ __all__ = [
     "kohya_unet_names",
     "load_lora_file",
     "lora_layer_tables",
+    "lora_merges",
     "lora_preset",
     "merge_lora_",
     "merged_layers",
@@ -375,7 +377,8 @@ def _peft_alpha(configs: Mapping[str, dict], name: str, rank: int) -> float | No
 
 # --- merging -------------------------------------------------------------------------------------------
 
-LayerWeights = dict[nn.Module, tuple[Tensor, "Tensor | None"]]   # layer -> (new weight, new bias), float32
+# layer -> the modules to merge into it, in order: (kohya name, module, multiplier)
+LayerMerges = dict[nn.Module, list[tuple[str, Mapping[str, Tensor], float]]]
 
 
 _LATENT_IN, _INPAINT_IN = 4, 9      # input channels of conv_in: the latent; + the mask and the masked latent
@@ -418,49 +421,78 @@ def _merged_weight(name: str, module: Mapping[str, Tensor], weight: Tensor,
     return None, None
 
 
-@torch.no_grad()
-def merged_layers(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str, Tensor]], multiplier: float,
-                  current: LayerWeights | None = None) -> tuple[LayerWeights, list[str]]:
-    """({layer: (weight, bias)} after merging `lora` at `multiplier` into the named layers, in float32,
-    starting from `current` (earlier merges of a stack) or the layers' own weights; the names that match
-    no layer). Nothing is written. ValueError names a module that does not fit its layer."""
-    result: LayerWeights = dict(current or {})
+def _on_meta(module: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """`module`'s tensors as shapes only (meta), but the fields read as numbers (alpha, on_input)."""
+    return {f: t if f in ("alpha", "on_input") else t.to("meta") for f, t in module.items()}
+
+
+def _merge_module(name: str, module: Mapping[str, Tensor], weight: Tensor, bias: Tensor | None,
+                  multiplier: float) -> tuple[Tensor, Tensor | None] | None:
+    """(weight, bias) in float32 after merging `module` at `multiplier` into a layer's float32 (weight, bias);
+    None where the layer is left as it is (`_merged_weight`). ValueError names a module that does not fit."""
+    try:
+        new_weight, delta_bias = _merged_weight(name, module, weight, multiplier)
+    except ValueError as exc:
+        raise ValueError(f"module {name}: {exc}") from None
+    if new_weight is None:
+        return None
+    if delta_bias is not None:
+        if bias is None or delta_bias.numel() != bias.numel():
+            raise ValueError(f"module {name}: diff_b {tuple(delta_bias.shape)} does not fit the layer's bias")
+        bias = bias + delta_bias.to(bias.device).reshape(bias.shape)
+    return new_weight.to(weight.device), bias
+
+
+def lora_merges(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str, Tensor]], multiplier: float,
+                merges: LayerMerges | None = None) -> tuple[LayerMerges, list[str]]:
+    """(`merges` with `lora`'s modules at `multiplier` added to the named layers; the names that match no
+    layer). Computes nothing: each module is merged on the meta device (shapes only), so ValueError names a
+    module that does not fit its layer before any layer is written, and modules a layer is left without
+    (`_merged_weight`) are not added."""
+    merges = {layer: list(modules) for layer, modules in (merges or {}).items()}
     unmatched = []
     for name, entry in lora.items():
         layer = layers.get(name)
         if layer is None:
             unmatched.append(name)
             continue
-        weight, bias = result.get(layer) or (layer.weight.to(torch.float32),
-                                            None if layer.bias is None else layer.bias.to(torch.float32))
-        try:
-            new_weight, delta_bias = _merged_weight(name, entry, weight, multiplier)
-        except ValueError as exc:
-            raise ValueError(f"module {name}: {exc}") from None
-        if new_weight is None:                                   # left as it is (A1111 fails on it)
-            continue
-        if delta_bias is not None:
-            if bias is None or delta_bias.numel() != bias.numel():
-                raise ValueError(f"module {name}: diff_b {tuple(delta_bias.shape)} does not fit the layer's bias")
-            bias = bias + delta_bias.to(bias.device).reshape(bias.shape)
-        result[layer] = (new_weight.to(weight.device), bias)
-    return result, unmatched
+        weight = torch.empty_like(layer.weight, dtype=torch.float32, device="meta")
+        bias = None if layer.bias is None else torch.empty_like(layer.bias, dtype=torch.float32, device="meta")
+        if _merge_module(name, _on_meta(entry), weight, bias, multiplier) is not None:
+            merges.setdefault(layer, []).append((name, entry, multiplier))
+    return merges, unmatched
 
 
 @torch.no_grad()
-def write_layers_(weights: LayerWeights) -> None:
-    """Copy merged (weight, bias) pairs into their layers in place, in each layer's dtype."""
-    for layer, (weight, bias) in weights.items():
-        layer.weight.copy_(weight.to(layer.weight.dtype))
+def merged_layers(merges: LayerMerges) -> Iterator[tuple[nn.Module, Tensor, Tensor | None]]:
+    """(layer, new weight, new bias or None where it stays), in float32, for each layer of `merges` in turn:
+    a stack of LoRAs adds up in float32 (cast once, by the caller), and only one layer's float32 copy is
+    made at a time (the next is computed once the caller has taken this one). The float32 blocks of one layer
+    serve the next (`reusing_large_blocks`): fresh pages are faulted in for the largest layer only, not for
+    every layer's weight, update and sum."""
+    with reusing_large_blocks(torch.device("cpu")):
+        for layer, modules in merges.items():
+            weight = layer.weight.to(torch.float32)
+            own_bias = bias = None if layer.bias is None else layer.bias.to(torch.float32)
+            for name, module, multiplier in modules:
+                weight, bias = _merge_module(name, module, weight, bias, multiplier)
+            yield layer, weight, None if bias is own_bias else bias
+
+
+@torch.no_grad()
+def write_layers_(merges: LayerMerges) -> None:
+    """Merge `merges` into their layers in place, one layer at a time (`merged_layers`), in each layer's dtype."""
+    for layer, weight, bias in merged_layers(merges):
+        layer.weight.copy_(weight)
         if bias is not None:
-            layer.bias.copy_(bias.to(layer.bias.dtype))
+            layer.bias.copy_(bias)
 
 
 def merge_lora_(layers: Mapping[str, nn.Module], lora: Mapping[str, Mapping[str, Tensor]], multiplier: float) -> list[str]:
     """Merge `lora` into the named layers in place at `multiplier` (computed in float32), after checking
     that every matched module fits (nothing changes otherwise). Returns the names that matched no layer."""
-    weights, unmatched = merged_layers(layers, lora, multiplier)
-    write_layers_(weights)
+    merges, unmatched = lora_merges(layers, lora, multiplier)
+    write_layers_(merges)
     return unmatched
 
 
@@ -471,10 +503,10 @@ def lora_layer_tables(bundle) -> tuple[dict[str, nn.Module], dict[str, nn.Module
 
 def bundle_lora_weights(bundle, path: str | os.PathLike[str], lora: Mapping[str, Mapping[str, Tensor]],
                         te_multiplier: float, unet_multiplier: float,
-                        current: LayerWeights | None = None) -> tuple[LayerWeights, int]:
-    """The merged weights of `bundle`'s layers after `lora` (the content of `path`) at `te_multiplier` on
-    the text encoders and `unet_multiplier` on the U-Net, on top of `current`; and the number of modules
-    that matched. Nothing is written. None matching, or a module that does not fit its layer, is a
+                        current: LayerMerges | None = None) -> tuple[LayerMerges, int]:
+    """The merges (`lora_merges`) of `lora` (the content of `path`) into `bundle`'s layers at `te_multiplier`
+    on the text encoders and `unet_multiplier` on the U-Net, after those of `current`; and the number of
+    modules that matched. Nothing is computed or written. None matching, or a module that does not fit its layer, is a
     `CheckpointError` naming the file; some not matching is a warning (as in A1111)."""
     unet_layers, text_layers = lora_layer_tables(bundle)
     unet_part = {n: e for n, e in lora.items() if n in unet_layers}
@@ -485,13 +517,13 @@ def bundle_lora_weights(bundle, path: str | os.PathLike[str], lora: Mapping[str,
             f"{path}: none of its {len(lora)} LoRA modules matches a layer of this {bundle.family.name} model "
             f"(e.g. {', '.join(list(lora)[:2])}): a LoRA for another model family?")
     try:
-        weights, _ = merged_layers(unet_layers, unet_part, unet_multiplier, current)
-        weights, _ = merged_layers(text_layers, text_part, te_multiplier, weights)
+        merges, _ = lora_merges(unet_layers, unet_part, unet_multiplier, current)
+        merges, _ = lora_merges(text_layers, text_part, te_multiplier, merges)
     except ValueError as exc:
         raise CheckpointError(f"{path}: {exc}: a LoRA for another model?") from exc
     if unmatched:
         logger.warning("%s: %d LoRA module(s) match no layer of this model, e.g. %s", path, len(unmatched), unmatched[:3])
-    return weights, len(unet_part) + len(text_part)
+    return merges, len(unet_part) + len(text_part)
 
 
 def lora_preset(path: str | os.PathLike[str]) -> str | None:
@@ -513,7 +545,7 @@ def apply_lora(bundle, path: str | os.PathLike[str], multiplier: float = 1.0,
     `load_lora_file` (so a bad file is found before a model is loaded)."""
     lora = load_lora_file(path) if lora is None else lora
     unet_multiplier = multiplier if unet_multiplier is None else unet_multiplier
-    weights, matched = bundle_lora_weights(bundle, path, lora, multiplier, unet_multiplier)
-    write_layers_(weights)
+    merges, matched = bundle_lora_weights(bundle, path, lora, multiplier, unet_multiplier)
+    write_layers_(merges)
     logger.info("applied LoRA %s at %.3g to %d layers", path, multiplier, matched)
     return matched

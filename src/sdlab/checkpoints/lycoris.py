@@ -102,7 +102,7 @@ def _lora(module: Mapping[str, Tensor], shape: torch.Size) -> Tensor:
         delta = torch.einsum("or,rikl->oikl", up.flatten(1), down)
     else:
         delta = up.flatten(1) @ down.flatten(1)                                       # (out, in*kh*kw)
-    return delta.reshape(shape) * _alpha_scale(module, rank)
+    return delta.reshape(shape).mul_(_alpha_scale(module, rank))                        # delta is new: scaled in place
 
 
 def _loha(module: Mapping[str, Tensor], shape: torch.Size) -> Tensor:

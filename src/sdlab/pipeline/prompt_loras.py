@@ -45,7 +45,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from sdlab.checkpoints.lora import bundle_lora_weights, load_lora_file
+from sdlab.checkpoints.lora import bundle_lora_weights, load_lora_file, merged_layers
 from sdlab.models.cpu_kernels import tensor_version
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import RequestError
@@ -369,15 +369,15 @@ class LoraPatcher:
         return self._applied is not None
 
     def _merged(self, uses: Sequence[LoraUse]) -> dict[nn.Parameter, Tensor]:
-        weights = None
+        merges = None
         for use in uses:
             try:
-                weights, _ = bundle_lora_weights(self.bundle, use.path, read_lora(use.path),
-                                                 use.te_weight, use.unet_weight, weights)
+                merges, _ = bundle_lora_weights(self.bundle, use.path, read_lora(use.path),
+                                                use.te_weight, use.unet_weight, merges)
             except Exception as err:
                 raise RequestError(f"LoRA {use.name or use.path}: {err}") from None
         tensors: dict[nn.Parameter, Tensor] = {}
-        for layer, (weight, bias) in (weights or {}).items():
+        for layer, weight, bias in merged_layers(merges or {}):
             tensors[layer.weight] = weight.to(layer.weight.device, layer.weight.dtype)
             if bias is not None:
                 tensors[layer.bias] = bias.to(layer.bias.device, layer.bias.dtype)
