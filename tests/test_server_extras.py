@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 
 import httpx
 import numpy as np
@@ -307,8 +308,9 @@ def test_the_esrgan_tile_options_stay_within_a1111s_sliders(client):
     `ESRGAN_tile_overlap` 0..48, A1111's sliders; another value is a 422 that sets nothing."""
     tile, overlap = A1111_TILE_SLIDERS["ESRGAN_tile"], A1111_TILE_SLIDERS["ESRGAN_tile_overlap"]
     try:
-        for good in ({"ESRGAN_tile": 0}, {"ESRGAN_tile": tile["step"]}, {"ESRGAN_tile": tile["maximum"]},
-                     {"ESRGAN_tile_overlap": overlap["minimum"]}, {"ESRGAN_tile_overlap": overlap["maximum"]}):
+        for good in ({"ESRGAN_tile": 0}, {"ESRGAN_tile": tile["step"], "ESRGAN_tile_overlap": 8},
+                     {"ESRGAN_tile": tile["maximum"]}, {"ESRGAN_tile_overlap": overlap["minimum"]},
+                     {"ESRGAN_tile_overlap": overlap["maximum"]}):
             assert client.post("/options", json=good).status_code == 200, good
         for bad in ({"ESRGAN_tile": 1}, {"ESRGAN_tile": 8}, {"ESRGAN_tile": tile["maximum"] + 1},
                     {"ESRGAN_tile": True}, {"ESRGAN_tile_overlap": overlap["maximum"] + 1},
@@ -316,6 +318,39 @@ def test_the_esrgan_tile_options_stay_within_a1111s_sliders(client):
             answer = client.post("/options", json={"ESRGAN_tile": 64, **bad})
             assert answer.status_code == 422 and next(iter(bad)) in answer.text, (bad, answer.text)
             assert client.get("/options").json()["ESRGAN_tile"] == 512          # nothing set
+    finally:
+        client.post("/options", json={"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 32})
+
+
+def a1111_tile_count(width: int, tile: int, overlap: int) -> int:
+    """modules/images.py `split_grid`'s columns (A1111 1.10): `cols = math.ceil((w - overlap) / non_overlap_width)`;
+    0 or less cuts no tile, and `upscale_with_model` then fails (its `scale_factor` is never set)."""
+    return math.ceil((width - overlap) / (tile - overlap))
+
+
+def test_the_esrgan_tile_overlap_is_at_most_half_the_tile(server, client):
+    """Both options within their sliders, an `ESRGAN_tile` 16 with an `ESRGAN_tile_overlap` 48 was taken and cut
+    tiles 1 px apart (the overlap clamped to 15): 2401 network calls for a 64x64 picture, 58,081 at 256², where A1111
+    cuts no tile and fails. Now an overlap above half the tile is a 422 naming both options that sets nothing,
+    whichever option the request sets (the other one kept), in `POST options` or a request's `override_settings`;
+    the tiles then advance by at least half a tile."""
+    assert a1111_tile_count(256, 16, 48) <= 0 and a1111_tile_count(256, 16, 15) == 241     # A1111: fails / 1 px
+    try:
+        for bad, kept in (({"ESRGAN_tile": 16, "ESRGAN_tile_overlap": 48}, None),
+                          ({"ESRGAN_tile": 32, "ESRGAN_tile_overlap": 17}, None),
+                          ({"ESRGAN_tile": 16}, {"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 32}),
+                          ({"ESRGAN_tile_overlap": 9}, {"ESRGAN_tile": 16, "ESRGAN_tile_overlap": 8})):
+            if kept:
+                assert client.post("/options", json=kept).status_code == 200
+            answer = client.post("/options", json=bad)
+            assert answer.status_code == 422, (bad, answer.text)
+            assert "ESRGAN_tile_overlap must be at most half of ESRGAN_tile" in answer.text, answer.text
+            options = client.get("/options").json()
+            assert (options["ESRGAN_tile"], options["ESRGAN_tile_overlap"]) == (
+                (kept or {}).get("ESRGAN_tile", 192), (kept or {}).get("ESRGAN_tile_overlap", 32))
+        answer = client.post("/txt2img", json={"prompt": "a", "override_settings": {"ESRGAN_tile_overlap": 9}})
+        assert answer.status_code == 422 and "override_settings.ESRGAN_tile_overlap must be at most half" in \
+            answer.text, answer.text
     finally:
         client.post("/options", json={"ESRGAN_tile": 192, "ESRGAN_tile_overlap": 32})
 

@@ -305,6 +305,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
     stay afterwards."""
     _check_options(body.override_settings, "override_settings.")
     settings = {**OPTION_DEFAULTS, **(options or {}), **body.override_settings}
+    _check_tile_pair(settings, "override_settings.")
     if body.batch_size < 1 or not 1 <= body.n_iter <= MAX_BATCH_COUNT:
         raise BadRequest(f"batch_size must be >= 1 and n_iter 1..{MAX_BATCH_COUNT}, got {body.batch_size} and "
                          f"{body.n_iter}", 422)
@@ -1314,6 +1315,17 @@ def _check_tile_options(body: dict[str, Any], where: str) -> None:
                          422)
 
 
+def _check_tile_pair(settings: dict[str, Any], where: str) -> None:
+    """The tiles of `settings` (checked one by one, `_check_tile_options`) advance by at least half a tile: an
+    overlap of at most half of `ESRGAN_tile`, so an upscale takes at most about 4 x its untiled work. A1111's tiles
+    step by tile - overlap: at 16 / 15 one pixel a network call (the work of tile 1), at an overlap not below the
+    tile no tile at all (its upscale fails)."""
+    tile, overlap = settings["ESRGAN_tile"], settings["ESRGAN_tile_overlap"]
+    if tile and overlap > tile // 2:
+        raise BadRequest(f"{where}ESRGAN_tile_overlap must be at most half of ESRGAN_tile: {overlap} with a tile of "
+                         f"{tile} (at most {tile // 2})", 422)
+
+
 def _check_guidance_options(body: dict[str, Any], where: str) -> None:
     """`_guidance_settings`' options: NGMS a number (off where not above 0, as A1111's), Skip Early CFG one in
     0..1, the others true or false."""
@@ -1372,6 +1384,7 @@ def set_options(body: dict[str, Any], request: Request) -> None:
     (docs/server.md). Nothing is set when one value is refused."""
     service = service_of(request)
     _check_options(body)
+    _check_tile_pair({**OPTION_DEFAULTS, **service.options, **body}, "")
     selected = _selected_model(service, body)
     _check_kept_options(service, body)
     _set_options(service, body, selected)
