@@ -930,8 +930,8 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[Generator
     states = [g.get_state() for g in generators or ()]   # a float32 retry draws what the first try drew
 
     def encode() -> Tensor:
-        x = pixels.to(vae.dtype)
-        moments = encode_tiled(vae.moments, x, factor=factor) if tile else vae.moments(x)  # (B, 2 * 4, h, w)
+        moments = torch.cat([encode_tiled(vae.moments, x, factor=factor) if tile else vae.moments(x)  # one picture
+                             for x in pixels.to(vae.dtype).split(1)])                        # at a time: (N, 2 * 4, h, w)
         if generators is None:
             return DiagonalGaussian(moments).mean
         for generator, state in zip(generators, states):
@@ -971,14 +971,15 @@ def inpaint_channels(bundle: ModelBundle, pixels: Tensor, mask: Tensor,
 
 
 def decode_latents(bundle: ModelBundle, latents: Tensor, *, tiled: bool | None = None) -> Tensor:
-    """Model-space latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1]."""
+    """Model-space latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], decoded one picture at a time."""
     vae = bundle.vae
     factor = bundle.vae_config.downsample_factor
     z = bundle.to_vae_latents(latents)
     height, width = z.shape[-2] * factor, z.shape[-1] * factor
     tile = tiled if tiled is not None else should_tile(height, width)
 
-    def decode() -> Tensor:
-        return decode_tiled(vae.decode, z.to(vae.dtype), factor=factor) if tile else vae.decode(z.to(vae.dtype))
+    def decode() -> Tensor:     # one picture at a time (A1111's decode_latent_batch): memory does not grow with B
+        return torch.cat([decode_tiled(vae.decode, row, factor=factor) if tile else vae.decode(row)
+                          for row in z.to(vae.dtype).split(1)])
 
     return in_safe_vae_precision(bundle, decode)

@@ -10,9 +10,9 @@ The estimate counts what dominates a run, in the bundle's dtype (``e`` bytes per
   position) and the skip connections kept for the decoder half; without attention at the first level (SDXL)
   the first level is lighter.
   Attention itself goes through fused kernels that never hold the ``N x N`` score matrix.
-- VAE decode (and encode for an init image): about ``VAE_PER_ELEMENT * B * H * W * c * e`` at full
-  resolution, where ``c`` is the VAE's top-level width, or that for one tile when the picture is tiled, plus
-  the float32 output and its blend weights.
+- VAE decode (and encode for an init image), one picture at a time: about ``VAE_PER_ELEMENT * H * W * c * e``
+  at full resolution, where ``c`` is the VAE's top-level width, or that for one tile when the picture is
+  tiled, plus the float32 output and its blend weights.
 - the pictures: the decoded batch and its conversions to 8-bit (``PICTURE_BYTES_PER_PIXEL`` per pixel).
 
 The constants were measured (peak resident memory on CPU, fp32) on sdlab-tiny and reduced-width SD1 / SDXL
@@ -54,9 +54,9 @@ def estimate_bytes(bundle: ModelBundle, req: GenerationRequest) -> int:
     vae_width = bundle.vae_config.base_channels * bundle.vae_config.channel_mult[0]
     tiled = req.tiled_vae if req.tiled_vae is not None else should_tile(height, width)
     vae_pixels = min(height * width, (VAE_TILE * factor) ** 2) if tiled else height * width
-    vae_bytes = VAE_PER_ELEMENT * batch * vae_pixels * vae_width * element
+    vae_bytes = VAE_PER_ELEMENT * vae_pixels * vae_width * element            # one picture at a time
     if tiled:
-        vae_bytes += batch * 4 * height * width * 4                            # float32 output + weighted tile
+        vae_bytes += 4 * height * width * 4                                    # float32 output + weighted tile
     pictures = PICTURE_BYTES_PER_PIXEL * batch * height * width
     return max(unet_bytes, vae_bytes + pictures)
 
