@@ -14,8 +14,11 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -125,3 +128,18 @@ def test_the_four_step_adapter_is_found_by_name_and_draws_with_the_lcm_preset(tm
     for name, (_, bound) in ADAPTER_BOUNDS.items():
         assert shares[name] >= bound, (name, shares)
 
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "sdlab-tiny"
+
+
+@pytest.mark.parametrize("where", ["train.sh", "README.md"])
+def test_the_recipe_starts_from_an_fp32_init(where, tmp_path, capsys) -> None:
+    """The shipped model was trained from an fp32 random init; `new-model` writes fp16 by default, so the recipe's
+    step 2 (train.sh and its README) asks for fp32. Before: no --dtype, an fp16-rounded init."""
+    lines = [line for line in (RECIPE / where).read_text().splitlines() if " new-model " in f" {line} "]
+    assert len(lines) == 1, lines
+    words = shlex.split(lines[0].partition("new-model")[2])
+    out = tmp_path / "init.safetensors"
+    assert main(["new-model", str(out), *words[1:]]) == 0, capsys.readouterr().err
+    assert {tensor.dtype for tensor in load_file(out).values()} == {torch.float32}

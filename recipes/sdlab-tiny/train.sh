@@ -33,7 +33,7 @@ echo "== $(date +%T) data: $COUNT images"
 [ -f "$RUN/data/metadata.jsonl" ] || python -m sdlab.tiny.datasets.build "$RUN/data" --count "$COUNT" --seed 0 $CAPTIONS
 
 echo "== $(date +%T) initial bundle (random weights)"
-[ -f "$RUN/init.safetensors" ] || $SDLAB new-model "$RUN/init.safetensors" --family sdlab-tiny --seed 0
+[ -f "$RUN/init.safetensors" ] || $SDLAB new-model "$RUN/init.safetensors" --family sdlab-tiny --seed 0 --dtype fp32
 
 echo "== $(date +%T) VAE"
 [ -f "$RUN/vae/final.safetensors" ] || $SDLAB train --config "$RECIPE/vae.toml" "${paths[@]}" \
