@@ -200,13 +200,16 @@ def _without_host_header(url: str, path: str) -> bytes:
 def test_a_loopback_server_without_auth_answers_only_loopback_host_names(tmp_path):
     """DNS rebinding: a web page on rebind.evil.example, whose name then resolves to 127.0.0.1, reaches the server
     with that Host, so it is refused (403, one line) on every route; localhost, 127.0.0.1 and [::1] with any port
-    (the web UI, webuiapi, an SSH tunnel's local end) and the --allowed-hosts names are answered."""
-    server = start_server(tmp_path / "outputs", "--allowed-hosts", "Tunnel.Example, other.example")
+    (the web UI, webuiapi, an SSH tunnel's local end) and the --allowed-hosts names are answered, each with or
+    without one trailing dot (the fully qualified name a browser sends as typed: `localhost.` was a 403, and
+    `--allowed-hosts NAME.` answered only `NAME.`)."""
+    server = start_server(tmp_path / "outputs", "--allowed-hosts", "Tunnel.Example, other.example.")
     port = server.url.rsplit(":", 1)[1]
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             for host in ("rebind.evil.example", f"rebind.evil.example:{port}", f"0.0.0.0:{port}", "127.0.0.1.nip.io",
-                         f"localhost.evil.example:{port}", "tunnel.example.evil", "[::2]", "evil:80:1"):
+                         f"localhost.evil.example:{port}", "tunnel.example.evil", "[::2]", "evil:80:1",
+                         f"localhost..:{port}", ".", "evil.example."):
                 for method, path in (("GET", "/"), ("GET", "/sdapi/v1/cmd-flags"), ("GET", "/api/jobs"),
                                      ("POST", "/sdapi/v1/interrupt"), ("GET", "/static/index.html")):
                     answer = client.request(method, path, headers={"Host": host})
@@ -215,7 +218,9 @@ def test_a_loopback_server_without_auth_answers_only_loopback_host_names(tmp_pat
                     assert detail.startswith(f"Host {host!r} refused:") and "--allowed-hosts" in detail
                     assert "\n" not in detail
             for host in (f"127.0.0.1:{port}", "127.0.0.1", f"localhost:{port}", "LOCALHOST", f"[::1]:{port}", "[::1]",
-                         f"127.0.0.2:{port}", f"tunnel.example:{port}", "TUNNEL.EXAMPLE", "other.example:9000"):
+                         f"127.0.0.2:{port}", f"tunnel.example:{port}", "TUNNEL.EXAMPLE", "other.example:9000",
+                         f"localhost.:{port}", "LOCALHOST.", f"tunnel.example.:{port}", "other.example.:9000",
+                         "other.example"):
                 answer = client.get("/sdapi/v1/cmd-flags", headers={"Host": host})
                 assert answer.status_code == 200, (host, answer.text)
             assert client.get("/").status_code == 200                      # the web UI, as the browser asks it
@@ -227,6 +232,7 @@ def test_a_loopback_server_without_auth_answers_only_loopback_host_names(tmp_pat
 @pytest.mark.parametrize("given, names", [
     ({"host": "127.0.0.1"}, frozenset()),
     ({"host": "localhost", "allowed_hosts": ("Tunnel.Example",)}, frozenset({"tunnel.example"})),
+    ({"host": "localhost", "allowed_hosts": ("MyAlias.", ".")}, frozenset({"myalias"})),     # one trailing dot off
     ({"host": "::1", "allowed_hosts": ("*",)}, None),                  # '*': any name
     ({"host": "127.0.0.1", "basic_auth": ("me", "pw")}, None),         # behind auth any name
     ({"host": "127.0.0.1", "token": "t"}, None),
@@ -271,7 +277,8 @@ def test_a_page_of_another_origin_cannot_post_to_a_loopback_server_without_auth(
             _refused_origins(client, port)
             for origin, host in ((f"http://127.0.0.1:{port}", None), (f"HTTP://LOCALHOST:{port}", f"localhost:{port}"),
                                  (f"http://[::1]:{port}", f"[::1]:{port}"), ("http://tunnel.example:8080", None),
-                                 ("https://tunnel.example", "tunnel.example"), (None, None)):
+                                 ("https://tunnel.example", "tunnel.example"), ("http://tunnel.example.:8080", None),
+                                 (f"http://localhost.:{port}", f"localhost.:{port}"), (None, None)):
                 headers = {**CROSS_SITE, **({} if origin is None else {"Origin": origin}),
                            **({} if host is None else {"Host": host})}
                 for path in ("/sdapi/v1/interrupt", "/sdapi/v1/skip", "/sdapi/v1/unload-checkpoint"):
@@ -302,7 +309,7 @@ def test_a_page_of_another_origin_cannot_post_with_the_browsers_basic_credential
 
 @pytest.mark.parametrize("given, names", [
     ({"host": "127.0.0.1"}, frozenset()),
-    ({"host": "localhost", "allowed_hosts": ("Tunnel.Example",)}, frozenset({"tunnel.example"})),
+    ({"host": "localhost", "allowed_hosts": ("Tunnel.Example.",)}, frozenset({"tunnel.example"})),
     ({"host": "::1", "allowed_hosts": ("*",)}, None),                  # '*': any page
     ({"host": "127.0.0.1", "basic_auth": ("me", "pw")}, frozenset()),  # the browser sends Basic credentials
     ({"host": "0.0.0.0", "basic_auth": ("me", "pw"), "token": "t"}, frozenset()),

@@ -19,6 +19,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def bare_host(name: str) -> str:
+    """A host name as the Host and Origin rules compare it: lower case, without one trailing dot (`localhost.` is
+    the fully qualified `localhost`, which browsers send as typed)."""
+    return name.lower().removesuffix(".")
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-request limits; a request past one is refused with a 4xx that names it."""
@@ -62,7 +68,7 @@ class ServerConfig:
         another address or not run by `sdlab serve` (`host` None: an app built in-process) answers any."""
         if self.host is None or self.auth_enabled or not is_loopback(self.host) or "*" in self.allowed_hosts:
             return None
-        return frozenset(name.lower() for name in self.allowed_hosts)
+        return frozenset(filter(None, map(bare_host, self.allowed_hosts)))
 
     @property
     def origin_names(self) -> frozenset[str] | None:
@@ -74,4 +80,4 @@ class ServerConfig:
         built in-process (`host` None) has no origin rule, as it has no Host rule."""
         if self.host is None or "*" in self.allowed_hosts or (self.basic_auth is None and self.token is not None):
             return None
-        return frozenset(name.lower() for name in self.allowed_hosts)
+        return frozenset(filter(None, map(bare_host, self.allowed_hosts)))

@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sdlab.server.config import is_loopback
+from sdlab.server.config import bare_host, is_loopback
 
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})     # what a page may not send from another origin
 
@@ -45,11 +45,11 @@ def foreign_origin(origin: str, method: str) -> str:
 
 
 def host_name(header: str) -> str:
-    """The name or address of a Host header, without its port or an IPv6 address's brackets, in lower case."""
+    """The name or address of a Host header, without its port or an IPv6 address's brackets, as `bare_host`."""
     header = header.strip().lower()
     if header.startswith("["):
         return header[1:].partition("]")[0]
-    return header.rpartition(":")[0] if header.count(":") == 1 else header
+    return bare_host(header.rpartition(":")[0] if header.count(":") == 1 else header)
 
 
 class Guard:
