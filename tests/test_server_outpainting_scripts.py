@@ -52,11 +52,15 @@ def _post(client, **fields) -> dict:
     return answer.json()
 
 
+def _inpainting(client, init: list[Image.Image], mask: Image.Image, fill: int, **fields) -> dict:
+    """The answer to the plain inpainting request a pass stands for (mask blur 0, whole picture)."""
+    return _post(client, init_images=[_b64(image) for image in init], mask=_b64(mask), mask_blur=0,
+                 inpainting_fill=fill, inpaint_full_res=False, **fields)
+
+
 def _inpainted(client, init: list[Image.Image], mask: Image.Image, fill: int, **fields) -> list[Image.Image]:
-    """The plain inpainting request a pass stands for (mask blur 0, whole picture)."""
-    answer = _post(client, init_images=[_b64(image) for image in init], mask=_b64(mask), mask_blur=0,
-                   inpainting_fill=fill, inpaint_full_res=False, **fields)
-    return [_picture(image) for image in answer["images"]]
+    """The pictures of `_inpainting`."""
+    return [_picture(image) for image in _inpainting(client, init, mask, fill, **fields)["images"]]
 
 
 def test_scripts_and_script_info_list_them_in_img2img_only(client) -> None:
@@ -99,7 +103,7 @@ def test_outpainting_mk2_passes_are_single_inpaintings(client) -> None:
     body = _post(client, script_name="Outpainting mk2", script_args=args, batch_size=2, n_iter=2)
     info = json.loads(body["info"])
     passes = mk2_passes(_init().size, 16, 0, args[3], (64, 64))
-    pictures = []
+    pictures, texts = [], []
     for _ in range(2):                                        # each batch from the request's picture again
         current = [_init()] * 2
         for one in passes:
@@ -107,15 +111,16 @@ def test_outpainting_mk2_passes_are_single_inpaintings(client) -> None:
             inits, mask, latent = one.inputs(canvases, current[0].size)
             assert np.array_equal(np.asarray(mask.convert("L")), np.asarray(latent.convert("L")))   # blur 0
             width, height = one.drawn_size(current[0].size)
-            drawn = _inpainted(client, inits, mask, 1, width=width, height=height, batch_size=2)
-            current = one.merged(canvases, drawn, current[0].size)
+            answer = _inpainting(client, inits, mask, 1, width=width, height=height, batch_size=2)
+            texts.append(json.loads(answer["info"])["infotexts"][0])
+            current = one.merged(canvases, [_picture(image) for image in answer["images"]], current[0].size)
         pictures += current
     images = [_picture(image) for image in body["images"]]
     assert len(images) == 5 and images[1].size == outpaint_sides(_init().size, 16, args[3])[1] == (128, 64)
     for ours, theirs in zip(images, [cell_picture(pictures)] + pictures):
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
     assert info["seed"] == 7 and info["all_seeds"] == [7, 8] and info["index_of_first_image"] == 0
-    assert len(info["infotexts"]) == 1
+    assert info["infotexts"] == texts[:1]           # A1111's initial_info: the first pass's text, byte for byte
 
 
 @pytest.mark.parametrize(("name", "args", "words"), [
@@ -183,7 +188,8 @@ def test_with_a_mask_blur_each_tile_is_drawn_with_its_latent_mask(client) -> Non
     mask (inset mask_blur // 2, not blurred), which differs from its mask here; drawn without it the picture
     differs. The answer equals the tiles drawn in process with their latent masks, put back together."""
     args = [16, 3, 0, ["left", "right", "up"]]      # 3 tiles to draw
-    answer = _picture(_post(client, script_name="Poor man's outpainting", script_args=args)["images"][0])
+    scripted = _post(client, script_name="Poor man's outpainting", script_args=args)
+    answer = _picture(scripted["images"][0])
     tiles = poor_mans_tiles(_init(), 16, 3, args[3], (64, 64))
     body = {**BASE, "mask_blur_x": 6, "mask_blur_y": 6, "inpainting_fill": 0, "inpaint_full_res": False}
     drawn = [_drawn_in_process({**body, "seed": BASE["seed"] + k}, tile.image, mask, latent)
@@ -191,3 +197,5 @@ def test_with_a_mask_blur_each_tile_is_drawn_with_its_latent_mask(client) -> Non
     assert np.array_equal(np.asarray(answer), np.asarray(tiles.combined(drawn)))
     without = _post(client, **body, init_images=[_b64(tiles.work[0][0].image)], mask=_b64(tiles.work[0][1]))
     assert not np.array_equal(np.asarray(_picture(without["images"][0])), np.asarray(drawn[0]))
+    # the first tile's text, byte for byte (its "Mask blur: 6": the latent mask is in no text)
+    assert json.loads(scripted["info"])["infotexts"] == json.loads(without["info"])["infotexts"][:1]

@@ -456,21 +456,30 @@ def _answer_pictures(host: ScriptHost, drawn: list[Drawn]) -> list[str]:
     return images
 
 
-def _checked(name: str, value: Any, default: Any, choices: tuple[str, ...] = ()) -> Any:
-    """One of `script_args` checked against its default's type (null: the default); a text one of `choices`."""
-    if value is None:
-        return default
+def _checked(name: str, value: Any, default: Any, choices: tuple[str, ...] = (), least: float | None = None) -> Any:
+    """One of `script_args` checked against its default's type (null: the default): a number not below `least`, a
+    text one of `choices`, a list (for a tuple default) of some of `choices`; a None default takes it as it is
+    (the script reads it itself, or not at all)."""
+    if value is None or default is None:
+        return default if value is None else value
     if isinstance(default, bool):
         if not isinstance(value, bool) and value not in (0, 1):
             raise BadRequest(f"{name} must be true or false, got {value!r}", 422)
         return bool(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list) or not value or not set(value) <= set(choices):
+            raise BadRequest(f"{name} must be a list of some of {', '.join(choices)}, got {value!r}", 422)
+        return tuple(value)
+    at_least = "" if least is None else f" >= {least:g}"
     if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise BadRequest(f"{name} must be a number, got {value!r}", 422)
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or (least is not None and value < least)):
+            raise BadRequest(f"{name} must be a number{at_least}, got {value!r}", 422)
         return float(value)
     if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-            raise BadRequest(f"{name} must be an integer, got {value!r}", 422)
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value)
+                or (least is not None and value < least)):
+            raise BadRequest(f"{name} must be an integer{at_least}, got {value!r}", 422)
         return int(value)
     if not isinstance(value, str) or (choices and value not in choices):
         wanted = " or ".join(repr(choice) for choice in choices) if choices else "a string"
@@ -479,13 +488,14 @@ def _checked(name: str, value: Any, default: Any, choices: tuple[str, ...] = ())
 
 
 def _script_args(title: str, script_args: Any, names: tuple[str, ...], defaults: tuple[Any, ...],
-                 choices: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
-    """`script_args` by A1111's `Script.run` argument `names` (a shorter list takes the UI's `defaults`)."""
+                 choices: Mapping[str, tuple[str, ...]], least: float | None = None) -> dict[str, Any]:
+    """`script_args` by A1111's `Script.run` argument `names` (a shorter list takes the UI's `defaults`), each
+    checked by `_checked` (its numbers not below `least`)."""
     if not isinstance(script_args, list) or len(script_args) > len(names):
         raise BadRequest(f"{title} script_args must be a list of at most {len(names)} values, A1111 1.10's order: "
                          f"{', '.join(names)}; got {script_args!r}", 422)
     given = dict(zip(names, script_args))
-    return {name: _checked(f"{title} {name}", given.get(name), default, choices.get(name, ()))
+    return {name: _checked(f"{title} {name}", given.get(name), default, choices.get(name, ()), least)
             for name, default in zip(names, defaults)}
 
 
@@ -653,8 +663,11 @@ PROMPTS_FROM_FILE = SelectableScript("Prompts from file or textbox", prompts_fro
 
 
 def _with_script_parameters(text: str | None, fields: Mapping[str, Any]) -> str | None:
-    """A picture's parameters with the script's `extra_generation_params` `fields` (before `Version`)."""
-    return format_parameters(with_plot_parameters(parse_parameters(text), fields)) if text is not None else None
+    """A picture's parameters with the script's `extra_generation_params` `fields` (before `Version`); without
+    fields, as they are."""
+    if text is None or not fields:
+        return text
+    return format_parameters(with_plot_parameters(parse_parameters(text), fields))
 
 
 def _script_info(first: Drawn | None, last: Drawn, fields: Mapping[str, Any], **changed: Any) -> dict[str, Any]:
@@ -755,6 +768,7 @@ LOOPBACK = SelectableScript("Loopback", loopback_script_args, run_loopback, ("im
 
 
 SD_UPSCALE_ARG_NAMES = ("info", "overlap", "upscaler_index", "scale_factor")
+SD_UPSCALE_DEFAULTS = (None, 64, None, 2.0)     # `info` is not read, `upscaler_index` by `_upscaler_named`
 DEFAULT_SIZE = 512              # A1111's API width / height when unset (SD upscale's tile size)
 
 
@@ -775,13 +789,9 @@ def _upscaler_named(host: ScriptHost, value: Any) -> str:
 def sd_upscale_args(host: ScriptHost, body: Any) -> tuple[int, str, float, tuple[int, int]]:
     """(overlap, upscaler name, scale factor, tile size) from `script_args` in A1111 1.10's order (its `info`, the
     UI's note, is not read); a bad one is a 422. The tiles are the request's width x height (A1111's 512 unset)."""
-    if not isinstance(body.script_args, list) or len(body.script_args) > len(SD_UPSCALE_ARG_NAMES):
-        raise BadRequest(f"sd upscale script_args must be a list of at most {len(SD_UPSCALE_ARG_NAMES)} values, "
-                         f"A1111 1.10's order: {', '.join(SD_UPSCALE_ARG_NAMES)}; got {body.script_args!r}", 422)
-    given = dict(zip(SD_UPSCALE_ARG_NAMES, body.script_args))
-    overlap = _checked("sd upscale overlap", given.get("overlap"), 64)
-    scale = _checked("sd upscale scale_factor", given.get("scale_factor"), 2.0)
-    name = _upscaler_named(host, given.get("upscaler_index"))
+    args = _script_args("sd upscale", body.script_args, SD_UPSCALE_ARG_NAMES, SD_UPSCALE_DEFAULTS, {})
+    overlap, scale = args["overlap"], args["scale_factor"]
+    name = _upscaler_named(host, args["upscaler_index"])
     tile = (body.width or DEFAULT_SIZE, body.height or DEFAULT_SIZE)
     if not 0 <= overlap < min(tile):
         raise BadRequest(f"sd upscale overlap must be 0..{min(tile) - 1} px, less than the tile's width and height "
@@ -851,31 +861,10 @@ MK2_ARG_NAMES = ("info", "pixels", "mask_blur", "direction", "noise_q", "color_v
 MK2_DEFAULTS = (None, 128, 8, DIRECTIONS, 1.0, 0.05)
 
 
-def _outpaint_arg(title: str, name: str, value: Any, default: Any) -> Any:
-    """One outpainting `script_args` value checked as its default's kind (null: the default; `info`, A1111's
-    HTML note, is not read): an integer >= 0, a finite number, a list of directions."""
-    if value is None or default is None:
-        return default
-    if isinstance(default, tuple):
-        if not isinstance(value, list) or not value or not set(value) <= set(DIRECTIONS):
-            raise BadRequest(f"{title} {name} must be a list of some of {', '.join(DIRECTIONS)}, got {value!r}", 422)
-        return tuple(value)
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise BadRequest(f"{title} {name} must be a number >= 0, got {value!r}", 422)
-        return float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 0:
-        raise BadRequest(f"{title} {name} must be an integer >= 0, got {value!r}", 422)
-    return int(value)
-
-
 def _outpaint_args(title: str, script_args: Any, names: tuple[str, ...], defaults: tuple[Any, ...]) -> dict[str, Any]:
-    """`script_args` by A1111's `Script.run` argument `names` (a shorter list takes the UI's `defaults`)."""
-    if not isinstance(script_args, list) or len(script_args) > len(names):
-        raise BadRequest(f"{title} script_args must be a list of at most {len(names)} values, A1111 1.10's order: "
-                         f"{', '.join(names)}; got {script_args!r}", 422)
-    given = dict(zip(names, script_args))
-    args = {name: _outpaint_arg(title, name, given.get(name), default) for name, default in zip(names, defaults)}
+    """An outpainting script's `script_args` (`_script_args`): numbers >= 0, `direction` a list of some of
+    `DIRECTIONS`, `pixels` 1..`MAX_SIDE` (mk2's `info`, A1111's HTML note, is not read)."""
+    args = _script_args(title, script_args, names, defaults, {"direction": DIRECTIONS}, least=0)
     if not 1 <= args["pixels"] <= MAX_SIDE:
         raise BadRequest(f"{title} pixels must be 1..{MAX_SIDE}, got {args['pixels']}", 422)
     return args
@@ -886,14 +875,6 @@ def _outpaint_body(body: Any, blur: tuple[int, int], fill: int, **update: Any) -
     `fill`, as the scripts set `p`."""
     return body.model_copy(update={"mask_blur": None, "mask_blur_x": blur[0], "mask_blur_y": blur[1],
                                    "inpainting_fill": fill, "inpaint_full_res": False, **update})
-
-
-def _outpaint_info(drawn: list[Drawn | None]) -> dict[str, Any]:
-    """A1111's `Processed(p, images, initial_seed, initial_info).js()`: the last pass's fields (its `p`), the first
-    pass's seed, subseed -1, and `infotexts` the first pass's first text alone."""
-    done = [cell for cell in drawn if cell is not None]
-    return {**done[-1].info, "seed": done[0].info["seed"], "subseed": -1, "infotexts": [done[0].infotexts[0]],
-            "index_of_first_image": 0}
 
 
 async def run_poor_mans_outpainting(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
@@ -923,7 +904,9 @@ async def run_poor_mans_outpainting(host: ScriptHost, body: Any, mode: str) -> d
     drawn = await host.draw(bodies, labels, False, lambda k, _: Pictures((tiles.work[k][0].image,), *tiles.work[k][1:]))
     combined = tiles.combined([_picture(cell) if cell is not None else None for cell in drawn])
     images = [host.encode(combined, None)] if body.send_images else []
-    return {"images": images, "parameters": host.echo(body), "info": json.dumps(_outpaint_info(drawn))}
+    done = [cell for cell in drawn if cell is not None]
+    info = _script_info(done[0], done[-1], {}, seed=done[0].info["seed"])       # A1111's initial_seed / _info
+    return {"images": images, "parameters": host.echo(body), "info": json.dumps(info)}
 
 
 async def run_outpainting_mk2(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
@@ -971,7 +954,9 @@ async def run_outpainting_mk2(host: ScriptHost, body: Any, mode: str) -> dict[st
     pictures = [picture for k in finished for picture in pictures_after(k, drawn)]
     images = [cell_picture(pictures)] + pictures if len(pictures) > 1 else pictures
     encoded = [host.encode(image, None) for image in images] if body.send_images else []
-    return {"images": encoded, "parameters": host.echo(body), "info": json.dumps(_outpaint_info(drawn))}
+    done = [cell for cell in drawn if cell is not None]
+    info = _script_info(done[0], done[-1], {}, seed=done[0].info["seed"])       # A1111's initial_seed / _info
+    return {"images": encoded, "parameters": host.echo(body), "info": json.dumps(info)}
 
 
 def poor_mans_script_args(img2img: bool) -> list[ScriptArg]:
