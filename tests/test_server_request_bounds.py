@@ -250,6 +250,41 @@ def test_the_work_of_and_parts_is_bounded_as_the_largest_plain_request_at_the_se
         assert "U-Net work" in str(refused.value) and "times this server's limit" in str(refused.value)
 
 
+def test_the_work_of_and_parts_is_bounded_over_all_the_batches_of_a_request() -> None:
+    """The work bound held for one batch: 31 AND parts, batch_size 1, n_iter 100 at 150 steps and 2048² were
+    taken, 8 times the work of the largest one-part request (hires, 100 pictures). Now all `batch_count` batches
+    count, against `--max-images` pictures of that request; the refusal says how far past with one decimal,
+    rounded up (1.0125 reads 1.1, not 1)."""
+    limits = Limits(max_pixels=64 * 64, max_steps=4, max_batch=2, max_images=100)     # 2 x 2 x 4 x 100 x pixels
+    most = {"seed": 1, "width": 64, "height": 64, "steps": 4, "batch_size": 1}
+    for prompt, fields, fits, times in (("a", {"hr_scale": 1.0}, 100, None),            # the largest one-part
+                                        ("a AND b AND c", {}, 100, None),               # 4 x 4 x 100
+                                        ("a AND b AND c AND d", {}, 80, "1.1"),         # 5 x 4 x 81 = 1620
+                                        ("a AND b", {"hr_scale": 1.0}, 66, "1.1"),      # 3 x 4 x 2 x 67
+                                        (" AND ".join("abcdefg"), {}, 50, "1.1")):      # 8 x 4 x 51 = 1632
+        request = GenerationRequest(prompt=prompt, **{**most, **fields})
+        check_request(request, limits, batch_count=fits)
+        if times is None:
+            continue
+        with pytest.raises(BadRequest) as refused:
+            check_request(request, limits, batch_count=fits + 1)
+        assert refused.value.status == 422 and "\n" not in str(refused.value)
+        assert str(refused.value).startswith("the request's U-Net work"), str(refused.value)
+        assert f"is {times} times" in str(refused.value) and "--max-images" in str(refused.value)
+
+
+def test_an_img2img_requests_work_is_its_steps_at_its_strength() -> None:
+    """img2img and inpaint run int(min(strength, 0.999) x steps) + 1 of their steps (A1111's `t_enc + 1`), not all
+    of them: a low-strength img2img whose parts' work is within the bound was refused at its full steps."""
+    limits = Limits(max_pixels=64 * 64, max_steps=10, max_batch=1, max_images=1)
+    init = Image.new("RGB", (64, 64))
+    fields = {"prompt": " AND ".join("abcdefgh"), "seed": 1, "width": 64, "height": 64, "steps": 10,
+              "init_image": init, "img2img_convention": "a1111"}      # 9 conditionings vs 2 x 2 one-part
+    check_request(GenerationRequest(**fields, strength=0.3), limits)        # 4 steps run: 36 <= 40
+    with pytest.raises(BadRequest, match=r"U-Net work .* is 1\.8 times"):
+        check_request(GenerationRequest(**fields, strength=0.75), limits)   # 8 steps run: 72 / 40
+
+
 def test_a_many_part_prompt_at_the_largest_size_is_refused_before_it_is_drawn(client) -> None:
     """Before, 32 parts x 150 steps x 2 pictures x 2048² (hours of U-Net calls) were queued."""
     jobs = len(client.get("/api/jobs", params={"limit": 1000}).json()["jobs"])

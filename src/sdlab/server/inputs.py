@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import math
 import re
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from pydantic import BaseModel, model_validator
 
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
-from sdlab.diffusion.discretization import DISCRETIZATIONS
+from sdlab.diffusion.discretization import DISCRETIZATIONS, steps_run
 from sdlab.diffusion.samplers import comfyui_spelling, get_sampler
 from sdlab.families.loaded import ModelBundle
 from sdlab.diffusion.schedule_names import (
@@ -420,7 +421,7 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
         for hr_width, hr_height in pass_sizes(resolved, factor):       # upscaled, then cropped
             check_pixels(f"the hires pass at {hr_width}x{hr_height}", hr_width, hr_height, limits)
     if size_known:
-        check_work(resolved, limits, factor, model)
+        check_work(resolved, limits, factor, model, batch_count)
     if model is not None:               # its tokenizers count the prompt's chunks now, not once it is queued
         try:
             check_prompt_chunks(model, resolved)
@@ -432,17 +433,19 @@ def check_request(request: GenerationRequest, limits: Limits, model: ModelBundle
 HIRES_PASSES = 2            # a hires request's passes, each up to --max-steps at --max-pixels
 
 
-def max_work(limits: Limits) -> int:
-    """The U-Net work (`unet_work`) of the largest request `limits` allow with a one-part prompt: a hires request
-    of `max_batch` pictures of `max_pixels`, `max_steps` in each pass, each step the prompt and the negative."""
-    return HIRES_PASSES * 2 * limits.max_steps * limits.max_batch * limits.max_pixels
+def max_work(limits: Limits, pictures: int) -> int:
+    """The U-Net work (`unet_work`) of `pictures` pictures of the largest request `limits` allow with a one-part
+    prompt: hires, `max_pixels`, `max_steps` in each pass, each step the prompt and the negative."""
+    return HIRES_PASSES * 2 * limits.max_steps * pictures * limits.max_pixels
 
 
 def unet_work(request: GenerationRequest, factor: int, model: ModelBundle | None) -> int:
     """The U-Net work of a resolved request of known size, for a VAE of `factor`: over its passes, the
-    conditionings of a step (each part of the pass's prompt, `prompt_parts`, and the negative) x steps x
-    batch size x pixels."""
-    passes = [(request.prompt, request.steps, request.width * request.height)]
+    conditionings of a step (each part of the pass's prompt, `prompt_parts`, and the negative) x steps run (an
+    img2img's at its strength, `steps_run`) x batch size x pixels."""
+    steps = request.steps if request.init_image is None else steps_run(request.steps, request.strength,
+                                                                        request.img2img_convention)[1]
+    passes = [(request.prompt, steps, request.width * request.height)]
     if request.hires:
         _, (width, height) = pass_sizes(request, factor)
         passes.append((request.hr_prompt or request.prompt, hires_steps(request), width * height))
@@ -455,17 +458,27 @@ def _part_count(prompt: str, model: ModelBundle | None) -> int:
     return len(prompt_parts(model, prompt) if model is not None else composable_parts(prompt))
 
 
-def check_work(request: GenerationRequest, limits: Limits, factor: int, model: ModelBundle | None) -> None:
-    """A 422 for a resolved request whose U-Net work is past `max_work`: AND parts have no limit of their own
-    (A1111 has none), but each is a U-Net call at every step, so many parts cost what more steps, pictures or
-    pixels would."""
-    work, most = unet_work(request, factor, model), max_work(limits)
-    if work > most:
-        parts = max(_part_count(text, model) for text in (request.prompt, request.hr_prompt or request.prompt))
-        raise BadRequest(f"the request's U-Net work ({parts} prompt parts and the negative a step x steps x batch "
-                         f"size x pixels, each pass) is {work / most:.3g} times this server's limit, the work of its "
-                         "largest request with a one-part prompt (--max-steps, --max-batch, --max-pixels, hires): "
-                         "use fewer AND parts, steps, pictures or pixels", 422)
+def check_work(request: GenerationRequest, limits: Limits, factor: int, model: ModelBundle | None,
+               batch_count: int = 1) -> None:
+    """A 422 for a resolved request whose U-Net work is past `max_work`, a batch's past that of `max_batch`
+    pictures, all `batch_count` batches' past that of `max_images`: AND parts have no limit of their own (A1111
+    has none), but each is a U-Net call at every step, so many parts cost what more steps, pictures or pixels
+    would."""
+    batch = unet_work(request, factor, model)
+    for what, work, pictures, flag in (("batch", batch, limits.max_batch, "--max-batch"),
+                                       ("request", batch * batch_count, limits.max_images, "--max-images")):
+        if work > max_work(limits, pictures):
+            parts = max(_part_count(text, model) for text in (request.prompt, request.hr_prompt or request.prompt))
+            raise BadRequest(f"the {what}'s U-Net work ({parts} prompt parts and the negative a step x steps x "
+                             f"pictures x pixels, each pass) is {_times(work / max_work(limits, pictures))} times "
+                             f"this server's limit, the work of its largest {what} with a one-part prompt "
+                             f"(--max-steps, {flag}, --max-pixels, hires): use fewer AND parts, steps, pictures or "
+                             "pixels", 422)
+
+
+def _times(ratio: float) -> str:
+    """`ratio` (above 1) rounded up to one decimal: a request just past the limit reads 1.1, never 1."""
+    return f"{math.ceil(ratio * 10) / 10:.1f}"
 
 
 def check_pixels(what: str, width: int, height: int, limits: Limits) -> None:

@@ -246,7 +246,7 @@ class Runner:
         previewer = self.host.previewer
         job.previewer = previewer.rgb if previewer is not None else None
         _take_model_defaults(job, pipe)
-        upscaler = self._hires_upscaler(job.spec.request, pipe.bundle)
+        upscaler = self._hires_upscaler(job.spec.request, pipe.bundle, job.spec.batch_count)
         use_threads_for(pipe.bundle.unet, pipe.bundle.device)     # the cores free now (utils/threads)
 
         def stop() -> None:
@@ -300,14 +300,15 @@ class Runner:
         if job.saved is not None:
             job.saved()
 
-    def _hires_upscaler(self, request: GenerationRequest, bundle: ModelBundle) -> HiresUpscaler | None:
-        """The model a hires upscaler names in `request` (read from its file), after the request is checked
-        against the limits at the model's size; None for a latent mode or a plain resize. A problem with
-        either is the job's `RequestError`."""
+    def _hires_upscaler(self, request: GenerationRequest, bundle: ModelBundle,
+                        batch_count: int) -> HiresUpscaler | None:
+        """The model a hires upscaler names in `request` (read from its file), after the request of `batch_count`
+        batches is checked against the limits at the model's size; None for a latent mode or a plain resize. A
+        problem with either is the job's `RequestError`."""
         try:
             upscaler = upscaler_file(request.hr_upscaler, self.upscalers)
             if self.limits is not None:     # the model's size and VAE factor: known only now when it was not loaded at submit
-                check_request(request, self.limits, model=bundle, upscaler=upscaler)
+                check_request(request, self.limits, model=bundle, upscaler=upscaler, batch_count=batch_count)
             if upscaler is None:
                 return None
             return HiresUpscaler(upscaler, load_upscaler_file(upscaler, HIRES_UPSCALER, bundle.device, bundle.dtype))
