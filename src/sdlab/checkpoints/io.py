@@ -11,8 +11,9 @@
     textual_inversion repo's ParameterDict) are unpickled as inert stand-ins (`INERT_GLOBALS`): nothing is
     imported or called, and only the ParameterDict's tensors are kept. The zip directory is checked first
     (`_check_torch_zip`): decompression bombs and big-endian files are refused before anything is unpacked;
-    zip files whose records are all stored are memory-mapped, those with deflated records are read without
-    mapping (a map would see the compressed bytes). A top-level `state_dict` entry (PyTorch Lightning,
+    zip files whose records are all stored are memory-mapped (`MappedTensors`: a tensor read for a model is
+    copied out and its pages given back), those with deflated records are read without mapping (a map would
+    see the compressed bytes). A top-level `state_dict` entry (PyTorch Lightning,
     CompVis) is unwrapped. A pickle's metadata is its top-level text and number entries, as strings (an
     A1111 embedding's `step`, `sd_checkpoint`, `sd_checkpoint_name`).
 Every failure is a `CheckpointError` with a one-line message.
@@ -44,6 +45,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from sdlab.checkpoints.errors import CheckpointError
+from sdlab.utils.allocator import release_pages
 from sdlab.utils.files import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,42 @@ class LazyStateDict(LazyMapping):
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
+
+
+class MappedTensors(LazyMapping):
+    """The tensors of a memory-mapped zip checkpoint (`torch.load(mmap=True)`; `[key]` is the mapped tensor).
+    `read_as` copies a tensor out, in any dtype, and gives its pages back (`release_pages`): loading a model
+    holds one copy of its weights and about one tensor's file pages, not that copy plus the whole mapped
+    file, and no loaded tensor aliases the map, so it goes with the state dict."""
+
+    def __init__(self, tensors: Mapping[str, Tensor]):
+        self._tensors = dict(tensors)
+
+    def shape(self, key: str) -> torch.Size:
+        return self._tensors[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._tensors[key].dtype
+
+    def read_as(self, key: str, dtype: torch.dtype) -> Tensor:
+        mapped = self._tensors[key]
+        out = torch.empty(mapped.shape, dtype=dtype).copy_(mapped)
+        if mapped.numel():
+            span = 1 + sum((size - 1) * stride for size, stride in zip(mapped.shape, mapped.stride()))
+            release_pages(mapped.data_ptr(), span * mapped.element_size())
+        return out
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
 
 
 def shapes_of(state: Mapping[str, Tensor | torch.Size]) -> dict[str, torch.Size]:
@@ -401,7 +439,7 @@ INERT_GLOBALS: dict[str, type] = {
 _STAND_INS = threading.Lock()   # torch's allowlist is one set: one load at a time adds and removes them
 
 
-def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) -> tuple[Mapping[str, Tensor], dict[str, str]]:
     with open(path, "rb") as f:
         head = f.read(64)
     is_zip = head.startswith(b"PK\x03\x04")          # what torch.load takes for its zip format
@@ -426,7 +464,7 @@ def _read_pickle(path: Path, nested: bool = False, shapes_only: bool = False) ->
             ) from exc
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_one_line(exc)})") from exc
     tensors = _unwrap_state_dict(obj, path, nested)
-    return tensors, _plain_entries(obj)
+    return MappedTensors(tensors) if mmap and not shapes_only else tensors, _plain_entries(obj)
 
 
 def _plain_entries(obj: Mapping) -> dict[str, str]:
