@@ -191,8 +191,9 @@ def test_scripts_and_script_info_list_them_in_img2img(client) -> None:
     assert [arg["label"] for arg in infos[("sd upscale", True)]] == ["", "Tile overlap", "Upscaler", "Scale Factor"]
 
 
-def interrupted_at_first_step(sdlab_server, body: dict) -> tuple[httpx.Response, int]:
-    """The answer to img2img `body` interrupted at its first job's third sampler step, and the jobs it queued."""
+def stopped_at_first_step(sdlab_server, body: dict, route: str, job_count: int) -> tuple[httpx.Response, int]:
+    """The answer to img2img `body` stopped by POST `route` (interrupt, skip) at its first job's third sampler step
+    (`/progress` counting `job_count` jobs), and the jobs it queued."""
     with httpx.Client(base_url=sdlab_server.url, timeout=300) as server:
         def jobs() -> int:
             return len(server.get("/api/jobs", params={"limit": 1000}).json()["jobs"])
@@ -202,8 +203,8 @@ def interrupted_at_first_step(sdlab_server, body: dict) -> tuple[httpx.Response,
         while thread.is_alive():
             state = server.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["state"]
             if state["sampling_step"] >= 3:
-                assert state["job_count"] == (3 if body["script_name"] == "Loopback" else 2)
-                server.post("/sdapi/v1/interrupt")
+                assert state["job_count"] == job_count
+                server.post(f"/sdapi/v1/{route}")
                 break
             time.sleep(0.01)
         thread.join()
@@ -213,7 +214,7 @@ def interrupted_at_first_step(sdlab_server, body: dict) -> tuple[httpx.Response,
 def test_an_interrupt_ends_the_loopback_without_the_pass_it_stops(sdlab_server) -> None:
     body = {**BASE, "steps": 150, "denoising_strength": 1.0, "init_images": [b64_png(INIT)],
             "script_name": "Loopback", "script_args": [3, 1.0]}
-    answer, jobs = interrupted_at_first_step(sdlab_server, body)
+    answer, jobs = stopped_at_first_step(sdlab_server, body, "interrupt", 3)
     assert answer.status_code == 200, answer.text
     assert jobs == 1 and answer.json()["images"] == []
     info = json.loads(answer.json()["info"])
@@ -223,7 +224,7 @@ def test_an_interrupt_ends_the_loopback_without_the_pass_it_stops(sdlab_server) 
 def test_an_interrupt_leaves_the_sd_upscale_tiles_after_it_black(sdlab_server) -> None:
     body = {**BASE, "steps": 150, "denoising_strength": 1.0, "init_images": [b64_png(INIT.resize((32, 64)))],
             "script_name": "SD upscale", "script_args": ["", 0, "Nearest", 2]}      # 64x128: 2 tiles, 1 a batch
-    answer, jobs = interrupted_at_first_step(sdlab_server, body)
+    answer, jobs = stopped_at_first_step(sdlab_server, body, "interrupt", 2)
     assert answer.status_code == 200, answer.text
     assert jobs == 1
     combined = pixels(answer.json()["images"][0])
@@ -236,19 +237,24 @@ def test_a_skip_drops_the_loopback_pass_it_stops_and_ends_its_batch(sdlab_server
     no picture, one job), `info` the skipped pass's (seed 7, all_seeds [7], the strength after one loop)."""
     body = {**BASE, "steps": 150, "denoising_strength": 1.0, "init_images": [b64_png(INIT)],
             "script_name": "Loopback", "script_args": [3, 0.4]}
-    with httpx.Client(base_url=sdlab_server.url, timeout=300) as server:
-        before, answers = len(server.get("/api/jobs", params={"limit": 1000}).json()["jobs"]), []
-        thread = threading.Thread(target=lambda: answers.append(server.post("/sdapi/v1/img2img", json=body)))
-        thread.start()
-        while thread.is_alive():
-            if server.get("/sdapi/v1/progress", params={"skip_current_image": True}).json()["state"]["sampling_step"] >= 3:
-                server.post("/sdapi/v1/skip")
-                break
-            time.sleep(0.01)
-        thread.join()
-        jobs = len(server.get("/api/jobs", params={"limit": 1000}).json()["jobs"]) - before
-    assert answers[0].status_code == 200, answers[0].text
-    assert jobs == 1 and answers[0].json()["images"] == []
-    info = json.loads(answers[0].json()["info"])
+    answer, jobs = stopped_at_first_step(sdlab_server, body, "skip", 3)
+    assert answer.status_code == 200, answer.text
+    assert jobs == 1 and answer.json()["images"] == []
+    info = json.loads(answer.json()["info"])
     assert info["seed"] == 7 and info["all_seeds"] == [7] and not info["interrupted"]
     assert info["denoising_strength"] == pytest.approx(loop_strength(1, 3, 1.0, 0.4, "Linear"))
+
+
+def test_after_a_skipped_loopback_pass_the_next_batch_goes_on_from_its_seed(sdlab_server, client) -> None:
+    """A1111's loopback.py sets `p.seed = processed.seed + 1` after each pass it draws, the skipped one too, and
+    the passes it breaks out of draw nothing: 3 loops x n_iter 2, the first pass (seed 7) skipped, the second
+    batch's passes are seeds 8, 9, 10 (not 10, 11, 12), its last picture that of the request at seed 8, n_iter 1."""
+    body = {**BASE, "steps": 150, "denoising_strength": 1.0, "init_images": [b64_png(INIT)], "n_iter": 2,
+            "script_name": "Loopback", "script_args": [3, 0.4]}
+    answer, jobs = stopped_at_first_step(sdlab_server, body, "skip", 6)
+    assert answer.status_code == 200, answer.text
+    images, info = answer.json()["images"], json.loads(answer.json()["info"])
+    assert jobs == 1 + 3 and len(images) == 1                   # each batch's last picture: the second's alone
+    assert parameters(images[0])["Seed"] == 10 and info["all_seeds"] == [10] and info["seed"] == 7
+    alone = img2img(client, **{**body, "seed": 8, "n_iter": 1, "init_images": [b64_png(INIT)]})
+    assert np.array_equal(pixels(images[0]), pixels(alone["images"][-1]))

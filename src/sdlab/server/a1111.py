@@ -66,7 +66,8 @@ from sdlab.pipeline.upscale import (
 )
 from sdlab.server.alwayson import check_alwayson_scripts
 from sdlab.server.a1111_scripts import (
-    NOT_DRAWN, Drawn, Pictures, ScriptHost, ScriptPictures, script_info, scripts_list, selected_script,
+    NOT_DRAWN, Drawn, Pictures, ScriptHost, ScriptPictures, ScriptSeeds, script_info, scripts_list,
+    selected_script,
 )
 from sdlab.server.config import Limits
 from sdlab.server.controls import (
@@ -590,13 +591,13 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> Sc
         await checked(bodies, labels)
 
     async def drawn(bodies: list[Txt2ImgIn], labels: list[str], keep_going: bool,
-                    pictures: ScriptPictures | None = None) -> list[Drawn | None]:
+                    pictures: ScriptPictures | None = None, seeds: ScriptSeeds | None = None) -> list[Drawn | None]:
         mode, requests = await checked(bodies, labels)
         run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests])
         service.script_runs.append(run)
         try:
             return await _script_drawn(service, run, bodies, mode, [request for _, request in requests], keep_going,
-                                       pictures)
+                                       pictures, seeds)
         finally:
             service.script_runs.remove(run)
 
@@ -665,9 +666,10 @@ def _pictured_request(service: Service, body: Txt2ImgIn, request: GenerationRequ
 
 
 async def _script_drawn(service: Service, run: ScriptRun, bodies: list[Txt2ImgIn], mode: str,
-                        requests: list[GenerationRequest], keep_going: bool,
-                        pictures: ScriptPictures | None = None) -> list[Drawn | None]:
-    """Each request drawn in turn (on the pictures `pictures(k, drawn so far)` gives request k, if any), None
+                        requests: list[GenerationRequest], keep_going: bool, pictures: ScriptPictures | None = None,
+                        seeds: ScriptSeeds | None = None) -> list[Drawn | None]:
+    """Each request drawn in turn (on the pictures `pictures(k, drawn so far)` gives request k, if any, at the
+    seed `seeds(k, drawn so far)` gives it, if any), None
     after `run` is interrupted (an interrupted job too interrupts it), for one `pictures` leaves undrawn
     (`NOT_DRAWN`) and, when `keep_going`, for one that fails
     (logged, as A1111's X/Y/Z plot draws a blank cell); nothing drawn and something failed, the first failure."""
@@ -678,6 +680,9 @@ async def _script_drawn(service: Service, run: ScriptRun, bodies: list[Txt2ImgIn
         if not run.interrupted or not drawn:        # the first is drawn whatever came before it
             try:
                 own = pictures(k, drawn) if pictures is not None else None
+                if seeds is not None:
+                    body = body.model_copy(update={"seed": seeds(k, drawn)})
+                    request = dataclasses.replace(request, seed=body.seed)
                 if own is not None and own is not NOT_DRAWN:
                     request = _pictured_request(service, body, request, own)
                 job = None if own is NOT_DRAWN else await _named_job(

@@ -88,6 +88,8 @@ NOT_DRAWN = Pictures(())
 ScriptPictures = Callable[[int, list["Drawn | None"]], "Pictures | tuple[Image.Image, ...] | None"]
 """(k, the requests drawn so far) -> request k's own pictures, or its init pictures alone (with the first's mask),
 or None: the first's; `NOT_DRAWN`: request k is left undrawn (None)."""
+ScriptSeeds = Callable[[int, list["Drawn | None"]], int]
+"""(k, the requests drawn so far) -> request k's seed, for a script whose seeds follow what was drawn."""
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,12 @@ class ScriptHost:
     """What a script draws and answers with, given by the route (`a1111.py`)."""
 
     draw: Callable[..., Awaitable[list[Drawn | None]]]
-    """(request bodies, what each is in a refusal, keep_going[, pictures]) -> each drawn as the route draws it
-    without a script, None for those not drawn after an interrupt (and with keep_going for one that failed,
-    logged). `pictures(k, drawn so far)` (`ScriptPictures`) gives request k's init pictures, or its `Pictures`, as
-    it is drawn (None: the first request's), for a script whose pictures are made from the request's or drawn
-    ones; each request is checked beforehand with the first's."""
+    """(request bodies, what each is in a refusal, keep_going[, pictures[, seeds]]) -> each drawn as the route
+    draws it without a script, None for those not drawn after an interrupt (and with keep_going for one that
+    failed, logged). `pictures(k, drawn so far)` (`ScriptPictures`) gives request k's init pictures, or its
+    `Pictures`, as it is drawn (None: the first request's), for a script whose pictures are made from the
+    request's or drawn ones; each request is checked beforehand with the first's. `seeds(k, drawn so far)`
+    (`ScriptSeeds`) gives request k's seed in place of its body's."""
     check: Callable[[list[Any], list[str]], Awaitable[None]]
     """(request bodies, what each is in a refusal) -> checked as `draw` checks them, nothing drawn: for a script
     whose pictures cost work to make (SD upscale's upscale), refused before it"""
@@ -711,7 +714,8 @@ async def run_loopback(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]
     """A1111 1.10's Loopback (scripts/loopback.py, `sdlab.pipeline.loopback`): every pass an img2img request of
     one picture, its init picture the previous pass's picture (the first of each batch the request's), its
     seed, strength and, after the first of its batch, Masked content "original" (`inpainting_fill` 1) as A1111
-    sets them; answered as its `Script.run` returns (`answer_loopback`)."""
+    sets them (a pass's seed the last drawn pass's + 1: after a skipped pass, the passes its batch leaves undrawn
+    take none); answered as its `Script.run` returns (`answer_loopback`)."""
     plan, fields = loopback_plan(body)
     subseed = fixed_seed(body.subseed)
     bodies = [body.model_copy(update={"seed": p.seed, "subseed": subseed, "denoising_strength": p.strength,
@@ -726,7 +730,12 @@ async def run_loopback(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]
         before = drawn[k - 1]
         return NOT_DRAWN if before is None or before.skipped else (_picture(before),)
 
-    drawn = await host.draw(bodies, labels, False, pictures)
+    def seed(k: int, drawn: list[Drawn | None]) -> int:
+        """A1111's `p.seed = processed.seed + 1` after every pass it draws."""
+        done = [cell for cell in drawn if cell is not None]
+        return done[-1].info["seed"] + 1 if done else plan[k].seed
+
+    drawn = await host.draw(bodies, labels, False, pictures, seed)
     return answer_loopback(host, body, plan, fields, drawn)
 
 
