@@ -129,6 +129,8 @@ def test_outpainting_mk2_passes_are_single_inpaintings(client) -> None:
     ("Poor man's outpainting", [16, 4, 4], "inpainting_fill must be 0..3"),
     ("Poor man's outpainting", [16, 4, 0, ["left", "sideways"]], "list of some of left, right, up, down"),
     ("Poor man's outpainting", [16, 4, 0, []], "list of some of"),
+    ("Poor man's outpainting", [16, 4, 0, [["left"]]], "list of some of"),       # a list in the list: no 500
+    ("Poor man's outpainting", [float("inf")], "pixels must be an integer"),     # JSON's Infinity: no 500
     ("Poor man's outpainting", [16, 1.5], "mask_blur must be an integer"),
     ("Outpainting mk2", [None, 16, 8, ["up"], -1.0], "noise_q must be a number >= 0"),
     ("Outpainting mk2", [None, 16, 8, ["up"], 1.0, 2.0], "color_variation must be 0..1"),
@@ -143,8 +145,8 @@ def test_bad_arguments_are_422_before_drawing(sdlab_server, client, name, args, 
     def jobs() -> int:
         return len(httpx.get(sdlab_server.url + "/api/jobs", params={"limit": 1000}).json()["jobs"])
     before = jobs()
-    answer = client.post("/img2img", json={**BASE, "init_images": [_b64(_init())], "script_name": name,
-                                           "script_args": args})
+    body = {**BASE, "init_images": [_b64(_init())], "script_name": name, "script_args": args}
+    answer = client.post("/img2img", content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert answer.status_code == 422 and words in answer.text, answer.text
     assert jobs() == before
 

@@ -470,7 +470,8 @@ def _checked(name: str, value: Any, default: Any, choices: tuple[str, ...] = (),
             raise BadRequest(f"{name} must be true or false, got {value!r}", 422)
         return bool(value)
     if isinstance(default, tuple):
-        if not isinstance(value, list) or not value or not set(value) <= set(choices):
+        if (not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value)
+                or not set(value) <= set(choices)):
             raise BadRequest(f"{name} must be a list of some of {', '.join(choices)}, got {value!r}", 422)
         return tuple(value)
     at_least = "" if least is None else f" >= {least:g}"
@@ -480,8 +481,8 @@ def _checked(name: str, value: Any, default: Any, choices: tuple[str, ...] = (),
             raise BadRequest(f"{name} must be a number{at_least}, got {value!r}", 422)
         return float(value)
     if isinstance(default, int):
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value)
-                or (least is not None and value < least)):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value) or (least is not None and value < least)):
             raise BadRequest(f"{name} must be an integer{at_least}, got {value!r}", 422)
         return int(value)
     if not isinstance(value, str) or (choices and value not in choices):
