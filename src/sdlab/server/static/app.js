@@ -31,6 +31,8 @@ const NOT_IN_FORM = {
   quantize_timesteps: { name: "Timestep rounding", none: false },
   paste_back: { name: "paste_back", none: true },
   tiled_vae: { name: "tiled_vae", none: null },
+  hr_upscaler_tile: { name: "ESRGAN tile", none: 192 },                 // A1111's options, on its API's jobs
+  hr_upscaler_tile_overlap: { name: "ESRGAN tile overlap", none: 32 },
 };
 // Request fields the form has no control for and the native API takes, with their name (A1111's label), the API's
 // value when unset and the controls whose change lets them go: a reused job's or a dropped PNG's other values are
