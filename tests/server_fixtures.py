@@ -11,6 +11,8 @@ The shipped model draws 64 px pictures, a few steps take a fraction of a second.
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 import socket
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 START_TIMEOUT_S = 90
@@ -128,3 +131,15 @@ def wait_for_job(client: httpx.Client, job_id: str, timeout_s: float = 120) -> d
             return job
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} did not finish")
+
+
+def b64_png(image: Image.Image) -> str:
+    """A picture as a request sends it: a PNG in base64."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def picture(b64: str) -> Image.Image:
+    """An answer's base64 picture, in RGB."""
+    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")

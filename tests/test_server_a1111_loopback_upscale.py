@@ -18,21 +18,11 @@ from PIL import Image
 
 from sdlab.pipeline.loopback import loop_strength
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, picture, sdlab_server  # noqa: F401  (sdlab_server: a session fixture)
 from test_tile_grid import a1111_combine_grid, a1111_split_grid
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 4, "seed": 7, "cfg_scale": 5.0,
         "sampler_name": "Euler", "width": 64, "height": 64}
-
-
-def b64_png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-def picture(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
 
 
 def pixels(b64: str) -> np.ndarray:

@@ -7,8 +7,6 @@ before anything is drawn."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import httpx
@@ -18,7 +16,7 @@ from PIL import Image
 
 from sdlab.pipeline.grid import cell_picture
 from sdlab.pipeline.outpainting_scripts import mk2_passes, outpaint_sides, poor_mans_tiles
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, picture, sdlab_server  # noqa: F401  (sdlab_server: a session fixture)
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 7, "cfg_scale": 5.0,
         "sampler_name": "Euler", "denoising_strength": 0.8, "width": 64, "height": 64}
@@ -31,36 +29,26 @@ def client(sdlab_server):
         yield c
 
 
-def _b64(image: Image.Image) -> str:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return base64.b64encode(out.getvalue()).decode()
-
-
-def _picture(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB")
-
-
 def _init() -> Image.Image:
     rng = np.random.default_rng(5)
     return Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)).resize((40, 48), Image.NEAREST)
 
 
 def _post(client, **fields) -> dict:
-    answer = client.post("/img2img", json={**BASE, "init_images": [_b64(_init())], **fields})
+    answer = client.post("/img2img", json={**BASE, "init_images": [b64_png(_init())], **fields})
     assert answer.status_code == 200, answer.text
     return answer.json()
 
 
 def _inpainting(client, init: list[Image.Image], mask: Image.Image, fill: int, **fields) -> dict:
     """The answer to the plain inpainting request a pass stands for (mask blur 0, whole picture)."""
-    return _post(client, init_images=[_b64(image) for image in init], mask=_b64(mask), mask_blur=0,
+    return _post(client, init_images=[b64_png(image) for image in init], mask=b64_png(mask), mask_blur=0,
                  inpainting_fill=fill, inpaint_full_res=False, **fields)
 
 
 def _inpainted(client, init: list[Image.Image], mask: Image.Image, fill: int, **fields) -> list[Image.Image]:
     """The pictures of `_inpainting`."""
-    return [_picture(image) for image in _inpainting(client, init, mask, fill, **fields)["images"]]
+    return [picture(image) for image in _inpainting(client, init, mask, fill, **fields)["images"]]
 
 
 def test_scripts_and_script_info_list_them_in_img2img_only(client) -> None:
@@ -87,10 +75,10 @@ def test_poor_mans_outpainting_tiles_are_single_inpaintings(client, fill) -> Non
     assert len(body["images"]) == 1 and len(tiles.work) > 1
     drawn = [_inpainted(client, [tile.image], mask, fill, seed=7 + k)[0]
              for k, (tile, mask, _) in enumerate(tiles.work)]
-    assert np.array_equal(np.asarray(_picture(body["images"][0])), np.asarray(tiles.combined(drawn)))
-    last = _post(client, init_images=[_b64(tiles.work[-1][0].image)], mask=_b64(tiles.work[-1][1]), mask_blur=0,
+    assert np.array_equal(np.asarray(picture(body["images"][0])), np.asarray(tiles.combined(drawn)))
+    last = _post(client, init_images=[b64_png(tiles.work[-1][0].image)], mask=b64_png(tiles.work[-1][1]), mask_blur=0,
                  inpainting_fill=fill, inpaint_full_res=False, seed=7 + len(tiles.work) - 1)
-    first = json.loads(_post(client, init_images=[_b64(tiles.work[0][0].image)], mask=_b64(tiles.work[0][1]),
+    first = json.loads(_post(client, init_images=[b64_png(tiles.work[0][0].image)], mask=b64_png(tiles.work[0][1]),
                              mask_blur=0, inpainting_fill=fill, inpaint_full_res=False)["info"])
     assert info["seed"] == 7 and info["subseed"] == -1 and info["index_of_first_image"] == 0
     assert info["infotexts"] == first["infotexts"][:1]
@@ -113,9 +101,9 @@ def test_outpainting_mk2_passes_are_single_inpaintings(client) -> None:
             width, height = one.drawn_size(current[0].size)
             answer = _inpainting(client, inits, mask, 1, width=width, height=height, batch_size=2)
             texts.append(json.loads(answer["info"])["infotexts"][0])
-            current = one.merged(canvases, [_picture(image) for image in answer["images"]], current[0].size)
+            current = one.merged(canvases, [picture(image) for image in answer["images"]], current[0].size)
         pictures += current
-    images = [_picture(image) for image in body["images"]]
+    images = [picture(image) for image in body["images"]]
     assert len(images) == 5 and images[1].size == outpaint_sides(_init().size, 16, args[3])[1] == (128, 64)
     for ours, theirs in zip(images, [cell_picture(pictures)] + pictures):
         assert np.array_equal(np.asarray(ours), np.asarray(theirs))
@@ -145,7 +133,7 @@ def test_bad_arguments_are_422_before_drawing(sdlab_server, client, name, args, 
     def jobs() -> int:
         return len(httpx.get(sdlab_server.url + "/api/jobs", params={"limit": 1000}).json()["jobs"])
     before = jobs()
-    body = {**BASE, "init_images": [_b64(_init())], "script_name": name, "script_args": args}
+    body = {**BASE, "init_images": [b64_png(_init())], "script_name": name, "script_args": args}
     answer = client.post("/img2img", content=json.dumps(body), headers={"Content-Type": "application/json"})
     assert answer.status_code == 422 and words in answer.text, answer.text
     assert jobs() == before
@@ -159,7 +147,7 @@ def test_a_mask_blur_draws_with_a_latent_mask_of_its_own(client, name, args, siz
     """With a mask blur the latent mask differs from the mask (A1111's insets): the scripts draw, the picture the
     canvas's size."""
     images = _post(client, script_name=name, script_args=args)["images"]
-    assert len(images) == 1 and _picture(images[0]).size == size
+    assert len(images) == 1 and picture(images[0]).size == size
 
 
 def _drawn_in_process(body: dict, init: Image.Image, mask: Image.Image, latent_mask: Image.Image) -> Image.Image:
@@ -191,13 +179,13 @@ def test_with_a_mask_blur_each_tile_is_drawn_with_its_latent_mask(client) -> Non
     differs. The answer equals the tiles drawn in process with their latent masks, put back together."""
     args = [16, 3, 0, ["left", "right", "up"]]      # 3 tiles to draw
     scripted = _post(client, script_name="Poor man's outpainting", script_args=args)
-    answer = _picture(scripted["images"][0])
+    answer = picture(scripted["images"][0])
     tiles = poor_mans_tiles(_init(), 16, 3, args[3], (64, 64))
     body = {**BASE, "mask_blur_x": 6, "mask_blur_y": 6, "inpainting_fill": 0, "inpaint_full_res": False}
     drawn = [_drawn_in_process({**body, "seed": BASE["seed"] + k}, tile.image, mask, latent)
              for k, (tile, mask, latent) in enumerate(tiles.work)]
     assert np.array_equal(np.asarray(answer), np.asarray(tiles.combined(drawn)))
-    without = _post(client, **body, init_images=[_b64(tiles.work[0][0].image)], mask=_b64(tiles.work[0][1]))
-    assert not np.array_equal(np.asarray(_picture(without["images"][0])), np.asarray(drawn[0]))
+    without = _post(client, **body, init_images=[b64_png(tiles.work[0][0].image)], mask=b64_png(tiles.work[0][1]))
+    assert not np.array_equal(np.asarray(picture(without["images"][0])), np.asarray(drawn[0]))
     # the first tile's text, byte for byte (its "Mask blur: 6": the latent mask is in no text)
     assert json.loads(scripted["info"])["infotexts"] == json.loads(without["info"])["infotexts"][:1]
