@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from sdlab.cli.errors import UserError
+from sdlab.utils.numbers import finite_float
 
 # command-line spelling -> A1111's name (A1111's own names are taken too)
 METHOD_NAMES = {"none": "No interpolation", "weighted-sum": "Weighted sum", "add-difference": "Add difference"}
@@ -33,13 +33,8 @@ def _method(value: str) -> str:
 
 
 def _multiplier(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise UserError(f"--multiplier {value!r} is not a number") from None
-    if not math.isfinite(number):
-        raise UserError(f"--multiplier must be a finite number, got {value}")
-    return number
+    return finite_float(value, UserError, f"--multiplier {value!r} is not a number",
+                        f"--multiplier must be a finite number, got {value}")
 
 
 def _metadata_json(value: str) -> dict:

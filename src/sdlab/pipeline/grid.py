@@ -80,6 +80,7 @@ from sdlab.diffusion.noise import RNG_SOURCES
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, fixed_seed, next_batch, runs_a1111_unipc
+from sdlab.utils.numbers import finite_float
 
 MAX_CELLS = 256
 
@@ -282,13 +283,8 @@ def _float_values(text: str) -> list[float]:
         _finite(text, start, end, count)
         _too_many(int(count), text)
         return np.linspace(start, end, int(count)).tolist()
-    try:
-        value = float(text)
-    except ValueError:
-        raise GridError(f"{text!r} is not a number or a range (1-5, 1-2 (+0.25), 5-9 [3])") from None
-    if not math.isfinite(value):
-        raise GridError(f"{text!r} is not a finite number")
-    return [value]
+    return [finite_float(text, GridError, f"{text!r} is not a number or a range (1-5, 1-2 (+0.25), 5-9 [3])",
+                         f"{text!r} is not a finite number")]
 
 
 def _bool_value(text: str) -> bool:

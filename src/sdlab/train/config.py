@@ -29,6 +29,7 @@ from typing import Any
 from sdlab.diffusion.loss import HUBER_SCHEDULES, LOSS_TYPES
 from sdlab.diffusion.prediction import Prediction
 from sdlab.train.errors import TrainError
+from sdlab.utils.numbers import finite_float
 from sdlab.utils.text import not_utf8
 
 __all__ = ["RESUME_INVARIANTS", "TASK_SETTINGS", "TRAIN_EPILOG", "TrainConfig", "add_config_arguments",
@@ -580,12 +581,8 @@ def _parse_text(name: str, tp: Any, text: str) -> Any:
         if text.lower() in ("0", "false", "no", "off"):
             return False
         raise TrainError(f"{flag(name)} must be true or false; got {text!r}")
-    try:
-        number = float(text)
-    except ValueError:
-        raise TrainError(f"{flag(name)} must be {_TYPE_WORDS[tp]}; got {text!r}") from None
-    if not math.isfinite(number):
-        raise TrainError(f"{flag(name)} must be a finite number; got {text!r}")
+    number = finite_float(text, TrainError, f"{flag(name)} must be {_TYPE_WORDS[tp]}; got {text!r}",
+                          f"{flag(name)} must be a finite number; got {text!r}")
     if tp is int:
         if not number.is_integer():
             raise TrainError(f"{flag(name)} must be an integer; got {text!r}")
