@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageFilter, PngImagePlugin
 from safetensors.torch import save_file
 
 from cli_helpers import run
@@ -165,6 +165,108 @@ def test_sd_upscale_runs_an_upscaler_file_found_by_a1111s_name(tmp_path: Path, c
     assert parse_parameters(read_parameters(by_name[1]))["SD upscale upscaler"] == "R-ESRGAN 2x+"
 
 
+MASK = Image.fromarray(np.pad(np.full((32, 40), 255, dtype=np.uint8), ((8, 24), (16, 8))))   # a white box
+
+
+def test_inpaint_loopback_equals_the_servers_loopback_with_the_mask(client, tmp_path: Path, capsys) -> None:
+    """`sdlab inpaint --loopback 3` with the server's mask and settings (Masked content fill, mask blur 4, taken
+    from its first pass's picture): every pass pixel-equal to the server's Loopback on the same inpaint request,
+    the passes after the first with Masked content "original" (A1111's `p.inpainting_fill = 1`), outside the
+    mask the init picture's pixels kept."""
+    answer = img2img(client, INIT, mask=b64_png(MASK), mask_blur=4, inpainting_fill=0, denoising_strength=0.9,
+                     script_name="Loopback", script_args=[3, 0.4, "Aggressive"])
+    served = [decoded(image) for image in answer["images"]]                    # the grid, then the 3 passes
+    settings = png_with(tmp_path / "server-pass.png", INIT, read_parameters(io.BytesIO(served[1])))
+    INIT.save(tmp_path / "init.png")
+    MASK.save(tmp_path / "mask.png")
+    code, out, err = run(["inpaint", "--from-png", str(settings), "--init", str(tmp_path / "init.png"),
+                          "--mask", str(tmp_path / "mask.png"), "--loopback", "3", "--final-strength", "0.4",
+                          "--strength-curve", "aggressive", "--out", str(tmp_path / "loop.png"), *SERVERS_THREADS],
+                         capsys)
+    assert code == 0, err
+    paths = written(out)
+    assert [path.name for path in paths] == ["loop-0.png", "loop-1.png", "loop-2.png", "loop-grid.png"]
+    for k, path in enumerate(paths[:3]):
+        assert np.array_equal(pixels(path), pixels(served[1 + k])), k
+        ours = parse_parameters(read_parameters(path))
+        assert ours.get("Masked content") == ("fill" if k == 0 else None)       # sdlab writes no "original"
+        assert (ours["Final denoising strength"], ours["Denoising curve"]) == ("0.4", "Aggressive")
+    assert np.array_equal(pixels(paths[3]), pixels(served[0]))
+    kept = np.asarray(MASK.filter(ImageFilter.MaxFilter(21))) == 0     # well outside the blurred mask
+    assert np.array_equal(pixels(paths[2])[kept], np.asarray(INIT)[kept])
+
+
+def test_from_png_takes_the_pictures_loopback_and_sd_upscale_settings(client, tmp_path: Path, capsys) -> None:
+    """A picture the server's Loopback (SD upscale) drew, redrawn with --loopback 2 (--sd-upscale 2) and no other
+    script flag: its `Final denoising strength` / `Denoising curve` (`SD upscale overlap` / `SD upscale upscaler`)
+    are the flags, so the redraw equals the server's (the defaults, 0.5 Linear and an 8 px overlap of 64 px
+    tiles, draw other pictures)."""
+    loop = img2img(client, INIT, denoising_strength=0.6, script_name="Loopback", script_args=[2, 0.1, "Lazy"])
+    loop_pictures = [decoded(image) for image in loop["images"]]
+    small = INIT.resize((48, 48))
+    upscaled = img2img(client, small, seed=5, denoising_strength=0.4, steps=3, script_name="SD upscale",
+                       script_args=["", 24, "Nearest", 2])
+    INIT.save(tmp_path / "init.png")
+    small.save(tmp_path / "small.png")
+    loop_png = png_with(tmp_path / "loop-pass.png", INIT, read_parameters(io.BytesIO(loop_pictures[1])))
+    tile_png = png_with(tmp_path / "tile.png", small, json.loads(upscaled["info"])["infotexts"][0])
+    code, out, err = run(["img2img", "--from-png", str(loop_png), "--init", str(tmp_path / "init.png"),
+                          "--loopback", "2", "--out", str(tmp_path / "loop.png"), *SERVERS_THREADS], capsys)
+    assert code == 0, err
+    for path, served in zip(written(out), loop_pictures[1:]):
+        assert np.array_equal(pixels(path), pixels(served))
+    code, out, err = run(["img2img", "--from-png", str(tile_png), "--init", str(tmp_path / "small.png"),
+                          "--sd-upscale", "2", "--out", str(tmp_path / "up.png"), *SERVERS_THREADS], capsys)
+    assert code == 0, err
+    [path] = written(out)
+    assert np.array_equal(pixels(path), pixels(decoded(upscaled["images"][0])))
+    assert (parse_parameters(read_parameters(path))["SD upscale overlap"],
+            parse_parameters(read_parameters(path))["SD upscale upscaler"]) == ("24", "Nearest")
+
+
+LOOP_TEXT = ("a red apple\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 7, Size: 64x64, Denoising strength: 0.5, "
+             "Final denoising strength: 0.2, Denoising curve: Lazy")
+TILE_TEXT = ("a red apple\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 7, Size: 64x64, Denoising strength: 0.5, "
+             "SD upscale overlap: 16, SD upscale upscaler: Lanczos")
+
+
+@pytest.mark.parametrize("mode, text, flags, warning", [
+    ("img2img", LOOP_TEXT, [], "drawn by A1111's Loopback script (Final denoising strength: 0.2, Denoising curve: "
+                               "Lazy); this run draws one img2img request: pass --loopback N to redraw it"),
+    ("txt2img", LOOP_TEXT, [], "this run draws one txt2img request: sdlab txt2img does not run it"),
+    ("img2img", TILE_TEXT, [], "drawn by A1111's SD upscale script (SD upscale overlap: 16, SD upscale upscaler: "
+                               "Lanczos); this run draws one img2img request: pass --sd-upscale SCALE to redraw it"),
+    ("inpaint", TILE_TEXT, ["--mask", "MASK"], "sdlab inpaint does not run it, so the redraw differs"),
+    ("img2img", TILE_TEXT, ["--loopback", "1"], "drawn by A1111's SD upscale script"),
+])
+def test_a_picture_a_script_drew_redrawn_without_it_is_a_warning(tmp_path: Path, capsys, mode, text, flags,
+                                                                  warning) -> None:
+    INIT.save(tmp_path / "init.png")
+    MASK.save(tmp_path / "mask.png")
+    png_with(tmp_path / "drawn.png", INIT, text)
+    init = [] if mode == "txt2img" else ["--init", str(tmp_path / "init.png")]
+    flags = [str(tmp_path / "mask.png") if flag == "MASK" else flag for flag in flags]
+    code, out, err = run([mode, "--from-png", str(tmp_path / "drawn.png"), *init, *flags, "--steps", "1",
+                          "--out", str(tmp_path / "out.png"), "--no-progress"], capsys)
+    assert code == 0, err
+    assert warning in err, err
+
+
+@pytest.mark.parametrize("text, message", [
+    (LOOP_TEXT.replace("0.2,", "much,"), "the --from-png picture's 'Final denoising strength' value 'much' is not a "
+                                         "number"),
+    (LOOP_TEXT.replace("Lazy", "Steep"), "'Denoising curve' value 'Steep' is none of A1111's curves"),
+    (LOOP_TEXT.replace("0.2,", "1.5,"), "--final-strength must be 0..1, got 1.5"),
+])
+def test_a_recorded_script_field_that_does_not_read_is_one_line(tmp_path: Path, capsys, text, message) -> None:
+    INIT.save(tmp_path / "init.png")
+    png_with(tmp_path / "drawn.png", INIT, text)
+    code, out, err = run(["img2img", "--from-png", str(tmp_path / "drawn.png"), "--init", str(tmp_path / "init.png"),
+                          "--loopback", "2", "--out", str(tmp_path / "out"), "--no-progress"], capsys)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_curve_flags_are_a1111s_curves() -> None:
     from sdlab.cli.img2img_scripts import CURVE_FLAGS
 
@@ -191,12 +293,18 @@ def test_the_curve_flags_are_a1111s_curves() -> None:
     (["--sd-upscale", "2", "--width", "8", "--height", "8", "--tile-overlap", "0", "--batch-count", "100"],
      "--sd-upscale: 144 tiles x 100 make 14400 batches; the limit is 1000"),
     (["--sd-upscale", "2", "--steps", "0"], "steps must be an integer in 1..1000, got 0"),
+    (["--sd-upscale", "2", "--inpaint"], "--sd-upscale does not inpaint: A1111's SD upscale cuts the picture alone"),
+    (["--loopback", "2", "--batch", "2", "--inpaint"], "--loopback draws one picture per pass"),
     (["--loopback", "2", "--strength", "0.6", "--final-strength", "0.05", "--steps", "4"], "runs no step"),
 ])
 def test_bad_script_flags_are_one_line_and_nothing_is_written(tmp_path: Path, capsys, flags, message) -> None:
+    """img2img's, and with "--inpaint" inpaint's (with a mask)."""
     INIT.resize((48, 48)).save(tmp_path / "init.png")
+    MASK.resize((48, 48)).save(tmp_path / "mask.png")
     out = tmp_path / "out"
-    code, stdout, err = run(["img2img", "a red apple", "--init", str(tmp_path / "init.png"), *flags,
+    mode = ["inpaint", "--mask", str(tmp_path / "mask.png")] if "--inpaint" in flags else ["img2img"]
+    flags = [flag for flag in flags if flag != "--inpaint"]
+    code, stdout, err = run([*mode, "a red apple", "--init", str(tmp_path / "init.png"), *flags,
                              "--out", str(out), "--no-progress"], capsys)
     assert code == 2 and message in err, err
     assert err.splitlines()[-1].startswith("sdlab: error: ") and err.count("sdlab: error:") == 1   # one line

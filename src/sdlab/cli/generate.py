@@ -8,6 +8,7 @@
     sdlab txt2img --prompts-file prompts.txt    # a run per line, A1111's Prompts from file (cli/prompts_file.py)
     sdlab img2img "a castle" --init photo.png --loopback 4    # A1111's Loopback (cli/img2img_scripts.py)
     sdlab img2img "a castle" --init photo.png --sd-upscale 2  # A1111's SD upscale (cli/img2img_scripts.py)
+    sdlab inpaint "a castle" --init photo.png --mask sky.png --loopback 3     # Loopback with the mask
 
 Unset options take the model family's defaults (size, sampler, schedule). Each picture carries the
 A1111-style parameters (a PNG `parameters` chunk; EXIF UserComment in a .jpg / .webp), including the
@@ -32,7 +33,7 @@ from typing import Any
 
 from sdlab.cli.errors import UserError, utf8_text, write_error
 from sdlab.cli.img2img_scripts import (add_img2img_script_flags, check_script_flags, run_script, script_chosen,
-                                       script_request)
+                                       script_request, take_recorded_script_settings)
 from sdlab.cli.prompts_file import add_prompts_file_flags, check_without_prompts_file, run_prompts_file
 from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
 from sdlab.utils.files import make_output_folder
@@ -72,7 +73,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         else:
             _add_init_flags(p, "init image (required, also with --from-png)", "1" if mode == "inpaint" else "0.75",
                             from_png=True)
-        if mode == "img2img":
+        if mode != "txt2img":
             add_img2img_script_flags(p)
         if mode == "inpaint":
             _add_inpaint_flags(p)
@@ -1132,6 +1133,7 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
 
     target = _output_target(args.out)                         # a bad --out is refused before any work
     recorded = _recorded_parameters(args)
+    take_recorded_script_settings(args, recorded)             # Loopback's / SD upscale's fields (img2img_scripts)
     options = _options_from_args(args, recorded)
     finder = _lora_finder(args, parse_lora_hashes(recorded.get("Lora hashes")))
     options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], recorded, finder)

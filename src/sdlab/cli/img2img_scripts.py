@@ -1,15 +1,18 @@
-"""`sdlab img2img --loopback N` and `--sd-upscale SCALE`: A1111's img2img scripts Loopback and SD upscale.
+"""`sdlab img2img --loopback N` and `--sd-upscale SCALE`: A1111's img2img scripts Loopback and SD upscale;
+`sdlab inpaint --loopback N`: Loopback with the mask.
 
     sdlab img2img "a castle" --init photo.png --loopback 4 --final-strength 0.3 --strength-curve aggressive
     sdlab img2img "a castle" --init photo.png --sd-upscale 2 --upscaler "R-ESRGAN 4x+" --width 512 --height 512
+    sdlab inpaint "a castle" --init photo.png --mask sky.png --loopback 3
 
 Both run the plans the server's scripts run (`sdlab.pipeline.loopback`, `sdlab.pipeline.sd_upscale`); every pass
 or tile batch is the single img2img `sdlab img2img` draws with its settings.
 
 Loopback (A1111's scripts/loopback.py): each pass draws one picture from the last pass's (the first from --init),
 its seed one more than the pass before, its strength moving from --strength to --final-strength along
---strength-curve; --batch-count N runs N such chains, each from --init again, the seeds counting on. Every pass's
-picture is written with its parameters and A1111's `Final denoising strength` / `Denoising curve`, then (with
+--strength-curve; --batch-count N runs N such chains, each from --init again, the seeds counting on. Inpainting, every
+pass repaints the mask, the passes after a chain's first with Masked content "original" (A1111's
+`p.inpainting_fill = 1`). Every pass's picture is written with its parameters and A1111's `Final denoising strength` / `Denoising curve`, then (with
 more than one picture kept: every pass's, or with a batch count each chain's last) their grid in a row, without
 parameters, as A1111 saves them.
 
@@ -18,6 +21,14 @@ multiple of 8, as `sdlab upscale`), cut into --width x --height tiles overlappin
 drawn --batch at a time at A1111's seeds and put back together; with --batch-count N the tiles are drawn N times,
 each from the seed + n. Each upscale's picture is written with the first tile batch's parameters and A1111's
 `SD upscale overlap` / `SD upscale upscaler`, as A1111 saves it.
+
+SD upscale does not run with a mask: A1111's cuts the picture alone into tiles (each tile would be inpainted under
+the whole mask, shrunk to the tile), so `sdlab inpaint --sd-upscale` is refused.
+
+A --from-png picture's script settings, the `extra_generation_params` A1111's scripts write (`Final denoising
+strength` / `Denoising curve`, `SD upscale overlap` / `SD upscale upscaler`), are the unset flags of the script the
+run draws (`take_recorded_script_settings`); the loops and the scale are not recorded and are given on the line. A
+picture a script drew, redrawn without that script, is warned about.
 
 Every flag, and every pass's or tile batch's request, is checked before anything is drawn (and before the
 upscale runs); the pictures are written at the end, all or nothing, through `sdlab img2img`'s output rules.
@@ -29,7 +40,7 @@ import argparse
 import math
 import os
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +54,27 @@ DEFAULT_UPSCALER = "Lanczos"
 PLAIN_UPSCALERS = {"none": "None", "lanczos": "Lanczos", "nearest": "Nearest"}   # the flag -> A1111's spelling
 LOOPBACK_FLAGS = (("--final-strength", "final_strength"), ("--strength-curve", "strength_curve"))
 SD_UPSCALE_FLAGS = (("--upscaler", "upscaler"), ("--tile-overlap", "tile_overlap"))
+
+
+@dataclass(frozen=True)
+class RecordedScript:
+    """An img2img script whose `extra_generation_params` a picture records: the flag (its dest) that draws it in
+    `modes`, what the picture does not record (given with the flag) and its fields: (label, flag's dest)."""
+
+    title: str
+    flag: str
+    dest: str
+    modes: tuple[str, ...]
+    unrecorded: str
+    fields: tuple[tuple[str, str], ...]
+
+
+RECORDED_SCRIPTS = (       # A1111's scripts/loopback.py, scripts/sd_upscale.py (its outpainting scripts write none)
+    RecordedScript("Loopback", "--loopback N", "loopback", ("img2img", "inpaint"), "the number of loops",
+                   (("Final denoising strength", "final_strength"), ("Denoising curve", "strength_curve"))),
+    RecordedScript("SD upscale", "--sd-upscale SCALE", "sd_upscale", ("img2img",), "the scale factor",
+                   (("SD upscale overlap", "tile_overlap"), ("SD upscale upscaler", "upscaler"))),
+)
 
 Parameters = Callable[[Any, int], dict[str, Any]]
 """(a `GenerationResult`, picture index) -> its labelled parameters (`infotext.to_parameters` of the run)."""
@@ -86,6 +118,9 @@ def check_script_flags(args: argparse.Namespace) -> None:
         return
     if loopback is not None and sd_upscale is not None:
         raise UserError("give either --loopback or --sd-upscale, not both (A1111 runs one script at a time)")
+    if sd_upscale is not None and args.mode == "inpaint":
+        raise UserError("--sd-upscale does not inpaint: A1111's SD upscale cuts the picture alone into tiles (each "
+                        "tile would be inpainted under the whole mask, shrunk); run sdlab img2img --sd-upscale")
     if getattr(args, "prompts_file", None):
         raise UserError("--loopback and --sd-upscale do not run with --prompts-file")
     if loopback is not None:
@@ -114,6 +149,48 @@ def _check_sd_upscale(args: argparse.Namespace) -> None:
     if _tile_overlap(args) < 0:
         raise UserError(f"--tile-overlap must be 0 or more pixels, got {args.tile_overlap}")
     _upscaler(args)
+
+
+def take_recorded_script_settings(args: argparse.Namespace, recorded: dict[str, Any]) -> None:
+    """The --from-png picture's script fields (`RECORDED_SCRIPTS`, as `loopback.loop_fields` and
+    `sd_upscale.upscale_fields` write them) as the unset flags of the script `args` draws, then checked as the
+    flags are; a picture drawn by a script this run does not draw is a warning naming its fields."""
+    for script in RECORDED_SCRIPTS:
+        found = [(label, dest) for label, dest in script.fields if label in recorded]
+        if found and getattr(args, script.dest, None) is None:
+            _warn_script_not_drawn(args, script, [f"{label}: {recorded[label]}" for label, _ in found])
+        elif found:
+            for label, dest in found:
+                if getattr(args, dest) is None:
+                    setattr(args, dest, _recorded_flag(label, dest, recorded[label]))
+    check_script_flags(args)
+
+
+def _recorded_flag(label: str, dest: str, value: Any) -> Any:
+    """A script field's recorded `value` as its flag reads it; one that does not read is a UserError naming it."""
+    text = str(value).strip()
+    try:
+        if dest == "final_strength":
+            return float(text)
+        if dest == "tile_overlap":
+            return int(text)
+    except ValueError:
+        raise UserError(f"the --from-png picture's {label!r} value {text!r} is not a number") from None
+    if dest == "strength_curve":
+        if text.lower() not in CURVE_FLAGS:
+            raise UserError(f"the --from-png picture's {label!r} value {text!r} is none of A1111's curves "
+                            f"{', '.join(flag.capitalize() for flag in CURVE_FLAGS)}")
+        return text.lower()
+    return text
+
+
+def _warn_script_not_drawn(args: argparse.Namespace, script: RecordedScript, fields: list[str]) -> None:
+    import logging
+
+    advice = (f"pass {script.flag} to redraw it ({script.unrecorded} is not recorded; the rest is taken from the "
+              "picture)" if args.mode in script.modes else f"sdlab {args.mode} does not run it, so the redraw differs")
+    logging.getLogger("sdlab").warning("the picture was drawn by A1111's %s script (%s); this run draws one %s "
+                                       "request: %s", script.title, ", ".join(fields), args.mode, advice)
 
 
 def _final_strength(args: argparse.Namespace) -> float:
@@ -177,7 +254,10 @@ def _loopback(args: argparse.Namespace, pipe, plan, parameters: Parameters):
     fields = loop_fields(_final_strength(args), _curve(args))
 
     def pass_request(k: int, init: Image.Image):
-        return replace(base, seed=passes[k].seed, strength=passes[k].strength, init_image=init, init_images=())
+        """Pass k's request; with a mask, after its chain's first pass, Masked content "original" (A1111's)."""
+        fill = {} if passes[k].from_request or base.mask_image is None else {"inpaint_fill": "original"}
+        return replace(base, seed=passes[k].seed, strength=passes[k].strength, init_image=init, init_images=(),
+                       **fill)
 
     stand_in = Image.new("RGB", (base.width, base.height))       # the size every pass after the first draws from
     checked = _resolved(pipe, [pass_request(k, base.init_image if p.from_request else stand_in)
