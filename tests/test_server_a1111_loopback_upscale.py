@@ -181,6 +181,29 @@ def test_scripts_and_script_info_list_them_in_img2img(client) -> None:
     assert [arg["label"] for arg in infos[("sd upscale", True)]] == ["", "Tile overlap", "Upscaler", "Scale Factor"]
 
 
+def test_script_info_lists_the_servers_upscalers_for_sd_upscale(tmp_path) -> None:
+    """SD upscale's Upscaler choices are A1111's `shared.sd_upscalers` (scripts/sd_upscale.py `ui`: `choices=[x.name
+    for x in shared.sd_upscalers]`, the first its value): the names `GET upscalers` gives, the server's model
+    files after the plain resizes, not the plain resizes alone."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from sdlab.server.a1111 import scripts_info, upscalers
+    from sdlab.server.model_folders import UPSCALER_SUFFIXES, ModelFolder
+    from test_upscale_models import new_arch_state
+
+    save_file(new_arch_state(2), str(tmp_path / "RealESRGAN_x2plus.safetensors"))
+    save_file(new_arch_state(4), str(tmp_path / "mine.safetensors"))
+    service = SimpleNamespace(upscalers=ModelFolder(tmp_path, UPSCALER_SUFFIXES, hashed=False))
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(service=service)))
+    [sd_upscale] = [info for info in scripts_info(request) if info["name"] == "sd upscale"]
+    upscaler = sd_upscale["args"][2]
+    assert upscaler["choices"] == [row["name"] for row in upscalers(request)]
+    assert upscaler["choices"] == ["None", "Lanczos", "Nearest", "R-ESRGAN 2x+", "mine"]
+    assert upscaler["value"] == "None"
+
+
 def stopped_at_first_step(sdlab_server, body: dict, route: str, job_count: int) -> tuple[httpx.Response, int]:
     """The answer to img2img `body` stopped by POST `route` (interrupt, skip) at its first job's third sampler step
     (`/progress` counting `job_count` jobs), and the jobs it queued."""

@@ -1705,9 +1705,10 @@ def scripts() -> dict[str, Any]:
 
 
 @router.get("/script-info")
-def scripts_info() -> list[dict[str, Any]]:
-    """A1111's `ScriptInfo` of the selectable scripts sdlab runs: their `script_args` (`a1111_scripts`)."""
-    return script_info()
+def scripts_info(request: Request) -> list[dict[str, Any]]:
+    """A1111's `ScriptInfo` of the selectable scripts sdlab runs: their `script_args` (`a1111_scripts`), SD
+    upscale's upscalers this server's."""
+    return script_info([name for name, _ in _listed_upscalers(service_of(request))])
 
 
 @router.get("/prompt-styles")

@@ -34,7 +34,7 @@ import io
 import json
 import logging
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -849,11 +849,11 @@ def answer_sd_upscale(host: ScriptHost, body: Any, grid: TileGrid, batches: list
     return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
 
 
-def sd_upscale_script_args(img2img: bool) -> list[ScriptArg]:
-    """A1111 1.10's SD upscale controls (`Script.ui`), in its `script_args` order (the upscalers sdlab always has:
-    `GET upscalers` lists the server's files after them)."""
+def sd_upscale_script_args(img2img: bool, upscalers: Sequence[str] = PLAIN_UPSCALER_NAMES) -> list[ScriptArg]:
+    """A1111 1.10's SD upscale controls (`Script.ui`), in its `script_args` order, the upscaler's choices
+    `upscalers` (A1111's `shared.sd_upscalers`: the server's, `GET upscalers`' names), the first its value."""
     return [ScriptArg("", None), ScriptArg("Tile overlap", 64, 0, 256, 16),
-            ScriptArg("Upscaler", PLAIN_UPSCALER_NAMES[0], choices=list(PLAIN_UPSCALER_NAMES)),
+            ScriptArg("Upscaler", upscalers[0], choices=list(upscalers)),
             ScriptArg("Scale Factor", 2, 0, 4, 1)]
 
 
@@ -1021,9 +1021,13 @@ def scripts_list() -> dict[str, list[str]]:
             + [CONTROLNET] for mode in MODES}
 
 
-def script_info() -> list[dict[str, Any]]:
+def script_info(upscalers: Sequence[str] = PLAIN_UPSCALER_NAMES) -> list[dict[str, Any]]:
     """A1111's `get_script_info` of the selectable scripts sdlab runs: each one's `ScriptInfo` in txt2img, then
-    in img2img."""
+    in img2img; SD upscale's upscaler choices the server's `upscalers` (the only choices A1111 takes from server
+    state: the others are fixed lists, the X/Y/Z values dropdowns empty until an axis is picked)."""
+    def args(script: SelectableScript, img2img: bool) -> list[ScriptArg]:
+        return sd_upscale_script_args(img2img, upscalers) if script is SD_UPSCALE else script.args(img2img)
+
     return [{"name": script.title.lower(), "is_alwayson": False, "is_img2img": img2img,
-             "args": [vars(arg) for arg in script.args(img2img)]}
+             "args": [vars(arg) for arg in args(script, img2img)]}
             for img2img in (False, True) for script in RUNNABLE_SCRIPTS if MODES[img2img] in script.modes]
