@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from server_fixtures import sdlab_server, wait_for_job  # noqa: F401  (a session fixture)
+from server_fixtures import picture, sdlab_server, wait_for_job  # noqa: F401  (sdlab_server: a session fixture)
 
 ORIENTATION = 0x0112
 
@@ -38,7 +38,7 @@ def _sideways_and_upright(seed: int, mode: str = "RGB") -> tuple[str, str]:
 
 
 def _pixels(data: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+    return np.asarray(picture(data))
 
 
 @pytest.fixture

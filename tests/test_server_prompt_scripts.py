@@ -5,8 +5,6 @@ single request it stands for, the matrix's grid is `sdlab.pipeline.prompt_matrix
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import httpx
@@ -15,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sdlab.pipeline.prompt_matrix import prompt_matrix
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import picture, sdlab_server  # noqa: F401  (sdlab_server: a session fixture)
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 7, "cfg_scale": 5.0,
         "sampler_name": "Euler"}
@@ -28,7 +26,7 @@ def client(sdlab_server):
 
 
 def pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+    return np.asarray(picture(b64))
 
 
 def _single(client, **fields) -> dict:
