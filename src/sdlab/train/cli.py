@@ -155,6 +155,18 @@ def _load_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.mixed_precision == "bf16" and frozen else torch.float32
 
 
+def _cast_frozen_parts(cfg: TrainConfig, bundle: ModelBundle) -> None:
+    """Under ``--mixed-precision bf16``, each part of the model none of whose weights train (the VAE and text
+    encoders of a U-Net fine-tune) moves to bf16, as diffusers' train_text_to_image.py casts the frozen modules
+    to weight_dtype: they only run forward, where autocast multiplies in bf16 anyway. What trains keeps its fp32
+    master weights (a text encoder under ``--train-text-encoder`` among them)."""
+    if cfg.mixed_precision != "bf16":
+        return
+    for module in (bundle.unet, bundle.vae, *(te.model for te in bundle.text_encoders)):
+        if not any(p.requires_grad for p in module.parameters()):
+            module.to(torch.bfloat16)
+
+
 def _scan(cfg: TrainConfig):
     scan = scan_dataset(cfg.data_dir, cfg.caption_extension, cfg.data_layout)
     if scan.skipped:
@@ -341,6 +353,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         cfg = _with_model_kind(cfg, bundle.family.name, bundle.prediction.value)
         cfg = _with_native_resolution(cfg, bundle)
         task = task_module.build_task(cfg, bundle)
+        _cast_frozen_parts(cfg, bundle)
         _warn_of_unloaded_embeddings(task, scan.samples)
         cache = None
         if cfg.cache_latents:
