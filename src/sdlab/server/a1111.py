@@ -516,6 +516,8 @@ async def _drawn_job(service: Service, body: Txt2ImgIn, mode: str, request: Gene
         raise _a1111_refusal(err) from None
     if run is not None:
         run.job = job
+        if run.on_job is not None:
+            run.on_job(run, job)
     if kept:                            # A1111's `process_images` restores them only when asked to
         _set_options(service, kept, selected)
     await _until_finished(job)
@@ -568,6 +570,7 @@ class ScriptRun:
     drawn: int = 0
     job: Job | None = None
     interrupted: bool = False
+    on_job: Callable[[ScriptRun, Job], None] | None = None     # told of each request's job as it is queued
 
     def progress(self, job_no: int) -> tuple[int, int, str]:
         """A1111's (job_count, job_no, job) with the drawing request at its own `job_no`."""
@@ -575,11 +578,12 @@ class ScriptRun:
         return sum(self.job_counts), done, f"{self.drawn + 1} out of {len(self.job_counts)}"
 
 
-def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> ScriptHost:
+def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
+                 on_job: Callable[[ScriptRun, Job], None] | None = None) -> ScriptHost:
     """What a selectable script draws with: its requests as `prepare` (`_txt2img_request`, `_img2img_request`)
     makes the first one, the others with its pictures and ControlNet units (a script changes neither), each
-    checked as the route checks it before any is drawn, then drawn in turn on this server as one `ScriptRun`,
-    a request the script gives its own pictures with those."""
+    checked as the route checks it before any is drawn, then drawn in turn on this server as one `ScriptRun`
+    (`on_job` told of each request's job), a request the script gives its own pictures with those."""
     async def checked(bodies: list[Txt2ImgIn],
                       labels: list[str]) -> tuple[str, list[tuple[JobSpec, GenerationRequest]]]:
         mode, first = await prepare(service, bodies[0])
@@ -593,7 +597,7 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any]) -> Sc
     async def drawn(bodies: list[Txt2ImgIn], labels: list[str], keep_going: bool,
                     pictures: ScriptPictures | None = None, seeds: ScriptSeeds | None = None) -> list[Drawn | None]:
         mode, requests = await checked(bodies, labels)
-        run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests])
+        run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests], on_job=on_job)
         service.script_runs.append(run)
         try:
             return await _script_drawn(service, run, bodies, mode, [request for _, request in requests], keep_going,

@@ -9,6 +9,8 @@
     POST   /api/jobs/{id}/skip       A1111's Skip of the job running: its batch ends so, the next goes on -> same
     GET    /api/jobs/{id}/events     Server-Sent Events: queued, started, step {i, n, preview}, done, failed, cancelled
     GET    /api/images/{name}        a picture the server drew (only names it wrote, only from its folder)
+    GET    /api/scripts              the selectable scripts a job's script_name takes in each tab, and the X/Y/Z
+                                     plot axes sdlab draws (`script_jobs.native_scripts`)
     POST   /api/parameters           {image} -> {info, settings, unread}: a picture's parameters as a job's settings
 """
 
@@ -21,12 +23,15 @@ import re
 from collections.abc import Callable
 from typing import Any, Literal
 
+import anyio
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
 from sdlab.pipeline.request import MAX_BATCH_COUNT, GenerationRequest, RequestError, check_sdxl_conditioning
+from sdlab.server import script_jobs
+from sdlab.server.a1111_scripts import selected_script
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
     BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_base64, decode_image, opened_picture, refiner_choice,
@@ -170,6 +175,8 @@ class JobIn(NullsAreDefaults):
     vae: str | None = None                  # a VAE file by its name in GET /sdapi/v1/sd-vae, "None" (the model's
                                             # own), null / "Automatic" (the VAE found near it, else its own)
     controls: list[ControlIn] = Field(default_factory=list)
+    script_name: str | None = None          # one of A1111's selectable scripts (`GET /api/scripts`), drawn as its
+    script_args: list[Any] = Field(default_factory=list)   # API draws it (`script_jobs`); its args in its order
 
 
 SDXL_CONDITIONING = ("original_size", "crops_coords_top_left", "target_size", "aesthetic_score",
@@ -293,6 +300,9 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras),
                    batch_count=body.batch_count, model_preset_fills=unset, **_vae_fields(service, body.vae),
                    refiner=refiner_choice(body.refiner, body.refiner_switch, body.refiner_convention, "refiner_switch"))
+    script = selected_script(body.script_name, "txt2img" if body.mode == "txt2img" else "img2img")
+    if script is not None:
+        return anyio.from_thread.run(script_jobs.start, service, body, spec, script)
     job, position = service.submit(spec, body.mode, body.model)
     return {"id": job.id, "status": job.status, "position": position}
 
@@ -300,11 +310,17 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
 @router.get("/jobs")
 def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
     service = service_of(request)
-    return {"jobs": [job_json(r, service.queue.get(r["id"])) for r in service.store.jobs(limit)]}
+    jobs = [job_json(r, script_jobs.live_job(service, r["id"])) for r in service.store.jobs(limit)]
+    return {"jobs": [job for job in jobs if "script_job" not in job["request"]]}   # a script's requests: its job
+
+
+@router.get("/scripts")
+def scripts() -> dict[str, Any]:
+    return script_jobs.native_scripts()
 
 
 def _find(service: Service, job_id: str) -> tuple[dict[str, Any], Job | None]:
-    live = service.queue.get(job_id)
+    live = script_jobs.live_job(service, job_id)
     record = live.record() if live is not None else service.store.job(job_id)
     if record is None:
         raise BadRequest(f"no job {job_id!r}", 404, "Not Found")
@@ -322,26 +338,33 @@ def get_job(job_id: str, request: Request) -> dict[str, Any]:
 def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     service = service_of(request)
     record, live = _find(service, job_id)
+    running = service.script_jobs.get(job_id)
+    if running is not None:
+        return {"id": job_id, "status": running.cancel()}
     status = service.queue.cancel(live) if live is not None else record["status"]
     return {"id": job_id, "status": status}
 
 
 @router.post("/jobs/{job_id}/interrupt")
 def interrupt_job(job_id: str, request: Request) -> dict[str, Any]:
-    """A1111's Interrupt of this job (`JobQueue.interrupt`)."""
-    return _stop_running(job_id, request, JobQueue.interrupt)
+    """A1111's Interrupt of this job (`JobQueue.interrupt`, a script's `ScriptJob.interrupt`)."""
+    return _stop_running(job_id, request, JobQueue.interrupt, script_jobs.ScriptJob.interrupt)
 
 
 @router.post("/jobs/{job_id}/skip")
 def skip_job(job_id: str, request: Request) -> dict[str, Any]:
-    """A1111's Skip of the batch this job is drawing (`JobQueue.skip`)."""
-    return _stop_running(job_id, request, JobQueue.skip)
+    """A1111's Skip of the batch this job is drawing (`JobQueue.skip`, a script's `ScriptJob.skip`)."""
+    return _stop_running(job_id, request, JobQueue.skip, script_jobs.ScriptJob.skip)
 
 
-def _stop_running(job_id: str, request: Request, stop: Callable[[JobQueue, Job], bool]) -> dict[str, Any]:
-    """`stop` the job if it is the one running; `stopped` says whether it was."""
+def _stop_running(job_id: str, request: Request, stop: Callable[[JobQueue, Job], bool],
+                  stop_script: Callable[[script_jobs.ScriptJob], bool]) -> dict[str, Any]:
+    """`stop` the job if it is the one running (a script's job: `stop_script`); `stopped` says whether it was."""
     service = service_of(request)
     record, live = _find(service, job_id)
+    running = service.script_jobs.get(job_id)
+    if running is not None:
+        return {"id": job_id, "status": record["status"], "stopped": stop_script(running)}
     stopped = live is not None and stop(service.queue, live)
     return {"id": job_id, "status": record["status"], "stopped": stopped}
 

@@ -44,6 +44,7 @@ class Service:
                               on_idle=forget_read_loras)    # the tags' files, read when their jobs were submitted
         self.options: dict[str, Any] = {}           # A1111 options clients set that sdlab does not use
         self.script_runs: list[Any] = []            # A1111 selectable scripts drawing now (`a1111.ScriptRun`)
+        self.script_jobs: dict[str, Any] = {}       # native jobs of a script, queued or running (`script_jobs`)
 
     def start(self) -> None:
         self.queue.start()

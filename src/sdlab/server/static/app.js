@@ -1,6 +1,7 @@
 // sdlab web UI: plain JavaScript on sdlab's HTTP API (no build step).
 //   lists:    /sdapi/v1/sd-models, sd-vae, samplers, schedulers, loras, options, latent-upscale-modes, upscalers
 //   a PNG:    POST /api/parameters -> {info, settings, unread}
+//   scripts:  /api/scripts (each tab's A1111 selectable scripts and the X/Y/Z plot axes sdlab draws)
 //   jobs:     POST /api/jobs -> {id}; GET /api/jobs; GET/DELETE /api/jobs/{id}; POST /api/jobs/{id}/interrupt, skip;
 //             GET /api/jobs/{id}/events (Server-Sent Events: queued, started, step, done, failed, cancelled)
 "use strict";
@@ -105,7 +106,31 @@ const KEPT = {
 // it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the PNG's
 // unread labels
 const KEPT_APART = new Set(["mode", "model", "vae", "loras", "refiner_convention", ...Object.keys(KEPT),
-  "first_pass_steps", "size_convention", "unread"]);
+  "first_pass_steps", "size_convention", "unread", "script_name", "script_args"]);
+
+// A1111's selectable scripts: each one's `script_args` in its `Script.run` order, from its controls (`id`, read as
+// `type`) or a value the form sends as it is (`value`: A1111's HTML notes, the X/Y/Z dropdown lists, which the text
+// boxes stand for with "Use text inputs instead of dropdowns" on, Loopback's interrogator, which sdlab has not)
+const arg = (id, type) => ({ id, type });
+const fixed = (value) => ({ value });
+const SCRIPT_ARGS = {
+  "X/Y/Z plot": [arg("xyz_x_type", "int"), arg("xyz_x_values", "text"), fixed([]), arg("xyz_y_type", "int"),
+    arg("xyz_y_values", "text"), fixed([]), arg("xyz_z_type", "int"), arg("xyz_z_values", "text"), fixed([]),
+    arg("xyz_draw_legend", "bool"), arg("xyz_include_lone_images", "bool"), arg("xyz_include_sub_grids", "bool"),
+    arg("xyz_no_fixed_seeds", "bool"), arg("xyz_vary_seeds_x", "bool"), arg("xyz_vary_seeds_y", "bool"),
+    arg("xyz_vary_seeds_z", "bool"), arg("xyz_margin_size", "int"), fixed(true)],
+  "Prompt Matrix": [arg("pm_put_at_start", "bool"), arg("pm_different_seeds", "bool"), arg("pm_prompt_type", "text"),
+    arg("pm_variations_delimiter", "text"), arg("pm_margin_size", "int")],
+  "Prompts from file or textbox": [arg("pf_checkbox_iterate", "bool"), arg("pf_checkbox_iterate_batch", "bool"),
+    arg("pf_prompt_position", "text"), arg("pf_prompt_txt", "text")],
+  Loopback: [arg("lb_loops", "int"), arg("lb_final_denoising_strength", "number"), arg("lb_denoising_curve", "text"),
+    fixed("None")],
+  "SD upscale": [fixed(null), arg("sdu_overlap", "int"), arg("sdu_upscaler", "text"), arg("sdu_scale_factor", "number")],
+  "Poor man's outpainting": [arg("pmo_pixels", "int"), arg("pmo_mask_blur", "int"), arg("pmo_inpainting_fill", "int"),
+    arg("pmo_direction", "directions")],
+  "Outpainting mk2": [fixed(null), arg("mk2_pixels", "int"), arg("mk2_mask_blur", "int"), arg("mk2_direction", "directions"),
+    arg("mk2_noise_q", "number"), arg("mk2_color_variation", "number")],
+};
 
 const state = {
   mode: "txt2img",
@@ -125,6 +150,7 @@ const state = {
                           // control they go with changes
   clock: null,            // {id, i, t}: the first step seen of the followed job, for the time left
   jobsSignature: "",
+  scripts: null,          // GET /api/scripts: each tab's scripts and X/Y/Z axes
 };
 
 // The ids of the jobs this tab queued, kept in its sessionStorage so a reload goes on following them;
@@ -247,6 +273,7 @@ async function loadHiresUpscalers() {
   const [latent, upscalers] = await Promise.all([api("/sdapi/v1/latent-upscale-modes"), api("/sdapi/v1/upscalers")]);
   const names = [...(latent || []), ...(upscalers || [])].map((u) => u.name);
   fillSelect($("hr_upscaler"), names.map((name) => ({ label: name, value: name })));
+  fillSelect($("sdu_upscaler"), (upscalers || []).map((u) => ({ label: u.name, value: u.name })));   // SD upscale's
 }
 
 async function loadLists() {
@@ -268,6 +295,7 @@ async function loadLists() {
     loadLoras(),
     loadVaes(),
     loadHiresUpscalers(),
+    api("/api/scripts").then((scripts) => { state.scripts = scripts; renderScripts(); }),
   ]);
   const failed = results.filter((r) => r.status === "rejected").map((r) => r.reason.message);
   if (failed.length) showError("Could not load the lists: " + failed.join("; "));
@@ -363,6 +391,69 @@ function setMode(mode) {
   $("mask-canvas").classList.toggle("disabled", mode !== "inpaint");
   excludeHiresOrRefiner();
   renderKept();
+  renderScripts();
+}
+
+// ---------------------------------------------------------------- scripts
+
+// The Script list of the tab (A1111's: img2img's scripts in the inpaint tab too), the chosen one kept where the tab
+// has it, and the X/Y/Z type lists of the tab's axes, each keeping its axis by name (the tabs number them apart)
+function renderScripts() {
+  if (!state.scripts) return;
+  const tab = state.scripts[state.mode === "txt2img" ? "txt2img" : "img2img"];
+  fillSelect($("script"), tab.scripts.map((s) => ({ label: s.title, value: s.title })), { blank: "None" });
+  for (const letter of ["x", "y", "z"]) {
+    const select = $(`xyz_${letter}_type`);
+    const label = select.selectedOptions[0]?.text || select.dataset.default;
+    select.replaceChildren(...tab.axes.map((a) => new Option(a.label, a.index, a.label === select.dataset.default)));
+    selectMatching(select, label);
+  }
+  showScriptControls();
+}
+
+function showScriptControls() {
+  for (const panel of document.querySelectorAll(".script-controls")) panel.hidden = panel.dataset.script !== $("script").value;
+}
+
+function scriptArg(spec) {
+  if ("value" in spec) return spec.value;
+  if (spec.type === "directions") {
+    return [...document.querySelectorAll(`input[name="${spec.id}"]`)].filter((box) => box.checked).map((box) => box.value);
+  }
+  if (spec.type === "bool") return $(spec.id).checked;
+  if (spec.type === "text") return $(spec.id).value;
+  const value = numberField(spec.id, { integer: spec.type === "int" });
+  return value ?? Number(pageDefault(spec.id));
+}
+
+// The chosen script's `script_name` and `script_args` (none for None)
+function scriptRequest() {
+  const name = $("script").value;
+  return name ? { script_name: name, script_args: SCRIPT_ARGS[name].map(scriptArg) } : {};
+}
+
+function setScriptArg(spec, value) {
+  if ("value" in spec || value === undefined || value === null) return;
+  if (spec.type === "directions") {
+    for (const box of document.querySelectorAll(`input[name="${spec.id}"]`)) box.checked = value.includes(box.value);
+  } else if (spec.type === "bool") {
+    $(spec.id).checked = Boolean(value);
+  } else {
+    $(spec.id).value = String(value);
+  }
+}
+
+// A reused job's script and its arguments (A1111's order); settings without one choose None. A script the tab does
+// not offer is named in the notice.
+function fillScript(settings, unknown) {
+  const name = settings.script_name || "";
+  if (!selectMatching($("script"), name)) {
+    unknown.push(`script "${name}" (not in this tab)`);
+    $("script").value = "";
+  } else if (name) {
+    SCRIPT_ARGS[$("script").value].forEach((spec, index) => setScriptArg(spec, (settings.script_args || [])[index]));
+  }
+  showScriptControls();
 }
 
 function readFile(file) {
@@ -645,7 +736,7 @@ function collectRequest() {
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
   if (state.mode === "txt2img" && $("enable_hr").checked) Object.assign(body, hiresRequest());
   if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
-  Object.assign(body, keptRequest());
+  Object.assign(body, keptRequest(), scriptRequest());
   if (body.hr_scale !== undefined && body.refiner) {
     throw new ApiError("the hires fix does not run with an SDXL refiner: untick Hires. fix or Refiner");
   }
@@ -742,6 +833,7 @@ function fillForm(settings) {
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
   fillRefiner(settings, unknown);
+  fillScript(settings, unknown);
   keepSettings(settings);
   if (settings.sampler !== undefined && !selectMatching($("sampler"), settings.sampler ?? "")) unknown.push(`sampler "${settings.sampler}"`);
   if (settings.schedule !== undefined && !selectMatching($("schedule"), settings.schedule ?? "")) unknown.push(`schedule "${settings.schedule}"`);
@@ -1267,6 +1359,7 @@ function setup() {
     else $("seed").value = state.lastSeed;
   });
   $("lora-add").addEventListener("click", addChosenLora);
+  $("script").addEventListener("change", showScriptControls);
   for (const id of ["strength", "subseed_strength", "hr_denoise"]) $(id).addEventListener("input", () => showSliderValue(id));
   for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));
   for (const id of new Set(Object.values(KEPT).flatMap((k) => k.with))) $(id).addEventListener("change", () => dropKept(id));

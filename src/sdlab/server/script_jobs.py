@@ -1,0 +1,319 @@
+"""A native job that runs one of A1111's selectable scripts: `POST /api/jobs` with `script_name` + `script_args`.
+
+The script runs through the A1111 route's runner (`a1111_scripts`, `a1111._script_host`) on the A1111 request the
+job's fields make (`a1111_body`), so it draws what `POST /sdapi/v1/txt2img` / `img2img` draws with that script:
+each of its requests is a job of the queue (its history row tagged `script_job`, which `GET /api/jobs` leaves out),
+and the job itself (`ScriptJob`) follows them: queued until the first starts, its steps counted over all of them,
+cancel / interrupt / skip passed to the one drawing (a cancel or interrupt also stops the script, as A1111's
+Interrupt does), and its pictures the script's answer (its grid first where it makes one), written as a job's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from sdlab.pipeline.png_info import save_png_atomic
+from sdlab.pipeline.request import MASKED_CONTENT, RESIZE_MODES
+from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, SelectableScript, axis_types, sdlab_field
+from sdlab.server.inputs import BadRequest, JobSpec
+from sdlab.server.jobs import Job, Unavailable
+from sdlab.server.service import Service
+from sdlab.server.store import INTERRUPTED_ERROR, StoreError
+from sdlab.server.vae_files import AUTOMATIC_VAE
+
+if TYPE_CHECKING:
+    from sdlab.server.a1111 import ScriptRun
+
+logger = logging.getLogger("sdlab.server")
+
+REQUEST_FIELDS = {      # the job's field -> A1111's request field
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed", "steps": "steps",
+    "sampler": "sampler_name", "schedule": "scheduler", "cfg_scale": "cfg_scale", "width": "width",
+    "height": "height", "batch_size": "batch_size", "batch_count": "n_iter", "eta": "eta", "tiling": "tiling",
+    "subseed": "subseed", "subseed_strength": "subseed_strength", "seed_resize_from_w": "seed_resize_from_w",
+    "seed_resize_from_h": "seed_resize_from_h", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax",
+    "s_noise": "s_noise", "s_min_uncond": "s_min_uncond", "refiner": "refiner_checkpoint",
+    "refiner_switch": "refiner_switch_at",
+}
+HIRES_FIELDS = {        # ... with the hires fix (txt2img)
+    "hr_scale": "hr_scale", "hr_width": "hr_resize_x", "hr_height": "hr_resize_y", "hr_upscaler": "hr_upscaler",
+    "hr_steps": "hr_second_pass_steps", "hr_sampler": "hr_sampler_name", "hr_schedule": "hr_scheduler",
+    "hr_prompt": "hr_prompt", "hr_negative_prompt": "hr_negative_prompt", "hr_denoise": "denoising_strength",
+}
+OPTION_FIELDS = {       # the job's field -> the A1111 option that sets it (`override_settings`)
+    "clip_skip": "CLIP_stop_at_last_layers", "rng": "randn_source", "sdxl_clip_l_skip": "sdxl_clip_l_skip",
+    "emphasis": "emphasis", "old_prompt_editing": "use_old_scheduling",
+    "downcast_alphas_cumprod": "use_downcasted_alpha_bar", "schedule_sigma_min": "sigma_min",
+    "schedule_sigma_max": "sigma_max", "schedule_rho": "rho", "discard_penultimate_sigma":
+    "always_discard_next_to_last_sigma", "beta_alpha": "beta_dist_alpha", "beta_beta": "beta_dist_beta",
+    "sgm_noise_multiplier": "sgm_noise_multiplier", "extra_noise": "img2img_extra_noise",
+    "inpainting_mask_weight": "inpainting_mask_weight", "s_min_uncond_all": "s_min_uncond_all",
+    "skip_early_cond": "skip_early_cond", "pad_cond_uncond": "pad_cond_uncond",
+    "pad_cond_uncond_v0": "pad_cond_uncond_v0", "unipc_variant": "uni_pc_variant", "unipc_order": "uni_pc_order",
+    "unipc_lower_order_final": "uni_pc_lower_order_final",
+}
+A1111_RULES = ("img2img_convention", "clip_skip_convention", "control_convention", "refiner_convention")
+"""Drawing conventions: a script draws under A1111's, which these may name (or leave at their defaults)."""
+TAKEN_APART = {"mode", "model", "vae", "loras", "init_image", "mask_image", "strength", "resize_mode", "mask_blur",
+               "invert_mask", "mask_round", "inpaint_fill", "inpaint_only_masked", "inpaint_padding",
+               "zero_terminal_snr", "eta_noise_seed_delta", "script_name", "script_args", *A1111_RULES}
+
+
+def _defaults(body: Any) -> dict[str, Any]:
+    return {name: field.get_default(call_default_factory=True) for name, field in type(body).model_fields.items()}
+
+
+def _check_script_fields(body: Any) -> None:
+    """A 422 naming the job's fields that A1111's request cannot carry (not at their defaults), or a convention
+    other than A1111's."""
+    defaults = _defaults(body)
+    known = TAKEN_APART | REQUEST_FIELDS.keys() | HIRES_FIELDS.keys() | OPTION_FIELDS.keys()
+    other = [name for name in defaults if name not in known and getattr(body, name) != defaults[name]]
+    other += [name for name in A1111_RULES if getattr(body, name) not in (defaults[name], "a1111")
+              and not (name == "img2img_convention" and body.img2img_convention == "a1111_fix_steps")]
+    if body.controls:
+        other.append("controls (send ControlNet units to /sdapi/v1 as alwayson_scripts)")
+    if other:
+        raise BadRequest(f"a script draws as A1111's API does, which has no field for: {', '.join(other)}; "
+                         "leave them out (or at A1111's rule) with a script", 422)
+
+
+def _choice_index(value: str, names: tuple[str, ...], field: str) -> int:
+    if value not in names:
+        raise BadRequest(f"{field} must be one of {', '.join(names)}, got {value!r}", 422)
+    return names.index(value)
+
+
+def _lora_tags(body: Any) -> str:
+    """The job's LoRA list as A1111's prompt tags, before its prompt (outside a prompt matrix's `|` parts)."""
+    return "".join(f"<lora:{lora.name}:{lora.weight:g}> " for lora in body.loras)
+
+
+def _options(service: Service, body: Any) -> dict[str, Any]:
+    """The job's drawing options as A1111's `override_settings`: every one the job sets (so the server's A1111
+    options do not change a native job), its model and VAE."""
+    options = {option: getattr(body, name) for name, option in OPTION_FIELDS.items()}
+    options["sd_noise_schedule"] = "Zero Terminal SNR" if body.zero_terminal_snr else "Default"
+    options["img2img_fix_steps"] = body.img2img_convention == "a1111_fix_steps"
+    options["eta_noise_seed_delta"] = body.eta_noise_seed_delta or 0
+    options["sd_model_checkpoint"] = service.checkpoint(body.model).title
+    if body.vae not in (None, *AUTOMATIC_VAE):
+        options["sd_vae"] = body.vae
+    return options
+
+
+def a1111_body(service: Service, body: Any) -> Any:
+    """The A1111 request (`a1111.Txt2ImgIn` / `Img2ImgIn`) of the native job `body`, for its script to run on."""
+    from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
+    _check_script_fields(body)
+    defaults = _defaults(body)
+    fields = {a1111_name: getattr(body, name) for name, a1111_name in REQUEST_FIELDS.items()
+              if getattr(body, name) is not None and (getattr(body, name) != defaults[name] or name == "seed")}
+    fields["prompt"] = _lora_tags(body) + body.prompt
+    if body.mode == "txt2img" and (body.hr_scale is not None or body.hr_width or body.hr_height):
+        fields.update({a1111_name: getattr(body, name) for name, a1111_name in HIRES_FIELDS.items()
+                       if getattr(body, name) is not None}, enable_hr=True)
+    fields.update(override_settings=_options(service, body), script_name=body.script_name,
+                  script_args=body.script_args)
+    if body.mode == "txt2img":
+        return a1111.Txt2ImgIn(**fields)
+    if body.init_image is None:
+        raise BadRequest(f"{body.mode} needs init_image (a base64 PNG or data URL)", 422)
+    fields.update(init_images=[body.init_image], resize_mode=_choice_index(body.resize_mode, RESIZE_MODES,
+                                                                           "resize_mode"),
+                  denoising_strength=body.strength if body.strength is not None else
+                  (1.0 if body.mode == "inpaint" else 0.75))
+    if body.mode == "inpaint":
+        if body.mask_image is None:
+            raise BadRequest("inpaint needs mask_image (white = repaint)", 422)
+        fields.update(mask=body.mask_image, mask_blur=body.mask_blur, inpainting_mask_invert=int(body.invert_mask),
+                      mask_round=body.mask_round, inpaint_full_res=body.inpaint_only_masked,
+                      inpaint_full_res_padding=body.inpaint_padding,
+                      inpainting_fill=_choice_index(body.inpaint_fill, MASKED_CONTENT, "inpaint_fill"))
+    return a1111.Img2ImgIn(**fields)
+
+
+def recorded_settings(body: Any, model: str) -> dict[str, Any]:
+    """The job's settings as its history records them: the fields it was sent with (pictures left out), its
+    mode, model and script."""
+    sent = body.model_dump(include=body.model_fields_set - {"init_image", "mask_image", "controls"})
+    return {**sent, "mode": body.mode, "model": model, "script_name": body.script_name,
+            "script_args": body.script_args}
+
+
+class ScriptJob:
+    """A job drawn by a selectable script: its `job` (never in the queue itself) follows the script's requests'
+    jobs, as `JobQueue` runs a job."""
+
+    def __init__(self, service: Service, job: Job, script: SelectableScript, body: Any) -> None:
+        self.service, self.job, self.script, self.body = service, job, script, body
+        self.run: ScriptRun | None = None
+        self.current: Job | None = None         # the request's job being drawn (or queued)
+        self.queued: asyncio.Future | None = None   # the first request's job queued: its queue position
+        self.stopped = False                    # cancelled or interrupted: no later request is drawn
+        self.steps_before = 0                   # the steps of the requests drawn before `current`
+        self.names: list[str] = []
+        self.texts: list[str] = []
+
+    # -- what the native routes do to it
+
+    def cancel(self) -> str:
+        """A1111's Interrupt of the script: the request drawing stops (its batch's pictures dropped) and no later
+        one is drawn; the job ends cancelled with what was drawn."""
+        self._stop()
+        if self.current is not None:
+            self.service.queue.cancel(self.current)
+        return self.job.status
+
+    def interrupt(self) -> bool:
+        """`cancel`, the request drawing ending with its pictures as far as they got (`JobQueue.interrupt`)."""
+        if self.job.status != "running" or self.current is None:
+            return False
+        self._stop()
+        return self.service.queue.interrupt(self.current)
+
+    def skip(self) -> bool:
+        """A1111's Skip: the batch being drawn ends so, the script goes on."""
+        return self.job.status == "running" and self.current is not None and self.service.queue.skip(self.current)
+
+    def _stop(self) -> None:
+        self.stopped = True
+        if self.run is not None:
+            self.run.interrupted = True
+
+    # -- the script's run
+
+    def on_job(self, run: ScriptRun, job: Job) -> None:
+        """A request's job is queued: tag it as this job's, follow its events."""
+        self.run, self.current = run, job
+        job.settings = {**job.settings, "script_job": self.job.id}      # a new dict: the worker may be writing it
+        if self.queued is not None and not self.queued.done():
+            self.job.settings = {**self.job.settings, "seed": job.settings.get("seed", self.job.settings.get("seed"))}
+            self.queued.set_result(self.service.queue.position(job))
+        if self.stopped:
+            run.interrupted = True
+            self.service.queue.cancel(job)
+        asyncio.get_running_loop().create_task(self._follow(run, job))
+
+    async def _follow(self, run: ScriptRun, job: Job) -> None:
+        """The request's events as this job's: started (its first), steps counted over the script's requests."""
+        events = job.subscribe(asyncio.get_running_loop())
+        try:
+            while True:
+                name, data = await events.get()
+                if name == "started" and self.job.status == "queued":
+                    self.job.status, self.job.started = "running", time.time()
+                    await asyncio.to_thread(self._save)
+                    self.job.publish("started", self.job._started_data())
+                elif name == "step":
+                    left = len(run.job_counts) - run.drawn
+                    self.job.step = self.steps_before + data["i"]
+                    self.job.steps = self.steps_before + job.steps * left
+                    self.job.preview = job.preview
+                    self.job.publish("step", {"i": self.job.step, "n": self.job.steps})
+                elif name in ("done", "failed", "cancelled"):
+                    self.steps_before += job.step
+                    return
+        finally:
+            job.unsubscribe(events)
+
+    def keep_picture(self, image: Image.Image, text: str | None) -> str:
+        """A picture of the script's answer written as this job's (`host.encode`): its file name."""
+        name = f"{self.job.id}-{len(self.names)}.png"
+        save_png_atomic(image, self.service.images_dir / name, text)
+        self.names.append(name)
+        self.texts.append(text or "")
+        return name
+
+    async def draw(self, mode: str) -> None:
+        """Run the script; the job ends done with its pictures, cancelled (with those drawn) after a cancel or an
+        interrupt, failed with its error."""
+        from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
+        prepare = a1111._txt2img_request if mode == "txt2img" else a1111._img2img_request
+        host = dataclasses.replace(a1111._script_host(self.service, prepare, self.on_job), encode=self.keep_picture)
+        status, error = "done", None
+        try:
+            await self.script.run(host, self.body, mode)
+            if self.stopped or (self.run is not None and self.run.interrupted):
+                status = "cancelled"
+        except BadRequest as err:
+            if self.queued is not None and not self.queued.done():
+                raise                           # refused before anything was queued: the submission's answer
+            status, error = ("cancelled", None) if self.stopped else ("failed", err.message)
+        except Unavailable:
+            status, error = "interrupted", INTERRUPTED_ERROR
+        except Exception as err:                # reported in the job, the server keeps serving
+            logger.exception("script job %s failed", self.job.id)
+            status, error = "failed", f"internal error: {type(err).__name__}: {err}"
+        await self._finish(status, error)
+
+    async def _finish(self, status: str, error: str | None) -> None:
+        job = self.job
+        job.images, job.infotexts = list(self.names), list(self.texts)
+        job.status, job.error, job.finished = status, error, time.time()
+        job.preview = None
+        saved = await asyncio.to_thread(self._save)
+        name, data = job.final_event() or ("failed", {"error": status})
+        job.publish(name, data)
+        job.finished_event.set()
+        if saved:
+            self.service.script_jobs.pop(job.id, None)
+
+    def _save(self) -> bool:
+        try:
+            self.service.store.save_job(self.job.record())
+            return True
+        except StoreError as err:
+            logger.error("script job %s goes on without its history row: %s", self.job.id, err)
+            return False
+
+
+async def start(service: Service, body: Any, spec: JobSpec, script: SelectableScript) -> dict[str, Any]:
+    """Start the script of the native job `body` (`spec` its request checked as a plain job's); answered once its
+    first request is queued: a refusal before that (a bad script argument, a cell the route refuses) is the
+    submission's own error."""
+    a1111_request = a1111_body(service, body)
+    model = service.checkpoint(body.model).title
+    mode = "txt2img" if body.mode == "txt2img" else "img2img"
+    job = Job(id=uuid.uuid4().hex, mode=body.mode, model=model, spec=spec, created=time.time(),
+              settings=recorded_settings(body, model))
+    running = ScriptJob(service, job, script, a1111_request)
+    running.queued = asyncio.get_running_loop().create_future()
+    service.script_jobs[job.id] = running
+    task = asyncio.create_task(running.draw(mode))
+    try:
+        await asyncio.wait([running.queued, task], return_when=asyncio.FIRST_COMPLETED)
+        if not running.queued.done():
+            task.result()                       # its refusal
+            raise BadRequest("the script queued nothing to draw", 422)
+    except BaseException:
+        service.script_jobs.pop(job.id, None)
+        raise
+    await asyncio.to_thread(running._save)
+    return {"id": job.id, "status": job.status, "position": running.queued.result()}
+
+
+def live_job(service: Service, job_id: str) -> Job | None:
+    """The job `job_id` while it is queued or running: the queue's, or a script's."""
+    running = service.script_jobs.get(job_id)
+    return running.job if running is not None else service.queue.get(job_id)
+
+
+def native_scripts() -> dict[str, Any]:
+    """The scripts each tab offers (A1111's titles and `ScriptInfo.args`) and the X/Y/Z plot axes sdlab draws,
+    each with its index in A1111's axis list of the tab (its `x_type` / `y_type` / `z_type`)."""
+    out: dict[str, Any] = {}
+    for mode, img2img in (("txt2img", False), ("img2img", True)):
+        out[mode] = {"scripts": [{"title": s.title, "args": [vars(arg) for arg in s.args(img2img)]}
+                                 for s in RUNNABLE_SCRIPTS if mode in s.modes],
+                     "axes": [{"index": i, "label": axis.label} for i, axis in enumerate(axis_types(mode))
+                              if sdlab_field(axis) is not None]}
+    return out
+

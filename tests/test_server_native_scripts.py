@@ -1,0 +1,112 @@
+"""A1111's selectable scripts on the native job API (`POST /api/jobs` with `script_name` + `script_args`,
+`sdlab.server.script_jobs`): the job's pictures are those `POST /sdapi/v1/txt2img` / `img2img` answer for the same
+request and script (the same runner draws them), its script's requests stay out of the job list, a bad script
+argument is a 422 at submission, and a cancel stops the script."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from server_fixtures import b64_png, sdlab_server  # noqa: F401  (a session fixture)
+
+NATIVE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 7, "cfg_scale": 5.0,
+          "sampler": "Euler", "width": 64, "height": 64}
+A1111 = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 7, "cfg_scale": 5.0,
+         "sampler_name": "Euler", "width": 64, "height": 64}
+XYZ_STEPS = [4, "1,3"]          # x_type 4: A1111 1.10's Steps axis in both tabs; the rest: the UI's defaults
+
+
+@pytest.fixture
+def client(sdlab_server):
+    with httpx.Client(base_url=sdlab_server.url, timeout=300) as c:
+        yield c
+
+
+def _finished(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while (job := client.get(f"/api/jobs/{job_id}").json())["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.1)
+    return job
+
+
+def _job_pictures(client: httpx.Client, job: dict) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(client.get(url).content)).convert("RGB")) for url in job["images"]]
+
+
+def _a1111_pictures(answer: httpx.Response) -> list[np.ndarray]:
+    assert answer.status_code == 200, answer.text
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in answer.json()["images"]]
+
+
+def _submitted(client: httpx.Client, body: dict) -> dict:
+    answer = client.post("/api/jobs", json=body)
+    assert answer.status_code == 202, answer.text
+    return answer.json()
+
+
+def test_xyz_plot_job_draws_the_a1111_routes_grid_and_lists_as_one_job(client) -> None:
+    args = XYZ_STEPS + [[], 0, "", [], 0, "", [], True, True]      # draw legend, include sub images
+    job = _finished(client, _submitted(client, {**NATIVE, "script_name": "X/Y/Z plot", "script_args": args})["id"])
+    assert job["status"] == "done", job
+    reference = _a1111_pictures(client.post("/sdapi/v1/txt2img", json={**A1111, "script_name": "x/y/z plot",
+                                                                       "script_args": args}))
+    pictures = _job_pictures(client, job)
+    assert len(pictures) == len(reference) == 3                     # the grid, then each cell
+    for ours, theirs in zip(pictures, reference):
+        assert ours.shape == theirs.shape and (ours == theirs).all()
+    assert "X Type: Steps" in job["infotexts"][0] and "Steps: 3" in job["infotexts"][2]
+    assert job["request"]["script_name"] == "X/Y/Z plot" and job["request"]["script_args"] == args
+    assert job["request"]["seed"] == 7 and job["steps"] == job["step"] == 4
+    listed = client.get("/api/jobs").json()["jobs"]
+    assert job["id"] in [j["id"] for j in listed]
+    assert not any("script_job" in j["request"] for j in listed)    # its cells' jobs are not listed
+
+
+def test_loopback_job_draws_the_a1111_routes_pictures(client) -> None:
+    init = b64_png(Image.new("RGB", (64, 64), (200, 80, 40)))
+    args = [2, 0.5, "Linear", "None"]
+    job = _finished(client, _submitted(client, {**NATIVE, "mode": "img2img", "init_image": init, "strength": 0.6,
+                                                "script_name": "Loopback", "script_args": args})["id"])
+    assert job["status"] == "done", job
+    reference = _a1111_pictures(client.post("/sdapi/v1/img2img", json={
+        **A1111, "init_images": [init], "denoising_strength": 0.6, "script_name": "loopback", "script_args": args}))
+    pictures = _job_pictures(client, job)
+    assert len(pictures) == len(reference) == 3                     # the loops' grid, then each loop's picture
+    for ours, theirs in zip(pictures, reference):
+        assert (ours == theirs).all()
+
+
+@pytest.mark.parametrize("body, said", [
+    ({"script_name": "X/Y/Z plot", "script_args": [999, "1,2"]}, "x_type must be 0.."),
+    ({"script_name": "X/Y/Z plot", "script_args": [4, "a,b"]}, "Steps axis"),
+    ({"script_name": "Loopback", "script_args": [2]}, "Script 'Loopback' not found"),   # img2img's only
+    ({"script_name": "no such script"}, "Script 'no such script' not found"),
+    ({"script_name": "Prompt matrix", "guidance_rescale": 0.5}, "guidance_rescale"),
+])
+def test_bad_script_requests_are_422_at_submission(client, body, said) -> None:
+    before = len(client.get("/api/jobs").json()["jobs"])
+    answer = client.post("/api/jobs", json={**NATIVE, **body})
+    assert answer.status_code == 422, answer.text
+    assert said in answer.text
+    assert len(client.get("/api/jobs").json()["jobs"]) == before
+
+
+def test_cancel_stops_the_script(client) -> None:
+    args = [4, ",".join(["40"] * 6)]                # six cells of 40 steps: cancelled long before the end
+    job_id = _submitted(client, {**NATIVE, "script_name": "X/Y/Z plot", "script_args": args})["id"]
+    deadline = time.monotonic() + 120
+    while client.get(f"/api/jobs/{job_id}").json()["step"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert client.delete(f"/api/jobs/{job_id}").json()["status"] == "running"
+    job = _finished(client, job_id, 120)
+    assert job["status"] == "cancelled" and job["step"] < 40, job
+    assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0     # nothing left queued

@@ -1,0 +1,87 @@
+"""The web UI's Script list (A1111's selectable scripts) in a real headless browser (the helpers and fixtures of
+test_webui.py): each tab lists its scripts, a script shows its own controls with A1111's labels and defaults, the
+job draws its pictures (an X/Y/Z plot's grid, a Loopback's) into the viewer and the gallery, and Reuse restores the
+script and its arguments."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
+    By, Select, base_url, browser, http_bytes, http_json, page, sdlab_server, set_value, text, value, wait, wait_job,
+)
+
+
+def _queued(page, base_url: str, prompt: str) -> str:
+    page.find_element(By.ID, "generate").click()
+    return wait(page, lambda d: [j["id"] for j in http_json(base_url, "/api/jobs")["jobs"]
+                                 if j["request"].get("prompt") == prompt and j["request"].get("script_name")], 30,
+                f"no job queued; error: {text(page, 'error')}")[0]
+
+
+def test_each_tab_lists_its_scripts_and_shows_the_chosen_ones_controls(page):
+    script = Select(page.find_element(By.ID, "script"))
+    assert [o.text for o in script.options] == ["None", "Prompt Matrix", "Prompts from file or textbox", "X/Y/Z plot"]
+    script.select_by_visible_text("X/Y/Z plot")
+    assert page.find_element(By.ID, "xyz_x_type").is_displayed()
+    assert Select(page.find_element(By.ID, "xyz_x_type")).first_selected_option.text == "Steps"
+    assert Select(page.find_element(By.ID, "xyz_y_type")).first_selected_option.text == "Nothing"
+    assert page.find_element(By.ID, "xyz_draw_legend").is_selected()
+    assert not page.find_element(By.ID, "lb_loops").is_displayed()
+    page.find_element(By.ID, "tab-img2img").click()
+    assert [o.text for o in script.options] == ["None", "Loopback", "Outpainting mk2", "Poor man's outpainting",
+                                                "Prompt Matrix", "Prompts from file or textbox", "SD upscale",
+                                                "X/Y/Z plot"]
+    assert script.first_selected_option.text == "X/Y/Z plot"     # kept over the tab change
+    assert Select(page.find_element(By.ID, "xyz_x_type")).first_selected_option.text == "Steps"
+    script.select_by_visible_text("Loopback")
+    assert (value(page, "lb_loops"), value(page, "lb_final_denoising_strength")) == ("4", "0.5")
+    assert Select(page.find_element(By.ID, "lb_denoising_curve")).first_selected_option.text == "Linear"
+    page.find_element(By.ID, "tab-txt2img").click()
+    assert script.first_selected_option.text == "None"           # txt2img has no Loopback
+
+
+def test_xyz_plot_with_a_steps_axis_draws_its_grid_into_the_viewer_and_gallery(page, base_url):
+    prompt = "a blue circle (x/y/z)"
+    set_value(page, "prompt", prompt)
+    set_value(page, "seed", 5)
+    Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
+    set_value(page, "xyz_x_values", "1,2")
+    job_id = _queued(page, base_url, prompt)
+    job = wait_job(base_url, job_id)
+    assert job["status"] == "done" and len(job["images"]) == 1, job
+    assert job["request"]["script_name"] == "X/Y/Z plot" and job["request"]["script_args"][:2] == [4, "1,2"]
+    assert "X Type: Steps, X Values: \"1,2\"" in job["infotexts"][0] or "X Values: 1,2" in job["infotexts"][0]
+    grid = Image.open(io.BytesIO(http_bytes(base_url, job["images"][0])))
+    assert grid.width == 2 * 64 and grid.height > 64                # two cells and the legend above them
+    wait(page, lambda d: text(d, "progress-text").startswith("Done"), 60, "the job is not shown done")
+    assert len(page.find_elements(By.CSS_SELECTOR, "#results img")) == 1
+    card = f'#gallery [data-job-id="{job_id}"]'
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} img"), 20, "the gallery lacks the grid")
+    assert len(page.find_elements(By.CSS_SELECTOR, "#gallery .card")) == len(
+        [j for j in http_json(base_url, "/api/jobs")["jobs"] if j["status"] not in ("queued", "running")])
+
+    set_value(page, "xyz_x_values", "")
+    Select(page.find_element(By.ID, "script")).select_by_visible_text("None")
+    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+    assert Select(page.find_element(By.ID, "script")).first_selected_option.text == "X/Y/Z plot"
+    assert value(page, "xyz_x_values") == "1,2" and text(page, "notice") == ""
+
+
+def test_loopback_of_two_loops_from_the_img2img_tab(page, base_url, tmp_path):
+    path = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (200, 80, 40)).save(path)
+    page.find_element(By.ID, "tab-img2img").click()
+    page.find_element(By.ID, "init-image").send_keys(str(path))
+    prompt = "an orange square (loopback)"
+    set_value(page, "prompt", prompt)
+    set_value(page, "steps", 2)
+    Select(page.find_element(By.ID, "script")).select_by_visible_text("Loopback")
+    set_value(page, "lb_loops", 2)
+    job_id = _queued(page, base_url, prompt)
+    job = wait_job(base_url, job_id)
+    assert job["status"] == "done" and len(job["images"]) == 3, job     # the loops' grid, then each loop's picture
+    assert job["request"]["script_args"] == [2, 0.5, "Linear", "None"]
+    wait(page, lambda d: text(d, "progress-text").startswith("Done"), 60, "the job is not shown done")
+    assert len(page.find_elements(By.CSS_SELECTOR, "#results img")) == 3
