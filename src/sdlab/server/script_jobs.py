@@ -316,4 +316,3 @@ def native_scripts() -> dict[str, Any]:
                      "axes": [{"index": i, "label": axis.label} for i, axis in enumerate(axis_types(mode))
                               if sdlab_field(axis) is not None]}
     return out
-
