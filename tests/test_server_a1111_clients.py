@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, picture, sdlab_server  # noqa: F401  (sdlab_server: a session fixture)
 
 BASE = {"steps": 3, "width": 64, "height": 64}
 
@@ -32,14 +32,8 @@ def post(client: httpx.Client, route: str, **fields) -> tuple[dict, dict]:
     return body, json.loads(body["info"])
 
 
-def picture(body: dict) -> np.ndarray:
+def pixels(body: dict) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))))
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 # ---------------------------------------------------------------- the infotext field (A1111 1.10 apply_infotext)
@@ -58,7 +52,7 @@ def test_infotext_fills_the_txt2img_fields_left_unset_as_a1111s_apply_infotext(c
     assert (info["prompt"], info["negative_prompt"], info["steps"], info["cfg_scale"], info["seed"]) == (
         "a dog", "blurry", 3, 5.0, 9)
     assert info["sampler_name"] == "Euler" and info["extra_generation_params"]["Schedule type"] == "Karras"
-    assert info["clip_skip"] == 2 and np.array_equal(picture(filled), picture(asked))
+    assert info["clip_skip"] == 2 and np.array_equal(pixels(filled), pixels(asked))
     assert filled["parameters"]["prompt"] == "a dog" and filled["parameters"]["infotext"] == TEXT
 
 
@@ -72,13 +66,13 @@ def test_an_infotext_without_rng_draws_a1111s_gpu_noise(client):
     filled, _ = post(client, "/txt2img", infotext="a dog\nSteps: 3, Sampler: Euler, Seed: 9, Size: 64x64")
     asked, _ = post(client, "/txt2img", prompt="a dog", steps=3, sampler_name="Euler", seed=9, width=64, height=64,
                     override_settings={"randn_source": "GPU"})
-    assert np.array_equal(picture(filled), picture(asked))
+    assert np.array_equal(pixels(filled), pixels(asked))
 
 
 def test_img2img_takes_only_a1111s_script_fields_from_its_infotext(client):
     """A1111 1.10's img2img paste fields name no API field but its scripts' (steps, sampler, seed, ...): the
     prompt stays the request's."""
-    init = png_b64(Image.new("RGB", (64, 64), (90, 20, 200)))
+    init = b64_png(Image.new("RGB", (64, 64), (90, 20, 200)))
     _, info = post(client, "/img2img", init_images=[init], prompt="a cat", infotext=TEXT, width=64, height=64)
     assert (info["prompt"], info["steps"], info["seed"], info["sampler_name"]) == ("a cat", 3, 9, "Euler")
 
@@ -92,7 +86,7 @@ def test_an_infotexts_eta_sets_a1111s_eta_ancestral_option(client):
     filled, _ = post(client, "/txt2img", infotext=info["infotexts"][0])
     by_option, _ = post(client, "/txt2img", prompt="a dog", sampler_name="Euler a", seed=9, **BASE,
                         override_settings={"eta_ancestral": 0.5})
-    assert np.array_equal(picture(filled), picture(asked)) and np.array_equal(picture(by_option), picture(asked))
+    assert np.array_equal(pixels(filled), pixels(asked)) and np.array_equal(pixels(by_option), pixels(asked))
     assert filled["parameters"]["override_settings"]["eta_ancestral"] == 0.5
     assert client.get("/options").json()["eta_ancestral"] == 1.0
 
@@ -107,7 +101,7 @@ def test_an_infotexts_refiner_is_read_as_a1111s_refiner_script(client, tab):
     model = client.get("/sd-models").json()[0]
     fields = {"prompt": "a dog", "width": 64, "height": 64}
     if tab == "img2img":
-        fields["init_images"] = [png_b64(Image.new("RGB", (64, 64), (90, 20, 200)))]
+        fields["init_images"] = [b64_png(Image.new("RGB", (64, 64), (90, 20, 200)))]
     text = "a dog\nSteps: 3, Sampler: Euler, Seed: 9, Size: 64x64, RNG: CPU, Refiner: {}, Refiner switch at: 0.5"
     for written in (f"{model['model_name']} [{model['hash']}]", f"{model['model_name']} [0123456789]"):
         filled, info = post(client, f"/{tab}", infotext=text.format(written), **fields)
@@ -115,7 +109,7 @@ def test_an_infotexts_refiner_is_read_as_a1111s_refiner_script(client, tab):
             model["title"], 0.5)
     asked, _ = post(client, f"/{tab}", steps=3, sampler_name="Euler", seed=9, refiner_checkpoint=model["title"],
                     refiner_switch_at=0.5, **fields)
-    assert np.array_equal(picture(filled), picture(asked)) and info["infotexts"] == json.loads(asked["info"])["infotexts"]
+    assert np.array_equal(pixels(filled), pixels(asked)) and info["infotexts"] == json.loads(asked["info"])["infotexts"]
     unknown, _ = post(client, f"/{tab}", infotext=text.format("juggernautXL_v9 [0123456789]"), **fields)
     assert unknown["parameters"]["refiner_checkpoint"] is None
 
@@ -155,7 +149,7 @@ def test_an_override_checkpoint_not_in_the_list_draws_with_the_selected_model(cl
         body, info = post(client, "/txt2img", prompt="a cat", seed=5, **BASE,
                           override_settings={"sd_model_checkpoint": "juggernautXL_v9.safetensors"},
                           override_settings_restore_afterwards=restore)
-        assert np.array_equal(picture(body), picture(plain)) and "juggernaut" not in info["sd_model_name"]
+        assert np.array_equal(pixels(body), pixels(plain)) and "juggernaut" not in info["sd_model_name"]
     assert "juggernaut" not in client.get("/options").json()["sd_model_checkpoint"]
 
 
@@ -165,7 +159,7 @@ def test_an_sd_vae_of_no_vae_file_draws_with_the_checkpoints_vae(client, vae):
     None instead") and draws with the checkpoint's own: before, a 400 for null, "" and a name."""
     plain, _ = post(client, "/txt2img", prompt="a cat", seed=5, **BASE)
     body, _ = post(client, "/txt2img", prompt="a cat", seed=5, **BASE, override_settings={"sd_vae": vae})
-    assert np.array_equal(picture(body), picture(plain))
+    assert np.array_equal(pixels(body), pixels(plain))
 
 
 # ---------------------------------------------------------------- info.extra_generation_params
@@ -233,16 +227,16 @@ def test_detect_runs_sdlabs_preprocessors_in_the_extensions_shape(cn):
 
     image = Image.new("RGB", (64, 48), "black")
     ImageDraw.Draw(image).rectangle([10, 10, 40, 30], outline="white", width=3)
-    answer = cn.post("/detect", json={"controlnet_module": "canny", "controlnet_input_images": [png_b64(image)] * 2,
+    answer = cn.post("/detect", json={"controlnet_module": "canny", "controlnet_input_images": [b64_png(image)] * 2,
                                       "controlnet_threshold_a": 50, "controlnet_threshold_b": -1})
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["info"] == "Success" and len(body["images"]) == 2
-    drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).convert("RGB"))
+    drawn = np.asarray(picture(body["images"][0]))
     assert np.array_equal(drawn, np.asarray(preprocess(image, "canny", 50, None)))
     inverted = cn.post("/detect", json={"controlnet_module": "invert (from white bg & black line)",
-                                        "controlnet_input_images": [png_b64(image)]}).json()["images"][0]
-    assert np.asarray(Image.open(io.BytesIO(base64.b64decode(inverted))).convert("RGB"))[0, 0].tolist() == [255] * 3
+                                        "controlnet_input_images": [b64_png(image)]}).json()["images"][0]
+    assert np.asarray(picture(inverted))[0, 0].tolist() == [255] * 3
 
 
 @pytest.mark.parametrize("module, a, b", [
@@ -261,10 +255,10 @@ def test_detect_resets_thresholds_outside_their_sliders_as_the_extension(cn, mod
     image = Image.new("RGB", (64, 64), "black")
     for i in range(0, 64, 8):
         ImageDraw.Draw(image).line([(i, 0), (63 - i, 63)], fill=(255, 255 - 3 * i, 4 * i), width=2)
-    answer = cn.post("/detect", json={"controlnet_module": module, "controlnet_input_images": [png_b64(image)],
+    answer = cn.post("/detect", json={"controlnet_module": module, "controlnet_input_images": [b64_png(image)],
                                       "controlnet_threshold_a": a, "controlnet_threshold_b": b})
     assert answer.status_code == 200, answer.text
-    drawn = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0]))).convert("RGB"))
+    drawn = np.asarray(picture(answer.json()["images"][0]))
     assert np.array_equal(drawn, np.asarray(preprocess(image, module, *checked)))
 
 

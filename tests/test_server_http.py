@@ -16,7 +16,7 @@ from PIL import Image
 
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.png_info import model_hash
-from server_fixtures import sdlab_server  # noqa: F401  (fixture)
+from server_fixtures import b64_png, picture, sdlab_server  # noqa: F401  (sdlab_server: a fixture)
 
 FINAL = ("done", "failed", "cancelled", "interrupted")
 LONG = {"prompt": "a slow one", "steps": 150, "width": 64, "height": 64}
@@ -26,12 +26,6 @@ LONG = {"prompt": "a slow one", "steps": 150, "width": 64, "height": 64}
 def client(sdlab_server):
     with httpx.Client(base_url=sdlab_server.url, timeout=120) as c:
         yield c
-
-
-def png_b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def wait(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
@@ -124,14 +118,14 @@ def test_a1111_img2img_and_inpaint(client):
     init = Image.new("RGB", (64, 64), (200, 30, 30))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (16, 16, 48, 48))
-    common = {"prompt": "a pear", "steps": 4, "seed": 1, "denoising_strength": 0.6, "init_images": [png_b64(init)]}
+    common = {"prompt": "a pear", "steps": 4, "seed": 1, "denoising_strength": 0.6, "init_images": [b64_png(init)]}
     plain = client.post("/sdapi/v1/img2img", json=common)
     assert plain.status_code == 200, plain.text
     assert json.loads(plain.json()["info"])["denoising_strength"] == 0.6
-    painted = client.post("/sdapi/v1/img2img", json={**common, "mask": png_b64(mask), "mask_blur": 0})
+    painted = client.post("/sdapi/v1/img2img", json={**common, "mask": b64_png(mask), "mask_blur": 0})
     assert painted.status_code == 200, painted.text
-    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(painted.json()["images"][0]))).convert("RGB"))
-    assert (picture[:8, :8] == (200, 30, 30)).all()          # outside the mask: the original, pasted back
+    drawn = np.asarray(picture(painted.json()["images"][0]))
+    assert (drawn[:8, :8] == (200, 30, 30)).all()          # outside the mask: the original, pasted back
     assert client.post("/sdapi/v1/img2img", json={"prompt": "x"}).status_code == 422
 
 
@@ -228,9 +222,9 @@ def test_native_img2img_and_inpaint(client):
     init = Image.new("RGB", (64, 64), (20, 160, 40))
     mask = Image.new("L", (64, 64), 0)
     mask.paste(255, (0, 0, 32, 64))
-    for mode, extra in (("img2img", {}), ("inpaint", {"mask_image": "data:image/png;base64," + png_b64(mask)})):
+    for mode, extra in (("img2img", {}), ("inpaint", {"mask_image": "data:image/png;base64," + b64_png(mask)})):
         created = client.post("/api/jobs", json={"mode": mode, "prompt": "grass", "steps": 4, "strength": 0.5,
-                                                 "init_image": png_b64(init), **extra})
+                                                 "init_image": b64_png(init), **extra})
         assert created.status_code == 202, created.text
         job = wait(client, created.json()["id"])
         assert job["status"] == "done" and job["mode"] == mode and job["request"]["strength"] == 0.5
@@ -244,7 +238,7 @@ def test_a_jobs_record_draws_it_again_a_comfyui_spelt_one_too(client, mode):
     (every field of it the API has, the init picture aside) draws the same picture."""
     from sdlab.server.native import JobIn
 
-    extra = {"mode": "img2img", "strength": 0.5, "init_image": png_b64(Image.new("RGB", (64, 64), (20, 160, 40)))}
+    extra = {"mode": "img2img", "strength": 0.5, "init_image": b64_png(Image.new("RGB", (64, 64), (20, 160, 40)))}
     first = wait(client, client.post("/api/jobs", json={"prompt": "a redraw", "steps": 3, "seed": 5,
                                                         "sampler": "euler_ancestral",
                                                         **(extra if mode == "img2img" else {})}).json()["id"])

@@ -14,18 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_fixtures import start_server, wait_for_job
+from server_fixtures import b64_png, picture, start_server, wait_for_job
 from sdlab.pipeline.inpaint_area import inpaint_region
 from sdlab.pipeline.overlay import blurred_mask
 from sdlab.server.a1111 import Img2ImgIn, _check_init_count, _request
 from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest
-
-
-def _b64(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def _picture() -> Image.Image:
@@ -39,7 +33,8 @@ def _mask() -> Image.Image:
 
 
 def _body(**fields) -> dict:
-    return {"prompt": "x", "steps": 2, "seed": 1, "init_images": [_b64(_picture())], "mask": _b64(_mask()), **fields}
+    return {"prompt": "x", "steps": 2, "seed": 1, "init_images": [b64_png(_picture())], "mask": b64_png(_mask()),
+            **fields}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,7 +79,7 @@ def test_a1111_bad_values_are_a_422(fields, message):
 def test_a1111_latent_mask_with_a_mask_is_a_422_and_without_one_ignored():
     """A1111's API passes latent_mask on as the base64 string it was sent (it decodes `mask` alone), so with a mask
     its `init` fails on it (``masking.fill(image, latent_mask)``, ``latent_mask.convert``); without, it is unused."""
-    body = Img2ImgIn(prompt="x", latent_mask=_b64(_mask()))
+    body = Img2ImgIn(prompt="x", latent_mask=b64_png(_mask()))
     with pytest.raises(BadRequest) as err:
         _request(body, inits=(_picture(),), mask=_mask())
     assert err.value.status == 422 and err.value.message.startswith("latent_mask is not drawn")
@@ -109,7 +104,7 @@ def test_a1111_inpainting_with_default_fields_fills_and_draws_only_the_masked_re
     assert response.status_code == 200, response.text
     infotext = json.loads(response.json()["info"])["infotexts"][0]
     assert "Inpaint area: Only masked, Masked area padding: 0, Masked content: fill" in infotext
-    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB"))
+    out = np.asarray(picture(response.json()["images"][0]))
     assert out.shape == (64, 64, 3)                                          # the picture's size, not 32 x 32
     x1, y1, x2, y2 = inpaint_region(blurred_mask(_mask(), 4.0), 0, (32, 32))   # A1111's mask_blur default: 4
     assert (x2 - x1, y2 - y1) < (64, 64)
@@ -133,8 +128,8 @@ def test_a1111_bad_masked_content_is_a_422(client):
 
 
 def test_native_api_takes_the_request_fields(client):
-    job = {"mode": "inpaint", "prompt": "x", "steps": 2, "seed": 1, "init_image": _b64(_picture()),
-           "mask_image": _b64(_mask()), "inpaint_fill": "latent nothing", "inpaint_only_masked": True,
+    job = {"mode": "inpaint", "prompt": "x", "steps": 2, "seed": 1, "init_image": b64_png(_picture()),
+           "mask_image": b64_png(_mask()), "inpaint_fill": "latent nothing", "inpaint_only_masked": True,
            "inpaint_padding": 8, "resize_mode": "crop", "width": 32, "height": 32}
     created = client.post("/api/jobs", json=job)
     assert created.status_code == 202, created.text
@@ -146,10 +141,10 @@ def test_native_api_takes_the_request_fields(client):
 
 
 def test_native_invert_mask_repaints_the_black_part(client):
-    job = {"mode": "inpaint", "prompt": "x", "steps": 2, "seed": 1, "init_image": _b64(_picture())}
+    job = {"mode": "inpaint", "prompt": "x", "steps": 2, "seed": 1, "init_image": b64_png(_picture())}
     drawn = []
     for mask, invert in ((_mask(), True), (Image.eval(_mask(), lambda v: 255 - v), False)):
-        created = client.post("/api/jobs", json={**job, "mask_image": _b64(mask), "invert_mask": invert})
+        created = client.post("/api/jobs", json={**job, "mask_image": b64_png(mask), "invert_mask": invert})
         assert created.status_code == 202, created.text
         done = wait_for_job(client, created.json()["id"])
         assert done["status"] == "done" and done["request"]["invert_mask"] is invert, done
@@ -163,8 +158,8 @@ def test_native_mask_round_false_repaints_a_semi_transparent_mask(client):
     repaints at its own level."""
     brush = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     brush.paste((255, 255, 255, 90), (36, 8, 52, 20))
-    job = {"mode": "inpaint", "prompt": "x", "steps": 2, "seed": 1, "init_image": _b64(_picture()),
-           "mask_image": _b64(brush), "img2img_convention": "a1111"}
+    job = {"mode": "inpaint", "prompt": "x", "steps": 2, "seed": 1, "init_image": b64_png(_picture()),
+           "mask_image": b64_png(brush), "img2img_convention": "a1111"}
     drawn = {}
     for mask_round in (True, False):
         created = client.post("/api/jobs", json={**job, "mask_round": mask_round})
@@ -207,11 +202,11 @@ def test_a1111_several_init_images_make_the_batch_and_more_than_batch_size_is_a_
 
 def test_a1111_each_init_image_draws_its_own_picture(client):
     green = Image.new("RGB", (64, 64), (0, 200, 0))
-    response = client.post("/sdapi/v1/img2img", json=_body(init_images=[_b64(_picture()), _b64(green)], batch_size=2,
-                                                           inpaint_full_res=False))
+    response = client.post("/sdapi/v1/img2img", json=_body(init_images=[b64_png(_picture()), b64_png(green)],
+                                                           batch_size=2, inpaint_full_res=False))
     assert response.status_code == 200, response.text
     outside = np.asarray(blurred_mask(_mask(), 4.0)) == 0
-    pictures = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in response.json()["images"]]
+    pictures = [np.asarray(picture(b)) for b in response.json()["images"]]
     assert np.array_equal(pictures[0][outside], np.asarray(_picture())[outside])
     assert np.array_equal(pictures[1][outside], np.asarray(green)[outside])
     assert json.loads(response.json()["info"])["batch_size"] == 2
@@ -224,11 +219,10 @@ def test_a1111_init_images_of_several_sizes_are_each_resized_to_width_x_height(c
     wide = Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8))
     body = {"prompt": "x", "steps": 2, "seed": 1, "width": 64, "height": 64, "resize_mode": resize_mode}
     response = client.post("/sdapi/v1/img2img", json={**body, "batch_size": 2,
-                                                      "init_images": [_b64(_picture()), _b64(wide)]})
+                                                      "init_images": [b64_png(_picture()), b64_png(wide)]})
     assert response.status_code == 200, response.text
-    alone = client.post("/sdapi/v1/img2img", json={**body, "seed": 2, "init_images": [_b64(wide)]})
-    pictures = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")).astype(int)
-                for b in response.json()["images"] + alone.json()["images"]]
+    alone = client.post("/sdapi/v1/img2img", json={**body, "seed": 2, "init_images": [b64_png(wide)]})
+    pictures = [np.asarray(picture(b)).astype(int) for b in response.json()["images"] + alone.json()["images"]]
     assert [p.shape for p in pictures] == [(64, 64, 3)] * 3 and np.abs(pictures[1] - pictures[2]).max() <= 1
 
 
@@ -236,15 +230,15 @@ def test_a1111_img2img_without_a_size_draws_at_the_models_default_size(client):
     """docs/server.md: unset width / height take the loaded model's defaults (64 px for the shipped model), as
     A1111's API takes its 512 for any init image; the native API keeps the init image's size."""
     wide = Image.fromarray(np.random.default_rng(2).integers(0, 256, (40, 96, 3), dtype=np.uint8))
-    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "init_images": [_b64(wide)]})
+    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "init_images": [b64_png(wide)]})
     assert response.status_code == 200, response.text
     info = json.loads(response.json()["info"])
     assert (info["width"], info["height"]) == (64, 64) and "Size: 64x64" in info["infotexts"][0]
     assert Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).size == (64, 64)
     mixed = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "batch_size": 2,
-                                                   "init_images": [_b64(wide), _b64(_picture())]})
+                                                   "init_images": [b64_png(wide), b64_png(_picture())]})
     assert mixed.status_code == 200, mixed.text
-    native = client.post("/api/jobs", json={"mode": "img2img", "prompt": "x", "steps": 2, "init_image": _b64(wide)})
+    native = client.post("/api/jobs", json={"mode": "img2img", "prompt": "x", "steps": 2, "init_image": b64_png(wide)})
     job = wait_for_job(client, native.json()["id"])
     assert (job["request"]["width"], job["request"]["height"]) == (96, 40)
 
@@ -253,7 +247,7 @@ def test_a1111_latent_resize_of_init_images_of_several_sizes_is_a_400_naming_it(
     wide = Image.new("RGB", (96, 64), (0, 200, 0))
     response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "batch_size": 2, "resize_mode": 3,
                                                       "width": 64, "height": 64,
-                                                      "init_images": [_b64(_picture()), _b64(wide)]})
+                                                      "init_images": [b64_png(_picture()), b64_png(wide)]})
     assert response.status_code == 400 and "resize mode 'latent' encodes each init image at its own size" in response.text
 
 

@@ -21,16 +21,10 @@ from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.a1111_scripts import axis_types
 from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, check_request
-from server_fixtures import start_server
+from server_fixtures import b64_png, start_server
 
 BASE = {"prompt": "a red apple", "steps": 2, "seed": 7, "cfg_scale": 5.0, "sampler_name": "Euler", "width": 64,
         "height": 64}
-
-
-def b64_png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 INIT = b64_png(Image.fromarray(np.full((64, 64, 3), 120, dtype=np.uint8)))
