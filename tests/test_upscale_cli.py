@@ -58,6 +58,23 @@ def test_model_scale_by_default_and_parameters_kept(tmp_path, picture, x4_model,
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []      # no temporary left
 
 
+def test_dtype_auto_is_fp32_for_an_upscaler(tmp_path, picture, x4_model, capsys, monkeypatch) -> None:
+    """--dtype auto, the default as for the other commands, keeps an upscaler in fp32 (README: bf16 moved a
+    Real-ESRGAN-size RRDBNet's pixels by up to 9/255); a named dtype is taken as given."""
+    import sdlab.checkpoints.upscaler as upscaler_module
+
+    asked = []
+    real_load = upscaler_module.load_upscaler
+    monkeypatch.setattr(upscaler_module, "load_upscaler",
+                        lambda *args, dtype, **kwargs: asked.append(dtype) or real_load(*args, dtype=dtype, **kwargs))
+    for flags in ([], ["--dtype", "auto"], ["--dtype", "bf16"]):
+        out = tmp_path / f"out{len(asked)}.png"
+        code, _, err = run(["upscale", str(picture), "--model", str(x4_model), "--out", str(out), *flags], capsys)
+        assert code == 0, err
+    assert asked == [torch.float32, torch.float32, torch.bfloat16]
+    assert np.array_equal(pixels(tmp_path / "out0.png"), pixels(tmp_path / "out1.png"))
+
+
 def test_other_scale_is_model_then_lanczos(tmp_path, picture, x2_model, capsys) -> None:
     out = tmp_path / "x3.webp"
     code, _, err = run(["upscale", str(picture), "--model", str(x2_model), "--scale", "3", "--tile", "0", "--out", str(out)], capsys)
