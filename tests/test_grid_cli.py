@@ -536,3 +536,24 @@ def test_grid_help_points_at_no_option_it_lacks() -> None:
         texts = {action.dest: action.help or "" for action in commands[command]._actions}
         assert all("--from-png" in texts[dest] for dest in ("refiner_switch", "clip_skip", "tiling", "lora_dir")), command
     assert "--from-png" in {action.dest: action.help for action in commands["img2img"]._actions}["strength"]
+
+
+def test_a_size_axis_draws_each_cell_at_its_size_as_txt2img(tmp_path: Path, capsys) -> None:
+    """A1111's Size axis (`apply_size`: "WIDTHxHEIGHT" into p.width / p.height), labelled `Size: <value>`."""
+    cells = tmp_path / "cells"
+    code, _, err = run(["grid", PROMPT, "--x", "Size=64x32, 32 x 64", "--steps", "2", "--seed", "7",
+                        "--out", str(tmp_path / "g.png"), "--keep-cells", str(cells), "--no-progress"], capsys)
+    assert code == 0, err
+    for i, (width, height) in enumerate(((64, 32), (32, 64))):
+        want = _txt2img(tmp_path, capsys, f"single-{i}.png", PROMPT, "--steps", "2", "--seed", "7", "--width",
+                        str(width), "--height", str(height))
+        assert np.array_equal(pixels(cells / f"{i:03d}-x{i}-y0-z0.png"), want)
+    assert parse_axis("Size=64x32, 32 x 64").labels == ("Size: 64x32", "Size: 32 x 64")
+    assert parse_parameters(read_parameters(tmp_path / "g.png"))["X Type"] == "Size"
+
+
+@pytest.mark.parametrize("axis", ["Checkpoint name=a.safetensors", "VAE=None", "Refiner switch at=0.5"])
+def test_model_axes_are_the_servers(tmp_path: Path, capsys, axis: str) -> None:
+    code, _, err = run(["grid", PROMPT, "--x", axis, "--out", str(tmp_path / "g.png"), "--no-progress"], capsys)
+    assert code == 2 and "the server's X/Y/Z plot (sdlab serve) draws these axes" in err, err
+    assert list(tmp_path.iterdir()) == []

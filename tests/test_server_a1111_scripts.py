@@ -47,7 +47,8 @@ SDLAB_AXES = {
     "Initial noise multiplier": "noise_multiplier", "Extra noise": "extra_noise", "Hires upscaler": "hr_upscaler",
     "Cond. Image Mask Weight": "inpainting_mask_weight", "UniPC Order": "unipc_order",
     "Always discard next-to-last sigma": "discard_penultimate_sigma", "SGM noise multiplier": "sgm_noise_multiplier",
-    "RNG source": "rng",
+    "RNG source": "rng", "Checkpoint name": "checkpoint", "VAE": "vae", "Refiner checkpoint": "refiner",
+    "Refiner switch at": "refiner_switch", "Size": "size",
 }
 XYZ_ARGS = ["x_type", "x_values", "x_values_dropdown", "y_type", "y_values", "y_values_dropdown", "z_type",
             "z_values", "z_values_dropdown", "draw_legend", "include_lone_images", "include_sub_grids",
@@ -95,7 +96,7 @@ def test_axis_indexes_are_a1111s_for_the_tab(mode: str) -> None:
 
 def test_every_axis_sdlab_draws_sets_an_a1111_field_or_option() -> None:
     """The request field of each axis sdlab draws goes where A1111's `apply_field` / `apply_override` put it."""
-    set_fields = {*BODY_FIELDS, *OPTION_FIELDS, "nothing", "prompt_order"}
+    set_fields = {*BODY_FIELDS, *OPTION_FIELDS, "nothing", "prompt_order", "size"}     # Size: width and height
     assert set(SDLAB_AXES.values()) <= set_fields
     assert not set(BODY_FIELDS) & set(OPTION_FIELDS)
 
@@ -225,8 +226,8 @@ def test_img2img_cells_are_single_img2img_requests(client) -> None:
 
 
 @pytest.mark.parametrize("args, message", [
-    (xyz_args(x_type=index_of("Checkpoint name"), x_values="a"), "x_type 11 is A1111's 'Checkpoint name' axis"),
-    (xyz_args(x_type=index_of("Size"), x_values="64x64"), "x_type 41 is A1111's 'Size' axis"),
+    (xyz_args(x_type=index_of("Face restore"), x_values="a"), "x_type 32 is A1111's 'Face restore' axis"),
+    (xyz_args(x_type=index_of("FP8 mode"), x_values="Enable"), "x_type 40 is A1111's 'FP8 mode' axis"),
     (xyz_args(x_values="1", y_type=44, y_values="1"), "y_type must be 0..41"),
     (xyz_args(x_type=index_of("Steps"), x_values="1,x"), "'x' is not an integer"),
     (xyz_args(x_type=index_of("Sampler"), x_values="Euler"), "x_values_dropdown (csv_mode false): no values"),

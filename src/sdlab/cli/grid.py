@@ -124,7 +124,7 @@ def _prompt_matrix(args: argparse.Namespace):
 
 def _plot(args: argparse.Namespace):
     """The axes given as a `Plot` (or --prompt-matrix's `PromptMatrix`); errors before any work."""
-    from sdlab.pipeline.grid import GridError, Plot, cell_count, parse_axis
+    from sdlab.pipeline.grid import MODEL_FIELDS, GridError, Plot, cell_count, parse_axis
 
     if not 0 <= args.margin <= MAX_MARGIN:
         raise UserError(f"--margin must be 0 to {MAX_MARGIN} pixels, got {args.margin}")
@@ -144,6 +144,9 @@ def _plot(args: argparse.Namespace):
         cell_count(list(axes.values()))
     except GridError as err:
         raise UserError(str(err)) from None
+    if model_axes := [axis.field.type_name for axis in axes.values() if axis.field.name in MODEL_FIELDS]:
+        raise UserError(f"{', '.join(model_axes)}: sdlab grid draws every cell with the one --model (--vae, "
+                        "--refiner, --refiner-switch); the server's X/Y/Z plot (sdlab serve) draws these axes")
     hires_axes = [axis.field.name for axis in axes.values() if axis.field.name.startswith("hr_")]
     if args.init and hires_axes:
         raise UserError(f"{', '.join(hires_axes)}: the hires fix is txt2img's; a grid with --init draws img2img cells")

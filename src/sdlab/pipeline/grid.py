@@ -38,7 +38,17 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Always discard next-to-last sigma      | discard_penultimate_sigma (True / False) |              |
 | SGM noise multiplier                   | sgm_noise_multiplier (True / False)  |                  |
 | RNG source                             | rng (CPU, GPU, NV)                   |                  |
+| Checkpoint name (model)                | checkpoint: the model the cell draws with | its file name alone |
+| VAE                                    | vae: a VAE, None (the model's own) or Automatic (the one near it) |  |
+| Refiner checkpoint, Refiner switch at  | refiner (None: none), refiner_switch (in (0, 1)) | Refiner checkpoint: its file name alone |
+| Size                                   | width and height (`512x768`, as A1111's `apply_size`) |    |
 | Width, Height (sdlab's own)            | width, height                        |                  |
+
+Checkpoint name, VAE, Refiner checkpoint and Refiner switch at (`MODEL_FIELDS`) are no request fields but what
+a cell loads and draws with (`model_options` splits them off): the server's X/Y/Z plot draws them, each cell with
+its model, in A1111's order (`Plot.drawing_order`: the costliest axis, Checkpoint name, outermost, so that its
+model changes least); `draw_plot`, which draws every cell with one `run`, and `sdlab grid`, with its one --model,
+refuse them.
 
 Prompt S/R (A1111): the first value is searched in the prompt and the negative prompt (and SDXL's prompt_2 /
 negative_prompt_2, which A1111 lacks: every prompt text), and each value in turn replaces it there (so the first
@@ -70,7 +80,7 @@ import subprocess
 from dataclasses import dataclass, replace
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
-from itertools import chain, permutations
+from itertools import chain, permutations, product
 from typing import Any
 
 import numpy as np
@@ -142,6 +152,26 @@ def _unipc_order(options: dict[str, Any], value: int, values: tuple[int, ...]) -
     return {**options, "unipc_order": value if steps is None else max(1, min(value, steps - 1))}
 
 
+_SIZE = re.compile(r"\s*(\d+)\s*[xX]\s*(\d+)\s*")
+
+
+def _set_size(options: dict[str, Any], value: str, values: tuple[str, ...]) -> dict[str, Any]:
+    """A1111's `apply_size`: "WIDTHxHEIGHT" into the width and the height."""
+    width, height = map(int, _SIZE.fullmatch(value).groups())
+    return {**options, "width": width, "height": height}
+
+
+MODEL_FIELDS = ("checkpoint", "vae", "refiner", "refiner_switch")
+"""The axes' fields that are no request field but what a cell draws with (`model_options`): its model, VAE file
+("None": the checkpoint's own, "Automatic": the one found near it), SDXL refiner ("None": none) and switch."""
+
+
+def model_options(cell: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A cell's options split in (what it draws with, `MODEL_FIELDS`; its request's options)."""
+    return ({key: value for key, value in cell.items() if key in MODEL_FIELDS},
+            {key: value for key, value in cell.items() if key not in MODEL_FIELDS})
+
+
 @dataclass(frozen=True)
 class Field:
     name: str                        # the request field it sets; `set` may set others (Prompt S/R: both prompts,
@@ -150,6 +180,7 @@ class Field:
     label: str | None                # "Steps" -> "Steps: 10"; None: the value alone
     title: str | None = None         # A1111's axis name (`X Type`) when it is not `label`
     set: Callable[[dict[str, Any], Any, tuple[Any, ...]], dict[str, Any]] | None = None  # None: `_set_field(name)`
+    cost: float = 0.0                # A1111's `AxisOption.cost`: the costliest axis is drawn outermost (`drawing_order`)
 
     @property
     def type_name(self) -> str:
@@ -186,11 +217,16 @@ FIELDS: tuple[Field, ...] = (         # A1111's axis_options (scripts/xyz_grid.p
     Field("extra_noise", float, "Extra noise"),
     Field("hr_upscaler", str, "Hires upscaler"),
     Field("inpainting_mask_weight", float, "Cond. Image Mask Weight"),
-    Field("unipc_order", int, "UniPC Order", None, _unipc_order),
+    Field("unipc_order", int, "UniPC Order", None, _unipc_order, cost=0.5),
     Field("discard_penultimate_sigma", bool, "Always discard next-to-last sigma"),
     Field("sgm_noise_multiplier", bool, "SGM noise multiplier"),
     Field("rng", str, "RNG source"),
-    Field("width", int, "Width"),                # sdlab's own: A1111 has no size axes
+    Field("checkpoint", str, None, "Checkpoint name", cost=1.0),
+    Field("vae", str, "VAE", cost=0.7),
+    Field("refiner", str, None, "Refiner checkpoint", cost=1.0),
+    Field("refiner_switch", float, "Refiner switch at"),
+    Field("size", str, "Size", None, _set_size),
+    Field("width", int, "Width"),                # sdlab's own: A1111's is Size
     Field("height", int, "Height"),
 )
 HIRES_DENOISE = Field("hr_denoise", float, "Denoising")   # `hr_denoise`: A1111's Denoising as the hires fix's alone
@@ -198,7 +234,8 @@ _ALIASES = {
     "scheduler": "schedule", "cfg": "cfg_scale", "denoise": "strength", "denoisingstrength": "strength",
     "sr": "prompt", "promptsr": "prompt", "samplername": "sampler",
     "hrsamplername": "hr_sampler", "variationseed": "subseed", "variationstrength": "subseed_strength",
-    "ngms": "s_min_uncond", "randnsource": "rng",
+    "ngms": "s_min_uncond", "randnsource": "rng", "model": "checkpoint", "sdmodelcheckpoint": "checkpoint",
+    "sdvae": "vae",
 }
 
 
@@ -336,15 +373,22 @@ def _check_value(field: Field, value: Any) -> None:
         raise GridError(f"the denoising strength must lie in (0, 1], got {value:g}")
     elif field.name == "subseed_strength" and not 0.0 <= value <= 1.0:
         raise GridError(f"Var. strength must lie in [0, 1], got {value:g}")
+    elif field.name == "refiner_switch" and not 0.0 < value < 1.0:
+        raise GridError(f"Refiner switch at must lie in (0, 1), got {value:g}")
+    elif field.name == "size" and (not _SIZE.fullmatch(value) or 0 in map(int, _SIZE.fullmatch(value).groups())):
+        raise GridError(f"{value!r} is not a size WIDTHxHEIGHT of at least 1x1 (512x768)")
 
 
 def _label(field: Field, value: Any) -> str:
     """A1111's `format_value_add_label` / `format_value`: a float rounded to 8 places, as Python writes it (7.0);
-    a Prompt order joined with ", " (`format_value_join_list`); Nothing none (`format_nothing`)."""
+    a Prompt order joined with ", " (`format_value_join_list`); a checkpoint its file name alone
+    (`format_remove_path`); Nothing none (`format_nothing`)."""
     if field is NOTHING:
         return ""
     text = str(round(value, 8)) if isinstance(value, float) else ", ".join(value) if isinstance(value, tuple) \
         else str(value)
+    if field.name in ("checkpoint", "refiner"):
+        text = text.rsplit("/", 1)[-1]
     return text if field.label is None else f"{field.label}: {text}"
 
 
@@ -441,6 +485,28 @@ class Plot:
                     cells.append(((i, j, k), cell))
         return cells
 
+    def drawing_order(self) -> list[Index]:
+        """The cells in the order A1111 draws them (`Script.run`'s `first_axes_processed` / `second_axes_processed`,
+        `draw_xyz_grid`): the axis of the highest `cost` (Checkpoint name, Refiner checkpoint, then VAE) outermost
+        and the next inside it, so that the model changes as rarely as it can; Z, Y, X (X fastest) where no axis
+        costs more than both others."""
+        cost = {letter: axis.field.cost for letter, axis in self.axes()}
+        x, y, z = (cost.get(letter, 0.0) for letter in "xyz")
+        first, second = "z", "y"
+        if x > y and x > z:
+            first, second = "x", "y" if y > z else "z"
+        elif y > x and y > z:
+            first, second = "y", "x" if x > z else "z"
+        elif z > x and z > y:
+            second = "x" if x > y else "y"
+        third = next(letter for letter in "xyz" if letter not in (first, second))
+        sizes = dict(zip("xyz", self.shape()))
+        order = []
+        for at in product(*(range(sizes[letter]) for letter in (first, second, third))):
+            where = dict(zip((first, second, third), at))
+            order.append((where["x"], where["y"], where["z"]))
+        return order
+
     def labels(self, index: Index) -> list[str]:
         """The labels of the cell at `index`, X first (for messages; Nothing has none)."""
         return [label for letter, axis in self.axes() if (label := axis.labels[index["xyz".index(letter)]])]
@@ -515,6 +581,9 @@ def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dic
     if keep_random_seeds and not plot.keep_random_seeds:
         plot = Plot(*(axis and typed_axis(axis) for axis in (plot.x, plot.y, plot.z)), plot.legend, True)
     cells = plot.cells(options if plot.keep_random_seeds else fix_seeds(options))
+    if any(model_options(cell)[0] for _, cell in cells):
+        raise GridError("draw_plot draws every cell with one `run`: a Checkpoint name, VAE or Refiner axis is "
+                        "the server's X/Y/Z plot's, which loads each cell's model")
     check_unipc_order_axis(plot, (GenerationRequest(**cell) for _, cell in cells))
     sheet, results = draw_cells(run, plot, cells)
     return sheet, {index: batches[0] for index, batches in results.items()}

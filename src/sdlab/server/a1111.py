@@ -615,11 +615,22 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
     def listed_upscaler(name: str) -> str:
         return _listed_upscaler(name, upscaler_file(name, service.upscalers, SCRIPT_UPSCALER))
 
+    def checkpoint_title(name: str) -> str | None:
+        found = service.registry.find(name)
+        return None if found is None else found.title
+
+    async def restore_model() -> None:
+        try:
+            await asyncio.to_thread(_holding_device, service.host, lambda: _load_selected(service))
+        except BadRequest as err:
+            logger.error("the selected model was not loaded again after the script: %s", err.message)
+
     return ScriptHost(drawn, check, lambda image, text: _base64_picture(image, text, _options(service)), _echo,
                       return_grid=bool(_options(service).get("return_grid", True)),
                       upscalers=lambda: [name for name, _ in _listed_upscalers(service)],
                       listed_upscaler=listed_upscaler, upscaled=upscaled, init_pictures=init_pictures,
-                      max_images=service.config.limits.max_images)
+                      max_images=service.config.limits.max_images, checkpoint_title=checkpoint_title,
+                      vae_names=service.registry.vaes.names, restore_model=restore_model)
 
 
 def _check_script_pictures(specs: list[JobSpec], limits: Limits) -> None:

@@ -35,7 +35,7 @@ import json
 import logging
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,12 @@ class ScriptHost:
     init_pictures: Callable[[Any], Awaitable[tuple[Image.Image, ...]]]    # a body's init pictures, decoded as
                                                                           # the route decodes them
     max_images: int         # `--max-images`: the pictures of all the requests of one `draw` (more: refused)
+    checkpoint_title: Callable[[str], str | None]      # a model named as `sd_model_checkpoint` names one -> its
+                                                       # title, None for one not in `GET sd-models`
+    vae_names: Callable[[], list[str]]                 # `GET sd-vae`'s names, which `sd_vae` takes
+    restore_model: Callable[[], Awaitable[None]]
+    """the selected model loaded again with the options' VAE, as before a script that drew with others (A1111's
+    X/Y/Z plot `SharedSettingsStackHelper`); a failure is logged"""
 
 
 @dataclass(frozen=True)
@@ -188,20 +194,21 @@ BODY_FIELDS = {         # sdlab's request field an axis sets -> the A1111 reques
     "s_min_uncond": "s_min_uncond", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax",
     "s_noise": "s_noise", "schedule": "scheduler", "eta": "eta", "strength": "denoising_strength",
     "hr_denoise": "denoising_strength", "noise_multiplier": "initial_noise_multiplier", "hr_upscaler": "hr_upscaler",
+    "width": "width", "height": "height", "refiner": "refiner_checkpoint", "refiner_switch": "refiner_switch_at",
 }
 OPTION_FIELDS = {       # ... -> the option its `apply_override` sets in `override_settings` (Clip skip too in 1.10)
     "schedule_sigma_min": "sigma_min", "schedule_sigma_max": "sigma_max", "schedule_rho": "rho",
     "clip_skip": "CLIP_stop_at_last_layers", "extra_noise": "img2img_extra_noise",
     "inpainting_mask_weight": "inpainting_mask_weight", "unipc_order": "uni_pc_order",
     "discard_penultimate_sigma": "always_discard_next_to_last_sigma", "sgm_noise_multiplier": "sgm_noise_multiplier",
-    "rng": "randn_source",
+    "rng": "randn_source", "checkpoint": "sd_model_checkpoint", "vae": "sd_vae",
 }
 """Cond. Image Mask Weight sets A1111's `p.inpainting_mask_weight`, which its option sets too."""
 
 
 def sdlab_field(axis: AxisType) -> Field | None:
-    """The `sdlab.pipeline.grid` field of A1111's axis, None for one sdlab does not draw (Checkpoint name, VAE,
-    Styles, Size, ...)."""
+    """The `sdlab.pipeline.grid` field of A1111's axis, None for one sdlab does not draw (Face restore, Token
+    merging, FP8 mode, ...)."""
     try:
         return field_named(axis.label)
     except GridError:
@@ -303,6 +310,39 @@ def plot_axis(letter: str, args: XyzArgs, mode: str) -> Axis:
         raise BadRequest(f"x/y/z plot {axis.label} axis, {where}: {err}", 422) from None
 
 
+def _a1111_vae(name: str, names: list[str]) -> str:
+    """A1111 1.10's `find_vae`: "Automatic" for auto / automatic, "None" for none, else the name of `GET sd-vae`
+    equal to `name` in any case, else "Automatic" (logged, as A1111's "No VAE found for ...; using Automatic")."""
+    wanted = name.strip().lower()
+    if wanted in ("auto", "automatic"):
+        return "Automatic"
+    if wanted == "none":
+        return "None"
+    found = next((listed for listed in names if listed.lower() == wanted), None)
+    if found is None:
+        logger.warning("x/y/z plot: No VAE found for %s; using Automatic", wanted)
+    return found or "Automatic"
+
+
+def _served_axis(axis: Axis, host: ScriptHost) -> Axis:
+    """`axis` with the values the server draws, its labels as typed: a Checkpoint name the title of the model it
+    names (A1111's `apply_checkpoint`), a Refiner checkpoint too but "None" (no refiner), each a 422 before
+    anything is drawn when no listed model has that name (`confirm_checkpoints`, `confirm_checkpoints_or_none`);
+    a VAE as A1111's `find_vae` names it (`_a1111_vae`)."""
+    if axis.field.name == "vae":
+        return replace(axis, values=tuple(_a1111_vae(value, host.vae_names()) for value in axis.values))
+    if axis.field.name not in ("checkpoint", "refiner"):
+        return axis
+    titles = []
+    for value in axis.values:
+        title = value if axis.field.name == "refiner" and value in ("None", "none") else host.checkpoint_title(value)
+        if title is None:
+            raise BadRequest(f"x/y/z plot {axis.field.type_name} axis: Unknown checkpoint: {value} (GET sd-models "
+                             "lists the models)", 422)
+        titles.append(title)
+    return replace(axis, values=tuple(titles))
+
+
 def xyz_plot(args: XyzArgs, mode: str) -> Plot:
     """The plot `args` ask for in `mode`, its -1 seeds drawn unless `no_fixed_seeds` (A1111's Keep -1 for seeds)."""
     axes = [plot_axis(letter, args, mode) for letter in "xyz"]
@@ -370,14 +410,26 @@ def _grid_text(drawn: Drawn | None, fields: Mapping[str, str]) -> str | None:
 
 async def run_xyz_plot(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]:
     """A1111 1.10's X/Y/Z plot: the axes and cells checked, every cell drawn in turn (at batch size 1 with the
-    `return_grid` option off), then answered as its `Script.run` returns (`answer_xyz_plot`)."""
+    `return_grid` option off) in A1111's order (`Plot.drawing_order`: a Checkpoint name axis outermost, so that the
+    model changes least; the server holds one model at a time), the selected model loaded again after a Checkpoint
+    name, VAE or Refiner checkpoint axis, then answered as its `Script.run` returns (`answer_xyz_plot`)."""
     args = xyz_args(body.script_args)
     plot = xyz_plot(args, mode)
+    plot = replace(plot, **{letter: _served_axis(axis, host) for letter, axis in plot.axes()})
     drawn_body = body if host.return_grid else body.model_copy(update={"batch_size": 1})    # A1111: p.batch_size = 1
-    cells = cell_bodies(drawn_body, plot, args, mode)
-    labels = [f"x/y/z plot cell {', '.join(plot.labels(index)) or index}" for index, _ in cells]
-    drawn = await host.draw([cell for _, cell in cells], labels, True)
-    return answer_xyz_plot(host, body, plot, args, {index: cell for (index, _), cell in zip(cells, drawn)})
+    cells = dict(cell_bodies(drawn_body, plot, args, mode))
+    order = plot.drawing_order()
+    labels = [f"x/y/z plot cell {', '.join(plot.labels(index)) or index}" for index in order]
+    try:
+        drawn = dict(zip(order, await host.draw([cells[index] for index in order], labels, True)))
+    finally:
+        if any(axis.field.name in RESTORED_FIELDS for _, axis in plot.axes()):
+            await host.restore_model()
+    return answer_xyz_plot(host, body, plot, args, {index: drawn[index] for index in cells})
+
+
+RESTORED_FIELDS = ("checkpoint", "vae", "refiner")
+"""The axes after which A1111's plot loads the selected model and VAE again (`SharedSettingsStackHelper`)."""
 
 
 def _blank_cells(pictures: dict[Index, Image.Image | None]) -> dict[Index, Image.Image]:
