@@ -227,4 +227,3 @@ def test_an_unknown_checkpoint_is_refused_before_anything_is_drawn(tmp_path) -> 
 def test_draw_plot_of_one_pipeline_refuses_a_model_axis() -> None:
     with pytest.raises(GridError, match="Checkpoint name, VAE or Refiner axis"):
         draw_plot(lambda request: None, {"prompt": "a"}, Plot(parse_axis("Checkpoint name=a,b")))
-
