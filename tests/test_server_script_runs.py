@@ -198,3 +198,42 @@ def test_a_script_without_script_args_runs_as_with_an_empty_list(server, script,
     assert empty.status_code in (200, 422), empty.text
     assert_same_answer(server.post(f"/sdapi/v1/{mode}", json=body), empty)
     assert_same_answer(server.post(f"/sdapi/v1/{mode}", json={**body, "script_args": None}), empty)
+
+
+def test_a_plot_whose_every_cell_fails_is_a_grid_of_black_cells(tmp_path, caplog) -> None:
+    """Every cell's job failing (an images folder that cannot be written: the job fails, a 500 without a script),
+    A1111 1.10's plot still answers: xyz_grid.py `cell` catches `process_images`' exception and returns
+    `Processed(p, [], p.seed, "")`, `process_cell` puts `Image.new(cell_mode, (width, height))` in its place, and
+    its `not any(processed_result.images)` never holds (a PIL picture is never false), so the grid of black cells
+    is drawn with its legend: 200, the grid, black sub-images at the request's size, every cell's text, prompt and
+    seed null. Before, the answer was the first cell's error."""
+    import asyncio
+
+    from sdlab.server.a1111 import Txt2ImgIn, _script_host, _txt2img_request
+    from sdlab.server.a1111_scripts import run_xyz_plot
+    from sdlab.server.config import ServerConfig
+    from sdlab.server.service import Service
+
+    service = Service(ServerConfig(tmp_path / "served"))
+    service.images_dir.rmdir()
+    service.images_dir.write_bytes(b"")             # every job fails writing its pictures
+    body = Txt2ImgIn(**{**BASE, "width": 32, "height": 48, "script_name": XYZ,
+                        "script_args": xyz_args("Seed", "1, 2, 3", include_lone_images=True)})
+    service.start()
+    try:
+        answer = asyncio.run(run_xyz_plot(_script_host(service, _txt2img_request), body, "txt2img"))
+        jobs = service.store.jobs(10)
+    finally:
+        service.stop()
+        service.store.close()
+    assert [job["status"] for job in jobs] == ["failed"] * 3
+    assert caplog.text.count("a script's request failed, left blank") == 3
+    images, info = answer["images"], json.loads(answer["info"])
+    assert len(images) == 1 + 3
+    grid = pixels(images[0])
+    assert grid.shape[0] > 48 and grid.shape[1] >= 3 * 32 and (grid[-48:, -32:] == 0).all()   # legend, black cells
+    for cell in images[1:]:
+        assert pixels(cell).shape == (48, 32, 3) and not pixels(cell).any()
+    assert info["infotexts"][1:] == [None] * 3 and info["all_seeds"] == [None] * 3
+    assert info["all_prompts"] == [None] * 3 and info["index_of_first_image"] == 1
+    assert (info["width"], info["height"]) == (32, 48)

@@ -686,12 +686,13 @@ async def _script_drawn(service: Service, run: ScriptRun, bodies: list[Txt2ImgIn
     """Each request drawn in turn (on the pictures `pictures(k, drawn so far)` gives request k, if any, at the
     seed `seeds(k, drawn so far)` gives it, if any), None
     after `run` is interrupted (an interrupted job too interrupts it), for one `pictures` leaves undrawn
-    (`NOT_DRAWN`) and, when `keep_going`, for one that fails
-    (logged, as A1111's X/Y/Z plot draws a blank cell); nothing drawn and something failed, the first failure."""
+    (`NOT_DRAWN`) and, when `keep_going`, for one that fails before its job runs (logged, as A1111's X/Y/Z plot
+    draws a blank cell); a job that fails, when `keep_going`, is drawn without pictures (A1111's `Processed(p, [])`
+    of the cell); none drawn and something failed, the first failure."""
     drawn: list[Drawn | None] = []
     failures = []
     for k, (body, request) in enumerate(zip(bodies, requests)):
-        job = None
+        job = run.job = None
         if not run.interrupted or not drawn:        # the first is drawn whatever came before it
             try:
                 own = pictures(k, drawn) if pictures is not None else None
@@ -707,8 +708,12 @@ async def _script_drawn(service: Service, run: ScriptRun, bodies: list[Txt2ImgIn
                     raise
                 logger.error("a script's request failed, left blank: %s", err.message)
                 failures.append(err)
+                job = run.job if run.job is not None and run.job.status == "failed" else None
         run.drawn += 1
         run.interrupted = run.interrupted or (job is not None and job.status == "cancelled")
+        if job is not None and job.status == "failed":        # A1111's `Processed(p, [])`: no picture
+            drawn.append(Drawn([], [], _job_info(service, body, request, job)))
+            continue
         drawn.append(None if job is None else Drawn([service.images_dir / name for name in job.images],
                                                     list(job.infotexts), _job_info(service, body, request, job),
                                                     job.skip.is_set()))

@@ -432,9 +432,11 @@ RESTORED_FIELDS = ("checkpoint", "vae", "refiner")
 """The axes after which A1111's plot loads the selected model and VAE again (`SharedSettingsStackHelper`)."""
 
 
-def _blank_cells(pictures: dict[Index, Image.Image | None]) -> dict[Index, Image.Image]:
-    """Every cell's picture, black where none was drawn (A1111's `Image.new` of the first cell's mode and size)."""
-    size = next(picture.size for picture in pictures.values() if picture is not None)
+def _blank_cells(pictures: dict[Index, Image.Image | None],
+                 size: tuple[int, int] | None = None) -> dict[Index, Image.Image]:
+    """Every cell's picture, black where none was drawn (A1111's `Image.new` of the first cell's mode and size;
+    of `size`, the request's width x height, where no cell has a picture)."""
+    size = next((picture.size for picture in pictures.values() if picture is not None), size)
     return {index: picture or Image.new("RGB", size) for index, picture in pictures.items()}
 
 
@@ -444,15 +446,15 @@ def answer_xyz_plot(host: ScriptHost, body: Any, plot: Plot, args: XyzArgs,
     Images each cell's picture (X fastest); `info` the first cell's, with `infotexts` those of the grid (its first
     cell's text with the plot fields), the sub-grids and every cell (with or without its picture), `all_prompts` /
     `all_seeds` the sub-grids' and each cell's, `index_of_first_image` 1 (A1111's `draw_xyz_grid`, `run`). A cell
-    not drawn (after an interrupt, or failed) is black, its text, prompt and seed null; none drawn, A1111's
-    `Processed(p, [])`: no picture."""
+    not drawn (after an interrupt, or failed) is black, its text, prompt and seed null; with none drawn every cell
+    is, at the request's width x height, and `info` the first failed cell's (A1111's `process_cell` makes a black
+    `Image.new` of `Processed(p, [], ...)`'s size for each, and a PIL picture is never false, so its
+    `not any(processed_result.images)` does not end the plot)."""
     cells = list(drawn.values())
     first = next((cell for cell in cells if cell is not None and cell.pictures), None)
-    if first is None:
-        info = {**next(cell for cell in cells if cell is not None).info, "infotexts": [], "index_of_first_image": 0}
-        return {"images": [], "parameters": host.echo(body), "info": json.dumps(info)}
+    first = first or next(cell for cell in cells if cell is not None)
     pictures = _blank_cells({index: _cell_image(cell, body) if cell and cell.pictures else None
-                             for index, cell in drawn.items()})
+                             for index, cell in drawn.items()}, (first.info["width"], first.info["height"]))
     grid_texts = [_grid_text(drawn[(0, 0, 0)], plot.parameters())]
     images = [host.encode(plot.sheet(pictures), grid_texts[0])]
     subs = [drawn[(0, 0, k)] for k in range(plot.shape()[2])] if args.include_sub_grids else []
