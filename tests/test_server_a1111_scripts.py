@@ -46,6 +46,7 @@ SDLAB_AXES = {
     "Schedule rho": "schedule_rho", "Eta": "eta", "Clip skip": "clip_skip", "Denoising": "strength",
     "Initial noise multiplier": "noise_multiplier", "Extra noise": "extra_noise", "Hires upscaler": "hr_upscaler",
     "Cond. Image Mask Weight": "inpainting_mask_weight", "UniPC Order": "unipc_order",
+    "Styles": "styles",
     "Always discard next-to-last sigma": "discard_penultimate_sigma", "SGM noise multiplier": "sgm_noise_multiplier",
     "RNG source": "rng", "Checkpoint name": "checkpoint", "VAE": "vae", "Refiner checkpoint": "refiner",
     "Refiner switch at": "refiner_switch", "Size": "size",

@@ -67,6 +67,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
                             "(subfolders too); repeatable")
         p.add_argument("--from-png", help="take every unset option, the LoRAs and (checked) the model from this "
                                           "image's parameters (PNG, or JPEG / WebP written by sdlab or A1111)")
+        add_style_flags(p, from_png=True)
         add_prompts_file_flags(p)
         if mode == "txt2img":
             _add_hires_flags(p)
@@ -78,6 +79,47 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
         if mode == "inpaint":
             _add_inpaint_flags(p)
         p.set_defaults(run=run_generate, mode=mode)
+
+
+def add_style_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
+    """A1111's prompt styles: --style NAME of --styles-file FILE (`sdlab grid` shares them; `from_png`: the command
+    has --from-png)."""
+    p.add_argument("--style", action="append", default=[], type=utf8_text("--style"), metavar="NAME",
+                   help="an A1111 prompt style of --styles-file: its prompt and negative prompt applied to the prompts "
+                        "(where its text has {prompt}, the prompt goes there; else it is appended after ', '); "
+                        "repeatable, applied in order" + _if_from_png(from_png, " (default: the styles a --from-png "
+                                                                                 "picture's prompts end with)"))
+    p.add_argument("--styles-file", action="append", default=[], metavar="FILE",
+                   help="A1111's styles.csv (header name,prompt,negative_prompt) that --style names; a name with * or "
+                        "? is a pattern in its folder; repeatable (default: ./styles.csv if there is one)")
+
+
+def styles_of(args: argparse.Namespace):
+    """The styles of --styles-file (./styles.csv if there is one without it); a file that cannot be read, or a
+    --style no file has, is a UserError."""
+    from sdlab.pipeline.styles import STYLES_FILE, StyleDatabase, StylesError
+
+    files = args.styles_file or ([STYLES_FILE] if Path(STYLES_FILE).is_file() else [])
+    try:
+        styles = StyleDatabase.load(files)
+    except StylesError as err:
+        raise UserError(f"--styles-file: {err}") from None
+    if unknown := styles.unknown(args.style):
+        where = ", ".join(files) or "no --styles-file (and no ./styles.csv)"
+        raise UserError(f"--style {unknown[0]!r}: no such style in {where}; styles: "
+                        f"{', '.join(map(repr, styles.styles)) or 'none'}")
+    return styles
+
+
+def _picture_styles(recorded: dict[str, Any], styles) -> tuple[dict[str, Any], list[str]]:
+    """A --from-png picture's parameters with the texts of the styles its prompts hold taken out, and those styles,
+    as A1111 pastes a picture's parameters (`styles.infotext_styles`, its default "Apply if any")."""
+    from sdlab.pipeline.styles import STYLES_ARRAY, infotext_styles
+
+    if not recorded:
+        return recorded, []
+    read = infotext_styles(recorded, styles)
+    return read, read.pop(STYLES_ARRAY, [])
 
 
 def _if_from_png(from_png: bool, text: str) -> str:
@@ -1130,11 +1172,13 @@ def run_generate(args: argparse.Namespace, pipelines: dict | None = None) -> int
     from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, parse_lora_hashes, to_parameters
     from sdlab.pipeline.png_info import embedding_hash, format_parameters, lora_hash, vae_ref
     from sdlab.pipeline.request import GenerationRequest, RequestError, check_batch_seeds, next_batch
+    from sdlab.pipeline.styles import styled_options
 
     target = _output_target(args.out)                         # a bad --out is refused before any work
-    recorded = _recorded_parameters(args)
+    styles = styles_of(args)
+    recorded, recorded_styles = _picture_styles(_recorded_parameters(args), styles)
     take_recorded_script_settings(args, recorded)             # Loopback's / SD upscale's fields (img2img_scripts)
-    options = _options_from_args(args, recorded)
+    options = styled_options(_options_from_args(args, recorded), styles, args.style or recorded_styles)
     finder = _lora_finder(args, parse_lora_hashes(recorded.get("Lora hashes")))
     options["prompt"], loras, lora_refs, prompt_to_record = _resolve_loras(args, options["prompt"], recorded, finder)
     if options.get("hr_prompt"):

@@ -45,7 +45,7 @@ from sdlab.utils.files import check_output_folder, make_output_folder
 def add_grid(subparsers: argparse._SubParsersAction) -> None:
     from sdlab.cli.generate import (
         _add_hires_flags, _add_init_flags, _add_model_flags, _add_run_flags, _add_sampling_flags,
-        _add_second_prompt_flags,
+        _add_second_prompt_flags, add_style_flags,
     )
 
     help_text = "draw an X/Y/Z plot: one labelled grid of pictures over up to three request fields"
@@ -84,6 +84,7 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     _add_model_flags(p, from_png=False)
     _add_sampling_flags(p, from_png=False)
     _add_run_flags(p, from_png=False)
+    add_style_flags(p, from_png=False)
     _add_hires_flags(p)
     _add_init_flags(p, "init image: every cell is an img2img of it", "0.75", from_png=False)
     p.set_defaults(run=run_grid, from_png=None)
@@ -208,24 +209,33 @@ def _output_folders(args: argparse.Namespace) -> dict[Path, str]:
     return folders
 
 
-def _cells(plot, options: dict, preset_for, mode: str, default_steps: int | None) -> list:
+def _cells(plot, options: dict, preset_for, mode: str, default_steps: int | None, styles) -> list:
     """Each cell's request options, prompts as typed: the axes over the options given, then the settings of the
     cell's preset (`preset_for(cell prompt)`: --preset's, or the one the model or a LoRA of the cell's own prompt
     names, as txt2img finds it; None: none) under the cell's, as txt2img puts them under its options, so that the
     preset's eta goes with the cell's sampler (TCD's gamma is no other's). The axes start from the steps the cell
     draws without a Steps axis (--steps, else its preset's, else `default_steps`, the model's; None before it
     loads: unset), as A1111's from its steps, which a UniPC Order axis holds its order under. A cell an axis
-    cannot apply to (a Prompt S/R whose word is gone) is an error before any work."""
+    cannot apply to (a Prompt S/R whose word is gone) is an error before any work. Each cell's `styles` (--style's,
+    then a Styles axis's) are applied to its prompts once the axes have set them, as A1111's `setup_prompts`."""
     from sdlab.cli.generate import _with_model_preset
     from sdlab.pipeline.grid import GridError
+    from sdlab.pipeline.styles import styled_options
+
+    def cells_of(given: dict) -> list:
+        cells = plot.cells(given)
+        if unknown := styles.unknown(name for _, cell in cells for name in cell.get("styles", ())):
+            raise GridError(f"the Styles axis names {unknown[0]!r}, which no --styles-file has; styles: "
+                            f"{', '.join(map(repr, styles.styles)) or 'none'}")
+        return [(index, styled_options(cell, styles)) for index, cell in cells]
 
     def from_steps(preset: str | None) -> dict:
         """Every cell's options, the axes applied over the steps a cell of `preset` starts from."""
         steps = _with_model_preset(options, preset, mode).get("steps")
-        return dict(plot.cells({**options, "steps": default_steps if steps is None else steps}))
+        return dict(cells_of({**options, "steps": default_steps if steps is None else steps}))
 
     try:
-        presets = {index: preset_for(cell["prompt"]) for index, cell in plot.cells(options)}  # the axes set prompts
+        presets = {index: preset_for(cell["prompt"]) for index, cell in cells_of(options)}  # the axes set prompts
         by_preset = {preset: from_steps(preset) for preset in set(presets.values())}
     except GridError as err:
         raise UserError(str(err)) from None
@@ -283,7 +293,7 @@ def _image_names(number: int, index, count: int) -> list[str]:
 def run_grid(args: argparse.Namespace) -> int:
     from sdlab.cli.generate import (
         _controls, _identify_model, _load_pipeline, _lora_finder, _open_image, _options_from_args, _refiner_ref,
-        _resolve_loras,
+        _resolve_loras, styles_of,
     )
     from sdlab.pipeline.grid import draw_cells, fix_seeds, with_plot_parameters
     from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, to_parameters
@@ -303,6 +313,7 @@ def run_grid(args: argparse.Namespace) -> int:
     _check_hires(args)
     plot = _plot(args)
     options = _options_from_args(args, {}, with_preset=False)      # the preset goes under each cell's (`_cells`)
+    styles = styles_of(args)
     finder = _lora_finder(args)                          # the run's: --lora names, every cell's tags, the draws
     _, loras, _, _ = _resolve_loras(args, options["prompt"], {}, finder)    # the --lora files, merged at load
     if options.get("hr_prompt"):
@@ -314,7 +325,8 @@ def run_grid(args: argparse.Namespace) -> int:
     controls = _controls(args, {}, options.get("control_convention", GenerationRequest.control_convention))
     if controls:
         options["controls"] = controls
-    typed = _cells(plot, options, lambda prompt: args.preset, args.mode, None)    # each cell's LoRAs: its prompt's
+    options["styles"] = tuple(args.style)                # applied in each cell, after its axes (`_cells`)
+    typed = _cells(plot, options, lambda prompt: args.preset, args.mode, None, styles)    # each cell's LoRAs
     cell_loras = _cell_loras(args, typed, finder)
     cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot, args.batch_count)
@@ -325,7 +337,7 @@ def run_grid(args: argparse.Namespace) -> int:
         """A cell's preset as txt2img's: --preset's, else the one the model or a LoRA of its prompt names."""
         return args.preset or pipe.preset_for(cell_loras[prompt][0])
 
-    typed = _cells(plot, options, preset_for, args.mode, pipe.bundle.family.default_steps)   # the model's steps
+    typed = _cells(plot, options, preset_for, args.mode, pipe.bundle.family.default_steps, styles)   # its steps
     cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot, args.batch_count)
     name, hash_ = _identify_model(model)

@@ -44,6 +44,10 @@ def add_serve(subparsers: argparse._SubParsersAction) -> None:
                    "<models-dir>/RealESRGAN too)")
     p.add_argument("--vae-dir", help="VAE files A1111's sd_vae may name, beside the sidecar VAEs of --models-dir "
                    "(default: <models-dir>/VAE when it exists)")
+    p.add_argument("--styles-file", action="append", default=[], metavar="FILE",
+                   help="A1111's prompt styles (a styles.csv: name,prompt,negative_prompt) that requests name in "
+                        "`styles`; a name with * or ? is a pattern in its folder; repeatable (default: styles.csv in "
+                        "--models-dir, or beside it when --models-dir is A1111's models folder, if there is one)")
     p.add_argument("--output-dir", default="outputs", help="pictures (images/) and the job history database "
                                                            "(default ./outputs)")
     auth = p.add_mutually_exclusive_group()
@@ -131,6 +135,23 @@ def _model_folder(given: str | None, option: str, models_dir: str | None, defaul
     return fallback if fallback is not None and fallback.is_dir() else None
 
 
+def _styles_files(given: list[str], models_dir: str | None) -> tuple[str, ...]:
+    """The --styles-file files and patterns, else the styles.csv in --models-dir or, when that is A1111's `models`
+    folder (it has `Stable-diffusion/`), the one of the webui folder above it (A1111's own), if there is one; each
+    file read now, so that a missing or malformed one is an error before the server starts."""
+    from sdlab.pipeline.styles import STYLES_FILE, StyleDatabase, StylesError
+
+    if not given and models_dir is not None:
+        folder = Path(models_dir)
+        near = [folder / STYLES_FILE] + ([folder.parent / STYLES_FILE] if (folder / "Stable-diffusion").is_dir() else [])
+        given = [str(path) for path in near if path.is_file()][:1]
+    try:
+        StyleDatabase.load(given)
+    except StylesError as err:
+        raise UserError(f"--styles-file: {err}") from None
+    return tuple(given)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from sdlab.api import resolve_device
     from sdlab.pipeline.request import RequestError
@@ -151,6 +172,7 @@ def run_serve(args: argparse.Namespace) -> int:
     upscalers_dir = _model_folder(args.upscalers_dir, "--upscalers-dir", args.models_dir, "ESRGAN")
     realesrgan_dir = _model_folder(None, "", args.models_dir, "RealESRGAN")     # A1111's, beside --upscalers-dir
     vae_dir = _model_folder(args.vae_dir, "--vae-dir", args.models_dir, "VAE")
+    styles_files = _styles_files(args.styles_file, args.models_dir)
     try:
         resolve_device(args.device)
     except RequestError as err:
@@ -168,7 +190,7 @@ def run_serve(args: argparse.Namespace) -> int:
                           models_dir=Path(args.models_dir) if args.models_dir else None, device=args.device,
                           embeddings_dir=Path(args.embeddings_dir) if args.embeddings_dir else None,
                           controlnet_dir=controlnet_dir, upscalers_dir=upscalers_dir,
-                          realesrgan_dir=realesrgan_dir, vae_dir=vae_dir,
+                          realesrgan_dir=realesrgan_dir, vae_dir=vae_dir, styles_files=styles_files,
                           max_queue=args.max_queue, basic_auth=basic, token=token, limits=limits,
                           host=args.host, allowed_hosts=allowed_hosts)
     sock = _listen(args.host, args.port)

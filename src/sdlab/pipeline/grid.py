@@ -34,6 +34,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Initial noise multiplier, Extra noise  | noise_multiplier, extra_noise        |                  |
 | Hires upscaler                         | hr_upscaler                          |                  |
 | Cond. Image Mask Weight                | inpainting_mask_weight               |                  |
+| Styles                                 | styles: the value's names (split at commas) after the request's | |
 | UniPC Order                            | unipc_order (1..steps - 1, as A1111; with UniPC on ddim_uniform only) |  |
 | Always discard next-to-last sigma      | discard_penultimate_sigma (True / False) |              |
 | SGM noise multiplier                   | sgm_noise_multiplier (True / False)  |                  |
@@ -145,6 +146,12 @@ def _denoise(options: dict[str, Any], value: float, values: tuple[float, ...]) -
     return {**options, "hr_denoise" if txt2img else "strength": value}
 
 
+def _add_styles(options: dict[str, Any], value: str, values: tuple[str, ...]) -> dict[str, Any]:
+    """A1111's `apply_styles`: the value's style names (split at commas, not stripped) after the cell's `styles`,
+    which `styles.styled_options` applies to the prompts when the cell is drawn."""
+    return {**options, "styles": (*options.get("styles", ()), *value.split(","))}
+
+
 def _unipc_order(options: dict[str, Any], value: int, values: tuple[int, ...]) -> dict[str, Any]:
     """A1111's `apply_uni_pc_order`: the order, at most the cell's steps (as the axes before it left them) less
     one, and at least 1. Unset steps (the model's) leave it as typed: `sdlab grid` sets them first."""
@@ -217,6 +224,7 @@ FIELDS: tuple[Field, ...] = (         # A1111's axis_options (scripts/xyz_grid.p
     Field("extra_noise", float, "Extra noise"),
     Field("hr_upscaler", str, "Hires upscaler"),
     Field("inpainting_mask_weight", float, "Cond. Image Mask Weight"),
+    Field("styles", str, "Styles", None, _add_styles),
     Field("unipc_order", int, "UniPC Order", None, _unipc_order, cost=0.5),
     Field("discard_penultimate_sigma", bool, "Always discard next-to-last sigma"),
     Field("sgm_noise_multiplier", bool, "SGM noise multiplier"),

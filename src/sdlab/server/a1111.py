@@ -52,6 +52,9 @@ from sdlab.pipeline.infotext import (
 from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, THRESHOLD_SLIDERS, preprocess
 from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
+from sdlab.pipeline.styles import (
+    INFOTEXT_STYLES, PROMPT_FIELDS, STYLES_ARRAY, StyleDatabase, infotext_styles, styled_options,
+)
 from sdlab.pipeline.png_info import (
     PARAMETERS_KEY, ParametersError, encode_image, parse_parameters, quote, read_parameters, version_label,
 )
@@ -109,6 +112,7 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "beta_dist_alpha": 0.6, "beta_dist_beta": 0.6, "sgm_noise_multiplier": False,      # `_schedule_settings`,
     "img2img_extra_noise": 0.0, "inpainting_mask_weight": 1.0,                         # `_noise_settings`
     "emphasis": "Original", "use_old_scheduling": False,                                # `_prompt_settings`
+    "infotext_styles": "Apply if any",          # the styles found in a parameters text (`a1111_parameters`)
     "use_downcasted_alpha_bar": False, "sd_noise_schedule": "Default",
     "s_min_uncond": 0.0, "s_min_uncond_all": False, "skip_early_cond": 0.0,           # `_guidance_settings`
     "pad_cond_uncond": False, "pad_cond_uncond_v0": False,
@@ -198,7 +202,7 @@ class Txt2ImgIn(NullsAreDefaults):
     refiner_switch_at: float | None = None  # the fraction drawn before it (A1111's `apply_refiner`); unset: 0.8
     denoising_strength: float | None = 0.75   # A1111's API default (StableDiffusionProcessing*); its UI's is 0.7
     send_images: bool = True
-    styles: list[str] = Field(default_factory=list)     # echoed in `info` (sdlab has no prompt styles)
+    styles: list[str] = Field(default_factory=list)     # prompt styles by name (`--styles-file`, `_styled`)
     override_settings: dict[str, Any] = Field(default_factory=dict)
     override_settings_restore_afterwards: bool = True     # False: the overrides stay, as `POST options` sets them
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # controlnet, A1111's own (`alwayson`)
@@ -297,13 +301,28 @@ def _hires_pass(body: Txt2ImgIn, sampler: str) -> dict[str, Any]:
             "hr_prompt": prompt, "hr_negative_prompt": body.hr_negative_prompt}
 
 
+def _styled(body: Txt2ImgIn, styles: StyleDatabase | None) -> Txt2ImgIn:
+    """`body` with its `styles` applied to its prompts, the hires ones too, as A1111's `setup_prompts` does before
+    anything reads them; a name no styles file has is an empty style (A1111's `no_style`), logged."""
+    if not body.styles:
+        return body
+    styles = styles or StyleDatabase()
+    if unknown := styles.unknown(body.styles):
+        logger.warning("styles %s: no styles file of this server has them; drawn without them, as A1111 draws",
+                       ", ".join(map(repr, unknown)))
+    texts = {key: getattr(body, key) for key in PROMPT_FIELDS if hasattr(body, key)}
+    return body.model_copy(update=styled_options(texts, styles, body.styles))
+
+
 def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ...] = (),
-             mask: Image.Image | None = None, options: dict[str, Any] | None = None) -> GenerationRequest:
+             mask: Image.Image | None = None, options: dict[str, Any] | None = None,
+             styles: StyleDatabase | None = None) -> GenerationRequest:
     """The generation `body` asks for, with A1111's settings: the server's `options` (`POST options`) under
     the request's `override_settings` (A1111 sets those for the one request). Several init pictures `inits`
     draw one picture each, in every iteration (A1111's `init_images`); the `n_iter` iterations are the job's
     batch count (`_drawn_job`). The overrides are checked as `POST options` checks options, whether or not they
-    stay afterwards."""
+    stay afterwards. The request's `styles` (of `styles`) are applied to its prompts first (`_styled`)."""
+    body = _styled(body, styles)
     _check_options(body.override_settings, "override_settings.")
     settings = {**OPTION_DEFAULTS, **(options or {}), **body.override_settings}
     _check_tile_pair(settings, "override_settings.")
@@ -659,7 +678,7 @@ async def _checked_request(service: Service, body: Txt2ImgIn, mode: str, first: 
     inits = first.init_images or ((first.init_image,) if first.init_image is not None else ())
     try:
         with _named_by_infotext(body):
-            request = _request(body, first.controls, inits, first.mask_image, service.options)
+            request = _request(body, first.controls, inits, first.mask_image, service.options, service.styles)
             spec, model = _job_spec(service, body, request)
             await asyncio.to_thread(service.check, spec, mode, model)
     except BadRequest as err:
@@ -676,7 +695,7 @@ def _pictured_request(service: Service, body: Txt2ImgIn, request: GenerationRequ
                                                                     request.latent_mask_image)
     with _named_by_infotext(body):
         controls = _controls(service, body, own.init_images[0]) if request.controls else ()
-        drawn = _request(body, controls, own.init_images, own.mask, service.options)
+        drawn = _request(body, controls, own.init_images, own.mask, service.options, service.styles)
     return dataclasses.replace(drawn, latent_mask_image=own.latent_mask)
 
 
@@ -994,6 +1013,7 @@ INFOTEXT_FIELDS: dict[str, dict[str, _PasteField]] = {
     "txt2img": {
         "prompt": _label("Prompt"), "negative_prompt": _label("Negative prompt"), "cfg_scale": _label("CFG scale"),
         "width": _label("Size-1"), "height": _label("Size-2"), "batch_size": _label("Batch size"),
+        "styles": _label(STYLES_ARRAY, lambda p: p[STYLES_ARRAY] if isinstance(p.get(STYLES_ARRAY), list) else None),
         "denoising_strength": _label("Denoising strength"),
         "enable_hr": _label("Hires upscale", lambda p: "Denoising strength" in p and any(
             label in p for label in ("Hires upscale", "Hires upscaler", "Hires resize-1"))),
@@ -1053,7 +1073,7 @@ def _with_infotext(body: Txt2ImgIn, service: Service, tab: str) -> Txt2ImgIn:
     saying it came from the infotext. The filled fields keep their labels (`_named_by_infotext`)."""
     if not body.infotext:
         return body
-    params = a1111_parameters(body.infotext)
+    params = a1111_parameters(body.infotext, service.styles, _options(service)["infotext_styles"])
     sent = body.model_fields_set | body._sent_nulls
     try:
         fields = {api: value for api, read in INFOTEXT_FIELDS[tab].items()
@@ -1127,7 +1147,7 @@ async def _txt2img_request(service: Service, body: Txt2ImgIn) -> tuple[str, Gene
     """The job mode and the request `body` asks for."""
     with _named_by_infotext(body):
         controls = await asyncio.to_thread(_controls, service, body)
-        return "txt2img", _request(body, controls, options=service.options)
+        return "txt2img", _request(body, controls, options=service.options, styles=service.styles)
 
 
 def _controls(service: Service, body: Txt2ImgIn, init: Image.Image | None = None) -> tuple:
@@ -1160,7 +1180,8 @@ async def _img2img_request(service: Service, body: Img2ImgIn) -> tuple[str, Gene
     check_alwayson_scripts(body.alwayson_scripts, "img2img", masked=mask is not None)
     with _named_by_infotext(body):
         controls = await asyncio.to_thread(_controls, service, body, inits[0])
-        return "inpaint" if mask is not None else "img2img", _request(body, controls, inits, mask, service.options)
+        return "inpaint" if mask is not None else "img2img", _request(body, controls, inits, mask, service.options,
+                                                                  service.styles)
 
 
 @router.get("/progress")
@@ -1257,7 +1278,8 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     every later generation instead); every option's text is UTF-8, as GET echoes it (`check_texts`). Errors
     name each option as sent: `where` and its key (`override_settings.` in a generation request)."""
     check_texts(body, where.rstrip("."))
-    for key, choices in (("emphasis", EMPHASIS_MODES), ("sd_noise_schedule", tuple(A1111_NOISE_SCHEDULES))):
+    for key, choices in (("emphasis", EMPHASIS_MODES), ("sd_noise_schedule", tuple(A1111_NOISE_SCHEDULES)),
+                         ("infotext_styles", INFOTEXT_STYLES)):
         if key in body and body[key] not in choices:
             raise BadRequest(f"{where}{key} must be one of {', '.join(map(repr, choices))}, got {body[key]!r}", 422)
     for key in ("use_old_scheduling", "use_downcasted_alpha_bar", "sdxl_clip_l_skip", "live_previews_enable"):
@@ -1732,11 +1754,16 @@ def scripts_info(request: Request) -> list[dict[str, Any]]:
 
 
 @router.get("/prompt-styles")
+def prompt_styles(request: Request) -> list[dict[str, str]]:
+    """A1111's `[{name, prompt, negative_prompt}]` of the styles of `--styles-file`, in their files' order."""
+    return service_of(request).styles.listed()
+
+
 @router.get("/face-restorers")
 @router.get("/hypernetworks")
 @router.get("/extensions")
 def nothing_listed() -> list[dict[str, Any]]:
-    """A1111's lists of what sdlab has none of: prompt styles, face restorers, hypernetworks, extensions."""
+    """A1111's lists of what sdlab has none of: face restorers, hypernetworks, extensions."""
     return []
 
 
@@ -1760,7 +1787,7 @@ def cmd_flags(request: Request) -> dict[str, Any]:
     return {**{name: None if path is None else str(path) for name, path in folders.items()},
             "device": config.device, "max_queue": config.max_queue, "max_body_mb": limits.max_body_bytes >> 20,
             "max_pixels": limits.max_pixels, "max_steps": limits.max_steps, "max_batch": limits.max_batch,
-            "max_images": limits.max_images}
+            "max_images": limits.max_images, "styles_file": list(config.styles_files)}
 
 
 @router.get("/memory")
@@ -1874,7 +1901,9 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
         text = read_parameters(io.BytesIO(raw)) or ""
     if items.get("Software") == "NovelAI":
         text = _novelai_text(items, size) or text
-    return {"info": text, "items": items, "parameters": a1111_parameters(text)}
+    service = service_of(request)
+    return {"info": text, "items": items,
+            "parameters": a1111_parameters(text, service.styles, _options(service)["infotext_styles"])}
 
 
 def _novelai_text(items: dict[str, str], size: tuple[int, int]) -> str | None:
@@ -1901,9 +1930,11 @@ _A1111_DEFAULTS = {                     # what A1111 1.10's parser fills in for 
 }
 
 
-def a1111_parameters(text: str) -> dict[str, Any]:
+def a1111_parameters(text: str, styles: StyleDatabase | None = None, infer_styles: str = "Ignore") -> dict[str, Any]:
     """A parameters text parsed with A1111's keys (`parse_generation_parameters` in `infotext_utils.py`):
-    every `WxH` value becomes `<label>-1` / `<label>-2` (`Size-1`, `Size-2`, no `Size`), the labels
+    every `WxH` value becomes `<label>-1` / `<label>-2` (`Size-1`, `Size-2`, no `Size`), the texts of the `styles`
+    the prompts hold taken out of them and the styles named (`Styles array`) as the option `infotext_styles`
+    (`infer_styles`) says (`styles.infotext_styles`), the labels
     missing from the text get A1111's defaults (`"Clip skip": "1"`, ...: `_a1111_defaults`), an old hires fix
     becomes A1111's (`_restore_old_hires_fix`) and the text's A1111 version sets what it implies
     (`infotext.a1111_backcompat`). Values keep sdlab's types."""
@@ -1914,6 +1945,7 @@ def a1111_parameters(text: str) -> dict[str, Any]:
             parsed[f"{key}-1"], parsed[f"{key}-2"] = m.group(1), m.group(2)
         else:
             parsed[key] = value
+    parsed = infotext_styles(parsed, styles or StyleDatabase(), infer_styles)
     res = {**parsed, **{key: value for key, value in _a1111_defaults(parsed).items() if key not in parsed}}
     _restore_old_hires_fix(res)
     return {**res, **a1111_backcompat(res)}

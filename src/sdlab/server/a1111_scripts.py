@@ -189,6 +189,7 @@ def axis_types(mode: str) -> list[AxisType]:
 
 BODY_FIELDS = {         # sdlab's request field an axis sets -> the A1111 request field its `apply_field` sets
     "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength", "steps": "steps",
+    "styles": "styles",         # the request's names, then a Styles axis's (A1111's `p.styles.extend`)
     "hr_steps": "hr_second_pass_steps", "cfg_scale": "cfg_scale", "prompt": "prompt",
     "negative_prompt": "negative_prompt", "sampler": "sampler_name", "hr_sampler": "hr_sampler_name",
     "s_min_uncond": "s_min_uncond", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax",
@@ -377,7 +378,7 @@ def cell_bodies(body: Any, plot: Plot, args: XyzArgs, mode: str) -> list[tuple[I
     if not args.no_fixed_seeds:
         body = body.model_copy(update={"seed": fixed_seed(body.seed), "subseed": fixed_seed(body.subseed)})
     base: dict[str, Any] = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": body.seed,
-                            "steps": body.steps}
+                            "steps": body.steps, "styles": tuple(body.styles)}
     if mode == "img2img":
         base["init_image"] = True       # only what the Denoising axis reads: img2img's strength, not the hires fix's
     try:

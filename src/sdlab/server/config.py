@@ -47,6 +47,7 @@ class ServerConfig:
     upscalers_dir: Path | None = None       # upscaler models the hires fix and extra-single-image may name
     realesrgan_dir: Path | None = None      # A1111's models/RealESRGAN: the files of its R-ESRGAN names, as well
     vae_dir: Path | None = None             # VAE files sd_vae may name (beside the models folder's sidecars)
+    styles_files: tuple[str, ...] = ()      # A1111's styles.csv files (patterns too) a request's `styles` names
     device: str = "cpu"
     max_queue: int = 16                     # jobs waiting (the running one not counted); more -> 429
     basic_auth: tuple[str, str] | None = None

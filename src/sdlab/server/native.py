@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
 from sdlab.pipeline.request import MAX_BATCH_COUNT, GenerationRequest, RequestError, check_sdxl_conditioning
+from sdlab.pipeline.styles import PROMPT_FIELDS, styled_options
 from sdlab.server import script_jobs
 from sdlab.server.a1111_scripts import selected_script
 from sdlab.server.controls import native_controls
@@ -82,6 +83,8 @@ class JobIn(NullsAreDefaults):
     negative_prompt: str = ""
     prompt_2: str = ""                      # SDXL's second text encoder's prompt and negative (diffusers' names;
     negative_prompt_2: str = ""             # "": the prompt's / the negative's)
+    styles: list[str] = Field(default_factory=list)   # A1111's prompt styles by name (`--styles-file`), applied to
+                                                      # the prompts and the hires ones in order (`_styled_texts`)
     steps: int | None = None                # None: the model's preset, else its family's default
     sampler: str | None = None
     schedule: str | None = None
@@ -225,6 +228,16 @@ def _vae_fields(service: Service, name: str | None) -> dict[str, Any]:
     return {"sidecar_vae": False, "vae": found.name}
 
 
+def _styled_texts(service: Service, body: JobIn) -> dict[str, str]:
+    """The job's prompts (`styles.PROMPT_FIELDS`) with its `styles` applied, as A1111's `setup_prompts`; a name
+    no styles file of the server has is a 404 naming those it has."""
+    if unknown := service.styles.unknown(body.styles):
+        known = ", ".join(map(repr, service.styles.styles)) or "none (sdlab serve --styles-file)"
+        raise BadRequest(f"unknown style {', '.join(map(repr, unknown))}; this server has: {known}", 404,
+                         "Style not found")
+    return styled_options({key: getattr(body, key) for key in PROMPT_FIELDS}, service.styles, body.styles)
+
+
 def service_of(request: Request) -> Service:
     return request.app.state.service
 
@@ -260,8 +273,9 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         schedule = schedule_name(body.schedule)         # sdlab's names and A1111's ("SGM Uniform", "automatic")
     except BadRequest as err:
         raise BadRequest(err.message) from None
+    texts = _styled_texts(service, body)
     generation = GenerationRequest(
-        prompt=body.prompt, negative_prompt=body.negative_prompt, prompt_2=body.prompt_2,
+        prompt=texts["prompt"], negative_prompt=texts["negative_prompt"], prompt_2=body.prompt_2,
         negative_prompt_2=body.negative_prompt_2, sampler=body.sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=body.batch_size, clip_skip=body.clip_skip, clip_skip_convention=body.clip_skip_convention,
@@ -278,8 +292,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         subseed_strength=body.subseed_strength, rng=body.rng, seed_resize_from_w=body.seed_resize_from_w,
         seed_resize_from_h=body.seed_resize_from_h, hr_scale=body.hr_scale, hr_width=body.hr_width,
         hr_height=body.hr_height, hr_upscaler=body.hr_upscaler, hr_steps=body.hr_steps, hr_denoise=body.hr_denoise,
-        hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_eta=body.hr_eta, hr_prompt=body.hr_prompt,
-        hr_negative_prompt=body.hr_negative_prompt,
+        hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_eta=body.hr_eta, hr_prompt=texts["hr_prompt"],
+        hr_negative_prompt=texts["hr_negative_prompt"],
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),
         **{name: getattr(body, name) for name in PROMPT_OPTIONS},

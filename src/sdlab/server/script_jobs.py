@@ -40,7 +40,7 @@ REQUEST_FIELDS = {      # the job's field -> A1111's request field
     "subseed": "subseed", "subseed_strength": "subseed_strength", "seed_resize_from_w": "seed_resize_from_w",
     "seed_resize_from_h": "seed_resize_from_h", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax",
     "s_noise": "s_noise", "s_min_uncond": "s_min_uncond", "refiner": "refiner_checkpoint",
-    "refiner_switch": "refiner_switch_at",
+    "refiner_switch": "refiner_switch_at", "styles": "styles",
 }
 HIRES_FIELDS = {        # ... with the hires fix (txt2img)
     "hr_scale": "hr_scale", "hr_width": "hr_resize_x", "hr_height": "hr_resize_y", "hr_upscaler": "hr_upscaler",

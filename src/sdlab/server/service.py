@@ -12,6 +12,7 @@ from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, tag_loras
 from sdlab.pipeline.prompt_loras import forget_read_loras
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
+from sdlab.pipeline.styles import StyleDatabase
 from sdlab.pipeline.upscale import A1111_REALESRGAN_STEMS
 from sdlab.server.config import ServerConfig
 from sdlab.server.inputs import (
@@ -32,6 +33,7 @@ class Service:
         startup = config.model or shipped_model_path()
         if startup is None:
             raise FileNotFoundError("this sdlab install has no built-in model; pass --model FILE")
+        self.styles = StyleDatabase.load(config.styles_files)     # StylesError: before the store opens
         self.store = Store(config.output_dir)
         self.registry = ModelRegistry(Path(startup), config.models_dir, config.vae_dir)
         self.controlnets = ModelFolder(config.controlnet_dir, CONTROLNET_SUFFIXES, hashed=True)

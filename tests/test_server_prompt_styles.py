@@ -1,0 +1,163 @@
+"""A1111's prompt styles on `sdlab serve --styles-file`: `GET /sdapi/v1/prompt-styles` lists them, a request's
+`styles` draw exactly the picture of the styled prompts (txt2img, img2img, the hires prompts, Prompt matrix and
+the X/Y/Z plot's Styles axis, the native API), and `png-info` / `infotext` find them again as A1111 1.10's
+`parse_generation_parameters` (option `infotext_styles`)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdlab.pipeline.styles import StyleDatabase
+from server_fixtures import start_server
+
+STYLES_CSV = ('name,prompt,negative_prompt\n'
+              'cinematic,"{prompt}, film grain",blurry\n'
+              'ink,"ink drawing, monochrome",\n'
+              'sharp,sharp focus,"lowres, {prompt}"\n')
+BASE = {"prompt": "a red apple", "negative_prompt": "ugly", "steps": 2, "seed": 7, "cfg_scale": 5.0,
+        "sampler_name": "Euler"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("styles")
+    (folder / "styles.csv").write_text(STYLES_CSV, encoding="utf-8")
+    server = start_server(folder / "out", "--styles-file", str(folder / "styles.csv"))
+    yield server, StyleDatabase.load([folder / "styles.csv"])
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    with httpx.Client(base_url=served[0].url + "/sdapi/v1", timeout=300) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def styles(served) -> StyleDatabase:
+    return served[1]
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def txt2img(client, **fields) -> dict:
+    answer = client.post("/txt2img", json={**BASE, **fields})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_prompt_styles_lists_the_file(client) -> None:
+    assert client.get("/prompt-styles").json() == [
+        {"name": "cinematic", "prompt": "{prompt}, film grain", "negative_prompt": "blurry"},
+        {"name": "ink", "prompt": "ink drawing, monochrome", "negative_prompt": ""},
+        {"name": "sharp", "prompt": "sharp focus", "negative_prompt": "lowres, {prompt}"}]
+    assert client.get("/cmd-flags").json()["styles_file"][0].endswith("styles.csv")
+
+
+def test_styles_draw_the_styled_prompts(client, styles) -> None:
+    names = ["cinematic", "ink", "unknown"]            # an unknown name: an empty style, as A1111's no_style
+    styled = txt2img(client, styles=names)
+    prompt, negative = styles.apply(BASE["prompt"], names), styles.apply_negative(BASE["negative_prompt"], names)
+    assert prompt == "a red apple, film grain, ink drawing, monochrome" and negative == "ugly, blurry"
+    plain = txt2img(client, prompt=prompt, negative_prompt=negative)
+    assert np.array_equal(pixels(styled["images"][0]), pixels(plain["images"][0]))
+    info = json.loads(styled["info"])
+    assert (info["prompt"], info["negative_prompt"], info["styles"]) == (prompt, negative, names)
+    assert info["infotexts"][0] == json.loads(plain["info"])["infotexts"][0]      # no label of its own: A1111's
+    assert styled["parameters"]["prompt"] == BASE["prompt"] and styled["parameters"]["styles"] == names
+
+
+def test_png_info_and_infotext_find_the_styles(client, styles) -> None:
+    names = ["sharp", "cinematic"]
+    styled = txt2img(client, styles=names)
+    found = client.post("/png-info", json={"image": styled["images"][0]}).json()["parameters"]
+    assert (found["Prompt"], found["Negative prompt"], found["Styles array"]) == ("a red apple", "ugly", names)
+    text = json.loads(styled["info"])["infotexts"][0]
+    again = client.post("/txt2img", json={"infotext": text})
+    assert again.status_code == 200, again.text
+    assert np.array_equal(pixels(again.json()["images"][0]), pixels(styled["images"][0]))
+    assert json.loads(again.json()["info"])["styles"] == names
+    client.post("/options", json={"infotext_styles": "Ignore"})
+    try:
+        kept = client.post("/png-info", json={"image": styled["images"][0]}).json()["parameters"]
+        assert kept["Prompt"] == styles.apply("a red apple", names) and "Styles array" not in kept
+    finally:
+        client.post("/options", json={"infotext_styles": "Apply if any"})
+    assert client.post("/options", json={"infotext_styles": "Sometimes"}).status_code == 422
+
+
+def test_hires_prompts_are_styled(client, styles) -> None:
+    hires = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 1,
+             "hr_prompt": "a green pear"}
+    styled = txt2img(client, styles=["ink"], **hires)
+    plain = txt2img(client, prompt=styles.apply(BASE["prompt"], ["ink"]),
+                    negative_prompt=styles.apply_negative(BASE["negative_prompt"], ["ink"]),
+                    **{**hires, "hr_prompt": styles.apply("a green pear", ["ink"])})
+    assert np.array_equal(pixels(styled["images"][0]), pixels(plain["images"][0]))
+    assert "Hires prompt: \"a green pear, ink drawing, monochrome\"" in json.loads(styled["info"])["infotexts"][0]
+
+
+def test_img2img_styles(client, styles) -> None:
+    init = txt2img(client)["images"][0]
+    body = {**BASE, "init_images": [init], "denoising_strength": 0.5}
+    styled = client.post("/img2img", json={**body, "styles": ["sharp"]}).json()
+    plain = client.post("/img2img", json={**body, "prompt": styles.apply(BASE["prompt"], ["sharp"]),
+                                          "negative_prompt": styles.apply_negative("ugly", ["sharp"])}).json()
+    assert np.array_equal(pixels(styled["images"][0]), pixels(plain["images"][0]))
+
+
+def test_xyz_styles_axis_adds_to_the_requests_styles(client, styles) -> None:
+    args = [30, "cinematic,sharp", [], 0, "", [], 0, "", [], True, True, False, False, False, False, False, 0, True]
+    answer = txt2img(client, styles=["ink"], script_name="x/y/z plot", script_args=args)
+    info = json.loads(answer["info"])
+    assert info["all_prompts"] == [styles.apply("a red apple", ["ink", "cinematic"]),
+                                       styles.apply("a red apple", ["ink", "sharp"])]
+    cell = txt2img(client, styles=["ink", "sharp"])
+    assert np.array_equal(pixels(answer["images"][2]), pixels(cell["images"][0]))
+    assert "X Type: Styles" in info["infotexts"][0]
+
+
+def test_prompt_matrix_styles_each_combination(client, styles) -> None:
+    answer = txt2img(client, prompt="a red apple|at night", styles=["ink"], script_name="prompt matrix",
+                     script_args=[False, False, "positive", "comma", 0])
+    info = json.loads(answer["info"])
+    assert info["all_prompts"] == [styles.apply(p, ["ink"]) for p in ("a red apple", "a red apple, at night")]
+
+
+def test_native_jobs_take_styles(served, styles) -> None:
+    server, _ = served
+    with httpx.Client(base_url=server.url + "/api", timeout=300) as api:
+        job = api.post("/jobs", json={"prompt": "a red apple", "negative_prompt": "ugly", "steps": 2, "seed": 7,
+                                      "styles": ["cinematic"]})
+        assert job.status_code == 202, job.text
+        unknown = api.post("/jobs", json={"prompt": "a", "styles": ["nope"]})
+        assert unknown.status_code == 404 and "unknown style 'nope'" in unknown.text
+        record = api.get(f"/jobs/{job.json()['id']}").json()
+        while record["status"] in ("queued", "running"):
+            time.sleep(0.2)
+            record = api.get(f"/jobs/{job.json()['id']}").json()
+    assert record["request"]["prompt"] == styles.apply("a red apple", ["cinematic"])
+    assert record["request"]["negative_prompt"] == "ugly, blurry"
+
+
+def test_a_bad_styles_file_stops_the_server_with_one_line(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from server_fixtures import server_env
+
+    (tmp_path / "bad.csv").write_text("title,prompt\nx,y\n", encoding="utf-8")
+    run = subprocess.run([sys.executable, "-m", "sdlab", "serve", "--port", "0", "--output-dir", str(tmp_path / "o"),
+                          "--styles-file", str(tmp_path / "bad.csv")], capture_output=True, text=True, timeout=120,
+                         env=server_env())
+    assert run.returncode != 0 and "no 'name' column" in run.stderr and "Traceback" not in run.stderr
