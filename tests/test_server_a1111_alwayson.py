@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, sdlab_server  # noqa: F401  (sdlab_server: a session fixture)
 
 FIELDS = {"prompt": "a red apple", "seed": 7, "steps": 2, "sampler_name": "Euler", "width": 64, "height": 64}
 BUILT_IN_ARGS = {        # A1111 1.10's own always-on scripts, with args that would change the picture if applied
@@ -43,9 +43,7 @@ def client(sdlab_server):
 
 
 def png_b64(colour: tuple[int, int, int], mode: str = "RGB") -> str:
-    buffer = io.BytesIO()
-    Image.new(mode, (64, 64), colour).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return b64_png(Image.new(mode, (64, 64), colour))
 
 
 def tab_fields(route: str, masked: bool = False) -> dict:

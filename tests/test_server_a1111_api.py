@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, sdlab_server  # noqa: F401  (sdlab_server: a session fixture)
 from sdlab.server.inputs import BadRequest, sampler_and_schedule
 
 
@@ -118,9 +118,7 @@ def test_a_comfyui_spelling_brings_comfyuis_conventions_as_on_the_native_api(cli
 
 
 def png_b64(size: tuple[int, int], colour: tuple[int, int, int]) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return b64_png(Image.new("RGB", size, colour))
 
 
 @pytest.mark.parametrize("route", ["prompt-styles", "face-restorers", "hypernetworks", "realesrgan-models",

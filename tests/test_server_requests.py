@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_fixtures import start_server, wait_for_job
+from server_fixtures import b64_png, picture, start_server, wait_for_job
 
 MAX_STEPS = 10
 
@@ -52,10 +52,6 @@ def png_bytes(image: Image.Image, **info: str) -> bytes:
     return buffer.getvalue()
 
 
-def b64(image: Image.Image) -> str:
-    return base64.b64encode(png_bytes(image)).decode()
-
-
 # ---------------------------------------------------------------- 1. --max-steps holds for the hires pass
 
 
@@ -83,7 +79,7 @@ def test_the_steps_limit_holds_for_the_hires_second_pass(client):
 ], ids=["a1111-hr", "a1111-hr-sized", "native-hr", "native-hr-1e200", "extras-scale", "extras-size"])
 def test_huge_finite_scales_are_a_clean_4xx(client, path, body):
     if "extra" in path:
-        body = {**body, "image": b64(Image.new("RGB", (64, 64), "red"))}
+        body = {**body, "image": b64_png(Image.new("RGB", (64, 64), "red"))}
     response = client.post(path, json=body)
     assert response.status_code in (400, 413), response.text         # 413 past --max-pixels, 400 past MAX_SIDE
     text = response.json().get("errors") or response.json()["detail"]
@@ -245,7 +241,7 @@ def test_null_fields_take_their_defaults(client):
     assert response.status_code == 200, response.text
     assert len(response.json()["images"]) == 1
     assert client.post("/sdapi/v1/txt2img", json={"prompt": None, "steps": 2}).status_code == 200
-    init = b64(Image.new("RGB", (64, 64), "blue"))
+    init = b64_png(Image.new("RGB", (64, 64), "blue"))
     img2img = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "init_images": [init], "mask": None,
                                                      "mask_blur": None, "inpainting_mask_invert": None,
                                                      "include_init_images": None, "denoising_strength": None})
@@ -327,14 +323,15 @@ def test_a_mask_of_another_size_is_resized_to_the_picture(client):
     init = Image.new("RGB", (64, 64), "red")
     mask = Image.new("L", (128, 128), 0)
     mask.paste(255, (32, 32, 96, 96))
-    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "seed": 1, "init_images": [b64(init)],
-                                                      "mask": b64(mask), "mask_blur": 0, "denoising_strength": 1})
+    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 2, "seed": 1,
+                                                      "init_images": [b64_png(init)], "mask": b64_png(mask),
+                                                      "mask_blur": 0, "denoising_strength": 1})
     assert response.status_code == 200, response.text
-    out = Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))).convert("RGB")
+    out = picture(response.json()["images"][0])
     assert out.size == (64, 64)
     assert out.getpixel((2, 2)) == (255, 0, 0) and out.getpixel((32, 32)) != (255, 0, 0)   # the corner kept
-    native = client.post("/api/jobs", json={"mode": "inpaint", "prompt": "x", "steps": 2, "init_image": b64(init),
-                                            "mask_image": b64(mask.resize((40, 24)))})
+    native = client.post("/api/jobs", json={"mode": "inpaint", "prompt": "x", "steps": 2, "init_image": b64_png(init),
+                                            "mask_image": b64_png(mask.resize((40, 24)))})
     assert native.status_code == 202 and wait_for_job(client, native.json()["id"])["status"] == "done", native.text
 
 
@@ -345,12 +342,12 @@ def test_a_transparent_mask_repaints_where_it_is_opaque(client):
     init = Image.new("RGB", (64, 64), "red")
     mask = Image.new("RGBA", (64, 64), (255, 255, 255, 0))              # white everywhere, transparent...
     mask.paste((255, 255, 255, 255), (16, 16, 48, 48))                  # ...but the painted centre
-    body = {"prompt": "x", "steps": 2, "seed": 1, "init_images": [b64(init)], "mask": b64(mask), "mask_blur": 0,
+    body = {"prompt": "x", "steps": 2, "seed": 1, "init_images": [b64_png(init)], "mask": b64_png(mask), "mask_blur": 0,
             "denoising_strength": 1}
     out = Image.open(io.BytesIO(base64.b64decode(client.post("/sdapi/v1/img2img", json=body).json()["images"][0])))
     assert out.convert("RGB").getpixel((2, 2)) == (255, 0, 0)
     inverted = client.post("/sdapi/v1/img2img", json={**body, "inpainting_mask_invert": 1}).json()
-    out = Image.open(io.BytesIO(base64.b64decode(inverted["images"][0]))).convert("RGB")
+    out = picture(inverted["images"][0])
     assert out.getpixel((32, 32)) == (255, 0, 0) and out.getpixel((2, 2)) != (255, 0, 0)
 
 
@@ -373,8 +370,8 @@ def test_png_info_answers_with_a1111s_keys(client):
 def test_a1111_img2img_takes_denoising_strength_0(client):
     """A1111 runs one step at the lowest sigma (t_enc = 0) rather than refusing it."""
     init = Image.new("RGB", (64, 64), (200, 40, 40))
-    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 4, "seed": 1, "init_images": [b64(init)],
-                                                      "denoising_strength": 0})
+    response = client.post("/sdapi/v1/img2img", json={"prompt": "x", "steps": 4, "seed": 1,
+                                                      "init_images": [b64_png(init)], "denoising_strength": 0})
     assert response.status_code == 200, response.text
     assert json.loads(response.json()["info"])["denoising_strength"] == 0
     assert "Denoising strength: 0" in json.loads(response.json()["info"])["infotexts"][0]
@@ -439,22 +436,22 @@ def test_extras_upscale_sizes_and_none_are_a1111s(client):
     """`ScriptPostprocessingUpscale`: "None" (the default) returns the picture; `Upscaler.upscale` rounds the
     size down to 8 after its pass (Lanczos / Nearest by the scale), "Scale to" keeps the aspect (max scale)
     and with crop pastes the result centred on a w x h canvas."""
-    picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8))
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (75, 100, 3), dtype=np.uint8))
 
     def extras(**body) -> Image.Image:
-        response = client.post("/sdapi/v1/extra-single-image", json={"image": b64(picture), **body})
+        response = client.post("/sdapi/v1/extra-single-image", json={"image": b64_png(source), **body})
         assert response.status_code == 200, response.text
-        return Image.open(io.BytesIO(base64.b64decode(response.json()["image"]))).convert("RGB")
+        return picture(response.json()["image"])
 
     def same(a: Image.Image, b: Image.Image) -> bool:
         return a.size == b.size and np.array_equal(np.asarray(a), np.asarray(b))
 
     lanczos, nearest = Image.Resampling.LANCZOS, Image.Resampling.NEAREST
-    assert same(extras(), picture) and same(extras(upscaler_1="None", upscaling_resize=3), picture)
-    by_2 = picture.resize((200, 150), lanczos).resize((200, 144), lanczos)
+    assert same(extras(), source) and same(extras(upscaler_1="None", upscaling_resize=3), source)
+    by_2 = source.resize((200, 150), lanczos).resize((200, 144), lanczos)
     assert same(extras(upscaler_1="Lanczos"), by_2)
     assert same(extras(upscaler_1="Nearest", upscaling_resize=1.5),
-                picture.resize((150, 112), nearest).resize((144, 112), lanczos))
+                source.resize((150, 112), nearest).resize((144, 112), lanczos))
     to = dict(upscaler_1="Lanczos", resize_mode=1, upscaling_resize_w=200, upscaling_resize_h=100)
     assert same(extras(**to, upscaling_crop=False), by_2)                          # max(200/100, 100/75) = 2
     assert same(extras(**to, upscaling_crop=True), by_2.crop((0, 22, 200, 122)))   # pasted at (0, 50 - 72)

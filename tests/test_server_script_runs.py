@@ -9,8 +9,6 @@ p.seed, "", all_prompts=..., infotexts=...)` of the request's own `p`)."""
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import threading
 import time
@@ -21,7 +19,7 @@ import pytest
 from PIL import Image
 
 from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, axis_types
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, picture, sdlab_server  # noqa: F401  (sdlab_server: a session fixture)
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 7, "cfg_scale": 5.0,
         "sampler_name": "Euler"}
@@ -49,7 +47,7 @@ def job_count(server) -> int:
 
 
 def pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+    return np.asarray(picture(b64))
 
 
 def posted(server, body: dict, answers: list) -> threading.Thread:
@@ -172,9 +170,7 @@ def test_prompt_matrix_info_keeps_the_requests_batch_size(server) -> None:
 
 
 def init_picture() -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (90, 20, 200)).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return b64_png(Image.new("RGB", (64, 64), (90, 20, 200)))
 
 
 def assert_same_answer(answer: httpx.Response, expected: httpx.Response) -> None:
