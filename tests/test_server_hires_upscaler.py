@@ -24,7 +24,7 @@ from sdlab.checkpoints.upscaler import load_upscaler
 from sdlab.pipeline.request import GenerationRequest, RequestError
 from sdlab.server.model_folders import UPSCALER_SUFFIXES, ModelFolder
 from sdlab.server.worker import HiresUpscaler, _run_with_upscaler
-from server_fixtures import run_job, server_env, start_server
+from server_fixtures import b64_png, run_job, server_env, start_server
 from test_upscale_models import new_arch_state
 
 PROMPT = "a hires red apple"
@@ -122,9 +122,7 @@ def test_an_upscaler_model_that_cannot_be_loaded_or_is_gone_is_refused_without_t
 
 
 def test_extras_refuses_a_listed_upscaler_that_cannot_be_loaded_or_is_gone_without_the_servers_path(server):
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 16), (200, 40, 40)).save(buffer, "PNG")
-    image = base64.b64encode(buffer.getvalue()).decode("ascii")
+    image = b64_png(Image.new("RGB", (16, 16), (200, 40, 40)))
     answers = {name: httpx.post(server.url + "/sdapi/v1/extra-single-image", timeout=120,
                                 json={"image": image, "upscaler_1": name, "upscaling_resize": 2})
                for name in ("broken", "removed")}

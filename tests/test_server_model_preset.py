@@ -20,7 +20,7 @@ from sdlab.checkpoints.save import save_bundle
 from sdlab.models.unet import UNet
 from sdlab.pipeline.request import GenerationRequest
 from sdlab.server.inputs import unset_preset_fields, with_preset
-from server_fixtures import run_job, start_server, write_preset_models
+from server_fixtures import b64_png, run_job, start_server, write_preset_models
 
 SMALL = {"prompt": "a fox", "seed": 7, "width": 32, "height": 32}
 LCM = {"sampler": "LCM", "schedule": "trailing", "steps": 4, "cfg_scale": 1.0}     # presets.py's "lcm" row
@@ -107,10 +107,8 @@ def test_an_lcm_model_draws_with_the_lcm_model_preset(client):
 def test_img2img_on_an_lcm_model_counts_the_steps_it_runs(client):
     """A full LCM model's img2img is LatentConsistencyModelImg2ImgPipeline's, whose every step runs: the job
     counts (progress, step events) the steps its resolved plan runs, 4, not diffusers' int(4 x 0.5)."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (32, 32), (90, 20, 200)).save(buffer, format="PNG")
     job = _run(client, {**SMALL, "model": "lcm", "mode": "img2img", "strength": 0.5,
-                        "init_image": base64.b64encode(buffer.getvalue()).decode()})
+                        "init_image": b64_png(Image.new("RGB", (32, 32), (90, 20, 200)))})
     assert (job["request"]["img2img_convention"], job["request"]["steps"]) == ("lcm", 4)
     assert job["step"] == job["steps"] == 4
 

@@ -33,7 +33,7 @@ from sdlab.server.inputs import JobSpec, RefinerChoice
 from sdlab.server.jobs import Job, JobCancelled
 from sdlab.server.registry import ModelRegistry
 from sdlab.server.worker import ModelHost, Runner
-from server_fixtures import run_job, start_server
+from server_fixtures import b64_png, run_job, start_server
 
 SETTINGS = {"prompt": "a castle on a hill", "seed": 7, "steps": 6, "cfg_scale": 5.0, "width": 32, "height": 32}
 
@@ -146,9 +146,7 @@ def test_a_refiner_of_another_latent_space_fails_its_job_with_a_400(client):
 
 def test_a1111_img2img_takes_the_refiner(client, models):
     init = Image.new("RGB", (32, 32), (200, 80, 40))
-    buffer = io.BytesIO()
-    init.save(buffer, "PNG")
-    body = {**SETTINGS, "init_images": [base64.b64encode(buffer.getvalue()).decode()], "denoising_strength": 0.6,
+    body = {**SETTINGS, "init_images": [b64_png(init)], "denoising_strength": 0.6,
             "sampler_name": "Euler", "refiner_checkpoint": "refiner", "refiner_switch_at": 0.5}
     answer = client.post("/sdapi/v1/img2img", json=body)
     assert answer.status_code == 200, answer.text
