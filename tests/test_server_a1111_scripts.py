@@ -18,7 +18,7 @@ from PIL import Image
 from sdlab.pipeline.grid import Plot, parse_axis
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 from sdlab.server.a1111_scripts import BODY_FIELDS, OPTION_FIELDS, axis_types, sdlab_field
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, picture, sdlab_server  # noqa: F401  (sdlab_server: a session fixture)
 
 # AUTOMATIC1111/stable-diffusion-webui v1.10.1, scripts/xyz_grid.py `axis_options`, transcribed: (class, label)
 # ("" AxisOption, "t" AxisOptionTxt2Img, "i" AxisOptionImg2Img). `Script.ui`: `self.current_axis_options = [x for x
@@ -78,7 +78,7 @@ def index_of(label: str, mode: str = "txt2img") -> int:
 
 
 def pixels(b64: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+    return np.asarray(picture(b64))
 
 
 @pytest.fixture
@@ -214,15 +214,13 @@ def test_options_axes_and_a_random_seed_drawn_once(client) -> None:
 def test_img2img_cells_are_single_img2img_requests(client) -> None:
     """In img2img the Denoising axis (its own index there) is the strength of each cell's img2img."""
     init = Image.fromarray(np.stack([np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))] * 3, axis=-1))
-    buffer = io.BytesIO()
-    init.save(buffer, format="PNG")
-    picture = base64.b64encode(buffer.getvalue()).decode()
+    init_b64 = b64_png(init)
     args = xyz_args(x_type=index_of("Denoising", "img2img"), x_values="0.5,0.9", include_lone_images=True)
-    answer = client.post("/img2img", json={**BASE, "steps": 4, "init_images": [picture], "script_name": "x/y/z plot",
+    answer = client.post("/img2img", json={**BASE, "steps": 4, "init_images": [init_b64], "script_name": "x/y/z plot",
                                            "script_args": args})
     assert answer.status_code == 200, answer.text
     for strength, cell in zip((0.5, 0.9), answer.json()["images"][1:]):
-        single = _single(client, "img2img", steps=4, init_images=[picture], denoising_strength=strength)
+        single = _single(client, "img2img", steps=4, init_images=[init_b64], denoising_strength=strength)
         assert np.array_equal(pixels(cell), pixels(single["images"][0]))
 
 
