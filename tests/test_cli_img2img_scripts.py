@@ -23,7 +23,7 @@ from sdlab.pipeline.loopback import CURVES
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 from sdlab.pipeline.upscale import upscale_by
 from sdlab.checkpoints.upscaler import load_upscaler
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, sdlab_server  # noqa: F401  (sdlab_server: a session fixture)
 from test_upscale_models import new_arch_state
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 4, "seed": 7, "cfg_scale": 5.0,
@@ -32,12 +32,6 @@ SERVERS_THREADS = ("--threads", "1", "--no-progress")    # the test server draws
 INIT = Image.fromarray(np.stack([np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1)),
                                  np.tile(np.linspace(255, 0, 64, dtype=np.uint8), (64, 1)).T,
                                  np.full((64, 64), 90, dtype=np.uint8)], axis=-1))
-
-
-def b64_png(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 def decoded(b64: str) -> bytes:
