@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 from controlnet_fixtures import diffusers_controlnet, write_layout
-from server_fixtures import server_env, start_server
+from server_fixtures import b64_png, server_env, start_server
 from test_upscale_models import new_arch_state
 
 GEN = {"prompt": "a red apple", "steps": 3, "seed": 11, "width": 64, "height": 64, "cfg_scale": 5}
@@ -174,9 +174,7 @@ def test_extra_single_image_upscales(setup):
     names = [row["name"] for row in httpx.get(url + "/sdapi/v1/upscalers", timeout=30).json()]
     assert names[:3] == ["None", "Lanczos", "Nearest"] and "tinyx2" in names
     source = Image.open(setup["hint"]).convert("RGB").resize((20, 16))
-    buffer = io.BytesIO()
-    source.save(buffer, "PNG")
-    image = base64.b64encode(buffer.getvalue()).decode("ascii")
+    image = b64_png(source)
 
     response = httpx.post(url + "/sdapi/v1/extra-single-image", timeout=120,
                           json={"image": image, "upscaler_1": "tinyx2", "upscaling_resize": 3})
@@ -472,11 +470,11 @@ def test_a_units_own_mask_of_another_size_than_its_image_is_a_422(tmp_path):
     assert _units(tmp_path, module="inpaint", image=image, mask=fitting)[0].mask.size == (8, 6)
     net = tmp_path / "ControlNet" / "cn.safetensors"
     folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net), titles=lambda: ["cn"])
-    entry = {"model": "cn", "image": _b64_of(image), "module": "inpaint"}
+    entry = {"model": "cn", "image": b64_png(image), "module": "inpaint"}
     with pytest.raises(BadRequest, match="the mask is 16x6 but its image 8x6") as refused:
-        native_controls([{**entry, "mask": _b64_of(wide)}], folder, Limits())
+        native_controls([{**entry, "mask": b64_png(wide)}], folder, Limits())
     assert refused.value.status == 422
-    assert native_controls([{**entry, "mask": _b64_of(fitting)}], folder, Limits())[0].mask.size == (8, 6)
+    assert native_controls([{**entry, "mask": b64_png(fitting)}], folder, Limits())[0].mask.size == (8, 6)
 
 
 def test_an_img2img_units_mask_of_another_size_than_the_init_it_takes_is_a_422(tmp_path):
@@ -504,12 +502,6 @@ def test_an_img2img_units_mask_of_another_size_than_the_init_it_takes_is_a_422(t
     assert units(fitting)[0].mask.size == (32, 32)
 
 
-def _b64_of(picture: Image.Image) -> str:
-    buffer = io.BytesIO()
-    picture.save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def test_native_thresholds_of_minus_one_are_the_defaults(tmp_path):
     """A native entry's threshold_a / threshold_b of -1 (any negative number) is the preprocessor's default, as
     `--control-threshold-a -1` and an A1111 unit's -1 are; a text is still a 422."""
@@ -522,7 +514,7 @@ def test_native_thresholds_of_minus_one_are_the_defaults(tmp_path):
     _units(tmp_path)                                            # the folder's ControlNet file
     net = tmp_path / "ControlNet" / "cn.safetensors"
     folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net), titles=lambda: ["cn"])
-    entry = {"model": "cn", "image": _b64_of(Image.new("RGB", (8, 8))), "module": "canny"}
+    entry = {"model": "cn", "image": b64_png(Image.new("RGB", (8, 8))), "module": "canny"}
     [control] = native_controls([{**entry, "threshold_a": -1, "threshold_b": -2.5}], folder, Limits())
     assert (control.threshold_a, control.threshold_b) == (None, None)
     assert native_controls([{**entry, "threshold_a": 0, "threshold_b": 30}], folder, Limits())[0].threshold_b == 30
@@ -642,14 +634,14 @@ def test_a_unit_without_an_image_takes_each_script_pass_own_init_picture(setup):
     unit = {"alwayson_scripts": {"controlnet": {"args": [{"model": "tiny_canny", "image": "", "module": "none",
                                                           "resize_mode": "Just Resize"}]}}}
     init = Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))
-    upscaled = _img2img(url, init_images=[_b64_of(init)], script_name="SD upscale", script_args=["", 32, "None", 1],
+    upscaled = _img2img(url, init_images=[b64_png(init)], script_name="SD upscale", script_args=["", 32, "None", 1],
                         **unit)
     combined = np.asarray(_picture(base64.b64decode(upscaled["images"][0])).convert("RGB"))
-    tile = _img2img(url, init_images=[_b64_of(init.crop((0, 0, 64, 64)))], **unit)["images"][0]
+    tile = _img2img(url, init_images=[b64_png(init.crop((0, 0, 64, 64)))], **unit)["images"][0]
     alone = np.asarray(_picture(base64.b64decode(tile)).convert("RGB"))
     assert np.array_equal(combined[:32, :32], alone[:32, :32])      # the corner only tile 0 covers
 
-    looped = _img2img(url, init_images=[_b64_of(init.resize((64, 64)))], script_name="Loopback",
+    looped = _img2img(url, init_images=[b64_png(init.resize((64, 64)))], script_name="Loopback",
                       script_args=[2, 0.5, "Linear", "None"], **unit)["images"]
     second = _img2img(url, init_images=[looped[1]], seed=GEN["seed"] + 1, **unit)["images"][0]
     assert np.array_equal(np.asarray(_picture(base64.b64decode(looped[2])).convert("RGB")),
