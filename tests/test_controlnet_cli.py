@@ -207,10 +207,9 @@ def test_from_png_warns_of_the_recorded_units_no_control_redraws(files, tmp_path
     assert "drawn with ControlNet 1;" in stderr and "ControlNet 0" not in stderr
 
 
-def test_from_png_warns_of_a_units_processor_res_pixel_perfect_and_hr_option(files, tmp_path, capsys):
-    """A recorded unit's Processor Res and Pixel Perfect: True (a canny / threshold / scribble the extension runs
-    at that resolution; sdlab at the image's size) and an Hr Option other than Both (with a hires pass) are named
-    in one warning line; a tile_resample unit's Processor Res and a Pixel Perfect: False are not."""
+def test_from_png_draws_a_units_processor_res_and_pixel_perfect_and_warns_of_its_hr_option(files, tmp_path, capsys):
+    """A recorded unit's Processor Res and Pixel Perfect are drawn (the redraw's line records them); an Hr Option
+    other than Both (with a hires pass) is not, and is named in one warning line."""
     from cli_helpers import png_with_parameters
 
     units = ('ControlNet 0: "Module: canny, Model: cn [12345678], Weight: 0.8, Resize Mode: Crop and Resize, '
@@ -219,10 +218,9 @@ def test_from_png_warns_of_a_units_processor_res_pixel_perfect_and_hr_option(fil
              'ControlNet 1: "Module: tile_resample, Model: cn2 [12345678], Weight: 0.6, Resize Mode: Just Resize, '
              'Processor Res: 512, Threshold A: 2.0, Threshold B: 0.5, Guidance Start: 0.1, Guidance End: 1.0, '
              'Pixel Perfect: False, Control Mode: Balanced, Hr Option: High res only"')
-    for hires, expected in (("", "(ControlNet 0: Processor Res: 768, Pixel Perfect: True)"),
+    for hires, expected in (("", None),
                             ("Hires upscale: 2, Hires upscaler: Latent, Denoising strength: 0.5, ",
-                             "(ControlNet 0: Processor Res: 768, Pixel Perfect: True, Hr Option: Low res only; "
-                             "ControlNet 1: Hr Option: High res only)")):
+                             "(ControlNet 0: Hr Option: Low res only; ControlNet 1: Hr Option: High res only)")):
         recorded = png_with_parameters(tmp_path / "a1111.png", "a red apple\nSteps: 2, Sampler: Euler, CFG scale: 7, "
                                        f"Seed: 3, Size: 16x16, {hires}{units}", (16, 16))
         spec = f"{files['net']}:{files['hint']}"
@@ -231,18 +229,9 @@ def test_from_png_warns_of_a_units_processor_res_pixel_perfect_and_hr_option(fil
                                "--out", str(tmp_path / "again.png")], capsys)
         assert code == 0, stderr
         warnings = [line for line in stderr.splitlines() if "settings sdlab does not draw (ControlNet" in line]
-        assert len(warnings) == 1 and expected in warnings[0], stderr
-
-
-def test_a_processor_res_at_the_hint_images_short_side_is_not_warned_of():
-    """The extension runs canny at Processor Res; at the hint image's short side that is the size sdlab runs it
-    at, so the label is not named (A1111's default 512 on a 512 px hint); another resolution still is."""
-    from sdlab.pipeline.control import undrawn_unit_labels
-
-    line = "Module: canny, Model: cn, Weight: 1.0, Processor Res: 32, Pixel Perfect: False, Hr Option: Both"
-    assert undrawn_unit_labels(line, "canny", False, short_side=32) == []
-    assert undrawn_unit_labels(line, "canny", False, short_side=48) == ["Processor Res: 32"]
-    assert undrawn_unit_labels(line, "canny", False) == ["Processor Res: 32"]
+        assert (warnings == []) if expected is None else (len(warnings) == 1 and expected in warnings[0]), stderr
+        redrawn = parse_parameters(read_parameters(tmp_path / "again.png"))
+        assert "Pixel Perfect: True" in redrawn["ControlNet 0"] and "Processor Res" not in redrawn["ControlNet 1"]
 
 
 def test_from_png_names_no_processor_res_at_the_hint_images_size(files, tmp_path, capsys):
@@ -270,7 +259,8 @@ def test_recorded_unit_reads_a1111s_labels():
             "Fit), Processor Res: 512, Threshold A: 0.5, Threshold B: -1, Guidance Start: 0.25, Guidance End: 0.75, "
             "Pixel Perfect: False, Control Mode: ControlNet is more important")
     assert recorded_unit(line) == {"module": "inpaint", "strength": 0.5, "start": 0.25, "end": 0.75,
-                                   "threshold_a": 0.5, "control_mode": "control", "resize_mode": "crop"}
+                                   "threshold_a": 0.5, "control_mode": "control", "resize_mode": "crop",
+                                   "processor_res": 512, "pixel_perfect": False}
     assert recorded_unit("Module: None, Model: cn [12345678]") == {"module": "none"}
     for bad, message in (("Module: none, Control Mode: Sideways", "Control Mode 'Sideways'"),
                          ("Module: depth_midas, Weight: 1", "no preprocessor 'depth_midas'"),
@@ -322,7 +312,8 @@ def test_from_png_keeps_the_recorded_thresholds_only_with_the_recorded_module(fi
     def control(module=(), threshold_b=()):
         args = argparse.Namespace(control=[f"{files['net']}:{files['hint']}"], control_module=list(module),
                                   control_mode=[], control_resize=[], control_threshold_a=[],
-                                  control_threshold_b=list(threshold_b), control_mask=[], from_png="pic.png")
+                                  control_threshold_b=list(threshold_b), control_mask=[], control_processor_res=[],
+                                  control_pixel_perfect=[], from_png="pic.png")
         (unit,) = _controls(args, recorded, "a1111")
         return unit.module, unit.threshold_a, unit.threshold_b
 
@@ -332,8 +323,9 @@ def test_from_png_keeps_the_recorded_thresholds_only_with_the_recorded_module(fi
 
 
 def test_control_mask_and_thresholds_reach_the_control(files, tmp_path, monkeypatch):
-    """--control-threshold-a / -b and --control-mask set the matching control's `threshold_a` / `threshold_b` and
-    `mask` (`none` and -1: unset), as `ControlInput(..., threshold_a=, mask=)` does."""
+    """--control-threshold-a / -b, --control-mask, --control-processor-res and --control-pixel-perfect set the
+    matching control's `threshold_a` / `threshold_b`, `mask` (`none` and -1: unset), `processor_res` (-1: unset)
+    and `pixel_perfect`, as `ControlInput(..., threshold_a=, mask=, processor_res=, pixel_perfect=)` does."""
     import argparse
 
     from sdlab.cli.generate import _controls
@@ -343,9 +335,12 @@ def test_control_mask_and_thresholds_reach_the_control(files, tmp_path, monkeypa
     spec = f"{files['net']}:{files['hint']}"
     args = argparse.Namespace(control=[spec, spec], control_module=["inpaint", "canny"], control_mode=[],
                               control_resize=[], control_threshold_a=[-1, 30.0], control_threshold_b=[],
-                              control_mask=[str(mask), "none"], from_png=None)
+                              control_mask=[str(mask), "none"], control_processor_res=[-1, 256],
+                              control_pixel_perfect=["false", "true"], from_png=None)
     first, second = _controls(args, {}, "diffusers")
     assert (first.module, first.threshold_a, second.threshold_a, second.mask) == ("inpaint", None, 30.0, None)
+    assert (first.processor_res, first.pixel_perfect, second.processor_res, second.pixel_perfect) == \
+        (None, False, 256, True)
     assert np.array_equal(np.asarray(first.mask), np.asarray(Image.open(mask)))
 
 

@@ -111,7 +111,8 @@ def test_controlnet_units_equal_the_cli(setup, tmp_path):
         assert job["status"] == "done", job
         assert job["request"]["controls"] == [{          # every setting it ran with, the image left out
             "model": "tiny_canny.safetensors", "strength": 0.8, "start": 0.0, "end": 0.7, "module": "none",
-            "control_mode": "balanced", "resize_mode": "resize", "threshold_a": None, "threshold_b": None}]
+            "control_mode": "balanced", "resize_mode": "resize", "threshold_a": None, "threshold_b": None,
+            "processor_res": None, "pixel_perfect": False}]
         _same(_picture(client.get(job["images"][0]).content), cli)
 
 
@@ -646,3 +647,59 @@ def test_a_unit_without_an_image_takes_each_script_pass_own_init_picture(setup):
     second = _img2img(url, init_images=[looped[1]], seed=GEN["seed"] + 1, **unit)["images"][0]
     assert np.array_equal(np.asarray(_picture(base64.b64decode(looped[2])).convert("RGB")),
                           np.asarray(_picture(base64.b64decode(second)).convert("RGB")))
+
+
+def test_a1111_units_processor_res_and_pixel_perfect(tmp_path):
+    """A unit's processor_res as the extension's bound check takes it (unset: the picture's own size; outside
+    its slider 64..2048, -1 too: 512) and its pixel_perfect; a processor_res that is no number is a 422."""
+    from sdlab.server.inputs import BadRequest
+
+    for fields, taken in (({}, (None, False)), ({"processor_res": 256}, (256, False)),
+                          ({"processor_res": -1, "pixel_perfect": True}, (512, True)),
+                          ({"processor_res": 4096, "pixel_perfect": None}, (512, False))):
+        [unit] = _units(tmp_path, module="canny", **fields)
+        assert (unit.processor_res, unit.pixel_perfect) == taken, fields
+    for bad in ({"processor_res": "big"}, {"processor_res": 300.5}, {"pixel_perfect": "yes"}):
+        with pytest.raises(BadRequest) as refused:
+            _units(tmp_path, module="canny", **bad)
+        assert refused.value.status == 422
+
+
+def test_processor_res_draws_in_detect_units_native_controls_and_the_cli(setup, tmp_path):
+    """canny at processor_res 256: /controlnet/detect answers the 256 px map (unset: the picture's size); an A1111
+    unit records `Processor Res: 256` and its picture is redrawn by --from-png; a native entry draws what
+    `--control-processor-res 256` draws, and differs from the picture's own size."""
+    from sdlab.pipeline.preprocess import preprocess
+
+    url = setup["server"].url
+    hint = Image.open(setup["hint"])
+    for given, side in ((256, 256), (None, 64)):
+        body = {"controlnet_module": "canny", "controlnet_input_images": [_b64(setup["hint"])]}
+        answer = httpx.post(url + "/controlnet/detect", timeout=60,
+                            json={**body, **({} if given is None else {"controlnet_processor_res": given})})
+        assert answer.status_code == 200, answer.text
+        drawn = _picture(base64.b64decode(answer.json()["images"][0]))
+        assert drawn.size == (side, side)
+        assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(preprocess(hint, "canny", resolution=given)))
+
+    unit = {"enabled": True, "model": "tiny_canny", "image": _b64(setup["hint"]), "module": "canny",
+            "processor_res": 256, "resize_mode": "Just Resize"}
+    response = httpx.post(url + "/sdapi/v1/txt2img", timeout=300, json={
+        **GEN, "sampler_name": "Euler", "scheduler": "sgm_uniform", "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert response.status_code == 200, response.text
+    served = base64.b64decode(response.json()["images"][0])
+    assert "Processor Res: 256" in _picture(served).info["parameters"]
+    (tmp_path / "served.png").write_bytes(served)
+    _same(_picture(served), _cli(tmp_path, "--from-png", str(tmp_path / "served.png"),
+                                 "--control", f"{setup['net']}:{setup['hint']}"))
+
+    cli = _cli(tmp_path, GEN["prompt"], "--steps", "3", "--seed", "11", "--width", "64", "--height", "64", "--cfg",
+               "5", "--sampler", "Euler", "--control", f"{setup['net']}:{setup['hint']}", "--control-module", "canny",
+               "--control-processor-res", "256")
+    with httpx.Client(base_url=url, timeout=300) as client:
+        control = {"model": "tiny_canny", "image": _b64(setup["hint"]), "module": "canny"}
+        job = _finished_job(client, {**GEN, "sampler": "Euler", "controls": [{**control, "processor_res": 256}]})
+        assert job["status"] == "done", job
+        _same(_picture(client.get(job["images"][0]).content), cli)
+        own_size = _finished_job(client, {**GEN, "sampler": "Euler", "controls": [control]})
+        assert not np.array_equal(np.asarray(_picture(client.get(own_size["images"][0]).content)), np.asarray(cli))

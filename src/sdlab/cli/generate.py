@@ -311,6 +311,13 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--control-threshold-b", action="append", default=[], type=float, metavar="VALUE",
                    help="A1111's Threshold B of the matching --control's preprocessor: canny's high threshold "
                         "(200); -1: the default; repeatable")
+    p.add_argument("--control-processor-res", action="append", default=[], type=int, metavar="N",
+                   help="A1111's Processor Res of the matching --control's canny / threshold / scribble: its "
+                        "picture's short side is scaled to N first; -1: the picture's own size (the default); "
+                        "repeatable")
+    p.add_argument("--control-pixel-perfect", action="append", default=[], choices=("true", "false"),
+                   help="A1111's Pixel Perfect of the matching --control (true: the Processor Res that scales its "
+                        "picture to the drawing's size); repeatable")
     p.add_argument("--control-mask", action="append", default=[], metavar="FILE",
                    help="the mask of the matching --control's inpaint / inpaint_only hint (white = masked; "
                         "without one an inpainting run's mask serves); none: no mask of its own; repeatable")
@@ -805,14 +812,18 @@ def _recorded_unit(recorded: dict[str, Any], index: int, source: str | None) -> 
 
 _CONTROL_OPTIONS = (("module", "control_module"), ("control_mode", "control_mode"),
                     ("resize_mode", "control_resize"), ("threshold_a", "control_threshold_a"),
-                    ("threshold_b", "control_threshold_b"), ("mask", "control_mask"))
+                    ("threshold_b", "control_threshold_b"), ("mask", "control_mask"),
+                    ("processor_res", "control_processor_res"), ("pixel_perfect", "control_pixel_perfect"))
 """The per-control options: `ControlInput`'s field, the argparse attribute (--control-module, ...)."""
 
 
 def _given_setting(key: str, value: Any) -> Any:
     """A per-control option's value as `ControlInput` takes it: None (the default, also over a --from-png
-    picture's) for a threshold below 0 (A1111's -1) and for the mask `none`."""
-    if key.startswith("threshold") and value < 0:
+    picture's) for a threshold or processor resolution below 0 (A1111's -1) and for the mask `none`;
+    pixel_perfect's true / false as a bool."""
+    if key == "pixel_perfect":
+        return value == "true"
+    if (key.startswith("threshold") or key == "processor_res") and value < 0:
         return None
     return None if key == "mask" and value.lower() == "none" else value
 
@@ -821,7 +832,7 @@ def _controls(args: argparse.Namespace, recorded: dict[str, Any], convention: st
     """The --control `ControlInput`s with their per-control options, checked under the request's control
     `convention`. A setting a control is not given (on its spec or by an option) takes the one the --from-png
     picture's `ControlNet N` line records for it (`recorded_unit`: module, weight, guidance start / end,
-    thresholds, modes; `_kept_settings`), as A1111's paste sets its N-th unit."""
+    thresholds, processor resolution, Pixel Perfect, modes; `_kept_settings`), as A1111's paste sets its N-th unit."""
     count = len(args.control)
     columns = [_per_control(getattr(args, attr), "--" + attr.replace("_", "-"), count) for _, attr in _CONTROL_OPTIONS]
     controls = []
@@ -1017,30 +1028,17 @@ def _vae_label(name: str, short_hash: str | None) -> str:
     return f"{name} [{short_hash}]" if short_hash else name
 
 
-def _short_side(image) -> int | None:
-    """The short side of a hint image (a PIL picture or a file, whose header alone is read); None if unreadable."""
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        return min(image.size)
-    try:
-        with Image.open(image) as opened:
-            return min(opened.size)
-    except (OSError, ValueError):
-        return None
-
-
 def _undrawn_unit_labels(recorded: dict[str, Any], request) -> list[str]:
     """"ControlNet N: Label: value, ..." for each --control whose picture's `ControlNet N` line records settings
-    it does not draw (`control.undrawn_unit_labels`: Processor Res, Pixel Perfect, Hr Option)."""
-    from sdlab.pipeline.control import control_input, undrawn_unit_labels
+    it does not draw (`control.undrawn_unit_labels`: Hr Option)."""
+    from sdlab.pipeline.control import undrawn_unit_labels
 
     found = []
-    for index, control in enumerate(map(control_input, request.controls)):
+    for index in range(len(request.controls)):
         line = f"ControlNet {index}"
         if line not in recorded:
             continue
-        labels = undrawn_unit_labels(recorded[line], control.module, bool(request.hires), _short_side(control.image))
+        labels = undrawn_unit_labels(recorded[line], bool(request.hires))
         if labels:
             found.append(f"{line}: {', '.join(labels)}")
     return found

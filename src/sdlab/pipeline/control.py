@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,8 @@ from sdlab.models.circular_padding import circular_padding, padded_convolutions
 from sdlab.pipeline.images import eight_bit, flattened
 from sdlab.pipeline.overlay import axis_blurred
 from sdlab.pipeline.preprocess import (
-    INPAINT_MODULES, PARAMETERS, PREPROCESSORS, a1111_module, preprocess, unknown_preprocessor,
+    INPAINT_MODULES, PARAMETERS, PREPROCESSORS, RESOLUTION_MODULES, a1111_module, pixel_perfect_resolution,
+    preprocess, processor_resolution, unknown_preprocessor,
 )
 from sdlab.pipeline.request import RequestError, input_image, input_size
 from sdlab.pipeline.upscale import IMG2IMG_UPSCALER, resize_image
@@ -89,7 +90,9 @@ class ControlInput:
     `resize_mode` None: the request's convention's, `DEFAULT_RESIZE`), `threshold_a` / `threshold_b` its
     preprocessor parameters (None: the preprocessor's default; `preprocess.PARAMETERS`). `mask` (a picture or
     path, white = masked; its first channel) is the unit's mask of the inpaint preprocessors (`inpaint_hint`);
-    without one an inpainting run's mask serves."""
+    without one an inpainting run's mask serves. `processor_res` (A1111's Processor Res) is the resolution
+    canny, threshold and scribble run at (`preprocess.RESOLUTION_MODULES`; None: the picture's own size);
+    `pixel_perfect` picks it from the drawing's size instead (`resolution_of`)."""
 
     model: LoadedControlNet | str | os.PathLike[str]
     image: Image.Image | str | os.PathLike[str]
@@ -102,6 +105,8 @@ class ControlInput:
     threshold_a: float | None = None
     threshold_b: float | None = None
     mask: Image.Image | str | os.PathLike[str] | None = None
+    processor_res: int | None = None
+    pixel_perfect: bool = False
 
     @property
     def model_path(self) -> str:
@@ -146,6 +151,11 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
             raise RequestError(f"{name}: {what} must be a number >= 0 or unset, got {value!r}")
     if control.module not in PREPROCESSORS:
         raise RequestError(f"{name}: {unknown_preprocessor(control.module)}")
+    resolution = control.processor_res
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
+        raise RequestError(f"{name}: processor_res must be a whole number >= 1 or unset, got {resolution!r}")
+    if not isinstance(control.pixel_perfect, bool):
+        raise RequestError(f"{name}: pixel_perfect must be true or false, got {control.pixel_perfect!r}")
     if not isinstance(control.model, LoadedControlNet) and not Path(control.model).exists():
         raise RequestError(f"{name}: the ControlNet {control.model_path!r} does not exist")
     if not isinstance(control.image, Image.Image) and not Path(control.image).exists():
@@ -164,6 +174,32 @@ def check_mask_size(image: tuple[int, int], mask: tuple[int, int], name: str) ->
     if mask != image:
         raise RequestError(f"{name}: the mask is {mask[0]}x{mask[1]} but its image {image[0]}x{image[1]}; a "
                            "control's mask must have its image's size")
+
+
+def resolution_of(control: ControlInput, image: Image.Image, width: int, height: int,
+                  resize_mode: str) -> int | None:
+    """The resolution the control's preprocessor runs its (cut) `image` at for a width x height drawing: None
+    for one that takes none (`RESOLUTION_MODULES`); Pixel Perfect's (`pixel_perfect_resolution`, by the
+    control's resize mode) where it is on, else its `processor_res`."""
+    if control.module not in RESOLUTION_MODULES:
+        return None
+    if control.pixel_perfect:
+        return pixel_perfect_resolution(image.size, width, height, resize_mode)
+    return control.processor_res
+
+
+def at_first_pass_resolution(controls: Sequence[ControlInput | Any], width: int, height: int,
+                             convention: str) -> tuple[ControlInput, ...]:
+    """The controls of a hires fix's second pass: Pixel Perfect's resolution fixed at the first pass's width x
+    height (`resolution_of`), as the extension preprocesses once for both passes."""
+    fixed = []
+    for control in map(control_input, controls):
+        if control.pixel_perfect and control.module in RESOLUTION_MODULES:
+            size = input_size(control.image, "control image")
+            resolution = pixel_perfect_resolution(size, width, height, control.resize_mode_under(convention))
+            control = replace(control, processor_res=resolution, pixel_perfect=False)
+        fixed.append(control)
+    return tuple(fixed)
 
 
 def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "resize",
@@ -329,7 +365,8 @@ def prepare_controls(
         if region is not None:
             image = cropped_to_region(image, picture_size, region, (width, height), resize_mode)
         try:
-            image = preprocess(image, control.module, control.threshold_a, control.threshold_b)
+            image = preprocess(image, control.module, control.threshold_a, control.threshold_b,
+                               resolution_of(control, image, width, height, resize_mode))
         except ValueError as err:
             raise RequestError(f"control {index}: {err}") from None
         hint = hint_tensor(image, width, height, resize_mode)
@@ -452,6 +489,15 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
+def _drawn_resolution(control: ControlInput) -> dict[str, Any]:
+    """The control's `Processor Res` and `Pixel Perfect: True` where its preprocessor runs at a processor
+    resolution (`RESOLUTION_MODULES`): the one given, or Pixel Perfect's (which follows from the image and the
+    size); None for the others and at the picture's own size (unrecorded)."""
+    takes = control.module in RESOLUTION_MODULES
+    return {"Processor Res": control.processor_res if takes and not control.pixel_perfect else None,
+            "Pixel Perfect": True if takes and control.pixel_perfect else None}
+
+
 def _read_thresholds(control: ControlInput) -> dict[str, float | None]:
     """The control's `Threshold A` / `Threshold B` its preprocessor reads (`PARAMETERS`); None for the others,
     which mean nothing (and go unrecorded)."""
@@ -464,10 +510,11 @@ def infotext_lines(controls: Sequence[ControlInput | Any], convention: str = "di
     """A1111 ControlNet extension labels and values, in its order, e.g. {"ControlNet 0": "Module: none, Model:
     NAME [hash], Weight: 1, Resize Mode: Just Resize, Guidance Start: 0, Guidance End: 1"}: NAME is the file
     name without its suffix, hash A1111's short model hash (`legacy_hash`); the resize mode is the one the
-    control ran with (`convention`: the request's `control_convention`); given thresholds its preprocessor
-    reads add `Threshold A` / `Threshold B` (`_read_thresholds`), a control mode other than Balanced
-    `Control Mode`. The infotext writer quotes each value. `controls` may hold (file, image[, strength[,
-    start, end]]) records (`control_input`)."""
+    control ran with (`convention`: the request's `control_convention`); a processor resolution it ran at adds
+    `Processor Res` or `Pixel Perfect: True` (`_drawn_resolution`), given thresholds its preprocessor reads
+    `Threshold A` / `Threshold B` (`_read_thresholds`), a control mode other than Balanced `Control Mode`. The
+    infotext writer quotes each value. `controls` may hold (file, image[, strength[, start, end]]) records
+    (`control_input`)."""
     lines = {}
     for index, control in enumerate(map(control_input, controls)):
         path = control.model_path
@@ -475,10 +522,12 @@ def infotext_lines(controls: Sequence[ControlInput | Any], convention: str = "di
             model = f"{(Path(path).stem if Path(path).is_file() else Path(path).name)} [{legacy_hash(path)}]"
         except OSError:
             model = Path(path).name
+        resolution = _drawn_resolution(control)
         fields = {"Module": control.module, "Model": model, "Weight": _number(control.strength),
                   "Resize Mode": RESIZE_MODES[control.resize_mode_under(convention)],
-                  **_read_thresholds(control),
+                  "Processor Res": resolution["Processor Res"], **_read_thresholds(control),
                   "Guidance Start": _number(control.start), "Guidance End": _number(control.end),
+                  "Pixel Perfect": resolution["Pixel Perfect"],
                   "Control Mode": None if control.control_mode == "balanced" else CONTROL_MODES[control.control_mode]}
         lines[f"ControlNet {index}"] = ", ".join(f"{label}: {_number(value) if isinstance(value, float) else value}"
                                                  for label, value in fields.items() if value is not None)
@@ -498,38 +547,38 @@ RECORDED_NUMBERS = {"Weight": "strength", "Guidance Start": "start", "Guidance E
 fields."""
 
 
-RESOLUTION_MODULES = ("canny", "threshold", "scribble")
-"""sdlab's preprocessors the extension runs at its processor resolution (`resize_image_with_pad`: the short side
-scaled to Processor Res, or to Pixel Perfect's); sdlab runs them at the image's size."""
-
-
 def _line_fields(line: str) -> dict[str, str]:
     """A ControlNet infotext line's items, as the extension's `parse_unit` splits it: "Label: value" at commas."""
     return dict(item.strip().split(": ", 1) for item in str(line).split(",") if ": " in item)
 
 
-def undrawn_unit_labels(line: str, module: str, hires: bool, short_side: int | None = None) -> list[str]:
-    """The "Label: value" items of a ControlNet infotext line that a control running `module` does not draw:
-    Processor Res (unless it is the hint image's `short_side`, the size sdlab runs the preprocessor at) and
-    Pixel Perfect: True for a preprocessor the extension runs at that resolution (`RESOLUTION_MODULES`), and an
-    Hr Option other than Both when the run has a hires pass (`hires`)."""
-    fields = _line_fields(line)
-    resolution = fields.get("Processor Res", "")
-    at_image_size = short_side is not None and resolution.lstrip("-").isdigit() and int(resolution) == short_side
-    undrawn = {"Processor Res": module in RESOLUTION_MODULES and not at_image_size,
-               "Pixel Perfect": module in RESOLUTION_MODULES and fields.get("Pixel Perfect") == "True",
-               "Hr Option": hires and fields.get("Hr Option", "Both") != "Both"}
-    return [f"{label}: {fields[label]}" for label, drawn_otherwise in undrawn.items()
-            if drawn_otherwise and label in fields]
+def undrawn_unit_labels(line: str, hires: bool) -> list[str]:
+    """The "Label: value" items of a ControlNet infotext line that sdlab does not draw: an Hr Option other than
+    Both when the run has a hires pass (`hires`)."""
+    option = _line_fields(line).get("Hr Option", "Both")
+    return [f"Hr Option: {option}"] if hires and option != "Both" else []
+
+
+def _recorded_resolution(value: str) -> int:
+    """A ControlNet line's Processor Res as a whole number, the extension's bound check applied
+    (`processor_resolution`); one that is not a whole number is a ValueError naming it."""
+    try:
+        number = int(float(value))
+    except (ValueError, OverflowError):
+        raise ValueError(f"Processor Res {value!r} is not a number") from None
+    if number != float(value):
+        raise ValueError(f"Processor Res {value!r} is not a whole number")
+    return processor_resolution(number)
 
 
 def recorded_unit(line: str) -> dict[str, Any]:
     """The `ControlInput` settings a ControlNet infotext line records (`infotext_lines`, or the extension's):
     `module` (A1111's name or UI alias, `a1111_module`), `strength`, `start`, `end`, `threshold_a` /
-    `threshold_b` (a negative one, the extension's -1, is the default: absent), `control_mode` / `resize_mode`
-    by sdlab's names; a label the line lacks is absent. The line is read as the extension's `parse_unit` reads
-    it: items split at commas, each "Label: value". A module or mode sdlab has not, or a number that is not one,
-    is a ValueError naming it."""
+    `threshold_b` (a negative one, the extension's -1, is the default: absent), `processor_res` (one outside the
+    extension's slider, -1 too, its 512: `processor_resolution`), `pixel_perfect`, `control_mode` /
+    `resize_mode` by sdlab's names; a label the line lacks is absent. The line is read as the extension's
+    `parse_unit` reads it: items split at commas, each "Label: value". A module or mode sdlab has not, or a number
+    that is not one, is a ValueError naming it."""
     fields = _line_fields(line)
     unit: dict[str, Any] = {}
     if "Module" in fields:
@@ -543,6 +592,10 @@ def recorded_unit(line: str) -> dict[str, Any]:
             raise ValueError(f"{label} {fields[label]!r} is not a number") from None
         if not key.startswith("threshold") or value >= 0:
             unit[key] = value
+    if "Processor Res" in fields:
+        unit["processor_res"] = _recorded_resolution(fields["Processor Res"])
+    if "Pixel Perfect" in fields:
+        unit["pixel_perfect"] = fields["Pixel Perfect"] == "True"
     for label, key, names in (("Control Mode", "control_mode", CONTROL_MODES),
                               ("Resize Mode", "resize_mode", RESIZE_MODES)):
         if label not in fields:

@@ -49,6 +49,7 @@ from sdlab.checkpoints.upscaler import Upscaler, load_upscaler
 from sdlab.diffusion.guidance import recording_effects
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.families.loaded import ModelBundle
+from sdlab.pipeline.control import at_first_pass_resolution
 from sdlab.pipeline.generate import (
     NonFiniteError,
     ProgressFn,
@@ -119,7 +120,8 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     the first pass's model calls by the first pass's sampler (A1111's `firstpass_steps`: prompt edits count on from
     it). SDXL's original and target sizes the request
     leaves unset are the upscaled size before the crop and unsnapped, (hr_upscale_to_y, hr_upscale_to_x), for
-    the prompt and the negative, as A1111's `calculate_hr_conds` conditions its second pass."""
+    the prompt and the negative, as A1111's `calculate_hr_conds` conditions its second pass. A ControlNet's Pixel
+    Perfect resolution stays the first pass's (`at_first_pass_resolution`), as the extension preprocesses once."""
     _, (width, height) = pass_sizes(req, factor)
     (up_width, up_height), _ = upscaled_to(req)
     return replace(req, width=width, height=height, steps=hires_steps(req), strength=req.hr_denoise,
@@ -132,6 +134,7 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
                    hr_steps=None, hr_denoise=None, hr_sampler=None, hr_schedule=None, hr_eta=None, hr_prompt="",
                    hr_negative_prompt="", hr_base_size=None,
                    first_pass_steps=req.steps * get_sampler(req.sampler).calls_per_step,
+                   controls=at_first_pass_resolution(req.controls, req.width, req.height, req.control_convention),
                    original_size=req.original_size or (up_height, up_width),
                    target_size=req.target_size or (up_height, up_width))
 

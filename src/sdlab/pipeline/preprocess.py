@@ -21,6 +21,13 @@ one reads a picture with transparency laid on white by its alpha (`flattened`), 
   and scaled back up (a blurred input for the tile ControlNet at the picture's size).
 - `inpaint` (the extension's `inpaint_global_harmonious`) and `inpaint_only`: the picture itself; the hint
   then takes -1 where the control's mask is (`INPAINT_MODULES`, `pipeline.control.inpaint_hint`).
+
+A preprocessor runs on the picture at its own size, or, given a `resolution` (A1111's Processor Res), as the
+extension runs canny, threshold and scribble (`RESOLUTION_MODULES`; the others take none there either): on the
+picture with its short side scaled to `resolution` (OpenCV's INTER_AREA shrinking, INTER_CUBIC enlarging) and
+its edges repeated to multiples of 64, the result cut back to the scaled size (`resized_with_pad`, the
+extension's `resize_image_with_pad`). Pixel Perfect picks the resolution from the drawing's size
+(`pixel_perfect_resolution`).
 """
 
 from __future__ import annotations
@@ -192,6 +199,76 @@ def tile_resample(image: Image.Image, rate: float = 1.0) -> Image.Image:
     return Image.fromarray(area_resize(np.asarray(image), width, height))
 
 
+def _cubic_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's INTER_CUBIC taps along one axis: for each target pixel the 4 source indices (borders repeated)
+    and their weights, `interpolateCubic` (A = -0.75) in float32 at the target centre's source position
+    (d + 0.5) / (target / source) - 0.5, times 2048 and rounded (its fixed-point coefficients)."""
+    position = ((np.arange(target) + 0.5) * (1.0 / (target / source)) - 0.5).astype(np.float32)
+    start = np.floor(position)
+    x = position - start                                                    # float32 in [0, 1)
+    a, one = np.float32(-0.75), np.float32(1)
+    w0 = ((a * (x + one) - 5 * a) * (x + one) + 8 * a) * (x + one) - 4 * a
+    w1 = ((a + 2) * x - (a + 3)) * x * x + one
+    w2 = ((a + 2) * (one - x) - (a + 3)) * (one - x) * (one - x) + one
+    weights = np.stack([w0, w1, w2, one - w0 - w1 - w2], axis=-1)          # (target, 4)
+    index = np.clip(start.astype(np.int64)[:, None] + np.arange(-1, 3), 0, source - 1)
+    return index, np.rint(weights * np.float32(2048)).astype(np.int64)
+
+
+def cubic_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+    """`cv2.resize(pixels, (width, height), interpolation=cv2.INTER_CUBIC)` of a uint8 (H, W, C) picture, as
+    OpenCV's own code computes it (its Intel IPP build rounds about 3% of the values 1 the other way): rows
+    first in integers (weights of 2048), then columns: in float32 (weights / 2048 ** 2, summed from the last
+    tap, rounded half to even) in runs of 8 values of a row (its SSE vector code), the row's last values past
+    them in integers ((sum + 2 ** 21) >> 22)."""
+    cols, col_weights = _cubic_taps(pixels.shape[1], width)
+    rows, row_weights = _cubic_taps(pixels.shape[0], height)
+    across = (pixels.astype(np.int64)[:, cols] * col_weights[None, :, :, None]).sum(axis=2)   # (H, width, C)
+    taps = across[rows].reshape(height, 4, -1)                              # (height, 4, width * C)
+    beta = (row_weights.astype(np.float32) * np.float32(1 / 2048**2))[:, :, None]             # (height, 4, 1)
+    floats = taps.astype(np.float32)
+    total = floats[:, 3] * beta[:, 3]
+    for k in (2, 1, 0):
+        total = floats[:, k] * beta[:, k] + total
+    vector = total.shape[1] // 8 * 8
+    total[:, vector:] = ((taps[:, :, vector:] * row_weights[:, :, None]).sum(axis=1) + (1 << 21)) >> 22
+    return np.clip(np.rint(total), 0, 255).astype(np.uint8).reshape(height, width, -1)
+
+
+def resized_with_pad(pixels: np.ndarray, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The extension's `resize_image_with_pad`: a uint8 (H, W, 3) picture with its short side scaled to
+    `resolution` (OpenCV's INTER_CUBIC enlarging, INTER_AREA otherwise; sides rounded), its last row and column
+    repeated to multiples of 64; and the scaled (height, width), which the preprocessor's result is cut back to."""
+    height, width = pixels.shape[:2]
+    k = float(resolution) / float(min(height, width))
+    new_h, new_w = int(np.round(height * k)), int(np.round(width * k))
+    scaled = (cubic_resize if k > 1 else area_resize)(pixels, new_w, new_h)
+    pad = [[0, -new_h % 64], [0, -new_w % 64], [0, 0]]
+    return np.pad(scaled, pad, mode="edge"), (new_h, new_w)
+
+
+def pixel_perfect_resolution(image_size: tuple[int, int], width: int, height: int, resize_mode: str) -> int:
+    """The extension's Pixel Perfect resolution (`pixel_perfect_resolution`) of a picture of `image_size`
+    (width, height) drawn at width x height: its short side times the scale that fits it inside the drawing
+    under "fill" (Resize and Fill), else the scale that covers it, rounded."""
+    raw_w, raw_h = image_size
+    k0, k1 = float(height) / float(raw_h), float(width) / float(raw_w)
+    scale = min(k0, k1) if resize_mode == "fill" else max(k0, k1)
+    return int(np.round(scale * float(min(raw_h, raw_w))))
+
+
+def processor_resolution(value: Any) -> Any:
+    """An A1111 unit's (or `/controlnet/detect`'s) processor_res as the preprocessor takes it: null is none (the
+    picture's own size); a number outside the extension's slider (`RESOLUTION_SLIDER`, -1 too) its default 512,
+    as its `bound_check_params` resets it; a whole number within it as an int; any other value as given
+    (checked with the control)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if not RESOLUTION_SLIDER["min"] <= value <= RESOLUTION_SLIDER["max"]:
+        return RESOLUTION_SLIDER["value"]
+    return int(value) if value == int(value) else value
+
+
 PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {            # (image, *PARAMETERS values)
     "none": lambda image: image,
     "canny": canny,
@@ -205,6 +282,11 @@ PREPROCESSORS: dict[str, Callable[..., Image.Image]] = {            # (image, *P
 }
 INPAINT_MODULES = ("inpaint", "inpaint_only")
 """The preprocessors whose hint is masked: -1 where the control's mask is white (the v1.1 inpaint ControlNet)."""
+RESOLUTION_MODULES = ("canny", "threshold", "scribble")
+"""The preprocessors the extension runs at its processor resolution (`resized_with_pad`); its invert,
+tile_resample, none and inpaint take none (sdlab's tile neither)."""
+RESOLUTION_SLIDER = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}
+"""The extension's Processor Res slider of the `RESOLUTION_MODULES` (`preprocessor_sliders_config`)."""
 
 
 THRESHOLD_SLIDERS: dict[str, tuple[dict[str, Any], ...]] = {
@@ -248,11 +330,17 @@ def a1111_module(module: object) -> str:
 
 
 def preprocess(image: Image.Image, module: str, threshold_a: float | None = None,
-               threshold_b: float | None = None) -> Image.Image:
+               threshold_b: float | None = None, resolution: int | None = None) -> Image.Image:
     """`image` through the preprocessor called `module` (a key of `PREPROCESSORS`), with A1111's `threshold_a` /
-    `threshold_b` where it takes them (`PARAMETERS`; None: the default; others ignore them, as A1111's do)."""
+    `threshold_b` where it takes them (`PARAMETERS`; None: the default; others ignore them, as A1111's do), at
+    the processor `resolution` where it takes one (`RESOLUTION_MODULES`, `resized_with_pad`; None: at the
+    picture's own size)."""
     if module not in PREPROCESSORS:
         raise ValueError(unknown_preprocessor(module))
     given = (threshold_a, threshold_b)
     values = [default if value is None else value for default, value in zip(PARAMETERS.get(module, ()), given)]
-    return PREPROCESSORS[module](flattened(image), *values)
+    image = flattened(image)
+    if resolution is None or module not in RESOLUTION_MODULES:
+        return PREPROCESSORS[module](image, *values)
+    padded, (height, width) = resized_with_pad(np.asarray(image.convert("RGB")), resolution)
+    return PREPROCESSORS[module](Image.fromarray(padded), *values).crop((0, 0, width, height))

@@ -49,7 +49,9 @@ from sdlab.pipeline.images import open_image
 from sdlab.pipeline.infotext import (
     a1111_backcompat, drawn_by_sdlab, eta_label, hires_parameters, img2img_parameters, old_hires_sizes, refiner_label,
 )
-from sdlab.pipeline.preprocess import INPAINT_MODULES, PREPROCESSORS, THRESHOLD_SLIDERS, preprocess
+from sdlab.pipeline.preprocess import (
+    INPAINT_MODULES, PREPROCESSORS, RESOLUTION_SLIDER, THRESHOLD_SLIDERS, preprocess, processor_resolution,
+)
 from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.styles import (
@@ -1987,7 +1989,6 @@ def _uses_emphasis(prompt: str) -> bool:
 
 
 controlnet_router = APIRouter(prefix="/controlnet")     # the sd-webui-controlnet extension's routes
-_RESOLUTION = {"name": "Preprocessor Resolution", "value": 512, "min": 64, "max": 2048}
 CONTROL_TYPES = {
     "All": "none", "Canny": "canny", "Depth": "depth_midas", "NormalMap": "normal_bae", "OpenPose": "openpose_full",
     "MLSD": "mlsd", "Lineart": "lineart_standard (from white bg & black line)", "SoftEdge": "softedge_pidinet",
@@ -2011,7 +2012,7 @@ def _module_sliders(module: str) -> list[dict[str, Any] | None]:
     without thresholds has no entry there and lists no slider."""
     if module not in THRESHOLD_SLIDERS:
         return []
-    return [None if module == "tile_resample" else _RESOLUTION, *THRESHOLD_SLIDERS[module]]
+    return [None if module == "tile_resample" else RESOLUTION_SLIDER, *THRESHOLD_SLIDERS[module]]
 
 
 def _module_label(module: str) -> str:
@@ -2082,14 +2083,14 @@ def controlnet_version() -> dict[str, Any]:
 
 
 class DetectIn(NullsAreDefaults):
-    """The extension's `/controlnet/detect` body; `controlnet_processor_res` and `low_vram` are accepted and
-    ignored (sdlab's preprocessors run at the picture's size, as in its units)."""
+    """The extension's `/controlnet/detect` body; `low_vram` is accepted and ignored. `controlnet_processor_res`
+    is a unit's processor_res (`processor_resolution`): unset or null, the picture's own size."""
 
     model_config = ConfigDict(extra="allow")
 
     controlnet_module: str = "none"
     controlnet_input_images: list[str] = Field(default_factory=list)
-    controlnet_processor_res: int = -1
+    controlnet_processor_res: float | None = None
     controlnet_threshold_a: float = -1
     controlnet_threshold_b: float = -1
     controlnet_masks: list[str] = Field(default_factory=list)
@@ -2117,13 +2118,14 @@ async def controlnet_detect(body: DetectIn, request: Request) -> dict[str, Any]:
 
 
 def _detected(service: Service, body: DetectIn, module: str, data: str, what: str) -> str:
-    """One picture of `/controlnet/detect` through `module`, thresholds outside their sliders' range the
-    preprocessor's defaults as in a unit (`threshold_value`, the extension's `bound_check_params`), in base64."""
+    """One picture of `/controlnet/detect` through `module`, thresholds and processor resolution outside their
+    sliders' range the preprocessor's defaults as in a unit (`threshold_value`, `processor_resolution`: the
+    extension's `bound_check_params`), in base64."""
     image = decode_image(data, what, service.config.limits)
     thresholds = [threshold_value(value, module, index)
                   for index, value in enumerate((body.controlnet_threshold_a, body.controlnet_threshold_b))]
     try:
-        hint = preprocess(image, module, *thresholds)
+        hint = preprocess(image, module, *thresholds, processor_resolution(body.controlnet_processor_res))
     except ValueError as err:
         raise BadRequest(f"{what}: {err}", 422) from None
     return _base64_picture(hint, None, _options(service))

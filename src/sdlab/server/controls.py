@@ -3,11 +3,12 @@ ControlNet folder, hint image decoded from base64, numbers and preprocessor chec
 
 A1111's ControlNet extension sends `alwayson_scripts: {"controlnet": {"args": [unit, ...]}}`, a unit being
 `{enabled, model, image | input_image, weight, guidance_start, guidance_end, module, ...}`; the native API
-sends `controls: [{model, image, strength, start, end, module, control_mode, resize_mode}]`. A1111's units
-select their steps by the extension's rule (the request's `control_convention="a1111"`), the native ones by
-diffusers'; a unit's `control_mode`, `resize_mode` and `threshold_a` / `threshold_b` are A1111's, a native
-entry's modes are sdlab's names (`CONTROL_MODES`, `RESIZE_MODES`). Unit fields sdlab does not implement
-(pixel_perfect, processor_res, low_vram, ...) are ignored.
+sends `controls: [{model, image, strength, start, end, module, control_mode, resize_mode, processor_res,
+pixel_perfect}]`. A1111's units select their steps by the extension's rule (the request's
+`control_convention="a1111"`), the native ones by diffusers'; a unit's `control_mode`, `resize_mode`,
+`threshold_a` / `threshold_b`, `processor_res` and `pixel_perfect` are A1111's, a native entry's modes are
+sdlab's names (`CONTROL_MODES`, `RESIZE_MODES`). Unit fields sdlab does not implement (low_vram, ...) are
+ignored.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from sdlab.pipeline.control import (
     CONTROL_MODES, DEFAULT_RESIZE, RESIZE_MODES, ControlInput, a1111_mode, check_control, check_mask_size,
 )
 from sdlab.pipeline.images import eight_bit
-from sdlab.pipeline.preprocess import A1111_MODULE_ALIASES, INPAINT_MODULES, SLIDER_RANGES, a1111_module
+from sdlab.pipeline.preprocess import (
+    A1111_MODULE_ALIASES, INPAINT_MODULES, SLIDER_RANGES, a1111_module, processor_resolution,
+)
 from sdlab.pipeline.request import RequestError
 from sdlab.server.config import Limits
 from sdlab.server.inputs import BadRequest, decode_image
@@ -173,7 +176,8 @@ def a1111_unit(unit: dict[str, Any], index: int, folder: ModelFolder, limits: Li
                            unit.get("guidance_end", unit.get("guidance", 1.0)),     # the extension's legacy alias
                            module, control_mode(unit.get("control_mode")),
                            resize_mode(unit.get("resize_mode") if own else init_resize), threshold_value(unit.get("threshold_a"), module, 0),
-                           threshold_value(unit.get("threshold_b"), module, 1), mask)
+                           threshold_value(unit.get("threshold_b"), module, 1), mask,
+                           processor_resolution(unit.get("processor_res")), unit.get("pixel_perfect") or False)
     return checked_control(control, index, "a1111")
 
 
@@ -202,8 +206,9 @@ def a1111_controls(scripts: Any, folder: ModelFolder, limits: Limits, init: Imag
 
 
 def native_threshold(value: Any) -> Any:
-    """A native entry's threshold_a / threshold_b: a negative number (A1111's -1) is the default (None), as with
-    `--control-threshold-a` and an A1111 unit; any other value as given (checked with the control)."""
+    """A native entry's threshold_a / threshold_b / processor_res: a negative number (A1111's -1) is the default
+    (None), as with `--control-threshold-a` and an A1111 unit's thresholds; any other value as given (checked
+    with the control)."""
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     return None if is_number and value < 0 else value
 
@@ -218,6 +223,7 @@ def native_controls(items: list[dict[str, Any]], folder: ModelFolder, limits: Li
                                module_name(item.get("module")), item.get("control_mode", "balanced"),
                                item.get("resize_mode"), native_threshold(item.get("threshold_a")),
                                native_threshold(item.get("threshold_b")),
-                               decode_image(mask, f"{what} mask", limits) if mask else None)
+                               decode_image(mask, f"{what} mask", limits) if mask else None,
+                               native_threshold(item.get("processor_res")), item.get("pixel_perfect") or False)
         controls.append(checked_control(control, index, "diffusers"))
     return tuple(controls)

@@ -70,6 +70,8 @@ class ControlIn(BaseModel):
     threshold_a: float | None = None        # the preprocessor's A1111 Threshold A / B (canny's low / high, ...);
     threshold_b: float | None = None        # None or -1: its default
     mask: str | None = None                 # an inpaint / inpaint_only entry's own mask (base64, white = masked)
+    processor_res: int | None = None        # A1111's Processor Res of canny / threshold / scribble (None or -1: the
+    pixel_perfect: bool = False             # picture's own size); A1111's Pixel Perfect: the resolution from the size
 
 
 class JobIn(NullsAreDefaults):

@@ -1,0 +1,209 @@
+"""A ControlNet preprocessor's Processor Res and Pixel Perfect, compared with sd-webui-controlnet's own functions
+(transcribed below with cv2, which A1111 runs them with): the picture's short side scaled to the resolution and
+padded to multiples of 64 (`resize_image_with_pad`), canny / threshold / scribble run on it and cut back, Pixel
+Perfect's resolution from the drawing's size; the preprocessors that take no resolution are unchanged."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from sdlab.pipeline.control import ControlInput, at_first_pass_resolution, infotext_lines, recorded_unit, resolution_of
+from sdlab.pipeline.preprocess import (
+    PREPROCESSORS, RESOLUTION_MODULES, cubic_resize, pixel_perfect_resolution, preprocess, processor_resolution,
+    resized_with_pad,
+)
+
+cv2 = pytest.importorskip("cv2")
+
+
+@pytest.fixture
+def opencvs_own_code():
+    """cv2 without Intel IPP: OpenCV's INTER_CUBIC as its own code computes it, which `cubic_resize` follows (IPP's
+    rounds about 3% of the values 1 the other way; INTER_AREA is the same either way)."""
+    was = cv2.ipp.useIPP()
+    cv2.ipp.setUseIPP(False)
+    yield
+    cv2.ipp.setUseIPP(was)
+
+
+# --- sd-webui-controlnet, transcribed (scripts/processor.py, v1.1.4xx: pad64, safer_memory, resize_image_with_pad,
+# canny with annotator/canny's apply_canny = cv2.Canny, scribble_thr, threshold; scripts/utils.py /
+# internal_controlnet/external_code.py: pixel_perfect_resolution) -------------------------------------------------
+
+def pad64(x):
+    return int(np.ceil(float(x) / 64.0) * 64 - x)
+
+
+def resize_image_with_pad(input_image, resolution):
+    img = input_image                                                  # HWC3 of an RGB picture: itself
+    H_raw, W_raw, _ = img.shape
+    k = float(resolution) / float(min(H_raw, W_raw))
+    interpolation = cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA
+    H_target = int(np.round(float(H_raw) * k))
+    W_target = int(np.round(float(W_raw) * k))
+    img = cv2.resize(img, (W_target, H_target), interpolation=interpolation)
+    H_pad, W_pad = pad64(H_target), pad64(W_target)
+    img_padded = np.pad(img, [[0, H_pad], [0, W_pad], [0, 0]], mode='edge')
+
+    def remove_pad(x):
+        return np.ascontiguousarray(x[:H_target, :W_target].copy()).copy()
+
+    return np.ascontiguousarray(img_padded.copy()).copy(), remove_pad
+
+
+def extension_canny(img, res=512, thr_a=100, thr_b=200):
+    img, remove_pad = resize_image_with_pad(img, res)
+    return remove_pad(cv2.Canny(img, thr_a, thr_b))
+
+
+def extension_scribble_thr(img, res=512):
+    img, remove_pad = resize_image_with_pad(img, res)
+    result = np.zeros_like(img, dtype=np.uint8)
+    result[np.min(img, axis=2) < 127] = 255
+    return remove_pad(result)
+
+
+def extension_threshold(img, res=512, thr_a=127):
+    img, remove_pad = resize_image_with_pad(img, res)
+    result = np.zeros_like(img, dtype=np.uint8)
+    result[np.min(img, axis=2) > thr_a] = 255
+    return remove_pad(result)
+
+
+def extension_pixel_perfect_resolution(image, target_H, target_W, resize_mode):
+    raw_H, raw_W, _ = image.shape
+    k0 = float(target_H) / float(raw_H)
+    k1 = float(target_W) / float(raw_W)
+    if resize_mode == "Resize and Fill":                                # ResizeMode.OUTER_FIT
+        estimation = min(k0, k1) * float(min(raw_H, raw_W))
+    else:
+        estimation = max(k0, k1) * float(min(raw_H, raw_W))
+    return int(np.round(estimation))
+
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def _drawing(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Shapes with soft and hard edges, and some noise: edges at every scale."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), (40, 60, 90))
+    draw = ImageDraw.Draw(image)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, width), rng.integers(0, height)
+        x1, y1 = x0 + rng.integers(4, max(5, width // 2)), y0 + rng.integers(4, max(5, height // 2))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour)
+    pixels = np.asarray(image).astype(np.int16) + rng.integers(-12, 13, (height, width, 3))
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+SIZES = [(300, 200), (200, 300), (96, 160), (57, 41), (640, 512), (256, 256), (1000, 120)]
+"""(width, height): shrunk and enlarged to 256, both orientations, odd sides, a side already 256, a long strip."""
+
+
+@pytest.mark.usefixtures("opencvs_own_code")
+@pytest.mark.parametrize("size", [(5, 7, 256, 329), (20, 50, 73, 50), (50, 70, 256, 358), (64, 64, 256, 256),
+                                  (37, 100, 256, 692), (3, 3, 200, 200)])
+def test_cubic_resize_is_opencvs_inter_cubic_bit_for_bit(size):
+    width, height, new_w, new_h = size
+    pixels = np.random.default_rng(width * height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    expected = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
+    assert np.array_equal(cubic_resize(pixels, new_w, new_h), expected)
+
+
+@pytest.mark.usefixtures("opencvs_own_code")
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("resolution", [256, 512, 100])
+def test_resized_with_pad_is_the_extensions(size, resolution):
+    pixels = np.asarray(_drawing(*size))
+    padded, (height, width) = resized_with_pad(pixels, resolution)
+    expected, remove_pad = resize_image_with_pad(pixels, resolution)
+    assert np.array_equal(padded, expected)
+    assert remove_pad(expected).shape[:2] == (height, width) and min(height, width) == resolution
+    assert padded.shape[0] % 64 == 0 and padded.shape[1] % 64 == 0
+
+
+@pytest.mark.usefixtures("opencvs_own_code")
+@pytest.mark.parametrize("size", SIZES)
+def test_canny_threshold_and_scribble_at_processor_res_256_equal_the_extensions_maps(size):
+    image = _drawing(*size, seed=size[0])
+    pixels = np.asarray(image)
+    expected = {"canny": extension_canny(pixels, 256, 100, 200), "threshold": extension_threshold(pixels, 256, 127),
+                "scribble": extension_scribble_thr(pixels, 256)}
+    for module, reference in expected.items():
+        ours = np.asarray(preprocess(image, module, resolution=256))
+        assert ours.shape[:2] == reference.shape[:2], module
+        assert np.array_equal(ours[..., 0], reference if reference.ndim == 2 else reference[..., 0]), module
+    low_high = np.asarray(preprocess(image, "canny", 50, 150, resolution=256))[..., 0]
+    assert np.array_equal(low_high, extension_canny(pixels, 256, 50, 150))
+
+
+def test_the_preprocessors_without_a_resolution_ignore_it():
+    """The extension's invert, tile_resample, none and inpaint run on the picture as it is (no
+    resize_image_with_pad), and sdlab's tile with them: a resolution changes nothing."""
+    image = _drawing(90, 70)
+    assert set(PREPROCESSORS) - set(RESOLUTION_MODULES) == {"none", "invert", "tile_resample", "tile", "inpaint",
+                                                            "inpaint_only"}
+    for module in set(PREPROCESSORS) - set(RESOLUTION_MODULES):
+        assert np.array_equal(np.asarray(preprocess(image, module, resolution=256)),
+                              np.asarray(preprocess(image, module))), module
+    assert np.array_equal(np.asarray(preprocess(image, "canny")), np.asarray(PREPROCESSORS["canny"](image)))
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("target", [(512, 512), (768, 512), (512, 896), (64, 64), (200, 136)])
+@pytest.mark.parametrize("mode", [("resize", "Just Resize"), ("crop", "Crop and Resize"),
+                                  ("fill", "Resize and Fill")])
+def test_pixel_perfect_resolution_is_the_extensions(size, target, mode):
+    (width, height), (target_w, target_h), (ours, theirs) = size, target, mode
+    image = np.zeros((height, width, 3), dtype=np.uint8)
+    assert pixel_perfect_resolution(size, target_w, target_h, ours) == \
+        extension_pixel_perfect_resolution(image, target_h, target_w, theirs)
+
+
+def test_a_controls_resolution_pixel_perfect_and_its_second_pass():
+    """Pixel Perfect replaces processor_res with the drawing's resolution; a preprocessor that takes none gets none;
+    a hires fix's second pass keeps the first pass's (the extension preprocesses once)."""
+    image = _drawing(300, 200)
+    canny = ControlInput("net.safetensors", image, module="canny", processor_res=384)
+    assert resolution_of(canny, image, 512, 512, "crop") == 384
+    perfect = ControlInput("net.safetensors", image, module="canny", processor_res=384, pixel_perfect=True)
+    assert resolution_of(perfect, image, 512, 512, "crop") == 512          # max(512 / 200, 512 / 300) * 200
+    assert resolution_of(perfect, image, 512, 512, "fill") == 341          # min(...) * 200 = 341.33
+    assert resolution_of(ControlInput("net.safetensors", image, module="invert", processor_res=384), image,
+                         512, 512, "crop") is None
+    [fixed] = at_first_pass_resolution([perfect], 768, 512, "a1111")
+    assert (fixed.processor_res, fixed.pixel_perfect) == (512, False)
+    assert resolution_of(fixed, image, 1536, 1024, "crop") == 512
+
+
+def test_processor_res_outside_the_extensions_slider_is_its_default():
+    """The extension's bound check of processor_res (slider 64..2048, value 512); unset stays unset (the
+    picture's own size)."""
+    for given, taken in ((None, None), (-1, 512), (0, 512), (63, 512), (2049, 512), (64, 64), (2048, 2048),
+                         (768, 768), (256.0, 256)):
+        assert processor_resolution(given) == taken
+        assert type(processor_resolution(given)) is type(taken)
+
+
+def test_infotext_says_what_was_drawn_and_reads_back(tmp_path):
+    net = tmp_path / "net.safetensors"
+    net.write_bytes(b"x")
+    lines = infotext_lines([ControlInput(str(net), "hint.png", module="canny", processor_res=256),
+                            ControlInput(str(net), "hint.png", module="threshold", pixel_perfect=True),
+                            ControlInput(str(net), "hint.png", module="canny"),
+                            ControlInput(str(net), "hint.png", module="invert", processor_res=256)], "a1111")
+    assert "Resize Mode: Crop and Resize, Processor Res: 256, Guidance Start" in lines["ControlNet 0"]
+    assert lines["ControlNet 1"].endswith("Guidance End: 1, Pixel Perfect: True")
+    assert "Processor Res" not in lines["ControlNet 2"] and "Pixel Perfect" not in lines["ControlNet 2"]
+    assert "Processor Res" not in lines["ControlNet 3"]                    # invert takes none
+    assert recorded_unit(lines["ControlNet 0"])["processor_res"] == 256
+    assert recorded_unit(lines["ControlNet 1"])["pixel_perfect"] is True
+    extension = ("Module: canny, Model: cn [12345678], Weight: 1, Resize Mode: Crop and Resize, Processor Res: -1, "
+                 "Threshold A: 100, Threshold B: 200, Guidance Start: 0, Guidance End: 1, Pixel Perfect: False, "
+                 "Control Mode: Balanced")
+    assert recorded_unit(extension)["processor_res"] == 512 and recorded_unit(extension)["pixel_perfect"] is False
+    with pytest.raises(ValueError, match="Processor Res 'big'"):
+        recorded_unit("Module: canny, Processor Res: big")
