@@ -176,7 +176,7 @@ def test_refresh_embeddings_unload_and_reload_checkpoint(tmp_path):
             assert api.get("/embeddings").json() == {"loaded": {}, "skipped": {}}
             width = load_bundle(shipped_model_path()).text_encoders[0].config.width
             torch.save({"string_to_param": {"*": torch.zeros(2, width)}, "name": "zqstyle"}, folder / "zqstyle.pt")
-            assert api.get("/embeddings").json()["loaded"] == {}          # read as the model loads
+            assert list(api.get("/embeddings").json()["loaded"]) == ["zqstyle"]     # the folder as it is now
             refreshed = api.post("/refresh-embeddings")
             assert refreshed.status_code == 200 and refreshed.json() is None
             assert list(api.get("/embeddings").json()["loaded"]) == ["zqstyle"]
@@ -187,6 +187,57 @@ def test_refresh_embeddings_unload_and_reload_checkpoint(tmp_path):
             assert "TI hashes: " in info["infotexts"][0]
     finally:
         server.stop()
+
+
+def test_an_embedding_file_added_replaced_or_removed_counts_from_the_next_job(tmp_path):
+    """As A1111 reads its embeddings folder again before a generation when it changed, a file added while the
+    server runs draws the picture of a server started with it there; replaced, its new vectors draw (its new
+    TI hash recorded); removed, its word is plain text again. No model reload, no refresh-embeddings."""
+    import torch
+
+    from server_fixtures import picture, start_server
+    from sdlab.api import shipped_model_path
+    from sdlab.checkpoints.load import load_bundle
+    from sdlab.pipeline.png_info import embedding_hash
+
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    width = load_bundle(shipped_model_path()).text_encoders[0].config.width
+    vectors = [torch.randn(n, width, generator=torch.Generator().manual_seed(n)) for n in (2, 3)]
+
+    def write(index: int) -> None:
+        torch.save({"string_to_param": {"*": vectors[index]}, "name": "zqstyle"}, folder / "zqstyle.pt")
+
+    def draw(api: httpx.Client) -> tuple[np.ndarray, str]:
+        body, info = txt2img(api, prompt="a zqstyle cat", steps=3, width=64, height=64)
+        return np.asarray(picture(body["images"][0])), info["infotexts"][0]
+
+    drawn = []
+    server = start_server(tmp_path / "served", "--embeddings-dir", str(folder))
+    try:
+        with httpx.Client(base_url=server.url + "/sdapi/v1", timeout=120) as api:
+            drawn.append(draw(api))                                     # the model loads: no embeddings
+            for change in (lambda: write(0), lambda: write(1), lambda: (folder / "zqstyle.pt").unlink()):
+                change()
+                listed = api.get("/embeddings").json()["loaded"]
+                drawn.append(draw(api))
+                assert listed == ({"zqstyle": listed["zqstyle"]} if (folder / "zqstyle.pt").exists() else {})
+                if listed:
+                    assert listed["zqstyle"]["vectors"] == len(vectors[len(drawn) - 2])
+                    assert f"zqstyle: {embedding_hash(folder / 'zqstyle.pt')}" in drawn[-1][1]
+    finally:
+        server.stop()
+    write(0)
+    started_with_it = start_server(tmp_path / "served-2", "--embeddings-dir", str(folder))
+    try:
+        with httpx.Client(base_url=started_with_it.url + "/sdapi/v1", timeout=120) as api:
+            reference = draw(api)
+    finally:
+        started_with_it.stop()
+    (empty, _), (added, _), (replaced, _), (removed, removed_info) = drawn
+    assert np.array_equal(added, reference[0])
+    assert not np.array_equal(replaced, added) and not np.array_equal(added, empty)
+    assert np.array_equal(removed, empty) and "TI hashes" not in removed_info
 
 
 # ---------------------------------------------------------------- 3. the info JSON of a hires job

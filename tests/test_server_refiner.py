@@ -204,6 +204,28 @@ def test_progress_and_cancelling_run_across_the_handoff(models, tmp_path):
     assert job.step == 4 and not job.images
 
 
+def test_an_embedding_file_added_or_removed_reaches_the_held_refiner_without_a_reload(models, tmp_path):
+    """The next job installs a changed embeddings folder in the model and in the refiner held beside it (its
+    bigG vectors); a file removed takes its word from both. Neither model is loaded again."""
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    registry = ModelRegistry(models / "base.safetensors", models)
+    host = ModelHost(registry, "cpu", embeddings_dir=embeddings)
+    choice = {"refiner": registry.find("refiner"), "handoff": RefinerChoice("refiner")}
+    first = host.pipeline(registry.default, **choice)
+    clip_g = torch.randn(2, 128, generator=torch.Generator().manual_seed(2))   # (2, 128): bigG's width
+    save_file({"clip_l": torch.randn(2, 64), "clip_g": clip_g}, str(embeddings / "xlstyle.safetensors"))
+    pipe = host.pipeline(registry.default, **choice)
+    assert pipe.refiner.unet is first.refiner.unet and pipe.bundle.unet is first.bundle.unet    # not reloaded
+    (encoder,) = pipe.refiner.text_encoders
+    assert torch.equal(encoder.model.embeddings.token_vectors(encoder.tokenizer("xlstyle"))[0, 1:3], clip_g)
+    assert [e.name for e in pipe.embeddings] == ["xlstyle"]
+    (embeddings / "xlstyle.safetensors").unlink()
+    pipe = host.pipeline(registry.default, **choice)
+    assert pipe.embeddings == [] and all("xlstyle" not in encoder.tokenizer.added_words
+                                         for bundle in (pipe.bundle, pipe.refiner) for encoder in bundle.text_encoders)
+
+
 def test_a_reloaded_base_gets_its_refiner_loaded_again_with_its_embeddings(models, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()

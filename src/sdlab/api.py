@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from sdlab.checkpoints.embeddings import Embedding, embeddings_used, find_embeddings, install_embeddings
+from sdlab.checkpoints.embeddings import (Embedding, FoundEmbeddings, embeddings_used, find_embeddings,
+                                          install_embeddings)
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.load import load_bundle, with_vae
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
@@ -88,6 +89,14 @@ class Pipeline:
         `refiner_switch` by `refiner_convention` (`__init__`), or with no refiner (None)."""
         return Pipeline(self.bundle, refiner, refiner_switch, self.embeddings, self.skipped_embeddings,
                         refiner_convention, self.lora_dirs, self._find_lora)
+
+    def with_embeddings(self, found: FoundEmbeddings) -> Pipeline:
+        """This pipeline with `found.loaded` as its model's whole set of embeddings (the words of those installed
+        before and not found are forgotten), its refiner's too."""
+        refiner = None if self.refiner is None else install_embeddings(self.refiner, found.loaded, partial=True,
+                                                                       replace=True)
+        return Pipeline(install_embeddings(self.bundle, found.loaded, replace=True), refiner, self.refiner_switch,
+                        found.loaded, found.skipped, self.refiner_convention, self.lora_dirs, self._find_lora)
 
     def with_vae(self, vae: str | os.PathLike[str] | None = None, *, sidecar_vae: bool = True) -> Pipeline:
         """This pipeline with its model's VAE, and its refiner's, as `load(path, vae=vae, sidecar_vae=sidecar_vae,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -131,10 +131,12 @@ def vectors_for(embedding: Embedding, encoders: Iterable[TextEncoder], *, partia
     return chosen
 
 
-def install_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding], *, partial: bool = False) -> ModelBundle:
+def install_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding], *, partial: bool = False,
+                       replace: bool = False) -> ModelBundle:
     """`bundle` whose text encoders read each embedding's name as its vectors. The towers get the vectors as
     added token rows; each encoder gets its own tokenizer copy (the shared default tokenizer is unchanged).
-    A name loaded again replaces the earlier vectors' words. `partial` as in `vectors_for`."""
+    A name loaded again replaces the earlier vectors' words; with `replace` the words installed before are
+    forgotten (`embeddings` is the whole set). `partial` as in `vectors_for`."""
     embeddings = list(embeddings)
     per_encoder = [vectors_for(e, bundle.text_encoders, partial=partial) for e in embeddings]   # checked first
     paths = {e.name: e.path_in_folder for e in embeddings if e.path_in_folder}
@@ -151,7 +153,8 @@ def install_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding], *, 
                 first = 0 if table.added_tokens is None else table.added_tokens.shape[0]
                 table.added_tokens = block if table.added_tokens is None else torch.cat([table.added_tokens, block])
             words[embedding.name] = tuple(range(vocab + first, vocab + first + block.shape[0]))
-        encoders.append(dataclasses.replace(encoder, tokenizer=encoder.tokenizer.with_added_words(words, paths)))
+        tokenizer = encoder.tokenizer.with_added_words(words, paths, replace=replace)
+        encoders.append(dataclasses.replace(encoder, tokenizer=tokenizer))
     for embedding in embeddings:
         logger.info("embedding %s: %d vector(s) from %s", embedding.name, embedding.num_vectors, embedding.path)
     return dataclasses.replace(bundle, text_encoders=tuple(encoders))
@@ -189,14 +192,15 @@ class FoundEmbeddings(NamedTuple):
     skipped: list[Embedding]
 
 
-def find_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBundle) -> FoundEmbeddings:
+def find_embeddings(sources: Iterable[str | os.PathLike[str]], bundle: ModelBundle,
+                    read: Callable[[Path], Embedding] = load_embedding) -> FoundEmbeddings:
     """The embeddings of `sources`: a file is read and must fit `bundle`; a folder gives its files
-    (`scan_embeddings_dir`). One embedding per name: of files with the same name (in two subfolders), the
-    last one is kept."""
+    (`scan_embeddings_dir`, each read with `read`). One embedding per name: of files with the same name (in
+    two subfolders), the last one is kept."""
     loaded, skipped = [], []
     for source in sources:
         if Path(source).is_dir():
-            found = scan_embeddings_dir(source, bundle)
+            found = scan_embeddings_dir(source, bundle, read)
             loaded += found.loaded
             skipped += found.skipped
         else:
@@ -219,13 +223,15 @@ def _last_per_name(embeddings: Iterable[Embedding], *, warn: bool) -> list[Embed
     return list(by_name.values())
 
 
-def scan_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle) -> FoundEmbeddings:
-    """The embeddings in `folder`: those that fit `bundle`'s text encoders, and those made for another model
-    (skipped with a warning). Files that are not embeddings are left out with a warning."""
+def scan_embeddings_dir(folder: str | os.PathLike[str], bundle: ModelBundle,
+                        read: Callable[[Path], Embedding] = load_embedding) -> FoundEmbeddings:
+    """The embeddings in `folder`, each file read with `read`: those that fit `bundle`'s text encoders, and
+    those made for another model (skipped with a warning). Files that are not embeddings are left out with a
+    warning."""
     found = FoundEmbeddings([], [])
     for path in embedding_files(folder):
         try:
-            embedding = dataclasses.replace(load_embedding(path), path_in_folder=_path_in_folder(path, folder))
+            embedding = dataclasses.replace(read(path), path_in_folder=_path_in_folder(path, folder))
         except CheckpointError as err:
             logger.warning("skipping %s", err)
             continue

@@ -267,16 +267,18 @@ class CLIPTokenizer:
         return ids
 
     def with_added_words(self, words: Mapping[str, Sequence[int]],
-                         paths: Mapping[str, str] | None = None) -> CLIPTokenizer:
+                         paths: Mapping[str, str] | None = None, *, replace: bool = False) -> CLIPTokenizer:
         """A copy that reads each word of ``words`` (name -> its ids past the vocabulary, e.g. the vectors of a
         textual-inversion embedding) as those ids, where the name's own tokens occur in a prompt (A1111's
         rule, also inside other text) or where it is written ``embedding:name`` (ComfyUI's, see
         ``_named_word``). ``paths`` (name -> the word's file under its embeddings folder, '/'-separated,
         without suffix: ``styles/ink``) let ``embedding:styles/ink`` name it too; a word without one is its
-        own path. The copy shares the vocabulary tables; this tokenizer is unchanged."""
+        own path. ``replace``: the copy reads only ``words`` (those added before are forgotten). The copy shares
+        the vocabulary tables; this tokenizer is unchanged."""
         twin = copy.copy(self)
-        twin.added_words = {**self.added_words, **{name: tuple(ids) for name, ids in words.items()}}
-        twin.added_paths = {name: path for name, path in self.added_paths.items() if name not in words}
+        kept_words, kept_paths = ({}, {}) if replace else (self.added_words, self.added_paths)
+        twin.added_words = {**kept_words, **{name: tuple(ids) for name, ids in words.items()}}
+        twin.added_paths = {name: path for name, path in kept_paths.items() if name not in words}
         twin.added_paths.update(paths or {})
         by_first: dict[int, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
         for name, ids in twin.added_words.items():

@@ -1725,14 +1725,13 @@ def latent_upscale_modes() -> list[dict[str, Any]]:
 
 @router.get("/embeddings")
 def embeddings(request: Request) -> dict[str, Any]:
-    """The loaded model's textual-inversion embeddings as A1111's `get_embeddings` lists them: `loaded`
-    (sorted by name, any case) and `skipped` (made for another model)."""
-    pipe = service_of(request).host.pipe
-    if pipe is None:
-        return {"loaded": {}, "skipped": {}}
-    loaded = sorted(pipe.embeddings, key=lambda e: e.name.lower())
+    """The loaded model's textual-inversion embeddings, as the next job draws with them (the folder as it is
+    now: `ModelHost.listed_embeddings`), as A1111's `get_embeddings` lists them: `loaded` (sorted by name, any
+    case) and `skipped` (made for another model)."""
+    found = service_of(request).host.listed_embeddings()
+    loaded = sorted(found.loaded, key=lambda e: e.name.lower())
     return {"loaded": {e.name: _embedding_item(e) for e in loaded},
-            "skipped": {e.name: _embedding_item(e) for e in pipe.skipped_embeddings}}
+            "skipped": {e.name: _embedding_item(e) for e in found.skipped}}
 
 
 def _embedding_item(embedding: Embedding) -> dict[str, Any]:
@@ -1842,11 +1841,10 @@ def refresh_vae(request: Request) -> None:
 
 @router.post("/refresh-embeddings")
 async def refresh_embeddings(request: Request) -> None:
-    """Read `--embeddings-dir` anew: sdlab installs embeddings as it loads a model, so the loaded model is
-    loaded again (while no job runs); nothing without the folder or a loaded model."""
+    """Read every file of `--embeddings-dir` again and install them in the loaded model (while no job runs), as
+    A1111's forced reload; nothing without a loaded model. Jobs install a changed folder's files themselves."""
     host = service_of(request).host
-    if host.embeddings and host.pipe is not None:
-        await asyncio.to_thread(_reload, service_of(request))
+    await asyncio.to_thread(_holding_device, host, host.refresh_embeddings)
 
 
 @router.post("/unload-checkpoint")
@@ -1868,13 +1866,6 @@ async def reload_checkpoint(request: Request) -> dict[str, Any]:
 def _holding_device(host: ModelHost, action: Callable[[], None]) -> None:
     with host.busy:                     # never beside a generation
         action()
-
-
-def _reload(service: Service) -> None:
-    """The model let go and the selected one loaded from its file, while no job runs."""
-    with service.host.busy:
-        service.host.unload()
-        _load_selected(service)
 
 
 def _load_selected(service: Service) -> None:

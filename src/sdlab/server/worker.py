@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 from sdlab.api import Pipeline, load, load_refiner
+from sdlab.checkpoints.embeddings import (Embedding, FoundEmbeddings, embedding_files, find_embeddings,
+                                          install_embeddings, load_embedding)
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.sidecar import vae_beside
 from sdlab.checkpoints.upscaler import Upscaler
@@ -73,6 +75,8 @@ class ModelHost:
         self._vae_key: tuple | None = None         # `load`'s (vae, sidecar_vae) the loaded model was drawn with,
                                                    # and the version of the VAE file read (`_vae_version`)
         self.pipe: Pipeline | None = None
+        self._embeddings_version: tuple | None = None   # the embedding files (`_embedding_files`) installed in `pipe`
+        self._embedding_reads: dict[tuple, Embedding] = {}   # by (path, file version): a file is read once
         self._refiner_key: tuple | None = None
         self._refiner: ModelBundle | None = None
         self.previewer: LatentPreviewer | None = None
@@ -114,19 +118,71 @@ class ModelHost:
                 trim()                                  # the model let go: its memory back to the system
                 started = time.perf_counter()
                 pipe = load(checkpoint.path, device=self.device, loras=[(str(p), w) for p, w in loras],
-                            find_lora=self.lora_file, embeddings=self.embeddings,   # tags: the server's LoRAs alone
+                            find_lora=self.lora_file,                       # tags: the server's LoRAs alone
                             vae=vae_key[0], sidecar_vae=vae_key[1])
                 previewer = LatentPreviewer.for_bundle(pipe.bundle)
                 self.pipe, self.previewer, self._key, self._vae_key = pipe, previewer, key, drawn_vae
+                self._embeddings_version = None                 # installed next (`_fresh_embeddings`)
                 self.timings["load_s"] = time.perf_counter() - started
         elif drawn_vae != self._vae_key:
             with self._loading():
                 pipe = self.pipe.with_vae(vae_key[0], sidecar_vae=vae_key[1])
                 self.pipe, self.previewer, self._vae_key = pipe, LatentPreviewer.for_bundle(pipe.bundle), drawn_vae
+        self._fresh_embeddings()
         refined = self._loaded_refiner(refiner, self.pipe, vae)
         if refined is None:
             return self.pipe
         return self.pipe.with_refiner(refined, handoff.switch_at, handoff.convention)
+
+    def _embedding_files(self) -> tuple[tuple[Path, tuple | None], ...]:
+        """(path, `file_version`) of each file of the embeddings folders: a file added, removed or replaced
+        changes it."""
+        return tuple((path, file_version(path)) for folder in self._embedding_folders()
+                     for path in embedding_files(folder))
+
+    def _embedding_folders(self) -> list[Path]:
+        """The embeddings folders that exist now (A1111 passes over one that does not)."""
+        return [Path(folder) for folder in self.embeddings if Path(folder).is_dir()]
+
+    def _fresh_embeddings(self) -> None:
+        """Install in the loaded model and refiner the embeddings of the folders as they are now, when their
+        files changed since: A1111 reads its embeddings folder again before a generation when the folder
+        changed (`EmbeddingDatabase.load_textual_inversion_embeddings`). The files are looked at (stat); only
+        those not read before are read. Called while `busy` is held."""
+        files = self._embedding_files()
+        if self.pipe is None or files == self._embeddings_version:
+            return
+        found = self.embeddings_in_folders(self.pipe.bundle)
+        self.pipe = self.pipe.with_embeddings(found)
+        if self._refiner is not None:
+            self._refiner = install_embeddings(self._refiner, found.loaded, partial=True, replace=True)
+        self._embedding_reads = {key: e for key, e in self._embedding_reads.items() if key in files}
+        self._embeddings_version = files
+
+    def embeddings_in_folders(self, bundle: ModelBundle) -> FoundEmbeddings:
+        """The embeddings the folders hold now, sorted for `bundle` (`find_embeddings`), nothing installed."""
+        return find_embeddings(self._embedding_folders(), bundle, self._read_embedding)
+
+    def listed_embeddings(self) -> FoundEmbeddings:
+        """What the next job draws with: the loaded model's embeddings, or the folders' when they changed since
+        they were installed (the next job installs them); nothing without a loaded model."""
+        pipe = self.pipe
+        if pipe is None:
+            return FoundEmbeddings([], [])
+        if self._embedding_files() == self._embeddings_version:
+            return FoundEmbeddings(pipe.embeddings, pipe.skipped_embeddings)
+        return self.embeddings_in_folders(pipe.bundle)
+
+    def refresh_embeddings(self) -> None:
+        """Read every embedding file again and install them (A1111's forced reload). Called while `busy` is held."""
+        self._embedding_reads, self._embeddings_version = {}, None
+        self._fresh_embeddings()
+
+    def _read_embedding(self, path: Path) -> Embedding:
+        key = (path, file_version(path))
+        if key not in self._embedding_reads:
+            self._embedding_reads[key] = load_embedding(path)
+        return self._embedding_reads[key]
 
     def vae_for(self, model: Path, vae: VaeChoice) -> tuple[Path | None, bool]:
         """`load`'s (`vae`, `sidecar_vae`) arguments for `model` drawn with the VAE `vae` picks (`vae_to_load`)."""
@@ -160,7 +216,7 @@ class ModelHost:
         """Let the model and the refiner go (A1111's unload-checkpoint): the next job, or `pipeline`, loads
         its model again from the file, its embeddings folder read anew. Called while `busy` is held."""
         self.pipe, self._key, self._vae_key, self.previewer = None, None, None, None
-        self._refiner, self._refiner_key = None, None
+        self._refiner, self._refiner_key, self._embeddings_version = None, None, None
         trim()
         if str(self.device).startswith("cuda"):
             torch.cuda.empty_cache()
