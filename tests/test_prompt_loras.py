@@ -371,7 +371,24 @@ def test_a_pipelines_lora_lookup_is_given_at_load_and_kept_by_with_refiner(tmp_p
     made = Pipeline(tiny_bundle("sd1"), find_lora=lookup)
     for pipe in (loaded, loaded.with_refiner(None), made, made.with_refiner(None, 0.5)):
         assert pipe.find_lora("ink") == path and pipe.find_lora("other") is None
-    assert loaded.with_refiner(None).lora_dirs == [tmp_path / "none"]
+    assert loaded.with_refiner(None).lora_dirs[0] == tmp_path / "none"
     made.resolve(GenerationRequest("a <lora:ink:1>", steps=1, width=32, height=32))     # found: no RequestError
     folders = Pipeline(tiny_bundle("sd1"), lora_dirs=[path.parent])
     assert folders.with_refiner(None).find_lora("a-file-of-another-name") == path
+
+
+def test_lora_dirs_given_to_load_come_before_the_models_own_folders(tmp_path):
+    """`load(lora_dirs=...)` searches the given folders first and then the model's own, as the CLI's `--lora-dir`
+    adds to them: the shipped model's `<lora:sdlab-tiny-lcm:1>` tag is still found (it was a RequestError once
+    a folder was given), and a file in a given folder wins over one of the same name beside the model."""
+    import sdlab
+
+    shipped = sdlab.load().lora_dirs
+    assert shipped and shipped[0].joinpath("sdlab-tiny-lcm.safetensors").is_file()
+    path = _lora_file(tmp_path / "mine" / "sdlab-tiny-lcm.safetensors", _small_lora(5))
+    pipe = sdlab.load(lora_dirs=[tmp_path / "none", path.parent])
+    assert pipe.lora_dirs == [tmp_path / "none", path.parent, *shipped]
+    assert pipe.find_lora("sdlab-tiny-lcm") == path
+    pipe = sdlab.load(lora_dirs=[tmp_path / "none"])
+    assert pipe.find_lora("sdlab-tiny-lcm") == shipped[0] / "sdlab-tiny-lcm.safetensors"
+    pipe.resolve(GenerationRequest("a cat <lora:sdlab-tiny-lcm:1>", steps=1))      # found: no RequestError

@@ -356,8 +356,9 @@ def load(
     step `refiner_convention` picks: "diffusers" (`denoising_end`), "a1111" (A1111's `Refiner switch at`) or
     "a1111_steps" (A1111's switch by sampling steps).
     `loras` are LoRA / LyCORIS files merged into the base model's weights, in order, for good, each a
-    (file, weight) pair or a file alone (weight 1); `lora_dirs` are where prompt tags (`<lora:NAME:WEIGHT>`, merged per run) find their files
-    (default: A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when they exist), or
+    (file, weight) pair or a file alone (weight 1); `lora_dirs` are where prompt tags (`<lora:NAME:WEIGHT>`, merged per run) find their files,
+    searched before the model's own (A1111's `models/Lora` / ComfyUI's `models/loras` beside the model's folder, when
+    they exist; the shipped model's adapters), as the CLI's `--lora-dir` adds to them, or
     `find_lora` finds them instead: NAME -> its file, or None (a server's list, the CLI's search).
     `embeddings` are textual-inversion files or folders of them (a folder's files made for another model
     are skipped: `Pipeline.skipped_embeddings`); their names are then words of prompts (`Pipeline.embeddings`
@@ -385,7 +386,7 @@ def load(
         if loaded is not None:
             compile_module(loaded.unet)
     return Pipeline(bundle, refined, refiner_switch, found.loaded, found.skipped, refiner_convention,
-                    default_lora_dirs(path) if lora_dirs is None else lora_dirs, find_lora)
+                    [*(lora_dirs or ()), *default_lora_dirs(path)], find_lora)
 
 
 def _lora_entries(loras: Any) -> list[tuple[str | os.PathLike[str], float]]:
