@@ -180,9 +180,9 @@ def test_a_controls_resolution_pixel_perfect_and_its_second_pass():
 
 
 def test_processor_res_outside_the_extensions_slider_is_its_default():
-    """The extension's bound check of processor_res (slider 64..2048, value 512); unset stays unset (the
-    picture's own size)."""
-    for given, taken in ((None, None), (-1, 512), (0, 512), (63, 512), (2049, 512), (64, 64), (2048, 2048),
+    """The extension's bound check of processor_res (slider 64..2048, value 512); unset (null) is its unit's -1,
+    so 512 too."""
+    for given, taken in ((None, 512), (-1, 512), (0, 512), (63, 512), (2049, 512), (64, 64), (2048, 2048),
                          (768, 768), (256.0, 256)):
         assert processor_resolution(given) == taken
         assert type(processor_resolution(given)) is type(taken)

@@ -650,11 +650,12 @@ def test_a_unit_without_an_image_takes_each_script_pass_own_init_picture(setup):
 
 
 def test_a1111_units_processor_res_and_pixel_perfect(tmp_path):
-    """A unit's processor_res as the extension's bound check takes it (unset: the picture's own size; outside
-    its slider 64..2048, -1 too: 512) and its pixel_perfect; a processor_res that is no number is a 422."""
+    """A unit's processor_res as the extension takes it (unset or null: its ControlNetUnit's -1; outside its
+    slider 64..2048, -1 too: 512, `bound_check_params`) and its pixel_perfect; a processor_res that is no number
+    is a 422."""
     from sdlab.server.inputs import BadRequest
 
-    for fields, taken in (({}, (None, False)), ({"processor_res": 256}, (256, False)),
+    for fields, taken in (({}, (512, False)), ({"processor_res": None}, (512, False)), ({"processor_res": 256}, (256, False)),
                           ({"processor_res": -1, "pixel_perfect": True}, (512, True)),
                           ({"processor_res": 4096, "pixel_perfect": None}, (512, False))):
         [unit] = _units(tmp_path, module="canny", **fields)
@@ -666,21 +667,21 @@ def test_a1111_units_processor_res_and_pixel_perfect(tmp_path):
 
 
 def test_processor_res_draws_in_detect_units_native_controls_and_the_cli(setup, tmp_path):
-    """canny at processor_res 256: /controlnet/detect answers the 256 px map (unset: the picture's size); an A1111
+    """canny at processor_res 256: /controlnet/detect answers the 256 px map (unset: 512, the extension's); an A1111
     unit records `Processor Res: 256` and its picture is redrawn by --from-png; a native entry draws what
     `--control-processor-res 256` draws, and differs from the picture's own size."""
     from sdlab.pipeline.preprocess import preprocess
 
     url = setup["server"].url
     hint = Image.open(setup["hint"])
-    for given, side in ((256, 256), (None, 64)):
+    for given, side in ((256, 256), (None, 512)):
         body = {"controlnet_module": "canny", "controlnet_input_images": [_b64(setup["hint"])]}
         answer = httpx.post(url + "/controlnet/detect", timeout=60,
                             json={**body, **({} if given is None else {"controlnet_processor_res": given})})
         assert answer.status_code == 200, answer.text
         drawn = _picture(base64.b64decode(answer.json()["images"][0]))
         assert drawn.size == (side, side)
-        assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(preprocess(hint, "canny", resolution=given)))
+        assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(preprocess(hint, "canny", resolution=given or 512)))
 
     unit = {"enabled": True, "model": "tiny_canny", "image": _b64(setup["hint"]), "module": "canny",
             "processor_res": 256, "resize_mode": "Just Resize"}

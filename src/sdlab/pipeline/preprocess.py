@@ -258,11 +258,13 @@ def pixel_perfect_resolution(image_size: tuple[int, int], width: int, height: in
 
 
 def processor_resolution(value: Any) -> Any:
-    """An A1111 unit's (or `/controlnet/detect`'s) processor_res as the preprocessor takes it: null is none (the
-    picture's own size); a number outside the extension's slider (`RESOLUTION_SLIDER`, -1 too) its default 512,
-    as its `bound_check_params` resets it; a whole number within it as an int; any other value as given
+    """An A1111 unit's (or `/controlnet/detect`'s) processor_res as the preprocessor takes it: unset (null), or a
+    number outside the extension's slider (`RESOLUTION_SLIDER`, -1 too), is its default 512, as its unit's -1
+    default and `bound_check_params` make it; a whole number within it as an int; any other value as given
     (checked with the control)."""
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if value is None:
+        return RESOLUTION_SLIDER["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value
     if not RESOLUTION_SLIDER["min"] <= value <= RESOLUTION_SLIDER["max"]:
         return RESOLUTION_SLIDER["value"]

@@ -2075,7 +2075,7 @@ def controlnet_version() -> dict[str, Any]:
 
 class DetectIn(NullsAreDefaults):
     """The extension's `/controlnet/detect` body; `low_vram` is accepted and ignored. `controlnet_processor_res`
-    is a unit's processor_res (`processor_resolution`): unset or null, the picture's own size."""
+    is a unit's processor_res (`processor_resolution`): unset or null, 512, as the extension's -1."""
 
     model_config = ConfigDict(extra="allow")
 
