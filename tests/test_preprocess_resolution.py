@@ -114,6 +114,49 @@ def test_cubic_resize_is_opencvs_inter_cubic_bit_for_bit(size):
 
 
 @pytest.mark.usefixtures("opencvs_own_code")
+@pytest.mark.parametrize("band_values", [1, 700, 1 << 18])
+def test_cubic_resize_in_bands_is_the_same(monkeypatch, band_values):
+    """Bands of one row, of a few rows that do not divide the height, and the default: OpenCV's result each time."""
+    import sdlab.pipeline.preprocess as module
+
+    monkeypatch.setattr(module, "CUBIC_BAND_VALUES", band_values)
+    for width, height, new_w, new_h in ((7, 5, 90, 61), (40, 30, 23, 77)):
+        pixels = np.random.default_rng(width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        expected = cv2.resize(pixels, (new_w, new_h), interpolation=cv2.INTER_CUBIC)
+        assert np.array_equal(cubic_resize(pixels, new_w, new_h), expected)
+
+
+def test_cubic_resize_memory_is_near_its_outputs():
+    """An 8 x 512 strip at the default resolution 512 is 512 x 32768 (48 MiB): the resize holds its output, the
+    rows pass's int32 sums and one band's taps (it took ~2.9 GB, 60 times the output, in one piece)."""
+    import tracemalloc
+
+    pixels = np.random.default_rng(0).integers(0, 256, (8, 512, 3), dtype=np.uint8)
+    tracemalloc.start()
+    try:
+        out = cubic_resize(pixels, 32768, 512)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert out.shape == (512, 32768, 3)
+    assert peak < out.nbytes + 8 * 32768 * 3 * 4 + (32 << 20)
+
+
+def test_processor_res_above_the_sliders_top_is_refused(tmp_path):
+    """Python's and the CLI's processor_res stops at 2048, A1111's slider's top (check_control)."""
+    from sdlab.pipeline.control import check_control
+    from sdlab.pipeline.request import RequestError
+
+    net, hint = tmp_path / "net.safetensors", tmp_path / "hint.png"
+    net.write_bytes(b"x")
+    Image.new("RGB", (8, 8)).save(hint)
+    assert check_control(ControlInput(str(net), str(hint), module="canny", processor_res=2048)).processor_res == 2048
+    for given in (2049, 10000, 0):
+        with pytest.raises(RequestError, match=r"control 0: processor_res must be a whole number in 1\.\.2048"):
+            check_control(ControlInput(str(net), str(hint), module="canny", processor_res=given))
+
+
+@pytest.mark.usefixtures("opencvs_own_code")
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("resolution", [256, 512, 100])
 def test_resized_with_pad_is_the_extensions(size, resolution):

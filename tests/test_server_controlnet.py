@@ -523,6 +523,27 @@ def test_native_thresholds_of_minus_one_are_the_defaults(tmp_path):
         native_controls([{**entry, "threshold_a": "low"}], folder, Limits())
 
 
+def test_native_processor_res_stops_at_the_sliders_top(tmp_path):
+    """A native entry's processor_res above 2048 (A1111's slider's top) is a 422 naming it, not a resize that
+    takes gigabytes; 2048 and unset (the hint's own size) are taken."""
+    import types
+
+    from sdlab.server.config import Limits
+    from sdlab.server.controls import native_controls
+    from sdlab.server.inputs import BadRequest
+
+    _units(tmp_path)
+    net = tmp_path / "ControlNet" / "cn.safetensors"
+    folder = types.SimpleNamespace(find=lambda name: types.SimpleNamespace(path=net), titles=lambda: ["cn"])
+    entry = {"model": "cn", "image": b64_png(Image.new("RGB", (8, 8))), "module": "canny"}
+    for given in (2048, None, -1):
+        assert native_controls([{**entry, "processor_res": given}], folder, Limits())[0].processor_res in (given, None)
+    for given in (2049, 100000):
+        with pytest.raises(BadRequest, match=r"processor_res must be a whole number in 1\.\.2048") as refused:
+            native_controls([{**entry, "processor_res": given}], folder, Limits())
+        assert refused.value.status == 422
+
+
 def test_a1111_units_in_the_extensions_other_forms(tmp_path):
     """The extension's `legacy_field_alias` ("guidance" is guidance_end) and the image forms its
     `get_input_images_rgba` reads: [image, mask], (image, mask) and [{"image": ..., "mask": ...}] give the unit

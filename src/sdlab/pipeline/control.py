@@ -59,7 +59,8 @@ from sdlab.models.circular_padding import circular_padding, padded_convolutions
 from sdlab.pipeline.images import eight_bit, flattened
 from sdlab.pipeline.overlay import axis_blurred
 from sdlab.pipeline.preprocess import (
-    INPAINT_MODULES, PARAMETERS, PREPROCESSORS, RESOLUTION_MODULES, a1111_module, pixel_perfect_resolution,
+    INPAINT_MODULES, PARAMETERS, PREPROCESSORS, RESOLUTION_MODULES, RESOLUTION_SLIDER, a1111_module,
+    pixel_perfect_resolution,
     preprocess, processor_resolution, unknown_preprocessor,
 )
 from sdlab.pipeline.request import RequestError, input_image, input_size
@@ -151,9 +152,11 @@ def check_control(control: ControlInput, index: int = 0, convention: str = "diff
             raise RequestError(f"{name}: {what} must be a number >= 0 or unset, got {value!r}")
     if control.module not in PREPROCESSORS:
         raise RequestError(f"{name}: {unknown_preprocessor(control.module)}")
-    resolution = control.processor_res
-    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
-        raise RequestError(f"{name}: processor_res must be a whole number >= 1 or unset, got {resolution!r}")
+    resolution, highest = control.processor_res, RESOLUTION_SLIDER["max"]
+    if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                   or not 1 <= resolution <= highest):
+        raise RequestError(f"{name}: processor_res must be a whole number in 1..{highest} (A1111's slider stops at "
+                           f"{highest}) or unset, got {resolution!r}")
     if not isinstance(control.pixel_perfect, bool):
         raise RequestError(f"{name}: pixel_perfect must be true or false, got {control.pixel_perfect!r}")
     if not isinstance(control.model, LoadedControlNet) and not Path(control.model).exists():

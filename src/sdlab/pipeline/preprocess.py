@@ -215,24 +215,45 @@ def _cubic_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray]:
     return index, np.rint(weights * np.float32(2048)).astype(np.int64)
 
 
+CUBIC_BAND_VALUES = 1 << 18
+"""About how many values `cubic_resize` computes at a time: its integer taps of a band take some 50 bytes per
+value, so a band stays near 13 MB whatever the picture's size."""
+
+
 def cubic_resize(pixels: np.ndarray, width: int, height: int) -> np.ndarray:
     """`cv2.resize(pixels, (width, height), interpolation=cv2.INTER_CUBIC)` of a uint8 (H, W, C) picture, as
     OpenCV's own code computes it (its Intel IPP build rounds about 3% of the values 1 the other way): rows
     first in integers (weights of 2048), then columns: in float32 (weights / 2048 ** 2, summed from the last
     tap, rounded half to even) in runs of 8 values of a row (its SSE vector code), the row's last values past
-    them in integers ((sum + 2 ** 21) >> 22)."""
+    them in integers ((sum + 2 ** 21) >> 22). Both passes run in bands of rows (`CUBIC_BAND_VALUES`); the rows
+    pass keeps its sums as int32 (4 bytes per value of H x width)."""
     cols, col_weights = _cubic_taps(pixels.shape[1], width)
     rows, row_weights = _cubic_taps(pixels.shape[0], height)
-    across = (pixels.astype(np.int64)[:, cols] * col_weights[None, :, :, None]).sum(axis=2)   # (H, width, C)
-    taps = across[rows].reshape(height, 4, -1)                              # (height, 4, width * C)
-    beta = (row_weights.astype(np.float32) * np.float32(1 / 2048**2))[:, :, None]             # (height, 4, 1)
+    channels = pixels.shape[2]
+    band = max(1, CUBIC_BAND_VALUES // (width * channels))
+    across = np.empty((pixels.shape[0], width * channels), dtype=np.int32)     # |sum| < 255 * 2048 * 2
+    for top in range(0, pixels.shape[0], band):
+        source = pixels[top:top + band].astype(np.int64)
+        across[top:top + band] = sum(source[:, cols[:, k]] * col_weights[None, :, k, None]
+                                     for k in range(4)).reshape(len(source), -1)
+    out = np.empty((height, width * channels), dtype=np.uint8)
+    for top in range(0, height, band):
+        out[top:top + band] = _cubic_columns(across, rows[top:top + band], row_weights[top:top + band])
+    return out.reshape(height, width, channels)
+
+
+def _cubic_columns(across: np.ndarray, rows: np.ndarray, row_weights: np.ndarray) -> np.ndarray:
+    """The output rows of `cubic_resize` from its rows pass `across` (H, width * C), the rows' source rows and
+    weights `rows` / `row_weights` (n, 4)."""
+    taps = across[rows].astype(np.int64)                                    # (n, 4, width * C)
+    beta = (row_weights.astype(np.float32) * np.float32(1 / 2048**2))[:, :, None]             # (n, 4, 1)
     floats = taps.astype(np.float32)
     total = floats[:, 3] * beta[:, 3]
     for k in (2, 1, 0):
         total = floats[:, k] * beta[:, k] + total
     vector = total.shape[1] // 8 * 8
     total[:, vector:] = ((taps[:, :, vector:] * row_weights[:, :, None]).sum(axis=1) + (1 << 21)) >> 22
-    return np.clip(np.rint(total), 0, 255).astype(np.uint8).reshape(height, width, -1)
+    return np.clip(np.rint(total), 0, 255).astype(np.uint8)
 
 
 def resized_with_pad(pixels: np.ndarray, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
