@@ -368,3 +368,36 @@ def test_grid_styles_axis_of_an_unknown_style_is_an_error(files, tmp_path) -> No
     run = sdlab(tmp_path, "grid", "a cat", "--x", "Styles=cinematic,nope", "--out", "grid.png")
     assert run.returncode != 0 and not (tmp_path / "grid.png").exists()
     assert "the Styles axis names 'nope', which no --styles-file has" in run.stderr and "Traceback" not in run.stderr
+
+
+def _recording_run(requests: list):
+    """A `run` that records each request and draws a grey 8 px picture (the prompts are what is tested)."""
+    from sdlab.pipeline.request import GenerationResult
+
+    def run(request):
+        requests.append(request)
+        return GenerationResult([Image.new("RGB", (8, 8), "grey")], [request.seed or 0], request)
+    return run
+
+
+def test_draw_plot_draws_a_styles_axis_with_the_styles_given(files) -> None:
+    """The library's `draw_plot` with a Styles axis draws each cell's styled prompts, the options' `styles` first
+    (as `sdlab grid --style`); without `styles=` or with a name it lacks, a GridError that says so (before: a
+    TypeError, `styles` not being a request field)."""
+    from sdlab.pipeline.grid import GridError, Plot, draw_plot, parse_axis
+
+    styles = StyleDatabase.load(files)
+    requests: list = []
+    plot = Plot(parse_axis('Styles=cinematic,"plain,extra"'))
+    draw_plot(_recording_run(requests), {"prompt": "a cat", "negative_prompt": "ugly", "styles": ("ink",), "seed": 1},
+              plot, styles=styles)
+    assert [(r.prompt, r.negative_prompt) for r in requests] == [
+        (styles.apply("a cat", names), styles.apply_negative("ugly", names))
+        for names in (["ink", "cinematic"], ["ink", "plain", "extra"])]
+    with pytest.raises(GridError, match=r"names the prompt styles 'cinematic', 'plain', 'extra': give the styles"):
+        draw_plot(_recording_run([]), {"prompt": "a cat"}, plot)
+    with pytest.raises(GridError, match=r"names 'nope', which `styles` lacks; styles: 'cinematic'"):
+        draw_plot(_recording_run([]), {"prompt": "a cat"}, Plot(parse_axis("Styles=nope")), styles=styles)
+    plain: list = []
+    draw_plot(_recording_run(plain), {"prompt": "a cat", "seed": 1}, Plot(parse_axis("steps=1,2")))
+    assert [r.prompt for r in plain] == ["a cat", "a cat"]          # no styles: the prompts as given

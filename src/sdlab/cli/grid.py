@@ -219,15 +219,10 @@ def _cells(plot, options: dict, preset_for, mode: str, default_steps: int | None
     cannot apply to (a Prompt S/R whose word is gone) is an error before any work. Each cell's `styles` (--style's,
     then a Styles axis's) are applied to its prompts once the axes have set them, as A1111's `setup_prompts`."""
     from sdlab.cli.generate import _with_model_preset
-    from sdlab.pipeline.grid import GridError
-    from sdlab.pipeline.styles import styled_options
+    from sdlab.pipeline.grid import GridError, styled_cells
 
     def cells_of(given: dict) -> list:
-        cells = plot.cells(given)
-        if unknown := styles.unknown(name for _, cell in cells for name in cell.get("styles", ())):
-            raise GridError(f"the Styles axis names {unknown[0]!r}, which no --styles-file has; styles: "
-                            f"{', '.join(map(repr, styles.styles)) or 'none'}")
-        return [(index, styled_options(cell, styles)) for index, cell in cells]
+        return styled_cells(plot.cells(given), styles, "no --styles-file has")
 
     def from_steps(preset: str | None) -> dict:
         """Every cell's options, the axes applied over the steps a cell of `preset` starts from."""

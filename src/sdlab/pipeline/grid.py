@@ -66,7 +66,8 @@ rows=1)`, the titles in one band as high as the tallest). Cells of different siz
 
 `Plot(x, y, z)` holds the axes: `cells(options)` gives each cell's request options, `sheet(images)` the
 picture, `parameters()` A1111's plot fields for the picture's parameters (Script: X/Y/Z plot, X Type, ...),
-and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request. A cell drawn
+and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request (with a Styles axis,
+`styles=` the StyleDatabase its names are in). A cell drawn
 as a batch shows its images as A1111's batch grid (`cell_picture`). `draw_cells(pipe.run, plot, cells,
 batch_count)`, what `sdlab grid` and `draw_plot` draw with, takes each cell's options as the caller made
 them and draws each cell as a batch count, giving every batch's result.
@@ -91,6 +92,7 @@ from sdlab.diffusion.noise import RNG_SOURCES
 from sdlab.diffusion.samplers import get_sampler
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.pipeline.request import GenerationRequest, GenerationResult, fixed_seed, next_batch, runs_a1111_unipc
+from sdlab.pipeline.styles import StyleDatabase, styled_options
 from sdlab.utils.numbers import finite_float
 
 MAX_CELLS = 256
@@ -575,20 +577,38 @@ def typed_axis(axis: Axis) -> Axis:
     return parse_axis(f"{axis.field.name}={axis.text}")
 
 
+def styled_cells(cells: list[tuple[Index, dict[str, Any]]], styles: StyleDatabase | None,
+                 missing: str = "`styles` lacks") -> list[tuple[Index, dict[str, Any]]]:
+    """`cells` with each one's `styles` (the options' own, then a Styles axis's names) applied to its prompts once
+    the axes have set them, as A1111's `setup_prompts` (`styles.styled_options`). A name `styles` lacks is a
+    GridError saying it `missing`; styles named with no `styles` given, one saying to give them."""
+    names = [name for _, cell in cells for name in cell.get("styles", ())]
+    if names and styles is None:
+        raise GridError(f"the Styles axis names the prompt styles {', '.join(map(repr, dict.fromkeys(names)))}: "
+                        "give the styles to draw them with (styles=StyleDatabase.load(['styles.csv']))")
+    styles = styles or StyleDatabase()
+    if unknown := styles.unknown(names):
+        raise GridError(f"the Styles axis names {unknown[0]!r}, which {missing}; styles: "
+                        f"{', '.join(map(repr, styles.styles)) or 'none'}")
+    return [(index, styled_options(cell, styles)) for index, cell in cells]
+
+
 def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dict[str, Any],
-              plot: Plot, *, keep_random_seeds: bool = False) -> tuple[Image.Image, dict[Index, GenerationResult]]:
-    """Draw every cell with `run` (e.g. `Pipeline.run`) from `options` (GenerationRequest keyword arguments)
-    and lay them out: (the sheet, each cell's result). An unset or -1 seed (and variation seed) is drawn once
-    for the whole grid (`fix_seeds`), unless the plot keeps random seeds (`Plot.keep_random_seeds`, A1111's
-    "Keep -1 for seeds", or `keep_random_seeds=True` here, which draws the plot as made with it): then each cell
-    draws its own. A cell of several images (a `batch_size`) shows them as `cell_picture` lays them out;
+              plot: Plot, *, keep_random_seeds: bool = False,
+              styles: StyleDatabase | None = None) -> tuple[Image.Image, dict[Index, GenerationResult]]:
+    """Draw every cell with `run` (e.g. `Pipeline.run`) from `options` (GenerationRequest keyword arguments, and
+    `styles`: prompt style names) and lay them out: (the sheet, each cell's result). A Styles axis's names, after
+    the options' `styles`, are styles of `styles` (`styled_cells`). An unset or -1 seed (and variation seed) is
+    drawn once for the whole grid (`fix_seeds`), unless the plot keeps random seeds (`Plot.keep_random_seeds`,
+    A1111's "Keep -1 for seeds", or `keep_random_seeds=True` here, which draws the plot as made with it): then each
+    cell draws its own. A cell of several images (a `batch_size`) shows them as `cell_picture` lays them out;
     `draw_cells` draws cells of several batches. A prompt matrix (`prompt_matrix`) always fixes its seeds, as
     A1111's: `keep_random_seeds=True` is a GridError there."""
     if keep_random_seeds and not isinstance(plot, Plot):
         raise GridError("keep_random_seeds: a prompt matrix draws every picture on one fixed seed (as A1111's)")
     if keep_random_seeds and not plot.keep_random_seeds:
         plot = Plot(*(axis and typed_axis(axis) for axis in (plot.x, plot.y, plot.z)), plot.legend, True)
-    cells = plot.cells(options if plot.keep_random_seeds else fix_seeds(options))
+    cells = styled_cells(plot.cells(options if plot.keep_random_seeds else fix_seeds(options)), styles)
     if any(model_options(cell)[0] for _, cell in cells):
         raise GridError("draw_plot draws every cell with one `run`: a Checkpoint name, VAE or Refiner axis is "
                         "the server's X/Y/Z plot's, which loads each cell's model")
