@@ -226,6 +226,29 @@ def test_an_embedding_file_added_or_removed_reaches_the_held_refiner_without_a_r
                                          for bundle in (pipe.bundle, pipe.refiner) for encoder in bundle.text_encoders)
 
 
+def test_an_embedding_without_the_refiners_width_is_skipped_for_the_refiner(models, tmp_path):
+    """An embedding that fits the base but has no vectors of the refiner's encoder width (an SD1 one beside a
+    bigG refiner) is drawn by the base and skipped for the refiner, as A1111 skips an embedding that does not fit
+    a model: when the refiner loads (`load_refiner`), when the folder changes under a held refiner
+    (`_fresh_embeddings`) and in `Pipeline.with_embeddings`; it was an EmbeddingError that failed every job."""
+    embeddings = tmp_path / "embeddings"
+    embeddings.mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, 64)}, "name": "sdone"}, embeddings / "sdone.pt")
+    registry = ModelRegistry(models / "sd1.safetensors", models)
+    host = ModelHost(registry, "cpu", embeddings_dir=embeddings)
+    choice = {"refiner": registry.find("refiner"), "handoff": RefinerChoice("refiner")}
+    pipe = host.pipeline(registry.default, **choice)
+    assert [e.name for e in pipe.embeddings] == ["sdone"]
+    assert "sdone" in pipe.bundle.text_encoders[0].tokenizer.added_words
+    assert all("sdone" not in encoder.tokenizer.added_words for encoder in pipe.refiner.text_encoders)
+    torch.save({"string_to_param": {"*": torch.randn(3, 64)}, "name": "sdtwo"}, embeddings / "sdtwo.pt")
+    pipe = host.pipeline(registry.default, **choice)                          # the held refiner, the folder changed
+    assert [e.name for e in pipe.embeddings] == ["sdone", "sdtwo"]
+    assert all(not encoder.tokenizer.added_words for encoder in pipe.refiner.text_encoders)
+    again = pipe.with_embeddings(host.embeddings_in_folders(pipe.bundle))
+    assert "sdtwo" in again.bundle.text_encoders[0].tokenizer.added_words and again.refiner is not None
+
+
 def test_a_reloaded_base_gets_its_refiner_loaded_again_with_its_embeddings(models, tmp_path):
     folder = tmp_path / "models"
     folder.mkdir()

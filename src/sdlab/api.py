@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from sdlab.checkpoints.embeddings import (Embedding, FoundEmbeddings, embeddings_used, find_embeddings,
-                                          install_embeddings)
+                                          install_embeddings, install_fitting_embeddings)
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.load import load_bundle, with_vae
 from sdlab.checkpoints.lora import apply_lora, load_lora_file, lora_preset
@@ -93,8 +93,8 @@ class Pipeline:
     def with_embeddings(self, found: FoundEmbeddings) -> Pipeline:
         """This pipeline with `found.loaded` as its model's whole set of embeddings (the words of those installed
         before and not found are forgotten), its refiner's too."""
-        refiner = None if self.refiner is None else install_embeddings(self.refiner, found.loaded, partial=True,
-                                                                       replace=True)
+        refiner = None if self.refiner is None else install_fitting_embeddings(self.refiner, found.loaded,
+                                                                               replace=True)
         return Pipeline(install_embeddings(self.bundle, found.loaded, replace=True), refiner, self.refiner_switch,
                         found.loaded, found.skipped, self.refiner_convention, self.lora_dirs, self._find_lora)
 
@@ -411,4 +411,4 @@ def load_refiner(path: str | os.PathLike[str], base: ModelBundle, embeddings: Se
     base's textual-inversion `embeddings` that have vectors for the refiner's text encoder; its VAE (`vae`, else
     its sidecar) as `load_bundle` takes it."""
     refiner = load_bundle(Path(path), device=base.device, dtype=base.dtype, vae=vae, sidecar_vae=sidecar_vae)
-    return install_embeddings(refiner, embeddings, partial=True)
+    return install_fitting_embeddings(refiner, embeddings)

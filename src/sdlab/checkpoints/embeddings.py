@@ -160,6 +160,22 @@ def install_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding], *, 
     return dataclasses.replace(bundle, text_encoders=tuple(encoders))
 
 
+def install_fitting_embeddings(bundle: ModelBundle, embeddings: Iterable[Embedding], *,
+                               replace: bool = False) -> ModelBundle:
+    """`install_embeddings(bundle, ..., partial=True)` of those `embeddings` that have vectors for each of
+    `bundle`'s text encoders (a refiner's); the others are skipped for it, logged, as A1111 skips an embedding
+    whose shape does not fit the model (`EmbeddingDatabase.register_embedding`'s `skipped_embeddings`)."""
+    fitting = []
+    for embedding in embeddings:
+        try:
+            vectors_for(embedding, bundle.text_encoders, partial=True)
+        except EmbeddingError as err:
+            logger.info("skipped for the refiner: %s", err)
+            continue
+        fitting.append(embedding)
+    return install_embeddings(bundle, fitting, partial=True, replace=replace)
+
+
 def _row_of(rows: Tensor | None, block: Tensor) -> int | None:
     """Index of the first row where `rows` (K, d) holds `block` (n, d), if it does: installing an embedding
     again reuses its ids instead of growing the table."""

@@ -34,7 +34,7 @@ import torch
 
 from sdlab.api import Pipeline, load, load_refiner
 from sdlab.checkpoints.embeddings import (Embedding, FoundEmbeddings, embedding_files, find_embeddings,
-                                          install_embeddings, load_embedding)
+                                          install_fitting_embeddings, load_embedding)
 from sdlab.checkpoints.errors import CheckpointError
 from sdlab.checkpoints.sidecar import vae_beside
 from sdlab.checkpoints.upscaler import Upscaler
@@ -155,7 +155,7 @@ class ModelHost:
         found = self.embeddings_in_folders(self.pipe.bundle)
         self.pipe = self.pipe.with_embeddings(found)
         if self._refiner is not None:
-            self._refiner = install_embeddings(self._refiner, found.loaded, partial=True, replace=True)
+            self._refiner = install_fitting_embeddings(self._refiner, found.loaded, replace=True)
         self._embedding_reads = {key: e for key, e in self._embedding_reads.items() if key in files}
         self._embeddings_version = files
 
