@@ -85,3 +85,48 @@ def test_the_server_loads_a_checkpoint_again_when_its_file_is_replaced(tmp_path)
     replaced = host.pipeline(registry.default).bundle.unet.state_dict()
     expected = tiny_bundle("sd1", seed=5).unet.state_dict()
     assert all(torch.equal(replaced[name], expected[name].to(replaced[name].dtype)) for name in expected)
+
+
+def test_get_embeddings_and_the_worker_read_an_embedding_file_once_between_them(tmp_path, monkeypatch):
+    """GET embeddings (`listed_embeddings`, a request thread) and the worker (`_fresh_embeddings`) share the
+    reads of the embeddings folder: while the request thread reads a file, the worker waits for it and takes
+    that read, rather than reading the file again beside it (or rebuilding the reads while they grow)."""
+    import threading
+    import types
+
+    import sdlab.server.worker as worker
+    from sdlab.checkpoints.embeddings import load_embedding
+    from sdlab.server.registry import ModelRegistry
+
+    model = tmp_path / "Stable-diffusion" / "model.safetensors"
+    model.parent.mkdir()
+    write_original(tiny_bundle("sd1", seed=4), model, junk=False)
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, 64)}, "name": "zqread"}, folder / "zqread.pt")
+    host = worker.ModelHost(ModelRegistry(model, tmp_path, tmp_path / "VAE"), "cpu", embeddings_dir=folder)
+    pipe = types.SimpleNamespace(bundle=tiny_bundle("sd1", seed=4), embeddings=[], skipped_embeddings=[])
+    pipe.with_embeddings = lambda found: pipe
+    host.pipe = pipe
+    reading, go, reads = threading.Event(), threading.Event(), []
+
+    def slow_read(path):
+        reads.append(threading.current_thread().name)
+        if threading.current_thread().name == "get-embeddings":
+            reading.set()
+            go.wait(10)
+        return load_embedding(path)
+
+    monkeypatch.setattr(worker, "load_embedding", slow_read)
+    listing = threading.Thread(target=host.listed_embeddings, name="get-embeddings")
+    listing.start()
+    assert reading.wait(10)
+    job = threading.Thread(target=host._fresh_embeddings, name="worker")
+    job.start()
+    job.join(0.5)
+    waited = job.is_alive()
+    go.set()
+    listing.join(10)
+    job.join(10)
+    assert waited and reads == ["get-embeddings"]
+    assert host._embeddings_version == host._embedding_files()

@@ -77,6 +77,7 @@ class ModelHost:
         self.pipe: Pipeline | None = None
         self._embeddings_version: tuple | None = None   # the embedding files (`_embedding_files`) installed in `pipe`
         self._embedding_reads: dict[tuple, Embedding] = {}   # by (path, file version): a file is read once
+        self._reads_lock = threading.Lock()     # `_embedding_reads`: the worker and GET embeddings both read files
         self._refiner_key: tuple | None = None
         self._refiner: ModelBundle | None = None
         self.previewer: LatentPreviewer | None = None
@@ -156,7 +157,8 @@ class ModelHost:
         self.pipe = self.pipe.with_embeddings(found)
         if self._refiner is not None:
             self._refiner = install_fitting_embeddings(self._refiner, found.loaded, replace=True)
-        self._embedding_reads = {key: e for key, e in self._embedding_reads.items() if key in files}
+        with self._reads_lock:
+            self._embedding_reads = {key: e for key, e in self._embedding_reads.items() if key in files}
         self._embeddings_version = files
 
     def embeddings_in_folders(self, bundle: ModelBundle) -> FoundEmbeddings:
@@ -165,24 +167,29 @@ class ModelHost:
 
     def listed_embeddings(self) -> FoundEmbeddings:
         """What the next job draws with: the loaded model's embeddings, or the folders' when they changed since
-        they were installed (the next job installs them); nothing without a loaded model."""
-        pipe = self.pipe
+        they were installed (the next job installs them); nothing without a loaded model. The version is read
+        before the model: `_fresh_embeddings` sets the model first, so a version it installed comes with its model."""
+        version, pipe = self._embeddings_version, self.pipe
         if pipe is None:
             return FoundEmbeddings([], [])
-        if self._embedding_files() == self._embeddings_version:
+        if self._embedding_files() == version:
             return FoundEmbeddings(pipe.embeddings, pipe.skipped_embeddings)
         return self.embeddings_in_folders(pipe.bundle)
 
     def refresh_embeddings(self) -> None:
         """Read every embedding file again and install them (A1111's forced reload). Called while `busy` is held."""
-        self._embedding_reads, self._embeddings_version = {}, None
+        with self._reads_lock:
+            self._embedding_reads, self._embeddings_version = {}, None
         self._fresh_embeddings()
 
     def _read_embedding(self, path: Path) -> Embedding:
+        """The embedding file `path` as read once per version, by the worker or by GET embeddings
+        (`listed_embeddings`, in a request thread): one at a time (`_reads_lock`)."""
         key = (path, file_version(path))
-        if key not in self._embedding_reads:
-            self._embedding_reads[key] = load_embedding(path)
-        return self._embedding_reads[key]
+        with self._reads_lock:
+            if key not in self._embedding_reads:
+                self._embedding_reads[key] = load_embedding(path)
+            return self._embedding_reads[key]
 
     def vae_for(self, model: Path, vae: VaeChoice) -> tuple[Path | None, bool]:
         """`load`'s (`vae`, `sidecar_vae`) arguments for `model` drawn with the VAE `vae` picks (`vae_to_load`)."""
