@@ -165,6 +165,26 @@ def test_bf16_training_keeps_the_frozen_parts_in_bf16(sd1, tmp_path, monkeypatch
     assert abs(bf16 - fp32) <= 1e-2 * abs(fp32), (bf16, fp32)
 
 
+@pytest.mark.parametrize("task", ["unet", "lcd"])
+def test_bf16_fine_tune_delivers_the_frozen_parts_as_loaded(sd1, tmp_path, task):
+    """A bf16 full fine-tune runs its VAE and text encoder in bf16 but delivers them exactly as loaded: with the
+    default --save-dtype fp32 every VAE / text-encoder tensor of the file (and of final-ema.safetensors) equals the
+    input file's bit for bit, as before the frozen parts ran in bf16 (they were rounded to bf16: 160 of 160 tensors
+    changed, max 0.0039); --save-dtype fp16 casts those weights, not their bf16 run copies."""
+    model, data_dir = sd1
+    source = load_file(str(model))
+    for save_dtype, as_saved in (("fp32", lambda v: v), ("fp16", lambda v: v.to(torch.float16))):
+        out = tmp_path / save_dtype
+        result = run_from_config(_config(out, model, data_dir, task=task, mixed_precision="bf16", max_steps=1,
+                                         ema_decay=0.9, save_dtype=save_dtype))
+        for weights in (result.weights, result.ema_weights):
+            saved = load_file(str(weights))
+            frozen = [k for k in saved if k.startswith(("first_stage_model.", "cond_stage_model."))]
+            assert len(frozen) > 100
+            changed = [k for k in frozen if not torch.equal(saved[k], as_saved(source[k]))]
+            assert changed == [], (save_dtype, weights.name, len(changed), len(frozen))
+
+
 # --- latent caching --------------------------------------------------------------------------------------
 
 

@@ -155,16 +155,22 @@ def _load_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.mixed_precision == "bf16" and frozen else torch.float32
 
 
-def _cast_frozen_parts(cfg: TrainConfig, bundle: ModelBundle) -> None:
+def _cast_frozen_parts(cfg: TrainConfig, bundle: ModelBundle, task) -> None:
     """Under ``--mixed-precision bf16``, each part of the model none of whose weights train (the VAE and text
     encoders of a U-Net fine-tune) moves to bf16, as diffusers' train_text_to_image.py casts the frozen modules
     to weight_dtype: they only run forward, where autocast multiplies in bf16 anyway. What trains keeps its fp32
-    master weights (a text encoder under ``--train-text-encoder`` among them)."""
+    master weights (a text encoder under ``--train-text-encoder`` among them). A task that delivers the whole
+    model keeps each part it casts as loaded (``keep_as_loaded``), so the file holds it unrounded."""
     if cfg.mixed_precision != "bf16":
         return
+    keep = getattr(task, "keep_as_loaded", None)
     for module in (bundle.unet, bundle.vae, *(te.model for te in bundle.text_encoders)):
-        if not any(p.requires_grad for p in module.parameters()):
-            module.to(torch.bfloat16)
+        parameters = list(module.parameters())
+        if any(p.requires_grad for p in parameters) or all(p.dtype == torch.bfloat16 for p in parameters):
+            continue
+        if keep is not None:
+            keep(module)
+        module.to(torch.bfloat16)
 
 
 def _scan(cfg: TrainConfig):
@@ -353,7 +359,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         cfg = _with_model_kind(cfg, bundle.family.name, bundle.prediction.value)
         cfg = _with_native_resolution(cfg, bundle)
         task = task_module.build_task(cfg, bundle)
-        _cast_frozen_parts(cfg, bundle)
+        _cast_frozen_parts(cfg, bundle, task)
         _warn_of_unloaded_embeddings(task, scan.samples)
         cache = None
         if cfg.cache_latents:

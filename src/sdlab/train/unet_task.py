@@ -24,6 +24,7 @@ layout (`sdlab.checkpoints.save.save_bundle`), or the LoRA in kohya format (`sdl
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -69,6 +70,14 @@ def enable_gradient_checkpointing(unet: UNet) -> int:
 
         block.forward = forward
     return len(blocks)
+
+
+def cpu_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` on the CPU, made without a second copy on its device (on the CPU it shares the tensors,
+    which a later ``module.to(dtype)`` replaces in `module` alone)."""
+    memo = {id(p): nn.Parameter(p.detach().cpu(), requires_grad=False) for p in module.parameters()}
+    memo |= {id(b): b.detach().cpu() for b in module.buffers()}
+    return copy.deepcopy(module, memo)
 
 
 class UNetTaskOptions:
@@ -139,6 +148,7 @@ class UNetTask:
         if opts.prediction is not None:
             bundle = replace(bundle, prediction=Prediction.parse(opts.prediction))
         self.bundle = bundle
+        self._as_loaded: dict[nn.Module, nn.Module] = {}   # a part the run casts to bf16 -> its weights as loaded
         self.prediction = bundle.prediction
         self.device = bundle.device
         self.sampling = bundle.model_sampling
@@ -229,8 +239,20 @@ class UNetTask:
                                metadata={META_FAMILY: self.bundle.family.name, META_EMA: str(bool(ema)),
                                          **({META_PRESET: self.preset} if self.preset else {})})
         else:
-            bundle = replace(self.bundle, preset=self.preset or self.bundle.preset)
-            save_bundle(bundle, path, dtype=None if dtype == torch.float32 else dtype)
+            save_bundle(self._delivered_bundle(), path, dtype=dtype)
+
+    def keep_as_loaded(self, module: nn.Module) -> None:
+        """Keep `module`'s weights as they are now for the delivered file, before the run casts its own to bf16
+        (`sdlab.train.cli`): the file holds the parts that do not train exactly as loaded."""
+        self._as_loaded[module] = cpu_copy(module)
+
+    def _delivered_bundle(self) -> ModelBundle:
+        """The bundle the file holds: the run's, naming the task's preset, with each part kept as loaded in place
+        of its bf16 run copy."""
+        bundle, loaded = self.bundle, self._as_loaded
+        encoders = tuple(replace(te, model=loaded.get(te.model, te.model)) for te in bundle.text_encoders)
+        return replace(bundle, preset=self.preset or bundle.preset, vae=loaded.get(bundle.vae, bundle.vae),
+                       text_encoders=encoders)
 
     def preview(self, out_dir: Path, step: int) -> None:
         """Sample each fixed prompt with the generate pipeline (EMA weights swapped in by the loop)."""
