@@ -185,6 +185,25 @@ def test_bf16_fine_tune_delivers_the_frozen_parts_as_loaded(sd1, tmp_path, task)
             assert changed == [], (save_dtype, weights.name, len(changed), len(frozen))
 
 
+@pytest.mark.parametrize("task", ["unet", "lcd"])
+def test_bf16_sdxl_fine_tune_keeps_the_vae_fp32(tmp_path, monkeypatch, task):
+    """An SDXL fine-tune or distillation under bf16 runs its text encoders in bf16 but keeps the VAE fp32, as
+    diffusers' train_text_to_image_sdxl.py (vae.to(dtype=torch.float32), "to avoid NaN losses") and
+    train_lcm_distill_sdxl_wds.py do; an SD1 model's VAE runs in bf16 as train_text_to_image.py and
+    train_lcm_distill_sd_wds.py cast it (test_bf16_training_keeps_the_frozen_parts_in_bf16)."""
+    model = write_original(tiny_bundle("sdxl", seed=0), tmp_path / "tiny-sdxl.safetensors")
+    data_dir = write_caption_folder(tmp_path / "data", n=2, size=RES)
+    module = importlib.import_module(TASK_MODULES[task])
+    built = []
+    real_build = module.build_task
+    monkeypatch.setattr(module, "build_task", lambda cfg, bundle: built.append(real_build(cfg, bundle)) or built[-1])
+    run_from_config(_config(tmp_path / "run", model, data_dir, task=task, mixed_precision="bf16", max_steps=1))
+    bundle = built[0].bundle
+    assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
+    assert {p.dtype for te in bundle.text_encoders for p in te.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bundle.unet.parameters()} == {torch.float32}
+
+
 # --- latent caching --------------------------------------------------------------------------------------
 
 

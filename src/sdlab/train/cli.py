@@ -159,12 +159,14 @@ def _cast_frozen_parts(cfg: TrainConfig, bundle: ModelBundle, task) -> None:
     """Under ``--mixed-precision bf16``, each part of the model none of whose weights train (the VAE and text
     encoders of a U-Net fine-tune) moves to bf16, as diffusers' train_text_to_image.py casts the frozen modules
     to weight_dtype: they only run forward, where autocast multiplies in bf16 anyway. What trains keeps its fp32
-    master weights (a text encoder under ``--train-text-encoder`` among them). A task that delivers the whole
+    master weights (a text encoder under ``--train-text-encoder`` among them), and an SDXL model's VAE stays fp32,
+    as train_text_to_image_sdxl.py and train_lcm_distill_sdxl_wds.py keep it. A task that delivers the whole
     model keeps each part it casts as loaded (``keep_as_loaded``), so the file holds it unrounded."""
     if cfg.mixed_precision != "bf16":
         return
     keep = getattr(task, "keep_as_loaded", None)
-    for module in (bundle.unet, bundle.vae, *(te.model for te in bundle.text_encoders)):
+    vae = () if bundle.family.is_sdxl else (bundle.vae,)
+    for module in (bundle.unet, *vae, *(te.model for te in bundle.text_encoders)):
         parameters = list(module.parameters())
         if any(p.requires_grad for p in parameters) or all(p.dtype == torch.bfloat16 for p in parameters):
             continue
