@@ -26,6 +26,7 @@ from sdlab.pipeline.grid import GridError, Plot, draw_plot, parse_axis
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.server.a1111_scripts import Drawn, ScriptHost, run_xyz_plot
 from test_server_a1111_scripts import index_of, xyz_args
+from test_server_lazy_hashes import _a1111_closest_match
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 7, "cfg_scale": 5.0,
         "sampler_name": "Euler", "width": 32, "height": 32}
@@ -155,6 +156,26 @@ def test_refiner_cells_are_single_requests_with_that_refiner(client) -> None:
     assert not np.array_equal(_pixels(images[1]), _pixels(images[2]))
     plot = Plot(parse_axis(f"Refiner checkpoint=None,{refiner}"), parse_axis("Refiner switch at=0.5,0.8"))
     assert plot.x.labels == ("None", refiner.rsplit("/", 1)[-1]) and plot.y.labels[0] == "Refiner switch at: 0.5"
+
+
+def test_a_checkpoint_value_names_the_model_of_the_shortest_title_holding_it(client) -> None:
+    """A1111's `apply_checkpoint` / `confirm_checkpoints` take `get_closet_checkpoint_match(x)` (transcribed:
+    `_a1111_closest_match`): a model's name, else the shortest title holding the value; the refiner's too."""
+    titles = [m["title"] for m in client.get("/sd-models").json()]
+    values = ("eta.safe", "safetensors")
+    models = [_a1111_closest_match(titles, value) for value in values]
+    assert models[0] == _title(client, "beta") and None not in models
+    args = xyz_args(x_type=index_of("Checkpoint name"), x_values=", ".join(values), csv_mode=True,
+                    include_lone_images=True)
+    images, _ = _plot(client, script_args=args)
+    for image, title in zip(images[1:], models):
+        assert np.array_equal(_pixels(image), _single(client, override_settings={"sd_model_checkpoint": title})[0])
+    args = xyz_args(x_type=index_of("Refiner checkpoint"), x_values="refiner", z_type=index_of("Checkpoint name"),
+                    z_values="xl/base", csv_mode=True, include_lone_images=True)
+    images, info = _plot(client, script_args=args, refiner_switch_at=0.5)
+    single, text = _single(client, override_settings={"sd_model_checkpoint": _title(client, "xl_base")},
+                           refiner_checkpoint=_title(client, "xl_refiner"), refiner_switch_at=0.5)
+    assert np.array_equal(_pixels(images[1]), single) and info["infotexts"][1] == text
 
 
 @pytest.mark.parametrize("axis, values, message", [

@@ -637,7 +637,7 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
         return _listed_upscaler(name, upscaler_file(name, service.upscalers, SCRIPT_UPSCALER))
 
     def checkpoint_title(name: str) -> str | None:
-        found = service.registry.find(name)
+        found = _closest_checkpoint(service, name)
         return None if found is None else found.title
 
     async def restore_model() -> None:
