@@ -100,6 +100,7 @@ def test_prompts_from_file_pictures_are_single_requests(client) -> None:
                                    "still life --prompt a --step 3"]
     assert (info["seed"], info["all_seeds"], info["subseed"], info["index_of_first_image"]) == (10, [10], -1, 0)
     assert info["negative_prompt"] == "blurry" and len(info["infotexts"]) == 4
+    assert info["prompt"] == "still life a pear"           # A1111's Processed.js(): all_prompts[0]
 
 
 @pytest.mark.parametrize("name, args, status, message", [

@@ -653,8 +653,9 @@ async def run_prompts_from_file(host: ScriptHost, body: Any, mode: str) -> dict[
     in turn as its own request (`sdlab.pipeline.prompts_file`; a line that does not read drawn as a prompt, its
     error logged, as A1111), answered as its `Script.run` returns `Processed(p, images, p.seed, "", ...)`: every
     picture, `info` the request's fields (`_request_info`; the model, VAE and extra parameters the first line's)
-    with `all_prompts` and `infotexts` of every picture and A1111's `seed` (the request's after the lines, -1 if
-    unset and not drawn), `all_seeds` [seed], `subseed` -1, the request's negative prompt."""
+    with `all_prompts` and `infotexts` of every picture, `prompt` the first of `all_prompts` (`Processed.js()`),
+    and A1111's `seed` (the request's after the lines, -1 if unset and not drawn), `all_seeds` [seed], `subseed`
+    -1, the request's negative prompt."""
     args = _script_args("prompts from file or textbox", body.script_args, FILE_ARG_NAMES, FILE_DEFAULTS,
                         {"prompt_position": POSITIONS})
     lines = await asyncio.to_thread(read_lines, args["prompt_txt"], most=host.max_images + 1)   # one too many:
@@ -670,8 +671,8 @@ async def run_prompts_from_file(host: ScriptHost, body: Any, mode: str) -> dict[
     labels = [f"prompts from file or textbox line {line.number}" for line in lines]
     drawn = await host.draw(bodies, labels, False)
     negative = body.negative_prompt or ""
-    info = {**drawn[0].info, **_request_info(body, lines, drawn),
-            "all_prompts": [prompt for line_body, cell in zip(bodies, drawn) for prompt in _line_prompts(line_body, cell)],
+    all_prompts = [prompt for line_body, cell in zip(bodies, drawn) for prompt in _line_prompts(line_body, cell)]
+    info = {**drawn[0].info, **_request_info(body, lines, drawn), "prompt": all_prompts[0], "all_prompts": all_prompts,
             "negative_prompt": negative, "all_negative_prompts": [negative], "seed": last_seed,
             "all_seeds": [last_seed], "subseed": -1, "all_subseeds": [-1],
             "infotexts": [text for cell in drawn if cell is not None for text in cell.infotexts],
@@ -680,7 +681,7 @@ async def run_prompts_from_file(host: ScriptHost, body: Any, mode: str) -> dict[
     return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
 
 
-REQUEST_INFO = ("prompt", "subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "sampler_name",
+REQUEST_INFO = ("subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "sampler_name",
                 "batch_size", "steps", "cfg_scale", "width", "height")
 """A1111's `Processed` fields a line's tags can change in its copy of the request (`LINE_FIELDS`)."""
 
