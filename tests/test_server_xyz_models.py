@@ -245,6 +245,47 @@ def test_an_unknown_checkpoint_is_refused_before_anything_is_drawn(tmp_path) -> 
     assert drawn == [] and restored == []
 
 
+def test_a_plot_refused_at_a_cell_loads_no_model(tmp_path) -> None:
+    """A cell the route refuses (`draw` checks every cell before the first job) ends the plot before A1111's
+    `SharedSettingsStackHelper` is entered: the selected model is not loaded again."""
+    from dataclasses import replace
+
+    from sdlab.server.a1111 import Txt2ImgIn
+    from sdlab.server.inputs import BadRequest
+
+    async def refused(bodies, labels, keep_going, pictures=None, seeds=None):
+        raise BadRequest(f"{labels[1]}: steps must be at most 150", 422)
+
+    drawn, restored = [], []
+    host = replace(_host(tmp_path, drawn, restored), draw=refused)
+    body = Txt2ImgIn(**{**BASE, "script_name": "x/y/z plot",
+                        "script_args": xyz_args(x_type=index_of("Checkpoint name"), x_values="a,b", csv_mode=True)})
+    with pytest.raises(BadRequest, match="steps must be at most 150"):
+        asyncio.run(run_xyz_plot(host, body, "txt2img"))
+    assert restored == []
+
+
+def test_a_model_that_fails_to_load_after_the_plot_is_logged(monkeypatch, caplog) -> None:
+    """The plot is drawn by then: any error loading the selected model again (out of memory, a file gone) is
+    logged, and the plot answered."""
+    import threading
+    from types import SimpleNamespace
+
+    from sdlab.server import a1111
+
+    def fails(service):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(a1111, "_load_selected", fails)
+    service = SimpleNamespace(host=SimpleNamespace(busy=threading.Lock(), selected=SimpleNamespace(title="a",
+                                                                                                  sha256=None)),
+                              options={}, config=SimpleNamespace(limits=SimpleNamespace(max_images=4)),
+                              registry=SimpleNamespace(vaes=SimpleNamespace(names=list)))
+    with caplog.at_level("ERROR", logger="sdlab.server"):
+        asyncio.run(a1111._script_host(service, None).restore_model())
+    assert "the selected model was not loaded again after the script: CUDA out of memory" in caplog.text
+
+
 def test_draw_plot_of_one_pipeline_refuses_a_model_axis() -> None:
     with pytest.raises(GridError, match="Checkpoint name, VAE or Refiner axis"):
         draw_plot(lambda request: None, {"prompt": "a"}, Plot(parse_axis("Checkpoint name=a,b")))

@@ -643,8 +643,8 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
     async def restore_model() -> None:
         try:
             await asyncio.to_thread(_holding_device, service.host, lambda: _load_selected(service))
-        except BadRequest as err:
-            logger.error("the selected model was not loaded again after the script: %s", err.message)
+        except Exception as err:        # the plot is drawn: its answer stands, the next job loads the model
+            logger.error("the selected model was not loaded again after the script: %s", err)
 
     return ScriptHost(drawn, check, lambda image, text: _base64_picture(image, text, _options(service)), _echo,
                       return_grid=bool(_options(service).get("return_grid", True)),
