@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -53,6 +54,9 @@ def models(tmp_path_factory):
     _vae_file(models / "VAE" / "blue.safetensors", 97)
     write_original(tiny_bundle("sdxl"), checkpoints / "xl" / "base.safetensors", junk=False)
     write_original(tiny_bundle("sdxl-refiner", seed=5), checkpoints / "xl" / "refiner.safetensors", junk=False)
+    (models / "embeddings").mkdir()
+    save_file({"clip_l": torch.randn(1, 64), "clip_g": torch.randn(1, 128)},     # the tiny SDXL's widths
+              str(models / "embeddings" / "xlword.safetensors"))
     return models
 
 
@@ -61,7 +65,8 @@ def client(models):
     from server_fixtures import start_server
 
     server = start_server(models.parent / "outputs", "--models-dir", str(models), "--model",
-                          str(models / "Stable-diffusion" / "alpha.safetensors"))
+                          str(models / "Stable-diffusion" / "alpha.safetensors"), "--embeddings-dir",
+                          str(models / "embeddings"))
     with httpx.Client(base_url=server.url + "/sdapi/v1", timeout=300) as c:
         yield c
     server.stop()
@@ -140,12 +145,15 @@ def test_size_cells_are_single_requests_of_that_size(client) -> None:
 
 
 def test_refiner_cells_are_single_requests_with_that_refiner(client) -> None:
-    """Z Checkpoint name (the SDXL base), X Refiner checkpoint None / the refiner, Y Refiner switch at."""
+    """Z Checkpoint name (the SDXL base), X Refiner checkpoint None / the refiner, Y Refiner switch at. After the
+    plot the selected SD1 model is the one loaded again: GET embeddings lists the loaded model's, and skips the
+    SDXL embedding only while an SD1 model is loaded."""
     base, refiner = _title(client, "xl_base"), _title(client, "xl_refiner")
     args = xyz_args(x_type=index_of("Refiner checkpoint"), x_values_dropdown=["None", refiner],
                     y_type=index_of("Refiner switch at"), y_values="0.5,0.8", z_type=index_of("Checkpoint name"),
                     z_values_dropdown=["xl/base.safetensors"], include_lone_images=True)
     images, info = _plot(client, script_args=args)
+    assert list(client.get("/embeddings").json()["skipped"]) == ["xlword"]
     for n, (j, i) in enumerate((j, i) for j in range(2) for i in range(2)):
         single, text = _single(client, override_settings={"sd_model_checkpoint": base},
                                refiner_checkpoint=["None", refiner][i], refiner_switch_at=[0.5, 0.8][j])
