@@ -184,13 +184,14 @@ def test_scripts_and_script_info_list_them_in_img2img(client) -> None:
 def test_script_info_lists_the_servers_upscalers_for_sd_upscale(tmp_path) -> None:
     """SD upscale's Upscaler choices are A1111's `shared.sd_upscalers` (scripts/sd_upscale.py `ui`: `choices=[x.name
     for x in shared.sd_upscalers]`, the first its value): the names `GET upscalers` gives, the server's model
-    files after the plain resizes, not the plain resizes alone."""
+    files after the plain resizes, not the plain resizes alone; GET /api/scripts lists the same args."""
     from types import SimpleNamespace
 
     from safetensors.torch import save_file
 
     from sdlab.server.a1111 import scripts_info, upscalers
     from sdlab.server.model_folders import UPSCALER_SUFFIXES, ModelFolder
+    from sdlab.server.native import scripts
     from test_upscale_models import new_arch_state
 
     save_file(new_arch_state(2), str(tmp_path / "RealESRGAN_x2plus.safetensors"))
@@ -202,6 +203,10 @@ def test_script_info_lists_the_servers_upscalers_for_sd_upscale(tmp_path) -> Non
     assert upscaler["choices"] == [row["name"] for row in upscalers(request)]
     assert upscaler["choices"] == ["None", "Lanczos", "Nearest", "R-ESRGAN 2x+", "mine"]
     assert upscaler["value"] == "None"
+    native = scripts(request)               # GET /api/scripts: each script's args as script-info gives them
+    for info in scripts_info(request):
+        tab = native["img2img" if info["is_img2img"] else "txt2img"]["scripts"]
+        assert next(s["args"] for s in tab if s["title"].lower() == info["name"]) == info["args"], info["name"]
 
 
 def stopped_at_first_step(sdlab_server, body: dict, route: str, job_count: int) -> tuple[httpx.Response, int]:

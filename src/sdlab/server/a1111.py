@@ -648,7 +648,7 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
 
     return ScriptHost(drawn, check, lambda image, text: _base64_picture(image, text, _options(service)), _echo,
                       return_grid=bool(_options(service).get("return_grid", True)),
-                      upscalers=lambda: [name for name, _ in _listed_upscalers(service)],
+                      upscalers=lambda: upscaler_names(service),
                       listed_upscaler=listed_upscaler, upscaled=upscaled, init_pictures=init_pictures,
                       max_images=service.config.limits.max_images, checkpoint_title=checkpoint_title,
                       vae_names=service.registry.vaes.names, restore_model=restore_model)
@@ -1541,6 +1541,12 @@ def _listed_upscalers(service: Service) -> list[tuple[str, ModelFile | None]]:
     return [*((name, None) for name in PLAIN_UPSCALER_NAMES), *((f.title, f) for f in service.upscalers.files)]
 
 
+def upscaler_names(service: Service) -> list[str]:
+    """The upscalers' names in `GET upscalers` order (`_listed_upscalers`): SD upscale's choices, which its
+    `upscaler_index` indexes."""
+    return [name for name, _ in _listed_upscalers(service)]
+
+
 def _upscaler_scale(path: Path) -> int | None:
     """The scale of the network an upscaler file describes (`read_upscaler`: from its names and shapes), None
     for a file that is not one it can read."""
@@ -1751,7 +1757,7 @@ def scripts() -> dict[str, Any]:
 def scripts_info(request: Request) -> list[dict[str, Any]]:
     """A1111's `ScriptInfo` of the selectable scripts sdlab runs: their `script_args` (`a1111_scripts`), SD
     upscale's upscalers this server's."""
-    return script_info([name for name, _ in _listed_upscalers(service_of(request))])
+    return script_info(upscaler_names(service_of(request)))
 
 
 @router.get("/prompt-styles")

@@ -1076,13 +1076,17 @@ def scripts_list() -> dict[str, list[str]]:
             + [CONTROLNET] for mode in MODES}
 
 
+def script_args(script: SelectableScript, img2img: bool,
+                upscalers: Sequence[str] = PLAIN_UPSCALER_NAMES) -> list[ScriptArg]:
+    """`script`'s `ScriptInfo.args` in txt2img or img2img; SD upscale's upscaler choices the server's `upscalers`
+    (the only choices A1111 takes from server state: the others are fixed lists, the X/Y/Z values dropdowns empty
+    until an axis is picked)."""
+    return sd_upscale_script_args(img2img, upscalers) if script is SD_UPSCALE else script.args(img2img)
+
+
 def script_info(upscalers: Sequence[str] = PLAIN_UPSCALER_NAMES) -> list[dict[str, Any]]:
     """A1111's `get_script_info` of the selectable scripts sdlab runs: each one's `ScriptInfo` in txt2img, then
-    in img2img; SD upscale's upscaler choices the server's `upscalers` (the only choices A1111 takes from server
-    state: the others are fixed lists, the X/Y/Z values dropdowns empty until an axis is picked)."""
-    def args(script: SelectableScript, img2img: bool) -> list[ScriptArg]:
-        return sd_upscale_script_args(img2img, upscalers) if script is SD_UPSCALE else script.args(img2img)
-
+    in img2img (`script_args`)."""
     return [{"name": script.title.lower(), "is_alwayson": False, "is_img2img": img2img,
-             "args": [vars(arg) for arg in args(script, img2img)]}
+             "args": [vars(arg) for arg in script_args(script, img2img, upscalers)]}
             for img2img in (False, True) for script in RUNNABLE_SCRIPTS if MODES[img2img] in script.modes]

@@ -331,8 +331,8 @@ def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict[
 
 
 @router.get("/scripts")
-def scripts() -> dict[str, Any]:
-    return script_jobs.native_scripts()
+def scripts(request: Request) -> dict[str, Any]:
+    return script_jobs.native_scripts(service_of(request))
 
 
 def _find(service: Service, job_id: str) -> tuple[dict[str, Any], Job | None]:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from sdlab.pipeline.png_info import save_png_atomic
 from sdlab.pipeline.request import MASKED_CONTENT, RESIZE_MODES
-from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, SelectableScript, axis_types, sdlab_field
+from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, SelectableScript, axis_types, script_args, sdlab_field
 from sdlab.server.inputs import BadRequest, JobSpec
 from sdlab.server.jobs import Job, Unavailable
 from sdlab.server.service import Service
@@ -306,12 +306,15 @@ def live_job(service: Service, job_id: str) -> Job | None:
     return running.job if running is not None else service.queue.get(job_id)
 
 
-def native_scripts() -> dict[str, Any]:
-    """The scripts each tab offers (A1111's titles and `ScriptInfo.args`) and the X/Y/Z plot axes sdlab draws,
-    each with its index in A1111's axis list of the tab (its `x_type` / `y_type` / `z_type`)."""
+def native_scripts(service: Service) -> dict[str, Any]:
+    """The scripts each tab offers (A1111's titles and `ScriptInfo.args` as `GET /sdapi/v1/script-info` gives
+    them: SD upscale's upscalers the server's) and the X/Y/Z plot axes sdlab draws, each with its index in A1111's
+    axis list of the tab (its `x_type` / `y_type` / `z_type`)."""
+    from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
+    upscalers = a1111.upscaler_names(service)
     out: dict[str, Any] = {}
     for mode, img2img in (("txt2img", False), ("img2img", True)):
-        out[mode] = {"scripts": [{"title": s.title, "args": [vars(arg) for arg in s.args(img2img)]}
+        out[mode] = {"scripts": [{"title": s.title, "args": [vars(arg) for arg in script_args(s, img2img, upscalers)]}
                                  for s in RUNNABLE_SCRIPTS if mode in s.modes],
                      "axes": [{"index": i, "label": axis.label} for i, axis in enumerate(axis_types(mode))
                               if sdlab_field(axis) is not None]}
