@@ -46,7 +46,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Width, Height (sdlab's own)            | width, height                        |                  |
 
 Checkpoint name, VAE, Refiner checkpoint and Refiner switch at (`MODEL_FIELDS`) are no request fields but what
-a cell loads and draws with (`model_options` splits them off): the server's X/Y/Z plot draws them, each cell with
+a cell loads and draws with: the server's X/Y/Z plot draws them, each cell with
 its model, in A1111's order (`Plot.drawing_order`: the costliest axis, Checkpoint name, outermost, so that its
 model changes least); `draw_plot`, which draws every cell with one `run`, and `sdlab grid`, with its one --model,
 refuse them.
@@ -171,14 +171,8 @@ def _set_size(options: dict[str, Any], value: str, values: tuple[str, ...]) -> d
 
 
 MODEL_FIELDS = ("checkpoint", "vae", "refiner", "refiner_switch")
-"""The axes' fields that are no request field but what a cell draws with (`model_options`): its model, VAE file
+"""The axes' fields that are no request field but what a cell draws with: its model, VAE file
 ("None": the checkpoint's own, "Automatic": the one found near it), SDXL refiner ("None": none) and switch."""
-
-
-def model_options(cell: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A cell's options split in (what it draws with, `MODEL_FIELDS`; its request's options)."""
-    return ({key: value for key, value in cell.items() if key in MODEL_FIELDS},
-            {key: value for key, value in cell.items() if key not in MODEL_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -609,7 +603,7 @@ def draw_plot(run: Callable[[GenerationRequest], GenerationResult], options: dic
     if keep_random_seeds and not plot.keep_random_seeds:
         plot = Plot(*(axis and typed_axis(axis) for axis in (plot.x, plot.y, plot.z)), plot.legend, True)
     cells = styled_cells(plot.cells(options if plot.keep_random_seeds else fix_seeds(options)), styles)
-    if any(model_options(cell)[0] for _, cell in cells):
+    if any(key in MODEL_FIELDS for _, cell in cells for key in cell):
         raise GridError("draw_plot draws every cell with one `run`: a Checkpoint name, VAE or Refiner axis is "
                         "the server's X/Y/Z plot's, which loads each cell's model")
     check_unipc_order_axis(plot, (GenerationRequest(**cell) for _, cell in cells))
