@@ -353,6 +353,21 @@ def test_cli_style_errors_are_one_line(files, tmp_path) -> None:
     assert "Traceback" not in bad.stderr
 
 
+def test_cli_prompts_file_styles_tag_names_one_character_styles(files, tmp_path) -> None:
+    """A line's `--styles ink` is A1111's `setattr(copy_p, "styles", "ink")`: `apply_styles_to_prompt` iterates the
+    text, so the line draws with the style `k` (and no `i` / `n`), not with --style's."""
+    (tmp_path / "one.csv").write_text("name,prompt,negative_prompt\nk,kite,grey\n", encoding="utf-8")
+    (tmp_path / "lines.txt").write_text("a cat\n--prompt a dog --styles ink\n", encoding="utf-8")
+    run = sdlab(tmp_path, "txt2img", "--prompts-file", "lines.txt", "--style", "ink", "--styles-file", "styles.csv",
+                "--styles-file", "one.csv", "--steps", "1", "--seed", "2", "--out", "out/")
+    assert run.returncode == 0, run.stderr
+    styles = StyleDatabase.load([tmp_path / "styles.csv", tmp_path / "one.csv"])
+    drawn = [parameters(tmp_path / path).split("\nSteps: ")[0] for path in run.stdout.split()]
+    assert drawn == [styles.apply("a cat", ["ink"]),
+                     f"{styles.apply('a dog', 'ink')}\nNegative prompt: {styles.apply_negative('', 'ink')}"]
+    assert drawn[1] == "a dog, kite\nNegative prompt: grey"
+
+
 def test_grid_styles_axis_adds_to_the_given_styles(files, tmp_path) -> None:
     run = sdlab(tmp_path, "grid", "a cat", "--style", "ink", "--x", "Styles=cinematic,\"plain,extra\"",
                 "--styles-file", "styles.csv", "--styles-file", "styles-more.csv",

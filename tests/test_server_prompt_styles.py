@@ -134,6 +134,20 @@ def test_prompt_matrix_styles_each_combination(client, styles) -> None:
     assert info["all_prompts"] == [styles.apply(p, ["ink"]) for p in ("a red apple", "a red apple, at night")]
 
 
+def test_prompts_from_file_lines_are_styled_and_a_styles_tag_replaces_the_styles(client, styles) -> None:
+    """Each line is drawn with the request's styles; a line's `--styles ink` is A1111's `setattr(copy_p, "styles",
+    "ink")`, whose characters its `apply_styles_to_prompt` takes for names (none here): the line draws unstyled.
+    `info.prompt` is the first line's drawn prompt (A1111's `Processed.js()`: `all_prompts[0]`)."""
+    answer = txt2img(client, styles=["cinematic"], script_name="prompts from file or textbox",
+                     script_args=[False, False, "start", "a pear\n--prompt a cup --styles ink\n"])
+    info = json.loads(answer["info"])
+    drawn = [styles.apply("a pear a red apple", ["cinematic"]), styles.apply("a cup a red apple", "ink")]
+    assert info["all_prompts"] == drawn == ["a pear a red apple, film grain", "a cup a red apple"]
+    assert (info["prompt"], info["styles"]) == (drawn[0], ["cinematic"])
+    plain = txt2img(client, prompt="a cup a red apple")
+    assert np.array_equal(pixels(answer["images"][1]), pixels(plain["images"][0]))
+
+
 def test_native_jobs_take_styles(served, styles) -> None:
     server, _ = served
     with httpx.Client(base_url=server.url + "/api", timeout=300) as api:

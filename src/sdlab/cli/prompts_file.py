@@ -6,20 +6,22 @@ settings over the ones given (`sdlab.pipeline.prompts_file`).
     sdlab txt2img "masterpiece" --prompts-file prompts.txt --insert-prompts end --negative "blurry"
 
 The PROMPT given (if any) joins each line's prompt, after it (--insert-prompts start, the default) or before it
-(end), and --negative each line's negative prompt. --iterate-seed (A1111's Iterate seed every line) starts each
-line --batch x --batch-count seeds after the one before, --same-random-seed (Use same random seed for all lines)
-draws one random seed for every line; otherwise each line without a seed draws its own. A line's tags set the
-command's options: --prompt, --negative_prompt, --seed, --subseed, --subseed_strength, --seed_resize_from_w / _h,
---sampler_name (an A1111 name or alias), --steps, --cfg_scale, --width, --height, --batch_size (--batch),
---n_iter (--batch-count), --tiling, --sd_model (a checkpoint file or diffusers folder: --model), --outpath_samples (the folder the
-line's pictures go to), --do_not_save_samples true (drawn, not written); --sampler_index, --styles,
---prompt_for_display, --outpath_grids and --do_not_save_grid change nothing here (as in A1111, where the first
-is ignored since 1.6 and the rest name files or text sdlab's CLI does not write), and --restore_faces true is
-refused (sdlab has no face restoration). Every line is read and checked before the model loads (img2img's and
-inpaint's with their pictures): a line A1111 would draw as a prompt because it does not read (`unknown
-commandline option: --step`, `Unknown checkpoint: notes.txt`) is an error here naming its line, as is any
-error of a line's run. A model loaded stays for the lines after it that draw it and is let go before a line's other
-model loads: one model held at a time, as A1111's default (Maximum number of checkpoints loaded: 1).
+(end), and --negative each line's negative prompt. --iterate-seed (A1111's Iterate seed every line) starts each line
+--batch x --batch-count seeds after the one before, --same-random-seed (Use same random seed for all lines) draws
+one random seed for every line; otherwise each line without a seed draws its own. A line's tags set the command's
+options: --prompt, --negative_prompt, --seed, --subseed, --subseed_strength, --seed_resize_from_w / _h,
+--sampler_name (an A1111 name or alias), --steps, --cfg_scale, --width, --height, --batch_size (--batch), --n_iter
+(--batch-count), --tiling, --sd_model (a checkpoint file or diffusers folder: --model), --outpath_samples (the
+folder the line's pictures go to), --do_not_save_samples true (drawn, not written), --styles TEXT (A1111 sets the
+text as the line's styles, each of its characters a style name: the line draws with the one-character styles of
+--styles-file it names instead of --style's); --sampler_index, --prompt_for_display, --outpath_grids and
+--do_not_save_grid change nothing here (as in A1111, where the first is ignored since 1.6 and the rest name files or
+text sdlab's CLI does not write), and --restore_faces true is refused (sdlab has no face restoration). Every line is
+read and checked before the model loads (img2img's and inpaint's with their pictures): a line A1111 would draw as a
+prompt because it does not read (`unknown commandline option: --step`, `Unknown checkpoint: notes.txt`) is an error
+here naming its line, as is any error of a line's run. A model loaded stays for the lines after it that draw it and
+is let go before a line's other model loads: one model held at a time, as A1111's default (Maximum number of
+checkpoints loaded: 1).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 from sdlab.cli.errors import UserError
 
-UNUSED_TAGS = ("sampler_index", "styles", "prompt_for_display", "outpath_grids", "do_not_save_grid")
+UNUSED_TAGS = ("sampler_index", "prompt_for_display", "outpath_grids", "do_not_save_grid")
 FLAGS = {                           # A1111's tag -> the command's option (argparse name)
     "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength", "sampler_name": "sampler",
     "steps": "steps", "cfg_scale": "cfg", "width": "width", "height": "height", "batch_size": "batch",
@@ -88,8 +90,10 @@ def _checkpoint(name: str) -> str | None:
     return name if path.is_file() and path.suffix.lower() in (*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES) else None
 
 
-def _line_namespace(args: argparse.Namespace, line, seed: int, where: str) -> argparse.Namespace:
-    """The command's options for `line`: its tags over the options given, its prompts joined with them."""
+def _line_namespace(args: argparse.Namespace, line, seed: int, where: str, styles) -> argparse.Namespace:
+    """The command's options for `line`: its tags over the options given, its prompts joined with them; a
+    `--styles` text the characters of it that name one of `styles` (A1111's `p.styles` = the text, which its
+    `apply_styles_to_prompt` iterates), in place of --style."""
     from sdlab.pipeline.prompts_file import line_prompts
 
     tags = line.args
@@ -111,6 +115,8 @@ def _line_namespace(args: argparse.Namespace, line, seed: int, where: str) -> ar
     if "outpath_samples" in tags:                 # always a folder, as A1111's (a name with an extension too)
         ns.out = os.path.join(tags["outpath_samples"], "")
     ns.write = not tags.get("do_not_save_samples", False)
+    if "styles" in tags:
+        ns.style = [name for name in tags["styles"] if name in styles.styles]
     return ns
 
 
@@ -133,7 +139,7 @@ def _check_request(ns: argparse.Namespace) -> None:
 def line_namespaces(args: argparse.Namespace) -> list[tuple[str, argparse.Namespace]]:
     """Every line's options (after how errors name the line), checked before any work (a line that does not read
     is an error naming it)."""
-    from sdlab.cli.generate import _output_target
+    from sdlab.cli.generate import _output_target, styles_of
     from sdlab.pipeline.prompts_file import read_lines, line_seeds
 
     if args.from_png:
@@ -146,12 +152,13 @@ def line_namespaces(args: argparse.Namespace) -> list[tuple[str, argparse.Namesp
         raise UserError(f"--prompts-file {args.prompts_file}: no line to draw")
     seeds, _ = line_seeds(args.seed, len(lines), args.iterate_seed, args.same_random_seed, args.batch or 1,
                           args.batch_count)
+    styles = styles_of(args)
     namespaces = []
     for line, seed in zip(lines, seeds):
         where = f"--prompts-file {args.prompts_file} line {line.number}"
         if line.error is not None:
             raise UserError(f"{where}: {line.error} (A1111 would draw the whole line as a prompt)")
-        ns = _line_namespace(args, line, seed, where)
+        ns = _line_namespace(args, line, seed, where, styles)
         try:
             _output_target(ns.out)
             _check_request(ns)

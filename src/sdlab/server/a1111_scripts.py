@@ -629,8 +629,9 @@ LINE_FIELDS = ("prompt", "negative_prompt", "seed", "subseed", "subseed_strength
                "seed_resize_from_w", "sampler_name", "batch_size", "n_iter", "steps", "cfg_scale", "width", "height",
                "restore_faces", "tiling")
 """The line tags a request field takes as they are (A1111's `setattr(copy_p, tag, value)`); `sd_model` sets
-`override_settings.sd_model_checkpoint`; the others (sampler_index, styles as a text, prompt_for_display,
-outpath_*, do_not_save_*) change no picture sdlab's API answers with."""
+`override_settings.sd_model_checkpoint`; `styles` sets the text as A1111's `p.styles`, whose every character its
+`apply_styles_to_prompt` takes for a style name (the request's styles are gone); the others (sampler_index,
+prompt_for_display, outpath_*, do_not_save_*) change no picture sdlab's API answers with."""
 
 
 def _line_body(body: Any, line: Line, seed: int, position: str) -> Any:
@@ -642,6 +643,8 @@ def _line_body(body: Any, line: Line, seed: int, position: str) -> Any:
     update = {tag: value for tag, value in line.args.items() if tag in LINE_FIELDS}
     update.update(line_prompts(line.args, body.prompt or "", body.negative_prompt or "", position))
     update["seed"] = line.args.get("seed", seed)
+    if "styles" in line.args:
+        update["styles"] = list(line.args["styles"])
     if "sd_model" in line.args:
         update["override_settings"] = {**body.override_settings, "sd_model_checkpoint": line.args["sd_model"]}
     return body.model_copy(update=update)
@@ -681,7 +684,7 @@ async def run_prompts_from_file(host: ScriptHost, body: Any, mode: str) -> dict[
 
 
 REQUEST_INFO = ("subseed_strength", "seed_resize_from_w", "seed_resize_from_h", "sampler_name",
-                "batch_size", "steps", "cfg_scale", "width", "height")
+                "batch_size", "steps", "cfg_scale", "width", "height", "styles")
 """A1111's `Processed` fields a line's tags can change in its copy of the request (`LINE_FIELDS`)."""
 
 
