@@ -12,7 +12,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from server_fixtures import b64_png, sdlab_server  # noqa: F401  (a session fixture)
 
@@ -110,3 +110,36 @@ def test_cancel_stops_the_script(client) -> None:
     job = _finished(client, job_id, 120)
     assert job["status"] == "cancelled" and job["step"] < 40, job
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0     # nothing left queued
+
+
+def _read(client: httpx.Client, picture_b64: str) -> dict:
+    """`POST /api/parameters` of a picture (base64)."""
+    answer = client.post("/api/parameters", json={"image": picture_b64})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_a_scripts_picture_names_its_script_and_arguments(client):
+    """`POST /api/parameters` reads a script's fields as the job's script_name / script_args (A1111's order; null:
+    not recorded): an X/Y/Z plot's grid by its Script, X Type (its label) and X Values (an axis it does not name:
+    Nothing), Loopback's and SD upscale's by their own labels; a picture without them names no script."""
+    grid = client.post("/sdapi/v1/txt2img", json={**A1111, "script_name": "x/y/z plot",
+                                                   "script_args": [4, "1,2", [], 1, "3, 4"]})
+    read = _read(client, grid.json()["images"][0])
+    assert read["settings"]["script_name"] == "X/Y/Z plot"
+    assert read["settings"]["script_args"] == ["Steps", "1,2", [], "Seed", "3, 4", [], "Nothing", "", [],
+                                               None, None, None, None, None, None, None, None, True]
+    assert read["unread"] == ["Fixed Y Values: 3, 4"]       # A1111 pastes the values as typed too
+    text = "a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, Denoising strength: 0.5"
+    for fields, name, args in (
+            (", Final denoising strength: 0.25, Denoising curve: Aggressive", "Loopback",
+             [None, 0.25, "Aggressive", None]),
+            (", SD upscale overlap: 16, SD upscale upscaler: Lanczos", "SD upscale", [None, 16, "Lanczos", None]),
+            ("", None, None)):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text + fields)
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64)).save(buffer, "PNG", pnginfo=info)
+        read = _read(client, base64.b64encode(buffer.getvalue()).decode())
+        assert (read["settings"].get("script_name"), read["settings"].get("script_args")) == (name, args)
+        assert read["unread"] == []

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from sdlab.pipeline.styles import StyleDatabase
-from server_fixtures import start_server
+from server_fixtures import start_server, wait_for_job
 
 STYLES_CSV = ('name,prompt,negative_prompt\n'
               'cinematic,"{prompt}, film grain",blurry\n'
@@ -160,8 +160,46 @@ def test_native_jobs_take_styles(served, styles) -> None:
         while record["status"] in ("queued", "running"):
             time.sleep(0.2)
             record = api.get(f"/jobs/{job.json()['id']}").json()
-    assert record["request"]["prompt"] == styles.apply("a red apple", ["cinematic"])
-    assert record["request"]["negative_prompt"] == "ugly, blurry"
+    drawn = record["infotexts"][0].splitlines()
+    assert drawn[0] == styles.apply("a red apple", ["cinematic"]) and drawn[1] == "Negative prompt: ugly, blurry"
+    # the record: the prompts as sent and the styles, which draw the job again (a Reuse restores both)
+    request = record["request"]
+    assert (request["prompt"], request["negative_prompt"], request["styles"]) == ("a red apple", "ugly", ["cinematic"])
+
+
+def test_native_parameters_take_the_styles_out_as_png_info(served, client, styles) -> None:
+    """`POST /api/parameters` (the web UI's dropped PNG) takes the styles out of a picture's prompts and names
+    them as `/sdapi/v1/png-info` does (the same `infotext_styles`, option `infotext_styles`): the settings draw the
+    picture again, pixel-equal."""
+    server, _ = served
+    names = ["sharp", "cinematic"]
+    styled = txt2img(client, styles=names)
+    with httpx.Client(base_url=server.url, timeout=300) as api:
+        read = api.post("/api/parameters", json={"image": styled["images"][0]})
+        assert read.status_code == 200, read.text
+        settings = read.json()["settings"]
+        found = client.post("/png-info", json={"image": styled["images"][0]}).json()["parameters"]
+        assert (settings["prompt"], settings["negative_prompt"], settings["styles"]) == (
+            found["Prompt"], found["Negative prompt"], found["Styles array"]) == ("a red apple", "ugly", names)
+        assert read.json()["unread"] == []
+        job = api.post("/api/jobs", json=settings)
+        assert job.status_code == 202, job.text
+        record = wait_for_job(api, job.json()["id"])
+        again = api.get(record["images"][0])
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(again.content)).convert("RGB"), dtype=np.int16),
+                              pixels(styled["images"][0]))
+        plain = txt2img(client)
+        assert "styles" not in api.post("/api/parameters", json={"image": plain["images"][0]}).json()["settings"]
+        for option, expected in (("Ignore", None), ("Apply", [])):  # Apply names none found; Ignore takes none out
+            client.post("/options", json={"infotext_styles": option})
+            try:
+                kept = api.post("/api/parameters", json={"image": styled["images"][0] if option == "Ignore"
+                                                     else plain["images"][0]}).json()["settings"]
+            finally:
+                client.post("/options", json={"infotext_styles": "Apply if any"})
+            assert kept.get("styles") == expected
+            if option == "Ignore":
+                assert kept["prompt"] == styles.apply("a red apple", names)
 
 
 def test_a_bad_styles_file_stops_the_server_with_one_line(tmp_path) -> None:

@@ -94,6 +94,16 @@ class JobSpec:
                                              # (A1111's sd_vae "Automatic"); False: its own VAE ("None")
     vae: str | None = None                   # else this file of the server's VAE list (A1111's sd_vae by name);
                                              # None: the checkpoint's own (`vae_files.VaeChoice`)
+    styles: tuple[str, ...] = ()             # the prompt styles applied to the request's prompts, by name, and
+    typed_prompts: dict[str, str] = field(default_factory=dict)   # those prompts as sent (`recorded`)
+
+    def recorded(self, parameters: dict[str, Any]) -> dict[str, Any]:
+        """The request's `parameters` as the job's record keeps them: with styles, the prompts as sent and the
+        styles, which draw the job again (the drawn prompts are its pictures' parameters)."""
+        if not self.styles:
+            return parameters
+        typed = {key: text for key, text in self.typed_prompts.items() if key in parameters}
+        return {**parameters, **typed, "styles": list(self.styles)}
 
 
 NO_REFINER = ("", "None", "none")      # A1111's names of no refiner (`process_images_inner`)

@@ -12,6 +12,7 @@
     GET    /api/scripts              the selectable scripts a job's script_name takes in each tab, and the X/Y/Z
                                      plot axes sdlab draws (`script_jobs.native_scripts`)
     POST   /api/parameters           {image} -> {info, settings, unread}: a picture's parameters as a job's settings
+                                     (its styles taken out of its prompts, its script's fields as script_args)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
 from sdlab.pipeline.request import MAX_BATCH_COUNT, GenerationRequest, RequestError, check_sdxl_conditioning
-from sdlab.pipeline.styles import PROMPT_FIELDS, styled_options
+from sdlab.pipeline.styles import PROMPT_FIELDS, STYLES_ARRAY, infotext_styles, styled_options
 from sdlab.server import script_jobs
 from sdlab.server.a1111_scripts import selected_script
 from sdlab.server.controls import native_controls
@@ -315,6 +316,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         unset = frozenset()
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras),
                    batch_count=body.batch_count, model_preset_fills=unset, **_vae_fields(service, body.vae),
+                   styles=tuple(body.styles), typed_prompts={key: getattr(body, key) for key in PROMPT_FIELDS},
                    refiner=refiner_choice(body.refiner, body.refiner_switch, body.refiner_convention, "refiner_switch"))
     script = selected_script(body.script_name, "txt2img" if body.mode == "txt2img" else "img2img")
     if script is not None:
@@ -437,8 +439,11 @@ class PictureIn(NullsAreDefaults):
 @router.post("/parameters")
 def picture_parameters(body: PictureIn, request: Request) -> dict[str, Any]:
     """A picture's parameters as the settings of a job that draws it again, read as `sdlab txt2img --from-png`
-    reads them (`picture_settings`), with its parameters text (`info`) and the labels they leave `unread`. A
-    picture without parameters, with another program's metadata or with a value that is not one is a 422."""
+    reads them (`picture_settings`), with its parameters text (`info`) and the labels they leave `unread`. The
+    texts of the server's styles its prompts hold are taken out of them and the styles named (`styles`; left out
+    where none is found under A1111's default "Apply if any") as `/sdapi/v1/png-info` does under the option
+    `infotext_styles` (`styles.infotext_styles`). A picture without parameters, with another program's metadata
+    or with a value that is not one is a 422."""
     raw = decode_base64(body.image, "image")
     with opened_picture(raw, "image", service_of(request).config.limits):   # reading its text decodes it
         text = read_parameters(io.BytesIO(raw))
@@ -447,10 +452,14 @@ def picture_parameters(body: PictureIn, request: Request) -> dict[str, Any]:
         raise BadRequest(f"the picture holds {foreign}, not the A1111 parameters text sdlab reads", 422)
     if not text:
         raise BadRequest("the picture carries no generation parameters", 422)
-    parameters = parse_parameters(text)
-    models = service_of(request).registry
+    service = service_of(request)
+    parameters = infotext_styles(parse_parameters(text), service.styles,
+                                 service.options.get("infotext_styles", "Apply if any"))    # A1111's default
+    styles = parameters.pop(STYLES_ARRAY, None)      # none: no style found, under "Apply if any"
     try:
-        settings = picture_settings(parameters, models)
+        settings = picture_settings(parameters, service.registry)
     except ValueError as err:
         raise BadRequest(str(err), 422) from None
-    return {"info": text, "settings": settings, "unread": unread_labels(parameters, models)}
+    if styles is not None:
+        settings["styles"] = styles
+    return {"info": text, "settings": settings, "unread": unread_labels(parameters, service.registry)}

@@ -15,6 +15,7 @@ from typing import Any
 
 from sdlab.diffusion.schedule_names import A1111_SCHEDULERS, a1111_name
 from sdlab.pipeline.infotext import from_parameters, refiner_handoff
+from sdlab.server.a1111_scripts import XYZ_ARG_NAMES
 from sdlab.server.registry import ModelRegistry
 
 # Labels that describe the picture's files rather than how it was drawn
@@ -43,7 +44,31 @@ def picture_settings(p: dict[str, Any], models: ModelRegistry) -> dict[str, Any]
         settings.update(refiner=_REFINER_HASH.sub("", str(p["Refiner"])), refiner_convention=convention)
         if switch is not None:
             settings["refiner_switch"] = switch
-    return settings
+    return {**settings, **script_settings(p)}
+
+
+def script_settings(p: dict[str, Any]) -> dict[str, Any]:
+    """The selectable script whose fields parsed parameters `p` hold, as a job's `script_name` and `script_args`
+    (A1111's order; null where the text does not record the argument: the form's own), or nothing. The X/Y/Z plot
+    of a `Script` label (A1111's `infotext_fields`: each axis's `X Type` by its label, as the tab's list names it, and
+    `X Values` as typed; an axis the text does not name is Nothing, which A1111 writes no fields for; csv_mode on:
+    the values are the text), Loopback by its Final denoising strength and Denoising curve, SD upscale by its
+    overlap and upscaler; another `Script` title is named alone. Prompt matrix and the outpainting scripts write
+    no fields: their pictures name no script."""
+    if "Script" in p:
+        title = str(p["Script"])
+        if title != "X/Y/Z plot":
+            return {"script_name": title, "script_args": []}
+        axes = [[str(p.get(f"{letter} Type", "Nothing")), str(p.get(f"{letter} Values", "")), []] for letter in "XYZ"]
+        return {"script_name": title,
+                "script_args": [arg for axis in axes for arg in axis] + [None] * (len(XYZ_ARG_NAMES) - 10) + [True]}
+    if "Final denoising strength" in p and "Denoising curve" in p:
+        return {"script_name": "Loopback",
+                "script_args": [None, float(p["Final denoising strength"]), str(p["Denoising curve"]), None]}
+    if "SD upscale overlap" in p and "SD upscale upscaler" in p:
+        return {"script_name": "SD upscale",
+                "script_args": [None, int(p["SD upscale overlap"]), str(p["SD upscale upscaler"]), None]}
+    return {}
 
 
 def _model_title(p: dict[str, Any], models: ModelRegistry) -> str:

@@ -150,7 +150,8 @@ class Service:
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),
                        hires_tag_loras=tuple(hires_tags))
         settings = {"mode": mode, "model": checkpoint.title,
-                    "loras": [{"name": c.name, "weight": c.weight} for c in spec.loras], **request.parameters()}
+                    "loras": [{"name": c.name, "weight": c.weight} for c in spec.loras],
+                    **spec.recorded(request.parameters())}
         if spec.batch_count > 1:
             settings["batch_count"] = spec.batch_count
         if spec.vae is not None or not spec.sidecar_vae:

@@ -339,7 +339,7 @@ class Runner:
         try:
             plan = _resolved(pipe, job.spec.request, upscaler)
             job.count_steps(plan)               # the steps it runs, as resolved: its progress and step events
-            job.settings = {**job.settings, **plan.request.parameters()}
+            job.settings = {**job.settings, **job.spec.recorded(plan.request.parameters())}
             for result in _batches(pipe, job, plan.request, upscaler, progress, stop):
                 self._write_batch(job, result, parameters(result))
         except RequestError as err:        # a tagged LoRA's file: named as the server lists it, not by its path
@@ -484,4 +484,4 @@ def _take_model_defaults(job: Job, pipe: Pipeline) -> None:
     if request is spec.request:
         return
     job.spec = replace(spec, request=request, model_preset_fills=frozenset())
-    job.settings = {**job.settings, **request.parameters()}
+    job.settings = {**job.settings, **job.spec.recorded(request.parameters())}
