@@ -1,5 +1,6 @@
 // sdlab web UI: plain JavaScript on sdlab's HTTP API (no build step).
-//   lists:    /sdapi/v1/sd-models, sd-vae, samplers, schedulers, loras, options, latent-upscale-modes, upscalers
+//   lists:    /sdapi/v1/sd-models, sd-vae, samplers, schedulers, loras, options, latent-upscale-modes, upscalers,
+//             prompt-styles
 //   a PNG:    POST /api/parameters -> {info, settings, unread}
 //   scripts:  /api/scripts (each tab's A1111 selectable scripts and the X/Y/Z plot axes sdlab draws)
 //   jobs:     POST /api/jobs -> {id}; GET /api/jobs; GET/DELETE /api/jobs/{id}; POST /api/jobs/{id}/interrupt, skip;
@@ -105,7 +106,7 @@ const KEPT = {
 // Settings the form takes apart from its controls (mode, model, LoRA list, refiner rule, `KEPT`), follow from what
 // it sends (the hires pass's own count, the rule of an unset size: a job records its size) or list the PNG's
 // unread labels
-const KEPT_APART = new Set(["mode", "model", "vae", "loras", "refiner_convention", ...Object.keys(KEPT),
+const KEPT_APART = new Set(["mode", "model", "vae", "loras", "styles", "refiner_convention", ...Object.keys(KEPT),
   "first_pass_steps", "size_convention", "unread", "script_name", "script_args"]);
 
 // A1111's selectable scripts: each one's `script_args` in its `Script.run` order, from its controls (`id`, read as
@@ -138,6 +139,8 @@ const state = {
   maskPainted: false,
   maskFile: null,         // data URL of a loaded mask file, sent as it is while nothing is painted over it
   loras: [],              // [{name, weight}]
+  styleList: [],          // GET /sdapi/v1/prompt-styles: [{name, prompt, negative_prompt}] (the server's styles)
+  styles: [],             // the styles chosen, by name, in the order they apply
   follow: null,           // {id, source}: the one job whose event stream the page reads (one of its own)
   submitted: new Set(storedSubmitted()),   // ids of jobs this page queued and has not seen end
   activeIds: [],          // queued and running jobs at the last poll, oldest first (every page's)
@@ -293,6 +296,7 @@ async function loadLists() {
       fillSelect($("hr_schedule"), rows, { blank: "Use same scheduler" });
     }),
     loadLoras(),
+    loadStyles(),
     loadVaes(),
     loadHiresUpscalers(),
     api("/api/scripts").then((scripts) => { state.scripts = scripts; renderScripts(); }),
@@ -377,6 +381,56 @@ function addLora(name, weight) {
   renderLoras();
 }
 
+// ---------------------------------------------------------------- styles
+
+// A1111's prompt styles (`GET /sdapi/v1/prompt-styles`: the server's --styles-file) to choose from, or the list's
+// empty state when the server has none
+async function loadStyles() {
+  state.styleList = (await api("/sdapi/v1/prompt-styles")) || [];
+  fillSelect($("style-choice"), state.styleList.map((s) => ({ label: s.name, value: s.name })),
+    { blank: state.styleList.length ? "add a style" : "no styles (sdlab serve --styles-file)" });
+  $("style-choice").disabled = !state.styleList.length;
+  renderStyles();
+}
+
+// The chosen styles in the order they apply (A1111's Styles box), each a chip with its texts as its title and a
+// button that removes it
+function renderStyles() {
+  const list = $("style-list");
+  list.replaceChildren();
+  state.styles.forEach((name, index) => {
+    const style = state.styleList.find((s) => s.name === name);
+    const item = document.createElement("li");
+    item.dataset.name = name;
+    const label = document.createElement("span");
+    label.textContent = name;
+    if (style) label.title = [style.prompt, style.negative_prompt && `Negative: ${style.negative_prompt}`].filter(Boolean).join("\n");
+    item.append(label, makeButton("\u00d7", "remove-style", () => { state.styles.splice(index, 1); renderStyles(); },
+      `Remove style ${name}`));
+    list.append(item);
+  });
+  list.hidden = !state.styles.length;
+}
+
+// The style picked in the list joins the chosen ones (once), after them
+function addChosenStyle() {
+  const name = $("style-choice").value;
+  if (name && !state.styles.includes(name)) state.styles.push(name);
+  $("style-choice").value = "";
+  renderStyles();
+}
+
+// The settings' styles: a job's (its prompts as sent) or a dropped picture's (the server took their texts out of its
+// prompts, `POST /api/parameters`); a picture naming none leaves the chosen ones, as A1111's option "Apply if any".
+// A style the server lacks is named, not sent (the server would refuse the job).
+function fillStyles(settings, unknown) {
+  if (!Array.isArray(settings.styles)) return;
+  const known = new Set(state.styleList.map((s) => s.name));
+  state.styles = settings.styles.filter((name) => known.has(name));
+  for (const name of settings.styles) if (!known.has(name)) unknown.push(`style "${name}" (not on this server)`);
+  renderStyles();
+}
+
 // ---------------------------------------------------------------- mode, image and mask
 
 function setMode(mode) {
@@ -432,26 +486,38 @@ function scriptRequest() {
   return name ? { script_name: name, script_args: SCRIPT_ARGS[name].map(scriptArg) } : {};
 }
 
+// Set a script control to `value` (null: left as it is); a list takes an option by its value or its text (an X/Y/Z
+// type by its index, a picture's by its label). Returns whether the control could take it.
 function setScriptArg(spec, value) {
-  if ("value" in spec || value === undefined || value === null) return;
+  if ("value" in spec || value === undefined || value === null) return true;
   if (spec.type === "directions") {
     for (const box of document.querySelectorAll(`input[name="${spec.id}"]`)) box.checked = value.includes(box.value);
   } else if (spec.type === "bool") {
     $(spec.id).checked = Boolean(value);
+  } else if ($(spec.id).tagName === "SELECT") {
+    return selectMatching($(spec.id), value);
   } else {
     $(spec.id).value = String(value);
   }
+  return true;
 }
 
-// A reused job's script and its arguments (A1111's order); settings without one choose None. A script the tab does
-// not offer is named in the notice.
+// A reused job's or a dropped picture's script and its arguments (A1111's order; null: the form's own); settings
+// without one choose None (as A1111's paste of a text without `Script`). A script the tab does not offer, or an
+// argument its controls cannot take (an X/Y/Z axis sdlab does not draw), is named in the notice and leaves None.
 function fillScript(settings, unknown) {
   const name = settings.script_name || "";
   if (!selectMatching($("script"), name)) {
     unknown.push(`script "${name}" (not in this tab)`);
     $("script").value = "";
   } else if (name) {
-    SCRIPT_ARGS[$("script").value].forEach((spec, index) => setScriptArg(spec, (settings.script_args || [])[index]));
+    const args = SCRIPT_ARGS[$("script").value].map((spec, index) => [spec, (settings.script_args || [])[index]]);
+    const refused = args.filter(([spec, value]) => !setScriptArg(spec, value))
+      .map(([spec, value]) => `${$(spec.id).labels[0].textContent} "${value}"`);
+    if (refused.length) {
+      unknown.push(`script "${name}" (${refused.join(", ")} not here)`);
+      $("script").value = "";
+    }
   }
   showScriptControls();
 }
@@ -732,6 +798,7 @@ function collectRequest() {
   if ($("model").value) body.model = $("model").value;   // the checkpoint's title, as /sdapi/v1/sd-models names it
   if ($("vae").value && $("vae").value !== "Automatic") body.vae = $("vae").value;
   if ($("sampler").value) body.sampler = $("sampler").value;
+  if (state.styles.length) body.styles = [...state.styles];
   if ($("schedule").value) body.schedule = $("schedule").value;
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
   if (state.mode === "txt2img" && $("enable_hr").checked) Object.assign(body, hiresRequest());
@@ -833,6 +900,7 @@ function fillForm(settings) {
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
   fillRefiner(settings, unknown);
+  fillStyles(settings, unknown);
   fillScript(settings, unknown);
   keepSettings(settings);
   if (settings.sampler !== undefined && !selectMatching($("sampler"), settings.sampler ?? "")) unknown.push(`sampler "${settings.sampler}"`);
@@ -1177,7 +1245,7 @@ async function imageToInit(url) {
 function reuseSettings(job) {
   showError("");
   // its mode tells the notice what applies; the tab stays. A job records its batch count only above 1
-  const settings = { batch_count: 1, ...(job.request || {}) };
+  const settings = { batch_count: 1, styles: [], ...(job.request || {}) };   // nor its styles when it has none
   if (job.request && job.request.model === undefined && job.model) settings.model = job.model;
   const missing = applySettings(settings);
   if (job.request && job.request.seed != null) state.lastSeed = job.request.seed;
@@ -1359,6 +1427,7 @@ function setup() {
     else $("seed").value = state.lastSeed;
   });
   $("lora-add").addEventListener("click", addChosenLora);
+  $("style-choice").addEventListener("change", addChosenStyle);
   $("script").addEventListener("change", showScriptControls);
   for (const id of ["strength", "subseed_strength", "hr_denoise"]) $(id).addEventListener("input", () => showSliderValue(id));
   for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));

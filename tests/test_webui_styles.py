@@ -1,0 +1,169 @@
+"""The web UI's prompt styles and a script picture's script, in a real headless browser (the helpers and fixtures of
+test_webui.py, on a server of its own with a styles file): the Styles list holds the server's styles (GET
+/sdapi/v1/prompt-styles), a job drawn with some draws the styled prompts and Reuse restores them, a dropped picture
+has its styles taken out of its prompts (POST /api/parameters, as /sdapi/v1/png-info), and a dropped X/Y/Z plot or
+Loopback picture selects its script again."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from server_fixtures import start_server
+from test_webui import (  # noqa: F401  (fixtures: browser, page; the session's sdlab_server)
+    By, Select, browser, drop_file, http_bytes, http_json, job_by_prompt, open_page, page, png_with_parameters,
+    sdlab_server, set_value, text, value, wait, wait_job,
+)
+
+from sdlab.pipeline.styles import StyleDatabase
+
+STYLES_CSV = ('name,prompt,negative_prompt\n'
+              'cinematic,"{prompt}, film grain",blurry\n'
+              'ink,"ink drawing, monochrome",\n')
+
+
+@pytest.fixture(scope="module")
+def styled_server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("webui-styles")
+    (folder / "styles.csv").write_text(STYLES_CSV, encoding="utf-8")
+    server = start_server(folder / "out", "--styles-file", str(folder / "styles.csv"))
+    yield server, StyleDatabase.load([folder / "styles.csv"])
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def base_url(styled_server) -> str:            # the page fixture's server: this module's
+    return styled_server[0].url
+
+
+@pytest.fixture(scope="module")
+def styles(styled_server) -> StyleDatabase:
+    return styled_server[1]
+
+
+def chips(page) -> list[str]:
+    return [item.get_attribute("data-name") for item in page.find_elements(By.CSS_SELECTOR, "#style-list li")]
+
+
+def choose_styles(page, *names: str) -> None:
+    for name in names:
+        Select(page.find_element(By.ID, "style-choice")).select_by_visible_text(name)
+
+
+def remove_styles(page) -> None:
+    while buttons := page.find_elements(By.CSS_SELECTOR, "#style-list button.remove-style"):
+        buttons[0].click()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def test_the_styles_list_holds_the_servers_styles_or_says_it_has_none(page, sdlab_server):
+    assert [o.text for o in Select(page.find_element(By.ID, "style-choice")).options] == [
+        "add a style", "cinematic", "ink"]
+    choose_styles(page, "ink", "cinematic", "ink")                  # once each, in the order chosen
+    assert chips(page) == ["ink", "cinematic"]
+    assert page.find_element(By.CSS_SELECTOR, '#style-list [data-name="cinematic"] span').get_attribute(
+        "title") == "{prompt}, film grain\nNegative: blurry"
+    open_page(page, sdlab_server.url)                               # a server without styles
+    choice = page.find_element(By.ID, "style-choice")
+    wait(page, lambda d: not choice.is_enabled(), 10, "the styles list is not disabled")
+    assert [o.text for o in Select(choice).options] == ["no styles (sdlab serve --styles-file)"]
+
+
+def test_a_job_with_styles_draws_the_styled_prompts_and_reuse_restores_them(page, base_url, styles):
+    prompt, names = "a blue circle (styles)", ["ink", "cinematic"]
+    set_value(page, "prompt", prompt)
+    set_value(page, "negative_prompt", "ugly")
+    set_value(page, "steps", 2)
+    set_value(page, "seed", 5)
+    choose_styles(page, *names)
+    page.find_element(By.ID, "generate").click()
+    job = wait_job(base_url, wait(page, lambda d: job_by_prompt(base_url, prompt), 30, "no job")["id"])
+    assert job["status"] == "done", job
+    assert (job["request"]["prompt"], job["request"]["styles"]) == (prompt, names)      # as sent: it draws again
+    drawn = job["infotexts"][0].splitlines()
+    assert drawn[:2] == [styles.apply(prompt, names), "Negative prompt: " + styles.apply_negative("ugly", names)]
+    typed_out = {key: job["request"][key] for key in ("steps", "seed", "sampler", "schedule", "cfg_scale", "width",
+                                                      "height", "rng", "clip_skip")}  # the styled prompts sent plain
+    plain = wait_job(base_url, http_json(base_url, "/api/jobs", {**typed_out, "prompt": drawn[0],
+                                                                 "negative_prompt": "ugly, blurry"})["id"])
+    assert np.array_equal(pixels(http_bytes(base_url, job["images"][0])),
+                          pixels(http_bytes(base_url, plain["images"][0])))
+
+    remove_styles(page)
+    set_value(page, "prompt", "something else")
+    card = f'#gallery [data-job-id="{job["id"]}"]'
+    wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
+    page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+    assert (value(page, "prompt"), value(page, "negative_prompt"), chips(page)) == (prompt, "ugly", names)
+    assert text(page, "notice") == ""
+
+    remove_styles(page)                                     # a dropped picture: its styles out of its prompts
+    set_value(page, "prompt", "")
+    drop_file(page, http_bytes(base_url, job["images"][0]), "styled.png")
+    wait(page, lambda d: value(d, "prompt") == prompt, 20, "the picture's prompt is not read")
+    assert (value(page, "negative_prompt"), chips(page)) == ("ugly", names)
+    assert text(page, "notice") == "Settings read from styled.png"
+    drop_file(page, png_with_parameters("a dog\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64"),
+              "plain.png")
+    wait(page, lambda d: value(d, "prompt") == "a dog", 20, "the plain picture is not read")
+    assert chips(page) == names             # none found: the chosen ones stay (A1111's option "Apply if any")
+
+
+def test_the_xyz_axes_are_those_the_server_draws(page, base_url):
+    offered = page.execute_script("return [...document.getElementById('xyz_x_type').options].map((o) => o.text)")
+    drawn = [axis["label"] for axis in http_json(base_url, "/api/scripts")["txt2img"]["axes"]]
+    assert offered == drawn
+    assert {"Styles", "Checkpoint name", "VAE", "Size", "Refiner checkpoint", "Refiner switch at"} <= set(offered)
+
+
+def test_a_dropped_xyz_grid_selects_its_plot_and_draws_it_again(page, base_url):
+    """The grid of an X/Y/Z plot (POST /sdapi/v1/txt2img) dropped on the page selects the plot with its axes by
+    their labels and values; Generate draws the same grid, pixel-equal."""
+    a1111 = http_json(base_url, "/sdapi/v1/txt2img", {
+        "prompt": "a red square (grid)", "steps": 2, "seed": 9, "sampler_name": "Euler", "cfg_scale": 5,
+        "width": 64, "height": 64, "script_name": "x/y/z plot", "script_args": [4, "1,2", [], 6, "3,6"]})
+    Select(page.find_element(By.ID, "script")).select_by_visible_text("None")
+    drop_file(page, base64.b64decode(a1111["images"][0]), "grid.png")
+    wait(page, lambda d: value(d, "prompt") == "a red square (grid)", 20, "the grid's parameters are not read")
+    assert Select(page.find_element(By.ID, "script")).first_selected_option.text == "X/Y/Z plot"
+    types = [Select(page.find_element(By.ID, f"xyz_{a}_type")).first_selected_option.text for a in "xyz"]
+    assert types == ["Steps", "CFG Scale", "Nothing"]
+    assert (value(page, "xyz_x_values"), value(page, "xyz_y_values")) == ("1,2", "3,6")
+    page.find_element(By.ID, "generate").click()
+    job = wait_job(base_url, wait(page, lambda d: [j for j in http_json(base_url, "/api/jobs")["jobs"]
+                                                   if j["request"].get("script_name") == "X/Y/Z plot"], 30,
+                                  f"no job; error: {text(page, 'error')}")[0]["id"])
+    assert job["status"] == "done" and job["request"]["script_args"][:5] == [4, "1,2", [], 6, "3,6"], job
+    assert np.array_equal(pixels(http_bytes(base_url, job["images"][0])),
+                          pixels(base64.b64decode(a1111["images"][0])))
+
+    drop_file(page, png_with_parameters("a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64"),
+              "plain.png")
+    wait(page, lambda d: value(d, "prompt") == "a cat", 20, "the plain picture is not read")
+    assert Select(page.find_element(By.ID, "script")).first_selected_option.text == "None"
+    drop_file(page, png_with_parameters("a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, "
+                                        "Script: X/Y/Z plot, X Type: Face restore, X Values: True"), "faces.png")
+    wait(page, lambda d: "Face restore" in text(d, "notice"), 20, "the axis sdlab lacks is not named")
+    assert Select(page.find_element(By.ID, "script")).first_selected_option.text == "None"
+    assert 'script "X/Y/Z plot" (X type "Face restore" not here)' in text(page, "notice")
+
+
+def test_a_dropped_loopback_picture_selects_loopback_in_the_img2img_tab(page):
+    page.find_element(By.ID, "tab-img2img").click()
+    script = Select(page.find_element(By.ID, "script"))
+    script.select_by_visible_text("Loopback")
+    set_value(page, "lb_loops", 3)
+    script.select_by_visible_text("None")
+    drop_file(page, png_with_parameters("a cat\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, "
+                                        "Denoising strength: 0.5, Final denoising strength: 0.25, "
+                                        "Denoising curve: Aggressive"), "loop.png")
+    wait(page, lambda d: value(d, "prompt") == "a cat", 20, "the picture is not read")
+    assert script.first_selected_option.text == "Loopback"
+    assert (value(page, "lb_loops"), value(page, "lb_final_denoising_strength")) == ("3", "0.25")   # loops: unsaid
+    assert Select(page.find_element(By.ID, "lb_denoising_curve")).first_selected_option.text == "Aggressive"
