@@ -328,8 +328,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
 @router.get("/jobs")
 def list_jobs(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict[str, Any]:
     service = service_of(request)
-    jobs = [job_json(r, script_jobs.live_job(service, r["id"])) for r in service.store.jobs(limit)]
-    return {"jobs": [job for job in jobs if "script_job" not in job["request"]]}   # a script's requests: its job
+    rows = service.store.jobs(limit, without="script_job")      # a script's requests: listed as its job
+    return {"jobs": [job_json(r, script_jobs.live_job(service, r["id"])) for r in rows]}
 
 
 @router.get("/scripts")

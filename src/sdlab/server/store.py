@@ -129,11 +129,13 @@ class Store:
             row = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return None if row is None else _record(row)
 
-    def jobs(self, limit: int) -> list[dict[str, Any]]:
-        """The newest `limit` jobs, newest first."""
+    def jobs(self, limit: int, without: str | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` jobs, newest first; with `without`, only those whose request has no such key."""
+        hidden = "" if without is None else "WHERE json_extract(request, ?) IS NULL "
         with self._using("cannot read", self._requests) as db:
             rows = db.execute(
-                f"SELECT {', '.join(_COLUMNS)} FROM jobs ORDER BY created DESC, rowid DESC LIMIT ?", (limit,)
+                f"SELECT {', '.join(_COLUMNS)} FROM jobs {hidden}ORDER BY created DESC, rowid DESC LIMIT ?",
+                (limit,) if without is None else (f'$."{without}"', limit),
             ).fetchall()
         return [_record(row) for row in rows]
 
