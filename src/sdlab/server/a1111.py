@@ -527,6 +527,8 @@ async def _drawn_job(service: Service, body: Txt2ImgIn, mode: str, request: Gene
     """The job of `request` (drawn from `body`, for the script `run` if any) once it is done; failed or
     interrupted, A1111's error."""
     spec, model = _job_spec(service, body, request)
+    if run is not None and run.job_of is not None:
+        spec, model = run.job_of(body, spec, model)
     kept = {} if body.override_settings_restore_afterwards else _drawable_overrides(service, body.override_settings)
     selected = await asyncio.to_thread(_selected_model, service, kept) if kept else None     # checked: `_request`
     if kept:
@@ -580,6 +582,10 @@ def _job_info(service: Service, body: Txt2ImgIn, request: GenerationRequest, job
     return _info(job, body, name, extra, batch_size=request.batch_size)
 
 
+ScriptJobOf = Callable[[Txt2ImgIn, JobSpec, "str | None"], "tuple[JobSpec, str | None]"]
+"""(a script's request body, its job and model as the route makes them) -> the job and model it draws."""
+
+
 @dataclasses.dataclass
 class ScriptRun:
     """A selectable script's requests drawn as A1111 runs a script, one task: `job_counts` each request's A1111
@@ -592,6 +598,7 @@ class ScriptRun:
     job: Job | None = None
     interrupted: bool = False
     on_job: Callable[[ScriptRun, Job], None] | None = None     # told of each request's job as it is queued
+    job_of: ScriptJobOf | None = None       # each request's job in place of the route's (`_script_host`)
 
     def progress(self, job_no: int) -> tuple[int, int, str]:
         """A1111's (job_count, job_no, job) with the drawing request at its own `job_no`."""
@@ -600,15 +607,18 @@ class ScriptRun:
 
 
 def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
-                 on_job: Callable[[ScriptRun, Job], None] | None = None) -> ScriptHost:
+                 on_job: Callable[[ScriptRun, Job], None] | None = None,
+                 job_of: ScriptJobOf | None = None) -> ScriptHost:
     """What a selectable script draws with: its requests as `prepare` (`_txt2img_request`, `_img2img_request`)
     makes the first one, the others with its pictures and ControlNet units (a script changes neither), each
     checked as the route checks it before any is drawn, then drawn in turn on this server as one `ScriptRun`
-    (`on_job` told of each request's job), a request the script gives its own pictures with those."""
+    (`on_job` told of each request's job, `job_of` making each request's job from the route's), a request the
+    script gives its own pictures with those."""
     async def checked(bodies: list[Txt2ImgIn],
                       labels: list[str]) -> tuple[str, list[tuple[JobSpec, GenerationRequest]]]:
         mode, first = await prepare(service, bodies[0])
-        requests = [await _checked_request(service, body, mode, first, label) for body, label in zip(bodies, labels)]
+        requests = [await _checked_request(service, body, mode, first, label, job_of)
+                    for body, label in zip(bodies, labels)]
         _check_script_pictures([spec for spec, _ in requests], service.config.limits)
         return mode, requests
 
@@ -618,7 +628,7 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
     async def drawn(bodies: list[Txt2ImgIn], labels: list[str], keep_going: bool,
                     pictures: ScriptPictures | None = None, seeds: ScriptSeeds | None = None) -> list[Drawn | None]:
         mode, requests = await checked(bodies, labels)
-        run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests], on_job=on_job)
+        run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests], on_job=on_job, job_of=job_of)
         service.script_runs.append(run)
         try:
             return await _script_drawn(service, run, bodies, mode, [request for _, request in requests], keep_going,
@@ -674,14 +684,16 @@ def _script_upscaled(service: Service, image: Image.Image, name: str, scale: flo
 
 
 async def _checked_request(service: Service, body: Txt2ImgIn, mode: str, first: GenerationRequest,
-                           label: str) -> tuple[JobSpec, GenerationRequest]:
+                           label: str, job_of: ScriptJobOf | None = None) -> tuple[JobSpec, GenerationRequest]:
     """A script's request `body` (`label` names it in a refusal) with the pictures and units of `first`,
-    checked as `service.submit` checks a job, and its job."""
+    checked as `service.submit` checks a job, and its job (`job_of`'s, if given)."""
     inits = first.init_images or ((first.init_image,) if first.init_image is not None else ())
     try:
         with _named_by_infotext(body):
             request = _request(body, first.controls, inits, first.mask_image, service.options, service.styles)
             spec, model = _job_spec(service, body, request)
+            if job_of is not None:
+                spec, model = job_of(body, spec, model)
             await asyncio.to_thread(service.check, spec, mode, model)
     except BadRequest as err:
         raise _a1111_refusal(err, f"{label}: ") from None

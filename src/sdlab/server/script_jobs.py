@@ -1,8 +1,9 @@
 """A native job that runs one of A1111's selectable scripts: `POST /api/jobs` with `script_name` + `script_args`.
 
 The script runs through the A1111 route's runner (`a1111_scripts`, `a1111._script_host`) on the A1111 request the
-job's fields make (`a1111_body`), so it draws what `POST /sdapi/v1/txt2img` / `img2img` draws with that script:
-each of its requests is a job of the queue (its history row tagged `script_job`, which `GET /api/jobs` leaves out),
+job's fields make (`a1111_body`), and each request it makes draws the job itself with what the script changed in it
+(`ScriptJob.job_of`), as the job without a script would draw with those changes: each of its requests is a job of
+the queue (its history row tagged `script_job`, which `GET /api/jobs` leaves out),
 and the job itself (`ScriptJob`) follows them: queued until the first starts, its steps counted over all of them,
 cancel / interrupt / skip passed to the one drawing (a cancel or interrupt also stops the script, as A1111's
 Interrupt does), and its pictures the script's answer (its grid first where it makes one), written as a job's.
@@ -20,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from sdlab.pipeline.png_info import save_png_atomic
-from sdlab.pipeline.request import MASKED_CONTENT, RESIZE_MODES
+from sdlab.pipeline.request import DEFAULT_HR_DENOISE, MASKED_CONTENT, RESIZE_MODES, GenerationRequest
 from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, SelectableScript, axis_types, script_args, sdlab_field
-from sdlab.server.inputs import BadRequest, JobSpec
-from sdlab.server.jobs import Job, Unavailable
+from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice
+from sdlab.server.jobs import Job, QueueFull, Unavailable
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR, StoreError
 from sdlab.server.vae_files import AUTOMATIC_VAE
@@ -59,30 +60,21 @@ OPTION_FIELDS = {       # the job's field -> the A1111 option that sets it (`ove
     "pad_cond_uncond_v0": "pad_cond_uncond_v0", "unipc_variant": "uni_pc_variant", "unipc_order": "uni_pc_order",
     "unipc_lower_order_final": "uni_pc_lower_order_final",
 }
-A1111_RULES = ("img2img_convention", "clip_skip_convention", "control_convention", "refiner_convention")
-"""Drawing conventions: a script draws under A1111's, which these may name (or leave at their defaults)."""
-TAKEN_APART = {"mode", "model", "vae", "loras", "init_image", "mask_image", "strength", "resize_mode", "mask_blur",
-               "invert_mask", "mask_round", "inpaint_fill", "inpaint_only_masked", "inpaint_padding",
-               "zero_terminal_snr", "eta_noise_seed_delta", "script_name", "script_args", *A1111_RULES}
-
-
-def _defaults(body: Any) -> dict[str, Any]:
-    return {name: field.get_default(call_default_factory=True) for name, field in type(body).model_fields.items()}
+AS_SENT = frozenset({"img2img_convention", "clip_skip_convention", "control_convention", "size_convention"})
+"""The request's drawing conventions: a cell draws under the job's, whatever A1111's request of it says."""
+SET_BY = {      # an A1111 request field a script sets -> the request fields it sets, even to A1111's fill of them
+    "sampler_name": ("sampler",), "sampler_index": ("sampler",), "hr_sampler_name": ("hr_sampler",),
+    "hr_scheduler": ("hr_schedule",),
+}
+OWN_VALUES = ("s_churn", "s_tmin", "s_tmax", "s_noise")
+"""Fields a cell sets as the script set them: A1111 gives a sampler only those it takes (`a1111._sigma_options`)."""
 
 
 def _check_script_fields(body: Any) -> None:
-    """A 422 naming the job's fields that A1111's request cannot carry (not at their defaults), or a convention
-    other than A1111's."""
-    defaults = _defaults(body)
-    known = TAKEN_APART | REQUEST_FIELDS.keys() | HIRES_FIELDS.keys() | OPTION_FIELDS.keys()
-    other = [name for name in defaults if name not in known and getattr(body, name) != defaults[name]]
-    other += [name for name in A1111_RULES if getattr(body, name) not in (defaults[name], "a1111")
-              and not (name == "img2img_convention" and body.img2img_convention == "a1111_fix_steps")]
+    """A 422 for ControlNet units, which a script's requests do not carry."""
     if body.controls:
-        other.append("controls (send ControlNet units to /sdapi/v1 as alwayson_scripts)")
-    if other:
-        raise BadRequest(f"a script draws as A1111's API does, which has no field for: {', '.join(other)}; "
-                         "leave them out (or at A1111's rule) with a script", 422)
+        raise BadRequest("a script draws without controls; send ControlNet units to /sdapi/v1 as alwayson_scripts",
+                         422)
 
 
 def _choice_index(value: str, names: tuple[str, ...], field: str) -> int:
@@ -91,35 +83,30 @@ def _choice_index(value: str, names: tuple[str, ...], field: str) -> int:
     return names.index(value)
 
 
-def _lora_tags(body: Any) -> str:
-    """The job's LoRA list as A1111's prompt tags, before its prompt (outside a prompt matrix's `|` parts)."""
-    return "".join(f"<lora:{lora.name}:{lora.weight:g}> " for lora in body.loras)
-
-
 def _options(service: Service, body: Any) -> dict[str, Any]:
-    """The job's drawing options as A1111's `override_settings`: every one the job sets (so the server's A1111
-    options do not change a native job), its model and VAE."""
-    options = {option: getattr(body, name) for name, option in OPTION_FIELDS.items()}
+    """The job's drawing options as A1111's `override_settings`: A1111's defaults under every one the job sets
+    (so the server's A1111 options do not change a native job's cells), its model and VAE."""
+    from sdlab.server.a1111 import OPTION_DEFAULTS      # here: a1111 imports the native routes
+    options = {**OPTION_DEFAULTS, **{option: getattr(body, name) for name, option in OPTION_FIELDS.items()}}
     options["sd_noise_schedule"] = "Zero Terminal SNR" if body.zero_terminal_snr else "Default"
     options["img2img_fix_steps"] = body.img2img_convention == "a1111_fix_steps"
     options["eta_noise_seed_delta"] = body.eta_noise_seed_delta or 0
     options["sd_model_checkpoint"] = service.checkpoint(body.model).title
-    if body.vae not in (None, *AUTOMATIC_VAE):
-        options["sd_vae"] = body.vae
+    options["sd_vae"] = "Automatic" if body.vae in (None, *AUTOMATIC_VAE) else body.vae
     return options
 
 
 def a1111_body(service: Service, body: Any) -> Any:
-    """The A1111 request (`a1111.Txt2ImgIn` / `Img2ImgIn`) of the native job `body`, for its script to run on."""
+    """The A1111 request (`a1111.Txt2ImgIn` / `Img2ImgIn`) of the native job `body`, for its script to run on: the
+    script changes it, and each of its requests draws the job with those changes (`ScriptJob.job_of`)."""
     from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
     _check_script_fields(body)
-    defaults = _defaults(body)
     fields = {a1111_name: getattr(body, name) for name, a1111_name in REQUEST_FIELDS.items()
-              if getattr(body, name) is not None and (getattr(body, name) != defaults[name] or name == "seed")}
-    fields["prompt"] = _lora_tags(body) + body.prompt
+              if getattr(body, name) is not None}
     if body.mode == "txt2img" and (body.hr_scale is not None or body.hr_width or body.hr_height):
         fields.update({a1111_name: getattr(body, name) for name, a1111_name in HIRES_FIELDS.items()
                        if getattr(body, name) is not None}, enable_hr=True)
+        fields["denoising_strength"] = DEFAULT_HR_DENOISE if body.hr_denoise is None else body.hr_denoise
     fields.update(override_settings=_options(service, body), script_name=body.script_name,
                   script_args=body.script_args)
     if body.mode == "txt2img":
@@ -129,7 +116,7 @@ def a1111_body(service: Service, body: Any) -> Any:
     fields.update(init_images=[body.init_image], resize_mode=_choice_index(body.resize_mode, RESIZE_MODES,
                                                                            "resize_mode"),
                   denoising_strength=body.strength if body.strength is not None else
-                  (1.0 if body.mode == "inpaint" else 0.75))
+                  (1.0 if body.mode == "inpaint" else 0.75), initial_noise_multiplier=1.0)  # the job's: no field
     if body.mode == "inpaint":
         if body.mask_image is None:
             raise BadRequest("inpaint needs mask_image (white = repaint)", 422)
@@ -138,6 +125,28 @@ def a1111_body(service: Service, body: Any) -> Any:
                       inpaint_full_res_padding=body.inpaint_padding,
                       inpainting_fill=_choice_index(body.inpaint_fill, MASKED_CONTENT, "inpaint_fill"))
     return a1111.Img2ImgIn(**fields)
+
+
+def _differs(a: Any, b: Any) -> bool:
+    return a is not b and a != b
+
+
+def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
+                 cell: tuple[Any, GenerationRequest]) -> tuple[GenerationRequest, set[str]]:
+    """The native job's request `job` with what a script changed: `base` is the job's A1111 request body and the
+    request A1111's rules make of it, `cell` the script's request body and its request. A field the two
+    requests differ in takes the cell's value (the conventions `AS_SENT` excepted), and so do those `SET_BY`
+    names where the script set them and `OWN_VALUES` (the body's). Returns it and the fields changed."""
+    (base_body, base_request), (body, request) = base, cell
+    changed = {field.name: getattr(request, field.name) for field in dataclasses.fields(request)
+               if field.name not in AS_SENT and field.name not in OWN_VALUES
+               and _differs(getattr(request, field.name), getattr(base_request, field.name))}
+    for name, fields in SET_BY.items():
+        if getattr(body, name) != getattr(base_body, name):
+            changed.update({field: getattr(request, field) for field in fields})
+    changed.update({name: getattr(body, name) for name in OWN_VALUES
+                    if getattr(body, name) != getattr(base_body, name)})
+    return dataclasses.replace(job, **changed), set(changed)
 
 
 def recorded_settings(body: Any, model: str) -> dict[str, Any]:
@@ -152,10 +161,13 @@ class ScriptJob:
     """A job drawn by a selectable script: its `job` (never in the queue itself) follows the script's requests'
     jobs, as `JobQueue` runs a job."""
 
-    def __init__(self, service: Service, job: Job, script: SelectableScript, body: Any) -> None:
-        self.service, self.job, self.script, self.body = service, job, script, body
+    def __init__(self, service: Service, job: Job, script: SelectableScript, sent: Any, spec: JobSpec) -> None:
+        self.service, self.job, self.script, self.sent, self.spec = service, job, script, sent, spec
+        self.body = a1111_body(service, sent)   # the A1111 request the script runs on
+        self.base: tuple[JobSpec, str | None] | None = None    # the job and model A1111's rules make of `body`
         self.run: ScriptRun | None = None
         self.current: Job | None = None         # the request's job being drawn (or queued)
+        self.requests: list[Job] = []           # the requests' jobs queued so far
         self.queued: asyncio.Future | None = None   # the first request's job queued: its queue position
         self.stopped = False                    # cancelled or interrupted: no later request is drawn
         self.steps_before = 0                   # the steps of the requests drawn before `current`
@@ -193,6 +205,7 @@ class ScriptJob:
     def on_job(self, run: ScriptRun, job: Job) -> None:
         """A request's job is queued: tag it as this job's, follow its events."""
         self.run, self.current = run, job
+        self.requests.append(job)
         job.settings = {**job.settings, "script_job": self.job.id}      # a new dict: the worker may be writing it
         if self.queued is not None and not self.queued.done():
             self.job.settings = {**self.job.settings, "seed": job.settings.get("seed", self.job.settings.get("seed"))}
@@ -224,8 +237,27 @@ class ScriptJob:
         finally:
             job.unsubscribe(events)
 
+    def job_of(self, body: Any, spec: JobSpec, model: str | None) -> tuple[JobSpec, str | None]:
+        """The job of a script's request `body` (`spec` and `model` A1111's rules make of it): the native job
+        (`self.spec`) with what the script changed in the A1111 request (`cell_request`), the model, VAE,
+        refiner and batch count it changed, so that it draws as the plain job with those changes."""
+        assert self.base is not None
+        base, base_model = self.base
+        request, changed = cell_request(self.spec.request, (self.body, base.request), (body, spec.request))
+        job = dataclasses.replace(self.spec, request=request,
+                                  model_preset_fills=self.spec.model_preset_fills - changed)
+        own = {name: getattr(spec, name) for name in ("batch_count", "sidecar_vae", "vae")
+               if getattr(spec, name) != getattr(base, name)}
+        if spec.refiner != base.refiner:        # under the job's refiner convention
+            own["refiner"] = spec.refiner and refiner_choice(spec.refiner.name, spec.refiner.switch_at,
+                                                             self.sent.refiner_convention, "refiner_switch")
+        return dataclasses.replace(job, **own), self.sent.model if model == base_model else model
+
     def keep_picture(self, image: Image.Image, text: str | None) -> str:
-        """A picture of the script's answer written as this job's (`host.encode`): its file name."""
+        """A picture of the script's answer written as this job's (`host.encode`): its file name; none when it
+        was cancelled before any request started (a job cancelled while queued draws nothing)."""
+        if self.stopped and all(job.started is None for job in self.requests):
+            return ""
         name = f"{self.job.id}-{len(self.names)}.png"
         save_png_atomic(image, self.service.images_dir / name, text)
         self.names.append(name)
@@ -237,18 +269,22 @@ class ScriptJob:
         interrupt, failed with its error."""
         from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
         prepare = a1111._txt2img_request if mode == "txt2img" else a1111._img2img_request
-        host = dataclasses.replace(a1111._script_host(self.service, prepare, self.on_job), encode=self.keep_picture)
+        host = dataclasses.replace(a1111._script_host(self.service, prepare, self.on_job, self.job_of),
+                                   encode=self.keep_picture)
         status, error = "done", None
         try:
+            _, request = await prepare(self.service, self.body)
+            self.base = a1111._job_spec(self.service, self.body, request)
             await self.script.run(host, self.body, mode)
             if self.stopped or (self.run is not None and self.run.interrupted):
                 status = "cancelled"
-        except BadRequest as err:
+        except (BadRequest, QueueFull, Unavailable) as err:
             if self.queued is not None and not self.queued.done():
                 raise                           # refused before anything was queued: the submission's answer
-            status, error = ("cancelled", None) if self.stopped else ("failed", err.message)
-        except Unavailable:
-            status, error = "interrupted", INTERRUPTED_ERROR
+            if isinstance(err, Unavailable):
+                status, error = "interrupted", INTERRUPTED_ERROR
+            else:
+                status, error = ("cancelled", None) if self.stopped else ("failed", str(err))
         except Exception as err:                # reported in the job, the server keeps serving
             logger.exception("script job %s failed", self.job.id)
             status, error = "failed", f"internal error: {type(err).__name__}: {err}"
@@ -279,12 +315,11 @@ async def start(service: Service, body: Any, spec: JobSpec, script: SelectableSc
     """Start the script of the native job `body` (`spec` its request checked as a plain job's); answered once its
     first request is queued: a refusal before that (a bad script argument, a cell the route refuses) is the
     submission's own error."""
-    a1111_request = a1111_body(service, body)
     model = service.checkpoint(body.model).title
     mode = "txt2img" if body.mode == "txt2img" else "img2img"
     job = Job(id=uuid.uuid4().hex, mode=body.mode, model=model, spec=spec, created=time.time(),
               settings=recorded_settings(body, model))
-    running = ScriptJob(service, job, script, a1111_request)
+    running = ScriptJob(service, job, script, body, spec)
     running.queued = asyncio.get_running_loop().create_future()
     service.script_jobs[job.id] = running
     task = asyncio.create_task(running.draw(mode))
