@@ -25,7 +25,7 @@ def test_each_tab_lists_its_scripts_and_shows_the_chosen_ones_controls(page):
     assert [o.text for o in script.options] == ["None", "Prompt Matrix", "Prompts from file or textbox", "X/Y/Z plot"]
     script.select_by_visible_text("X/Y/Z plot")
     assert page.find_element(By.ID, "xyz_x_type").is_displayed()
-    assert Select(page.find_element(By.ID, "xyz_x_type")).first_selected_option.text == "Steps"
+    assert Select(page.find_element(By.ID, "xyz_x_type")).first_selected_option.text == "Seed"   # A1111 1.10's
     assert Select(page.find_element(By.ID, "xyz_y_type")).first_selected_option.text == "Nothing"
     assert page.find_element(By.ID, "xyz_draw_legend").is_selected()
     assert not page.find_element(By.ID, "lb_loops").is_displayed()
@@ -34,7 +34,7 @@ def test_each_tab_lists_its_scripts_and_shows_the_chosen_ones_controls(page):
                                                 "Prompt Matrix", "Prompts from file or textbox", "SD upscale",
                                                 "X/Y/Z plot"]
     assert script.first_selected_option.text == "X/Y/Z plot"     # kept over the tab change
-    assert Select(page.find_element(By.ID, "xyz_x_type")).first_selected_option.text == "Steps"
+    assert Select(page.find_element(By.ID, "xyz_x_type")).first_selected_option.text == "Seed"
     script.select_by_visible_text("Loopback")
     assert (value(page, "lb_loops"), value(page, "lb_final_denoising_strength")) == ("4", "0.5")
     assert Select(page.find_element(By.ID, "lb_denoising_curve")).first_selected_option.text == "Linear"
@@ -47,6 +47,7 @@ def test_xyz_plot_with_a_steps_axis_draws_its_grid_into_the_viewer_and_gallery(p
     set_value(page, "prompt", prompt)
     set_value(page, "seed", 5)
     Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
+    Select(page.find_element(By.ID, "xyz_x_type")).select_by_visible_text("Steps")
     set_value(page, "xyz_x_values", "1,2")
     job_id = _queued(page, base_url, prompt)
     job = wait_job(base_url, job_id)
