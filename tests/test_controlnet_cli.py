@@ -297,29 +297,31 @@ def test_from_png_gives_a_control_the_recorded_unit(files, tmp_path, capsys):
 
 
 def test_from_png_keeps_the_recorded_thresholds_only_with_the_recorded_module(files):
-    """The thresholds a picture's `ControlNet N` line records are its module's sliders: a control that runs
-    another module (--control-module) starts at that module's defaults, as A1111's UI resets the sliders
-    when the module changes (canny's 100 / 200 are no tile_resample rate); a --control-threshold-* given
-    still wins."""
+    """The thresholds and Processor Res a picture's `ControlNet N` line records are its module's sliders: a
+    control that runs another module (--control-module) starts at that module's defaults (Processor Res: 512),
+    as A1111's UI resets the sliders when the module changes (canny's 100 / 200 are no tile_resample rate); a
+    --control-threshold-* / --control-processor-res given still wins."""
     import argparse
 
     from sdlab.cli.generate import _controls
 
     recorded = {"ControlNet 0": "Module: canny, Model: cn [12345678], Weight: 1.0, Resize Mode: Crop and Resize, "
-                                "Processor Res: 512, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, "
+                                "Processor Res: 768, Threshold A: 100.0, Threshold B: 200.0, Guidance Start: 0.0, "
                                 "Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced"}
 
-    def control(module=(), threshold_b=()):
+    def control(module=(), threshold_b=(), processor_res=()):
         args = argparse.Namespace(control=[f"{files['net']}:{files['hint']}"], control_module=list(module),
                                   control_mode=[], control_resize=[], control_threshold_a=[],
-                                  control_threshold_b=list(threshold_b), control_mask=[], control_processor_res=[],
-                                  control_pixel_perfect=[], from_png="pic.png")
+                                  control_threshold_b=list(threshold_b), control_mask=[],
+                                  control_processor_res=list(processor_res), control_pixel_perfect=[],
+                                  from_png="pic.png")
         (unit,) = _controls(args, recorded, "a1111")
-        return unit.module, unit.threshold_a, unit.threshold_b
+        return unit.module, unit.threshold_a, unit.threshold_b, unit.processor_res
 
-    assert control() == control(["canny"]) == ("canny", 100.0, 200.0)
-    assert control(["tile_resample"]) == ("tile_resample", None, None)
-    assert control(["threshold"], [5.0]) == ("threshold", None, 5.0)
+    assert control() == control(["canny"]) == ("canny", 100.0, 200.0, 768)
+    assert control(["tile_resample"]) == ("tile_resample", None, None, 512)
+    assert control(["threshold"], [5.0]) == ("threshold", None, 5.0, 512)      # the slider's reset value
+    assert control(["threshold"], processor_res=[300]) == ("threshold", None, None, 300)
 
 
 def test_control_mask_and_thresholds_reach_the_control(files, tmp_path, monkeypatch):

@@ -845,12 +845,16 @@ def _controls(args: argparse.Namespace, recorded: dict[str, Any], convention: st
 
 
 def _kept_settings(unit: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
-    """The recorded `unit`'s settings a control keeps: all, but its thresholds only while the control runs the
-    recorded module; another module's start at their defaults, as A1111's UI resets the sliders when the
+    """The recorded `unit`'s settings a control keeps: all, but its thresholds and Processor Res only while the
+    control runs the recorded module; another module's start at their defaults (its thresholds unset, a
+    recorded Processor Res the slider's 512), as A1111's UI `build_sliders` resets the sliders when the
     module changes (canny's 100 is no tile_resample rate)."""
+    from sdlab.pipeline.preprocess import RESOLUTION_SLIDER
+
     if given.get("module", unit.get("module")) == unit.get("module", "none"):
         return unit
-    return {key: value for key, value in unit.items() if not key.startswith("threshold")}
+    kept = {key: value for key, value in unit.items() if not key.startswith("threshold")}
+    return {**kept, "processor_res": RESOLUTION_SLIDER["value"]} if "processor_res" in unit else kept
 
 
 _LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
