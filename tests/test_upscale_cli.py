@@ -63,15 +63,20 @@ def test_dtype_auto_is_fp32_for_an_upscaler(tmp_path, picture, x4_model, capsys,
     Real-ESRGAN-size RRDBNet's pixels by up to 9/255); a named dtype is taken as given."""
     import sdlab.checkpoints.upscaler as upscaler_module
 
-    asked = []
+    loaded = []
     real_load = upscaler_module.load_upscaler
-    monkeypatch.setattr(upscaler_module, "load_upscaler",
-                        lambda *args, dtype, **kwargs: asked.append(dtype) or real_load(*args, dtype=dtype, **kwargs))
+
+    def spying_load(*args, **kwargs):
+        upscaler = real_load(*args, **kwargs)
+        loaded.append(next(upscaler.net.parameters()).dtype)
+        return upscaler
+
+    monkeypatch.setattr(upscaler_module, "load_upscaler", spying_load)
     for flags in ([], ["--dtype", "auto"], ["--dtype", "bf16"]):
-        out = tmp_path / f"out{len(asked)}.png"
+        out = tmp_path / f"out{len(loaded)}.png"
         code, _, err = run(["upscale", str(picture), "--model", str(x4_model), "--out", str(out), *flags], capsys)
         assert code == 0, err
-    assert asked == [torch.float32, torch.float32, torch.bfloat16]
+    assert loaded == [torch.float32, torch.float32, torch.bfloat16]
     assert np.array_equal(pixels(tmp_path / "out0.png"), pixels(tmp_path / "out1.png"))
 
 

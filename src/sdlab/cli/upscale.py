@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from sdlab.cli.errors import UserError, write_error
-from sdlab.utils.dtypes import AUTO, DTYPE_CHOICES, dtype_from_name
+from sdlab.utils.dtypes import AUTO, DTYPE_CHOICES, requested_dtype
 from sdlab.utils.files import check_output_folder, make_output_folder
 
 PLAIN_DEFAULT_SCALE = 4.0        # a plain resize without --scale: A1111's Extras default
@@ -82,13 +82,6 @@ def _check_options(args: argparse.Namespace) -> None:
     check_output_folder(Path(args.out).parent, OUT_FOLDER)
 
 
-def _weight_dtype(name: str):
-    """--dtype -> the upscaler's weights' dtype. ``auto`` is fp32, the default policy's for a model under 100 M
-    parameters (every ESRGAN-family one; docs/performance.md): in bf16 a Real-ESRGAN-size RRDBNet moved pixels
-    by up to 9 / 255, more than the 6 / 255 an SD1.5 picture moves (README)."""
-    return dtype_from_name("fp32" if name == AUTO else name)
-
-
 def _load(model: str, args: argparse.Namespace):
     """(the upscaler or the plain resize's name, its scale, its name for messages)."""
     from sdlab.api import RequestError, resolve_device
@@ -103,7 +96,7 @@ def _load(model: str, args: argparse.Namespace):
         device = resolve_device(args.device)
     except RequestError as err:
         raise UserError(str(err)) from None
-    upscaler = load_upscaler(model, device=device, dtype=_weight_dtype(args.dtype))
+    upscaler = load_upscaler(model, device=device, dtype=requested_dtype(args.dtype))
     return upscaler, upscaler.scale
 
 

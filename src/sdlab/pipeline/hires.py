@@ -105,11 +105,12 @@ def upscaler_name(name: str) -> str:
 
 def hires_upscaler(req: GenerationRequest, bundle: ModelBundle) -> Upscaler | str:
     """The resolved request's upscaler: its name (a latent mode, "Lanczos", "Nearest") or the network of its file,
-    read safely on the bundle's device (a bad file is a `CheckpointError`)."""
+    read safely on the bundle's device in the upscaler's own ``auto`` dtype (fp32, as `sdlab upscale` runs it,
+    whatever the model's; a bad file is a `CheckpointError`)."""
     name = req.hr_upscaler
     if is_latent_upscaler(name) or not os.path.isfile(name):
         return name
-    return load_upscaler(name, device=bundle.device, dtype=bundle.dtype)
+    return load_upscaler(name, device=bundle.device)
 
 
 def second_pass_request(req: GenerationRequest, factor: int) -> GenerationRequest:

@@ -362,7 +362,7 @@ def _is_named_upscaler(name: str, latent_modes: bool) -> bool:
 
 
 def load_upscaler_file(upscaler: ModelFile, use: UpscalerUse, device: str | torch.device,
-                       dtype: torch.dtype = torch.float32) -> Upscaler:
+                       dtype: torch.dtype | None = None) -> Upscaler:
     """The network of the `--upscalers-dir` model `upscaler` (`upscaler_file`); a file that cannot be loaded
     (broken, or gone since) is a `BadRequest` naming it as clients know it, without the server's path."""
     try:

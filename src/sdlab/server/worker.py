@@ -374,7 +374,7 @@ class Runner:
                 check_request(request, self.limits, model=bundle, upscaler=upscaler, batch_count=batch_count)
             if upscaler is None:
                 return None
-            return HiresUpscaler(upscaler, load_upscaler_file(upscaler, HIRES_UPSCALER, bundle.device, bundle.dtype))
+            return HiresUpscaler(upscaler, load_upscaler_file(upscaler, HIRES_UPSCALER, bundle.device))
         except BadRequest as err:
             raise RequestError(str(err)) from None
 
