@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from server_fixtures import start_server
 from test_webui import (  # noqa: F401  (fixtures: browser, page; the session's sdlab_server)
-    By, Select, browser, drop_file, http_bytes, http_json, job_by_prompt, open_page, page, png_with_parameters,
+    By, Select, browser, drop_file, http_bytes, http_json, open_page, page, png_with_parameters,
     sdlab_server, set_value, text, value, wait, wait_job,
 )
 
@@ -83,7 +83,8 @@ def test_a_job_with_styles_draws_the_styled_prompts_and_reuse_restores_them(page
     set_value(page, "seed", 5)
     choose_styles(page, *names)
     page.find_element(By.ID, "generate").click()
-    job = wait_job(base_url, wait(page, lambda d: job_by_prompt(base_url, prompt), 30, "no job")["id"])
+    job = wait_job(base_url, wait(page, lambda d: [j for j in http_json(base_url, "/api/jobs")["jobs"]
+                                                   if j["request"].get("prompt") == prompt], 30, "no job")[0]["id"])
     assert job["status"] == "done", job
     assert (job["request"]["prompt"], job["request"]["styles"]) == (prompt, names)      # as sent: it draws again
     drawn = job["infotexts"][0].splitlines()
@@ -116,9 +117,10 @@ def test_a_job_with_styles_draws_the_styled_prompts_and_reuse_restores_them(page
 
 
 def test_the_xyz_axes_are_those_the_server_draws(page, base_url):
-    offered = page.execute_script("return [...document.getElementById('xyz_x_type').options].map((o) => o.text)")
     drawn = [axis["label"] for axis in http_json(base_url, "/api/scripts")["txt2img"]["axes"]]
-    assert offered == drawn
+    offered = wait(page, lambda d: (texts := d.execute_script(
+        "return [...document.getElementById('xyz_x_type').options].map((o) => o.text)")) == drawn and texts, 10,
+        "the X type list is not GET /api/scripts' axes")
     assert {"Styles", "Checkpoint name", "VAE", "Size", "Refiner checkpoint", "Refiner switch at"} <= set(offered)
 
 
