@@ -267,6 +267,18 @@ def test_the_curve_flags_are_a1111s_curves() -> None:
     assert [flag.capitalize() for flag in CURVE_FLAGS] == list(CURVES)
 
 
+def test_inpaint_help_offers_only_the_scripts_it_draws(capsys) -> None:
+    """inpaint --help lists Loopback's flags and not SD upscale's, which inpaint refuses (its --sd-upscale stays a
+    one-line refusal that says why: test_bad_script_flags_are_one_line_and_nothing_is_written); img2img lists both."""
+    sd_upscale = ("--sd-upscale", "--upscaler", "--tile-overlap")
+    for mode, listed in (("inpaint", False), ("img2img", True)):
+        with pytest.raises(SystemExit):
+            run([mode, "--help"], capsys)
+        shown = capsys.readouterr().out
+        assert "--loopback" in shown and "--final-strength" in shown
+        assert [flag in shown for flag in sd_upscale] == [listed] * 3, mode
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--loopback", "0"], "--loopback must be 1 or more passes"),
     (["--loopback", "400", "--batch-count", "3"], "passes x --batch-count at most 1000, got 400 x 3"),

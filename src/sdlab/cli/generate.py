@@ -75,7 +75,7 @@ def add_generate(subparsers: argparse._SubParsersAction) -> None:
             _add_init_flags(p, "init image (required, also with --from-png)", "1" if mode == "inpaint" else "0.75",
                             from_png=True)
         if mode != "txt2img":
-            add_img2img_script_flags(p)
+            add_img2img_script_flags(p, mode)
         if mode == "inpaint":
             _add_inpaint_flags(p)
         p.set_defaults(run=run_generate, mode=mode)

@@ -69,10 +69,12 @@ class RecordedScript:
     fields: tuple[tuple[str, str], ...]
 
 
+SD_UPSCALE_MODES = ("img2img",)     # the commands SD upscale draws in (inpaint refuses it: `check_script_flags`)
+
 RECORDED_SCRIPTS = (       # A1111's scripts/loopback.py, scripts/sd_upscale.py (its outpainting scripts write none)
     RecordedScript("Loopback", "--loopback N", "loopback", ("img2img", "inpaint"), "the number of loops",
                    (("Final denoising strength", "final_strength"), ("Denoising curve", "strength_curve"))),
-    RecordedScript("SD upscale", "--sd-upscale SCALE", "sd_upscale", ("img2img",), "the scale factor",
+    RecordedScript("SD upscale", "--sd-upscale SCALE", "sd_upscale", SD_UPSCALE_MODES, "the scale factor",
                    (("SD upscale overlap", "tile_overlap"), ("SD upscale upscaler", "upscaler"))),
 )
 
@@ -80,7 +82,12 @@ Parameters = Callable[[Any, int], dict[str, Any]]
 """(a `GenerationResult`, picture index) -> its labelled parameters (`infotext.to_parameters` of the run)."""
 
 
-def add_img2img_script_flags(p: argparse.ArgumentParser) -> None:
+def add_img2img_script_flags(p: argparse.ArgumentParser, mode: str) -> None:
+    """The script flags of `mode`'s command; in inpaint SD upscale's are left out of --help (inpaint refuses them,
+    saying why: `check_script_flags`)."""
+    def sd_upscale_help(text: str) -> str:
+        return text if mode in SD_UPSCALE_MODES else argparse.SUPPRESS
+
     p.add_argument("--loopback", type=int, metavar="N",
                    help="A1111's Loopback: N passes, each drawing from the last pass's picture (seed + 1 each); "
                         "writes every pass's picture and their grid")
@@ -90,15 +97,16 @@ def add_img2img_script_flags(p: argparse.ArgumentParser) -> None:
                    help=f"--loopback: how the strength moves from --strength to --final-strength (default "
                         f"{DEFAULT_CURVE}; aggressive: sin, lazy: 1 - cos)")
     p.add_argument("--sd-upscale", type=float, metavar="SCALE",
-                   help="A1111's SD upscale: --init upscaled by SCALE, redrawn in --width x --height tiles (default: "
-                        "the model's size) and put back together")
+                   help=sd_upscale_help("A1111's SD upscale: --init upscaled by SCALE, redrawn in --width x --height "
+                                        "tiles (default: the model's size) and put back together"))
     p.add_argument("--upscaler", metavar="NAME|FILE",
-                   help=f"--sd-upscale: {DEFAULT_UPSCALER} (default), Nearest, None (no upscale, A1111's) or an "
-                        "upscaler file (ESRGAN / Real-ESRGAN), by path or by name (A1111's 'R-ESRGAN 4x+' or a "
-                        "stem) in the current folder or a --models-dir's ESRGAN / RealESRGAN folder")
+                   help=sd_upscale_help(f"--sd-upscale: {DEFAULT_UPSCALER} (default), Nearest, None (no upscale, "
+                                        "A1111's) or an upscaler file (ESRGAN / Real-ESRGAN), by path or by name "
+                                        "(A1111's 'R-ESRGAN 4x+' or a stem) in the current folder or a --models-dir's "
+                                        "ESRGAN / RealESRGAN folder"))
     p.add_argument("--tile-overlap", type=int, metavar="PX",
-                   help=f"--sd-upscale: pixels neighbouring tiles share (default {DEFAULT_TILE_OVERLAP}, A1111's, or "
-                        "an eighth of tiles smaller than 512 px)")
+                   help=sd_upscale_help(f"--sd-upscale: pixels neighbouring tiles share (default "
+                                        f"{DEFAULT_TILE_OVERLAP}, A1111's, or an eighth of tiles smaller than 512 px)"))
 
 
 def script_chosen(args: argparse.Namespace) -> bool:
