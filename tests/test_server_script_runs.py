@@ -150,15 +150,15 @@ def test_progress_of_the_prompts_file_counts_every_lines_batches(server) -> None
 
 
 def test_prompts_file_info_is_the_requests(server) -> None:
-    """A1111's `Processed(p, ...)` of the request: its prompt, steps, CFG; a size it leaves unset as a line
-    leaving it unset drew it."""
+    """A1111's `Processed(p, ...)` of the request: its steps, CFG; a size it leaves unset as a line leaving it
+    unset drew it; `prompt` the first line's drawn one (`Processed.js()`: `all_prompts[0]`)."""
     text = "--prompt dog --steps 3 --width 72 --cfg_scale 9\ncat"
     answer = server.post("/sdapi/v1/txt2img", json={**BASE, "prompt": "base", "script_name": FILE,
                                                      "script_args": [False, False, "start", text]})
     assert answer.status_code == 200, answer.text
     info = json.loads(answer.json()["info"])
     cat = json.loads(server.post("/sdapi/v1/txt2img", json={**BASE, "prompt": "cat base"}).json()["info"])
-    assert (info["prompt"], info["steps"], info["cfg_scale"], info["width"]) == ("base", 2, 5.0, cat["width"])
+    assert (info["prompt"], info["steps"], info["cfg_scale"], info["width"]) == ("dog base", 2, 5.0, cat["width"])
     assert info["all_prompts"] == ["dog base", "cat base"]
 
 
