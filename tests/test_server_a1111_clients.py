@@ -233,7 +233,7 @@ def test_detect_runs_sdlabs_preprocessors_in_the_extensions_shape(cn):
     body = answer.json()
     assert body["info"] == "Success" and len(body["images"]) == 2
     drawn = np.asarray(picture(body["images"][0]))
-    assert np.array_equal(drawn, np.asarray(preprocess(image, "canny", 50, None)))
+    assert np.array_equal(drawn, np.asarray(preprocess(image, "canny", 50, resolution=512)))    # unset: the slider's 512
     inverted = cn.post("/detect", json={"controlnet_module": "invert (from white bg & black line)",
                                         "controlnet_input_images": [b64_png(image)]}).json()["images"][0]
     assert np.asarray(picture(inverted))[0, 0].tolist() == [255] * 3
@@ -259,7 +259,7 @@ def test_detect_resets_thresholds_outside_their_sliders_as_the_extension(cn, mod
                                       "controlnet_threshold_a": a, "controlnet_threshold_b": b})
     assert answer.status_code == 200, answer.text
     drawn = np.asarray(picture(answer.json()["images"][0]))
-    assert np.array_equal(drawn, np.asarray(preprocess(image, module, *checked)))
+    assert np.array_equal(drawn, np.asarray(preprocess(image, module, *checked, resolution=512)))
 
 
 @pytest.mark.parametrize("body, detail", [
