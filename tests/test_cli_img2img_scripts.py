@@ -250,13 +250,30 @@ def test_a_picture_a_script_drew_redrawn_without_it_is_a_warning(tmp_path: Path,
     (LOOP_TEXT.replace("0.2,", "much,"), "the --from-png picture's 'Final denoising strength' value 'much' is not a "
                                          "number"),
     (LOOP_TEXT.replace("Lazy", "Steep"), "'Denoising curve' value 'Steep' is none of A1111's curves"),
-    (LOOP_TEXT.replace("0.2,", "1.5,"), "--final-strength must be 0..1, got 1.5"),
+    (LOOP_TEXT.replace("0.2,", "1.5,"), "the --from-png picture's 'Final denoising strength' must be 0..1, got 1.5 "
+                                        "(give --final-strength to override it)"),
+    (LOOP_TEXT.replace("0.2,", "nan,"), "the --from-png picture's 'Final denoising strength' must be 0..1, got nan "
+                                        "(give --final-strength to override it)"),
+    (TILE_TEXT.replace("overlap: 16", "overlap: 64"),
+     "the --from-png picture's 'SD upscale overlap' must be below the tiles' width and height (64x64, --width x "
+     "--height), got 64 (give --tile-overlap to override it)"),
+    (TILE_TEXT.replace("overlap: 16", "overlap: -8"),
+     "the --from-png picture's 'SD upscale overlap' must be 0 or more pixels, got -8 (give --tile-overlap to "
+     "override it)"),
+    (TILE_TEXT.replace("Lanczos", "R-ESRGAN 4x+"),
+     "the --from-png picture's 'SD upscale upscaler': the upscaler 'R-ESRGAN 4x+' is A1111's name of the file "
+     "RealESRGAN_x4plus.pth, which was not found"),
 ])
 def test_a_recorded_script_field_that_does_not_read_is_one_line(tmp_path: Path, capsys, text, message) -> None:
+    """A picture's script field that fails its check is named as the picture's, with the flag that overrides it
+    (the flag's own message when the flag is given: test_bad_script_flags_are_one_line_and_nothing_is_written)."""
     INIT.save(tmp_path / "init.png")
     png_with(tmp_path / "drawn.png", INIT, text)
+    script = ["--sd-upscale", "2"] if "SD upscale" in text else ["--loopback", "2"]
     code, out, err = run(["img2img", "--from-png", str(tmp_path / "drawn.png"), "--init", str(tmp_path / "init.png"),
-                          "--loopback", "2", "--out", str(tmp_path / "out"), "--no-progress"], capsys)
+                          *script, "--out", str(tmp_path / "out"), "--no-progress"], capsys)
+    if "R-ESRGAN" in message:
+        assert err.rstrip().endswith("(give --upscaler to override it)"), err
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
 

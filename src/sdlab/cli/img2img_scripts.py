@@ -145,7 +145,8 @@ def _check_loopback(args: argparse.Namespace) -> None:
                         f"got {args.loopback} x {args.batch_count}")
     final = _final_strength(args)
     if not (math.isfinite(final) and 0 <= final <= 1):
-        raise UserError(f"--final-strength must be 0..1, got {final:g}")
+        name, hint = _source(args, "final_strength", "--final-strength")
+        raise UserError(f"{name} must be 0..1, got {final:g}{hint}")
     if args.batch is not None and args.batch != 1:
         raise UserError(f"--loopback draws one picture per pass (A1111 sets batch size 1); leave out --batch "
                         f"{args.batch}")
@@ -155,7 +156,8 @@ def _check_sd_upscale(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.sd_upscale) and args.sd_upscale > 0):
         raise UserError(f"--sd-upscale must be a scale above 0, got {args.sd_upscale:g}")
     if _tile_overlap(args) < 0:
-        raise UserError(f"--tile-overlap must be 0 or more pixels, got {args.tile_overlap}")
+        name, hint = _source(args, "tile_overlap", "--tile-overlap")
+        raise UserError(f"{name} must be 0 or more pixels, got {args.tile_overlap}{hint}")
     _upscaler(args)
 
 
@@ -171,7 +173,17 @@ def take_recorded_script_settings(args: argparse.Namespace, recorded: dict[str, 
             for label, dest in found:
                 if getattr(args, dest) is None:
                     setattr(args, dest, _recorded_flag(label, dest, recorded[label]))
+                    args.recorded_fields = {**getattr(args, "recorded_fields", {}), dest: label}
     check_script_flags(args)
+
+
+def _source(args: argparse.Namespace, dest: str, flag: str) -> tuple[str, str]:
+    """(what an error names the value of `flag` by, what it adds): the flag, or the --from-png picture's field the
+    value was read from (`take_recorded_script_settings`) and the flag that overrides it."""
+    label = getattr(args, "recorded_fields", {}).get(dest)
+    if label is None:
+        return flag, ""
+    return f"the --from-png picture's {label!r}", f" (give {flag} to override it)"
 
 
 def _recorded_flag(label: str, dest: str, value: Any) -> Any:
@@ -342,8 +354,9 @@ def script_request(args: argparse.Namespace, request, pipe):
     size = pipe.bundle.default_size
     tile = (request.width or size, request.height or size)
     if _tile_overlap(args, tile) >= min(tile):
-        raise UserError(f"--tile-overlap must be below the tiles' width and height ({tile[0]}x{tile[1]}, --width x "
-                        f"--height), got {_tile_overlap(args, tile)}")
+        name, hint = _source(args, "tile_overlap", "--tile-overlap")
+        raise UserError(f"{name} must be below the tiles' width and height ({tile[0]}x{tile[1]}, --width x "
+                        f"--height), got {_tile_overlap(args, tile)}{hint}")
     return replace(request, width=tile[0], height=tile[1])
 
 
@@ -361,9 +374,11 @@ def _upscaler(args: argparse.Namespace) -> tuple[str, str | None]:
     found = find_upscaler(given, folders)
     if not os.path.isfile(found):
         where = "in the current folder or a --models-dir's ESRGAN / RealESRGAN folder"
-        raise UserError(missing_upscaler(given, where) or
-                        f"--upscaler {given!r} is no file, nor an upscaler file of that name {where}, nor "
-                        f"{', '.join(PLAIN_UPSCALERS.values())}")
+        name, hint = _source(args, "upscaler", "--upscaler")
+        named = f"{name}: " if hint else ""
+        raise UserError(named + (missing_upscaler(given, where) or
+                                 f"--upscaler {given!r} is no file, nor an upscaler file of that name {where}, nor "
+                                 f"{', '.join(PLAIN_UPSCALERS.values())}") + hint)
     return upscaler_name(found), found
 
 
