@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import re
 import sys
@@ -37,6 +36,7 @@ from sdlab.cli.img2img_scripts import (add_img2img_script_flags, check_script_fl
 from sdlab.cli.prompts_file import add_prompts_file_flags, check_without_prompts_file, run_prompts_file
 from sdlab.utils.dtypes import DTYPE_CHOICES, requested_dtype
 from sdlab.utils.files import make_output_folder
+from sdlab.utils.numbers import finite_float
 from sdlab.utils.threads import use_threads_for
 
 logger = logging.getLogger("sdlab")
@@ -750,12 +750,8 @@ def _parse_lora(spec: str, find: Callable[[str], Path | None] | None = None) -> 
     path, colon, weight = spec.rpartition(":")
     if not colon or not path or os.path.isfile(spec) or re.search(r"[/\\]|\.[A-Za-z]\w*$", weight):
         path, weight = spec, "1"
-    try:
-        value = float(weight)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value):
-        raise UserError(f"--lora {spec!r}: the weight {weight!r} is not a finite number (FILE:WEIGHT, e.g. style.safetensors:0.8)")
+    message = f"--lora {spec!r}: the weight {weight!r} is not a finite number (FILE:WEIGHT, e.g. style.safetensors:0.8)"
+    value = finite_float(weight, UserError, message, message)
     if not os.path.isfile(path):
         found = find(path) if find is not None and not re.search(r"[/\\]", path) else None
         if found is None:

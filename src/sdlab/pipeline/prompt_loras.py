@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import re
 import threading
@@ -50,6 +49,7 @@ from sdlab.models.cpu_kernels import tensor_version
 from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import RequestError
 from sdlab.utils.file_hashes import stat_version
+from sdlab.utils.numbers import finite_float
 
 logger = logging.getLogger(__name__)
 
@@ -103,14 +103,9 @@ class LoraUse:
 
 
 def _number(text: str, tag: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise ValueError(f"the LoRA tag {tag!r} has {text!r} where a weight goes: <lora:NAME:WEIGHT>, "
-                         "<lora:NAME:TE_WEIGHT:UNET_WEIGHT> or <lora:NAME:te=W:unet=W>, weights being numbers")
-    return value
+    message = (f"the LoRA tag {tag!r} has {text!r} where a weight goes: <lora:NAME:WEIGHT>, "
+               "<lora:NAME:TE_WEIGHT:UNET_WEIGHT> or <lora:NAME:te=W:unet=W>, weights being numbers")
+    return finite_float(text, ValueError, message, message)
 
 
 def _parse_tag(match: re.Match) -> LoraTag:
