@@ -250,3 +250,163 @@ def test_infotext_says_what_was_drawn_and_reads_back(tmp_path):
     assert recorded_unit(extension)["processor_res"] == 512 and recorded_unit(extension)["pixel_perfect"] is False
     with pytest.raises(ValueError, match="Processor Res 'big'"):
         recorded_unit("Module: canny, Processor Res: big")
+
+
+# --- sd-webui-controlnet, transcribed: scripts/controlnet.py Script.detectmap_proc's high_quality_resize ("Written
+# by lvmin"), scripts/utils.py nake_nms / get_unique_axis0, scripts/lvminthin.py lvmin_thin (v1.1.4xx) ------------
+
+lvmin_kernels_raw = [np.array([[-1, -1, -1], [0, 1, 0], [1, 1, 1]], dtype=np.int32),
+                     np.array([[0, -1, -1], [1, 1, -1], [0, 1, 0]], dtype=np.int32)]
+lvmin_kernels = [np.rot90(x, k=k, axes=(0, 1)) for k in range(4) for x in lvmin_kernels_raw]
+lvmin_prunings_raw = [np.array([[-1, -1, -1], [-1, 1, -1], [0, 0, -1]], dtype=np.int32),
+                      np.array([[-1, -1, -1], [-1, 1, -1], [-1, 0, 0]], dtype=np.int32)]
+lvmin_prunings = [np.rot90(x, k=k, axes=(0, 1)) for k in range(4) for x in lvmin_prunings_raw]
+
+
+def remove_pattern(x, kernel):
+    objects = cv2.morphologyEx(x, cv2.MORPH_HITMISS, kernel)
+    objects = np.where(objects > 127)
+    x[objects] = 0
+    return x, objects[0].shape[0] > 0
+
+
+def thin_one_time(x, kernels):
+    y = x
+    is_done = True
+    for k in kernels:
+        y, has_update = remove_pattern(y, k)
+        if has_update:
+            is_done = False
+    return y, is_done
+
+
+def lvmin_thin(x, prunings=True):
+    y = x
+    for i in range(32):
+        y, is_done = thin_one_time(y, lvmin_kernels)
+        if is_done:
+            break
+    if prunings:
+        y, _ = thin_one_time(y, lvmin_prunings)
+    return y
+
+
+def nake_nms(x):
+    f1 = np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0]], dtype=np.uint8)
+    f2 = np.array([[0, 1, 0], [0, 1, 0], [0, 1, 0]], dtype=np.uint8)
+    f3 = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=np.uint8)
+    f4 = np.array([[0, 0, 1], [0, 1, 0], [1, 0, 0]], dtype=np.uint8)
+    y = np.zeros_like(x)
+    for f in [f1, f2, f3, f4]:
+        np.putmask(y, cv2.dilate(x, kernel=f) == x, x)
+    return y
+
+
+def get_unique_axis0(data):
+    arr = np.asanyarray(data)
+    idxs = np.lexsort(arr.T)
+    arr = arr[idxs]
+    unique_idxs = np.empty(len(arr), dtype=np.bool_)
+    unique_idxs[:1] = True
+    unique_idxs[1:] = np.any(arr[:-1, :] != arr[1:, :], axis=-1)
+    return arr[unique_idxs]
+
+
+def extension_high_quality_resize(x, size):                           # the map's RGB: no inpaint alpha
+    if x.shape[0] != size[1] or x.shape[1] != size[0]:
+        new_size_is_smaller = (size[0] * size[1]) < (x.shape[0] * x.shape[1])
+        new_size_is_bigger = (size[0] * size[1]) > (x.shape[0] * x.shape[1])
+        unique_color_count = len(get_unique_axis0(x.reshape(-1, x.shape[2])))
+        is_one_pixel_edge = False
+        is_binary = False
+        if unique_color_count == 2:
+            is_binary = np.min(x) < 16 and np.max(x) > 240
+            if is_binary:
+                xc = x
+                xc = cv2.erode(xc, np.ones(shape=(3, 3), dtype=np.uint8), iterations=1)
+                xc = cv2.dilate(xc, np.ones(shape=(3, 3), dtype=np.uint8), iterations=1)
+                one_pixel_edge_count = np.where(xc < x)[0].shape[0]
+                all_edge_count = np.where(x > 127)[0].shape[0]
+                is_one_pixel_edge = one_pixel_edge_count * 2 > all_edge_count
+        if 2 < unique_color_count < 200:
+            interpolation = cv2.INTER_NEAREST
+        elif new_size_is_smaller:
+            interpolation = cv2.INTER_AREA
+        else:
+            interpolation = cv2.INTER_CUBIC  # Must be CUBIC because we now use nms. NEVER CHANGE THIS
+        y = cv2.resize(x, size, interpolation=interpolation)
+        if is_binary:
+            y = np.mean(y.astype(np.float32), axis=2).clip(0, 255).astype(np.uint8)
+            if is_one_pixel_edge:
+                y = nake_nms(y)
+                _, y = cv2.threshold(y, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+                y = lvmin_thin(y, prunings=new_size_is_bigger)
+            else:
+                _, y = cv2.threshold(y, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+            y = np.stack([y] * 3, axis=2)
+    else:
+        y = x
+    return y
+
+# -----------------------------------------------------------------------------------------------------------------
+
+
+def _maps(size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Control maps of a drawing of `size`: binary ones (canny's one-pixel edges, threshold's and scribble's
+    areas), a few-colour one (a segmentation map) and a photo (noise: hundreds of colours)."""
+    drawing = _drawing(*size)
+    maps = {module: np.asarray(preprocess(drawing, module)) for module in ("canny", "threshold", "scribble")}
+    maps["segmentation"] = np.asarray(Image.fromarray(np.asarray(drawing)).quantize(12).convert("RGB"))
+    maps["photo"] = np.asarray(drawing)
+    return maps
+
+
+@pytest.mark.usefixtures("opencvs_own_code")
+@pytest.mark.parametrize("fit", [((300, 200), (96, 64)), ((96, 64), (300, 200)), ((200, 300), (77, 130)),
+                                 ((57, 41), (640, 480)), ((120, 80), (120, 200)), ((120, 80), (200, 60)),
+                                 ((64, 64), (64, 64))])
+def test_a_map_is_fitted_as_the_extensions_high_quality_resize(fit):
+    """Shrunk (INTER_AREA), enlarged (INTER_CUBIC), one side kept, a wider aspect with more pixels, the same
+    size: each map pixel-equal to the extension's high_quality_resize (cv2 without IPP: its INTER_CUBIC)."""
+    from sdlab.pipeline.hint_resize import high_quality_resize
+
+    size, (width, height) = fit
+    for name, pixels in _maps(size).items():
+        expected = extension_high_quality_resize(pixels.copy(), (width, height))
+        assert np.array_equal(high_quality_resize(pixels.copy(), width, height), expected), name
+
+
+@pytest.mark.usefixtures("opencvs_own_code")
+def test_a_stretch_that_shrinks_one_side_and_grows_the_other_is_near_the_extensions():
+    """Where INTER_AREA shrinks the picture while one side grows, OpenCV interpolates linearly with its own
+    coefficients; sdlab's area + cubic there: a binary map differs in a few edge pixels, a photo by a few levels."""
+    from sdlab.pipeline.hint_resize import high_quality_resize
+
+    for name, pixels in _maps((64, 64)).items():
+        expected = extension_high_quality_resize(pixels.copy(), (63, 65)).astype(int)
+        ours = high_quality_resize(pixels.copy(), 63, 65).astype(int)
+        differing = (ours != expected).any(axis=-1).mean()
+        assert differing < 0.05 if name in ("canny", "threshold", "scribble", "segmentation") else \
+            np.abs(ours - expected).mean() < 3, name
+
+
+@pytest.mark.usefixtures("opencvs_own_code")
+@pytest.mark.parametrize("resize_mode", ["resize", "crop", "fill"])
+def test_an_a1111_hint_at_processor_res_is_the_extensions_fitted_map(resize_mode):
+    """canny at 512 on a 96 x 64 hint for a 96 x 64 picture: under A1111's convention the ControlNet reads the
+    extension's detectmap_proc of the map (binary, thin edges), not a Lanczos blur of it (43 grey levels
+    where the extension has 2); diffusers' convention keeps Lanczos."""
+    from sdlab.pipeline.control import hint_tensor
+
+    hint = Image.new("RGB", (96, 64), "black")
+    draw = ImageDraw.Draw(hint)
+    draw.ellipse([10, 8, 70, 56], outline="white", width=3)
+    draw.line([0, 60, 95, 5], fill=(200, 200, 200), width=2)
+    drawn = preprocess(hint, "canny", resolution=512)                     # 768 x 512
+    old_w, old_h = drawn.size
+    k = (max if resize_mode == "crop" else min)(64 / old_h, 96 / old_w)      # detectmap_proc's safeint(old * k)
+    fitted = extension_high_quality_resize(np.asarray(drawn), (int(np.round(old_w * k)), int(np.round(old_h * k))))
+    tensor = hint_tensor(drawn, 96, 64, resize_mode, "a1111")
+    ours = (tensor[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    assert np.array_equal(ours, fitted) and len(np.unique(ours)) == 2
+    assert len(np.unique(hint_tensor(drawn, 96, 64, resize_mode, "diffusers"))) > 2

@@ -2,7 +2,8 @@
 
 Semantics are diffusers' (`StableDiffusionControlNetPipeline`, `MultiControlNetModel`):
 
-- the hint image is converted to RGB, resized to the output size with Lanczos and scaled to [0, 1]; one
+- the hint image is converted to RGB, resized to the output size with Lanczos (under A1111's convention as
+  its ControlNet extension resizes a map, `scaled_hint`) and scaled to [0, 1]; one
   with transparency is first laid on white by its alpha (A1111's `HWC3`; diffusers drops the alpha, which
   turns a drawing on a transparent canvas black). A1111's other resize modes (`ControlInput.resize_mode`,
   `fit_hint`) crop or pad it to the output's aspect ratio instead of stretching it;
@@ -56,6 +57,7 @@ from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
+from sdlab.pipeline.hint_resize import high_quality_resize
 from sdlab.pipeline.images import eight_bit, flattened
 from sdlab.pipeline.overlay import axis_blurred
 from sdlab.pipeline.preprocess import (
@@ -205,21 +207,29 @@ def at_first_pass_resolution(controls: Sequence[ControlInput | Any], width: int,
     return tuple(fixed)
 
 
+def scaled_hint(image: Image.Image, width: int, height: int, convention: str = "diffusers") -> Image.Image:
+    """An RGB hint at width x height: under A1111's convention as the extension scales a control map
+    (`hint_resize.high_quality_resize`: OpenCV's area, cubic or nearest, binary maps kept binary and
+    one-pixel edges thin), else with Lanczos (diffusers' control image processor)."""
+    if convention == "a1111":
+        return Image.fromarray(high_quality_resize(np.asarray(image), width, height))
+    return image.resize((width, height), resample=Image.Resampling.LANCZOS)
+
+
 def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "resize",
-             background: tuple[int, int, int] | None = None) -> Image.Image:
+             background: tuple[int, int, int] | None = None, convention: str = "diffusers") -> Image.Image:
     """An RGB `image` at width x height by A1111's resize mode (`Script.detectmap_proc`): "resize" stretches it;
     "crop" scales it by the larger of the two ratios (to whole pixels, rounded) and cuts the middle out;
     "fill" scales it by the smaller and lays it in the middle of a canvas of `background`, by default the
-    median colour of its border pixels. Scaling is Lanczos (A1111's `high_quality_resize` picks OpenCV's
-    cubic, area or nearest)."""
+    median colour of its border pixels. Scaling is the `convention`'s (`scaled_hint`)."""
     if image.size == (width, height):
         return image
     if resize_mode == "resize":
-        return image.resize((width, height), resample=Image.Resampling.LANCZOS)
+        return scaled_hint(image, width, height, convention)
     old_w, old_h = image.size
     scale = (max if resize_mode == "crop" else min)(height / old_h, width / old_w)
     new_w, new_h = round(old_w * scale), round(old_h * scale)
-    scaled = image.resize((new_w, new_h), resample=Image.Resampling.LANCZOS)
+    scaled = scaled_hint(image, new_w, new_h, convention)
     if resize_mode == "crop":
         left, top = max(0, (new_w - width) // 2), max(0, (new_h - height) // 2)
         return scaled.crop((left, top, left + width, top + height))
@@ -232,11 +242,12 @@ def fit_hint(image: Image.Image, width: int, height: int, resize_mode: str = "re
     return canvas
 
 
-def hint_tensor(image: Image.Image, width: int, height: int, resize_mode: str = "resize") -> Tensor:
+def hint_tensor(image: Image.Image, width: int, height: int, resize_mode: str = "resize",
+                convention: str = "diffusers") -> Tensor:
     """Hint image -> (1, 3, height, width) float32 in [0, 1]: RGB (a transparent picture laid on white,
-    `flattened`), fitted to the size by `resize_mode` (`fit_hint`; "resize" is diffusers' control image
-    processor with do_normalize=False)."""
-    image = fit_hint(flattened(image).convert("RGB"), width, height, resize_mode)
+    `flattened`), fitted to the size by `resize_mode`, scaled by the request's `convention` (`fit_hint`;
+    diffusers' "resize" is its control image processor with do_normalize=False)."""
+    image = fit_hint(flattened(image).convert("RGB"), width, height, resize_mode, convention=convention)
     pixels = np.asarray(image, dtype=np.float32) / 255.0                    # (H, W, 3)
     return torch.from_numpy(pixels).permute(2, 0, 1).unsqueeze(0).contiguous()
 
@@ -372,7 +383,7 @@ def prepare_controls(
                                resolution_of(control, image, width, height, resize_mode))
         except ValueError as err:
             raise RequestError(f"control {index}: {err}") from None
-        hint = hint_tensor(image, width, height, resize_mode)
+        hint = hint_tensor(image, width, height, resize_mode, convention)
         if control.module in INPAINT_MODULES:
             hint = _masked_hint(hint, control, index, mask, region, picture_size, resize_mode)
         hint = hint.to(next(bundle.unet.parameters()).device)
