@@ -321,12 +321,14 @@ class UNetTask:
     @torch.no_grad()
     def latents(self, batch: Batch, seeds: Sequence[int]) -> Tensor:
         """Scaled training latents: the cached ones, or a posterior sample of the frozen VAE (`posterior_sample`,
-        the draw the latent cache uses too)."""
+        the draw the latent cache uses too). The VAE encodes in its own dtype, outside the loop's autocast, as the
+        latent cache does and diffusers' trainers encode (an SDXL VAE kept fp32 encodes in fp32)."""
         if batch.latents is not None:
             return batch.latents.to(self.device, torch.float32)
         if batch.images is None:
             raise ValueError("a batch needs images or cached latents")
-        posterior = self.bundle.vae.encode(batch.images.to(self.device))
+        with torch.autocast(self.device.type, enabled=False):
+            posterior = self.bundle.vae.encode(batch.images.to(self.device))
         return self.bundle.to_model_latents(posterior_sample(posterior.mean, posterior.std, seeds))  # (B, C, h, w)
 
     def _vector(self, pooled: Tensor | None, batch: Batch, z0: Tensor) -> Tensor:
