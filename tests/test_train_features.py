@@ -25,7 +25,7 @@ import pytest
 import torch
 import torch.utils.checkpoint
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from bundle_fixtures import tiny_bundle, write_original
 from sdlab.checkpoints.load import load_bundle
@@ -202,6 +202,35 @@ def test_bf16_sdxl_fine_tune_keeps_the_vae_fp32(tmp_path, monkeypatch, task):
     assert {p.dtype for p in bundle.vae.parameters()} == {torch.float32}
     assert {p.dtype for te in bundle.text_encoders for p in te.model.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in bundle.unet.parameters()} == {torch.float32}
+
+
+@pytest.mark.parametrize("task", ["unet", "lcd"])
+def test_bf16_sdxl_lora_keeps_the_models_own_vae_fp32(tmp_path, monkeypatch, task):
+    """An SDXL LoRA or LCM-LoRA run under bf16 holds its frozen U-Net and text encoders in bf16 but the model's own
+    VAE in fp32, as diffusers' train_text_to_image_lora_sdxl.py (vae.to(dtype=torch.float32) without
+    --pretrained_vae_model_name_or_path) and train_lcm_distill_lora_sdxl.py keep it; a separate VAE (--vae) runs in
+    bf16, as those scripts cast a --pretrained_vae_model_name_or_path one to weight_dtype. Its previews draw. The
+    model's own VAE was bf16 before."""
+    bundle = tiny_bundle("sdxl", seed=0)
+    model = write_original(bundle, tmp_path / "tiny-sdxl.safetensors")
+    separate_vae = tmp_path / "separate-vae.safetensors"
+    save_file({k: v.contiguous() for k, v in bundle.vae.state_dict().items()}, str(separate_vae))
+    data_dir = write_caption_folder(tmp_path / "data", n=2, size=RES)
+    module = importlib.import_module(TASK_MODULES[task])
+    built = []
+    real_build = module.build_task
+    monkeypatch.setattr(module, "build_task", lambda cfg, bundle: built.append(real_build(cfg, bundle)) or built[-1])
+    previews = {"sample_every": 1, "sample_prompts": ("a cat",), "sample_steps": 2}
+    for name, vae in (("own", None), ("separate", str(separate_vae))):
+        out = tmp_path / name
+        result = run_from_config(_config(out, model, data_dir, task=task, mixed_precision="bf16", max_steps=1,
+                                         lora_rank=4, vae=vae, **previews))
+        assert math.isfinite(result.last_loss) and (out / "samples" / "step-00000001-00.png").is_file()
+    dtypes = [{part: {p.dtype for m in modules for p in m.parameters() if not p.requires_grad}
+               for part, modules in (("unet", [run.bundle.unet]), ("vae", [run.bundle.vae]),
+                                     ("text", [te.model for te in run.bundle.text_encoders]))} for run in built]
+    bf16, fp32 = {torch.bfloat16}, {torch.float32}
+    assert dtypes == [{"unet": bf16, "vae": fp32, "text": bf16}, {"unet": bf16, "vae": bf16, "text": bf16}]
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora_rank": 4}, {"task": "lcd"}])

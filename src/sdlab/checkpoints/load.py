@@ -440,17 +440,17 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
 
 
 def with_vae(bundle: ModelBundle, vae: str | os.PathLike[str] | None = None, *,
-             sidecar_vae: bool = True) -> ModelBundle:
+             sidecar_vae: bool = True, dtype: torch.dtype | None = None) -> ModelBundle:
     """`bundle` (loaded from its file by `load_bundle`) with the VAE that `load_bundle(bundle.source, vae=vae,
     sidecar_vae=sidecar_vae)`, given the `family` / `prediction` overrides it was loaded with (`_overrides`), gives
-    it: planned as that plans it, its tensors alone read, in the bundle's dtype and on its device; its config, the
-    latent scaling and statistics it declares and the report follow. The U-Net and text encoders (LoRAs merged,
-    embeddings installed) stay."""
+    it: planned as that plans it, its tensors alone read, in `dtype` (default: the bundle's) and on its device; its
+    config, the latent scaling and statistics it declares and the report follow. The U-Net and text encoders (LoRAs
+    merged, embeddings installed) stay."""
     plan = plan_checkpoint(bundle.source, vae=vae, sidecar_vae=sidecar_vae, **_overrides(bundle.report))
     report = plan.report
     logger.info("%s: VAE %s", report.source, Path(report.vae_file).name if report.vae_file else "its own")
     return check_weights(replace(
-        bundle, vae=plan.vae.materialize(bundle.dtype, bundle.device), vae_config=plan.vae.config,
+        bundle, vae=plan.vae.materialize(dtype or bundle.dtype, bundle.device), vae_config=plan.vae.config,
         scaling_factor=report.scaling_factor, latent_stats=report.latent_stats, report=report), only="vae")
 
 

@@ -40,7 +40,7 @@ from types import ModuleType
 import torch
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.load import load_bundle
+from sdlab.checkpoints.load import load_bundle, with_vae
 from sdlab.families.loaded import ModelBundle
 from sdlab.train.config import (
     TRAIN_EPILOG,
@@ -153,6 +153,17 @@ def _load_dtype(cfg: TrainConfig) -> torch.dtype:
     besides (autograd keeps them for the backward pass). The trained parameters stay fp32; otherwise fp32 throughout."""
     frozen = cfg.lora_rank is not None or cfg.task == "embedding"
     return torch.bfloat16 if cfg.mixed_precision == "bf16" and frozen else torch.float32
+
+
+def _with_fp32_sdxl_vae(cfg: TrainConfig, bundle: ModelBundle) -> ModelBundle:
+    """``bundle`` with its VAE read again in fp32 where a LoRA / LCM-LoRA run loaded an SDXL checkpoint's own VAE
+    in bf16 (`_load_dtype`), as diffusers' train_text_to_image_lora_sdxl.py and train_lcm_distill_lora_sdxl.py
+    keep the model's VAE fp32 and cast only a separate one (``--vae`` or a sidecar file here) to weight_dtype; an
+    embedding run's stays bf16, as textual_inversion_sdxl.py casts it."""
+    if not (bundle.family.is_sdxl and _load_dtype(cfg) == torch.bfloat16 and cfg.task != "embedding"
+            and bundle.report.vae_file is None):
+        return bundle
+    return with_vae(bundle, cfg.vae, sidecar_vae=cfg.sidecar_vae, dtype=torch.float32)
 
 
 def _cast_frozen_parts(cfg: TrainConfig, bundle: ModelBundle, task) -> None:
@@ -359,6 +370,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         bundle = load_bundle(cfg.model, device=ctx.device, dtype=_load_dtype(cfg), family=cfg.family,
                              prediction=cfg.prediction, vae=cfg.vae, sidecar_vae=cfg.sidecar_vae)
         cfg = _with_model_kind(cfg, bundle.family.name, bundle.prediction.value)
+        bundle = _with_fp32_sdxl_vae(cfg, bundle)
         cfg = _with_native_resolution(cfg, bundle)
         task = task_module.build_task(cfg, bundle)
         _cast_frozen_parts(cfg, bundle, task)
