@@ -166,16 +166,17 @@ def _with_fp32_sdxl_vae(cfg: TrainConfig, bundle: ModelBundle) -> ModelBundle:
     return with_vae(bundle, cfg.vae, sidecar_vae=cfg.sidecar_vae, dtype=torch.float32)
 
 
-def _cast_frozen_parts(cfg: TrainConfig, bundle: ModelBundle, task) -> None:
+def _cast_frozen_parts(cfg: TrainConfig, bundle: ModelBundle, task, writes_the_model: bool) -> None:
     """Under ``--mixed-precision bf16``, each part of the model none of whose weights train (the VAE and text
     encoders of a U-Net fine-tune) moves to bf16, as diffusers' train_text_to_image.py casts the frozen modules
     to weight_dtype: they only run forward, where autocast multiplies in bf16 anyway. What trains keeps its fp32
     master weights (a text encoder under ``--train-text-encoder`` among them), and an SDXL model's VAE stays fp32,
     as train_text_to_image_sdxl.py and train_lcm_distill_sdxl_wds.py keep it. A task that delivers the whole
-    model keeps each part it casts as loaded (``keep_as_loaded``), so the file holds it unrounded."""
+    model keeps each part it casts as loaded (``keep_as_loaded``), so the file holds it unrounded: in the process
+    that writes the model (``writes_the_model``: torchrun's rank 0) alone."""
     if cfg.mixed_precision != "bf16":
         return
-    keep = getattr(task, "keep_as_loaded", None)
+    keep = getattr(task, "keep_as_loaded", None) if writes_the_model else None
     vae = () if bundle.family.is_sdxl else (bundle.vae,)
     for module in (bundle.unet, *vae, *(te.model for te in bundle.text_encoders)):
         parameters = list(module.parameters())
@@ -373,7 +374,7 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         bundle = _with_fp32_sdxl_vae(cfg, bundle)
         cfg = _with_native_resolution(cfg, bundle)
         task = task_module.build_task(cfg, bundle)
-        _cast_frozen_parts(cfg, bundle, task)
+        _cast_frozen_parts(cfg, bundle, task, writes_the_model=ctx.is_main)
         _warn_of_unloaded_embeddings(task, scan.samples)
         cache = None
         if cfg.cache_latents:

@@ -15,7 +15,8 @@ Optional hooks for a task with state of its own besides the trainable modules (t
 network): ``after_optimizer_step()`` runs after each optimiser step (and the EMA update), ``extra_state()``
 returns tensors the run checkpoint keeps (``"task_state"``) and ``load_extra_state(state)`` restores them;
 ``keep_as_loaded(module)`` runs before a part that does not train moves to bf16 (``--mixed-precision bf16``), so
-that a task delivering the whole model writes that part as loaded.
+that a task delivering the whole model writes that part as loaded; only in the process that writes the model
+(torchrun's rank 0).
 """
 
 from __future__ import annotations
