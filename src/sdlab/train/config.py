@@ -166,10 +166,12 @@ class TrainConfig:
     ema_decay: float | None = setting(None, "keep an EMA of the weights with this decay, e.g. 0.9999, saved as "
                                             "final-ema.safetensors (default: no EMA)")
     mixed_precision: str = setting("no", "autocast: no (fp32) or bf16 (what does not train then also runs in bf16: "
-                                         "the frozen model of a LoRA or embedding run, the VAE (not an SDXL "
-                                         "model's, kept fp32 as diffusers' SDXL scripts keep it) and text "
-                                         "encoders of a full fine-tune; what trains stays fp32, and the "
-                                         "delivered model holds the parts that did not train as loaded)", ("no", "bf16"))
+                                         "the frozen model of a LoRA or embedding run, the VAE and text encoders "
+                                         "of a full fine-tune; but an SDXL VAE stays fp32 and encodes in fp32, as "
+                                         "diffusers' SDXL scripts keep it, except in an embedding run and a LoRA "
+                                         "run's --vae / sidecar one; what trains stays fp32, the delivered model "
+                                         "holds the parts that did not train as loaded, and previews draw with "
+                                         "the run's parts: docs/training.md)", ("no", "bf16"))
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass (less memory, "
                                                   "slower)")
     seed: int = setting(0, "seed of the data order, augmentation, noise and initialisation")
