@@ -94,6 +94,28 @@ def test_a_steps_axis_cell_is_the_plain_job_with_those_steps(client) -> None:
     assert (pictures[1] == picture).all()
 
 
+AXIS_CASES = {     # the job's fields, its X axis (A1111 1.10's txt2img type) and value, the plain job's field of it
+    "hires sampler, the hires schedule unset": ({"sampler": "DPM++ 2M", "hr_scale": 1.5}, 10, "Euler",
+                                                {"hr_sampler": "Euler"}),
+    "hires sampler the first pass's": ({"sampler": "DPM++ 2M", "hr_scale": 1.5}, 10, "DPM++ 2M",
+                                       {"hr_sampler": "DPM++ 2M"}),
+    "schedule of a hires job with its own sampler": ({"sampler": "DPM++ 2M", "hr_scale": 1.5, "hr_sampler": "Euler a"},
+                                                     17, "Karras", {"schedule": "karras"}),
+}
+
+
+@pytest.mark.parametrize("job, axis, value, plain", AXIS_CASES.values(), ids=AXIS_CASES.keys())
+def test_an_axis_cell_is_the_plain_job_with_its_value(client, job, axis, value, plain) -> None:
+    """A cell draws the plain job with the axis's value, what A1111's rules derive from it (a hires sampler's
+    "Automatic" schedule) derived by the job's own."""
+    body = {**BASE, **job}
+    plain_job, (picture,) = _drawn(client, {**body, **plain})
+    plot, (_, cell) = _drawn(client, {**body, "script_name": "X/Y/Z plot", "script_args": [
+        axis, value, [], 0, "", [], 0, "", [], False, True, False, False, False, False, False, 0, True]})  # csv mode
+    assert (cell == picture).all(), np.abs(cell.astype(int) - picture).max()
+    assert plot["infotexts"][1] == plain_job["infotexts"][0]
+
+
 def test_the_job_list_counts_only_listed_jobs(client) -> None:
     plain, _ = _drawn(client, {**BASE, "steps": 1})
     plot, _ = _drawn(client, {**BASE, "steps": 1, "script_name": "X/Y/Z plot", "script_args": [4, "1,1,1"]})

@@ -68,6 +68,9 @@ SET_BY = {      # an A1111 request field a script sets -> the request fields it 
 }
 OWN_VALUES = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 """Fields a cell sets as the script set them: A1111 gives a sampler only those it takes (`a1111._sigma_options`)."""
+DERIVED = frozenset({"hr_schedule", "hr_eta"})
+"""Fields A1111's rules derive from others (a hires sampler's "Automatic" schedule and its eta): a cell takes them
+only where `SET_BY` says, the job's own rules deriving them from the fields the script changed."""
 
 
 def _check_script_fields(body: Any) -> None:
@@ -135,11 +138,12 @@ def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
                  cell: tuple[Any, GenerationRequest]) -> tuple[GenerationRequest, set[str]]:
     """The native job's request `job` with what a script changed: `base` is the job's A1111 request body and the
     request A1111's rules make of it, `cell` the script's request body and its request. A field the two
-    requests differ in takes the cell's value (the conventions `AS_SENT` excepted), and so do those `SET_BY`
-    names where the script set them and `OWN_VALUES` (the body's). Returns it and the fields changed."""
+    requests differ in takes the cell's value (the conventions `AS_SENT` and the `DERIVED` fields excepted), and so
+    do those `SET_BY` names where the script set them and `OWN_VALUES` (the body's). Returns it and the fields
+    changed."""
     (base_body, base_request), (body, request) = base, cell
     changed = {field.name: getattr(request, field.name) for field in dataclasses.fields(request)
-               if field.name not in AS_SENT and field.name not in OWN_VALUES
+               if field.name not in AS_SENT | DERIVED and field.name not in OWN_VALUES
                and _differs(getattr(request, field.name), getattr(base_request, field.name))}
     for name, fields in SET_BY.items():
         if getattr(body, name) != getattr(base_body, name):
