@@ -71,6 +71,36 @@ def test_canny_matches_opencv():
             assert mismatch <= 0.001   # 0 with OpenCV 5.1; the tan(22.5) rounding could flip a rare pixel
 
 
+@pytest.mark.parametrize("band_pixels", [1, 700])
+def test_canny_in_bands_is_the_same(monkeypatch, band_pixels):
+    """Bands of one row and of rows that do not divide the height: the edges of the picture in one piece."""
+    import sdlab.pipeline.preprocess as module
+
+    rng = np.random.default_rng(2)
+    noisy = Image.fromarray(rng.integers(0, 256, (37, 80, 3), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(1))
+    whole = [canny(image, 20, 60) for image in (_shapes(), noisy)]
+    monkeypatch.setattr(module, "CANNY_BAND_PIXELS", band_pixels)
+    for image, expected in zip((_shapes(), noisy), whole):
+        assert np.array_equal(np.asarray(canny(image, 20, 60)), np.asarray(expected))
+
+
+def test_canny_memory_is_near_its_picture():
+    """A 4096 x 512 picture: canny holds the picture, its booleans and output and one band's float64 gradients
+    (it took ~170 bytes a pixel, 340 MB, in one piece)."""
+    import tracemalloc
+
+    image = Image.new("RGB", (4096, 512), "black")
+    ImageDraw.Draw(image).line([0, 0, 4095, 511], fill="white", width=3)
+    tracemalloc.start()
+    try:
+        edges = canny(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert _edges(edges).any()
+    assert peak < 4096 * 512 * 12 + (40 << 20)
+
+
 def test_scribble_threshold_and_invert_are_a1111s():
     """sd-webui-controlnet's processor.py: simple_scribble `result[np.min(img, axis=2) < 127] = 255` (black
     strokes on white -> white on black), threshold `result[np.min(img, axis=2) > thr_a] = 255` (thr_a 127),

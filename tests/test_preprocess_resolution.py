@@ -156,6 +156,21 @@ def test_processor_res_above_the_sliders_top_is_refused(tmp_path):
             check_control(ControlInput(str(net), str(hint), module="canny", processor_res=given))
 
 
+def test_a_map_past_the_bound_is_refused_before_it_is_made():
+    """A 1024 x 4 strip's short side scaled to 512 is 131072 x 512 (67 Mpx, gigabytes in canny): a ValueError naming
+    the sizes, raised before the resize; a map of MAX_MAP_PIXELS (a 4:1 picture at 2048) is still made."""
+    from sdlab.pipeline.preprocess import MAX_MAP_PIXELS
+
+    strip = Image.new("RGB", (1024, 4))
+    for module in RESOLUTION_MODULES:
+        with pytest.raises(ValueError, match=r"processor resolution 512 scales the 1024x4 picture to 131072x512, past "
+                                             r"the 16777216 pixels a preprocessor map may have"):
+            preprocess(strip, module, resolution=512)
+    assert preprocess(strip, "invert", resolution=512).size == (1024, 4)        # no resolution: no map
+    assert MAX_MAP_PIXELS == 4 * 2048 * 2048
+    assert resized_with_pad(np.zeros((4, 16, 3), dtype=np.uint8), 1024)[1] == (1024, 4096)
+
+
 @pytest.mark.usefixtures("opencvs_own_code")
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("resolution", [256, 512, 100])

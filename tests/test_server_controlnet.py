@@ -725,3 +725,26 @@ def test_processor_res_draws_in_detect_units_native_controls_and_the_cli(setup, 
         _same(_picture(client.get(job["images"][0]).content), cli)
         own_size = _finished_job(client, {**GEN, "sampler": "Euler", "controls": [control]})
         assert not np.array_equal(np.asarray(_picture(client.get(own_size["images"][0]).content)), np.asarray(cli))
+
+
+def test_a_map_past_the_bound_is_one_line_in_detect_units_and_the_cli(setup, tmp_path):
+    """A 1024 x 4 strip at the default processor_res 512 would be a 131072 x 512 map: /controlnet/detect answers a
+    422, an A1111 unit fails its job with the message, the CLI says it in one line, none draws it."""
+    url = setup["server"].url
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (1024, 4), "white").save(strip)
+    message = "processor resolution 512 scales the 1024x4 picture to 131072x512, past the 16777216 pixels"
+    answer = httpx.post(url + "/controlnet/detect", timeout=60,
+                        json={"controlnet_module": "canny", "controlnet_input_images": [_b64(strip)]})
+    assert answer.status_code == 422 and message in answer.text
+    unit = {"enabled": True, "model": "tiny_canny", "image": _b64(strip), "module": "canny"}
+    response = httpx.post(url + "/sdapi/v1/txt2img", timeout=300, json={
+        **GEN, "steps": 1, "alwayson_scripts": {"controlnet": {"args": [unit]}}})
+    assert response.status_code == 400 and message in response.text
+    result = subprocess.run([sys.executable, "-m", "sdlab", "txt2img", "a cat", "--steps", "1", "--width", "64",
+                             "--height", "64", "--control", f"{setup['net']}:{strip}", "--control-module", "canny",
+                             "--control-processor-res", "512", "--out", str(tmp_path / "o.png"), "--no-progress"],
+                            capture_output=True, text=True, env=server_env(), timeout=300)
+    assert result.returncode != 0 and message in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.png").exists()

@@ -98,17 +98,37 @@ def _hysteresis(strong: np.ndarray, weak: np.ndarray) -> np.ndarray:
     return edges
 
 
+CANNY_BAND_PIXELS = 1 << 17
+"""About how many pixels `canny` takes its gradients of at a time: some 170 bytes each (float64 per channel),
+so a band stays near 22 MB whatever the picture's size."""
+
+
+def _edge_pixels(pixels: np.ndarray, top: int, bottom: int, low: float, high: float) -> tuple[np.ndarray, ...]:
+    """Rows top..bottom - 1 of canny's edge candidates (non-maximum suppressed, above `low`) and of those above
+    `high`, from the uint8 picture's rows two past them each way (the 3x3 Sobel of the 3x3 comparison)."""
+    start, stop = max(0, top - 2), min(pixels.shape[0], bottom + 2)
+    dx, dy, magnitude = _gradients(pixels[start:stop].astype(np.float64))   # exact for rows start + 1 on
+    keep = slice(top - start, bottom - start)
+    candidate = _non_maximum(dx, dy, magnitude)[keep] & (magnitude[keep] > np.floor(low))
+    return candidate, candidate & (magnitude[keep] > np.floor(high))
+
+
 def canny(image: Image.Image, low: float = 100, high: float = 200, blur: float = 0.0) -> Image.Image:
-    """Canny edges of `image` as an RGB picture (white edges on black); see the module docstring."""
+    """Canny edges of `image` as an RGB picture (white edges on black); see the module docstring. The gradients
+    run in bands of rows (`CANNY_BAND_PIXELS`), so the whole picture is held only as bytes and booleans."""
     if min(low, high) < 0:
         raise ValueError(f"canny thresholds must be >= 0, got {low} and {high}")
     low, high = sorted((low, high))
     if blur > 0:
         image = image.filter(ImageFilter.GaussianBlur(blur))
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)             # (H, W, 3) in 0..255
-    dx, dy, magnitude = _gradients(pixels)
-    candidate = _non_maximum(dx, dy, magnitude) & (magnitude > np.floor(low))
-    edges = _hysteresis(candidate & (magnitude > np.floor(high)), candidate)
+    pixels = np.asarray(image.convert("RGB"))                               # (H, W, 3) uint8
+    candidate = np.empty(pixels.shape[:2], dtype=bool)
+    strong = np.empty(pixels.shape[:2], dtype=bool)
+    band = max(1, CANNY_BAND_PIXELS // pixels.shape[1])
+    for top in range(0, pixels.shape[0], band):
+        rows = slice(top, top + band)
+        candidate[rows], strong[rows] = _edge_pixels(pixels, top, min(top + band, pixels.shape[0]), low, high)
+    edges = _hysteresis(strong, candidate)
     out = np.where(edges, 255, 0).astype(np.uint8)                          # (H, W)
     return Image.fromarray(out).convert("RGB")
 
@@ -256,13 +276,23 @@ def _cubic_columns(across: np.ndarray, rows: np.ndarray, row_weights: np.ndarray
     return np.clip(np.rint(total), 0, 255).astype(np.uint8)
 
 
+MAX_MAP_PIXELS = 4 * 2048 * 2048
+"""The most pixels a picture scaled to its processor resolution may have, padded (`resized_with_pad`): a 4:1
+picture at the slider's top, 2048 (the extension has no bound; a narrow strip's short side scaled to 512 would
+make a map of hundreds of megapixels)."""
+
+
 def resized_with_pad(pixels: np.ndarray, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
     """The extension's `resize_image_with_pad`: a uint8 (H, W, 3) picture with its short side scaled to
     `resolution` (OpenCV's INTER_CUBIC enlarging, INTER_AREA otherwise; sides rounded), its last row and column
-    repeated to multiples of 64; and the scaled (height, width), which the preprocessor's result is cut back to."""
+    repeated to multiples of 64; and the scaled (height, width), which the preprocessor's result is cut back to.
+    A padded map past `MAX_MAP_PIXELS` is a ValueError naming both sizes."""
     height, width = pixels.shape[:2]
     k = float(resolution) / float(min(height, width))
     new_h, new_w = int(np.round(height * k)), int(np.round(width * k))
+    if (new_h + -new_h % 64) * (new_w + -new_w % 64) > MAX_MAP_PIXELS:
+        raise ValueError(f"processor resolution {resolution} scales the {width}x{height} picture to {new_w}x{new_h}, "
+                         f"past the {MAX_MAP_PIXELS} pixels a preprocessor map may have (give a smaller one)")
     scaled = (cubic_resize if k > 1 else area_resize)(pixels, new_w, new_h)
     pad = [[0, -new_h % 64], [0, -new_w % 64], [0, 0]]
     return np.pad(scaled, pad, mode="edge"), (new_h, new_w)
