@@ -116,6 +116,19 @@ def test_an_axis_cell_is_the_plain_job_with_its_value(client, job, axis, value, 
     assert plot["infotexts"][1] == plain_job["infotexts"][0]
 
 
+OUTPAINTINGS = {"Outpainting mk2": [None, 16, 0, ["left"], 1.0, 0.05], "Poor man's outpainting": [16, 0, 1, ["right"]]}
+
+
+@pytest.mark.parametrize("script, args", OUTPAINTINGS.items(), ids=OUTPAINTINGS.keys())
+def test_an_img2img_jobs_unused_mask_fields_change_no_outpainting(client, script, args) -> None:
+    """An img2img job draws no mask: its mask fields do not change the mask an outpainting script draws."""
+    body = {**BASE, "mode": "img2img", "init_image": INIT, "strength": 0.6, "script_name": script, "script_args": args}
+    _, (plain,) = _drawn(client, body)
+    _, (masked,) = _drawn(client, {**body, "mask_blur": 6, "inpaint_fill": "latent noise", "inpaint_padding": 4,
+                                   "inpaint_only_masked": True, "invert_mask": True})
+    assert (masked == plain).all(), np.abs(masked.astype(int) - plain).max()
+
+
 def test_the_job_list_counts_only_listed_jobs(client) -> None:
     plain, _ = _drawn(client, {**BASE, "steps": 1})
     plot, _ = _drawn(client, {**BASE, "steps": 1, "script_name": "X/Y/Z plot", "script_args": [4, "1,1,1"]})

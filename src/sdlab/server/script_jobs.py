@@ -71,6 +71,9 @@ OWN_VALUES = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 DERIVED = frozenset({"hr_schedule", "hr_eta"})
 """Fields A1111's rules derive from others (a hires sampler's "Automatic" schedule and its eta): a cell takes them
 only where `SET_BY` says, the job's own rules deriving them from the fields the script changed."""
+MASK_FIELDS = ("mask_blur", "mask_blur_y", "invert_mask", "mask_round", "inpaint_fill", "inpaint_only_masked",
+               "inpaint_padding")
+"""How a mask draws: a job without a mask does not use its own, a script's mask draws with the script's."""
 
 
 def _check_script_fields(body: Any) -> None:
@@ -139,12 +142,14 @@ def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
     """The native job's request `job` with what a script changed: `base` is the job's A1111 request body and the
     request A1111's rules make of it, `cell` the script's request body and its request. A field the two
     requests differ in takes the cell's value (the conventions `AS_SENT` and the `DERIVED` fields excepted), and so
-    do those `SET_BY` names where the script set them and `OWN_VALUES` (the body's). Returns it and the fields
-    changed."""
+    do those `SET_BY` names where the script set them, `OWN_VALUES` (the body's) and, where the script gives a job
+    without a mask one, the `MASK_FIELDS`. Returns it and the fields changed."""
     (base_body, base_request), (body, request) = base, cell
     changed = {field.name: getattr(request, field.name) for field in dataclasses.fields(request)
                if field.name not in AS_SENT | DERIVED and field.name not in OWN_VALUES
                and _differs(getattr(request, field.name), getattr(base_request, field.name))}
+    if job.mask_image is None and request.mask_image is not None:
+        changed.update({name: getattr(request, name) for name in MASK_FIELDS})
     for name, fields in SET_BY.items():
         if getattr(body, name) != getattr(base_body, name):
             changed.update({field: getattr(request, field) for field in fields})
