@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import httpx
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 import sdlab
 import sdlab.api as sdlab_api
 from bundle_fixtures import tiny_bundle, write_original
-from server_fixtures import sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import picture, sdlab_server  # noqa: F401  (a session fixture)
 from sdlab.cli import main
 from sdlab.pipeline import prompt_loras
 from sdlab.pipeline.png_info import lora_hash, parse_parameters, read_parameters
@@ -138,8 +139,42 @@ def test_a1111_api_disable_extra_networks_takes_the_tags_out_unapplied(sdlab_ser
         plain = client.post("/txt2img", json={"prompt": "a cat  ", **fields})
         enabled = client.post("/txt2img", json={"prompt": "a cat <lora:nothere:1>", **fields})
     assert disabled.status_code == plain.status_code == 200, disabled.text
-    assert disabled.json()["images"] == plain.json()["images"]
+    assert _answer_pixels(disabled) == _answer_pixels(plain)
     assert enabled.status_code == 404 and "nothere" in enabled.text
+
+
+def test_a1111_api_disable_extra_networks_records_the_tags_as_sent(sdlab_server):
+    """A1111 1.10 takes the tags out of the prompts it draws only (`process_images_inner`:
+    `p.parse_extra_network_prompts()` strips `p.prompts` / `p.hr_prompts`; `disable_extra_networks` just skips
+    `extra_networks.activate`); the infotext is written after `p.prompts = p.all_prompts[...]` and `Processed.js`
+    answers `"prompt": self.all_prompts[0]`, both with the tags, and `init` sets
+    `extra_generation_params["Hires prompt"] = self.hr_prompt` when `tuple(self.hr_prompt) != tuple(self.prompt)`.
+    So the pictures are those of the prompts without their tags, and the record keeps the tags."""
+    fields = {"steps": 2, "seed": 3, "width": 64, "height": 64, "enable_hr": True, "hr_scale": 1.5,
+              "hr_upscaler": "Latent"}
+    prompt, hr_prompt = "a red apple <lora:style:1>", "sharp <lora:other:0.5>"
+    with httpx.Client(base_url=sdlab_server.url + "/sdapi/v1", timeout=120) as client:
+        disabled = client.post("/txt2img", json={"prompt": prompt, "hr_prompt": hr_prompt,
+                                                 "disable_extra_networks": True, **fields})
+        plain = client.post("/txt2img", json={"prompt": "a red apple ", "hr_prompt": "sharp ", **fields})
+        same = client.post("/txt2img", json={"prompt": prompt, "hr_prompt": prompt,
+                                             "disable_extra_networks": True, **fields})
+    assert disabled.status_code == plain.status_code == same.status_code == 200, disabled.text
+    assert _answer_pixels(disabled) == _answer_pixels(plain)
+    info = json.loads(disabled.json()["info"])
+    assert info["prompt"] == prompt and info["all_prompts"] == [prompt]
+    assert info["extra_generation_params"]["Hires prompt"] == hr_prompt
+    params = parse_parameters(info["infotexts"][0])
+    assert (params["Prompt"], params["Hires prompt"]) == (prompt, hr_prompt)
+    assert "Lora hashes" not in params
+    same_info = json.loads(same.json()["info"])
+    assert "Hires prompt" not in same_info["extra_generation_params"]
+    assert "Hires prompt" not in parse_parameters(same_info["infotexts"][0])
+
+
+def _answer_pixels(answer: httpx.Response) -> list[bytes]:
+    """The pixels of an A1111 answer's pictures (their parameters text left out)."""
+    return [picture(b64).tobytes() for b64 in answer.json()["images"]]
 
 
 def test_missing_or_non_lora_names_fail_before_drawing(model, tmp_path, monkeypatch):

@@ -52,7 +52,6 @@ from sdlab.pipeline.infotext import (
 from sdlab.pipeline.preprocess import (
     INPAINT_MODULES, PREPROCESSORS, RESOLUTION_SLIDER, THRESHOLD_SLIDERS, preprocess, processor_resolution,
 )
-from sdlab.pipeline.prompt_loras import without_extra_networks
 from sdlab.pipeline.prompt_syntax import PromptError, parse_weighted
 from sdlab.pipeline.styles import (
     INFOTEXT_STYLES, PROMPT_FIELDS, STYLES_ARRAY, StyleDatabase, infotext_styles, styled_options,
@@ -210,7 +209,8 @@ class Txt2ImgIn(NullsAreDefaults):
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)     # controlnet, A1111's own (`alwayson`)
     script_name: str | None = None          # a selectable script (`a1111_scripts`); none: the request alone
     script_args: list[Any] = Field(default_factory=list)   # its `Script.run` args; unset: [] (its defaults)
-    disable_extra_networks: bool = False    # True: the prompt's <kind:...> tags taken out, none applied
+    disable_extra_networks: bool = False    # True: the prompts' <kind:...> tags drawn as no text, none applied, but
+                                            # recorded (A1111's infotext and info keep them)
     infotext: str | None = None             # a parameters text: the fields left unset read from it (`_with_infotext`)
 
     @model_validator(mode="wrap")
@@ -291,16 +291,14 @@ def _check_init_count(body: Img2ImgIn, limits: Limits) -> None:
 def _hires_pass(body: Txt2ImgIn, sampler: str) -> dict[str, Any]:
     """The hires pass's own sampler, schedule and prompts of `body` as A1111 draws them (`sample_hr_pass`:
     `hr_sampler_name or sampler_name`; `hr_scheduler`, unset the request's `scheduler`, "Automatic" the hires
-    sampler's own: `KDiffusionSampler.get_sigmas`); its `disable_extra_networks` takes the hires prompt's tags out
-    too."""
+    sampler's own: `KDiffusionSampler.get_sigmas`)."""
     named = body.hr_sampler_name not in (None, "", "Use same sampler")
     scheduled = body.hr_scheduler not in (None, "", "Use same scheduler")
     hr_sampler, hr_schedule = sampler_and_schedule(body.hr_sampler_name if named else sampler,
                                                    body.hr_scheduler if scheduled else body.scheduler)
-    prompt = without_extra_networks(body.hr_prompt) if body.disable_extra_networks else body.hr_prompt
     return {"hr_sampler": hr_sampler if named else None,
             "hr_schedule": a1111_schedule(hr_sampler, hr_schedule) if named or scheduled else None,
-            "hr_prompt": prompt, "hr_negative_prompt": body.hr_negative_prompt}
+            "hr_prompt": body.hr_prompt, "hr_negative_prompt": body.hr_negative_prompt}
 
 
 def _styled(body: Txt2ImgIn, styles: StyleDatabase | None) -> Txt2ImgIn:
@@ -354,8 +352,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         if mask is not None:
             extra.update(mask_image=mask)
     return GenerationRequest(
-        prompt=without_extra_networks(body.prompt) if body.disable_extra_networks else body.prompt,
-        negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
+        prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps, sampler=sampler,
         schedule=schedule, cfg_scale=body.cfg_scale, seed=body.seed, width=body.width, height=body.height,
         batch_size=_batch_size(body, inits), control_convention="a1111", **_prompt_settings(settings),
         clip_skip=settings["CLIP_stop_at_last_layers"], clip_skip_convention="a1111", eta=_eta(body, settings, sampler),
@@ -506,13 +503,15 @@ def _given(body: Txt2ImgIn) -> set[str]:
 
 
 def _job_spec(service: Service, body: Txt2ImgIn, request: GenerationRequest) -> tuple[JobSpec, str | None]:
-    """The job of `request` (drawn from `body`) and the model it names (None: the selected one)."""
+    """The job of `request` (drawn from `body`) and the model it names (None: the selected one); its
+    `disable_extra_networks` draws the prompts without their tags, recorded with them (`JobSpec.extra_networks`)."""
     overrides = _drawable_overrides(service, body.override_settings)
     switch_at = REFINER_SWITCH if body.refiner_switch_at is None else body.refiner_switch_at
     spec = JobSpec(request, batch_count=body.n_iter, model_preset_fills=unset_preset_fields(_given(body), request),
                    unset_schedule=a1111_schedule(request.sampler, None),
                    **_vae_fields(_vae_choice(service, {**service.options, **overrides})),
-                   refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"))
+                   refiner=refiner_choice(body.refiner_checkpoint, switch_at, "a1111", "refiner_switch_at"),
+                   extra_networks=not body.disable_extra_networks)
     return spec, overrides.get("sd_model_checkpoint")
 
 

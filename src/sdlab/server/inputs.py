@@ -83,6 +83,10 @@ class JobSpec:
     loras: tuple[LoraChoice, ...] = ()
     refiner: RefinerChoice | None = None     # finishes the schedule (its name: the checkpoint's title once queued)
     prompt_to_record: str | None = None      # the prompt as written, LoRA tags included
+    extra_networks: bool = True              # False: A1111's disable_extra_networks: the prompts' <kind:...> tags
+                                             # drawn as no text, none looked up or applied, recorded as sent
+    hr_prompt_to_record: str = ""            # the hires prompt as written where it is drawn without its tags
+                                             # (`extra_networks` False; "": the prompt's)
     tag_loras: tuple[LoraRef, ...] = ()      # the LoRAs its tags merge, as the parameters name them
     hires_tag_loras: tuple[LoraRef, ...] = ()   # the LoRAs the hires prompt's tags merge in the second pass
     extra: dict[str, Any] = field(default_factory=dict)   # route-specific data (A1111's echo)
@@ -96,6 +100,16 @@ class JobSpec:
                                              # None: the checkpoint's own (`vae_files.VaeChoice`)
     styles: tuple[str, ...] = ()             # the prompt styles applied to the request's prompts, by name, and
     typed_prompts: dict[str, str] = field(default_factory=dict)   # those prompts as sent (`recorded`)
+    script_job: str | None = None            # the native script job this is a request of (its row tagged so)
+
+    def shown(self, request: GenerationRequest) -> GenerationRequest:
+        """`request`, drawn for this job, with the prompts its pictures and record show: those drawn, or where
+        they were drawn without their extra-network tags (`extra_networks` False) the prompts as written, as
+        A1111's infotext and `Processed` keep `all_prompts` and `hr_prompt` with the tags its `parse_prompts`
+        takes out of the prompts drawn."""
+        if self.extra_networks:
+            return request
+        return replace(request, prompt=self.prompt_to_record, hr_prompt=self.hr_prompt_to_record)
 
     def recorded(self, parameters: dict[str, Any]) -> dict[str, Any]:
         """The request's `parameters` as the job's record keeps them: with styles, the prompts as sent and the
@@ -140,6 +154,13 @@ def with_preset(request: GenerationRequest, name: str, mode: str, fields: Collec
     defaults; a sampler given other than the preset's runs without its eta. An unknown name is a `RequestError`."""
     options = get_preset(name).options(mode, None if "sampler" in fields else request.sampler)
     return replace(request, **{key: value for key, value in options.items() if key in fields})
+
+
+def spec_with_preset(spec: JobSpec, name: str, mode: str) -> JobSpec:
+    """`spec` with the request's preset `name` (`with_preset`) over the fields it leaves to the model's preset,
+    which then fills none (the request's preset wins over the model's)."""
+    return replace(spec, request=with_preset(spec.request, name, mode, spec.model_preset_fills),
+                   model_preset_fills=frozenset())
 
 
 class NullsAreDefaults(BaseModel):

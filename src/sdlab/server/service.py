@@ -10,7 +10,8 @@ from typing import Any
 from sdlab.api import shipped_model_path
 from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, tag_loras
-from sdlab.pipeline.prompt_loras import forget_read_loras
+from sdlab.pipeline.prompt_loras import forget_read_loras, without_extra_networks
+from sdlab.pipeline.prompt_syntax import strip_comments
 from sdlab.pipeline.request import GenerationRequest, RequestError, fixed_seed
 from sdlab.pipeline.styles import StyleDatabase
 from sdlab.pipeline.upscale import A1111_REALESRGAN_STEMS
@@ -130,9 +131,13 @@ class Service:
 
         try:
             merged = {c.name: c.weight for c in spec.loras}
-            drawn, to_record, tags = tag_loras(request.prompt, merged, tag_lora, hashes.get)
-            request = replace(request, hr_prompt=drawn_hires_prompt(request.hr_prompt, merged))
-            hires_tags = hires_tag_refs(request, tag_lora, hashes.get)
+            if spec.extra_networks:
+                drawn, to_record, tags = tag_loras(request.prompt, merged, tag_lora, hashes.get)
+                request = replace(request, hr_prompt=drawn_hires_prompt(request.hr_prompt, merged))
+                hires_tags, hr_to_record = hires_tag_refs(request, tag_lora, hashes.get), ""
+            else:                                       # A1111's disable_extra_networks
+                request, to_record, hr_to_record = _without_extra_networks(request)
+                drawn, tags, hires_tags = request.prompt, [], []
         except (ValueError, RequestError) as err:       # a bad tag, a file that is not a LoRA
             names = [(lora.path, lora.name) for lora in self.registry.loras]
             raise BadRequest(without_paths(str(err), names)) from None
@@ -148,12 +153,14 @@ class Service:
                                 upscaler=upscaler_file(request.hr_upscaler, self.upscalers),
                                 batch_count=spec.batch_count)
         spec = replace(spec, request=request, refiner=refiner, prompt_to_record=to_record, tag_loras=tuple(tags),
-                       hires_tag_loras=tuple(hires_tags))
+                       hires_tag_loras=tuple(hires_tags), hr_prompt_to_record=hr_to_record)
         settings = {"mode": mode, "model": checkpoint.title,
                     "loras": [{"name": c.name, "weight": c.weight} for c in spec.loras],
-                    **spec.recorded(request.parameters())}
+                    **spec.recorded(spec.shown(request).parameters())}
         if spec.batch_count > 1:
             settings["batch_count"] = spec.batch_count
+        if spec.script_job is not None:
+            settings["script_job"] = spec.script_job
         if spec.vae is not None or not spec.sidecar_vae:
             settings["vae"] = spec.vae or "None"
         if refiner is not None:
@@ -162,6 +169,18 @@ class Service:
         if request.controls:
             settings["controls"] = [_control_settings(c, request.control_convention) for c in request.controls]
         return spec, mode, checkpoint.title, settings
+
+
+def _without_extra_networks(request: GenerationRequest) -> tuple[GenerationRequest, str, str]:
+    """A1111's `disable_extra_networks` of `request`: (the request with its prompt and hires prompt drawn without
+    their comments and extra-network tags, none looked up or applied, the prompt and the hires prompt to record:
+    without their comments, tags kept). A hires prompt of tags alone draws as an empty one (" "), not as the
+    prompt; one that is the prompt once both are compared as drawn (whitespace collapsed) records none, as
+    A1111 writes `Hires prompt` only for one that differs."""
+    prompt, hr_prompt = strip_comments(request.prompt), strip_comments(request.hr_prompt or "")
+    drawn_hr = (without_extra_networks(hr_prompt) or " ") if hr_prompt else ""
+    recorded_hr = "" if hr_prompt.split() == prompt.split() else hr_prompt
+    return replace(request, prompt=without_extra_networks(prompt), hr_prompt=drawn_hr), prompt, recorded_hr
 
 
 def _control_settings(control: ControlInput, convention: str) -> dict[str, Any]:

@@ -329,7 +329,8 @@ class Runner:
         used = [(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(job.spec.request)]
 
         def parameters(result: GenerationResult) -> list[str]:
-            return [format_parameters(to_parameters(result.request, index=i, model_name=checkpoint.infotext_name,
+            shown = job.spec.shown(result.request)      # the prompts as written (A1111's disable_extra_networks)
+            return [format_parameters(to_parameters(shown, index=i, model_name=checkpoint.infotext_name,
                                                     model_hash=checkpoint.hash, loras=refs,
                                                     prompt=job.spec.prompt_to_record, embeddings=used,
                                                     refiner=_refiner_ref(refiner, choice) if result.refined else None,
@@ -339,7 +340,7 @@ class Runner:
         try:
             plan = _resolved(pipe, job.spec.request, upscaler)
             job.count_steps(plan)               # the steps it runs, as resolved: its progress and step events
-            job.settings = {**job.settings, **job.spec.recorded(plan.request.parameters())}
+            job.settings = {**job.settings, **job.spec.recorded(job.spec.shown(plan.request).parameters())}
             for result in _batches(pipe, job, plan.request, upscaler, progress, stop):
                 self._write_batch(job, result, parameters(result))
         except RequestError as err:        # a tagged LoRA's file: named as the server lists it, not by its path
@@ -484,4 +485,4 @@ def _take_model_defaults(job: Job, pipe: Pipeline) -> None:
     if request is spec.request:
         return
     job.spec = replace(spec, request=request, model_preset_fills=frozenset())
-    job.settings = {**job.settings, **job.spec.recorded(request.parameters())}
+    job.settings = {**job.settings, **job.spec.recorded(job.spec.shown(request).parameters())}
