@@ -163,6 +163,13 @@ def spec_with_preset(spec: JobSpec, name: str, mode: str) -> JobSpec:
                    model_preset_fills=frozenset())
 
 
+def spec_with_preset(spec: JobSpec, name: str, mode: str) -> JobSpec:
+    """`spec` with the request's preset `name` (`with_preset`) over the fields it leaves to the model's preset,
+    which then fills none (the request's preset wins over the model's)."""
+    return replace(spec, request=with_preset(spec.request, name, mode, spec.model_preset_fills),
+                   model_preset_fills=frozenset())
+
+
 class NullsAreDefaults(BaseModel):
     """A request body whose known fields that are null are left out, so they take their defaults: A1111 makes
     every request field optional (null = the default) and both APIs say null counts as unset. Unknown

@@ -37,7 +37,7 @@ from sdlab.server.a1111_scripts import selected_script
 from sdlab.server.controls import native_controls
 from sdlab.server.inputs import (
     BadRequest, JobSpec, LoraChoice, NullsAreDefaults, decode_base64, decode_image, opened_picture, refiner_choice,
-    schedule_name, unset_preset_fields, with_preset,
+    schedule_name, spec_with_preset, unset_preset_fields,
 )
 from sdlab.server.jobs import FINAL_STATES, Job, JobQueue, final_event, image_url
 from sdlab.server.picture_settings import picture_settings, unread_labels
@@ -308,20 +308,18 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     except RequestError as err:
         raise BadRequest(str(err), 422) from None
     unset = unset_preset_fields({key for key in body.model_fields_set if getattr(body, key) is not None}, generation)
-    if body.preset:                                     # over the model's preset (the worker applies that one)
-        try:
-            generation = with_preset(generation, body.preset, body.mode, unset)
-        except RequestError as err:
-            raise BadRequest(str(err), 422) from None
-        unset = frozenset()
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras),
                    batch_count=body.batch_count, model_preset_fills=unset, **_vae_fields(service, body.vae),
                    styles=tuple(body.styles), typed_prompts={key: getattr(body, key) for key in PROMPT_FIELDS},
                    refiner=refiner_choice(body.refiner, body.refiner_switch, body.refiner_convention, "refiner_switch"))
+    try:                                                # over the model's preset (the worker applies that one)
+        preset = spec_with_preset(spec, body.preset, body.mode) if body.preset else spec
+    except RequestError as err:
+        raise BadRequest(str(err), 422) from None
     script = selected_script(body.script_name, "txt2img" if body.mode == "txt2img" else "img2img")
-    if script is not None:
+    if script is not None:                              # each request takes the preset (`ScriptJob.job_of`)
         return anyio.from_thread.run(script_jobs.start, service, body, spec, script)
-    job, position = service.submit(spec, body.mode, body.model)
+    job, position = service.submit(preset, body.mode, body.model)
     return {"id": job.id, "status": job.status, "position": position}
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from sdlab.pipeline.png_info import save_png_atomic
 from sdlab.pipeline.request import DEFAULT_HR_DENOISE, MASKED_CONTENT, RESIZE_MODES, GenerationRequest
 from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, SelectableScript, axis_types, script_args, sdlab_field
-from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice
+from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice, spec_with_preset
 from sdlab.server.jobs import Job, QueueFull, Unavailable
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR, StoreError
@@ -248,13 +248,16 @@ class ScriptJob:
 
     def job_of(self, body: Any, spec: JobSpec, model: str | None) -> tuple[JobSpec, str | None]:
         """The job of a script's request `body` (`spec` and `model` A1111's rules make of it): the native job
-        (`self.spec`) with what the script changed in the A1111 request (`cell_request`), the model, VAE,
-        refiner and batch count it changed, so that it draws as the plain job with those changes."""
+        (`self.spec`, its preset not yet applied) with what the script changed in the A1111 request
+        (`cell_request`), then the job's preset over the fields left unset, the model, VAE, refiner and batch
+        count it changed, so that it draws as the plain job with those changes."""
         assert self.base is not None
         base, base_model = self.base
         request, changed = cell_request(self.spec.request, (self.body, base.request), (body, spec.request))
         job = dataclasses.replace(self.spec, request=request,
                                   model_preset_fills=self.spec.model_preset_fills - changed)
+        if self.sent.preset:
+            job = spec_with_preset(job, self.sent.preset, self.sent.mode)
         own = {name: getattr(spec, name) for name in ("batch_count", "sidecar_vae", "vae")
                if getattr(spec, name) != getattr(base, name)}
         if spec.refiner != base.refiner:        # under the job's refiner convention
@@ -321,9 +324,9 @@ class ScriptJob:
 
 
 async def start(service: Service, body: Any, spec: JobSpec, script: SelectableScript) -> dict[str, Any]:
-    """Start the script of the native job `body` (`spec` its request checked as a plain job's); answered once its
-    first request is queued: a refusal before that (a bad script argument, a cell the route refuses) is the
-    submission's own error."""
+    """Start the script of the native job `body` (`spec` its request checked as a plain job's, its `preset` left to
+    each request, `ScriptJob.job_of`); answered once its first request is queued: a refusal before that (a bad
+    script argument, a cell the route refuses) is the submission's own error."""
     model = service.checkpoint(body.model).title
     mode = "txt2img" if body.mode == "txt2img" else "img2img"
     job = Job(id=uuid.uuid4().hex, mode=body.mode, model=model, spec=spec, created=time.time(),
