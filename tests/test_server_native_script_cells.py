@@ -131,6 +131,19 @@ def test_an_img2img_jobs_unused_mask_fields_change_no_outpainting(client, script
     assert (masked == plain).all(), np.abs(masked.astype(int) - plain).max()
 
 
+def test_a_waiting_script_jobs_requests_are_not_listed(client) -> None:
+    """A script's request's row is tagged as it is written: while the request waits, its script job alone is
+    listed."""
+    long = _running(client, {**BASE, "steps": 60})
+    plot = client.post("/api/jobs", json={**BASE, "steps": 1, "script_name": "X/Y/Z plot", "script_args": [4, "1,1"]})
+    try:
+        assert [job["id"] for job in client.get("/api/jobs", params={"limit": 3}).json()["jobs"][:2]] == [
+            plot.json()["id"], long]
+    finally:
+        client.delete(f"/api/jobs/{long}")
+        _finished(client, plot.json()["id"])
+
+
 def test_the_job_list_counts_only_listed_jobs(client) -> None:
     plain, _ = _drawn(client, {**BASE, "steps": 1})
     plot, _ = _drawn(client, {**BASE, "steps": 1, "script_name": "X/Y/Z plot", "script_args": [4, "1,1,1"]})

@@ -101,6 +101,7 @@ class JobSpec:
     styles: tuple[str, ...] = ()             # the prompt styles applied to the request's prompts, by name, and
     typed_prompts: dict[str, str] = field(default_factory=dict)   # those prompts as sent (`recorded`)
     script_job: str | None = None            # the native script job this is a request of (its row tagged so)
+    script_job: str | None = None            # the native script job this is a request of (its row tagged so)
 
     def shown(self, request: GenerationRequest) -> GenerationRequest:
         """`request`, drawn for this job, with the prompts its pictures and record show: those drawn, or where

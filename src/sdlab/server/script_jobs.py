@@ -212,10 +212,9 @@ class ScriptJob:
     # -- the script's run
 
     def on_job(self, run: ScriptRun, job: Job) -> None:
-        """A request's job is queued: tag it as this job's, follow its events."""
+        """A request's job (tagged as this job's, `job_of`) is queued: follow its events."""
         self.run, self.current = run, job
         self.requests.append(job)
-        job.settings = {**job.settings, "script_job": self.job.id}      # a new dict: the worker may be writing it
         if self.queued is not None and not self.queued.done():
             self.job.settings = {**self.job.settings, "seed": job.settings.get("seed", self.job.settings.get("seed"))}
             self.queued.set_result(self.service.queue.position(job))
@@ -250,12 +249,13 @@ class ScriptJob:
         """The job of a script's request `body` (`spec` and `model` A1111's rules make of it): the native job
         (`self.spec`, its preset not yet applied) with what the script changed in the A1111 request
         (`cell_request`), then the job's preset over the fields left unset, the model, VAE, refiner and batch
-        count it changed, so that it draws as the plain job with those changes."""
+        count it changed, so that it draws as the plain job with those changes; its row tagged as this job's
+        (`GET /api/jobs` leaves it out)."""
         assert self.base is not None
         base, base_model = self.base
         request, changed = cell_request(self.spec.request, (self.body, base.request), (body, spec.request))
         job = dataclasses.replace(self.spec, request=request,
-                                  model_preset_fills=self.spec.model_preset_fills - changed)
+                                  model_preset_fills=self.spec.model_preset_fills - changed, script_job=self.job.id)
         if self.sent.preset:
             job = spec_with_preset(job, self.sent.preset, self.sent.mode)
         own = {name: getattr(spec, name) for name in ("batch_count", "sidecar_vae", "vae")
