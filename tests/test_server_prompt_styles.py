@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import sqlite3
 import time
 
 import httpx
@@ -165,6 +166,28 @@ def test_native_jobs_take_styles(served, styles) -> None:
     # the record: the prompts as sent and the styles, which draw the job again (a Reuse restores both)
     request = record["request"]
     assert (request["prompt"], request["negative_prompt"], request["styles"]) == ("a red apple", "ugly", ["cinematic"])
+
+
+def test_a_styled_script_jobs_requests_record_their_cells_prompts_and_styles(served, styles) -> None:
+    """Each request of a native script job on a styled job records the prompts its cell sent (Prompt S/R's) and
+    its styles (a Styles axis's added), which style to the prompt its picture was drawn with."""
+    server, _ = served
+    args = [7, "apple,pear", [], 30, "sharp", [], 0, "", [], False, True, False, False, False, False, False, 0, True]
+    with httpx.Client(base_url=server.url, timeout=300) as api:
+        answer = api.post("/api/jobs", json={"prompt": "a red apple", "steps": 1, "seed": 7, "width": 64,
+                                             "height": 64, "styles": ["ink"], "script_name": "X/Y/Z plot",
+                                             "script_args": args})
+        assert answer.status_code == 202, answer.text
+        plot = wait_for_job(api, answer.json()["id"])
+    assert plot["status"] == "done", plot
+    with sqlite3.connect(server.output_dir / "sdlab-server.sqlite") as db:
+        rows = db.execute("SELECT request FROM jobs WHERE json_extract(request, '$.script_job') = ? "
+                          "ORDER BY created, rowid", (plot["id"],)).fetchall()
+    records = [json.loads(row) for row, in rows]
+    assert [(r["prompt"], r["styles"]) for r in records] == [("a red apple", ["ink", "sharp"]),
+                                                             ("a red pear", ["ink", "sharp"])]
+    assert [styles.apply(r["prompt"], r["styles"]) for r in records] == [
+        text.splitlines()[0] for text in plot["infotexts"][1:]]
 
 
 def test_native_parameters_take_the_styles_out_as_png_info(served, client, styles) -> None:

@@ -22,6 +22,7 @@ from PIL import Image
 
 from sdlab.pipeline.png_info import save_png_atomic
 from sdlab.pipeline.request import DEFAULT_HR_DENOISE, MASKED_CONTENT, RESIZE_MODES, GenerationRequest
+from sdlab.pipeline.styles import PROMPT_FIELDS
 from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, SelectableScript, axis_types, script_args, sdlab_field
 from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice, spec_with_preset
 from sdlab.server.jobs import Job, QueueFull, Unavailable
@@ -249,13 +250,14 @@ class ScriptJob:
         """The job of a script's request `body` (`spec` and `model` A1111's rules make of it): the native job
         (`self.spec`, its preset not yet applied) with what the script changed in the A1111 request
         (`cell_request`), then the job's preset over the fields left unset, the model, VAE, refiner and batch
-        count it changed, so that it draws as the plain job with those changes; its row tagged as this job's
-        (`GET /api/jobs` leaves it out)."""
+        count it changed, so that it draws as the plain job with those changes; its styles and prompts as sent
+        those of `body` (`JobSpec.recorded`), its row tagged as this job's (`GET /api/jobs` leaves it out)."""
         assert self.base is not None
         base, base_model = self.base
         request, changed = cell_request(self.spec.request, (self.body, base.request), (body, spec.request))
-        job = dataclasses.replace(self.spec, request=request,
-                                  model_preset_fills=self.spec.model_preset_fills - changed, script_job=self.job.id)
+        typed = {key: getattr(body, key) for key in PROMPT_FIELDS if hasattr(body, key)}
+        job = dataclasses.replace(self.spec, request=request, model_preset_fills=self.spec.model_preset_fills - changed,
+                                  styles=tuple(body.styles), typed_prompts=typed, script_job=self.job.id)
         if self.sent.preset:
             job = spec_with_preset(job, self.sent.preset, self.sent.mode)
         own = {name: getattr(spec, name) for name in ("batch_count", "sidecar_vae", "vae")
