@@ -101,7 +101,6 @@ class JobSpec:
     styles: tuple[str, ...] = ()             # the prompt styles applied to the request's prompts, by name, and
     typed_prompts: dict[str, str] = field(default_factory=dict)   # those prompts as sent (`recorded`)
     script_job: str | None = None            # the native script job this is a request of (its row tagged so)
-    script_job: str | None = None            # the native script job this is a request of (its row tagged so)
 
     def shown(self, request: GenerationRequest) -> GenerationRequest:
         """`request`, drawn for this job, with the prompts its pictures and record show: those drawn, or where
@@ -155,13 +154,6 @@ def with_preset(request: GenerationRequest, name: str, mode: str, fields: Collec
     defaults; a sampler given other than the preset's runs without its eta. An unknown name is a `RequestError`."""
     options = get_preset(name).options(mode, None if "sampler" in fields else request.sampler)
     return replace(request, **{key: value for key, value in options.items() if key in fields})
-
-
-def spec_with_preset(spec: JobSpec, name: str, mode: str) -> JobSpec:
-    """`spec` with the request's preset `name` (`with_preset`) over the fields it leaves to the model's preset,
-    which then fills none (the request's preset wins over the model's)."""
-    return replace(spec, request=with_preset(spec.request, name, mode, spec.model_preset_fills),
-                   model_preset_fills=frozenset())
 
 
 def spec_with_preset(spec: JobSpec, name: str, mode: str) -> JobSpec:

@@ -161,8 +161,6 @@ class Service:
             settings["batch_count"] = spec.batch_count
         if spec.script_job is not None:
             settings["script_job"] = spec.script_job
-        if spec.script_job is not None:
-            settings["script_job"] = spec.script_job
         if spec.vae is not None or not spec.sidecar_vae:
             settings["vae"] = spec.vae or "None"
         if refiner is not None:
