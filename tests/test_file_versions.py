@@ -130,3 +130,32 @@ def test_get_embeddings_and_the_worker_read_an_embedding_file_once_between_them(
     job.join(10)
     assert waited and reads == ["get-embeddings"]
     assert host._embeddings_version == host._embedding_files()
+
+
+def test_get_embeddings_while_a_model_loads_never_pairs_it_with_the_old_models_embeddings(tmp_path):
+    """GET embeddings (`listed_embeddings`) at the moment a newly loaded model is set, before its embeddings are
+    installed: it lists the folder's for the new model, not the new model's none under the old model's version."""
+    from sdlab.server.registry import ModelRegistry
+    from sdlab.server.worker import ModelHost
+
+    model = tmp_path / "Stable-diffusion" / "model.safetensors"
+    model.parent.mkdir()
+    write_original(tiny_bundle("sd1", seed=4), model, junk=False)
+    folder = tmp_path / "embeddings"
+    folder.mkdir()
+    torch.save({"string_to_param": {"*": torch.randn(2, 64)}, "name": "zqload"}, folder / "zqload.pt")
+    listed_at_load = []
+
+    class ListingHost(ModelHost):
+        def __setattr__(self, name, value):
+            super().__setattr__(name, value)
+            if name == "pipe" and value is not None:
+                listed_at_load.append([e.name for e in self.listed_embeddings().loaded])
+
+    registry = ModelRegistry(model, tmp_path, tmp_path / "VAE")
+    host = ListingHost(registry, "cpu", embeddings_dir=folder)
+    assert [e.name for e in host.pipeline(registry.default).embeddings] == ["zqload"]
+    listed_at_load.clear()
+    write_original(tiny_bundle("sd1", seed=5), model, junk=False)            # loaded again: a new model
+    assert [e.name for e in host.pipeline(registry.default).embeddings] == ["zqload"]
+    assert listed_at_load and all(names == ["zqload"] for names in listed_at_load)

@@ -114,6 +114,7 @@ class ModelHost:
         drawn_vae = (*vae_key, _vae_version(checkpoint.path, vae_key))     # a VAE file replaced: read again
         if key != self._key or self.pipe is None:
             with self._loading():
+                self._embeddings_version = None                 # before the model: never the new one's
                 self.pipe, self._key = None, None
                 self._refiner, self._refiner_key = None, None       # loaded for the base let go (`_loaded_refiner`)
                 trim()                                  # the model let go: its memory back to the system
@@ -123,7 +124,6 @@ class ModelHost:
                             vae=vae_key[0], sidecar_vae=vae_key[1])
                 previewer = LatentPreviewer.for_bundle(pipe.bundle)
                 self.pipe, self.previewer, self._key, self._vae_key = pipe, previewer, key, drawn_vae
-                self._embeddings_version = None                 # installed next (`_fresh_embeddings`)
                 self.timings["load_s"] = time.perf_counter() - started
         elif drawn_vae != self._vae_key:
             with self._loading():
@@ -168,7 +168,8 @@ class ModelHost:
     def listed_embeddings(self) -> FoundEmbeddings:
         """What the next job draws with: the loaded model's embeddings, or the folders' when they changed since
         they were installed (the next job installs them); nothing without a loaded model. The version is read
-        before the model: `_fresh_embeddings` sets the model first, so a version it installed comes with its model."""
+        before the model: `_fresh_embeddings` sets the model first, so a version it installed comes with its model,
+        and `pipeline` clears it before it lets the model go, so a newly loaded one never comes with the old's."""
         version, pipe = self._embeddings_version, self.pipe
         if pipe is None:
             return FoundEmbeddings([], [])
