@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import time
 
 import httpx
@@ -82,6 +83,24 @@ def test_loopback_job_draws_the_a1111_routes_pictures(client) -> None:
     assert len(pictures) == len(reference) == 3                     # the loops' grid, then each loop's picture
     for ours, theirs in zip(pictures, reference):
         assert (ours == theirs).all()
+
+
+def test_an_sd_upscale_jobs_picture_carries_the_first_batchs_text_and_names_its_script(client) -> None:
+    """A native SD upscale job's picture is a file with the first batch's text and the script's fields, as A1111
+    saves it (`initial_info`; the API answer's picture has none): dropped, it selects SD upscale again."""
+    init = b64_png(Image.new("RGB", (48, 48), (200, 80, 40)))
+    args = [None, 16, "Lanczos", 2]
+    job = _finished(client, _submitted(client, {**NATIVE, "mode": "img2img", "init_image": init, "strength": 0.3,
+                                                "script_name": "SD upscale", "script_args": args})["id"])
+    assert job["status"] == "done", job
+    answer = client.post("/sdapi/v1/img2img", json={**A1111, "init_images": [init], "denoising_strength": 0.3,
+                                                    "script_name": "sd upscale", "script_args": args})
+    (ours,), (theirs,) = _job_pictures(client, job), _a1111_pictures(answer)
+    assert (ours == theirs).all()
+    assert job["infotexts"] == json.loads(answer.json()["info"])["infotexts"]
+    read = _read(client, base64.b64encode(client.get(job["images"][0]).content).decode())
+    assert (read["settings"]["script_name"], read["settings"]["script_args"]) == ("SD upscale",
+                                                                                 [None, 16, "Lanczos", None])
 
 
 @pytest.mark.parametrize("body, said", [

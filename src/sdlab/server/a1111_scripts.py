@@ -125,6 +125,7 @@ class ScriptHost:
     restore_model: Callable[[], Awaitable[None]]
     """the selected model loaded again with the options' VAE, as before a script that drew with others (A1111's
     X/Y/Z plot `SharedSettingsStackHelper`); a failure is logged"""
+    files: bool = False     # `encode` keeps the pictures as a job's files (a native script job's), as A1111 saves them
 
 
 @dataclass(frozen=True)
@@ -896,14 +897,15 @@ async def run_sd_upscale(host: ScriptHost, body: Any, mode: str) -> dict[str, An
 def answer_sd_upscale(host: ScriptHost, body: Any, grid: TileGrid, batches: list[TileBatch], fields: dict[str, Any],
                       drawn: list[Drawn | None]) -> dict[str, Any]:
     """A1111's answer: `images` every upscale's picture put together from its drawn tiles (black for tiles not
-    drawn after an interrupt), without parameters (A1111's new picture has none); `info` the last batch's with
-    the request's seed and the first batch's text (`_script_info`)."""
+    drawn after an interrupt), without parameters (A1111's new picture has none), as files (`host.files`) with
+    the first batch's text, as A1111 saves them (`initial_info`); `info` the last batch's with the request's seed
+    and that text (`_script_info`)."""
     pictures = [None if cell is None else [_picture(cell, i) for i in range(len(cell.pictures))] for cell in drawn]
     combined = combined_pictures(grid, batches, pictures)
     last = max(i for i, cell in enumerate(drawn) if cell is not None)
     first = next(cell for cell in drawn if cell is not None)
     info = _script_info(first, drawn[last], fields, seed=batches[0].seed, batch_size=batches[last].batch_size)
-    images = [host.encode(picture, None) for picture in combined]
+    images = [host.encode(picture, info["infotexts"][0] if host.files else None) for picture in combined]
     return {"images": images if body.send_images else [], "parameters": host.echo(body), "info": json.dumps(info)}
 
 

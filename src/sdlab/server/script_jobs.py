@@ -284,7 +284,7 @@ class ScriptJob:
         from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
         prepare = a1111._txt2img_request if mode == "txt2img" else a1111._img2img_request
         host = dataclasses.replace(a1111._script_host(self.service, prepare, self.on_job, self.job_of),
-                                   encode=self.keep_picture)
+                                   encode=self.keep_picture, files=True)
         status, error = "done", None
         try:
             _, request = await prepare(self.service, self.body)
