@@ -382,7 +382,7 @@ def test_grid_styles_axis_adds_to_the_given_styles(files, tmp_path) -> None:
 def test_grid_styles_axis_of_an_unknown_style_is_an_error(files, tmp_path) -> None:
     run = sdlab(tmp_path, "grid", "a cat", "--x", "Styles=cinematic,nope", "--out", "grid.png")
     assert run.returncode != 0 and not (tmp_path / "grid.png").exists()
-    assert "the Styles axis names 'nope', which no --styles-file has" in run.stderr and "Traceback" not in run.stderr
+    assert "a Styles axis's) name 'nope', which no --styles-file has" in run.stderr and "Traceback" not in run.stderr
 
 
 def _recording_run(requests: list):
@@ -409,10 +409,21 @@ def test_draw_plot_draws_a_styles_axis_with_the_styles_given(files) -> None:
     assert [(r.prompt, r.negative_prompt) for r in requests] == [
         (styles.apply("a cat", names), styles.apply_negative("ugly", names))
         for names in (["ink", "cinematic"], ["ink", "plain", "extra"])]
-    with pytest.raises(GridError, match=r"names the prompt styles 'cinematic', 'plain', 'extra': give the styles"):
+    with pytest.raises(GridError, match=r"name the prompt styles 'cinematic', 'plain', 'extra': give the styles"):
         draw_plot(_recording_run([]), {"prompt": "a cat"}, plot)
-    with pytest.raises(GridError, match=r"names 'nope', which `styles` lacks; styles: 'cinematic'"):
+    with pytest.raises(GridError, match=r"name 'nope', which `styles` lacks; styles: 'cinematic'"):
         draw_plot(_recording_run([]), {"prompt": "a cat"}, Plot(parse_axis("Styles=nope")), styles=styles)
     plain: list = []
     draw_plot(_recording_run(plain), {"prompt": "a cat", "seed": 1}, Plot(parse_axis("steps=1,2")))
     assert [r.prompt for r in plain] == ["a cat", "a cat"]          # no styles: the prompts as given
+
+
+def test_draw_plot_names_the_options_styles_as_the_cells_not_a_styles_axis() -> None:
+    """The options' own styles with no `styles=`: the GridError names the cells' styles, not a Styles axis the
+    plot does not have."""
+    from sdlab.pipeline.grid import GridError, Plot, draw_plot, parse_axis
+
+    with pytest.raises(GridError) as raised:
+        draw_plot(_recording_run([]), {"prompt": "a cat", "styles": ["ink"]}, Plot(parse_axis("steps=1,2")))
+    assert str(raised.value).startswith("the cells' styles (the options', then a Styles axis's) name the prompt "
+                                        "styles 'ink': give the styles")

@@ -577,12 +577,13 @@ def styled_cells(cells: list[tuple[Index, dict[str, Any]]], styles: StyleDatabas
     the axes have set them, as A1111's `setup_prompts` (`styles.styled_options`). A name `styles` lacks is a
     GridError saying it `missing`; styles named with no `styles` given, one saying to give them."""
     names = [name for _, cell in cells for name in cell.get("styles", ())]
+    named = "the cells' styles (the options', then a Styles axis's)"
     if names and styles is None:
-        raise GridError(f"the Styles axis names the prompt styles {', '.join(map(repr, dict.fromkeys(names)))}: "
+        raise GridError(f"{named} name the prompt styles {', '.join(map(repr, dict.fromkeys(names)))}: "
                         "give the styles to draw them with (styles=StyleDatabase.load(['styles.csv']))")
     styles = styles or StyleDatabase()
     if unknown := styles.unknown(names):
-        raise GridError(f"the Styles axis names {unknown[0]!r}, which {missing}; styles: "
+        raise GridError(f"{named} name {unknown[0]!r}, which {missing}; styles: "
                         f"{', '.join(map(repr, styles.styles)) or 'none'}")
     return [(index, styled_options(cell, styles)) for index, cell in cells]
 
