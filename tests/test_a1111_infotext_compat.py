@@ -29,6 +29,7 @@ from sdlab.pipeline.infotext import (
 from sdlab.pipeline.plan import handoff_index, make_plan
 from sdlab.pipeline.png_info import format_parameters, parse_parameters
 from sdlab.pipeline.request import GenerationRequest
+from sdlab.pipeline.styles import StyleDatabase
 from sdlab.server.a1111 import PngInfoIn, a1111_parameters, png_info
 from sdlab.server.config import Limits
 
@@ -316,7 +317,7 @@ def png_info_of(image: Image.Image, chunks: dict[str, str]) -> dict:
         info.add_text(key, text)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
-    service = SimpleNamespace(config=SimpleNamespace(limits=Limits()))        # png-info reads only the limits
+    service = SimpleNamespace(config=SimpleNamespace(limits=Limits()), styles=StyleDatabase(), options={})  # what png-info reads
     request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(service=service)))
     return png_info(PngInfoIn(image=base64.b64encode(buffer.getvalue()).decode()), request)
 

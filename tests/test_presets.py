@@ -19,6 +19,7 @@ from sdlab.diffusion.samplers import get_sampler
 from sdlab.pipeline.png_info import parse_parameters, read_parameters
 from sdlab.pipeline.presets import PRESETS, apply_preset, get_preset, preset_names
 from sdlab.pipeline.request import RequestError
+from sdlab.pipeline.styles import StyleDatabase
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -103,7 +104,7 @@ def _native_job(body: dict):
     from sdlab.server.native import JobIn, create_job
 
     queued = []
-    service = SimpleNamespace(config=SimpleNamespace(limits=Limits()), controlnets=None,
+    service = SimpleNamespace(config=SimpleNamespace(limits=Limits()), controlnets=None, styles=StyleDatabase(),
                               submit=lambda spec, mode, model: queued.append(spec) or (SimpleNamespace(id="1", status="queued"), 0))
     create_job(JobIn(**body), SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(service=service))))
     return queued[0].request

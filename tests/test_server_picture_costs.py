@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image, PngImagePlugin
 
+from sdlab.pipeline.styles import StyleDatabase
 from sdlab.server import a1111, native
 from sdlab.server.config import Limits
 from sdlab.server.controls import CONTROLNET_UNIT_COUNT, a1111_controls
@@ -29,7 +30,7 @@ def _png_b64(width: int, height: int, parameters: str | None = None) -> str:
 
 
 def _service(limits: Limits) -> SimpleNamespace:
-    return SimpleNamespace(config=SimpleNamespace(limits=limits), options={}, controlnets=None)
+    return SimpleNamespace(config=SimpleNamespace(limits=limits), options={}, controlnets=None, styles=StyleDatabase())
 
 
 @pytest.fixture

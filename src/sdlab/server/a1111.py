@@ -1912,8 +1912,8 @@ def png_info(body: PngInfoIn, request: Request) -> dict[str, Any]:
     if items.get("Software") == "NovelAI":
         text = _novelai_text(items, size) or text
     service = service_of(request)
-    return {"info": text, "items": items,
-            "parameters": a1111_parameters(text, service.styles, _options(service)["infotext_styles"])}
+    found = service.options.get("infotext_styles", OPTION_DEFAULTS["infotext_styles"])    # options alone: no model
+    return {"info": text, "items": items, "parameters": a1111_parameters(text, service.styles, found)}
 
 
 def _novelai_text(items: dict[str, str], size: tuple[int, int]) -> str | None:
