@@ -217,7 +217,8 @@ def _host(tmp_path: Path, drawn: list, restored: list) -> ScriptHost:
     return ScriptHost(draw, None, lambda image, text: text, lambda body: {}, return_grid=True, upscalers=list,
                       listed_upscaler=str, upscaled=None, init_pictures=None, max_images=100,
                       checkpoint_title=lambda name: {"a": "a.safetensors [1]", "b": "b.safetensors [2]"}.get(name),
-                      vae_names=lambda: ["blue.safetensors"], restore_model=restore_model)
+                      vae_names=lambda: ["blue.safetensors"], restore_model=restore_model,
+                      queued=lambda: bool(drawn))
 
 
 def test_the_checkpoint_axis_is_drawn_outermost_and_the_selected_model_loaded_again(tmp_path) -> None:
@@ -271,6 +272,31 @@ def test_a_plot_refused_at_a_cell_loads_no_model(tmp_path) -> None:
     with pytest.raises(BadRequest, match="steps must be at most 150"):
         asyncio.run(run_xyz_plot(host, body, "txt2img"))
     assert restored == []
+
+
+@pytest.mark.parametrize("error", ["QueueFull", "Unavailable"])
+def test_a_plot_that_fails_after_a_cell_was_queued_loads_the_selected_model_again(tmp_path, error) -> None:
+    """A later cell's full queue or the server stopping, after a first cell's job loaded checkpoint a: A1111's
+    `SharedSettingsStackHelper.__exit__` restores on the exception too, so the selected model is loaded again and
+    the error stands."""
+    from dataclasses import replace
+
+    from sdlab.server.a1111 import Txt2ImgIn
+    from sdlab.server.jobs import QueueFull, Unavailable
+
+    failure = QueueFull("the queue is full") if error == "QueueFull" else Unavailable("the server is stopping")
+
+    async def fails_at_the_second(bodies, labels, keep_going, pictures=None, seeds=None):
+        drawn.append(bodies[0])
+        raise failure
+
+    drawn, restored = [], []
+    host = replace(_host(tmp_path, drawn, restored), draw=fails_at_the_second)
+    body = Txt2ImgIn(**{**BASE, "script_name": "x/y/z plot",
+                        "script_args": xyz_args(x_type=index_of("Checkpoint name"), x_values="a,b", csv_mode=True)})
+    with pytest.raises(type(failure)):
+        asyncio.run(run_xyz_plot(host, body, "txt2img"))
+    assert restored == [1]
 
 
 def test_a_model_that_fails_to_load_after_the_plot_is_logged(monkeypatch, caplog) -> None:

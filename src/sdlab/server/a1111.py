@@ -538,6 +538,7 @@ async def _drawn_job(service: Service, body: Txt2ImgIn, mode: str, request: Gene
         raise _a1111_refusal(err) from None
     if run is not None:
         run.job = job
+        run.queued += 1
         if run.on_job is not None:
             run.on_job(run, job)
     if kept:                            # A1111's `process_images` restores them only when asked to
@@ -596,6 +597,7 @@ class ScriptRun:
     drawn: int = 0
     job: Job | None = None
     interrupted: bool = False
+    queued: int = 0                         # the requests that got a job
     on_job: Callable[[ScriptRun, Job], None] | None = None     # told of each request's job as it is queued
     job_of: ScriptJobOf | None = None       # each request's job in place of the route's (`_script_host`)
 
@@ -624,10 +626,13 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
     async def check(bodies: list[Txt2ImgIn], labels: list[str]) -> None:
         await checked(bodies, labels)
 
+    runs: list[ScriptRun] = []
+
     async def drawn(bodies: list[Txt2ImgIn], labels: list[str], keep_going: bool,
                     pictures: ScriptPictures | None = None, seeds: ScriptSeeds | None = None) -> list[Drawn | None]:
         mode, requests = await checked(bodies, labels)
         run = ScriptRun([_a1111_job_count(spec) for spec, _ in requests], on_job=on_job, job_of=job_of)
+        runs.append(run)
         service.script_runs.append(run)
         try:
             return await _script_drawn(service, run, bodies, mode, [request for _, request in requests], keep_going,
@@ -660,7 +665,8 @@ def _script_host(service: Service, prepare: Callable[[Service, Any], Any],
                       upscalers=lambda: upscaler_names(service),
                       listed_upscaler=listed_upscaler, upscaled=upscaled, init_pictures=init_pictures,
                       max_images=service.config.limits.max_images, checkpoint_title=checkpoint_title,
-                      vae_names=service.registry.vaes.names, restore_model=restore_model)
+                      vae_names=service.registry.vaes.names, restore_model=restore_model,
+                      queued=lambda: any(run.queued for run in runs))
 
 
 def _check_script_pictures(specs: list[JobSpec], limits: Limits) -> None:

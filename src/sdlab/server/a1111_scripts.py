@@ -125,6 +125,8 @@ class ScriptHost:
     restore_model: Callable[[], Awaitable[None]]
     """the selected model loaded again with the options' VAE, as before a script that drew with others (A1111's
     X/Y/Z plot `SharedSettingsStackHelper`); a failure is logged"""
+    queued: Callable[[], bool]
+    """whether a request of `draw` got a job (which may have loaded another model) by now"""
     files: bool = False     # `encode` keeps the pictures as a job's files (a native script job's), as A1111 saves them
 
 
@@ -414,8 +416,9 @@ async def run_xyz_plot(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]
     """A1111 1.10's X/Y/Z plot: the axes and cells checked, every cell drawn in turn (at batch size 1 with the
     `return_grid` option off) in A1111's order (`Plot.drawing_order`: a Checkpoint name axis outermost, so that the
     model changes least; the server holds one model at a time), the selected model loaded again after a Checkpoint
-    name, VAE or Refiner checkpoint axis once the cells are drawn (a plot refused before its first job loads
-    nothing), then answered as its `Script.run` returns (`answer_xyz_plot`)."""
+    name, VAE or Refiner checkpoint axis once the cells are drawn, or once a later cell failed (a full queue, the
+    server stopping), as A1111's `SharedSettingsStackHelper` restores on an exception too (a plot refused before
+    its first job loads nothing), then answered as its `Script.run` returns (`answer_xyz_plot`)."""
     args = xyz_args(body.script_args)
     plot = xyz_plot(args, mode)
     plot = replace(plot, **{letter: _served_axis(axis, host) for letter, axis in plot.axes()})
@@ -423,9 +426,11 @@ async def run_xyz_plot(host: ScriptHost, body: Any, mode: str) -> dict[str, Any]
     cells = dict(cell_bodies(drawn_body, plot, args, mode))
     order = plot.drawing_order()
     labels = [f"x/y/z plot cell {', '.join(plot.labels(index)) or index}" for index in order]
-    drawn = dict(zip(order, await host.draw([cells[index] for index in order], labels, True)))
-    if any(axis.field.name in RESTORED_FIELDS for _, axis in plot.axes()):
-        await host.restore_model()
+    try:
+        drawn = dict(zip(order, await host.draw([cells[index] for index in order], labels, True)))
+    finally:
+        if host.queued() and any(axis.field.name in RESTORED_FIELDS for _, axis in plot.axes()):
+            await host.restore_model()
     return answer_xyz_plot(host, body, plot, args, {index: drawn[index] for index in cells})
 
 
