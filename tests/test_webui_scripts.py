@@ -9,7 +9,8 @@ import io
 
 from PIL import Image
 from test_webui import (  # noqa: F401  (fixtures: base_url, browser, page; the session's sdlab_server)
-    By, Select, base_url, browser, http_bytes, http_json, page, sdlab_server, set_value, text, value, wait, wait_job,
+    By, Select, base_url, browser, http_bytes, http_json, open_page, page, sdlab_server, set_value, text, value, wait,
+    wait_job,
 )
 
 
@@ -86,3 +87,29 @@ def test_loopback_of_two_loops_from_the_img2img_tab(page, base_url, tmp_path):
     assert job["request"]["script_args"] == [2, 0.5, "Linear", "None"]
     wait(page, lambda d: text(d, "progress-text").startswith("Done"), 60, "the job is not shown done")
     assert len(page.find_elements(By.CSS_SELECTOR, "#results img")) == 3
+
+
+def test_reuse_of_an_api_script_job_restores_the_arguments_it_drew_with(page, base_url):
+    """A job sent with fewer script_args than the script takes drew the rest at the script's defaults (A1111 fills
+    them), which Reuse restores over the form's; its X/Y/Z dropdown lists (csv_mode off) go into the values boxes."""
+    short = {"prompt": "reuse short args", "steps": 1, "seed": 5, "width": 64, "height": 64,
+             "script_name": "X/Y/Z plot", "script_args": [4, "1,2"]}
+    listed = {**short, "prompt": "reuse dropdown lists", "sampler": "Euler",
+              "script_args": [9, "", ["Euler", "DPM++ 2M"], 0, "", [], 0, "", [], True, False, False, False, False,
+                              False, False, 0, False]}
+    jobs = [wait_job(base_url, http_json(base_url, "/api/jobs", body)["id"]) for body in (short, listed)]
+    assert [job["status"] for job in jobs] == ["done", "done"], jobs
+    open_page(page, base_url)                   # the gallery lists them
+    wait(page, lambda d: d.execute_script("return state.scripts !== null"), 20, "GET /api/scripts not read")
+    Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
+    Select(page.find_element(By.ID, "xyz_y_type")).select_by_visible_text("CFG Scale")
+    set_value(page, "xyz_y_values", "3,9")
+    expected = ([4, "1,2", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, True],
+                [9, "Euler, DPM++ 2M", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0,
+                 True])
+    for job, args in zip(jobs, expected):
+        card = f'#gallery [data-job-id="{job["id"]}"]'
+        wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
+        page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
+        assert page.execute_script("return scriptRequest()")["script_args"] == args
+        assert text(page, "notice") == ""

@@ -110,13 +110,16 @@ const KEPT_APART = new Set(["mode", "model", "vae", "loras", "styles", "refiner_
   "first_pass_steps", "size_convention", "unread", "script_name", "script_args"]);
 
 // A1111's selectable scripts: each one's `script_args` in its `Script.run` order, from its controls (`id`, read as
-// `type`) or a value the form sends as it is (`value`: A1111's HTML notes, the X/Y/Z dropdown lists, which the text
-// boxes stand for with "Use text inputs instead of dropdowns" on, Loopback's interrogator, which sdlab has not)
+// `type`) or a value the form sends as it is (`value`: A1111's HTML notes, Loopback's interrogator, which sdlab has
+// not, the X/Y/Z dropdown lists, which the text boxes stand for with "Use text inputs instead of dropdowns" on: a
+// job's list, drawn with that option off, goes into its box, `into`: `fillDropdowns`)
 const arg = (id, type) => ({ id, type });
 const fixed = (value) => ({ value });
+const dropdown = (into) => ({ value: [], into });
 const SCRIPT_ARGS = {
-  "X/Y/Z plot": [arg("xyz_x_type", "int"), arg("xyz_x_values", "text"), fixed([]), arg("xyz_y_type", "int"),
-    arg("xyz_y_values", "text"), fixed([]), arg("xyz_z_type", "int"), arg("xyz_z_values", "text"), fixed([]),
+  "X/Y/Z plot": [arg("xyz_x_type", "int"), arg("xyz_x_values", "text"), dropdown("xyz_x_values"),
+    arg("xyz_y_type", "int"), arg("xyz_y_values", "text"), dropdown("xyz_y_values"),
+    arg("xyz_z_type", "int"), arg("xyz_z_values", "text"), dropdown("xyz_z_values"),
     arg("xyz_draw_legend", "bool"), arg("xyz_include_lone_images", "bool"), arg("xyz_include_sub_grids", "bool"),
     arg("xyz_no_fixed_seeds", "bool"), arg("xyz_vary_seeds_x", "bool"), arg("xyz_vary_seeds_y", "bool"),
     arg("xyz_vary_seeds_z", "bool"), arg("xyz_margin_size", "int"), fixed(true)],
@@ -502,24 +505,38 @@ function setScriptArg(spec, value) {
   return true;
 }
 
-// A reused job's or a dropped picture's script and its arguments (A1111's order; null: the form's own); settings
-// without one choose None (as A1111's paste of a text without `Script`). A script the tab does not offer, or an
-// argument its controls cannot take (an X/Y/Z axis sdlab does not draw), is named in the notice and leaves None.
+// A reused job's or a dropped picture's script and its arguments (A1111's order; null: the form's own; past the end
+// of a job's list: the script's defaults, `GET /api/scripts`, as A1111 fills them); settings without one choose None
+// (as A1111's paste of a text without `Script`). A script the tab does not offer, or an argument its controls cannot
+// take (an X/Y/Z axis sdlab does not draw), is named in the notice and leaves None.
 function fillScript(settings, unknown) {
   const name = settings.script_name || "";
   if (!selectMatching($("script"), name)) {
     unknown.push(`script "${name}" (not in this tab)`);
     $("script").value = "";
   } else if (name) {
-    const args = SCRIPT_ARGS[$("script").value].map((spec, index) => [spec, (settings.script_args || [])[index]]);
+    const title = $("script").value;
+    const defaults = state.scripts[state.mode === "txt2img" ? "txt2img" : "img2img"].scripts
+      .find((s) => s.title === title).args.map((a) => a.value);
+    const sent = settings.script_args || [];
+    const args = SCRIPT_ARGS[title].map((spec, index) => [spec, index < sent.length ? sent[index] : defaults[index]]);
     const refused = args.filter(([spec, value]) => !setScriptArg(spec, value))
       .map(([spec, value]) => `${$(spec.id).labels[0].textContent} "${value}"`);
+    if (title === "X/Y/Z plot" && args.at(-1)[1] === false) fillDropdowns(args);
     if (refused.length) {
       unknown.push(`script "${name}" (${refused.join(", ")} not here)`);
       $("script").value = "";
     }
   }
   showScriptControls();
+}
+
+// An X/Y/Z plot's dropdown lists (its csv_mode off) in its values boxes, each value quoted as A1111's csv reads it
+function fillDropdowns(args) {
+  const csv = (value) => (/[",]/.test(value) ? `"${value.replaceAll('"', '""')}"` : value);
+  for (const [spec, value] of args) {
+    if (spec.into && Array.isArray(value) && value.length) $(spec.into).value = value.map((v) => csv(String(v))).join(", ");
+  }
 }
 
 function readFile(file) {
