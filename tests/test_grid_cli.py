@@ -294,8 +294,9 @@ def test_python_api_draw_plot_matches_txt2img() -> None:
 
 
 def test_python_api_draw_cells_draws_a_batch_count_as_sdlab_grid() -> None:
-    """`draw_cells`, the one drawing loop (`draw_plot` and `sdlab grid` draw with it): each cell as `batch_count`
-    batches whose seeds continue, every batch's result kept, the cell shown as A1111's batch grid."""
+    """`draw_cells`, the drawing loop of `draw_plot` (`sdlab grid` draws each cell with its `cell_batches`): each
+    cell as `batch_count` batches whose seeds continue, every batch's result kept, the cell shown as A1111's batch
+    grid."""
     import sdlab
     from sdlab.pipeline.grid import Plot, draw_cells, parse_axis
 
@@ -550,10 +551,3 @@ def test_a_size_axis_draws_each_cell_at_its_size_as_txt2img(tmp_path: Path, caps
         assert np.array_equal(pixels(cells / f"{i:03d}-x{i}-y0-z0.png"), want)
     assert parse_axis("Size=64x32, 32 x 64").labels == ("Size: 64x32", "Size: 32 x 64")
     assert parse_parameters(read_parameters(tmp_path / "g.png"))["X Type"] == "Size"
-
-
-@pytest.mark.parametrize("axis", ["Checkpoint name=a.safetensors", "VAE=None", "Refiner switch at=0.5"])
-def test_model_axes_are_the_servers(tmp_path: Path, capsys, axis: str) -> None:
-    code, _, err = run(["grid", PROMPT, "--x", axis, "--out", str(tmp_path / "g.png"), "--no-progress"], capsys)
-    assert code == 2 and "the server's X/Y/Z plot (sdlab serve) draws these axes" in err, err
-    assert list(tmp_path.iterdir()) == []

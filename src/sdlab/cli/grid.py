@@ -27,15 +27,29 @@ Fixed X Values for a Seed or Var. seed axis, ...);
 --keep-cells also writes each cell's pictures with their own. Everything is written at the end, all or
 nothing; the folders it goes to (--out's and --keep-cells) are checked before the model loads, and made only
 then.
+
+A1111's model axes draw each cell as `sdlab txt2img --model M --vae V --refiner R --refiner-switch S` with the grid's
+other options (`CellModel`): a Checkpoint name is a checkpoint file or diffusers folder (as --model takes it), a VAE
+None (the checkpoint's own: --no-sidecar-vae), Automatic (its sidecar <name>.vae.* where there is one: txt2img's
+default) or a VAE file, a Refiner checkpoint None (no refiner) or a refiner file, a Refiner switch at the switch;
+what no axis sets is --model's, --vae's, --refiner's. Every model is checked before any loads, without reading a
+weight (a missing or unreadable file, a VAE or refiner that does not fit its checkpoint, a refiner with the hires
+fix, a Refiner switch at axis no cell's refiner reads). One checkpoint is held at a time and the cells are drawn in
+A1111's order (the costliest axis, Checkpoint name, outermost) with each model's cells kept together, so that each
+loads once; another VAE, refiner or switch of the same checkpoint reads only those. The checks a loaded model makes
+(clip skip, memory) run on its cells before they draw.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import logging
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import groupby
 from pathlib import Path
 
 from sdlab.cli.errors import UserError, utf8_text, write_error
@@ -54,9 +68,10 @@ def add_grid(subparsers: argparse._SubParsersAction) -> None:
     for axis in ("x", "y", "z"):
         p.add_argument(f"--{axis}", type=utf8_text(f"--{axis}"), metavar="FIELD=V1,V2,...",
                        help=f"{axis.upper()} axis: an A1111 axis type (Seed, Var. seed, Steps, CFG Scale, Sampler, "
-                            "Schedule type, Denoising, Hires steps, Eta, Sigma Churn, Prompt S/R, Prompt order, ... "
-                            "any case) or a short name (cfg, denoise, prompt_sr), with values or A1111 ranges "
-                            "(1-5, 1-10 (+2), 10-20 [3])")
+                            "Schedule type, Denoising, Hires steps, Eta, Sigma Churn, Prompt S/R, Prompt order, "
+                            "Checkpoint name, VAE, Refiner checkpoint, ... any case) or a short name (cfg, denoise, "
+                            "prompt_sr, model), with values or A1111 ranges (1-5, 1-10 (+2), 10-20 [3]); a Checkpoint "
+                            "name, VAE or Refiner checkpoint value is a file (VAE: or None, Automatic)")
     p.add_argument("--out", required=True, help="the grid picture (.png, .jpg, .webp)")
     p.add_argument("--keep-cells", metavar="DIR", help="also write each cell's pictures, with their own parameters, "
                                                        "to DIR")
@@ -125,7 +140,7 @@ def _prompt_matrix(args: argparse.Namespace):
 
 def _plot(args: argparse.Namespace):
     """The axes given as a `Plot` (or --prompt-matrix's `PromptMatrix`); errors before any work."""
-    from sdlab.pipeline.grid import MODEL_FIELDS, GridError, Plot, cell_count, parse_axis
+    from sdlab.pipeline.grid import GridError, Plot, cell_count, parse_axis
 
     if not 0 <= args.margin <= MAX_MARGIN:
         raise UserError(f"--margin must be 0 to {MAX_MARGIN} pixels, got {args.margin}")
@@ -145,9 +160,6 @@ def _plot(args: argparse.Namespace):
         cell_count(list(axes.values()))
     except GridError as err:
         raise UserError(str(err)) from None
-    if model_axes := [axis.field.type_name for axis in axes.values() if axis.field.name in MODEL_FIELDS]:
-        raise UserError(f"{', '.join(model_axes)}: sdlab grid draws every cell with the one --model (--vae, "
-                        "--refiner, --refiner-switch); the server's X/Y/Z plot (sdlab serve) draws these axes")
     hires_axes = [axis.field.name for axis in axes.values() if axis.field.name.startswith("hr_")]
     if args.init and hires_axes:
         raise UserError(f"{', '.join(hires_axes)}: the hires fix is txt2img's; a grid with --init draws img2img cells")
@@ -262,8 +274,162 @@ def _cell_loras(args: argparse.Namespace, cells, finder) -> dict[str, tuple]:
 
 
 def _for_pipeline(cells, loras: dict[str, tuple]):
-    """`cells` with each prompt as the pipeline takes it (tags of `--lora` files left out)."""
-    return [(index, {**cell, "prompt": loras[cell["prompt"]][0]}) for index, cell in cells]
+    """`cells` as requests: each prompt as the pipeline takes it (tags of `--lora` files left out), without the
+    model a model axis set (`CellModel`)."""
+    from sdlab.pipeline.grid import MODEL_FIELDS
+
+    return [(index, {**{key: value for key, value in cell.items() if key not in MODEL_FIELDS},
+                     "prompt": loras[cell["prompt"]][0]}) for index, cell in cells]
+
+
+@dataclass(frozen=True)
+class CellModel:
+    """What a cell draws with, as txt2img's flags say it: --model (None: the shipped model), --vae, the sidecar VAE
+    or not (--no-sidecar-vae), --refiner and --refiner-switch."""
+
+    model: str | None
+    vae: str | None
+    sidecar_vae: bool
+    refiner: str | None
+    refiner_switch: float | None
+
+    def flags(self, args: argparse.Namespace) -> argparse.Namespace:
+        """`args` with this model's flags: the txt2img run the cell is a picture of."""
+        flags = copy.copy(args)
+        flags.model, flags.vae, flags.sidecar_vae = self.model, self.vae, self.sidecar_vae
+        flags.refiner, flags.refiner_switch = self.refiner, self.refiner_switch
+        return flags
+
+
+def _cell_model(args: argparse.Namespace, cell: dict) -> CellModel:
+    """The model a cell draws with: the grid's --model, --vae, --refiner and --refiner-switch, but where its model
+    axes set them: a Checkpoint name's file or folder; a VAE None (the checkpoint's own, --no-sidecar-vae), Automatic
+    or auto (txt2img's default: the sidecar <name>.vae.* where there is one) or a file (A1111's `find_vae` names, any
+    case); a Refiner checkpoint None (none) or a file; a Refiner switch at."""
+    vae, sidecar_vae, refiner = args.vae, args.sidecar_vae, args.refiner
+    if "vae" in cell:
+        named = cell["vae"].lower()
+        vae = None if named in ("none", "auto", "automatic") else cell["vae"]
+        sidecar_vae = named != "none"
+    if "refiner" in cell:
+        refiner = None if cell["refiner"].lower() == "none" else cell["refiner"]
+    return CellModel(cell.get("checkpoint", args.model), vae, sidecar_vae, refiner,
+                     cell.get("refiner_switch", args.refiner_switch))
+
+
+def _model_path(model: CellModel) -> str | Path:
+    """The checkpoint a cell's model loads (txt2img's without --model: the shipped one)."""
+    from sdlab.api import shipped_model_path
+
+    path = model.model or shipped_model_path()
+    if path is None:
+        raise UserError("no --model given and this sdlab install has no built-in model; pass --model PATH")
+    return path
+
+
+def _check_models(args: argparse.Namespace, plot, cells, models: dict) -> None:
+    """Every model of a grid with model axes checked before any loads, no weight read (`plan_checkpoint`, as a
+    load plans it): each checkpoint with its VAE, each refiner with its VAE and against its checkpoint's latent
+    space (the check a run makes of both loaded, `plan._check_refiner_fits`); a refiner with the hires fix, which do
+    not run together; a Refiner switch at axis that no cell's refiner reads."""
+    from types import SimpleNamespace
+
+    from sdlab.checkpoints.errors import CheckpointError
+    from sdlab.checkpoints.load import plan_checkpoint
+    from sdlab.pipeline.plan import _check_refiner_fits
+    from sdlab.pipeline.request import GenerationRequest, RequestError
+
+    planned: dict[tuple, SimpleNamespace] = {}
+
+    def latent_space(where: str, path, vae, sidecar_vae: bool, **overrides) -> SimpleNamespace:
+        """What `_check_refiner_fits` reads of a model, from its plan (cached)."""
+        key = (str(path), vae, sidecar_vae)
+        if key not in planned:
+            try:
+                plan = plan_checkpoint(path, vae=vae, sidecar_vae=sidecar_vae, **overrides)
+            except CheckpointError as err:
+                raise UserError(f"{where}: {err}") from None
+            planned[key] = SimpleNamespace(unet_config=plan.unet.config, vae_config=plan.vae.config,
+                                           scaling_factor=plan.report.scaling_factor,
+                                           latent_stats=plan.report.latent_stats)
+        return planned[key]
+
+    for index, cell in cells:
+        model, where = models[index], f"the grid cell {', '.join(plot.labels(index))}"
+        base = latent_space(where, _model_path(model), model.vae, model.sidecar_vae, family=args.family,
+                            prediction=args.prediction)
+        if model.refiner is None:
+            continue
+        if GenerationRequest(**cell).hires:
+            raise UserError(f"{where}: the hires fix does not run with an SDXL refiner; leave one of them out")
+        try:
+            _check_refiner_fits(base, latent_space(where, model.refiner, model.vae, model.sidecar_vae))
+        except RequestError as err:
+            raise UserError(f"{where}: the refiner {model.refiner}: {err}") from None
+    if any(axis.field.name == "refiner_switch" for _, axis in plot.axes()) and \
+            all(model.refiner is None for model in models.values()):
+        raise UserError("a Refiner switch at axis sets where the refiner takes over, and no cell has one: give "
+                        "--refiner FILE or a Refiner checkpoint axis")
+
+
+def _loading_order(plot, models: dict) -> list:
+    """The cells in A1111's order (`Plot.drawing_order`) with each checkpoint's cells together, and within them
+    each refiner's and each VAE's, each where it first comes (a stable sort): a model loads once, also where A1111's
+    order alternates two (Checkpoint name and Refiner checkpoint cost the same)."""
+    order = plot.drawing_order()
+
+    def rank(of):
+        first: dict = {}
+        for index in order:
+            first.setdefault(of(models[index]), len(first))
+        return lambda index: first[of(models[index])]
+
+    ranks = [rank(lambda m: m.model), rank(lambda m: m.refiner), rank(lambda m: (m.vae, m.sidecar_vae))]
+    return sorted(order, key=lambda index: tuple(r(index) for r in ranks))
+
+
+class HeldModel:
+    """The one model in memory (as A1111's one checkpoint loaded at a time): the pipeline of a cell's `CellModel`,
+    loaded as txt2img loads it with those flags; from the model before it only what changes is read (a checkpoint
+    all of it, the previous one let go first; the same checkpoint's VAE, refiner or switch those alone)."""
+
+    def __init__(self, args: argparse.Namespace, loras: list, finder) -> None:
+        self.args, self.loras, self.finder = args, loras, finder
+        self.model: CellModel | None = None
+        self.pipe = None
+
+    def pipeline(self, model: CellModel):
+        from sdlab.cli.generate import _free_memory, _load_pipeline
+
+        if self.model is None or model.model != self.model.model:
+            self.model = self.pipe = None
+            _free_memory()
+            self.pipe, _ = _load_pipeline(model.flags(self.args), _model_path(model), self.loras, self.finder)
+        else:
+            self._change(model)
+        self.model = model
+        return self.pipe
+
+    def _change(self, model: CellModel) -> None:
+        """The held checkpoint with `model`'s VAE, refiner and switch (`Pipeline.with_vae`, `load_refiner`)."""
+        from sdlab.api import load_refiner
+        from sdlab.cli.generate import _free_memory, _refiner_handoff
+        from sdlab.utils.compile import compile_module
+
+        before, flags = self.model, model.flags(self.args)
+        new_refiner = model.refiner != before.refiner
+        if new_refiner and self.pipe.refiner is not None:
+            self.pipe = self.pipe.with_refiner(None)
+            _free_memory()
+        if (model.vae, model.sidecar_vae) != (before.vae, before.sidecar_vae):
+            self.pipe = self.pipe.with_vae(model.vae, sidecar_vae=model.sidecar_vae)      # the refiner's too
+        refiner = self.pipe.refiner
+        if new_refiner and model.refiner is not None:
+            refiner = load_refiner(model.refiner, self.pipe.bundle, self.pipe.embeddings, model.sidecar_vae,
+                                   model.vae)
+            if getattr(flags, "compile", False):
+                compile_module(refiner.unet)
+        self.pipe = self.pipe.with_refiner(refiner, *_refiner_handoff(flags, {}))
 
 
 # the hires flags (`generate._add_hires_flags`), by their argparse names
@@ -285,23 +451,70 @@ def _image_names(number: int, index, count: int) -> list[str]:
     return [f"{stem}.png"] if count == 1 else [f"{stem}-{m}.png" for m in range(count)]
 
 
+class _CellDrawing:
+    """The grid's cells drawn model by model (`draw`): each cell's request set up for the model drawing it (its
+    preset and steps) and checked with it before the first of them draws, drawn as txt2img draws it, and its
+    pictures' parameters as txt2img records them (`results`, `texts`: per cell, each batch's, each picture's)."""
+
+    def __init__(self, args: argparse.Namespace, plot, options: dict, styles, cell_loras: dict, finder, bar) -> None:
+        self.args, self.plot, self.options, self.styles = args, plot, options, styles
+        self.cell_loras, self.finder, self.bar = cell_loras, finder, bar
+        self.results: dict = {}
+        self.texts: dict = {}
+
+    def draw(self, pipe, model: CellModel, indices: set) -> None:
+        """The cells at `indices` drawn with `pipe`, the pipeline of `model`."""
+        from sdlab.cli.generate import _identify_model, _refiner_ref
+        from sdlab.pipeline.grid import cell_batches
+        from sdlab.pipeline.infotext import hires_tag_refs, to_parameters
+        from sdlab.pipeline.png_info import embedding_hash, lora_hash, vae_ref
+        from sdlab.pipeline.request import GenerationRequest, RequestError
+
+        args = self.args
+
+        def preset_for(prompt: str) -> str | None:
+            """A cell's preset as txt2img's: --preset's, else the one the model or a LoRA of its prompt names."""
+            return args.preset or pipe.preset_for(self.cell_loras[prompt][0])
+
+        def run(request: GenerationRequest):
+            """One batch of a cell, as `sdlab txt2img` draws it."""
+            result = pipe.run(request)
+            if self.bar is not None:
+                self.bar.update(1)
+            return result
+
+        typed = [(index, cell) for index, cell in _cells(self.plot, self.options, preset_for, args.mode,
+                                                         pipe.bundle.family.default_steps, self.styles)
+                 if index in indices]                                                         # the model's steps
+        cells = _for_pipeline(typed, self.cell_loras)
+        _check_requests(cells, self.plot, args.batch_count)
+        try:
+            for _, cell in cells:                                # the model's checks too (clip skip, memory)
+                with _quiet_size_warnings():
+                    pipe.resolve(GenerationRequest(**cell))
+            drawn = {index: cell_batches(run, cell, args.batch_count) for index, cell in cells}
+        except RequestError as err:
+            raise UserError(str(err)) from None
+        name, hash_ = _identify_model(_model_path(model))
+        vae, refiner = vae_ref(pipe.bundle.report), _refiner_ref(model.flags(args), pipe)
+        for index, cell in typed:
+            _, refs, to_record = self.cell_loras[cell["prompt"]]
+            self.texts[index] = [
+                to_parameters(result.request, index=i, model_name=name, model_hash=hash_, loras=refs,
+                              prompt=to_record, vae=vae, refiner=refiner if result.refined else None,
+                              embeddings=[(e.name, embedding_hash(e.path))
+                                          for e in pipe.embeddings_used(result.request)],
+                              hires_loras=hires_tag_refs(result.request, self.finder, lora_hash))
+                for result in drawn[index] for i in range(len(result.images))]
+        self.results.update(drawn)
+
+
 def run_grid(args: argparse.Namespace) -> int:
-    from sdlab.cli.generate import (
-        _controls, _identify_model, _load_pipeline, _lora_finder, _open_image, _options_from_args, _refiner_ref,
-        _resolve_loras, styles_of,
-    )
-    from sdlab.pipeline.grid import draw_cells, fix_seeds, with_plot_parameters
-    from sdlab.pipeline.infotext import drawn_hires_prompt, hires_tag_refs, to_parameters
-    from sdlab.pipeline.png_info import (
-        embedding_hash,
-        encode_image,
-        format_parameters,
-        image_format,
-        lora_hash,
-        vae_ref,
-        write_files_all_or_nothing,
-    )
-    from sdlab.pipeline.request import GenerationRequest, RequestError
+    from sdlab.cli.generate import _controls, _lora_finder, _open_image, _options_from_args, _resolve_loras, styles_of
+    from sdlab.pipeline.grid import MODEL_FIELDS, cell_picture, fix_seeds, with_plot_parameters
+    from sdlab.pipeline.infotext import drawn_hires_prompt
+    from sdlab.pipeline.png_info import encode_image, format_parameters, image_format, write_files_all_or_nothing
+    from sdlab.pipeline.request import GenerationRequest
 
     args.mode = "img2img" if args.init else "txt2img"
     _output_files(args)
@@ -325,55 +538,26 @@ def run_grid(args: argparse.Namespace) -> int:
     cell_loras = _cell_loras(args, typed, finder)
     cells = _for_pipeline(typed, cell_loras)
     _check_requests(cells, plot, args.batch_count)
+    models = {index: _cell_model(args, cell) for index, cell in typed}
+    if any(axis.field.name in MODEL_FIELDS for _, axis in plot.axes()):
+        _check_models(args, plot, cells, models)
 
-    pipe, model = _load_pipeline(args, None, loras, finder)
-
-    def preset_for(prompt: str) -> str | None:
-        """A cell's preset as txt2img's: --preset's, else the one the model or a LoRA of its prompt names."""
-        return args.preset or pipe.preset_for(cell_loras[prompt][0])
-
-    typed = _cells(plot, options, preset_for, args.mode, pipe.bundle.family.default_steps, styles)   # its steps
-    cells = _for_pipeline(typed, cell_loras)
-    _check_requests(cells, plot, args.batch_count)
-    name, hash_ = _identify_model(model)
-    vae = vae_ref(pipe.bundle.report)
-    refiner = _refiner_ref(args, pipe)
-    try:
-        for _, cell in cells:                                # the model's checks too (clip skip, memory)
-            with _quiet_size_warnings():
-                pipe.resolve(GenerationRequest(**cell))
-    except RequestError as err:
-        raise UserError(str(err)) from None
     bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(cells) * args.batch_count, desc="grid", unit="batch", file=sys.stderr, leave=False)
-
-    def draw(request: GenerationRequest):
-        """One batch of a cell, as `sdlab txt2img` draws it."""
-        result = pipe.run(request)
-        if bar is not None:
-            bar.update(1)
-        return result
-
+    drawing = _CellDrawing(args, plot, options, styles, cell_loras, finder, bar)
+    held = HeldModel(args, loras, finder)
     try:
-        sheet, drawn = draw_cells(draw, plot, cells, args.batch_count)
-    except RequestError as err:
-        raise UserError(str(err)) from None
+        for model, indices in groupby(_loading_order(plot, models), key=models.__getitem__):
+            drawing.draw(held.pipeline(model), model, set(indices))
     finally:
         if bar is not None:
             bar.close()
+    drawn, texts = drawing.results, drawing.texts
     images = {index: [image for result in results for image in result.images] for index, results in drawn.items()}
-    texts = {}
-    for index, cell in typed:
-        _, refs, to_record = cell_loras[cell["prompt"]]
-        texts[index] = [
-            to_parameters(result.request, index=i, model_name=name, model_hash=hash_, loras=refs, prompt=to_record,
-                          vae=vae, refiner=refiner if result.refined else None,
-                          embeddings=[(e.name, embedding_hash(e.path)) for e in pipe.embeddings_used(result.request)],
-                          hires_loras=hires_tag_refs(result.request, finder, lora_hash))
-            for result in drawn[index] for i in range(len(result.images))]
+    sheet = plot.sheet({index: cell_picture(pictures) for index, pictures in images.items()})
 
     out = Path(args.out)
     text = format_parameters(with_plot_parameters(texts[(0, 0, 0)][0], plot.parameters()))

@@ -46,10 +46,11 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Width, Height (sdlab's own)            | width, height                        |                  |
 
 Checkpoint name, VAE, Refiner checkpoint and Refiner switch at (`MODEL_FIELDS`) are no request fields but what
-a cell loads and draws with: the server's X/Y/Z plot draws them, each cell with
-its model, in A1111's order (`Plot.drawing_order`: the costliest axis, Checkpoint name, outermost, so that its
-model changes least); `draw_plot`, which draws every cell with one `run`, and `sdlab grid`, with its one --model,
-refuse them.
+a cell loads and draws with (the server's: a listed model or VAE; `sdlab grid`'s: a file, as its --model, --vae
+and --refiner take one): the server's X/Y/Z plot and `sdlab grid` draw them, each cell with its model, in A1111's
+order (`Plot.drawing_order`: the costliest axis, Checkpoint name, outermost, so that its model changes least;
+`sdlab grid` keeps each model's cells together, so that each loads once); `draw_plot`, which draws every cell
+with one `run`, refuses them.
 
 Prompt S/R (A1111): the first value is searched in the prompt and the negative prompt (and SDXL's prompt_2 /
 negative_prompt_2, which A1111 lacks: every prompt text), and each value in turn replaces it there (so the first
@@ -69,8 +70,9 @@ picture, `parameters()` A1111's plot fields for the picture's parameters (Script
 and `draw_plot(pipe.run, options, plot)` does both around any callable that draws a request (with a Styles axis,
 `styles=` the StyleDatabase its names are in). A cell drawn
 as a batch shows its images as A1111's batch grid (`cell_picture`). `draw_cells(pipe.run, plot, cells,
-batch_count)`, what `sdlab grid` and `draw_plot` draw with, takes each cell's options as the caller made
-them and draws each cell as a batch count, giving every batch's result.
+batch_count)`, what `draw_plot` draws with, takes each cell's options as the caller made them and draws each
+cell as a batch count (`cell_batches`, with which `sdlab grid` draws each cell with its model's pipeline), giving
+every batch's result.
 """
 
 from __future__ import annotations
@@ -392,7 +394,7 @@ def _label(field: Field, value: Any) -> str:
     text = str(round(value, 8)) if isinstance(value, float) else ", ".join(value) if isinstance(value, tuple) \
         else str(value)
     if field.name in ("checkpoint", "refiner"):
-        text = text.rsplit("/", 1)[-1]
+        text = text.rstrip("/").rsplit("/", 1)[-1]          # a diffusers folder's name too
     return text if field.label is None else f"{field.label}: {text}"
 
 
@@ -618,13 +620,18 @@ def draw_cells(run: Callable[[GenerationRequest], GenerationResult], plot: Plot,
     made from them, as `sdlab grid` makes them) with `run`, each as `batch_count` batches whose seeds continue
     (`next_batch`, as `sdlab txt2img --batch-count`), and lay them out, a cell's pictures as `cell_picture`
     does: (the sheet, each cell's results, one per batch, whose requests give each picture's parameters)."""
-    results = {}
-    for index, cell in cells:
-        first = run(GenerationRequest(**cell))
-        results[index] = [first, *(run(next_batch(first.request, k)) for k in range(1, batch_count))]
+    results = {index: cell_batches(run, cell, batch_count) for index, cell in cells}
     pictures = {index: cell_picture([image for result in batches for image in result.images])
                 for index, batches in results.items()}
     return plot.sheet(pictures), results
+
+
+def cell_batches(run: Callable[[GenerationRequest], GenerationResult], cell: dict[str, Any],
+                 batch_count: int = 1) -> list[GenerationResult]:
+    """One cell (GenerationRequest keyword arguments) drawn with `run` as `batch_count` batches whose seeds
+    continue (`next_batch`, as `sdlab txt2img --batch-count`)."""
+    first = run(GenerationRequest(**cell))
+    return [first, *(run(next_batch(first.request, k)) for k in range(1, batch_count))]
 
 
 def cell_picture(images: list[Image.Image]) -> Image.Image:
