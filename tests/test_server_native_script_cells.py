@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from server_fixtures import b64_png, sdlab_server, start_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, sdlab_server, start_server, wait_for_job  # noqa: F401  (a session fixture)
 
 BASE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 3, "seed": 7, "width": 64, "height": 64}
 NOTHING_PLOT = {"script_name": "X/Y/Z plot",      # Nothing axes, include sub images: the grid, then the one cell
@@ -45,18 +45,11 @@ def client(sdlab_server):
         yield c
 
 
-def _finished(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while (job := client.get(f"/api/jobs/{job_id}").json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.05)
-    return job
-
 
 def _drawn(client: httpx.Client, body: dict) -> tuple[dict, list[np.ndarray]]:
     answer = client.post("/api/jobs", json=body)
     assert answer.status_code == 202, answer.text
-    job = _finished(client, answer.json()["id"])
+    job = wait_for_job(client, answer.json()["id"], 300)
     assert job["status"] == "done", job
     return job, [np.asarray(Image.open(io.BytesIO(client.get(url).content)).convert("RGB")) for url in job["images"]]
 
@@ -141,7 +134,7 @@ def test_a_waiting_script_jobs_requests_are_not_listed(client) -> None:
             plot.json()["id"], long]
     finally:
         client.delete(f"/api/jobs/{long}")
-        _finished(client, plot.json()["id"])
+        wait_for_job(client, plot.json()["id"], 300)
 
 
 def test_the_job_list_counts_only_listed_jobs(client) -> None:
@@ -164,10 +157,10 @@ def test_a_script_job_cancelled_while_queued_keeps_no_picture(client) -> None:
     long = _running(client, {**BASE, "steps": 60})
     queued = client.post("/api/jobs", json={**BASE, "script_name": "X/Y/Z plot", "script_args": [4, "1,2,3"]}).json()
     assert client.delete(f"/api/jobs/{queued['id']}").json()["status"] == "queued"
-    job = _finished(client, queued["id"])
+    job = wait_for_job(client, queued["id"], 300)
     assert (job["status"], job["images"], job["error"]) == ("cancelled", [], None)
     client.delete(f"/api/jobs/{long}")
-    _finished(client, long)
+    wait_for_job(client, long, 300)
 
 
 def test_a_script_job_past_max_queue_is_the_plain_jobs_429(tmp_path) -> None:

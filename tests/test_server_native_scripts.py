@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from server_fixtures import b64_png, sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import b64_png, sdlab_server, wait_for_job  # noqa: F401  (a session fixture)
 
 NATIVE = {"prompt": "a red apple", "negative_prompt": "blurry", "steps": 2, "seed": 7, "cfg_scale": 5.0,
           "sampler": "Euler", "schedule": "Uniform", "img2img_convention": "a1111", "width": 64, "height": 64}
@@ -29,13 +29,6 @@ def client(sdlab_server):
     with httpx.Client(base_url=sdlab_server.url, timeout=300) as c:
         yield c
 
-
-def _finished(client: httpx.Client, job_id: str, timeout: float = 300) -> dict:
-    deadline = time.monotonic() + timeout
-    while (job := client.get(f"/api/jobs/{job_id}").json())["status"] in ("queued", "running"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.1)
-    return job
 
 
 def _job_pictures(client: httpx.Client, job: dict) -> list[np.ndarray]:
@@ -55,7 +48,8 @@ def _submitted(client: httpx.Client, body: dict) -> dict:
 
 def test_xyz_plot_job_draws_the_a1111_routes_grid_and_lists_as_one_job(client) -> None:
     args = XYZ_STEPS + [[], 0, "", [], 0, "", [], True, True]      # draw legend, include sub images
-    job = _finished(client, _submitted(client, {**NATIVE, "script_name": "X/Y/Z plot", "script_args": args})["id"])
+    submitted = _submitted(client, {**NATIVE, "script_name": "X/Y/Z plot", "script_args": args})
+    job = wait_for_job(client, submitted["id"], 300)
     assert job["status"] == "done", job
     reference = _a1111_pictures(client.post("/sdapi/v1/txt2img", json={**A1111, "script_name": "x/y/z plot",
                                                                        "script_args": args}))
@@ -74,8 +68,8 @@ def test_xyz_plot_job_draws_the_a1111_routes_grid_and_lists_as_one_job(client) -
 def test_loopback_job_draws_the_a1111_routes_pictures(client) -> None:
     init = b64_png(Image.new("RGB", (64, 64), (200, 80, 40)))
     args = [2, 0.5, "Linear", "None"]
-    job = _finished(client, _submitted(client, {**NATIVE, "mode": "img2img", "init_image": init, "strength": 0.6,
-                                                "script_name": "Loopback", "script_args": args})["id"])
+    job = wait_for_job(client, _submitted(client, {**NATIVE, "mode": "img2img", "init_image": init, "strength": 0.6,
+                                                   "script_name": "Loopback", "script_args": args})["id"], 300)
     assert job["status"] == "done", job
     reference = _a1111_pictures(client.post("/sdapi/v1/img2img", json={
         **A1111, "init_images": [init], "denoising_strength": 0.6, "script_name": "loopback", "script_args": args}))
@@ -90,8 +84,8 @@ def test_an_sd_upscale_jobs_picture_carries_the_first_batchs_text_and_names_its_
     saves it (`initial_info`; the API answer's picture has none): dropped, it selects SD upscale again."""
     init = b64_png(Image.new("RGB", (48, 48), (200, 80, 40)))
     args = [None, 16, "Lanczos", 2]
-    job = _finished(client, _submitted(client, {**NATIVE, "mode": "img2img", "init_image": init, "strength": 0.3,
-                                                "script_name": "SD upscale", "script_args": args})["id"])
+    job = wait_for_job(client, _submitted(client, {**NATIVE, "mode": "img2img", "init_image": init, "strength": 0.3,
+                                                   "script_name": "SD upscale", "script_args": args})["id"], 300)
     assert job["status"] == "done", job
     answer = client.post("/sdapi/v1/img2img", json={**A1111, "init_images": [init], "denoising_strength": 0.3,
                                                     "script_name": "sd upscale", "script_args": args})
@@ -125,7 +119,7 @@ def test_cancel_stops_the_script(client) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert client.delete(f"/api/jobs/{job_id}").json()["status"] == "running"
-    job = _finished(client, job_id, 120)
+    job = wait_for_job(client, job_id, 120)
     assert job["status"] == "cancelled" and job["step"] < 40, job
     assert client.get("/sdapi/v1/progress").json()["state"]["job_count"] == 0     # nothing left queued
 
