@@ -406,7 +406,8 @@ def test_infotext_lines_are_a1111s(tmp_path):
     model = lines["ControlNet 1"].split(", ")[1]
     a1111 = replace(controls[1], module="canny", control_mode="prompt", threshold_a=50.0, threshold_b=120.0)
     assert infotext_lines([a1111], "a1111")["ControlNet 0"] == (   # in the order of A1111's infotext_fields
-        f"Module: canny, {model}, Weight: 0.55, Resize Mode: Crop and Resize, Threshold A: 50, Threshold B: 120, "
+        f"Module: canny, {model}, Weight: 0.55, Resize Mode: Crop and Resize, Processor Res: 512, Threshold A: 50, "
+        "Threshold B: 120, "
         "Guidance Start: 0.1, Guidance End: 0.75, Control Mode: My prompt is more important")
     assert "Resize Mode: Resize and Fill" in infotext_lines([replace(a1111, resize_mode="fill")])["ControlNet 0"]
     assert load_controlnet(controls[0].model_path).name == "cn"

@@ -231,7 +231,8 @@ def test_from_png_draws_a_units_processor_res_and_pixel_perfect_and_warns_of_its
         warnings = [line for line in stderr.splitlines() if "settings sdlab does not draw (ControlNet" in line]
         assert (warnings == []) if expected is None else (len(warnings) == 1 and expected in warnings[0]), stderr
         redrawn = parse_parameters(read_parameters(tmp_path / "again.png"))
-        assert "Pixel Perfect: True" in redrawn["ControlNet 0"] and "Processor Res" not in redrawn["ControlNet 1"]
+        assert "Processor Res: 768" in redrawn["ControlNet 0"] and "Pixel Perfect: True" in redrawn["ControlNet 0"]
+        assert "Processor Res: 512" in redrawn["ControlNet 1"]      # the extension writes its unit's on every line
 
 
 def test_from_png_names_no_processor_res_at_the_hint_images_size(files, tmp_path, capsys):

@@ -255,8 +255,12 @@ def test_infotext_says_what_was_drawn_and_reads_back(tmp_path):
                             ControlInput(str(net), "hint.png", module="invert", processor_res=256)], "a1111")
     assert "Resize Mode: Crop and Resize, Processor Res: 256, Guidance Start" in lines["ControlNet 0"]
     assert lines["ControlNet 1"].endswith("Guidance End: 1, Pixel Perfect: True")
-    assert "Processor Res" not in lines["ControlNet 2"] and "Pixel Perfect" not in lines["ControlNet 2"]
-    assert "Processor Res" not in lines["ControlNet 3"]                    # invert takes none
+    assert "Processor Res: 512" in lines["ControlNet 2"] and "Pixel Perfect" not in lines["ControlNet 2"]   # unset
+    # the extension's serialize writes its unit's Processor Res on every line, Pixel Perfect or invert (none) too
+    assert "Processor Res: 512" in lines["ControlNet 1"] and "Processor Res: 256" in lines["ControlNet 3"]
+    native = infotext_lines([ControlInput(str(net), "hint.png", module="invert", processor_res=256),
+                             ControlInput(str(net), "hint.png", module="threshold", pixel_perfect=True)], "diffusers")
+    assert not any("Processor Res" in line for line in native.values())   # sdlab's: what it drew at, if any
     assert recorded_unit(lines["ControlNet 0"])["processor_res"] == 256
     assert recorded_unit(lines["ControlNet 1"])["pixel_perfect"] is True
     extension = ("Module: canny, Model: cn [12345678], Weight: 1, Resize Mode: Crop and Resize, Processor Res: -1, "
@@ -441,3 +445,35 @@ def test_a_maps_colour_count_is_numpys_unique_rows():
     for x in (photo, binary, segmentation, np.zeros((5, 5, 3), np.uint8), np.full((4, 4, 3), 255, np.uint8),
               np.stack([np.full((2, 2), 255, np.uint8), np.zeros((2, 2), np.uint8), np.eye(2, dtype=np.uint8)], 2)):
         assert colour_count(x) == len(np.unique(x.reshape(-1, 3), axis=0))
+
+
+def test_an_unset_processor_res_is_512_under_a1111s_convention(tmp_path):
+    """Unset under A1111's convention (a --from-png redraw of an A1111 picture, Python's control_convention="a1111")
+    is the extension's 512, as the server's A1111 units, and is recorded; under diffusers' the picture's own size.
+    A tile_resample line (no Processor Res recorded) switched to canny by --from-png so runs at 512."""
+    from sdlab.cli.generate import _kept_settings
+
+    image = _drawing(300, 200)
+    unset = ControlInput("net.safetensors", image, module="canny")
+    assert (unset.processor_res_under("a1111"), unset.processor_res_under("diffusers")) == (512, None)
+    assert resolution_of(unset, image, 512, 512, "crop", "a1111") == 512
+    assert resolution_of(unset, image, 512, 512, "crop") is None
+    assert resolution_of(ControlInput("net.safetensors", image, module="canny", processor_res=256), image, 512, 512,
+                         "crop", "a1111") == 256
+    assert "Processor Res: 512" in infotext_lines([unset], "a1111")["ControlNet 0"]
+    assert "Processor Res" not in infotext_lines([unset], "diffusers")["ControlNet 0"]
+    line = ("Module: tile_resample, Model: cn [12345678], Weight: 1.0, Resize Mode: Crop and Resize, Threshold A: 1.0, "
+            "Guidance Start: 0.0, Guidance End: 1.0, Pixel Perfect: False, Control Mode: Balanced")
+    switched = ControlInput("net.safetensors", image, **{**_kept_settings(recorded_unit(line), {"module": "canny"}),
+                                                         "module": "canny"})
+    assert resolution_of(switched, image, 512, 512, "crop", "a1111") == 512
+
+
+def test_control_processor_res_help_gives_its_range_and_a1111s_default(capsys):
+    from sdlab.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["txt2img", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "scaled to N (1..2048, A1111's slider's top)" in text
+    assert "or 512 when --from-png redraws by A1111's rule" in text

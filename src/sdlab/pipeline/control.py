@@ -94,7 +94,8 @@ class ControlInput:
     preprocessor parameters (None: the preprocessor's default; `preprocess.PARAMETERS`). `mask` (a picture or
     path, white = masked; its first channel) is the unit's mask of the inpaint preprocessors (`inpaint_hint`);
     without one an inpainting run's mask serves. `processor_res` (A1111's Processor Res) is the resolution
-    canny, threshold and scribble run at (`preprocess.RESOLUTION_MODULES`; None: the picture's own size);
+    canny, threshold and scribble run at (`preprocess.RESOLUTION_MODULES`; None: the picture's own size, under
+    A1111's convention the extension's 512: `processor_res_under`);
     `pixel_perfect` picks it from the drawing's size instead (`resolution_of`)."""
 
     model: LoadedControlNet | str | os.PathLike[str]
@@ -118,6 +119,13 @@ class ControlInput:
     def resize_mode_under(self, convention: str) -> str:
         """The resize mode the control runs with under the request's `control_convention`."""
         return self.resize_mode or DEFAULT_RESIZE[convention]
+
+    def processor_res_under(self, convention: str) -> int | None:
+        """The processor resolution the control runs with under the request's `control_convention`: unset is the
+        picture's own size, under A1111's the extension's 512 (its unit's -1 until `bound_check_params`)."""
+        if self.processor_res is None and convention == "a1111":
+            return processor_resolution(None)
+        return self.processor_res
 
 
 def control_input(value: Any) -> ControlInput:
@@ -182,15 +190,15 @@ def check_mask_size(image: tuple[int, int], mask: tuple[int, int], name: str) ->
 
 
 def resolution_of(control: ControlInput, image: Image.Image, width: int, height: int,
-                  resize_mode: str) -> int | None:
+                  resize_mode: str, convention: str = "diffusers") -> int | None:
     """The resolution the control's preprocessor runs its (cut) `image` at for a width x height drawing: None
     for one that takes none (`RESOLUTION_MODULES`); Pixel Perfect's (`pixel_perfect_resolution`, by the
-    control's resize mode) where it is on, else its `processor_res`."""
+    control's resize mode) where it is on, else its `processor_res` (`processor_res_under` the convention)."""
     if control.module not in RESOLUTION_MODULES:
         return None
     if control.pixel_perfect:
         return pixel_perfect_resolution(image.size, width, height, resize_mode)
-    return control.processor_res
+    return control.processor_res_under(convention)
 
 
 def at_first_pass_resolution(controls: Sequence[ControlInput | Any], width: int, height: int,
@@ -380,7 +388,7 @@ def prepare_controls(
             image = cropped_to_region(image, picture_size, region, (width, height), resize_mode)
         try:
             image = preprocess(image, control.module, control.threshold_a, control.threshold_b,
-                               resolution_of(control, image, width, height, resize_mode))
+                               resolution_of(control, image, width, height, resize_mode, convention))
         except ValueError as err:
             raise RequestError(f"control {index}: {err}") from None
         hint = hint_tensor(image, width, height, resize_mode, convention)
@@ -503,12 +511,16 @@ def _number(value: float) -> str:
     return f"{value:g}"
 
 
-def _drawn_resolution(control: ControlInput) -> dict[str, Any]:
+def _drawn_resolution(control: ControlInput, convention: str) -> dict[str, Any]:
     """The control's `Processor Res` and `Pixel Perfect: True` where its preprocessor runs at a processor
     resolution (`RESOLUTION_MODULES`): the one given, or Pixel Perfect's (which follows from the image and the
-    size); None for the others and at the picture's own size (unrecorded)."""
+    size); None for the others and at the picture's own size (unrecorded). Under A1111's convention every line
+    has its unit's Processor Res (given, else 512), as the extension serializes every unit's, Pixel Perfect or a
+    module without a resolution too."""
     takes = control.module in RESOLUTION_MODULES
-    return {"Processor Res": control.processor_res if takes and not control.pixel_perfect else None,
+    resolution = control.processor_res_under(convention)
+    every = convention == "a1111"
+    return {"Processor Res": resolution if every or (takes and not control.pixel_perfect) else None,
             "Pixel Perfect": True if takes and control.pixel_perfect else None}
 
 
@@ -536,7 +548,7 @@ def infotext_lines(controls: Sequence[ControlInput | Any], convention: str = "di
             model = f"{(Path(path).stem if Path(path).is_file() else Path(path).name)} [{legacy_hash(path)}]"
         except OSError:
             model = Path(path).name
-        resolution = _drawn_resolution(control)
+        resolution = _drawn_resolution(control, convention)
         fields = {"Module": control.module, "Model": model, "Weight": _number(control.strength),
                   "Resize Mode": RESIZE_MODES[control.resize_mode_under(convention)],
                   "Processor Res": resolution["Processor Res"], **_read_thresholds(control),
