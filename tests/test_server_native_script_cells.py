@@ -96,13 +96,19 @@ AXIS_CASES = {     # the job's fields, its X axis (A1111 1.10's txt2img type) an
                                                      17, "Karras", {"schedule": "karras"}),
     "sampler of a preset's job": ({"preset": "tcd"}, 9, "Euler a", {"sampler": "Euler a"}),
     "the preset's sampler": ({"preset": "tcd"}, 9, "TCD", {"sampler": "TCD"}),
+    "timestep sampler DDIM on a karras job": ({"sampler": "Euler", "schedule": "karras"}, 9, "DDIM",
+                                              {"sampler": "DDIM"}),
+    "timestep sampler UniPC on a karras job": ({"sampler": "Euler", "schedule": "karras"}, 9, "UniPC",
+                                               {"sampler": "UniPC"}),
+    "schedule of a DDIM job": ({"sampler": "DDIM"}, 17, "Karras", {"schedule": "karras"}),
 }
 
 
 @pytest.mark.parametrize("job, axis, value, plain", AXIS_CASES.values(), ids=AXIS_CASES.keys())
 def test_an_axis_cell_is_the_plain_job_with_its_value(client, job, axis, value, plain) -> None:
     """A cell draws the plain job with the axis's value, what A1111's rules derive from it (a hires sampler's
-    "Automatic" schedule, a preset's eta only with its own sampler) derived by the job's own."""
+    "Automatic" schedule, a timestep sampler's own schedule, a preset's eta only with its own sampler) derived by
+    the job's own."""
     body = {**BASE, **job}
     plain_job, (picture,) = _drawn(client, {**body, **plain})
     plot, (_, cell) = _drawn(client, {**body, "script_name": "X/Y/Z plot", "script_args": [

@@ -24,7 +24,7 @@ from sdlab.pipeline.png_info import save_png_atomic
 from sdlab.pipeline.request import DEFAULT_HR_DENOISE, MASKED_CONTENT, RESIZE_MODES, GenerationRequest
 from sdlab.pipeline.styles import PROMPT_FIELDS
 from sdlab.server.a1111_scripts import RUNNABLE_SCRIPTS, SelectableScript, axis_types, script_args, sdlab_field
-from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice, spec_with_preset
+from sdlab.server.inputs import BadRequest, JobSpec, refiner_choice, sampler_and_schedule, spec_with_preset
 from sdlab.server.jobs import Job, QueueFull, Unavailable
 from sdlab.server.service import Service
 from sdlab.server.store import INTERRUPTED_ERROR, StoreError
@@ -65,13 +65,13 @@ AS_SENT = frozenset({"img2img_convention", "clip_skip_convention", "control_conv
 """The request's drawing conventions: a cell draws under the job's, whatever A1111's request of it says."""
 SET_BY = {      # an A1111 request field a script sets -> the request fields it sets, even to A1111's fill of them
     "sampler_name": ("sampler",), "sampler_index": ("sampler",), "hr_sampler_name": ("hr_sampler",),
-    "hr_scheduler": ("hr_schedule",),
 }
 OWN_VALUES = ("s_churn", "s_tmin", "s_tmax", "s_noise")
 """Fields a cell sets as the script set them: A1111 gives a sampler only those it takes (`a1111._sigma_options`)."""
-DERIVED = frozenset({"hr_schedule", "hr_eta"})
-"""Fields A1111's rules derive from others (a hires sampler's "Automatic" schedule and its eta): a cell takes them
-only where `SET_BY` says, the job's own rules deriving them from the fields the script changed."""
+DERIVED = frozenset({"schedule", "hr_schedule", "hr_eta"})
+"""Fields A1111's rules derive from others (a timestep sampler's own schedule, a hires sampler's "Automatic" one and
+its eta): a cell takes them only where the script named them (`_named_schedules`), the job's own rules deriving them
+from the fields the script changed."""
 MASK_FIELDS = ("mask_blur", "mask_blur_y", "invert_mask", "mask_round", "inpaint_fill", "inpaint_only_masked",
                "inpaint_padding")
 """How a mask draws: a job without a mask does not use its own, a script's mask draws with the script's."""
@@ -138,13 +138,24 @@ def _differs(a: Any, b: Any) -> bool:
     return a is not b and a != b
 
 
+def _named_schedules(body: Any) -> dict[str, str | None]:
+    """The schedules the A1111 request `body` names, as the native job's fields take them: `schedule` its scheduler
+    (unset, an old sampler name's: "DPM++ 2M Karras"), `hr_schedule` its hires scheduler (unset or "Use same
+    scheduler" the first pass's: None; "Automatic" the hires sampler's own), neither through A1111's rules."""
+    hires = getattr(body, "hr_scheduler", None)
+    return {"schedule": sampler_and_schedule(body.sampler_name or body.sampler_index, body.scheduler)[1],
+            "hr_schedule": None if hires in (None, "", "Use same scheduler")
+            else sampler_and_schedule(None, hires)[1] or "automatic"}
+
+
 def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
                  cell: tuple[Any, GenerationRequest]) -> tuple[GenerationRequest, set[str]]:
     """The native job's request `job` with what a script changed: `base` is the job's A1111 request body and the
     request A1111's rules make of it, `cell` the script's request body and its request. A field the two
     requests differ in takes the cell's value (the conventions `AS_SENT` and the `DERIVED` fields excepted), and so
-    do those `SET_BY` names where the script set them, `OWN_VALUES` (the body's) and, where the script gives a job
-    without a mask one, the `MASK_FIELDS`. Returns it and the fields changed."""
+    do those `SET_BY` names where the script set them, the schedules the script named (`_named_schedules`),
+    `OWN_VALUES` (the body's) and, where the script gives a job without a mask one, the `MASK_FIELDS`. Returns it
+    and the fields changed."""
     (base_body, base_request), (body, request) = base, cell
     changed = {field.name: getattr(request, field.name) for field in dataclasses.fields(request)
                if field.name not in AS_SENT | DERIVED and field.name not in OWN_VALUES
@@ -154,6 +165,8 @@ def cell_request(job: GenerationRequest, base: tuple[Any, GenerationRequest],
     for name, fields in SET_BY.items():
         if getattr(body, name) != getattr(base_body, name):
             changed.update({field: getattr(request, field) for field in fields})
+    named, base_named = _named_schedules(body), _named_schedules(base_body)
+    changed.update({field: value for field, value in named.items() if value != base_named[field]})
     changed.update({name: getattr(body, name) for name in OWN_VALUES
                     if getattr(body, name) != getattr(base_body, name)})
     return dataclasses.replace(job, **changed), set(changed)
