@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from safetensors.torch import save_file
 import sdlab
 import sdlab.api as sdlab_api
 from bundle_fixtures import tiny_bundle, write_original
-from server_fixtures import picture, sdlab_server  # noqa: F401  (a session fixture)
+from server_fixtures import picture, sdlab_server, wait_for_job  # noqa: F401  (a session fixture)
 from sdlab.cli import main
 from sdlab.pipeline import prompt_loras
 from sdlab.pipeline.png_info import lora_hash, parse_parameters, read_parameters
@@ -170,6 +171,33 @@ def test_a1111_api_disable_extra_networks_records_the_tags_as_sent(sdlab_server)
     same_info = json.loads(same.json()["info"])
     assert "Hires prompt" not in same_info["extra_generation_params"]
     assert "Hires prompt" not in parse_parameters(same_info["infotexts"][0])
+
+
+def test_a_disable_extra_networks_jobs_record_draws_it_again(sdlab_server):
+    """The history row of an A1111 job drawn with `disable_extra_networks` keeps the prompts as sent, tags included,
+    and the flag, which the native API takes: the row sent back (as Reuse sends it) draws the same picture, the
+    tag of a LoRA the server does not have no 404."""
+    from sdlab.server.native import JobIn
+
+    fields = {"steps": 2, "seed": 3, "width": 64, "height": 64, "enable_hr": True, "hr_scale": 1.5,
+              "hr_upscaler": "Latent"}
+    prompt, hr_prompt = "a red apple <lora:nothere:1>", "sharp <lora:other:0.5>"
+    with httpx.Client(base_url=sdlab_server.url, timeout=120) as client:
+        first = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, "hr_prompt": hr_prompt,
+                                                       "disable_extra_networks": True, **fields})
+        assert first.status_code == 200, first.text
+        row = client.get("/api/jobs", params={"limit": 1}).json()["jobs"][0]
+        record = row["request"]
+        assert (record["prompt"], record["hr_prompt"], record["disable_extra_networks"]) == (prompt, hr_prompt, True)
+        body = {key: value for key, value in record.items() if key in JobIn.model_fields and value is not None}
+        again = client.post("/api/jobs", json=body)
+        assert again.status_code == 202, again.text
+        job = wait_for_job(client, again.json()["id"])
+        assert job["status"] == "done", job
+        redrawn = Image.open(io.BytesIO(client.get(job["images"][0]).content)).convert("RGB")
+        assert job["request"]["prompt"] == prompt and job["request"]["disable_extra_networks"] is True
+    assert redrawn.tobytes() == picture(first.json()["images"][0]).tobytes()
+    assert job["infotexts"] == [json.loads(first.json()["info"])["infotexts"][0]]
 
 
 def _answer_pixels(answer: httpx.Response) -> list[bytes]:

@@ -453,6 +453,25 @@ def test_reuse_of_an_a1111_job_picks_the_schedules_its_request_records(page, bas
     assert np.array_equal(_pixels_of(base_url, again), _pixels_of(base_url, job))
 
 
+def test_reuse_of_an_a1111_job_drawn_without_extra_networks_draws_it_again(page, base_url):
+    """An A1111 job drawn with `disable_extra_networks` records its prompt with the tags and the flag: Reuse keeps
+    the flag under "Override settings" and Generate draws the same picture, the tags again unapplied (a LoRA the
+    server does not have no 404)."""
+    prompt = "an unapplied reuse <lora:nothere:1>"
+    http_json(base_url, "/sdapi/v1/txt2img", {"prompt": prompt, "steps": 2, "seed": 4, "width": 64, "height": 64,
+                                              "disable_extra_networks": True})
+    job = job_by_prompt(base_url, prompt)
+    reuse(page, base_url, job["id"])
+    wait(page, lambda d: value(d, "prompt") == prompt, 10, "the settings were not reused")
+    assert page.execute_script("return keptRequest()")["disable_extra_networks"] is True
+    assert text(page, "notice") == ""
+    page.find_element(By.ID, "generate").click()
+    wait(page, lambda d: job_by_prompt(base_url, prompt)["id"] != job["id"], 20, "the form queued no job")
+    again = wait_job(base_url, job_by_prompt(base_url, prompt)["id"])
+    assert again["status"] == "done", again
+    assert np.array_equal(_pixels_of(base_url, again), _pixels_of(base_url, job))
+
+
 @pytest.mark.parametrize("typed", ["", "abc"])
 def test_an_empty_or_mistyped_lora_weight_is_an_error_not_weight_0(page, base_url, typed):
     """The LoRA box's Weight and a listed LoRA's weight take a number: an emptied box or text is one error naming

@@ -163,6 +163,8 @@ class JobIn(NullsAreDefaults):
     hr_eta: float | None = None             # the second pass's eta; unset: eta
     hr_prompt: str = ""
     hr_negative_prompt: str = ""
+    disable_extra_networks: bool = False    # A1111's: the prompts' <kind:...> tags drawn as no text, none applied,
+                                            # recorded as sent (a job of the A1111 API drawn so records it)
     tiling: bool = False                    # a seamless picture, whose edges wrap around (A1111's Tiling)
     refiner: str | None = None              # an SDXL refiner (a model's title or name) that finishes the schedule
     refiner_switch: float = 0.8             # ... after this fraction of it drawn by `model`
@@ -310,6 +312,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
     unset = unset_preset_fields({key for key in body.model_fields_set if getattr(body, key) is not None}, generation)
     spec = JobSpec(generation, loras=tuple(LoraChoice(l.name, l.weight) for l in body.loras),
                    batch_count=body.batch_count, model_preset_fills=unset, **_vae_fields(service, body.vae),
+                   extra_networks=not body.disable_extra_networks,
                    styles=tuple(body.styles), typed_prompts={key: getattr(body, key) for key in PROMPT_FIELDS},
                    refiner=refiner_choice(body.refiner, body.refiner_switch, body.refiner_convention, "refiner_switch"))
     try:                                                # over the model's preset (the worker applies that one)

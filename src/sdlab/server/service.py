@@ -159,6 +159,8 @@ class Service:
                     **spec.recorded(spec.shown(request).parameters())}
         if spec.batch_count > 1:
             settings["batch_count"] = spec.batch_count
+        if not spec.extra_networks:             # the prompts keep their tags: a redraw takes them out again
+            settings["disable_extra_networks"] = True
         if spec.script_job is not None:
             settings["script_job"] = spec.script_job
         if spec.vae is not None or not spec.sidecar_vae:

@@ -86,9 +86,10 @@ const KEPT = {
   sdxl_clip_l_skip: { name: "Clip skip SDXL", none: false, with: [] },
   extra_noise: { name: "Extra noise", none: 0, with: [] },
   inpainting_mask_weight: { name: "Conditional mask weight", none: 1, with: [] },
-  // A1111's mask_round (its API's jobs'), Emphasis, Old prompt editing timelines, Downcast alphas_cumprod and Noise
-  // Schedule stay too
+  // A1111's mask_round and disable_extra_networks (its API's jobs'), Emphasis, Old prompt editing timelines, Downcast
+  // alphas_cumprod and Noise Schedule stay too
   mask_round: { name: "Mask round", none: true, with: [] },
+  disable_extra_networks: { name: "Disable extra networks", none: false, with: [] },
   control_convention: { name: "Control steps", none: "diffusers", with: [] },
   emphasis: { name: "Emphasis", none: "Original", with: [] },
   old_prompt_editing: { name: "Old prompt editing timelines", none: false, with: [] },
