@@ -91,14 +91,19 @@ def test_loopback_of_two_loops_from_the_img2img_tab(page, base_url, tmp_path):
 
 def test_reuse_of_an_api_script_job_restores_the_arguments_it_drew_with(page, base_url):
     """A job sent with fewer script_args than the script takes drew the rest at the script's defaults (A1111 fills
-    them), which Reuse restores over the form's; its X/Y/Z dropdown lists (csv_mode off) go into the values boxes."""
+    them), which Reuse restores over the form's; its X/Y/Z dropdown lists (csv_mode off) go into the values boxes of
+    the axes with choices, which read them (A1111's and the server's rule): a list beside a Steps axis is left out,
+    and an axis with choices and an empty list gets an empty box (the server refuses it, as it refused the job)."""
     short = {"prompt": "reuse short args", "steps": 1, "seed": 5, "width": 64, "height": 64,
              "script_name": "X/Y/Z plot", "script_args": [4, "1,2"]}
     listed = {**short, "prompt": "reuse dropdown lists", "sampler": "Euler",
               "script_args": [9, "", ["Euler", "DPM++ 2M"], 0, "", [], 0, "", [], True, False, False, False, False,
                               False, False, 0, False]}
-    jobs = [wait_job(base_url, http_json(base_url, "/api/jobs", body)["id"]) for body in (short, listed)]
-    assert [job["status"] for job in jobs] == ["done", "done"], jobs
+    stray = {**short, "prompt": "reuse a stray list",
+             "script_args": [4, "1,2", ["5"], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0,
+                             False]}
+    jobs = [wait_job(base_url, http_json(base_url, "/api/jobs", body)["id"]) for body in (short, listed, stray)]
+    assert [job["status"] for job in jobs] == ["done", "done", "done"], jobs
     open_page(page, base_url)                   # the gallery lists them
     wait(page, lambda d: d.execute_script("return state.scripts !== null"), 20, "GET /api/scripts not read")
     Select(page.find_element(By.ID, "script")).select_by_visible_text("X/Y/Z plot")
@@ -106,10 +111,14 @@ def test_reuse_of_an_api_script_job_restores_the_arguments_it_drew_with(page, ba
     set_value(page, "xyz_y_values", "3,9")
     expected = ([4, "1,2", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, True],
                 [9, "Euler, DPM++ 2M", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0,
-                 True])
+                 True],
+                [4, "1,2", [], 0, "", [], 0, "", [], True, False, False, False, False, False, False, 0, True])
     for job, args in zip(jobs, expected):
         card = f'#gallery [data-job-id="{job["id"]}"]'
         wait(page, lambda d: d.find_elements(By.CSS_SELECTOR, f"{card} button.reuse"), 20, "no gallery card")
         page.find_element(By.CSS_SELECTOR, f"{card} button.reuse").click()
         assert page.execute_script("return scriptRequest()")["script_args"] == args
         assert text(page, "notice") == ""
+    empty = {**listed, "script_args": [9, "Euler", [], *listed["script_args"][3:]]}      # a job the server refuses
+    page.execute_script("reuseSettings(arguments[0])", {"request": empty})
+    assert page.execute_script("return scriptRequest()")["script_args"][:3] == [9, "", []]

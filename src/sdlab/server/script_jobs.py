@@ -371,13 +371,15 @@ def live_job(service: Service, job_id: str) -> Job | None:
 def native_scripts(service: Service) -> dict[str, Any]:
     """The scripts each tab offers (A1111's titles and `ScriptInfo.args` as `GET /sdapi/v1/script-info` gives
     them: SD upscale's upscalers the server's) and the X/Y/Z plot axes sdlab draws, each with its index in A1111's
-    axis list of the tab (its `x_type` / `y_type` / `z_type`)."""
+    axis list of the tab (its `x_type` / `y_type` / `z_type`) and whether it has choices (its values then come from
+    the `*_values_dropdown` argument unless `csv_mode`)."""
     from sdlab.server import a1111      # here: a1111 imports the native routes, which import this module
     upscalers = a1111.upscaler_names(service)
     out: dict[str, Any] = {}
     for mode, img2img in (("txt2img", False), ("img2img", True)):
         out[mode] = {"scripts": [{"title": s.title, "args": [vars(arg) for arg in script_args(s, img2img, upscalers)]}
                                  for s in RUNNABLE_SCRIPTS if mode in s.modes],
-                     "axes": [{"index": i, "label": axis.label} for i, axis in enumerate(axis_types(mode))
+                     "axes": [{"index": i, "label": axis.label, "choices": axis.choices}
+                              for i, axis in enumerate(axis_types(mode))
                               if sdlab_field(axis) is not None]}
     return out

@@ -532,12 +532,16 @@ function fillScript(settings, unknown) {
   showScriptControls();
 }
 
-// An X/Y/Z plot's dropdown lists (its csv_mode off) in its values boxes, each value quoted as A1111's csv reads it
+// An X/Y/Z plot's dropdown lists (its csv_mode off) in the values boxes of the axes that read them, those with
+// choices (`GET /api/scripts`; A1111's and the server's rule), each value quoted as A1111's csv reads it; the other
+// axes keep their text
 function fillDropdowns(args) {
   const csv = (value) => (/[",]/.test(value) ? `"${value.replaceAll('"', '""')}"` : value);
-  for (const [spec, value] of args) {
-    if (spec.into && Array.isArray(value) && value.length) $(spec.into).value = value.map((v) => csv(String(v))).join(", ");
-  }
+  const axes = state.scripts[state.mode === "txt2img" ? "txt2img" : "img2img"].axes;
+  args.forEach(([spec, value], index) => {
+    const axis = spec.into && axes.find((a) => a.index === Number(args[index - 2][1]));
+    if (axis && axis.choices) $(spec.into).value = (Array.isArray(value) ? value : []).map((v) => csv(String(v))).join(", ");
+  });
 }
 
 function readFile(file) {
