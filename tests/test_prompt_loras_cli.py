@@ -160,7 +160,9 @@ def test_a1111_api_disable_extra_networks_records_the_tags_as_sent(sdlab_server)
         plain = client.post("/txt2img", json={"prompt": "a red apple ", "hr_prompt": "sharp ", **fields})
         same = client.post("/txt2img", json={"prompt": prompt, "hr_prompt": prompt,
                                              "disable_extra_networks": True, **fields})
-    assert disabled.status_code == plain.status_code == same.status_code == 200, disabled.text
+        spaced = client.post("/txt2img", json={"prompt": prompt, "hr_prompt": prompt.replace(" ", "  ", 1),
+                                               "disable_extra_networks": True, **fields})
+    assert disabled.status_code == plain.status_code == same.status_code == spaced.status_code == 200, disabled.text
     assert _answer_pixels(disabled) == _answer_pixels(plain)
     info = json.loads(disabled.json()["info"])
     assert info["prompt"] == prompt and info["all_prompts"] == [prompt]
@@ -171,6 +173,9 @@ def test_a1111_api_disable_extra_networks_records_the_tags_as_sent(sdlab_server)
     same_info = json.loads(same.json()["info"])
     assert "Hires prompt" not in same_info["extra_generation_params"]
     assert "Hires prompt" not in parse_parameters(same_info["infotexts"][0])
+    spaced_info = json.loads(spaced.json()["info"])     # compared character for character, as A1111 compares
+    assert spaced_info["extra_generation_params"]["Hires prompt"] == "a  red apple <lora:style:1>"
+    assert _answer_pixels(spaced) == _answer_pixels(same)
 
 
 def test_a_disable_extra_networks_jobs_record_draws_it_again(sdlab_server):

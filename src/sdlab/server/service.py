@@ -177,11 +177,12 @@ def _without_extra_networks(request: GenerationRequest) -> tuple[GenerationReque
     """A1111's `disable_extra_networks` of `request`: (the request with its prompt and hires prompt drawn without
     their comments and extra-network tags, none looked up or applied, the prompt and the hires prompt to record:
     without their comments, tags kept). A hires prompt of tags alone draws as an empty one (" "), not as the
-    prompt; one that is the prompt once both are compared as drawn (whitespace collapsed) records none, as
-    A1111 writes `Hires prompt` only for one that differs."""
+    prompt; one that is the prompt character for character records none, as A1111's `init` writes `Hires prompt`
+    only where `tuple(hr_prompt) != tuple(prompt)` (so a hires prompt spaced otherwise is recorded, though it
+    draws as the prompt)."""
     prompt, hr_prompt = strip_comments(request.prompt), strip_comments(request.hr_prompt or "")
     drawn_hr = (without_extra_networks(hr_prompt) or " ") if hr_prompt else ""
-    recorded_hr = "" if hr_prompt.split() == prompt.split() else hr_prompt
+    recorded_hr = "" if hr_prompt == prompt else hr_prompt
     return replace(request, prompt=without_extra_networks(prompt), hr_prompt=drawn_hr), prompt, recorded_hr
 
 
