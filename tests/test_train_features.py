@@ -225,12 +225,12 @@ def test_bf16_sdxl_lora_keeps_the_models_own_vae_fp32(tmp_path, monkeypatch, tas
     """An SDXL LoRA or LCM-LoRA run under bf16 holds its frozen U-Net and text encoders in bf16 but the model's own
     VAE in fp32, as diffusers' train_text_to_image_lora_sdxl.py (vae.to(dtype=torch.float32) without
     --pretrained_vae_model_name_or_path) and train_lcm_distill_lora_sdxl.py keep it; a separate VAE (--vae) runs in
-    bf16, as those scripts cast a --pretrained_vae_model_name_or_path one to weight_dtype. Its previews draw. The
-    model's own VAE was bf16 before."""
-    bundle = tiny_bundle("sdxl", seed=0)
-    model = write_original(bundle, tmp_path / "tiny-sdxl.safetensors")
+    bf16, as those scripts cast a --pretrained_vae_model_name_or_path one to weight_dtype. Each is the VAE its file
+    holds, bit for bit in its dtype, with the file's latent scaling. Its previews draw. The model's own VAE was bf16
+    before."""
+    model = write_original(tiny_bundle("sdxl", seed=0), tmp_path / "tiny-sdxl.safetensors")
     separate_vae = tmp_path / "separate-vae.safetensors"
-    save_file({k: v.contiguous() for k, v in bundle.vae.state_dict().items()}, str(separate_vae))
+    save_file({k: v.contiguous() for k, v in tiny_bundle("sdxl", seed=1).vae.state_dict().items()}, str(separate_vae))
     data_dir = write_caption_folder(tmp_path / "data", n=2, size=RES)
     module = importlib.import_module(TASK_MODULES[task])
     built = []
@@ -247,23 +247,48 @@ def test_bf16_sdxl_lora_keeps_the_models_own_vae_fp32(tmp_path, monkeypatch, tas
                                      ("text", [te.model for te in run.bundle.text_encoders]))} for run in built]
     bf16, fp32 = {torch.bfloat16}, {torch.float32}
     assert dtypes == [{"unet": bf16, "vae": fp32, "text": bf16}, {"unet": bf16, "vae": bf16, "text": bf16}]
+    for run, vae, dtype in zip(built, (None, separate_vae), (torch.float32, torch.bfloat16)):
+        as_loaded = load_bundle(model, vae=vae, dtype=dtype)
+        held, read = run.bundle.vae.state_dict(), as_loaded.vae.state_dict()
+        assert held.keys() == read.keys() and all(torch.equal(held[k], read[k]) for k in read), vae
+        assert (run.bundle.scaling_factor, run.bundle.latent_stats) == (as_loaded.scaling_factor,
+                                                                         as_loaded.latent_stats), vae
 
 
 @pytest.mark.parametrize("extra", [{}, {"lora_rank": 4}, {"task": "lcd"}])
-def test_bf16_sdxl_run_encodes_in_fp32_as_its_latent_cache(tmp_path, extra):
+def test_bf16_sdxl_run_encodes_in_fp32_as_its_latent_cache(tmp_path, monkeypatch, extra):
     """An SDXL run under bf16 (fine-tune, LoRA, distillation) encodes its images with the fp32 VAE in fp32, outside
     the loop's autocast, as diffusers' SDXL trainers encode (train_text_to_image_sdxl.py before training, the LoRA
     scripts' vae.encode outside the U-Net's autocast): the first-step loss of an uncached run equals a cached one's
     (same posterior draw), as for SD1 (test_latent_cache_is_reused_and_matches_uncached_loss). Autocast ran the
-    uncached encode in bf16 before: relative difference 1.3e-3."""
+    uncached encode in bf16 before: relative difference 1.3e-3. Each encode (the cache's and the step's) gives the
+    posterior mean an fp32 encode of the file's VAE gives its images (difference 0 measured); cached == uncached
+    alone also holds where both encode with a bf16 VAE, whose means differ from it by 1.4e-2 of their range."""
     model = write_original(tiny_bundle("sdxl", seed=0), tmp_path / "tiny-sdxl.safetensors")
     data_dir = write_caption_folder(tmp_path / "data", n=2, size=RES)
+    encodes = []
+    real_encode = AutoencoderKL.encode
+
+    def recording_encode(self, x, *args, **kwargs):
+        posterior = real_encode(self, x, *args, **kwargs)
+        encodes.append((x.detach().clone(), posterior.mean.detach().clone()))
+        return posterior
+
+    monkeypatch.setattr(AutoencoderKL, "encode", recording_encode)
     common = {"mixed_precision": "bf16", "max_steps": 1, "caption_dropout": 0.0, **extra}
     run_from_config(_config(tmp_path / "cached", model, data_dir, cache_latents=True, **common))
     run_from_config(_config(tmp_path / "uncached", model, data_dir, **common))
     cached, uncached = _first_loss(tmp_path / "cached"), _first_loss(tmp_path / "uncached")
     print(f"SDXL bf16 {extra}: first-step loss cached {cached}, uncached {uncached}")
     assert abs(cached - uncached) <= 1e-5 * abs(uncached), (cached, uncached)
+    reference = load_bundle(model, dtype=torch.float32).vae
+    assert len(encodes) == 2
+    for pixels, mean in encodes:
+        with torch.no_grad():
+            expected = real_encode(reference, pixels.float()).mean  # (B, C, h, w)
+        worst = ((mean.float() - expected).abs().max() / expected.abs().max()).item()
+        print(f"SDXL bf16 {extra}: encode {mean.dtype}, max difference to an fp32 encode {worst:.2e} of its range")
+        assert mean.dtype == torch.float32 and worst <= 1e-5, worst
 
 
 # --- latent caching --------------------------------------------------------------------------------------
