@@ -28,6 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from bundle_fixtures import tiny_bundle, write_original
+from sdlab.checkpoints.components import ComponentSource
 from sdlab.checkpoints.load import load_bundle
 from sdlab.diffusion.denoiser import Prediction
 from sdlab.diffusion.model_sampling import DiscreteModelSampling
@@ -226,8 +227,8 @@ def test_bf16_sdxl_lora_keeps_the_models_own_vae_fp32(tmp_path, monkeypatch, tas
     VAE in fp32, as diffusers' train_text_to_image_lora_sdxl.py (vae.to(dtype=torch.float32) without
     --pretrained_vae_model_name_or_path) and train_lcm_distill_lora_sdxl.py keep it; a separate VAE (--vae) runs in
     bf16, as those scripts cast a --pretrained_vae_model_name_or_path one to weight_dtype. Each is the VAE its file
-    holds, bit for bit in its dtype, with the file's latent scaling. Its previews draw. The model's own VAE was bf16
-    before."""
+    holds, bit for bit in its dtype, with the file's latent scaling, read once in that dtype (the own one was read in
+    bf16, then again in fp32). Its previews draw. The model's own VAE was bf16 before."""
     model = write_original(tiny_bundle("sdxl", seed=0), tmp_path / "tiny-sdxl.safetensors")
     separate_vae = tmp_path / "separate-vae.safetensors"
     save_file({k: v.contiguous() for k, v in tiny_bundle("sdxl", seed=1).vae.state_dict().items()}, str(separate_vae))
@@ -236,12 +237,22 @@ def test_bf16_sdxl_lora_keeps_the_models_own_vae_fp32(tmp_path, monkeypatch, tas
     built = []
     real_build = module.build_task
     monkeypatch.setattr(module, "build_task", lambda cfg, bundle: built.append(real_build(cfg, bundle)) or built[-1])
+    vae_reads = []
+    real_materialize = ComponentSource.materialize
+
+    def recording_materialize(self, dtype, device):
+        if self.name == "vae":
+            vae_reads.append(dtype)
+        return real_materialize(self, dtype, device)
+
+    monkeypatch.setattr(ComponentSource, "materialize", recording_materialize)
     previews = {"sample_every": 1, "sample_prompts": ("a cat",), "sample_steps": 2}
     for name, vae in (("own", None), ("separate", str(separate_vae))):
         out = tmp_path / name
         result = run_from_config(_config(out, model, data_dir, task=task, mixed_precision="bf16", max_steps=1,
                                          lora_rank=4, vae=vae, **previews))
         assert math.isfinite(result.last_loss) and (out / "samples" / "step-00000001-00.png").is_file()
+    assert vae_reads == [torch.float32, torch.bfloat16]
     dtypes = [{part: {p.dtype for m in modules for p in m.parameters() if not p.requires_grad}
                for part, modules in (("unet", [run.bundle.unet]), ("vae", [run.bundle.vae]),
                                      ("text", [te.model for te in run.bundle.text_encoders]))} for run in built]

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -397,6 +397,7 @@ def load_bundle(
     prediction: str | Prediction | None = None,
     vae: str | os.PathLike[str] | None = None,
     sidecar_vae: bool = True,
+    vae_dtype: Callable[[LoadReport], torch.dtype | None] | None = None,
 ) -> ModelBundle:
     """Load an SD1 / SD2 / SDXL checkpoint (single file or diffusers folder) as a `ModelBundle`.
 
@@ -405,10 +406,12 @@ def load_bundle(
     large U-Net on a CPU with native bf16, fp32 for a small one). `family` overrides detection, `prediction`
     ("eps", "v", ...) overrides the file, `vae` replaces the checkpoint's VAE with a standalone one (by default
     the `<name>.vae.*` file beside a single file, if any: module docstring; `sidecar_vae` False keeps the file's
-    own).
+    own). `vae_dtype` picks the VAE's own dtype from the planned checkpoint's report (which VAE, which family);
+    None from it, or no `vae_dtype`, reads the VAE in `dtype` too.
     """
     plan = plan_checkpoint(path, family=family, prediction=prediction, vae=vae, sidecar_vae=sidecar_vae)
-    return materialize(plan, device=device, dtype=plan_dtype(plan, device) if dtype is None else dtype)
+    return materialize(plan, device=device, dtype=plan_dtype(plan, device) if dtype is None else dtype,
+                       vae_dtype=None if vae_dtype is None else vae_dtype(plan.report))
 
 
 def plan_dtype(plan: CheckpointPlan, device: torch.device | str) -> torch.dtype:
@@ -417,11 +420,13 @@ def plan_dtype(plan: CheckpointPlan, device: torch.device | str) -> torch.dtype:
     return auto_dtype(device, unet.num_parameters)
 
 
-def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> ModelBundle:
-    """Read the weights of a checked plan into modules (built on `meta`, assigned in place)."""
+def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                vae_dtype: torch.dtype | None = None) -> ModelBundle:
+    """Read the weights of a checked plan into modules (built on `meta`, assigned in place), each in `dtype`, the VAE
+    in `vae_dtype` where given."""
     report = plan.report
     unet = plan.unet.materialize(dtype, device)
-    vae = plan.vae.materialize(dtype, device)
+    vae = plan.vae.materialize(vae_dtype or dtype, device)
     encoders = tuple(
         TextEncoder(spec=spec, config=src.config, model=src.materialize(dtype, device),
                     tokenizer=default_tokenizer(spec.pad_token_id))
@@ -440,17 +445,17 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
 
 
 def with_vae(bundle: ModelBundle, vae: str | os.PathLike[str] | None = None, *,
-             sidecar_vae: bool = True, dtype: torch.dtype | None = None) -> ModelBundle:
+             sidecar_vae: bool = True) -> ModelBundle:
     """`bundle` (loaded from its file by `load_bundle`) with the VAE that `load_bundle(bundle.source, vae=vae,
     sidecar_vae=sidecar_vae)`, given the `family` / `prediction` overrides it was loaded with (`_overrides`), gives
-    it: planned as that plans it, its tensors alone read, in `dtype` (default: the bundle's) and on its device; its
-    config, the latent scaling and statistics it declares and the report follow. The U-Net and text encoders (LoRAs
-    merged, embeddings installed) stay."""
+    it: planned as that plans it, its tensors alone read, in the bundle's dtype and on its device; its config, the
+    latent scaling and statistics it declares and the report follow. The U-Net and text encoders (LoRAs merged,
+    embeddings installed) stay."""
     plan = plan_checkpoint(bundle.source, vae=vae, sidecar_vae=sidecar_vae, **_overrides(bundle.report))
     report = plan.report
     logger.info("%s: VAE %s", report.source, Path(report.vae_file).name if report.vae_file else "its own")
     return check_weights(replace(
-        bundle, vae=plan.vae.materialize(dtype or bundle.dtype, bundle.device), vae_config=plan.vae.config,
+        bundle, vae=plan.vae.materialize(bundle.dtype, bundle.device), vae_config=plan.vae.config,
         scaling_factor=report.scaling_factor, latent_stats=report.latent_stats, report=report), only="vae")
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import io
 import json
@@ -40,7 +41,8 @@ from types import ModuleType
 import torch
 
 from sdlab.checkpoints.errors import CheckpointError
-from sdlab.checkpoints.load import load_bundle, with_vae
+from sdlab.checkpoints.load import load_bundle
+from sdlab.checkpoints.plan import LoadReport
 from sdlab.families.loaded import ModelBundle
 from sdlab.train.config import (
     TRAIN_EPILOG,
@@ -155,15 +157,14 @@ def _load_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.mixed_precision == "bf16" and frozen else torch.float32
 
 
-def _with_fp32_sdxl_vae(cfg: TrainConfig, bundle: ModelBundle) -> ModelBundle:
-    """``bundle`` with its VAE read again in fp32 where a LoRA / LCM-LoRA run loaded an SDXL checkpoint's own VAE
-    in bf16 (`_load_dtype`), as diffusers' train_text_to_image_lora_sdxl.py and train_lcm_distill_lora_sdxl.py
-    keep the model's VAE fp32 and cast only a separate one (``--vae`` or a sidecar file here) to weight_dtype; an
-    embedding run's stays bf16, as textual_inversion_sdxl.py casts it."""
-    if not (bundle.family.is_sdxl and _load_dtype(cfg) == torch.bfloat16 and cfg.task != "embedding"
-            and bundle.report.vae_file is None):
-        return bundle
-    return with_vae(bundle, cfg.vae, sidecar_vae=cfg.sidecar_vae, dtype=torch.float32)
+def _vae_dtype(cfg: TrainConfig, report: LoadReport) -> torch.dtype | None:
+    """fp32 for an SDXL checkpoint's own VAE where a LoRA / LCM-LoRA run loads the model in bf16 (`_load_dtype`),
+    as diffusers' train_text_to_image_lora_sdxl.py and train_lcm_distill_lora_sdxl.py keep the model's VAE fp32 and
+    cast only a separate one (``--vae`` or a sidecar file here) to weight_dtype; an embedding run's stays bf16, as
+    textual_inversion_sdxl.py casts it. None (the load dtype) otherwise."""
+    own_sdxl_vae = report.family.is_sdxl and report.vae_file is None
+    frozen_in_bf16 = _load_dtype(cfg) == torch.bfloat16 and cfg.task != "embedding"
+    return torch.float32 if own_sdxl_vae and frozen_in_bf16 else None
 
 
 def _cast_frozen_parts(cfg: TrainConfig, bundle: ModelBundle, task, writes_the_model: bool) -> None:
@@ -369,9 +370,9 @@ def run_from_config(cfg: TrainConfig, ctx: DistContext | None = None, resume: Re
         _make_output_dir(cfg.output_dir)
         torch.manual_seed(cfg.seed)  # LoRA initialisation and anything else drawn at set-up
         bundle = load_bundle(cfg.model, device=ctx.device, dtype=_load_dtype(cfg), family=cfg.family,
-                             prediction=cfg.prediction, vae=cfg.vae, sidecar_vae=cfg.sidecar_vae)
+                             prediction=cfg.prediction, vae=cfg.vae, sidecar_vae=cfg.sidecar_vae,
+                             vae_dtype=functools.partial(_vae_dtype, cfg))
         cfg = _with_model_kind(cfg, bundle.family.name, bundle.prediction.value)
-        bundle = _with_fp32_sdxl_vae(cfg, bundle)
         cfg = _with_native_resolution(cfg, bundle)
         task = task_module.build_task(cfg, bundle)
         _cast_frozen_parts(cfg, bundle, task, writes_the_model=ctx.is_main)
