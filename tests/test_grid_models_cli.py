@@ -167,6 +167,41 @@ def test_each_model_loads_once_where_a1111s_order_alternates_them(models: Path, 
     assert np.abs(got - want).max() == 0 and recorded == text
 
 
+def test_each_checkpoint_finds_its_loras_as_txt2img_with_that_model(models: Path, tmp_path: Path, capsys) -> None:
+    """Two A1111 trees (models/Stable-diffusion/M, models/Lora/ink), each with its own ink LoRA: a Checkpoint name
+    cell of `<lora:ink:1>` and `--lora ink` (by name) merges and records the ink beside its checkpoint, as txt2img
+    --model M does, with or without the grid's --model (from either tree)."""
+    import shutil
+
+    from test_prompt_loras import _lora_file, _small_lora
+
+    checkpoints = []
+    for tree, (name, seed) in enumerate((("alpha", 0), ("beta", 1))):
+        folder = tmp_path / f"webui{tree}" / "models"
+        (folder / "Stable-diffusion").mkdir(parents=True)
+        checkpoints.append(shutil.copy(models / f"{name}.safetensors", folder / "Stable-diffusion"))
+        _lora_file(folder / "Lora" / "ink.safetensors", _small_lora(seed))
+        _lora_file(folder / "Lora" / "tag.safetensors", _small_lora(seed + 2))
+    prompt, axis = "a red apple <lora:tag:0.8>", f"Checkpoint name={checkpoints[0]},{checkpoints[1]}"
+    drawn = {}
+    for model in checkpoints:
+        out = tmp_path / f"single-{Path(model).stem}.png"
+        code, _, err = run(["txt2img", prompt, *SETTINGS, "--lora", "ink", "--model", model, "--no-progress",
+                            "--out", str(out)], capsys)
+        assert code == 0, err
+        drawn[model] = pixels(out), parse_parameters(read_parameters(out))
+    assert drawn[checkpoints[0]][1]["Lora hashes"] != drawn[checkpoints[1]][1]["Lora hashes"]
+    for given in ([], ["--model", checkpoints[1]]):
+        cells = tmp_path / f"cells{len(given)}"
+        code, _, err = run(["grid", prompt, *SETTINGS, "--lora", "ink", *given, "--x", axis, "--out",
+                            str(tmp_path / "grid.png"), "--keep-cells", str(cells), "--no-progress"], capsys)
+        assert code == 0, err
+        for i, model in enumerate(checkpoints):
+            got, recorded = _cell(cells, i, (i, 0, 0))
+            want, text = drawn[model]
+            assert np.abs(got - want).max() == 0 and recorded == text, (given, model)
+
+
 @pytest.mark.parametrize("axes, options, message", [
     (["--x", "Checkpoint name={alpha},{models}/gone.safetensors"], [], "gone.safetensors: no such file"),
     (["--x", "VAE=None,{models}/notes.txt"], ["--model", "{alpha}"], "notes.txt"),

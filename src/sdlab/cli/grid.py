@@ -29,15 +29,15 @@ nothing; the folders it goes to (--out's and --keep-cells) are checked before th
 then.
 
 A1111's model axes draw each cell as `sdlab txt2img --model M --vae V --refiner R --refiner-switch S` with the grid's
-other options (`CellModel`): a Checkpoint name is a checkpoint file or diffusers folder (as --model takes it), a VAE
-None (the checkpoint's own: --no-sidecar-vae), Automatic (its sidecar <name>.vae.* where there is one: txt2img's
-default) or a VAE file, a Refiner checkpoint None (no refiner) or a refiner file, a Refiner switch at the switch;
-what no axis sets is --model's, --vae's, --refiner's. Every model is checked before any loads, without reading a
-weight (a missing or unreadable file, a VAE or refiner that does not fit its checkpoint, a refiner with the hires
-fix, a Refiner switch at axis no cell's refiner reads). One checkpoint is held at a time and the cells are drawn in
-A1111's order (the costliest axis, Checkpoint name, outermost) with each model's cells kept together, so that each
-loads once; another VAE, refiner or switch of the same checkpoint reads only those. The checks a loaded model makes
-(clip skip, memory) run on its cells before they draw.
+other options (`CellModel`; its LoRAs found as that run finds them, `_Loras`): a Checkpoint name is a checkpoint file or
+diffusers folder (as --model takes it), a VAE None (the checkpoint's own: --no-sidecar-vae), Automatic (its sidecar
+<name>.vae.* where there is one: txt2img's default) or a VAE file, a Refiner checkpoint None (no refiner) or a refiner
+file, a Refiner switch at the switch; what no axis sets is --model's, --vae's, --refiner's. Every model is checked
+before any loads, without reading a weight (a missing or unreadable file, a VAE or refiner that does not fit its
+checkpoint, a refiner with the hires fix, a Refiner switch at axis no cell's refiner reads). One checkpoint is held at a
+time and the cells are drawn in A1111's order (the costliest axis, Checkpoint name, outermost) with each model's cells
+kept together, so that each loads once; another VAE, refiner or switch of the same checkpoint reads only those. The
+checks a loaded model makes (clip skip, memory) run on its cells before they draw.
 """
 
 from __future__ import annotations
@@ -259,27 +259,63 @@ def _found_upscaler(cell: dict) -> dict:
     return {**cell, "hr_upscaler": find_upscaler(cell["hr_upscaler"], [Path(".")])}
 
 
-def _cell_loras(args: argparse.Namespace, cells, finder) -> dict[str, tuple]:
-    """Each cell prompt (as typed, after Prompt S/R) -> `_resolve_loras`' (prompt for the pipeline, `LoraRef`s,
-    prompt to record): a cell applies and records the `<lora:...>` tags of its own prompt, as A1111 draws and
-    records each cell (an S/R may add, remove or swap a tag); errors (a missing LoRA) before any work."""
-    from sdlab.cli.generate import _resolve_loras
+class _Loras:
+    """The LoRAs as `sdlab txt2img --model M` finds them for a checkpoint M's cells (`flags`: its txt2img flags,
+    `CellModel.flags`), in its LoRA folders (`_lora_search_dirs`: --lora-dir, then A1111's models/Lora beside M):
+    `find`, its `_lora_finder`; `files`, the --lora files merged at load; and each cell prompt's LoRAs (`prompt`)."""
 
-    resolved = {}
-    for _, cell in cells:
-        if cell["prompt"] not in resolved:
-            for_pipeline, _, refs, to_record = _resolve_loras(args, cell["prompt"], {}, finder)
-            resolved[cell["prompt"]] = (for_pipeline, refs, to_record)
-    return resolved
+    def __init__(self, flags: argparse.Namespace) -> None:
+        from sdlab.cli.generate import _lora_finder, _parse_lora
+
+        self.flags, self.find = flags, _lora_finder(flags)
+        self.files = [_parse_lora(spec, self.find) for spec in flags.lora]
+        self._prompts: dict[str, tuple] = {}
+
+    def prompt(self, typed: str) -> tuple:
+        """A cell prompt (as typed, after Prompt S/R) -> `_resolve_loras`' (prompt for the pipeline, `LoraRef`s,
+        prompt to record): a cell applies and records the `<lora:...>` tags of its own prompt, as A1111 draws and
+        records each cell (an S/R may add, remove or swap a tag)."""
+        from sdlab.cli.generate import _resolve_loras
+
+        if typed not in self._prompts:
+            for_pipeline, _, refs, to_record = _resolve_loras(self.flags, typed, {}, self.find)
+            self._prompts[typed] = (for_pipeline, refs, to_record)
+        return self._prompts[typed]
+
+    def hires_options(self, options: dict) -> dict:
+        """`options` with the hires prompt the second pass draws with the --lora files merged at load
+        (`drawn_hires_prompt`), as txt2img's."""
+        from sdlab.pipeline.infotext import drawn_hires_prompt
+
+        if not options.get("hr_prompt"):
+            return options
+        merged = {Path(path).stem: weight for path, weight in self.files}
+        return {**options, "hr_prompt": drawn_hires_prompt(options["hr_prompt"], merged)}
 
 
-def _for_pipeline(cells, loras: dict[str, tuple]):
-    """`cells` as requests: each prompt as the pipeline takes it (tags of `--lora` files left out), without the
-    model a model axis set (`CellModel`)."""
+def _cell_loras(args: argparse.Namespace, models: dict) -> dict:
+    """Each checkpoint (`CellModel.model`) -> its `_Loras`, one for the checkpoints of one set of LoRA folders."""
+    from sdlab.cli.generate import _lora_search_dirs
+
+    by_folders: dict[tuple, _Loras] = {}
+    by_checkpoint: dict = {}
+    for model in models.values():
+        if model.model not in by_checkpoint:
+            flags = model.flags(args)
+            folders = tuple(map(tuple, _lora_search_dirs(flags)))
+            if folders not in by_folders:
+                by_folders[folders] = _Loras(flags)
+            by_checkpoint[model.model] = by_folders[folders]
+    return by_checkpoint
+
+
+def _for_pipeline(cells, loras_of) -> list:
+    """`cells` as requests: each prompt as the pipeline takes it (`loras_of(index)`: the cell's `_Loras`; tags of
+    `--lora` files left out), without the model a model axis set (`CellModel`); a missing LoRA is an error."""
     from sdlab.pipeline.grid import MODEL_FIELDS
 
     return [(index, {**{key: value for key, value in cell.items() if key not in MODEL_FIELDS},
-                     "prompt": loras[cell["prompt"]][0]}) for index, cell in cells]
+                     "prompt": loras_of(index).prompt(cell["prompt"])[0]}) for index, cell in cells]
 
 
 @dataclass(frozen=True)
@@ -393,8 +429,8 @@ class HeldModel:
     loaded as txt2img loads it with those flags; from the model before it only what changes is read (a checkpoint
     all of it, the previous one let go first; the same checkpoint's VAE, refiner or switch those alone)."""
 
-    def __init__(self, args: argparse.Namespace, loras: list, finder) -> None:
-        self.args, self.loras, self.finder = args, loras, finder
+    def __init__(self, args: argparse.Namespace, loras: dict) -> None:
+        self.args, self.loras = args, loras                     # each checkpoint's `_Loras`
         self.model: CellModel | None = None
         self.pipe = None
 
@@ -404,7 +440,8 @@ class HeldModel:
         if self.model is None or model.model != self.model.model:
             self.model = self.pipe = None
             _free_memory()
-            self.pipe, _ = _load_pipeline(model.flags(self.args), _model_path(model), self.loras, self.finder)
+            loras = self.loras[model.model]
+            self.pipe, _ = _load_pipeline(model.flags(self.args), _model_path(model), loras.files, loras.find)
         else:
             self._change(model)
         self.model = model
@@ -456,9 +493,9 @@ class _CellDrawing:
     preset and steps) and checked with it before the first of them draws, drawn as txt2img draws it, and its
     pictures' parameters as txt2img records them (`results`, `texts`: per cell, each batch's, each picture's)."""
 
-    def __init__(self, args: argparse.Namespace, plot, options: dict, styles, cell_loras: dict, finder, bar) -> None:
+    def __init__(self, args: argparse.Namespace, plot, options: dict, styles, loras: dict, bar) -> None:
         self.args, self.plot, self.options, self.styles = args, plot, options, styles
-        self.cell_loras, self.finder, self.bar = cell_loras, finder, bar
+        self.loras, self.bar = loras, bar                       # each checkpoint's `_Loras`
         self.results: dict = {}
         self.texts: dict = {}
 
@@ -470,11 +507,11 @@ class _CellDrawing:
         from sdlab.pipeline.png_info import embedding_hash, lora_hash, vae_ref
         from sdlab.pipeline.request import GenerationRequest, RequestError
 
-        args = self.args
+        args, loras = self.args, self.loras[model.model]
 
         def preset_for(prompt: str) -> str | None:
             """A cell's preset as txt2img's: --preset's, else the one the model or a LoRA of its prompt names."""
-            return args.preset or pipe.preset_for(self.cell_loras[prompt][0])
+            return args.preset or pipe.preset_for(loras.prompt(prompt)[0])
 
         def run(request: GenerationRequest):
             """One batch of a cell, as `sdlab txt2img` draws it."""
@@ -483,10 +520,10 @@ class _CellDrawing:
                 self.bar.update(1)
             return result
 
-        typed = [(index, cell) for index, cell in _cells(self.plot, self.options, preset_for, args.mode,
-                                                         pipe.bundle.family.default_steps, self.styles)
+        typed = [(index, cell) for index, cell in _cells(self.plot, loras.hires_options(self.options), preset_for,
+                                                         args.mode, pipe.bundle.family.default_steps, self.styles)
                  if index in indices]                                                         # the model's steps
-        cells = _for_pipeline(typed, self.cell_loras)
+        cells = _for_pipeline(typed, lambda index: loras)
         _check_requests(cells, self.plot, args.batch_count)
         try:
             for _, cell in cells:                                # the model's checks too (clip skip, memory)
@@ -498,21 +535,20 @@ class _CellDrawing:
         name, hash_ = _identify_model(_model_path(model))
         vae, refiner = vae_ref(pipe.bundle.report), _refiner_ref(model.flags(args), pipe)
         for index, cell in typed:
-            _, refs, to_record = self.cell_loras[cell["prompt"]]
+            _, refs, to_record = loras.prompt(cell["prompt"])
             self.texts[index] = [
                 to_parameters(result.request, index=i, model_name=name, model_hash=hash_, loras=refs,
                               prompt=to_record, vae=vae, refiner=refiner if result.refined else None,
                               embeddings=[(e.name, embedding_hash(e.path))
                                           for e in pipe.embeddings_used(result.request)],
-                              hires_loras=hires_tag_refs(result.request, self.finder, lora_hash))
+                              hires_loras=hires_tag_refs(result.request, loras.find, lora_hash))
                 for result in drawn[index] for i in range(len(result.images))]
         self.results.update(drawn)
 
 
 def run_grid(args: argparse.Namespace) -> int:
-    from sdlab.cli.generate import _controls, _lora_finder, _open_image, _options_from_args, _resolve_loras, styles_of
+    from sdlab.cli.generate import _controls, _open_image, _options_from_args, styles_of
     from sdlab.pipeline.grid import MODEL_FIELDS, cell_picture, fix_seeds, with_plot_parameters
-    from sdlab.pipeline.infotext import drawn_hires_prompt
     from sdlab.pipeline.png_info import encode_image, format_parameters, image_format, write_files_all_or_nothing
     from sdlab.pipeline.request import GenerationRequest
 
@@ -522,10 +558,6 @@ def run_grid(args: argparse.Namespace) -> int:
     plot = _plot(args)
     options = _options_from_args(args, {}, with_preset=False)      # the preset goes under each cell's (`_cells`)
     styles = styles_of(args)
-    finder = _lora_finder(args)                          # the run's: --lora names, every cell's tags, the draws
-    _, loras, _, _ = _resolve_loras(args, options["prompt"], {}, finder)    # the --lora files, merged at load
-    if options.get("hr_prompt"):
-        options["hr_prompt"] = drawn_hires_prompt(options["hr_prompt"], {Path(path).stem: w for path, w in loras})
     if not plot.keep_random_seeds:
         options = fix_seeds(options)                     # one seed and variation seed for every cell, as A1111
     if args.init:
@@ -535,10 +567,10 @@ def run_grid(args: argparse.Namespace) -> int:
         options["controls"] = controls
     options["styles"] = tuple(args.style)                # applied in each cell, after its axes (`_cells`)
     typed = _cells(plot, options, lambda prompt: args.preset, args.mode, None, styles)    # each cell's LoRAs
-    cell_loras = _cell_loras(args, typed, finder)
-    cells = _for_pipeline(typed, cell_loras)
-    _check_requests(cells, plot, args.batch_count)
     models = {index: _cell_model(args, cell) for index, cell in typed}
+    loras = _cell_loras(args, models)                    # as txt2img --model M finds them, each cell's checkpoint's
+    cells = _for_pipeline(typed, lambda index: loras[models[index].model])
+    _check_requests(cells, plot, args.batch_count)
     if any(axis.field.name in MODEL_FIELDS for _, axis in plot.axes()):
         _check_models(args, plot, cells, models)
 
@@ -547,8 +579,8 @@ def run_grid(args: argparse.Namespace) -> int:
         from tqdm import tqdm
 
         bar = tqdm(total=len(cells) * args.batch_count, desc="grid", unit="batch", file=sys.stderr, leave=False)
-    drawing = _CellDrawing(args, plot, options, styles, cell_loras, finder, bar)
-    held = HeldModel(args, loras, finder)
+    drawing = _CellDrawing(args, plot, options, styles, loras, bar)
+    held = HeldModel(args, loras)
     try:
         for model, indices in groupby(_loading_order(plot, models), key=models.__getitem__):
             drawing.draw(held.pipeline(model), model, set(indices))
