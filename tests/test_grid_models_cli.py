@@ -112,8 +112,8 @@ def test_checkpoint_cells_are_txt2img_with_that_model(models: Path, tmp_path: Pa
 
 def test_vae_cells_are_txt2img_with_that_vae(models: Path, tmp_path: Path, capsys, loads) -> None:
     """VAE None (the checkpoint's own: --no-sidecar-vae), automatic (txt2img's default: alpha's sidecar) and a VAE
-    file (--vae): each cell txt2img's picture and parameters, labelled `VAE: <value>`; alpha loads once (the other
-    VAEs are read alone)."""
+    file (--vae): each cell txt2img's picture and parameters, labelled `VAE: <value>` (a file by its name, as
+    A1111's); alpha loads once (the other VAEs are read alone)."""
     alpha, blue = models / "alpha.safetensors", models / "blue.safetensors"
     _, cells = _grid(capsys, tmp_path, "--model", str(alpha), "--x", f"VAE=None, automatic, {blue}")
     assert loads == ["alpha.safetensors"]
@@ -127,7 +127,8 @@ def test_vae_cells_are_txt2img_with_that_vae(models: Path, tmp_path: Path, capsy
         drawn.append(got)
     assert "VAE" not in _cell(cells, 0, (0, 0, 0))[1] and _cell(cells, 2, (2, 0, 0))[1]["VAE"] == "blue.safetensors"
     assert not np.array_equal(drawn[0], drawn[1]) and not np.array_equal(drawn[1], drawn[2])
-    assert parse_axis(f"VAE=None, automatic, {blue}").labels == ("VAE: None", "VAE: automatic", f"VAE: {blue}")
+    assert parse_axis(f"VAE=None, automatic, {blue}").labels == ("VAE: None", "VAE: automatic",
+                                                                 "VAE: blue.safetensors")     # A1111's: file names
 
 
 def test_refiner_cells_are_txt2img_with_that_refiner_and_switch(models: Path, tmp_path: Path, capsys,

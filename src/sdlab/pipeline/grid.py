@@ -388,12 +388,13 @@ def _check_value(field: Field, value: Any) -> None:
 def _label(field: Field, value: Any) -> str:
     """A1111's `format_value_add_label` / `format_value`: a float rounded to 8 places, as Python writes it (7.0);
     a Prompt order joined with ", " (`format_value_join_list`); a checkpoint its file name alone
-    (`format_remove_path`); Nothing none (`format_nothing`)."""
+    (`format_remove_path`), a VAE file too (A1111's VAE values are `sd_vae.vae_dict`'s file names); Nothing none
+    (`format_nothing`)."""
     if field is NOTHING:
         return ""
     text = str(round(value, 8)) if isinstance(value, float) else ", ".join(value) if isinstance(value, tuple) \
         else str(value)
-    if field.name in ("checkpoint", "refiner"):
+    if field.name in ("checkpoint", "refiner", "vae"):
         text = text.rstrip("/").rsplit("/", 1)[-1]          # a diffusers folder's name too
     return text if field.label is None else f"{field.label}: {text}"
 
