@@ -75,6 +75,11 @@ class PromptMatrix:
     def axes(self) -> list:
         return []                               # no X/Y/Z axis (`grid.check_unipc_order_axis`)
 
+    def drawing_order(self) -> list[Index]:
+        """Every combination's index in A1111's order (`cells`), as `Plot.drawing_order` gives a plot's."""
+        columns = self.shape()[0]
+        return [(n % columns, n // columns, 0) for n in range(self.count())]
+
     def cells(self, options: Mapping[str, Any]) -> list[tuple[Index, dict[str, Any]]]:
         """((column, row, 0), request options) of every combination n in order: its prompt (or negative prompt),
         the seed (fixed once, `fix_seeds`) plus n with `different_seeds`, the variation seed plus n."""
