@@ -210,15 +210,23 @@ def test_each_checkpoint_finds_its_loras_as_txt2img_with_that_model(models: Path
     (["--x", "Refiner switch at=0.5,0.8"], ["--model", "{base}"], "a Refiner switch at axis"),
     (["--x", "Refiner checkpoint={refiner}"], ["--model", "{base}", "--hr-scale", "2"],
      "the hires fix does not run with an SDXL refiner"),
+    (["--x", "Checkpoint name={alpha},{base}"], ["--clip-skip", "2"], "clip skip 2 is too large"),
+    (["--x", "Checkpoint name={alpha},{base}"], ["--lora", "{lora}"], "a LoRA for another model"),
+    (["--x", "Checkpoint name={alpha},{base}", "--y", "Prompt S/R=apple,apple <lora:ink:1>"],
+     ["--lora-dir", "{loras}"], "LoRA ink: "),
 ])
-def test_a_bad_model_fails_before_any_loads(models: Path, tmp_path: Path, capsys, loads, axes: list[str],
-                                            options: list[str], message: str) -> None:
+def test_a_bad_model_fails_before_any_loads(models: Path, tmp_path: Path, tmp_path_factory, capsys, loads,
+                                            axes: list[str], options: list[str], message: str) -> None:
     """A missing checkpoint, a file that is no VAE, a refiner whose latent space is not its base's (an SD1 model
-    for an SDXL base), a Refiner switch at axis with no refiner, a refiner with the hires fix: one error line,
-    nothing loaded, drawn or written."""
+    for an SDXL base), a Refiner switch at axis with no refiner, a refiner with the hires fix; and the checks of a
+    loaded model on a later checkpoint (clip skip past the tiny SDXL's layers, an SD1 LoRA by --lora or a cell's
+    tag on it), made without its weights: one error line, nothing loaded, drawn or written."""
+    from test_prompt_loras import _lora_file, _small_lora
+
     (models / "notes.txt").write_text("not a VAE")
+    lora = _lora_file(tmp_path_factory.mktemp("loras") / "ink.safetensors", _small_lora(0))
     names = {"models": models, "alpha": models / "alpha.safetensors", "base": models / "base1.safetensors",
-             "refiner": models / "refiner.safetensors"}
+             "refiner": models / "refiner.safetensors", "lora": lora, "loras": lora.parent}
     given = [text.format(**names) for text in (*axes, *options)]
     code, _, err = run(["grid", PROMPT, *SETTINGS, *given, "--out", str(tmp_path / "g.png"), "--no-progress"],
                        capsys)

@@ -433,7 +433,22 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
         for spec, src in plan.text_encoders
     )
     logger.info("loaded %s as %s (%s, %s)", report.source, report.family.name, report.prediction.value, dtype)
-    return check_weights(ModelBundle(
+    return check_weights(_bundle(plan, unet, vae, encoders))
+
+
+def meta_bundle(plan: CheckpointPlan) -> ModelBundle:
+    """The `ModelBundle` `materialize` makes of a checked plan, its networks built on the `meta` device: no weight
+    read, the configs, layer shapes and facts a request or a LoRA is checked against (all but memory)."""
+    encoders = tuple(TextEncoder(spec=spec, config=src.config, model=src.build_meta(),
+                                 tokenizer=default_tokenizer(spec.pad_token_id)) for spec, src in plan.text_encoders)
+    return _bundle(plan, plan.unet.build_meta(), plan.vae.build_meta(), encoders)
+
+
+def _bundle(plan: CheckpointPlan, unet: torch.nn.Module, vae: torch.nn.Module,
+            encoders: tuple[TextEncoder, ...]) -> ModelBundle:
+    """The `ModelBundle` of a plan with these networks."""
+    report = plan.report
+    return ModelBundle(
         family=report.family, unet=unet, vae=vae, text_encoders=encoders, prediction=report.prediction,
         scaling_factor=report.scaling_factor, unet_config=plan.unet.config, vae_config=plan.vae.config,
         source=report.source, report=report, native_size=report.native_size,
@@ -441,7 +456,7 @@ def materialize(plan: CheckpointPlan, *, device: torch.device | str = "cpu", dty
         zero_empty_negative=report.zero_empty_negative, noise_model=report.noise_model,
         steps_offset=report.steps_offset,
         latent_stats=report.latent_stats,
-    ))
+    )
 
 
 def with_vae(bundle: ModelBundle, vae: str | os.PathLike[str] | None = None, *,
@@ -479,6 +494,7 @@ __all__ = [
     "load_bundle",
     "load_vae_source",
     "materialize",
+    "meta_bundle",
     "plan_checkpoint",
     "plan_dtype",
     "resolve_prediction",

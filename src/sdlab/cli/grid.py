@@ -34,10 +34,12 @@ diffusers folder (as --model takes it), a VAE None (the checkpoint's own: --no-s
 <name>.vae.* where there is one: txt2img's default) or a VAE file, a Refiner checkpoint None (no refiner) or a refiner
 file, a Refiner switch at the switch; what no axis sets is --model's, --vae's, --refiner's. Every model is checked
 before any loads, without reading a weight (a missing or unreadable file, a VAE or refiner that does not fit its
-checkpoint, a refiner with the hires fix, a Refiner switch at axis no cell's refiner reads). One checkpoint is held at a
-time and the cells are drawn in A1111's order (the costliest axis, Checkpoint name, outermost) with each model's cells
-kept together, so that each loads once; another VAE, refiner or switch of the same checkpoint reads only those. The
-checks a loaded model makes (clip skip, memory) run on its cells before they draw.
+checkpoint, a refiner with the hires fix, a Refiner switch at axis no cell's refiner reads; and the checks a loaded
+model makes of its cells, but memory: clip skip, a --lora or LoRA tag made for another model, on its networks built on
+the meta device). One checkpoint is held at a time and the cells are drawn in A1111's order (the costliest axis,
+Checkpoint name, outermost) with each model's cells kept together, so that each loads once; another VAE, refiner or
+switch of the same checkpoint reads only those. Memory is checked on a model's cells once it is loaded, before they
+draw.
 """
 
 from __future__ import annotations
@@ -171,14 +173,18 @@ def _plot(args: argparse.Namespace):
 
 
 @contextlib.contextmanager
-def _quiet_size_warnings() -> Iterator[None]:
-    """The checks below resolve each cell once more than the draw does: its size warnings are said once, there."""
-    images_logger = logging.getLogger("sdlab.pipeline.images")
-    before, images_logger.disabled = images_logger.disabled, True
+def _quiet_size_warnings(*more: str) -> Iterator[None]:
+    """The checks below resolve each cell once more than the draw does: its size warnings (and the loggers named
+    `more`'s) are said once, there."""
+    loggers = [logging.getLogger(name) for name in ("sdlab.pipeline.images", *more)]
+    before = [logger.disabled for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
     try:
         yield
     finally:
-        images_logger.disabled = before
+        for logger, disabled in zip(loggers, before):
+            logger.disabled = disabled
 
 
 def _check_requests(cells, plot, batch_count: int) -> None:
@@ -363,49 +369,73 @@ def _model_path(model: CellModel) -> str | Path:
     return path
 
 
-def _check_models(args: argparse.Namespace, plot, cells, models: dict) -> None:
+def _check_models(args: argparse.Namespace, plot, cells, models: dict) -> dict:
     """Every model of a grid with model axes checked before any loads, no weight read (`plan_checkpoint`, as a
     load plans it): each checkpoint with its VAE, each refiner with its VAE and against its checkpoint's latent
     space (the check a run makes of both loaded, `plan._check_refiner_fits`); a refiner with the hires fix, which do
-    not run together; a Refiner switch at axis that no cell's refiner reads."""
-    from types import SimpleNamespace
-
+    not run together; a Refiner switch at axis that no cell's refiner reads. Returns each `CellModel`'s (checkpoint,
+    refiner or None) as `meta_bundle`s, for the checks of `_CellDrawing.check`."""
     from sdlab.checkpoints.errors import CheckpointError
-    from sdlab.checkpoints.load import plan_checkpoint
+    from sdlab.checkpoints.load import meta_bundle, plan_checkpoint
     from sdlab.pipeline.plan import _check_refiner_fits
     from sdlab.pipeline.request import GenerationRequest, RequestError
 
-    planned: dict[tuple, SimpleNamespace] = {}
+    planned: dict[tuple, object] = {}
 
-    def latent_space(where: str, path, vae, sidecar_vae: bool, **overrides) -> SimpleNamespace:
-        """What `_check_refiner_fits` reads of a model, from its plan (cached)."""
+    def planned_bundle(where: str, path, vae, sidecar_vae: bool, **overrides):
+        """The model's `meta_bundle`, from its plan (cached)."""
         key = (str(path), vae, sidecar_vae)
         if key not in planned:
             try:
-                plan = plan_checkpoint(path, vae=vae, sidecar_vae=sidecar_vae, **overrides)
+                planned[key] = meta_bundle(plan_checkpoint(path, vae=vae, sidecar_vae=sidecar_vae, **overrides))
             except CheckpointError as err:
                 raise UserError(f"{where}: {err}") from None
-            planned[key] = SimpleNamespace(unet_config=plan.unet.config, vae_config=plan.vae.config,
-                                           scaling_factor=plan.report.scaling_factor,
-                                           latent_stats=plan.report.latent_stats)
         return planned[key]
 
+    bundles = {}
     for index, cell in cells:
         model, where = models[index], f"the grid cell {', '.join(plot.labels(index))}"
-        base = latent_space(where, _model_path(model), model.vae, model.sidecar_vae, family=args.family,
-                            prediction=args.prediction)
-        if model.refiner is None:
+        base = planned_bundle(where, _model_path(model), model.vae, model.sidecar_vae, family=args.family,
+                              prediction=args.prediction)
+        refiner = None if model.refiner is None else planned_bundle(where, model.refiner, model.vae,
+                                                                    model.sidecar_vae)
+        bundles[model] = base, refiner
+        if refiner is None:
             continue
         if GenerationRequest(**cell).hires:
             raise UserError(f"{where}: the hires fix does not run with an SDXL refiner; leave one of them out")
         try:
-            _check_refiner_fits(base, latent_space(where, model.refiner, model.vae, model.sidecar_vae))
+            _check_refiner_fits(base, refiner)
         except RequestError as err:
             raise UserError(f"{where}: the refiner {model.refiner}: {err}") from None
     if any(axis.field.name == "refiner_switch" for _, axis in plot.axes()) and \
             all(model.refiner is None for model in models.values()):
         raise UserError("a Refiner switch at axis sets where the refiner takes over, and no cell has one: give "
                         "--refiner FILE or a Refiner checkpoint axis")
+    return bundles
+
+
+def _meta_pipeline(bundles: tuple, model: CellModel, args: argparse.Namespace, loras: _Loras):
+    """The pipeline `HeldModel` loads for `model`, on its `meta_bundle`s (checkpoint, refiner): the --lora files
+    merged at load checked against its layers (shapes only), its preset theirs where the checkpoint names none, as
+    `api.load` sets it."""
+    from dataclasses import replace
+
+    from sdlab.api import Pipeline
+    from sdlab.checkpoints.errors import CheckpointError
+    from sdlab.checkpoints.lora import bundle_lora_weights, load_lora_file, lora_preset
+    from sdlab.cli.generate import _refiner_handoff
+
+    base, refiner = bundles
+    for path, weight in loras.files:
+        try:
+            bundle_lora_weights(base, path, load_lora_file(path), weight, weight)
+        except CheckpointError as err:
+            raise UserError(f"the checkpoint {_model_path(model)}: {err}") from None
+    if base.preset is None:
+        base = replace(base, preset=next(filter(None, (lora_preset(path) for path, _ in loras.files)), None))
+    switch, convention = _refiner_handoff(model.flags(args), {})
+    return Pipeline(base, refiner, switch, refiner_convention=convention, find_lora=loras.find)
 
 
 def _loading_order(plot, models: dict) -> list:
@@ -488,16 +518,68 @@ def _image_names(number: int, index, count: int) -> list[str]:
     return [f"{stem}.png"] if count == 1 else [f"{stem}-{m}.png" for m in range(count)]
 
 
+def _check_lora_fits(bundle, request, find) -> None:
+    """The LoRAs of a resolved `request`'s tags (its hires prompt's too), found by `find`, against `bundle`'s layers
+    (`bundle_lora_weights`, shapes only): a RequestError as `Pipeline.run`'s names one that does not fit."""
+    from sdlab.checkpoints.errors import CheckpointError
+    from sdlab.checkpoints.lora import bundle_lora_weights
+    from sdlab.pipeline.prompt_loras import read_lora, resolve_prompt_loras
+    from sdlab.pipeline.request import RequestError
+
+    prompts = [request.prompt, *([request.hr_prompt] if request.hires and request.hr_prompt else [])]
+    for use in (use for prompt in prompts for use in resolve_prompt_loras(prompt, find)[1]):
+        try:
+            bundle_lora_weights(bundle, use.path, read_lora(use.path), use.te_weight, use.unet_weight)
+        except CheckpointError as err:
+            raise RequestError(f"LoRA {use.name or use.path}: {err}") from None
+
+
 class _CellDrawing:
     """The grid's cells drawn model by model (`draw`): each cell's request set up for the model drawing it (its
-    preset and steps) and checked with it before the first of them draws, drawn as txt2img draws it, and its
-    pictures' parameters as txt2img records them (`results`, `texts`: per cell, each batch's, each picture's)."""
+    preset and steps) and checked with it before the first of them draws (`check`: the same checks but memory,
+    before any model loads), drawn as txt2img draws it, and its pictures' parameters as txt2img records them
+    (`results`, `texts`: per cell, each batch's, each picture's)."""
 
-    def __init__(self, args: argparse.Namespace, plot, options: dict, styles, loras: dict, bar) -> None:
+    def __init__(self, args: argparse.Namespace, plot, options: dict, styles, loras: dict) -> None:
         self.args, self.plot, self.options, self.styles = args, plot, options, styles
-        self.loras, self.bar = loras, bar                       # each checkpoint's `_Loras`
+        self.loras = loras                                      # each checkpoint's `_Loras`
+        self.bar = None                                         # the progress bar, once the checks have passed
         self.results: dict = {}
         self.texts: dict = {}
+
+    def _requests(self, pipe, model: CellModel, indices: set) -> tuple[list, list]:
+        """The cells at `indices` set up for `pipe`, the pipeline of `model` (their preset and steps): prompts as
+        typed, and as requests (`_for_pipeline`) through the model-free checks."""
+        args, loras = self.args, self.loras[model.model]
+
+        def preset_for(prompt: str) -> str | None:
+            """A cell's preset as txt2img's: --preset's, else the one the model or a LoRA of its prompt names."""
+            return args.preset or pipe.preset_for(loras.prompt(prompt)[0])
+
+        typed = [(index, cell) for index, cell in _cells(self.plot, loras.hires_options(self.options), preset_for,
+                                                         args.mode, pipe.bundle.family.default_steps, self.styles)
+                 if index in indices]                                                         # the model's steps
+        cells = _for_pipeline(typed, lambda index: loras)
+        _check_requests(cells, self.plot, args.batch_count)
+        return typed, cells
+
+    def check(self, pipe, model: CellModel, indices: set) -> None:
+        """The checks `draw` makes of the cells at `indices` with the loaded model, on `pipe` (`_meta_pipeline`: no
+        weight read), but memory: each request against the checkpoint and its refiner (clip skip: `resolve_for`,
+        `_check_model`) and its LoRA tags' fit (`_check_lora_fits`); an error names the cell."""
+        from sdlab.pipeline.plan import _check_model, resolve_for
+        from sdlab.pipeline.request import GenerationRequest, RequestError
+
+        _, cells = self._requests(pipe, model, indices)
+        for index, cell in cells:
+            try:
+                with _quiet_size_warnings("sdlab.pipeline.plan", "sdlab.checkpoints.lora"):   # said by the draw
+                    request = resolve_for(pipe.bundle, GenerationRequest(**cell))
+                    if pipe.refiner is not None:
+                        _check_model(pipe.refiner, request, None, "the refiner")
+                    _check_lora_fits(pipe.bundle, request, self.loras[model.model].find)
+            except RequestError as err:
+                raise UserError(f"the grid cell {', '.join(self.plot.labels(index))}: {err}") from None
 
     def draw(self, pipe, model: CellModel, indices: set) -> None:
         """The cells at `indices` drawn with `pipe`, the pipeline of `model`."""
@@ -509,10 +591,6 @@ class _CellDrawing:
 
         args, loras = self.args, self.loras[model.model]
 
-        def preset_for(prompt: str) -> str | None:
-            """A cell's preset as txt2img's: --preset's, else the one the model or a LoRA of its prompt names."""
-            return args.preset or pipe.preset_for(loras.prompt(prompt)[0])
-
         def run(request: GenerationRequest):
             """One batch of a cell, as `sdlab txt2img` draws it."""
             result = pipe.run(request)
@@ -520,11 +598,7 @@ class _CellDrawing:
                 self.bar.update(1)
             return result
 
-        typed = [(index, cell) for index, cell in _cells(self.plot, loras.hires_options(self.options), preset_for,
-                                                         args.mode, pipe.bundle.family.default_steps, self.styles)
-                 if index in indices]                                                         # the model's steps
-        cells = _for_pipeline(typed, lambda index: loras)
-        _check_requests(cells, self.plot, args.batch_count)
+        typed, cells = self._requests(pipe, model, indices)
         try:
             for _, cell in cells:                                # the model's checks too (clip skip, memory)
                 with _quiet_size_warnings():
@@ -571,22 +645,26 @@ def run_grid(args: argparse.Namespace) -> int:
     loras = _cell_loras(args, models)                    # as txt2img --model M finds them, each cell's checkpoint's
     cells = _for_pipeline(typed, lambda index: loras[models[index].model])
     _check_requests(cells, plot, args.batch_count)
+    drawing = _CellDrawing(args, plot, options, styles, loras)
+    by_model = [(model, set(indices)) for model, indices in groupby(_loading_order(plot, models),
+                                                                     key=models.__getitem__)]
     if any(axis.field.name in MODEL_FIELDS for _, axis in plot.axes()):
-        _check_models(args, plot, cells, models)
+        bundles = _check_models(args, plot, cells, models)
+        for model, indices in by_model:                  # the loaded models' checks, before the first loads
+            drawing.check(_meta_pipeline(bundles[model], model, args, loras[model.model]), model, indices)
 
-    bar = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(cells) * args.batch_count, desc="grid", unit="batch", file=sys.stderr, leave=False)
-    drawing = _CellDrawing(args, plot, options, styles, loras, bar)
+        drawing.bar = tqdm(total=len(cells) * args.batch_count, desc="grid", unit="batch", file=sys.stderr,
+                           leave=False)
     held = HeldModel(args, loras)
     try:
-        for model, indices in groupby(_loading_order(plot, models), key=models.__getitem__):
-            drawing.draw(held.pipeline(model), model, set(indices))
+        for model, indices in by_model:
+            drawing.draw(held.pipeline(model), model, indices)
     finally:
-        if bar is not None:
-            bar.close()
+        if drawing.bar is not None:
+            drawing.bar.close()
     drawn, texts = drawing.results, drawing.texts
     images = {index: [image for result in results for image in result.images] for index, results in drawn.items()}
     sheet = plot.sheet({index: cell_picture(pictures) for index, pictures in images.items()})
