@@ -37,9 +37,9 @@ before any loads, without reading a weight (a missing or unreadable file, a VAE 
 checkpoint, a refiner with the hires fix, a Refiner switch at axis no cell's refiner reads; and the checks a loaded
 model makes of its cells, but memory: clip skip, a --lora or LoRA tag made for another model, on its networks built on
 the meta device). One checkpoint is held at a time and the cells are drawn in A1111's order (the costliest axis,
-Checkpoint name, outermost) with each model's cells kept together, so that each loads once; another VAE, refiner or
-switch of the same checkpoint reads only those. Memory is checked on a model's cells once it is loaded, before they
-draw.
+Checkpoint name, outermost) with each model's cells kept together, so that each checkpoint loads once (a refiner once
+for each checkpoint it refines); another VAE, refiner or switch of the same checkpoint reads only those. Memory is
+checked on a model's cells once it is loaded, before they draw.
 """
 
 from __future__ import annotations
