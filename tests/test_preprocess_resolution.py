@@ -476,4 +476,4 @@ def test_control_processor_res_help_gives_its_range_and_a1111s_default(capsys):
         main(["txt2img", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "scaled to N (1..2048, A1111's slider's top)" in text
-    assert "or 512 when --from-png redraws by A1111's rule" in text
+    assert "or 512 when a picture's parameters are redrawn by A1111's rule" in text

@@ -314,8 +314,8 @@ def _add_run_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
     p.add_argument("--control-processor-res", action="append", default=[], type=int, metavar="N",
                    help="A1111's Processor Res of the matching --control's canny / threshold / scribble: its "
                         "picture's short side is scaled to N (1..2048, A1111's slider's top) first; -1: unset, "
-                        "the picture's own size (the default), or 512 when --from-png redraws by A1111's rule "
-                        "(Control steps: a1111), as the extension; repeatable")
+                        "the picture's own size (the default), or 512 when a picture's parameters are redrawn by "
+                        "A1111's rule (Control steps: a1111), as the extension; repeatable")
     p.add_argument("--control-pixel-perfect", action="append", default=[], choices=("true", "false"),
                    help="A1111's Pixel Perfect of the matching --control (true: the Processor Res that scales its "
                         "picture to the drawing's size); repeatable")
