@@ -109,13 +109,15 @@ class CLIPTextEmbeddings(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with separate q/k/v projections (HF layout)."""
+    """Multi-head self-attention with separate q/k/v projections (HF layout): causal in the text tower, over
+    every position in the vision tower (`causal=False`, `sdlab.models.clip_vision`)."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
         if cfg.width % cfg.heads:
             raise ValueError(f"width {cfg.width} is not divisible by {cfg.heads} heads")
         self.heads = cfg.heads
+        self.causal = causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
@@ -128,7 +130,7 @@ class CLIPAttention(nn.Module):
             return t.view(B, T, self.heads, D // self.heads).transpose(1, 2)   # (B, H, T, D/H)
 
         q, k, v = split_heads(self.q_proj(x)), split_heads(self.k_proj(x)), split_heads(self.v_proj(x))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)           # (B, H, T, D/H), scale D/H^-0.5
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)    # (B, H, T, D/H), scale D/H^-0.5
         return self.out_proj(y.transpose(1, 2).reshape(B, T, D))              # (B, T, D)
 
 
@@ -146,11 +148,12 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-norm residual block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-norm residual block: x + attn(ln1(x)), then x + mlp(ln2(x)). `cfg` needs width, heads, mlp_width,
+    activation and layer_norm_eps (a text or a vision config)."""
 
-    def __init__(self, cfg: CLIPTextConfig):
+    def __init__(self, cfg: CLIPTextConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)

@@ -1,0 +1,31 @@
+"""A picture as CLIP's image encoder takes it: transformers' `CLIPImageProcessor` defaults, with Pillow and torch.
+
+1. RGB (an alpha channel is dropped, as `convert_rgb`);
+2. the shortest side resized to 224 with Pillow's bicubic filter, the other to int(224 * long / short);
+3. the centre 224 x 224 cut out, top = (h - 224) // 2, left = (w - 224) // 2;
+4. scaled to [0, 1] (in float64, then float32) and normalised with OpenAI CLIP's mean and std.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_pixels(image: Image.Image, size: int = 224) -> Tensor:
+    """image -> (3, size, size) float32, CLIP-normalised."""
+    image = image.convert("RGB")
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    longer = int(size * long / short)
+    resized = image.resize((size, longer) if width <= height else (longer, size), Image.Resampling.BICUBIC)
+    top, left = (resized.height - size) // 2, (resized.width - size) // 2
+    cropped = np.asarray(resized.crop((left, top, left + size, top + size)))         # (size, size, 3) uint8
+    scaled = (cropped.astype(np.float64) * (1 / 255)).astype(np.float32)
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    return torch.from_numpy(((scaled - mean) / std).transpose(2, 0, 1).copy())     # (3, size, size)

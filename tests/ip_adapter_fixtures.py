@@ -1,0 +1,68 @@
+"""Reduced-width CLIP image encoders (transformers' CLIPVisionModelWithProjection) and IP-Adapter files with
+random weights, written in the layouts users have (h94/IP-Adapter's `image_encoder` folder, `.safetensors`
+with `image_proj.` / `ip_adapter.` prefixes, and the `.bin` pickle of {"image_proj": ..., "ip_adapter": ...})."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+SAMPLE_PICTURE = Path(__file__).resolve().parents[1] / "docs" / "samples.png"
+"""A real picture shipped with the project (sdlab-tiny's samples)."""
+
+
+def hf_vision_config(width: int = 128, layers: int = 2, projection: int = 32, act: str = "gelu") -> CLIPVisionConfig:
+    """A ViT-H-like tower (GELU, 14-px patches, 224 px) at `width` with 64-wide heads."""
+    return CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                            num_attention_heads=width // 64, patch_size=14, image_size=224,
+                            projection_dim=projection, hidden_act=act, layer_norm_eps=1e-5)
+
+
+def hf_vision_model(seed: int = 0, std: float = 0.05, **config) -> CLIPVisionModelWithProjection:
+    """A CLIPVisionModelWithProjection with every parameter drawn from N(0, std) (LayerNorm weights 1 + that)."""
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(hf_vision_config(**config)).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * std + (1.0 if "norm" in name and "weight" in name else 0.0))
+    return model
+
+
+def write_image_encoder(folder: Path, seed: int = 0, **config) -> CLIPVisionModelWithProjection:
+    """The h94/IP-Adapter `image_encoder` folder layout (config.json + model.safetensors)."""
+    model = hf_vision_model(seed, **config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def ip_adapter_state(cross_widths: list[int], context_dim: int, embed_dim: int, tokens: int = 4,
+                     seed: int = 1, std: float = 0.1) -> dict[str, dict[str, torch.Tensor]]:
+    """A base IP-Adapter's two parts with random weights: image_proj (proj: embed_dim -> tokens x context_dim,
+    norm) and ip_adapter.{2k+1}.to_k_ip / to_v_ip for the k-th cross-attention (width cross_widths[k])."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std
+
+    image_proj = {"proj.weight": draw(tokens * context_dim, embed_dim), "proj.bias": draw(tokens * context_dim),
+                  "norm.weight": 1 + draw(context_dim), "norm.bias": draw(context_dim)}
+    ip_adapter = {}
+    for k, width in enumerate(cross_widths):
+        ip_adapter[f"{2 * k + 1}.to_k_ip.weight"] = draw(width, context_dim)
+        ip_adapter[f"{2 * k + 1}.to_v_ip.weight"] = draw(width, context_dim)
+    return {"image_proj": image_proj, "ip_adapter": ip_adapter}
+
+
+def write_ip_adapter(path: Path, state: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """`path` in its suffix's layout: .safetensors flat with `image_proj.` / `ip_adapter.` prefixes, .bin the
+    pickled dict of both parts."""
+    if path.suffix == ".safetensors":
+        save_file({f"{part}.{key}": value.contiguous() for part, tensors in state.items()
+                   for key, value in tensors.items()}, str(path))
+    else:
+        torch.save(state, path)
+    return path
