@@ -30,7 +30,8 @@ def full_shapes() -> dict[str, dict[str, torch.Size]]:
 
 
 def test_registry_is_ordered_unique_and_complete():
-    assert family_names() == ("sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint", "sdlab-tiny")
+    assert family_names() == ("sd1", "sd1-inpaint", "sd1-edit", "sd2", "sd2-inpaint", "sdxl", "sdxl-refiner", "sdxl-inpaint",
+                              "sdxl-edit", "sdlab-tiny")
     assert len(set(family_names())) == len(FAMILIES)
     assert get_family("SDXL ") is get_family("sdxl")
     with pytest.raises(ValueError, match="unknown model family 'sd3'"):
@@ -43,7 +44,7 @@ def test_family_specs_are_self_consistent(name: str):
     # the U-Net attends to the concatenated text hidden states
     assert f.unet.context_dim == sum(te.config.width for te in f.text_encoders)
     assert all(te.config.heads * 64 == te.config.width for te in f.text_encoders)
-    assert f.unet.in_channels == (9 if name.endswith("inpaint") else 4)
+    assert f.unet.in_channels == (9 if name.endswith("inpaint") else 8 if name.endswith("edit") else 4)
     if f.is_sdxl:  # pooled bigG projection + 256-wide size/crop(/aesthetic) embeddings
         extra = 5 if name == "sdxl-refiner" else 6
         assert f.unet.adm_in_channels == f.text_encoders[-1].config.projection_dim + extra * 256
@@ -166,7 +167,7 @@ def test_inconsistent_files_are_refused(full_shapes):
     six = dict(full_shapes["sd1"])
     six["model.diffusion_model.input_blocks.0.0.weight"] = torch.Size([320, 6, 3, 3])
     with pytest.raises(CheckpointError, match=r"a U-Net with 6 input channels, which no family sdlab draws with takes "
-                                              r"\(4: text-to-image, 9: inpainting\)"):
+                                              r"\(4: text-to-image, 9: inpainting, 8: InstructPix2Pix on SD1 / SDXL\)"):
         detect_family(six)
     refiner_inpaint = dict(full_shapes["sdxl-refiner"])
     refiner_inpaint["model.diffusion_model.input_blocks.0.0.weight"] = torch.Size([384, 9, 3, 3])
@@ -305,13 +306,9 @@ def _with_input_channels(full_shapes, base: str, channels: int, class_embedding:
 @pytest.mark.parametrize("base, channels, class_embedding, kind", [
     ("sd2", 5, False, "SD2 depth-to-image (depth2img)"),
     ("sd2", 7, True, "SD x4 upscaler"),
-    ("sd1", 8, False, "InstructPix2Pix"),             # A1111 config_instruct_pix2pix, ComfyUI SD15_instructpix2pix
-    ("sdxl", 8, False, "InstructPix2Pix"),            # ComfyUI SDXL_instructpix2pix
     ("sd1", 5, False, None),                          # depth2img is an SD2 model
     ("sd1", 7, False, None),                          # the x4 upscaler is SD2's, with a class embedding
     ("sd2", 7, False, None),
-    ("sd2", 8, False, None),                          # A1111 reads it as SD2, ComfyUI has no SD2 InstructPix2Pix
-    ("sdxl-refiner", 8, False, None),
     ("sdxl", 5, False, None),
 ])
 def test_undrawable_input_channels_name_a_kind_only_where_the_structure_is_its(full_shapes, base, channels,
@@ -321,7 +318,7 @@ def test_undrawable_input_channels_name_a_kind_only_where_the_structure_is_its(f
     shapes = _with_input_channels(full_shapes, base, channels, class_embedding)
     if base in ("sd1", "sd2"):
         a1111 = _a1111_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
-        assert (a1111 == "instruct-pix2pix.yaml") == (kind == "InstructPix2Pix")
+        assert a1111 != "instruct-pix2pix.yaml"
     unet = {k: s for k, s in shapes.items() if k.startswith(_P)}
     for candidate, override in ((shapes, None), (shapes, base), (unet, None)):
         with pytest.raises(CheckpointError) as err:
@@ -397,10 +394,32 @@ def test_other_sd2_pipeline_folders_are_refused_by_name(other_sd2_pipelines, nam
         plan_checkpoint(renamed)
 
 
+@pytest.mark.parametrize("base, channels, kind", [
+    ("sd1", 8, "sd1-edit"),                           # A1111 config_instruct_pix2pix, ComfyUI SD15_instructpix2pix
+    ("sdxl", 8, "sdxl-edit"),                         # ComfyUI SDXL_instructpix2pix
+    ("sd2", 8, None),                                 # A1111 reads it as SD2, ComfyUI has no SD2 InstructPix2Pix
+    ("sdxl-refiner", 8, None),
+])
+def test_an_8_channel_unet_is_an_edit_model_on_sd1_and_sdxl_only(full_shapes, base, channels, kind):
+    """An 8-channel U-Net on SD1's or SDXL's structure is its InstructPix2Pix edit variant (whole file, U-Net alone,
+    under --family); on SD2's or the refiner's, one line says that sdlab knows no such edit model."""
+    shapes = _with_input_channels(full_shapes, base, channels, False)
+    if base == "sd1":
+        assert _a1111_config({k: torch.empty(s, device="meta") for k, s in shapes.items()}) == "instruct-pix2pix.yaml"
+    unet = {k: s for k, s in shapes.items() if k.startswith(_P)}
+    for candidate, override in ((shapes, None), (shapes, kind), (unet, None)):
+        if kind is not None:
+            assert detect_family(candidate, override=override).name == kind
+            continue
+        with pytest.raises(CheckpointError, match=rf"found an 8-channel \(InstructPix2Pix edit\) U-Net in a {base} "
+                                                  rf"checkpoint; .*knows no {base}-edit$"):
+            detect_family(candidate)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_instruct_pix2pix_folders_are_refused_by_name(family, tmp_path):
-    """diffusers' (SDXL) InstructPix2Pix pipeline, an 8-channel U-Net: named by its pipeline class, and renamed by
-    its structure."""
+def test_instruct_pix2pix_folders_are_the_edit_family(family, tmp_path):
+    """diffusers' (SDXL) InstructPix2Pix pipeline, an 8-channel U-Net: the edit variant of its base, by its pipeline
+    class and, renamed, by its U-Net's input channels."""
     from bundle_fixtures import tiny_bundle, write_diffusers_folder
     from sdlab.checkpoints.load import plan_checkpoint
 
@@ -412,9 +431,6 @@ def test_instruct_pix2pix_folders_are_refused_by_name(family, tmp_path):
     index = json.loads((folder / "model_index.json").read_text())
     pipeline = {"sd1": "StableDiffusionInstructPix2PixPipeline", "sdxl": "StableDiffusionXLInstructPix2PixPipeline"}
     (folder / "model_index.json").write_text(json.dumps(index | {"_class_name": pipeline[family]}))
-    with pytest.raises(CheckpointError, match=r"this is an InstructPix2Pix .*\(model_index.json _class_name "):
-        plan_checkpoint(folder)
+    assert plan_checkpoint(folder).report.family.name == f"{family}-edit"
     (folder / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match=rf"this is an InstructPix2Pix .*\(unet/config.json in_channels 8 on "
-                                              rf"{family}'s U-Net structure\)"):
-        plan_checkpoint(folder)
+    assert plan_checkpoint(folder).report.family.name == f"{family}-edit"

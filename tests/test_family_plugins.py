@@ -127,8 +127,8 @@ def test_family_folders_export_their_families():
     import sdlab.families.sdlab_tiny as tiny
     import sdlab.families.sdxl as sdxl
 
-    assert [f.name for f in sd1.FAMILIES] == ["sd1", "sd1-inpaint"]
-    assert [f.name for f in sdxl.FAMILIES] == ["sdxl", "sdxl-refiner", "sdxl-inpaint"]
+    assert [f.name for f in sd1.FAMILIES] == ["sd1", "sd1-inpaint", "sd1-edit"]
+    assert [f.name for f in sdxl.FAMILIES] == ["sdxl", "sdxl-refiner", "sdxl-inpaint", "sdxl-edit"]
     assert tiny.FAMILIES == (get_family("sdlab-tiny"),)
     for family in FAMILIES:
         assert [c.name for c in family.components] == ["unet", "vae", *(te.name for te in family.text_encoders)]

@@ -14,18 +14,20 @@ family's `Signature` (`sdlab.families`) is matched against it:
   2. a file holding only a U-Net: the families whose default U-Net has its structure (levels, projection
      kind, added vector);
   3. the U-Net's input channels pick the variant among the families sharing the winning signature
-     (4: text-to-image, 9: inpainting, the base family's `-inpaint` variant).
+     (4: text-to-image, 9: inpainting, the base family's `-inpaint` variant, 8: InstructPix2Pix, `-edit`).
   Widths never decide: a reduced SD1 file (32-64-128-128, context 128, as the ecosystem's tiny test models) is
   SD1 by its structure, and sizes are then inferred from the tensors. sdlab-tiny is recognised by its
   `sdlab.family` metadata or by the structure only it has in an SD1 layout.
 
 A consistency check follows (a family with an added vector needs `label_emb`, the others must not have one),
 so a mixed-up file fails with the evidence instead of loading wrongly. Before all of this, a model of a kind
-sdlab recognises but does not draw with (`UNSUPPORTED_KINDS`: SD2 depth2img, SD 2.1 unCLIP, the x4 upscaler,
-InstructPix2Pix) is refused with its name, from the parts only it has (`depth_model.*`, `low_scale_model.*`,
-...), else from a U-Net whose input channels no drawable family takes where the rest of its structure is the
-kind's (5 channels on SD2's U-Net: depth2img; 7 on SD2's with a class embedding: the x4 upscaler; 8 on SD1's
-or SDXL's: InstructPix2Pix); any other such U-Net is refused as one that no family sdlab draws with takes.
+sdlab recognises but does not draw with (`UNSUPPORTED_KINDS`: SD2 depth2img, SD 2.1 unCLIP, the x4 upscaler)
+is refused with its name, from the parts only it has (`depth_model.*`, `low_scale_model.*`, ...), else from a
+U-Net whose input channels no drawable family takes where the rest of its structure is the kind's (5 channels on
+SD2's U-Net: depth2img; 7 on SD2's with a class embedding: the x4 upscaler); any other such U-Net is refused as
+one that no family sdlab draws with takes. An 8-channel U-Net on SD1's or SDXL's structure is an InstructPix2Pix
+edit model (A1111's config_instruct_pix2pix, `conditioning_key: hybrid`; ComfyUI's SD15_instructpix2pix /
+SDXL_instructpix2pix; diffusers' in_channels 8): the `-edit` variant of its base, picked by step 3.
 A text-to-image model of another architecture (`OTHER_ARCHITECTURES`: SD3, Flux, Stable Cascade, ...) is named
 from a key only it has, bare or under `model.diffusion_model.` (ComfyUI's all-in-one files), or from its
 diffusers pipeline class.
@@ -82,10 +84,6 @@ UNSUPPORTED_KINDS = (
     # level); low_scale_model.* its schedule
     UnsupportedKind("SD x4 upscaler", ("low_scale_model.",), 7, ("sd2",), True,
                     ("StableDiffusionUpscalePipeline",), ("low_res_scheduler",)),
-    # A1111 config_instruct_pix2pix (an 8-channel U-Net, no SD2 tower), ComfyUI SD15_instructpix2pix /
-    # SDXL_instructpix2pix: latent + the picture to edit; no key of its own
-    UnsupportedKind("InstructPix2Pix (image editing by instruction)", (), 8, ("sd1", "sdxl"), False,
-                    ("StableDiffusionInstructPix2PixPipeline", "StableDiffusionXLInstructPix2PixPipeline"), ()),
 )
 
 
@@ -152,7 +150,7 @@ def _refuse_undrawable_channels(in_channels: int, fitting: Iterable[FamilySpec],
             embedding = " with a class embedding" if class_embedding else ""
             raise _refuse(kind, f"{channels} on {base}'s U-Net structure{embedding}")
     raise CheckpointError(f"a U-Net with {in_channels} input channels, which no family sdlab draws with takes "
-                          f"(4: text-to-image, 9: inpainting); found: {found}")
+                          f"(4: text-to-image, 9: inpainting, 8: InstructPix2Pix on SD1 / SDXL); found: {found}")
 
 
 def refuse_unsupported_kind(keys: Iterable[str]) -> None:
@@ -308,8 +306,13 @@ def _variant(candidates: list[FamilySpec], in_channels: int | None) -> FamilySpe
         raise CheckpointError(
             f"found a 9-channel (inpainting) U-Net in a {base.name} checkpoint; sdlab knows no {base.name}-inpaint"
         )
+    if in_channels == 8:
+        raise CheckpointError(
+            f"found an 8-channel (InstructPix2Pix edit) U-Net in a {base.name} checkpoint; sdlab draws edit models "
+            f"of SD1 and SDXL, and knows no {base.name}-edit"
+        )
     raise CheckpointError(
-        f"U-Net takes {in_channels} input channels; expected 4 (text-to-image) or 9 (inpainting)"
+        f"U-Net takes {in_channels} input channels; expected 4 (text-to-image), 9 (inpainting) or 8 (InstructPix2Pix)"
     )
 
 
@@ -387,7 +390,7 @@ def detect_diffusers_family(
     a `text_encoder` component exactly when the family keeps a tower there (the SDXL refiner has only
     `text_encoder_2`), and that tower's activation is the config's `hidden_act` (`quick_gelu` CLIP-L, `gelu`
     OpenCLIP). Without an activation, the context width picks among the fits. Inpainting: 9 U-Net input
-    channels.
+    channels; InstructPix2Pix (an edit model): 8.
     """
     in_channels = int(unet_config.get("in_channels", 4))
     class_name = str(model_index.get("_class_name", ""))

@@ -8,6 +8,7 @@ guides toward several prompts at once (A1111's ``AND``). All only see ``denoise(
 ``with_unguided`` lets a sampler read the unguided prediction a guided call started from (the CFG++ samplers).
 ``skipping_uncond`` runs guidance without its unconditional pass at chosen calls (A1111's NGMS, Skip Early CFG).
 ``recording_effects`` collects the request options a drawing notes as changing it (``took_effect``).
+``edit_cfg`` is ``cfg`` for an InstructPix2Pix edit model, with an image guidance scale.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
 __all__ = [
-    "a1111_skips", "blend_known", "cfg", "composable_cfg", "masked", "masked_input", "needs_uncond",
+    "a1111_skips", "blend_known", "cfg", "composable_cfg", "edit_cfg", "masked", "masked_input", "needs_uncond",
     "recording_effects", "rescale_guidance", "skipping_uncond", "switch_at_calls", "took_effect", "with_unguided",
 ]
 
@@ -220,12 +221,7 @@ def cfg(
         raise ValueError(f"guidance scale must be finite, got {scale}")
     if not (math.isfinite(rescale) and 0.0 <= rescale <= 1.0):
         raise ValueError(f"guidance rescale must lie in [0, 1], got {rescale}")
-    sampling = getattr(denoiser, "sampling", None)
-    if rescale_space is not None or sampling is None:
-        space = Prediction.parse(rescale_space or Prediction.EPS)
-        scalings = lambda sigma: prediction_scalings(space, sigma)  # noqa: E731
-    else:
-        scalings = sampling.scalings
+    scalings = _rescale_scalings(denoiser, rescale_space)
     cond = dict(cond)
     batched = cache(lambda: _cat_conds(uncond, cond))     # [uncond, cond] as one batch: at the first guided call
 
@@ -246,14 +242,90 @@ def cfg(
             x0_c = denoiser(x, sigma_b, **cond, **extra)
         _leave_unguided(x0_u)
         x0 = x0_u + scale * (x0_c - x0_u)  # (B, C, h, w)
-        if rescale == 0.0:
-            return x0
-        took_effect("guidance_rescale")
-        c_skip = _batch_view(scalings(sigma_b.to(torch.float32))[0], x)  # (B, 1, 1, 1)
-        base = (c_skip * x.to(torch.float32)).to(x0.dtype)
-        return base + rescale_guidance(x0 - base, x0_c - base, rescale)
+        return _rescaled(x0, x0_c, x, sigma_b, scalings, rescale)
 
     return guided
+
+
+def _rescale_scalings(denoiser: DenoiseFn, rescale_space: Prediction | str | None) -> Callable[[Tensor], Any]:
+    """The scalings guidance rescale works in (see ``cfg``): ``rescale_space``'s, else the denoiser's own."""
+    sampling = getattr(denoiser, "sampling", None)
+    if rescale_space is not None or sampling is None:
+        space = Prediction.parse(rescale_space or Prediction.EPS)
+        return lambda sigma: prediction_scalings(space, sigma)
+    return sampling.scalings
+
+
+def _rescaled(x0: Tensor, x0_c: Tensor, x: Tensor, sigma_b: Tensor, scalings: Callable[[Tensor], Any],
+              rescale: float) -> Tensor:
+    """The guided ``x0`` with guidance rescale ``rescale`` toward the conditional ``x0_c`` (``cfg``'s docstring)."""
+    if rescale == 0.0:
+        return x0
+    took_effect("guidance_rescale")
+    c_skip = _batch_view(scalings(sigma_b.to(torch.float32))[0], x)  # (B, 1, 1, 1)
+    base = (c_skip * x.to(torch.float32)).to(x0.dtype)
+    return base + rescale_guidance(x0 - base, x0_c - base, rescale)
+
+
+def edit_cfg(
+    denoiser: DenoiseFn,
+    cond: Mapping[str, Any],
+    uncond: Mapping[str, Any] | None,
+    image: Tensor,
+    scale: float,
+    image_scale: float | None,
+    rescale: float = 0.0,
+) -> DenoiseFn:
+    """Guidance of an InstructPix2Pix edit model (Brooks et al. 2023, eq. 3), whose U-Net reads the latent of the
+    picture it edits, ``image`` (B, 4, h, w), as its ``concat`` channels:
+
+        x0 = x0_u + scale * (x0_c - x0_i) + image_scale * (x0_i - x0_u)
+
+    with x0_c the prompt and the picture, x0_i the negative prompt and the picture, x0_u the negative prompt and a
+    zero picture; one forward pass of the batch [prompt, image, uncond] (diffusers'
+    ``StableDiffusionInstructPix2PixPipeline``; A1111's ``combine_denoised_for_edit_model``). Affine in the
+    network output, so the same in x0 as in eps. With ``image_scale`` 1 or None the formula is ``cfg`` with the
+    picture in both passes, x0_i + scale * (x0_c - x0_i), which is what A1111 runs then (two passes). With
+    ``scale <= 1`` or no ``uncond`` only the conditional pass runs (diffusers' ``do_classifier_free_guidance``).
+    Guidance rescale moves toward x0_c as in ``cfg`` (diffusers' SDXL edit pipeline). A call ``skipping_uncond``
+    skips runs the conditional pass alone. The image scale is noted as drawn (``took_effect``)."""
+    with_image = {**cond, "concat": image}
+    if image_scale is not None:
+        took_effect("image_cfg_scale")
+    if uncond is None or image_scale is None or float(image_scale) == 1.0:
+        return cfg(denoiser, with_image, None if uncond is None else {**uncond, "concat": image}, scale, rescale)
+    scale, image_scale = float(scale), float(image_scale)
+    if not (math.isfinite(scale) and math.isfinite(image_scale)):
+        raise ValueError(f"guidance scales must be finite, got {scale} and {image_scale}")
+    scalings = _rescale_scalings(denoiser, None)
+    image_only = {**uncond, "concat": image}
+    neither = {**uncond, "concat": torch.zeros_like(image)}
+
+    @cache
+    def batched() -> dict[str, Any] | None:               # [prompt, image, uncond] as one batch, or None
+        pair = _cat_conds(with_image, image_only)
+        return None if pair is None else _cat_conds(pair, neither)
+
+    def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        if not needs_uncond(scale, cfg_pp=_UNGUIDED.get() is not None):
+            return denoiser(x, sigma, **with_image, **extra)
+        if skipped_by := _SKIP_UNCOND.get():
+            took_effect(skipped_by)
+            x0_c = denoiser(x, sigma, **with_image, **extra)
+            _leave_unguided(x0_c)
+            return x0_c
+        sigma_b = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
+        if (rows := batched()) is not None:
+            three = denoiser(torch.cat([x, x, x]), torch.cat([sigma_b] * 3), **rows, **extra)  # (3B, C, h, w)
+            x0_c, x0_i, x0_u = three.chunk(3)
+        else:
+            x0_c, x0_i, x0_u = (denoiser(x, sigma_b, **conds, **extra) for conds in (with_image, image_only, neither))
+        _leave_unguided(x0_u)
+        x0 = x0_u + scale * (x0_c - x0_i) + image_scale * (x0_i - x0_u)                      # (B, C, h, w)
+        return _rescaled(x0, x0_c, x, sigma_b, scalings, rescale)
+
+    return guided
+
 
 
 def blend_known(

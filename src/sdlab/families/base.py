@@ -205,7 +205,7 @@ class ComponentSpec:
 
 @dataclass(frozen=True)
 class FamilySpec:
-    """A model family: SD1, SD2, SDXL and their inpainting / refiner variants, sdlab-tiny, or a plug-in."""
+    """A model family: SD1, SD2, SDXL and their inpainting / edit / refiner variants, sdlab-tiny, or a plug-in."""
 
     name: str                                   # "sd1", "sd1-inpaint", "sd2", ..., "sdxl-refiner"
     description: str
@@ -245,6 +245,12 @@ class FamilySpec:
     @property
     def is_inpaint(self) -> bool:
         return self.unet.in_channels == 9
+
+    @property
+    def is_edit(self) -> bool:
+        """An InstructPix2Pix edit model: its U-Net reads the latent of the picture it edits as 4 more channels
+        (8 in all), and guidance has an image scale (`guidance.edit_cfg`)."""
+        return self.unet.in_channels == 8
 
     @property
     def is_sdxl(self) -> bool:

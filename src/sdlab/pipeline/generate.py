@@ -77,8 +77,8 @@ from sdlab.diffusion.brownian import BrownianTreeNoise
 from sdlab.diffusion.denoiser import DenoiseFn, Denoiser
 from sdlab.diffusion.discretization import A1111_IMG2IMG, UI_IMG2IMG, steps_run
 from sdlab.diffusion.guidance import (
-    a1111_skips, cfg, composable_cfg, masked, masked_input, recording_effects, skipping_uncond, switch_at_calls,
-    took_effect,
+    a1111_skips, cfg, composable_cfg, edit_cfg, masked, masked_input, recording_effects, skipping_uncond,
+    switch_at_calls, took_effect,
 )
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, per_image_noise
@@ -493,7 +493,8 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
             if not req.mask_round and (_soft(mask) or _soft(small_mask)):    # levels rounding would have changed
                 took_effect("mask_round")
     from_noise = image_latent is None and (pixels is None or (
-        mask is not None and req.strength == 1.0 and req.img2img_convention not in UI_IMG2IMG))
+        mask is not None and req.strength == 1.0 and req.img2img_convention not in UI_IMG2IMG)
+        or _edits_from_noise(bundle, req))
     blends = mask is not None and any(_blends_latent(model, req) for model in (bundle, refiner) if model)
     # diffusers' prepare_latents samples the posterior, then the noise; under A1111's convention nothing is
     # drawn for the posterior, so the noise is each seed's first draw (`sample`: x = self.rng.next())
@@ -516,6 +517,14 @@ def _start(bundle: ModelBundle, plan: GenerationPlan, generators: list[Generator
             x = x * math.sqrt((1.0 + float(sigmas[0]) ** 2) / (1.0 + plan.noised_at ** 2))
     return _Start(x=x, noise=noise, pixels=pixels, image_latent=image_latent, mask=mask, latent_mask=small_mask,
                   from_noise=from_noise)
+
+
+def _edits_from_noise(bundle: ModelBundle, req: GenerationRequest) -> bool:
+    """Whether an edit model starts from pure noise over the whole schedule: under diffusers' img2img convention, as
+    its InstructPix2Pix pipelines do (the picture enters as conditioning alone; `plan.resolve_for` sets strength 1).
+    Under A1111's and ComfyUI's an edit model's img2img is any model's: the noised init latent at the strength's
+    step (A1111's `StableDiffusionProcessingImg2Img`)."""
+    return bundle.family.is_edit and req.img2img_convention == "diffusers"
 
 
 def _soft(mask: Tensor) -> bool:
@@ -655,11 +664,17 @@ def _guided_model(
     extra_cond.update(marks)
     if bundle.family.is_inpaint:
         extra_cond["concat"] = extra_uncond["concat"] = _inpaint_extra(bundle, req, start, generators)
+    if bundle.family.is_edit and composed:
+        raise RequestError("an edit (InstructPix2Pix) model guides one prompt with its picture; a prompt with AND "
+                           "or a :WEIGHT (composable diffusion) is not drawn on one")
     if not composed:
         guided = bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp)
+        guide = partial(cfg, denoiser, scale=guidance_scale(req), rescale=req.guidance_rescale)
+        if bundle.family.is_edit:           # the picture's latent as the U-Net's extra channels, an image scale
+            guide = partial(edit_cfg, denoiser, image=_edit_image(bundle, req, start), scale=guidance_scale(req),
+                            image_scale=req.image_cfg_scale, rescale=req.guidance_rescale)
         model = switch_at_calls([
-            (end, cfg(denoiser, {**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond},
-                      guidance_scale(req), req.guidance_rescale))
+            (end, guide({**cond, **extra_cond}, None if uncond is None else {**uncond, **extra_uncond}))
             for end, cond, uncond in conditioning(parts[0][0], req.negative_prompt, guidance=guided)
         ], first_call)
     else:
@@ -716,6 +731,21 @@ def _negative_sizes(bundle: ModelBundle, req: GenerationRequest, img2img: bool) 
         return {}
     return dict(negative_original_size=req.negative_original_size, negative_target_size=req.negative_target_size,
                 negative_crops_coords_top_left=req.negative_crops_coords_top_left)
+
+
+def _edit_image(bundle: ModelBundle, req: GenerationRequest, start: _Start) -> Tensor:
+    """An edit model's picture conditioning (B, 4, h, w): each init picture's VAE posterior mode (its mean), in the
+    VAE's own latent space, unscaled (diffusers' `prepare_image_latents`: ``latent_dist.mode()``; A1111's
+    `edit_image_conditioning`: ``encode_first_stage(...).mode()``), picture i's of init picture i % N, at the
+    latent size (the "latent" resize mode's pictures keep their own size: interpolated as the init latent is)."""
+    if start.pixels is None:
+        raise RequestError("an edit (InstructPix2Pix) model draws from a picture; give it an init image (img2img)")
+    latent = encode_image(bundle, start.pixels, None, tiled=req.tiled_vae, model_space=False)   # (N, 4, h', w')
+    latent = per_picture(latent, req.batch_size)                                           # (B, 4, h', w')
+    height, width = start.x.shape[-2:]
+    if latent.shape[-2:] != (height, width):
+        latent = upscale_latent(latent, height, width)                                     # (B, 4, h, w)
+    return latent
 
 
 def _inpaint_extra(bundle: ModelBundle, req: GenerationRequest, start: _Start,
@@ -909,7 +939,7 @@ def in_safe_vae_precision(bundle: ModelBundle, run: Callable[[], Tensor]) -> Ten
 
 
 def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[Generator] | None = None, *,
-                 tiled: bool | None = None) -> Tensor:
+                 tiled: bool | None = None, model_space: bool = True) -> Tensor:
     """Pictures in [-1, 1] -> model-space latents: with `generators`, one posterior sample of init picture
     i % N of (N, 3, H, W) per generator i, drawn from it (diffusers' `retrieve_latents(..., generator[i])`),
     (B, 4, h, w); without, the posterior mean of each picture (N, 3, H, W) -> (N, 4, h, w), no draw.
@@ -918,7 +948,8 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[Generator
     (mean and log-variance) are blended across the tiles into one posterior, as diffusers' tiled encode does
     (`AutoencoderKL._tiled_encode`), which is then sampled, or its mean taken, as an untiled one. A picture
     whose sides are not multiples of the VAE factor (the "latent" resize mode encodes any size, h = H // f) is
-    encoded whole: tiles must start on latent pixels."""
+    encoded whole: tiles must start on latent pixels. `model_space` False: the VAE's own latents, unscaled (an
+    edit model's picture conditioning)."""
     vae = bundle.vae
     height, width = pixels.shape[-2:]
     tile = tiled if tiled is not None else should_tile(height, width)
@@ -939,7 +970,8 @@ def encode_image(bundle: ModelBundle, pixels: Tensor, generators: list[Generator
         rows = per_picture(moments, len(generators))                                     # (B, 2 * 4, h, w)
         return torch.cat([_posterior_sample(DiagonalGaussian(row[None]), g) for row, g in zip(rows, generators)])
 
-    return bundle.to_model_latents(in_safe_vae_precision(bundle, encode).to(torch.float32))
+    latents = in_safe_vae_precision(bundle, encode).to(torch.float32)
+    return bundle.to_model_latents(latents) if model_space else latents
 
 
 def _posterior_sample(posterior: DiagonalGaussian, generator: Generator) -> Tensor:

@@ -192,7 +192,24 @@ def _resolve(bundle: ModelBundle, request: GenerationRequest, free: int | None) 
         req = replace(req, clip_skip=1)
     if req.zero_empty_negative is False and not family.conditioner.zero_empty_negative:
         req = replace(req, zero_empty_negative=None)    # the family's own rule, which no model of it changes
+    if family.is_edit:
+        req = _for_edit_model(family, req)
     _check_model(bundle, req, free)
+    return req
+
+
+def _for_edit_model(family: FamilySpec, req: GenerationRequest) -> GenerationRequest:
+    """An edit (InstructPix2Pix) model's request: it edits a picture, so txt2img is refused (A1111 feeds it txt2img's
+    5-channel inpainting conditioning, which its 8-channel U-Net cannot take; diffusers' edit pipelines need an
+    image). Under diffusers' img2img convention it draws as diffusers' edit pipelines, from pure noise over the whole
+    schedule: strength 1 (`generate._edits_from_noise`); under A1111's and ComfyUI's the strength is img2img's."""
+    if req.init_image is None:
+        raise RequestError(f"{family.name} is an edit (InstructPix2Pix) model: it edits a picture by an instruction "
+                           "and draws nothing from text alone; give it an init image (img2img)")
+    if req.img2img_convention == "diffusers" and req.strength != 1.0:
+        logger.info("an edit model under diffusers' img2img convention draws from pure noise over all %d steps "
+                    "(strength 1, as diffusers' InstructPix2Pix pipelines); strength %g unused", req.steps, req.strength)
+        req = replace(req, strength=1.0)
     return req
 
 

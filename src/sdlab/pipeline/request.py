@@ -224,6 +224,9 @@ class GenerationRequest:
                                             # (A1111's img2img_extra_noise, Extra noise)
     inpainting_mask_weight: float = 1.0     # a 9-channel inpainting model's masked picture: lerp(picture, masked
                                             # picture, this) (A1111's inpainting_mask_weight, Conditional mask weight)
+    image_cfg_scale: float | None = None    # an edit (InstructPix2Pix) model's image guidance scale (diffusers'
+                                            # image_guidance_scale, A1111's Image CFG scale); None: none (as 1,
+                                            # A1111's API without it); recorded where an edit model drew with it
     img2img_convention: str = "diffusers"   # how strength maps to steps: "diffusers", "a1111", "comfyui", "lcm",
                                             # "a1111_fix_steps" (A1111's img2img_fix_steps option)
     resize_mode: str = "resize"             # the init image to width x height: "resize", "crop", "fill", "latent"
@@ -359,13 +362,15 @@ OFF_UNLESS_DRAWN: dict[str, dict[str, Any]] = {
     "inpainting_mask_weight": {"inpainting_mask_weight": 1.0},
     "mask_round": {"mask_round": True},
     "guidance_rescale": {"guidance_rescale": 0.0},
+    "image_cfg_scale": {"image_cfg_scale": None},
 }
 """The options a drawing notes where they change it (`guidance.took_effect`), each with its fields' values off: NGMS
 and Skip Early CFG where a call ran without the negative prompt, Pad conds / v0 where they padded, Extra noise where
 it was added to an init latent, Conditional mask weight where an inpainting model read an init picture, mask_round
 off where the mask kept a level rounding would have changed. A1111 writes their labels only there (NGMS, Skip Early
 CFG and Pad conds as its sampler runs; Conditional mask weight only with inpainting conditioning; mask_round has
-none: sdlab's Mask round), and guidance rescale (sdlab's CFG rescale) where it rescaled a guided prediction (not under
+none: sdlab's Mask round), Image CFG scale where an edit model drew (A1111 sets it for edit models only), and
+guidance rescale (sdlab's CFG rescale) where it rescaled a guided prediction (not under
 composable diffusion, nor at a call without the negative prompt's pass)."""
 
 
@@ -917,6 +922,8 @@ def resolve(
     _bounded("noise multiplier", r.noise_multiplier, 0.0, MAX_NOISE_MULTIPLIER)
     _bounded("extra noise", r.extra_noise, 0.0, MAX_NOISE_MULTIPLIER)
     _bounded("inpainting mask weight", r.inpainting_mask_weight, 0.0, 1.0)
+    if r.image_cfg_scale is not None:
+        _bounded("image CFG scale", r.image_cfg_scale, 0.0, MAX_CFG)
     for name in ("beta_alpha", "beta_beta"):
         if _bounded(name, getattr(r, name), 0.0, MAX_BETA) == 0:
             raise RequestError(f"{name} must be above 0 (a Beta distribution's parameter), got 0")

@@ -68,5 +68,13 @@ SD1_INPAINT = replace(
     diffusers_pipeline="StableDiffusionInpaintPipeline",
 )
 
+SD1_EDIT = replace(
+    SD1,
+    name="sd1-edit",
+    description="Stable Diffusion 1.x InstructPix2Pix edit model (8-channel U-Net: latent, latent of the picture edited)",
+    unet=replace(SD1_UNET, in_channels=8),
+    diffusers_pipeline="StableDiffusionInstructPix2PixPipeline",
+)
+
 RELEASED = "2022-08"
-FAMILIES = (SD1, SD1_INPAINT)
+FAMILIES = (SD1, SD1_INPAINT, SD1_EDIT)

@@ -119,4 +119,11 @@ SDXL_INPAINT = replace(
 )
 
 RELEASED = "2023-07"
-FAMILIES = (SDXL, SDXL_REFINER, SDXL_INPAINT)
+SDXL_EDIT = replace(
+    SDXL,
+    name="sdxl-edit",
+    description="Stable Diffusion XL InstructPix2Pix edit model (8-channel U-Net: latent, latent of the picture edited)",
+    unet=replace(SDXL_UNET, in_channels=8),
+    diffusers_pipeline="StableDiffusionXLInstructPix2PixPipeline",
+)
+FAMILIES = (SDXL, SDXL_REFINER, SDXL_INPAINT, SDXL_EDIT)

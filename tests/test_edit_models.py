@@ -1,0 +1,205 @@
+"""InstructPix2Pix edit models (8-channel U-Nets: the noisy latent and the latent of the picture edited).
+
+Loading: single files (A1111 reads an 8-channel conv_in as `instruct-pix2pix.yaml`) and diffusers folders (U-Net
+in_channels 8) of SD1 and SDXL are the `sd1-edit` / `sdxl-edit` families. Drawing: diffusers'
+`StableDiffusion(XL)InstructPix2PixPipeline` with the same random weights, scheduler and seeds gives the same
+pictures (uint8, within `MAX_PIXEL_DIFF` = 2 / 255); the guidance is A1111's `combine_denoised_for_edit_model`
+(transcribed below), with the batch it builds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from bundle_fixtures import (as_released, full_size_shapes, init_picture, tiny_bundle, write_diffusers_folder,
+                             write_original)
+from diffusers import (
+    DDIMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionInstructPix2PixPipeline,
+    StableDiffusionXLInstructPix2PixPipeline,
+)
+from picture_parity import MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, STEPS, max_pixel_diff
+
+import sdlab
+from sdlab.checkpoints.detect import detect_family
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.diffusion.guidance import edit_cfg
+from sdlab.pipeline.request import RequestError
+
+NEGATIVE = "blurry, low quality"
+INSTRUCTION = "make it winter"
+BATCH = 2
+CFG, IMAGE_CFG = 7.5, 1.5                           # diffusers' defaults
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+
+def _folder(tmp_path_factory, name: str) -> Path:
+    bundle = tiny_bundle(name, seed=5)
+    return as_released(write_diffusers_folder(bundle, tmp_path_factory.mktemp(name) / "pipe"), SIZE // 2)
+
+
+def _quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def sd1_edit(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "sd1-edit")
+    return sdlab.load(folder), _quiet(StableDiffusionInstructPix2PixPipeline.from_pretrained(folder, local_files_only=True))
+
+
+@pytest.fixture(scope="module")
+def sdxl_edit(tmp_path_factory):
+    folder = _folder(tmp_path_factory, "sdxl-edit")
+    return sdlab.load(folder), _quiet(StableDiffusionXLInstructPix2PixPipeline.from_pretrained(folder,
+                                                                                             local_files_only=True))
+
+
+def _generators(batch: int = BATCH) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(SEED + i) for i in range(batch)]
+
+
+def _scheduler(pipe, name: str):
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "steps_offset", "timestep_spacing",
+            "prediction_type")
+    config = {key: pipe.scheduler.config[key] for key in keys}
+    return {
+        "euler": (EulerDiscreteScheduler.from_config(config), dict(sampler="Euler", schedule="leading", init_noise="vp")),
+        "euler_a": (EulerAncestralDiscreteScheduler.from_config(config),
+                    dict(sampler="Euler a", schedule="leading", init_noise="vp")),
+        "ddim": (DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False),
+                 dict(sampler="DDIM", schedule="ddim_leading", init_noise="vp")),
+    }[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loading
+
+
+@pytest.mark.parametrize("name", ["sd1-edit", "sdxl-edit"])
+def test_an_8_channel_single_file_is_an_edit_model(name, tmp_path):
+    bundle = tiny_bundle(name, seed=3)
+    path = write_original(bundle, tmp_path / "ip2p.safetensors")
+    loaded = sdlab.load(path)
+    assert loaded.bundle.family.name == name and loaded.bundle.family.is_edit
+    assert loaded.bundle.unet_config.in_channels == 8
+    for key, value in bundle.unet.state_dict().items():
+        assert torch.equal(loaded.bundle.unet.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", ["sd1-edit", "sdxl-edit"])
+def test_the_unet_alone_and_under_family_are_the_edit_variant(name):
+    """Full-size key / shape tables: the whole file, the U-Net alone and --family NAME give the edit family; the
+    base's name under --family says the channels do not fit."""
+    shapes = full_size_shapes(name)
+    unet = {k: s for k, s in shapes.items() if k.startswith("model.diffusion_model.")}
+    assert detect_family(shapes).name == detect_family(unet).name == name
+    assert detect_family(shapes, override=name).name == name
+    with pytest.raises(CheckpointError, match="expects a 4-channel U-Net input, the file has 8"):
+        detect_family(shapes, override=name.removesuffix("-edit"))
+
+
+@pytest.mark.parametrize("fixture", ["sd1_edit", "sdxl_edit"])
+def test_a_diffusers_edit_folder_loads_as_the_edit_family(request, fixture):
+    ours, _ = request.getfixturevalue(fixture)
+    assert ours.bundle.family.name == fixture.replace("_", "-") and ours.bundle.unet_config.in_channels == 8
+
+
+# ---------------------------------------------------------------------------------------------------------
+# guidance
+
+
+def _a1111_combine_denoised_for_edit_model(denoised, cond_scale, image_cfg_scale):
+    # AUTOMATIC1111/stable-diffusion-webui v1.10.1, modules/sd_samplers_cfg_denoiser.py,
+    # CFGDenoiser.combine_denoised_for_edit_model (transcribed)
+    out_cond, out_img_cond, out_uncond = denoised.chunk(3)
+    return out_uncond + cond_scale * (out_cond - out_img_cond) + image_cfg_scale * (out_img_cond - out_uncond)
+
+
+def test_edit_guidance_is_a1111s_on_its_batch():
+    """One forward pass of [prompt + picture, negative + picture, negative + zero picture], combined as A1111's
+    `combine_denoised_for_edit_model`; at image scale 1, `cfg` with the picture in both passes (A1111's
+    `is_edit_model` is off there), which the formula equals."""
+    g = torch.Generator().manual_seed(0)
+    x, image = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    cond, uncond = {"context": torch.randn(2, 5, 6, generator=g)}, {"context": torch.randn(2, 5, 6, generator=g)}
+    weight = torch.randn(8 + 6, 4, generator=g)
+    seen = []
+
+    def denoiser(x, sigma, context, concat):                         # any function of all its inputs
+        seen.append((x.shape[0], concat.clone()))
+        pooled = torch.cat([x, concat], 1).mean((2, 3))                                        # (B, 8)
+        return x * 0.3 + (torch.cat([pooled, context.mean(1)], 1) @ weight)[:, :, None, None]
+
+    for image_scale in (1.5, 0.5, 1.0):
+        seen.clear()
+        ours = edit_cfg(denoiser, cond, uncond, image, 7.0, image_scale)(x, torch.tensor(2.0))
+        three = denoiser(torch.cat([x] * 3), None, torch.cat([cond["context"], uncond["context"], uncond["context"]]),
+                         torch.cat([image, image, torch.zeros_like(image)]))
+        reference = _a1111_combine_denoised_for_edit_model(three, 7.0, image_scale)
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-5)
+        assert seen[0][0] == (6 if image_scale != 1.0 else 4)    # one batched pass; two rows a picture at scale 1
+    assert edit_cfg(denoiser, cond, None, image, 7.0, 1.5)(x, 2.0).shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------------------------
+# parity with diffusers' InstructPix2Pix pipelines
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "ddim", "euler_a"])
+def test_sd1_edit_matches_diffusers(sd1_edit, scheduler):
+    ours_pipe, pipe = sd1_edit
+    pipe.scheduler, options = _scheduler(pipe, scheduler)
+    image = init_picture(SIZE)
+    reference = pipe(INSTRUCTION, image=image, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH,
+                     num_inference_steps=STEPS, guidance_scale=CFG, image_guidance_scale=IMAGE_CFG,
+                     generator=_generators(), output_type="np").images
+    ours = ours_pipe.img2img(INSTRUCTION, image, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG,
+                             image_cfg_scale=IMAGE_CFG, seed=SEED, batch_size=BATCH, **options)
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert ours.request.strength == 1.0 and ours.request.image_cfg_scale == IMAGE_CFG
+
+
+def test_the_image_scale_changes_the_picture(sd1_edit):
+    """The comparison sees the image scale: at 1.5 and at 1 (no image guidance) the pictures differ past the tolerance."""
+    ours_pipe, pipe = sd1_edit
+    _, options = _scheduler(pipe, "euler")
+    image = init_picture(SIZE)
+    a, b = (ours_pipe.img2img(INSTRUCTION, image, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG,
+                              image_cfg_scale=scale, seed=SEED, **options).images for scale in (1.5, 1.0))
+    assert max_pixel_diff(a, b) > 4 * MAX_PIXEL_DIFF
+
+
+def test_sdxl_edit_matches_diffusers(sdxl_edit):
+    ours_pipe, pipe = sdxl_edit
+    pipe.scheduler, options = _scheduler(pipe, "euler")
+    image = init_picture(SIZE)
+    reference = pipe(INSTRUCTION, image=image, negative_prompt=NEGATIVE, num_images_per_prompt=BATCH,
+                     num_inference_steps=STEPS, guidance_scale=CFG, image_guidance_scale=IMAGE_CFG,
+                     height=SIZE, width=SIZE, generator=_generators(), output_type="np").images
+    ours = ours_pipe.img2img(INSTRUCTION, image, negative_prompt=NEGATIVE, steps=STEPS, cfg_scale=CFG,
+                             image_cfg_scale=IMAGE_CFG, seed=SEED, batch_size=BATCH, width=SIZE, height=SIZE,
+                             **options)
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+# ---------------------------------------------------------------------------------------------------------
+# what an edit model refuses
+
+
+def test_txt2img_on_an_edit_model_is_refused(sd1_edit):
+    ours_pipe, _ = sd1_edit
+    with pytest.raises(RequestError, match=r"sd1-edit is an edit \(InstructPix2Pix\) model: .*give it an init image"):
+        ours_pipe.txt2img(INSTRUCTION, steps=2, width=SIZE, height=SIZE)
+
+
+def test_a_composed_prompt_on_an_edit_model_is_refused(sd1_edit):
+    ours_pipe, _ = sd1_edit
+    with pytest.raises(RequestError, match="composable diffusion"):
+        ours_pipe.img2img("snow AND night", init_picture(SIZE), steps=2)
