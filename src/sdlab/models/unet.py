@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, generation_memo, patch_conv
 from sdlab.models.cpu_memory import reuses_large_blocks
 from sdlab.models.layers import attention, timestep_embedding
+from sdlab.models.token_merging import MergingCall, TokenMerging
 
 
 @dataclass(frozen=True)
@@ -311,12 +312,20 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, merging: MergingCall | None = None) -> Tensor:
         """x: (B, N, C), or (B / k, N, C) standing for k identical copies of itself (`UNet.forward`'s shared
-        rows), which the self-attention runs once for; context: (B, T, C_ctx) -> (B, N, C)."""
+        rows), which the self-attention runs once for; context: (B, T, C_ctx) -> (B, N, C). `merging`: the
+        U-Net call's token merging, which merges the self-attention's input tokens where this block's level
+        does (`models.token_merging`)."""
         # Each residual is added to its branch's output as a new tensor (inside the output product on the CPU
         # in bf16: `cpu_linear`), never into x, which LayerNorm's backward needs.
-        h = self.attn1(cpu_norm.layer_norm(self.norm1, x), residual=x)  # (B or B / k, N, C)
+        matched = None if merging is None else merging.matching(x)
+        if matched is None:
+            h = self.attn1(cpu_norm.layer_norm(self.norm1, x), residual=x)  # (B or B / k, N, C)
+        else:
+            merge, unmerge = matched
+            h = unmerge(self.attn1(merge(cpu_norm.layer_norm(self.norm1, x))))  # (B or B / k, N, C), from N - r
+            h += x
         if len(h) < len(context):   # copies: the context tells them apart from here (else it may broadcast)
             h = copies_to(h, len(context))  # (B, N, C)
         x = self.attn2(cpu_norm.layer_norm(self.norm2, h), context, residual=h)
@@ -340,9 +349,9 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(channels, channels) if linear_proj else patch_conv.Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, merging: MergingCall | None = None) -> Tensor:
         """x: (B, C, h, w), or (B / k, C, h, w) standing for k copies of itself (`UNet.forward`'s shared
-        rows); context: (B, T, C_ctx) -> (B, C, h, w)."""
+        rows); context: (B, T, C_ctx) -> (B, C, h, w); `merging`: see `BasicTransformerBlock`."""
         b, c, height, width = x.shape
         h = cpu_norm.group_norm(self.norm, x)  # (B, C, h, w)
         # bf16 inference on the CPU (`cpu_linear.fuses`): both projections run as linear layers over the tokens
@@ -357,7 +366,7 @@ class SpatialTransformer(nn.Module):
         elif on_tokens:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)  # (B, hw, C)
+            h = block(h, context, merging)  # (B, hw, C)
         b = len(h)
         x = copies_to(x, b)  # (B, C, h, w)
         if fused:
@@ -449,12 +458,12 @@ class UNetBlock(nn.ModuleList):
     (LDM's TimestepEmbedSequential)."""
 
     def forward(self, x: Tensor, emb: Tensor | BlockEmbeddings, context: Tensor,
-                out_size: torch.Size | None = None) -> Tensor:
+                out_size: torch.Size | None = None, merging: MergingCall | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, merging)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
@@ -556,6 +565,9 @@ class UNet(nn.Module):
         # the forward puts its input in (set it with `.to(memory_format=...)` to compare layouts).
         self.memory_format = torch.channels_last
         self.to(memory_format=self.memory_format)
+        # token merging in the self-attention of the finest levels (`models.token_merging`; `merging_tokens`
+        # sets it for a block); None: every token attends
+        self.token_merging: TokenMerging | None = None
 
     @reuses_large_blocks
     def forward(
@@ -587,17 +599,18 @@ class UNet(nn.Module):
 
         h = x.to(dtype).contiguous(memory_format=self.memory_format)  # (B, C, h, w) stored as NHWC
         rows = len(h)
+        merging = None if self.token_merging is None else MergingCall(self.token_merging, tuple(h.shape[-2:]), rows)
         h = h[: shared_rows(h, emb, self.input_blocks, context)]  # (B or B / 2, C, h, w): equal halves run once
         skips = []
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context)  # (B, C_i, h_i, w_i) from the first text context on
+            h = block(h, emb, context, merging=merging)  # (B, C_i, h_i, w_i) from the first text context on
             skip = copies_to(h, rows)
             skips.append(skip if skip_residuals is None else skip + skip_residuals[i].to(dtype))
-        h = copies_to(self.middle_block(h, emb, context), rows)  # (B, C_mid, h_mid, w_mid)
+        h = copies_to(self.middle_block(h, emb, context, merging=merging), rows)  # (B, C_mid, h_mid, w_mid)
         if middle_residual is not None:
             h = h + middle_residual.to(dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
-            h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None)
+            h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None, merging=merging)
         norm, _, conv = self.out
         return conv(cpu_norm.group_norm(norm, h, silu=True)).contiguous()  # (B, out_channels, h, w)
