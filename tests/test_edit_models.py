@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from bundle_fixtures import (as_released, full_size_shapes, init_picture, tiny_bundle, write_diffusers_folder,
@@ -203,3 +204,72 @@ def test_a_composed_prompt_on_an_edit_model_is_refused(sd1_edit):
     ours_pipe, _ = sd1_edit
     with pytest.raises(RequestError, match="composable diffusion"):
         ours_pipe.img2img("snow AND night", init_picture(SIZE), steps=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# doors: Python API, infotext, CLI
+
+
+def test_the_api_default_is_diffusers_image_scale_and_infotext_records_it(sd1_edit):
+    """`img2img` without image_cfg_scale draws at diffusers' 1.5; the picture's parameters say `Image CFG scale: 1.5`
+    (A1111's label, after CFG scale) and read back into the request."""
+    from sdlab.pipeline.infotext import from_parameters, to_parameters
+    from sdlab.pipeline.png_info import format_parameters, parse_parameters
+
+    ours_pipe, pipe = sd1_edit
+    _, options = _scheduler(pipe, "euler")
+    image = init_picture(SIZE)
+    default = ours_pipe.img2img(INSTRUCTION, image, steps=STEPS, cfg_scale=CFG, seed=SEED, **options)
+    explicit = ours_pipe.img2img(INSTRUCTION, image, steps=STEPS, cfg_scale=CFG, seed=SEED, image_cfg_scale=1.5,
+                                 **options)
+    assert max_pixel_diff(default.images, explicit.images) == 0
+    text = format_parameters(to_parameters(default.request))
+    assert "CFG scale: 7.5, Image CFG scale: 1.5, Seed:" in text
+    assert from_parameters(parse_parameters(text))["image_cfg_scale"] == 1.5
+
+
+def test_other_models_record_no_image_scale(tmp_path):
+    from sdlab.pipeline.infotext import to_parameters
+    from sdlab.pipeline.png_info import format_parameters
+
+    pipe = sdlab.load(write_original(tiny_bundle("sd1", seed=3), tmp_path / "sd1.safetensors"))
+    result = pipe.img2img(INSTRUCTION, init_picture(SIZE), steps=2, seed=SEED, image_cfg_scale=2.0)
+    assert result.request.image_cfg_scale is None
+    assert "Image CFG scale" not in format_parameters(to_parameters(result.request))
+
+
+@pytest.fixture(scope="module")
+def edit_file(tmp_path_factory) -> Path:
+    return write_original(tiny_bundle("sd1-edit", seed=3), tmp_path_factory.mktemp("edit") / "ip2p.safetensors",
+                          junk=False)
+
+
+def test_cli_image_cfg_scale_is_drawn_recorded_and_redrawn(edit_file, tmp_path, capsys):
+    from cli_helpers import pixels, run
+    from sdlab.pipeline.png_info import read_parameters
+
+    init = tmp_path / "init.png"
+    init_picture(SIZE).save(init)
+    fast = ["--steps", "3", "--seed", "3", "--sampler", "Euler", "--no-progress", "--model", str(edit_file),
+            "--init", str(init)]
+    out, default, again = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
+    code, _, err = run(["img2img", INSTRUCTION, "--image-cfg-scale", "1.2", "--out", str(out), *fast], capsys)
+    assert code == 0, err
+    assert "Image CFG scale: 1.2" in read_parameters(out)
+    code, _, err = run(["img2img", INSTRUCTION, "--out", str(default), *fast], capsys)
+    assert code == 0, err
+    assert "Image CFG scale: 1.5" in read_parameters(default)
+    assert np.abs(pixels(out) - pixels(default)).max() > MAX_PIXEL_DIFF
+    code, _, err = run(["img2img", "--from-png", str(out), "--out", str(again), *fast[6:]], capsys)
+    assert code == 0, err
+    assert np.array_equal(pixels(again), pixels(out))
+
+
+def test_cli_txt2img_on_an_edit_model_is_one_error(edit_file, tmp_path, capsys):
+    from cli_helpers import run
+
+    out = tmp_path / "a.png"
+    code, _, err = run(["txt2img", INSTRUCTION, "--model", str(edit_file), "--steps", "2", "--no-progress",
+                        "--out", str(out)], capsys)
+    assert code != 0 and not out.exists()
+    assert "is an edit (InstructPix2Pix) model" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -46,6 +46,7 @@ from sdlab.pipeline.prompt_loras import (
     split_prompt_loras,
 )
 from sdlab.pipeline.request import (
+    DEFAULT_IMAGE_CFG_SCALE,
     GenerationRequest,
     GenerationResult,
     ImageLike,
@@ -236,11 +237,16 @@ class Pipeline:
         strength: float = 0.75,
         negative_prompt: str = "",
         *,
+        image_cfg_scale: float | None = DEFAULT_IMAGE_CFG_SCALE,
         progress: ProgressFn | None = None,
         **options: Any,
     ) -> GenerationResult:
-        """Redraw `init_image`; `strength` in (0, 1] is how much of the schedule runs (1 = from pure noise)."""
-        return self._call(prompt, {"negative_prompt": negative_prompt, "init_image": init_image, "strength": strength, **options}, progress)
+        """Redraw `init_image`; `strength` in (0, 1] is how much of the schedule runs (1 = from pure noise).
+        An edit (InstructPix2Pix) model edits it by the prompt's instruction, `image_cfg_scale` its image guidance
+        (diffusers' image_guidance_scale, default 1.5); under diffusers' img2img convention it draws from pure
+        noise over all the steps, as diffusers' pipelines (`strength` unused). Other models do not read it."""
+        return self._call(prompt, {"negative_prompt": negative_prompt, "init_image": init_image, "strength": strength,
+                                   "image_cfg_scale": image_cfg_scale, **options}, progress)
 
     def inpaint(
         self,

@@ -344,6 +344,11 @@ def _add_init_flags(p: argparse.ArgumentParser, init_help: str, strength_default
     p.add_argument("--mask-weight", type=float, dest="inpainting_mask_weight", metavar="W",
                    help="A1111's Conditional mask weight: how much an inpainting model's masked picture is masked, "
                         "0 (the whole picture) to 1 (the default)")
+    p.add_argument("--image-cfg-scale", type=float, metavar="S",
+                   help="an edit (InstructPix2Pix) model's image guidance scale (A1111's Image CFG scale, diffusers' "
+                        "image_guidance_scale): how closely it keeps to --init, 0 or more (default 1.5"
+                        + _if_from_png(from_png, ", or the --from-png picture's") + "; 1: no image guidance); "
+                        "other models do not read it")
 
 
 def _add_inpaint_flags(p: argparse.ArgumentParser) -> None:
@@ -466,7 +471,7 @@ _FIELDS_NAMED_AS_FLAGS = (
     "s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
     "discard_penultimate_sigma", "init_noise", "quantize_timesteps", "unipc_variant", "unipc_order",
     "unipc_lower_order_final",
-    "beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight",
+    "beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight", "image_cfg_scale",
 )
 
 
@@ -1116,13 +1121,14 @@ def _add_input_pictures(args: argparse.Namespace, options: dict[str, Any]) -> No
     """img2img's and inpaint's pictures into `options`: the --init image, and the --mask or the --outpaint canvas
     and its mask (errors before any work)."""
     from sdlab.pipeline.images import pad_for_outpaint
-    from sdlab.pipeline.request import MAX_SIDE
+    from sdlab.pipeline.request import DEFAULT_IMAGE_CFG_SCALE, MAX_SIDE
 
     if args.mode == "txt2img":
         return
     if not args.init:
         raise UserError(f"{args.mode} needs --init IMAGE")
     options["init_image"] = _open_image(args.init, "init image")
+    options.setdefault("image_cfg_scale", DEFAULT_IMAGE_CFG_SCALE)     # A1111's slider's; read by edit models alone
     if args.mode != "inpaint":
         return
     if args.outpaint:

@@ -59,6 +59,7 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Beta schedule beta": ("beta_beta", float),
     "SGM noise multiplier": ("sgm_noise_multiplier", bool),
     "CFG scale": ("cfg_scale", float),
+    "Image CFG scale": ("image_cfg_scale", float),   # an edit model's (A1111 writes it for those alone)
     "Seed": ("seed", int),
     "Variation seed": ("subseed", int),
     "Variation seed strength": ("subseed_strength", float),
@@ -239,6 +240,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Schedule type": a1111_label(req.schedule),
         **_schedule_overrides(req),
         "CFG scale": req.cfg_scale,
+        "Image CFG scale": req.image_cfg_scale,     # None unless an edit model drew with it (`drawn_request`)
         "Seed": req.seeds()[index],
         "Size": "{}x{}".format(*hires_base_size(req)) if req.hires else f"{req.width}x{req.height}",
         "Variation seed": req.subseeds()[index] if req.subseed_strength else None,

@@ -74,6 +74,7 @@ MAX_STEPS = 1000                            # the training schedule's 1000 times
 HIRES_IMG2IMG = "a1111_fix_steps"           # the hires pass's img2img convention: A1111's setup_img2img_steps
 MAX_SCHEDULE = 10_000                       # img2img "comfyui" stretches the schedule to steps / strength
 MAX_CFG = 100.0                             # |CFG|; useful values are 1..30
+DEFAULT_IMAGE_CFG_SCALE = 1.5               # an edit model's image guidance: diffusers' default, A1111's slider's
 MAX_ETA = 10.0                              # eta and s_noise; useful values are 0..1
 MAX_CHURN = 1000.0                          # s_churn: A1111's slider ends at 100
 MAX_MASK_BLUR = 256.0                       # pixels (A1111's slider stops at 64)
