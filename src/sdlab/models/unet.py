@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, generation_memo, patch_conv
 from sdlab.models.cpu_memory import reuses_large_blocks
+from sdlab.models.ip_adapter import ImagePrompt
 from sdlab.models.layers import attention, timestep_embedding
 from sdlab.models.token_merging import MergingCall, TokenMerging
 
@@ -262,8 +263,11 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # index 0 as in the checkpoints (LDM had Dropout at 1)
 
-    def forward(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None) -> Tensor:
-        """x: (B, N, C), context: (B, M, C_ctx) or None -> (B, N, C), plus `residual` (B, N, C) where given."""
+    def forward(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None,
+                image_prompt: ImagePrompt | None = None) -> Tensor:
+        """x: (B, N, C), context: (B, M, C_ctx) or None -> (B, N, C), plus `residual` (B, N, C) where given.
+        `image_prompt`: IP-Adapters' image tokens, whose decoupled attention with the same queries is added to
+        the text attention's output before `to_out` (`models.ip_adapter`)."""
         q = cpu_linear.linear(x, self.to_q)  # (B, N, C)
         if context is None:
             k, v = cpu_linear.linear(x, self.to_k), cpu_linear.linear(x, self.to_v)  # 2 x (B, N, C)
@@ -272,6 +276,9 @@ class CrossAttention(nn.Module):
                 (self.to_k, self.to_v), context,
                 lambda: (cpu_linear.linear(context, self.to_k), cpu_linear.linear(context, self.to_v)))
         out = attention(q, k, v, self.heads, self.upcast)  # (B, N, C)
+        image_attention = None if image_prompt is None else image_prompt.attended(self, q)  # (B, N, C) or None
+        if image_attention is not None:
+            out = out + image_attention
         if residual is None:
             return self.to_out[0](out)
         return cpu_linear.linear_add(out, self.to_out[0], residual)  # (B, N, C)
@@ -312,11 +319,13 @@ class BasicTransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.norm3 = nn.LayerNorm(dim)
 
-    def forward(self, x: Tensor, context: Tensor, merging: MergingCall | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, merging: MergingCall | None = None,
+                image_prompt: ImagePrompt | None = None) -> Tensor:
         """x: (B, N, C), or (B / k, N, C) standing for k identical copies of itself (`UNet.forward`'s shared
         rows), which the self-attention runs once for; context: (B, T, C_ctx) -> (B, N, C). `merging`: the
         U-Net call's token merging, which merges the self-attention's input tokens where this block's level
-        does (`models.token_merging`)."""
+        does (`models.token_merging`). `image_prompt`: IP-Adapters' image tokens,
+        which the cross-attention attends to besides the text."""
         # Each residual is added to its branch's output as a new tensor (inside the output product on the CPU
         # in bf16: `cpu_linear`), never into x, which LayerNorm's backward needs.
         matched = None if merging is None else merging.matching(x)
@@ -328,7 +337,7 @@ class BasicTransformerBlock(nn.Module):
             h += x
         if len(h) < len(context):   # copies: the context tells them apart from here (else it may broadcast)
             h = copies_to(h, len(context))  # (B, N, C)
-        x = self.attn2(cpu_norm.layer_norm(self.norm2, h), context, residual=h)
+        x = self.attn2(cpu_norm.layer_norm(self.norm2, h), context, residual=h, image_prompt=image_prompt)
         return self.ff(cpu_norm.layer_norm(self.norm3, x), residual=x)
 
 
@@ -349,9 +358,11 @@ class SpatialTransformer(nn.Module):
         )
         self.proj_out = nn.Linear(channels, channels) if linear_proj else patch_conv.Conv2d(channels, channels, 1)
 
-    def forward(self, x: Tensor, context: Tensor, merging: MergingCall | None = None) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor, merging: MergingCall | None = None,
+                image_prompt: ImagePrompt | None = None) -> Tensor:
         """x: (B, C, h, w), or (B / k, C, h, w) standing for k copies of itself (`UNet.forward`'s shared
-        rows); context: (B, T, C_ctx) -> (B, C, h, w); `merging`: see `BasicTransformerBlock`."""
+        rows); context: (B, T, C_ctx) -> (B, C, h, w); `merging`: see `BasicTransformerBlock`.
+        `image_prompt`: see `BasicTransformerBlock`."""
         b, c, height, width = x.shape
         h = cpu_norm.group_norm(self.norm, x)  # (B, C, h, w)
         # bf16 inference on the CPU (`cpu_linear.fuses`): both projections run as linear layers over the tokens
@@ -366,7 +377,7 @@ class SpatialTransformer(nn.Module):
         elif on_tokens:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context, merging)  # (B, hw, C)
+            h = block(h, context, merging, image_prompt=image_prompt)  # (B, hw, C)
         b = len(h)
         x = copies_to(x, b)  # (B, C, h, w)
         if fused:
@@ -458,12 +469,13 @@ class UNetBlock(nn.ModuleList):
     (LDM's TimestepEmbedSequential)."""
 
     def forward(self, x: Tensor, emb: Tensor | BlockEmbeddings, context: Tensor,
-                out_size: torch.Size | None = None, merging: MergingCall | None = None) -> Tensor:
+                out_size: torch.Size | None = None, merging: MergingCall | None = None,
+                image_prompt: ImagePrompt | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, merging)
+                x = layer(x, context, merging, image_prompt=image_prompt)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
@@ -578,6 +590,7 @@ class UNet(nn.Module):
         y: Tensor | None = None,
         control: tuple[list[Tensor], Tensor] | None = None,
         guidance_emb: Tensor | None = None,
+        image_prompt: ImagePrompt | None = None,
     ) -> Tensor:
         """x: (B, in_channels, h, w) noisy latent; t: (B,) or () float timesteps in [0, 1000);
         context: (B, T, context_dim) text embeddings; y: (B, adm_in_channels) for SDXL, else None;
@@ -586,6 +599,8 @@ class UNet(nn.Module):
         block's output (diffusers' down_block_additional_residuals / mid_block_additional_residual);
         guidance_emb: (B, time_cond_proj_dim) `guidance_scale_embedding` of w for models with a guidance
         embedding (diffusers' timestep_cond; None: nothing added, as in diffusers).
+        image_prompt: IP-Adapters' image tokens (B, T, context_dim) and decoupled k/v projections, attended to
+        by every cross-attention besides the text context (`models.ip_adapter`); None: text alone.
         Inputs are cast to the parameters' dtype; returns (B, out_channels, h, w) in that dtype.
 
         Feature maps are kept channels-last (NHWC strides, NCHW shape): oneDNN and cuDNN convolutions take that
@@ -603,14 +618,17 @@ class UNet(nn.Module):
         h = h[: shared_rows(h, emb, self.input_blocks, context)]  # (B or B / 2, C, h, w): equal halves run once
         skips = []
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context, merging=merging)  # (B, C_i, h_i, w_i) from the first text context on
+            h = block(h, emb, context, merging=merging,
+                      image_prompt=image_prompt)  # (B, C_i, h_i, w_i) from the first text context on
             skip = copies_to(h, rows)
             skips.append(skip if skip_residuals is None else skip + skip_residuals[i].to(dtype))
-        h = copies_to(self.middle_block(h, emb, context, merging=merging), rows)  # (B, C_mid, h_mid, w_mid)
+        h = copies_to(self.middle_block(h, emb, context, merging=merging,
+                                        image_prompt=image_prompt), rows)  # (B, C_mid, h_mid, w_mid)
         if middle_residual is not None:
             h = h + middle_residual.to(dtype)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
-            h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None, merging=merging)
+            h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None, merging=merging,
+                      image_prompt=image_prompt)
         norm, _, conv = self.out
         return conv(cpu_norm.group_norm(norm, h, silu=True)).contiguous()  # (B, out_channels, h, w)

@@ -452,7 +452,10 @@ class ControlledUNet:
         self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
         control_step: tuple[int, int] | None = None, guidance_emb: Tensor | None = None,
         cond_mark: Tensor | None = None,
+        image_prompt: Any = None,
     ) -> Tensor:
+        """`image_prompt`: IP-Adapters' image tokens, for the U-Net alone (the ControlNets attend to the text, as
+        in diffusers' ControlNet pipelines)."""
         skips: list[Tensor] | None = None
         middle: Tensor | None = None
         for control, wrapped in zip(self.controls, self.wrapped):
@@ -471,7 +474,7 @@ class ControlledUNet:
                 skips = [a + b for a, b in zip(skips, residuals)]
                 middle = middle + mid
         control = None if skips is None else (skips, middle)
-        return self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb)
+        return self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb, image_prompt=image_prompt)
 
 
 def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False) -> Any:

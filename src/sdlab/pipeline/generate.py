@@ -93,6 +93,7 @@ from sdlab.pipeline.control import (
 )
 from sdlab.pipeline.conditioning import ClipSkip, composed_schedule, empty_context_once, make_cond_schedule
 from sdlab.pipeline.finite import FiniteWatch
+from sdlab.pipeline.image_prompt import image_prompt_conds, image_prompted, prepare_image_prompts
 from sdlab.pipeline.images import (
     a1111_latent_mask,
     latent_mask,
@@ -349,7 +350,8 @@ def generate_with_refiner(
         took_over = [False]                                             # whether the refiner's first call ran
         refine = None
         if split < len(sigmas) - 1:
-            no_controls = dataclasses.replace(req, controls=())                 # ControlNets fit the base only
+            no_controls = dataclasses.replace(req, controls=(), ip_adapters=())   # ControlNets, IP-Adapters: the
+                                                                                  # base only
 
             def refine(at: _Start) -> DenoiseFn:
                 return _noting_a_call(_guided_model(refiner, plan.refiner_sampling, no_controls, at, overlay,
@@ -656,12 +658,16 @@ def _guided_model(
                                 picture_size=None if overlay is None else overlay.original.size,
                                 mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur,
                                                   req.mask_blur_y))
-    denoiser = Denoiser(controlled_unet(bundle.unet, controls, circular=req.tiling), sampling,
-                        quantize=req.quantize_timesteps)
+    image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size)    # IP-Adapters' tokens
+    net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling), bundle.unet, image_prompts)
+    denoiser = Denoiser(net, sampling, quantize=req.quantize_timesteps)
     if spans_part(controls):                            # else every control runs at every step
         denoiser = tag_steps(denoiser, sigmas)
     marks, extra_uncond = prompt_marks(controls, req.batch_size, device)   # which rows are the prompt's
     extra_cond.update(marks)
+    image_tokens, uncond_image_tokens = image_prompt_conds(image_prompts)  # CFG batches them as the prompts
+    extra_cond.update(image_tokens)
+    extra_uncond.update(uncond_image_tokens)
     if bundle.family.is_inpaint:
         extra_cond["concat"] = extra_uncond["concat"] = _inpaint_extra(bundle, req, start, generators)
     if bundle.family.is_edit and composed:

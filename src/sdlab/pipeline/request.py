@@ -276,6 +276,8 @@ class GenerationRequest:
     controls: tuple[Any, ...] = field(default=(), repr=False)
     control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers' or A1111's
                                             # (`PreparedControl.active`)
+    # image prompts (IP-Adapter): `pipeline.image_prompt.IPAdapterInput`s
+    ip_adapters: tuple[Any, ...] = field(default=(), repr=False)
     # hires fix (A1111, txt2img; pipeline/hires.py): on when hr_scale or hr_width / hr_height is set
     hr_scale: float | None = None           # the second pass at this multiple (>= 1) of the first's size
     hr_width: int | None = None             # or at this size (A1111's hr_resize_x / y; one side alone keeps
@@ -337,12 +339,13 @@ class GenerationRequest:
     def parameters(self) -> dict[str, Any]:
         """The request as plain values (images left out), for metadata and logs."""
         values = asdict(replace(self, init_image=None, init_images=(), mask_image=None, latent_mask_image=None,
-                                controls=()))
+                                controls=(), ip_adapters=()))
         values.pop("init_image")
         values.pop("init_images")
         values.pop("mask_image")
         values.pop("latent_mask_image")
         values.pop("controls")
+        values.pop("ip_adapters")
         return values
 
 

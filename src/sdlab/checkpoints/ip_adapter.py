@@ -1,0 +1,120 @@
+"""IP-Adapter files (h94/IP-Adapter, `ip-adapter_sd15.safetensors` / `.bin`, `ip-adapter_sdxl*.safetensors`).
+
+    .safetensors  flat: ``image_proj.proj.weight``, ``image_proj.proj.bias``, ``image_proj.norm.{weight,bias}``,
+                  ``ip_adapter.{n}.to_k_ip.weight``, ``ip_adapter.{n}.to_v_ip.weight`` (n = 1, 3, 5, ...)
+    .bin          a pickled dict {"image_proj": {...}, "ip_adapter": {...}} of the same tensors, read with the
+                  weights-only unpickler (`checkpoints.io`, nested keys joined with dots): no pickled code runs.
+
+Sizes come from the tensors: the image embedding's width (proj's input), the context width (norm), the token
+count (proj's output / context width) and each cross-attention's width (to_k_ip's output). Adapters whose
+image projection is another network (Plus' Resampler ``image_proj.latents``, FaceID's) are refused by name.
+`check_fits` refuses an adapter for another U-Net or image encoder with one line naming both widths.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from sdlab.checkpoints.components import CastingView, key_problems, meta_device_without_init
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.image_encoder import TOWERS_BY_WIDTH
+from sdlab.checkpoints.io import read_checkpoint, shapes_of
+from sdlab.checkpoints.runnable import nonfinite_tensors
+from sdlab.models.clip_vision import CLIPVisionConfig
+from sdlab.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions
+from sdlab.models.unet import UNet
+
+_LAYER = re.compile(r"ip_adapter\.(\d+)\.to_k_ip\.weight")
+_OTHER_PROJECTIONS = {"image_proj.latents": "an IP-Adapter Plus (its image projection is a Resampler)",
+                      "image_proj.proj.0.weight": "an IP-Adapter Full / FaceID (an MLP image projection)",
+                      "image_proj.perceiver_resampler.proj_in.weight": "an IP-Adapter FaceID Plus"}
+
+
+@dataclass(frozen=True)
+class LoadedIPAdapter:
+    model: IPAdapter
+    config: IPAdapterConfig
+    origin: str
+
+    @property
+    def name(self) -> str:
+        """The file name without its suffix, as infotext records a model."""
+        return Path(self.origin).stem
+
+
+def _config_from_shapes(shapes: Mapping[str, torch.Size], path: Path) -> IPAdapterConfig:
+    for key, what in _OTHER_PROJECTIONS.items():
+        if key in shapes:
+            raise CheckpointError(f"{path}: {what}; sdlab draws with base IP-Adapters (image_proj.proj + norm) only")
+    if "image_proj.proj.weight" not in shapes or "image_proj.norm.weight" not in shapes:
+        raise CheckpointError(f"{path}: not an IP-Adapter (no image_proj.proj.weight / image_proj.norm.weight)")
+    numbers = sorted(int(m.group(1)) for key in shapes if (m := _LAYER.fullmatch(key)))
+    if not numbers or numbers != list(range(1, 2 * len(numbers), 2)):
+        raise CheckpointError(f"{path}: not an IP-Adapter: its ip_adapter.N.to_k_ip layers are numbered "
+                              f"{numbers[:6]}..., not 1, 3, 5, ...")
+    context_dim = shapes["image_proj.norm.weight"][0]
+    out_width, embed_dim = shapes["image_proj.proj.weight"]
+    if out_width % context_dim:
+        raise CheckpointError(f"{path}: image_proj.proj gives {out_width} numbers, not whole {context_dim}-wide tokens")
+    widths = tuple(shapes[f"ip_adapter.{n}.to_k_ip.weight"][0] for n in numbers)
+    return IPAdapterConfig(embed_dim=embed_dim, context_dim=context_dim, tokens=out_width // context_dim, widths=widths)
+
+
+def read_ip_adapter(path: str | os.PathLike[str]) -> tuple[IPAdapterConfig, Mapping[str, Tensor]]:
+    """The config and tensors of an IP-Adapter file, checked to build; `CheckpointError` (one line) else."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such IP-Adapter file")
+    tensors, _ = read_checkpoint(path, nested=True)
+    shapes = shapes_of(tensors)
+    config = _config_from_shapes(shapes, path)
+    with meta_device_without_init():
+        expected = {k: v.shape for k, v in IPAdapter(config).state_dict().items()}
+    problems = key_problems(expected, shapes)
+    if problems:
+        raise CheckpointError(f"{path}: not an IP-Adapter sdlab can build: " + "; ".join(problems))
+    return config, tensors
+
+
+def load_ip_adapter(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> LoadedIPAdapter:
+    config, tensors = read_ip_adapter(path)
+    with meta_device_without_init():
+        model = IPAdapter(config)
+    model.load_state_dict(CastingView(tensors, dtype, device), strict=True, assign=True)
+    model.eval()
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} IP-Adapter tensors hold NaN or infinite values ({', '.join(bad[:3])})")
+    return LoadedIPAdapter(model=model, config=config, origin=os.fspath(path))
+
+
+def _tower(width: int) -> str:
+    """'ViT-H/14' for an embedding width of a known tower's projection, else ''."""
+    names = [name for name, cfg in TOWERS_BY_WIDTH.values() if cfg.projection_dim == width]
+    return f" ({' or '.join(names)})" if names else ""
+
+
+def check_fits(adapter: LoadedIPAdapter, unet: UNet, encoder: CLIPVisionConfig, encoder_origin: str) -> None:
+    """Refuse (`CheckpointError`, one line naming both sides) an adapter for another U-Net (context width, number
+    or widths of the cross-attentions) or for another image encoder (embedding width)."""
+    cfg = adapter.config
+    if cfg.context_dim != unet.cfg.context_dim:
+        raise CheckpointError(f"{adapter.origin}: this IP-Adapter is for a U-Net with a {cfg.context_dim}-wide text "
+                              f"context; the model's is {unet.cfg.context_dim}-wide (an adapter for another family)")
+    widths = tuple(attn.to_q.weight.shape[0] for attn in cross_attentions(unet))
+    if widths != cfg.widths:
+        raise CheckpointError(f"{adapter.origin}: this IP-Adapter has {len(cfg.widths)} cross-attention layers; the "
+                              f"model has {len(widths)} (widths {sorted(set(cfg.widths))} vs {sorted(set(widths))})")
+    if encoder.projection_dim != cfg.embed_dim:
+        raise CheckpointError(
+            f"{adapter.origin}: this IP-Adapter takes {cfg.embed_dim}-wide image embeddings{_tower(cfg.embed_dim)}; "
+            f"the image encoder {encoder_origin} gives {encoder.projection_dim}-wide ones"
+            f"{_tower(encoder.projection_dim)}: use the image encoder the adapter was trained with")

@@ -1,0 +1,117 @@
+"""IP-Adapter (Ye et al. 2023, "IP-Adapter: Text Compatible Image Prompt Adapter for Text-to-Image Diffusion
+Models"): a picture as a prompt, through extra tokens and a second cross-attention in every transformer block.
+
+    tokens = LayerNorm(reshape(proj(image_embeds), (T, C_ctx)))              image_proj, base adapters (T = 4)
+    attn2(x) = to_out(softmax(q k^T) v + scale * softmax(q k_ip^T) v_ip)     per cross-attention, same q
+
+with k = to_k(text context), v = to_v(text context) as before and k_ip = to_k_ip(tokens), v_ip = to_v_ip(tokens)
+from the adapter's own projections ("decoupled cross-attention", section 3.2, eq. 5). `image_embeds` is the
+CLIP image encoder's projected class token (`models.clip_vision`). Several adapters add one term each.
+
+Parameter names are those of h94/IP-Adapter's files: ``image_proj.proj``, ``image_proj.norm``, and
+``ip_adapter.{n}.to_k_ip`` / ``to_v_ip`` where n = 2k + 1 for the k-th cross-attention counted over
+the input blocks, then the output blocks, then the middle block (diffusers' ``attn_processors`` order: every
+attention has a number, the self-attentions the even ones). `cross_attentions` lists them in that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from sdlab.models import cpu_linear, generation_memo
+from sdlab.models.layers import attention
+
+
+@dataclass(frozen=True)
+class IPAdapterConfig:
+    """embed_dim: the image embedding's width (the image encoder's projection_dim: ViT-H/14 1024, bigG 1280);
+    context_dim: the U-Net's text-context width; tokens: image tokens (base: 4); widths: each cross-attention's
+    width, in `cross_attentions` order."""
+
+    embed_dim: int
+    context_dim: int
+    tokens: int
+    widths: tuple[int, ...]
+
+
+class ImageProjection(nn.Module):
+    """Image embedding -> `tokens` context tokens (diffusers' `ImageProjection`, IP-Adapter's `ImageProjModel`)."""
+
+    def __init__(self, cfg: IPAdapterConfig):
+        super().__init__()
+        self.tokens = cfg.tokens
+        self.proj = nn.Linear(cfg.embed_dim, cfg.tokens * cfg.context_dim)
+        self.norm = nn.LayerNorm(cfg.context_dim)
+
+    def forward(self, image_embeds: Tensor) -> Tensor:
+        """image_embeds: (B, embed_dim) -> (B, tokens, context_dim)"""
+        x = self.proj(image_embeds.to(self.proj.weight.dtype))                   # (B, T * C)
+        return self.norm(x.reshape(len(x), self.tokens, -1))                      # (B, T, C)
+
+
+class DecoupledKV(nn.Module):
+    """One cross-attention's key and value projections of the image tokens."""
+
+    def __init__(self, context_dim: int, width: int):
+        super().__init__()
+        self.to_k_ip = nn.Linear(context_dim, width, bias=False)
+        self.to_v_ip = nn.Linear(context_dim, width, bias=False)
+
+
+class IPAdapter(nn.Module):
+    def __init__(self, cfg: IPAdapterConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_proj = ImageProjection(cfg)
+        self.ip_adapter = nn.ModuleDict({str(2 * k + 1): DecoupledKV(cfg.context_dim, width)
+                                         for k, width in enumerate(cfg.widths)})
+
+    def layers(self) -> list[DecoupledKV]:
+        """The k/v projections in `cross_attentions` order."""
+        return [self.ip_adapter[str(2 * k + 1)] for k in range(len(self.cfg.widths))]
+
+
+def cross_attentions(unet: nn.Module) -> list[nn.Module]:
+    """The U-Net's text cross-attentions (each transformer block's `attn2`) in IP-Adapter's order: input blocks,
+    output blocks, middle block (diffusers registers `up_blocks` before `mid_block`)."""
+    blocks = [*unet.input_blocks, *unet.output_blocks, unet.middle_block]
+    return [module.attn2 for block in blocks for module in block.modules() if hasattr(module, "attn2")]
+
+
+class ImagePrompt:
+    """One U-Net call's image prompts: for each adapter its tokens (B, T_i, C_ctx) and scale, and which of the
+    U-Net's cross-attentions (`cross_attentions`) each of its k/v projections serves. The cross-attention asks
+    `attended(attention, q)` for the sum of scale * softmax(q k_ip^T / sqrt(d)) v_ip over the adapters."""
+
+    def __init__(self, attentions: Sequence[nn.Module], adapters: Sequence[tuple[IPAdapter, Tensor, float]]):
+        self.by_attention: dict[nn.Module, list[tuple[DecoupledKV, Tensor, float]]] = {a: [] for a in attentions}
+        for adapter, tokens, scale in adapters:
+            layers = adapter.layers()
+            if len(layers) != len(attentions):
+                raise ValueError(f"ImagePrompt: an IP-Adapter of {len(layers)} cross-attentions on a U-Net of "
+                                 f"{len(attentions)}")
+            for attn, kv in zip(attentions, layers):
+                self.by_attention[attn].append((kv, tokens, float(scale)))
+
+    def attended(self, attn: nn.Module, q: Tensor) -> Tensor | None:
+        """q: (B, N, C) the cross-attention's queries -> (B, N, C), or None where no adapter serves `attn`."""
+        total = None
+        for kv, tokens, scale in self.by_attention.get(attn, ()):
+            tokens = tokens.to(q.dtype)                                          # (B, T, C_ctx)
+            k, v = generation_memo.reused(                                       # 2 x (B, T, C), once per generation
+                (kv.to_k_ip, kv.to_v_ip), tokens,
+                lambda: (cpu_linear.linear(tokens, kv.to_k_ip), cpu_linear.linear(tokens, kv.to_v_ip)))
+            out = attention(q, k, v, attn.heads, attn.upcast) * scale            # (B, N, C)
+            total = out if total is None else total + out
+        return total
+
+
+def zero_embeds_tokens(adapter: IPAdapter, image_embeds: Tensor) -> Tensor:
+    """The unconditional tokens of a base adapter: its projection of zero image embeddings, as diffusers'
+    `encode_image` gives `zeros_like(image_embeds)` for the negative (B, embed_dim) -> (B, T, C_ctx)."""
+    with torch.no_grad():
+        return adapter.image_proj(torch.zeros_like(image_embeds))

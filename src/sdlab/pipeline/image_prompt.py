@@ -1,0 +1,172 @@
+"""Image prompts (IP-Adapter) of a request: the `IPAdapterInput`s, their tokens, and the U-Net wrapper.
+
+Semantics are diffusers' (`load_ip_adapter`, `ip_adapter_image`, `set_ip_adapter_scale`):
+
+- the picture goes through CLIP's preprocessing (`clip_image.clip_pixels`) and the adapter's image encoder; its
+  projected class token (`image_embeds`) is turned into tokens by the adapter's `image_proj`;
+- with classifier-free guidance the negative rows get the adapter's tokens of zero image embeddings
+  (`prepare_ip_adapter_image_embeds` / `encode_image`: ``uncond_image_embeds = zeros_like(image_embeds)``);
+- every cross-attention of the U-Net adds `scale` times its attention to the tokens (`models.ip_adapter`); a
+  ControlNet attends to the text alone, as in diffusers' ControlNet pipelines;
+- the image encoder is the one named, else an `image_encoder` folder beside the adapter file or one folder up
+  (h94/IP-Adapter's layout: `models/ip-adapter_sd15.safetensors` with `models/image_encoder/`).
+
+The seam with the generate loop: the tokens ride in the conditional and unconditional condition dicts as
+`image_tokens` (CFG batches them as it batches the prompts), and `image_prompted` wraps the network the
+Denoiser calls, turning them into the U-Net's `image_prompt`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from sdlab.checkpoints.errors import CheckpointError
+from sdlab.checkpoints.image_encoder import LoadedImageEncoder, load_image_encoder
+from sdlab.checkpoints.ip_adapter import LoadedIPAdapter, check_fits, load_ip_adapter
+from sdlab.families.loaded import ModelBundle
+from sdlab.models.ip_adapter import ImagePrompt, IPAdapter, cross_attentions, zero_embeds_tokens
+from sdlab.pipeline.clip_image import clip_pixels
+from sdlab.pipeline.request import RequestError, input_image
+
+MAX_SCALE = 10.0         # diffusers takes any scale; A1111's weight slider stops at 2
+ENCODER_FOLDERS = ("image_encoder", "../image_encoder")
+"""Where an adapter's image encoder is looked for, relative to the adapter file's folder."""
+
+
+@dataclass(frozen=True)
+class IPAdapterInput:
+    """One image prompt: the adapter (a file or a loaded one), the picture (a path or PIL image), the scale of its
+    attention (diffusers' `set_ip_adapter_scale`, A1111's Weight) and the CLIP image encoder (a folder, a file, a
+    loaded one; None: found beside the adapter, `ENCODER_FOLDERS`)."""
+
+    model: LoadedIPAdapter | str | os.PathLike[str]
+    image: Image.Image | str | os.PathLike[str]
+    scale: float = 1.0
+    image_encoder: LoadedImageEncoder | str | os.PathLike[str] | None = None
+
+    @property
+    def model_path(self) -> str:
+        return self.model.origin if isinstance(self.model, LoadedIPAdapter) else os.fspath(self.model)
+
+
+def image_encoder_of(adapter: str | os.PathLike[str]) -> Path:
+    """The image encoder folder beside an adapter file (`ENCODER_FOLDERS`); a RequestError naming where it looked."""
+    folder = Path(adapter).parent
+    places = [(folder / name).resolve() for name in ENCODER_FOLDERS]
+    for place in places:
+        if place.is_dir():
+            return place
+    raise RequestError(f"no image encoder for the IP-Adapter {os.fspath(adapter)!r}: looked for "
+                       f"{' and '.join(map(str, places))}; name one (image_encoder / --ip-adapter-encoder)")
+
+
+def check_ip_adapter(prompt: IPAdapterInput, index: int = 0) -> IPAdapterInput:
+    """The input's numbers and paths checked; a RequestError names what is wrong."""
+    name = f"IP-Adapter {index}"
+    if not isinstance(prompt, IPAdapterInput):
+        raise RequestError(f"{name}: expected an IPAdapterInput, got {type(prompt).__name__}")
+    scale = prompt.scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) \
+            or not 0.0 <= scale <= MAX_SCALE:
+        raise RequestError(f"{name}: scale must be a number in [0, {MAX_SCALE:g}], got {scale!r}")
+    if not isinstance(prompt.model, LoadedIPAdapter) and not Path(prompt.model).is_file():
+        raise RequestError(f"{name}: the IP-Adapter file {prompt.model_path!r} does not exist")
+    if not isinstance(prompt.image, Image.Image) and not Path(prompt.image).is_file():
+        raise RequestError(f"{name}: the image {os.fspath(prompt.image)!r} does not exist")
+    encoder = prompt.image_encoder
+    if isinstance(encoder, (str, os.PathLike)) and not Path(encoder).exists():
+        raise RequestError(f"{name}: the image encoder {os.fspath(encoder)!r} does not exist")
+    return prompt
+
+
+@dataclass(frozen=True)
+class PreparedImagePrompts:
+    """The adapters with their scales and token counts, and the tokens of the prompt's rows and the negative
+    prompt's, each (B, sum of the adapters' tokens, context_dim) in the adapters' order."""
+
+    adapters: tuple[tuple[IPAdapter, float, int], ...]
+    cond_tokens: Tensor
+    uncond_tokens: Tensor
+
+
+def _loaded(prompt: IPAdapterInput, bundle: ModelBundle) -> tuple[LoadedIPAdapter, LoadedImageEncoder]:
+    param = next(bundle.unet.parameters())
+    adapter = prompt.model if isinstance(prompt.model, LoadedIPAdapter) else \
+        load_ip_adapter(prompt.model, dtype=param.dtype, device=param.device)
+    adapter.model.to(device=param.device, dtype=param.dtype)
+    encoder = prompt.image_encoder
+    if not isinstance(encoder, LoadedImageEncoder):
+        encoder = load_image_encoder(image_encoder_of(prompt.model_path) if encoder is None else encoder,
+                                     dtype=param.dtype, device=param.device)
+    encoder.model.to(device=param.device, dtype=param.dtype)
+    check_fits(adapter, bundle.unet, encoder.config, encoder.origin)
+    return adapter, encoder
+
+
+def prepare_image_prompts(bundle: ModelBundle, prompts: Sequence[IPAdapterInput],
+                          batch: int) -> PreparedImagePrompts | None:
+    """Load (or take) each adapter and its image encoder, check they fit the model, encode each picture; None
+    without image prompts. Errors are RequestErrors naming the adapter."""
+    if not prompts:
+        return None
+    adapters, cond, uncond = [], [], []
+    for index, prompt in enumerate(prompts):
+        prompt = check_ip_adapter(prompt, index)
+        try:
+            adapter, encoder = _loaded(prompt, bundle)
+        except CheckpointError as err:
+            raise RequestError(f"IP-Adapter {index}: {err}") from None
+        picture = input_image(prompt.image, f"IP-Adapter {index} image")
+        pixels = clip_pixels(picture, encoder.config.image_size).unsqueeze(0)                # (1, 3, 224, 224)
+        param = next(encoder.model.parameters())
+        with torch.no_grad():
+            embeds = encoder.model(pixels.to(device=param.device, dtype=param.dtype)).image_embeds   # (1, E)
+            tokens = adapter.model.image_proj(embeds)                                         # (1, T, C)
+        adapters.append((adapter.model, float(prompt.scale), tokens.shape[1]))
+        cond.append(tokens.expand(batch, -1, -1))                                             # (B, T, C)
+        uncond.append(zero_embeds_tokens(adapter.model, embeds).expand(batch, -1, -1))        # (B, T, C)
+    return PreparedImagePrompts(tuple(adapters), torch.cat(cond, dim=1), torch.cat(uncond, dim=1))
+
+
+class ImagePromptedNet:
+    """`net(x, t, context, ..., image_tokens=None)`: the wrapped network (the U-Net, or the `ControlledUNet`
+    around it) called with the U-Net's `image_prompt` built from `image_tokens` (B, sum T_i, C_ctx), each
+    adapter's slice of them with its scale."""
+
+    def __init__(self, net: Any, unet: torch.nn.Module, prepared: PreparedImagePrompts):
+        self.net = net
+        self.attentions = cross_attentions(unet)
+        self.adapters = prepared.adapters
+
+    def parameters(self):   # the Denoiser reads the net's dtype from its first parameter
+        return self.net.parameters()
+
+    def __call__(self, x: Tensor, t: Tensor, *args: Any, image_tokens: Tensor | None = None, **kwargs: Any) -> Tensor:
+        if image_tokens is None:
+            return self.net(x, t, *args, **kwargs)
+        bound, start = [], 0
+        for adapter, scale, count in self.adapters:
+            bound.append((adapter, image_tokens[:, start:start + count], scale))             # (B, T_i, C)
+            start += count
+        return self.net(x, t, *args, image_prompt=ImagePrompt(self.attentions, bound), **kwargs)
+
+
+def image_prompted(net: Any, unet: torch.nn.Module, prepared: PreparedImagePrompts | None) -> Any:
+    """`net` itself without image prompts, else the `ImagePromptedNet` around it."""
+    return net if prepared is None else ImagePromptedNet(net, unet, prepared)
+
+
+def image_prompt_conds(prepared: PreparedImagePrompts | None) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The `image_tokens` entries of the conditional and unconditional condition dicts; none without prompts."""
+    if prepared is None:
+        return {}, {}
+    return {"image_tokens": prepared.cond_tokens}, {"image_tokens": prepared.uncond_tokens}

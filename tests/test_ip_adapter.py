@@ -1,0 +1,119 @@
+"""IP-Adapter parity: sdlab's generate loop with `ip_adapters=` gives the pictures of diffusers'
+StableDiffusionPipeline / StableDiffusionXLPipeline after `load_ip_adapter` with `ip_adapter_image`, on the same
+random weights (U-Net, text encoders, VAE, a reduced-width CLIP image encoder, the adapter file), seed and
+settings, within `MAX_PIXEL_DIFF` / 255 per pixel. The adapter is written in h94's two layouts (.safetensors with
+`image_proj.` / `ip_adapter.` prefixes, and the .bin pickle); each side reads the file itself. Also: the decoupled
+attention's unconditional rows (zero image embeddings), scale 0, ControlNet + IP-Adapter, and bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+from transformers import CLIPImageProcessor
+
+import sdlab
+from bundle_fixtures import as_released, tiny_bundle, write_diffusers_folder
+from ip_adapter_fixtures import SAMPLE_PICTURE, ip_adapter_state, write_image_encoder, write_ip_adapter
+from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, STEPS, max_pixel_diff
+from PIL import Image
+from sdlab.models.ip_adapter import cross_attentions
+from sdlab.pipeline.image_prompt import IPAdapterInput
+from sdlab.pipeline.request import RequestError
+
+NEGATIVE = "blurry"
+EULER = dict(sampler="Euler", schedule="leading", init_noise="vp")
+EMBED = 32                                   # the reduced image encoder's projection width
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _picture() -> Image.Image:
+    return Image.open(SAMPLE_PICTURE).convert("RGB").crop((10, 0, 250, 180))
+
+
+def _family(tmp_path_factory, name: str, pipeline_class, seed: int):
+    bundle = tiny_bundle(name, seed=seed)
+    root = tmp_path_factory.mktemp(name)
+    folder = as_released(write_diffusers_folder(bundle, root / "pipe"), SIZE // 2)
+    models = root / "models"
+    encoder = write_image_encoder(models / "image_encoder", seed=seed + 1, projection=EMBED)
+    ours = sdlab.load(folder)
+    widths = [attn.to_q.weight.shape[0] for attn in cross_attentions(ours.bundle.unet)]
+    state = ip_adapter_state(widths, ours.bundle.unet_config.context_dim, EMBED, seed=seed + 2)
+    base = pipeline_class.from_pretrained(folder, local_files_only=True)
+    return ours, base, encoder, models, state
+
+
+@pytest.fixture(scope="module")
+def sd1(tmp_path_factory):
+    return _family(tmp_path_factory, "sd1", StableDiffusionPipeline, 11)
+
+
+def _reference(base, pipeline_class, encoder, models, weight_name: str, scale: float, batch: int, **call):
+    pipe = pipeline_class(**{**base.components, "image_encoder": encoder, "feature_extractor": CLIPImageProcessor()})
+    pipe.scheduler = EulerDiscreteScheduler.from_config(base.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(str(models), subfolder="", weight_name=weight_name, image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(scale)
+    generators = [torch.Generator().manual_seed(SEED + i) for i in range(batch)]
+    return pipe(PROMPT, negative_prompt=NEGATIVE, ip_adapter_image=_picture(), num_inference_steps=STEPS,
+                guidance_scale=CFG, width=SIZE, height=SIZE, num_images_per_prompt=batch, generator=generators,
+                output_type="np", **call).images
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_sd1_pictures_match_diffusers(sd1, suffix):
+    ours, base, encoder, models, state = sd1
+    path = write_ip_adapter(models / f"ip-adapter_tiny{suffix}", state)
+    reference = _reference(base, StableDiffusionPipeline, encoder, models, path.name, 0.7, batch=2)
+    options = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, batch_size=2, **EULER)
+    plain = ours.txt2img(PROMPT, NEGATIVE, **options)
+    result = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 0.7)], **options)
+    assert max_pixel_diff(plain.images, reference) > 5 * MAX_PIXEL_DIFF      # the adapter changes the picture
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_scale_zero_draws_the_plain_picture(sd1):
+    ours, _, _, models, state = sd1
+    path = write_ip_adapter(models / "zero.safetensors", state)
+    options = dict(steps=2, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, **EULER)
+    plain = ours.txt2img(PROMPT, NEGATIVE, **options)
+    result = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 0.0)], **options)
+    assert max_pixel_diff(result.images, plain.images) == 0
+
+
+def test_bad_input_is_one_line(sd1, tmp_path):
+    ours, _, _, models, state = sd1
+    path = write_ip_adapter(models / "ok.safetensors", state)
+    options = dict(steps=1, width=SIZE, height=SIZE)
+    cases = [
+        (IPAdapterInput(tmp_path / "nothere.safetensors", _picture()), "does not exist"),
+        (IPAdapterInput(path, tmp_path / "nothere.png"), "image .* does not exist"),
+        (IPAdapterInput(path, _picture(), scale=-1), "scale must be a number"),
+        (IPAdapterInput(path, _picture(), image_encoder=tmp_path / "none"), "image encoder .* does not exist"),
+    ]
+    lone = tmp_path / "lone" / "ip.safetensors"
+    lone.parent.mkdir()
+    write_ip_adapter(lone, state)
+    cases.append((IPAdapterInput(lone, _picture()), "no image encoder for the IP-Adapter"))
+    wide = write_ip_adapter(models / "wide.safetensors", ip_adapter_state([64], 48, EMBED + 8))
+    cases.append((IPAdapterInput(wide, _picture()), "IP-Adapter 0: .*48-wide text context"))
+    other = dict(state, image_proj={**state["image_proj"], "proj.weight": torch.zeros(len(state["image_proj"]["proj.bias"]), 40)})
+    mismatched = write_ip_adapter(models / "vith.safetensors", other)
+    cases.append((IPAdapterInput(mismatched, _picture()),
+                  "takes 40-wide image embeddings; the image encoder .* gives 32-wide ones"))
+    for prompt, message in cases:
+        with pytest.raises(RequestError, match=message):
+            ours.txt2img(PROMPT, ip_adapters=[prompt], **options)
+
+
+def test_sdxl_pictures_match_diffusers(tmp_path_factory):
+    ours, base, encoder, models, state = _family(tmp_path_factory, "sdxl", StableDiffusionXLPipeline, 21)
+    path = write_ip_adapter(models / "ip-adapter_tiny_sdxl.safetensors", state)
+    reference = _reference(base, StableDiffusionXLPipeline, encoder, models, path.name, 0.6, batch=1)
+    options = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, **EULER)
+    plain = ours.txt2img(PROMPT, NEGATIVE, **options)
+    result = ours.txt2img(PROMPT, NEGATIVE, ip_adapters=[IPAdapterInput(path, _picture(), 0.6)], **options)
+    assert max_pixel_diff(plain.images, reference) > 5 * MAX_PIXEL_DIFF
+    assert max_pixel_diff(result.images, reference) <= MAX_PIXEL_DIFF
