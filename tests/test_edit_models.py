@@ -9,6 +9,7 @@ pictures (uint8, within `MAX_PIXEL_DIFF` = 2 / 255); the guidance is A1111's `co
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +274,45 @@ def test_cli_txt2img_on_an_edit_model_is_one_error(edit_file, tmp_path, capsys):
                         "--out", str(out)], capsys)
     assert code != 0 and not out.exists()
     assert "is an edit (InstructPix2Pix) model" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# doors: the servers
+
+
+def test_a1111_image_cfg_scale_reaches_the_request_unset_none():
+    """A1111's img2img field (StableDiffusionProcessingImg2Img.image_cfg_scale, default None: its edit path off)."""
+    from sdlab.server.a1111 import Img2ImgIn, _request
+
+    assert _request(Img2ImgIn(prompt="x", image_cfg_scale=1.25), inits=(init_picture(SIZE),)).image_cfg_scale == 1.25
+    assert _request(Img2ImgIn(prompt="x"), inits=(init_picture(SIZE),)).image_cfg_scale is None
+
+
+@pytest.fixture(scope="module")
+def edit_server(tmp_path_factory, edit_file):
+    from server_fixtures import start_server
+
+    server = start_server(tmp_path_factory.mktemp("edit-serve") / "outputs", "--model", str(edit_file))
+    yield server
+    server.stop()
+
+
+def test_servers_draw_an_edit_model_and_refuse_its_txt2img(edit_server):
+    """A1111's API: Image CFG scale as sent is recorded (none when unset, as A1111); its txt2img is a 4xx with the
+    reason. The native API: unset is 1.5 for img2img, recorded."""
+    import httpx
+    from server_fixtures import b64_png, run_job
+
+    image = b64_png(init_picture(SIZE))
+    with httpx.Client(base_url=edit_server.url, timeout=120) as client:
+        body = {"prompt": INSTRUCTION, "steps": 2, "seed": 1, "width": SIZE, "height": SIZE, "init_images": [image]}
+        sent = client.post("/sdapi/v1/img2img", json={**body, "image_cfg_scale": 1.25})
+        assert sent.status_code == 200, sent.text
+        assert "Image CFG scale: 1.25" in sent.json()["info"]
+        unset = client.post("/sdapi/v1/img2img", json=body)
+        assert unset.status_code == 200 and "Image CFG scale" not in unset.json()["info"]
+        refused = client.post("/sdapi/v1/txt2img", json={"prompt": INSTRUCTION, "steps": 2})
+        assert 400 <= refused.status_code < 500 and "edit (InstructPix2Pix) model" in refused.text
+        job = run_job(client, {"mode": "img2img", "prompt": INSTRUCTION, "steps": 2, "seed": 1, "init_image": image})
+        assert job["status"] == "done", job
+        assert "Image CFG scale: 1.5" in json.dumps(job)

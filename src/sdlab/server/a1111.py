@@ -234,6 +234,7 @@ class Img2ImgIn(Txt2ImgIn):
     mask_round: bool = True                 # false: the mask's levels kept where A1111 rounds them
     latent_mask: str | None = None          # with a mask a 422 (`_picture_options`); without one ignored, as A1111
     initial_noise_multiplier: float | None = None   # None: A1111's option's default, 1
+    image_cfg_scale: float | None = None    # an edit (InstructPix2Pix) model's Image CFG scale; None: none (as 1)
     inpainting_fill: int = 0                # Masked content, `MASKED_CONTENT`: 0 fill (A1111's API default)
     inpaint_full_res: bool = True           # Inpaint area: true "Only masked" (A1111's API default), false whole
     inpaint_full_res_padding: int = 0
@@ -347,7 +348,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         noise = {**OPTION_DEFAULTS, **(options or {})}["initial_noise_multiplier"]
         steps_rule = _img2img_steps_rule(settings, sampler)
         extra.update(init_image=inits[0], init_images=inits if len(inits) > 1 else (), strength=strength,
-                     img2img_convention=steps_rule, size_convention="a1111",
+                     img2img_convention=steps_rule, size_convention="a1111", image_cfg_scale=body.image_cfg_scale,
                      **_picture_options(body, mask is not None, noise))
         if mask is not None:
             extra.update(mask_image=mask)

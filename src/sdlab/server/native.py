@@ -30,7 +30,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
-from sdlab.pipeline.request import MAX_BATCH_COUNT, GenerationRequest, RequestError, check_sdxl_conditioning
+from sdlab.pipeline.request import (
+    DEFAULT_IMAGE_CFG_SCALE, MAX_BATCH_COUNT, GenerationRequest, RequestError, check_sdxl_conditioning,
+)
 from sdlab.pipeline.styles import PROMPT_FIELDS, STYLES_ARRAY, infotext_styles, styled_options
 from sdlab.server import script_jobs
 from sdlab.server.a1111_scripts import selected_script
@@ -138,6 +140,8 @@ class JobIn(NullsAreDefaults):
     sgm_noise_multiplier: bool = False      # A1111's SGM noise multiplier: txt2img's start noise sqrt(1 + sigma^2)
     extra_noise: float = 0.0                # A1111's Extra noise: img2img's and the hires pass's start noise again
     inpainting_mask_weight: float = 1.0     # A1111's Conditional mask weight (9-channel inpainting models)
+    image_cfg_scale: float | None = None    # an edit (InstructPix2Pix) model's image guidance (A1111's Image CFG
+                                            # scale); None: 1.5 in img2img / inpaint (diffusers' and A1111's UI's)
     # the drawing conventions a job records, so that its record draws it again (a ComfyUI-spelt sampler's are
     # recorded under A1111's name: `GenerationRequest`'s module docstring)
     eta_noise_seed_delta: int | None = None  # A1111's ENSD: step noise from seed + this; unset: the request's
@@ -210,6 +214,13 @@ GUIDANCE_OPTIONS = ("guidance_rescale", "s_min_uncond", "s_min_uncond_all", "ski
                     "pad_cond_uncond_v0")
 """The job's guidance options: diffusers' guidance_rescale, A1111's NGMS, NGMS all steps, Skip Early CFG, Pad conds,
 Pad conds v0."""
+
+
+def _image_cfg_scale(body: JobIn) -> float | None:
+    """The job's image guidance scale: as sent, else 1.5 for a job with an init picture (an edit model reads it)."""
+    if body.image_cfg_scale is not None or body.mode == "txt2img":
+        return body.image_cfg_scale
+    return DEFAULT_IMAGE_CFG_SCALE
 
 
 def _ensd(body: JobIn) -> dict[str, int]:
@@ -293,6 +304,7 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         mask_round=body.mask_round,
         inpaint_fill=body.inpaint_fill,
         inpaint_only_masked=body.inpaint_only_masked, inpaint_padding=body.inpaint_padding,
+        image_cfg_scale=_image_cfg_scale(body),
         subseed=body.subseed if body.subseed_strength else None,
         subseed_strength=body.subseed_strength, rng=body.rng, seed_resize_from_w=body.seed_resize_from_w,
         seed_resize_from_h=body.seed_resize_from_h, hr_scale=body.hr_scale, hr_width=body.hr_width,

@@ -833,6 +833,7 @@ function collectRequest() {
     if (!state.initImage) throw new ApiError(`${state.mode} needs an initial image: choose or drop one`);
     body.init_image = base64Of(state.initImage);
     body.strength = Number($("strength").value);
+    body.image_cfg_scale = Number($("image_cfg_scale").value);   // read by edit (InstructPix2Pix) models alone
     body.resize_mode = $("resize_mode").value;
   }
   if (state.mode === "inpaint") {
@@ -917,6 +918,7 @@ function fillForm(settings) {
   const rng = settings.rng ?? "CPU";                       // a record without it: sdlab's default drew it
   if (!selectMatching($("rng"), rng)) unknown.push(`RNG "${rng}"`);
   setSlider("strength", settings.strength);
+  setSlider("image_cfg_scale", settings.image_cfg_scale);  // an edit model's; without one the slider stays (A1111)
   fillImageOptions(settings, unknown);
   fillVariation(settings);
   if (usesHires(settings)) fillHires(settings, unknown);
@@ -1451,7 +1453,9 @@ function setup() {
   $("lora-add").addEventListener("click", addChosenLora);
   $("style-choice").addEventListener("change", addChosenStyle);
   $("script").addEventListener("change", showScriptControls);
-  for (const id of ["strength", "subseed_strength", "hr_denoise"]) $(id).addEventListener("input", () => showSliderValue(id));
+  for (const id of ["strength", "image_cfg_scale", "subseed_strength", "hr_denoise"]) {
+    $(id).addEventListener("input", () => showSliderValue(id));
+  }
   for (const id of Object.keys(TOGGLES)) $(id).addEventListener("change", () => setToggle(id, $(id).checked));
   for (const id of new Set(Object.values(KEPT).flatMap((k) => k.with))) $(id).addEventListener("change", () => dropKept(id));
   $("subseed-random").addEventListener("click", () => { $("subseed").value = -1; });
