@@ -177,3 +177,45 @@ def test_a_level_coarser_than_max_downsample_does_not_merge():
 def test_bad_settings_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         TokenMerging(**{"ratio": 0.5, **changes})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a sampled picture: diffusers' StableDiffusionPipeline with tomesd's patch, sdlab's pipeline with the request's
+# ratio, on one diffusers folder of the tiny SD1 bundle (tests/test_pipeline_parity.py's setup), Euler, 5 steps
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_a_sampled_picture_matches_diffusers_with_tomesd(tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+    from picture_parity import CFG, MAX_PIXEL_DIFF, PROMPT, SEED, STEPS, max_pixel_diff
+    from test_pipeline_parity import _folder, _quiet, _schedulers
+
+    import sdlab
+    from sdlab.pipeline.generate import sample_latents
+    from sdlab.pipeline.request import GenerationRequest
+
+    folder = _folder(tmp_path_factory, "sd1")
+    ours = sdlab.load(folder)
+    pipe = _quiet(StableDiffusionPipeline.from_pretrained(folder, local_files_only=True))
+    pipe.scheduler, options = _schedulers(pipe.scheduler.config)["euler"]
+    size = 64                                       # 32 x 32 latents: 1,024 tokens at the full-resolution level
+
+    def reference(output_type: str):
+        return pipe(PROMPT, num_inference_steps=STEPS, guidance_scale=CFG, width=size, height=size,
+                    generator=[torch.Generator().manual_seed(SEED)], output_type=output_type).images
+
+    def request(ratio: float) -> GenerationRequest:
+        return GenerationRequest(PROMPT, steps=STEPS, cfg_scale=CFG, seed=SEED, width=size, height=size,
+                                 token_merging_ratio=ratio, **options)
+
+    plain = reference("latent")
+    plain_diff = (sample_latents(ours.bundle, request(0.0)) - plain).abs().max()
+    apply_patch(pipe.unet, ratio=0.5, use_rand=False)
+    expected, pictures = reference("latent"), reference("np")
+    actual = sample_latents(ours.bundle, request(0.5))
+    merged_diff = (actual - expected).abs().max()
+    # merging adds no disagreement of its own: sdlab and diffusers differ as much as without it (1.3e-4 of latents
+    # up to ~3, float32 over 5 steps), where merging moves the latents by far more
+    assert merged_diff <= 2 * plain_diff + 1e-5, (merged_diff, plain_diff)
+    assert (expected - plain).abs().max() > 50 * merged_diff
+    assert max_pixel_diff(ours.run(request(0.5)).images, pictures) <= MAX_PIXEL_DIFF

@@ -230,6 +230,10 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="A1111's Tiling: a seamless picture, whose left edge continues its right edge and top "
                         "edge its bottom (a texture that tiles)"
                         + _if_from_png(from_png, "; --no-tiling turns off a --from-png picture's"))
+    p.add_argument("--token-merging-ratio", type=float, metavar="R",
+                   help="A1111's Token merging ratio (tomesd): merge this fraction (0 <= R < 1) of the full-resolution "
+                        "tokens before each self-attention; faster at large sizes, a little less faithful (default 0: "
+                        "none" + _if_from_png(from_png, ", or the --from-png picture's") + ")")
     p.add_argument("--eta", type=float, help="noise amount of ancestral / DDIM samplers (TCD: gamma)")
     p.add_argument("--s-churn", type=float, help="A1111's Sigma churn: Euler, Heun and DPM2 add noise back at each "
                    "step (k-diffusion's s_churn; 0 = off)")
@@ -400,6 +404,9 @@ def _add_hires_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hr-prompt", metavar="TEXT", help="second-pass prompt, with its own prompt editing and <lora:...> "
                                                        "tags (A1111's Hires prompt; default: the prompt)")
     p.add_argument("--hr-negative-prompt", metavar="TEXT", help="second-pass negative prompt (default: the negative)")
+    p.add_argument("--token-merging-ratio-hr", type=float, metavar="R",
+                   help="second-pass token merging ratio (A1111's Token merging ratio hr; default 0: "
+                        "--token-merging-ratio's)")
 
 
 def _hires_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
@@ -466,6 +473,7 @@ def _recorded_parameters(args: argparse.Namespace) -> dict[str, Any]:
 _FIELDS_NAMED_AS_FLAGS = (
     "prompt_2", "negative_prompt_2",
     "subseed", "subseed_strength", "tiling", "strength", "resize_mode", "mask_blur", "invert_mask", "mask_round",
+    "token_merging_ratio", "token_merging_ratio_hr",
     "guidance_rescale", "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0",
     "emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr",
     "s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",

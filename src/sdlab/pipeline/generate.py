@@ -85,6 +85,7 @@ from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, 
 from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler, runs_a1111_timesteps
 from sdlab.diffusion.steps import StepInfo
 from sdlab.models.circular_padding import circular_padding
+from sdlab.models.token_merging import TokenMerging, merging_tokens
 from sdlab.models.generation_memo import reusing_generation_work
 from sdlab.models.unet import guidance_scale_embedding
 from sdlab.models.vae import DiagonalGaussian
@@ -137,6 +138,7 @@ __all__ = [
     "resolve_for",
     "sample_latents",
     "tiling_padding",
+    "token_merging",
     "warn_if_far_from_native",
 ]
 
@@ -216,6 +218,13 @@ def tiling_padding(req: GenerationRequest, *bundles: ModelBundle) -> AbstractCon
     return circular_padding(*(net for bundle in bundles for net in (bundle.unet, bundle.vae)), enabled=req.tiling)
 
 
+def token_merging(req: GenerationRequest, bundle: ModelBundle) -> AbstractContextManager[None]:
+    """A1111's Token merging ratio (`req.token_merging_ratio`, a pass's) for the block: the bundle's U-Net merges
+    tokens as tomesd with A1111's settings (`models.token_merging`: use_rand off, max_downsample 1, 2 x 2 cells).
+    An SDXL refiner's U-Net does not (A1111 patches the model it loaded for the job, the base)."""
+    return merging_tokens(bundle.unet, TokenMerging(req.token_merging_ratio))
+
+
 def _pictures(bundle: ModelBundle, plan: GenerationPlan, latents: Tensor) -> list[Image.Image]:
     """Decode, check, and for inpainting paste the original back outside the mask (A1111's overlay; for
     Inpaint area "Only masked" the pictures go back into their region of the original first)."""
@@ -262,7 +271,7 @@ def sample_latents(
             init_latent is not None and tuple(init_latent.shape) != plan.latent_shape):
         raise ValueError(f"init_latent goes with a plan made from_latent, of shape {plan.latent_shape}")
     generators = generators_for(plan.request.seeds(), plan.request.rng, bundle.device)
-    with tiling_padding(plan.request, bundle):
+    with tiling_padding(plan.request, bundle), token_merging(plan.request, bundle):
         start = _start(bundle, plan, generators, init_latent)
         if init_pixels is not None:
             start = replace(start, pixels=init_pixels.to(bundle.device))
@@ -342,7 +351,7 @@ def generate_with_refiner(
     req, sigmas, split = plan.request, plan.sigmas, plan.refiner_split
     logger.info("refiner handoff after %d of %d steps, at sigma %.4f", split, len(sigmas) - 1, float(sigmas[split]))
     generators = generators_for(req.seeds(), req.rng, base.device)
-    with recording_effects() as effects, tiling_padding(req, base, refiner):
+    with recording_effects() as effects, tiling_padding(req, base, refiner), token_merging(req, base):
         start = _start(base, plan, generators, refiner=refiner)
         options = _sampler_options(plan, start.x, generators)                 # one noise source across both halves
         overlay = _overlay(plan)

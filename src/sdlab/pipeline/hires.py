@@ -117,7 +117,8 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
     """The img2img request of the second pass (run `from_latent`) of a resolved hires request: the final size,
     `hr_steps` (or the first pass's) steps at strength `hr_denoise`, the hires sampler, schedule, eta and prompts
     where set (A1111's `sample_hr_pass` and `calculate_hr_conds`; a hires prompt is every text encoder's, SDXL's
-    prompt_2 / negative_prompt_2 giving way to it as to the prompt), the same seeds, no hires fields, and
+    prompt_2 / negative_prompt_2 giving way to it as to the prompt), the hires token merging ratio where set (else
+    the first pass's, A1111's `get_token_merging_ratio(for_hr=True)`), the same seeds, no hires fields, and
     the first pass's model calls by the first pass's sampler (A1111's `firstpass_steps`: prompt edits count on from
     it). SDXL's original and target sizes the request
     leaves unset are the upscaled size before the crop and unsnapped, (hr_upscale_to_y, hr_upscale_to_x), for
@@ -135,6 +136,7 @@ def second_pass_request(req: GenerationRequest, factor: int) -> GenerationReques
                    hr_steps=None, hr_denoise=None, hr_sampler=None, hr_schedule=None, hr_eta=None, hr_prompt="",
                    hr_negative_prompt="", hr_base_size=None,
                    first_pass_steps=req.steps * get_sampler(req.sampler).calls_per_step,
+                   token_merging_ratio=req.token_merging_ratio_hr or req.token_merging_ratio, token_merging_ratio_hr=0.0,
                    controls=at_first_pass_resolution(req.controls, req.width, req.height, req.control_convention),
                    original_size=req.original_size or (up_height, up_width),
                    target_size=req.target_size or (up_height, up_width))

@@ -68,6 +68,8 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Clip skip SDXL": ("sdxl_clip_l_skip", bool),   # sdlab's label of A1111's sdxl_clip_l_skip (A1111 writes none)
     "Denoising strength": ("strength", float),
     "ENSD": ("eta_noise_seed_delta", int),
+    "Token merging ratio": ("token_merging_ratio", float),
+    "Token merging ratio hr": ("token_merging_ratio_hr", float),
     "RNG": ("rng", str),
     "Sigma churn": ("s_churn", float),     # A1111's labels of k-diffusion's churn and s_noise (`Sampler.initialize`)
     "Sigma tmin": ("s_tmin", float),
@@ -263,6 +265,9 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         **_eta_parameters(req),
         **_unipc_options(req),
         "ENSD": _ensd(req),
+        # A1111's create_infotext: each where not 0, the hires one (its ratio, else the first pass's) with the hires fix
+        "Token merging ratio": req.token_merging_ratio or None,
+        "Token merging ratio hr": (req.token_merging_ratio_hr or req.token_merging_ratio or None) if req.hires else None,
         "RNG": req.rng,                  # A1111 leaves out its default, GPU; sdlab writes every source
         "Sigma churn": _taken(req, "s_churn", req.s_churn or None),
         "Sigma tmin": _taken(req, "s_tmin", req.s_tmin or None) if req.s_churn else None,
@@ -642,7 +647,7 @@ def _sampler_and_schedule(fields: dict[str, Any], sampler: str, schedule: str) -
 
 
 HIRES_FIELDS = ("hr_scale", "hr_width", "hr_height", "hr_upscaler", "hr_steps", "hr_denoise", "hr_sampler",
-                "hr_schedule", "hr_eta", "hr_prompt", "hr_negative_prompt")
+                "hr_schedule", "hr_eta", "hr_prompt", "hr_negative_prompt", "token_merging_ratio_hr")
 DEFAULT_HR_SCALE = 2.0                      # A1111's Upscale by slider
 
 

@@ -272,6 +272,11 @@ class GenerationRequest:
                                             # with `tiling`: a VAE tile cannot wrap around the picture)
     tiling: bool = False                    # A1111's Tiling: a seamless picture, whose edges wrap around
                                             # (every padded convolution pads circularly: models/circular_padding.py)
+    token_merging_ratio: float = 0.0        # A1111's Token merging ratio (tomesd, use_rand off): the fraction of the
+                                            # full-resolution level's tokens merged before each self-attention, in
+                                            # [0, 1) (models/token_merging.py); 0: none. The base model's U-Net only
+    token_merging_ratio_hr: float = 0.0     # the hires pass's; 0: token_merging_ratio's (A1111's
+                                            # get_token_merging_ratio(for_hr=True))
     # ControlNets: `pipeline.control.ControlInput`s or (file, image[, strength[, start, end]]) records
     controls: tuple[Any, ...] = field(default=(), repr=False)
     control_convention: str = "diffusers"   # the steps a control's start / end select: diffusers' or A1111's
@@ -926,6 +931,9 @@ def resolve(
     _bounded("noise multiplier", r.noise_multiplier, 0.0, MAX_NOISE_MULTIPLIER)
     _bounded("extra noise", r.extra_noise, 0.0, MAX_NOISE_MULTIPLIER)
     _bounded("inpainting mask weight", r.inpainting_mask_weight, 0.0, 1.0)
+    for name in ("token_merging_ratio", "token_merging_ratio_hr"):
+        if not 0.0 <= _finite(name, getattr(r, name)) < 1.0:
+            raise RequestError(f"{name} must lie in [0, 1) (the fraction of tokens merged), got {getattr(r, name)!r}")
     if r.image_cfg_scale is not None:
         _bounded("image CFG scale", r.image_cfg_scale, 0.0, MAX_CFG)
     for name in ("beta_alpha", "beta_beta"):

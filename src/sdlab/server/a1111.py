@@ -100,6 +100,7 @@ A1111_FIRST_SAMPLER = "DPM++ 2M"    # A1111 1.10's `samplers[0]`: an infotext's 
 OPTION_DEFAULTS: dict[str, Any] = {
     "CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "tiling": False,   # applied to every later generation
     "sdxl_clip_l_skip": False,                          # Clip skip SDXL: clip skip moves SDXL's CLIP-L (`_request`)
+    "token_merging_ratio": 0.0, "token_merging_ratio_img2img": 0.0, "token_merging_ratio_hr": 0.0,  # `_token_merging`
     "samples_format": "png", "jpeg_quality": 80,        # the base64 pictures' format (`_base64_picture`)
     "img2img_fix_steps": False, "initial_noise_multiplier": 1.0,     # img2img's step rule and noise (`_request`)
     "randn_source": "CPU",              # the noise's random source (`_request`); A1111's default is "GPU"
@@ -363,8 +364,22 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         **_ensd(settings), rng=settings["randn_source"],
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
+        **_token_merging(settings, body.override_settings, img2img=bool(inits)),
         **_guidance_settings(body, settings), **_unipc_settings(settings),
     )
+
+
+def _token_merging(settings: dict[str, Any], overrides: dict[str, Any], img2img: bool) -> dict[str, float]:
+    """A1111's token merging ratios (`get_token_merging_ratio`, its API setting no processing field): txt2img's
+    `token_merging_ratio` and the hires pass's `token_merging_ratio_hr` (0: the first pass's, the request's rule);
+    img2img's `token_merging_ratio` where the request overrides it, else `token_merging_ratio_img2img`, else
+    `token_merging_ratio` (A1111's StableDiffusionProcessingImg2Img: an override of the txt2img option wins)."""
+    if not img2img:
+        return {"token_merging_ratio": float(settings["token_merging_ratio"]),
+                "token_merging_ratio_hr": float(settings["token_merging_ratio_hr"])}
+    ratio = ("token_merging_ratio" in overrides and settings["token_merging_ratio"]) or \
+        settings["token_merging_ratio_img2img"] or settings["token_merging_ratio"]
+    return {"token_merging_ratio": float(ratio)}
 
 
 A1111_SIGMA_OPTIONS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": math.inf, "s_noise": 1.0}
@@ -1062,7 +1077,7 @@ A1111_OPTION_LABELS = {
     "use_old_scheduling": "Old prompt editing timelines", "use_downcasted_alpha_bar": "Downcast alphas_cumprod",
     "sd_noise_schedule": "Noise Schedule", "s_min_uncond": "NGMS", "s_min_uncond_all": "NGMS all steps",
     "skip_early_cond": "Skip Early CFG", "pad_cond_uncond": "Pad conds", "pad_cond_uncond_v0": "Pad conds v0",
-    "sd_vae": "VAE",
+    "sd_vae": "VAE", "token_merging_ratio": "Token merging ratio", "token_merging_ratio_hr": "Token merging ratio hr",
 }
 """The infotext labels (`OptionInfo(infotext=...)`, A1111 1.10) of the options this route draws with; A1111's
 `Model hash` (skipped under its default `disable_weights_auto_swap`) is left out."""
@@ -1338,6 +1353,11 @@ def _check_options(body: dict[str, Any], where: str = "") -> None:
     _check_guidance_options(body, where)
     if not isinstance(body.get("tiling", False), bool):
         raise BadRequest(f"{where}tiling must be true or false, got {body['tiling']!r}", 422)
+    for key in ("token_merging_ratio", "token_merging_ratio_img2img", "token_merging_ratio_hr"):
+        value = body.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise BadRequest(f"{where}{key} must be a number in [0, 1) (the fraction of tokens merged), got {value!r}",
+                             422)
     samples_format = body.get("samples_format", "png")
     if not isinstance(samples_format, str) or samples_format.lower() not in SAMPLES_FORMATS:
         raise BadRequest(f"{where}samples_format must be {', '.join(SAMPLES_FORMATS)} (any case), "

@@ -170,6 +170,9 @@ class JobIn(NullsAreDefaults):
     disable_extra_networks: bool = False    # A1111's: the prompts' <kind:...> tags drawn as no text, none applied,
                                             # recorded as sent (a job of the A1111 API drawn so records it)
     tiling: bool = False                    # a seamless picture, whose edges wrap around (A1111's Tiling)
+    token_merging_ratio: float = 0.0        # A1111's Token merging ratio (tomesd): the fraction of the full-resolution
+                                            # tokens merged before each self-attention, 0 <= r < 1; 0: none
+    token_merging_ratio_hr: float = 0.0     # the hires pass's; 0: token_merging_ratio's
     refiner: str | None = None              # an SDXL refiner (a model's title or name) that finishes the schedule
     refiner_switch: float = 0.8             # ... after this fraction of it drawn by `model`
     refiner_convention: str = "diffusers"   # ... at the step diffusers' denoising_end picks, "a1111"'s, "a1111_steps"'s
@@ -312,7 +315,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_sampler=body.hr_sampler, hr_schedule=body.hr_schedule, hr_eta=body.hr_eta, hr_prompt=texts["hr_prompt"],
         hr_negative_prompt=texts["hr_negative_prompt"],
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
-        steps=body.steps, tiling=body.tiling, **sdxl_conditioning(body), **_ensd(body),
+        steps=body.steps, tiling=body.tiling, token_merging_ratio=body.token_merging_ratio,
+        token_merging_ratio_hr=body.token_merging_ratio_hr, **sdxl_conditioning(body), **_ensd(body),
         **{name: getattr(body, name) for name in PROMPT_OPTIONS},
         **{name: getattr(body, name) for name in (*SIGMA_OPTIONS, *NOISE_OPTIONS)},
         **{name: getattr(body, name) for name in (*GUIDANCE_OPTIONS, *UNIPC_OPTIONS)},

@@ -86,6 +86,8 @@ const KEPT = {
   sdxl_clip_l_skip: { name: "Clip skip SDXL", none: false, with: [] },
   extra_noise: { name: "Extra noise", none: 0, with: [] },
   inpainting_mask_weight: { name: "Conditional mask weight", none: 1, with: [] },
+  // the hires pass's token merging ratio (its first pass's has a box)
+  token_merging_ratio_hr: { name: "Token merging ratio hr", none: 0, with: [] },
   // A1111's mask_round and disable_extra_networks (its API's jobs'), Emphasis, Old prompt editing timelines, Downcast
   // alphas_cumprod and Noise Schedule stay too
   mask_round: { name: "Mask round", none: true, with: [] },
@@ -814,6 +816,7 @@ function collectRequest() {
     batch_count: numberField("batch_count", { integer: true }),
     clip_skip: numberOrDefault("clip_skip", { integer: true }),
     tiling: $("tiling").checked,
+    token_merging_ratio: numberOrDefault("token_merging_ratio"),
     rng: $("rng").value,
     loras: state.loras.map((l, index) => ({ name: l.name, weight: loraWeight(`lora-weight-${index}`) })),
   };
@@ -909,7 +912,7 @@ function fillForm(settings) {
   setField("prompt", settings.prompt);
   renderLoras();
   setField("negative_prompt", settings.negative_prompt ?? "");
-  for (const id of ["steps", "cfg_scale", "seed", "width", "height", "clip_skip"]) {
+  for (const id of ["steps", "cfg_scale", "seed", "width", "height", "clip_skip", "token_merging_ratio"]) {
     setField(id, orDefault(id, settings[id]));           // settings without one were drawn with the default
   }
   setField("batch_size", settings.batch_size);
