@@ -316,3 +316,43 @@ def test_servers_draw_an_edit_model_and_refuse_its_txt2img(edit_server):
         job = run_job(client, {"mode": "img2img", "prompt": INSTRUCTION, "steps": 2, "seed": 1, "init_image": image})
         assert job["status"] == "done", job
         assert "Image CFG scale: 1.5" in json.dumps(job)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A1111's convention: any model's img2img strength; inpainting with the latent blend; sdlab inspect
+
+
+def test_under_a1111s_convention_the_strength_is_img2imgs(sd1_edit):
+    """A1111 runs an edit model's img2img as any model's (the noised init latent at the strength's step), with the
+    edit conditioning; diffusers' convention ignores the strength (pure noise, all steps)."""
+    ours_pipe, pipe = sd1_edit
+    _, options = _scheduler(pipe, "euler")
+    image = init_picture(SIZE)
+    draw = lambda strength, convention: ours_pipe.img2img(  # noqa: E731
+        INSTRUCTION, image, strength=strength, steps=STEPS, cfg_scale=CFG, seed=SEED, img2img_convention=convention,
+        **options)
+    half, full = draw(0.5, "a1111"), draw(1.0, "a1111")
+    assert half.request.strength == 0.5 and max_pixel_diff(half.images, full.images) > MAX_PIXEL_DIFF
+    assert max_pixel_diff(draw(0.5, "diffusers").images, draw(1.0, "diffusers").images) == 0
+
+
+def test_inpainting_with_an_edit_model_keeps_the_unmasked_picture(sd1_edit):
+    """A1111's img2img_image_conditioning gives an edit model its picture's conditioning with a mask too, and
+    CFGDenoiser blends the latent as for any 4-channel model; the picture outside the mask is pasted back."""
+    from bundle_fixtures import lower_right_mask
+
+    ours_pipe, _ = sd1_edit
+    image, mask = init_picture(SIZE), lower_right_mask(SIZE)
+    result = ours_pipe.inpaint(INSTRUCTION, image, mask, steps=3, seed=SEED, image_cfg_scale=1.5,
+                               img2img_convention="a1111")
+    kept = np.asarray(mask) == 0
+    assert np.array_equal(np.asarray(result.images[0])[kept], np.asarray(image)[kept])
+    assert result.request.image_cfg_scale == 1.5
+
+
+def test_inspect_names_the_edit_kind(edit_file, capsys):
+    from cli_helpers import run
+
+    code, out, err = run(["inspect", str(edit_file)], capsys)
+    assert code == 0, err
+    assert "sd1-edit (detected): Stable Diffusion 1.x InstructPix2Pix edit model" in out and "in_channels=8" in out

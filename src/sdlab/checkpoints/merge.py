@@ -169,8 +169,9 @@ def a1111_names(keys: list[str], shapes: Mapping[str, torch.Size]) -> dict[str, 
 
 
 def base_family(path: Path, shapes: Mapping[str, torch.Size], metadata: Mapping[str, str]) -> FamilySpec:
-    """The family of a single file's tensors; an 8-channel (instruct-pix2pix) U-Net, which no family draws
-    with, is read as its 4-channel base's."""
+    """The family of a single file's tensors; an 8-channel (instruct-pix2pix) U-Net is its base's edit variant
+    (`sd1-edit`, `sdxl-edit`, which merge with their base), and one on a base with no edit variant is read as its
+    4-channel base's."""
     try:
         return detect_family(shapes, override=metadata.get(META_FAMILY))
     except CheckpointError as exc:
