@@ -230,6 +230,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="A1111's Tiling: a seamless picture, whose left edge continues its right edge and top "
                         "edge its bottom (a texture that tiles)"
                         + _if_from_png(from_png, "; --no-tiling turns off a --from-png picture's"))
+    _add_freeu_flags(p, from_png)
     p.add_argument("--token-merging-ratio", type=float, metavar="R",
                    help="A1111's Token merging ratio (tomesd): merge this fraction (0 <= R < 1) of the full-resolution "
                         "tokens before each self-attention; faster at large sizes, a little less faithful (default 0: "
@@ -560,7 +561,58 @@ def _options_from_args(args: argparse.Namespace, recorded: dict[str, Any] | None
     if args.mode == "txt2img":
         options.pop("strength", None)
     _hires_options(args, options)
+    _freeu_options(args, options)
     return options
+
+
+FREEU_FACTORS = ("b1", "b2", "s1", "s2")
+
+
+def _add_freeu_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
+    p.add_argument("--freeu", metavar="B1,B2,S1,S2",
+                   help="FreeU (Si et al. 2023): the U-Net decoder's backbone features of its two deepest stages times "
+                        "B1 / B2, their skip features' lowest frequencies times S1 / S2 (FreeU's README: SD1.4/1.5 "
+                        "1.2,1.4,0.9,0.2; SD2 1.4,1.6,0.9,0.2; SDXL 1.3,1.4,0.9,0.2); the base model only, not a "
+                        "refiner; recorded with Forge's freeu_* labels"
+                        + _if_from_png(from_png, "; over a --from-png picture's"))
+    p.add_argument("--freeu-version", type=int, choices=(1, 2),
+                   help="FreeU's version: 2 (the default; ComfyUI's FreeU_V2, Forge's FreeU Integrated) scales the "
+                        "backbone by each position's normalised channel mean, 1 (the paper's, diffusers' enable_freeu, "
+                        "ComfyUI's FreeU) by the constant factor")
+    p.add_argument("--freeu-convention", choices=("comfyui", "diffusers"),
+                   help="which decoder blocks are FreeU's stages 1 and 2: comfyui (the default; the original code's, "
+                        "ComfyUI's and Forge's: by channel count) or diffusers (enable_freeu's: by up block); they "
+                        "differ on SD1 and SDXL (README)")
+    if from_png:
+        p.add_argument("--no-freeu", action="store_true", help="draw without a --from-png picture's FreeU")
+
+
+def _freeu_options(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """The request's `freeu` from --freeu B1,B2,S1,S2, --freeu-version and --freeu-convention, over a --from-png
+    picture's (`options["freeu"]`), or none with --no-freeu. A version or convention without a FreeU to set, or
+    factors that are not four numbers, is a UserError."""
+    text, version, convention = (getattr(args, name, None) for name in ("freeu", "freeu_version", "freeu_convention"))
+    if getattr(args, "no_freeu", False):
+        if text is not None:
+            raise UserError("--freeu and --no-freeu contradict each other")
+        options.pop("freeu", None)
+        return
+    setting = dict(options.get("freeu") or {})
+    if text is not None:
+        try:
+            factors = [float(part) for part in text.split(",")]
+        except ValueError:
+            factors = []
+        if len(factors) != 4:
+            raise UserError(f"--freeu takes four numbers B1,B2,S1,S2 (e.g. 1.2,1.4,0.9,0.2), got {text!r}")
+        setting.update(zip(FREEU_FACTORS, factors))
+    if not setting:
+        if version is not None or convention is not None:
+            raise UserError("--freeu-version and --freeu-convention set FreeU's --freeu B1,B2,S1,S2, which is not given")
+        return
+    setting.update({name: value for name, value in (("version", version), ("convention", convention))
+                    if value is not None})
+    options["freeu"] = setting
 
 
 def _seed_resize_options(value: str | None) -> dict[str, int]:

@@ -58,6 +58,7 @@ from torch import Tensor, nn
 
 from sdlab.models import cpu_kernels, cpu_linear, cpu_norm, generation_memo, patch_conv
 from sdlab.models.cpu_memory import reuses_large_blocks
+from sdlab.models.freeu import FreeU
 from sdlab.models.ip_adapter import ImagePrompt
 from sdlab.models.layers import attention, timestep_embedding
 from sdlab.models.token_merging import MergingCall, TokenMerging
@@ -590,6 +591,7 @@ class UNet(nn.Module):
         y: Tensor | None = None,
         control: tuple[list[Tensor], Tensor] | None = None,
         guidance_emb: Tensor | None = None,
+        freeu: FreeU | None = None,
         image_prompt: ImagePrompt | None = None,
     ) -> Tensor:
         """x: (B, in_channels, h, w) noisy latent; t: (B,) or () float timesteps in [0, 1000);
@@ -599,6 +601,8 @@ class UNet(nn.Module):
         block's output (diffusers' down_block_additional_residuals / mid_block_additional_residual);
         guidance_emb: (B, time_cond_proj_dim) `guidance_scale_embedding` of w for models with a guidance
         embedding (diffusers' timestep_cond; None: nothing added, as in diffusers).
+        freeu: FreeU's scaling of the decoder's backbone and skip features where each output block joins them
+        (`models.freeu`; after the control residuals, as ComfyUI and diffusers add them); None: plain.
         image_prompt: IP-Adapters' image tokens (B, T, context_dim) and decoupled k/v projections, attended to
         by every cross-attention besides the text context (`models.ip_adapter`); None: text alone.
         Inputs are cast to the parameters' dtype; returns (B, out_channels, h, w) in that dtype.
@@ -626,8 +630,13 @@ class UNet(nn.Module):
                                         image_prompt=image_prompt), rows)  # (B, C_mid, h_mid, w_mid)
         if middle_residual is not None:
             h = h + middle_residual.to(dtype)
-        for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, h, w)
+        per_level = self.cfg.num_res_blocks + 1
+        for i, block in enumerate(self.output_blocks):
+            skip = skips.pop()
+            if freeu is None:
+                h = torch.cat([h, skip], dim=1)  # (B, C + C_skip, h, w)
+            else:
+                h = freeu.join(h, skip, freeu.stage_of(i, h.shape[1], self.cfg.model_channels, per_level))
             h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None, merging=merging,
                       image_prompt=image_prompt)
         norm, _, conv = self.out

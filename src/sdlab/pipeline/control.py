@@ -57,6 +57,7 @@ from sdlab.diffusion.denoiser import DenoiseFn
 from sdlab.diffusion.steps import step_of_call
 from sdlab.families.loaded import ModelBundle
 from sdlab.models.circular_padding import circular_padding, padded_convolutions
+from sdlab.models.freeu import FreeU
 from sdlab.pipeline.hint_resize import high_quality_resize
 from sdlab.pipeline.images import eight_bit, flattened
 from sdlab.pipeline.overlay import axis_blurred
@@ -437,11 +438,14 @@ class ControlledUNet:
     every control active at step i added (`UNet.forward`'s `control`). Without `control_step` every control
     runs; `cond_mark` (B,) is 1 on the prompt's rows and 0 on the negative prompt's (`prompt_marks`), and
     without it every row counts as the prompt's. `circular`: under Tiling the ControlNets pad circularly while
-    they run, as the U-Net does (`models.circular_padding`): sdlab's choice, A1111 leaves them zero-padded."""
+    they run, as the U-Net does (`models.circular_padding`): sdlab's choice, A1111 leaves them zero-padded.
+    `freeu`: the U-Net's FreeU setting at every call (`UNet.forward`'s `freeu`), None: off."""
 
-    def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False):
+    def __init__(self, unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False,
+                 freeu: FreeU | None = None):
         self.unet = unet
         self.controls = list(controls)
+        self.freeu = freeu
         # each control's padded convolutions, found once: the ones Tiling makes circular while it runs
         self.wrapped = [padded_convolutions(control.net.model) if circular else [] for control in self.controls]
 
@@ -474,12 +478,15 @@ class ControlledUNet:
                 skips = [a + b for a, b in zip(skips, residuals)]
                 middle = middle + mid
         control = None if skips is None else (skips, middle)
-        return self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb, image_prompt=image_prompt)
+        return self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb, freeu=self.freeu,
+                         image_prompt=image_prompt)
 
 
-def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False) -> Any:
-    """`unet` itself without controls, else the `ControlledUNet` that applies them (`circular`: see there)."""
-    return ControlledUNet(unet, controls, circular) if controls else unet
+def controlled_unet(unet: torch.nn.Module, controls: Sequence[PreparedControl], circular: bool = False,
+                    freeu: FreeU | None = None) -> Any:
+    """`unet` itself without controls or FreeU, else the `ControlledUNet` that applies them (`circular`, `freeu`:
+    see there)."""
+    return ControlledUNet(unet, controls, circular, freeu) if controls or freeu is not None else unet
 
 
 def step_of(sigma: Tensor | float, sigmas: Tensor) -> int:

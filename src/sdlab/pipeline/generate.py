@@ -359,8 +359,9 @@ def generate_with_refiner(
         took_over = [False]                                             # whether the refiner's first call ran
         refine = None
         if split < len(sigmas) - 1:
-            no_controls = dataclasses.replace(req, controls=(), ip_adapters=())   # ControlNets, IP-Adapters: the
-                                                                                  # base only
+            # ControlNets fit the base only; FreeU patches the base's U-Net alone, as ComfyUI's FreeU node patches
+            # the one model it is given and diffusers' enable_freeu one pipeline's U-Net
+            no_controls = dataclasses.replace(req, controls=(), freeu=None, ip_adapters=())   # IP-Adapters too
 
             def refine(at: _Start) -> DenoiseFn:
                 return _noting_a_call(_guided_model(refiner, plan.refiner_sampling, no_controls, at, overlay,
@@ -668,7 +669,8 @@ def _guided_model(
                                 mask=inpaint_mask(req.mask_image, req.invert_mask, req.mask_blur,
                                                   req.mask_blur_y))
     image_prompts = prepare_image_prompts(bundle, req.ip_adapters, req.batch_size)    # IP-Adapters' tokens
-    net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling), bundle.unet, image_prompts)
+    net = image_prompted(controlled_unet(bundle.unet, controls, circular=req.tiling, freeu=req.freeu), bundle.unet,
+                         image_prompts)
     denoiser = Denoiser(net, sampling, quantize=req.quantize_timesteps)
     if spans_part(controls):                            # else every control runs at every step
         denoiser = tag_steps(denoiser, sigmas)

@@ -26,6 +26,7 @@ from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, UnknownSamplerError, a1111_schedule, also_discards, comfyui_spelling, get_sampler,
 )
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
+from sdlab.models.freeu import FreeU
 from sdlab.pipeline.control import infotext_lines
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
@@ -281,6 +282,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Img2img steps": req.img2img_convention if req.init_image is not None else None,
         "Timestep rounding": "true" if req.quantize_timesteps else None,
         "Tiling": "True" if req.tiling else None,            # A1111's label and value (processing.py)
+        **freeu_parameters(req.freeu),
         "Downcast alphas_cumprod": True if req.downcast_alphas_cumprod else None,   # apply_alpha_schedule_override
         "Noise Schedule": _ZERO_SNR if req.zero_terminal_snr else None,
         **sdxl_parameters(req),
@@ -359,6 +361,38 @@ def sdxl_parameters(req: GenerationRequest) -> dict[str, Any]:
         name = _FIELDS[label][0]
         p[label] = None if getattr(req, name) == _REQUEST_DEFAULTS[name] else getattr(req, name)
     return p
+
+
+FREEU_LABELS = ("freeu_b1", "freeu_b2", "freeu_s1", "freeu_s2")
+"""Forge's FreeU Integrated labels of the four factors (its `extra_generation_params`, with `freeu_enabled: True`)."""
+
+
+def freeu_parameters(freeu: FreeU | None) -> dict[str, Any]:
+    """FreeU where it is on: Forge's labels (its built-in FreeU Integrated, which draws ComfyUI's FreeU_V2:
+    `freeu_enabled: True`, `freeu_b1` .. `freeu_s2`), and sdlab's `FreeU version: 1` (v1) and `FreeU convention:
+    diffusers` where they are not Forge's."""
+    if freeu is None:
+        return {}
+    return {"freeu_enabled": True, **{label: getattr(freeu, label[6:]) for label in FREEU_LABELS},
+            "FreeU version": freeu.version if freeu.version != 2 else None,
+            "FreeU convention": freeu.convention if freeu.convention != "comfyui" else None}
+
+
+def _freeu_fields(p: dict[str, Any]) -> dict[str, Any]:
+    """The `freeu` field of parsed parameters (`freeu_parameters`) as the native API's object: on where
+    `freeu_enabled` is true; a factor the text leaves out is `FreeU`'s default."""
+    if str(p.get("freeu_enabled", "false")).lower() not in ("true", "1", "yes"):
+        return {}
+    setting: dict[str, Any] = {"version": p.get("FreeU version", 2), "convention": p.get("FreeU convention", "comfyui")}
+    for label in FREEU_LABELS:
+        if label in p:
+            setting[label[6:]] = p[label]
+    try:
+        setting = {**setting, **{name: float(setting[name]) for name in ("b1", "b2", "s1", "s2") if name in setting},
+                   "version": int(setting["version"]), "convention": str(setting["convention"])}
+    except (TypeError, ValueError):
+        raise ValueError(f"the PNG's FreeU values {setting!r} are not numbers") from None
+    return {"freeu": setting}
 
 
 def _empty_negative(req: GenerationRequest) -> str | None:
@@ -610,6 +644,7 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     if "Seed resize from" in p:
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = _size_label(p, "Seed resize from")
     fields.update(_sdxl_fields(p))
+    fields.update(_freeu_fields(p))
     if "Hires resize" in p:
         fields["hr_width"], fields["hr_height"] = _size_label(p, "Hires resize")
     if "First pass size" in p:

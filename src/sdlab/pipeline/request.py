@@ -37,7 +37,7 @@ import math
 import numbers
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
@@ -57,6 +57,7 @@ from sdlab.diffusion.samplers import (
     A1111_TIMESTEP_SAMPLERS, SamplerSpec, UnknownSamplerError, comfyui_spelling, get_sampler, runs_a1111_timesteps,
 )
 from sdlab.diffusion.schedule_names import schedule_from_a1111
+from sdlab.models.freeu import FREEU_CONVENTIONS, FREEU_VERSIONS, MAX_FREEU_FACTOR, FreeU
 from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
 from sdlab.pipeline.upscale import (
     DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name,
@@ -272,6 +273,8 @@ class GenerationRequest:
                                             # with `tiling`: a VAE tile cannot wrap around the picture)
     tiling: bool = False                    # A1111's Tiling: a seamless picture, whose edges wrap around
                                             # (every padded convolution pads circularly: models/circular_padding.py)
+    freeu: FreeU | None = None              # FreeU's decoder feature scaling (models/freeu.py); None: off. The base
+                                            # model's U-Net only, in every pass (the hires fix's too), not a refiner's
     token_merging_ratio: float = 0.0        # A1111's Token merging ratio (tomesd, use_rand off): the fraction of the
                                             # full-resolution level's tokens merged before each self-attention, in
                                             # [0, 1) (models/token_merging.py); 0: none. The base model's U-Net only
@@ -416,9 +419,15 @@ def _plain_control(control: Any) -> Any:
 
 def _plain_numbers(request: GenerationRequest) -> GenerationRequest:
     """`request` with every number a Python bool, int or float (NumPy scalars converted), controls included."""
-    values = {f.name: _plain_number(getattr(request, f.name)) for f in fields(request) if f.name != "controls"}
+    values = {f.name: _plain_number(getattr(request, f.name)) for f in fields(request)
+              if f.name not in ("controls", "freeu")}
     controls = tuple(_plain_control(control) for control in request.controls)
-    return replace(request, **values, controls=controls)
+    freeu = request.freeu
+    if isinstance(freeu, Mapping):
+        freeu = {name: _plain_number(value) for name, value in freeu.items()}
+    elif freeu is not None:
+        freeu = _plain_control(freeu)
+    return replace(request, **values, controls=controls, freeu=freeu)
 
 
 def _finite(name: str, value: float) -> float:
@@ -432,6 +441,28 @@ def _bounded(name: str, value: float, low: float, high: float) -> float:
     if not low <= _finite(name, value) <= high:
         raise RequestError(f"{name} must lie in [{low:g}, {high:g}], got {value!r}")
     return float(value)
+
+
+def check_freeu(freeu: Any) -> FreeU | None:
+    """`freeu` (a `FreeU`, a mapping of its fields as the native API and the infotext reader give it, or None) as a
+    `FreeU` with float factors, or a `RequestError` naming what is wrong: another field, a factor that is not finite
+    or past +-`MAX_FREEU_FACTOR`, a version other than 1 or 2, an unknown convention."""
+    if freeu is None:
+        return None
+    if isinstance(freeu, Mapping):
+        unknown = sorted(set(freeu) - {f.name for f in fields(FreeU)})
+        if unknown:
+            raise RequestError(f"freeu takes b1, b2, s1, s2, version and convention, got {', '.join(map(str, unknown))}")
+        freeu = FreeU(**freeu)
+    if not isinstance(freeu, FreeU):
+        raise RequestError(f"freeu must be a FreeU setting or None, got {type(freeu).__name__}")
+    factors = {name: _bounded(f"FreeU {name}", getattr(freeu, name), -MAX_FREEU_FACTOR, MAX_FREEU_FACTOR)
+               for name in ("b1", "b2", "s1", "s2")}
+    if isinstance(freeu.version, bool) or freeu.version not in FREEU_VERSIONS:
+        raise RequestError(f"FreeU version must be 1 or 2, got {freeu.version!r}")
+    if freeu.convention not in FREEU_CONVENTIONS:
+        raise RequestError(f"unknown FreeU convention {freeu.convention!r}; valid: {', '.join(FREEU_CONVENTIONS)}")
+    return replace(freeu, **factors, version=int(freeu.version))
 
 
 A1111_UNIPC_VARIANTS = ("bh1", "bh2")
@@ -1053,5 +1084,5 @@ def resolve(
         width=width, height=height, seed=int(seed), subseed=None if subseed is None else int(subseed), rng=rng,
         **seed_resize, **hires,
         init_image=init_image, init_images=init_images,
-        tiled_vae=False if r.tiling else r.tiled_vae,
+        tiled_vae=False if r.tiling else r.tiled_vae, freeu=check_freeu(r.freeu),
     )

@@ -1,0 +1,87 @@
+"""FreeU (Si et al. 2023, "FreeU: Free Lunch in Diffusion U-Net"): the U-Net decoder's backbone features scaled up
+and its skip features' lowest frequencies scaled down, at the two deepest decoder stages; no training.
+
+At each output block, before the backbone features h (B, C, h, w) are concatenated with the skip s:
+
+    v1:  h[:, :C/2] *= b                                    (the first half of the channels)
+    v2:  h[:, :C/2] *= (b - 1) * m + 1,   m = (mean_c h - min) / (max - min)   (per picture, over h x w)
+    both: s = IFFT(FFT(s) * mask),  mask = s_k on the 2 x 2 lowest frequencies (threshold 1), 1 elsewhere
+
+with (b, s_k) = (b1, s1) at stage 1 and (b2, s2) at stage 2. The Fourier filter runs in fp32 and is cast back, as
+every reference does (torch's FFT takes no bf16, and fp16 only for power-of-2 sizes).
+
+Which blocks are stage 1 and 2 differs between the references:
+- "comfyui" (ChenyangSi/FreeU's free_lunch_utils.py, ComfyUI's nodes_freelunch.py, Forge's FreeU Integrated,
+  sd-webui-freeu): by h's channel count, 4 x model_channels -> stage 1, 2 x model_channels -> stage 2. SD1.5
+  (320, 640, 1280, 1280): stage 1 is the six blocks of both 1280 levels and the first 640 block (which receives
+  the upsampled 1280 features), stage 2 the other 640 blocks and the first 320 block.
+- "diffusers" (`UNet2DConditionModel.enable_freeu`, `apply_freeu`): by up block, up block 0 -> stage 1, up block 1
+  -> stage 2 (each up block = one level's num_res_blocks + 1 output blocks). SD1.5: stage 1 is the 8 x 8 1280
+  level, stage 2 the 16 x 16 1280 level; SDXL: stage 1 the 1280 level, stage 2 the 640 level, where ComfyUI
+  also counts the 640 level's first block to stage 1 and the 320 level's first block to stage 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FREEU_VERSIONS = (1, 2)
+FREEU_CONVENTIONS = ("comfyui", "diffusers")
+MAX_FREEU_FACTOR = 10.0     # |b|, |s|: ComfyUI's inputs stop at 10, the extensions' sliders at 2..4
+
+
+@dataclass(frozen=True)
+class FreeU:
+    """FreeU's setting: backbone factors b1, b2 and skip factors s1, s2 of stages 1 and 2, `version` 1 (the paper's
+    constant backbone factor) or 2 (FreeU_V2: scaled by each position's normalised channel mean), and the
+    `convention` that picks each stage's blocks ("comfyui" or "diffusers": module docstring). The defaults are
+    the FreeU README's SD1.4 / SD1.5 values; SDXL's README values are b1 1.3, b2 1.4, s1 0.9, s2 0.2."""
+
+    b1: float = 1.2
+    b2: float = 1.4
+    s1: float = 0.9
+    s2: float = 0.2
+    version: int = 2
+    convention: str = "comfyui"
+
+    def stage_of(self, block: int, channels: int, model_channels: int, blocks_per_level: int) -> int | None:
+        """The stage (1, 2 or None) of output block `block`, whose incoming backbone features have `channels`."""
+        if self.convention == "diffusers":
+            up_block = block // blocks_per_level
+            return up_block + 1 if up_block < 2 else None
+        return {4 * model_channels: 1, 2 * model_channels: 2}.get(channels)
+
+    def join(self, h: Tensor, skip: Tensor, stage: int | None) -> Tensor:
+        """torch.cat([h, skip], dim=1) with FreeU applied at `stage` (None: plain). h: (B, C, h, w) backbone
+        features, skip: (B, C_skip, h, w); returns (B, C + C_skip, h, w) in h's dtype. h and skip are not changed."""
+        if stage is None:
+            return torch.cat([h, skip], dim=1)
+        b, s = (self.b1, self.s1) if stage == 1 else (self.b2, self.s2)
+        half = h.shape[1] // 2
+        scale = b if self.version == 1 else (b - 1) * normalised_channel_mean(h) + 1   # float or (B, 1, h, w)
+        return torch.cat([h[:, :half] * scale, h[:, half:], fourier_filter(skip, 1, s)], dim=1)
+
+
+def normalised_channel_mean(h: Tensor) -> Tensor:
+    """FreeU_V2's weight map: the channel mean of h (B, C, h, w), min-max normalised over each picture's positions
+    to 0..1; (B, 1, h, w) in h's dtype (ComfyUI's FreeU_V2 arithmetic, op for op). A constant map (a 1 x 1 level:
+    an 8 x 8 latent's deepest SD1 level) weighs 0, where ComfyUI divides 0 by 0 and draws NaN."""
+    mean = h.mean(1).unsqueeze(1)                                       # (B, 1, h, w)
+    rows = mean.view(len(mean), -1)                                     # (B, h * w)
+    low = rows.min(dim=-1, keepdim=True)[0][:, :, None, None]          # (B, 1, 1, 1)
+    span = rows.max(dim=-1, keepdim=True)[0][:, :, None, None] - low   # (B, 1, 1, 1)
+    return (mean - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def fourier_filter(x: Tensor, threshold: int, scale: float) -> Tensor:
+    """x (B, C, h, w) with the centred `2 threshold` x `2 threshold` block of its shifted 2-D spectrum times `scale`
+    (FreeU's Fourier_filter); computed in fp32, returned in x's dtype."""
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))   # (B, C, h, w) complex
+    rows, cols = spectrum.shape[-2:]
+    mask = torch.ones(rows, cols, device=x.device)                      # (h, w); broadcast over B, C
+    mask[rows // 2 - threshold: rows // 2 + threshold, cols // 2 - threshold: cols // 2 + threshold] = scale
+    spectrum = torch.fft.ifftshift(spectrum * mask, dim=(-2, -1))
+    return torch.fft.ifftn(spectrum, dim=(-2, -1)).real.to(x.dtype)
