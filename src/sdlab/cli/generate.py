@@ -176,6 +176,18 @@ def _add_sampling_flags(p: argparse.ArgumentParser, from_png: bool) -> None:
                    help="diffusers' guidance_rescale (Lin et al. 2023): the guided noise prediction rescaled toward "
                         "the prompt's own standard deviation by this fraction, 0..1 (0 = off, the default; 0.7 for "
                         "zero-terminal-SNR models); recorded as CFG rescale")
+    p.add_argument("--pag-scale", type=float, dest="pag_scale", metavar="SCALE",
+                   help="perturbed-attention guidance (Ahn et al. 2024; diffusers' pag_scale, Forge's PAG scale, "
+                        "ComfyUI's PerturbedAttentionGuidance): guides away from a U-Net pass whose --pag-layers "
+                        "self-attentions are the identity, one more U-Net row per picture; 0 = off (the default), "
+                        "3 is the usual value")
+    p.add_argument("--pag-adaptive-scale", type=float, dest="pag_adaptive_scale", metavar="RATE",
+                   help="diffusers' pag_adaptive_scale: the PAG scale at timestep t is max(SCALE - RATE * (1000 - t), 0), "
+                        "so PAG fades out toward the end (0 = constant, the default)")
+    p.add_argument("--pag-layers", nargs="+", dest="pag_layers", metavar="LAYER",
+                   help="the self-attentions PAG perturbs, as diffusers' pag_applied_layers: regular expressions "
+                        "searched in diffusers' module names, e.g. mid (the default), down, up, down_blocks.1, "
+                        "up_blocks.0.attentions.1")
     p.add_argument("--ngms", "--s-min-uncond", type=float, dest="s_min_uncond", metavar="SIGMA",
                    help="A1111's NGMS (Negative Guidance minimum sigma): no negative prompt at every other model call "
                         "below this sigma (DDIM, PLMS, UniPC: timestep); 0 = off")
@@ -476,6 +488,7 @@ _FIELDS_NAMED_AS_FLAGS = (
     "subseed", "subseed_strength", "tiling", "strength", "resize_mode", "mask_blur", "invert_mask", "mask_round",
     "token_merging_ratio", "token_merging_ratio_hr",
     "guidance_rescale", "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond", "pad_cond_uncond_v0",
+    "pag_scale", "pag_adaptive_scale", "pag_layers",
     "emphasis", "old_prompt_editing", "downcast_alphas_cumprod", "zero_terminal_snr",
     "s_churn", "s_tmin", "s_tmax", "s_noise", "schedule_sigma_min", "schedule_sigma_max", "schedule_rho",
     "discard_penultimate_sigma", "init_noise", "quantize_timesteps", "unipc_variant", "unipc_order",

@@ -9,6 +9,7 @@ guides toward several prompts at once (A1111's ``AND``). All only see ``denoise(
 ``skipping_uncond`` runs guidance without its unconditional pass at chosen calls (A1111's NGMS, Skip Early CFG).
 ``recording_effects`` collects the request options a drawing notes as changing it (``took_effect``).
 ``edit_cfg`` is ``cfg`` for an InstructPix2Pix edit model, with an image guidance scale.
+``PerturbedGuidance`` adds perturbed-attention guidance (PAG, Ahn et al. 2024) to ``cfg``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -26,7 +28,7 @@ from torch import Tensor
 from sdlab.diffusion.denoiser import DenoiseFn, Prediction, prediction_scalings
 
 __all__ = [
-    "a1111_skips", "blend_known", "cfg", "composable_cfg", "edit_cfg", "masked", "masked_input", "needs_uncond",
+    "IDENTITY_ROWS", "PerturbedGuidance", "a1111_skips", "blend_known", "cfg", "composable_cfg", "edit_cfg", "masked", "masked_input", "needs_uncond",
     "recording_effects", "rescale_guidance", "skipping_uncond", "switch_at_calls", "took_effect", "with_unguided",
 ]
 
@@ -157,9 +159,46 @@ def rescale_guidance(guided: Tensor, positive: Tensor, rescale: float) -> Tensor
     return guided * (rescale * ratio + (1.0 - rescale))
 
 
-def _cat_conds(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> dict[str, Any] | None:
-    """Batch two condition dicts as [uncond, cond]; None when they cannot share one forward pass."""
-    if uncond.keys() != cond.keys():
+IDENTITY_ROWS = "identity_rows"
+"""The condition key of PAG's perturbed rows: (B,) bool, True on the rows whose chosen self-attentions are the
+identity (the network's ``identity_rows``; the layers are its own option, ``identity_layers``)."""
+
+
+@dataclass(frozen=True)
+class PerturbedGuidance:
+    """Perturbed-attention guidance (PAG, Ahn et al. 2024) on top of ``cfg``: one more pass of the prompt's
+    conditioning whose chosen self-attentions are the identity (rows marked ``IDENTITY_ROWS``), guided away from:
+    ``x0 + scale_t * (x0_c - x0_p)``, diffusers' ``_apply_perturbed_attention_guidance`` (the same in x0 as in eps:
+    guidance is affine in the network output).
+
+    ``adaptive_scale`` > 0 lowers the scale toward the end of sampling, as diffusers' ``_get_pag_scale``:
+    ``scale_t = max(scale - adaptive_scale * (1000 - t), 0)``, t the call's timestep (``timestep(sigma)``); at a
+    call where scale_t is 0 the perturbed pass does not run."""
+
+    scale: float
+    adaptive_scale: float = 0.0
+    timestep: Callable[[Tensor], Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "adaptive_scale"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"PAG {name} must be finite and at least 0, got {value}")
+        if self.adaptive_scale > 0 and self.timestep is None:
+            raise ValueError("an adaptive PAG scale needs the timestep of a sigma")
+
+    def scale_at(self, sigma: Tensor) -> float:
+        """The scale at the call of ``sigma`` (its first image's)."""
+        if self.adaptive_scale <= 0 or self.scale == 0:
+            return self.scale
+        first = torch.as_tensor(sigma).reshape(-1)[:1].to(torch.float32)                   # (1,)
+        t = float(self.timestep(first)[0])
+        return max(self.scale - self.adaptive_scale * (1000.0 - t), 0.0)
+
+
+def _cat_conds(uncond: Mapping[str, Any], cond: Mapping[str, Any], *more: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Batch condition dicts as [uncond, cond, *more]; None when they cannot share one forward pass."""
+    if uncond.keys() != cond.keys() or any(other.keys() != cond.keys() for other in more):
         raise ValueError(f"cond and uncond must hold the same keys, got {sorted(cond)} and {sorted(uncond)}")
     merged: dict[str, Any] = {}
     for key, c in cond.items():
@@ -167,7 +206,7 @@ def _cat_conds(uncond: Mapping[str, Any], cond: Mapping[str, Any]) -> dict[str, 
         if isinstance(c, Tensor) and isinstance(u, Tensor):
             if c.shape[1:] != u.shape[1:]:
                 return None  # e.g. prompts of different token lengths
-            merged[key] = torch.cat([u, c])
+            merged[key] = torch.cat([u, c, *(other[key] for other in more)])
         elif c is None and u is None:
             merged[key] = None
         elif not isinstance(c, Tensor) and not isinstance(u, Tensor) and c == u:
@@ -199,6 +238,7 @@ def cfg(
     rescale: float = 0.0,
     *,
     rescale_space: Prediction | str | None = None,
+    perturbed: PerturbedGuidance | None = None,
 ) -> DenoiseFn:
     """Classifier-free guidance: ``x0 = x0_u + scale * (x0_c - x0_u)``.
 
@@ -215,6 +255,12 @@ def cfg(
     output as diffusers' ``rescale_noise_cfg`` does. The std ratio is not affine-invariant, so the space matters:
     in the space where the network output is y, x0 = c_skip * x + c_out * y, so with d = x0 - c_skip * x
     the rescale multiplies d by ``phi * std(d_c) / std(d_cfg) + 1 - phi`` (c_out cancels in the ratio).
+
+    ``perturbed``: PAG (``PerturbedGuidance``) on top, as diffusers' PAG pipelines run it: the batch is
+    [uncond, cond, perturbed] (without the unconditional pass [cond, perturbed]) and
+    ``x0 = x0_u + scale * (x0_c - x0_u) + scale_t * (x0_c - x0_p)``, rescaled after, toward x0_c; the conditioning
+    dicts get ``IDENTITY_ROWS`` (False, True on the perturbed rows). Where the prompts cannot share a pass, the
+    unconditional one runs alone and [cond, perturbed] together.
     """
     scale = float(scale)
     if not math.isfinite(scale):
@@ -224,17 +270,37 @@ def cfg(
     scalings = _rescale_scalings(denoiser, rescale_space)
     cond = dict(cond)
     batched = cache(lambda: _cat_conds(uncond, cond))     # [uncond, cond] as one batch: at the first guided call
+    marked = cache(lambda: _perturbation_marks(cond, uncond))   # PAG: the dicts with their rows marked
+    three = cache(lambda: _cat_conds(*marked()))          # [uncond, cond, perturbed]
+    pair = cache(lambda: _cat_conds(*marked()[1:]))       # [cond, perturbed]
+
+    def conditional(x: Tensor, sigma: Tensor, pag: float, extra: Mapping[str, Any]) -> Tensor:
+        """x0_c, with PAG's ``x0_c + pag * (x0_c - x0_p)`` where ``pag`` is not 0."""
+        if not pag:
+            return denoiser(x, sigma, **cond, **extra)
+        x0_c, x0_p = _paired(denoiser, x, sigma, pair(), extra)
+        return x0_c + pag * (x0_c - x0_p)
 
     def guided(x: Tensor, sigma: Tensor, **extra: Any) -> Tensor:
+        pag = 0.0 if perturbed is None else perturbed.scale_at(sigma)
+        if pag:
+            took_effect("pag_scale")
         if uncond is None or not needs_uncond(scale, cfg_pp=_UNGUIDED.get() is not None):
-            return denoiser(x, sigma, **cond, **extra)
+            return conditional(x, sigma, pag, extra)
         if skipped_by := _SKIP_UNCOND.get():                      # `skipping_uncond`: x0_c stands for x0_u
             took_effect(skipped_by)
-            x0_c = denoiser(x, sigma, **cond, **extra)
+            x0_c = conditional(x, sigma, pag, extra)
             _leave_unguided(x0_c)
             return x0_c
         sigma_b = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])  # (B,)
-        if (both_conds := batched()) is not None:
+        x0_p = None
+        if pag and (all_conds := three()) is not None:
+            x0_u, x0_c, x0_p = denoiser(torch.cat([x, x, x]), torch.cat([sigma_b, sigma_b, sigma_b]), **all_conds,
+                                        **extra).chunk(3)                                    # 3 x (B, C, h, w)
+        elif pag:
+            x0_u = denoiser(x, sigma_b, **marked()[0], **extra)
+            x0_c, x0_p = _paired(denoiser, x, sigma_b, pair(), extra)
+        elif (both_conds := batched()) is not None:
             both = denoiser(torch.cat([x, x]), torch.cat([sigma_b, sigma_b]), **both_conds, **extra)  # (2B, C, h, w)
             x0_u, x0_c = both.chunk(2)
         else:
@@ -242,6 +308,8 @@ def cfg(
             x0_c = denoiser(x, sigma_b, **cond, **extra)
         _leave_unguided(x0_u)
         x0 = x0_u + scale * (x0_c - x0_u)  # (B, C, h, w)
+        if x0_p is not None:
+            x0 = x0 + pag * (x0_c - x0_p)
         return _rescaled(x0, x0_c, x, sigma_b, scalings, rescale)
 
     return guided
@@ -326,6 +394,26 @@ def edit_cfg(
 
     return guided
 
+
+
+def _perturbation_marks(cond: Mapping[str, Any], uncond: Mapping[str, Any] | None) -> tuple[dict[str, Any], ...]:
+    """(uncond, cond, perturbed) condition dicts for PAG: each with ``IDENTITY_ROWS`` (B,), True on the perturbed
+    one's rows alone (B from the prompt's context); uncond None stays None."""
+    context = cond.get("context")
+    batch = len(context) if isinstance(context, Tensor) else 1
+    device = context.device if isinstance(context, Tensor) else None
+    off = torch.zeros(batch, dtype=torch.bool, device=device)                               # (B,)
+    return (None if uncond is None else {**uncond, IDENTITY_ROWS: off}, {**cond, IDENTITY_ROWS: off},
+            {**cond, IDENTITY_ROWS: ~off})
+
+
+def _paired(denoiser: DenoiseFn, x: Tensor, sigma: Tensor, conds: Mapping[str, Any] | None,
+            extra: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+    """(x0_c, x0_p): the prompt's prediction and PAG's perturbed one in one pass of the batched ``conds``
+    ([cond, perturbed])."""
+    sigma_b = torch.as_tensor(sigma, device=x.device).reshape(-1).expand(x.shape[0])         # (B,)
+    x0_c, x0_p = denoiser(torch.cat([x, x]), torch.cat([sigma_b, sigma_b]), **conds, **extra).chunk(2)
+    return x0_c, x0_p
 
 
 def blend_known(

@@ -50,6 +50,7 @@ sets `time_cond_proj_dim`.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -265,10 +266,16 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(dim, dim))  # index 0 as in the checkpoints (LDM had Dropout at 1)
 
     def forward(self, x: Tensor, context: Tensor | None = None, residual: Tensor | None = None,
-                image_prompt: ImagePrompt | None = None) -> Tensor:
+                identity: Tensor | None = None, image_prompt: ImagePrompt | None = None) -> Tensor:
         """x: (B, N, C), context: (B, M, C_ctx) or None -> (B, N, C), plus `residual` (B, N, C) where given.
         `image_prompt`: IP-Adapters' image tokens, whose decoupled attention with the same queries is added to
-        the text attention's output before `to_out` (`models.ip_adapter`)."""
+        the text attention's output before `to_out` (`models.ip_adapter`).
+        `identity` (B,) bool, self-attention only: the rows whose attention map is the identity, whose output is
+        `to_out(to_v(x))` (`SelfAttentionIdentity`)."""
+        if identity is not None:
+            if context is not None:
+                raise ValueError("CrossAttention: only a self-attention can be made the identity")
+            return self._with_identity_rows(x, residual, identity)
         q = cpu_linear.linear(x, self.to_q)  # (B, N, C)
         if context is None:
             k, v = cpu_linear.linear(x, self.to_k), cpu_linear.linear(x, self.to_v)  # 2 x (B, N, C)
@@ -280,9 +287,26 @@ class CrossAttention(nn.Module):
         image_attention = None if image_prompt is None else image_prompt.attended(self, q)  # (B, N, C) or None
         if image_attention is not None:
             out = out + image_attention
+        return self._project_out(out, residual)
+
+    def _project_out(self, out: Tensor, residual: Tensor | None) -> Tensor:
         if residual is None:
             return self.to_out[0](out)
         return cpu_linear.linear_add(out, self.to_out[0], residual)  # (B, N, C)
+
+    def _with_identity_rows(self, x: Tensor, residual: Tensor | None, identity: Tensor) -> Tensor:
+        """Self-attention whose rows `identity` take their own value vectors (PAG's perturbed pass; diffusers'
+        `PAGCFGIdentitySelfAttnProcessor2_0`): softmax(q k^T / sqrt(d)) is the identity matrix there, so only
+        the other rows compute queries, keys and an attention (with whichever kernel `attention` picks)."""
+        v = cpu_linear.linear(x, self.to_v)  # (B, N, C)
+        attend = ~identity.to(device=x.device, dtype=torch.bool)  # (B,)
+        if not bool(attend.any()):
+            return self._project_out(v, residual)
+        xa = x[attend]  # (B_a, N, C)
+        out = v.clone()  # (B, N, C): the identity rows keep their values
+        out[attend] = attention(cpu_linear.linear(xa, self.to_q), cpu_linear.linear(xa, self.to_k), v[attend],
+                                self.heads, self.upcast)  # (B_a, N, C)
+        return self._project_out(out, residual)
 
 
 class GEGLU(nn.Module):
@@ -308,6 +332,19 @@ class FeedForward(nn.Module):
         return self.net[2](h) if residual is None else cpu_linear.linear_add(h, self.net[2], residual)
 
 
+@dataclass(frozen=True)
+class SelfAttentionIdentity:
+    """Perturbed-attention guidance's perturbation (Ahn et al. 2024): on the batch `rows` ((B,) bool) the
+    self-attentions `layers` (`attn1` modules) have the identity for attention map, so that they output their
+    value projection; every other row and layer attends as usual (`UNet.forward`'s `identity_rows`)."""
+
+    rows: Tensor
+    layers: frozenset[nn.Module]
+
+    def rows_of(self, attention: nn.Module) -> Tensor | None:
+        return self.rows if attention in self.layers else None
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention on the text context, GEGLU feed-forward; each residual."""
 
@@ -321,20 +358,22 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, context: Tensor, merging: MergingCall | None = None,
-                image_prompt: ImagePrompt | None = None) -> Tensor:
+                identity: SelfAttentionIdentity | None = None, image_prompt: ImagePrompt | None = None) -> Tensor:
         """x: (B, N, C), or (B / k, N, C) standing for k identical copies of itself (`UNet.forward`'s shared
         rows), which the self-attention runs once for; context: (B, T, C_ctx) -> (B, N, C). `merging`: the
         U-Net call's token merging, which merges the self-attention's input tokens where this block's level
-        does (`models.token_merging`). `image_prompt`: IP-Adapters' image tokens,
-        which the cross-attention attends to besides the text."""
+        does (`models.token_merging`). `identity`: the self-attentions made the identity on some rows (PAG),
+        this block's `attn1` maybe among them. `image_prompt`: IP-Adapters' image tokens, which the
+        cross-attention attends to besides the text."""
         # Each residual is added to its branch's output as a new tensor (inside the output product on the CPU
         # in bf16: `cpu_linear`), never into x, which LayerNorm's backward needs.
         matched = None if merging is None else merging.matching(x)
+        rows = None if identity is None else identity.rows_of(self.attn1)  # (B,) bool or None
         if matched is None:
-            h = self.attn1(cpu_norm.layer_norm(self.norm1, x), residual=x)  # (B or B / k, N, C)
+            h = self.attn1(cpu_norm.layer_norm(self.norm1, x), residual=x, identity=rows)  # (B or B / k, N, C)
         else:
             merge, unmerge = matched
-            h = unmerge(self.attn1(merge(cpu_norm.layer_norm(self.norm1, x))))  # (B or B / k, N, C), from N - r
+            h = unmerge(self.attn1(merge(cpu_norm.layer_norm(self.norm1, x)), identity=rows))  # (B or B / k, N, C), from N - r
             h += x
         if len(h) < len(context):   # copies: the context tells them apart from here (else it may broadcast)
             h = copies_to(h, len(context))  # (B, N, C)
@@ -360,10 +399,10 @@ class SpatialTransformer(nn.Module):
         self.proj_out = nn.Linear(channels, channels) if linear_proj else patch_conv.Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor, context: Tensor, merging: MergingCall | None = None,
-                image_prompt: ImagePrompt | None = None) -> Tensor:
+                identity: SelfAttentionIdentity | None = None, image_prompt: ImagePrompt | None = None) -> Tensor:
         """x: (B, C, h, w), or (B / k, C, h, w) standing for k copies of itself (`UNet.forward`'s shared
-        rows); context: (B, T, C_ctx) -> (B, C, h, w); `merging`: see `BasicTransformerBlock`.
-        `image_prompt`: see `BasicTransformerBlock`."""
+        rows); context: (B, T, C_ctx) -> (B, C, h, w); `merging`, `identity`, `image_prompt`: see
+        `BasicTransformerBlock`."""
         b, c, height, width = x.shape
         h = cpu_norm.group_norm(self.norm, x)  # (B, C, h, w)
         # bf16 inference on the CPU (`cpu_linear.fuses`): both projections run as linear layers over the tokens
@@ -378,7 +417,7 @@ class SpatialTransformer(nn.Module):
         elif on_tokens:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context, merging, image_prompt=image_prompt)  # (B, hw, C)
+            h = block(h, context, merging, identity, image_prompt=image_prompt)  # (B, hw, C)
         b = len(h)
         x = copies_to(x, b)  # (B, C, h, w)
         if fused:
@@ -471,12 +510,12 @@ class UNetBlock(nn.ModuleList):
 
     def forward(self, x: Tensor, emb: Tensor | BlockEmbeddings, context: Tensor,
                 out_size: torch.Size | None = None, merging: MergingCall | None = None,
-                image_prompt: ImagePrompt | None = None) -> Tensor:
+                identity: SelfAttentionIdentity | None = None, image_prompt: ImagePrompt | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context, merging, image_prompt=image_prompt)
+                x = layer(x, context, merging, identity, image_prompt=image_prompt)
             elif isinstance(layer, Upsample):
                 x = layer(x, out_size)
             else:
@@ -593,6 +632,8 @@ class UNet(nn.Module):
         guidance_emb: Tensor | None = None,
         freeu: FreeU | None = None,
         image_prompt: ImagePrompt | None = None,
+        identity_rows: Tensor | None = None,
+        identity_layers: Collection[str] = (),
     ) -> Tensor:
         """x: (B, in_channels, h, w) noisy latent; t: (B,) or () float timesteps in [0, 1000);
         context: (B, T, context_dim) text embeddings; y: (B, adm_in_channels) for SDXL, else None;
@@ -605,6 +646,9 @@ class UNet(nn.Module):
         (`models.freeu`; after the control residuals, as ComfyUI and diffusers add them); None: plain.
         image_prompt: IP-Adapters' image tokens (B, T, context_dim) and decoupled k/v projections, attended to
         by every cross-attention besides the text context (`models.ip_adapter`); None: text alone.
+        identity_rows: (B,) bool, the rows on which the self-attentions named in identity_layers (their module
+        names, e.g. "middle_block.1.transformer_blocks.0.attn1") have the identity for attention map:
+        perturbed-attention guidance's perturbed pass (`SelfAttentionIdentity`); None: every row attends.
         Inputs are cast to the parameters' dtype; returns (B, out_channels, h, w) in that dtype.
 
         Feature maps are kept channels-last (NHWC strides, NCHW shape): oneDNN and cuDNN convolutions take that
@@ -619,14 +663,16 @@ class UNet(nn.Module):
         h = x.to(dtype).contiguous(memory_format=self.memory_format)  # (B, C, h, w) stored as NHWC
         rows = len(h)
         merging = None if self.token_merging is None else MergingCall(self.token_merging, tuple(h.shape[-2:]), rows)
-        h = h[: shared_rows(h, emb, self.input_blocks, context)]  # (B or B / 2, C, h, w): equal halves run once
+        identity = self._identity(identity_rows, identity_layers, rows)
+        if identity is None:   # perturbed rows differ from the others from their first self-attention on
+            h = h[: shared_rows(h, emb, self.input_blocks, context)]  # (B or B / 2, C, h, w): equal halves run once
         skips = []
         for i, block in enumerate(self.input_blocks):
-            h = block(h, emb, context, merging=merging,
+            h = block(h, emb, context, merging=merging, identity=identity,
                       image_prompt=image_prompt)  # (B, C_i, h_i, w_i) from the first text context on
             skip = copies_to(h, rows)
             skips.append(skip if skip_residuals is None else skip + skip_residuals[i].to(dtype))
-        h = copies_to(self.middle_block(h, emb, context, merging=merging,
+        h = copies_to(self.middle_block(h, emb, context, merging=merging, identity=identity,
                                         image_prompt=image_prompt), rows)  # (B, C_mid, h_mid, w_mid)
         if middle_residual is not None:
             h = h + middle_residual.to(dtype)
@@ -638,6 +684,23 @@ class UNet(nn.Module):
             else:
                 h = freeu.join(h, skip, freeu.stage_of(i, h.shape[1], self.cfg.model_channels, per_level))
             h = block(h, emb, context, out_size=skips[-1].shape[-2:] if skips else None, merging=merging,
-                      image_prompt=image_prompt)
+                      identity=identity, image_prompt=image_prompt)
         norm, _, conv = self.out
         return conv(cpu_norm.group_norm(norm, h, silu=True)).contiguous()  # (B, out_channels, h, w)
+
+    def _identity(self, rows: Tensor | None, layers: Collection[str], batch: int) -> SelfAttentionIdentity | None:
+        """`forward`'s identity_rows / identity_layers as a `SelfAttentionIdentity`; None where no row is perturbed."""
+        if rows is None or not layers:
+            return None
+        rows = rows.reshape(-1).to(dtype=torch.bool)  # (B,)
+        if len(rows) != batch:
+            raise ValueError(f"UNet: {len(rows)} identity rows for a batch of {batch}")
+        if not bool(rows.any()):
+            return None
+        modules = []
+        for name in layers:
+            module = self.get_submodule(name)
+            if not (isinstance(module, CrossAttention) and name.endswith(".attn1")):
+                raise ValueError(f"UNet: {name} is not a self-attention (a transformer block's attn1)")
+            modules.append(module)
+        return SelfAttentionIdentity(rows, frozenset(modules))

@@ -455,11 +455,12 @@ class ControlledUNet:
     def __call__(
         self, x: Tensor, t: Tensor, context: Tensor, y: Tensor | None = None,
         control_step: tuple[int, int] | None = None, guidance_emb: Tensor | None = None,
-        cond_mark: Tensor | None = None,
+        cond_mark: Tensor | None = None, identity_rows: Tensor | None = None, identity_layers: Sequence[str] = (),
         image_prompt: Any = None,
     ) -> Tensor:
-        """`image_prompt`: IP-Adapters' image tokens, for the U-Net alone (the ControlNets attend to the text, as
-        in diffusers' ControlNet pipelines)."""
+        """`identity_rows`, `identity_layers`: PAG's perturbed rows and layers, for the U-Net alone (`UNet.forward`;
+        the ControlNets attend as usual on every row, as in diffusers' PAG ControlNet pipelines). `image_prompt`:
+        IP-Adapters' image tokens, for the U-Net alone too (the ControlNets attend to the text, as in diffusers)."""
         skips: list[Tensor] | None = None
         middle: Tensor | None = None
         for control, wrapped in zip(self.controls, self.wrapped):
@@ -479,6 +480,7 @@ class ControlledUNet:
                 middle = middle + mid
         control = None if skips is None else (skips, middle)
         return self.unet(x, t, context, y, control=control, guidance_emb=guidance_emb, freeu=self.freeu,
+                         identity_rows=identity_rows, identity_layers=identity_layers,
                          image_prompt=image_prompt)
 
 

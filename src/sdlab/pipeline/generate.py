@@ -80,6 +80,7 @@ from sdlab.diffusion.guidance import (
     a1111_skips, cfg, composable_cfg, edit_cfg, masked, masked_input, recording_effects, skipping_uncond,
     switch_at_calls, took_effect,
 )
+from sdlab.diffusion.guidance import PerturbedGuidance
 from sdlab.diffusion.model_sampling import ModelSampling
 from sdlab.diffusion.noise import Generator, draw, first_noise, generators_for, per_image_noise
 from sdlab.diffusion.samplers import A1111_TIMESTEP_SAMPLERS, get_sampler, runs_a1111_timesteps
@@ -105,6 +106,7 @@ from sdlab.pipeline.images import (
 from sdlab.pipeline.init_picture import InitPicture
 from sdlab.pipeline.masked_content import masked_latent
 from sdlab.pipeline.overlay import Overlay, apply_overlay
+from sdlab.pipeline.perturbed_attention import PagLayerError, pag_layer_names
 from sdlab.pipeline.plan import (
     GenerationPlan,
     a1111_switches,
@@ -686,7 +688,8 @@ def _guided_model(
                            "or a :WEIGHT (composable diffusion) is not drawn on one")
     if not composed:
         guided = bundle.runs_uncond(req.cfg_scale, get_sampler(req.sampler).cfg_pp)
-        guide = partial(cfg, denoiser, scale=guidance_scale(req), rescale=req.guidance_rescale)
+        guide = partial(cfg, denoiser, scale=guidance_scale(req), rescale=req.guidance_rescale,
+                        perturbed=_perturbed_guidance(bundle, sampling, req, extra_cond, extra_uncond))
         if bundle.family.is_edit:           # the picture's latent as the U-Net's extra channels, an image scale
             guide = partial(edit_cfg, denoiser, image=_edit_image(bundle, req, start), scale=guidance_scale(req),
                             image_scale=req.image_cfg_scale, rescale=req.guidance_rescale)
@@ -700,6 +703,21 @@ def _guided_model(
     if start.mask is not None and _blends_latent(bundle, req):
         model = _with_latent_blend(model, bundle, sampling, req, start, steps_done)
     return model
+
+
+def _perturbed_guidance(bundle: ModelBundle, sampling: ModelSampling, req: GenerationRequest,
+                        extra_cond: dict[str, Any], extra_uncond: dict[str, Any]) -> PerturbedGuidance | None:
+    """The request's perturbed-attention guidance (None: off), its layers' sdlab names put into both condition dicts
+    (the U-Net's `identity_layers`); a layer entry that selects no self-attention of the model is a RequestError."""
+    if not req.pag_scale:
+        return None
+    try:
+        extra_cond["identity_layers"] = extra_uncond["identity_layers"] = pag_layer_names(bundle.unet_config,
+                                                                                          req.pag_layers)
+    except PagLayerError as exc:
+        raise RequestError(str(exc)) from None
+    return PerturbedGuidance(req.pag_scale, req.pag_adaptive_scale,
+                             partial(sampling.sigma_to_t, quantize=req.quantize_timesteps))
 
 
 def _starts_from_a_picture(start: _Start) -> bool:
@@ -795,6 +813,9 @@ def _composed_model(denoiser: DenoiseFn, conditioning: Callable[..., Any], parts
     of "" `empty_context` gives)."""
     if req.guidance_rescale:
         logger.warning("guidance rescale is not applied to a prompt with AND or a :WEIGHT (composable diffusion)")
+    if req.pag_scale:
+        logger.warning("perturbed-attention guidance is not applied to a prompt with AND or a :WEIGHT (composable "
+                       "diffusion)")
     weights = [weight for _, weight in parts]
     schedule = composed_schedule([conditioning(text, guidance=False) for text, _ in parts],
                                  conditioning("", req.negative_prompt), pad_rule(req), empty_context)

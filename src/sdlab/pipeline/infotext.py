@@ -13,6 +13,7 @@ it is encoded, as A1111 does.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import os
 import re
@@ -28,6 +29,7 @@ from sdlab.diffusion.samplers import (
 from sdlab.diffusion.schedule_names import a1111_label, schedule_from_a1111, schedule_key
 from sdlab.models.freeu import FreeU
 from sdlab.pipeline.control import infotext_lines
+from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
 from sdlab.pipeline.png_info import NEGATIVE_PROMPT, PROMPT, version_label
 from sdlab.pipeline.prompt_loras import resolve_prompt_loras, split_prompt_loras, without_merged_tags
 from sdlab.pipeline.prompt_schedule import old_rule_differs
@@ -82,6 +84,8 @@ _FIELDS: dict[str, tuple[str, type]] = {
     "Skip Early CFG": ("skip_early_cond", float),
     "Pad conds": ("pad_cond_uncond", bool),
     "Pad conds v0": ("pad_cond_uncond_v0", bool),
+    "PerturbedAttentionGuidance_scale": ("pag_scale", float),   # Forge's built-in PAG script's label (`pag_parameters`)
+    "PAG adaptive scale": ("pag_adaptive_scale", float),        # sdlab's labels of diffusers' options Forge lacks
     "Mask blur": ("mask_blur", float),
     "Mask blur x": ("mask_blur", float),   # sdlab's labels of unequal sigmas, where A1111 writes no Mask blur
     "Mask blur y": ("mask_blur_y", float),
@@ -276,6 +280,7 @@ def to_parameters(req: GenerationRequest, *, index: int = 0, model_name: str | N
         "Sigma noise": _taken(req, "s_noise", req.s_noise if req.s_noise != 1.0 else None),
         "CFG rescale": req.guidance_rescale or None,
         **guidance_parameters(req),
+        **pag_parameters(req),
         **img2img_parameters(req),
         "SGM noise multiplier": True if _sgm_noise_multiplied(req) else None,
         "Initial noise": _initial_noise(req),
@@ -347,6 +352,35 @@ def guidance_parameters(req: GenerationRequest) -> dict[str, Any]:
             "Skip Early CFG": req.skip_early_cond or None,
             "Pad conds": True if req.pad_cond_uncond and not req.pad_cond_uncond_v0 else None,
             "Pad conds v0": True if req.pad_cond_uncond_v0 else None}
+
+
+def pag_parameters(req: GenerationRequest) -> dict[str, Any]:
+    """Perturbed-attention guidance where it guided: Forge's labels (its built-in PerturbedAttentionGuidance script:
+    `PerturbedAttentionGuidance_enabled: True`, `PerturbedAttentionGuidance_scale`), whose picture is diffusers' at
+    the default layers without an adaptive scale; sdlab's `PAG adaptive scale` and `PAG layers` (a JSON list of
+    diffusers' pag_applied_layers) where they are not the defaults."""
+    if not req.pag_scale:
+        return {}
+    return {"PerturbedAttentionGuidance_enabled": True, "PerturbedAttentionGuidance_scale": req.pag_scale,
+            "PAG adaptive scale": req.pag_adaptive_scale or None,
+            "PAG layers": None if tuple(req.pag_layers) == DEFAULT_LAYERS else json.dumps(list(req.pag_layers))}
+
+
+def _pag_fields(p: dict[str, Any]) -> dict[str, Any]:
+    """The PAG fields of parsed parameters (`pag_parameters`): Forge's `PerturbedAttentionGuidance_enabled: False`
+    turns its scale off, `PAG layers` is a JSON list of layer entries."""
+    fields: dict[str, Any] = {}
+    if str(p.get("PerturbedAttentionGuidance_enabled", "true")).lower() in ("false", "0", "no"):
+        fields["pag_scale"] = 0.0
+    if "PAG layers" in p:
+        try:
+            layers = json.loads(str(p["PAG layers"]))
+        except json.JSONDecodeError:
+            layers = None
+        if not (isinstance(layers, list) and layers and all(isinstance(entry, str) for entry in layers)):
+            raise ValueError(f"the PNG's 'PAG layers' value {p['PAG layers']!r} is not a JSON list of layer names")
+        fields["pag_layers"] = tuple(layers)
+    return fields
 
 
 def sdxl_parameters(req: GenerationRequest) -> dict[str, Any]:
@@ -644,6 +678,7 @@ def from_parameters(p: dict[str, Any]) -> dict[str, Any]:
     if "Seed resize from" in p:
         fields["seed_resize_from_w"], fields["seed_resize_from_h"] = _size_label(p, "Seed resize from")
     fields.update(_sdxl_fields(p))
+    fields.update(_pag_fields(p))
     fields.update(_freeu_fields(p))
     if "Hires resize" in p:
         fields["hr_width"], fields["hr_height"] = _size_label(p, "Hires resize")

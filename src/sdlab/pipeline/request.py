@@ -59,6 +59,7 @@ from sdlab.diffusion.samplers import (
 from sdlab.diffusion.schedule_names import schedule_from_a1111
 from sdlab.models.freeu import FREEU_CONVENTIONS, FREEU_VERSIONS, MAX_FREEU_FACTOR, FreeU
 from sdlab.pipeline.images import on_white, read_image, snap_size, upright_size
+from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS, PagLayerError, check_layer_patterns
 from sdlab.pipeline.upscale import (
     DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, PLAIN_UPSCALERS, UpscaleError, canonical_latent_name,
     missing_upscaler,
@@ -161,6 +162,11 @@ class GenerationRequest:
                                             # chunks of "" (conditioning.pad_conds)
     pad_cond_uncond_v0: bool = False        # A1111's Pad conds v0: the negative's last vector repeated, or the
                                             # negative cut, to the prompt's length; wins over pad_cond_uncond
+    pag_scale: float = 0.0                  # perturbed-attention guidance (diffusers' pag_scale, Forge's PAG Scale);
+                                            # 0: off. One more U-Net row per image (guidance.PerturbedGuidance)
+    pag_adaptive_scale: float = 0.0         # diffusers' pag_adaptive_scale: the scale at timestep t is
+                                            # max(pag_scale - this * (1000 - t), 0)
+    pag_layers: tuple[str, ...] = DEFAULT_LAYERS   # diffusers' pag_applied_layers (pipeline/perturbed_attention.py)
     seed: int | None = None                 # image i uses seed + i; None draws a random seed
     subseed: int | None = None              # A1111's variation seed (image i: subseed + i); None = random
     subseed_strength: float = 0.0           # 0 = off; the initial noise moves toward the subseed's by this
@@ -366,6 +372,7 @@ class GenerationResult:
 
 
 OFF_UNLESS_DRAWN: dict[str, dict[str, Any]] = {
+    "pag_scale": {"pag_scale": 0.0, "pag_adaptive_scale": 0.0, "pag_layers": DEFAULT_LAYERS},
     "s_min_uncond": {"s_min_uncond": 0.0, "s_min_uncond_all": False},
     "skip_early_cond": {"skip_early_cond": 0.0},
     "pad_cond_uncond": {"pad_cond_uncond": False},
@@ -428,6 +435,17 @@ def _plain_numbers(request: GenerationRequest) -> GenerationRequest:
     elif freeu is not None:
         freeu = _plain_control(freeu)
     return replace(request, **values, controls=controls, freeu=freeu)
+
+
+def _checked_pag(r: GenerationRequest) -> GenerationRequest:
+    """The request's PAG fields checked (scales 0..`MAX_CFG`, layers a list of regular expressions), its layers a
+    tuple of stripped entries."""
+    _bounded("PAG scale", r.pag_scale, 0.0, MAX_CFG)
+    _bounded("PAG adaptive scale", r.pag_adaptive_scale, 0.0, MAX_CFG)
+    try:
+        return replace(r, pag_layers=check_layer_patterns(r.pag_layers))
+    except PagLayerError as exc:
+        raise RequestError(str(exc)) from None
 
 
 def _finite(name: str, value: float) -> float:
@@ -944,6 +962,7 @@ def resolve(
                            f"got {r.eta_noise_seed_delta!r}")
     cfg_scale = _bounded("CFG scale", default_cfg if r.cfg_scale is None else r.cfg_scale, -MAX_CFG, MAX_CFG)
     _bounded("guidance rescale", r.guidance_rescale, 0.0, 1.0)
+    r = _checked_pag(r)
     _bounded("s_min_uncond (NGMS)", r.s_min_uncond, 0.0, math.inf)
     _bounded("skip_early_cond (Skip Early CFG)", r.skip_early_cond, 0.0, 1.0)
     _bounded("s_noise", r.s_noise, 0.0, MAX_ETA)

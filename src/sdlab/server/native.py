@@ -29,6 +29,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from sdlab.pipeline.perturbed_attention import DEFAULT_LAYERS
 from sdlab.pipeline.png_info import foreign_metadata, parse_parameters, read_parameters
 from sdlab.pipeline.request import (
     DEFAULT_IMAGE_CFG_SCALE, MAX_BATCH_COUNT, GenerationRequest, RequestError, check_sdxl_conditioning,
@@ -100,6 +101,9 @@ class JobIn(NullsAreDefaults):
     skip_early_cond: float = 0.0
     pad_cond_uncond: bool = False
     pad_cond_uncond_v0: bool = False
+    pag_scale: float = 0.0                  # perturbed-attention guidance (diffusers' pag_scale, pag_adaptive_scale,
+    pag_adaptive_scale: float = 0.0         # pag_applied_layers; `sdlab txt2img --pag-scale`); 0: off
+    pag_layers: tuple[str, ...] = DEFAULT_LAYERS
     seed: int = -1
     width: int | None = None
     height: int | None = None
@@ -214,9 +218,9 @@ UNIPC_OPTIONS = ("unipc_variant", "unipc_order", "unipc_lower_order_final")
 NOISE_OPTIONS = ("beta_alpha", "beta_beta", "sgm_noise_multiplier", "extra_noise", "inpainting_mask_weight")
 """The job's A1111 Beta schedule, SGM noise multiplier, Extra noise and Conditional mask weight."""
 GUIDANCE_OPTIONS = ("guidance_rescale", "s_min_uncond", "s_min_uncond_all", "skip_early_cond", "pad_cond_uncond",
-                    "pad_cond_uncond_v0")
+                    "pad_cond_uncond_v0", "pag_scale", "pag_adaptive_scale", "pag_layers")
 """The job's guidance options: diffusers' guidance_rescale, A1111's NGMS, NGMS all steps, Skip Early CFG, Pad conds,
-Pad conds v0."""
+Pad conds v0, diffusers' perturbed-attention guidance (PAG)."""
 
 
 def _image_cfg_scale(body: JobIn) -> float | None:

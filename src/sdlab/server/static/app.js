@@ -82,6 +82,9 @@ const KEPT = {
   skip_early_cond: { name: "Skip Early CFG", none: 0, with: [] },
   pad_cond_uncond: { name: "Pad conds", none: false, with: [] },
   pad_cond_uncond_v0: { name: "Pad conds v0", none: false, with: [] },
+  // diffusers' PAG options past its scale (the PAG scale box)
+  pag_adaptive_scale: { name: "PAG adaptive scale", none: 0, with: [] },
+  pag_layers: { name: "PAG layers", none: ["mid"], with: [] },
   clip_skip_convention: { name: "Clip skip rule", none: "diffusers", with: [] },
   sdxl_clip_l_skip: { name: "Clip skip SDXL", none: false, with: [] },
   extra_noise: { name: "Extra noise", none: 0, with: [] },
@@ -809,6 +812,7 @@ function collectRequest() {
     negative_prompt: $("negative_prompt").value,
     steps: numberField("steps", { integer: true }),
     cfg_scale: numberField("cfg_scale"),
+    pag_scale: numberOrDefault("pag_scale"),
     seed: seedField("seed") ?? -1,
     width: sideField("width"),
     height: sideField("height"),
@@ -912,7 +916,7 @@ function fillForm(settings) {
   setField("prompt", settings.prompt);
   renderLoras();
   setField("negative_prompt", settings.negative_prompt ?? "");
-  for (const id of ["steps", "cfg_scale", "seed", "width", "height", "clip_skip", "token_merging_ratio"]) {
+  for (const id of ["steps", "cfg_scale", "seed", "width", "height", "clip_skip", "pag_scale", "token_merging_ratio"]) {
     setField(id, orDefault(id, settings[id]));           // settings without one were drawn with the default
   }
   setField("batch_size", settings.batch_size);

@@ -1,0 +1,230 @@
+"""Perturbed-attention guidance (PAG, Ahn et al. 2024) against diffusers 0.42.
+
+- the layer names: sdlab's table of the U-Net's self-attentions under diffusers' names is the set of diffusers'
+  self-attention modules (`Attention` with is_cross_attention False), and diffusers' own layer matcher
+  (`PAGMixin._set_pag_attn_processor`) picks the same ones for every entry;
+- the U-Net: a batch [uncond, cond, perturbed] with the perturbed rows' chosen self-attentions the identity equals
+  diffusers' UNet2DConditionModel with `PAGCFGIdentitySelfAttnProcessor2_0` on the same random weights (fp32,
+  within 2e-5), on sdlab's bf16 CPU attention kernel path too (within bf16's bound, the kernel seeing only the
+  rows that attend);
+- whole pictures: `StableDiffusionPAGPipeline` / `StableDiffusionXLPAGPipeline` on the same folder, scheduler, seeds,
+  with and without CFG, with an adaptive scale, with a non-default layer list, with guidance rescale: within 2/255.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPAGPipeline, StableDiffusionXLPAGPipeline
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.pipelines.pag.pag_utils import PAGMixin
+from picture_parity import MAX_PIXEL_DIFF, PROMPT, SEED, SIZE, STEPS, max_pixel_diff, uint8_pictures
+from test_pipeline_parity import NEGATIVE, _generators, _quiet, _schedulers
+from test_pipeline_parity import sd1, sdxl  # noqa: F401 (fixtures: sdlab's and diffusers' pipelines of one folder)
+from test_unet import SMALL, _diffusers_unet, _inputs, _sdlab_from
+
+from sdlab.models import cpu_attention
+from sdlab.pipeline.perturbed_attention import PagLayerError, pag_layer_names, self_attention_names
+from sdlab.pipeline.request import RequestError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+LAYER_LISTS = [["mid"], ["down"], ["up"], ["down_blocks.1"], ["up_blocks.0.attentions.1"], ["mid", "up_blocks.1"],
+               ["transformer_blocks.0"], ["down_blocks.(0|1)"]]
+
+
+def _diffusers_choice(unet, layers: list[str], cfg: bool = True) -> dict[str, object]:
+    """diffusers' own matcher: the modules `PAGMixin._set_pag_attn_processor` gives a PAG processor."""
+    holder = SimpleNamespace(unet=unet)
+    PAGMixin.set_pag_applied_layers(holder, layers)
+    PAGMixin._set_pag_attn_processor(holder, layers, cfg)
+    return {name: module for name, module in unet.named_modules()
+            if isinstance(module, Attention) and type(module.processor).__name__.startswith("PAG")}
+
+
+def _plain(unet) -> None:
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+# ---------------------------------------------------------------- layer names
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "sdxl", "sdxl_refiner"])
+def test_self_attention_names_are_diffusers_and_pick_the_same_layers(name):
+    cfg = SMALL[name]
+    reference = _diffusers_unet(cfg, seed=0)
+    model = _sdlab_from(reference, cfg)
+    names = self_attention_names(cfg)
+    theirs = {n for n, m in reference.named_modules() if isinstance(m, Attention) and not m.is_cross_attention}
+    assert set(names) == theirs
+    for diffusers_name, ours in names.items():         # the same module: the same weights
+        assert torch.equal(model.get_submodule(ours).to_v.weight, reference.get_submodule(diffusers_name).to_v.weight)
+    for layers in LAYER_LISTS:
+        try:
+            chosen = _diffusers_choice(reference, layers)
+        except ValueError:
+            with pytest.raises(PagLayerError, match="selects no self-attention"):
+                pag_layer_names(cfg, layers)
+            continue
+        finally:
+            _plain(reference)
+        assert set(pag_layer_names(cfg, layers)) == {names[n] for n in chosen}, layers
+
+
+def test_a_layer_that_is_no_regular_expression_or_selects_nothing_is_refused():
+    cfg = SMALL["sd1"]
+    with pytest.raises(PagLayerError, match="not a regular expression"):
+        pag_layer_names(cfg, ["mid("])
+    with pytest.raises(PagLayerError, match="'nowhere' selects no self-attention.*mid_block.attentions.0"):
+        pag_layer_names(cfg, ["mid", "nowhere"])
+    with pytest.raises(PagLayerError, match="one or more"):
+        pag_layer_names(cfg, [])
+
+
+# ---------------------------------------------------------------- the U-Net's identity rows
+
+
+def _three_rows(cfg, height: int = 16, width: int = 16):
+    """[uncond, cond, perturbed] inputs: one latent, the negative's context then the prompt's twice."""
+    x, t, context, y, added = _inputs(cfg, height, width)
+    x3, t3 = x[:1].repeat(3, 1, 1, 1), t[1:].repeat(3)
+    context3 = torch.cat([context[:1], context[1:], context[1:]])
+    if y is None:
+        return x3, t3, context3, None, {}
+    y3 = torch.cat([y[:1], y[1:], y[1:]])
+    cond = added["added_cond_kwargs"]
+    added3 = {"added_cond_kwargs": {key: torch.cat([v[:1], v[1:], v[1:]]) for key, v in cond.items()}}
+    return x3, t3, context3, y3, added3
+
+
+@pytest.mark.parametrize("name,layers", [("sd1", ["mid"]), ("sd1", ["down_blocks.0", "up"]), ("sd2", ["mid"]),
+                                         ("sdxl", ["mid"]), ("sdxl", ["down_blocks.1.attentions.1", "up_blocks.0"])])
+def test_identity_rows_match_diffusers_pag_processor(name, layers):
+    cfg = SMALL[name]
+    reference = _diffusers_unet(cfg, seed=0)
+    model = _sdlab_from(reference, cfg)
+    x, t, context, y, added = _three_rows(cfg)
+    rows = torch.tensor([False, False, True])
+    with torch.no_grad():
+        plain = reference(x, t, context, **added).sample
+        _diffusers_choice(reference, layers)
+        expected = reference(x, t, context, **added).sample
+        actual = model(x, t, context, y, identity_rows=rows, identity_layers=pag_layer_names(cfg, layers))
+    assert (expected[2] - plain[2]).abs().max() > 5e-4                 # the perturbation shows (past the bound)
+    torch.testing.assert_close(actual, expected, atol=2e-5, rtol=0)
+    torch.testing.assert_close(actual[:2], plain[:2], atol=2e-5, rtol=0)
+
+
+def test_without_cfg_the_pair_matches_diffusers_processor():
+    """diffusers' `PAGIdentitySelfAttnProcessor2_0` (no CFG): [cond, perturbed]. sdlab's shared-rows shortcut (equal
+    halves run once until the first text context) must not share a perturbed row."""
+    cfg = SMALL["sd1"]
+    reference = _diffusers_unet(cfg, seed=0)
+    model = _sdlab_from(reference, cfg)
+    x, t, context, y, added = _three_rows(cfg)
+    x, t, context = x[1:], t[1:], context[1:]
+    layers = ["down_blocks.0"]                                          # the first transformer: the shared one
+    with torch.no_grad():
+        _diffusers_choice(reference, layers, cfg=False)
+        expected = reference(x, t, context).sample
+        actual = model(x, t, context, identity_rows=torch.tensor([False, True]),
+                       identity_layers=pag_layer_names(cfg, layers))
+    torch.testing.assert_close(actual, expected, atol=1e-4, rtol=0)
+
+
+def test_identity_layers_must_be_self_attentions():
+    cfg = SMALL["sd1"]
+    model = _sdlab_from(_diffusers_unet(cfg, seed=0), cfg)
+    x, t, context, _, _ = _three_rows(cfg)
+    with pytest.raises(ValueError, match="not a self-attention"):
+        model(x, t, context, identity_rows=torch.tensor([False, False, True]),
+              identity_layers=["input_blocks.1.1.transformer_blocks.0.attn2"])
+
+
+@pytest.mark.skipif(not cpu_attention.runs_here(), reason="needs a CPU with AVX512-BF16 (sdlab's bf16 attention kernel)")
+def test_the_bf16_cpu_attention_kernel_sees_only_the_rows_that_attend(monkeypatch):
+    """A perturbed layer at the finest level, 64 x 64 latent pixels (4096 tokens: the kernel's case), in bf16: the
+    kernel runs on the two attending rows alone and the result stays within bf16's bound of diffusers' fp32 PAG."""
+    monkeypatch.setenv("SDLAB_CPU_ATTENTION", "1")
+    cfg = SMALL["sd1"]
+    reference = _diffusers_unet(cfg, seed=0)
+    model = _sdlab_from(reference, cfg)
+    x, t, context, _, _ = _three_rows(cfg, 64, 64)
+    layers = ["down_blocks.0"]
+    seen: list[int] = []
+    kernel = cpu_attention.attention
+
+    def spy(q, k, v, heads):
+        seen.append(len(q))
+        return kernel(q, k, v, heads)
+
+    monkeypatch.setattr(cpu_attention, "attention", spy)
+    with torch.no_grad():
+        _diffusers_choice(reference, layers)
+        expected = reference(x, t, context).sample
+        bf16 = model.to(torch.bfloat16)
+        actual = bf16(x, t, context, identity_rows=torch.tensor([False, False, True]),
+                      identity_layers=pag_layer_names(cfg, layers)).float()
+    assert 2 in seen                                                    # the perturbed layer: 2 of the 3 rows
+    scale = expected.abs().max()
+    assert (actual - expected).abs().max() <= 0.03 * scale
+
+
+# ---------------------------------------------------------------- pictures against diffusers' PAG pipelines
+
+
+SD1_CASES = {
+    "cfg": dict(cfg=7.0, pag=3.0),
+    "no cfg": dict(cfg=1.0, pag=3.0),
+    "adaptive": dict(cfg=7.0, pag=3.0, adaptive=0.004),
+    "layers": dict(cfg=5.0, pag=2.0, layers=["down_blocks.1", "up_blocks.0.attentions.1"]),
+    "rescale": dict(cfg=7.0, pag=3.0, rescale=0.7),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SD1_CASES))
+def test_sd1_pictures_match_diffusers_pag_pipeline(sd1, case):  # noqa: F811
+    ours_pipe, pipe = sd1
+    options = SD1_CASES[case]
+    layers = options.get("layers", ["mid"])
+    pag = _quiet(StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=layers))
+    pag.scheduler, sampler = _schedulers(pipe.scheduler.config)["euler"]
+    reference = pag(PROMPT, negative_prompt=NEGATIVE, num_images_per_prompt=2, num_inference_steps=STEPS,
+                    guidance_scale=options["cfg"], pag_scale=options["pag"],
+                    pag_adaptive_scale=options.get("adaptive", 0.0), guidance_rescale=options.get("rescale", 0.0),
+                    width=SIZE, height=SIZE, generator=_generators(2), output_type="np").images
+    _plain(pipe.unet)
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=options["cfg"], seed=SEED, width=SIZE,
+                             height=SIZE, batch_size=2, pag_scale=options["pag"],
+                             pag_adaptive_scale=options.get("adaptive", 0.0), pag_layers=layers,
+                             guidance_rescale=options.get("rescale", 0.0), **sampler)
+    plain = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=options["cfg"], seed=SEED, width=SIZE,
+                              height=SIZE, batch_size=2, guidance_rescale=options.get("rescale", 0.0), **sampler)
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+    assert max_pixel_diff(plain.images, reference) > 3 * MAX_PIXEL_DIFF     # PAG changes the picture visibly
+    assert ours.request.pag_scale == options["pag"]
+
+
+def test_sdxl_pictures_match_diffusers_pag_pipeline(sdxl):  # noqa: F811
+    ours_pipe, pipe = sdxl
+    layers = ["mid", "up_blocks.0.attentions.1"]
+    pag = _quiet(StableDiffusionXLPAGPipeline(**pipe.components, pag_applied_layers=layers))
+    pag.scheduler, sampler = _schedulers(pipe.scheduler.config)["euler"]
+    reference = pag(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=6.0, pag_scale=2.5,
+                    pag_adaptive_scale=0.002, width=SIZE, height=SIZE, generator=_generators(1),
+                    output_type="np").images
+    _plain(pipe.unet)
+    ours = ours_pipe.txt2img(PROMPT, NEGATIVE, steps=STEPS, cfg_scale=6.0, seed=SEED, width=SIZE, height=SIZE,
+                             pag_scale=2.5, pag_adaptive_scale=0.002, pag_layers=layers, **sampler)
+    assert max_pixel_diff(ours.images, reference) <= MAX_PIXEL_DIFF
+
+
+def test_a_layer_the_model_lacks_is_a_request_error(sd1):  # noqa: F811
+    ours_pipe, _ = sd1
+    with pytest.raises(RequestError, match="'down_blocks.7' selects no self-attention"):
+        ours_pipe.txt2img(PROMPT, steps=2, width=SIZE, height=SIZE, pag_scale=3.0, pag_layers=["down_blocks.7"])
+    with pytest.raises(RequestError, match="PAG scale"):
+        ours_pipe.txt2img(PROMPT, steps=2, width=SIZE, height=SIZE, pag_scale=-1.0)
