@@ -356,3 +356,28 @@ def test_inspect_names_the_edit_kind(edit_file, capsys):
     code, out, err = run(["inspect", str(edit_file)], capsys)
     assert code == 0, err
     assert "sd1-edit (detected): Stable Diffusion 1.x InstructPix2Pix edit model" in out and "in_channels=8" in out
+
+
+def test_an_image_cfg_scale_axis_draws_single_edits():
+    """A1111's X/Y/Z axis Image CFG Scale (img2img, `apply_field("image_cfg_scale")`): each cell is the img2img
+    run with that image scale on the edit model."""
+    from functools import partial
+
+    from PIL import Image as PILImage
+
+    from sdlab.pipeline.generate import generate
+    from sdlab.pipeline.grid import Plot, draw_plot, parse_axis
+    from sdlab.pipeline.request import GenerationRequest
+
+    run = partial(generate, tiny_bundle("sd1-edit", seed=3))
+    shared = {"prompt": INSTRUCTION, "steps": 3, "seed": 2, "sampler": "Euler", "width": SIZE, "height": SIZE,
+              "init_image": init_picture(SIZE)}
+    axis = parse_axis("Image CFG Scale=1.5,1")
+    assert axis.labels == ("Image CFG Scale: 1.5", "Image CFG Scale: 1.0")
+    _, results = draw_plot(run, shared, Plot(axis))
+    cells = [np.asarray(results[(i, 0, 0)].images[0], dtype=np.int16) for i in range(2)]
+    for scale, cell in zip((1.5, 1.0), cells):
+        single = run(GenerationRequest(**shared, image_cfg_scale=scale)).images[0]
+        assert np.array_equal(cell, np.asarray(single, dtype=np.int16))
+    assert np.abs(cells[0] - cells[1]).max() > 0
+    assert isinstance(results[(0, 0, 0)].images[0], PILImage.Image)

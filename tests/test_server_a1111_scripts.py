@@ -38,7 +38,8 @@ A1111_AXIS_OPTIONS = [
 # A1111's axis -> the sdlab grid field it is (None: one sdlab does not draw)
 SDLAB_AXES = {
     "Nothing": "nothing", "Seed": "seed", "Var. seed": "subseed", "Var. strength": "subseed_strength",
-    "Steps": "steps", "Hires steps": "hr_steps", "CFG Scale": "cfg_scale", "Prompt S/R": "prompt",
+    "Steps": "steps", "Hires steps": "hr_steps", "CFG Scale": "cfg_scale", "Image CFG Scale": "image_cfg_scale",
+    "Prompt S/R": "prompt",
     "Prompt order": "prompt_order", "Sampler": "sampler", "Hires sampler": "hr_sampler",
     "Negative Guidance minimum sigma": "s_min_uncond", "Sigma Churn": "s_churn", "Sigma min": "s_tmin",
     "Sigma max": "s_tmax", "Sigma noise": "s_noise", "Schedule type": "schedule",

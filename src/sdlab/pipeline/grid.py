@@ -21,6 +21,7 @@ and `.` ignored), the request field's name, or a short name; labels as A1111's `
 | Var. strength                          | subseed_strength                     |                  |
 | Steps, Hires steps                     | steps, hr_steps                      |                  |
 | CFG Scale (cfg)                        | cfg_scale                            |                  |
+| Image CFG Scale                        | image_cfg_scale (an edit model's)    |                  |
 | Prompt S/R (sr, prompt_sr)             | the prompts (SDXL's second ones too) | the value        |
 | Prompt order                           | prompt: every order of the values    | the order, ", "-joined |
 | Sampler, Hires sampler                 | sampler, hr_sampler                  | Sampler: the value alone |
@@ -202,6 +203,7 @@ FIELDS: tuple[Field, ...] = (         # A1111's axis_options (scripts/xyz_grid.p
     Field("steps", int, "Steps"),
     Field("hr_steps", int, "Hires steps"),
     Field("cfg_scale", float, "CFG Scale"),
+    Field("image_cfg_scale", float, "Image CFG Scale"),
     Field("prompt", str, None, "Prompt S/R", _replace_in_prompts),
     Field("prompt_order", tuple, None, "Prompt order", _reorder_prompt),
     Field("sampler", str, None, "Sampler"),

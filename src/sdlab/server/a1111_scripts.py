@@ -193,7 +193,8 @@ def axis_types(mode: str) -> list[AxisType]:
 BODY_FIELDS = {         # sdlab's request field an axis sets -> the A1111 request field its `apply_field` sets
     "seed": "seed", "subseed": "subseed", "subseed_strength": "subseed_strength", "steps": "steps",
     "styles": "styles",         # the request's names, then a Styles axis's (A1111's `p.styles.extend`)
-    "hr_steps": "hr_second_pass_steps", "cfg_scale": "cfg_scale", "prompt": "prompt",
+    "hr_steps": "hr_second_pass_steps", "cfg_scale": "cfg_scale", "image_cfg_scale": "image_cfg_scale",
+    "prompt": "prompt",
     "negative_prompt": "negative_prompt", "sampler": "sampler_name", "hr_sampler": "hr_sampler_name",
     "s_min_uncond": "s_min_uncond", "s_churn": "s_churn", "s_tmin": "s_tmin", "s_tmax": "s_tmax",
     "s_noise": "s_noise", "schedule": "scheduler", "eta": "eta", "strength": "denoising_strength",
