@@ -105,13 +105,15 @@ def test_every_axis_sdlab_draws_sets_an_a1111_field_or_option() -> None:
 
 def test_scripts_and_script_info_list_the_x_y_z_plot(client) -> None:
     """A1111 lists `script.name`, the lower-case title of a script with UI controls (Comments has none; Hypertile's
-    class names itself); sdlab the scripts it runs: the plot, A1111's always-on scripts, ControlNet's."""
+    class names itself); sdlab the scripts it runs: the plot, A1111's always-on scripts, ControlNet's, Forge's FreeU
+    Integrated."""
     always_on = ["refiner", "seed", "sampler", "Hypertile", "extra options"]
     selectable = ["prompt matrix", "prompts from file or textbox", "x/y/z plot"]
     img2img = ["loopback", "outpainting mk2", "poor man's outpainting", "prompt matrix", "prompts from file or textbox",
                "sd upscale", "x/y/z plot"]
-    assert client.get("/scripts").json() == {"txt2img": [*selectable, *always_on, "controlnet"],
-                                              "img2img": [*img2img, *always_on, "soft inpainting", "controlnet"]}
+    assert client.get("/scripts").json() == {
+        "txt2img": [*selectable, *always_on, "controlnet", "freeu integrated"],
+        "img2img": [*img2img, *always_on, "soft inpainting", "controlnet", "freeu integrated"]}
     infos = [info for info in client.get("/script-info").json() if info["name"] == "x/y/z plot"]
     assert [(i["name"], i["is_img2img"], i["is_alwayson"]) for i in infos] == [
         ("x/y/z plot", False, False), ("x/y/z plot", True, False)]

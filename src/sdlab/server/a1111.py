@@ -68,7 +68,7 @@ from sdlab.pipeline.upscale import (
     A1111_REALESRGAN_STEMS, DEFAULT_OVERLAP, DEFAULT_TILE, LATENT_UPSCALE_MODES, UpscaleError, centred_on_canvas,
     upscale_by,
 )
-from sdlab.server.alwayson import check_alwayson_scripts
+from sdlab.server.alwayson import alwayson_freeu, check_alwayson_scripts
 from sdlab.server.a1111_scripts import (
     NOT_DRAWN, Drawn, Pictures, ScriptHost, ScriptPictures, ScriptSeeds, script_info, scripts_list,
     selected_script,
@@ -365,6 +365,7 @@ def _request(body: Txt2ImgIn, controls: tuple = (), inits: tuple[Image.Image, ..
         seed_resize_from_w=body.seed_resize_from_w, seed_resize_from_h=body.seed_resize_from_h,
         tiling=settings["tiling"] if body.tiling is None else body.tiling, **_sdxl_options(settings), **extra,
         **_token_merging(settings, body.override_settings, img2img=bool(inits)),
+        freeu=alwayson_freeu(body.alwayson_scripts),
         **_guidance_settings(body, settings), **_unipc_settings(settings),
     )
 

@@ -15,8 +15,9 @@ selectable script in the always on scripts params". A stock A1111 1.10 loads the
 - Soft Inpainting, img2img only: enabled (its first arg) on a masked picture it blends the inpainting its own
   way, which sdlab does not draw, so that is a 422 rather than another picture.
 
-The ControlNet extension's key, `controlnet` in any case, is read by `controls.a1111_controls`; any other
-extension's (ADetailer, ...) is A1111's 422 for a script it has not loaded.
+The ControlNet extension's key, `controlnet` in any case, is read by `controls.a1111_controls`; Forge's built-in
+FreeU, `FreeU Integrated` in any case, by `alwayson_freeu`; any other extension's (ADetailer, ...) is A1111's 422 for
+a script it has not loaded.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from typing import Any
 from sdlab.server.inputs import BadRequest
 
 CONTROLNET = "controlnet"
+FREEU = "freeu integrated"
+FREEU_ARGS = ("enabled", "b1", "b2", "s1", "s2")
+FREEU_DEFAULTS = (False, 1.01, 1.02, 0.99, 0.95)
+"""Forge's FreeU Integrated script (extensions-builtin/sd_forge_freeu/scripts/forge_freeu.py): its args in order,
+and the UI's values that A1111's API fills the ones a request leaves out with."""
 _BOTH_TABS = ("Refiner", "Seed", "Sampler", "Comments", "Hypertile", "Extra options")
 ALWAYSON_SCRIPTS = {"txt2img": _BOTH_TABS, "img2img": (*_BOTH_TABS, "Soft Inpainting")}
 """A1111 1.10's always-on scripts of each tab (`Script.title()`; `show` is `AlwaysVisible` there)."""
@@ -46,6 +52,9 @@ def check_alwayson_scripts(scripts: dict[str, Any], tab: str, masked: bool = Fal
         key = name.lower()
         if key == CONTROLNET:
             continue
+        if key == FREEU:
+            alwayson_freeu({name: script})
+            continue
         if key in selectable:
             raise BadRequest(f"alwayson_scripts: {SELECTABLE_ERROR} ('{name}' is run by script_name)", 422,
                              SELECTABLE_ERROR)
@@ -64,3 +73,23 @@ def _script_args(name: str, script: Any) -> list[Any]:
     if not isinstance(args, list):
         raise BadRequest(f'alwayson_scripts.{name} must be an object {{"args": [...]}}, got {script!r:.80}', 422)
     return args
+
+
+def alwayson_freeu(scripts: dict[str, Any]) -> dict[str, Any] | None:
+    """The FreeU setting (`models.freeu.FreeU`'s fields) of Forge's FreeU Integrated in `alwayson_scripts`: its args
+    [enabled, b1, b2, s1, s2] (those left out: its UI's defaults), drawn as Forge draws them, ComfyUI's FreeU_V2;
+    None where it is absent or not enabled. More args, or a factor that is not a number, is a 422."""
+    name = next((name for name in scripts if name.lower() == FREEU), None)
+    if name is None:
+        return None
+    args = _script_args(name, scripts[name])
+    if len(args) > len(FREEU_ARGS):
+        raise BadRequest(f"alwayson_scripts.{name} takes {len(FREEU_ARGS)} args ({', '.join(FREEU_ARGS)}), "
+                         f"got {len(args)}", 422)
+    values = dict(zip(FREEU_ARGS, [*args, *FREEU_DEFAULTS[len(args):]]))
+    for factor in FREEU_ARGS[1:]:
+        if isinstance(values[factor], bool) or not isinstance(values[factor], (int, float)):
+            raise BadRequest(f"alwayson_scripts.{name}: {factor} must be a number, got {values[factor]!r}", 422)
+    if not values.pop("enabled"):
+        return None
+    return {**values, "version": 2, "convention": "comfyui"}

@@ -59,6 +59,19 @@ class LoraIn(BaseModel):
     weight: float = 1.0
 
 
+class FreeUIn(BaseModel):
+    """FreeU's setting (`models.freeu.FreeU`): backbone factors b1, b2, skip factors s1, s2, version 1 or 2, the
+    "comfyui" or "diffusers" rule for its stages; unset fields FreeU's defaults (the README's SD1.5 values, v2)."""
+
+    model_config = ConfigDict(extra="forbid")
+    b1: float = 1.2
+    b2: float = 1.4
+    s1: float = 0.9
+    s2: float = 0.2
+    version: int = 2
+    convention: str = "comfyui"
+
+
 class ControlIn(BaseModel):
     """One ControlNet: a model of the server's ControlNet folder by name, its hint image (base64)."""
 
@@ -177,6 +190,7 @@ class JobIn(NullsAreDefaults):
     token_merging_ratio: float = 0.0        # A1111's Token merging ratio (tomesd): the fraction of the full-resolution
                                             # tokens merged before each self-attention, 0 <= r < 1; 0: none
     token_merging_ratio_hr: float = 0.0     # the hires pass's; 0: token_merging_ratio's
+    freeu: FreeUIn | None = None            # FreeU on the model's U-Net (not a refiner's); null: off
     refiner: str | None = None              # an SDXL refiner (a model's title or name) that finishes the schedule
     refiner_switch: float = 0.8             # ... after this fraction of it drawn by `model`
     refiner_convention: str = "diffusers"   # ... at the step diffusers' denoising_end picks, "a1111"'s, "a1111_steps"'s
@@ -320,7 +334,8 @@ def create_job(body: JobIn, request: Request) -> dict[str, Any]:
         hr_negative_prompt=texts["hr_negative_prompt"],
         controls=native_controls([c.model_dump() for c in body.controls], service.controlnets, limits),
         steps=body.steps, tiling=body.tiling, token_merging_ratio=body.token_merging_ratio,
-        token_merging_ratio_hr=body.token_merging_ratio_hr, **sdxl_conditioning(body), **_ensd(body),
+        token_merging_ratio_hr=body.token_merging_ratio_hr, freeu=None if body.freeu is None else body.freeu.model_dump(),
+        **sdxl_conditioning(body), **_ensd(body),
         **{name: getattr(body, name) for name in PROMPT_OPTIONS},
         **{name: getattr(body, name) for name in (*SIGMA_OPTIONS, *NOISE_OPTIONS)},
         **{name: getattr(body, name) for name in (*GUIDANCE_OPTIONS, *UNIPC_OPTIONS)},

@@ -13,7 +13,8 @@ const TERMINAL_EVENTS = new Set(["done", "failed", "cancelled", "interrupted"]);
 const MASK_COLOUR = "#ff3df5";   // how the painted mask shows on the image (it is sent as white on black)
 const SUBMITTED_KEY = "sdlab-submitted";   // sessionStorage (one per browser tab): this tab's jobs, over a reload
 // checkboxes that show their options (A1111's "Hires. fix" and seed "Extra"); unticked, the request leaves them out
-const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options", enable_refiner: "refiner-options" };
+const TOGGLES = { enable_hr: "hires-options", "seed-extra": "seed-extra-options", enable_refiner: "refiner-options",
+  freeu: "freeu-options" };
 
 // The seeds the server takes (pipeline/request.py MIN_SEED..MAX_SEED; -1 draws one); a test compares them and the
 // defaults below with Python's (tests/test_webui_from_png.py::test_every_field_the_api_takes_reaches_the_job_...)
@@ -770,6 +771,22 @@ function variationRequest() {
     seed_resize_from_h: numberOrDefault("seed_resize_from_h", { integer: true }) };
 }
 
+// FreeU's setting (the native API's `freeu` object): its four factors, version and stage rule
+function freeuRequest() {
+  return { b1: numberField("freeu_b1"), b2: numberField("freeu_b2"), s1: numberField("freeu_s1"),
+           s2: numberField("freeu_s2"), version: Number($("freeu_version").value), convention: $("freeu_convention").value };
+}
+
+// Settings with FreeU tick its box and fill it; without, the box is unticked (the values stay)
+function fillFreeU(settings, unknown) {
+  const freeu = settings.freeu;
+  setToggle("freeu", Boolean(freeu));
+  if (!freeu) return;
+  for (const factor of ["b1", "b2", "s1", "s2"]) setField(`freeu_${factor}`, freeu[factor]);
+  if (!selectMatching($("freeu_version"), String(freeu.version ?? 2))) unknown.push(`FreeU version "${freeu.version}"`);
+  if (!selectMatching($("freeu_convention"), freeu.convention ?? "comfyui")) unknown.push(`FreeU convention "${freeu.convention}"`);
+}
+
 // The painted mask and the inpaint box: A1111's Mask blur, Mask mode, Masked content and Inpaint area (Only
 // masked, with its padding)
 function inpaintRequest() {
@@ -830,6 +847,7 @@ function collectRequest() {
   if (state.styles.length) body.styles = [...state.styles];
   if ($("schedule").value) body.schedule = $("schedule").value;
   if ($("seed-extra").checked) Object.assign(body, variationRequest());
+  if ($("freeu").checked) body.freeu = freeuRequest();
   if (state.mode === "txt2img" && $("enable_hr").checked) Object.assign(body, hiresRequest());
   if ($("enable_refiner").checked && $("refiner").value) Object.assign(body, refinerRequest());
   Object.assign(body, keptRequest(), scriptRequest());
@@ -928,6 +946,7 @@ function fillForm(settings) {
   setSlider("image_cfg_scale", settings.image_cfg_scale);  // an edit model's; without one the slider stays (A1111)
   fillImageOptions(settings, unknown);
   fillVariation(settings);
+  fillFreeU(settings, unknown);
   if (usesHires(settings)) fillHires(settings, unknown);
   else setToggle("enable_hr", false);
   fillRefiner(settings, unknown);
