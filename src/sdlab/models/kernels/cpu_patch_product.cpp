@@ -240,7 +240,6 @@ static void product(const uint16_t* W, const uint16_t* packed, const uint16_t* b
         _tile_release();
     });
 }
-#endif
 
 // Runs run(first, last, rows) over groups of `rows` <= PIXELS output rows (Mp a multiple of 32). By thread,
 // with a group for each thread or more, each thread takes whole groups, of a size that gives every thread as
@@ -261,6 +260,7 @@ static void over_row_groups(int64_t Mp, bool by_thread, Run run) {
     groups = (Mp + rows - 1) / rows;
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) { run(g0, g1, rows); });
 }
+#endif
 
 // Refuses the call where the tiles cannot run (`product`: the name in the message).
 static void require_amx(const char* product) {
