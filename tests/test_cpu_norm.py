@@ -112,7 +112,7 @@ def test_the_kernel_is_called_for_inference_on_large_bf16_channels_last_maps(ker
     assert torch.equal(nchw, F.silu(norm.bfloat16()(x.contiguous())))
 
 
-def test_training_hooks_and_unbuilt_small_maps_take_pytorchs_ops(kernel, monkeypatch):
+def test_training_and_hooks_take_pytorchs_ops_and_an_unbuilt_small_map_builds_the_kernels(kernel, monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_kernels, "_state", {"module": type("K", (), {
         "group_norm_bf16": staticmethod(lambda *a: calls.append(a) or kernel.group_norm_bf16(*a))})()})
@@ -135,10 +135,16 @@ def test_training_hooks_and_unbuilt_small_maps_take_pytorchs_ops(kernel, monkeyp
         y = cpu_norm.group_norm(watched, x.detach(), silu=True)
     assert torch.equal(seen[0], norm(x.detach())) and torch.equal(y, F.silu(seen[0]))   # the hook's copy kept
 
-    monkeypatch.setattr(cpu_kernels, "_state", {})                              # not built yet: a small map
-    monkeypatch.setattr(cpu_kernels, "_build", lambda: pytest.fail("a small map must not build the kernels"))
+    # not built yet: a small map builds them and takes the kernel, as it would after a larger map (the same
+    # numbers whatever ran before)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    built = type("K", (), {"group_norm_bf16": staticmethod(lambda *a: calls.append(a[0].shape)
+                                                           or kernel.group_norm_bf16(*a))})()
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: built)
+    small = _input((1, 32, 4, 4), seed=5)
     with torch.inference_mode():
-        cpu_norm.group_norm(norm, _input((1, 32, 16, 16), seed=5), silu=True)
+        cpu_norm.group_norm(norm, small, silu=True)
+    assert calls == [small.shape] and cpu_kernels.loaded()
 
 
 def test_a_resblock_on_the_kernel_is_as_close_to_fp64_as_on_pytorchs_ops(kernel, monkeypatch):
@@ -216,7 +222,11 @@ def test_layer_norm_takes_the_kernel_only_where_it_may(kernel, monkeypatch):
     cpu_norm.layer_norm(trained, x).float().sum().backward()                     # a gradient is wanted
     assert calls == [x.shape] and trained.weight.grad is not None
 
-    monkeypatch.setattr(cpu_kernels, "_state", {})                              # not built yet: few tokens
-    monkeypatch.setattr(cpu_kernels, "_build", lambda: pytest.fail("few tokens must not build the kernels"))
+    calls.clear()                                     # not built yet: few tokens build them and take the kernel
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: type("K", (), {
+        "layer_norm_bf16": staticmethod(lambda *a: calls.append(a[0].shape) or kernel.layer_norm_bf16(*a))})())
+    few = torch.randn(1, 7, 64).bfloat16()
     with torch.inference_mode():
-        cpu_norm.layer_norm(norm, torch.randn(1, 77, 64).bfloat16())
+        cpu_norm.layer_norm(norm, few)
+    assert calls == [few.shape]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from sdlab.models import cpu_kernels, cpu_linear, patch_conv
-from sdlab.models.patch_conv import TILE_PIXELS, Conv2d, patch_product_conv
+from sdlab.models.patch_conv import TILE_PIXELS, Conv2d
 
 pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="the CPU has no AVX512-BF16")
 
@@ -119,12 +119,15 @@ def test_conv2d_takes_the_tiles_for_bf16_inference_on_few_pixels(tiles, monkeypa
     conv(x.requires_grad_(True)).float().sum().backward()                                        # a gradient is wanted
     assert calls == [] and x.grad is not None and conv.weight.grad is not None
 
-    monkeypatch.setattr(cpu_kernels, "_state", {})                                               # not built: small
-    monkeypatch.setattr(cpu_kernels, "_build", lambda: pytest.fail("a small product must not build the kernels"))
+    # not built yet: a small product builds them and takes the tiles, as it would after a larger one (the same
+    # numbers whatever ran before)
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    monkeypatch.setattr(cpu_kernels, "_build", lambda: recording)
     with torch.inference_mode():
         small = torch.randn(1, 128, 4, 4).bfloat16().contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(patch_product_conv(small, conv.weight, conv.bias, 1, 1),
-                                   patch_conv.Conv2d._conv_forward(conv, small, conv.weight, conv.bias), atol=0.05, rtol=0.02)
+        torch.testing.assert_close(conv(small), patch_conv.Conv2d._conv_forward(conv, small, conv.weight, conv.bias),
+                                   atol=0.05, rtol=0.02)
+    assert calls == [(1, 128, 4, 4)]
 
 
 @pytest.mark.parametrize("shared_embedding", [False, True])   # True: the embedding rides in conv1's bias

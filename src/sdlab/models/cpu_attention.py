@@ -13,8 +13,8 @@ per cent of PyTorch's (heads of at most 64 channels move the running maximum onl
 Where the CPU has AMX but the build does not (an older compiler, an OS that refuses the tile state),
 PyTorch's kernel is used.
 
-It is built with sdlab's other CPU kernels (`cpu_kernels`) the first time a large bf16 model draws on such
-a CPU, and used for inference-only attention with at least `MIN_TOKENS` queries: on the AMX tiles for any
+It is built with sdlab's other CPU kernels (`cpu_kernels`) the first time a bf16 model draws on such a CPU,
+and used for inference-only attention with at least `MIN_TOKENS` queries: on the AMX tiles for any
 key count, with pair dot products for at least `MIN_TOKENS` keys (self-attention, where it was measured to
 win); everything else, and every machine where it cannot be built, goes to `F.scaled_dot_product_attention`. `SDLAB_CPU_ATTENTION=0` turns it
 off; `SDLAB_CPU_ATTENTION=1` uses it wherever it can run (AVX512-BF16), also where it would lose.
@@ -32,7 +32,7 @@ from torch import Tensor
 
 from sdlab.models.cpu_kernels import extension, inference_only, runs_here
 
-MIN_TOKENS = 1024           # below this the kernel's gain is a few milliseconds (and tiny models never build it)
+MIN_TOKENS = 1024           # below this the kernel's gain is a few milliseconds (a fact of the shape, never of history)
 VECTORS_PER_HEAD = (1, 2, 3, 4, 5, 6, 8, 10)   # the kernel's compiled cases (its switch), in 16-lane vectors
 HEAD_WIDTHS = {d for d in range(2, 16 * max(VECTORS_PER_HEAD) + 1, 2) if (d + 15) // 16 in VECTORS_PER_HEAD}
 

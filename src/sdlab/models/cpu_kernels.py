@@ -4,10 +4,16 @@ One extension module holds them all: bf16 flash attention (`cpu_attention`), Gro
 channels-last activations and LayerNorm for bf16 token rows (`cpu_norm`), on CPUs with AMX the tile
 products for convolutions over few pixels (`patch_conv`) and the feed-forward's GEGLU (`cpu_linear`), and an
 allocator that reuses large blocks inside a model's call (`cpu_memory`). It is
-built the first time a large bf16 model draws on such a CPU (`torch.utils.cpp_extension`: a C++ compiler and
-ninja; about 30 s once on 2 cores, into torch's extensions folder (`build_folder()`), keyed by the sources'
-path and contents, and imported from there afterwards); where it cannot be built, every caller falls back to
-PyTorch's own operations. Without a compiler on PATH nothing is tried (one line says so: install g++); a
+built the first time a bf16 model of any size draws on such a CPU (`torch.utils.cpp_extension`: a C++ compiler
+and ninja; about 30 s once on 2 idle cores, into torch's extensions folder (`build_folder()`), keyed by the
+sources' path and contents, and imported from there afterwards); where it cannot be built, every caller falls
+back to PyTorch's own operations.
+
+Which path a tensor takes depends only on the tensor (shape, dtype, layout, device, whether a gradient is
+wanted) and on fixed facts of the machine (`runs_here`, `amx_cpu`, whether the build succeeds), never on what
+ran earlier in the process: the kernels round differently from PyTorch's operations, and a chooser that took
+them for a small tensor only once something large had loaded them gave the same seed and settings a
+different picture after a larger model had drawn (`loaded()` answers questions, it chooses nothing). Without a compiler on PATH nothing is tried (one line says so: install g++); a
 build that fails is remembered in its folder (`FAILED_MARKER`) and not tried again until the compiler, ninja
 or Python's headers change or a day has passed (a fix nothing here can see: OpenMP installed, disk space
 freed); each process that would use the kernels says in one line that they are off, why, and where that is
@@ -116,15 +122,26 @@ def onednn_fuses() -> bool:
         return False
 
 
+@functools.cache
+def amx_cpu() -> bool:
+    """The CPU has the kernels' instructions and AMX tiles (`torch.cpu._is_amx_tile_supported`)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return runs_here() and probe is not None and bool(probe())
+
+
 def tile_kernels() -> ModuleType | None:
-    """The built module where it runs the AMX tile products (`patch_product_bf16`, `geglu_bf16`: built for
-    AMX, and the OS grants the tiles), else None."""
+    """The built module where it runs the AMX tile products (`patch_product_bf16`, `geglu_bf16`: an AMX CPU,
+    a build for AMX, and the OS grants the tiles; built on the first call there), else None (a CPU without
+    AMX never builds for this)."""
+    if not amx_cpu():
+        return None
     module = extension()
     return module if module is not None and module.uses_amx() else None
 
 
 def loaded() -> bool:
-    """Whether the module was built (or found built) in this process."""
+    """Whether the module was built (or found built) in this process. Not a path's chooser: what a tensor runs
+    on must not depend on what ran before it (see the module docstring)."""
     return _state.get("module") is not None
 
 
@@ -268,5 +285,5 @@ def _import_built(path: Path) -> ModuleType | None:
     return module
 
 
-__all__ = ["FOLDER", "HEADERS", "SOURCES", "build_folder", "built_extension", "extension", "has_hooks",
+__all__ = ["FOLDER", "HEADERS", "SOURCES", "amx_cpu", "build_folder", "built_extension", "extension", "has_hooks",
            "inference_only", "loaded", "name", "onednn_fuses", "runs_here", "tensor_version", "tile_kernels"]

@@ -126,7 +126,7 @@ def _geglu_on_tiles(x: Tensor, proj: nn.Linear) -> bool:
         return False
     rows = x.numel() // channels
     deep = channels >= GEGLU_DEEP     # any number of tokens: the epilogue hides behind the products
-    return patch_conv.tile_product_pays(rows, 4 * rows * channels * inner, None if deep else patch_conv.TILE_PIXELS)
+    return patch_conv.tile_product_pays(rows, None if deep else patch_conv.TILE_PIXELS)
 
 
 def _product_on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, other: Tensor | None) -> bool:
@@ -140,7 +140,7 @@ def _product_on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, other: Ten
                                    and other.shape == (*x.shape[:-1], c_out)))):
         return False
     rows = x.numel() // c_in
-    return patch_conv.tile_product_pays(rows, 2 * rows * c_in * c_out)
+    return patch_conv.tile_product_pays(rows)
 
 
 def _tile_operands(x: Tensor, weight: Tensor, bias: Tensor | None, channels_out: int, block: int) -> bool:

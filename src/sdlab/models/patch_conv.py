@@ -19,7 +19,9 @@ On CPUs with AMX, bf16 inference takes sdlab's own product instead (`kernels/cpu
 weight read in place as the tiles' left operand, the patches gathered straight into tile order; 1.3-1.7 x
 oneDNN's product at these shapes) for convolutions of at most `TILE_PIXELS` output pixels, where it
 beats oneDNN's convolution too (1.4-2.2 TFLOP/s on 128-1152 pixels x 1280 channels, 1.05-1.5 x the
-convolution's speed; at 2048 pixels it falls 10 % behind, at 8192 to 0.5-0.7 x).
+convolution's speed; at 2048 pixels it falls 10 % behind, at 8192 to 0.5-0.7 x). It takes them at any size
+(the first one builds the kernels: `cpu_kernels.tile_kernels`), so a small model's products go the same way
+whether or not a larger model ran before; CPUs without AMX never send a convolution there.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from sdlab.models import cpu_kernels
 
 WEIGHT_PER_PIXEL = 16384  # weight elements per output pixel above which the product wins (docs/performance.md)
 TILE_PIXELS = 1536        # output pixels (batch included) up to which the AMX kernel wins (docs/performance.md)
-MIN_TILE_FLOP = 1e9       # a product this large may build sdlab's kernels; smaller ones use them once built
 
 
 def patch_product_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> Tensor:
@@ -62,7 +63,7 @@ def patch_product_conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride: i
 def _on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int) -> bool:
     """A product sdlab's AMX kernel takes: bf16 channels-last input and weight on the CPU, no gradient wanted,
     not compiling, K = k*k*C_in and C_out multiples of 32 (and a 32-channel block for each thread), at most
-    `TILE_PIXELS` output pixels; the kernels built, or this product large enough to build them."""
+    `TILE_PIXELS` output pixels, a CPU where the tile kernels run (`tile_product_pays`)."""
     b, c, h, w = x.shape
     c_out, _, k, _ = weight.shape
     if torch.compiler.is_compiling() or not (
@@ -73,15 +74,15 @@ def _on_tiles(x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, paddi
             and cpu_kernels.inference_only(x, weight, *(() if bias is None else (bias,)))):
         return False
     pixels = b * ((h + 2 * padding - k) // stride + 1) * ((w + 2 * padding - k) // stride + 1)
-    return tile_product_pays(pixels, 2 * pixels * k * k * c * c_out)
+    return tile_product_pays(pixels)
 
 
-def tile_product_pays(rows: int, flop: float, max_rows: int | None = TILE_PIXELS) -> bool:
+def tile_product_pays(rows: int, max_rows: int | None = TILE_PIXELS) -> bool:
     """Whether sdlab's AMX product kernel should take a product with `rows` output rows (pixels or tokens,
-    batch included) of `flop` FLOPs: it beats oneDNN's convolution up to `TILE_PIXELS` rows (`max_rows`; None:
-    any number), and a product of less than `MIN_TILE_FLOP` uses the kernels only once something larger has
-    built them (small models never do)."""
-    return 0 < rows <= (max_rows or rows) and (cpu_kernels.loaded() or flop >= MIN_TILE_FLOP)
+    batch included): it beats oneDNN's convolution up to `TILE_PIXELS` rows (`max_rows`; None: any number), on
+    a CPU where the tile kernels run (built by the first product that asks). Nothing else: not the product's
+    size, nor whether the kernels are loaded already (the same picture whatever ran before)."""
+    return 0 < rows <= (max_rows or rows) and cpu_kernels.tile_kernels() is not None
 
 
 class Conv2d(nn.Conv2d):
@@ -143,4 +144,4 @@ class Conv2d(nn.Conv2d):
         return self.weight.numel() >= WEIGHT_PER_PIXEL * out_pixels or _on_tiles(x, self.weight, bias, s, p)
 
 
-__all__ = ["MIN_TILE_FLOP", "TILE_PIXELS", "WEIGHT_PER_PIXEL", "Conv2d", "patch_product_conv"]
+__all__ = ["TILE_PIXELS", "WEIGHT_PER_PIXEL", "Conv2d", "patch_product_conv"]
