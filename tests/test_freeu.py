@@ -358,3 +358,14 @@ def test_bad_freeu_flags_are_one_line(flags, message, tmp_path, capsys):
                           "--out", str(tmp_path / "x.png"), *flags], capsys)
     assert code != 0 and re.search(message, err) and "Traceback" not in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_grids_cells_draw_freeu_as_txt2img(tmp_path, capsys):
+    """`sdlab grid` takes txt2img's FreeU flags: each cell is txt2img with them (the shipped model)."""
+    flags = ["--seed", "4", "--freeu", "1.3,1.6,0.9,0.2", "--no-progress"]
+    cells = tmp_path / "cells"
+    assert run(["grid", "a red house", "--x", "Steps=2,3", "--out", str(tmp_path / "g.png"), "--keep-cells",
+                str(cells), *flags], capsys)[0] == 0
+    assert run(["txt2img", "a red house", "--steps", "3", "--out", str(tmp_path / "t.png"), *flags], capsys)[0] == 0
+    assert np.array_equal(pixels(cells / "001-x1-y0-z0.png"), pixels(tmp_path / "t.png"))
+    assert parse_parameters(read_parameters(cells / "001-x1-y0-z0.png"))["freeu_b2"] == "1.6"
