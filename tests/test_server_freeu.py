@@ -100,3 +100,11 @@ def test_forges_freeu_integrated_args_draw_freeu_v2(client):
         refused = client.post("/sdapi/v1/txt2img", json={**a1111, "alwayson_scripts": {
             "FreeU Integrated": {"args": args}}})
         assert refused.status_code == 422 and words in refused.text, refused.text
+
+
+def test_the_sd_webui_freeu_extensions_script_is_one_a1111_has_not_loaded(client):
+    """sd-webui-freeu's own always-on script ("FreeU": schedule, per-stage offsets / widths / cutoffs) is not drawn:
+    A1111's 422 for a script it has not loaded, not a picture without it."""
+    refused = client.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "width": 64, "height": 64,
+                                                     "alwayson_scripts": {"FreeU": {"args": [True, 0.0, 1.0, 0.0]}}})
+    assert refused.status_code == 422 and "Script 'FreeU' not found" in refused.text, refused.text
