@@ -259,15 +259,16 @@ class Pipeline:
         negative_prompt: str = "",
         *,
         strength: float = 1.0,
+        image_cfg_scale: float | None = DEFAULT_IMAGE_CFG_SCALE,
         progress: ProgressFn | None = None,
         **options: Any,
     ) -> GenerationResult:
         """Repaint the white area of `mask_image` (one of another size than `init_image` is resized with it, as
-        diffusers and A1111 resize it); black is kept."""
+        diffusers and A1111 resize it); black is kept. An edit model reads `image_cfg_scale` as `img2img` does."""
         return self._call(
             prompt,
             {"negative_prompt": negative_prompt, "init_image": init_image, "mask_image": mask_image, "strength": strength,
-             **options},
+             "image_cfg_scale": image_cfg_scale, **options},
             progress,
         )
 
