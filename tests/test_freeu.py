@@ -17,8 +17,9 @@ import re
 import numpy as np
 import pytest
 import torch
-from bundle_fixtures import tiny_bundle, write_original
+from bundle_fixtures import init_picture, lower_right_mask, tiny_bundle, write_original
 from cli_helpers import pixels, run
+from controlnet_fixtures import diffusers_controlnet, write_layout
 from diffusers import UNet2DConditionModel
 from diffusers.utils.torch_utils import fourier_filter as diffusers_fourier_filter
 
@@ -26,6 +27,7 @@ from sdlab.checkpoints.diffusers_unet import unet_config_to_diffusers, unet_stat
 from sdlab.models.freeu import FreeU, fourier_filter
 from sdlab.models.layers import sdxl_vector
 from sdlab.models.unet import UNet, UNetConfig
+from sdlab.pipeline.control import ControlInput
 from sdlab.pipeline.generate import generate, generate_with_refiner
 from sdlab.pipeline.hires import generate_hires
 from sdlab.pipeline.infotext import FREEU_LABELS, from_parameters, to_parameters
@@ -369,3 +371,23 @@ def test_a_grids_cells_draw_freeu_as_txt2img(tmp_path, capsys):
     assert run(["txt2img", "a red house", "--steps", "3", "--out", str(tmp_path / "t.png"), *flags], capsys)[0] == 0
     assert np.array_equal(pixels(cells / "001-x1-y0-z0.png"), pixels(tmp_path / "t.png"))
     assert parse_parameters(read_parameters(cells / "001-x1-y0-z0.png"))["freeu_b2"] == "1.6"
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint", "controlnet"])
+def test_every_mode_draws_with_freeu(mode, tmp_path):
+    """img2img, inpainting and a ControlNet run (whose U-Net calls go through `ControlledUNet`) pass the setting
+    to every U-Net call, and FreeU changes their picture."""
+    bundle = tiny_bundle("sd1", seed=3)
+    changes = {
+        "img2img": lambda: dict(init_image=init_picture(SIZE), strength=0.8),
+        "inpaint": lambda: dict(init_image=init_picture(SIZE), mask_image=lower_right_mask(SIZE), strength=0.9),
+        "controlnet": lambda: dict(controls=(ControlInput(write_layout(
+            diffusers_controlnet(bundle.unet_config, seed=3, hint_widths=(16, 32), std=0.05), "original", tmp_path),
+            init_picture(SIZE), 0.8),)),
+    }[mode]()
+    setting = FreeU(b1=1.3, b2=1.6, s1=0.9, s2=0.2)
+    plain = generate(bundle, make_plan(bundle, _request(**changes))).images[0]
+    seen = _settings_seen(bundle)
+    drawn = generate(bundle, make_plan(bundle, _request(freeu=setting, **changes))).images[0]
+    assert seen and set(seen) == {setting}
+    assert np.abs(np.asarray(drawn, float) - np.asarray(plain, float)).max() > 4
